@@ -1,0 +1,114 @@
+"""The damocles task and output types (field names exactly as damocles-manager sends them).
+
+These are the canonical in-memory types. The dext protocol carries them as msgpack maps (bytes
+as msgpack bin); the damocles JSON-lines codec (`protocol.jsonl`) converts them to and from
+damocles' JSON forms (`seed`/`comm_r` as arrays of 32 integers, proofs as base64 strings).
+
+The task and output structs are tagged with their stage (`tag_field="stage"`) so a dext message
+can carry either kind; decoding one type directly does not require the tag.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+# msgspec range-checks int64 only; msgpack and JSON decoding already refuse values past u64.
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+Bytes32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+SECTOR_SIZES = ("2KiB", "8MiB", "512MiB", "32GiB", "64GiB")
+
+SECTOR_SIZE_BYTES = {
+    "2KiB": 2 << 10,
+    "8MiB": 8 << 20,
+    "512MiB": 512 << 20,
+    "32GiB": 32 << 30,
+    "64GiB": 64 << 30,
+}
+
+#: Sectors per WindowPoSt partition, by sector size.
+SECTORS_PER_PARTITION = {"2KiB": 2, "8MiB": 2, "512MiB": 2, "32GiB": 2349, "64GiB": 2300}
+
+WINDOW_CHALLENGES_PER_SECTOR = 10
+WINNING_CHALLENGES_PER_SECTOR = 66
+WINNING_SECTOR_COUNT = 1
+
+WindowProofType = Literal[
+    "StackedDrgWindow2KiBV1",
+    "StackedDrgWindow8MiBV1",
+    "StackedDrgWindow512MiBV1",
+    "StackedDrgWindow32GiBV1",
+    "StackedDrgWindow64GiBV1",
+    "StackedDrgWindow2KiBV1_2",
+    "StackedDrgWindow8MiBV1_2",
+    "StackedDrgWindow512MiBV1_2",
+    "StackedDrgWindow32GiBV1_2",
+    "StackedDrgWindow64GiBV1_2",
+]
+WinningProofType = Literal[
+    "StackedDrgWinning2KiBV1",
+    "StackedDrgWinning8MiBV1",
+    "StackedDrgWinning512MiBV1",
+    "StackedDrgWinning32GiBV1",
+    "StackedDrgWinning64GiBV1",
+]
+
+WINDOW_PROOF_TYPES: tuple[str, ...] = WindowProofType.__args__  # type: ignore[attr-defined]
+WINNING_PROOF_TYPES: tuple[str, ...] = WinningProofType.__args__  # type: ignore[attr-defined]
+
+
+def sector_size_name(proof_type: str) -> str:
+    """The sector size part of a proof type string, e.g. '32GiB'."""
+    for size in SECTOR_SIZES:
+        if size in proof_type:
+            return size
+    raise ValueError(f"unknown proof type {proof_type!r}")
+
+
+def is_v1_2(proof_type: str) -> bool:
+    """True for the grindability-fixed WindowPoSt types (challenge index is per sector)."""
+    return proof_type.endswith("V1_2")
+
+
+class PoStReplicaInfo(msgspec.Struct, frozen=True):
+    sector_id: U64
+    comm_r: Bytes32
+    cache_dir: str
+    sealed_file: str
+
+
+class WindowPoSt(msgspec.Struct, frozen=True, tag="window_post", tag_field="stage"):
+    miner_id: U64
+    proof_type: WindowProofType
+    replicas: list[PoStReplicaInfo]
+    seed: Bytes32
+
+
+class WinningPoSt(msgspec.Struct, frozen=True, tag="winning_post", tag_field="stage"):
+    miner_id: U64
+    proof_type: WinningProofType
+    replicas: list[PoStReplicaInfo]
+    seed: Bytes32
+
+
+class WindowPoStOutput(msgspec.Struct, frozen=True, tag="window_post", tag_field="stage"):
+    proofs: list[bytes]
+    faults: list[U64]
+
+
+class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_field="stage"):
+    proofs: list[bytes]
+
+
+Task = Union[WindowPoSt, WinningPoSt]
+Output = Union[WindowPoStOutput, WinningPoStOutput]
+
+TASK_TYPES: dict[str, type] = {"window_post": WindowPoSt, "winning_post": WinningPoSt}
+OUTPUT_TYPES: dict[str, type] = {"window_post": WindowPoStOutput, "winning_post": WinningPoStOutput}
+
+
+def stage_of(obj: Task | Output) -> str:
+    """The stage ('window_post' or 'winning_post') a task or output belongs to."""
+    return type(obj).__struct_config__.tag  # type: ignore[attr-defined]
