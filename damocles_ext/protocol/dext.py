@@ -1,0 +1,155 @@
+"""dext/1: length-prefixed msgpack frames between a supervisor and a prover child (sans-IO).
+
+A frame is a 4-byte big-endian payload length followed by that many bytes of msgpack. The
+payload is one message of a msgspec tagged union (tag field "type"). The byte layout lives here and
+nowhere else.
+
+The decoder is fed arbitrary chunks and hands back whole messages. It keeps one bytearray and an
+offset into it, so feeding n bytes costs O(n) however they are chunked; consumed bytes are dropped
+in one slice once they are more than half of the buffer. The maximum frame size is enforced from
+the length prefix alone, before any of the payload is buffered, so a hostile 4 GiB prefix costs
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from ..tasks import Output, Task
+
+PROTOCOL_VERSION = "dext/1"
+HEADER_SIZE = 4
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+_MAX_LENGTH_FIELD = 2**32 - 1
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the message says what was wrong. Fatal for a dext peer."""
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """First frame a child writes: it is ready, which prover it runs and how many requests at once."""
+
+    protocol: str
+    stage: str
+    pid: int
+    prover: str
+    version: str
+    capacity: int = 1
+
+
+class Request(msgspec.Struct, tag="request", frozen=True):
+    """Prove `task`. `deadline` is a unix time in seconds; higher `priority` goes first."""
+
+    id: int
+    task: Task
+    deadline: float | None = None
+    priority: int = 0
+
+
+class Response(msgspec.Struct, tag="response", frozen=True):
+    """The one answer to request `id`: an output, or an error saying why there is none."""
+
+    id: int
+    output: Output | None = None
+    error: str | None = None
+
+
+class Progress(msgspec.Struct, tag="progress", frozen=True):
+    """Child -> parent while working on `id`; also the liveness signal of a busy child."""
+
+    id: int
+    phase: str
+    done: int = 0
+    total: int = 0
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    """Parent -> child: stop working on `id` and answer it with an error."""
+
+    id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    """Parent -> child: finish what is in flight, then exit."""
+
+
+Message = Union[Hello, Request, Response, Progress, Cancel, Shutdown]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """One whole frame: the payload's length as 4 big-endian bytes, then the payload."""
+    buf = bytearray(HEADER_SIZE)
+    _encoder.encode_into(message, buf, HEADER_SIZE)
+    length = len(buf) - HEADER_SIZE
+    if length > _MAX_LENGTH_FIELD:
+        raise ProtocolError(f"message of {length} bytes does not fit in a dext frame")
+    buf[:HEADER_SIZE] = length.to_bytes(HEADER_SIZE, "big")
+    return bytes(buf)
+
+
+def decode_payload(payload: bytes | memoryview) -> Message:
+    """Decode one frame's payload (without its length prefix)."""
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable dext frame of {len(payload)} bytes: {exc}") from None
+
+
+class FrameDecoder:
+    """Turns a byte stream into dext messages. `receive_data(b"")` signals end of stream."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that are not yet part of a whole message."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        """Feed bytes; returns every message they complete. Raises ProtocolError on bad input."""
+        if self._closed:
+            raise ProtocolError("data received after end of stream")
+        if not data:
+            self._closed = True
+            if self.pending:
+                raise ProtocolError(
+                    f"stream ended inside a frame ({self.pending} bytes of an incomplete frame)"
+                )
+            return []
+        self._buf += data
+        messages: list[Message] = []
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        while end - pos >= HEADER_SIZE:
+            length = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            if length > self.max_frame_size:
+                raise ProtocolError(
+                    f"frame length {length} exceeds the maximum of {self.max_frame_size} bytes"
+                    " (is the peer speaking dext/1?)"
+                )
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            with memoryview(buf) as view:
+                payload = view[start : start + length]
+                try:
+                    messages.append(decode_payload(payload))
+                finally:
+                    payload.release()
+            pos = start + length
+        if pos and pos * 2 >= end:
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        return messages

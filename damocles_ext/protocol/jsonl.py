@@ -1,0 +1,332 @@
+"""damocles' newline-delimited JSON protocol, both directions (sans-IO).
+
+Byte-compatible with damocles-manager (Go, `pkg/extproc`) and vc-processors (Rust): the ready line
+`<stage> processor ready\\n`, request lines `{"id":N,"task":{...}}` and response lines
+`{"id":N,"err_msg":...,"output":...}`. Fixed 32-byte values (`seed`, `comm_r`) travel as arrays of
+32 integers, proofs (byte strings) as standard base64 - Go's encoding of `[32]byte` and `[]byte`.
+
+The JSON shapes are mirror structs here; the rest of the program uses `damocles_ext.tasks`.
+Unknown fields are ignored on input, as Go's and serde's decoders do by default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from ..tasks import (
+    OUTPUT_TYPES,
+    TASK_TYPES,
+    Output,
+    PoStReplicaInfo,
+    Task,
+    WindowPoStOutput,
+    WinningPoStOutput,
+    WindowProofType,
+    WinningProofType,
+    stage_of,
+)
+
+DEFAULT_MAX_LINE = 64 * 1024 * 1024
+
+_Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
+_Array32 = Annotated[list[_Byte], msgspec.Meta(min_length=32, max_length=32)]
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class JsonLineError(Exception):
+    """A line that is not a valid message. Recoverable: damocles logs it and reads on.
+
+    `id` is the request id when it could be read, so the peer can still be answered.
+    """
+
+    def __init__(self, message: str, id: int | None = None) -> None:
+        super().__init__(message)
+        self.id = id
+
+
+class _Replica(msgspec.Struct):
+    sector_id: _U64
+    comm_r: _Array32
+    cache_dir: str
+    sealed_file: str
+
+
+class _WindowPoSt(msgspec.Struct):
+    miner_id: _U64
+    proof_type: WindowProofType
+    replicas: list[_Replica]
+    seed: _Array32
+
+
+class _WinningPoSt(msgspec.Struct):
+    miner_id: _U64
+    proof_type: WinningProofType
+    replicas: list[_Replica]
+    seed: _Array32
+
+
+class _WindowPoStOutput(msgspec.Struct):
+    proofs: list[bytes]
+    faults: list[_U64]
+
+
+class _WinningPoStOutput(msgspec.Struct):
+    proofs: list[bytes]
+
+
+class _RequestHead(msgspec.Struct):
+    id: _U64
+    task: msgspec.Raw
+
+
+class _ResponseHead(msgspec.Struct):
+    id: _U64
+    err_msg: str | None = None
+    # Raw keeps the output undecoded until the stage's type is applied; a JSON null stays b"null".
+    output: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+
+class JsonRequest(msgspec.Struct, frozen=True):
+    id: int
+    task: Task
+
+
+class JsonResponse(msgspec.Struct, frozen=True):
+    id: int
+    output: Output | None
+    err_msg: str | None
+
+
+class LineTooLong(msgspec.Struct, frozen=True):
+    """A line longer than the limit was skipped; `length` is how much of it was seen."""
+
+    length: int
+    limit: int
+
+
+_JSON_TASK = {"window_post": _WindowPoSt, "winning_post": _WinningPoSt}
+_JSON_OUTPUT = {"window_post": _WindowPoStOutput, "winning_post": _WinningPoStOutput}
+_task_decoders = {s: msgspec.json.Decoder(t) for s, t in _JSON_TASK.items()}
+_output_decoders = {s: msgspec.json.Decoder(t) for s, t in _JSON_OUTPUT.items()}
+_request_head = msgspec.json.Decoder(_RequestHead)
+_response_head = msgspec.json.Decoder(_ResponseHead)
+_encoder = msgspec.json.Encoder()
+
+
+def ready_line(stage: str) -> bytes:
+    """The line a damocles processor writes once it can take requests."""
+    return f"{stage} processor ready\n".encode()
+
+
+def is_ready_line(line: bytes, stage: str) -> bool:
+    """True for the exact ready line (damocles-manager compares the whole line, newline included)."""
+    return line == ready_line(stage)
+
+
+def detect_protocol(first_byte: int) -> Literal["dext", "jsonl"]:
+    """Which protocol a child speaks, from the first byte it writes.
+
+    A dext frame starts with the high byte of a length far below 16 MiB, so a small number; the
+    ready line starts with a letter of the stage name.
+    """
+    return "jsonl" if 0x20 < first_byte < 0x7F else "dext"
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in TASK_TYPES:
+        raise ValueError(f"unknown stage {stage!r}; expected 'window_post' or 'winning_post'")
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+
+def _task_to_json_struct(task: Task) -> msgspec.Struct:
+    mirror = _JSON_TASK[stage_of(task)]
+    return mirror(
+        miner_id=task.miner_id,
+        proof_type=task.proof_type,
+        replicas=[
+            _Replica(r.sector_id, list(r.comm_r), r.cache_dir, r.sealed_file) for r in task.replicas
+        ],
+        seed=list(task.seed),
+    )
+
+
+def _task_from_json_struct(stage: str, j: msgspec.Struct) -> Task:
+    return TASK_TYPES[stage](
+        miner_id=j.miner_id,
+        proof_type=j.proof_type,
+        replicas=[
+            PoStReplicaInfo(r.sector_id, bytes(r.comm_r), r.cache_dir, r.sealed_file)
+            for r in j.replicas
+        ],
+        seed=bytes(j.seed),
+    )
+
+
+def task_to_json(task: Task) -> bytes:
+    """The damocles JSON form of a task (the wire's `task` field)."""
+    return _encoder.encode(_task_to_json_struct(task))
+
+
+def task_from_json(data: bytes | str, stage: str) -> Task:
+    """Parse a task in damocles' JSON form; raises JsonLineError saying what and where."""
+    _check_stage(stage)
+    try:
+        return _task_from_json_struct(stage, _task_decoders[stage].decode(data))
+    except msgspec.ValidationError as exc:
+        raise JsonLineError(f"invalid {stage} task: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise JsonLineError(f"malformed JSON in {stage} task: {exc}") from None
+
+
+def _output_to_json_struct(output: Output) -> msgspec.Struct:
+    if isinstance(output, WindowPoStOutput):
+        return _WindowPoStOutput(proofs=list(output.proofs), faults=list(output.faults))
+    return _WinningPoStOutput(proofs=list(output.proofs))
+
+
+def output_to_json(output: Output) -> bytes:
+    """The damocles JSON form of an output: proofs as base64 strings."""
+    return _encoder.encode(_output_to_json_struct(output))
+
+
+def _output_from_json_struct(stage: str, j: msgspec.Struct) -> Output:
+    if stage == "window_post":
+        return WindowPoStOutput(proofs=j.proofs, faults=j.faults)
+    return WinningPoStOutput(proofs=j.proofs)
+
+
+def output_from_json(data: bytes | str, stage: str) -> Output:
+    """Parse an output in damocles' JSON form; raises JsonLineError saying what and where."""
+    _check_stage(stage)
+    try:
+        return _output_from_json_struct(stage, _output_decoders[stage].decode(data))
+    except msgspec.ValidationError as exc:
+        raise JsonLineError(f"invalid {stage} output: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise JsonLineError(f"malformed JSON in {stage} output: {exc}") from None
+
+
+# -- lines ---------------------------------------------------------------------------------------
+
+
+class _RequestLine(msgspec.Struct):
+    id: int
+    task: msgspec.Struct
+
+
+class _ResponseLine(msgspec.Struct, omit_defaults=False):
+    id: int
+    err_msg: str | None
+    output: msgspec.Struct | None
+
+
+def encode_request(id: int, task: Task) -> bytes:
+    """One request line, newline included, as damocles-manager writes it."""
+    return _encoder.encode(_RequestLine(id, _task_to_json_struct(task))) + b"\n"
+
+
+def encode_response(id: int, output: Output | None = None, err_msg: str | None = None) -> bytes:
+    """One response line, newline included, in the form damocles-manager decodes."""
+    if (output is None) == (err_msg is None):
+        raise ValueError("a response carries exactly one of output and err_msg")
+    out = None if output is None else _output_to_json_struct(output)
+    return _encoder.encode(_ResponseLine(id, err_msg, out)) + b"\n"
+
+
+def _strip_eol(line: bytes) -> bytes:
+    return line[:-1] if line.endswith(b"\n") else line
+
+
+def decode_request(line: bytes, stage: str) -> JsonRequest:
+    """Parse a request line for a child of `stage`; raises JsonLineError (with the id if readable)."""
+    _check_stage(stage)
+    try:
+        head = _request_head.decode(_strip_eol(line))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise JsonLineError(f"not a request line: {exc}; line: {preview(line)}") from None
+    try:
+        task = _task_from_json_struct(stage, _task_decoders[stage].decode(head.task))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise JsonLineError(f"request {head.id}: invalid {stage} task: {exc}", id=head.id) from None
+    return JsonRequest(head.id, task)
+
+
+def decode_response(line: bytes, stage: str) -> JsonResponse:
+    """Parse a response line from a child of `stage`; raises JsonLineError (with the id if readable)."""
+    _check_stage(stage)
+    try:
+        head = _response_head.decode(_strip_eol(line))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise JsonLineError(f"not a response line: {exc}; line: {preview(line)}") from None
+    if head.err_msg is not None:
+        return JsonResponse(head.id, None, head.err_msg)
+    if bytes(head.output).strip() == b"null":
+        raise JsonLineError(f"response {head.id} has neither output nor err_msg", id=head.id)
+    try:
+        output = _output_from_json_struct(stage, _output_decoders[stage].decode(head.output))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise JsonLineError(
+            f"response {head.id}: invalid {stage} output: {exc}", id=head.id
+        ) from None
+    return JsonResponse(head.id, output, None)
+
+
+def preview(data: bytes, limit: int = 200) -> str:
+    """A short printable rendering of bytes for log lines."""
+    text = repr(bytes(data[:limit]))
+    return text + (f"... ({len(data)} bytes)" if len(data) > limit else "")
+
+
+class LineReader:
+    """Splits a byte stream into lines (newline kept), skipping lines longer than `max_line`.
+
+    `receive_data(b"")` means end of stream: a last line without a newline is returned as is.
+    """
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._skipping = 0  # > 0 while discarding the rest of an over-long line
+
+    def receive_data(self, data: bytes) -> list[bytes | LineTooLong]:
+        """Feed bytes; returns the complete lines and LineTooLong markers they finish."""
+        out: list[bytes | LineTooLong] = []
+        if not data:
+            if self._skipping:
+                out.append(LineTooLong(self._skipping, self.max_line))
+                self._skipping = 0
+            elif self._buf:
+                out.append(bytes(self._buf))
+                self._buf.clear()
+            return out
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                rest = len(data) - start
+                if self._skipping:
+                    self._skipping += rest
+                elif len(self._buf) + rest > self.max_line:
+                    self._skipping = len(self._buf) + rest
+                    self._buf.clear()
+                else:
+                    self._buf += data[start:]
+                return out
+            piece = data[start : nl + 1]
+            if self._skipping:
+                out.append(LineTooLong(self._skipping + len(piece), self.max_line))
+                self._skipping = 0
+            elif len(self._buf) + len(piece) > self.max_line + 1:
+                out.append(LineTooLong(len(self._buf) + len(piece), self.max_line))
+                self._buf.clear()
+            elif self._buf:
+                self._buf += piece
+                out.append(bytes(self._buf))
+                self._buf.clear()
+            else:
+                out.append(bytes(piece))
+            start = nl + 1
