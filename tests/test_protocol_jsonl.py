@@ -1,0 +1,229 @@
+"""damocles JSON lines: exact bytes as damocles-manager (Go) and vc-processors (Rust) write them."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from damocles_ext.protocol import jsonl
+from damocles_ext.tasks import (
+    PoStReplicaInfo,
+    WindowPoSt,
+    WindowPoStOutput,
+    WinningPoSt,
+    WinningPoStOutput,
+)
+
+ARR = "[" + ",".join(str(i) for i in range(32)) + "]"
+SEED = "[" + ",".join(["7"] * 31 + ["63"]) + "]"
+
+# Written by hand from ../shared/damocles-wire.md: compact JSON, the Go struct field order.
+GO_REQUEST = (
+    '{"id":1,"task":{"miner_id":1000,"proof_type":"StackedDrgWindow32GiBV1_2",'
+    '"replicas":[{"sector_id":12,"comm_r":' + ARR + ',"cache_dir":"/mnt/cache/s-t01000-12",'
+    '"sealed_file":"/mnt/sealed/s-t01000-12"}],"seed":' + SEED + "}}\n"
+).encode()
+
+TASK = WindowPoSt(
+    miner_id=1000,
+    proof_type="StackedDrgWindow32GiBV1_2",
+    replicas=[
+        PoStReplicaInfo(
+            sector_id=12,
+            comm_r=bytes(range(32)),
+            cache_dir="/mnt/cache/s-t01000-12",
+            sealed_file="/mnt/sealed/s-t01000-12",
+        )
+    ],
+    seed=bytes([7] * 31 + [63]),
+)
+
+PROOF = bytes(range(192))
+PROOF_B64 = base64.b64encode(PROOF).decode()
+
+
+def test_ready_line_is_exact():
+    assert jsonl.ready_line("window_post") == b"window_post processor ready\n"
+    assert jsonl.ready_line("winning_post") == b"winning_post processor ready\n"
+
+
+def test_ready_line_match_includes_the_newline_as_go_does():
+    assert jsonl.is_ready_line(b"window_post processor ready\n", "window_post")
+    assert not jsonl.is_ready_line(b"window_post processor ready", "window_post")
+    assert not jsonl.is_ready_line(b"winning_post processor ready\n", "window_post")
+
+
+def test_go_request_line_decodes():
+    req = jsonl.decode_request(GO_REQUEST, "window_post")
+    assert req.id == 1
+    assert req.task == TASK
+
+
+def test_request_encodes_to_the_go_bytes():
+    assert jsonl.encode_request(1, TASK) == GO_REQUEST
+
+
+def test_go_escaped_characters_in_paths_decode():
+    # Go's encoder writes <, > and & as \u003c, \u003e, \u0026
+    line = GO_REQUEST.replace(b"/mnt/cache/s-t01000-12", b"/mnt/a\\u0026b\\u003cc\\u003e")
+    req = jsonl.decode_request(line, "window_post")
+    assert req.task.replicas[0].cache_dir == "/mnt/a&b<c>"
+
+
+def test_window_response_bytes_the_go_decoder_accepts():
+    line = jsonl.encode_response(1, WindowPoStOutput(proofs=[PROOF], faults=[]))
+    assert line == (
+        '{"id":1,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[]}}\n'
+    ).encode()
+
+
+def test_fault_response_has_empty_proofs():
+    line = jsonl.encode_response(2, WindowPoStOutput(proofs=[], faults=[12, 99]))
+    assert line == b'{"id":2,"err_msg":null,"output":{"proofs":[],"faults":[12,99]}}\n'
+
+
+def test_winning_response_bytes():
+    line = jsonl.encode_response(3, WinningPoStOutput(proofs=[PROOF]))
+    assert line == ('{"id":3,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"]}}\n').encode()
+
+
+def test_error_response_bytes():
+    line = jsonl.encode_response(4, err_msg='sector 12: "cache" missing')
+    assert line == b'{"id":4,"err_msg":"sector 12: \\"cache\\" missing","output":null}\n'
+
+
+def test_response_needs_exactly_one_of_output_and_error():
+    with pytest.raises(ValueError):
+        jsonl.encode_response(1)
+    with pytest.raises(ValueError):
+        jsonl.encode_response(1, WinningPoStOutput(proofs=[]), err_msg="x")
+
+
+def test_rust_response_decodes():
+    # vc-processors writes the same shape; serde may omit nothing, add fields we ignore
+    line = ('{"id":5,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[1]},'
+            '"extra":true}\n').encode()
+    resp = jsonl.decode_response(line, "window_post")
+    assert resp == jsonl.JsonResponse(5, WindowPoStOutput(proofs=[PROOF], faults=[1]), None)
+
+
+def test_error_response_decodes():
+    resp = jsonl.decode_response(b'{"id":6,"err_msg":"boom","output":null}\n', "winning_post")
+    assert resp == jsonl.JsonResponse(6, None, "boom")
+
+
+def test_response_without_output_or_error_keeps_the_id():
+    with pytest.raises(jsonl.JsonLineError, match="neither output nor err_msg") as info:
+        jsonl.decode_response(b'{"id":7,"err_msg":null,"output":null}', "window_post")
+    assert info.value.id == 7
+
+
+def test_bad_proof_base64_keeps_the_id():
+    with pytest.raises(jsonl.JsonLineError, match="invalid window_post output") as info:
+        jsonl.decode_response(
+            b'{"id":8,"err_msg":null,"output":{"proofs":["!!"],"faults":[]}}', "window_post"
+        )
+    assert info.value.id == 8
+
+
+def test_not_json_is_a_recoverable_error_without_id():
+    with pytest.raises(jsonl.JsonLineError, match="not a response line") as info:
+        jsonl.decode_response(b"thread 'main' panicked\n", "window_post")
+    assert info.value.id is None
+
+
+@pytest.mark.parametrize(
+    "mutation, message",
+    [
+        (lambda s: s.replace(SEED, "[1,2,3]"), "seed"),
+        (lambda s: s.replace(ARR, "[" + ",".join(["256"] * 32) + "]"), "comm_r"),
+        (lambda s: s.replace("StackedDrgWindow32GiBV1_2", "StackedDrgWinning32GiBV1"), "proof_type"),
+        (lambda s: s.replace('"miner_id":1000', '"miner_id":-1'), "miner_id"),
+        (lambda s: s.replace('"sector_id":12,', ""), "sector_id"),
+    ],
+)
+def test_invalid_task_fields_are_named(mutation, message):
+    line = mutation(GO_REQUEST.decode()).encode()
+    with pytest.raises(jsonl.JsonLineError, match=message) as info:
+        jsonl.decode_request(line, "window_post")
+    assert info.value.id == 1
+
+
+def test_winning_task_round_trips_through_json():
+    task = WinningPoSt(
+        miner_id=1, proof_type="StackedDrgWinning2KiBV1", replicas=TASK.replicas, seed=TASK.seed
+    )
+    assert jsonl.task_from_json(jsonl.task_to_json(task), "winning_post") == task
+
+
+def test_outputs_round_trip_through_json():
+    for stage, out in [
+        ("window_post", WindowPoStOutput(proofs=[PROOF, b""], faults=[1, 2])),
+        ("winning_post", WinningPoStOutput(proofs=[PROOF])),
+    ]:
+        assert jsonl.output_from_json(jsonl.output_to_json(out), stage) == out
+
+
+def test_task_from_json_reports_malformed_json_position():
+    with pytest.raises(jsonl.JsonLineError, match="malformed JSON"):
+        jsonl.task_from_json(b'{"miner_id": 1,', "window_post")
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(ValueError, match="unknown stage"):
+        jsonl.task_from_json(b"{}", "sealing")
+
+
+def test_detect_protocol_from_first_byte():
+    assert jsonl.detect_protocol(ord("w")) == "jsonl"
+    assert jsonl.detect_protocol(0) == "dext"
+
+
+# -- line reader ---------------------------------------------------------------------------------
+
+
+def test_line_reader_splits_and_keeps_partial_lines():
+    r = jsonl.LineReader()
+    assert r.receive_data(b"a\nb") == [b"a\n"]
+    assert r.receive_data(b"c\nd") == [b"bc\n"]
+    assert r.receive_data(b"") == [b"d"]
+
+
+def test_line_reader_skips_over_long_lines_and_recovers():
+    r = jsonl.LineReader(max_line=8)
+    out = r.receive_data(b"0123456789")
+    out += r.receive_data(b"abc\nok\n")
+    assert out == [jsonl.LineTooLong(14, 8), b"ok\n"]
+
+
+def test_line_reader_over_long_line_in_one_chunk():
+    r = jsonl.LineReader(max_line=4)
+    assert r.receive_data(b"toolong\nfine\n") == [jsonl.LineTooLong(8, 4), b"fine\n"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=10), st.data())
+def test_line_reader_any_chunking(lines, data):
+    stream = b"".join(line + b"\n" for line in lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    r = jsonl.LineReader()
+    out, prev = [], 0
+    for cut in cuts + [len(stream)]:
+        out += r.receive_data(stream[prev:cut]) if cut > prev else []
+        prev = cut
+    out += r.receive_data(b"")
+    assert out == [line + b"\n" for line in lines]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decoders_raise_only_jsonl_errors_on_garbage(garbage):
+    for stage in ("window_post", "winning_post"):
+        for decode in (jsonl.decode_request, jsonl.decode_response):
+            try:
+                decode(garbage, stage)
+            except jsonl.JsonLineError:
+                pass
