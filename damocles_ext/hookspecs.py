@@ -1,0 +1,274 @@
+"""The plugin contract of damocles-ext (pluggy project name, hook prefix and entry-point group:
+``damocles_ext`` / ``dext_``).
+
+A plugin is a module (or object) registered under the entry-point group ``damocles_ext``::
+
+    [project.entry-points.damocles_ext]
+    hello = "dext_hello_plugin"
+
+whose functions are marked with :data:`hookimpl` and named after the hooks below. Plugin modules
+are imported by every child at start, so keep their module-level imports light and do heavy work
+(loading a GPU library, reading parameters) in the prover factory.
+
+Two kinds of hooks:
+
+* contribution hooks, called synchronously: :func:`dext_provers`,
+  :func:`dext_validate_plugin_options`;
+* observer hooks, called by the supervisor through :func:`damocles_ext.plugins.call_observers`:
+  they may be plain functions or ``async def`` (awaited under the supervisor's trio loop), must
+  return quickly, and an exception they raise is logged with the plugin's name and otherwise
+  ignored.
+
+The small value types the hooks pass around (:class:`ProverSpec`, :class:`ChildInfo`,
+:class:`ExitStatus`, :class:`RequestInfo`, :class:`CancelToken`) live here too so that a plugin
+needs exactly one import: ``from damocles_ext.hookspecs import hookimpl, ProverSpec``.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import pluggy
+
+PROJECT = "damocles_ext"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: What a plugin's options look like once parsed (`PluginOptions` in the config, `--option K=V`).
+Options = Mapping[str, "str | int | float | bool"]
+
+#: How a request ended, as reported to :func:`dext_request_finished`.
+Outcome = Literal["ok", "error", "cancelled", "timeout", "fault"]
+OUTCOMES: tuple[str, ...] = ("ok", "error", "cancelled", "timeout", "fault")
+
+#: progress(phase, done, total): a prover reports how far it got; cheap to call often.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class Cancelled(Exception):
+    """Raised by :meth:`CancelToken.check` once the request was cancelled."""
+
+
+class CancelToken:
+    """A thread-safe cancellation flag handed to a prover with each request."""
+
+    __slots__ = ("_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._event.is_set()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the prover to stop at its next check; safe to call from any thread, repeatedly."""
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if the request was cancelled; call it between units of work."""
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to `timeout` seconds, waking early on cancel; returns :attr:`cancelled`."""
+        return self._event.wait(timeout)
+
+
+@runtime_checkable
+class Prover(Protocol):
+    """What a :class:`ProverSpec` factory returns.
+
+    ``prove`` runs on a worker thread of the child; with ``--capacity N`` up to N calls run at
+    once, so a prover that is not thread-safe must lock internally. It returns a
+    ``damocles_ext.tasks.WindowPoStOutput`` / ``WinningPoStOutput`` for the task's stage, raises
+    :class:`Cancelled` (directly or via ``cancel.check()``) when cancelled, and raises any other
+    exception to fail the request (the message reaches the caller as ``"<Type>: message"``).
+    An optional ``version`` attribute is reported in the dext Hello; an optional ``close()`` is
+    called when the child shuts down.
+    """
+
+    name: str
+    stages: tuple[str, ...]
+
+    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any: ...
+
+
+def _no_problems(options: Options) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class ProverSpec:
+    """A named prover a plugin offers (returned from :func:`dext_provers`).
+
+    `factory(options)` builds the prover in the child; `validate_options(options)` returns a list
+    of human-readable problems (empty when the options are fine) and must not do heavy work: the
+    supervisor's config check calls it too.
+    """
+
+    name: str
+    stages: tuple[str, ...]
+    factory: Callable[[Options], Prover]
+    description: str = ""
+    validate_options: Callable[[Options], list[str]] = field(default=_no_problems)
+
+    def __post_init__(self) -> None:
+        # Accept a list or a single stage name for convenience; store a tuple (frozen, hashable).
+        stages = (self.stages,) if isinstance(self.stages, str) else tuple(self.stages)
+        object.__setattr__(self, "stages", stages)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildInfo:
+    """A prover child as observers see it."""
+
+    stage: str  # "window_post" | "winning_post"
+    index: int  # index within the stage
+    name: str  # e.g. "window_post#0"
+    pid: int | None  # None before the process exists
+    gpu: str | None = None  # its CUDA_VISIBLE_DEVICES, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How a child ended: an exit code or the signal that killed it, and why (our words)."""
+
+    returncode: int | None  # the exit code, or None when killed by a signal
+    signal: int | None = None  # the signal number when killed by one
+    reason: str = ""  # e.g. "exited", "killed after request timeout", "shutdown"
+
+    def describe(self) -> str:
+        """A short phrase for logs and errors: 'exit code 3', 'killed by SIGKILL'."""
+        if self.signal is not None:
+            try:
+                what = f"killed by {_signal.Signals(self.signal).name}"
+            except ValueError:
+                what = f"killed by signal {self.signal}"
+        elif self.returncode is not None:
+            what = f"exit code {self.returncode}"
+        else:
+            what = "unknown exit status"
+        return f"{what} ({self.reason})" if self.reason else what
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A proof request as observers see it."""
+
+    id: int  # the supervisor's request id
+    stage: str
+    child: str | None  # the child's name (ChildInfo.name) serving it, None while queued
+    deadline: float | None = None  # unix time, seconds
+    attempt: int = 1  # 1 for the first try, 2.. for retries after a child failure
+
+
+# ---------------------------------------------------------------------------------------------
+# Contribution hooks
+
+
+@hookspec
+def dext_provers() -> list[ProverSpec]:
+    """Return the provers this plugin offers.
+
+    Parameters: none.
+
+    Returns: a list of :class:`ProverSpec` (name, stages, description, factory(options) ->
+    prover, validate_options(options) -> list of problems). Prover names are global across all
+    plugins; a name offered by two plugins is an error when a child asks for it.
+
+    Called: once per plugin manager, when a child (`damocles-ext child --plugin NAME`) looks up its
+    prover, when `damocles-ext plugins` lists them and when a config is checked.
+    """
+
+
+@hookspec
+def dext_validate_plugin_options(prover_name: str, options: Options) -> list[str] | None:
+    """Check the `PluginOptions` given to a prover, on top of its own ``validate_options``.
+
+    Parameters: `prover_name` — the prover the options are for (any plugin's, so a site plugin
+    may enforce policy on other plugins' provers); `options` — the parsed options, a mapping of
+    key to str/int/float/bool.
+
+    Returns: a list of problems, each a sentence naming the key and what to do (empty or None
+    when there is nothing to say about these options).
+
+    Called: by the child before it builds the prover (any problem -> the child exits with code 2
+    before it reports ready) and by the config check.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Observer hooks (supervisor side; sync or async; exceptions are logged and ignored)
+
+
+@hookspec
+def dext_child_started(child: ChildInfo) -> None:
+    """A prover child process was spawned (it is not ready yet).
+
+    Parameters: `child` — a :class:`ChildInfo` (stage, index, name, pid, gpu).
+
+    Returns: nothing (an awaitable is awaited).
+
+    Called: by the supervisor right after each spawn, restarts included.
+    """
+
+
+@hookspec
+def dext_child_ready(child: ChildInfo) -> None:
+    """A child sent its ready message (dext Hello or the damocles ready line).
+
+    Parameters: `child` — a :class:`ChildInfo`.
+
+    Returns: nothing (an awaitable is awaited).
+
+    Called: by the supervisor once per successful start, before requests are sent to the child.
+    """
+
+
+@hookspec
+def dext_child_exited(child: ChildInfo, status: ExitStatus) -> None:
+    """A child process ended, whatever the cause (crash, kill after a timeout, shutdown).
+
+    Parameters: `child` — a :class:`ChildInfo`; `status` — an :class:`ExitStatus` (exit code or
+    signal, and the supervisor's reason).
+
+    Returns: nothing (an awaitable is awaited).
+
+    Called: by the supervisor after it reaped the process, before any restart.
+    """
+
+
+@hookspec
+def dext_request_started(request: RequestInfo) -> None:
+    """A request was sent to a child.
+
+    Parameters: `request` — a :class:`RequestInfo` (id, stage, child, deadline, attempt).
+
+    Returns: nothing (an awaitable is awaited).
+
+    Called: by the supervisor on each dispatch, so a retried request is reported once per attempt.
+    """
+
+
+@hookspec
+def dext_request_finished(request: RequestInfo, outcome: Outcome, duration: float) -> None:
+    """A request got its final answer.
+
+    Parameters: `request` — a :class:`RequestInfo`; `outcome` — one of "ok", "error",
+    "cancelled", "timeout", "fault" (proofs with faults listed); `duration` — seconds from
+    submission to the answer.
+
+    Returns: nothing (an awaitable is awaited).
+
+    Called: by the supervisor once per request, when its answer is sent to the caller.
+    """

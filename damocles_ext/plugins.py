@@ -1,0 +1,383 @@
+"""The plugin manager: discovery through entry points, prover lookup, observer calls.
+
+Discovery mirrors ``pm.load_setuptools_entrypoints("damocles_ext")`` but loads each entry point on
+its own, so a plugin that fails to import (or registers a misspelt hook) is recorded with its name
+and error while every other plugin still loads. Observer hooks are called one implementation at a
+time for the same reason: one failing observer must not hide the others from the supervisor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import inspect
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import UsageError
+from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API lives here too)
+    OUTCOMES,
+    Cancelled,
+    CancelToken,
+    ChildInfo,
+    ExitStatus,
+    Options,
+    Outcome,
+    ProgressCallback,
+    Prover,
+    ProverSpec,
+    RequestInfo,
+    hookimpl,
+)
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+TRACE_ENV = "DAMOCLES_EXT_TRACE_HOOKS"
+STAGES = ("window_post", "winning_post")
+
+
+class PluginError(UsageError):
+    """A prover or plugin cannot be used as configured (exit code 2: fix the config or install)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PluginLoadError:
+    """A plugin that could not be loaded: its entry-point name, where it came from, and why."""
+
+    name: str
+    origin: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One row of `damocles-ext plugins`."""
+
+    name: str
+    origin: str
+    provers: tuple[ProverSpec, ...] = ()
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Catalog:
+    provers: dict[str, ProverSpec] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # prover name -> plugin name
+    duplicates: dict[str, list[str]] = field(default_factory=dict)  # prover -> other plugins
+    by_plugin: dict[str, list[ProverSpec]] = field(default_factory=dict)
+
+
+class DextPluginManager(pluggy.PluginManager):
+    """A pluggy PluginManager that also remembers where each plugin came from and what failed."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.load_errors: list[PluginLoadError] = []
+        self.origins: dict[str, str] = {}
+        self.versions: dict[str, str] = {}
+        self._catalog: _Catalog | None = None
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:  # type: ignore[override]
+        self._catalog = None
+        return super().register(plugin, name)
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:  # type: ignore[override]
+        self._catalog = None
+        return super().unregister(plugin, name)
+
+
+def _origin_of(plugin: Any, dist: importlib.metadata.Distribution | None, value: str) -> str:
+    parts = []
+    if dist is not None:
+        parts.append(f"{dist.metadata['Name']} {dist.version}")
+    parts.append(f"entry point {value!r}" if value else "registered directly")
+    module_file = getattr(plugin, "__file__", None)
+    if module_file is None:
+        module = inspect.getmodule(plugin)
+        module_file = getattr(module, "__file__", None)
+    if module_file:
+        parts.append(module_file)
+    return ", ".join(parts)
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Hook implementations of `plugin` that match no hookspec (typically a misspelling)."""
+    problems = []
+    known = sorted(n for n in dir(pm.hook) if n.startswith("dext_"))
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.has_spec():
+            continue
+        if all(impl.optionalhook for impl in caller.get_hookimpls() if impl.plugin is plugin):
+            continue
+        close = difflib.get_close_matches(caller.name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"implements unknown hook {caller.name!r}{hint}")
+    return problems
+
+
+def register_plugin(
+    pm: DextPluginManager,
+    plugin: Any,
+    name: str,
+    *,
+    origin: str | None = None,
+    version: str | None = None,
+) -> bool:
+    """Register one plugin object; on failure record a PluginLoadError and return False."""
+    origin = origin or _origin_of(plugin, None, "")
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:  # pluggy raises ValueError / PluginValidationError
+        pm.load_errors.append(PluginLoadError(name, origin, f"{type(exc).__name__}: {exc}"))
+        return False
+    problems = _unknown_hooks(pm, plugin)
+    if problems:
+        pm.unregister(plugin)
+        pm.load_errors.append(PluginLoadError(name, origin, "; ".join(problems)))
+        return False
+    pm.origins[name] = origin
+    if version:
+        pm.versions[name] = version
+    return True
+
+
+def _entry_points(group: str) -> Iterable[tuple[importlib.metadata.EntryPoint, Any]]:
+    # Walk distributions (not entry_points()) to know which distribution each one comes from;
+    # sys.path order decides when two copies of a distribution are visible.
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == group:
+                yield ep, dist
+
+
+def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> int:
+    """Load every plugin of the entry-point group; failures are recorded, not raised."""
+    count = 0
+    for ep, dist in _entry_points(group):
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        if any(e.name == ep.name for e in pm.load_errors):
+            continue  # a shadowed copy of a plugin that already failed
+        try:
+            plugin = ep.load()
+        except (Exception, SystemExit) as exc:
+            origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("plugin %r (%s) failed to load: %s", ep.name, origin, error)
+            pm.load_errors.append(PluginLoadError(ep.name, origin, error))
+            continue
+        if register_plugin(
+            pm, plugin, ep.name, origin=_origin_of(plugin, dist, ep.value), version=dist.version
+        ):
+            count += 1
+    return count
+
+
+def get_plugin_manager(*, entry_points: bool = True) -> DextPluginManager:
+    """A plugin manager with the hookspecs added and (by default) every installed plugin loaded.
+
+    With DAMOCLES_EXT_TRACE_HOOKS=1 in the environment every hook call is logged.
+    """
+    pm = DextPluginManager()
+    if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+        trace_log = logging.getLogger("damocles_ext.hooks")
+        pm.trace.root.setwriter(lambda text: trace_log.info("%s", text.rstrip()))
+        pm.enable_tracing()
+    if entry_points:
+        load_entry_points(pm)
+    return pm
+
+
+# ---------------------------------------------------------------------------------------------
+# Provers
+
+
+def _catalog(pm: DextPluginManager) -> _Catalog:
+    if pm._catalog is not None:
+        return pm._catalog
+    cat = _Catalog()
+    for impl in pm.hook.dext_provers.get_hookimpls():  # registration order: first one wins
+        plugin_name = impl.plugin_name
+        try:
+            specs = impl.function()
+            specs = list(specs or [])
+            bad = [s for s in specs if not isinstance(s, ProverSpec)]
+            if bad:
+                raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
+        except Exception as exc:
+            error = f"dext_provers raised {type(exc).__name__}: {exc}"
+            log.warning("plugin %r: %s", plugin_name, error)
+            origin = pm.origins.get(plugin_name, _origin_of(impl.plugin, None, ""))
+            pm.load_errors.append(PluginLoadError(plugin_name, origin, error))
+            continue
+        cat.by_plugin[plugin_name] = specs
+        for spec in specs:
+            if spec.name in cat.provers:
+                cat.duplicates.setdefault(spec.name, []).append(plugin_name)
+                continue
+            cat.provers[spec.name] = spec
+            cat.owner[spec.name] = plugin_name
+    pm._catalog = cat
+    return cat
+
+
+def available_provers(pm: DextPluginManager) -> dict[str, ProverSpec]:
+    """Every prover offered by the loaded plugins, by name."""
+    return dict(_catalog(pm).provers)
+
+
+def prover_plugin(pm: DextPluginManager, prover_name: str) -> str | None:
+    """The name of the plugin that offers `prover_name`."""
+    return _catalog(pm).owner.get(prover_name)
+
+
+def _failed_plugins_text(pm: DextPluginManager) -> str:
+    if not pm.load_errors:
+        return ""
+    failed = "; ".join(f"{e.name} ({e.error})" for e in pm.load_errors)
+    return f"; plugins that failed to load: {failed}"
+
+
+def find_prover(pm: DextPluginManager, name: str, stage: str | None = None) -> ProverSpec:
+    """The ProverSpec called `name` (serving `stage` if given), or a PluginError saying why not."""
+    cat = _catalog(pm)
+    spec = cat.provers.get(name)
+    if spec is None:
+        listing = ", ".join(
+            f"{n} ({cat.owner[n]}: {'/'.join(s.stages)})" for n, s in sorted(cat.provers.items())
+        )
+        close = difflib.get_close_matches(name, list(cat.provers), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PluginError(
+            f"unknown prover {name!r}{hint}; available provers: {listing or 'none'}"
+            f"{_failed_plugins_text(pm)}. Install the plugin that provides it or fix `Plugin` "
+            "in the config; `damocles-ext plugins` lists what is installed"
+        )
+    if name in cat.duplicates:
+        others = ", ".join([cat.owner[name], *cat.duplicates[name]])
+        raise PluginError(
+            f"prover {name!r} is offered by several plugins ({others}); "
+            "uninstall all but one of them"
+        )
+    if stage is not None and stage not in spec.stages:
+        raise PluginError(
+            f"prover {name!r} (plugin {cat.owner[name]}) serves {', '.join(spec.stages)}, "
+            f"not {stage}; choose a prover for {stage}"
+        )
+    return spec
+
+
+def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Options) -> list[str]:
+    """Problems with `options` for `spec`: its own validate_options plus every plugin's hook."""
+    problems: list[str] = []
+    try:
+        problems.extend(spec.validate_options(options) or [])
+    except Exception as exc:
+        problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
+    for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
+        try:
+            result = impl.function(
+                **_select_args(impl, {"prover_name": spec.name, "options": options})
+            )
+            problems.extend(result or [])
+        except Exception as exc:
+            problems.append(
+                f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised "
+                f"{type(exc).__name__}: {exc}"
+            )
+    return [str(p) for p in problems]
+
+
+def load_prover(
+    pm: DextPluginManager, name: str, options: Options, stage: str | None = None
+) -> Prover:
+    """Find, validate and build a prover; every failure is a PluginError naming the prover."""
+    spec = find_prover(pm, name, stage)
+    problems = validate_prover_options(pm, spec, options)
+    if problems:
+        raise PluginError(
+            f"invalid options for prover {name!r}: " + "; ".join(problems)
+        )
+    try:
+        prover = spec.factory(options)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"prover {name!r} (plugin {prover_plugin(pm, name)}) failed to start: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(getattr(prover, "prove", None)):
+        raise PluginError(
+            f"prover {name!r}: its factory returned {type(prover).__name__}, which has no "
+            "prove(task, progress, cancel) method"
+        )
+    return prover
+
+
+def list_plugins(pm: DextPluginManager) -> list[PluginInfo]:
+    """Every plugin (loaded or failed) with its provers and origin, for `damocles-ext plugins`."""
+    cat = _catalog(pm)
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None or name is None:
+            continue
+        rows.append(
+            PluginInfo(
+                name=name,
+                origin=pm.origins.get(name, _origin_of(plugin, None, "")),
+                provers=tuple(cat.by_plugin.get(name, ())),
+                error=next((e.error for e in pm.load_errors if e.name == name), None),
+            )
+        )
+    loaded = {r.name for r in rows}
+    rows.extend(
+        PluginInfo(name=e.name, origin=e.origin, error=e.error)
+        for e in pm.load_errors
+        if e.name not in loaded
+    )
+    return sorted(rows, key=lambda r: r.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observers
+
+
+def _select_args(impl: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    # pluggy passes only the arguments an implementation names; do the same.
+    return {name: kwargs[name] for name in impl.argnames if name in kwargs}
+
+
+async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of an observer hook; await awaitable results; never raise.
+
+    An exception from one observer is logged with the plugin's name and the others still run.
+    Cancellation of the caller (a BaseException under trio) is not swallowed.
+    """
+    caller = getattr(pm.hook, hook_name, None)
+    if caller is None:
+        log.error("call_observers: no hook named %r", hook_name)
+        return
+    tracing = bool(os.environ.get(TRACE_ENV, "").strip() not in ("", "0"))
+    for impl in reversed(caller.get_hookimpls()):
+        if tracing:
+            logging.getLogger("damocles_ext.hooks").info(
+                "%s -> plugin %r %r", hook_name, impl.plugin_name, kwargs
+            )
+        try:
+            result = impl.function(**_select_args(impl, kwargs))
+            # datasette's await_me_maybe: a value, a callable returning one, or an awaitable.
+            if callable(result) and not inspect.isawaitable(result):
+                result = result()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("observer %s of plugin %r raised; ignored", hook_name, impl.plugin_name)
