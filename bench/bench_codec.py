@@ -1,0 +1,97 @@
+"""Encode + decode of a 2349-replica WindowPoSt request and its output, dext vs. JSON lines.
+
+Run: .venv/bin/python -m bench.bench_codec
+The request is one 32GiB partition's worth of replicas with realistic paths; the output is one
+192-byte proof and 10 faults. Goal (issue 2): dext request round trip < 2 ms and >= 3x faster than
+JSON lines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from bench.runner import print_table, save_results, time_call
+from damocles_ext.protocol import dext, jsonl
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+
+REPLICAS = 2349
+
+
+def make_request() -> WindowPoSt:
+    rng = random.Random(1)
+    replicas = []
+    for i in range(REPLICAS):
+        sector = 100_000 + i
+        store = f"/mnt/store-{i % 24:02d}"
+        replicas.append(
+            PoStReplicaInfo(
+                sector_id=sector,
+                comm_r=rng.randbytes(32),
+                cache_dir=f"{store}/cache/s-t01234-{sector}",
+                sealed_file=f"{store}/sealed/s-t01234-{sector}",
+            )
+        )
+    seed = bytearray(rng.randbytes(32))
+    seed[31] &= 0x3F
+    return WindowPoSt(
+        miner_id=1234, proof_type="StackedDrgWindow32GiBV1_2", replicas=replicas, seed=bytes(seed)
+    )
+
+
+def main() -> None:
+    task = make_request()
+    output = WindowPoStOutput(proofs=[os.urandom(192)], faults=list(range(100_010, 100_020)))
+
+    def dext_request():
+        frame = dext.encode(dext.Request(id=1, task=task))
+        [msg] = dext.FrameDecoder().receive_data(frame)
+        return msg
+
+    def jsonl_request():
+        line = jsonl.encode_request(1, task)
+        return jsonl.decode_request(line, "window_post")
+
+    def dext_output():
+        frame = dext.encode(dext.Response(id=1, output=output))
+        [msg] = dext.FrameDecoder().receive_data(frame)
+        return msg
+
+    def jsonl_output():
+        line = jsonl.encode_response(1, output)
+        return jsonl.decode_response(line, "window_post")
+
+    # Both must actually round-trip before they are timed.
+    assert dext_request().task == task and jsonl_request().task == task
+    assert dext_output().output == output and jsonl_output().output == output
+
+    sizes = {
+        "dext_request_bytes": len(dext.encode(dext.Request(id=1, task=task))),
+        "jsonl_request_bytes": len(jsonl.encode_request(1, task)),
+    }
+    timings = {
+        "request": {"dext": time_call(dext_request), "jsonl": time_call(jsonl_request)},
+        "output": {"dext": time_call(dext_output), "jsonl": time_call(jsonl_output)},
+    }
+    rows = []
+    for what, t in timings.items():
+        d, j = t["dext"]["median_s"], t["jsonl"]["median_s"]
+        rows.append([what, f"{d * 1e3:.3f}", f"{j * 1e3:.3f}", f"{j / d:.1f}x"])
+    print(f"WindowPoSt request with {REPLICAS} replicas; output: one 192-byte proof, 10 faults")
+    print_table(rows, ["round trip", "dext ms", "JSON lines ms", "dext speed-up"])
+    print(f"request size: dext {sizes['dext_request_bytes']:,} B, "
+          f"JSON lines {sizes['jsonl_request_bytes']:,} B")
+    req = timings["request"]
+    speedup = req["jsonl"]["median_s"] / req["dext"]["median_s"]
+    goals = {
+        "dext_request_under_2ms": req["dext"]["median_s"] < 2e-3,
+        "dext_at_least_3x_jsonl": speedup >= 3,
+    }
+    print("goals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
+    path = save_results("codec", {"replicas": REPLICAS, **sizes, "timings": timings,
+                                  "request_speedup": speedup, "goals": goals})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
