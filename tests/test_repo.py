@@ -1,0 +1,40 @@
+"""The repository's promises about itself: CI runs the README's test command verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)\n```", section, flags=re.S)
+
+
+def test_quick_start_has_exactly_two_commands():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert all("\n" not in c for c in commands)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = quick_start_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+
+
+def test_layout_is_as_documented():
+    for path in ["pyproject.toml", "damocles_ext", "plugins", "native", "tests", "bench",
+                 "ext-prover.cfg.example", "CONTRIBUTING.md", "README.md", ".ci/run"]:
+        assert (ROOT / path).exists(), path
+
+
+def test_protocol_and_scheduling_stay_sans_io():
+    forbidden = re.compile(r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b",
+                           re.M)
+    for package in ("protocol", "scheduling"):
+        for source in (ROOT / "damocles_ext" / package).glob("*.py"):
+            assert not forbidden.search(source.read_text()), f"{source} does I/O imports"
