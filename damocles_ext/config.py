@@ -1,0 +1,769 @@
+"""ext-prover.cfg -> validated `ChildSpec`s, one per child process to start.
+
+The file is damocles-manager's own ext-prover config (TOML: `[[WdPost]]` and `[[WinPost]]` arrays
+of tables), read exactly as damocles reads it, plus our optional PascalCase extensions. Every key
+is checked on its own so that one run reports all the mistakes in a file, each with its place
+(`WdPost[1].Concurrent`), what was expected and what was found. Nothing here starts processes or
+creates directories: that is the supervisor's job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11 only
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "CONF_FILE_NAME",
+    "DEFAULT_TMP_ROOT",
+    "TMP_ROOT_ENV",
+    "ChildSpec",
+    "Config",
+    "ConfigError",
+    "describe_argv",
+    "detect_gpus",
+    "format_cpuset",
+    "load_conf_dir",
+    "load_config",
+    "parse_config",
+]
+
+#: The file damocles-manager reads from its home or `--conf-dir` directory.
+CONF_FILE_NAME = "ext-prover.cfg"
+#: Where per-GPU TMPDIRs go when `Gpus` expands a table; `$DAMOCLES_EXT_TMP_ROOT` overrides it.
+DEFAULT_TMP_ROOT = "/tmp/damocles-ext"
+TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
+
+#: Top-level table name -> stage name used on the wire and in child names.
+STAGE_OF_TABLE = {"WdPost": "window_post", "WinPost": "winning_post"}
+
+DAMOCLES_WORKER = "damocles-worker"
+
+# damocles' defaults, applied when a key is absent or 0 (damocles treats 0 as "unset").
+DEFAULT_CONCURRENT = 1
+DEFAULT_WEIGHT = 1
+DEFAULT_READY_TIMEOUT = 5.0
+DEFAULT_MAX_ATTEMPTS = 2
+DEFAULT_CANCEL_GRACE = 10.0
+
+_GPU_DETECT_TIMEOUT = 10.0
+
+
+class ConfigError(UsageError):
+    """An ext-prover.cfg that cannot be used; `.errors` lists every problem found in the file."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if len(self.errors) == 1:
+            only = self.errors[0]
+            # Syntax and file errors already start with the file name.
+            return only if only.startswith(self.source) else f"{self.source}: {only}"
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        return f"{self.source} has {len(self.errors)} errors:\n{lines}"
+
+
+class ChildSpec(msgspec.Struct, frozen=True):
+    """One child process to start, fully resolved (see docs/DESIGN.md for each field)."""
+
+    stage: str
+    index: int
+    block: int
+    name: str
+    argv: tuple[str, ...]
+    kind: str
+    envs: dict[str, str]
+    inherit_envs: bool
+    concurrent: int
+    weight: int
+    ready_timeout: float
+    protocol: str
+    plugin: str | None
+    plugin_options: dict[str, str | int | float | bool]
+    cpuset: frozenset[int] | None
+    auto_restart: bool
+    max_attempts: int
+    request_timeout: float | None
+    heartbeat_timeout: float | None
+    cancel_grace: float
+    locks: tuple[str, ...]
+    gpu: str | None
+
+
+class Config(msgspec.Struct):
+    """A parsed ext-prover.cfg: the children to start, in file order, and non-fatal warnings."""
+
+    source: str
+    children: list[ChildSpec]
+    warnings: list[str]
+    tmp_root: str = DEFAULT_TMP_ROOT
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed table. msgspec does the type checking; the per-key loop below turns its verdicts
+# into messages that name the key, the expectation and the value found.
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+OptionValue = str | int | float | bool
+
+
+class _Block(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    # damocles' keys
+    bin: str | None = None
+    args: list[str] | None = None
+    envs: dict[str, str] = {}
+    concurrent: NonNegInt = 0
+    weight: NonNegInt = 0
+    ready_timeout_secs: NonNegInt = 0
+    # ours
+    protocol: Literal["auto", "dext", "jsonl"] = "auto"
+    plugin: str | None = None
+    plugin_options: dict[str, OptionValue] | None = None
+    cpuset: str | None = None
+    inherit_envs: bool = True
+    auto_restart: bool = True
+    max_attempts: PosInt = DEFAULT_MAX_ATTEMPTS
+    request_timeout_secs: PosFloat | None = None
+    heartbeat_timeout_secs: PosFloat | None = None
+    cancel_grace_secs: NonNegFloat = DEFAULT_CANCEL_GRACE
+    locks: list[str] = []
+    gpus: list[NonNegInt] | Literal["all"] | None = None
+    gpu_lock: bool = True
+
+
+class _KeyRule(msgspec.Struct, frozen=True):
+    expected: str  # what the whole value must be, for people
+    container: type | None = None  # list or dict: check items one by one to name the bad ones
+    item_type: Any = None
+    item_expected: str = ""
+
+
+_RULES: dict[str, _KeyRule] = {
+    "Bin": _KeyRule("a string (the program to run)"),
+    "Args": _KeyRule("a list of strings", list, str, "a string"),
+    "Envs": _KeyRule("a table of environment variables", dict, str, "a string"),
+    "Concurrent": _KeyRule("a non-negative integer"),
+    "Weight": _KeyRule("a non-negative integer"),
+    "ReadyTimeoutSecs": _KeyRule("a non-negative integer (seconds)"),
+    "Protocol": _KeyRule('one of "auto", "dext", "jsonl"'),
+    "Plugin": _KeyRule("a string (the name of a prover plugin)"),
+    "PluginOptions": _KeyRule(
+        "a table of plugin options", dict, OptionValue, "a string, integer, float or boolean"
+    ),
+    "Cpuset": _KeyRule('a string of CPU numbers and ranges, e.g. "10-19,24"'),
+    "InheritEnvs": _KeyRule("a boolean (true or false)"),
+    "AutoRestart": _KeyRule("a boolean (true or false)"),
+    "MaxAttempts": _KeyRule("a positive integer"),
+    "RequestTimeoutSecs": _KeyRule("a positive number (seconds)"),
+    "HeartbeatTimeoutSecs": _KeyRule("a positive number (seconds)"),
+    "CancelGraceSecs": _KeyRule("a non-negative number (seconds)"),
+    "Locks": _KeyRule("a list of lock names", list, str, "a string"),
+    "Gpus": _KeyRule(
+        'a list of GPU indices (e.g. [0, 1]) or "all"', list, NonNegInt, "a non-negative integer"
+    ),
+    "GpuLock": _KeyRule("a boolean (true or false)"),
+}
+
+VALID_KEYS: tuple[str, ...] = tuple(f.encode_name for f in msgspec.structs.fields(_Block))
+assert set(VALID_KEYS) == set(_RULES), "every key needs a rule"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate an ext-prover.cfg file; raise ConfigError listing every problem."""
+    source = os.fspath(path)
+    p = Path(source)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(
+            source,
+            [
+                f"{source}: is a directory, not a config file; to read "
+                f"{os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+            ],
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(
+            source, [f"{source}: cannot read the config file: no such file (check the path)"]
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            source,
+            [f"{source}: cannot read the config file: permission denied (check its mode and owner)"],
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source,
+            [f"{source}: not UTF-8 text (bad byte at offset {exc.start}); TOML files are UTF-8"],
+        ) from None
+    return parse_config(text, source)
+
+
+def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
+    """Read DIR/ext-prover.cfg, as damocles-manager does with `--conf-dir DIR`."""
+    source = os.fspath(directory)
+    d = Path(source)
+    if not d.exists():
+        raise ConfigError(source, [f"{source}: config directory does not exist (check the path)"])
+    if not d.is_dir():
+        raise ConfigError(
+            source, [f"{source}: is a file, not a directory; to read this file use -c {source}"]
+        )
+    path = d / CONF_FILE_NAME
+    if not path.exists():
+        raise ConfigError(
+            str(path),
+            [
+                f"{path}: cannot read the config file: no such file "
+                f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
+            ],
+        )
+    return load_config(path)
+
+
+def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
+    """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
+
+    errors: list[str] = []
+    if tmp_root is None:
+        tmp_root = os.environ.get(TMP_ROOT_ENV) or DEFAULT_TMP_ROOT
+        if not os.path.isabs(tmp_root):
+            errors.append(
+                f"environment variable {TMP_ROOT_ENV}: expected an absolute path, "
+                f"found {_show(tmp_root)}"
+            )
+    builder = _Builder(tmp_root=tmp_root.rstrip("/") or "/")
+
+    for key, value in doc.items():
+        if key in STAGE_OF_TABLE:
+            continue
+        if key in _RULES:
+            hint = "it belongs inside a [[WdPost]] or [[WinPost]] table"
+        else:
+            hint = _suggest(key, tuple(STAGE_OF_TABLE), _TABLE_ALIASES)
+            hint = hint or "the file holds only [[WdPost]] and [[WinPost]] tables"
+        kind = "table" if isinstance(value, (dict, list)) else "key"
+        errors.append(f"unknown top-level {kind} '{key}' ({hint})")
+
+    for table, stage in STAGE_OF_TABLE.items():
+        if table not in doc:
+            continue
+        blocks = doc[table]
+        if isinstance(blocks, dict):
+            errors.append(
+                f"{table}: written as a single table [{table}]; write [[{table}]] "
+                f"(double brackets), one per child"
+            )
+            blocks = [blocks]
+        elif not isinstance(blocks, list):
+            errors.append(
+                f"{table}: expected an array of tables written [[{table}]], found {_show(blocks)}"
+            )
+            continue
+        for block_index, raw in enumerate(blocks):
+            where = f"{table}[{block_index}]"
+            if not isinstance(raw, dict):
+                errors.append(f"{where}: expected a table [[{table}]], found {_show(raw)}")
+                continue
+            errors.extend(builder.add_block(table, stage, block_index, raw))
+
+    if not errors and not builder.children:
+        errors.append(
+            "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
+            "add at least one (see ext-prover.cfg.example)"
+        )
+    if errors:
+        raise ConfigError(source, errors)
+    builder.finish()
+    return Config(
+        source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
+    )
+
+
+def detect_gpus() -> list[int]:
+    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found."""
+    try:
+        import pynvml  # nvidia-ml-py, optional
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            try:
+                return list(range(pynvml.nvmlDeviceGetCount()))
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:  # NVML missing or broken (no driver): fall back to nvidia-smi
+            pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"],
+            capture_output=True,
+            text=True,
+            timeout=_GPU_DETECT_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building children
+
+
+class _Builder:
+    def __init__(self, tmp_root: str) -> None:
+        self.tmp_root = tmp_root
+        self.children: list[ChildSpec] = []
+        self.warnings: list[str] = []
+        self._next_index = {stage: 0 for stage in STAGE_OF_TABLE.values()}
+        self._gpus: list[int] | None = None
+        self.default_program_tables: list[str] = []
+
+    def finish(self) -> None:
+        """Warnings about the whole file, given once rather than per table."""
+        tables = self.default_program_tables
+        if tables and shutil.which(DAMOCLES_WORKER) is None:
+            self.warnings.append(
+                f"{', '.join(tables)}: no Bin or Plugin, so {'this' if len(tables) == 1 else 'each'}"
+                f" child runs damocles' default `{DAMOCLES_WORKER} processor <stage>`, but "
+                f"{DAMOCLES_WORKER} is not on PATH; starting it will fail. Set Bin or Plugin, or "
+                f"put {DAMOCLES_WORKER} on PATH"
+            )
+
+    def _detected_gpus(self) -> list[int]:
+        if self._gpus is None:  # once per file: nvidia-smi is slow
+            self._gpus = detect_gpus()
+        return self._gpus
+
+    def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
+        where = f"{table}[{block_index}]"
+        errors: list[str] = []
+        good: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _RULES:
+                hint = _suggest(key, VALID_KEYS) or "valid keys: " + ", ".join(VALID_KEYS)
+                errors.append(f"{where}: unknown key '{key}' ({hint})")
+                continue
+            key_errors = _check_key(where, key, value)
+            errors.extend(key_errors)
+            if not key_errors:
+                good[key] = value
+        # The keys that passed on their own still get the content and cross-key checks, so one
+        # run reports everything; cross-key rules look at which keys were written at all.
+        block = msgspec.convert(good, _Block)
+        errors.extend(_check_block(where, block, set(raw)))
+        cpuset, cpu_errors = _parse_cpuset(where, block.cpuset)
+        errors.extend(cpu_errors)
+        if errors:
+            return errors
+
+        argv, kind = self._program(where, stage, block)
+        gpus: list[int | None] = [None]
+        if block.gpus == "all":
+            found = self._detected_gpus()
+            if not found:
+                return [
+                    f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`); '
+                    f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
+                ]
+            gpus = list(found)
+        elif block.gpus is not None:
+            gpus = list(block.gpus)
+        if block.gpus is not None and "CUDA_VISIBLE_DEVICES" in block.envs:
+            self.warnings.append(
+                f"{where}: Envs sets CUDA_VISIBLE_DEVICES, which overrides Gpus: all "
+                f"{len(gpus)} children get CUDA_VISIBLE_DEVICES="
+                f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two"
+            )
+        if block.heartbeat_timeout_secs is not None and block.protocol == "jsonl":
+            self.warnings.append(
+                f"{where}: HeartbeatTimeoutSecs has no effect with Protocol = \"jsonl\" "
+                f"(damocles' JSON lines carry no progress)"
+            )
+
+        for gpu in gpus:
+            envs = dict(block.envs)
+            if gpu is not None:
+                envs.setdefault("CUDA_VISIBLE_DEVICES", str(gpu))
+                envs.setdefault("TMPDIR", os.path.join(self.tmp_root, f"{stage}-gpu{gpu}") + "/")
+            self.children.append(self._child(stage, block_index, block, argv, kind, envs, cpuset))
+        return []
+
+    def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:
+        if block.bin is not None:
+            # Kept as written: a bare name is looked up on PATH and a relative path is taken from
+            # the supervisor's working directory, as Go's exec.Command does for damocles.
+            if shutil.which(block.bin) is None:
+                problem = (
+                    "does not exist or is not executable"
+                    if "/" in block.bin
+                    else "is not found on PATH"
+                )
+                self.warnings.append(
+                    f"{where}.Bin: {_show(block.bin)} {problem}; starting this child will fail"
+                )
+            return (block.bin, *(block.args or ())), "bin"
+        if block.plugin is not None:
+            argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
+            for key, value in (block.plugin_options or {}).items():
+                argv += ["--option", f"{key}={_option_text(value)}"]
+            return tuple(argv), "plugin"
+        # damocles' default. damocles looks next to its own binary; we have none, so PATH.
+        if block.args is not None:
+            self.warnings.append(
+                f"{where}: Args is ignored because Bin is not set (damocles does the same and "
+                f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args"
+            )
+        self.default_program_tables.append(where)
+        return (DAMOCLES_WORKER, "processor", stage), "damocles-worker"
+
+    def _child(
+        self,
+        stage: str,
+        block_index: int,
+        block: _Block,
+        argv: tuple[str, ...],
+        kind: str,
+        envs: dict[str, str],
+        cpuset: frozenset[int] | None,
+    ) -> ChildSpec:
+        index = self._next_index[stage]
+        self._next_index[stage] += 1
+        gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
+        locks = list(dict.fromkeys(block.locks))
+        if gpu is not None and block.gpu_lock:
+            # One lock per device, so "0,1" and "1" still exclude each other on GPU 1.
+            for device in gpu.split(","):
+                if device.strip():
+                    locks.append(f"gpu:{device.strip()}")
+        return ChildSpec(
+            stage=stage,
+            index=index,
+            block=block_index,
+            name=f"{stage}#{index}",
+            argv=argv,
+            kind=kind,
+            envs=envs,
+            inherit_envs=block.inherit_envs,
+            concurrent=block.concurrent or DEFAULT_CONCURRENT,
+            weight=block.weight or DEFAULT_WEIGHT,
+            ready_timeout=float(block.ready_timeout_secs) or DEFAULT_READY_TIMEOUT,
+            protocol=block.protocol,
+            plugin=block.plugin,
+            plugin_options=dict(block.plugin_options or {}),
+            cpuset=cpuset,
+            auto_restart=block.auto_restart,
+            max_attempts=block.max_attempts,
+            request_timeout=block.request_timeout_secs,
+            heartbeat_timeout=block.heartbeat_timeout_secs,
+            cancel_grace=block.cancel_grace_secs,
+            locks=tuple(dict.fromkeys(locks)),
+            gpu=gpu,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _converts(value: Any, typ: Any) -> bool:
+    try:
+        msgspec.convert(value, typ)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _check_key(where: str, key: str, value: Any) -> list[str]:
+    """Type and range of one key; a bad list item or table entry is named by its own path."""
+    rule = _RULES[key]
+    path = f"{where}.{key}"
+    if _converts({key: value}, _Block):
+        return _check_strings(path, value)
+    if rule.container is list and isinstance(value, list):
+        bad = [
+            f"{path}[{i}]: expected {rule.item_expected}, found {_show(item)}"
+            for i, item in enumerate(value)
+            if not _converts(item, rule.item_type)
+        ]
+        if bad:
+            return bad
+    if rule.container is dict and isinstance(value, dict):
+        bad = [
+            f"{path}.{_toml_key(k)}: expected {rule.item_expected}, found {_show(v)}"
+            for k, v in value.items()
+            if not _converts(v, rule.item_type)
+        ]
+        if bad:
+            return bad
+    return [f"{path}: expected {rule.expected}, found {_show(value)}"]
+
+
+def _check_strings(path: str, value: Any) -> list[str]:
+    # A NUL cannot reach exec(): catch it here rather than as a spawn failure.
+    if isinstance(value, str) and "\x00" in value:
+        return [f"{path}: contains a NUL character (\\u0000), which a program cannot receive"]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _check_strings(f"{path}[{i}]", v)]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _check_strings(f"{path}.{_toml_key(k)}", v)]
+    return []
+
+
+def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
+    """Rules that involve a value's content or several keys at once."""
+    errors: list[str] = []
+    if "Bin" in written and "Plugin" in written:
+        errors.append(
+            f"{where}: Bin and Plugin are both set; set Bin to run your own program, or Plugin "
+            f"to run a prover plugin in damocles-ext's child runtime, not both"
+        )
+    if b.bin is not None and not b.bin.strip():
+        errors.append(f'{where}.Bin: expected a program path or name, found ""')
+    if b.plugin is not None:
+        if not b.plugin.strip():
+            errors.append(f'{where}.Plugin: expected a plugin name, found ""')
+        elif b.plugin.startswith("-") or b.plugin != b.plugin.strip():
+            errors.append(
+                f"{where}.Plugin: expected a plugin name (no leading '-' or spaces), "
+                f"found {_show(b.plugin)}"
+            )
+        if "Args" in written and "Bin" not in written:
+            errors.append(
+                f"{where}: Args is only used with Bin; a plugin takes its settings from "
+                f"PluginOptions"
+            )
+    if b.plugin_options is not None:
+        if "Plugin" not in written:
+            errors.append(f"{where}: PluginOptions is set but Plugin is not; set Plugin too")
+        for name, value in b.plugin_options.items():
+            if not name or "=" in name or name.startswith("-"):
+                errors.append(
+                    f"{where}.PluginOptions: option name {_show(name)} must be non-empty and "
+                    f"contain no '=' nor start with '-'"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                errors.append(
+                    f"{where}.PluginOptions.{_toml_key(name)}: expected a finite number, "
+                    f"found {_show(value)}"
+                )
+    for name in b.envs:
+        if not name or "=" in name:
+            errors.append(
+                f"{where}.Envs: environment variable name {_show(name)} must be non-empty and "
+                f"contain no '='"
+            )
+    for key, value in (
+        ("RequestTimeoutSecs", b.request_timeout_secs),
+        ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
+        ("CancelGraceSecs", b.cancel_grace_secs),
+    ):
+        if value is not None and not math.isfinite(value):
+            errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
+    for i, lock in enumerate(b.locks):
+        if not lock.strip():
+            errors.append(f"{where}.Locks[{i}]: expected a non-empty lock name, found {_show(lock)}")
+    if isinstance(b.gpus, list):
+        if not b.gpus:
+            errors.append(
+                f'{where}.Gpus: expected at least one GPU index (or "all"), found []; '
+                f"remove Gpus for a child without GPU expansion"
+            )
+        seen: set[int] = set()
+        for i, gpu in enumerate(b.gpus):
+            if gpu in seen:
+                errors.append(
+                    f"{where}.Gpus[{i}]: GPU {gpu} is listed twice; list each GPU once "
+                    f"(use Concurrent for more work per GPU)"
+                )
+            seen.add(gpu)
+    return errors
+
+
+_CPU_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _parse_cpuset(where: str, text: str | None) -> tuple[frozenset[int] | None, list[str]]:
+    """Linux cpuset list syntax ("10-19,24") -> the set of CPU numbers."""
+    if text is None:
+        return None, []
+    path = f"{where}.Cpuset"
+    if not text.strip():
+        return None, [f'{path}: expected CPU numbers and ranges, e.g. "10-19,24", found ""']
+    cpus: set[int] = set()
+    errors: list[str] = []
+    for item in text.split(","):
+        m = _CPU_ITEM.match(item.strip())
+        if m is None:
+            errors.append(
+                f"{path}: {_show(item.strip())} in {_show(text)} is not a CPU number or a range "
+                f'like "10-19"'
+            )
+            continue
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            errors.append(f'{path}: range "{item.strip()}" goes down; write it as "{hi}-{lo}"')
+            continue
+        cpus.update(range(lo, hi + 1))
+    return (frozenset(cpus) if not errors else None), errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+_TABLE_ALIASES = {
+    "wdpost": "WdPost",
+    "windowpost": "WdPost",
+    "window": "WdPost",
+    "wdposts": "WdPost",
+    "winpost": "WinPost",
+    "winningpost": "WinPost",
+    "winning": "WinPost",
+    "winposts": "WinPost",
+}
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[_\-\s]", "", name).lower()
+
+
+def _suggest(word: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
+    """'did you mean ...?' for a misspelt key, or '' when nothing is close."""
+    by_normal = {_normal(c): c for c in choices}
+    match = by_normal.get(_normal(word)) or (aliases or {}).get(_normal(word))
+    if match is None:
+        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+        if not close:
+            close = [
+                by_normal[c]
+                for c in difflib.get_close_matches(_normal(word), list(by_normal), n=1, cutoff=0.6)
+            ]
+        match = close[0] if close else None
+    return f"did you mean '{match}'?" if match else ""
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as it would be written in TOML, shortened for messages."""
+    text = _toml(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (datetime, date, time)):
+        return f"{value.isoformat()} (a date/time)"
+    return repr(value)
+
+
+def _option_text(value: OptionValue) -> str:
+    """A PluginOptions value as the child runtime receives it in `--option K=V`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def _syntax_error(text: str, source: str, exc: Exception) -> str:
+    message = str(exc)
+    m = _TOML_POSITION.search(message)
+    if m:
+        line, col = int(m.group(1)), int(m.group(2))
+        message = message[: m.start()]
+    else:
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+        message = _TOML_END.sub("", message)
+        message += " (at end of file)"
+    message = message[:1].lower() + message[1:]
+    return f"{source}:{line}:{col}: invalid TOML: {message}"
+
+
+def describe_argv(child: ChildSpec) -> str:
+    """What a child runs, for people: the command line, or the plugin and its options."""
+    if child.kind == "plugin":
+        options = " ".join(
+            shlex.quote(f"{k}={_option_text(v)}") for k, v in child.plugin_options.items()
+        )
+        return f"plugin {child.plugin}" + (f" ({options})" if options else "")
+    return shlex.join(child.argv)
+
+
+def format_cpuset(cpus: frozenset[int]) -> str:
+    """{10..19, 24} -> "10-19,24"."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0] if ordered else 0
+    for cpu in ordered[1:]:
+        if cpu != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cpu
+        prev = cpu
+    if ordered:
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
