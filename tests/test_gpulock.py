@@ -1,0 +1,85 @@
+"""bellperson's lock files: we see a bellperson-style holder, and we block it as it blocks us."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from damocles_ext import gpulock
+
+# A stand-in for a bellperson process: flock the GPU lock in TMPDIR exclusively, say so, then hold
+# it until stdin closes.
+HOLDER = r"""
+import fcntl, os, sys
+d = sys.argv[1]
+fd = os.open(os.path.join(d, sys.argv[2]), os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    procs = []
+
+    def start(name=gpulock.GPU_LOCK):
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), name],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline() == "held\n"
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stdin.close()
+        p.wait(timeout=10)
+
+
+def test_missing_lock_files_are_reported_as_absent(tmp_path):
+    assert gpulock.lock_state(tmp_path) == {"gpu": None, "priority": None}
+    assert not (tmp_path / gpulock.GPU_LOCK).exists()
+
+
+def test_a_lock_held_by_another_process_is_reported(tmp_path, holder):
+    p = holder()
+    assert gpulock.lock_state(tmp_path)["gpu"] is True
+    p.stdin.close()
+    p.wait(timeout=10)
+    assert gpulock.lock_state(tmp_path)["gpu"] is False
+
+
+def test_our_lock_is_seen_by_others(tmp_path):
+    with gpulock.priority_gpu_lock(tmp_path):
+        assert gpulock.lock_state(tmp_path) == {"gpu": True, "priority": True}
+    assert gpulock.lock_state(tmp_path) == {"gpu": False, "priority": False}
+
+
+def test_we_wait_for_a_bellperson_holder_and_can_give_up_when_cancelled(tmp_path, holder):
+    holder()
+    cancel = threading.Event()
+    result = {}
+
+    def waiter():
+        try:
+            with gpulock.priority_gpu_lock(tmp_path, cancelled=cancel.is_set):
+                result["got"] = True
+        except gpulock.LockCancelled as exc:
+            result["cancelled"] = str(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    cancel.set()
+    t.join(timeout=10)
+    assert "got" not in result
+    assert gpulock.GPU_LOCK in result["cancelled"]
+    # the priority lock taken before the GPU lock was released again
+    assert gpulock.lock_state(tmp_path)["priority"] is False
+
+
+def test_lock_dir_follows_tmpdir():
+    assert str(gpulock.lock_dir({"TMPDIR": "/tmp/ext-prover3/"})) == "/tmp/ext-prover3"
+    assert str(gpulock.lock_dir({})) == "/tmp"
