@@ -447,6 +447,8 @@ class _Builder:
             return (block.bin, *(block.args or ())), "bin"
         if block.plugin is not None:
             argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
+            if block.protocol != "auto":  # the runtime speaks dext unless told otherwise
+                argv += ["--protocol", block.protocol]
             for key, value in (block.plugin_options or {}).items():
                 argv += ["--option", f"{key}={_option_text(value)}"]
             return tuple(argv), "plugin"
