@@ -1,0 +1,563 @@
+"""The built-in child runtime: `damocles-ext child <stage> --plugin NAME`.
+
+One process serves one stage with one prover. The main thread reads the protocol from stdin and
+reacts to it; requests run on worker threads (at most `capacity` at once, the rest wait in a
+FIFO here); a heartbeat thread re-sends the last progress of a silent prover so the supervisor
+can tell a busy child from a hung one. Frames go out through one write lock, so every frame is
+whole, and once a request's response is written no progress for it follows.
+
+Threads, not trio: provers are blocking code (C libraries, GPU calls), the child must start fast,
+and cancelling a prover is cooperative anyway (a token it checks).
+
+Lock order, to stay deadlock-free: `_write_lock` before `_state_lock`, never the other way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hookspecs import Cancelled, CancelToken, Options, Prover
+from .tasks import OUTPUT_TYPES, stage_of
+
+log = logging.getLogger("damocles_ext.child")
+
+#: A busy request sends a Progress frame at least this often (the contract says every 5 s).
+DEFAULT_HEARTBEAT = 2.0
+#: Progress within one phase is forwarded at most this often per request; a new phase at once.
+PROGRESS_MIN_INTERVAL = 0.1
+#: After stdin EOF (the parent is gone) provers get this long to notice their cancel token.
+EOF_GRACE = 1.0
+READ_SIZE = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------
+# --option K=V
+
+
+def coerce_value(text: str) -> str | int | float | bool:
+    """An option value from text: bool, int or float when unambiguous, else the string.
+
+    A value in double quotes is a JSON string and stays a string (`K="123"`).
+    """
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return value if isinstance(value, str) else text
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text, 10)
+    except ValueError:
+        pass
+    if lowered.strip() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity", "+infinity"):
+        return text  # float() accepts these, but nobody means them as numbers
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_option(item: str) -> tuple[str, str | int | float | bool]:
+    """Split one `KEY=VALUE`; ValueError with a message for a person if it is not one."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. --option seconds=1.5")
+    return key, coerce_value(value)
+
+
+def parse_options(items: Iterable[str]) -> dict[str, str | int | float | bool]:
+    """Parse every `--option KEY=VALUE`; a repeated key is an error."""
+    options: dict[str, str | int | float | bool] = {}
+    for item in items:
+        key, value = parse_option(item)
+        if key in options:
+            raise ValueError(f"--option {key!r} given twice; give each option once")
+        options[key] = value
+    return options
+
+
+def format_option(key: str, value: str | int | float | bool) -> str:
+    """`KEY=VALUE` that `parse_option` reads back as exactly (key, value) (strings quoted if needed)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        text = repr(value)
+    else:
+        text = value if coerce_value(value) == value and type(coerce_value(value)) is str else None
+        if text is None or (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
+            text = json.dumps(value)
+    return f"{key}={text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Codecs: the two wire protocols behind one small interface
+
+
+@dataclass(frozen=True, slots=True)
+class _In:
+    """What the main loop acts on: kind is request | cancel | shutdown | bad."""
+
+    kind: str
+    id: int | None = None
+    task: Any = None
+    message: str = ""
+
+
+class _DextCodec:
+    name = "dext"
+    heartbeats = True
+
+    def __init__(self) -> None:
+        from .protocol import dext
+
+        self._dext = dext
+        self._decoder = dext.FrameDecoder()
+
+    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
+        d = self._dext
+        return d.encode(d.Hello(d.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity))
+
+    def feed(self, data: bytes) -> list[_In]:
+        """Raises dext.ProtocolError: a framing error is fatal for the connection."""
+        d = self._dext
+        out = []
+        for msg in self._decoder.receive_data(data):
+            if isinstance(msg, d.Request):
+                out.append(_In("request", msg.id, msg.task))
+            elif isinstance(msg, d.Cancel):
+                out.append(_In("cancel", msg.id))
+            elif isinstance(msg, d.Shutdown):
+                out.append(_In("shutdown"))
+            else:
+                name = type(msg).__name__
+                out.append(_In("bad", getattr(msg, "id", None), message=f"unexpected {name}"))
+        return out
+
+    def response(self, id: int, output: Any = None, error: str | None = None) -> bytes:
+        return self._dext.encode(self._dext.Response(id, output, error))
+
+    def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
+        return self._dext.encode(self._dext.Progress(id, phase, done, total))
+
+
+class _JsonlCodec:
+    name = "jsonl"
+    heartbeats = False  # damocles' protocol has no progress message
+
+    def __init__(self, stage: str) -> None:
+        from .protocol import jsonl
+
+        self._jsonl = jsonl
+        self._stage = stage
+        self._reader = jsonl.LineReader()
+
+    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
+        return self._jsonl.ready_line(stage)
+
+    def feed(self, data: bytes) -> list[_In]:
+        j = self._jsonl
+        out = []
+        for line in self._reader.receive_data(data):
+            if isinstance(line, j.LineTooLong):
+                out.append(_In("bad", message=f"skipped a line of {line.length} bytes "
+                                              f"(limit {line.limit})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                req = j.decode_request(line, self._stage)
+            except j.JsonLineError as exc:
+                out.append(_In("bad", exc.id, message=str(exc)))
+                continue
+            out.append(_In("request", req.id, req.task))
+        return out
+
+    def response(self, id: int, output: Any = None, error: str | None = None) -> bytes:
+        if output is None and error is None:
+            error = "prover returned no output"
+        return self._jsonl.encode_response(id, output if error is None else None, error)
+
+    def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: int
+    task: Any
+    token: CancelToken = field(default_factory=CancelToken)
+    state: str = "queued"  # queued -> running -> done
+    progress: tuple[str, int, int] = ("queued", 0, 0)
+    sent_at: float = 0.0  # monotonic time of the last Progress frame sent
+    sent_phase: str = ""
+
+
+class ChildRuntime:
+    """Serve one prover over one protocol on a pair of file descriptors until told to stop."""
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        prover: Prover,
+        prover_name: str,
+        version: str,
+        capacity: int = 1,
+        protocol: str = "dext",
+        in_fd: int = 0,
+        out_fd: int = 1,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.stage = stage
+        self.prover = prover
+        self.prover_name = prover_name
+        self.version = version
+        self.capacity = capacity
+        self.codec: _DextCodec | _JsonlCodec = (
+            _DextCodec() if protocol == "dext" else _JsonlCodec(stage)
+        )
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.heartbeat = heartbeat
+        self._jobs: dict[int, _Job] = {}
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._all_done = threading.Condition(self._state_lock)
+        self._stop = threading.Event()
+        self._shutting_down = False
+        self._broken_pipe = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._threads: list[threading.Thread] = []
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> bool:
+        """Write a whole frame; False (and the loop is woken to exit) if the parent is gone."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.out_fd, view)
+                view = view[n:]
+        except (BrokenPipeError, OSError) as exc:
+            if not self._broken_pipe:
+                log.warning("cannot write to the parent (%s); exiting", exc)
+            self._broken_pipe = True
+            self._wake()
+            return False
+        return True
+
+    def _respond(self, job: _Job, output: Any = None, error: str | None = None) -> None:
+        data = self.codec.response(job.id, output, error)
+        with self._write_lock:
+            with self._state_lock:
+                job.state = "done"
+                if self._jobs.get(job.id) is job:
+                    del self._jobs[job.id]
+                if not self._jobs:
+                    self._all_done.notify_all()
+            self._write(data)
+        self._wake()
+
+    def _respond_unknown(self, id: int, error: str) -> None:
+        data = self.codec.response(id, None, error)
+        with self._write_lock:
+            self._write(data)
+
+    def _send_progress(self, job: _Job, force: bool) -> None:
+        with self._write_lock:
+            with self._state_lock:
+                if job.state != "running":
+                    return
+                phase, done, total = job.progress
+                now = time.monotonic()
+                if not force and phase == job.sent_phase and now - job.sent_at < PROGRESS_MIN_INTERVAL:
+                    return
+                job.sent_at = now
+                job.sent_phase = phase
+            data = self.codec.progress(job.id, phase, done, total)
+            if data is not None:
+                self._write(data)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full of wake-ups already (or closed at exit)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._state_lock:
+                if job.state != "queued":
+                    continue  # cancelled while waiting
+                job.state = "running"
+                job.progress = ("started", 0, 0)
+            self._send_progress(job, force=True)
+            self._run_job(job)
+
+    def _run_job(self, job: _Job) -> None:
+        started = time.monotonic()
+
+        def progress(phase: str, done: int, total: int) -> None:
+            job.progress = (str(phase), int(done), int(total))
+            self._send_progress(job, force=False)
+
+        try:
+            job.token.check()
+            output = self.prover.prove(job.task, progress, job.token)
+        except Cancelled as exc:
+            log.info("request %d cancelled after %.3f s", job.id, time.monotonic() - started)
+            self._respond(job, error="cancelled" if job.token.cancelled else f"Cancelled: {exc}")
+            return
+        except BaseException as exc:  # SystemExit in a worker would silently lose the request
+            log.warning("request %d failed: %s: %s", job.id, type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG))
+            self._respond(job, error=f"{type(exc).__name__}: {exc}")
+            return
+        expected = OUTPUT_TYPES[self.stage]
+        if not isinstance(output, expected):
+            error = (f"prover {self.prover_name!r} returned {type(output).__name__}, expected "
+                     f"{expected.__name__}")
+            log.error("request %d: %s", job.id, error)
+            self._respond(job, error=error)
+            return
+        log.debug("request %d done in %.3f s", job.id, time.monotonic() - started)
+        try:
+            self._respond(job, output=output)
+        except Exception as exc:  # e.g. an output the codec cannot encode
+            log.exception("request %d: cannot encode the output", job.id)
+            self._respond(job, error=f"cannot encode the prover's output: {exc}")
+
+    def _heartbeat_loop(self) -> None:
+        tick = min(self.heartbeat / 2, 1.0)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._state_lock:
+                due = [j for j in self._jobs.values()
+                       if j.state == "running" and now - j.sent_at >= self.heartbeat]
+            for job in due:
+                self._send_progress(job, force=True)
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def _handle(self, item: _In) -> None:
+        if item.kind == "request":
+            self._on_request(item.id, item.task)
+        elif item.kind == "cancel":
+            self._on_cancel(item.id)
+        elif item.kind == "shutdown":
+            log.info("shutdown requested: finishing %d request(s) in flight", len(self._jobs))
+            self._shutting_down = True
+        else:
+            log.error("bad input from the parent: %s", item.message)
+            if item.id is not None:
+                with self._state_lock:
+                    clash = item.id in self._jobs
+                if not clash:
+                    self._respond_unknown(item.id, f"bad request: {item.message}")
+
+    def _on_request(self, id: int, task: Any) -> None:
+        if self._shutting_down:
+            self._respond_unknown(id, "child is shutting down; send the request elsewhere")
+            return
+        task_stage = stage_of(task)
+        if task_stage != self.stage:
+            self._respond_unknown(
+                id, f"this child serves {self.stage}, not {task_stage} (request {id})"
+            )
+            return
+        job = _Job(id, task)
+        with self._state_lock:
+            if id in self._jobs:
+                log.error("request id %d is already in flight; duplicate ignored", id)
+                return
+            self._jobs[id] = job
+        self._queue.put(job)
+
+    def _on_cancel(self, id: int | None) -> None:
+        with self._state_lock:
+            job = self._jobs.get(id) if id is not None else None
+            if job is None:
+                log.debug("cancel of request %s, which is not in flight (already answered?)", id)
+                return
+            queued = job.state == "queued"
+        job.token.cancel("cancelled")
+        if queued:
+            # Answer now: with every worker busy it could wait for a long time.
+            with self._state_lock:
+                still_queued = job.state == "queued"
+                if still_queued:
+                    job.state = "cancelling"
+            if still_queued:
+                self._respond(job, error="cancelled")
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Send the ready message, then serve until Shutdown (0), stdin EOF (0) or a fatal error."""
+        for i in range(self.capacity):
+            t = threading.Thread(target=self._worker, name=f"prover-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.codec.heartbeats:
+            hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            hb.start()
+        hello = self.codec.hello(self.stage, self.prover_name, self.version, self.capacity)
+        if not self._write(hello):
+            return 1
+        log.info("ready: stage %s, prover %s %s, protocol %s, capacity %d",
+                 self.stage, self.prover_name, self.version, self.codec.name, self.capacity)
+        try:
+            return self._loop()
+        finally:
+            self._stop.set()
+            for _ in self._threads:
+                self._queue.put(None)
+            close = getattr(self.prover, "close", None)
+            if callable(close) and not self._jobs:
+                try:
+                    close()
+                except Exception:
+                    log.exception("prover %s: close() failed", self.prover_name)
+
+    def _loop(self) -> int:
+        poller = select.poll()
+        poller.register(self.in_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        reading = True
+        while True:
+            if self._broken_pipe:
+                return self._abandon("the parent stopped reading")
+            if self._shutting_down:
+                with self._state_lock:
+                    idle = not self._jobs
+                if idle:
+                    log.info("shutdown complete")
+                    return 0
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                if not reading:
+                    continue
+                data = os.read(self.in_fd, READ_SIZE)
+                try:
+                    items = self.codec.feed(data)
+                except Exception as exc:  # dext.ProtocolError: the stream is unusable
+                    log.error("protocol error from the parent: %s", exc)
+                    self._abandon("protocol error")
+                    return 1
+                for item in items:
+                    self._handle(item)
+                if not data:
+                    reading = False
+                    poller.unregister(self.in_fd)
+                    return self._abandon("stdin closed")
+
+    def _abandon(self, why: str) -> int:
+        """The parent is gone: cancel everything, give provers a moment to notice, exit 0."""
+        with self._state_lock:
+            jobs = list(self._jobs.values())
+        if jobs:
+            log.info("%s: cancelling %d request(s) in flight", why, len(jobs))
+            for job in jobs:
+                job.token.cancel(why)
+            with self._all_done:
+                self._all_done.wait_for(lambda: not self._jobs, timeout=EOF_GRACE)
+        else:
+            log.info("%s: exiting", why)
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Process set-up (called by `damocles-ext child`)
+
+
+def protect_stdout() -> int:
+    """Move the protocol's stdout to a private fd and point fd 1 (and sys.stdout) at stderr.
+
+    Stray prints, from Python or from C code in a prover, then land in the log instead of
+    corrupting the frames. Returns the fd to write the protocol to.
+    """
+    sys.stdout.flush()
+    out_fd = os.dup(1)  # non-inheritable: a prover's own subprocesses do not get the pipe
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out_fd
+
+
+def prover_version(pm: Any, prover: Any, prover_name: str) -> str:
+    """The version a Hello reports: the prover's own, else its plugin distribution's, else ours."""
+    version = getattr(prover, "version", None)
+    if version:
+        return str(version)
+    from .plugins import prover_plugin
+
+    plugin = prover_plugin(pm, prover_name)
+    if plugin and plugin in pm.versions:
+        return pm.versions[plugin]
+    from . import __version__
+
+    return __version__
+
+
+def main(
+    stage: str,
+    plugin: str,
+    option_items: Sequence[str] = (),
+    protocol: str = "dext",
+    capacity: int = 1,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+) -> int:
+    """Load the prover (PluginError -> exit 2 before the ready message), then serve."""
+    from .errors import UsageError
+    from .plugins import get_plugin_manager, load_prover
+
+    out_fd = protect_stdout()
+    try:
+        options: Options = parse_options(option_items)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    pm = get_plugin_manager()
+    prover = load_prover(pm, plugin, options, stage)
+    runtime = ChildRuntime(
+        stage=stage,
+        prover=prover,
+        prover_name=plugin,
+        version=prover_version(pm, prover, plugin),
+        capacity=capacity,
+        protocol=protocol,
+        out_fd=out_fd,
+        heartbeat=heartbeat,
+    )
+    return runtime.run()

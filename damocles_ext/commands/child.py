@@ -1,0 +1,81 @@
+"""`damocles-ext child`: run one prover plugin as a child speaking dext/1 or damocles JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+STAGES = ("window_post", "winning_post")
+LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `child` and its options."""
+    parser = subparsers.add_parser(
+        "child",
+        help="run a prover plugin as a prover child (started by the supervisor)",
+        description=(
+            "Load the prover NAME from the installed plugins and serve proof requests for STAGE on "
+            "stdin/stdout: dext/1 frames (default) or damocles' JSON lines. Logs go to stderr. "
+            "Exit code 2, before the ready message, when the prover cannot be loaded."
+        ),
+    )
+    parser.add_argument("stage", choices=STAGES, help="the PoSt stage this child serves")
+    parser.add_argument("--plugin", required=True, metavar="NAME",
+                        help="the prover's name (see `damocles-ext plugins`)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="a prover option (repeatable); numbers and true/false are typed, "
+        'a value in double quotes stays a string',
+    )
+    parser.add_argument("--protocol", choices=("dext", "jsonl"), default="dext",
+                        help="wire protocol on stdin/stdout (default: dext)")
+    parser.add_argument("--capacity", type=_positive_int, default=1, metavar="N",
+                        help="requests proved at once on worker threads (default: 1)")
+    parser.add_argument(
+        "--heartbeat", type=_positive_float, default=None, metavar="SECONDS",
+        help="re-send progress of a silent prover this often (default: 2; dext only)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Configure logging to stderr, then hand over to damocles_ext.child.main."""
+    from damocles_ext import child
+
+    level = os.environ.get(LOG_ENV, "INFO").upper()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level, logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return child.main(
+        args.stage,
+        args.plugin,
+        args.option,
+        protocol=args.protocol,
+        capacity=args.capacity,
+        heartbeat=args.heartbeat or child.DEFAULT_HEARTBEAT,
+    )
