@@ -2,4 +2,4 @@
 # all metadata lives in pyproject.toml.
 from setuptools import setup
 
-setup()
+setup(cffi_modules=["native/build_ffi.py:ffibuilder"])

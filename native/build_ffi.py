@@ -1,0 +1,54 @@
+"""cffi build script (API mode) for the reference prover: produces `damocles_ext._native`.
+
+Run by setuptools through `cffi_modules` in setup.py. The cdef is the part of
+native/include/dext_prover.h between the cdef markers, so the header stays the single source of
+the ABI; the same compiled `ffi` also opens vendor libraries with `ffi.dlopen` (ABI mode).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "include" / "dext_prover.h"
+
+# A progress callback implemented in Python; its C pointer is handed to the prover (the compiled
+# reference or a dlopen'ed vendor library alike) with a handle to the Python state as ctx.
+PYTHON_CALLBACKS = """
+extern "Python" void _dext_py_progress(void *ctx, const char *phase, uint64_t done,
+                                       uint64_t total);
+"""
+
+
+def header_cdef(header: Path = HEADER) -> str:
+    """The declarations between `/* cdef-begin */` and `/* cdef-end */` in the ABI header."""
+    text = header.read_text()
+    try:
+        start = text.index("/* cdef-begin */") + len("/* cdef-begin */")
+        end = text.index("/* cdef-end */")
+    except ValueError:
+        raise SystemExit(f"{header}: cdef markers not found") from None
+    return text[start:end]
+
+
+def _rel(path: Path) -> str:
+    # setuptools wants source paths relative to the project root (the build's cwd).
+    return os.path.relpath(path, Path.cwd())
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(header_cdef() + PYTHON_CALLBACKS)
+ffibuilder.set_source(
+    "damocles_ext._native",
+    '#include "dext_prover.h"\n',
+    sources=[_rel(p) for p in sorted((HERE / "src").glob("*.c"))],
+    include_dirs=[_rel(HERE / "include")],
+    libraries=["crypto"],
+    extra_compile_args=["-O2", "-fvisibility=hidden"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
