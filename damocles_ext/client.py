@@ -1,0 +1,202 @@
+"""Client of the control socket of `damocles-ext run`.
+
+    async with connect() as client:                 # trio
+        output = await client.submit(task, deadline=time.time() + 600)
+
+    output = submit_sync(task)                       # from a plain script
+
+Requests on one connection run concurrently; each `submit` returns its own output or raises
+ProverError. Cancelling a `submit` (e.g. with `trio.move_on_after`) cancels the request in the
+supervisor, and closing the connection cancels every request still open on it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from .errors import ProverError, UsageError
+from .protocol import dext
+from .supervisor.control import default_socket_path
+from .tasks import Output, Task
+
+log = logging.getLogger("damocles_ext.client")
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class NoSupervisorError(UsageError):
+    """Nothing (usable) is listening at the socket path: a usage problem, exit code 2."""
+
+
+class _Pending:
+    __slots__ = ("done", "response", "error", "on_progress")
+
+    def __init__(self, on_progress: ProgressCallback | None) -> None:
+        self.done = trio.Event()
+        self.response: dext.Response | None = None
+        self.error: str | None = None
+        self.on_progress = on_progress
+
+
+class Client:
+    """A connection to a running supervisor; make one with `connect()`."""
+
+    def __init__(self, stream: trio.SocketStream, path: Path) -> None:
+        self.path = path
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lost: str | None = None
+
+    async def submit(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_progress: ProgressCallback | None = None,
+    ) -> Output:
+        """Prove `task` (deadline: unix time); returns the output or raises ProverError."""
+        if self._lost is not None:
+            raise ProverError(self._lost)
+        request_id = next(self._ids)
+        pending = _Pending(on_progress)
+        self._pending[request_id] = pending
+        try:
+            await self._send(dext.Request(request_id, task, deadline, priority))
+            await pending.done.wait()
+        except BaseException:
+            if not pending.done.is_set() and self._lost is None:
+                # Tell the supervisor to stop working on it; the connection may be gone already.
+                with trio.move_on_after(1, shield=True):
+                    try:
+                        await self._send(dext.Cancel(request_id))
+                    except ProverError:
+                        pass
+            raise
+        finally:
+            del self._pending[request_id]
+        if pending.error is not None:
+            raise ProverError(pending.error)
+        response = pending.response
+        assert response is not None
+        if response.error is not None:
+            raise ProverError(response.error)
+        if response.output is None:
+            raise ProverError(f"request {request_id}: the supervisor answered with neither an"
+                              " output nor an error")
+        return response.output
+
+    async def _send(self, message: dext.Message) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(dext.encode(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ProverError(f"lost the connection to the supervisor at {self.path}: {exc}"
+                                  ) from None
+
+    async def _read_loop(self) -> None:
+        decoder = dext.FrameDecoder()
+        reason = "the supervisor closed the connection"
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(256 * 1024)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    reason = f"the connection broke: {exc}"
+                    data = b""
+                for msg in decoder.receive_data(data):
+                    self._dispatch(msg)
+                if not data:
+                    break
+        except dext.ProtocolError as exc:
+            reason = f"the supervisor broke the protocol: {exc}"
+        self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
+
+    def _dispatch(self, msg: dext.Message) -> None:
+        if isinstance(msg, dext.Response):
+            pending = self._pending.get(msg.id)
+            if pending is None:
+                log.debug("response to request %d nobody waits for (cancelled?)", msg.id)
+                return
+            pending.response = msg
+            pending.done.set()
+        elif isinstance(msg, dext.Progress):
+            pending = self._pending.get(msg.id)
+            if pending is not None and pending.on_progress is not None:
+                pending.on_progress(msg.phase, msg.done, msg.total)
+        else:
+            log.warning("ignoring an unexpected %s frame from the supervisor", type(msg).__name__)
+
+    def _fail_all(self, reason: str) -> None:
+        self._lost = reason
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.error = reason
+                pending.done.set()
+
+
+async def open_stream(path: Path) -> trio.SocketStream:
+    """Connect to the control socket; NoSupervisorError says why nothing could be reached."""
+    hint = ("start one with `damocles-ext run`, or give `prove` a config (-c/--conf-dir) to prove"
+            " in-process")
+    try:
+        return await trio.open_unix_socket(os.fspath(path))
+    except FileNotFoundError:
+        raise NoSupervisorError(f"no supervisor at {path}: the socket does not exist; {hint}"
+                                ) from None
+    except ConnectionRefusedError:
+        raise NoSupervisorError(
+            f"no supervisor at {path}: nobody is listening (a stale socket of a stopped run?);"
+            f" {hint}"
+        ) from None
+    except PermissionError:
+        raise NoSupervisorError(f"cannot connect to {path}: permission denied (it belongs to"
+                                " another user?)") from None
+    except OSError as exc:
+        raise NoSupervisorError(f"cannot connect to the supervisor at {path}: {exc.strerror}"
+                                ) from None
+
+
+@asynccontextmanager
+async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIterator[Client]:
+    """Connect to a running `damocles-ext run` (default socket path if None)."""
+    path = Path(socket_path) if socket_path is not None else default_socket_path()
+    stream = await open_stream(path)
+    client = Client(stream, path)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+def submit_sync(
+    task: Task,
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    deadline: float | None = None,
+    priority: int = 0,
+    on_progress: ProgressCallback | None = None,
+) -> Output:
+    """Blocking one-shot `submit` for scripts: connect, prove `task`, disconnect."""
+
+    async def one() -> Output:
+        async with connect(socket_path) as client:
+            return await client.submit(task, deadline=deadline, priority=priority,
+                                       on_progress=on_progress)
+
+    return trio.run(one)

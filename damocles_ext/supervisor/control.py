@@ -1,0 +1,398 @@
+"""The control socket of `damocles-ext run`: a private unix socket speaking dext/1 frames.
+
+A client sends `Request{id, task, deadline, priority}` (and may send `Cancel{id}`); it receives the
+`Progress` of its requests and exactly one `Response` per request id. Ids belong to the
+connection, several requests may be in flight on one connection, and a client that disconnects
+takes its queued and running requests with it (they are cancelled).
+
+Who may connect is decided by the file system: the socket has mode 0600 inside a directory of
+mode 0700 that we own, and neither may be a symlink; on top of that, a peer whose uid is neither
+ours nor root's (SO_PEERCRED) is turned away. These checks run before anything is spawned, so a
+bad path is a usage error (exit 2), not a half-started supervisor.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ..errors import DextError, UsageError
+from ..protocol import dext
+from ..tasks import Output, Task
+
+log = logging.getLogger("damocles_ext.control")
+
+SOCKET_DIR_NAME = "damocles-ext"
+SOCKET_NAME = "control.sock"
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SUN_PATH = 107
+_READ_SIZE = 256 * 1024
+
+
+class ControlSubmit(Protocol):
+    """What the control server needs from a supervisor: `Supervisor.submit`'s signature."""
+
+    def __call__(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = ...,
+        priority: int = ...,
+        on_progress: Callable[[str, int, int], None] | None = ...,
+    ) -> Awaitable[Output]: ...
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$XDG_RUNTIME_DIR/damocles-ext/control.sock`, else `/run/damocles-ext/control.sock`."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_RUNTIME_DIR") or "/run"
+    return Path(base) / SOCKET_DIR_NAME / SOCKET_NAME
+
+
+def _describe_mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def _check_private_dir(directory: Path, *, create: bool) -> None:
+    uid = os.geteuid()
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        if not create:
+            raise UsageError(f"control socket directory {directory} does not exist") from None
+        try:
+            os.mkdir(directory, 0o700)
+        except FileNotFoundError:
+            raise UsageError(
+                f"cannot create control socket directory {directory}: {directory.parent} does not"
+                " exist; create it or choose another path with --socket"
+            ) from None
+        except PermissionError:
+            raise UsageError(
+                f"cannot create control socket directory {directory}: permission denied; set"
+                " XDG_RUNTIME_DIR or choose a path you own with --socket"
+            ) from None
+        except FileExistsError:
+            pass  # someone raced us; the checks below decide whether it is usable
+        else:
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered through the umask
+        st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(
+            f"control socket directory {directory} is a symlink; refusing to use it (a symlink"
+            " could point the socket at a directory others control). Use a real directory."
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"control socket directory {directory} exists and is not a directory")
+    if st.st_uid != uid:
+        raise UsageError(
+            f"control socket directory {directory} is owned by uid {st.st_uid}, not by us"
+            f" (uid {uid}); refusing to use it. Choose a directory you own with --socket."
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise UsageError(
+            f"control socket directory {directory} has mode {_describe_mode(st.st_mode)}; it must"
+            f" be private (0700) so that only you can reach the socket: chmod 700 {directory},"
+            " or choose another path with --socket"
+        )
+
+
+def _someone_listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # a full backlog: alive but busy
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def _clear_old_socket(path: Path) -> None:
+    uid = os.geteuid()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"control socket path {path} is a symlink; refusing to use it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(
+            f"control socket path {path} exists and is not a socket; remove it or choose another"
+            " path with --socket"
+        )
+    if st.st_uid != uid:
+        raise UsageError(
+            f"control socket {path} is owned by uid {st.st_uid}, not by us (uid {uid});"
+            " refusing to replace it"
+        )
+    if _someone_listening(path):
+        raise UsageError(
+            f"another damocles-ext run is listening on {path}; stop it first or choose another"
+            " path with --socket"
+        )
+    log.info("removing stale control socket %s (nobody is listening on it)", path)
+    os.unlink(path)
+
+
+def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True) -> socket.socket:
+    """Check `path` and its directory, replace a stale socket, and return a listening socket.
+
+    Raises UsageError (exit 2) when the place is unsafe or taken.
+    """
+    path = Path(path).absolute()
+    if len(os.fsencode(path)) > _MAX_SUN_PATH:
+        raise UsageError(
+            f"control socket path {path} is {len(os.fsencode(path))} bytes long; unix sockets"
+            f" allow at most {_MAX_SUN_PATH}. Choose a shorter path with --socket."
+        )
+    _check_private_dir(path.parent, create=create_dir)
+    _clear_old_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        # The directory is 0700, so nobody can reach the socket before this chmod.
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on control socket {path}: {exc.strerror}") from None
+    return sock
+
+
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+@dataclass(slots=True)
+class ControlStats:
+    """Counters of the control server."""
+
+    connections: int = 0  # open now
+    accepted: int = 0  # connections ever accepted
+    rejected: int = 0  # connections turned away (foreign uid)
+    requests: int = 0  # requests ever received
+    in_flight: int = 0  # requests received and not yet answered
+
+
+class ControlServer:
+    """Serves dext clients on a listening unix socket by calling `submit` for each request."""
+
+    def __init__(self, sock: socket.socket, submit: ControlSubmit) -> None:
+        self.path = Path(sock.getsockname())
+        self._sock = sock
+        self._inode = os.stat(self.path).st_ino
+        self._submit = submit
+        self._uid = os.geteuid()
+        self._accept_scope = trio.CancelScope()
+        self._connections: set[_Connection] = set()
+        self._stats = ControlStats()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def statistics(self) -> ControlStats:
+        """A snapshot of the counters."""
+        s = self._stats
+        return ControlStats(len(self._connections), s.accepted, s.rejected, s.requests,
+                            s.in_flight)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until `stop_accepting()`, then serve the open ones until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                with self._accept_scope:
+                    while True:
+                        stream = await listener.accept()
+                        nursery.start_soon(self._serve_connection, stream)
+                await listener.aclose()
+                self._unlink()
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            self._unlink()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket and remove its file; open connections go on."""
+        self._accept_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait until every request received so far has been answered (or its client is gone)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    def _unlink(self) -> None:
+        # Only remove the file we created: a newer `run` may already have replaced it.
+        try:
+            if os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _request_started(self) -> None:
+        self._stats.requests += 1
+        self._stats.in_flight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _request_done(self) -> None:
+        self._stats.in_flight -= 1
+        if self._stats.in_flight == 0:
+            self._idle.set()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        uid = peer_uid(stream.socket)
+        if uid not in (self._uid, 0):
+            self._stats.rejected += 1
+            log.warning("refused a control connection from uid %d (only uid %d and root may"
+                        " connect)", uid, self._uid)
+            await stream.aclose()
+            return
+        self._stats.accepted += 1
+        conn = _Connection(self, stream)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+class _Connection:
+    """One client: a reader, a writer, and one task per request."""
+
+    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+        self._server = server
+        self._stream = stream
+        self._decoder = dext.FrameDecoder()
+        self._scopes: dict[int, trio.CancelScope] = {}
+        # Responses are never dropped; Progress is advisory, so only the latest per id is kept
+        # and a slow client cannot make us buffer without bound.
+        self._responses: list[dext.Response] = []
+        self._progress: dict[int, dext.Progress] = {}
+        self._wake = trio.Event()
+        self._owned = 0  # requests counted in the server's in_flight that we still owe
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                await self._read_loop(nursery)
+                # The client hung up (or broke the protocol): its requests go with it.
+                nursery.cancel_scope.cancel()
+        finally:
+            for _ in range(self._owned):
+                self._server._request_done()
+            self._owned = 0
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self._stream.receive_some(_READ_SIZE)
+            except trio.BrokenResourceError:
+                data = b""
+            try:
+                messages = self._decoder.receive_data(data)
+            except dext.ProtocolError as exc:
+                log.error("control client broke the protocol, closing its connection: %s", exc)
+                return
+            for msg in messages:
+                if isinstance(msg, dext.Request):
+                    self._start_request(msg, nursery)
+                elif isinstance(msg, dext.Cancel):
+                    scope = self._scopes.get(msg.id)
+                    if scope is not None:
+                        scope.cancel()
+                else:
+                    log.error("control client sent a %s frame, which only a prover child may"
+                              " send; closing its connection", type(msg).__name__)
+                    return
+            if not data:
+                if self._scopes:
+                    log.info("control client disconnected: cancelling its %d requests",
+                             len(self._scopes))
+                return
+
+    def _start_request(self, req: dext.Request, nursery: trio.Nursery) -> None:
+        self._server._request_started()
+        self._owned += 1
+        if req.id in self._scopes:
+            self._queue_response(
+                dext.Response(req.id, error=f"request id {req.id} is already in flight on this"
+                              " connection; use a new id for each request")
+            )
+            return
+        scope = trio.CancelScope()
+        self._scopes[req.id] = scope
+        nursery.start_soon(self._run_request, req, scope)
+
+    async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if req.id in self._scopes:
+                self._progress[req.id] = dext.Progress(req.id, phase, done, total)
+                self._wake.set()
+
+        response = None
+        with scope:
+            try:
+                output = await self._server._submit(
+                    req.task, deadline=req.deadline, priority=req.priority, on_progress=on_progress
+                )
+            except DextError as exc:
+                response = dext.Response(req.id, error=str(exc) or type(exc).__name__)
+            except Exception as exc:  # a bug of ours must still answer the request
+                log.exception("control request %d: internal error", req.id)
+                response = dext.Response(
+                    req.id, error=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+                )
+            else:
+                response = dext.Response(req.id, output=output)
+        del self._scopes[req.id]
+        if response is None:  # cancelled by the client's Cancel
+            response = dext.Response(req.id, error="cancelled at the client's request")
+        self._queue_response(response)
+
+    def _queue_response(self, response: dext.Response) -> None:
+        self._progress.pop(response.id, None)
+        self._responses.append(response)
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            progress = list(self._progress.values())
+            self._progress.clear()
+            responses = self._responses
+            self._responses = []
+            data = b"".join(dext.encode(m) for m in (*progress, *responses))
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.info("control client went away; %d answers dropped", len(responses))
+                # The reader sees EOF next and cancels what is left.
+            for _ in responses:
+                self._owned -= 1
+                self._server._request_done()
