@@ -207,8 +207,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             source,
             [
-                f"{source}: is a directory, not a config file; to read "
-                f"{os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+                (
+                    f"{source}: is a directory, not a config file; to read "
+                    f"{os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+                )
             ],
         ) from None
     except FileNotFoundError:
@@ -218,7 +220,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except PermissionError:
         raise ConfigError(
             source,
-            [f"{source}: cannot read the config file: permission denied (check its mode and owner)"],
+            [
+                f"{source}: cannot read the config file: permission denied "
+                f"(check its mode and owner)"
+            ],
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
@@ -248,8 +253,10 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             str(path),
             [
-                f"{path}: cannot read the config file: no such file "
-                f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
+                (
+                    f"{path}: cannot read the config file: no such file "
+                    f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
+                )
             ],
         )
     return load_config(path)
@@ -331,8 +338,8 @@ def detect_gpus() -> list[int]:
                 return list(range(pynvml.nvmlDeviceGetCount()))
             finally:
                 pynvml.nvmlShutdown()
-        except Exception:  # NVML missing or broken (no driver): fall back to nvidia-smi
-            pass
+        except (pynvml.NVMLError, OSError):
+            pass  # no driver or library: nvidia-smi may still answer, or say why not
     try:
         out = subprocess.run(
             ["nvidia-smi", "-L"],
@@ -365,8 +372,9 @@ class _Builder:
         """Warnings about the whole file, given once rather than per table."""
         tables = self.default_program_tables
         if tables and shutil.which(DAMOCLES_WORKER) is None:
+            which = "this" if len(tables) == 1 else "each"
             self.warnings.append(
-                f"{', '.join(tables)}: no Bin or Plugin, so {'this' if len(tables) == 1 else 'each'}"
+                f"{', '.join(tables)}: no Bin or Plugin, so {which}"
                 f" child runs damocles' default `{DAMOCLES_WORKER} processor <stage>`, but "
                 f"{DAMOCLES_WORKER} is not on PATH; starting it will fail. Set Bin or Plugin, or "
                 f"put {DAMOCLES_WORKER} on PATH"
@@ -405,8 +413,10 @@ class _Builder:
             found = self._detected_gpus()
             if not found:
                 return [
-                    f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`); '
-                    f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
+                    (
+                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`); '
+                        f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
+                    )
                 ]
             gpus = list(found)
         elif block.gpus is not None:
@@ -419,7 +429,7 @@ class _Builder:
             )
         if block.heartbeat_timeout_secs is not None and block.protocol == "jsonl":
             self.warnings.append(
-                f"{where}: HeartbeatTimeoutSecs has no effect with Protocol = \"jsonl\" "
+                f'{where}: HeartbeatTimeoutSecs has no effect with Protocol = "jsonl" '
                 f"(damocles' JSON lines carry no progress)"
             )
 
@@ -606,7 +616,9 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
             errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
     for i, lock in enumerate(b.locks):
         if not lock.strip():
-            errors.append(f"{where}.Locks[{i}]: expected a non-empty lock name, found {_show(lock)}")
+            errors.append(
+                f"{where}.Locks[{i}]: expected a non-empty lock name, found {_show(lock)}"
+            )
     if isinstance(b.gpus, list):
         if not b.gpus:
             errors.append(
@@ -742,7 +754,21 @@ def _syntax_error(text: str, source: str, exc: Exception) -> str:
         message = _TOML_END.sub("", message)
         message += " (at end of file)"
     message = message[:1].lower() + message[1:]
+    for known, hint in _SYNTAX_HINTS.items():
+        if message.startswith(known):
+            message += f" ({hint})"
+            break
     return f"{source}:{line}:{col}: invalid TOML: {message}"
+
+
+# tomllib's wording for the mistakes people make most, and what they usually mean.
+_SYNTAX_HINTS = {
+    "cannot overwrite a value": "is a key given twice in one table?",
+    "cannot declare": "is a table header given twice? use [[...]] for one table per child",
+    "illegal character '\\n'": "is a string missing its closing quote?",
+    "unterminated string": "is a string missing its closing quote?",
+    "expected '=' after a key": "write Key = value",
+}
 
 
 def describe_argv(child: ChildSpec) -> str:
@@ -768,4 +794,3 @@ def format_cpuset(cpus: frozenset[int]) -> str:
     if ordered:
         parts.append(f"{start}-{prev}" if prev != start else str(start))
     return ",".join(parts)
-

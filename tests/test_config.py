@@ -1,0 +1,776 @@
+"""ext-prover.cfg parsing, validation, Gpus expansion and `damocles-ext check-config`.
+
+Fixtures live in tests/configs/: the seed's configs (which must parse unchanged) and, in bad/,
+one malformed config per file with the message it must produce (BAD_CONFIGS below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from damocles_ext import cli, config
+from damocles_ext.config import (
+    ChildSpec,
+    ConfigError,
+    format_cpuset,
+    load_conf_dir,
+    load_config,
+    parse_config,
+)
+from damocles_ext.errors import EXIT_USAGE, UsageError
+
+CONFIGS = Path(__file__).parent / "configs"
+BAD = CONFIGS / "bad"
+EXAMPLE = Path(__file__).parent.parent / "ext-prover.cfg.example"
+
+
+@pytest.fixture(autouse=True)
+def _no_gpus_and_default_tmp_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU detection is the one thing replaced: the machine's GPUs must not change the results.
+    monkeypatch.setattr(config, "detect_gpus", list)  # always []
+    monkeypatch.delenv(config.TMP_ROOT_ENV, raising=False)
+
+
+def parse(text: str, **kw: object) -> config.Config:
+    return parse_config(text, "test.cfg", **kw)  # type: ignore[arg-type]
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    return info.value.errors
+
+
+def run_cli_subprocess(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's configs parse unchanged
+
+
+def test_seed_8gpu_deployment_gives_8_window_post_children_one_per_gpu() -> None:
+    cfg = load_config(CONFIGS / "seed-8gpu.cfg")
+    assert [c.name for c in cfg.children] == [f"window_post#{i}" for i in range(8)]
+    for i, child in enumerate(cfg.children):
+        assert child.stage == "window_post"
+        assert (child.index, child.block) == (i, i)
+        assert child.envs == {"CUDA_VISIBLE_DEVICES": str(i), "TMPDIR": f"/tmp/ext-prover{i}/"}
+        assert child.argv == ("damocles-worker", "processor", "window_post")
+        assert child.kind == "damocles-worker"
+        assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
+        assert child.gpu == str(i)
+        assert child.locks == (f"gpu:{i}",)
+
+
+def test_seed_commented_default_file_starts_one_default_child_per_stage() -> None:
+    cfg = load_config(CONFIGS / "seed-default-commented.cfg")
+    assert [(c.stage, c.kind, c.argv) for c in cfg.children] == [
+        ("window_post", "damocles-worker", ("damocles-worker", "processor", "window_post")),
+        ("winning_post", "damocles-worker", ("damocles-worker", "processor", "winning_post")),
+    ]
+    for child in cfg.children:
+        assert child.envs == {}
+        assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
+        assert (child.protocol, child.inherit_envs, child.auto_restart) == ("auto", True, True)
+        assert (child.max_attempts, child.cancel_grace) == (2, 10.0)
+        assert (child.request_timeout, child.heartbeat_timeout, child.cpuset) == (None, None, None)
+        assert (child.locks, child.gpu, child.plugin, child.plugin_options) == ((), None, None, {})
+
+
+def test_seed_venus_default_file_parses() -> None:
+    cfg = load_config(CONFIGS / "seed-default-venus.cfg")
+    assert [c.name for c in cfg.children] == ["window_post#0"]
+
+
+def test_seed_default_file_with_every_damocles_key_set() -> None:
+    cfg = load_config(CONFIGS / "seed-default-set.cfg")
+    assert len(cfg.children) == 2
+    for child, stage in zip(cfg.children, ("window_post", "winning_post"), strict=True):
+        assert child.stage == stage
+        assert child.kind == "bin"
+        assert child.argv == ("/path/to/custom/bin", "args1", "args2", "args3")
+        assert child.envs == {"ENV_KEY": "ENV_VAL"}
+        assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
+    # The example path does not exist here: a warning, not an error.
+    assert any("'/path/to/custom/bin'" in w or '"/path/to/custom/bin"' in w for w in cfg.warnings)
+
+
+def test_seed_wdpost_master_deployment_keeps_its_values() -> None:
+    (child,) = load_config(CONFIGS / "seed-wdpost-master.cfg").children
+    assert child.argv == (
+        "/root/venus-cluster/dist/bin/wdpost-master-daemon",
+        "-c",
+        "/root/venus-cluster/dist/bin/wdpost_master.toml",
+    )
+    assert child.concurrent == 50
+    assert child.envs == {"RUST_LOG": "info"}
+
+
+# ---------------------------------------------------------------------------------------------
+# damocles' keys and defaults
+
+
+def test_zero_means_damocles_default_for_concurrent_weight_and_ready_timeout() -> None:
+    (child,) = parse("[[WdPost]]\nConcurrent = 0\nWeight = 0\nReadyTimeoutSecs = 0\n").children
+    assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
+
+
+def test_damocles_keys_take_their_values() -> None:
+    (child,) = parse(
+        '[[WinPost]]\nBin = "/bin/true"\nArgs = ["a", "b c"]\nConcurrent = 3\nWeight = 7\n'
+        'ReadyTimeoutSecs = 12\nEnvs = { RUST_LOG = "debug" }\n'
+    ).children
+    assert child.name == "winning_post#0"
+    assert child.argv == ("/bin/true", "a", "b c")
+    assert (child.concurrent, child.weight, child.ready_timeout) == (3, 7, 12.0)
+    assert child.envs == {"RUST_LOG": "debug"}
+
+
+def test_bin_without_args_runs_bare_program_and_relative_bin_is_kept_as_written() -> None:
+    cfg = parse('[[WdPost]]\nBin = "./my-prover"\n[[WdPost]]\nBin = "sh"\n')
+    assert [c.argv for c in cfg.children] == [("./my-prover",), ("sh",)]
+    assert any("WdPost[0].Bin" in w and "does not exist" in w for w in cfg.warnings)
+    assert not any("WdPost[1]" in w for w in cfg.warnings)  # sh is on PATH
+
+
+def test_indices_count_within_each_stage_in_file_order() -> None:
+    cfg = parse(
+        '[[WinPost]]\nBin = "sh"\n[[WdPost]]\nBin = "sh"\n[[WinPost]]\nBin = "sh"\n'
+        '[[WdPost]]\nBin = "sh"\n'
+    )
+    names = sorted((c.stage, c.index, c.block) for c in cfg.children)
+    assert names == [
+        ("window_post", 0, 0),
+        ("window_post", 1, 1),
+        ("winning_post", 0, 0),
+        ("winning_post", 1, 1),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Program resolution
+
+
+def test_plugin_child_runs_builtin_runtime_with_options_as_text() -> None:
+    (child,) = parse(
+        '[[WdPost]]\nPlugin = "sleep"\n'
+        '[WdPost.PluginOptions]\nseconds = 0.5\nfail = "every:3"\nload_fail = false\nn = 4\n'
+    ).children
+    assert child.kind == "plugin"
+    assert child.plugin == "sleep"
+    assert child.plugin_options == {"seconds": 0.5, "fail": "every:3", "load_fail": False, "n": 4}
+    assert child.argv == (
+        sys.executable, "-m", "damocles_ext", "child", "window_post", "--plugin", "sleep",
+        "--option", "seconds=0.5", "--option", "fail=every:3", "--option", "load_fail=false",
+        "--option", "n=4",
+    )  # fmt: skip
+
+
+def test_plugin_child_is_told_its_protocol_unless_auto() -> None:
+    cfg = parse('[[WinPost]]\nPlugin = "echo"\nProtocol = "jsonl"\n[[WinPost]]\nPlugin = "echo"\n')
+    jsonl, auto = cfg.children
+    assert jsonl.argv[-2:] == ("--protocol", "jsonl")
+    assert jsonl.protocol == "jsonl"
+    assert "--protocol" not in auto.argv
+
+
+def test_plugin_argv_runs_the_child_subcommand_of_this_package() -> None:
+    (child,) = parse('[[WdPost]]\nPlugin = "echo"\n').children
+    # The argv is runnable as is: `-m damocles_ext` reaches the CLI, whose parser knows `child`
+    # once it exists; here check only that the interpreter and module are ours.
+    assert child.argv[:4] == (sys.executable, "-m", "damocles_ext", "child")
+    assert os.path.exists(child.argv[0])
+
+
+def test_no_bin_nor_plugin_runs_damocles_worker_and_warns_when_it_is_not_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg = parse("[[WdPost]]\n[[WinPost]]\n")
+    assert [c.argv for c in cfg.children] == [
+        ("damocles-worker", "processor", "window_post"),
+        ("damocles-worker", "processor", "winning_post"),
+    ]
+    (warning,) = cfg.warnings
+    assert warning.startswith("WdPost[0], WinPost[0]: no Bin or Plugin")
+    assert "damocles-worker is not on PATH" in warning
+
+
+def test_no_warning_when_damocles_worker_is_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = tmp_path / "damocles-worker"
+    worker.write_text("#!/bin/sh\nexit 0\n")
+    worker.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert parse("[[WdPost]]\n").warnings == []
+
+
+def test_args_without_bin_is_ignored_like_damocles_with_a_warning() -> None:
+    cfg = parse('[[WdPost]]\nArgs = ["--fast"]\n')
+    assert cfg.children[0].argv == ("damocles-worker", "processor", "window_post")
+    assert any("WdPost[0]: Args is ignored because Bin is not set" in w for w in cfg.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our keys
+
+
+def test_our_keys_are_parsed_into_the_child_spec() -> None:
+    (child,) = parse(
+        '[[WdPost]]\nBin = "sh"\nProtocol = "dext"\nCpuset = "10-19,24"\nInheritEnvs = false\n'
+        "AutoRestart = false\nMaxAttempts = 5\nRequestTimeoutSecs = 1800\n"
+        'HeartbeatTimeoutSecs = 2.5\nCancelGraceSecs = 0\nLocks = ["nvme0", "nvme0", "net"]\n'
+    ).children
+    assert child.protocol == "dext"
+    assert child.cpuset == frozenset([*range(10, 20), 24])
+    assert (child.inherit_envs, child.auto_restart, child.max_attempts) == (False, False, 5)
+    assert (child.request_timeout, child.heartbeat_timeout, child.cancel_grace) == (
+        1800.0,
+        2.5,
+        0.0,
+    )
+    assert child.locks == ("nvme0", "net")
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("0", {0}), ("0-3", {0, 1, 2, 3}), ("10-19,24", {*range(10, 20), 24}), ("5-5, 7", {5, 7})],
+)
+def test_cpuset_syntax(text: str, cpus: set[int]) -> None:
+    (child,) = parse(f'[[WdPost]]\nBin = "sh"\nCpuset = "{text}"\n').children
+    assert child.cpuset == frozenset(cpus)
+
+
+def test_format_cpuset_writes_ranges() -> None:
+    assert format_cpuset(frozenset([*range(10, 20), 24, 0, 2, 3])) == "0,2-3,10-19,24"
+
+
+def test_heartbeat_timeout_with_jsonl_is_a_warning() -> None:
+    cfg = parse('[[WdPost]]\nBin = "sh"\nProtocol = "jsonl"\nHeartbeatTimeoutSecs = 10\n')
+    assert any("HeartbeatTimeoutSecs has no effect" in w for w in cfg.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gpus expansion and GPU locks
+
+
+def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
+    seed = load_config(CONFIGS / "seed-8gpu.cfg").children
+    short = load_config(CONFIGS / "seed-8gpu-gpus.cfg").children
+    assert len(short) == 8
+
+    def without_tmpdir_and_block(c: ChildSpec) -> dict:
+        d = {f: getattr(c, f) for f in c.__struct_fields__ if f != "block"}
+        d["envs"] = {k: v for k, v in c.envs.items() if k != "TMPDIR"}
+        return d
+
+    assert [without_tmpdir_and_block(c) for c in short] == [
+        without_tmpdir_and_block(c) for c in seed
+    ]
+    assert [c.envs["TMPDIR"] for c in short] == [
+        f"/tmp/damocles-ext/window_post-gpu{i}/" for i in range(8)
+    ]
+    assert {c.block for c in short} == {0}
+
+
+def test_gpus_tmp_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.TMP_ROOT_ENV, "/var/tmp/dext/")
+    cfg = parse('[[WinPost]]\nBin = "sh"\nGpus = [3]\n')
+    assert cfg.tmp_root == "/var/tmp/dext/"
+    assert cfg.children[0].envs["TMPDIR"] == "/var/tmp/dext/winning_post-gpu3/"
+
+
+def test_relative_tmp_root_in_the_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.TMP_ROOT_ENV, "tmp/dext")
+    (error,) = errors_of('[[WinPost]]\nBin = "sh"\nGpus = [3]\n')
+    assert 'DAMOCLES_EXT_TMP_ROOT: expected an absolute path, found "tmp/dext"' in error
+
+
+def test_gpus_keep_envs_values_when_envs_sets_them() -> None:
+    cfg = parse(
+        '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n'
+        '[WdPost.Envs]\nTMPDIR = "/scratch/shared/"\nRUST_LOG = "info"\n'
+    )
+    assert [c.envs for c in cfg.children] == [
+        {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "0"},
+        {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "1"},
+    ]
+    assert cfg.warnings == []
+
+
+def test_gpus_with_cuda_visible_devices_in_envs_warns_that_envs_wins() -> None:
+    cfg = parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\nEnvs = { CUDA_VISIBLE_DEVICES = "5" }\n')
+    assert [c.gpu for c in cfg.children] == ["5", "5"]
+    assert any("Envs sets CUDA_VISIBLE_DEVICES, which overrides Gpus" in w for w in cfg.warnings)
+
+
+def test_expansion_indices_continue_across_tables() -> None:
+    cfg = parse(
+        '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n[[WdPost]]\nBin = "sh"\n'
+        '[[WinPost]]\nBin = "sh"\nGpus = [1, 0]\n'
+    )
+    got = [(c.name, c.block, c.gpu) for c in cfg.children]
+    assert got == [
+        ("window_post#0", 0, "0"),
+        ("window_post#1", 0, "1"),
+        ("window_post#2", 1, None),
+        ("winning_post#0", 0, "1"),
+        ("winning_post#1", 0, "0"),
+    ]
+
+
+def test_gpus_all_uses_detected_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def two_gpus() -> list[int]:
+        calls.append(1)
+        return [0, 2]
+
+    monkeypatch.setattr(config, "detect_gpus", two_gpus)
+    cfg = parse('[[WdPost]]\nBin = "sh"\nGpus = "all"\n[[WinPost]]\nBin = "sh"\nGpus = "all"\n')
+    assert [(c.name, c.envs["CUDA_VISIBLE_DEVICES"]) for c in cfg.children] == [
+        ("window_post#0", "0"),
+        ("window_post#1", "2"),
+        ("winning_post#0", "0"),
+        ("winning_post#1", "2"),
+    ]
+    assert len(calls) == 1  # detected once per file
+
+
+def test_children_on_one_gpu_share_the_implicit_gpu_lock_across_stages() -> None:
+    cfg = parse(
+        '[[WdPost]]\nBin = "sh"\nGpus = [0]\nLocks = ["nvme0"]\n'
+        '[[WinPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0" }\n'
+    )
+    wd, win = cfg.children
+    assert wd.locks == ("nvme0", "gpu:0")
+    assert win.locks == ("gpu:0",)
+
+
+def test_gpu_lock_false_opts_out_of_the_implicit_lock() -> None:
+    (child,) = parse('[[WdPost]]\nBin = "sh"\nGpus = [0]\nGpuLock = false\n').children
+    assert child.gpu == "0"
+    assert child.locks == ()
+
+
+def test_a_child_on_several_gpus_holds_a_lock_per_gpu() -> None:
+    (child,) = parse('[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0,1" }\n').children
+    assert child.gpu == "0,1"
+    assert child.locks == ("gpu:0", "gpu:1")
+
+
+def test_empty_cuda_visible_devices_means_no_gpu() -> None:
+    (child,) = parse('[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "" }\n').children
+    assert (child.gpu, child.locks) == (None, ())
+
+
+# detect_gpus itself, against a real (fake) nvidia-smi program on PATH.
+
+
+def _fake_nvidia_smi(tmp_path: Path, body: str) -> None:
+    program = tmp_path / "nvidia-smi"
+    program.write_text("#!/bin/sh\n" + body)
+    program.chmod(0o755)
+
+
+@pytest.fixture
+def real_detect_gpus(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.undo()  # undo the autouse replacement for these tests
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # force the nvidia-smi path
+    return config.detect_gpus
+
+
+def test_detect_gpus_reads_nvidia_smi_list(
+    real_detect_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_nvidia_smi(
+        tmp_path,
+        "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-aaaa)'\n"
+        "echo 'GPU 1: NVIDIA GeForce RTX 3090 (UUID: GPU-bbbb)'\n"
+        "echo '  MIG 1g.5gb Device 0: (UUID: MIG-cccc)'\n",
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert real_detect_gpus() == [0, 1]
+
+
+def test_detect_gpus_is_empty_when_nvidia_smi_fails_or_is_missing(
+    real_detect_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert real_detect_gpus() == []
+    _fake_nvidia_smi(tmp_path, "echo 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert real_detect_gpus() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The malformed corpus: one file each, with the message it must produce.
+
+BAD_CONFIGS: dict[str, list[str]] = {
+    "unknown-key-suggestion.cfg": [
+        "WdPost[1]: unknown key 'Concurent' (did you mean 'Concurrent'?)"
+    ],
+    "unknown-key-no-suggestion.cfg": [
+        "WinPost[0]: unknown key 'Frobnicate' (valid keys: Bin, Args, Envs, Concurrent"
+    ],
+    "unknown-key-snake-case.cfg": [
+        "WdPost[0]: unknown key 'ready_timeout_secs' (did you mean 'ReadyTimeoutSecs'?)"
+    ],
+    "multiple-errors.cfg": [
+        "has 4 errors",
+        "WdPost[0]: unknown key 'Concurent' (did you mean 'Concurrent'?)",
+        "WdPost[0].Weight: expected a non-negative integer, found -1",
+        'WinPost[0].Protocol: expected one of "auto", "dext", "jsonl", found "grpc"',
+        'WinPost[0].Cpuset: range "3-1" goes down',
+    ],
+    "syntax-missing-equals.cfg": [
+        "syntax-missing-equals.cfg:3:8: invalid TOML: expected '=' after a key"
+    ],
+    "syntax-unterminated-string.cfg": [
+        "syntax-unterminated-string.cfg:2:29: invalid TOML",
+        "missing its closing quote",
+    ],
+    "syntax-duplicate-key.cfg": [
+        "syntax-duplicate-key.cfg:3:15: invalid TOML: cannot overwrite a value",
+        "key given twice",
+    ],
+    "concurrent-string.cfg": ['WdPost[0].Concurrent: expected a non-negative integer, found "2"'],
+    "concurrent-negative.cfg": ["WinPost[0].Concurrent: expected a non-negative integer, found -1"],
+    "weight-float.cfg": ["WdPost[0].Weight: expected a non-negative integer, found 1.5"],
+    "weight-date.cfg": ["WdPost[0].Weight: expected a non-negative integer, found 1979-05-27"],
+    "ready-timeout-bool.cfg": [
+        "WdPost[0].ReadyTimeoutSecs: expected a non-negative integer (seconds), found true"
+    ],
+    "bad-protocol.cfg": [
+        'WdPost[0].Protocol: expected one of "auto", "dext", "jsonl", found "grpc"'
+    ],
+    "cpuset-not-a-number.cfg": ['WdPost[0].Cpuset: "a" in "0-3,a" is not a CPU number'],
+    "cpuset-descending.cfg": ['WdPost[0].Cpuset: range "19-10" goes down; write it as "10-19"'],
+    "cpuset-empty.cfg": ['WdPost[0].Cpuset: expected CPU numbers and ranges, e.g. "10-19,24"'],
+    "cpuset-list.cfg": ["WdPost[0].Cpuset: expected a string of CPU numbers", "found [0, 1]"],
+    "bin-and-plugin.cfg": ["WdPost[0]: Bin and Plugin are both set"],
+    "bin-empty.cfg": ['WdPost[0].Bin: expected a program path or name, found ""'],
+    "plugin-with-args.cfg": ["WdPost[0]: Args is only used with Bin"],
+    "plugin-options-without-plugin.cfg": ["WdPost[0]: PluginOptions is set but Plugin is not"],
+    "plugin-options-nested.cfg": [
+        (
+            "WdPost[0].PluginOptions.fail: expected a string, integer, float or boolean, "
+            'found ["always"]'
+        )
+    ],
+    "gpus-negative.cfg": ["WdPost[0].Gpus[1]: expected a non-negative integer, found -1"],
+    "gpus-bad-string.cfg": [
+        'WdPost[0].Gpus: expected a list of GPU indices (e.g. [0, 1]) or "all", found "ALL"'
+    ],
+    "gpus-duplicate.cfg": ["WdPost[0].Gpus[2]: GPU 1 is listed twice"],
+    "gpus-empty.cfg": ["WdPost[0].Gpus: expected at least one GPU index", "found []"],
+    "gpus-all-none-found.cfg": ['WinPost[0].Gpus: "all" found no GPU'],
+    "gpu-lock-string.cfg": ['WdPost[0].GpuLock: expected a boolean (true or false), found "no"'],
+    "unknown-top-level-table.cfg": [
+        "unknown top-level table 'WindowPost' (did you mean 'WdPost'?)"
+    ],
+    "top-level-key.cfg": [
+        "unknown top-level key 'Concurrent' (it belongs inside a [[WdPost]] or [[WinPost]] table)"
+    ],
+    "single-bracket-table.cfg": ["WdPost: written as a single table [WdPost]; write [[WdPost]]"],
+    "wdpost-not-a-table.cfg": ["WdPost: expected an array of tables written [[WdPost]], found 3"],
+    "envs-non-string.cfg": ["WdPost[0].Envs.CUDA_VISIBLE_DEVICES: expected a string, found 0"],
+    "envs-name-with-equals.cfg": ['WdPost[0].Envs: environment variable name "A=B"'],
+    "args-non-string.cfg": ["WdPost[0].Args[1]: expected a string, found 3"],
+    "max-attempts-zero.cfg": ["WdPost[0].MaxAttempts: expected a positive integer, found 0"],
+    "request-timeout-zero.cfg": [
+        "WdPost[0].RequestTimeoutSecs: expected a positive number (seconds), found 0"
+    ],
+    "request-timeout-inf.cfg": [
+        "WdPost[0].RequestTimeoutSecs: expected a finite number of seconds, found inf"
+    ],
+    "heartbeat-timeout-negative.cfg": [
+        "WdPost[0].HeartbeatTimeoutSecs: expected a positive number (seconds), found -5.0"
+    ],
+    "cancel-grace-negative.cfg": [
+        "WinPost[0].CancelGraceSecs: expected a non-negative number (seconds), found -1"
+    ],
+    "locks-empty-name.cfg": ['WdPost[0].Locks[1]: expected a non-empty lock name, found ""'],
+    "locks-not-a-list.cfg": ['WdPost[0].Locks: expected a list of lock names, found "nvme0"'],
+    "inherit-envs-string.cfg": [
+        'WdPost[0].InheritEnvs: expected a boolean (true or false), found "yes"'
+    ],
+    "auto-restart-int.cfg": ["WdPost[0].AutoRestart: expected a boolean (true or false), found 1"],
+    "no-tables.cfg": ["no [[WdPost]] or [[WinPost]] table, so there is no child to start"],
+    "not-utf8.cfg": ["not-utf8.cfg: not UTF-8 text (bad byte at offset 5)"],
+}
+
+
+def test_every_bad_config_file_has_an_expected_message() -> None:
+    files = sorted(p.name for p in BAD.glob("*.cfg"))
+    assert files == sorted(BAD_CONFIGS)
+    assert len(files) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_is_refused_with_its_specific_message(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(BAD / name)
+    message = str(info.value)
+    for expected in BAD_CONFIGS[name]:
+        assert expected in message
+    assert info.value.errors and all(isinstance(e, str) for e in info.value.errors)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_check_config_exits_2_with_the_message_for_bad_config(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check-config", "-c", str(BAD / name)]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("damocles-ext check-config: error: ")
+    for expected in BAD_CONFIGS[name]:
+        assert expected in err
+
+
+def test_all_errors_of_a_file_are_reported_together() -> None:
+    errors = errors_of(
+        '[[WdPost]]\nConcurent = 2\nWeight = -1\nGpus = [0, 0]\nCpuset = "x"\n'
+        '[[WinPost]]\nBin = "sh"\nPlugin = "echo"\nLocks = [1]\n[Bogus]\n'
+    )
+    assert errors == [
+        "unknown top-level table 'Bogus' (the file holds only [[WdPost]] and [[WinPost]] tables)",
+        "WdPost[0]: unknown key 'Concurent' (did you mean 'Concurrent'?)",
+        "WdPost[0].Weight: expected a non-negative integer, found -1",
+        (
+            "WdPost[0].Gpus[1]: GPU 0 is listed twice; list each GPU once (use Concurrent for "
+            "more work per GPU)"
+        ),
+        'WdPost[0].Cpuset: "x" in "x" is not a CPU number or a range like "10-19"',
+        "WinPost[0].Locks[0]: expected a string, found 1",
+        (
+            "WinPost[0]: Bin and Plugin are both set; set Bin to run your own program, or Plugin "
+            "to run a prover plugin in damocles-ext's child runtime, not both"
+        ),
+    ]
+
+
+def test_each_bad_item_of_a_list_or_table_is_named() -> None:
+    errors = errors_of(
+        '[[WdPost]]\nBin = "sh"\nArgs = [1, "ok", false]\nEnvs = { A = 1, B = "ok", C = [] }\n'
+    )
+    assert errors == [
+        "WdPost[0].Args[0]: expected a string, found 1",
+        "WdPost[0].Args[2]: expected a string, found false",
+        "WdPost[0].Envs.A: expected a string, found 1",
+        "WdPost[0].Envs.C: expected a string, found []",
+    ]
+
+
+def test_nul_character_in_an_argument_is_refused() -> None:
+    (error,) = errors_of('[[WdPost]]\nBin = "sh"\nArgs = ["a\\u0000b"]\n')
+    assert error.startswith("WdPost[0].Args[0]: contains a NUL character")
+
+
+def test_config_error_is_a_usage_error_with_exit_code_2() -> None:
+    with pytest.raises(UsageError) as info:
+        parse("[[WdPost]]\nWeight = -1\n")
+    assert info.value.exit_code == EXIT_USAGE
+    assert isinstance(info.value, ConfigError)
+    assert info.value.source == "test.cfg"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and directories
+
+
+def test_missing_file_says_which_and_why(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.cfg"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert (
+        str(info.value) == f"{missing}: cannot read the config file: no such file (check the path)"
+    )
+
+
+def test_unreadable_file_a_directory_given_as_file_says_so(tmp_path: Path) -> None:
+    # Tests run as root here, so chmod 000 would not make a file unreadable; a directory given
+    # where a file is expected is the unreadable case we can always produce.
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path}: is a directory, not a config file" in message
+    assert f"use --conf-dir {tmp_path}" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_without_read_permission_says_permission_denied(tmp_path: Path) -> None:
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text("[[WdPost]]\n")
+    path.chmod(0)
+    try:
+        with pytest.raises(ConfigError, match="permission denied"):
+            load_config(path)
+    finally:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+def test_conf_dir_reads_ext_prover_cfg_in_it(tmp_path: Path) -> None:
+    (tmp_path / "ext-prover.cfg").write_text((CONFIGS / "seed-8gpu.cfg").read_text())
+    cfg = load_conf_dir(tmp_path)
+    assert cfg.source == str(tmp_path / "ext-prover.cfg")
+    assert len(cfg.children) == 8
+
+
+def test_conf_dir_errors_name_the_directory_or_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config directory does not exist"):
+        load_conf_dir(tmp_path / "missing")
+    with pytest.raises(ConfigError) as info:
+        load_conf_dir(tmp_path)
+    assert f"{tmp_path / 'ext-prover.cfg'}: cannot read the config file: no such file" in str(
+        info.value
+    )
+    a_file = tmp_path / "x.cfg"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"is a file, not a directory; to read this file use -c"):
+        load_conf_dir(a_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# ext-prover.cfg.example
+
+
+def test_example_config_parses_without_damocles_worker_or_gpu() -> None:
+    cfg = load_config(EXAMPLE)
+    assert {c.kind for c in cfg.children} == {"plugin"}
+    assert {c.stage for c in cfg.children} == {"window_post", "winning_post"}
+    assert cfg.warnings == []
+
+
+def test_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for key in config.VALID_KEYS:
+        assert f"# {key} (" in text, f"{key} is not documented in ext-prover.cfg.example"
+
+
+# ---------------------------------------------------------------------------------------------
+# check-config
+
+
+def test_check_config_on_the_seed_8gpu_config_prints_8_children_subprocess() -> None:
+    proc = run_cli_subprocess("check-config", "-c", str(CONFIGS / "seed-8gpu.cfg"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 8
+    for i, line in enumerate(lines):
+        assert line.startswith(f"window_post#{i} ")
+        assert "(WdPost[" in line
+        assert f"CUDA_VISIBLE_DEVICES={i} TMPDIR=/tmp/ext-prover{i}/" in line
+        assert "run: damocles-worker processor window_post" in line
+        assert "concurrent=1" in line and "weight=1" in line
+
+
+def test_check_config_with_an_unknown_key_exits_2_with_the_suggestion_subprocess() -> None:
+    proc = run_cli_subprocess("check-config", "-c", str(BAD / "unknown-key-suggestion.cfg"))
+    assert proc.returncode == 2
+    assert "WdPost[1]: unknown key 'Concurent' (did you mean 'Concurrent'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_check_config_with_a_missing_file_exits_2_without_traceback_subprocess(
+    tmp_path: Path,
+) -> None:
+    proc = run_cli_subprocess("check-config", "-c", str(tmp_path / "ext-prover.cfg"))
+    assert proc.returncode == 2
+    assert "cannot read the config file: no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_config_conf_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ext-prover.cfg").write_text('[[WinPost]]\nPlugin = "echo"\nConcurrent = 4\n')
+    assert cli.main(["check-config", "--conf-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        (
+            "winning_post#0  (WinPost[0])  run: plugin echo  concurrent=4  weight=1  env: -  "
+            "locks: -  cpuset: -"
+        )
+    ]
+    assert err == ""
+
+
+def test_check_config_line_shows_env_locks_cpuset_and_non_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "x.cfg"
+    path.write_text(
+        '[[WdPost]]\nBin = "sh"\nArgs = ["-c", "exec my prover"]\nGpus = [1]\nCpuset = "0-3,8"\n'
+        'Locks = ["nvme0"]\nProtocol = "jsonl"\nMaxAttempts = 3\nRequestTimeoutSecs = 90\n'
+        'Envs = { NOTE = "two words" }\n'
+    )
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == (
+        "window_post#0  (WdPost[0])  run: sh -c 'exec my prover'  concurrent=1  weight=1  "
+        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1 TMPDIR=/tmp/damocles-ext/window_post-gpu1/"
+        "  locks: nvme0,gpu:1  cpuset: 0-3,8  protocol=jsonl max_attempts=3 request_timeout=90s"
+    )
+
+
+def test_check_config_prints_warnings_to_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = tmp_path / "x.cfg"
+    path.write_text("[[WdPost]]\n")
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("window_post#0  (WdPost[0])  run: damocles-worker processor window_post")
+    assert err.startswith("warning: WdPost[0]: no Bin or Plugin")
+
+
+def test_check_config_json_is_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "-c", str(CONFIGS / "seed-8gpu-gpus.cfg"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"] == str(CONFIGS / "seed-8gpu-gpus.cfg")
+    assert [c["envs"]["CUDA_VISIBLE_DEVICES"] for c in data["children"]] == [
+        str(i) for i in range(8)
+    ]
+    assert data["children"][0]["locks"] == ["gpu:0"]
+
+
+def test_check_config_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "-c", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "window_post#0" in out and "winning_post#0" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check-config"],
+        ["check-config", "-c", "a.cfg", "--conf-dir", "dir"],
+    ],
+)
+def test_check_config_needs_exactly_one_of_file_or_conf_dir(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "-c/--config" in err and "--conf-dir" in err
