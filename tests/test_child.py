@@ -1,0 +1,373 @@
+"""The child runtime, driven as a real `damocles-ext child` subprocess through the codecs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from child_harness import EOF, Child, make_plugin_dist, window_task, winning_task
+from damocles_ext.child import coerce_value, format_option, parse_option, parse_options
+from damocles_ext.protocol import dext, jsonl
+from damocles_ext_plugins.testing import echo_output
+
+# -- option parsing (in-process) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("3", 3),
+        ("-2", -2),
+        ("1.5", 1.5),
+        ("1e3", 1000.0),
+        ("true", True),
+        ("False", False),
+        ("every:2", "every:2"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("", ""),
+        ("/dev/nvidia0", "/dev/nvidia0"),
+        ('"123"', "123"),
+        ('"true"', "true"),
+        ("0x10", "0x10"),
+    ],
+)
+def test_option_values_are_typed_only_when_unambiguous(text, value):
+    result = coerce_value(text)
+    assert result == value and type(result) is type(value)
+
+
+def test_option_without_equals_sign_is_rejected_with_an_example():
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_option("seconds")
+
+
+def test_option_value_may_contain_equals_signs():
+    assert parse_option("path=/a=b") == ("path", "/a=b")
+
+
+def test_repeated_option_key_is_rejected():
+    with pytest.raises(ValueError, match="given twice"):
+        parse_options(["a=1", "a=2"])
+
+
+option_values = st.one_of(
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+)
+
+
+@given(key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1), value=option_values)
+def test_format_option_round_trips_through_parse_option(key, value):
+    parsed_key, parsed = parse_option(format_option(key, value))
+    assert parsed_key == key
+    assert parsed == value and type(parsed) is type(value)
+
+
+# -- the child process: dext ----------------------------------------------------------------------
+
+
+def test_hello_is_the_first_frame_and_describes_the_child():
+    with Child("window_post", "echo", extra=["--capacity", "3"]) as child:
+        hello = child.next()
+        assert hello == dext.Hello(
+            protocol="dext/1", stage="window_post", pid=child.proc.pid, prover="echo",
+            version="1", capacity=3,
+        )
+
+
+@pytest.mark.parametrize("make_task", [window_task, winning_task])
+def test_echo_request_gets_its_response_over_dext(make_task):
+    task = make_task()
+    stage = type(task).__struct_config__.tag
+    with Child(stage, "echo") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(41, task))
+        response, _ = child.next_of(dext.Response)
+        assert response == dext.Response(41, output=echo_output(task), error=None)
+
+
+def test_progress_frames_arrive_while_the_sleep_prover_works():
+    with Child("window_post", "sleep", "seconds=0.6", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        response, before = child.next_of(dext.Response)
+        assert response.error is None
+        progress = [m for m in before if isinstance(m, dext.Progress)]
+        assert all(p.id == 1 for p in progress)
+        sleep_steps = [p.done for p in progress if p.phase == "sleep"]
+        assert len(sleep_steps) >= 3
+        assert sleep_steps == sorted(sleep_steps)
+        assert {p.total for p in progress if p.phase == "sleep"} == {12}
+
+
+def test_heartbeat_repeats_progress_while_the_prover_is_silent():
+    # fail=hang reports progress once and then never again; the heartbeat keeps the child visible.
+    with Child("window_post", "sleep", "fail=hang", extra=["--heartbeat", "0.1"]) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(5, window_task()))
+        frames = [child.next() for _ in range(6)]
+        assert all(isinstance(f, dext.Progress) and f.id == 5 for f in frames)
+        assert frames[-1].phase == "hang"
+        assert sum(f.phase == "hang" for f in frames) >= 4
+
+
+def test_cancel_stops_a_working_prover_with_a_cancelled_response():
+    with Child("window_post", "sleep", "seconds=600", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(7, window_task()))
+        child.next_of(dext.Progress)
+        child.send_msg(dext.Cancel(7))
+        response, _ = child.next_of(dext.Response)
+        assert response == dext.Response(7, output=None, error="cancelled")
+        # and the child keeps serving
+        child.send_msg(dext.Request(8, window_task(seed_byte=1)))
+        child.send_msg(dext.Cancel(8))
+        assert child.next_of(dext.Response)[0].id == 8
+
+
+def test_cancel_of_a_queued_request_is_answered_at_once():
+    with Child("window_post", "sleep", "seconds=600", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        child.next_of(dext.Progress)  # request 1 occupies the only slot
+        child.send_msg(dext.Request(2, window_task()))
+        child.send_msg(dext.Cancel(2))
+        response, _ = child.next_of(dext.Response)
+        assert response == dext.Response(2, error="cancelled")
+        child.send_msg(dext.Cancel(1))
+        assert child.next_of(dext.Response)[0] == dext.Response(1, error="cancelled")
+
+
+def test_requests_beyond_capacity_wait_until_a_slot_frees():
+    with Child("window_post", "sleep", "seconds=0.3", "progress_interval=0.1",
+               extra=["--capacity", "2"]) as child:
+        child.next_of(dext.Hello)
+        for i in (1, 2, 3):
+            child.send_msg(dext.Request(i, window_task(seed_byte=i)))
+        events = []
+        while len([e for e in events if e[0] == "done"]) < 3:
+            msg = child.next()
+            if isinstance(msg, dext.Progress) and msg.phase == "started":
+                events.append(("start", msg.id))
+            elif isinstance(msg, dext.Response):
+                assert msg.error is None
+                events.append(("done", msg.id))
+        third = events.index(("start", 3))
+        assert {("start", 1), ("start", 2)} <= set(events[:2])
+        assert any(e[0] == "done" for e in events[:third])  # 3 started only after one finished
+
+
+def test_prover_exception_becomes_an_error_response_and_the_child_keeps_serving():
+    with Child("winning_post", "sleep", "seconds=0", "fail=every:2") as child:
+        child.next_of(dext.Hello)
+        answers = []
+        for i in (1, 2, 3):
+            child.send_msg(dext.Request(i, winning_task(seed_byte=i)))
+            answers.append(child.next_of(dext.Response)[0])
+        assert answers[0].output == echo_output(winning_task(seed_byte=1))
+        assert answers[1].output is None
+        assert answers[1].error.startswith("RuntimeError: sleep prover failing as configured")
+        assert answers[2].output == echo_output(winning_task(seed_byte=3))
+        assert child.proc.poll() is None
+
+
+def test_task_of_the_other_stage_is_refused_with_an_error_response():
+    with Child("window_post", "echo") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(3, winning_task()))
+        response, _ = child.next_of(dext.Response)
+        assert response.id == 3 and "serves window_post, not winning_post" in response.error
+
+
+def test_shutdown_finishes_in_flight_requests_then_exits_0():
+    with Child("window_post", "sleep", "seconds=0.4", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        child.next_of(dext.Progress)
+        child.send_msg(dext.Shutdown())
+        child.send_msg(dext.Request(2, window_task()))  # arrives after Shutdown: refused
+        answers = {}
+        while len(answers) < 2:
+            msg, _ = child.next_of(dext.Response)
+            answers[msg.id] = msg
+        assert answers[1].output == echo_output(window_task())
+        assert "shutting down" in answers[2].error
+        assert child.until_eof() == []
+        assert child.wait() == 0
+
+
+def test_stdin_eof_makes_the_child_exit_even_with_work_in_flight():
+    with Child("window_post", "sleep", "seconds=600", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        child.next_of(dext.Progress)
+        child.close_stdin()
+        assert child.wait() == 0
+        assert "stdin closed" in child.stderr
+
+
+def test_idle_child_exits_0_on_stdin_eof():
+    with Child("window_post", "echo") as child:
+        child.next_of(dext.Hello)
+        child.close_stdin()
+        assert child.wait() == 0
+
+
+def test_garbage_from_the_parent_is_a_fatal_protocol_error():
+    with Child("window_post", "echo") as child:
+        child.next_of(dext.Hello)
+        child.send(b"\xff\xff\xff\xffnot a frame")
+        assert child.wait() == 1
+        assert "protocol error from the parent" in child.stderr
+
+
+def test_crash_mode_kills_the_child_mid_request_without_an_answer():
+    with Child("window_post", "sleep", "seconds=0.2", "progress_interval=0.05",
+               "fail=crash") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        before = child.until_eof()
+        assert not any(isinstance(m, dext.Response) for m in before)
+        assert any(isinstance(m, dext.Progress) for m in before)
+        assert child.wait() == 3
+
+
+# -- the child process: damocles JSON lines -------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_task", [window_task, winning_task])
+def test_echo_request_gets_its_response_over_json_lines(make_task):
+    task = make_task()
+    stage = type(task).__struct_config__.tag
+    with Child(stage, "echo", protocol="jsonl") as child:
+        assert child.next() == f"{stage} processor ready\n".encode()
+        child.send(jsonl.encode_request(12, task))
+        line = child.next()
+        assert jsonl.decode_response(line, stage) == jsonl.JsonResponse(
+            12, echo_output(task), None
+        )
+        assert line == jsonl.encode_response(12, echo_output(task))
+
+
+def test_json_lines_bad_request_is_answered_when_its_id_is_readable_and_skipped_otherwise():
+    with Child("window_post", "echo", protocol="jsonl") as child:
+        child.next()  # ready line
+        child.send(b'{"id": 4, "task": {"miner_id": "x"}}\n')
+        child.send(b"this is not json\n")
+        child.send(jsonl.encode_request(5, window_task()))
+        first = jsonl.decode_response(child.next(), "window_post")
+        assert first.id == 4 and "invalid window_post task" in first.err_msg
+        second = jsonl.decode_response(child.next(), "window_post")
+        assert second.id == 5 and second.output == echo_output(window_task())
+        child.close_stdin()
+        assert child.wait() == 0
+        assert "not a request line" in child.stderr
+
+
+def test_json_lines_child_exits_on_stdin_eof():
+    with Child("winning_post", "echo", protocol="jsonl") as child:
+        child.next()
+        child.close_stdin()
+        assert child.wait() == 0
+
+
+# -- start failures: exit 2 before the ready message ----------------------------------------------
+
+
+def _assert_failed_start(child: Child) -> str:
+    assert child.wait() == 2
+    assert child.next() is EOF and child.raw == b""  # nothing reached the protocol
+    assert "Traceback" not in child.stderr
+    return child.stderr
+
+
+def test_unknown_prover_exits_2_before_ready_listing_the_available_provers():
+    with Child("window_post", "no-such-prover") as child:
+        err = _assert_failed_start(child)
+        assert "unknown prover 'no-such-prover'" in err
+        assert "echo (testing" in err and "sleep (testing" in err
+
+
+def test_invalid_options_exit_2_naming_the_option():
+    with Child("window_post", "sleep", "seconds=-1", "colour=red") as child:
+        err = _assert_failed_start(child)
+        assert "option 'seconds' must be >= 0.0" in err
+        assert "unknown option 'colour'" in err
+
+
+def test_malformed_option_exits_2():
+    with Child("window_post", "sleep", "seconds") as child:
+        assert "expected KEY=VALUE" in _assert_failed_start(child)
+
+
+def test_prover_that_fails_to_load_exits_2_with_the_reason():
+    with Child("window_post", "sleep", "load_fail=true", protocol="jsonl") as child:
+        err = _assert_failed_start(child)
+        assert "prover 'sleep' (plugin testing) failed to start" in err
+        assert "load_fail=true" in err
+
+
+# -- stray output of a prover -----------------------------------------------------------------------
+
+NOISY_PLUGIN = textwrap.dedent(
+    """
+    import os, sys
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    print("noise from import")
+
+    class Noisy:
+        name = "noisy"
+        stages = ("window_post",)
+
+        def prove(self, task, progress, cancel):
+            print("noise from print")
+            sys.stdout.write("noise from sys.stdout\\n")
+            sys.stdout.flush()
+            os.write(1, b"noise from fd 1\\n")
+            return echo_output(task)
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("noisy", ("window_post",), lambda options: Noisy())]
+    """
+)
+
+
+def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path):
+    root = make_plugin_dist(tmp_path, dist="noisy-plugin", module="noisy_plugin",
+                            source=NOISY_PLUGIN)
+    with Child("window_post", "noisy", pythonpath=[root]) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        response, skipped = child.next_of(dext.Response)
+        assert response.output == echo_output(window_task())
+        assert all(isinstance(m, dext.Progress) for m in skipped)
+        child.close_stdin()
+        assert child.wait() == 0
+        for noise in ("import", "print", "sys.stdout", "fd 1"):
+            assert f"noise from {noise}" in child.stderr
+        assert b"noise" not in child.raw
+
+
+def test_child_reads_options_as_the_supervisor_formats_them():
+    with Child("window_post", "sleep", format_option("seconds", 0), format_option("fail", "never"),
+               format_option("load_fail", False)) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        assert child.next_of(dext.Response)[0].output == echo_output(window_task())
+
+
+def test_child_module_does_not_import_trio():
+    code = "import sys, damocles_ext.child, damocles_ext.plugins; print('trio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
