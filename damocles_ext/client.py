@@ -28,7 +28,8 @@ from .tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.client")
 
-ProgressCallback = Callable[[str, int, int], None]
+#: Called with each Progress of a request (its `id` is the client's request id).
+ProgressCallback = Callable[[dext.Progress], None]
 
 
 class NoSupervisorError(UsageError):
@@ -132,7 +133,7 @@ class Client:
         elif isinstance(msg, dext.Progress):
             pending = self._pending.get(msg.id)
             if pending is not None and pending.on_progress is not None:
-                pending.on_progress(msg.phase, msg.done, msg.total)
+                pending.on_progress(msg)
         else:
             log.warning("ignoring an unexpected %s frame from the supervisor", type(msg).__name__)
 

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import trio
+
+from damocles_ext.protocol import jsonl
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
@@ -58,3 +61,95 @@ def dext_run(*args: str, input: bytes | None = None, timeout: float = 60,
     """Run `damocles-ext ARGS...` to completion."""
     return subprocess.run([*DEXT, *args], input=input, capture_output=True, timeout=timeout,
                           env=dext_env(), cwd=cwd)
+
+
+class ManagerLike:
+    """Drives a processor the way damocles-manager's extproc does: wait for the exact ready line
+    (5 s limit), write `{"id":N,"task":...}` lines with ids counting up from 1, and match the
+    response lines by id in whatever order they come. Everything odd is recorded for asserts."""
+
+    def __init__(self, process: trio.Process, stage: str) -> None:
+        self.process = process
+        self.stage = stage
+        self._next_id = 1
+        self._waiters: dict[int, trio.Event] = {}
+        self.responses: dict[int, jsonl.JsonResponse] = {}
+        self.duplicates: list[int] = []
+        self.unknown: list[int] = []
+        self.bad_lines: list[bytes] = []
+        self.eof = trio.Event()
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, argv: list[str], stage: str, *, stderr,
+                    ready_timeout: float = 5.0) -> ManagerLike:
+        """Spawn `argv` and wait for its ready line; fails the test if it does not come in time."""
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=dext_env()
+        )
+        self = cls(process, stage)
+        reader = jsonl.LineReader()
+        with trio.fail_after(ready_timeout):
+            first: list = []
+            while not first:
+                data = await process.stdout.receive_some()
+                if not data:
+                    raise AssertionError("processor exited before its ready line")
+                first = reader.receive_data(data)
+        assert first[0] == jsonl.ready_line(stage), f"wrong ready line {first[0]!r}"
+        for line in first[1:]:
+            self._on_line(line)
+        nursery.start_soon(self._read_loop, reader)
+        return self
+
+    async def _read_loop(self, reader: jsonl.LineReader) -> None:
+        while True:
+            data = await self.process.stdout.receive_some()
+            for line in reader.receive_data(data):
+                self._on_line(line)
+            if not data:
+                self.eof.set()
+                return
+
+    def _on_line(self, line) -> None:
+        try:
+            response = jsonl.decode_response(line, self.stage)
+        except jsonl.JsonLineError:
+            self.bad_lines.append(line)
+            return
+        if response.id in self.responses:
+            self.duplicates.append(response.id)
+        elif response.id not in self._waiters:
+            self.unknown.append(response.id)
+        else:
+            self.responses[response.id] = response
+            self._waiters[response.id].set()
+
+    async def send(self, task) -> int:
+        """Write one request line; returns its id."""
+        async with self._send_lock:
+            request_id = self._next_id
+            self._next_id += 1
+            self._waiters[request_id] = trio.Event()
+            await self.process.stdin.send_all(jsonl.encode_request(request_id, task))
+        return request_id
+
+    async def send_raw(self, line: bytes, request_id: int | None = None) -> None:
+        """Write a hand-made line; register `request_id` as awaited."""
+        if request_id is not None:
+            self._waiters[request_id] = trio.Event()
+        async with self._send_lock:
+            await self.process.stdin.send_all(line)
+
+    async def wait(self, request_id: int) -> jsonl.JsonResponse:
+        """The response to `request_id`, once it came."""
+        await self._waiters[request_id].wait()
+        return self.responses[request_id]
+
+    async def request(self, task) -> jsonl.JsonResponse:
+        """Send one task and wait for its response."""
+        return await self.wait(await self.send(task))
+
+    async def close_stdin(self) -> None:
+        """What the manager's exit looks like from the child: EOF on stdin."""
+        await self.process.stdin.aclose()

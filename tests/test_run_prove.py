@@ -160,7 +160,7 @@ class FakeBackend:
         if task.miner_id == 13:
             raise ProverError(f"miner 13 is unlucky (deadline={deadline}, priority={priority})")
         if on_progress is not None:
-            on_progress("waiting", 0, 1)
+            on_progress(dext.Progress(12345, "waiting", 0, 1))
         started.set()
         try:
             await release.wait()
@@ -186,7 +186,7 @@ async def test_requests_on_one_connection_are_answered_by_id_in_any_order(contro
         async with trio.open_nursery() as nursery:
             async def one(miner: int) -> None:
                 results[miner] = await client.submit(
-                    make_task(miner), on_progress=lambda *p: progress.append((miner, *p))
+                    make_task(miner), on_progress=lambda p: progress.append((miner, p))
                 )
             for miner in (1, 2, 3):
                 nursery.start_soon(one, miner)
@@ -194,7 +194,10 @@ async def test_requests_on_one_connection_are_answered_by_id_in_any_order(contro
                 await backend._events(miner)[1].wait()
                 backend.release[miner].set()
     assert results == {m: echo_output(make_task(m)) for m in (1, 2, 3)}
-    assert sorted(progress) == [(m, "waiting", 0, 1) for m in (1, 2, 3)]
+    # Progress is re-addressed to the client's own request ids (1, 2, 3 in start order).
+    assert sorted(m for m, _ in progress) == [1, 2, 3]
+    assert all((p.phase, p.done, p.total) == ("waiting", 0, 1) for _, p in progress)
+    assert sorted(p.id for _, p in progress) == [1, 2, 3]
     assert server.statistics().requests == 3
 
 

@@ -48,7 +48,7 @@ class ControlSubmit(Protocol):
         *,
         deadline: float | None = ...,
         priority: int = ...,
-        on_progress: Callable[[str, int, int], None] | None = ...,
+        on_progress: Callable[[dext.Progress], None] | None = ...,
     ) -> Awaitable[Output]: ...
 
 
@@ -349,9 +349,12 @@ class _Connection:
         nursery.start_soon(self._run_request, req, scope)
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
-        def on_progress(phase: str, done: int, total: int) -> None:
+        def on_progress(progress: dext.Progress) -> None:
+            # The supervisor numbers requests its own way; the client knows only its id.
             if req.id in self._scopes:
-                self._progress[req.id] = dext.Progress(req.id, phase, done, total)
+                self._progress[req.id] = dext.Progress(
+                    req.id, progress.phase, progress.done, progress.total
+                )
                 self._wake.set()
 
         response = None
