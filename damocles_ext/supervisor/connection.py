@@ -1,0 +1,209 @@
+"""One child's end of the pipe, protocol-wise: the ready handshake and the message stream.
+
+`ChildConnection` turns the bytes a child writes into events and builds the bytes we write to it,
+for both protocols (dext/1 frames and damocles JSON lines). It does no I/O itself, so the
+handshake and decoding rules can be read (and tested) apart from the process handling.
+
+Ready messages accepted: a dext `Hello` frame whose stage matches, or the damocles ready line
+`<stage> processor ready` ended by `\\n` or `\\r\\n`. damocles-manager (Go) wants exactly the
+`\\n` form and vc-processors (Rust) trims the line; we take both endings, nothing else (no leading
+or other trailing spaces), so a child that works here works under damocles-manager unless it
+writes `\\r\\n`.
+
+Problems are of two kinds: `ChildProtocolError` is fatal for the child (a bad ready message, a
+dext framing error, a dext message a child must not send); a bad JSON line is recoverable and
+comes back as `Skipped`, as damocles logs such a line and reads on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..protocol import dext, jsonl
+from ..tasks import Output, Task
+
+_PREVIEW = 200
+
+
+class ChildProtocolError(Exception):
+    """The child broke the protocol; it must be killed. The message says what came instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The child's ready message arrived; `hello` is set for dext children."""
+
+    protocol: str
+    hello: dext.Hello | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The child's response to its request `child_rid`."""
+
+    child_rid: int
+    output: Output | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """A dext Progress frame: the child is alive and working on `child_rid`."""
+
+    child_rid: int
+    phase: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A line that is not a valid response (logged and skipped); `child_rid` if it was readable."""
+
+    what: str
+    child_rid: int | None
+
+
+Event = Ready | Answer | ProgressEvent | Skipped
+
+
+def preview(data: bytes, limit: int = _PREVIEW) -> str:
+    """A short printable rendering of bytes for log lines and errors."""
+    return jsonl.preview(data, limit)
+
+
+class ChildConnection:
+    """Protocol state of one child process, from spawn to exit."""
+
+    def __init__(self, stage: str, protocol: str = "auto", name: str = "child") -> None:
+        if protocol not in ("auto", "dext", "jsonl"):
+            raise ValueError(f"unknown protocol {protocol!r}")
+        self.stage = stage
+        self.name = name
+        self.protocol: str | None = None if protocol == "auto" else protocol
+        self.ready = False
+        self._frames: dext.FrameDecoder | None = None
+        self._lines: jsonl.LineReader | None = None
+        self._head = b""  # the first bytes, kept to say what came instead of a ready message
+
+    @property
+    def head(self) -> bytes:
+        """The first bytes the child wrote (up to a few hundred), for error messages."""
+        return self._head
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed what the child wrote (b"" at EOF); raises ChildProtocolError if it is fatal."""
+        if len(self._head) < _PREVIEW and data:
+            self._head += data[: _PREVIEW - len(self._head)]
+        if self.protocol is None:
+            if not data:
+                return self._eof()
+            self.protocol = jsonl.detect_protocol(data[0])
+        if self.protocol == "dext":
+            return self._receive_dext(data)
+        return self._receive_jsonl(data)
+
+    def _eof(self) -> list[Event]:
+        if not self.ready:
+            raise ChildProtocolError(
+                "closed its stdout before its ready message"
+                + (f"; it wrote {preview(self._head)}" if self._head else " (wrote nothing)")
+            )
+        return []
+
+    def _receive_dext(self, data: bytes) -> list[Event]:
+        if self._frames is None:
+            self._frames = dext.FrameDecoder()
+        try:
+            messages = self._frames.receive_data(data)
+        except dext.ProtocolError as exc:
+            if not self.ready:
+                raise ChildProtocolError(
+                    f"sent no valid dext Hello frame ({exc}); it wrote {preview(self._head)}"
+                ) from None
+            raise ChildProtocolError(f"dext framing error: {exc}") from None
+        events: list[Event] = []
+        for msg in messages:
+            if not self.ready:
+                if not isinstance(msg, dext.Hello):
+                    raise ChildProtocolError(
+                        f"sent a dext {type(msg).__name__} frame before its Hello"
+                    )
+                if msg.protocol != dext.PROTOCOL_VERSION:
+                    raise ChildProtocolError(
+                        f"speaks {msg.protocol!r}, expected {dext.PROTOCOL_VERSION!r}"
+                    )
+                if msg.stage != self.stage:
+                    raise ChildProtocolError(
+                        f"Hello says stage {msg.stage!r}, but it was started for {self.stage!r}"
+                    )
+                self.ready = True
+                events.append(Ready("dext", msg))
+            elif isinstance(msg, dext.Response):
+                events.append(Answer(msg.id, msg.output, msg.error))
+            elif isinstance(msg, dext.Progress):
+                events.append(ProgressEvent(msg.id, msg.phase, msg.done, msg.total))
+            else:
+                raise ChildProtocolError(
+                    f"sent a dext {type(msg).__name__} frame, which only a parent may send"
+                )
+        if not data:
+            events.extend(self._eof())
+        return events
+
+    def _receive_jsonl(self, data: bytes) -> list[Event]:
+        if self._lines is None:
+            self._lines = jsonl.LineReader()
+        events: list[Event] = []
+        for line in self._lines.receive_data(data):
+            if not self.ready:
+                if isinstance(line, jsonl.LineTooLong) or not self._is_ready_line(line):
+                    raise ChildProtocolError(
+                        f"wrote {preview(self._head)} instead of the ready line"
+                        f" {jsonl.ready_line(self.stage)!r}"
+                    )
+                self.ready = True
+                events.append(Ready("jsonl", None))
+                continue
+            if isinstance(line, jsonl.LineTooLong):
+                events.append(
+                    Skipped(f"skipped a stdout line of {line.length} bytes (limit {line.limit})", None)
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                resp = jsonl.decode_response(line, self.stage)
+            except jsonl.JsonLineError as exc:
+                events.append(Skipped(f"skipped a bad stdout line: {exc}", exc.id))
+                continue
+            events.append(Answer(resp.id, resp.output, resp.err_msg))
+        if not data:
+            events.extend(self._eof())
+        return events
+
+    def _is_ready_line(self, line: bytes) -> bool:
+        expected = jsonl.ready_line(self.stage)
+        return line == expected or line == expected[:-1] + b"\r\n"
+
+    # -- what we write -----------------------------------------------------------------------
+
+    def encode_request(
+        self, child_rid: int, task: Task, deadline: float | None = None, priority: int = 0
+    ) -> bytes:
+        """The bytes that send request `child_rid` (deadline: unix time, dext only)."""
+        if self.protocol == "dext":
+            return dext.encode(dext.Request(child_rid, task, deadline, priority))
+        return jsonl.encode_request(child_rid, task)
+
+    def encode_cancel(self, child_rid: int) -> bytes | None:
+        """The bytes that cancel `child_rid`, or None: a JSON-lines child cannot be cancelled."""
+        if self.protocol == "dext":
+            return dext.encode(dext.Cancel(child_rid))
+        return None
+
+    def encode_shutdown(self) -> bytes | None:
+        """The bytes asking the child to finish and exit (None: close its stdin instead)."""
+        if self.protocol == "dext":
+            return dext.encode(dext.Shutdown())
+        return None

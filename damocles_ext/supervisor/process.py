@@ -1,0 +1,299 @@
+"""Spawning a prover child and stopping its whole process tree (Linux).
+
+Each child starts in its own session (so its process group holds it and everything it forks),
+with PR_SET_PDEATHSIG=SIGKILL (so it dies when the supervisor is SIGKILLed, which is how
+damocles-manager stops its ext-prover) and its Cpuset applied before its own code runs.
+
+Why not `trio.lowlevel.open_process`: it forks from a worker thread of trio's thread cache, and
+PDEATHSIG fires when the *thread* that forked the child exits, not the process. Cached threads
+exit after ten idle seconds, which would SIGKILL every child soon after it started. So the fork
+happens here, synchronously, on the thread that runs trio (a few milliseconds), and the pipes and
+the exit wait are plain trio primitives (FdStream, a pidfd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import psutil
+import trio
+
+log = logging.getLogger("damocles_ext.supervisor")
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+_BLOCK_NAMES = {"window_post": "WdPost", "winning_post": "WinPost"}
+
+
+class SpawnError(Exception):
+    """The child could not be started; the message says why and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How a process ended: its exit code, or the signal that killed it."""
+
+    returncode: int | None
+    signal: int | None
+
+    @classmethod
+    def from_returncode(cls, rc: int) -> ExitInfo:
+        """Popen's convention: a negative return code is the killing signal."""
+        return cls(None, -rc) if rc < 0 else cls(rc, None)
+
+    def describe(self) -> str:
+        """'exit code 3' or 'killed by SIGKILL'."""
+        if self.signal is not None:
+            try:
+                return f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        return f"exit code {self.returncode}"
+
+
+def block_name(stage: str, block: int) -> str:
+    """The config table a child came from, as a person would look for it: 'WdPost[0]'."""
+    return f"{_BLOCK_NAMES.get(stage, stage)}[{block}]"
+
+
+def _preexec(parent_pid: int, cpuset: frozenset[int] | None):  # type: ignore[no-untyped-def]
+    # Runs in the forked child before exec: keep it to system calls.
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The supervisor may have died between fork and prctl; then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if cpuset:
+            os.sched_setaffinity(0, cpuset)
+
+    return preexec
+
+
+def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: ours (unless InheritEnvs = false) plus its Envs."""
+    env = dict(os.environ) if inherit else {}
+    env.update(envs)
+    return env
+
+
+def prepare_spawn(
+    name: str,
+    stage: str,
+    block: int,
+    argv: Sequence[str],
+    kind: str,
+    env: Mapping[str, str],
+    cpuset: frozenset[int] | None,
+) -> None:
+    """Checks that turn a doomed spawn into a clear error, and the TMPDIR it needs."""
+    where = block_name(stage, block)
+    if not argv:
+        raise SpawnError(f"{name}: empty command line; set Bin in {where}")
+    program = argv[0]
+    if os.sep not in program and shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        if kind == "damocles-worker":
+            raise SpawnError(f"damocles-worker not found on PATH; set Bin or Plugin in {where}")
+        raise SpawnError(f"{name}: program {program!r} not found on PATH; check Bin in {where}")
+    if cpuset:
+        available = os.sched_getaffinity(0)
+        missing = sorted(set(cpuset) - available)
+        if missing:
+            raise SpawnError(
+                f"{name}: Cpuset in {where} names CPUs {missing} that this process may not use"
+                f" (available: {sorted(available)})"
+            )
+    tmpdir = env.get("TMPDIR")
+    if tmpdir:
+        try:
+            os.makedirs(tmpdir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpawnError(
+                f"{name}: cannot create TMPDIR {tmpdir!r} from Envs in {where}: {exc.strerror}"
+            ) from None
+
+
+class ChildProcess:
+    """A spawned child: its pipes as trio streams, its exit status, its process group."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdin: int, stdout: int, stderr: int):
+        self._popen = popen
+        self.pid: int = popen.pid
+        self.stdin = trio.lowlevel.FdStream(stdin)
+        self.stdout = trio.lowlevel.FdStream(stdout)
+        self.stderr = trio.lowlevel.FdStream(stderr)
+        self._pidfd: int | None = os.pidfd_open(self.pid)
+        self.exit: ExitInfo | None = None
+        self._waiting = False
+        self._changed = trio.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        """Popen's return code once reaped (negative: killed by that signal)."""
+        return self._popen.returncode
+
+    async def wait(self) -> ExitInfo:
+        """Wait for the process to exit and reap it (any number of tasks may wait)."""
+        while self.exit is None:
+            if self._waiting:
+                # One task watches the pidfd (epoll allows one waiter per fd); the rest wait
+                # for its word, and one of them takes over if that task is cancelled.
+                await self._changed.wait()
+                continue
+            self._waiting = True
+            try:
+                if self._pidfd is not None:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                self._reap(self._popen.wait())
+            finally:
+                self._waiting = False
+                changed, self._changed = self._changed, trio.Event()
+                changed.set()
+        return self.exit
+
+    def poll(self) -> ExitInfo | None:
+        """Reap the process if it has exited, without blocking."""
+        if self.exit is None:
+            rc = self._popen.poll()
+            if rc is not None:
+                self._reap(rc)
+        return self.exit
+
+    def _reap(self, rc: int) -> None:
+        self._close_pidfd()
+        self.exit = ExitInfo.from_returncode(rc)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def descendants(self) -> list[psutil.Process]:
+        """The child's descendants as psutil sees them now (empty once the child is gone)."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def signal_group(self, sig: int) -> bool:
+        """Send `sig` to the child's process group; False if the group is gone."""
+        # The group id is the child's pid (own session). The kernel does not hand a pid out again
+        # while a process group of that id still has members, so this is safe after the reap too.
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            # A group member changed its credentials (setuid helper); the leader still is ours.
+            if self.exit is None:
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    return False
+            return True
+
+    def kill_tree(self) -> None:
+        """SIGKILL the process group, and descendants that left the group (setsid) while known."""
+        escaped = [p for p in self.descendants() if _pgid(p.pid) not in (self.pid, None)]
+        self.signal_group(signal.SIGKILL)
+        for proc in escaped:
+            try:
+                proc.kill()  # psutil checks the create time, so a reused pid is left alone
+            except psutil.Error:
+                pass
+
+    async def aclose(self) -> None:
+        """Close our ends of the pipes."""
+        for stream in (self.stdin, self.stdout, self.stderr):
+            await stream.aclose()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cpuset: frozenset[int] | None = None,
+) -> ChildProcess:
+    """Start `argv` (no shell) in a new session with PDEATHSIG and cpuset; raises SpawnError."""
+    # Our ends are non-inheritable (O_CLOEXEC); the child ends are dup2'd onto 0/1/2 by Popen.
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    ours = (stdin_w, stdout_r, stderr_r)
+    try:
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=stdin_r,
+                stdout=stdout_w,
+                stderr=stderr_w,
+                env=dict(env),
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=_preexec(os.getpid(), cpuset),
+            )
+        except FileNotFoundError:
+            raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
+        except PermissionError:
+            raise SpawnError(f"{name}: program {argv[0]!r} is not executable") from None
+        except OSError as exc:
+            raise SpawnError(
+                f"{name}: cannot start {argv[0]!r}: {exc.strerror or exc}"
+                f"{' (errno ' + errno.errorcode.get(exc.errno, '?') + ')' if exc.errno else ''}"
+            ) from None
+        except subprocess.SubprocessError as exc:
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in (stdin_r, stdout_w, stderr_w):
+            os.close(fd)
+    return ChildProcess(popen, stdin_w, stdout_r, stderr_r)
+
+
+async def relay_stderr(stream: trio.abc.ReceiveStream, prefix: str, logger: logging.Logger) -> None:
+    """Log each line the child writes on stderr, with `prefix` in front; returns at EOF."""
+    limit = 8192  # a longer line is logged in pieces rather than buffered without bound
+    buf = b""
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            data = b""
+        if not data:
+            if buf:
+                logger.info("%s %s", prefix, buf.decode("utf-8", "replace").rstrip())
+            return
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > limit:
+                    logger.info("%s %s", prefix, buf[:limit].decode("utf-8", "replace"))
+                    buf = buf[limit:]
+                    continue
+                break
+            line, buf = buf[:nl], buf[nl + 1 :]
+            logger.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip("\r"))

@@ -1,0 +1,106 @@
+"""The restart rules for one prover child, in one place and free of I/O.
+
+A child that stops (a failed start, or an exit after it was ready) is started again after a delay
+that doubles from `base` up to `cap`, with jitter so a pool that crashed together does not restart
+in lockstep. The delay sequence starts over once a child has stayed ready for `stable_after`
+seconds. A child whose start fails `max_failed_starts` times in a row is FATAL: it is not started
+again, so a broken binary or config costs a few log lines, not a restart storm. A child with
+AutoRestart off is never restarted.
+
+Times are floats on a clock the caller chooses; randomness comes from the `random.Random` passed
+in, so a seeded generator gives a reproducible sequence in tests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """The numbers of the restart rules (defaults from issue 3)."""
+
+    base: float = 1.0
+    cap: float = 60.0
+    stable_after: float = 60.0
+    max_failed_starts: int = 5
+    # The delay is drawn uniformly from [d * (1 - jitter), d]: never above the nominal delay, so
+    # `cap` stays a true upper bound.
+    jitter: float = 0.2
+
+    def nominal_delay(self, step: int) -> float:
+        """The delay before restart number `step` (0-based) in a row, before jitter."""
+        # Cap the exponent first: 2**step overflows a float long before a child gives up.
+        return min(self.cap, self.base * 2.0 ** min(step, 64))
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """Start the child again after `delay` seconds."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Do not start the child again; `fatal` is False when AutoRestart is simply off."""
+
+    reason: str
+    fatal: bool
+
+
+Decision = Restart | GiveUp
+
+
+class RestartTracker:
+    """Restart state of one child: feed it what happened, it says what to do next."""
+
+    def __init__(
+        self,
+        policy: BackoffPolicy | None = None,
+        *,
+        auto_restart: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy or BackoffPolicy()
+        self.auto_restart = auto_restart
+        self._rng = rng or random.Random()
+        self.failed_starts = 0  # consecutive starts that never reached ready
+        self.step = 0  # position in the doubling sequence
+        self.restarts = 0  # total restarts decided (for statistics)
+        self._ready_since: float | None = None
+
+    def ready(self, now: float) -> None:
+        """The child reported ready: its start succeeded."""
+        self.failed_starts = 0
+        self._ready_since = now
+
+    def start_failed(self, reason: str) -> Decision:
+        """The child never became ready (spawn error, bad ready message, timeout, early exit)."""
+        self._ready_since = None
+        self.failed_starts += 1
+        if self.failed_starts >= self.policy.max_failed_starts:
+            return GiveUp(
+                f"FATAL: {self.failed_starts} failed starts in a row (last: {reason});"
+                " not restarting - fix the program or config and restart damocles-ext",
+                fatal=True,
+            )
+        return self._restart(reason)
+
+    def exited(self, now: float, reason: str) -> Decision:
+        """The child stopped after it had been ready (crash, kill after a hang, broken protocol)."""
+        if self._ready_since is not None and now - self._ready_since >= self.policy.stable_after:
+            self.step = 0
+        self._ready_since = None
+        return self._restart(reason)
+
+    def _restart(self, reason: str) -> Decision:
+        if not self.auto_restart:
+            return GiveUp(f"{reason}; AutoRestart is off, not restarting", fatal=False)
+        nominal = self.policy.nominal_delay(self.step)
+        delay = nominal * (1.0 - self.policy.jitter * self._rng.random())
+        self.step += 1
+        self.restarts += 1
+        return Restart(delay, reason)

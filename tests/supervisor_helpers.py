@@ -1,0 +1,138 @@
+"""Helpers for the supervisor tests: child specs, tasks, fake children, process checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import psutil
+import trio
+
+from damocles_ext.config import ChildSpec
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
+
+PY = sys.executable
+
+
+def spec(
+    argv: list[str] | tuple[str, ...],
+    *,
+    index: int = 0,
+    stage: str = "window_post",
+    **overrides: object,
+) -> ChildSpec:
+    """A ChildSpec as config.py would build it, with test-friendly defaults."""
+    fields: dict[str, object] = dict(
+        stage=stage,
+        index=index,
+        block=index,
+        name=f"{stage}#{index}",
+        argv=tuple(argv),
+        kind="bin",
+        envs={},
+        inherit_envs=True,
+        concurrent=1,
+        weight=1,
+        ready_timeout=10.0,
+        protocol="auto",
+        plugin=None,
+        plugin_options={},
+        cpuset=None,
+        auto_restart=True,
+        max_attempts=2,
+        request_timeout=None,
+        heartbeat_timeout=None,
+        cancel_grace=10.0,
+        locks=(),
+        gpu=None,
+    )
+    fields.update(overrides)
+    return ChildSpec(**fields)  # type: ignore[arg-type]
+
+
+def python_child(code: str) -> list[str]:
+    """argv of a Python child running `code` (unbuffered), as trio's own tests do."""
+    return [PY, "-u", "-c", textwrap.dedent(code)]
+
+
+def builtin_child(stage: str = "window_post", plugin: str = "echo", *options: str,
+                  protocol: str | None = None) -> list[str]:
+    """argv of the built-in child runtime (`damocles-ext child`)."""
+    argv = [PY, "-m", "damocles_ext", "child", stage, "--plugin", plugin]
+    for opt in options:
+        argv += ["--option", opt]
+    if protocol:
+        argv += ["--protocol", protocol]
+    return argv
+
+
+def window_task(miner: int = 1000, sector: int = 1) -> WindowPoSt:
+    """A small WindowPoSt task (the echo prover answers it from its fields)."""
+    return WindowPoSt(
+        miner_id=miner,
+        proof_type="StackedDrgWindow2KiBV1_2",
+        replicas=[PoStReplicaInfo(sector, bytes(range(32)), "/tmp/cache", "/tmp/sealed")],
+        seed=bytes(32),
+    )
+
+
+def winning_task(miner: int = 1000) -> WinningPoSt:
+    """A small WinningPoSt task."""
+    return WinningPoSt(
+        miner_id=miner,
+        proof_type="StackedDrgWinning2KiBV1",
+        replicas=[PoStReplicaInfo(1, bytes(range(32)), "/tmp/cache", "/tmp/sealed")],
+        seed=bytes(32),
+    )
+
+
+# A damocles-style JSON-lines child: answers each request with an empty proof list. The body of
+# `handle(req)` decides what to do; it returns the response dict or None (no answer).
+JSONL_CHILD = """
+import json, os, sys
+STAGE = {stage!r}
+sys.stdout.write(STAGE + " processor ready\\n")
+sys.stdout.flush()
+{setup}
+def answer(rid, err=None):
+    if err is None:
+        out = {{"proofs": [], "faults": [os.getpid()]}}
+        msg = {{"id": rid, "err_msg": None, "output": out}}
+    else:
+        msg = {{"id": rid, "err_msg": err, "output": None}}
+    sys.stdout.write(json.dumps(msg) + "\\n")
+    sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+{handle}
+"""
+
+
+def jsonl_child(handle: str = "    answer(req['id'])", setup: str = "",
+                stage: str = "window_post") -> list[str]:
+    """argv of a fake damocles JSON-lines child; `handle` is indented code run per request."""
+    return [PY, "-u", "-c", JSONL_CHILD.format(stage=stage, setup=setup, handle=handle)]
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` is a running (non-zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def our_descendants() -> list[psutil.Process]:
+    """Every live process below this test process."""
+    return [
+        p for p in psutil.Process(os.getpid()).children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` with a deadline (for process state, which sends no events)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
