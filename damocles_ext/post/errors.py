@@ -1,0 +1,21 @@
+"""Errors of the PoSt miniature, mapped onto damocles-ext's exit codes."""
+
+from __future__ import annotations
+
+from ..errors import DextError, ProverError, UsageError
+
+
+class InvalidTaskError(UsageError):
+    """The task itself is unusable (unknown proof type, no replicas, a sector id twice)."""
+
+
+class SectorFaultError(ProverError):
+    """A WinningPoSt's chosen sector is faulty (WindowPoSt reports faults in its output)."""
+
+
+class PoStCancelled(ProverError):
+    """Proving stopped because the cancel token was set."""
+
+
+class VerifyError(DextError):
+    """A proof does not check out against the public inputs; the message says why (exit 1)."""

@@ -1,0 +1,330 @@
+"""Load a prover implementing native/include/dext_prover.h and call it from Python.
+
+`NativeProver()` uses the reference prover compiled into `damocles_ext._native` at install time
+(cffi API mode); `NativeProver("/path/libvendor.so")` opens a vendor library with `dlopen` (cffi
+ABI mode) through the same compiled `ffi`, so both share one set of declarations: the header.
+The GIL is released while the library works (cffi does so around every C call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import ProverError, UsageError
+from ..tasks import (
+    Output,
+    Task,
+    WindowPoSt,
+    WindowPoStOutput,
+    WinningPoSt,
+    WinningPoStOutput,
+)
+from .errors import InvalidTaskError, PoStCancelled, SectorFaultError, VerifyError
+
+ABI_VERSION = 1
+REQUIRED_SYMBOLS = (
+    "dext_abi_version",
+    "dext_open",
+    "dext_close",
+    "dext_last_error",
+    "dext_window_post",
+    "dext_winning_post",
+    "dext_result_free",
+)
+OPTIONAL_SYMBOLS = ("dext_verify", "dext_build_tree")
+
+Progress = Callable[[str, int, int], None]
+
+
+class NativeLoadError(UsageError):
+    """A native prover library cannot be used (missing, not loadable, wrong symbols or ABI)."""
+
+
+def _compiled() -> Any:
+    try:
+        from .. import _native
+    except ImportError as exc:
+        raise NativeLoadError(
+            f"the built-in native prover (damocles_ext._native) is not built ({exc}); reinstall "
+            "damocles-ext with `pip install -e .` on a machine with a C compiler and the OpenSSL "
+            "headers (libssl-dev)"
+        ) from None
+    return _native
+
+
+class _CallState:
+    """What the progress trampoline needs during one call: a handle to it is the C ctx."""
+
+    __slots__ = ("progress", "cancel", "flag", "error")
+
+    def __init__(self, ffi: Any, progress: Progress | None, cancel: Any) -> None:
+        self.progress = progress
+        self.cancel = cancel
+        self.flag = ffi.new("int32_t *", 1 if cancel is not None and cancel.cancelled else 0)
+        self.error: BaseException | None = None
+
+
+_trampoline_installed = False
+
+
+def _install_trampoline(native: Any) -> None:
+    global _trampoline_installed
+    if _trampoline_installed:
+        return
+    ffi = native.ffi
+
+    @ffi.def_extern()
+    def _dext_py_progress(ctx, phase, done, total):  # noqa: ANN001 - C signature
+        state: _CallState = ffi.from_handle(ctx)
+        try:
+            # The library checks the int32 flag; the progress call is where a Python cancel
+            # token gets copied into it (the library reports at least every few tens of ms).
+            if state.cancel is not None and state.cancel.cancelled:
+                state.flag[0] = 1
+            if state.progress is not None:
+                state.progress(ffi.string(phase).decode(), int(done), int(total))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller after the C call
+            state.error = exc
+            state.flag[0] = 1
+
+    _trampoline_installed = True
+
+
+class NativeProver:
+    """A prover behind the C ABI; one handle, used by one call at a time."""
+
+    def __init__(
+        self, library_path: str | os.PathLike | None = None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        native = _compiled()
+        _install_trampoline(native)
+        self._ffi = native.ffi
+        self._consts = native.lib  # a dlopen'ed library carries functions only
+        self._handle = None
+        self._callback = native.lib._dext_py_progress
+        self._lock = threading.Lock()
+        if library_path is None:
+            self.library = "built-in reference prover"
+            self._lib = native.lib
+        else:
+            self.library = os.fspath(library_path)
+            self._lib = self._dlopen(self.library)
+        self.abi_version = int(self._lib.dext_abi_version())
+        if self.abi_version != ABI_VERSION:
+            raise NativeLoadError(
+                f"{self.library} implements dext prover ABI version {self.abi_version}, expected "
+                f"{ABI_VERSION}; use a build of the library for ABI {ABI_VERSION}"
+            )
+        opts = json.dumps(dict(options or {})).encode()
+        handle = self._lib.dext_open(opts)
+        if handle == self._ffi.NULL:
+            raise NativeLoadError(f"{self.library}: dext_open failed: {self._last_error(None)}")
+        self._handle = handle
+
+    def _dlopen(self, path: str) -> Any:
+        if not os.path.exists(path):
+            raise NativeLoadError(
+                f"native prover library {path} does not exist; set PluginOptions.library to "
+                "the path of a shared library implementing native/include/dext_prover.h"
+            )
+        try:
+            lib = self._ffi.dlopen(path)
+        except OSError as exc:
+            raise NativeLoadError(f"cannot load native prover library {path}: {exc}") from None
+        missing = [name for name in REQUIRED_SYMBOLS if not _has_symbol(lib, name)]
+        if missing:
+            raise NativeLoadError(
+                f"{path} is not a dext prover: missing symbol{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} (see native/include/dext_prover.h)"
+            )
+        return lib
+
+    def has(self, symbol: str) -> bool:
+        """Whether the library exports an optional function such as dext_build_tree."""
+        return _has_symbol(self._lib, symbol)
+
+    def _last_error(self, handle: Any) -> str:
+        msg = self._lib.dext_last_error(handle if handle is not None else self._ffi.NULL)
+        return self._ffi.string(msg).decode(errors="replace") if msg != self._ffi.NULL else ""
+
+    def _check(self, status: int, state: _CallState | None, what: str) -> None:
+        if state is not None and state.error is not None:
+            raise state.error
+        if status == 0:
+            return
+        message = f"{what}: {self._last_error(self._handle)}"
+        lib = self._consts
+        if status == lib.DEXT_ERR_INVALID_ARGUMENT:
+            raise InvalidTaskError(message)
+        if status == lib.DEXT_ERR_SECTOR:
+            raise SectorFaultError(message)
+        if status == lib.DEXT_ERR_CANCELLED:
+            raise PoStCancelled(message)
+        if status == lib.DEXT_ERR_INVALID_PROOF:
+            raise VerifyError(message)
+        raise ProverError(f"{message} (status {status} from {self.library})")
+
+    def _handle_or_raise(self) -> Any:
+        if self._handle is None:
+            raise ProverError(f"{self.library}: the prover is closed")
+        return self._handle
+
+    def _c_task(self, task: Task) -> tuple[Any, list[Any]]:
+        ffi = self._ffi
+        keep: list[Any] = []
+        replicas = ffi.new("dext_replica[]", len(task.replicas))
+        keep.append(replicas)
+        for i, rep in enumerate(task.replicas):
+            c = replicas[i]
+            c.sector_id = rep.sector_id
+            ffi.memmove(c.comm_r, rep.comm_r, 32)
+            for field in ("cache_dir", "sealed_file"):
+                path = os.fsencode(getattr(rep, field))
+                if b"\0" in path:
+                    raise InvalidTaskError(f"replica {i} (sector {rep.sector_id}): {field} has a NUL byte")
+                buf = ffi.new("char[]", path)
+                keep.append(buf)
+                setattr(c, field, buf)
+        ptype = ffi.new("char[]", task.proof_type.encode())
+        keep.append(ptype)
+        ctask = ffi.new("dext_post_task *")
+        ctask.miner_id = task.miner_id
+        ctask.proof_type = ptype
+        ffi.memmove(ctask.seed, task.seed, 32)
+        ctask.replicas = replicas
+        ctask.replica_count = len(task.replicas)
+        return ctask, keep
+
+    def _prove(self, fn_name: str, task: Task, progress: Progress | None, cancel: Any) -> tuple[list[bytes], list[int]]:
+        ffi = self._ffi
+        ctask, keep = self._c_task(task)
+        state = _CallState(ffi, progress, cancel)
+        ctx = ffi.new_handle(state)
+        out = ffi.new("dext_result **")
+        proofs: list[bytes] = []
+        faults: list[int] = []
+        with self._lock:
+            handle = self._handle_or_raise()
+            status = getattr(self._lib, fn_name)(handle, ctask, self._callback, ctx, state.flag, out)
+            result = out[0]
+            if result != ffi.NULL:
+                try:
+                    proofs = [
+                        bytes(ffi.buffer(result.proofs[i].ptr, result.proofs[i].len))
+                        for i in range(result.proof_count)
+                    ]
+                    faults = [int(result.faults[i]) for i in range(result.fault_count)]
+                finally:
+                    self._lib.dext_result_free(result)
+            self._check(status, state, fn_name.removeprefix("dext_"))
+        del keep, ctx
+        return proofs, faults
+
+    def window_post(
+        self, task: WindowPoSt, progress: Progress | None = None, cancel: Any = None
+    ) -> WindowPoStOutput:
+        """Prove a WindowPoSt; faults come back in the output (with no proofs), as damocles expects."""
+        proofs, faults = self._prove("dext_window_post", task, progress, cancel)
+        return WindowPoStOutput(proofs=proofs, faults=faults)
+
+    def winning_post(
+        self, task: WinningPoSt, progress: Progress | None = None, cancel: Any = None
+    ) -> WinningPoStOutput:
+        """Prove a WinningPoSt (SectorFaultError when the chosen sector is faulty)."""
+        proofs, _ = self._prove("dext_winning_post", task, progress, cancel)
+        return WinningPoStOutput(proofs=proofs)
+
+    def prove(self, task: Task, progress: Progress | None = None, cancel: Any = None) -> Output:
+        """window_post or winning_post, by the task's type."""
+        if isinstance(task, WindowPoSt):
+            return self.window_post(task, progress, cancel)
+        return self.winning_post(task, progress, cancel)
+
+    def verify(self, task: Task, output: Output) -> None:
+        """Check proofs with the library's dext_verify; VerifyError with its reason if invalid."""
+        if not self.has("dext_verify"):
+            raise ProverError(f"{self.library} does not implement the optional dext_verify")
+        if isinstance(output, WindowPoStOutput) and output.faults:
+            raise VerifyError(
+                f"the output reports faulty sectors {list(output.faults)} and no valid proof of "
+                "the task; prove again without them"
+            )
+        ffi = self._ffi
+        ctask, keep = self._c_task(task)
+        bufs = [ffi.from_buffer("uint8_t[]", p) for p in output.proofs]
+        cproofs = ffi.new("dext_bytes[]", max(1, len(bufs)))
+        for i, buf in enumerate(bufs):
+            cproofs[i].ptr = ffi.cast("uint8_t *", buf)
+            cproofs[i].len = len(buf)
+        with self._lock:
+            status = self._lib.dext_verify(self._handle_or_raise(), ctask, cproofs, len(bufs))
+            self._check(status, None, "verify")
+        del keep, bufs
+
+    def build_tree(
+        self,
+        proof_type: str,
+        sealed_file: str | os.PathLike,
+        cache_dir: str | os.PathLike,
+        comm_c: bytes,
+        progress: Progress | None = None,
+        cancel: Any = None,
+    ) -> bytes:
+        """Write cache_dir's p_aux and tree file for a sealed file; returns comm_r."""
+        if not self.has("dext_build_tree"):
+            raise ProverError(f"{self.library} does not implement the optional dext_build_tree")
+        if len(comm_c) != 32:
+            raise InvalidTaskError(f"comm_c must be 32 bytes, got {len(comm_c)}")
+        ffi = self._ffi
+        state = _CallState(ffi, progress, cancel)
+        ctx = ffi.new_handle(state)
+        comm_r = ffi.new("uint8_t[32]")
+        with self._lock:
+            status = self._lib.dext_build_tree(
+                self._handle_or_raise(),
+                proof_type.encode(),
+                os.fsencode(sealed_file),
+                os.fsencode(cache_dir),
+                comm_c,
+                comm_r,
+                self._callback,
+                ctx,
+                state.flag,
+            )
+            self._check(status, state, "build_tree")
+        del ctx
+        return bytes(ffi.buffer(comm_r, 32))
+
+    def close(self) -> None:
+        """Release the library's handle (idempotent)."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return  # __init__ failed before there was anything to release
+        with lock:
+            if self._handle is not None:
+                self._lib.dext_close(self._handle)
+                self._handle = None
+
+    def __enter__(self) -> NativeProver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _has_symbol(lib: Any, name: str) -> bool:
+    try:
+        getattr(lib, name)
+    except AttributeError:
+        return False
+    return True
