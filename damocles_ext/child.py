@@ -91,7 +91,7 @@ def parse_options(items: Iterable[str]) -> dict[str, str | int | float | bool]:
 
 
 def format_option(key: str, value: str | int | float | bool) -> str:
-    """`KEY=VALUE` that `parse_option` reads back as exactly (key, value) (strings quoted if needed)."""
+    """`KEY=VALUE` that `parse_option` reads back as exactly (key, value); quotes if needed."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, int | float):
@@ -293,7 +293,8 @@ class ChildRuntime:
                     return
                 phase, done, total = job.progress
                 now = time.monotonic()
-                if not force and phase == job.sent_phase and now - job.sent_at < PROGRESS_MIN_INTERVAL:
+                recent = now - job.sent_at < PROGRESS_MIN_INTERVAL
+                if not force and phase == job.sent_phase and recent:
                     return
                 job.sent_at = now
                 job.sent_phase = phase

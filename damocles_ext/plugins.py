@@ -111,7 +111,9 @@ def _origin_of(plugin: Any, dist: importlib.metadata.Distribution | None, value:
 def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     """Hook implementations of `plugin` that match no hookspec (typically a misspelling)."""
     problems = []
-    known = sorted(n for n in dir(pm.hook) if n.startswith("dext_"))
+    known = sorted(
+        n for n in dir(pm.hook) if n.startswith("dext_") and getattr(pm.hook, n).has_spec()
+    )
     for caller in pm.get_hookcallers(plugin) or []:
         if caller.has_spec():
             continue

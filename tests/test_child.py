@@ -7,13 +7,13 @@ import sys
 import textwrap
 
 import pytest
+from child_harness import EOF, Child, make_plugin_dist, window_task, winning_task
+from damocles_ext_plugins.testing import echo_output
 from hypothesis import given
 from hypothesis import strategies as st
 
-from child_harness import EOF, Child, make_plugin_dist, window_task, winning_task
 from damocles_ext.child import coerce_value, format_option, parse_option, parse_options
 from damocles_ext.protocol import dext, jsonl
-from damocles_ext_plugins.testing import echo_output
 
 # -- option parsing (in-process) ------------------------------------------------------------------
 
@@ -315,7 +315,7 @@ def test_prover_that_fails_to_load_exits_2_with_the_reason():
         assert "load_fail=true" in err
 
 
-# -- stray output of a prover -----------------------------------------------------------------------
+# -- stray output of a prover ---------------------------------------------------------------------
 
 NOISY_PLUGIN = textwrap.dedent(
     """

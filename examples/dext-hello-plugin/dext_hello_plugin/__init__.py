@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from damocles_ext.hookspecs import hookimpl, ProverSpec
+from damocles_ext.hookspecs import ProverSpec, hookimpl
 
 __version__ = "0.2.0"
 

@@ -1,0 +1,505 @@
+"""The plugin contract, discovery through entry points, observers, the test provers, the example."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+from child_harness import Child, child_env, make_plugin_dist, window_task, winning_task
+from damocles_ext_plugins import testing
+
+from damocles_ext import hookspecs, plugins
+from damocles_ext.hookspecs import (
+    Cancelled,
+    CancelToken,
+    ChildInfo,
+    ExitStatus,
+    ProverSpec,
+    RequestInfo,
+    hookimpl,
+)
+from damocles_ext.protocol import dext
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "dext-hello-plugin"
+
+# -- the contract ---------------------------------------------------------------------------------
+
+
+def _hookspecs():
+    return {
+        name: fn
+        for name, fn in vars(hookspecs).items()
+        if callable(fn) and hasattr(fn, f"{hookspecs.PROJECT}_spec")
+    }
+
+
+def test_the_contract_declares_the_provider_and_observer_hooks():
+    assert set(_hookspecs()) == {
+        "dext_provers",
+        "dext_validate_plugin_options",
+        "dext_child_started",
+        "dext_child_ready",
+        "dext_child_exited",
+        "dext_request_started",
+        "dext_request_finished",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_hookspecs()))
+def test_every_hook_is_documented_with_parameters_return_and_when_called(name):
+    fn = _hookspecs()[name]
+    doc = inspect.getdoc(fn) or ""
+    assert name.startswith("dext_")
+    assert "Parameters:" in doc and "Returns:" in doc and "Called:" in doc, name
+    for param in inspect.signature(fn).parameters:
+        assert f"`{param}`" in doc, f"{name} does not document its parameter {param!r}"
+
+
+def test_markers_and_entry_point_group_use_the_project_name():
+    assert hookspecs.hookspec.project_name == "damocles_ext"
+    assert hookspecs.hookimpl.project_name == "damocles_ext"
+    assert plugins.ENTRY_POINT_GROUP == "damocles_ext"
+
+
+def test_prover_spec_keeps_stages_as_a_tuple_and_validates_nothing_by_default():
+    spec = ProverSpec("x", "window_post", lambda options: None)
+    assert spec.stages == ("window_post",)
+    assert spec.validate_options({"anything": 1}) == []
+
+
+def test_cancel_token_check_raises_once_cancelled():
+    token = CancelToken()
+    token.check()
+    assert not token.cancelled and token.wait(0) is False
+    token.cancel("deadline")
+    assert token.cancelled and token.wait(0) is True
+    with pytest.raises(Cancelled, match="deadline"):
+        token.check()
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (ExitStatus(None, 9, "request timeout"), "killed by SIGKILL (request timeout)"),
+        (ExitStatus(3), "exit code 3"),
+        (ExitStatus(None, None), "unknown exit status"),
+    ],
+)
+def test_exit_status_describes_itself_for_logs(status, text):
+    assert status.describe() == text
+
+
+# -- discovery ------------------------------------------------------------------------------------
+
+
+def test_builtin_plugins_are_registered_through_the_package_entry_points():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="damocles_ext")}
+    assert eps.get("testing") == "damocles_ext_plugins.testing"
+    pm = plugins.get_plugin_manager()
+    assert pm.get_plugin("testing") is testing
+    origin = pm.origins["testing"]
+    assert origin.startswith("damocles-ext ") and origin.endswith("testing.py")
+    assert plugins.find_prover(pm, "echo").stages == ("window_post", "winning_post")
+    assert plugins.prover_plugin(pm, "sleep") == "testing"
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+BROKEN = "raise RuntimeError('the GPU library is missing')\n"
+
+
+def test_broken_plugin_is_named_in_errors_and_the_others_still_load(tmp_path, monkeypatch):
+    module = _unique("broken_plugin")
+    make_plugin_dist(tmp_path, dist="broken-plugin", module=module, source=BROKEN,
+                     entry_point="broken")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = plugins.get_plugin_manager()
+    failure = next(e for e in pm.load_errors if e.name == "broken")
+    assert failure.error == "RuntimeError: the GPU library is missing"
+    assert "broken-plugin 0.1" in failure.origin
+    assert plugins.find_prover(pm, "echo").name == "echo"  # the others still load
+    with pytest.raises(plugins.PluginError) as excinfo:
+        plugins.find_prover(pm, "gpu")
+    message = str(excinfo.value)
+    assert "unknown prover 'gpu'" in message
+    assert "broken (RuntimeError: the GPU library is missing)" in message
+    assert "echo (testing: window_post/winning_post)" in message
+    rows = {r.name: r for r in plugins.list_plugins(pm)}
+    assert rows["broken"].error == failure.error and rows["broken"].provers == ()
+
+
+def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
+    make_plugin_dist(tmp_path, dist="broken-plugin", module=_unique("broken"), source=BROKEN,
+                     entry_point="broken")
+    argv = [sys.executable, "-m", "damocles_ext", "plugins"]
+    env = child_env([tmp_path])
+    text = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0, text.stderr
+    assert "broken: FAILED TO LOAD: RuntimeError: the GPU library is missing" in text.stdout
+    assert "  from broken-plugin 0.1" in text.stdout
+    assert "testing: 2 prover(s), from damocles-ext" in text.stdout
+    assert "  echo   window_post, winning_post" in text.stdout
+    as_json = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True,
+                             timeout=30)
+    rows = {r["name"]: r for r in json.loads(as_json.stdout)}
+    assert [p["name"] for p in rows["testing"]["provers"]] == ["echo", "sleep"]
+    assert rows["broken"]["error"].startswith("RuntimeError")
+
+
+def test_child_starts_although_an_unrelated_plugin_is_broken(tmp_path):
+    make_plugin_dist(tmp_path, dist="broken-plugin", module=_unique("broken"), source=BROKEN,
+                     entry_point="broken")
+    with Child("window_post", "echo", pythonpath=[tmp_path]) as child:
+        assert isinstance(child.next(), dext.Hello)
+
+
+class Misspelt:
+    @hookimpl
+    def dext_prover(self):  # the hook is dext_provers
+        return []
+
+
+def test_misspelt_hook_is_reported_with_a_suggestion_and_the_plugin_not_registered():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    assert not plugins.register_plugin(pm, Misspelt(), "typo")
+    assert "unknown hook 'dext_prover' (did you mean 'dext_provers'?)" in pm.load_errors[0].error
+    assert not pm.has_plugin("typo")
+
+
+class Provides:
+    def __init__(self, *specs, raises=None):
+        self.specs, self.raises = specs, raises
+
+    @hookimpl
+    def dext_provers(self):
+        if self.raises:
+            raise self.raises
+        return list(self.specs)
+
+
+class Echoish:
+    name = "x"
+    stages = ("window_post",)
+
+    def prove(self, task, progress, cancel):
+        return testing.echo_output(task)
+
+
+def _spec(name="x", stages=("window_post",), **kw):
+    return ProverSpec(name, stages, kw.pop("factory", lambda options: Echoish()), **kw)
+
+
+def test_plugin_whose_dext_provers_raises_is_recorded_and_the_others_still_serve():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(raises=KeyError("cuda")), "bad")
+    plugins.register_plugin(pm, Provides(_spec("good")), "good")
+    assert plugins.find_prover(pm, "good").name == "good"
+    assert [(e.name, e.error) for e in pm.load_errors] == [
+        ("bad", "dext_provers raised KeyError: 'cuda'")
+    ]
+
+
+def test_plugin_returning_something_else_than_prover_specs_is_recorded():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides({"name": "x"}), "dicty")
+    assert plugins.available_provers(pm) == {}
+    assert "returned dict, not ProverSpec" in pm.load_errors[0].error
+
+
+def test_prover_offered_by_two_plugins_is_an_error_naming_both():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(_spec("gpu")), "vendor_a")
+    plugins.register_plugin(pm, Provides(_spec("gpu")), "vendor_b")
+    with pytest.raises(plugins.PluginError, match=r"several plugins \(vendor_a, vendor_b\)"):
+        plugins.find_prover(pm, "gpu")
+
+
+def test_prover_asked_for_a_stage_it_does_not_serve_is_refused():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(_spec("wd", ("window_post",))), "p")
+    with pytest.raises(plugins.PluginError, match="serves window_post, not winning_post"):
+        plugins.find_prover(pm, "wd", "winning_post")
+
+
+class Policy:
+    @hookimpl
+    def dext_validate_plugin_options(self, prover_name, options):
+        if "threads" in options and options["threads"] > 4:
+            return [f"{prover_name}: threads must be <= 4 on this site"]
+        return None
+
+
+def test_option_problems_from_the_prover_and_from_other_plugins_are_all_reported():
+    pm = plugins.get_plugin_manager(entry_points=False)
+
+    def needs_dev(options):
+        return [] if "dev" in options else ["p: option 'dev' is required"]
+
+    spec = _spec("p", validate_options=needs_dev)
+    plugins.register_plugin(pm, Provides(spec), "p")
+    plugins.register_plugin(pm, Policy(), "policy")
+    assert plugins.validate_prover_options(pm, spec, {"threads": 8}) == [
+        "p: option 'dev' is required",
+        "p: threads must be <= 4 on this site",
+    ]
+    with pytest.raises(plugins.PluginError, match="invalid options for prover 'p': p: option"):
+        plugins.load_prover(pm, "p", {"threads": 8})
+    assert isinstance(plugins.load_prover(pm, "p", {"dev": "/dev/x", "threads": 2}), Echoish)
+
+
+def test_factory_failures_and_non_provers_become_plugin_errors():
+    pm = plugins.get_plugin_manager(entry_points=False)
+
+    def explode(options):
+        raise OSError("libcuda.so: cannot open shared object file")
+
+    specs = _spec("boom", factory=explode), _spec("nothing", factory=lambda o: 42)
+    plugins.register_plugin(pm, Provides(*specs), "p")
+    with pytest.raises(plugins.PluginError, match="'boom' .plugin p. failed to start: OSError"):
+        plugins.load_prover(pm, "boom", {})
+    with pytest.raises(plugins.PluginError, match="returned int, which has no prove"):
+        plugins.load_prover(pm, "nothing", {})
+
+
+def test_trace_env_var_logs_hook_calls(monkeypatch, caplog):
+    monkeypatch.setenv(plugins.TRACE_ENV, "1")
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(_spec("t")), "p")
+    with caplog.at_level(logging.INFO, logger="damocles_ext.hooks"):
+        pm.hook.dext_provers()
+    assert any("dext_provers" in r.getMessage() for r in caplog.records)
+
+
+# -- observers ------------------------------------------------------------------------------------
+
+CHILD = ChildInfo("window_post", 0, "window_post#0", 1234, "0")
+REQUEST = RequestInfo(9, "window_post", "window_post#0", None)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def dext_child_started(self, child):
+        self.calls.append(("started", child))
+
+    @hookimpl
+    async def dext_child_exited(self, child, status):
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("exited", child, status))
+
+    @hookimpl
+    def dext_request_finished(self, request, outcome, duration):
+        async def later():
+            await trio.lowlevel.checkpoint()
+            self.calls.append(("finished", request.id, outcome, duration))
+
+        return later  # a callable returning an awaitable, datasette style
+
+
+class Raises:
+    @hookimpl
+    def dext_child_started(self, child):
+        raise ValueError("sync observer bug")
+
+    @hookimpl
+    async def dext_child_exited(self, child, status):
+        await trio.lowlevel.checkpoint()
+        raise ValueError("async observer bug")
+
+
+@pytest.fixture
+def observed():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    recorder = Recorder()
+    plugins.register_plugin(pm, recorder, "recorder")
+    plugins.register_plugin(pm, Raises(), "raiser")  # registered last: called first
+    return pm, recorder
+
+
+async def test_sync_observer_exception_is_logged_naming_the_plugin_and_others_still_run(
+    observed, caplog
+):
+    pm, recorder = observed
+    await plugins.call_observers(pm, "dext_child_started", child=CHILD)
+    assert recorder.calls == [("started", CHILD)]
+    record = next(r for r in caplog.records if "raiser" in r.getMessage())
+    assert "dext_child_started" in record.getMessage() and record.exc_info[1].args == (
+        "sync observer bug",
+    )
+
+
+async def test_async_observer_is_awaited_and_its_exception_logged(observed, caplog):
+    pm, recorder = observed
+    status = ExitStatus(None, 9, "crash")
+    await plugins.call_observers(pm, "dext_child_exited", child=CHILD, status=status)
+    assert recorder.calls == [("exited", CHILD, status)]
+    assert any("async observer bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+async def test_observer_returning_a_callable_gets_it_called_and_awaited(observed):
+    pm, recorder = observed
+    await plugins.call_observers(
+        pm, "dext_request_finished", request=REQUEST, outcome="ok", duration=0.5
+    )
+    assert recorder.calls == [("finished", 9, "ok", 0.5)]
+
+
+async def test_observers_do_not_swallow_the_callers_cancellation():
+    pm = plugins.get_plugin_manager(entry_points=False)
+
+    class Slow:
+        @hookimpl
+        async def dext_child_ready(self, child):
+            await trio.sleep_forever()
+
+    plugins.register_plugin(pm, Slow(), "slow")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await plugins.call_observers(pm, "dext_child_ready", child=CHILD)
+    assert scope.cancelled_caught
+
+
+async def test_unknown_observer_hook_is_logged_not_raised(caplog):
+    pm = plugins.get_plugin_manager(entry_points=False)
+    await plugins.call_observers(pm, "dext_child_explode", child=CHILD)
+    assert "no hook named 'dext_child_explode'" in caplog.text
+
+
+# -- the test provers (in-process) ----------------------------------------------------------------
+
+
+def _prove(prover, task, on_progress=lambda *a: None, token=None):
+    return prover.prove(task, on_progress, token or CancelToken())
+
+
+def test_echo_output_is_derived_from_the_task():
+    echo = plugins.load_prover(plugins.get_plugin_manager(), "echo", {})
+    a, b = _prove(echo, window_task(seed_byte=1)), _prove(echo, window_task(seed_byte=2))
+    assert a.faults == [] and len(a.proofs) == 1 and a.proofs != b.proofs
+    assert _prove(echo, winning_task()).proofs == [testing.echo_proof(winning_task())]
+
+
+def test_sleep_stops_at_the_next_check_after_cancel():
+    sleep = plugins.load_prover(plugins.get_plugin_manager(), "sleep",
+                                {"seconds": 600, "progress_interval": 0.001})
+    token = CancelToken()
+    seen = []
+
+    def on_progress(phase, done, total):
+        seen.append(done)
+        if done == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        _prove(sleep, window_task(), on_progress, token)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_sleep_fails_every_nth_request():
+    sleep = plugins.load_prover(plugins.get_plugin_manager(), "sleep",
+                                {"seconds": 0, "fail": "every:3"})
+    results = []
+    for _ in range(6):
+        try:
+            _prove(sleep, window_task())
+            results.append("ok")
+        except RuntimeError:
+            results.append("fail")
+    assert results == ["ok", "ok", "fail", "ok", "ok", "fail"]
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"seconds": "long"}, "option 'seconds' must be a number"),
+        ({"seconds": True}, "option 'seconds' must be a number"),
+        ({"progress_interval": 0}, "option 'progress_interval' must be > 0.0"),
+        ({"fail": "sometimes"}, "is not one of never, always, every:N, crash, hang"),
+        ({"fail": "every:0"}, "N in every:N must be >= 1"),
+        ({"load_fail": "yes"}, "option 'load_fail' must be true or false"),
+        ({"sconds": 1}, "unknown option 'sconds'"),
+    ],
+)
+def test_sleep_option_problems_are_reported(options, problem):
+    spec = plugins.find_prover(plugins.get_plugin_manager(), "sleep")
+    assert any(problem in p for p in spec.validate_options(options))
+
+
+def test_echo_takes_no_options():
+    spec = plugins.find_prover(plugins.get_plugin_manager(), "echo")
+    assert spec.validate_options({"seconds": 1}) == [
+        "echo: unknown option 'seconds'; echo takes no options"
+    ]
+
+
+# -- the example third-party plugin, installed with pip -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hello_installed(tmp_path_factory):
+    """pip-install examples/dext-hello-plugin into a private target dir (not into the venv)."""
+    work = tmp_path_factory.mktemp("hello")
+    source = work / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = work / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(target.glob("dext_hello_plugin-0.2.0.dist-info"))
+    return target
+
+
+def test_example_plugin_appears_in_the_plugins_listing(hello_installed):
+    out = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "plugins"],
+        env=child_env([hello_installed]), capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0
+    block = out.stdout.split("hello: ", 1)[1].splitlines()
+    assert block[0] == (
+        "1 prover(s), from dext-hello-plugin 0.2.0, entry point 'dext_hello_plugin', "
+        f"{hello_installed / 'dext_hello_plugin' / '__init__.py'}"
+    )
+    assert block[1].split() [:3] == ["hello", "window_post,", "winning_post"]
+
+
+@pytest.mark.parametrize("make_task", [window_task, winning_task])
+def test_example_plugin_serves_requests_in_a_child(hello_installed, make_task):
+    task = make_task()
+    stage = type(task).__struct_config__.tag
+    with Child(stage, "hello", "greeting=bonjour", pythonpath=[hello_installed]) as child:
+        hello = child.next()
+        assert (hello.prover, hello.version) == ("hello", "0.2.0")
+        child.send_msg(dext.Request(1, task))
+        response, _ = child.next_of(dext.Response)
+    import hashlib
+
+    expected = hashlib.sha256(b"bonjour" + task.seed + task.miner_id.to_bytes(8, "little"))
+    for replica in task.replicas:
+        expected.update(replica.sector_id.to_bytes(8, "little"))
+    assert response.error is None and response.output.proofs == [expected.digest()]
+
+
+def test_example_plugin_option_errors_fail_the_child_start(hello_installed):
+    with Child("window_post", "hello", "greeting=", "volume=11",
+               pythonpath=[hello_installed]) as child:
+        assert child.wait() == 2
+        assert "hello: unknown option 'volume'" in child.stderr
+        assert "option 'greeting' must be non-empty text" in child.stderr
