@@ -1,0 +1,166 @@
+"""`damocles-ext simulate`: compare dispatch policies on simulated Filecoin proving days."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `simulate` and its options."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="simulate proving days and compare damocles' dispatch with damocles-ext's",
+        description=(
+            "A discrete-event simulation on Filecoin's chain timing (48 deadlines a day, 30-minute "
+            "windows, randomness 10 minutes before a window opens). Every policy runs the same "
+            "random draws. Policies: a = damocles ext-prover as it is, b = damocles with "
+            "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler, reference = vanilla "
+            "split from SNARK with one global EDF queue (a yardstick, not a deployment). "
+            "Durations are seconds unless suffixed with m (minutes)."
+        ),
+    )
+    parser.add_argument("--miners", type=int, default=4, help="miner ids (default 4)")
+    parser.add_argument("--gpus", type=int, default=4, help="GPUs (default 4)")
+    parser.add_argument(
+        "--partitions", type=int, default=3,
+        help="partitions per deadline per miner (default 3)",
+    )
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument("--hours", type=float, help="simulated span in hours (default 24)")
+    span.add_argument("--days", type=float, help="simulated span in days")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    parser.add_argument(
+        "--offsets", default="colliding",
+        help="'colliding' (all miners share deadline times), 'spread' (evenly staggered), or "
+        "comma-separated seconds per miner",
+    )
+    parser.add_argument(
+        "--submit-margin", default="5m", help="proofs are due this long before the window closes"
+    )
+    parser.add_argument("--snark", default="3m-9m", help="SNARK time per partition, LOW-HIGH")
+    parser.add_argument("--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH")
+    parser.add_argument("--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH")
+    parser.add_argument(
+        "--winning-rate", type=float, default=2.0,
+        help="WinningPoSt requests per hour per miner (Poisson; default 2)",
+    )
+    parser.add_argument(
+        "--policies", default="a,b,c",
+        help="comma-separated: a, b, c, reference (or damocles, damocles-c2, damocles-ext)",
+    )
+    parser.add_argument(
+        "--bisect", action="store_true",
+        help="also find each policy's highest miss-free load (partitions per deadline, all "
+        "miners) and show it as a fraction of the capacity bound",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([sm]?)\s*$")
+
+
+def _seconds(text: str, option: str) -> float:
+    from damocles_ext.errors import UsageError
+
+    m = _DURATION.match(text)
+    if not m:
+        raise UsageError(
+            f"{option}: {text!r} is not a duration; write seconds (90 or 90s) or minutes (3m)"
+        )
+    return float(m.group(1)) * (60.0 if m.group(2) == "m" else 1.0)
+
+
+def _range(text: str, option: str):
+    from damocles_ext.errors import UsageError
+    from damocles_ext.scheduling.simulator import Uniform
+
+    parts = text.split("-")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise UsageError(f"{option}: {text!r} is not LOW-HIGH (for example 3m-9m) or one duration")
+    low, high = (_seconds(p, option) for p in parts)
+    if low > high:
+        raise UsageError(f"{option}: the low end {low:g}s is above the high end {high:g}s")
+    return Uniform(low, high)
+
+
+def build_scenario(args: argparse.Namespace):
+    """The Scenario the options describe; UsageError names the bad option."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.scheduling.simulator import Scenario
+
+    for name in ("miners", "gpus"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.partitions < 0:
+        raise UsageError(f"--partitions must be 0 or more, got {args.partitions}")
+    hours = 24.0 if args.hours is None and args.days is None else (
+        args.hours if args.hours is not None else args.days * 24.0
+    )
+    if not hours > 0:
+        raise UsageError(f"the simulated span must be positive, got {hours:g} hours")
+    if hours > 24 * 31:
+        raise UsageError(f"the simulated span is limited to 31 days, got {hours / 24:g} days")
+    if args.winning_rate < 0:
+        raise UsageError(f"--winning-rate must be 0 or more, got {args.winning_rate:g}")
+    offsets: str | tuple[float, ...] = args.offsets
+    if args.offsets not in ("colliding", "spread"):
+        try:
+            offsets = tuple(_seconds(x, "--offsets") for x in args.offsets.split(","))
+        except UsageError:
+            raise UsageError(
+                f"--offsets: {args.offsets!r} is neither 'colliding', 'spread' nor a "
+                "comma-separated list of durations (one per miner)"
+            ) from None
+        if len(offsets) != args.miners:
+            raise UsageError(
+                f"--offsets gives {len(offsets)} offsets but --miners is {args.miners}; "
+                "give one per miner"
+            )
+    margin = _seconds(args.submit_margin, "--submit-margin")
+    if margin >= 1800:
+        raise UsageError(f"--submit-margin {margin:g}s leaves no time in a 30-minute window")
+    return Scenario(
+        gpus=args.gpus,
+        partitions=(args.partitions,) * args.miners,
+        hours=hours,
+        offsets=offsets,
+        seed=args.seed,
+        submit_margin=margin,
+        vanilla=_range(args.vanilla, "--vanilla"),
+        snark=_range(args.snark, "--snark"),
+        winning_gpu=_range(args.winning, "--winning"),
+        winning_rate=args.winning_rate,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Simulate, print the table (or JSON); exit 2 on bad options."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.scheduling import simulator as sim
+
+    scenario = build_scenario(args)
+    try:
+        policies = sim.resolve_policies([p.strip() for p in args.policies.split(",") if p.strip()])
+    except ValueError as exc:
+        raise UsageError(f"--policies: {exc}") from None
+    if not policies:
+        raise UsageError("--policies: name at least one policy")
+    results = sim.simulate(scenario, policies)
+    doc = sim.report(scenario, results)
+    if args.bisect:
+        doc["bisect"] = sim.bisect_report(scenario, policies)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(sim.describe(scenario, doc))
+    print()
+    print(sim.format_table(results))
+    if args.bisect:
+        print()
+        print(sim.format_bisect(doc["bisect"]))
+    return 0

@@ -1,0 +1,723 @@
+"""A discrete-event simulation of PoSt proving on Filecoin's chain timing, in virtual time.
+
+It compares three ways of running the same work with the same random draws:
+
+* ``damocles`` (a): damocles-manager's ext-prover as it is. One WindowPoSt child and one
+  WinningPoSt child per GPU, ``Concurrent = 1``, each with its own TMPDIR (the seed's deployment),
+  so bellperson's lock files do not serialize them: two proofs on one GPU at once share it.
+  Dispatch: `baselines.DamoclesDispatch` (random; a request binds to a child on arrival).
+* ``damocles-c2`` (b): the same with ``Concurrent = 2`` on the WindowPoSt children (the seed's
+  two-jobs-per-GPU advice) and one TMPDIR per GPU shared by both stages, so bellperson's
+  ``bellman.gpu.lock`` serializes every SNARK on that GPU in arrival order: a WinningPoSt waits
+  behind a running WindowPoSt SNARK (bellperson #291).
+* ``damocles-ext`` (c): the real `policy.Scheduler` (the code the supervisor runs) fed these events.
+  Deployment: per GPU one WindowPoSt child with ``Concurrent = 2`` and a private TMPDIR (its two
+  proofs serialize their SNARKs on the child's own bellperson lock, so one proof's vanilla phase
+  overlaps the other's SNARK), and one WinningPoSt child with a private TMPDIR and
+  ``GpuLock = false`` (it time-shares the GPU with a running WindowPoSt SNARK rather than wait
+  minutes for it). Requests carry their deadline (proof due time; WinningPoSt: its budget).
+* ``reference``: not a deployable policy but a yardstick for (c). Every partition's vanilla phase
+  starts the moment its randomness is known (unlimited CPU), and each GPU that falls idle takes the
+  ready SNARK with the earliest deadline from one global queue: what a non-preemptive scheduler
+  that cannot foresee durations could do if vanilla proving were split from the SNARK (damocles
+  #981). WinningPoSt time-shares the least busy GPU.
+
+The model, stated plainly so its limits are clear:
+
+* Chain: 48 deadlines a day, a 30-minute challenge window each, randomness known 10 minutes
+  before the window opens (proving may start then), proofs due ``submit_margin`` before the window
+  closes. Miner m's deadlines open at ``lookback + offset_m + i * 30 min``.
+* One request per partition. Its vanilla phase (CPU and disk) needs no GPU and is not contended:
+  the machine is assumed to have CPU and disk enough for every proof in flight. Its SNARK phase
+  needs the GPU. WinningPoSt is GPU time only (its vanilla part is one sector: negligible).
+* A GPU is a processor-sharing server: proofs whose SNARKs are on it at once each run at 1/n
+  speed (CUDA time-slicing; GPU memory is assumed to suffice for both). Proofs that share a
+  bellperson lock domain (one TMPDIR) take the GPU one at a time, first come first served.
+* The baselines never cancel: a late proof keeps its GPU until it ends, as in damocles. The
+  scheduler's policy fails a request whose deadline passes in the queue and cancels a running one
+  at its deadline (the cancel takes effect at once here; the real grace period is ignored).
+* Duration draws are keyed by (seed, miner, deadline, partition), so a run with more partitions
+  keeps every draw of a run with fewer: loads are comparable and bisection sees nested workloads.
+
+The capacity bound: with the mean SNARK time s, a total load T partitions per deadline split
+evenly across miners, and G GPUs, every set of deadlines whose work is released at or after a and
+due by d needs T/K * s per miner-deadline within G * (d - a) of GPU time. The bound is the largest
+T for which that holds for every (a, d); no schedule can stay miss-free on average above it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .baselines import BaselineChild, DamoclesDispatch
+from .policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
+
+WINDOW_POST, WINNING_POST = "window_post", "winning_post"
+
+POLICIES: dict[str, str] = {
+    "damocles": "a: damocles ext-prover, Concurrent=1, random dispatch",
+    "damocles-c2": "b: damocles, Concurrent=2, shared TMPDIR (bellperson lock)",
+    "damocles-ext": "c: damocles-ext Scheduler (EDF, late binding, Concurrent=2)",
+    "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
+}
+DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
+POLICY_ALIASES = {"a": "damocles", "b": "damocles-c2", "c": "damocles-ext"}
+
+
+@dataclass(frozen=True, slots=True)
+class Uniform:
+    """A duration drawn uniformly from [low, high] seconds; low == high is a fixed time."""
+
+    low: float
+    high: float
+
+    @property
+    def mean(self) -> float:
+        return (self.low + self.high) / 2
+
+    def draw(self, rng: random.Random) -> float:
+        return self.low if self.low == self.high else rng.uniform(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What is simulated. `partitions[m]` is miner m's partitions per deadline."""
+
+    gpus: int = 4
+    partitions: tuple[int, ...] = (3, 3, 3, 3)
+    hours: float = 24.0
+    offsets: str | tuple[float, ...] = "colliding"  # "colliding", "spread", or seconds per miner
+    seed: int = 1
+    epoch: float = 30.0
+    deadline_period: float = 1800.0  # 48 deadlines a day
+    challenge_window: float = 1800.0  # 60 epochs
+    lookback: float = 600.0  # randomness known 20 epochs before the window opens
+    submit_margin: float = 300.0
+    vanilla: Uniform = Uniform(60.0, 180.0)
+    snark: Uniform = Uniform(180.0, 540.0)  # one 2349-sector partition on a modern GPU
+    winning_gpu: Uniform = Uniform(2.0, 6.0)
+    winning_budget: float = 20.0
+    winning_rate: float = 2.0  # WinningPoSt arrivals per hour per miner (Poisson)
+
+    @property
+    def miners(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def total_partitions(self) -> int:
+        return sum(self.partitions)
+
+    @property
+    def deadlines_per_miner(self) -> int:
+        return max(1, round(self.hours * 3600.0 / self.deadline_period))
+
+    def miner_offsets(self) -> tuple[float, ...]:
+        """Seconds by which each miner's deadlines are shifted."""
+        if self.offsets == "colliding":
+            return (0.0,) * self.miners
+        if self.offsets == "spread":
+            return tuple(m * self.deadline_period / self.miners for m in range(self.miners))
+        if isinstance(self.offsets, str):
+            raise ValueError(f"offsets must be 'colliding', 'spread' or seconds per miner, "
+                             f"not {self.offsets!r}")
+        if len(self.offsets) != self.miners:
+            raise ValueError(f"{len(self.offsets)} offsets given for {self.miners} miners")
+        return tuple(float(o) for o in self.offsets)
+
+    def with_total_partitions(self, total: int) -> Scenario:
+        """The same scenario with `total` partitions per deadline, split evenly across miners."""
+        k = self.miners
+        return replace(self, partitions=tuple(total // k + (m < total % k) for m in range(k)))
+
+    def horizon(self) -> float:
+        """End of the last challenge window: GPU busy time is measured over [0, horizon]."""
+        last_open = self.lookback + max(self.miner_offsets()) + (
+            self.deadlines_per_miner - 1
+        ) * self.deadline_period
+        return last_open + self.challenge_window
+
+
+@dataclass(slots=True, eq=False)
+class SimJob:
+    job_id: int
+    stage: str
+    miner: int
+    deadline_index: int  # -1 for WinningPoSt
+    release: float
+    due: float
+    vanilla: float
+    gpu_work: float
+    state: str = "new"  # new, vanilla, gpu, done, failed, cancelled
+    child: str | None = None
+    start: float | None = None
+    finish: float | None = None
+    token: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    jobs: tuple[SimJob, ...]
+
+
+def _rng(*key: object) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
+    return random.Random("/".join(str(k) for k in key))
+
+
+def generate(scenario: Scenario) -> Workload:
+    """All requests of the scenario with their draws (fresh objects on every call)."""
+    jobs: list[SimJob] = []
+    ids = itertools.count()
+    s = scenario
+    for m, offset in enumerate(s.miner_offsets()):
+        for i in range(s.deadlines_per_miner):
+            opens = s.lookback + offset + i * s.deadline_period
+            due = opens + s.challenge_window - s.submit_margin
+            for p in range(s.partitions[m]):
+                rng = _rng(s.seed, "wd", m, i, p)
+                jobs.append(
+                    SimJob(next(ids), WINDOW_POST, m, i, opens - s.lookback, due,
+                           s.vanilla.draw(rng), s.snark.draw(rng))
+                )
+    horizon = s.horizon()
+    if s.winning_rate > 0:
+        for m in range(s.miners):
+            rng = _rng(s.seed, "win", m)
+            t = rng.expovariate(s.winning_rate / 3600.0)
+            while t < horizon:
+                jobs.append(
+                    SimJob(next(ids), WINNING_POST, m, -1, t, t + s.winning_budget, 0.0,
+                           s.winning_gpu.draw(rng))
+                )
+                t += rng.expovariate(s.winning_rate / 3600.0)
+    jobs.sort(key=lambda j: (j.release, j.job_id))
+    return Workload(tuple(jobs))
+
+
+# -- the capacity bound -------------------------------------------------------------------------
+
+
+def _intervals_max_ratio(items: list[tuple[float, float, float]], gpus: int) -> float:
+    """max over (a, d) of (work released >= a and due <= d) / (gpus * (d - a))."""
+    releases = sorted({r for r, _, _ in items}, reverse=True)
+    dues = sorted({d for _, d, _ in items})
+    by_release: dict[float, list[tuple[float, float]]] = {}
+    for r, d, w in items:
+        by_release.setdefault(r, []).append((d, w))
+    work_by_due = dict.fromkeys(dues, 0.0)
+    worst = 0.0
+    for a in releases:  # add jobs released at a or later, then scan dues in order
+        for d, w in by_release[a]:
+            work_by_due[d] += w
+        acc = 0.0
+        for d in dues:
+            acc += work_by_due[d]
+            if d > a and acc > 0:
+                worst = max(worst, acc / (gpus * (d - a)))
+    return worst
+
+
+def capacity_bound(scenario: Scenario) -> float:
+    """The load (total partitions per deadline, split evenly) at which the mean GPU work due by
+    some deadline equals the GPU time available before it."""
+    s = scenario
+    items = []
+    for offset in s.miner_offsets():
+        for i in range(s.deadlines_per_miner):
+            opens = s.lookback + offset + i * s.deadline_period
+            # one partition's mean work per miner-deadline, for a load of one partition per miner
+            items.append((opens - s.lookback, opens + s.challenge_window - s.submit_margin,
+                          s.snark.mean))
+    ratio = _intervals_max_ratio(items, s.gpus)  # at one partition per miner per deadline
+    return s.miners / ratio
+
+
+def realized_overload(workload: Workload, gpus: int) -> float:
+    """For these very draws: the largest work/time ratio over all (release, due) intervals of
+    WindowPoSt SNARK work. Above 1.0 no schedule can meet every deadline."""
+    items = [(j.release, j.due, j.gpu_work) for j in workload.jobs if j.stage == WINDOW_POST]
+    return _intervals_max_ratio(items, gpus) if items else 0.0
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+class _Gpu:
+    """A processor-sharing GPU; each lock domain (a TMPDIR) puts one proof at a time on it."""
+
+    def __init__(self, index: int, horizon: float) -> None:
+        self.index = index
+        self.horizon = horizon
+        self.domains: dict[str, deque[SimJob]] = {}
+        self.remaining: dict[int, float] = {}
+        self.last = 0.0
+        self.version = 0
+        self.busy = 0.0
+
+    def active(self) -> list[SimJob]:
+        return [q[0] for q in self.domains.values() if q]
+
+    def advance(self, now: float) -> None:
+        active = self.active()
+        if active and now > self.last:
+            share = (now - self.last) / len(active)
+            for job in active:
+                self.remaining[job.job_id] -= share
+            self.busy += max(0.0, min(now, self.horizon) - min(self.last, self.horizon))
+        self.last = now
+
+    def add(self, job: SimJob, domain: str, now: float) -> None:
+        self.advance(now)
+        self.domains.setdefault(domain, deque()).append(job)
+        self.remaining[job.job_id] = job.gpu_work
+
+    def remove(self, job: SimJob, now: float) -> None:
+        self.advance(now)
+        for q in self.domains.values():
+            if job in q:
+                q.remove(job)
+        self.remaining.pop(job.job_id, None)
+
+    def next_completion(self, now: float) -> tuple[float, SimJob] | None:
+        active = self.active()
+        if not active:
+            return None
+        job = min(active, key=lambda j: (self.remaining[j.job_id], j.job_id))
+        return now + max(0.0, self.remaining[job.job_id]) * len(active), job
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    child_id: str
+    stage: str
+    gpu: int
+    capacity: int
+    domain: str  # bellperson lock domain (TMPDIR)
+
+
+def _deployment(policy: str, gpus: int) -> list[_Slot]:
+    out = []
+    for g in range(gpus):
+        if policy == "damocles":
+            out.append(_Slot(f"wd{g}", WINDOW_POST, g, 1, f"tmp-wd{g}"))
+            out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
+        elif policy == "damocles-c2":
+            out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-gpu{g}"))
+            out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-gpu{g}"))
+        elif policy in ("damocles-ext", "reference"):
+            out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-wd{g}"))
+            out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
+        else:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    return out
+
+
+class _Engine:
+    def __init__(self, scenario: Scenario, workload: Workload, policy: str) -> None:
+        self.scenario = scenario
+        self.policy = policy
+        self.jobs = {j.job_id: j for j in workload.jobs}
+        self.horizon = scenario.horizon()
+        self.gpus = [_Gpu(g, self.horizon) for g in range(scenario.gpus)]
+        self.slots = {s.child_id: s for s in _deployment(policy, scenario.gpus)}
+        self.heap: list[tuple[float, int, str, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.wake_at: float | None = None
+        self.reference = policy == "reference"
+        self.ready_snarks: list[tuple[float, int]] = []  # reference: (due, job id)
+        if self.reference:
+            self.scheduler: Scheduler | None = None
+            self.baseline = None
+        elif policy == "damocles-ext":
+            self.scheduler = Scheduler()
+            for s in self.slots.values():
+                # GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
+                self.scheduler.add_child(ChildInfo(s.child_id, s.stage, s.capacity, 1))
+                self.scheduler.child_ready(s.child_id, 0.0)
+            self.baseline = None
+        else:
+            self.scheduler = None
+            self.baseline = DamoclesDispatch(
+                [BaselineChild(s.child_id, s.stage, s.capacity) for s in self.slots.values()],
+                _rng(scenario.seed, "dispatch", policy),
+            )
+
+    def push(self, t: float, kind: str, data: Any) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, data))
+
+    def run(self) -> None:
+        for job in self.jobs.values():
+            self.push(job.release, "arrive", job)
+        while self.heap:
+            t, _, kind, data = heapq.heappop(self.heap)
+            self.now = t
+            if kind == "arrive":
+                self.arrived(data)
+            elif kind == "vanilla":
+                job, token = data
+                if job.state == "vanilla" and job.token == token:
+                    self.to_gpu(job)
+            elif kind == "gpu":
+                g, version = data
+                gpu = self.gpus[g]
+                if gpu.version == version:
+                    nxt = gpu.next_completion(gpu.last)
+                    assert nxt is not None
+                    job = nxt[1]
+                    gpu.remove(job, t)
+                    self.reschedule(gpu)
+                    job.state, job.finish = "done", t
+                    self.ended(job)
+            elif kind == "wake":
+                if self.wake_at == t:
+                    self.wake_at = None
+                    self.decide()
+
+    # dispatch plumbing
+
+    def arrived(self, job: SimJob) -> None:
+        if self.reference:
+            if job.stage == WINDOW_POST:
+                job.state, job.start = "vanilla", self.now
+                self.push(self.now + job.vanilla, "vanilla", (job, job.token))
+            else:
+                gpu = min(self.gpus, key=lambda g: (len(g.active()), g.index))
+                job.child = f"win{gpu.index}"
+                self.to_gpu(job)
+        elif self.scheduler is not None:
+            self.scheduler.submit(
+                Job(job.job_id, job.stage, self.now, deadline=job.due), self.now
+            )
+            self.decide()
+        else:
+            self.baseline.arrived(self, job.job_id, job.stage)
+
+    def ended(self, job: SimJob) -> None:
+        if self.reference:
+            self.fill_gpus()
+        elif self.scheduler is not None:
+            self.scheduler.finished(job.job_id, self.now)
+            self.decide()
+        else:
+            self.baseline.finished(self, job.job_id)
+
+    def decide(self) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        while decisions := sched.decide(self.now):
+            for d in decisions:
+                job = self.jobs[d.request_id]
+                if isinstance(d, Start):
+                    self.start_job(d.request_id, d.child_id)
+                elif isinstance(d, Fail):
+                    job.state = "failed"
+                elif isinstance(d, Cancel):
+                    self.abort(job)
+                    job.state = "cancelled"
+                    sched.finished(job.job_id, self.now)
+        wake = sched.next_wakeup()
+        if wake is not None and (self.wake_at is None or wake < self.wake_at):
+            self.wake_at = wake
+            self.push(wake, "wake", None)
+
+    # what a child does with a request
+
+    def start_job(self, job_id: int, child_id: str) -> None:
+        job = self.jobs[job_id]
+        job.child, job.start, job.state = child_id, self.now, "vanilla"
+        job.token += 1
+        if job.vanilla > 0:
+            self.push(self.now + job.vanilla, "vanilla", (job, job.token))
+        else:
+            self.to_gpu(job)
+
+    def fill_gpus(self) -> None:
+        for gpu in self.gpus:
+            if not gpu.domains.get(f"tmp-wd{gpu.index}") and self.ready_snarks:
+                _, job_id = heapq.heappop(self.ready_snarks)
+                job = self.jobs[job_id]
+                job.child = f"wd{gpu.index}"
+                self.to_gpu(job)
+
+    def to_gpu(self, job: SimJob) -> None:
+        if job.child is None:  # reference: vanilla done, wait for any GPU
+            job.state = "ready"
+            heapq.heappush(self.ready_snarks, (job.due, job.job_id))
+            self.fill_gpus()
+            return
+        slot = self.slots[job.child]
+        gpu = self.gpus[slot.gpu]
+        job.state = "gpu"
+        gpu.add(job, slot.domain, self.now)
+        self.reschedule(gpu)
+
+    def abort(self, job: SimJob) -> None:
+        if job.state == "gpu":
+            gpu = self.gpus[self.slots[job.child].gpu]
+            gpu.remove(job, self.now)
+            self.reschedule(gpu)
+        job.token += 1  # a pending vanilla completion is void
+
+    def reschedule(self, gpu: _Gpu) -> None:
+        gpu.version += 1
+        nxt = gpu.next_completion(gpu.last)
+        if nxt is not None:
+            self.push(nxt[0], "gpu", (gpu.index, gpu.version))
+
+    def finish_accounting(self) -> None:
+        for gpu in self.gpus:
+            gpu.advance(max(self.now, self.horizon))
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyResult:
+    """Outcome of one policy on one workload. Slacks are in seconds (negative: late)."""
+
+    policy: str
+    wdpost_deadlines: int
+    wdpost_deadlines_missed: int
+    wdpost_partitions: int
+    wdpost_partitions_late: int
+    wdpost_partitions_abandoned: int  # failed in the queue or cancelled at the deadline
+    winning: int
+    winning_missed: int
+    gpu_busy_fraction: float
+    min_slack: float | None  # None when some deadline was abandoned (no completion time)
+    p1_slack: float | None
+    winning_p99_latency: float | None
+
+    @property
+    def missed(self) -> int:
+        return self.wdpost_deadlines_missed + self.winning_missed
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    rank = max(1, math.ceil(q * len(sorted_values)))  # nearest rank
+    return sorted_values[rank - 1]
+
+
+def _result(policy: str, engine: _Engine) -> PolicyResult:
+    per_deadline: dict[tuple[int, int], list[SimJob]] = {}
+    winning = []
+    for job in engine.jobs.values():
+        if job.stage == WINDOW_POST:
+            per_deadline.setdefault((job.miner, job.deadline_index), []).append(job)
+        else:
+            winning.append(job)
+    slacks = []
+    missed = late = abandoned = 0
+    for jobs in per_deadline.values():
+        if any(j.finish is None for j in jobs):
+            abandoned += sum(j.finish is None for j in jobs)
+            late += sum(j.finish is not None and j.finish > j.due for j in jobs)
+            missed += 1
+            slacks.append(-math.inf)
+            continue
+        late += sum(j.finish > j.due for j in jobs)
+        slack = jobs[0].due - max(j.finish for j in jobs)
+        missed += slack < 0
+        slacks.append(slack)
+    slacks.sort()
+    latencies = sorted(
+        (j.finish - j.release) if j.finish is not None else math.inf for j in winning
+    )
+    win_missed = sum(j.finish is None or j.finish > j.due for j in winning)
+    busy = sum(g.busy for g in engine.gpus) / (engine.scenario.gpus * engine.horizon)
+
+    def finite(x: float | None) -> float | None:
+        return None if x is None or math.isinf(x) else round(x, 3)
+
+    return PolicyResult(
+        policy=policy,
+        wdpost_deadlines=len(per_deadline),
+        wdpost_deadlines_missed=missed,
+        wdpost_partitions=sum(len(v) for v in per_deadline.values()),
+        wdpost_partitions_late=late,
+        wdpost_partitions_abandoned=abandoned,
+        winning=len(winning),
+        winning_missed=win_missed,
+        gpu_busy_fraction=round(busy, 4),
+        min_slack=finite(slacks[0]) if slacks else None,
+        p1_slack=finite(_percentile(slacks, 0.01)) if slacks else None,
+        winning_p99_latency=finite(_percentile(latencies, 0.99)) if latencies else None,
+    )
+
+
+def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Map 'a'/'b'/'c' or full names to policy names; ValueError names the unknown one."""
+    out = []
+    for name in names:
+        full = POLICY_ALIASES.get(name, name)
+        if full not in POLICIES:
+            known = ", ".join(f"{k} ({v})" for k, v in POLICY_ALIASES.items())
+            raise ValueError(f"unknown policy {name!r}; choose from {known}")
+        out.append(full)
+    return out
+
+
+def simulate(scenario: Scenario, policies: list[str] | tuple[str, ...] = DEFAULT_POLICIES
+             ) -> dict[str, PolicyResult]:
+    """Run each policy on the same generated workload (same seed, same draws)."""
+    results = {}
+    for policy in resolve_policies(policies):
+        engine = _Engine(scenario, generate(scenario), policy)
+        engine.run()
+        engine.finish_accounting()
+        results[policy] = _result(policy, engine)
+    return results
+
+
+def max_missfree_load(scenario: Scenario, policy: str, *, winning: bool = True,
+                      upper: int | None = None,
+                      _cache: dict[int, PolicyResult] | None = None) -> int:
+    """Highest total partitions per deadline with no miss, by bisection with the scenario's seed.
+
+    `winning=False` counts only WindowPoSt misses. Bisection assumes misses are monotone in the
+    load; the nested draws (see module notes) make that nearly, not strictly, true.
+    """
+    [policy] = resolve_policies([policy])
+    cache = {} if _cache is None else _cache
+
+    def ok(total: int) -> bool:
+        if total not in cache:
+            cache[total] = simulate(scenario.with_total_partitions(total), [policy])[policy]
+        r = cache[total]
+        return (r.missed if winning else r.wdpost_deadlines_missed) == 0
+
+    lo = 0
+    hi = upper if upper is not None else max(2, math.ceil(capacity_bound(scenario) * 1.25))
+    while ok(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def bisect_report(scenario: Scenario, policies: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Each policy's highest miss-free load (all misses; WindowPoSt only) and its fraction of
+    the capacity bound."""
+    bound = capacity_bound(scenario)
+    out: dict[str, Any] = {"capacity_bound_partitions": round(bound, 3), "policies": {}}
+    for policy in resolve_policies(policies):
+        cache: dict[int, PolicyResult] = {}
+        every = max_missfree_load(scenario, policy, _cache=cache)
+        wdpost = max_missfree_load(scenario, policy, winning=False, _cache=cache)
+        out["policies"][policy] = {
+            "max_missfree_partitions": every,
+            "fraction_of_bound": round(every / bound, 4),
+            "max_missfree_partitions_wdpost_only": wdpost,
+            "fraction_of_bound_wdpost_only": round(wdpost / bound, 4),
+        }
+    return out
+
+
+def format_bisect(doc: dict[str, Any]) -> str:
+    """The bisection results as a plain-text table."""
+    head = ("policy", "miss-free load", "of bound", "WdPoSt-only load", "of bound")
+    rows = [head]
+    for name, r in doc["policies"].items():
+        rows.append((
+            name,
+            str(r["max_missfree_partitions"]),
+            f"{r['fraction_of_bound']:.1%}",
+            str(r["max_missfree_partitions_wdpost_only"]),
+            f"{r['fraction_of_bound_wdpost_only']:.1%}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (f"highest miss-free load (partitions per deadline, all miners; capacity bound "
+             f"{doc['capacity_bound_partitions']:.2f})")
+    return title + "\n" + "\n".join(lines)
+
+
+def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
+    """One paragraph: what was simulated, the bound and how loaded it is."""
+    s = scenario
+    offsets = s.offsets if isinstance(s.offsets, str) else "offsets " + ",".join(
+        f"{o:g}s" for o in s.offsets)
+    return (
+        f"{s.miners} miners ({offsets}), {s.gpus} GPUs, {s.total_partitions} partitions per "
+        f"deadline ({','.join(map(str, s.partitions))} per miner), {s.hours:g} h, seed {s.seed}; "
+        f"SNARK {s.snark.low:g}-{s.snark.high:g}s, vanilla {s.vanilla.low:g}-{s.vanilla.high:g}s, "
+        f"WinningPoSt {s.winning_gpu.low:g}-{s.winning_gpu.high:g}s at "
+        f"{s.winning_rate:g}/h/miner, submit margin {s.submit_margin:g}s.\n"
+        f"capacity bound {doc['capacity_bound_partitions']:.2f} partitions per deadline; "
+        f"load {doc['load_fraction_of_bound']:.1%} of it; realized work/time peak "
+        f"{doc['realized_overload']:.3f} (above 1: no schedule meets every deadline)"
+    )
+
+
+def report(scenario: Scenario, results: dict[str, PolicyResult]) -> dict[str, Any]:
+    """The JSON form of a run: scenario, bound, per-policy results."""
+    sc = asdict(scenario)
+    sc["miners"] = scenario.miners
+    sc["total_partitions"] = scenario.total_partitions
+    bound = capacity_bound(scenario)
+    return {
+        "scenario": sc,
+        "capacity_bound_partitions": round(bound, 3),
+        "load_fraction_of_bound": round(scenario.total_partitions / bound, 4),
+        "realized_overload": round(realized_overload(generate(scenario), scenario.gpus), 4),
+        "results": {name: asdict(r) for name, r in results.items()},
+    }
+
+
+def format_table(results: dict[str, PolicyResult]) -> str:
+    """A plain-text table of the results, one row per policy."""
+    head = ("policy", "WdPoSt missed", "late parts", "WinPoSt missed", "GPU busy",
+            "min slack", "p1 slack", "WinPoSt p99")
+    rows = [head]
+
+    def secs(x: float | None) -> str:
+        return "abandoned" if x is None else f"{x:.0f}s"
+
+    for name, r in results.items():
+        rows.append((
+            name,
+            f"{r.wdpost_deadlines_missed}/{r.wdpost_deadlines}",
+            f"{r.wdpost_partitions_late + r.wdpost_partitions_abandoned}/{r.wdpost_partitions}",
+            f"{r.winning_missed}/{r.winning}",
+            f"{r.gpu_busy_fraction:.1%}",
+            secs(r.min_slack),
+            secs(r.p1_slack),
+            "-" if r.winning_p99_latency is None else f"{r.winning_p99_latency:.1f}s",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "POLICIES",
+    "PolicyResult",
+    "Scenario",
+    "Uniform",
+    "Workload",
+    "bisect_report",
+    "capacity_bound",
+    "describe",
+    "format_bisect",
+    "format_table",
+    "generate",
+    "max_missfree_load",
+    "realized_overload",
+    "report",
+    "resolve_policies",
+    "simulate",
+]
