@@ -320,7 +320,9 @@ class ChildRuntime:
                     continue  # cancelled while waiting
                 job.state = "running"
                 job.progress = ("started", 0, 0)
-            self._send_progress(job, force=True)
+                # No frame yet: a quick request needs only its Response; the heartbeat sends
+                # ("started", 0, 0) if the prover stays silent for a whole interval.
+                job.sent_at = time.monotonic()
             self._run_job(job)
 
     def _run_job(self, job: _Job) -> None:

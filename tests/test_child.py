@@ -155,7 +155,7 @@ def test_requests_beyond_capacity_wait_until_a_slot_frees():
         events = []
         while len([e for e in events if e[0] == "done"]) < 3:
             msg = child.next()
-            if isinstance(msg, dext.Progress) and msg.phase == "started":
+            if isinstance(msg, dext.Progress) and (msg.phase, msg.done) == ("sleep", 0):
                 events.append(("start", msg.id))
             elif isinstance(msg, dext.Response):
                 assert msg.error is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import inspect
 import json
@@ -480,6 +481,14 @@ def test_example_plugin_appears_in_the_plugins_listing(hello_installed):
     assert block[1].split() [:3] == ["hello", "window_post,", "winning_post"]
 
 
+def _hello_proof(greeting, task):
+    """The example's proof, computed here from its documented formula."""
+    h = hashlib.sha256(greeting.encode() + task.seed + task.miner_id.to_bytes(8, "little"))
+    for replica in task.replicas:
+        h.update(replica.sector_id.to_bytes(8, "little"))
+    return h.digest()
+
+
 @pytest.mark.parametrize("make_task", [window_task, winning_task])
 def test_example_plugin_serves_requests_in_a_child(hello_installed, make_task):
     task = make_task()
@@ -489,12 +498,7 @@ def test_example_plugin_serves_requests_in_a_child(hello_installed, make_task):
         assert (hello.prover, hello.version) == ("hello", "0.2.0")
         child.send_msg(dext.Request(1, task))
         response, _ = child.next_of(dext.Response)
-    import hashlib
-
-    expected = hashlib.sha256(b"bonjour" + task.seed + task.miner_id.to_bytes(8, "little"))
-    for replica in task.replicas:
-        expected.update(replica.sector_id.to_bytes(8, "little"))
-    assert response.error is None and response.output.proofs == [expected.digest()]
+    assert response.error is None and response.output.proofs == [_hello_proof("bonjour", task)]
 
 
 def test_example_plugin_option_errors_fail_the_child_start(hello_installed):
@@ -503,3 +507,74 @@ def test_example_plugin_option_errors_fail_the_child_start(hello_installed):
         assert child.wait() == 2
         assert "hello: unknown option 'volume'" in child.stderr
         assert "option 'greeting' must be non-empty text" in child.stderr
+
+
+
+async def test_example_plugin_serves_requests_through_the_supervisor(hello_installed):
+    from damocles_ext.api import open_supervisor
+    from damocles_ext.config import parse_config
+
+    config = parse_config(
+        "[[WdPost]]\n"
+        'Plugin = "hello"\n'
+        'PluginOptions = { greeting = "hi" }\n'
+        f'Envs = {{ PYTHONPATH = "{hello_installed}" }}\n',
+        "example.cfg",
+    )
+    task = window_task()
+    with trio.fail_after(30):
+        async with open_supervisor(config) as sup:
+            output = await sup.submit(task)
+    assert output.proofs == [_hello_proof("hi", task)] and output.faults == []
+
+
+class Journal:
+    """An observer plugin recording every call, half of its hooks async."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def dext_child_started(self, child):
+        self.calls.append(("child_started", child.name))
+
+    @hookimpl
+    async def dext_child_ready(self, child):
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("child_ready", child.name))
+
+    @hookimpl
+    def dext_child_exited(self, child, status):
+        self.calls.append(("child_exited", child.name))
+
+    @hookimpl
+    async def dext_request_started(self, request):
+        self.calls.append(("request_started", request.child))
+
+    @hookimpl
+    def dext_request_finished(self, request, outcome, duration):
+        assert duration >= 0
+        self.calls.append(("request_finished", request.child, outcome))
+
+
+async def test_supervisor_calls_observers_and_survives_a_raising_one():
+    from damocles_ext.api import open_supervisor
+    from damocles_ext.config import parse_config
+
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    plugins.register_plugin(pm, Raises(), "raiser")
+    config = parse_config('[[WdPost]]\nPlugin = "echo"\n', "observed.cfg")
+    with trio.fail_after(30):
+        async with open_supervisor(config, plugin_manager=pm) as sup:
+            await sup.wait_ready("window_post")
+            output = await sup.submit(window_task())
+    assert output == testing.echo_output(window_task())
+    assert journal.calls == [
+        ("child_started", "window_post#0"),
+        ("child_ready", "window_post#0"),
+        ("request_started", "window_post#0"),
+        ("request_finished", "window_post#0", "ok"),
+        ("child_exited", "window_post#0"),
+    ]
