@@ -145,6 +145,8 @@ class Scenario:
 
 @dataclass(slots=True, eq=False)
 class SimJob:
+    """One request in the simulation, with its draws and (after a run) its outcome."""
+
     job_id: int
     stage: str
     miner: int
@@ -162,6 +164,8 @@ class SimJob:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
+    """Every request of a run, sorted by release time."""
+
     jobs: tuple[SimJob, ...]
 
 
@@ -559,7 +563,7 @@ def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
     for name in names:
         full = POLICY_ALIASES.get(name, name)
         if full not in POLICIES:
-            known = ", ".join(f"{k} ({v})" for k, v in POLICY_ALIASES.items())
+            known = ", ".join([f"{k} ({v})" for k, v in POLICY_ALIASES.items()] + ["reference"])
             raise ValueError(f"unknown policy {name!r}; choose from {known}")
         out.append(full)
     return out
@@ -568,13 +572,16 @@ def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
 def simulate(scenario: Scenario, policies: list[str] | tuple[str, ...] = DEFAULT_POLICIES
              ) -> dict[str, PolicyResult]:
     """Run each policy on the same generated workload (same seed, same draws)."""
-    results = {}
-    for policy in resolve_policies(policies):
-        engine = _Engine(scenario, generate(scenario), policy)
-        engine.run()
-        engine.finish_accounting()
-        results[policy] = _result(policy, engine)
-    return results
+    return {p: run_workload(scenario, generate(scenario), p) for p in resolve_policies(policies)}
+
+
+def run_workload(scenario: Scenario, workload: Workload, policy: str) -> PolicyResult:
+    """Run one policy on a given workload (its jobs are updated in place with their outcome)."""
+    [policy] = resolve_policies([policy])
+    engine = _Engine(scenario, workload, policy)
+    engine.run()
+    engine.finish_accounting()
+    return _result(policy, engine)
 
 
 def max_missfree_load(scenario: Scenario, policy: str, *, winning: bool = True,
@@ -707,6 +714,7 @@ __all__ = [
     "POLICIES",
     "PolicyResult",
     "Scenario",
+    "SimJob",
     "Uniform",
     "Workload",
     "bisect_report",
@@ -719,5 +727,6 @@ __all__ = [
     "realized_overload",
     "report",
     "resolve_policies",
+    "run_workload",
     "simulate",
 ]

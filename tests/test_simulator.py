@@ -1,0 +1,149 @@
+"""The PoSt-day simulator: determinism, the capacity bound, hand-checked timelines, policies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from damocles_ext.cli import main
+from damocles_ext.scheduling import policy, simulator
+from damocles_ext.scheduling.simulator import (
+    Scenario,
+    SimJob,
+    Uniform,
+    Workload,
+    capacity_bound,
+    generate,
+    max_missfree_load,
+    run_workload,
+    simulate,
+)
+
+WD, WIN = "window_post", "winning_post"
+
+# One miner, one GPU, one deadline, fixed durations: every timeline below is worked out by hand.
+# The window opens at 600 s (randomness known at 0), closes at 2400 s; proofs are due at 2100 s.
+TINY = Scenario(
+    gpus=1,
+    partitions=(3,),
+    hours=0.5,
+    vanilla=Uniform(60, 60),
+    snark=Uniform(600, 600),
+    winning_rate=0.0,
+)
+
+
+def wd_job(job_id: int, vanilla: float, snark: float, due: float = 2100.0) -> SimJob:
+    return SimJob(job_id, WD, 0, 0, 0.0, due, vanilla, snark)
+
+
+def test_same_seed_gives_identical_results_and_another_seed_differs():
+    sc = Scenario(gpus=2, partitions=(2, 2), hours=3)
+    assert simulate(sc) == simulate(sc)
+    assert simulate(sc) != simulate(replace(sc, seed=2))
+
+
+def test_more_partitions_keep_every_earlier_draw():
+    small = {(j.miner, j.deadline_index, j.vanilla, j.gpu_work)
+             for j in generate(Scenario(partitions=(2, 2), hours=2)).jobs if j.stage == WD}
+    big = {(j.miner, j.deadline_index, j.vanilla, j.gpu_work)
+           for j in generate(Scenario(partitions=(3, 2), hours=2)).jobs if j.stage == WD}
+    assert small < big
+
+
+def test_capacity_bound_on_hand_checkable_scenarios():
+    one = replace(TINY, snark=Uniform(360, 360))
+    # one deadline: GPU time from randomness (0 s) to due (2100 s) over 360 s per partition
+    assert capacity_bound(one) == pytest.approx(2100 / 360)
+    # two deadlines: their work is released from 0 s and due by 3900 s
+    assert capacity_bound(replace(one, hours=1)) == pytest.approx(3900 / 720)
+    # two colliding miners on two GPUs: twice the total load
+    two = replace(one, gpus=2, partitions=(1, 1))
+    assert capacity_bound(two) == pytest.approx(2 * 2100 / 360)
+    # the mean of the distribution is what counts
+    assert capacity_bound(replace(one, snark=Uniform(180, 540))) == pytest.approx(2100 / 360)
+
+
+def test_one_child_per_gpu_runs_vanilla_and_snark_back_to_back():
+    r = run_workload(TINY, generate(TINY), "damocles")
+    # 0-60-660, 660-720-1320, 1320-1380-1980: the last proof is done 120 s before it is due
+    assert (r.min_slack, r.wdpost_deadlines_missed) == (120, 0)
+    assert r.gpu_busy_fraction == pytest.approx(1800 / 2400)
+
+
+def test_scheduler_overlaps_one_proofs_vanilla_with_anothers_snark():
+    r = run_workload(TINY, generate(TINY), "damocles-ext")
+    # two proofs start together; the third's vanilla (660-720) runs under the second's SNARK:
+    # SNARKs 60-660, 660-1260, 1260-1860
+    assert (r.min_slack, r.wdpost_deadlines_missed) == (240, 0)
+
+
+def test_winning_post_waits_behind_a_snark_on_a_shared_bellperson_lock():
+    def workload():
+        return Workload((wd_job(0, 60, 600), SimJob(1, WIN, 0, -1, 100.0, 120.0, 0.0, 4.0)))
+
+    shared = run_workload(TINY, workload(), "damocles-c2")
+    assert (shared.winning_missed, shared.winning_p99_latency) == (1, 564.0)  # 660 + 4 - 100
+    for name in ("damocles", "damocles-ext"):
+        timeshared = run_workload(TINY, workload(), name)
+        # half the GPU while the SNARK runs: 8 s instead of 4
+        assert (timeshared.winning_missed, timeshared.winning_p99_latency) == (0, 8.0), name
+
+
+def test_scheduler_gives_up_on_hopeless_work_instead_of_holding_the_gpu():
+    jobs = Workload(tuple(wd_job(i, 60, 900) for i in range(3)))
+    late = run_workload(TINY, jobs, "damocles-ext")
+    # 60-960, 960-1860, then 1860+900 > 2100: cancelled at the deadline, not run to 2760
+    assert (late.wdpost_partitions_abandoned, late.wdpost_deadlines_missed) == (1, 1)
+    assert late.min_slack is None
+    baseline = run_workload(TINY, Workload(tuple(wd_job(i, 60, 900) for i in range(3))),
+                            "damocles")
+    assert baseline.wdpost_partitions_late == 1 and baseline.wdpost_partitions_abandoned == 0
+
+
+def test_bisection_finds_the_highest_missfree_load_of_each_policy():
+    sc = replace(TINY, snark=Uniform(360, 360), vanilla=Uniform(120, 120), partitions=(1,))
+    # damocles: 480 s per proof, 4 fit in 2100 s. Scheduler: 120 + 5 * 360 = 1920 <= 2100.
+    assert max_missfree_load(sc, "damocles") == 4
+    assert max_missfree_load(sc, "damocles-ext") == 5
+    assert max_missfree_load(sc, "reference") == 5
+    assert 5 / capacity_bound(sc) == pytest.approx(5 * 360 / 2100)
+
+
+def test_scheduler_beats_damocles_on_colliding_windows():
+    sc = Scenario(gpus=2, partitions=(3, 3), hours=4, offsets="colliding")
+    results = simulate(sc)
+    assert results["damocles"].missed > 0
+    assert results["damocles-ext"].missed == 0
+    assert results["damocles-c2"].winning_missed > 0
+
+
+def test_simulator_drives_the_supervisors_scheduler():
+    assert simulator.Scheduler is policy.Scheduler
+
+
+def test_simulate_command_prints_json(capsys):
+    assert main(["simulate", "--miners", "2", "--gpus", "2", "--hours", "2", "--json",
+                 "--policies", "a,c,reference"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["results"]) == {"damocles", "damocles-ext", "reference"}
+    assert doc["scenario"]["miners"] == 2 and doc["capacity_bound_partitions"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gpus", "0"], "--gpus must be at least 1"),
+        (["--snark", "9m-3m"], "--snark: the low end 540s is above the high end 180s"),
+        (["--vanilla", "soon"], "--vanilla: 'soon' is not a duration"),
+        (["--policies", "a,z"], "--policies: unknown policy 'z'"),
+        (["--offsets", "0,5m"], "--offsets gives 2 offsets but --miners is 4"),
+        (["--submit-margin", "40m"], "leaves no time"),
+    ],
+)
+def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):
+    assert main(["simulate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
