@@ -143,8 +143,9 @@ class _DextCodec:
             elif isinstance(msg, d.Shutdown):
                 out.append(_In("shutdown"))
             else:
-                name = type(msg).__name__
-                out.append(_In("bad", getattr(msg, "id", None), message=f"unexpected {name}"))
+                # A Hello/Response/Progress from the parent: logged, never answered (its id is
+                # not one of our requests).
+                out.append(_In("bad", message=f"unexpected {type(msg).__name__} frame"))
         return out
 
     def response(self, id: int, output: Any = None, error: str | None = None) -> bytes:
@@ -329,7 +330,11 @@ class ChildRuntime:
         started = time.monotonic()
 
         def progress(phase: str, done: int, total: int) -> None:
-            job.progress = (str(phase), int(done), int(total))
+            try:
+                job.progress = (str(phase), int(done), int(total))
+            except (TypeError, ValueError, OverflowError):
+                # A sloppy progress call must not fail a proof; report the phase only.
+                job.progress = (str(phase), 0, 0)
             self._send_progress(job, force=False)
 
         try:

@@ -229,6 +229,17 @@ def test_garbage_from_the_parent_is_a_fatal_protocol_error():
         assert "protocol error from the parent" in child.stderr
 
 
+def test_unexpected_frame_from_the_parent_is_logged_and_the_child_keeps_serving():
+    with Child("window_post", "echo") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Response(1, error="why would a parent send this"))
+        child.send_msg(dext.Request(1, window_task()))
+        assert child.next() == dext.Response(1, output=echo_output(window_task()))
+        child.close_stdin()
+        assert child.wait() == 0
+        assert "unexpected Response frame" in child.stderr
+
+
 def test_crash_mode_kills_the_child_mid_request_without_an_answer():
     with Child("window_post", "sleep", "seconds=0.2", "progress_interval=0.05",
                "fail=crash") as child:
