@@ -23,8 +23,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Print the plugin list; exit 0 even when some plugin failed to load (it is listed)."""
+    import logging
+
     from damocles_ext.plugins import get_plugin_manager, list_plugins
 
+    # Load failures are part of the listing below; no need to warn about them twice.
+    logging.getLogger("damocles_ext.plugins").setLevel(logging.ERROR)
     rows = list_plugins(get_plugin_manager())
     if args.json:
         import json
