@@ -298,6 +298,17 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
     return [str(p) for p in problems]
 
 
+def prover_problems(
+    pm: DextPluginManager, name: str, options: Options, stage: str | None = None
+) -> list[str]:
+    """Why `name` with `options` could not serve `stage`, without building it (for config checks)."""
+    try:
+        spec = find_prover(pm, name, stage)
+    except PluginError as exc:
+        return [str(exc)]
+    return [f"prover {name!r}: {p}" for p in validate_prover_options(pm, spec, options)]
+
+
 def load_prover(
     pm: DextPluginManager, name: str, options: Options, stage: str | None = None
 ) -> Prover:

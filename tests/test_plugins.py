@@ -260,6 +260,16 @@ def test_option_problems_from_the_prover_and_from_other_plugins_are_all_reported
     assert isinstance(plugins.load_prover(pm, "p", {"dev": "/dev/x", "threads": 2}), Echoish)
 
 
+def test_prover_problems_checks_a_config_entry_without_building_the_prover():
+    pm = plugins.get_plugin_manager()
+    assert plugins.prover_problems(pm, "sleep", {"seconds": 2}, "winning_post") == []
+    assert plugins.prover_problems(pm, "sleep", {"seconds": "x"}) == [
+        "prover 'sleep': sleep: option 'seconds' must be a number, got 'x'"
+    ]
+    [unknown] = plugins.prover_problems(pm, "eho", {})
+    assert "unknown prover 'eho' (did you mean 'echo'?)" in unknown
+
+
 def test_factory_failures_and_non_provers_become_plugin_errors():
     pm = plugins.get_plugin_manager(entry_points=False)
 
