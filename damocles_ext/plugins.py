@@ -301,7 +301,7 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
 def prover_problems(
     pm: DextPluginManager, name: str, options: Options, stage: str | None = None
 ) -> list[str]:
-    """Why `name` with `options` could not serve `stage`, without building it (for config checks)."""
+    """Why `name` with `options` could not serve `stage`, without building it (config checks)."""
     try:
         spec = find_prover(pm, name, stage)
     except PluginError as exc:
