@@ -46,10 +46,16 @@ def test_same_seed_gives_identical_results_and_another_seed_differs():
 
 
 def test_more_partitions_keep_every_earlier_draw():
-    small = {(j.miner, j.deadline_index, j.vanilla, j.gpu_work)
-             for j in generate(Scenario(partitions=(2, 2), hours=2)).jobs if j.stage == WD}
-    big = {(j.miner, j.deadline_index, j.vanilla, j.gpu_work)
-           for j in generate(Scenario(partitions=(3, 2), hours=2)).jobs if j.stage == WD}
+    small = {
+        (j.miner, j.deadline_index, j.vanilla, j.gpu_work)
+        for j in generate(Scenario(partitions=(2, 2), hours=2)).jobs
+        if j.stage == WD
+    }
+    big = {
+        (j.miner, j.deadline_index, j.vanilla, j.gpu_work)
+        for j in generate(Scenario(partitions=(3, 2), hours=2)).jobs
+        if j.stage == WD
+    }
     assert small < big
 
 
@@ -98,8 +104,7 @@ def test_scheduler_gives_up_on_hopeless_work_instead_of_holding_the_gpu():
     # 60-960, 960-1860, then 1860+900 > 2100: cancelled at the deadline, not run to 2760
     assert (late.wdpost_partitions_abandoned, late.wdpost_deadlines_missed) == (1, 1)
     assert late.min_slack is None
-    baseline = run_workload(TINY, Workload(tuple(wd_job(i, 60, 900) for i in range(3))),
-                            "damocles")
+    baseline = run_workload(TINY, Workload(tuple(wd_job(i, 60, 900) for i in range(3))), "damocles")
     assert baseline.wdpost_partitions_late == 1 and baseline.wdpost_partitions_abandoned == 0
 
 
@@ -125,8 +130,23 @@ def test_simulator_drives_the_supervisors_scheduler():
 
 
 def test_simulate_command_prints_json(capsys):
-    assert main(["simulate", "--miners", "2", "--gpus", "2", "--hours", "2", "--json",
-                 "--policies", "a,c,reference"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--miners",
+                "2",
+                "--gpus",
+                "2",
+                "--hours",
+                "2",
+                "--json",
+                "--policies",
+                "a,c,reference",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["results"]) == {"damocles", "damocles-ext", "reference"}
     assert doc["scenario"]["miners"] == 2 and doc["capacity_bound_partitions"] > 0

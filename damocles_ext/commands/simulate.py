@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--miners", type=int, default=4, help="miner ids (default 4)")
     parser.add_argument("--gpus", type=int, default=4, help="GPUs (default 4)")
     parser.add_argument(
-        "--partitions", type=int, default=3,
+        "--partitions",
+        type=int,
+        default=3,
         help="partitions per deadline per miner (default 3)",
     )
     span = parser.add_mutually_exclusive_group()
@@ -32,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     span.add_argument("--days", type=float, help="simulated span in days")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument(
-        "--offsets", default="colliding",
+        "--offsets",
+        default="colliding",
         help="'colliding' (all miners share deadline times), 'spread' (evenly staggered), or "
         "comma-separated seconds per miner",
     )
@@ -43,15 +46,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH")
     parser.add_argument("--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH")
     parser.add_argument(
-        "--winning-rate", type=float, default=2.0,
+        "--winning-rate",
+        type=float,
+        default=2.0,
         help="WinningPoSt requests per hour per miner (Poisson; default 2)",
     )
     parser.add_argument(
-        "--policies", default="a,b,c",
+        "--policies",
+        default="a,b,c",
         help="comma-separated: a, b, c, reference (or damocles, damocles-c2, damocles-ext)",
     )
     parser.add_argument(
-        "--bisect", action="store_true",
+        "--bisect",
+        action="store_true",
         help="also find each policy's highest miss-free load (partitions per deadline, all "
         "miners) and show it as a fraction of the capacity bound",
     )
@@ -98,8 +105,10 @@ def build_scenario(args: argparse.Namespace):
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.partitions < 0:
         raise UsageError(f"--partitions must be 0 or more, got {args.partitions}")
-    hours = 24.0 if args.hours is None and args.days is None else (
-        args.hours if args.hours is not None else args.days * 24.0
+    hours = (
+        24.0
+        if args.hours is None and args.days is None
+        else (args.hours if args.hours is not None else args.days * 24.0)
     )
     if not hours > 0:
         raise UsageError(f"the simulated span must be positive, got {hours:g} hours")

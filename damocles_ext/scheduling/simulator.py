@@ -124,8 +124,9 @@ class Scenario:
         if self.offsets == "spread":
             return tuple(m * self.deadline_period / self.miners for m in range(self.miners))
         if isinstance(self.offsets, str):
-            raise ValueError(f"offsets must be 'colliding', 'spread' or seconds per miner, "
-                             f"not {self.offsets!r}")
+            raise ValueError(  # noqa: TRY004 - a bad value of the right typef"offsets must be 'colliding', 'spread' or seconds per miner, "
+                f"not {self.offsets!r}"
+            )
         if len(self.offsets) != self.miners:
             raise ValueError(f"{len(self.offsets)} offsets given for {self.miners} miners")
         return tuple(float(o) for o in self.offsets)
@@ -137,9 +138,11 @@ class Scenario:
 
     def horizon(self) -> float:
         """End of the last challenge window: GPU busy time is measured over [0, horizon]."""
-        last_open = self.lookback + max(self.miner_offsets()) + (
-            self.deadlines_per_miner - 1
-        ) * self.deadline_period
+        last_open = (
+            self.lookback
+            + max(self.miner_offsets())
+            + (self.deadlines_per_miner - 1) * self.deadline_period
+        )
         return last_open + self.challenge_window
 
 
@@ -186,8 +189,16 @@ def generate(scenario: Scenario) -> Workload:
             for p in range(s.partitions[m]):
                 rng = _rng(s.seed, "wd", m, i, p)
                 jobs.append(
-                    SimJob(next(ids), WINDOW_POST, m, i, opens - s.lookback, due,
-                           s.vanilla.draw(rng), s.snark.draw(rng))
+                    SimJob(
+                        next(ids),
+                        WINDOW_POST,
+                        m,
+                        i,
+                        opens - s.lookback,
+                        due,
+                        s.vanilla.draw(rng),
+                        s.snark.draw(rng),
+                    )
                 )
     horizon = s.horizon()
     if s.winning_rate > 0:
@@ -196,8 +207,16 @@ def generate(scenario: Scenario) -> Workload:
             t = rng.expovariate(s.winning_rate / 3600.0)
             while t < horizon:
                 jobs.append(
-                    SimJob(next(ids), WINNING_POST, m, -1, t, t + s.winning_budget, 0.0,
-                           s.winning_gpu.draw(rng))
+                    SimJob(
+                        next(ids),
+                        WINNING_POST,
+                        m,
+                        -1,
+                        t,
+                        t + s.winning_budget,
+                        0.0,
+                        s.winning_gpu.draw(rng),
+                    )
                 )
                 t += rng.expovariate(s.winning_rate / 3600.0)
     jobs.sort(key=lambda j: (j.release, j.job_id))
@@ -236,8 +255,9 @@ def capacity_bound(scenario: Scenario) -> float:
         for i in range(s.deadlines_per_miner):
             opens = s.lookback + offset + i * s.deadline_period
             # one partition's mean work per miner-deadline, for a load of one partition per miner
-            items.append((opens - s.lookback, opens + s.challenge_window - s.submit_margin,
-                          s.snark.mean))
+            items.append(
+                (opens - s.lookback, opens + s.challenge_window - s.submit_margin, s.snark.mean)
+            )
     ratio = _intervals_max_ratio(items, s.gpus)  # at one partition per miner per deadline
     return s.miners / ratio
 
@@ -379,10 +399,9 @@ class _Engine:
                     self.reschedule(gpu)
                     job.state, job.finish = "done", t
                     self.ended(job)
-            elif kind == "wake":
-                if self.wake_at == t:
-                    self.wake_at = None
-                    self.decide()
+            elif kind == "wake" and self.wake_at == t:  # else superseded by an earlier wake
+                self.wake_at = None
+                self.decide()
 
     # dispatch plumbing
 
@@ -396,9 +415,7 @@ class _Engine:
                 job.child = f"win{gpu.index}"
                 self.to_gpu(job)
         elif self.scheduler is not None:
-            self.scheduler.submit(
-                Job(job.job_id, job.stage, self.now, deadline=job.due), self.now
-            )
+            self.scheduler.submit(Job(job.job_id, job.stage, self.now, deadline=job.due), self.now)
             self.decide()
         else:
             self.baseline.arrived(self, job.job_id, job.stage)
@@ -569,8 +586,9 @@ def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def simulate(scenario: Scenario, policies: list[str] | tuple[str, ...] = DEFAULT_POLICIES
-             ) -> dict[str, PolicyResult]:
+def simulate(
+    scenario: Scenario, policies: list[str] | tuple[str, ...] = DEFAULT_POLICIES
+) -> dict[str, PolicyResult]:
     """Run each policy on the same generated workload (same seed, same draws)."""
     return {p: run_workload(scenario, generate(scenario), p) for p in resolve_policies(policies)}
 
@@ -584,9 +602,14 @@ def run_workload(scenario: Scenario, workload: Workload, policy: str) -> PolicyR
     return _result(policy, engine)
 
 
-def max_missfree_load(scenario: Scenario, policy: str, *, winning: bool = True,
-                      upper: int | None = None,
-                      _cache: dict[int, PolicyResult] | None = None) -> int:
+def max_missfree_load(
+    scenario: Scenario,
+    policy: str,
+    *,
+    winning: bool = True,
+    upper: int | None = None,
+    _cache: dict[int, PolicyResult] | None = None,
+) -> int:
     """Highest total partitions per deadline with no miss, by bisection with the scenario's seed.
 
     `winning=False` counts only WindowPoSt misses. Bisection assumes misses are monotone in the
@@ -637,26 +660,33 @@ def format_bisect(doc: dict[str, Any]) -> str:
     head = ("policy", "miss-free load", "of bound", "WdPoSt-only load", "of bound")
     rows = [head]
     for name, r in doc["policies"].items():
-        rows.append((
-            name,
-            str(r["max_missfree_partitions"]),
-            f"{r['fraction_of_bound']:.1%}",
-            str(r["max_missfree_partitions_wdpost_only"]),
-            f"{r['fraction_of_bound_wdpost_only']:.1%}",
-        ))
+        rows.append(
+            (
+                name,
+                str(r["max_missfree_partitions"]),
+                f"{r['fraction_of_bound']:.1%}",
+                str(r["max_missfree_partitions_wdpost_only"]),
+                f"{r['fraction_of_bound_wdpost_only']:.1%}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    title = (f"highest miss-free load (partitions per deadline, all miners; capacity bound "
-             f"{doc['capacity_bound_partitions']:.2f})")
+    title = (
+        f"highest miss-free load (partitions per deadline, all miners; capacity bound "
+        f"{doc['capacity_bound_partitions']:.2f})"
+    )
     return title + "\n" + "\n".join(lines)
 
 
 def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
     """One paragraph: what was simulated, the bound and how loaded it is."""
     s = scenario
-    offsets = s.offsets if isinstance(s.offsets, str) else "offsets " + ",".join(
-        f"{o:g}s" for o in s.offsets)
+    offsets = (
+        s.offsets
+        if isinstance(s.offsets, str)
+        else "offsets " + ",".join(f"{o:g}s" for o in s.offsets)
+    )
     return (
         f"{s.miners} miners ({offsets}), {s.gpus} GPUs, {s.total_partitions} partitions per "
         f"deadline ({','.join(map(str, s.partitions))} per miner), {s.hours:g} h, seed {s.seed}; "
@@ -686,24 +716,34 @@ def report(scenario: Scenario, results: dict[str, PolicyResult]) -> dict[str, An
 
 def format_table(results: dict[str, PolicyResult]) -> str:
     """A plain-text table of the results, one row per policy."""
-    head = ("policy", "WdPoSt missed", "late parts", "WinPoSt missed", "GPU busy",
-            "min slack", "p1 slack", "WinPoSt p99")
+    head = (
+        "policy",
+        "WdPoSt missed",
+        "late parts",
+        "WinPoSt missed",
+        "GPU busy",
+        "min slack",
+        "p1 slack",
+        "WinPoSt p99",
+    )
     rows = [head]
 
     def secs(x: float | None) -> str:
         return "abandoned" if x is None else f"{x:.0f}s"
 
     for name, r in results.items():
-        rows.append((
-            name,
-            f"{r.wdpost_deadlines_missed}/{r.wdpost_deadlines}",
-            f"{r.wdpost_partitions_late + r.wdpost_partitions_abandoned}/{r.wdpost_partitions}",
-            f"{r.winning_missed}/{r.winning}",
-            f"{r.gpu_busy_fraction:.1%}",
-            secs(r.min_slack),
-            secs(r.p1_slack),
-            "-" if r.winning_p99_latency is None else f"{r.winning_p99_latency:.1f}s",
-        ))
+        rows.append(
+            (
+                name,
+                f"{r.wdpost_deadlines_missed}/{r.wdpost_deadlines}",
+                f"{r.wdpost_partitions_late + r.wdpost_partitions_abandoned}/{r.wdpost_partitions}",
+                f"{r.winning_missed}/{r.winning}",
+                f"{r.gpu_busy_fraction:.1%}",
+                secs(r.min_slack),
+                secs(r.p1_slack),
+                "-" if r.winning_p99_latency is None else f"{r.winning_p99_latency:.1f}s",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
