@@ -90,17 +90,18 @@ def winning_task(miner: int = 1000) -> WinningPoSt:
 # A damocles-style JSON-lines child: answers each request with an empty proof list. The body of
 # `handle(req)` decides what to do; it returns the response dict or None (no answer).
 JSONL_CHILD = """
-import json, os, sys
+import json, os, sys, time
 STAGE = {stage!r}
+{setup}
 sys.stdout.write(STAGE + " processor ready\\n")
 sys.stdout.flush()
-{setup}
-def answer(rid, err=None):
+def answer(req, err=None):
+    # faults = [miner_id, pid]: tells a test which request and which child this answer is
     if err is None:
-        out = {{"proofs": [], "faults": [os.getpid()]}}
-        msg = {{"id": rid, "err_msg": None, "output": out}}
+        out = {{"proofs": [], "faults": [req["task"]["miner_id"], os.getpid()]}}
+        msg = {{"id": req["id"], "err_msg": None, "output": out}}
     else:
-        msg = {{"id": rid, "err_msg": err, "output": None}}
+        msg = {{"id": req["id"], "err_msg": err, "output": None}}
     sys.stdout.write(json.dumps(msg) + "\\n")
     sys.stdout.flush()
 for line in sys.stdin:
@@ -109,10 +110,42 @@ for line in sys.stdin:
 """
 
 
-def jsonl_child(handle: str = "    answer(req['id'])", setup: str = "",
-                stage: str = "window_post") -> list[str]:
-    """argv of a fake damocles JSON-lines child; `handle` is indented code run per request."""
-    return [PY, "-u", "-c", JSONL_CHILD.format(stage=stage, setup=setup, handle=handle)]
+def jsonl_child(handle: str = "answer(req)", setup: str = "", stage: str = "window_post") -> list[str]:
+    """argv of a fake damocles JSON-lines child; `handle` is code run per request (`req`)."""
+    body = textwrap.indent(textwrap.dedent(handle), "    ")
+    return [PY, "-u", "-c", JSONL_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body)]
+
+
+# A dext/1 child built on the project's codec; `handle` runs per Request (`msg`).
+DEXT_CHILD = """
+import os, sys
+from damocles_ext.protocol import dext
+from damocles_ext.tasks import WindowPoStOutput
+out = sys.stdout.buffer
+def send(m):
+    out.write(dext.encode(m))
+    out.flush()
+def answer(msg):
+    send(dext.Response(msg.id, output=WindowPoStOutput([b"ok"], [msg.task.miner_id, os.getpid()])))
+{setup}
+send(dext.Hello("dext/1", {stage!r}, os.getpid(), "fake", "1", 1))
+dec = dext.FrameDecoder()
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    for msg in dec.receive_data(data):
+        if isinstance(msg, dext.Request):
+{handle}
+        elif isinstance(msg, dext.Shutdown):
+            sys.exit(0)
+"""
+
+
+def dext_child(handle: str = "answer(msg)", setup: str = "", stage: str = "window_post") -> list[str]:
+    """argv of a fake dext/1 child; `handle` is code run per Request (`msg`)."""
+    body = textwrap.indent(textwrap.dedent(handle), "            ")
+    return [PY, "-u", "-c", DEXT_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body)]
 
 
 def alive(pid: int) -> bool:

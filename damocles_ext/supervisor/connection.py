@@ -154,6 +154,8 @@ class ChildConnection:
     def _receive_jsonl(self, data: bytes) -> list[Event]:
         if self._lines is None:
             self._lines = jsonl.LineReader()
+        if not data and not self.ready:
+            return self._eof()  # a last line without its newline is not a ready line either
         events: list[Event] = []
         for line in self._lines.receive_data(data):
             if not self.ready:

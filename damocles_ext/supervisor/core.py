@@ -357,8 +357,15 @@ class Supervisor:
                 raise ProverError(
                     f"cannot wait for {count} ready {what}: only {len(alive)} of {len(pool)}"
                     " can still start ("
-                    + (", ".join(f"{c.name}: {c.last_exit}" for c in pool if c not in alive) or
-                       "none configured")
+                    + (
+                        "; ".join(
+                            f"{c.name} is {c.state.upper() if c.state == 'fatal' else c.state},"
+                            f" last: {c.last_exit}"
+                            for c in pool
+                            if c not in alive
+                        )
+                        or "none configured"
+                    )
                     + ")"
                 )
             event = self._state_changed
@@ -906,7 +913,8 @@ class Supervisor:
                     data = await _receive(p.proc.stdout)
                     events = p.conn.receive_data(data)
             except ChildProtocolError as exc:
-                self._mark_down(child, p, f"failed start: {exc}")
+                self._mark_down(child, p, "failed start")
+                p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
                 return False
         if not p.conn.ready:
             wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
@@ -983,6 +991,7 @@ class Supervisor:
     async def _stop_gracefully(self, child: _Child, p: _Process) -> None:
         """Shutdown frame or stdin close, SIGTERM to the group, SIGKILL after stop_timeout."""
         self._mark_down(child, p, "stopped (shutdown)")
+        p.proc.remember_descendants()
         data = p.conn.encode_shutdown()
         if data is not None:
             p.send_channel.send_nowait(data)

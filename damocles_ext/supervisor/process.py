@@ -137,6 +137,7 @@ class ChildProcess:
         self.exit: ExitInfo | None = None
         self._waiting = False
         self._changed = trio.Event()
+        self._known: list[psutil.Process] = []
 
     @property
     def returncode(self) -> int | None:
@@ -205,9 +206,16 @@ class ChildProcess:
                     return False
             return True
 
+    def remember_descendants(self) -> None:
+        """Note the child's descendants now, so that ones that left its process group (setsid)
+        can still be found and killed after the child itself is gone."""
+        self._known = self.descendants()
+
     def kill_tree(self) -> None:
         """SIGKILL the process group, and descendants that left the group (setsid) while known."""
-        escaped = [p for p in self.descendants() if _pgid(p.pid) not in (self.pid, None)]
+        escaped = [
+            p for p in self.descendants() + self._known if _pgid(p.pid) not in (self.pid, None)
+        ]
         self.signal_group(signal.SIGKILL)
         for proc in escaped:
             try:

@@ -1,0 +1,507 @@
+"""The supervisor with real child processes: dispatch, crash recovery, timeouts, shutdown.
+
+Children are small Python programs (`python -u -c ...`, as trio's own subprocess tests do) or the
+built-in child runtime. Time only enters through events and bounded polling of process state;
+the backoff sequence runs on a MockClock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import stat
+import sys
+import time
+
+import pytest
+import trio
+import trio.testing
+from supervisor_helpers import (
+    alive,
+    builtin_child,
+    dext_child,
+    jsonl_child,
+    our_descendants,
+    python_child,
+    spec,
+    wait_until,
+    window_task,
+    winning_task,
+)
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracker
+from damocles_ext_plugins.testing import echo_output
+
+FAST = BackoffPolicy(base=0.05, cap=0.2)
+
+
+def child_stats(sup: Supervisor, name: str):
+    return next(c for c in sup.statistics().children if c.name == name)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    # Every test must leave no child, grandchild or zombie behind.
+    assert our_descendants() == []
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+
+
+async def test_builtin_dext_child_and_jsonl_child_both_answer_requests():
+    specs = [
+        spec(builtin_child(), index=0, concurrent=2),
+        spec(jsonl_child(), index=1),
+    ]
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", 2)
+        results: dict[int, object] = {}
+
+        async def one(miner: int) -> None:
+            results[miner] = await sup.submit(window_task(miner=miner))
+
+        async with trio.open_nursery() as nursery:
+            for miner in range(1, 13):
+                nursery.start_soon(one, miner)
+        pid1 = child_stats(sup, "window_post#1").pid
+        for miner, out in results.items():
+            # echo answers with a proof derived from the task; the fake child with [miner, pid]
+            assert out == echo_output(window_task(miner=miner)) or out.faults == [miner, pid1]
+        stats = {c.name: c for c in sup.statistics().children}
+        assert stats["window_post#0"].done + stats["window_post#1"].done == 12
+        assert stats["window_post#0"].done > 0 and stats["window_post#1"].done > 0
+        assert stats["window_post#0"].protocol == "dext"
+        assert stats["window_post#1"].protocol == "jsonl"
+
+
+async def test_weights_spread_sequential_requests_3_to_1():
+    specs = [spec(jsonl_child(), index=0, weight=3), spec(jsonl_child(), index=1, weight=1)]
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", 2)
+        pids = [(await sup.submit(window_task(miner=i))).faults[1] for i in range(8)]
+        p0 = child_stats(sup, "window_post#0").pid
+        p1 = child_stats(sup, "window_post#1").pid
+        assert pids.count(p0) == 6 and pids.count(p1) == 2
+
+
+async def test_jsonl_responses_in_any_order_reach_their_requests():
+    # Collects three requests, then answers them last first.
+    handle = """
+    pending.append(req)
+    if len(pending) == 3:
+        for r in reversed(pending):
+            answer(r)
+        pending.clear()
+    """
+    async with open_supervisor([spec(jsonl_child(handle, setup="pending = []"), concurrent=3)]) as sup:
+        await sup.wait_ready()
+        results: dict[int, int] = {}
+
+        async def one(miner: int) -> None:
+            results[miner] = (await sup.submit(window_task(miner=miner))).faults[0]
+
+        async with trio.open_nursery() as nursery:
+            for miner in (11, 22, 33):
+                nursery.start_soon(one, miner)
+        assert results == {11: 11, 22: 22, 33: 33}
+
+
+async def test_unknown_and_duplicate_response_ids_are_logged_and_dropped(caplog):
+    handle = """
+    sys.stdout.write(json.dumps({"id": 999, "err_msg": "stray", "output": None}) + "\\n")
+    answer(req)
+    answer(req)
+    """
+    async with open_supervisor([spec(jsonl_child(handle))]) as sup:
+        await sup.wait_ready()
+        first = await sup.submit(window_task(miner=1))
+        second = await sup.submit(window_task(miner=2))
+        assert (first.faults[0], second.faults[0]) == (1, 2)
+        assert child_stats(sup, "window_post#0").restarts == 0
+    text = caplog.text
+    assert "unknown id 999" in text
+    assert "a second response to its request 1" in text
+
+
+async def test_progress_reaches_the_callback_with_the_supervisor_request_id():
+    seen = []
+    child = builtin_child("window_post", "sleep", "seconds=0.3", "progress_interval=0.1")
+    async with open_supervisor([spec(child)]) as sup:
+        await sup.wait_ready()
+        out = await sup.submit(window_task(miner=4), on_progress=seen.append)
+    assert out == echo_output(window_task(miner=4))
+    assert seen and all(p.id == 1 for p in seen)
+    assert "sleep" in {p.phase for p in seen}
+
+
+async def test_stage_without_children_fails_at_once():
+    async with open_supervisor([spec(jsonl_child())]) as sup:
+        with pytest.raises(ProverError, match="no winning_post children are configured"):
+            await sup.submit(winning_task())
+
+
+# -- crash recovery ---------------------------------------------------------------------------
+
+
+async def test_crash_mid_request_is_retried_on_a_sibling():
+    specs = [spec(jsonl_child("os._exit(7)"), index=0), spec(jsonl_child(), index=1)]
+    async with open_supervisor(specs, backoff=FAST) as sup:
+        await sup.wait_ready("window_post", 2)
+        pid1 = child_stats(sup, "window_post#1").pid
+        out = await sup.submit(window_task(miner=5))  # goes to #0 first (both idle, equal weight)
+        assert out.faults == [5, pid1]
+        crashed = child_stats(sup, "window_post#0")
+        assert crashed.failed == 1
+        assert "exit code 7" in crashed.last_exit
+
+
+async def test_last_attempt_fails_with_child_exit_status_and_attempts():
+    async with open_supervisor([spec(jsonl_child("os._exit(7)"), max_attempts=2)],
+                               backoff=FAST) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task())
+    text = str(info.value)
+    assert "request 1" in text and "window_post#0" in text
+    assert "exit code 7" in text and "2 attempts made" in text and "MaxAttempts = 2" in text
+
+
+async def test_garbage_on_dext_stdout_kills_and_restarts_the_child(tmp_path):
+    marker = tmp_path / "garbage-sent"
+    handle = """
+    if not os.path.exists(os.environ["MARKER"]):
+        open(os.environ["MARKER"], "w").close()
+        out.write(b"\\xff\\xff\\xff\\xff this is not a frame")
+        out.flush()
+    else:
+        answer(msg)
+    """
+    async with open_supervisor([spec(dext_child(handle), envs={"MARKER": str(marker)})],
+                               backoff=FAST) as sup:
+        await sup.wait_ready()
+        first_pid = child_stats(sup, "window_post#0").pid
+        out = await sup.submit(window_task(miner=9))
+        stats = child_stats(sup, "window_post#0")
+        assert out.faults == [9, stats.pid] and stats.pid != first_pid
+        assert stats.restarts == 1
+        assert "broke the protocol" in stats.last_exit and "framing error" in stats.last_exit
+        assert not alive(first_pid)
+
+
+async def test_garbage_line_on_jsonl_stdout_is_skipped(caplog):
+    handle = """
+    sys.stdout.write("this is not json\\n")
+    answer(req)
+    """
+    async with open_supervisor([spec(jsonl_child(handle))]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        out = await sup.submit(window_task(miner=3))
+        assert out.faults == [3, pid]
+        assert child_stats(sup, "window_post#0").restarts == 0
+    assert "skipped a bad stdout line" in caplog.text
+
+
+# -- failed starts ----------------------------------------------------------------------------
+
+
+async def test_slow_ready_is_a_failed_start_and_the_child_is_killed():
+    child = python_child("import os, sys; print(os.getpid(), file=sys.stderr); sys.stdin.read()")
+    async with open_supervisor([spec(child, ready_timeout=0.5, auto_restart=False)]) as sup:
+        with pytest.raises(ProverError, match="no ready message within 0.5s"):
+            await sup.wait_ready()
+        stats = child_stats(sup, "window_post#0")
+        assert stats.state == "stopped"
+        assert "it wrote nothing" in stats.last_exit and "SIGKILL" in stats.last_exit
+
+
+async def test_wrong_ready_line_is_a_failed_start_naming_what_came():
+    child = python_child("import sys; print('window_post processor warming up'); sys.stdin.read()")
+    async with open_supervisor([spec(child, auto_restart=False)]) as sup:
+        with pytest.raises(ProverError, match="warming up"):
+            await sup.wait_ready()
+        assert "instead of the ready line" in child_stats(sup, "window_post#0").last_exit
+        with pytest.raises(ProverError, match="FATAL"):
+            await sup.submit(window_task())
+
+
+async def test_missing_damocles_worker_is_a_clear_failed_start():
+    child = spec(["damocles-worker", "processor", "window_post"], kind="damocles-worker",
+                 auto_restart=False, envs={"PATH": "/nonexistent"})
+    async with open_supervisor([child]) as sup:
+        with pytest.raises(
+            ProverError, match=r"damocles-worker not found on PATH; set Bin or Plugin in WdPost\[0\]"
+        ):
+            await sup.wait_ready()
+
+
+@pytest.fixture
+def patient_autojump_clock():
+    # Jump only after half a real second of idleness: long enough for a real child to exit
+    # (so its failure is seen as an exit, not a jumped ready timeout), short for the backoff.
+    return trio.testing.MockClock(autojump_threshold=0.5)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, object]] = []
+
+    @hookimpl
+    def dext_child_started(self, child):
+        self.events.append(("started", trio.current_time(), child.pid))
+
+    @hookimpl
+    def dext_child_exited(self, child, status):
+        self.events.append(("exited", trio.current_time(), status.returncode))
+
+
+async def test_backoff_sequence_and_fatal_after_five_failed_starts(patient_autojump_clock):
+    recorder = _Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(recorder, name="recorder")
+    child = spec(python_child("import sys; sys.exit(3)"), ready_timeout=30.0)
+    sup = Supervisor([child], plugin_manager=pm, clock_jitter=random.Random(42))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with pytest.raises(ProverError, match="FATAL"):
+            await sup.wait_ready()
+        assert child_stats(sup, "window_post#0").state == "fatal"
+        with pytest.raises(ProverError, match="no window_post child can serve"):
+            await sup.submit(window_task())
+        sup.request_shutdown()
+    kinds = [e[0] for e in recorder.events]
+    assert kinds == ["started", "exited"] * 5
+    assert all(e[2] == 3 for e in recorder.events if e[0] == "exited")
+    gaps = [recorder.events[i + 1][1] - recorder.events[i][1] for i in range(1, 9, 2)]
+    expected = RestartTracker(BackoffPolicy(), rng=random.Random(42))
+    delays = [expected.start_failed("x").delay for _ in range(4)]  # type: ignore[union-attr]
+    assert isinstance(expected.start_failed("x"), GiveUp)
+    assert gaps == pytest.approx(delays, abs=1e-9)
+    assert all(0.8 * n <= d <= n for d, n in zip(gaps, (1, 2, 4, 8)))
+
+
+async def test_fatal_child_leaves_the_rest_of_the_pool_serving():
+    specs = [spec(python_child("import sys; sys.exit(3)"), index=0), spec(jsonl_child(), index=1)]
+    async with open_supervisor(specs, backoff=BackoffPolicy(base=0.01, cap=0.02)) as sup:
+        await wait_until(lambda: child_stats(sup, "window_post#0").state == "fatal", 10)
+        pid1 = child_stats(sup, "window_post#1").pid
+        assert (await sup.submit(window_task(miner=2))).faults == [2, pid1]
+        assert child_stats(sup, "window_post#0").restarts == 4
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+async def test_hung_child_is_cancelled_then_killed_and_restarted():
+    child = builtin_child("window_post", "sleep", "fail=hang")
+    async with open_supervisor(
+        [spec(child, request_timeout=0.5, cancel_grace=0.3, max_attempts=1)], backoff=FAST
+    ) as sup:
+        await sup.wait_ready()
+        first_pid = child_stats(sup, "window_post#0").pid
+        with pytest.raises(ProverError, match="timed out after 0.5s on window_post#0"):
+            await sup.submit(window_task())
+        await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
+        assert "still running 0.3s after a Cancel" in child_stats(sup, "window_post#0").last_exit
+        assert not alive(first_pid)
+        await sup.wait_ready()
+
+
+async def test_silent_dext_child_counts_as_hung_after_the_heartbeat_timeout():
+    async with open_supervisor(
+        [spec(dext_child("pass"), heartbeat_timeout=0.3, max_attempts=1)], backoff=FAST
+    ) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError, match="hung: no Progress or Response"):
+            await sup.submit(window_task())
+
+
+async def test_deadline_answers_at_once_and_a_jsonl_child_is_killed_after_the_grace():
+    async with open_supervisor([spec(jsonl_child("pass"), cancel_grace=0.2)], backoff=FAST) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError, match="passed its deadline"):
+            await sup.submit(window_task(), deadline=time.time() + 0.3)
+        await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
+        assert "JSON lines: no Cancel" in child_stats(sup, "window_post#0").last_exit
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+async def test_shutdown_lets_in_flight_finish_fails_queued_and_refuses_new():
+    child = jsonl_child("time.sleep(0.3); answer(req)")
+    sup = Supervisor([spec(child)])
+    outcomes: dict[str, object] = {}
+
+    async def submit(name: str, miner: int) -> None:
+        try:
+            outcomes[name] = await sup.submit(window_task(miner=miner))
+        except ProverError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        nursery.start_soon(submit, "running", 1)
+        await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
+        nursery.start_soon(submit, "queued", 2)
+        await wait_until(lambda: sup.statistics().stages["window_post"].queued == 1)
+        sup.request_shutdown()
+        with pytest.raises(ProverError, match="shutting down"):
+            await sup.submit(window_task())
+    assert not isinstance(outcomes["running"], Exception), outcomes["running"]
+    assert outcomes["running"].faults[0] == 1
+    assert "still queued" in str(outcomes["queued"])
+    assert child_stats(sup, "window_post#0").state == "stopped"
+
+
+async def test_shutdown_kills_stubborn_children_and_their_grandchildren(tmp_path):
+    # Ignores stdin EOF and SIGTERM, starts a grandchild in its group and one in its own session.
+    setup = """
+    import signal, subprocess
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    g1 = subprocess.Popen(["sleep", "1000"])
+    g2 = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    with open(os.environ["PIDS"], "w") as f:
+        f.write(json.dumps([g1.pid, g2.pid]))
+    """
+    pids_file = tmp_path / "pids.json"
+    child = spec(jsonl_child("time.sleep(100)", setup=setup), envs={"PIDS": str(pids_file)})
+    sup = Supervisor([child], shutdown_grace=0.2, stop_timeout=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        grandchildren = json.loads(pids_file.read_text())
+        child_pid = child_stats(sup, "window_post#0").pid
+        assert all(alive(pid) for pid in grandchildren)
+        errors: list[ProverError] = []
+
+        async def submit() -> None:
+            with pytest.raises(ProverError) as info:
+                await sup.submit(window_task())
+            errors.append(info.value)
+
+        nursery.start_soon(submit)
+        await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
+        sup.request_shutdown()
+    assert "within the shutdown grace period (0.2s)" in str(errors[0])
+    assert not alive(child_pid)
+    await wait_until(lambda: not any(alive(pid) for pid in grandchildren), 5)
+
+
+async def test_supervisor_sigkilled_takes_its_children_with_it():
+    script = f"""
+import sys, trio
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from supervisor_helpers import spec, jsonl_child
+from damocles_ext.supervisor import Supervisor
+async def main():
+    sup = Supervisor([spec(jsonl_child(), index=0), spec(jsonl_child(), index=1)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready(count=2)
+        print(*[c.pid for c in sup.statistics().children], flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+"""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script], stdout=-1, stderr=-3
+    )
+    try:
+        line = b""
+        with trio.fail_after(20):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the supervisor subprocess exited early"
+                line += chunk
+        pids = [int(x) for x in line.split()]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        proc.kill()
+        await proc.wait()
+        await wait_until(lambda: not any(alive(pid) for pid in pids), 1.0)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+
+
+# -- the child's environment ------------------------------------------------------------------
+
+
+async def test_env_cpuset_and_tmpdir_are_applied_before_the_child_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEXT_TEST_INHERITED", "yes")
+    report = tmp_path / "report.json"
+    tmpdir = tmp_path / "gpu0" / "tmp"
+    setup = """
+    with open(os.environ["REPORT"], "w") as f:
+        json.dump({"cpus": sorted(os.sched_getaffinity(0)), "env": dict(os.environ)}, f)
+    """
+    envs = {"REPORT": str(report), "TMPDIR": str(tmpdir), "PATH": os.environ["PATH"], "FOO": "bar"}
+    child = spec(jsonl_child(setup=setup), envs=envs, inherit_envs=False, cpuset=frozenset({0}))
+    async with open_supervisor([child]) as sup:
+        await sup.wait_ready()
+    data = json.loads(report.read_text())
+    assert data["cpus"] == [0]
+    assert data["env"]["FOO"] == "bar" and "DEXT_TEST_INHERITED" not in data["env"]
+    assert stat.S_IMODE(tmpdir.stat().st_mode) == 0o700
+
+
+async def test_child_stderr_is_relogged_with_stage_index_and_pid(caplog):
+    caplog.set_level(logging.INFO, logger="damocles_ext.child")
+    child = jsonl_child(setup="sys.stderr.write('loading parameters\\n'); sys.stderr.flush()")
+    async with open_supervisor([spec(child, index=0)]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        expected = f"[window_post#0 pid={pid}] loading parameters"
+        await wait_until(lambda: expected in caplog.text)
+
+
+async def test_observers_see_children_and_requests():
+    seen: list[tuple] = []
+
+    class Observer:
+        @hookimpl
+        def dext_child_ready(self, child):
+            seen.append(("ready", child.name))
+
+        @hookimpl
+        async def dext_request_started(self, request):
+            seen.append(("started", request.id, request.child, request.attempt))
+
+        @hookimpl
+        def dext_request_finished(self, request, outcome, duration):
+            seen.append(("finished", request.id, outcome))
+
+        @hookimpl
+        def dext_child_exited(self, child, status):
+            seen.append(("exited", child.name, status.reason))
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Observer(), name="observer")
+    async with open_supervisor([spec(jsonl_child())], plugin_manager=pm) as sup:
+        await sup.wait_ready()
+        await sup.submit(window_task())
+    assert seen == [
+        ("ready", "window_post#0"),
+        ("started", 1, "window_post#0", 1),
+        ("finished", 1, "fault"),  # the fake child lists [miner, pid] as faults
+        ("exited", "window_post#0", "stopped (shutdown)"),
+    ]
+
+
+async def test_cancelled_caller_does_not_break_the_child_for_the_next_request():
+    async with open_supervisor([spec(dext_child())]) as sup:
+        await sup.wait_ready()
+        with trio.move_on_after(0) as scope:
+            await sup.submit(window_task(miner=1))
+        assert scope.cancelled_caught
+        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+

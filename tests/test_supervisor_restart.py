@@ -1,0 +1,77 @@
+"""The restart rules (supervisor/restart.py), driven as the pure policy they are."""
+
+from __future__ import annotations
+
+import random
+
+from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, Restart, RestartTracker
+
+
+def test_failed_starts_back_off_1_2_4_8_with_jitter_then_fatal_on_the_fifth():
+    rng = random.Random(7)
+    expected_jitter = random.Random(7)
+    tracker = RestartTracker(BackoffPolicy(), rng=rng)
+    delays = []
+    for n in range(4):
+        decision = tracker.start_failed(f"failure {n}")
+        assert isinstance(decision, Restart)
+        delays.append(decision.delay)
+    nominal = [1.0, 2.0, 4.0, 8.0]
+    assert delays == [d * (1 - 0.2 * expected_jitter.random()) for d in nominal]
+    for d, n in zip(delays, nominal):
+        assert 0.8 * n <= d <= n
+    fatal = tracker.start_failed("failure 4")
+    assert isinstance(fatal, GiveUp) and fatal.fatal
+    assert "5 failed starts in a row" in fatal.reason and "failure 4" in fatal.reason
+
+
+def test_same_seed_gives_the_same_sequence_and_another_seed_does_not():
+    def sequence(seed: int) -> list[float]:
+        t = RestartTracker(BackoffPolicy(max_failed_starts=100), rng=random.Random(seed))
+        return [t.start_failed("x").delay for _ in range(6)]  # type: ignore[union-attr]
+
+    assert sequence(1) == sequence(1)
+    assert sequence(1) != sequence(2)
+
+
+def test_delay_doubles_up_to_the_cap_and_stays_there():
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    delays = []
+    for _ in range(10):
+        tracker.ready(0.0)  # crashes after a short ready period: not a failed start
+        decision = tracker.exited(1.0, "crash")
+        assert isinstance(decision, Restart)
+        delays.append(decision.delay)
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+
+
+def test_sixty_seconds_of_ready_resets_the_sequence():
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    for _ in range(4):
+        tracker.ready(0.0)
+        tracker.exited(1.0, "crash")
+    tracker.ready(100.0)
+    short = tracker.exited(159.0, "crash")  # 59 s ready: keeps doubling
+    assert isinstance(short, Restart) and short.delay == 16
+    tracker.ready(200.0)
+    stable = tracker.exited(260.0, "crash")  # 60 s ready: back to the start
+    assert isinstance(stable, Restart) and stable.delay == 1
+
+
+def test_a_successful_start_resets_the_failed_start_count():
+    tracker = RestartTracker(BackoffPolicy(), rng=random.Random(0))
+    for _ in range(4):
+        assert isinstance(tracker.start_failed("x"), Restart)
+    tracker.ready(0.0)
+    for _ in range(4):
+        assert isinstance(tracker.start_failed("x"), Restart)
+    assert isinstance(tracker.start_failed("x"), GiveUp)
+
+
+def test_auto_restart_off_gives_up_without_fatal():
+    tracker = RestartTracker(auto_restart=False)
+    decision = tracker.start_failed("bad ready line")
+    assert isinstance(decision, GiveUp) and not decision.fatal
+    assert "AutoRestart is off" in decision.reason
+    tracker.ready(0.0)
+    assert isinstance(tracker.exited(1.0, "crash"), GiveUp)
