@@ -2,11 +2,14 @@
 
 Run by setuptools through `cffi_modules` in setup.py. The cdef is the part of
 native/include/dext_prover.h between the cdef markers, so the header stays the single source of
-the ABI; the same compiled `ffi` also opens vendor libraries with `ffi.dlopen` (ABI mode).
+the ABI. The compiled module also carries that cdef text (`lib._dext_cdef_text()`), from which
+damocles_ext.post.native builds the ABI-mode FFI that opens vendor libraries with `dlopen`: an
+installed package has no native/ directory to read it from.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,11 +18,19 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "include" / "dext_prover.h"
 
+# The cdef text as a C string literal: JSON string escaping is valid C for ASCII text.
+def _c_string(text: str) -> str:
+    if not text.isascii():
+        raise SystemExit(f"{HEADER}: the cdef section must be ASCII")
+    return json.dumps(text)
+
+
 # A progress callback implemented in Python; its C pointer is handed to the prover (the compiled
 # reference or a dlopen'ed vendor library alike) with a handle to the Python state as ctx.
 PYTHON_CALLBACKS = """
 extern "Python" void _dext_py_progress(void *ctx, const char *phase, uint64_t done,
                                        uint64_t total);
+const char *_dext_cdef_text(void);
 """
 
 
@@ -39,11 +50,13 @@ def _rel(path: Path) -> str:
     return os.path.relpath(path, Path.cwd())
 
 
+_CDEF = header_cdef()
 ffibuilder = FFI()
-ffibuilder.cdef(header_cdef() + PYTHON_CALLBACKS)
+ffibuilder.cdef(_CDEF + PYTHON_CALLBACKS)
 ffibuilder.set_source(
     "damocles_ext._native",
-    '#include "dext_prover.h"\n',
+    '#include "dext_prover.h"\n'
+    f"static const char *_dext_cdef_text(void) {{ return {_c_string(_CDEF)}; }}\n",
     sources=[_rel(p) for p in sorted((HERE / "src").glob("*.c"))],
     include_dirs=[_rel(HERE / "include")],
     libraries=["crypto"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,10 +58,19 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replicas: list[ManifestReplica]
 
 
+_WRITE_CHUNK = 1 << 20
+
+
 def _random_node_bytes(rng: random.Random, size: int) -> bytes:
     data = bytearray(rng.randbytes(size))
     data[NODE_SIZE - 1 :: NODE_SIZE] = data[NODE_SIZE - 1 :: NODE_SIZE].translate(_FIELD_MASK)
     return bytes(data)
+
+
+def _write_random_replica(path: Path, rng: random.Random, size: int) -> None:
+    with open(path, "wb") as f:
+        for offset in range(0, size, _WRITE_CHUNK):
+            f.write(_random_node_bytes(rng, min(_WRITE_CHUNK, size - offset)))
 
 
 def create_sectors(
@@ -92,6 +102,13 @@ def create_sectors(
     out = Path(out_dir).resolve()
     (out / "sealed").mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
+    need = count * params.sector_size * 2  # the tree file is at most as big as the data
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UsageError(
+            f"{count} sectors of {sector_size_name(proof_type)} need about {need >> 20} MiB under "
+            f"{out}, only {free >> 20} MiB are free; use a smaller proof type or count"
+        )
     replicas = []
     big = params.sector_size >= (8 << 20)
     with NativeProver(options={"rows_to_discard": rows_to_discard}) as prover:
@@ -100,7 +117,7 @@ def create_sectors(
             name = f"s-t0{miner_id}-{sector_id}"
             sealed = out / "sealed" / name
             cache = out / "cache" / name
-            sealed.write_bytes(_random_node_bytes(rng, params.sector_size))
+            _write_random_replica(sealed, rng, params.sector_size)
             cache.mkdir(exist_ok=True)
             comm_c = _random_node_bytes(rng, NODE_SIZE)
             comm_r = prover.build_tree(

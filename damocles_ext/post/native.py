@@ -2,7 +2,8 @@
 
 `NativeProver()` uses the reference prover compiled into `damocles_ext._native` at install time
 (cffi API mode); `NativeProver("/path/libvendor.so")` opens a vendor library with `dlopen` (cffi
-ABI mode) through the same compiled `ffi`, so both share one set of declarations: the header.
+ABI mode) through an FFI built from the header's cdef, which the compiled module carries. The
+progress trampoline is the compiled module's `extern "Python"` function in both modes.
 The GIL is released while the library works (cffi does so around every C call).
 """
 
@@ -56,6 +57,22 @@ def _compiled() -> Any:
     return _native
 
 
+_abi_ffi: Any = None
+_abi_ffi_lock = threading.Lock()
+
+
+def _abi_ffi_for(native: Any) -> Any:
+    global _abi_ffi
+    with _abi_ffi_lock:
+        if _abi_ffi is None:
+            from cffi import FFI
+
+            ffi = FFI()
+            ffi.cdef(native.ffi.string(native.lib._dext_cdef_text()).decode())
+            _abi_ffi = ffi
+        return _abi_ffi
+
+
 class _CallState:
     """What the progress trampoline needs during one call: a handle to it is the C ctx."""
 
@@ -81,14 +98,14 @@ def _install_trampoline(native: Any) -> None:
     def _dext_py_progress(ctx, phase, done, total):  # noqa: ANN001 - C signature
         state: _CallState = ffi.from_handle(ctx)
         try:
-            # The library checks the int32 flag; the progress call is where a Python cancel
-            # token gets copied into it (the library reports at least every few tens of ms).
-            if state.cancel is not None and state.cancel.cancelled:
-                state.flag[0] = 1
             if state.progress is not None:
                 state.progress(ffi.string(phase).decode(), int(done), int(total))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller after the C call
             state.error = exc
+            state.flag[0] = 1
+        # The library checks the int32 flag; the progress call is where a Python cancel token
+        # gets copied into it (the reference library reports at least every 20 ms).
+        if state.cancel is not None and state.cancel.cancelled:
             state.flag[0] = 1
 
     _trampoline_installed = True
@@ -102,17 +119,21 @@ class NativeProver:
     ) -> None:
         native = _compiled()
         _install_trampoline(native)
-        self._ffi = native.ffi
+        self._api_ffi = native.ffi
         self._consts = native.lib  # a dlopen'ed library carries functions only
         self._handle = None
-        self._callback = native.lib._dext_py_progress
         self._lock = threading.Lock()
         if library_path is None:
             self.library = "built-in reference prover"
+            self._ffi = native.ffi
             self._lib = native.lib
+            self._callback = native.lib._dext_py_progress
         else:
             self.library = os.fspath(library_path)
+            self._ffi = _abi_ffi_for(native)
             self._lib = self._dlopen(self.library)
+            # Same C function, seen through the other FFI's types.
+            self._callback = self._ffi.cast("dext_progress_fn", self._address(native.lib._dext_py_progress))
         self.abi_version = int(self._lib.dext_abi_version())
         if self.abi_version != ABI_VERSION:
             raise NativeLoadError(
@@ -132,7 +153,8 @@ class NativeProver:
                 "the path of a shared library implementing native/include/dext_prover.h"
             )
         try:
-            lib = self._ffi.dlopen(path)
+            # RTLD_LOCAL: two vendor libraries (or ours) never resolve each other's symbols.
+            lib = self._ffi.dlopen(path, self._ffi.RTLD_NOW | self._ffi.RTLD_LOCAL)
         except OSError as exc:
             raise NativeLoadError(f"cannot load native prover library {path}: {exc}") from None
         missing = [name for name in REQUIRED_SYMBOLS if not _has_symbol(lib, name)]
@@ -142,6 +164,16 @@ class NativeProver:
                 f"{', '.join(missing)} (see native/include/dext_prover.h)"
             )
         return lib
+
+    def _address(self, cdata: Any) -> int:
+        return int(self._api_ffi.cast("uintptr_t", cdata))
+
+    def _context(self, state: _CallState) -> tuple[Any, Any]:
+        """(handle to keep alive, the ctx pointer to pass): from_handle needs the API ffi's."""
+        handle = self._api_ffi.new_handle(state)
+        if self._ffi is self._api_ffi:
+            return handle, handle
+        return handle, self._ffi.cast("void *", self._address(handle))
 
     def has(self, symbol: str) -> bool:
         """Whether the library exports an optional function such as dext_build_tree."""
@@ -203,7 +235,7 @@ class NativeProver:
         ffi = self._ffi
         ctask, keep = self._c_task(task)
         state = _CallState(ffi, progress, cancel)
-        ctx = ffi.new_handle(state)
+        keep_handle, ctx = self._context(state)
         out = ffi.new("dext_result **")
         proofs: list[bytes] = []
         faults: list[int] = []
@@ -221,7 +253,7 @@ class NativeProver:
                 finally:
                     self._lib.dext_result_free(result)
             self._check(status, state, fn_name.removeprefix("dext_"))
-        del keep, ctx
+        del keep, keep_handle, ctx
         return proofs, faults
 
     def window_post(
@@ -281,7 +313,7 @@ class NativeProver:
             raise InvalidTaskError(f"comm_c must be 32 bytes, got {len(comm_c)}")
         ffi = self._ffi
         state = _CallState(ffi, progress, cancel)
-        ctx = ffi.new_handle(state)
+        keep_handle, ctx = self._context(state)
         comm_r = ffi.new("uint8_t[32]")
         with self._lock:
             status = self._lib.dext_build_tree(
@@ -296,7 +328,7 @@ class NativeProver:
                 state.flag,
             )
             self._check(status, state, "build_tree")
-        del ctx
+        del keep_handle, ctx
         return bytes(ffi.buffer(comm_r, 32))
 
     def close(self) -> None:

@@ -1,0 +1,84 @@
+"""`damocles-ext sectors create`: write sector fixtures (sealed files, cache dirs, manifest.json)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `sectors` and its `create` subcommand."""
+    parser = subparsers.add_parser(
+        "sectors",
+        help="create sector fixtures for the reference provers",
+        description="Tools for the PoSt miniature's sector fixtures.",
+    )
+    sub = parser.add_subparsers(dest="sectors_command", metavar="SUBCOMMAND",
+                                parser_class=type(parser))
+    sub.required = True
+    create = sub.add_parser(
+        "create",
+        help="write random sealed sectors, their cache dirs and DIR/manifest.json",
+        description=(
+            "Write COUNT random sealed replicas of the proof type's sector size to DIR/sealed, "
+            "their cache dirs (p_aux and the tree-r-last file, built by the native reference "
+            "prover) to DIR/cache, and DIR/manifest.json listing them. WinningPoSt tasks use the "
+            "same sectors: only the size part of the proof type matters."
+        ),
+    )
+    create.add_argument("--proof-type", required=True, metavar="TYPE",
+                        help="e.g. StackedDrgWindow2KiBV1_2 or StackedDrgWindow8MiBV1")
+    create.add_argument("--count", required=True, type=int, metavar="N", help="sectors to write")
+    create.add_argument("--miner", required=True, type=int, metavar="ID",
+                        help="the miner's actor id (f0<ID>)")
+    create.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    create.add_argument("--first-sector-id", type=int, default=1, metavar="N",
+                        help="sector id of the first sector (default: 1)")
+    create.add_argument("--rows-to-discard", type=int, default=2, metavar="N",
+                        help="tree rows above the data not stored in the tree file (default: 2)")
+    create.add_argument("--random-seed", type=int, default=None, metavar="N",
+                        help="make the sector contents reproducible")
+    return parser
+
+
+class _Reporter:
+    """Plain progress lines on stderr, at most one a second plus the last one."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase == "sectors" and (done == total or now - self.last >= 1.0):
+            self.last = now
+            print(f"sectors: {done}/{total}", file=sys.stderr, flush=True)
+        elif phase == "build_tree" and now - self.last >= 1.0:
+            self.last = now
+            print(f"  tree: {100 * done // max(total, 1)}%", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Create the fixtures and print the manifest's path."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.post.fixtures import create_sectors
+
+    if args.miner < 0:
+        raise UsageError(f"--miner must be a non-negative actor id, got {args.miner}")
+    if args.first_sector_id < 0:
+        raise UsageError(f"--first-sector-id must be non-negative, got {args.first_sector_id}")
+    try:
+        manifest = create_sectors(
+            args.out,
+            args.proof_type,
+            args.count,
+            args.miner,
+            progress=_Reporter(),
+            rows_to_discard=args.rows_to_discard,
+            first_sector_id=args.first_sector_id,
+            random_seed=args.random_seed,
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot write fixtures under {args.out}: {exc}") from None
+    print(manifest)
+    return 0

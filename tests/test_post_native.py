@@ -1,0 +1,189 @@
+"""NativeProver: the built-in library (cffi API mode) and vendor libraries by path (ABI mode)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.hookspecs import CancelToken
+from damocles_ext.post import InvalidTaskError, PoStCancelled, SectorFaultError
+from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
+from damocles_ext.post.native import NativeLoadError, NativeProver
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE = ROOT / "native"
+SEED = bytes(range(32))
+
+# A vendor library that implements the ABI's required functions and fails every proof, with the
+# ABI version chosen at compile time.
+STUB_VENDOR = r"""
+#include <stdlib.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+uint32_t dext_abi_version(void) { return STUB_ABI; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return "no GPU found (stub)"; }
+static int32_t fail(dext_result **out) { *out = NULL; return DEXT_ERR_INTERNAL; }
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) { return fail(out); }
+int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                          const volatile int32_t *x, dext_result **out) { return fail(out); }
+void dext_result_free(dext_result *r) { free(r); }
+"""
+
+
+def compile_library(out: Path, sources: list[Path], *defines: str) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to build the test libraries"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", f"-I{NATIVE / 'include'}", *defines,
+                    *map(str, sources), "-lcrypto", "-o", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_so(tmp_path_factory):
+    """The reference prover built as a plain shared library, as a vendor would ship one."""
+    out = tmp_path_factory.mktemp("lib") / "libdext_ref.so"
+    return compile_library(out, sorted((NATIVE / "src").glob("*.c")))
+
+
+@pytest.fixture(scope="module")
+def stub_source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stub") / "stub.c"
+    path.write_text(STUB_VENDOR)
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return load_manifest(create_sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1",
+                                        5, 1000, random_seed=3))
+
+
+def test_builtin_library_speaks_abi_version_1():
+    with NativeProver() as prover:
+        assert prover.abi_version == 1
+        assert prover.has("dext_build_tree") and prover.has("dext_verify")
+
+
+def test_a_library_loaded_by_path_proves_the_same_bytes(reference_so, manifest, tmp_path):
+    task, win = window_task(manifest, SEED), winning_task(manifest, SEED)
+    with NativeProver() as builtin, NativeProver(reference_so) as vendor:
+        assert vendor.window_post(task) == builtin.window_post(task)
+        assert vendor.winning_post(win) == builtin.winning_post(win)
+        vendor.verify(task, builtin.window_post(task))
+        rep = manifest.replicas[0]
+        comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
+        assert vendor.build_tree(task.proof_type, rep.sealed_file, tmp_path / "c",
+                                 comm_c).hex() == rep.comm_r
+
+
+def test_missing_library_file_is_named(tmp_path):
+    with pytest.raises(NativeLoadError, match=r"libnope\.so does not exist") as exc:
+        NativeProver(tmp_path / "libnope.so")
+    assert isinstance(exc.value, UsageError)
+
+
+def test_a_file_that_is_not_a_shared_library_cannot_load(tmp_path):
+    path = tmp_path / "libtext.so"
+    path.write_text("not ELF")
+    with pytest.raises(NativeLoadError, match="cannot load native prover library"):
+        NativeProver(path)
+
+
+def test_missing_symbols_are_listed_by_name(tmp_path):
+    src = tmp_path / "partial.c"
+    src.write_text('#include "dext_prover.h"\n#include <stdlib.h>\n'
+                   "uint32_t dext_abi_version(void) { return 1; }\n"
+                   "dext_handle *dext_open(const char *o) { return NULL; }\n")
+    lib = compile_library(tmp_path / "libpartial.so", [src])
+    with pytest.raises(NativeLoadError) as exc:
+        NativeProver(lib)
+    message = str(exc.value)
+    for name in ("dext_close", "dext_last_error", "dext_window_post", "dext_winning_post",
+                 "dext_result_free"):
+        assert name in message
+    assert "dext_open" not in message and "dext_abi_version" not in message
+
+
+def test_abi_version_mismatch_says_found_and_expected(tmp_path, stub_source):
+    lib = compile_library(tmp_path / "libv2.so", [stub_source], "-DSTUB_ABI=2")
+    with pytest.raises(NativeLoadError, match="ABI version 2, expected 1"):
+        NativeProver(lib)
+
+
+def test_vendor_errors_reach_the_caller_with_their_message(tmp_path, stub_source, manifest):
+    lib = compile_library(tmp_path / "libstub.so", [stub_source], "-DSTUB_ABI=1")
+    with NativeProver(lib) as prover:
+        assert not prover.has("dext_build_tree")
+        with pytest.raises(ProverError, match="no GPU found"):
+            prover.window_post(window_task(manifest, SEED))
+        with pytest.raises(ProverError, match="optional dext_build_tree"):
+            prover.build_tree("StackedDrgWindow2KiBV1", "x", "y", bytes(32))
+
+
+def test_bad_options_fail_at_open_with_the_library_message():
+    with pytest.raises(NativeLoadError, match="unknown option 'gpu'"):
+        NativeProver(options={"gpu": 1})
+    with pytest.raises(NativeLoadError, match="rows_to_discard must be an integer"):
+        NativeProver(options={"rows_to_discard": 99})
+    with pytest.raises(NativeLoadError, match="rows_to_discard must be an integer"):
+        NativeProver(options={"rows_to_discard": "2"})
+
+
+def test_progress_reports_start_and_completion(manifest):
+    seen = []
+    with NativeProver() as prover:
+        prover.window_post(window_task(manifest, SEED), progress=lambda *a: seen.append(a))
+    assert seen[0] == ("window_post", 0, 5)
+    assert seen[-1] == ("window_post", 5, 5)
+
+
+def test_a_cancelled_token_stops_proving(manifest):
+    token = CancelToken()
+    token.cancel()
+    with NativeProver() as prover, pytest.raises(PoStCancelled, match="cancelled"):
+        prover.window_post(window_task(manifest, SEED), cancel=token)
+
+
+def test_cancelling_while_proving_stops_at_the_next_check(manifest):
+    token = CancelToken()
+    with NativeProver() as prover, pytest.raises(PoStCancelled, match="after 0 of 5"):
+        prover.window_post(window_task(manifest, SEED), progress=lambda *a: token.cancel(),
+                           cancel=token)
+
+
+def test_an_exception_in_the_progress_callback_propagates(manifest):
+    def boom(*args):
+        raise KeyError("from progress")
+
+    with NativeProver() as prover, pytest.raises(KeyError, match="from progress"):
+        prover.winning_post(winning_task(manifest, SEED), progress=boom)
+
+
+def test_build_tree_refuses_a_sealed_file_of_the_wrong_size(tmp_path):
+    sealed = tmp_path / "sealed"
+    sealed.write_bytes(bytes(4096))
+    with NativeProver() as prover, pytest.raises(SectorFaultError, match="4096 bytes"):
+        prover.build_tree("StackedDrgWindow2KiBV1", sealed, tmp_path / "cache", bytes(32))
+
+
+def test_rows_to_discard_must_leave_a_tree(tmp_path):
+    sealed = tmp_path / "sealed"
+    sealed.write_bytes(bytes(2048))
+    with NativeProver(options={"rows_to_discard": 6}) as prover, \
+            pytest.raises(InvalidTaskError, match="at most 5"):
+        prover.build_tree("StackedDrgWindow2KiBV1", sealed, tmp_path / "cache", bytes(32))
+
+
+def test_a_closed_prover_refuses_work(manifest):
+    prover = NativeProver()
+    prover.close()
+    prover.close()
+    with pytest.raises(ProverError, match="closed"):
+        prover.window_post(window_task(manifest, SEED))
