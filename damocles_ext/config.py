@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .child import format_option
 from .errors import UsageError
 
 try:
@@ -460,7 +461,8 @@ class _Builder:
             if block.protocol != "auto":  # the runtime speaks dext unless told otherwise
                 argv += ["--protocol", block.protocol]
             for key, value in (block.plugin_options or {}).items():
-                argv += ["--option", f"{key}={_option_text(value)}"]
+                # format_option quotes values whose type would otherwise change ("123" stays text)
+                argv += ["--option", format_option(key, value)]
             return tuple(argv), "plugin"
         # damocles' default. damocles looks next to its own binary; we have none, so PATH.
         if block.args is not None:

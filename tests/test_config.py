@@ -774,3 +774,17 @@ def test_check_config_needs_exactly_one_of_file_or_conf_dir(
     assert info.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "-c/--config" in err and "--conf-dir" in err
+
+
+def test_plugin_option_values_reach_the_child_with_their_types():
+    from damocles_ext.child import parse_option
+
+    config = parse_config(
+        '[[WdPost]]\nPlugin = "sleep"\n'
+        '[WdPost.PluginOptions]\ntag = "123"\nflag = "true"\nseconds = 1.5\nn = 3\non = true\n',
+        "t.cfg",
+    )
+    argv = config.children[0].argv
+    options = dict(parse_option(argv[i + 1]) for i, a in enumerate(argv) if a == "--option")
+    assert options == {"tag": "123", "flag": "true", "seconds": 1.5, "n": 3, "on": True}
+    assert [type(v) for v in options.values()] == [str, str, float, int, bool]
