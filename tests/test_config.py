@@ -788,3 +788,16 @@ def test_plugin_option_values_reach_the_child_with_their_types():
     options = dict(parse_option(argv[i + 1]) for i, a in enumerate(argv) if a == "--option")
     assert options == {"tag": "123", "flag": "true", "seconds": 1.5, "n": 3, "on": True}
     assert [type(v) for v in options.values()] == [str, str, float, int, bool]
+
+
+def test_check_config_names_an_unknown_plugin_and_refused_options(tmp_path, capsys):
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(
+        '[[WdPost]]\nPlugin = "nope"\n'
+        '[[WinPost]]\nPlugin = "sleep"\n[WinPost.PluginOptions]\nfail = "sometimes"\n'
+    )
+    assert cli.main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "WdPost[0].Plugin: unknown prover 'nope'; available provers: echo" in err
+    assert "WinPost[0].Plugin: prover 'sleep'" in err and "'sometimes'" in err
+    assert "Traceback" not in err

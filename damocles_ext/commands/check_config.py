@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.config import load_conf_dir, load_config
 
     config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
+    check_plugins(config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -51,6 +52,28 @@ def run(args: argparse.Namespace) -> int:
     for child in config.children:
         print(describe_child(child, width))
     return 0
+
+
+def check_plugins(config) -> None:
+    """Raise ConfigError naming each Plugin that is not installed or whose options it refuses."""
+    from damocles_ext.config import ConfigError
+    from damocles_ext.plugins import get_plugin_manager, prover_problems
+
+    plugin_children = [c for c in config.children if c.kind == "plugin"]
+    if not plugin_children:
+        return
+    pm = get_plugin_manager()
+    errors: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for child in plugin_children:
+        if (child.stage, child.block) in seen:
+            continue  # a Gpus block expands to several children with one Plugin
+        seen.add((child.stage, child.block))
+        table = "WdPost" if child.stage == "window_post" else "WinPost"
+        for problem in prover_problems(pm, child.plugin, dict(child.plugin_options), child.stage):
+            errors.append(f"{table}[{child.block}].Plugin: {problem}")
+    if errors:
+        raise ConfigError(config.source, errors)
 
 
 def describe_child(child: ChildSpec, width: int = 0) -> str:
