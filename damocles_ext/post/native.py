@@ -188,7 +188,8 @@ class NativeProver:
             raise state.error
         if status == 0:
             return
-        message = f"{what}: {self._last_error(self._handle)}"
+        error = self._last_error(self._handle)
+        message = f"{what}: {error}" if what else error
         lib = self._consts
         if status == lib.DEXT_ERR_INVALID_ARGUMENT:
             raise InvalidTaskError(message)
@@ -294,7 +295,7 @@ class NativeProver:
             cproofs[i].len = len(buf)
         with self._lock:
             status = self._lib.dext_verify(self._handle_or_raise(), ctask, cproofs, len(bufs))
-            self._check(status, None, "verify")
+            self._check(status, None, "")
         del keep, bufs
 
     def build_tree(

@@ -1,0 +1,140 @@
+"""The `native` prover: a library implementing native/include/dext_prover.h, through cffi.
+
+Without options it runs the reference prover in C compiled into damocles-ext at install time.
+`PluginOptions` (`--option K=V`):
+
+    library          path of a vendor shared library implementing the header (loaded with dlopen,
+                     cffi ABI mode); its ABI version and symbols are checked when the child starts
+    rows_to_discard  the reference prover's tree rows not stored on disk (0..20, default 2); it only
+                     matters when the library builds trees: proving reads it from the tree file
+    any other key    passed to a vendor library's dext_open as JSON (the reference refuses it)
+
+Each concurrent request gets its own library handle (the ABI lets a handle serve one call at a
+time), so `--capacity N` proves N tasks at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any
+
+from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
+
+STAGES = ("window_post", "winning_post")
+MAX_ROWS_TO_DISCARD = 20  # the reference library's bound
+
+
+def _rows_to_discard(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_ROWS_TO_DISCARD:
+        return value
+    return None
+
+
+def validate_options(options: Options) -> list[str]:
+    """Problems with `native`'s options, each naming the key."""
+    problems = []
+    library = options.get("library")
+    if library is not None:
+        if not isinstance(library, str) or not library:
+            problems.append(f"native: option 'library' must be a path, got {library!r}")
+        elif not os.path.isfile(library):
+            problems.append(
+                f"native: option 'library' = {library!r}: no such file; give the path of a shared "
+                "library implementing native/include/dext_prover.h"
+            )
+    if "rows_to_discard" in options and _rows_to_discard(options["rows_to_discard"]) is None:
+        problems.append(
+            f"native: option 'rows_to_discard' must be an integer from 0 to "
+            f"{MAX_ROWS_TO_DISCARD}, got {options['rows_to_discard']!r}"
+        )
+    if library is None:
+        for key in sorted(set(options) - {"library", "rows_to_discard"}):
+            problems.append(
+                f"native: unknown option {key!r} for the built-in reference prover; known options: "
+                "library, rows_to_discard (other keys go to a vendor library's dext_open)"
+            )
+    return problems
+
+
+class NativePoStProver:
+    """Proves through one NativeProver handle per concurrent request."""
+
+    name = "native"
+    stages = STAGES
+
+    def __init__(self, options: Options) -> None:
+        from damocles_ext.post.native import NativeProver
+
+        problems = validate_options(options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._library = options.get("library")
+        self._open_options = {k: v for k, v in options.items() if k != "library"}
+        if "rows_to_discard" in self._open_options:
+            self._open_options["rows_to_discard"] = _rows_to_discard(options["rows_to_discard"])
+        self._factory = NativeProver
+        self._lock = threading.Lock()
+        # Opening the first handle now makes a bad library fail the child's start, not a request.
+        first = self._open()
+        self.version = f"dext-abi-{first.abi_version} ({first.library})"
+        self._idle = [first]
+
+    def _open(self) -> Any:
+        return self._factory(self._library, self._open_options)
+
+    @contextlib.contextmanager
+    def _handle(self) -> Any:
+        with self._lock:
+            prover = self._idle.pop() if self._idle else None
+        if prover is None:
+            prover = self._open()
+        try:
+            yield prover
+        finally:
+            with self._lock:
+                self._idle.append(prover)
+
+    def _gpu_section(self) -> contextlib.AbstractContextManager[None]:
+        # Seam for the GPU lock (a later issue): a vendor GPU prover will take bellperson's
+        # bellman.gpu.lock / bellman.priority.lock (damocles_ext.gpulock) in TMPDIR around the
+        # call here. The reference prover uses no GPU, so there is nothing to lock yet.
+        return contextlib.nullcontext()
+
+    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+        """Prove `task` with the library; a cancelled request raises hookspecs.Cancelled."""
+        from damocles_ext.post import PoStCancelled
+
+        cancel.check()
+        with self._handle() as prover, self._gpu_section():
+            try:
+                return prover.prove(task, progress, cancel)
+            except PoStCancelled:
+                cancel.check()
+                raise
+
+    def close(self) -> None:
+        """Close every library handle."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for prover in idle:
+            prover.close()
+
+
+@hookimpl
+def dext_provers() -> list[ProverSpec]:
+    return [
+        ProverSpec(
+            name="native",
+            stages=STAGES,
+            description="a C-ABI prover library through cffi: the built-in reference PoSt prover "
+            "in C, or a vendor's library (PluginOptions.library)",
+            factory=NativePoStProver,
+            validate_options=validate_options,
+        )
+    ]

@@ -1,0 +1,52 @@
+"""The `python-ref` prover: the reference PoSt prover in plain Python (damocles_ext.post.reference).
+
+The same algorithm and proof bytes as the `native` prover's reference library, several times
+slower; useful where no compiler was available at install time and to cross-check. No options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
+
+STAGES = ("window_post", "winning_post")
+
+
+class PythonRefProver:
+    name = "python-ref"
+    stages = STAGES
+
+    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+        """Prove `task` in Python; a cancelled request raises hookspecs.Cancelled."""
+        from damocles_ext.post import PoStCancelled, reference
+        from damocles_ext.tasks import WindowPoSt
+
+        cancel.check()
+        try:
+            if isinstance(task, WindowPoSt):
+                return reference.window_post(task, progress, cancel)
+            return reference.winning_post(task, progress, cancel)
+        except PoStCancelled:
+            cancel.check()
+            raise
+
+
+def validate_options(options: Options) -> list[str]:
+    """python-ref takes no options."""
+    return [f"python-ref: unknown option {key!r}; python-ref takes no options"
+            for key in sorted(options)]
+
+
+@hookimpl
+def dext_provers() -> list[ProverSpec]:
+    return [
+        ProverSpec(
+            name="python-ref",
+            stages=STAGES,
+            description="the reference PoSt prover in plain Python (hashlib): same proofs as "
+            "native's, slower",
+            factory=lambda options: PythonRefProver(),
+            validate_options=validate_options,
+        )
+    ]

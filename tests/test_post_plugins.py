@@ -1,0 +1,75 @@
+"""The `native` and `python-ref` provers, served by real `damocles-ext child` processes."""
+
+from __future__ import annotations
+
+import pytest
+from child_harness import Child
+
+from damocles_ext.hookspecs import Cancelled, CancelToken
+from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
+from damocles_ext.post.verify import verify
+from damocles_ext.protocol import dext
+from damocles_ext_plugins.native import NativePoStProver
+from damocles_ext_plugins.native import validate_options as native_problems
+
+SEED = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return load_manifest(create_sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2",
+                                        3, 1000, random_seed=4))
+
+
+@pytest.mark.parametrize("plugin", ["native", "python-ref"])
+def test_child_serves_verifiable_proofs_of_both_stages(manifest, plugin):
+    outputs = {}
+    for stage, task in (("window_post", window_task(manifest, SEED)),
+                        ("winning_post", winning_task(manifest, SEED))):
+        with Child(stage, plugin) as child:
+            hello, _ = child.next_of(dext.Hello)
+            assert hello.prover == plugin
+            child.send_msg(dext.Request(1, task))
+            response, _ = child.next_of(dext.Response)
+            assert response.error is None, response.error
+            verify(task, response.output)
+            outputs[stage] = response.output
+    assert outputs["window_post"].faults == []
+
+
+def test_both_provers_answer_a_faulty_sector_alike_through_the_child(manifest, tmp_path):
+    m = load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 5, random_seed=9))
+    (tmp_path / "sealed" / "s-t05-2").write_bytes(b"short")
+    task = window_task(m, SEED)
+    answers = []
+    for plugin in ("native", "python-ref"):
+        with Child("window_post", plugin) as child:
+            child.next_of(dext.Hello)
+            child.send_msg(dext.Request(3, task))
+            answers.append(child.next_of(dext.Response)[0].output)
+    assert answers[0] == answers[1]
+    assert answers[0].faults == [2] and answers[0].proofs == []
+
+
+def test_a_missing_vendor_library_stops_the_child_before_ready(tmp_path):
+    with Child("window_post", "native", f"library={tmp_path}/libgone.so") as child:
+        assert child.wait() == 2
+        assert "libgone.so" in child.stderr and "no such file" in child.stderr
+
+
+def test_native_options_are_checked_by_name():
+    assert native_problems({}) == []
+    assert native_problems({"rows_to_discard": 3}) == []
+    assert "rows_to_discard" in native_problems({"rows_to_discard": 40})[0]
+    assert "unknown option 'gpus'" in native_problems({"gpus": 2})[0]
+    assert "library" in native_problems({"library": "/nonexistent/lib.so"})[0]
+
+
+def test_a_cancelled_request_raises_the_plugin_contracts_cancelled(manifest):
+    prover = NativePoStProver({})
+    token = CancelToken()
+    try:
+        with pytest.raises(Cancelled):
+            prover.prove(window_task(manifest, SEED), lambda *a: token.cancel("stop"), token)
+    finally:
+        prover.close()
