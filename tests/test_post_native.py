@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from damocles_ext.errors import ProverError, UsageError
@@ -29,8 +31,15 @@ dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_ha
 void dext_close(dext_handle *h) { free(h); }
 const char *dext_last_error(dext_handle *h) { (void)h; return "no GPU found (stub)"; }
 static int32_t fail(dext_result **out) { *out = NULL; return DEXT_ERR_INTERNAL; }
+/* miner 0: report progress once, then spin until cancelled without reporting again */
 int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
-                         const volatile int32_t *x, dext_result **out) { return fail(out); }
+                         const volatile int32_t *x, dext_result **out) {
+    if (t->miner_id != 0 || !x) return fail(out);
+    p(c, "spin", 0, 1);
+    while (!*x) {}
+    *out = NULL;
+    return DEXT_ERR_CANCELLED;
+}
 int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
                           const volatile int32_t *x, dext_result **out) { return fail(out); }
 void dext_result_free(dext_result *r) { free(r); }
@@ -125,6 +134,27 @@ def test_vendor_errors_reach_the_caller_with_their_message(tmp_path, stub_source
             prover.window_post(window_task(manifest, SEED))
         with pytest.raises(ProverError, match="optional dext_build_tree"):
             prover.build_tree("StackedDrgWindow2KiBV1", "x", "y", bytes(32))
+
+
+def test_cancel_reaches_a_library_that_stops_reporting_progress(tmp_path, stub_source, manifest):
+    lib = compile_library(tmp_path / "libspin.so", [stub_source], "-DSTUB_ABI=1")
+    started, token, outcome = threading.Event(), CancelToken(), []
+
+    def prove():
+        task = msgspec.structs.replace(window_task(manifest, SEED), miner_id=0)
+        try:
+            prover.window_post(task, progress=lambda *a: started.set(), cancel=token)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    with NativeProver(lib) as prover:
+        thread = threading.Thread(target=prove)
+        thread.start()
+        assert started.wait(10)
+        token.cancel()  # the library will not call back again: the watcher thread must tell it
+        thread.join(10)
+        assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], PoStCancelled)
 
 
 def test_bad_options_fail_at_open_with_the_library_message():

@@ -9,10 +9,11 @@ The GIL is released while the library works (cffi does so around every C call).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import ProverError, UsageError
@@ -240,7 +241,7 @@ class NativeProver:
         out = ffi.new("dext_result **")
         proofs: list[bytes] = []
         faults: list[int] = []
-        with self._lock:
+        with self._lock, _cancel_watcher(cancel, state.flag):
             handle = self._handle_or_raise()
             status = getattr(self._lib, fn_name)(handle, ctask, self._callback, ctx, state.flag, out)
             result = out[0]
@@ -316,7 +317,7 @@ class NativeProver:
         state = _CallState(ffi, progress, cancel)
         keep_handle, ctx = self._context(state)
         comm_r = ffi.new("uint8_t[32]")
-        with self._lock:
+        with self._lock, _cancel_watcher(cancel, state.flag):
             status = self._lib.dext_build_tree(
                 self._handle_or_raise(),
                 proof_type.encode(),
@@ -353,6 +354,36 @@ class NativeProver:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+_WATCH_INTERVAL = 0.05
+
+
+@contextlib.contextmanager
+def _cancel_watcher(cancel: Any, flag: Any) -> Iterator[None]:
+    """Copy a cancel token into the C flag from a helper thread while the library works.
+
+    The progress trampoline does the same, but a vendor library may report progress rarely; this
+    bounds the delay between `cancel.cancel()` and the flag the library polls to ~50 ms.
+    """
+    if cancel is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_WATCH_INTERVAL):
+            if cancel.cancelled:
+                flag[0] = 1
+                return
+
+    thread = threading.Thread(target=watch, name="dext-cancel-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _has_symbol(lib: Any, name: str) -> bool:

@@ -1,0 +1,139 @@
+"""Native reference prover vs. the Python reference vs. this machine's SHA-256 limit.
+
+Run: .venv/bin/python -m bench.bench_native
+- SHA-256 limit: `openssl speed -evp sha256 -seconds 1`, the 64-byte column (one process, one
+  core). A tree node hash is SHA-256 of exactly 64 bytes, so that column is the right ceiling.
+- Tree building: `build_tree` of one 8MiB sealed file (262143 node hashes, read from the file and
+  written to the tree file), single-threaded; throughput counts 64 hashed bytes per node.
+- WindowPoSt over 2349 2KiB replicas (the sector count of one 32GiB partition) with
+  StackedDrgWindow2KiBV1_2: every sector's sealed file, p_aux and tree file opened and read.
+  The files are in the page cache (they were just written): this measures the prover, not a disk.
+Goals (issue 4): native tree building >= 70% of the SHA-256 limit per core and >= 5x the Python
+reference; the 2349-replica WindowPoSt < 1 s with the native prover.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.runner import print_table, save_results
+from damocles_ext.post import reference
+from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
+from damocles_ext.post.native import NativeProver
+from damocles_ext.post.verify import verify
+
+REPLICAS = 2349
+TREE_PROOF_TYPE = "StackedDrgWindow8MiBV1_2"
+WINDOW_PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
+
+
+def openssl_sha256_64() -> float:
+    """Bytes/s of `openssl speed -evp sha256` on 64-byte blocks."""
+    out = subprocess.run(["openssl", "speed", "-evp", "sha256", "-seconds", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    header = next(line for line in out.splitlines() if line.startswith("type"))
+    sizes = re.findall(r"(\d+) bytes", header)
+    row = next(line for line in out.splitlines() if line.lower().startswith("sha256"))
+    values = re.findall(r"([\d.]+)k", row)
+    return float(values[sizes.index("64")]) * 1000
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    """Median seconds of `repeat` calls, and the last result."""
+    samples, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), result
+
+
+def main() -> None:
+    limit = openssl_sha256_64()
+    native = NativeProver()
+    with tempfile.TemporaryDirectory(prefix="dext-bench-") as tmp:
+        root = Path(tmp)
+
+        # --- tree building ------------------------------------------------------------------
+        tree_manifest = load_manifest(create_sectors(root / "tree", TREE_PROOF_TYPE, 1, 1000,
+                                                     random_seed=1))
+        rep = tree_manifest.replicas[0]
+        comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
+        nodes = (8 << 20) // 32
+        hashed = 64 * (nodes - 1)
+        t_tree_c, comm_r = timed(
+            lambda: native.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "c", comm_c), 7)
+        t_tree_py, comm_r_py = timed(
+            lambda: reference.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "py", comm_c), 2)
+        assert comm_r.hex() == rep.comm_r == comm_r_py.hex()
+
+        # --- WindowPoSt over 2349 replicas ----------------------------------------------------
+        start = time.perf_counter()
+        manifest = load_manifest(create_sectors(root / "w", WINDOW_PROOF_TYPE, REPLICAS, 1000,
+                                                random_seed=2))
+        t_fixtures = time.perf_counter() - start
+        task = window_task(manifest, bytes(range(32)))
+        t_window_c, out_c = timed(lambda: native.window_post(task), 7)
+        t_window_py, out_py = timed(lambda: reference.window_post(task), 2)
+        assert out_c == out_py and not out_c.faults
+        t_verify_c, _ = timed(lambda: native.verify(task, out_c), 5)
+        t_verify_py, _ = timed(lambda: verify(task, out_c), 2)
+        # damocles-manager sends the one sector it chose from the eligible set
+        win = winning_task(manifest, bytes(range(32)), sector_ids=[manifest.replicas[7].sector_id])
+        t_winning_c, _ = timed(lambda: native.winning_post(win), 21)
+    native.close()
+
+    # Hashes a 2KiB V1_2 proof computes per sector: comm_r, and per challenge the challenge
+    # derivation, the 8-node block (rows_to_discard 2 -> 7 hashes) and 3 stored levels.
+    prove_hashes = REPLICAS * (1 + 10 * (1 + 7 + 3))
+    tree_c = hashed / t_tree_c
+    tree_py = hashed / t_tree_py
+    rows = [
+        ["openssl speed -evp sha256, 64-byte blocks", "", f"{limit / 1e6:.0f} MB/s", "1.00"],
+        ["tree build 8MiB, native (C)", f"{t_tree_c * 1e3:.1f} ms", f"{tree_c / 1e6:.0f} MB/s",
+         f"{tree_c / limit:.2f}"],
+        ["tree build 8MiB, python-ref", f"{t_tree_py * 1e3:.0f} ms", f"{tree_py / 1e6:.1f} MB/s",
+         f"{tree_py / limit:.3f}"],
+        [f"WindowPoSt {REPLICAS} x 2KiB, native (C)", f"{t_window_c * 1e3:.0f} ms",
+         f"{REPLICAS / t_window_c:,.0f} sectors/s", f"{prove_hashes * 64 / t_window_c / limit:.2f}"],
+        [f"WindowPoSt {REPLICAS} x 2KiB, python-ref", f"{t_window_py * 1e3:.0f} ms",
+         f"{REPLICAS / t_window_py:,.0f} sectors/s",
+         f"{prove_hashes * 64 / t_window_py / limit:.3f}"],
+        [f"verify {len(out_c.proofs)} partitions, native", f"{t_verify_c * 1e3:.0f} ms", "", ""],
+        [f"verify {len(out_c.proofs)} partitions, python", f"{t_verify_py * 1e3:.0f} ms", "", ""],
+        ["WinningPoSt 2KiB (66 challenges), native", f"{t_winning_c * 1e3:.2f} ms", "", ""],
+        [f"create {REPLICAS} 2KiB sector fixtures", f"{t_fixtures * 1e3:.0f} ms", "", ""],
+    ]
+    print_table(rows, ["what", "time (median)", "throughput", "x SHA-256 limit"])
+    goals = {
+        "tree_native_vs_sha256_limit": round(tree_c / limit, 3),
+        "tree_native_vs_python": round(t_tree_py / t_tree_c, 1),
+        "window_post_2349_native_s": round(t_window_c, 4),
+    }
+    met = (goals["tree_native_vs_sha256_limit"] >= 0.7 and goals["tree_native_vs_python"] >= 5
+           and goals["window_post_2349_native_s"] < 1.0)
+    print(f"\ngoals: tree >= 0.70 x limit: {goals['tree_native_vs_sha256_limit']:.2f}; "
+          f"tree >= 5x python: {goals['tree_native_vs_python']:.1f}x; "
+          f"2349-replica WindowPoSt < 1 s: {t_window_c:.3f} s -> {'met' if met else 'NOT met'}")
+    path = save_results("native", {
+        "sha256_openssl_64B_bytes_per_s": limit,
+        "tree_build_8MiB": {"native_s": t_tree_c, "python_s": t_tree_py, "hashed_bytes": hashed,
+                            "native_bytes_per_s": tree_c, "python_bytes_per_s": tree_py},
+        "window_post_2349x2KiB": {"native_s": t_window_c, "python_s": t_window_py,
+                                  "partitions": len(out_c.proofs), "page_cache": "warm"},
+        "verify_2349x2KiB": {"native_s": t_verify_c, "python_s": t_verify_py},
+        "winning_post_2KiB_native_s": t_winning_c,
+        "fixtures_2349x2KiB_s": t_fixtures,
+        "goals": goals,
+        "goals_met": met,
+    })
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
