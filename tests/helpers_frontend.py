@@ -79,6 +79,8 @@ class ManagerLike:
         self.bad_lines: list[bytes] = []
         self.eof = trio.Event()
         self._send_lock = trio.Lock()
+        self.log: list[str] = []  # stderr lines, when started with stderr=subprocess.PIPE
+        self._log_changed = trio.Event()
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, argv: list[str], stage: str, *, stderr,
@@ -100,11 +102,38 @@ class ManagerLike:
         for line in first[1:]:
             self._on_line(line)
         nursery.start_soon(self._read_loop, reader)
+        if stderr == subprocess.PIPE:
+            nursery.start_soon(self._log_loop)
         return self
+
+    async def _log_loop(self) -> None:
+        reader = jsonl.LineReader()
+        while True:
+            data = await self.process.stderr.receive_some()
+            for line in reader.receive_data(data):
+                if isinstance(line, bytes):
+                    self.log.append(line.decode(errors="replace"))
+            self._log_changed.set()
+            self._log_changed = trio.Event()
+            if not data:
+                return
+
+    async def wait_log(self, text: str) -> str:
+        """Wait for a stderr line containing `text` (needs stderr=subprocess.PIPE)."""
+        seen = 0
+        while True:
+            for line in self.log[seen:]:
+                if text in line:
+                    return line
+            seen = len(self.log)
+            await self._log_changed.wait()
 
     async def _read_loop(self, reader: jsonl.LineReader) -> None:
         while True:
-            data = await self.process.stdout.receive_some()
+            try:
+                data = await self.process.stdout.receive_some()
+            except trio.ClosedResourceError:  # vanish()
+                return
             for line in reader.receive_data(data):
                 self._on_line(line)
             if not data:
@@ -152,4 +181,9 @@ class ManagerLike:
 
     async def close_stdin(self) -> None:
         """What the manager's exit looks like from the child: EOF on stdin."""
+        await self.process.stdin.aclose()
+
+    async def vanish(self) -> None:
+        """What a SIGKILLed manager looks like from the child: both pipes closed."""
+        await self.process.stdout.aclose()
         await self.process.stdin.aclose()

@@ -41,7 +41,7 @@ class ServeStats:
 class JsonLineServer:
     """Serve damocles JSON-lines requests read from `receive_stream` through `submit`.
 
-    `run()` writes the ready line first, then reads requests until end of input or
+    `run()` writes the ready line first (unless the caller did: `ready_line_sent`), then reads requests until end of input or
     `stop_reading()`, calls `on_input_closed` (the place to start a graceful shutdown), and
     returns once every request it accepted has been answered.
     """
@@ -55,6 +55,7 @@ class JsonLineServer:
         send_stream: trio.abc.SendStream,
         on_input_closed: Callable[[], None] | None = None,
         max_line: int = jsonl.DEFAULT_MAX_LINE,
+        ready_line_sent: bool = False,
     ) -> None:
         self.stage = stage
         self._submit = submit
@@ -65,14 +66,21 @@ class JsonLineServer:
         self._send_lock = trio.Lock()
         self._read_scope = trio.CancelScope()
         self._in_flight: set[int] = set()
+        self._idle = trio.Event()
+        self._idle.set()
         self._output_broken = False
-        self._ready_sent = False
+        self._ready_sent = ready_line_sent
         self._stats = ServeStats()
 
     def statistics(self) -> ServeStats:
         """A snapshot of the counters."""
         s = self._stats
         return ServeStats(s.received, s.answered, s.failed, s.unreadable, len(self._in_flight))
+
+    async def wait_idle(self) -> None:
+        """Wait until every request read so far has been answered."""
+        while not self._idle.is_set():
+            await self._idle.wait()
 
     def stop_reading(self) -> None:
         """Take no more requests (e.g. on SIGTERM); those already read are still answered."""
@@ -141,14 +149,19 @@ class JsonLineServer:
             )
             return
         self._in_flight.add(request.id)
+        if self._idle.is_set():
+            self._idle = trio.Event()
         nursery.start_soon(self._answer, request.id, request.task)
 
     async def _answer(self, id: int, task: Task) -> None:
         try:
             try:
+                log.debug("request %d: submitted", id)
                 output = await self._submit(task)
             except DextError as exc:
-                line = jsonl.encode_response(id, err_msg=str(exc) or type(exc).__name__)
+                message = str(exc) or type(exc).__name__
+                log.warning("request %d failed: %s", id, message)
+                line = jsonl.encode_response(id, err_msg=message)
                 self._stats.failed += 1
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("request %d: internal error", id)
@@ -161,6 +174,8 @@ class JsonLineServer:
             await self._write(line, id)
         finally:
             self._in_flight.discard(id)
+            if not self._in_flight:
+                self._idle.set()
 
     async def _answer_error(self, id: int, message: str) -> None:
         self._stats.failed += 1

@@ -1,0 +1,213 @@
+"""`damocles-ext prove <stage> --request TASK.json`: one proof, from a running or embedded supervisor.
+
+Exit codes: 0 a proof was produced (faulty sectors, if any, are listed on stderr), 1 the prover
+could not produce one, 2 bad input (arguments, the task file, no supervisor at the socket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .serve import STAGES, add_common_args
+
+if TYPE_CHECKING:
+    from damocles_ext.tasks import Output, Task
+
+log = logging.getLogger("damocles_ext.prove")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `prove`."""
+    parser = subparsers.add_parser(
+        "prove",
+        help="prove one damocles task (through `run`'s socket, or in-process with a config)",
+        description=(
+            "Submit one task to a running `damocles-ext run` (through its control socket), or,"
+            " given -c/--conf-dir, start the config's children of STAGE in-process for this one"
+            " request. Prints the output in damocles' JSON form. Exit code 0: a proof (faulty"
+            " sectors listed on stderr); 1: the prover failed; 2: bad input."
+        ),
+    )
+    parser.add_argument("stage", choices=STAGES, help="the stage of the task")
+    task_source = parser.add_mutually_exclusive_group(required=True)
+    task_source.add_argument(
+        "--request", metavar="TASK.json",
+        help="the task in damocles' JSON form (the wire's `task` field; '-' reads stdin)",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="control socket of a running `damocles-ext run` (the default when no"
+                       " config is given: its default path)")
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="prove in-process with the children of this ext-prover.cfg")
+    where.add_argument("--conf-dir", metavar="DIR",
+                       help="prove in-process with DIR/ext-prover.cfg")
+    parser.add_argument("-o", "--output", metavar="OUT.json",
+                        help="write the output JSON here instead of stdout")
+    parser.add_argument(
+        "--deadline", metavar="SECONDS|ISO-TIME",
+        help="give up after this many seconds from now, or at this time (ISO 8601; without a"
+        " zone it is local time)",
+    )
+    parser.add_argument("--priority", type=int, default=0,
+                        help="higher goes first among queued requests (default: 0)")
+    add_common_args(parser, "warning")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
+    from damocles_ext.commands.serve import children_of, load_config_from_args, setup_logging
+
+    setup_logging(args.log_level)
+    task = read_task(args.request, args.stage)
+    deadline = parse_deadline(args.deadline) if args.deadline is not None else None
+    output_path = _check_output_path(args.output) if args.output is not None else None
+
+    import trio
+
+    if args.config is not None or args.conf_dir is not None:
+        children = children_of(load_config_from_args(args), args.stage)
+        output = trio.run(_prove_embedded, children, task, deadline, args.priority)
+    else:
+        output = trio.run(_prove_remote, args.socket, task, deadline, args.priority)
+    _emit(output, output_path)
+    return 0
+
+
+async def _prove_embedded(children, task: Task, deadline: float | None, priority: int) -> Output:  # noqa: ANN001
+    from damocles_ext.api import open_supervisor
+
+    async with open_supervisor(children) as supervisor:
+        return await supervisor.submit(
+            task, deadline=deadline, priority=priority, on_progress=_log_progress
+        )
+
+
+async def _prove_remote(socket: str | None, task: Task, deadline: float | None,
+                        priority: int) -> Output:
+    from damocles_ext.client import connect
+
+    async with connect(socket) as client:
+        log.info("connected to %s", client.path)
+        return await client.submit(
+            task, deadline=deadline, priority=priority, on_progress=_log_progress
+        )
+
+
+def _log_progress(progress) -> None:  # noqa: ANN001
+    log.info("progress: %s %d/%d", progress.phase, progress.done, progress.total)
+
+
+def _emit(output: Output, path: Path | None) -> None:
+    import os
+
+    from damocles_ext.protocol.jsonl import output_to_json
+
+    data = output_to_json(output) + b"\n"
+    faults = list(getattr(output, "faults", ()))
+    if faults:
+        noun = "faulty sector" if len(faults) == 1 else "faulty sectors"
+        print(f"{len(faults)} {noun}: {', '.join(str(f) for f in faults)}", file=sys.stderr)
+    if path is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_task(source: str, stage: str) -> Task:
+    """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.protocol.jsonl import JsonLineError, task_from_json
+
+    name = "stdin" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"request file {source} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"request file {source} is a directory, not a task JSON file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read request file {source}: {exc.strerror}") from None
+    try:
+        return task_from_json(data, stage)
+    except JsonLineError as exc:
+        raise UsageError(f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
+                         ) from None
+
+
+_BYTE_POS = re.compile(r"\(byte (\d+)\)")
+
+
+def _with_line_column(message: str, data: bytes) -> str:
+    # msgspec reports a byte offset; people look for a line and a column.
+    def repl(match: re.Match[str]) -> str:
+        offset = int(match.group(1))
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        return f"(line {line}, column {column})"
+
+    return _BYTE_POS.sub(repl, message)
+
+
+def _stage_hint(data: bytes, stage: str) -> str:
+    import msgspec
+
+    from damocles_ext.tasks import WINDOW_PROOF_TYPES, WINNING_PROOF_TYPES
+
+    try:
+        proof_type = msgspec.json.decode(data).get("proof_type")
+    except Exception:
+        return ""
+    if stage == "window_post" and proof_type in WINNING_PROOF_TYPES:
+        return f"; {proof_type} is a WinningPoSt proof type: use `prove winning_post`"
+    if stage == "winning_post" and proof_type in WINDOW_PROOF_TYPES:
+        return f"; {proof_type} is a WindowPoSt proof type: use `prove window_post`"
+    return ""
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """Seconds from now, or an ISO 8601 time (local time without a zone), as a unix time."""
+    import datetime as dt
+    import time
+
+    from damocles_ext.errors import UsageError
+
+    now = time.time() if now is None else now
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise UsageError(
+                f"--deadline {text!r} is neither a number of seconds nor an ISO 8601 time"
+                " (e.g. 600 or 2026-01-31T12:00:00+00:00)"
+            ) from None
+        deadline = when.astimezone().timestamp() if when.tzinfo is None else when.timestamp()
+        if deadline <= now:
+            raise UsageError(f"--deadline {text} is in the past")
+        return deadline
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"--deadline {text}: the number of seconds must be positive and finite")
+    return now + seconds
+
+
+def _check_output_path(text: str) -> Path:
+    from damocles_ext.errors import UsageError
+
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"--output {text} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {text}: directory {path.parent} does not exist")
+    return path
