@@ -505,3 +505,41 @@ async def test_cancelled_caller_does_not_break_the_child_for_the_next_request():
         assert scope.cancelled_caught
         assert (await sup.submit(window_task(miner=2))).faults[0] == 2
 
+
+
+async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeatedly():
+    handle = "time.sleep(0.01); answer(req)"
+    specs = [
+        spec(jsonl_child(handle), index=0, concurrent=4, max_attempts=3),
+        spec(jsonl_child(handle), index=1, concurrent=4, max_attempts=3),
+    ]
+    answers: dict[int, list[object]] = {miner: [] for miner in range(200)}
+    kills = 0
+    async with open_supervisor(specs, backoff=BackoffPolicy(base=0.05, cap=0.2)) as sup:
+        await sup.wait_ready(count=2)
+
+        submitted = 0
+
+        async def one(miner: int) -> None:
+            nonlocal submitted
+            submitted += 1
+            try:
+                answers[miner].append(await sup.submit(window_task(miner=miner)))
+            except ProverError as exc:
+                answers[miner].append(exc)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for miner in answers:
+                    nursery.start_soon(one, miner)
+                await wait_until(lambda: submitted == len(answers))
+                while sup.statistics().requests:
+                    pid = child_stats(sup, "window_post#0").pid
+                    if pid is not None and alive(pid):
+                        os.kill(pid, 9)
+                        kills += 1
+                    await trio.sleep(0.1)  # the kill cadence (load), not synchronisation
+    assert kills >= 1
+    assert all(len(got) == 1 for got in answers.values())
+    for miner, (got,) in answers.items():
+        assert isinstance(got, ProverError) or got.faults[0] == miner

@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -156,6 +157,9 @@ class _Process:
         self.heartbeat_armed = False
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
+        self.stderr_done = trio.Event()
+        self.stdin_fd = proc.stdin.fileno()
+        self.queued_writes = 0  # chunks handed to the writer task and not yet written
 
     def interrupt(self) -> None:
         """Make the child task look at this process now (it went down, or we stop)."""
@@ -547,9 +551,7 @@ class Supervisor:
         self._slots[aid] = (child, slot)
         req.attempts += 1
         req.child = child.name
-        p.send_channel.send_nowait(
-            p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority)
-        )
+        self._send(child, p, p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority))
         timeout = child.spec.request_timeout
         if timeout:
             self._timers.add(now + timeout, lambda t: self._on_request_timeout(child, p, slot, t))
@@ -564,7 +566,12 @@ class Supervisor:
         req = self._attempts.pop(aid, None)
         if req is None or req.attempt_id != aid:
             return
-        self._finish(req, error=self._describe_failure(req, reason))
+        expired = req.deadline is not None and trio.current_time() >= req.deadline
+        self._finish(
+            req,
+            error=self._describe_failure(req, reason),
+            outcome="timeout" if expired else "error",
+        )
 
     def _on_deadline(self, aid: int, reason: str) -> None:
         entry = self._slots.get(aid)
@@ -670,7 +677,7 @@ class Supervisor:
             return
         data = p.conn.encode_cancel(slot.child_rid)
         if data is not None:
-            p.send_channel.send_nowait(data)
+            self._send(child, p, data)
         if kill_after_grace:
             grace = child.spec.cancel_grace
             self._timers.add(
@@ -875,7 +882,7 @@ class Supervisor:
         reason = "?"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(relay_stderr, proc.stderr, prefix, child_log)
+                nursery.start_soon(self._relay_stderr, p, prefix)
                 nursery.start_soon(self._watch_exit, child, p)
                 ready = await self._handshake(child, p)
                 if ready:
@@ -900,6 +907,12 @@ class Supervisor:
                 await proc.aclose()
             child.p = None
         return ready, reason
+
+    async def _relay_stderr(self, p: _Process, prefix: str) -> None:
+        try:
+            await relay_stderr(p.proc.stderr, prefix, child_log)
+        finally:
+            p.stderr_done.set()
 
     async def _handshake(self, child: _Child, p: _Process) -> bool:
         """Wait ReadyTimeoutSecs for the ready message; False (p.down_reason says why) if none."""
@@ -966,6 +979,27 @@ class Supervisor:
         finally:
             p.reader_done.set()
 
+    def _send(self, child: _Child, p: _Process, data: bytes) -> None:
+        """Write to the child's stdin without blocking dispatch."""
+        if p.queued_writes == 0 and p.down_reason is None:
+            # The writer task is idle: write directly (the pipe is non-blocking), which saves a
+            # task switch per request; whatever does not fit goes through the writer, in order.
+            try:
+                n = os.write(p.stdin_fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._mark_down(child, p, "its stdin pipe broke")
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        p.queued_writes += 1
+        try:
+            p.send_channel.send_nowait(data)
+        except trio.ClosedResourceError:
+            p.queued_writes -= 1
+
     async def _writer(self, child: _Child, p: _Process) -> None:
         stdin = p.proc.stdin
         try:
@@ -979,6 +1013,7 @@ class Supervisor:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                     await stdin.send_all(b"".join(parts) if len(parts) > 1 else data)
+                    p.queued_writes -= len(parts)
             await stdin.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if not child.stop.is_set():
@@ -994,7 +1029,7 @@ class Supervisor:
         p.proc.remember_descendants()
         data = p.conn.encode_shutdown()
         if data is not None:
-            p.send_channel.send_nowait(data)
+            self._send(child, p, data)
         p.send_channel.close()  # the writer sends what is queued, then closes stdin
         with trio.move_on_after(self.stop_timeout):
             await p.proc.wait()
@@ -1018,10 +1053,12 @@ class Supervisor:
         p.proc.kill_tree()
         with trio.move_on_after(_REAP_TIMEOUT):
             await p.proc.wait()
-        if p.reader_done is not None:
-            # Answers written just before the exit may still sit in the pipe: take them first.
-            with trio.move_on_after(_REAP_TIMEOUT):
+        # Answers written just before the exit may still sit in the pipe: take them first. And
+        # the last stderr lines (a traceback, typically) are the ones an operator needs.
+        with trio.move_on_after(_REAP_TIMEOUT):
+            if p.reader_done is not None:
                 await p.reader_done.wait()
+            await p.stderr_done.wait()
         exit_info = p.proc.exit
         status = exit_info.describe() if exit_info else "did not die after SIGKILL"
         reason = p.down_reason or "exited"
