@@ -34,8 +34,12 @@ WINDOW_PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
 
 def openssl_sha256_64() -> float:
     """Bytes/s of `openssl speed -evp sha256` on 64-byte blocks."""
-    out = subprocess.run(["openssl", "speed", "-evp", "sha256", "-seconds", "1"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["openssl", "speed", "-evp", "sha256", "-seconds", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     header = next(line for line in out.splitlines() if line.startswith("type"))
     sizes = re.findall(r"(\d+) bytes", header)
     row = next(line for line in out.splitlines() if line.lower().startswith("sha256"))
@@ -60,22 +64,26 @@ def main() -> None:
         root = Path(tmp)
 
         # --- tree building ------------------------------------------------------------------
-        tree_manifest = load_manifest(create_sectors(root / "tree", TREE_PROOF_TYPE, 1, 1000,
-                                                     random_seed=1))
+        tree_manifest = load_manifest(
+            create_sectors(root / "tree", TREE_PROOF_TYPE, 1, 1000, random_seed=1)
+        )
         rep = tree_manifest.replicas[0]
         comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
         nodes = (8 << 20) // 32
         hashed = 64 * (nodes - 1)
         t_tree_c, comm_r = timed(
-            lambda: native.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "c", comm_c), 7)
+            lambda: native.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "c", comm_c), 7
+        )
         t_tree_py, comm_r_py = timed(
-            lambda: reference.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "py", comm_c), 2)
+            lambda: reference.build_tree(TREE_PROOF_TYPE, rep.sealed_file, root / "py", comm_c), 2
+        )
         assert comm_r.hex() == rep.comm_r == comm_r_py.hex()
 
         # --- WindowPoSt over 2349 replicas ----------------------------------------------------
         start = time.perf_counter()
-        manifest = load_manifest(create_sectors(root / "w", WINDOW_PROOF_TYPE, REPLICAS, 1000,
-                                                random_seed=2))
+        manifest = load_manifest(
+            create_sectors(root / "w", WINDOW_PROOF_TYPE, REPLICAS, 1000, random_seed=2)
+        )
         t_fixtures = time.perf_counter() - start
         task = window_task(manifest, bytes(range(32)))
         t_window_c, out_c = timed(lambda: native.window_post(task), 7)
@@ -95,15 +103,30 @@ def main() -> None:
     tree_py = hashed / t_tree_py
     rows = [
         ["openssl speed -evp sha256, 64-byte blocks", "", f"{limit / 1e6:.0f} MB/s", "1.00"],
-        ["tree build 8MiB, native (C)", f"{t_tree_c * 1e3:.1f} ms", f"{tree_c / 1e6:.0f} MB/s",
-         f"{tree_c / limit:.2f}"],
-        ["tree build 8MiB, python-ref", f"{t_tree_py * 1e3:.0f} ms", f"{tree_py / 1e6:.1f} MB/s",
-         f"{tree_py / limit:.3f}"],
-        [f"WindowPoSt {REPLICAS} x 2KiB, native (C)", f"{t_window_c * 1e3:.0f} ms",
-         f"{REPLICAS / t_window_c:,.0f} sectors/s", f"{prove_hashes * 64 / t_window_c / limit:.2f}"],
-        [f"WindowPoSt {REPLICAS} x 2KiB, python-ref", f"{t_window_py * 1e3:.0f} ms",
-         f"{REPLICAS / t_window_py:,.0f} sectors/s",
-         f"{prove_hashes * 64 / t_window_py / limit:.3f}"],
+        [
+            "tree build 8MiB, native (C)",
+            f"{t_tree_c * 1e3:.1f} ms",
+            f"{tree_c / 1e6:.0f} MB/s",
+            f"{tree_c / limit:.2f}",
+        ],
+        [
+            "tree build 8MiB, python-ref",
+            f"{t_tree_py * 1e3:.0f} ms",
+            f"{tree_py / 1e6:.1f} MB/s",
+            f"{tree_py / limit:.3f}",
+        ],
+        [
+            f"WindowPoSt {REPLICAS} x 2KiB, native (C)",
+            f"{t_window_c * 1e3:.0f} ms",
+            f"{REPLICAS / t_window_c:,.0f} sectors/s",
+            f"{prove_hashes * 64 / t_window_c / limit:.2f}",
+        ],
+        [
+            f"WindowPoSt {REPLICAS} x 2KiB, python-ref",
+            f"{t_window_py * 1e3:.0f} ms",
+            f"{REPLICAS / t_window_py:,.0f} sectors/s",
+            f"{prove_hashes * 64 / t_window_py / limit:.3f}",
+        ],
         [f"verify {len(out_c.proofs)} partitions, native", f"{t_verify_c * 1e3:.0f} ms", "", ""],
         [f"verify {len(out_c.proofs)} partitions, python", f"{t_verify_py * 1e3:.0f} ms", "", ""],
         ["WinningPoSt 2KiB (66 challenges), native", f"{t_winning_c * 1e3:.2f} ms", "", ""],
@@ -115,23 +138,40 @@ def main() -> None:
         "tree_native_vs_python": round(t_tree_py / t_tree_c, 1),
         "window_post_2349_native_s": round(t_window_c, 4),
     }
-    met = (goals["tree_native_vs_sha256_limit"] >= 0.7 and goals["tree_native_vs_python"] >= 5
-           and goals["window_post_2349_native_s"] < 1.0)
-    print(f"\ngoals: tree >= 0.70 x limit: {goals['tree_native_vs_sha256_limit']:.2f}; "
-          f"tree >= 5x python: {goals['tree_native_vs_python']:.1f}x; "
-          f"2349-replica WindowPoSt < 1 s: {t_window_c:.3f} s -> {'met' if met else 'NOT met'}")
-    path = save_results("native", {
-        "sha256_openssl_64B_bytes_per_s": limit,
-        "tree_build_8MiB": {"native_s": t_tree_c, "python_s": t_tree_py, "hashed_bytes": hashed,
-                            "native_bytes_per_s": tree_c, "python_bytes_per_s": tree_py},
-        "window_post_2349x2KiB": {"native_s": t_window_c, "python_s": t_window_py,
-                                  "partitions": len(out_c.proofs), "page_cache": "warm"},
-        "verify_2349x2KiB": {"native_s": t_verify_c, "python_s": t_verify_py},
-        "winning_post_2KiB_native_s": t_winning_c,
-        "fixtures_2349x2KiB_s": t_fixtures,
-        "goals": goals,
-        "goals_met": met,
-    })
+    met = (
+        goals["tree_native_vs_sha256_limit"] >= 0.7
+        and goals["tree_native_vs_python"] >= 5
+        and goals["window_post_2349_native_s"] < 1.0
+    )
+    print(
+        f"\ngoals: tree >= 0.70 x limit: {goals['tree_native_vs_sha256_limit']:.2f}; "
+        f"tree >= 5x python: {goals['tree_native_vs_python']:.1f}x; "
+        f"2349-replica WindowPoSt < 1 s: {t_window_c:.3f} s -> {'met' if met else 'NOT met'}"
+    )
+    path = save_results(
+        "native",
+        {
+            "sha256_openssl_64B_bytes_per_s": limit,
+            "tree_build_8MiB": {
+                "native_s": t_tree_c,
+                "python_s": t_tree_py,
+                "hashed_bytes": hashed,
+                "native_bytes_per_s": tree_c,
+                "python_bytes_per_s": tree_py,
+            },
+            "window_post_2349x2KiB": {
+                "native_s": t_window_c,
+                "python_s": t_window_py,
+                "partitions": len(out_c.proofs),
+                "page_cache": "warm",
+            },
+            "verify_2349x2KiB": {"native_s": t_verify_c, "python_s": t_verify_py},
+            "winning_post_2KiB_native_s": t_winning_c,
+            "fixtures_2349x2KiB_s": t_fixtures,
+            "goals": goals,
+            "goals_met": met,
+        },
+    )
     print(f"saved {path}")
 
 

@@ -18,6 +18,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "include" / "dext_prover.h"
 
+
 # The cdef text as a C string literal: JSON string escaping is valid C for ASCII text.
 def _c_string(text: str) -> str:
     if not text.isascii():

@@ -34,8 +34,10 @@ class PythonRefProver:
 
 def validate_options(options: Options) -> list[str]:
     """python-ref takes no options."""
-    return [f"python-ref: unknown option {key!r}; python-ref takes no options"
-            for key in sorted(options)]
+    return [
+        f"python-ref: unknown option {key!r}; python-ref takes no options"
+        for key in sorted(options)
+    ]
 
 
 @hookimpl

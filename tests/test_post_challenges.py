@@ -51,15 +51,27 @@ def proven_nodes(proof: bytes, slot: int, challenges_per_sector: int) -> tuple[i
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    path = create_sectors(tmp_path_factory.mktemp("sectors"), "StackedDrgWindow2KiBV1", 5, 1000,
-                          first_sector_id=40, random_seed=7)
+    path = create_sectors(
+        tmp_path_factory.mktemp("sectors"),
+        "StackedDrgWindow2KiBV1",
+        5,
+        1000,
+        first_sector_id=40,
+        random_seed=7,
+    )
     return load_manifest(path)
 
 
 @pytest.mark.parametrize(
     ("miner", "payload"),
-    [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (1000, b"\xe8\x07"),
-     (16384, b"\x80\x80\x01"), (2**64 - 1, b"\xff" * 9 + b"\x01")],
+    [
+        (0, b"\x00"),
+        (127, b"\x7f"),
+        (128, b"\x80\x01"),
+        (1000, b"\xe8\x07"),
+        (16384, b"\x80\x80\x01"),
+        (2**64 - 1, b"\xff" * 9 + b"\x01"),
+    ],
 )
 def test_prover_id_is_leb128_of_the_actor_id_zero_padded(miner, payload):
     assert challenges.prover_id(miner) == payload + bytes(32 - len(payload))
@@ -75,8 +87,9 @@ def test_v1_challenge_index_counts_sectors_across_partitions(manifest, prover):
         part, slot = divmod(sector_index, 2)
         sector_id, nodes = proven_nodes(out.proofs[part], slot, 10)
         assert sector_id == replica.sector_id
-        assert nodes == [formula_leaf(seed, sector_id, sector_index * 10 + n, NODES_2KIB)
-                         for n in range(10)]
+        assert nodes == [
+            formula_leaf(seed, sector_id, sector_index * 10 + n, NODES_2KIB) for n in range(10)
+        ]
     # the short last partition repeats sector index 4 with its own challenges
     assert proven_nodes(out.proofs[2], 1, 10) == proven_nodes(out.proofs[2], 0, 10)
 
@@ -110,12 +123,18 @@ def test_winning_post_proves_the_formula_chosen_sector_with_66_challenges(
 def test_winning_choice_indexes_the_eligible_list_in_the_given_order(manifest):
     seed = bytes([5]) * 32
     forward = winning_task(manifest, seed)
-    backward = winning_task(manifest, seed, sector_ids=[r.sector_id for r in forward.replicas][::-1])
+    backward = winning_task(
+        manifest, seed, sector_ids=[r.sector_id for r in forward.replicas][::-1]
+    )
     chosen = formula_winning_choice(b"\xe8\x07", seed, 0, 5)
-    assert proven_nodes(NativeProver().winning_post(forward).proofs[0], 0, 66)[0] == \
-        forward.replicas[chosen].sector_id
-    assert proven_nodes(NativeProver().winning_post(backward).proofs[0], 0, 66)[0] == \
-        backward.replicas[chosen].sector_id
+    assert (
+        proven_nodes(NativeProver().winning_post(forward).proofs[0], 0, 66)[0]
+        == forward.replicas[chosen].sector_id
+    )
+    assert (
+        proven_nodes(NativeProver().winning_post(backward).proofs[0], 0, 66)[0]
+        == backward.replicas[chosen].sector_id
+    )
 
 
 def test_window_post_orders_sectors_by_id_whatever_the_task_order(manifest):
@@ -130,18 +149,25 @@ def test_window_post_orders_sectors_by_id_whatever_the_task_order(manifest):
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.binary(min_size=32, max_size=32), sector_id=st.integers(0, 2**64 - 1),
-       index=st.integers(0, 2**64 - 1), height=st.integers(1, 31))
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    sector_id=st.integers(0, 2**64 - 1),
+    index=st.integers(0, 2**64 - 1),
+    height=st.integers(1, 31),
+)
 def test_python_leaf_challenge_matches_the_formula(seed, sector_id, index, height):
     rand = challenges.randomness(seed)
-    assert challenges.leaf_challenge(rand, sector_id, index, 1 << height) == \
-        formula_leaf(seed, sector_id, index, 1 << height)
+    assert challenges.leaf_challenge(rand, sector_id, index, 1 << height) == formula_leaf(
+        seed, sector_id, index, 1 << height
+    )
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.binary(min_size=32, max_size=32), eligible=st.integers(1, 10**6),
-       n=st.integers(0, 3))
+@given(
+    seed=st.binary(min_size=32, max_size=32), eligible=st.integers(1, 10**6), n=st.integers(0, 3)
+)
 def test_python_winning_choice_matches_the_formula(seed, eligible, n):
     choice = challenges.winning_sector_choice(
-        challenges.prover_id(1000), challenges.randomness(seed), n, eligible)
+        challenges.prover_id(1000), challenges.randomness(seed), n, eligible
+    )
     assert choice == formula_winning_choice(b"\xe8\x07", seed, n, eligible)

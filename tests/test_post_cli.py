@@ -18,8 +18,20 @@ SEED = bytes(range(32))
 
 @pytest.fixture
 def manifest_path(tmp_path, capsys):
-    rc = main(["sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", "3",
-               "--miner", "1000", "--out", str(tmp_path / "fx")])
+    rc = main(
+        [
+            "sectors",
+            "create",
+            "--proof-type",
+            "StackedDrgWindow2KiBV1_2",
+            "--count",
+            "3",
+            "--miner",
+            "1000",
+            "--out",
+            str(tmp_path / "fx"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     assert out.strip() == str(tmp_path / "fx" / "manifest.json")
@@ -43,8 +55,10 @@ def test_sectors_create_writes_a_manifest_of_provable_sectors(manifest_path):
     [
         (["--proof-type", "StackedDrgWindow3KiBV1", "--count", "1"], "unknown proof type"),
         (["--proof-type", "StackedDrgWindow2KiBV1", "--count", "0"], "at least 1"),
-        (["--proof-type", "StackedDrgWindow2KiBV1", "--count", "1", "--rows-to-discard", "6"],
-         "rows_to_discard must be 0..5"),
+        (
+            ["--proof-type", "StackedDrgWindow2KiBV1", "--count", "1", "--rows-to-discard", "6"],
+            "rows_to_discard must be 0..5",
+        ),
     ],
 )
 def test_sectors_create_rejects_bad_arguments_with_exit_2(tmp_path, capsys, args, message):
@@ -63,27 +77,32 @@ def write_pair(tmp_path, task, output):
 @pytest.mark.parametrize("verifier", ["python", "native"])
 def test_verify_exits_0_for_valid_proofs_of_both_stages(tmp_path, manifest_path, capsys, verifier):
     manifest = load_manifest(manifest_path)
-    for stage, task in (("window_post", window_task(manifest, SEED)),
-                        ("winning_post", winning_task(manifest, SEED))):
-        output = reference.window_post(task) if stage == "window_post" else \
-            reference.winning_post(task)
+    for stage, task in (
+        ("window_post", window_task(manifest, SEED)),
+        ("winning_post", winning_task(manifest, SEED)),
+    ):
+        output = (
+            reference.window_post(task) if stage == "window_post" else reference.winning_post(task)
+        )
         req, out = write_pair(tmp_path, task, output)
-        assert main(["verify", stage, "--request", req, "--output", out,
-                     "--verifier", verifier]) == 0
+        assert (
+            main(["verify", stage, "--request", req, "--output", out, "--verifier", verifier]) == 0
+        )
         assert "valid" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("verifier", ["python", "native"])
-def test_verify_exits_1_with_the_reason_for_a_bad_proof(tmp_path, manifest_path, capsys,
-                                                         verifier):
+def test_verify_exits_1_with_the_reason_for_a_bad_proof(tmp_path, manifest_path, capsys, verifier):
     task = window_task(load_manifest(manifest_path), SEED)
     output = reference.window_post(task)
     proof = bytearray(output.proofs[1])
     proof[88 + 2392 - 1] ^= 0x80  # the last sibling of the real sector (slot 1 is padding)
     bad = msgspec.structs.replace(output, proofs=[output.proofs[0], bytes(proof)])
     req, out = write_pair(tmp_path, task, bad)
-    assert main(["verify", "window_post", "--request", req, "--output", out,
-                 "--verifier", verifier]) == 1
+    assert (
+        main(["verify", "window_post", "--request", req, "--output", out, "--verifier", verifier])
+        == 1
+    )
     assert "proof 1: sector 3 challenge 9: inclusion path" in capsys.readouterr().err
 
     req, out = write_pair(tmp_path, task, WindowPoStOutput(proofs=[], faults=[2]))
@@ -94,12 +113,20 @@ def test_verify_exits_1_with_the_reason_for_a_bad_proof(tmp_path, manifest_path,
 def test_verify_exits_2_for_bad_input(tmp_path, manifest_path, capsys):
     task = window_task(load_manifest(manifest_path), SEED)
     req, out = write_pair(tmp_path, task, reference.window_post(task))
-    assert main(["verify", "window_post", "--request", req, "--output",
-                 str(tmp_path / "missing.json")]) == 2
+    assert (
+        main(
+            ["verify", "window_post", "--request", req, "--output", str(tmp_path / "missing.json")]
+        )
+        == 2
+    )
     assert "missing.json does not exist" in capsys.readouterr().err
     (tmp_path / "garbage.json").write_text('{"proofs": "nope"}')
-    assert main(["verify", "window_post", "--request", req, "--output",
-                 str(tmp_path / "garbage.json")]) == 2
+    assert (
+        main(
+            ["verify", "window_post", "--request", req, "--output", str(tmp_path / "garbage.json")]
+        )
+        == 2
+    )
     assert "garbage.json" in capsys.readouterr().err
     dup = msgspec.structs.replace(task, replicas=task.replicas + task.replicas[:1])
     req2, _ = write_pair(tmp_path, dup, WindowPoStOutput(proofs=[], faults=[]))

@@ -27,8 +27,9 @@ def native():
 def corrupt(rng: random.Random, replica: PoStReplicaInfo) -> None:
     """Damage one sector in one of the ways a disk or a bad copy does."""
     sealed, cache = Path(replica.sealed_file), Path(replica.cache_dir)
-    kind = rng.choice(["sealed-byte", "sealed-short", "sealed-missing", "paux-byte", "tree-byte",
-                       "tree-missing"])
+    kind = rng.choice(
+        ["sealed-byte", "sealed-short", "sealed-missing", "paux-byte", "tree-byte", "tree-missing"]
+    )
     if kind == "sealed-byte":
         data = bytearray(sealed.read_bytes())
         # hit every node so whichever one is challenged is wrong
@@ -58,9 +59,17 @@ def test_c_and_python_agree_on_random_tasks(tmp_path, native):
         miner = rng.choice([0, 1, 1000, rng.randrange(2**40), 2**64 - 1])
         count = rng.randrange(1, 7)
         first = rng.randrange(2**50)
-        manifest = load_manifest(create_sectors(
-            tmp_path / f"c{case}", rng.choice(WINDOW_2KIB), count, miner,
-            rows_to_discard=rows, first_sector_id=first, random_seed=case))
+        manifest = load_manifest(
+            create_sectors(
+                tmp_path / f"c{case}",
+                rng.choice(WINDOW_2KIB),
+                count,
+                miner,
+                rows_to_discard=rows,
+                first_sector_id=first,
+                random_seed=case,
+            )
+        )
         ids = [r.sector_id for r in manifest.replicas]
         rng.shuffle(ids)
         ids = ids[: rng.randrange(1, count + 1)]
@@ -68,8 +77,9 @@ def test_c_and_python_agree_on_random_tasks(tmp_path, native):
         faulty = set()
         if rng.random() < 0.4:
             victim = rng.choice(manifest.replicas)
-            corrupt(rng, PoStReplicaInfo(victim.sector_id, b"", victim.cache_dir,
-                                         victim.sealed_file))
+            corrupt(
+                rng, PoStReplicaInfo(victim.sector_id, b"", victim.cache_dir, victim.sealed_file)
+            )
             faulty.add(victim.sector_id)
 
         wtask = window_task(manifest, seed, proof_type=rng.choice(WINDOW_2KIB), sector_ids=ids)
@@ -93,12 +103,21 @@ def test_c_and_python_agree_on_random_tasks(tmp_path, native):
 
 @pytest.mark.parametrize("rows", [0, 2, 5])
 def test_c_and_python_write_identical_tree_files(tmp_path, native, rows):
-    manifest = load_manifest(create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1_2", 1, 1000,
-                                            rows_to_discard=rows, random_seed=rows))
+    manifest = load_manifest(
+        create_sectors(
+            tmp_path / "s",
+            "StackedDrgWindow2KiBV1_2",
+            1,
+            1000,
+            rows_to_discard=rows,
+            random_seed=rows,
+        )
+    )
     rep = manifest.replicas[0]
     comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
-    comm_r = reference.build_tree(manifest.proof_type, rep.sealed_file, tmp_path / "py", comm_c,
-                                  rows_to_discard=rows)
+    comm_r = reference.build_tree(
+        manifest.proof_type, rep.sealed_file, tmp_path / "py", comm_c, rows_to_discard=rows
+    )
     assert comm_r.hex() == rep.comm_r
     for name in (TREE, "p_aux"):
         assert (tmp_path / "py" / name).read_bytes() == (Path(rep.cache_dir) / name).read_bytes()
@@ -108,12 +127,15 @@ def test_c_and_python_write_identical_tree_files(tmp_path, native, rows):
 
 def test_c_and_python_agree_on_an_8mib_sector_built_in_several_chunks(tmp_path, native):
     # 8MiB = 262144 nodes: the C builder streams 32768-node chunks, Python builds in one go.
-    manifest = load_manifest(create_sectors(tmp_path / "s", "StackedDrgWindow8MiBV1", 1, 77,
-                                            random_seed=8))
+    manifest = load_manifest(
+        create_sectors(tmp_path / "s", "StackedDrgWindow8MiBV1", 1, 77, random_seed=8)
+    )
     rep = manifest.replicas[0]
     comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
-    assert reference.build_tree(manifest.proof_type, rep.sealed_file, tmp_path / "py",
-                                comm_c).hex() == rep.comm_r
+    assert (
+        reference.build_tree(manifest.proof_type, rep.sealed_file, tmp_path / "py", comm_c).hex()
+        == rep.comm_r
+    )
     assert (tmp_path / "py" / TREE).read_bytes() == (Path(rep.cache_dir) / TREE).read_bytes()
     task = window_task(manifest, bytes(range(32)))
     assert native.window_post(task) == reference.window_post(task)

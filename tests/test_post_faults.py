@@ -32,8 +32,9 @@ def prover(request):
 
 @pytest.fixture
 def manifest(tmp_path):
-    return load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1_2", 4, 1000,
-                                        random_seed=5))
+    return load_manifest(
+        create_sectors(tmp_path, "StackedDrgWindow2KiBV1_2", 4, 1000, random_seed=5)
+    )
 
 
 def victim(manifest):
@@ -195,8 +196,9 @@ def test_bad_tasks_are_rejected_before_any_proving(prover, manifest):
 
 
 def test_proving_with_a_wider_rows_to_discard_still_reads_the_replica(prover, tmp_path):
-    m = load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 9,
-                                     rows_to_discard=5, random_seed=1))
+    m = load_manifest(
+        create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 9, rows_to_discard=5, random_seed=1)
+    )
     task = window_task(m, SEED)
     verify(task, prover.window_post(task))
     # with 5 of 6 rows discarded the tree file holds the root only; the replica gives the rest

@@ -49,8 +49,21 @@ void dext_result_free(dext_result *r) { free(r); }
 def compile_library(out: Path, sources: list[Path], *defines: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc, "a C compiler is needed to build the test libraries"
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", f"-I{NATIVE / 'include'}", *defines,
-                    *map(str, sources), "-lcrypto", "-o", str(out)], check=True)
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            f"-I{NATIVE / 'include'}",
+            *defines,
+            *map(str, sources),
+            "-lcrypto",
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
     return out
 
 
@@ -70,8 +83,11 @@ def stub_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return load_manifest(create_sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1",
-                                        5, 1000, random_seed=3))
+    return load_manifest(
+        create_sectors(
+            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1", 5, 1000, random_seed=3
+        )
+    )
 
 
 def test_builtin_library_speaks_abi_version_1():
@@ -88,8 +104,10 @@ def test_a_library_loaded_by_path_proves_the_same_bytes(reference_so, manifest, 
         vendor.verify(task, builtin.window_post(task))
         rep = manifest.replicas[0]
         comm_c = (Path(rep.cache_dir) / "p_aux").read_bytes()[:32]
-        assert vendor.build_tree(task.proof_type, rep.sealed_file, tmp_path / "c",
-                                 comm_c).hex() == rep.comm_r
+        assert (
+            vendor.build_tree(task.proof_type, rep.sealed_file, tmp_path / "c", comm_c).hex()
+            == rep.comm_r
+        )
 
 
 def test_missing_library_file_is_named(tmp_path):
@@ -107,15 +125,22 @@ def test_a_file_that_is_not_a_shared_library_cannot_load(tmp_path):
 
 def test_missing_symbols_are_listed_by_name(tmp_path):
     src = tmp_path / "partial.c"
-    src.write_text('#include "dext_prover.h"\n#include <stdlib.h>\n'
-                   "uint32_t dext_abi_version(void) { return 1; }\n"
-                   "dext_handle *dext_open(const char *o) { return NULL; }\n")
+    src.write_text(
+        '#include "dext_prover.h"\n#include <stdlib.h>\n'
+        "uint32_t dext_abi_version(void) { return 1; }\n"
+        "dext_handle *dext_open(const char *o) { return NULL; }\n"
+    )
     lib = compile_library(tmp_path / "libpartial.so", [src])
     with pytest.raises(NativeLoadError) as exc:
         NativeProver(lib)
     message = str(exc.value)
-    for name in ("dext_close", "dext_last_error", "dext_window_post", "dext_winning_post",
-                 "dext_result_free"):
+    for name in (
+        "dext_close",
+        "dext_last_error",
+        "dext_window_post",
+        "dext_winning_post",
+        "dext_result_free",
+    ):
         assert name in message
     assert "dext_open" not in message and "dext_abi_version" not in message
 
@@ -184,8 +209,9 @@ def test_a_cancelled_token_stops_proving(manifest):
 def test_cancelling_while_proving_stops_at_the_next_check(manifest):
     token = CancelToken()
     with NativeProver() as prover, pytest.raises(PoStCancelled, match="after 0 of 5"):
-        prover.window_post(window_task(manifest, SEED), progress=lambda *a: token.cancel(),
-                           cancel=token)
+        prover.window_post(
+            window_task(manifest, SEED), progress=lambda *a: token.cancel(), cancel=token
+        )
 
 
 def test_an_exception_in_the_progress_callback_propagates(manifest):
@@ -206,8 +232,10 @@ def test_build_tree_refuses_a_sealed_file_of_the_wrong_size(tmp_path):
 def test_rows_to_discard_must_leave_a_tree(tmp_path):
     sealed = tmp_path / "sealed"
     sealed.write_bytes(bytes(2048))
-    with NativeProver(options={"rows_to_discard": 6}) as prover, \
-            pytest.raises(InvalidTaskError, match="at most 5"):
+    with (
+        NativeProver(options={"rows_to_discard": 6}) as prover,
+        pytest.raises(InvalidTaskError, match="at most 5"),
+    ):
         prover.build_tree("StackedDrgWindow2KiBV1", sealed, tmp_path / "cache", bytes(32))
 
 

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import pytest
 from child_harness import Child
+from damocles_ext_plugins.native import NativePoStProver
+from damocles_ext_plugins.native import validate_options as native_problems
 
 from damocles_ext.hookspecs import Cancelled, CancelToken
 from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
 from damocles_ext.post.verify import verify
 from damocles_ext.protocol import dext
-from damocles_ext_plugins.native import NativePoStProver
-from damocles_ext_plugins.native import validate_options as native_problems
 
 SEED = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return load_manifest(create_sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2",
-                                        3, 1000, random_seed=4))
+    return load_manifest(
+        create_sectors(
+            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, 1000, random_seed=4
+        )
+    )
 
 
 @pytest.mark.parametrize("plugin", ["native", "python-ref"])
 def test_child_serves_verifiable_proofs_of_both_stages(manifest, plugin):
     outputs = {}
-    for stage, task in (("window_post", window_task(manifest, SEED)),
-                        ("winning_post", winning_task(manifest, SEED))):
+    for stage, task in (
+        ("window_post", window_task(manifest, SEED)),
+        ("winning_post", winning_task(manifest, SEED)),
+    ):
         with Child(stage, plugin) as child:
             hello, _ = child.next_of(dext.Hello)
             assert hello.prover == plugin

@@ -32,9 +32,19 @@ def verifier(request, native):
 def manifest(tmp_path_factory):
     # ids far apart so that flipping one bit of one never collides with another
     base = tmp_path_factory.mktemp("s")
-    parts = [load_manifest(create_sectors(base / str(i), "StackedDrgWindow2KiBV1", 1, 1000,
-                                          first_sector_id=first, random_seed=11 + i))
-             for i, first in enumerate([1 << 40, (1 << 41) + 5, (1 << 42) + 9])]
+    parts = [
+        load_manifest(
+            create_sectors(
+                base / str(i),
+                "StackedDrgWindow2KiBV1",
+                1,
+                1000,
+                first_sector_id=first,
+                random_seed=11 + i,
+            )
+        )
+        for i, first in enumerate([1 << 40, (1 << 41) + 5, (1 << 42) + 9])
+    ]
     return msgspec.structs.replace(parts[0], replicas=[p.replicas[0] for p in parts])
 
 
@@ -113,15 +123,17 @@ def test_miner_flips_are_rejected(verifier, window, winning):
     for task, output in (window, winning):
         for bit in range(64):
             with pytest.raises(VerifyError):
-                verifier(msgspec.structs.replace(task, miner_id=task.miner_id ^ (1 << bit)),
-                         output)
+                verifier(msgspec.structs.replace(task, miner_id=task.miner_id ^ (1 << bit)), output)
 
 
 def replica_changes(replica):
-    yield from (msgspec.structs.replace(replica, comm_r=flip(replica.comm_r, bit))
-                for bit in range(256))
-    yield from (msgspec.structs.replace(replica, sector_id=replica.sector_id ^ (1 << bit))
-                for bit in range(64))
+    yield from (
+        msgspec.structs.replace(replica, comm_r=flip(replica.comm_r, bit)) for bit in range(256)
+    )
+    yield from (
+        msgspec.structs.replace(replica, sector_id=replica.sector_id ^ (1 << bit))
+        for bit in range(64)
+    )
 
 
 def with_replica(task, i, replica):
@@ -159,10 +171,14 @@ def test_other_proof_type_and_stage_are_rejected(verifier, window):
 
 def test_wrong_number_or_length_of_proofs_is_rejected(verifier, window, winning):
     task, output = window
-    for proofs in ([output.proofs[0]], output.proofs + output.proofs[:1], [],
-                   [output.proofs[0], output.proofs[1][:-1]],
-                   [output.proofs[0], output.proofs[1] + b"\0"],
-                   [output.proofs[1], output.proofs[0]]):
+    for proofs in (
+        [output.proofs[0]],
+        output.proofs + output.proofs[:1],
+        [],
+        [output.proofs[0], output.proofs[1][:-1]],
+        [output.proofs[0], output.proofs[1] + b"\0"],
+        [output.proofs[1], output.proofs[0]],
+    ):
         with pytest.raises(VerifyError):
             verifier(task, WindowPoStOutput(proofs=proofs, faults=[]))
     wtask, wout = winning
@@ -171,6 +187,6 @@ def test_wrong_number_or_length_of_proofs_is_rejected(verifier, window, winning)
 
 
 def test_an_output_with_faults_is_not_a_valid_proof(verifier, window):
-    task, output = window
+    task, _ = window
     with pytest.raises(VerifyError, match="faulty sectors"):
         verifier(task, WindowPoStOutput(proofs=[], faults=[task.replicas[0].sector_id]))

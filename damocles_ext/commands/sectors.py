@@ -1,4 +1,4 @@
-"""`damocles-ext sectors create`: write sector fixtures (sealed files, cache dirs, manifest.json)."""
+"""`damocles-ext sectors create`: write sector fixtures (sealed files, cache dirs, manifest)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="create sector fixtures for the reference provers",
         description="Tools for the PoSt miniature's sector fixtures.",
     )
-    sub = parser.add_subparsers(dest="sectors_command", metavar="SUBCOMMAND",
-                                parser_class=type(parser))
+    sub = parser.add_subparsers(
+        dest="sectors_command", metavar="SUBCOMMAND", parser_class=type(parser)
+    )
     sub.required = True
     create = sub.add_parser(
         "create",
@@ -27,18 +28,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "same sectors: only the size part of the proof type matters."
         ),
     )
-    create.add_argument("--proof-type", required=True, metavar="TYPE",
-                        help="e.g. StackedDrgWindow2KiBV1_2 or StackedDrgWindow8MiBV1")
+    create.add_argument(
+        "--proof-type",
+        required=True,
+        metavar="TYPE",
+        help="e.g. StackedDrgWindow2KiBV1_2 or StackedDrgWindow8MiBV1",
+    )
     create.add_argument("--count", required=True, type=int, metavar="N", help="sectors to write")
-    create.add_argument("--miner", required=True, type=int, metavar="ID",
-                        help="the miner's actor id (f0<ID>)")
+    create.add_argument(
+        "--miner", required=True, type=int, metavar="ID", help="the miner's actor id (f0<ID>)"
+    )
     create.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    create.add_argument("--first-sector-id", type=int, default=1, metavar="N",
-                        help="sector id of the first sector (default: 1)")
-    create.add_argument("--rows-to-discard", type=int, default=2, metavar="N",
-                        help="tree rows above the data not stored in the tree file (default: 2)")
-    create.add_argument("--random-seed", type=int, default=None, metavar="N",
-                        help="make the sector contents reproducible")
+    create.add_argument(
+        "--first-sector-id",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sector id of the first sector (default: 1)",
+    )
+    create.add_argument(
+        "--rows-to-discard",
+        type=int,
+        default=2,
+        metavar="N",
+        help="tree rows above the data not stored in the tree file (default: 2)",
+    )
+    create.add_argument(
+        "--random-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="make the sector contents reproducible",
+    )
     return parser
 
 

@@ -28,12 +28,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("stage", choices=STAGES, help="the stage of the task")
-    parser.add_argument("--request", required=True, metavar="TASK.json",
-                        help="the task in damocles' JSON form ('-' reads stdin)")
-    parser.add_argument("--output", required=True, metavar="OUT.json",
-                        help="the prover's output in damocles' JSON form")
-    parser.add_argument("--verifier", choices=("python", "native"), default="python",
-                        help="which verifier to run (default: python; native is the C one)")
+    parser.add_argument(
+        "--request",
+        required=True,
+        metavar="TASK.json",
+        help="the task in damocles' JSON form ('-' reads stdin)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="OUT.json",
+        help="the prover's output in damocles' JSON form",
+    )
+    parser.add_argument(
+        "--verifier",
+        choices=("python", "native"),
+        default="python",
+        help="which verifier to run (default: python; native is the C one)",
+    )
     return parser
 
 
@@ -72,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
         verify(task, output)
     proofs = len(output.proofs)
-    print(f"valid: {proofs} proof{'s' if proofs != 1 else ''} for {len(task.replicas)} "
-          f"sector{'s' if len(task.replicas) != 1 else ''} ({task.proof_type})", file=sys.stderr)
+    print(
+        f"valid: {proofs} proof{'s' if proofs != 1 else ''} for {len(task.replicas)} "
+        f"sector{'s' if len(task.replicas) != 1 else ''} ({task.proof_type})",
+        file=sys.stderr,
+    )
     return 0

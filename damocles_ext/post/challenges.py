@@ -46,7 +46,9 @@ def leaf_challenge(rand: bytes, sector_id: int, index: int, nodes: int) -> int:
     return _U64.unpack_from(digest)[0] % nodes
 
 
-def leaf_challenges(params: ProofParams, rand: bytes, sector_id: int, sector_index: int) -> list[int]:
+def leaf_challenges(
+    params: ProofParams, rand: bytes, sector_id: int, sector_index: int
+) -> list[int]:
     """The challenged node indices of one sector (`rand` already masked)."""
     return [
         leaf_challenge(rand, sector_id, challenge_index(params, sector_index, n), params.nodes)

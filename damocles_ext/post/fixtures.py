@@ -69,8 +69,10 @@ def _random_node_bytes(rng: random.Random, size: int) -> bytes:
 
 def _write_random_replica(path: Path, rng: random.Random, size: int) -> None:
     with open(path, "wb") as f:
-        for offset in range(0, size, _WRITE_CHUNK):
-            f.write(_random_node_bytes(rng, min(_WRITE_CHUNK, size - offset)))
+        f.writelines(
+            _random_node_bytes(rng, min(_WRITE_CHUNK, size - offset))
+            for offset in range(0, size, _WRITE_CHUNK)
+        )
 
 
 def create_sectors(
@@ -84,7 +86,7 @@ def create_sectors(
     first_sector_id: int = 1,
     random_seed: int | None = None,
 ) -> Path:
-    """Write `count` random sealed sectors with cache dirs and DIR/manifest.json; return its path."""
+    """Write `count` random sealed sectors, their cache dirs and DIR/manifest.json (returned)."""
     from .native import NativeProver
 
     try:
@@ -96,7 +98,8 @@ def create_sectors(
         raise UsageError(f"--count must be at least 1, got {count}")
     if not 0 <= rows_to_discard < params.height:
         raise UsageError(
-            f"rows_to_discard must be 0..{params.height - 1} for {proof_type}, got {rows_to_discard}"
+            f"rows_to_discard must be 0..{params.height - 1} for {proof_type}, "
+            f"got {rows_to_discard}"
         )
     rng = random.Random(random_seed) if random_seed is not None else random.SystemRandom()
     out = Path(out_dir).resolve()

@@ -171,7 +171,9 @@ def decode_sector(params: ProofParams, entry: bytes) -> SectorProof:
         (index,) = struct.unpack_from("<Q", entry, at)
         leaf = entry[at + 8 : at + 8 + NODE_SIZE]
         at += 8 + NODE_SIZE
-        siblings = tuple(entry[at + i * NODE_SIZE : at + (i + 1) * NODE_SIZE] for i in range(params.height))
+        siblings = tuple(
+            entry[at + i * NODE_SIZE : at + (i + 1) * NODE_SIZE] for i in range(params.height)
+        )
         at += params.height * NODE_SIZE
         challenges.append(ChallengeProof(index, leaf, siblings))
     return SectorProof(sector_id, comm_c, comm_r_last, tuple(challenges))

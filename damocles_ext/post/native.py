@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 from ..errors import ProverError, UsageError
 from ..tasks import (
@@ -77,7 +77,7 @@ def _abi_ffi_for(native: Any) -> Any:
 class _CallState:
     """What the progress trampoline needs during one call: a handle to it is the C ctx."""
 
-    __slots__ = ("progress", "cancel", "flag", "error")
+    __slots__ = ("cancel", "error", "flag", "progress")
 
     def __init__(self, ffi: Any, progress: Progress | None, cancel: Any) -> None:
         self.progress = progress
@@ -96,7 +96,7 @@ def _install_trampoline(native: Any) -> None:
     ffi = native.ffi
 
     @ffi.def_extern()
-    def _dext_py_progress(ctx, phase, done, total):  # noqa: ANN001 - C signature
+    def _dext_py_progress(ctx, phase, done, total):
         state: _CallState = ffi.from_handle(ctx)
         try:
             if state.progress is not None:
@@ -116,7 +116,9 @@ class NativeProver:
     """A prover behind the C ABI; one handle, used by one call at a time."""
 
     def __init__(
-        self, library_path: str | os.PathLike | None = None, options: Mapping[str, Any] | None = None
+        self,
+        library_path: str | os.PathLike | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         native = _compiled()
         _install_trampoline(native)
@@ -134,7 +136,9 @@ class NativeProver:
             self._ffi = _abi_ffi_for(native)
             self._lib = self._dlopen(self.library)
             # Same C function, seen through the other FFI's types.
-            self._callback = self._ffi.cast("dext_progress_fn", self._address(native.lib._dext_py_progress))
+            self._callback = self._ffi.cast(
+                "dext_progress_fn", self._address(native.lib._dext_py_progress)
+            )
         self.abi_version = int(self._lib.dext_abi_version())
         if self.abi_version != ABI_VERSION:
             raise NativeLoadError(
@@ -219,7 +223,9 @@ class NativeProver:
             for field in ("cache_dir", "sealed_file"):
                 path = os.fsencode(getattr(rep, field))
                 if b"\0" in path:
-                    raise InvalidTaskError(f"replica {i} (sector {rep.sector_id}): {field} has a NUL byte")
+                    raise InvalidTaskError(
+                        f"replica {i} (sector {rep.sector_id}): {field} has a NUL byte"
+                    )
                 buf = ffi.new("char[]", path)
                 keep.append(buf)
                 setattr(c, field, buf)
@@ -233,7 +239,9 @@ class NativeProver:
         ctask.replica_count = len(task.replicas)
         return ctask, keep
 
-    def _prove(self, fn_name: str, task: Task, progress: Progress | None, cancel: Any) -> tuple[list[bytes], list[int]]:
+    def _prove(
+        self, fn_name: str, task: Task, progress: Progress | None, cancel: Any
+    ) -> tuple[list[bytes], list[int]]:
         ffi = self._ffi
         ctask, keep = self._c_task(task)
         state = _CallState(ffi, progress, cancel)
@@ -243,7 +251,9 @@ class NativeProver:
         faults: list[int] = []
         with self._lock, _cancel_watcher(cancel, state.flag):
             handle = self._handle_or_raise()
-            status = getattr(self._lib, fn_name)(handle, ctask, self._callback, ctx, state.flag, out)
+            status = getattr(self._lib, fn_name)(
+                handle, ctask, self._callback, ctx, state.flag, out
+            )
             result = out[0]
             if result != ffi.NULL:
                 try:
@@ -261,7 +271,7 @@ class NativeProver:
     def window_post(
         self, task: WindowPoSt, progress: Progress | None = None, cancel: Any = None
     ) -> WindowPoStOutput:
-        """Prove a WindowPoSt; faults come back in the output (with no proofs), as damocles expects."""
+        """Prove a WindowPoSt; faults come back in the output (and no proofs), as damocles wants."""
         proofs, faults = self._prove("dext_window_post", task, progress, cancel)
         return WindowPoStOutput(proofs=proofs, faults=faults)
 
@@ -343,17 +353,16 @@ class NativeProver:
                 self._lib.dext_close(self._handle)
                 self._handle = None
 
-    def __enter__(self) -> NativeProver:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # At interpreter shutdown the library may already be gone; nothing left to release then.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 _WATCH_INTERVAL = 0.05

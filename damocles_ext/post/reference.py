@@ -9,6 +9,7 @@ rows from the sealed file, so every challenge reads the replica.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import stat
 from collections.abc import Callable
@@ -191,14 +192,18 @@ def _prove_sector(
                 siblings = []
                 for level in range(rows + 1):
                     siblings.append(block[((c >> level) ^ 1) - (start >> level)])
-                    block = [hash_node(block[2 * i], block[2 * i + 1]) for i in range(len(block) // 2)]
+                    block = [
+                        hash_node(block[2 * i], block[2 * i + 1]) for i in range(len(block) // 2)
+                    ]
                 cur = block[0]
                 for level in range(rows + 1, params.height):
                     sib = tree_node(level, (c >> level) ^ 1)
                     siblings.append(sib)
                     cur = hash_node(sib, cur) if (c >> level) & 1 else hash_node(cur, sib)
                 if cur != comm_r_last:
-                    raise _Fault(f"challenged node {c} of sector {sid} does not hash up to comm_r_last")
+                    raise _Fault(
+                        f"challenged node {c} of sector {sid} does not hash up to comm_r_last"
+                    )
                 proofs.append(ChallengeProof(c, leaf, tuple(siblings)))
     return SectorProof(sid, comm_c, comm_r_last, tuple(proofs))
 
@@ -206,7 +211,7 @@ def _prove_sector(
 def sorted_replicas(replicas: list[PoStReplicaInfo]) -> list[PoStReplicaInfo]:
     """Replicas in ascending sector id order (rust-fil-proofs keys them by id); no duplicates."""
     ordered = sorted(replicas, key=lambda r: r.sector_id)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if a.sector_id == b.sector_id:
             raise InvalidTaskError(f"sector {a.sector_id} appears twice in the task")
     return ordered

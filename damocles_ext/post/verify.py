@@ -21,7 +21,6 @@ from . import challenges as ch
 from .errors import InvalidTaskError, VerifyError
 from .layout import (
     HEADER,
-    HEADER_SIZE,
     KIND_WINDOW,
     KIND_WINNING,
     LAYOUT_VERSION,
@@ -93,8 +92,11 @@ def _check_sector(
 
 
 def _verify_partitions(
-    params: ProofParams, proofs: list[bytes], slots: list[tuple[PoStReplicaInfo, int]],
-    rand: bytes, prover: bytes,
+    params: ProofParams,
+    proofs: list[bytes],
+    slots: list[tuple[PoStReplicaInfo, int]],
+    rand: bytes,
+    prover: bytes,
 ) -> None:
     spp = params.sectors_per_partition
     partitions = (len(slots) + spp - 1) // spp
