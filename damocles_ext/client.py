@@ -180,9 +180,23 @@ async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIte
                 yield client
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader never raises, so a group holds what the caller's block raised: give the
+        # caller back its own exception (a ProverError stays a ProverError).
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def submit_sync(

@@ -187,3 +187,62 @@ class ManagerLike:
         """What a SIGKILLed manager looks like from the child: both pipes closed."""
         await self.process.stdout.aclose()
         await self.process.stdin.aclose()
+
+
+class LogWatcher:
+    """Collects a process's stderr lines; `wait_for(text)` waits for a line containing it."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+        self.closed = False
+
+    async def run(self) -> None:
+        reader = jsonl.LineReader()
+        while True:
+            data = await self.stream.receive_some()
+            for line in reader.receive_data(data):
+                if isinstance(line, bytes):
+                    self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            if not data:
+                self.closed = True
+            self._changed.set()
+            self._changed = trio.Event()
+            if not data:
+                return
+
+    async def wait_for(self, text: str) -> str:
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if text in line:
+                    return line
+            seen = len(self.lines)
+            if self.closed:
+                raise AssertionError(f"{text!r} never logged:\n" + "\n".join(self.lines))
+            await self._changed.wait()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+async def start_run(nursery: trio.Nursery, cfg: Path, socket_path: Path,
+                    *extra: str) -> tuple[trio.Process, LogWatcher]:
+    """`damocles-ext run -c CFG --socket PATH` with its log watched; returns once it listens."""
+    process = await trio.lowlevel.open_process(
+        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dext_env(),
+    )
+    watcher = LogWatcher(process.stderr)
+    nursery.start_soon(watcher.run)
+    with trio.fail_after(20):
+        await watcher.wait_for("control socket listening")
+    return process, watcher
+
+
+async def dext_run_async(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """`damocles-ext ARGS...` to completion, from trio."""
+    return await trio.run_process([*DEXT, *args], stdin=input, capture_stdout=True,
+                                  capture_stderr=True, check=False, env=dext_env())

@@ -3,7 +3,9 @@ the dext conversation over it, and the prove command end to end with real childr
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -12,12 +14,14 @@ import textwrap
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 import trio
+import trio.testing
 
-from damocles_ext.client import NoSupervisorError, connect
+from damocles_ext.client import NoSupervisorError, connect, submit_sync
 from damocles_ext.errors import ProverError, UsageError
-from damocles_ext.protocol import dext
+from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor.control import (
     ControlServer,
     bind_control_socket,
@@ -25,7 +29,14 @@ from damocles_ext.supervisor.control import (
     peer_uid,
 )
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import make_task
+from helpers_frontend import (
+    dext_run,
+    dext_run_async,
+    make_task,
+    plugin_block,
+    start_run,
+    write_config,
+)
 
 IS_ROOT = os.geteuid() == 0
 
@@ -203,8 +214,9 @@ async def test_requests_on_one_connection_are_answered_by_id_in_any_order(contro
 
 async def test_prover_error_comes_back_as_prover_error_with_its_message(control):
     server, _ = control
-    async with connect(server.path) as client:
-        with pytest.raises(ProverError, match=r"miner 13 is unlucky \(deadline=1234.5, priority=7\)"):
+    # Raised out of the `async with` block: still a ProverError, not an ExceptionGroup.
+    with pytest.raises(ProverError, match=r"miner 13 is unlucky \(deadline=1234.5, priority=7\)"):
+        async with connect(server.path) as client:
             await client.submit(make_task(13), deadline=1234.5, priority=7)
 
 
@@ -316,3 +328,235 @@ def test_peer_uid_reads_the_connecting_process_uid():
     finally:
         a.close()
         b.close()
+
+
+# -- run + prove end to end: real processes, real children ------------------------------------------
+
+
+def _task_file(directory: Path, task, name: str = "task.json") -> Path:
+    path = directory / name
+    path.write_bytes(jsonl.task_to_json(task))
+    return path
+
+
+ECHO_BOTH = plugin_block("WdPost", "echo", concurrent=2) + plugin_block("WinPost", "echo")
+
+
+async def test_run_serves_prove_and_the_client_then_stops_cleanly_on_sigterm(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, ECHO_BOTH)
+    path = sock_dir / "run" / "control.sock"
+    window, winning = make_task(7), make_task(8, stage="winning_post")
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path)
+        # The socket's place, as `run` made it.
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        family = psutil.Process(run.pid).children(recursive=True)
+        with trio.fail_after(30):
+            done = await dext_run_async("prove", "window_post", "--request",
+                                        str(_task_file(tmp_path, window)), "--socket", str(path))
+            assert done.returncode == 0, done.stderr.decode()
+            assert done.stdout == jsonl.output_to_json(echo_output(window)) + b"\n"
+            out_file = tmp_path / "out.json"
+            done = await dext_run_async(
+                "prove", "winning_post", "--request", str(_task_file(tmp_path, winning, "w.json")),
+                "--socket", str(path), "--output", str(out_file), "--deadline", "60",
+            )
+            assert done.returncode == 0, done.stderr.decode()
+            assert done.stdout == b""
+            assert out_file.read_bytes() == jsonl.output_to_json(echo_output(winning)) + b"\n"
+            # Several requests at once on one connection, both stages.
+            async with connect(path) as client:
+                results = {}
+
+                async def one(miner: int, stage: str) -> None:
+                    results[miner] = await client.submit(make_task(miner, stage=stage))
+
+                async with trio.open_nursery() as burst:
+                    for miner in range(20):
+                        burst.start_soon(one, miner, ("window_post", "winning_post")[miner % 2])
+            assert results == {
+                m: echo_output(make_task(m, stage=("window_post", "winning_post")[m % 2]))
+                for m in range(20)
+            }
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+    assert not path.exists()
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_second_run_on_a_live_socket_exits_2(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path)
+        with trio.fail_after(30):
+            second = await dext_run_async("run", "-c", str(cfg), "--socket", str(path))
+            assert second.returncode == 2
+            assert f"another damocles-ext run is listening on {path}".encode() in second.stderr
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
+def test_run_refuses_a_symlinked_socket_directory(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    real = sock_dir / "real"
+    real.mkdir(mode=0o700)
+    (sock_dir / "link").symlink_to(real)
+    result = dext_run("run", "-c", str(cfg), "--socket", str(sock_dir / "link" / "control.sock"))
+    assert result.returncode == 2
+    assert b"is a symlink" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_prove_embedded_runs_the_config_in_process(tmp_path):
+    cfg = write_config(tmp_path, ECHO_BOTH)
+    task = make_task(21, stage="winning_post")
+    result = dext_run("prove", "winning_post", "--request", str(_task_file(tmp_path, task)),
+                      "--conf-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"
+
+
+def test_prove_exits_1_with_the_prover_error(tmp_path):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    result = dext_run("prove", "window_post", "--request", str(_task_file(tmp_path, make_task())),
+                      "-c", str(cfg))
+    assert result.returncode == 1
+    assert b"sleep prover failing as configured" in result.stderr
+    assert result.stdout == b"" and b"Traceback" not in result.stderr
+
+
+CHILD_SCRIPT = r'''
+import base64, json, sys
+# A damocles JSON-lines processor that answers with its own argv as the proof, plus two faults.
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    request = json.loads(line)
+    proof = base64.b64encode(json.dumps(sys.argv[1:]).encode()).decode()
+    output = {"proofs": [proof], "faults": [3, 7]}
+    sys.stdout.write(json.dumps({"id": request["id"], "err_msg": None, "output": output}) + "\n")
+    sys.stdout.flush()
+'''
+
+
+def test_bin_args_with_shell_metacharacters_reach_the_child_literally_and_faults_are_listed(
+        tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_SCRIPT)
+    canary = tmp_path / "canary"
+    args = [str(script), f"$(touch {canary})", f"`touch {canary}`", "a b", "*", "; echo hi",
+            "'\"", "$HOME"]
+    cfg = write_config(
+        tmp_path,
+        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n",
+    )
+    result = dext_run("prove", "window_post", "--request", str(_task_file(tmp_path, make_task())),
+                      "-c", str(cfg))
+    assert result.returncode == 0, result.stderr.decode()
+    output = jsonl.output_from_json(result.stdout, "window_post")
+    assert json.loads(output.proofs[0]) == args[1:]
+    assert not canary.exists()
+    assert b"2 faulty sectors: 3, 7" in result.stderr
+
+
+# -- prove: bad input is exit 2 with a message that says what and where ----------------------------
+
+
+def _prove(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return dext_run("prove", "window_post", *args)
+
+
+def test_prove_missing_request_file(tmp_path):
+    r = _prove(tmp_path, "--request", str(tmp_path / "nope.json"), "--socket", "/nonexistent.sock")
+    assert r.returncode == 2
+    assert f"request file {tmp_path / 'nope.json'} does not exist".encode() in r.stderr
+
+
+def test_prove_bad_json_names_line_and_column(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "miner_id": 1000,\n  "proof_type": oops\n}\n')
+    r = _prove(tmp_path, "--request", str(bad))
+    assert r.returncode == 2
+    assert b"bad.json" in r.stderr and b"line 3, column" in r.stderr, r.stderr
+
+
+def test_prove_missing_field_is_named(tmp_path):
+    data = msgspec.json.decode(jsonl.task_to_json(make_task()))
+    del data["seed"]
+    bad = tmp_path / "t.json"
+    bad.write_bytes(msgspec.json.encode(data))
+    r = _prove(tmp_path, "--request", str(bad))
+    assert r.returncode == 2 and b"missing required field `seed`" in r.stderr, r.stderr
+
+
+def test_prove_wrong_size_is_named(tmp_path):
+    data = msgspec.json.decode(jsonl.task_to_json(make_task()))
+    data["replicas"][0]["comm_r"] = [1] * 31
+    bad = tmp_path / "t.json"
+    bad.write_bytes(msgspec.json.encode(data))
+    r = _prove(tmp_path, "--request", str(bad))
+    assert r.returncode == 2
+    assert b"of length >= 32" in r.stderr and b"$.replicas[0].comm_r" in r.stderr, r.stderr
+
+
+def test_prove_task_of_the_other_stage_gets_a_hint(tmp_path):
+    task = _task_file(tmp_path, make_task(stage="winning_post"))
+    r = _prove(tmp_path, "--request", str(task))
+    assert r.returncode == 2 and b"use `prove winning_post`" in r.stderr, r.stderr
+
+
+def test_prove_without_a_supervisor_says_how_to_get_one(tmp_path, sock_dir):
+    task = _task_file(tmp_path, make_task())
+    r = _prove(tmp_path, "--request", str(task), "--socket", str(sock_dir / "none.sock"))
+    assert r.returncode == 2
+    assert b"no supervisor at" in r.stderr and b"damocles-ext run" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("deadline, message", [
+    ("soon", "neither a number of seconds nor an ISO 8601 time"),
+    ("-5", "must be positive"),
+    ("2001-01-01T00:00:00+00:00", "is in the past"),
+])
+def test_prove_bad_deadline(tmp_path, deadline, message):
+    task = _task_file(tmp_path, make_task())
+    r = _prove(tmp_path, "--request", str(task), f"--deadline={deadline}")
+    assert r.returncode == 2 and message.encode() in r.stderr, r.stderr
+
+
+def test_prove_output_into_a_missing_directory_is_refused_before_proving(tmp_path):
+    task = _task_file(tmp_path, make_task())
+    r = _prove(tmp_path, "--request", str(task), "--output", str(tmp_path / "no" / "out.json"))
+    assert r.returncode == 2 and b"does not exist" in r.stderr
+
+
+def test_parse_deadline_accepts_seconds_and_iso_times():
+    from damocles_ext.commands.prove import parse_deadline
+
+    assert parse_deadline("90", now=1000.0) == 1090.0
+    assert parse_deadline("2030-01-01T00:00:00+00:00", now=0.0) == 1893456000.0
+
+
+async def test_prove_through_run_exits_1_when_the_prover_fails(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path)
+        with trio.fail_after(30):
+            done = await dext_run_async("prove", "window_post", "--socket", str(path),
+                                        "--request", str(_task_file(tmp_path, make_task())))
+            assert done.returncode == 1
+            assert b"sleep prover failing as configured" in done.stderr
+            assert b"Traceback" not in done.stderr and done.stdout == b""
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
+async def test_submit_sync_works_from_a_plain_thread(control):
+    server, backend = control
+    backend._events(31)[0].set()
+    output = await trio.to_thread.run_sync(
+        lambda: submit_sync(make_task(31), socket_path=server.path)
+    )
+    assert output == echo_output(make_task(31))

@@ -83,10 +83,18 @@ def run(args: argparse.Namespace) -> int:
 async def _prove_embedded(children, task: Task, deadline: float | None, priority: int) -> Output:  # noqa: ANN001
     from damocles_ext.api import open_supervisor
 
+    from damocles_ext.errors import ProverError
+
+    # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
+    # it in an ExceptionGroup.
     async with open_supervisor(children) as supervisor:
-        return await supervisor.submit(
-            task, deadline=deadline, priority=priority, on_progress=_log_progress
-        )
+        try:
+            return await supervisor.submit(
+                task, deadline=deadline, priority=priority, on_progress=_log_progress
+            )
+        except ProverError as exc:
+            error = exc
+    raise error
 
 
 async def _prove_remote(socket: str | None, task: Task, deadline: float | None,
