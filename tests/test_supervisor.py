@@ -543,3 +543,25 @@ async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeate
     assert all(len(got) == 1 for got in answers.values())
     for miner, (got,) in answers.items():
         assert isinstance(got, ProverError) or got.faults[0] == miner
+
+
+async def test_statistics_show_backoff_and_shutdown_does_not_wait_for_the_restart():
+    specs = [
+        spec(jsonl_child("os._exit(5)"), index=0, max_attempts=1),
+        spec(jsonl_child(stage="winning_post"), index=0, stage="winning_post"),
+    ]
+    sup = Supervisor(specs, stages=["window_post"], backoff=BackoffPolicy(base=30.0, cap=30.0))
+    # The 30 s restart wait must not hold up the shutdown.
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            assert [c.name for c in sup.statistics().children] == ["window_post#0"]
+            with pytest.raises(ProverError, match="exit code 5"):
+                await sup.submit(window_task())
+            await wait_until(lambda: child_stats(sup, "window_post#0").state == "backoff")
+            stats = child_stats(sup, "window_post#0")
+            assert 24.0 <= stats.next_start_in <= 30.0
+            assert stats.pid is None and stats.failed == 1 and stats.restarts == 1
+            sup.request_shutdown()
+    assert child_stats(sup, "window_post#0").state == "stopped"
