@@ -110,6 +110,12 @@ def test_a_library_loaded_by_path_proves_the_same_bytes(reference_so, manifest, 
         )
 
 
+def test_a_relative_library_path_means_that_file_not_a_system_search(reference_so, monkeypatch):
+    monkeypatch.chdir(reference_so.parent)
+    with NativeProver(reference_so.name) as prover:
+        assert prover.library == str(reference_so)
+
+
 def test_missing_library_file_is_named(tmp_path):
     with pytest.raises(NativeLoadError, match=r"libnope\.so does not exist") as exc:
         NativeProver(tmp_path / "libnope.so")

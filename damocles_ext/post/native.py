@@ -132,7 +132,8 @@ class NativeProver:
             self._lib = native.lib
             self._callback = native.lib._dext_py_progress
         else:
-            self.library = os.fspath(library_path)
+            # dlopen searches the system paths for a name without a slash; we mean this file.
+            self.library = os.path.abspath(os.fspath(library_path))
             self._ffi = _abi_ffi_for(native)
             self._lib = self._dlopen(self.library)
             # Same C function, seen through the other FFI's types.
