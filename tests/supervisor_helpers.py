@@ -23,30 +23,30 @@ def spec(
     **overrides: object,
 ) -> ChildSpec:
     """A ChildSpec as config.py would build it, with test-friendly defaults."""
-    fields: dict[str, object] = dict(
-        stage=stage,
-        index=index,
-        block=index,
-        name=f"{stage}#{index}",
-        argv=tuple(argv),
-        kind="bin",
-        envs={},
-        inherit_envs=True,
-        concurrent=1,
-        weight=1,
-        ready_timeout=10.0,
-        protocol="auto",
-        plugin=None,
-        plugin_options={},
-        cpuset=None,
-        auto_restart=True,
-        max_attempts=2,
-        request_timeout=None,
-        heartbeat_timeout=None,
-        cancel_grace=10.0,
-        locks=(),
-        gpu=None,
-    )
+    fields: dict[str, object] = {
+        "stage": stage,
+        "index": index,
+        "block": index,
+        "name": f"{stage}#{index}",
+        "argv": tuple(argv),
+        "kind": "bin",
+        "envs": {},
+        "inherit_envs": True,
+        "concurrent": 1,
+        "weight": 1,
+        "ready_timeout": 10.0,
+        "protocol": "auto",
+        "plugin": None,
+        "plugin_options": {},
+        "cpuset": None,
+        "auto_restart": True,
+        "max_attempts": 2,
+        "request_timeout": None,
+        "heartbeat_timeout": None,
+        "cancel_grace": 10.0,
+        "locks": (),
+        "gpu": None,
+    }
     fields.update(overrides)
     return ChildSpec(**fields)  # type: ignore[arg-type]
 
@@ -56,8 +56,9 @@ def python_child(code: str) -> list[str]:
     return [PY, "-u", "-c", textwrap.dedent(code)]
 
 
-def builtin_child(stage: str = "window_post", plugin: str = "echo", *options: str,
-                  protocol: str | None = None) -> list[str]:
+def builtin_child(
+    stage: str = "window_post", plugin: str = "echo", *options: str, protocol: str | None = None
+) -> list[str]:
     """argv of the built-in child runtime (`damocles-ext child`)."""
     argv = [PY, "-m", "damocles_ext", "child", stage, "--plugin", plugin]
     for opt in options:
@@ -110,10 +111,17 @@ for line in sys.stdin:
 """
 
 
-def jsonl_child(handle: str = "answer(req)", setup: str = "", stage: str = "window_post") -> list[str]:
+def jsonl_child(
+    handle: str = "answer(req)", setup: str = "", stage: str = "window_post"
+) -> list[str]:
     """argv of a fake damocles JSON-lines child; `handle` is code run per request (`req`)."""
     body = textwrap.indent(textwrap.dedent(handle), "    ")
-    return [PY, "-u", "-c", JSONL_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body)]
+    return [
+        PY,
+        "-u",
+        "-c",
+        JSONL_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body),
+    ]
 
 
 # A dext/1 child built on the project's codec; `handle` runs per Request (`msg`).
@@ -142,10 +150,17 @@ while True:
 """
 
 
-def dext_child(handle: str = "answer(msg)", setup: str = "", stage: str = "window_post") -> list[str]:
+def dext_child(
+    handle: str = "answer(msg)", setup: str = "", stage: str = "window_post"
+) -> list[str]:
     """argv of a fake dext/1 child; `handle` is code run per Request (`msg`)."""
     body = textwrap.indent(textwrap.dedent(handle), "            ")
-    return [PY, "-u", "-c", DEXT_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body)]
+    return [
+        PY,
+        "-u",
+        "-c",
+        DEXT_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body),
+    ]
 
 
 def alive(pid: int) -> bool:

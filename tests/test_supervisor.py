@@ -18,6 +18,7 @@ import time
 import pytest
 import trio
 import trio.testing
+from damocles_ext_plugins.testing import echo_output
 from supervisor_helpers import (
     alive,
     builtin_child,
@@ -37,7 +38,6 @@ from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracker
-from damocles_ext_plugins.testing import echo_output
 
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
@@ -101,7 +101,9 @@ async def test_jsonl_responses_in_any_order_reach_their_requests():
             answer(r)
         pending.clear()
     """
-    async with open_supervisor([spec(jsonl_child(handle, setup="pending = []"), concurrent=3)]) as sup:
+    async with open_supervisor(
+        [spec(jsonl_child(handle, setup="pending = []"), concurrent=3)]
+    ) as sup:
         await sup.wait_ready()
         results: dict[int, int] = {}
 
@@ -164,8 +166,9 @@ async def test_crash_mid_request_is_retried_on_a_sibling():
 
 
 async def test_last_attempt_fails_with_child_exit_status_and_attempts():
-    async with open_supervisor([spec(jsonl_child("os._exit(7)"), max_attempts=2)],
-                               backoff=FAST) as sup:
+    async with open_supervisor(
+        [spec(jsonl_child("os._exit(7)"), max_attempts=2)], backoff=FAST
+    ) as sup:
         await sup.wait_ready()
         with pytest.raises(ProverError) as info:
             await sup.submit(window_task())
@@ -184,8 +187,9 @@ async def test_garbage_on_dext_stdout_kills_and_restarts_the_child(tmp_path):
     else:
         answer(msg)
     """
-    async with open_supervisor([spec(dext_child(handle), envs={"MARKER": str(marker)})],
-                               backoff=FAST) as sup:
+    async with open_supervisor(
+        [spec(dext_child(handle), envs={"MARKER": str(marker)})], backoff=FAST
+    ) as sup:
         await sup.wait_ready()
         first_pid = child_stats(sup, "window_post#0").pid
         out = await sup.submit(window_task(miner=9))
@@ -234,11 +238,16 @@ async def test_wrong_ready_line_is_a_failed_start_naming_what_came():
 
 
 async def test_missing_damocles_worker_is_a_clear_failed_start():
-    child = spec(["damocles-worker", "processor", "window_post"], kind="damocles-worker",
-                 auto_restart=False, envs={"PATH": "/nonexistent"})
+    child = spec(
+        ["damocles-worker", "processor", "window_post"],
+        kind="damocles-worker",
+        auto_restart=False,
+        envs={"PATH": "/nonexistent"},
+    )
     async with open_supervisor([child]) as sup:
         with pytest.raises(
-            ProverError, match=r"damocles-worker not found on PATH; set Bin or Plugin in WdPost\[0\]"
+            ProverError,
+            match=r"damocles-worker not found on PATH; set Bin or Plugin in WdPost\[0\]",
         ):
             await sup.wait_ready()
 
@@ -412,9 +421,7 @@ async def main():
         await trio.sleep_forever()
 trio.run(main)
 """
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", script], stdout=-1, stderr=-3
-    )
+    proc = await trio.lowlevel.open_process([sys.executable, "-c", script], stdout=-1, stderr=-3)
     try:
         line = b""
         with trio.fail_after(20):
@@ -506,7 +513,6 @@ async def test_cancelled_caller_does_not_break_the_child_for_the_next_request():
         assert (await sup.submit(window_task(miner=2))).faults[0] == 2
 
 
-
 async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeatedly():
     handle = "time.sleep(0.01); answer(req)"
     specs = [
@@ -539,6 +545,8 @@ async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeate
                         os.kill(pid, 9)
                         kills += 1
                     await trio.sleep(0.1)  # the kill cadence (load), not synchronisation
+        # Nothing is left behind in the bookkeeping either.
+        assert not sup._requests and not sup._attempts and not sup._slots
     assert kills >= 1
     assert all(len(got) == 1 for got in answers.values())
     for miner, (got,) in answers.items():

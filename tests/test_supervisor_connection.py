@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from supervisor_helpers import window_task
 
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor.connection import (
@@ -16,8 +17,6 @@ from damocles_ext.supervisor.connection import (
     Skipped,
 )
 from damocles_ext.tasks import WindowPoStOutput
-
-from supervisor_helpers import window_task
 
 
 def hello(stage: str = "window_post", protocol: str = dext.PROTOCOL_VERSION) -> bytes:
@@ -43,8 +42,12 @@ def test_auto_detects_json_lines_from_the_ready_line():
 
 def test_ready_line_with_crlf_is_accepted_but_other_variants_are_not():
     assert ChildConnection("window_post").receive_data(b"window_post processor ready\r\n")
-    for line in (b"window_post processor ready \n", b" window_post processor ready\n",
-                 b"winning_post processor ready\n", b"WINDOW_POST processor ready\n"):
+    for line in (
+        b"window_post processor ready \n",
+        b" window_post processor ready\n",
+        b"winning_post processor ready\n",
+        b"WINDOW_POST processor ready\n",
+    ):
         with pytest.raises(ChildProtocolError) as info:
             ChildConnection("window_post").receive_data(line)
         assert repr(line)[2:-3] in str(info.value)  # says what came instead
@@ -90,8 +93,10 @@ def test_dext_child_may_not_send_parent_messages():
 def test_dext_responses_and_progress_become_events():
     conn = ChildConnection("window_post", "dext")
     out = WindowPoStOutput(proofs=[b"p"], faults=[3])
-    data = hello() + dext.encode(dext.Progress(1, "sleep", 1, 4)) + dext.encode(
-        dext.Response(1, output=out)
+    data = (
+        hello()
+        + dext.encode(dext.Progress(1, "sleep", 1, 4))
+        + dext.encode(dext.Response(1, output=out))
     )
     events = conn.receive_data(data)
     assert events[1:] == [ProgressEvent(1, "sleep", 1, 4), Answer(1, out, None)]

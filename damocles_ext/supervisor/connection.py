@@ -169,7 +169,9 @@ class ChildConnection:
                 continue
             if isinstance(line, jsonl.LineTooLong):
                 events.append(
-                    Skipped(f"skipped a stdout line of {line.length} bytes (limit {line.limit})", None)
+                    Skipped(
+                        f"skipped a stdout line of {line.length} bytes (limit {line.limit})", None
+                    )
                 )
                 continue
             if not line.strip():

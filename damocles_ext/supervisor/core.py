@@ -54,7 +54,6 @@ from .process import (
     ChildProcess,
     ExitInfo,
     SpawnError,
-    block_name,
     build_env,
     prepare_spawn,
     relay_stderr,
@@ -585,8 +584,7 @@ class Supervisor:
         child.failed += 1
         self._finish(
             req,
-            error=f"request {req.rid} ({req.stage}): {reason}; cancelled"
-            f" (attempt {req.attempts})",
+            error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
             outcome="timeout",
         )
         self._send_cancel(child, slot, kill_after_grace=True)
@@ -610,7 +608,9 @@ class Supervisor:
             elif isinstance(ev, ProgressEvent):
                 slot = p.slots.get(ev.child_rid)
                 if slot is None:
-                    log.debug("%s: progress for unknown request %d dropped", child.name, ev.child_rid)
+                    log.debug(
+                        "%s: progress for unknown request %d dropped", child.name, ev.child_rid
+                    )
                     continue
                 req = slot.request
                 if not slot.abandoned and req.on_progress is not None:
@@ -636,12 +636,17 @@ class Supervisor:
             if 0 < ev.child_rid < p.next_rid:
                 log.warning(
                     "%s (pid %s): a second response to its request %d dropped",
-                    child.name, child.pid, ev.child_rid,
+                    child.name,
+                    child.pid,
+                    ev.child_rid,
                 )
             else:
                 log.warning(
                     "%s (pid %s): response with unknown id %d dropped (ids sent so far: 1..%d)",
-                    child.name, child.pid, ev.child_rid, p.next_rid - 1,
+                    child.name,
+                    child.pid,
+                    ev.child_rid,
+                    p.next_rid - 1,
                 )
             return
         self._slots.pop(slot.attempt_id, None)
@@ -692,7 +697,8 @@ class Supervisor:
         # The request that hung was dealt with already; the others on this child did nothing
         # wrong, so their retry is free.
         self._kill(
-            child, p,
+            child,
+            p,
             f"request {slot.request.rid} (child id {slot.child_rid}) still running"
             f" {grace:g}s after {how}",
             charge_all=False,
@@ -723,14 +729,21 @@ class Supervisor:
             self._timers.add(due, lambda t: self._on_heartbeat(child, p, t))
             return
         self._kill(
-            child, p,
+            child,
+            p,
             f"hung: no Progress or Response for {now - p.last_activity:.1f}s while working"
             f" (HeartbeatTimeoutSecs = {hb:g})",
             charge_all=True,
         )
 
     def _retry_or_fail(
-        self, req: _Request, child: _Child, aid: int, what: str, *, charge: bool = True,
+        self,
+        req: _Request,
+        child: _Child,
+        aid: int,
+        what: str,
+        *,
+        charge: bool = True,
         outcome: str = "error",
     ) -> None:
         """An attempt of `req` was lost (`what`): queue it again if it may, else answer it."""
@@ -758,7 +771,10 @@ class Supervisor:
         elif req.attempts < max_attempts:
             log.warning(
                 "request %d: %s; retrying (attempt %d of %d)",
-                req.rid, what, req.attempts + 1, max_attempts,
+                req.rid,
+                what,
+                req.attempts + 1,
+                max_attempts,
             )
             self._enqueue(req, now, retry=True)
         else:
@@ -777,7 +793,9 @@ class Supervisor:
         self._mark_down(child, p, reason, charge_all=charge_all)
         p.proc.kill_tree()
 
-    def _mark_down(self, child: _Child, p: _Process, reason: str, *, charge_all: bool = True) -> None:
+    def _mark_down(
+        self, child: _Child, p: _Process, reason: str, *, charge_all: bool = True
+    ) -> None:
         """The process is going away: no more dispatch to it; its task tears it down."""
         if p.down_reason is None:
             p.down_reason = reason
@@ -817,7 +835,9 @@ class Supervisor:
 
     # -- children ---------------------------------------------------------------------------
 
-    async def _child_loop(self, child: _Child, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _child_loop(
+        self, child: _Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         try:
             while not child.stop.is_set():
                 was_ready, reason = await self._run_process(child, task_status)
@@ -946,7 +966,10 @@ class Supervisor:
         if ready.hello is not None and ready.hello.capacity < child.capacity:
             log.warning(
                 "%s: its Hello says capacity %d, but Concurrent is %d; sending up to %d at once",
-                child.name, ready.hello.capacity, child.capacity, child.capacity,
+                child.name,
+                ready.hello.capacity,
+                child.capacity,
+                child.capacity,
             )
         now = trio.current_time()
         child.state = "ready"
@@ -1036,7 +1059,9 @@ class Supervisor:
         if p.proc.exit is None:
             log.warning(
                 "%s (pid %d): still running %gs after it was asked to stop; SIGTERM",
-                child.name, p.proc.pid, self.stop_timeout,
+                child.name,
+                p.proc.pid,
+                self.stop_timeout,
             )
             p.proc.signal_group(signal.SIGTERM)
             with trio.move_on_after(self.stop_timeout):

@@ -258,7 +258,9 @@ def spawn(
                 env=dict(env),
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=_preexec(os.getpid(), cpuset),
+                # Only system calls run in the forked child (no locks, no imports); there is no
+                # other way to set PDEATHSIG and the affinity before the program's first line.
+                preexec_fn=_preexec(os.getpid(), cpuset),  # noqa: PLW1509
             )
         except FileNotFoundError:
             raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
