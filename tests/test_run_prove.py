@@ -560,3 +560,12 @@ async def test_submit_sync_works_from_a_plain_thread(control):
         lambda: submit_sync(make_task(31), socket_path=server.path)
     )
     assert output == echo_output(make_task(31))
+
+
+def test_prove_reads_the_task_from_stdin_with_a_dash(tmp_path):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    task = make_task(55)
+    result = dext_run("prove", "window_post", "--request", "-", "-c", str(cfg),
+                      input=jsonl.task_to_json(task))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"

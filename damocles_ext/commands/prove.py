@@ -87,7 +87,9 @@ async def _prove_embedded(children, task: Task, deadline: float | None, priority
 
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
     # it in an ExceptionGroup.
-    async with open_supervisor(children) as supervisor:
+    from damocles_ext.plugins import get_plugin_manager
+
+    async with open_supervisor(children, plugin_manager=get_plugin_manager()) as supervisor:
         try:
             return await supervisor.submit(
                 task, deadline=deadline, priority=priority, on_progress=_log_progress

@@ -69,10 +69,12 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def supervisor_options(args: argparse.Namespace) -> dict:
-    """Supervisor keyword arguments from the shared options."""
+    """Supervisor keyword arguments from the shared options (observer plugins included)."""
+    from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.restart import BackoffPolicy
 
     return {
+        "plugin_manager": get_plugin_manager(),
         "shutdown_grace": args.shutdown_grace,
         "backoff": BackoffPolicy(base=args.restart_delay,
                                  cap=max(args.restart_max_delay, args.restart_delay)),
