@@ -7,6 +7,10 @@ Without options it runs the reference prover in C compiled into damocles-ext at 
                      cffi ABI mode); its ABI version and symbols are checked when the child starts
     rows_to_discard  the reference prover's tree rows not stored on disk (0..20, default 2); it only
                      matters when the library builds trees: proving reads it from the tree file
+    gpu_lock         true (default) / false: hold bellperson's bellman.priority.lock and
+                     bellman.gpu.lock in TMPDIR around the proof, as a bellperson priority proof
+                     does, so this child and a bellperson prover sharing its TMPDIR never prove at
+                     the same time
     any other key    passed to a vendor library's dext_open as JSON (the reference refuses it)
 
 Each concurrent request gets its own library handle (the ABI lets a handle serve one call at a
@@ -53,11 +57,13 @@ def validate_options(options: Options) -> list[str]:
             f"native: option 'rows_to_discard' must be an integer from 0 to "
             f"{MAX_ROWS_TO_DISCARD}, got {options['rows_to_discard']!r}"
         )
+    if "gpu_lock" in options and not isinstance(options["gpu_lock"], bool):
+        problems.append(f"native: option 'gpu_lock' must be true or false, got {options['gpu_lock']!r}")
     if library is None:
-        for key in sorted(set(options) - {"library", "rows_to_discard"}):
+        for key in sorted(set(options) - {"library", "rows_to_discard", "gpu_lock"}):
             problems.append(
                 f"native: unknown option {key!r} for the built-in reference prover; known options: "
-                "library, rows_to_discard (other keys go to a vendor library's dext_open)"
+                "library, rows_to_discard, gpu_lock (other keys go to a vendor library's dext_open)"
             )
     return problems
 
@@ -75,7 +81,10 @@ class NativePoStProver:
         if problems:
             raise ValueError("; ".join(problems))
         self._library = options.get("library")
-        self._open_options = {k: v for k, v in options.items() if k != "library"}
+        self._gpu_lock = options.get("gpu_lock", True)
+        self._open_options = {
+            k: v for k, v in options.items() if k not in ("library", "gpu_lock")
+        }
         if "rows_to_discard" in self._open_options:
             self._open_options["rows_to_discard"] = _rows_to_discard(options["rows_to_discard"])
         self._factory = NativeProver
@@ -100,18 +109,30 @@ class NativePoStProver:
             with self._lock:
                 self._idle.append(prover)
 
-    def _gpu_section(self) -> contextlib.AbstractContextManager[None]:
-        # Seam for the GPU lock (a later issue): a vendor GPU prover will take bellperson's
-        # bellman.gpu.lock / bellman.priority.lock (damocles_ext.gpulock) in TMPDIR around the
-        # call here. The reference prover uses no GPU, so there is nothing to lock yet.
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _gpu_section(self, progress: ProgressCallback, cancel: CancelToken) -> Any:
+        # The whole proof is the heavy phase: bellperson holds its priority lock for a whole
+        # priority proof, and the reference library has no separate GPU phase to narrow it to.
+        if not self._gpu_lock:
+            yield
+            return
+        from damocles_ext import gpulock
+        from damocles_ext.hookspecs import Cancelled
+
+        progress("gpu-lock", 0, 1)
+        try:
+            with gpulock.priority_gpu_lock(gpulock.lock_dir(), cancelled=lambda: cancel.cancelled):
+                progress("gpu-lock", 1, 1)
+                yield
+        except gpulock.LockCancelled as exc:
+            raise Cancelled(str(exc)) from None
 
     def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
         """Prove `task` with the library; a cancelled request raises hookspecs.Cancelled."""
         from damocles_ext.post import PoStCancelled
 
         cancel.check()
-        with self._handle() as prover, self._gpu_section():
+        with self._handle() as prover, self._gpu_section(progress, cancel):
             try:
                 return prover.prove(task, progress, cancel)
             except PoStCancelled:
