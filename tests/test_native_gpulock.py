@@ -42,9 +42,7 @@ def test_native_prover_waits_for_a_bellperson_gpu_lock_holder(tmp_path, monkeypa
         # ... until the bellperson-style holder lets go.
         holder.stdin.close()
         assert holder.wait(timeout=10) == 0
-        response, before = child.next_of(dext.Response)
-        assert any(isinstance(m, dext.Progress) and m.phase == "gpu-lock" and m.done == 1
-                   for m in before)
+        response, _ = child.next_of(dext.Response)
         assert response.error is None
         verify_window_post(task, response.output)
     assert gpulock.lock_state(lockdir) == {"gpu": False, "priority": False}
