@@ -573,3 +573,14 @@ async def test_statistics_show_backoff_and_shutdown_does_not_wait_for_the_restar
             assert stats.pid is None and stats.failed == 1 and stats.restarts == 1
             sup.request_shutdown()
     assert child_stats(sup, "window_post#0").state == "stopped"
+
+
+async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path):
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text('[[WdPost]]\nPlugin = "echo"\nConcurrent = 2\n\n[[WinPost]]\nPlugin = "echo"\n')
+    async with open_supervisor(str(cfg)) as sup:
+        await sup.wait_ready(count=2)
+        assert await sup.submit(window_task(miner=8)) == echo_output(window_task(miner=8))
+        assert await sup.submit(winning_task(miner=9)) == echo_output(winning_task(miner=9))
+        names = sorted(c.name for c in sup.statistics().children)
+        assert names == ["window_post#0", "winning_post#0"]

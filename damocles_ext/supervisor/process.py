@@ -130,10 +130,10 @@ class ChildProcess:
     def __init__(self, popen: subprocess.Popen[bytes], stdin: int, stdout: int, stderr: int):
         self._popen = popen
         self.pid: int = popen.pid
+        self._pidfd: int | None = os.pidfd_open(self.pid)  # first: nothing to undo if it fails
         self.stdin = trio.lowlevel.FdStream(stdin)
         self.stdout = trio.lowlevel.FdStream(stdout)
         self.stderr = trio.lowlevel.FdStream(stderr)
-        self._pidfd: int | None = os.pidfd_open(self.pid)
         self.exit: ExitInfo | None = None
         self._waiting = False
         self._changed = trio.Event()
@@ -280,7 +280,14 @@ def spawn(
     finally:
         for fd in (stdin_r, stdout_w, stderr_w):
             os.close(fd)
-    return ChildProcess(popen, stdin_w, stdout_r, stderr_r)
+    try:
+        return ChildProcess(popen, stdin_w, stdout_r, stderr_r)
+    except OSError as exc:  # e.g. out of file descriptors for the pidfd
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        for fd in ours:
+            os.close(fd)
+        raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
 
 
 async def relay_stderr(stream: trio.abc.ReceiveStream, prefix: str, logger: logging.Logger) -> None:
