@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -236,6 +237,20 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
+
+
+def _grow_pipe(fd: int) -> None:
+    # A WindowPoSt request for a 32GiB partition is ~300 kB: with the default 64 kB pipe it takes
+    # a handful of partial writes and wake-ups on both sides. 1 MiB (the unprivileged limit)
+    # carries it in one.
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size or the user's pipe quota: keep the default
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
@@ -248,6 +263,7 @@ def spawn(
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
     ours = (stdin_w, stdout_r, stderr_r)
+    _grow_pipe(stdin_w)  # answers are small; only requests need the room
     try:
         try:
             popen = subprocess.Popen(
