@@ -66,6 +66,7 @@ child_log = logging.getLogger("damocles_ext.child")
 
 Progress = dext.Progress
 
+_READ_SIZE = 1 << 16
 _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
 
@@ -986,9 +987,24 @@ class Supervisor:
 
     async def _reader(self, child: _Child, p: _Process) -> None:
         assert p.reader_done is not None
+        # Plain os.read on the non-blocking pipe: FdStream.receive_some yields to the scheduler
+        # after every successful read, which puts a whole loop iteration on each answer's path.
+        fd = p.proc.stdout.fileno()
+        unyielded = 0
         try:
             while True:
-                data = await _receive(p.proc.stdout)
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    unyielded = 0
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                except OSError:
+                    data = b""
+                unyielded += 1
+                if unyielded >= 16:  # a child that floods us must not starve everything else
+                    unyielded = 0
+                    await trio.lowlevel.checkpoint()
                 try:
                     events = p.conn.receive_data(data)
                 except ChildProtocolError as exc:
