@@ -22,6 +22,26 @@ The rules, in one place:
   loaded children, smooth weighted round robin over `Weight` (nginx's algorithm, deterministic).
 * Deadlines. A queued job whose deadline has passed fails without reaching a prover. A running job
   past its deadline gets one `Cancel`; the supervisor handles the grace period and the kill.
+* Pipelining (only for children that report phases; call `progress` with the dext Progress
+  frames). A prover that reports a phase named in `GPU_PHASES` ("snark") when its GPU work starts
+  tells the scheduler that its request left the vanilla phase (CPU, disk) for the GPU; a later
+  phase not in `GPU_PHASES` means its GPU work is over. Once a child has reported a GPU phase it
+  is *pipelined*, and a free slot on it is used only:
+  - when none of its jobs is on the GPU (all still in vanilla) and the stage's queue holds at least
+    one job per child of the stage: the first vanilla to finish takes the GPU, and no other GPU is
+    left without work by committing one more job here; or
+  - when all its jobs are in their GPU phase and that GPU work is estimated to end within the time
+    a vanilla phase takes (the longest of the stage's last 16), so the new job's vanilla overlaps
+    the running SNARK and its SNARK starts as the GPU frees. Until then the job stays queued, free
+    to go to whichever GPU frees first, instead of waiting behind a SNARK on a busy one.
+  Estimates: a GPU phase that reported done/total runs at the rate shown so far; before its first
+  done > 0 it takes the child's recent mean GPU phase (or, for a child that never reports done/total
+  within the phase, the shortest recent one: holding a job back too long idles the GPU). Jobs
+  waiting for the child's GPU (reported the phase but not yet on it) add the same per job. Among
+  children that can take a job, the one whose GPU is free soonest wins (one that is idle now
+  first), then the least loaded, then weights. `next_wakeup` includes the moment a held-back child
+  may take the next job. Children that never report a GPU phase (JSON-lines children, provers
+  without phases) keep the plain slot rule above.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
@@ -31,10 +51,19 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: Stages served first at every decision; other stages follow in name order.
 STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
+
+#: Progress phases that mean "the request is now using the GPU" (its SNARK).
+GPU_PHASES: frozenset[str] = frozenset({"snark"})
+
+#: How many recent phase durations the estimates remember (per stage for vanilla, per child for
+#: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
+_HISTORY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +136,9 @@ class _Child:
     fatal: bool = False
     running: set[int] = field(default_factory=set)
     current_weight: int = 0  # smooth weighted round robin state
+    pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
+    reports_fraction: bool = False  # ... and how far it got within it
+    gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
 
     @property
     def state(self) -> str:
@@ -119,7 +151,13 @@ class _Child:
 class _Running:
     job: Job
     child_id: str
+    started: float = 0.0
     cancelled: bool = False
+    gpu_since: float | None = None  # reported a GPU phase at this time
+    gpu_turn: float | None = None  # when its GPU work really began (after the one before it)
+    gpu_done: bool = False  # reported a non-GPU phase after its GPU phase
+    fraction: float = 0.0  # of the GPU phase, from done/total
+    fraction_at: float = 0.0
 
 
 _FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
@@ -128,13 +166,17 @@ _FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
 class Scheduler:
     """The dispatch policy: feed it events, call `decide(now)`, act on what it returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, gpu_phases: Iterable[str] = GPU_PHASES) -> None:
+        self._gpu_phases = frozenset(gpu_phases)
+        self._vanilla_times: dict[str, deque[float]] = {}  # per stage
+        self._decided_at = -math.inf
         self._children: dict[str, _Child] = {}
         self._by_stage: dict[str, list[_Child]] = {}
         # Per stage: a heap of (key, token, request_id); an entry is live while
         # self._queued[request_id] carries the same token (lazy deletion).
         self._heaps: dict[str, list[tuple[tuple[float, int, int, int], int, int]]] = {}
         self._queued: dict[int, tuple[int, Job]] = {}
+        self._queue_len: dict[str, int] = {}  # live entries per stage
         self._seq: dict[int, int] = {}  # arrival order, kept across retries
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
@@ -197,25 +239,67 @@ class Scheduler:
 
     def finished(self, request_id: int, now: float) -> bool:
         """The child answered `request_id`: free its slot and locks. False if it was not running."""
-        run = self._running.pop(request_id, None)
+        return self._finish(request_id, now, learn=True)
+
+    def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
+        run = self._running.get(request_id)
         if run is None:
             return False
+        self._gpu_phase_ended(run, now, learn=learn and not run.cancelled)
+        del self._running[request_id]
         self._release(run)
         self._seq.pop(request_id, None)
+        return True
+
+    def progress(self, request_id: int, phase: str, done: int, total: int, now: float) -> bool:
+        """A running request reported progress (dext `Progress`); False if it is not running.
+
+        Only phases in `gpu_phases` and the change away from them matter (see "Pipelining");
+        call decide() afterwards, since a child may have become able to take its next job.
+        """
+        run = self._running.get(request_id)
+        if run is None:
+            return False
+        if phase in self._gpu_phases:
+            if run.gpu_done:
+                return True  # a second GPU phase: keep the first estimate, it is conservative
+            if run.gpu_since is None:
+                run.gpu_since = now
+                child = self._children[run.child_id]
+                child.pipelined = True
+                vanilla = self._vanilla_times.setdefault(run.job.stage, deque(maxlen=_HISTORY))
+                vanilla.append(now - run.started)
+                if not any(
+                    r.gpu_turn is not None and not r.gpu_done
+                    for r in self._runs_on(child)
+                    if r is not run
+                ):
+                    run.gpu_turn = now
+            if total > 0 and done > 0:
+                if run.gpu_turn is None:
+                    run.gpu_turn = run.gpu_since  # moving, so not waiting for the GPU after all
+                run.fraction = min(1.0, done / total)
+                run.fraction_at = now
+                self._children[run.child_id].reports_fraction = True
+        elif run.gpu_since is not None and not run.gpu_done:
+            self._gpu_phase_ended(run, now, learn=True)
+            run.gpu_done = True
         return True
 
     def remove(self, request_id: int) -> bool:
         """Forget a request (e.g. its caller went away): drop it from its queue, or, if it is
         running, free its slot and locks as `finished` does. False if it was unknown."""
-        if self._queued.pop(request_id, None) is not None:
+        if (entry := self._queued.pop(request_id, None)) is not None:
+            self._queue_len[entry[1].stage] -= 1
             self._seq.pop(request_id, None)
             return True
-        return self.finished(request_id, 0.0)
+        return self._finish(request_id, 0.0, learn=False)
 
     # -- decisions --------------------------------------------------------------------------
 
     def decide(self, now: float) -> list[Decision]:
         """Everything to do now: starts, failures of expired or unservable jobs, cancels."""
+        self._decided_at = now
         out: list[Decision] = []
         for run in self._running.values():
             if not run.cancelled and run.job.deadline is not None and now >= run.job.deadline:
@@ -248,27 +332,35 @@ class Scheduler:
                         )
                     )
                     continue
-                child = self._pick(stage, reserved)
+                child = self._pick(stage, reserved, now)
                 if child is None:
                     break
                 self._pop(heap)
-                self._start(job, child)
+                self._start(job, child, now)
                 out.append(Start(job.request_id, child.info.child_id))
             if self._peek(heap) is not None:
                 reserved |= self._blocking_locks(stage)
         return out
 
     def next_wakeup(self) -> float | None:
-        """The earliest time at which decide() has a deadline to act on, or None."""
+        """The earliest time at which decide() has a deadline to act on, or a pipelined child
+        becomes able to take the next queued job; None if there is no such time."""
         times = [
             run.job.deadline
             for run in self._running.values()
             if not run.cancelled and run.job.deadline is not None
         ]
-        for heap in self._heaps.values():
+        for stage, heap in self._heaps.items():
             head = self._peek(heap)
-            if head is not None and head.deadline is not None:
+            if head is None:
+                continue
+            if head.deadline is not None:
                 times.append(head.deadline)
+            for child in self._by_stage.get(stage, []):
+                if child.ready and child.pipelined and len(child.running) < child.info.capacity:
+                    when = self._takes_next_at(child)
+                    if when is not None and self._decided_at < when < math.inf:
+                        times.append(when)
         return min(times, default=None)
 
     def statistics(self) -> SchedulerStatistics:
@@ -320,6 +412,7 @@ class Scheduler:
         deadline = math.inf if job.deadline is None else job.deadline
         key = (deadline, -job.priority, tier, self._seq[job.request_id])
         self._queued[job.request_id] = (token, job)
+        self._queue_len[job.stage] = self._queue_len.get(job.stage, 0) + 1
         heapq.heappush(self._heaps.setdefault(job.stage, []), (key, token, job.request_id))
 
     def _peek(self, heap: list) -> Job | None:
@@ -333,7 +426,9 @@ class Scheduler:
 
     def _pop(self, heap: list) -> Job:
         _, _, rid = heapq.heappop(heap)
-        return self._queued.pop(rid)[1]
+        job = self._queued.pop(rid)[1]
+        self._queue_len[job.stage] -= 1
+        return job
 
     def _stage_order(self) -> list[str]:
         first = [s for s in STAGE_PRIORITY if s in self._heaps]
@@ -365,19 +460,27 @@ class Scheduler:
                 out |= self._held_elsewhere(child)
         return out
 
-    def _pick(self, stage: str, reserved: set[str]) -> _Child | None:
-        eligible = [
-            c
-            for c in self._by_stage.get(stage, [])
-            if c.ready
-            and len(c.running) < c.info.capacity
-            and not (c.info.locks & reserved)
-            and not self._held_elsewhere(c)
-        ]
+    def _pick(self, stage: str, reserved: set[str], now: float) -> _Child | None:
+        eligible: list[tuple[float, float, _Child]] = []
+        for c in self._by_stage.get(stage, []):
+            if not (
+                c.ready
+                and len(c.running) < c.info.capacity
+                and not (c.info.locks & reserved)
+                and not self._held_elsewhere(c)
+            ):
+                continue
+            free_at = now
+            if c.pipelined and c.running and not (self._gpu_idle(c) and self._queue_covers(stage)):
+                takes_at = self._takes_next_at(c)
+                if takes_at is not None and takes_at > now:
+                    continue  # its GPU is busy for longer than a vanilla phase takes
+                free_at = max(now, self._gpu_free_at(c) or now)
+            eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
             return None
-        least = min(len(c.running) / c.info.capacity for c in eligible)
-        candidates = [c for c in eligible if len(c.running) / c.info.capacity == least]
+        best_key = min((free_at, load) for free_at, load, _ in eligible)
+        candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
         # Smooth weighted round robin (nginx): ties go to the child registered first.
         total = 0
         best: _Child | None = None
@@ -390,10 +493,78 @@ class Scheduler:
         best.current_weight -= total
         return best
 
-    def _start(self, job: Job, child: _Child) -> None:
+    def _gpu_idle(self, child: _Child) -> bool:
+        return all(r.gpu_since is None or r.gpu_done for r in self._runs_on(child))
+
+    def _queue_covers(self, stage: str) -> bool:
+        # Enough queued work that committing one more job to this GPU leaves some for every
+        # other child of the stage (the job being placed is still counted as queued).
+        return self._queue_len.get(stage, 0) >= len(self._by_stage.get(stage, ()))
+
+    def _runs_on(self, child: _Child) -> list[_Running]:
+        return [self._running[rid] for rid in child.running]
+
+    def _gpu_phase_ended(self, run: _Running, now: float, *, learn: bool) -> None:
+        if run.gpu_since is None or run.gpu_done:
+            return
+        child = self._children[run.child_id]
+        if learn and run.gpu_turn is not None:
+            child.gpu_times.append(now - run.gpu_turn)
+        # The next job waiting in its GPU phase on this child gets the GPU now.
+        waiting = [
+            r
+            for r in self._runs_on(child)
+            if r is not run and r.gpu_since is not None and r.gpu_turn is None and not r.gpu_done
+        ]
+        if waiting:
+            min(waiting, key=lambda r: r.gpu_since).gpu_turn = now
+
+    def _gpu_free_at(self, child: _Child) -> float | None:
+        """When the GPU work of the child's running jobs is estimated to end: +inf while one is
+        still before its GPU phase, None when there is nothing to estimate from yet."""
+        # A child that reports done/total within its GPU phase will soon tell how fast this one
+        # goes: until then assume a typical one. A child that only reports the phase change never
+        # will: assume the shortest seen, since holding a job back too long idles the GPU.
+        times = child.gpu_times
+        if not times:
+            shortest = None
+        elif child.reports_fraction:
+            shortest = sum(times) / len(times)
+        else:
+            shortest = min(times)
+        end = -math.inf
+        queued_gpu_work = 0.0
+        for run in self._runs_on(child):
+            if run.gpu_done:
+                continue
+            if run.gpu_since is None:
+                return math.inf
+            if run.gpu_turn is None:  # waiting behind another GPU phase of this child
+                if shortest is None:
+                    return None
+                queued_gpu_work += shortest
+            elif run.fraction > 0:
+                end = max(end, run.gpu_turn + (run.fraction_at - run.gpu_turn) / run.fraction)
+            elif shortest is not None:
+                end = max(end, run.gpu_turn + shortest)
+            else:
+                return None
+        if queued_gpu_work and end == -math.inf:
+            return None  # jobs wait for a GPU phase that no longer runs here: no estimate
+        return end + queued_gpu_work
+
+    def _takes_next_at(self, child: _Child) -> float | None:
+        """When a pipelined child may take its next job: a vanilla phase before its GPU frees."""
+        free_at = self._gpu_free_at(child)
+        vanilla = self._vanilla_times.get(child.info.stage)
+        if free_at is None or not vanilla:
+            return None
+        return free_at - max(vanilla)
+
+    def _start(self, job: Job, child: _Child, now: float) -> None:
         cid = child.info.child_id
         child.running.add(job.request_id)
-        self._running[job.request_id] = _Running(job=job, child_id=cid)
+        self._running[job.request_id] = _Running(job=job, child_id=cid, started=now)
         for lock in child.info.locks:
             holders = self._lock_holders.setdefault(lock, {})
             holders[cid] = holders.get(cid, 0) + 1

@@ -63,7 +63,10 @@ WINDOW_POST, WINNING_POST = "window_post", "winning_post"
 POLICIES: dict[str, str] = {
     "damocles": "a: damocles ext-prover, Concurrent=1, random dispatch",
     "damocles-c2": "b: damocles, Concurrent=2, shared TMPDIR (bellperson lock)",
-    "damocles-ext": "c: damocles-ext Scheduler (EDF, late binding, Concurrent=2)",
+    "damocles-ext": "c: damocles-ext Scheduler (EDF, late binding, Concurrent=2, SNARK phase "
+    "reported: pipelined)",
+    "damocles-ext-nophase": "c without phase reports (JSON-lines children): EDF, late binding, "
+    "Concurrent=2",
     "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
 }
 DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
@@ -104,6 +107,7 @@ class Scenario:
     winning_gpu: Uniform = Uniform(2.0, 6.0)
     winning_budget: float = 20.0
     winning_rate: float = 2.0  # WinningPoSt arrivals per hour per miner (Poisson)
+    progress_interval: float = 30.0  # (c): seconds between SNARK progress reports; 0: phase only
 
     @property
     def miners(self) -> int:
@@ -124,8 +128,8 @@ class Scenario:
         if self.offsets == "spread":
             return tuple(m * self.deadline_period / self.miners for m in range(self.miners))
         if isinstance(self.offsets, str):
-            raise ValueError(  # noqa: TRY004 - a bad value of the right typef"offsets must be 'colliding', 'spread' or seconds per miner, "
-                f"not {self.offsets!r}"
+            raise ValueError(  # noqa: TRY004 - a bad value of the right type
+                f"offsets must be 'colliding', 'spread' or seconds per miner, not {self.offsets!r}"
             )
         if len(self.offsets) != self.miners:
             raise ValueError(f"{len(self.offsets)} offsets given for {self.miners} miners")
@@ -334,7 +338,7 @@ def _deployment(policy: str, gpus: int) -> list[_Slot]:
         elif policy == "damocles-c2":
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-gpu{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-gpu{g}"))
-        elif policy in ("damocles-ext", "reference"):
+        elif policy in ("damocles-ext", "damocles-ext-nophase", "reference"):
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-wd{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
         else:
@@ -354,12 +358,14 @@ class _Engine:
         self.seq = itertools.count()
         self.now = 0.0
         self.wake_at: float | None = None
+        self.deciding = False
         self.reference = policy == "reference"
+        self.phases = policy == "damocles-ext"  # its children report vanilla/SNARK progress
         self.ready_snarks: list[tuple[float, int]] = []  # reference: (due, job id)
         if self.reference:
             self.scheduler: Scheduler | None = None
             self.baseline = None
-        elif policy == "damocles-ext":
+        elif policy in ("damocles-ext", "damocles-ext-nophase"):
             self.scheduler = Scheduler()
             for s in self.slots.values():
                 # GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
@@ -399,6 +405,10 @@ class _Engine:
                     self.reschedule(gpu)
                     job.state, job.finish = "done", t
                     self.ended(job)
+            elif kind == "progress":
+                job, token = data
+                if job.state == "gpu" and job.token == token:
+                    self.report_snark(job)
             elif kind == "wake" and self.wake_at == t:  # else superseded by an earlier wake
                 self.wake_at = None
                 self.decide()
@@ -432,6 +442,15 @@ class _Engine:
     def decide(self) -> None:
         sched = self.scheduler
         assert sched is not None
+        if self.deciding:  # an event raised while acting on decisions: the loop below re-decides
+            return
+        self.deciding = True
+        try:
+            self._decide(sched)
+        finally:
+            self.deciding = False
+
+    def _decide(self, sched: Scheduler) -> None:
         while decisions := sched.decide(self.now):
             for d in decisions:
                 job = self.jobs[d.request_id]
@@ -478,6 +497,22 @@ class _Engine:
         job.state = "gpu"
         gpu.add(job, slot.domain, self.now)
         self.reschedule(gpu)
+        if self.phases and job.stage == WINDOW_POST:
+            self.report_snark(job)
+
+    _STEPS = 1000  # progress resolution of a simulated SNARK: done/total with total = 1000
+
+    def report_snark(self, job: SimJob) -> None:
+        """What a dext child says while a SNARK runs: phase "snark", done/total so far."""
+        assert self.scheduler is not None
+        gpu = self.gpus[self.slots[job.child].gpu]
+        gpu.advance(self.now)
+        fraction = 1.0 - gpu.remaining[job.job_id] / job.gpu_work if job.gpu_work > 0 else 0.0
+        done = max(0, min(self._STEPS, math.floor(fraction * self._STEPS)))
+        self.scheduler.progress(job.job_id, "snark", done, self._STEPS, self.now)
+        self.decide()
+        if self.scenario.progress_interval > 0:
+            self.push(self.now + self.scenario.progress_interval, "progress", (job, job.token))
 
     def abort(self, job: SimJob) -> None:
         if job.state == "gpu":
