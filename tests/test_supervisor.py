@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import stat
+import subprocess
 import sys
 import time
 
@@ -421,7 +422,9 @@ async def main():
         await trio.sleep_forever()
 trio.run(main)
 """
-    proc = await trio.lowlevel.open_process([sys.executable, "-c", script], stdout=-1, stderr=-3)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     try:
         line = b""
         with trio.fail_after(20):
@@ -584,3 +587,20 @@ async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path)
         assert await sup.submit(winning_task(miner=9)) == echo_output(winning_task(miner=9))
         names = sorted(c.name for c in sup.statistics().children)
         assert names == ["window_post#0", "winning_post#0"]
+
+
+async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed():
+    specs = [
+        spec(jsonl_child("pass"), index=0, request_timeout=0.3, cancel_grace=0.2),
+        spec(jsonl_child(), index=1, request_timeout=0.3),
+    ]
+    async with open_supervisor(specs, backoff=FAST) as sup:
+        await sup.wait_ready(count=2)
+        pid1 = child_stats(sup, "window_post#1").pid
+        out = await sup.submit(window_task(miner=6))  # #0 first: it never answers
+        assert out.faults == [6, pid1]
+        await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
+        assert (
+            "request 1 (child id 1) still running 0.2s"
+            in child_stats(sup, "window_post#0").last_exit
+        )
