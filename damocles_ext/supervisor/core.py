@@ -6,8 +6,9 @@ gets which request, `restart.RestartTracker` decides when a stopped child starts
 
 Shape:
 * one task per child (`_child_loop`): spawn, handshake, serve, tear down, back off, again;
-  inside it, per process, a reader (stdout), a writer (stdin, fed by an unbounded channel so that
-  dispatch never blocks), a stderr relay and an exit watcher;
+  inside it, per process, a reader (stdout), a writer (stdin: requests are written directly while
+  the pipe takes them, the rest goes through an unbounded channel to a writer task, so dispatch
+  never blocks), a stderr relay and an exit watcher;
 * dispatch is synchronous (`_dispatch`): after every event (submit, answer, child ready or down)
   the scheduler's decisions are acted on at once; a driver task runs the timers (request timeouts,
   cancel grace, heartbeats, scheduler deadlines) and calls `_dispatch` at `next_wakeup()`;
@@ -15,8 +16,8 @@ Shape:
   id, so a request can be retried on a sibling while the slot of its timed-out attempt stays
   taken until the old child answers the Cancel or is killed.
 
-Every request is answered exactly once (`_Request.finish` is idempotent and everything goes
-through it).
+Every request is answered exactly once: every answer goes through `Supervisor._finish`, which
+does nothing for a request already answered.
 """
 
 from __future__ import annotations
