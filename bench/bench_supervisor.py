@@ -31,6 +31,7 @@ with one request in flight, no supervisor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -47,14 +48,15 @@ from pathlib import Path
 
 import psutil
 import trio
+from damocles_ext_plugins.testing import echo_output
 
 from bench.runner import print_table, save_results
 from damocles_ext.config import parse_config
+from damocles_ext.errors import ProverError
 from damocles_ext.protocol import dext
 from damocles_ext.supervisor.core import Supervisor
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
-from damocles_ext_plugins.testing import echo_output
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
 REPLICAS = 2349
@@ -62,9 +64,11 @@ REPLICAS = 2349
 
 def small_task(miner: int = 1000) -> WindowPoSt:
     return WindowPoSt(
-        miner_id=miner, proof_type="StackedDrgWindow2KiBV1_2",
-        replicas=[PoStReplicaInfo(1, bytes(range(32)), "/mnt/cache/s-t01000-1",
-                                  "/mnt/sealed/s-t01000-1")],
+        miner_id=miner,
+        proof_type="StackedDrgWindow2KiBV1_2",
+        replicas=[
+            PoStReplicaInfo(1, bytes(range(32)), "/mnt/cache/s-t01000-1", "/mnt/sealed/s-t01000-1")
+        ],
         seed=bytes(range(31)) + b"\x1f",
     )
 
@@ -75,13 +79,19 @@ def partition_task(miner: int = 1234) -> WindowPoSt:
     for i in range(REPLICAS):
         sector = 100_000 + i
         store = f"/mnt/store-{i % 24:02d}"
-        replicas.append(PoStReplicaInfo(sector, rng.randbytes(32),
-                                        f"{store}/cache/s-t0{miner}-{sector}",
-                                        f"{store}/sealed/s-t0{miner}-{sector}"))
+        replicas.append(
+            PoStReplicaInfo(
+                sector,
+                rng.randbytes(32),
+                f"{store}/cache/s-t0{miner}-{sector}",
+                f"{store}/sealed/s-t0{miner}-{sector}",
+            )
+        )
     seed = bytearray(rng.randbytes(32))
     seed[31] &= 0x3F
-    return WindowPoSt(miner_id=miner, proof_type="StackedDrgWindow32GiBV1_2", replicas=replicas,
-                      seed=bytes(seed))
+    return WindowPoSt(
+        miner_id=miner, proof_type="StackedDrgWindow32GiBV1_2", replicas=replicas, seed=bytes(seed)
+    )
 
 
 def config_text(plugin: str, count: int, concurrent: int = 1, options: str = "") -> str:
@@ -97,8 +107,12 @@ def percentiles(samples: list[float]) -> dict:
     def pct(p: float) -> float:
         return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
 
-    return {"n": len(s), "p50_ms": pct(50) * 1e3, "p99_ms": pct(99) * 1e3,
-            "mean_ms": statistics.fmean(s) * 1e3}
+    return {
+        "n": len(s),
+        "p50_ms": pct(50) * 1e3,
+        "p99_ms": pct(99) * 1e3,
+        "mean_ms": statistics.fmean(s) * 1e3,
+    }
 
 
 # -- latency -------------------------------------------------------------------------------------
@@ -109,8 +123,13 @@ class RawChild:
 
     def __init__(self) -> None:
         (spec,) = parse_config(config_text("echo", 1), "<bench>").children
-        self.proc = subprocess.Popen(spec.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env={**os.environ, **spec.envs})
+        self.proc = subprocess.Popen(
+            spec.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **spec.envs},
+        )
         self.decoder = dext.FrameDecoder()
         self.pending: list = []
         self.ids = 0
@@ -128,7 +147,7 @@ class RawChild:
         self.ids += 1
         frame = memoryview(dext.encode(dext.Request(self.ids, task)))
         while frame:
-            frame = frame[os.write(self.proc.stdin.fileno(), frame):]
+            frame = frame[os.write(self.proc.stdin.fileno(), frame) :]
         msg = self._next_message()
         while not isinstance(msg, dext.Response):
             msg = self._next_message()
@@ -146,9 +165,12 @@ def serve_ready_time(rounds: int, tmp: Path) -> dict:
     samples = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        proc = subprocess.Popen([*DEXT, "serve", "window_post", "--conf-dir", str(tmp)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*DEXT, "serve", "window_post", "--conf-dir", str(tmp)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         line = proc.stdout.readline()
         samples.append(time.perf_counter() - t0)
         assert line == b"window_post processor ready\n", line
@@ -175,9 +197,18 @@ class RunProcess:
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.process = await trio.lowlevel.open_process(
-            [*DEXT, "run", "-c", str(self.cfg), "--socket", str(self.socket_path),
-             "--log-level", "info"],
-            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            [
+                *DEXT,
+                "run",
+                "-c",
+                str(self.cfg),
+                "--socket",
+                str(self.socket_path),
+                "--log-level",
+                "info",
+            ],
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         nursery.start_soon(self._watch_log)
         with trio.fail_after(60):
@@ -215,8 +246,12 @@ async def latency(n: int, warmup: int, rounds: int, tmp: Path) -> dict:
     from damocles_ext.client import connect
 
     task = small_task()
-    samples: dict[str, list[float]] = {"raw_pipe": [], "supervisor_api": [],
-                                       "control_socket": [], "process_pool": []}
+    samples: dict[str, list[float]] = {
+        "raw_pipe": [],
+        "supervisor_api": [],
+        "control_socket": [],
+        "process_pool": [],
+    }
     cfg = tmp / "latency.cfg"
     cfg.write_text(config_text("echo", 1))
     raw = RawChild()
@@ -244,8 +279,12 @@ async def latency(n: int, warmup: int, rounds: int, tmp: Path) -> dict:
                 async def via_pool() -> None:
                     pool.submit(_echo_in_worker, task).result()
 
-                ways = {"raw_pipe": via_raw, "supervisor_api": via_api,
-                        "control_socket": via_socket, "process_pool": via_pool}
+                ways = {
+                    "raw_pipe": via_raw,
+                    "supervisor_api": via_api,
+                    "control_socket": via_socket,
+                    "process_pool": via_pool,
+                }
                 for name, fn in ways.items():
                     for _ in range(warmup):
                         await fn()
@@ -274,8 +313,7 @@ async def throughput(m: int, rounds: int, tmp: Path) -> dict:
 
     tasks = [partition_task(1000 + i) for i in range(m)]
     per_round = max(2, m // rounds)
-    elapsed = {"raw_pipe": 0.0, "supervisor_api": 0.0, "control_socket": 0.0,
-               "process_pool": 0.0}
+    elapsed = {"raw_pipe": 0.0, "supervisor_api": 0.0, "control_socket": 0.0, "process_pool": 0.0}
     done = dict.fromkeys(elapsed, 0)
     cfg = tmp / "throughput.cfg"
     cfg.write_text(config_text("echo", 2))
@@ -325,12 +363,16 @@ async def throughput(m: int, rounds: int, tmp: Path) -> dict:
                 async def via_pool(batch):
                     return [f.result() for f in [pool.submit(_echo_in_worker, t) for t in batch]]
 
-                ways = {"raw_pipe": via_raw, "supervisor_api": via_api,
-                        "control_socket": via_socket, "process_pool": via_pool}
+                ways = {
+                    "raw_pipe": via_raw,
+                    "supervisor_api": via_api,
+                    "control_socket": via_socket,
+                    "process_pool": via_pool,
+                }
                 for fn in ways.values():
                     await fn(tasks[:10])  # warm-up
                 for r in range(rounds):
-                    batch = tasks[(r * per_round) % m:][:per_round]
+                    batch = tasks[(r * per_round) % m :][:per_round]
                     for name, fn in ways.items():
                         t0 = time.perf_counter()
                         outputs = await fn(batch)
@@ -342,8 +384,14 @@ async def throughput(m: int, rounds: int, tmp: Path) -> dict:
     threads.shutdown()
     for c in raw:
         c.close()
-    return {name: {"requests": done[name], "seconds": elapsed[name],
-                   "per_s": done[name] / elapsed[name]} for name in elapsed}
+    return {
+        name: {
+            "requests": done[name],
+            "seconds": elapsed[name],
+            "per_s": done[name] / elapsed[name],
+        }
+        for name in elapsed
+    }
 
 
 # -- re-dispatch after SIGKILL -------------------------------------------------------------------
@@ -360,38 +408,41 @@ async def redispatch(k: int) -> dict:
         await nursery.start(sup.run)
         for round_no in range(k):
             await sup.wait_ready("window_post", 2)
-            started = trio.Event()
-            resumed = trio.Event()
-            state: dict = {"killed": None}
-
-            def on_progress(p: dext.Progress) -> None:
-                if not started.is_set():
-                    started.set()
-                elif state["killed"] is not None and not resumed.is_set():
-                    state["t1"] = time.perf_counter()
-                    resumed.set()
-
-            async with trio.open_nursery() as inner:
-                async def request() -> None:
-                    try:
-                        await sup.submit(small_task(round_no), on_progress=on_progress)
-                    except Exception:
-                        pass
-
-                inner.start_soon(request)
-                await started.wait()
-                (busy,) = [c for c in sup.statistics().children if c.in_flight]
-                state["killed"] = busy.name
-                t0 = time.perf_counter()
-                os.kill(busy.pid, signal.SIGKILL)
-                with trio.fail_after(10):
-                    await resumed.wait()
-                (now_busy,) = [c for c in sup.statistics().children if c.in_flight]
-                assert now_busy.name != busy.name, "progress came from the killed child?"
-                samples.append(state["t1"] - t0)
-                inner.cancel_scope.cancel()
+            samples.append(await _redispatch_once(sup, small_task(round_no)))
         sup.request_shutdown()
     return percentiles(samples) | {"max_ms": max(samples) * 1e3}
+
+
+async def _redispatch_once(sup: Supervisor, task: WindowPoSt) -> float:
+    """Start `task`, SIGKILL the child running it, return seconds until the sibling reports."""
+    started = trio.Event()
+    resumed = trio.Event()
+    state: dict = {"killed": None}
+
+    def on_progress(p: dext.Progress) -> None:
+        if not started.is_set():
+            started.set()
+        elif state["killed"] is not None and not resumed.is_set():
+            state["t1"] = time.perf_counter()
+            resumed.set()
+
+    async def request() -> None:
+        with contextlib.suppress(ProverError):  # cancelled below, or lost with its child
+            await sup.submit(task, on_progress=on_progress)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(request)
+        await started.wait()
+        (busy,) = [c for c in sup.statistics().children if c.in_flight]
+        state["killed"] = busy.name
+        t0 = time.perf_counter()
+        os.kill(busy.pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            await resumed.wait()
+        (now_busy,) = [c for c in sup.statistics().children if c.in_flight]
+        assert now_busy.name != busy.name, "progress came from the killed child?"
+        inner.cancel_scope.cancel()
+    return state["t1"] - t0
 
 
 # -- idle cost -----------------------------------------------------------------------------------
@@ -436,9 +487,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("damocles_ext").setLevel(logging.ERROR)
     n, warmup, m, k, idle_s = (300, 30, 100, 5, 3.0) if args.quick else (2000, 100, 400, 20, 10.0)
 
-    results: dict = {"config": {"latency_requests": n, "warmup": warmup,
-                                "throughput_requests": m, "throughput_replicas": REPLICAS,
-                                "redispatch_rounds": k, "idle_seconds": idle_s}}
+    results: dict = {
+        "config": {
+            "latency_requests": n,
+            "warmup": warmup,
+            "throughput_requests": m,
+            "throughput_replicas": REPLICAS,
+            "redispatch_rounds": k,
+            "idle_seconds": idle_s,
+        }
+    }
     with tempfile.TemporaryDirectory(prefix="dext-bench-") as d:
         tmp = Path(d)
         os.chmod(tmp, 0o700)
@@ -470,11 +528,18 @@ def main(argv: list[str] | None = None) -> None:
     print()
     rd, idle, ready = results["redispatch"], results["idle"], results["serve_ready"]
     print_table(
-        [["re-dispatch after SIGKILL (p50 / max)", f"{rd['p50_ms']:.1f} / {rd['max_ms']:.1f} ms"],
-         ["serve: exec to ready line (p50 / max)",
-          f"{ready['p50_ms']:.0f} / {ready['max_ms']:.0f} ms"],
-         ["idle CPU, 8 children", f"{idle['cpu_percent_of_core']:.2f}% of a core"],
-         ["idle RSS of the supervisor", f"{idle['rss_mb']:.1f} MB (USS {idle['uss_mb']:.1f})"]],
+        [
+            [
+                "re-dispatch after SIGKILL (p50 / max)",
+                f"{rd['p50_ms']:.1f} / {rd['max_ms']:.1f} ms",
+            ],
+            [
+                "serve: exec to ready line (p50 / max)",
+                f"{ready['p50_ms']:.0f} / {ready['max_ms']:.0f} ms",
+            ],
+            ["idle CPU, 8 children", f"{idle['cpu_percent_of_core']:.2f}% of a core"],
+            ["idle RSS of the supervisor", f"{idle['rss_mb']:.1f} MB (USS {idle['uss_mb']:.1f})"],
+        ],
         ["measure", "value"],
     )
     goals = {

@@ -37,7 +37,7 @@ class NoSupervisorError(UsageError):
 
 
 class _Pending:
-    __slots__ = ("done", "response", "error", "on_progress")
+    __slots__ = ("done", "error", "on_progress", "response")
 
     def __init__(self, on_progress: ProgressCallback | None) -> None:
         self.done = trio.Event()
@@ -92,8 +92,9 @@ class Client:
         if response.error is not None:
             raise ProverError(response.error)
         if response.output is None:
-            raise ProverError(f"request {request_id}: the supervisor answered with neither an"
-                              " output nor an error")
+            raise ProverError(
+                f"request {request_id}: the supervisor answered with neither an output nor an error"
+            )
         return response.output
 
     async def _send(self, message: dext.Message) -> None:
@@ -101,8 +102,9 @@ class Client:
             try:
                 await self._stream.send_all(dext.encode(message))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ProverError(f"lost the connection to the supervisor at {self.path}: {exc}"
-                                  ) from None
+                raise ProverError(
+                    f"lost the connection to the supervisor at {self.path}: {exc}"
+                ) from None
 
     async def _read_loop(self) -> None:
         decoder = dext.FrameDecoder()
@@ -147,24 +149,29 @@ class Client:
 
 async def open_stream(path: Path) -> trio.SocketStream:
     """Connect to the control socket; NoSupervisorError says why nothing could be reached."""
-    hint = ("start one with `damocles-ext run`, or give `prove` a config (-c/--conf-dir) to prove"
-            " in-process")
+    hint = (
+        "start one with `damocles-ext run`, or give `prove` a config (-c/--conf-dir) to prove"
+        " in-process"
+    )
     try:
         return await trio.open_unix_socket(os.fspath(path))
     except FileNotFoundError:
-        raise NoSupervisorError(f"no supervisor at {path}: the socket does not exist; {hint}"
-                                ) from None
+        raise NoSupervisorError(
+            f"no supervisor at {path}: the socket does not exist; {hint}"
+        ) from None
     except ConnectionRefusedError:
         raise NoSupervisorError(
             f"no supervisor at {path}: nobody is listening (a stale socket of a stopped run?);"
             f" {hint}"
         ) from None
     except PermissionError:
-        raise NoSupervisorError(f"cannot connect to {path}: permission denied (it belongs to"
-                                " another user?)") from None
+        raise NoSupervisorError(
+            f"cannot connect to {path}: permission denied (it belongs to another user?)"
+        ) from None
     except OSError as exc:
-        raise NoSupervisorError(f"cannot connect to the supervisor at {path}: {exc.strerror}"
-                                ) from None
+        raise NoSupervisorError(
+            f"cannot connect to the supervisor at {path}: {exc.strerror}"
+        ) from None
 
 
 @asynccontextmanager
@@ -211,7 +218,8 @@ def submit_sync(
 
     async def one() -> Output:
         async with connect(socket_path) as client:
-            return await client.submit(task, deadline=deadline, priority=priority,
-                                       on_progress=on_progress)
+            return await client.submit(
+                task, deadline=deadline, priority=priority, on_progress=on_progress
+            )
 
     return trio.run(one)

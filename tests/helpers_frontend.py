@@ -18,16 +18,19 @@ DEXT = [sys.executable, "-m", "damocles_ext"]
 def make_task(miner: int = 1000, replicas: int = 1, stage: str = "window_post"):
     """A small task whose miner id tells requests apart (echo/sleep outputs depend on it)."""
     infos = [
-        PoStReplicaInfo(sector_id=i, comm_r=bytes([i % 256]) * 32, cache_dir=f"/c/{i}",
-                        sealed_file=f"/s/{i}")
+        PoStReplicaInfo(
+            sector_id=i, comm_r=bytes([i % 256]) * 32, cache_dir=f"/c/{i}", sealed_file=f"/s/{i}"
+        )
         for i in range(replicas)
     ]
     seed = bytes([miner % 256] * 31 + [miner % 64])
     if stage == "window_post":
-        return WindowPoSt(miner_id=miner, proof_type="StackedDrgWindow2KiBV1_2", replicas=infos,
-                          seed=seed)
-    return WinningPoSt(miner_id=miner, proof_type="StackedDrgWinning2KiBV1", replicas=infos,
-                       seed=seed)
+        return WindowPoSt(
+            miner_id=miner, proof_type="StackedDrgWindow2KiBV1_2", replicas=infos, seed=seed
+        )
+    return WinningPoSt(
+        miner_id=miner, proof_type="StackedDrgWinning2KiBV1", replicas=infos, seed=seed
+    )
 
 
 def plugin_block(table: str, plugin: str, *, concurrent: int = 1, **options) -> str:
@@ -56,11 +59,19 @@ def dext_env() -> dict[str, str]:
     return env
 
 
-def dext_run(*args: str, input: bytes | None = None, timeout: float = 60,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+def dext_run(
+    *args: str, input: bytes | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run `damocles-ext ARGS...` to completion."""
-    return subprocess.run([*DEXT, *args], input=input, capture_output=True, timeout=timeout,
-                          env=dext_env(), cwd=cwd)
+    return subprocess.run(
+        [*DEXT, *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=dext_env(),
+        cwd=cwd,
+        check=False,
+    )
 
 
 class ManagerLike:
@@ -83,8 +94,15 @@ class ManagerLike:
         self._log_changed = trio.Event()
 
     @classmethod
-    async def start(cls, nursery: trio.Nursery, argv: list[str], stage: str, *, stderr,
-                    ready_timeout: float = 5.0) -> ManagerLike:
+    async def start(
+        cls,
+        nursery: trio.Nursery,
+        argv: list[str],
+        stage: str,
+        *,
+        stderr,
+        ready_timeout: float = 5.0,
+    ) -> ManagerLike:
         """Spawn `argv` and wait for its ready line; fails the test if it does not come in time."""
         process = await trio.lowlevel.open_process(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=dext_env()
@@ -227,12 +245,15 @@ class LogWatcher:
         return "\n".join(self.lines)
 
 
-async def start_run(nursery: trio.Nursery, cfg: Path, socket_path: Path,
-                    *extra: str) -> tuple[trio.Process, LogWatcher]:
+async def start_run(
+    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str
+) -> tuple[trio.Process, LogWatcher]:
     """`damocles-ext run -c CFG --socket PATH` with its log watched; returns once it listens."""
     process = await trio.lowlevel.open_process(
         [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=dext_env(),
     )
     watcher = LogWatcher(process.stderr)
@@ -244,5 +265,11 @@ async def start_run(nursery: trio.Nursery, cfg: Path, socket_path: Path,
 
 async def dext_run_async(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     """`damocles-ext ARGS...` to completion, from trio."""
-    return await trio.run_process([*DEXT, *args], stdin=input, capture_stdout=True,
-                                  capture_stderr=True, check=False, env=dext_env())
+    return await trio.run_process(
+        [*DEXT, *args],
+        stdin=input,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=dext_env(),
+    )

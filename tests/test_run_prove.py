@@ -18,6 +18,15 @@ import psutil
 import pytest
 import trio
 import trio.testing
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import (
+    dext_run,
+    dext_run_async,
+    make_task,
+    plugin_block,
+    start_run,
+    write_config,
+)
 
 from damocles_ext.client import NoSupervisorError, connect, submit_sync
 from damocles_ext.errors import ProverError, UsageError
@@ -27,15 +36,6 @@ from damocles_ext.supervisor.control import (
     bind_control_socket,
     default_socket_path,
     peer_uid,
-)
-from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
-    dext_run,
-    dext_run_async,
-    make_task,
-    plugin_block,
-    start_run,
-    write_config,
 )
 
 IS_ROOT = os.geteuid() == 0
@@ -193,17 +193,18 @@ async def test_requests_on_one_connection_are_answered_by_id_in_any_order(contro
     server, backend = control
     results: dict[int, object] = {}
     progress: list[tuple] = []
-    async with connect(server.path) as client:
-        async with trio.open_nursery() as nursery:
-            async def one(miner: int) -> None:
-                results[miner] = await client.submit(
-                    make_task(miner), on_progress=lambda p: progress.append((miner, p))
-                )
-            for miner in (1, 2, 3):
-                nursery.start_soon(one, miner)
-            for miner in (3, 1, 2):  # finish out of order
-                await backend._events(miner)[1].wait()
-                backend.release[miner].set()
+    async with connect(server.path) as client, trio.open_nursery() as nursery:
+
+        async def one(miner: int) -> None:
+            results[miner] = await client.submit(
+                make_task(miner), on_progress=lambda p: progress.append((miner, p))
+            )
+
+        for miner in (1, 2, 3):
+            nursery.start_soon(one, miner)
+        for miner in (3, 1, 2):  # finish out of order
+            await backend._events(miner)[1].wait()
+            backend.release[miner].set()
     assert results == {m: echo_output(make_task(m)) for m in (1, 2, 3)}
     # Progress is re-addressed to the client's own request ids (1, 2, 3 in start order).
     assert sorted(m for m, _ in progress) == [1, 2, 3]
@@ -222,11 +223,10 @@ async def test_prover_error_comes_back_as_prover_error_with_its_message(control)
 
 async def test_client_disconnect_cancels_its_in_flight_requests(control):
     server, backend = control
-    async with connect(server.path) as client:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.submit, make_task(5))
-            await backend._events(5)[1].wait()
-            nursery.cancel_scope.cancel()
+    async with connect(server.path) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(client.submit, make_task(5))
+        await backend._events(5)[1].wait()
+        nursery.cancel_scope.cancel()
     await server.wait_idle()
     assert backend.cancelled == {5}
 
@@ -235,9 +235,11 @@ async def test_cancelling_submit_cancels_the_request_but_not_the_connection(cont
     server, backend = control
     async with connect(server.path) as client:
         with trio.CancelScope() as scope:
+
             async def cancel_once_started() -> None:
                 await backend._events(6)[1].wait()
                 scope.cancel()
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cancel_once_started)
                 await client.submit(make_task(6))
@@ -314,8 +316,9 @@ async def test_peer_of_another_uid_is_turned_away_even_if_the_permissions_are_lo
             print("still connected")
     """)
     result = await trio.to_thread.run_sync(
-        lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               timeout=20)
+        lambda: subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=False
+        )
     )
     assert result.stdout.strip() == "True", result.stderr
     assert server.statistics().rejected == 1
@@ -353,14 +356,28 @@ async def test_run_serves_prove_and_the_client_then_stops_cleanly_on_sigterm(tmp
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         family = psutil.Process(run.pid).children(recursive=True)
         with trio.fail_after(30):
-            done = await dext_run_async("prove", "window_post", "--request",
-                                        str(_task_file(tmp_path, window)), "--socket", str(path))
+            done = await dext_run_async(
+                "prove",
+                "window_post",
+                "--request",
+                str(_task_file(tmp_path, window)),
+                "--socket",
+                str(path),
+            )
             assert done.returncode == 0, done.stderr.decode()
             assert done.stdout == jsonl.output_to_json(echo_output(window)) + b"\n"
             out_file = tmp_path / "out.json"
             done = await dext_run_async(
-                "prove", "winning_post", "--request", str(_task_file(tmp_path, winning, "w.json")),
-                "--socket", str(path), "--output", str(out_file), "--deadline", "60",
+                "prove",
+                "winning_post",
+                "--request",
+                str(_task_file(tmp_path, winning, "w.json")),
+                "--socket",
+                str(path),
+                "--output",
+                str(out_file),
+                "--deadline",
+                "60",
             )
             assert done.returncode == 0, done.stderr.decode()
             assert done.stdout == b""
@@ -409,24 +426,31 @@ def test_run_refuses_a_symlinked_socket_directory(tmp_path, sock_dir):
 
 
 def test_prove_embedded_runs_the_config_in_process(tmp_path):
-    cfg = write_config(tmp_path, ECHO_BOTH)
+    write_config(tmp_path, ECHO_BOTH)
     task = make_task(21, stage="winning_post")
-    result = dext_run("prove", "winning_post", "--request", str(_task_file(tmp_path, task)),
-                      "--conf-dir", str(tmp_path))
+    result = dext_run(
+        "prove",
+        "winning_post",
+        "--request",
+        str(_task_file(tmp_path, task)),
+        "--conf-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"
 
 
 def test_prove_exits_1_with_the_prover_error(tmp_path):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
-    result = dext_run("prove", "window_post", "--request", str(_task_file(tmp_path, make_task())),
-                      "-c", str(cfg))
+    result = dext_run(
+        "prove", "window_post", "--request", str(_task_file(tmp_path, make_task())), "-c", str(cfg)
+    )
     assert result.returncode == 1
     assert b"sleep prover failing as configured" in result.stderr
     assert result.stdout == b"" and b"Traceback" not in result.stderr
 
 
-CHILD_SCRIPT = r'''
+CHILD_SCRIPT = r"""
 import base64, json, sys
 # A damocles JSON-lines processor that answers with its own argv as the proof, plus two faults.
 sys.stdout.write("window_post processor ready\n")
@@ -437,22 +461,32 @@ for line in sys.stdin:
     output = {"proofs": [proof], "faults": [3, 7]}
     sys.stdout.write(json.dumps({"id": request["id"], "err_msg": None, "output": output}) + "\n")
     sys.stdout.flush()
-'''
+"""
 
 
 def test_bin_args_with_shell_metacharacters_reach_the_child_literally_and_faults_are_listed(
-        tmp_path):
+    tmp_path,
+):
     script = tmp_path / "child.py"
     script.write_text(CHILD_SCRIPT)
     canary = tmp_path / "canary"
-    args = [str(script), f"$(touch {canary})", f"`touch {canary}`", "a b", "*", "; echo hi",
-            "'\"", "$HOME"]
+    args = [
+        str(script),
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        "a b",
+        "*",
+        "; echo hi",
+        "'\"",
+        "$HOME",
+    ]
     cfg = write_config(
         tmp_path,
         f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n",
     )
-    result = dext_run("prove", "window_post", "--request", str(_task_file(tmp_path, make_task())),
-                      "-c", str(cfg))
+    result = dext_run(
+        "prove", "window_post", "--request", str(_task_file(tmp_path, make_task())), "-c", str(cfg)
+    )
     assert result.returncode == 0, result.stderr.decode()
     output = jsonl.output_from_json(result.stdout, "window_post")
     assert json.loads(output.proofs[0]) == args[1:]
@@ -514,11 +548,14 @@ def test_prove_without_a_supervisor_says_how_to_get_one(tmp_path, sock_dir):
     assert b"Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("deadline, message", [
-    ("soon", "neither a number of seconds nor an ISO 8601 time"),
-    ("-5", "must be positive"),
-    ("2001-01-01T00:00:00+00:00", "is in the past"),
-])
+@pytest.mark.parametrize(
+    "deadline, message",
+    [
+        ("soon", "neither a number of seconds nor an ISO 8601 time"),
+        ("-5", "must be positive"),
+        ("2001-01-01T00:00:00+00:00", "is in the past"),
+    ],
+)
 def test_prove_bad_deadline(tmp_path, deadline, message):
     task = _task_file(tmp_path, make_task())
     r = _prove(tmp_path, "--request", str(task), f"--deadline={deadline}")
@@ -544,8 +581,14 @@ async def test_prove_through_run_exits_1_when_the_prover_fails(tmp_path, sock_di
     async with trio.open_nursery() as nursery:
         run, log = await start_run(nursery, cfg, path)
         with trio.fail_after(30):
-            done = await dext_run_async("prove", "window_post", "--socket", str(path),
-                                        "--request", str(_task_file(tmp_path, make_task())))
+            done = await dext_run_async(
+                "prove",
+                "window_post",
+                "--socket",
+                str(path),
+                "--request",
+                str(_task_file(tmp_path, make_task())),
+            )
             assert done.returncode == 1
             assert b"sleep prover failing as configured" in done.stderr
             assert b"Traceback" not in done.stderr and done.stdout == b""
@@ -565,7 +608,8 @@ async def test_submit_sync_works_from_a_plain_thread(control):
 def test_prove_reads_the_task_from_stdin_with_a_dash(tmp_path):
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     task = make_task(55)
-    result = dext_run("prove", "window_post", "--request", "-", "-c", str(cfg),
-                      input=jsonl.task_to_json(task))
+    result = dext_run(
+        "prove", "window_post", "--request", "-", "-c", str(cfg), input=jsonl.task_to_json(task)
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"

@@ -17,12 +17,12 @@ import psutil
 import pytest
 import trio
 import trio.testing
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import DEXT, ManagerLike, dext_run, make_task, plugin_block, write_config
 
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor.serve import JsonLineServer
-from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import DEXT, ManagerLike, dext_run, make_task, plugin_block, write_config
 
 # -- in-process: the server's own logic ------------------------------------------------------------
 
@@ -39,13 +39,18 @@ class Harness:
         self.reader = jsonl.LineReader()
         self.lines: list[bytes] = []
         self.server = JsonLineServer(
-            "window_post", self.submit, receive_stream=server_in, send_stream=server_out,
+            "window_post",
+            self.submit,
+            receive_stream=server_in,
+            send_stream=server_out,
             on_input_closed=self.input_closed.set,
         )
 
     def gate(self, miner: int) -> tuple[trio.Event, trio.Event]:
-        return (self.release.setdefault(miner, trio.Event()),
-                self.started.setdefault(miner, trio.Event()))
+        return (
+            self.release.setdefault(miner, trio.Event()),
+            self.started.setdefault(miner, trio.Event()),
+        )
 
     async def submit(self, task):
         release, started = self.gate(task.miner_id)
@@ -191,8 +196,13 @@ async def test_broken_stdout_stops_taking_requests():
     async def submit(task):
         return echo_output(task)
 
-    server = JsonLineServer("window_post", submit, receive_stream=server_in,
-                            send_stream=server_out, on_input_closed=closed.set)
+    server = JsonLineServer(
+        "window_post",
+        submit,
+        receive_stream=server_in,
+        send_stream=server_out,
+        on_input_closed=closed.set,
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         assert await from_server.receive_some() == jsonl.ready_line("window_post")
@@ -215,14 +225,22 @@ def _stderr_text(f) -> str:
     return f.read().decode(errors="replace")
 
 
-async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(tmp_path,
-                                                                               stderr_file):
-    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=4, seconds=0.2)
-                       + plugin_block("WdPost", "echo")
-                       + plugin_block("WinPost", "echo"))
+async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
+    tmp_path, stderr_file
+):
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPost", "sleep", concurrent=4, seconds=0.2)
+        + plugin_block("WdPost", "echo")
+        + plugin_block("WinPost", "echo"),
+    )
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)],
-                                    "window_post", stderr=stderr_file)
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
+            stderr=stderr_file,
+        )
         with trio.fail_after(30):
             ids = [await m.send(make_task(1000 + i)) for i in range(20)]
             assert ids == list(range(1, 21))
@@ -242,8 +260,12 @@ async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(t
 async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=3, seconds=0.5))
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)],
-                                    "window_post", stderr=stderr_file)
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
+            stderr=stderr_file,
+        )
         with trio.fail_after(30):
             ids = [await m.send(make_task(i)) for i in range(3)]
             await m.close_stdin()  # at once: all three are still queued or running
@@ -256,8 +278,12 @@ async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):
 async def test_serve_sigterm_answers_every_request_and_leaves_no_process(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=0.3))
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)],
-                                    "window_post", stderr=stderr_file)
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
+            stderr=stderr_file,
+        )
         with trio.fail_after(30):
             first = await m.request(make_task(1))  # a child is up and has served
             assert first.output == echo_output(make_task(1))

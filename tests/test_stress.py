@@ -10,7 +10,6 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-
 from damocles_ext_plugins.testing import echo_output
 from helpers_frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
 
@@ -34,52 +33,68 @@ def _live_children(pid: int) -> list[psutil.Process]:
     return out
 
 
+@pytest.fixture
+def stderr_file(tmp_path: Path):
+    with open(tmp_path / "serve.stderr", "w+b") as f:
+        yield f
+
+
 @pytest.mark.slow
-async def test_every_request_is_answered_once_while_children_are_sigkilled(tmp_path: Path):
+async def test_every_request_is_answered_once_while_children_are_sigkilled(
+    tmp_path: Path, stderr_file
+):
     cfg = write_config(
         tmp_path,
         plugin_block("WdPost", "sleep", concurrent=4, seconds=0.1, progress_interval=0.05) * 2,
     )
     tasks = {}
     kills: list[int] = []
-    with open(tmp_path / "serve.stderr", "w+b") as stderr:
-        async with trio.open_nursery() as nursery:
-            # Restart waits of 0.1 s doubling to 1 s instead of 1 s doubling to 60 s: a kill every
-            # 0.5 s doubles a child's wait at each kill, so with the defaults the children would
-            # spend most of the run in backoff (bounded, but by minutes, not this test's budget).
-            argv = [*DEXT, "serve", "window_post", "-c", str(cfg),
-                    "--restart-delay", "0.1", "--restart-max-delay", "1"]
-            m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr)
-            all_answered = trio.Event()
+    async with trio.open_nursery() as nursery:
+        # Restart waits of 0.1 s doubling to 1 s instead of 1 s doubling to 60 s: a kill every
+        # 0.5 s doubles a child's wait at each kill, so with the defaults the children would
+        # spend most of the run in backoff (bounded, but by minutes, not this test's budget).
+        argv = [
+            *DEXT,
+            "serve",
+            "window_post",
+            "-c",
+            str(cfg),
+            "--restart-delay",
+            "0.1",
+            "--restart-max-delay",
+            "1",
+        ]
+        m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr_file)
+        all_answered = trio.Event()
 
-            async def killer() -> None:
-                while not all_answered.is_set():
-                    await trio.sleep(KILL_EVERY)
-                    live = _live_children(m.process.pid)
-                    if not live:
-                        continue  # both are restarting
-                    # The oldest is the likeliest to be busy: a crash in the middle of requests.
-                    victim = min(live, key=lambda p: p.create_time())
-                    try:
-                        victim.send_signal(signal.SIGKILL)
-                    except psutil.NoSuchProcess:
-                        continue
-                    kills.append(victim.pid)
+        async def killer() -> None:
+            while not all_answered.is_set():
+                await trio.sleep(KILL_EVERY)
+                live = _live_children(m.process.pid)
+                if not live:
+                    continue  # both are restarting
+                # The oldest is the likeliest to be busy: a crash in the middle of requests.
+                victim = min(live, key=lambda p: p.create_time())
+                try:
+                    victim.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    continue
+                kills.append(victim.pid)
 
-            with trio.fail_after(OVERALL_LIMIT):
-                for i in range(REQUESTS):
-                    task = make_task(10_000 + i)
-                    tasks[await m.send(task)] = task
-                nursery.start_soon(killer)
-                for request_id in tasks:
-                    await m.wait(request_id)
-                all_answered.set()
-                family = psutil.Process(m.process.pid).children(recursive=True)
-                await m.close_stdin()
-                returncode = await m.process.wait()
-                await m.eof.wait()
-        stderr.seek(0)
-        log = stderr.read().decode(errors="replace")
+        with trio.fail_after(OVERALL_LIMIT):
+            for i in range(REQUESTS):
+                task = make_task(10_000 + i)
+                tasks[await m.send(task)] = task
+            nursery.start_soon(killer)
+            for request_id in tasks:
+                await m.wait(request_id)
+            all_answered.set()
+            family = psutil.Process(m.process.pid).children(recursive=True)
+            await m.close_stdin()
+            returncode = await m.process.wait()
+            await m.eof.wait()
+    stderr_file.seek(0)
+    log = stderr_file.read().decode(errors="replace")
 
     assert returncode == 0, log[-3000:]
     assert sorted(m.responses) == sorted(tasks) == list(range(1, REQUESTS + 1))

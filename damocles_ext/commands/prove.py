@@ -36,26 +36,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("stage", choices=STAGES, help="the stage of the task")
     task_source = parser.add_mutually_exclusive_group(required=True)
     task_source.add_argument(
-        "--request", metavar="TASK.json",
+        "--request",
+        metavar="TASK.json",
         help="the task in damocles' JSON form (the wire's `task` field; '-' reads stdin)",
     )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH",
-                       help="control socket of a running `damocles-ext run` (the default when no"
-                       " config is given: its default path)")
-    where.add_argument("-c", "--config", metavar="FILE",
-                       help="prove in-process with the children of this ext-prover.cfg")
-    where.add_argument("--conf-dir", metavar="DIR",
-                       help="prove in-process with DIR/ext-prover.cfg")
-    parser.add_argument("-o", "--output", metavar="OUT.json",
-                        help="write the output JSON here instead of stdout")
+    where.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket of a running `damocles-ext run` (the default when no"
+        " config is given: its default path)",
+    )
+    where.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="prove in-process with the children of this ext-prover.cfg",
+    )
+    where.add_argument("--conf-dir", metavar="DIR", help="prove in-process with DIR/ext-prover.cfg")
     parser.add_argument(
-        "--deadline", metavar="SECONDS|ISO-TIME",
+        "-o", "--output", metavar="OUT.json", help="write the output JSON here instead of stdout"
+    )
+    parser.add_argument(
+        "--deadline",
+        metavar="SECONDS|ISO-TIME",
         help="give up after this many seconds from now, or at this time (ISO 8601; without a"
         " zone it is local time)",
     )
-    parser.add_argument("--priority", type=int, default=0,
-                        help="higher goes first among queued requests (default: 0)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="higher goes first among queued requests (default: 0)",
+    )
     add_common_args(parser, "warning")
     return parser
 
@@ -80,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prove_embedded(children, task: Task, deadline: float | None, priority: int) -> Output:  # noqa: ANN001
+async def _prove_embedded(children, task: Task, deadline: float | None, priority: int) -> Output:
     from damocles_ext.api import open_supervisor
-
     from damocles_ext.errors import ProverError
 
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
@@ -99,8 +111,9 @@ async def _prove_embedded(children, task: Task, deadline: float | None, priority
     raise error
 
 
-async def _prove_remote(socket: str | None, task: Task, deadline: float | None,
-                        priority: int) -> Output:
+async def _prove_remote(
+    socket: str | None, task: Task, deadline: float | None, priority: int
+) -> Output:
     from damocles_ext.client import connect
 
     async with connect(socket) as client:
@@ -110,7 +123,7 @@ async def _prove_remote(socket: str | None, task: Task, deadline: float | None,
         )
 
 
-def _log_progress(progress) -> None:  # noqa: ANN001
+def _log_progress(progress) -> None:
     log.info("progress: %s %d/%d", progress.phase, progress.done, progress.total)
 
 
@@ -151,8 +164,9 @@ def read_task(source: str, stage: str) -> Task:
     try:
         return task_from_json(data, stage)
     except JsonLineError as exc:
-        raise UsageError(f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
-                         ) from None
+        raise UsageError(
+            f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
+        ) from None
 
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
@@ -176,7 +190,7 @@ def _stage_hint(data: bytes, stage: str) -> str:
 
     try:
         proof_type = msgspec.json.decode(data).get("proof_type")
-    except Exception:
+    except (msgspec.DecodeError, AttributeError):  # not JSON, or not an object
         return ""
     if stage == "window_post" and proof_type in WINNING_PROOF_TYPES:
         return f"; {proof_type} is a WinningPoSt proof type: use `prove winning_post`"

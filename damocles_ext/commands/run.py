@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_config_args(parser, required=True)
     parser.add_argument(
-        "--socket", metavar="PATH",
+        "--socket",
+        metavar="PATH",
         help="control socket path (default: $XDG_RUNTIME_DIR/damocles-ext/control.sock, else"
         " /run/damocles-ext/control.sock)",
     )
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     return trio.run(_run, supervisor, sock)
 
 
-def _discard(sock) -> None:  # noqa: ANN001
+def _discard(sock) -> None:
     import contextlib
     import os
 
@@ -74,7 +75,7 @@ def _discard(sock) -> None:  # noqa: ANN001
         os.unlink(path)
 
 
-async def _run(supervisor, sock) -> int:  # noqa: ANN001
+async def _run(supervisor, sock) -> int:
     import signal
 
     import trio
@@ -96,7 +97,7 @@ async def _run(supervisor, sock) -> int:  # noqa: ANN001
     return 0
 
 
-async def _watch_signals(signals, server, supervisor, cancel_scope) -> None:  # noqa: ANN001
+async def _watch_signals(signals, server, supervisor, cancel_scope) -> None:
     import signal
 
     count = 0

@@ -32,14 +32,18 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("-c", "--config", metavar="FILE", help="the ext-prover.cfg to read")
     source.add_argument(
-        "--conf-dir", metavar="DIR", help="read DIR/ext-prover.cfg, like damocles-manager --conf-dir"
+        "--conf-dir",
+        metavar="DIR",
+        help="read DIR/ext-prover.cfg, like damocles-manager --conf-dir",
     )
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None:
     """--log-level."""
     parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default=default_level,
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default_level,
         help=f"how much to log on stderr (default: {default_level})",
     )
 
@@ -47,7 +51,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None
 def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
     """--shutdown-grace SECONDS."""
     parser.add_argument(
-        "--shutdown-grace", type=_non_negative_float, default=DEFAULT_SHUTDOWN_GRACE,
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=DEFAULT_SHUTDOWN_GRACE,
         metavar="SECONDS",
         help="on shutdown, how long in-flight proofs may take to finish before their children are"
         f" stopped (default: {DEFAULT_SHUTDOWN_GRACE:g})",
@@ -57,13 +63,19 @@ def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
 def add_restart_arg(parser: argparse.ArgumentParser) -> None:
     """--restart-delay SECONDS."""
     parser.add_argument(
-        "--restart-delay", type=_positive_float, default=1.0, metavar="SECONDS",
+        "--restart-delay",
+        type=_positive_float,
+        default=1.0,
+        metavar="SECONDS",
         help="wait this long before restarting a child that stopped; the wait doubles for each"
         " stop in a row, up to --restart-max-delay, and starts over once the child stayed ready"
         " 60 s (default: 1)",
     )
     parser.add_argument(
-        "--restart-max-delay", type=_positive_float, default=60.0, metavar="SECONDS",
+        "--restart-max-delay",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
         help="the longest wait before a restart (default: 60)",
     )
 
@@ -76,8 +88,9 @@ def supervisor_options(args: argparse.Namespace) -> dict:
     return {
         "plugin_manager": get_plugin_manager(),
         "shutdown_grace": args.shutdown_grace,
-        "backoff": BackoffPolicy(base=args.restart_delay,
-                                 cap=max(args.restart_max_delay, args.restart_delay)),
+        "backoff": BackoffPolicy(
+            base=args.restart_delay, cap=max(args.restart_max_delay, args.restart_delay)
+        ),
     }
 
 
@@ -126,7 +139,7 @@ def children_of(config: Config, stage: str) -> list[ChildSpec]:
         table = "WdPost" if stage == "window_post" else "WinPost"
         raise UsageError(
             f"{config.source} has no [[{table}]] table, so there is no child to serve {stage};"
-            f" add one (e.g. [[{table}]] with Plugin = \"...\" or Bin = \"...\")"
+            f' add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
         )
     return children
 
@@ -186,10 +199,10 @@ def run(args: argparse.Namespace) -> int:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
-async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) -> int:  # noqa: ANN001
+async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) -> int:
     import signal
 
     import trio
@@ -201,7 +214,10 @@ async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) ->
         send = trio.lowlevel.FdStream(protocol_out)
         async with trio.open_nursery() as nursery:
             server = JsonLineServer(
-                stage, supervisor.submit, receive_stream=receive, send_stream=send,
+                stage,
+                supervisor.submit,
+                receive_stream=receive,
+                send_stream=send,
                 on_input_closed=lambda: nursery.start_soon(
                     _finish_then_stop, server, supervisor, send.fileno()
                 ),
@@ -228,12 +244,17 @@ async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) ->
             await receive.aclose()
             await send.aclose()
         stats = server.statistics()
-        log.info("stopped: %d requests read, %d answered (%d with an error), %d unreadable",
-                 stats.received, stats.answered, stats.failed, stats.unreadable)
+        log.info(
+            "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
+            stats.received,
+            stats.answered,
+            stats.failed,
+            stats.unreadable,
+        )
     return 0
 
 
-async def _finish_then_stop(server, supervisor, out_fd: int) -> None:  # noqa: ANN001
+async def _finish_then_stop(server, supervisor, out_fd: int) -> None:
     # stdin EOF: the requests already read were taken, so they are proved (the supervisor would
     # refuse the ones still queued if asked to stop now); then the supervisor stops, which
     # bounds the wait by its shutdown grace once more. If our stdout is closed as well, the
@@ -258,7 +279,7 @@ def _reader_gone(fd: int) -> bool:
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
-async def _watch_signals(signals, supervisor, cancel_scope) -> None:  # noqa: ANN001
+async def _watch_signals(signals, supervisor, cancel_scope) -> None:
     import signal
 
     count = 0

@@ -213,8 +213,7 @@ class ControlServer:
     def statistics(self) -> ControlStats:
         """A snapshot of the counters."""
         s = self._stats
-        return ControlStats(len(self._connections), s.accepted, s.rejected, s.requests,
-                            s.in_flight)
+        return ControlStats(len(self._connections), s.accepted, s.rejected, s.requests, s.in_flight)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until `stop_accepting()`, then serve the open ones until cancelled."""
@@ -265,8 +264,11 @@ class ControlServer:
         uid = peer_uid(stream.socket)
         if uid not in (self._uid, 0):
             self._stats.rejected += 1
-            log.warning("refused a control connection from uid %d (only uid %d and root may"
-                        " connect)", uid, self._uid)
+            log.warning(
+                "refused a control connection from uid %d (only uid %d and root may connect)",
+                uid,
+                self._uid,
+            )
             await stream.aclose()
             return
         self._stats.accepted += 1
@@ -326,13 +328,17 @@ class _Connection:
                     if scope is not None:
                         scope.cancel()
                 else:
-                    log.error("control client sent a %s frame, which only a prover child may"
-                              " send; closing its connection", type(msg).__name__)
+                    log.error(
+                        "control client sent a %s frame, which only a prover child may"
+                        " send; closing its connection",
+                        type(msg).__name__,
+                    )
                     return
             if not data:
                 if self._scopes:
-                    log.info("control client disconnected: cancelling its %d requests",
-                             len(self._scopes))
+                    log.info(
+                        "control client disconnected: cancelling its %d requests", len(self._scopes)
+                    )
                 return
 
     def _start_request(self, req: dext.Request, nursery: trio.Nursery) -> None:
@@ -340,8 +346,11 @@ class _Connection:
         self._owned += 1
         if req.id in self._scopes:
             self._queue_response(
-                dext.Response(req.id, error=f"request id {req.id} is already in flight on this"
-                              " connection; use a new id for each request")
+                dext.Response(
+                    req.id,
+                    error=f"request id {req.id} is already in flight on this"
+                    " connection; use a new id for each request",
+                )
             )
             return
         scope = trio.CancelScope()

@@ -103,8 +103,11 @@ class JsonLineServer:
                     self._on_input_closed()
         finally:
             if self._in_flight:  # only when cancelled from outside
-                log.warning("%d requests left unanswered: %s", len(self._in_flight),
-                            _id_list(self._in_flight))
+                log.warning(
+                    "%d requests left unanswered: %s",
+                    len(self._in_flight),
+                    _id_list(self._in_flight),
+                )
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         while True:
@@ -116,15 +119,20 @@ class JsonLineServer:
             for item in self._reader.receive_data(data):
                 self._handle_line(item, nursery)
             if not data:
-                log.info("stdin closed: taking no more requests, %d in flight", len(self._in_flight))
+                log.info(
+                    "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
+                )
                 return
 
     def _handle_line(self, item: bytes | jsonl.LineTooLong, nursery: trio.Nursery) -> None:
         if isinstance(item, jsonl.LineTooLong):
             self._stats.received += 1
             self._stats.unreadable += 1
-            log.error("skipped a request line of %d bytes: longer than the %d-byte limit",
-                      item.length, item.limit)
+            log.error(
+                "skipped a request line of %d bytes: longer than the %d-byte limit",
+                item.length,
+                item.limit,
+            )
             return
         if not item.strip():
             return  # a blank line carries nothing to answer
@@ -144,7 +152,8 @@ class JsonLineServer:
             # with an error is the only answer that cannot be mistaken for a proof.
             log.error("request id %d is already in flight; rejecting the duplicate", request.id)
             nursery.start_soon(
-                self._answer_error, request.id,
+                self._answer_error,
+                request.id,
                 f"bad request: request id {request.id} is already in flight",
             )
             return
