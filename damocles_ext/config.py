@@ -460,6 +460,8 @@ class _Builder:
             argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
             if block.protocol != "auto":  # the runtime speaks dext unless told otherwise
                 argv += ["--protocol", block.protocol]
+            if block.concurrent > 1:  # the runtime proves one at a time unless told otherwise
+                argv += ["--capacity", str(block.concurrent)]
             for key, value in (block.plugin_options or {}).items():
                 # format_option quotes values whose type would otherwise change ("123" stays text)
                 argv += ["--option", format_option(key, value)]

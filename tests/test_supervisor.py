@@ -578,7 +578,7 @@ async def test_statistics_show_backoff_and_shutdown_does_not_wait_for_the_restar
     assert child_stats(sup, "window_post#0").state == "stopped"
 
 
-async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path):
+async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path, caplog):
     cfg = tmp_path / "ext-prover.cfg"
     cfg.write_text('[[WdPost]]\nPlugin = "echo"\nConcurrent = 2\n\n[[WinPost]]\nPlugin = "echo"\n')
     async with open_supervisor(str(cfg)) as sup:
@@ -587,6 +587,9 @@ async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path)
         assert await sup.submit(winning_task(miner=9)) == echo_output(winning_task(miner=9))
         names = sorted(c.name for c in sup.statistics().children)
         assert names == ["window_post#0", "winning_post#0"]
+    # Concurrent reaches the plugin runtime (its Hello agrees), which would otherwise prove one
+    # request at a time while we send two.
+    assert "its Hello says capacity" not in caplog.text
 
 
 async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed():
