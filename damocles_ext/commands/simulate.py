@@ -16,8 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "A discrete-event simulation on Filecoin's chain timing (48 deadlines a day, 30-minute "
             "windows, randomness 10 minutes before a window opens). Every policy runs the same "
             "random draws. Policies: a = damocles ext-prover as it is, b = damocles with "
-            "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler, reference = vanilla "
-            "split from SNARK with one global EDF queue (a yardstick, not a deployment). "
+            "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler with children that "
+            "report their SNARK phase, c0 = the same without phase reports (JSON-lines children), "
+            "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
+            "deployment). "
             "Durations are seconds unless suffixed with m (minutes)."
         ),
     )
@@ -52,9 +54,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="WinningPoSt requests per hour per miner (Poisson; default 2)",
     )
     parser.add_argument(
+        "--progress-interval",
+        default="30s",
+        help="(c): how often a running SNARK reports done/total; 0 = only when it starts "
+        "(default 30s)",
+    )
+    parser.add_argument(
         "--policies",
         default="a,b,c",
-        help="comma-separated: a, b, c, reference (or damocles, damocles-c2, damocles-ext)",
+        help="comma-separated: a, b, c, c0, reference (or damocles, damocles-c2, damocles-ext, "
+        "damocles-ext-nophase)",
     )
     parser.add_argument(
         "--bisect",
@@ -144,6 +153,7 @@ def build_scenario(args: argparse.Namespace):
         snark=_range(args.snark, "--snark"),
         winning_gpu=_range(args.winning, "--winning"),
         winning_rate=args.winning_rate,
+        progress_interval=_seconds(args.progress_interval, "--progress-interval"),
     )
 
 

@@ -15,7 +15,12 @@ It compares three ways of running the same work with the same random draws:
   proofs serialize their SNARKs on the child's own bellperson lock, so one proof's vanilla phase
   overlaps the other's SNARK), and one WinningPoSt child with a private TMPDIR and
   ``GpuLock = false`` (it time-shares the GPU with a running WindowPoSt SNARK rather than wait
-  minutes for it). Requests carry their deadline (proof due time; WinningPoSt: its budget).
+  minutes for it). Requests carry their deadline (proof due time; WinningPoSt: its budget). Its
+  dext children report progress: phase "snark" when a SNARK starts (also while it waits for the
+  child's bellperson lock) and done/total every ``progress_interval`` seconds while it runs
+  (0: the phase change only), which the scheduler's pipelining uses (see policy.py).
+* ``damocles-ext-nophase`` (c0): the same without progress reports, as with JSON-lines children
+  or provers that report no phases: the scheduler's plain slot rule.
 * ``reference``: not a deployable policy but a yardstick for (c). Every partition's vanilla phase
   starts the moment its randomness is known (unlimited CPU), and each GPU that falls idle takes the
   ready SNARK with the earliest deadline from one global queue: what a non-preemptive scheduler
@@ -43,6 +48,13 @@ The capacity bound: with the mean SNARK time s, a total load T partitions per de
 evenly across miners, and G GPUs, every set of deadlines whose work is released at or after a and
 due by d needs T/K * s per miner-deadline within G * (d - a) of GPU time. The bound is the largest
 T for which that holds for every (a, d); no schedule can stay miss-free on average above it.
+It uses the chain timing the jobs use (work released when the randomness is known, due at the
+window's close minus the submit margin). It is generous to every policy in three ways: it ignores
+that a SNARK cannot start before its vanilla phase (the GPU idles at least the shortest vanilla
+phase after an idle spell), that partitions cannot be split across GPUs, and WinningPoSt's GPU time.
+`realized_capacity_bound` applies the same interval test to the drawn durations instead of the
+mean: the largest whole load whose draws pass it. Loads are whole partitions, so the fractions of
+the bound a policy can show are steps of 1/bound (5% of it with 4 GPUs and the defaults).
 """
 
 from __future__ import annotations
@@ -70,7 +82,12 @@ POLICIES: dict[str, str] = {
     "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
 }
 DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
-POLICY_ALIASES = {"a": "damocles", "b": "damocles-c2", "c": "damocles-ext"}
+POLICY_ALIASES = {
+    "a": "damocles",
+    "b": "damocles-c2",
+    "c": "damocles-ext",
+    "c0": "damocles-ext-nophase",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +281,28 @@ def capacity_bound(scenario: Scenario) -> float:
             )
     ratio = _intervals_max_ratio(items, s.gpus)  # at one partition per miner per deadline
     return s.miners / ratio
+
+
+def realized_capacity_bound(scenario: Scenario) -> int:
+    """The largest whole load (total partitions per deadline) whose drawn SNARK work passes the
+    capacity bound's interval test (`realized_overload` <= 1): above it, no schedule of these
+    very draws meets every WindowPoSt deadline. Draws are nested, so the test is monotone."""
+
+    def fits(total: int) -> bool:
+        return (
+            realized_overload(generate(scenario.with_total_partitions(total)), scenario.gpus) <= 1
+        )
+
+    lo, hi = 0, max(1, math.ceil(capacity_bound(scenario)))
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def realized_overload(workload: Workload, gpus: int) -> float:
@@ -674,9 +713,14 @@ def max_missfree_load(
 
 def bisect_report(scenario: Scenario, policies: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Each policy's highest miss-free load (all misses; WindowPoSt only) and its fraction of
-    the capacity bound."""
+    the capacity bound and of the realized bound (the same test on the drawn durations)."""
     bound = capacity_bound(scenario)
-    out: dict[str, Any] = {"capacity_bound_partitions": round(bound, 3), "policies": {}}
+    realized = realized_capacity_bound(scenario)
+    out: dict[str, Any] = {
+        "capacity_bound_partitions": round(bound, 3),
+        "realized_bound_partitions": realized,
+        "policies": {},
+    }
     for policy in resolve_policies(policies):
         cache: dict[int, PolicyResult] = {}
         every = max_missfree_load(scenario, policy, _cache=cache)
@@ -684,6 +728,7 @@ def bisect_report(scenario: Scenario, policies: list[str] | tuple[str, ...]) -> 
         out["policies"][policy] = {
             "max_missfree_partitions": every,
             "fraction_of_bound": round(every / bound, 4),
+            "fraction_of_realized_bound": round(every / realized, 4) if realized else None,
             "max_missfree_partitions_wdpost_only": wdpost,
             "fraction_of_bound_wdpost_only": round(wdpost / bound, 4),
         }
@@ -692,14 +737,16 @@ def bisect_report(scenario: Scenario, policies: list[str] | tuple[str, ...]) -> 
 
 def format_bisect(doc: dict[str, Any]) -> str:
     """The bisection results as a plain-text table."""
-    head = ("policy", "miss-free load", "of bound", "WdPoSt-only load", "of bound")
+    head = ("policy", "miss-free load", "of bound", "of realized", "WdPoSt-only load", "of bound")
     rows = [head]
     for name, r in doc["policies"].items():
+        of_realized = r["fraction_of_realized_bound"]
         rows.append(
             (
                 name,
                 str(r["max_missfree_partitions"]),
                 f"{r['fraction_of_bound']:.1%}",
+                "-" if of_realized is None else f"{of_realized:.1%}",
                 str(r["max_missfree_partitions_wdpost_only"]),
                 f"{r['fraction_of_bound_wdpost_only']:.1%}",
             )
@@ -709,7 +756,8 @@ def format_bisect(doc: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = (
         f"highest miss-free load (partitions per deadline, all miners; capacity bound "
-        f"{doc['capacity_bound_partitions']:.2f})"
+        f"{doc['capacity_bound_partitions']:.2f}, realized bound "
+        f"{doc['realized_bound_partitions']} for these draws)"
     )
     return title + "\n" + "\n".join(lines)
 
@@ -725,7 +773,8 @@ def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
     return (
         f"{s.miners} miners ({offsets}), {s.gpus} GPUs, {s.total_partitions} partitions per "
         f"deadline ({','.join(map(str, s.partitions))} per miner), {s.hours:g} h, seed {s.seed}; "
-        f"SNARK {s.snark.low:g}-{s.snark.high:g}s, vanilla {s.vanilla.low:g}-{s.vanilla.high:g}s, "
+        f"SNARK {s.snark.low:g}-{s.snark.high:g}s (progress every {s.progress_interval:g}s), "
+        f"vanilla {s.vanilla.low:g}-{s.vanilla.high:g}s, "
         f"WinningPoSt {s.winning_gpu.low:g}-{s.winning_gpu.high:g}s at "
         f"{s.winning_rate:g}/h/miner, submit margin {s.submit_margin:g}s.\n"
         f"capacity bound {doc['capacity_bound_partitions']:.2f} partitions per deadline; "
@@ -799,6 +848,7 @@ __all__ = [
     "format_table",
     "generate",
     "max_missfree_load",
+    "realized_capacity_bound",
     "realized_overload",
     "report",
     "resolve_policies",
