@@ -135,7 +135,10 @@ class Client:
         elif isinstance(msg, dext.Progress):
             pending = self._pending.get(msg.id)
             if pending is not None and pending.on_progress is not None:
-                pending.on_progress(msg)
+                try:
+                    pending.on_progress(msg)
+                except Exception:  # the caller's callback must not take the connection down
+                    log.exception("on_progress callback of request %d failed", msg.id)
         else:
             log.warning("ignoring an unexpected %s frame from the supervisor", type(msg).__name__)
 
