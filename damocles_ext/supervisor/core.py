@@ -884,7 +884,16 @@ class Supervisor:
         self._notify()
         env = build_env(spec.inherit_envs, spec.envs)
         try:
-            prepare_spawn(spec.name, spec.stage, spec.block, spec.argv, spec.kind, env, spec.cpuset)
+            prepare_spawn(
+                spec.name,
+                spec.stage,
+                spec.block,
+                spec.argv,
+                spec.kind,
+                env,
+                spec.cpuset,
+                tmpdir=spec.envs.get("TMPDIR"),
+            )
             proc = spawn(spec.name, spec.argv, env, spec.cpuset)
         except SpawnError as exc:
             self._launched(child, task_status)

@@ -97,8 +97,9 @@ def prepare_spawn(
     kind: str,
     env: Mapping[str, str],
     cpuset: frozenset[int] | None,
+    tmpdir: str | None = None,
 ) -> None:
-    """Checks that turn a doomed spawn into a clear error, and the TMPDIR it needs."""
+    """Checks that turn a doomed spawn into a clear error; creates `tmpdir` (Envs' TMPDIR)."""
     where = block_name(stage, block)
     if not argv:
         raise SpawnError(f"{name}: empty command line; set Bin in {where}")
@@ -115,7 +116,6 @@ def prepare_spawn(
                 f"{name}: Cpuset in {where} names CPUs {missing} that this process may not use"
                 f" (available: {sorted(available)})"
             )
-    tmpdir = env.get("TMPDIR")
     if tmpdir:
         try:
             os.makedirs(tmpdir, mode=0o700, exist_ok=True)
