@@ -462,6 +462,9 @@ class _Builder:
                 argv += ["--protocol", block.protocol]
             if block.concurrent > 1:  # the runtime proves one at a time unless told otherwise
                 argv += ["--capacity", str(block.concurrent)]
+            hb = block.heartbeat_timeout_secs
+            if hb is not None and hb < 6:  # its 2 s keep-alive would read as a hang
+                argv += ["--heartbeat", f"{hb / 3:g}"]
             for key, value in (block.plugin_options or {}).items():
                 # format_option quotes values whose type would otherwise change ("123" stays text)
                 argv += ["--option", format_option(key, value)]

@@ -607,3 +607,16 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
             "request 1 (child id 1) still running 0.2s"
             in child_stats(sup, "window_post#0").last_exit
         )
+
+
+async def test_plugin_child_with_a_quiet_prover_is_not_taken_for_hung(tmp_path):
+    # The prover reports nothing for 1 s; the runtime's keep-alive must beat the 0.5 s timeout.
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(
+        '[[WdPost]]\nPlugin = "sleep"\nHeartbeatTimeoutSecs = 0.5\nMaxAttempts = 1\n'
+        "[WdPost.PluginOptions]\nseconds = 1.0\nprogress_interval = 5.0\n"
+    )
+    async with open_supervisor(str(cfg)) as sup:
+        await sup.wait_ready()
+        assert await sup.submit(window_task(miner=3)) == echo_output(window_task(miner=3))
+        assert child_stats(sup, "window_post#0").restarts == 0
