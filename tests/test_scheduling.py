@@ -323,6 +323,117 @@ def test_scheduling_package_does_no_io():
             assert not set(names) & forbidden, f"{path.name} imports {names}"
 
 
+# -- pipelining: children that report their SNARK phase ------------------------------------------
+
+
+def warm_up(s: Scheduler, now: float, cids, vanilla: float = 100.0, gpu: float = 300.0) -> float:
+    """One job per child, all at once: a vanilla phase, a reported SNARK, done. Returns the end."""
+    base = 1000 + int(now)
+    for i, _ in enumerate(cids):
+        s.submit(Job(base + i, WD, now), now)
+    assert sorted(cid for _, cid in starts(s.decide(now))) == sorted(cids)
+    for i, _ in enumerate(cids):
+        assert s.progress(base + i, "snark", 0, 10, now + vanilla)
+    for i, _ in enumerate(cids):
+        assert s.finished(base + i, now + vanilla + gpu)
+    return now + vanilla + gpu
+
+
+def test_pipelined_child_takes_its_next_job_a_vanilla_phase_before_its_gpu_frees():
+    s = make(child("a", capacity=2))
+    t = warm_up(s, 0, ["a"])  # vanilla 100 s, GPU 300 s
+    s.submit(Job(1, WD, t), t)
+    assert starts(s.decide(t)) == [(1, "a")]
+    s.progress(1, "snark", 0, 10, t + 100)  # on the GPU; expected to end at t + 400
+    s.submit(Job(2, WD, t + 100), t + 100)
+    assert s.decide(t + 100) == []  # a free slot, but the GPU is busy for 300 s more
+    assert s.next_wakeup() == t + 300  # a vanilla phase (100 s) before the GPU frees
+    # Half done after 75 s: it runs faster than the last one; it should end at t + 250.
+    s.progress(1, "snark", 5, 10, t + 175)
+    assert s.next_wakeup() == t + 150
+    assert starts(s.decide(t + 175)) == [(2, "a")]
+
+
+def test_queued_job_goes_to_the_gpu_that_frees_first_not_the_first_free_slot():
+    s = make(child("a", capacity=2), child("b", capacity=2))
+    t = warm_up(s, 0, ["a", "b"])
+    s.submit(Job(1, WD, t), t)
+    s.submit(Job(2, WD, t), t)
+    assert len(starts(s.decide(t))) == 2
+    [on_a], [on_b] = s.running_on("a"), s.running_on("b")
+    s.progress(on_a, "snark", 0, 10, t + 100)
+    s.progress(on_b, "snark", 0, 10, t + 100)
+    s.progress(on_a, "snark", 4, 10, t + 220)  # a: ends at t + 400
+    s.progress(on_b, "snark", 5, 10, t + 220)  # b: ends at t + 340
+    s.submit(Job(3, WD, t + 220), t + 220)
+    # a is registered first and equally loaded, but b's GPU frees 60 s sooner.
+    assert starts(s.decide(t + 300)) == [(3, "b")]
+
+
+def test_idle_gpu_starts_two_vanilla_phases_only_while_every_child_keeps_work():
+    s = make(child("a", capacity=2), child("b", capacity=2))
+    t = warm_up(s, 0, ["a", "b"])
+    for rid in range(1, 5):
+        s.submit(Job(rid, WD, t), t)
+    started = starts(s.decide(t))
+    # Two idle children take one each; the queue (2 jobs) still covers both children, so one
+    # takes a second; the last job waits for whichever GPU frees first.
+    assert len(started) == 3 and sorted(c for _, c in started).count("a") in (1, 2)
+    assert s.is_queued(4)
+
+
+def test_a_phase_after_the_snark_frees_the_gpu_for_the_next_job():
+    s = make(child("a", capacity=2))
+    t = warm_up(s, 0, ["a"])
+    s.submit(Job(1, WD, t), t)
+    s.decide(t)
+    s.progress(1, "snark", 0, 10, t + 100)
+    s.submit(Job(2, WD, t + 100), t + 100)
+    assert s.decide(t + 110) == []
+    s.progress(1, "write_proof", 0, 1, t + 120)  # GPU work over early
+    assert starts(s.decide(t + 120)) == [(2, "a")]
+
+
+def test_child_reporting_only_the_phase_change_is_assumed_as_fast_as_its_fastest_snark():
+    s = make(child("a", capacity=2))
+    warm_up(s, 0, ["a"], gpu=500)
+    t = warm_up(s, 1000, ["a"], gpu=300)
+    s.submit(Job(1, WD, t), t)
+    s.decide(t)
+    s.progress(1, "snark", 0, 0, t + 100)  # no done/total within the phase, ever
+    s.submit(Job(2, WD, t + 100), t + 100)
+    assert s.decide(t + 100) == []
+    assert s.next_wakeup() == t + 300  # GPU since t + 100, shortest SNARK 300 s, vanilla 100 s
+
+
+def test_children_without_phase_reports_keep_the_plain_slot_rule():
+    s = make(child("a", capacity=2))
+    s.submit(Job(1, WD, 0), 0)
+    assert starts(s.decide(0)) == [(1, "a")]
+    assert s.progress(1, "vanilla", 3, 10, 5)  # not a GPU phase: no pipelining
+    s.submit(Job(2, WD, 5), 5)
+    assert starts(s.decide(5)) == [(2, "a")]
+    assert not s.progress(99, "snark", 0, 1, 6)  # unknown request
+    s.finished(1, 7)
+    assert not s.progress(1, "snark", 0, 1, 8)  # no longer running
+
+
+def test_gpu_phases_are_configurable():
+    s = Scheduler(gpu_phases={"gpu"})
+    s.add_child(child("a", capacity=2))
+    s.child_ready("a", 0)
+    s.submit(Job(1, WD, 0), 0)
+    s.decide(0)
+    s.progress(1, "gpu", 0, 10, 50)
+    s.finished(1, 150)
+    s.submit(Job(2, WD, 150), 150)
+    s.decide(150)
+    s.progress(2, "gpu", 0, 10, 200)
+    s.submit(Job(3, WD, 200), 200)
+    assert s.decide(200) == []  # pipelined through the "gpu" phase: GPU busy until ~300
+    assert s.next_wakeup() == 250
+
+
 # -- random event sequences ---------------------------------------------------------------------
 
 CHILDREN = [
@@ -347,6 +458,12 @@ ops = st.one_of(
     st.tuples(st.just("fatal"), st.sampled_from(CIDS)),
     st.tuples(st.just("tick"), st.floats(0, 20)),
     st.tuples(st.just("remove"), st.integers(0, 50)),
+    st.tuples(
+        st.just("progress"),
+        st.integers(0, 50),
+        st.sampled_from(["vanilla", "snark", "post"]),
+        st.integers(0, 10),
+    ),
 )
 
 
@@ -434,6 +551,10 @@ class Model:
             self.s.child_ready(op[1], self.now)
         elif kind == "tick":
             self.now += op[1]
+        elif kind == "progress":
+            running = [r for r, s_ in self.state.items() if s_ == "running"]
+            if running:
+                assert self.s.progress(running[op[1] % len(running)], op[2], op[3], 10, self.now)
         elif kind == "remove":
             live = [r for r, s_ in self.state.items() if s_ in ("queued", "running")]
             if live:

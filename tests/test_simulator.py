@@ -108,6 +108,45 @@ def test_scheduler_gives_up_on_hopeless_work_instead_of_holding_the_gpu():
     assert baseline.wdpost_partitions_late == 1 and baseline.wdpost_partitions_abandoned == 0
 
 
+def test_pipelined_scheduler_holds_a_job_for_the_gpu_that_frees_first():
+    two = replace(TINY, gpus=2, progress_interval=10.0)
+
+    def workload():
+        # j0 and j1 start at once (SNARKs 60-960 on wd0, 60-360 on wd1); j2 takes idle wd1 at
+        # 400 (SNARK 460-1060); j3 arrives at 500, when both GPUs are busy.
+        return Workload(
+            (
+                wd_job(0, 60, 900),
+                wd_job(1, 60, 300),
+                replace(wd_job(2, 60, 600), release=400.0),
+                replace(wd_job(3, 60, 1100), release=500.0),
+            )
+        )
+
+    blind = workload()
+    r0 = run_workload(two, blind, "damocles-ext-nophase")
+    # Without phase reports j3 takes wd1's free slot at once and waits behind j2's SNARK:
+    # 1060 + 1100 > 2100, cancelled at the deadline.
+    assert blind.jobs[3].child == "wd1" and r0.wdpost_deadlines_missed == 1
+    seen = workload()
+    r = run_workload(two, seen, "damocles-ext")
+    # With them it waits until a vanilla phase (60 s) before wd0 frees (960), goes there, and its
+    # SNARK runs 960-2060: 40 s to spare (within the 1/1000 resolution of the progress reports).
+    assert seen.jobs[3].child == "wd0" and seen.jobs[3].start == pytest.approx(900, abs=1)
+    assert r.wdpost_deadlines_missed == 0 and r.min_slack == pytest.approx(40, abs=1)
+
+
+def test_realized_bound_uses_the_drawn_work():
+    fixed = replace(TINY, snark=Uniform(360, 360), partitions=(1,))
+    # fixed durations: the draws are the mean, 2100 s / 360 s per partition = 5.83 -> 5
+    assert simulator.realized_capacity_bound(fixed) == 5
+    sc = Scenario(gpus=4, partitions=(1,) * 4, hours=6)
+    realized = simulator.realized_capacity_bound(sc)
+    draws = generate(sc.with_total_partitions(realized + 1))
+    assert simulator.realized_overload(draws, 4) > 1
+    assert simulator.realized_overload(generate(sc.with_total_partitions(realized)), 4) <= 1
+
+
 def test_bisection_finds_the_highest_missfree_load_of_each_policy():
     sc = replace(TINY, snark=Uniform(360, 360), vanilla=Uniform(120, 120), partitions=(1,))
     # damocles: 480 s per proof, 4 fit in 2100 s. Scheduler: 120 + 5 * 360 = 1920 <= 2100.
@@ -142,13 +181,13 @@ def test_simulate_command_prints_json(capsys):
                 "2",
                 "--json",
                 "--policies",
-                "a,c,reference",
+                "a,c,c0,reference",
             ]
         )
         == 0
     )
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc["results"]) == {"damocles", "damocles-ext", "reference"}
+    assert set(doc["results"]) == {"damocles", "damocles-ext", "damocles-ext-nophase", "reference"}
     assert doc["scenario"]["miners"] == 2 and doc["capacity_bound_partitions"] > 0
 
 
@@ -161,6 +200,7 @@ def test_simulate_command_prints_json(capsys):
         (["--policies", "a,z"], "--policies: unknown policy 'z'"),
         (["--offsets", "0,5m"], "--offsets gives 2 offsets but --miners is 4"),
         (["--submit-margin", "40m"], "leaves no time"),
+        (["--progress-interval", "often"], "--progress-interval: 'often' is not a duration"),
     ],
 )
 def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):
