@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import hashlib
 import importlib.metadata
 import inspect
@@ -151,7 +152,7 @@ def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
     assert "broken: FAILED TO LOAD: RuntimeError: the GPU library is missing" in text.stdout
     assert "  from broken-plugin 0.1" in text.stdout
     assert "testing: 2 prover(s), from damocles-ext" in text.stdout
-    assert "  echo   window_post, winning_post" in text.stdout
+    assert re.search(r"^  echo +window_post, winning_post", text.stdout, re.M)
     as_json = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True,
                              timeout=30)
     rows = {r["name"]: r for r in json.loads(as_json.stdout)}
