@@ -449,8 +449,6 @@ class Supervisor:
             self._scheduler.requeue(job, now)
         else:
             self._scheduler.submit(job, now)
-        if req.deadline is not None:
-            self._timers.add(req.deadline, lambda _now: self._dispatch())
 
     def _finish(
         self,
@@ -527,6 +525,11 @@ class Supervisor:
                     break
         finally:
             self._dispatching = False
+        # Deadlines and pipelined children make decide() worth calling again at a later time;
+        # if that is sooner than the driver's next timer, have the driver re-arm.
+        wakeup = self._scheduler.next_wakeup()
+        if wakeup is not None and wakeup < self._timers.armed:
+            self._timers.wake.set()
 
     def _start(self, aid: int, child_id: str) -> None:
         child = self._children[child_id]
@@ -609,7 +612,10 @@ class Supervisor:
                 self._on_answer(child, p, ev, now)
             elif isinstance(ev, ProgressEvent):
                 slot = p.slots.get(ev.child_rid)
-                if slot is None:
+                if slot is not None:
+                    # Phase changes (e.g. into the GPU's SNARK) let the policy pipeline the child.
+                    self._scheduler.progress(slot.attempt_id, ev.phase, ev.done, ev.total, now)
+                else:
                     log.debug(
                         "%s: progress for unknown request %d dropped", child.name, ev.child_rid
                     )
@@ -822,6 +828,8 @@ class Supervisor:
                 if wakeup is not None and wakeup <= now:
                     self._dispatch()
                     wakeup = self._scheduler.next_wakeup()
+                    if wakeup is not None and wakeup <= now:
+                        wakeup = None  # nothing more to do at this time: wait for an event
                 nxt = min(timers.next(), wakeup if wakeup is not None else math.inf)
                 if nxt <= trio.current_time():
                     await trio.lowlevel.checkpoint()
