@@ -191,3 +191,15 @@ def test_any_oversized_prefix_is_refused_without_allocating(length):
     with pytest.raises(dext.ProtocolError):
         dec.receive_data(length.to_bytes(4, "big"))
     assert dec.pending == 4
+
+
+def test_the_same_framing_carries_another_message_set():
+    class Ping(msgspec.Struct, tag="ping"):
+        n: int
+
+    wider = dext.Message | Ping
+    dec = dext.FrameDecoder(message_type=wider)
+    assert dec.receive_data(dext.encode(Ping(3)) + dext.encode(dext.Cancel(1))) == [
+        Ping(3), dext.Cancel(1)]
+    with pytest.raises(dext.ProtocolError):
+        dext.FrameDecoder().receive_data(dext.encode(Ping(3)))

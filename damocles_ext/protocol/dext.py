@@ -93,19 +93,26 @@ def encode(message: Message) -> bytes:
     return bytes(buf)
 
 
-def decode_payload(payload: bytes | memoryview) -> Message:
+def decode_payload(payload: bytes | memoryview, decoder: msgspec.msgpack.Decoder = _decoder) -> Message:
     """Decode one frame's payload (without its length prefix)."""
     try:
-        return _decoder.decode(payload)
+        return decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable dext frame of {len(payload)} bytes: {exc}") from None
 
 
 class FrameDecoder:
-    """Turns a byte stream into dext messages. `receive_data(b"")` signals end of stream."""
+    """Turns a byte stream into dext messages. `receive_data(b"")` signals end of stream.
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    `message_type` widens or narrows the message set carried in the same framing (the control
+    socket adds its own messages); it defaults to the child protocol's `Message` union.
+    """
+
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, message_type: object = None
+    ) -> None:
         self.max_frame_size = max_frame_size
+        self._decoder = _decoder if message_type is None else msgspec.msgpack.Decoder(message_type)
         self._buf = bytearray()
         self._pos = 0
         self._closed = False
@@ -144,7 +151,7 @@ class FrameDecoder:
             with memoryview(buf) as view:
                 payload = view[start : start + length]
                 try:
-                    messages.append(decode_payload(payload))
+                    messages.append(decode_payload(payload, self._decoder))
                 finally:
                     payload.release()
             pos = start + length
