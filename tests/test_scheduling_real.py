@@ -1,0 +1,263 @@
+"""The scheduling rules through the real supervisor, with real child processes.
+
+Each child is a small dext/1 program that, for every request, writes "start"/"end" lines to a
+log and in between blocks reading one byte from a named pipe (its gate). The test lets a request
+finish by writing one byte to that pipe, and learns what the supervisor started from the
+`dext_request_started` / `dext_request_finished` observer hooks: no sleeps, no polling.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.plugins import get_plugin_manager
+
+from supervisor_helpers import python_child, spec, window_task, winning_task
+
+WD, WIN = "window_post", "winning_post"
+
+GATED_CHILD = """
+import os, sys
+from damocles_ext.protocol import dext
+from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
+
+stage, name, gate_path, log_path = sys.argv[1:5]
+gate = os.open(gate_path, os.O_RDWR)  # read-write: opening never blocks, reads never see EOF
+log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+out = sys.stdout.buffer
+
+def send(msg):
+    out.write(dext.encode(msg))
+    out.flush()
+
+send(dext.Hello("dext/1", stage, os.getpid(), "gated", "1", 1))
+decoder = dext.FrameDecoder()
+while data := os.read(0, 65536):
+    for msg in decoder.receive_data(data):
+        if isinstance(msg, dext.Request):
+            os.write(log, f"start {name} {msg.task.miner_id}\\n".encode())
+            os.read(gate, 1)
+            os.write(log, f"end {name} {msg.task.miner_id}\\n".encode())
+            if stage == "window_post":
+                output = WindowPoStOutput(proofs=[b"ok"], faults=[])
+            else:
+                output = WinningPoStOutput(proofs=[b"ok"])
+            send(dext.Response(msg.id, output=output))
+        elif isinstance(msg, dext.Shutdown):
+            sys.exit(0)
+"""
+
+
+class Recorder:
+    """Observer plugin: every request start and finish, in the supervisor's order."""
+
+    def __init__(self) -> None:
+        self.send, self.events = trio.open_memory_channel[tuple](100)
+        self.log: list[tuple] = []
+
+    @hookimpl
+    def dext_request_started(self, request) -> None:
+        event = ("started", request.id, request.child)
+        self.log.append(event)
+        self.send.send_nowait(event)
+
+    @hookimpl
+    def dext_request_finished(self, request, outcome, duration) -> None:
+        event = ("finished", request.id, outcome)
+        self.log.append(event)
+        self.send.send_nowait(event)
+
+    async def next(self, kind: str) -> tuple:
+        """The next event of this kind (events of the other kind are kept in `log` only)."""
+        with trio.fail_after(10):
+            while True:
+                event = await self.events.receive()
+                if event[0] == kind:
+                    return event
+
+
+class Gate:
+    """The write end of a child's named pipe: each byte lets one request finish."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.fd: int | None = None
+
+    def release(self) -> None:
+        if self.fd is None:  # the child holds the read end open from its start
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(self.fd, b"x")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def gated(tmp: Path, stage: str, index: int, gate: Gate, log: Path, **overrides):
+    name = f"{stage}#{index}"
+    argv = [*python_child(GATED_CHILD), stage, name, str(gate.path), str(log)]
+    return spec(argv, index=index, stage=stage, **overrides)
+
+
+def child_log(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+@pytest.fixture
+def recorder():
+    rec = Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(rec, name="recorder")
+    return rec, pm
+
+
+async def submit_in_order(sup, nursery, requests) -> None:
+    """Submit each (task, deadline) in its own task, one after another: request ids follow
+    this order, since each submit is queued before the next one is issued."""
+    for task, deadline in requests:
+        nursery.start_soon(lambda t=task, d=deadline: sup.submit(t, deadline=d))
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_winning_post_overtakes_queued_window_posts_which_then_start_by_deadline(
+    tmp_path, recorder
+):
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    wd_gate, win_gate = Gate(tmp_path / "wd"), Gate(tmp_path / "win")
+    children = [
+        gated(tmp_path, WD, 0, wd_gate, log, locks=("gpu:0",)),
+        gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
+    ]
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready(WD)
+            await sup.wait_ready(WIN)
+            async with trio.open_nursery() as nursery:
+                now = time.time()
+                # 1: a WindowPoSt takes gpu:0. Then, while it runs: WindowPoSts due in 300 s,
+                # 100 s and 200 s (2, 3, 4) and a WinningPoSt (5), all waiting for gpu:0.
+                await submit_in_order(sup, nursery, [(window_task(miner=1), None)])
+                assert await rec.next("started") == ("started", 1, f"{WD}#0")
+                await submit_in_order(
+                    sup,
+                    nursery,
+                    [
+                        (window_task(miner=2), now + 300),
+                        (window_task(miner=3), now + 100),
+                        (window_task(miner=4), now + 200),
+                        (winning_task(miner=5), now + 60),
+                    ],
+                )
+                stages = sup.statistics().stages
+                assert (stages[WD].queued, stages[WIN].queued) == (3, 1)
+                order = []
+                for gate in (wd_gate, win_gate, wd_gate, wd_gate):
+                    gate.release()  # the running request ends; gpu:0 is free
+                    _, rid, child = await rec.next("started")
+                    order.append((rid, child))
+                assert order == [(5, f"{WIN}#0"), (3, f"{WD}#0"), (4, f"{WD}#0"), (2, f"{WD}#0")]
+                wd_gate.release()
+    finally:
+        wd_gate.close()
+        win_gate.close()
+    # The children's own view: the same order, and never two requests at once on gpu:0.
+    assert child_log(log) == [
+        f"start {WD}#0 1",
+        f"end {WD}#0 1",
+        f"start {WIN}#0 5",
+        f"end {WIN}#0 5",
+        f"start {WD}#0 3",
+        f"end {WD}#0 3",
+        f"start {WD}#0 4",
+        f"end {WD}#0 4",
+        f"start {WD}#0 2",
+        f"end {WD}#0 2",
+    ]
+    assert [e for e in rec.log if e[0] == "finished"] == [("finished", r, "ok") for r in (1, 5, 3, 4, 2)]
+
+
+async def test_two_children_with_one_lock_never_run_at_once(tmp_path, recorder):
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "gate")  # shared: only the child that runs reads from it
+    children = [gated(tmp_path, WD, i, gate, log, locks=("gpu:0",)) for i in range(2)]
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready(WD, count=2)
+            async with trio.open_nursery() as nursery:
+                await submit_in_order(
+                    sup, nursery, [(window_task(miner=m), None) for m in range(1, 7)]
+                )
+                # Six requests, two idle children: the lock lets exactly one start.
+                assert sum(c.in_flight for c in sup.statistics().children) == 1
+                used = set()
+                for _ in range(6):
+                    _, rid, child = await rec.next("started")
+                    used.add(child)
+                    gate.release()
+                    assert (await rec.next("finished"))[1] == rid
+    finally:
+        gate.close()
+    assert used == {f"{WD}#0", f"{WD}#1"}  # both children served, one at a time
+    lines = child_log(log)
+    assert [line.split()[0] for line in lines] == ["start", "end"] * 6
+    assert all(a.split()[1:] == b.split()[1:] for a, b in zip(lines[::2], lines[1::2]))
+    started = [e for e in rec.log if e[0] == "started"]
+    for i, event in enumerate(rec.log):  # supervisor's view: a start only after the finish
+        if event[0] == "started" and i + 1 < len(rec.log):
+            assert rec.log[i + 1] == ("finished", event[1], "ok")
+    assert len(started) == 6
+
+
+async def test_request_past_its_deadline_fails_at_once_and_never_reaches_a_child(
+    tmp_path, recorder
+):
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "gate")
+    children = [gated(tmp_path, WD, 0, gate, log)]
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready(WD)
+            # Already past when submitted, with an idle child ready to take it.
+            with trio.fail_after(2), pytest.raises(ProverError) as info:
+                await sup.submit(window_task(miner=1), deadline=time.time() - 1)
+            message = str(info.value)
+            assert "request 1 (window_post)" in message
+            assert "deadline passed" in message and "it was not sent to a prover" in message
+            assert "attempt" not in message  # no attempt was made
+            # Passing while it waits behind a running request: it fails at its deadline, and
+            # the request ahead of it is not disturbed.
+            async with trio.open_nursery() as nursery:
+                await submit_in_order(sup, nursery, [(window_task(miner=2), None)])
+                assert await rec.next("started") == ("started", 2, f"{WD}#0")
+                with trio.fail_after(5), pytest.raises(ProverError) as info:
+                    await sup.submit(window_task(miner=3), deadline=time.time() + 0.2)
+                assert "request 3 (window_post)" in str(info.value)
+                assert "it was not sent to a prover" in str(info.value)
+                assert await rec.next("finished") == ("finished", 3, "timeout")
+                gate.release()
+                assert await rec.next("finished") == ("finished", 2, "ok")
+    finally:
+        gate.close()
+    assert child_log(log) == [f"start {WD}#0 2", f"end {WD}#0 2"]
+    assert [e for e in rec.log if e[0] == "started"] == [("started", 2, f"{WD}#0")]
+    assert [e for e in rec.log if e[0] == "finished"] == [
+        ("finished", 1, "timeout"),
+        ("finished", 3, "timeout"),
+        ("finished", 2, "ok"),
+    ]
