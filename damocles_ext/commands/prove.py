@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from damocles_ext.errors import UsageError
+
 from .serve import STAGES, add_common_args
 
 if TYPE_CHECKING:
@@ -39,6 +41,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--request",
         metavar="TASK.json",
         help="the task in damocles' JSON form (the wire's `task` field; '-' reads stdin)",
+    )
+    task_source.add_argument(
+        "--manifest",
+        metavar="MANIFEST.json",
+        help="build the task from a `damocles-ext sectors create` manifest (needs --seed)",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="HEX",
+        help="with --manifest: the 32-byte randomness as 64 hex digits (byte 31's top two bits"
+        " are cleared, as damocles-manager does)",
+    )
+    parser.add_argument(
+        "--sectors",
+        metavar="ID,ID,...",
+        help="with --manifest: prove only these sector ids (default: all in the manifest)",
+    )
+    parser.add_argument(
+        "--save-request",
+        metavar="TASK.json",
+        help="with --manifest: also write the task built in damocles' JSON form (for `verify`)",
+    )
+    parser.add_argument(
+        "--proof-type",
+        metavar="TYPE",
+        help="with --manifest: the proof type (default: from the manifest's sector size)",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -78,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.commands.serve import children_of, load_config_from_args, setup_logging
 
     setup_logging(args.log_level)
-    task = read_task(args.request, args.stage)
+    if args.manifest is not None:
+        task = task_from_manifest(args)
+    else:
+        for flag in ("seed", "sectors", "proof_type", "save_request"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
+        task = read_task(args.request, args.stage)
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     output_path = _check_output_path(args.output) if args.output is not None else None
 
@@ -145,6 +179,38 @@ def _emit(output: Output, path: Path | None) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def task_from_manifest(args: argparse.Namespace) -> Task:
+    """The task for args.stage over a fixtures manifest, with --seed/--sectors/--proof-type."""
+    from damocles_ext.post import fixtures
+
+    if args.seed is None:
+        raise UsageError("--manifest needs --seed HEX (64 hex digits, the 32-byte randomness)")
+    try:
+        seed = bytearray(bytes.fromhex(args.seed))
+    except ValueError:
+        raise UsageError(f"--seed {args.seed!r} is not hexadecimal") from None
+    if len(seed) != 32:
+        raise UsageError(f"--seed must be 32 bytes (64 hex digits), got {len(seed)} bytes")
+    seed[31] &= 0x3F
+    sector_ids = None
+    if args.sectors is not None:
+        try:
+            sector_ids = [int(x) for x in args.sectors.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--sectors {args.sectors!r}: expected ids like 1,2,3") from None
+    manifest = fixtures.load_manifest(args.manifest)
+    build = fixtures.window_task if args.stage == "window_post" else fixtures.winning_task
+    task = build(manifest, bytes(seed), proof_type=args.proof_type, sector_ids=sector_ids)
+    if args.save_request is not None:
+        from damocles_ext.protocol.jsonl import task_to_json
+
+        try:
+            Path(args.save_request).write_bytes(task_to_json(task) + b"\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.save_request}: {exc.strerror}") from None
+    return task
 
 
 def read_task(source: str, stage: str) -> Task:

@@ -1,0 +1,76 @@
+"""sectors create -> prove --manifest -> verify, end to end through real processes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+SEED = "ab" * 32
+
+
+def dext(*args, check=None):
+    proc = subprocess.run([sys.executable, "-m", "damocles_ext", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prove-manifest")
+    dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", 3,
+         "--miner", 1000, "--out", root / "s", check=0)
+    (root / "c.cfg").write_text('[[WdPost]]\nPlugin = "native"\n[[WinPost]]\nPlugin = "native"\n')
+    return root
+
+
+@pytest.mark.parametrize("stage", ["window_post", "winning_post"])
+def test_a_manifest_proof_verifies_and_a_changed_one_does_not(fixtures, stage):
+    task, out = fixtures / f"{stage}-task.json", fixtures / f"{stage}-out.json"
+    dext("prove", stage, "--manifest", fixtures / "s" / "manifest.json", "--seed", SEED,
+         "--save-request", task, "-c", fixtures / "c.cfg", "-o", out, check=0)
+    saved = json.loads(task.read_text())
+    assert saved["seed"][31] == 0xAB & 0x3F and len(saved["replicas"]) == 3
+    dext("verify", stage, "--request", task, "--output", out, check=0)
+    output = json.loads(out.read_text())
+    proof = bytearray(base64.b64decode(output["proofs"][0]))
+    proof[-1] ^= 1
+    output["proofs"][0] = base64.b64encode(bytes(proof)).decode()
+    out.write_text(json.dumps(output))
+    bad = dext("verify", stage, "--request", task, "--output", out, check=1)
+    assert "Traceback" not in bad.stderr
+
+
+def test_only_the_chosen_sectors_are_proven(fixtures):
+    task = fixtures / "subset-task.json"
+    dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json", "--seed", SEED,
+         "--sectors", "1,3", "--save-request", task, "-c", fixtures / "c.cfg", check=0)
+    assert [r["sector_id"] for r in json.loads(task.read_text())["replicas"]] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "zz"], "is not hexadecimal"),
+        (["--seed", "ab"], "must be 32 bytes"),
+        ([], "--manifest needs --seed"),
+        (["--seed", SEED, "--sectors", "1,x"], "expected ids like 1,2,3"),
+        (["--seed", SEED, "--sectors", "9"], "not in the manifest"),
+    ],
+)
+def test_bad_manifest_arguments_exit_2_with_a_message(fixtures, args, message):
+    proc = dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json", *args,
+                "-c", fixtures / "c.cfg", check=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_seed_without_manifest_is_a_usage_error(fixtures, tmp_path):
+    (tmp_path / "t.json").write_text("{}")
+    proc = dext("prove", "window_post", "--request", tmp_path / "t.json", "--seed", SEED,
+                "-c", fixtures / "c.cfg", check=2)
+    assert "--seed goes with --manifest" in proc.stderr
