@@ -549,7 +549,7 @@ async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeate
                         kills += 1
                     await trio.sleep(0.1)  # the kill cadence (load), not synchronisation
         # Nothing is left behind in the bookkeeping either.
-        assert not sup._requests and not sup._attempts and not sup._slots
+        assert not sup._requests and not sup._attempts and not sup._slots and sup._queued == 0
     assert kills >= 1
     assert all(len(got) == 1 for got in answers.values())
     for miner, (got,) in answers.items():

@@ -265,6 +265,7 @@ class Supervisor:
         self._attempt_ids = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._attempts: dict[int, _Request] = {}  # attempt id -> request, queued or running
+        self._queued = 0  # attempts waiting in the scheduler's queues
         self._slots: dict[int, tuple[_Child, _Slot]] = {}  # attempt id -> where it runs
         self._timers = _Timers()
         self._dispatching = False
@@ -445,6 +446,7 @@ class Supervisor:
         req.attempt_id = aid
         self._attempts[aid] = req
         job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
+        self._queued += 1
         if retry:
             self._scheduler.requeue(job, now)
         else:
@@ -465,6 +467,7 @@ class Supervisor:
             self._attempts.pop(req.attempt_id, None)
             if self._scheduler.is_queued(req.attempt_id):
                 self._scheduler.remove(req.attempt_id)
+                self._queued -= 1
         req.attempt_id = None
         self._requests.pop(req.rid, None)
         if error is not None:
@@ -516,8 +519,10 @@ class Supervisor:
                 self._dispatch_again = False
                 for decision in self._scheduler.decide(trio.current_time()):
                     if isinstance(decision, Start):
+                        self._queued -= 1
                         self._start(decision.request_id, decision.child_id)
                     elif isinstance(decision, Fail):
+                        self._queued -= 1
                         self._on_fail(decision.request_id, decision.reason)
                     elif isinstance(decision, Cancel):
                         self._on_deadline(decision.request_id, decision.reason)
@@ -636,7 +641,10 @@ class Supervisor:
                     )
             elif isinstance(ev, Ready):
                 log.warning("%s: a second ready message ignored", child.name)
-        self._dispatch()
+        if self._queued:
+            # A freed slot or a phase change matters only to queued work; deadlines of running
+            # work are the driver's (next_wakeup), and an answer never makes one come sooner.
+            self._dispatch()
 
     def _on_answer(self, child: _Child, p: _Process, ev: Answer, now: float) -> None:
         slot = p.slots.pop(ev.child_rid, None)
@@ -840,8 +848,9 @@ class Supervisor:
                 timers.armed = math.inf
 
     def _notify(self) -> None:
-        self._state_changed.set()
-        self._state_changed = trio.Event()
+        if self._state_changed.statistics().tasks_waiting:
+            self._state_changed.set()
+            self._state_changed = trio.Event()
 
     # -- children ---------------------------------------------------------------------------
 
