@@ -351,6 +351,8 @@ def test_pipelined_child_takes_its_next_job_a_vanilla_phase_before_its_gpu_frees
     # Half done after 75 s: it runs faster than the last one; it should end at t + 250.
     s.progress(1, "snark", 5, 10, t + 175)
     assert s.next_wakeup() == t + 150
+    s.progress(1, "snark", 5, 10, t + 177)  # a heartbeat repeating the last frame: no news
+    assert s.next_wakeup() == t + 150
     assert starts(s.decide(t + 175)) == [(2, "a")]
 
 

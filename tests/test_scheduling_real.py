@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from supervisor_helpers import python_child, spec, window_task, winning_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
-
-from supervisor_helpers import python_child, spec, window_task, winning_task
 
 WD, WIN = "window_post", "winning_post"
 
@@ -185,7 +184,9 @@ async def test_winning_post_overtakes_queued_window_posts_which_then_start_by_de
         f"start {WD}#0 2",
         f"end {WD}#0 2",
     ]
-    assert [e for e in rec.log if e[0] == "finished"] == [("finished", r, "ok") for r in (1, 5, 3, 4, 2)]
+    assert [e for e in rec.log if e[0] == "finished"] == [
+        ("finished", r, "ok") for r in (1, 5, 3, 4, 2)
+    ]
 
 
 async def test_two_children_with_one_lock_never_run_at_once(tmp_path, recorder):
@@ -261,3 +262,64 @@ async def test_request_past_its_deadline_fails_at_once_and_never_reaches_a_child
         ("finished", 3, "timeout"),
         ("finished", 2, "ok"),
     ]
+
+
+PHASED_CHILD = GATED_CHILD.replace('"gated", "1", 1))', '"gated", "1", 2))').replace(
+    '            os.write(log, f"start {name} {msg.task.miner_id}\\n".encode())',
+    '            os.write(log, f"start {name} {msg.task.miner_id}\\n".encode())\n'
+    '            send(dext.Progress(msg.id, "vanilla", 0, 1))\n'
+    '            send(dext.Progress(msg.id, "snark", 0, 0))',
+)
+
+
+async def test_pipelined_child_gets_its_next_job_a_vanilla_phase_before_its_gpu_frees(
+    tmp_path, recorder, mock_clock
+):
+    # Virtual time (the clock moves only when the test jumps it): a child that reports its SNARK
+    # phase, Concurrent = 2. Its first SNARK takes 100 s; the vanilla phase takes no time.
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "gate")
+    argv = [*python_child(PHASED_CHILD), WD, f"{WD}#0", str(gate.path), str(log)]
+    phases = trio.open_memory_channel[str](100)
+
+    def on_progress(progress) -> None:
+        phases[0].send_nowait(progress.phase)
+
+    async def snark_started() -> None:
+        with trio.fail_after(10):
+            while await phases[1].receive() != "snark":
+                pass
+
+    try:
+        async with open_supervisor(
+            [spec(argv, concurrent=2)], plugin_manager=pm, stop_timeout=2.0
+        ) as sup:
+            await sup.wait_ready(WD)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: sup.submit(window_task(miner=1), on_progress=on_progress)
+                )
+                await snark_started()
+                mock_clock.jump(100)
+                gate.release()
+                assert await rec.next("finished") == ("finished", 1, "ok")
+                nursery.start_soon(
+                    lambda: sup.submit(window_task(miner=2), on_progress=on_progress)
+                )
+                assert await rec.next("started") == ("started", 2, f"{WD}#0")
+                await snark_started()
+                await submit_in_order(sup, nursery, [(window_task(miner=3), None)])
+                # A free slot, but the GPU is busy for ~100 s more: request 3 stays queued, free
+                # to go to any GPU that frees first.
+                assert sup.statistics().stages[WD].queued == 1
+                mock_clock.jump(50)
+                await trio.testing.wait_all_tasks_blocked()
+                assert sup.statistics().stages[WD].queued == 1
+                mock_clock.jump(60)  # past the moment its GPU is expected to free
+                assert await rec.next("started") == ("started", 3, f"{WD}#0")
+                gate.release()
+                gate.release()
+    finally:
+        gate.close()

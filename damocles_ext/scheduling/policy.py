@@ -275,7 +275,9 @@ class Scheduler:
                     if r is not run
                 ):
                     run.gpu_turn = now
-            if total > 0 and done > 0:
+            # Only a step forward counts: the child runtime re-sends the last frame as a
+            # heartbeat, and a repeat says nothing about the rate.
+            if total > 0 and done > 0 and done / total > run.fraction:
                 if run.gpu_turn is None:
                     run.gpu_turn = run.gpu_since  # moving, so not waiting for the GPU after all
                 run.fraction = min(1.0, done / total)
