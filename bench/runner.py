@@ -13,8 +13,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -36,7 +36,7 @@ def save_results(name: str, data: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     doc = {
         "benchmark": name,
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "results": data,
     }

@@ -13,9 +13,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import trio
 
@@ -53,6 +53,13 @@ def _seed(label: int) -> bytes:
     seed[0] = label
     seed[31] &= 0x3F  # a field element, as damocles-manager sends it
     return bytes(seed)
+
+
+def _overwrite_with_noise(path: str) -> None:
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        f.write(os.urandom(size))
 
 
 async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
@@ -115,10 +122,7 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
 
         # Corrupt one sector's sealed data where a challenge will find it: all of it.
         victim = manifest.replicas[1]
-        with open(victim.sealed_file, "r+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(0)
-            f.write(os.urandom(size))
+        await trio.to_thread.run_sync(_overwrite_with_noise, victim.sealed_file)
         t = time.perf_counter()
         faulty = await sup.submit(window_task(manifest, _seed(3)))
         expected = [victim.sector_id]

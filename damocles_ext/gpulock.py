@@ -15,9 +15,9 @@ import errno
 import fcntl
 import os
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 GPU_LOCK = "bellman.gpu.lock"
 PRIORITY_LOCK = "bellman.priority.lock"

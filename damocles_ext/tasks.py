@@ -10,7 +10,7 @@ can carry either kind; decoding one type directly does not require the tag.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -102,8 +102,8 @@ class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_fie
     proofs: list[bytes]
 
 
-Task = Union[WindowPoSt, WinningPoSt]
-Output = Union[WindowPoStOutput, WinningPoStOutput]
+Task = WindowPoSt | WinningPoSt
+Output = WindowPoStOutput | WinningPoStOutput
 
 TASK_TYPES: dict[str, type] = {"window_post": WindowPoSt, "winning_post": WinningPoSt}
 OUTPUT_TYPES: dict[str, type] = {"window_post": WindowPoStOutput, "winning_post": WinningPoStOutput}

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def quick_start_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)\n```", section, flags=re.S)
+    return re.findall(r"```sh\n(.*?)\n```", section, flags=re.DOTALL)
 
 
 def test_quick_start_has_exactly_two_commands():
@@ -34,7 +34,7 @@ def test_layout_is_as_documented():
 
 def test_protocol_and_scheduling_stay_sans_io():
     forbidden = re.compile(r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b",
-                           re.M)
+                           re.MULTILINE)
     for package in ("protocol", "scheduling"):
         for source in (ROOT / "damocles_ext" / package).glob("*.py"):
             assert not forbidden.search(source.read_text()), f"{source} does I/O imports"

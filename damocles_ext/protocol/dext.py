@@ -13,8 +13,6 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 from ..tasks import Output, Task
@@ -76,7 +74,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     """Parent -> child: finish what is in flight, then exit."""
 
 
-Message = Union[Hello, Request, Response, Progress, Cancel, Shutdown]
+Message = Hello | Request | Response | Progress | Cancel | Shutdown
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

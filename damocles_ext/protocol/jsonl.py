@@ -16,14 +16,13 @@ from typing import Annotated, Literal
 import msgspec
 
 from ..tasks import (
-    OUTPUT_TYPES,
     TASK_TYPES,
     Output,
     PoStReplicaInfo,
     Task,
     WindowPoStOutput,
-    WinningPoStOutput,
     WindowProofType,
+    WinningPoStOutput,
     WinningProofType,
     stage_of,
 )
