@@ -261,12 +261,16 @@ def dext_request_started(request: RequestInfo) -> None:
 
 
 @hookspec
-def dext_request_finished(request: RequestInfo, outcome: Outcome, duration: float) -> None:
+def dext_request_finished(
+    request: RequestInfo, outcome: Outcome, duration: float, slack: float | None
+) -> None:
     """A request got its final answer.
 
     Parameters: `request` — a :class:`RequestInfo`; `outcome` — one of "ok", "error",
     "cancelled", "timeout", "fault" (proofs with faults listed); `duration` — seconds from
-    submission to the answer.
+    submission to the answer; `slack` — seconds left before the request's deadline when it was
+    answered (negative: the deadline was missed; None: no deadline). These are the events the
+    Prometheus metrics count; an implementation may take any subset of the parameters.
 
     Returns: nothing (an awaitable is awaited).
 

@@ -92,6 +92,9 @@ class ChildStats(msgspec.Struct, frozen=True):
     last_exit: str | None  # e.g. "killed by SIGKILL (request 7 timed out)"
     started_at: float | None  # when the current (or last) process was spawned
     protocol: str | None
+    locks: tuple[str, ...] = ()  # the locks it needs to run a request (config: Locks, GpuLock)
+    locks_held: tuple[str, ...] = ()  # those the scheduler holds for its running requests now
+    tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
 
 
 class StageStats(msgspec.Struct, frozen=True):
@@ -100,6 +103,7 @@ class StageStats(msgspec.Struct, frozen=True):
     stage: str
     queued: int
     nearest_deadline: float | None  # unix seconds
+    waiting_for_lock: tuple[str, ...] = ()  # locks its queue head waits for
 
 
 class SupervisorStats(msgspec.Struct, frozen=True):
@@ -392,6 +396,11 @@ class Supervisor:
         """A snapshot: every child's state and counters, every stage's queue."""
         now = trio.current_time()
         to_unix = time.time() - now
+        sched = self._scheduler.statistics()
+        held_by: dict[str, list[str]] = {}
+        for lock, holders in sched.locks_held.items():
+            for holder in holders.split(","):
+                held_by.setdefault(holder, []).append(lock)
         children = []
         for c in self._children.values():
             p = c.p
@@ -420,9 +429,11 @@ class Supervisor:
                     last_exit=c.last_exit,
                     started_at=c.started_at,
                     protocol=c.protocol,
+                    locks=tuple(c.spec.locks),
+                    locks_held=tuple(sorted(held_by.get(c.name, ()))),
+                    tmpdir=c.spec.envs.get("TMPDIR"),
                 )
             )
-        sched = self._scheduler.statistics()
         stage_names = sorted({c.spec.stage for c in self._children.values()} | set(sched.queued))
         stages = {}
         for stage in stage_names:
@@ -431,6 +442,7 @@ class Supervisor:
                 stage=stage,
                 queued=sched.queued.get(stage, 0),
                 nearest_deadline=None if nearest is None else nearest + to_unix,
+                waiting_for_lock=tuple(sched.waiting_for_lock.get(stage, ())),
             )
         return SupervisorStats(
             children=children,
@@ -481,11 +493,13 @@ class Supervisor:
         req.event.set()
         self._notify()
         if self._observer_send is not None:
+            now = trio.current_time()
             self._observe(
                 "dext_request_finished",
                 request=self._request_info(req),
                 outcome=outcome,
-                duration=trio.current_time() - req.arrival,
+                duration=now - req.arrival,
+                slack=None if req.deadline is None else req.deadline - now,
             )
 
     def _fail_all(self, why: str) -> None:
@@ -930,7 +944,8 @@ class Supervisor:
         reason = "?"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._relay_stderr, p, prefix)
+                fields = {"child": spec.name, "stage": spec.stage, "index": spec.index}
+                nursery.start_soon(self._relay_stderr, p, prefix, {**fields, "pid": proc.pid})
                 nursery.start_soon(self._watch_exit, child, p)
                 ready = await self._handshake(child, p)
                 if ready:
@@ -956,9 +971,9 @@ class Supervisor:
             child.p = None
         return ready, reason
 
-    async def _relay_stderr(self, p: _Process, prefix: str) -> None:
+    async def _relay_stderr(self, p: _Process, prefix: str, fields: dict[str, Any]) -> None:
         try:
-            await relay_stderr(p.proc.stderr, prefix, child_log)
+            await relay_stderr(p.proc.stderr, prefix, child_log, fields)
         finally:
             p.stderr_done.set()
 

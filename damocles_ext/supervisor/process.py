@@ -306,8 +306,16 @@ def spawn(
         raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
 
 
-async def relay_stderr(stream: trio.abc.ReceiveStream, prefix: str, logger: logging.Logger) -> None:
-    """Log each line the child writes on stderr, with `prefix` in front; returns at EOF."""
+async def relay_stderr(
+    stream: trio.abc.ReceiveStream,
+    prefix: str,
+    logger: logging.Logger,
+    fields: Mapping[str, object] | None = None,
+) -> None:
+    """Log each line the child writes on stderr, with `prefix` in front; returns at EOF.
+
+    `fields` go on each record (logging's `extra`), so JSON logs carry them as keys.
+    """
     limit = 8192  # a longer line is logged in pieces rather than buffered without bound
     buf = b""
     while True:
@@ -317,16 +325,16 @@ async def relay_stderr(stream: trio.abc.ReceiveStream, prefix: str, logger: logg
             data = b""
         if not data:
             if buf:
-                logger.info("%s %s", prefix, buf.decode("utf-8", "replace").rstrip())
+                logger.info("%s %s", prefix, buf.decode("utf-8", "replace").rstrip(), extra=fields)
             return
         buf += data
         while True:
             nl = buf.find(b"\n")
             if nl < 0:
                 if len(buf) > limit:
-                    logger.info("%s %s", prefix, buf[:limit].decode("utf-8", "replace"))
+                    logger.info("%s %s", prefix, buf[:limit].decode("utf-8", "replace"), extra=fields)
                     buf = buf[limit:]
                     continue
                 break
             line, buf = buf[:nl], buf[nl + 1 :]
-            logger.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip("\r"))
+            logger.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip("\r"), extra=fields)
