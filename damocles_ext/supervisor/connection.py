@@ -62,6 +62,7 @@ class Skipped:
 
     what: str
     child_rid: int | None
+    raw: bytes = b""  # the line, for the operator's dump
 
 
 Event = Ready | Answer | ProgressEvent | Skipped
@@ -179,7 +180,7 @@ class ChildConnection:
             try:
                 resp = jsonl.decode_response(line, self.stage)
             except jsonl.JsonLineError as exc:
-                events.append(Skipped(f"skipped a bad stdout line: {exc}", exc.id))
+                events.append(Skipped(f"skipped a bad stdout line: {exc}", exc.id, bytes(line)))
                 continue
             events.append(Answer(resp.id, resp.output, resp.err_msg))
         if not data:

@@ -39,6 +39,7 @@ import trio
 
 from ..config import describe_argv
 from ..errors import ProverError
+from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
 from ..tasks import Output, Task, WindowPoStOutput, stage_of
@@ -646,7 +647,10 @@ class Supervisor:
                     except Exception:
                         log.exception("progress callback of request %d raised; ignored", req.rid)
             elif isinstance(ev, Skipped):
-                log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
+                if ev.raw:
+                    report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
+                else:
+                    log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
                 slot = p.slots.get(ev.child_rid) if ev.child_rid is not None else None
                 if slot is not None:
                     # The child answered this request, badly: it will not answer it again.
@@ -982,6 +986,7 @@ class Supervisor:
         spec = child.spec
         timeout = spec.ready_timeout or 5.0
         events: list[Any] = []
+        data = b""
         with p.handshake_scope:
             p.handshake_scope.deadline = trio.current_time() + timeout
             try:
@@ -989,6 +994,9 @@ class Supervisor:
                     data = await _receive(p.proc.stdout)
                     events = p.conn.receive_data(data)
             except ChildProtocolError as exc:
+                if data:
+                    what = f"undecodable output at start: {exc}"
+                    report_bad_output(child.name, p.proc.pid, data, what)
                 self._mark_down(child, p, "failed start")
                 p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
                 return False
@@ -1050,6 +1058,7 @@ class Supervisor:
                 try:
                     events = p.conn.receive_data(data)
                 except ChildProtocolError as exc:
+                    report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
                     self._kill(child, p, f"broke the protocol: {exc}", charge_all=True)
                     return
                 if events:

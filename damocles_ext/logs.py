@@ -1,0 +1,245 @@
+"""Logging for the commands: one format, a level and a format from flags or the environment, and
+what to do with a child's output that cannot be decoded.
+
+Every command logs to stderr only (in `serve`, stdout carries the protocol). Text lines look like
+
+    2026-01-31 12:00:00,123 INFO damocles_ext.supervisor: window_post#0: started pid 4242: ...
+
+and `--log-format json` (or `DAMOCLES_EXT_LOG_FORMAT=json`) writes one JSON object a line with
+`time`, `level`, `logger`, `message`, and the record's extra fields: a child's stderr lines carry
+`child`, `stage`, `index` and `pid`, so they can be filtered without parsing the message.
+
+Undecodable output of a child (a bad JSON line, a broken dext frame, a wrong ready message) is
+logged with the child's name and pid, truncated to 100 bytes; with `--dump-dir DIR`
+(`DAMOCLES_EXT_DUMP_DIR`), or vc-processors' `DUMP_ERR_RESP_<pid>` naming a directory for that
+child pid, the whole of it is written to `DIR/dext-bad-output-<pid>-<n>.bin` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import UsageError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+LEVEL_ENV = "DAMOCLES_EXT_LOG_LEVEL"
+FORMAT_ENV = "DAMOCLES_EXT_LOG_FORMAT"
+DUMP_DIR_ENV = "DAMOCLES_EXT_DUMP_DIR"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PREVIEW_BYTES = 100  # as vc-processors truncates an unparsable response in its log
+
+# Attributes every LogRecord has; anything else on a record came through `extra`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+log = logging.getLogger("damocles_ext.supervisor")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        doc: dict[str, Any] = {
+            "time": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def add_logging_args(parser: argparse.ArgumentParser, default_level: str) -> None:
+    """--log-level and --log-format (their defaults come from the environment, then the command)."""
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help=f"how much to log on stderr (default: ${LEVEL_ENV}, else {default_level})",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help=f"text lines or JSON lines on stderr (default: ${FORMAT_ENV}, else text)",
+    )
+    parser.set_defaults(_default_log_level=default_level)
+
+
+def add_dump_arg(parser: argparse.ArgumentParser) -> None:
+    """--dump-dir DIR."""
+    parser.add_argument(
+        "--dump-dir",
+        metavar="DIR",
+        default=None,
+        help="write a child's undecodable output whole to files in DIR (created if missing)"
+        f" instead of logging its first {PREVIEW_BYTES} bytes (default: ${DUMP_DIR_ENV})",
+    )
+
+
+def _from_env(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if value.lower() not in choices:
+        raise UsageError(f"{name}={value!r} is not one of {', '.join(choices)}; fix or unset it")
+    return value.lower()
+
+
+def resolve(
+    level: str | None,
+    fmt: str | None,
+    default_level: str = "info",
+    env: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
+    """(level, format): the flag, else the environment variable, else the default."""
+    env = os.environ if env is None else env
+    level = level or _from_env(env, LEVEL_ENV, LOG_LEVELS) or default_level
+    fmt = fmt or _from_env(env, FORMAT_ENV, LOG_FORMATS) or "text"
+    return level, fmt
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> None:
+    """Send every log record to stderr (or `stream`) in one format, from `level` up."""
+    if fmt not in LOG_FORMATS:
+        raise UsageError(f"unknown log format {fmt!r}; use one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def setup_from_args(args: argparse.Namespace) -> None:
+    """setup_logging() as the command's flags and the environment say; --dump-dir too."""
+    level, fmt = resolve(
+        getattr(args, "log_level", None),
+        getattr(args, "log_format", None),
+        getattr(args, "_default_log_level", "info"),
+    )
+    setup_logging(level, fmt)
+    if hasattr(args, "dump_dir"):
+        set_dump_dir(args.dump_dir or os.environ.get(DUMP_DIR_ENV) or None)
+
+
+# -- undecodable child output -----------------------------------------------------------------
+
+_dump_dir: Path | None = None
+_dump_seq = itertools.count(1)
+
+
+def set_dump_dir(directory: str | os.PathLike[str] | None) -> None:
+    """Where report_bad_output() writes dumps (None: log a preview only); created 0700 if missing.
+
+    Raises UsageError when the directory cannot be used, so a command can fail before it starts.
+    """
+    global _dump_dir
+    if directory is None:
+        _dump_dir = None
+        return
+    path = Path(directory).absolute()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--dump-dir {directory}: exists and is not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"--dump-dir {directory}: cannot create it: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--dump-dir {directory}: not writable by us; choose another directory")
+    _dump_dir = path
+
+
+def dump_dir_for(pid: int | None) -> Path | None:
+    """The dump directory for a child: --dump-dir, else vc-processors' DUMP_ERR_RESP_<pid>."""
+    if _dump_dir is not None:
+        return _dump_dir
+    if pid is not None:
+        named = os.environ.get(f"DUMP_ERR_RESP_{pid}")
+        if named:
+            return Path(named)
+    return None
+
+
+def truncate(data: bytes, limit: int = PREVIEW_BYTES) -> str:
+    """The first `limit` bytes as readable text ('...' when cut): what the log shows."""
+    text = data[:limit].decode("utf-8", "backslashreplace")
+    return repr(text + ("..." if len(data) > limit else ""))
+
+
+def report_bad_output(
+    child: str,
+    pid: int | None,
+    data: bytes,
+    what: str,
+    logger: logging.Logger = log,
+    level: int = logging.ERROR,
+) -> Path | None:
+    """Log a child's undecodable output (truncated), or dump it whole; returns the dump's path."""
+    fields = {"child": child, "pid": pid, "bytes": len(data)}
+    directory = dump_dir_for(pid)
+    if directory is not None and data:
+        path = directory / f"dext-bad-output-{pid}-{os.getpid()}-{next(_dump_seq)}.bin"
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Exclusive create: never follow a symlink someone planted under our name.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except OSError as exc:
+            logger.log(
+                level,
+                "%s (pid %s): %s; %d bytes not dumped to %s (%s): %s",
+                child,
+                pid,
+                what,
+                len(data),
+                directory,
+                exc.strerror or exc,
+                truncate(data),
+                extra=fields,
+            )
+            return None
+        logger.log(
+            level,
+            "%s (pid %s): %s; its %d bytes were dumped to %s",
+            child,
+            pid,
+            what,
+            len(data),
+            path,
+            extra={**fields, "dump": str(path)},
+        )
+        return path
+    logger.log(
+        level,
+        "%s (pid %s): %s; it wrote %d bytes: %s",
+        child,
+        pid,
+        what,
+        len(data),
+        truncate(data),
+        extra=fields,
+    )
+    return None
