@@ -30,6 +30,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ Progress = dext.Progress
 _READ_SIZE = 1 << 16
 _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
+_STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
+_STDERR_LINE_CHARS = 300
 
 CHILD_STATES = ("starting", "ready", "busy", "backoff", "fatal", "stopping", "stopped")
 
@@ -164,6 +167,7 @@ class _Process:
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
         self.stderr_done = trio.Event()
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
 
@@ -977,7 +981,7 @@ class Supervisor:
 
     async def _relay_stderr(self, p: _Process, prefix: str, fields: dict[str, Any]) -> None:
         try:
-            await relay_stderr(p.proc.stderr, prefix, child_log, fields)
+            await relay_stderr(p.proc.stderr, prefix, child_log, fields, p.stderr_tail)
         finally:
             p.stderr_done.set()
 
@@ -1155,6 +1159,10 @@ class Supervisor:
         status = exit_info.describe() if exit_info else "did not die after SIGKILL"
         reason = p.down_reason or "exited"
         what = reason if exit_info and status in reason else f"{reason}; {status}"
+        if p.stderr_tail and (not was_ready or (exit_info and exit_info.returncode)):
+            # A child that could not start (or gave up) says why on stderr, e.g. "unknown
+            # prover"; the operator should not have to dig that out of the log.
+            what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
         child.last_exit = what
         slots = list(p.slots.values())
         p.slots.clear()
@@ -1253,6 +1261,13 @@ def _exit_status(info: ExitInfo | None, reason: str) -> Any:
     if info is None:
         return ExitStatus(returncode=None, signal=None, reason=reason)
     return ExitStatus(returncode=info.returncode, signal=info.signal, reason=reason)
+
+
+def _stderr_summary(lines: Iterable[str]) -> str:
+    cut = _STDERR_LINE_CHARS
+    return " | ".join(
+        repr(line if len(line) <= cut else line[:cut] + "...") for line in map(str.strip, lines)
+    )
 
 
 def _short_argv(spec: Any) -> str:

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -311,12 +312,20 @@ async def relay_stderr(
     prefix: str,
     logger: logging.Logger,
     fields: Mapping[str, object] | None = None,
+    tail: deque[str] | None = None,
 ) -> None:
     """Log each line the child writes on stderr, with `prefix` in front; returns at EOF.
 
-    `fields` go on each record (logging's `extra`), so JSON logs carry them as keys.
+    `fields` go on each record (logging's `extra`), so JSON logs carry them as keys. `tail`, if
+    given, keeps the last non-blank lines (its maxlen), so a failed start can say why.
     """
     limit = 8192  # a longer line is logged in pieces rather than buffered without bound
+
+    def emit(text: str) -> None:
+        logger.info("%s %s", prefix, text, extra=fields)
+        if tail is not None and text.strip():
+            tail.append(text)
+
     buf = b""
     while True:
         try:
@@ -325,16 +334,16 @@ async def relay_stderr(
             data = b""
         if not data:
             if buf:
-                logger.info("%s %s", prefix, buf.decode("utf-8", "replace").rstrip(), extra=fields)
+                emit(buf.decode("utf-8", "replace").rstrip())
             return
         buf += data
         while True:
             nl = buf.find(b"\n")
             if nl < 0:
                 if len(buf) > limit:
-                    logger.info("%s %s", prefix, buf[:limit].decode("utf-8", "replace"), extra=fields)
+                    emit(buf[:limit].decode("utf-8", "replace"))
                     buf = buf[limit:]
                     continue
                 break
             line, buf = buf[:nl], buf[nl + 1 :]
-            logger.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip("\r"), extra=fields)
+            emit(line.decode("utf-8", "replace").rstrip("\r"))
