@@ -173,15 +173,15 @@ class Scheduler:
         self._children: dict[str, _Child] = {}
         self._by_stage: dict[str, list[_Child]] = {}
         # Per stage: a heap of (key, token, request_id); an entry is live while
-        # self._queued[request_id] carries the same token (lazy deletion).
-        self._heaps: dict[str, list[tuple[tuple[float, int, int, int], int, int]]] = {}
+        # self._queued[request_id] carries the same token (lazy deletion). The key ends with the
+        # job's arrival, which a retry keeps, so no per-request state outlives the request here
+        # (a job failed or lost with its child leaves nothing behind); tokens break ties FIFO.
+        self._heaps: dict[str, list[tuple[tuple[float, int, int, float], int, int]]] = {}
         self._queued: dict[int, tuple[int, Job]] = {}
         self._queue_len: dict[str, int] = {}  # live entries per stage
-        self._seq: dict[int, int] = {}  # arrival order, kept across retries
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
         self._tokens = itertools.count()
-        self._arrivals = itertools.count()
 
     # -- children ---------------------------------------------------------------------------
 
@@ -228,13 +228,11 @@ class Scheduler:
     def submit(self, job: Job, now: float) -> None:
         """A new request: queue it (decide() starts or fails it)."""
         self._check_new(job)
-        self._seq[job.request_id] = next(self._arrivals)
         self._enqueue(job, _FRESH)
 
     def requeue(self, job: Job, now: float) -> None:
         """Put a retried job back at the head of its queue (see the ordering rule above)."""
         self._check_new(job)
-        self._seq.setdefault(job.request_id, next(self._arrivals))
         self._enqueue(job, _RETRY)
 
     def finished(self, request_id: int, now: float) -> bool:
@@ -248,7 +246,6 @@ class Scheduler:
         self._gpu_phase_ended(run, now, learn=learn and not run.cancelled)
         del self._running[request_id]
         self._release(run)
-        self._seq.pop(request_id, None)
         return True
 
     def progress(self, request_id: int, phase: str, done: int, total: int, now: float) -> bool:
@@ -293,7 +290,6 @@ class Scheduler:
         running, free its slot and locks as `finished` does. False if it was unknown."""
         if (entry := self._queued.pop(request_id, None)) is not None:
             self._queue_len[entry[1].stage] -= 1
-            self._seq.pop(request_id, None)
             return True
         return self._finish(request_id, 0.0, learn=False)
 
@@ -412,7 +408,7 @@ class Scheduler:
     def _enqueue(self, job: Job, tier: int) -> None:
         token = next(self._tokens)
         deadline = math.inf if job.deadline is None else job.deadline
-        key = (deadline, -job.priority, tier, self._seq[job.request_id])
+        key = (deadline, -job.priority, tier, job.arrival)
         self._queued[job.request_id] = (token, job)
         self._queue_len[job.stage] = self._queue_len.get(job.stage, 0) + 1
         heapq.heappush(self._heaps.setdefault(job.stage, []), (key, token, job.request_id))
@@ -584,7 +580,7 @@ class Scheduler:
 
     def _drop_running(self, child: _Child) -> list[Job]:
         jobs = []
-        for rid in sorted(child.running, key=lambda r: self._seq.get(r, 0)):
+        for rid in sorted(child.running, key=lambda r: (self._running[r].job.arrival, r)):
             run = self._running.pop(rid)
             self._release(run)
             jobs.append(run.job)

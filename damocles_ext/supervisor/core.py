@@ -74,6 +74,8 @@ _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuc
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
+_OBSERVER_TIMEOUT = 10.0  # one observer hook call
+_OBSERVER_BACKLOG = 10_000  # events waiting for slow observers; more are dropped (logged)
 
 CHILD_STATES = ("starting", "ready", "busy", "backoff", "fatal", "stopping", "stopped")
 
@@ -148,6 +150,7 @@ class _Slot:
     request: _Request
     started: float
     abandoned: bool = False  # its request was answered or moved on; we wait for the child
+    timeout: list[Any] | None = None  # its RequestTimeoutSecs timer (cancelled on the answer)
 
 
 class _Process:
@@ -197,26 +200,55 @@ class _Child:
 
 
 class _Timers:
-    """A heap of (when, fn); each fn checks on its own that it is still relevant."""
+    """A heap of [when, seq, fn]; each fn checks on its own that it is still relevant.
+
+    A timer can also be cancelled (fn set to None): the request timeout of an answered request
+    would otherwise keep its closure, and the request's task with it, until it expires, which
+    with a long RequestTimeoutSecs is a lot of memory. Cancelled entries are dropped when they
+    reach the top, and the heap is rebuilt once they are most of it.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[float], None]]] = []
+        self._heap: list[list[Any]] = []
         self._seq = itertools.count()
+        self._cancelled = 0
         self.armed = math.inf
         self.wake = trio.Event()
 
-    def add(self, when: float, fn: Callable[[float], None]) -> None:
-        heapq.heappush(self._heap, (when, next(self._seq), fn))
+    def __len__(self) -> int:
+        return len(self._heap) - self._cancelled
+
+    def add(self, when: float, fn: Callable[[float], None]) -> list[Any]:
+        entry = [when, next(self._seq), fn]
+        heapq.heappush(self._heap, entry)
         if when < self.armed:
             self.wake.set()
+        return entry
+
+    def cancel(self, entry: list[Any] | None) -> None:
+        if entry is None or entry[2] is None:
+            return
+        entry[2] = None
+        self._cancelled += 1
+        if self._cancelled > 64 and 2 * self._cancelled > len(self._heap):
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
 
     def pop_due(self, now: float) -> list[Callable[[float], None]]:
         due = []
         while self._heap and self._heap[0][0] <= now:
-            due.append(heapq.heappop(self._heap)[2])
+            fn = heapq.heappop(self._heap)[2]
+            if fn is None:
+                self._cancelled -= 1
+            else:
+                due.append(fn)
         return due
 
     def next(self) -> float:
+        while self._heap and self._heap[0][2] is None:
+            heapq.heappop(self._heap)
+            self._cancelled -= 1
         return self._heap[0][0] if self._heap else math.inf
 
 
@@ -286,6 +318,7 @@ class Supervisor:
         self._finished = False
         self._observer_send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
         self._unreaped: list[ChildProcess] = []
+        self._observer_dropped = 0
 
     # -- public API -------------------------------------------------------------------------
 
@@ -300,7 +333,7 @@ class Supervisor:
         self._started = True
         observer_receive = None
         if self._pm is not None:
-            self._observer_send, observer_receive = trio.open_memory_channel(math.inf)
+            self._observer_send, observer_receive = trio.open_memory_channel(_OBSERVER_BACKLOG)
         try:
             async with trio.open_nursery() as nursery:
                 driver_scope = trio.CancelScope()
@@ -582,7 +615,9 @@ class Supervisor:
         self._send(child, p, p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority))
         timeout = child.spec.request_timeout
         if timeout:
-            self._timers.add(now + timeout, lambda t: self._on_request_timeout(child, p, slot, t))
+            slot.timeout = self._timers.add(
+                now + timeout, lambda t: self._on_request_timeout(child, p, slot, t)
+            )
         hb = child.spec.heartbeat_timeout
         if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
             p.heartbeat_armed = True
@@ -688,6 +723,7 @@ class Supervisor:
                 )
             return
         self._slots.pop(slot.attempt_id, None)
+        self._timers.cancel(slot.timeout)
         self._scheduler.finished(slot.attempt_id, now)
         req = slot.request
         if slot.abandoned:
@@ -1168,6 +1204,7 @@ class Supervisor:
         p.slots.clear()
         for slot in slots:
             self._slots.pop(slot.attempt_id, None)
+            self._timers.cancel(slot.timeout)
             if slot.abandoned:
                 continue
             req = slot.request
@@ -1224,13 +1261,32 @@ class Supervisor:
                 self._observer_send.send_nowait((hook, kwargs))
             except trio.ClosedResourceError:
                 pass
+            except trio.WouldBlock:
+                # Slow observers must not make the supervisor's memory grow without bound.
+                self._observer_dropped += 1
+                if self._observer_dropped % 1000 == 1:
+                    log.warning(
+                        "observers are too slow: %d events dropped so far (%s)",
+                        self._observer_dropped,
+                        hook,
+                    )
 
     async def _observer_loop(self, receive: trio.MemoryReceiveChannel) -> None:
         from ..plugins import call_observers
 
         async with receive:
             async for hook, kwargs in receive:
-                await call_observers(self._pm, hook, **kwargs)
+                # An async observer that never returns would otherwise hold every later event
+                # and keep run() from returning.
+                with trio.move_on_after(_OBSERVER_TIMEOUT) as scope:
+                    await call_observers(self._pm, hook, **kwargs)
+                if scope.cancelled_caught:
+                    log.error(
+                        "observer hook %s did not return within %gs; cancelled it (observers"
+                        " must return quickly)",
+                        hook,
+                        _OBSERVER_TIMEOUT,
+                    )
 
     def _child_info(self, child: _Child) -> Any:
         from ..hookspecs import ChildInfo as HookChildInfo

@@ -1,0 +1,152 @@
+"""The supervisor's memory stays bounded (issue 7): nothing of a request outlives its answer.
+
+Each test runs the leaking pattern many times and checks that what is retained does not grow
+with the count: the scheduler's per-request state (measured with tracemalloc), the timers of
+answered requests, and the queue of events for observer plugins that are slow or never return.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tracemalloc
+
+import pytest
+import trio
+from supervisor_helpers import dext_child, our_descendants, spec, window_task
+
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.scheduling.policy import ChildInfo, Job, Scheduler
+from damocles_ext.supervisor import Supervisor, core
+
+WD = "window_post"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    assert our_descendants() == []
+
+
+def _retained(run, first: int, count: int) -> int:
+    """Bytes still allocated after `run(first, count)`, traced from its start."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        run(first, count)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_jobs_failed_in_the_queue_leave_nothing_in_the_scheduler():
+    s = Scheduler()  # no child for the stage: every job fails at the first decide()
+
+    def fail(first: int, count: int) -> None:
+        for rid in range(first, first + count):
+            s.submit(Job(rid, WD, float(rid)), float(rid))
+            s.decide(float(rid))
+
+    fail(1, 200)  # warm up: dicts and heaps reach their working size
+    # 20,000 requests used to leave ~90 bytes each (an arrival-order entry): ~1.8 MB.
+    assert _retained(fail, 1000, 20_000) < 50_000
+
+
+def test_jobs_lost_with_their_child_leave_nothing_in_the_scheduler():
+    s = Scheduler()
+    s.add_child(ChildInfo("a", WD, 1, 1, frozenset({"gpu:0"})))
+    s.child_ready("a", 0.0)
+
+    def lose(first: int, count: int) -> None:
+        for rid in range(first, first + count):
+            s.submit(Job(rid, WD, float(rid)), float(rid))
+            s.decide(float(rid))
+            assert [j.request_id for j in s.child_down("a", float(rid))] == [rid]
+            s.child_ready("a", float(rid))  # the caller failed it rather than requeue it
+
+    lose(1, 200)
+    assert _retained(lose, 1000, 20_000) < 50_000
+
+
+def test_retried_attempts_keep_their_requests_arrival_order():
+    # The supervisor gives each retry a fresh job id; the retries still go in arrival order.
+    s = Scheduler()
+    s.add_child(ChildInfo("a", WD, 2, 1, frozenset()))
+    s.child_ready("a", 0.0)
+    s.submit(Job(1, WD, 1.0), 1.0)
+    s.submit(Job(2, WD, 2.0), 2.0)
+    s.decide(2.0)
+    lost = s.child_down("a", 3.0)
+    s.submit(Job(3, WD, 3.0), 3.0)
+    for job, fresh_id in zip(reversed(lost), (12, 11)):
+        s.requeue(Job(fresh_id, WD, job.arrival), 3.0)
+    s.child_ready("a", 4.0)
+    first = [d.request_id for d in s.decide(4.0)]
+    for rid in first:
+        s.finished(rid, 5.0)
+    assert first + [d.request_id for d in s.decide(5.0)] == [11, 12, 3]
+
+
+async def test_timers_of_answered_requests_do_not_pile_up_until_they_expire():
+    # RequestTimeoutSecs of an hour: each answered request's timer used to stay an hour.
+    child = spec(dext_child(), request_timeout=3600.0)
+    sup = Supervisor([child])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        for i in range(300):
+            await sup.submit(window_task(miner=i))
+        pending = len(sup._timers)
+        sup.request_shutdown()
+    assert pending <= 1
+
+
+class _HangingObserver:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    async def dext_request_finished(self, request, outcome, duration):
+        self.calls += 1
+        await trio.sleep_forever()
+
+
+async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_running(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    observer = _HangingObserver()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(observer, name="hanging")
+    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            for i in range(3):
+                await sup.submit(window_task(miner=i))
+            sup.request_shutdown()
+    assert observer.calls == 3  # each call was cut off, and the next one still came
+    assert "did not return within 0.05s" in caplog.text
+
+
+async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkeypatch, caplog):
+    monkeypatch.setattr(core, "_OBSERVER_BACKLOG", 5)
+    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    observer = _HangingObserver()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(observer, name="hanging")
+    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        for i in range(40):  # two events a request, on one trio tick each: faster than 0.05 s
+            await sup.submit(window_task(miner=i))
+        dropped = sup._observer_dropped
+        sup.request_shutdown()
+    assert dropped > 0
+    assert "observers are too slow" in caplog.text
