@@ -18,10 +18,12 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from .errors import ProverError, UsageError
+from .protocol import control as control_protocol
 from .protocol import dext
 from .supervisor.control import default_socket_path
 from .tasks import Output, Task
@@ -55,6 +57,7 @@ class Client:
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        self._status_pending: dict[int, tuple[trio.Event, list[control_protocol.StatusReply]]] = {}
         self._lost: str | None = None
 
     async def submit(
@@ -97,7 +100,38 @@ class Client:
             )
         return response.output
 
-    async def _send(self, message: dext.Message) -> None:
+    async def status(self) -> Any:
+        """The supervisor's status document (`damocles_ext.status.StatusDocument`).
+
+        Raises ProverError if the connection is lost or the supervisor cannot report it.
+        """
+        from .status import StatusError, parse_document
+
+        if self._lost is not None:
+            raise ProverError(self._lost)
+        request_id = next(self._ids)
+        done = trio.Event()
+        box: list[control_protocol.StatusReply] = []
+        self._status_pending[request_id] = (done, box)
+        try:
+            await self._send(control_protocol.StatusRequest(request_id))
+            await done.wait()
+        finally:
+            del self._status_pending[request_id]
+        if not box:
+            raise ProverError(
+                f"cannot get the status from {self.path}: {self._lost or 'no reply'}"
+                " (a supervisor older than the status command closes the connection)"
+            )
+        reply = box[0]
+        if reply.error is not None or reply.status is None:
+            raise ProverError(f"the supervisor at {self.path} sent no status: {reply.error}")
+        try:
+            return parse_document(reply.status)
+        except StatusError as exc:
+            raise ProverError(str(exc)) from None
+
+    async def _send(self, message: Any) -> None:
         async with self._send_lock:
             try:
                 await self._stream.send_all(dext.encode(message))
@@ -107,7 +141,7 @@ class Client:
                 ) from None
 
     async def _read_loop(self) -> None:
-        decoder = dext.FrameDecoder()
+        decoder = control_protocol.frame_decoder()
         reason = "the supervisor closed the connection"
         try:
             while True:
@@ -139,11 +173,18 @@ class Client:
                     pending.on_progress(msg)
                 except Exception:  # the caller's callback must not take the connection down
                     log.exception("on_progress callback of request %d failed", msg.id)
+        elif isinstance(msg, control_protocol.StatusReply):
+            waiter = self._status_pending.get(msg.id)
+            if waiter is not None:
+                waiter[1].append(msg)
+                waiter[0].set()
         else:
             log.warning("ignoring an unexpected %s frame from the supervisor", type(msg).__name__)
 
     def _fail_all(self, reason: str) -> None:
         self._lost = reason
+        for done, _box in self._status_pending.values():
+            done.set()
         for pending in self._pending.values():
             if not pending.done.is_set():
                 pending.error = reason

@@ -97,6 +97,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=0,
         help="higher goes first among queued requests (default: 0)",
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="do not show the prover's progress on stderr (a bar on a terminal, else a line"
+        " every 5 s)",
+    )
     add_common_args(parser, "warning")
     return parser
 
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
     from damocles_ext.commands.serve import children_of, load_config_from_args, setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args)
     if args.manifest is not None:
         task = task_from_manifest(args)
     else:
@@ -118,16 +124,33 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    if args.config is not None or args.conf_dir is not None:
-        children = children_of(load_config_from_args(args), args.stage)
-        output = trio.run(_prove_embedded, children, task, deadline, args.priority)
-    else:
-        output = trio.run(_prove_remote, args.socket, task, deadline, args.priority)
+    from damocles_ext.progress import ProgressRenderer
+
+    renderer = None if args.no_progress else ProgressRenderer(sys.stderr, label=args.stage)
+
+    def on_progress(progress) -> None:
+        log.info("progress: %s %d/%d", progress.phase, progress.done, progress.total)
+        if renderer is not None:
+            renderer.update(progress.phase, progress.done, progress.total)
+
+    try:
+        if args.config is not None or args.conf_dir is not None:
+            children = children_of(load_config_from_args(args), args.stage)
+            output = trio.run(_prove_embedded, children, task, deadline, args.priority, on_progress)
+        else:
+            output = trio.run(
+                _prove_remote, args.socket, task, deadline, args.priority, on_progress
+            )
+    finally:
+        if renderer is not None:
+            renderer.close()
     _emit(output, output_path)
     return 0
 
 
-async def _prove_embedded(children, task: Task, deadline: float | None, priority: int) -> Output:
+async def _prove_embedded(
+    children, task: Task, deadline: float | None, priority: int, on_progress
+) -> Output:
     from damocles_ext.api import open_supervisor
     from damocles_ext.errors import ProverError
 
@@ -138,7 +161,7 @@ async def _prove_embedded(children, task: Task, deadline: float | None, priority
     async with open_supervisor(children, plugin_manager=get_plugin_manager()) as supervisor:
         try:
             return await supervisor.submit(
-                task, deadline=deadline, priority=priority, on_progress=_log_progress
+                task, deadline=deadline, priority=priority, on_progress=on_progress
             )
         except ProverError as exc:
             error = exc
@@ -146,19 +169,15 @@ async def _prove_embedded(children, task: Task, deadline: float | None, priority
 
 
 async def _prove_remote(
-    socket: str | None, task: Task, deadline: float | None, priority: int
+    socket: str | None, task: Task, deadline: float | None, priority: int, on_progress
 ) -> Output:
     from damocles_ext.client import connect
 
     async with connect(socket) as client:
         log.info("connected to %s", client.path)
         return await client.submit(
-            task, deadline=deadline, priority=priority, on_progress=_log_progress
+            task, deadline=deadline, priority=priority, on_progress=on_progress
         )
-
-
-def _log_progress(progress) -> None:
-    log.info("progress: %s %d/%d", progress.phase, progress.done, progress.total)
 
 
 def _emit(output: Output, path: Path | None) -> None:

@@ -8,6 +8,7 @@ import logging
 from .serve import (
     add_common_args,
     add_config_args,
+    add_dump_arg,
     add_restart_arg,
     add_shutdown_arg,
     load_config_from_args,
@@ -37,8 +38,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen_address,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default; ':PORT' or"
+        " 'PORT' listens on 127.0.0.1 only; give 0.0.0.0:PORT to let other hosts scrape)",
+    )
     add_common_args(parser, "info")
+    add_dump_arg(parser)
     return parser
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from damocles_ext.metrics import parse_listen_address
+
+    return parse_listen_address(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,23 +62,37 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.commands.serve import setup_logging
     from damocles_ext.supervisor.control import bind_control_socket, default_socket_path
 
-    setup_logging(args.log_level)
+    setup_logging(args)
     config = load_config_from_args(args)
     path = args.socket if args.socket is not None else default_socket_path()
-    # The socket is checked and bound before any child is spawned: a taken or unsafe path is a
-    # usage error, not a half-started supervisor.
+    # The socket and the metrics port are bound before any child is spawned: a taken or unsafe
+    # place is a usage error, not a half-started supervisor.
     sock = bind_control_socket(path)
+    metrics = server = None
     try:
         from damocles_ext.supervisor.core import Supervisor
 
-        supervisor = Supervisor(config, **supervisor_options(args))
+        options = supervisor_options(args)
+        if args.metrics is not None:
+            from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+
+            metrics = SupervisorMetrics()
+            options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+            server = MetricsServer(metrics, *args.metrics)
+        supervisor = Supervisor(config, **options)
     except BaseException:
         _discard(sock)
+        if server is not None:
+            server.close()
         raise
 
     import trio
 
-    return trio.run(_run, supervisor, sock)
+    try:
+        return trio.run(_run, supervisor, sock, metrics, server)
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _discard(sock) -> None:
@@ -75,19 +105,28 @@ def _discard(sock) -> None:
         os.unlink(path)
 
 
-async def _run(supervisor, sock) -> int:
+async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
     import signal
 
     import trio
 
+    from damocles_ext.status import StatusSource
     from damocles_ext.supervisor.control import ControlServer
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        server = ControlServer(sock, supervisor.submit)
+        status = StatusSource(
+            supervisor,
+            socket=str(sock.getsockname()),
+            metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
+        )
+        server = ControlServer(sock, supervisor.submit, status=status.as_data)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, server, supervisor, nursery.cancel_scope)
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
+            if metrics is not None:
+                metrics.attach(supervisor, trio.lowlevel.current_trio_token())
+                log.info("metrics on %s", metrics_server.url)
             await supervisor.run()
             # Every accepted request has its answer by now; give the clients time to read it.
             server.stop_accepting()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,19 +63,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 class _Reporter:
-    """Plain progress lines on stderr, at most one a second plus the last one."""
+    """Feeds create_sectors' progress to a ProgressRenderer: a bar on a terminal, else lines."""
 
-    def __init__(self) -> None:
-        self.last = 0.0
+    def __init__(self, count: int) -> None:
+        from damocles_ext.progress import ProgressRenderer
+
+        self.renderer = ProgressRenderer(sys.stderr, interval=1.0)
+        self.count = count
+        self.done = 0
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if phase == "sectors" and (done == total or now - self.last >= 1.0):
-            self.last = now
-            print(f"sectors: {done}/{total}", file=sys.stderr, flush=True)
-        elif phase == "build_tree" and now - self.last >= 1.0:
-            self.last = now
-            print(f"  tree: {100 * done // max(total, 1)}%", file=sys.stderr, flush=True)
+        if phase == "sectors":
+            self.done = done
+            self.renderer.update("sectors", done, total)
+        elif phase == "build_tree":
+            # Trees of big sectors take a while: show which sector, and how far its tree got.
+            self.renderer.update(f"sector {self.done + 1}/{self.count} tree", done, total)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,18 +90,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--miner must be a non-negative actor id, got {args.miner}")
     if args.first_sector_id < 0:
         raise UsageError(f"--first-sector-id must be non-negative, got {args.first_sector_id}")
+    reporter = _Reporter(args.count)
     try:
         manifest = create_sectors(
             args.out,
             args.proof_type,
             args.count,
             args.miner,
-            progress=_Reporter(),
+            progress=reporter,
             rows_to_discard=args.rows_to_discard,
             first_sector_id=args.first_sector_id,
             random_seed=args.random_seed,
         )
     except OSError as exc:
         raise UsageError(f"cannot write fixtures under {args.out}: {exc}") from None
+    finally:
+        reporter.renderer.close()
     print(manifest)
     return 0

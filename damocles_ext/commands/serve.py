@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
 
 STAGES = ("window_post", "winning_post")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SHUTDOWN_GRACE = 30.0
 log = logging.getLogger("damocles_ext.serve")
 
@@ -39,13 +38,10 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None:
-    """--log-level."""
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=default_level,
-        help=f"how much to log on stderr (default: {default_level})",
-    )
+    """--log-level and --log-format (damocles_ext.logs)."""
+    from damocles_ext.logs import add_logging_args
+
+    add_logging_args(parser, default_level)
 
 
 def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
@@ -111,13 +107,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr only: in `serve`, stdout carries the protocol."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr only (in `serve`, stdout carries the protocol): damocles_ext.logs."""
+    from damocles_ext.logs import setup_from_args
+
+    setup_from_args(args)
 
 
 def load_config_from_args(args: argparse.Namespace) -> Config:
@@ -161,12 +155,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_common_args(parser, "info")
+    add_dump_arg(parser)
     return parser
+
+
+def add_dump_arg(parser: argparse.ArgumentParser) -> None:
+    """--dump-dir DIR (damocles_ext.logs)."""
+    from damocles_ext.logs import add_dump_arg as add
+
+    add(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
-    setup_logging(args.log_level)
+    setup_logging(args)
     config = load_config_from_args(args)
     children = children_of(config, args.stage)
 

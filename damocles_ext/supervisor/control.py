@@ -3,7 +3,8 @@
 A client sends `Request{id, task, deadline, priority}` (and may send `Cancel{id}`); it receives the
 `Progress` of its requests and exactly one `Response` per request id. Ids belong to the
 connection, several requests may be in flight on one connection, and a client that disconnects
-takes its queued and running requests with it (they are cancelled).
+takes its queued and running requests with it (they are cancelled). A client may also send
+`StatusRequest{id}` (protocol/control.py) and gets `StatusReply{id, status}`: the status document.
 
 Who may connect is decided by the file system: the socket has mode 0600 inside a directory of
 mode 0700 that we own, and neither may be a symlink; on top of that, a peer whose uid is neither
@@ -27,6 +28,7 @@ from typing import Protocol
 import trio
 
 from ..errors import DextError, UsageError
+from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..tasks import Output, Task
 
@@ -196,13 +198,23 @@ class ControlStats:
 
 
 class ControlServer:
-    """Serves dext clients on a listening unix socket by calling `submit` for each request."""
+    """Serves dext clients on a listening unix socket by calling `submit` for each request.
 
-    def __init__(self, sock: socket.socket, submit: ControlSubmit) -> None:
+    `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        submit: ControlSubmit,
+        *,
+        status: Callable[[], Awaitable[dict[str, object]]] | None = None,
+    ) -> None:
         self.path = Path(sock.getsockname())
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
         self._submit = submit
+        self._status = status
         self._uid = os.geteuid()
         self._accept_scope = trio.CancelScope()
         self._connections: set[_Connection] = set()
@@ -288,8 +300,9 @@ class _Connection:
     def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self._server = server
         self._stream = stream
-        self._decoder = dext.FrameDecoder()
+        self._decoder = control_protocol.frame_decoder()
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._replies: list[control_protocol.StatusReply] = []
         # Responses are never dropped; Progress is advisory, so only the latest per id is kept
         # and a slow client cannot make us buffer without bound.
         self._responses: list[dext.Response] = []
@@ -327,6 +340,8 @@ class _Connection:
                     scope = self._scopes.get(msg.id)
                     if scope is not None:
                         scope.cancel()
+                elif isinstance(msg, control_protocol.StatusRequest):
+                    nursery.start_soon(self._answer_status, msg.id)
                 else:
                     log.error(
                         "control client sent a %s frame, which only a prover child may"
@@ -386,6 +401,23 @@ class _Connection:
             response = dext.Response(req.id, error="cancelled at the client's request")
         self._queue_response(response)
 
+    async def _answer_status(self, request_id: int) -> None:
+        status = self._server._status
+        if status is None:
+            reply = control_protocol.StatusReply(
+                request_id, error="this supervisor does not report its status"
+            )
+        else:
+            try:
+                reply = control_protocol.StatusReply(request_id, status=await status())
+            except Exception as exc:  # a bug of ours must still answer, and not kill `run`
+                log.exception("status request %d: internal error", request_id)
+                reply = control_protocol.StatusReply(
+                    request_id, error=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+                )
+        self._replies.append(reply)
+        self._wake.set()
+
     def _queue_response(self, response: dext.Response) -> None:
         self._progress.pop(response.id, None)
         self._responses.append(response)
@@ -399,7 +431,9 @@ class _Connection:
             self._progress.clear()
             responses = self._responses
             self._responses = []
-            data = b"".join(dext.encode(m) for m in (*progress, *responses))
+            replies = self._replies
+            self._replies = []
+            data = b"".join(dext.encode(m) for m in (*progress, *responses, *replies))
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -1,0 +1,296 @@
+"""Prometheus metrics of `damocles-ext run --metrics HOST:PORT`.
+
+Two sources, so that an idle supervisor pays nothing between scrapes:
+
+* events (answers by outcome, durations, deadline slack, child exits) come from the observer
+  hooks: `SupervisorMetrics` is a plugin registered on the plugin manager only when metrics are
+  on, and its hooks run when a request finishes or a child exits, never on a timer;
+* levels (states, queues, memory, and the counters the supervisor keeps anyway: restarts, CPU
+  seconds) are read when Prometheus scrapes: a custom collector asks the supervisor for
+  `statistics()` (on the trio thread, through `trio.from_thread`) and reads the children's
+  process trees with psutil, in the HTTP thread.
+
+The HTTP server is prometheus_client's, on a daemon thread; the supervisor never waits for it.
+Every metric is listed, with its labels, in docs/OBSERVABILITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import UsageError
+from .hookspecs import OUTCOMES, hookimpl
+
+log = logging.getLogger("damocles_ext.metrics")
+
+PREFIX = "damocles_ext"
+CHILD_STATES = ("starting", "ready", "busy", "backoff", "fatal", "stopping", "stopped")
+# WinningPoSt must finish within seconds, a 32GiB WindowPoSt partition takes minutes on a GPU.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# Negative slack is a missed deadline; a WindowPoSt deadline window is 30 minutes.
+SLACK_BUCKETS = (-60, -10, -1, 0, 1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+DEFAULT_HOST = "127.0.0.1"
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT', 'PORT' or '[IPv6]:PORT' -> (host, port); host defaults to 127.0.0.1.
+
+    Raises argparse.ArgumentTypeError (argparse turns it into exit 2) naming what is wrong.
+    """
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "", value
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9100"
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected HOST:PORT (e.g. 127.0.0.1:9100), the port is not a number"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port} is not in 0..65535")
+    host = host or DEFAULT_HOST
+    if not _valid_host(host):
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address or host name")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum() and label[0] != "-"
+        for label in labels
+    )
+
+
+class SupervisorMetrics:
+    """The metrics of one supervisor; register it on the plugin manager for the event part."""
+
+    def __init__(self, registry: Any = None, *, process_metrics: bool = True) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Histogram,
+            ProcessCollector,
+            disable_created_metrics,
+        )
+
+        # The *_created series double the output and no dashboard of ours reads them.
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests_total",
+            "Requests answered, by stage and outcome (ok, fault, error, timeout, cancelled).",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Seconds from submission to answer, by stage (every outcome).",
+            ["stage"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.slack = Histogram(
+            f"{PREFIX}_request_deadline_slack_seconds",
+            "Seconds left before the deadline when a request with one was answered (negative:"
+            " missed).",
+            ["stage"],
+            buckets=SLACK_BUCKETS,
+            registry=r,
+        )
+        self.exits = Counter(
+            f"{PREFIX}_child_exits_total",
+            "Child processes that ended, whatever the cause (crash, kill, shutdown).",
+            ["stage", "child"],
+            registry=r,
+        )
+        if process_metrics:
+            ProcessCollector(registry=r)  # the supervisor's own process_* metrics
+        self.collector = _LevelCollector()
+        r.register(self.collector)
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def attach(self, supervisor: Any, trio_token: Any) -> None:
+        """Read gauges from `supervisor` at scrape time (call from its trio thread)."""
+        stats = supervisor.statistics()
+        for stage in sorted({c.stage for c in stats.children}):
+            for outcome in OUTCOMES:
+                self.requests.labels(stage, outcome)  # present (0) before the first answer
+            self.duration.labels(stage)
+        for c in stats.children:
+            self.exits.labels(c.stage, c.name)
+        self.collector.attach(supervisor, trio_token)
+
+    # -- observer hooks (event part) ------------------------------------------------------------
+
+    @hookimpl
+    def dext_child_exited(self, child: Any, status: Any) -> None:
+        """Count child process exits."""
+        self.exits.labels(child.stage, child.name).inc()
+
+    @hookimpl
+    def dext_request_finished(
+        self, request: Any, outcome: str, duration: float, slack: float | None
+    ) -> None:
+        """Count the answer, observe its duration and its deadline slack."""
+        self.requests.labels(request.stage, outcome).inc()
+        self.duration.labels(request.stage).observe(duration)
+        if slack is not None:
+            self.slack.labels(request.stage).observe(slack)
+
+
+class _LevelCollector:
+    """Gauges read at scrape time from Supervisor.statistics() and the children's process trees."""
+
+    def __init__(self) -> None:
+        self._supervisor: Any = None
+        self._token: Any = None
+
+    def attach(self, supervisor: Any, trio_token: Any) -> None:
+        self._supervisor = supervisor
+        self._token = trio_token
+
+    def describe(self) -> list[Any]:
+        # Without describe(), register() would call collect() at once, before attach().
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._snapshot()
+        if stats is None:
+            return
+        from .status import sample_trees
+
+        state = GaugeMetricFamily(
+            f"{PREFIX}_child_state",
+            "1 for the state each child is in (starting, ready, busy, backoff, fatal, stopping,"
+            " stopped), 0 for the others.",
+            labels=["stage", "child", "state"],
+        )
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_child_requests_in_flight",
+            "Requests running on each child.",
+            labels=["stage", "child"],
+        )
+        capacity = GaugeMetricFamily(
+            f"{PREFIX}_child_capacity",
+            "Requests each child may run at once (Concurrent).",
+            labels=["stage", "child"],
+        )
+        stage_in_flight = GaugeMetricFamily(
+            f"{PREFIX}_requests_in_flight",
+            "Requests running on the children of each stage.",
+            labels=["stage"],
+        )
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_requests_queued",
+            "Requests waiting for a child, by stage.",
+            labels=["stage"],
+        )
+        deadline = GaugeMetricFamily(
+            f"{PREFIX}_queue_nearest_deadline_timestamp_seconds",
+            "Unix time of the nearest deadline among each stage's queued requests (absent when"
+            " none has one).",
+            labels=["stage"],
+        )
+        rss = GaugeMetricFamily(
+            f"{PREFIX}_child_resident_memory_bytes",
+            "Resident memory of each child's process tree (sum over its processes).",
+            labels=["stage", "child"],
+        )
+        restarts = CounterMetricFamily(
+            f"{PREFIX}_child_restarts",
+            "Restarts of each child (counted when the restart is decided, as in `status`).",
+            labels=["stage", "child"],
+        )
+        cpu = CounterMetricFamily(
+            f"{PREFIX}_child_cpu_seconds",
+            "User and system CPU time of each child's current process tree (resets when the"
+            " child restarts).",
+            labels=["stage", "child"],
+        )
+        per_stage: dict[str, int] = {}
+        for c in stats.children:
+            for s in CHILD_STATES:
+                state.add_metric([c.stage, c.name, s], 1.0 if c.state == s else 0.0)
+            in_flight.add_metric([c.stage, c.name], c.in_flight)
+            capacity.add_metric([c.stage, c.name], c.capacity)
+            restarts.add_metric([c.stage, c.name], c.restarts)
+            per_stage[c.stage] = per_stage.get(c.stage, 0) + c.in_flight
+        for stage, s in sorted(stats.stages.items()):
+            queued.add_metric([stage], s.queued)
+            stage_in_flight.add_metric([stage], per_stage.get(stage, 0))
+            if s.nearest_deadline is not None:
+                deadline.add_metric([stage], s.nearest_deadline)
+        roots = {c.name: c.pid for c in stats.children if c.pid is not None}
+        try:
+            trees = sample_trees(roots)
+        except Exception:  # psutil trouble must not cost the other metrics
+            log.exception("cannot read the children's process trees")
+            trees = {}
+        for c in stats.children:
+            tree = trees.get(c.name)
+            if tree is not None:
+                rss.add_metric([c.stage, c.name], tree.rss_bytes)
+                cpu.add_metric([c.stage, c.name], tree.cpu_seconds)
+        yield from (state, in_flight, capacity, restarts, stage_in_flight, queued, deadline, rss)
+        yield cpu
+
+    def _snapshot(self) -> Any:
+        if self._supervisor is None:
+            return None
+        import trio
+
+        try:
+            return trio.from_thread.run_sync(self._supervisor.statistics, trio_token=self._token)
+        except (trio.RunFinishedError, RuntimeError):
+            return None  # the supervisor's loop is gone (shutting down)
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on a daemon thread; `address` is where it listens."""
+
+    def __init__(self, metrics: SupervisorMetrics, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self._httpd, self._thread = start_http_server(
+                port, addr=host, registry=metrics.registry
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
+                " another --metrics HOST:PORT"
+            ) from None
+        self.host = host
+        self.port: int = self._httpd.server_port
+        self.address = _join(host, self.port)
+        self.url = f"http://{self.address}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
