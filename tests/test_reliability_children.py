@@ -81,3 +81,63 @@ async def test_a_child_exiting_with_an_error_after_ready_has_its_last_stderr_lin
         sup.request_shutdown()
     assert "exit code 3" in str(info.value)
     assert "the GPU fell off the bus" in str(info.value)
+
+
+# -- a child that exits right after its ready message, forever ---------------------------------
+
+
+async def test_a_child_exiting_right_after_ready_backs_off_to_the_cap_then_is_fatal_cheaply(
+    caplog,
+):
+    caplog.set_level(logging.INFO, "damocles_ext.supervisor")
+    quitter = python_child(
+        """
+        import sys
+        sys.stdout.write("window_post processor ready\\n")
+        sys.exit(0)
+        """
+    )
+    policy = BackoffPolicy(base=0.1, cap=0.4, jitter=0.0, max_failed_starts=6)
+    sup = Supervisor([spec(quitter)], backoff=policy)
+    me = psutil.Process()
+    cpu_before = sum(me.cpu_times()[:2])
+    wall_before = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await wait_until(lambda: child_stats(sup).state == "fatal", 20, "FATAL")
+        wall = time.monotonic() - wall_before
+        cpu = sum(me.cpu_times()[:2]) - cpu_before
+        sup.request_shutdown()
+    delays = [
+        float(r.getMessage().rsplit(" ", 1)[1].rstrip("s"))
+        for r in caplog.records
+        if "restarting in" in r.getMessage()
+    ]
+    assert delays == [0.1, 0.2, 0.4, 0.4, 0.4]  # doubling to the cap, then FATAL at the 6th
+    stats = child_stats(sup)
+    assert stats.state == "fatal" and stats.restarts == 5
+    assert "FATAL: exited 6 times in a row after its ready message without answering" in caplog.text
+    # 1.5 s of backoff: the supervisor sleeps through it (no busy loop, no restart storm). The
+    # CPU it does use is mostly the six fork+exec's and log lines.
+    print(f"supervisor CPU {cpu:.3f} s over {wall:.2f} s wall")
+    assert wall >= 1.5
+    assert cpu < 0.25 * wall
+
+
+def test_exits_after_serving_or_after_a_stable_run_never_add_up_to_fatal():
+    from damocles_ext.supervisor.restart import GiveUp, RestartTracker
+
+    tracker = RestartTracker(BackoffPolicy(max_failed_starts=3))
+    for now in range(0, 100, 10):  # it answered requests each time: a crash, not a loop
+        tracker.ready(float(now))
+        assert not isinstance(tracker.exited(now + 1.0, "crash", served=True), GiveUp)
+    for now in range(100, 200, 10):
+        tracker.ready(float(now))  # 60 s ready without requests, then an exit: still fine
+        assert not isinstance(tracker.exited(now + 60.0, "crash", served=False), GiveUp)
+    tracker.ready(300.0)
+    tracker.exited(301.0, "quit", served=False)
+    tracker.ready(302.0)
+    tracker.exited(303.0, "quit", served=False)
+    tracker.ready(304.0)
+    decision = tracker.exited(305.0, "quit", served=False)
+    assert isinstance(decision, GiveUp) and decision.fatal

@@ -197,6 +197,7 @@ class _Child:
         self.stop = trio.Event()
         self.launched = False
         self.capacity = max(1, spec.concurrent)
+        self.answered = False  # the current (or last) process answered a request
 
 
 class _Timers:
@@ -724,6 +725,7 @@ class Supervisor:
             return
         self._slots.pop(slot.attempt_id, None)
         self._timers.cancel(slot.timeout)
+        child.answered = True
         self._scheduler.finished(slot.attempt_id, now)
         req = slot.request
         if slot.abandoned:
@@ -922,7 +924,7 @@ class Supervisor:
                     break
                 now = trio.current_time()
                 decision = (
-                    child.tracker.exited(now, reason)
+                    child.tracker.exited(now, reason, served=child.answered)
                     if was_ready
                     else child.tracker.start_failed(reason)
                 )
@@ -978,6 +980,7 @@ class Supervisor:
         child.pid = proc.pid
         child.started_at = time.time()
         child.protocol = None
+        child.answered = False
         p = _Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
         child.p = p
         self._launched(child, task_status)

@@ -4,8 +4,11 @@ A child that stops (a failed start, or an exit after it was ready) is started ag
 that doubles from `base` up to `cap`, with jitter so a pool that crashed together does not restart
 in lockstep. The delay sequence starts over once a child has stayed ready for `stable_after`
 seconds. A child whose start fails `max_failed_starts` times in a row is FATAL: it is not started
-again, so a broken binary or config costs a few log lines, not a restart storm. A child with
-AutoRestart off is never restarted.
+again, so a broken binary or config costs a few log lines, not a restart storm. The same holds for
+a child that says it is ready and then exits before answering a single request, again and again
+(`max_failed_starts` such exits in a row, none of them after `stable_after` seconds of ready): it
+backs off like any crash, then is FATAL instead of crash-looping forever. A child with AutoRestart
+off is never restarted.
 
 Times are floats on a clock the caller chooses; randomness comes from the `random.Random` passed
 in, so a seeded generator gives a reproducible sequence in tests.
@@ -68,6 +71,7 @@ class RestartTracker:
         self.auto_restart = auto_restart
         self._rng = rng or random.Random()
         self.failed_starts = 0  # consecutive starts that never reached ready
+        self.idle_exits = 0  # consecutive exits after ready without answering any request
         self.step = 0  # position in the doubling sequence
         self.restarts = 0  # total restarts decided (for statistics)
         self._ready_since: float | None = None
@@ -89,11 +93,28 @@ class RestartTracker:
             )
         return self._restart(reason)
 
-    def exited(self, now: float, reason: str) -> Decision:
-        """The child stopped after it had been ready (crash, kill after a hang, broken protocol)."""
-        if self._ready_since is not None and now - self._ready_since >= self.policy.stable_after:
+    def exited(self, now: float, reason: str, *, served: bool = True) -> Decision:
+        """The child stopped after it had been ready (crash, kill after a hang, broken protocol).
+
+        `served`: it answered at least one request in that run.
+        """
+        stable = (
+            self._ready_since is not None and now - self._ready_since >= self.policy.stable_after
+        )
+        if stable:
             self.step = 0
         self._ready_since = None
+        if served or stable:
+            self.idle_exits = 0
+        else:
+            self.idle_exits += 1
+            if self.idle_exits >= self.policy.max_failed_starts:
+                return GiveUp(
+                    f"FATAL: exited {self.idle_exits} times in a row after its ready message"
+                    f" without answering a request (last: {reason}); not restarting - fix the"
+                    " program or config and restart damocles-ext",
+                    fatal=True,
+                )
         return self._restart(reason)
 
     def _restart(self, reason: str) -> Decision:
