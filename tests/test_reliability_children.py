@@ -141,3 +141,190 @@ def test_exits_after_serving_or_after_a_stable_run_never_add_up_to_fatal():
     tracker.ready(304.0)
     decision = tracker.exited(305.0, "quit", served=False)
     assert isinstance(decision, GiveUp) and decision.fatal
+
+
+# -- protocol abuse ----------------------------------------------------------------------------
+
+
+async def test_dext_answers_to_ids_never_given_or_given_twice_are_dropped_and_the_child_kept(
+    caplog,
+):
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    # Request 1: stray answers to ids never sent (0, 999, a huge one), then the real answer.
+    # Request 2: first a second answer to request 1 (a replay with another payload), then the
+    # real one; the replay must not be taken for request 2's answer.
+    handle = """
+    if msg.id == 1:
+        for stray in (0, 999, 2**63):
+            send(dext.Response(stray, error="stray"))
+    else:
+        send(dext.Response(1, output=WindowPoStOutput([b"replayed"], [424242])))
+    answer(msg)
+    """
+    async with open_supervisor_fast([spec(dext_child(handle))]) as sup:
+        await sup.wait_ready()
+        first = await sup.submit(window_task(miner=1))
+        second = await sup.submit(window_task(miner=2))
+        stats = child_stats(sup)
+    assert first.faults[0] == 1 and second.faults[0] == 2
+    assert stats.restarts == 0 and stats.done == 2 and stats.failed == 0
+    for stray in ("unknown id 0 ", "unknown id 999 ", f"unknown id {2**63} "):
+        assert stray in caplog.text
+    assert "a second response to its request 1 dropped" in caplog.text
+
+
+async def test_an_output_of_the_wrong_stage_is_an_error_for_that_request_only():
+    handle = """
+    from damocles_ext.tasks import WinningPoStOutput
+    if msg.task.miner_id == 1:
+        send(dext.Response(msg.id, output=WinningPoStOutput([b"x"])))
+    else:
+        answer(msg)
+    """
+    async with open_supervisor_fast([spec(dext_child(handle))]) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError, match="answered with a winning_post output"):
+            await sup.submit(window_task(miner=1))
+        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+        assert child_stats(sup).restarts == 0
+
+
+async def test_a_child_that_closes_stdout_but_keeps_running_is_killed_and_its_request_retried(
+    tmp_path,
+):
+    marker = tmp_path / "closed-once"
+    # First process: closes its stdout on the first request and goes on living (ignoring
+    # SIGTERM and stdin EOF). Second process: answers.
+    handle = """
+    if not os.path.exists(os.environ["MARKER"]):
+        open(os.environ["MARKER"], "w").write(str(os.getpid()))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.close(1)
+        while True:
+            time.sleep(1)
+    answer(msg)
+    """
+    child = spec(dext_child(handle, setup="import signal, time"), envs={"MARKER": str(marker)})
+    async with open_supervisor_fast([child]) as sup:
+        await sup.wait_ready()
+        out = await sup.submit(window_task(miner=6))
+        stats = child_stats(sup)
+    first_pid = int(marker.read_text())
+    assert out.faults == [6, stats.pid] and stats.pid != first_pid
+    assert "closed its stdout" in stats.last_exit and "SIGKILL" in stats.last_exit
+    assert not alive(first_pid)
+
+
+async def test_a_1_gib_frame_length_kills_the_child_without_the_supervisor_buffering_it():
+    # The prefix announces 1 GiB, then the child writes as fast as it can until killed.
+    handle = """
+    out.write(struct.pack(">I", 1 << 30))
+    chunk = b"\\0" * (1 << 20)
+    while True:
+        out.write(chunk)
+    """
+    me = psutil.Process()
+    rss_before = me.memory_info().rss
+    async with open_supervisor_fast(
+        [spec(dext_child(handle, setup="import struct"), max_attempts=1)]
+    ) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task())
+        rss_after = me.memory_info().rss
+    assert "frame length 1073741824 exceeds the maximum" in str(info.value)
+    assert "broke the protocol" in str(info.value)
+    print(f"supervisor RSS grew {(rss_after - rss_before) / 2**20:.1f} MiB")
+    assert rss_after - rss_before < 32 * 2**20
+
+
+async def test_a_stderr_flood_is_relogged_in_pieces_while_requests_keep_being_answered():
+    # 4 MiB lines of 100 bytes and one 8 MiB line without a newline, from a thread, while the
+    # main thread answers requests.
+    setup = """
+    import threading
+    def flood():
+        line = b"x" * 99 + b"\\n"
+        for _ in range(40):
+            os.write(2, line * 1000)
+        os.write(2, b"y" * (8 << 20))
+        os.write(2, b"\\nflood done\\n")
+    threading.Thread(target=flood, daemon=True).start()
+    """
+    me = psutil.Process()
+    rss_before = me.memory_info().rss
+    # Count, do not keep: the test must not be what holds the memory (nor pytest's log capture).
+    seen = _Count()
+    child_logger = logging.getLogger("damocles_ext.child")
+    saved = child_logger.level, child_logger.propagate
+    child_logger.addHandler(seen)
+    child_logger.setLevel(logging.INFO)
+    child_logger.propagate = False
+    try:
+        async with open_supervisor_fast([spec(dext_child(setup=setup))]) as sup:
+            await sup.wait_ready()
+            for i in range(50):
+                assert (await sup.submit(window_task(miner=i))).faults[0] == i
+            await wait_until(lambda: seen.done, 20, "the end of the flood")
+            rss_after = me.memory_info().rss
+    finally:
+        child_logger.removeHandler(seen)
+        child_logger.setLevel(saved[0])
+        child_logger.propagate = saved[1]
+    assert seen.x_lines == 40_000
+    # The newline-less line arrives as pieces of at most 8 KiB, never buffered whole.
+    assert seen.y_chars == 8 << 20 and seen.longest < 8192 + 100
+    print(f"supervisor RSS grew {(rss_after - rss_before) / 2**20:.1f} MiB")
+    assert rss_after - rss_before < 32 * 2**20
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.x_lines = self.y_chars = self.longest = 0
+        self.done = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        self.x_lines += text.endswith("x" * 99)
+        self.y_chars += text.count("y")
+        self.longest = max(self.longest, len(text))
+        self.done = self.done or text.endswith("flood done")
+
+
+# -- stubborn children at shutdown ------------------------------------------------------------
+
+
+async def test_a_dext_child_ignoring_shutdown_and_sigterm_is_sigkilled_after_the_stop_timeout(
+    caplog,
+):
+    caplog.set_level(logging.INFO, "damocles_ext.supervisor")
+    handle = "answer(msg)"
+    setup = """
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """
+    # The stock fake child exits on Shutdown; this one also ignores it (and stdin EOF).
+    argv = dext_child(handle, setup=setup)
+    argv[-1] = argv[-1].replace("sys.exit(0)", "pass").replace(
+        "if not data:\n        break", "if not data:\n        signal.pause()"
+    )
+    sup = Supervisor([spec(argv)], stop_timeout=0.3, backoff=FAST)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        pid = child_stats(sup).pid
+        assert (await sup.submit(window_task(miner=3))).faults[0] == 3
+        started = time.monotonic()
+        sup.request_shutdown()
+    took = time.monotonic() - started
+    assert not alive(pid)
+    assert "still running 0.3s after it was asked to stop; SIGTERM" in caplog.text
+    assert "killed by SIGKILL" in child_stats(sup).last_exit
+    assert took < 0.3 + 0.3 + 2.0  # Shutdown wait + SIGTERM wait + the kill and reap
+
+
+def open_supervisor_fast(children):
+    from damocles_ext.api import open_supervisor
+
+    return open_supervisor(children, backoff=FAST)

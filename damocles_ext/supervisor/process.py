@@ -339,7 +339,7 @@ async def relay_stderr(
         buf += data
         while True:
             nl = buf.find(b"\n")
-            if nl < 0:
+            if nl < 0 or nl > limit:
                 if len(buf) > limit:
                     emit(buf[:limit].decode("utf-8", "replace"))
                     buf = buf[limit:]
