@@ -110,9 +110,15 @@ class SupervisorMetrics:
         self.slack = Histogram(
             f"{PREFIX}_request_deadline_slack_seconds",
             "Seconds left before the deadline when a request with one was answered (negative:"
-            " missed).",
+            " missed; no _sum, as the buckets go below zero).",
             ["stage"],
             buckets=SLACK_BUCKETS,
+            registry=r,
+        )
+        self.missed = Counter(
+            f"{PREFIX}_request_deadlines_missed_total",
+            "Requests answered after their deadline (negative slack), by stage.",
+            ["stage"],
             registry=r,
         )
         self.exits = Counter(
@@ -135,6 +141,7 @@ class SupervisorMetrics:
             for outcome in OUTCOMES:
                 self.requests.labels(stage, outcome)  # present (0) before the first answer
             self.duration.labels(stage)
+            self.missed.labels(stage)
         for c in stats.children:
             self.exits.labels(c.stage, c.name)
         self.collector.attach(supervisor, trio_token)
@@ -155,6 +162,8 @@ class SupervisorMetrics:
         self.duration.labels(request.stage).observe(duration)
         if slack is not None:
             self.slack.labels(request.stage).observe(slack)
+            if slack < 0:
+                self.missed.labels(request.stage).inc()
 
 
 class _LevelCollector:

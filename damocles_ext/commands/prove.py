@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
 
-from .serve import STAGES, add_common_args
+from .serve import STAGES, add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, Task
@@ -104,6 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " every 5 s)",
     )
     add_common_args(parser, "warning")
+    add_dump_arg(parser)
     return parser
 
 

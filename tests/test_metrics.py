@@ -1,0 +1,384 @@
+"""Prometheus metrics: `run --metrics` scraped over HTTP while real children answer, fail and
+crash; the metrics plugin fed by the same observer hooks a third-party plugin gets; the
+--metrics address rules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+from helpers_frontend import dext_run_async, make_task, start_run, write_config
+from prometheus_client.parser import text_string_to_metric_families
+from supervisor_helpers import builtin_child, spec, window_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+from damocles_ext.hookspecs import OUTCOMES, hookimpl
+from damocles_ext.metrics import SupervisorMetrics, parse_listen_address
+from damocles_ext.plugins import call_observers, get_plugin_manager
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path):
+    d = Path(f"/tmp/dext-m{os.getpid()}-{tmp_path.name[-20:]}")
+    d.mkdir(mode=0o700)
+    yield d
+    for p in sorted(d.rglob("*"), reverse=True):
+        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
+    d.rmdir()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} of a Prometheus text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, frozenset(labels.items())))
+
+
+async def scrape(url: str) -> dict:
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            return response.read().decode()
+
+    return samples(await trio.to_thread.run_sync(get))
+
+
+# -- a real `run`, scraped over HTTP -----------------------------------------------------------
+
+
+async def test_counters_move_after_requests_and_a_child_crash(tmp_path: Path, sock_dir: Path):
+    cfg = write_config(
+        tmp_path,
+        """
+[[WdPost]]
+Plugin = "sleep"
+Concurrent = 2
+PluginOptions = { seconds = 1.5, progress_interval = 0.05 }
+
+[[WinPost]]
+Plugin = "sleep"
+MaxAttempts = 1
+PluginOptions = { seconds = 0.2, fail = "crash" }
+""",
+    )
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(
+            nursery, cfg, path, "--metrics", "127.0.0.1:0", "--restart-delay", "30"
+        )
+        with trio.fail_after(40):
+            line = await log.wait_for("metrics on http://127.0.0.1:")
+            url = line.split("metrics on ", 1)[1].strip()
+            assert url.endswith("/metrics")
+            await log.wait_for("window_post#0 (pid")
+            await log.wait_for("winning_post#0 (pid")
+            m = await scrape(url)
+            for stage in ("window_post", "winning_post"):
+                for outcome in OUTCOMES:  # present from the start, so rate() works at once
+                    assert (
+                        value(m, "damocles_ext_requests_total", stage=stage, outcome=outcome) == 0
+                    )
+            for child, stage in (
+                ("window_post#0", "window_post"),
+                ("winning_post#0", "winning_post"),
+            ):
+                assert value(m, "damocles_ext_child_restarts_total", stage=stage, child=child) == 0
+                assert value(m, "damocles_ext_child_exits_total", stage=stage, child=child) == 0
+            assert (
+                value(m, "damocles_ext_child_capacity", stage="window_post", child="window_post#0")
+                == 2
+            )
+            assert value(m, "process_cpu_seconds_total") is not None  # the supervisor's own
+
+            async with connect(path) as client:
+                # Two requests with a deadline: in flight together, then answered "ok".
+                deadline = time.time() + 120
+                progressing = [trio.Event(), trio.Event(), trio.Event()]
+
+                async def prove(i: int) -> None:
+                    await client.submit(
+                        make_task(10 + i),
+                        deadline=deadline,
+                        on_progress=lambda p: progressing[i].set(),
+                    )
+
+                async with trio.open_nursery() as requests:
+                    requests.start_soon(prove, 0)
+                    requests.start_soon(prove, 1)
+                    await progressing[0].wait()
+                    await progressing[1].wait()
+                    requests.start_soon(prove, 2)  # both slots are taken: this one waits
+                    m = await scrape(url)
+                    assert value(m, "damocles_ext_requests_in_flight", stage="window_post") == 2
+                    assert (
+                        value(
+                            m,
+                            "damocles_ext_child_requests_in_flight",
+                            stage="window_post",
+                            child="window_post#0",
+                        )
+                        == 2
+                    )
+                    assert value(m, "damocles_ext_requests_queued", stage="window_post") == 1
+                    assert (
+                        abs(
+                            value(
+                                m,
+                                "damocles_ext_queue_nearest_deadline_timestamp_seconds",
+                                stage="window_post",
+                            )
+                            - deadline
+                        )
+                        < 1
+                    )
+                    busy = value(
+                        m,
+                        "damocles_ext_child_state",
+                        stage="window_post",
+                        child="window_post#0",
+                        state="busy",
+                    )
+                    assert busy == 1
+                    assert (
+                        value(
+                            m,
+                            "damocles_ext_child_resident_memory_bytes",
+                            stage="window_post",
+                            child="window_post#0",
+                        )
+                        > 1 << 20
+                    )
+                    assert (
+                        value(
+                            m,
+                            "damocles_ext_child_cpu_seconds_total",
+                            stage="window_post",
+                            child="window_post#0",
+                        )
+                        > 0
+                    )
+                m = await scrape(url)
+                assert (
+                    value(m, "damocles_ext_requests_total", stage="window_post", outcome="ok") == 3
+                )
+                assert (
+                    value(m, "damocles_ext_request_duration_seconds_count", stage="window_post")
+                    == 3
+                )
+                assert (
+                    value(m, "damocles_ext_request_duration_seconds_sum", stage="window_post")
+                    >= 3 * 1.5
+                )
+                assert (
+                    value(
+                        m, "damocles_ext_request_deadline_slack_seconds_count", stage="window_post"
+                    )
+                    == 3
+                )
+                # (No _sum: prometheus_client leaves it out of histograms with negative buckets.)
+                slack = "damocles_ext_request_deadline_slack_seconds_bucket"
+                assert value(m, slack, stage="window_post", le="60.0") == 0
+                assert value(m, slack, stage="window_post", le="120.0") == 3
+                missed = "damocles_ext_request_deadlines_missed_total"
+                assert value(m, missed, stage="window_post") == 0
+                assert (
+                    value(
+                        m,
+                        "damocles_ext_request_deadline_slack_seconds_bucket",
+                        stage="window_post",
+                        le="0.0",
+                    )
+                    == 0
+                )
+                assert value(m, "damocles_ext_requests_in_flight", stage="window_post") == 0
+
+                # The WinningPoSt child crashes half-way: the request fails, the child restarts.
+                with pytest.raises(ProverError, match="exit code 3"):
+                    await client.submit(make_task(20, stage="winning_post"))
+            await log.wait_for("winning_post#0: restarting in")
+            m = await scrape(url)
+            assert (
+                value(m, "damocles_ext_requests_total", stage="winning_post", outcome="error") == 1
+            )
+            assert value(m, "damocles_ext_requests_total", stage="winning_post", outcome="ok") == 0
+            assert (
+                value(
+                    m,
+                    "damocles_ext_child_exits_total",
+                    stage="winning_post",
+                    child="winning_post#0",
+                )
+                == 1
+            )
+            assert (
+                value(
+                    m,
+                    "damocles_ext_child_restarts_total",
+                    stage="winning_post",
+                    child="winning_post#0",
+                )
+                == 1
+            )
+            states = {
+                s: value(
+                    m,
+                    "damocles_ext_child_state",
+                    stage="winning_post",
+                    child="winning_post#0",
+                    state=s,
+                )
+                for s in ("ready", "busy", "backoff")
+            }
+            assert states == {"ready": 0, "busy": 0, "backoff": 1}
+            # A process that no longer exists has no memory to report.
+            assert (
+                value(
+                    m,
+                    "damocles_ext_child_resident_memory_bytes",
+                    stage="winning_post",
+                    child="winning_post#0",
+                )
+                is None
+            )
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+    # The server went away with the supervisor.
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=5)
+
+
+async def test_bad_metrics_address_exits_2_before_anything_starts(tmp_path: Path, sock_dir: Path):
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    done = await dext_run_async("run", "-c", str(cfg), "--socket", str(sock_dir / "c.sock"),
+                                "--metrics", "localhost:http")  # fmt: skip
+    assert done.returncode == 2
+    assert b"--metrics: 'localhost:http': expected HOST:PORT" in done.stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        done = await dext_run_async("run", "-c", str(cfg), "--socket", str(sock_dir / "c.sock"),
+                                    "--metrics", f"127.0.0.1:{port}")  # fmt: skip
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stderr.decode()
+    err = done.stderr.decode()
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert "started pid" not in err  # no child was spawned
+    assert not (sock_dir / "c.sock").exists()  # nor the socket left behind
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("9100", ("127.0.0.1", 9100)),
+        (":9100", ("127.0.0.1", 9100)),
+        ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+        ("[::1]:9100", ("::1", 9100)),
+        ("metrics-host.local:0", ("metrics-host.local", 0)),
+    ],
+)
+def test_metrics_address_defaults_to_loopback(text, expected):
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("host:", "the port is not a number"),
+        ("127.0.0.1:70000", "port 70000 is not in 0..65535"),
+        ("::1:9100", "IPv6 address in brackets"),
+        ("bad host:9100", "is not an IP address or host name"),
+    ],
+)
+def test_bad_metrics_address_says_what_is_wrong(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_listen_address(text)
+
+
+# -- the observer hooks carry what the metrics count ----------------------------------------------
+
+
+async def test_observer_hooks_carry_outcome_duration_and_slack_like_the_metrics():
+    seen = []
+    both = trio.Event()
+
+    class Alerts:
+        @hookimpl
+        def dext_request_finished(self, request, outcome, duration, slack):
+            seen.append((request.stage, outcome, duration, slack))
+            if len(seen) == 2:
+                both.set()
+
+    metrics = SupervisorMetrics(process_metrics=False)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Alerts(), name="alerts")
+    pm.register(metrics, name="damocles_ext.metrics")
+    children = [spec(builtin_child("window_post", "echo"))]
+    async with open_supervisor(children, plugin_manager=pm) as sup:
+        metrics.attach(sup, trio.lowlevel.current_trio_token())
+        await sup.wait_ready()
+        deadline = time.time() + 60
+        await sup.submit(window_task(1), deadline=deadline)
+        await sup.submit(window_task(2))
+        # The collector runs where Prometheus' HTTP thread would: off the trio thread.
+        from prometheus_client import generate_latest
+
+        await both.wait()  # observers run on their own task, after the answers
+        text = await trio.to_thread.run_sync(generate_latest, metrics.registry)
+    m = samples(text.decode())
+    assert [s[:2] for s in seen] == [("window_post", "ok"), ("window_post", "ok")]
+    assert 59 < seen[0][3] <= 60 and seen[1][3] is None
+    assert value(m, "damocles_ext_requests_total", stage="window_post", outcome="ok") == 2
+    assert value(
+        m, "damocles_ext_request_duration_seconds_sum", stage="window_post"
+    ) == pytest.approx(seen[0][2] + seen[1][2])
+    slack = "damocles_ext_request_deadline_slack_seconds_bucket"
+    assert value(m, slack, stage="window_post", le="30.0") == 0
+    assert value(m, slack, stage="window_post", le="60.0") == 1  # only the request with one
+    assert (
+        value(
+            m, "damocles_ext_child_state", stage="window_post", child="window_post#0", state="ready"
+        )
+        == 1
+    )
+
+
+async def test_missed_deadlines_land_in_the_negative_slack_buckets():
+    from prometheus_client import generate_latest
+
+    from damocles_ext.hookspecs import RequestInfo
+
+    metrics = SupervisorMetrics(process_metrics=False)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(metrics, name="damocles_ext.metrics")
+    request = RequestInfo(id=1, stage="winning_post", child="winning_post#0", deadline=1.0)
+    for outcome, slack in (("timeout", -12.0), ("ok", 3.0), ("fault", -0.5)):
+        await call_observers(pm, "dext_request_finished", request=request, outcome=outcome,
+                             duration=20.0, slack=slack)  # fmt: skip
+    m = samples(generate_latest(metrics.registry).decode())
+    bucket = "damocles_ext_request_deadline_slack_seconds_bucket"
+    assert value(m, bucket, stage="winning_post", le="-10.0") == 1
+    assert value(m, bucket, stage="winning_post", le="0.0") == 2
+    assert value(m, bucket, stage="winning_post", le="5.0") == 3
+    assert value(m, "damocles_ext_requests_total", stage="winning_post", outcome="timeout") == 1
+    assert value(m, "damocles_ext_request_deadlines_missed_total", stage="winning_post") == 2
+    assert value(m, "damocles_ext_requests_total", stage="winning_post", outcome="fault") == 1
+    # Not attached to a supervisor: no gauges, and no error either.
+    assert value(m, "damocles_ext_requests_queued", stage="winning_post") is None

@@ -1,0 +1,371 @@
+"""`damocles-ext status` against a real `damocles-ext run`: every field of the status document
+checked against the children we configured (and psutil's view of them), busy children and the
+locks they hold, a queued request's deadline, a killed child in backoff, and the table."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgspec
+import psutil
+import pytest
+import trio
+from helpers_frontend import dext_run_async, make_task, start_run, write_config
+
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+from damocles_ext.protocol import control
+from damocles_ext.status import (
+    SCHEMA,
+    ChildStatus,
+    LockFiles,
+    StageStatus,
+    StatusDocument,
+    StatusError,
+    SupervisorStatus,
+    format_bytes,
+    format_duration,
+    parse_document,
+    render_table,
+)
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path):
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be long.
+    d = Path(f"/tmp/dext-s{os.getpid()}-{tmp_path.name[-20:]}")
+    d.mkdir(mode=0o700)
+    yield d
+    for p in sorted(d.rglob("*"), reverse=True):
+        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
+    d.rmdir()
+
+
+def _config(tmp_path: Path) -> tuple[Path, Path]:
+    gpu_tmp = tmp_path / "gpu0-tmp"
+    text = f"""
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = {{ seconds = 60, progress_interval = 0.1 }}
+Envs = {{ CUDA_VISIBLE_DEVICES = "0", TMPDIR = "{gpu_tmp}" }}
+
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = {{ seconds = 60, progress_interval = 0.1 }}
+
+[[WinPost]]
+Plugin = "echo"
+Concurrent = 2
+"""
+    return write_config(tmp_path, text), gpu_tmp
+
+
+async def wait_ready(log, names: list[str]) -> None:
+    """Wait for each child's "<name> (pid N): ready (dext)" line in `run`'s log."""
+    while True:
+        ready = {n for n in names for line in log.lines if line.endswith("ready (dext)")
+                 and f" {n} (pid " in line}  # fmt: skip
+        if len(ready) == len(names):
+            return
+        assert not log.closed, log.text()
+        await log._changed.wait()
+
+
+async def _status(path: Path) -> dict:
+    done = await dext_run_async("status", "--socket", str(path), "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b""
+    return json.loads(done.stdout)
+
+
+def _by_name(doc: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in doc["children"]}
+
+
+async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_backoff(
+    tmp_path: Path, sock_dir: Path
+):
+    cfg, gpu_tmp = _config(tmp_path)
+    path = sock_dir / "control.sock"
+    before = time.time()
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, "--restart-delay", "30")
+        with trio.fail_after(40):
+            await wait_ready(log, ["window_post#0", "window_post#1", "winning_post#0"])
+
+            # -- idle: every field against what we configured and what psutil sees --------
+            doc = await _status(path)
+            assert doc["schema"] == SCHEMA == "damocles-ext/status/1"
+            assert before <= doc["time"] <= time.time()
+            sup = doc["supervisor"]
+            assert sup["pid"] == run.pid
+            assert sup["socket"] == str(path)
+            assert sup["metrics"] is None  # not asked for
+            assert sup["requests"] == 0 and sup["shutting_down"] is False
+            assert 0 <= sup["uptime"] <= time.time() - before + 1
+            assert sup["rss_bytes"] > 1 << 20
+            forked = {p.pid for p in psutil.Process(run.pid).children()}
+            children = _by_name(doc)
+            assert list(children) == ["window_post#0", "window_post#1", "winning_post#0"]
+            expected = {
+                "window_post#0": ("window_post", 0, "0", 1, ["gpu:0"], "sleep"),
+                "window_post#1": ("window_post", 1, None, 1, [], "sleep"),
+                "winning_post#0": ("winning_post", 0, None, 2, [], "echo"),
+            }
+            for name, (stage, index, gpu, capacity, locks, prover) in expected.items():
+                c = children[name]
+                assert (c["stage"], c["index"], c["gpu"], c["capacity"]) == (
+                    stage,
+                    index,
+                    gpu,
+                    capacity,
+                )
+                assert c["state"] == "ready" and c["next_start_in"] is None
+                assert (c["in_flight"], c["done"], c["failed"], c["restarts"]) == (0, 0, 0, 0)
+                assert c["last_exit"] is None
+                assert c["protocol"] == "dext"
+                assert c["pid"] in forked
+                proc = psutil.Process(c["pid"])
+                cmdline = proc.cmdline()
+                assert stage in cmdline and prover in cmdline
+                assert abs(c["started_at"] - proc.create_time()) < 1.0
+                assert 0 < c["uptime"] <= time.time() - c["started_at"] + 1
+                assert c["processes"] == 1
+                assert 0.5 < c["rss_bytes"] / proc.memory_info().rss < 2
+                assert 0 <= c["cpu_percent"] <= 100 * os.cpu_count()
+                assert c["locks"] == locks and c["locks_held"] == []
+            # bellperson's lock files: in the child's TMPDIR (created by the supervisor), absent.
+            assert children["window_post#0"]["lock_files"] == {
+                "dir": str(gpu_tmp),
+                "gpu": None,
+                "priority": None,
+            }
+            stages = {s["stage"]: s for s in doc["stages"]}
+            assert stages["window_post"] == {
+                "stage": "window_post",
+                "queued": 0,
+                "nearest_deadline": None,
+                "nearest_deadline_in": None,
+                "waiting_for_lock": [],
+                "children": 2,
+                "ready": 2,
+                "in_flight": 0,
+                "capacity": 2,
+            }
+            assert stages["winning_post"]["children"] == 1
+            assert stages["winning_post"]["capacity"] == 2
+
+            # -- busy: two long requests running, a third queued with a deadline ------------
+            async with connect(path) as client:
+                running = [trio.Event(), trio.Event()]
+                deadline = time.time() + 300
+
+                async def prove(i: int, event: trio.Event | None, when: float | None) -> None:
+                    def on_progress(_p) -> None:
+                        if event is not None:
+                            event.set()
+
+                    await client.submit(make_task(100 + i), deadline=when, on_progress=on_progress)
+
+                async with trio.open_nursery() as requests:
+                    requests.start_soon(prove, 0, running[0], None)
+                    requests.start_soon(prove, 1, running[1], None)
+                    for event in running:
+                        await event.wait()  # both children sent progress: both are working
+                    requests.start_soon(prove, 2, None, deadline)
+                    # bellperson in the GPU child's TMPDIR takes its GPU lock now.
+                    gpu_tmp.mkdir(exist_ok=True)
+                    with open(gpu_tmp / "bellman.gpu.lock", "w") as lock_file:
+                        fcntl.flock(lock_file, fcntl.LOCK_EX)
+                        doc = await _status(path)
+                    children = _by_name(doc)
+                    for name in ("window_post#0", "window_post#1"):
+                        assert children[name]["state"] == "busy"
+                        assert children[name]["in_flight"] == 1
+                    assert children["window_post#0"]["locks_held"] == ["gpu:0"]
+                    assert children["window_post#1"]["locks_held"] == []
+                    assert children["window_post#0"]["lock_files"]["gpu"] is True
+                    assert children["window_post#0"]["lock_files"]["priority"] is None
+                    assert children["winning_post#0"]["state"] == "ready"
+                    stage = {s["stage"]: s for s in doc["stages"]}["window_post"]
+                    assert stage["queued"] == 1 and stage["in_flight"] == 2
+                    assert abs(stage["nearest_deadline"] - deadline) < 1.0
+                    assert 250 < stage["nearest_deadline_in"] <= 300
+                    assert doc["supervisor"]["requests"] == 3
+
+                    # -- a child killed: backoff, with the time until its restart ----------
+                    echo_pid = children["winning_post#0"]["pid"]
+                    os.kill(echo_pid, signal.SIGKILL)
+                    await log.wait_for("winning_post#0: restarting in")
+                    doc = await _status(path)
+                    echo = _by_name(doc)["winning_post#0"]
+                    assert echo["state"] == "backoff"
+                    assert echo["pid"] is None and echo["uptime"] is None
+                    assert echo["rss_bytes"] is None and echo["cpu_percent"] is None
+                    assert 0 < echo["next_start_in"] <= 60
+                    assert echo["restarts"] == 1
+                    assert "SIGKILL" in echo["last_exit"]
+
+                    table = await dext_run_async("status", "--socket", str(path))
+                    assert table.returncode == 0, table.stderr.decode()
+                    text = table.stdout.decode()
+                    assert text.startswith(f"damocles-ext {doc['supervisor']['version']}, pid")
+                    header, *rows = text.split("\n\n")[1].splitlines()
+                    assert header.split() == [
+                        "CHILD", "PID", "GPU", "STATE", "REQS", "DONE", "FAILED", "RESTARTS",
+                        "UPTIME", "RSS", "CPU%", "LOCKS",
+                    ]  # fmt: skip
+                    row = {r.split()[0]: r.split() for r in rows}
+                    assert row["window_post#0"][1:5] == [
+                        str(children["window_post#0"]["pid"]),
+                        "0",
+                        "busy",
+                        "1/1",
+                    ]
+                    assert row["window_post#0"][-1] == "gpu:0"
+                    assert row["winning_post#0"][1:4] == ["-", "-", "backoff"]
+                    assert "last exit of winning_post#0: " in text and "SIGKILL" in text
+                    assert "window_post     2/2   2/2       1  in 4m" in text
+                    requests.cancel_scope.cancel()
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
+async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Path):
+    missing = sock_dir / "nothing.sock"
+    done = await dext_run_async("status", "--socket", str(missing))
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert f"no supervisor at {missing}: the socket does not exist" in err
+    assert "damocles-ext run" in err and "Traceback" not in err and done.stdout == b""
+    # A stale socket file: nobody accepts.
+    import socket as socket_module
+
+    stale = sock_dir / "stale.sock"
+    s = socket_module.socket(socket_module.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    done = await dext_run_async("status", "--socket", str(stale), "--json")
+    assert done.returncode == 2
+    assert "nobody is listening" in done.stderr.decode() and done.stdout == b""
+
+
+# -- the document and the table, without processes ------------------------------------------------
+
+
+def _doc(**child_changes) -> StatusDocument:
+    child = ChildStatus(
+        name="window_post#0",
+        stage="window_post",
+        index=0,
+        pid=4242,
+        gpu="0",
+        state="busy",
+        next_start_in=None,
+        in_flight=1,
+        capacity=1,
+        done=12,
+        failed=1,
+        restarts=2,
+        last_exit="killed by SIGKILL (request 7 timed out)",
+        started_at=1_000.0,
+        uptime=7_380.0,
+        protocol="dext",
+        processes=3,
+        rss_bytes=512 << 20,
+        cpu_percent=98.5,
+        locks=["gpu:0"],
+        locks_held=["gpu:0"],
+        lock_files=LockFiles("/tmp/d/window_post-gpu0/", True, True),
+    )
+    child = msgspec.structs.replace(child, **child_changes)
+    return StatusDocument(
+        schema=SCHEMA,
+        time=10_000.0,
+        supervisor=SupervisorStatus(
+            pid=4200,
+            version="0.1.0",
+            started_at=2_000.0,
+            uptime=8_000.0,
+            requests=2,
+            shutting_down=False,
+            socket="/run/user/0/damocles-ext/control.sock",
+            metrics=None,
+            rss_bytes=40 << 20,
+            cpu_percent=0.0,
+        ),
+        children=[child],
+        stages=[
+            StageStatus("window_post", 1, 10_750.0, 750.0, ["gpu:0"], 1, 1, 1, 1),
+        ],
+    )
+
+
+def test_table_shows_backoff_with_the_time_until_the_restart():
+    text = render_table(
+        _doc(state="backoff", pid=None, next_start_in=4.25, uptime=None, rss_bytes=None,
+             cpu_percent=None, in_flight=0, locks_held=[], lock_files=None)
+    )  # fmt: skip
+    row = text.split("\n\n")[1].splitlines()[1].split()
+    assert row[:5] == ["window_post#0", "-", "0", "backoff", "4.2s"]
+    assert row[-2:] == ["-", "-"]  # CPU%, LOCKS
+
+
+def test_table_shows_held_locks_and_bellperson_lock_files():
+    text = render_table(_doc())
+    row = text.split("\n\n")[1].splitlines()[1].split()
+    assert row[0:5] == ["window_post#0", "4242", "0", "busy", "1/1"]
+    assert row[5:9] == ["12", "1", "2", "2h03m"]
+    assert row[9:11] == ["512.0", "MiB"] and row[11] == "98.5"
+    assert row[12] == "gpu:0,bellperson:gpu+priority"
+    assert "last exit of window_post#0: killed by SIGKILL (request 7 timed out)" in text
+    assert "in 12m30s" in text and "gpu:0" in text.split("\n\n")[-1]
+
+
+def test_document_of_another_schema_is_refused_with_the_reason():
+    data = msgspec.to_builtins(_doc())
+    assert parse_document(data) == _doc()
+    data["schema"] = "damocles-ext/status/2"
+    with pytest.raises(StatusError, match="schema 'damocles-ext/status/2'.*same version"):
+        parse_document(data)
+    data = msgspec.to_builtins(_doc())
+    del data["children"][0]["pid"]
+    with pytest.raises(StatusError, match="malformed status document"):
+        parse_document(data)
+
+
+def test_status_messages_share_the_control_socket_framing():
+    decoder = control.frame_decoder()
+    reply = control.StatusReply(3, status={"schema": SCHEMA})
+    frames = control.encode(control.StatusRequest(2)) + control.encode(reply)
+    assert decoder.receive_data(frames) == [control.StatusRequest(2), reply]
+
+
+async def test_client_status_without_a_status_source_is_an_error(sock_dir: Path):
+    from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+
+    async def submit(task, **kw):
+        raise AssertionError("not called")
+
+    sock = bind_control_socket(sock_dir / "c.sock")
+    server = ControlServer(sock, submit)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        async with connect(sock_dir / "c.sock") as client:
+            with pytest.raises(ProverError, match="does not report its status"):
+                await client.status()
+        nursery.cancel_scope.cancel()
+
+
+def test_durations_and_sizes_read_as_people_write_them():
+    assert [format_duration(x) for x in (None, 4.25, 45, 750, 7_380, 90_000)] == [
+        "-", "4.2s", "45s", "12m30s", "2h03m", "1d01h",
+    ]  # fmt: skip
+    assert [format_bytes(x) for x in (None, 512, 2048, 3 << 30)] == [
+        "-", "512 B", "2.0 KiB", "3.0 GiB",
+    ]  # fmt: skip
