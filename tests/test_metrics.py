@@ -259,7 +259,7 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
             assert await run.wait() == 0, log.text()
     # The server went away with the supervisor.
     with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=5)
+        await scrape(url)
 
 
 async def test_bad_metrics_address_exits_2_before_anything_starts(tmp_path: Path, sock_dir: Path):

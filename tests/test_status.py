@@ -180,9 +180,12 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
                     requests.start_soon(prove, 2, None, deadline)
                     # bellperson in the GPU child's TMPDIR takes its GPU lock now.
                     gpu_tmp.mkdir(exist_ok=True)
-                    with open(gpu_tmp / "bellman.gpu.lock", "w") as lock_file:
-                        fcntl.flock(lock_file, fcntl.LOCK_EX)
+                    lock_fd = os.open(gpu_tmp / "bellman.gpu.lock", os.O_RDWR | os.O_CREAT)
+                    try:
+                        fcntl.flock(lock_fd, fcntl.LOCK_EX)
                         doc = await _status(path)
+                    finally:
+                        os.close(lock_fd)
                     children = _by_name(doc)
                     for name in ("window_post#0", "window_post#1"):
                         assert children[name]["state"] == "busy"
