@@ -139,6 +139,7 @@ class _Request:
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)
+    running_on: tuple[_Child, _Process] | None = None  # where the current attempt runs
 
 
 @dataclass(eq=False)
@@ -169,6 +170,11 @@ class _Process:
         self.heartbeat_armed = False
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
+        self.read_ended = False  # EOF or a protocol error: nothing more is read
+        self.read_owner: _Request | None = None  # its caller reads the pipe (see _read_for)
+        self.reader_waiting = False  # the reader task is in wait_readable
+        self.owner_waiting = False  # so is the read_owner
+        self.reader_resume = trio.Event()
         self.stderr_done = trio.Event()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
@@ -178,6 +184,14 @@ class _Process:
         """Make the child task look at this process now (it went down, or we stop)."""
         self.wake.set()
         self.handshake_scope.cancel()
+        self.release_reader()
+
+    def release_reader(self) -> None:
+        """A submitter reading this pipe stops; the reader task takes over (see _read_for)."""
+        if self.read_owner is not None:
+            self.read_owner = None
+            if self.owner_waiting:
+                trio.lowlevel.notify_closing(self.proc.stdout.fileno())
 
 
 class _Child:
@@ -382,7 +396,12 @@ class Supervisor:
         self._enqueue(req, now, retry=False)
         self._dispatch()
         try:
-            await req.event.wait()
+            while not req.done:
+                where = req.running_on
+                if where is not None and where[1].read_owner is None and not where[1].read_ended:
+                    await self._read_for(where[0], where[1], req)
+                else:
+                    await req.event.wait()
         finally:
             if not req.done:
                 self._abandon(req)
@@ -495,6 +514,7 @@ class Supervisor:
     def _enqueue(self, req: _Request, now: float, *, retry: bool) -> None:
         aid = next(self._attempt_ids)
         req.attempt_id = aid
+        req.running_on = None
         self._attempts[aid] = req
         job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
         self._queued += 1
@@ -530,6 +550,11 @@ class Supervisor:
                 faulty = isinstance(output, WindowPoStOutput) and output.faults
                 outcome = "fault" if faulty else "ok"
         req.event.set()
+        where = req.running_on
+        if where is not None:
+            req.running_on = None
+            if where[1].read_owner is req:
+                where[1].release_reader()
         self._notify()
         if self._observer_send is not None:
             now = trio.current_time()
@@ -613,6 +638,7 @@ class Supervisor:
         self._slots[aid] = (child, slot)
         req.attempts += 1
         req.child = child.name
+        req.running_on = (child, p)
         self._send(child, p, p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority))
         timeout = child.spec.request_timeout
         if timeout:
@@ -1085,12 +1111,23 @@ class Supervisor:
         fd = p.proc.stdout.fileno()
         unyielded = 0
         try:
-            while True:
+            while not p.read_ended:
+                if p.read_owner is not None:
+                    # A submitter reads the pipe while it waits for its answer (see submit()).
+                    p.reader_resume = trio.Event()
+                    await p.reader_resume.wait()
+                    continue
                 try:
                     data = os.read(fd, _READ_SIZE)
                 except BlockingIOError:
                     unyielded = 0
-                    await trio.lowlevel.wait_readable(fd)
+                    p.reader_waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:
+                        pass  # kicked out by _read_for: a submitter reads now
+                    finally:
+                        p.reader_waiting = False
                     continue
                 except OSError:
                     data = b""
@@ -1098,19 +1135,64 @@ class Supervisor:
                 if unyielded >= 16:  # a child that floods us must not starve everything else
                     unyielded = 0
                     await trio.lowlevel.checkpoint()
-                try:
-                    events = p.conn.receive_data(data)
-                except ChildProtocolError as exc:
-                    report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
-                    self._kill(child, p, f"broke the protocol: {exc}", charge_all=True)
-                    return
-                if events:
-                    self._on_events(child, p, events)
-                if not data:
-                    self._mark_down(child, p, "closed its stdout")
-                    return
+                self._on_data(child, p, data)
         finally:
             p.reader_done.set()
+
+    def _on_data(self, child: _Child, p: _Process, data: bytes) -> None:
+        """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
+        try:
+            events = p.conn.receive_data(data)
+        except ChildProtocolError as exc:
+            p.read_ended = True
+            report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
+            self._kill(child, p, f"broke the protocol: {exc}", charge_all=True)
+            return
+        if events:
+            self._on_events(child, p, events)
+        if not data:
+            p.read_ended = True
+            self._mark_down(child, p, "closed its stdout")
+
+    async def _read_for(self, child: _Child, p: _Process, req: _Request) -> None:
+        """Read `p`'s pipe in the submitting task until `req` is answered (or we must stop).
+
+        Answers then wake their caller directly instead of through the reader task, which
+        saves a pass of trio's scheduler on every request's path. The reader task takes over
+        again when this returns. Waiters are woken with notify_closing (the fd stays open), as
+        a CancelScope per request would cost more than the pass it saves.
+        """
+        fd = p.proc.stdout.fileno()
+        p.read_owner = req
+        if p.reader_waiting:
+            trio.lowlevel.notify_closing(fd)  # the reader task leaves wait_readable at once
+        unyielded = 0
+        try:
+            while p.read_owner is req and not req.done and not p.read_ended:
+                if unyielded >= 16:  # a child that floods us must not starve everything else
+                    unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                    continue
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                    unyielded += 1
+                except BlockingIOError:
+                    unyielded = 0
+                    p.owner_waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:
+                        pass  # see release_reader
+                    finally:
+                        p.owner_waiting = False
+                    continue
+                except OSError:
+                    data = b""
+                self._on_data(child, p, data)
+        finally:
+            if p.read_owner is req:
+                p.read_owner = None
+            p.reader_resume.set()
 
     def _send(self, child: _Child, p: _Process, data: bytes) -> None:
         """Write to the child's stdin without blocking dispatch."""
