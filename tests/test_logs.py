@@ -1,0 +1,196 @@
+"""Logs: one text format or JSON lines, level and format from flags or the environment, child
+stderr re-logged with its stage/index/pid (as JSON fields too), undecodable child output logged
+truncated with the pid or dumped whole to --dump-dir."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers_frontend import DEXT, dext_env, make_task, write_config
+
+from damocles_ext import logs
+from damocles_ext.errors import UsageError
+from damocles_ext.protocol.jsonl import task_to_json
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logs.set_dump_dir(None)
+
+
+def test_json_lines_carry_time_level_logger_message_and_extra_fields(restore_logging):
+    out = io.StringIO()
+    logs.setup_logging("info", "json", stream=out)
+    log = logging.getLogger("damocles_ext.test")
+    log.debug("not shown at info")
+    log.info("child %s said %r", "window_post#0", "hi", extra={"pid": 42, "stage": "window_post"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("it failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["level"] == "info" and first["logger"] == "damocles_ext.test"
+    assert first["message"] == "child window_post#0 said 'hi'"
+    assert (first["pid"], first["stage"]) == (42, "window_post")
+    assert first["time"].endswith("+00:00") and "T" in first["time"]
+    assert second["level"] == "error" and "ValueError: boom" in second["exception"]
+
+
+def test_text_format_is_one_line_with_time_level_and_logger(restore_logging):
+    out = io.StringIO()
+    logs.setup_logging("warning", "text", stream=out)
+    logging.getLogger("damocles_ext.x").info("hidden")
+    logging.getLogger("damocles_ext.x").warning("shown")
+    (line,) = out.getvalue().splitlines()
+    assert line.endswith(" WARNING damocles_ext.x: shown") and line[:4].isdigit()
+
+
+def test_flags_win_over_the_environment_which_wins_over_the_default():
+    env = {logs.LEVEL_ENV: "debug", logs.FORMAT_ENV: "json"}
+    assert logs.resolve(None, None, "warning", env) == ("debug", "json")
+    assert logs.resolve("error", "text", "warning", env) == ("error", "text")
+    assert logs.resolve(None, None, "warning", {}) == ("warning", "text")
+    assert logs.resolve(None, None, "info", {logs.LEVEL_ENV: " INFO "}) == ("info", "text")
+    with pytest.raises(UsageError, match=r"DAMOCLES_EXT_LOG_LEVEL='loud' is not one of debug"):
+        logs.resolve(None, None, "info", {logs.LEVEL_ENV: "loud"})
+    with pytest.raises(UsageError, match=r"DAMOCLES_EXT_LOG_FORMAT='xml' is not one of text, json"):
+        logs.resolve(None, None, "info", {logs.FORMAT_ENV: "xml"})
+
+
+def test_bad_output_is_logged_truncated_with_the_pid(restore_logging):
+    out = io.StringIO()
+    logs.setup_logging("info", "json", stream=out)
+    logs.set_dump_dir(None)
+    data = "é" * 30 + "x" * 200  # 260 bytes; a cut inside a character must not break the text
+    assert logs.report_bad_output("window_post#1", 4242, data.encode(), "bad line") is None
+    record = json.loads(out.getvalue())
+    assert (record["child"], record["pid"], record["bytes"]) == ("window_post#1", 4242, 260)
+    assert "window_post#1 (pid 4242): bad line; it wrote 260 bytes: " in record["message"]
+    assert "'" + "é" * 30 + "x" * 40 + "...'" in record["message"]
+
+
+def test_dump_dir_gets_the_whole_output_in_a_new_file(tmp_path: Path, restore_logging):
+    out = io.StringIO()
+    logs.setup_logging("info", "text", stream=out)
+    logs.set_dump_dir(tmp_path / "dumps")  # created, private
+    assert (tmp_path / "dumps").stat().st_mode & 0o777 == 0o700
+    first = logs.report_bad_output("c", 7, b"\x00garbage" * 100, "undecodable output")
+    second = logs.report_bad_output("c", 7, b"more", "undecodable output")
+    assert first != second and first.parent == tmp_path / "dumps"
+    assert first.read_bytes() == b"\x00garbage" * 100 and second.read_bytes() == b"more"
+    assert first.stat().st_mode & 0o777 == 0o600
+    assert f"its 800 bytes were dumped to {first}" in out.getvalue()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="exists and is not a directory"):
+        logs.set_dump_dir(tmp_path / "file")
+
+
+# -- through the commands, with real children ------------------------------------------------------
+
+
+def _prove(tmp_path: Path, cfg_text: str, *args: str, env: dict | None = None):
+    cfg = write_config(tmp_path, cfg_text)
+    task = tmp_path / "task.json"
+    task.write_bytes(task_to_json(make_task(3)))
+    argv = [*DEXT, "prove", "window_post", "--request", str(task), "-c", str(cfg), *args]
+    return subprocess.run(
+        argv, capture_output=True, env={**dext_env(), **(env or {})}, timeout=60, check=False
+    )
+
+
+def test_child_stderr_is_relogged_with_stage_index_and_pid_as_json_fields(tmp_path: Path):
+    done = _prove(
+        tmp_path,
+        '[[WdPost]]\nPlugin = "echo"\n',
+        "--no-progress",
+        env={logs.LEVEL_ENV: "info", logs.FORMAT_ENV: "json"},
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    records = [json.loads(line) for line in done.stderr.decode().splitlines()]
+    started = next(r for r in records if "started pid" in r["message"])
+    pid = int(started["message"].split("started pid ")[1].split(":")[0])
+    relayed = [r for r in records if r["logger"] == "damocles_ext.child"]
+    assert relayed, records
+    for r in relayed:
+        assert (r["child"], r["stage"], r["index"], r["pid"]) == (
+            "window_post#0",
+            "window_post",
+            0,
+            pid,
+        )
+        assert r["message"].startswith(f"[window_post#0 pid={pid}] ")
+    assert any("ready: stage window_post" in r["message"] for r in relayed)
+
+
+def test_bad_log_level_in_the_environment_exits_2(tmp_path: Path):
+    done = _prove(tmp_path, '[[WdPost]]\nPlugin = "echo"\n', env={logs.LEVEL_ENV: "loud"})
+    assert done.returncode == 2
+    assert b"DAMOCLES_EXT_LOG_LEVEL='loud' is not one of debug" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+JSONL_CHILD = """
+import json, sys
+sys.stdout.write("window_post processor ready\\n"); sys.stdout.flush()
+request = json.loads(sys.stdin.readline())
+sys.stdout.write("GARBAGE" + "x" * 300 + "\\n")  # not a response: logged or dumped
+sys.stdout.write(json.dumps({"id": request["id"], "err_msg": "gave up"}) + "\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+DEXT_CHILD = """
+import os, sys
+from damocles_ext.protocol import dext
+os.write(1, dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "bad", "1")))
+os.read(0, 1 << 20)
+os.write(1, b"\\x00\\x00\\x00\\x04\\xc1\\xc1\\xc1\\xc1")  # a frame whose payload is not msgpack
+sys.stdin.read()
+"""
+
+
+def _bin_child(tmp_path: Path, code: str, extra: str = "") -> str:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(code))
+    return f'[[WdPost]]\nBin = "{sys.executable}"\nArgs = ["{script}"]\n{extra}'
+
+
+def test_undecodable_json_line_is_logged_truncated_with_the_child_pid(tmp_path: Path):
+    done = _prove(tmp_path, _bin_child(tmp_path, JSONL_CHILD), "--log-level", "warning")
+    assert done.returncode == 1  # the child's error answer
+    err = done.stderr.decode()
+    line = next(x for x in err.splitlines() if "skipped a bad stdout line" in x)
+    assert "window_post#0 (pid " in line and "it wrote 308 bytes: 'GARBAGE" in line
+    assert line.split("it wrote 308 bytes: ")[1] == "'GARBAGE" + "x" * 93 + "...'"  # 100 bytes
+
+
+def test_undecodable_output_goes_whole_to_the_dump_dir(tmp_path: Path):
+    dumps = tmp_path / "dumps"
+    done = _prove(tmp_path, _bin_child(tmp_path, JSONL_CHILD), "--dump-dir", str(dumps))
+    assert done.returncode == 1
+    (dump,) = dumps.iterdir()
+    assert dump.read_bytes() == b"GARBAGE" + b"x" * 300 + b"\n"
+    assert f"its 308 bytes were dumped to {dump}" in done.stderr.decode()
+
+
+def test_broken_dext_frame_is_dumped_from_the_environment_setting(tmp_path: Path):
+    dumps = tmp_path / "dumps"
+    cfg = _bin_child(tmp_path, DEXT_CHILD, "MaxAttempts = 1\n")
+    done = _prove(tmp_path, cfg, env={logs.DUMP_DIR_ENV: str(dumps)})
+    assert done.returncode == 1
+    (dump,) = dumps.iterdir()
+    assert dump.read_bytes() == b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1"
+    err = done.stderr.decode()
+    assert "undecodable output: dext framing error" in err and str(dump) in err
