@@ -139,13 +139,31 @@ class TreeSample:
 
 
 def _children_map() -> dict[int, list[int]]:
-    import psutil
+    """{ppid: [pid, ...]} of every process, from /proc/PID/stat.
 
+    Read directly rather than through psutil.process_iter: a scrape walks every process on the
+    host, and psutil's per-process objects and pid-reuse checks make that several times slower.
+    """
     kids: dict[int, list[int]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        ppid = proc.info.get("ppid")
-        if ppid is not None:
-            kids.setdefault(ppid, []).append(proc.pid)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{entry.name}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # it exited
+        try:
+            data = os.read(fd, 4096)  # the whole line: a few hundred bytes
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so cut at the last ')'
+        fields = data[data.rfind(b")") + 2 :].split(b" ", 2)
+        try:
+            kids.setdefault(int(fields[1]), []).append(int(entry.name))
+        except (IndexError, ValueError):
+            continue
     return kids
 
 

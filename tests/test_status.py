@@ -372,3 +372,31 @@ def test_durations_and_sizes_read_as_people_write_them():
     assert [format_bytes(x) for x in (None, 512, 2048, 3 << 30)] == [
         "-", "512 B", "2.0 KiB", "3.0 GiB",
     ]  # fmt: skip
+
+
+def test_process_trees_are_found_even_with_parentheses_in_a_program_name(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from damocles_ext.status import sample_trees
+
+    odd = tmp_path / "a) b (c"  # /proc/PID/stat shows it as "(a) b (c)"
+    odd.symlink_to(shutil.which("sleep"))
+    code = f"import subprocess, sys; p = subprocess.Popen([{str(odd)!r}, '30']); print(p.pid); sys.stdin.read()"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    grandchild = None
+    try:
+        grandchild = int(parent.stdout.readline())
+        tree = sample_trees({"t": parent.pid, "gone": 2**22 + 1})
+        assert list(tree) == ["t"]  # a root that does not exist is left out
+        assert tree["t"].processes == 2
+        expected = sum(psutil.Process(p).memory_info().rss for p in (parent.pid, grandchild))
+        assert 0.8 < tree["t"].rss_bytes / expected < 1.25
+    finally:
+        parent.kill()
+        parent.wait()
+        if grandchild is not None:
+            psutil.Process(grandchild).kill()
