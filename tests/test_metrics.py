@@ -382,3 +382,58 @@ async def test_missed_deadlines_land_in_the_negative_slack_buckets():
     assert value(m, "damocles_ext_requests_total", stage="winning_post", outcome="fault") == 1
     # Not attached to a supervisor: no gauges, and no error either.
     assert value(m, "damocles_ext_requests_queued", stage="winning_post") is None
+
+
+async def test_example_alerts_plugin_posts_when_a_child_crashes(monkeypatch):
+    import http.server
+    import importlib
+    import json as json_module
+    import sys
+    import threading
+
+    posts: list[dict] = []
+    two = threading.Event()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(json_module.loads(body))
+            self.send_response(204)
+            self.end_headers()
+            if len(posts) >= 2:
+                two.set()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", f"http://127.0.0.1:{server.server_port}/")
+    alerts = importlib.import_module("dext_alerts")
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(alerts, name="alerts")
+    child = builtin_child("window_post", "sleep", "seconds=0.2", "fail=crash")
+    try:
+        async with open_supervisor([spec(child, max_attempts=1)], plugin_manager=pm) as sup:
+            await sup.wait_ready()
+            with pytest.raises(ProverError, match="exit code 3"):
+                await sup.submit(window_task(), deadline=time.time() + 60)
+            assert await trio.to_thread.run_sync(two.wait, 20)
+    finally:
+        server.shutdown()
+        server.server_close()
+        sys.modules.pop("dext_alerts", None)
+    by_kind = {p["alert"]: p for p in posts}
+    assert set(by_kind) == {"ProverChildDown", "ProofFailed"}  # not the shutdown at the end
+    down = by_kind["ProverChildDown"]
+    assert (down["child"], down["stage"]) == ("window_post#0", "window_post")
+    assert down["how"].startswith("exit code 3")
+    failed = by_kind["ProofFailed"]
+    assert (failed["outcome"], failed["stage"], failed["child"]) == (
+        "error",
+        "window_post",
+        "window_post#0",
+    )
+    assert 0 < failed["slack_s"] <= 60
