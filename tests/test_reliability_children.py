@@ -328,3 +328,37 @@ def open_supervisor_fast(children):
     from damocles_ext.api import open_supervisor
 
     return open_supervisor(children, backoff=FAST)
+
+
+async def test_a_dead_childs_request_is_retried_at_once_though_a_daemonized_grandchild_holds_its_pipes(
+    tmp_path,
+):
+    marker = tmp_path / "grandchild.pid"
+    # First request: start a grandchild in its own session that inherits stdout and stderr (the
+    # pipes to the supervisor) and outlives us, then die. Later requests: answer.
+    handle = """
+    if not os.path.exists(os.environ["MARKER"]):
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)
+        open(os.environ["MARKER"], "w").write(str(g.pid))
+        os._exit(7)
+    answer(msg)
+    """
+    env = {"MARKER": str(marker)}
+    children = [
+        spec(dext_child(handle, setup="import subprocess"), index=i, envs=env) for i in (0, 1)
+    ]
+    try:
+        async with open_supervisor_fast(children) as sup:
+            await sup.wait_ready(count=2)
+            started = time.monotonic()
+            out = await sup.submit(window_task(miner=8))
+            took = time.monotonic() - started
+            assert out.faults == [8, child_stats(sup, "window_post#1").pid]
+            assert "exit code 7" in child_stats(sup, "window_post#0").last_exit
+    finally:
+        if marker.exists():
+            psutil.Process(int(marker.read_text())).kill()
+    # The answers of a dead child are in its pipe already; EOF, which the grandchild holds
+    # back, is not waited for (it used to cost the full 5 s reap timeout).
+    assert took < 2.0

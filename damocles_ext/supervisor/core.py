@@ -72,6 +72,7 @@ Progress = dext.Progress
 _READ_SIZE = 1 << 16
 _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
+_PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
 _OBSERVER_TIMEOUT = 10.0  # one observer hook call
@@ -1271,11 +1272,22 @@ class Supervisor:
         with trio.move_on_after(_REAP_TIMEOUT):
             await p.proc.wait()
         # Answers written just before the exit may still sit in the pipe: take them first. And
-        # the last stderr lines (a traceback, typically) are the ones an operator needs.
-        with trio.move_on_after(_REAP_TIMEOUT):
+        # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
+        # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
+        # grandchild that left the process group (setsid) may hold the pipes open for ever,
+        # and the lost requests must not wait for it.
+        drain = _PIPE_DRAIN_TIMEOUT if p.proc.exit is not None else _REAP_TIMEOUT
+        with trio.move_on_after(drain) as drain_scope:
             if p.reader_done is not None:
                 await p.reader_done.wait()
             await p.stderr_done.wait()
+        if drain_scope.cancelled_caught and p.proc.exit is not None:
+            log.warning(
+                "%s (pid %d): exited, but its stdout/stderr are still open: a process it started"
+                " outside its process group (setsid) holds them and may outlive it",
+                child.name,
+                p.proc.pid,
+            )
         exit_info = p.proc.exit
         status = exit_info.describe() if exit_info else "did not die after SIGKILL"
         reason = p.down_reason or "exited"
