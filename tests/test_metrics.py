@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import urllib.request
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,19 @@ def sock_dir(tmp_path: Path):
     for p in sorted(d.rglob("*"), reverse=True):
         p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
     d.rmdir()
+
+
+@asynccontextmanager
+async def running(nursery: trio.Nursery, cfg: Path, path: Path, *extra: str):
+    """`damocles-ext run` for one test, SIGKILLed (its children follow) if the test fails."""
+    run, log = await start_run(nursery, cfg, path, *extra)
+    try:
+        yield run, log
+    finally:
+        if run.returncode is None:
+            run.kill()
+            with trio.CancelScope(shield=True):
+                await run.wait()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -77,10 +91,13 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
 """,
     )
     path = sock_dir / "control.sock"
-    async with trio.open_nursery() as nursery:
-        run, log = await start_run(
-            nursery, cfg, path, "--metrics", "127.0.0.1:0", "--restart-delay", "30"
-        )
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path, "--metrics", "127.0.0.1:0", "--restart-delay", "30") as (
+            run,
+            log,
+        ),
+    ):
         with trio.fail_after(40):
             line = await log.wait_for("metrics on http://127.0.0.1:")
             url = line.split("metrics on ", 1)[1].strip()
@@ -186,7 +203,9 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
                 )
                 assert (
                     value(
-                        m, "damocles_ext_request_deadline_slack_seconds_count", stage="window_post"
+                        m,
+                        "damocles_ext_request_deadline_slack_seconds_count",
+                        stage="window_post",
                     )
                     == 3
                 )

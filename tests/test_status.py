@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -44,6 +45,19 @@ def sock_dir(tmp_path: Path):
     for p in sorted(d.rglob("*"), reverse=True):
         p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
     d.rmdir()
+
+
+@asynccontextmanager
+async def running(nursery: trio.Nursery, cfg: Path, path: Path, *extra: str):
+    """`damocles-ext run` for one test, SIGKILLed (its children follow) if the test fails."""
+    run, log = await start_run(nursery, cfg, path, *extra)
+    try:
+        yield run, log
+    finally:
+        if run.returncode is None:
+            run.kill()
+            with trio.CancelScope(shield=True):
+                await run.wait()
 
 
 def _config(tmp_path: Path) -> tuple[Path, Path]:
@@ -93,8 +107,10 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
     cfg, gpu_tmp = _config(tmp_path)
     path = sock_dir / "control.sock"
     before = time.time()
-    async with trio.open_nursery() as nursery:
-        run, log = await start_run(nursery, cfg, path, "--restart-delay", "30")
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path, "--restart-delay", "30") as (run, log),
+    ):
         with trio.fail_after(40):
             await wait_ready(log, ["window_post#0", "window_post#1", "winning_post#0"])
 
@@ -162,7 +178,7 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
 
             # -- busy: two long requests running, a third queued with a deadline ------------
             async with connect(path) as client:
-                running = [trio.Event(), trio.Event()]
+                working = [trio.Event(), trio.Event()]
                 deadline = time.time() + 300
 
                 async def prove(i: int, event: trio.Event | None, when: float | None) -> None:
@@ -173,9 +189,9 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
                     await client.submit(make_task(100 + i), deadline=when, on_progress=on_progress)
 
                 async with trio.open_nursery() as requests:
-                    requests.start_soon(prove, 0, running[0], None)
-                    requests.start_soon(prove, 1, running[1], None)
-                    for event in running:
+                    requests.start_soon(prove, 0, working[0], None)
+                    requests.start_soon(prove, 1, working[1], None)
+                    for event in working:
                         await event.wait()  # both children sent progress: both are working
                     requests.start_soon(prove, 2, None, deadline)
                     # bellperson in the GPU child's TMPDIR takes its GPU lock now.
