@@ -8,7 +8,6 @@ built-in child runtime. Waits are on events or bounded polling of process state,
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import psutil
@@ -18,7 +17,6 @@ from supervisor_helpers import (
     alive,
     builtin_child,
     dext_child,
-    jsonl_child,
     our_descendants,
     python_child,
     spec,
@@ -306,8 +304,10 @@ async def test_a_dext_child_ignoring_shutdown_and_sigterm_is_sigkilled_after_the
     """
     # The stock fake child exits on Shutdown; this one also ignores it (and stdin EOF).
     argv = dext_child(handle, setup=setup)
-    argv[-1] = argv[-1].replace("sys.exit(0)", "pass").replace(
-        "if not data:\n        break", "if not data:\n        signal.pause()"
+    argv[-1] = (
+        argv[-1]
+        .replace("sys.exit(0)", "pass")
+        .replace("if not data:\n        break", "if not data:\n        signal.pause()")
     )
     sup = Supervisor([spec(argv)], stop_timeout=0.3, backoff=FAST)
     async with trio.open_nursery() as nursery:
