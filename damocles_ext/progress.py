@@ -5,8 +5,9 @@ most ten times a second:
 
     sleep [##########..........]  50%  10/20  4.1s
 
-Anywhere else (a pipe, a log file, CI) a line is printed when a phase starts, when it completes,
-and at most every `interval` seconds in between, so logs get a heartbeat and not a flood:
+Anywhere else (a pipe, a log file, CI) a line is printed when a phase starts, when it completes
+(at most one such line a second), and every `interval` seconds in between, so logs get a
+heartbeat and not a flood; `close()` prints the last state if it was not printed yet:
 
     window_post sleep: 10/20 (50%) after 4.1s      (label "window_post", phase "sleep")
 """
@@ -57,6 +58,7 @@ class ProgressRenderer:
         self.stream = sys.stderr if stream is None else stream
         self.tty = _is_tty(self.stream) if tty is None else tty
         self.interval = interval
+        self._min_gap = min(1.0, interval)
         self.label = label
         self._clock = clock
         self._columns = columns
@@ -78,8 +80,11 @@ class ProgressRenderer:
         if self.tty:
             if new_phase or finished or now - self._last_out >= _REDRAW:
                 self._draw(state, now)
-        elif new_phase or finished or now - self._last_out >= self.interval:
-            self._print(state, now)
+        else:
+            since = now - self._last_out
+            # Phase boundaries are worth a line, but not many a second (a tree per sector).
+            if since >= self.interval or ((new_phase or finished) and since >= self._min_gap):
+                self._print(state, now)
 
     def close(self) -> None:
         """End the display: the bar's line is finished, the last state printed if it was not."""

@@ -25,6 +25,7 @@ class FakeClock:
 
 
 def test_plain_lines_at_phase_start_every_interval_and_at_completion():
+    # Phase boundaries print at once, but no more than one line a second.
     out, clock = io.StringIO(), FakeClock()
     r = ProgressRenderer(out, tty=False, interval=5.0, label="window_post", clock=clock)
     r.update("vanilla", 0, 10)  # a new phase: printed
@@ -33,16 +34,20 @@ def test_plain_lines_at_phase_start_every_interval_and_at_completion():
         r.update("vanilla", done, 10)  # printed once 5 s went by
     clock.now += 0.5
     r.update("vanilla", 10, 10)  # done: printed at once
-    r.update("snark", 0, 0)  # a phase without a total
+    r.update("snark", 0, 0)  # a new phase, but the last line is not a second old
     clock.now += 1.0
     r.update("snark", 1, 0)
+    clock.now += 5.0
+    r.update("snark", 2, 0)  # 5 s since the last line
+    clock.now += 1.0
+    r.update("snark", 3, 0)
     r.close()  # the last state was not printed yet
     assert out.getvalue().splitlines() == [
         "window_post vanilla: 0/10 (0%) after 0.0s",
         "window_post vanilla: 5/10 (50%) after 5.0s",
         "window_post vanilla: 10/10 (100%) after 9.5s",
-        "window_post snark: 0 after 9.5s",
-        "window_post snark: 1 after 10.5s",
+        "window_post snark: 2 after 15.5s",
+        "window_post snark: 3 after 16.5s",
     ]
 
 
