@@ -72,7 +72,11 @@ def is_v1_2(proof_type: str) -> bool:
     return proof_type.endswith("V1_2")
 
 
-class PoStReplicaInfo(msgspec.Struct, frozen=True):
+class PoStReplicaInfo(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One sector to prove. In dext frames it is a 4-element array, not a map: a 2349-replica
+    request is 25% smaller and decodes about 30% faster (bench/bench_codec.py). Its fields are
+    never containers, so the garbage collector need not track thousands of them per request."""
+
     sector_id: U64
     comm_r: Bytes32
     cache_dir: str

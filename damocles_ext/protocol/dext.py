@@ -1,8 +1,9 @@
 """dext/1: length-prefixed msgpack frames between a supervisor and a prover child (sans-IO).
 
 A frame is a 4-byte big-endian payload length followed by that many bytes of msgpack. The
-payload is one message of a msgspec tagged union (tag field "type"). The byte layout lives here and
-nowhere else.
+payload is one message of a msgspec tagged union (tag field "type"); structs are msgpack maps,
+except a task's replicas, which are arrays `[sector_id, comm_r, cache_dir, sealed_file]` (see
+`tasks.PoStReplicaInfo`). The byte layout lives here and nowhere else.
 
 The decoder is fed arbitrary chunks and hands back whole messages. It keeps one bytearray and an
 offset into it, so feeding n bytes costs O(n) however they are chunked; consumed bytes are dropped
