@@ -56,6 +56,7 @@ from .connection import (
 from .process import (
     ChildProcess,
     ExitInfo,
+    GroupGuardian,
     SpawnError,
     build_env,
     prepare_spawn,
@@ -335,6 +336,7 @@ class Supervisor:
         self._observer_send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
         self._unreaped: list[ChildProcess] = []
         self._observer_dropped = 0
+        self._guardian: GroupGuardian | None = None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -351,7 +353,17 @@ class Supervisor:
         if self._pm is not None:
             self._observer_send, observer_receive = trio.open_memory_channel(_OBSERVER_BACKLOG)
         try:
+            self._guardian = GroupGuardian()
+        except OSError as exc:
+            log.error(
+                "cannot start the process-group guardian (%s): if the supervisor is killed, its"
+                " children's own children may outlive it",
+                exc,
+            )
+        try:
             async with trio.open_nursery() as nursery:
+                if self._guardian is not None:
+                    nursery.start_soon(self._guardian.started)
                 driver_scope = trio.CancelScope()
                 nursery.start_soon(self._driver, driver_scope)
                 if observer_receive is not None:
@@ -375,6 +387,8 @@ class Supervisor:
             self._shutting_down = True
             with trio.CancelScope(shield=True):
                 await self._kill_everything()
+            if self._guardian is not None:
+                self._guardian.close()
             self._fail_all("the supervisor stopped before it was answered")
 
     async def submit(
@@ -1004,6 +1018,8 @@ class Supervisor:
             child.last_exit = f"failed to start: {exc}"
             log.error("%s", exc)
             return False, str(exc)
+        if self._guardian is not None:
+            self._guardian.add(proc.pid)  # its process group, for if we are killed
         child.pid = proc.pid
         child.started_at = time.time()
         child.protocol = None
@@ -1041,6 +1057,8 @@ class Supervisor:
                         await proc.wait()
                     if proc.exit is None:
                         self._unreaped.append(proc)
+                if proc.exit is not None and self._guardian is not None:
+                    self._guardian.remove(proc.pid)
                 await proc.aclose()
             child.p = None
         return ready, reason

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,103 @@ def spawn(
         for fd in ours:
             os.close(fd)
         raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
+
+
+# The guardian's program. It double-forks, so that it is nobody's child but init's (tools and
+# tests that list the supervisor's children see only provers), ignores the signals a terminal or
+# a service manager sends to everyone, and reads "+PGID" / "-PGID" lines until EOF.
+_GUARDIAN_CODE = r"""
+import os, signal
+if os.fork():
+    os._exit(0)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(s, signal.SIG_IGN)
+groups, buf = set(), b""
+while True:
+    try:
+        data = os.read(0, 65536)
+    except InterruptedError:
+        continue
+    if not data:
+        break
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        if line[:1] == b"+":
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-":
+            groups.discard(int(line[1:]))
+for g in groups:
+    try:
+        os.killpg(g, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class GroupGuardian:
+    """A helper process that SIGKILLs the children's process groups once the supervisor is gone.
+
+    PR_SET_PDEATHSIG reaches the children only: when the supervisor is SIGKILLed (damocles-manager
+    stops its ext-prover that way) the processes a child started in its own process group would
+    live on as orphans. The guardian is told each child's group as it starts and ends; when its
+    stdin (a pipe from us) reaches EOF, which happens however we die, it kills every group still
+    listed and exits. A process that left its child's group (setsid) is out of its reach.
+    """
+
+    def __init__(self) -> None:
+        read_end, self._fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            helper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={},
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError:
+            os.close(self._fd)
+            raise
+        finally:
+            os.close(read_end)
+        self._helper: subprocess.Popen[bytes] | None = helper
+        os.set_blocking(self._fd, False)
+        self._broken = False
+
+    async def started(self) -> None:
+        """Reap the intermediate process of the double fork (it exits at once)."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            await trio.to_thread.run_sync(helper.wait)
+
+    def add(self, pgid: int) -> None:
+        """A child's process group to kill if we die."""
+        self._write(f"+{pgid}\n")
+
+    def remove(self, pgid: int) -> None:
+        """The group is gone (its leader reaped after the group was killed)."""
+        self._write(f"-{pgid}\n")
+
+    def _write(self, line: str) -> None:
+        if self._fd < 0 or self._broken:
+            return
+        try:
+            os.write(self._fd, line.encode())
+        except OSError as exc:  # the guardian was killed, or is stuck with a full pipe
+            self._broken = True
+            log.error(
+                "the process-group guardian is gone (%s): if the supervisor is killed,"
+                " its children's own children may outlive it",
+                exc,
+            )
+
+    def close(self) -> None:
+        """EOF for the guardian: it kills the groups still listed (none, normally) and exits."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 async def relay_stderr(

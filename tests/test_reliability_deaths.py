@@ -1,0 +1,182 @@
+"""Supervisor deaths (issue 7): `serve` and `run` SIGKILLed, and SIGTERM under load.
+
+damocles-manager stops its ext-prover with SIGKILL, so that is the common way for `serve` to end.
+The children then die of PR_SET_PDEATHSIG; their own children (grandchildren, in the child's
+process group) are killed by the supervisor's group guardian. The checks walk the whole tree with
+psutil, grandchildren included, and look for stragglers anywhere by a marker in their command line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import (
+    DEXT,
+    ManagerLike,
+    make_task,
+    plugin_block,
+    start_run,
+    write_config,
+)
+from supervisor_helpers import alive, wait_until
+
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+
+# A JSON-lines child that starts a grandchild in its own process group (a prover's helper), notes
+# the pids, and answers requests.
+FAMILY_CHILD = r"""
+import json, os, subprocess, sys
+marker = os.environ["MARKER"]
+g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", marker])
+with open(os.environ["PIDS"], "a") as f:
+    f.write(json.dumps([os.getpid(), g.pid]) + "\n")
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    out = {"proofs": [], "faults": []}
+    sys.stdout.write(json.dumps({"id": req["id"], "err_msg": None, "output": out}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def _family_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path, Path]:
+    script = tmp_path / "family_child.py"
+    script.write_text(FAMILY_CHILD)
+    pids = tmp_path / "pids.jsonl"
+    block = (
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps([str(script)])}\n"
+        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
+    )
+    return write_config(tmp_path, block * children), pids
+
+
+def _family(pids_file: Path, count: int) -> list[int]:
+    lines = pids_file.read_text().splitlines() if pids_file.exists() else []
+    if len(lines) < count:
+        return []
+    return [pid for line in lines for pid in json.loads(line)]
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_marked(marker: str) -> None:
+    for proc in _marked(marker):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+async def _sigkill_and_check_the_tree(process: trio.Process, family: list[int], marker: str):
+    tree = psutil.Process(process.pid).children(recursive=True)
+    assert {p.pid for p in tree} >= set(family)  # children and grandchildren, under us
+    process.kill()
+    await process.wait()
+    # PDEATHSIG kills the children at once; the guardian kills their process groups.
+    await wait_until(lambda: not any(alive(pid) for pid in family), 2.0, "the tree to die")
+    assert [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert _marked(marker) == []
+
+
+async def test_sigkill_of_serve_leaves_no_child_or_grandchild(tmp_path):
+    marker = f"dext-death-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _family_config(tmp_path, marker)
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(
+                nursery,
+                [*DEXT, "serve", "window_post", "-c", str(cfg)],
+                "window_post",
+                stderr=subprocess.DEVNULL,
+            )
+            response = await m.request(make_task(1))
+            assert response.err_msg is None
+            await wait_until(lambda: len(_family(pids, 2)) == 4, 10, "both children up")
+            await _sigkill_and_check_the_tree(m.process, _family(pids, 2), marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+async def test_sigkill_of_run_leaves_no_child_or_grandchild(tmp_path):
+    marker = f"dext-death-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _family_config(tmp_path, marker)
+    sock_dir = tmp_path / "sock"
+    try:
+        async with trio.open_nursery() as nursery:
+            process, _log = await start_run(nursery, cfg, sock_dir / "control.sock")
+            await wait_until(lambda: len(_family(pids, 2)) == 4, 10, "both children up")
+            await _sigkill_and_check_the_tree(process, _family(pids, 2), marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_answers_every_request_within_the_grace_period(tmp_path):
+    # 2 children x Concurrent 2 of 0.4 s requests; 40 requests sent at once, SIGTERM as soon as
+    # the first answers arrive: those running finish (grace 3 s), the queued get a clear error.
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPost", "sleep", concurrent=2, seconds=0.4, progress_interval=0.1) * 2,
+    )
+    sock = tmp_path / "sock" / "control.sock"
+    tasks = [make_task(100 + i) for i in range(40)]
+    outcomes: dict[int, object] = {}
+    async with trio.open_nursery() as nursery:
+        process, log = await start_run(nursery, cfg, sock, "--shutdown-grace", "3")
+        async with connect(sock) as client:
+            first = trio.Event()
+
+            async def one(i: int) -> None:
+                try:
+                    outcomes[i] = await client.submit(tasks[i])
+                except ProverError as exc:
+                    outcomes[i] = exc
+                first.set()
+
+            async with trio.open_nursery() as requests:
+                for i in range(len(tasks)):
+                    requests.start_soon(one, i)
+                await first.wait()
+                sent_term = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+            answered_within = time.monotonic() - sent_term
+        with trio.fail_after(10):
+            returncode = await process.wait()
+        stopped_within = time.monotonic() - sent_term
+        nursery.cancel_scope.cancel()
+    assert returncode == 0, log.text()[-2000:]
+    assert sorted(outcomes) == list(range(len(tasks)))
+    outputs = [i for i, o in outcomes.items() if not isinstance(o, Exception)]
+    errors = {i: str(o) for i, o in outcomes.items() if isinstance(o, Exception)}
+    assert all(outcomes[i] == echo_output(tasks[i]) for i in outputs)
+    assert errors and outputs  # some were running, some still queued
+    for text in errors.values():
+        assert "still queued when the supervisor began to shut down" in text, text
+    assert answered_within < 3.0 and stopped_within < 3.0 + 5.0
