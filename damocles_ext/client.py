@@ -72,10 +72,18 @@ class Client:
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
+        frame = dext.encode(dext.Request(request_id, task, deadline, priority))
+        if len(frame) - dext.HEADER_SIZE > dext.DEFAULT_MAX_FRAME_SIZE:
+            # The supervisor would close the connection on it, failing every other request.
+            raise ProverError(
+                f"request {request_id}: the task is {len(frame) / 2**20:.1f} MiB as a request"
+                f" ({len(task.replicas)} replicas), over the"
+                f" {dext.DEFAULT_MAX_FRAME_SIZE / 2**20:.0f} MiB limit of a dext frame; split it"
+            )
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
         try:
-            await self._send(dext.Request(request_id, task, deadline, priority))
+            await self._send_frame(frame)
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set() and self._lost is None:
@@ -132,9 +140,12 @@ class Client:
             raise ProverError(str(exc)) from None
 
     async def _send(self, message: Any) -> None:
+        await self._send_frame(dext.encode(message))
+
+    async def _send_frame(self, frame: bytes) -> None:
         async with self._send_lock:
             try:
-                await self._stream.send_all(dext.encode(message))
+                await self._stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ProverError(
                     f"lost the connection to the supervisor at {self.path}: {exc}"

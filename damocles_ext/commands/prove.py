@@ -248,11 +248,33 @@ def read_task(source: str, stage: str) -> Task:
     except OSError as exc:
         raise UsageError(f"cannot read request file {source}: {exc.strerror}") from None
     try:
-        return task_from_json(data, stage)
+        task = task_from_json(data, stage)
     except JsonLineError as exc:
         raise UsageError(
             f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
         ) from None
+    check_request_size(task, name)
+    return task
+
+
+def check_request_size(task: Task, where: str) -> None:
+    """UsageError when the task does not fit in one dext frame (no child could take it)."""
+    from damocles_ext.protocol import dext
+
+    too_big = [f"miner_id {task.miner_id}"] if task.miner_id >= 2**64 else []
+    too_big += [f"sector_id {r.sector_id}" for r in task.replicas if r.sector_id >= 2**64]
+    if too_big:
+        raise UsageError(
+            f"{where}: {', '.join(too_big[:3])} does not fit in 64 bits (the largest is"
+            f" {2**64 - 1})"
+        )
+    size = len(dext.encode(dext.Request(0, task))) - dext.HEADER_SIZE
+    if size > dext.DEFAULT_MAX_FRAME_SIZE:
+        raise UsageError(
+            f"{where}: the task is {size / 2**20:.1f} MiB as a request ({len(task.replicas)}"
+            f" replicas), over the {dext.DEFAULT_MAX_FRAME_SIZE / 2**20:.0f} MiB a prover"
+            " child takes in one message; split it into smaller tasks"
+        )
 
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")

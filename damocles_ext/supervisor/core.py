@@ -73,6 +73,8 @@ Progress = dext.Progress
 _READ_SIZE = 1 << 16
 _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
+# The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
+_MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
 _PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
@@ -645,6 +647,32 @@ class Supervisor:
             self._dispatch_again = True
             return
         rid = p.next_rid
+        try:
+            data = p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            # E.g. an id over 2**64 - 1 from an API caller: no child can be sent this task, and
+            # raising here would leave the slot the scheduler gave it taken for ever.
+            self._scheduler.finished(aid, now)
+            self._finish(
+                req,
+                error=f"request {req.rid} ({req.stage}): its task cannot be sent to a prover"
+                f" child: {exc}",
+            )
+            self._dispatch_again = True
+            return
+        if len(data) > _MAX_REQUEST_BYTES:
+            # A child refuses a frame (or line) this long, and dies of it: every sibling would
+            # in turn. The task is the problem, not the child.
+            self._scheduler.finished(aid, now)
+            self._finish(
+                req,
+                error=f"request {req.rid} ({req.stage}): its task is {len(data) / 2**20:.1f} MiB"
+                f" on the wire ({len(req.task.replicas)} replicas), over the"
+                f" {_MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
+                " split it into smaller tasks",
+            )
+            self._dispatch_again = True
+            return
         p.next_rid += 1
         slot = _Slot(aid, rid, req, now)
         if not p.slots:
@@ -654,7 +682,7 @@ class Supervisor:
         req.attempts += 1
         req.child = child.name
         req.running_on = (child, p)
-        self._send(child, p, p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority))
+        self._send(child, p, data)
         timeout = child.spec.request_timeout
         if timeout:
             slot.timeout = self._timers.add(
