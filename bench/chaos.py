@@ -459,6 +459,12 @@ def _report(opts, state, status, log_path, serve_wall, shutdown_s, returncode, l
             "last_quarter_median": last_q / 2**20,
             "peak": max(rss, default=0) / 2**20,
             "growth_ratio": (last_q / first_q) if first_q else None,
+            # 16 evenly spaced samples (seconds since the clients started, MB): flat means
+            # bounded; warm-up shows in the first few.
+            "series": [
+                (round(t, 1), round(v / 2**20, 1))
+                for t, v in state.rss[:: max(1, len(state.rss) // 16)]
+            ],
         },
         "shutdown": {"returncode": returncode, "seconds": shutdown_s},
         "leftover_processes": leftovers,
