@@ -516,6 +516,29 @@ async def test_cancelled_caller_does_not_break_the_child_for_the_next_request():
         assert (await sup.submit(window_task(miner=2))).faults[0] == 2
 
 
+async def test_caller_cancelled_while_its_request_runs_leaves_the_child_serving():
+    handle = """
+    if msg.task.miner_id == 1:
+        send(dext.Progress(msg.id, "working", 0, 1))  # and never answer it
+    else:
+        answer(msg)
+    """
+    async with open_supervisor([spec(dext_child(handle), concurrent=2)]) as sup:
+        await sup.wait_ready()
+        running = trio.Event()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def first() -> None:
+                    await sup.submit(window_task(miner=1), on_progress=lambda p: running.set())
+
+                nursery.start_soon(first)
+                await running.wait()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+
+
 async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeatedly():
     handle = "time.sleep(0.01); answer(req)"
     specs = [

@@ -402,6 +402,9 @@ class Supervisor:
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Output:
         """Prove `task` on a child of its stage; `deadline` is a unix time. Raises ProverError."""
+        # A caller already cancelled gets Cancelled before anything reaches a child (trio's
+        # rule that an async call is a cancel point even when it would not need to block).
+        await trio.lowlevel.checkpoint_if_cancelled()
         stage = stage_of(task)
         rid = next(self._rids)
         if self._shutting_down:
