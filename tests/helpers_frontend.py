@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
@@ -261,6 +263,35 @@ async def start_run(
     with trio.fail_after(20):
         await watcher.wait_for("control socket listening")
     return process, watcher
+
+
+@asynccontextmanager
+async def running(
+    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str
+) -> AsyncIterator[tuple[trio.Process, LogWatcher]]:
+    """`damocles-ext run` for one test, SIGKILLed (its children follow) if the test fails."""
+    run, log = await start_run(nursery, cfg, socket_path, *extra)
+    try:
+        yield run, log
+    finally:
+        if run.returncode is None:
+            run.kill()
+            with trio.CancelScope(shield=True):
+                await run.wait()
+
+
+@contextmanager
+def short_socket_dir(tag: str, name: str) -> Iterator[Path]:
+    """A private (0700) directory with a short path: unix socket paths are limited to 107 bytes
+    and pytest's tmp_path can be longer."""
+    d = Path(f"/tmp/dext-{tag}{os.getpid()}-{name[-20:]}")
+    d.mkdir(mode=0o700)
+    try:
+        yield d
+    finally:
+        for p in sorted(d.rglob("*"), reverse=True):
+            p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
+        d.rmdir()
 
 
 async def dext_run_async(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:

@@ -5,17 +5,21 @@ crash; the metrics plugin fed by the same observer hooks a third-party plugin ge
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import time
 import urllib.request
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from helpers_frontend import dext_run_async, make_task, start_run, write_config
+from helpers_frontend import (
+    dext_run_async,
+    make_task,
+    running,
+    short_socket_dir,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from supervisor_helpers import builtin_child, spec, window_task
 
@@ -29,25 +33,10 @@ from damocles_ext.plugins import call_observers, get_plugin_manager
 
 @pytest.fixture
 def sock_dir(tmp_path: Path):
-    d = Path(f"/tmp/dext-m{os.getpid()}-{tmp_path.name[-20:]}")
-    d.mkdir(mode=0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
+    with short_socket_dir("m", tmp_path.name) as d:
+        yield d
 
 
-@asynccontextmanager
-async def running(nursery: trio.Nursery, cfg: Path, path: Path, *extra: str):
-    """`damocles-ext run` for one test, SIGKILLed (its children follow) if the test fails."""
-    run, log = await start_run(nursery, cfg, path, *extra)
-    try:
-        yield run, log
-    finally:
-        if run.returncode is None:
-            run.kill()
-            with trio.CancelScope(shield=True):
-                await run.wait()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

@@ -9,14 +9,19 @@ import json
 import os
 import signal
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import psutil
 import pytest
 import trio
-from helpers_frontend import dext_run_async, make_task, start_run, write_config
+from helpers_frontend import (
+    dext_run_async,
+    make_task,
+    running,
+    short_socket_dir,
+    write_config,
+)
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
@@ -38,26 +43,10 @@ from damocles_ext.status import (
 
 @pytest.fixture
 def sock_dir(tmp_path: Path):
-    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be long.
-    d = Path(f"/tmp/dext-s{os.getpid()}-{tmp_path.name[-20:]}")
-    d.mkdir(mode=0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
+    with short_socket_dir("s", tmp_path.name) as d:
+        yield d
 
 
-@asynccontextmanager
-async def running(nursery: trio.Nursery, cfg: Path, path: Path, *extra: str):
-    """`damocles-ext run` for one test, SIGKILLed (its children follow) if the test fails."""
-    run, log = await start_run(nursery, cfg, path, *extra)
-    try:
-        yield run, log
-    finally:
-        if run.returncode is None:
-            run.kill()
-            with trio.CancelScope(shield=True):
-                await run.wait()
 
 
 def _config(tmp_path: Path) -> tuple[Path, Path]:
