@@ -205,8 +205,8 @@ class Client:
 async def open_stream(path: Path) -> trio.SocketStream:
     """Connect to the control socket; NoSupervisorError says why nothing could be reached."""
     hint = (
-        "start one with `damocles-ext run`, or give `prove` a config (-c/--conf-dir) to prove"
-        " in-process"
+        "start one with `damocles-ext run`, or pass the --socket of the one running"
+        " (`prove` can also prove in-process with -c/--conf-dir)"
     )
     try:
         return await trio.open_unix_socket(os.fspath(path))

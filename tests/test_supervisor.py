@@ -284,8 +284,10 @@ async def test_backoff_sequence_and_fatal_after_five_failed_starts(patient_autoj
         with pytest.raises(ProverError, match="FATAL"):
             await sup.wait_ready()
         assert child_stats(sup, "window_post#0").state == "fatal"
-        with pytest.raises(ProverError, match="no window_post child can serve"):
+        with pytest.raises(ProverError, match="no window_post child can serve") as info:
             await sup.submit(window_task())
+        # the caller learns why without reading the supervisor's log
+        assert "window_post#0: " in str(info.value) and "code 3" in str(info.value)
         sup.request_shutdown()
     kinds = [e[0] for e in recorder.events]
     assert kinds == ["started", "exited"] * 5

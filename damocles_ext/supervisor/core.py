@@ -703,6 +703,10 @@ class Supervisor:
         if req is None or req.attempt_id != aid:
             return
         expired = req.deadline is not None and trio.current_time() >= req.deadline
+        pool = [c for c in self._children.values() if c.spec.stage == req.stage]
+        if pool and all(c.state == "fatal" for c in pool):
+            # Say why no child can serve: the caller may not see the supervisor's log.
+            reason += " (" + "; ".join(f"{c.name}: {c.last_exit}" for c in pool) + ")"
         self._finish(
             req,
             error=self._describe_failure(req, reason),
