@@ -38,3 +38,27 @@ def test_protocol_and_scheduling_stay_sans_io():
     for package in ("protocol", "scheduling"):
         for source in (ROOT / "damocles_ext" / package).glob("*.py"):
             assert not forbidden.search(source.read_text()), f"{source} does I/O imports"
+
+
+async def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
+    (tmp_path / "ext-prover.cfg").write_text('[[WdPost]]\nPlugin = "echo"\n')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    task = WindowPoSt(1000, "StackedDrgWindow2KiBV1_2",
+                      [PoStReplicaInfo(1, bytes(32), "/c", "/s")], bytes(32))
+    await namespace["main"](task)
+    out = capsys.readouterr().out
+    assert "SupervisorStats(" in out and "no proof" not in out
+
+
+def test_check_config_takes_the_file_as_an_argument_too(capsys):
+    from damocles_ext import cli
+
+    assert cli.main(["check-config", str(ROOT / "ext-prover.cfg.example")]) == 0
+    assert "window_post#0" in capsys.readouterr().out

@@ -23,6 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "file", nargs="?", metavar="FILE", help="the config file to read (same as -c FILE)"
+    )
     source.add_argument("-c", "--config", metavar="FILE", help="the config file to read")
     source.add_argument(
         "--conf-dir",
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.config import load_conf_dir, load_config
 
-    config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
+    path = args.config if args.config is not None else args.file
+    config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
     check_plugins(config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
