@@ -233,20 +233,27 @@ def task_from_manifest(args: argparse.Namespace) -> Task:
     return task
 
 
+def read_input_file(source: str, label: str, kind: str) -> bytes:
+    """The bytes of `source` ('-': stdin); UsageError saying which `label` could not be read."""
+    from damocles_ext.errors import UsageError
+
+    try:
+        return sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{label} {source} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{label} {source} is a directory, not a {kind}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {label} {source}: {exc.strerror}") from None
+
+
 def read_task(source: str, stage: str) -> Task:
     """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong."""
     from damocles_ext.errors import UsageError
     from damocles_ext.protocol.jsonl import JsonLineError, task_from_json
 
     name = "stdin" if source == "-" else source
-    try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"request file {source} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"request file {source} is a directory, not a task JSON file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read request file {source}: {exc.strerror}") from None
+    data = read_input_file(source, "request file", "task JSON file")
     try:
         task = task_from_json(data, stage)
     except JsonLineError as exc:

@@ -13,6 +13,7 @@ from .serve import (
     add_shutdown_arg,
     load_config_from_args,
     supervisor_options,
+    watch_signals,
 )
 
 log = logging.getLogger("damocles_ext.run")
@@ -121,7 +122,11 @@ async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
         )
         server = ControlServer(sock, supervisor.submit, status=status.as_data)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, server, supervisor, nursery.cancel_scope)
+            def shut_down() -> None:
+                server.stop_accepting()
+                supervisor.request_shutdown()
+
+            nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log)
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
             if metrics is not None:
@@ -135,18 +140,3 @@ async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
             nursery.cancel_scope.cancel()
     return 0
 
-
-async def _watch_signals(signals, server, supervisor, cancel_scope) -> None:
-    import signal
-
-    count = 0
-    async for signum in signals:
-        count += 1
-        name = signal.Signals(signum).name
-        if count == 1:
-            log.info("%s: shutting down gracefully (again to stop at once)", name)
-            server.stop_accepting()
-            supervisor.request_shutdown()
-        else:
-            log.warning("%s again: stopping at once", name)
-            cancel_scope.cancel()

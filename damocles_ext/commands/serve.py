@@ -226,7 +226,11 @@ async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) ->
                 ready_line_sent=True,
             )
             log.info("serving %s (pid %d)", stage, os.getpid())
-            nursery.start_soon(_watch_signals, signals, supervisor, nursery.cancel_scope)
+            # Reading goes on after the first signal: a request already in the pipe still gets
+            # its (error) answer.
+            nursery.start_soon(
+                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown
+            )
             server_done = trio.Event()
 
             async def serve_requests() -> None:
@@ -281,7 +285,8 @@ def _reader_gone(fd: int) -> bool:
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
-async def _watch_signals(signals, supervisor, cancel_scope) -> None:
+async def watch_signals(signals, cancel_scope, shut_down, logger: logging.Logger = log) -> None:
+    """First SIGTERM/SIGINT: call `shut_down()` (graceful); a second one cancels `cancel_scope`."""
     import signal
 
     count = 0
@@ -289,9 +294,8 @@ async def _watch_signals(signals, supervisor, cancel_scope) -> None:
         count += 1
         name = signal.Signals(signum).name
         if count == 1:
-            # Reading goes on: a request already in the pipe still gets its (error) answer.
-            log.info("%s: shutting down gracefully (again to stop at once)", name)
-            supervisor.request_shutdown()
+            logger.info("%s: shutting down gracefully (again to stop at once)", name)
+            shut_down()
         else:
-            log.warning("%s again: stopping at once", name)
+            logger.warning("%s again: stopping at once", name)
             cancel_scope.cancel()

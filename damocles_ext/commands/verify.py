@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,17 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def read_output(path: str, stage: str) -> Output:
     """The output in OUT.json; UsageError naming the file and what is wrong."""
+    from damocles_ext.commands.prove import read_input_file
     from damocles_ext.errors import UsageError
     from damocles_ext.protocol.jsonl import JsonLineError, output_from_json
 
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"output file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"output file {path} is a directory, not an output JSON file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read output file {path}: {exc.strerror}") from None
+    data = read_input_file(path, "output file", "output JSON file")
     try:
         return output_from_json(data, stage)
     except JsonLineError as exc:
