@@ -115,13 +115,7 @@ def jsonl_child(
     handle: str = "answer(req)", setup: str = "", stage: str = "window_post"
 ) -> list[str]:
     """argv of a fake damocles JSON-lines child; `handle` is code run per request (`req`)."""
-    body = textwrap.indent(textwrap.dedent(handle), "    ")
-    return [
-        PY,
-        "-u",
-        "-c",
-        JSONL_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body),
-    ]
+    return _fake_child(JSONL_CHILD, handle, setup, stage, indent=4)
 
 
 # A dext/1 child built on the project's codec; `handle` runs per Request (`msg`).
@@ -154,13 +148,13 @@ def dext_child(
     handle: str = "answer(msg)", setup: str = "", stage: str = "window_post"
 ) -> list[str]:
     """argv of a fake dext/1 child; `handle` is code run per Request (`msg`)."""
-    body = textwrap.indent(textwrap.dedent(handle), "            ")
-    return [
-        PY,
-        "-u",
-        "-c",
-        DEXT_CHILD.format(stage=stage, setup=textwrap.dedent(setup), handle=body),
-    ]
+    return _fake_child(DEXT_CHILD, handle, setup, stage, indent=12)
+
+
+def _fake_child(template: str, handle: str, setup: str, stage: str, indent: int) -> list[str]:
+    body = textwrap.indent(textwrap.dedent(handle), " " * indent)
+    code = template.format(stage=stage, setup=textwrap.dedent(setup), handle=body)
+    return [PY, "-u", "-c", code]
 
 
 def alive(pid: int) -> bool:

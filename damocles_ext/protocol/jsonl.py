@@ -165,6 +165,16 @@ def _task_from_json_struct(stage: str, j: msgspec.Struct) -> Task:
     )
 
 
+def _decode(decoder: msgspec.json.Decoder, data: bytes | str, what: str) -> msgspec.Struct:
+    """Decode a whole JSON document; JsonLineError says whether it is malformed or invalid."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
+        raise JsonLineError(f"invalid {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise JsonLineError(f"malformed JSON in {what}: {exc}") from None
+
+
 def task_to_json(task: Task) -> bytes:
     """The damocles JSON form of a task (the wire's `task` field)."""
     return _encoder.encode(_task_to_json_struct(task))
@@ -173,12 +183,7 @@ def task_to_json(task: Task) -> bytes:
 def task_from_json(data: bytes | str, stage: str) -> Task:
     """Parse a task in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
-    try:
-        return _task_from_json_struct(stage, _task_decoders[stage].decode(data))
-    except msgspec.ValidationError as exc:
-        raise JsonLineError(f"invalid {stage} task: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise JsonLineError(f"malformed JSON in {stage} task: {exc}") from None
+    return _task_from_json_struct(stage, _decode(_task_decoders[stage], data, f"{stage} task"))
 
 
 def _output_to_json_struct(output: Output) -> msgspec.Struct:
@@ -201,12 +206,8 @@ def _output_from_json_struct(stage: str, j: msgspec.Struct) -> Output:
 def output_from_json(data: bytes | str, stage: str) -> Output:
     """Parse an output in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
-    try:
-        return _output_from_json_struct(stage, _output_decoders[stage].decode(data))
-    except msgspec.ValidationError as exc:
-        raise JsonLineError(f"invalid {stage} output: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise JsonLineError(f"malformed JSON in {stage} output: {exc}") from None
+    j = _decode(_output_decoders[stage], data, f"{stage} output")
+    return _output_from_json_struct(stage, j)
 
 
 # -- lines ---------------------------------------------------------------------------------------
