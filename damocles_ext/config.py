@@ -25,8 +25,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .child import format_option
 from .errors import UsageError
+from .options import format_option
 
 try:
     import tomllib
@@ -222,8 +222,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             source,
             [
-                f"{source}: cannot read the config file: permission denied "
-                f"(check its mode and owner)"
+                f"{source}: cannot read the config file: permission denied (check its mode and owner)"
             ],
         ) from None
     except OSError as exc:

@@ -12,7 +12,7 @@ from damocles_ext_plugins.testing import echo_output
 from hypothesis import given
 from hypothesis import strategies as st
 
-from damocles_ext.child import coerce_value, format_option, parse_option, parse_options
+from damocles_ext.options import coerce_value, format_option, parse_option, parse_options
 from damocles_ext.protocol import dext, jsonl
 
 # -- option parsing (in-process) ------------------------------------------------------------------

@@ -777,7 +777,7 @@ def test_check_config_needs_exactly_one_of_file_or_conf_dir(
 
 
 def test_plugin_option_values_reach_the_child_with_their_types():
-    from damocles_ext.child import parse_option
+    from damocles_ext.options import parse_option
 
     config = parse_config(
         '[[WdPost]]\nPlugin = "sleep"\n'
