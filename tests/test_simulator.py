@@ -156,6 +156,27 @@ def test_bisection_finds_the_highest_missfree_load_of_each_policy():
     assert 5 / capacity_bound(sc) == pytest.approx(5 * 360 / 2100)
 
 
+def test_clairvoyant_packs_longest_first_where_the_reference_misses():
+    # Two GPUs, one deadline due at 2100 s, vanilla 60 s each, SNARKs 500 s x 4 and one of 1050 s.
+    two = replace(TINY, gpus=2, partitions=(5,))
+    snarks = (500.0, 500.0, 500.0, 500.0, 1050.0)
+
+    def workload() -> Workload:
+        return Workload(tuple(wd_job(i, 60.0, s) for i, s in enumerate(snarks)))
+
+    # reference (EDF, then job order): each GPU runs 500 + 500 (60-1060), then the long SNARK
+    # runs 1060-2110: 10 s late
+    ref = run_workload(two, workload(), "reference")
+    assert ref.wdpost_deadlines_missed == 1
+    seen = workload()
+    clair = run_workload(two, seen, "clairvoyant")
+    # clairvoyant: the long SNARK first (60-1110) beside 500 + 500 (60-1060), then one 500 on
+    # each GPU: 1060-1560 and 1110-1610, 490 s to spare
+    assert clair.wdpost_deadlines_missed == 0
+    assert seen.jobs[4].finish == pytest.approx(1110)
+    assert clair.min_slack == pytest.approx(490)
+
+
 def test_scheduler_beats_damocles_on_colliding_windows():
     sc = Scenario(gpus=2, partitions=(3, 3), hours=4, offsets="colliding")
     results = simulate(sc)

@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler with children that "
             "report their SNARK phase, c0 = the same without phase reports (JSON-lines children), "
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
-            "deployment). "
+            "deployment), clairvoyant = the reference knowing every SNARK's duration in advance "
+            "(what foresight would be worth). "
             "Durations are seconds unless suffixed with m (minutes)."
         ),
     )
@@ -62,8 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--policies",
         default="a,b,c",
-        help="comma-separated: a, b, c, c0, reference (or damocles, damocles-c2, damocles-ext, "
-        "damocles-ext-nophase)",
+        help="comma-separated: a, b, c, c0, reference, clairvoyant (or damocles, damocles-c2, "
+        "damocles-ext, damocles-ext-nophase)",
     )
     parser.add_argument(
         "--bisect",

@@ -26,6 +26,11 @@ It compares three ways of running the same work with the same random draws:
   ready SNARK with the earliest deadline from one global queue: what a non-preemptive scheduler
   that cannot foresee durations could do if vanilla proving were split from the SNARK (damocles
   #981). WinningPoSt time-shares the least busy GPU.
+* ``clairvoyant``: a second yardstick, the reference with foresight no scheduler has: it knows every
+  SNARK's duration before it runs, and among ready SNARKs due at the same time it starts the
+  longest first (LPT, the classic packing rule). Some schedule does at least this well; none beats
+  the realized bound below. Between ``reference`` and ``clairvoyant`` lies what knowing the
+  durations is worth: the part of the capacity bound no real scheduler can reach.
 
 The model, stated plainly so its limits are clear:
 
@@ -80,6 +85,8 @@ POLICIES: dict[str, str] = {
     "damocles-ext-nophase": "c without phase reports (JSON-lines children): EDF, late binding, "
     "Concurrent=2",
     "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
+    "clairvoyant": "not deployable: the reference knowing every SNARK's duration in advance "
+    "(longest first among equal deadlines)",
 }
 DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
 POLICY_ALIASES = {
@@ -377,7 +384,7 @@ def _deployment(policy: str, gpus: int) -> list[_Slot]:
         elif policy == "damocles-c2":
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-gpu{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-gpu{g}"))
-        elif policy in ("damocles-ext", "damocles-ext-nophase", "reference"):
+        elif policy in ("damocles-ext", "damocles-ext-nophase", "reference", "clairvoyant"):
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-wd{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
         else:
@@ -398,9 +405,12 @@ class _Engine:
         self.now = 0.0
         self.wake_at: float | None = None
         self.deciding = False
-        self.reference = policy == "reference"
+        self.reference = policy in ("reference", "clairvoyant")
+        self.foresight = policy == "clairvoyant"  # orders ready SNARKs by their drawn duration
         self.phases = policy == "damocles-ext"  # its children report vanilla/SNARK progress
-        self.ready_snarks: list[tuple[float, int]] = []  # reference: (due, job id)
+        # reference: (due, -duration if clairvoyant else 0, job id)
+        self.ready_snarks: list[tuple[float, float, int]] = []
+        self.fill_pending = False
         if self.reference:
             self.scheduler: Scheduler | None = None
             self.baseline = None
@@ -448,6 +458,9 @@ class _Engine:
                 job, token = data
                 if job.state == "gpu" and job.token == token:
                     self.report_snark(job)
+            elif kind == "fill":
+                self.fill_pending = False
+                self.fill_gpus()
             elif kind == "wake" and self.wake_at == t:  # else superseded by an earlier wake
                 self.wake_at = None
                 self.decide()
@@ -520,7 +533,7 @@ class _Engine:
     def fill_gpus(self) -> None:
         for gpu in self.gpus:
             if not gpu.domains.get(f"tmp-wd{gpu.index}") and self.ready_snarks:
-                _, job_id = heapq.heappop(self.ready_snarks)
+                *_, job_id = heapq.heappop(self.ready_snarks)
                 job = self.jobs[job_id]
                 job.child = f"wd{gpu.index}"
                 self.to_gpu(job)
@@ -528,8 +541,13 @@ class _Engine:
     def to_gpu(self, job: SimJob) -> None:
         if job.child is None:  # reference: vanilla done, wait for any GPU
             job.state = "ready"
-            heapq.heappush(self.ready_snarks, (job.due, job.job_id))
-            self.fill_gpus()
+            longest_first = -job.gpu_work if self.foresight else 0.0
+            heapq.heappush(self.ready_snarks, (job.due, longest_first, job.job_id))
+            # Fill idle GPUs once every event of this instant is in, so that SNARKs made ready at
+            # the same moment are chosen among together (the clairvoyant's longest first).
+            if not self.fill_pending:
+                self.fill_pending = True
+                self.push(self.now, "fill", None)
             return
         slot = self.slots[job.child]
         gpu = self.gpus[slot.gpu]
@@ -654,7 +672,9 @@ def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
     for name in names:
         full = POLICY_ALIASES.get(name, name)
         if full not in POLICIES:
-            known = ", ".join([f"{k} ({v})" for k, v in POLICY_ALIASES.items()] + ["reference"])
+            known = ", ".join(
+                [f"{k} ({v})" for k, v in POLICY_ALIASES.items()] + ["reference", "clairvoyant"]
+            )
             raise ValueError(f"unknown policy {name!r}; choose from {known}")
         out.append(full)
     return out
