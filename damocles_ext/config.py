@@ -54,8 +54,18 @@ CONF_FILE_NAME = "ext-prover.cfg"
 DEFAULT_TMP_ROOT = "/tmp/damocles-ext"
 TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
 
-#: Top-level table name -> stage name used on the wire and in child names.
-STAGE_OF_TABLE = {"WdPost": "window_post", "WinPost": "winning_post"}
+#: Top-level table name -> stage name used on the wire and in child names. damocles-manager knows
+#: the first two; the split WindowPoSt tables (damocles #981) are damocles-ext's own: with them,
+#: window_post requests run a vanilla step on a [[WdPostVanilla]] child (CPU, disk) and a SNARK
+#: step on a [[WdPostSnark]] child (GPU), instead of a whole proof on a [[WdPost]] child.
+STAGE_OF_TABLE = {
+    "WdPost": "window_post",
+    "WinPost": "winning_post",
+    "WdPostVanilla": "window_post_vanilla",
+    "WdPostSnark": "window_post_snark",
+}
+TABLE_OF_STAGE = {stage: table for table, stage in STAGE_OF_TABLE.items()}
+_SPLIT_TABLES = ("WdPostVanilla", "WdPostSnark")
 
 DAMOCLES_WORKER = "damocles-worker"
 
@@ -312,6 +322,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
                 continue
             errors.extend(builder.add_block(table, stage, block_index, raw))
 
+    errors.extend(_check_split_tables(doc))
     if not errors and not builder.children:
         errors.append(
             "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
@@ -323,6 +334,27 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
     return Config(
         source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
     )
+
+
+def _check_split_tables(doc: dict[str, Any]) -> list[str]:
+    """A split WindowPoSt needs both of its tables, and replaces [[WdPost]]."""
+    present = [t for t in _SPLIT_TABLES if t in doc]
+    if not present:
+        return []
+    if len(present) == 1:
+        missing = next(t for t in _SPLIT_TABLES if t not in doc)
+        return [
+            f"[[{present[0]}]] without [[{missing}]]: a split WindowPoSt runs its vanilla step on "
+            f"[[WdPostVanilla]] children and its SNARK step on [[WdPostSnark]] children; add "
+            f"[[{missing}]], or use [[WdPost]] for whole proofs"
+        ]
+    if "WdPost" in doc:
+        return [
+            "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post: keep "
+            "[[WdPost]] for whole proofs on one child, or the two split tables to run the vanilla "
+            "and SNARK steps on different children, not both"
+        ]
+    return []
 
 
 def detect_gpus() -> list[int]:
@@ -407,6 +439,17 @@ class _Builder:
         if errors:
             return errors
 
+        if table in _SPLIT_TABLES:
+            if block.plugin is None and block.bin is None:
+                return [
+                    f"{where}: no Plugin or Bin; damocles-worker has no split WindowPoSt steps. "
+                    f'Set Plugin (e.g. Plugin = "native") or a Bin that speaks dext'
+                ]
+            if block.protocol == "jsonl":
+                return [
+                    f'{where}.Protocol: "jsonl" cannot carry a split WindowPoSt step (damocles\' '
+                    f'JSON lines know only window_post and winning_post); use "dext" or "auto"'
+                ]
         argv, kind = self._program(where, stage, block)
         gpus: list[int | None] = [None]
         if block.gpus == "all":

@@ -106,13 +106,90 @@ class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_fie
     proofs: list[bytes]
 
 
-Task = WindowPoSt | WinningPoSt
-Output = WindowPoStOutput | WinningPoStOutput
+# -- WindowPoSt split in two steps (damocles #981) --------------------------------------------
+#
+# A WindowPoSt partition is a vanilla step (CPU and disk: read the challenged leaves and their
+# Merkle paths from the sectors) and a SNARK step (GPU: prove those vanilla proofs). Split, the two
+# run on different children, so the vanilla proofs of the next partitions are ready while a GPU
+# is busy, and each SNARK goes to whichever GPU frees first (see the README's Scheduling section).
+# The supervisor chains them (`split_window_post`, `snark_task`, `join_window_post`); a caller
+# still sends one `WindowPoSt` and gets one `WindowPoStOutput`.
 
-TASK_TYPES: dict[str, type] = {"window_post": WindowPoSt, "winning_post": WinningPoSt}
-OUTPUT_TYPES: dict[str, type] = {"window_post": WindowPoStOutput, "winning_post": WinningPoStOutput}
+
+class WindowPoStVanilla(msgspec.Struct, frozen=True, tag="window_post_vanilla", tag_field="stage"):
+    """The vanilla step of a WindowPoSt: the same fields, answered with vanilla proofs."""
+
+    miner_id: U64
+    proof_type: WindowProofType
+    replicas: list[PoStReplicaInfo]
+    seed: Bytes32
+
+
+class WindowPoStSnark(msgspec.Struct, frozen=True, tag="window_post_snark", tag_field="stage"):
+    """The SNARK step of a WindowPoSt: the task and the vanilla step's answer."""
+
+    miner_id: U64
+    proof_type: WindowProofType
+    replicas: list[PoStReplicaInfo]
+    seed: Bytes32
+    vanilla_proofs: list[bytes]
+    faults: list[U64]
+
+
+class WindowPoStVanillaOutput(
+    msgspec.Struct, frozen=True, tag="window_post_vanilla", tag_field="stage"
+):
+    vanilla_proofs: list[bytes]
+    faults: list[U64]
+
+
+class WindowPoStSnarkOutput(msgspec.Struct, frozen=True, tag="window_post_snark", tag_field="stage"):
+    proofs: list[bytes]
+
+
+Task = WindowPoSt | WinningPoSt | WindowPoStVanilla | WindowPoStSnark
+Output = WindowPoStOutput | WinningPoStOutput | WindowPoStVanillaOutput | WindowPoStSnarkOutput
+
+TASK_TYPES: dict[str, type] = {
+    "window_post": WindowPoSt,
+    "winning_post": WinningPoSt,
+    "window_post_vanilla": WindowPoStVanilla,
+    "window_post_snark": WindowPoStSnark,
+}
+OUTPUT_TYPES: dict[str, type] = {
+    "window_post": WindowPoStOutput,
+    "winning_post": WinningPoStOutput,
+    "window_post_vanilla": WindowPoStVanillaOutput,
+    "window_post_snark": WindowPoStSnarkOutput,
+}
+
+#: The stages damocles-manager sends (its JSON lines carry only these).
+POST_STAGES = ("window_post", "winning_post")
+#: The steps a split WindowPoSt runs, in order.
+WINDOW_POST_SPLIT = ("window_post_vanilla", "window_post_snark")
+STAGES = POST_STAGES + WINDOW_POST_SPLIT
 
 
 def stage_of(obj: Task | Output) -> str:
-    """The stage ('window_post' or 'winning_post') a task or output belongs to."""
+    """The stage ('window_post', 'winning_post', or a split step) a task or output belongs to."""
     return type(obj).__struct_config__.tag  # type: ignore[attr-defined]
+
+
+def split_window_post(task: WindowPoSt) -> WindowPoStVanilla:
+    """The vanilla step of `task`."""
+    return WindowPoStVanilla(task.miner_id, task.proof_type, task.replicas, task.seed)
+
+
+def snark_task(task: WindowPoSt, vanilla: WindowPoStVanillaOutput) -> WindowPoStSnark:
+    """The SNARK step of `task`, given its vanilla step's answer."""
+    return WindowPoStSnark(
+        task.miner_id, task.proof_type, task.replicas, task.seed,
+        vanilla.vanilla_proofs, vanilla.faults,
+    )
+
+
+def join_window_post(
+    vanilla: WindowPoStVanillaOutput, snark: WindowPoStSnarkOutput
+) -> WindowPoStOutput:
+    """The answer to the whole WindowPoSt: the SNARK step's proofs, the vanilla step's faults."""
+    return WindowPoStOutput(proofs=snark.proofs, faults=vanilla.faults)

@@ -10,7 +10,7 @@ Without options it runs the reference prover in C compiled into damocles-ext at 
     gpu_lock         true (default) / false: hold bellperson's bellman.priority.lock and
                      bellman.gpu.lock in TMPDIR around the proof, as a bellperson priority proof
                      does, so this child and a bellperson prover sharing its TMPDIR never prove at
-                     the same time
+                     the same time (in a split WindowPoSt: around the SNARK step only)
     any other key    passed to a vendor library's dext_open as JSON (the reference refuses it)
 
 Each concurrent request gets its own library handle (the ABI lets a handle serve one call at a
@@ -26,7 +26,7 @@ from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 
-STAGES = ("window_post", "winning_post")
+from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
 MAX_ROWS_TO_DISCARD = 20  # the reference library's bound
 
 
@@ -128,13 +128,29 @@ class NativePoStProver:
             raise Cancelled(str(exc)) from None
 
     def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
-        """Prove `task` with the library; a cancelled request raises hookspecs.Cancelled."""
-        from damocles_ext.post import PoStCancelled
+        """Prove `task` with the library; a cancelled request raises hookspecs.Cancelled.
+
+        Split WindowPoSt steps (damocles_ext.post.split): the vanilla step is the library's
+        WindowPoSt, without the GPU lock (CPU and disk only); the SNARK step checks the vanilla
+        proofs with the library's dext_verify, under the GPU lock.
+        """
+        from damocles_ext.post import PoStCancelled, split
+        from damocles_ext.tasks import WindowPoStSnark, WindowPoStVanilla
 
         cancel.check()
-        with self._handle() as prover, self._gpu_section(progress, cancel):
+        with self._handle() as prover:
             try:
-                return prover.prove(task, progress, cancel)
+                if isinstance(task, WindowPoStVanilla):
+                    return split.vanilla_step(
+                        lambda t: prover.window_post(t, progress, cancel), task
+                    )
+                with self._gpu_section(progress, cancel):
+                    if isinstance(task, WindowPoStSnark):
+                        progress("snark", 0, 1)
+                        out = split.snark_step(prover.verify, task)
+                        progress("snark", 1, 1)
+                        return out
+                    return prover.prove(task, progress, cancel)
             except PoStCancelled:
                 cancel.check()
                 raise

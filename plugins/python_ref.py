@@ -10,7 +10,7 @@ from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 
-STAGES = ("window_post", "winning_post")
+from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 
 class PythonRefProver:
@@ -19,13 +19,22 @@ class PythonRefProver:
 
     def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
         """Prove `task` in Python; a cancelled request raises hookspecs.Cancelled."""
-        from damocles_ext.post import PoStCancelled, reference
-        from damocles_ext.tasks import WindowPoSt
+        from damocles_ext.post import PoStCancelled, reference, split, verify
+        from damocles_ext.tasks import WindowPoSt, WindowPoStSnark, WindowPoStVanilla
 
         cancel.check()
         try:
             if isinstance(task, WindowPoSt):
                 return reference.window_post(task, progress, cancel)
+            if isinstance(task, WindowPoStVanilla):
+                return split.vanilla_step(
+                    lambda t: reference.window_post(t, progress, cancel), task
+                )
+            if isinstance(task, WindowPoStSnark):
+                progress("snark", 0, 1)
+                out = split.snark_step(verify.verify, task)
+                progress("snark", 1, 1)
+                return out
             return reference.winning_post(task, progress, cancel)
         except PoStCancelled:
             cancel.check()

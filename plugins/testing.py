@@ -28,7 +28,7 @@ from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 
-STAGES = ("window_post", "winning_post")
+from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 
 def echo_proof(task: Any) -> bytes:
@@ -42,12 +42,20 @@ def echo_proof(task: Any) -> bytes:
 
 
 def echo_output(task: Any) -> Any:
-    """The output `echo` returns for `task`: one proof, no faults."""
-    from damocles_ext.tasks import WindowPoSt, WindowPoStOutput, WinningPoStOutput
+    """The output `echo` returns for `task`: one proof, no faults. A split WindowPoSt's steps
+    answer with that proof as the vanilla proof, then as the proof: the joined answer is a whole
+    WindowPoSt's."""
+    from damocles_ext import tasks as t
 
-    if isinstance(task, WindowPoSt):
-        return WindowPoStOutput(proofs=[echo_proof(task)], faults=[])
-    return WinningPoStOutput(proofs=[echo_proof(task)])
+    if isinstance(task, t.WindowPoSt):
+        return t.WindowPoStOutput(proofs=[echo_proof(task)], faults=[])
+    if isinstance(task, t.WindowPoStVanilla):
+        return t.WindowPoStVanillaOutput(vanilla_proofs=[echo_proof(task)], faults=[])
+    if isinstance(task, t.WindowPoStSnark):
+        if list(task.vanilla_proofs) != [echo_proof(task)]:
+            raise ValueError("window_post_snark: the vanilla proofs are not this task's")
+        return t.WindowPoStSnarkOutput(proofs=[echo_proof(task)])
+    return t.WinningPoStOutput(proofs=[echo_proof(task)])
 
 
 class EchoProver:

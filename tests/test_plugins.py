@@ -111,7 +111,12 @@ def test_builtin_plugins_are_registered_through_the_package_entry_points():
     assert pm.get_plugin("testing") is testing
     origin = pm.origins["testing"]
     assert origin.startswith("damocles-ext ") and origin.endswith("testing.py")
-    assert plugins.find_prover(pm, "echo").stages == ("window_post", "winning_post")
+    assert plugins.find_prover(pm, "echo").stages == (
+        "window_post",
+        "winning_post",
+        "window_post_vanilla",
+        "window_post_snark",
+    )
     assert plugins.prover_plugin(pm, "sleep") == "testing"
 
 
@@ -137,7 +142,7 @@ def test_broken_plugin_is_named_in_errors_and_the_others_still_load(tmp_path, mo
     message = str(excinfo.value)
     assert "unknown prover 'gpu'" in message
     assert "broken (RuntimeError: the GPU library is missing)" in message
-    assert "echo (testing: window_post/winning_post)" in message
+    assert "echo (testing: window_post/winning_post/window_post_vanilla/" in message
     rows = {r.name: r for r in plugins.list_plugins(pm)}
     assert rows["broken"].error == failure.error and rows["broken"].provers == ()
 

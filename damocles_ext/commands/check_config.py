@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_plugins(config) -> None:
     """Raise ConfigError naming each Plugin that is not installed or whose options it refuses."""
-    from damocles_ext.config import ConfigError
+    from damocles_ext.config import TABLE_OF_STAGE, ConfigError
     from damocles_ext.plugins import get_plugin_manager, prover_problems
 
     plugin_children = [c for c in config.children if c.kind == "plugin"]
@@ -73,7 +73,7 @@ def check_plugins(config) -> None:
         if (child.stage, child.block) in seen:
             continue  # a Gpus block expands to several children with one Plugin
         seen.add((child.stage, child.block))
-        table = "WdPost" if child.stage == "window_post" else "WinPost"
+        table = TABLE_OF_STAGE[child.stage]
         for problem in prover_problems(pm, child.plugin, dict(child.plugin_options), child.stage):
             errors.append(f"{table}[{child.block}].Plugin: {problem}")
     if errors:
@@ -84,7 +84,7 @@ def describe_child(child: ChildSpec, width: int = 0) -> str:
     """One line: name, program or plugin, concurrency, weight, env vars set, locks, cpuset."""
     from damocles_ext import config as cfg
 
-    table = "WdPost" if child.stage == "window_post" else "WinPost"
+    table = cfg.TABLE_OF_STAGE[child.stage]
     parts = [
         f"{child.name:<{width}}",
         f"({table}[{child.block}])",

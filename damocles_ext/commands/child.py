@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-STAGES = ("window_post", "winning_post")
+#: The PoSt stages and the two steps of a split WindowPoSt (damocles_ext.tasks.STAGES).
+STAGES = ("window_post", "winning_post", "window_post_vanilla", "window_post_snark")
 LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
 
 
@@ -64,7 +65,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Configure logging to stderr, then hand over to damocles_ext.child.main."""
     from damocles_ext import child
+    from damocles_ext.errors import UsageError
+    from damocles_ext.tasks import POST_STAGES
 
+    if args.protocol == "jsonl" and args.stage not in POST_STAGES:
+        raise UsageError(
+            f"stage {args.stage}: damocles' JSON lines carry only {' and '.join(POST_STAGES)};"
+            " a split WindowPoSt step needs --protocol dext"
+        )
     level = os.environ.get(LOG_ENV, "INFO").upper()
     logging.basicConfig(
         stream=sys.stderr,

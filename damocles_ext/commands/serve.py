@@ -128,9 +128,14 @@ def children_of(config: Config, stage: str) -> list[ChildSpec]:
     """The config's children of `stage`; UsageError when there is none."""
     from damocles_ext.errors import UsageError
 
-    children = [c for c in config.children if c.stage == stage]
+    from damocles_ext.config import TABLE_OF_STAGE
+    from damocles_ext.tasks import WINDOW_POST_SPLIT
+
+    # A window_post served split runs on the children of both split tables (config.py).
+    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+    children = [c for c in config.children if c.stage in stages]
     if not children:
-        table = "WdPost" if stage == "window_post" else "WinPost"
+        table = TABLE_OF_STAGE[stage]
         raise UsageError(
             f"{config.source} has no [[{table}]] table, so there is no child to serve {stage};"
             f' add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'

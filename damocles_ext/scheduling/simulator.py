@@ -76,6 +76,11 @@ from .baselines import BaselineChild, DamoclesDispatch
 from .policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
 
 WINDOW_POST, WINNING_POST = "window_post", "winning_post"
+VANILLA, SNARK = "window_post_vanilla", "window_post_snark"  # the split WindowPoSt stages
+#: Scheduler job id of a WindowPoSt partition's SNARK step in split mode (its vanilla step uses
+#: the partition's own job id).
+_SNARK_ID = 1 << 40
+VANILLA_SLOTS_PER_GPU = 4
 
 POLICIES: dict[str, str] = {
     "damocles": "a: damocles ext-prover, Concurrent=1, random dispatch",
@@ -84,6 +89,8 @@ POLICIES: dict[str, str] = {
     "reported: pipelined)",
     "damocles-ext-nophase": "c without phase reports (JSON-lines children): EDF, late binding, "
     "Concurrent=2",
+    "damocles-ext-split": "c with WindowPoSt split (damocles #981): a vanilla pool of 2 slots per "
+    "GPU, SNARK children per GPU, EDF on both",
     "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
     "clairvoyant": "not deployable: the reference knowing every SNARK's duration in advance "
     "(longest first among equal deadlines)",
@@ -94,6 +101,7 @@ POLICY_ALIASES = {
     "b": "damocles-c2",
     "c": "damocles-ext",
     "c0": "damocles-ext-nophase",
+    "cs": "damocles-ext-split",
 }
 
 
@@ -387,8 +395,13 @@ def _deployment(policy: str, gpus: int) -> list[_Slot]:
         elif policy in ("damocles-ext", "damocles-ext-nophase", "reference", "clairvoyant"):
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-wd{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
+        elif policy == "damocles-ext-split":
+            out.append(_Slot(f"wd{g}", SNARK, g, 1, f"tmp-wd{g}"))
+            out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
         else:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    if policy == "damocles-ext-split":  # CPU only: vanilla proving needs no GPU
+        out.append(_Slot("vanilla", VANILLA, -1, VANILLA_SLOTS_PER_GPU * gpus, "-"))
     return out
 
 
@@ -408,13 +421,14 @@ class _Engine:
         self.reference = policy in ("reference", "clairvoyant")
         self.foresight = policy == "clairvoyant"  # orders ready SNARKs by their drawn duration
         self.phases = policy == "damocles-ext"  # its children report vanilla/SNARK progress
+        self.split = policy == "damocles-ext-split"
         # reference: (due, -duration if clairvoyant else 0, job id)
         self.ready_snarks: list[tuple[float, float, int]] = []
         self.fill_pending = False
         if self.reference:
             self.scheduler: Scheduler | None = None
             self.baseline = None
-        elif policy in ("damocles-ext", "damocles-ext-nophase"):
+        elif policy in ("damocles-ext", "damocles-ext-nophase", "damocles-ext-split"):
             self.scheduler = Scheduler()
             for s in self.slots.values():
                 # GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
@@ -477,7 +491,8 @@ class _Engine:
                 job.child = f"win{gpu.index}"
                 self.to_gpu(job)
         elif self.scheduler is not None:
-            self.scheduler.submit(Job(job.job_id, job.stage, self.now, deadline=job.due), self.now)
+            stage = VANILLA if self.split and job.stage == WINDOW_POST else job.stage
+            self.scheduler.submit(Job(job.job_id, stage, self.now, deadline=job.due), self.now)
             self.decide()
         else:
             self.baseline.arrived(self, job.job_id, job.stage)
@@ -486,7 +501,7 @@ class _Engine:
         if self.reference:
             self.fill_gpus()
         elif self.scheduler is not None:
-            self.scheduler.finished(job.job_id, self.now)
+            self.scheduler.finished(self._sched_id(job), self.now)
             self.decide()
         else:
             self.baseline.finished(self, job.job_id)
@@ -505,21 +520,30 @@ class _Engine:
     def _decide(self, sched: Scheduler) -> None:
         while decisions := sched.decide(self.now):
             for d in decisions:
-                job = self.jobs[d.request_id]
+                job = self.jobs[d.request_id % _SNARK_ID]
                 if isinstance(d, Start):
-                    self.start_job(d.request_id, d.child_id)
+                    if d.request_id >= _SNARK_ID:  # split: the SNARK step of a vanilla done
+                        job.child = d.child_id
+                        self.to_gpu(job)
+                    else:
+                        self.start_job(job.job_id, d.child_id)
                 elif isinstance(d, Fail):
                     job.state = "failed"
                 elif isinstance(d, Cancel):
                     self.abort(job)
                     job.state = "cancelled"
-                    sched.finished(job.job_id, self.now)
+                    sched.finished(d.request_id, self.now)
         wake = sched.next_wakeup()
         if wake is not None and (self.wake_at is None or wake < self.wake_at):
             self.wake_at = wake
             self.push(wake, "wake", None)
 
     # what a child does with a request
+
+    def _sched_id(self, job: SimJob) -> int:
+        """The scheduler's id for the step of `job` that is running now."""
+        split_snark = self.split and job.stage == WINDOW_POST and job.state != "vanilla"
+        return job.job_id + _SNARK_ID if split_snark else job.job_id
 
     def start_job(self, job_id: int, child_id: str) -> None:
         job = self.jobs[job_id]
@@ -539,6 +563,15 @@ class _Engine:
                 self.to_gpu(job)
 
     def to_gpu(self, job: SimJob) -> None:
+        if self.split and job.stage == WINDOW_POST and job.state == "vanilla":  # vanilla step done
+            assert self.scheduler is not None
+            self.scheduler.finished(job.job_id, self.now)
+            job.state, job.child = "ready", None
+            self.scheduler.submit(
+                Job(job.job_id + _SNARK_ID, SNARK, self.now, deadline=job.due), self.now
+            )
+            self.decide()
+            return
         if job.child is None:  # reference: vanilla done, wait for any GPU
             job.state = "ready"
             longest_first = -job.gpu_work if self.foresight else 0.0

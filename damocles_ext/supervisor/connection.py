@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..protocol import dext, jsonl
-from ..tasks import Output, Task
+from ..tasks import POST_STAGES, Output, Task
 
 _PREVIEW = 200
 
@@ -100,6 +100,11 @@ class ChildConnection:
             if not data:
                 return self._eof()
             self.protocol = jsonl.detect_protocol(data[0])
+            if self.protocol == "jsonl" and self.stage not in POST_STAGES:
+                raise ChildProtocolError(
+                    f"speaks damocles' JSON lines, which cannot carry {self.stage}: a split "
+                    f"WindowPoSt step needs a dext child; it wrote {preview(self._head)}"
+                )
         if self.protocol == "dext":
             return self._receive_dext(data)
         return self._receive_jsonl(data)

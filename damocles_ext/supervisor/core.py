@@ -43,7 +43,19 @@ from ..errors import ProverError
 from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
-from ..tasks import Output, Task, WindowPoStOutput, stage_of
+from ..tasks import (
+    WINDOW_POST_SPLIT,
+    Output,
+    Task,
+    WindowPoSt,
+    WindowPoStOutput,
+    WindowPoStSnarkOutput,
+    WindowPoStVanillaOutput,
+    join_window_post,
+    snark_task,
+    split_window_post,
+    stage_of,
+)
 from .connection import (
     Answer,
     ChildConnection,
@@ -297,6 +309,8 @@ class Supervisor:
         specs = _coerce_children(config)
         if stages is not None:
             wanted = set(stages)
+            if "window_post" in wanted:
+                wanted.update(WINDOW_POST_SPLIT)
             specs = [s for s in specs if s.stage in wanted]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -339,6 +353,12 @@ class Supervisor:
         self._unreaped: list[ChildProcess] = []
         self._observer_dropped = 0
         self._guardian: GroupGuardian | None = None
+        served = {s.stage for s in specs}
+        # window_post requests run split (a vanilla step, then a SNARK step on another child)
+        # when the config has the two split tables instead of [[WdPost]] (config.py checks it).
+        self._split_window_post = "window_post" not in served and served.issuperset(
+            WINDOW_POST_SPLIT
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -401,7 +421,34 @@ class Supervisor:
         priority: int = 0,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Output:
-        """Prove `task` on a child of its stage; `deadline` is a unix time. Raises ProverError."""
+        """Prove `task` on a child of its stage; `deadline` is a unix time. Raises ProverError.
+
+        With the split WindowPoSt tables, a WindowPoSt runs as two requests: its vanilla step on a
+        [[WdPostVanilla]] child, then its SNARK step on a [[WdPostSnark]] child, both with the
+        same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
+        vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
+        """
+        if self._split_window_post and isinstance(task, WindowPoSt):
+            opts = {"deadline": deadline, "priority": priority, "on_progress": on_progress}
+            vanilla = await self._submit_one(split_window_post(task), **opts)
+            assert isinstance(vanilla, WindowPoStVanillaOutput)  # _on_answer checks the stage
+            if vanilla.faults:  # no proofs to make: prove again without them (as a whole one)
+                return WindowPoStOutput(proofs=[], faults=vanilla.faults)
+            snark = await self._submit_one(snark_task(task, vanilla), **opts)
+            assert isinstance(snark, WindowPoStSnarkOutput)
+            return join_window_post(vanilla, snark)
+        return await self._submit_one(
+            task, deadline=deadline, priority=priority, on_progress=on_progress
+        )
+
+    async def _submit_one(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Output:
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -435,6 +482,10 @@ class Supervisor:
 
         Raises ProverError when that can no longer happen (too many children FATAL or stopped).
         """
+        if stage == "window_post" and self._split_window_post:
+            for step in WINDOW_POST_SPLIT:
+                await self.wait_ready(step, count)
+            return
         while True:
             pool = [c for c in self._children.values() if stage is None or c.spec.stage == stage]
             if sum(c.state in ("ready", "busy") for c in pool) >= count:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import psutil
 import trio
 
+from ..config import TABLE_OF_STAGE
+
 log = logging.getLogger("damocles_ext.supervisor")
 
 _PR_SET_PDEATHSIG = 1
@@ -37,7 +39,6 @@ _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
 
-_BLOCK_NAMES = {"window_post": "WdPost", "winning_post": "WinPost"}
 
 
 class SpawnError(Exception):
@@ -68,7 +69,7 @@ class ExitInfo:
 
 def block_name(stage: str, block: int) -> str:
     """The config table a child came from, as a person would look for it: 'WdPost[0]'."""
-    return f"{_BLOCK_NAMES.get(stage, stage)}[{block}]"
+    return f"{TABLE_OF_STAGE.get(stage, stage)}[{block}]"
 
 
 def _preexec(parent_pid: int, cpuset: frozenset[int] | None):  # type: ignore[no-untyped-def]
