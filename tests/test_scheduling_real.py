@@ -27,7 +27,7 @@ WD, WIN = "window_post", "winning_post"
 GATED_CHILD = """
 import os, sys
 from damocles_ext.protocol import dext
-from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
+from damocles_ext.tasks import WindowPoStOutput, WindowPoStSnarkOutput, WinningPoStOutput
 
 stage, name, gate_path, log_path = sys.argv[1:5]
 gate = os.open(gate_path, os.O_RDWR)  # read-write: opening never blocks, reads never see EOF
@@ -48,6 +48,8 @@ while data := os.read(0, 65536):
             os.write(log, f"end {name} {msg.task.miner_id}\\n".encode())
             if stage == "window_post":
                 output = WindowPoStOutput(proofs=[b"ok"], faults=[])
+            elif stage == "window_post_snark":  # a split WindowPoSt's SNARK step (test_split)
+                output = WindowPoStSnarkOutput(proofs=[b"ok"])
             else:
                 output = WinningPoStOutput(proofs=[b"ok"])
             send(dext.Response(msg.id, output=output))

@@ -257,6 +257,34 @@ async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
     assert "winning_post" not in log.replace("serve window_post", ""), log
 
 
+async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_file):
+    # damocles-manager sees the same JSON lines; the vanilla and SNARK steps run on their own
+    # children (damocles #981).
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPostVanilla", "sleep", concurrent=2, seconds=0.1)
+        + plugin_block("WdPostSnark", "echo")
+        + plugin_block("WinPost", "echo"),
+    )
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
+            stderr=stderr_file,
+        )
+        with trio.fail_after(30):
+            ids = [await m.send(make_task(2000 + i, replicas=3)) for i in range(4)]
+            for i, request_id in enumerate(ids):
+                r = await m.wait(request_id)
+                assert r.err_msg is None, r.err_msg
+                assert r.output == echo_output(make_task(2000 + i, replicas=3))
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+    log = _stderr_text(stderr_file)
+    assert "window_post_vanilla#0" in log and "window_post_snark#0" in log, log
+
+
 async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=3, seconds=0.5))
     async with trio.open_nursery() as nursery:

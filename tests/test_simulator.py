@@ -177,6 +177,20 @@ def test_clairvoyant_packs_longest_first_where_the_reference_misses():
     assert clair.min_slack == pytest.approx(490)
 
 
+def test_split_runs_vanilla_steps_in_the_pool_and_snarks_back_to_back():
+    # One GPU: a vanilla pool of VANILLA_SLOTS_PER_GPU (4) slots and one SNARK child.
+    assert simulator.VANILLA_SLOTS_PER_GPU == 4
+    one = replace(TINY, partitions=(6,))
+    seen = Workload(tuple(wd_job(i, 60.0, 300.0) for i in range(6)))
+    r = run_workload(one, seen, "cs")
+    # Vanilla steps: four at 0-60, then two at 60-120. SNARKs back to back from 60: the sixth
+    # ends at 60 + 6 * 300 = 1860, 240 s before the 2100 s due time.
+    assert [j.start for j in seen.jobs] == [0, 0, 0, 0, 60, 60]
+    assert [j.finish for j in seen.jobs] == [360, 660, 960, 1260, 1560, 1860]
+    assert {j.child for j in seen.jobs} == {"wd0"}
+    assert r.wdpost_deadlines_missed == 0 and r.min_slack == pytest.approx(240)
+
+
 def test_scheduler_beats_damocles_on_colliding_windows():
     sc = Scenario(gpus=2, partitions=(3, 3), hours=4, offsets="colliding")
     results = simulate(sc)
@@ -202,13 +216,20 @@ def test_simulate_command_prints_json(capsys):
                 "2",
                 "--json",
                 "--policies",
-                "a,c,c0,reference",
+                "a,c,c0,cs,reference,clairvoyant",
             ]
         )
         == 0
     )
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc["results"]) == {"damocles", "damocles-ext", "damocles-ext-nophase", "reference"}
+    assert set(doc["results"]) == {
+        "damocles",
+        "damocles-ext",
+        "damocles-ext-nophase",
+        "damocles-ext-split",
+        "reference",
+        "clairvoyant",
+    }
     assert doc["scenario"]["miners"] == 2 and doc["capacity_bound_partitions"] > 0
 
 

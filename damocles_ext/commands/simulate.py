@@ -18,6 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "random draws. Policies: a = damocles ext-prover as it is, b = damocles with "
             "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler with children that "
             "report their SNARK phase, c0 = the same without phase reports (JSON-lines children), "
+            "cs = damocles-ext with WindowPoSt split into vanilla and SNARK steps on different "
+            "children ([[WdPostVanilla]]/[[WdPostSnark]], damocles #981), "
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
             "deployment), clairvoyant = the reference knowing every SNARK's duration in advance "
             "(what foresight would be worth). "
@@ -63,8 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--policies",
         default="a,b,c",
-        help="comma-separated: a, b, c, c0, reference, clairvoyant (or damocles, damocles-c2, "
-        "damocles-ext, damocles-ext-nophase)",
+        help="comma-separated: a, b, c, c0, cs, reference, clairvoyant (or damocles, "
+        "damocles-c2, damocles-ext, damocles-ext-nophase, damocles-ext-split)",
     )
     parser.add_argument(
         "--bisect",

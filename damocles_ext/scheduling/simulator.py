@@ -1,6 +1,6 @@
 """A discrete-event simulation of PoSt proving on Filecoin's chain timing, in virtual time.
 
-It compares three ways of running the same work with the same random draws:
+It compares ways of running the same work with the same random draws:
 
 * ``damocles`` (a): damocles-manager's ext-prover as it is. One WindowPoSt child and one
   WinningPoSt child per GPU, ``Concurrent = 1``, each with its own TMPDIR (the seed's deployment),
@@ -21,6 +21,13 @@ It compares three ways of running the same work with the same random draws:
   (0: the phase change only), which the scheduler's pipelining uses (see policy.py).
 * ``damocles-ext-nophase`` (c0): the same without progress reports, as with JSON-lines children
   or provers that report no phases: the scheduler's plain slot rule.
+* ``damocles-ext-split`` (cs): the same scheduler with WindowPoSt split in two steps (damocles
+  #981; config tables [[WdPostVanilla]] and [[WdPostSnark]]): a vanilla pool of
+  ``VANILLA_SLOTS_PER_GPU`` slots per GPU (CPU and disk, no GPU), and per GPU one SNARK child
+  (``Concurrent = 1``) and the WinningPoSt child of (c). A partition's vanilla step is queued on
+  arrival; when it ends, its SNARK step joins the SNARK queue, deadline first, and goes to the
+  first GPU that frees. The vanilla steps of the next partitions run while the GPUs are busy, and
+  no SNARK is bound to a GPU before that GPU is free.
 * ``reference``: not a deployable policy but a yardstick for (c). Every partition's vanilla phase
   starts the moment its randomness is known (unlimited CPU), and each GPU that falls idle takes the
   ready SNARK with the earliest deadline from one global queue: what a non-preemptive scheduler
@@ -80,6 +87,8 @@ VANILLA, SNARK = "window_post_vanilla", "window_post_snark"  # the split WindowP
 #: Scheduler job id of a WindowPoSt partition's SNARK step in split mode (its vanilla step uses
 #: the partition's own job id).
 _SNARK_ID = 1 << 40
+#: (cs) Vanilla steps at once per GPU of the machine. The simulator does not model disk
+#: contention: with more slots, more vanilla steps run at full speed side by side.
 VANILLA_SLOTS_PER_GPU = 4
 
 POLICIES: dict[str, str] = {

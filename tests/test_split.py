@@ -1,0 +1,275 @@
+"""Split WindowPoSt (damocles #981): a vanilla step and a SNARK step on different children.
+
+Real children throughout: the reference provers (`python-ref`, `native`) and the test provers,
+spawned by the supervisor from a config with [[WdPostVanilla]] and [[WdPostSnark]] tables.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+from supervisor_helpers import builtin_child, spec, window_task
+from test_scheduling_real import Gate, Recorder, child_log, gated, submit_in_order
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.config import ConfigError, load_config, parse_config
+from damocles_ext.errors import ProverError
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.post import VerifyError, reference, split
+from damocles_ext.post.fixtures import create_sectors, load_manifest
+from damocles_ext.post.fixtures import window_task as fixture_task
+from damocles_ext.post.verify import verify
+from damocles_ext.protocol import dext
+from damocles_ext.supervisor.connection import ChildConnection, ChildProtocolError
+from damocles_ext.tasks import (
+    WindowPoStOutput,
+    WindowPoStSnarkOutput,
+    WindowPoStVanillaOutput,
+    join_window_post,
+    snark_task,
+    split_window_post,
+)
+
+VAN, SNARK = "window_post_vanilla", "window_post_snark"
+SEED = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return load_manifest(
+        create_sectors(
+            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, 1000, random_seed=5
+        )
+    )
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(text)
+    return path
+
+
+# -- the steps, in process -----------------------------------------------------------------------
+
+
+def test_split_steps_of_the_reference_prover_give_the_whole_proofs_bytes(manifest):
+    task = fixture_task(manifest, SEED)
+    vanilla = split.vanilla_step(reference.window_post, split_window_post(task))
+    snark = split.snark_step(verify, snark_task(task, vanilla))
+    joined = join_window_post(vanilla, snark)
+    assert joined == reference.window_post(task)
+    verify(task, joined)
+
+
+def test_the_snark_step_refuses_vanilla_proofs_that_do_not_prove_the_task(manifest):
+    task = fixture_task(manifest, SEED)
+    vanilla = split.vanilla_step(reference.window_post, split_window_post(task))
+    proof = bytearray(vanilla.vanilla_proofs[0])
+    proof[-1] ^= 1  # one bit of one Merkle path
+    bad = WindowPoStVanillaOutput(vanilla_proofs=[bytes(proof)], faults=[])
+    with pytest.raises(VerifyError, match="the vanilla proofs do not prove the task"):
+        split.snark_step(verify, snark_task(task, bad))
+    other_seed = fixture_task(manifest, bytes(32))  # proofs of another challenge
+    with pytest.raises(VerifyError):
+        split.snark_step(verify, snark_task(other_seed, vanilla))
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+SPLIT_CFG = """
+[[WdPostVanilla]]
+Plugin = "python-ref"
+Concurrent = 4
+
+[[WdPostSnark]]
+Plugin = "native"
+Gpus = [0, 1]
+"""
+
+
+def test_split_tables_expand_to_vanilla_and_per_gpu_snark_children(tmp_path):
+    config = parse_config(SPLIT_CFG, "split.cfg", tmp_root="/tmp/dx")
+    by_name = {c.name: c for c in config.children}
+    assert sorted(by_name) == [f"{SNARK}#0", f"{SNARK}#1", f"{VAN}#0"]
+    assert by_name[f"{VAN}#0"].concurrent == 4 and by_name[f"{VAN}#0"].locks == ()
+    assert by_name[f"{SNARK}#1"].envs["CUDA_VISIBLE_DEVICES"] == "1"
+    assert by_name[f"{SNARK}#1"].locks == ("gpu:1",)
+    assert by_name[f"{SNARK}#0"].argv[3:6] == ("child", SNARK, "--plugin")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[WdPostVanilla]]\nPlugin = "native"\n',
+            "[[WdPostVanilla]] without [[WdPostSnark]]",
+        ),
+        (
+            '[[WdPostSnark]]\nPlugin = "native"\n',
+            "[[WdPostSnark]] without [[WdPostVanilla]]",
+        ),
+        (
+            SPLIT_CFG + '[[WdPost]]\nPlugin = "native"\n',
+            "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post",
+        ),
+        (
+            '[[WdPostVanilla]]\n[[WdPostSnark]]\nPlugin = "native"\n',
+            "WdPostVanilla[0]: no Plugin or Bin; damocles-worker has no split WindowPoSt steps",
+        ),
+        (
+            '[[WdPostVanilla]]\nBin = "prover"\nProtocol = "jsonl"\n'
+            '[[WdPostSnark]]\nPlugin = "native"\n',
+            'WdPostVanilla[0].Protocol: "jsonl" cannot carry a split WindowPoSt step',
+        ),
+    ],
+)
+def test_split_config_mistakes_are_named(tmp_path, text, message):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write_config(tmp_path, text))
+    assert message in str(excinfo.value)
+
+
+def test_check_config_shows_the_split_tables(tmp_path):
+    path = write_config(tmp_path, SPLIT_CFG)
+    out = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"{VAN}#0" in out.stdout and "(WdPostVanilla[0])" in out.stdout
+    assert "(WdPostSnark[0])" in out.stdout and "CUDA_VISIBLE_DEVICES=1" in out.stdout
+
+
+def test_a_json_lines_child_cannot_serve_a_split_step():
+    out = subprocess.run(
+        builtin_child(VAN, "echo", protocol="jsonl"), capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2
+    assert "a split WindowPoSt step needs --protocol dext" in out.stderr
+    conn = ChildConnection(SNARK, "auto", "snark#0")
+    with pytest.raises(ChildProtocolError, match="cannot carry window_post_snark"):
+        conn.receive_data(b'{"ready": true}\n')
+
+
+# -- through the supervisor -------------------------------------------------------------------------
+
+
+async def test_a_split_window_post_answers_the_whole_proof_through_real_children(manifest):
+    children = [
+        spec([*builtin_child(VAN, "python-ref"), "--capacity", "2"], stage=VAN, concurrent=2),
+        spec(builtin_child(SNARK, "native", "gpu_lock=false"), stage=SNARK),
+    ]
+    task = fixture_task(manifest, SEED)
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+        output = await sup.submit(task, deadline=time.time() + 60)
+        stats = sup.statistics()
+    assert output == reference.window_post(task)
+    verify(task, output)
+    done = {c.name: c.done for c in stats.children}
+    assert done == {f"{VAN}#0": 1, f"{SNARK}#0": 1}
+
+
+async def test_faults_found_by_the_vanilla_step_are_the_answer_without_a_snark(tmp_path):
+    m = load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 5, random_seed=9))
+    (tmp_path / "sealed" / "s-t05-2").write_bytes(b"short")
+    children = [
+        spec(builtin_child(VAN, "python-ref"), stage=VAN),
+        spec(builtin_child(SNARK, "python-ref"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+        output = await sup.submit(fixture_task(m, SEED))
+        stats = sup.statistics()
+    assert output == WindowPoStOutput(proofs=[], faults=[2])
+    assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 1, f"{SNARK}#0": 0}
+
+
+async def test_a_failing_step_fails_the_request_once_with_the_steps_reason():
+    children = [
+        spec(builtin_child(VAN, "sleep", "seconds=0", "fail=always"), stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())
+        stats = sup.statistics()
+    message = str(excinfo.value)
+    assert f"({VAN}) failed on {VAN}#0" in message and "failing as configured" in message
+    assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 0, f"{SNARK}#0": 0}
+
+
+async def test_echo_steps_join_to_the_whole_echo_answer():
+    from damocles_ext_plugins.testing import echo_output
+
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+        outputs = [await sup.submit(window_task(miner=m)) for m in (7, 8)]
+    assert outputs == [echo_output(window_task(miner=m)) for m in (7, 8)]
+
+
+async def test_snark_steps_start_by_deadline_as_the_gpu_frees(tmp_path):
+    """Vanilla steps finish in any order; the SNARK child takes them earliest deadline first."""
+    rec = Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(rec, name="recorder")
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "snark")
+    children = [
+        spec([*builtin_child(VAN, "echo"), "--capacity", "4"], stage=VAN, concurrent=4),
+        gated(tmp_path, SNARK, 0, gate, log),
+    ]
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready("window_post")
+            async with trio.open_nursery() as nursery:
+                now = time.time()
+                # 1 holds the SNARK child; 2, 3, 4 (due in 300, 100, 200 s) finish their vanilla
+                # steps meanwhile and wait for it.
+                await submit_in_order(sup, nursery, [(window_task(miner=1), None)])
+                while rec.log[-1:] != [("started", 2, f"{SNARK}#0")]:
+                    await rec.next("started")
+                await submit_in_order(
+                    sup,
+                    nursery,
+                    [
+                        (window_task(miner=2), now + 300),
+                        (window_task(miner=3), now + 100),
+                        (window_task(miner=4), now + 200),
+                    ],
+                )
+                while sup.statistics().stages[SNARK].queued < 3:
+                    await rec.next("finished")  # a vanilla step ended; its SNARK step queues
+                for _ in range(4):
+                    gate.release()
+    finally:
+        gate.close()
+    assert [line for line in child_log(log) if line.startswith("start")] == [
+        f"start {SNARK}#0 {m}" for m in (1, 3, 4, 2)
+    ]
+
+
+def test_a_dext_request_carries_the_split_steps(manifest):
+    task = fixture_task(manifest, SEED)
+    vanilla = split.vanilla_step(reference.window_post, split_window_post(task))
+    for msg in (
+        dext.Request(1, split_window_post(task), deadline=5.0),
+        dext.Request(2, snark_task(task, vanilla)),
+        dext.Response(1, output=vanilla),
+        dext.Response(2, output=WindowPoStSnarkOutput(proofs=vanilla.vanilla_proofs)),
+    ):
+        [decoded] = dext.FrameDecoder().receive_data(dext.encode(msg))
+        assert decoded == msg
