@@ -296,7 +296,10 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             hint = "it belongs inside a [[WdPost]] or [[WinPost]] table"
         else:
             hint = _suggest(key, tuple(STAGE_OF_TABLE), _TABLE_ALIASES)
-            hint = hint or "the file holds only [[WdPost]] and [[WinPost]] tables"
+            hint = hint or (
+                "the file holds only [[WdPost]] and [[WinPost]] tables, or [[WdPostVanilla]] and "
+                "[[WdPostSnark]] for a split WindowPoSt"
+            )
         kind = "table" if isinstance(value, (dict, list)) else "key"
         errors.append(f"unknown top-level {kind} '{key}' ({hint})")
 
