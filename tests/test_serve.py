@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -283,6 +284,61 @@ async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_
             assert await m.process.wait() == 0
     log = _stderr_text(stderr_file)
     assert "window_post_vanilla#0" in log and "window_post_snark#0" in log, log
+
+
+ESCAPING_CHILD = """
+import os, subprocess, sys
+marker = os.environ["MARKER"]
+if not os.path.exists(marker):
+    # A grandchild in a session of its own, then die: the child's process group no longer
+    # holds it, and its parent is gone.
+    g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                         start_new_session=True)
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(g.pid))
+    os.rename(marker + ".tmp", marker)
+    os._exit(3)
+sys.stdout.write("window_post processor ready\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+async def test_serve_kills_what_a_dead_child_left_outside_its_process_group(
+    tmp_path, stderr_file
+):
+    marker = tmp_path / "grandchild.pid"
+    script = tmp_path / "escaping_child.py"
+    script.write_text(ESCAPING_CHILD)
+    cfg = write_config(
+        tmp_path,
+        f'[[WdPost]]\nBin = "{sys.executable}"\nArgs = ["{script}"]\n'
+        f'[WdPost.Envs]\nMARKER = "{marker}"\n',
+    )
+    grandchild = None
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(
+                nursery,
+                [*DEXT, "serve", "window_post", "-c", str(cfg), "--restart-delay", "0.05"],
+                "window_post",
+                stderr=stderr_file,
+            )
+            with trio.fail_after(30):
+                while not marker.exists():
+                    await trio.sleep(0.02)
+                grandchild = int(marker.read_text())
+                # Its parent died; serve, a child subreaper, adopted it, saw our tree's mark in
+                # its environment and killed it. Without that it would live on (120 s).
+                while psutil.pid_exists(grandchild):
+                    await trio.sleep(0.02)
+                await m.close_stdin()
+                assert await m.process.wait() == 0
+    finally:
+        if grandchild is not None and psutil.pid_exists(grandchild):
+            psutil.Process(grandchild).kill()
+    log = _stderr_text(stderr_file)
+    assert f"killing pid {grandchild}" in log and "outside its process group" in log, log
 
 
 async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):

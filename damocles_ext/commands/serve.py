@@ -84,6 +84,8 @@ def supervisor_options(args: argparse.Namespace) -> dict:
     return {
         "plugin_manager": get_plugin_manager(),
         "shutdown_grace": args.shutdown_grace,
+        # This process is ours: become the parent of what children leave behind (setsid).
+        "adopt_orphans": True,
         "backoff": BackoffPolicy(
             base=args.restart_delay, cap=max(args.restart_max_delay, args.restart_delay)
         ),

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import psutil
 import trio
 
 from ..config import describe_argv
@@ -69,6 +70,7 @@ from .process import (
     ChildProcess,
     ExitInfo,
     GroupGuardian,
+    OrphanAdopter,
     SpawnError,
     build_env,
     prepare_spawn,
@@ -305,6 +307,7 @@ class Supervisor:
         clock_jitter: random.Random | None = None,
         stop_timeout: float = 5.0,
         backoff: BackoffPolicy | None = None,
+        adopt_orphans: bool = False,
     ) -> None:
         specs = _coerce_children(config)
         if stages is not None:
@@ -353,6 +356,10 @@ class Supervisor:
         self._unreaped: list[ChildProcess] = []
         self._observer_dropped = 0
         self._guardian: GroupGuardian | None = None
+        # adopt_orphans: become a child subreaper and kill what children leave behind outside
+        # their process group (process.OrphanAdopter); for a process of our own (serve, run).
+        self._adopter = OrphanAdopter() if adopt_orphans else None
+        self._sweep_wanted = trio.Event()
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
         # when the config has the two split tables instead of [[WdPost]] (config.py checks it).
@@ -385,9 +392,17 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 if self._guardian is not None:
-                    nursery.start_soon(self._guardian.started)
+                    if self._adopter is not None:
+                        # The guardian must be init's child, not ours: wait for its double fork
+                        # before we become a subreaper.
+                        await self._guardian.started()
+                    else:
+                        nursery.start_soon(self._guardian.started)
                 driver_scope = trio.CancelScope()
                 nursery.start_soon(self._driver, driver_scope)
+                sweeper_scope = trio.CancelScope()
+                if self._adopter is not None and self._adopter.enable():
+                    nursery.start_soon(self._orphan_sweeper, sweeper_scope)
                 if observer_receive is not None:
                     nursery.start_soon(self._observer_loop, observer_receive)
                 async with trio.open_nursery() as children_nursery:
@@ -402,6 +417,7 @@ class Supervisor:
                             child.p.interrupt()
                 self._fail_all("the supervisor stopped before it was answered")
                 driver_scope.cancel()
+                sweeper_scope.cancel()
                 if self._observer_send is not None:
                     self._observer_send.close()
         finally:
@@ -1087,6 +1103,8 @@ class Supervisor:
         child.state = "starting"
         self._notify()
         env = build_env(spec.inherit_envs, spec.envs)
+        if self._adopter is not None:
+            self._adopter.mark(env)
         try:
             prepare_spawn(
                 spec.name,
@@ -1375,6 +1393,7 @@ class Supervisor:
         p.proc.kill_tree()
         with trio.move_on_after(_REAP_TIMEOUT):
             await p.proc.wait()
+        self._sweep_wanted.set()  # what it left outside its group is ours now (subreaper)
         # Answers written just before the exit may still sit in the pipe: take them first. And
         # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
         # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
@@ -1426,6 +1445,38 @@ class Supervisor:
         )
         return what
 
+    async def _orphan_sweeper(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await self._sweep_wanted.wait()
+                self._sweep_wanted = trio.Event()
+                await self._sweep_orphans()
+
+    async def _sweep_orphans(self) -> None:
+        """Kill and reap the orphans of our tree (process.OrphanAdopter), until none are left:
+        an orphan's own setsid'd children become ours when it dies."""
+        assert self._adopter is not None
+        while True:
+            spawned = {c.p.proc.pid for c in self._children.values() if c.p is not None}
+            spawned |= {proc.pid for proc in self._unreaped}
+            orphans = self._adopter.find(spawned)
+            if not orphans:
+                return
+            for proc in orphans:
+                try:
+                    what = " ".join(proc.cmdline())[:120]
+                except psutil.Error:
+                    what = "?"
+                log.warning(
+                    "killing pid %d (%s): a child started it outside its process group (setsid)"
+                    " and exited, leaving it behind",
+                    proc.pid,
+                    what,
+                )
+            async with trio.open_nursery() as nursery:
+                for proc in orphans:
+                    nursery.start_soon(OrphanAdopter.kill_and_reap, proc)
+
     async def _drain(self) -> None:
         """Shutdown, step 1: queued requests fail now, running ones get shutdown_grace."""
         for req in list(self._requests.values()):
@@ -1453,6 +1504,8 @@ class Supervisor:
         with trio.move_on_after(_REAP_TIMEOUT):
             for proc in procs:
                 await proc.wait()
+            if self._adopter is not None and self._adopter.enabled:
+                await self._sweep_orphans()
 
     # -- observers --------------------------------------------------------------------------
 

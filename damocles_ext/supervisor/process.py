@@ -309,6 +309,89 @@ def spawn(
         raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+#: The environment variable that marks a supervisor's process tree (see OrphanAdopter).
+TREE_ENV = "DAMOCLES_EXT_TREE"
+
+
+class OrphanAdopter:
+    """Finds, kills and reaps what a child left behind outside its process group.
+
+    A process that calls setsid leaves its parent's group, so killing the child's group misses it,
+    and if the child then dies on its own, nobody we know is its parent any more. As a child
+    subreaper (PR_SET_CHILD_SUBREAPER) the supervisor becomes the parent of every orphan of its
+    tree instead of init, so the orphans can be found among its own children. Which of those are
+    orphans: every child we spawn gets `TREE_ENV=<token>` in its environment, which its own
+    descendants inherit; a child of ours that we did not spawn and carries the token is an orphan.
+    (Without the token, a subprocess of an observer plugin, say, is left alone.)
+
+    Subreaper is a property of the whole process, so only the `serve` and `run` commands turn it
+    on; a Supervisor embedded in another program (the Python API) leaves that program alone.
+    Limits: an orphan that clears its environment is not recognised, and one that exits on its
+    own before a sweep sees it stays a zombie until the supervisor exits.
+    """
+
+    def __init__(self) -> None:
+        self.token = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.enabled = False
+
+    def enable(self) -> bool:
+        """Become a child subreaper; False (and a log line) if the kernel refuses."""
+        if _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            log.warning(
+                "cannot become a child subreaper (%s): processes a child starts outside its "
+                "process group (setsid) may outlive it",
+                os.strerror(err),
+            )
+            return False
+        self.enabled = True
+        return True
+
+    def mark(self, env: dict[str, str]) -> None:
+        """Tag a child's environment (before spawning it) as part of our tree."""
+        if self.enabled:
+            env[TREE_ENV] = self.token
+
+    def find(self, spawned: set[int]) -> list[psutil.Process]:
+        """Our children that we did not spawn and that carry our token: orphans of our tree."""
+        if not self.enabled:
+            return []
+        found = []
+        for proc in psutil.Process().children():
+            if proc.pid in spawned:
+                continue
+            try:
+                if proc.environ().get(TREE_ENV) == self.token:
+                    found.append(proc)
+            except psutil.Error:  # gone, a zombie already, or not ours to read
+                continue
+        return found
+
+    @staticmethod
+    async def kill_and_reap(proc: psutil.Process) -> None:
+        """SIGKILL an orphan and its process group, and wait for it (it is our child now)."""
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:
+            return  # already reaped
+        try:
+            try:
+                if os.getpgid(proc.pid) == proc.pid:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+            except (OSError, psutil.Error):
+                pass
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                os.waitpid(proc.pid, 0)
+            except ChildProcessError:
+                pass
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
 # The guardian's program. It double-forks, so that it is nobody's child but init's (tools and
 # tests that list the supervisor's children see only provers), ignores the signals a terminal or
 # a service manager sends to everyone, and reads "+PGID" / "-PGID" lines until EOF.
