@@ -416,6 +416,9 @@ def _report(opts, state, status, log_path, serve_wall, shutdown_s, returncode, l
             re.findall(r"\] chaos: exiting during the handshake", log_text)
         ),
         "grandchildren spawned": len(re.findall(r"chaos: spawned grandchild", log_text)),
+        "orphans adopted and killed": len(
+            re.findall(r"killing pid \d+ .*outside its process group", log_text)
+        ),
         "killed as hung (cancel grace)": len(re.findall(r"after a Cancel; killing", log_text)),
         "child exits seen (SIGKILL, crash)": len(re.findall(r"\): exited \(", log_text)),
         "killed for breaking the protocol": len(
