@@ -146,10 +146,7 @@ class NativePoStProver:
                     )
                 with self._gpu_section(progress, cancel):
                     if isinstance(task, WindowPoStSnark):
-                        progress("snark", 0, 1)
-                        out = split.snark_step(prover.verify, task)
-                        progress("snark", 1, 1)
-                        return out
+                        return split.snark_step(prover.verify, task, progress)
                     return prover.prove(task, progress, cancel)
             except PoStCancelled:
                 cancel.check()

@@ -31,10 +31,7 @@ class PythonRefProver:
                     lambda t: reference.window_post(t, progress, cancel), task
                 )
             if isinstance(task, WindowPoStSnark):
-                progress("snark", 0, 1)
-                out = split.snark_step(verify.verify, task)
-                progress("snark", 1, 1)
-                return out
+                return split.snark_step(verify.verify, task, progress)
             return reference.winning_post(task, progress, cancel)
         except PoStCancelled:
             cancel.check()

@@ -226,6 +226,29 @@ def _stderr_text(f) -> str:
     return f.read().decode(errors="replace")
 
 
+async def serve_echo_round(cfg: Path, stderr_file, tasks: list) -> ManagerLike:
+    """Run `serve window_post -c cfg`, send every task at once, check that each is answered with
+    echo's output for it, then close stdin and check the exit code; returns the manager."""
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
+            stderr=stderr_file,
+        )
+        with trio.fail_after(30):
+            ids = [await m.send(task) for task in tasks]
+            assert ids == list(range(1, len(tasks) + 1))
+            for task, request_id in zip(tasks, ids):
+                r = await m.wait(request_id)
+                assert r.err_msg is None, r.err_msg
+                assert r.output == echo_output(task)
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+            await m.eof.wait()
+    return m
+
+
 async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
     tmp_path, stderr_file
 ):
@@ -235,23 +258,7 @@ async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
         + plugin_block("WdPost", "echo")
         + plugin_block("WinPost", "echo"),
     )
-    async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(
-            nursery,
-            [*DEXT, "serve", "window_post", "-c", str(cfg)],
-            "window_post",
-            stderr=stderr_file,
-        )
-        with trio.fail_after(30):
-            ids = [await m.send(make_task(1000 + i)) for i in range(20)]
-            assert ids == list(range(1, 21))
-            for i, request_id in enumerate(ids):
-                r = await m.wait(request_id)
-                assert r.err_msg is None, r.err_msg
-                assert r.output == echo_output(make_task(1000 + i))
-            await m.close_stdin()
-            assert await m.process.wait() == 0
-            await m.eof.wait()
+    m = await serve_echo_round(cfg, stderr_file, [make_task(1000 + i) for i in range(20)])
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
     # Only this stage's children were started.
     log = _stderr_text(stderr_file)
@@ -267,21 +274,8 @@ async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_
         + plugin_block("WdPostSnark", "echo")
         + plugin_block("WinPost", "echo"),
     )
-    async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(
-            nursery,
-            [*DEXT, "serve", "window_post", "-c", str(cfg)],
-            "window_post",
-            stderr=stderr_file,
-        )
-        with trio.fail_after(30):
-            ids = [await m.send(make_task(2000 + i, replicas=3)) for i in range(4)]
-            for i, request_id in enumerate(ids):
-                r = await m.wait(request_id)
-                assert r.err_msg is None, r.err_msg
-                assert r.output == echo_output(make_task(2000 + i, replicas=3))
-            await m.close_stdin()
-            assert await m.process.wait() == 0
+    m = await serve_echo_round(cfg, stderr_file, [make_task(2000 + i, 3) for i in range(4)])
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
     log = _stderr_text(stderr_file)
     assert "window_post_vanilla#0" in log and "window_post_snark#0" in log, log
 

@@ -27,6 +27,7 @@ from ..tasks import (
 from .errors import InvalidTaskError, VerifyError
 
 ProveWindow = Callable[[WindowPoSt], WindowPoStOutput]
+Progress = Callable[[str, int, int], None]
 VerifyWindow = Callable[[WindowPoSt, WindowPoStOutput], None]
 
 
@@ -41,8 +42,13 @@ def vanilla_step(prove: ProveWindow, task: WindowPoStVanilla) -> WindowPoStVanil
     return WindowPoStVanillaOutput(vanilla_proofs=out.proofs, faults=out.faults)
 
 
-def snark_step(verify: VerifyWindow, task: WindowPoStSnark) -> WindowPoStSnarkOutput:
-    """Check the vanilla proofs of `task` with `verify` and pass them on as its proofs."""
+def snark_step(
+    verify: VerifyWindow, task: WindowPoStSnark, progress: Progress | None = None
+) -> WindowPoStSnarkOutput:
+    """Check the vanilla proofs of `task` with `verify` and pass them on as its proofs; reports
+    the phase "snark" (0/1, then 1/1) to `progress`."""
+    if progress:
+        progress("snark", 0, 1)
     if task.faults:
         raise InvalidTaskError(
             f"the vanilla step reported faulty sectors {list(task.faults)}: there is nothing to "
@@ -52,4 +58,6 @@ def snark_step(verify: VerifyWindow, task: WindowPoStSnark) -> WindowPoStSnarkOu
         verify(whole(task), WindowPoStOutput(proofs=task.vanilla_proofs, faults=[]))
     except VerifyError as exc:
         raise VerifyError(f"the vanilla proofs do not prove the task: {exc}") from None
+    if progress:
+        progress("snark", 1, 1)
     return WindowPoStSnarkOutput(proofs=list(task.vanilla_proofs))

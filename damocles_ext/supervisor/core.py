@@ -444,26 +444,23 @@ class Supervisor:
         same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
         vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
         """
+        how = (deadline, priority, on_progress)
         if self._split_window_post and isinstance(task, WindowPoSt):
-            opts = {"deadline": deadline, "priority": priority, "on_progress": on_progress}
-            vanilla = await self._submit_one(split_window_post(task), **opts)
+            vanilla = await self._submit_one(split_window_post(task), *how)
             assert isinstance(vanilla, WindowPoStVanillaOutput)  # _on_answer checks the stage
             if vanilla.faults:  # no proofs to make: prove again without them (as a whole one)
                 return WindowPoStOutput(proofs=[], faults=vanilla.faults)
-            snark = await self._submit_one(snark_task(task, vanilla), **opts)
+            snark = await self._submit_one(snark_task(task, vanilla), *how)
             assert isinstance(snark, WindowPoStSnarkOutput)
             return join_window_post(vanilla, snark)
-        return await self._submit_one(
-            task, deadline=deadline, priority=priority, on_progress=on_progress
-        )
+        return await self._submit_one(task, *how)
 
     async def _submit_one(
         self,
         task: Task,
-        *,
-        deadline: float | None = None,
-        priority: int = 0,
-        on_progress: Callable[[Progress], None] | None = None,
+        deadline: float | None,
+        priority: int,
+        on_progress: Callable[[Progress], None] | None,
     ) -> Output:
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
