@@ -207,6 +207,31 @@ async def test_a_failing_step_fails_the_request_once_with_the_steps_reason():
     assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 0, f"{SNARK}#0": 0}
 
 
+async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_step():
+    from damocles_ext_plugins.testing import echo_output
+
+    rec = Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(rec, name="recorder")
+    children = [
+        spec(builtin_child(VAN, "sleep", "seconds=0.3"), stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    results = []
+    async with open_supervisor(children, plugin_manager=pm) as sup:
+        await sup.wait_ready("window_post")
+
+        async def prove() -> None:
+            results.append(await sup.submit(window_task(miner=9)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prove)
+            assert await rec.next("started") == ("started", 1, f"{VAN}#0")
+            sup.request_shutdown()  # the vanilla step runs; its SNARK step is yet to come
+    assert results == [echo_output(window_task(miner=9))]
+    assert [e for e in rec.log if e[0] == "finished"] == [("finished", 1, "ok"), ("finished", 2, "ok")]
+
+
 async def test_echo_steps_join_to_the_whole_echo_answer():
     from damocles_ext_plugins.testing import echo_output
 

@@ -360,6 +360,7 @@ class Supervisor:
         # their process group (process.OrphanAdopter); for a process of our own (serve, run).
         self._adopter = OrphanAdopter() if adopt_orphans else None
         self._sweep_wanted = trio.Event()
+        self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
         # when the config has the two split tables instead of [[WdPost]] (config.py checks it).
@@ -445,15 +446,23 @@ class Supervisor:
         vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
         """
         how = (deadline, priority, on_progress)
-        if self._split_window_post and isinstance(task, WindowPoSt):
+        if not (self._split_window_post and isinstance(task, WindowPoSt)):
+            return await self._submit_one(task, *how)
+        # To the caller a split WindowPoSt is one request: one in flight when shutdown begins may
+        # still take its SNARK step within the shutdown grace, and _drain waits for it between
+        # the two steps too.
+        self._split_in_flight += 1
+        try:
             vanilla = await self._submit_one(split_window_post(task), *how)
             assert isinstance(vanilla, WindowPoStVanillaOutput)  # _on_answer checks the stage
-            if vanilla.faults:  # no proofs to make: prove again without them (as a whole one)
+            if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
                 return WindowPoStOutput(proofs=[], faults=vanilla.faults)
-            snark = await self._submit_one(snark_task(task, vanilla), *how)
+            snark = await self._submit_one(snark_task(task, vanilla), *how, in_flight=True)
             assert isinstance(snark, WindowPoStSnarkOutput)
             return join_window_post(vanilla, snark)
-        return await self._submit_one(task, *how)
+        finally:
+            self._split_in_flight -= 1
+            self._notify()
 
     async def _submit_one(
         self,
@@ -461,13 +470,15 @@ class Supervisor:
         deadline: float | None,
         priority: int,
         on_progress: Callable[[Progress], None] | None,
+        *,
+        in_flight: bool = False,
     ) -> Output:
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
         stage = stage_of(task)
         rid = next(self._rids)
-        if self._shutting_down:
+        if self._shutting_down and not (in_flight and not self._finished):
             raise ProverError(f"request {rid} ({stage}) refused: the supervisor is shutting down")
         now = trio.current_time()
         deadline_t = None if deadline is None else now + (deadline - time.time())
@@ -1484,7 +1495,7 @@ class Supervisor:
                     " supervisor began to shut down; it was not sent to a prover",
                 )
         with trio.move_on_after(self.shutdown_grace):
-            while any(not r.done for r in self._requests.values()):
+            while self._split_in_flight or any(not r.done for r in self._requests.values()):
                 await self._state_changed.wait()
         for req in list(self._requests.values()):
             self._finish(
