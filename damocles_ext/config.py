@@ -347,15 +347,19 @@ def _check_split_tables(doc: dict[str, Any]) -> list[str]:
     if len(present) == 1:
         missing = next(t for t in _SPLIT_TABLES if t not in doc)
         return [
-            f"[[{present[0]}]] without [[{missing}]]: a split WindowPoSt runs its vanilla step on "
-            f"[[WdPostVanilla]] children and its SNARK step on [[WdPostSnark]] children; add "
-            f"[[{missing}]], or use [[WdPost]] for whole proofs"
+            (
+                f"[[{present[0]}]] without [[{missing}]]: a split WindowPoSt runs its vanilla "
+                f"step on [[WdPostVanilla]] children and its SNARK step on [[WdPostSnark]] "
+                f"children; add [[{missing}]], or use [[WdPost]] for whole proofs"
+            )
         ]
     if "WdPost" in doc:
         return [
-            "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post: keep "
-            "[[WdPost]] for whole proofs on one child, or the two split tables to run the vanilla "
-            "and SNARK steps on different children, not both"
+            (
+                "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post: keep "
+                "[[WdPost]] for whole proofs on one child, or the two split tables to run the "
+                "vanilla and SNARK steps on different children, not both"
+            )
         ]
     return []
 
@@ -445,13 +449,18 @@ class _Builder:
         if table in _SPLIT_TABLES:
             if block.plugin is None and block.bin is None:
                 return [
-                    f"{where}: no Plugin or Bin; damocles-worker has no split WindowPoSt steps. "
-                    f'Set Plugin (e.g. Plugin = "native") or a Bin that speaks dext'
+                    (
+                        f"{where}: no Plugin or Bin; damocles-worker has no split WindowPoSt "
+                        f'steps. Set Plugin (e.g. Plugin = "native") or a Bin that speaks dext'
+                    )
                 ]
             if block.protocol == "jsonl":
                 return [
-                    f'{where}.Protocol: "jsonl" cannot carry a split WindowPoSt step (damocles\' '
-                    f'JSON lines know only window_post and winning_post); use "dext" or "auto"'
+                    (
+                        f'{where}.Protocol: "jsonl" cannot carry a split WindowPoSt step '
+                        f"(damocles' JSON lines know only window_post and winning_post); use "
+                        f'"dext" or "auto"'
+                    )
                 ]
         argv, kind = self._program(where, stage, block)
         gpus: list[int | None] = [None]

@@ -25,8 +25,8 @@ import threading
 from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-
 from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
+
 MAX_ROWS_TO_DISCARD = 20  # the reference library's bound
 
 

@@ -27,7 +27,6 @@ import time
 from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-
 from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 

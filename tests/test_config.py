@@ -552,8 +552,10 @@ def test_all_errors_of_a_file_are_reported_together() -> None:
         '[[WinPost]]\nBin = "sh"\nPlugin = "echo"\nLocks = [1]\n[Bogus]\n'
     )
     assert errors == [
-        "unknown top-level table 'Bogus' (the file holds only [[WdPost]] and [[WinPost]] tables,"
-        " or [[WdPostVanilla]] and [[WdPostSnark]] for a split WindowPoSt)",
+        (
+            "unknown top-level table 'Bogus' (the file holds only [[WdPost]] and [[WinPost]] "
+            "tables, or [[WdPostVanilla]] and [[WdPostSnark]] for a split WindowPoSt)"
+        ),
         "WdPost[0]: unknown key 'Concurent' (did you mean 'Concurrent'?)",
         "WdPost[0].Weight: expected a non-negative integer, found -1",
         (

@@ -122,8 +122,10 @@ def test_split_tables_expand_to_vanilla_and_per_gpu_snark_children(tmp_path):
             "WdPostVanilla[0]: no Plugin or Bin; damocles-worker has no split WindowPoSt steps",
         ),
         (
-            '[[WdPostVanilla]]\nBin = "prover"\nProtocol = "jsonl"\n'
-            '[[WdPostSnark]]\nPlugin = "native"\n',
+            (
+                '[[WdPostVanilla]]\nBin = "prover"\nProtocol = "jsonl"\n'
+                '[[WdPostSnark]]\nPlugin = "native"\n'
+            ),
             'WdPostVanilla[0].Protocol: "jsonl" cannot carry a split WindowPoSt step',
         ),
     ],

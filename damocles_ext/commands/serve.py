@@ -128,9 +128,8 @@ def load_config_from_args(args: argparse.Namespace) -> Config:
 
 def children_of(config: Config, stage: str) -> list[ChildSpec]:
     """The config's children of `stage`; UsageError when there is none."""
-    from damocles_ext.errors import UsageError
-
     from damocles_ext.config import TABLE_OF_STAGE
+    from damocles_ext.errors import UsageError
     from damocles_ext.tasks import WINDOW_POST_SPLIT
 
     # A window_post served split runs on the children of both split tables (config.py).

@@ -384,7 +384,7 @@ class OrphanAdopter:
                 pass
             await trio.lowlevel.wait_readable(fd)
             try:
-                os.waitpid(proc.pid, 0)
+                os.waitpid(proc.pid, 0)  # noqa: ASYNC222 - it has exited (pidfd readable): no wait
             except ChildProcessError:
                 pass
         finally:
