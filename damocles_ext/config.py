@@ -341,7 +341,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
 
 def _check_split_tables(doc: dict[str, Any]) -> list[str]:
     """A split WindowPoSt needs both of its tables, and replaces [[WdPost]]."""
-    present = [t for t in _SPLIT_TABLES if t in doc]
+    present = [t for t in _SPLIT_TABLES if doc.get(t)]  # an empty array starts no child
     if not present:
         return []
     if len(present) == 1:
@@ -353,7 +353,7 @@ def _check_split_tables(doc: dict[str, Any]) -> list[str]:
                 f"children; add [[{missing}]], or use [[WdPost]] for whole proofs"
             )
         ]
-    if "WdPost" in doc:
+    if doc.get("WdPost"):
         return [
             (
                 "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post: keep "

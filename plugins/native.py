@@ -138,6 +138,11 @@ class NativePoStProver:
         from damocles_ext.tasks import WindowPoStSnark, WindowPoStVanilla
 
         cancel.check()
+        if self._library is not None and isinstance(task, WindowPoStVanilla | WindowPoStSnark):
+            raise ValueError(
+                f"a split WindowPoSt step needs the built-in reference library: the C ABI v1 of "
+                f"{self._library} has no vanilla or SNARK entry point; serve it from [[WdPost]]"
+            )
         with self._handle() as prover:
             try:
                 if isinstance(task, WindowPoStVanilla):

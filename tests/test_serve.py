@@ -8,6 +8,7 @@ the real command with real children, driven like damocles-manager drives a proce
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -280,16 +281,18 @@ async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_
     assert "window_post_vanilla#0" in log and "window_post_snark#0" in log, log
 
 
-ESCAPING_CHILD = """
+DYING_CHILD = """
 import os, subprocess, sys
 marker = os.environ["MARKER"]
 if not os.path.exists(marker):
-    # A grandchild in a session of its own, then die: the child's process group no longer
-    # holds it, and its parent is gone.
-    g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                         start_new_session=True)
+    with open(os.environ["FIFO"]) as f:  # the other child's helper is running
+        f.read()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    # One grandchild in a session of its own, one in our process group; then die.
+    g1 = subprocess.Popen(sleeper, start_new_session=True)
+    g2 = subprocess.Popen(sleeper)
     with open(marker + ".tmp", "w") as f:
-        f.write(str(g.pid))
+        f.write(f"{g1.pid} {g2.pid}")
     os.rename(marker + ".tmp", marker)
     os._exit(3)
 sys.stdout.write("window_post processor ready\\n")
@@ -297,19 +300,35 @@ sys.stdout.flush()
 sys.stdin.read()
 """
 
+HELPER_CHILD = """
+import os, subprocess, sys
+# A double-forked helper: the shell exits, the sleep is orphaned while this child lives on.
+subprocess.run(["sh", "-c", "sleep 120 & echo $! > " + os.environ["HELPER"]], check=True)
+with open(os.environ["FIFO"], "w") as f:
+    f.write("go")
+sys.stdout.write("window_post processor ready\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
 
-async def test_serve_kills_what_a_dead_child_left_outside_its_process_group(
+
+async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helper(
     tmp_path, stderr_file
 ):
-    marker = tmp_path / "grandchild.pid"
-    script = tmp_path / "escaping_child.py"
-    script.write_text(ESCAPING_CHILD)
+    marker, helper, fifo = tmp_path / "left.pids", tmp_path / "helper.pid", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for name, code in (("dying.py", DYING_CHILD), ("helper.py", HELPER_CHILD)):
+        (tmp_path / name).write_text(code)
+    envs = f'MARKER = "{marker}"\nHELPER = "{helper}"\nFIFO = "{fifo}"\n'
     cfg = write_config(
         tmp_path,
-        f'[[WdPost]]\nBin = "{sys.executable}"\nArgs = ["{script}"]\n'
-        f'[WdPost.Envs]\nMARKER = "{marker}"\n',
+        "".join(
+            f'[[WdPost]]\nBin = "{sys.executable}"\nArgs = ["{tmp_path / name}"]\n'
+            f"[WdPost.Envs]\n{envs}"
+            for name in ("helper.py", "dying.py")
+        ),
     )
-    grandchild = None
+    left: list[int] = []
     try:
         async with trio.open_nursery() as nursery:
             m = await ManagerLike.start(
@@ -318,21 +337,28 @@ async def test_serve_kills_what_a_dead_child_left_outside_its_process_group(
                 "window_post",
                 stderr=stderr_file,
             )
+            serve = psutil.Process(m.process.pid)
             with trio.fail_after(30):
                 while not marker.exists():
                     await trio.sleep(0.02)
-                grandchild = int(marker.read_text())
-                # Its parent died; serve, a child subreaper, adopted it, saw our tree's mark in
-                # its environment and killed it. Without that it would live on (120 s).
-                while psutil.pid_exists(grandchild):
+                left = [int(pid) for pid in marker.read_text().split()]
+                left.append(int(helper.read_text()))
+                # The dead child's grandchildren came to serve (a child subreaper), were killed,
+                # and reaped: no zombie left either. Without that they would live on (120 s).
+                while any(psutil.pid_exists(pid) for pid in left[:2]):
                     await trio.sleep(0.02)
+                assert not [p for p in serve.children() if p.status() == psutil.STATUS_ZOMBIE]
+                # The live child's orphaned helper also came to serve, and was left alone.
+                assert psutil.Process(left[2]).ppid() == serve.pid
                 await m.close_stdin()
                 assert await m.process.wait() == 0
     finally:
-        if grandchild is not None and psutil.pid_exists(grandchild):
-            psutil.Process(grandchild).kill()
+        for pid in left:
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
     log = _stderr_text(stderr_file)
-    assert f"killing pid {grandchild}" in log and "outside its process group" in log, log
+    assert f"killing pid {left[0]}" in log and "outside its process group" in log, log
+    assert f"killing pid {left[2]}" not in log, log
 
 
 async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):

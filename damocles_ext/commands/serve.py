@@ -137,9 +137,10 @@ def children_of(config: Config, stage: str) -> list[ChildSpec]:
     children = [c for c in config.children if c.stage in stages]
     if not children:
         table = TABLE_OF_STAGE[stage]
+        split = " (or [[WdPostVanilla]] and [[WdPostSnark]])" if stage == "window_post" else ""
         raise UsageError(
-            f"{config.source} has no [[{table}]] table, so there is no child to serve {stage};"
-            f' add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
+            f"{config.source} has no [[{table}]] table{split}, so there is no child to serve"
+            f' {stage}; add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
         )
     return children
 

@@ -79,6 +79,8 @@ class ChildConnection:
     def __init__(self, stage: str, protocol: str = "auto", name: str = "child") -> None:
         if protocol not in ("auto", "dext", "jsonl"):
             raise ValueError(f"unknown protocol {protocol!r}")
+        if protocol == "jsonl" and stage not in POST_STAGES:
+            raise ValueError(f"{name}: damocles' JSON lines cannot carry {stage}; use dext")
         self.stage = stage
         self.name = name
         self.protocol: str | None = None if protocol == "auto" else protocol

@@ -85,6 +85,7 @@ child_log = logging.getLogger("damocles_ext.child")
 Progress = dext.Progress
 
 _READ_SIZE = 1 << 16
+_ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on their own
 _REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
 # The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
@@ -196,6 +197,7 @@ class _Process:
         self.stderr_done = trio.Event()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
+        self.tree_mark: str | None = None  # its OrphanAdopter mark (serve, run)
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
 
     def interrupt(self) -> None:
@@ -642,7 +644,10 @@ class Supervisor:
         else:
             req.output = output
             if outcome is None:
-                faulty = isinstance(output, WindowPoStOutput) and output.faults
+                faulty = (
+                    isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput)
+                    and output.faults
+                )
                 outcome = "fault" if faulty else "ok"
         req.event.set()
         where = req.running_on
@@ -1111,8 +1116,7 @@ class Supervisor:
         child.state = "starting"
         self._notify()
         env = build_env(spec.inherit_envs, spec.envs)
-        if self._adopter is not None:
-            self._adopter.mark(env)
+        mark = self._adopter.mark(env) if self._adopter is not None else None
         try:
             prepare_spawn(
                 spec.name,
@@ -1137,6 +1141,7 @@ class Supervisor:
         child.protocol = None
         child.answered = False
         p = _Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
+        p.tree_mark = mark
         child.p = p
         self._launched(child, task_status)
         log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))
@@ -1456,18 +1461,29 @@ class Supervisor:
     async def _orphan_sweeper(self, scope: trio.CancelScope) -> None:
         with scope:
             while True:
-                await self._sweep_wanted.wait()
+                # At each child's end, and now and then for orphans that exit on their own.
+                with trio.move_on_after(_ORPHAN_SWEEP_INTERVAL):
+                    await self._sweep_wanted.wait()
                 self._sweep_wanted = trio.Event()
-                await self._sweep_orphans()
+                with trio.move_on_after(_REAP_TIMEOUT):  # an unkillable orphan (D state)
+                    await self._sweep_orphans()
 
     async def _sweep_orphans(self) -> None:
         """Kill and reap the orphans of our tree (process.OrphanAdopter), until none are left:
         an orphan's own setsid'd children become ours when it dies."""
         assert self._adopter is not None
         while True:
-            spawned = {c.p.proc.pid for c in self._children.values() if c.p is not None}
-            spawned |= {proc.pid for proc in self._unreaped}
-            orphans = self._adopter.find(spawned)
+            procs = [c.p.proc for c in self._children.values() if c.p is not None]
+            procs += self._unreaped
+            spawned = {proc.pid for proc in procs if proc.exit is None}
+            live = {
+                c.p.tree_mark
+                for c in self._children.values()
+                if c.p is not None and c.p.tree_mark is not None and c.p.proc.exit is None
+            }
+            orphans, zombies = self._adopter.find(spawned, live)
+            for pid in zombies:
+                self._adopter.reap(pid)
             if not orphans:
                 return
             for proc in orphans:
@@ -1498,9 +1514,10 @@ class Supervisor:
             while self._split_in_flight or any(not r.done for r in self._requests.values()):
                 await self._state_changed.wait()
         for req in list(self._requests.values()):
+            where = f"on {req.child}" if req.child else "(it was still queued)"
             self._finish(
                 req,
-                error=f"request {req.rid} ({req.stage}) did not finish on {req.child} within the"
+                error=f"request {req.rid} ({req.stage}) did not finish {where} within the"
                 f" shutdown grace period ({self.shutdown_grace:g}s)",
             )
 

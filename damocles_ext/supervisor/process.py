@@ -320,20 +320,27 @@ class OrphanAdopter:
     A process that calls setsid leaves its parent's group, so killing the child's group misses it,
     and if the child then dies on its own, nobody we know is its parent any more. As a child
     subreaper (PR_SET_CHILD_SUBREAPER) the supervisor becomes the parent of every orphan of its
-    tree instead of init, so the orphans can be found among its own children. Which of those are
-    orphans: every child we spawn gets `TREE_ENV=<token>` in its environment, which its own
-    descendants inherit; a child of ours that we did not spawn and carries the token is an orphan.
-    (Without the token, a subprocess of an observer plugin, say, is left alone.)
+    tree instead of init, so the orphans can be found among its own children:
+
+    * Each spawn gets its own mark, `TREE_ENV=<token>.<n>`, in the child's environment, which its
+      descendants inherit. A child of ours that we did not spawn, carries a mark of ours and
+      whose child process has exited is an orphan of a dead child: it is killed (with its process
+      group) and reaped. One whose child is still running (a double-forked helper, a daemon it
+      runs on purpose) is left alone, as is anything in a running child's process group, and
+      anything without our mark (a subprocess of an observer plugin, say).
+    * Zombies among our children that we did not spawn are reaped: they are orphans of the tree
+      that exited (init reaped them before we became a subreaper). A subprocess an observer plugin
+      starts and has not waited for yet would be reaped too (its Popen then reports exit code 0).
 
     Subreaper is a property of the whole process, so only the `serve` and `run` commands turn it
     on; a Supervisor embedded in another program (the Python API) leaves that program alone.
-    Limits: an orphan that clears its environment is not recognised, and one that exits on its
-    own before a sweep sees it stays a zombie until the supervisor exits.
+    An orphan that clears its environment is not recognised while it lives.
     """
 
     def __init__(self) -> None:
         self.token = f"{os.getpid()}-{os.urandom(6).hex()}"
         self.enabled = False
+        self._spawns = 0
 
     def enable(self) -> bool:
         """Become a child subreaper; False (and a log line) if the kernel refuses."""
@@ -348,25 +355,48 @@ class OrphanAdopter:
         self.enabled = True
         return True
 
-    def mark(self, env: dict[str, str]) -> None:
-        """Tag a child's environment (before spawning it) as part of our tree."""
-        if self.enabled:
-            env[TREE_ENV] = self.token
-
-    def find(self, spawned: set[int]) -> list[psutil.Process]:
-        """Our children that we did not spawn and that carry our token: orphans of our tree."""
+    def mark(self, env: dict[str, str]) -> str | None:
+        """Put this spawn's mark in a child's environment (before spawning it); returns it."""
         if not self.enabled:
-            return []
-        found = []
+            return None
+        self._spawns += 1
+        env[TREE_ENV] = tag = f"{self.token}.{self._spawns}"
+        return tag
+
+    def find(
+        self, spawned: set[int], live_marks: set[str]
+    ) -> tuple[list[psutil.Process], list[int]]:
+        """(orphans of dead children to kill, pids of zombie orphans to reap) among our children.
+
+        `spawned`: pids of the processes we spawned and have not reaped; `live_marks`: the marks
+        of those still running."""
+        if not self.enabled:
+            return [], []
+        orphans, zombies = [], []
+        prefix = self.token + "."
         for proc in psutil.Process().children():
             if proc.pid in spawned:
                 continue
             try:
-                if proc.environ().get(TREE_ENV) == self.token:
-                    found.append(proc)
-            except psutil.Error:  # gone, a zombie already, or not ours to read
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    zombies.append(proc.pid)
+                    continue
+                if _pgid(proc.pid) in spawned or os.getsid(proc.pid) in spawned:
+                    continue  # still in a child's group or session: the child's to manage
+                mark = proc.environ().get(TREE_ENV, "")
+            except (psutil.Error, OSError):  # gone, or not ours to read
                 continue
-        return found
+            if mark.startswith(prefix) and mark not in live_marks:
+                orphans.append(proc)
+        return orphans, zombies
+
+    @staticmethod
+    def reap(pid: int) -> None:
+        """Collect a zombie child's exit status."""
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
     @staticmethod
     async def kill_and_reap(proc: psutil.Process) -> None:
