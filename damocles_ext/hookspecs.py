@@ -132,7 +132,7 @@ class ProverSpec:
 class ChildInfo:
     """A prover child as observers see it."""
 
-    stage: str  # "window_post" | "winning_post"
+    stage: str  # "window_post" | "winning_post" | "window_post_vanilla" | "window_post_snark"
     index: int  # index within the stage
     name: str  # e.g. "window_post#0"
     pid: int | None  # None before the process exists
