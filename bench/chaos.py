@@ -132,22 +132,31 @@ def write_config(opts: ChaosOptions, directory: Path, marker: str) -> Path:
     return path
 
 
-def _live_children(pid: int, min_age: float = 0.0) -> list[psutil.Process]:
+def _live_children(
+    pid: int, min_age: float = 0.0, seen: dict[tuple[int, float], float] | None = None
+) -> list[psutil.Process]:
+    """The running children of `pid` that are at least `min_age` seconds old.
+
+    Age counts from when this process first saw the child (`seen`, monotonic clock), not from
+    psutil's create_time: that one is boot time (whole seconds, from the wall clock) plus ticks
+    since boot, and it was seen here up to 0.8 s off after the VM was paused, which made
+    newborn children look old enough to be signalled before they set their signal handlers."""
     try:
         kids = psutil.Process(pid).children()
     except psutil.NoSuchProcess:
         return []
+    seen = {} if seen is None else seen
     out = []
-    now = time.time()
+    now = time.monotonic()
     for kid in kids:
         try:
-            if (
-                kid.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED)
-                and now - kid.create_time() >= min_age
-            ):
-                out.append(kid)
+            if kid.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED):
+                continue
+            first = seen.setdefault((kid.pid, kid.create_time()), now)
         except psutil.NoSuchProcess:
-            pass
+            continue
+        if now - first >= min_age:
+            out.append(kid)
     return out
 
 
@@ -232,6 +241,7 @@ async def _client(
 
 async def _chaos(run_pid: int, opts: ChaosOptions, state: _State, stop: trio.Event) -> None:
     rng = random.Random(opts.seed)
+    seen: dict[tuple[int, float], float] = {}  # (pid, create_time) -> first seen (monotonic)
     stopped: list[psutil.Process] = []
 
     async def resume_later(proc: psutil.Process, after: float) -> None:
@@ -247,7 +257,7 @@ async def _chaos(run_pid: int, opts: ChaosOptions, state: _State, stop: trio.Eve
                 await stop.wait()
             if stop.is_set():
                 break
-            kids = _live_children(run_pid, opts.min_age)
+            kids = _live_children(run_pid, opts.min_age, seen)
             if not kids:
                 continue
             victim = rng.choice(kids)
