@@ -345,7 +345,7 @@ def _check_split_tables(doc: dict[str, Any]) -> list[str]:
     if not present:
         return []
     if len(present) == 1:
-        missing = next(t for t in _SPLIT_TABLES if t not in doc)
+        missing = next(t for t in _SPLIT_TABLES if t not in present)
         return [
             (
                 f"[[{present[0]}]] without [[{missing}]]: a split WindowPoSt runs its vanilla "

@@ -83,11 +83,17 @@ class PoStReplicaInfo(msgspec.Struct, frozen=True, array_like=True, gc=False):
     sealed_file: str
 
 
-class WindowPoSt(msgspec.Struct, frozen=True, tag="window_post", tag_field="stage"):
+class _WindowPoStFields(msgspec.Struct, frozen=True):
+    """What a WindowPoSt and each of its split steps carry (no tag: not a wire type itself)."""
+
     miner_id: U64
     proof_type: WindowProofType
     replicas: list[PoStReplicaInfo]
     seed: Bytes32
+
+
+class WindowPoSt(_WindowPoStFields, frozen=True, tag="window_post", tag_field="stage"):
+    pass
 
 
 class WinningPoSt(msgspec.Struct, frozen=True, tag="winning_post", tag_field="stage"):
@@ -116,22 +122,15 @@ class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_fie
 # still sends one `WindowPoSt` and gets one `WindowPoStOutput`.
 
 
-class WindowPoStVanilla(msgspec.Struct, frozen=True, tag="window_post_vanilla", tag_field="stage"):
+class WindowPoStVanilla(
+    _WindowPoStFields, frozen=True, tag="window_post_vanilla", tag_field="stage"
+):
     """The vanilla step of a WindowPoSt: the same fields, answered with vanilla proofs."""
 
-    miner_id: U64
-    proof_type: WindowProofType
-    replicas: list[PoStReplicaInfo]
-    seed: Bytes32
 
-
-class WindowPoStSnark(msgspec.Struct, frozen=True, tag="window_post_snark", tag_field="stage"):
+class WindowPoStSnark(_WindowPoStFields, frozen=True, tag="window_post_snark", tag_field="stage"):
     """The SNARK step of a WindowPoSt: the task and the vanilla step's answer."""
 
-    miner_id: U64
-    proof_type: WindowProofType
-    replicas: list[PoStReplicaInfo]
-    seed: Bytes32
     vanilla_proofs: list[bytes]
     faults: list[U64]
 

@@ -113,6 +113,10 @@ def test_split_tables_expand_to_vanilla_and_per_gpu_snark_children(tmp_path):
             '[[WdPostSnark]]\nPlugin = "native"\n',
             "[[WdPostSnark]] without [[WdPostVanilla]]",
         ),
+        (  # an empty array of tables starts no child: as good as absent
+            'WdPostSnark = []\n[[WdPostVanilla]]\nPlugin = "native"\n',
+            "[[WdPostVanilla]] without [[WdPostSnark]]",
+        ),
         (
             SPLIT_CFG + '[[WdPost]]\nPlugin = "native"\n',
             "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post",

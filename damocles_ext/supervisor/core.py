@@ -1473,14 +1473,10 @@ class Supervisor:
         an orphan's own setsid'd children become ours when it dies."""
         assert self._adopter is not None
         while True:
-            procs = [c.p.proc for c in self._children.values() if c.p is not None]
-            procs += self._unreaped
-            spawned = {proc.pid for proc in procs if proc.exit is None}
-            live = {
-                c.p.tree_mark
-                for c in self._children.values()
-                if c.p is not None and c.p.tree_mark is not None and c.p.proc.exit is None
-            }
+            running = [c.p for c in self._children.values() if c.p and c.p.proc.exit is None]
+            spawned = {p.proc.pid for p in running}
+            spawned |= {proc.pid for proc in self._unreaped if proc.exit is None}
+            live = {p.tree_mark for p in running if p.tree_mark is not None}
             orphans, zombies = self._adopter.find(spawned, live)
             for pid in zombies:
                 self._adopter.reap(pid)
