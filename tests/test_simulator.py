@@ -25,12 +25,14 @@ WD, WIN = "window_post", "winning_post"
 
 # One miner, one GPU, one deadline, fixed durations: every timeline below is worked out by hand.
 # The window opens at 600 s (randomness known at 0), closes at 2400 s; proofs are due at 2100 s.
+# The "partition" model: the durations given are the durations run (no per-GPU speed, no jitter).
 TINY = Scenario(
     gpus=1,
     partitions=(3,),
     hours=0.5,
     vanilla=Uniform(60, 60),
     snark=Uniform(600, 600),
+    snark_model="partition",
     winning_rate=0.0,
 )
 
@@ -70,6 +72,49 @@ def test_capacity_bound_on_hand_checkable_scenarios():
     assert capacity_bound(two) == pytest.approx(2 * 2100 / 360)
     # the mean of the distribution is what counts
     assert capacity_bound(replace(one, snark=Uniform(180, 540))) == pytest.approx(2100 / 360)
+
+
+def wd_works(sc: Scenario) -> list[float]:
+    return [j.gpu_work for j in generate(sc).jobs if j.stage == WD]
+
+
+def test_snark_models_put_the_spread_where_it_comes_from():
+    base = Scenario(gpus=4, partitions=(4, 4), hours=2, snark=Uniform(180, 540))
+    # partition: every GPU has speed 1; the partitions' SNARK times spread over the range
+    part = replace(base, snark_model="partition")
+    assert part.gpu_speeds() == (1.0,) * 4
+    assert min(wd_works(part)) < 250 and max(wd_works(part)) > 470
+    # machine (the default): one speed for every GPU, drawn per seed; each partition's work within
+    # the jitter of the mean (a GPU of speed v takes work / v seconds)
+    assert base.snark_model == "machine" and base.snark_jitter == 0.05
+    [speed] = set(base.gpu_speeds())
+    assert 180 <= 360 / speed <= 540
+    assert base.gpu_speeds() != replace(base, seed=2).gpu_speeds()
+    assert all(360 * 0.95 <= w <= 360 * 1.05 for w in wd_works(base))
+    assert max(wd_works(base)) - min(wd_works(base)) > 10
+    assert all(w == 360 for w in wd_works(replace(base, snark_jitter=0.0)))
+    # gpu: a speed per GPU, and a fifth GPU keeps the first four's
+    mixed = replace(base, snark_model="gpu")
+    assert len(set(mixed.gpu_speeds())) == 4
+    assert replace(mixed, gpus=5).gpu_speeds()[:4] == mixed.gpu_speeds()
+    assert all(180 <= 360 / v <= 540 for v in mixed.gpu_speeds())
+    # the capacity bound counts the speeds (the sum of what the GPUs do per second)
+    for sc in (base, mixed):
+        assert capacity_bound(sc) == pytest.approx(capacity_bound(part) * sc.gpu_capacity() / 4)
+    with pytest.raises(ValueError, match="snark_model must be one of machine, gpu, partition"):
+        replace(base, snark_model="card").gpu_speeds()
+
+
+@pytest.mark.parametrize("policy", ["reference", "damocles-ext", "damocles"])
+def test_a_gpu_of_speed_v_runs_a_snark_in_work_over_v(policy):
+    # One machine drawn from 300-900 s: its speed v = 600 s / its draw. A job of 600 s of work
+    # (the mean GPU's time) runs on it in 600 / v s after its 60 s vanilla phase.
+    sc = replace(TINY, snark=Uniform(300, 900), snark_model="machine")
+    [speed] = sc.gpu_speeds()
+    assert speed != 1.0
+    seen = Workload((wd_job(0, 60.0, 600.0),))
+    run_workload(sc, seen, policy)
+    assert seen.jobs[0].finish == pytest.approx(60 + 600 / speed, abs=1)
 
 
 def test_one_child_per_gpu_runs_vanilla_and_snark_back_to_back():
@@ -140,11 +185,14 @@ def test_realized_bound_uses_the_drawn_work():
     fixed = replace(TINY, snark=Uniform(360, 360), partitions=(1,))
     # fixed durations: the draws are the mean, 2100 s / 360 s per partition = 5.83 -> 5
     assert simulator.realized_capacity_bound(fixed) == 5
-    sc = Scenario(gpus=4, partitions=(1,) * 4, hours=6)
-    realized = simulator.realized_capacity_bound(sc)
-    draws = generate(sc.with_total_partitions(realized + 1))
-    assert simulator.realized_overload(draws, 4) > 1
-    assert simulator.realized_overload(generate(sc.with_total_partitions(realized)), 4) <= 1
+    for model in simulator.SNARK_MODELS:
+        sc = Scenario(gpus=4, partitions=(1,) * 4, hours=6, snark_model=model)
+        realized = simulator.realized_capacity_bound(sc)
+        capacity = sc.gpu_capacity()
+        draws = generate(sc.with_total_partitions(realized + 1))
+        assert simulator.realized_overload(draws, capacity) > 1
+        at = generate(sc.with_total_partitions(realized))
+        assert simulator.realized_overload(at, capacity) <= 1
 
 
 def test_bisection_finds_the_highest_missfree_load_of_each_policy():
@@ -192,7 +240,7 @@ def test_split_runs_vanilla_steps_in_the_pool_and_snarks_back_to_back():
 
 
 def test_scheduler_beats_damocles_on_colliding_windows():
-    sc = Scenario(gpus=2, partitions=(3, 3), hours=4, offsets="colliding")
+    sc = Scenario(gpus=2, partitions=(3, 3), hours=4, offsets="colliding", snark=Uniform(360, 360))
     results = simulate(sc)
     assert results["damocles"].missed > 0
     assert results["damocles-ext"].missed == 0
@@ -243,6 +291,8 @@ def test_simulate_command_prints_json(capsys):
         (["--offsets", "0,5m"], "--offsets gives 2 offsets but --miners is 4"),
         (["--submit-margin", "40m"], "leaves no time"),
         (["--progress-interval", "often"], "--progress-interval: 'often' is not a duration"),
+        (["--snark-model", "card"], "--snark-model: 'card' is not one of machine, gpu, partition"),
+        (["--snark-jitter", "1.5"], "--snark-jitter must be at least 0 and below 1"),
     ],
 )
 def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):

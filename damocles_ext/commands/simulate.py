@@ -47,7 +47,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--submit-margin", default="5m", help="proofs are due this long before the window closes"
     )
-    parser.add_argument("--snark", default="3m-9m", help="SNARK time per partition, LOW-HIGH")
+    parser.add_argument(
+        "--snark",
+        default="3m-9m",
+        help="SNARK time of one partition, LOW-HIGH; see --snark-model for what varies",
+    )
+    parser.add_argument(
+        "--snark-model",
+        default="machine",
+        help="where the SNARK times' spread comes from: machine (default: one GPU model per "
+        "machine, its time drawn once per seed), gpu (mixed GPUs: a time drawn per GPU), "
+        "partition (each partition drawn on its own, whatever the GPU: a packing stress case)",
+    )
+    parser.add_argument(
+        "--snark-jitter",
+        type=float,
+        default=0.05,
+        help="machine and gpu models: a partition's SNARK takes its GPU's time within +- this "
+        "fraction (default 0.05)",
+    )
     parser.add_argument("--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH")
     parser.add_argument("--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH")
     parser.add_argument(
@@ -142,6 +160,16 @@ def build_scenario(args: argparse.Namespace):
                 f"--offsets gives {len(offsets)} offsets but --miners is {args.miners}; "
                 "give one per miner"
             )
+    from damocles_ext.scheduling.simulator import SNARK_MODELS
+
+    if args.snark_model not in SNARK_MODELS:
+        raise UsageError(
+            f"--snark-model: {args.snark_model!r} is not one of {', '.join(SNARK_MODELS)}"
+        )
+    if not 0 <= args.snark_jitter < 1:
+        raise UsageError(
+            f"--snark-jitter must be at least 0 and below 1 (a fraction), got {args.snark_jitter:g}"
+        )
     margin = _seconds(args.submit_margin, "--submit-margin")
     if margin >= 1800:
         raise UsageError(f"--submit-margin {margin:g}s leaves no time in a 30-minute window")
@@ -154,6 +182,8 @@ def build_scenario(args: argparse.Namespace):
         submit_margin=margin,
         vanilla=_range(args.vanilla, "--vanilla"),
         snark=_range(args.snark, "--snark"),
+        snark_model=args.snark_model,
+        snark_jitter=args.snark_jitter,
         winning_gpu=_range(args.winning, "--winning"),
         winning_rate=args.winning_rate,
         progress_interval=_seconds(args.progress_interval, "--progress-interval"),

@@ -53,12 +53,22 @@ The model, stated plainly so its limits are clear:
 * The baselines never cancel: a late proof keeps its GPU until it ends, as in damocles. The
   scheduler's policy fails a request whose deadline passes in the queue and cancels a running one
   at its deadline (the cancel takes effect at once here; the real grace period is ignored).
-* Duration draws are keyed by (seed, miner, deadline, partition), so a run with more partitions
-  keeps every draw of a run with fewer: loads are comparable and bisection sees nested workloads.
+* SNARK times (`SNARK_MODELS`). A WindowPoSt partition's SNARK is one fixed circuit (~125M
+  constraints), so how long it takes is a property of the GPU; the public 3-9 minutes span
+  different GPUs. The default "machine" model draws one SNARK time from `snark` per run (per
+  seed: each seed is another machine, all its GPUs of one model) and each partition takes it
+  within +-`snark_jitter`. "gpu" draws one per GPU (a machine of mixed GPUs). "partition" draws
+  each partition's time on its own, whatever GPU runs it: not how GPUs behave, but a stress case
+  for packing (an unforeseeable 3-9 min job can end a deadline's work). A job's `gpu_work` is its
+  time on a GPU of the mean SNARK time; a GPU of speed v runs it in gpu_work / v.
+* Duration draws are keyed by (seed, miner, deadline, partition), and GPU speeds by (seed, GPU),
+  so a run with more partitions keeps every draw of a run with fewer: loads are comparable and
+  bisection sees nested workloads.
 
 The capacity bound: with the mean SNARK time s, a total load T partitions per deadline split
-evenly across miners, and G GPUs, every set of deadlines whose work is released at or after a and
-due by d needs T/K * s per miner-deadline within G * (d - a) of GPU time. The bound is the largest
+evenly across miners, and GPUs doing C seconds of mean-speed work per second (C = G GPUs at speed
+1; the sum of the speeds), every set of deadlines whose work is released at or after a and due by
+d needs T/K * s per miner-deadline within C * (d - a) of GPU time. The bound is the largest
 T for which that holds for every (a, d); no schedule can stay miss-free on average above it.
 It uses the chain timing the jobs use (work released when the randomness is known, due at the
 window's close minus the submit margin). It is generous to every policy in three ways: it ignores
@@ -104,6 +114,16 @@ POLICIES: dict[str, str] = {
     "clairvoyant": "not deployable: the reference knowing every SNARK's duration in advance "
     "(longest first among equal deadlines)",
 }
+#: Where the spread of SNARK times comes from. A partition's SNARK is one fixed circuit (~125M
+#: constraints), so its time is a property of the GPU: the public 3-9 min span different GPUs.
+SNARK_MODELS: dict[str, str] = {
+    "machine": "one GPU model per machine: its SNARK time is drawn from --snark once per run "
+    "(per seed), and each partition takes it within +-jitter",
+    "gpu": "mixed GPUs: each GPU's SNARK time is drawn from --snark, each partition within "
+    "+-jitter of its GPU's",
+    "partition": "each partition's SNARK time drawn from --snark independently (whatever GPU): "
+    "not physical, a stress case for packing",
+}
 DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
 POLICY_ALIASES = {
     "a": "damocles",
@@ -145,6 +165,9 @@ class Scenario:
     submit_margin: float = 300.0
     vanilla: Uniform = Uniform(60.0, 180.0)
     snark: Uniform = Uniform(180.0, 540.0)  # one 2349-sector partition on a modern GPU
+    #: Where the spread of `snark` comes from (see SNARK_MODELS).
+    snark_model: str = "machine"
+    snark_jitter: float = 0.05
     winning_gpu: Uniform = Uniform(2.0, 6.0)
     winning_budget: float = 20.0
     winning_rate: float = 2.0  # WinningPoSt arrivals per hour per miner (Poisson)
@@ -176,6 +199,25 @@ class Scenario:
             raise ValueError(f"{len(self.offsets)} offsets given for {self.miners} miners")
         return tuple(float(o) for o in self.offsets)
 
+    def gpu_speeds(self) -> tuple[float, ...]:
+        """Each GPU's speed relative to one with the mean SNARK time of `snark`: 1.0 for every
+        GPU in the "partition" model, else the mean over the GPU's drawn SNARK time."""
+        if self.snark_model not in SNARK_MODELS:
+            raise ValueError(
+                f"snark_model must be one of {', '.join(SNARK_MODELS)}, not {self.snark_model!r}"
+            )
+        if self.snark_model == "partition":
+            return (1.0,) * self.gpus
+        if self.snark_model == "machine":
+            return (self.snark.mean / self.snark.draw(_rng(self.seed, "machine")),) * self.gpus
+        return tuple(
+            self.snark.mean / self.snark.draw(_rng(self.seed, "gpu", g)) for g in range(self.gpus)
+        )
+
+    def gpu_capacity(self) -> float:
+        """GPU-seconds of mean-speed SNARK work the GPUs do per second: the sum of the speeds."""
+        return sum(self.gpu_speeds())
+
     def with_total_partitions(self, total: int) -> Scenario:
         """The same scenario with `total` partitions per deadline, split evenly across miners."""
         k = self.miners
@@ -202,7 +244,7 @@ class SimJob:
     release: float
     due: float
     vanilla: float
-    gpu_work: float
+    gpu_work: float  # seconds on a GPU of speed 1.0 (see Scenario.gpu_speeds)
     state: str = "new"  # new, vanilla, gpu, done, failed, cancelled
     child: str | None = None
     start: float | None = None
@@ -233,17 +275,13 @@ def generate(scenario: Scenario) -> Workload:
             due = opens + s.challenge_window - s.submit_margin
             for p in range(s.partitions[m]):
                 rng = _rng(s.seed, "wd", m, i, p)
+                vanilla = s.vanilla.draw(rng)
+                if s.snark_model != "partition":
+                    snark = s.snark.mean * rng.uniform(1 - s.snark_jitter, 1 + s.snark_jitter)
+                else:
+                    snark = s.snark.draw(rng)
                 jobs.append(
-                    SimJob(
-                        next(ids),
-                        WINDOW_POST,
-                        m,
-                        i,
-                        opens - s.lookback,
-                        due,
-                        s.vanilla.draw(rng),
-                        s.snark.draw(rng),
-                    )
+                    SimJob(next(ids), WINDOW_POST, m, i, opens - s.lookback, due, vanilla, snark)
                 )
     horizon = s.horizon()
     if s.winning_rate > 0:
@@ -271,8 +309,8 @@ def generate(scenario: Scenario) -> Workload:
 # -- the capacity bound -------------------------------------------------------------------------
 
 
-def _intervals_max_ratio(items: list[tuple[float, float, float]], gpus: int) -> float:
-    """max over (a, d) of (work released >= a and due <= d) / (gpus * (d - a))."""
+def _intervals_max_ratio(items: list[tuple[float, float, float]], capacity: float) -> float:
+    """max over (a, d) of (work released >= a and due <= d) / (capacity * (d - a))."""
     releases = sorted({r for r, _, _ in items}, reverse=True)
     dues = sorted({d for _, d, _ in items})
     by_release: dict[float, list[tuple[float, float]]] = {}
@@ -287,7 +325,7 @@ def _intervals_max_ratio(items: list[tuple[float, float, float]], gpus: int) -> 
         for d in dues:
             acc += work_by_due[d]
             if d > a and acc > 0:
-                worst = max(worst, acc / (gpus * (d - a)))
+                worst = max(worst, acc / (capacity * (d - a)))
     return worst
 
 
@@ -303,7 +341,8 @@ def capacity_bound(scenario: Scenario) -> float:
             items.append(
                 (opens - s.lookback, opens + s.challenge_window - s.submit_margin, s.snark.mean)
             )
-    ratio = _intervals_max_ratio(items, s.gpus)  # at one partition per miner per deadline
+    # at one partition per miner per deadline
+    ratio = _intervals_max_ratio(items, s.gpu_capacity())
     return s.miners / ratio
 
 
@@ -314,7 +353,10 @@ def realized_capacity_bound(scenario: Scenario) -> int:
 
     def fits(total: int) -> bool:
         return (
-            realized_overload(generate(scenario.with_total_partitions(total)), scenario.gpus) <= 1
+            realized_overload(
+                generate(scenario.with_total_partitions(total)), scenario.gpu_capacity()
+            )
+            <= 1
         )
 
     lo, hi = 0, max(1, math.ceil(capacity_bound(scenario)))
@@ -329,11 +371,13 @@ def realized_capacity_bound(scenario: Scenario) -> int:
     return lo
 
 
-def realized_overload(workload: Workload, gpus: int) -> float:
+def realized_overload(workload: Workload, capacity: float) -> float:
     """For these very draws: the largest work/time ratio over all (release, due) intervals of
-    WindowPoSt SNARK work. Above 1.0 no schedule can meet every deadline."""
+    WindowPoSt SNARK work, on GPUs doing `capacity` seconds of work per second (the number of
+    GPUs when all have speed 1; `Scenario.gpu_capacity`). Above 1.0 no schedule can meet every
+    deadline."""
     items = [(j.release, j.due, j.gpu_work) for j in workload.jobs if j.stage == WINDOW_POST]
-    return _intervals_max_ratio(items, gpus) if items else 0.0
+    return _intervals_max_ratio(items, capacity) if items else 0.0
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -342,9 +386,10 @@ def realized_overload(workload: Workload, gpus: int) -> float:
 class _Gpu:
     """A processor-sharing GPU; each lock domain (a TMPDIR) puts one proof at a time on it."""
 
-    def __init__(self, index: int, horizon: float) -> None:
+    def __init__(self, index: int, horizon: float, speed: float = 1.0) -> None:
         self.index = index
         self.horizon = horizon
+        self.speed = speed  # WindowPoSt SNARKs take gpu_work / speed seconds alone on it
         self.domains: dict[str, deque[SimJob]] = {}
         self.remaining: dict[int, float] = {}
         self.last = 0.0
@@ -366,7 +411,11 @@ class _Gpu:
     def add(self, job: SimJob, domain: str, now: float) -> None:
         self.advance(now)
         self.domains.setdefault(domain, deque()).append(job)
-        self.remaining[job.job_id] = job.gpu_work
+        self.remaining[job.job_id] = self.work(job)
+
+    def work(self, job: SimJob) -> float:
+        """Seconds `job` takes alone on this GPU (WinningPoSt's few seconds are not scaled)."""
+        return job.gpu_work / self.speed if job.stage == WINDOW_POST else job.gpu_work
 
     def remove(self, job: SimJob, now: float) -> None:
         self.advance(now)
@@ -420,7 +469,9 @@ class _Engine:
         self.policy = policy
         self.jobs = {j.job_id: j for j in workload.jobs}
         self.horizon = scenario.horizon()
-        self.gpus = [_Gpu(g, self.horizon) for g in range(scenario.gpus)]
+        self.gpus = [
+            _Gpu(g, self.horizon, speed) for g, speed in enumerate(scenario.gpu_speeds())
+        ]
         self.slots = {s.child_id: s for s in _deployment(policy, scenario.gpus)}
         self.heap: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
@@ -564,7 +615,9 @@ class _Engine:
             self.to_gpu(job)
 
     def fill_gpus(self) -> None:
-        for gpu in self.gpus:
+        # The fastest idle GPU first: the yardsticks know each GPU's speed (a scheduler learns it
+        # from the SNARK times it sees).
+        for gpu in sorted(self.gpus, key=lambda g: (-g.speed, g.index)):
             if not gpu.domains.get(f"tmp-wd{gpu.index}") and self.ready_snarks:
                 *_, job_id = heapq.heappop(self.ready_snarks)
                 job = self.jobs[job_id]
@@ -606,7 +659,8 @@ class _Engine:
         assert self.scheduler is not None
         gpu = self.gpus[self.slots[job.child].gpu]
         gpu.advance(self.now)
-        fraction = 1.0 - gpu.remaining[job.job_id] / job.gpu_work if job.gpu_work > 0 else 0.0
+        work = gpu.work(job)
+        fraction = 1.0 - gpu.remaining[job.job_id] / work if work > 0 else 0.0
         done = max(0, min(self._STEPS, math.floor(fraction * self._STEPS)))
         self.scheduler.progress(job.job_id, "snark", done, self._STEPS, self.now)
         self.decide()
@@ -832,10 +886,16 @@ def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
         if isinstance(s.offsets, str)
         else "offsets " + ",".join(f"{o:g}s" for o in s.offsets)
     )
+    jitter = ""
+    if s.snark_model != "partition":
+        speeds = s.gpu_speeds()[:1] if s.snark_model == "machine" else s.gpu_speeds()
+        times = "/".join(f"{s.snark.mean / v:.0f}s" for v in speeds)
+        jitter = f": {times}, +-{s.snark_jitter:.0%}"
     return (
         f"{s.miners} miners ({offsets}), {s.gpus} GPUs, {s.total_partitions} partitions per "
         f"deadline ({','.join(map(str, s.partitions))} per miner), {s.hours:g} h, seed {s.seed}; "
-        f"SNARK {s.snark.low:g}-{s.snark.high:g}s (progress every {s.progress_interval:g}s), "
+        f"SNARK {s.snark.low:g}-{s.snark.high:g}s ({s.snark_model} model{jitter}; "
+        f"progress every {s.progress_interval:g}s), "
         f"vanilla {s.vanilla.low:g}-{s.vanilla.high:g}s, "
         f"WinningPoSt {s.winning_gpu.low:g}-{s.winning_gpu.high:g}s at "
         f"{s.winning_rate:g}/h/miner, submit margin {s.submit_margin:g}s.\n"
@@ -855,7 +915,9 @@ def report(scenario: Scenario, results: dict[str, PolicyResult]) -> dict[str, An
         "scenario": sc,
         "capacity_bound_partitions": round(bound, 3),
         "load_fraction_of_bound": round(scenario.total_partitions / bound, 4),
-        "realized_overload": round(realized_overload(generate(scenario), scenario.gpus), 4),
+        "realized_overload": round(
+            realized_overload(generate(scenario), scenario.gpu_capacity()), 4
+        ),
         "results": {name: asdict(r) for name, r in results.items()},
     }
 
