@@ -1,5 +1,3 @@
 """damocles-ext: a supervisor for Filecoin PoSt prover processes."""
 
 __version__ = "0.1.0"
-
-STAGES = ("window_post", "winning_post")

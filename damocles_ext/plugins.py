@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 TRACE_ENV = "DAMOCLES_EXT_TRACE_HOOKS"
-STAGES = ("window_post", "winning_post")
 
 
 class PluginError(UsageError):

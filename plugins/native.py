@@ -151,7 +151,7 @@ class NativePoStProver:
                     )
                 with self._gpu_section(progress, cancel):
                     if isinstance(task, WindowPoStSnark):
-                        return split.snark_step(prover.verify, task, progress)
+                        return split.snark_step(prover.verify, task, progress, cancel)
                     return prover.prove(task, progress, cancel)
             except PoStCancelled:
                 cancel.check()

@@ -30,7 +30,7 @@ class PythonRefProver:
                     lambda t: reference.window_post(t, progress, cancel), task
                 )
             if isinstance(task, WindowPoStSnark):
-                return split.snark_step(verify.verify, task, progress)
+                return split.snark_step(verify.verify, task, progress, cancel)
             return reference.winning_post(task, progress, cancel)
         except PoStCancelled:
             cancel.check()

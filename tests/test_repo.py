@@ -62,3 +62,12 @@ def test_check_config_takes_the_file_as_an_argument_too(capsys):
 
     assert cli.main(["check-config", str(ROOT / "ext-prover.cfg.example")]) == 0
     assert "window_post#0" in capsys.readouterr().out
+
+
+def test_the_clis_stage_lists_agree_with_the_task_types():
+    # The commands keep their own copies so that the CLI starts without importing msgspec.
+    from damocles_ext import tasks
+    from damocles_ext.commands import child, prove, serve, verify
+
+    assert serve.STAGES == prove.STAGES == verify.STAGES == tasks.POST_STAGES
+    assert child.STAGES == tasks.STAGES

@@ -78,6 +78,28 @@ def test_the_snark_step_refuses_vanilla_proofs_that_do_not_prove_the_task(manife
         split.snark_step(verify, snark_task(other_seed, vanilla))
 
 
+def test_the_snark_step_stops_when_its_request_is_cancelled(manifest):
+    from damocles_ext.hookspecs import CancelToken
+    from damocles_ext.post import PoStCancelled
+
+    task = fixture_task(manifest, SEED)
+    step = snark_task(task, split.vanilla_step(reference.window_post, split_window_post(task)))
+    cancel = CancelToken()
+    cancel.cancel("deadline")
+    with pytest.raises(PoStCancelled, match="cancelled before the SNARK step"):
+        split.snark_step(verify, step, cancel=cancel)
+    # cancelled while the proofs are checked: no answer is made
+    late = CancelToken()
+
+    def verify_then_cancel(t, out):
+        verify(t, out)
+        late.cancel("deadline")
+
+    with pytest.raises(PoStCancelled, match="cancelled after checking the vanilla proofs"):
+        split.snark_step(verify_then_cancel, step, cancel=late)
+    assert split.snark_step(verify, step, cancel=CancelToken()).proofs
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-#: The PoSt stages and the two steps of a split WindowPoSt (damocles_ext.tasks.STAGES).
+#: The PoSt stages and the two steps of a split WindowPoSt (damocles_ext.tasks.STAGES; a copy, so
+#: that the CLI starts without msgspec: tests/test_repo.py checks they agree).
 STAGES = ("window_post", "winning_post", "window_post_vanilla", "window_post_snark")
 LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
 

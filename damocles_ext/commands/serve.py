@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
 
+#: The PoSt stages a request names (damocles_ext.tasks.POST_STAGES; kept here so that the CLI
+#: starts without importing msgspec; tests/test_repo.py checks they agree).
 STAGES = ("window_post", "winning_post")
 DEFAULT_SHUTDOWN_GRACE = 30.0
 log = logging.getLogger("damocles_ext.serve")

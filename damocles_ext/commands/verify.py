@@ -9,10 +9,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from .serve import STAGES
+
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output
-
-STAGES = ("window_post", "winning_post")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

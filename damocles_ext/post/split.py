@@ -15,6 +15,7 @@ the SNARK step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..tasks import (
     WindowPoSt,
@@ -24,7 +25,7 @@ from ..tasks import (
     WindowPoStVanilla,
     WindowPoStVanillaOutput,
 )
-from .errors import InvalidTaskError, VerifyError
+from .errors import InvalidTaskError, PoStCancelled, VerifyError
 
 ProveWindow = Callable[[WindowPoSt], WindowPoStOutput]
 Progress = Callable[[str, int, int], None]
@@ -43,10 +44,15 @@ def vanilla_step(prove: ProveWindow, task: WindowPoStVanilla) -> WindowPoStVanil
 
 
 def snark_step(
-    verify: VerifyWindow, task: WindowPoStSnark, progress: Progress | None = None
+    verify: VerifyWindow,
+    task: WindowPoStSnark,
+    progress: Progress | None = None,
+    cancel: Any = None,
 ) -> WindowPoStSnarkOutput:
     """Check the vanilla proofs of `task` with `verify` and pass them on as its proofs; reports
-    the phase "snark" (0/1, then 1/1) to `progress`."""
+    the phase "snark" (0/1, then 1/1) to `progress`. Raises PoStCancelled if `cancel` (anything
+    with a `cancelled` flag) is set before the check or before the answer."""
+    _stop_if_cancelled(cancel, "before the SNARK step")
     if progress:
         progress("snark", 0, 1)
     if task.faults:
@@ -58,6 +64,12 @@ def snark_step(
         verify(whole(task), WindowPoStOutput(proofs=task.vanilla_proofs, faults=[]))
     except VerifyError as exc:
         raise VerifyError(f"the vanilla proofs do not prove the task: {exc}") from None
+    _stop_if_cancelled(cancel, "after checking the vanilla proofs")
     if progress:
         progress("snark", 1, 1)
     return WindowPoStSnarkOutput(proofs=list(task.vanilla_proofs))
+
+
+def _stop_if_cancelled(cancel: Any, when: str) -> None:
+    if cancel is not None and cancel.cancelled:
+        raise PoStCancelled(f"cancelled {when}")
