@@ -86,6 +86,7 @@ import itertools
 import math
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -359,12 +360,18 @@ def realized_capacity_bound(scenario: Scenario) -> int:
             <= 1
         )
 
-    lo, hi = 0, max(1, math.ceil(capacity_bound(scenario)))
-    while fits(hi):
+    return _highest(fits, max(1, math.ceil(capacity_bound(scenario))))
+
+
+def _highest(ok: Callable[[int], bool], guess: int) -> int:
+    """The largest whole load n >= 0 with ok(n), by doubling `guess` while ok, then bisection
+    (0 if ok holds for no positive load). Assumes ok is monotone: true, then false."""
+    lo, hi = 0, guess
+    while ok(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(mid):
+        if ok(mid):
             lo = mid
         else:
             hi = mid
@@ -814,17 +821,8 @@ def max_missfree_load(
         r = cache[total]
         return (r.missed if winning else r.wdpost_deadlines_missed) == 0
 
-    lo = 0
-    hi = upper if upper is not None else max(2, math.ceil(capacity_bound(scenario) * 1.25))
-    while ok(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    guess = upper if upper is not None else max(2, math.ceil(capacity_bound(scenario) * 1.25))
+    return _highest(ok, guess)
 
 
 def bisect_report(scenario: Scenario, policies: list[str] | tuple[str, ...]) -> dict[str, Any]:
