@@ -289,6 +289,7 @@ def main() -> None:
                     "met": c_missed == 0,
                 }
             )
+
     def median_of(m: dict, policy: str) -> float:
         return m["policies"][policy]["median_fraction_of_bound"]
 

@@ -97,6 +97,7 @@ def test_snark_models_put_the_spread_where_it_comes_from():
     mixed = replace(base, snark_model="gpu")
     assert len(set(mixed.gpu_speeds())) == 4
     assert replace(mixed, gpus=5).gpu_speeds()[:4] == mixed.gpu_speeds()
+    assert replace(base, gpus=8).gpu_speeds()[:4] == base.gpu_speeds()  # the same machine
     assert all(180 <= 360 / v <= 540 for v in mixed.gpu_speeds())
     # the capacity bound counts the speeds (the sum of what the GPUs do per second)
     for sc in (base, mixed):
@@ -105,7 +106,7 @@ def test_snark_models_put_the_spread_where_it_comes_from():
         replace(base, snark_model="card").gpu_speeds()
 
 
-@pytest.mark.parametrize("policy", ["reference", "damocles-ext", "damocles"])
+@pytest.mark.parametrize("policy", sorted(simulator.POLICIES))
 def test_a_gpu_of_speed_v_runs_a_snark_in_work_over_v(policy):
     # One machine drawn from 300-900 s: its speed v = 600 s / its draw. A job of 600 s of work
     # (the mean GPU's time) runs on it in 600 / v s after its 60 s vanilla phase.
@@ -115,6 +116,65 @@ def test_a_gpu_of_speed_v_runs_a_snark_in_work_over_v(policy):
     seen = Workload((wd_job(0, 60.0, 600.0),))
     run_workload(sc, seen, policy)
     assert seen.jobs[0].finish == pytest.approx(60 + 600 / speed, abs=1)
+
+
+def test_progress_reports_count_the_gpus_speed():
+    # The timeline of test_pipelined_scheduler_holds_a_job_for_the_gpu_that_frees_first on a
+    # machine of speed v, each job's work scaled by v so that its times stay the same: the
+    # scheduler's estimate of when wd0 frees comes from done/total, which must count v.
+    two = replace(
+        TINY, gpus=2, progress_interval=10.0, snark=Uniform(300, 900), snark_model="machine"
+    )
+    v = two.gpu_speeds()[0]
+    assert abs(v - 1) > 0.3
+    seen = Workload(
+        (
+            wd_job(0, 60, 900 * v),
+            wd_job(1, 60, 300 * v),
+            replace(wd_job(2, 60, 600 * v), release=400.0),
+            replace(wd_job(3, 60, 1100 * v), release=500.0),
+        )
+    )
+    r = run_workload(two, seen, "damocles-ext")
+    assert seen.jobs[3].child == "wd0" and seen.jobs[3].start == pytest.approx(900, abs=1)
+    assert r.wdpost_deadlines_missed == 0 and r.min_slack == pytest.approx(40, abs=1)
+
+
+@pytest.mark.parametrize("policy", ["reference", "clairvoyant"])
+def test_the_yardsticks_give_a_ready_snark_to_the_fastest_idle_gpu(policy):
+    mixed = replace(TINY, gpus=2, snark=Uniform(300, 900), snark_model="gpu")
+    speeds = mixed.gpu_speeds()
+    fastest = speeds.index(max(speeds))
+    assert fastest != 0 and max(speeds) > 1.2 * min(speeds)  # not the first GPU by index
+    seen = Workload((wd_job(0, 60.0, 600.0),))
+    run_workload(mixed, seen, policy)
+    assert seen.jobs[0].child == f"wd{fastest}"
+    assert seen.jobs[0].finish == pytest.approx(60 + 600 / max(speeds))
+
+
+def test_the_report_measures_overload_against_the_gpus_speeds():
+    sc = Scenario(gpus=2, partitions=(2, 2), hours=2, snark_model="gpu")
+    assert sc.gpu_capacity() != pytest.approx(2)
+    doc = simulator.report(sc, simulate(sc, ["reference"]))
+    expected = simulator.realized_overload(generate(sc), sc.gpu_capacity())
+    assert doc["realized_overload"] == round(expected, 4)
+
+
+def test_winning_post_takes_its_own_gpu_time_on_any_machine():
+    # WinningPoSt's 2-6 s are not scaled by the machine's WindowPoSt SNARK speed.
+    sc = replace(TINY, snark=Uniform(300, 900), snark_model="machine")
+    assert sc.gpu_speeds()[0] != pytest.approx(1)
+    for policy in ("damocles-ext", "reference", "damocles"):
+        seen = Workload((SimJob(0, WIN, 0, -1, 100.0, 120.0, 0.0, 4.0),))
+        run_workload(sc, seen, policy)
+        assert seen.jobs[0].finish == pytest.approx(104)
+
+
+def test_scenario_refuses_values_that_make_no_sense():
+    with pytest.raises(ValueError, match="snark_jitter must be at least 0 and below 1"):
+        Scenario(snark_jitter=1.5)
+    with pytest.raises(ValueError, match="snark's low end must be above 0"):
+        Scenario(snark=Uniform(0, 0))
 
 
 def test_one_child_per_gpu_runs_vanilla_and_snark_back_to_back():
@@ -293,6 +353,10 @@ def test_simulate_command_prints_json(capsys):
         (["--progress-interval", "often"], "--progress-interval: 'often' is not a duration"),
         (["--snark-model", "card"], "--snark-model: 'card' is not one of machine, gpu, partition"),
         (["--snark-jitter", "1.5"], "--snark-jitter must be at least 0 and below 1"),
+        (["--snark-jitter", "nan"], "--snark-jitter must be at least 0 and below 1"),
+        (["--snark-model", "partition", "--snark-jitter", "0.1"], "applies to the machine and gpu"),
+        (["--snark", "0-0"], "--snark: a SNARK takes time; the low end must be above 0"),
+        (["--snark", "0-3m", "--snark-model", "partition"], "the low end must be above 0"),
     ],
 )
 def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):

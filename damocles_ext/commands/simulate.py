@@ -62,9 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--snark-jitter",
         type=float,
-        default=0.05,
         help="machine and gpu models: a partition's SNARK takes its GPU's time within +- this "
-        "fraction (default 0.05)",
+        "fraction (default 0.05, an assumption: see the README)",
     )
     parser.add_argument("--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH")
     parser.add_argument("--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH")
@@ -166,9 +165,20 @@ def build_scenario(args: argparse.Namespace):
         raise UsageError(
             f"--snark-model: {args.snark_model!r} is not one of {', '.join(SNARK_MODELS)}"
         )
-    if not 0 <= args.snark_jitter < 1:
+    jitter = 0.05 if args.snark_jitter is None else args.snark_jitter
+    if not 0 <= jitter < 1:
         raise UsageError(
-            f"--snark-jitter must be at least 0 and below 1 (a fraction), got {args.snark_jitter:g}"
+            f"--snark-jitter must be at least 0 and below 1 (a fraction), got {jitter:g}"
+        )
+    if args.snark_jitter is not None and args.snark_model == "partition":
+        raise UsageError(
+            "--snark-jitter applies to the machine and gpu models; with --snark-model partition "
+            "each partition's SNARK time is drawn from --snark alone"
+        )
+    snark = _range(args.snark, "--snark")
+    if not snark.low > 0:
+        raise UsageError(
+            f"--snark: a SNARK takes time; the low end must be above 0, got {args.snark!r}"
         )
     margin = _seconds(args.submit_margin, "--submit-margin")
     if margin >= 1800:
@@ -181,9 +191,9 @@ def build_scenario(args: argparse.Namespace):
         seed=args.seed,
         submit_margin=margin,
         vanilla=_range(args.vanilla, "--vanilla"),
-        snark=_range(args.snark, "--snark"),
+        snark=snark,
         snark_model=args.snark_model,
-        snark_jitter=args.snark_jitter,
+        snark_jitter=jitter,
         winning_gpu=_range(args.winning, "--winning"),
         winning_rate=args.winning_rate,
         progress_interval=_seconds(args.progress_interval, "--progress-interval"),

@@ -174,6 +174,20 @@ class Scenario:
     winning_rate: float = 2.0  # WinningPoSt arrivals per hour per miner (Poisson)
     progress_interval: float = 30.0  # (c): seconds between SNARK progress reports; 0: phase only
 
+    def __post_init__(self) -> None:
+        if self.snark_model not in SNARK_MODELS:
+            raise ValueError(
+                f"snark_model must be one of {', '.join(SNARK_MODELS)}, not {self.snark_model!r}"
+            )
+        if not self.snark.low > 0:
+            raise ValueError(
+                f"a SNARK takes time: snark's low end must be above 0, not {self.snark.low:g}"
+            )
+        if not 0 <= self.snark_jitter < 1:
+            raise ValueError(
+                f"snark_jitter must be at least 0 and below 1, not {self.snark_jitter:g}"
+            )
+
     @property
     def miners(self) -> int:
         return len(self.partitions)
@@ -203,10 +217,6 @@ class Scenario:
     def gpu_speeds(self) -> tuple[float, ...]:
         """Each GPU's speed relative to one with the mean SNARK time of `snark`: 1.0 for every
         GPU in the "partition" model, else the mean over the GPU's drawn SNARK time."""
-        if self.snark_model not in SNARK_MODELS:
-            raise ValueError(
-                f"snark_model must be one of {', '.join(SNARK_MODELS)}, not {self.snark_model!r}"
-            )
         if self.snark_model == "partition":
             return (1.0,) * self.gpus
         if self.snark_model == "machine":
@@ -476,9 +486,7 @@ class _Engine:
         self.policy = policy
         self.jobs = {j.job_id: j for j in workload.jobs}
         self.horizon = scenario.horizon()
-        self.gpus = [
-            _Gpu(g, self.horizon, speed) for g, speed in enumerate(scenario.gpu_speeds())
-        ]
+        self.gpus = [_Gpu(g, self.horizon, speed) for g, speed in enumerate(scenario.gpu_speeds())]
         self.slots = {s.child_id: s for s in _deployment(policy, scenario.gpus)}
         self.heap: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
