@@ -116,6 +116,11 @@ def bisect_cases() -> list[tuple[str, str, Scenario]]:
             for seed in SEEDS:
                 base = Scenario(gpus=gpus, partitions=(1,) * 4, seed=seed, snark_model=model)
                 cases.append((f"colliding, {gpus} GPUs, {model}", f"seed {seed}", base))
+    # How much the machine model's result owes to its assumed +-5% per-partition jitter.
+    for jitter in (0.10, 0.20):
+        for seed in SEEDS:
+            base = Scenario(gpus=4, partitions=(1,) * 4, seed=seed, snark_jitter=jitter)
+            cases.append((f"colliding, 4 GPUs, machine +-{jitter:.0%}", f"seed {seed}", base))
     for seed in (1, 2, 3):
         base = Scenario(gpus=4, partitions=(1,) * 4, offsets="spread", seed=seed)
         cases.append(("spread, 4 GPUs, machine", f"seed {seed}", base))
@@ -308,7 +313,9 @@ def main() -> None:
             "cs_median_fraction_of_bound": median_of(m, "damocles-ext-split"),
             "reference_median_fraction_of_bound": median_of(m, "reference"),
             "clairvoyant_median_fraction_of_bound": median_of(m, "clairvoyant"),
-            "met": max(median_of(m, "damocles-ext"), median_of(m, "damocles-ext-split")) >= 0.9,
+            # The goal names (c); the split deployment (cs) is reported beside it.
+            "met": median_of(m, "damocles-ext") >= 0.9,
+            "cs_met": median_of(m, "damocles-ext-split") >= 0.9,
         }
         for m in median_docs
     ]
@@ -319,7 +326,7 @@ def main() -> None:
             f"  {g['scenario']} at {g['load']:.0%}: a missed {g['a_missed']}, "
             f"c missed {g['c_missed']} -> {'met' if g['met'] else 'NOT met'}"
         )
-    print("Goal 2 (damocles-ext miss-free to >= 90% of the bound; median over seeds):")
+    print("Goal 2 ((c) miss-free to >= 90% of the bound; median over seeds; cs beside it):")
     for g in goal2:
         print(
             f"  {g['scenario']}: c {g['c_median_fraction_of_bound']:.1%}, "
@@ -329,7 +336,7 @@ def main() -> None:
             f"c {g['c_seeds_at_90_percent']}/{g['seeds']}, "
             f"cs {g['cs_seeds_at_90_percent']}/{g['seeds']}, "
             f"clairvoyant {g['clairvoyant_seeds_at_90_percent']}/{g['seeds']} -> "
-            f"{'met' if g['met'] else 'NOT met'}"
+            f"{'met' if g['met'] else 'NOT met'} (cs: {'met' if g['cs_met'] else 'NOT met'})"
         )
     elapsed = time.perf_counter() - started
     path = save_results(
