@@ -122,6 +122,31 @@ async def test_a_child_exiting_right_after_ready_backs_off_to_the_cap_then_is_fa
     assert cpu < 0.25 * wall
 
 
+async def test_a_ready_message_followed_at_once_by_an_exit_is_always_a_ready_start(caplog):
+    # The supervisor may see the exit before it has read the ready message from the pipe. The
+    # start still succeeded: every one of these runs is an exit after ready, none a failed start
+    # ("before its ready message"), so the child is FATAL after exactly max_failed_starts runs.
+    caplog.set_level(logging.INFO, "damocles_ext.supervisor")
+    quitter = python_child(
+        """
+        import sys
+        sys.stdout.write("window_post processor ready\\n")
+        sys.stdout.flush()
+        sys.exit(3)
+        """
+    )
+    runs = 30
+    policy = BackoffPolicy(base=0.001, cap=0.002, jitter=0.0, max_failed_starts=runs)
+    sup = Supervisor([spec(quitter)], backoff=policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await wait_until(lambda: child_stats(sup).state == "fatal", 60, "FATAL")
+        sup.request_shutdown()
+    assert "before its ready message" not in caplog.text
+    assert f"FATAL: exited {runs} times in a row after its ready message" in caplog.text
+    assert child_stats(sup).restarts == runs - 1
+
+
 def test_exits_after_serving_or_after_a_stable_run_never_add_up_to_fatal():
     from damocles_ext.supervisor.restart import GiveUp, RestartTracker
 

@@ -1205,6 +1205,19 @@ class Supervisor:
                 self._mark_down(child, p, "failed start")
                 p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
                 return False
+        exited = not child.stop.is_set() and (p.down_reason or "").startswith("exited")
+        if exited and not p.conn.ready:
+            # The exit can be seen before what the child wrote just before it: read the pipe to
+            # its end first (briefly: a process it left outside its group may hold it open).
+            with trio.move_on_after(_PIPE_DRAIN_TIMEOUT):
+                try:
+                    while not p.conn.ready:
+                        data = await _receive(p.proc.stdout)
+                        if not data:
+                            break
+                        events = p.conn.receive_data(data)
+                except ChildProtocolError:
+                    pass  # a failed start either way; the exit says more (below)
         if not p.conn.ready:
             wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
             if p.down_reason is None:
@@ -1214,6 +1227,13 @@ class Supervisor:
             elif p.down_reason.startswith("exited"):
                 p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
             return False
+        if exited:
+            # It wrote its ready message and exited before it was acted on: its start succeeded
+            # and the run after it failed, which the restart rules count as an exit after ready
+            # (not as a failed start). It never takes a request.
+            child.tracker.ready(trio.current_time())
+            log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
+            return True
         if child.stop.is_set() or p.down_reason is not None:
             self._mark_down(child, p, "stopped before it was ready")
             return False
