@@ -1,6 +1,6 @@
 """Simulated proving days: damocles' dispatch (a, b) against damocles-ext's Scheduler (c, c0, cs).
 
-Run: .venv/bin/python -m bench.bench_simulate   (uses every CPU; about 6 minutes on 2 cores)
+Run: .venv/bin/python -m bench.bench_simulate   (uses every CPU; about 8 minutes on 2 cores)
 Every policy runs the same draws (seed per row). Goals (issue 5): in colliding-window scenarios
 where (a) misses at least one deadline or budget, (c) misses none; and (c) stays miss-free up to at
 least 90% of the capacity bound (found by bisection over partitions per deadline). (c) has children
@@ -12,7 +12,7 @@ every SNARK's duration in advance (longest first).
 
 SNARK times come from 3-9 min in three ways (simulator.SNARK_MODELS): "machine" (the default: one
 GPU model per machine, each seed another machine), "gpu" (mixed GPUs in one machine) and
-"partition" (every partition drawn on its own: a packing stress case, not how GPUs behave). Each
+"partition" (every partition drawn on its own: the packing stress case). Each
 model runs twelve seeds with 4 and with 8 GPUs. Bisection on one seed is noisy (a whole partition
 is 3-7% of the bound with 4 GPUs), so the median over seeds is the figure to quote, with the count
 of seeds reaching 90%. In the partition model, where the bound is the same for every seed, every

@@ -54,11 +54,11 @@ The model, stated plainly so its limits are clear:
   scheduler's policy fails a request whose deadline passes in the queue and cancels a running one
   at its deadline (the cancel takes effect at once here; the real grace period is ignored).
 * SNARK times (`SNARK_MODELS`). A WindowPoSt partition's SNARK is one fixed circuit (~125M
-  constraints), so how long it takes is a property of the GPU; the public 3-9 minutes span
-  different GPUs. The default "machine" model draws one SNARK time from `snark` per run (per
+  constraints), so how long it takes is mostly a property of the GPU; we read the public 3-9
+  minutes as a spread across GPUs (an assumption: no source says so). The default "machine" model draws one SNARK time from `snark` per run (per
   seed: each seed is another machine, all its GPUs of one model) and each partition takes it
-  within +-`snark_jitter`. "gpu" draws one per GPU (a machine of mixed GPUs). "partition" draws
-  each partition's time on its own, whatever GPU runs it: not how GPUs behave, but a stress case
+  within +-`snark_jitter` (assumed 5%, not measured). "gpu" draws one per GPU (a machine of mixed
+  GPUs). "partition" draws each partition's time on its own, whatever GPU runs it: the stress case
   for packing (an unforeseeable 3-9 min job can end a deadline's work). A job's `gpu_work` is its
   time on a GPU of the mean SNARK time; a GPU of speed v runs it in gpu_work / v.
 * Duration draws are keyed by (seed, miner, deadline, partition), and GPU speeds by (seed, GPU),
@@ -115,15 +115,15 @@ POLICIES: dict[str, str] = {
     "clairvoyant": "not deployable: the reference knowing every SNARK's duration in advance "
     "(longest first among equal deadlines)",
 }
-#: Where the spread of SNARK times comes from. A partition's SNARK is one fixed circuit (~125M
-#: constraints), so its time is a property of the GPU: the public 3-9 min span different GPUs.
+#: Where the spread of SNARK times comes from (see the module notes: the default reads the public
+#: 3-9 min as a spread across GPUs, since a partition's SNARK is one fixed circuit).
 SNARK_MODELS: dict[str, str] = {
     "machine": "one GPU model per machine: its SNARK time is drawn from --snark once per run "
     "(per seed), and each partition takes it within +-jitter",
     "gpu": "mixed GPUs: each GPU's SNARK time is drawn from --snark, each partition within "
     "+-jitter of its GPU's",
     "partition": "each partition's SNARK time drawn from --snark independently (whatever GPU): "
-    "not physical, a stress case for packing",
+    "the stress case for packing",
 }
 DEFAULT_POLICIES = ("damocles", "damocles-c2", "damocles-ext")
 POLICY_ALIASES = {
