@@ -1192,32 +1192,27 @@ class Supervisor:
         timeout = spec.ready_timeout or 5.0
         events: list[Any] = []
         data = b""
-        with p.handshake_scope:
-            p.handshake_scope.deadline = trio.current_time() + timeout
-            try:
+        exited = False
+        try:
+            with p.handshake_scope:
+                p.handshake_scope.deadline = trio.current_time() + timeout
                 while not p.conn.ready:
                     data = await _receive(p.proc.stdout)
                     events = p.conn.receive_data(data)
-            except ChildProtocolError as exc:
-                if data:
-                    what = f"undecodable output at start: {exc}"
-                    report_bad_output(child.name, p.proc.pid, data, what)
-                self._mark_down(child, p, "failed start")
-                p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
-                return False
-        exited = not child.stop.is_set() and (p.down_reason or "").startswith("exited")
-        if exited and not p.conn.ready:
-            # The exit can be seen before what the child wrote just before it: read the pipe to
-            # its end first (briefly: a process it left outside its group may hold it open).
-            with trio.move_on_after(_PIPE_DRAIN_TIMEOUT):
-                try:
-                    while not p.conn.ready:
-                        data = await _receive(p.proc.stdout)
-                        if not data:
-                            break
-                        events = p.conn.receive_data(data)
-                except ChildProtocolError:
-                    pass  # a failed start either way; the exit says more (below)
+            exited = not child.stop.is_set() and (p.down_reason or "").startswith("exited")
+            if exited:
+                # The exit can be seen before what the child wrote just before it. It is reaped,
+                # so all it wrote is in the pipe: read what is there, without waiting for more.
+                fd = p.proc.stdout.fileno()
+                while not p.conn.ready and (data := _read_now(fd)):
+                    events = p.conn.receive_data(data)
+        except ChildProtocolError as exc:
+            if data:
+                what = f"undecodable output at start: {exc}"
+                report_bad_output(child.name, p.proc.pid, data, what)
+            self._mark_down(child, p, "failed start")
+            p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
+            return False
         if not p.conn.ready:
             wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
             if p.down_reason is None:
@@ -1230,7 +1225,8 @@ class Supervisor:
         if exited:
             # It wrote its ready message and exited before it was acted on: its start succeeded
             # and the run after it failed, which the restart rules count as an exit after ready
-            # (not as a failed start). It never takes a request.
+            # (not as a failed start). It never takes a request: not ready for the scheduler,
+            # status or observers (no dext_child_ready).
             child.tracker.ready(trio.current_time())
             log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
             return True
@@ -1624,6 +1620,14 @@ def _stderr_summary(lines: Iterable[str]) -> str:
 def _short_argv(spec: Any) -> str:
     text = describe_argv(spec) if hasattr(spec, "plugin_options") else " ".join(spec.argv)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _read_now(fd: int) -> bytes:
+    """What a non-blocking pipe holds now: b"" when it is empty, at EOF, or broken."""
+    try:
+        return os.read(fd, _READ_SIZE)
+    except OSError:  # BlockingIOError (empty) among them
+        return b""
 
 
 async def _receive(stream: trio.lowlevel.FdStream) -> bytes:
