@@ -9,11 +9,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from post_helpers import sectors
 
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import CancelToken
 from damocles_ext.post import InvalidTaskError, PoStCancelled, SectorFaultError
-from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
+from damocles_ext.post.fixtures import window_task, winning_task
 from damocles_ext.post.native import NativeLoadError, NativeProver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +84,7 @@ def stub_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return load_manifest(
-        create_sectors(
-            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1", 5, 1000, random_seed=3
-        )
-    )
+    return sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1", 5, random_seed=3)
 
 
 def test_builtin_library_speaks_abi_version_1():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 from child_harness import Child
+from post_helpers import sectors, sectors_with_a_short_one
 from damocles_ext_plugins.native import NativePoStProver
 from damocles_ext_plugins.native import validate_options as native_problems
 
 from damocles_ext.hookspecs import Cancelled, CancelToken
-from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
+from damocles_ext.post.fixtures import window_task, winning_task
 from damocles_ext.post.verify import verify
 from damocles_ext.protocol import dext
 
@@ -17,11 +18,7 @@ SEED = bytes(range(32))
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return load_manifest(
-        create_sectors(
-            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, 1000, random_seed=4
-        )
-    )
+    return sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, random_seed=4)
 
 
 @pytest.mark.parametrize("plugin", ["native", "python-ref"])
@@ -43,8 +40,7 @@ def test_child_serves_verifiable_proofs_of_both_stages(manifest, plugin):
 
 
 def test_both_provers_answer_a_faulty_sector_alike_through_the_child(manifest, tmp_path):
-    m = load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 5, random_seed=9))
-    (tmp_path / "sealed" / "s-t05-2").write_bytes(b"short")
+    m = sectors_with_a_short_one(tmp_path)
     task = window_task(m, SEED)
     answers = []
     for plugin in ("native", "python-ref"):

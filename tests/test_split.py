@@ -12,6 +12,7 @@ import time
 
 import pytest
 import trio
+from post_helpers import sectors, sectors_with_a_short_one
 from supervisor_helpers import builtin_child, spec, window_task
 from test_scheduling_real import Gate, Recorder, child_log, gated, submit_in_order
 
@@ -20,7 +21,6 @@ from damocles_ext.config import ConfigError, load_config, parse_config
 from damocles_ext.errors import ProverError
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.post import VerifyError, reference, split
-from damocles_ext.post.fixtures import create_sectors, load_manifest
 from damocles_ext.post.fixtures import window_task as fixture_task
 from damocles_ext.post.verify import verify
 from damocles_ext.protocol import dext
@@ -40,11 +40,7 @@ SEED = bytes(range(32))
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return load_manifest(
-        create_sectors(
-            tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, 1000, random_seed=5
-        )
-    )
+    return sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, random_seed=5)
 
 
 def write_config(tmp_path, text: str):
@@ -206,8 +202,7 @@ async def test_a_split_window_post_answers_the_whole_proof_through_real_children
 
 
 async def test_faults_found_by_the_vanilla_step_are_the_answer_without_a_snark(tmp_path):
-    m = load_manifest(create_sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, 5, random_seed=9))
-    (tmp_path / "sealed" / "s-t05-2").write_bytes(b"short")
+    m = sectors_with_a_short_one(tmp_path)
     children = [
         spec(builtin_child(VAN, "python-ref"), stage=VAN),
         spec(builtin_child(SNARK, "python-ref"), stage=SNARK),
