@@ -63,6 +63,7 @@ class _DextCodec:
 
         self._dext = dext
         self._decoder = dext.FrameDecoder()
+        self.fatal_errors: tuple[type[Exception], ...] = (dext.ProtocolError,)
 
     def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
         d = self._dext
@@ -102,6 +103,8 @@ class _JsonlCodec:
         self._jsonl = jsonl
         self._stage = stage
         self._reader = jsonl.LineReader()
+        # A bad line is reported and skipped (see feed), never fatal for the connection.
+        self.fatal_errors: tuple[type[Exception], ...] = ()
 
     def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
         return self._jsonl.ready_line(stage)
@@ -418,7 +421,7 @@ class ChildRuntime:
                 data = os.read(self.in_fd, READ_SIZE)
                 try:
                     items = self.codec.feed(data)
-                except Exception as exc:  # dext.ProtocolError: the stream is unusable
+                except self.codec.fatal_errors as exc:  # the stream is unusable
                     log.error("protocol error from the parent: %s", exc)
                     self._abandon("protocol error")
                     return 1

@@ -136,7 +136,7 @@ def register_plugin(
     origin = origin or _origin_of(plugin, None, "")
     try:
         pm.register(plugin, name=name)
-    except Exception as exc:  # pluggy raises ValueError / PluginValidationError
+    except Exception as exc:  # noqa: BLE001 - pluggy raises ValueError / PluginValidationError
         pm.load_errors.append(PluginLoadError(name, origin, f"{type(exc).__name__}: {exc}"))
         return False
     problems = _unknown_hooks(pm, plugin)
@@ -169,7 +169,7 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
             continue  # a shadowed copy of a plugin that already failed
         try:
             plugin = ep.load()
-        except (Exception, SystemExit) as exc:
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded, not fatal
             origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
             error = f"{type(exc).__name__}: {exc}"
             log.warning("plugin %r (%s) failed to load: %s", ep.name, origin, error)
@@ -213,7 +213,7 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
             bad = [s for s in specs if not isinstance(s, ProverSpec)]
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party hook must not stop the others
             error = f"dext_provers raised {type(exc).__name__}: {exc}"
             log.warning("plugin %r: %s", plugin_name, error)
             origin = pm.origins.get(plugin_name, _origin_of(impl.plugin, None, ""))
@@ -281,7 +281,7 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
     problems: list[str] = []
     try:
         problems.extend(spec.validate_options(options) or [])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
         problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
         try:
@@ -289,7 +289,7 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
                 **_select_args(impl, {"prover_name": spec.name, "options": options})
             )
             problems.extend(result or [])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
             problems.append(
                 f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised "
                 f"{type(exc).__name__}: {exc}"

@@ -90,7 +90,7 @@ def _number(options: Options, key: str, default: float, minimum: float, problems
 
 
 class SleepConfig:
-    __slots__ = ("seconds", "fail", "every", "progress_interval", "load_delay", "load_fail")
+    __slots__ = ("every", "fail", "load_delay", "load_fail", "progress_interval", "seconds")
 
     def __init__(self, options: Options, problems: list[str]) -> None:
         known = {"seconds", "fail", "progress_interval", "load_delay", "load_fail"}

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
@@ -161,7 +161,7 @@ class Child:
             except OSError:
                 pass
 
-    def __enter__(self) -> Child:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -164,9 +164,9 @@ def test_winning_post_takes_its_own_gpu_time_on_any_machine():
     # WinningPoSt's 2-6 s are not scaled by the machine's WindowPoSt SNARK speed.
     sc = replace(TINY, snark=Uniform(300, 900), snark_model="machine")
     assert sc.gpu_speeds()[0] != pytest.approx(1)
-    for policy in ("damocles-ext", "reference", "damocles"):
+    for name in ("damocles-ext", "reference", "damocles"):
         seen = Workload((SimJob(0, WIN, 0, -1, 100.0, 120.0, 0.0, 4.0),))
-        run_workload(sc, seen, policy)
+        run_workload(sc, seen, name)
         assert seen.jobs[0].finish == pytest.approx(104)
 
 
