@@ -361,6 +361,40 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
     assert f"killing pid {left[2]}" not in log, log
 
 
+# Run in a process of its own: becoming a child subreaper is a property of the whole process.
+_ZOMBIE_SCRIPT = r"""
+import os, subprocess, sys
+from damocles_ext.supervisor.process import OrphanAdopter
+
+adopter = OrphanAdopter()
+assert adopter.enable()
+# A subprocess of this program (an observer plugin's, say), in our own process group.
+ours = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+# Stands for an orphan of the tree that exited: not spawned by the supervisor, its own group.
+stray = subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"], process_group=0)
+for p in (ours, stray):
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: a zombie
+orphans, zombies = adopter.find(spawned=set(), live_marks=set())
+assert orphans == [], orphans
+assert zombies == [stray.pid], (zombies, ours.pid, stray.pid)
+for pid in zombies:
+    adopter.reap(pid)
+assert ours.wait() == 3, ours.returncode  # its owner still gets its real exit status
+print("ok")
+"""
+
+
+def test_the_orphan_sweep_leaves_zombies_of_our_own_process_group_to_their_owner():
+    # serve and run reap the zombies among their children that they did not spawn (orphans of
+    # a child's tree); a subprocess of the supervisor's own process (an observer plugin's) must
+    # keep its exit status for the Popen that waits for it.
+    result = subprocess.run(
+        [sys.executable, "-c", _ZOMBIE_SCRIPT],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
 async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=3, seconds=0.5))
     async with trio.open_nursery() as nursery:

@@ -329,8 +329,12 @@ class OrphanAdopter:
       runs on purpose) is left alone, as is anything in a running child's process group, and
       anything without our mark (a subprocess of an observer plugin, say).
     * Zombies among our children that we did not spawn are reaped: they are orphans of the tree
-      that exited (init reaped them before we became a subreaper). A subprocess an observer plugin
-      starts and has not waited for yet would be reaped too (its Popen then reports exit code 0).
+      that exited (init reaped them before we became a subreaper). Those in our own process group
+      are not: every child we spawn leads a group of its own, so they are no orphans of the tree
+      but subprocesses of this program (an observer plugin's, say), which their owner waits for.
+      A subprocess started in a new session or group (``start_new_session=True``) cannot be told
+      from an orphan once it has exited: if it is still unwaited when a sweep runs, it is reaped
+      and its Popen reports exit code 0.
 
     Subreaper is a property of the whole process, so only the `serve` and `run` commands turn it
     on; a Supervisor embedded in another program (the Python API) leaves that program alone.
@@ -374,12 +378,14 @@ class OrphanAdopter:
             return [], []
         orphans, zombies = [], []
         prefix = self.token + "."
+        own_group = os.getpgrp()
         for proc in psutil.Process().children():
             if proc.pid in spawned:
                 continue
             try:
                 if proc.status() == psutil.STATUS_ZOMBIE:
-                    zombies.append(proc.pid)
+                    if _pgid(proc.pid) not in (own_group, None):
+                        zombies.append(proc.pid)
                     continue
                 if _pgid(proc.pid) in spawned or os.getsid(proc.pid) in spawned:
                     continue  # still in a child's group or session: the child's to manage
