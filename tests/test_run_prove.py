@@ -568,6 +568,31 @@ def test_prove_output_into_a_missing_directory_is_refused_before_proving(tmp_pat
     assert r.returncode == 2 and b"does not exist" in r.stderr
 
 
+def test_prove_output_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path):
+    # Stands in for `-o /dev/null` (not used itself: as root a regression would replace it).
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    # The reader is open before prove starts, so prove's open for writing does not block; reads
+    # after prove exits see what it wrote, then end of file (no writer left).
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+        task = make_task(56)
+        result = dext_run(
+            "prove", "window_post", "--request", str(_task_file(tmp_path, task)), "-c", str(cfg),
+            "-o", str(fifo),
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        received = b""
+        while chunk := os.read(reader, 65536):
+            received += chunk
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert received == jsonl.output_to_json(echo_output(task)) + b"\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_parse_deadline_accepts_seconds_and_iso_times():
     from damocles_ext.commands.prove import parse_deadline
 

@@ -183,6 +183,7 @@ async def _prove_remote(
 
 def _emit(output: Output, path: Path | None) -> None:
     import os
+    import stat
 
     from damocles_ext.protocol.jsonl import output_to_json
 
@@ -195,10 +196,31 @@ def _emit(output: Output, path: Path | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        try:
+            special = not stat.S_ISREG(path.stat().st_mode)
+        except FileNotFoundError:
+            special = False
+        if special:
+            # A device or a FIFO (-o /dev/null, a pipe to a reader): renaming over it would
+            # replace it with a regular file, so write into it.
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+            with open(fd, "wb") as out:
+                out.write(data)
+            return
+        # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise UsageError(
+            f"--output {path}: cannot write the output there: {exc.strerror or exc}; the proof"
+            " was made but is lost: give a writable file and prove again"
+        ) from None
 
 
 def task_from_manifest(args: argparse.Namespace) -> Task:
