@@ -48,8 +48,12 @@ POLICIES = (
     "reference",
     "clairvoyant",
 )
+#: The day tables also run (c) with the implicit GPU lock shared by WindowPoSt and WinningPoSt
+#: (GpuLock = true), to show what it costs WinningPoSt; it is not bisected.
+LOAD_POLICIES = (*POLICIES, "damocles-ext-gpulock")
 SHORT = {
     "damocles": "a",
+    "damocles-ext-gpulock": "cl",
     "damocles-c2": "b",
     "damocles-ext": "c",
     "damocles-ext-nophase": "c0",
@@ -71,7 +75,7 @@ def at_load(base: Scenario, fraction: float) -> Scenario:
 
 def _load_case(case: tuple[str, Scenario]) -> dict:
     name, sc = case
-    doc = report(sc, simulate(sc, POLICIES))
+    doc = report(sc, simulate(sc, LOAD_POLICIES))
     doc["name"] = name
     return doc
 

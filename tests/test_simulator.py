@@ -203,6 +203,46 @@ def test_winning_post_waits_behind_a_snark_on_a_shared_bellperson_lock():
         assert (timeshared.winning_missed, timeshared.winning_p99_latency) == (0, 8.0), name
 
 
+def test_with_the_gpu_lock_on_winning_post_waits_for_the_gpus_window_post_request():
+    def workload():
+        return Workload((wd_job(0, 60, 600), SimJob(1, WIN, 0, -1, 100.0, 120.0, 0.0, 4.0)))
+
+    # "gpu:0" is held by the WindowPoSt request from its start to its end (0-660), vanilla phase
+    # included: the WinningPoSt that arrives at 100 waits, and fails at its 20 s budget unstarted.
+    seen = workload()
+    locked = run_workload(TINY, seen, "damocles-ext-gpulock")
+    assert locked.winning_missed == 1 and (seen.jobs[1].state, seen.jobs[1].start) == ("failed", None)
+    # (c) leaves the lock off (GpuLock = false): it time-shares the GPU, 8 s instead of 4.
+    assert run_workload(TINY, workload(), "c").winning_p99_latency == 8.0
+    two = replace(TINY, gpus=2)
+    # With a second GPU whose lock is free, it goes there at once.
+    free = run_workload(two, workload(), "cl")
+    assert (free.winning_missed, free.winning_p99_latency) == (0, 4.0)
+
+
+def test_damocles_drops_what_still_waits_when_the_window_closes():
+    # One child (Concurrent=1): 0-60-960, 960-1020-1920, then the third waits for the slot until
+    # 1920 and runs 1920-1980-2880. The window closes at 2400: a fourth request still waiting
+    # then is dropped, never started, and the third runs on, late, to its end.
+    jobs = Workload(tuple(wd_job(i, 60, 900) for i in range(4)))
+    r = run_workload(TINY, jobs, "damocles")
+    assert [j.state for j in jobs.jobs] == ["done", "done", "done", "failed"]
+    assert jobs.jobs[2].finish == pytest.approx(2880) and jobs.jobs[3].start is None
+    assert (r.wdpost_partitions_late, r.wdpost_partitions_abandoned) == (1, 1)
+
+
+def test_damocles_gives_a_running_requests_slot_back_when_its_window_closes():
+    # The first request runs past the close (2400) on the only child; its context ends then, so
+    # the child's slot goes to the request waiting behind it (a later deadline's) while the first
+    # still runs: both SNARKs share the child's bellperson lock, the second after the first.
+    first = wd_job(0, 60, 2500)  # 60-2560
+    second = replace(wd_job(1, 60, 300), deadline_index=1, release=1800.0, due=3900.0)
+    jobs = Workload((first, second))
+    run_workload(replace(TINY, hours=1.0), jobs, "damocles")
+    assert second.start == pytest.approx(2400)  # not 2560, when the first ends
+    assert first.finish == pytest.approx(2560) and second.finish == pytest.approx(2860)
+
+
 def test_scheduler_gives_up_on_hopeless_work_instead_of_holding_the_gpu():
     jobs = Workload(tuple(wd_job(i, 60, 900) for i in range(3)))
     late = run_workload(TINY, jobs, "damocles-ext")

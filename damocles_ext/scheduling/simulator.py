@@ -19,6 +19,12 @@ It compares ways of running the same work with the same random draws:
   dext children report progress: phase "snark" when a SNARK starts (also while it waits for the
   child's bellperson lock) and done/total every ``progress_interval`` seconds while it runs
   (0: the phase change only), which the scheduler's pipelining uses (see policy.py).
+* ``damocles-ext-gpulock`` (cl): (c) with the implicit per-GPU lock left on, as `Gpus` on both a
+  [[WdPost]] and a [[WinPost]] table gives by default (``GpuLock = true``: "gpu:<i>" shared by the
+  GPU's WindowPoSt and WinningPoSt children). A WinningPoSt then waits until no WindowPoSt request
+  runs on its GPU (vanilla phases included, since the lock is held per request); a waiting one
+  keeps new WindowPoSt requests off that GPU's lock (policy.py), and it goes to a GPU whose lock is
+  free when there is one. What the lock costs WinningPoSt is what this row shows.
 * ``damocles-ext-nophase`` (c0): the same without progress reports, as with JSON-lines children
   or provers that report no phases: the scheduler's plain slot rule.
 * ``damocles-ext-split`` (cs): the same scheduler with WindowPoSt split in two steps (damocles
@@ -50,9 +56,12 @@ The model, stated plainly so its limits are clear:
 * A GPU is a processor-sharing server: proofs whose SNARKs are on it at once each run at 1/n
   speed (CUDA time-slicing; GPU memory is assumed to suffice for both). Proofs that share a
   bellperson lock domain (one TMPDIR) take the GPU one at a time, first come first served.
-* The baselines never cancel: a late proof keeps its GPU until it ends, as in damocles. The
-  scheduler's policy fails a request whose deadline passes in the queue and cancels a running one
-  at its deadline (the cancel takes effect at once here; the real grace period is ignored).
+* The baselines cancel as damocles-manager does (`baselines`): when a deadline's challenge window
+  closes (``submit_margin`` after its proofs are due), its requests still waiting for a slot are
+  dropped, and those running go on to their end on their child (holding the GPU) but give their
+  slot back. The scheduler's policy fails a request whose deadline passes in the queue and cancels
+  a running one at its deadline (the cancel takes effect at once here; the real grace period is
+  ignored).
 * SNARK times (`SNARK_MODELS`). A WindowPoSt partition's SNARK is one fixed circuit (~125M
   constraints), so how long it takes is mostly a property of the GPU; we read the public 3-9
   minutes as a spread across GPUs (an assumption: no source says so). The default "machine" model draws one SNARK time from `snark` per run (per
@@ -107,6 +116,8 @@ POLICIES: dict[str, str] = {
     "damocles-c2": "b: damocles, Concurrent=2, shared TMPDIR (bellperson lock)",
     "damocles-ext": "c: damocles-ext Scheduler (EDF, late binding, Concurrent=2, SNARK phase "
     "reported: pipelined)",
+    "damocles-ext-gpulock": "c with the implicit GPU lock shared by each GPU's WindowPoSt and "
+    "WinningPoSt children (GpuLock = true)",
     "damocles-ext-nophase": "c without phase reports (JSON-lines children): EDF, late binding, "
     "Concurrent=2",
     "damocles-ext-split": "c with WindowPoSt split (damocles #981): a vanilla pool of 2 slots per "
@@ -130,6 +141,7 @@ POLICY_ALIASES = {
     "a": "damocles",
     "b": "damocles-c2",
     "c": "damocles-ext",
+    "cl": "damocles-ext-gpulock",
     "c0": "damocles-ext-nophase",
     "cs": "damocles-ext-split",
 }
@@ -467,7 +479,13 @@ def _deployment(policy: str, gpus: int) -> list[_Slot]:
         elif policy == "damocles-c2":
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-gpu{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-gpu{g}"))
-        elif policy in ("damocles-ext", "damocles-ext-nophase", "reference", "clairvoyant"):
+        elif policy in (
+            "damocles-ext",
+            "damocles-ext-gpulock",
+            "damocles-ext-nophase",
+            "reference",
+            "clairvoyant",
+        ):
             out.append(_Slot(f"wd{g}", WINDOW_POST, g, 2, f"tmp-wd{g}"))
             out.append(_Slot(f"win{g}", WINNING_POST, g, 1, f"tmp-win{g}"))
         elif policy == "damocles-ext-split":
@@ -495,7 +513,8 @@ class _Engine:
         self.deciding = False
         self.reference = policy in ("reference", "clairvoyant")
         self.foresight = policy == "clairvoyant"  # orders ready SNARKs by their drawn duration
-        self.phases = policy == "damocles-ext"  # its children report vanilla/SNARK progress
+        # Its children report vanilla/SNARK progress.
+        self.phases = policy in ("damocles-ext", "damocles-ext-gpulock")
         self.split = policy == "damocles-ext-split"
         # reference: (due, -duration if clairvoyant else 0, job id)
         self.ready_snarks: list[tuple[float, float, int]] = []
@@ -503,11 +522,18 @@ class _Engine:
         if self.reference:
             self.scheduler: Scheduler | None = None
             self.baseline = None
-        elif policy in ("damocles-ext", "damocles-ext-nophase", "damocles-ext-split"):
+        elif policy in (
+            "damocles-ext",
+            "damocles-ext-gpulock",
+            "damocles-ext-nophase",
+            "damocles-ext-split",
+        ):
             self.scheduler = Scheduler()
+            gpulock = policy == "damocles-ext-gpulock"
             for s in self.slots.values():
-                # GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
-                self.scheduler.add_child(ChildInfo(s.child_id, s.stage, s.capacity, 1))
+                # Else GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
+                locks = frozenset({f"gpu:{s.gpu}"}) if gpulock and s.gpu >= 0 else frozenset()
+                self.scheduler.add_child(ChildInfo(s.child_id, s.stage, s.capacity, 1, locks))
                 self.scheduler.child_ready(s.child_id, 0.0)
             self.baseline = None
         else:
@@ -521,8 +547,15 @@ class _Engine:
         heapq.heappush(self.heap, (t, next(self.seq), kind, data))
 
     def run(self) -> None:
+        windows: dict[tuple[int, int], list[SimJob]] = {}
         for job in self.jobs.values():
             self.push(job.release, "arrive", job)
+            if job.stage == WINDOW_POST:
+                windows.setdefault((job.miner, job.deadline_index), []).append(job)
+        if self.baseline is not None:
+            # damocles-manager aborts a deadline's runner when its window closes.
+            for jobs in windows.values():
+                self.push(jobs[0].due + self.scenario.submit_margin, "close", jobs)
         while self.heap:
             t, _, kind, data = heapq.heappop(self.heap)
             self.now = t
@@ -547,6 +580,10 @@ class _Engine:
                 job, token = data
                 if job.state == "gpu" and job.token == token:
                     self.report_snark(job)
+            elif kind == "close":
+                assert self.baseline is not None
+                for job_id in self.baseline.expire(self, [job.job_id for job in data]):
+                    self.jobs[job_id].state = "failed"  # dropped while waiting for its slot
             elif kind == "fill":
                 self.fill_pending = False
                 self.fill_gpus()
