@@ -10,6 +10,7 @@ can carry either kind; decoding one type directly does not require the tag.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import msgspec
@@ -167,6 +168,25 @@ POST_STAGES = ("window_post", "winning_post")
 #: The steps a split WindowPoSt runs, in order.
 WINDOW_POST_SPLIT = ("window_post_vanilla", "window_post_snark")
 STAGES = POST_STAGES + WINDOW_POST_SPLIT
+
+
+#: The range of a request's deadline (unix seconds): a day inside the years a datetime can show in
+#: any time zone. NaN would sort before every deadline and never expire; inf never expires.
+DEADLINE_MIN = -62135510400.0  # 0001-01-02T00:00:00+00:00
+DEADLINE_MAX = 253402214400.0  # 9999-12-31T00:00:00+00:00
+
+
+def deadline_problem(deadline: object) -> str | None:
+    """Why `deadline` cannot be a request's deadline (a unix time in seconds, or None), or None."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+        return f"is a {type(deadline).__name__}, not a number of seconds since the epoch"
+    if isinstance(deadline, float) and not math.isfinite(deadline):
+        return "is not a finite number"
+    if not DEADLINE_MIN <= deadline <= DEADLINE_MAX:
+        return "is not a time between the years 0001 and 9999"
+    return None
 
 
 def stage_of(obj: Task | Output) -> str:

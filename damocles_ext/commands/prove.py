@@ -336,12 +336,19 @@ def _stage_hint(data: bytes, stage: str) -> str:
     return ""
 
 
+_DEADLINE_FORMS = (
+    "give seconds from now (e.g. 600) or an ISO 8601 time (e.g. 2026-01-31T12:00:00+00:00;"
+    " without a zone it is local time)"
+)
+
+
 def parse_deadline(text: str, now: float | None = None) -> float:
     """Seconds from now, or an ISO 8601 time (local time without a zone), as a unix time."""
     import datetime as dt
     import time
 
     from damocles_ext.errors import UsageError
+    from damocles_ext.tasks import DEADLINE_MAX
 
     now = time.time() if now is None else now
     try:
@@ -351,16 +358,31 @@ def parse_deadline(text: str, now: float | None = None) -> float:
             when = dt.datetime.fromisoformat(text)
         except ValueError:
             raise UsageError(
-                f"--deadline {text!r} is neither a number of seconds nor an ISO 8601 time"
-                " (e.g. 600 or 2026-01-31T12:00:00+00:00)"
+                f"--deadline {text!r} is neither a number of seconds nor an ISO 8601 time;"
+                f" {_DEADLINE_FORMS}"
             ) from None
-        deadline = when.astimezone().timestamp() if when.tzinfo is None else when.timestamp()
+        try:
+            # A local time near the ends of the calendar may not exist in UTC (year 0 or 10000).
+            deadline = when.astimezone().timestamp() if when.tzinfo is None else when.timestamp()
+        except (ValueError, OverflowError, OSError) as exc:
+            raise UsageError(
+                f"--deadline {text!r} cannot be turned into a time ({exc}); {_DEADLINE_FORMS}"
+            ) from None
         if deadline <= now:
             raise UsageError(f"--deadline {text} is in the past")
-        return deadline
-    if not seconds > 0 or seconds == float("inf"):
-        raise UsageError(f"--deadline {text}: the number of seconds must be positive and finite")
-    return now + seconds
+    else:
+        if not seconds > 0 or seconds == float("inf"):
+            raise UsageError(
+                f"--deadline {text}: the number of seconds must be positive and finite;"
+                f" {_DEADLINE_FORMS}"
+            )
+        deadline = now + seconds
+    if deadline > DEADLINE_MAX:
+        raise UsageError(
+            f"--deadline {text!r} is too far ahead: the latest deadline a request takes is"
+            f" 9999-12-31T00:00:00+00:00; {_DEADLINE_FORMS}"
+        )
+    return deadline
 
 
 def _check_output_path(text: str) -> Path:
