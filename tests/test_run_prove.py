@@ -265,6 +265,36 @@ async def test_duplicate_request_id_on_a_connection_is_refused(control):
     await stream.aclose()
 
 
+async def test_a_nan_deadline_from_a_client_is_answered_with_an_error_saying_why(
+    tmp_path, sock_dir, nursery
+):
+    from damocles_ext.api import open_supervisor
+
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with open_supervisor(str(cfg)) as sup:
+        server = ControlServer(bind_control_socket(sock_dir / "control.sock"), sup.submit)
+        await nursery.start(server.serve)
+        stream = await trio.open_unix_socket(str(server.path))
+        decoder = dext.FrameDecoder()
+        await stream.send_all(
+            dext.encode(dext.Request(7, make_task(8), deadline=float("nan")))
+            + dext.encode(dext.Request(8, make_task(9)))
+        )
+        responses: dict[int, dext.Response] = {}
+        while len(responses) < 2:
+            data = await stream.receive_some()
+            assert data, "the control server closed the connection"
+            for msg in decoder.receive_data(data):
+                if isinstance(msg, dext.Response):
+                    responses[msg.id] = msg
+        await stream.aclose()
+        server.stop_accepting()
+    assert responses[7].output is None
+    assert "its deadline nan is not a finite number" in responses[7].error
+    # The same connection goes on: the next request is proven.
+    assert responses[8].output == echo_output(make_task(9)) and responses[8].error is None
+
+
 async def test_a_client_speaking_garbage_is_disconnected(control):
     server, _ = control
     stream = await trio.open_unix_socket(str(server.path))

@@ -34,7 +34,7 @@ from supervisor_helpers import (
 )
 
 from damocles_ext.api import open_supervisor
-from damocles_ext.errors import ProverError
+from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.supervisor import Supervisor
@@ -149,6 +149,30 @@ async def test_stage_without_children_fails_at_once():
     async with open_supervisor([spec(jsonl_child())]) as sup:
         with pytest.raises(ProverError, match="no winning_post children are configured"):
             await sup.submit(winning_task())
+
+
+@pytest.mark.parametrize(
+    "deadline, problem",
+    [
+        (float("nan"), "is not a finite number"),
+        (float("inf"), "is not a finite number"),
+        (float("-inf"), "is not a finite number"),
+        (1e300, "is not a time between the years 0001 and 9999"),
+        ("soon", "is a str, not a number of seconds"),
+    ],
+)
+async def test_a_deadline_that_is_not_a_time_is_refused_by_the_api_naming_the_request(
+    deadline, problem
+):
+    async with open_supervisor([spec(builtin_child())]) as sup:
+        await sup.wait_ready()
+        with pytest.raises(UsageError) as info:
+            await sup.submit(window_task(miner=1), deadline=deadline)
+        assert str(info.value).startswith("request 1 (window_post) refused: its deadline ")
+        assert problem in str(info.value)
+        # Nothing was queued, and the supervisor goes on serving.
+        assert sup.statistics().requests == 0
+        assert await sup.submit(window_task(miner=2)) == echo_output(window_task(miner=2))
 
 
 # -- crash recovery ---------------------------------------------------------------------------

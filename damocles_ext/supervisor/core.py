@@ -40,7 +40,7 @@ import psutil
 import trio
 
 from ..config import describe_argv
-from ..errors import ProverError
+from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
@@ -52,6 +52,7 @@ from ..tasks import (
     WindowPoStOutput,
     WindowPoStSnarkOutput,
     WindowPoStVanillaOutput,
+    deadline_problem,
     join_window_post,
     snark_task,
     split_window_post,
@@ -442,6 +443,8 @@ class Supervisor:
     ) -> Output:
         """Prove `task` on a child of its stage; `deadline` is a unix time. Raises ProverError.
 
+        A deadline that is not a time (NaN, inf, beyond the year 9999) is a UsageError at once.
+
         With the split WindowPoSt tables, a WindowPoSt runs as two requests: its vanilla step on a
         [[WdPostVanilla]] child, then its SNARK step on a [[WdPostSnark]] child, both with the
         same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
@@ -480,6 +483,13 @@ class Supervisor:
         await trio.lowlevel.checkpoint_if_cancelled()
         stage = stage_of(task)
         rid = next(self._rids)
+        problem = deadline_problem(deadline)
+        if problem is not None:
+            # A NaN deadline would sort before every other one and never expire; inf never expires.
+            raise UsageError(
+                f"request {rid} ({stage}) refused: its deadline {deadline!r} {problem}; give a unix"
+                " time in seconds (e.g. time.time() + 600), or no deadline"
+            )
         if self._shutting_down and not (in_flight and not self._finished):
             raise ProverError(f"request {rid} ({stage}) refused: the supervisor is shutting down")
         now = trio.current_time()
