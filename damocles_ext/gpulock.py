@@ -6,7 +6,9 @@ kernel runs, and `bellman.priority.lock`, held exclusively by a priority proof (
 WinningPoSt are both priority proofs) for the whole proof. A prover that takes the same locks in
 the same way cannot run its heavy phase at the same time as a bellperson prover in that TMPDIR.
 
-`lock_state()` tells whether the locks are held right now, for `status`; it never creates files.
+`lock_state()` tells whether the locks are held right now, for `status`; it never creates files
+and never blocks. Both sides open only regular files (see `_open_regular`): the lock directory
+may be /tmp, where anyone can create a FIFO or a symlink to a device under these names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,12 +36,76 @@ def lock_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("TMPDIR") or "/tmp")
 
 
-def _is_held(path: Path) -> bool | None:
-    """True if someone holds `path` locked, False if not, None if the file does not exist."""
+class LockFileError(OSError):
+    """A lock file we will not open: not a regular file (a FIFO, a device ...), or dangling."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"a file of type {stat.S_IFMT(mode):o}"
+
+
+def _open_regular(path: Path, flags: int, *, create: bool) -> int:
+    """Open `path` with `flags` only if it is (or, followed as a symlink, leads to) a regular file.
+
+    The lock directory may be /tmp, where anyone can put something under our name. Opening a FIFO
+    blocks until a writer comes, and opening a device runs its driver (a symlink to
+    /dev/watchdog...), so the file is first reached with O_PATH, which opens nothing, and only
+    a regular file is then really opened, through /proc/self/fd so that it is the same inode.
+    Symlinks are followed as bellperson follows them. With `create`, a missing file is created
+    (O_EXCL: never through a dangling symlink). Raises FileNotFoundError if missing and not
+    `create`, LockFileError for anything else than a regular file.
+    """
+    for _ in range(3):
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise
+            try:
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                continue  # created meanwhile by someone else, or a dangling symlink: look again
+        try:
+            mode = os.fstat(pfd).st_mode
+            if not stat.S_ISREG(mode):
+                raise LockFileError(
+                    f"{path} is {_kind(mode)}, not a regular file; remove it (bellperson's"
+                    " lock files are regular files)",
+                )
+            return os.open(
+                f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            )
+        finally:
+            os.close(pfd)
+    raise LockFileError(
+        f"{path} is a symlink to a file that does not exist; remove it (bellperson's lock files"
+        " are regular files)",
+    )
+
+
+def _is_held(path: Path) -> bool | str | None:
+    """True if someone holds `path` locked, False if not, None if the file does not exist.
+
+    A string says why it was not probed (not a regular file, cannot be opened); the probe never
+    blocks: no open of a FIFO or device, and a non-blocking flock.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_regular(path, os.O_RDONLY, create=False)
     except FileNotFoundError:
         return None
+    except LockFileError as exc:
+        return f"{path.name} is not probed: {exc}"
+    except OSError as exc:
+        return f"{path.name} is not probed: cannot open {path}: {exc.strerror}"
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,8 +119,12 @@ def _is_held(path: Path) -> bool | None:
         os.close(fd)
 
 
-def lock_state(directory: str | os.PathLike[str]) -> dict[str, bool | None]:
-    """{"gpu": held?, "priority": held?} for the lock files in `directory` (None: no such file)."""
+def lock_state(directory: str | os.PathLike[str]) -> dict[str, bool | str | None]:
+    """{"gpu": held?, "priority": held?} for the lock files in `directory`.
+
+    Each is True (held), False (free), None (no such file), or a string saying why it was not
+    probed (e.g. a FIFO planted under that name: it is reported, never opened).
+    """
     directory = Path(directory)
     return {"gpu": _is_held(directory / GPU_LOCK), "priority": _is_held(directory / PRIORITY_LOCK)}
 
@@ -64,7 +135,7 @@ class LockCancelled(Exception):
 
 @contextmanager
 def _flock(path: Path, cancelled: Callable[[], bool] | None) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open_regular(path, os.O_RDWR, create=True)
     try:
         if cancelled is None:
             fcntl.flock(fd, fcntl.LOCK_EX)

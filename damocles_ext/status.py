@@ -29,11 +29,16 @@ DEFAULT_CPU_INTERVAL = 0.25
 
 
 class LockFiles(msgspec.Struct, frozen=True):
-    """bellperson's lock files in a child's TMPDIR: held (True), free (False), absent (None)."""
+    """bellperson's lock files in a child's TMPDIR: held (True), free (False), absent (None).
+
+    `problems` says why a file was not probed (then its field is None): e.g. a FIFO someone put
+    under that name in /tmp, which is reported, never opened.
+    """
 
     dir: str
     gpu: bool | None
     priority: bool | None
+    problems: list[str] = []
 
 
 class ChildStatus(msgspec.Struct, frozen=True):
@@ -235,7 +240,10 @@ def measure(
             state = lock_state(directory)
         except OSError:
             continue  # unreadable: say nothing rather than something wrong
-        locks[name] = LockFiles(directory, state["gpu"], state["priority"])
+        # A string is why that file was not probed: null in its field, said in `problems`.
+        problems = [v for v in state.values() if isinstance(v, str)]
+        known = {k: None if isinstance(v, str) else v for k, v in state.items()}
+        locks[name] = LockFiles(directory, known["gpu"], known["priority"], problems)
     return second, cpu, locks
 
 
@@ -510,6 +518,10 @@ def render_table(doc: StatusDocument) -> str:
     if exits:
         lines.append("")
         lines += [f"last exit of {c.name}: {c.last_exit}" for c in exits]
+    odd = [(c.name, p) for c in doc.children if c.lock_files for p in c.lock_files.problems]
+    if odd:
+        lines.append("")
+        lines += [f"lock files of {name}: {problem}" for name, problem in odd]
     lines.append("")
     stage_rows = [
         [

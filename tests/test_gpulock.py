@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -83,3 +85,65 @@ def test_we_wait_for_a_bellperson_holder_and_can_give_up_when_cancelled(tmp_path
 def test_lock_dir_follows_tmpdir():
     assert str(gpulock.lock_dir({"TMPDIR": "/tmp/ext-prover3/"})) == "/tmp/ext-prover3"
     assert str(gpulock.lock_dir({})) == "/tmp"
+
+
+# -- whatever else is found under the lock names (the lock directory may be /tmp) ---------------
+
+PROBE = (
+    "import json, sys; from damocles_ext import gpulock;"
+    " print(json.dumps(gpulock.lock_state(sys.argv[1])))"
+)
+
+
+def lock_state_bounded(directory):
+    """lock_state in a process of its own, killed (failing the test) if it blocks."""
+    done = subprocess.run([sys.executable, "-c", PROBE, str(directory)],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_fifo_under_the_gpu_lock_name_is_reported_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / gpulock.GPU_LOCK)
+    state = lock_state_bounded(tmp_path)
+    assert state["priority"] is None
+    assert state["gpu"] == (
+        f"bellman.gpu.lock is not probed: {tmp_path / gpulock.GPU_LOCK} is a FIFO, not a regular"
+        " file; remove it (bellperson's lock files are regular files)"
+    )
+
+
+def test_a_symlink_to_a_fifo_or_a_device_is_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "fifo", tmp_path / gpulock.GPU_LOCK)
+    os.symlink("/dev/null", tmp_path / gpulock.PRIORITY_LOCK)
+    state = lock_state_bounded(tmp_path)
+    assert "is a FIFO, not a regular file" in state["gpu"]
+    assert "is a character device, not a regular file" in state["priority"]
+
+
+def test_a_symlink_to_a_regular_lock_file_is_followed_as_bellperson_follows_it(tmp_path, holder):
+    holder()
+    (tmp_path / "link").mkdir()
+    os.symlink(tmp_path / gpulock.GPU_LOCK, tmp_path / "link" / gpulock.GPU_LOCK)
+    assert gpulock.lock_state(tmp_path / "link") == {"gpu": True, "priority": None}
+
+
+def test_taking_the_lock_refuses_a_fifo_and_lets_go_of_the_priority_lock(tmp_path):
+    os.mkfifo(tmp_path / gpulock.GPU_LOCK)
+    with pytest.raises(gpulock.LockFileError) as caught:
+        with gpulock.priority_gpu_lock(tmp_path):
+            pass
+    assert str(caught.value) == (
+        f"{tmp_path / gpulock.GPU_LOCK} is a FIFO, not a regular file; remove it (bellperson's"
+        " lock files are regular files)"
+    )
+    assert gpulock.lock_state(tmp_path)["priority"] is False
+
+
+def test_taking_the_lock_does_not_create_a_file_through_a_dangling_symlink(tmp_path):
+    os.symlink(tmp_path / "elsewhere", tmp_path / gpulock.PRIORITY_LOCK)
+    with pytest.raises(gpulock.LockFileError, match="is a symlink to a file that does not exist"):
+        with gpulock.priority_gpu_lock(tmp_path):
+            pass
+    assert not (tmp_path / "elsewhere").exists()

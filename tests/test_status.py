@@ -149,6 +149,7 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
                 "dir": str(gpu_tmp),
                 "gpu": None,
                 "priority": None,
+                "problems": [],
             }
             stages = {s["stage"]: s for s in doc["stages"]}
             assert stages["window_post"] == {
@@ -244,6 +245,44 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
             assert await run.wait() == 0, log.text()
 
 
+async def test_a_fifo_named_like_a_gpu_lock_is_reported_and_neither_status_nor_run_hang(
+    tmp_path: Path, sock_dir: Path
+):
+    # Anyone can create /tmp/bellman.gpu.lock; opening a FIFO for reading blocks until a writer
+    # comes, which once hung `status` and then `run`'s shutdown (its worker thread never returned).
+    gpu_tmp = tmp_path / "gpu0-tmp"
+    gpu_tmp.mkdir(mode=0o700)
+    os.mkfifo(gpu_tmp / "bellman.gpu.lock")
+    cfg = write_config(tmp_path, f"""
+[[WdPost]]
+Plugin = "echo"
+Envs = {{ TMPDIR = "{gpu_tmp}" }}
+""")  # fmt: skip
+    path = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path) as (run, log),
+    ):
+        with trio.fail_after(30):
+            await wait_ready(log, ["window_post#0"])
+            doc = await _status(path)
+            problem = (
+                f"bellman.gpu.lock is not probed: {gpu_tmp / 'bellman.gpu.lock'} is a FIFO, not a"
+                " regular file; remove it (bellperson's lock files are regular files)"
+            )
+            assert _by_name(doc)["window_post#0"]["lock_files"] == {
+                "dir": str(gpu_tmp),
+                "gpu": None,
+                "priority": None,
+                "problems": [problem],
+            }
+            table = await dext_run_async("status", "--socket", str(path))
+            assert table.returncode == 0, table.stderr.decode()
+            assert f"lock files of window_post#0: {problem}\n" in table.stdout.decode()
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
 async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Path):
     missing = sock_dir / "nothing.sock"
     done = await dext_run_async("status", "--socket", str(missing))
@@ -333,6 +372,28 @@ def test_table_shows_held_locks_and_bellperson_lock_files():
     assert row[12] == "gpu:0,bellperson:gpu+priority"
     assert "last exit of window_post#0: killed by SIGKILL (request 7 timed out)" in text
     assert "in 12m30s" in text and "gpu:0" in text.split("\n\n")[-1]
+
+
+def test_lock_files_that_are_not_regular_files_are_listed_under_the_table(tmp_path: Path):
+    from damocles_ext.status import measure
+
+    # (a device, not a FIFO: were it opened, this test would fail rather than hang)
+    os.symlink("/dev/null", tmp_path / "bellman.priority.lock")
+    _, _, locks = measure({}, {"window_post#0": str(tmp_path)}, 0)
+    lock_files = locks["window_post#0"]
+    assert (lock_files.gpu, lock_files.priority) == (None, None)
+    assert lock_files.problems == [
+        f"bellman.priority.lock is not probed: {tmp_path / 'bellman.priority.lock'} is a"
+        " character device, not a regular file; remove it (bellperson's lock files are regular"
+        " files)"
+    ]
+    text = render_table(_doc(lock_files=lock_files))
+    assert text.split("\n\n")[1].splitlines()[1].split()[-1] == "gpu:0"
+    assert f"lock files of window_post#0: {lock_files.problems[0]}\n" in text
+    # A document from a supervisor that predates `problems` still reads.
+    data = msgspec.to_builtins(_doc())
+    del data["children"][0]["lock_files"]["problems"]
+    assert parse_document(data) == _doc()
 
 
 def test_document_of_another_schema_is_refused_with_the_reason():
