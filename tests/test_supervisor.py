@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -33,11 +34,13 @@ from supervisor_helpers import (
     winning_task,
 )
 
+from damocles_ext import config
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.process import SpawnError, prepare_spawn
 from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracker
 
 FAST = BackoffPolicy(base=0.05, cap=0.2)
@@ -488,6 +491,103 @@ async def test_env_cpuset_and_tmpdir_are_applied_before_the_child_runs(tmp_path,
     assert data["cpus"] == [0]
     assert data["env"]["FOO"] == "bar" and "DEXT_TEST_INHERITED" not in data["env"]
     assert stat.S_IMODE(tmpdir.stat().st_mode) == 0o700
+
+
+
+# The per-GPU TMPDIR `<tmp root>/<stage>-gpu<i>/` (from Gpus) is private: the default tmp root
+# is in /tmp, where another user can create these names first.
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+OTHER_UID = 65534
+
+
+@pytest.fixture
+def tmp_root(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    monkeypatch.setenv(config.TMP_ROOT_ENV, str(root))
+    return root
+
+
+def prepare_gpu_tmpdir(tmpdir) -> None:
+    prepare_spawn("window_post#0", "window_post", 0, [sys.executable], "bin", os.environ,
+                  None, tmpdir=f"{tmpdir}/")  # fmt: skip
+
+
+def test_a_new_per_gpu_tmpdir_and_its_tmp_root_are_created_private(tmp_root):
+    old_umask = os.umask(0)  # a permissive umask must not leave anything open to others
+    try:
+        prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    finally:
+        os.umask(old_umask)
+    for d in (tmp_root, tmp_root / "window_post-gpu0"):
+        st = os.lstat(d)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        assert stat.S_IMODE(st.st_mode) == 0o700, d
+
+
+def test_a_loose_per_gpu_tmpdir_and_tmp_root_of_ours_are_tightened(tmp_root):
+    (tmp_root / "window_post-gpu0").mkdir(parents=True)
+    os.chmod(tmp_root, 0o777)
+    os.chmod(tmp_root / "window_post-gpu0", 0o777)
+    prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    assert stat.S_IMODE(os.lstat(tmp_root / "window_post-gpu0").st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(tmp_root).st_mode) == 0o755  # no longer writable by others
+
+
+@needs_root
+def test_a_per_gpu_tmpdir_owned_by_another_user_is_refused(tmp_root):
+    tmpdir = tmp_root / "window_post-gpu0"
+    tmpdir.mkdir(parents=True)
+    os.chown(tmpdir, OTHER_UID, OTHER_UID)
+    with pytest.raises(SpawnError) as caught:
+        prepare_gpu_tmpdir(tmpdir)
+    assert str(caught.value) == (
+        f"window_post#0: TMPDIR {tmpdir}/ of WdPost[0] is owned by uid {OTHER_UID}, not by us"
+        f" (uid {os.geteuid()}); refusing to use it (another user could read or replace the"
+        " prover's temporary files and bellperson's GPU lock files there). Remove it, or set"
+        " TMPDIR in the Envs of WdPost[0] to a directory of your own"
+    )
+
+
+def test_a_per_gpu_tmpdir_that_is_a_symlink_is_refused(tmp_root, tmp_path):
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    tmp_root.mkdir(mode=0o700)
+    (tmp_root / "window_post-gpu0").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SpawnError, match=r"window_post#0: TMPDIR .*/window_post-gpu0/ of"
+                       r" WdPost\[0\] is a symlink; refusing to use it .* Remove it, or set"
+                       r" TMPDIR in the Envs of WdPost\[0\]"):  # fmt: skip
+        prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+
+
+@needs_root
+def test_a_tmp_root_owned_by_another_user_or_a_symlink_is_refused(tmp_root, tmp_path):
+    tmp_root.mkdir()
+    os.chown(tmp_root, OTHER_UID, OTHER_UID)
+    root = re.escape(str(tmp_root))
+    with pytest.raises(SpawnError, match=rf"the tmp root {root}, where WdPost\[0\] gets its"
+                       rf" TMPDIR .* is owned by uid {OTHER_UID}, not by us .* Remove it, or set"
+                       r" DAMOCLES_EXT_TMP_ROOT to a directory of your own"):  # fmt: skip
+        prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    tmp_root.rmdir()
+    (tmp_path / "theirs").mkdir()
+    tmp_root.symlink_to(tmp_path / "theirs")
+    with pytest.raises(SpawnError, match=rf"the tmp root {root}, .* is a symlink"):
+        prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    assert not (tmp_path / "theirs" / "window_post-gpu0").exists()
+
+
+@needs_root
+async def test_a_per_gpu_tmpdir_of_another_user_is_a_clear_failed_start(tmp_root):
+    tmpdir = tmp_root / "window_post-gpu0"
+    tmpdir.mkdir(parents=True)
+    os.chown(tmpdir, OTHER_UID, OTHER_UID)
+    child = spec(jsonl_child(), envs={"TMPDIR": f"{tmpdir}/"}, auto_restart=False)
+    async with open_supervisor([child]) as sup:
+        with pytest.raises(ProverError, match=re.escape(f"{tmpdir}/ of WdPost[0] is owned by")):
+            await sup.wait_ready()
+        last_exit = child_stats(sup, "window_post#0").last_exit
+        assert last_exit.startswith(f"failed to start: window_post#0: TMPDIR {tmpdir}/ of")
+        assert "Traceback" not in last_exit
 
 
 async def test_child_stderr_is_relogged_with_stage_index_and_pid(caplog):

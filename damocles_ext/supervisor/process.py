@@ -20,16 +20,17 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
 import trio
 
-from ..config import TABLE_OF_STAGE
+from ..config import DEFAULT_TMP_ROOT, TABLE_OF_STAGE, TMP_ROOT_ENV
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -102,7 +103,11 @@ def prepare_spawn(
     cpuset: frozenset[int] | None,
     tmpdir: str | None = None,
 ) -> None:
-    """Checks that turn a doomed spawn into a clear error; creates `tmpdir` (Envs' TMPDIR)."""
+    """Checks that turn a doomed spawn into a clear error; creates `tmpdir` (Envs' TMPDIR).
+
+    A TMPDIR right under the tmp root (where Gpus puts `<stage>-gpu<i>/`) is made private, or
+    refused if it is not ours; see _private_gpu_tmpdir.
+    """
     where = block_name(stage, block)
     if not argv:
         raise SpawnError(f"{name}: empty command line; set Bin in {where}")
@@ -120,12 +125,104 @@ def prepare_spawn(
                 f" (available: {sorted(available)})"
             )
     if tmpdir:
+        root = os.path.normpath(os.environ.get(TMP_ROOT_ENV) or DEFAULT_TMP_ROOT)
+        if os.path.dirname(os.path.normpath(tmpdir)) == root:
+            _private_gpu_tmpdir(name, where, tmpdir, root)
+            return
         try:
             os.makedirs(tmpdir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SpawnError(
                 f"{name}: cannot create TMPDIR {tmpdir!r} from Envs in {where}: {exc.strerror}"
             ) from None
+
+
+class _Unusable(Exception):
+    """A directory that is not ours to use; the message says what it is (a symlink, ...)."""
+
+
+def _own_dir(path: str, dir_fd: int | None, create: Callable[[], None]) -> int:
+    """An fd of the directory `path` (relative to `dir_fd`), made by `create` if missing.
+
+    Never through a symlink at `path` (O_NOFOLLOW), and only a directory our euid owns: what is
+    checked is the open fd, so nothing can be swapped in between the check and the use.
+    Raises _Unusable when it is not ours to use, OSError when it cannot be made or opened.
+    """
+    for _ in range(3):
+        try:
+            fd = os.open(
+                path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except FileNotFoundError:
+            try:
+                create()
+            except FileExistsError:
+                pass  # made meanwhile by someone else: the checks below decide
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    is_link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+                except OSError:
+                    is_link = False
+                raise _Unusable("is a symlink" if is_link else "is not a directory") from None
+            raise
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            raise _Unusable(f"is owned by uid {owner}, not by us (uid {os.geteuid()})")
+        return fd
+    raise _Unusable("keeps disappearing")
+
+
+def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
+    """Create or check `<tmp root>/<stage>-gpu<i>/`: a real directory of ours, mode 0700, in a
+    tmp root of ours that only we may write to.
+
+    The default tmp root is in /tmp, where any user can create these names before we do, as a
+    directory others can read and write or as a symlink to one of theirs; the prover's temporary
+    files and bellperson's GPU lock files must not go there.
+    """
+    why = (
+        "another user could read or replace the prover's temporary files and bellperson's GPU"
+        " lock files there"
+    )
+    try:
+        root_fd = _own_dir(root, None, lambda: os.makedirs(root, mode=0o700))
+    except _Unusable as exc:
+        raise SpawnError(
+            f"{name}: the tmp root {root}, where {where} gets its TMPDIR {tmpdir}, {exc};"
+            f" refusing to use it ({why}). Remove it, or set {TMP_ROOT_ENV} to a directory of"
+            f" your own"
+        ) from None
+    except OSError as exc:
+        raise SpawnError(
+            f"{name}: cannot create the tmp root {root} for the TMPDIR of {where}: {exc.strerror};"
+            f" set {TMP_ROOT_ENV} to a directory you may write to"
+        ) from None
+    try:
+        mode = stat.S_IMODE(os.fstat(root_fd).st_mode)
+        if mode & 0o022:
+            os.fchmod(root_fd, mode & ~0o022)  # ours: only we may add or replace its entries
+        leaf = os.path.basename(os.path.normpath(tmpdir))
+        try:
+            fd = _own_dir(leaf, root_fd, lambda: os.mkdir(leaf, 0o700, dir_fd=root_fd))
+        except _Unusable as exc:
+            raise SpawnError(
+                f"{name}: TMPDIR {tmpdir} of {where} {exc}; refusing to use it ({why})."
+                f" Remove it, or set TMPDIR in the Envs of {where} to a directory of your own"
+            ) from None
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise SpawnError(
+            f"{name}: cannot create TMPDIR {tmpdir} of {where}: {exc.strerror}"
+        ) from None
+    finally:
+        os.close(root_fd)
 
 
 class ChildProcess:
