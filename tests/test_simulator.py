@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -397,9 +400,50 @@ def test_simulate_command_prints_json(capsys):
         (["--snark-model", "partition", "--snark-jitter", "0.1"], "applies to the machine and gpu"),
         (["--snark", "0-0"], "--snark: a SNARK takes time; the low end must be above 0"),
         (["--snark", "0-3m", "--snark-model", "partition"], "the low end must be above 0"),
+        # Not finite: inf WinningPoSt an hour ran for ever filling memory, nan meant none.
+        (["--winning-rate", "nan"], "--winning-rate must be a finite number, got nan"),
+        (["--hours", "nan"], "--hours must be a finite number, got nan"),
+        (["--hours=-inf"], "--hours must be a finite number, got -inf"),
+        (["--days", "inf"], "--days must be a finite number, got inf"),
+        (["--days", "nan"], "--days must be a finite number, got nan"),
+        (["--snark-jitter", "inf"], "--snark-jitter must be at least 0 and below 1"),
+        (["--submit-margin", "9" * 400], "--submit-margin: '999"),
+        (["--snark", "1m-" + "9" * 400], "is too long a duration"),
+        (["--vanilla", "9" * 400 + "m"], "is too long a duration"),
+        (["--winning", "9" * 400], "is too long a duration"),
+        (["--progress-interval", "9" * 400], "is too long a duration"),
+        (["--offsets", "0,0,0,1e300"], "--offsets: '0,0,0,1e300' is neither"),
     ],
 )
 def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):
     assert main(["simulate", *argv]) == 2
     err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--winning-rate", "inf"], "--winning-rate must be a finite number, got inf"),
+        (["--winning-rate", "1e9"], "--winning-rate 1e+09 is more than one WinningPoSt per"),
+        (["--offsets", "0,0,0,999999999999"], "not within the 24-hour proving period"),
+        (["--progress-interval", "0.001"], "give 0 (only when a SNARK starts) or at least 1s"),
+    ],
+)
+def test_simulate_command_refuses_options_that_would_never_finish(argv, message):
+    # In a process of its own, memory-capped and timed: these ran for ever (the first two
+    # filling memory with WinningPoSt requests), which must fail this test, not the machine.
+    result = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "simulate", *argv],
+        capture_output=True,
+        timeout=60,
+        preexec_fn=_limit_memory,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err[-2000:]
     assert message in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 
 
@@ -95,6 +96,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+#: A miner proves WinningPoSt at most once a 30-second epoch.
+_MAX_WINNING_RATE = 120.0
+_PROVING_PERIOD = 24 * 3600.0
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([sm]?)\s*$")
 
 
@@ -106,7 +111,10 @@ def _seconds(text: str, option: str) -> float:
         raise UsageError(
             f"{option}: {text!r} is not a duration; write seconds (90 or 90s) or minutes (3m)"
         )
-    return float(m.group(1)) * (60.0 if m.group(2) == "m" else 1.0)
+    seconds = float(m.group(1)) * (60.0 if m.group(2) == "m" else 1.0)
+    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
+        raise UsageError(f"{option}: {text!r} is too long a duration to be a number of seconds")
+    return seconds
 
 
 def _range(text: str, option: str):
@@ -129,6 +137,15 @@ def build_scenario(args: argparse.Namespace):
     from damocles_ext.errors import UsageError
     from damocles_ext.scheduling.simulator import Scenario
 
+    # An inf or NaN would slip through comparisons below: inf WinningPoSt an hour runs for ever
+    # and fills memory, NaN means none at all. (--snark-jitter's range check refuses them.)
+    for option, value in (
+        ("--hours", args.hours),
+        ("--days", args.days),
+        ("--winning-rate", args.winning_rate),
+    ):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{option} must be a finite number, got {value:g}")
     for name in ("miners", "gpus"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -145,6 +162,11 @@ def build_scenario(args: argparse.Namespace):
         raise UsageError(f"the simulated span is limited to 31 days, got {hours / 24:g} days")
     if args.winning_rate < 0:
         raise UsageError(f"--winning-rate must be 0 or more, got {args.winning_rate:g}")
+    if args.winning_rate > _MAX_WINNING_RATE:
+        raise UsageError(
+            f"--winning-rate {args.winning_rate:g} is more than one WinningPoSt per 30-second"
+            f" epoch; a miner proves at most once an epoch: give at most {_MAX_WINNING_RATE:g}"
+        )
     offsets: str | tuple[float, ...] = args.offsets
     if args.offsets not in ("colliding", "spread"):
         try:
@@ -154,6 +176,13 @@ def build_scenario(args: argparse.Namespace):
                 f"--offsets: {args.offsets!r} is neither 'colliding', 'spread' nor a "
                 "comma-separated list of durations (one per miner)"
             ) from None
+        late = [o for o in offsets if o >= _PROVING_PERIOD]
+        if late:
+            # A later start only lengthens the run (and its WinningPoSt draws) without changing it.
+            raise UsageError(
+                f"--offsets: {late[0]:g}s is not within the 24-hour proving period a miner's"
+                " deadlines repeat in; give offsets below 24 hours (86400s)"
+            )
         if len(offsets) != args.miners:
             raise UsageError(
                 f"--offsets gives {len(offsets)} offsets but --miners is {args.miners}; "
@@ -183,6 +212,12 @@ def build_scenario(args: argparse.Namespace):
     margin = _seconds(args.submit_margin, "--submit-margin")
     if margin >= 1800:
         raise UsageError(f"--submit-margin {margin:g}s leaves no time in a 30-minute window")
+    progress_interval = _seconds(args.progress_interval, "--progress-interval")
+    if 0 < progress_interval < 1:
+        raise UsageError(
+            f"--progress-interval {progress_interval:g}s: give 0 (only when a SNARK starts) or at"
+            " least 1s; shorter intervals only slow the simulation down"
+        )
     return Scenario(
         gpus=args.gpus,
         partitions=(args.partitions,) * args.miners,
@@ -196,7 +231,7 @@ def build_scenario(args: argparse.Namespace):
         snark_jitter=jitter,
         winning_gpu=_range(args.winning, "--winning"),
         winning_rate=args.winning_rate,
-        progress_interval=_seconds(args.progress_interval, "--progress-interval"),
+        progress_interval=progress_interval,
     )
 
 
