@@ -202,12 +202,16 @@ class Client:
                 pending.done.set()
 
 
-async def open_stream(path: Path) -> trio.SocketStream:
-    """Connect to the control socket; NoSupervisorError says why nothing could be reached."""
-    hint = (
-        "start one with `damocles-ext run`, or pass the --socket of the one running"
-        " (`prove` can also prove in-process with -c/--conf-dir)"
-    )
+#: What to do when no supervisor answers, as `prove` says it.
+PROVE_HINT = (
+    "start one with `damocles-ext run`, or pass the --socket of the one running"
+    " (`prove` can also prove in-process with -c/--conf-dir)"
+)
+
+
+async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
+    """Connect to the control socket; NoSupervisorError says why nothing could be reached (and
+    ends with `hint`, what to do about it)."""
     try:
         return await trio.open_unix_socket(os.fspath(path))
     except FileNotFoundError:
@@ -252,6 +256,122 @@ async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIte
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+class ReconnectingClient:
+    """A connection to a supervisor that is made again after it was lost, for a front end that
+    outlives restarts of `damocles-ext run` (`serve --connect`).
+
+        remote = ReconnectingClient(path)
+        await remote.connect()                       # NoSupervisorError if nobody listens
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remote.run)           # reads the answers
+            output = await remote.submit(task)
+
+    When the connection is lost (the supervisor stopped or restarted), the requests in flight on
+    it fail with a ProverError that says so; each later `submit` first tries once to connect
+    again and fails with the unreachable reason if that does not work. Nothing is retried: a
+    request that may have reached a prover is never sent twice.
+    """
+
+    #: How long connecting may take (a live supervisor with a full backlog).
+    CONNECT_TIMEOUT = 5.0
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, hint: str = PROVE_HINT
+    ) -> None:
+        self.path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self._hint = hint
+        self._client: Client | None = None
+        self._connected = trio.Event()
+        self._lock = trio.Lock()
+        self.connections = 0  # made so far, the first one included
+
+    async def connect(self) -> None:
+        """Connect now; NoSupervisorError says why nothing could be reached."""
+        try:
+            with trio.fail_after(self.CONNECT_TIMEOUT):
+                stream = await open_stream(self.path, self._hint)
+        except trio.TooSlowError:
+            raise NoSupervisorError(
+                f"the supervisor at {self.path} did not accept a connection within"
+                f" {self.CONNECT_TIMEOUT:g} s (overloaded or hung?); {self._hint}"
+            ) from None
+        self._client = Client(stream, self.path)
+        self.connections += 1
+        if self.connections > 1:
+            log.info("connected to the supervisor at %s again", self.path)
+        self._connected.set()
+
+    async def run(self) -> None:
+        """Read the answers of the current connection, and of each new one; until cancelled."""
+        while True:
+            client = self._client
+            if client is None or client._lost is not None:
+                self._connected = trio.Event()
+                await self._connected.wait()
+                continue
+            try:
+                await client._read_loop()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client._stream.aclose()
+            log.warning("%s; the next request will try to connect again", client._lost)
+            if self._client is client:
+                self._client = None
+
+    async def submit(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_progress: ProgressCallback | None = None,
+    ) -> Output:
+        """`Client.submit` on the current connection, connecting again first if it was lost."""
+        client = await self._current()
+        try:
+            return await client.submit(
+                task, deadline=deadline, priority=priority, on_progress=on_progress
+            )
+        except ProverError as exc:
+            if client._lost is not None and str(exc) == client._lost:
+                reason = client._lost.removeprefix(
+                    f"lost the connection to the supervisor at {self.path}: "
+                )
+                raise ProverError(
+                    f"the supervisor at {self.path} went away before it answered ({reason}:"
+                    " stopped or restarted?); this request was not proved, the next one will"
+                    " try to connect again"
+                ) from None
+            raise
+
+    async def status(self) -> Any:
+        """`Client.status` on the current connection, connecting again first if it was lost."""
+        return await (await self._current()).status()
+
+    async def aclose(self) -> None:
+        """Close the connection: the supervisor cancels what is still open on it."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client._stream.aclose()
+
+    async def _current(self) -> Client:
+        client = self._client
+        if client is not None and client._lost is None:
+            return client
+        # One attempt per request; a request that waited here for another's attempt takes the
+        # connection that one made, or tries again itself.
+        async with self._lock:
+            client = self._client
+            if client is not None and client._lost is None:
+                return client
+            try:
+                await self.connect()
+            except NoSupervisorError as exc:
+                raise ProverError(f"cannot reach the supervisor: {exc}") from None
+            assert self._client is not None
+            return self._client
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
