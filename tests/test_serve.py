@@ -20,8 +20,19 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import DEXT, ManagerLike, dext_run, make_task, plugin_block, write_config
+from helpers_frontend import (
+    DEXT,
+    ManagerLike,
+    dext_run,
+    dext_run_async,
+    make_task,
+    plugin_block,
+    running,
+    short_socket_dir,
+    write_config,
+)
 
+from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor.serve import JsonLineServer
@@ -486,3 +497,201 @@ def test_serve_rejects_an_unknown_stage_with_usage_exit_2():
     result = dext_run("serve", "window_posts", "-c", "x.cfg", input=b"")
     assert result.returncode == 2
     assert b"invalid choice: 'window_posts'" in result.stderr
+
+
+# -- serve --connect: both stages through one `damocles-ext run` -------------------------------
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path):
+    with short_socket_dir("s", tmp_path.name) as d:
+        yield d / "control.sock"
+
+
+async def wait_status(path: Path, condition, what: str):
+    """Poll `run`'s status document until `condition(doc)` holds; 10 s at most."""
+    doc = None
+    async with connect(path) as client:
+        with trio.move_on_after(10):
+            while True:
+                doc = await client.status()
+                if condition(doc):
+                    return doc
+                await trio.sleep(0.02)
+    raise AssertionError(f"never saw: {what}; the last status: {doc}")
+
+
+def _stage(doc, stage: str):
+    return next(s for s in doc.stages if s.stage == stage)
+
+
+def _connect_argv(stage: str, path: Path, *extra: str) -> list[str]:
+    return [*DEXT, "serve", stage, "--connect", str(path), *extra]
+
+
+def locked(block: str, lock: str = "gpu0") -> str:
+    return block + f'Locks = ["{lock}"]\n'
+
+
+async def test_two_serve_connect_processes_share_the_locks_of_one_run(
+    tmp_path, sock_path, stderr_file
+):
+    # damocles-manager starts one processor per stage; through --connect both reach one
+    # supervisor, so the WinningPoSt waits for the WindowPoSt holding gpu0, and then goes
+    # before the WindowPoSt queued earlier.
+    cfg = write_config(
+        tmp_path,
+        locked(plugin_block("WdPost", "sleep", seconds=1.5, progress_interval=0.1))
+        + locked(plugin_block("WinPost", "sleep", seconds=0.3, progress_interval=0.1)),
+    )
+    window1, window2 = make_task(1), make_task(2)
+    winning = make_task(3, stage="winning_post")
+    order: list[str] = []
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        serves: dict[str, ManagerLike] = {}
+
+        async def start(stage: str) -> None:
+            argv = _connect_argv(stage, sock_path)
+            serves[stage] = await ManagerLike.start(nursery, argv, stage, stderr=stderr_file)
+
+        async with trio.open_nursery() as starting:
+            for stage in ("window_post", "winning_post"):
+                starting.start_soon(start, stage)
+        wd, win = serves["window_post"], serves["winning_post"]
+
+        async def note(m: ManagerLike, request_id: int, name: str) -> None:
+            await m.wait(request_id)
+            order.append(name)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as answers:
+                first = await wd.send(window1)
+                answers.start_soon(note, wd, first, "window1")
+                # (A status takes 0.25 s: the first WindowPoSt lasts long enough for two.)
+                await wait_status(
+                    sock_path, lambda d: _stage(d, "window_post").in_flight == 1, "window1 runs"
+                )
+                second = await wd.send(window2)
+                answers.start_soon(note, wd, second, "window2")
+                third = await win.send(winning)
+                answers.start_soon(note, win, third, "winning")
+                doc = await wait_status(
+                    sock_path,
+                    lambda d: (
+                        (_stage(d, "window_post").queued, _stage(d, "winning_post").queued)
+                        == (1, 1)
+                    ),
+                    "window2 and winning queued",
+                )
+                assert _stage(doc, "winning_post").waiting_for_lock == ["gpu0"], doc
+                assert _stage(doc, "window_post").in_flight == 1, doc  # window1 still runs
+                # The other stage's task type is refused by the serve's own decoding; and its
+                # stdin closing still lets the queued WinningPoSt be answered.
+                await win.send_raw(jsonl.encode_request(2, window1), 2)
+                wrong = await win.wait(2)
+                await win.close_stdin()
+            assert order == ["window1", "winning", "window2"]
+            assert wd.responses[first] == jsonl.JsonResponse(first, echo_output(window1), None)
+            assert wd.responses[second] == jsonl.JsonResponse(second, echo_output(window2), None)
+            assert win.responses[third] == jsonl.JsonResponse(third, echo_output(winning), None)
+            assert wrong.output is None and "proof_type" in wrong.err_msg, wrong
+            assert await win.process.wait() == 0, _stderr_text(stderr_file)
+            await wd.close_stdin()
+            assert await wd.process.wait() == 0, _stderr_text(stderr_file)
+            assert (wd.duplicates, wd.unknown, wd.bad_lines) == ([], [], [])
+            assert (win.duplicates, win.unknown, win.bad_lines) == ([], [], [])
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
+def test_serve_connect_without_a_supervisor_exits_2_before_the_ready_line(sock_path):
+    result = dext_run("serve", "winning_post", "--connect", str(sock_path), input=b"")
+    assert result.returncode == 2
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert f"no supervisor at {sock_path}: the socket does not exist" in err, err
+    assert "start `damocles-ext run` first" in err and "Traceback" not in err, err
+
+
+async def test_serve_connect_to_a_run_without_children_of_the_stage_exits_2(tmp_path, sock_path):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        with trio.fail_after(30):
+            result = await dext_run_async("serve", "winning_post", "--connect", str(sock_path))
+            assert result.returncode == 2
+            assert result.stdout == b""
+            err = result.stderr.decode()
+            assert f"the supervisor at {sock_path} has no [[WinPost]] child" in err, err
+            assert "Traceback" not in err, err
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
+async def test_serve_connect_survives_a_restart_of_the_supervisor(tmp_path, sock_path):
+    slow = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30))
+    (tmp_path / "fast").mkdir()
+    fast = write_config(tmp_path / "fast", plugin_block("WdPost", "echo"))
+    argv = _connect_argv("window_post", sock_path, "--log-level", "debug")
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with running(nursery, slow, sock_path) as (run, _log):
+                m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+                lost = await m.send(make_task(1))
+                await wait_status(sock_path, lambda d: d.children[0].in_flight == 1, "running")
+                run.kill()  # gone without a word: no answer, the connection just ends
+                await run.wait()
+                r = await m.wait(lost)
+            assert r.output is None
+            assert f"the supervisor at {sock_path} went away before it answered" in r.err_msg
+            # Nobody listens now: a request tries to connect, and says why it could not.
+            r = await m.request(make_task(2))
+            assert r.output is None and f"no supervisor at {sock_path}" in r.err_msg, r
+            async with running(nursery, fast, sock_path) as (run, log):
+                r = await m.request(make_task(3))
+                assert r == jsonl.JsonResponse(3, echo_output(make_task(3)), None)
+                await m.wait_log("connected to the supervisor at")
+                await m.close_stdin()
+                assert await m.process.wait() == 0, "\n".join(m.log)
+                run.send_signal(signal.SIGTERM)
+                assert await run.wait() == 0, log.text()
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+
+
+async def test_serve_connect_sigterm_answers_and_cancels_what_is_in_flight(tmp_path, sock_path):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.05)
+    )
+    argv = _connect_argv("window_post", sock_path, "--shutdown-grace", "0")
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with running(nursery, cfg, sock_path) as (run, log):
+                m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+                request_id = await m.send(make_task(1))
+                await wait_status(sock_path, lambda d: d.children[0].in_flight == 1, "running")
+                m.process.send_signal(signal.SIGTERM)
+                r = await m.wait(request_id)
+                assert r.output is None and "shutdown grace" in r.err_msg, r
+                assert await m.process.wait() == 0, "\n".join(m.log)
+                # The supervisor was told: its child is free again, long before the 30 s.
+                await wait_status(sock_path, lambda d: d.children[0].in_flight == 0, "cancelled")
+                run.send_signal(signal.SIGTERM)
+                assert await run.wait() == 0, log.text()
+    assert m.duplicates == [] and m.unknown == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--connect", "-c", "x.cfg"], "argument -c/--config: not allowed with argument --connect"),
+        (["--conf-dir", "d", "--connect"], "not allowed with argument --conf-dir"),
+        ([], "one of the arguments -c/--config --conf-dir --connect is required"),
+        (["--connect", "--restart-delay", "2"], "--restart-delay does not apply to serve"),
+        (["--connect", "--dump-dir", "d"], "give --dump-dir to that `run` instead"),
+        (["--connect="], "argument --connect: empty socket path"),
+    ],
+)
+def test_serve_connect_usage_errors_exit_2(extra, message):
+    result = dext_run("serve", "window_post", *extra, input=b"")
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert message in result.stderr.decode() and b"Traceback" not in result.stderr
