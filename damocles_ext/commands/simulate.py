@@ -18,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "windows, randomness 10 minutes before a window opens). Every policy runs the same "
             "random draws. Policies: a = damocles ext-prover as it is, b = damocles with "
             "Concurrent=2 and a shared TMPDIR, c = damocles-ext's scheduler with children that "
-            "report their SNARK phase, c0 = the same without phase reports (JSON-lines children), "
+            "report their SNARK phase (WinningPoSt children with GpuLock = false: they time-share "
+            "the GPU), cl = the same with the GPU lock shared by both stages (GpuLock = true), "
+            "c0 = the same as c without phase reports (JSON-lines children), "
             "cs = damocles-ext with WindowPoSt split into vanilla and SNARK steps on different "
             "children ([[WdPostVanilla]]/[[WdPostSnark]], damocles #981), "
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
@@ -83,8 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--policies",
         default="a,b,c",
-        help="comma-separated: a, b, c, c0, cs, reference, clairvoyant (or damocles, "
-        "damocles-c2, damocles-ext, damocles-ext-nophase, damocles-ext-split)",
+        help="comma-separated: a, b, c, cl, c0, cs, reference, clairvoyant (or damocles, "
+        "damocles-c2, damocles-ext, damocles-ext-gpulock, damocles-ext-nophase, "
+        "damocles-ext-split)",
     )
     parser.add_argument(
         "--bisect",
