@@ -98,7 +98,7 @@ PROBE = (
 def lock_state_bounded(directory):
     """lock_state in a process of its own, killed (failing the test) if it blocks."""
     done = subprocess.run([sys.executable, "-c", PROBE, str(directory)],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -131,9 +131,8 @@ def test_a_symlink_to_a_regular_lock_file_is_followed_as_bellperson_follows_it(t
 
 def test_taking_the_lock_refuses_a_fifo_and_lets_go_of_the_priority_lock(tmp_path):
     os.mkfifo(tmp_path / gpulock.GPU_LOCK)
-    with pytest.raises(gpulock.LockFileError) as caught:
-        with gpulock.priority_gpu_lock(tmp_path):
-            pass
+    with pytest.raises(gpulock.LockFileError) as caught, gpulock.priority_gpu_lock(tmp_path):
+        pass
     assert str(caught.value) == (
         f"{tmp_path / gpulock.GPU_LOCK} is a FIFO, not a regular file; remove it (bellperson's"
         " lock files are regular files)"
@@ -143,7 +142,9 @@ def test_taking_the_lock_refuses_a_fifo_and_lets_go_of_the_priority_lock(tmp_pat
 
 def test_taking_the_lock_does_not_create_a_file_through_a_dangling_symlink(tmp_path):
     os.symlink(tmp_path / "elsewhere", tmp_path / gpulock.PRIORITY_LOCK)
-    with pytest.raises(gpulock.LockFileError, match="is a symlink to a file that does not exist"):
-        with gpulock.priority_gpu_lock(tmp_path):
-            pass
+    with (
+        pytest.raises(gpulock.LockFileError, match="is a symlink to a file that does not exist"),
+        gpulock.priority_gpu_lock(tmp_path),
+    ):
+        pass
     assert not (tmp_path / "elsewhere").exists()

@@ -667,7 +667,7 @@ def test_parse_deadline_refuses_what_is_not_a_time_saying_what_is_accepted(text)
     with pytest.raises(UsageError) as info:
         parse_deadline(text, now=1_800_000_000.0)
     message = str(info.value)
-    assert message.startswith(f"--deadline {text}") or message.startswith(f"--deadline {text!r}")
+    assert message.startswith((f"--deadline {text}", f"--deadline {text!r}"))
     assert "past" in message or "ISO 8601 time (e.g." in message, message
 
 

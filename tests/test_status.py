@@ -383,9 +383,11 @@ def test_lock_files_that_are_not_regular_files_are_listed_under_the_table(tmp_pa
     lock_files = locks["window_post#0"]
     assert (lock_files.gpu, lock_files.priority) == (None, None)
     assert lock_files.problems == [
-        f"bellman.priority.lock is not probed: {tmp_path / 'bellman.priority.lock'} is a"
-        " character device, not a regular file; remove it (bellperson's lock files are regular"
-        " files)"
+        (
+            f"bellman.priority.lock is not probed: {tmp_path / 'bellman.priority.lock'} is a"
+            " character device, not a regular file; remove it (bellperson's lock files are"
+            " regular files)"
+        )
     ]
     text = render_table(_doc(lock_files=lock_files))
     assert text.split("\n\n")[1].splitlines()[1].split()[-1] == "gpu:0"
