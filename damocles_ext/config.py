@@ -364,21 +364,30 @@ def _check_split_tables(doc: dict[str, Any]) -> list[str]:
     return []
 
 
-def detect_gpus() -> list[int]:
-    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found."""
+def detect_gpus(why: list[str] | None = None) -> list[int]:
+    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found.
+
+    When none are found, `why` (if given) gets one line per way tried, saying what it answered.
+    """
+    reasons: list[str] = []
     try:
         import pynvml  # nvidia-ml-py, optional
     except ImportError:
         pynvml = None
+        reasons.append("NVML: nvidia-ml-py is not installed")
     if pynvml is not None:
         try:
             pynvml.nvmlInit()
             try:
-                return list(range(pynvml.nvmlDeviceGetCount()))
+                found = list(range(pynvml.nvmlDeviceGetCount()))
             finally:
                 pynvml.nvmlShutdown()
-        except (pynvml.NVMLError, OSError):
-            pass  # no driver or library: nvidia-smi may still answer, or say why not
+            if found:
+                return found
+            reasons.append("NVML: 0 devices")
+        except (pynvml.NVMLError, OSError) as exc:
+            # No driver or library: nvidia-smi may still answer, or say why not.
+            reasons.append(f"NVML: {exc}")
     try:
         out = subprocess.run(
             ["nvidia-smi", "-L"],
@@ -387,11 +396,25 @@ def detect_gpus() -> list[int]:
             timeout=_GPU_DETECT_TIMEOUT,
             check=False,
         )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if out.returncode != 0:
-        return []
-    return [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
+    except FileNotFoundError:
+        reasons.append("nvidia-smi: not found on PATH")
+    except subprocess.TimeoutExpired:
+        reasons.append(f"nvidia-smi -L: no answer within {_GPU_DETECT_TIMEOUT:g}s")
+    except (OSError, subprocess.SubprocessError) as exc:
+        reasons.append(f"nvidia-smi -L: {exc}")
+    else:
+        found = [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
+        if out.returncode == 0 and found:
+            return found
+        said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        what = f": {said[0][:200]}" if said else ""
+        if out.returncode != 0:
+            reasons.append(f"nvidia-smi -L: exit status {out.returncode}{what}")
+        else:
+            reasons.append(f"nvidia-smi -L: listed no GPU{what}")
+    if why is not None:
+        why.extend(reasons)
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +428,7 @@ class _Builder:
         self.warnings: list[str] = []
         self._next_index = {stage: 0 for stage in STAGE_OF_TABLE.values()}
         self._gpus: list[int] | None = None
+        self._gpu_problems: list[str] = []  # why detect_gpus found none
         self.default_program_tables: list[str] = []
 
     def finish(self) -> None:
@@ -421,7 +445,7 @@ class _Builder:
 
     def _detected_gpus(self) -> list[int]:
         if self._gpus is None:  # once per file: nvidia-smi is slow
-            self._gpus = detect_gpus()
+            self._gpus = detect_gpus(self._gpu_problems)
         return self._gpus
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
@@ -469,7 +493,8 @@ class _Builder:
             if not found:
                 return [
                     (
-                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`); '
+                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`'
+                        f"{''.join('; ' + r for r in self._gpu_problems)}); "
                         f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
                     )
                 ]

@@ -340,7 +340,7 @@ def test_expansion_indices_continue_across_tables() -> None:
 def test_gpus_all_uses_detected_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def two_gpus() -> list[int]:
+    def two_gpus(why: list[str] | None = None) -> list[int]:
         calls.append(1)
         return [0, 2]
 
@@ -415,9 +415,33 @@ def test_detect_gpus_is_empty_when_nvidia_smi_fails_or_is_missing(
     real_detect_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert real_detect_gpus() == []
-    _fake_nvidia_smi(tmp_path, "echo 'NVIDIA-SMI has failed' >&2\nexit 9\n")
-    assert real_detect_gpus() == []
+    why: list[str] = []
+    assert real_detect_gpus(why) == []
+    assert why == ["NVML: nvidia-ml-py is not installed", "nvidia-smi: not found on PATH"]
+    _fake_nvidia_smi(
+        tmp_path,
+        "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'"
+        " >&2\nexit 9\n",
+    )
+    why = []
+    assert real_detect_gpus(why) == []
+    assert why[1] == (
+        "nvidia-smi -L: exit status 9: NVIDIA-SMI has failed because it could not communicate"
+        " with the NVIDIA driver."
+    )
+
+
+def test_gpus_all_says_why_no_gpu_was_found(
+    real_detect_gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_nvidia_smi(tmp_path, "echo 'No devices were found'\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(config.ConfigError) as info:
+        parse('[[WdPost]]\nBin = "sh"\nGpus = "all"\n')
+    assert (
+        'Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`; NVML: nvidia-ml-py is not'
+        " installed; nvidia-smi -L: listed no GPU: No devices were found); list the GPUs"
+    ) in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
