@@ -424,6 +424,36 @@ async def test_serve_stdin_eof_drains_in_flight_requests(tmp_path, stderr_file):
         assert m.responses[request_id].output == echo_output(make_task(i))
 
 
+async def test_serve_deadline_after_gives_requests_a_deadline_that_cancels_them(
+    tmp_path, stderr_file
+):
+    # damocles' JSON lines carry no deadline: without --deadline-after this proof would be
+    # answered after its 30 s; with it, it is cancelled at its deadline and answered with why.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "1s"],
+            "window_post",
+            stderr=stderr_file,
+        )
+        with trio.fail_after(20):
+            response = await m.request(make_task(1))
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+    assert response.output is None and "passed its deadline" in response.err_msg, response
+
+
+@pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m"])
+def test_serve_deadline_after_refuses_what_is_not_a_duration(tmp_path, value):
+    result = dext_run(
+        "serve", "window_post", "-c", str(tmp_path / "x.cfg"), f"--deadline-after={value}",
+        input=b"",
+    )
+    assert result.returncode == 2 and b"--deadline-after" in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 async def test_serve_sigterm_answers_every_request_and_leaves_no_process(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=0.3))
     async with trio.open_nursery() as nursery:
@@ -602,6 +632,24 @@ async def test_two_serve_connect_processes_share_the_locks_of_one_run(
             assert (win.duplicates, win.unknown, win.bad_lines) == ([], [], [])
             run.send_signal(signal.SIGTERM)
             assert await run.wait() == 0, log.text()
+
+
+async def test_serve_connect_deadline_after_reaches_the_supervisor(
+    tmp_path, sock_path, stderr_file
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path):
+        m = await ManagerLike.start(
+            nursery,
+            _connect_argv("window_post", sock_path, "--deadline-after", "1"),
+            "window_post",
+            stderr=stderr_file,
+        )
+        with trio.fail_after(20):
+            response = await m.request(make_task(1))
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+    assert response.output is None and "passed its deadline" in response.err_msg, response
 
 
 def test_serve_connect_without_a_supervisor_exits_2_before_the_ready_line(sock_path):

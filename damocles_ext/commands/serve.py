@@ -186,6 +186,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " tune supervising (--restart-delay, --restart-max-delay, --dump-dir) are refused with"
         " it: give them to `run`",
     )
+    parser.add_argument(
+        "--deadline-after",
+        type=_duration,
+        metavar="DURATION",
+        help="give each request the deadline DURATION after it arrives (seconds, or with a suffix"
+        " s, m or h), since damocles' JSON lines carry none: queues go earliest deadline first, a"
+        " request still queued at its deadline fails at once, and a running one is cancelled."
+        " damocles-manager sends a deadline's WindowPoSt when its randomness is known, about 35"
+        " minutes before its proofs are due (less its ChallengeConfidence and the submit margin"
+        " you want); a WinningPoSt has its block's ~20-30 s. Default: no deadline",
+    )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_common_args(parser, "info")
@@ -193,6 +204,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     # None = not given: with --connect a given one is refused, without it the default applies.
     parser.set_defaults(restart_delay=None, restart_max_delay=None)
     return parser
+
+
+def _duration(text: str) -> float:
+    """--deadline-after: seconds, or a number with the suffix s, m or h; positive and finite."""
+    import math
+
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:].lower())
+    number = text[:-1] if scale is not None else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (seconds, or a number with s, m or h, e.g. 35m)"
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite duration, got {text!r}")
+    return value
+
+
+def _with_deadline(submit, after: float | None):
+    """`submit(task)` that gives each request the deadline `after` seconds from now (if set)."""
+    if after is None:
+        return submit
+
+    async def submit_with_deadline(task):
+        import time
+
+        return await submit(task, deadline=time.time() + after)
+
+    return submit_with_deadline
 
 
 def _socket_path(text: str) -> str:
@@ -250,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    return trio.run(_serve, args.stage, supervisor, protocol_in, protocol_out)
+    submit = _with_deadline(supervisor.submit, args.deadline_after)
+    return trio.run(_serve, args.stage, supervisor, submit, protocol_in, protocol_out)
 
 
 def _take_protocol_fds() -> tuple[int, int]:
@@ -273,7 +315,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) -> int:
+async def _serve(stage: str, supervisor, submit, protocol_in: int, protocol_out: int) -> int:
     import signal
 
     import trio
@@ -286,7 +328,7 @@ async def _serve(stage: str, supervisor, protocol_in: int, protocol_out: int) ->
         async with trio.open_nursery() as nursery:
             server = JsonLineServer(
                 stage,
-                supervisor.submit,
+                submit,
                 receive_stream=receive,
                 send_stream=send,
                 on_input_closed=lambda: nursery.start_soon(
@@ -394,7 +436,13 @@ def _run_connected(args: argparse.Namespace) -> int:
     remote = ReconnectingClient(None if args.connect is True else args.connect, hint=CONNECT_HINT)
     protocol_in, protocol_out = _take_protocol_fds()
     return trio.run(
-        _serve_connected, args.stage, remote, protocol_in, protocol_out, args.shutdown_grace
+        _serve_connected,
+        args.stage,
+        remote,
+        protocol_in,
+        protocol_out,
+        args.shutdown_grace,
+        args.deadline_after,
     )
 
 
@@ -431,9 +479,10 @@ class _Forwarder:
     """submit(task) for JsonLineServer that proves through the remote supervisor, and can give up
     on what is in flight (each then gets an error answer, and the supervisor a Cancel)."""
 
-    def __init__(self, stage: str, remote) -> None:
+    def __init__(self, stage: str, remote, deadline_after: float | None = None) -> None:
         self.stage = stage
         self.remote = remote
+        self._submit = _with_deadline(remote.submit, deadline_after)
         self._scopes: set = set()
         self._abandoned: str | None = None
 
@@ -448,7 +497,7 @@ class _Forwarder:
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
-                output = await self.remote.submit(task)
+                output = await self._submit(task)
             finally:
                 self._scopes.discard(scope)
             # The task went out typed by our stage, so the supervisor chose a child of it; an
@@ -471,7 +520,12 @@ class _Forwarder:
 
 
 async def _serve_connected(
-    stage: str, remote, protocol_in: int, protocol_out: int, shutdown_grace: float
+    stage: str,
+    remote,
+    protocol_in: int,
+    protocol_out: int,
+    shutdown_grace: float,
+    deadline_after: float | None = None,
 ) -> int:
     import signal
 
@@ -482,7 +536,7 @@ async def _serve_connected(
     # Before the ready line: damocles-manager's start check must fail when nobody listens.
     await remote.connect()
     log.info("connected to the supervisor at %s", remote.path)
-    forwarder = _Forwarder(stage, remote)
+    forwarder = _Forwarder(stage, remote, deadline_after)
     problem: str | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
