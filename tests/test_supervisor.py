@@ -525,13 +525,33 @@ def test_a_new_per_gpu_tmpdir_and_its_tmp_root_are_created_private(tmp_root):
         assert stat.S_IMODE(st.st_mode) == 0o700, d
 
 
-def test_a_loose_per_gpu_tmpdir_and_tmp_root_of_ours_are_tightened(tmp_root):
+def test_a_loose_per_gpu_tmpdir_of_ours_is_tightened_in_a_shared_sticky_root(tmp_root):
+    # The root may be /tmp itself (DAMOCLES_EXT_TMP_ROOT=/tmp): mode 1777, left as it is; the
+    # sticky bit keeps others from replacing the per-GPU directory, which is made 0700.
     (tmp_root / "window_post-gpu0").mkdir(parents=True)
-    os.chmod(tmp_root, 0o777)
+    os.chmod(tmp_root, 0o1777)
     os.chmod(tmp_root / "window_post-gpu0", 0o777)
     prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
     assert stat.S_IMODE(os.lstat(tmp_root / "window_post-gpu0").st_mode) == 0o700
-    assert stat.S_IMODE(os.lstat(tmp_root).st_mode) == 0o755  # no longer writable by others
+    assert stat.S_IMODE(os.lstat(tmp_root).st_mode) == 0o1777
+
+
+def test_a_tmp_root_others_may_write_without_a_sticky_bit_is_refused_not_changed(tmp_root):
+    tmp_root.mkdir()
+    os.chmod(tmp_root, 0o777)
+    with pytest.raises(SpawnError, match=r"may be written by other users and has no sticky bit.*"
+                       r"chmod go-w or \+t it"):  # fmt: skip
+        prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    assert stat.S_IMODE(os.lstat(tmp_root).st_mode) == 0o777
+    assert not (tmp_root / "window_post-gpu0").exists()
+
+
+def test_a_tmp_root_that_is_our_own_symlink_is_followed(tmp_root, tmp_path):
+    # An operator's link to a directory of theirs (a faster disk, say).
+    (tmp_path / "fast").mkdir(mode=0o700)
+    tmp_root.symlink_to(tmp_path / "fast")
+    prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
+    assert stat.S_IMODE(os.lstat(tmp_path / "fast" / "window_post-gpu0").st_mode) == 0o700
 
 
 @needs_root
@@ -564,14 +584,18 @@ def test_a_tmp_root_owned_by_another_user_or_a_symlink_is_refused(tmp_root, tmp_
     tmp_root.mkdir()
     os.chown(tmp_root, OTHER_UID, OTHER_UID)
     root = re.escape(str(tmp_root))
-    with pytest.raises(SpawnError, match=rf"the tmp root {root}, where WdPost\[0\] gets its"
-                       rf" TMPDIR .* is owned by uid {OTHER_UID}, not by us .* Remove it, or set"
-                       r" DAMOCLES_EXT_TMP_ROOT to a directory of your own"):  # fmt: skip
+    refused = (
+        rf"the tmp root {root}, where WdPost\[0\] gets its TMPDIR .* is owned by uid {OTHER_UID},"
+        r" not by us or root.* Fix or remove it, or set DAMOCLES_EXT_TMP_ROOT to a directory of"
+        r" your own"
+    )
+    with pytest.raises(SpawnError, match=refused):
         prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
     tmp_root.rmdir()
     (tmp_path / "theirs").mkdir()
     tmp_root.symlink_to(tmp_path / "theirs")
-    with pytest.raises(SpawnError, match=rf"the tmp root {root}, .* is a symlink"):
+    os.lchown(tmp_root, OTHER_UID, OTHER_UID)  # another user's link, planted in /tmp
+    with pytest.raises(SpawnError, match=rf"the tmp root {root}, .* is a symlink owned by uid"):
         prepare_gpu_tmpdir(tmp_root / "window_post-gpu0")
     assert not (tmp_path / "theirs" / "window_post-gpu0").exists()
 

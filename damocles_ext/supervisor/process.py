@@ -175,9 +175,57 @@ def _own_dir(path: str, dir_fd: int | None, create: Callable[[], None]) -> int:
     raise _Unusable("keeps disappearing")
 
 
+def _open_tmp_root(root: str) -> int:
+    """An fd of the tmp root (created mode 0700 if missing) in which no other user can replace
+    our entries; raises _Unusable saying what it is otherwise.
+
+    Accepted: a directory owned by us or by root, that others cannot write to, or that has the
+    sticky bit (as /tmp has: others cannot rename or remove what we put there). A symlink is
+    followed only if it is ours or root's (an operator's link to a faster disk, say): one that
+    another user made, e.g. in /tmp before we made the root, is refused. Nothing here changes the
+    mode of a directory that exists: it may be shared (the root may be /tmp itself).
+    """
+    euid = os.geteuid()
+    path = root
+    try:
+        link = os.lstat(root)
+    except FileNotFoundError:
+        link = None
+    if link is not None and stat.S_ISLNK(link.st_mode):
+        if link.st_uid not in (0, euid):
+            raise _Unusable(f"is a symlink owned by uid {link.st_uid}, not by us or root")
+        path = os.path.realpath(root)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                os.makedirs(path, mode=0o700)
+            except FileExistsError:
+                pass  # made meanwhile: the checks below decide
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _Unusable(f"({path}) is not a directory") from None
+            raise
+        st = os.fstat(fd)
+        where = "" if path == root else f" ({path})"
+        if st.st_uid not in (0, euid):
+            os.close(fd)
+            raise _Unusable(f"{where} is owned by uid {st.st_uid}, not by us or root".lstrip())
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            os.close(fd)
+            raise _Unusable(
+                f"{where} may be written by other users and has no sticky bit, so they could"
+                f" replace what we put there (chmod go-w or +t it)".lstrip()
+            )
+        return fd
+    raise _Unusable("keeps disappearing")
+
+
 def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
     """Create or check `<tmp root>/<stage>-gpu<i>/`: a real directory of ours, mode 0700, in a
-    tmp root of ours that only we may write to.
+    tmp root where no other user can replace it (see _open_tmp_root).
 
     The default tmp root is in /tmp, where any user can create these names before we do, as a
     directory others can read and write or as a symlink to one of theirs; the prover's temporary
@@ -188,12 +236,12 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
         " lock files there"
     )
     try:
-        root_fd = _own_dir(root, None, lambda: os.makedirs(root, mode=0o700))
+        root_fd = _open_tmp_root(root)
     except _Unusable as exc:
         raise SpawnError(
             f"{name}: the tmp root {root}, where {where} gets its TMPDIR {tmpdir}, {exc};"
-            f" refusing to use it ({why}). Remove it, or set {TMP_ROOT_ENV} to a directory of"
-            f" your own"
+            f" refusing to use it ({why}). Fix or remove it, or set {TMP_ROOT_ENV} to a"
+            f" directory of your own"
         ) from None
     except OSError as exc:
         raise SpawnError(
@@ -201,9 +249,6 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
             f" set {TMP_ROOT_ENV} to a directory you may write to"
         ) from None
     try:
-        mode = stat.S_IMODE(os.fstat(root_fd).st_mode)
-        if mode & 0o022:
-            os.fchmod(root_fd, mode & ~0o022)  # ours: only we may add or replace its entries
         leaf = os.path.basename(os.path.normpath(tmpdir))
         try:
             fd = _own_dir(leaf, root_fd, lambda: os.mkdir(leaf, 0o700, dir_fd=root_fd))
