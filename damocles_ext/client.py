@@ -229,7 +229,7 @@ async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
         ) from None
     except OSError as exc:
         raise NoSupervisorError(
-            f"cannot connect to the supervisor at {path}: {exc.strerror}"
+            f"cannot connect to the supervisor at {path}: {exc.strerror or exc}"
         ) from None
 
 

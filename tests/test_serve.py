@@ -652,6 +652,28 @@ async def test_serve_connect_deadline_after_reaches_the_supervisor(
     assert response.output is None and "passed its deadline" in response.err_msg, response
 
 
+def test_serve_connect_to_a_socket_path_too_long_says_so(tmp_path):
+    result = dext_run("serve", "window_post", "--connect", str(tmp_path / ("s" * 120)), input=b"")
+    assert result.returncode == 2 and result.stdout == b""
+    assert b"path too long" in result.stderr and b"None" not in result.stderr, result.stderr
+
+
+def test_the_forwarder_passes_on_no_output_of_another_stage():
+    # serve --connect sends a task typed by its stage; an answer of the other stage would be the
+    # supervisor's bug and must not reach damocles-manager as a proof.
+    from damocles_ext.commands.serve import _Forwarder
+    from damocles_ext.tasks import WinningPoStOutput
+
+    class Remote:
+        path = "/run/x.sock"
+
+        async def submit(self, task, **kw):
+            return WinningPoStOutput(proofs=[b"x"])
+
+    with pytest.raises(ProverError, match="answered a window_post task with a winning_post"):
+        trio.run(_Forwarder("window_post", Remote()).submit, make_task(1))
+
+
 def test_serve_connect_without_a_supervisor_exits_2_before_the_ready_line(sock_path):
     result = dext_run("serve", "winning_post", "--connect", str(sock_path), input=b"")
     assert result.returncode == 2
