@@ -430,18 +430,20 @@ async def test_serve_deadline_after_gives_requests_a_deadline_that_cancels_them(
     # damocles' JSON lines carry no deadline: without --deadline-after this proof would be
     # answered after its 30 s; with it, it is cancelled at its deadline and answered with why.
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "1s"]
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(
-            nursery,
-            [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "1s"],
-            "window_post",
-            stderr=stderr_file,
-        )
-        with trio.fail_after(20):
-            response = await m.request(make_task(1))
-            await m.close_stdin()
-            assert await m.process.wait() == 0
+        response = await _answer_to_one_window_post(nursery, argv, stderr_file)
     assert response.output is None and "passed its deadline" in response.err_msg, response
+
+
+async def _answer_to_one_window_post(nursery, argv: list[str], stderr_file):
+    """Start a serve, send it one WindowPoSt, close its stdin; its answer (the serve exits 0)."""
+    m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr_file)
+    with trio.fail_after(20):
+        response = await m.request(make_task(1))
+        await m.close_stdin()
+        assert await m.process.wait() == 0
+    return response
 
 
 @pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m"])
@@ -638,17 +640,9 @@ async def test_serve_connect_deadline_after_reaches_the_supervisor(
     tmp_path, sock_path, stderr_file
 ):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
+    argv = _connect_argv("window_post", sock_path, "--deadline-after", "1")
     async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path):
-        m = await ManagerLike.start(
-            nursery,
-            _connect_argv("window_post", sock_path, "--deadline-after", "1"),
-            "window_post",
-            stderr=stderr_file,
-        )
-        with trio.fail_after(20):
-            response = await m.request(make_task(1))
-            await m.close_stdin()
-            assert await m.process.wait() == 0
+        response = await _answer_to_one_window_post(nursery, argv, stderr_file)
     assert response.output is None and "passed its deadline" in response.err_msg, response
 
 

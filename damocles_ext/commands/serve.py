@@ -360,15 +360,19 @@ async def _serve(stage: str, supervisor, submit, protocol_in: int, protocol_out:
         with trio.CancelScope(shield=True):
             await receive.aclose()
             await send.aclose()
-        stats = server.statistics()
-        log.info(
-            "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
-            stats.received,
-            stats.answered,
-            stats.failed,
-            stats.unreadable,
-        )
+        _log_stopped(server)
     return 0
+
+
+def _log_stopped(server) -> None:
+    stats = server.statistics()
+    log.info(
+        "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
+        stats.received,
+        stats.answered,
+        stats.failed,
+        stats.unreadable,
+    )
 
 
 async def _finish_then_stop(server, supervisor, out_fd: int) -> None:
@@ -597,12 +601,5 @@ async def _serve_connected(
         from damocles_ext.errors import UsageError
 
         raise UsageError(problem)
-    stats = server.statistics()
-    log.info(
-        "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
-        stats.received,
-        stats.answered,
-        stats.failed,
-        stats.unreadable,
-    )
+    _log_stopped(server)
     return 0
