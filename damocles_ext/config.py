@@ -121,6 +121,9 @@ class ChildSpec(msgspec.Struct, frozen=True):
     cancel_grace: float
     locks: tuple[str, ...]
     gpu: str | None
+    #: TMPDIR is the private `<tmp root>/<stage>-gpu<i>/` that Gpus gave it (not one from Envs):
+    #: the supervisor makes it 0700 and refuses one that others could reach (process.py).
+    private_tmpdir: bool = False
 
 
 class Config(msgspec.Struct):
@@ -515,10 +518,14 @@ class _Builder:
 
         for gpu in gpus:
             envs = dict(block.envs)
+            private_tmpdir = gpu is not None and "TMPDIR" not in envs
             if gpu is not None:
                 envs.setdefault("CUDA_VISIBLE_DEVICES", str(gpu))
                 envs.setdefault("TMPDIR", os.path.join(self.tmp_root, f"{stage}-gpu{gpu}") + "/")
-            self.children.append(self._child(stage, block_index, block, argv, kind, envs, cpuset))
+            child = self._child(stage, block_index, block, argv, kind, envs, cpuset)
+            if private_tmpdir:
+                child = msgspec.structs.replace(child, private_tmpdir=True)
+            self.children.append(child)
         return []
 
     def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:

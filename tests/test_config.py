@@ -278,7 +278,7 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
     assert len(short) == 8
 
     def without_tmpdir_and_block(c: ChildSpec) -> dict:
-        d = {f: getattr(c, f) for f in c.__struct_fields__ if f != "block"}
+        d = {f: getattr(c, f) for f in c.__struct_fields__ if f not in ("block", "private_tmpdir")}
         d["envs"] = {k: v for k, v in c.envs.items() if k != "TMPDIR"}
         return d
 
@@ -289,6 +289,9 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
         f"/tmp/damocles-ext/window_post-gpu{i}/" for i in range(8)
     ]
     assert {c.block for c in short} == {0}
+    # The TMPDIRs Gpus made are the supervisor's to keep private; the seed's, from Envs, are not.
+    assert [c.private_tmpdir for c in short] == [True] * 8
+    assert [c.private_tmpdir for c in seed] == [False] * 8
 
 
 def test_gpus_tmp_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,6 +299,7 @@ def test_gpus_tmp_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     cfg = parse('[[WinPost]]\nBin = "sh"\nGpus = [3]\n')
     assert cfg.tmp_root == "/var/tmp/dext/"
     assert cfg.children[0].envs["TMPDIR"] == "/var/tmp/dext/winning_post-gpu3/"
+    assert cfg.children[0].private_tmpdir
 
 
 def test_relative_tmp_root_in_the_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,6 +317,7 @@ def test_gpus_keep_envs_values_when_envs_sets_them() -> None:
         {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "0"},
         {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "1"},
     ]
+    assert not any(c.private_tmpdir for c in cfg.children)  # shared on purpose: left as it is
     assert cfg.warnings == []
 
 

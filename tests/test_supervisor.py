@@ -510,7 +510,7 @@ def tmp_root(tmp_path, monkeypatch):
 
 def prepare_gpu_tmpdir(tmpdir) -> None:
     prepare_spawn("window_post#0", "window_post", 0, [sys.executable], "bin", os.environ,
-                  None, tmpdir=f"{tmpdir}/")  # fmt: skip
+                  None, tmpdir=f"{tmpdir}/", private_tmpdir=True)  # fmt: skip
 
 
 def test_a_new_per_gpu_tmpdir_and_its_tmp_root_are_created_private(tmp_root):
@@ -605,13 +605,29 @@ async def test_a_per_gpu_tmpdir_of_another_user_is_a_clear_failed_start(tmp_root
     tmpdir = tmp_root / "window_post-gpu0"
     tmpdir.mkdir(parents=True)
     os.chown(tmpdir, OTHER_UID, OTHER_UID)
-    child = spec(jsonl_child(), envs={"TMPDIR": f"{tmpdir}/"}, auto_restart=False)
+    child = spec(
+        jsonl_child(), envs={"TMPDIR": f"{tmpdir}/"}, private_tmpdir=True, auto_restart=False
+    )
     async with open_supervisor([child]) as sup:
         with pytest.raises(ProverError, match=re.escape(f"{tmpdir}/ of WdPost[0] is owned by")):
             await sup.wait_ready()
         last_exit = child_stats(sup, "window_post#0").last_exit
         assert last_exit.startswith(f"failed to start: window_post#0: TMPDIR {tmpdir}/ of")
         assert "Traceback" not in last_exit
+
+
+async def test_a_tmpdir_from_envs_is_left_as_it_is(tmp_path):
+    # Envs may point TMPDIR at a directory shared on purpose (even /tmp): created if missing,
+    # never checked or chmodded; only the ones Gpus makes (private_tmpdir) are.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    prepare_spawn("window_post#0", "window_post", 0, [sys.executable], "bin", os.environ,
+                  None, tmpdir=f"{shared}/")  # fmt: skip
+    assert stat.S_IMODE(os.lstat(shared).st_mode) == 0o777
+    prepare_spawn("window_post#0", "window_post", 0, [sys.executable], "bin", os.environ,
+                  None, tmpdir=f"{tmp_path / 'new'}/")  # fmt: skip
+    assert stat.S_IMODE(os.lstat(tmp_path / "new").st_mode) == 0o700
 
 
 async def test_child_stderr_is_relogged_with_stage_index_and_pid(caplog):

@@ -1137,6 +1137,7 @@ class Supervisor:
                 env,
                 spec.cpuset,
                 tmpdir=spec.envs.get("TMPDIR"),
+                private_tmpdir=spec.private_tmpdir,
             )
             proc = spawn(spec.name, spec.argv, env, spec.cpuset)
         except SpawnError as exc:

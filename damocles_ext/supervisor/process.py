@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from ..config import DEFAULT_TMP_ROOT, TABLE_OF_STAGE, TMP_ROOT_ENV
+from ..config import TABLE_OF_STAGE, TMP_ROOT_ENV
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -102,11 +102,14 @@ def prepare_spawn(
     env: Mapping[str, str],
     cpuset: frozenset[int] | None,
     tmpdir: str | None = None,
+    *,
+    private_tmpdir: bool = False,
 ) -> None:
-    """Checks that turn a doomed spawn into a clear error; creates `tmpdir` (Envs' TMPDIR).
+    """Checks that turn a doomed spawn into a clear error; creates `tmpdir` (the TMPDIR).
 
-    A TMPDIR right under the tmp root (where Gpus puts `<stage>-gpu<i>/`) is made private, or
-    refused if it is not ours; see _private_gpu_tmpdir.
+    A `private_tmpdir` (the `<tmp root>/<stage>-gpu<i>/` that Gpus gives a child) is made
+    private, or refused if others could reach it; see _private_gpu_tmpdir. One from Envs is
+    created if missing and otherwise left as it is (it may be shared on purpose).
     """
     where = block_name(stage, block)
     if not argv:
@@ -125,8 +128,8 @@ def prepare_spawn(
                 f" (available: {sorted(available)})"
             )
     if tmpdir:
-        root = os.path.normpath(os.environ.get(TMP_ROOT_ENV) or DEFAULT_TMP_ROOT)
-        if os.path.dirname(os.path.normpath(tmpdir)) == root:
+        if private_tmpdir:
+            root = os.path.dirname(os.path.normpath(tmpdir))
             _private_gpu_tmpdir(name, where, tmpdir, root)
             return
         try:
