@@ -759,3 +759,12 @@ def test_serve_connect_usage_errors_exit_2(extra, message):
     assert result.returncode == 2
     assert result.stdout == b""
     assert message in result.stderr.decode() and b"Traceback" not in result.stderr
+
+
+def test_serve_connect_before_the_stage_says_to_put_it_after():
+    result = dext_run("serve", "--connect", "winning_post", input=b"")
+    assert result.returncode == 2 and result.stdout == b""
+    assert (
+        b"'winning_post' is a stage, not a socket path: put --connect after the stage"
+        b" (serve winning_post --connect [SOCKET])"
+    ) in result.stderr

@@ -239,6 +239,11 @@ def _with_deadline(submit, after: float | None):
 def _socket_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty socket path; leave the value out for the default")
+    if text in STAGES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a stage, not a socket path: put --connect after the stage"
+            f" (serve {text} --connect [SOCKET])"
+        )
     return text
 
 
