@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -206,20 +208,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _duration(text: str) -> float:
-    """--deadline-after: seconds, or a number with the suffix s, m or h; positive and finite."""
-    import math
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:].lower())
-    number = text[:-1] if scale is not None else text
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "3m" or "1h"; ValueError says what is wrong (finite, >= 0)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(
+            f"{text!r} is not a duration; write seconds (90 or 90s), minutes (3m) or hours (1h)"
+        )
+    seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
+        raise ValueError(f"{text!r} is too long a duration to be a number of seconds")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    """--deadline-after: a positive parse_duration."""
     try:
-        value = float(number) * (scale or 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (seconds, or a number with s, m or h, e.g. 35m)"
-        ) from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite duration, got {text!r}")
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
     return value
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
             "deployment), clairvoyant = the reference knowing every SNARK's duration in advance "
             "(what foresight would be worth). "
-            "Durations are seconds unless suffixed with m (minutes)."
+            "Durations are seconds unless suffixed with m (minutes) or h (hours)."
         ),
     )
     parser.add_argument("--miners", type=int, default=4, help="miner ids (default 4)")
@@ -103,21 +102,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 _MAX_WINNING_RATE = 120.0
 _PROVING_PERIOD = 24 * 3600.0
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([sm]?)\s*$")
-
-
 def _seconds(text: str, option: str) -> float:
     from damocles_ext.errors import UsageError
 
-    m = _DURATION.match(text)
-    if not m:
-        raise UsageError(
-            f"{option}: {text!r} is not a duration; write seconds (90 or 90s) or minutes (3m)"
-        )
-    seconds = float(m.group(1)) * (60.0 if m.group(2) == "m" else 1.0)
-    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
-        raise UsageError(f"{option}: {text!r} is too long a duration to be a number of seconds")
-    return seconds
+    from .serve import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _range(text: str, option: str):
