@@ -144,24 +144,23 @@ class _Unusable(Exception):
     """A directory that is not ours to use; the message says what it is (a symlink, ...)."""
 
 
-def _own_dir(path: str, dir_fd: int | None, create: Callable[[], None]) -> int:
-    """An fd of the directory `path` (relative to `dir_fd`), made by `create` if missing.
+def _open_dir(path: str, dir_fd: int | None, make: Callable[[], None]) -> int:
+    """An fd of the directory `path` (relative to `dir_fd`), made by `make` if missing.
 
-    Never through a symlink at `path` (O_NOFOLLOW), and only a directory our euid owns: what is
-    checked is the open fd, so nothing can be swapped in between the check and the use.
-    Raises _Unusable when it is not ours to use, OSError when it cannot be made or opened.
+    Never through a symlink at `path` (O_NOFOLLOW): what the callers check is the open fd, so
+    nothing can be swapped in between the check and the use. Raises _Unusable for a symlink or
+    a non-directory, OSError when it cannot be made or opened.
     """
     for _ in range(3):
         try:
-            fd = os.open(
+            return os.open(
                 path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
             )
         except FileNotFoundError:
             try:
-                create()
+                make()
             except FileExistsError:
-                pass  # made meanwhile by someone else: the checks below decide
-            continue
+                pass  # made meanwhile by someone else: the checks decide
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 try:
@@ -170,11 +169,6 @@ def _own_dir(path: str, dir_fd: int | None, create: Callable[[], None]) -> int:
                     is_link = False
                 raise _Unusable("is a symlink" if is_link else "is not a directory") from None
             raise
-        owner = os.fstat(fd).st_uid
-        if owner != os.geteuid():
-            os.close(fd)
-            raise _Unusable(f"is owned by uid {owner}, not by us (uid {os.geteuid()})")
-        return fd
     raise _Unusable("keeps disappearing")
 
 
@@ -198,32 +192,19 @@ def _open_tmp_root(root: str) -> int:
         if link.st_uid not in (0, euid):
             raise _Unusable(f"is a symlink owned by uid {link.st_uid}, not by us or root")
         path = os.path.realpath(root)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            try:
-                os.makedirs(path, mode=0o700)
-            except FileExistsError:
-                pass  # made meanwhile: the checks below decide
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise _Unusable(f"({path}) is not a directory") from None
-            raise
-        st = os.fstat(fd)
-        where = "" if path == root else f" ({path})"
-        if st.st_uid not in (0, euid):
-            os.close(fd)
-            raise _Unusable(f"{where} is owned by uid {st.st_uid}, not by us or root".lstrip())
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            os.close(fd)
-            raise _Unusable(
-                f"{where} may be written by other users and has no sticky bit, so they could"
-                f" replace what we put there (chmod go-w or +t it)".lstrip()
-            )
-        return fd
-    raise _Unusable("keeps disappearing")
+    fd = _open_dir(path, None, lambda: os.makedirs(path, mode=0o700))
+    st = os.fstat(fd)
+    target = "" if path == root else f"({path}) "
+    if st.st_uid not in (0, euid):
+        os.close(fd)
+        raise _Unusable(f"{target}is owned by uid {st.st_uid}, not by us or root")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        os.close(fd)
+        raise _Unusable(
+            f"{target}may be written by other users and has no sticky bit, so they could replace"
+            " what we put there (chmod go-w or +t it)"
+        )
+    return fd
 
 
 def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
@@ -254,17 +235,20 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
     try:
         leaf = os.path.basename(os.path.normpath(tmpdir))
         try:
-            fd = _own_dir(leaf, root_fd, lambda: os.mkdir(leaf, 0o700, dir_fd=root_fd))
+            fd = _open_dir(leaf, root_fd, lambda: os.mkdir(leaf, 0o700, dir_fd=root_fd))
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != os.geteuid():
+                    raise _Unusable(f"is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
+                if stat.S_IMODE(st.st_mode) != 0o700:
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
         except _Unusable as exc:
             raise SpawnError(
                 f"{name}: TMPDIR {tmpdir} of {where} {exc}; refusing to use it ({why})."
                 f" Remove it, or set TMPDIR in the Envs of {where} to a directory of your own"
             ) from None
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
-                os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
     except OSError as exc:
         raise SpawnError(
             f"{name}: cannot create TMPDIR {tmpdir} of {where}: {exc.strerror}"
