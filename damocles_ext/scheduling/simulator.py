@@ -547,13 +547,14 @@ class _Engine:
         heapq.heappush(self.heap, (t, next(self.seq), kind, data))
 
     def run(self) -> None:
-        windows: dict[tuple[int, int], list[SimJob]] = {}
         for job in self.jobs.values():
             self.push(job.release, "arrive", job)
-            if job.stage == WINDOW_POST:
-                windows.setdefault((job.miner, job.deadline_index), []).append(job)
         if self.baseline is not None:
             # damocles-manager aborts a deadline's runner when its window closes.
+            windows: dict[tuple[int, int], list[SimJob]] = {}
+            for job in self.jobs.values():
+                if job.stage == WINDOW_POST:
+                    windows.setdefault((job.miner, job.deadline_index), []).append(job)
             for jobs in windows.values():
                 self.push(jobs[0].due + self.scenario.submit_margin, "close", jobs)
         while self.heap:
