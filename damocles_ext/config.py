@@ -281,6 +281,16 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(
+            source,
+            [
+                (
+                    f"{source}: arrays or inline tables nested too deeply to parse (hundreds of"
+                    " levels); no key of ext-prover.cfg nests more than two"
+                )
+            ],
+        ) from None
 
     errors: list[str] = []
     if tmp_root is None:

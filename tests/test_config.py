@@ -833,3 +833,14 @@ def test_check_config_names_an_unknown_plugin_and_refused_options(tmp_path, caps
     assert "WdPost[0].Plugin: unknown prover 'nope'; available provers: echo" in err
     assert "WinPost[0].Plugin: prover 'sleep'" in err and "'sometimes'" in err
     assert "Traceback" not in err
+
+
+def test_a_deeply_nested_value_is_a_config_error_not_a_traceback_subprocess(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text('[[WdPost]]\nPlugin = "echo"\nArgs = ' + "[" * 1500 + "]" * 1500 + "\n")
+    proc = run_cli_subprocess("check-config", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert f"{cfg}: arrays or inline tables nested too deeply" in proc.stderr
+    assert "Traceback" not in proc.stderr

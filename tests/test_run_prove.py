@@ -546,6 +546,15 @@ def test_prove_bad_json_names_line_and_column(tmp_path):
     assert b"bad.json" in r.stderr and b"line 3, column" in r.stderr, r.stderr
 
 
+def test_prove_deeply_nested_json_is_a_usage_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "deep.json"
+    bad.write_bytes(b'{"miner_id": 1000, "junk": ' + b"[" * 1500 + b"]" * 1500 + b"}")
+    r = _prove(tmp_path, "--request", str(bad))
+    assert r.returncode == 2, r.stderr
+    assert b"deep.json" in r.stderr and b"nested too deeply" in r.stderr, r.stderr
+    assert b"Traceback" not in r.stderr
+
+
 def test_prove_missing_field_is_named(tmp_path):
     data = msgspec.json.decode(jsonl.task_to_json(make_task()))
     del data["seed"]
