@@ -152,6 +152,28 @@ async def test_unreadable_lines_are_logged_and_skipped(harness, caplog):
     assert harness.server.statistics().unreadable == 2
 
 
+async def test_an_internal_error_on_one_line_is_logged_and_serve_goes_on(
+    harness, caplog, monkeypatch
+):
+    original = jsonl.decode_request
+
+    def buggy_decode_request(line, stage):
+        if b'"id":3,' in line:
+            raise RuntimeError("injected bug on one line")
+        return original(line, stage)
+
+    monkeypatch.setattr(jsonl, "decode_request", buggy_decode_request)
+    await harness.read_lines(1)
+    harness.gate(4)[0].set()
+    await harness.to_server.send_all(
+        jsonl.encode_request(3, make_task(3)) + jsonl.encode_request(4, make_task(4))
+    )
+    (line,) = await harness.read_lines(1)
+    assert line == jsonl.encode_response(4, output=echo_output(make_task(4)))
+    logged = [r for r in caplog.records if "internal error on a request line" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+
+
 async def test_duplicate_id_in_flight_is_logged_not_answered_and_the_first_still_answered(
     harness, caplog
 ):

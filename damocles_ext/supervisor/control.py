@@ -288,6 +288,10 @@ class ControlServer:
         self._connections.add(conn)
         try:
             await conn.run()
+        except Exception:
+            # A bug of ours while serving one client ends that connection (its requests are
+            # cancelled, as when it hangs up), never `run`.
+            log.exception("control connection: internal error; closing it")
         finally:
             self._connections.discard(conn)
             with trio.CancelScope(shield=True):

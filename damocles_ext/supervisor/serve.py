@@ -128,7 +128,12 @@ class JsonLineServer:
                 log.warning("stdin broke (%s): taking no more requests", exc)
                 data = b""
             for item in self._reader.receive_data(data):
-                self._handle_line(item, nursery)
+                try:
+                    self._handle_line(item, nursery)
+                except Exception:
+                    # A bug of ours on one line must not end serve, and every other request.
+                    self._stats.unreadable += 1
+                    log.exception("internal error on a request line; it is not answered")
             if not data:
                 log.info(
                     "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
