@@ -348,3 +348,54 @@ async def test_an_internal_error_on_one_control_connection_drops_only_that_one(m
     logged = [r for r in caplog.records if "internal error; closing it" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
 
+
+# -- ids on the control socket -------------------------------------------------------------------
+
+
+async def test_a_control_request_whose_id_is_in_flight_is_logged_and_never_answered(caplog):
+    # Answers are routed by id: an error answer to the duplicate would reach the waiter of the
+    # first request, which would take it for its own.
+    sock_dir = Path(tempfile.mkdtemp(prefix="dext-dup-", dir="/tmp"))
+    os.chmod(sock_dir, 0o700)
+    path = sock_dir / "control.sock"
+    release = trio.Event()
+    started: list[int] = []
+    running_now = {10: trio.Event(), 12: trio.Event()}
+
+    async def submit(task, *, deadline=None, priority=0, on_progress=None):
+        started.append(task.miner_id)
+        running_now[task.miner_id].set()
+        await release.wait()
+        return echo_output(task)
+
+    server = ControlServer(bind_control_socket(path), submit)
+    decoder = dext.FrameDecoder()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            raw = await trio.open_unix_socket(os.fspath(path))
+            await raw.send_all(dext.encode(dext.Request(1, make_task(10))))
+            await running_now[10].wait()
+            await raw.send_all(dext.encode(dext.Request(1, make_task(11))))
+            # Read after the duplicate: once it runs, the duplicate was dealt with.
+            await raw.send_all(dext.encode(dext.Request(2, make_task(12))))
+            await running_now[12].wait()
+            release.set()
+            answers: list = []
+            while len(answers) < 2:
+                data = await raw.receive_some()
+                assert data
+                answers += decoder.receive_data(data)
+            await raw.aclose()
+            server.stop_accepting()
+            nursery.cancel_scope.cancel()
+    os.rmdir(sock_dir)
+    assert started == [10, 12]
+    assert answers == [
+        dext.Response(1, output=echo_output(make_task(10))),
+        dext.Response(2, output=echo_output(make_task(12))),
+    ] or answers == [
+        dext.Response(2, output=echo_output(make_task(12))),
+        dext.Response(1, output=echo_output(make_task(10))),
+    ]
+    assert any("request id 1 while it is in flight" in r.getMessage() for r in caplog.records)
