@@ -33,6 +33,7 @@ from damocles_ext.errors import ProverError
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor import control as control_module
+from damocles_ext.supervisor import core as core_module
 from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 from damocles_ext.supervisor.restart import BackoffPolicy
 
@@ -311,6 +312,33 @@ async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_superv
     assert output.faults[0] == 8
     assert len(calls) == 2 and stats.restarts == 1
     logged = [r for r in caplog.records if "injected bug in the handshake" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_restart_rules(
+    monkeypatch, caplog
+):
+    original = core_module.build_env
+    calls = []
+
+    def buggy_build_env(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug before the spawn")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core_module, "build_env", buggy_build_env)
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=9))
+            sup.request_shutdown()
+    assert output.faults[0] == 9 and len(calls) == 2
+    logged = [r for r in caplog.records if "injected bug before the spawn" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
     assert our_descendants() == []
 

@@ -1088,10 +1088,9 @@ class Supervisor:
                 try:
                     was_ready, reason = await self._run_process(child, task_status)
                 except Exception as exc:
-                    # A bug of ours while serving this child ends this child's process (killed
-                    # and reaped on the way out of _run_process), never the supervisor.
+                    # The same wall as in _run_process, for a bug outside its process's nursery.
                     reason = f"internal error in damocles-ext: {_describe_error(exc)}"
-                    log.exception("%s: %s; its process was killed", child.name, reason)
+                    log.exception("%s: %s", child.name, reason)
                     was_ready = False
                     self._launched(child, task_status)
                     self._child_task_failed(child, reason)
@@ -1124,10 +1123,14 @@ class Supervisor:
                 child.state = "stopped"
             self._notify()
 
-    def _child_task_failed(self, child: _Child, reason: str) -> None:
-        """The task serving `child` raised: retry or fail what was running on the child."""
+    def _child_task_failed(self, child: _Child, reason: str, p: _Process | None = None) -> None:
+        """The task serving `child` raised: take its process `p` down (if there is one) and
+        retry or fail what was running on the child."""
         child.last_exit = reason
-        if child.state in ("ready", "starting", "stopping"):
+        if p is not None:
+            p.read_ended = True
+            self._mark_down(child, p, reason)
+        elif child.state in ("ready", "starting", "stopping"):
             child.state = "stopping"
             self._scheduler.child_down(child.name, trio.current_time())
         for aid, (owner, slot) in list(self._slots.items()):
@@ -1201,6 +1204,12 @@ class Supervisor:
                         await self._stop_gracefully(child, p)
                 reason = await self._tear_down(child, p, ready)
                 nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # A bug of ours while serving this process ends it (killed and reaped just below),
+            # never the supervisor; marked down first, so no submitter reads its closed pipe.
+            reason = f"internal error in damocles-ext: {_describe_error(exc)}"
+            log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
+            self._child_task_failed(child, reason, p)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.exit is None:
