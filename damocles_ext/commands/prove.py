@@ -276,8 +276,11 @@ def read_input_file(source: str, label: str, kind: str) -> bytes:
         raise UsageError(f"cannot read {label} {source}: {exc.strerror}") from None
 
 
-def read_task(source: str, stage: str) -> Task:
-    """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong."""
+def read_task(source: str, stage: str, command: str = "prove") -> Task:
+    """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong.
+
+    `command` is the subcommand a task of the other stage is pointed to (prove, verify).
+    """
     from damocles_ext.errors import UsageError
     from damocles_ext.protocol.jsonl import JsonLineError, task_from_json
 
@@ -287,7 +290,7 @@ def read_task(source: str, stage: str) -> Task:
         task = task_from_json(data, stage)
     except JsonLineError as exc:
         raise UsageError(
-            f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
+            f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage, command)}"
         ) from None
     check_request_size(task, name)
     return task
@@ -327,7 +330,7 @@ def _with_line_column(message: str, data: bytes) -> str:
     return _BYTE_POS.sub(repl, message)
 
 
-def _stage_hint(data: bytes, stage: str) -> str:
+def _stage_hint(data: bytes, stage: str, command: str) -> str:
     import msgspec
 
     from damocles_ext.tasks import WINDOW_PROOF_TYPES, WINNING_PROOF_TYPES
@@ -337,9 +340,9 @@ def _stage_hint(data: bytes, stage: str) -> str:
     except (msgspec.DecodeError, AttributeError):  # not JSON, or not an object
         return ""
     if stage == "window_post" and proof_type in WINNING_PROOF_TYPES:
-        return f"; {proof_type} is a WinningPoSt proof type: use `prove winning_post`"
+        return f"; {proof_type} is a WinningPoSt proof type: use `{command} winning_post`"
     if stage == "winning_post" and proof_type in WINDOW_PROOF_TYPES:
-        return f"; {proof_type} is a WindowPoSt proof type: use `prove window_post`"
+        return f"; {proof_type} is a WindowPoSt proof type: use `{command} window_post`"
     return ""
 
 
