@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ def test_every_benchmark_is_found():
 @pytest.mark.parametrize("module", MODULES)
 def test_help_on_a_benchmark_prints_its_help_and_runs_nothing(module: str, tmp_path: Path):
     before = _results_snapshot()
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{module}", "--help"],
         cwd=ROOT,
@@ -45,8 +43,7 @@ def test_help_on_a_benchmark_prints_its_help_and_runs_nothing(module: str, tmp_p
     assert out.startswith("usage:"), out
     if module != "chaos_child":
         assert "--save" in out
-    # A benchmark run would take far longer than this and print its figures.
-    assert time.monotonic() - started < 30
+    # A run would print its figures and say whether it saved them.
     assert "saved" not in out and done.stderr == b""
     assert _results_snapshot() == before
 
