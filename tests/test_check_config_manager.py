@@ -114,9 +114,9 @@ Args = ["serve", "winning_post"]
 
 [[WinPost]]
 Bin = "damocles-ext"
-Args = ["serve", "winning_post", "--connect"]
+Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
 """)
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "runs `damocles-ext serve" in w]
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
     assert warnings == [
         (f"{manager}: WdPost[0] runs `damocles-ext serve winning_post -c {ours}`, but"
         " damocles-manager sends this table's processor window_post requests; serve window_post"
@@ -127,7 +127,7 @@ Args = ["serve", "winning_post", "--connect"]
         f" run damocles-ext check-config on {tmp_path}/missing.cfg"),
         (f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
         " of the arguments -c/--config --conf-dir --connect is required); fix its Args"),
-    ]  # --connect: the run's config is not named here, so nothing is said
+    ]  # --connect: no `run` answers at its socket, so there is nothing to compare with
 
 
 def test_our_own_config_gets_no_such_warning(capsys: pytest.CaptureFixture[str]):
@@ -155,3 +155,61 @@ def test_the_readme_manager_snippet_sets_concurrent_and_passes_its_own_check(
     ours.write_text(ours.read_text().replace("[[WinPost]]", "Concurrent = 2\n\n[[WinPost]]"))
     [warning] = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
     assert "supervises 16 window_post slots" in warning
+
+
+def test_a_connect_entry_is_checked_against_the_run_answering_at_its_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import subprocess
+    import threading
+
+    from helpers_frontend import DEXT, dext_env, short_socket_dir
+
+    ours = _ours(tmp_path / "ours", OURS)  # 3 window_post slots, 2 winning_post
+    with short_socket_dir("m", tmp_path.name) as runtime:
+        socket = runtime / "control.sock"
+        manager = tmp_path / "manager.cfg"
+        manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "window_post", "--connect", "{socket}"]
+Concurrent = 2
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--connect", "{socket}"]
+Concurrent = 2
+""")
+        # Nothing listens yet: nothing to compare with, nothing said.
+        assert not [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+
+        run = subprocess.Popen(
+            [*DEXT, "run", "-c", str(ours), "--socket", str(socket)],
+            env=dext_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        listening = threading.Event()
+        log: list[bytes] = []
+
+        def drain() -> None:
+            for line in run.stderr:
+                log.append(line)
+                if b"control socket listening on" in line:
+                    listening.set()
+            listening.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        try:
+            assert listening.wait(60) and run.poll() is None, b"".join(log).decode()
+            warnings = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+        finally:
+            run.terminate()
+            assert run.wait(timeout=60) == 0, b"".join(log).decode()
+    assert warnings == [
+        (
+            f"{manager}: WdPost[0] has Concurrent = 2, but the `damocles-ext run` at {socket}"
+            " that its `damocles-ext serve window_post --connect` forwards to supervises 3"
+            " window_post slots: damocles-manager sends it at most 2 request(s) at once, so 1"
+            " slot(s) stay idle; set Concurrent = 3 (or more) in that table"
+        )
+    ]  # the WinPost entry's 2 match the run's 2 winning_post slots

@@ -157,8 +157,9 @@ def manager_entry_warnings(config: Config) -> list[str]:
 
     Each such entry's `Concurrent` should be at least the request slots (the sum of the
     children's `Concurrent`) that the config it names (-c FILE or --conf-dir DIR) supervises for
-    its stage; one below that leaves slots idle. An entry with `--connect` forwards to a `run`
-    whose config it does not name, so it is not checked.
+    its stage; one below that leaves slots idle. An entry with `--connect` names no config: it is
+    checked against the `damocles-ext run` answering at its socket, if one does (else nothing is
+    said: the service may not be started yet, or be another user's).
     """
     from damocles_ext.commands import serve
     from damocles_ext.config import TABLE_OF_STAGE, ConfigError, load_conf_dir, load_config
@@ -189,6 +190,14 @@ def manager_entry_warnings(config: Config) -> list[str]:
             )
             continue
         if parsed.connect is not None:
+            socket = None if parsed.connect is True else parsed.connect
+            found = _running_slots(socket, entry.stage)
+            if found is not None and entry.concurrent < found[1]:
+                warnings.append(
+                    _idle_slots(where, entry.concurrent, found[1], entry.stage,
+                                f"the `damocles-ext run` at {found[0]} that its"
+                                f" `damocles-ext serve {entry.stage} --connect` forwards to")
+                )  # fmt: skip
             continue
         ours_path = parsed.config if parsed.config is not None else parsed.conf_dir
         try:
@@ -216,12 +225,45 @@ def manager_entry_warnings(config: Config) -> list[str]:
             warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}")
             continue
         if entry.concurrent < slots:
-            default = " (damocles' default)" if entry.concurrent == 1 else ""
             warnings.append(
-                f"{where} has Concurrent = {entry.concurrent}{default}, but the config its"
-                f" `damocles-ext serve {entry.stage}` reads ({ours.source}) supervises {slots}"
-                f" {entry.stage} slots: damocles-manager sends it at most {entry.concurrent}"
-                f" request(s) at once, so {slots - entry.concurrent} slot(s) stay idle; set"
-                f" Concurrent = {slots} (or more) in that table"
-            )
+                _idle_slots(where, entry.concurrent, slots, entry.stage,
+                            f"the config its `damocles-ext serve {entry.stage}` reads"
+                            f" ({ours.source})")
+            )  # fmt: skip
     return warnings
+
+
+def _idle_slots(where: str, concurrent: int, slots: int, stage: str, supervisor: str) -> str:
+    default = " (damocles' default)" if concurrent == 1 else ""
+    return (
+        f"{where} has Concurrent = {concurrent}{default}, but {supervisor} supervises {slots}"
+        f" {stage} slots: damocles-manager sends it at most {concurrent} request(s) at once, so"
+        f" {slots - concurrent} slot(s) stay idle; set Concurrent = {slots} (or more) in that"
+        f" table"
+    )
+
+
+def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
+    """(socket path, request slots of `stage`) of the `run` answering at `socket`, else None."""
+    import trio
+
+    from damocles_ext.errors import DextError
+    from damocles_ext.status import StatusError
+    from damocles_ext.supervisor.control import default_socket_path
+    from damocles_ext.tasks import WINDOW_POST_SPLIT
+
+    path = socket if socket is not None else str(default_socket_path())
+    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+
+    async def ask() -> int:
+        from damocles_ext.client import connect
+
+        with trio.fail_after(5):
+            async with connect(path) as client:
+                doc = await client.status()
+        return sum(c.capacity for c in doc.children if c.stage in stages)
+
+    try:
+        return path, trio.run(ask)
+    except (DextError, StatusError, OSError, trio.TooSlowError):
+        return None  # nothing (of ours, of a schema we read) answers there: nothing to compare
