@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -27,11 +28,6 @@ import msgspec
 
 from .errors import UsageError
 from .options import format_option
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11 only
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "CONF_FILE_NAME",

@@ -5,6 +5,7 @@ damocles-manager's ext-prover.cfg then says:
     [[WdPost]]
     Bin = "damocles-ext"
     Args = ["serve", "window_post", "--conf-dir", "/etc/damocles-ext"]
+    Concurrent = 8   # damocles-manager's own limit: at least the slots we supervise
 
 and we speak damocles' JSON lines on our stdin/stdout while supervising the children that our own
 config lists for that stage.
@@ -167,8 +168,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " request with the children the config lists for STAGE, or, with --connect, through"
             " a running `damocles-ext run` (one supervisor for both stages: locks shared between"
             " WindowPoSt and WinningPoSt, WinningPoSt first). Use it as Bin/Args of a"
-            " damocles-manager ext-prover.cfg. Logs go to stderr; stdin EOF, SIGTERM or SIGINT"
-            " shut down gracefully."
+            " damocles-manager ext-prover.cfg, with that entry's Concurrent at least the slots"
+            " served here (the sum of the children's Concurrent): damocles-manager sends no more"
+            " at once (check-config on its file warns). Logs go to stderr; stdin EOF, SIGTERM"
+            " or SIGINT shut down gracefully."
         ),
     )
     parser.add_argument("stage", choices=STAGES, help="the stage to serve")
