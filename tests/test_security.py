@@ -567,3 +567,66 @@ async def test_a_socket_path_through_a_sticky_directory_and_our_own_symlink_is_a
         nursery.cancel_scope.cancel()
     assert output.proofs
     assert stat.S_IMODE(os.stat(sticky / "mine").st_mode) == 0o700
+
+
+# -- another user cannot block the GPUs -----------------------------------------------------------
+
+OLD_TMP_ROOT = Path("/tmp/damocles-ext")  # the fixed default of earlier versions
+
+TMPDIR_REPORTER = r"""
+import os, sys
+# Writes the TMPDIR it was given, says it is ready and waits for stdin EOF.
+with open(sys.argv[1], "w") as f:
+    f.write(os.environ["TMPDIR"])
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+@needs_root
+async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_children(
+    tmp_path, monkeypatch
+):
+    # Anyone may create /tmp/damocles-ext first; under the default tmp root, Gpus children must
+    # still start, each with a private TMPDIR of ours.
+    try:
+        OLD_TMP_ROOT.mkdir(mode=0o777)
+    except FileExistsError:
+        if OLD_TMP_ROOT.lstat().st_uid in (0, os.geteuid()):
+            pytest.skip(f"{OLD_TMP_ROOT} exists and is ours: cannot plant another user's there")
+        made = False
+    else:
+        os.chown(OLD_TMP_ROOT, OTHER_UID, OTHER_UID)
+        made = True
+    monkeypatch.delenv("DAMOCLES_EXT_TMP_ROOT", raising=False)
+    record = tmp_path / "tmpdir"
+    args = ["-c", TMPDIR_REPORTER, str(record)]
+    gpu = 90 + os.getpid() % 10  # a TMPDIR name no other test of this run uses
+    text = (
+        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n"
+        f"Gpus = [{gpu}]\n"
+    )
+    try:
+        config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
+        tmpdir = Path(config.children[0].envs["TMPDIR"])
+        root_existed = tmpdir.parent.exists()
+        sup = Supervisor(config, backoff=BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=1))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            try:
+                await sup.wait_ready()
+            finally:
+                sup.request_shutdown()
+        st = os.lstat(tmpdir)
+        assert record.read_text() == f"{tmpdir}/"
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        assert stat.S_IMODE(st.st_mode) == 0o700
+        assert OLD_TMP_ROOT not in tmpdir.parents
+        assert os.lstat(OLD_TMP_ROOT).st_uid == OTHER_UID  # theirs, left alone
+        tmpdir.rmdir()
+        if not root_existed:
+            tmpdir.parent.rmdir()
+    finally:
+        if made:
+            OLD_TMP_ROOT.rmdir()
