@@ -569,6 +569,21 @@ async def test_a_socket_path_through_a_sticky_directory_and_our_own_symlink_is_a
     assert stat.S_IMODE(os.stat(sticky / "mine").st_mode) == 0o700
 
 
+def test_resolve_trusted_follows_dotdot_and_symlinks_as_the_kernel_does_and_stops_a_loop(
+    sock_dir,
+):
+    (sock_dir / "a" / "b").mkdir(parents=True, mode=0o700)
+    (sock_dir / "up").symlink_to("a/b")  # relative: from the directory the link is in
+    assert resolve_trusted(sock_dir / "up" / ".." / "b" / ".") == sock_dir / "a" / "b"
+    assert resolve_trusted(sock_dir / "up" / ".." / "..") == sock_dir
+    (sock_dir / "loop1").symlink_to(sock_dir / "loop2")
+    (sock_dir / "loop2").symlink_to("loop1")
+    with pytest.raises(UsageError, match="more than 40 symlinks"):
+        resolve_trusted(sock_dir / "loop1" / "control.sock")
+    with pytest.raises(FileNotFoundError):
+        resolve_trusted(sock_dir / "missing" / "control.sock")
+
+
 # -- another user cannot block the GPUs -----------------------------------------------------------
 
 OLD_TMP_ROOT = Path("/tmp/damocles-ext")  # the fixed default of earlier versions
