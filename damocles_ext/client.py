@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,13 @@ import trio
 from .errors import ProverError, UsageError
 from .protocol import control as control_protocol
 from .protocol import dext
-from .supervisor.control import default_socket_path
+from .supervisor.control import (
+    UntrustedPathError,
+    default_socket_path,
+    peer_credentials,
+    resolve_trusted,
+    trusted_uids,
+)
 from .tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.client")
@@ -209,11 +216,67 @@ PROVE_HINT = (
 )
 
 
-async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
-    """Connect to the control socket; NoSupervisorError says why nothing could be reached (and
-    ends with `hint`, what to do about it)."""
+#: What to do when what is at the socket path is not a supervisor of ours.
+_UNTRUSTED_HINT = (
+    "nothing was sent to it. Give --socket (the Python API: socket_path) the path of your own"
+    " `damocles-ext run`, whose socket is in a directory only you or root can write"
+)
+
+
+def _check_socket_place(path: Path, hint: str) -> None:
+    """Refuse a socket another user could have put there, before connecting to it.
+
+    `run` makes its socket in a private directory (0700, ours) reached through directories no
+    other user can change (control.bind_control_socket); anything else may be an impostor's.
+    """
     try:
-        return await trio.open_unix_socket(os.fspath(path))
+        real = resolve_trusted(path)
+    except UntrustedPathError as exc:
+        raise NoSupervisorError(
+            f"refusing to connect to {path}: {exc}; it may be another user's socket:"
+            f" {_UNTRUSTED_HINT}"
+        ) from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # connecting fails the same way, and open_stream words it
+    except OSError as exc:
+        raise NoSupervisorError(f"cannot check the socket path {path}: {exc}") from None
+    try:
+        st = os.lstat(real)
+        dir_st = os.lstat(real.parent)
+    except OSError:
+        return  # gone meanwhile: connecting says so
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NoSupervisorError(
+            f"no supervisor at {path}: {real if real != path else 'it'} is not a socket; {hint}"
+        )
+    directory = real.parent
+    if stat.S_IMODE(dir_st.st_mode) & 0o077:
+        raise NoSupervisorError(
+            f"refusing to connect to {path}: the socket's directory {directory} has mode"
+            f" {stat.S_IMODE(dir_st.st_mode):04o}, not private (0700) as `damocles-ext run`"
+            f" makes it; it may be another user's socket: {_UNTRUSTED_HINT}"
+        )
+
+
+def _check_peer(stream: trio.SocketStream, path: Path) -> None:
+    pid, uid, _gid = peer_credentials(stream.socket)
+    trusted = trusted_uids()
+    if uid not in trusted:
+        us = "root" if trusted == {0} else f"us (uid {os.geteuid()}) or root"
+        raise NoSupervisorError(
+            f"refusing the server at {path}: the process listening there (pid {pid}) runs as"
+            f" uid {uid}, not as {us}, so it may be another user's impostor; {_UNTRUSTED_HINT}"
+        )
+
+
+async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
+    """Connect to the control socket of a supervisor of ours; NoSupervisorError says why nothing
+    could be reached (and ends with `hint`, what to do about it), or why what is there is not
+    trusted: a socket in a place another user could have put it, or a server that runs as
+    another user (neither our uid nor root). Nothing is sent before these checks."""
+    _check_socket_place(path, hint)
+    try:
+        stream = await trio.open_unix_socket(os.fspath(path))
     except FileNotFoundError:
         raise NoSupervisorError(
             f"no supervisor at {path}: the socket does not exist; {hint}"
@@ -231,6 +294,13 @@ async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
         raise NoSupervisorError(
             f"cannot connect to the supervisor at {path}: {exc.strerror or exc}"
         ) from None
+    try:
+        _check_peer(stream, path)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream
 
 
 @asynccontextmanager

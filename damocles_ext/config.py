@@ -9,15 +9,19 @@ creates directories: that is the supervisor's job.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import json
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
@@ -31,11 +35,11 @@ from .options import format_option
 
 __all__ = [
     "CONF_FILE_NAME",
-    "DEFAULT_TMP_ROOT",
     "TMP_ROOT_ENV",
     "ChildSpec",
     "Config",
     "ConfigError",
+    "default_tmp_root",
     "describe_argv",
     "detect_gpus",
     "format_cpuset",
@@ -46,9 +50,9 @@ __all__ = [
 
 #: The file damocles-manager reads from its home or `--conf-dir` directory.
 CONF_FILE_NAME = "ext-prover.cfg"
-#: Where per-GPU TMPDIRs go when `Gpus` expands a table; `$DAMOCLES_EXT_TMP_ROOT` overrides it.
-DEFAULT_TMP_ROOT = "/tmp/damocles-ext"
+#: Where per-GPU TMPDIRs go when `Gpus` expands a table, instead of default_tmp_root().
 TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
+TMP_ROOT_NAME = "damocles-ext"
 
 #: Top-level table name -> stage name used on the wire and in child names. damocles-manager knows
 #: the first two; the split WindowPoSt tables (damocles #981) are damocles-ext's own: with them,
@@ -128,7 +132,7 @@ class Config(msgspec.Struct):
     source: str
     children: list[ChildSpec]
     warnings: list[str]
-    tmp_root: str = DEFAULT_TMP_ROOT
+    tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +275,67 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
+_per_run_tmp_root: str | None = None
+
+
+def default_tmp_root(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
+    """The tmp root Gpus uses when DAMOCLES_EXT_TMP_ROOT is unset: a place no other user can
+    make first (a fixed name in /tmp could be taken by anyone, and every Gpus child would then
+    refuse to start).
+
+    `/run/damocles-ext` for root; `$XDG_RUNTIME_DIR/damocles-ext` for others (or for root
+    when /run is unusable), if that directory is theirs; otherwise a directory for this process
+    alone, `<tempdir>/damocles-ext-<uid>-<random>`, removed when the process exits. Nothing is
+    created here: the supervisor makes the directory (0700) when it starts a child.
+    """
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0 and _private_runtime_dir("/run", euid):
+        return os.path.join("/run", TMP_ROOT_NAME)
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg) and _private_runtime_dir(xdg, euid):
+        return os.path.join(xdg, TMP_ROOT_NAME)
+    return _per_run_root(euid)
+
+
+def _private_runtime_dir(path: str, uid: int) -> bool:
+    # A runtime directory that `uid` owns and only it may write to, on a writable file system:
+    # an XDG_RUNTIME_DIR kept across sudo or su belongs to the user before, not to us.
+    try:
+        st = os.stat(path)
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == uid
+        and bool(st.st_mode & stat.S_IWUSR)
+        and not st.st_mode & 0o022
+        and not read_only
+    )
+
+
+def _per_run_root(euid: int) -> str:
+    global _per_run_tmp_root
+    if _per_run_tmp_root is None:
+        # Random, so that nobody can make it first; one per process, so that each parse agrees.
+        name = f"{TMP_ROOT_NAME}-{euid}-{secrets.token_hex(8)}"
+        _per_run_tmp_root = os.path.join(tempfile.gettempdir(), name)
+        atexit.register(_remove_per_run_root, _per_run_tmp_root, os.getpid())
+    return _per_run_tmp_root
+
+
+def _remove_per_run_root(path: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked copy of us exiting: the directory is still in use
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
     """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
     try:
@@ -280,7 +345,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
 
     errors: list[str] = []
     if tmp_root is None:
-        tmp_root = os.environ.get(TMP_ROOT_ENV) or DEFAULT_TMP_ROOT
+        tmp_root = os.environ.get(TMP_ROOT_ENV) or default_tmp_root()
         if not os.path.isabs(tmp_root):
             errors.append(
                 f"environment variable {TMP_ROOT_ENV}: expected an absolute path, "

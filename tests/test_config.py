@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -286,7 +288,7 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
         without_tmpdir_and_block(c) for c in seed
     ]
     assert [c.envs["TMPDIR"] for c in short] == [
-        f"/tmp/damocles-ext/window_post-gpu{i}/" for i in range(8)
+        f"{config.default_tmp_root()}/window_post-gpu{i}/" for i in range(8)
     ]
     assert {c.block for c in short} == {0}
     # The TMPDIRs Gpus made are the supervisor's to keep private; the seed's, from Envs, are not.
@@ -300,6 +302,45 @@ def test_gpus_tmp_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert cfg.tmp_root == "/var/tmp/dext/"
     assert cfg.children[0].envs["TMPDIR"] == "/var/tmp/dext/winning_post-gpu3/"
     assert cfg.children[0].private_tmpdir
+
+
+def test_the_default_tmp_root_is_one_no_other_user_can_make_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the fixed /tmp/damocles-ext that anyone could create before us: root's is in /run;
+    # another user's in their own XDG_RUNTIME_DIR, if it is theirs (not one kept across sudo).
+    if config._private_runtime_dir("/run", 0):
+        assert config.default_tmp_root({}, euid=0) == "/run/damocles-ext"
+    uid = os.geteuid()
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    not_ours = config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=uid + 1)
+    assert not_ours != f"{xdg}/damocles-ext"
+    if uid != 0:
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}) == f"{xdg}/damocles-ext"
+    else:
+        os.chown(xdg, 1000, 1000)
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=1000) == (
+            f"{xdg}/damocles-ext"
+        )
+        os.chmod(xdg, 0o777)  # theirs, but others may write to it
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=1000) != (
+            f"{xdg}/damocles-ext"
+        )
+
+
+def test_without_a_runtime_directory_the_tmp_root_is_a_random_one_for_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    first = config.default_tmp_root({}, euid=4242)
+    again = config.default_tmp_root({"XDG_RUNTIME_DIR": "relative/dir"}, euid=4242)
+    assert first == again  # every parse of one process agrees
+    assert os.path.dirname(first) == tempfile.gettempdir()
+    assert re.fullmatch(r"damocles-ext-4242-[0-9a-f]{16}", os.path.basename(first))
+    assert not os.path.exists(first)  # made by the supervisor, 0700, when a child needs it
+    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    assert config.default_tmp_root({}, euid=4242) != first
 
 
 def test_relative_tmp_root_in_the_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -758,7 +799,8 @@ def test_check_config_line_shows_env_locks_cpuset_and_non_defaults(
     (line,) = capsys.readouterr().out.splitlines()
     assert line == (
         "window_post#0  (WdPost[0])  run: sh -c 'exec my prover'  concurrent=1  weight=1  "
-        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1 TMPDIR=/tmp/damocles-ext/window_post-gpu1/"
+        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1"
+        f" TMPDIR={config.default_tmp_root()}/window_post-gpu1/"
         "  locks: nvme0,gpu:1  cpuset: 0-3,8  protocol=jsonl max_attempts=3 request_timeout=90s"
     )
 

@@ -211,9 +211,10 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
     """Create or check `<tmp root>/<stage>-gpu<i>/`: a real directory of ours, mode 0700, in a
     tmp root where no other user can replace it (see _open_tmp_root).
 
-    The default tmp root is in /tmp, where any user can create these names before we do, as a
-    directory others can read and write or as a symlink to one of theirs; the prover's temporary
-    files and bellperson's GPU lock files must not go there.
+    The tmp root may be one others can write to (DAMOCLES_EXT_TMP_ROOT=/tmp, say), where any
+    user can create these names before we do, as a directory others can read and write or as a
+    symlink to one of theirs; the prover's temporary files and bellperson's GPU lock files must
+    not go there. (The default root, config.default_tmp_root, is one they cannot make first.)
     """
     why = (
         "another user could read or replace the prover's temporary files and bellperson's GPU"
