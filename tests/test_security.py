@@ -605,11 +605,15 @@ async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_c
 ):
     # Anyone may create /tmp/damocles-ext first; under the default tmp root, Gpus children must
     # still start, each with a private TMPDIR of ours.
+    # One of ours left there by an older version is moved aside for the test and put back.
+    saved = None
+    if OLD_TMP_ROOT.is_dir() and not OLD_TMP_ROOT.is_symlink():
+        if OLD_TMP_ROOT.lstat().st_uid in (0, os.geteuid()):
+            saved = OLD_TMP_ROOT.with_name(f"{OLD_TMP_ROOT.name}.saved-{os.getpid()}")
+            OLD_TMP_ROOT.rename(saved)
     try:
         OLD_TMP_ROOT.mkdir(mode=0o777)
     except FileExistsError:
-        if OLD_TMP_ROOT.lstat().st_uid in (0, os.geteuid()):
-            pytest.skip(f"{OLD_TMP_ROOT} exists and is ours: cannot plant another user's there")
         made = False
     else:
         os.chown(OLD_TMP_ROOT, OTHER_UID, OTHER_UID)
@@ -645,3 +649,5 @@ async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_c
     finally:
         if made:
             OLD_TMP_ROOT.rmdir()
+        if saved is not None:
+            saved.rename(OLD_TMP_ROOT)
