@@ -78,6 +78,18 @@ DEFAULT_CANCEL_GRACE = 10.0
 
 _GPU_DETECT_TIMEOUT = 10.0
 
+# Upper bounds. Values beyond them are mistakes (a digit too many, a unit mixed up), and taken as
+# given some would exhaust the machine: a thread per Concurrent slot in the plugin runtime, a set
+# of every CPU number in a Cpuset range, a child per table.
+MAX_CONFIG_BYTES = 1024 * 1024  # the seed's files are under 2 KiB
+MAX_CONCURRENT = 1024
+MAX_WEIGHT = 10_000
+MAX_SECONDS = 86_400  # one day: a PoSt deadline's whole proving window is 30 minutes
+MAX_ATTEMPTS = 100
+MAX_GPU_INDEX = 1023
+MAX_CPU = 8191  # Linux numbers at most 8192 CPUs (NR_CPUS)
+MAX_CHILDREN = 1024
+
 
 class ConfigError(UsageError):
     """An ext-prover.cfg that cannot be used; `.errors` lists every problem found in the file."""
@@ -216,7 +228,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     source = os.fspath(path)
     p = Path(source)
     try:
-        data = p.read_bytes()
+        with p.open("rb") as f:
+            # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except IsADirectoryError:
         raise ConfigError(
             source,
@@ -241,6 +255,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            source,
+            [
+                (f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
+                f"needs; is it the right file?")
+            ],
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -281,6 +303,23 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            source,
+            [
+                (f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
+                f"levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = \"1\" }}). "
+                f"Look for a run of [ or {{")
+            ],
+        ) from None
+    except ValueError as exc:  # tomllib's int() of a number of thousands of digits
+        what = (
+            "a number has thousands of digits; no key takes one so large"
+            if "digits" in str(exc)
+            else f"a value cannot be read: {exc}"
+        )
+        raise ConfigError(source, [f"{source}: {what}"]) from None
 
     errors: list[str] = []
     if tmp_root is None:
@@ -329,6 +368,11 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             errors.extend(builder.add_block(table, stage, block_index, raw))
 
     errors.extend(_check_split_tables(doc))
+    if not errors and len(builder.children) > MAX_CHILDREN:
+        errors.append(
+            f"the file starts {len(builder.children)} children; at most {MAX_CHILDREN} are "
+            f"supported. Use Concurrent for more requests per child"
+        )
     if not errors and not builder.children:
         errors.append(
             "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
@@ -653,7 +697,15 @@ def _check_strings(path: str, value: Any) -> list[str]:
     if isinstance(value, list):
         return [e for i, v in enumerate(value) for e in _check_strings(f"{path}[{i}]", v)]
     if isinstance(value, dict):
-        return [e for k, v in value.items() for e in _check_strings(f"{path}.{_toml_key(k)}", v)]
+        errors = [
+            f"{path}: name {_show(k)} contains a NUL character (\\u0000), which a program "
+            f"cannot receive"
+            for k in value
+            if "\x00" in k
+        ]
+        return errors + [
+            e for k, v in value.items() for e in _check_strings(f"{path}.{_toml_key(k)}", v)
+        ]
     return []
 
 
@@ -707,6 +759,19 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
     ):
         if value is not None and not math.isfinite(value):
             errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
+    for key, value, most, what in (
+        ("Concurrent", b.concurrent, MAX_CONCURRENT, "requests in flight on one child"),
+        ("Weight", b.weight, MAX_WEIGHT, "a share of the traffic"),
+        ("ReadyTimeoutSecs", b.ready_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("MaxAttempts", b.max_attempts, MAX_ATTEMPTS, "attempts per request"),
+        ("RequestTimeoutSecs", b.request_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("CancelGraceSecs", b.cancel_grace_secs, MAX_SECONDS, "seconds: one day"),
+    ):
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            continue  # said above
+        if value > most:
+            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(value)}")
     for i, lock in enumerate(b.locks):
         if not lock.strip():
             errors.append(
@@ -720,7 +785,12 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
             )
         seen: set[int] = set()
         for i, gpu in enumerate(b.gpus):
-            if gpu in seen:
+            if gpu > MAX_GPU_INDEX:
+                errors.append(
+                    f"{where}.Gpus[{i}]: expected a GPU index from 0 to {MAX_GPU_INDEX}, found "
+                    f"{_show(gpu)}"
+                )
+            elif gpu in seen:
                 errors.append(
                     f"{where}.Gpus[{i}]: GPU {gpu} is listed twice; list each GPU once "
                     f"(use Concurrent for more work per GPU)"
@@ -749,8 +819,18 @@ def _parse_cpuset(where: str, text: str | None) -> tuple[frozenset[int] | None, 
                 f'like "10-19"'
             )
             continue
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+        numbers = [t.lstrip("0") or "0" for t in m.groups() if t is not None]
+        # Bounded by length before int(), and before a range becomes a set: "0-99999999999"
+        # would fill the memory. CPUs this machine lacks are refused at start-up, not here.
+        big = next((n for n in numbers if len(n) > len(str(MAX_CPU)) or int(n) > MAX_CPU), None)
+        if big is not None:
+            errors.append(
+                f"{path}: CPU {big if len(big) <= 20 else big[:17] + '...'} in {_show(text)} is "
+                f"beyond Linux's largest CPU number, {MAX_CPU}; use this machine's CPU numbers "
+                f"(see lscpu)"
+            )
+            continue
+        lo, hi = int(numbers[0]), int(numbers[-1])
         if hi < lo:
             errors.append(f'{path}: range "{item.strip()}" goes down; write it as "{hi}-{lo}"')
             continue
@@ -798,11 +878,14 @@ def _toml_key(key: str) -> str:
 
 def _show(value: Any, limit: int = 60) -> str:
     """A value as it would be written in TOML, shortened for messages."""
-    text = _toml(value)
+    text = _toml(value, limit)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _toml(value: Any) -> str:
+def _toml(value: Any, limit: int = 60, depth: int = 0) -> str:
+    # `limit` and `depth` bound the work: a value may be a huge or deeply nested list.
+    if depth > 8:
+        return "[...]" if isinstance(value, list) else "{...}" if isinstance(value, dict) else "..."
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -814,11 +897,25 @@ def _toml(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+        if value.bit_length() > 13_000:  # str() refuses more than 4300 digits
+            return "(a number of thousands of digits)"
+        text = str(value)
+        return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        parts: list[str] = []
+        size = 0
+        for k, v in items:
+            if size > limit:
+                parts.append("...")
+                break
+            part = _toml(v, limit, depth + 1)
+            if k is not None:
+                part = f"{_toml_key(k)} = {part}"
+            parts.append(part)
+            size += len(part) + 2
+        inner = ", ".join(parts)
+        return f"[{inner}]" if isinstance(value, list) else "{" + inner + "}"
     if isinstance(value, (datetime, date, time)):
         return f"{value.isoformat()} (a date/time)"
     return repr(value)

@@ -617,6 +617,123 @@ def test_nul_character_in_an_argument_is_refused() -> None:
     assert error.startswith("WdPost[0].Args[0]: contains a NUL character")
 
 
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ('Bin = "sh"\nEnvs = { "A\\u0000B" = "x" }', 'WdPost[0].Envs: name "A\\u0000B"'),
+        ('Bin = "sh"\nEnvs = { A = "x\\u0000y" }', "WdPost[0].Envs.A: contains"),
+        ('Bin = "s\\u0000h"', "WdPost[0].Bin: contains"),
+        ('Plugin = "echo"\nPluginOptions = { "k\\u0000" = 1 }', "WdPost[0].PluginOptions: name"),
+        (
+            'Plugin = "echo"\nPluginOptions = { k = "\\u0000" }',
+            "WdPost[0].PluginOptions.k: contains",
+        ),
+        ('Plugin = "ec\\u0000ho"', "WdPost[0].Plugin: contains"),
+    ],
+)
+def test_a_nul_character_in_anything_a_program_receives_is_refused(block: str, where: str) -> None:
+    # Before, a NUL in an Envs name passed and then killed `run` when the child was spawned.
+    errors = errors_of(f"[[WdPost]]\n{block}\n")
+    assert any(e.startswith(where) and "NUL character" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "Concurrent = 100000000000000000",
+            ("WdPost[0].Concurrent: expected at most 1024 (requests in flight on one child), "
+            "found 100000000000000000"),
+        ),
+        ("Weight = 10001", "WdPost[0].Weight: expected at most 10000 (a share of the traffic)"),
+        (
+            "ReadyTimeoutSecs = 86401",
+            "WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found 86401",
+        ),
+        (
+            "ReadyTimeoutSecs = " + "9" * 400,
+            ("WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found "
+            "99999999999999999999... (400 digits)"),
+        ),
+        ("MaxAttempts = 101", "WdPost[0].MaxAttempts: expected at most 100 (attempts per request)"),
+        ("RequestTimeoutSecs = 1e300", "WdPost[0].RequestTimeoutSecs: expected at most 86400"),
+        ("HeartbeatTimeoutSecs = 90000", "WdPost[0].HeartbeatTimeoutSecs: expected at most 86400"),
+        ("CancelGraceSecs = 86400.5", "WdPost[0].CancelGraceSecs: expected at most 86400"),
+        (
+            "Gpus = [0, 1024]",
+            "WdPost[0].Gpus[1]: expected a GPU index from 0 to 1023, found 1024",
+        ),
+        (
+            'Cpuset = "0-99999999999"',
+            ('WdPost[0].Cpuset: CPU 99999999999 in "0-99999999999" is beyond Linux\'s largest '
+            "CPU number, 8191"),
+        ),
+        ('Cpuset = "8192"', "WdPost[0].Cpuset: CPU 8192 in"),
+        ('Cpuset = "0-' + "9" * 5000 + '"', "WdPost[0].Cpuset: CPU 99999999999999999... in"),
+    ],
+)
+def test_absurd_values_are_refused_with_the_bound(line: str, expected: str) -> None:
+    # Taken as given they exhausted the machine: a plugin child started a thread per Concurrent
+    # slot, a Cpuset range became a set of every CPU number in it.
+    (error,) = errors_of(f'[[WdPost]]\nBin = "sh"\n{line}\n')
+    assert error.startswith(expected), error
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    (child,) = parse(
+        '[[WdPost]]\nBin = "sh"\nConcurrent = 1024\nWeight = 10000\nReadyTimeoutSecs = 86400\n'
+        "MaxAttempts = 100\nRequestTimeoutSecs = 86400\nCancelGraceSecs = 86400\n"
+        'Cpuset = "8191"\nGpus = [1023]\n'
+    ).children
+    assert (child.concurrent, child.weight, child.max_attempts) == (1024, 10000, 100)
+    assert child.cpuset == frozenset({8191}) and child.gpu == "1023"
+
+
+def test_more_children_than_the_bound_is_refused() -> None:
+    (error,) = errors_of('[[WinPost]]\nBin = "sh"\n' * 1025)
+    assert error.startswith("the file starts 1025 children; at most 1024 are supported")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[[WdPost]]\nBin = "sh"\nArgs = ' + "[" * 500 + "]" * 500 + "\n",
+        '[[WdPost]]\nBin = "sh"\nEnvs = ' + "{ a = " * 500 + '"x"' + " }" * 500 + "\n",
+    ],
+)
+def test_toml_nested_hundreds_deep_is_a_config_error_naming_the_file(text: str) -> None:
+    (error,) = errors_of(text)
+    assert error.startswith("test.cfg: arrays or inline tables are nested too deep to read")
+
+
+def test_a_deep_value_tomllib_reads_is_shown_shortened() -> None:
+    # Dotted keys nest without recursion in tomllib; the message must not recurse either.
+    (error,) = errors_of('[[WdPost]]\nBin = "sh"\n[WdPost.Envs.' + ".".join(["a"] * 5000) + "]\n")
+    assert error.startswith("WdPost[0].Envs.a: expected a string, found {a = {a = ")
+    assert len(error) < 200
+
+
+def test_an_integer_of_thousands_of_digits_is_a_config_error() -> None:
+    (error,) = errors_of('[[WdPost]]\nBin = "sh"\nWeight = ' + "9" * 5000 + "\n")
+    assert error == "test.cfg: a number has thousands of digits; no key takes one so large"
+
+
+def test_a_config_file_larger_than_a_mebibyte_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text('[[WdPost]]\nBin = "sh"\n' + "#" * config.MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}: larger than 1024 KiB, which no ext-prover.cfg needs; is it the right file?"
+    ]
+
+
+def test_a_device_that_never_ends_is_read_only_up_to_the_bound() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert "larger than 1024 KiB" in str(info.value)
+
+
 def test_config_error_is_a_usage_error_with_exit_code_2() -> None:
     with pytest.raises(UsageError) as info:
         parse("[[WdPost]]\nWeight = -1\n")
