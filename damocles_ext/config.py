@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -40,12 +41,15 @@ __all__ = [
     "ChildSpec",
     "Config",
     "ConfigError",
+    "check_startable",
     "describe_argv",
     "detect_gpus",
     "format_cpuset",
     "load_conf_dir",
     "load_config",
     "parse_config",
+    "program_problem",
+    "startup_problems",
 ]
 
 #: The file damocles-manager reads from its home or `--conf-dir` directory.
@@ -380,7 +384,6 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         )
     if errors:
         raise ConfigError(source, errors)
-    builder.finish()
     return Config(
         source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
     )
@@ -465,6 +468,119 @@ def detect_gpus(why: list[str] | None = None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Can the children start here?
+
+
+def program_problem(program: str, search_path: str | None = None) -> str | None:
+    """Why `program` (argv[0]) cannot be executed on this machine, and what to do; None if it can.
+
+    A name without '/' is looked up in `search_path` (a PATH value; default: ours), as exec does.
+    """
+    fix = "give the path of the prover program"
+    shown = _show(program, limit=1000)  # a path is no use cut short
+    if "/" not in program:
+        search_path = os.defpath if search_path is None else search_path
+        if shutil.which(program, path=search_path) is not None:
+            return None
+        return (
+            f"{shown} is not found on PATH ({search_path}); give its path, or put its "
+            f"directory on PATH"
+        )
+    try:
+        st = os.stat(program)
+    except FileNotFoundError:
+        return f"{shown} does not exist; {fix}"
+    except OSError as exc:  # a path component that is a file, or a directory we may not enter
+        return f"{shown} cannot be reached: {exc.strerror or exc}; {fix}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{shown} is a directory, not a program; {fix}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown} is not a regular file, so it cannot be run; {fix}"
+    if not os.access(program, os.X_OK):
+        return (
+            f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
+            f"executable (chmod +x) or {fix}"
+        )
+    return None
+
+
+def _search_path(child: ChildSpec) -> str:
+    """The PATH the child's program is looked up in: its Envs', else ours if inherited."""
+    if "PATH" in child.envs:
+        return child.envs["PATH"]
+    if child.inherit_envs and "PATH" in os.environ:
+        return os.environ["PATH"]
+    return os.defpath
+
+
+def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -> list[str]:
+    """Why some of `children` could not start on this machine, each naming its table and key.
+
+    What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
+    executable, the Cpuset's CPUs are ours to use, and a Plugin is installed and accepts its
+    PluginOptions (its validate_options and the dext_validate_plugin_options hooks). A Gpus
+    table's children share one table, so each table is checked once.
+    """
+    problems: list[str] = []
+    blocks: dict[tuple[str, int], ChildSpec] = {}
+    for child in children:
+        blocks.setdefault((child.stage, child.block), child)
+    try:
+        usable = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux: prepare_spawn's check is the only one
+        usable = None
+    for (stage, block), child in blocks.items():
+        where = f"{TABLE_OF_STAGE[stage]}[{block}]"
+        if child.kind != "plugin":
+            search_path = _search_path(child)
+            problem = program_problem(child.argv[0], search_path)
+            if problem is None:
+                pass
+            elif child.kind == "bin":
+                problems.append(f"{where}.Bin: {problem}")
+            else:
+                problems.append(
+                    f"{where}: no Bin or Plugin, so the child runs damocles' default "
+                    f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
+                    f"on PATH ({search_path}); set Bin or Plugin, or put {DAMOCLES_WORKER} on PATH"
+                )
+        if child.cpuset and usable is not None and not child.cpuset <= usable:
+            missing = format_cpuset(child.cpuset - usable)
+            problems.append(
+                f"{where}.Cpuset: CPUs {missing} are not ones this process may use (this "
+                f"machine gives it {format_cpuset(frozenset(usable))}); use those"
+            )
+    plugin_blocks = [c for c in blocks.values() if c.kind == "plugin"]
+    if plugin_blocks:
+        from .plugins import get_plugin_manager, prover_problems
+
+        pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        for child in plugin_blocks:
+            where = f"{TABLE_OF_STAGE[child.stage]}[{child.block}]"
+            assert child.plugin is not None
+            for problem in prover_problems(
+                pm, child.plugin, dict(child.plugin_options), child.stage
+            ):
+                problems.append(f"{where}.Plugin: {problem}")
+    return problems
+
+
+def check_startable(
+    config: Config, children: list[ChildSpec] | None = None, *, plugin_manager: Any = None
+) -> None:
+    """Raise ConfigError listing startup_problems of `children` (default: all the config's).
+
+    `serve`, `run` and `prove -c` call it before they report ready, so that a child that could
+    never start fails the start, as damocles' own processor does, instead of each request.
+    """
+    problems = startup_problems(
+        config.children if children is None else children, plugin_manager=plugin_manager
+    )
+    if problems:
+        raise ConfigError(config.source, problems)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building children
 
 
@@ -476,19 +592,6 @@ class _Builder:
         self._next_index = {stage: 0 for stage in STAGE_OF_TABLE.values()}
         self._gpus: list[int] | None = None
         self._gpu_problems: list[str] = []  # why detect_gpus found none
-        self.default_program_tables: list[str] = []
-
-    def finish(self) -> None:
-        """Warnings about the whole file, given once rather than per table."""
-        tables = self.default_program_tables
-        if tables and shutil.which(DAMOCLES_WORKER) is None:
-            which = "this" if len(tables) == 1 else "each"
-            self.warnings.append(
-                f"{', '.join(tables)}: no Bin or Plugin, so {which}"
-                f" child runs damocles' default `{DAMOCLES_WORKER} processor <stage>`, but "
-                f"{DAMOCLES_WORKER} is not on PATH; starting it will fail. Set Bin or Plugin, or "
-                f"put {DAMOCLES_WORKER} on PATH"
-            )
 
     def _detected_gpus(self) -> list[int]:
         if self._gpus is None:  # once per file: nvidia-smi is slow
@@ -575,16 +678,8 @@ class _Builder:
     def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:
         if block.bin is not None:
             # Kept as written: a bare name is looked up on PATH and a relative path is taken from
-            # the supervisor's working directory, as Go's exec.Command does for damocles.
-            if shutil.which(block.bin) is None:
-                problem = (
-                    "does not exist or is not executable"
-                    if "/" in block.bin
-                    else "is not found on PATH"
-                )
-                self.warnings.append(
-                    f"{where}.Bin: {_show(block.bin)} {problem}; starting this child will fail"
-                )
+            # the supervisor's working directory, as Go's exec.Command does for damocles. Whether
+            # it can run here is check_startable's question, not the file's.
             return (block.bin, *(block.args or ())), "bin"
         if block.plugin is not None:
             argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
@@ -605,7 +700,6 @@ class _Builder:
                 f"{where}: Args is ignored because Bin is not set (damocles does the same and "
                 f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args"
             )
-        self.default_program_tables.append(where)
         return (DAMOCLES_WORKER, "processor", stage), "damocles-worker"
 
     def _child(
