@@ -513,6 +513,42 @@ def _search_path(child: ChildSpec) -> str:
     return os.defpath
 
 
+#: Linux's limit on one argument or environment string given to exec (MAX_ARG_STRLEN), NUL
+#: included; a longer one fails the spawn with E2BIG.
+MAX_EXEC_STRING = 32 * 4096
+
+
+def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
+    """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
+    problems: list[str] = []
+    if child.kind == "plugin":  # the options are the only long arguments of a plugin child
+        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    else:
+        named = [(f"{where}.Args[{i}]", a) for i, a in enumerate(child.argv[1:])]
+    named += [(f"{where}.Envs.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
+    for name, text in named:
+        size = len(os.fsencode(text)) + 1
+        if size > MAX_EXEC_STRING:
+            problems.append(
+                f"{name}: {size} bytes, but exec takes at most {MAX_EXEC_STRING} per argument or "
+                f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
+            )
+    inherited = os.environ if child.inherit_envs else {}
+    env = {**inherited, **child.envs}
+    strings = [*child.argv, *(f"{k}={v}" for k, v in env.items())]
+    total = sum(len(os.fsencode(t)) + 1 + 8 for t in strings)  # and a pointer to each
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    if not problems and 0 < limit < total:
+        problems.append(
+            f"{where}: the command line and environment take {total} bytes (Args, Envs and the "
+            f"inherited environment), more than exec takes here ({limit}, ARG_MAX); shorten them"
+        )
+    return problems
+
+
 def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -> list[str]:
     """Why some of `children` could not start on this machine, each naming its table and key.
 
@@ -544,6 +580,7 @@ def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -
                     f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
                     f"on PATH ({search_path}); set Bin or Plugin, or put {DAMOCLES_WORKER} on PATH"
                 )
+        problems.extend(_exec_size_problems(where, child))
         if child.cpuset and usable is not None and not child.cpuset <= usable:
             missing = format_cpuset(child.cpuset - usable)
             problems.append(

@@ -1063,3 +1063,34 @@ def test_bad_values_exit_2_from_check_config_and_from_run_naming_file_and_key(
         assert where in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stdout == ""
     assert not socket.exists()
+
+
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ('Bin = "sh"\nArgs = ["ok", "' + "x" * 200_000 + '"]', "WdPost[0].Args[1]: 200001 bytes"),
+        ('Bin = "sh"\nEnvs = { BIG = "' + "x" * 200_000 + '" }', "WdPost[0].Envs.BIG: 200005"),
+        ('Plugin = "echo"\nPluginOptions = { k = "' + "x" * 200_000 + '" }', "WdPost[0].Plugin"),
+    ],
+)
+def test_an_argument_or_variable_too_long_for_exec_cannot_start(
+    tmp_path: Path, block: str, where: str
+) -> None:
+    # exec refuses it (E2BIG), so every start of the child would fail.
+    problems = _bin_problem(tmp_path, f"[[WdPost]]\n{block}\n")
+    assert any(
+        p.startswith(where) and "exec takes at most 131072 per argument" in p for p in problems
+    ), problems
+
+
+def test_a_command_line_and_environment_over_arg_max_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is bounded to 1 MiB; what it adds to a large inherited environment still counts.
+    for i in range(os.sysconf("SC_ARG_MAX") // 100_000 + 1):
+        monkeypatch.setenv(f"DEXT_TEST_BIG_{i}", "x" * 100_000)
+    (problem,) = _bin_problem(tmp_path, '[[WdPost]]\nBin = "sh"\n')
+    assert problem.startswith("WdPost[0]: the command line and environment take ")
+    assert f"more than exec takes here ({os.sysconf('SC_ARG_MAX')}, ARG_MAX)" in problem
+    # Without the inherited environment it fits.
+    config.check_startable(parse('[[WdPost]]\nBin = "/bin/sh"\nInheritEnvs = false\n'))
