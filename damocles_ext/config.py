@@ -513,13 +513,10 @@ def _search_path(child: ChildSpec) -> str:
     return os.defpath
 
 
-#: Linux's limit on one argument or environment string given to exec (MAX_ARG_STRLEN), NUL
-#: included; a longer one fails the spawn with E2BIG.
-MAX_EXEC_STRING = 32 * 4096
-
-
 def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
     """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
+    # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
+    most = 32 * os.sysconf("SC_PAGESIZE")
     problems: list[str] = []
     if child.kind == "plugin":  # the options are the only long arguments of a plugin child
         named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
@@ -528,9 +525,9 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
     named += [(f"{where}.Envs.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
     for name, text in named:
         size = len(os.fsencode(text)) + 1
-        if size > MAX_EXEC_STRING:
+        if size > most:
             problems.append(
-                f"{name}: {size} bytes, but exec takes at most {MAX_EXEC_STRING} per argument or "
+                f"{name}: {size} bytes, but exec takes at most {most} per argument or "
                 f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
             )
     inherited = os.environ if child.inherit_envs else {}
@@ -553,9 +550,10 @@ def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -
     """Why some of `children` could not start on this machine, each naming its table and key.
 
     What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
-    executable, the Cpuset's CPUs are ours to use, and a Plugin is installed and accepts its
-    PluginOptions (its validate_options and the dext_validate_plugin_options hooks). A Gpus
-    table's children share one table, so each table is checked once.
+    executable, the command line and environment fit exec's limits, the Cpuset's CPUs are ours
+    to use, and a Plugin is installed and accepts its PluginOptions (its validate_options and the
+    dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
+    is checked once.
     """
     problems: list[str] = []
     blocks: dict[tuple[str, int], ChildSpec] = {}
@@ -570,11 +568,9 @@ def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -
         if child.kind != "plugin":
             search_path = _search_path(child)
             problem = program_problem(child.argv[0], search_path)
-            if problem is None:
-                pass
-            elif child.kind == "bin":
+            if problem is not None and child.kind == "bin":
                 problems.append(f"{where}.Bin: {problem}")
-            else:
+            elif problem is not None:
                 problems.append(
                     f"{where}: no Bin or Plugin, so the child runs damocles' default "
                     f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
