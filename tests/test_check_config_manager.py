@@ -4,8 +4,10 @@ the slots the config that serve reads supervises for that stage."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,14 @@ import pytest
 from damocles_ext.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _damocles_ext_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on damocles-manager's machine, `Bin = "damocles-ext"` must be found on PATH: check-config
+    # refuses a Bin it cannot find. The installed script sits beside this interpreter.
+    bindir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join([bindir, os.environ.get("PATH", "")]))
 
 
 def _check(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:

@@ -19,8 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="validate an ext-prover.cfg and list the children it would start",
         description=(
             "Validate an ext-prover.cfg (damocles-manager's format plus damocles-ext's keys) and "
-            "print one line per child that would start. Every error in the file is reported; "
-            "the exit code is 2 when there is any."
+            "print one line per child that would start. Every error in the file is reported, and"
+            " whatever would keep a child from starting on this machine (a Bin that is missing or"
+            " not executable, a Plugin not installed or refusing its PluginOptions, a Cpuset"
+            " beyond the CPUs this process may use), as serve and run check before they report"
+            " ready; the exit code is 2 when there is any."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -40,14 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config (ConfigError on bad input), print its children, warnings to stderr."""
+    """Load the config, check it can start here (ConfigError), print its children."""
     import msgspec
 
-    from damocles_ext.config import load_conf_dir, load_config
+    from damocles_ext.config import check_startable, load_conf_dir, load_config
 
     path = args.config if args.config is not None else args.file
     config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
-    check_plugins(config)
+    # The same checks as serve and run make before they report ready: what passes here starts.
+    check_startable(config)
     for warning in [*config.warnings, *manager_entry_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -57,28 +61,6 @@ def run(args: argparse.Namespace) -> int:
     for child in config.children:
         print(describe_child(child, width))
     return 0
-
-
-def check_plugins(config) -> None:
-    """Raise ConfigError naming each Plugin that is not installed or whose options it refuses."""
-    from damocles_ext.config import TABLE_OF_STAGE, ConfigError
-    from damocles_ext.plugins import get_plugin_manager, prover_problems
-
-    plugin_children = [c for c in config.children if c.kind == "plugin"]
-    if not plugin_children:
-        return
-    pm = get_plugin_manager()
-    errors: list[str] = []
-    seen: set[tuple[str, int]] = set()
-    for child in plugin_children:
-        if (child.stage, child.block) in seen:
-            continue  # a Gpus block expands to several children with one Plugin
-        seen.add((child.stage, child.block))
-        table = TABLE_OF_STAGE[child.stage]
-        for problem in prover_problems(pm, child.plugin, dict(child.plugin_options), child.stage):
-            errors.append(f"{table}[{child.block}].Plugin: {problem}")
-    if errors:
-        raise ConfigError(config.source, errors)
 
 
 def describe_child(child: ChildSpec, width: int = 0) -> str:

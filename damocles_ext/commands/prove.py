@@ -138,8 +138,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.config is not None or args.conf_dir is not None:
-            children = children_of(load_config_from_args(args), args.stage)
-            output = trio.run(_prove_embedded, children, task, deadline, args.priority, on_progress)
+            from damocles_ext.config import check_startable
+            from damocles_ext.plugins import get_plugin_manager
+
+            config = load_config_from_args(args)
+            children = children_of(config, args.stage)
+            # A child that cannot start would fail the proof only after its restarts' backoff.
+            plugin_manager = get_plugin_manager()
+            check_startable(config, children, plugin_manager=plugin_manager)
+            output = trio.run(
+                _prove_embedded, children, task, deadline, args.priority, on_progress,
+                plugin_manager,
+            )
         else:
             output = trio.run(
                 _prove_remote, args.socket, task, deadline, args.priority, on_progress
@@ -152,16 +162,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _prove_embedded(
-    children, task: Task, deadline: float | None, priority: int, on_progress
+    children, task: Task, deadline: float | None, priority: int, on_progress, plugin_manager
 ) -> Output:
     from damocles_ext.api import open_supervisor
     from damocles_ext.errors import ProverError
 
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
     # it in an ExceptionGroup.
-    from damocles_ext.plugins import get_plugin_manager
-
-    async with open_supervisor(children, plugin_manager=get_plugin_manager()) as supervisor:
+    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
         try:
             return await supervisor.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress

@@ -61,10 +61,15 @@ def _listen_address(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
     from damocles_ext.commands.serve import setup_logging
+    from damocles_ext.config import check_startable
+    from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.control import bind_control_socket, default_socket_path
 
     setup_logging(args)
     config = load_config_from_args(args)
+    # Before the socket exists: a client must not find a supervisor whose children cannot start.
+    plugin_manager = get_plugin_manager()
+    check_startable(config, plugin_manager=plugin_manager)
     path = args.socket if args.socket is not None else default_socket_path()
     # The socket and the metrics port are bound before any child is spawned: a taken or unsafe
     # place is a usage error, not a half-started supervisor.
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from damocles_ext.supervisor.core import Supervisor
 
-        options = supervisor_options(args)
+        options = supervisor_options(args, plugin_manager)
         if args.metrics is not None:
             from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 

@@ -414,7 +414,11 @@ def spawn(
         except FileNotFoundError:
             raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
         except PermissionError:
-            raise SpawnError(f"{name}: program {argv[0]!r} is not executable") from None
+            directory = os.sep in argv[0] and os.path.isdir(argv[0])
+            what = "is a directory, not a program" if directory else "is not executable"
+            raise SpawnError(f"{name}: program {argv[0]!r} {what}") from None
+        except ValueError as exc:  # a NUL in argv or env, which exec cannot carry
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
         except OSError as exc:
             raise SpawnError(
                 f"{name}: cannot start {argv[0]!r}: {exc.strerror or exc}"
