@@ -59,6 +59,7 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._status_pending: dict[int, tuple[trio.Event, list[control_protocol.StatusReply]]] = {}
         self._lost: str | None = None
+        self._refused: str | None = None  # why the supervisor is closing this connection
 
     async def submit(
         self,
@@ -167,10 +168,15 @@ class Client:
                     break
         except dext.ProtocolError as exc:
             reason = f"the supervisor broke the protocol: {exc}"
+        if self._refused is not None:
+            reason = self._refused
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
 
     def _dispatch(self, msg: dext.Message) -> None:
-        if isinstance(msg, dext.Response):
+        if isinstance(msg, dext.Response) and msg.id == 0:
+            # Request ids count from 1: id 0 is the supervisor saying why it closes the connection.
+            self._refused = msg.error or "the supervisor closed the connection"
+        elif isinstance(msg, dext.Response):
             pending = self._pending.get(msg.id)
             if pending is None:
                 log.debug("response to request %d nobody waits for (cancelled?)", msg.id)
