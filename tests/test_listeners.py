@@ -1,0 +1,387 @@
+"""What clients can hold of `run`: the control socket and the metrics port survive running out of
+file descriptors, cap their connections, close idle ones, and bound the bytes of unfinished
+frames; a real `run` started with a low RLIMIT_NOFILE keeps proving and stops with exit 0."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+import trio.testing
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import (
+    DEXT,
+    LogWatcher,
+    dext_env,
+    make_task,
+    plugin_block,
+    short_socket_dir,
+    write_config,
+)
+
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+from damocles_ext.protocol import dext
+from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+
+# Low enough that a test floods it with a hundred connections, high enough for Python, trio,
+# one child's pipes and the process-group guardian.
+LOW_NOFILE = 64
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path):
+    with short_socket_dir("l", tmp_path.name) as d:
+        yield d
+
+
+async def start_run(
+    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
+) -> tuple[trio.Process, LogWatcher]:
+    """`damocles-ext run`, optionally with RLIMIT_NOFILE lowered to `nofile` (soft and hard)."""
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    process = await trio.lowlevel.open_process(
+        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dext_env(),
+        preexec_fn=limit,
+    )
+    watcher = LogWatcher(process.stderr)
+    nursery.start_soon(watcher.run)
+    with trio.fail_after(30):
+        await watcher.wait_for("control socket listening")
+        await watcher.wait_for("ready (dext)")
+    return process, watcher
+
+
+async def stop(run: trio.Process, log: LogWatcher) -> None:
+    run.send_signal(signal.SIGTERM)
+    with trio.fail_after(30):
+        code = await run.wait()
+    assert code == 0, log.text()[-3000:]
+    assert "Traceback" not in log.text(), log.text()[-3000:]
+
+
+def open_fds(pid: int) -> int:
+    return psutil.Process(pid).num_fds()
+
+
+async def wait_closed_by_peer(sock: trio.socket.SocketType) -> None:
+    """Wait until the other end closes `sock` (EOF or reset), reading and dropping any data."""
+    while True:
+        try:
+            data = await sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return
+        if not data:
+            return
+
+
+# -- the control socket, in a real `run` with few descriptors ---------------------------------
+
+
+async def test_run_out_of_descriptors_at_the_control_socket_keeps_proving_and_stops_with_0(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    flood: list[trio.socket.SocketType] = []
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, nofile=LOW_NOFILE)
+        try:
+            with trio.fail_after(60):
+                # More idle connections than the process has descriptors: accept hits EMFILE.
+                for _ in range(100):
+                    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    await s.connect(str(path))
+                    flood.append(s)
+                await log.wait_for("accept failed with EMFILE")
+                # Every descriptor is in use (the flood took what the idle ones freed) ...
+                assert open_fds(run.pid) >= LOW_NOFILE - 2
+                # ... and a real client is still served: an idle connection makes room for it.
+                async with connect(path) as client:
+                    assert await client.submit(make_task(5)) == echo_output(make_task(5))
+                # Idle flood connections were closed to free descriptors, not served forever.
+                await wait_closed_by_peer(flood[0])
+                await stop(run, log)
+        finally:
+            for s in flood:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+    assert not path.exists()
+
+
+# -- the control server's limits, in process (a backend whose requests end when told) -----------
+
+
+class Backend:
+    """`submit` whose requests run until the test releases them."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, trio.Event] = {}
+        self.release: dict[int, trio.Event] = {}
+
+    def events(self, miner: int) -> tuple[trio.Event, trio.Event]:
+        return (
+            self.started.setdefault(miner, trio.Event()),
+            self.release.setdefault(miner, trio.Event()),
+        )
+
+    async def submit(self, task, *, deadline=None, priority=0, on_progress=None):
+        started, release = self.events(task.miner_id)
+        started.set()
+        await release.wait()
+        return echo_output(task)
+
+
+async def serve_control(nursery, sock_dir: Path, **limits) -> tuple[ControlServer, Backend]:
+    backend = Backend()
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), backend.submit, **limits)
+    await nursery.start(server.serve)
+    return server, backend
+
+
+async def raw_connection(server: ControlServer) -> trio.socket.SocketType:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await s.connect(str(server.path))
+    return s
+
+
+async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hears_why_not(
+    sock_dir, nursery
+):
+    server, backend = await serve_control(nursery, sock_dir, max_connections=2)
+    async with connect(server.path) as a, connect(server.path) as b, trio.open_nursery() as busy:
+        results = {}
+
+        async def prove(client, miner: int) -> None:
+            results[miner] = await client.submit(make_task(miner))
+
+        busy.start_soon(prove, a, 1)
+        busy.start_soon(prove, b, 2)
+        await backend.events(1)[0].wait()
+        await backend.events(2)[0].wait()
+        # Both connections have a request in flight: a third is refused, and told why.
+        with pytest.raises(ProverError, match=r"too many connections \(2 open, all busy"):
+            async with connect(server.path) as c:
+                await c.submit(make_task(3))
+        assert server.statistics().refused == 1
+        # Once `a` is idle, a new connection closes it (the idlest) and is served.
+        backend.events(1)[1].set()
+        while 1 not in results:
+            await trio.testing.wait_all_tasks_blocked()
+        backend.events(4)[1].set()
+        async with connect(server.path) as d:
+            assert await d.submit(make_task(4)) == echo_output(make_task(4))
+        with pytest.raises(ProverError, match="closed the connection"):
+            await a.submit(make_task(5))
+        # `b`, busy all along, was left alone.
+        backend.events(2)[1].set()
+    assert results == {1: echo_output(make_task(1)), 2: echo_output(make_task(2))}
+    stats = server.statistics()
+    assert (stats.evicted, stats.refused) == (1, 1)
+
+
+async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_not(
+    sock_dir, nursery, autojump_clock
+):
+    server, backend = await serve_control(nursery, sock_dir, idle_timeout=600)
+    async with connect(server.path) as busy_client, trio.open_nursery() as requests:
+        answer = []
+
+        async def prove() -> None:
+            answer.append(await busy_client.submit(make_task(1)))
+
+        requests.start_soon(prove)
+        await backend.events(1)[0].wait()
+        start = trio.current_time()
+        idle = await raw_connection(server)
+        await wait_closed_by_peer(idle)
+        idle.close()
+        assert 600 <= trio.current_time() - start < 601
+        assert server.statistics().idle_closed == 1
+        # A WindowPoSt may run for half an hour: its connection stays.
+        await trio.sleep(3600)
+        backend.events(1)[1].set()
+    assert answer == [echo_output(make_task(1))]
+    # Bytes arriving keep a connection too, and the timeout counts from the last of them.
+    trickle = await raw_connection(server)
+    frame = dext.encode(dext.Request(1, make_task(2)))
+    start = trio.current_time()
+    for byte in frame[:-1]:
+        await trio.sleep(500)
+        await trickle.send(bytes([byte]))
+    await wait_closed_by_peer(trickle)
+    trickle.close()
+    assert trio.current_time() - start >= 500 * (len(frame) - 1) + 600
+
+
+async def test_unfinished_frames_over_the_buffer_cap_close_the_connection_holding_most(
+    sock_dir, nursery
+):
+    cap = 4 * 2**20
+    server, backend = await serve_control(nursery, sock_dir, max_buffered=cap)
+    header = (cap - 1).to_bytes(4, "big")  # a frame that will never be finished
+    sizes = (3 * 2**20, 2 * 2**20, 1 * 2**20)
+    held = []
+    for size in sizes:
+        s = await raw_connection(server)
+        await s.send(header)
+        sent = 0
+        while sent < size:
+            sent += await s.send(b"x" * min(65536, size - sent))
+        held.append(s)  # (send returns once the server has read nearly all of it)
+    # 6 MiB would be held: the connection holding 3 MiB is closed, the others stay.
+    await wait_closed_by_peer(held[0])
+    while server.statistics().buffered < sum(sizes[1:]) - 2**20:  # the rest in the kernel
+        await trio.testing.wait_all_tasks_blocked()
+    stats = server.statistics()
+    assert stats.over_buffer == 1
+    assert stats.buffered <= cap
+    assert stats.connections == 2
+    # And a frame longer than the whole budget is refused from its header.
+    big = await raw_connection(server)
+    await big.send((cap + 1).to_bytes(4, "big"))
+    await wait_closed_by_peer(big)
+    for s in (*held, big):
+        s.close()
+    # The server goes on.
+    backend.events(7)[1].set()
+    async with connect(server.path) as client:
+        assert await client.submit(make_task(7)) == echo_output(make_task(7))
+
+
+# -- the metrics port ---------------------------------------------------------------------------
+
+
+async def metrics_url(log: LogWatcher) -> str:
+    line = await log.wait_for("metrics on http://127.0.0.1:")
+    return line.split("metrics on ", 1)[1].strip()
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
+    return host, int(port)
+
+
+async def scrape(url: str) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            assert response.status == 200
+            return response.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def tcp_connection(url: str) -> trio.socket.SocketType:
+    s = trio.socket.socket()
+    await s.connect(address(url))
+    return s
+
+
+async def http_exchange(url: str, request: bytes) -> bytes:
+    """Send `request` on a new connection; everything the server sends before closing."""
+    s = await tcp_connection(url)
+    with s:
+        await s.send(request)
+        received = b""
+        while True:
+            try:
+                data = await s.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not data:
+                return received
+            received += data
+
+
+async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_after_the_timeout(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock",
+                                   "--metrics", "127.0.0.1:0", "--metrics-max-connections", "4",
+                                   "--metrics-idle-timeout", "2")  # fmt: skip
+        held: list[trio.socket.SocketType] = []
+        try:
+            with trio.fail_after(60):
+                url = await metrics_url(log)
+                # Silent connections, and slow ones that never finish their request head.
+                for i in range(10):
+                    s = await tcp_connection(url)
+                    if i % 2:
+                        await s.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    held.append(s)
+                text = await scrape(url)
+                assert "damocles_ext_child_state" in text
+                # Over the cap of 4, the idlest went at once; the rest after the idle timeout.
+                for s in held:
+                    await wait_closed_by_peer(s)
+                await log.wait_for("metrics port: 4 connections are open (the limit)")
+                # Keep-alive: one connection, several scrapes, then the idle timeout ends it.
+                s = await tcp_connection(url)
+                held.append(s)
+                for _ in range(2):
+                    await s.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    head = await s.recv(65536)
+                    assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+                await wait_closed_by_peer(s)
+                # A request head over 16 KiB, or something else than GET, is refused.
+                answer = await http_exchange(
+                    url, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40000 + b"\r\n\r\n"
+                )
+                assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+                answer = await http_exchange(
+                    url, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                )
+                assert answer.startswith(b"HTTP/1.1 405 "), answer[:200]
+                assert "damocles_ext_child_state" in await scrape(url)
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
+async def test_metrics_port_out_of_descriptors_still_answers_a_scrape_and_stops_with_0(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock",
+                                   "--metrics", "127.0.0.1:0", "--metrics-max-connections", "1000",
+                                   nofile=LOW_NOFILE)  # fmt: skip
+        held: list[trio.socket.SocketType] = []
+        try:
+            with trio.fail_after(60):
+                url = await metrics_url(log)
+                for _ in range(100):
+                    held.append(await tcp_connection(url))
+                await log.wait_for("metrics port: accept failed with EMFILE")
+                assert open_fds(run.pid) >= LOW_NOFILE - 2
+                assert "damocles_ext_child_state" in await scrape(url)
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
