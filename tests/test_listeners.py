@@ -126,6 +126,59 @@ async def test_run_out_of_descriptors_at_the_control_socket_keeps_proving_and_st
     assert not path.exists()
 
 
+def peak_rss(pid: int) -> int:
+    """The process's resident memory high-water mark (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+async def test_run_holding_partial_frames_of_many_clients_stays_under_its_buffer_cap(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    clients, each = 8, 12 * 2**20  # 96 MiB of unfinished frames offered, 16 MiB allowed
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, "--max-buffer", "16M")
+        held: list[trio.socket.SocketType] = []
+        dropped = []
+        try:
+            with trio.fail_after(60):
+                before = peak_rss(run.pid)
+
+                async def hold_a_partial_frame() -> None:
+                    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    held.append(s)
+                    await s.connect(str(path))
+                    # A 16 MiB frame that never ends: its header, then 12 MiB of it.
+                    data = memoryview((16 * 2**20 - 1).to_bytes(4, "big") + bytes(each))
+                    try:
+                        while data:
+                            data = data[await s.send(data[: 2**20]) :]
+                    except (BrokenPipeError, ConnectionResetError):
+                        dropped.append(s)
+
+                async with trio.open_nursery() as flood:
+                    for _ in range(clients):
+                        flood.start_soon(hold_a_partial_frame)
+                grown = peak_rss(run.pid) - before
+                assert grown < 56 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
+                # Over the cap, the connections holding most were closed.
+                assert len(dropped) >= clients - 2, log.text()[-2000:]
+                await log.wait_for("over the limit of 16 MiB (--max-buffer)")
+                async with connect(path) as client:
+                    assert await client.submit(make_task(3)) == echo_output(make_task(3))
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
 # -- the control server's limits, in process (a backend whose requests end when told) -----------
 
 
