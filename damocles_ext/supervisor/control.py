@@ -446,19 +446,39 @@ class _Connection:
                 nursery.start_soon(self._write_loop)
                 with self._read_scope:
                     await self._read_loop(nursery)
-                if self._read_scope.cancelled_caught and self._evicted is None:
-                    self._server._stats.idle_closed += 1
-                    log.info(
-                        "closing a control connection idle for %g s (nothing in flight, nothing"
-                        " received; --idle-timeout)",
-                        self._server.idle_timeout,
-                    )
+                goodbye = None
+                if self._read_scope.cancelled_caught:
+                    goodbye = self._evicted
+                    if goodbye is None:
+                        self._server._stats.idle_closed += 1
+                        goodbye = (
+                            f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
+                        )
+                        log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
                 nursery.cancel_scope.cancel()
+            if goodbye is not None and self.idle:
+                await self._say_goodbye(goodbye)
         finally:
             for _ in range(self._owned):
                 self._server._request_done()
             self._owned = 0
+
+    async def _say_goodbye(self, reason: str) -> None:
+        # Nothing is in flight, so the writer (cancelled above) was not inside a frame. This
+        # frame tells the client that whatever it sent and had no answer to was never read: a
+        # request crossing our close can be sent again on a new connection.
+        frame = dext.encode(
+            dext.Response(
+                CONNECTION_ERROR_ID,
+                error=f"the supervisor closed the connection before reading more from it: {reason}",
+            )
+        )
+        with trio.move_on_after(1):
+            try:
+                await self._stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
