@@ -38,6 +38,14 @@ class NoSupervisorError(UsageError):
     """Nothing (usable) is listening at the socket path: a usage problem, exit code 2."""
 
 
+class _NotSent(ProverError):
+    """The request could not be written: the supervisor cannot have started it."""
+
+
+class _Unread(ProverError):
+    """The supervisor closed the connection and said it read nothing more from it."""
+
+
 class _Pending:
     __slots__ = ("done", "error", "on_progress", "response")
 
@@ -84,7 +92,10 @@ class Client:
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
         try:
-            await self._send_frame(frame)
+            try:
+                await self._send_frame(frame)
+            except ProverError as exc:
+                raise _NotSent(str(exc)) from None
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set() and self._lost is None:
@@ -334,18 +345,40 @@ class ReconnectingClient:
         priority: int = 0,
         on_progress: ProgressCallback | None = None,
     ) -> Output:
-        """`Client.submit` on the current connection, connecting again first if it was lost."""
-        client = await self._current()
+        """`Client.submit` on the current connection, connecting again first if it was lost.
+
+        A request the supervisor provably never read (the connection was closed under it, idle
+        or to make room, and the supervisor said so; or it could not even be written) is sent
+        once more on a new connection.
+        """
+        for attempt in (1, 2):
+            client = await self._current()
+            try:
+                return await self._submit_on(client, task, deadline, priority, on_progress)
+            except (_NotSent, _Unread) as exc:
+                if attempt == 2:
+                    raise
+                if client._lost is None:  # the reader has not seen the close yet
+                    client._lost = str(exc)
+                log.info("the supervisor closed the connection before reading a request (%s);"
+                         " sending it again on a new connection", exc)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _submit_on(self, client, task, deadline, priority, on_progress) -> Output:
         try:
             return await client.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
+        except _NotSent:
+            raise
         except ProverError as exc:
             if client._lost is not None and str(exc) == client._lost:
                 reason = client._lost.removeprefix(
                     f"lost the connection to the supervisor at {self.path}: "
                 )
-                raise ProverError(
+                # A supervisor that says why it closed has read nothing more: safe to resend.
+                error = _Unread if client._refused is not None else ProverError
+                raise error(
                     f"the supervisor at {self.path} went away before it answered ({reason}:"
                     " stopped or restarted?); this request was not proved, the next one will"
                     " try to connect again"

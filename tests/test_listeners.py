@@ -79,15 +79,17 @@ def open_fds(pid: int) -> int:
     return psutil.Process(pid).num_fds()
 
 
-async def wait_closed_by_peer(sock: trio.socket.SocketType) -> None:
-    """Wait until the other end closes `sock` (EOF or reset), reading and dropping any data."""
+async def wait_closed_by_peer(sock: trio.socket.SocketType) -> bytes:
+    """Wait until the other end closes `sock` (EOF or reset); what it sent before."""
+    received = b""
     while True:
         try:
             data = await sock.recv(65536)
         except (ConnectionResetError, BrokenPipeError):
-            return
+            return received
         if not data:
-            return
+            return received
+        received += data
 
 
 # -- the control socket, in a real `run` with few descriptors ---------------------------------
@@ -264,8 +266,10 @@ async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_
         await backend.events(1)[0].wait()
         start = trio.current_time()
         idle = await raw_connection(server)
-        await wait_closed_by_peer(idle)
+        # Closed, with a word that nothing more was read (a crossing request can be resent).
+        [goodbye] = dext.FrameDecoder().receive_data(await wait_closed_by_peer(idle))
         idle.close()
+        assert goodbye.id == 0 and "idle for 600 s (run's --idle-timeout)" in goodbye.error
         assert 600 <= trio.current_time() - start < 601
         assert server.statistics().idle_closed == 1
         # A WindowPoSt may run for half an hour: its connection stays.
@@ -438,3 +442,46 @@ async def test_metrics_port_out_of_descriptors_still_answers_a_scrape_and_stops_
             if run.returncode is None:
                 run.kill()
             nursery.cancel_scope.cancel()
+
+
+# -- a request crossing the supervisor's close --------------------------------------------------
+
+
+async def test_a_request_crossing_an_idle_close_is_sent_again_on_a_new_connection(
+    sock_dir, nursery
+):
+    from damocles_ext.client import ReconnectingClient
+
+    path = sock_dir / "c.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+    seen: list[int] = []
+
+    async def supervisor_like() -> None:
+        # The first connection closes the way an idle one does, while the request is on its way
+        # (here: already arrived, the worst case); the second answers it.
+        for n in (1, 2):
+            conn, _ = await listener.accept()
+            with conn:
+                decoder = dext.FrameDecoder()
+                request = None
+                while request is None:
+                    for msg in decoder.receive_data(await conn.recv(65536)):
+                        request = msg
+                seen.append(n)
+                if n == 1:
+                    await conn.send(dext.encode(dext.Response(0, error="idle for 600 s")))
+                else:
+                    output = echo_output(request.task)
+                    await conn.send(dext.encode(dext.Response(request.id, output=output)))
+                    await conn.recv(1)  # until the client goes
+
+    nursery.start_soon(supervisor_like)
+    remote = ReconnectingClient(path)
+    await remote.connect()
+    nursery.start_soon(remote.run)
+    assert await remote.submit(make_task(4)) == echo_output(make_task(4))
+    assert seen == [1, 2] and remote.connections == 2
+    await remote.aclose()
+    listener.close()
