@@ -485,3 +485,39 @@ async def test_a_request_crossing_an_idle_close_is_sent_again_on_a_new_connectio
     assert seen == [1, 2] and remote.connections == 2
     await remote.aclose()
     listener.close()
+
+
+# -- the settings -------------------------------------------------------------------------------
+
+
+def test_run_defaults_for_the_limits_are_those_of_the_servers():
+    from damocles_ext import metrics
+    from damocles_ext.commands import run
+    from damocles_ext.supervisor import control
+
+    assert run.DEFAULT_MAX_CONNECTIONS == control.DEFAULT_MAX_CONNECTIONS
+    assert run.DEFAULT_IDLE_TIMEOUT == control.DEFAULT_IDLE_TIMEOUT
+    assert run.DEFAULT_MAX_BUFFERED == control.DEFAULT_MAX_BUFFERED
+    assert run.DEFAULT_METRICS_MAX_CONNECTIONS == metrics.DEFAULT_MAX_CONNECTIONS
+    assert run.DEFAULT_METRICS_IDLE_TIMEOUT == metrics.DEFAULT_IDLE_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-connections", "0", "--max-connections: must be at least 1, got 0"),
+        ("--metrics-max-connections", "many", "not a whole number: 'many'"),
+        ("--idle-timeout", "0", "--idle-timeout: must be a positive duration"),
+        ("--metrics-idle-timeout", "soon", "'soon' is not a duration"),
+        ("--max-buffer", "lots", "'lots' is not a size"),
+        ("--max-buffer", "4K", "'4K' is under 1 MiB"),
+    ],
+)
+def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value, message):
+    from helpers_frontend import dext_run
+
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    done = dext_run("run", "-c", str(cfg), "--socket", str(tmp_path / "c.sock"), option, value)
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert message in err and "Traceback" not in err, err
