@@ -4,6 +4,7 @@ frames; a real `run` started with a low RLIMIT_NOFILE keeps proving and stops wi
 
 from __future__ import annotations
 
+import gzip
 import resource
 import signal
 import socket
@@ -408,7 +409,16 @@ async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_afte
                     url, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
                 )
                 assert answer.startswith(b"HTTP/1.1 405 "), answer[:200]
-                assert "damocles_ext_child_state" in await scrape(url)
+                # What prometheus_client's server offered: gzip, and a filter by name.
+                answer = await http_exchange(
+                    url, b"GET /metrics?name[]=damocles_ext_requests_total HTTP/1.1\r\nHost: x\r\n"
+                    b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+                )  # fmt: skip
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert b"Content-Encoding: gzip" in head, head
+                text = gzip.decompress(body).decode()
+                assert "damocles_ext_requests_total{" in text
+                assert "damocles_ext_child_state" not in text
                 await stop(run, log)
         finally:
             for s in held:
