@@ -12,6 +12,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import h11
 import psutil
 import pytest
 import trio
@@ -407,10 +408,20 @@ async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_afte
                 # Keep-alive: one connection, several scrapes, then the idle timeout ends it.
                 s = await tcp_connection(url)
                 held.append(s)
+                client = h11.Connection(h11.CLIENT)
                 for _ in range(2):
-                    await s.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    head = await s.recv(65536)
-                    assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+                    await s.send(client.send(h11.Request(method="GET", target="/metrics",
+                                                         headers=[("Host", "x")])))  # fmt: skip
+                    await s.send(client.send(h11.EndOfMessage()))
+                    events = []
+                    while not events or not isinstance(events[-1], h11.EndOfMessage):
+                        event = client.next_event()
+                        if event is h11.NEED_DATA:
+                            client.receive_data(await s.recv(65536))
+                        else:
+                            events.append(event)
+                    assert events[0].status_code == 200
+                    client.start_next_cycle()
                 await wait_closed_by_peer(s)
                 # A request head over 16 KiB, or something else than GET, is refused.
                 answer = await http_exchange(
