@@ -333,7 +333,9 @@ class ReconnectingClient:
             finally:
                 with trio.CancelScope(shield=True):
                     await client._stream.aclose()
-            log.warning("%s; the next request will try to connect again", client._lost)
+            # A supervisor closing an idle connection says so: routine, not a warning.
+            level = logging.INFO if client._refused is not None else logging.WARNING
+            log.log(level, "%s; the next request will try to connect again", client._lost)
             if self._client is client:
                 self._client = None
 

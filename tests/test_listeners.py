@@ -554,3 +554,38 @@ def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value,
     assert done.returncode == 2
     err = done.stderr.decode()
     assert message in err and "Traceback" not in err, err
+
+
+async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connection(
+    tmp_path, sock_dir
+):
+    from helpers_frontend import ManagerLike
+
+    from damocles_ext.protocol import jsonl
+
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, "--idle-timeout", "1")
+        try:
+            with trio.fail_after(60):
+                m = await ManagerLike.start(
+                    nursery,
+                    [*DEXT, "serve", "window_post", "--connect", str(path)],
+                    "window_post",
+                    stderr=subprocess.PIPE,
+                )
+                for miner in (1, 2):
+                    r = await m.request(make_task(miner))
+                    assert r == jsonl.JsonResponse(miner, echo_output(make_task(miner)), None)
+                    # Idle after its answer: run closes the connection, and says why.
+                    await m.wait_log("closed the connection before reading more from it: idle")
+                    m.log.clear()
+                await m.close_stdin()
+                assert await m.process.wait() == 0
+                assert not [line for line in m.log if "WARNING" in line], m.log
+                await stop(run, log)
+        finally:
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
