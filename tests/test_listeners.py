@@ -589,3 +589,37 @@ async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connectio
             if run.returncode is None:
                 run.kill()
             nursery.cancel_scope.cancel()
+
+
+async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
+    sock_dir, nursery
+):
+    from damocles_ext.protocol import control as control_protocol
+    from damocles_ext.supervisor.control import MAX_STATUS_IN_FLIGHT
+
+    calls = 0
+    release = trio.Event()
+
+    async def status() -> dict:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"calls": calls}
+
+    backend = Backend()
+    server = ControlServer(bind_control_socket(sock_dir / "c.sock"), backend.submit, status=status)
+    await nursery.start(server.serve)
+    s = await raw_connection(server)
+    await s.send(b"".join(control_protocol.encode(control_protocol.StatusRequest(i))
+                          for i in range(1, 1001)))  # fmt: skip
+    await trio.testing.wait_all_tasks_blocked()
+    # Not a task (and a /proc walk) per request: the connection waits for its replies to go.
+    assert calls == MAX_STATUS_IN_FLIGHT
+    release.set()
+    decoder = control_protocol.frame_decoder()
+    replies = []
+    while len(replies) < 1000:
+        replies += decoder.receive_data(await s.recv(65536))
+    assert sorted(r.id for r in replies) == list(range(1, 1001))
+    assert calls == 1000
+    s.close()

@@ -56,6 +56,10 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_MAX_BUFFERED = 256 * 1024 * 1024
 # The id of a Response that is about the connection, not a request (clients count from 1).
 CONNECTION_ERROR_ID = 0
+# Status requests of one connection being answered (or their replies not yet written) before
+# we stop reading from it: a client that sends them without reading the replies would otherwise
+# start a task and a /proc walk per request, and queue every reply.
+MAX_STATUS_IN_FLIGHT = 16
 
 
 class ControlSubmit(Protocol):
@@ -416,6 +420,7 @@ class _Connection:
         self._wake = trio.Event()
         self._owned = 0  # requests counted in the server's in_flight that we still owe
         self._status_owed = 0  # status requests not yet answered on the wire
+        self._status_drained = trio.Event()
         self.buffered = 0  # bytes of an unfinished frame, as the server accounts them
         self.last_active = trio.current_time()
         self.closed = trio.Event()
@@ -501,6 +506,9 @@ class _Connection:
                     if scope is not None:
                         scope.cancel()
                 elif isinstance(msg, control_protocol.StatusRequest):
+                    while self._status_owed >= MAX_STATUS_IN_FLIGHT:
+                        self._status_drained = trio.Event()
+                        await self._status_drained.wait()
                     self._status_owed += 1
                     nursery.start_soon(self._answer_status, msg.id)
                 else:
@@ -605,4 +613,6 @@ class _Connection:
                 self._owned -= 1
                 self._server._request_done()
             self._status_owed -= len(replies)
+            if replies:
+                self._status_drained.set()
             self._activity()
