@@ -257,7 +257,11 @@ async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hear
         backend.events(4)[1].set()
         async with connect(server.path) as d:
             assert await d.submit(make_task(4)) == echo_output(make_task(4))
-        with pytest.raises(ProverError, match="closed the connection"):
+        # `a` was told why before the close.
+        while a._lost is None:
+            await trio.testing.wait_all_tasks_blocked()
+        assert "closed the connection before reading more from it: control socket: 2" in a._lost
+        with pytest.raises(ProverError, match="closed the connection before reading more"):
             await a.submit(make_task(5))
         # `b`, busy all along, was left alone.
         backend.events(2)[1].set()
