@@ -392,7 +392,7 @@ async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_afte
     async with trio.open_nursery() as nursery:
         run, log = await start_run(nursery, cfg, sock_dir / "control.sock",
                                    "--metrics", "127.0.0.1:0", "--metrics-max-connections", "4",
-                                   "--metrics-idle-timeout", "2")  # fmt: skip
+                                   "--metrics-idle-timeout", "1")  # fmt: skip
         held: list[trio.socket.SocketType] = []
         try:
             with trio.fail_after(60):
