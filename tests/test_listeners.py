@@ -583,7 +583,8 @@ async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connectio
                     r = await m.request(make_task(miner))
                     assert r == jsonl.JsonResponse(miner, echo_output(make_task(miner)), None)
                     # Idle after its answer: run closes the connection, and says why.
-                    await m.wait_log("closed the connection before reading more from it: idle")
+                    line = await m.wait_log("before reading more from it: idle")
+                    assert " INFO " in line, line  # routine: not a warning
                     m.log.clear()
                 await m.close_stdin()
                 assert await m.process.wait() == 0
