@@ -45,6 +45,14 @@ class NoSupervisorError(UsageError):
     """Nothing (usable) is listening at the socket path: a usage problem, exit code 2."""
 
 
+class _NotSent(ProverError):
+    """The request could not be written: the supervisor cannot have started it."""
+
+
+class _Unread(ProverError):
+    """The supervisor closed the connection and said it read nothing more from it."""
+
+
 class _Pending:
     __slots__ = ("done", "error", "on_progress", "response")
 
@@ -66,6 +74,7 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._status_pending: dict[int, tuple[trio.Event, list[control_protocol.StatusReply]]] = {}
         self._lost: str | None = None
+        self._refused: str | None = None  # why the supervisor is closing this connection
 
     async def submit(
         self,
@@ -90,7 +99,10 @@ class Client:
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
         try:
-            await self._send_frame(frame)
+            try:
+                await self._send_frame(frame)
+            except ProverError as exc:
+                raise _NotSent(str(exc)) from None
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set() and self._lost is None:
@@ -174,10 +186,15 @@ class Client:
                     break
         except dext.ProtocolError as exc:
             reason = f"the supervisor broke the protocol: {exc}"
+        if self._refused is not None:
+            reason = self._refused
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
 
     def _dispatch(self, msg: dext.Message) -> None:
-        if isinstance(msg, dext.Response):
+        if isinstance(msg, dext.Response) and msg.id == 0:
+            # Request ids count from 1: id 0 is the supervisor saying why it closes the connection.
+            self._refused = msg.error or "the supervisor closed the connection"
+        elif isinstance(msg, dext.Response):
             pending = self._pending.get(msg.id)
             if pending is None:
                 log.debug("response to request %d nobody waits for (cancelled?)", msg.id)
@@ -386,7 +403,9 @@ class ReconnectingClient:
             finally:
                 with trio.CancelScope(shield=True):
                     await client._stream.aclose()
-            log.warning("%s; the next request will try to connect again", client._lost)
+            # A supervisor closing an idle connection says so: routine, not a warning.
+            level = logging.INFO if client._refused is not None else logging.WARNING
+            log.log(level, "%s; the next request will try to connect again", client._lost)
             if self._client is client:
                 self._client = None
 
@@ -398,18 +417,40 @@ class ReconnectingClient:
         priority: int = 0,
         on_progress: ProgressCallback | None = None,
     ) -> Output:
-        """`Client.submit` on the current connection, connecting again first if it was lost."""
-        client = await self._current()
+        """`Client.submit` on the current connection, connecting again first if it was lost.
+
+        A request the supervisor provably never read (the connection was closed under it, idle
+        or to make room, and the supervisor said so; or it could not even be written) is sent
+        once more on a new connection.
+        """
+        for attempt in (1, 2):
+            client = await self._current()
+            try:
+                return await self._submit_on(client, task, deadline, priority, on_progress)
+            except (_NotSent, _Unread) as exc:
+                if attempt == 2:
+                    raise
+                if client._lost is None:  # the reader has not seen the close yet
+                    client._lost = str(exc)
+                log.info("the supervisor closed the connection before reading a request (%s);"
+                         " sending it again on a new connection", exc)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _submit_on(self, client, task, deadline, priority, on_progress) -> Output:
         try:
             return await client.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
+        except _NotSent:
+            raise
         except ProverError as exc:
             if client._lost is not None and str(exc) == client._lost:
                 reason = client._lost.removeprefix(
                     f"lost the connection to the supervisor at {self.path}: "
                 )
-                raise ProverError(
+                # A supervisor that says why it closed has read nothing more: safe to resend.
+                error = _Unread if client._refused is not None else ProverError
+                raise error(
                     f"the supervisor at {self.path} went away before it answered ({reason}:"
                     " stopped or restarted?); this request was not proved, the next one will"
                     " try to connect again"
