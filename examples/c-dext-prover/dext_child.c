@@ -176,6 +176,7 @@ static uint64_t read_uint(rd *r)
 static const uint8_t *read_bytes(rd *r, int is_bin, size_t *n)
 {
     int t = take_byte(r);
+    *n = 0;
     if (!is_bin && t >= 0xa0 && t <= 0xbf)
         *n = (size_t)(t & 0x1f);
     else if (t >= (is_bin ? 0xc4 : 0xd9) && t <= (is_bin ? 0xc6 : 0xdb))
