@@ -25,7 +25,13 @@ from ..tasks import (
     WinningPoSt,
     WinningPoStOutput,
 )
-from .errors import InvalidTaskError, PoStCancelled, SectorFaultError, VerifyError
+from .errors import (
+    InvalidTaskError,
+    PoStCancelled,
+    ProverOutOfMemory,
+    SectorFaultError,
+    VerifyError,
+)
 
 ABI_VERSION = 1
 REQUIRED_SYMBOLS = (
@@ -205,6 +211,13 @@ class NativeProver:
             raise PoStCancelled(message)
         if status == lib.DEXT_ERR_INVALID_PROOF:
             raise VerifyError(message)
+        if status == lib.DEXT_ERR_NOMEM:
+            # Not the task's fault: say so, or it reads like a bad request and nobody retries it.
+            raise ProverOutOfMemory(
+                f"{message}: {self.library} ran out of memory (DEXT_ERR_NOMEM); the task itself "
+                "may be fine: give the prover more memory (fewer concurrent requests on this "
+                "child, a higher memory limit) and retry"
+            )
         raise ProverError(f"{message} (status {status} from {self.library})")
 
     def _handle_or_raise(self) -> Any:
