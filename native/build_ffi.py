@@ -32,6 +32,13 @@ PYTHON_CALLBACKS = """
 extern "Python" void _dext_py_progress(void *ctx, const char *phase, uint64_t done,
                                        uint64_t total);
 const char *_dext_cdef_text(void);
+void _dext_cancel_set(int32_t *flag);
+"""
+
+# The host's side of the cancel contract in dext_prover.h: Python cannot make an atomic store
+# itself (a cffi item assignment is a plain one), so it calls this, for vendor libraries too.
+CANCEL_SETTER = """
+static void _dext_cancel_set(int32_t *flag) { __atomic_store_n(flag, 1, __ATOMIC_RELEASE); }
 """
 
 
@@ -57,7 +64,7 @@ ffibuilder.cdef(_CDEF + PYTHON_CALLBACKS)
 ffibuilder.set_source(
     "damocles_ext._native",
     '#include "dext_prover.h"\n'
-    f"static const char *_dext_cdef_text(void) {{ return {_c_string(_CDEF)}; }}\n",
+    f"static const char *_dext_cdef_text(void) {{ return {_c_string(_CDEF)}; }}\n" + CANCEL_SETTER,
     sources=[_rel(p) for p in sorted((HERE / "src").glob("*.c"))],
     include_dirs=[_rel(HERE / "include")],
     libraries=["crypto"],

@@ -45,7 +45,7 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
                          const volatile int32_t *x, dext_result **out) {
     if (t->miner_id != 0 || !x) return fail(out);
     p(c, "spin", 0, 1);
-    while (!*x) {}
+    while (!dext_cancel_requested(x)) {}
     *out = NULL;
     return DEXT_ERR_CANCELLED;
 }

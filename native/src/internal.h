@@ -101,7 +101,10 @@ void progress_begin(progress_state *s, dext_progress_fn fn, void *ctx, const cha
                     uint64_t total);
 void progress_report(progress_state *s, uint64_t done);
 
-static inline int is_cancelled(const volatile int32_t *cancel) { return cancel && *cancel; }
+static inline int is_cancelled(const volatile int32_t *cancel)
+{
+    return dext_cancel_requested(cancel);
+}
 
 /* Prove one sector: fill entry (sector_entry_size bytes). 0 = proven, 1 = fault (reason in why),
  * -1 = out of memory. */
