@@ -20,8 +20,8 @@
  *   no other data), from the calling thread or any thread of its own, between units of work, and
  *   returns DEXT_ERR_CANCELLED promptly once it reads non-zero. It stops reading before the call
  *   returns. A plain or volatile read is a data race in C11 and C++11: use
- *   dext_cancel_requested() below, C11 atomic_load_explicit, C++20 std::atomic_ref, or
- *   __atomic_load_n.
+ *   dext_cancel_requested() below, C11 atomic_load_explicit, C++20 std::atomic_ref<int32_t>
+ *   (after a const_cast), or __atomic_load_n.
  * - The pointer type stays `const volatile int32_t *`, as in the first release of ABI version 1,
  *   so that existing libraries (C, C++ and CUDA alike) keep compiling and linking; a lock-free
  *   32-bit atomic has the same size, alignment and representation as int32_t on every platform
@@ -128,8 +128,8 @@ static inline int dext_cancel_requested(const volatile int32_t *cancel)
 #include <stdatomic.h>
 static inline int dext_cancel_requested(const volatile int32_t *cancel)
 {
-    return cancel != NULL &&
-           atomic_load_explicit((const volatile _Atomic int32_t *)cancel, memory_order_relaxed) != 0;
+    const volatile _Atomic int32_t *flag = (const volatile _Atomic int32_t *)cancel;
+    return flag != NULL && atomic_load_explicit(flag, memory_order_relaxed) != 0;
 }
 #endif
 
