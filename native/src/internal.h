@@ -107,7 +107,7 @@ static inline int is_cancelled(const volatile int32_t *cancel)
 }
 
 /* Prove one sector: fill entry (sector_entry_size bytes). 0 = proven, 1 = fault (reason in why),
- * -1 = out of memory. */
+ * -1 = out of memory, -2 = SHA-256 failed in OpenSSL (reason in why; not the sector's fault). */
 int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
                  const uint8_t randomness[32], uint64_t sector_index, uint8_t *entry,
                  char *why, size_t why_len);

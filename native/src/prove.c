@@ -167,6 +167,11 @@ int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
         const dext_replica *rep = &task->replicas[order[i]];
         int rc = prove_sector(&h, &p, rep, randomness, i, entries + i * entry_size, why,
                               sizeof(why));
+        if (rc == -2) {
+            set_error("sector %llu: %s", (unsigned long long)rep->sector_id, why);
+            status = DEXT_ERR_INTERNAL;
+            goto out;
+        }
         if (rc < 0) {
             set_error("out of memory proving sector %llu", (unsigned long long)rep->sector_id);
             goto out;
@@ -259,8 +264,13 @@ int32_t dext_winning_post(dext_handle *handle, const dext_post_task *task,
         const dext_replica *rep = &task->replicas[chosen];
         int rc = prove_sector(&h, &p, rep, randomness, k,
                               proof + PROOF_HEADER_SIZE + k * entry_size, why, sizeof(why));
+        if (rc == -2) {
+            set_error("sector %llu: %s", (unsigned long long)rep->sector_id, why);
+            status = DEXT_ERR_INTERNAL;
+            goto out;
+        }
         if (rc < 0) {
-            set_error("out of memory");
+            set_error("out of memory proving sector %llu", (unsigned long long)rep->sector_id);
             goto out;
         }
         if (rc > 0) {

@@ -304,11 +304,18 @@ static int read_small_file(const char *path, uint8_t *buf, size_t want, size_t *
     return 0;
 }
 
-#define FAULT(...)                                  \
-    do {                                            \
-        snprintf(why, why_len, __VA_ARGS__);        \
-        result = 1;                                 \
-        goto out;                                   \
+/* A failed hash is no evidence against the sector (its outputs are zeros, so nothing checks
+ * out): reporting a fault then would have a good sector declared faulty. */
+#define FAULT(...)                                                                  \
+    do {                                                                            \
+        if (h->failed) {                                                            \
+            snprintf(why, why_len, "OpenSSL SHA-256 failed (out of memory?)");      \
+            result = -2;                                                            \
+        } else {                                                                    \
+            snprintf(why, why_len, __VA_ARGS__);                                    \
+            result = 1;                                                             \
+        }                                                                           \
+        goto out;                                                                   \
     } while (0)
 
 int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,

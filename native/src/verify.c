@@ -159,6 +159,12 @@ int32_t dext_verify(dext_handle *handle, const dext_post_task *task, const dext_
             }
             bad = verify_sector_entry(&h, &p, entry, rep->sector_id, rep->comm_r, randomness,
                                       sector_index, why, sizeof(why));
+            if (bad && h.failed) {
+                /* Zeros from a failed hash prove nothing about the proof. */
+                set_error("OpenSSL SHA-256 failed (out of memory?) verifying proof %zu", part);
+                status = DEXT_ERR_INTERNAL;
+                goto out;
+            }
             if (bad) {
                 set_error("proof %zu: %s", part, bad);
                 goto out;
