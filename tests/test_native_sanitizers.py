@@ -147,6 +147,14 @@ def test_every_allocation_failure_is_reported_as_out_of_memory(asan_driver, fixt
         assert f"{name}: " in out
 
 
+def test_an_allocation_failure_inside_openssl_is_never_a_sector_fault(
+    asan_driver, fixture_args, tmp_path
+):
+    # A hash that failed is not evidence against a sector: reporting it as a fault would make
+    # damocles-manager declare a good sector faulty.
+    run_driver(asan_driver, "nomem-openssl", fixture_args, tmp_path)
+
+
 def test_a_failed_write_on_a_full_disk_leaves_no_descriptor_open(
     asan_driver, fixture_args, tmp_path
 ):
