@@ -1140,11 +1140,14 @@ class Supervisor:
                 private_tmpdir=spec.private_tmpdir,
             )
             proc = spawn(spec.name, spec.argv, env, spec.cpuset)
-        except SpawnError as exc:
+        except (SpawnError, OSError, ValueError) as exc:
+            # OSError and ValueError: a check in prepare_spawn that met what it did not expect
+            # (a NUL in a path, an fd limit): still this child's failed start, not our crash.
+            why = str(exc) if isinstance(exc, SpawnError) else f"{spec.name}: cannot start: {exc}"
             self._launched(child, task_status)
-            child.last_exit = f"failed to start: {exc}"
-            log.error("%s", exc)
-            return False, str(exc)
+            child.last_exit = f"failed to start: {why}"
+            log.error("%s", why)
+            return False, why
         if self._guardian is not None:
             self._guardian.add(proc.pid)  # its process group, for if we are killed
         child.pid = proc.pid

@@ -389,11 +389,22 @@ def spawn(
     env: Mapping[str, str],
     cpuset: frozenset[int] | None = None,
 ) -> ChildProcess:
-    """Start `argv` (no shell) in a new session with PDEATHSIG and cpuset; raises SpawnError."""
+    """Start `argv` (no shell) in a new session with PDEATHSIG and cpuset; raises SpawnError.
+
+    Whatever goes wrong on the way (no fds left, no memory, a NUL in an argument or variable)
+    is a SpawnError that says why: a start that failed, never an exception that would take the
+    supervisor down.
+    """
     # Our ends are non-inheritable (O_CLOEXEC); the child ends are dup2'd onto 0/1/2 by Popen.
-    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    made: list[int] = []
+    try:
+        for _ in range(3):
+            made.extend(os.pipe2(os.O_CLOEXEC))
+    except OSError as exc:
+        for fd in made:
+            os.close(fd)
+        raise SpawnError(f"{name}: cannot create its pipes: {_os_reason(exc)}") from None
+    stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = made
     ours = (stdin_w, stdout_r, stderr_r)
     _grow_pipe(stdin_w)  # answers are small; only requests need the room
     try:
@@ -415,9 +426,12 @@ def spawn(
         except PermissionError:
             raise SpawnError(f"{name}: program {argv[0]!r} is not executable") from None
         except OSError as exc:
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {_os_reason(exc)}") from None
+        except ValueError as exc:
+            # Popen's own check, e.g. "embedded null byte" in an argument or an Envs value.
             raise SpawnError(
-                f"{name}: cannot start {argv[0]!r}: {exc.strerror or exc}"
-                f"{' (errno ' + errno.errorcode.get(exc.errno, '?') + ')' if exc.errno else ''}"
+                f"{name}: cannot start {argv[0]!r}: {exc} (in its command line or environment;"
+                " check Bin, Args and Envs)"
             ) from None
         except subprocess.SubprocessError as exc:
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
@@ -435,7 +449,13 @@ def spawn(
         popen.wait()
         for fd in ours:
             os.close(fd)
-        raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
+        raise SpawnError(f"{name}: started, but cannot watch it: {_os_reason(exc)}") from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """'Too many open files (errno EMFILE)': the words and the name to search for."""
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    return f"{exc.strerror or exc}{f' (errno {code})' if code else ''}"
 
 
 _PR_SET_CHILD_SUBREAPER = 36

@@ -1,0 +1,94 @@
+"""Processes the supervisor must outlive, and outlast: spawn errors, crashes under load,
+grandchildren that leave the tree, children that stall.
+
+Children are real processes (`python -u -c ...` or the built-in child runtime); time enters
+through events, bounded polling of process state, or a MockClock that the test moves.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import pytest
+import trio
+from supervisor_helpers import jsonl_child, our_descendants, spec, wait_until, window_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.restart import BackoffPolicy
+
+FAST = BackoffPolicy(base=0.05, cap=0.2)
+
+
+def child_stats(sup, name: str):
+    return next(c for c in sup.statistics().children if c.name == name)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    assert our_descendants() == []
+
+
+# -- errors at spawn ---------------------------------------------------------------------------
+
+
+async def test_a_nul_in_an_env_value_is_a_failed_start_and_the_pool_keeps_serving():
+    bad = spec(jsonl_child(), index=0, envs={"BAD": "a\x00b"}, auto_restart=False)
+    good = spec(jsonl_child(), index=1)
+    async with open_supervisor([bad, good]) as sup:
+        await wait_until(lambda: child_stats(sup, "window_post#0").state == "stopped", 10)
+        last_exit = child_stats(sup, "window_post#0").last_exit
+        assert "failed to start" in last_exit and "null byte" in last_exit
+        assert "Envs" in last_exit
+        out = await sup.submit(window_task(miner=5))
+        assert out.faults[0] == 5
+
+
+@pytest.fixture
+def no_free_fds():
+    """Use up every file descriptor this process may open, then hand back `release()`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A low limit keeps the number of fds to fill small.
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, open_now + 64), hard))
+    hogs: list[int] = []
+
+    def fill() -> None:
+        while True:
+            try:
+                hogs.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release() -> None:
+        while hogs:
+            os.close(hogs.pop())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        yield fill, release
+    finally:
+        release()
+
+
+async def test_no_free_fd_at_spawn_is_a_failed_start_with_its_reason_and_the_child_recovers(
+    no_free_fds,
+):
+    fill, release = no_free_fds
+    sup = Supervisor([spec(jsonl_child())], backoff=BackoffPolicy(base=0.2, cap=0.2))
+    async with trio.open_nursery() as nursery:
+        fill()
+        try:
+            await nursery.start(sup.run)
+            # Launched means its first start was tried: with no fd left, it could not make pipes.
+            last_exit = child_stats(sup, "window_post#0").last_exit
+        finally:
+            release()
+        assert last_exit is not None and "cannot create its pipes" in last_exit
+        assert "EMFILE" in last_exit
+        out = await sup.submit(window_task(miner=9))
+        assert out.faults[0] == 9
+        sup.request_shutdown()
