@@ -7,15 +7,17 @@ through events, bounded polling of process state, or a MockClock that the test m
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import resource
+import signal
 
 import pytest
 import trio
 from supervisor_helpers import jsonl_child, our_descendants, spec, wait_until, window_task
 
 from damocles_ext.api import open_supervisor
-from damocles_ext.errors import ProverError
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.restart import BackoffPolicy
 
@@ -92,3 +94,59 @@ async def test_no_free_fd_at_spawn_is_a_failed_start_with_its_reason_and_the_chi
         out = await sup.submit(window_task(miner=9))
         assert out.faults[0] == 9
         sup.request_shutdown()
+
+
+# -- crashes of productive children --------------------------------------------------------------
+
+
+async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_promptly(caplog):
+    """The OOM killer or a GPU fault now and then: a child that answered requests restarts after
+    the base delay every time, so the queue does not pile up behind growing backoffs."""
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    # Answers carry the child's pid (faults[1]), so the killer knows which runs have answered.
+    child = jsonl_child("time.sleep(0.005)\nanswer(req)")
+    specs = [spec(child, index=i, concurrent=4, max_attempts=20) for i in range(4)]
+    base = BackoffPolicy().base
+    productive: set[int] = set()
+    kills: list[int] = []
+    latencies: list[float] = []
+
+    async def one(miner: int) -> None:
+        start = trio.current_time()
+        out = await sup.submit(window_task(miner=miner))
+        latencies.append(trio.current_time() - start)
+        assert out.faults[0] == miner
+        productive.add(out.faults[1])
+
+    async def killer() -> None:
+        while True:
+            await trio.sleep(0.3)  # the load's rhythm, not a synchronisation
+            busy = [
+                c.pid
+                for c in sup.statistics().children
+                if c.state == "busy" and c.pid in productive
+            ]
+            if busy:
+                os.kill(busy[len(kills) % len(busy)], signal.SIGKILL)
+                kills.append(busy[len(kills) % len(busy)])
+
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", count=4)
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(killer)
+                async with trio.open_nursery() as requests:
+                    for miner in range(1, 1001):
+                        requests.start_soon(one, miner)
+                nursery.cancel_scope.cancel()
+    assert len(latencies) == 1000
+    assert kills, "no child was killed: the test proves nothing"
+    # Generous for a loaded 2-core machine; with the backoff doubling, requests waited 45 s+.
+    assert max(latencies) < 30, sorted(latencies)[-5:]
+    delays = [
+        float(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"restarting in ([0-9.]+)s", r.getMessage()))
+    ]
+    assert len(delays) >= len(kills)
+    assert max(delays) <= base, delays
