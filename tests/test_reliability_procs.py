@@ -7,15 +7,22 @@ through events, bounded polling of process state, or a MockClock that the test m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import resource
 import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
+import psutil
 import pytest
 import trio
-from supervisor_helpers import jsonl_child, our_descendants, spec, wait_until, window_task
+from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
+from supervisor_helpers import alive, jsonl_child, our_descendants, spec, wait_until, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.supervisor import Supervisor
@@ -150,3 +157,144 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
     ]
     assert len(delays) >= len(kills)
     assert max(delays) <= base, delays
+
+
+# -- nothing of ours survives the supervisor ------------------------------------------------------
+
+# A JSON-lines prover that daemonizes a helper the classic way (fork, setsid, fork, stdio to
+# /dev/null), so the helper is in no process group or session of ours; it notes both pids.
+DAEMONIZING_CHILD = r"""
+import json, os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.write(w, str(os.getpid()).encode())
+    os.close(w)
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(300)",
+                              os.environ["MARKER"]])
+os.close(w)
+os.waitpid(pid, 0)
+daemon = int(os.read(r, 64))
+with open(os.environ["PIDS"], "a") as f:
+    f.write(json.dumps([os.getpid(), daemon]) + "\n")
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    out = {"proofs": [], "faults": []}
+    sys.stdout.write(json.dumps({"id": req["id"], "err_msg": None, "output": out}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def _daemon_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path, Path]:
+    script = tmp_path / "daemonizing_child.py"
+    script.write_text(DAEMONIZING_CHILD)
+    pids = tmp_path / "pids.jsonl"
+    block = (
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps([str(script)])}\n"
+        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
+    )
+    return write_config(tmp_path, block * children), pids
+
+
+def _family(pids_file: Path) -> list[list[int]]:
+    text = pids_file.read_text() if pids_file.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_marked(marker: str) -> None:
+    for proc in _marked(marker):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+async def _sigkill_and_check_nothing_is_left(
+    process: trio.Process, pids: Path, marker: str
+) -> None:
+    await wait_until(lambda: len(_family(pids)) == 2, 20, "both children and their daemons")
+    family = _family(pids)
+    for child, daemon in family:
+        # The daemon really left: another session, and not below the child any more.
+        assert os.getsid(daemon) not in (child, os.getsid(child))
+        assert os.getpgid(daemon) != child
+    assert len(_marked(marker)) == 2
+    process.kill()
+    await process.wait()
+    everyone = [pid for pair in family for pid in pair]
+    await wait_until(lambda: not any(alive(pid) for pid in everyone), 20, "the tree to die")
+    assert _marked(marker) == []
+
+
+async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _daemon_config(tmp_path, marker)
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(
+                nursery,
+                [*DEXT, "serve", "window_post", "-c", str(cfg)],
+                "window_post",
+                stderr=subprocess.DEVNULL,
+            )
+            response = await m.request(make_task(1))
+            assert response.err_msg is None
+            await _sigkill_and_check_nothing_is_left(m.process, pids, marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _daemon_config(tmp_path, marker)
+    try:
+        async with trio.open_nursery() as nursery:
+            process, _log = await start_run(nursery, cfg, tmp_path / "sock" / "control.sock")
+            await _sigkill_and_check_nothing_is_left(process, pids, marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tmp_path):
+    # No subreaper here (the host process is not ours to change): the guardian, at the
+    # supervisor's end, finds the daemon by its mark.
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "daemonizing_child.py"
+    script.write_text(DAEMONIZING_CHILD)
+    pids = tmp_path / "pids.jsonl"
+    envs = {"MARKER": marker, "PIDS": str(pids)}
+    try:
+        async with open_supervisor([spec([sys.executable, str(script)], envs=envs)]) as sup:
+            await sup.submit(window_task())
+            await wait_until(lambda: len(_family(pids)) == 1, 20, "the daemon")
+            [[_child, daemon]] = _family(pids)
+            assert alive(daemon)
+        await wait_until(lambda: not alive(daemon), 20, "the daemon to die")
+        assert _marked(marker) == []
+    finally:
+        _kill_marked(marker)

@@ -361,7 +361,9 @@ class Supervisor:
         self._guardian: GroupGuardian | None = None
         # adopt_orphans: become a child subreaper and kill what children leave behind outside
         # their process group (process.OrphanAdopter); for a process of our own (serve, run).
-        self._adopter = OrphanAdopter() if adopt_orphans else None
+        # Every child is marked (OrphanAdopter.mark) for the guardian, subreaper or not.
+        self._adopt_orphans = adopt_orphans
+        self._adopter = OrphanAdopter()
         self._sweep_wanted = trio.Event()
         self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
@@ -386,7 +388,7 @@ class Supervisor:
         if self._pm is not None:
             self._observer_send, observer_receive = trio.open_memory_channel(_OBSERVER_BACKLOG)
         try:
-            self._guardian = GroupGuardian()
+            self._guardian = GroupGuardian(self._adopter.token)
         except OSError as exc:
             log.error(
                 "cannot start the process-group guardian (%s): if the supervisor is killed, its"
@@ -396,7 +398,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 if self._guardian is not None:
-                    if self._adopter is not None:
+                    if self._adopt_orphans:
                         # The guardian must be init's child, not ours: wait for its double fork
                         # before we become a subreaper.
                         await self._guardian.started()
@@ -405,7 +407,7 @@ class Supervisor:
                 driver_scope = trio.CancelScope()
                 nursery.start_soon(self._driver, driver_scope)
                 sweeper_scope = trio.CancelScope()
-                if self._adopter is not None and self._adopter.enable():
+                if self._adopt_orphans and self._adopter.enable():
                     nursery.start_soon(self._orphan_sweeper, sweeper_scope)
                 if observer_receive is not None:
                     nursery.start_soon(self._observer_loop, observer_receive)
@@ -1126,7 +1128,7 @@ class Supervisor:
         child.state = "starting"
         self._notify()
         env = build_env(spec.inherit_envs, spec.envs)
-        mark = self._adopter.mark(env) if self._adopter is not None else None
+        mark = self._adopter.mark(env)
         try:
             prepare_spawn(
                 spec.name,
@@ -1501,7 +1503,6 @@ class Supervisor:
     async def _sweep_orphans(self) -> None:
         """Kill and reap the orphans of our tree (process.OrphanAdopter), until none are left:
         an orphan's own setsid'd children become ours when it dies."""
-        assert self._adopter is not None
         while True:
             running = [c.p for c in self._children.values() if c.p and c.p.proc.exit is None]
             spawned = {p.proc.pid for p in running}
@@ -1555,7 +1556,7 @@ class Supervisor:
         with trio.move_on_after(_REAP_TIMEOUT):
             for proc in procs:
                 await proc.wait()
-            if self._adopter is not None and self._adopter.enabled:
+            if self._adopter.enabled:
                 await self._sweep_orphans()
 
     # -- observers --------------------------------------------------------------------------
