@@ -53,8 +53,11 @@ def check_invariants(cfg) -> None:
         assert c.protocol in ("auto", "dext", "jsonl")
         assert c.kind in ("bin", "plugin", "damocles-worker")
         assert c.cancel_grace >= 0 and math.isfinite(c.cancel_grace)
-        for t in (c.request_timeout, c.heartbeat_timeout):
-            assert t is None or (t > 0 and math.isfinite(t))
+        assert c.request_timeout is None or (
+            c.request_timeout > 0 and math.isfinite(c.request_timeout)
+        )
+        for t in (c.heartbeat_timeout, c.stdin_timeout):  # 0: off
+            assert t is None or (t >= 0 and math.isfinite(t))
         assert c.cpuset is None or all(isinstance(n, int) and n >= 0 for n in c.cpuset)
         assert all(isinstance(lock, str) for lock in c.locks)
 

@@ -15,18 +15,32 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 import trio
+import trio.testing
 from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
-from supervisor_helpers import alive, jsonl_child, our_descendants, spec, wait_until, window_task
+from supervisor_helpers import (
+    alive,
+    dext_child,
+    jsonl_child,
+    our_descendants,
+    python_child,
+    spec,
+    wait_until,
+    window_task,
+)
 
+from damocles_ext import config
 from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.restart import BackoffPolicy
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
@@ -298,3 +312,166 @@ async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tm
         assert _marked(marker) == []
     finally:
         _kill_marked(marker)
+
+
+# -- stuck children are noticed by default --------------------------------------------------------
+
+EXAMPLE = Path(__file__).parent.parent / "ext-prover.cfg.example"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_hung_child_timeouts_are_on_by_default_with_the_documented_values():
+    assert config.DEFAULT_HEARTBEAT_TIMEOUT == 60.0
+    assert config.DEFAULT_STDIN_TIMEOUT == 60.0
+    cfg = config.parse_config('[[WdPost]]\nPlugin = "echo"\n', "t.cfg")
+    assert config.effective_timeouts(cfg.children[0]) == (60.0, 60.0)
+    off = config.parse_config(
+        '[[WdPost]]\nPlugin = "echo"\nHeartbeatTimeoutSecs = 0\nStdinTimeoutSecs = 0\n', "t.cfg"
+    )
+    assert config.effective_timeouts(off.children[0]) == (0.0, 0.0)
+    example = EXAMPLE.read_text()
+    assert "# HeartbeatTimeoutSecs (number >= 0; default 60; 0 turns it off)" in example
+    assert "# StdinTimeoutSecs (number >= 0; default 60; 0 turns it off)" in example
+    readme = README.read_text()
+    assert "`HeartbeatTimeoutSecs` (default 60" in readme
+    assert "`StdinTimeoutSecs` (default 60)" in readme
+
+
+async def _killed_within_real_seconds(finished: trio.Event, pid: int, seconds: float) -> None:
+    """Wait (in real time: the MockClock stands still) for `finished`; else kill `pid`, so that
+    the supervisor can shut down, and fail."""
+    done = threading.Event()
+
+    async def watch() -> None:
+        await finished.wait()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        ok = await trio.to_thread.run_sync(done.wait, seconds)
+        nursery.cancel_scope.cancel()
+    if not ok:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the child was not killed as hung within {seconds}s after its timeout")
+
+
+# Sends a Progress and, in the same write, half of its Response frame; then stalls for good.
+STALL_MID_FRAME = """
+import time
+frame = dext.encode(dext.Response(msg.id, error="never finished"))
+out.write(dext.encode(dext.Progress(msg.id, "prove", 0, 1)) + frame[: len(frame) // 2])
+out.flush()
+time.sleep(3600)
+"""
+
+
+async def test_a_dext_child_stalled_mid_frame_is_killed_as_hung_under_default_settings(
+    mock_clock,
+):
+    # mock_clock moves only when told: a real child's start is not cut short by a jumped ready
+    # timeout, and the default 60 s wait costs nothing.
+    failures: list[str] = []
+    progressed = trio.Event()
+    finished = trio.Event()
+
+    async def call() -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task(), on_progress=lambda _p: progressed.set())
+        failures.append(str(info.value))
+        finished.set()
+
+    async with open_supervisor([spec(dext_child(STALL_MID_FRAME), max_attempts=1)]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await progressed.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(config.DEFAULT_HEARTBEAT_TIMEOUT - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert child_stats(sup, "window_post#0").state == "busy" and alive(pid)
+            mock_clock.jump(2)
+            await _killed_within_real_seconds(finished, pid, 30)
+        assert not alive(pid)
+    [failure] = failures
+    assert "hung: no Progress or Response for 61.0s" in failure
+    assert "HeartbeatTimeoutSecs = 60" in failure
+
+
+# Says hello, then never reads its stdin again.
+DEAF_DEXT_CHILD = """
+import os, sys, time
+from damocles_ext.protocol import dext
+sys.stdout.buffer.write(dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "deaf", "1", 1)))
+sys.stdout.buffer.flush()
+time.sleep(3600)
+"""
+
+
+def _task_bigger_than_a_pipe() -> WindowPoSt:
+    # About 3 MiB on the wire: more than the 1 MiB stdin pipe (or the 64 KiB one) holds.
+    replicas = [
+        PoStReplicaInfo(i, bytes(32), "/cache/" + "c" * 250, "/sealed/" + "s" * 250)
+        for i in range(6000)
+    ]
+    return WindowPoSt(1000, "StackedDrgWindow2KiBV1_2", replicas, bytes(32))
+
+
+async def test_a_dext_child_that_stops_reading_stdin_is_killed_as_hung_under_default_settings(
+    mock_clock,
+):
+    failures: list[str] = []
+    finished = trio.Event()
+
+    async def call() -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(_task_bigger_than_a_pipe())
+        failures.append(str(info.value))
+        finished.set()
+
+    async with open_supervisor([spec(python_child(DEAF_DEXT_CHILD), max_attempts=1)]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()  # the pipe is full, the writer waits
+            mock_clock.jump(config.DEFAULT_STDIN_TIMEOUT - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert child_stats(sup, "window_post#0").state == "busy" and alive(pid)
+            mock_clock.jump(2)
+            await _killed_within_real_seconds(finished, pid, 30)
+        assert not alive(pid)
+    [failure] = failures
+    assert "hung: read nothing from its stdin for 61.0s" in failure
+    assert "StdinTimeoutSecs = 60" in failure
+
+
+async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_retried(tmp_path):
+    # StdinTimeoutSecs from a config file, short for a real-time test; the child plays deaf
+    # on its first run only, so the retry (on its next run) gets the answer.
+    once = tmp_path / "deaf-once"
+    code = (
+        "import os, sys, time\n"
+        f"if not os.path.exists({str(once)!r}):\n"
+        f"    open({str(once)!r}, 'w').close()\n"
+        "    sys.stdout.write('window_post processor ready\\n'); sys.stdout.flush()\n"
+        "    time.sleep(3600)\n"
+    )
+    jsonl_code = jsonl_child()[-1]
+    script = tmp_path / "child.py"
+    script.write_text(code + jsonl_code)
+    cfg = config.parse_config(
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps(['-u', str(script)])}\n"
+        "StdinTimeoutSecs = 0.5\n",
+        "t.cfg",
+    )
+    async with open_supervisor(cfg, backoff=FAST) as sup:
+        await sup.wait_ready()
+        first = child_stats(sup, "window_post#0").pid
+        with trio.fail_after(30):
+            out = await sup.submit(_task_bigger_than_a_pipe())
+        assert out.faults[0] == 1000 and out.faults[1] != first
+        stats = child_stats(sup, "window_post#0")
+        assert stats.restarts == 1 and "StdinTimeoutSecs = 0.5" in stats.last_exit

@@ -39,7 +39,7 @@ import msgspec
 import psutil
 import trio
 
-from ..config import describe_argv
+from ..config import describe_argv, effective_timeouts
 from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
@@ -200,6 +200,10 @@ class _Process:
         self.stdin_fd = proc.stdin.fileno()
         self.tree_mark: str | None = None  # its OrphanAdopter mark (serve, run)
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
+        # When the child last took bytes from its stdin pipe while we had more for it; the
+        # StdinTimeoutSecs watch (armed while writes wait) compares with it.
+        self.stdin_progress_at = 0.0
+        self.stdin_watch_armed = False
 
     def interrupt(self) -> None:
         """Make the child task look at this process now (it went down, or we stop)."""
@@ -783,7 +787,7 @@ class Supervisor:
             slot.timeout = self._timers.add(
                 now + timeout, lambda t: self._on_request_timeout(child, p, slot, t)
             )
-        hb = child.spec.heartbeat_timeout
+        hb = effective_timeouts(child.spec)[0]
         if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
             p.heartbeat_armed = True
             self._timers.add(p.last_activity + hb, lambda t: self._on_heartbeat(child, p, t))
@@ -962,7 +966,7 @@ class Supervisor:
         self._dispatch()
 
     def _on_heartbeat(self, child: _Child, p: _Process, now: float) -> None:
-        hb = child.spec.heartbeat_timeout
+        hb = effective_timeouts(child.spec)[0]
         if p.down_reason is not None or not hb:
             return
         if not p.slots:
@@ -977,6 +981,31 @@ class Supervisor:
             p,
             f"hung: no Progress or Response for {now - p.last_activity:.1f}s while working"
             f" (HeartbeatTimeoutSecs = {hb:g})",
+            charge_all=True,
+        )
+
+    def _watch_stdin(self, child: _Child, p: _Process, now: float) -> None:
+        """Writes to the child wait for room in its stdin pipe: make sure it keeps reading."""
+        timeout = effective_timeouts(child.spec)[1]
+        if timeout and not p.stdin_watch_armed:
+            p.stdin_watch_armed = True
+            self._timers.add(now + timeout, lambda t: self._on_stdin_watch(child, p, t))
+
+    def _on_stdin_watch(self, child: _Child, p: _Process, now: float) -> None:
+        p.stdin_watch_armed = False
+        if p.down_reason is not None or p.queued_writes == 0:
+            return
+        timeout = effective_timeouts(child.spec)[1]
+        due = p.stdin_progress_at + timeout
+        if now < due:
+            p.stdin_watch_armed = True
+            self._timers.add(due, lambda t: self._on_stdin_watch(child, p, t))
+            return
+        self._kill(
+            child,
+            p,
+            f"hung: read nothing from its stdin for {now - p.stdin_progress_at:.1f}s while"
+            f" messages for it waited in a full pipe (StdinTimeoutSecs = {timeout:g})",
             charge_all=True,
         )
 
@@ -1377,6 +1406,11 @@ class Supervisor:
             if n == len(data):
                 return
             data = data[n:]
+        if p.queued_writes == 0:
+            # The pipe is full from now on; the writer notes each byte the child takes.
+            now = trio.current_time()
+            p.stdin_progress_at = now
+            self._watch_stdin(child, p, now)
         p.queued_writes += 1
         try:
             p.send_channel.send_nowait(data)
@@ -1395,12 +1429,26 @@ class Supervisor:
                             parts.append(p.receive_channel.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await stdin.send_all(b"".join(parts) if len(parts) > 1 else data)
+                    await self._write_all(p, b"".join(parts) if len(parts) > 1 else data)
                     p.queued_writes -= len(parts)
             await stdin.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             if not child.stop.is_set():
                 self._mark_down(child, p, "its stdin pipe broke")
+
+    @staticmethod
+    async def _write_all(p: _Process, data: bytes) -> None:
+        """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(p.stdin_fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(p.stdin_fd)
+                continue
+            view = view[n:]
+            p.stdin_progress_at = trio.current_time()
+        await trio.lowlevel.checkpoint()
 
     async def _watch_exit(self, child: _Child, p: _Process) -> None:
         info = await p.proc.wait()
