@@ -129,7 +129,7 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
     specs = [spec(child, index=i, concurrent=4, max_attempts=20) for i in range(4)]
     base = BackoffPolicy().base
     productive: set[int] = set()
-    kills: list[int] = []
+    kills: set[int] = set()
     latencies: list[float] = []
 
     async def one(miner: int) -> None:
@@ -145,11 +145,12 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
             busy = [
                 c.pid
                 for c in sup.statistics().children
-                if c.state == "busy" and c.pid in productive
+                if c.state == "busy" and c.pid in productive and c.pid not in kills
             ]
             if busy:
-                os.kill(busy[len(kills) % len(busy)], signal.SIGKILL)
-                kills.append(busy[len(kills) % len(busy)])
+                victim = busy[len(kills) % len(busy)]
+                os.kill(victim, signal.SIGKILL)
+                kills.add(victim)
 
     async with open_supervisor(specs) as sup:
         await sup.wait_ready("window_post", count=4)
@@ -169,7 +170,8 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
         for r in caplog.records
         if (m := re.search(r"restarting in ([0-9.]+)s", r.getMessage()))
     ]
-    assert len(delays) >= len(kills)
+    # Each kill is followed by a restart, except maybe the last (the supervisor stopped first).
+    assert len(delays) >= len(kills) - 1
     assert max(delays) <= base, delays
 
 

@@ -198,7 +198,7 @@ class _Process:
         self.stderr_done = trio.Event()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
-        self.tree_mark: str | None = None  # its OrphanAdopter mark (serve, run)
+        self.tree_mark: str | None = None  # its OrphanAdopter mark
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
         # When the child last took bytes from its stdin pipe while we had more for it; the
         # StdinTimeoutSecs watch (armed while writes wait) compares with it.
