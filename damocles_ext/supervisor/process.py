@@ -211,9 +211,10 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
     """Create or check `<tmp root>/<stage>-gpu<i>/`: a real directory of ours, mode 0700, in a
     tmp root where no other user can replace it (see _open_tmp_root).
 
-    The default tmp root is in /tmp, where any user can create these names before we do, as a
-    directory others can read and write or as a symlink to one of theirs; the prover's temporary
-    files and bellperson's GPU lock files must not go there.
+    The tmp root may be one others can write to (DAMOCLES_EXT_TMP_ROOT=/tmp, say), where any
+    user can create these names before we do, as a directory others can read and write or as a
+    symlink to one of theirs; the prover's temporary files and bellperson's GPU lock files must
+    not go there. (The default root, config.default_tmp_root, is one they cannot make first.)
     """
     why = (
         "another user could read or replace the prover's temporary files and bellperson's GPU"
@@ -424,15 +425,13 @@ def spawn(
         except FileNotFoundError:
             raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
         except PermissionError:
-            raise SpawnError(f"{name}: program {argv[0]!r} is not executable") from None
+            directory = os.sep in argv[0] and os.path.isdir(argv[0])
+            what = "is a directory, not a program" if directory else "is not executable"
+            raise SpawnError(f"{name}: program {argv[0]!r} {what}") from None
+        except ValueError as exc:  # a NUL in argv or env, which exec cannot carry
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
         except OSError as exc:
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {_os_reason(exc)}") from None
-        except ValueError as exc:
-            # Popen's own check, e.g. "embedded null byte" in an argument or an Envs value.
-            raise SpawnError(
-                f"{name}: cannot start {argv[0]!r}: {exc} (in its command line or environment;"
-                " check Bin, Args and Envs)"
-            ) from None
         except subprocess.SubprocessError as exc:
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
     except BaseException:
