@@ -35,6 +35,8 @@ from .options import format_option
 
 __all__ = [
     "CONF_FILE_NAME",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_STDIN_TIMEOUT",
     "TMP_ROOT_ENV",
     "ChildSpec",
     "Config",
@@ -43,6 +45,7 @@ __all__ = [
     "default_tmp_root",
     "describe_argv",
     "detect_gpus",
+    "effective_timeouts",
     "format_cpuset",
     "load_conf_dir",
     "load_config",
@@ -78,6 +81,13 @@ DEFAULT_WEIGHT = 1
 DEFAULT_READY_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 2
 DEFAULT_CANCEL_GRACE = 10.0
+# Hung-child detection, on unless a key says 0. A dext child that works on a request must send a
+# Progress at least every 5 s (the built-in runtime sends one every 2 s): a minute of silence is
+# a dozen missed ones, so only a hung child (stalled in a frame, a deadlock, a lost GPU) is hit.
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+# A child's stdin is read by a thread that does nothing else (the runtime; damocles-worker's
+# processors): requests that sit for a minute in a full 1 MiB pipe mean it stopped reading.
+DEFAULT_STDIN_TIMEOUT = 60.0
 
 _GPU_DETECT_TIMEOUT = 10.0
 
@@ -132,6 +142,7 @@ class ChildSpec(msgspec.Struct, frozen=True):
     auto_restart: bool
     max_attempts: int
     request_timeout: float | None
+    #: None: DEFAULT_HEARTBEAT_TIMEOUT; 0: off (see effective_timeouts)
     heartbeat_timeout: float | None
     cancel_grace: float
     locks: tuple[str, ...]
@@ -139,6 +150,16 @@ class ChildSpec(msgspec.Struct, frozen=True):
     #: TMPDIR is the private `<tmp root>/<stage>-gpu<i>/` that Gpus gave it (not one from Envs):
     #: the supervisor makes it 0700 and refuses one that others could reach (process.py).
     private_tmpdir: bool = False
+    #: None: DEFAULT_STDIN_TIMEOUT; 0: off
+    stdin_timeout: float | None = None
+
+
+def effective_timeouts(child: ChildSpec) -> tuple[float, float]:
+    """(heartbeat, stdin) timeouts in seconds a child runs with, 0 when off: unset keys (None)
+    take the defaults, so a ChildSpec built by hand is watched as one from a config file is."""
+    hb = DEFAULT_HEARTBEAT_TIMEOUT if child.heartbeat_timeout is None else child.heartbeat_timeout
+    stdin = DEFAULT_STDIN_TIMEOUT if child.stdin_timeout is None else child.stdin_timeout
+    return hb, stdin
 
 
 class Config(msgspec.Struct):
@@ -178,7 +199,8 @@ class _Block(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_onl
     auto_restart: bool = True
     max_attempts: PosInt = DEFAULT_MAX_ATTEMPTS
     request_timeout_secs: PosFloat | None = None
-    heartbeat_timeout_secs: PosFloat | None = None
+    heartbeat_timeout_secs: NonNegFloat | None = None
+    stdin_timeout_secs: NonNegFloat | None = None
     cancel_grace_secs: NonNegFloat = DEFAULT_CANCEL_GRACE
     locks: list[str] = []
     gpus: list[NonNegInt] | Literal["all"] | None = None
@@ -209,7 +231,8 @@ _RULES: dict[str, _KeyRule] = {
     "AutoRestart": _KeyRule("a boolean (true or false)"),
     "MaxAttempts": _KeyRule("a positive integer"),
     "RequestTimeoutSecs": _KeyRule("a positive number (seconds)"),
-    "HeartbeatTimeoutSecs": _KeyRule("a positive number (seconds)"),
+    "HeartbeatTimeoutSecs": _KeyRule("a non-negative number (seconds; 0 turns it off)"),
+    "StdinTimeoutSecs": _KeyRule("a non-negative number (seconds; 0 turns it off)"),
     "CancelGraceSecs": _KeyRule("a non-negative number (seconds)"),
     "Locks": _KeyRule("a list of lock names", list, str, "a string"),
     "Gpus": _KeyRule(
@@ -750,7 +773,7 @@ class _Builder:
                 f"{len(gpus)} children get CUDA_VISIBLE_DEVICES="
                 f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two"
             )
-        if block.heartbeat_timeout_secs is not None and block.protocol == "jsonl":
+        if block.heartbeat_timeout_secs and block.protocol == "jsonl":
             self.warnings.append(
                 f'{where}: HeartbeatTimeoutSecs has no effect with Protocol = "jsonl" '
                 f"(damocles' JSON lines carry no progress)"
@@ -781,7 +804,7 @@ class _Builder:
             if block.concurrent > 1:  # the runtime proves one at a time unless told otherwise
                 argv += ["--capacity", str(block.concurrent)]
             hb = block.heartbeat_timeout_secs
-            if hb is not None and hb < 6:  # its 2 s keep-alive would read as a hang
+            if hb and hb < 6:  # its 2 s keep-alive would read as a hang
                 argv += ["--heartbeat", f"{hb / 3:g}"]
             for key, value in (block.plugin_options or {}).items():
                 # format_option quotes values whose type would otherwise change ("123" stays text)
@@ -837,6 +860,7 @@ class _Builder:
             cancel_grace=block.cancel_grace_secs,
             locks=tuple(dict.fromkeys(locks)),
             gpu=gpu,
+            stdin_timeout=block.stdin_timeout_secs,
         )
 
 
@@ -942,6 +966,7 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
     for key, value in (
         ("RequestTimeoutSecs", b.request_timeout_secs),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
+        ("StdinTimeoutSecs", b.stdin_timeout_secs),
         ("CancelGraceSecs", b.cancel_grace_secs),
     ):
         if value is not None and not math.isfinite(value):
@@ -953,6 +978,7 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
         ("MaxAttempts", b.max_attempts, MAX_ATTEMPTS, "attempts per request"),
         ("RequestTimeoutSecs", b.request_timeout_secs, MAX_SECONDS, "seconds: one day"),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("StdinTimeoutSecs", b.stdin_timeout_secs, MAX_SECONDS, "seconds: one day"),
         ("CancelGraceSecs", b.cancel_grace_secs, MAX_SECONDS, "seconds: one day"),
     ):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):

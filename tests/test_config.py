@@ -593,7 +593,10 @@ BAD_CONFIGS: dict[str, list[str]] = {
         "WdPost[0].RequestTimeoutSecs: expected a finite number of seconds, found inf"
     ],
     "heartbeat-timeout-negative.cfg": [
-        "WdPost[0].HeartbeatTimeoutSecs: expected a positive number (seconds), found -5.0"
+        (
+            "WdPost[0].HeartbeatTimeoutSecs: expected a non-negative number"
+            " (seconds; 0 turns it off), found -5.0"
+        )
     ],
     "cancel-grace-negative.cfg": [
         "WinPost[0].CancelGraceSecs: expected a non-negative number (seconds), found -1"

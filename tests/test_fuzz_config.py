@@ -55,8 +55,9 @@ def check_invariants(cfg) -> None:
         assert c.protocol in ("auto", "dext", "jsonl")
         assert c.kind in ("bin", "plugin", "damocles-worker")
         assert 0 <= c.cancel_grace <= config_mod.MAX_SECONDS
-        for t in (c.request_timeout, c.heartbeat_timeout):
-            assert t is None or 0 < t <= config_mod.MAX_SECONDS
+        assert c.request_timeout is None or 0 < c.request_timeout <= config_mod.MAX_SECONDS
+        for t in (c.heartbeat_timeout, c.stdin_timeout):  # 0: off
+            assert t is None or 0 <= t <= config_mod.MAX_SECONDS
         assert c.cpuset is None or all(0 <= n <= config_mod.MAX_CPU for n in c.cpuset)
         assert all("\0" not in k + str(v) for k, v in c.plugin_options.items())
         assert all(isinstance(lock, str) for lock in c.locks)

@@ -94,6 +94,8 @@ def describe_child(child: ChildSpec, width: int = 0) -> str:
         extras.append(f"request_timeout={child.request_timeout:g}s")
     if child.heartbeat_timeout is not None:
         extras.append(f"heartbeat_timeout={child.heartbeat_timeout:g}s")
+    if child.stdin_timeout is not None:
+        extras.append(f"stdin_timeout={child.stdin_timeout:g}s")
     if child.cancel_grace != cfg.DEFAULT_CANCEL_GRACE:
         extras.append(f"cancel_grace={child.cancel_grace:g}s")
     if extras:
