@@ -1,6 +1,6 @@
 """Encode + decode of a 2349-replica WindowPoSt request and its output, dext vs. JSON lines.
 
-Run: .venv/bin/python -m bench.bench_codec
+Run: .venv/bin/python -m bench.bench_codec [--save]
 The request is one 32GiB partition's worth of replicas with realistic paths; the output is one
 192-byte proof and 10 faults. Goal (issue 2): dext request round trip < 2 ms and >= 3x faster than
 JSON lines.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 
-from bench.runner import print_table, save_results, time_call
+from bench.runner import bench_parser, finish, print_table, time_call
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput
 
@@ -39,7 +39,8 @@ def make_request() -> WindowPoSt:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = bench_parser(__doc__, "codec").parse_args(argv)
     task = make_request()
     output = WindowPoStOutput(proofs=[os.urandom(192)], faults=list(range(100_010, 100_020)))
 
@@ -88,9 +89,8 @@ def main() -> None:
         "dext_at_least_3x_jsonl": speedup >= 3,
     }
     print("goals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
-    path = save_results("codec", {"replicas": REPLICAS, **sizes, "timings": timings,
-                                  "request_speedup": speedup, "goals": goals})
-    print(f"saved {path}")
+    finish("codec", {"replicas": REPLICAS, **sizes, "timings": timings,
+                     "request_speedup": speedup, "goals": goals}, args.save)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What Prometheus metrics cost an idle supervisor.
 
-Run: .venv/bin/python -m bench.bench_metrics [--window SECONDS] [--quick]
+Run: .venv/bin/python -m bench.bench_metrics [--window SECONDS] [--quick] [--save]
 
 Four `damocles-ext run` processes, each with 8 ready `echo` children and nothing to do, measured
 over the same window (they run side by side, so machine noise hits all of them alike):
@@ -18,7 +18,6 @@ Goal: scraped15 - off <= 0.5% of a core.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.runner import print_table, save_results
+from bench.runner import bench_parser, finish, print_table
 
 CHILDREN = 8
 GOAL_PERCENT = 0.5
@@ -160,7 +159,7 @@ def measure(window: float, settle: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, "metrics")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured (default 20)")
     parser.add_argument("--quick", action="store_true", help="a 10 s window (a smoke run)")
     args = parser.parse_args(argv)
@@ -201,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
           f" (goal <= {GOAL_PERCENT}%: {'met' if summary['goal_met'] else 'MISSED'})")  # fmt: skip
     if per_scrape_ms is not None:
         print(f"CPU per scrape: {per_scrape_ms:.2f} ms -> {at_15s:.4f}% of a core at one per 15 s")
-    path = save_results("metrics", {"window_s": run["window_s"], "summary": summary, **rows})
-    print(f"\nsaved {path}")
+    finish("metrics", {"window_s": run["window_s"], "summary": summary, **rows}, args.save)
 
 
 if __name__ == "__main__":

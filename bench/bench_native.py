@@ -1,6 +1,6 @@
 """Native reference prover vs. the Python reference vs. this machine's SHA-256 limit.
 
-Run: .venv/bin/python -m bench.bench_native
+Run: .venv/bin/python -m bench.bench_native [--save]
 - SHA-256 limit: `openssl speed -evp sha256 -seconds 1`, the 64-byte column (one process, one
   core). A tree node hash is SHA-256 of exactly 64 bytes, so that column is the right ceiling.
 - Tree building: `build_tree` of one 8MiB sealed file (262143 node hashes, read from the file and
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.runner import print_table, save_results
+from bench.runner import bench_parser, finish, print_table
 from damocles_ext.post import reference
 from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
 from damocles_ext.post.native import NativeProver
@@ -57,7 +57,8 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(samples), result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = bench_parser(__doc__, "native").parse_args(argv)
     limit = openssl_sha256_64()
     native = NativeProver()
     with tempfile.TemporaryDirectory(prefix="dext-bench-") as tmp:
@@ -148,7 +149,7 @@ def main() -> None:
         f"tree >= 5x python: {goals['tree_native_vs_python']:.1f}x; "
         f"2349-replica WindowPoSt < 1 s: {t_window_c:.3f} s -> {'met' if met else 'NOT met'}"
     )
-    path = save_results(
+    finish(
         "native",
         {
             "sha256_openssl_64B_bytes_per_s": limit,
@@ -171,8 +172,8 @@ def main() -> None:
             "goals": goals,
             "goals_met": met,
         },
+        args.save,
     )
-    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Simulated proving days: damocles' dispatch (a, b) against damocles-ext's Scheduler (c, c0, cs).
 
-Run: .venv/bin/python -m bench.bench_simulate   (uses every CPU; about 8 minutes on 2 cores)
+Run: .venv/bin/python -m bench.bench_simulate [--save]   (uses every CPU; about 8 minutes on 2 cores)
 Every policy runs the same draws (seed per row). Goals (issue 5): in colliding-window scenarios
 where (a) misses at least one deadline or budget, (c) misses none; and (c) stays miss-free up to at
 least 90% of the capacity bound (found by bisection over partitions per deadline). (c) has children
@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-from bench.runner import print_table, save_results
+from bench.runner import bench_parser, finish, print_table
 from damocles_ext.scheduling.simulator import (
     Scenario,
     bisect_report,
@@ -239,7 +239,8 @@ def medians(bisect_docs: list[dict]) -> tuple[list[dict], list[list]]:
     return out, rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = bench_parser(__doc__, "simulate").parse_args(argv)
     started = time.perf_counter()
     load_docs, rows = load_rows()
     print(
@@ -343,7 +344,8 @@ def main() -> None:
             f"{'met' if g['met'] else 'NOT met'} (cs: {'met' if g['cs_met'] else 'NOT met'})"
         )
     elapsed = time.perf_counter() - started
-    path = save_results(
+    print(f"\n{elapsed:.1f}s")
+    finish(
         "simulate",
         {
             "loads": load_docs,
@@ -354,8 +356,8 @@ def main() -> None:
             "goal_90_percent_of_bound": goal2,
             "wall_seconds": round(elapsed, 2),
         },
+        args.save,
     )
-    print(f"\n{elapsed:.1f}s; saved {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The supervisor's overhead: latency, throughput, re-dispatch after a crash, idle cost.
 
-Run: .venv/bin/python -m bench.bench_supervisor [--quick]
+Run: .venv/bin/python -m bench.bench_supervisor [--quick] [--save]
 
 What is compared, all measured in this run on this machine:
 
@@ -30,7 +30,6 @@ with one request in flight, no supervisor.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -50,7 +49,7 @@ import psutil
 import trio
 from damocles_ext_plugins.testing import echo_output
 
-from bench.runner import print_table, save_results
+from bench.runner import bench_parser, finish, print_table
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import dext
@@ -480,8 +479,8 @@ async def idle_cost(seconds: float, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser = bench_parser(__doc__, "supervisor")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run; --save writes supervisor-quick.json)")
     args = parser.parse_args(argv)
     # The re-dispatch rounds kill children on purpose; their warnings are expected.
     logging.getLogger("damocles_ext").setLevel(logging.ERROR)
@@ -554,8 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for goal, met in goals.items():
         print(f"{'met    ' if met else 'MISSED '} {goal}")
-    path = save_results("supervisor" + ("-quick" if args.quick else ""), results)
-    print(f"\nsaved {path}")
+    finish("supervisor" + ("-quick" if args.quick else ""), results, args.save)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Chaos run: `damocles-ext run` with 4 misbehaving children serving many requests.
 
-Run: .venv/bin/python -m bench.chaos --requests 10000      (saves bench/results/chaos.json)
-     .venv/bin/python -m bench.chaos --requests 1000 --no-save   (a quick look)
+Run: .venv/bin/python -m bench.chaos --requests 10000 --save  (saves bench/results/chaos.json)
+     .venv/bin/python -m bench.chaos --requests 1000    (a quick look: prints, saves nothing)
 
 Several clients (damocles_ext.client, one connection each, several requests in flight on each)
 send WindowPoSt requests to `damocles-ext run` over its control socket. Its 4 children are
@@ -22,7 +22,6 @@ the first quarter of the run to the last. Also: failures by cause, re-dispatches
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import psutil
 import trio
+
+from bench.runner import bench_parser, finish
 
 CHILD_SCRIPT = Path(__file__).resolve().parent / "chaos_child.py"
 ACTIONS = ("sigkill", "sigstop", "garbage", "grandchild")
@@ -509,7 +510,7 @@ def check(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, "<OUT>")
     defaults = ChaosOptions()
     parser.add_argument("--requests", type=int, default=defaults.requests)
     parser.add_argument("--clients", type=int, default=defaults.clients)
@@ -525,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         help="share of grandchildren that start their own session",
     )
     parser.add_argument("--deadline", type=float, default=defaults.deadline)
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--out", default="chaos", help="bench/results/<OUT>.json")
+    parser.add_argument(
+        "--out", default="chaos", help="with --save, write bench/results/<OUT>.json (default chaos)"
+    )
     args = parser.parse_args(argv)
     opts = ChaosOptions(
         requests=args.requests,
@@ -552,10 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             report["log_kept_at"] = str(kept)
     report["problems"] = problems
     _print(report)
-    if not args.no_save:
-        from bench.runner import save_results
-
-        print(f"saved {save_results(args.out, report)}")
+    finish(args.out, report, args.save)
     return 1 if problems else 0
 
 

@@ -37,8 +37,14 @@ GARBAGE = (
 )
 
 
-def main() -> int:
-    stage = sys.argv[1] if len(sys.argv) > 1 else "window_post"
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stage", nargs="?", default="window_post", help="default window_post")
+    stage = parser.parse_args(argv).stage
     env = os.environ
     rng = random.Random(f"{env.get('CHAOS_SEED', '0')}-{os.getpid()}")
     capacity = int(env.get("CHAOS_CAPACITY", "2"))

@@ -1,11 +1,14 @@
-"""Small shared helpers for the benchmarks: print a table, save figures as JSON.
+"""Small shared helpers for the benchmarks: their arguments, print a table, save figures as JSON.
 
-Every benchmark prints its figures and writes them to bench/results/<name>.json together with
-when and where they were measured, so the README's numbers can be traced to a file and rerun.
+Every benchmark prints its figures; with `--save` it also writes them to
+bench/results/<name>.json together with when and where they were measured, so the README's
+numbers can be traced to a file and rerun. Those files are tracked: a run to look, or on a
+loaded machine, must not replace them unless asked.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -28,6 +31,30 @@ def machine_info() -> dict:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }
+
+
+def bench_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """The benchmark's arguments: its docstring as help, and --save for bench/results/NAME.json."""
+    parser = argparse.ArgumentParser(
+        description=(doc or "").strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help=f"also write the figures to bench/results/{name}.json, the tracked file the README"
+        " quotes (default: print them only)",
+    )
+    return parser
+
+
+def finish(name: str, data: dict, save: bool) -> Path | None:
+    """Save the figures with --save (save_results), else say how; returns the path written."""
+    if not save:
+        print(f"\nnot saved (add --save to write bench/results/{name}.json)")
+        return None
+    path = save_results(name, data)
+    print(f"\nsaved {path}")
+    return path
 
 
 def save_results(name: str, data: dict) -> Path:

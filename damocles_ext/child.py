@@ -33,7 +33,8 @@ log = logging.getLogger("damocles_ext.child")
 
 #: A busy request sends a Progress frame at least this often (the contract says every 5 s).
 DEFAULT_HEARTBEAT = 2.0
-#: Progress within one phase is forwarded at most this often per request; a new phase at once.
+#: Progress within one phase is forwarded at most this often per request; a new phase, and the
+#: end of one (done == total), at once.
 PROGRESS_MIN_INTERVAL = 0.1
 #: After stdin EOF (the parent is gone) provers get this long to notice their cancel token.
 EOF_GRACE = 1.0
@@ -235,7 +236,10 @@ class ChildRuntime:
                 phase, done, total = job.progress
                 now = time.monotonic()
                 recent = now - job.sent_at < PROGRESS_MIN_INTERVAL
-                if not force and phase == job.sent_phase and recent:
+                # A phase's last step is often within the interval of the one before (a fast
+                # prover's whole phase is); dropping it would leave the phase shown unfinished.
+                finished = 0 < total <= done
+                if not force and phase == job.sent_phase and recent and not finished:
                     return
                 job.sent_at = now
                 job.sent_phase = phase

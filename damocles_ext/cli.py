@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
@@ -58,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code (0, 1 when it failed, 2 for usage or input errors)."""
+    try:
+        code = _main(argv)
+        # Output still buffered would otherwise meet a closed pipe at interpreter exit, where
+        # the BrokenPipeError can no longer be caught.
+        sys.stdout.flush()
+        return code
+    except BaseException as exc:
+        if not _is_broken_pipe(exc):
+            raise
+        # The reader went away (`| head`): nothing more can be said there, and no traceback.
+        # Point stdout at /dev/null so that the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """A BrokenPipeError, or a group (from a trio nursery) holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_broken_pipe(e) for e in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,13 @@ import trio
 from .errors import ProverError, UsageError
 from .protocol import control as control_protocol
 from .protocol import dext
-from .supervisor.control import default_socket_path
+from .supervisor.control import (
+    UntrustedPathError,
+    default_socket_path,
+    peer_credentials,
+    resolve_trusted,
+    trusted_uids,
+)
 from .tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.client")
@@ -36,6 +43,14 @@ ProgressCallback = Callable[[dext.Progress], None]
 
 class NoSupervisorError(UsageError):
     """Nothing (usable) is listening at the socket path: a usage problem, exit code 2."""
+
+
+class _NotSent(ProverError):
+    """The request could not be written: the supervisor cannot have started it."""
+
+
+class _Unread(ProverError):
+    """The supervisor closed the connection and said it read nothing more from it."""
 
 
 class _Pending:
@@ -59,6 +74,7 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._status_pending: dict[int, tuple[trio.Event, list[control_protocol.StatusReply]]] = {}
         self._lost: str | None = None
+        self._refused: str | None = None  # why the supervisor is closing this connection
 
     async def submit(
         self,
@@ -83,7 +99,10 @@ class Client:
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
         try:
-            await self._send_frame(frame)
+            try:
+                await self._send_frame(frame)
+            except ProverError as exc:
+                raise _NotSent(str(exc)) from None
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set() and self._lost is None:
@@ -167,10 +186,15 @@ class Client:
                     break
         except dext.ProtocolError as exc:
             reason = f"the supervisor broke the protocol: {exc}"
+        if self._refused is not None:
+            reason = self._refused
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
 
     def _dispatch(self, msg: dext.Message) -> None:
-        if isinstance(msg, dext.Response):
+        if isinstance(msg, dext.Response) and msg.id == 0:
+            # Request ids count from 1: id 0 is the supervisor saying why it closes the connection.
+            self._refused = msg.error or "the supervisor closed the connection"
+        elif isinstance(msg, dext.Response):
             pending = self._pending.get(msg.id)
             if pending is None:
                 log.debug("response to request %d nobody waits for (cancelled?)", msg.id)
@@ -209,11 +233,67 @@ PROVE_HINT = (
 )
 
 
-async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
-    """Connect to the control socket; NoSupervisorError says why nothing could be reached (and
-    ends with `hint`, what to do about it)."""
+#: What to do when what is at the socket path is not a supervisor of ours.
+_UNTRUSTED_HINT = (
+    "nothing was sent to it. Give --socket (the Python API: socket_path) the path of your own"
+    " `damocles-ext run`, whose socket is in a directory only you or root can write"
+)
+
+
+def _check_socket_place(path: Path, hint: str) -> None:
+    """Refuse a socket another user could have put there, before connecting to it.
+
+    `run` makes its socket in a private directory (0700, ours) reached through directories no
+    other user can change (control.bind_control_socket); anything else may be an impostor's.
+    """
     try:
-        return await trio.open_unix_socket(os.fspath(path))
+        real = resolve_trusted(path)
+    except UntrustedPathError as exc:
+        raise NoSupervisorError(
+            f"refusing to connect to {path}: {exc}; it may be another user's socket:"
+            f" {_UNTRUSTED_HINT}"
+        ) from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # connecting fails the same way, and open_stream words it
+    except OSError as exc:
+        raise NoSupervisorError(f"cannot check the socket path {path}: {exc}") from None
+    try:
+        st = os.lstat(real)
+        dir_st = os.lstat(real.parent)
+    except OSError:
+        return  # gone meanwhile: connecting says so
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NoSupervisorError(
+            f"no supervisor at {path}: {real if real != path else 'it'} is not a socket; {hint}"
+        )
+    directory = real.parent
+    if stat.S_IMODE(dir_st.st_mode) & 0o077:
+        raise NoSupervisorError(
+            f"refusing to connect to {path}: the socket's directory {directory} has mode"
+            f" {stat.S_IMODE(dir_st.st_mode):04o}, not private (0700) as `damocles-ext run`"
+            f" makes it; it may be another user's socket: {_UNTRUSTED_HINT}"
+        )
+
+
+def _check_peer(stream: trio.SocketStream, path: Path) -> None:
+    pid, uid, _gid = peer_credentials(stream.socket)
+    trusted = trusted_uids()
+    if uid not in trusted:
+        us = "root" if trusted == {0} else f"us (uid {os.geteuid()}) or root"
+        raise NoSupervisorError(
+            f"refusing the server at {path}: the process listening there (pid {pid}) runs as"
+            f" uid {uid}, not as {us}, so it may be another user's impostor; {_UNTRUSTED_HINT}"
+        )
+
+
+async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
+    """Connect to the control socket of a supervisor of ours; NoSupervisorError says why nothing
+    could be reached (and ends with `hint`, what to do about it), or why what is there is not
+    trusted: a socket in a place another user could have put it, or a server that runs as
+    another user (neither our uid nor root). Nothing is sent before these checks."""
+    _check_socket_place(path, hint)
+    try:
+        stream = await trio.open_unix_socket(os.fspath(path))
     except FileNotFoundError:
         raise NoSupervisorError(
             f"no supervisor at {path}: the socket does not exist; {hint}"
@@ -231,6 +311,13 @@ async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
         raise NoSupervisorError(
             f"cannot connect to the supervisor at {path}: {exc.strerror or exc}"
         ) from None
+    try:
+        _check_peer(stream, path)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream
 
 
 @asynccontextmanager
@@ -316,7 +403,9 @@ class ReconnectingClient:
             finally:
                 with trio.CancelScope(shield=True):
                     await client._stream.aclose()
-            log.warning("%s; the next request will try to connect again", client._lost)
+            # A supervisor closing an idle connection says so: routine, not a warning.
+            level = logging.INFO if client._refused is not None else logging.WARNING
+            log.log(level, "%s; the next request will try to connect again", client._lost)
             if self._client is client:
                 self._client = None
 
@@ -328,18 +417,40 @@ class ReconnectingClient:
         priority: int = 0,
         on_progress: ProgressCallback | None = None,
     ) -> Output:
-        """`Client.submit` on the current connection, connecting again first if it was lost."""
-        client = await self._current()
+        """`Client.submit` on the current connection, connecting again first if it was lost.
+
+        A request the supervisor provably never read (the connection was closed under it, idle
+        or to make room, and the supervisor said so; or it could not even be written) is sent
+        once more on a new connection.
+        """
+        for attempt in (1, 2):
+            client = await self._current()
+            try:
+                return await self._submit_on(client, task, deadline, priority, on_progress)
+            except (_NotSent, _Unread) as exc:
+                if attempt == 2:
+                    raise
+                if client._lost is None:  # the reader has not seen the close yet
+                    client._lost = str(exc)
+                log.info("the supervisor closed the connection before reading a request (%s);"
+                         " sending it again on a new connection", exc)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _submit_on(self, client, task, deadline, priority, on_progress) -> Output:
         try:
             return await client.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
+        except _NotSent:
+            raise
         except ProverError as exc:
             if client._lost is not None and str(exc) == client._lost:
                 reason = client._lost.removeprefix(
                     f"lost the connection to the supervisor at {self.path}: "
                 )
-                raise ProverError(
+                # A supervisor that says why it closed has read nothing more: safe to resend.
+                error = _Unread if client._refused is not None else ProverError
+                raise error(
                     f"the supervisor at {self.path} went away before it answered ({reason}:"
                     " stopped or restarted?); this request was not proved, the next one will"
                     " try to connect again"

@@ -9,15 +9,20 @@ creates directories: that is the supervisor's job.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import json
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -28,31 +33,32 @@ import msgspec
 from .errors import UsageError
 from .options import format_option
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11 only
-    import tomli as tomllib  # type: ignore[no-redef]
-
 __all__ = [
     "CONF_FILE_NAME",
-    "DEFAULT_TMP_ROOT",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_STDIN_TIMEOUT",
     "TMP_ROOT_ENV",
     "ChildSpec",
     "Config",
     "ConfigError",
+    "check_startable",
+    "default_tmp_root",
     "describe_argv",
     "detect_gpus",
+    "effective_timeouts",
     "format_cpuset",
     "load_conf_dir",
     "load_config",
     "parse_config",
+    "program_problem",
+    "startup_problems",
 ]
 
 #: The file damocles-manager reads from its home or `--conf-dir` directory.
 CONF_FILE_NAME = "ext-prover.cfg"
-#: Where per-GPU TMPDIRs go when `Gpus` expands a table; `$DAMOCLES_EXT_TMP_ROOT` overrides it.
-DEFAULT_TMP_ROOT = "/tmp/damocles-ext"
+#: Where per-GPU TMPDIRs go when `Gpus` expands a table, instead of default_tmp_root().
 TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
+TMP_ROOT_NAME = "damocles-ext"
 
 #: Top-level table name -> stage name used on the wire and in child names. damocles-manager knows
 #: the first two; the split WindowPoSt tables (damocles #981) are damocles-ext's own: with them,
@@ -75,8 +81,27 @@ DEFAULT_WEIGHT = 1
 DEFAULT_READY_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 2
 DEFAULT_CANCEL_GRACE = 10.0
+# Hung-child detection, on unless a key says 0. A dext child that works on a request must send a
+# Progress at least every 5 s (the built-in runtime sends one every 2 s): a minute of silence is
+# a dozen missed ones, so only a hung child (stalled in a frame, a deadlock, a lost GPU) is hit.
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+# A child's stdin is read by a thread that does nothing else (the runtime; damocles-worker's
+# processors): requests that sit for a minute in a full 1 MiB pipe mean it stopped reading.
+DEFAULT_STDIN_TIMEOUT = 60.0
 
 _GPU_DETECT_TIMEOUT = 10.0
+
+# Upper bounds. Values beyond them are mistakes (a digit too many, a unit mixed up), and taken as
+# given some would exhaust the machine: a thread per Concurrent slot in the plugin runtime, a set
+# of every CPU number in a Cpuset range, a child per table.
+MAX_CONFIG_BYTES = 1024 * 1024  # the seed's files are under 2 KiB
+MAX_CONCURRENT = 1024
+MAX_WEIGHT = 10_000
+MAX_SECONDS = 86_400  # one day: a PoSt deadline's whole proving window is 30 minutes
+MAX_ATTEMPTS = 100
+MAX_GPU_INDEX = 1023
+MAX_CPU = 8191  # Linux numbers at most 8192 CPUs (NR_CPUS)
+MAX_CHILDREN = 1024
 
 
 class ConfigError(UsageError):
@@ -117,6 +142,7 @@ class ChildSpec(msgspec.Struct, frozen=True):
     auto_restart: bool
     max_attempts: int
     request_timeout: float | None
+    #: None: DEFAULT_HEARTBEAT_TIMEOUT; 0: off (see effective_timeouts)
     heartbeat_timeout: float | None
     cancel_grace: float
     locks: tuple[str, ...]
@@ -124,6 +150,16 @@ class ChildSpec(msgspec.Struct, frozen=True):
     #: TMPDIR is the private `<tmp root>/<stage>-gpu<i>/` that Gpus gave it (not one from Envs):
     #: the supervisor makes it 0700 and refuses one that others could reach (process.py).
     private_tmpdir: bool = False
+    #: None: DEFAULT_STDIN_TIMEOUT; 0: off
+    stdin_timeout: float | None = None
+
+
+def effective_timeouts(child: ChildSpec) -> tuple[float, float]:
+    """(heartbeat, stdin) timeouts in seconds a child runs with, 0 when off: unset keys (None)
+    take the defaults, so a ChildSpec built by hand is watched as one from a config file is."""
+    hb = DEFAULT_HEARTBEAT_TIMEOUT if child.heartbeat_timeout is None else child.heartbeat_timeout
+    stdin = DEFAULT_STDIN_TIMEOUT if child.stdin_timeout is None else child.stdin_timeout
+    return hb, stdin
 
 
 class Config(msgspec.Struct):
@@ -132,7 +168,7 @@ class Config(msgspec.Struct):
     source: str
     children: list[ChildSpec]
     warnings: list[str]
-    tmp_root: str = DEFAULT_TMP_ROOT
+    tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +199,8 @@ class _Block(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_onl
     auto_restart: bool = True
     max_attempts: PosInt = DEFAULT_MAX_ATTEMPTS
     request_timeout_secs: PosFloat | None = None
-    heartbeat_timeout_secs: PosFloat | None = None
+    heartbeat_timeout_secs: NonNegFloat | None = None
+    stdin_timeout_secs: NonNegFloat | None = None
     cancel_grace_secs: NonNegFloat = DEFAULT_CANCEL_GRACE
     locks: list[str] = []
     gpus: list[NonNegInt] | Literal["all"] | None = None
@@ -194,7 +231,8 @@ _RULES: dict[str, _KeyRule] = {
     "AutoRestart": _KeyRule("a boolean (true or false)"),
     "MaxAttempts": _KeyRule("a positive integer"),
     "RequestTimeoutSecs": _KeyRule("a positive number (seconds)"),
-    "HeartbeatTimeoutSecs": _KeyRule("a positive number (seconds)"),
+    "HeartbeatTimeoutSecs": _KeyRule("a non-negative number (seconds; 0 turns it off)"),
+    "StdinTimeoutSecs": _KeyRule("a non-negative number (seconds; 0 turns it off)"),
     "CancelGraceSecs": _KeyRule("a non-negative number (seconds)"),
     "Locks": _KeyRule("a list of lock names", list, str, "a string"),
     "Gpus": _KeyRule(
@@ -216,7 +254,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     source = os.fspath(path)
     p = Path(source)
     try:
-        data = p.read_bytes()
+        with p.open("rb") as f:
+            # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except IsADirectoryError:
         raise ConfigError(
             source,
@@ -241,6 +281,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            source,
+            [
+                (f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
+                f"needs; is it the right file?")
+            ],
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -275,26 +323,94 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
+_per_run_tmp_root: str | None = None
+
+
+def default_tmp_root(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
+    """The tmp root Gpus uses when DAMOCLES_EXT_TMP_ROOT is unset: a place no other user can
+    make first (a fixed name in /tmp could be taken by anyone, and every Gpus child would then
+    refuse to start).
+
+    `/run/damocles-ext` for root; `$XDG_RUNTIME_DIR/damocles-ext` for others (or for root
+    when /run is unusable), if that directory is theirs; otherwise a directory for this process
+    alone, `<tempdir>/damocles-ext-<uid>-<random>`, removed when the process exits. Nothing is
+    created here: the supervisor makes the directory (0700) when it starts a child.
+    """
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0 and _private_runtime_dir("/run", euid):
+        return os.path.join("/run", TMP_ROOT_NAME)
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg) and _private_runtime_dir(xdg, euid):
+        return os.path.join(xdg, TMP_ROOT_NAME)
+    return _per_run_root(euid)
+
+
+def _private_runtime_dir(path: str, uid: int) -> bool:
+    # A runtime directory that `uid` owns and only it may write to, on a writable file system:
+    # an XDG_RUNTIME_DIR kept across sudo or su belongs to the user before, not to us.
+    try:
+        st = os.stat(path)
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == uid
+        and bool(st.st_mode & stat.S_IWUSR)
+        and not st.st_mode & 0o022
+        and not read_only
+    )
+
+
+def _per_run_root(euid: int) -> str:
+    global _per_run_tmp_root
+    if _per_run_tmp_root is None:
+        # Random, so that nobody can make it first; one per process, so that each parse agrees.
+        name = f"{TMP_ROOT_NAME}-{euid}-{secrets.token_hex(8)}"
+        _per_run_tmp_root = os.path.join(tempfile.gettempdir(), name)
+        atexit.register(_remove_per_run_root, _per_run_tmp_root, os.getpid())
+    return _per_run_tmp_root
+
+
+def _remove_per_run_root(path: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked copy of us exiting: the directory is still in use
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
     """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
-    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
         raise ConfigError(
             source,
             [
-                (
-                    f"{source}: arrays or inline tables nested too deeply to parse (hundreds of"
-                    " levels); no key of ext-prover.cfg nests more than two"
-                )
+                (f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
+                f"levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = \"1\" }}). "
+                f"Look for a run of [ or {{")
             ],
         ) from None
+    except ValueError as exc:  # tomllib's int() of a number of thousands of digits
+        what = (
+            "a number has thousands of digits; no key takes one so large"
+            if "digits" in str(exc)
+            else f"a value cannot be read: {exc}"
+        )
+        raise ConfigError(source, [f"{source}: {what}"]) from None
 
     errors: list[str] = []
     if tmp_root is None:
-        tmp_root = os.environ.get(TMP_ROOT_ENV) or DEFAULT_TMP_ROOT
+        tmp_root = os.environ.get(TMP_ROOT_ENV) or default_tmp_root()
         if not os.path.isabs(tmp_root):
             errors.append(
                 f"environment variable {TMP_ROOT_ENV}: expected an absolute path, "
@@ -339,6 +455,11 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             errors.extend(builder.add_block(table, stage, block_index, raw))
 
     errors.extend(_check_split_tables(doc))
+    if not errors and len(builder.children) > MAX_CHILDREN:
+        errors.append(
+            f"the file starts {len(builder.children)} children; at most {MAX_CHILDREN} are "
+            f"supported. Use Concurrent for more requests per child"
+        )
     if not errors and not builder.children:
         errors.append(
             "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
@@ -346,7 +467,6 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         )
     if errors:
         raise ConfigError(source, errors)
-    builder.finish()
     return Config(
         source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
     )
@@ -431,6 +551,152 @@ def detect_gpus(why: list[str] | None = None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Can the children start here?
+
+
+def program_problem(program: str, search_path: str | None = None) -> str | None:
+    """Why `program` (argv[0]) cannot be executed on this machine, and what to do; None if it can.
+
+    A name without '/' is looked up in `search_path` (a PATH value; default: ours), as exec does.
+    """
+    fix = "give the path of the prover program"
+    shown = _show(program, limit=1000)  # a path is no use cut short
+    if "/" not in program:
+        search_path = os.defpath if search_path is None else search_path
+        if shutil.which(program, path=search_path) is not None:
+            return None
+        return (
+            f"{shown} is not found on PATH ({search_path}); give its path, or put its "
+            f"directory on PATH"
+        )
+    try:
+        st = os.stat(program)
+    except FileNotFoundError:
+        return f"{shown} does not exist; {fix}"
+    except OSError as exc:  # a path component that is a file, or a directory we may not enter
+        return f"{shown} cannot be reached: {exc.strerror or exc}; {fix}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{shown} is a directory, not a program; {fix}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown} is not a regular file, so it cannot be run; {fix}"
+    if not os.access(program, os.X_OK):
+        return (
+            f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
+            f"executable (chmod +x) or {fix}"
+        )
+    return None
+
+
+def _search_path(child: ChildSpec) -> str:
+    """The PATH the child's program is looked up in: its Envs', else ours if inherited."""
+    if "PATH" in child.envs:
+        return child.envs["PATH"]
+    if child.inherit_envs and "PATH" in os.environ:
+        return os.environ["PATH"]
+    return os.defpath
+
+
+def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
+    """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
+    # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
+    most = 32 * os.sysconf("SC_PAGESIZE")
+    problems: list[str] = []
+    if child.kind == "plugin":  # the options are the only long arguments of a plugin child
+        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    else:
+        named = [(f"{where}.Args[{i}]", a) for i, a in enumerate(child.argv[1:])]
+    named += [(f"{where}.Envs.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
+    for name, text in named:
+        size = len(os.fsencode(text)) + 1
+        if size > most:
+            problems.append(
+                f"{name}: {size} bytes, but exec takes at most {most} per argument or "
+                f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
+            )
+    inherited = os.environ if child.inherit_envs else {}
+    env = {**inherited, **child.envs}
+    strings = [*child.argv, *(f"{k}={v}" for k, v in env.items())]
+    total = sum(len(os.fsencode(t)) + 1 + 8 for t in strings)  # and a pointer to each
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    if not problems and 0 < limit < total:
+        problems.append(
+            f"{where}: the command line and environment take {total} bytes (Args, Envs and the "
+            f"inherited environment), more than exec takes here ({limit}, ARG_MAX); shorten them"
+        )
+    return problems
+
+
+def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -> list[str]:
+    """Why some of `children` could not start on this machine, each naming its table and key.
+
+    What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
+    executable, the command line and environment fit exec's limits, the Cpuset's CPUs are ours
+    to use, and a Plugin is installed and accepts its PluginOptions (its validate_options and the
+    dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
+    is checked once.
+    """
+    problems: list[str] = []
+    blocks: dict[tuple[str, int], ChildSpec] = {}
+    for child in children:
+        blocks.setdefault((child.stage, child.block), child)
+    try:
+        usable = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux: prepare_spawn's check is the only one
+        usable = None
+    for (stage, block), child in blocks.items():
+        where = f"{TABLE_OF_STAGE[stage]}[{block}]"
+        if child.kind != "plugin":
+            search_path = _search_path(child)
+            problem = program_problem(child.argv[0], search_path)
+            if problem is not None and child.kind == "bin":
+                problems.append(f"{where}.Bin: {problem}")
+            elif problem is not None:
+                problems.append(
+                    f"{where}: no Bin or Plugin, so the child runs damocles' default "
+                    f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
+                    f"on PATH ({search_path}); set Bin or Plugin, or put {DAMOCLES_WORKER} on PATH"
+                )
+        problems.extend(_exec_size_problems(where, child))
+        if child.cpuset and usable is not None and not child.cpuset <= usable:
+            missing = format_cpuset(child.cpuset - usable)
+            problems.append(
+                f"{where}.Cpuset: CPUs {missing} are not ones this process may use (this "
+                f"machine gives it {format_cpuset(frozenset(usable))}); use those"
+            )
+    plugin_blocks = [c for c in blocks.values() if c.kind == "plugin"]
+    if plugin_blocks:
+        from .plugins import get_plugin_manager, prover_problems
+
+        pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        for child in plugin_blocks:
+            where = f"{TABLE_OF_STAGE[child.stage]}[{child.block}]"
+            assert child.plugin is not None
+            for problem in prover_problems(
+                pm, child.plugin, dict(child.plugin_options), child.stage
+            ):
+                problems.append(f"{where}.Plugin: {problem}")
+    return problems
+
+
+def check_startable(
+    config: Config, children: list[ChildSpec] | None = None, *, plugin_manager: Any = None
+) -> None:
+    """Raise ConfigError listing startup_problems of `children` (default: all the config's).
+
+    `serve`, `run` and `prove -c` call it before they report ready, so that a child that could
+    never start fails the start, as damocles' own processor does, instead of each request.
+    """
+    problems = startup_problems(
+        config.children if children is None else children, plugin_manager=plugin_manager
+    )
+    if problems:
+        raise ConfigError(config.source, problems)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building children
 
 
@@ -442,19 +708,6 @@ class _Builder:
         self._next_index = {stage: 0 for stage in STAGE_OF_TABLE.values()}
         self._gpus: list[int] | None = None
         self._gpu_problems: list[str] = []  # why detect_gpus found none
-        self.default_program_tables: list[str] = []
-
-    def finish(self) -> None:
-        """Warnings about the whole file, given once rather than per table."""
-        tables = self.default_program_tables
-        if tables and shutil.which(DAMOCLES_WORKER) is None:
-            which = "this" if len(tables) == 1 else "each"
-            self.warnings.append(
-                f"{', '.join(tables)}: no Bin or Plugin, so {which}"
-                f" child runs damocles' default `{DAMOCLES_WORKER} processor <stage>`, but "
-                f"{DAMOCLES_WORKER} is not on PATH; starting it will fail. Set Bin or Plugin, or "
-                f"put {DAMOCLES_WORKER} on PATH"
-            )
 
     def _detected_gpus(self) -> list[int]:
         if self._gpus is None:  # once per file: nvidia-smi is slow
@@ -520,7 +773,7 @@ class _Builder:
                 f"{len(gpus)} children get CUDA_VISIBLE_DEVICES="
                 f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two"
             )
-        if block.heartbeat_timeout_secs is not None and block.protocol == "jsonl":
+        if block.heartbeat_timeout_secs and block.protocol == "jsonl":
             self.warnings.append(
                 f'{where}: HeartbeatTimeoutSecs has no effect with Protocol = "jsonl" '
                 f"(damocles' JSON lines carry no progress)"
@@ -541,16 +794,8 @@ class _Builder:
     def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:
         if block.bin is not None:
             # Kept as written: a bare name is looked up on PATH and a relative path is taken from
-            # the supervisor's working directory, as Go's exec.Command does for damocles.
-            if shutil.which(block.bin) is None:
-                problem = (
-                    "does not exist or is not executable"
-                    if "/" in block.bin
-                    else "is not found on PATH"
-                )
-                self.warnings.append(
-                    f"{where}.Bin: {_show(block.bin)} {problem}; starting this child will fail"
-                )
+            # the supervisor's working directory, as Go's exec.Command does for damocles. Whether
+            # it can run here is check_startable's question, not the file's.
             return (block.bin, *(block.args or ())), "bin"
         if block.plugin is not None:
             argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
@@ -559,7 +804,7 @@ class _Builder:
             if block.concurrent > 1:  # the runtime proves one at a time unless told otherwise
                 argv += ["--capacity", str(block.concurrent)]
             hb = block.heartbeat_timeout_secs
-            if hb is not None and hb < 6:  # its 2 s keep-alive would read as a hang
+            if hb and hb < 6:  # its 2 s keep-alive would read as a hang
                 argv += ["--heartbeat", f"{hb / 3:g}"]
             for key, value in (block.plugin_options or {}).items():
                 # format_option quotes values whose type would otherwise change ("123" stays text)
@@ -571,7 +816,6 @@ class _Builder:
                 f"{where}: Args is ignored because Bin is not set (damocles does the same and "
                 f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args"
             )
-        self.default_program_tables.append(where)
         return (DAMOCLES_WORKER, "processor", stage), "damocles-worker"
 
     def _child(
@@ -616,6 +860,7 @@ class _Builder:
             cancel_grace=block.cancel_grace_secs,
             locks=tuple(dict.fromkeys(locks)),
             gpu=gpu,
+            stdin_timeout=block.stdin_timeout_secs,
         )
 
 
@@ -663,7 +908,15 @@ def _check_strings(path: str, value: Any) -> list[str]:
     if isinstance(value, list):
         return [e for i, v in enumerate(value) for e in _check_strings(f"{path}[{i}]", v)]
     if isinstance(value, dict):
-        return [e for k, v in value.items() for e in _check_strings(f"{path}.{_toml_key(k)}", v)]
+        errors = [
+            f"{path}: name {_show(k)} contains a NUL character (\\u0000), which a program "
+            f"cannot receive"
+            for k in value
+            if "\x00" in k
+        ]
+        return errors + [
+            e for k, v in value.items() for e in _check_strings(f"{path}.{_toml_key(k)}", v)
+        ]
     return []
 
 
@@ -713,10 +966,25 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
     for key, value in (
         ("RequestTimeoutSecs", b.request_timeout_secs),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
+        ("StdinTimeoutSecs", b.stdin_timeout_secs),
         ("CancelGraceSecs", b.cancel_grace_secs),
     ):
         if value is not None and not math.isfinite(value):
             errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
+    for key, value, most, what in (
+        ("Concurrent", b.concurrent, MAX_CONCURRENT, "requests in flight on one child"),
+        ("Weight", b.weight, MAX_WEIGHT, "a share of the traffic"),
+        ("ReadyTimeoutSecs", b.ready_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("MaxAttempts", b.max_attempts, MAX_ATTEMPTS, "attempts per request"),
+        ("RequestTimeoutSecs", b.request_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("StdinTimeoutSecs", b.stdin_timeout_secs, MAX_SECONDS, "seconds: one day"),
+        ("CancelGraceSecs", b.cancel_grace_secs, MAX_SECONDS, "seconds: one day"),
+    ):
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            continue  # said above
+        if value > most:
+            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(value)}")
     for i, lock in enumerate(b.locks):
         if not lock.strip():
             errors.append(
@@ -730,7 +998,12 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
             )
         seen: set[int] = set()
         for i, gpu in enumerate(b.gpus):
-            if gpu in seen:
+            if gpu > MAX_GPU_INDEX:
+                errors.append(
+                    f"{where}.Gpus[{i}]: expected a GPU index from 0 to {MAX_GPU_INDEX}, found "
+                    f"{_show(gpu)}"
+                )
+            elif gpu in seen:
                 errors.append(
                     f"{where}.Gpus[{i}]: GPU {gpu} is listed twice; list each GPU once "
                     f"(use Concurrent for more work per GPU)"
@@ -759,8 +1032,18 @@ def _parse_cpuset(where: str, text: str | None) -> tuple[frozenset[int] | None, 
                 f'like "10-19"'
             )
             continue
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+        numbers = [t.lstrip("0") or "0" for t in m.groups() if t is not None]
+        # Bounded by length before int(), and before a range becomes a set: "0-99999999999"
+        # would fill the memory. CPUs this machine lacks are refused at start-up, not here.
+        big = next((n for n in numbers if len(n) > len(str(MAX_CPU)) or int(n) > MAX_CPU), None)
+        if big is not None:
+            errors.append(
+                f"{path}: CPU {big if len(big) <= 20 else big[:17] + '...'} in {_show(text)} is "
+                f"beyond Linux's largest CPU number, {MAX_CPU}; use this machine's CPU numbers "
+                f"(see lscpu)"
+            )
+            continue
+        lo, hi = int(numbers[0]), int(numbers[-1])
         if hi < lo:
             errors.append(f'{path}: range "{item.strip()}" goes down; write it as "{hi}-{lo}"')
             continue
@@ -808,11 +1091,14 @@ def _toml_key(key: str) -> str:
 
 def _show(value: Any, limit: int = 60) -> str:
     """A value as it would be written in TOML, shortened for messages."""
-    text = _toml(value)
+    text = _toml(value, limit)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _toml(value: Any) -> str:
+def _toml(value: Any, limit: int = 60, depth: int = 0) -> str:
+    # `limit` and `depth` bound the work: a value may be a huge or deeply nested list.
+    if depth > 8:
+        return "[...]" if isinstance(value, list) else "{...}" if isinstance(value, dict) else "..."
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -824,11 +1110,25 @@ def _toml(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+        if value.bit_length() > 13_000:  # str() refuses more than 4300 digits
+            return "(a number of thousands of digits)"
+        text = str(value)
+        return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        parts: list[str] = []
+        size = 0
+        for k, v in items:
+            if size > limit:
+                parts.append("...")
+                break
+            part = _toml(v, limit, depth + 1)
+            if k is not None:
+                part = f"{_toml_key(k)} = {part}"
+            parts.append(part)
+            size += len(part) + 2
+        inner = ", ".join(parts)
+        return f"[{inner}]" if isinstance(value, list) else "{" + inner + "}"
     if isinstance(value, (datetime, date, time)):
         return f"{value.isoformat()} (a date/time)"
     return repr(value)

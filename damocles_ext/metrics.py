@@ -8,19 +8,28 @@ Two sources, so that an idle supervisor pays nothing between scrapes:
 * levels (states, queues, memory, and the counters the supervisor keeps anyway: restarts, CPU
   seconds) are read when Prometheus scrapes: a custom collector asks the supervisor for
   `statistics()` (on the trio thread, through `trio.from_thread`) and reads the children's
-  process trees with psutil, in the HTTP thread.
+  process trees with psutil, in a worker thread.
 
-The HTTP server is prometheus_client's, on a daemon thread; the supervisor never waits for it.
-Every metric is listed, with its labels, in docs/OBSERVABILITY.md.
+The HTTP server runs on the supervisor's own trio loop (h11 for HTTP/1.1, no thread per
+connection), so that nobody who can reach the port can hold it: at most `max_connections`
+connections (over it, the one idle longest is closed), a whole request must arrive within
+`idle_timeout` of the previous answer (or of connecting), a request head is at most 16 KiB, and
+running out of file descriptors at accept(2) is survived (supervisor/listeners.py). The
+exposition itself is built by prometheus_client in a worker thread, one scrape at a time, so a
+scrape never stalls the supervisor. Every metric is listed, with its labels, in
+docs/OBSERVABILITY.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from .errors import UsageError
 from .hookspecs import OUTCOMES, hookimpl
@@ -34,6 +43,13 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 12
 # Negative slack is a missed deadline; a WindowPoSt deadline window is 30 minutes.
 SLACK_BUCKETS = (-60, -10, -1, 0, 1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
 DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_CONNECTIONS = 16
+# Prometheus keeps its connection between scrapes (every 15 s by default) and connects again
+# when it finds it closed, so a close after a longer pause costs one reconnect.
+DEFAULT_IDLE_TIMEOUT = 60.0
+# A scrape request is a GET with a few headers; anything much longer is not one.
+MAX_REQUEST_HEAD = 16 * 1024
+_READ_SIZE = 16 * 1024
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -276,29 +292,273 @@ class _LevelCollector:
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server on a daemon thread; `address` is where it listens."""
+    """The /metrics HTTP endpoint, served from the trio loop by `serve`; `url` is where.
 
-    def __init__(self, metrics: SupervisorMetrics, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
+    The port is bound here (UsageError when that fails), before anything is spawned.
+    """
 
-        try:
-            self._httpd, self._thread = start_http_server(
-                port, addr=host, registry=metrics.registry
-            )
-        except OSError as exc:
-            raise UsageError(
-                f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
-                " another --metrics HOST:PORT"
-            ) from None
+    def __init__(
+        self,
+        metrics: SupervisorMetrics,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        if not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        self._metrics = metrics
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._sock = _bind(host, port)
         self.host = host
-        self.port: int = self._httpd.server_port
+        self.port: int = self._sock.getsockname()[1]
         self.address = _join(host, self.port)
         self.url = f"http://{self.address}/metrics"
+        self._slots: Any = None
+        self._limiter: Any = None
+
+    def statistics(self) -> dict[str, int]:
+        """Connections open now, and those closed to make room, refused, or shed at accept."""
+        slots = self._slots
+        if slots is None:
+            return {"connections": 0, "evicted": 0, "refused": 0, "shed": 0}
+        return {
+            "connections": len(slots),
+            "evicted": slots.evicted,
+            "refused": slots.refused,
+            "shed": slots.shed,
+        }
+
+    async def serve(self, *, task_status: Any = None) -> None:
+        """Serve scrapes until cancelled; `task_status.started()` once listening."""
+        import trio
+
+        from .supervisor.listeners import ConnectionSlots, serve_connections
+
+        self._slots = ConnectionSlots(self.max_connections, "metrics port", log)
+        # One exposition at a time: a burst of scrapes queues instead of piling up threads.
+        self._limiter = trio.CapacityLimiter(1)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
+        try:
+            async with trio.open_nursery() as nursery:
+                if task_status is not None:
+                    task_status.started()
+                await serve_connections(listener, self._slots, nursery, self._serve_connection)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
 
     def close(self) -> None:
-        """Stop serving and close the listening socket."""
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """Close the listening socket (when `serve` never ran, or after it)."""
+        self._sock.close()
+
+    async def _serve_connection(self, stream: Any) -> None:
+        import trio
+
+        conn = _HttpConnection(self, stream)
+        if not self._slots.add(conn):
+            with trio.move_on_after(1):
+                await conn.send_error(503, "too many connections to the metrics port\n")
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await conn.run()
+        except Exception:  # a bug of ours must cost one connection, not the supervisor
+            log.exception("metrics connection: internal error")
+        finally:
+            self._slots.discard(conn)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            conn.closed.set()
+
+    def _render(self, target: str, accept: str, accept_encoding: str) -> tuple[bytes, str, bool]:
+        """The exposition (in a worker thread): body, content type, gzipped."""
+        from prometheus_client.exposition import choose_encoder
+
+        registry = self._metrics.registry
+        names = parse_qs(urlsplit(target).query).get("name[]")
+        if names:
+            registry = registry.restricted_registry(names)
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(registry)
+        if "gzip" in accept_encoding.lower():
+            return gzip.compress(body, compresslevel=6), content_type, True
+        return body, content_type, False
+
+
+class _HttpConnection:
+    """One scraper's connection: requests one after another (keep-alive), each within the
+    idle timeout."""
+
+    def __init__(self, server: MetricsServer, stream: Any) -> None:
+        import h11
+        import trio
+
+        self._server = server
+        self._stream = stream
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.last_active = trio.current_time()
+        self.closed = trio.Event()
+        self.idle = True  # waiting for a request (not building or sending an answer)
+        self._wait_scope = trio.CancelScope()
+
+    def evict(self, reason: str) -> None:
+        log.debug("closing a metrics connection: %s", reason)
+        self._wait_scope.cancel()
+
+    async def run(self) -> None:
+        import h11
+        import trio
+
+        while True:
+            self.idle = True
+            if self._wait_scope.cancel_called:  # evicted while answering
+                return
+            self._wait_scope = trio.CancelScope(
+                deadline=trio.current_time() + self._server.idle_timeout
+            )
+            with self._wait_scope:
+                try:
+                    request = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    log.debug("metrics client sent a bad request: %s", exc)
+                    with trio.move_on_after(1):
+                        await self.send_error(exc.error_status_hint, f"bad request: {exc}\n")
+                    return
+            if self._wait_scope.cancelled_caught or request is None:
+                return
+            self.idle = False
+            with trio.move_on_after(self._server.idle_timeout) as sending:
+                await self._answer(request)
+            if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
+                return
+            try:
+                self._h11.start_next_cycle()
+            except h11.LocalProtocolError:  # the client asked to close, or sent a body
+                return
+
+    async def _receive(self) -> bytes:
+        import trio
+
+        try:
+            data = await self._stream.receive_some(_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        return data
+
+    async def _read_request(self) -> Any:
+        """The next request whole (its body read and ignored), or None at EOF."""
+        import h11
+        import trio
+
+        request = None
+        body = 0
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await self._receive()
+                self._h11.receive_data(data)
+                if data:
+                    self.last_active = trio.current_time()
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += len(event.data)
+                if body > MAX_REQUEST_HEAD:
+                    raise h11.RemoteProtocolError(
+                        "a scrape request has no body; this one is too long",
+                        error_status_hint=413,
+                    )
+            elif isinstance(event, h11.EndOfMessage):
+                return request
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            else:  # PAUSED: the previous cycle was not finished
+                return None
+
+    async def _answer(self, request: Any) -> None:
+        import trio
+
+        method = request.method.decode("ascii", "replace")
+        if method not in ("GET", "HEAD"):
+            await self._send(405, b"only GET and HEAD are served here\n", "text/plain", False,
+                             extra=[("Allow", "GET, HEAD")])  # fmt: skip
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        body, content_type, gzipped = await trio.to_thread.run_sync(
+            self._server._render,
+            request.target.decode("latin-1"),
+            headers.get("accept", ""),
+            headers.get("accept-encoding", ""),
+            limiter=self._server._limiter,
+        )
+        await self._send(200, body, content_type, gzipped, head=method == "HEAD")
+
+    async def send_error(self, status: int, text: str) -> None:
+        """A short text answer, then the connection is to be closed."""
+        import h11
+
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        await self._send(status, text.encode(), "text/plain; charset=utf-8", False,
+                         extra=[("Connection", "close")])  # fmt: skip
+
+    async def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        gzipped: bool,
+        *,
+        head: bool = False,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        import h11
+        import trio
+
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        headers += extra or []
+        h = self._h11
+        try:
+            data = h.send(h11.Response(status_code=status, headers=headers))
+            if not head:
+                data += h.send(h11.Data(data=body))
+            data += h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        self.last_active = trio.current_time()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
+            " another --metrics HOST:PORT"
+        ) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(
+            f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
+            " another --metrics HOST:PORT"
+        ) from None
+    return sock
 
 
 def _join(host: str, port: int) -> str:

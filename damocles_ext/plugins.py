@@ -63,6 +63,8 @@ class PluginInfo:
     origin: str
     provers: tuple[ProverSpec, ...] = ()
     error: str | None = None
+    #: The other hooks it implements (observers such as dext_child_exited), sorted.
+    hooks: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -335,6 +337,10 @@ def load_prover(
     return prover
 
 
+# The hooks that make a prover plugin; any other hook a plugin implements observes.
+_PROVER_HOOKS = frozenset({"dext_provers", "dext_validate_plugin_options"})
+
+
 def list_plugins(pm: DextPluginManager) -> list[PluginInfo]:
     """Every plugin (loaded or failed) with its provers and origin, for `damocles-ext plugins`."""
     cat = _catalog(pm)
@@ -348,6 +354,13 @@ def list_plugins(pm: DextPluginManager) -> list[PluginInfo]:
                 origin=pm.origins.get(name, _origin_of(plugin, None, "")),
                 provers=tuple(cat.by_plugin.get(name, ())),
                 error=next((e.error for e in pm.load_errors if e.name == name), None),
+                hooks=tuple(
+                    sorted(
+                        caller.name
+                        for caller in pm.get_hookcallers(plugin) or ()
+                        if caller.name not in _PROVER_HOOKS
+                    )
+                ),
             )
         )
     loaded = {r.name for r in rows}

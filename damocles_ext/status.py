@@ -4,7 +4,8 @@ The document is versioned (`"schema": "damocles-ext/status/1"`, every field is d
 docs/STATUS.md): fields may be added within a schema version, never renamed, removed or given
 another meaning. It is built inside `damocles-ext run` from `Supervisor.statistics()` (states,
 counters, queues, the scheduler's locks), psutil (memory and CPU of each child's whole process
-tree) and bellperson's lock files in each child's TMPDIR (`gpulock.lock_state`).
+tree, and of the supervisor process alone) and bellperson's lock files in each child's TMPDIR
+(`gpulock.lock_state`).
 
 Process trees are read in a worker thread: walking /proc is a few milliseconds of blocking
 system calls the supervisor's trio thread should not wait for. CPU% needs two readings; they
@@ -213,6 +214,24 @@ def sample_trees(roots: Mapping[str, int]) -> dict[str, TreeSample]:
     return out
 
 
+def sample_process(pid: int) -> TreeSample | None:
+    """One process alone, without its descendants; None if it is gone.
+
+    For the supervisor itself: its tree holds the children, whose memory and CPU are reported
+    per child, and its reaped-children CPU time holds every child process that ever ended.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            t = proc.cpu_times()
+            mem = proc.memory_info()
+    except psutil.Error:
+        return None
+    return TreeSample(t.user + t.system, mem.rss, 1, time.monotonic())
+
+
 def cpu_percent(before: TreeSample | None, after: TreeSample | None) -> float | None:
     """CPU use between two samples, in percent of one core (None without both)."""
     if before is None or after is None:
@@ -224,16 +243,29 @@ def cpu_percent(before: TreeSample | None, after: TreeSample | None) -> float | 
 
 
 def measure(
-    roots: Mapping[str, int], lock_dirs: Mapping[str, str], interval: float
+    roots: Mapping[str, int],
+    lock_dirs: Mapping[str, str],
+    interval: float,
+    own_pid: int | None = None,
 ) -> tuple[dict[str, TreeSample], dict[str, float | None], dict[str, LockFiles]]:
-    """Blocking: two tree samples `interval` apart (CPU%), and the lock files of each dir."""
+    """Blocking: two tree samples `interval` apart (CPU%), and the lock files of each dir.
+
+    With `own_pid`, that process alone (sample_process) is measured too, under the key "".
+    """
     from .gpulock import lock_state
 
-    first = sample_trees(roots)
+    def sample() -> dict[str, TreeSample]:
+        trees = sample_trees(roots)
+        own = sample_process(own_pid) if own_pid is not None else None
+        if own is not None:
+            trees[""] = own
+        return trees
+
+    first = sample()
     if interval > 0:
         time.sleep(interval)  # the measuring window of CPU%, in a worker thread
-    second = sample_trees(roots)
-    cpu = {name: cpu_percent(first.get(name), second.get(name)) for name in roots}
+    second = sample()
+    cpu = {name: cpu_percent(first.get(name), second.get(name)) for name in second}
     locks = {}
     for name, directory in lock_dirs.items():
         try:
@@ -371,10 +403,9 @@ class StatusSource:
 
         stats = self.supervisor.statistics()
         roots = {c.name: c.pid for c in stats.children if c.pid is not None}
-        roots[""] = os.getpid()
         lock_dirs = {c.name: child_lock_dir(getattr(c, "tmpdir", None)) for c in stats.children}
         trees, cpu, lock_files = await trio.to_thread.run_sync(
-            measure, roots, lock_dirs, self.cpu_interval
+            measure, roots, lock_dirs, self.cpu_interval, os.getpid()
         )
         # Counters and states as they are at the end of the CPU window, not its start.
         stats = self.supervisor.statistics()

@@ -32,7 +32,30 @@ PYTHON_CALLBACKS = """
 extern "Python" void _dext_py_progress(void *ctx, const char *phase, uint64_t done,
                                        uint64_t total);
 const char *_dext_cdef_text(void);
+void _dext_cancel_set(int32_t *flag);
 """
+
+# The host's side of the cancel contract in dext_prover.h: Python cannot make an atomic store
+# itself (a cffi item assignment is a plain one), so it calls this, for vendor libraries too.
+CANCEL_SETTER = """
+static void _dext_cancel_set(int32_t *flag) { __atomic_store_n(flag, 1, __ATOMIC_RELEASE); }
+"""
+
+# Warnings are errors in our own build so that a new warning is fixed, not shipped. A newer
+# compiler can add warnings to these sets and fail an install that worked: setting
+# DAMOCLES_EXT_NATIVE_WERROR=0 keeps the warnings and drops -Werror (native/README.md).
+# -Wconversion is left to the stricter sanitizer build of the tests (tests/test_native_sanitizers.py):
+# here it would also apply to cffi's generated code, which we do not control.
+WARNINGS = ["-Wall", "-Wextra", "-Wformat=2", "-Wshadow", "-Wstrict-prototypes", "-Wvla"]
+
+
+def _warning_flags() -> list[str]:
+    werror = os.environ.get("DAMOCLES_EXT_NATIVE_WERROR", "1").strip()
+    if werror not in ("0", "1"):
+        raise SystemExit(
+            f"DAMOCLES_EXT_NATIVE_WERROR={werror!r}: use 1 (warnings are errors, the default) or 0"
+        )
+    return WARNINGS + (["-Werror"] if werror == "1" else [])
 
 
 def header_cdef(header: Path = HEADER) -> str:
@@ -51,17 +74,18 @@ def _rel(path: Path) -> str:
     return os.path.relpath(path, Path.cwd())
 
 
+COMPILE_ARGS = ["-O2", "-fvisibility=hidden", *_warning_flags()]
 _CDEF = header_cdef()
 ffibuilder = FFI()
 ffibuilder.cdef(_CDEF + PYTHON_CALLBACKS)
 ffibuilder.set_source(
     "damocles_ext._native",
     '#include "dext_prover.h"\n'
-    f"static const char *_dext_cdef_text(void) {{ return {_c_string(_CDEF)}; }}\n",
+    f"static const char *_dext_cdef_text(void) {{ return {_c_string(_CDEF)}; }}\n" + CANCEL_SETTER,
     sources=[_rel(p) for p in sorted((HERE / "src").glob("*.c"))],
     include_dirs=[_rel(HERE / "include")],
     libraries=["crypto"],
-    extra_compile_args=["-O2", "-fvisibility=hidden"],
+    extra_compile_args=COMPILE_ARGS,
 )
 
 if __name__ == "__main__":

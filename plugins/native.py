@@ -40,6 +40,42 @@ def _rows_to_discard(value: Any) -> int | None:
     return None
 
 
+_ELF_MAGIC = b"\x7fELF"
+_ET_DYN = 3
+_ELF_CLASS = {1: "32-bit", 2: "64-bit"}
+
+
+def _library_problem(path: str) -> str | None:
+    """Why dlopen would refuse `path`, told from its ELF header alone.
+
+    Nothing of the library runs here (its constructors would run in the supervisor), so a
+    library whose own dependencies are missing is still found only when the child opens it.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if len(header) < 20 or header[:4] != _ELF_MAGIC:
+        return "is not a shared library (no ELF header)"
+    order = "little" if header[5] == 1 else "big"
+    if int.from_bytes(header[16:18], order) != _ET_DYN:
+        return "is an ELF file but not a shared library (an executable or an object file?)"
+    try:
+        with open("/proc/self/exe", "rb") as f:
+            ours = f.read(20)
+    except OSError:
+        return None  # nothing to compare with; dlopen will tell
+    if ours[:4] == _ELF_MAGIC and (header[4:6] != ours[4:6] or header[18:20] != ours[18:20]):
+        machine = int.from_bytes(header[18:20], order)
+        our_machine = int.from_bytes(ours[18:20], "little" if ours[5] == 1 else "big")
+        return (
+            f"is built for another machine ({_ELF_CLASS.get(header[4], '?')}, ELF machine "
+            f"{machine}; this Python is {_ELF_CLASS.get(ours[4], '?')}, ELF machine {our_machine})"
+        )
+    return None
+
+
 def validate_options(options: Options) -> list[str]:
     """Problems with `native`'s options, each naming the key."""
     problems = []
@@ -51,6 +87,11 @@ def validate_options(options: Options) -> list[str]:
             problems.append(
                 f"native: option 'library' = {library!r}: no such file; give the path of a shared "
                 "library implementing native/include/dext_prover.h"
+            )
+        elif (problem := _library_problem(library)) is not None:
+            problems.append(
+                f"native: option 'library' = {library!r}: {problem}; give the path of a shared "
+                "library implementing native/include/dext_prover.h, built for this machine"
             )
     if "rows_to_discard" in options and _rows_to_discard(options["rows_to_discard"]) is None:
         problems.append(

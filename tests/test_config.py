@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,18 @@ def _no_gpus_and_default_tmp_root(monkeypatch: pytest.MonkeyPatch) -> None:
     # GPU detection is the one thing replaced: the machine's GPUs must not change the results.
     monkeypatch.setattr(config, "detect_gpus", list)  # always []
     monkeypatch.delenv(config.TMP_ROOT_ENV, raising=False)
+
+
+@pytest.fixture
+def damocles_worker_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `damocles-worker` first on PATH, for the seed configs that run damocles' default."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    worker = bin_dir / "damocles-worker"
+    worker.write_text("#!/bin/sh\nexit 0\n")
+    worker.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return worker
 
 
 def parse(text: str, **kw: object) -> config.Config:
@@ -108,8 +122,12 @@ def test_seed_default_file_with_every_damocles_key_set() -> None:
         assert child.argv == ("/path/to/custom/bin", "args1", "args2", "args3")
         assert child.envs == {"ENV_KEY": "ENV_VAL"}
         assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
-    # The example path does not exist here: a warning, not an error.
-    assert any("'/path/to/custom/bin'" in w or '"/path/to/custom/bin"' in w for w in cfg.warnings)
+    # The example path does not exist here: the file is good, but its children cannot start.
+    assert cfg.warnings == []
+    assert config.startup_problems(cfg.children) == [
+        f'{table}[0].Bin: "/path/to/custom/bin" does not exist; give the path of the prover program'
+        for table in ("WdPost", "WinPost")
+    ]
 
 
 def test_seed_wdpost_master_deployment_keeps_its_values() -> None:
@@ -146,8 +164,8 @@ def test_damocles_keys_take_their_values() -> None:
 def test_bin_without_args_runs_bare_program_and_relative_bin_is_kept_as_written() -> None:
     cfg = parse('[[WdPost]]\nBin = "./my-prover"\n[[WdPost]]\nBin = "sh"\n')
     assert [c.argv for c in cfg.children] == [("./my-prover",), ("sh",)]
-    assert any("WdPost[0].Bin" in w and "does not exist" in w for w in cfg.warnings)
-    assert not any("WdPost[1]" in w for w in cfg.warnings)  # sh is on PATH
+    (problem,) = config.startup_problems(cfg.children)  # sh is on PATH
+    assert problem.startswith('WdPost[0].Bin: "./my-prover" does not exist')
 
 
 def test_indices_count_within_each_stage_in_file_order() -> None:
@@ -199,7 +217,7 @@ def test_plugin_argv_runs_the_child_subcommand_of_this_package() -> None:
     assert os.path.exists(child.argv[0])
 
 
-def test_no_bin_nor_plugin_runs_damocles_worker_and_warns_when_it_is_not_on_path(
+def test_no_bin_nor_plugin_runs_damocles_worker_and_cannot_start_when_it_is_not_on_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -208,9 +226,14 @@ def test_no_bin_nor_plugin_runs_damocles_worker_and_warns_when_it_is_not_on_path
         ("damocles-worker", "processor", "window_post"),
         ("damocles-worker", "processor", "winning_post"),
     ]
-    (warning,) = cfg.warnings
-    assert warning.startswith("WdPost[0], WinPost[0]: no Bin or Plugin")
-    assert "damocles-worker is not on PATH" in warning
+    assert cfg.warnings == []
+    problems = config.startup_problems(cfg.children)
+    assert [p.split(":")[0] for p in problems] == ["WdPost[0]", "WinPost[0]"]
+    assert problems[0] == (
+        "WdPost[0]: no Bin or Plugin, so the child runs damocles' default `damocles-worker "
+        f"processor window_post`, but damocles-worker is not found on PATH ({tmp_path}); set "
+        "Bin or Plugin, or put damocles-worker on PATH"
+    )
 
 
 def test_no_warning_when_damocles_worker_is_on_path(
@@ -286,7 +309,7 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
         without_tmpdir_and_block(c) for c in seed
     ]
     assert [c.envs["TMPDIR"] for c in short] == [
-        f"/tmp/damocles-ext/window_post-gpu{i}/" for i in range(8)
+        f"{config.default_tmp_root()}/window_post-gpu{i}/" for i in range(8)
     ]
     assert {c.block for c in short} == {0}
     # The TMPDIRs Gpus made are the supervisor's to keep private; the seed's, from Envs, are not.
@@ -300,6 +323,45 @@ def test_gpus_tmp_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert cfg.tmp_root == "/var/tmp/dext/"
     assert cfg.children[0].envs["TMPDIR"] == "/var/tmp/dext/winning_post-gpu3/"
     assert cfg.children[0].private_tmpdir
+
+
+def test_the_default_tmp_root_is_one_no_other_user_can_make_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the fixed /tmp/damocles-ext that anyone could create before us: root's is in /run;
+    # another user's in their own XDG_RUNTIME_DIR, if it is theirs (not one kept across sudo).
+    if config._private_runtime_dir("/run", 0):
+        assert config.default_tmp_root({}, euid=0) == "/run/damocles-ext"
+    uid = os.geteuid()
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    not_ours = config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=uid + 1)
+    assert not_ours != f"{xdg}/damocles-ext"
+    if uid != 0:
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}) == f"{xdg}/damocles-ext"
+    else:
+        os.chown(xdg, 1000, 1000)
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=1000) == (
+            f"{xdg}/damocles-ext"
+        )
+        os.chmod(xdg, 0o777)  # theirs, but others may write to it
+        assert config.default_tmp_root({"XDG_RUNTIME_DIR": str(xdg)}, euid=1000) != (
+            f"{xdg}/damocles-ext"
+        )
+
+
+def test_without_a_runtime_directory_the_tmp_root_is_a_random_one_for_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    first = config.default_tmp_root({}, euid=4242)
+    again = config.default_tmp_root({"XDG_RUNTIME_DIR": "relative/dir"}, euid=4242)
+    assert first == again  # every parse of one process agrees
+    assert os.path.dirname(first) == tempfile.gettempdir()
+    assert re.fullmatch(r"damocles-ext-4242-[0-9a-f]{16}", os.path.basename(first))
+    assert not os.path.exists(first)  # made by the supervisor, 0700, when a child needs it
+    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    assert config.default_tmp_root({}, euid=4242) != first
 
 
 def test_relative_tmp_root_in_the_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -531,7 +593,10 @@ BAD_CONFIGS: dict[str, list[str]] = {
         "WdPost[0].RequestTimeoutSecs: expected a finite number of seconds, found inf"
     ],
     "heartbeat-timeout-negative.cfg": [
-        "WdPost[0].HeartbeatTimeoutSecs: expected a positive number (seconds), found -5.0"
+        (
+            "WdPost[0].HeartbeatTimeoutSecs: expected a non-negative number"
+            " (seconds; 0 turns it off), found -5.0"
+        )
     ],
     "cancel-grace-negative.cfg": [
         "WinPost[0].CancelGraceSecs: expected a non-negative number (seconds), found -1"
@@ -615,6 +680,123 @@ def test_each_bad_item_of_a_list_or_table_is_named() -> None:
 def test_nul_character_in_an_argument_is_refused() -> None:
     (error,) = errors_of('[[WdPost]]\nBin = "sh"\nArgs = ["a\\u0000b"]\n')
     assert error.startswith("WdPost[0].Args[0]: contains a NUL character")
+
+
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ('Bin = "sh"\nEnvs = { "A\\u0000B" = "x" }', 'WdPost[0].Envs: name "A\\u0000B"'),
+        ('Bin = "sh"\nEnvs = { A = "x\\u0000y" }', "WdPost[0].Envs.A: contains"),
+        ('Bin = "s\\u0000h"', "WdPost[0].Bin: contains"),
+        ('Plugin = "echo"\nPluginOptions = { "k\\u0000" = 1 }', "WdPost[0].PluginOptions: name"),
+        (
+            'Plugin = "echo"\nPluginOptions = { k = "\\u0000" }',
+            "WdPost[0].PluginOptions.k: contains",
+        ),
+        ('Plugin = "ec\\u0000ho"', "WdPost[0].Plugin: contains"),
+    ],
+)
+def test_a_nul_character_in_anything_a_program_receives_is_refused(block: str, where: str) -> None:
+    # Before, a NUL in an Envs name passed and then killed `run` when the child was spawned.
+    errors = errors_of(f"[[WdPost]]\n{block}\n")
+    assert any(e.startswith(where) and "NUL character" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "Concurrent = 100000000000000000",
+            ("WdPost[0].Concurrent: expected at most 1024 (requests in flight on one child), "
+            "found 100000000000000000"),
+        ),
+        ("Weight = 10001", "WdPost[0].Weight: expected at most 10000 (a share of the traffic)"),
+        (
+            "ReadyTimeoutSecs = 86401",
+            "WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found 86401",
+        ),
+        (
+            "ReadyTimeoutSecs = " + "9" * 400,
+            ("WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found "
+            "99999999999999999999... (400 digits)"),
+        ),
+        ("MaxAttempts = 101", "WdPost[0].MaxAttempts: expected at most 100 (attempts per request)"),
+        ("RequestTimeoutSecs = 1e300", "WdPost[0].RequestTimeoutSecs: expected at most 86400"),
+        ("HeartbeatTimeoutSecs = 90000", "WdPost[0].HeartbeatTimeoutSecs: expected at most 86400"),
+        ("CancelGraceSecs = 86400.5", "WdPost[0].CancelGraceSecs: expected at most 86400"),
+        (
+            "Gpus = [0, 1024]",
+            "WdPost[0].Gpus[1]: expected a GPU index from 0 to 1023, found 1024",
+        ),
+        (
+            'Cpuset = "0-99999999999"',
+            ('WdPost[0].Cpuset: CPU 99999999999 in "0-99999999999" is beyond Linux\'s largest '
+            "CPU number, 8191"),
+        ),
+        ('Cpuset = "8192"', "WdPost[0].Cpuset: CPU 8192 in"),
+        ('Cpuset = "0-' + "9" * 5000 + '"', "WdPost[0].Cpuset: CPU 99999999999999999... in"),
+    ],
+)
+def test_absurd_values_are_refused_with_the_bound(line: str, expected: str) -> None:
+    # Taken as given they exhausted the machine: a plugin child started a thread per Concurrent
+    # slot, a Cpuset range became a set of every CPU number in it.
+    (error,) = errors_of(f'[[WdPost]]\nBin = "sh"\n{line}\n')
+    assert error.startswith(expected), error
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    (child,) = parse(
+        '[[WdPost]]\nBin = "sh"\nConcurrent = 1024\nWeight = 10000\nReadyTimeoutSecs = 86400\n'
+        "MaxAttempts = 100\nRequestTimeoutSecs = 86400\nCancelGraceSecs = 86400\n"
+        'Cpuset = "8191"\nGpus = [1023]\n'
+    ).children
+    assert (child.concurrent, child.weight, child.max_attempts) == (1024, 10000, 100)
+    assert child.cpuset == frozenset({8191}) and child.gpu == "1023"
+
+
+def test_more_children_than_the_bound_is_refused() -> None:
+    (error,) = errors_of('[[WinPost]]\nBin = "sh"\n' * 1025)
+    assert error.startswith("the file starts 1025 children; at most 1024 are supported")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[[WdPost]]\nBin = "sh"\nArgs = ' + "[" * 500 + "]" * 500 + "\n",
+        '[[WdPost]]\nBin = "sh"\nEnvs = ' + "{ a = " * 500 + '"x"' + " }" * 500 + "\n",
+    ],
+)
+def test_toml_nested_hundreds_deep_is_a_config_error_naming_the_file(text: str) -> None:
+    (error,) = errors_of(text)
+    assert error.startswith("test.cfg: arrays or inline tables are nested too deep to read")
+
+
+def test_a_deep_value_tomllib_reads_is_shown_shortened() -> None:
+    # Dotted keys nest without recursion in tomllib; the message must not recurse either.
+    (error,) = errors_of('[[WdPost]]\nBin = "sh"\n[WdPost.Envs.' + ".".join(["a"] * 5000) + "]\n")
+    assert error.startswith("WdPost[0].Envs.a: expected a string, found {a = {a = ")
+    assert len(error) < 200
+
+
+def test_an_integer_of_thousands_of_digits_is_a_config_error() -> None:
+    (error,) = errors_of('[[WdPost]]\nBin = "sh"\nWeight = ' + "9" * 5000 + "\n")
+    assert error == "test.cfg: a number has thousands of digits; no key takes one so large"
+
+
+def test_a_config_file_larger_than_a_mebibyte_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text('[[WdPost]]\nBin = "sh"\n' + "#" * config.MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}: larger than 1024 KiB, which no ext-prover.cfg needs; is it the right file?"
+    ]
+
+
+def test_a_device_that_never_ends_is_read_only_up_to_the_bound() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert "larger than 1024 KiB" in str(info.value)
 
 
 def test_config_error_is_a_usage_error_with_exit_code_2() -> None:
@@ -702,7 +884,9 @@ def test_example_config_documents_every_key() -> None:
 # check-config
 
 
-def test_check_config_on_the_seed_8gpu_config_prints_8_children_subprocess() -> None:
+def test_check_config_on_the_seed_8gpu_config_prints_8_children_subprocess(
+    damocles_worker_on_path: Path,
+) -> None:
     proc = run_cli_subprocess("check-config", "-c", str(CONFIGS / "seed-8gpu.cfg"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -750,7 +934,7 @@ def test_check_config_line_shows_env_locks_cpuset_and_non_defaults(
 ) -> None:
     path = tmp_path / "x.cfg"
     path.write_text(
-        '[[WdPost]]\nBin = "sh"\nArgs = ["-c", "exec my prover"]\nGpus = [1]\nCpuset = "0-3,8"\n'
+        '[[WdPost]]\nBin = "sh"\nArgs = ["-c", "exec my prover"]\nGpus = [1]\nCpuset = "0"\n'
         'Locks = ["nvme0"]\nProtocol = "jsonl"\nMaxAttempts = 3\nRequestTimeoutSecs = 90\n'
         'Envs = { NOTE = "two words" }\n'
     )
@@ -758,24 +942,26 @@ def test_check_config_line_shows_env_locks_cpuset_and_non_defaults(
     (line,) = capsys.readouterr().out.splitlines()
     assert line == (
         "window_post#0  (WdPost[0])  run: sh -c 'exec my prover'  concurrent=1  weight=1  "
-        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1 TMPDIR=/tmp/damocles-ext/window_post-gpu1/"
-        "  locks: nvme0,gpu:1  cpuset: 0-3,8  protocol=jsonl max_attempts=3 request_timeout=90s"
+        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1"
+        f" TMPDIR={config.default_tmp_root()}/window_post-gpu1/"
+        "  locks: nvme0,gpu:1  cpuset: 0  protocol=jsonl max_attempts=3 request_timeout=90s"
     )
 
 
 def test_check_config_prints_warnings_to_stderr(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
     path = tmp_path / "x.cfg"
-    path.write_text("[[WdPost]]\n")
+    path.write_text('[[WdPost]]\nBin = "sh"\nProtocol = "jsonl"\nHeartbeatTimeoutSecs = 9\n')
     assert cli.main(["check-config", "-c", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("window_post#0  (WdPost[0])  run: damocles-worker processor window_post")
-    assert err.startswith("warning: WdPost[0]: no Bin or Plugin")
+    assert out.startswith("window_post#0  (WdPost[0])  run: sh")
+    assert err.startswith("warning: WdPost[0]: HeartbeatTimeoutSecs has no effect")
 
 
-def test_check_config_json_is_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_json_is_the_resolved_config(
+    damocles_worker_on_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["check-config", "-c", str(CONFIGS / "seed-8gpu-gpus.cfg"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["source"] == str(CONFIGS / "seed-8gpu-gpus.cfg")
@@ -835,12 +1021,126 @@ def test_check_config_names_an_unknown_plugin_and_refused_options(tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_a_deeply_nested_value_is_a_config_error_not_a_traceback_subprocess(
-    tmp_path: Path,
+# ---------------------------------------------------------------------------------------------
+# What keeps a child from starting on this machine: check-config refuses it as serve/run do
+
+
+def _bin_problem(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.check_startable(load_config(path))
+    assert str(path) in str(info.value)
+    return info.value.errors
+
+
+def test_a_bin_that_is_not_executable_says_its_mode(tmp_path: Path) -> None:
+    program = tmp_path / "prover"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o644)
+    (problem,) = _bin_problem(tmp_path, f'[[WdPost]]\nBin = "{program}"\n')
+    assert problem == (
+        f'WdPost[0].Bin: "{program}" is not executable (mode 0644); make it executable '
+        f"(chmod +x) or give the path of the prover program"
+    )
+
+
+def test_a_bin_name_is_looked_up_in_the_path_the_child_gets(tmp_path: Path) -> None:
+    program = tmp_path / "my-prover"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    (problem,) = _bin_problem(tmp_path, '[[WdPost]]\nBin = "my-prover"\n')
+    assert problem.startswith('WdPost[0].Bin: "my-prover" is not found on PATH (')
+    cfg = parse(f'[[WdPost]]\nBin = "my-prover"\nEnvs = {{ PATH = "{tmp_path}" }}\n')
+    config.check_startable(cfg)  # found through Envs' PATH, as exec will look it up
+
+
+def test_a_cpuset_beyond_the_cpus_this_process_may_use_cannot_start(tmp_path: Path) -> None:
+    beyond = max(os.sched_getaffinity(0)) + 1
+    (problem,) = _bin_problem(tmp_path, f'[[WdPost]]\nBin = "sh"\nCpuset = "0,{beyond}"\n')
+    assert problem.startswith(f"WdPost[0].Cpuset: CPUs {beyond} are not ones this process may use")
+
+
+def test_a_gpus_table_is_checked_once_for_all_its_children(tmp_path: Path) -> None:
+    problems = _bin_problem(tmp_path, '[[WdPost]]\nBin = "/nonexistent"\nGpus = [0, 1, 2]\n')
+    assert len(problems) == 1
+
+
+ITEM_CONFIGS = {
+    "envs-name-nul": ('[[WdPost]]\nBin = "sh"\nEnvs = { "A\\u0000B" = "1" }\n', "WdPost[0].Envs"),
+    "envs-value-nul": ('[[WdPost]]\nBin = "sh"\nEnvs = { A = "\\u0000" }\n', "WdPost[0].Envs.A"),
+    "args-nul": ('[[WdPost]]\nBin = "sh"\nArgs = ["\\u0000"]\n', "WdPost[0].Args[0]"),
+    "bin-nul": ('[[WdPost]]\nBin = "s\\u0000h"\n', "WdPost[0].Bin"),
+    "cpuset-huge": ('[[WdPost]]\nBin = "sh"\nCpuset = "0-99999999999"\n', "WdPost[0].Cpuset"),
+    "concurrent-huge": (
+        '[[WdPost]]\nPlugin = "echo"\nConcurrent = 100000000000000000\n',
+        "WdPost[0].Concurrent",
+    ),
+    "ready-timeout-huge": (
+        '[[WdPost]]\nBin = "sh"\nReadyTimeoutSecs = 100000000000\n',
+        "WdPost[0].ReadyTimeoutSecs",
+    ),
+    "max-attempts-huge": (
+        '[[WdPost]]\nBin = "sh"\nMaxAttempts = 1000000\n',
+        "WdPost[0].MaxAttempts",
+    ),
+    "bin-directory": ('[[WdPost]]\nBin = "/tmp"\n', 'WdPost[0].Bin: "/tmp" is a directory'),
+    "nested-deep": (
+        '[[WdPost]]\nBin = "sh"\nArgs = ' + "[" * 600 + "]" * 600 + "\n",
+        "nested too deep to read",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ITEM_CONFIGS))
+def test_bad_values_exit_2_from_check_config_and_from_run_naming_file_and_key(
+    tmp_path: Path, name: str
 ) -> None:
-    cfg = tmp_path / "ext-prover.cfg"
-    cfg.write_text('[[WdPost]]\nPlugin = "echo"\nArgs = ' + "[" * 1500 + "]" * 1500 + "\n")
-    proc = run_cli_subprocess("check-config", "-c", str(cfg))
-    assert proc.returncode == 2
-    assert f"{cfg}: arrays or inline tables nested too deeply" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    text, where = ITEM_CONFIGS[name]
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(text)
+    socket = tmp_path / "s.sock"
+    run = ["run", "-c", str(path), "--socket", str(socket)]
+    for command in (["check-config", "-c", str(path)], run):
+        proc = run_cli_subprocess(*command)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert f"damocles-ext {command[0]}: error: {path}" in proc.stderr, proc.stderr
+        assert where in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stdout == ""
+    assert not socket.exists()
+
+
+LONG = 32 * os.sysconf("SC_PAGESIZE") + 100  # over Linux's MAX_ARG_STRLEN
+TOO_LONG = "x" * LONG
+
+
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ('Bin = "sh"\nArgs = ["ok", "' + TOO_LONG + '"]', f"WdPost[0].Args[1]: {LONG + 1} bytes"),
+        ('Bin = "sh"\nEnvs = { BIG = "' + TOO_LONG + '" }', f"WdPost[0].Envs.BIG: {LONG + 5} "),
+        ('Plugin = "echo"\nPluginOptions = { k = "' + TOO_LONG + '" }', "WdPost[0].Plugin"),
+    ],
+)
+def test_an_argument_or_variable_too_long_for_exec_cannot_start(
+    tmp_path: Path, block: str, where: str
+) -> None:
+    # exec refuses it (E2BIG), so every start of the child would fail.
+    most = 32 * os.sysconf("SC_PAGESIZE")  # 131072 with 4 KiB pages
+    problems = _bin_problem(tmp_path, f"[[WdPost]]\n{block}\n")
+    assert any(
+        p.startswith(where) and f"exec takes at most {most} per argument" in p for p in problems
+    ), problems
+
+
+def test_a_command_line_and_environment_over_arg_max_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is bounded to 1 MiB; what it adds to a large inherited environment still counts.
+    for i in range(os.sysconf("SC_ARG_MAX") // 100_000 + 1):
+        monkeypatch.setenv(f"DEXT_TEST_BIG_{i}", "x" * 100_000)
+    (problem,) = _bin_problem(tmp_path, '[[WdPost]]\nBin = "sh"\n')
+    assert problem.startswith("WdPost[0]: the command line and environment take ")
+    assert f"more than exec takes here ({os.sysconf('SC_ARG_MAX')}, ARG_MAX)" in problem
+    # Without the inherited environment it fits.
+    config.check_startable(parse('[[WdPost]]\nBin = "/bin/sh"\nInheritEnvs = false\n'))

@@ -48,14 +48,18 @@ def check_invariants(cfg) -> None:
         assert c.stage in ("window_post", "winning_post")
         assert c.argv and all(isinstance(a, str) and "\0" not in a for a in c.argv)
         assert all("\0" not in k + v and "=" not in k for k, v in c.envs.items())
-        assert c.concurrent >= 1 and c.weight >= 1 and c.max_attempts >= 1
-        assert c.ready_timeout > 0 and math.isfinite(c.ready_timeout)
+        assert 1 <= c.concurrent <= config_mod.MAX_CONCURRENT
+        assert 1 <= c.weight <= config_mod.MAX_WEIGHT
+        assert 1 <= c.max_attempts <= config_mod.MAX_ATTEMPTS
+        assert 0 < c.ready_timeout <= config_mod.MAX_SECONDS
         assert c.protocol in ("auto", "dext", "jsonl")
         assert c.kind in ("bin", "plugin", "damocles-worker")
-        assert c.cancel_grace >= 0 and math.isfinite(c.cancel_grace)
-        for t in (c.request_timeout, c.heartbeat_timeout):
-            assert t is None or (t > 0 and math.isfinite(t))
-        assert c.cpuset is None or all(isinstance(n, int) and n >= 0 for n in c.cpuset)
+        assert 0 <= c.cancel_grace <= config_mod.MAX_SECONDS
+        assert c.request_timeout is None or 0 < c.request_timeout <= config_mod.MAX_SECONDS
+        for t in (c.heartbeat_timeout, c.stdin_timeout):  # 0: off
+            assert t is None or 0 <= t <= config_mod.MAX_SECONDS
+        assert c.cpuset is None or all(0 <= n <= config_mod.MAX_CPU for n in c.cpuset)
+        assert all("\0" not in k + str(v) for k, v in c.plugin_options.items())
         assert all(isinstance(lock, str) for lock in c.locks)
 
 
@@ -89,10 +93,11 @@ def toml_value(value) -> str:
 scalars = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.sampled_from([0, 1, -1, 2**31, 10**18]),
+    st.sampled_from([0, 1, -1, 2**31, 10**18, 2**64, 10**400, 1024, 1025, 86400, 86401]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.sampled_from(["auto", "dext", "jsonl", "all", "0-3,5", "echo", "sleep", "/bin/true", ""]),
+    st.sampled_from(["0-99999999999", "8191", "8192", "0-" + "9" * 5000, "a\x00b"]),
     st.dates(),
     st.datetimes(),
 )
@@ -140,7 +145,8 @@ def test_random_toml_with_the_real_keys_is_a_config_or_a_clear_config_error(text
 REPLACEMENTS = [
     "-1", "0", "1", "1e308", "-0.0", "nan", "inf", "true", '""', '"\\u0000"', "[]", "[1, 2]",
     '["a", 1]', "{}", "{ a = 1 }", "1979-05-27", '"all"', '"0-3,,5"', '"99999-1"', "[[1]]",
-    "9223372036854775808", '"' + "x" * 5000 + '"',
+    "9223372036854775808", '"' + "x" * 5000 + '"', "1" + "0" * 30, '"0-99999999999"',
+    "[" * 400 + "]" * 400, '{ "a\\u0000" = "b" }',
 ]  # fmt: skip
 
 

@@ -13,7 +13,12 @@ from post_helpers import sectors
 
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import CancelToken
-from damocles_ext.post import InvalidTaskError, PoStCancelled, SectorFaultError
+from damocles_ext.post import (
+    InvalidTaskError,
+    PoStCancelled,
+    ProverOutOfMemory,
+    SectorFaultError,
+)
 from damocles_ext.post.fixtures import window_task, winning_task
 from damocles_ext.post.native import NativeLoadError, NativeProver
 
@@ -26,18 +31,21 @@ SEED = bytes(range(32))
 STUB_VENDOR = r"""
 #include <stdlib.h>
 #include "dext_prover.h"
+#ifndef STUB_FAIL
+#define STUB_FAIL DEXT_ERR_INTERNAL
+#endif
 struct dext_handle { int unused; };
 uint32_t dext_abi_version(void) { return STUB_ABI; }
 dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
 void dext_close(dext_handle *h) { free(h); }
 const char *dext_last_error(dext_handle *h) { (void)h; return "no GPU found (stub)"; }
-static int32_t fail(dext_result **out) { *out = NULL; return DEXT_ERR_INTERNAL; }
+static int32_t fail(dext_result **out) { *out = NULL; return STUB_FAIL; }
 /* miner 0: report progress once, then spin until cancelled without reporting again */
 int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
                          const volatile int32_t *x, dext_result **out) {
     if (t->miner_id != 0 || !x) return fail(out);
     p(c, "spin", 0, 1);
-    while (!*x) {}
+    while (!dext_cancel_requested(x)) {}
     *out = NULL;
     return DEXT_ERR_CANCELLED;
 }
@@ -162,6 +170,20 @@ def test_vendor_errors_reach_the_caller_with_their_message(tmp_path, stub_source
             prover.window_post(window_task(manifest, SEED))
         with pytest.raises(ProverError, match="optional dext_build_tree"):
             prover.build_tree("StackedDrgWindow2KiBV1", "x", "y", bytes(32))
+
+
+def test_out_of_memory_in_a_library_is_its_own_error_not_a_bad_task(
+    tmp_path, stub_source, manifest
+):
+    lib = compile_library(
+        tmp_path / "libnomem.so", [stub_source], "-DSTUB_ABI=1", "-DSTUB_FAIL=DEXT_ERR_NOMEM"
+    )
+    with NativeProver(lib) as prover, pytest.raises(ProverOutOfMemory) as exc:
+        prover.winning_post(winning_task(manifest, SEED))
+    message = str(exc.value)
+    assert "no GPU found (stub)" in message  # the library's own words come first
+    assert "ran out of memory (DEXT_ERR_NOMEM)" in message and "retry" in message
+    assert not isinstance(exc.value, UsageError)
 
 
 def test_cancel_reaches_a_library_that_stops_reporting_progress(tmp_path, stub_source, manifest):

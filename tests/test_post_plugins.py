@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from child_harness import Child
 from damocles_ext_plugins.native import NativePoStProver
@@ -64,6 +66,44 @@ def test_native_options_are_checked_by_name():
     assert "rows_to_discard" in native_problems({"rows_to_discard": 40})[0]
     assert "unknown option 'gpus'" in native_problems({"gpus": 2})[0]
     assert "library" in native_problems({"library": "/nonexistent/lib.so"})[0]
+
+
+def _elf_header_of_this_python() -> bytes:
+    with open("/proc/self/exe", "rb") as f:
+        return f.read(64)
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda h: b"#!/bin/sh\n" + bytes(64), "is not a shared library (no ELF header)"),
+        # e_type 1: a relocatable object file (gcc -c), which dlopen refuses
+        (lambda h: h[:16] + (1).to_bytes(2, "little") + h[18:], "is an ELF file but not a shared"),
+        # e_machine 183 (AArch64) on any other machine, 62 (x86-64) on AArch64
+        (
+            lambda h: h[:18] + (183 if h[18] != 183 else 62).to_bytes(2, "little") + h[20:],
+            "is built for another machine",
+        ),
+    ],
+)
+def test_a_vendor_library_dlopen_would_refuse_is_named_before_any_child_starts(
+    tmp_path, make, problem
+):
+    # Told from the ELF header only: nothing of the library runs in the process that checks.
+    header = _elf_header_of_this_python()
+    assert header[5] == 1, "these headers are written little-endian"
+    library = tmp_path / "libvendor.so"
+    library.write_bytes(make(header[:16] + (3).to_bytes(2, "little") + header[18:]))
+    (message,) = native_problems({"library": str(library)})
+    assert message.startswith(f"native: option 'library' = {str(library)!r}: {problem}")
+    assert "give the path of a shared library" in message
+
+
+def test_a_real_shared_library_passes_the_header_check():
+    import damocles_ext
+
+    built = next(Path(damocles_ext.__file__).parent.glob("_native*.so"))
+    assert native_problems({"library": str(built)}) == []
 
 
 def test_a_cancelled_request_raises_the_plugin_contracts_cancelled(manifest):

@@ -497,6 +497,33 @@ def test_prove_exits_1_with_the_prover_error(tmp_path):
     assert result.stdout == b"" and b"Traceback" not in result.stderr
 
 
+REFUSED_OPTION = plugin_block("WdPost", "sleep", fail="sometimes")
+
+
+def test_prove_with_a_prover_that_cannot_load_exits_2_at_once(tmp_path):
+    # Before, prove started the child, which exited five times (15 s of backoff), then exit 1.
+    cfg = write_config(tmp_path, REFUSED_OPTION)
+    result = dext_run(
+        "prove", "window_post", "--request", str(_task_file(tmp_path, make_task())), "-c", str(cfg)
+    )
+    assert result.returncode == 2, result.stderr.decode()
+    err = result.stderr.decode()
+    assert f"damocles-ext prove: error: {cfg}: WdPost[0].Plugin: prover 'sleep'" in err, err
+    assert "option 'fail'" in err and "Traceback" not in err
+    assert result.stdout == b""
+
+
+def test_run_with_a_prover_that_cannot_load_exits_2_before_its_socket_exists(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WinPost", "echo") + REFUSED_OPTION)
+    path = sock_dir / "control.sock"
+    result = dext_run("run", "-c", str(cfg), "--socket", str(path), timeout=30)
+    assert result.returncode == 2, result.stderr.decode()
+    assert f"damocles-ext run: error: {cfg}: WdPost[0].Plugin: prover 'sleep'".encode() in (
+        result.stderr
+    )
+    assert not path.exists()
+
+
 CHILD_SCRIPT = r"""
 import base64, json, sys
 # A damocles JSON-lines processor that answers with its own argv as the proof, plus two faults.

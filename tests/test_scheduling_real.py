@@ -295,8 +295,9 @@ async def test_pipelined_child_gets_its_next_job_a_vanilla_phase_before_its_gpu_
                 pass
 
     try:
+        # HeartbeatTimeoutSecs off: in a jump of virtual time no keep-alive can come.
         async with open_supervisor(
-            [spec(argv, concurrent=2)], plugin_manager=pm, stop_timeout=2.0
+            [spec(argv, concurrent=2, heartbeat_timeout=0)], plugin_manager=pm, stop_timeout=2.0
         ) as sup:
             await sup.wait_ready(WD)
             async with trio.open_nursery() as nursery:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -29,17 +31,19 @@ from helpers_frontend import (
     DEXT,
     ManagerLike,
     dext_run,
+    make_task,
     plugin_block,
     start_run,
     write_config,
 )
 from supervisor_helpers import our_descendants
 
+from damocles_ext.client import NoSupervisorError, ReconnectingClient, connect, submit_sync
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor import Supervisor
-from damocles_ext.supervisor.control import bind_control_socket
+from damocles_ext.supervisor.control import bind_control_socket, resolve_trusted
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
@@ -277,3 +281,373 @@ async def test_run_listens_on_loopback_only_and_on_no_port_without_metrics(
         assert listening == []
     else:
         assert len(listening) == 1 and listening[0][0] == "127.0.0.1"
+
+
+# -- clients trust only our own server ----------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another uid needs root")
+OTHER_UID = 65534
+
+IMPOSTOR = r"""
+import json, os, socket, sys
+# Another user's server at the path a client would use. It records how many bytes each
+# connection sent before it hung up (then closes it, so a client waiting for an answer fails
+# instead of hanging), until a connection sends b"end": then it prints the counts and exits.
+path, uid, bind_as_them = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+
+def become_them():
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+if bind_as_them:
+    become_them()
+    sock.bind(path)
+else:  # in a directory of ours: made there as root, then theirs
+    sock.bind(path)
+    os.chown(path, uid, uid)
+    become_them()
+sock.listen(16)  # SO_PEERCRED gives clients the credentials of this call
+print("listening", flush=True)
+counts = []
+while True:
+    conn, _ = sock.accept()
+    with conn:
+        data = conn.recv(1 << 16)
+    if data == b"end":
+        break
+    counts.append(len(data))
+print(json.dumps(counts), flush=True)
+"""
+
+
+class Impostor:
+    """IMPOSTOR running as OTHER_UID, listening at `path`; `received()` stops it and returns the
+    bytes of each connection made to it before."""
+
+    def __init__(self, path: Path, *, bind_as_them: bool) -> None:
+        self.path = path
+        argv = [sys.executable, "-u", "-c", IMPOSTOR, str(path), str(OTHER_UID)]
+        self.process = subprocess.Popen(
+            [*argv, "1" if bind_as_them else "0"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline() == "listening\n"
+
+    def received(self) -> list[int]:
+        # Connections are accepted in order, so ours comes after any the client made.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(self.path))
+            probe.sendall(b"end")
+        out, _ = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0
+        return json.loads(out)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _impostor_at(sock_dir: Path, place: str) -> tuple[Path, Impostor]:
+    """Another user's server at a socket path of `place`:
+
+    * "peer": in a private directory of ours (as if our own `run` had bound it there), listening
+      as another uid: only SO_PEERCRED tells it apart;
+    * "open-dir": in a directory others may write to (mode 0777);
+    * "their-dir": in a directory of theirs (0700, owned by them);
+    * "sticky": right in a sticky directory others may write to (like /tmp).
+    """
+    if place == "peer":
+        return sock_dir / "control.sock", Impostor(sock_dir / "control.sock", bind_as_them=False)
+    os.chmod(sock_dir, 0o711)  # they may pass through to their place, not list ours
+    d = sock_dir / place
+    d.mkdir()
+    if place == "their-dir":
+        os.chmod(d, 0o700)
+        os.chown(d, OTHER_UID, OTHER_UID)
+    else:
+        os.chmod(d, 0o1777 if place == "sticky" else 0o777)
+    return d / "control.sock", Impostor(d / "control.sock", bind_as_them=True)
+
+
+REFUSED = {
+    "peer": r"refusing the server at {path}: the process listening there \(pid \d+\) runs as uid"
+    rf" {OTHER_UID}, not as root, so it may be another user's impostor; nothing was sent to it",
+    "open-dir": r"refusing to connect to {path}: directory {dir} \(mode 0777\) may be written by"
+    r" other users and has no sticky bit",
+    "their-dir": rf"refusing to connect to {{path}}: directory {{dir}} is owned by uid {OTHER_UID},"
+    r" not by us or root",
+    "sticky": rf"refusing to connect to {{path}}: {{path}} is owned by uid {OTHER_UID}, not by us"
+    r" or root, in {dir}, which other users may write to",
+}
+
+
+def _refused(place: str, path: Path) -> str:
+    return REFUSED[place].format(path=re.escape(str(path)), dir=re.escape(str(path.parent)))
+
+
+@needs_root
+@pytest.mark.parametrize("place", ["peer", "open-dir", "their-dir", "sticky"])
+def test_the_client_refuses_another_users_server_and_sends_it_nothing(sock_dir, place):
+    path, impostor = _impostor_at(sock_dir, place)
+    try:
+        with pytest.raises(NoSupervisorError, match=_refused(place, path)) as info:
+            submit_sync(make_task(1000), socket_path=path)
+        assert "the path of your own `damocles-ext run`" in str(info.value)
+        received = impostor.received()
+    finally:
+        impostor.kill()
+    # Refused on its credentials after connecting, or on its place before connecting.
+    assert received == ([0] if place == "peer" else [])
+
+
+async def test_the_client_refuses_a_socket_whose_directory_is_not_private(sock_dir):
+    # Only our own uid and root could have made it (0755), and root listens; but `run` never
+    # leaves its socket where others may reach it, so this is not one of ours.
+    d = sock_dir / "shared"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    path = d / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+        with pytest.raises(NoSupervisorError, match=re.escape(
+            f"refusing to connect to {path}: the socket's directory {d} has mode 0755, not"
+            " private (0700) as `damocles-ext run` makes it; it may be another user's socket:"
+            " nothing was sent to it"
+        )):  # fmt: skip
+            with trio.fail_after(20):  # a client that sent its request would wait for ever
+                async with connect(path) as client:
+                    await client.submit(make_task(1000))
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # the client did not even connect
+
+
+@needs_root
+@pytest.mark.parametrize("place", ["peer", "open-dir"])
+def test_prove_socket_refuses_another_users_server_with_exit_2(sock_dir, tmp_path, place):
+    request = tmp_path / "task.json"
+    request.write_bytes(jsonl.task_to_json(make_task(1000)))
+    path, impostor = _impostor_at(sock_dir, place)
+    try:
+        result = dext_run("prove", "window_post", "--request", str(request), "--socket", str(path))
+        received = impostor.received()
+    finally:
+        impostor.kill()
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert re.search(_refused(place, path), err), err
+    assert "Traceback" not in err and result.stdout == b""
+    assert received == ([0] if place == "peer" else [])
+
+
+@needs_root
+@pytest.mark.parametrize("place", ["peer", "open-dir"])
+def test_serve_connect_refuses_another_users_server_before_the_ready_line(sock_dir, place):
+    path, impostor = _impostor_at(sock_dir, place)
+    try:
+        result = dext_run("serve", "window_post", "--connect", str(path), input=b"")
+        received = impostor.received()
+    finally:
+        impostor.kill()
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert re.search(_refused(place, path), err), err
+    assert "Traceback" not in err and result.stdout == b""  # no ready line for the manager
+    assert received == ([0] if place == "peer" else [])
+
+
+@needs_root
+async def test_a_reconnecting_client_refuses_an_impostor_that_took_the_path(sock_dir, tmp_path):
+    # The supervisor stops; another user's server appears at its socket path (a directory of
+    # ours: as if they had been able to write there): the next request must not go to it.
+    path = sock_dir / "control.sock"
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    remote = ReconnectingClient(path)
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path)
+        await remote.connect()
+        nursery.start_soon(remote.run)
+        await remote.submit(make_task(1000))
+        run.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await run.wait() == 0, log.text()[-2000:]
+        impostor = Impostor(path, bind_as_them=False)
+        try:
+            with pytest.raises(ProverError, match="cannot reach the supervisor: refusing the"):
+                await remote.submit(make_task(1001))
+            received = impostor.received()
+        finally:
+            impostor.kill()
+        await remote.aclose()
+        nursery.cancel_scope.cancel()
+    assert received == [0]
+
+
+# -- the server checks every directory on its socket path ---------------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("what", ["open", "theirs", "their-link"])
+def test_run_refuses_a_socket_path_under_a_directory_another_user_could_replace(
+    sock_dir, what
+):
+    # Our own private directory for the socket, but under one whose contents another user could
+    # swap (writable by all without the sticky bit, theirs, or their symlink in a sticky dir).
+    if what == "open":
+        above = sock_dir / "open"
+        above.mkdir()
+        os.chmod(above, 0o777)
+        problem = rf"directory {re.escape(str(above))} \(mode 0777\) may be written by other users"
+    elif what == "theirs":
+        above = sock_dir / "theirs"
+        above.mkdir(mode=0o755)
+        os.chown(above, OTHER_UID, OTHER_UID)
+        problem = rf"directory {re.escape(str(above))} is owned by uid {OTHER_UID}, not by us"
+    else:
+        sticky = sock_dir / "sticky"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        (sock_dir / "real").mkdir(mode=0o755)
+        above = sticky / "link"
+        above.symlink_to(sock_dir / "real")
+        os.lchown(above, OTHER_UID, OTHER_UID)
+        problem = rf"{re.escape(str(above))} is owned by uid {OTHER_UID}, not by us or root, in"
+    mine = above / "mine"
+    mine.mkdir(mode=0o700)
+    path = mine / "control.sock"
+    with pytest.raises(UsageError, match=rf"control socket path {re.escape(str(path))}: {problem}"):
+        bind_control_socket(path)
+    assert not path.exists()
+
+
+@needs_root
+def test_run_refuses_a_socket_path_another_user_could_replace_before_spawning(tmp_path, sock_dir):
+    marker = tmp_path / "spawned"
+    args = ["-c", f"open({str(marker)!r}, 'w')"]
+    cfg = write_config(
+        tmp_path, f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n"
+    )
+    above = sock_dir / "open"
+    above.mkdir()
+    os.chmod(above, 0o777)
+    path = above / "mine" / "control.sock"
+    result = dext_run("run", "-c", str(cfg), "--socket", str(path))
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert f"control socket path {path}: directory {above} (mode 0777) may be written" in err, err
+    assert "Choose a path whose directories only you or root can write" in err
+    assert "Traceback" not in err and not marker.exists()
+    assert not (above / "mine").exists()  # nothing made under it either
+
+
+async def test_a_socket_path_through_a_sticky_directory_and_our_own_symlink_is_accepted(
+    sock_dir, tmp_path
+):
+    # /tmp-like: others may write there, but cannot replace our directory in it; an operator's
+    # own symlink on the way is fine too. Both `run` and the client take this path.
+    sticky = sock_dir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    (sock_dir / "link").symlink_to(sticky)
+    path = sock_dir / "link" / "mine" / "control.sock"
+    assert resolve_trusted(path.parent.parent) == sticky
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path)
+        try:
+            async with connect(path) as client:
+                output = await client.submit(make_task(1000))
+        finally:
+            run.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await run.wait() == 0, log.text()[-2000:]
+        nursery.cancel_scope.cancel()
+    assert output.proofs
+    assert stat.S_IMODE(os.stat(sticky / "mine").st_mode) == 0o700
+
+
+def test_resolve_trusted_follows_dotdot_and_symlinks_as_the_kernel_does_and_stops_a_loop(
+    sock_dir,
+):
+    (sock_dir / "a" / "b").mkdir(parents=True, mode=0o700)
+    (sock_dir / "up").symlink_to("a/b")  # relative: from the directory the link is in
+    assert resolve_trusted(sock_dir / "up" / ".." / "b" / ".") == sock_dir / "a" / "b"
+    assert resolve_trusted(sock_dir / "up" / ".." / "..") == sock_dir
+    (sock_dir / "loop1").symlink_to(sock_dir / "loop2")
+    (sock_dir / "loop2").symlink_to("loop1")
+    with pytest.raises(UsageError, match="more than 40 symlinks"):
+        resolve_trusted(sock_dir / "loop1" / "control.sock")
+    with pytest.raises(FileNotFoundError):
+        resolve_trusted(sock_dir / "missing" / "control.sock")
+
+
+# -- another user cannot block the GPUs -----------------------------------------------------------
+
+OLD_TMP_ROOT = Path("/tmp/damocles-ext")  # the fixed default of earlier versions
+
+TMPDIR_REPORTER = r"""
+import os, sys
+# Writes the TMPDIR it was given, says it is ready and waits for stdin EOF.
+with open(sys.argv[1], "w") as f:
+    f.write(os.environ["TMPDIR"])
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+@needs_root
+async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_children(
+    tmp_path, monkeypatch
+):
+    # Anyone may create /tmp/damocles-ext first; under the default tmp root, Gpus children must
+    # still start, each with a private TMPDIR of ours.
+    # One of ours left there by an older version is moved aside for the test and put back.
+    saved = None
+    if OLD_TMP_ROOT.is_dir() and not OLD_TMP_ROOT.is_symlink():
+        if OLD_TMP_ROOT.lstat().st_uid in (0, os.geteuid()):
+            saved = OLD_TMP_ROOT.with_name(f"{OLD_TMP_ROOT.name}.saved-{os.getpid()}")
+            OLD_TMP_ROOT.rename(saved)
+    try:
+        OLD_TMP_ROOT.mkdir(mode=0o777)
+    except FileExistsError:
+        made = False
+    else:
+        os.chown(OLD_TMP_ROOT, OTHER_UID, OTHER_UID)
+        made = True
+    monkeypatch.delenv("DAMOCLES_EXT_TMP_ROOT", raising=False)
+    record = tmp_path / "tmpdir"
+    args = ["-c", TMPDIR_REPORTER, str(record)]
+    gpu = 90 + os.getpid() % 10  # a TMPDIR name no other test of this run uses
+    text = (
+        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n"
+        f"Gpus = [{gpu}]\n"
+    )
+    try:
+        config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
+        tmpdir = Path(config.children[0].envs["TMPDIR"])
+        root_existed = tmpdir.parent.exists()
+        sup = Supervisor(config, backoff=BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=1))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            try:
+                await sup.wait_ready()
+            finally:
+                sup.request_shutdown()
+        st = os.lstat(tmpdir)
+        assert record.read_text() == f"{tmpdir}/"
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        assert stat.S_IMODE(st.st_mode) == 0o700
+        assert OLD_TMP_ROOT not in tmpdir.parents
+        assert os.lstat(OLD_TMP_ROOT).st_uid == OTHER_UID  # theirs, left alone
+        tmpdir.rmdir()
+        if not root_existed:
+            tmpdir.parent.rmdir()
+    finally:
+        if made:
+            OLD_TMP_ROOT.rmdir()
+        if saved is not None:
+            saved.rename(OLD_TMP_ROOT)

@@ -545,6 +545,56 @@ def test_serve_config_error_exits_2_with_the_message_and_no_ready_line(tmp_path)
     assert b"Concurent" in result.stderr and b"Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("block", "reason"),
+    [
+        (
+            plugin_block("WdPost", "sleep", fail="sometimes"),
+            "WdPost[0].Plugin: prover 'sleep': sleep: option 'fail'",
+        ),
+        (
+            plugin_block("WdPost", "native", library="/nonexistent/libvendor.so"),
+            ("WdPost[0].Plugin: prover 'native': native: option 'library' = "
+            "'/nonexistent/libvendor.so': no such file"),
+        ),
+        (plugin_block("WdPost", "no-such-prover"), "WdPost[0].Plugin: unknown prover"),
+        (
+            '[[WdPost]]\nBin = "/nonexistent/prover"\n',
+            'WdPost[0].Bin: "/nonexistent/prover" does not exist',
+        ),
+        ('[[WdPost]]\nBin = "/tmp"\n', 'WdPost[0].Bin: "/tmp" is a directory, not a program'),
+    ],
+)
+def test_serve_whose_prover_cannot_load_exits_2_before_the_ready_line(tmp_path, block, reason):
+    # damocles' own processor never says ready then, so damocles-manager's start fails; before,
+    # serve said ready and the first request failed 15 s later, after five failed starts.
+    cfg = write_config(tmp_path, block)
+    result = dext_run("serve", "window_post", "-c", str(cfg), input=b"")
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert f"error: {cfg}: {reason}" in err, err
+    assert "Traceback" not in err
+
+
+def test_serve_checks_only_the_children_of_its_stage(tmp_path):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "echo") + plugin_block("WinPost", "no-such-prover")
+    )
+    result = dext_run("serve", "window_post", "-c", str(cfg), input=b"")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"window_post processor ready\n"
+
+
+def test_a_native_library_that_is_not_one_fails_serve_before_the_ready_line(tmp_path):
+    library = tmp_path / "libvendor.so"
+    library.write_text("not a library\n")
+    cfg = write_config(tmp_path, plugin_block("WdPost", "native", library=str(library)))
+    result = dext_run("serve", "window_post", "-c", str(cfg), input=b"")
+    assert (result.returncode, result.stdout) == (2, b""), result.stderr.decode()
+    assert b"is not a shared library (no ELF header)" in result.stderr
+
+
 def test_serve_without_children_for_the_stage_exits_2(tmp_path):
     cfg = write_config(tmp_path, plugin_block("WinPost", "echo"))
     result = dext_run("serve", "window_post", "--conf-dir", str(tmp_path), input=b"")

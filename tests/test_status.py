@@ -114,6 +114,8 @@ async def test_status_json_reports_each_child_as_configured_idle_busy_and_in_bac
             assert sup["requests"] == 0 and sup["shutting_down"] is False
             assert 0 <= sup["uptime"] <= time.time() - before + 1
             assert sup["rss_bytes"] > 1 << 20
+            # The supervisor's own memory, not its tree's (each child's is in its own row).
+            assert 0.5 < sup["rss_bytes"] / psutil.Process(run.pid).memory_info().rss < 1.5
             forked = {p.pid for p in psutil.Process(run.pid).children()}
             children = _by_name(doc)
             assert list(children) == ["window_post#0", "window_post#1", "winning_post#0"]
@@ -468,3 +470,29 @@ def test_process_trees_are_found_even_with_parentheses_in_a_program_name(tmp_pat
         parent.wait()
         if grandchild is not None:
             psutil.Process(grandchild).kill()
+
+
+def test_the_supervisors_own_cpu_and_memory_leave_out_its_childrens():
+    import subprocess
+    import sys
+
+    from damocles_ext.status import measure
+
+    # A child of this process that spins: a tree measurement of this process would count it.
+    spin = subprocess.Popen(
+        [sys.executable, "-u", "-c", "print('spinning', flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert spin.stdout.readline() == "spinning\n"
+        trees, cpu, _ = measure({"spin": spin.pid}, {}, 0.5, own_pid=os.getpid())
+        own = psutil.Process().memory_info().rss
+        assert trees[""].processes == 1
+        assert 0.5 < trees[""].rss_bytes / own < 1.5
+        # This process sleeps through the window while its child burns whatever CPU it gets.
+        assert cpu["spin"] is not None and cpu["spin"] > 0
+        assert cpu[""] is not None and cpu[""] < cpu["spin"]
+    finally:
+        spin.kill()
+        spin.wait()

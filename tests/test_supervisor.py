@@ -280,6 +280,22 @@ async def test_missing_damocles_worker_is_a_clear_failed_start():
             await sup.wait_ready()
 
 
+async def test_a_bin_that_is_a_directory_is_a_failed_start_that_says_so(tmp_path):
+    # Without a config check (the Python API with ChildSpecs), exec's EACCES is all there is.
+    async with open_supervisor([spec([str(tmp_path)], auto_restart=False)]) as sup:
+        with pytest.raises(ProverError, match=r"is a directory, not a program"):
+            await sup.wait_ready()
+
+
+async def test_a_nul_in_an_env_name_is_a_failed_start_not_a_crash():
+    child = spec(
+        [sys.executable, "-c", "pass"], envs={"A\x00B": "x"}, auto_restart=False
+    )
+    async with open_supervisor([child]) as sup:
+        with pytest.raises(ProverError, match=r"cannot start .*: embedded null byte"):
+            await sup.wait_ready()
+
+
 @pytest.fixture
 def patient_autojump_clock():
     # Jump only after half a real second of idleness: long enough for a real child to exit

@@ -35,26 +35,26 @@ def test_same_seed_gives_the_same_sequence_and_another_seed_does_not():
 
 
 def test_delay_doubles_up_to_the_cap_and_stays_there():
-    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0, max_failed_starts=100), rng=random.Random(0))
     delays = []
     for _ in range(10):
-        tracker.ready(0.0)  # crashes after a short ready period: not a failed start
-        decision = tracker.exited(1.0, "crash")
+        tracker.ready(0.0)  # crashes after a short ready period, unproductive: not a failed start
+        decision = tracker.exited(1.0, "crash", served=False)
         assert isinstance(decision, Restart)
         delays.append(decision.delay)
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
 
 
 def test_sixty_seconds_of_ready_resets_the_sequence():
-    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0, max_failed_starts=100), rng=random.Random(0))
     for _ in range(4):
         tracker.ready(0.0)
-        tracker.exited(1.0, "crash")
+        tracker.exited(1.0, "crash", served=False)
     tracker.ready(100.0)
-    short = tracker.exited(159.0, "crash")  # 59 s ready: keeps doubling
+    short = tracker.exited(159.0, "crash", served=False)  # 59 s ready: keeps doubling
     assert isinstance(short, Restart) and short.delay == 16
     tracker.ready(200.0)
-    stable = tracker.exited(260.0, "crash")  # 60 s ready: back to the start
+    stable = tracker.exited(260.0, "crash", served=False)  # 60 s ready: back to the start
     assert isinstance(stable, Restart) and stable.delay == 1
 
 
@@ -74,4 +74,39 @@ def test_auto_restart_off_gives_up_without_fatal():
     assert isinstance(decision, GiveUp) and not decision.fatal
     assert "AutoRestart is off" in decision.reason
     tracker.ready(0.0)
-    assert isinstance(tracker.exited(1.0, "crash"), GiveUp)
+    assert isinstance(tracker.exited(1.0, "crash", served=True), GiveUp)
+
+
+def test_a_run_that_answered_restarts_after_the_base_delay_however_often_it_crashes():
+    rng = random.Random(3)
+    tracker = RestartTracker(BackoffPolicy(), rng=rng)
+    now = 0.0
+    for _ in range(50):  # SIGKILLed every 0.3 s while proving: never stable, always productive
+        tracker.ready(now)
+        decision = tracker.exited(now + 0.3, "killed by SIGKILL", served=True)
+        assert isinstance(decision, Restart)
+        assert 0.8 <= decision.delay <= 1.0  # the base delay (with its jitter), never more
+        now += 0.3 + decision.delay
+    assert tracker.restarts == 50
+
+
+def test_a_productive_run_ends_a_backoff_and_unproductive_runs_start_it_again():
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    for expected in (1, 2, 4):  # ready, then died before answering anything
+        tracker.ready(0.0)
+        assert tracker.exited(1.0, "crash", served=False) == Restart(expected, "crash")
+    tracker.ready(10.0)
+    assert tracker.exited(11.0, "crash", served=True) == Restart(1, "crash")
+    # Back to the start of the sequence: the next unproductive exit waits 2 s, not 16 s.
+    tracker.ready(20.0)
+    assert tracker.exited(21.0, "crash", served=False) == Restart(2, "crash")
+
+
+def test_failed_starts_after_a_productive_run_still_back_off_then_go_fatal():
+    tracker = RestartTracker(BackoffPolicy(jitter=0.0), rng=random.Random(0))
+    tracker.ready(0.0)
+    assert tracker.exited(1.0, "crash", served=True) == Restart(1, "crash")
+    delays = [tracker.start_failed("bad binary") for _ in range(4)]
+    assert [d.delay for d in delays if isinstance(d, Restart)] == [2, 4, 8, 16]
+    fatal = tracker.start_failed("bad binary")
+    assert isinstance(fatal, GiveUp) and fatal.fatal

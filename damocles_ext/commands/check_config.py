@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from damocles_ext.config import ChildSpec
+    from damocles_ext.config import ChildSpec, Config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,8 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="validate an ext-prover.cfg and list the children it would start",
         description=(
             "Validate an ext-prover.cfg (damocles-manager's format plus damocles-ext's keys) and "
-            "print one line per child that would start. Every error in the file is reported; "
-            "the exit code is 2 when there is any."
+            "print one line per child that would start. Every error in the file is reported, and"
+            " whatever would keep a child from starting on this machine (a Bin that is missing or"
+            " not executable, a Plugin not installed or refusing its PluginOptions, a Cpuset"
+            " beyond the CPUs this process may use), as serve and run check before they report"
+            " ready; the exit code is 2 when there is any."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -39,15 +43,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config (ConfigError on bad input), print its children, warnings to stderr."""
+    """Load the config, check it can start here (ConfigError), print its children."""
     import msgspec
 
-    from damocles_ext.config import load_conf_dir, load_config
+    from damocles_ext.config import check_startable, load_conf_dir, load_config
 
     path = args.config if args.config is not None else args.file
     config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
-    check_plugins(config)
-    for warning in config.warnings:
+    # The same checks as serve and run make before they report ready: what passes here starts.
+    check_startable(config)
+    for warning in [*config.warnings, *manager_entry_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")
@@ -56,28 +61,6 @@ def run(args: argparse.Namespace) -> int:
     for child in config.children:
         print(describe_child(child, width))
     return 0
-
-
-def check_plugins(config) -> None:
-    """Raise ConfigError naming each Plugin that is not installed or whose options it refuses."""
-    from damocles_ext.config import TABLE_OF_STAGE, ConfigError
-    from damocles_ext.plugins import get_plugin_manager, prover_problems
-
-    plugin_children = [c for c in config.children if c.kind == "plugin"]
-    if not plugin_children:
-        return
-    pm = get_plugin_manager()
-    errors: list[str] = []
-    seen: set[tuple[str, int]] = set()
-    for child in plugin_children:
-        if (child.stage, child.block) in seen:
-            continue  # a Gpus block expands to several children with one Plugin
-        seen.add((child.stage, child.block))
-        table = TABLE_OF_STAGE[child.stage]
-        for problem in prover_problems(pm, child.plugin, dict(child.plugin_options), child.stage):
-            errors.append(f"{table}[{child.block}].Plugin: {problem}")
-    if errors:
-        raise ConfigError(config.source, errors)
 
 
 def describe_child(child: ChildSpec, width: int = 0) -> str:
@@ -111,8 +94,160 @@ def describe_child(child: ChildSpec, width: int = 0) -> str:
         extras.append(f"request_timeout={child.request_timeout:g}s")
     if child.heartbeat_timeout is not None:
         extras.append(f"heartbeat_timeout={child.heartbeat_timeout:g}s")
+    if child.stdin_timeout is not None:
+        extras.append(f"stdin_timeout={child.stdin_timeout:g}s")
     if child.cancel_grace != cfg.DEFAULT_CANCEL_GRACE:
         extras.append(f"cancel_grace={child.cancel_grace:g}s")
     if extras:
         parts.append(" ".join(extras))
     return "  ".join(parts)
+
+
+# -- damocles-manager's own ext-prover.cfg ------------------------------------------------------
+# Given the file damocles-manager reads, whose entries run `damocles-ext serve`, the mistake that
+# costs most is quiet: damocles-manager writes at most the entry's `Concurrent` requests (default
+# 1) to its processor at once, so a serve supervising several slots proves one request at a time.
+
+
+class _Refused(Exception):
+    """Arguments `damocles-ext serve` would refuse (argparse's message)."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _Refused(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        raise _Refused(message or "asks for help instead of serving")
+
+    def _print_message(self, message: str, file=None) -> None:
+        pass
+
+
+def _serve_args(argv: tuple[str, ...]) -> list[str] | None:
+    """The arguments after `serve` when `argv` runs `damocles-ext serve`, else None."""
+    program = os.path.basename(argv[0]) if argv else ""
+    if program == "damocles-ext":
+        rest = list(argv[1:])
+    elif len(argv) >= 3 and argv[1:3] == ("-m", "damocles_ext"):
+        rest = list(argv[3:])
+    else:
+        return None
+    return rest[1:] if rest[:1] == ["serve"] else None
+
+
+def manager_entry_warnings(config: Config) -> list[str]:
+    """Warnings for entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`.
+
+    Each such entry's `Concurrent` should be at least the request slots (the sum of the
+    children's `Concurrent`) that the config it names (-c FILE or --conf-dir DIR) supervises for
+    its stage; one below that leaves slots idle. An entry with `--connect` names no config: it is
+    checked against the `damocles-ext run` answering at its socket, if one does (else nothing is
+    said: the service may not be started yet, or be another user's).
+    """
+    from damocles_ext.commands import serve
+    from damocles_ext.config import TABLE_OF_STAGE, ConfigError, load_conf_dir, load_config
+    from damocles_ext.errors import UsageError
+
+    warnings: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for entry in config.children:
+        args = _serve_args(entry.argv) if entry.kind == "bin" else None
+        if args is None or (entry.stage, entry.block) in seen:
+            continue
+        seen.add((entry.stage, entry.block))
+        where = f"{config.source}: {TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
+        command = shlex.join(("damocles-ext", "serve", *args))
+        parser = _QuietParser(prog="damocles-ext")
+        serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
+        try:
+            parsed = parser.parse_args(["serve", *args])
+        except _Refused as exc:
+            warnings.append(
+                f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args"
+            )
+            continue
+        if parsed.stage != entry.stage:
+            warnings.append(
+                f"{where} runs `{command}`, but damocles-manager sends this table's processor"
+                f" {entry.stage} requests; serve {entry.stage} instead"
+            )
+            continue
+        if parsed.connect is not None:
+            socket = None if parsed.connect is True else parsed.connect
+            found = _running_slots(socket, entry.stage)
+            if found is not None and entry.concurrent < found[1]:
+                warnings.append(
+                    _idle_slots(where, entry.concurrent, found[1], entry.stage,
+                                f"the `damocles-ext run` at {found[0]} that its"
+                                f" `damocles-ext serve {entry.stage} --connect` forwards to")
+                )  # fmt: skip
+            continue
+        ours_path = parsed.config if parsed.config is not None else parsed.conf_dir
+        try:
+            ours = (
+                load_config(parsed.config)
+                if parsed.config is not None
+                else load_conf_dir(parsed.conf_dir)
+            )
+            slots = sum(c.concurrent for c in serve.children_of(ours, entry.stage))
+        except ConfigError as exc:
+            warnings.append(
+                f"{where} runs `{command}`, but its config cannot be used, so its Concurrent"
+                f" cannot be checked: {exc.errors[0]}"
+                + (f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else "")
+                + f"; run damocles-ext check-config on {ours_path}"
+                + (
+                    ""
+                    if os.path.isabs(ours_path)
+                    else " (a relative path is read from the directory damocles-manager runs in;"
+                    " check-config read it from the current directory)"
+                )
+            )
+            continue
+        except UsageError as exc:
+            warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}")
+            continue
+        if entry.concurrent < slots:
+            warnings.append(
+                _idle_slots(where, entry.concurrent, slots, entry.stage,
+                            f"the config its `damocles-ext serve {entry.stage}` reads"
+                            f" ({ours.source})")
+            )  # fmt: skip
+    return warnings
+
+
+def _idle_slots(where: str, concurrent: int, slots: int, stage: str, supervisor: str) -> str:
+    default = " (damocles' default)" if concurrent == 1 else ""
+    return (
+        f"{where} has Concurrent = {concurrent}{default}, but {supervisor} supervises {slots}"
+        f" {stage} slots: damocles-manager sends it at most {concurrent} request(s) at once, so"
+        f" {slots - concurrent} slot(s) stay idle; set Concurrent = {slots} (or more) in that"
+        f" table"
+    )
+
+
+def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
+    """(socket path, request slots of `stage`) of the `run` answering at `socket`, else None."""
+    import trio
+
+    from damocles_ext.errors import DextError
+    from damocles_ext.status import StatusError
+    from damocles_ext.supervisor.control import default_socket_path
+    from damocles_ext.tasks import WINDOW_POST_SPLIT
+
+    path = socket if socket is not None else str(default_socket_path())
+    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+
+    async def ask() -> int:
+        from damocles_ext.client import connect
+
+        with trio.fail_after(5):
+            async with connect(path) as client:
+                doc = await client.status()
+        return sum(c.capacity for c in doc.children if c.stage in stages)
+
+    try:
+        return path, trio.run(ask)
+    except (DextError, StatusError, OSError, trio.TooSlowError):
+        return None  # nothing (of ours, of a schema we read) answers there: nothing to compare

@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="list installed prover plugins and their provers",
         description=(
             "List the plugins found in the entry-point group damocles_ext, the provers each "
-            "offers (with the stages they serve) and the distribution and file each came from. "
+            "offers (with the stages they serve) or the observer hooks it implements, and the "
+            "distribution and file each came from. "
             "Plugins that failed to load are listed with their error."
         ),
     )
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
                 "name": r.name,
                 "origin": r.origin,
                 "error": r.error,
+                "hooks": list(r.hooks),
                 "provers": [
                     {"name": p.name, "stages": list(p.stages), "description": p.description}
                     for p in r.provers
@@ -56,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r.name}: FAILED TO LOAD: {r.error}")
             print(f"  from {r.origin}")
             continue
-        print(f"{r.name}: {len(r.provers)} prover(s), from {r.origin}")
+        offers = []
+        if r.provers or not r.hooks:
+            offers.append(f"{len(r.provers)} prover(s)")
+        if r.hooks:
+            offers.append(f"observer of {', '.join(r.hooks)}")
+        print(f"{r.name}: {'; '.join(offers)}, from {r.origin}")
         for p in r.provers:
             line = f"  {p.name:<{width}}  {', '.join(p.stages)}"
             print(f"{line}  {p.description}" if p.description else line)

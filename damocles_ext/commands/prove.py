@@ -1,7 +1,8 @@
 """`damocles-ext prove <stage> --request TASK.json`: one proof, from a running or embedded supervisor.
 
-Exit codes: 0 a proof was produced (faulty sectors, if any, are listed on stderr), 1 the prover
-could not produce one, 2 bad input (arguments, the task file, no supervisor at the socket).
+Exit codes: 0 the prover answered: with a proof, or with faulty sectors and no proof (they are
+listed on stderr), 1 the prover could not produce one, 2 bad input (arguments, the task file, no
+supervisor at the socket).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Submit one task to a running `damocles-ext run` (through its control socket), or,"
             " given -c/--conf-dir, start the config's children of STAGE in-process for this one"
-            " request. Prints the output in damocles' JSON form. Exit code 0: a proof (faulty"
-            " sectors listed on stderr); 1: the prover failed; 2: bad input."
+            " request. Prints the output in damocles' JSON form. Exit code 0: the prover answered,"
+            " with a proof or with faulty sectors and no proof (listed on stderr; prove again"
+            " without them); 1: the prover failed; 2: bad input."
         ),
     )
     parser.add_argument("stage", choices=STAGES, help="the stage of the task")
@@ -136,8 +138,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.config is not None or args.conf_dir is not None:
-            children = children_of(load_config_from_args(args), args.stage)
-            output = trio.run(_prove_embedded, children, task, deadline, args.priority, on_progress)
+            from damocles_ext.config import check_startable
+            from damocles_ext.plugins import get_plugin_manager
+
+            config = load_config_from_args(args)
+            children = children_of(config, args.stage)
+            # A child that cannot start would fail the proof only after its restarts' backoff.
+            plugin_manager = get_plugin_manager()
+            check_startable(config, children, plugin_manager=plugin_manager)
+            output = trio.run(
+                _prove_embedded, children, task, deadline, args.priority, on_progress,
+                plugin_manager,
+            )
         else:
             output = trio.run(
                 _prove_remote, args.socket, task, deadline, args.priority, on_progress
@@ -150,16 +162,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _prove_embedded(
-    children, task: Task, deadline: float | None, priority: int, on_progress
+    children, task: Task, deadline: float | None, priority: int, on_progress, plugin_manager
 ) -> Output:
     from damocles_ext.api import open_supervisor
     from damocles_ext.errors import ProverError
 
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
     # it in an ExceptionGroup.
-    from damocles_ext.plugins import get_plugin_manager
-
-    async with open_supervisor(children, plugin_manager=get_plugin_manager()) as supervisor:
+    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
         try:
             return await supervisor.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
@@ -191,7 +201,12 @@ def _emit(output: Output, path: Path | None) -> None:
     faults = list(getattr(output, "faults", ()))
     if faults:
         noun = "faulty sector" if len(faults) == 1 else "faulty sectors"
-        print(f"{len(faults)} {noun}: {', '.join(str(f) for f in faults)}", file=sys.stderr)
+        listed = ", ".join(str(f) for f in faults)
+        if not getattr(output, "proofs", True):
+            # Exit 0 all the same: the prover answered, as damocles' processor does with faults;
+            # damocles-manager then proves again without them, and so must the user.
+            listed += "; no proof: prove again without them (--sectors with --manifest)"
+        print(f"{len(faults)} {noun}: {listed}", file=sys.stderr)
     if path is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -269,8 +284,11 @@ def read_input_file(source: str, label: str, kind: str) -> bytes:
         raise UsageError(f"cannot read {label} {source}: {exc.strerror}") from None
 
 
-def read_task(source: str, stage: str) -> Task:
-    """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong."""
+def read_task(source: str, stage: str, command: str = "prove") -> Task:
+    """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong.
+
+    `command` is the subcommand a task of the other stage is pointed to (prove, verify).
+    """
     from damocles_ext.errors import UsageError
     from damocles_ext.protocol.jsonl import JsonLineError, task_from_json
 
@@ -280,7 +298,7 @@ def read_task(source: str, stage: str) -> Task:
         task = task_from_json(data, stage)
     except JsonLineError as exc:
         raise UsageError(
-            f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage)}"
+            f"{name}: {_with_line_column(str(exc), data)}{_stage_hint(data, stage, command)}"
         ) from None
     check_request_size(task, name)
     return task
@@ -320,7 +338,7 @@ def _with_line_column(message: str, data: bytes) -> str:
     return _BYTE_POS.sub(repl, message)
 
 
-def _stage_hint(data: bytes, stage: str) -> str:
+def _stage_hint(data: bytes, stage: str, command: str) -> str:
     import msgspec
 
     from damocles_ext.tasks import WINDOW_PROOF_TYPES, WINNING_PROOF_TYPES
@@ -330,9 +348,9 @@ def _stage_hint(data: bytes, stage: str) -> str:
     except (msgspec.DecodeError, AttributeError, RecursionError):  # not JSON, not an object
         return ""
     if stage == "window_post" and proof_type in WINNING_PROOF_TYPES:
-        return f"; {proof_type} is a WinningPoSt proof type: use `prove winning_post`"
+        return f"; {proof_type} is a WinningPoSt proof type: use `{command} winning_post`"
     if stage == "winning_post" and proof_type in WINDOW_PROOF_TYPES:
-        return f"; {proof_type} is a WindowPoSt proof type: use `prove window_post`"
+        return f"; {proof_type} is a WindowPoSt proof type: use `{command} window_post`"
     return ""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from .serve import (
     add_common_args,
@@ -47,9 +48,100 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default; ':PORT' or"
         " 'PORT' listens on 127.0.0.1 only; give 0.0.0.0:PORT to let other hosts scrape)",
     )
+    limits = parser.add_argument_group(
+        "connection limits",
+        "what clients of the control socket and scrapers of the metrics port may hold open",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_count,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="control socket connections open at once; over it, the connection idle longest is"
+        " closed, or the new one is told 'too many connections' if all are busy"
+        f" (default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=_timeout,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="DURATION",
+        help="close a control connection with no request in flight that sent nothing for this"
+        " long (90, 90s, 10m, 1h; default: 10m); a client connects again when it needs to",
+    )
+    limits.add_argument(
+        "--max-buffer",
+        type=parse_size,
+        default=DEFAULT_MAX_BUFFERED,
+        metavar="SIZE",
+        help="bytes of unfinished frames all control connections together may hold (256MiB,"
+        " 64M, bytes); over it, the connection holding the most is closed (default: 256MiB)",
+    )
+    limits.add_argument(
+        "--metrics-max-connections",
+        type=_count,
+        default=DEFAULT_METRICS_MAX_CONNECTIONS,
+        metavar="N",
+        help="metrics connections open at once; over it, the one idle longest is closed"
+        f" (default: {DEFAULT_METRICS_MAX_CONNECTIONS})",
+    )
+    limits.add_argument(
+        "--metrics-idle-timeout",
+        type=_timeout,
+        default=DEFAULT_METRICS_IDLE_TIMEOUT,
+        metavar="DURATION",
+        help="close a metrics connection that has not sent a whole request for this long"
+        f" (default: {DEFAULT_METRICS_IDLE_TIMEOUT:g}s)",
+    )
     add_common_args(parser, "info")
     add_dump_arg(parser)
     return parser
+
+
+# Kept here (not imported from the modules that use them) so that `--help` stays fast.
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_MAX_BUFFERED = 256 * 2**20
+DEFAULT_METRICS_MAX_CONNECTIONS = 16
+DEFAULT_METRICS_IDLE_TIMEOUT = 60.0
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1048576", "512K", "64M", "64MiB", "1G" (powers of 1024); at least 1 MiB."""
+    m = _SIZE.match(text)
+    if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write bytes (1048576) or a number with K, M or G (64M,"
+            " 256MiB)"
+        )
+    value = int(m.group(1)) * 1024 ** "_kmg".index((m.group(2) or "_").lower())
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is under 1 MiB; give at least 1M")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    from damocles_ext.commands.serve import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -61,10 +153,15 @@ def _listen_address(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
     from damocles_ext.commands.serve import setup_logging
+    from damocles_ext.config import check_startable
+    from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.control import bind_control_socket, default_socket_path
 
     setup_logging(args)
     config = load_config_from_args(args)
+    # Before the socket exists: a client must not find a supervisor whose children cannot start.
+    plugin_manager = get_plugin_manager()
+    check_startable(config, plugin_manager=plugin_manager)
     path = args.socket if args.socket is not None else default_socket_path()
     # The socket and the metrics port are bound before any child is spawned: a taken or unsafe
     # place is a usage error, not a half-started supervisor.
@@ -73,13 +170,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         from damocles_ext.supervisor.core import Supervisor
 
-        options = supervisor_options(args)
+        options = supervisor_options(args, plugin_manager)
         if args.metrics is not None:
             from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 
             metrics = SupervisorMetrics()
             options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
-            server = MetricsServer(metrics, *args.metrics)
+            server = MetricsServer(
+                metrics,
+                *args.metrics,
+                max_connections=args.metrics_max_connections,
+                idle_timeout=args.metrics_idle_timeout,
+            )
         supervisor = Supervisor(config, **options)
     except BaseException:
         _discard(sock)
@@ -89,8 +191,13 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
+    limits = {
+        "max_connections": args.max_connections,
+        "idle_timeout": args.idle_timeout,
+        "max_buffered": args.max_buffer,
+    }
     try:
-        return trio.run(_run, supervisor, sock, metrics, server)
+        return trio.run(_run, supervisor, sock, metrics, server, limits)
     finally:
         if server is not None:
             server.close()
@@ -106,7 +213,7 @@ def _discard(sock) -> None:
         os.unlink(path)
 
 
-async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
+async def _run(supervisor, sock, metrics=None, metrics_server=None, limits=None) -> int:
     import signal
 
     import trio
@@ -120,7 +227,7 @@ async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
             socket=str(sock.getsockname()),
             metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
         )
-        server = ControlServer(sock, supervisor.submit, status=status.as_data)
+        server = ControlServer(sock, supervisor.submit, status=status.as_data, **(limits or {}))
         async with trio.open_nursery() as nursery:
             def shut_down() -> None:
                 server.stop_accepting()
@@ -131,6 +238,7 @@ async def _run(supervisor, sock, metrics=None, metrics_server=None) -> int:
             log.info("control socket listening on %s", server.path)
             if metrics is not None:
                 metrics.attach(supervisor, trio.lowlevel.current_trio_token())
+                await nursery.start(metrics_server.serve)
                 log.info("metrics on %s", metrics_server.url)
             await supervisor.run()
             # Every accepted request has its answer by now; give the clients time to read it.

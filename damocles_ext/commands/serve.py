@@ -5,6 +5,7 @@ damocles-manager's ext-prover.cfg then says:
     [[WdPost]]
     Bin = "damocles-ext"
     Args = ["serve", "window_post", "--conf-dir", "/etc/damocles-ext"]
+    Concurrent = 8   # damocles-manager's own limit: at least the slots we supervise
 
 and we speak damocles' JSON lines on our stdin/stdout while supervising the children that our own
 config lists for that stage.
@@ -23,7 +24,7 @@ import math
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
@@ -88,13 +89,13 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def supervisor_options(args: argparse.Namespace) -> dict:
+def supervisor_options(args: argparse.Namespace, plugin_manager: Any = None) -> dict:
     """Supervisor keyword arguments from the shared options (observer plugins included)."""
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.restart import BackoffPolicy
 
     return {
-        "plugin_manager": get_plugin_manager(),
+        "plugin_manager": plugin_manager if plugin_manager is not None else get_plugin_manager(),
         "shutdown_grace": args.shutdown_grace,
         # This process is ours: become the parent of what children leave behind (setsid).
         "adopt_orphans": True,
@@ -167,8 +168,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " request with the children the config lists for STAGE, or, with --connect, through"
             " a running `damocles-ext run` (one supervisor for both stages: locks shared between"
             " WindowPoSt and WinningPoSt, WinningPoSt first). Use it as Bin/Args of a"
-            " damocles-manager ext-prover.cfg. Logs go to stderr; stdin EOF, SIGTERM or SIGINT"
-            " shut down gracefully."
+            " damocles-manager ext-prover.cfg, with that entry's Concurrent at least the slots"
+            " served here (the sum of the children's Concurrent): damocles-manager sends no more"
+            " at once (check-config on its file warns). Logs go to stderr; stdin EOF, SIGTERM"
+            " or SIGINT shut down gracefully."
         ),
     )
     parser.add_argument("stage", choices=STAGES, help="the stage to serve")
@@ -294,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
         return _run_connected(args)
     config = load_config_from_args(args)
     children = children_of(config, args.stage)
+    # damocles' own processor never says ready when its prover cannot load, and then the
+    # manager's start fails; so do we, for whatever can be checked without starting a child.
+    from damocles_ext.config import check_startable
+    from damocles_ext.plugins import get_plugin_manager
+
+    plugin_manager = get_plugin_manager()
+    check_startable(config, children, plugin_manager=plugin_manager)
 
     protocol_in, protocol_out = _take_protocol_fds()
 
@@ -305,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.supervisor.core import Supervisor
 
-    supervisor = Supervisor(children, **supervisor_options(args))
+    supervisor = Supervisor(children, **supervisor_options(args, plugin_manager))
 
     import trio
 

@@ -28,8 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Durations are seconds unless suffixed with m (minutes) or h (hours)."
         ),
     )
-    parser.add_argument("--miners", type=int, default=4, help="miner ids (default 4)")
-    parser.add_argument("--gpus", type=int, default=4, help="GPUs (default 4)")
+    parser.add_argument(
+        "--miners", type=int, default=4, help="how many miners prove on this machine (default 4)"
+    )
+    parser.add_argument("--gpus", type=int, default=4, help="how many GPUs (default 4)")
     parser.add_argument(
         "--partitions",
         type=int,
@@ -44,15 +46,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--offsets",
         default="colliding",
         help="'colliding' (all miners share deadline times), 'spread' (evenly staggered), or "
-        "comma-separated seconds per miner",
+        "comma-separated seconds per miner (default colliding)",
     )
     parser.add_argument(
-        "--submit-margin", default="5m", help="proofs are due this long before the window closes"
+        "--submit-margin", default="5m", help="proofs are due this long before the window closes (default 5m)"
     )
     parser.add_argument(
         "--snark",
         default="3m-9m",
-        help="SNARK time of one partition, LOW-HIGH; see --snark-model for what varies",
+        help="SNARK time of one partition, LOW-HIGH; see --snark-model for what varies"
+        " (default 3m-9m)",
     )
     parser.add_argument(
         "--snark-model",
@@ -67,8 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="machine and gpu models: a partition's SNARK takes its GPU's time within +- this "
         "fraction (default 0.05, an assumption: see the README)",
     )
-    parser.add_argument("--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH")
-    parser.add_argument("--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH")
+    parser.add_argument(
+        "--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH (default 1m-3m)"
+    )
+    parser.add_argument(
+        "--winning", default="2-6", help="WinningPoSt GPU time, LOW-HIGH (default 2-6 seconds)"
+    )
     parser.add_argument(
         "--winning-rate",
         type=float,
@@ -86,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="a,b,c",
         help="comma-separated: a, b, c, cl, c0, cs, reference, clairvoyant (or damocles, "
         "damocles-c2, damocles-ext, damocles-ext-gpulock, damocles-ext-nophase, "
-        "damocles-ext-split)",
+        "damocles-ext-split; default a,b,c)",
     )
     parser.add_argument(
         "--bisect",

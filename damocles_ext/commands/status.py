@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Ask a running `damocles-ext run` (through its control socket) for the state of each"
             " child: stage, index, pid, GPU, state, requests in flight/capacity, done and failed,"
-            " restarts and the last exit, uptime, memory and CPU%% of its process tree, the locks"
+            " restarts and the last exit, uptime, memory and CPU% of its process tree, the locks"
             " it holds; and per stage the queue and its nearest deadline. --json prints the"
             " versioned document described in docs/STATUS.md. Exit code 2 when nothing listens"
             " at the socket."

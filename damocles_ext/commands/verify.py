@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Verify; VerifyError (exit 1) with the reason when the proof does not check out."""
     from damocles_ext.commands.prove import read_task
 
-    task = read_task(args.request, args.stage)
+    task = read_task(args.request, args.stage, "verify")
     output = read_output(args.output, args.stage)
     if args.verifier == "native":
         from damocles_ext.post.native import NativeProver

@@ -8,6 +8,18 @@
 - `verify`: the verifier; `fixtures`: sealed files, cache dirs and manifests for tests and demos.
 """
 
-from .errors import InvalidTaskError, PoStCancelled, SectorFaultError, VerifyError
+from .errors import (
+    InvalidTaskError,
+    PoStCancelled,
+    ProverOutOfMemory,
+    SectorFaultError,
+    VerifyError,
+)
 
-__all__ = ["InvalidTaskError", "PoStCancelled", "SectorFaultError", "VerifyError"]
+__all__ = [
+    "InvalidTaskError",
+    "PoStCancelled",
+    "ProverOutOfMemory",
+    "SectorFaultError",
+    "VerifyError",
+]

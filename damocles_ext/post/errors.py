@@ -13,6 +13,10 @@ class SectorFaultError(ProverError):
     """A WinningPoSt's chosen sector is faulty (WindowPoSt reports faults in its output)."""
 
 
+class ProverOutOfMemory(ProverError):
+    """The prover library could not allocate memory (DEXT_ERR_NOMEM): the task may be fine."""
+
+
 class PoStCancelled(ProverError):
     """Proving stopped because the cancel token was set."""
 

@@ -25,7 +25,13 @@ from ..tasks import (
     WinningPoSt,
     WinningPoStOutput,
 )
-from .errors import InvalidTaskError, PoStCancelled, SectorFaultError, VerifyError
+from .errors import (
+    InvalidTaskError,
+    PoStCancelled,
+    ProverOutOfMemory,
+    SectorFaultError,
+    VerifyError,
+)
 
 ABI_VERSION = 1
 REQUIRED_SYMBOLS = (
@@ -77,13 +83,20 @@ def _abi_ffi_for(native: Any) -> Any:
 class _CallState:
     """What the progress trampoline needs during one call: a handle to it is the C ctx."""
 
-    __slots__ = ("cancel", "error", "flag", "progress")
+    __slots__ = ("_set_flag", "cancel", "error", "flag", "progress")
 
-    def __init__(self, ffi: Any, progress: Progress | None, cancel: Any) -> None:
+    def __init__(self, native: Any, progress: Progress | None, cancel: Any) -> None:
         self.progress = progress
         self.cancel = cancel
-        self.flag = ffi.new("int32_t *", 1 if cancel is not None and cancel.cancelled else 0)
+        # The cancel flag of the header's contract: owned here, read by the library with atomic
+        # loads, so it is only ever set through the compiled atomic store, never `flag[0] = 1`.
+        self.flag = native.ffi.new("int32_t *", 1 if cancel is not None and cancel.cancelled else 0)
+        self._set_flag = native.lib._dext_cancel_set
         self.error: BaseException | None = None
+
+    def set_cancelled(self) -> None:
+        """Tell the library to stop (from any thread; idempotent)."""
+        self._set_flag(self.flag)
 
 
 _trampoline_installed = False
@@ -103,11 +116,11 @@ def _install_trampoline(native: Any) -> None:
                 state.progress(ffi.string(phase).decode(), int(done), int(total))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller after the C call
             state.error = exc
-            state.flag[0] = 1
+            state.set_cancelled()
         # The library checks the int32 flag; the progress call is where a Python cancel token
         # gets copied into it (the reference library reports at least every 20 ms).
         if state.cancel is not None and state.cancel.cancelled:
-            state.flag[0] = 1
+            state.set_cancelled()
 
     _trampoline_installed = True
 
@@ -122,6 +135,7 @@ class NativeProver:
     ) -> None:
         native = _compiled()
         _install_trampoline(native)
+        self._native = native
         self._api_ffi = native.ffi
         self._consts = native.lib  # a dlopen'ed library carries functions only
         self._handle = None
@@ -181,6 +195,12 @@ class NativeProver:
             return handle, handle
         return handle, self._ffi.cast("void *", self._address(handle))
 
+    def _flag(self, state: _CallState) -> Any:
+        """The cancel flag as this library's FFI types it (the flag lives in the API FFI)."""
+        if self._ffi is self._api_ffi:
+            return state.flag
+        return self._ffi.cast("int32_t *", self._address(state.flag))
+
     def has(self, symbol: str) -> bool:
         """Whether the library exports an optional function such as dext_build_tree."""
         return _has_symbol(self._lib, symbol)
@@ -205,6 +225,13 @@ class NativeProver:
             raise PoStCancelled(message)
         if status == lib.DEXT_ERR_INVALID_PROOF:
             raise VerifyError(message)
+        if status == lib.DEXT_ERR_NOMEM:
+            # Not the task's fault: say so, or it reads like a bad request and nobody retries it.
+            raise ProverOutOfMemory(
+                f"{message}: {self.library} ran out of memory (DEXT_ERR_NOMEM); the task itself "
+                "may be fine: give the prover more memory (fewer concurrent requests on this "
+                "child, a higher memory limit) and retry"
+            )
         raise ProverError(f"{message} (status {status} from {self.library})")
 
     def _handle_or_raise(self) -> Any:
@@ -245,15 +272,15 @@ class NativeProver:
     ) -> tuple[list[bytes], list[int]]:
         ffi = self._ffi
         ctask, keep = self._c_task(task)
-        state = _CallState(ffi, progress, cancel)
+        state = _CallState(self._native, progress, cancel)
         keep_handle, ctx = self._context(state)
         out = ffi.new("dext_result **")
         proofs: list[bytes] = []
         faults: list[int] = []
-        with self._lock, _cancel_watcher(cancel, state.flag):
+        with self._lock, _cancel_watcher(cancel, state):
             handle = self._handle_or_raise()
             status = getattr(self._lib, fn_name)(
-                handle, ctask, self._callback, ctx, state.flag, out
+                handle, ctask, self._callback, ctx, self._flag(state), out
             )
             result = out[0]
             if result != ffi.NULL:
@@ -325,10 +352,10 @@ class NativeProver:
         if len(comm_c) != 32:
             raise InvalidTaskError(f"comm_c must be 32 bytes, got {len(comm_c)}")
         ffi = self._ffi
-        state = _CallState(ffi, progress, cancel)
+        state = _CallState(self._native, progress, cancel)
         keep_handle, ctx = self._context(state)
         comm_r = ffi.new("uint8_t[32]")
-        with self._lock, _cancel_watcher(cancel, state.flag):
+        with self._lock, _cancel_watcher(cancel, state):
             status = self._lib.dext_build_tree(
                 self._handle_or_raise(),
                 proof_type.encode(),
@@ -338,7 +365,7 @@ class NativeProver:
                 comm_r,
                 self._callback,
                 ctx,
-                state.flag,
+                self._flag(state),
             )
             self._check(status, state, "build_tree")
         del keep_handle, ctx
@@ -370,7 +397,7 @@ _WATCH_INTERVAL = 0.05
 
 
 @contextlib.contextmanager
-def _cancel_watcher(cancel: Any, flag: Any) -> Iterator[None]:
+def _cancel_watcher(cancel: Any, state: _CallState) -> Iterator[None]:
     """Copy a cancel token into the C flag from a helper thread while the library works.
 
     The progress trampoline does the same, but a vendor library may report progress rarely; this
@@ -384,7 +411,7 @@ def _cancel_watcher(cancel: Any, flag: Any) -> Iterator[None]:
     def watch() -> None:
         while not done.wait(_WATCH_INTERVAL):
             if cancel.cancelled:
-                flag[0] = 1
+                state.set_cancelled()
                 return
 
     thread = threading.Thread(target=watch, name="dext-cancel-watch", daemon=True)

@@ -8,8 +8,21 @@ takes its queued and running requests with it (they are cancelled). A client may
 
 Who may connect is decided by the file system: the socket has mode 0600 inside a directory of
 mode 0700 that we own, and neither may be a symlink; on top of that, a peer whose uid is neither
-ours nor root's (SO_PEERCRED) is turned away. These checks run before anything is spawned, so a
+ours nor root's (SO_PEERCRED) is turned away. The directories above that one must be such that no
+other user can replace them (resolve_trusted). These checks run before anything is spawned, so a
 bad path is a usage error (exit 2), not a half-started supervisor.
+
+The client (client.py) makes the same checks from its side, with the same helpers: the path must
+lead, through directories no other user can change, to a socket in a private directory, and the
+process listening on it must run as the client's uid or root.
+
+What a client can hold is bounded (supervisor/listeners.py has the rules shared with the metrics
+port): at most `max_connections` connections (a new one over the cap closes the one idle
+longest, or is told "too many connections" when all are busy), a connection idle for
+`idle_timeout` is closed (idle: no request in flight and no bytes arriving; a WindowPoSt that
+runs for 30 minutes keeps its connection), and the unfinished frames of all connections
+together may hold at most `max_buffered` bytes (over it, the connection holding the most is
+closed). Running out of file descriptors at accept(2) is survived.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from ..errors import DextError, UsageError
 from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..tasks import Output, Task
+from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -39,6 +53,18 @@ SOCKET_NAME = "control.sock"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SUN_PATH = 107
 _READ_SIZE = 256 * 1024
+DEFAULT_MAX_CONNECTIONS = 256
+# A `serve --connect` front end keeps its connection between requests and connects again when
+# it finds it closed, so this only has to be long against the time between two proofs.
+DEFAULT_IDLE_TIMEOUT = 600.0
+# Room for a few of the largest frames a client may send (64 MiB) at once, and no more.
+DEFAULT_MAX_BUFFERED = 256 * 1024 * 1024
+# The id of a Response that is about the connection, not a request (clients count from 1).
+CONNECTION_ERROR_ID = 0
+# Status requests of one connection being answered (or their replies not yet written) before
+# we stop reading from it: a client that sends them without reading the replies would otherwise
+# start a task and a /proc walk per request, and queue every reply.
+MAX_STATUS_IN_FLIGHT = 16
 
 
 class ControlSubmit(Protocol):
@@ -63,6 +89,94 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
 
 def _describe_mode(mode: int) -> str:
     return f"{stat.S_IMODE(mode):04o}"
+
+
+class UntrustedPathError(UsageError):
+    """A path that another user could redirect; the message says which part and why."""
+
+
+#: Symlinks followed while resolving one path, as the kernel's own limit (ELOOP).
+_MAX_SYMLINKS = 40
+
+
+def trusted_uids(uid: int | None = None) -> frozenset[int]:
+    """The users whose files and processes we rely on: ourselves and root (root: root only)."""
+    return frozenset({os.geteuid() if uid is None else uid, 0})
+
+
+def _check_container(directory: str, st: os.stat_result, trusted: frozenset[int]) -> None:
+    # Whoever owns a directory, or may write to it, can rename what is in it away and put their
+    # own in its place; a sticky directory (like /tmp) stops them only for entries they do not
+    # own, which _check_entry sees to.
+    if st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"directory {directory} is owned by uid {st.st_uid}, not by us or root, so its owner"
+            " could replace what is in it"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UntrustedPathError(
+            f"directory {directory} (mode {_describe_mode(st.st_mode)}) may be written by other"
+            " users and has no sticky bit, so they could replace what is in it"
+        )
+
+
+def _check_entry(
+    directory: str, dir_st: os.stat_result, entry: str, st: os.stat_result, trusted: frozenset[int]
+) -> None:
+    if dir_st.st_mode & 0o022 and st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"{entry} is owned by uid {st.st_uid}, not by us or root, in {directory}, which other"
+            " users may write to"
+        )
+    if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"{entry} is a symlink owned by uid {st.st_uid}, not by us or root"
+        )
+
+
+def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> Path:
+    """`path` with its symlinks resolved, walked from / so that no other user can change where
+    it leads: every directory on the way (the last one too, when `path` is one) is owned by us
+    or root and not writable by others, unless it is sticky (like /tmp) and the entry we take
+    in it is ours or root's; every symlink on the way is ours or root's.
+
+    Raises UntrustedPathError saying which part fails, or the OSError of a part that is missing
+    (FileNotFoundError) or cannot be examined.
+    """
+    trusted = trusted_uids(uid)
+    todo = list(reversed(Path(path).absolute().parts[1:]))
+    current = "/"
+    current_st = os.lstat(current)
+    followed = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            # `current` holds no symlink, so its parent is the kernel's ".." too (and checked).
+            current = os.path.dirname(current)
+            current_st = os.lstat(current)
+            continue
+        if not stat.S_ISDIR(current_st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current)
+        _check_container(current, current_st, trusted)
+        entry = os.path.join(current, name)
+        st = os.lstat(entry)
+        _check_entry(current, current_st, entry, st, trusted)
+        if stat.S_ISLNK(st.st_mode):
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise UntrustedPathError(f"{path}: more than {_MAX_SYMLINKS} symlinks (a loop?)")
+            target = Path(os.readlink(entry))
+            if target.is_absolute():
+                current = "/"
+                current_st = os.lstat(current)
+            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        current, current_st = entry, st
+    if stat.S_ISDIR(current_st.st_mode):
+        _check_container(current, current_st, trusted)
+    return Path(current)
 
 
 def _check_private_dir(directory: Path, *, create: bool) -> None:
@@ -154,8 +268,29 @@ def _clear_old_socket(path: Path) -> None:
     os.unlink(path)
 
 
+def _check_ancestors(path: Path) -> None:
+    # The socket's own directory is checked (and made) by _check_private_dir; the ones above it
+    # must not let another user swap that directory for theirs, with a socket of theirs in it.
+    try:
+        resolve_trusted(path.parent.parent)
+    except UntrustedPathError as exc:
+        raise UntrustedPathError(
+            f"control socket path {path}: {exc}; clients would then reach another user's"
+            " socket instead of ours. Choose a path whose directories only you or root can"
+            " write with --socket (the default is in $XDG_RUNTIME_DIR or /run)"
+        ) from None
+    except FileNotFoundError:
+        pass  # _check_private_dir says which directory is missing
+    except OSError as exc:
+        raise UsageError(
+            f"cannot check the directories of control socket path {path}: {exc}; choose"
+            " another path with --socket"
+        ) from None
+
+
 def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True) -> socket.socket:
-    """Check `path` and its directory, replace a stale socket, and return a listening socket.
+    """Check `path`, its directory and the ones above it, replace a stale socket, and return a
+    listening socket.
 
     Raises UsageError (exit 2) when the place is unsafe or taken.
     """
@@ -165,6 +300,7 @@ def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True
             f"control socket path {path} is {len(os.fsencode(path))} bytes long; unix sockets"
             f" allow at most {_MAX_SUN_PATH}. Choose a shorter path with --socket."
         )
+    _check_ancestors(path)
     _check_private_dir(path.parent, create=create_dir)
     _clear_old_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -179,11 +315,17 @@ def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True
     return sock
 
 
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket
+    (SO_PEERCRED: for a client, the listener's as it was when it called listen())."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
 def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
     """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return peer_credentials(sock)[1]
 
 
 @dataclass(slots=True)
@@ -195,12 +337,20 @@ class ControlStats:
     rejected: int = 0  # connections turned away (foreign uid)
     requests: int = 0  # requests ever received
     in_flight: int = 0  # requests received and not yet answered
+    refused: int = 0  # turned away at the connection cap, every open connection being busy
+    evicted: int = 0  # idle connections closed to make room (cap reached, or out of descriptors)
+    idle_closed: int = 0  # connections closed after idle_timeout
+    over_buffer: int = 0  # connections closed for holding the most when over max_buffered
+    shed: int = 0  # accept(2) failures for lack of descriptors or memory, survived
+    buffered: int = 0  # bytes of unfinished frames held now, all connections together
 
 
 class ControlServer:
     """Serves dext clients on a listening unix socket by calling `submit` for each request.
 
     `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
+    `max_connections`, `idle_timeout` (seconds) and `max_buffered` (bytes) bound what clients
+    can hold (see the module docstring).
     """
 
     def __init__(
@@ -209,7 +359,14 @@ class ControlServer:
         submit: ControlSubmit,
         *,
         status: Callable[[], Awaitable[dict[str, object]]] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
+        if not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be at least 1 byte, got {max_buffered}")
         self.path = Path(sock.getsockname())
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
@@ -217,15 +374,40 @@ class ControlServer:
         self._status = status
         self._uid = os.geteuid()
         self._accept_scope = trio.CancelScope()
+        self._slots = ConnectionSlots(max_connections, "control socket", log)
+        self.idle_timeout = idle_timeout
+        self.max_buffered = max_buffered
+        # A frame longer than everything may hold together could never complete.
+        self._max_frame = min(dext.DEFAULT_MAX_FRAME_SIZE, max_buffered)
+        self._buffered = 0
         self._connections: set[_Connection] = set()
         self._stats = ControlStats()
         self._idle = trio.Event()
         self._idle.set()
+        self._log_over_buffer = ThrottledLog(log)
+
+    @property
+    def max_connections(self) -> int:
+        """The connection cap."""
+        return self._slots.limit
 
     def statistics(self) -> ControlStats:
         """A snapshot of the counters."""
         s = self._stats
-        return ControlStats(len(self._connections), s.accepted, s.rejected, s.requests, s.in_flight)
+        slots = self._slots
+        return ControlStats(
+            len(self._connections),
+            s.accepted,
+            s.rejected,
+            s.requests,
+            s.in_flight,
+            slots.refused,
+            slots.evicted,
+            s.idle_closed,
+            s.over_buffer,
+            slots.shed,
+            self._buffered,
+        )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until `stop_accepting()`, then serve the open ones until cancelled."""
@@ -234,9 +416,7 @@ class ControlServer:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 with self._accept_scope:
-                    while True:
-                        stream = await listener.accept()
-                        nursery.start_soon(self._serve_connection, stream)
+                    await serve_connections(listener, self._slots, nursery, self._serve_connection)
                 await listener.aclose()
                 self._unlink()
         finally:
@@ -272,19 +452,50 @@ class ControlServer:
         if self._stats.in_flight == 0:
             self._idle.set()
 
+    def _buffer_changed(self, conn: _Connection, pending: int) -> bool:
+        """Account `conn`'s unfinished frame; False if `conn` itself must go (over the cap)."""
+        self._buffered += pending - conn.buffered
+        conn.buffered = pending
+        keep = True
+        while self._buffered > self.max_buffered:
+            hog = max(self._connections, key=lambda c: c.buffered)
+            self._stats.over_buffer += 1
+            reason = (
+                f"its unfinished frame holds {hog.buffered / 2**20:.1f} MiB, the most of any"
+                f" connection, and all of them together hold {self._buffered / 2**20:.1f} MiB,"
+                f" over the limit of {self.max_buffered / 2**20:g} MiB (--max-buffer)"
+            )
+            self._log_over_buffer("closing a control connection: %s", reason)
+            # Its bytes are dropped with it; count them out now so that one over-long read
+            # does not close several connections.
+            self._buffered -= hog.buffered
+            hog.buffered = 0
+            if hog is conn:
+                keep = False
+            else:
+                hog.evict(reason, log_level=logging.DEBUG)
+        return keep
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        uid = peer_uid(stream.socket)
-        if uid not in (self._uid, 0):
+        try:
+            uid = peer_uid(stream.socket)
+        except OSError:  # gone already
+            await trio.aclose_forcefully(stream)
+            return
+        if uid not in trusted_uids(self._uid):
             self._stats.rejected += 1
             log.warning(
                 "refused a control connection from uid %d (only uid %d and root may connect)",
                 uid,
                 self._uid,
             )
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
+            return
+        conn = _Connection(self, stream)
+        if not self._slots.add(conn):
+            await self._refuse(stream)
             return
         self._stats.accepted += 1
-        conn = _Connection(self, stream)
         self._connections.add(conn)
         try:
             await conn.run()
@@ -294,8 +505,28 @@ class ControlServer:
             log.exception("control connection: internal error; closing it")
         finally:
             self._connections.discard(conn)
+            self._slots.discard(conn)
+            self._buffer_changed(conn, 0)
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                await trio.aclose_forcefully(stream)
+            conn.closed.set()
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        message = (
+            f"the supervisor has too many connections ({self.max_connections} open, all busy;"
+            " the limit is run's --max-connections); try again later"
+        )
+        # A fresh unix socket takes a small frame at once; a client that somehow does not
+        # must not hold the descriptor.
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(
+                    dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message))
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
 
 
 class _Connection:
@@ -304,7 +535,7 @@ class _Connection:
     def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self._server = server
         self._stream = stream
-        self._decoder = control_protocol.frame_decoder()
+        self._decoder = control_protocol.frame_decoder(server._max_frame)
         self._scopes: dict[int, trio.CancelScope] = {}
         self._replies: list[control_protocol.StatusReply] = []
         # Responses are never dropped; Progress is advisory, so only the latest per id is kept
@@ -313,18 +544,71 @@ class _Connection:
         self._progress: dict[int, dext.Progress] = {}
         self._wake = trio.Event()
         self._owned = 0  # requests counted in the server's in_flight that we still owe
+        self._status_owed = 0  # status requests not yet answered on the wire
+        self._status_drained = trio.Event()
+        self.buffered = 0  # bytes of an unfinished frame, as the server accounts them
+        self.last_active = trio.current_time()
+        self.closed = trio.Event()
+        # The reader runs in this scope: its deadline is the idle timeout while nothing is in
+        # flight, and cancelling it (evict) closes the connection.
+        self._read_scope = trio.CancelScope(deadline=self.last_active + server.idle_timeout)
+        self._evicted: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self._owned == 0 and self._status_owed == 0
+
+    def evict(self, reason: str, *, log_level: int = logging.DEBUG) -> None:
+        """Close this connection from its own task (its requests, if any, are cancelled)."""
+        self._evicted = reason
+        log.log(log_level, "closing a control connection: %s", reason)
+        self._read_scope.cancel()
+
+    def _activity(self) -> None:
+        self.last_active = now = trio.current_time()
+        self._read_scope.deadline = (
+            now + self._server.idle_timeout if self.idle else float("inf")
+        )
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
-                await self._read_loop(nursery)
+                with self._read_scope:
+                    await self._read_loop(nursery)
+                goodbye = None
+                if self._read_scope.cancelled_caught:
+                    goodbye = self._evicted
+                    if goodbye is None:
+                        self._server._stats.idle_closed += 1
+                        goodbye = (
+                            f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
+                        )
+                        log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
                 nursery.cancel_scope.cancel()
+            if goodbye is not None and self.idle:
+                await self._say_goodbye(goodbye)
         finally:
             for _ in range(self._owned):
                 self._server._request_done()
             self._owned = 0
+
+    async def _say_goodbye(self, reason: str) -> None:
+        # Nothing is in flight, so the writer (cancelled above) was not inside a frame. This
+        # frame tells the client that whatever it sent and had no answer to was never read: a
+        # request crossing our close can be sent again on a new connection.
+        frame = dext.encode(
+            dext.Response(
+                CONNECTION_ERROR_ID,
+                error=f"the supervisor closed the connection before reading more from it: {reason}",
+            )
+        )
+        with trio.move_on_after(1):
+            try:
+                await self._stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -337,6 +621,8 @@ class _Connection:
             except dext.ProtocolError as exc:
                 log.error("control client broke the protocol, closing its connection: %s", exc)
                 return
+            if not self._server._buffer_changed(self, self._decoder.pending):
+                return
             for msg in messages:
                 if isinstance(msg, dext.Request):
                     self._start_request(msg, nursery)
@@ -345,6 +631,10 @@ class _Connection:
                     if scope is not None:
                         scope.cancel()
                 elif isinstance(msg, control_protocol.StatusRequest):
+                    while self._status_owed >= MAX_STATUS_IN_FLIGHT:
+                        self._status_drained = trio.Event()
+                        await self._status_drained.wait()
+                    self._status_owed += 1
                     nursery.start_soon(self._answer_status, msg.id)
                 else:
                     log.error(
@@ -359,6 +649,7 @@ class _Connection:
                         "control client disconnected: cancelling its %d requests", len(self._scopes)
                     )
                 return
+            self._activity()
 
     def _start_request(self, req: dext.Request, nursery: trio.Nursery) -> None:
         if req.id in self._scopes:
@@ -446,3 +737,7 @@ class _Connection:
             for _ in responses:
                 self._owned -= 1
                 self._server._request_done()
+            self._status_owed -= len(replies)
+            if replies:
+                self._status_drained.set()
+            self._activity()

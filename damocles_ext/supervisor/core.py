@@ -39,7 +39,7 @@ import msgspec
 import psutil
 import trio
 
-from ..config import describe_argv
+from ..config import describe_argv, effective_timeouts
 from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
@@ -198,8 +198,12 @@ class _Process:
         self.stderr_done = trio.Event()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
-        self.tree_mark: str | None = None  # its OrphanAdopter mark (serve, run)
+        self.tree_mark: str | None = None  # its OrphanAdopter mark
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
+        # When the child last took bytes from its stdin pipe while we had more for it; the
+        # StdinTimeoutSecs watch (armed while writes wait) compares with it.
+        self.stdin_progress_at = 0.0
+        self.stdin_watch_armed = False
 
     def interrupt(self) -> None:
         """Make the child task look at this process now (it went down, or we stop)."""
@@ -361,7 +365,9 @@ class Supervisor:
         self._guardian: GroupGuardian | None = None
         # adopt_orphans: become a child subreaper and kill what children leave behind outside
         # their process group (process.OrphanAdopter); for a process of our own (serve, run).
-        self._adopter = OrphanAdopter() if adopt_orphans else None
+        # Every child is marked (OrphanAdopter.mark) for the guardian, subreaper or not.
+        self._adopt_orphans = adopt_orphans
+        self._adopter = OrphanAdopter()
         self._sweep_wanted = trio.Event()
         self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
@@ -386,7 +392,7 @@ class Supervisor:
         if self._pm is not None:
             self._observer_send, observer_receive = trio.open_memory_channel(_OBSERVER_BACKLOG)
         try:
-            self._guardian = GroupGuardian()
+            self._guardian = GroupGuardian(self._adopter.token)
         except OSError as exc:
             log.error(
                 "cannot start the process-group guardian (%s): if the supervisor is killed, its"
@@ -396,7 +402,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 if self._guardian is not None:
-                    if self._adopter is not None:
+                    if self._adopt_orphans:
                         # The guardian must be init's child, not ours: wait for its double fork
                         # before we become a subreaper.
                         await self._guardian.started()
@@ -405,7 +411,7 @@ class Supervisor:
                 driver_scope = trio.CancelScope()
                 nursery.start_soon(self._driver, driver_scope)
                 sweeper_scope = trio.CancelScope()
-                if self._adopter is not None and self._adopter.enable():
+                if self._adopt_orphans and self._adopter.enable():
                     nursery.start_soon(self._orphan_sweeper, sweeper_scope)
                 if observer_receive is not None:
                     nursery.start_soon(self._observer_loop, observer_receive)
@@ -781,7 +787,7 @@ class Supervisor:
             slot.timeout = self._timers.add(
                 now + timeout, lambda t: self._on_request_timeout(child, p, slot, t)
             )
-        hb = child.spec.heartbeat_timeout
+        hb = effective_timeouts(child.spec)[0]
         if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
             p.heartbeat_armed = True
             self._timers.add(p.last_activity + hb, lambda t: self._on_heartbeat(child, p, t))
@@ -960,7 +966,7 @@ class Supervisor:
         self._dispatch()
 
     def _on_heartbeat(self, child: _Child, p: _Process, now: float) -> None:
-        hb = child.spec.heartbeat_timeout
+        hb = effective_timeouts(child.spec)[0]
         if p.down_reason is not None or not hb:
             return
         if not p.slots:
@@ -975,6 +981,31 @@ class Supervisor:
             p,
             f"hung: no Progress or Response for {now - p.last_activity:.1f}s while working"
             f" (HeartbeatTimeoutSecs = {hb:g})",
+            charge_all=True,
+        )
+
+    def _watch_stdin(self, child: _Child, p: _Process, now: float) -> None:
+        """Writes to the child wait for room in its stdin pipe: make sure it keeps reading."""
+        timeout = effective_timeouts(child.spec)[1]
+        if timeout and not p.stdin_watch_armed:
+            p.stdin_watch_armed = True
+            self._timers.add(now + timeout, lambda t: self._on_stdin_watch(child, p, t))
+
+    def _on_stdin_watch(self, child: _Child, p: _Process, now: float) -> None:
+        p.stdin_watch_armed = False
+        if p.down_reason is not None or p.queued_writes == 0:
+            return
+        timeout = effective_timeouts(child.spec)[1]
+        due = p.stdin_progress_at + timeout
+        if now < due:
+            p.stdin_watch_armed = True
+            self._timers.add(due, lambda t: self._on_stdin_watch(child, p, t))
+            return
+        self._kill(
+            child,
+            p,
+            f"hung: read nothing from its stdin for {now - p.stdin_progress_at:.1f}s while"
+            f" messages for it waited in a full pipe (StdinTimeoutSecs = {timeout:g})",
             charge_all=True,
         )
 
@@ -1153,7 +1184,7 @@ class Supervisor:
         child.state = "starting"
         self._notify()
         env = build_env(spec.inherit_envs, spec.envs)
-        mark = self._adopter.mark(env) if self._adopter is not None else None
+        mark = self._adopter.mark(env)
         try:
             prepare_spawn(
                 spec.name,
@@ -1167,11 +1198,14 @@ class Supervisor:
                 private_tmpdir=spec.private_tmpdir,
             )
             proc = spawn(spec.name, spec.argv, env, spec.cpuset)
-        except SpawnError as exc:
+        except (SpawnError, OSError, ValueError) as exc:
+            # OSError and ValueError: a check in prepare_spawn that met what it did not expect
+            # (a NUL in a path, an fd limit): still this child's failed start, not our crash.
+            why = str(exc) if isinstance(exc, SpawnError) else f"{spec.name}: cannot start: {exc}"
             self._launched(child, task_status)
-            child.last_exit = f"failed to start: {exc}"
-            log.error("%s", exc)
-            return False, str(exc)
+            child.last_exit = f"failed to start: {why}"
+            log.error("%s", why)
+            return False, why
         if self._guardian is not None:
             self._guardian.add(proc.pid)  # its process group, for if we are killed
         child.pid = proc.pid
@@ -1417,6 +1451,11 @@ class Supervisor:
             if n == len(data):
                 return
             data = data[n:]
+        if p.queued_writes == 0:
+            # The pipe is full from now on; the writer notes each byte the child takes.
+            now = trio.current_time()
+            p.stdin_progress_at = now
+            self._watch_stdin(child, p, now)
         p.queued_writes += 1
         try:
             p.send_channel.send_nowait(data)
@@ -1435,12 +1474,26 @@ class Supervisor:
                             parts.append(p.receive_channel.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await stdin.send_all(b"".join(parts) if len(parts) > 1 else data)
+                    await self._write_all(p, b"".join(parts) if len(parts) > 1 else data)
                     p.queued_writes -= len(parts)
             await stdin.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             if not child.stop.is_set():
                 self._mark_down(child, p, "its stdin pipe broke")
+
+    @staticmethod
+    async def _write_all(p: _Process, data: bytes) -> None:
+        """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(p.stdin_fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(p.stdin_fd)
+                continue
+            view = view[n:]
+            p.stdin_progress_at = trio.current_time()
+        await trio.lowlevel.checkpoint()
 
     async def _watch_exit(self, child: _Child, p: _Process) -> None:
         info = await p.proc.wait()
@@ -1543,7 +1596,6 @@ class Supervisor:
     async def _sweep_orphans(self) -> None:
         """Kill and reap the orphans of our tree (process.OrphanAdopter), until none are left:
         an orphan's own setsid'd children become ours when it dies."""
-        assert self._adopter is not None
         while True:
             running = [c.p for c in self._children.values() if c.p and c.p.proc.exit is None]
             spawned = {p.proc.pid for p in running}
@@ -1597,7 +1649,7 @@ class Supervisor:
         with trio.move_on_after(_REAP_TIMEOUT):
             for proc in procs:
                 await proc.wait()
-            if self._adopter is not None and self._adopter.enabled:
+            if self._adopter.enabled:
                 await self._sweep_orphans()
 
     # -- observers --------------------------------------------------------------------------

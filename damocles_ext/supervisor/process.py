@@ -211,9 +211,10 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
     """Create or check `<tmp root>/<stage>-gpu<i>/`: a real directory of ours, mode 0700, in a
     tmp root where no other user can replace it (see _open_tmp_root).
 
-    The default tmp root is in /tmp, where any user can create these names before we do, as a
-    directory others can read and write or as a symlink to one of theirs; the prover's temporary
-    files and bellperson's GPU lock files must not go there.
+    The tmp root may be one others can write to (DAMOCLES_EXT_TMP_ROOT=/tmp, say), where any
+    user can create these names before we do, as a directory others can read and write or as a
+    symlink to one of theirs; the prover's temporary files and bellperson's GPU lock files must
+    not go there. (The default root, config.default_tmp_root, is one they cannot make first.)
     """
     why = (
         "another user could read or replace the prover's temporary files and bellperson's GPU"
@@ -389,11 +390,22 @@ def spawn(
     env: Mapping[str, str],
     cpuset: frozenset[int] | None = None,
 ) -> ChildProcess:
-    """Start `argv` (no shell) in a new session with PDEATHSIG and cpuset; raises SpawnError."""
+    """Start `argv` (no shell) in a new session with PDEATHSIG and cpuset; raises SpawnError.
+
+    Whatever goes wrong on the way (no fds left, no memory, a NUL in an argument or variable)
+    is a SpawnError that says why: a start that failed, never an exception that would take the
+    supervisor down.
+    """
     # Our ends are non-inheritable (O_CLOEXEC); the child ends are dup2'd onto 0/1/2 by Popen.
-    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    made: list[int] = []
+    try:
+        for _ in range(3):
+            made.extend(os.pipe2(os.O_CLOEXEC))
+    except OSError as exc:
+        for fd in made:
+            os.close(fd)
+        raise SpawnError(f"{name}: cannot create its pipes: {_os_reason(exc)}") from None
+    stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = made
     ours = (stdin_w, stdout_r, stderr_r)
     _grow_pipe(stdin_w)  # answers are small; only requests need the room
     try:
@@ -413,12 +425,13 @@ def spawn(
         except FileNotFoundError:
             raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
         except PermissionError:
-            raise SpawnError(f"{name}: program {argv[0]!r} is not executable") from None
+            directory = os.sep in argv[0] and os.path.isdir(argv[0])
+            what = "is a directory, not a program" if directory else "is not executable"
+            raise SpawnError(f"{name}: program {argv[0]!r} {what}") from None
+        except ValueError as exc:  # a NUL in argv or env, which exec cannot carry
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
         except OSError as exc:
-            raise SpawnError(
-                f"{name}: cannot start {argv[0]!r}: {exc.strerror or exc}"
-                f"{' (errno ' + errno.errorcode.get(exc.errno, '?') + ')' if exc.errno else ''}"
-            ) from None
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {_os_reason(exc)}") from None
         except subprocess.SubprocessError as exc:
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
     except BaseException:
@@ -435,7 +448,13 @@ def spawn(
         popen.wait()
         for fd in ours:
             os.close(fd)
-        raise SpawnError(f"{name}: started, but cannot watch it: {exc}") from None
+        raise SpawnError(f"{name}: started, but cannot watch it: {_os_reason(exc)}") from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """'Too many open files (errno EMFILE)': the words and the name to search for."""
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    return f"{exc.strerror or exc}{f' (errno {code})' if code else ''}"
 
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -488,10 +507,10 @@ class OrphanAdopter:
         self.enabled = True
         return True
 
-    def mark(self, env: dict[str, str]) -> str | None:
-        """Put this spawn's mark in a child's environment (before spawning it); returns it."""
-        if not self.enabled:
-            return None
+    def mark(self, env: dict[str, str]) -> str:
+        """Put this spawn's mark in a child's environment (before spawning it); returns it.
+
+        Marked also when we are no subreaper: the GroupGuardian finds the tree by the mark."""
         self._spawns += 1
         env[TREE_ENV] = tag = f"{self.token}.{self._spawns}"
         return tag
@@ -559,13 +578,44 @@ class OrphanAdopter:
 
 # The guardian's program. It double-forks, so that it is nobody's child but init's (tools and
 # tests that list the supervisor's children see only provers), ignores the signals a terminal or
-# a service manager sends to everyone, and reads "+PGID" / "-PGID" lines until EOF.
+# a service manager sends to everyone, and reads "+PGID" / "-PGID" lines until EOF. Then it kills
+# the groups still listed, and every process whose environment carries the tree's mark
+# (argv[1] is "DAMOCLES_EXT_TREE=<token>."): those that left their group (setsid, daemons). It
+# runs with -I -S (no psutil), so it reads /proc itself; a pidfd taken before the environment is
+# read makes sure the signal reaches the process that was checked, not a reused pid. Killing
+# repeats until a pass finds nothing, as a marked process may fork while the pass runs.
 _GUARDIAN_CODE = r"""
-import os, signal
+import os, signal, sys
 if os.fork():
     os._exit(0)
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
     signal.signal(s, signal.SIG_IGN)
+mark = sys.argv[1].encode() if len(sys.argv) > 1 else None
+
+def kill_marked():
+    found = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            fd = os.pidfd_open(int(name))
+        except OSError:
+            continue
+        try:
+            with open("/proc/" + name + "/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                    continue
+            with open("/proc/" + name + "/environ", "rb") as f:
+                env = f.read()
+            if any(v.startswith(mark) for v in env.split(b"\0")):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                found += 1
+        except (OSError, IndexError):
+            pass
+        finally:
+            os.close(fd)
+    return found
+
 groups, buf = set(), b""
 while True:
     try:
@@ -586,6 +636,10 @@ for g in groups:
         os.killpg(g, signal.SIGKILL)
     except OSError:
         pass
+if mark:
+    for _ in range(100):
+        if not kill_marked():
+            break
 """
 
 
@@ -593,17 +647,21 @@ class GroupGuardian:
     """A helper process that SIGKILLs the children's process groups once the supervisor is gone.
 
     PR_SET_PDEATHSIG reaches the children only: when the supervisor is SIGKILLed (damocles-manager
-    stops its ext-prover that way) the processes a child started in its own process group would
-    live on as orphans. The guardian is told each child's group as it starts and ends; when its
-    stdin (a pipe from us) reaches EOF, which happens however we die, it kills every group still
-    listed and exits. A process that left its child's group (setsid) is out of its reach.
+    stops its ext-prover that way) the processes a child started would live on as orphans. The
+    guardian is told each child's group as it starts and ends; when its stdin (a pipe from us)
+    reaches EOF, which happens however we die, it kills every group still listed, then every
+    process that carries `tree_token`'s mark in its environment (see OrphanAdopter.mark), which
+    finds those that left their child's group (setsid, a daemon), and exits. Out of its reach: a
+    process that both left the group and cleared its environment (or was started with a fresh
+    one), and one it may not signal or whose environment it may not read (another user's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tree_token: str | None = None) -> None:
         read_end, self._fd = os.pipe2(os.O_CLOEXEC)
+        mark = [f"{TREE_ENV}={tree_token}."] if tree_token else []
         try:
             helper = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE],
+                [sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, *mark],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -3,7 +3,11 @@
 A child that stops (a failed start, or an exit after it was ready) is started again after a delay
 that doubles from `base` up to `cap`, with jitter so a pool that crashed together does not restart
 in lockstep. The delay sequence starts over once a child has stayed ready for `stable_after`
-seconds. A child whose start fails `max_failed_starts` times in a row is FATAL: it is not started
+seconds, and also after a run that answered at least one request (a success or an error answer):
+such a child works, and what killed it (the OOM killer, a GPU fault) says nothing about its next
+run, so it restarts after `base` however often that happens, while the requests queued for it
+wait. Backoff is for children that cannot start or die before they answer anything. A child whose
+start fails `max_failed_starts` times in a row is FATAL: it is not started
 again, so a broken binary or config costs a few log lines, not a restart storm. The same holds for
 a child that says it is ready and then exits before answering a single request, again and again
 (`max_failed_starts` such exits in a row, none of them after `stable_after` seconds of ready): it
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BackoffPolicy:
-    """The numbers of the restart rules (defaults from issue 3)."""
+    """The numbers of the restart rules."""
 
     base: float = 1.0
     cap: float = 60.0
@@ -93,15 +97,15 @@ class RestartTracker:
             )
         return self._restart(reason)
 
-    def exited(self, now: float, reason: str, *, served: bool = True) -> Decision:
+    def exited(self, now: float, reason: str, *, served: bool) -> Decision:
         """The child stopped after it had been ready (crash, kill after a hang, broken protocol).
 
-        `served`: it answered at least one request in that run.
+        `served`: it answered at least one request in that run (then it restarts after `base`).
         """
         stable = (
             self._ready_since is not None and now - self._ready_since >= self.policy.stable_after
         )
-        if stable:
+        if stable or served:
             self.step = 0
         self._ready_since = None
         if served or stable:

@@ -8,6 +8,24 @@
  *
  * The part between the cdef markers is also read by native/build_ffi.py as the cffi cdef, so it
  * holds only declarations cffi understands: no #if, no macros other than integer #defines.
+ *
+ * Cancellation contract (the `cancel` argument of dext_window_post, dext_winning_post and
+ * dext_build_tree):
+ * - It points to an int32_t owned by the host, valid for the duration of the call only; it may
+ *   be NULL (the call cannot be cancelled).
+ * - Only the host writes it, and only from 0 to 1 (it never goes back to 0 during a call). It may
+ *   already be 1 when the call starts. The host writes it from any thread, usually not the one
+ *   running the call, with an atomic store of memory order release (or stronger).
+ * - The library only reads it, with atomic loads (memory order relaxed suffices: the flag guards
+ *   no other data), from the calling thread or any thread of its own, between units of work, and
+ *   returns DEXT_ERR_CANCELLED promptly once it reads non-zero. It stops reading before the call
+ *   returns. A plain or volatile read is a data race in C11 and C++11: use
+ *   dext_cancel_requested() below, C11 atomic_load_explicit, C++20 std::atomic_ref<int32_t>
+ *   (after a const_cast), or __atomic_load_n.
+ * - The pointer type stays `const volatile int32_t *`, as in the first release of ABI version 1,
+ *   so that existing libraries (C, C++ and CUDA alike) keep compiling and linking; a lock-free
+ *   32-bit atomic has the same size, alignment and representation as int32_t on every platform
+ *   damocles-ext supports.
  */
 #ifndef DEXT_PROVER_H
 #define DEXT_PROVER_H
@@ -28,7 +46,7 @@ extern "C" {
 #define DEXT_ERR_SECTOR 2           /* a sector cannot be used (winning_post, build_tree) */
 #define DEXT_ERR_CANCELLED 3        /* *cancel became non-zero */
 #define DEXT_ERR_IO 4               /* writing output files failed (build_tree) */
-#define DEXT_ERR_NOMEM 5
+#define DEXT_ERR_NOMEM 5            /* an allocation failed: not the task's fault, retry later */
 #define DEXT_ERR_INVALID_PROOF 6    /* dext_verify: the proof does not check out */
 #define DEXT_ERR_INTERNAL 7
 
@@ -76,7 +94,7 @@ void dext_close(dext_handle *handle);
 const char *dext_last_error(dext_handle *handle);
 
 /* On DEXT_OK *result_out is set; on any other status it is set to NULL. progress may be NULL;
- * cancel may be NULL. */
+ * cancel may be NULL (its contract is at the top of this file). */
 int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
                          dext_progress_fn progress, void *progress_ctx,
                          const volatile int32_t *cancel, dext_result **result_out);
@@ -97,6 +115,23 @@ int32_t dext_build_tree(dext_handle *handle, const char *proof_type, const char 
                         dext_progress_fn progress, void *progress_ctx,
                         const volatile int32_t *cancel);
 /* cdef-end */
+
+/* Whether the host asked the call to stop: an atomic load of the cancel flag (see the contract
+ * at the top). NULL means never. */
+#if defined(__GNUC__) || defined(__clang__)
+static inline int dext_cancel_requested(const volatile int32_t *cancel)
+{
+    return cancel != NULL && __atomic_load_n(cancel, __ATOMIC_RELAXED) != 0;
+}
+#elif !defined(__cplusplus) && defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && \
+    !defined(__STDC_NO_ATOMICS__)
+#include <stdatomic.h>
+static inline int dext_cancel_requested(const volatile int32_t *cancel)
+{
+    const volatile _Atomic int32_t *flag = (const volatile _Atomic int32_t *)cancel;
+    return flag != NULL && atomic_load_explicit(flag, memory_order_relaxed) != 0;
+}
+#endif
 
 #ifdef __cplusplus
 }

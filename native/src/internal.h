@@ -101,17 +101,20 @@ void progress_begin(progress_state *s, dext_progress_fn fn, void *ctx, const cha
                     uint64_t total);
 void progress_report(progress_state *s, uint64_t done);
 
-static inline int is_cancelled(const volatile int32_t *cancel) { return cancel && *cancel; }
+static inline int is_cancelled(const volatile int32_t *cancel)
+{
+    return dext_cancel_requested(cancel);
+}
 
 /* Prove one sector: fill entry (sector_entry_size bytes). 0 = proven, 1 = fault (reason in why),
- * -1 = out of memory. */
+ * -1 = out of memory, -2 = SHA-256 failed in OpenSSL (reason in why; not the sector's fault). */
 int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
                  const uint8_t randomness[32], uint64_t sector_index, uint8_t *entry,
                  char *why, size_t why_len);
 
-/* Replica indices in ascending sector id order (malloc'ed), or NULL with the error set (a
- * duplicate sector id, or out of memory). */
-size_t *sorted_replica_order(const dext_post_task *task);
+/* Replica indices in ascending sector id order: DEXT_OK and *order_out malloc'ed, or with the
+ * error set DEXT_ERR_INVALID_ARGUMENT (a sector id twice) or DEXT_ERR_NOMEM, and *order_out NULL. */
+int32_t sorted_replica_order(const dext_post_task *task, size_t **order_out);
 
 /* NULL when the entry checks out for this sector, else a static/thread-local reason. */
 const char *verify_sector_entry(hasher *h, const proof_params *p, const uint8_t *entry,

@@ -56,15 +56,21 @@ static int check_task(const dext_post_task *task, int kind, proof_params *p, con
 }
 
 /* rust-fil-proofs keys the replicas by sector id (a BTreeMap), so the sector index behind the
- * V1 challenge index and the partition split follow ascending sector ids, not the task's order.
- * Returns a malloc'ed permutation, or NULL with the error set. */
-size_t *sorted_replica_order(const dext_post_task *task)
+ * V1 challenge index and the partition split follow ascending sector ids, not the task's order. */
+int32_t sorted_replica_order(const dext_post_task *task, size_t **order_out)
 {
     size_t n = task->replica_count;
+    *order_out = NULL;
+    /* A duplicate is the caller's mistake; running out of memory is not, and a caller that
+     * hears "invalid argument" for it would reject a good task instead of retrying it. */
+    if (n > SIZE_MAX / sizeof(uint64_t)) {
+        set_error("out of memory sorting %zu replicas", n);
+        return DEXT_ERR_NOMEM;
+    }
     size_t *order = malloc(n * sizeof(size_t));
     if (!order) {
-        set_error("out of memory");
-        return NULL;
+        set_error("out of memory sorting %zu replicas", n);
+        return DEXT_ERR_NOMEM;
     }
     for (size_t i = 0; i < n; i++)
         order[i] = i;
@@ -73,8 +79,8 @@ size_t *sorted_replica_order(const dext_post_task *task)
     uint64_t *ids = malloc(n * sizeof(uint64_t));
     if (!ids) {
         free(order);
-        set_error("out of memory");
-        return NULL;
+        set_error("out of memory sorting %zu replicas", n);
+        return DEXT_ERR_NOMEM;
     }
     for (size_t i = 0; i < n; i++)
         ids[i] = task->replicas[i].sector_id;
@@ -82,8 +88,8 @@ size_t *sorted_replica_order(const dext_post_task *task)
     if (!tmp) {
         free(order);
         free(ids);
-        set_error("out of memory");
-        return NULL;
+        set_error("out of memory sorting %zu replicas", n);
+        return DEXT_ERR_NOMEM;
     }
     for (size_t width = 1; width < n; width *= 2) {
         for (size_t lo = 0; lo < n; lo += 2 * width) {
@@ -108,10 +114,11 @@ size_t *sorted_replica_order(const dext_post_task *task)
                       (unsigned long long)ids[order[i]], order[i - 1], order[i]);
             free(order);
             free(ids);
-            return NULL;
+            return DEXT_ERR_INVALID_ARGUMENT;
         }
     free(ids);
-    return order;
+    *order_out = order;
+    return DEXT_OK;
 }
 
 int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
@@ -127,14 +134,15 @@ int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
     }
     if (check_task(task, KIND_WINDOW, &p, "window_post") != 0)
         return DEXT_ERR_INVALID_ARGUMENT;
-    size_t *order = sorted_replica_order(task);
-    if (!order)
-        return DEXT_ERR_INVALID_ARGUMENT;
+    size_t *order = NULL;
+    int32_t status = sorted_replica_order(task, &order);
+    if (status != DEXT_OK)
+        return status;
 
-    int32_t status = DEXT_ERR_NOMEM;
+    status = DEXT_ERR_NOMEM;
     size_t n = task->replica_count;
     size_t entry_size = sector_entry_size(&p);
-    uint8_t *entries = malloc(n * entry_size);
+    uint8_t *entries = n <= SIZE_MAX / entry_size ? malloc(n * entry_size) : NULL;
     uint64_t *faults = malloc(n * sizeof(uint64_t));
     size_t fault_count = 0;
     dext_result *result = NULL;
@@ -159,6 +167,11 @@ int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
         const dext_replica *rep = &task->replicas[order[i]];
         int rc = prove_sector(&h, &p, rep, randomness, i, entries + i * entry_size, why,
                               sizeof(why));
+        if (rc == -2) {
+            set_error("sector %llu: %s", (unsigned long long)rep->sector_id, why);
+            status = DEXT_ERR_INTERNAL;
+            goto out;
+        }
         if (rc < 0) {
             set_error("out of memory proving sector %llu", (unsigned long long)rep->sector_id);
             goto out;
@@ -251,8 +264,13 @@ int32_t dext_winning_post(dext_handle *handle, const dext_post_task *task,
         const dext_replica *rep = &task->replicas[chosen];
         int rc = prove_sector(&h, &p, rep, randomness, k,
                               proof + PROOF_HEADER_SIZE + k * entry_size, why, sizeof(why));
+        if (rc == -2) {
+            set_error("sector %llu: %s", (unsigned long long)rep->sector_id, why);
+            status = DEXT_ERR_INTERNAL;
+            goto out;
+        }
         if (rc < 0) {
-            set_error("out of memory");
+            set_error("out of memory proving sector %llu", (unsigned long long)rep->sector_id);
             goto out;
         }
         if (rc > 0) {

@@ -54,6 +54,8 @@ static int write_full(int fd, const void *buf, size_t len, off_t offset)
         ssize_t n = pwrite(fd, p, len, offset);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n == 0)
+            errno = EIO; /* no progress and no errno: do not report a stale one */
         if (n <= 0)
             return -1;
         p += n;
@@ -77,6 +79,8 @@ static void reduce_level(hasher *h, uint8_t *buf, uint64_t count)
         hash_node(h, buf + 2 * i * NODE_SIZE, buf + (2 * i + 1) * NODE_SIZE, buf + i * NODE_SIZE);
 }
 
+/* 0, or -1 with errno saying why; on failure neither a descriptor nor the temporary file is
+ * left behind, and errno is the failed step's (not the clean-up's), for the caller's message. */
 static int write_file_atomically(const char *path, const uint8_t *data, size_t len)
 {
     char tmp[4200];
@@ -84,11 +88,22 @@ static int write_file_atomically(const char *path, const uint8_t *data, size_t l
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return -1;
-    if (write_full(fd, data, len, 0) != 0 || close(fd) != 0) {
-        unlink(tmp);
-        return -1;
+    int rc = write_full(fd, data, len, 0);
+    int saved = errno;
+    /* Linux releases the descriptor even when close fails, so it is closed exactly once. */
+    if (close(fd) != 0 && rc == 0) {
+        rc = -1;
+        saved = errno;
     }
-    return rename(tmp, path);
+    if (rc == 0 && rename(tmp, path) != 0) {
+        rc = -1;
+        saved = errno;
+    }
+    if (rc != 0) {
+        unlink(tmp);
+        errno = saved;
+    }
+    return rc;
 }
 
 int32_t dext_build_tree(dext_handle *handle, const char *proof_type, const char *sealed_file,
@@ -289,11 +304,18 @@ static int read_small_file(const char *path, uint8_t *buf, size_t want, size_t *
     return 0;
 }
 
-#define FAULT(...)                                  \
-    do {                                            \
-        snprintf(why, why_len, __VA_ARGS__);        \
-        result = 1;                                 \
-        goto out;                                   \
+/* A failed hash is no evidence against the sector (its outputs are zeros, so nothing checks
+ * out): reporting a fault then would have a good sector declared faulty. */
+#define FAULT(...)                                                                  \
+    do {                                                                            \
+        if (h->failed) {                                                            \
+            snprintf(why, why_len, "OpenSSL SHA-256 failed (out of memory?)");      \
+            result = -2;                                                            \
+        } else {                                                                    \
+            snprintf(why, why_len, __VA_ARGS__);                                    \
+            result = 1;                                                             \
+        }                                                                           \
+        goto out;                                                                   \
     } while (0)
 
 int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,

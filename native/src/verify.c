@@ -98,10 +98,11 @@ int32_t dext_verify(dext_handle *handle, const dext_post_task *task, const dext_
         return DEXT_ERR_INVALID_ARGUMENT;
     }
     size_t *order = NULL;
-    if (p.kind == KIND_WINDOW && !(order = sorted_replica_order(task)))
-        return DEXT_ERR_INVALID_ARGUMENT;
+    int32_t status = p.kind == KIND_WINDOW ? sorted_replica_order(task, &order) : DEXT_OK;
+    if (status != DEXT_OK)
+        return status;
 
-    int32_t status = DEXT_ERR_INVALID_PROOF;
+    status = DEXT_ERR_INVALID_PROOF;
     hasher h = {0};
     char why[512];
     uint8_t randomness[32], prover_id[32];
@@ -158,6 +159,12 @@ int32_t dext_verify(dext_handle *handle, const dext_post_task *task, const dext_
             }
             bad = verify_sector_entry(&h, &p, entry, rep->sector_id, rep->comm_r, randomness,
                                       sector_index, why, sizeof(why));
+            if (bad && h.failed) {
+                /* Zeros from a failed hash prove nothing about the proof. */
+                set_error("OpenSSL SHA-256 failed (out of memory?) verifying proof %zu", part);
+                status = DEXT_ERR_INTERNAL;
+                goto out;
+            }
             if (bad) {
                 set_error("proof %zu: %s", part, bad);
                 goto out;

@@ -1,0 +1,172 @@
+"""What keeps a listening socket of `run` (the control socket, the metrics port) from being held
+hostage: a cap on open connections, the longest-idle connection making room for a new one, and
+an accept loop that survives running out of file descriptors.
+
+The rules, in one place:
+
+* at most `limit` connections are open; a new one over the cap closes the connection that has
+  been idle longest (no request in flight, no bytes arriving). If every open connection is
+  busy, the new one is turned away (`refuse`: a short error if the protocol has one);
+* accept(2) failing for lack of descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS) does
+  not end the server, as in trio's `serve_listeners`: the longest-idle connection is closed to
+  free its descriptor, or, with none idle, the loop waits a moment and accepts again;
+* the connection handlers themselves close a connection that stays idle past their idle timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+# accept(2) errors that say the system or the process is out of something, not that the
+# listener is broken (the list trio's serve_listeners uses).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# trio's serve_listeners waits this long before accepting again after such an error.
+SHED_PAUSE = 0.1
+# An evicted connection closes its descriptor from its own task; accept again once it did.
+_EVICT_WAIT = 1.0
+# A flood would otherwise log one line per connection.
+_LOG_EVERY = 10.0
+
+
+class Evictable(Protocol):
+    """A served connection as the slot table sees it."""
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight (bytes may be arriving: `last_active` tells)."""
+        ...
+
+    @property
+    def last_active(self) -> float:
+        """trio.current_time() of the last bytes received or answer sent."""
+        ...
+
+    @property
+    def closed(self) -> trio.Event:
+        """Set once the connection's descriptor is closed."""
+        ...
+
+    def evict(self, reason: str) -> None:
+        """Close the connection soon (from its own task), logging `reason`."""
+        ...
+
+
+class ThrottledLog:
+    """Logs a line at most every 10 s, saying how many were left out in between."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
+        self._log = logger
+        self._level = level
+        self._next = -float("inf")
+        self._skipped = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" ({self._skipped} more like it in the last {_LOG_EVERY:g} s)"
+        self._skipped = 0
+        self._next = now + _LOG_EVERY
+        self._log.log(self._level, message, *args)
+
+
+class ConnectionSlots:
+    """The open connections of one listener, at most `limit` of them."""
+
+    def __init__(self, limit: int, what: str, logger: logging.Logger) -> None:
+        if limit < 1:
+            raise ValueError(f"the connection limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.what = what
+        self._open: set[Evictable] = set()
+        self.evicted = 0  # idle connections closed to make room
+        self.refused = 0  # connections turned away, every open one being busy
+        self.shed = 0  # accept(2) failures for lack of descriptors or memory
+        self._log = ThrottledLog(logger)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, conn: Evictable) -> bool:
+        """Take `conn` in, closing the longest-idle one if at the cap; False: no room (all busy)."""
+        if (
+            len(self._open) >= self.limit
+            and self._evict_idlest(
+                f"{self.what}: {self.limit} connections are open (the limit); closing the one idle"
+                " longest to make room for a new one"
+            )
+            is None
+        ):
+            self.refused += 1
+            self._log(
+                "%s: %d connections are open (the limit) and all are busy; turning a new one away",
+                self.what,
+                self.limit,
+            )
+            return False
+        self._open.add(conn)
+        return True
+
+    def discard(self, conn: Evictable) -> None:
+        """`conn` is gone."""
+        self._open.discard(conn)
+
+    def _evict_idlest(self, reason: str) -> Evictable | None:
+        idle = [c for c in self._open if c.idle]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda c: c.last_active)
+        self._open.discard(victim)
+        self.evicted += 1
+        self._log("%s", reason)
+        victim.evict(reason)
+        return victim
+
+    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """The next connection; out of descriptors, make room (or wait a moment) and go on."""
+        while True:
+            try:
+                return await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.shed += 1
+                name = errno.errorcode.get(exc.errno, str(exc.errno))
+                victim = self._evict_idlest(
+                    f"{self.what}: accept failed with {name} ({os.strerror(exc.errno)}); closing"
+                    " the connection idle longest to free its descriptor"
+                )
+                if victim is not None:
+                    with trio.move_on_after(_EVICT_WAIT):
+                        await victim.closed.wait()
+                    continue
+                self._log(
+                    "%s: accept failed with %s (%s) and no connection is idle; accepting again"
+                    " in %g s (raise the open-file limit, `ulimit -n`, or lower the connection"
+                    " limits)",
+                    self.what,
+                    name,
+                    os.strerror(exc.errno),
+                    SHED_PAUSE,
+                )
+                await trio.sleep(SHED_PAUSE)
+
+
+async def serve_connections(
+    listener: trio.SocketListener,
+    slots: ConnectionSlots,
+    nursery: trio.Nursery,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """Accept forever, starting `handle(stream)` in `nursery` for each connection."""
+    while True:
+        stream = await slots.accept(listener)
+        nursery.start_soon(handle, stream)

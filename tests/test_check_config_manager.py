@@ -1,0 +1,225 @@
+"""check-config on damocles-manager's own ext-prover.cfg, whose entries run `damocles-ext serve`:
+it warns when an entry's `Concurrent` (what damocles-manager sends at once, default 1) is below
+the slots the config that serve reads supervises for that stage."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from damocles_ext.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _damocles_ext_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on damocles-manager's machine, `Bin = "damocles-ext"` must be found on PATH: check-config
+    # refuses a Bin it cannot find. The installed script sits beside this interpreter.
+    bindir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join([bindir, os.environ.get("PATH", "")]))
+
+
+def _check(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
+    """Run check-config; its warnings (exit code 0 asserted)."""
+    assert main(["check-config", *args]) == 0
+    err = capsys.readouterr().err
+    return [line.removeprefix("warning: ") for line in err.splitlines()]
+
+
+def _ours(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ext-prover.cfg"
+    path.write_text(text)
+    return path
+
+
+OURS = """
+[[WdPost]]
+Plugin = "echo"
+Gpus = [0, 1, 2]
+
+[[WinPost]]
+Plugin = "echo"
+Concurrent = 2
+"""
+
+
+def test_an_entry_below_the_slots_serve_supervises_is_warned_about_with_what_to_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ours = _ours(tmp_path / "ours", OURS)
+    manager = tmp_path / "manager" / "ext-prover.cfg"
+    manager.parent.mkdir()
+    manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "window_post", "-c", "{ours}"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--conf-dir", "{ours.parent}"]
+Concurrent = 2
+""")
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+    assert warnings == [
+        (f"{manager}: WdPost[0] has Concurrent = 1 (damocles' default), but the config its"
+        f" `damocles-ext serve window_post` reads ({ours}) supervises 3 window_post slots:"
+        " damocles-manager sends it at most 1 request(s) at once, so 2 slot(s) stay idle; set"
+        " Concurrent = 3 (or more) in that table")
+    ]
+
+    # Raised to the slots: no warning; the WinPost entry (2 of 2) never had one.
+    manager.write_text(manager.read_text().replace('window_post", "-c", "', 'window_post", "--config=', 1)
+                       .replace("[[WinPost]]", "Concurrent = 3\n\n[[WinPost]]"))  # fmt: skip
+    assert not [w for w in _check(capsys, "--conf-dir", str(manager.parent)) if "Concurrent" in w]
+
+
+def test_the_slots_of_a_split_window_post_are_its_vanilla_and_snark_slots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ours = _ours(tmp_path / "ours", """
+[[WdPostVanilla]]
+Plugin = "native"
+Concurrent = 4
+
+[[WdPostSnark]]
+Plugin = "native"
+Gpus = [0, 1]
+""")
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(f"""
+[[WdPost]]
+Bin = "{shutil.which("damocles-ext") or "damocles-ext"}"
+Args = ["serve", "window_post", "--conf-dir", "{ours.parent}", "--deadline-after", "35m"]
+Concurrent = 5
+""")
+    [warning] = [w for w in _check(capsys, str(manager)) if "Concurrent" in w]
+    assert "has Concurrent = 5, but" in warning and "supervises 6 window_post slots" in warning
+    assert warning.endswith("set Concurrent = 6 (or more) in that table")
+
+
+def test_serve_entries_that_cannot_be_checked_or_would_fail_say_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ours = _ours(tmp_path / "ours", OURS)
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "-c", "{ours}"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "-c", "{tmp_path}/missing.cfg"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
+""")
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
+    assert warnings == [
+        (f"{manager}: WdPost[0] runs `damocles-ext serve winning_post -c {ours}`, but"
+        " damocles-manager sends this table's processor window_post requests; serve window_post"
+        " instead"),
+        (f"{manager}: WinPost[0] runs `damocles-ext serve winning_post -c {tmp_path}/missing.cfg`,"
+        " but its config cannot be used, so its Concurrent cannot be checked:"
+        f" {tmp_path}/missing.cfg: cannot read the config file: no such file (check the path);"
+        f" run damocles-ext check-config on {tmp_path}/missing.cfg"),
+        (f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
+        " of the arguments -c/--config --conf-dir --connect is required); fix its Args"),
+    ]  # --connect: no `run` answers at its socket, so there is nothing to compare with
+
+
+def test_our_own_config_gets_no_such_warning(capsys: pytest.CaptureFixture[str]):
+    warnings = _check(capsys, "-c", str(ROOT / "ext-prover.cfg.example"))
+    assert not [w for w in warnings if "serve" in w]
+
+
+def test_the_readme_manager_snippet_sets_concurrent_and_passes_its_own_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use it as damocles-manager's ext-prover", 1)[1].split("\n## ", 1)[0]
+    snippet = re.findall(r"```toml\n(.*?)\n```", section, flags=re.DOTALL)[0]
+    wanted = dict(re.findall(r'Args = \["serve", "(\w+)".*?\]\nConcurrent = (\d+)', snippet))
+    assert wanted == {"window_post": "8", "winning_post": "1"}
+    assert 'Bin = "damocles-ext"' in snippet and "PATH" in section
+
+    # The seed's 8 GPUs for WindowPoSt, one WinningPoSt child: the snippet's numbers.
+    ours = _ours(tmp_path / "etc", '[[WdPost]]\nPlugin = "echo"\nGpus = [0, 1, 2, 3, 4, 5, 6, 7]\n'
+                 '\n[[WinPost]]\nPlugin = "echo"\n')  # fmt: skip
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(snippet.replace("/etc/damocles-ext", str(ours.parent)))
+    assert not [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+    # One WindowPoSt slot more than the snippet's Concurrent: warned.
+    ours.write_text(ours.read_text().replace("[[WinPost]]", "Concurrent = 2\n\n[[WinPost]]"))
+    [warning] = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+    assert "supervises 16 window_post slots" in warning
+
+
+def test_a_connect_entry_is_checked_against_the_run_answering_at_its_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import subprocess
+    import threading
+
+    from helpers_frontend import DEXT, dext_env, short_socket_dir
+
+    ours = _ours(tmp_path / "ours", OURS)  # 3 window_post slots, 2 winning_post
+    with short_socket_dir("m", tmp_path.name) as runtime:
+        socket = runtime / "control.sock"
+        manager = tmp_path / "manager.cfg"
+        manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "window_post", "--connect", "{socket}"]
+Concurrent = 2
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--connect", "{socket}"]
+Concurrent = 2
+""")
+        # Nothing listens yet: nothing to compare with, nothing said.
+        assert not [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+
+        run = subprocess.Popen(
+            [*DEXT, "run", "-c", str(ours), "--socket", str(socket)],
+            env=dext_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        listening = threading.Event()
+        log: list[bytes] = []
+
+        def drain() -> None:
+            for line in run.stderr:
+                log.append(line)
+                if b"control socket listening on" in line:
+                    listening.set()
+            listening.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        try:
+            assert listening.wait(60) and run.poll() is None, b"".join(log).decode()
+            warnings = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
+        finally:
+            run.terminate()
+            assert run.wait(timeout=60) == 0, b"".join(log).decode()
+    assert warnings == [
+        (
+            f"{manager}: WdPost[0] has Concurrent = 2, but the `damocles-ext run` at {socket}"
+            " that its `damocles-ext serve window_post --connect` forwards to supervises 3"
+            " window_post slots: damocles-manager sends it at most 2 request(s) at once, so 1"
+            " slot(s) stay idle; set Concurrent = 3 (or more) in that table"
+        )
+    ]  # the WinPost entry's 2 match the run's 2 winning_post slots

@@ -1,0 +1,172 @@
+"""What the command line prints and how it ends when its reader goes away."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "ext-prover.cfg.example")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["plugins"],
+        ["check-config", "-c", EXAMPLE],
+        ["check-config", "--json", EXAMPLE],
+        ["simulate", "--hours", "1", "--policies", "a,c"],
+    ],
+    ids=["help", "plugins", "check-config", "check-config-json", "simulate"],
+)
+def test_a_closed_stdout_ends_a_command_quietly_without_a_traceback(args: list[str]):
+    # `damocles-ext ... | head -0`: the reader is gone before the first write.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == b"", done.stderr.decode()
+    assert done.returncode in (0, 1)
+
+
+# -- texts ---------------------------------------------------------------------------------------
+
+
+def _dext(*args: str, cwd: Path | None = None, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+def test_verify_of_a_task_of_the_other_stage_points_to_verify_not_prove(tmp_path: Path):
+    from helpers_frontend import make_task
+
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    task = tmp_path / "task.json"
+    task.write_bytes(task_to_json(make_task(1000, stage="window_post")))
+    done = _dext("verify", "winning_post", "--request", str(task), "--output", str(task))
+    assert done.returncode == 2
+    assert done.stderr.rstrip().endswith(
+        "StackedDrgWindow2KiBV1_2 is a WindowPoSt proof type: use `verify window_post`"
+    ), done.stderr
+    done = _dext("prove", "winning_post", "--request", str(task), "-c", EXAMPLE)
+    assert done.returncode == 2 and "use `prove window_post`" in done.stderr, done.stderr
+
+
+def test_simulate_help_says_miners_is_a_count_and_shows_every_default():
+    import argparse
+
+    from damocles_ext.commands import simulate
+
+    parser = simulate.add_parser(argparse.ArgumentParser().add_subparsers())
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS):
+            continue
+        default = action.default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        # "(default 4)", or "machine (default: ...)" where the choices are explained.
+        assert f"default {shown}" in action.help or f"{shown} (default:" in action.help, (
+            action.option_strings,
+            action.help,
+        )
+    miners = next(a for a in parser._actions if "--miners" in a.option_strings)
+    assert miners.help.startswith("how many miners") and "ids" not in miners.help
+
+
+def test_status_help_shows_a_single_percent_sign():
+    done = _dext("status", "--help")
+    assert done.returncode == 0
+    assert "%%" not in done.stdout and "CPU%" in done.stdout
+
+
+def test_the_example_configs_winning_post_child_follows_its_own_gpu_lock_advice():
+    from damocles_ext.config import load_config
+
+    text = Path(EXAMPLE).read_text()
+    assert "For a [[WinPost]] table on GPUs that also run\n# WindowPoSt, false is what we advise" in text
+    children = load_config(EXAMPLE).children
+    window_gpus = {c.gpu for c in children if c.stage == "window_post"}
+    shared = [c for c in children if c.stage == "winning_post" and c.gpu in window_gpus]
+    assert shared, "the example no longer shows a WinningPoSt child on a WindowPoSt GPU"
+    for child in shared:
+        assert f"gpu:{child.gpu}" not in child.locks, child
+
+
+@pytest.fixture(scope="module")
+def sectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 2KiB sectors of miner 1000 and a native-prover config, in one directory."""
+    work = tmp_path_factory.mktemp("prove")
+    (work / "native.cfg").write_text('[[WdPost]]\nPlugin = "native"\n')
+    done = _dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", "4",
+                 "--miner", "1000", "--out", str(work / "s"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return work
+
+
+SEED = "11" * 32
+
+
+def test_the_native_provers_progress_ends_complete(sectors: Path):
+    done = _dext("prove", "window_post", "--manifest", "s/manifest.json", "--seed", SEED,
+                 "-c", "native.cfg", "-o", "out.json", cwd=sectors)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # stderr is a pipe: plain lines; the last one is the prover's phase, finished.
+    assert done.stderr.splitlines()[-1].startswith("window_post window_post: 4/4 (100%) after ")
+
+
+def test_prove_says_a_faulty_sector_means_no_proof_though_it_exits_0(sectors: Path):
+    (sectors / "s" / "sealed" / "s-t01000-2").rename(sectors / "moved")
+    try:
+        done = _dext("prove", "window_post", "--manifest", "s/manifest.json", "--seed", SEED,
+                     "-c", "native.cfg", "--no-progress", cwd=sectors)  # fmt: skip
+    finally:
+        (sectors / "moved").rename(sectors / "s" / "sealed" / "s-t01000-2")
+    assert done.returncode == 0, done.stderr
+    assert '"proofs":[]' in done.stdout and '"faults":[2]' in done.stdout
+    assert done.stderr == (
+        "1 faulty sector: 2; no proof: prove again without them (--sectors with --manifest)\n"
+    )
+    assert "faulty sectors and no proof" in _dext("prove", "--help").stdout
+
+
+def test_an_observer_plugin_is_listed_with_its_hooks_not_as_zero_provers(tmp_path: Path):
+    from child_harness import child_env, make_plugin_dist
+
+    source = (ROOT / "examples" / "dext-alerts-plugin" / "dext_alerts" / "__init__.py").read_text()
+    make_plugin_dist(tmp_path, dist="dext-alerts-plugin", module="dext_alerts_listed",
+                     source=source, entry_point="alerts")  # fmt: skip
+    done = _dext("plugins", env=child_env([tmp_path]))
+    assert done.returncode == 0, done.stderr
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("alerts: ")]
+    assert line.startswith(
+        "alerts: observer of dext_child_exited, dext_request_finished, from dext-alerts-plugin 0.1"
+    ), line
+    assert "testing: 2 prover(s), from" in done.stdout  # prover plugins as before
+    as_json = _dext("plugins", "--json", env=child_env([tmp_path]))
+    import json
+
+    rows = {r["name"]: r for r in json.loads(as_json.stdout)}
+    assert rows["alerts"]["provers"] == []
+    assert rows["alerts"]["hooks"] == ["dext_child_exited", "dext_request_finished"]
+    assert rows["testing"]["hooks"] == []
+
+
+def test_the_alerts_example_has_a_readme_and_contributing_says_how_to_lint():
+    readme = (ROOT / "examples" / "dext-alerts-plugin" / "README.md").read_text()
+    assert "pip install ./examples/dext-alerts-plugin" in readme and "DEXT_ALERT_WEBHOOK" in readme
+    assert ".venv/bin/ruff check ." in (ROOT / "CONTRIBUTING.md").read_text()

@@ -1,0 +1,630 @@
+"""What clients can hold of `run`: the control socket and the metrics port survive running out of
+file descriptors, cap their connections, close idle ones, and bound the bytes of unfinished
+frames; a real `run` started with a low RLIMIT_NOFILE keeps proving and stops with exit 0."""
+
+from __future__ import annotations
+
+import gzip
+import resource
+import signal
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import h11
+import psutil
+import pytest
+import trio
+import trio.testing
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import (
+    DEXT,
+    LogWatcher,
+    dext_env,
+    make_task,
+    plugin_block,
+    short_socket_dir,
+    write_config,
+)
+
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+from damocles_ext.protocol import dext
+from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+
+# Low enough that a test floods it with a hundred connections, high enough for Python, trio,
+# one child's pipes and the process-group guardian.
+LOW_NOFILE = 64
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path):
+    with short_socket_dir("l", tmp_path.name) as d:
+        yield d
+
+
+async def start_run(
+    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
+) -> tuple[trio.Process, LogWatcher]:
+    """`damocles-ext run`, optionally with RLIMIT_NOFILE lowered to `nofile` (soft and hard)."""
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    process = await trio.lowlevel.open_process(
+        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dext_env(),
+        preexec_fn=limit,
+    )
+    watcher = LogWatcher(process.stderr)
+    nursery.start_soon(watcher.run)
+    with trio.fail_after(30):
+        await watcher.wait_for("control socket listening")
+        await watcher.wait_for("ready (dext)")
+    return process, watcher
+
+
+async def stop(run: trio.Process, log: LogWatcher) -> None:
+    run.send_signal(signal.SIGTERM)
+    with trio.fail_after(30):
+        code = await run.wait()
+    assert code == 0, log.text()[-3000:]
+    assert "Traceback" not in log.text(), log.text()[-3000:]
+
+
+def open_fds(pid: int) -> int:
+    return psutil.Process(pid).num_fds()
+
+
+async def wait_closed_by_peer(sock: trio.socket.SocketType) -> bytes:
+    """Wait until the other end closes `sock` (EOF or reset); what it sent before."""
+    received = b""
+    while True:
+        try:
+            data = await sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return received
+        if not data:
+            return received
+        received += data
+
+
+# -- the control socket, in a real `run` with few descriptors ---------------------------------
+
+
+async def test_run_out_of_descriptors_at_the_control_socket_keeps_proving_and_stops_with_0(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    flood: list[trio.socket.SocketType] = []
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, nofile=LOW_NOFILE)
+        try:
+            with trio.fail_after(60):
+                # More idle connections than the process has descriptors: accept hits EMFILE.
+                for _ in range(100):
+                    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    await s.connect(str(path))
+                    flood.append(s)
+                await log.wait_for("accept failed with EMFILE")
+                # Every descriptor is in use (the flood took what the idle ones freed) ...
+                assert open_fds(run.pid) >= LOW_NOFILE - 2
+                # ... and a real client is still served: an idle connection makes room for it.
+                async with connect(path) as client:
+                    assert await client.submit(make_task(5)) == echo_output(make_task(5))
+                # Idle flood connections were closed to free descriptors, not served forever.
+                await wait_closed_by_peer(flood[0])
+                # Fill the table again (the client's descriptor came back when it left): the
+                # last of these connections is served once accepted, so all were.
+                for miner in range(6, 11):
+                    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    await s.connect(str(path))
+                    flood.append(s)
+                await s.send(dext.encode(dext.Request(1, make_task(miner))))
+                [answer] = dext.FrameDecoder().receive_data(await s.recv(65536))
+                assert answer.output == echo_output(make_task(10))
+                # (All but at most one: a closing connection may free one after the last
+                # accept.) SIGTERM still stops it cleanly.
+                assert open_fds(run.pid) >= LOW_NOFILE - 1
+                await stop(run, log)
+        finally:
+            for s in flood:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+    assert not path.exists()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's resident memory high-water mark (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+async def test_run_holding_partial_frames_of_many_clients_stays_under_its_buffer_cap(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    clients, each = 8, 12 * 2**20  # 96 MiB of unfinished frames offered, 16 MiB allowed
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, "--max-buffer", "16M")
+        held: list[trio.socket.SocketType] = []
+        dropped = []
+        try:
+            with trio.fail_after(60):
+                before = peak_rss(run.pid)
+
+                async def hold_a_partial_frame() -> None:
+                    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    held.append(s)
+                    await s.connect(str(path))
+                    # A 16 MiB frame that never ends: its header, then 12 MiB of it.
+                    data = memoryview((16 * 2**20 - 1).to_bytes(4, "big") + bytes(each))
+                    try:
+                        while data:
+                            data = data[await s.send(data[: 2**20]) :]
+                    except (BrokenPipeError, ConnectionResetError):
+                        dropped.append(s)
+
+                async with trio.open_nursery() as flood:
+                    for _ in range(clients):
+                        flood.start_soon(hold_a_partial_frame)
+                grown = peak_rss(run.pid) - before
+                assert grown < 56 * 2**20, f"peak RSS grew {grown / 2**20:.0f} MiB"
+                # Over the cap, the connections holding most were closed.
+                assert len(dropped) >= clients - 2, log.text()[-2000:]
+                await log.wait_for("over the limit of 16 MiB (--max-buffer)")
+                async with connect(path) as client:
+                    assert await client.submit(make_task(3)) == echo_output(make_task(3))
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
+# -- the control server's limits, in process (a backend whose requests end when told) -----------
+
+
+class Backend:
+    """`submit` whose requests run until the test releases them."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, trio.Event] = {}
+        self.release: dict[int, trio.Event] = {}
+
+    def events(self, miner: int) -> tuple[trio.Event, trio.Event]:
+        return (
+            self.started.setdefault(miner, trio.Event()),
+            self.release.setdefault(miner, trio.Event()),
+        )
+
+    async def submit(self, task, *, deadline=None, priority=0, on_progress=None):
+        started, release = self.events(task.miner_id)
+        started.set()
+        await release.wait()
+        return echo_output(task)
+
+
+async def serve_control(nursery, sock_dir: Path, **limits) -> tuple[ControlServer, Backend]:
+    backend = Backend()
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), backend.submit, **limits)
+    await nursery.start(server.serve)
+    return server, backend
+
+
+async def raw_connection(server: ControlServer) -> trio.socket.SocketType:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await s.connect(str(server.path))
+    return s
+
+
+async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hears_why_not(
+    sock_dir, nursery
+):
+    server, backend = await serve_control(nursery, sock_dir, max_connections=2)
+    async with connect(server.path) as a, connect(server.path) as b, trio.open_nursery() as busy:
+        results = {}
+
+        async def prove(client, miner: int) -> None:
+            results[miner] = await client.submit(make_task(miner))
+
+        busy.start_soon(prove, a, 1)
+        busy.start_soon(prove, b, 2)
+        await backend.events(1)[0].wait()
+        await backend.events(2)[0].wait()
+        # Both connections have a request in flight: a third is refused, and told why.
+        with pytest.raises(ProverError, match=r"too many connections \(2 open, all busy"):
+            async with connect(server.path) as c:
+                await c.submit(make_task(3))
+        assert server.statistics().refused == 1
+        # Once `a` is idle, a new connection closes it (the idlest) and is served.
+        backend.events(1)[1].set()
+        while 1 not in results:
+            await trio.testing.wait_all_tasks_blocked()
+        backend.events(4)[1].set()
+        async with connect(server.path) as d:
+            assert await d.submit(make_task(4)) == echo_output(make_task(4))
+        # `a` was told why before the close.
+        while a._lost is None:
+            await trio.testing.wait_all_tasks_blocked()
+        assert "closed the connection before reading more from it: control socket: 2" in a._lost
+        with pytest.raises(ProverError, match="closed the connection before reading more"):
+            await a.submit(make_task(5))
+        # `b`, busy all along, was left alone.
+        backend.events(2)[1].set()
+    assert results == {1: echo_output(make_task(1)), 2: echo_output(make_task(2))}
+    stats = server.statistics()
+    assert (stats.evicted, stats.refused) == (1, 1)
+
+
+async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_not(
+    sock_dir, nursery, autojump_clock
+):
+    server, backend = await serve_control(nursery, sock_dir, idle_timeout=600)
+    async with connect(server.path) as busy_client, trio.open_nursery() as requests:
+        answer = []
+
+        async def prove() -> None:
+            answer.append(await busy_client.submit(make_task(1)))
+
+        requests.start_soon(prove)
+        await backend.events(1)[0].wait()
+        start = trio.current_time()
+        idle = await raw_connection(server)
+        # Closed, with a word that nothing more was read (a crossing request can be resent).
+        [goodbye] = dext.FrameDecoder().receive_data(await wait_closed_by_peer(idle))
+        idle.close()
+        assert goodbye.id == 0 and "idle for 600 s (run's --idle-timeout)" in goodbye.error
+        assert 600 <= trio.current_time() - start < 601
+        assert server.statistics().idle_closed == 1
+        # A WindowPoSt may run for half an hour: its connection stays.
+        await trio.sleep(3600)
+        backend.events(1)[1].set()
+    assert answer == [echo_output(make_task(1))]
+    # Bytes arriving keep a connection too, and the timeout counts from the last of them.
+    trickle = await raw_connection(server)
+    frame = dext.encode(dext.Request(1, make_task(2)))
+    start = trio.current_time()
+    for byte in frame[:-1]:
+        await trio.sleep(500)
+        await trickle.send(bytes([byte]))
+    await wait_closed_by_peer(trickle)
+    trickle.close()
+    assert trio.current_time() - start >= 500 * (len(frame) - 1) + 600
+
+
+async def test_unfinished_frames_over_the_buffer_cap_close_the_connection_holding_most(
+    sock_dir, nursery
+):
+    cap = 4 * 2**20
+    server, backend = await serve_control(nursery, sock_dir, max_buffered=cap)
+    header = (cap - 1).to_bytes(4, "big")  # a frame that will never be finished
+    sizes = (3 * 2**20, 2 * 2**20, 1 * 2**20)
+    held = []
+    for size in sizes:
+        s = await raw_connection(server)
+        await s.send(header)
+        sent = 0
+        while sent < size:
+            sent += await s.send(b"x" * min(65536, size - sent))
+        held.append(s)  # (send returns once the server has read nearly all of it)
+    # 6 MiB would be held: the connection holding 3 MiB is closed, the others stay.
+    await wait_closed_by_peer(held[0])
+    while server.statistics().buffered < sum(sizes[1:]) - 2**20:  # the rest in the kernel
+        await trio.testing.wait_all_tasks_blocked()
+    stats = server.statistics()
+    assert stats.over_buffer == 1
+    assert stats.buffered <= cap
+    assert stats.connections == 2
+    # And a frame longer than the whole budget is refused from its header.
+    big = await raw_connection(server)
+    await big.send((cap + 1).to_bytes(4, "big"))
+    await wait_closed_by_peer(big)
+    for s in (*held, big):
+        s.close()
+    # The server goes on.
+    backend.events(7)[1].set()
+    async with connect(server.path) as client:
+        assert await client.submit(make_task(7)) == echo_output(make_task(7))
+
+
+# -- the metrics port ---------------------------------------------------------------------------
+
+
+async def metrics_url(log: LogWatcher) -> str:
+    line = await log.wait_for("metrics on http://127.0.0.1:")
+    return line.split("metrics on ", 1)[1].strip()
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
+    return host, int(port)
+
+
+async def scrape(url: str) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            assert response.status == 200
+            return response.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def tcp_connection(url: str) -> trio.socket.SocketType:
+    s = trio.socket.socket()
+    await s.connect(address(url))
+    return s
+
+
+async def http_exchange(url: str, request: bytes) -> bytes:
+    """Send `request` on a new connection; everything the server sends before closing."""
+    s = await tcp_connection(url)
+    with s:
+        await s.send(request)
+        received = b""
+        while True:
+            try:
+                data = await s.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not data:
+                return received
+            received += data
+
+
+async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_after_the_timeout(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock",
+                                   "--metrics", "127.0.0.1:0", "--metrics-max-connections", "4",
+                                   "--metrics-idle-timeout", "1")  # fmt: skip
+        held: list[trio.socket.SocketType] = []
+        try:
+            with trio.fail_after(60):
+                url = await metrics_url(log)
+                # Silent connections, and slow ones that never finish their request head.
+                for i in range(10):
+                    s = await tcp_connection(url)
+                    if i % 2:
+                        await s.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    held.append(s)
+                text = await scrape(url)
+                assert "damocles_ext_child_state" in text
+                # Over the cap of 4, the idlest went at once; the rest after the idle timeout.
+                for s in held:
+                    await wait_closed_by_peer(s)
+                await log.wait_for("metrics port: 4 connections are open (the limit)")
+                # Keep-alive: one connection, several scrapes, then the idle timeout ends it.
+                s = await tcp_connection(url)
+                held.append(s)
+                client = h11.Connection(h11.CLIENT)
+                for _ in range(2):
+                    await s.send(client.send(h11.Request(method="GET", target="/metrics",
+                                                         headers=[("Host", "x")])))  # fmt: skip
+                    await s.send(client.send(h11.EndOfMessage()))
+                    events = []
+                    while not events or not isinstance(events[-1], h11.EndOfMessage):
+                        event = client.next_event()
+                        if event is h11.NEED_DATA:
+                            client.receive_data(await s.recv(65536))
+                        else:
+                            events.append(event)
+                    assert events[0].status_code == 200
+                    client.start_next_cycle()
+                await wait_closed_by_peer(s)
+                # A request head over 16 KiB, or something else than GET, is refused.
+                answer = await http_exchange(
+                    url, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40000 + b"\r\n\r\n"
+                )
+                assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+                answer = await http_exchange(
+                    url, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                )
+                assert answer.startswith(b"HTTP/1.1 405 "), answer[:200]
+                # What prometheus_client's server offered: gzip, and a filter by name.
+                answer = await http_exchange(
+                    url, b"GET /metrics?name[]=damocles_ext_requests_total HTTP/1.1\r\nHost: x\r\n"
+                    b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+                )  # fmt: skip
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert b"Content-Encoding: gzip" in head, head
+                text = gzip.decompress(body).decode()
+                assert "damocles_ext_requests_total{" in text
+                assert "damocles_ext_child_state" not in text
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
+async def test_metrics_port_out_of_descriptors_still_answers_a_scrape_and_stops_with_0(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock",
+                                   "--metrics", "127.0.0.1:0", "--metrics-max-connections", "1000",
+                                   nofile=LOW_NOFILE)  # fmt: skip
+        held: list[trio.socket.SocketType] = []
+        try:
+            with trio.fail_after(60):
+                url = await metrics_url(log)
+                for _ in range(100):
+                    held.append(await tcp_connection(url))
+                await log.wait_for("metrics port: accept failed with EMFILE")
+                assert open_fds(run.pid) >= LOW_NOFILE - 2
+                assert "damocles_ext_child_state" in await scrape(url)
+                await stop(run, log)
+        finally:
+            for s in held:
+                s.close()
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
+# -- a request crossing the supervisor's close --------------------------------------------------
+
+
+async def test_a_request_crossing_an_idle_close_is_sent_again_on_a_new_connection(
+    sock_dir, nursery
+):
+    from damocles_ext.client import ReconnectingClient
+
+    path = sock_dir / "c.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+    seen: list[int] = []
+
+    async def supervisor_like() -> None:
+        # The first connection closes the way an idle one does, while the request is on its way
+        # (here: already arrived, the worst case); the second answers it.
+        for n in (1, 2):
+            conn, _ = await listener.accept()
+            with conn:
+                decoder = dext.FrameDecoder()
+                request = None
+                while request is None:
+                    for msg in decoder.receive_data(await conn.recv(65536)):
+                        request = msg
+                seen.append(n)
+                if n == 1:
+                    await conn.send(dext.encode(dext.Response(0, error="idle for 600 s")))
+                else:
+                    output = echo_output(request.task)
+                    await conn.send(dext.encode(dext.Response(request.id, output=output)))
+                    await conn.recv(1)  # until the client goes
+
+    nursery.start_soon(supervisor_like)
+    remote = ReconnectingClient(path)
+    await remote.connect()
+    nursery.start_soon(remote.run)
+    assert await remote.submit(make_task(4)) == echo_output(make_task(4))
+    assert seen == [1, 2] and remote.connections == 2
+    await remote.aclose()
+    listener.close()
+
+
+# -- the settings -------------------------------------------------------------------------------
+
+
+def test_run_defaults_for_the_limits_are_those_of_the_servers():
+    from damocles_ext import metrics
+    from damocles_ext.commands import run
+    from damocles_ext.supervisor import control
+
+    assert run.DEFAULT_MAX_CONNECTIONS == control.DEFAULT_MAX_CONNECTIONS
+    assert run.DEFAULT_IDLE_TIMEOUT == control.DEFAULT_IDLE_TIMEOUT
+    assert run.DEFAULT_MAX_BUFFERED == control.DEFAULT_MAX_BUFFERED
+    assert run.DEFAULT_METRICS_MAX_CONNECTIONS == metrics.DEFAULT_MAX_CONNECTIONS
+    assert run.DEFAULT_METRICS_IDLE_TIMEOUT == metrics.DEFAULT_IDLE_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-connections", "0", "--max-connections: must be at least 1, got 0"),
+        ("--metrics-max-connections", "many", "not a whole number: 'many'"),
+        ("--idle-timeout", "0", "--idle-timeout: must be a positive duration"),
+        ("--metrics-idle-timeout", "soon", "'soon' is not a duration"),
+        ("--max-buffer", "lots", "'lots' is not a size"),
+        ("--max-buffer", "4K", "'4K' is under 1 MiB"),
+    ],
+)
+def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value, message):
+    from helpers_frontend import dext_run
+
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    done = dext_run("run", "-c", str(cfg), "--socket", str(tmp_path / "c.sock"), option, value)
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert message in err and "Traceback" not in err, err
+
+
+async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connection(
+    tmp_path, sock_dir
+):
+    from helpers_frontend import ManagerLike
+
+    from damocles_ext.protocol import jsonl
+
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, path, "--idle-timeout", "1")
+        try:
+            with trio.fail_after(60):
+                m = await ManagerLike.start(
+                    nursery,
+                    [*DEXT, "serve", "window_post", "--connect", str(path)],
+                    "window_post",
+                    stderr=subprocess.PIPE,
+                )
+                for miner in (1, 2):
+                    r = await m.request(make_task(miner))
+                    assert r == jsonl.JsonResponse(miner, echo_output(make_task(miner)), None)
+                    # Idle after its answer: run closes the connection, and says why.
+                    line = await m.wait_log("before reading more from it: idle")
+                    assert " INFO " in line, line  # routine: not a warning
+                    m.log.clear()
+                await m.close_stdin()
+                assert await m.process.wait() == 0
+                assert not [line for line in m.log if "WARNING" in line], m.log
+                await stop(run, log)
+        finally:
+            if run.returncode is None:
+                run.kill()
+            nursery.cancel_scope.cancel()
+
+
+async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
+    sock_dir, nursery
+):
+    from damocles_ext.protocol import control as control_protocol
+    from damocles_ext.supervisor.control import MAX_STATUS_IN_FLIGHT
+
+    calls = 0
+    release = trio.Event()
+
+    async def status() -> dict:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"calls": calls}
+
+    backend = Backend()
+    server = ControlServer(bind_control_socket(sock_dir / "c.sock"), backend.submit, status=status)
+    await nursery.start(server.serve)
+    s = await raw_connection(server)
+    await s.send(b"".join(control_protocol.encode(control_protocol.StatusRequest(i))
+                          for i in range(1, 1001)))  # fmt: skip
+    await trio.testing.wait_all_tasks_blocked()
+    # Not a task (and a /proc walk) per request: the connection waits for its replies to go.
+    assert calls == MAX_STATUS_IN_FLIGHT
+    release.set()
+    decoder = control_protocol.frame_decoder()
+    replies = []
+    while len(replies) < 1000:
+        replies += decoder.receive_data(await s.recv(65536))
+    assert sorted(r.id for r in replies) == list(range(1, 1001))
+    assert calls == 1000
+    s.close()

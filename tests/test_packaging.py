@@ -1,0 +1,88 @@
+"""The sdist: it holds what its own test suite needs (helpers, configs, the example config, the
+benchmarks, CI's command) and the licence files of the declared licence, declared the PEP 639
+way; built with the installed setuptools, offline."""
+
+from __future__ import annotations
+
+import email.parser
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist of this tree, built by setuptools' PEP 517 backend and unpacked."""
+    out = tmp_path_factory.mktemp("sdist")
+    # From a clean copy: setuptools adds the files listed by an earlier build's
+    # *.egg-info/SOURCES.txt (an editable install leaves one), which would hide a gap here.
+    source = tmp_path_factory.mktemp("source") / "tree"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "build",
+        "dist", "*.so", "*.o"))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import setuptools.build_meta as b, sys; print(b.build_sdist(sys.argv[1]))", str(out)],
+        cwd=source, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    archive = out / done.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    [tree] = [p for p in out.iterdir() if p.is_dir()]
+    return tree
+
+
+def test_the_sdist_holds_every_tracked_file(sdist: Path):
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout (an sdist itself)")
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    missing = [f for f in tracked if f != ".gitignore" and not (sdist / f).is_file()]
+    assert missing == []
+
+
+def test_the_sdist_holds_what_its_tests_read_and_the_licence_files(sdist: Path):
+    for path in ["LICENSE-MIT", "LICENSE-APACHE", "ext-prover.cfg.example", ".ci/run",
+                 "tests/helpers_frontend.py", "tests/supervisor_helpers.py",
+                 "tests/child_harness.py", "tests/post_helpers.py", "tests/children/__init__.py",
+                 "tests/configs/seed-8gpu.cfg", "bench/runner.py", "docs/STATUS.md",
+                 "examples/dext-hello-plugin/pyproject.toml"]:  # fmt: skip
+        assert (sdist / path).is_file(), path
+    assert list((sdist / "tests" / "configs" / "bad").glob("*.cfg"))
+    assert not list(sdist.rglob("__pycache__")) and not list(sdist.rglob("*.so"))
+    assert "Permission is hereby granted" in (sdist / "LICENSE-MIT").read_text()
+    assert "Apache License" in (sdist / "LICENSE-APACHE").read_text()
+
+
+def test_the_licence_is_a_pep_639_expression_with_its_files_and_no_dead_dependency(sdist: Path):
+    meta = email.parser.Parser().parsestr((sdist / "PKG-INFO").read_text())
+    assert meta["License-Expression"] == "MIT OR Apache-2.0"
+    assert meta["License"] is None  # the deprecated free-text field of `license = {text = ...}`
+    assert meta.get_all("License-File") == ["LICENSE-MIT", "LICENSE-APACHE"]
+    assert not [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    requires = meta.get_all("Requires-Dist") or []
+    assert not [r for r in requires if r.startswith("tomli")]  # tomllib: Python >= 3.11
+
+
+@pytest.mark.slow
+def test_the_sdists_own_tests_run_with_their_helpers_and_configs(sdist: Path):
+    # One run: collecting modules that import each helper, and running the tests that read
+    # tests/configs/ and the repository's layout. -P: the package is the installed one; the
+    # tests and what they read are the sdist's.
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_serve.py", "tests/test_supervisor.py", "tests/test_child.py",
+         "tests/test_post_cli.py", "tests/test_config.py", "tests/test_repo.py",
+         "-k", "seed or layout or readme_test_command or example"],
+        cwd=sdist, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and "error" not in done.stdout.lower(), done.stdout

@@ -1,0 +1,478 @@
+"""Processes the supervisor must outlive, and outlast: spawn errors, crashes under load,
+grandchildren that leave the tree, children that stall.
+
+Children are real processes (`python -u -c ...` or the built-in child runtime); time enters
+through events, bounded polling of process state, or a MockClock that the test moves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+import trio.testing
+from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
+from supervisor_helpers import (
+    alive,
+    dext_child,
+    jsonl_child,
+    our_descendants,
+    python_child,
+    spec,
+    wait_until,
+    window_task,
+)
+
+from damocles_ext import config
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.restart import BackoffPolicy
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+FAST = BackoffPolicy(base=0.05, cap=0.2)
+
+
+def child_stats(sup, name: str):
+    return next(c for c in sup.statistics().children if c.name == name)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    assert our_descendants() == []
+
+
+# -- errors at spawn ---------------------------------------------------------------------------
+
+
+async def test_a_nul_in_an_env_value_is_a_failed_start_and_the_pool_keeps_serving():
+    bad = spec(jsonl_child(), index=0, envs={"BAD": "a\x00b"}, auto_restart=False)
+    good = spec(jsonl_child(), index=1)
+    async with open_supervisor([bad, good]) as sup:
+        await wait_until(lambda: child_stats(sup, "window_post#0").state == "stopped", 10)
+        last_exit = child_stats(sup, "window_post#0").last_exit
+        assert "failed to start" in last_exit and "null byte" in last_exit
+        out = await sup.submit(window_task(miner=5))
+        assert out.faults[0] == 5
+
+
+@pytest.fixture
+def no_free_fds():
+    """Use up every file descriptor this process may open, then hand back `release()`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A low limit keeps the number of fds to fill small.
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, open_now + 64), hard))
+    hogs: list[int] = []
+
+    def fill() -> None:
+        while True:
+            try:
+                hogs.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release() -> None:
+        while hogs:
+            os.close(hogs.pop())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        yield fill, release
+    finally:
+        release()
+
+
+async def test_no_free_fd_at_spawn_is_a_failed_start_with_its_reason_and_the_child_recovers(
+    no_free_fds,
+):
+    fill, release = no_free_fds
+    sup = Supervisor([spec(jsonl_child())], backoff=BackoffPolicy(base=0.2, cap=0.2))
+    async with trio.open_nursery() as nursery:
+        fill()
+        try:
+            await nursery.start(sup.run)
+            # Launched means its first start was tried: with no fd left, it could not make pipes.
+            last_exit = child_stats(sup, "window_post#0").last_exit
+        finally:
+            release()
+        assert last_exit is not None and "cannot create its pipes" in last_exit
+        assert "EMFILE" in last_exit
+        out = await sup.submit(window_task(miner=9))
+        assert out.faults[0] == 9
+        sup.request_shutdown()
+
+
+# -- crashes of productive children --------------------------------------------------------------
+
+
+async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_promptly(caplog):
+    """The OOM killer or a GPU fault now and then: a child that answered requests restarts after
+    the base delay every time, so the queue does not pile up behind growing backoffs."""
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    # Answers carry the child's pid (faults[1]), so the killer knows which runs have answered.
+    child = jsonl_child("time.sleep(0.005)\nanswer(req)")
+    specs = [spec(child, index=i, concurrent=4, max_attempts=20) for i in range(4)]
+    base = BackoffPolicy().base
+    productive: set[int] = set()
+    kills: set[int] = set()
+    latencies: list[float] = []
+
+    async def one(miner: int) -> None:
+        start = trio.current_time()
+        out = await sup.submit(window_task(miner=miner))
+        latencies.append(trio.current_time() - start)
+        assert out.faults[0] == miner
+        productive.add(out.faults[1])
+
+    async def killer() -> None:
+        while True:
+            await trio.sleep(0.3)  # the load's rhythm, not a synchronisation
+            busy = [
+                c.pid
+                for c in sup.statistics().children
+                if c.state == "busy" and c.pid in productive and c.pid not in kills
+            ]
+            if busy:
+                victim = busy[len(kills) % len(busy)]
+                os.kill(victim, signal.SIGKILL)
+                kills.add(victim)
+
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", count=4)
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(killer)
+                async with trio.open_nursery() as requests:
+                    for miner in range(1, 1001):
+                        requests.start_soon(one, miner)
+                nursery.cancel_scope.cancel()
+    assert len(latencies) == 1000
+    assert kills, "no child was killed: the test proves nothing"
+    # Generous for a loaded 2-core machine; with the backoff doubling, requests waited 45 s+.
+    assert max(latencies) < 30, sorted(latencies)[-5:]
+    delays = [
+        float(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"restarting in ([0-9.]+)s", r.getMessage()))
+    ]
+    # Each kill is followed by a restart, except maybe the last (the supervisor stopped first).
+    assert len(delays) >= len(kills) - 1
+    assert max(delays) <= base, delays
+
+
+# -- nothing of ours survives the supervisor ------------------------------------------------------
+
+# A JSON-lines prover that daemonizes a helper the classic way (fork, setsid, fork, stdio to
+# /dev/null), so the helper is in no process group or session of ours; it notes both pids.
+DAEMONIZING_CHILD = r"""
+import json, os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.write(w, str(os.getpid()).encode())
+    os.close(w)
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(300)",
+                              os.environ["MARKER"]])
+os.close(w)
+os.waitpid(pid, 0)
+daemon = int(os.read(r, 64))
+with open(os.environ["PIDS"], "a") as f:
+    f.write(json.dumps([os.getpid(), daemon]) + "\n")
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    out = {"proofs": [], "faults": []}
+    sys.stdout.write(json.dumps({"id": req["id"], "err_msg": None, "output": out}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def _daemon_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path, Path]:
+    script = tmp_path / "daemonizing_child.py"
+    script.write_text(DAEMONIZING_CHILD)
+    pids = tmp_path / "pids.jsonl"
+    block = (
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps([str(script)])}\n"
+        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
+    )
+    return write_config(tmp_path, block * children), pids
+
+
+def _family(pids_file: Path) -> list[list[int]]:
+    text = pids_file.read_text() if pids_file.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_marked(marker: str) -> None:
+    for proc in _marked(marker):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+async def _sigkill_and_check_nothing_is_left(
+    process: trio.Process, pids: Path, marker: str
+) -> None:
+    await wait_until(lambda: len(_family(pids)) == 2, 20, "both children and their daemons")
+    family = _family(pids)
+    for child, daemon in family:
+        # The daemon really left: another session, and not below the child any more.
+        assert os.getsid(daemon) not in (child, os.getsid(child))
+        assert os.getpgid(daemon) != child
+    assert len(_marked(marker)) == 2
+    process.kill()
+    await process.wait()
+    everyone = [pid for pair in family for pid in pair]
+    await wait_until(lambda: not any(alive(pid) for pid in everyone), 20, "the tree to die")
+    assert _marked(marker) == []
+
+
+async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _daemon_config(tmp_path, marker)
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(
+                nursery,
+                [*DEXT, "serve", "window_post", "-c", str(cfg)],
+                "window_post",
+                stderr=subprocess.DEVNULL,
+            )
+            response = await m.request(make_task(1))
+            assert response.err_msg is None
+            await _sigkill_and_check_nothing_is_left(m.process, pids, marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    cfg, pids = _daemon_config(tmp_path, marker)
+    try:
+        async with trio.open_nursery() as nursery:
+            process, _log = await start_run(nursery, cfg, tmp_path / "sock" / "control.sock")
+            await _sigkill_and_check_nothing_is_left(process, pids, marker)
+            nursery.cancel_scope.cancel()
+    finally:
+        _kill_marked(marker)
+
+
+async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tmp_path):
+    # No subreaper here (the host process is not ours to change): the guardian, at the
+    # supervisor's end, finds the daemon by its mark.
+    marker = f"dext-daemon-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "daemonizing_child.py"
+    script.write_text(DAEMONIZING_CHILD)
+    pids = tmp_path / "pids.jsonl"
+    envs = {"MARKER": marker, "PIDS": str(pids)}
+    try:
+        async with open_supervisor([spec([sys.executable, str(script)], envs=envs)]) as sup:
+            await sup.submit(window_task())
+            await wait_until(lambda: len(_family(pids)) == 1, 20, "the daemon")
+            [[_child, daemon]] = _family(pids)
+            assert alive(daemon)
+        await wait_until(lambda: not alive(daemon), 20, "the daemon to die")
+        assert _marked(marker) == []
+    finally:
+        _kill_marked(marker)
+
+
+# -- stuck children are noticed by default --------------------------------------------------------
+
+EXAMPLE = Path(__file__).parent.parent / "ext-prover.cfg.example"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_hung_child_timeouts_are_on_by_default_with_the_documented_values():
+    assert config.DEFAULT_HEARTBEAT_TIMEOUT == 60.0
+    assert config.DEFAULT_STDIN_TIMEOUT == 60.0
+    cfg = config.parse_config('[[WdPost]]\nPlugin = "echo"\n', "t.cfg")
+    assert config.effective_timeouts(cfg.children[0]) == (60.0, 60.0)
+    off = config.parse_config(
+        '[[WdPost]]\nPlugin = "echo"\nHeartbeatTimeoutSecs = 0\nStdinTimeoutSecs = 0\n', "t.cfg"
+    )
+    assert config.effective_timeouts(off.children[0]) == (0.0, 0.0)
+    example = EXAMPLE.read_text()
+    assert "# HeartbeatTimeoutSecs (number 0 to 86400; default 60; 0 turns it off)" in example
+    assert "# StdinTimeoutSecs (number 0 to 86400; default 60; 0 turns it off)" in example
+    readme = README.read_text()
+    assert "`HeartbeatTimeoutSecs` (default 60" in readme
+    assert "`StdinTimeoutSecs` (default 60)" in readme
+
+
+async def _killed_within_real_seconds(finished: trio.Event, pid: int, seconds: float) -> None:
+    """Wait (in real time: the MockClock stands still) for `finished`; else kill `pid`, so that
+    the supervisor can shut down, and fail."""
+    done = threading.Event()
+
+    async def watch() -> None:
+        await finished.wait()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        ok = await trio.to_thread.run_sync(done.wait, seconds)
+        nursery.cancel_scope.cancel()
+    if not ok:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the child was not killed as hung within {seconds}s after its timeout")
+
+
+# Sends a Progress and, in the same write, half of its Response frame; then stalls for good.
+STALL_MID_FRAME = """
+import time
+frame = dext.encode(dext.Response(msg.id, error="never finished"))
+out.write(dext.encode(dext.Progress(msg.id, "prove", 0, 1)) + frame[: len(frame) // 2])
+out.flush()
+time.sleep(3600)
+"""
+
+
+async def test_a_dext_child_stalled_mid_frame_is_killed_as_hung_under_default_settings(
+    mock_clock,
+):
+    # mock_clock moves only when told: a real child's start is not cut short by a jumped ready
+    # timeout, and the default 60 s wait costs nothing.
+    failures: list[str] = []
+    progressed = trio.Event()
+    finished = trio.Event()
+
+    async def call() -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task(), on_progress=lambda _p: progressed.set())
+        failures.append(str(info.value))
+        finished.set()
+
+    async with open_supervisor([spec(dext_child(STALL_MID_FRAME), max_attempts=1)]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await progressed.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(config.DEFAULT_HEARTBEAT_TIMEOUT - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert child_stats(sup, "window_post#0").state == "busy" and alive(pid)
+            mock_clock.jump(2)
+            await _killed_within_real_seconds(finished, pid, 30)
+        assert not alive(pid)
+    [failure] = failures
+    assert "hung: no Progress or Response for 61.0s" in failure
+    assert "HeartbeatTimeoutSecs = 60" in failure
+
+
+# Says hello, then never reads its stdin again.
+DEAF_DEXT_CHILD = """
+import os, sys, time
+from damocles_ext.protocol import dext
+sys.stdout.buffer.write(dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "deaf", "1", 1)))
+sys.stdout.buffer.flush()
+time.sleep(3600)
+"""
+
+
+def _task_bigger_than_a_pipe() -> WindowPoSt:
+    # About 3 MiB on the wire: more than the 1 MiB stdin pipe (or the 64 KiB one) holds.
+    replicas = [
+        PoStReplicaInfo(i, bytes(32), "/cache/" + "c" * 250, "/sealed/" + "s" * 250)
+        for i in range(6000)
+    ]
+    return WindowPoSt(1000, "StackedDrgWindow2KiBV1_2", replicas, bytes(32))
+
+
+async def test_a_dext_child_that_stops_reading_stdin_is_killed_as_hung_under_default_settings(
+    mock_clock,
+):
+    failures: list[str] = []
+    finished = trio.Event()
+
+    async def call() -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(_task_bigger_than_a_pipe())
+        failures.append(str(info.value))
+        finished.set()
+
+    async with open_supervisor([spec(python_child(DEAF_DEXT_CHILD), max_attempts=1)]) as sup:
+        await sup.wait_ready()
+        pid = child_stats(sup, "window_post#0").pid
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()  # the pipe is full, the writer waits
+            mock_clock.jump(config.DEFAULT_STDIN_TIMEOUT - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert child_stats(sup, "window_post#0").state == "busy" and alive(pid)
+            mock_clock.jump(2)
+            await _killed_within_real_seconds(finished, pid, 30)
+        assert not alive(pid)
+    [failure] = failures
+    assert "hung: read nothing from its stdin for 61.0s" in failure
+    assert "StdinTimeoutSecs = 60" in failure
+
+
+async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_retried(tmp_path):
+    # StdinTimeoutSecs from a config file, short for a real-time test; the child plays deaf
+    # on its first run only, so the retry (on its next run) gets the answer.
+    once = tmp_path / "deaf-once"
+    code = (
+        "import os, sys, time\n"
+        f"if not os.path.exists({str(once)!r}):\n"
+        f"    open({str(once)!r}, 'w').close()\n"
+        "    sys.stdout.write('window_post processor ready\\n'); sys.stdout.flush()\n"
+        "    time.sleep(3600)\n"
+    )
+    jsonl_code = jsonl_child()[-1]
+    script = tmp_path / "child.py"
+    script.write_text(code + jsonl_code)
+    cfg = config.parse_config(
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps(['-u', str(script)])}\n"
+        "StdinTimeoutSecs = 0.5\n",
+        "t.cfg",
+    )
+    async with open_supervisor(cfg, backoff=FAST) as sup:
+        await sup.wait_ready()
+        first = child_stats(sup, "window_post#0").pid
+        with trio.fail_after(30):
+            out = await sup.submit(_task_bigger_than_a_pipe())
+        assert out.faults[0] == 1000 and out.faults[1] != first
+        stats = child_stats(sup, "window_post#0")
+        assert stats.restarts == 1 and "StdinTimeoutSecs = 0.5" in stats.last_exit
