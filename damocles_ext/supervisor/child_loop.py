@@ -27,6 +27,7 @@ import trio
 
 from ..config import describe_argv
 from ..logs import report_bad_output
+from . import timeouts
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
 from .process import ChildProcess, SpawnError, build_env, prepare_spawn, relay_stderr, spawn
@@ -34,7 +35,8 @@ from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
 
 if TYPE_CHECKING:
-    from .core import Request, Slot, Supervisor
+    from .core import Supervisor
+    from .request import Request, Slot
 
 log = logging.getLogger("damocles_ext.supervisor")
 child_log = logging.getLogger("damocles_ext.child")
@@ -250,6 +252,7 @@ def mark_down(
 async def child_loop(
     sup: Supervisor, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
+    """Serve `child` until it is stopped or given up on; started() once it was launched."""
     try:
         while not child.stop.is_set():
             try:
@@ -505,7 +508,7 @@ def send(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
         # The pipe is full from now on; the writer notes each byte the child takes.
         now = trio.current_time()
         p.stdin_progress_at = now
-        sup._watch_stdin(child, p, now)
+        timeouts.watch_stdin(sup, child, p, now)
     p.queued_writes += 1
     try:
         p.send_channel.send_nowait(data)

@@ -30,13 +30,11 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import trio
 
-from ..config import effective_timeouts
 from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
@@ -55,12 +53,13 @@ from ..tasks import (
     split_window_post,
     stage_of,
 )
-from . import child_loop
-from .child_loop import Child, ChildState, Process, kill, mark_down
+from . import child_loop, timeouts
+from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
 from .observers import Observers, request_info
 from .process import GroupGuardian
 from .reaper import Reaper
+from .request import Request, Slot
 from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 from .timers import Timers
@@ -71,39 +70,6 @@ Progress = dext.Progress
 
 # The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
 _MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
-
-
-@dataclass(eq=False)
-class Request:
-    rid: int
-    task: Task
-    stage: str
-    arrival: float
-    deadline: float | None  # trio clock
-    deadline_unix: float | None
-    priority: int
-    on_progress: Callable[[Progress], None] | None
-    attempts: int = 0  # times sent to a child
-    attempt_id: int | None = None  # current scheduler job (queued or running)
-    child: str | None = None  # child of the current or last attempt
-    history: list[str] = field(default_factory=list)
-    done: bool = False
-    output: Output | None = None
-    error: ProverError | None = None
-    event: trio.Event = field(default_factory=trio.Event)
-    running_on: tuple[Child, Process] | None = None  # where the current attempt runs
-
-
-@dataclass(eq=False)
-class Slot:
-    """One attempt in flight on one child process."""
-
-    attempt_id: int
-    child_rid: int
-    request: Request
-    started: float
-    abandoned: bool = False  # its request was answered or moved on; we wait for the child
-    timeout: list[Any] | None = None  # its RequestTimeoutSecs timer (cancelled on the answer)
 
 
 def _state_word(state: ChildState) -> str:
@@ -354,8 +320,7 @@ class Supervisor:
                     " can still start ("
                     + (
                         "; ".join(
-                            f"{c.name} is {_state_word(c.state)},"
-                            f" last: {c.last_exit}"
+                            f"{c.name} is {_state_word(c.state)}, last: {c.last_exit}"
                             for c in pool
                             if c not in alive
                         )
@@ -429,8 +394,7 @@ class Supervisor:
             req.output = output
             if outcome is None:
                 faulty = (
-                    isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput)
-                    and output.faults
+                    isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput) and output.faults
                 )
                 outcome = "fault" if faulty else "ok"
         req.event.set()
@@ -465,7 +429,7 @@ class Supervisor:
                 if p is not None and p.conn.protocol == "dext":
                     # A JSON-lines child cannot be told; its answer will be dropped. A dext child
                     # that ignores Cancel is treated as hung, as for a timeout.
-                    self._send_cancel(child, slot, kill_after_grace=True)
+                    timeouts.send_cancel(self, child, slot, kill_after_grace=True)
         self._dispatch()
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -550,15 +514,8 @@ class Supervisor:
         req.child = child.name
         req.running_on = (child, p)
         child_loop.send(self, child, p, data)
-        timeout = child.spec.request_timeout
-        if timeout:
-            slot.timeout = self._timers.add(
-                now + timeout, lambda t: self._on_request_timeout(child, p, slot, t)
-            )
-        hb = effective_timeouts(child.spec)[0]
-        if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
-            p.heartbeat_armed = True
-            self._timers.add(p.last_activity + hb, lambda t: self._on_heartbeat(child, p, t))
+        slot.timeout = timeouts.arm_request_timeout(self, child, p, slot)
+        timeouts.arm_heartbeat(self, child, p)
         if self._observers.active:
             self._observers.observe("dext_request_started", request=request_info(req))
 
@@ -592,7 +549,7 @@ class Supervisor:
             error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
             outcome="timeout",
         )
-        self._send_cancel(child, slot, kill_after_grace=True)
+        timeouts.send_cancel(self, child, slot, kill_after_grace=True)
 
     def _describe_failure(self, req: Request, reason: str) -> str:
         text = f"request {req.rid} ({req.stage}): {reason}"
@@ -689,96 +646,6 @@ class Supervisor:
         else:
             child.done += 1
             self._finish(req, output=ev.output)
-
-    # -- timeouts ---------------------------------------------------------------------------
-
-    def _send_cancel(self, child: Child, slot: Slot, *, kill_after_grace: bool) -> None:
-        p = child.p
-        if p is None or p.slots.get(slot.child_rid) is not slot:
-            return
-        data = p.conn.encode_cancel(slot.child_rid)
-        if data is not None:
-            child_loop.send(self, child, p, data)
-        if kill_after_grace:
-            grace = child.spec.cancel_grace
-            self._timers.add(
-                trio.current_time() + grace,
-                lambda t: self._on_cancel_grace(child, p, slot, grace),
-            )
-
-    def _on_cancel_grace(self, child: Child, p: Process, slot: Slot, grace: float) -> None:
-        if p.slots.get(slot.child_rid) is not slot or p.down_reason is not None:
-            return
-        how = "a Cancel" if p.conn.protocol == "dext" else "its timeout (JSON lines: no Cancel)"
-        # The request that hung was dealt with already; the others on this child did nothing
-        # wrong, so their retry is free.
-        kill(
-            self,
-            child,
-            p,
-            f"request {slot.request.rid} (child id {slot.child_rid}) still running"
-            f" {grace:g}s after {how}",
-            charge_all=False,
-        )
-
-    def _on_request_timeout(self, child: Child, p: Process, slot: Slot, now: float) -> None:
-        if p.slots.get(slot.child_rid) is not slot or slot.abandoned or p.down_reason is not None:
-            return
-        slot.abandoned = True
-        req = slot.request
-        child.failed += 1
-        timeout = child.spec.request_timeout
-        what = f"timed out after {timeout:g}s on {child.name} (pid {child.pid})"
-        req.history.append(f"attempt {req.attempts} {what}")
-        self._retry_or_fail(req, child, slot.attempt_id, what, outcome="timeout")
-        self._send_cancel(child, slot, kill_after_grace=True)
-        self._dispatch()
-
-    def _on_heartbeat(self, child: Child, p: Process, now: float) -> None:
-        hb = effective_timeouts(child.spec)[0]
-        if p.down_reason is not None or not hb:
-            return
-        if not p.slots:
-            p.heartbeat_armed = False
-            return
-        due = p.last_activity + hb
-        if now < due:
-            self._timers.add(due, lambda t: self._on_heartbeat(child, p, t))
-            return
-        kill(
-            self,
-            child,
-            p,
-            f"hung: no Progress or Response for {now - p.last_activity:.1f}s while working"
-            f" (HeartbeatTimeoutSecs = {hb:g})",
-            charge_all=True,
-        )
-
-    def _watch_stdin(self, child: Child, p: Process, now: float) -> None:
-        """Writes to the child wait for room in its stdin pipe: make sure it keeps reading."""
-        timeout = effective_timeouts(child.spec)[1]
-        if timeout and not p.stdin_watch_armed:
-            p.stdin_watch_armed = True
-            self._timers.add(now + timeout, lambda t: self._on_stdin_watch(child, p, t))
-
-    def _on_stdin_watch(self, child: Child, p: Process, now: float) -> None:
-        p.stdin_watch_armed = False
-        if p.down_reason is not None or p.queued_writes == 0:
-            return
-        timeout = effective_timeouts(child.spec)[1]
-        due = p.stdin_progress_at + timeout
-        if now < due:
-            p.stdin_watch_armed = True
-            self._timers.add(due, lambda t: self._on_stdin_watch(child, p, t))
-            return
-        kill(
-            self,
-            child,
-            p,
-            f"hung: read nothing from its stdin for {now - p.stdin_progress_at:.1f}s while"
-            f" messages for it waited in a full pipe (StdinTimeoutSecs = {timeout:g})",
-            charge_all=True,
-        )
 
     def _retry_or_fail(
         self,
@@ -901,6 +768,7 @@ class Supervisor:
                 error=f"request {req.rid} ({req.stage}) did not finish {where} within the"
                 f" shutdown grace period ({self.shutdown_grace:g}s)",
             )
+
 
 __all__ = [
     "CHILD_STATES",

@@ -16,7 +16,7 @@ from .process import ExitInfo
 
 if TYPE_CHECKING:
     from .child_loop import Child
-    from .core import Request
+    from .request import Request
 
 log = logging.getLogger("damocles_ext.supervisor")
 
