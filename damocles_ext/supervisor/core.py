@@ -57,7 +57,7 @@ from . import child_loop, timeouts
 from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
 from .observers import Observers, request_info
-from .process import GroupGuardian
+from .orphans import GroupGuardian
 from .reaper import Reaper
 from .request import Request, Slot
 from .restart import BackoffPolicy, RestartTracker
@@ -146,7 +146,7 @@ class Supervisor:
         self._observers = Observers(plugin_manager)
         self._guardian: GroupGuardian | None = None
         # adopt_orphans: become a child subreaper and kill what children leave behind outside
-        # their process group (process.OrphanAdopter); for a process of our own (serve, run).
+        # their process group (orphans.OrphanAdopter); for a process of our own (serve, run).
         # Every child is marked (OrphanAdopter.mark) for the guardian, subreaper or not.
         self._adopt_orphans = adopt_orphans
         self._reaper = Reaper(

@@ -1,7 +1,7 @@
 """The reaper: what the children leave behind is killed and reaped, at each end and at the last.
 
 Two jobs, both about processes no child task owns any more:
-* the orphan sweep: as a child subreaper (process.OrphanAdopter), the supervisor inherits what a
+* the orphan sweep: as a child subreaper (orphans.OrphanAdopter), the supervisor inherits what a
   child started outside its process group (setsid) once the child dies; such orphans are killed
   and reaped at each child's end and every `ORPHAN_SWEEP_INTERVAL` seconds;
 * the last kill: when the supervisor stops, every child's tree still alive (and every process
@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 import psutil
 import trio
 
-from .process import ChildProcess, OrphanAdopter
+from .orphans import OrphanAdopter
+from .process import ChildProcess
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -49,7 +50,7 @@ class Reaper:
                     await self.sweep_orphans()
 
     async def sweep_orphans(self) -> None:
-        """Kill and reap the orphans of our tree (process.OrphanAdopter), until none are left:
+        """Kill and reap the orphans of our tree (orphans.OrphanAdopter), until none are left:
         an orphan's own setsid'd children become ours when it dies."""
         while True:
             running = [(proc, mark) for proc, mark in self._running() if proc.exit is None]
