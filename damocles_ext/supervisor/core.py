@@ -188,6 +188,10 @@ class _Process:
         self.charge_all = True  # a crash costs every in-flight request an attempt
         self.last_activity = 0.0
         self.heartbeat_armed = False
+        # The heartbeat and stdin-watch timers of this process: cancelled when it goes down, so
+        # a dead process is not kept alive (its pipes' buffers with it) until they would fire.
+        self.heartbeat_timer: list[Any] | None = None
+        self.stdin_timer: list[Any] | None = None
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
         self.read_ended = False  # EOF or a protocol error: nothing more is read
@@ -790,7 +794,9 @@ class Supervisor:
         hb = effective_timeouts(child.spec)[0]
         if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
             p.heartbeat_armed = True
-            self._timers.add(p.last_activity + hb, lambda t: self._on_heartbeat(child, p, t))
+            p.heartbeat_timer = self._timers.add(
+                p.last_activity + hb, lambda t: self._on_heartbeat(child, p, t)
+            )
         if self._observer_send is not None:
             self._observe("dext_request_started", request=self._request_info(req))
 
@@ -974,7 +980,7 @@ class Supervisor:
             return
         due = p.last_activity + hb
         if now < due:
-            self._timers.add(due, lambda t: self._on_heartbeat(child, p, t))
+            p.heartbeat_timer = self._timers.add(due, lambda t: self._on_heartbeat(child, p, t))
             return
         self._kill(
             child,
@@ -989,7 +995,9 @@ class Supervisor:
         timeout = effective_timeouts(child.spec)[1]
         if timeout and not p.stdin_watch_armed:
             p.stdin_watch_armed = True
-            self._timers.add(now + timeout, lambda t: self._on_stdin_watch(child, p, t))
+            p.stdin_timer = self._timers.add(
+                now + timeout, lambda t: self._on_stdin_watch(child, p, t)
+            )
 
     def _on_stdin_watch(self, child: _Child, p: _Process, now: float) -> None:
         p.stdin_watch_armed = False
@@ -999,7 +1007,7 @@ class Supervisor:
         due = p.stdin_progress_at + timeout
         if now < due:
             p.stdin_watch_armed = True
-            self._timers.add(due, lambda t: self._on_stdin_watch(child, p, t))
+            p.stdin_timer = self._timers.add(due, lambda t: self._on_stdin_watch(child, p, t))
             return
         self._kill(
             child,
@@ -1073,6 +1081,9 @@ class Supervisor:
         if p.down_reason is None:
             p.down_reason = reason
             p.charge_all = charge_all
+            self._timers.cancel(p.heartbeat_timer)
+            self._timers.cancel(p.stdin_timer)
+            p.heartbeat_timer = p.stdin_timer = None
         if child.p is p and child.state in ("ready", "starting"):
             child.state = "stopping"
             self._scheduler.child_down(child.name, trio.current_time())
