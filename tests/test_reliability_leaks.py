@@ -19,6 +19,7 @@ from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.scheduling.policy import ChildInfo, Job, Scheduler
 from damocles_ext.supervisor import Supervisor, observers
+from damocles_ext.supervisor.restart import BackoffPolicy
 
 WD = "window_post"
 
@@ -102,6 +103,21 @@ async def test_timers_of_answered_requests_do_not_pile_up_until_they_expire():
         pending = len(sup._timers)
         sup.request_shutdown()
     assert pending <= 1
+
+
+async def test_timers_of_a_dead_child_go_with_it():
+    # The heartbeat check is on by default for dext children; its timer held a dead process (its
+    # pipes and buffers) until it fired, a minute later: under frequent crashes memory grew.
+    child = spec(dext_child("answer(msg)\nos._exit(3)", setup="import os"), max_attempts=5)
+    sup = Supervisor([child], backoff=BackoffPolicy(base=0.01, cap=0.02))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        for i in range(20):
+            await sup.wait_ready()
+            await sup.submit(window_task(miner=i))
+        pending = len(sup._timers)
+        sup.request_shutdown()
+    assert pending <= 2
 
 
 class _HangingObserver:

@@ -174,6 +174,65 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
     assert max(delays) <= base, delays
 
 
+async def test_serve_under_manager_load_with_working_children_sigkilled_every_0_3s(tmp_path):
+    """The same through a real `serve`, driven as damocles-manager drives it: 1,000 JSON lines at
+    once on its stdin, a working child SIGKILLed every 0.3 s; each line is answered once, with
+    its output, in bounded time, and every restart comes after the base delay."""
+    argv = jsonl_child("time.sleep(0.005)\nanswer(req)")
+    block = (
+        f"[[WdPost]]\nBin = {json.dumps(argv[0])}\nArgs = {json.dumps(argv[1:])}\n"
+        "Concurrent = 4\nMaxAttempts = 20\n"
+    )
+    cfg = write_config(tmp_path, block * 4)
+    base = BackoffPolicy().base
+    kills: set[int] = set()
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)], "window_post",
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        serve = psutil.Process(m.process.pid)
+
+        def productive() -> set[int]:
+            # Answers carry their child's pid (faults[1]): those runs have answered something.
+            return {r.output.faults[1] for r in list(m.responses.values()) if r.output}
+
+        async def killer() -> None:
+            while True:
+                await trio.sleep(0.3)  # the load's rhythm, not a synchronisation
+                working = productive() - kills
+                alive_now = [c.pid for c in serve.children() if c.pid in working]
+                if alive_now:
+                    victim = alive_now[len(kills) % len(alive_now)]
+                    os.kill(victim, signal.SIGKILL)
+                    kills.add(victim)
+
+        async def one(request_id: int, miner: int, sent: float) -> None:
+            r = await m.wait(request_id)
+            latencies.append(trio.current_time() - sent)
+            assert r.err_msg is None, r.err_msg
+            assert r.output.faults[0] == miner
+
+        with trio.fail_after(120):
+            nursery.start_soon(killer)
+            async with trio.open_nursery() as waiters:
+                sent = trio.current_time()
+                for miner in range(1, 1001):
+                    request_id = await m.send(make_task(miner=miner))
+                    waiters.start_soon(one, request_id, miner, sent)
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+        nursery.cancel_scope.cancel()
+    assert len(latencies) == 1000 and not m.duplicates and not m.unknown
+    assert len(kills) >= 3, "too few kills: the test proves little"
+    # Generous for a loaded 2-core machine; with the backoff doubling, requests waited 45 s+.
+    assert max(latencies) < 60, sorted(latencies)[-5:]
+    delays = [float(x) for line in m.log for x in re.findall(r"restarting in ([0-9.]+)s", line)]
+    assert len(delays) >= len(kills) - 1
+    assert max(delays) <= base, delays
+
+
 # -- nothing of ours survives the supervisor ------------------------------------------------------
 
 # A JSON-lines prover that daemonizes a helper the classic way (fork, setsid, fork, stdio to

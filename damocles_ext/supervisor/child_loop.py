@@ -133,6 +133,10 @@ class Process:
         self.charge_all = True  # a crash costs every in-flight request an attempt
         self.last_activity = 0.0
         self.heartbeat_armed = False
+        # The heartbeat and stdin-watch timers of this process: cancelled when it goes down, so
+        # a dead process is not kept alive (its pipes' buffers with it) until they would fire.
+        self.heartbeat_timer: list[Any] | None = None
+        self.stdin_timer: list[Any] | None = None
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
         self.read_ended = False  # EOF or a protocol error: nothing more is read
@@ -242,6 +246,9 @@ def mark_down(
     if p.down_reason is None:
         p.down_reason = reason
         p.charge_all = charge_all
+        sup._timers.cancel(p.heartbeat_timer)
+        sup._timers.cancel(p.stdin_timer)
+        p.heartbeat_timer = p.stdin_timer = None
     if child.p is p and child.state in (ChildState.READY, ChildState.STARTING):
         child.change_state(ChildState.STOPPING)
         sup._scheduler.child_down(child.name, trio.current_time())

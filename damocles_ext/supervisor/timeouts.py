@@ -34,7 +34,9 @@ def arm_heartbeat(sup: Supervisor, child: Child, p: Process) -> None:
     hb = effective_timeouts(child.spec)[0]
     if hb and p.conn.protocol == "dext" and not p.heartbeat_armed:
         p.heartbeat_armed = True
-        sup._timers.add(p.last_activity + hb, lambda t: _on_heartbeat(sup, child, p, t))
+        p.heartbeat_timer = sup._timers.add(
+            p.last_activity + hb, lambda t: _on_heartbeat(sup, child, p, t)
+        )
 
 
 def _on_heartbeat(sup: Supervisor, child: Child, p: Process, now: float) -> None:
@@ -46,7 +48,7 @@ def _on_heartbeat(sup: Supervisor, child: Child, p: Process, now: float) -> None
         return
     due = p.last_activity + hb
     if now < due:
-        sup._timers.add(due, lambda t: _on_heartbeat(sup, child, p, t))
+        p.heartbeat_timer = sup._timers.add(due, lambda t: _on_heartbeat(sup, child, p, t))
         return
     child_loop.kill(
         sup,
@@ -63,7 +65,7 @@ def watch_stdin(sup: Supervisor, child: Child, p: Process, now: float) -> None:
     timeout = effective_timeouts(child.spec)[1]
     if timeout and not p.stdin_watch_armed:
         p.stdin_watch_armed = True
-        sup._timers.add(now + timeout, lambda t: _on_stdin_watch(sup, child, p, t))
+        p.stdin_timer = sup._timers.add(now + timeout, lambda t: _on_stdin_watch(sup, child, p, t))
 
 
 def _on_stdin_watch(sup: Supervisor, child: Child, p: Process, now: float) -> None:
@@ -74,7 +76,7 @@ def _on_stdin_watch(sup: Supervisor, child: Child, p: Process, now: float) -> No
     due = p.stdin_progress_at + timeout
     if now < due:
         p.stdin_watch_armed = True
-        sup._timers.add(due, lambda t: _on_stdin_watch(sup, child, p, t))
+        p.stdin_timer = sup._timers.add(due, lambda t: _on_stdin_watch(sup, child, p, t))
         return
     child_loop.kill(
         sup,
