@@ -31,9 +31,8 @@ from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, w
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import dext, jsonl
-from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor import Supervisor, child_loop
 from damocles_ext.supervisor import control as control_module
-from damocles_ext.supervisor import core as core_module
 from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 from damocles_ext.supervisor.restart import BackoffPolicy
 
@@ -290,16 +289,16 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
 async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_supervisor(
     monkeypatch, caplog
 ):
-    original = Supervisor._handshake
+    original = child_loop._handshake
     calls = []
 
-    async def buggy_handshake(self, child, p):
+    async def buggy_handshake(sup, child, p):
         calls.append(child.name)
         if len(calls) == 1:
             raise RuntimeError("injected bug in the handshake")
-        return await original(self, child, p)
+        return await original(sup, child, p)
 
-    monkeypatch.setattr(Supervisor, "_handshake", buggy_handshake)
+    monkeypatch.setattr(child_loop, "_handshake", buggy_handshake)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
     with trio.fail_after(30):
@@ -319,7 +318,7 @@ async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_superv
 async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_restart_rules(
     monkeypatch, caplog
 ):
-    original = core_module.build_env
+    original = child_loop.build_env
     calls = []
 
     def buggy_build_env(*args, **kwargs):
@@ -328,7 +327,7 @@ async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_res
             raise RuntimeError("injected bug before the spawn")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(core_module, "build_env", buggy_build_env)
+    monkeypatch.setattr(child_loop, "build_env", buggy_build_env)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
     with trio.fail_after(30):

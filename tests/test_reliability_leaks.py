@@ -18,7 +18,7 @@ from supervisor_helpers import dext_child, our_descendants, spec, window_task
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.scheduling.policy import ChildInfo, Job, Scheduler
-from damocles_ext.supervisor import Supervisor, core
+from damocles_ext.supervisor import Supervisor, observers
 from damocles_ext.supervisor.restart import BackoffPolicy
 
 WD = "window_post"
@@ -133,7 +133,7 @@ class _HangingObserver:
 async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_running(
     monkeypatch, caplog
 ):
-    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     observer = _HangingObserver()
     pm = get_plugin_manager(entry_points=False)
     pm.register(observer, name="hanging")
@@ -150,8 +150,8 @@ async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_runni
 
 
 async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkeypatch, caplog):
-    monkeypatch.setattr(core, "_OBSERVER_BACKLOG", 5)
-    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    monkeypatch.setattr(observers, "OBSERVER_BACKLOG", 5)
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
     observer = _HangingObserver()
     pm = get_plugin_manager(entry_points=False)

@@ -409,7 +409,7 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
 # Run in a process of its own: becoming a child subreaper is a property of the whole process.
 _ZOMBIE_SCRIPT = r"""
 import os, subprocess, sys
-from damocles_ext.supervisor.process import OrphanAdopter
+from damocles_ext.supervisor.orphans import OrphanAdopter
 
 adopter = OrphanAdopter()
 assert adopter.enable()
