@@ -232,12 +232,12 @@ def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
     import trio
 
     from damocles_ext.errors import DextError
+    from damocles_ext.stages import child_stages
     from damocles_ext.status import StatusError
     from damocles_ext.supervisor.control import default_socket_path
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
 
     path = socket if socket is not None else str(default_socket_path())
-    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+    stages = child_stages(stage)
 
     async def ask() -> int:
         from damocles_ext.client import connect

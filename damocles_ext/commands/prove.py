@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
+from damocles_ext.stages import POST_STAGES
 
-from .serve import STAGES, add_common_args, add_dump_arg
+from .serve import add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, Task
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " without them); 1: the prover failed; 2: bad input."
         ),
     )
-    parser.add_argument("stage", choices=STAGES, help="the stage of the task")
+    parser.add_argument("stage", choices=POST_STAGES, help="the stage of the task")
     task_source = parser.add_mutually_exclusive_group(required=True)
     task_source.add_argument(
         "--request",

@@ -26,12 +26,11 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any
 
+from damocles_ext.stages import POST_STAGES, can_serve, child_stages
+
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
 
-#: The PoSt stages a request names (damocles_ext.tasks.POST_STAGES; kept here so that the CLI
-#: starts without importing msgspec; tests/test_repo.py checks they agree).
-STAGES = ("window_post", "winning_post")
 DEFAULT_SHUTDOWN_GRACE = 30.0
 log = logging.getLogger("damocles_ext.serve")
 
@@ -143,10 +142,8 @@ def children_of(config: Config, stage: str) -> list[ChildSpec]:
     """The config's children of `stage`; UsageError when there is none."""
     from damocles_ext.config import TABLE_OF_STAGE
     from damocles_ext.errors import UsageError
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
 
-    # A window_post served split runs on the children of both split tables (config.py).
-    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+    stages = child_stages(stage)
     children = [c for c in config.children if c.stage in stages]
     if not children:
         table = TABLE_OF_STAGE[stage]
@@ -174,7 +171,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " or SIGINT shut down gracefully."
         ),
     )
-    parser.add_argument("stage", choices=STAGES, help="the stage to serve")
+    parser.add_argument("stage", choices=POST_STAGES, help="the stage to serve")
     source = add_config_args(parser, required=True)
     source.add_argument(
         "--connect",
@@ -255,7 +252,7 @@ def _with_deadline(submit, after: float | None):
 def _socket_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty socket path; leave the value out for the default")
-    if text in STAGES:
+    if text in POST_STAGES:
         raise argparse.ArgumentTypeError(
             f"{text!r} is a stage, not a socket path: put --connect after the stage"
             f" (serve {text} --connect [SOCKET])"
@@ -488,7 +485,6 @@ async def _stage_problem(remote, stage: str) -> str | None:
 
     from damocles_ext.config import TABLE_OF_STAGE
     from damocles_ext.errors import ProverError
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
 
     try:
         with trio.fail_after(3):
@@ -496,8 +492,7 @@ async def _stage_problem(remote, stage: str) -> str | None:
     except (ProverError, trio.TooSlowError) as exc:
         log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, exc)
         return None
-    stages = {c.stage for c in doc.children}
-    if stage in stages or (stage == "window_post" and set(WINDOW_POST_SPLIT) <= stages):
+    if can_serve(stage, (c.stage for c in doc.children)):
         return None
     table = TABLE_OF_STAGE[stage]
     return (
