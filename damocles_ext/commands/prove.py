@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from damocles_ext.errors import UsageError
 from damocles_ext.stages import POST_STAGES
 
-from .serve import add_common_args, add_dump_arg
+from .common import add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, Task
@@ -113,7 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
-    from damocles_ext.commands.serve import children_of, load_config_from_args, setup_logging
+    from .common import children_of, load_config_from_args, setup_logging
 
     setup_logging(args)
     if args.manifest is not None:

@@ -6,16 +6,18 @@ import argparse
 import logging
 import re
 
-from .serve import (
+from .common import (
     add_common_args,
     add_config_args,
     add_dump_arg,
     add_restart_arg,
     add_shutdown_arg,
     load_config_from_args,
+    positive_duration,
+    setup_logging,
     supervisor_options,
-    watch_signals,
 )
+from .serve import watch_signals
 
 log = logging.getLogger("damocles_ext.run")
 
@@ -63,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--idle-timeout",
-        type=_timeout,
+        type=positive_duration,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="DURATION",
         help="close a control connection with no request in flight that sent nothing for this"
@@ -87,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--metrics-idle-timeout",
-        type=_timeout,
+        type=positive_duration,
         default=DEFAULT_METRICS_IDLE_TIMEOUT,
         metavar="DURATION",
         help="close a metrics connection that has not sent a whole request for this long"
@@ -132,18 +134,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _timeout(text: str) -> float:
-    from damocles_ext.commands.serve import parse_duration
-
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
-    return value
-
-
 def _listen_address(text: str) -> tuple[str, int]:
     from damocles_ext.metrics import parse_listen_address
 
@@ -152,7 +142,6 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
-    from damocles_ext.commands.serve import setup_logging
     from damocles_ext.config import check_startable
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.control import bind_control_socket, default_socket_path
