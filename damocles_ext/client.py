@@ -24,15 +24,15 @@ from typing import Any
 import trio
 
 from .errors import ProverError, UsageError
-from .protocol import control as control_protocol
-from .protocol import dext
-from .supervisor.control import (
+from .frontends.control import (
     UntrustedPathError,
     default_socket_path,
     peer_credentials,
     resolve_trusted,
     trusted_uids,
 )
+from .protocol import control as control_protocol
+from .protocol import dext
 from .tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.client")

@@ -74,12 +74,13 @@ def test_the_one_stage_list_names_exactly_the_task_types():
     assert tasks.STAGES is stages.STAGES and tasks.POST_STAGES is stages.POST_STAGES
 
 
-def test_the_cli_parsers_name_the_stages_without_importing_msgspec_or_trio():
+def test_the_cli_parsers_and_serves_entry_import_neither_msgspec_nor_trio():
     # serve's ready line must beat damocles-manager's 5 s limit on a loaded machine: building the
-    # parsers (where the stage choices are) must stay light.
+    # parsers (where the stage choices are) and reaching serve's entry must stay light.
     code = (
         "import sys\n"
         "from damocles_ext import cli\n"
+        "import damocles_ext.frontends.serve\n"
         "for command in ('serve', 'prove', 'verify', 'child'):\n"
         "    try:\n"
         "        cli.main([command, '--help'])\n"

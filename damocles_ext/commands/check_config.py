@@ -232,9 +232,9 @@ def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
     import trio
 
     from damocles_ext.errors import DextError
+    from damocles_ext.frontends.control import default_socket_path
     from damocles_ext.stages import child_stages
     from damocles_ext.status import StatusError
-    from damocles_ext.supervisor.control import default_socket_path
 
     path = socket if socket is not None else str(default_socket_path())
     stages = child_stages(stage)

@@ -16,7 +16,7 @@ The client (client.py) makes the same checks from its side, with the same helper
 lead, through directories no other user can change, to a socket in a private directory, and the
 process listening on it must run as the client's uid or root.
 
-What a client can hold is bounded (supervisor/listeners.py has the rules shared with the metrics
+What a client can hold is bounded (frontends/listeners.py has the rules shared with the metrics
 port): at most `max_connections` connections (a new one over the cap closes the one idle
 longest, or is told "too many connections" when all are busy), a connection idle for
 `idle_timeout` is closed (idle: no request in flight and no bytes arriving; a WindowPoSt that
