@@ -34,12 +34,14 @@ def test_layout_is_as_documented():
         assert (ROOT / path).exists(), path
 
 
-def test_protocol_and_scheduling_stay_sans_io():
+def test_protocol_scheduling_and_stages_stay_sans_io():
     forbidden = re.compile(r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b",
                            re.MULTILINE)
+    sources = [ROOT / "damocles_ext" / "stages.py"]
     for package in ("protocol", "scheduling"):
-        for source in (ROOT / "damocles_ext" / package).glob("*.py"):
-            assert not forbidden.search(source.read_text()), f"{source} does I/O imports"
+        sources.extend((ROOT / "damocles_ext" / package).glob("*.py"))
+    for source in sources:
+        assert not forbidden.search(source.read_text()), f"{source} does I/O imports"
 
 
 async def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
