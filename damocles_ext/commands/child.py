@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """Configure logging to stderr, then hand over to damocles_ext.child.main."""
     from damocles_ext import child
     from damocles_ext.errors import UsageError
+
     if args.protocol == "jsonl" and args.stage not in POST_STAGES:
         raise UsageError(
             f"stage {args.stage}: damocles' JSON lines carry only {' and '.join(POST_STAGES)};"

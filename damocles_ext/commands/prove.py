@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     output_path = _check_output_path(args.output) if args.output is not None else None
 
-    import trio
-
     from damocles_ext.progress import ProgressRenderer
 
     renderer = None if args.no_progress else ProgressRenderer(sys.stderr, label=args.stage)
@@ -147,49 +145,24 @@ def run(args: argparse.Namespace) -> int:
             # A child that cannot start would fail the proof only after its restarts' backoff.
             plugin_manager = get_plugin_manager()
             check_startable(config, children, plugin_manager=plugin_manager)
-            output = trio.run(
-                _prove_embedded, children, task, deadline, args.priority, on_progress,
-                plugin_manager,
+            from damocles_ext.frontends.prove import prove_in_process
+
+            output = prove_in_process(
+                children, task, plugin_manager=plugin_manager, deadline=deadline,
+                priority=args.priority, on_progress=on_progress,
             )
         else:
-            output = trio.run(
-                _prove_remote, args.socket, task, deadline, args.priority, on_progress
+            from damocles_ext.frontends.prove import prove_through_socket
+
+            output = prove_through_socket(
+                args.socket, task, deadline=deadline, priority=args.priority,
+                on_progress=on_progress,
             )
     finally:
         if renderer is not None:
             renderer.close()
     _emit(output, output_path)
     return 0
-
-
-async def _prove_embedded(
-    children, task: Task, deadline: float | None, priority: int, on_progress, plugin_manager
-) -> Output:
-    from damocles_ext.api import open_supervisor
-    from damocles_ext.errors import ProverError
-
-    # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
-    # it in an ExceptionGroup.
-    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
-        try:
-            return await supervisor.submit(
-                task, deadline=deadline, priority=priority, on_progress=on_progress
-            )
-        except ProverError as exc:
-            error = exc
-    raise error
-
-
-async def _prove_remote(
-    socket: str | None, task: Task, deadline: float | None, priority: int, on_progress
-) -> Output:
-    from damocles_ext.client import connect
-
-    async with connect(socket) as client:
-        log.info("connected to %s", client.path)
-        return await client.submit(
-            task, deadline=deadline, priority=priority, on_progress=on_progress
-        )
 
 
 def _emit(output: Output, path: Path | None) -> None:

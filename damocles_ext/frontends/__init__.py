@@ -8,6 +8,7 @@
   `damocles-ext run` through its control socket.
 * `control.py`: `run`'s control socket (dext/1 frames); `run.py`: `run`'s process, the control
   socket and the metrics port around one supervisor.
+* `prove.py`: `prove`'s one request, through `run`'s socket or on a supervisor of its own.
 * `listeners.py`: the connection limits shared by the control socket and the metrics port.
 * `signals.py`: SIGTERM/SIGINT, the same way in every front end.
 
