@@ -232,7 +232,7 @@ def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
     import trio
 
     from damocles_ext.errors import DextError
-    from damocles_ext.frontends.control import default_socket_path
+    from damocles_ext.frontends.control_socket import default_socket_path
     from damocles_ext.stages import child_stages
     from damocles_ext.status import StatusError
 

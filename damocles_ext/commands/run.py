@@ -139,7 +139,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
     from damocles_ext.config import check_startable
-    from damocles_ext.frontends.control import default_socket_path
+    from damocles_ext.frontends.control_socket import default_socket_path
     from damocles_ext.frontends.run import serve_control_socket
     from damocles_ext.plugins import get_plugin_manager
 

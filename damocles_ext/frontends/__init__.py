@@ -6,8 +6,9 @@
   supervisor's own, or the forwarder's).
 * `forwarder.py`: `serve --connect`: the requests of one stage, proved by a running
   `damocles-ext run` through its control socket.
-* `control.py`: `run`'s control socket (dext/1 frames); `run.py`: `run`'s process, the control
-  socket and the metrics port around one supervisor.
+* `control.py`: `run`'s control socket (dext/1 frames); `control_socket.py`: where that socket
+  lives and who may use it (the client makes the same checks); `run.py`: `run`'s process, the
+  control socket and the metrics port around one supervisor.
 * `prove.py`: `prove`'s one request, through `run`'s socket or on a supervisor of its own.
 * `listeners.py`: the connection limits shared by the control socket and the metrics port.
 * `signals.py`: SIGTERM/SIGINT, the same way in every front end.

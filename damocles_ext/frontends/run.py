@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .control import ControlServer, bind_control_socket
+from .control import ControlServer
+from .control_socket import bind_control_socket
 from .signals import watch_signals
 
 if TYPE_CHECKING:
