@@ -120,7 +120,6 @@ def _check_supervising_options(args: argparse.Namespace) -> None:
             )
 
 
-
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
     _check_supervising_options(args)

@@ -4,7 +4,8 @@ damocles-manager starts us exactly like one of its processors: it waits for the 
 writes request lines with increasing ids and matches the response lines by id, in any order. We
 answer every request we could read exactly once; a line we cannot read is answered with an error
 when its id can be read and logged otherwise (damocles does the same with a bad line from a
-child). The codec is `protocol.jsonl`; this module only moves bytes and runs one task per request.
+child). The codec is `protocol.jsonl`; JsonLineServer only moves bytes and runs one task per
+request, and `serve_supervised` at the end runs it against a supervisor of our own.
 
 damocles' id rules (docs: damocles-wire.md): an answer is routed to whoever waits for its id, so
 a request whose id is already in flight is logged and never answered (an error answer would
