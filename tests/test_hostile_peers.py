@@ -30,10 +30,10 @@ from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, w
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends import control as control_module
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import Supervisor, child_loop
-from damocles_ext.supervisor import control as control_module
-from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 from damocles_ext.supervisor.restart import BackoffPolicy
 
 STAGE = "window_post"

@@ -30,8 +30,8 @@ from helpers_frontend import (
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext
-from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 
 # Low enough that a test floods it with a hundred connections, high enough for Python, trio,
 # one child's pipes and the process-group guardian.
@@ -530,7 +530,7 @@ async def test_a_request_crossing_an_idle_close_is_sent_again_on_a_new_connectio
 def test_run_defaults_for_the_limits_are_those_of_the_servers():
     from damocles_ext import metrics
     from damocles_ext.commands import run
-    from damocles_ext.supervisor import control
+    from damocles_ext.frontends import control
 
     assert run.DEFAULT_MAX_CONNECTIONS == control.DEFAULT_MAX_CONNECTIONS
     assert run.DEFAULT_IDLE_TIMEOUT == control.DEFAULT_IDLE_TIMEOUT
@@ -599,8 +599,8 @@ async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connectio
 async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
     sock_dir, nursery
 ):
+    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT
     from damocles_ext.protocol import control as control_protocol
-    from damocles_ext.supervisor.control import MAX_STATUS_IN_FLIGHT
 
     calls = 0
     release = trio.Event()

@@ -31,13 +31,13 @@ from helpers_frontend import (
 
 from damocles_ext.client import NoSupervisorError, connect, submit_sync
 from damocles_ext.errors import ProverError, UsageError
-from damocles_ext.protocol import dext, jsonl
-from damocles_ext.supervisor.control import (
+from damocles_ext.frontends.control import (
     ControlServer,
     bind_control_socket,
     default_socket_path,
     peer_uid,
 )
+from damocles_ext.protocol import dext, jsonl
 
 IS_ROOT = os.geteuid() == 0
 

@@ -41,9 +41,9 @@ from supervisor_helpers import our_descendants
 from damocles_ext.client import NoSupervisorError, ReconnectingClient, connect, submit_sync
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.control import bind_control_socket, resolve_trusted
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor import Supervisor
-from damocles_ext.supervisor.control import bind_control_socket, resolve_trusted
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 

@@ -35,8 +35,8 @@ from helpers_frontend import (
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.protocol import jsonl
-from damocles_ext.supervisor.serve import JsonLineServer
 
 # -- in-process: the server's own logic ------------------------------------------------------------
 
@@ -739,7 +739,7 @@ def test_serve_connect_to_a_socket_path_too_long_says_so(tmp_path):
 def test_the_forwarder_passes_on_no_output_of_another_stage():
     # serve --connect sends a task typed by its stage; an answer of the other stage would be the
     # supervisor's bug and must not reach damocles-manager as a proof.
-    from damocles_ext.commands.serve import _Forwarder
+    from damocles_ext.frontends.forwarder import Forwarder
     from damocles_ext.tasks import WinningPoStOutput
 
     class Remote:
@@ -749,7 +749,7 @@ def test_the_forwarder_passes_on_no_output_of_another_stage():
             return WinningPoStOutput(proofs=[b"x"])
 
     with pytest.raises(ProverError, match="answered a window_post task with a winning_post"):
-        trio.run(_Forwarder("window_post", Remote()).submit, make_task(1))
+        trio.run(Forwarder("window_post", Remote()).submit, make_task(1))
 
 
 def test_serve_connect_without_a_supervisor_exits_2_before_the_ready_line(sock_path):

@@ -321,3 +321,38 @@ def test_a_dext_request_carries_the_split_steps(manifest):
     ):
         [decoded] = dext.FrameDecoder().receive_data(dext.encode(msg))
         assert decoded == msg
+
+
+# -- the split rule (damocles_ext.stages), sans-IO ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("served", "split", "window_post", "winning_post"),
+    [
+        ({"window_post"}, False, True, False),
+        ({"window_post", "winning_post"}, False, True, True),
+        ({VAN, SNARK}, True, True, False),
+        ({VAN, SNARK, "winning_post"}, True, True, True),
+        ({VAN}, False, False, False),
+        ({SNARK, "winning_post"}, False, False, True),
+        # config.py refuses both forms at once; were they met, whole proofs win.
+        ({"window_post", VAN, SNARK}, False, True, False),
+        (set(), False, False, False),
+    ],
+)
+def test_which_children_serve_a_stage_and_when_a_window_post_runs_split(
+    served, split, window_post, winning_post
+):
+    from damocles_ext.stages import can_serve, runs_split
+
+    assert runs_split(served) is split
+    assert can_serve("window_post", served) is window_post
+    assert can_serve("winning_post", served) is winning_post
+
+
+def test_the_children_of_a_window_post_include_the_split_steps():
+    from damocles_ext.stages import child_stages
+
+    assert child_stages("window_post") == {"window_post", VAN, SNARK}
+    assert child_stages("winning_post") == {"winning_post"}
+    assert child_stages(VAN) == {VAN}

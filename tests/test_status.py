@@ -420,7 +420,7 @@ def test_status_messages_share_the_control_socket_framing():
 
 
 async def test_client_status_without_a_status_source_is_an_error(sock_dir: Path):
-    from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+    from damocles_ext.frontends.control import ControlServer, bind_control_socket
 
     async def submit(task, **kw):
         raise AssertionError("not called")

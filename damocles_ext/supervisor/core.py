@@ -39,6 +39,7 @@ from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
+from ..stages import child_stages, runs_split
 from ..tasks import (
     WINDOW_POST_SPLIT,
     Output,
@@ -102,9 +103,7 @@ class Supervisor:
     ) -> None:
         specs = _coerce_children(config)
         if stages is not None:
-            wanted = set(stages)
-            if "window_post" in wanted:
-                wanted.update(WINDOW_POST_SPLIT)
+            wanted = {s for stage in stages for s in child_stages(stage)}
             specs = [s for s in specs if s.stage in wanted]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -156,9 +155,7 @@ class Supervisor:
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
         # when the config has the two split tables instead of [[WdPost]] (config.py checks it).
-        self._split_window_post = "window_post" not in served and served.issuperset(
-            WINDOW_POST_SPLIT
-        )
+        self._split_window_post = runs_split(served)
 
     # -- public API -------------------------------------------------------------------------
 
