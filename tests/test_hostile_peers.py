@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import make_task, plugin_block, running, short_socket_dir, write_config
-from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, window_task
+from helpers.frontend import make_task, plugin_block, running, short_socket_dir, write_config
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     LogWatcher,
     dext_env,
@@ -551,7 +551,7 @@ def test_run_defaults_for_the_limits_are_those_of_the_servers():
     ],
 )
 def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value, message):
-    from helpers_frontend import dext_run
+    from helpers.frontend import dext_run
 
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     done = dext_run("run", "-c", str(cfg), "--socket", str(tmp_path / "c.sock"), option, value)
@@ -563,7 +563,7 @@ def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value,
 async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connection(
     tmp_path, sock_dir
 ):
-    from helpers_frontend import ManagerLike
+    from helpers.frontend import ManagerLike
 
     from damocles_ext.protocol import jsonl
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,
     short_socket_dir,
     write_config,
 )
+from helpers.supervisor import builtin_child, spec, window_task
 from prometheus_client.parser import text_string_to_metric_families
-from supervisor_helpers import builtin_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect

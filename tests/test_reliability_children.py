@@ -1,7 +1,7 @@
 """Misbehaving children (issue 7): each test spawns a real child that breaks a rule on purpose
 and checks that the supervisor survives it, says what happened, and keeps serving.
 
-Children are small Python programs (`python -u -c`) built with supervisor_helpers, or the
+Children are small Python programs (`python -u -c`) built with helpers.supervisor, or the
 built-in child runtime. Waits are on events or bounded polling of process state, never sleeps.
 """
 
@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import trio
-from supervisor_helpers import (
+from helpers.supervisor import (
     alive,
     builtin_child,
     dext_child,

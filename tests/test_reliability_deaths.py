@@ -20,7 +20,7 @@ import psutil
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     make_task,
@@ -28,7 +28,7 @@ from helpers_frontend import (
     start_run,
     write_config,
 )
-from supervisor_helpers import alive, wait_until
+from helpers.supervisor import alive, wait_until
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError

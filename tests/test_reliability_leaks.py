@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 import trio
-from supervisor_helpers import dext_child, our_descendants, spec, window_task
+from helpers.supervisor import dext_child, our_descendants, spec, window_task
 
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager

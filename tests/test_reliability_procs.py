@@ -23,8 +23,8 @@ import psutil
 import pytest
 import trio
 import trio.testing
-from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
-from supervisor_helpers import (
+from helpers.frontend import DEXT, ManagerLike, make_task, start_run, write_config
+from helpers.supervisor import (
     alive,
     dext_child,
     jsonl_child,

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run,
     dext_run_async,
     make_task,

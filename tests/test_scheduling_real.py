@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from supervisor_helpers import python_child, spec, window_task, winning_task
+from helpers.supervisor import python_child, spec, window_task, winning_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError

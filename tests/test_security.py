@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,
@@ -36,7 +36,7 @@ from helpers_frontend import (
     start_run,
     write_config,
 )
-from supervisor_helpers import our_descendants
+from helpers.supervisor import our_descendants
 
 from damocles_ext.client import NoSupervisorError, ReconnectingClient, connect, submit_sync
 from damocles_ext.config import parse_config

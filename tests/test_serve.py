@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import trio
-from post_helpers import sectors, sectors_with_a_short_one
-from supervisor_helpers import builtin_child, spec, window_task
+from helpers.post import sectors, sectors_with_a_short_one
+from helpers.supervisor import builtin_child, spec, window_task
 from test_scheduling_real import Gate, Recorder, child_log, gated, submit_in_order
 
 from damocles_ext.api import open_supervisor

@@ -15,7 +15,7 @@ import msgspec
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from supervisor_helpers import (
+from helpers.supervisor import (
     alive,
     builtin_child,
     dext_child,
@@ -456,7 +456,7 @@ async def test_supervisor_sigkilled_takes_its_children_with_it():
     script = f"""
 import sys, trio
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from supervisor_helpers import spec, jsonl_child
+from helpers.supervisor import spec, jsonl_child
 from damocles_ext.supervisor import Supervisor
 async def main():
     sup = Supervisor([spec(jsonl_child(), index=0), spec(jsonl_child(), index=1)])
