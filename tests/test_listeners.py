@@ -5,7 +5,6 @@ frames; a real `run` started with a low RLIMIT_NOFILE keeps proving and stops wi
 from __future__ import annotations
 
 import gzip
-import resource
 import signal
 import socket
 import subprocess
@@ -18,13 +17,12 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
+from helpers import frontend
 from helpers.frontend import (
     DEXT,
     LogWatcher,
-    dext_env,
     make_task,
     plugin_block,
-    short_socket_dir,
     write_config,
 )
 
@@ -38,33 +36,12 @@ from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 LOW_NOFILE = 64
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("l", tmp_path.name) as d:
-        yield d
-
-
 async def start_run(
     nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
 ) -> tuple[trio.Process, LogWatcher]:
-    """`damocles-ext run`, optionally with RLIMIT_NOFILE lowered to `nofile` (soft and hard)."""
-
-    def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    process = await trio.lowlevel.open_process(
-        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=dext_env(),
-        preexec_fn=limit,
-    )
-    watcher = LogWatcher(process.stderr)
-    nursery.start_soon(watcher.run)
+    """`damocles-ext run` once its child is ready too: these tests prove through it at once."""
+    process, watcher = await frontend.start_run(nursery, cfg, socket_path, *extra, nofile=nofile)
     with trio.fail_after(30):
-        await watcher.wait_for("control socket listening")
         await watcher.wait_for("ready (dext)")
     return process, watcher
 

@@ -16,8 +16,8 @@ import trio
 from helpers.supervisor import (
     alive,
     builtin_child,
+    child_stats,
     dext_child,
-    our_descendants,
     python_child,
     spec,
     wait_until,
@@ -31,14 +31,7 @@ from damocles_ext.supervisor.restart import BackoffPolicy
 FAST = BackoffPolicy(base=0.02, cap=0.08)
 
 
-def child_stats(sup: Supervisor, name: str = "window_post#0"):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- a child that cannot start says why ---------------------------------------------------------

@@ -64,17 +64,6 @@ NASTY = [
 ]
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    d = Path(f"/tmp/dext-s{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    d.mkdir(mode=0o700)
-    os.chmod(d, 0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
-
-
 # -- the control socket -------------------------------------------------------------------------
 
 

@@ -33,12 +33,6 @@ def _live_children(pid: int) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture
-def stderr_file(tmp_path: Path):
-    with open(tmp_path / "serve.stderr", "w+b") as f:
-        yield f
-
-
 @pytest.mark.slow
 async def test_every_request_is_answered_once_while_children_are_sigkilled(
     tmp_path: Path, stderr_file

@@ -24,9 +24,9 @@ from damocles_ext_plugins.testing import echo_output
 from helpers.supervisor import (
     alive,
     builtin_child,
+    child_stats,
     dext_child,
     jsonl_child,
-    our_descendants,
     python_child,
     spec,
     wait_until,
@@ -46,15 +46,7 @@ from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracke
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
 
-def child_stats(sup: Supervisor, name: str):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    # Every test must leave no child, grandchild or zombie behind.
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- dispatch ---------------------------------------------------------------------------------

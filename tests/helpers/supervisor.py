@@ -157,6 +157,11 @@ def _fake_child(template: str, handle: str, setup: str, stage: str, indent: int)
     return [PY, "-u", "-c", code]
 
 
+def child_stats(sup, name: str = "window_post#0"):
+    """The `ChildStats` of the child called `name` in `sup.statistics()`."""
+    return next(c for c in sup.statistics().children if c.name == name)
+
+
 def alive(pid: int) -> bool:
     """True if `pid` is a running (non-zombie) process."""
     try:
@@ -168,6 +173,30 @@ def alive(pid: int) -> bool:
 def our_descendants() -> list[psutil.Process]:
     """Every process below this test process, zombies included (an unreaped child is a leak)."""
     return [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.is_running()]
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    """Every live process with `marker` among its arguments, anywhere on the machine: finds the
+    processes a test started even once they left our tree (daemonized, or orphaned)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL what `marked(marker)` finds (the clean-up after a test that may have leaked)."""
+    for proc in marked(marker):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
