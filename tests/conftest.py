@@ -9,7 +9,10 @@ from typing import BinaryIO
 
 import pytest
 from helpers.frontend import short_socket_dir
+from helpers.scheduling import Recorder
 from helpers.supervisor import our_descendants
+
+from damocles_ext.plugins import get_plugin_manager
 
 
 @pytest.fixture
@@ -43,3 +46,13 @@ def stderr_file(tmp_path: Path) -> Iterator[BinaryIO]:
     on, and the test reads it whole afterwards."""
     with open(tmp_path / "serve.stderr", "w+b") as f:
         yield f
+
+
+@pytest.fixture
+def recorder() -> tuple[Recorder, object]:
+    """A `Recorder` of request starts and finishes, and a plugin manager holding only it (for
+    `plugin_manager=` of a Supervisor)."""
+    rec = Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(rec, name="recorder")
+    return rec, pm
