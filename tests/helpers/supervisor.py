@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 
 import psutil
 import trio
+import trio.testing
 
 from damocles_ext.config import ChildSpec
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
@@ -204,3 +206,14 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+
+
+async def wait_until_real(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """`wait_until` for a test on `mock_clock`, whose time moves only when the test jumps it:
+    there trio.sleep would never return, so this polls each time the run loop has been idle for
+    10 ms of real time, and gives up after `timeout` real seconds."""
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"no {what} within {timeout} s of real time")
+        await trio.testing.wait_all_tasks_blocked(0.01)
