@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import dext_run, make_task, write_config
+from helpers.frontend import dext_run, make_task, write_config
+from helpers.supervisor import builtin_child, our_descendants, spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from supervisor_helpers import builtin_child, our_descendants, spec
 
 from damocles_ext.client import connect
 from damocles_ext.commands.prove import read_task

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import make_task, plugin_block, running, short_socket_dir, write_config
-from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, window_task
+from helpers.frontend import make_task, plugin_block, running, write_config
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
@@ -145,12 +145,6 @@ async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_s
 
 
 # -- door 2: a control-socket client -------------------------------------------------------------
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path):
-    with short_socket_dir("h", tmp_path.name) as d:
-        yield d / "control.sock"
 
 
 async def test_run_drops_a_control_client_sending_a_nested_bomb_and_serves_the_next(

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,
-    short_socket_dir,
     write_config,
 )
+from helpers.supervisor import builtin_child, spec, window_task
 from prometheus_client.parser import text_string_to_metric_families
-from supervisor_helpers import builtin_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
@@ -29,14 +28,6 @@ from damocles_ext.errors import ProverError
 from damocles_ext.hookspecs import OUTCOMES, hookimpl
 from damocles_ext.metrics import SupervisorMetrics, parse_listen_address
 from damocles_ext.plugins import call_observers, get_plugin_manager
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("m", tmp_path.name) as d:
-        yield d
-
-
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 import trio
-from supervisor_helpers import dext_child, our_descendants, spec, window_task
+from helpers.supervisor import dext_child, spec, window_task
 
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
@@ -24,10 +24,7 @@ from damocles_ext.supervisor.restart import BackoffPolicy
 WD = "window_post"
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def _retained(run, first: int, count: int) -> int:

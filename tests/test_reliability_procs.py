@@ -23,12 +23,14 @@ import psutil
 import pytest
 import trio
 import trio.testing
-from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
-from supervisor_helpers import (
+from helpers.frontend import DEXT, ManagerLike, make_task, script_block, start_run, write_config
+from helpers.supervisor import (
     alive,
+    child_stats,
     dext_child,
     jsonl_child,
-    our_descendants,
+    kill_marked,
+    marked,
     python_child,
     spec,
     wait_until,
@@ -45,14 +47,7 @@ from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
 
-def child_stats(sup, name: str):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- errors at spawn ---------------------------------------------------------------------------
@@ -271,39 +266,13 @@ def _daemon_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path
     script = tmp_path / "daemonizing_child.py"
     script.write_text(DAEMONIZING_CHILD)
     pids = tmp_path / "pids.jsonl"
-    block = (
-        "[[WdPost]]\n"
-        f"Bin = {json.dumps(sys.executable)}\n"
-        f"Args = {json.dumps([str(script)])}\n"
-        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
-    )
+    block = script_block(script, {"MARKER": marker, "PIDS": str(pids)})
     return write_config(tmp_path, block * children), pids
 
 
 def _family(pids_file: Path) -> list[list[int]]:
     text = pids_file.read_text() if pids_file.exists() else ""
     return [json.loads(line) for line in text.splitlines()]
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
-                proc.info["cmdline"] or []
-            ):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def _kill_marked(marker: str) -> None:
-    for proc in _marked(marker):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 async def _sigkill_and_check_nothing_is_left(
@@ -315,12 +284,12 @@ async def _sigkill_and_check_nothing_is_left(
         # The daemon really left: another session, and not below the child any more.
         assert os.getsid(daemon) not in (child, os.getsid(child))
         assert os.getpgid(daemon) != child
-    assert len(_marked(marker)) == 2
+    assert len(marked(marker)) == 2
     process.kill()
     await process.wait()
     everyone = [pid for pair in family for pid in pair]
     await wait_until(lambda: not any(alive(pid) for pid in everyone), 20, "the tree to die")
-    assert _marked(marker) == []
+    assert marked(marker) == []
 
 
 async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
@@ -339,7 +308,7 @@ async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
             await _sigkill_and_check_nothing_is_left(m.process, pids, marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
@@ -351,7 +320,7 @@ async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
             await _sigkill_and_check_nothing_is_left(process, pids, marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tmp_path):
@@ -369,9 +338,9 @@ async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tm
             [[_child, daemon]] = _family(pids)
             assert alive(daemon)
         await wait_until(lambda: not alive(daemon), 20, "the daemon to die")
-        assert _marked(marker) == []
+        assert marked(marker) == []
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 # -- stuck children are noticed by default --------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,
@@ -36,7 +36,7 @@ from helpers_frontend import (
     start_run,
     write_config,
 )
-from supervisor_helpers import our_descendants
+from helpers.supervisor import our_descendants
 
 from damocles_ext.client import NoSupervisorError, ReconnectingClient, connect, submit_sync
 from damocles_ext.config import parse_config
@@ -62,17 +62,6 @@ NASTY = [
     "--option=x",
     "",
 ]
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    d = Path(f"/tmp/dext-s{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    d.mkdir(mode=0o700)
-    os.chmod(d, 0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
 
 
 # -- the control socket -------------------------------------------------------------------------

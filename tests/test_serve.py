@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,
@@ -29,7 +29,6 @@ from helpers_frontend import (
     make_task,
     plugin_block,
     running,
-    short_socket_dir,
     write_config,
 )
 
@@ -259,12 +258,6 @@ async def test_broken_stdout_stops_taking_requests():
 
 
 # -- the real command, real children -------------------------------------------------------------
-
-
-@pytest.fixture
-def stderr_file(tmp_path: Path):
-    with open(tmp_path / "serve.stderr", "w+b") as f:
-        yield f
 
 
 def _stderr_text(f) -> str:
@@ -616,12 +609,6 @@ def test_serve_rejects_an_unknown_stage_with_usage_exit_2():
 
 
 # -- serve --connect: both stages through one `damocles-ext run` -------------------------------
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path):
-    with short_socket_dir("s", tmp_path.name) as d:
-        yield d / "control.sock"
 
 
 async def wait_status(path: Path, condition, what: str):

@@ -15,11 +15,10 @@ import msgspec
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,
-    short_socket_dir,
     write_config,
 )
 
@@ -39,14 +38,6 @@ from damocles_ext.status import (
     parse_document,
     render_table,
 )
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("s", tmp_path.name) as d:
-        yield d
-
-
 
 
 def _config(tmp_path: Path) -> tuple[Path, Path]:

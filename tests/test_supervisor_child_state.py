@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 import trio
-from supervisor_helpers import dext_child, spec, window_task
+from helpers.supervisor import dext_child, spec, window_task
 
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.child_loop import (
