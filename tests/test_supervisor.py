@@ -810,9 +810,13 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
             await trio.testing.wait_all_tasks_blocked()
             mock_clock.jump(0.31)  # past #0's RequestTimeoutSecs: the request goes to #1
             await trio.testing.wait_all_tasks_blocked()
-            # Past #0's CancelGraceSecs, and not past #1's timeout: the answer of #1 is handed
-            # over once #0, which may still answer, is killed.
-            mock_clock.jump(0.25)
+            # The answer of #1 reaches the caller without waiting for #0 to be killed.
+            for _ in range(100):  # a few rounds of real work: #1 answers, the caller returns
+                if outputs:
+                    break
+                await trio.testing.wait_all_tasks_blocked()
+            assert outputs, "the caller was still waiting on #0, which timed out"
+            mock_clock.jump(0.25)  # past #0's CancelGraceSecs, not past #1's timeout
         [out] = outputs
         assert out.faults == [6, pid1]
         await wait_until_real(lambda: child_stats(sup, "window_post#0").restarts == 1)
@@ -820,6 +824,22 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
             "request 1 (child id 1) still running 0.2s"
             in child_stats(sup, "window_post#0").last_exit
         )
+
+
+async def test_a_request_retried_on_a_sibling_is_answered_without_waiting_for_the_first_to_die():
+    # A JSON-lines child cannot be cancelled: the timed-out one is killed after CancelGraceSecs
+    # (a minute here). The caller, which was reading that child's pipe, used to stay there until
+    # the kill, though the sibling had answered long before.
+    specs = [
+        spec(jsonl_child("pass"), index=0, request_timeout=0.5, cancel_grace=60.0),
+        spec(jsonl_child(), index=1),
+    ]
+    async with open_supervisor(specs, backoff=FAST) as sup:
+        await sup.wait_ready(count=2)
+        pid1 = child_stats(sup, "window_post#1").pid
+        with trio.fail_after(20):  # far below the 60 s grace, generous for a loaded machine
+            out = await sup.submit(window_task(miner=7))  # #0 first: it never answers
+        assert out.faults == [7, pid1]
 
 
 async def test_plugin_child_with_a_quiet_prover_is_not_taken_for_hung(tmp_path):

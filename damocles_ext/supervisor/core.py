@@ -357,7 +357,12 @@ class Supervisor:
     def _enqueue(self, req: Request, now: float, *, retry: bool) -> None:
         aid = next(self._attempt_ids)
         req.attempt_id = aid
+        where = req.running_on
         req.running_on = None
+        if where is not None and where[1].read_owner is req:
+            # Its submitter reads the pipe of the attempt it leaves: it must follow the request
+            # (or wait for its answer), not wait on that child until it is killed.
+            where[1].release_reader()
         self._attempts[aid] = req
         job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
         self._queued += 1
