@@ -113,7 +113,7 @@ class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_fie
     proofs: list[bytes]
 
 
-# -- WindowPoSt split in two steps (damocles #981) --------------------------------------------
+# -- WindowPoSt split in two steps ----------------------------------------------------------
 #
 # A WindowPoSt partition is a vanilla step (CPU and disk: read the challenged leaves and their
 # Merkle paths from the sectors) and a SNARK step (GPU: prove those vanilla proofs). Split, the two

@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "the GPU), cl = the same with the GPU lock shared by both stages (GpuLock = true), "
             "c0 = the same as c without phase reports (JSON-lines children), "
             "cs = damocles-ext with WindowPoSt split into vanilla and SNARK steps on different "
-            "children ([[WdPostVanilla]]/[[WdPostSnark]], damocles #981), "
+            "children ([[WdPostVanilla]]/[[WdPostSnark]]), "
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
             "deployment), clairvoyant = the reference knowing every SNARK's duration in advance "
             "(what foresight would be worth). "
