@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--snark-jitter",
         type=float,
         help="machine and gpu models: a partition's SNARK takes its GPU's time within +- this "
-        "fraction (default 0.05, an assumption: see the README)",
+        "fraction (default 0.05, an assumption: see docs/SIMULATION.md)",
     )
     parser.add_argument(
         "--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH (default 1m-3m)"
