@@ -203,3 +203,17 @@ def test_the_same_framing_carries_another_message_set():
         Ping(3), dext.Cancel(1)]
     with pytest.raises(dext.ProtocolError):
         dext.FrameDecoder().receive_data(dext.encode(Ping(3)))
+
+
+def nested_msgpack(depth: int) -> bytes:
+    """A msgpack value `depth` arrays deep (one byte per level): about 3 KB at 3,000 levels."""
+    return b"\x91" * depth + b"\xc0"
+
+
+def test_a_deeply_nested_frame_is_a_protocol_error_not_a_recursion_error():
+    # {"type": "progress", "id": 1, "junk": <bomb>}: an unknown field is skipped, which still
+    # walks every level of it.
+    payload = b"\x83\xa4type\xa8progress\xa2id\x01\xa4junk" + nested_msgpack(3000)
+    frame = len(payload).to_bytes(4, "big") + payload
+    with pytest.raises(dext.ProtocolError, match="nested too deeply"):
+        dext.FrameDecoder().receive_data(frame)

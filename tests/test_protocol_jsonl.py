@@ -196,12 +196,12 @@ def test_line_reader_skips_over_long_lines_and_recovers():
     r = jsonl.LineReader(max_line=8)
     out = r.receive_data(b"0123456789")
     out += r.receive_data(b"abc\nok\n")
-    assert out == [jsonl.LineTooLong(14, 8), b"ok\n"]
+    assert out == [jsonl.LineTooLong(14, 8, b"0123456789abc\n"), b"ok\n"]
 
 
 def test_line_reader_over_long_line_in_one_chunk():
     r = jsonl.LineReader(max_line=4)
-    assert r.receive_data(b"toolong\nfine\n") == [jsonl.LineTooLong(8, 4), b"fine\n"]
+    assert r.receive_data(b"toolong\nfine\n") == [jsonl.LineTooLong(8, 4, b"toolong\n"), b"fine\n"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -227,3 +227,67 @@ def test_decoders_raise_only_jsonl_errors_on_garbage(garbage):
                 decode(garbage, stage)
             except jsonl.JsonLineError:
                 pass
+
+
+# -- hostile lines ---------------------------------------------------------------------------------
+
+BOMB = b"[" * 1500 + b"]" * 1500  # 3 KB of nesting
+
+
+@pytest.mark.parametrize(
+    "decode, line, id",
+    [
+        (jsonl.decode_request, b'{"id":4,"task":' + BOMB + b"}\n", 4),
+        (jsonl.decode_request, b'{"id":4,"x":' + BOMB + b',"task":{}}\n', 4),
+        (jsonl.decode_request, b'{"task":' + BOMB + b',"id":4}\n', None),
+        (jsonl.decode_response, b'{"id":4,"err_msg":null,"output":' + BOMB + b"}\n", 4),
+        (jsonl.decode_response, b'{"output":' + BOMB + b',"id":4}\n', None),
+    ],
+)
+def test_a_deeply_nested_line_is_a_bad_line_with_its_leading_id(decode, line, id):
+    with pytest.raises(jsonl.JsonLineError, match="nested too deeply") as info:
+        decode(line, "window_post")
+    assert info.value.id == id
+
+
+def test_a_deeply_nested_task_is_a_bad_task():
+    with pytest.raises(jsonl.JsonLineError, match="nested too deeply"):
+        jsonl.task_from_json(b'{"miner_id":1,"junk":' + BOMB + b"}", "window_post")
+
+
+@pytest.mark.parametrize("decode", [jsonl.decode_request, jsonl.decode_response])
+def test_an_id_beyond_64_bits_is_unreadable(decode):
+    with pytest.raises(jsonl.JsonLineError, match="does not fit in 64 bits") as info:
+        decode(b'{"id":18446744073709551616,"task":{},"err_msg":"x"}\n', "window_post")
+    assert info.value.id is None
+    # The largest uint64 is still an id damocles can read.
+    with pytest.raises(jsonl.JsonLineError) as info:
+        decode(b'{"id":18446744073709551615,"task":{}}\n', "window_post")
+    assert info.value.id == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    "data, id",
+    [
+        (b'{"id":7,"task":', 7),
+        (b' {\t"id" : 0 }', 0),
+        (b'{"id":18446744073709551615,', 2**64 - 1),
+        (b'{"id":18446744073709551616,', None),
+        (b'{"id":-1,', None),
+        (b'{"id":07,', None),
+        (b'{"id":7', None),  # cut inside the number: maybe 70
+        (b'{"task":{},"id":7}', None),
+        (b"[7]", None),
+    ],
+)
+def test_leading_id_reads_only_an_id_written_first_as_damocles_does(data, id):
+    assert jsonl.leading_id(data) == id
+
+
+def test_an_over_long_line_keeps_its_head_for_the_id():
+    r = jsonl.LineReader(max_line=100)
+    out = r.receive_data(b'{"id":5,"task":' + b"x" * 20)
+    out += r.receive_data(b"y" * 200 + b"\n")
+    (marker,) = out
+    assert marker.length == 236 and jsonl.leading_id(marker.head) == 5
+    assert len(marker.head) == jsonl.LINE_HEAD

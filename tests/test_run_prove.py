@@ -250,19 +250,35 @@ async def test_cancelling_submit_cancels_the_request_but_not_the_connection(cont
         assert await client.submit(make_task(7)) == echo_output(make_task(7))
 
 
-async def test_duplicate_request_id_on_a_connection_is_refused(control):
+async def test_a_request_whose_id_is_in_flight_on_the_connection_is_logged_not_answered(
+    control, caplog
+):
+    # Answers are routed by id (the client's pending map): an error answer to the duplicate would
+    # reach the first request's waiter, which would take it for its own.
     server, backend = control
     stream = await trio.open_unix_socket(str(server.path))
     decoder = dext.FrameDecoder()
-    await stream.send_all(dext.encode(dext.Request(1, make_task(8))) * 2)
-    response = None
-    while response is None:
-        for msg in decoder.receive_data(await stream.receive_some()):
-            if isinstance(msg, dext.Response):
-                response = msg
-    assert response.id == 1 and "already in flight" in response.error
+    await stream.send_all(dext.encode(dext.Request(1, make_task(8))))
+    await backend._events(8)[1].wait()
+    # Request 2 is read after the duplicate: once it runs, the duplicate was dealt with.
+    await stream.send_all(
+        dext.encode(dext.Request(1, make_task(9))) + dext.encode(dext.Request(2, make_task(10)))
+    )
+    await backend._events(10)[1].wait()
     backend._events(8)[0].set()
+    backend._events(10)[0].set()
+    responses: list[dext.Response] = []
+    while len(responses) < 2:
+        data = await stream.receive_some()
+        assert data, "the control server closed the connection"
+        responses += [m for m in decoder.receive_data(data) if isinstance(m, dext.Response)]
     await stream.aclose()
+    assert sorted((r.id, r.output) for r in responses) == [
+        (1, echo_output(make_task(8))),
+        (2, echo_output(make_task(10))),
+    ]
+    assert 9 not in backend.started  # never submitted
+    assert any("request id 1 while it is in flight" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_nan_deadline_from_a_client_is_answered_with_an_error_saying_why(
@@ -571,6 +587,15 @@ def test_prove_bad_json_names_line_and_column(tmp_path):
     r = _prove(tmp_path, "--request", str(bad))
     assert r.returncode == 2
     assert b"bad.json" in r.stderr and b"line 3, column" in r.stderr, r.stderr
+
+
+def test_prove_deeply_nested_json_is_a_usage_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "deep.json"
+    bad.write_bytes(b'{"miner_id": 1000, "junk": ' + b"[" * 1500 + b"]" * 1500 + b"}")
+    r = _prove(tmp_path, "--request", str(bad))
+    assert r.returncode == 2, r.stderr
+    assert b"deep.json" in r.stderr and b"nested too deeply" in r.stderr, r.stderr
+    assert b"Traceback" not in r.stderr
 
 
 def test_prove_missing_field_is_named(tmp_path):

@@ -607,10 +607,10 @@ async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_c
     # still start, each with a private TMPDIR of ours.
     # One of ours left there by an older version is moved aside for the test and put back.
     saved = None
-    if OLD_TMP_ROOT.is_dir() and not OLD_TMP_ROOT.is_symlink():
-        if OLD_TMP_ROOT.lstat().st_uid in (0, os.geteuid()):
-            saved = OLD_TMP_ROOT.with_name(f"{OLD_TMP_ROOT.name}.saved-{os.getpid()}")
-            OLD_TMP_ROOT.rename(saved)
+    ours = (0, os.geteuid())
+    if OLD_TMP_ROOT.is_dir() and not OLD_TMP_ROOT.is_symlink() and OLD_TMP_ROOT.lstat().st_uid in ours:
+        saved = OLD_TMP_ROOT.with_name(f"{OLD_TMP_ROOT.name}.saved-{os.getpid()}")
+        OLD_TMP_ROOT.rename(saved)
     try:
         OLD_TMP_ROOT.mkdir(mode=0o777)
     except FileExistsError:

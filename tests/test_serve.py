@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -122,9 +123,9 @@ async def test_prover_error_and_internal_error_become_err_msg(harness):
         jsonl.encode_request(7, make_task(13)) + jsonl.encode_request(8, make_task(66))
     )
     got = await harness.responses(2)
-    assert got[7] == jsonl.JsonResponse(7, None, "prover failed: miner 13")
+    assert got[7] == jsonl.JsonResponse(7, None, "request 7 (window_post): prover failed: miner 13")
     assert got[8].output is None
-    assert got[8].err_msg == "internal error in damocles-ext: KeyError: 'a bug'"
+    assert got[8].err_msg == "request 8 (window_post): internal error in damocles-ext: KeyError: 'a bug'"
 
 
 async def test_bad_request_with_readable_id_is_answered_with_what_was_wrong(harness, caplog):
@@ -151,16 +152,49 @@ async def test_unreadable_lines_are_logged_and_skipped(harness, caplog):
     assert harness.server.statistics().unreadable == 2
 
 
-async def test_duplicate_id_in_flight_is_rejected_and_the_first_still_answered(harness):
+async def test_an_internal_error_on_one_line_is_logged_and_serve_goes_on(
+    harness, caplog, monkeypatch
+):
+    original = jsonl.decode_request
+
+    def buggy_decode_request(line, stage):
+        if b'"id":3,' in line:
+            raise RuntimeError("injected bug on one line")
+        return original(line, stage)
+
+    monkeypatch.setattr(jsonl, "decode_request", buggy_decode_request)
+    await harness.read_lines(1)
+    harness.gate(4)[0].set()
+    await harness.to_server.send_all(
+        jsonl.encode_request(3, make_task(3)) + jsonl.encode_request(4, make_task(4))
+    )
+    (line,) = await harness.read_lines(1)
+    assert line == jsonl.encode_response(4, output=echo_output(make_task(4)))
+    logged = [r for r in caplog.records if "internal error on a request line" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+
+
+async def test_duplicate_id_in_flight_is_logged_not_answered_and_the_first_still_answered(
+    harness, caplog
+):
+    # damocles routes an answer to whoever waits for its id: an error answer to the duplicate
+    # would reach the first request's caller, and its proof would be lost.
     await harness.read_lines(1)
     await harness.to_server.send_all(jsonl.encode_request(4, make_task(40)))
     await harness.gate(40)[1].wait()
-    await harness.to_server.send_all(jsonl.encode_request(4, make_task(41)))
-    (dup,) = await harness.read_lines(1)
-    assert b"already in flight" in dup
+    bad = msgspec.json.encode({"id": 4, "task": {"miner_id": 1}}) + b"\n"
+    await harness.to_server.send_all(jsonl.encode_request(4, make_task(41)) + bad)
+    harness.gate(5)[0].set()
+    await harness.to_server.send_all(jsonl.encode_request(5, make_task(5)))
+    (line,) = await harness.read_lines(1)  # request 5 went past the duplicates
+    assert line == jsonl.encode_response(5, output=echo_output(make_task(5)))
+    assert harness.server.statistics().duplicates == 2
+    assert not harness.gate(41)[1].is_set()
     harness.gate(40)[0].set()
     (line,) = await harness.read_lines(1)
     assert line == jsonl.encode_response(4, output=echo_output(make_task(40)))
+    logged = [r.getMessage() for r in caplog.records if "already in flight" in r.getMessage()]
+    assert len(logged) == 2 and all("request 4" in m for m in logged)
 
 
 async def test_end_of_input_starts_shutdown_and_run_returns_after_the_last_answer():
@@ -818,3 +852,97 @@ def test_serve_connect_before_the_stage_says_to_put_it_after():
         b"'winning_post' is a stage, not a socket path: put --connect after the stage"
         b" (serve winning_post --connect [SOCKET])"
     ) in result.stderr
+
+
+# -- hostile lines and damocles' id rules, through a real serve (direct and --connect) ----------
+
+#: A JSON value 1,500 arrays deep: 3 KB that msgspec cannot follow within Python's recursion limit.
+BOMB = b"[" * 1500 + b"]" * 1500
+
+
+@asynccontextmanager
+async def serving(nursery, mode: str, cfg: Path, sock_path: Path):
+    """A real `serve window_post` driven like damocles-manager: with its own children (direct),
+    or forwarding to a real `run` (connect)."""
+    if mode == "direct":
+        yield await ManagerLike.start(
+            nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)], "window_post",
+            stderr=subprocess.PIPE,
+        )
+        return
+    async with running(nursery, cfg, sock_path) as (run, log):
+        yield await ManagerLike.start(
+            nursery, _connect_argv("window_post", sock_path), "window_post", stderr=subprocess.PIPE
+        )
+        run.send_signal(signal.SIGTERM)
+        assert await run.wait() == 0, log.text()
+
+
+def raw_request(id: int | str, task, *, junk: bytes | None = None) -> bytes:
+    """A request line as damocles writes it (id first), with an extra member `junk` if given."""
+    extra = b"" if junk is None else b',"junk":' + junk
+    return b'{"id":' + str(id).encode() + extra + b',"task":' + jsonl.task_to_json(task) + b"}\n"
+
+
+@pytest.mark.parametrize("mode", ["direct", "connect"])
+async def test_serve_survives_a_deeply_nested_request_line_and_keeps_answering(
+    tmp_path, sock_path, mode
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with serving(nursery, mode, cfg, sock_path) as m:
+                # Its id can be read (the first member): answered with what was wrong.
+                await m.send_raw(raw_request(1, make_task(1), junk=BOMB), request_id=1)
+                # Its id cannot (it comes after the bomb): logged, skipped.
+                await m.send_raw(b'{"task":' + BOMB + b',"id":2}\n')
+                await m.send_raw(b'{"id":3,"task":{"miner_id":' + BOMB + b"}}\n", request_id=3)
+                r = await m.wait(1)
+                assert r.output is None and r.err_msg.startswith("request 1"), r
+                assert "nested too deeply" in r.err_msg
+                assert "nested too deeply" in (await m.wait(3)).err_msg
+                await m.wait_log("unreadable request line, cannot answer it")
+                await m.send_raw(raw_request(4, make_task(4)), request_id=4)
+                r = await m.wait(4)
+                assert r.err_msg is None and r.output == echo_output(make_task(4)), r
+                await m.close_stdin()
+                assert await m.process.wait() == 0, "\n".join(m.log)
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+    assert "Traceback" not in "\n".join(m.log)
+
+
+@pytest.mark.parametrize("mode", ["direct", "connect"])
+async def test_serve_follows_damocles_id_rules(tmp_path, sock_path, mode):
+    # sleep fails every second request of its child: the first here is 41, the second 44.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="every:2"))
+    huge = raw_request(43, make_task(43), junk=b'"' + b"x" * (100 * 2**20) + b'"')
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            async with serving(nursery, mode, cfg, sock_path) as m:
+                # 41 and its duplicate in one write, so serve reads both before 41 can be
+                # answered: the duplicate is logged, and the answer is the first one's.
+                await m.send_raw(
+                    raw_request(41, make_task(41)) + raw_request(41, make_task(42)), request_id=41
+                )
+                # damocles-manager cannot read an id beyond 64 bits: unreadable, not answered.
+                await m.send_raw(raw_request(2**64, make_task(5)))
+                await m.send_raw(huge, request_id=43)
+                await m.send_raw(raw_request(44, make_task(44)), request_id=44)
+                r = await m.wait(41)
+                assert r == jsonl.JsonResponse(41, echo_output(make_task(41)), None)
+                line = await m.wait_log("request 41 is already in flight")
+                assert "not answered" in line
+                r = await m.wait(43)
+                assert r.output is None, r
+                assert r.err_msg.startswith("request 43 (window_post): bad request: the request")
+                assert f"line is {len(huge)} bytes, over the" in r.err_msg
+                # The error names the request by its wire id, and the stage once.
+                r = await m.wait(44)
+                assert r.output is None and r.err_msg.startswith("request 44 failed on "), r
+                assert r.err_msg.count("window_post") == 1, r.err_msg
+                assert "sleep prover failing as configured" in r.err_msg
+                await m.wait_log("does not fit in 64 bits")
+                await m.close_stdin()
+                assert await m.process.wait() == 0, "\n".join(m.log)
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+    assert "Traceback" not in "\n".join(m.log)

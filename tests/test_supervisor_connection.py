@@ -90,6 +90,16 @@ def test_dext_child_may_not_send_parent_messages():
         conn.receive_data(dext.encode(dext.Shutdown()))
 
 
+def test_a_second_hello_says_it_is_a_second_hello():
+    conn = ChildConnection("window_post")
+    conn.receive_data(hello())
+    with pytest.raises(ChildProtocolError) as info:
+        conn.receive_data(hello())
+    message = str(info.value)
+    assert "sent a second Hello frame" in message and "after it was ready" in message
+    assert "only a parent may send" not in message
+
+
 def test_dext_responses_and_progress_become_events():
     conn = ChildConnection("window_post", "dext")
     out = WindowPoStOutput(proofs=[b"p"], faults=[3])

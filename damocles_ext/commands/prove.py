@@ -345,7 +345,7 @@ def _stage_hint(data: bytes, stage: str, command: str) -> str:
 
     try:
         proof_type = msgspec.json.decode(data).get("proof_type")
-    except (msgspec.DecodeError, AttributeError):  # not JSON, or not an object
+    except (msgspec.DecodeError, AttributeError, RecursionError):  # not JSON, not an object
         return ""
     if stage == "window_post" and proof_type in WINNING_PROOF_TYPES:
         return f"; {proof_type} is a WinningPoSt proof type: use `{command} winning_post`"

@@ -22,6 +22,9 @@ PROTOCOL_VERSION = "dext/1"
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 _MAX_LENGTH_FIELD = 2**32 - 1
+#: What a decoder says of a message whose containers nest deeper than it can follow (no message
+#: of ours nests more than a handful of levels).
+NESTED_TOO_DEEPLY = "its values are nested too deeply to decode (hundreds of levels)"
 
 
 class ProtocolError(Exception):
@@ -98,6 +101,13 @@ def decode_payload(payload: bytes | memoryview, decoder: msgspec.msgpack.Decoder
         return decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable dext frame of {len(payload)} bytes: {exc}") from None
+    except RecursionError:
+        # msgspec decodes nested containers recursively, bounded by Python's recursion limit;
+        # a few KB of nesting must be the peer's protocol error, not an exception that ends
+        # whatever task reads the frame.
+        raise ProtocolError(
+            f"undecodable dext frame of {len(payload)} bytes: {NESTED_TOO_DEEPLY}"
+        ) from None
 
 
 class FrameDecoder:

@@ -11,6 +11,7 @@ Unknown fields are ignored on input, as Go's and serde's decoders do by default.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -26,12 +27,18 @@ from ..tasks import (
     WinningProofType,
     stage_of,
 )
+from .dext import NESTED_TOO_DEEPLY
 
 DEFAULT_MAX_LINE = 64 * 1024 * 1024
 
 _Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 _Array32 = Annotated[list[_Byte], msgspec.Meta(min_length=32, max_length=32)]
 _U64 = Annotated[int, msgspec.Meta(ge=0)]
+#: damocles-manager reads ids into a uint64: an id beyond it cannot be answered (msgspec's
+#: bounds stop at int64, so the decoders check this one themselves).
+MAX_ID = 2**64 - 1
+#: How much of a skipped over-long line is kept, to read its id (`{"id":<20 digits>,` fits).
+LINE_HEAD = 64
 
 
 class JsonLineError(Exception):
@@ -99,10 +106,12 @@ class JsonResponse(msgspec.Struct, frozen=True):
 
 
 class LineTooLong(msgspec.Struct, frozen=True):
-    """A line longer than the limit was skipped; `length` is how much of it was seen."""
+    """A line longer than the limit was skipped; `length` is how much of it was seen, `head` its
+    first LINE_HEAD bytes (enough to read its id, see `leading_id`)."""
 
     length: int
     limit: int
+    head: bytes = b""
 
 
 _JSON_TASK = {"window_post": _WindowPoSt, "winning_post": _WinningPoSt}
@@ -173,6 +182,8 @@ def _decode(decoder: msgspec.json.Decoder, data: bytes | str, what: str) -> msgs
         raise JsonLineError(f"invalid {what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise JsonLineError(f"malformed JSON in {what}: {exc}") from None
+    except RecursionError:  # msgspec's nesting limit is Python's recursion limit
+        raise JsonLineError(f"malformed JSON in {what}: {NESTED_TOO_DEEPLY}") from None
 
 
 def task_to_json(task: Task) -> bytes:
@@ -241,17 +252,58 @@ def _strip_eol(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\n") else line
 
 
+# damocles (Go's encoding/json) writes the id as the first member: `{"id":N,...`.
+_WS = rb"[ \t\r\n]*"
+_LEADING_ID = re.compile(
+    _WS + rb"\{" + _WS + rb'"id"' + _WS + b":" + _WS + rb"(0|[1-9][0-9]{0,19})" + _WS + b"[,}]"
+)
+
+
+def leading_id(data: bytes) -> int | None:
+    """The id of a line that cannot be decoded whole, if it is the line's first member and fits
+    in 64 bits (as damocles writes it); None otherwise."""
+    match = _LEADING_ID.match(data)
+    if match is None:
+        return None
+    value = int(match.group(1))
+    return value if value <= MAX_ID else None
+
+
+def _bad_head(kind: str, line: bytes, exc: Exception | None) -> JsonLineError:
+    """A line whose head (the id, at least) did not decode; its id may still be readable."""
+    reason = NESTED_TOO_DEEPLY if exc is None else str(exc)
+    id = leading_id(line)
+    if id is None:
+        return JsonLineError(f"not a {kind} line: {reason}; line: {preview(line)}")
+    return JsonLineError(f"{kind} {id}: not a valid {kind} line: {reason}", id=id)
+
+
+def _id_too_big(kind: str, id: int, line: bytes) -> JsonLineError:
+    return JsonLineError(
+        f"not a {kind} line: its id {id} does not fit in 64 bits, so damocles cannot read it;"
+        f" line: {preview(line)}"
+    )
+
+
 def decode_request(line: bytes, stage: str) -> JsonRequest:
     """Parse a request line for a child of `stage`; raises JsonLineError (with the id if readable)."""
     _check_stage(stage)
     try:
         head = _request_head.decode(_strip_eol(line))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise JsonLineError(f"not a request line: {exc}; line: {preview(line)}") from None
+        raise _bad_head("request", line, exc) from None
+    except RecursionError:
+        raise _bad_head("request", line, None) from None
+    if head.id > MAX_ID:
+        raise _id_too_big("request", head.id, line)
     try:
         task = _task_from_json_struct(stage, _task_decoders[stage].decode(head.task))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise JsonLineError(f"request {head.id}: invalid {stage} task: {exc}", id=head.id) from None
+    except RecursionError:
+        raise JsonLineError(
+            f"request {head.id}: invalid {stage} task: {NESTED_TOO_DEEPLY}", id=head.id
+        ) from None
     return JsonRequest(head.id, task)
 
 
@@ -261,7 +313,11 @@ def decode_response(line: bytes, stage: str) -> JsonResponse:
     try:
         head = _response_head.decode(_strip_eol(line))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise JsonLineError(f"not a response line: {exc}; line: {preview(line)}") from None
+        raise _bad_head("response", line, exc) from None
+    except RecursionError:
+        raise _bad_head("response", line, None) from None
+    if head.id > MAX_ID:
+        raise _id_too_big("response", head.id, line)
     if head.err_msg is not None:
         return JsonResponse(head.id, None, head.err_msg)
     if bytes(head.output).strip() == b"null":
@@ -271,6 +327,10 @@ def decode_response(line: bytes, stage: str) -> JsonResponse:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise JsonLineError(
             f"response {head.id}: invalid {stage} output: {exc}", id=head.id
+        ) from None
+    except RecursionError:
+        raise JsonLineError(
+            f"response {head.id}: invalid {stage} output: {NESTED_TOO_DEEPLY}", id=head.id
         ) from None
     return JsonResponse(head.id, output, None)
 
@@ -291,14 +351,24 @@ class LineReader:
         self.max_line = max_line
         self._buf = bytearray()
         self._skipping = 0  # > 0 while discarding the rest of an over-long line
+        self._head = b""  # the first bytes of the line being skipped
+
+    def _keep_head(self, more: bytes) -> None:
+        if len(self._head) < LINE_HEAD:
+            self._head = (self._head + more)[:LINE_HEAD]
+
+    def _too_long(self, length: int) -> LineTooLong:
+        marker = LineTooLong(length, self.max_line, self._head)
+        self._skipping = 0
+        self._head = b""
+        return marker
 
     def receive_data(self, data: bytes) -> list[bytes | LineTooLong]:
         """Feed bytes; returns the complete lines and LineTooLong markers they finish."""
         out: list[bytes | LineTooLong] = []
         if not data:
             if self._skipping:
-                out.append(LineTooLong(self._skipping, self.max_line))
-                self._skipping = 0
+                out.append(self._too_long(self._skipping))
             elif self._buf:
                 out.append(bytes(self._buf))
                 self._buf.clear()
@@ -310,18 +380,22 @@ class LineReader:
                 rest = len(data) - start
                 if self._skipping:
                     self._skipping += rest
+                    self._keep_head(data[start : start + LINE_HEAD])
                 elif len(self._buf) + rest > self.max_line:
                     self._skipping = len(self._buf) + rest
+                    self._head = bytes(self._buf[:LINE_HEAD]) + data[start : start + LINE_HEAD]
+                    self._head = self._head[:LINE_HEAD]
                     self._buf.clear()
                 else:
                     self._buf += data[start:]
                 return out
             piece = data[start : nl + 1]
             if self._skipping:
-                out.append(LineTooLong(self._skipping + len(piece), self.max_line))
-                self._skipping = 0
+                self._keep_head(piece[:LINE_HEAD])
+                out.append(self._too_long(self._skipping + len(piece)))
             elif len(self._buf) + len(piece) > self.max_line + 1:
-                out.append(LineTooLong(len(self._buf) + len(piece), self.max_line))
+                self._head = (bytes(self._buf[:LINE_HEAD]) + piece[:LINE_HEAD])[:LINE_HEAD]
+                out.append(self._too_long(len(self._buf) + len(piece)))
                 self._buf.clear()
             elif self._buf:
                 self._buf += piece

@@ -151,6 +151,12 @@ class ChildConnection:
                 events.append(Answer(msg.id, msg.output, msg.error))
             elif isinstance(msg, dext.Progress):
                 events.append(ProgressEvent(msg.id, msg.phase, msg.done, msg.total))
+            elif isinstance(msg, dext.Hello):
+                raise ChildProtocolError(
+                    f"sent a second Hello frame (pid {msg.pid}, prover {msg.prover!r}) after it"
+                    " was ready: a child sends Hello once, at start, then only Response and"
+                    " Progress frames"
+                )
             else:
                 raise ChildProtocolError(
                     f"sent a dext {type(msg).__name__} frame, which only a parent may send"

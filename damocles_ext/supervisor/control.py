@@ -499,6 +499,10 @@ class ControlServer:
         self._connections.add(conn)
         try:
             await conn.run()
+        except Exception:
+            # A bug of ours while serving one client ends that connection (its requests are
+            # cancelled, as when it hangs up), never `run`.
+            log.exception("control connection: internal error; closing it")
         finally:
             self._connections.discard(conn)
             self._slots.discard(conn)
@@ -648,17 +652,17 @@ class _Connection:
             self._activity()
 
     def _start_request(self, req: dext.Request, nursery: trio.Nursery) -> None:
-        self._server._request_started()
-        self._owned += 1
         if req.id in self._scopes:
-            self._queue_response(
-                dext.Response(
-                    req.id,
-                    error=f"request id {req.id} is already in flight on this"
-                    " connection; use a new id for each request",
-                )
+            # Answers are routed by id: any answer to this one would reach the caller of the
+            # request in flight, which would take it for its own.
+            log.error(
+                "control client sent request id %d while it is in flight; the second request is"
+                " not answered (use a new id for each request)",
+                req.id,
             )
             return
+        self._server._request_started()
+        self._owned += 1
         scope = trio.CancelScope()
         self._scopes[req.id] = scope
         nursery.start_soon(self._run_request, req, scope)

@@ -1116,7 +1116,15 @@ class Supervisor:
     ) -> None:
         try:
             while not child.stop.is_set():
-                was_ready, reason = await self._run_process(child, task_status)
+                try:
+                    was_ready, reason = await self._run_process(child, task_status)
+                except Exception as exc:
+                    # The same wall as in _run_process, for a bug outside its process's nursery.
+                    reason = f"internal error in damocles-ext: {_describe_error(exc)}"
+                    log.exception("%s: %s", child.name, reason)
+                    was_ready = False
+                    self._launched(child, task_status)
+                    self._child_task_failed(child, reason)
                 if child.stop.is_set():
                     break
                 now = trio.current_time()
@@ -1145,6 +1153,25 @@ class Supervisor:
             if child.state != "fatal":
                 child.state = "stopped"
             self._notify()
+
+    def _child_task_failed(self, child: _Child, reason: str, p: _Process | None = None) -> None:
+        """The task serving `child` raised: take its process `p` down (if there is one) and
+        retry or fail what was running on the child."""
+        child.last_exit = reason
+        if p is not None:
+            p.read_ended = True
+            self._mark_down(child, p, reason)
+        elif child.state in ("ready", "starting", "stopping"):
+            child.state = "stopping"
+            self._scheduler.child_down(child.name, trio.current_time())
+        for aid, (owner, slot) in list(self._slots.items()):
+            if owner is child:
+                del self._slots[aid]
+                self._timers.cancel(slot.timeout)
+                if not slot.abandoned:
+                    self._retry_or_fail(slot.request, child, aid, f"{child.name}: {reason}")
+        self._notify()
+        self._dispatch()
 
     def _launched(self, child: _Child, task_status: Any) -> None:
         if not child.launched:
@@ -1211,6 +1238,12 @@ class Supervisor:
                         await self._stop_gracefully(child, p)
                 reason = await self._tear_down(child, p, ready)
                 nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # A bug of ours while serving this process ends it (killed and reaped just below),
+            # never the supervisor; marked down first, so no submitter reads its closed pipe.
+            reason = f"internal error in damocles-ext: {_describe_error(exc)}"
+            log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
+            self._child_task_failed(child, reason, p)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.exit is None:
@@ -1340,13 +1373,25 @@ class Supervisor:
         """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
         try:
             events = p.conn.receive_data(data)
+            if events:
+                self._on_events(child, p, events)
         except ChildProtocolError as exc:
             p.read_ended = True
             report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
             self._kill(child, p, f"broke the protocol: {exc}", charge_all=True)
             return
-        if events:
-            self._on_events(child, p, events)
+        except Exception as exc:
+            # A bug of ours on what this child wrote (read here by the reader task or by a
+            # submitter, see _read_for) ends this child, not the supervisor or the submitter.
+            p.read_ended = True
+            log.exception("%s (pid %s): internal error on its output", child.name, child.pid)
+            self._kill(
+                child,
+                p,
+                f"internal error in damocles-ext on its output: {type(exc).__name__}: {exc}",
+                charge_all=True,
+            )
+            return
         if not data:
             p.read_ended = True
             self._mark_down(child, p, "closed its stdout")
@@ -1691,6 +1736,13 @@ def _read_now(fd: int) -> bytes:
         return os.read(fd, _READ_SIZE)
     except OSError:  # BlockingIOError (empty) among them
         return b""
+
+
+def _describe_error(exc: BaseException) -> str:
+    """`Type: message` of an exception, of each one in a (nursery's) exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe_error(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _receive(stream: trio.lowlevel.FdStream) -> bytes:

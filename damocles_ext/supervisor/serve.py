@@ -5,11 +5,19 @@ writes request lines with increasing ids and matches the response lines by id, i
 answer every request we could read exactly once; a line we cannot read is answered with an error
 when its id can be read and logged otherwise (damocles does the same with a bad line from a
 child). The codec is `protocol.jsonl`; this module only moves bytes and runs one task per request.
+
+damocles' id rules (docs: damocles-wire.md): an answer is routed to whoever waits for its id, so
+a request whose id is already in flight is logged and never answered (an error answer would
+reach the first caller, whose proof would then be lost); an id beyond 64 bits cannot be read by
+damocles-manager, so such a line is unreadable; an over-long line whose id can be read (the
+first member, as damocles writes it) is answered with an error. Error texts name the request by
+its wire id, never by the supervisor's own request number.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -36,6 +44,7 @@ class ServeStats:
     failed: int = 0  # of which with err_msg
     unreadable: int = 0  # lines that could not be answered (no readable id)
     in_flight: int = 0
+    duplicates: int = 0  # lines whose id was in flight: logged, not answered
 
 
 class JsonLineServer:
@@ -75,7 +84,9 @@ class JsonLineServer:
     def statistics(self) -> ServeStats:
         """A snapshot of the counters."""
         s = self._stats
-        return ServeStats(s.received, s.answered, s.failed, s.unreadable, len(self._in_flight))
+        return ServeStats(
+            s.received, s.answered, s.failed, s.unreadable, len(self._in_flight), s.duplicates
+        )
 
     async def wait_idle(self) -> None:
         """Wait until every request read so far has been answered."""
@@ -117,7 +128,12 @@ class JsonLineServer:
                 log.warning("stdin broke (%s): taking no more requests", exc)
                 data = b""
             for item in self._reader.receive_data(data):
-                self._handle_line(item, nursery)
+                try:
+                    self._handle_line(item, nursery)
+                except Exception:
+                    # A bug of ours on one line must not end serve, and every other request.
+                    self._stats.unreadable += 1
+                    log.exception("internal error on a request line; it is not answered")
             if not data:
                 log.info(
                     "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
@@ -127,12 +143,14 @@ class JsonLineServer:
     def _handle_line(self, item: bytes | jsonl.LineTooLong, nursery: trio.Nursery) -> None:
         if isinstance(item, jsonl.LineTooLong):
             self._stats.received += 1
-            self._stats.unreadable += 1
-            log.error(
-                "skipped a request line of %d bytes: longer than the %d-byte limit",
-                item.length,
-                item.limit,
-            )
+            id = jsonl.leading_id(item.head)
+            what = f"the request line is {item.length} bytes, over the {item.limit}-byte limit"
+            if id is None:
+                self._stats.unreadable += 1
+                log.error("skipped a request line without a readable id: %s", what)
+            elif self._take(id, what):
+                log.error("request %d: answering with an error: %s", id, what)
+                nursery.start_soon(self._answer_error, id, f"bad request: {what}; not proved")
             return
         if not item.strip():
             return  # a blank line carries nothing to answer
@@ -143,24 +161,35 @@ class JsonLineServer:
             if exc.id is None:
                 self._stats.unreadable += 1
                 log.error("unreadable request line, cannot answer it: %s", exc)
-            else:
+            elif self._take(exc.id, str(exc)):
                 log.error("answering a bad request with an error: %s", exc)
                 nursery.start_soon(self._answer_error, exc.id, str(exc))
             return
-        if request.id in self._in_flight:
-            # damocles counts ids up per child, so this is a peer bug; answering the second one
-            # with an error is the only answer that cannot be mistaken for a proof.
-            log.error("request id %d is already in flight; rejecting the duplicate", request.id)
-            nursery.start_soon(
-                self._answer_error,
-                request.id,
-                f"bad request: request id {request.id} is already in flight",
+        if self._take(request.id, "a request"):
+            nursery.start_soon(self._answer, request.id, request.task)
+
+    def _take(self, id: int, what: str) -> bool:
+        """Count `id` in flight until it is answered; False (logged) if it is already."""
+        if id in self._in_flight:
+            # damocles counts ids up per child, so this is a peer bug. Any answer to this line
+            # would be routed to the caller of the request in flight, which would lose its proof.
+            self._stats.duplicates += 1
+            log.error(
+                "request %d is already in flight: a second line with its id (%s) is not"
+                " answered, and the first one still is",
+                id,
+                what if len(what) <= 300 else what[:300] + "...",
             )
-            return
-        self._in_flight.add(request.id)
+            return False
+        self._in_flight.add(id)
         if self._idle.is_set():
             self._idle = trio.Event()
-        nursery.start_soon(self._answer, request.id, request.task)
+        return True
+
+    def _done(self, id: int) -> None:
+        self._in_flight.discard(id)
+        if not self._in_flight:
+            self._idle.set()
 
     async def _answer(self, id: int, task: Task) -> None:
         try:
@@ -168,27 +197,41 @@ class JsonLineServer:
                 log.debug("request %d: submitted", id)
                 output = await self._submit(task)
             except DextError as exc:
-                message = str(exc) or type(exc).__name__
-                log.warning("request %d failed: %s", id, message)
+                message = self._error_text(id, str(exc) or type(exc).__name__)
+                log.warning("%s", message)
                 line = jsonl.encode_response(id, err_msg=message)
                 self._stats.failed += 1
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("request %d: internal error", id)
                 line = jsonl.encode_response(
-                    id, err_msg=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+                    id,
+                    err_msg=self._error_text(
+                        id, f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+                    ),
                 )
                 self._stats.failed += 1
             else:
                 line = jsonl.encode_response(id, output=output)
             await self._write(line, id)
         finally:
-            self._in_flight.discard(id)
-            if not self._in_flight:
-                self._idle.set()
+            self._done(id)
 
     async def _answer_error(self, id: int, message: str) -> None:
-        self._stats.failed += 1
-        await self._write(jsonl.encode_response(id, err_msg=message), id)
+        try:
+            self._stats.failed += 1
+            await self._write(jsonl.encode_response(id, err_msg=self._error_text(id, message)), id)
+        finally:
+            self._done(id)
+
+    def _error_text(self, id: int, message: str) -> str:
+        """`message` as damocles' caller should read it: about request `id` (its wire id) of
+        this stage, named once. The supervisor (ours, or the `run` that serve --connect
+        forwards to) numbers requests its own way; that number is replaced by the wire id."""
+        own = _OWN_LABEL.match(message)
+        rest = message[own.end() :] if own else ": " + message
+        if self.stage in rest:  # e.g. "failed on window_post#0": the child names the stage
+            return f"request {id}{rest}"
+        return f"request {id} ({self.stage}){rest}"
 
     async def _write(self, line: bytes, id: int | None = None) -> None:
         if self._output_broken:
@@ -205,6 +248,11 @@ class JsonLineServer:
                 return
         if id is not None:
             self._stats.answered += 1
+
+
+# "request 12 (window_post)" or "request 12": how the supervisor (and the codec) start a message
+# about one request.
+_OWN_LABEL = re.compile(r"request \d+(?: \((?:window|winning)_post[a-z_]*\))?(?=[ :;,])")
 
 
 def _id_list(ids: set[int], limit: int = 20) -> str:

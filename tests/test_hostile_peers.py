@@ -1,0 +1,378 @@
+"""No input may take the supervisor down: nested bombs through every door, and the second wall.
+
+A value about 1,500 containers deep (3 KB) is more than msgspec can follow within Python's
+recursion limit. Each door gets one through a real peer: a prover child's frame or JSON line
+(the child is killed and restarted, or the line skipped), a control-socket client's frame to a
+real `run` (the client is dropped), a server's frame to the client, the supervisor's frame to the
+child runtime. The serve door (a request line on stdin) is in test_serve.py.
+
+The second wall: a bug of ours (injected with monkeypatch; the children and sockets stay real)
+while serving one child or one control connection ends that child or connection, logged with
+its traceback, and the supervisor goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers_frontend import make_task, plugin_block, running, short_socket_dir, write_config
+from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, window_task
+
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
+from damocles_ext.protocol import dext, jsonl
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor import control as control_module
+from damocles_ext.supervisor import core as core_module
+from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+from damocles_ext.supervisor.restart import BackoffPolicy
+
+STAGE = "window_post"
+DEPTH = 1500
+#: msgpack: DEPTH one-element arrays around a nil, one byte a level.
+MSGPACK_BOMB = b"\x91" * DEPTH + b"\xc0"
+JSON_BOMB = b"[" * DEPTH + b"]" * DEPTH
+
+
+def bomb_frame(kind: str, id: int = 1) -> bytes:
+    """A dext frame `{"type": kind, "id": id, "junk": <bomb>}`: the unknown field is skipped,
+    which still walks every level of it."""
+    tag = kind.encode()
+    payload = b"\x83\xa4type" + bytes([0xA0 | len(tag)]) + tag + b"\xa2id" + bytes([id])
+    payload += b"\xa4junk" + MSGPACK_BOMB
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def fast_restarts() -> BackoffPolicy:
+    return BackoffPolicy(base=0.01, cap=0.05)
+
+
+# -- door 1: a prover child's output -------------------------------------------------------------
+
+
+async def test_a_dext_child_sending_a_nested_bomb_is_restarted_and_its_request_retried(
+    tmp_path, caplog
+):
+    # Its first process answers with a bomb; the one started after it answers properly.
+    marker = tmp_path / "bombed"
+    argv = dext_child(
+        """
+        if not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            out.write(BOMB)
+            out.flush()
+        else:
+            answer(msg)
+        """,
+        setup=f"MARKER = {str(marker)!r}\nBOMB = {bomb_frame('response')!r}",
+    )
+    sup = Supervisor([spec(argv, max_attempts=2)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            first = await sup.submit(window_task(miner=1))
+            second = await sup.submit(window_task(miner=2))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert marker.exists()
+    assert first.faults[0] == 1 and second.faults[0] == 2
+    assert first.faults[1] == second.faults[1]  # both from the restarted process
+    assert stats.restarts == 1 and "nested too deeply" in stats.last_exit, stats.last_exit
+    assert "broke the protocol" in stats.last_exit
+    assert our_descendants() == []
+
+
+async def test_a_json_lines_child_sending_a_nested_bomb_line_fails_only_that_request():
+    # damocles skips a bad line and reads on; its id could be read, so the request it answered
+    # badly is answered with the reason at once (not left to a timeout).
+    argv = jsonl_child(
+        """
+        if req["task"]["miner_id"] == 1:
+            sys.stdout.write('{"id": %d, "output": %s}\\n' % (req["id"], BOMB))
+            sys.stdout.flush()
+        else:
+            answer(req)
+        """,
+        setup=f"BOMB = {JSON_BOMB.decode()!r}",
+    )
+    sup = Supervisor([spec(argv)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            with pytest.raises(ProverError, match="invalid response.*nested too deeply"):
+                await sup.submit(window_task(miner=1))
+            output = await sup.submit(window_task(miner=2))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults[0] == 2
+    assert stats.restarts == 0 and stats.done == 1 and stats.failed == 1
+
+
+async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_says_so(tmp_path):
+    marker = tmp_path / "twice"
+    argv = dext_child(
+        """
+        if not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            send(dext.Hello("dext/1", "window_post", os.getpid(), "fake", "1", 1))
+        else:
+            answer(msg)
+        """,
+        setup=f"MARKER = {str(marker)!r}",
+    )
+    sup = Supervisor([spec(argv, max_attempts=2)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=3))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults[0] == 3
+    assert "sent a second Hello frame" in stats.last_exit, stats.last_exit
+    assert "only a parent may send" not in stats.last_exit
+
+
+# -- door 2: a control-socket client -------------------------------------------------------------
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path):
+    with short_socket_dir("h", tmp_path.name) as d:
+        yield d / "control.sock"
+
+
+async def test_run_drops_a_control_client_sending_a_nested_bomb_and_serves_the_next(
+    tmp_path, sock_path
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with running(nursery, cfg, sock_path) as (run, log):
+                async with connect(sock_path) as good:
+                    assert await good.submit(make_task(1)) == echo_output(make_task(1))
+                    hostile = await trio.open_unix_socket(os.fspath(sock_path))
+                    await hostile.send_all(bomb_frame("request"))
+                    # Dropped: the connection ends, with no answer.
+                    assert await hostile.receive_some() == b""
+                    await hostile.aclose()
+                    line = await log.wait_for("control client broke the protocol")
+                    assert "nested too deeply" in line
+                    # The other client's connection and the supervisor go on.
+                    assert await good.submit(make_task(2)) == echo_output(make_task(2))
+                async with connect(sock_path) as late:
+                    assert await late.submit(make_task(3)) == echo_output(make_task(3))
+                run.send_signal(signal.SIGTERM)
+                assert await run.wait() == 0, log.text()
+    assert "Traceback" not in log.text()
+
+
+# -- the client, reading a server ----------------------------------------------------------------
+
+
+async def test_the_client_reports_a_nested_bomb_from_the_server_as_a_lost_connection(sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(sock_path))
+    listener.listen(1)
+    server = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+
+    async def hostile_server() -> None:
+        stream = await server.accept()
+        await stream.receive_some()  # the request
+        await stream.send_all(bomb_frame("response"))
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hostile_server)
+            with pytest.raises(ProverError, match="broke the protocol.*nested too deeply"):
+                async with connect(sock_path) as client:
+                    await client.submit(make_task(1))
+            nursery.cancel_scope.cancel()
+    await server.aclose()
+
+
+# -- the child runtime, reading the supervisor ---------------------------------------------------
+
+
+def child_argv(protocol: str) -> list[str]:
+    return [sys.executable, "-m", "damocles_ext", "child", STAGE, "--plugin", "echo",
+            "--protocol", protocol]
+
+
+async def test_the_child_runtime_exits_1_on_a_nested_bomb_frame_without_a_traceback():
+    stdin = dext.encode(dext.Request(1, window_task())) + bomb_frame("request", id=2)
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            child_argv("dext"), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, stderr
+    assert "protocol error from the parent" in stderr and "nested too deeply" in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_the_json_lines_child_runtime_answers_a_nested_bomb_line_and_goes_on():
+    bomb_line = b'{"id":1,"junk":' + JSON_BOMB + b',"task":{}}\n'
+    proc = await trio.lowlevel.open_process(
+        child_argv("jsonl"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader = jsonl.LineReader()
+    lines: list[bytes] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            stderr = bytearray()
+
+            async def collect_stderr() -> None:
+                while data := await proc.stderr.receive_some():
+                    stderr.extend(data)
+
+            nursery.start_soon(collect_stderr)
+            # Stdin stays open until both are answered: its end would cancel request 2.
+            await proc.stdin.send_all(bomb_line + jsonl.encode_request(2, window_task(miner=5)))
+            while len(lines) < 3:
+                data = await proc.stdout.receive_some()
+                assert data, bytes(stderr).decode(errors="replace")
+                lines += reader.receive_data(data)
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0, bytes(stderr).decode(errors="replace")
+    assert lines[0] == jsonl.ready_line(STAGE)
+    answers = {r.id: r for r in (jsonl.decode_response(line, STAGE) for line in lines[1:])}
+    assert answers[1].output is None and "nested too deeply" in answers[1].err_msg
+    assert answers[2].output == echo_output(window_task(miner=5))
+    assert b"Traceback" not in stderr
+
+
+# -- the second wall -----------------------------------------------------------------------------
+
+
+async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supervisor(
+    monkeypatch, caplog
+):
+    original = Supervisor._on_answer
+    calls = []
+
+    def buggy_on_answer(self, child, p, ev, now):
+        calls.append(child.name)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug on the first answer")
+        return original(self, child, p, ev, now)
+
+    monkeypatch.setattr(Supervisor, "_on_answer", buggy_on_answer)
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor([spec(dext_child(), max_attempts=2)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=7))  # retried on the new process
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults[0] == 7
+    assert stats.restarts == 1 and "injected bug" in stats.last_exit, stats.last_exit
+    logged = [r for r in caplog.records if "internal error on its output" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # with its traceback
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_supervisor(
+    monkeypatch, caplog
+):
+    original = Supervisor._handshake
+    calls = []
+
+    async def buggy_handshake(self, child, p):
+        calls.append(child.name)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug in the handshake")
+        return await original(self, child, p)
+
+    monkeypatch.setattr(Supervisor, "_handshake", buggy_handshake)
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=8))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults[0] == 8
+    assert len(calls) == 2 and stats.restarts == 1
+    logged = [r for r in caplog.records if "injected bug in the handshake" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_restart_rules(
+    monkeypatch, caplog
+):
+    original = core_module.build_env
+    calls = []
+
+    def buggy_build_env(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug before the spawn")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core_module, "build_env", buggy_build_env)
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=9))
+            sup.request_shutdown()
+    assert output.faults[0] == 9 and len(calls) == 2
+    logged = [r for r in caplog.records if "injected bug before the spawn" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_on_one_control_connection_drops_only_that_one(monkeypatch, caplog):
+    sock_dir = Path(tempfile.mkdtemp(prefix="dext-wall-", dir="/tmp"))
+    os.chmod(sock_dir, 0o700)
+    path = sock_dir / "control.sock"
+
+    async def submit(task, *, deadline=None, priority=0, on_progress=None):
+        return echo_output(task)
+
+    original = control_module._Connection._start_request
+
+    def buggy_start_request(self, req, nursery):
+        if req.task.miner_id == 666:
+            raise RuntimeError("injected bug on one request")
+        return original(self, req, nursery)
+
+    monkeypatch.setattr(control_module._Connection, "_start_request", buggy_start_request)
+    caplog.set_level(logging.ERROR, "damocles_ext.control")
+    server = ControlServer(bind_control_socket(path), submit)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with connect(path) as good:
+                with pytest.raises(ProverError, match="lost the connection"):
+                    async with connect(path) as doomed:
+                        await doomed.submit(make_task(666))
+                assert await good.submit(make_task(1)) == echo_output(make_task(1))
+            assert server.statistics().in_flight == 0
+            server.stop_accepting()
+            nursery.cancel_scope.cancel()
+    os.rmdir(sock_dir)
+    logged = [r for r in caplog.records if "internal error; closing it" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+
