@@ -1,9 +1,12 @@
-"""The documents stay navigable: the README links every document under docs/, every relative
-link in the Markdown files leads to a file that exists, and no text refers to issue numbers (a
-reader must not need the tracker to follow the code or the docs)."""
+"""The documents stay navigable and true: the README links every document under docs/, every
+relative link in the Markdown files leads to a file and heading that exist, no text refers to
+issue numbers (a reader must not need the tracker), and docs/RELIABILITY.md names tests that exist
+and quotes the chaos run's saved figures."""
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -88,3 +91,86 @@ def test_no_text_refers_to_issue_numbers():
             if ISSUE_REF.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert found == [], "say what the issue asked for instead:\n" + "\n".join(found)
+
+
+# -- the reliability evidence -----------------------------------------------------------------
+
+RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
+# `tests/x.py`, `test_x.py::test_name`, `…::test_name` (the file of the reference before it),
+# `…::test_prefix_…` (a name that starts so).
+TEST_REF = re.compile(r"`((?:tests/|bench/)?[\w/]+\.py|…)(?:::(\w+…?))?`")
+
+
+def _functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def test_every_test_the_reliability_evidence_names_exists():
+    text = FENCE.sub("", RELIABILITY.read_text())
+    wrong, last = [], None
+    for line in text.splitlines():
+        for file, name in TEST_REF.findall(line):
+            if file != "…":
+                last = ROOT / file if "/" in file else ROOT / "tests" / file
+            where = f"`{file}{'::' + name if name else ''}`"
+            if last is None or not last.is_file():
+                wrong.append(f"{where}: no file {last}")
+                continue
+            if name:
+                names = _functions(last)
+                if name.endswith("…"):
+                    found = any(n.startswith(name[:-1]) for n in names)
+                else:
+                    found = name in names
+                if not found:
+                    wrong.append(f"{where}: not in {last.relative_to(ROOT)}")
+    every_test = set().union(*(_functions(p) for p in (ROOT / "tests").glob("test_*.py")))
+    for name in re.findall(r"`(test_\w+)`", text):
+        if name not in every_test:
+            wrong.append(f"`{name}`: no such test")
+    assert wrong == [], "docs/RELIABILITY.md names tests that are not there (a `…::` means the "
+    "file of the reference before it):\n" + "\n".join(wrong)
+
+
+def test_the_last_chaos_runs_figures_are_those_of_its_saved_results():
+    run = json.loads((ROOT / "bench" / "results" / "chaos.json").read_text())["results"]
+    log, latency, rss = run["supervisor_log"], run["latency_s"], run["rss_mb"]
+    actions, once = run["chaos_actions"], run["exactly_once"]
+    expected = {
+        "requests / answered / with an output": [run["requests"], run["answered"], run["outputs"]],
+        "duplicates, missing, answers after their deadline": [
+            once["duplicates"], once["missing"], run["late_answers"]
+        ],
+        "chaos actions": [
+            actions["sigkill"], actions["sigstop"], actions["garbage"], actions["grandchild"]
+        ],
+        "re-dispatches / restarts / failed starts": [
+            log["retries (re-dispatches)"], run["restarts"], log["failed starts"]
+        ],
+        "children killed as hung": [
+            log["killed as hung (cancel grace)"], log["killed for breaking the protocol"]
+        ],
+        "orphans adopted and killed": [log["orphans adopted and killed"]],
+        "latency p50 / p99 / max": [latency["p50"], latency["p99"], latency["max"]],
+        "throughput under chaos": [run["requests_per_s"]],
+        "supervisor RSS": [rss["first_quarter_median"], rss["last_quarter_median"], rss["peak"]],
+        "`run` after SIGTERM": [
+            run["shutdown"]["returncode"], run["shutdown"]["seconds"], len(run["leftover_processes"])
+        ],
+    }  # fmt: skip
+    section = RELIABILITY.read_text().split("## The last chaos run", 1)[1]
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", section, flags=re.MULTILINE))
+    wrong = []
+    for label, values in expected.items():
+        [cell] = [cell for row, cell in rows.items() if row.startswith(label)]
+        shown = re.findall(r"\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?", cell.split("(", 1)[0])
+        # Each figure as the JSON has it, rounded to the decimals the table shows.
+        as_saved = [
+            f"{value:,.{len(s.partition('.')[2])}f}" if "," in s else
+            f"{value:.{len(s.partition('.')[2])}f}"
+            for s, value in zip(shown, values, strict=False)
+        ]  # fmt: skip
+        if len(shown) != len(values) or as_saved != shown:
+            wrong.append(f"{label}: the table says {shown}, chaos.json {as_saved or values}")
+    assert wrong == [], "bench/results/chaos.json and the table disagree:\n" + "\n".join(wrong)
