@@ -67,7 +67,8 @@ def mutate(doc, rng: random.Random):
             if kind == 0 and isinstance(parent, dict):
                 parent.pop(last, None)  # a missing field
             elif kind == 1:
-                parent[last] = rng.choice(ODD_VALUES)  # a wrong type, size or range
+                # a copy: a shared list put in two places (or into itself) would make a cycle
+                parent[last] = copy.deepcopy(rng.choice(ODD_VALUES))  # a wrong type, size or range
             elif isinstance(parent, dict):
                 parent["unexpected_" + str(last)] = 1  # unknown fields are ignored, as in Go
         except (KeyError, IndexError, TypeError):
