@@ -24,15 +24,15 @@ from typing import Any
 import trio
 
 from .errors import ProverError, UsageError
-from .protocol import control as control_protocol
-from .protocol import dext
-from .supervisor.control import (
+from .frontends.control_socket import (
     UntrustedPathError,
     default_socket_path,
     peer_credentials,
     resolve_trusted,
     trusted_uids,
 )
+from .protocol import control as control_protocol
+from .protocol import dext
 from .tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.client")
@@ -244,7 +244,7 @@ def _check_socket_place(path: Path, hint: str) -> None:
     """Refuse a socket another user could have put there, before connecting to it.
 
     `run` makes its socket in a private directory (0700, ours) reached through directories no
-    other user can change (control.bind_control_socket); anything else may be an impostor's.
+    other user can change (control_socket.bind_control_socket); anything else may be an impostor's.
     """
     try:
         real = resolve_trusted(path)

@@ -14,7 +14,7 @@ The HTTP server runs on the supervisor's own trio loop (h11 for HTTP/1.1, no thr
 connection), so that nobody who can reach the port can hold it: at most `max_connections`
 connections (over it, the one idle longest is closed), a whole request must arrive within
 `idle_timeout` of the previous answer (or of connecting), a request head is at most 16 KiB, and
-running out of file descriptors at accept(2) is survived (supervisor/listeners.py). The
+running out of file descriptors at accept(2) is survived (frontends/listeners.py). The
 exposition itself is built by prometheus_client in a worker thread, one scrape at a time, so a
 scrape never stalls the supervisor. Every metric is listed, with its labels, in
 docs/OBSERVABILITY.md.
@@ -335,7 +335,7 @@ class MetricsServer:
         """Serve scrapes until cancelled; `task_status.started()` once listening."""
         import trio
 
-        from .supervisor.listeners import ConnectionSlots, serve_connections
+        from .frontends.listeners import ConnectionSlots, serve_connections
 
         self._slots = ConnectionSlots(self.max_connections, "metrics port", log)
         # One exposition at a time: a burst of scrapes queues instead of piling up threads.

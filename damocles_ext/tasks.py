@@ -15,6 +15,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
+# The stage names live in stages.py (light to import); kept importable from here for plugins.
+from .stages import POST_STAGES, STAGES, WINDOW_POST_SPLIT  # noqa: F401
+
 # msgspec range-checks int64 only; msgpack and JSON decoding already refuse values past u64.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
 Bytes32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -163,11 +166,6 @@ OUTPUT_TYPES: dict[str, type] = {
     "window_post_snark": WindowPoStSnarkOutput,
 }
 
-#: The stages damocles-manager sends (its JSON lines carry only these).
-POST_STAGES = ("window_post", "winning_post")
-#: The steps a split WindowPoSt runs, in order.
-WINDOW_POST_SPLIT = ("window_post_vanilla", "window_post_snark")
-STAGES = POST_STAGES + WINDOW_POST_SPLIT
 
 
 #: The range of a request's deadline (unix seconds): a day inside the years a datetime can show in

@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
+from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 MAX_ROWS_TO_DISCARD = 20  # the reference library's bound
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
+from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 
 class PythonRefProver:

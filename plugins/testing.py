@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-from damocles_ext.tasks import STAGES  # the PoSt stages and the split WindowPoSt steps
+from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 
 def echo_proof(task: Any) -> bytes:

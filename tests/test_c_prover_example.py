@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from post_helpers import sectors, sectors_with_a_short_one
+from helpers.post import sectors, sectors_with_a_short_one
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.post.fixtures import window_task, winning_task

@@ -173,7 +173,7 @@ def test_a_connect_entry_is_checked_against_the_run_answering_at_its_socket(
     import subprocess
     import threading
 
-    from helpers_frontend import DEXT, dext_env, short_socket_dir
+    from helpers.frontend import DEXT, dext_env, short_socket_dir
 
     ours = _ours(tmp_path / "ours", OURS)  # 3 window_post slots, 2 winning_post
     with short_socket_dir("m", tmp_path.name) as runtime:

@@ -7,8 +7,8 @@ import sys
 import textwrap
 
 import pytest
-from child_harness import EOF, Child, make_plugin_dist, window_task, winning_task
 from damocles_ext_plugins.testing import echo_output
+from helpers.child import EOF, Child, make_plugin_dist, window_task, winning_task
 from hypothesis import given
 from hypothesis import strategies as st
 

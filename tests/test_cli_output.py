@@ -53,7 +53,7 @@ def _dext(*args: str, cwd: Path | None = None, env: dict | None = None):
 
 
 def test_verify_of_a_task_of_the_other_stage_points_to_verify_not_prove(tmp_path: Path):
-    from helpers_frontend import make_task
+    from helpers.frontend import make_task
 
     from damocles_ext.protocol.jsonl import task_to_json
 
@@ -145,7 +145,7 @@ def test_prove_says_a_faulty_sector_means_no_proof_though_it_exits_0(sectors: Pa
 
 
 def test_an_observer_plugin_is_listed_with_its_hooks_not_as_zero_provers(tmp_path: Path):
-    from child_harness import child_env, make_plugin_dist
+    from helpers.child import child_env, make_plugin_dist
 
     source = (ROOT / "examples" / "dext-alerts-plugin" / "dext_alerts" / "__init__.py").read_text()
     make_plugin_dist(tmp_path, dist="dext-alerts-plugin", module="dext_alerts_listed",

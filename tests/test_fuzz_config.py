@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers_frontend import dext_run
+from helpers.frontend import dext_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

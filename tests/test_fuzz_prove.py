@@ -18,17 +18,17 @@ from pathlib import Path
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import dext_run, make_task, write_config
+from helpers.frontend import dext_run, make_task, write_config
+from helpers.supervisor import builtin_child, our_descendants, spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from supervisor_helpers import builtin_child, our_descendants, spec
 
 from damocles_ext.client import connect
 from damocles_ext.commands.prove import read_task
 from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import Supervisor, core
-from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 from damocles_ext.tasks import WindowPoSt
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 import trio
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, window_task
 
 from damocles_ext.child import _DextCodec, _JsonlCodec
 from damocles_ext.errors import ProverError

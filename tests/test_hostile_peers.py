@@ -25,16 +25,15 @@ from pathlib import Path
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import make_task, plugin_block, running, short_socket_dir, write_config
-from supervisor_helpers import dext_child, jsonl_child, our_descendants, spec, window_task
+from helpers.frontend import make_task, plugin_block, running, write_config
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends import control as control_module
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext, jsonl
-from damocles_ext.supervisor import Supervisor
-from damocles_ext.supervisor import control as control_module
-from damocles_ext.supervisor import core as core_module
-from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+from damocles_ext.supervisor import Supervisor, child_loop
 from damocles_ext.supervisor.restart import BackoffPolicy
 
 STAGE = "window_post"
@@ -146,12 +145,6 @@ async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_s
 
 
 # -- door 2: a control-socket client -------------------------------------------------------------
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path):
-    with short_socket_dir("h", tmp_path.name) as d:
-        yield d / "control.sock"
 
 
 async def test_run_drops_a_control_client_sending_a_nested_bomb_and_serves_the_next(
@@ -290,16 +283,16 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
 async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_supervisor(
     monkeypatch, caplog
 ):
-    original = Supervisor._handshake
+    original = child_loop._handshake
     calls = []
 
-    async def buggy_handshake(self, child, p):
+    async def buggy_handshake(sup, child, p):
         calls.append(child.name)
         if len(calls) == 1:
             raise RuntimeError("injected bug in the handshake")
-        return await original(self, child, p)
+        return await original(sup, child, p)
 
-    monkeypatch.setattr(Supervisor, "_handshake", buggy_handshake)
+    monkeypatch.setattr(child_loop, "_handshake", buggy_handshake)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
     with trio.fail_after(30):
@@ -319,7 +312,7 @@ async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_superv
 async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_restart_rules(
     monkeypatch, caplog
 ):
-    original = core_module.build_env
+    original = child_loop.build_env
     calls = []
 
     def buggy_build_env(*args, **kwargs):
@@ -328,7 +321,7 @@ async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_res
             raise RuntimeError("injected bug before the spawn")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(core_module, "build_env", buggy_build_env)
+    monkeypatch.setattr(child_loop, "build_env", buggy_build_env)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
     with trio.fail_after(30):

@@ -5,7 +5,6 @@ frames; a real `run` started with a low RLIMIT_NOFILE keeps proving and stops wi
 from __future__ import annotations
 
 import gzip
-import resource
 import signal
 import socket
 import subprocess
@@ -18,53 +17,31 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers import frontend
+from helpers.frontend import (
     DEXT,
     LogWatcher,
-    dext_env,
     make_task,
     plugin_block,
-    short_socket_dir,
     write_config,
 )
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext
-from damocles_ext.supervisor.control import ControlServer, bind_control_socket
 
 # Low enough that a test floods it with a hundred connections, high enough for Python, trio,
 # one child's pipes and the process-group guardian.
 LOW_NOFILE = 64
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("l", tmp_path.name) as d:
-        yield d
-
-
 async def start_run(
     nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
 ) -> tuple[trio.Process, LogWatcher]:
-    """`damocles-ext run`, optionally with RLIMIT_NOFILE lowered to `nofile` (soft and hard)."""
-
-    def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    process = await trio.lowlevel.open_process(
-        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=dext_env(),
-        preexec_fn=limit,
-    )
-    watcher = LogWatcher(process.stderr)
-    nursery.start_soon(watcher.run)
+    """`damocles-ext run` once its child is ready too: these tests prove through it at once."""
+    process, watcher = await frontend.start_run(nursery, cfg, socket_path, *extra, nofile=nofile)
     with trio.fail_after(30):
-        await watcher.wait_for("control socket listening")
         await watcher.wait_for("ready (dext)")
     return process, watcher
 
@@ -530,7 +507,7 @@ async def test_a_request_crossing_an_idle_close_is_sent_again_on_a_new_connectio
 def test_run_defaults_for_the_limits_are_those_of_the_servers():
     from damocles_ext import metrics
     from damocles_ext.commands import run
-    from damocles_ext.supervisor import control
+    from damocles_ext.frontends import control
 
     assert run.DEFAULT_MAX_CONNECTIONS == control.DEFAULT_MAX_CONNECTIONS
     assert run.DEFAULT_IDLE_TIMEOUT == control.DEFAULT_IDLE_TIMEOUT
@@ -551,7 +528,7 @@ def test_run_defaults_for_the_limits_are_those_of_the_servers():
     ],
 )
 def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value, message):
-    from helpers_frontend import dext_run
+    from helpers.frontend import dext_run
 
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     done = dext_run("run", "-c", str(cfg), "--socket", str(tmp_path / "c.sock"), option, value)
@@ -563,7 +540,7 @@ def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value,
 async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connection(
     tmp_path, sock_dir
 ):
-    from helpers_frontend import ManagerLike
+    from helpers.frontend import ManagerLike
 
     from damocles_ext.protocol import jsonl
 
@@ -599,8 +576,8 @@ async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connectio
 async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
     sock_dir, nursery
 ):
+    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT
     from damocles_ext.protocol import control as control_protocol
-    from damocles_ext.supervisor.control import MAX_STATUS_IN_FLIGHT
 
     calls = 0
     release = trio.Event()

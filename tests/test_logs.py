@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers_frontend import DEXT, dext_env, make_task, write_config
+from helpers.frontend import DEXT, dext_env, make_task, write_config
 
 from damocles_ext import logs
 from damocles_ext.errors import UsageError

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,
-    short_socket_dir,
     write_config,
 )
+from helpers.supervisor import builtin_child, spec, window_task
 from prometheus_client.parser import text_string_to_metric_families
-from supervisor_helpers import builtin_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
@@ -29,14 +28,6 @@ from damocles_ext.errors import ProverError
 from damocles_ext.hookspecs import OUTCOMES, hookimpl
 from damocles_ext.metrics import SupervisorMetrics, parse_listen_address
 from damocles_ext.plugins import call_observers, get_plugin_manager
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("m", tmp_path.name) as d:
-        yield d
-
-
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -129,7 +120,12 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
                     await progressing[0].wait()
                     await progressing[1].wait()
                     requests.start_soon(prove, 2)  # both slots are taken: this one waits
+                    # It reaches run over a socket, maybe after a first scrape: scrape until run
+                    # has queued it (well within the 1.5 s the two running ones take).
                     m = await scrape(url)
+                    while value(m, "damocles_ext_requests_queued", stage="window_post") != 1:
+                        await trio.sleep(0.01)
+                        m = await scrape(url)
                     assert value(m, "damocles_ext_requests_in_flight", stage="window_post") == 2
                     assert (
                         value(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from child_harness import Child
+from helpers.child import Child
 
 from damocles_ext import gpulock
 from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task

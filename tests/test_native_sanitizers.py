@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from post_helpers import sectors
+from helpers.post import sectors
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"

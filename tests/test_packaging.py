@@ -51,8 +51,8 @@ def test_the_sdist_holds_every_tracked_file(sdist: Path):
 
 def test_the_sdist_holds_what_its_tests_read_and_the_licence_files(sdist: Path):
     for path in ["LICENSE-MIT", "LICENSE-APACHE", "ext-prover.cfg.example", ".ci/run",
-                 "tests/helpers_frontend.py", "tests/supervisor_helpers.py",
-                 "tests/child_harness.py", "tests/post_helpers.py", "tests/children/__init__.py",
+                 "tests/conftest.py", "tests/helpers/__init__.py", "tests/helpers/frontend.py",
+                 "tests/helpers/supervisor.py", "tests/helpers/child.py", "tests/helpers/post.py",
                  "tests/configs/seed-8gpu.cfg", "bench/runner.py", "docs/STATUS.md",
                  "examples/dext-hello-plugin/pyproject.toml"]:  # fmt: skip
         assert (sdist / path).is_file(), path

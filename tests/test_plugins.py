@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from child_harness import Child, child_env, make_plugin_dist, window_task, winning_task
 from damocles_ext_plugins import testing
+from helpers.child import Child, child_env, make_plugin_dist, window_task, winning_task
 
 from damocles_ext import hookspecs, plugins
 from damocles_ext.hookspecs import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from post_helpers import sectors
+from helpers.post import sectors
 
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import CancelToken

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from child_harness import Child
 from damocles_ext_plugins.native import NativePoStProver
 from damocles_ext_plugins.native import validate_options as native_problems
-from post_helpers import sectors, sectors_with_a_short_one
+from helpers.child import Child
+from helpers.post import sectors, sectors_with_a_short_one
 
 from damocles_ext.hookspecs import Cancelled, CancelToken
 from damocles_ext.post.fixtures import window_task, winning_task

@@ -10,7 +10,7 @@ import pty
 import subprocess
 from pathlib import Path
 
-from helpers_frontend import DEXT, dext_env, make_task, write_config
+from helpers.frontend import DEXT, dext_env, make_task, write_config
 
 from damocles_ext.progress import ProgressRenderer
 from damocles_ext.protocol.jsonl import task_to_json

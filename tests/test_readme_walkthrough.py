@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers_frontend import short_socket_dir
+from helpers.frontend import short_socket_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """Misbehaving children: each test spawns a real child that breaks a rule on purpose
 and checks that the supervisor survives it, says what happened, and keeps serving.
 
-Children are small Python programs (`python -u -c`) built with supervisor_helpers, or the
+Children are small Python programs (`python -u -c`) built with helpers.supervisor, or the
 built-in child runtime. Waits are on events or bounded polling of process state, never sleeps.
 """
 
@@ -13,11 +13,11 @@ import time
 import psutil
 import pytest
 import trio
-from supervisor_helpers import (
+from helpers.supervisor import (
     alive,
     builtin_child,
+    child_stats,
     dext_child,
-    our_descendants,
     python_child,
     spec,
     wait_until,
@@ -31,14 +31,7 @@ from damocles_ext.supervisor.restart import BackoffPolicy
 FAST = BackoffPolicy(base=0.02, cap=0.08)
 
 
-def child_stats(sup: Supervisor, name: str = "window_post#0"):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- a child that cannot start says why ---------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,15 +19,16 @@ import psutil
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     make_task,
     plugin_block,
+    script_block,
     start_run,
     write_config,
 )
-from supervisor_helpers import alive, wait_until
+from helpers.supervisor import alive, kill_marked, marked, wait_until
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
@@ -55,12 +55,7 @@ def _family_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path
     script = tmp_path / "family_child.py"
     script.write_text(FAMILY_CHILD)
     pids = tmp_path / "pids.jsonl"
-    block = (
-        "[[WdPost]]\n"
-        f"Bin = {json.dumps(sys.executable)}\n"
-        f"Args = {json.dumps([str(script)])}\n"
-        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
-    )
+    block = script_block(script, {"MARKER": marker, "PIDS": str(pids)})
     return write_config(tmp_path, block * children), pids
 
 
@@ -71,27 +66,6 @@ def _family(pids_file: Path, count: int) -> list[int]:
     return [pid for line in lines for pid in json.loads(line)]
 
 
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
-                proc.info["cmdline"] or []
-            ):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def _kill_marked(marker: str) -> None:
-    for proc in _marked(marker):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
 async def _sigkill_and_check_the_tree(process: trio.Process, family: list[int], marker: str):
     tree = psutil.Process(process.pid).children(recursive=True)
     assert {p.pid for p in tree} >= set(family)  # children and grandchildren, under us
@@ -100,7 +74,7 @@ async def _sigkill_and_check_the_tree(process: trio.Process, family: list[int], 
     # PDEATHSIG kills the children at once; the guardian kills their process groups.
     await wait_until(lambda: not any(alive(pid) for pid in family), 2.0, "the tree to die")
     assert [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
-    assert _marked(marker) == []
+    assert marked(marker) == []
 
 
 async def test_sigkill_of_serve_leaves_no_child_or_grandchild(tmp_path):
@@ -120,7 +94,7 @@ async def test_sigkill_of_serve_leaves_no_child_or_grandchild(tmp_path):
             await _sigkill_and_check_the_tree(m.process, _family(pids, 2), marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 async def test_sigkill_of_run_leaves_no_child_or_grandchild(tmp_path):
@@ -134,7 +108,7 @@ async def test_sigkill_of_run_leaves_no_child_or_grandchild(tmp_path):
             await _sigkill_and_check_the_tree(process, _family(pids, 2), marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 @pytest.mark.slow

@@ -13,20 +13,18 @@ import tracemalloc
 
 import pytest
 import trio
-from supervisor_helpers import dext_child, our_descendants, spec, window_task
+from helpers.supervisor import dext_child, spec, window_task
 
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.scheduling.policy import ChildInfo, Job, Scheduler
-from damocles_ext.supervisor import Supervisor, core
+from damocles_ext.supervisor import Supervisor, observers
+from damocles_ext.supervisor.restart import BackoffPolicy
 
 WD = "window_post"
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def _retained(run, first: int, count: int) -> int:
@@ -104,6 +102,21 @@ async def test_timers_of_answered_requests_do_not_pile_up_until_they_expire():
     assert pending <= 1
 
 
+async def test_timers_of_a_dead_child_go_with_it():
+    # The heartbeat check is on by default for dext children; its timer held a dead process (its
+    # pipes and buffers) until it fired, a minute later: under frequent crashes memory grew.
+    child = spec(dext_child("answer(msg)\nos._exit(3)", setup="import os"), max_attempts=5)
+    sup = Supervisor([child], backoff=BackoffPolicy(base=0.01, cap=0.02))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        for i in range(20):
+            await sup.wait_ready()
+            await sup.submit(window_task(miner=i))
+        pending = len(sup._timers)
+        sup.request_shutdown()
+    assert pending <= 2
+
+
 class _HangingObserver:
     def __init__(self) -> None:
         self.calls = 0
@@ -117,7 +130,7 @@ class _HangingObserver:
 async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_running(
     monkeypatch, caplog
 ):
-    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     observer = _HangingObserver()
     pm = get_plugin_manager(entry_points=False)
     pm.register(observer, name="hanging")
@@ -134,8 +147,8 @@ async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_runni
 
 
 async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkeypatch, caplog):
-    monkeypatch.setattr(core, "_OBSERVER_BACKLOG", 5)
-    monkeypatch.setattr(core, "_OBSERVER_TIMEOUT", 0.05)
+    monkeypatch.setattr(observers, "OBSERVER_BACKLOG", 5)
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
     observer = _HangingObserver()
     pm = get_plugin_manager(entry_points=False)

@@ -23,12 +23,14 @@ import psutil
 import pytest
 import trio
 import trio.testing
-from helpers_frontend import DEXT, ManagerLike, make_task, start_run, write_config
-from supervisor_helpers import (
+from helpers.frontend import DEXT, ManagerLike, make_task, script_block, start_run, write_config
+from helpers.supervisor import (
     alive,
+    child_stats,
     dext_child,
     jsonl_child,
-    our_descendants,
+    kill_marked,
+    marked,
     python_child,
     spec,
     wait_until,
@@ -45,14 +47,7 @@ from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
 
-def child_stats(sup, name: str):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- errors at spawn ---------------------------------------------------------------------------
@@ -174,6 +169,65 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
     assert max(delays) <= base, delays
 
 
+async def test_serve_under_manager_load_with_working_children_sigkilled_every_0_3s(tmp_path):
+    """The same through a real `serve`, driven as damocles-manager drives it: 1,000 JSON lines at
+    once on its stdin, a working child SIGKILLed every 0.3 s; each line is answered once, with
+    its output, in bounded time, and every restart comes after the base delay."""
+    argv = jsonl_child("time.sleep(0.005)\nanswer(req)")
+    block = (
+        f"[[WdPost]]\nBin = {json.dumps(argv[0])}\nArgs = {json.dumps(argv[1:])}\n"
+        "Concurrent = 4\nMaxAttempts = 20\n"
+    )
+    cfg = write_config(tmp_path, block * 4)
+    base = BackoffPolicy().base
+    kills: set[int] = set()
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)], "window_post",
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        serve = psutil.Process(m.process.pid)
+
+        def productive() -> set[int]:
+            # Answers carry their child's pid (faults[1]): those runs have answered something.
+            return {r.output.faults[1] for r in list(m.responses.values()) if r.output}
+
+        async def killer() -> None:
+            while True:
+                await trio.sleep(0.3)  # the load's rhythm, not a synchronisation
+                working = productive() - kills
+                alive_now = [c.pid for c in serve.children() if c.pid in working]
+                if alive_now:
+                    victim = alive_now[len(kills) % len(alive_now)]
+                    os.kill(victim, signal.SIGKILL)
+                    kills.add(victim)
+
+        async def one(request_id: int, miner: int, sent: float) -> None:
+            r = await m.wait(request_id)
+            latencies.append(trio.current_time() - sent)
+            assert r.err_msg is None, r.err_msg
+            assert r.output.faults[0] == miner
+
+        with trio.fail_after(120):
+            nursery.start_soon(killer)
+            async with trio.open_nursery() as waiters:
+                sent = trio.current_time()
+                for miner in range(1, 1001):
+                    request_id = await m.send(make_task(miner=miner))
+                    waiters.start_soon(one, request_id, miner, sent)
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+        nursery.cancel_scope.cancel()
+    assert len(latencies) == 1000 and not m.duplicates and not m.unknown
+    assert len(kills) >= 3, "too few kills: the test proves little"
+    # Generous for a loaded 2-core machine; with the backoff doubling, requests waited 45 s+.
+    assert max(latencies) < 60, sorted(latencies)[-5:]
+    delays = [float(x) for line in m.log for x in re.findall(r"restarting in ([0-9.]+)s", line)]
+    assert len(delays) >= len(kills) - 1
+    assert max(delays) <= base, delays
+
+
 # -- nothing of ours survives the supervisor ------------------------------------------------------
 
 # A JSON-lines prover that daemonizes a helper the classic way (fork, setsid, fork, stdio to
@@ -212,39 +266,13 @@ def _daemon_config(tmp_path: Path, marker: str, children: int = 2) -> tuple[Path
     script = tmp_path / "daemonizing_child.py"
     script.write_text(DAEMONIZING_CHILD)
     pids = tmp_path / "pids.jsonl"
-    block = (
-        "[[WdPost]]\n"
-        f"Bin = {json.dumps(sys.executable)}\n"
-        f"Args = {json.dumps([str(script)])}\n"
-        f"Envs = {{ MARKER = {json.dumps(marker)}, PIDS = {json.dumps(str(pids))} }}\n"
-    )
+    block = script_block(script, {"MARKER": marker, "PIDS": str(pids)})
     return write_config(tmp_path, block * children), pids
 
 
 def _family(pids_file: Path) -> list[list[int]]:
     text = pids_file.read_text() if pids_file.exists() else ""
     return [json.loads(line) for line in text.splitlines()]
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
-                proc.info["cmdline"] or []
-            ):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def _kill_marked(marker: str) -> None:
-    for proc in _marked(marker):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 async def _sigkill_and_check_nothing_is_left(
@@ -256,12 +284,12 @@ async def _sigkill_and_check_nothing_is_left(
         # The daemon really left: another session, and not below the child any more.
         assert os.getsid(daemon) not in (child, os.getsid(child))
         assert os.getpgid(daemon) != child
-    assert len(_marked(marker)) == 2
+    assert len(marked(marker)) == 2
     process.kill()
     await process.wait()
     everyone = [pid for pair in family for pid in pair]
     await wait_until(lambda: not any(alive(pid) for pid in everyone), 20, "the tree to die")
-    assert _marked(marker) == []
+    assert marked(marker) == []
 
 
 async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
@@ -280,7 +308,7 @@ async def test_sigkill_of_serve_leaves_no_daemonized_grandchild(tmp_path):
             await _sigkill_and_check_nothing_is_left(m.process, pids, marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
@@ -292,7 +320,7 @@ async def test_sigkill_of_run_leaves_no_daemonized_grandchild(tmp_path):
             await _sigkill_and_check_nothing_is_left(process, pids, marker)
             nursery.cancel_scope.cancel()
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tmp_path):
@@ -310,9 +338,9 @@ async def test_a_supervisor_of_the_python_api_leaves_no_daemonized_grandchild(tm
             [[_child, daemon]] = _family(pids)
             assert alive(daemon)
         await wait_until(lambda: not alive(daemon), 20, "the daemon to die")
-        assert _marked(marker) == []
+        assert marked(marker) == []
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 # -- stuck children are noticed by default --------------------------------------------------------

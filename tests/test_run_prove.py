@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run,
     dext_run_async,
     make_task,
@@ -31,27 +31,15 @@ from helpers_frontend import (
 
 from damocles_ext.client import NoSupervisorError, connect, submit_sync
 from damocles_ext.errors import ProverError, UsageError
-from damocles_ext.protocol import dext, jsonl
-from damocles_ext.supervisor.control import (
+from damocles_ext.frontends.control import (
     ControlServer,
     bind_control_socket,
     default_socket_path,
     peer_uid,
 )
+from damocles_ext.protocol import dext, jsonl
 
 IS_ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path) -> Path:
-    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be long.
-    d = Path(f"/tmp/dext-t{os.getpid()}-{tmp_path.name[-20:]}")
-    d.mkdir(mode=0o700)
-    os.chmod(d, 0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
 
 
 # -- where the socket goes and who may reach it ----------------------------------------------------

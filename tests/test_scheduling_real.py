@@ -8,126 +8,18 @@ finish by writing one byte to that pipe, and learns what the supervisor started 
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from supervisor_helpers import python_child, spec, window_task, winning_task
+from helpers.scheduling import GATED_CHILD, Gate, child_log, gated, submit_in_order
+from helpers.supervisor import python_child, spec, window_task, winning_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
-from damocles_ext.hookspecs import hookimpl
-from damocles_ext.plugins import get_plugin_manager
 
 WD, WIN = "window_post", "winning_post"
-
-GATED_CHILD = """
-import os, sys
-from damocles_ext.protocol import dext
-from damocles_ext.tasks import WindowPoStOutput, WindowPoStSnarkOutput, WinningPoStOutput
-
-stage, name, gate_path, log_path = sys.argv[1:5]
-gate = os.open(gate_path, os.O_RDWR)  # read-write: opening never blocks, reads never see EOF
-log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-out = sys.stdout.buffer
-
-def send(msg):
-    out.write(dext.encode(msg))
-    out.flush()
-
-send(dext.Hello("dext/1", stage, os.getpid(), "gated", "1", 1))
-decoder = dext.FrameDecoder()
-while data := os.read(0, 65536):
-    for msg in decoder.receive_data(data):
-        if isinstance(msg, dext.Request):
-            os.write(log, f"start {name} {msg.task.miner_id}\\n".encode())
-            os.read(gate, 1)
-            os.write(log, f"end {name} {msg.task.miner_id}\\n".encode())
-            if stage == "window_post":
-                output = WindowPoStOutput(proofs=[b"ok"], faults=[])
-            elif stage == "window_post_snark":  # a split WindowPoSt's SNARK step (test_split)
-                output = WindowPoStSnarkOutput(proofs=[b"ok"])
-            else:
-                output = WinningPoStOutput(proofs=[b"ok"])
-            send(dext.Response(msg.id, output=output))
-        elif isinstance(msg, dext.Shutdown):
-            sys.exit(0)
-"""
-
-
-class Recorder:
-    """Observer plugin: every request start and finish, in the supervisor's order."""
-
-    def __init__(self) -> None:
-        self.send, self.events = trio.open_memory_channel[tuple](100)
-        self.log: list[tuple] = []
-
-    @hookimpl
-    def dext_request_started(self, request) -> None:
-        event = ("started", request.id, request.child)
-        self.log.append(event)
-        self.send.send_nowait(event)
-
-    @hookimpl
-    def dext_request_finished(self, request, outcome, duration) -> None:
-        event = ("finished", request.id, outcome)
-        self.log.append(event)
-        self.send.send_nowait(event)
-
-    async def next(self, kind: str) -> tuple:
-        """The next event of this kind (events of the other kind are kept in `log` only)."""
-        with trio.fail_after(10):
-            while True:
-                event = await self.events.receive()
-                if event[0] == kind:
-                    return event
-
-
-class Gate:
-    """The write end of a child's named pipe: each byte lets one request finish."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = path
-        self.fd: int | None = None
-
-    def release(self) -> None:
-        if self.fd is None:  # the child holds the read end open from its start
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-        os.write(self.fd, b"x")
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-
-def gated(tmp: Path, stage: str, index: int, gate: Gate, log: Path, **overrides):
-    name = f"{stage}#{index}"
-    argv = [*python_child(GATED_CHILD), stage, name, str(gate.path), str(log)]
-    return spec(argv, index=index, stage=stage, **overrides)
-
-
-def child_log(path: Path) -> list[str]:
-    return path.read_text().splitlines()
-
-
-@pytest.fixture
-def recorder():
-    rec = Recorder()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(rec, name="recorder")
-    return rec, pm
-
-
-async def submit_in_order(sup, nursery, requests) -> None:
-    """Submit each (task, deadline) in its own task, one after another: request ids follow
-    this order, since each submit is queued before the next one is issued."""
-    for task, deadline in requests:
-        nursery.start_soon(lambda t=task, d=deadline: sup.submit(t, deadline=d))
-        await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_winning_post_overtakes_queued_window_posts_which_then_start_by_deadline(

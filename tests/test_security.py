@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,
@@ -36,14 +36,14 @@ from helpers_frontend import (
     start_run,
     write_config,
 )
-from supervisor_helpers import our_descendants
+from helpers.supervisor import our_descendants
 
 from damocles_ext.client import NoSupervisorError, ReconnectingClient, connect, submit_sync
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.control import bind_control_socket, resolve_trusted
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor import Supervisor
-from damocles_ext.supervisor.control import bind_control_socket, resolve_trusted
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
@@ -62,17 +62,6 @@ NASTY = [
     "--option=x",
     "",
 ]
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    d = Path(f"/tmp/dext-s{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    d.mkdir(mode=0o700)
-    os.chmod(d, 0o700)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
 
 
 # -- the control socket -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import (
+from helpers.frontend import (
     DEXT,
     ManagerLike,
     dext_run,
@@ -29,14 +29,13 @@ from helpers_frontend import (
     make_task,
     plugin_block,
     running,
-    short_socket_dir,
     write_config,
 )
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.protocol import jsonl
-from damocles_ext.supervisor.serve import JsonLineServer
 
 # -- in-process: the server's own logic ------------------------------------------------------------
 
@@ -261,12 +260,6 @@ async def test_broken_stdout_stops_taking_requests():
 # -- the real command, real children -------------------------------------------------------------
 
 
-@pytest.fixture
-def stderr_file(tmp_path: Path):
-    with open(tmp_path / "serve.stderr", "w+b") as f:
-        yield f
-
-
 def _stderr_text(f) -> str:
     f.seek(0)
     return f.read().decode(errors="replace")
@@ -409,7 +402,7 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
 # Run in a process of its own: becoming a child subreaper is a property of the whole process.
 _ZOMBIE_SCRIPT = r"""
 import os, subprocess, sys
-from damocles_ext.supervisor.process import OrphanAdopter
+from damocles_ext.supervisor.orphans import OrphanAdopter
 
 adopter = OrphanAdopter()
 assert adopter.enable()
@@ -618,12 +611,6 @@ def test_serve_rejects_an_unknown_stage_with_usage_exit_2():
 # -- serve --connect: both stages through one `damocles-ext run` -------------------------------
 
 
-@pytest.fixture
-def sock_path(tmp_path: Path):
-    with short_socket_dir("s", tmp_path.name) as d:
-        yield d / "control.sock"
-
-
 async def wait_status(path: Path, condition, what: str):
     """Poll `run`'s status document until `condition(doc)` holds; 10 s at most."""
     doc = None
@@ -739,7 +726,7 @@ def test_serve_connect_to_a_socket_path_too_long_says_so(tmp_path):
 def test_the_forwarder_passes_on_no_output_of_another_stage():
     # serve --connect sends a task typed by its stage; an answer of the other stage would be the
     # supervisor's bug and must not reach damocles-manager as a proof.
-    from damocles_ext.commands.serve import _Forwarder
+    from damocles_ext.frontends.forwarder import Forwarder
     from damocles_ext.tasks import WinningPoStOutput
 
     class Remote:
@@ -749,7 +736,7 @@ def test_the_forwarder_passes_on_no_output_of_another_stage():
             return WinningPoStOutput(proofs=[b"x"])
 
     with pytest.raises(ProverError, match="answered a window_post task with a winning_post"):
-        trio.run(_Forwarder("window_post", Remote()).submit, make_task(1))
+        trio.run(Forwarder("window_post", Remote()).submit, make_task(1))
 
 
 def test_serve_connect_without_a_supervisor_exits_2_before_the_ready_line(sock_path):

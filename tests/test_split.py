@@ -12,14 +12,14 @@ import time
 
 import pytest
 import trio
-from post_helpers import sectors, sectors_with_a_short_one
-from supervisor_helpers import builtin_child, spec, window_task
-from test_scheduling_real import Gate, Recorder, child_log, gated, submit_in_order
+from helpers.frontend import write_config
+from helpers.post import sectors, sectors_with_a_short_one
+from helpers.scheduling import Gate, child_log, gated, submit_in_order
+from helpers.supervisor import builtin_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.config import ConfigError, load_config, parse_config
 from damocles_ext.errors import ProverError
-from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.post import VerifyError, reference, split
 from damocles_ext.post.fixtures import window_task as fixture_task
 from damocles_ext.post.verify import verify
@@ -41,12 +41,6 @@ SEED = bytes(range(32))
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     return sectors(tmp_path_factory.mktemp("s"), "StackedDrgWindow2KiBV1_2", 3, random_seed=5)
-
-
-def write_config(tmp_path, text: str):
-    path = tmp_path / "ext-prover.cfg"
-    path.write_text(text)
-    return path
 
 
 # -- the steps, in process -----------------------------------------------------------------------
@@ -230,12 +224,10 @@ async def test_a_failing_step_fails_the_request_once_with_the_steps_reason():
     assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 0, f"{SNARK}#0": 0}
 
 
-async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_step():
+async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_step(recorder):
     from damocles_ext_plugins.testing import echo_output
 
-    rec = Recorder()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(rec, name="recorder")
+    rec, pm = recorder
     children = [
         spec(builtin_child(VAN, "sleep", "seconds=0.3"), stage=VAN),
         spec(builtin_child(SNARK, "echo"), stage=SNARK),
@@ -268,11 +260,9 @@ async def test_echo_steps_join_to_the_whole_echo_answer():
     assert outputs == [echo_output(window_task(miner=m)) for m in (7, 8)]
 
 
-async def test_snark_steps_start_by_deadline_as_the_gpu_frees(tmp_path):
+async def test_snark_steps_start_by_deadline_as_the_gpu_frees(tmp_path, recorder):
     """Vanilla steps finish in any order; the SNARK child takes them earliest deadline first."""
-    rec = Recorder()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(rec, name="recorder")
+    rec, pm = recorder
     log = tmp_path / "log"
     log.touch()
     gate = Gate(tmp_path / "snark")
@@ -321,3 +311,38 @@ def test_a_dext_request_carries_the_split_steps(manifest):
     ):
         [decoded] = dext.FrameDecoder().receive_data(dext.encode(msg))
         assert decoded == msg
+
+
+# -- the split rule (damocles_ext.stages), sans-IO ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("served", "split", "window_post", "winning_post"),
+    [
+        ({"window_post"}, False, True, False),
+        ({"window_post", "winning_post"}, False, True, True),
+        ({VAN, SNARK}, True, True, False),
+        ({VAN, SNARK, "winning_post"}, True, True, True),
+        ({VAN}, False, False, False),
+        ({SNARK, "winning_post"}, False, False, True),
+        # config.py refuses both forms at once; were they met, whole proofs win.
+        ({"window_post", VAN, SNARK}, False, True, False),
+        (set(), False, False, False),
+    ],
+)
+def test_which_children_serve_a_stage_and_when_a_window_post_runs_split(
+    served, split, window_post, winning_post
+):
+    from damocles_ext.stages import can_serve, runs_split
+
+    assert runs_split(served) is split
+    assert can_serve("window_post", served) is window_post
+    assert can_serve("winning_post", served) is winning_post
+
+
+def test_the_children_of_a_window_post_include_the_split_steps():
+    from damocles_ext.stages import child_stages
+
+    assert child_stages("window_post") == {"window_post", VAN, SNARK}
+    assert child_stages("winning_post") == {"winning_post"}
+    assert child_stages(VAN) == {VAN}

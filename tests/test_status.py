@@ -15,11 +15,10 @@ import msgspec
 import psutil
 import pytest
 import trio
-from helpers_frontend import (
+from helpers.frontend import (
     dext_run_async,
     make_task,
     running,
-    short_socket_dir,
     write_config,
 )
 
@@ -39,14 +38,6 @@ from damocles_ext.status import (
     parse_document,
     render_table,
 )
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    with short_socket_dir("s", tmp_path.name) as d:
-        yield d
-
-
 
 
 def _config(tmp_path: Path) -> tuple[Path, Path]:
@@ -420,7 +411,7 @@ def test_status_messages_share_the_control_socket_framing():
 
 
 async def test_client_status_without_a_status_source_is_an_error(sock_dir: Path):
-    from damocles_ext.supervisor.control import ControlServer, bind_control_socket
+    from damocles_ext.frontends.control import ControlServer, bind_control_socket
 
     async def submit(task, **kw):
         raise AssertionError("not called")

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers_frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
+from helpers.frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
 
 REQUESTS = 200
 KILL_EVERY = 0.5  # seconds: the test's workload, not a synchronisation
@@ -31,12 +31,6 @@ def _live_children(pid: int) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-@pytest.fixture
-def stderr_file(tmp_path: Path):
-    with open(tmp_path / "serve.stderr", "w+b") as f:
-        yield f
 
 
 @pytest.mark.slow

@@ -21,15 +21,16 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from supervisor_helpers import (
+from helpers.supervisor import (
     alive,
     builtin_child,
+    child_stats,
     dext_child,
     jsonl_child,
-    our_descendants,
     python_child,
     spec,
     wait_until,
+    wait_until_real,
     window_task,
     winning_task,
 )
@@ -46,15 +47,7 @@ from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracke
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
 
-def child_stats(sup: Supervisor, name: str):
-    return next(c for c in sup.statistics().children if c.name == name)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes():
-    yield
-    # Every test must leave no child, grandchild or zombie behind.
-    assert our_descendants() == []
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 # -- dispatch ---------------------------------------------------------------------------------
@@ -456,7 +449,7 @@ async def test_supervisor_sigkilled_takes_its_children_with_it():
     script = f"""
 import sys, trio
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from supervisor_helpers import spec, jsonl_child
+from helpers.supervisor import spec, jsonl_child
 from damocles_ext.supervisor import Supervisor
 async def main():
     sup = Supervisor([spec(jsonl_child(), index=0), spec(jsonl_child(), index=1)])
@@ -797,7 +790,9 @@ async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path,
     assert "its Hello says capacity" not in caplog.text
 
 
-async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed():
+async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed(mock_clock):
+    # Time moves only when the test jumps it: the timeout of #0 passes when the test says, and
+    # the sibling's answer, however slow on a loaded machine, comes before its own timeout.
     specs = [
         spec(jsonl_child("pass"), index=0, request_timeout=0.3, cancel_grace=0.2),
         spec(jsonl_child(), index=1, request_timeout=0.3),
@@ -805,9 +800,22 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
     async with open_supervisor(specs, backoff=FAST) as sup:
         await sup.wait_ready(count=2)
         pid1 = child_stats(sup, "window_post#1").pid
-        out = await sup.submit(window_task(miner=6))  # #0 first: it never answers
+        outputs = []
+
+        async def submit() -> None:
+            outputs.append(await sup.submit(window_task(miner=6)))  # #0 first: it never answers
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.31)  # past #0's RequestTimeoutSecs: the request goes to #1
+            await trio.testing.wait_all_tasks_blocked()
+            # Past #0's CancelGraceSecs, and not past #1's timeout: the answer of #1 is handed
+            # over once #0, which may still answer, is killed.
+            mock_clock.jump(0.25)
+        [out] = outputs
         assert out.faults == [6, pid1]
-        await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
+        await wait_until_real(lambda: child_stats(sup, "window_post#0").restarts == 1)
         assert (
             "request 1 (child id 1) still running 0.2s"
             in child_stats(sup, "window_post#0").last_exit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from supervisor_helpers import window_task
+from helpers.supervisor import window_task
 
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor.connection import (

@@ -145,7 +145,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
     checked against the `damocles-ext run` answering at its socket, if one does (else nothing is
     said: the service may not be started yet, or be another user's).
     """
-    from damocles_ext.commands import serve
+    from damocles_ext.commands import common, serve
     from damocles_ext.config import TABLE_OF_STAGE, ConfigError, load_conf_dir, load_config
     from damocles_ext.errors import UsageError
 
@@ -190,7 +190,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
                 if parsed.config is not None
                 else load_conf_dir(parsed.conf_dir)
             )
-            slots = sum(c.concurrent for c in serve.children_of(ours, entry.stage))
+            slots = sum(c.concurrent for c in common.children_of(ours, entry.stage))
         except ConfigError as exc:
             warnings.append(
                 f"{where} runs `{command}`, but its config cannot be used, so its Concurrent"
@@ -232,12 +232,12 @@ def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
     import trio
 
     from damocles_ext.errors import DextError
+    from damocles_ext.frontends.control_socket import default_socket_path
+    from damocles_ext.stages import child_stages
     from damocles_ext.status import StatusError
-    from damocles_ext.supervisor.control import default_socket_path
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
 
     path = socket if socket is not None else str(default_socket_path())
-    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
+    stages = child_stages(stage)
 
     async def ask() -> int:
         from damocles_ext.client import connect

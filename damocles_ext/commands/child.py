@@ -7,9 +7,8 @@ import logging
 import os
 import sys
 
-#: The PoSt stages and the two steps of a split WindowPoSt (damocles_ext.tasks.STAGES; a copy, so
-#: that the CLI starts without msgspec: tests/test_repo.py checks they agree).
-STAGES = ("window_post", "winning_post", "window_post_vanilla", "window_post_snark")
+from damocles_ext.stages import POST_STAGES, STAGES
+
 LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
 
 
@@ -67,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     """Configure logging to stderr, then hand over to damocles_ext.child.main."""
     from damocles_ext import child
     from damocles_ext.errors import UsageError
-    from damocles_ext.tasks import POST_STAGES
 
     if args.protocol == "jsonl" and args.stage not in POST_STAGES:
         raise UsageError(

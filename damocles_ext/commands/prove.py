@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
+from damocles_ext.stages import POST_STAGES
 
-from .serve import STAGES, add_common_args, add_dump_arg
+from .common import add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, Task
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " without them); 1: the prover failed; 2: bad input."
         ),
     )
-    parser.add_argument("stage", choices=STAGES, help="the stage of the task")
+    parser.add_argument("stage", choices=POST_STAGES, help="the stage of the task")
     task_source = parser.add_mutually_exclusive_group(required=True)
     task_source.add_argument(
         "--request",
@@ -112,7 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
-    from damocles_ext.commands.serve import children_of, load_config_from_args, setup_logging
+    from .common import children_of, load_config_from_args, setup_logging
 
     setup_logging(args)
     if args.manifest is not None:
@@ -124,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
         task = read_task(args.request, args.stage)
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     output_path = _check_output_path(args.output) if args.output is not None else None
-
-    import trio
 
     from damocles_ext.progress import ProgressRenderer
 
@@ -146,49 +145,24 @@ def run(args: argparse.Namespace) -> int:
             # A child that cannot start would fail the proof only after its restarts' backoff.
             plugin_manager = get_plugin_manager()
             check_startable(config, children, plugin_manager=plugin_manager)
-            output = trio.run(
-                _prove_embedded, children, task, deadline, args.priority, on_progress,
-                plugin_manager,
+            from damocles_ext.frontends.prove import prove_in_process
+
+            output = prove_in_process(
+                children, task, plugin_manager=plugin_manager, deadline=deadline,
+                priority=args.priority, on_progress=on_progress,
             )
         else:
-            output = trio.run(
-                _prove_remote, args.socket, task, deadline, args.priority, on_progress
+            from damocles_ext.frontends.prove import prove_through_socket
+
+            output = prove_through_socket(
+                args.socket, task, deadline=deadline, priority=args.priority,
+                on_progress=on_progress,
             )
     finally:
         if renderer is not None:
             renderer.close()
     _emit(output, output_path)
     return 0
-
-
-async def _prove_embedded(
-    children, task: Task, deadline: float | None, priority: int, on_progress, plugin_manager
-) -> Output:
-    from damocles_ext.api import open_supervisor
-    from damocles_ext.errors import ProverError
-
-    # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
-    # it in an ExceptionGroup.
-    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
-        try:
-            return await supervisor.submit(
-                task, deadline=deadline, priority=priority, on_progress=on_progress
-            )
-        except ProverError as exc:
-            error = exc
-    raise error
-
-
-async def _prove_remote(
-    socket: str | None, task: Task, deadline: float | None, priority: int, on_progress
-) -> Output:
-    from damocles_ext.client import connect
-
-    async with connect(socket) as client:
-        log.info("connected to %s", client.path)
-        return await client.submit(
-            task, deadline=deadline, priority=priority, on_progress=on_progress
-        )
 
 
 def _emit(output: Output, path: Path | None) -> None:

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 
-from .serve import (
+from .common import (
     add_common_args,
     add_config_args,
     add_dump_arg,
     add_restart_arg,
     add_shutdown_arg,
     load_config_from_args,
+    positive_duration,
+    setup_logging,
     supervisor_options,
-    watch_signals,
 )
-
-log = logging.getLogger("damocles_ext.run")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--idle-timeout",
-        type=_timeout,
+        type=positive_duration,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="DURATION",
         help="close a control connection with no request in flight that sent nothing for this"
@@ -87,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--metrics-idle-timeout",
-        type=_timeout,
+        type=positive_duration,
         default=DEFAULT_METRICS_IDLE_TIMEOUT,
         metavar="DURATION",
         help="close a metrics connection that has not sent a whole request for this long"
@@ -132,18 +130,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _timeout(text: str) -> float:
-    from damocles_ext.commands.serve import parse_duration
-
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
-    return value
-
-
 def _listen_address(text: str) -> tuple[str, int]:
     from damocles_ext.metrics import parse_listen_address
 
@@ -152,10 +138,10 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
-    from damocles_ext.commands.serve import setup_logging
     from damocles_ext.config import check_startable
+    from damocles_ext.frontends.control_socket import default_socket_path
+    from damocles_ext.frontends.run import serve_control_socket
     from damocles_ext.plugins import get_plugin_manager
-    from damocles_ext.supervisor.control import bind_control_socket, default_socket_path
 
     setup_logging(args)
     config = load_config_from_args(args)
@@ -163,88 +149,18 @@ def run(args: argparse.Namespace) -> int:
     plugin_manager = get_plugin_manager()
     check_startable(config, plugin_manager=plugin_manager)
     path = args.socket if args.socket is not None else default_socket_path()
-    # The socket and the metrics port are bound before any child is spawned: a taken or unsafe
-    # place is a usage error, not a half-started supervisor.
-    sock = bind_control_socket(path)
-    metrics = server = None
-    try:
-        from damocles_ext.supervisor.core import Supervisor
-
-        options = supervisor_options(args, plugin_manager)
-        if args.metrics is not None:
-            from damocles_ext.metrics import MetricsServer, SupervisorMetrics
-
-            metrics = SupervisorMetrics()
-            options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
-            server = MetricsServer(
-                metrics,
-                *args.metrics,
-                max_connections=args.metrics_max_connections,
-                idle_timeout=args.metrics_idle_timeout,
-            )
-        supervisor = Supervisor(config, **options)
-    except BaseException:
-        _discard(sock)
-        if server is not None:
-            server.close()
-        raise
-
-    import trio
-
-    limits = {
-        "max_connections": args.max_connections,
-        "idle_timeout": args.idle_timeout,
-        "max_buffered": args.max_buffer,
-    }
-    try:
-        return trio.run(_run, supervisor, sock, metrics, server, limits)
-    finally:
-        if server is not None:
-            server.close()
-
-
-def _discard(sock) -> None:
-    import contextlib
-    import os
-
-    path = sock.getsockname()
-    sock.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-async def _run(supervisor, sock, metrics=None, metrics_server=None, limits=None) -> int:
-    import signal
-
-    import trio
-
-    from damocles_ext.status import StatusSource
-    from damocles_ext.supervisor.control import ControlServer
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        status = StatusSource(
-            supervisor,
-            socket=str(sock.getsockname()),
-            metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
-        )
-        server = ControlServer(sock, supervisor.submit, status=status.as_data, **(limits or {}))
-        async with trio.open_nursery() as nursery:
-            def shut_down() -> None:
-                server.stop_accepting()
-                supervisor.request_shutdown()
-
-            nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log)
-            await nursery.start(server.serve)
-            log.info("control socket listening on %s", server.path)
-            if metrics is not None:
-                metrics.attach(supervisor, trio.lowlevel.current_trio_token())
-                await nursery.start(metrics_server.serve)
-                log.info("metrics on %s", metrics_server.url)
-            await supervisor.run()
-            # Every accepted request has its answer by now; give the clients time to read it.
-            server.stop_accepting()
-            with trio.move_on_after(5):
-                await server.wait_idle()
-            nursery.cancel_scope.cancel()
-    return 0
-
+    return serve_control_socket(
+        config,
+        path,
+        lambda: supervisor_options(args, plugin_manager),
+        limits={
+            "max_connections": args.max_connections,
+            "idle_timeout": args.idle_timeout,
+            "max_buffered": args.max_buffer,
+        },
+        metrics_address=args.metrics,
+        metrics_limits={
+            "max_connections": args.metrics_max_connections,
+            "idle_timeout": args.metrics_idle_timeout,
+        },
+    )

@@ -19,143 +19,21 @@ its locks and stage priority act between the two stages.
 from __future__ import annotations
 
 import argparse
-import logging
-import math
-import os
-import re
-import sys
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from damocles_ext.config import ChildSpec, Config
+from damocles_ext.stages import POST_STAGES
 
-#: The PoSt stages a request names (damocles_ext.tasks.POST_STAGES; kept here so that the CLI
-#: starts without importing msgspec; tests/test_repo.py checks they agree).
-STAGES = ("window_post", "winning_post")
-DEFAULT_SHUTDOWN_GRACE = 30.0
-log = logging.getLogger("damocles_ext.serve")
-
-
-def add_config_args(
-    parser: argparse.ArgumentParser, *, required: bool
-) -> argparse._MutuallyExclusiveGroup:
-    """-c FILE | --conf-dir DIR, as check-config takes them; returns their group."""
-    source = parser.add_mutually_exclusive_group(required=required)
-    source.add_argument("-c", "--config", metavar="FILE", help="the ext-prover.cfg to read")
-    source.add_argument(
-        "--conf-dir",
-        metavar="DIR",
-        help="read DIR/ext-prover.cfg, like damocles-manager --conf-dir",
-    )
-    return source
-
-
-def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None:
-    """--log-level and --log-format (damocles_ext.logs)."""
-    from damocles_ext.logs import add_logging_args
-
-    add_logging_args(parser, default_level)
-
-
-def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
-    """--shutdown-grace SECONDS."""
-    parser.add_argument(
-        "--shutdown-grace",
-        type=_non_negative_float,
-        default=DEFAULT_SHUTDOWN_GRACE,
-        metavar="SECONDS",
-        help="on shutdown, how long in-flight proofs may take to finish before their children are"
-        f" stopped (default: {DEFAULT_SHUTDOWN_GRACE:g})",
-    )
-
-
-def add_restart_arg(parser: argparse.ArgumentParser) -> None:
-    """--restart-delay SECONDS."""
-    parser.add_argument(
-        "--restart-delay",
-        type=_positive_float,
-        default=1.0,
-        metavar="SECONDS",
-        help="wait this long before restarting a child that stopped; the wait doubles for each"
-        " stop in a row, up to --restart-max-delay, and starts over once the child stayed ready"
-        " 60 s (default: 1)",
-    )
-    parser.add_argument(
-        "--restart-max-delay",
-        type=_positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="the longest wait before a restart (default: 60)",
-    )
-
-
-def supervisor_options(args: argparse.Namespace, plugin_manager: Any = None) -> dict:
-    """Supervisor keyword arguments from the shared options (observer plugins included)."""
-    from damocles_ext.plugins import get_plugin_manager
-    from damocles_ext.supervisor.restart import BackoffPolicy
-
-    return {
-        "plugin_manager": plugin_manager if plugin_manager is not None else get_plugin_manager(),
-        "shutdown_grace": args.shutdown_grace,
-        # This process is ours: become the parent of what children leave behind (setsid).
-        "adopt_orphans": True,
-        "backoff": BackoffPolicy(
-            base=args.restart_delay, cap=max(args.restart_max_delay, args.restart_delay)
-        ),
-    }
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0 seconds")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return value
-
-
-def setup_logging(args: argparse.Namespace) -> None:
-    """Log to stderr only (in `serve`, stdout carries the protocol): damocles_ext.logs."""
-    from damocles_ext.logs import setup_from_args
-
-    setup_from_args(args)
-
-
-def load_config_from_args(args: argparse.Namespace) -> Config:
-    """The config named by -c/--conf-dir; its warnings are logged."""
-    from damocles_ext.config import load_conf_dir, load_config
-
-    config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
-    for warning in config.warnings:
-        log.warning("%s: %s", config.source, warning)
-    return config
-
-
-def children_of(config: Config, stage: str) -> list[ChildSpec]:
-    """The config's children of `stage`; UsageError when there is none."""
-    from damocles_ext.config import TABLE_OF_STAGE
-    from damocles_ext.errors import UsageError
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
-
-    # A window_post served split runs on the children of both split tables (config.py).
-    stages = {stage, *WINDOW_POST_SPLIT} if stage == "window_post" else {stage}
-    children = [c for c in config.children if c.stage in stages]
-    if not children:
-        table = TABLE_OF_STAGE[stage]
-        split = " (or [[WdPostVanilla]] and [[WdPostSnark]])" if stage == "window_post" else ""
-        raise UsageError(
-            f"{config.source} has no [[{table}]] table{split}, so there is no child to serve"
-            f' {stage}; add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
-        )
-    return children
+from .common import (
+    add_common_args,
+    add_config_args,
+    add_dump_arg,
+    add_restart_arg,
+    add_shutdown_arg,
+    children_of,
+    load_config_from_args,
+    positive_duration,
+    setup_logging,
+    supervisor_options,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -174,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " or SIGINT shut down gracefully."
         ),
     )
-    parser.add_argument("stage", choices=STAGES, help="the stage to serve")
+    parser.add_argument("stage", choices=POST_STAGES, help="the stage to serve")
     source = add_config_args(parser, required=True)
     source.add_argument(
         "--connect",
@@ -193,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--deadline-after",
-        type=_duration,
+        type=positive_duration,
         metavar="DURATION",
         help="give each request the deadline DURATION after it arrives (seconds, or with a suffix"
         " s, m or h), since damocles' JSON lines carry none: queues go earliest deadline first, a"
@@ -211,51 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
-_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "3m" or "1h"; ValueError says what is wrong (finite, >= 0)."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(
-            f"{text!r} is not a duration; write seconds (90 or 90s), minutes (3m) or hours (1h)"
-        )
-    seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
-        raise ValueError(f"{text!r} is too long a duration to be a number of seconds")
-    return seconds
-
-
-def _duration(text: str) -> float:
-    """--deadline-after: a positive parse_duration."""
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
-    return value
-
-
-def _with_deadline(submit, after: float | None):
-    """`submit(task)` that gives each request the deadline `after` seconds from now (if set)."""
-    if after is None:
-        return submit
-
-    async def submit_with_deadline(task):
-        import time
-
-        return await submit(task, deadline=time.time() + after)
-
-    return submit_with_deadline
-
 
 def _socket_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty socket path; leave the value out for the default")
-    if text in STAGES:
+    if text in POST_STAGES:
         raise argparse.ArgumentTypeError(
             f"{text!r} is a stage, not a socket path: put --connect after the stage"
             f" (serve {text} --connect [SOCKET])"
@@ -282,352 +120,28 @@ def _check_supervising_options(args: argparse.Namespace) -> None:
             )
 
 
-def add_dump_arg(parser: argparse.ArgumentParser) -> None:
-    """--dump-dir DIR (damocles_ext.logs)."""
-    from damocles_ext.logs import add_dump_arg as add
-
-    add(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
     _check_supervising_options(args)
     setup_logging(args)
     if args.connect is not None:
-        return _run_connected(args)
+        from damocles_ext.frontends.serve import serve_connected
+
+        socket = None if args.connect is True else args.connect
+        return serve_connected(args.stage, socket, args.shutdown_grace, args.deadline_after)
     config = load_config_from_args(args)
     children = children_of(config, args.stage)
     # damocles' own processor never says ready when its prover cannot load, and then the
     # manager's start fails; so do we, for whatever can be checked without starting a child.
     from damocles_ext.config import check_startable
+    from damocles_ext.frontends.serve import serve_children
     from damocles_ext.plugins import get_plugin_manager
 
     plugin_manager = get_plugin_manager()
     check_startable(config, children, plugin_manager=plugin_manager)
-
-    protocol_in, protocol_out = _take_protocol_fds()
-
-    # The config is good: say ready now, before the heavier imports, so that a loaded machine
-    # still makes damocles-manager's 5 s limit. Requests wait in the pipe, then in the queue.
-    from damocles_ext.protocol.jsonl import ready_line
-
-    _write_all(protocol_out, ready_line(args.stage))
-
-    from damocles_ext.supervisor.core import Supervisor
-
-    supervisor = Supervisor(children, **supervisor_options(args, plugin_manager))
-
-    import trio
-
-    submit = _with_deadline(supervisor.submit, args.deadline_after)
-    return trio.run(_serve, args.stage, supervisor, submit, protocol_in, protocol_out)
-
-
-def _take_protocol_fds() -> tuple[int, int]:
-    """Keep the protocol pipes for ourselves and point fds 0/1 elsewhere, so that nothing else in
-    this process (a print, a C library) can read a request or write a stray byte to stdout.
-    os.dup's copies are not inherited by children. Returns (protocol in, protocol out)."""
-    protocol_in = os.dup(0)
-    protocol_out = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return protocol_in, protocol_out
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-async def _serve(stage: str, supervisor, submit, protocol_in: int, protocol_out: int) -> int:
-    import signal
-
-    import trio
-
-    from damocles_ext.supervisor.serve import JsonLineServer
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        receive = trio.lowlevel.FdStream(protocol_in)
-        send = trio.lowlevel.FdStream(protocol_out)
-        async with trio.open_nursery() as nursery:
-            server = JsonLineServer(
-                stage,
-                submit,
-                receive_stream=receive,
-                send_stream=send,
-                on_input_closed=lambda: nursery.start_soon(
-                    _finish_then_stop, server, supervisor, send.fileno()
-                ),
-                ready_line_sent=True,
-            )
-            log.info("serving %s (pid %d)", stage, os.getpid())
-            # Reading goes on after the first signal: a request already in the pipe still gets
-            # its (error) answer.
-            nursery.start_soon(
-                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown
-            )
-            server_done = trio.Event()
-
-            async def serve_requests() -> None:
-                await server.run()
-                server_done.set()
-
-            nursery.start_soon(serve_requests)
-            await supervisor.run()
-            # The supervisor has answered everything it accepted; let the answers reach stdout.
-            server.stop_reading()
-            with trio.move_on_after(5):
-                await server_done.wait()
-            if not server_done.is_set():
-                log.error("answers still unwritten 5 s after the supervisor stopped")
-            nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await receive.aclose()
-            await send.aclose()
-        _log_stopped(server)
-    return 0
-
-
-def _log_stopped(server) -> None:
-    stats = server.statistics()
-    log.info(
-        "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
-        stats.received,
-        stats.answered,
-        stats.failed,
-        stats.unreadable,
-    )
-
-
-async def _finish_then_stop(server, supervisor, out_fd: int) -> None:
-    # stdin EOF: the requests already read were taken, so they are proved (the supervisor would
-    # refuse the ones still queued if asked to stop now); then the supervisor stops, which
-    # bounds the wait by its shutdown grace once more. If our stdout is closed as well, the
-    # manager is gone (it was killed) and nobody can read an answer: stop at once.
-    import trio
-
-    if _reader_gone(out_fd):
-        log.info("stdout is closed as well: the reader is gone, stopping now")
-        supervisor.shutdown_grace = 0.0  # an answer could not reach anyone
-    else:
-        with trio.move_on_after(supervisor.shutdown_grace):
-            await server.wait_idle()
-    supervisor.request_shutdown()
-
-
-def _reader_gone(fd: int) -> bool:
-    """True when the read end of the pipe `fd` writes to is closed (poll reports POLLERR)."""
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
-async def watch_signals(
-    signals, cancel_scope, shut_down, logger: logging.Logger = log, at_once=None
-) -> None:
-    """First SIGTERM/SIGINT: call `shut_down()` (graceful); a second one cancels `cancel_scope`,
-    or calls `at_once()` when given."""
-    import signal
-
-    count = 0
-    async for signum in signals:
-        count += 1
-        name = signal.Signals(signum).name
-        if count == 1:
-            logger.info("%s: shutting down gracefully (again to stop at once)", name)
-            shut_down()
-        else:
-            logger.warning("%s again: stopping at once", name)
-            if at_once is not None:
-                at_once()
-            else:
-                cancel_scope.cancel()
-
-
-# -- serve --connect: forward to a running `damocles-ext run` ---------------------------------
-
-#: What to do when nothing listens, as serve --connect says it.
-CONNECT_HINT = (
-    "start `damocles-ext run` first (it supervises the provers of both stages), or give"
-    " --connect the --socket path of the one running"
-)
-
-
-def _run_connected(args: argparse.Namespace) -> int:
-    """serve --connect: connect (exit 2 before the ready line if nobody listens), then forward."""
-    import trio
-
-    from damocles_ext.client import ReconnectingClient
-
-    remote = ReconnectingClient(None if args.connect is True else args.connect, hint=CONNECT_HINT)
-    protocol_in, protocol_out = _take_protocol_fds()
-    return trio.run(
-        _serve_connected,
+    return serve_children(
         args.stage,
-        remote,
-        protocol_in,
-        protocol_out,
-        args.shutdown_grace,
+        children,
+        lambda: supervisor_options(args, plugin_manager),
         args.deadline_after,
     )
-
-
-async def _stage_problem(remote, stage: str) -> str | None:
-    """Why the supervisor at the other end cannot serve `stage` (it has no child of it), or None.
-
-    Checked once, before the ready line, so that a `run` whose config lacks the stage's table
-    makes damocles-manager's start fail instead of every request of that stage.
-    """
-    import trio
-
-    from damocles_ext.config import TABLE_OF_STAGE
-    from damocles_ext.errors import ProverError
-    from damocles_ext.tasks import WINDOW_POST_SPLIT
-
-    try:
-        with trio.fail_after(3):
-            doc = await remote.status()
-    except (ProverError, trio.TooSlowError) as exc:
-        log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, exc)
-        return None
-    stages = {c.stage for c in doc.children}
-    if stage in stages or (stage == "window_post" and set(WINDOW_POST_SPLIT) <= stages):
-        return None
-    table = TABLE_OF_STAGE[stage]
-    return (
-        f"the supervisor at {remote.path} has no [[{table}]] child, so it cannot prove {stage}"
-        f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
-        " restart it"
-    )
-
-
-class _Forwarder:
-    """submit(task) for JsonLineServer that proves through the remote supervisor, and can give up
-    on what is in flight (each then gets an error answer, and the supervisor a Cancel)."""
-
-    def __init__(self, stage: str, remote, deadline_after: float | None = None) -> None:
-        self.stage = stage
-        self.remote = remote
-        self._submit = _with_deadline(remote.submit, deadline_after)
-        self._scopes: set = set()
-        self._abandoned: str | None = None
-
-    async def submit(self, task):
-        import trio
-
-        from damocles_ext.errors import ProverError
-        from damocles_ext.tasks import stage_of
-
-        if self._abandoned is not None:
-            raise ProverError(self._abandoned)
-        with trio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                output = await self._submit(task)
-            finally:
-                self._scopes.discard(scope)
-            # The task went out typed by our stage, so the supervisor chose a child of it; an
-            # output of another stage would be its bug, and must not reach damocles as a proof.
-            if stage_of(output) != self.stage:
-                raise ProverError(
-                    f"the supervisor at {self.remote.path} answered a {self.stage} task with a"
-                    f" {stage_of(output)} output; not passed on"
-                )
-            return output
-        assert self._abandoned is not None
-        raise ProverError(self._abandoned)
-
-    def abandon(self, reason: str) -> None:
-        """Answer every request in flight with `reason` now (and every later one)."""
-        if self._abandoned is None:
-            self._abandoned = reason
-        for scope in self._scopes:
-            scope.cancel()
-
-
-async def _serve_connected(
-    stage: str,
-    remote,
-    protocol_in: int,
-    protocol_out: int,
-    shutdown_grace: float,
-    deadline_after: float | None = None,
-) -> int:
-    import signal
-
-    import trio
-
-    from damocles_ext.supervisor.serve import JsonLineServer
-
-    # Before the ready line: damocles-manager's start check must fail when nobody listens.
-    await remote.connect()
-    log.info("connected to the supervisor at %s", remote.path)
-    forwarder = _Forwarder(stage, remote, deadline_after)
-    problem: str | None = None
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        receive = trio.lowlevel.FdStream(protocol_in)
-        send = trio.lowlevel.FdStream(protocol_out)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(remote.run)
-                problem = await _stage_problem(remote, stage)
-                if problem is not None:  # leave the nursery (raised below, outside of it)
-                    nursery.cancel_scope.cancel()
-                    await trio.lowlevel.checkpoint()
-
-                async def drain() -> None:
-                    # stdin EOF or the first signal: wait for the answers in flight, within the
-                    # grace; what is left then is answered with an error (and cancelled there).
-                    if _reader_gone(send.fileno()):
-                        log.info("stdout is closed as well: the reader is gone, stopping now")
-                        forwarder.abandon("damocles-ext serve stopped: its reader is gone")
-                        return
-                    with trio.move_on_after(shutdown_grace):
-                        await server.wait_idle()
-                    forwarder.abandon(
-                        f"damocles-ext serve stopped: no answer from the supervisor at"
-                        f" {remote.path} within the shutdown grace ({shutdown_grace:g} s); the"
-                        " request was cancelled there"
-                    )
-
-                def at_once() -> None:
-                    server.stop_reading()
-                    forwarder.abandon(
-                        "damocles-ext serve stopped at once (second signal); the request was"
-                        " cancelled at the supervisor"
-                    )
-                    # The error answers need a moment to be written; a stuck stdout does not.
-                    nursery.cancel_scope.deadline = min(
-                        nursery.cancel_scope.deadline, trio.current_time() + 1.0
-                    )
-
-                server = JsonLineServer(
-                    stage,
-                    forwarder.submit,
-                    receive_stream=receive,
-                    send_stream=send,
-                    on_input_closed=lambda: nursery.start_soon(drain),
-                )
-                log.info("serving %s through %s (pid %d)", stage, remote.path, os.getpid())
-                nursery.start_soon(
-                    watch_signals, signals, nursery.cancel_scope, server.stop_reading, log, at_once
-                )
-                await server.run()  # writes the ready line first
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await remote.aclose()
-                await receive.aclose()
-                await send.aclose()
-    if problem is not None:
-        from damocles_ext.errors import UsageError
-
-        raise UsageError(problem)
-    _log_stopped(server)
-    return 0

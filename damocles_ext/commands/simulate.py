@@ -112,7 +112,7 @@ _PROVING_PERIOD = 24 * 3600.0
 def _seconds(text: str, option: str) -> float:
     from damocles_ext.errors import UsageError
 
-    from .serve import parse_duration
+    from .common import parse_duration
 
     try:
         return parse_duration(text)

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from .serve import STAGES
+from damocles_ext.stages import POST_STAGES
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output
@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "comm_r. Exit code 0: valid; 1: invalid (the reason is printed); 2: bad input."
         ),
     )
-    parser.add_argument("stage", choices=STAGES, help="the stage of the task")
+    parser.add_argument("stage", choices=POST_STAGES, help="the stage of the task")
     parser.add_argument(
         "--request",
         required=True,

@@ -99,11 +99,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from ..stages import POST_STAGES, WINDOW_POST_SPLIT
 from .baselines import BaselineChild, DamoclesDispatch
 from .policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
 
-WINDOW_POST, WINNING_POST = "window_post", "winning_post"
-VANILLA, SNARK = "window_post_vanilla", "window_post_snark"  # the split WindowPoSt stages
+WINDOW_POST, WINNING_POST = POST_STAGES
+VANILLA, SNARK = WINDOW_POST_SPLIT  # the split WindowPoSt stages
 #: Scheduler job id of a WindowPoSt partition's SNARK step in split mode (its vanilla step uses
 #: the partition's own job id).
 _SNARK_ID = 1 << 40

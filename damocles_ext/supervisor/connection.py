@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..protocol import dext, jsonl
-from ..tasks import POST_STAGES, Output, Task
+from ..stages import POST_STAGES
+from ..tasks import Output, Task
 
 _PREVIEW = 200
 

@@ -4,7 +4,8 @@ damocles-manager starts us exactly like one of its processors: it waits for the 
 writes request lines with increasing ids and matches the response lines by id, in any order. We
 answer every request we could read exactly once; a line we cannot read is answered with an error
 when its id can be read and logged otherwise (damocles does the same with a bad line from a
-child). The codec is `protocol.jsonl`; this module only moves bytes and runs one task per request.
+child). The codec is `protocol.jsonl`; JsonLineServer only moves bytes and runs one task per
+request, and `serve_supervised` at the end runs it against a supervisor of our own.
 
 damocles' id rules (docs: damocles-wire.md): an answer is routed to whoever waits for its id, so
 a request whose id is already in flight is logged and never answered (an error answer would
@@ -17,15 +18,24 @@ its wire id, never by the supervisor's own request number.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import DextError
 from ..protocol import jsonl
 from ..tasks import Output, Task
+from .serve import reader_gone
+from .signals import watch_signals
+
+if TYPE_CHECKING:
+    from ..supervisor.core import Supervisor
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -258,3 +268,91 @@ _OWN_LABEL = re.compile(r"request \d+(?: \((?:window|winning)_post[a-z_]*\))?(?=
 def _id_list(ids: set[int], limit: int = 20) -> str:
     shown = ", ".join(str(i) for i in sorted(ids)[:limit])
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+# -- serve with children of our own: the runtime around JsonLineServer and one supervisor ------
+
+
+def with_deadline(submit: Callable[..., Awaitable[Output]], after: float | None) -> Submit:
+    """`submit(task)` that gives each request the deadline `after` seconds from now (if set)."""
+    if after is None:
+        return submit
+
+    async def submit_with_deadline(task: Task) -> Output:
+        return await submit(task, deadline=time.time() + after)
+
+    return submit_with_deadline
+
+
+async def serve_supervised(
+    stage: str, supervisor: Supervisor, submit: Submit, protocol_in: int, protocol_out: int
+) -> int:
+    """Answer requests of `stage` on the pipes with `submit` while `supervisor` runs; the ready
+    line is already out. Stops on stdin EOF (after the requests read) or on a signal."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        receive = trio.lowlevel.FdStream(protocol_in)
+        send = trio.lowlevel.FdStream(protocol_out)
+        async with trio.open_nursery() as nursery:
+            server = JsonLineServer(
+                stage,
+                submit,
+                receive_stream=receive,
+                send_stream=send,
+                on_input_closed=lambda: nursery.start_soon(
+                    finish_then_stop, server, supervisor, send.fileno()
+                ),
+                ready_line_sent=True,
+            )
+            log.info("serving %s (pid %d)", stage, os.getpid())
+            # Reading goes on after the first signal: a request already in the pipe still gets
+            # its (error) answer.
+            nursery.start_soon(
+                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown
+            )
+            server_done = trio.Event()
+
+            async def serve_requests() -> None:
+                await server.run()
+                server_done.set()
+
+            nursery.start_soon(serve_requests)
+            await supervisor.run()
+            # The supervisor has answered everything it accepted; let the answers reach stdout.
+            server.stop_reading()
+            with trio.move_on_after(5):
+                await server_done.wait()
+            if not server_done.is_set():
+                log.error("answers still unwritten 5 s after the supervisor stopped")
+            nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await receive.aclose()
+            await send.aclose()
+        log_stopped(server)
+    return 0
+
+
+def log_stopped(server: JsonLineServer) -> None:
+    """Log what `server` did, once it has stopped."""
+    stats = server.statistics()
+    log.info(
+        "stopped: %d requests read, %d answered (%d with an error), %d unreadable",
+        stats.received,
+        stats.answered,
+        stats.failed,
+        stats.unreadable,
+    )
+
+
+async def finish_then_stop(server: JsonLineServer, supervisor: Supervisor, out_fd: int) -> None:
+    """stdin EOF: stop the supervisor once the requests already read are answered."""
+    # stdin EOF: the requests already read were taken, so they are proved (the supervisor would
+    # refuse the ones still queued if asked to stop now); then the supervisor stops, which
+    # bounds the wait by its shutdown grace once more. If our stdout is closed as well, the
+    # manager is gone (it was killed) and nobody can read an answer: stop at once.
+    if reader_gone(out_fd):
+        log.info("stdout is closed as well: the reader is gone, stopping now")
+        supervisor.shutdown_grace = 0.0  # an answer could not reach anyone
+    else:
+        with trio.move_on_after(supervisor.shutdown_grace):
+            await server.wait_idle()
+    supervisor.request_shutdown()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -45,6 +47,17 @@ def plugin_block(table: str, plugin: str, *, concurrent: int = 1, **options) -> 
         )
         lines.append(f"PluginOptions = {{ {opts} }}".replace("'", '"'))
     return "\n".join(lines) + "\n"
+
+
+def script_block(script: Path, envs: dict[str, str]) -> str:
+    """One [[WdPost]] table running `python SCRIPT` with `envs` set."""
+    env_table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in envs.items())
+    return (
+        "[[WdPost]]\n"
+        f"Bin = {json.dumps(sys.executable)}\n"
+        f"Args = {json.dumps([str(script)])}\n"
+        f"Envs = {{ {env_table} }}\n"
+    )
 
 
 def write_config(directory: Path, text: str) -> Path:
@@ -248,19 +261,26 @@ class LogWatcher:
 
 
 async def start_run(
-    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str
+    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
 ) -> tuple[trio.Process, LogWatcher]:
-    """`damocles-ext run -c CFG --socket PATH` with its log watched; returns once it listens."""
+    """`damocles-ext run -c CFG --socket PATH` with its log watched; returns once it listens.
+
+    With `nofile`, run starts with RLIMIT_NOFILE lowered to it (soft and hard)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = await trio.lowlevel.open_process(
         [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=dext_env(),
+        preexec_fn=None if nofile is None else limit,
     )
     watcher = LogWatcher(process.stderr)
     nursery.start_soon(watcher.run)
-    with trio.fail_after(20):
+    with trio.fail_after(30):
         await watcher.wait_for("control socket listening")
     return process, watcher
 
@@ -286,6 +306,7 @@ def short_socket_dir(tag: str, name: str) -> Iterator[Path]:
     and pytest's tmp_path can be longer."""
     d = Path(f"/tmp/dext-{tag}{os.getpid()}-{name[-20:]}")
     d.mkdir(mode=0o700)
+    d.chmod(0o700)  # mkdir's mode passes through the umask
     try:
         yield d
     finally:

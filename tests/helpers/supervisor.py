@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 
 import psutil
 import trio
+import trio.testing
 
 from damocles_ext.config import ChildSpec
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
@@ -157,6 +159,11 @@ def _fake_child(template: str, handle: str, setup: str, stage: str, indent: int)
     return [PY, "-u", "-c", code]
 
 
+def child_stats(sup, name: str = "window_post#0"):
+    """The `ChildStats` of the child called `name` in `sup.statistics()`."""
+    return next(c for c in sup.statistics().children if c.name == name)
+
+
 def alive(pid: int) -> bool:
     """True if `pid` is a running (non-zombie) process."""
     try:
@@ -170,8 +177,43 @@ def our_descendants() -> list[psutil.Process]:
     return [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.is_running()]
 
 
+def marked(marker: str) -> list[psutil.Process]:
+    """Every live process with `marker` among its arguments, anywhere on the machine: finds the
+    processes a test started even once they left our tree (daemonized, or orphaned)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in (
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL what `marked(marker)` finds (the clean-up after a test that may have leaked)."""
+    for proc in marked(marker):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll `predicate` with a deadline (for process state, which sends no events)."""
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+
+
+async def wait_until_real(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """`wait_until` for a test on `mock_clock`, whose time moves only when the test jumps it:
+    there trio.sleep would never return, so this polls each time the run loop has been idle for
+    10 ms of real time, and gives up after `timeout` real seconds."""
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"no {what} within {timeout} s of real time")
+        await trio.testing.wait_all_tasks_blocked(0.01)

@@ -1,0 +1,180 @@
+"""What several commands parse the same way: config and logging arguments, durations, supervisor
+options, and the children of a stage in a config.
+
+Light to import (argparse and the standard library at the top; the rest inside the functions) so
+that building the CLI's parsers stays fast: `serve` is timed by damocles-manager's ready check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from damocles_ext.stages import child_stages
+
+if TYPE_CHECKING:
+    from damocles_ext.config import ChildSpec, Config
+
+DEFAULT_SHUTDOWN_GRACE = 30.0
+# The logger the config's warnings have always gone to, for whichever command reads it.
+log = logging.getLogger("damocles_ext.serve")
+
+
+def add_config_args(
+    parser: argparse.ArgumentParser, *, required: bool
+) -> argparse._MutuallyExclusiveGroup:
+    """-c FILE | --conf-dir DIR, as check-config takes them; returns their group."""
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("-c", "--config", metavar="FILE", help="the ext-prover.cfg to read")
+    source.add_argument(
+        "--conf-dir",
+        metavar="DIR",
+        help="read DIR/ext-prover.cfg, like damocles-manager --conf-dir",
+    )
+    return source
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None:
+    """--log-level and --log-format (damocles_ext.logs)."""
+    from damocles_ext.logs import add_logging_args
+
+    add_logging_args(parser, default_level)
+
+
+def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
+    """--shutdown-grace SECONDS."""
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="on shutdown, how long in-flight proofs may take to finish before their children are"
+        f" stopped (default: {DEFAULT_SHUTDOWN_GRACE:g})",
+    )
+
+
+def add_restart_arg(parser: argparse.ArgumentParser) -> None:
+    """--restart-delay SECONDS."""
+    parser.add_argument(
+        "--restart-delay",
+        type=_positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="wait this long before restarting a child that stopped; the wait doubles for each"
+        " stop in a row, up to --restart-max-delay, and starts over once the child stayed ready"
+        " 60 s (default: 1)",
+    )
+    parser.add_argument(
+        "--restart-max-delay",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the longest wait before a restart (default: 60)",
+    )
+
+
+def supervisor_options(args: argparse.Namespace, plugin_manager: Any = None) -> dict:
+    """Supervisor keyword arguments from the shared options (observer plugins included)."""
+    from damocles_ext.plugins import get_plugin_manager
+    from damocles_ext.supervisor.restart import BackoffPolicy
+
+    return {
+        "plugin_manager": plugin_manager if plugin_manager is not None else get_plugin_manager(),
+        "shutdown_grace": args.shutdown_grace,
+        # This process is ours: become the parent of what children leave behind (setsid).
+        "adopt_orphans": True,
+        "backoff": BackoffPolicy(
+            base=args.restart_delay, cap=max(args.restart_max_delay, args.restart_delay)
+        ),
+    }
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0 seconds")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr only (in `serve`, stdout carries the protocol): damocles_ext.logs."""
+    from damocles_ext.logs import setup_from_args
+
+    setup_from_args(args)
+
+
+def load_config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by -c/--conf-dir; its warnings are logged."""
+    from damocles_ext.config import load_conf_dir, load_config
+
+    config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
+    for warning in config.warnings:
+        log.warning("%s: %s", config.source, warning)
+    return config
+
+
+def children_of(config: Config, stage: str) -> list[ChildSpec]:
+    """The config's children of `stage`; UsageError when there is none."""
+    from damocles_ext.config import TABLE_OF_STAGE
+    from damocles_ext.errors import UsageError
+
+    stages = child_stages(stage)
+    children = [c for c in config.children if c.stage in stages]
+    if not children:
+        table = TABLE_OF_STAGE[stage]
+        split = " (or [[WdPostVanilla]] and [[WdPostSnark]])" if stage == "window_post" else ""
+        raise UsageError(
+            f"{config.source} has no [[{table}]] table{split}, so there is no child to serve"
+            f' {stage}; add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
+        )
+    return children
+
+
+def add_dump_arg(parser: argparse.ArgumentParser) -> None:
+    """--dump-dir DIR (damocles_ext.logs)."""
+    from damocles_ext.logs import add_dump_arg as add
+
+    add(parser)
+
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "3m" or "1h"; ValueError says what is wrong (finite, >= 0)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(
+            f"{text!r} is not a duration; write seconds (90 or 90s), minutes (3m) or hours (1h)"
+        )
+    seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
+        raise ValueError(f"{text!r} is too long a duration to be a number of seconds")
+    return seconds
+
+
+def positive_duration(text: str) -> float:
+    """An argparse type: a parse_duration > 0 (e.g. --deadline-after, --idle-timeout)."""
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value
+

@@ -1,0 +1,284 @@
+"""Where `run`'s control socket lives and who may use it: its default path, its binding, and the
+trust checks the server and the client (client.py) both make.
+
+Who may connect is decided by the file system: the socket has mode 0600 inside a directory of
+mode 0700 that we own, and neither may be a symlink; on top of that, a peer whose uid is neither
+ours nor root's (SO_PEERCRED) is turned away. The directories above that one must be such that no
+other user can replace them (resolve_trusted). These checks run before anything is spawned, so a
+bad path is a usage error (exit 2), not a half-started supervisor.
+
+The client makes the same checks from its side, with the same helpers: the path must lead,
+through directories no other user can change, to a socket in a private directory, and the
+process listening on it must run as the client's uid or root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from ..errors import UsageError
+
+# The logger these messages have always had, as part of the control socket.
+log = logging.getLogger("damocles_ext.control")
+
+SOCKET_DIR_NAME = "damocles-ext"
+SOCKET_NAME = "control.sock"
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SUN_PATH = 107
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$XDG_RUNTIME_DIR/damocles-ext/control.sock`, else `/run/damocles-ext/control.sock`."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_RUNTIME_DIR") or "/run"
+    return Path(base) / SOCKET_DIR_NAME / SOCKET_NAME
+
+
+def _describe_mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+class UntrustedPathError(UsageError):
+    """A path that another user could redirect; the message says which part and why."""
+
+
+#: Symlinks followed while resolving one path, as the kernel's own limit (ELOOP).
+_MAX_SYMLINKS = 40
+
+
+def trusted_uids(uid: int | None = None) -> frozenset[int]:
+    """The users whose files and processes we rely on: ourselves and root (root: root only)."""
+    return frozenset({os.geteuid() if uid is None else uid, 0})
+
+
+def _check_container(directory: str, st: os.stat_result, trusted: frozenset[int]) -> None:
+    # Whoever owns a directory, or may write to it, can rename what is in it away and put their
+    # own in its place; a sticky directory (like /tmp) stops them only for entries they do not
+    # own, which _check_entry sees to.
+    if st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"directory {directory} is owned by uid {st.st_uid}, not by us or root, so its owner"
+            " could replace what is in it"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UntrustedPathError(
+            f"directory {directory} (mode {_describe_mode(st.st_mode)}) may be written by other"
+            " users and has no sticky bit, so they could replace what is in it"
+        )
+
+
+def _check_entry(
+    directory: str, dir_st: os.stat_result, entry: str, st: os.stat_result, trusted: frozenset[int]
+) -> None:
+    if dir_st.st_mode & 0o022 and st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"{entry} is owned by uid {st.st_uid}, not by us or root, in {directory}, which other"
+            " users may write to"
+        )
+    if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
+        raise UntrustedPathError(
+            f"{entry} is a symlink owned by uid {st.st_uid}, not by us or root"
+        )
+
+
+def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> Path:
+    """`path` with its symlinks resolved, walked from / so that no other user can change where
+    it leads: every directory on the way (the last one too, when `path` is one) is owned by us
+    or root and not writable by others, unless it is sticky (like /tmp) and the entry we take
+    in it is ours or root's; every symlink on the way is ours or root's.
+
+    Raises UntrustedPathError saying which part fails, or the OSError of a part that is missing
+    (FileNotFoundError) or cannot be examined.
+    """
+    trusted = trusted_uids(uid)
+    todo = list(reversed(Path(path).absolute().parts[1:]))
+    current = "/"
+    current_st = os.lstat(current)
+    followed = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            # `current` holds no symlink, so its parent is the kernel's ".." too (and checked).
+            current = os.path.dirname(current)
+            current_st = os.lstat(current)
+            continue
+        if not stat.S_ISDIR(current_st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current)
+        _check_container(current, current_st, trusted)
+        entry = os.path.join(current, name)
+        st = os.lstat(entry)
+        _check_entry(current, current_st, entry, st, trusted)
+        if stat.S_ISLNK(st.st_mode):
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise UntrustedPathError(f"{path}: more than {_MAX_SYMLINKS} symlinks (a loop?)")
+            target = Path(os.readlink(entry))
+            if target.is_absolute():
+                current = "/"
+                current_st = os.lstat(current)
+            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        current, current_st = entry, st
+    if stat.S_ISDIR(current_st.st_mode):
+        _check_container(current, current_st, trusted)
+    return Path(current)
+
+
+def _check_private_dir(directory: Path, *, create: bool) -> None:
+    uid = os.geteuid()
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        if not create:
+            raise UsageError(f"control socket directory {directory} does not exist") from None
+        try:
+            os.mkdir(directory, 0o700)
+        except FileNotFoundError:
+            raise UsageError(
+                f"cannot create control socket directory {directory}: {directory.parent} does not"
+                " exist; create it or choose another path with --socket"
+            ) from None
+        except PermissionError:
+            raise UsageError(
+                f"cannot create control socket directory {directory}: permission denied; set"
+                " XDG_RUNTIME_DIR or choose a path you own with --socket"
+            ) from None
+        except FileExistsError:
+            pass  # someone raced us; the checks below decide whether it is usable
+        else:
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered through the umask
+        st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(
+            f"control socket directory {directory} is a symlink; refusing to use it (a symlink"
+            " could point the socket at a directory others control). Use a real directory."
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"control socket directory {directory} exists and is not a directory")
+    if st.st_uid != uid:
+        raise UsageError(
+            f"control socket directory {directory} is owned by uid {st.st_uid}, not by us"
+            f" (uid {uid}); refusing to use it. Choose a directory you own with --socket."
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise UsageError(
+            f"control socket directory {directory} has mode {_describe_mode(st.st_mode)}; it must"
+            f" be private (0700) so that only you can reach the socket: chmod 700 {directory},"
+            " or choose another path with --socket"
+        )
+
+
+def _someone_listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # a full backlog: alive but busy
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def _clear_old_socket(path: Path) -> None:
+    uid = os.geteuid()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"control socket path {path} is a symlink; refusing to use it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(
+            f"control socket path {path} exists and is not a socket; remove it or choose another"
+            " path with --socket"
+        )
+    if st.st_uid != uid:
+        raise UsageError(
+            f"control socket {path} is owned by uid {st.st_uid}, not by us (uid {uid});"
+            " refusing to replace it"
+        )
+    if _someone_listening(path):
+        raise UsageError(
+            f"another damocles-ext run is listening on {path}; stop it first or choose another"
+            " path with --socket"
+        )
+    log.info("removing stale control socket %s (nobody is listening on it)", path)
+    os.unlink(path)
+
+
+def _check_ancestors(path: Path) -> None:
+    # The socket's own directory is checked (and made) by _check_private_dir; the ones above it
+    # must not let another user swap that directory for theirs, with a socket of theirs in it.
+    try:
+        resolve_trusted(path.parent.parent)
+    except UntrustedPathError as exc:
+        raise UntrustedPathError(
+            f"control socket path {path}: {exc}; clients would then reach another user's"
+            " socket instead of ours. Choose a path whose directories only you or root can"
+            " write with --socket (the default is in $XDG_RUNTIME_DIR or /run)"
+        ) from None
+    except FileNotFoundError:
+        pass  # _check_private_dir says which directory is missing
+    except OSError as exc:
+        raise UsageError(
+            f"cannot check the directories of control socket path {path}: {exc}; choose"
+            " another path with --socket"
+        ) from None
+
+
+def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True) -> socket.socket:
+    """Check `path`, its directory and the ones above it, replace a stale socket, and return a
+    listening socket.
+
+    Raises UsageError (exit 2) when the place is unsafe or taken.
+    """
+    path = Path(path).absolute()
+    if len(os.fsencode(path)) > _MAX_SUN_PATH:
+        raise UsageError(
+            f"control socket path {path} is {len(os.fsencode(path))} bytes long; unix sockets"
+            f" allow at most {_MAX_SUN_PATH}. Choose a shorter path with --socket."
+        )
+    _check_ancestors(path)
+    _check_private_dir(path.parent, create=create_dir)
+    _clear_old_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        # The directory is 0700, so nobody can reach the socket before this chmod.
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on control socket {path}: {exc.strerror}") from None
+    return sock
+
+
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket
+    (SO_PEERCRED: for a client, the listener's as it was when it called listen())."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    return peer_credentials(sock)[1]

@@ -1,0 +1,172 @@
+"""`serve --connect`: a JSON-lines front end that supervises nothing and forwards each request to
+a running `damocles-ext run` through its control socket, so that one supervisor serves both of
+damocles-manager's entries and its locks and stage priority act between the two stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import TABLE_OF_STAGE
+from ..errors import ProverError, UsageError
+from ..stages import can_serve
+from ..tasks import Output, Task, stage_of
+from .serve import reader_gone
+from .serve_jsonl import JsonLineServer, log_stopped, with_deadline
+from .signals import watch_signals
+
+if TYPE_CHECKING:
+    from ..client import ReconnectingClient
+
+log = logging.getLogger("damocles_ext.serve")
+
+#: What to do when nothing listens, as serve --connect says it.
+CONNECT_HINT = (
+    "start `damocles-ext run` first (it supervises the provers of both stages), or give"
+    " --connect the --socket path of the one running"
+)
+
+
+async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
+    """Why the supervisor at the other end cannot serve `stage` (it has no child of it), or None.
+
+    Checked once, before the ready line, so that a `run` whose config lacks the stage's table
+    makes damocles-manager's start fail instead of every request of that stage.
+    """
+    try:
+        with trio.fail_after(3):
+            doc = await remote.status()
+    except (ProverError, trio.TooSlowError) as exc:
+        log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, exc)
+        return None
+    if can_serve(stage, (c.stage for c in doc.children)):
+        return None
+    table = TABLE_OF_STAGE[stage]
+    return (
+        f"the supervisor at {remote.path} has no [[{table}]] child, so it cannot prove {stage}"
+        f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
+        " restart it"
+    )
+
+
+class Forwarder:
+    """submit(task) for JsonLineServer that proves through the remote supervisor, and can give up
+    on what is in flight (each then gets an error answer, and the supervisor a Cancel)."""
+
+    def __init__(
+        self, stage: str, remote: ReconnectingClient, deadline_after: float | None = None
+    ) -> None:
+        self.stage = stage
+        self.remote = remote
+        self._submit = with_deadline(remote.submit, deadline_after)
+        self._scopes: set = set()
+        self._abandoned: str | None = None
+
+    async def submit(self, task: Task) -> Output:
+        """Prove `task` through the remote supervisor; ProverError once abandoned."""
+        if self._abandoned is not None:
+            raise ProverError(self._abandoned)
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                output = await self._submit(task)
+            finally:
+                self._scopes.discard(scope)
+            # The task went out typed by our stage, so the supervisor chose a child of it; an
+            # output of another stage would be its bug, and must not reach damocles as a proof.
+            if stage_of(output) != self.stage:
+                raise ProverError(
+                    f"the supervisor at {self.remote.path} answered a {self.stage} task with a"
+                    f" {stage_of(output)} output; not passed on"
+                )
+            return output
+        assert self._abandoned is not None
+        raise ProverError(self._abandoned)
+
+    def abandon(self, reason: str) -> None:
+        """Answer every request in flight with `reason` now (and every later one)."""
+        if self._abandoned is None:
+            self._abandoned = reason
+        for scope in self._scopes:
+            scope.cancel()
+
+
+async def forward(
+    stage: str,
+    remote: ReconnectingClient,
+    protocol_in: int,
+    protocol_out: int,
+    shutdown_grace: float,
+    deadline_after: float | None = None,
+) -> int:
+    """Serve requests of `stage` on the pipes through `remote`; the ready line goes out once
+    `remote` is connected and has children of `stage` (UsageError if it has none)."""
+    # Before the ready line: damocles-manager's start check must fail when nobody listens.
+    await remote.connect()
+    log.info("connected to the supervisor at %s", remote.path)
+    forwarder = Forwarder(stage, remote, deadline_after)
+    problem: str | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        receive = trio.lowlevel.FdStream(protocol_in)
+        send = trio.lowlevel.FdStream(protocol_out)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remote.run)
+                problem = await stage_problem(remote, stage)
+                if problem is not None:  # leave the nursery (raised below, outside of it)
+                    nursery.cancel_scope.cancel()
+                    await trio.lowlevel.checkpoint()
+
+                async def drain() -> None:
+                    # stdin EOF or the first signal: wait for the answers in flight, within the
+                    # grace; what is left then is answered with an error (and cancelled there).
+                    if reader_gone(send.fileno()):
+                        log.info("stdout is closed as well: the reader is gone, stopping now")
+                        forwarder.abandon("damocles-ext serve stopped: its reader is gone")
+                        return
+                    with trio.move_on_after(shutdown_grace):
+                        await server.wait_idle()
+                    forwarder.abandon(
+                        f"damocles-ext serve stopped: no answer from the supervisor at"
+                        f" {remote.path} within the shutdown grace ({shutdown_grace:g} s); the"
+                        " request was cancelled there"
+                    )
+
+                def at_once() -> None:
+                    server.stop_reading()
+                    forwarder.abandon(
+                        "damocles-ext serve stopped at once (second signal); the request was"
+                        " cancelled at the supervisor"
+                    )
+                    # The error answers need a moment to be written; a stuck stdout does not.
+                    nursery.cancel_scope.deadline = min(
+                        nursery.cancel_scope.deadline, trio.current_time() + 1.0
+                    )
+
+                server = JsonLineServer(
+                    stage,
+                    forwarder.submit,
+                    receive_stream=receive,
+                    send_stream=send,
+                    on_input_closed=lambda: nursery.start_soon(drain),
+                )
+                log.info("serving %s through %s (pid %d)", stage, remote.path, os.getpid())
+                nursery.start_soon(
+                    watch_signals, signals, nursery.cancel_scope, server.stop_reading, log, at_once
+                )
+                await server.run()  # writes the ready line first
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await remote.aclose()
+                await receive.aclose()
+                await send.aclose()
+    if problem is not None:
+        raise UsageError(problem)
+    log_stopped(server)
+    return 0

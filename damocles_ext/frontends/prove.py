@@ -1,0 +1,79 @@
+"""`damocles-ext prove`'s one request: through a running `run`'s control socket, or on a
+supervisor of its own started for this request alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..api import open_supervisor
+from ..client import connect
+from ..errors import ProverError
+
+if TYPE_CHECKING:
+    from ..config import ChildSpec
+    from ..tasks import Output, Task
+
+log = logging.getLogger("damocles_ext.prove")
+
+
+def prove_in_process(
+    children: list[ChildSpec],
+    task: Task,
+    *,
+    plugin_manager: Any,
+    deadline: float | None = None,
+    priority: int = 0,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Output:
+    """Start `children`, prove `task` on them, stop them; ProverError when there is no proof."""
+    return trio.run(_prove_embedded, children, task, deadline, priority, on_progress, plugin_manager)
+
+
+def prove_through_socket(
+    socket: str | None,
+    task: Task,
+    *,
+    deadline: float | None = None,
+    priority: int = 0,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Output:
+    """Prove `task` through the `run` at `socket` (None: its default path)."""
+    return trio.run(_prove_remote, socket, task, deadline, priority, on_progress)
+
+
+async def _prove_embedded(
+    children: list[ChildSpec],
+    task: Task,
+    deadline: float | None,
+    priority: int,
+    on_progress: Callable[[Any], None] | None,
+    plugin_manager: Any,
+) -> Output:
+    # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
+    # it in an ExceptionGroup.
+    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
+        try:
+            return await supervisor.submit(
+                task, deadline=deadline, priority=priority, on_progress=on_progress
+            )
+        except ProverError as exc:
+            error = exc
+    raise error
+
+
+async def _prove_remote(
+    socket: str | None,
+    task: Task,
+    deadline: float | None,
+    priority: int,
+    on_progress: Callable[[Any], None] | None,
+) -> Output:
+    async with connect(socket) as client:
+        log.info("connected to %s", client.path)
+        return await client.submit(
+            task, deadline=deadline, priority=priority, on_progress=on_progress
+        )

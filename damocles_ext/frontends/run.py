@@ -1,0 +1,113 @@
+"""`damocles-ext run`'s process: one supervisor behind the control socket (and, if asked, the
+metrics port), until a signal.
+
+The socket and the metrics port are bound before any child is spawned, so a taken or unsafe place
+is a usage error (exit 2), not a half-started supervisor; whatever fails before serving starts
+takes the socket file away again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .control import ControlServer
+from .control_socket import bind_control_socket
+from .signals import watch_signals
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..metrics import MetricsServer, SupervisorMetrics
+    from ..supervisor.core import Supervisor
+
+log = logging.getLogger("damocles_ext.run")
+
+
+def serve_control_socket(
+    config: Config,
+    path: str | Path,
+    supervisor_options: Callable[[], dict[str, Any]],
+    *,
+    limits: Mapping[str, Any],
+    metrics_address: tuple[str, int] | None = None,
+    metrics_limits: Mapping[str, Any] | None = None,
+) -> int:
+    """Bind the control socket at `path` (and the metrics port at `metrics_address`), then
+    supervise `config`'s children and serve both until SIGTERM/SIGINT. `limits` and
+    `metrics_limits` are ControlServer's and MetricsServer's keyword arguments."""
+    sock = bind_control_socket(path)
+    metrics = server = None
+    try:
+        from ..supervisor.core import Supervisor
+
+        options = supervisor_options()
+        if metrics_address is not None:
+            from ..metrics import MetricsServer, SupervisorMetrics
+
+            metrics = SupervisorMetrics()
+            options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+            server = MetricsServer(metrics, *metrics_address, **(metrics_limits or {}))
+        supervisor = Supervisor(config, **options)
+    except BaseException:
+        _discard(sock)
+        if server is not None:
+            server.close()
+        raise
+
+    try:
+        return trio.run(_run, supervisor, sock, metrics, server, dict(limits))
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _discard(sock: socket.socket) -> None:
+    path = sock.getsockname()
+    sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def _run(
+    supervisor: Supervisor,
+    sock: socket.socket,
+    metrics: SupervisorMetrics | None = None,
+    metrics_server: MetricsServer | None = None,
+    limits: dict[str, Any] | None = None,
+) -> int:
+    from ..status import StatusSource
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        status = StatusSource(
+            supervisor,
+            socket=str(sock.getsockname()),
+            metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
+        )
+        server = ControlServer(sock, supervisor.submit, status=status.as_data, **(limits or {}))
+        async with trio.open_nursery() as nursery:
+            def shut_down() -> None:
+                server.stop_accepting()
+                supervisor.request_shutdown()
+
+            nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log)
+            await nursery.start(server.serve)
+            log.info("control socket listening on %s", server.path)
+            if metrics is not None:
+                metrics.attach(supervisor, trio.lowlevel.current_trio_token())
+                await nursery.start(metrics_server.serve)
+                log.info("metrics on %s", metrics_server.url)
+            await supervisor.run()
+            # Every accepted request has its answer by now; give the clients time to read it.
+            server.stop_accepting()
+            with trio.move_on_after(5):
+                await server.wait_idle()
+            nursery.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,95 @@
+"""`damocles-ext serve`'s process: our own stdin/stdout become the protocol channel.
+
+Light to import (the standard library only, the rest inside the functions): damocles-manager
+gives a processor 5 s for its ready line, so the line goes out before trio and the supervisor
+are imported. The JSON lines themselves are serve_jsonl.py's; `--connect` is forwarder.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from damocles_ext.config import ChildSpec
+
+log = logging.getLogger("damocles_ext.serve")
+
+
+def serve_children(
+    stage: str,
+    children: list[ChildSpec],
+    supervisor_options: Callable[[], dict[str, Any]],
+    deadline_after: float | None = None,
+) -> int:
+    """Say ready on stdout, then supervise `children` and answer requests of `stage` on stdio
+    until stdin closes or a signal arrives. `supervisor_options()` gives the Supervisor's keyword
+    arguments; it is called after the ready line, since building them imports the supervisor."""
+    protocol_in, protocol_out = take_protocol_fds()
+
+    # The config is good: say ready now, before the heavier imports, so that a loaded machine
+    # still makes damocles-manager's 5 s limit. Requests wait in the pipe, then in the queue.
+    from damocles_ext.protocol.jsonl import ready_line
+
+    write_all(protocol_out, ready_line(stage))
+
+    import trio
+
+    from damocles_ext.supervisor.core import Supervisor
+
+    from .serve_jsonl import serve_supervised, with_deadline
+
+    supervisor = Supervisor(children, **supervisor_options())
+    submit = with_deadline(supervisor.submit, deadline_after)
+    return trio.run(serve_supervised, stage, supervisor, submit, protocol_in, protocol_out)
+
+
+def serve_connected(
+    stage: str, socket: str | None, shutdown_grace: float, deadline_after: float | None = None
+) -> int:
+    """serve --connect: connect to the `run` at `socket` (None: its default; UsageError, exit 2,
+    before the ready line if nobody listens), then forward each request of `stage` to it."""
+    import trio
+
+    from damocles_ext.client import ReconnectingClient
+
+    from .forwarder import CONNECT_HINT, forward
+
+    remote = ReconnectingClient(socket, hint=CONNECT_HINT)
+    protocol_in, protocol_out = take_protocol_fds()
+    return trio.run(
+        forward, stage, remote, protocol_in, protocol_out, shutdown_grace, deadline_after
+    )
+
+
+def take_protocol_fds() -> tuple[int, int]:
+    """Keep the protocol pipes for ourselves and point fds 0/1 elsewhere, so that nothing else in
+    this process (a print, a C library) can read a request or write a stray byte to stdout.
+    os.dup's copies are not inherited by children. Returns (protocol in, protocol out)."""
+    protocol_in = os.dup(0)
+    protocol_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol_in, protocol_out
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a blocking fd)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def reader_gone(fd: int) -> bool:
+    """True when the read end of the pipe `fd` writes to is closed (poll reports POLLERR)."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))

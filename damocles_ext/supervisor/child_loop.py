@@ -1,0 +1,682 @@
+"""One child's own loop: spawn, handshake, read and write its pipes, tear down, back off, again.
+
+`child_loop` is the task that serves one configured child for the supervisor's whole run. Each
+of its processes (`Process`) gets a stderr relay, an exit watcher, one writer task (stdin: what
+`send` cannot write at once, in order) and one reader (`read`, stdout), until it goes down
+(`mark_down`); then it is torn down, its requests go back to the supervisor, and the restart rules
+(`restart.RestartTracker`) say when it starts again, if ever.
+
+The child's state (`ChildState`) changes only in `Child.change_state`, which checks the change
+against `TRANSITIONS`. The request side (dispatch, timeouts, answers) is the supervisor's
+(`core.Supervisor`); the functions here take it as `sup` and call back into it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..config import describe_argv
+from ..logs import report_bad_output
+from . import timeouts
+from .connection import ChildConnection, ChildProtocolError, Ready, preview
+from .observers import child_info, exit_status
+from .process import ChildProcess, SpawnError, build_env, prepare_spawn, relay_stderr, spawn
+from .reaper import REAP_TIMEOUT
+from .restart import GiveUp, RestartTracker
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+    from .request import Request, Slot
+
+log = logging.getLogger("damocles_ext.supervisor")
+child_log = logging.getLogger("damocles_ext.child")
+
+_READ_SIZE = 1 << 16
+_GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
+_PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
+_STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
+_STDERR_LINE_CHARS = 300
+_YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
+
+
+class ChildState(enum.Enum):
+    """Where a configured child is in its life (statistics also report "busy": ready, working)."""
+
+    STARTING = "starting"  # spawned (or about to be), waiting for its ready message
+    READY = "ready"  # takes requests
+    STOPPING = "stopping"  # its process is going away; no more requests for it
+    BACKOFF = "backoff"  # waiting to start again
+    FATAL = "fatal"  # gave up: it kept failing (the restart rules)
+    STOPPED = "stopped"  # for good: shutdown, or AutoRestart off
+
+
+# Every allowed change of state; anything else is a bug of ours (IllegalTransition).
+TRANSITIONS: dict[ChildState, frozenset[ChildState]] = {
+    ChildState.STARTING: frozenset(
+        {
+            ChildState.READY,
+            ChildState.STOPPING,  # went down before it was ready
+            ChildState.BACKOFF,  # could not be spawned
+            ChildState.FATAL,
+            ChildState.STOPPED,
+        }
+    ),
+    ChildState.READY: frozenset({ChildState.STOPPING, ChildState.STOPPED}),
+    ChildState.STOPPING: frozenset({ChildState.BACKOFF, ChildState.FATAL, ChildState.STOPPED}),
+    ChildState.BACKOFF: frozenset({ChildState.STARTING, ChildState.STOPPED}),
+    ChildState.FATAL: frozenset(),
+    ChildState.STOPPED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A child was moved between two states that TRANSITIONS does not link: a bug."""
+
+
+class Child:
+    """One configured child ([[WdPost]] table, say) across all its processes."""
+
+    def __init__(self, spec: Any, tracker: RestartTracker) -> None:
+        self.spec = spec
+        self.name: str = spec.name
+        self.tracker = tracker
+        self._state = ChildState.STARTING
+        self.p: Process | None = None
+        self.pid: int | None = None
+        self.protocol: str | None = None
+        self.next_start_at: float | None = None
+        self.started_at: float | None = None
+        self.last_exit: str | None = None
+        self.done = 0
+        self.failed = 0
+        self.stop = trio.Event()
+        self.launched = False
+        self.capacity = max(1, spec.concurrent)
+        self.answered = False  # the current (or last) process answered a request
+
+    @property
+    def state(self) -> ChildState:
+        """Its state; changed by `change_state` only."""
+        return self._state
+
+    def change_state(self, new: ChildState) -> None:
+        """Move to `new`; raises IllegalTransition if TRANSITIONS does not allow it."""
+        if new not in TRANSITIONS[self._state]:
+            raise IllegalTransition(
+                f"{self.name}: no transition from {self._state.value} to {new.value}"
+            )
+        log.debug("%s: %s -> %s", self.name, self._state.value, new.value)
+        self._state = new
+
+
+class Process:
+    """One process of a child: from spawn to reaping."""
+
+    def __init__(self, proc: ChildProcess, conn: ChildConnection) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](math.inf)
+        self.slots: dict[int, Slot] = {}
+        self.next_rid = 1  # damocles numbers requests per child from 1
+        self.wake = trio.Event()  # something for the child task to look at
+        self.down_reason: str | None = None
+        self.charge_all = True  # a crash costs every in-flight request an attempt
+        self.last_activity = 0.0
+        self.heartbeat_armed = False
+        # The heartbeat and stdin-watch timers of this process: cancelled when it goes down, so
+        # a dead process is not kept alive (its pipes' buffers with it) until they would fire.
+        self.heartbeat_timer: list[Any] | None = None
+        self.stdin_timer: list[Any] | None = None
+        self.handshake_scope = trio.CancelScope()
+        self.reader_done: trio.Event | None = None
+        self.read_ended = False  # EOF or a protocol error: nothing more is read
+        self.read_owner: Request | None = None  # its caller reads the pipe (see read)
+        self.reader_waiting = False  # the reader task is in wait_readable
+        self.owner_waiting = False  # so is the read_owner
+        self.reader_resume = trio.Event()
+        self.stderr_done = trio.Event()
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.stdin_fd = proc.stdin.fileno()
+        self.tree_mark: str | None = None  # its OrphanAdopter mark
+        self.queued_writes = 0  # chunks handed to the writer task and not yet written
+        # When the child last took bytes from its stdin pipe while we had more for it; the
+        # StdinTimeoutSecs watch (armed while writes wait) compares with it.
+        self.stdin_progress_at = 0.0
+        self.stdin_watch_armed = False
+
+    def interrupt(self) -> None:
+        """Make the child task look at this process now (it went down, or we stop)."""
+        self.wake.set()
+        self.handshake_scope.cancel()
+        self.release_reader()
+
+    def release_reader(self) -> None:
+        """A submitter reading this pipe stops; the reader task takes over (see read)."""
+        if self.read_owner is not None:
+            self.read_owner = None
+            if self.owner_waiting:
+                trio.lowlevel.notify_closing(self.proc.stdout.fileno())
+
+
+async def read(sup: Supervisor, child: Child, p: Process, owner: Request | None = None) -> None:
+    """Read `p`'s stdout and act on it: as its reader task (`owner` None) until EOF or a protocol
+    error, or in the task that submitted request `owner` until that request is answered.
+
+    A submitter reads while it waits (`Supervisor.submit`): answers then wake their caller
+    directly instead of through the reader task, which saves a pass of trio's scheduler on every
+    request's path. Meanwhile the reader task waits (`reader_resume`) and takes over again when
+    the submitter returns. Whoever waits in wait_readable is moved out with notify_closing (the
+    fd stays open), as a CancelScope per request would cost more than the pass it saves. Plain
+    os.read on the non-blocking pipe: FdStream.receive_some yields to the scheduler after every
+    successful read, which puts a whole loop iteration on each answer's path.
+    """
+    fd = p.proc.stdout.fileno()
+    if owner is not None:
+        p.read_owner = owner
+        if p.reader_waiting:
+            trio.lowlevel.notify_closing(fd)  # the reader task leaves wait_readable at once
+    unyielded = 0
+    try:
+        while not p.read_ended:
+            if owner is None:
+                if p.read_owner is not None:
+                    p.reader_resume = trio.Event()
+                    await p.reader_resume.wait()
+                    continue
+            elif p.read_owner is not owner or owner.done:
+                break
+            if unyielded >= _YIELD_EVERY:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+                continue
+            try:
+                data = os.read(fd, _READ_SIZE)
+                unyielded += 1
+            except BlockingIOError:
+                unyielded = 0
+                if owner is None:
+                    p.reader_waiting = True
+                else:
+                    p.owner_waiting = True
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:
+                    pass  # moved out by the other reader: see above
+                finally:
+                    if owner is None:
+                        p.reader_waiting = False
+                    else:
+                        p.owner_waiting = False
+                continue
+            except OSError:
+                data = b""
+            _on_data(sup, child, p, data)
+    finally:
+        if owner is None:
+            assert p.reader_done is not None
+            p.reader_done.set()
+        else:
+            if p.read_owner is owner:
+                p.read_owner = None
+            p.reader_resume.set()
+
+
+def kill(sup: Supervisor, child: Child, p: Process, reason: str, *, charge_all: bool) -> None:
+    """Take a child down now: SIGKILL its process group; its task does the rest."""
+    if p.down_reason is None:
+        log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
+    mark_down(sup, child, p, reason, charge_all=charge_all)
+    p.proc.kill_tree()
+
+
+def mark_down(
+    sup: Supervisor, child: Child, p: Process, reason: str, *, charge_all: bool = True
+) -> None:
+    """The process is going away: no more dispatch to it; its task tears it down."""
+    if p.down_reason is None:
+        p.down_reason = reason
+        p.charge_all = charge_all
+        sup._timers.cancel(p.heartbeat_timer)
+        sup._timers.cancel(p.stdin_timer)
+        p.heartbeat_timer = p.stdin_timer = None
+    if child.p is p and child.state in (ChildState.READY, ChildState.STARTING):
+        child.change_state(ChildState.STOPPING)
+        sup._scheduler.child_down(child.name, trio.current_time())
+        sup._notify()
+    p.interrupt()
+
+
+async def child_loop(
+    sup: Supervisor, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve `child` until it is stopped or given up on; started() once it was launched."""
+    try:
+        while not child.stop.is_set():
+            try:
+                was_ready, reason = await _run_process(sup, child, task_status)
+            except Exception as exc:
+                # The same wall as in _run_process, for a bug outside its process's nursery.
+                reason = f"internal error in damocles-ext: {_describe_error(exc)}"
+                log.exception("%s: %s", child.name, reason)
+                was_ready = False
+                _launched(child, task_status)
+                sup._child_task_failed(child, reason)
+            if child.stop.is_set():
+                break
+            now = trio.current_time()
+            decision = (
+                child.tracker.exited(now, reason, served=child.answered)
+                if was_ready
+                else child.tracker.start_failed(reason)
+            )
+            if isinstance(decision, GiveUp):
+                child.change_state(ChildState.FATAL if decision.fatal else ChildState.STOPPED)
+                child.next_start_at = None
+                log.error("%s: %s", child.name, decision.reason)
+                sup._scheduler.child_fatal(child.name, now)
+                sup._notify()
+                sup._dispatch()
+                break
+            child.change_state(ChildState.BACKOFF)
+            child.next_start_at = now + decision.delay
+            log.warning("%s: restarting in %.2fs", child.name, decision.delay)
+            sup._notify()
+            with trio.move_on_at(child.next_start_at):
+                await child.stop.wait()
+            child.next_start_at = None
+    finally:
+        _launched(child, task_status)
+        if child.state not in (ChildState.FATAL, ChildState.STOPPED):
+            child.change_state(ChildState.STOPPED)
+        sup._notify()
+
+
+def _launched(child: Child, task_status: Any) -> None:
+    if not child.launched:
+        child.launched = True
+        task_status.started()
+
+
+async def _run_process(sup: Supervisor, child: Child, task_status: Any) -> tuple[bool, str]:
+    """One process of `child`, from spawn to reaping; returns (was it ready, why it ended)."""
+    spec = child.spec
+    if child.state is not ChildState.STARTING:  # the first start begins in it
+        child.change_state(ChildState.STARTING)
+    sup._notify()
+    env = build_env(spec.inherit_envs, spec.envs)
+    mark = sup._reaper.adopter.mark(env)
+    try:
+        prepare_spawn(
+            spec.name,
+            spec.stage,
+            spec.block,
+            spec.argv,
+            spec.kind,
+            env,
+            spec.cpuset,
+            tmpdir=spec.envs.get("TMPDIR"),
+            private_tmpdir=spec.private_tmpdir,
+        )
+        proc = spawn(spec.name, spec.argv, env, spec.cpuset)
+    except (SpawnError, OSError, ValueError) as exc:
+        # OSError and ValueError: a check in prepare_spawn that met what it did not expect
+        # (a NUL in a path, an fd limit): still this child's failed start, not our crash.
+        why = str(exc) if isinstance(exc, SpawnError) else f"{spec.name}: cannot start: {exc}"
+        _launched(child, task_status)
+        child.last_exit = f"failed to start: {why}"
+        log.error("%s", why)
+        return False, why
+    if sup._guardian is not None:
+        sup._guardian.add(proc.pid)  # its process group, for if we are killed
+    child.pid = proc.pid
+    child.started_at = time.time()
+    child.protocol = None
+    child.answered = False
+    p = Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
+    p.tree_mark = mark
+    child.p = p
+    _launched(child, task_status)
+    log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))
+    sup._observers.observe("dext_child_started", child=child_info(child))
+    prefix = f"[{spec.stage}#{spec.index} pid={proc.pid}]"
+    ready = False
+    reason = "?"
+    try:
+        async with trio.open_nursery() as nursery:
+            fields = {"child": spec.name, "stage": spec.stage, "index": spec.index}
+            nursery.start_soon(_relay_stderr, p, prefix, {**fields, "pid": proc.pid})
+            nursery.start_soon(_watch_exit, sup, child, p)
+            ready = await _handshake(sup, child, p)
+            if ready:
+                p.reader_done = trio.Event()
+                nursery.start_soon(_writer, sup, child, p)
+                nursery.start_soon(read, sup, child, p)
+                while p.down_reason is None and not child.stop.is_set():
+                    p.wake = trio.Event()
+                    await p.wake.wait()
+                if p.down_reason is None:
+                    await _stop_gracefully(sup, child, p)
+            reason = await _tear_down(sup, child, p, ready)
+            nursery.cancel_scope.cancel()
+    except Exception as exc:
+        # A bug of ours while serving this process ends it (killed and reaped just below),
+        # never the supervisor; marked down first, so no submitter reads its closed pipe.
+        reason = f"internal error in damocles-ext: {_describe_error(exc)}"
+        log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
+        sup._child_task_failed(child, reason, p)
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.exit is None:
+                proc.kill_tree()
+                with trio.move_on_after(REAP_TIMEOUT):
+                    await proc.wait()
+                if proc.exit is None:
+                    sup._reaper.unreaped.append(proc)
+            if proc.exit is not None and sup._guardian is not None:
+                sup._guardian.remove(proc.pid)
+            await proc.aclose()
+        child.p = None
+    return ready, reason
+
+
+async def _relay_stderr(p: Process, prefix: str, fields: dict[str, Any]) -> None:
+    try:
+        await relay_stderr(p.proc.stderr, prefix, child_log, fields, p.stderr_tail)
+    finally:
+        p.stderr_done.set()
+
+
+async def _handshake(sup: Supervisor, child: Child, p: Process) -> bool:
+    """Wait ReadyTimeoutSecs for the ready message; False (p.down_reason says why) if none."""
+    spec = child.spec
+    timeout = spec.ready_timeout or 5.0
+    events: list[Any] = []
+    data = b""
+    exited = False
+    try:
+        with p.handshake_scope:
+            p.handshake_scope.deadline = trio.current_time() + timeout
+            while not p.conn.ready:
+                data = await _receive(p.proc.stdout)
+                events = p.conn.receive_data(data)
+        exited = not child.stop.is_set() and (p.down_reason or "").startswith("exited")
+        if exited:
+            # The exit can be seen before what the child wrote just before it. It is reaped,
+            # so all it wrote is in the pipe: read what is there, without waiting for more.
+            fd = p.proc.stdout.fileno()
+            while not p.conn.ready and (data := _read_now(fd)):
+                events = p.conn.receive_data(data)
+    except ChildProtocolError as exc:
+        if data:
+            what = f"undecodable output at start: {exc}"
+            report_bad_output(child.name, p.proc.pid, data, what)
+        mark_down(sup, child, p, "failed start")
+        p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
+        return False
+    if not p.conn.ready:
+        wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
+        if p.down_reason is None:
+            mark_down(
+                sup, child, p, f"failed start: no ready message within {timeout:g}s ({wrote})"
+            )
+        elif p.down_reason.startswith("exited"):
+            p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
+        return False
+    if exited:
+        # It wrote its ready message and exited before it was acted on: its start succeeded
+        # and the run after it failed, which the restart rules count as an exit after ready
+        # (not as a failed start). It never takes a request: not ready for the scheduler,
+        # status or observers (no dext_child_ready).
+        child.tracker.ready(trio.current_time())
+        log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
+        return True
+    if child.stop.is_set() or p.down_reason is not None:
+        mark_down(sup, child, p, "stopped before it was ready")
+        return False
+    ready = next(ev for ev in events if isinstance(ev, Ready))
+    child.protocol = ready.protocol
+    if ready.hello is not None and ready.hello.capacity < child.capacity:
+        log.warning(
+            "%s: its Hello says capacity %d, but Concurrent is %d; sending up to %d at once",
+            child.name,
+            ready.hello.capacity,
+            child.capacity,
+            child.capacity,
+        )
+    now = trio.current_time()
+    child.change_state(ChildState.READY)
+    child.tracker.ready(now)
+    log.info("%s (pid %d): ready (%s)", child.name, p.proc.pid, ready.protocol)
+    sup._scheduler.child_ready(child.name, now)
+    sup._notify()
+    sup._observers.observe("dext_child_ready", child=child_info(child))
+    rest = [ev for ev in events if not isinstance(ev, Ready)]
+    if rest:
+        sup._on_events(child, p, rest)
+    sup._dispatch()
+    return True
+
+
+def _on_data(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
+    """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
+    try:
+        events = p.conn.receive_data(data)
+        if events:
+            sup._on_events(child, p, events)
+    except ChildProtocolError as exc:
+        p.read_ended = True
+        report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
+        kill(sup, child, p, f"broke the protocol: {exc}", charge_all=True)
+        return
+    except Exception as exc:
+        # A bug of ours on what this child wrote (read here by the reader task or by a
+        # submitter, see read) ends this child, not the supervisor or the submitter.
+        p.read_ended = True
+        log.exception("%s (pid %s): internal error on its output", child.name, child.pid)
+        kill(
+            sup,
+            child,
+            p,
+            f"internal error in damocles-ext on its output: {type(exc).__name__}: {exc}",
+            charge_all=True,
+        )
+        return
+    if not data:
+        p.read_ended = True
+        mark_down(sup, child, p, "closed its stdout")
+
+
+def send(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
+    """Write to the child's stdin without blocking dispatch."""
+    if p.queued_writes == 0 and p.down_reason is None:
+        # The writer task is idle: write directly (the pipe is non-blocking), which saves a
+        # task switch per request; whatever does not fit goes through the writer, in order.
+        try:
+            n = os.write(p.stdin_fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            mark_down(sup, child, p, "its stdin pipe broke")
+            return
+        if n == len(data):
+            return
+        data = data[n:]
+    if p.queued_writes == 0:
+        # The pipe is full from now on; the writer notes each byte the child takes.
+        now = trio.current_time()
+        p.stdin_progress_at = now
+        timeouts.watch_stdin(sup, child, p, now)
+    p.queued_writes += 1
+    try:
+        p.send_channel.send_nowait(data)
+    except trio.ClosedResourceError:
+        p.queued_writes -= 1
+
+
+async def _writer(sup: Supervisor, child: Child, p: Process) -> None:
+    stdin = p.proc.stdin
+    try:
+        async with p.receive_channel:
+            async for data in p.receive_channel:
+                # Batch whatever else is waiting into one write.
+                parts = [data]
+                while True:
+                    try:
+                        parts.append(p.receive_channel.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await _write_all(p, b"".join(parts) if len(parts) > 1 else data)
+                p.queued_writes -= len(parts)
+        await stdin.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        if not child.stop.is_set():
+            mark_down(sup, child, p, "its stdin pipe broke")
+
+
+async def _write_all(p: Process, data: bytes) -> None:
+    """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(p.stdin_fd, view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(p.stdin_fd)
+            continue
+        view = view[n:]
+        p.stdin_progress_at = trio.current_time()
+    await trio.lowlevel.checkpoint()
+
+
+async def _watch_exit(sup: Supervisor, child: Child, p: Process) -> None:
+    info = await p.proc.wait()
+    mark_down(sup, child, p, f"exited ({info.describe()})")
+
+
+async def _stop_gracefully(sup: Supervisor, child: Child, p: Process) -> None:
+    """Shutdown frame or stdin close, SIGTERM to the group, SIGKILL after stop_timeout."""
+    mark_down(sup, child, p, "stopped (shutdown)")
+    p.proc.remember_descendants()
+    data = p.conn.encode_shutdown()
+    if data is not None:
+        send(sup, child, p, data)
+    p.send_channel.close()  # the writer sends what is queued, then closes stdin
+    with trio.move_on_after(sup.stop_timeout):
+        await p.proc.wait()
+    if p.proc.exit is None:
+        log.warning(
+            "%s (pid %d): still running %gs after it was asked to stop; SIGTERM",
+            child.name,
+            p.proc.pid,
+            sup.stop_timeout,
+        )
+        p.proc.signal_group(signal.SIGTERM)
+        with trio.move_on_after(sup.stop_timeout):
+            await p.proc.wait()
+    elif p.proc.signal_group(signal.SIGTERM):
+        # The child left something behind in its group: a polite signal first.
+        with trio.move_on_after(_GROUP_TERM_WAIT):
+            while p.proc.signal_group(0):
+                await trio.sleep(0.02)
+
+
+async def _tear_down(sup: Supervisor, child: Child, p: Process, was_ready: bool) -> str:
+    """Kill what is left of the process tree, reap it, requeue or fail its requests."""
+    mark_down(sup, child, p, p.down_reason or "exited")
+    p.proc.kill_tree()
+    with trio.move_on_after(REAP_TIMEOUT):
+        await p.proc.wait()
+    sup._reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
+    # Answers written just before the exit may still sit in the pipe: take them first. And
+    # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
+    # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
+    # grandchild that left the process group (setsid) may hold the pipes open for ever,
+    # and the lost requests must not wait for it.
+    drain = _PIPE_DRAIN_TIMEOUT if p.proc.exit is not None else REAP_TIMEOUT
+    with trio.move_on_after(drain) as drain_scope:
+        if p.reader_done is not None:
+            await p.reader_done.wait()
+        await p.stderr_done.wait()
+    if drain_scope.cancelled_caught and p.proc.exit is not None:
+        log.warning(
+            "%s (pid %d): exited, but its stdout/stderr are still open: a process it started"
+            " outside its process group (setsid) holds them and may outlive it",
+            child.name,
+            p.proc.pid,
+        )
+    exit_info = p.proc.exit
+    status = exit_info.describe() if exit_info else "did not die after SIGKILL"
+    reason = p.down_reason or "exited"
+    what = reason if exit_info and status in reason else f"{reason}; {status}"
+    if p.stderr_tail and (not was_ready or (exit_info and exit_info.returncode)):
+        # A child that could not start (or gave up) says why on stderr, e.g. "unknown
+        # prover"; the operator should not have to dig that out of the log.
+        what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
+    child.last_exit = what
+    slots = list(p.slots.values())
+    p.slots.clear()
+    for slot in slots:
+        sup._slots.pop(slot.attempt_id, None)
+        sup._timers.cancel(slot.timeout)
+        if slot.abandoned:
+            continue
+        req = slot.request
+        child.failed += 1
+        lost = f"{child.name} (pid {p.proc.pid}) went down while running it: {what}"
+        req.history.append(f"attempt {req.attempts} on {child.name}: {what}")
+        sup._retry_or_fail(req, child, slot.attempt_id, lost, charge=p.charge_all)
+    if child.stop.is_set():
+        log.info("%s (pid %d): %s", child.name, p.proc.pid, what)
+    else:
+        log.error("%s (pid %d): %s", child.name, p.proc.pid, what)
+    sup._notify()
+    sup._dispatch()
+    sup._observers.observe(
+        "dext_child_exited",
+        child=child_info(child),
+        status=exit_status(exit_info, reason),
+    )
+    return what
+
+
+def _stderr_summary(lines: Iterable[str]) -> str:
+    cut = _STDERR_LINE_CHARS
+    return " | ".join(
+        repr(line if len(line) <= cut else line[:cut] + "...") for line in map(str.strip, lines)
+    )
+
+
+def _short_argv(spec: Any) -> str:
+    text = describe_argv(spec) if hasattr(spec, "plugin_options") else " ".join(spec.argv)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _read_now(fd: int) -> bytes:
+    """What a non-blocking pipe holds now: b"" when it is empty, at EOF, or broken."""
+    try:
+        return os.read(fd, _READ_SIZE)
+    except OSError:  # BlockingIOError (empty) among them
+        return b""
+
+
+def _describe_error(exc: BaseException) -> str:
+    """`Type: message` of an exception, of each one in a (nursery's) exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe_error(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _receive(stream: trio.lowlevel.FdStream) -> bytes:
+    try:
+        return await stream.receive_some(65536)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""

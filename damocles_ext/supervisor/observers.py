@@ -1,0 +1,122 @@
+"""The observer fan-out: supervisor events to the plugins' observer hooks, never blocking it.
+
+Events go through a bounded channel to one task that calls the hooks one at a time, each with a
+time limit: a slow or stuck observer costs dropped events (logged), never the supervisor's
+progress or memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .process import ExitInfo
+
+if TYPE_CHECKING:
+    from .child_loop import Child
+    from .request import Request
+
+log = logging.getLogger("damocles_ext.supervisor")
+
+OBSERVER_TIMEOUT = 10.0  # one observer hook call
+OBSERVER_BACKLOG = 10_000  # events waiting for slow observers; more are dropped (logged)
+
+
+class Observers:
+    """The hooks of plugin manager `pm` (None: no observers, every event is a no-op)."""
+
+    def __init__(self, pm: Any) -> None:
+        self._pm = pm
+        self._send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
+        self._receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]] | None = None
+        self.dropped = 0
+
+    def open(self) -> bool:
+        """Start taking events (the supervisor's run); False if there are no observers."""
+        if self._pm is None:
+            return False
+        self._send, self._receive = trio.open_memory_channel(OBSERVER_BACKLOG)
+        return True
+
+    @property
+    def active(self) -> bool:
+        """Someone listens: callers skip building an event's arguments otherwise."""
+        return self._send is not None
+
+    def observe(self, hook: str, **kwargs: Any) -> None:
+        """Queue a call of observer `hook`; drops it (logged) when the backlog is full."""
+        if self._send is None:
+            return
+        try:
+            self._send.send_nowait((hook, kwargs))
+        except trio.ClosedResourceError:
+            pass
+        except trio.WouldBlock:
+            # Slow observers must not make the supervisor's memory grow without bound.
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning(
+                    "observers are too slow: %d events dropped so far (%s)", self.dropped, hook
+                )
+
+    def close(self) -> None:
+        """No more events: `run()` returns once the queued ones are delivered."""
+        if self._send is not None:
+            self._send.close()
+
+    async def run(self) -> None:
+        """Call the hooks for each queued event, until `close()`."""
+        from ..plugins import call_observers
+
+        if self._receive is None:
+            return
+        async with self._receive:
+            async for hook, kwargs in self._receive:
+                # An async observer that never returns would otherwise hold every later event
+                # and keep the supervisor's run() from returning.
+                with trio.move_on_after(OBSERVER_TIMEOUT) as scope:
+                    await call_observers(self._pm, hook, **kwargs)
+                if scope.cancelled_caught:
+                    log.error(
+                        "observer hook %s did not return within %gs; cancelled it (observers"
+                        " must return quickly)",
+                        hook,
+                        OBSERVER_TIMEOUT,
+                    )
+
+
+def child_info(child: Child) -> Any:
+    """The hooks' view of a child."""
+    from ..hookspecs import ChildInfo as HookChildInfo
+
+    return HookChildInfo(
+        stage=child.spec.stage,
+        index=child.spec.index,
+        name=child.name,
+        pid=child.pid,
+        gpu=child.spec.gpu,
+    )
+
+
+def request_info(req: Request) -> Any:
+    """The hooks' view of a request."""
+    from ..hookspecs import RequestInfo
+
+    return RequestInfo(
+        id=req.rid,
+        stage=req.stage,
+        child=req.child,
+        deadline=req.deadline_unix,
+        attempt=max(1, req.attempts),
+    )
+
+
+def exit_status(info: ExitInfo | None, reason: str) -> Any:
+    """The hooks' view of how a child's process ended."""
+    from ..hookspecs import ExitStatus
+
+    if info is None:
+        return ExitStatus(returncode=None, signal=None, reason=reason)
+    return ExitStatus(returncode=info.returncode, signal=info.signal, reason=reason)

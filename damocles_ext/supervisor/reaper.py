@@ -1,0 +1,90 @@
+"""The reaper: what the children leave behind is killed and reaped, at each end and at the last.
+
+Two jobs, both about processes no child task owns any more:
+* the orphan sweep: as a child subreaper (orphans.OrphanAdopter), the supervisor inherits what a
+  child started outside its process group (setsid) once the child dies; such orphans are killed
+  and reaped at each child's end and every `ORPHAN_SWEEP_INTERVAL` seconds;
+* the last kill: when the supervisor stops, every child's tree still alive (and every process
+  that did not die after SIGKILL, kept in `unreaped`) is killed and waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import psutil
+import trio
+
+from .orphans import OrphanAdopter
+from .process import ChildProcess
+
+log = logging.getLogger("damocles_ext.supervisor")
+
+ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on their own
+REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
+
+
+class Reaper:
+    """Kills and reaps what is left; `running()` lists the live children's (process, mark)."""
+
+    def __init__(self, running: Callable[[], Iterable[tuple[ChildProcess, str | None]]]) -> None:
+        self._running = running
+        self.adopter = OrphanAdopter()
+        self.unreaped: list[ChildProcess] = []  # SIGKILLed and still not dead (D state)
+        self._sweep_wanted = trio.Event()
+
+    def sweep_soon(self) -> None:
+        """A child ended: what it left outside its group is ours now (when a subreaper)."""
+        self._sweep_wanted.set()
+
+    async def sweeper(self, scope: trio.CancelScope) -> None:
+        """Sweep for orphans at each child's end and now and then, until `scope` is cancelled."""
+        with scope:
+            while True:
+                # At each child's end, and now and then for orphans that exit on their own.
+                with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
+                    await self._sweep_wanted.wait()
+                self._sweep_wanted = trio.Event()
+                with trio.move_on_after(REAP_TIMEOUT):  # an unkillable orphan (D state)
+                    await self.sweep_orphans()
+
+    async def sweep_orphans(self) -> None:
+        """Kill and reap the orphans of our tree (orphans.OrphanAdopter), until none are left:
+        an orphan's own setsid'd children become ours when it dies."""
+        while True:
+            running = [(proc, mark) for proc, mark in self._running() if proc.exit is None]
+            spawned = {proc.pid for proc, _ in running}
+            spawned |= {proc.pid for proc in self.unreaped if proc.exit is None}
+            live = {mark for _, mark in running if mark is not None}
+            orphans, zombies = self.adopter.find(spawned, live)
+            for pid in zombies:
+                self.adopter.reap(pid)
+            if not orphans:
+                return
+            for proc in orphans:
+                try:
+                    what = " ".join(proc.cmdline())[:120]
+                except psutil.Error:
+                    what = "?"
+                log.warning(
+                    "killing pid %d (%s): a child started it outside its process group (setsid)"
+                    " and exited, leaving it behind",
+                    proc.pid,
+                    what,
+                )
+            async with trio.open_nursery() as nursery:
+                for proc in orphans:
+                    nursery.start_soon(OrphanAdopter.kill_and_reap, proc)
+
+    async def kill_everything(self) -> None:
+        """The supervisor stops: SIGKILL every child's tree, reap them and the orphans."""
+        procs = [proc for proc, _ in self._running()]
+        procs += self.unreaped
+        for proc in procs:
+            proc.kill_tree()
+        with trio.move_on_after(REAP_TIMEOUT):
+            for proc in procs:
+                await proc.wait()
+            if self.adopter.enabled:
+                await self.sweep_orphans()

@@ -1,0 +1,127 @@
+"""What `Supervisor.statistics()` returns, and how it is put together from the live objects.
+
+The structs are the public shape (`damocles-ext status`, the metrics and the control socket's
+Stats read them); `build_statistics` is the only code that knows how a child's record, its
+process and the scheduler's own statistics turn into them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from ..scheduling.policy import Scheduler
+
+if TYPE_CHECKING:
+    from .child_loop import Child
+
+# The states a child is reported in: ChildState's values, and "busy" (ready, with work).
+CHILD_STATES = ("starting", "ready", "busy", "backoff", "fatal", "stopping", "stopped")
+
+
+class ChildStats(msgspec.Struct, frozen=True):
+    """One child as `statistics()` sees it (times: unix seconds; durations: seconds)."""
+
+    name: str
+    stage: str
+    index: int
+    pid: int | None
+    gpu: str | None
+    state: str  # one of CHILD_STATES
+    next_start_in: float | None  # seconds until the restart, in "backoff"
+    in_flight: int
+    capacity: int
+    done: int  # requests answered with an output
+    failed: int  # requests answered with an error, or lost with the child
+    restarts: int
+    last_exit: str | None  # e.g. "killed by SIGKILL (request 7 timed out)"
+    started_at: float | None  # when the current (or last) process was spawned
+    protocol: str | None
+    locks: tuple[str, ...] = ()  # the locks it needs to run a request (config: Locks, GpuLock)
+    locks_held: tuple[str, ...] = ()  # those the scheduler holds for its running requests now
+    tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
+
+
+class StageStats(msgspec.Struct, frozen=True):
+    """One stage's queue."""
+
+    stage: str
+    queued: int
+    nearest_deadline: float | None  # unix seconds
+    waiting_for_lock: tuple[str, ...] = ()  # locks its queue head waits for
+
+
+class SupervisorStats(msgspec.Struct, frozen=True):
+    """A snapshot of the whole supervisor."""
+
+    children: list[ChildStats]
+    stages: dict[str, StageStats]
+    requests: int  # submitted and not yet answered
+    shutting_down: bool
+
+
+def build_statistics(
+    children: Iterable[Child], scheduler: Scheduler, requests: int, shutting_down: bool
+) -> SupervisorStats:
+    """The snapshot of `children` and `scheduler`'s queues; `requests`: those not yet answered."""
+    now = trio.current_time()
+    to_unix = time.time() - now
+    sched = scheduler.statistics()
+    held_by: dict[str, list[str]] = {}
+    for lock, holders in sched.locks_held.items():
+        for holder in holders.split(","):
+            held_by.setdefault(holder, []).append(lock)
+    children = list(children)
+    child_stats = []
+    for c in children:
+        p = c.p
+        in_flight = len(p.slots) if p is not None else 0
+        state = c.state.value
+        if state == "ready" and in_flight:
+            state = "busy"
+        child_stats.append(
+            ChildStats(
+                name=c.name,
+                stage=c.spec.stage,
+                index=c.spec.index,
+                pid=c.pid if p is not None else None,
+                gpu=c.spec.gpu,
+                state=state,
+                next_start_in=(
+                    max(0.0, c.next_start_at - now)
+                    if state == "backoff" and c.next_start_at is not None
+                    else None
+                ),
+                in_flight=in_flight,
+                capacity=c.capacity,
+                done=c.done,
+                failed=c.failed,
+                restarts=c.tracker.restarts,
+                last_exit=c.last_exit,
+                started_at=c.started_at,
+                protocol=c.protocol,
+                locks=tuple(c.spec.locks),
+                locks_held=tuple(sorted(held_by.get(c.name, ()))),
+                tmpdir=c.spec.envs.get("TMPDIR"),
+            )
+        )
+    stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))
+    stages = {}
+    for stage in stage_names:
+        nearest = sched.nearest_deadline.get(stage)
+        stages[stage] = StageStats(
+            stage=stage,
+            queued=sched.queued.get(stage, 0),
+            nearest_deadline=None if nearest is None else nearest + to_unix,
+            waiting_for_lock=tuple(sched.waiting_for_lock.get(stage, ())),
+        )
+    return SupervisorStats(
+        children=child_stats,
+        stages=stages,
+        requests=requests,
+        shutting_down=shutting_down,
+    )

@@ -1,0 +1,58 @@
+"""Fixtures that more than one test module uses. Helpers that are plain functions or classes live
+in the `helpers` package beside this file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from helpers.frontend import short_socket_dir
+from helpers.scheduling import Recorder
+from helpers.supervisor import our_descendants
+
+from damocles_ext.plugins import get_plugin_manager
+
+
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    """Fails a test that leaves a child, grandchild or zombie of this process behind.
+
+    Not autouse: a module of supervisor tests opts in with
+    `pytestmark = pytest.mark.usefixtures("no_leftover_processes")`; other modules keep helper
+    processes of their own for a whole module."""
+    yield
+    assert our_descendants() == []
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path) -> Iterator[Path]:
+    """A private (0700) directory with a short path, for unix sockets: their paths are limited to
+    107 bytes, and pytest's tmp_path can be longer."""
+    with short_socket_dir("t", tmp_path.name) as d:
+        yield d
+
+
+@pytest.fixture
+def sock_path(sock_dir: Path) -> Path:
+    """Where a test's `damocles-ext run` puts its control socket."""
+    return sock_dir / "control.sock"
+
+
+@pytest.fixture
+def stderr_file(tmp_path: Path) -> Iterator[BinaryIO]:
+    """A file for a subprocess's stderr: unlike a pipe, nobody must read it for the child to go
+    on, and the test reads it whole afterwards."""
+    with open(tmp_path / "serve.stderr", "w+b") as f:
+        yield f
+
+
+@pytest.fixture
+def recorder() -> tuple[Recorder, object]:
+    """A `Recorder` of request starts and finishes, and a plugin manager holding only it (for
+    `plugin_manager=` of a Supervisor)."""
+    rec = Recorder()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(rec, name="recorder")
+    return rec, pm

@@ -1,0 +1,102 @@
+"""A child's states (supervisor/child_loop.py): one enum, one table, one place that moves them."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tempfile
+
+import pytest
+import trio
+from helpers.supervisor import dext_child, spec, window_task
+
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.child_loop import (
+    TRANSITIONS,
+    Child,
+    ChildState,
+    IllegalTransition,
+)
+from damocles_ext.supervisor.restart import BackoffPolicy, RestartTracker
+from damocles_ext.supervisor.stats import CHILD_STATES
+
+S = ChildState
+
+
+def _child_in(state: ChildState) -> Child:
+    """A fresh child moved to `state` along allowed transitions."""
+    child = Child(spec(["true"]), RestartTracker(BackoffPolicy(), rng=random.Random(0)))
+    path = {
+        S.STARTING: [],
+        S.READY: [S.READY],
+        S.STOPPING: [S.STOPPING],
+        S.BACKOFF: [S.BACKOFF],
+        S.FATAL: [S.FATAL],
+        S.STOPPED: [S.STOPPED],
+    }[state]
+    for step in path:
+        child.change_state(step)
+    assert child.state is state
+    return child
+
+
+def test_every_state_has_a_row_and_every_reported_state_is_a_state_or_busy():
+    assert set(TRANSITIONS) == set(ChildState)
+    assert {s.value for s in ChildState} | {"busy"} == set(CHILD_STATES)
+
+
+def test_fatal_and_stopped_are_final():
+    assert TRANSITIONS[S.FATAL] == frozenset()
+    assert TRANSITIONS[S.STOPPED] == frozenset()
+
+
+@pytest.mark.parametrize("old", list(ChildState), ids=lambda s: s.value)
+@pytest.mark.parametrize("new", list(ChildState), ids=lambda s: s.value)
+def test_a_move_is_made_if_and_only_if_the_table_allows_it(old, new):
+    child = _child_in(old)
+    if new in TRANSITIONS[old]:
+        child.change_state(new)
+        assert child.state is new
+    else:
+        with pytest.raises(IllegalTransition, match=f"from {old.value} to {new.value}"):
+            child.change_state(new)
+        assert child.state is old  # a refused move changes nothing
+
+
+def test_the_state_cannot_be_assigned_around_the_table():
+    child = _child_in(S.STARTING)
+    with pytest.raises(AttributeError):
+        child.state = S.FATAL  # type: ignore[misc]
+
+
+async def test_a_child_that_crashes_goes_through_stopping_and_backoff_and_starts_again(caplog):
+    # The first process exits on its first request; the second serves. Every move is logged
+    # by change_state, the one place that makes them.
+    caplog.set_level(logging.DEBUG, "damocles_ext.supervisor")
+    child = dext_child(
+        "if not os.path.exists(MARK):\n    open(MARK, 'w').close()\n    os._exit(3)\nanswer(msg)",
+        setup="MARK = os.path.join(os.environ['MARKDIR'], 'crashed')",
+    )
+    with trio.fail_after(30):
+        with tempfile.TemporaryDirectory() as markdir:
+            sup = Supervisor(
+                [spec(child, envs={"MARKDIR": markdir})],
+                backoff=BackoffPolicy(base=0.01, jitter=0.0),
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                await sup.wait_ready()
+                await sup.submit(window_task())  # lost with the first process, retried
+                sup.request_shutdown()
+    moves = re.findall(r"window_post#0: (\w+) -> (\w+)", caplog.text)
+    assert moves == [
+        ("starting", "ready"),
+        ("ready", "stopping"),
+        ("stopping", "backoff"),
+        ("backoff", "starting"),
+        ("starting", "ready"),
+        ("ready", "stopping"),
+        ("stopping", "stopped"),
+    ]
+    assert sup.statistics().children[0].state == "stopped"
