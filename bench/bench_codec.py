@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m bench.bench_codec [--save]
 The request is one 32GiB partition's worth of replicas with realistic paths; the output is one
-192-byte proof and 10 faults. Goal (issue 2): dext request round trip < 2 ms and >= 3x faster than
+192-byte proof and 10 faults. Goal: dext request round trip < 2 ms and >= 3x faster than
 JSON lines.
 """
 

@@ -8,7 +8,7 @@ Run: .venv/bin/python -m bench.bench_native [--save]
 - WindowPoSt over 2349 2KiB replicas (the sector count of one 32GiB partition) with
   StackedDrgWindow2KiBV1_2: every sector's sealed file, p_aux and tree file opened and read.
   The files are in the page cache (they were just written): this measures the prover, not a disk.
-Goals (issue 4): native tree building >= 70% of the SHA-256 limit per core and >= 5x the Python
+Goals: native tree building >= 70% of the SHA-256 limit per core and >= 5x the Python
 reference; the 2349-replica WindowPoSt < 1 s with the native prover.
 """
 

@@ -1,12 +1,12 @@
 """Simulated proving days: damocles' dispatch (a, b) against damocles-ext's Scheduler (c, c0, cs).
 
 Run: .venv/bin/python -m bench.bench_simulate [--save]   (uses every CPU; about 8 minutes on 2 cores)
-Every policy runs the same draws (seed per row). Goals (issue 5): in colliding-window scenarios
+Every policy runs the same draws (seed per row). Goals: in colliding-window scenarios
 where (a) misses at least one deadline or budget, (c) misses none; and (c) stays miss-free up to at
 least 90% of the capacity bound (found by bisection over partitions per deadline). (c) has children
 that report their SNARK phase with done/total every 30 s; "c phase-only" reports the phase change
 alone; (c0) reports nothing (JSON-lines children); (cs) splits WindowPoSt into a vanilla step and a
-SNARK step on different children (damocles #981). `reference` is a yardstick, not a deployment:
+SNARK step on different children. `reference` is a yardstick, not a deployment:
 vanilla split from SNARK, unlimited CPU, one global EDF queue; `clairvoyant` is the reference knowing
 every SNARK's duration in advance (longest first).
 

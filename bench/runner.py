@@ -1,8 +1,8 @@
 """Small shared helpers for the benchmarks: their arguments, print a table, save figures as JSON.
 
 Every benchmark prints its figures; with `--save` it also writes them to
-bench/results/<name>.json together with when and where they were measured, so the README's
-numbers can be traced to a file and rerun. Those files are tracked: a run to look, or on a
+bench/results/<name>.json together with when and where they were measured, so the figures in
+docs/ can be traced to a file and rerun. Those files are tracked: a run to look, or on a
 loaded machine, must not replace them unless asked.
 """
 
@@ -41,7 +41,7 @@ def bench_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--save",
         action="store_true",
-        help=f"also write the figures to bench/results/{name}.json, the tracked file the README"
+        help=f"also write the figures to bench/results/{name}.json, the tracked file docs/"
         " quotes (default: print them only)",
     )
     return parser

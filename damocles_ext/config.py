@@ -61,7 +61,7 @@ TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
 TMP_ROOT_NAME = "damocles-ext"
 
 #: Top-level table name -> stage name used on the wire and in child names. damocles-manager knows
-#: the first two; the split WindowPoSt tables (damocles #981) are damocles-ext's own: with them,
+#: the first two; the split WindowPoSt tables are damocles-ext's own: with them,
 #: window_post requests run a vanilla step on a [[WdPostVanilla]] child (CPU, disk) and a SNARK
 #: step on a [[WdPostSnark]] child (GPU), instead of a whole proof on a [[WdPost]] child.
 STAGE_OF_TABLE = {

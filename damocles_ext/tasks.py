@@ -116,12 +116,12 @@ class WinningPoStOutput(msgspec.Struct, frozen=True, tag="winning_post", tag_fie
     proofs: list[bytes]
 
 
-# -- WindowPoSt split in two steps (damocles #981) --------------------------------------------
+# -- WindowPoSt split in two steps ----------------------------------------------------------
 #
 # A WindowPoSt partition is a vanilla step (CPU and disk: read the challenged leaves and their
 # Merkle paths from the sectors) and a SNARK step (GPU: prove those vanilla proofs). Split, the two
 # run on different children, so the vanilla proofs of the next partitions are ready while a GPU
-# is busy, and each SNARK goes to whichever GPU frees first (see the README's Scheduling section).
+# is busy, and each SNARK goes to whichever GPU frees first (see docs/SIMULATION.md).
 # The supervisor chains them (`split_window_post`, `snark_task`, `join_window_post`); a caller
 # still sends one `WindowPoSt` and gets one `WindowPoStOutput`.
 

@@ -1,4 +1,4 @@
-"""Fuzzing ext-prover.cfg (issue 7): random text, random TOML documents built from the real keys
+"""Fuzzing ext-prover.cfg: random text, random TOML documents built from the real keys
 with values of every type, and random mutations of the seed configs. The config reader must
 either return a config that keeps the ChildSpec invariants or raise ConfigError (a UsageError:
 exit 2) with a message naming the file; nothing else, ever. A few mutated files also go through

@@ -1,4 +1,4 @@
-"""Bad task JSON given to `prove` (issue 7): fuzzed in-process through `read_task` (missing
+"""Bad task JSON given to `prove`: fuzzed in-process through `read_task` (missing
 fields, wrong types, wrong sizes, out-of-range numbers, not JSON at all), a few CLI runs (exit 2
 with the file named, never a traceback; replica paths that do not exist are faults, not
 crashes), and tasks too large for one message: refused by `prove` (exit 2), by the client

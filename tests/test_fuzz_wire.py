@@ -1,4 +1,4 @@
-"""Fuzzing both wire decoders, as a parent and as a child (issue 7).
+"""Fuzzing both wire decoders, as a parent and as a child.
 
 In-process, with hypothesis: random bytes, and valid messages mixed with garbage, cut at random
 boundaries, go into every decoder the program has for peer input: the supervisor's view of a

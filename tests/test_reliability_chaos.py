@@ -1,4 +1,4 @@
-"""The chaos run's short form (issue 7): `damocles-ext run`, 4 misbehaving children, concurrent
+"""The chaos run's short form: `damocles-ext run`, 4 misbehaving children, concurrent
 clients, and at random intervals SIGKILL, SIGSTOP/SIGCONT, garbage on stdout, grandchildren, and
 exits during the handshake. The long form is `python -m bench.chaos --requests 10000`.
 """

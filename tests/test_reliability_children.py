@@ -1,4 +1,4 @@
-"""Misbehaving children (issue 7): each test spawns a real child that breaks a rule on purpose
+"""Misbehaving children: each test spawns a real child that breaks a rule on purpose
 and checks that the supervisor survives it, says what happened, and keeps serving.
 
 Children are small Python programs (`python -u -c`) built with helpers.supervisor, or the

@@ -1,4 +1,4 @@
-"""Supervisor deaths (issue 7): `serve` and `run` SIGKILLed, and SIGTERM under load.
+"""Supervisor deaths: `serve` and `run` SIGKILLed, and SIGTERM under load.
 
 damocles-manager stops its ext-prover with SIGKILL, so that is the common way for `serve` to end.
 The children then die of PR_SET_PDEATHSIG; their own children (grandchildren, in the child's

@@ -1,4 +1,4 @@
-"""The supervisor's memory stays bounded (issue 7): nothing of a request outlives its answer.
+"""The supervisor's memory stays bounded: nothing of a request outlives its answer.
 
 Each test runs the leaking pattern many times and checks that what is retained does not grow
 with the count: the scheduler's per-request state (measured with tracemalloc), the timers of

@@ -1,4 +1,4 @@
-"""Security (issue 7), extending tests/test_run_prove.py's socket tests (0600 in a created 0700
+"""Security, extending tests/test_run_prove.py's socket tests (0600 in a created 0700
 directory, symlinked directory or socket refused, a directory owned by uid 65534 refused, peers
 of another uid turned away, Args with shell metacharacters through `prove`):
 

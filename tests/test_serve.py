@@ -306,7 +306,7 @@ async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
 
 async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_file):
     # damocles-manager sees the same JSON lines; the vanilla and SNARK steps run on their own
-    # children (damocles #981).
+    # children.
     cfg = write_config(
         tmp_path,
         plugin_block("WdPostVanilla", "sleep", concurrent=2, seconds=0.1)

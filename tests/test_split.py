@@ -1,4 +1,4 @@
-"""Split WindowPoSt (damocles #981): a vanilla step and a SNARK step on different children.
+"""Split WindowPoSt: a vanilla step and a SNARK step on different children.
 
 Real children throughout: the reference provers (`python-ref`, `native`) and the test provers,
 spawned by the supervisor from a config with [[WdPostVanilla]] and [[WdPostSnark]] tables.

@@ -1,4 +1,4 @@
-"""Issue 3's "done when": `serve window_post` with 2 children, 200 concurrent requests, and one
+"""`serve window_post` with 2 children, 200 concurrent requests, and one
 child SIGKILLed every 0.5 s: every request is answered (output or err_msg), exactly once, within a
 bounded time."""
 

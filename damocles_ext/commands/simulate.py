@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "the GPU), cl = the same with the GPU lock shared by both stages (GpuLock = true), "
             "c0 = the same as c without phase reports (JSON-lines children), "
             "cs = damocles-ext with WindowPoSt split into vanilla and SNARK steps on different "
-            "children ([[WdPostVanilla]]/[[WdPostSnark]], damocles #981), "
+            "children ([[WdPostVanilla]]/[[WdPostSnark]]), "
             "reference = vanilla split from SNARK with one global EDF queue (a yardstick, not a "
             "deployment), clairvoyant = the reference knowing every SNARK's duration in advance "
             "(what foresight would be worth). "
@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--snark-jitter",
         type=float,
         help="machine and gpu models: a partition's SNARK takes its GPU's time within +- this "
-        "fraction (default 0.05, an assumption: see the README)",
+        "fraction (default 0.05, an assumption: see docs/SIMULATION.md)",
     )
     parser.add_argument(
         "--vanilla", default="1m-3m", help="vanilla time per partition, LOW-HIGH (default 1m-3m)"

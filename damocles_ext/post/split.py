@@ -1,4 +1,4 @@
-"""The reference provers' split WindowPoSt steps (damocles #981): vanilla, then SNARK.
+"""The reference provers' split WindowPoSt steps: vanilla, then SNARK.
 
 In Filecoin the vanilla step reads each challenged leaf and its Merkle path from the sectors
 (CPU and disk), and the SNARK step proves, on a GPU, a circuit that checks those vanilla proofs.

@@ -9,7 +9,7 @@ It compares ways of running the same work with the same random draws:
 * ``damocles-c2`` (b): the same with ``Concurrent = 2`` on the WindowPoSt children (the seed's
   two-jobs-per-GPU advice) and one TMPDIR per GPU shared by both stages, so bellperson's
   ``bellman.gpu.lock`` serializes every SNARK on that GPU in arrival order: a WinningPoSt waits
-  behind a running WindowPoSt SNARK (bellperson #291).
+  behind a running WindowPoSt SNARK (a known bellperson problem).
 * ``damocles-ext`` (c): the real `policy.Scheduler` (the code the supervisor runs) fed these events.
   Deployment: per GPU one WindowPoSt child with ``Concurrent = 2`` and a private TMPDIR (its two
   proofs serialize their SNARKs on the child's own bellperson lock, so one proof's vanilla phase
@@ -27,8 +27,8 @@ It compares ways of running the same work with the same random draws:
   free when there is one. What the lock costs WinningPoSt is what this row shows.
 * ``damocles-ext-nophase`` (c0): the same without progress reports, as with JSON-lines children
   or provers that report no phases: the scheduler's plain slot rule.
-* ``damocles-ext-split`` (cs): the same scheduler with WindowPoSt split in two steps (damocles
-  #981; config tables [[WdPostVanilla]] and [[WdPostSnark]]): a vanilla pool of
+* ``damocles-ext-split`` (cs): the same scheduler with WindowPoSt split in two steps (config
+  tables [[WdPostVanilla]] and [[WdPostSnark]]): a vanilla pool of
   ``VANILLA_SLOTS_PER_GPU`` slots per GPU (CPU and disk, no GPU), and per GPU one SNARK child
   (``Concurrent = 1``) and the WinningPoSt child of (c). A partition's vanilla step is queued on
   arrival; when it ends, its SNARK step joins the SNARK queue, deadline first, and goes to the
@@ -37,8 +37,8 @@ It compares ways of running the same work with the same random draws:
 * ``reference``: not a deployable policy but a yardstick for (c). Every partition's vanilla phase
   starts the moment its randomness is known (unlimited CPU), and each GPU that falls idle takes the
   ready SNARK with the earliest deadline from one global queue: what a non-preemptive scheduler
-  that cannot foresee durations could do if vanilla proving were split from the SNARK (damocles
-  #981). WinningPoSt time-shares the least busy GPU.
+  that cannot foresee durations could do if vanilla proving were split from the SNARK.
+  WinningPoSt time-shares the least busy GPU.
 * ``clairvoyant``: a second yardstick, the reference with foresight no scheduler has: it knows every
   SNARK's duration before it runs, and among ready SNARKs due at the same time it starts the
   longest first (LPT, the classic packing rule). Some schedule does at least this well; none beats
@@ -121,7 +121,7 @@ POLICIES: dict[str, str] = {
     "WinningPoSt children (GpuLock = true)",
     "damocles-ext-nophase": "c without phase reports (JSON-lines children): EDF, late binding, "
     "Concurrent=2",
-    "damocles-ext-split": "c with WindowPoSt split (damocles #981): a vanilla pool of 2 slots per "
+    "damocles-ext-split": "c with WindowPoSt split: a vanilla pool of 2 slots per "
     "GPU, SNARK children per GPU, EDF on both",
     "reference": "not deployable: vanilla split from SNARK, unlimited CPU, one global EDF queue",
     "clairvoyant": "not deployable: the reference knowing every SNARK's duration in advance "

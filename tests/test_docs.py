@@ -1,0 +1,176 @@
+"""The documents stay navigable and true: the README links every document under docs/, every
+relative link in the Markdown files leads to a file and heading that exist, no text refers to
+issue numbers (a reader must not need the tracker), and docs/RELIABILITY.md names tests that exist
+and quotes the chaos run's saved figures."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# [text](target#anchor) outside code: (target, anchor), either may be empty.
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s#]*)(?:#([^)\s]*))?\)")
+HEADING = re.compile(r"^#+ (.*)$", re.MULTILINE)
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+# "issue 5", "issues #12", "(#981)", "damocles #981"; not a child name such as window_post#10.
+ISSUE_REF = re.compile(r"(?i)\bissues? #?\d|(?:^|[\s(\[])#\d{2,}\b", re.MULTILINE)
+TEXT_SUFFIXES = {".md", ".py", ".toml", ".example", ".c", ".h", ".cfg", ".txt", ".in"}
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as dashes."""
+    text = FENCE.sub("", doc.read_text())
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in HEADING.findall(text)
+    }
+
+
+def _markdown_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "examples").glob("*/README.md"))
+    files.append(ROOT / "native" / "README.md")
+    return [f for f in files if f.is_file()]
+
+
+def _source_files() -> list[Path]:
+    if (ROOT / ".git").exists():
+        try:
+            listed = subprocess.run(
+                ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.split()
+        except (OSError, subprocess.CalledProcessError):
+            listed = None
+        if listed is not None:
+            return [ROOT / f for f in listed if Path(f).suffix in TEXT_SUFFIXES]
+    return [  # an sdist: its files, without the build's
+        p
+        for p in ROOT.rglob("*")
+        if p.suffix in TEXT_SUFFIXES and p.is_file() and ".venv" not in p.parts
+        and not any(part.endswith(".egg-info") for part in p.parts)
+    ]  # fmt: skip
+
+
+def test_the_readme_links_every_document_under_docs():
+    readme = (ROOT / "README.md").read_text()
+    linked = {Path(target) for target, _ in LINK.findall(FENCE.sub("", readme))}
+    missing = [
+        str(doc.relative_to(ROOT))
+        for doc in sorted((ROOT / "docs").glob("*.md"))
+        if doc.relative_to(ROOT) not in linked
+    ]
+    assert missing == [], f"README.md does not link {missing}"
+
+
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist(doc: Path):
+    broken = []
+    for target, anchor in LINK.findall(FENCE.sub("", doc.read_text())):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        place = doc.parent / target if target else doc
+        if not place.exists():
+            broken.append(target)
+        elif anchor and place.suffix == ".md" and anchor not in _anchors(place):
+            broken.append(f"{target}#{anchor}")
+    assert broken == [], f"{doc.relative_to(ROOT)} links to what does not exist: {broken}"
+
+
+def test_no_text_refers_to_issue_numbers():
+    found = []
+    for path in _source_files():
+        if path == Path(__file__).resolve() or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if ISSUE_REF.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert found == [], "say what the issue asked for instead:\n" + "\n".join(found)
+
+
+# -- the reliability evidence -----------------------------------------------------------------
+
+RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
+# `tests/x.py`, `test_x.py::test_name`, `…::test_name` (the file of the reference before it),
+# `…::test_prefix_…` (a name that starts so).
+TEST_REF = re.compile(r"`((?:tests/|bench/)?[\w/]+\.py|…)(?:::(\w+…?))?`")
+
+
+def _functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def test_every_test_the_reliability_evidence_names_exists():
+    text = FENCE.sub("", RELIABILITY.read_text())
+    wrong, last = [], None
+    for line in text.splitlines():
+        for file, name in TEST_REF.findall(line):
+            if file != "…":
+                last = ROOT / file if "/" in file else ROOT / "tests" / file
+            where = f"`{file}{'::' + name if name else ''}`"
+            if last is None or not last.is_file():
+                wrong.append(f"{where}: no file {last}")
+                continue
+            if name:
+                names = _functions(last)
+                if name.endswith("…"):
+                    found = any(n.startswith(name[:-1]) for n in names)
+                else:
+                    found = name in names
+                if not found:
+                    wrong.append(f"{where}: not in {last.relative_to(ROOT)}")
+    every_test = set().union(*(_functions(p) for p in (ROOT / "tests").glob("test_*.py")))
+    for name in re.findall(r"`(test_\w+)`", text):
+        if name not in every_test:
+            wrong.append(f"`{name}`: no such test")
+    assert wrong == [], "docs/RELIABILITY.md names tests that are not there (a `…::` means the "
+    "file of the reference before it):\n" + "\n".join(wrong)
+
+
+def test_the_last_chaos_runs_figures_are_those_of_its_saved_results():
+    run = json.loads((ROOT / "bench" / "results" / "chaos.json").read_text())["results"]
+    log, latency, rss = run["supervisor_log"], run["latency_s"], run["rss_mb"]
+    actions, once = run["chaos_actions"], run["exactly_once"]
+    expected = {
+        "requests / answered / with an output": [run["requests"], run["answered"], run["outputs"]],
+        "duplicates, missing, answers after their deadline": [
+            once["duplicates"], once["missing"], run["late_answers"]
+        ],
+        "chaos actions": [
+            actions["sigkill"], actions["sigstop"], actions["garbage"], actions["grandchild"]
+        ],
+        "re-dispatches / restarts / failed starts": [
+            log["retries (re-dispatches)"], run["restarts"], log["failed starts"]
+        ],
+        "children killed as hung": [
+            log["killed as hung (cancel grace)"], log["killed for breaking the protocol"]
+        ],
+        "orphans adopted and killed": [log["orphans adopted and killed"]],
+        "latency p50 / p99 / max": [latency["p50"], latency["p99"], latency["max"]],
+        "throughput under chaos": [run["requests_per_s"]],
+        "supervisor RSS": [rss["first_quarter_median"], rss["last_quarter_median"], rss["peak"]],
+        "`run` after SIGTERM": [
+            run["shutdown"]["returncode"], run["shutdown"]["seconds"], len(run["leftover_processes"])
+        ],
+    }  # fmt: skip
+    section = RELIABILITY.read_text().split("## The last chaos run", 1)[1]
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", section, flags=re.MULTILINE))
+    wrong = []
+    for label, values in expected.items():
+        [cell] = [cell for row, cell in rows.items() if row.startswith(label)]
+        shown = re.findall(r"\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?", cell.split("(", 1)[0])
+        # Each figure as the JSON has it, rounded to the decimals the table shows.
+        as_saved = [
+            f"{value:,.{len(s.partition('.')[2])}f}" if "," in s else
+            f"{value:.{len(s.partition('.')[2])}f}"
+            for s, value in zip(shown, values, strict=False)
+        ]  # fmt: skip
+        if len(shown) != len(values) or as_saved != shown:
+            wrong.append(f"{label}: the table says {shown}, chaos.json {as_saved or values}")
+    assert wrong == [], "bench/results/chaos.json and the table disagree:\n" + "\n".join(wrong)
