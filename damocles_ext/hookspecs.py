@@ -97,8 +97,13 @@ class Prover(Protocol):
     called when the child shuts down.
     """
 
-    name: str
-    stages: tuple[str, ...]
+    # Read-only properties, not plain attributes: a protocol attribute is mutable and invariant,
+    # so `stages = STAGES` (a tuple of four str) on a class would not satisfy `tuple[str, ...]`.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stages(self) -> tuple[str, ...]: ...
 
     def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any: ...
 
