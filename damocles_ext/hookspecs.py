@@ -181,8 +181,9 @@ class RequestInfo:
 # Contribution hooks
 
 
+# pluggy reads a hookspec's signature and never runs its body, hence the empty body.
 @hookspec
-def dext_provers() -> list[ProverSpec]:
+def dext_provers() -> list[ProverSpec]:  # type: ignore[empty-body]
     """Return the provers this plugin offers.
 
     Parameters: none.

@@ -39,9 +39,8 @@ from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
-from ..stages import child_stages, runs_split
+from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
-    WINDOW_POST_SPLIT,
     Output,
     Task,
     WindowPoSt,
@@ -585,8 +584,7 @@ class Supervisor:
                     report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
                 else:
                     log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
-                slot = p.slots.get(ev.child_rid) if ev.child_rid is not None else None
-                if slot is not None:
+                if ev.child_rid is not None and ev.child_rid in p.slots:
                     # The child answered this request, badly: it will not answer it again.
                     self._on_answer(
                         child, p, Answer(ev.child_rid, None, f"invalid response: {ev.what}"), now
