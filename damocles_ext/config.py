@@ -26,12 +26,15 @@ import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from .errors import UsageError
 from .options import format_option
+
+if TYPE_CHECKING:
+    from .plugins import DextPluginManager
 
 __all__ = [
     "CONF_FILE_NAME",
@@ -629,7 +632,9 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
     return problems
 
 
-def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -> list[str]:
+def startup_problems(
+    children: list[ChildSpec], *, plugin_manager: DextPluginManager | None = None
+) -> list[str]:
     """Why some of `children` could not start on this machine, each naming its table and key.
 
     What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
@@ -682,7 +687,10 @@ def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -
 
 
 def check_startable(
-    config: Config, children: list[ChildSpec] | None = None, *, plugin_manager: Any = None
+    config: Config,
+    children: list[ChildSpec] | None = None,
+    *,
+    plugin_manager: DextPluginManager | None = None,
 ) -> None:
     """Raise ConfigError listing startup_problems of `children` (default: all the config's).
 

@@ -29,8 +29,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -64,6 +64,11 @@ from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 from .timers import Timers
 
+if TYPE_CHECKING:
+    import pluggy
+
+    from ..config import ChildSpec, Config
+
 log = logging.getLogger("damocles_ext.supervisor")
 
 Progress = dext.Progress
@@ -76,7 +81,7 @@ def _state_word(state: ChildState) -> str:
     return state.value.upper() if state is ChildState.FATAL else state.value
 
 
-def _coerce_children(config: Any) -> list[Any]:
+def _coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
     if isinstance(config, (list, tuple)):
         return list(config)
     children = getattr(config, "children", None)
@@ -90,9 +95,9 @@ class Supervisor:
 
     def __init__(
         self,
-        config: Any,
+        config: Config | Sequence[ChildSpec],
         *,
-        plugin_manager: Any = None,
+        plugin_manager: pluggy.PluginManager | None = None,
         stages: Iterable[str] | None = None,
         shutdown_grace: float = 30.0,
         clock_jitter: random.Random | None = None,
