@@ -30,9 +30,13 @@ import signal as _signal
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import pluggy
+
+if TYPE_CHECKING:
+    # Annotations only: plugin modules load in every child, so hookspecs stays light.
+    from .tasks import Output, Task
 
 PROJECT = "damocles_ext"
 
@@ -105,7 +109,7 @@ class Prover(Protocol):
     @property
     def stages(self) -> tuple[str, ...]: ...
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any: ...
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output: ...
 
 
 def _no_problems(options: Options) -> list[str]:

@@ -18,6 +18,7 @@ pytest.importorskip("mypy", reason="mypy is in the lint extra: pip install -e '.
 SNIPPET = textwrap.dedent(
     """
     from damocles_ext.hookspecs import CancelToken, ProgressCallback, Prover
+    from damocles_ext.tasks import Output, Task, WindowPoStOutput
     from damocles_ext_plugins.native import NativePoStProver
     from damocles_ext_plugins.python_ref import PythonRefProver
     from damocles_ext_plugins.testing import EchoProver, SleepProver
@@ -43,8 +44,8 @@ SNIPPET = textwrap.dedent(
         name = "hello"
         stages = ("window_post",)
 
-        def prove(self, task: object, progress: ProgressCallback, cancel: CancelToken) -> object:
-            return None
+        def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output:
+            return WindowPoStOutput(proofs=[], faults=[])
 
 
     third_party: Prover = ThirdParty()
@@ -55,7 +56,14 @@ SNIPPET = textwrap.dedent(
         stages = ("window_post",)
 
 
-    # mypy must reject this one; with --warn-unused-ignores an unneeded ignore is an error, so the
+    class ReturnsText(ThirdParty):
+        def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> str:  # type: ignore[override]
+            return "not an output"
+
+
+    wrong_output: Prover = ReturnsText()  # type: ignore[assignment]
+
+    # mypy must reject these; with --warn-unused-ignores an unneeded ignore is an error, so the
     # run also fails if mypy were not checking the protocol at all.
     broken: Prover = NoProve()  # type: ignore[assignment]
     """
