@@ -971,15 +971,15 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
                 f"{where}.Envs: environment variable name {_show(name)} must be non-empty and "
                 f"contain no '='"
             )
-    for key, value in (
+    for key, seconds in (
         ("RequestTimeoutSecs", b.request_timeout_secs),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
         ("StdinTimeoutSecs", b.stdin_timeout_secs),
         ("CancelGraceSecs", b.cancel_grace_secs),
     ):
-        if value is not None and not math.isfinite(value):
-            errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
-    for key, value, most, what in (
+        if seconds is not None and not math.isfinite(seconds):
+            errors.append(f"{where}.{key}: expected a finite number of seconds, found {seconds}")
+    for key, number, most, what in (
         ("Concurrent", b.concurrent, MAX_CONCURRENT, "requests in flight on one child"),
         ("Weight", b.weight, MAX_WEIGHT, "a share of the traffic"),
         ("ReadyTimeoutSecs", b.ready_timeout_secs, MAX_SECONDS, "seconds: one day"),
@@ -989,10 +989,10 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
         ("StdinTimeoutSecs", b.stdin_timeout_secs, MAX_SECONDS, "seconds: one day"),
         ("CancelGraceSecs", b.cancel_grace_secs, MAX_SECONDS, "seconds: one day"),
     ):
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        if number is None or (isinstance(number, float) and not math.isfinite(number)):
             continue  # said above
-        if value > most:
-            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(value)}")
+        if number > most:
+            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(number)}")
     for i, lock in enumerate(b.locks):
         if not lock.strip():
             errors.append(
