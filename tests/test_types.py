@@ -57,7 +57,9 @@ SNIPPET = textwrap.dedent(
 
 
     class ReturnsText(ThirdParty):
-        def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> str:  # type: ignore[override]
+        def prove(  # type: ignore[override]
+            self, task: Task, progress: ProgressCallback, cancel: CancelToken
+        ) -> str:
             return "not an output"
 
 

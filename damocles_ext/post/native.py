@@ -313,7 +313,9 @@ class NativeProver:
         proofs, _ = self._prove("dext_winning_post", task, progress, cancel)
         return WinningPoStOutput(proofs=proofs)
 
-    def prove(self, task: Task, progress: Progress | None = None, cancel: CancelToken | None = None) -> Output:
+    def prove(
+        self, task: Task, progress: Progress | None = None, cancel: CancelToken | None = None
+    ) -> Output:
         """window_post or winning_post, by the task's type."""
         if isinstance(task, WindowPoSt):
             return self.window_post(task, progress, cancel)
