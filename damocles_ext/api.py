@@ -13,16 +13,22 @@ seconds) and waits until every child process is gone.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
 
 from .supervisor.core import Supervisor
 
+if TYPE_CHECKING:
+    from .config import ChildSpec, Config
 
-def _load(config_or_path: Any) -> Any:
+#: What open_supervisor starts from: a Config, its children, or a config file or conf dir.
+ConfigSource: TypeAlias = "Config | Sequence[ChildSpec] | str | os.PathLike[str]"
+
+
+def _load(config_or_path: ConfigSource) -> Config | Sequence[ChildSpec]:
     if isinstance(config_or_path, (str, os.PathLike)):
         from .config import load_conf_dir, load_config
 
@@ -33,7 +39,9 @@ def _load(config_or_path: Any) -> Any:
 
 
 @asynccontextmanager
-async def open_supervisor(config_or_path: Any, **kwargs: Any) -> AsyncIterator[Supervisor]:
+async def open_supervisor(
+    config_or_path: ConfigSource, **kwargs: Any
+) -> AsyncIterator[Supervisor]:
     """Start a Supervisor from a Config, a ChildSpec list, a config file or a conf dir.
 
     Keyword arguments go to `Supervisor` (plugin_manager, stages, shutdown_grace, ...). The

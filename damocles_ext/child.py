@@ -23,11 +23,14 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .tasks import OUTPUT_TYPES, stage_of
+
+if TYPE_CHECKING:
+    from .plugins import DextPluginManager
 
 log = logging.getLogger("damocles_ext.child")
 
@@ -468,7 +471,7 @@ def protect_stdout() -> int:
     return out_fd
 
 
-def prover_version(pm: Any, prover: Any, prover_name: str) -> str:
+def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> str:
     """The version a Hello reports: the prover's own, else its plugin distribution's, else ours."""
     version = getattr(prover, "version", None)
     if version:

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_USAGE, DextError
@@ -33,7 +34,7 @@ COMMANDS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 already; keep its wording short
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 

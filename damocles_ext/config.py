@@ -26,12 +26,15 @@ import tomllib
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from .errors import UsageError
 from .options import format_option
+
+if TYPE_CHECKING:
+    from .plugins import DextPluginManager
 
 __all__ = [
     "CONF_FILE_NAME",
@@ -629,7 +632,9 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
     return problems
 
 
-def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -> list[str]:
+def startup_problems(
+    children: list[ChildSpec], *, plugin_manager: DextPluginManager | None = None
+) -> list[str]:
     """Why some of `children` could not start on this machine, each naming its table and key.
 
     What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
@@ -682,7 +687,10 @@ def startup_problems(children: list[ChildSpec], *, plugin_manager: Any = None) -
 
 
 def check_startable(
-    config: Config, children: list[ChildSpec] | None = None, *, plugin_manager: Any = None
+    config: Config,
+    children: list[ChildSpec] | None = None,
+    *,
+    plugin_manager: DextPluginManager | None = None,
 ) -> None:
     """Raise ConfigError listing startup_problems of `children` (default: all the config's).
 
@@ -963,15 +971,15 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
                 f"{where}.Envs: environment variable name {_show(name)} must be non-empty and "
                 f"contain no '='"
             )
-    for key, value in (
+    for key, seconds in (
         ("RequestTimeoutSecs", b.request_timeout_secs),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
         ("StdinTimeoutSecs", b.stdin_timeout_secs),
         ("CancelGraceSecs", b.cancel_grace_secs),
     ):
-        if value is not None and not math.isfinite(value):
-            errors.append(f"{where}.{key}: expected a finite number of seconds, found {value}")
-    for key, value, most, what in (
+        if seconds is not None and not math.isfinite(seconds):
+            errors.append(f"{where}.{key}: expected a finite number of seconds, found {seconds}")
+    for key, number, most, what in (
         ("Concurrent", b.concurrent, MAX_CONCURRENT, "requests in flight on one child"),
         ("Weight", b.weight, MAX_WEIGHT, "a share of the traffic"),
         ("ReadyTimeoutSecs", b.ready_timeout_secs, MAX_SECONDS, "seconds: one day"),
@@ -981,10 +989,10 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
         ("StdinTimeoutSecs", b.stdin_timeout_secs, MAX_SECONDS, "seconds: one day"),
         ("CancelGraceSecs", b.cancel_grace_secs, MAX_SECONDS, "seconds: one day"),
     ):
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        if number is None or (isinstance(number, float) and not math.isfinite(number)):
             continue  # said above
-        if value > most:
-            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(value)}")
+        if number > most:
+            errors.append(f"{where}.{key}: expected at most {most} ({what}), found {_show(number)}")
     for i, lock in enumerate(b.locks):
         if not lock.strip():
             errors.append(

@@ -30,9 +30,13 @@ import signal as _signal
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import pluggy
+
+if TYPE_CHECKING:
+    # Annotations only: plugin modules load in every child, so hookspecs stays light.
+    from .tasks import Output, Task
 
 PROJECT = "damocles_ext"
 
@@ -97,10 +101,15 @@ class Prover(Protocol):
     called when the child shuts down.
     """
 
-    name: str
-    stages: tuple[str, ...]
+    # Read-only properties, not plain attributes: a protocol attribute is mutable and invariant,
+    # so `stages = STAGES` (a tuple of four str) on a class would not satisfy `tuple[str, ...]`.
+    @property
+    def name(self) -> str: ...
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any: ...
+    @property
+    def stages(self) -> tuple[str, ...]: ...
+
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output: ...
 
 
 def _no_problems(options: Options) -> list[str]:
@@ -176,8 +185,9 @@ class RequestInfo:
 # Contribution hooks
 
 
+# pluggy reads a hookspec's signature and never runs its body, hence the empty body.
 @hookspec
-def dext_provers() -> list[ProverSpec]:
+def dext_provers() -> list[ProverSpec]:  # type: ignore[empty-body]
     """Return the provers this plugin offers.
 
     Parameters: none.

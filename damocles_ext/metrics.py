@@ -28,11 +28,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from .errors import UsageError
 from .hookspecs import OUTCOMES, hookimpl
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("damocles_ext.metrics")
 
@@ -331,7 +334,7 @@ class MetricsServer:
             "shed": slots.shed,
         }
 
-    async def serve(self, *, task_status: Any = None) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
         """Serve scrapes until cancelled; `task_status.started()` once listening."""
         import trio
 

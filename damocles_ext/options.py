@@ -63,7 +63,9 @@ def format_option(key: str, value: str | float | bool) -> str:
     elif isinstance(value, int | float):
         text = repr(value)
     else:
-        text = value if coerce_value(value) == value and type(coerce_value(value)) is str else None
-        if text is None or (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
+        plain = coerce_value(value) == value and type(coerce_value(value)) is str
+        if not plain or (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
             text = json.dumps(value)
+        else:
+            text = value
     return f"{key}={text}"

@@ -86,11 +86,11 @@ class DextPluginManager(pluggy.PluginManager):
         self.versions: dict[str, str] = {}
         self._catalog: _Catalog | None = None
 
-    def register(self, plugin: Any, name: str | None = None) -> str | None:  # type: ignore[override]
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
         self._catalog = None
         return super().register(plugin, name)
 
-    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:  # type: ignore[override]
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         self._catalog = None
         return super().unregister(plugin, name)
 
@@ -210,8 +210,9 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
     for impl in pm.hook.dext_provers.get_hookimpls():  # registration order: first one wins
         plugin_name = impl.plugin_name
         try:
-            specs = impl.function()
-            specs = list(specs or [])
+            # Whatever the plugin returned: checked item by item below.
+            returned: Any = impl.function()
+            specs = list(returned or [])
             bad = [s for s in specs if not isinstance(s, ProverSpec)]
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
@@ -287,7 +288,7 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
         problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
         try:
-            result = impl.function(
+            result: Any = impl.function(  # a plugin's answer, not trusted to be a list
                 **_select_args(impl, {"prover_name": spec.name, "options": options})
             )
             problems.extend(result or [])

@@ -189,7 +189,10 @@ def deadline_problem(deadline: object) -> str | None:
 
 def stage_of(obj: Task | Output) -> str:
     """The stage ('window_post', 'winning_post', or a split step) a task or output belongs to."""
-    return type(obj).__struct_config__.tag  # type: ignore[attr-defined]
+    tag = type(obj).__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{type(obj).__name__} is not a task or an output")
+    return tag
 
 
 def split_window_post(task: WindowPoSt) -> WindowPoStVanilla:

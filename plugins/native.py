@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
@@ -58,7 +58,7 @@ def _library_problem(path: str) -> str | None:
         return f"cannot be read: {exc.strerror or exc}"
     if len(header) < 20 or header[:4] != _ELF_MAGIC:
         return "is not a shared library (no ELF header)"
-    order = "little" if header[5] == 1 else "big"
+    order: Literal["little", "big"] = "little" if header[5] == 1 else "big"
     if int.from_bytes(header[16:18], order) != _ET_DYN:
         return "is an ELF file but not a shared library (an executable or an object file?)"
     try:
@@ -121,9 +121,11 @@ class NativePoStProver:
         problems = validate_options(options)
         if problems:
             raise ValueError("; ".join(problems))
-        self._library = options.get("library")
+        library = options.get("library")
+        # validate_options above rejected anything but a path string.
+        self._library = library if isinstance(library, str) else None
         self._gpu_lock = options.get("gpu_lock", True)
-        self._open_options = {
+        self._open_options: dict[str, object] = {
             k: v for k, v in options.items() if k not in ("library", "gpu_lock")
         }
         if "rows_to_discard" in self._open_options:

@@ -17,6 +17,7 @@ from damocles_ext.stages import child_stages
 
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
+    from damocles_ext.plugins import DextPluginManager
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # The logger the config's warnings have always gone to, for whichever command reads it.
@@ -76,7 +77,9 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def supervisor_options(args: argparse.Namespace, plugin_manager: Any = None) -> dict:
+def supervisor_options(
+    args: argparse.Namespace, plugin_manager: DextPluginManager | None = None
+) -> dict[str, Any]:
     """Supervisor keyword arguments from the shared options (observer plugins included)."""
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.restart import BackoffPolicy

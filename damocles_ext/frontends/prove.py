@@ -15,6 +15,7 @@ from ..errors import ProverError
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
+    from ..plugins import DextPluginManager
     from ..tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.prove")
@@ -24,7 +25,7 @@ def prove_in_process(
     children: list[ChildSpec],
     task: Task,
     *,
-    plugin_manager: Any,
+    plugin_manager: DextPluginManager | None,
     deadline: float | None = None,
     priority: int = 0,
     on_progress: Callable[[Any], None] | None = None,
@@ -51,7 +52,7 @@ async def _prove_embedded(
     deadline: float | None,
     priority: int,
     on_progress: Callable[[Any], None] | None,
-    plugin_manager: Any,
+    plugin_manager: DextPluginManager | None,
 ) -> Output:
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
     # it in an ExceptionGroup.

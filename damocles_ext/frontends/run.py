@@ -100,7 +100,7 @@ async def _run(
             nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log)
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
-            if metrics is not None:
+            if metrics is not None and metrics_server is not None:
                 metrics.attach(supervisor, trio.lowlevel.current_trio_token())
                 await nursery.start(metrics_server.serve)
                 log.info("metrics on %s", metrics_server.url)

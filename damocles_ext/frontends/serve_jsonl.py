@@ -137,7 +137,8 @@ class JsonLineServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.warning("stdin broke (%s): taking no more requests", exc)
                 data = b""
-            for item in self._reader.receive_data(data):
+            # A stream may hand back a bytearray; bytes() of bytes is the same object, no copy.
+            for item in self._reader.receive_data(bytes(data)):
                 try:
                     self._handle_line(item, nursery)
                 except Exception:

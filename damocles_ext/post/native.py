@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import ProverError, UsageError
 from ..tasks import (
@@ -32,6 +32,9 @@ from .errors import (
     SectorFaultError,
     VerifyError,
 )
+
+if TYPE_CHECKING:
+    from ..hookspecs import CancelToken
 
 ABI_VERSION = 1
 REQUIRED_SYMBOLS = (
@@ -85,7 +88,7 @@ class _CallState:
 
     __slots__ = ("_set_flag", "cancel", "error", "flag", "progress")
 
-    def __init__(self, native: Any, progress: Progress | None, cancel: Any) -> None:
+    def __init__(self, native: Any, progress: Progress | None, cancel: CancelToken | None) -> None:
         self.progress = progress
         self.cancel = cancel
         # The cancel flag of the header's contract: owned here, read by the library with atomic
@@ -268,7 +271,7 @@ class NativeProver:
         return ctask, keep
 
     def _prove(
-        self, fn_name: str, task: Task, progress: Progress | None, cancel: Any
+        self, fn_name: str, task: Task, progress: Progress | None, cancel: CancelToken | None
     ) -> tuple[list[bytes], list[int]]:
         ffi = self._ffi
         ctask, keep = self._c_task(task)
@@ -297,20 +300,22 @@ class NativeProver:
         return proofs, faults
 
     def window_post(
-        self, task: WindowPoSt, progress: Progress | None = None, cancel: Any = None
+        self, task: WindowPoSt, progress: Progress | None = None, cancel: CancelToken | None = None
     ) -> WindowPoStOutput:
         """Prove a WindowPoSt; faults come back in the output (and no proofs), as damocles wants."""
         proofs, faults = self._prove("dext_window_post", task, progress, cancel)
         return WindowPoStOutput(proofs=proofs, faults=faults)
 
     def winning_post(
-        self, task: WinningPoSt, progress: Progress | None = None, cancel: Any = None
+        self, task: WinningPoSt, progress: Progress | None = None, cancel: CancelToken | None = None
     ) -> WinningPoStOutput:
         """Prove a WinningPoSt (SectorFaultError when the chosen sector is faulty)."""
         proofs, _ = self._prove("dext_winning_post", task, progress, cancel)
         return WinningPoStOutput(proofs=proofs)
 
-    def prove(self, task: Task, progress: Progress | None = None, cancel: Any = None) -> Output:
+    def prove(
+        self, task: Task, progress: Progress | None = None, cancel: CancelToken | None = None
+    ) -> Output:
         """window_post or winning_post, by the task's type."""
         if isinstance(task, WindowPoSt):
             return self.window_post(task, progress, cancel)
@@ -344,7 +349,7 @@ class NativeProver:
         cache_dir: str | os.PathLike,
         comm_c: bytes,
         progress: Progress | None = None,
-        cancel: Any = None,
+        cancel: CancelToken | None = None,
     ) -> bytes:
         """Write cache_dir's p_aux and tree file for a sealed file; returns comm_r."""
         if not self.has("dext_build_tree"):
@@ -397,7 +402,7 @@ _WATCH_INTERVAL = 0.05
 
 
 @contextlib.contextmanager
-def _cancel_watcher(cancel: Any, state: _CallState) -> Iterator[None]:
+def _cancel_watcher(cancel: CancelToken | None, state: _CallState) -> Iterator[None]:
     """Copy a cancel token into the C flag from a helper thread while the library works.
 
     The progress trampoline does the same, but a vendor library may report progress rarely; this

@@ -84,8 +84,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-def encode(message: Message) -> bytes:
-    """One whole frame: the payload's length as 4 big-endian bytes, then the payload."""
+def encode(message: msgspec.Struct) -> bytes:
+    """One whole frame: the payload's length as 4 big-endian bytes, then the payload.
+
+    Any struct frames alike: the control socket sends its own messages in dext frames."""
     buf = bytearray(HEADER_SIZE)
     _encoder.encode_into(message, buf, HEADER_SIZE)
     length = len(buf) - HEADER_SIZE
@@ -95,7 +97,9 @@ def encode(message: Message) -> bytes:
     return bytes(buf)
 
 
-def decode_payload(payload: bytes | memoryview, decoder: msgspec.msgpack.Decoder = _decoder) -> Message:
+def decode_payload(
+    payload: bytes | memoryview, decoder: msgspec.msgpack.Decoder[Message] = _decoder
+) -> Message:
     """Decode one frame's payload (without its length prefix)."""
     try:
         return decoder.decode(payload)

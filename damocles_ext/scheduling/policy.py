@@ -163,6 +163,10 @@ class _Running:
 _FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
 
 
+# A stage's queue of (key, token, request id); see Scheduler.__init__.
+_Heap = list[tuple[tuple[float, int, int, float], int, int]]
+
+
 class Scheduler:
     """The dispatch policy: feed it events, call `decide(now)`, act on what it returns."""
 
@@ -176,7 +180,7 @@ class Scheduler:
         # self._queued[request_id] carries the same token (lazy deletion). The key ends with the
         # job's arrival, which a retry keeps, so no per-request state outlives the request here
         # (a job failed or lost with its child leaves nothing behind); tokens break ties FIFO.
-        self._heaps: dict[str, list[tuple[tuple[float, int, int, float], int, int]]] = {}
+        self._heaps: dict[str, _Heap] = {}
         self._queued: dict[int, tuple[int, Job]] = {}
         self._queue_len: dict[str, int] = {}  # live entries per stage
         self._running: dict[int, _Running] = {}
@@ -413,7 +417,7 @@ class Scheduler:
         self._queue_len[job.stage] = self._queue_len.get(job.stage, 0) + 1
         heapq.heappush(self._heaps.setdefault(job.stage, []), (key, token, job.request_id))
 
-    def _peek(self, heap: list) -> Job | None:
+    def _peek(self, heap: _Heap) -> Job | None:
         while heap:
             _, token, rid = heap[0]
             live = self._queued.get(rid)
@@ -422,7 +426,7 @@ class Scheduler:
             heapq.heappop(heap)
         return None
 
-    def _pop(self, heap: list) -> Job:
+    def _pop(self, heap: _Heap) -> Job:
         _, _, rid = heapq.heappop(heap)
         job = self._queued.pop(rid)[1]
         self._queue_len[job.stage] -= 1
@@ -510,12 +514,12 @@ class Scheduler:
             child.gpu_times.append(now - run.gpu_turn)
         # The next job waiting in its GPU phase on this child gets the GPU now.
         waiting = [
-            r
+            (r.gpu_since, r)
             for r in self._runs_on(child)
             if r is not run and r.gpu_since is not None and r.gpu_turn is None and not r.gpu_done
         ]
         if waiting:
-            min(waiting, key=lambda r: r.gpu_since).gpu_turn = now
+            min(waiting, key=lambda pair: pair[0])[1].gpu_turn = now
 
     def _gpu_free_at(self, child: _Child) -> float | None:
         """When the GPU work of the child's running jobs is estimated to end: +inf while one is

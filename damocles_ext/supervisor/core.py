@@ -29,8 +29,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -39,9 +39,8 @@ from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
 from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
-from ..stages import child_stages, runs_split
+from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
-    WINDOW_POST_SPLIT,
     Output,
     Task,
     WindowPoSt,
@@ -65,6 +64,11 @@ from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 from .timers import Timers
 
+if TYPE_CHECKING:
+    import pluggy
+
+    from ..config import ChildSpec, Config
+
 log = logging.getLogger("damocles_ext.supervisor")
 
 Progress = dext.Progress
@@ -77,7 +81,7 @@ def _state_word(state: ChildState) -> str:
     return state.value.upper() if state is ChildState.FATAL else state.value
 
 
-def _coerce_children(config: Any) -> list[Any]:
+def _coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
     if isinstance(config, (list, tuple)):
         return list(config)
     children = getattr(config, "children", None)
@@ -91,9 +95,9 @@ class Supervisor:
 
     def __init__(
         self,
-        config: Any,
+        config: Config | Sequence[ChildSpec],
         *,
-        plugin_manager: Any = None,
+        plugin_manager: pluggy.PluginManager | None = None,
         stages: Iterable[str] | None = None,
         shutdown_grace: float = 30.0,
         clock_jitter: random.Random | None = None,
@@ -590,8 +594,7 @@ class Supervisor:
                     report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
                 else:
                     log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
-                slot = p.slots.get(ev.child_rid) if ev.child_rid is not None else None
-                if slot is not None:
+                if ev.child_rid is not None and ev.child_rid in p.slots:
                     # The child answered this request, badly: it will not answer it again.
                     self._on_answer(
                         child, p, Answer(ev.child_rid, None, f"invalid response: {ev.what}"), now

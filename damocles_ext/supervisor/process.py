@@ -72,7 +72,7 @@ def block_name(stage: str, block: int) -> str:
     return f"{TABLE_OF_STAGE.get(stage, stage)}[{block}]"
 
 
-def _preexec(parent_pid: int, cpuset: frozenset[int] | None):  # type: ignore[no-untyped-def]
+def _preexec(parent_pid: int, cpuset: frozenset[int] | None) -> Callable[[], None]:
     # Runs in the forked child before exec: keep it to system calls.
     def preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
