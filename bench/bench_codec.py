@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([what, f"{d * 1e3:.3f}", f"{j * 1e3:.3f}", f"{j / d:.1f}x"])
     print(f"WindowPoSt request with {REPLICAS} replicas; output: one 192-byte proof, 10 faults")
     print_table(rows, ["round trip", "dext ms", "JSON lines ms", "dext speed-up"])
-    print(f"request size: dext {sizes['dext_request_bytes']:,} B, "
-          f"JSON lines {sizes['jsonl_request_bytes']:,} B")
+    print(
+        f"request size: dext {sizes['dext_request_bytes']:,} B, "
+        f"JSON lines {sizes['jsonl_request_bytes']:,} B"
+    )
     req = timings["request"]
     speedup = req["jsonl"]["median_s"] / req["dext"]["median_s"]
     goals = {
@@ -89,8 +91,17 @@ def main(argv: list[str] | None = None) -> None:
         "dext_at_least_3x_jsonl": speedup >= 3,
     }
     print("goals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
-    finish("codec", {"replicas": REPLICAS, **sizes, "timings": timings,
-                     "request_speedup": speedup, "goals": goals}, args.save)
+    finish(
+        "codec",
+        {
+            "replicas": REPLICAS,
+            **sizes,
+            "timings": timings,
+            "request_speedup": speedup,
+            "goals": goals,
+        },
+        args.save,
+    )
 
 
 if __name__ == "__main__":

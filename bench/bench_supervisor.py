@@ -480,7 +480,11 @@ async def idle_cost(seconds: float, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__, "supervisor")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run; --save writes supervisor-quick.json)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds (a smoke run; --save writes supervisor-quick.json)",
+    )
     args = parser.parse_args(argv)
     # The re-dispatch rounds kill children on purpose; their warnings are expected.
     logging.getLogger("damocles_ext").setLevel(logging.ERROR)

@@ -74,8 +74,10 @@ def save_results(name: str, data: dict) -> Path:
 def print_table(rows: Iterable[Sequence], headers: Sequence[str]) -> None:
     """Print rows as an aligned plain-text table (also valid Markdown)."""
     rows = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(headers)
+    ]
     line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"
     print(line)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

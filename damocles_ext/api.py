@@ -39,9 +39,7 @@ def _load(config_or_path: ConfigSource) -> Config | Sequence[ChildSpec]:
 
 
 @asynccontextmanager
-async def open_supervisor(
-    config_or_path: ConfigSource, **kwargs: Any
-) -> AsyncIterator[Supervisor]:
+async def open_supervisor(config_or_path: ConfigSource, **kwargs: Any) -> AsyncIterator[Supervisor]:
     """Start a Supervisor from a Config, a ChildSpec list, a config file or a conf dir.
 
     Keyword arguments go to `Supervisor` (plugin_manager, stages, shutdown_grace, ...). The

@@ -118,8 +118,11 @@ class _JsonlCodec:
         out = []
         for line in self._reader.receive_data(data):
             if isinstance(line, j.LineTooLong):
-                out.append(_In("bad", message=f"skipped a line of {line.length} bytes "
-                                              f"(limit {line.limit})"))
+                out.append(
+                    _In(
+                        "bad", message=f"skipped a line of {line.length} bytes (limit {line.limit})"
+                    )
+                )
                 continue
             if not line.strip():
                 continue
@@ -292,14 +295,21 @@ class ChildRuntime:
             self._respond(job, error="cancelled" if job.token.cancelled else f"Cancelled: {exc}")
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
-            log.warning("request %d failed: %s: %s", job.id, type(exc).__name__, exc,
-                        exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "request %d failed: %s: %s",
+                job.id,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG),
+            )
             self._respond(job, error=f"{type(exc).__name__}: {exc}")
             return
         expected = OUTPUT_TYPES[self.stage]
         if not isinstance(output, expected):
-            error = (f"prover {self.prover_name!r} returned {type(output).__name__}, expected "
-                     f"{expected.__name__}")
+            error = (
+                f"prover {self.prover_name!r} returned {type(output).__name__}, expected "
+                f"{expected.__name__}"
+            )
             log.error("request %d: %s", job.id, error)
             self._respond(job, error=error)
             return
@@ -315,8 +325,11 @@ class ChildRuntime:
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._state_lock:
-                due = [j for j in self._jobs.values()
-                       if j.state == "running" and now - j.sent_at >= self.heartbeat]
+                due = [
+                    j
+                    for j in self._jobs.values()
+                    if j.state == "running" and now - j.sent_at >= self.heartbeat
+                ]
             for job in due:
                 self._send_progress(job, force=True)
 
@@ -387,8 +400,14 @@ class ChildRuntime:
         hello = self.codec.hello(self.stage, self.prover_name, self.version, self.capacity)
         if not self._write(hello):
             return 1
-        log.info("ready: stage %s, prover %s %s, protocol %s, capacity %d",
-                 self.stage, self.prover_name, self.version, self.codec.name, self.capacity)
+        log.info(
+            "ready: stage %s, prover %s %s, protocol %s, capacity %d",
+            self.stage,
+            self.prover_name,
+            self.version,
+            self.codec.name,
+            self.capacity,
+        )
         try:
             return self._loop()
         finally:

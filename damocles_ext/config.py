@@ -288,8 +288,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             source,
             [
-                (f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
-                f"needs; is it the right file?")
+                (
+                    f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
+                    f"needs; is it the right file?"
+                )
             ],
         )
     try:
@@ -398,9 +400,11 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         raise ConfigError(
             source,
             [
-                (f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
-                f"levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = \"1\" }}). "
-                f"Look for a run of [ or {{")
+                (
+                    f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
+                    f'levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = "1" }}). '
+                    f"Look for a run of [ or {{"
+                )
             ],
         ) from None
     except ValueError as exc:  # tomllib's int() of a number of thousands of digits

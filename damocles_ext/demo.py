@@ -114,8 +114,11 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
             nursery.start_soon(prove, "win", win_task)
         wd, win = results["wd"], results["win"]
         verdict = check("WindowPoSt", lambda: verify_window_post(wd_task, wd))
-        step("WindowPoSt, 2 partitions  + WinningPoSt", t,
-             f"{len(wd.proofs)} partition proofs, faults {wd.faults}: {verdict}")
+        step(
+            "WindowPoSt, 2 partitions  + WinningPoSt",
+            t,
+            f"{len(wd.proofs)} partition proofs, faults {wd.faults}: {verdict}",
+        )
         verdict = check("WinningPoSt", lambda: verify_winning_post(win_task, win))
         report.steps.append(("  WinningPoSt", 0.0, verdict))
         say(f"  {'  WinningPoSt proof':<44} {'':>11}  {len(win.proofs)} proof: {verdict}")
@@ -131,17 +134,25 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
                 f"corrupt sector {victim.sector_id}: expected faults {expected} and no proofs, "
                 f"got faults {faulty.faults} and {len(faulty.proofs)} proofs"
             )
-        step(f"WindowPoSt after corrupting sector {victim.sector_id}", t,
-             f"faults {faulty.faults}, {len(faulty.proofs)} proofs")
+        step(
+            f"WindowPoSt after corrupting sector {victim.sector_id}",
+            t,
+            f"faults {faulty.faults}, {len(faulty.proofs)} proofs",
+        )
 
         # damocles-manager then proves again without the faulty sectors.
         good = [r.sector_id for r in manifest.replicas if r.sector_id not in faulty.faults]
         retry_task = window_task(manifest, _seed(4), sector_ids=good)
         t = time.perf_counter()
         retry = await sup.submit(retry_task)
-        verdict = check("WindowPoSt without the fault", lambda: verify_window_post(retry_task, retry))
-        step(f"WindowPoSt again without it ({len(good)} sectors)", t,
-             f"{len(retry.proofs)} partition proofs: {verdict}")
+        verdict = check(
+            "WindowPoSt without the fault", lambda: verify_window_post(retry_task, retry)
+        )
+        step(
+            f"WindowPoSt again without it ({len(good)} sectors)",
+            t,
+            f"{len(retry.proofs)} partition proofs: {verdict}",
+        )
         t = time.perf_counter()
     step("shut down (every child reaped)", t, "done")
     return report
@@ -160,7 +171,9 @@ def run_demo(keep: bool = False, say: Callable[[str], None] = print) -> DemoRepo
         total = time.perf_counter() - started
         if report.failures:
             raise ProverError("demo failed: " + "; ".join(report.failures))
-        say(f"all proofs verified; the corrupted sector was reported as a fault; {total:.1f} s in all")
+        say(
+            f"all proofs verified; the corrupted sector was reported as a fault; {total:.1f} s in all"
+        )
         return report
     finally:
         if keep:

@@ -318,9 +318,7 @@ def load_prover(
     spec = find_prover(pm, name, stage)
     problems = validate_prover_options(pm, spec, options)
     if problems:
-        raise PluginError(
-            f"invalid options for prover {name!r}: " + "; ".join(problems)
-        )
+        raise PluginError(f"invalid options for prover {name!r}: " + "; ".join(problems))
     try:
         prover = spec.factory(options)
     except PluginError:

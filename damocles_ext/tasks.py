@@ -146,7 +146,9 @@ class WindowPoStVanillaOutput(
     faults: list[U64]
 
 
-class WindowPoStSnarkOutput(msgspec.Struct, frozen=True, tag="window_post_snark", tag_field="stage"):
+class WindowPoStSnarkOutput(
+    msgspec.Struct, frozen=True, tag="window_post_snark", tag_field="stage"
+):
     proofs: list[bytes]
 
 
@@ -165,7 +167,6 @@ OUTPUT_TYPES: dict[str, type] = {
     "window_post_vanilla": WindowPoStVanillaOutput,
     "window_post_snark": WindowPoStSnarkOutput,
 }
-
 
 
 #: The range of a request's deadline (unix seconds): a day inside the years a datetime can show in
@@ -203,8 +204,12 @@ def split_window_post(task: WindowPoSt) -> WindowPoStVanilla:
 def snark_task(task: WindowPoSt, vanilla: WindowPoStVanillaOutput) -> WindowPoStSnark:
     """The SNARK step of `task`, given its vanilla step's answer."""
     return WindowPoStSnark(
-        task.miner_id, task.proof_type, task.replicas, task.seed,
-        vanilla.vanilla_proofs, vanilla.faults,
+        task.miner_id,
+        task.proof_type,
+        task.replicas,
+        task.seed,
+        vanilla.vanilla_proofs,
+        vanilla.faults,
     )
 
 

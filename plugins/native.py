@@ -99,7 +99,9 @@ def validate_options(options: Options) -> list[str]:
             f"{MAX_ROWS_TO_DISCARD}, got {options['rows_to_discard']!r}"
         )
     if "gpu_lock" in options and not isinstance(options["gpu_lock"], bool):
-        problems.append(f"native: option 'gpu_lock' must be true or false, got {options['gpu_lock']!r}")
+        problems.append(
+            f"native: option 'gpu_lock' must be true or false, got {options['gpu_lock']!r}"
+        )
     if library is None:
         for key in sorted(set(options) - {"library", "rows_to_discard", "gpu_lock"}):
             problems.append(

@@ -76,8 +76,14 @@ def _no_options(name: str):
     return validate
 
 
-def _number(options: Options, key: str, default: float, minimum: float, problems: list[str],
-            strict: bool = False) -> float:
+def _number(
+    options: Options,
+    key: str,
+    default: float,
+    minimum: float,
+    problems: list[str],
+    strict: bool = False,
+) -> float:
     value = options.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         problems.append(f"sleep: option {key!r} must be a number, got {value!r}")
@@ -110,7 +116,7 @@ class SleepConfig:
         self.every = 0
         if fail.startswith("every:"):
             try:
-                self.every = int(fail[len("every:"):])
+                self.every = int(fail[len("every:") :])
             except ValueError:
                 self.every = 0
             if self.every < 1:
@@ -155,8 +161,10 @@ class SleepProver:
             os._exit(3)
         progress("sleep", steps, steps)
         if cfg.fail == "always" or (cfg.every and number % cfg.every == 0):
-            raise RuntimeError(f"sleep prover failing as configured (fail={cfg.fail}, request "
-                               f"#{number} of this child)")
+            raise RuntimeError(
+                f"sleep prover failing as configured (fail={cfg.fail}, request "
+                f"#{number} of this child)"
+            )
         return echo_output(task)
 
 

@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 # Every module that runs as `python -m bench.NAME`.
-MODULES = sorted(
-    p.stem for p in BENCH.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()
-)
+MODULES = sorted(p.stem for p in BENCH.glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 
 
 def _results_snapshot() -> dict[str, tuple[int, bytes]]:

@@ -29,10 +29,19 @@ def binary(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("c-prover") / "dext-child"
     # The build command of the example's opening comment (a shell expands its braces).
     subprocess.run(
-        ["cc", "-O2", "-pthread", f"-I{ROOT / 'native' / 'include'}", str(SOURCE),
-         *sorted(str(p) for p in (ROOT / "native" / "src").glob("*.c")), "-lcrypto", "-o",
-         str(out)],
-        check=True, timeout=TIMEOUT,
+        [
+            "cc",
+            "-O2",
+            "-pthread",
+            f"-I{ROOT / 'native' / 'include'}",
+            str(SOURCE),
+            *sorted(str(p) for p in (ROOT / "native" / "src").glob("*.c")),
+            "-lcrypto",
+            "-o",
+            str(out),
+        ],
+        check=True,
+        timeout=TIMEOUT,
     )
     return out
 
@@ -75,14 +84,24 @@ def _frames(data: bytes) -> list[dext.Message]:
 
 
 def test_the_c_example_answers_by_the_document_and_exits_on_shutdown(binary):
-    wrong_stage = _frame({
-        "type": "request", "id": 1, "later": {"a": [1.5, None, True]},  # unknown key: skipped
-        "task": {"stage": "window_post", "miner_id": 1000,
-                 "proof_type": "StackedDrgWindow2KiBV1_2", "replicas": [], "seed": bytes(32)},
-    })
+    wrong_stage = _frame(
+        {
+            "type": "request",
+            "id": 1,
+            "later": {"a": [1.5, None, True]},  # unknown key: skipped
+            "task": {
+                "stage": "window_post",
+                "miner_id": 1000,
+                "proof_type": "StackedDrgWindow2KiBV1_2",
+                "replicas": [],
+                "seed": bytes(32),
+            },
+        }
+    )
     stdin = wrong_stage + dext.encode(dext.Cancel(9)) + dext.encode(dext.Shutdown())
-    done = subprocess.run([binary, "winning_post"], input=stdin, capture_output=True,
-                          timeout=TIMEOUT, check=False)
+    done = subprocess.run(
+        [binary, "winning_post"], input=stdin, capture_output=True, timeout=TIMEOUT, check=False
+    )
     assert done.returncode == 0, done.stderr
     hello, answer = _frames(done.stdout)
     assert hello == dext.Hello("dext/1", "winning_post", hello.pid, "c-dext-prover", "1", 1)
@@ -99,8 +118,9 @@ def test_the_c_example_answers_by_the_document_and_exits_on_shutdown(binary):
     ],
 )
 def test_the_c_example_exits_1_on_a_protocol_error(binary, stdin):
-    done = subprocess.run([binary, "winning_post"], input=stdin, capture_output=True,
-                          timeout=TIMEOUT, check=False)
+    done = subprocess.run(
+        [binary, "winning_post"], input=stdin, capture_output=True, timeout=TIMEOUT, check=False
+    )
     assert done.returncode == 1
     assert b"protocol error" in done.stderr
     [hello] = _frames(done.stdout)

@@ -68,10 +68,12 @@ Concurrent = 2
 """)
     warnings = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
     assert warnings == [
-        (f"{manager}: WdPost[0] has Concurrent = 1 (damocles' default), but the config its"
-        f" `damocles-ext serve window_post` reads ({ours}) supervises 3 window_post slots:"
-        " damocles-manager sends it at most 1 request(s) at once, so 2 slot(s) stay idle; set"
-        " Concurrent = 3 (or more) in that table")
+        (
+            f"{manager}: WdPost[0] has Concurrent = 1 (damocles' default), but the config its"
+            f" `damocles-ext serve window_post` reads ({ours}) supervises 3 window_post slots:"
+            " damocles-manager sends it at most 1 request(s) at once, so 2 slot(s) stay idle; set"
+            " Concurrent = 3 (or more) in that table"
+        )
     ]
 
     # Raised to the slots: no warning; the WinPost entry (2 of 2) never had one.
@@ -83,7 +85,9 @@ Concurrent = 2
 def test_the_slots_of_a_split_window_post_are_its_vanilla_and_snark_slots(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    ours = _ours(tmp_path / "ours", """
+    ours = _ours(
+        tmp_path / "ours",
+        """
 [[WdPostVanilla]]
 Plugin = "native"
 Concurrent = 4
@@ -91,7 +95,8 @@ Concurrent = 4
 [[WdPostSnark]]
 Plugin = "native"
 Gpus = [0, 1]
-""")
+""",
+    )
     manager = tmp_path / "manager.cfg"
     manager.write_text(f"""
 [[WdPost]]
@@ -128,15 +133,21 @@ Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
 """)
     warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
     assert warnings == [
-        (f"{manager}: WdPost[0] runs `damocles-ext serve winning_post -c {ours}`, but"
-        " damocles-manager sends this table's processor window_post requests; serve window_post"
-        " instead"),
-        (f"{manager}: WinPost[0] runs `damocles-ext serve winning_post -c {tmp_path}/missing.cfg`,"
-        " but its config cannot be used, so its Concurrent cannot be checked:"
-        f" {tmp_path}/missing.cfg: cannot read the config file: no such file (check the path);"
-        f" run damocles-ext check-config on {tmp_path}/missing.cfg"),
-        (f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
-        " of the arguments -c/--config --conf-dir --connect is required); fix its Args"),
+        (
+            f"{manager}: WdPost[0] runs `damocles-ext serve winning_post -c {ours}`, but"
+            " damocles-manager sends this table's processor window_post requests; serve window_post"
+            " instead"
+        ),
+        (
+            f"{manager}: WinPost[0] runs `damocles-ext serve winning_post -c {tmp_path}/missing.cfg`,"
+            " but its config cannot be used, so its Concurrent cannot be checked:"
+            f" {tmp_path}/missing.cfg: cannot read the config file: no such file (check the path);"
+            f" run damocles-ext check-config on {tmp_path}/missing.cfg"
+        ),
+        (
+            f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
+            " of the arguments -c/--config --conf-dir --connect is required); fix its Args"
+        ),
     ]  # --connect: no `run` answers at its socket, so there is nothing to compare with
 
 

@@ -78,8 +78,12 @@ def test_hello_is_the_first_frame_and_describes_the_child():
     with Child("window_post", "echo", extra=["--capacity", "3"]) as child:
         hello = child.next()
         assert hello == dext.Hello(
-            protocol="dext/1", stage="window_post", pid=child.proc.pid, prover="echo",
-            version="1", capacity=3,
+            protocol="dext/1",
+            stage="window_post",
+            pid=child.proc.pid,
+            prover="echo",
+            version="1",
+            capacity=3,
         )
 
 
@@ -147,8 +151,9 @@ def test_cancel_of_a_queued_request_is_answered_at_once():
 
 
 def test_requests_beyond_capacity_wait_until_a_slot_frees():
-    with Child("window_post", "sleep", "seconds=600", "progress_interval=0.05",
-               extra=["--capacity", "2"]) as child:
+    with Child(
+        "window_post", "sleep", "seconds=600", "progress_interval=0.05", extra=["--capacity", "2"]
+    ) as child:
         child.next_of(dext.Hello)
         for i in (1, 2, 3):
             child.send_msg(dext.Request(i, window_task(seed_byte=i)))
@@ -243,8 +248,9 @@ def test_unexpected_frame_from_the_parent_is_logged_and_the_child_keeps_serving(
 
 
 def test_crash_mode_kills_the_child_mid_request_without_an_answer():
-    with Child("window_post", "sleep", "seconds=0.2", "progress_interval=0.05",
-               "fail=crash") as child:
+    with Child(
+        "window_post", "sleep", "seconds=0.2", "progress_interval=0.05", "fail=crash"
+    ) as child:
         child.next_of(dext.Hello)
         child.send_msg(dext.Request(1, window_task()))
         before = child.until_eof()
@@ -264,9 +270,7 @@ def test_echo_request_gets_its_response_over_json_lines(make_task):
         assert child.next() == f"{stage} processor ready\n".encode()
         child.send(jsonl.encode_request(12, task))
         line = child.next()
-        assert jsonl.decode_response(line, stage) == jsonl.JsonResponse(
-            12, echo_output(task), None
-        )
+        assert jsonl.decode_response(line, stage) == jsonl.JsonResponse(12, echo_output(task), None)
         assert line == jsonl.encode_response(12, echo_output(task))
 
 
@@ -357,8 +361,9 @@ NOISY_PLUGIN = textwrap.dedent(
 
 
 def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path):
-    root = make_plugin_dist(tmp_path, dist="noisy-plugin", module="noisy_plugin",
-                            source=NOISY_PLUGIN)
+    root = make_plugin_dist(
+        tmp_path, dist="noisy-plugin", module="noisy_plugin", source=NOISY_PLUGIN
+    )
     with Child("window_post", "noisy", pythonpath=[root]) as child:
         child.next_of(dext.Hello)
         child.send_msg(dext.Request(1, window_task()))
@@ -373,8 +378,13 @@ def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path)
 
 
 def test_child_reads_options_as_the_supervisor_formats_them():
-    with Child("window_post", "sleep", format_option("seconds", 0), format_option("fail", "never"),
-               format_option("load_fail", False)) as child:
+    with Child(
+        "window_post",
+        "sleep",
+        format_option("seconds", 0),
+        format_option("fail", "never"),
+        format_option("load_fail", False),
+    ) as child:
         child.next_of(dext.Hello)
         child.send_msg(dext.Request(1, window_task()))
         assert child.next_of(dext.Response)[0].output == echo_output(window_task())

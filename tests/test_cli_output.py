@@ -98,7 +98,10 @@ def test_the_example_configs_winning_post_child_follows_its_own_gpu_lock_advice(
     from damocles_ext.config import load_config
 
     text = Path(EXAMPLE).read_text()
-    assert "For a [[WinPost]] table on GPUs that also run\n# WindowPoSt, false is what we advise" in text
+    assert (
+        "For a [[WinPost]] table on GPUs that also run\n# WindowPoSt, false is what we advise"
+        in text
+    )
     children = load_config(EXAMPLE).children
     window_gpus = {c.gpu for c in children if c.stage == "window_post"}
     shared = [c for c in children if c.stage == "winning_post" and c.gpu in window_gpus]

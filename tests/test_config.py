@@ -707,8 +707,10 @@ def test_a_nul_character_in_anything_a_program_receives_is_refused(block: str, w
     [
         (
             "Concurrent = 100000000000000000",
-            ("WdPost[0].Concurrent: expected at most 1024 (requests in flight on one child), "
-            "found 100000000000000000"),
+            (
+                "WdPost[0].Concurrent: expected at most 1024 (requests in flight on one child), "
+                "found 100000000000000000"
+            ),
         ),
         ("Weight = 10001", "WdPost[0].Weight: expected at most 10000 (a share of the traffic)"),
         (
@@ -717,8 +719,10 @@ def test_a_nul_character_in_anything_a_program_receives_is_refused(block: str, w
         ),
         (
             "ReadyTimeoutSecs = " + "9" * 400,
-            ("WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found "
-            "99999999999999999999... (400 digits)"),
+            (
+                "WdPost[0].ReadyTimeoutSecs: expected at most 86400 (seconds: one day), found "
+                "99999999999999999999... (400 digits)"
+            ),
         ),
         ("MaxAttempts = 101", "WdPost[0].MaxAttempts: expected at most 100 (attempts per request)"),
         ("RequestTimeoutSecs = 1e300", "WdPost[0].RequestTimeoutSecs: expected at most 86400"),
@@ -730,8 +734,10 @@ def test_a_nul_character_in_anything_a_program_receives_is_refused(block: str, w
         ),
         (
             'Cpuset = "0-99999999999"',
-            ('WdPost[0].Cpuset: CPU 99999999999 in "0-99999999999" is beyond Linux\'s largest '
-            "CPU number, 8191"),
+            (
+                'WdPost[0].Cpuset: CPU 99999999999 in "0-99999999999" is beyond Linux\'s largest '
+                "CPU number, 8191"
+            ),
         ),
         ('Cpuset = "8192"', "WdPost[0].Cpuset: CPU 8192 in"),
         ('Cpuset = "0-' + "9" * 5000 + '"', "WdPost[0].Cpuset: CPU 99999999999999999... in"),

@@ -9,8 +9,13 @@ from pathlib import Path
 
 
 def test_demo_proves_finds_the_fault_verifies_and_cleans_up():
-    proc = subprocess.run([sys.executable, "-m", "damocles_ext", "demo"],
-                          capture_output=True, text=True, check=False, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "demo"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     root = Path(re.search(r"damocles-ext demo in (\S+)", out).group(1))

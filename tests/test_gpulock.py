@@ -29,8 +29,12 @@ def holder(tmp_path):
     procs = []
 
     def start(name=gpulock.GPU_LOCK):
-        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), name],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline() == "held\n"
         procs.append(p)
         return p
@@ -97,8 +101,13 @@ PROBE = (
 
 def lock_state_bounded(directory):
     """lock_state in a process of its own, killed (failing the test) if it blocks."""
-    done = subprocess.run([sys.executable, "-c", PROBE, str(directory)],
-                          capture_output=True, text=True, timeout=20, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

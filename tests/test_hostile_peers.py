@@ -201,8 +201,17 @@ async def test_the_client_reports_a_nested_bomb_from_the_server_as_a_lost_connec
 
 
 def child_argv(protocol: str) -> list[str]:
-    return [sys.executable, "-m", "damocles_ext", "child", STAGE, "--plugin", "echo",
-            "--protocol", protocol]
+    return [
+        sys.executable,
+        "-m",
+        "damocles_ext",
+        "child",
+        STAGE,
+        "--plugin",
+        "echo",
+        "--protocol",
+        protocol,
+    ]
 
 
 async def test_the_child_runtime_exits_1_on_a_nested_bomb_frame_without_a_traceback():
@@ -368,4 +377,3 @@ async def test_an_internal_error_on_one_control_connection_drops_only_that_one(m
     os.rmdir(sock_dir)
     logged = [r for r in caplog.records if "internal error; closing it" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
-

@@ -28,8 +28,12 @@ def test_native_prover_waits_for_a_bellperson_gpu_lock_holder(tmp_path, monkeypa
         create_sectors(tmp_path / "sectors", "StackedDrgWindow2KiBV1_2", 2, 1000, random_seed=1)
     )
     task = window_task(manifest, bytes([5]) * 31 + b"\x01")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lockdir)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lockdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "held\n"
     monkeypatch.setenv("TMPDIR", str(lockdir))
     with Child("window_post", "native") as child:

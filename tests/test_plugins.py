@@ -129,8 +129,9 @@ BROKEN = "raise RuntimeError('the GPU library is missing')\n"
 
 def test_broken_plugin_is_named_in_errors_and_the_others_still_load(tmp_path, monkeypatch):
     module = _unique("broken_plugin")
-    make_plugin_dist(tmp_path, dist="broken-plugin", module=module, source=BROKEN,
-                     entry_point="broken")
+    make_plugin_dist(
+        tmp_path, dist="broken-plugin", module=module, source=BROKEN, entry_point="broken"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     pm = plugins.get_plugin_manager()
     failure = next(e for e in pm.load_errors if e.name == "broken")
@@ -148,27 +149,37 @@ def test_broken_plugin_is_named_in_errors_and_the_others_still_load(tmp_path, mo
 
 
 def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
-    make_plugin_dist(tmp_path, dist="broken-plugin", module=_unique("broken"), source=BROKEN,
-                     entry_point="broken")
+    make_plugin_dist(
+        tmp_path,
+        dist="broken-plugin",
+        module=_unique("broken"),
+        source=BROKEN,
+        entry_point="broken",
+    )
     argv = [sys.executable, "-m", "damocles_ext", "plugins"]
     env = child_env([tmp_path])
-    text = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30,
-                          check=False)
+    text = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
     assert text.returncode == 0, text.stderr
     assert "broken: FAILED TO LOAD: RuntimeError: the GPU library is missing" in text.stdout
     assert "  from broken-plugin 0.1" in text.stdout
     assert "testing: 2 prover(s), from damocles-ext" in text.stdout
     assert re.search(r"^  echo +window_post, winning_post", text.stdout, re.MULTILINE)
-    as_json = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True,
-                             timeout=30, check=False)
+    as_json = subprocess.run(
+        [*argv, "--json"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
     rows = {r["name"]: r for r in json.loads(as_json.stdout)}
     assert [p["name"] for p in rows["testing"]["provers"]] == ["echo", "sleep"]
     assert rows["broken"]["error"].startswith("RuntimeError")
 
 
 def test_child_starts_although_an_unrelated_plugin_is_broken(tmp_path):
-    make_plugin_dist(tmp_path, dist="broken-plugin", module=_unique("broken"), source=BROKEN,
-                     entry_point="broken")
+    make_plugin_dist(
+        tmp_path,
+        dist="broken-plugin",
+        module=_unique("broken"),
+        source=BROKEN,
+        entry_point="broken",
+    )
     with Child("window_post", "echo", pythonpath=[tmp_path]) as child:
         assert isinstance(child.next(), dext.Hello)
 
@@ -412,8 +423,9 @@ def test_echo_output_is_derived_from_the_task():
 
 
 def test_sleep_stops_at_the_next_check_after_cancel():
-    sleep = plugins.load_prover(plugins.get_plugin_manager(), "sleep",
-                                {"seconds": 600, "progress_interval": 0.001})
+    sleep = plugins.load_prover(
+        plugins.get_plugin_manager(), "sleep", {"seconds": 600, "progress_interval": 0.001}
+    )
     token = CancelToken()
     seen = []
 
@@ -428,8 +440,9 @@ def test_sleep_stops_at_the_next_check_after_cancel():
 
 
 def test_sleep_fails_every_nth_request():
-    sleep = plugins.load_prover(plugins.get_plugin_manager(), "sleep",
-                                {"seconds": 0, "fail": "every:3"})
+    sleep = plugins.load_prover(
+        plugins.get_plugin_manager(), "sleep", {"seconds": 0, "fail": "every:3"}
+    )
     results = []
     for _ in range(6):
         try:
@@ -475,9 +488,23 @@ def hello_installed(tmp_path_factory):
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = work / "site"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert list(target.glob("dext_hello_plugin-0.2.0.dist-info"))
@@ -487,7 +514,11 @@ def hello_installed(tmp_path_factory):
 def test_example_plugin_appears_in_the_plugins_listing(hello_installed):
     out = subprocess.run(
         [sys.executable, "-m", "damocles_ext", "plugins"],
-        env=child_env([hello_installed]), capture_output=True, text=True, timeout=30, check=False,
+        env=child_env([hello_installed]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0
     block = out.stdout.split("hello: ", 1)[1].splitlines()
@@ -495,7 +526,7 @@ def test_example_plugin_appears_in_the_plugins_listing(hello_installed):
         "1 prover(s), from dext-hello-plugin 0.2.0, entry point 'dext_hello_plugin', "
         f"{hello_installed / 'dext_hello_plugin' / '__init__.py'}"
     )
-    assert block[1].split() [:3] == ["hello", "window_post,", "winning_post"]
+    assert block[1].split()[:3] == ["hello", "window_post,", "winning_post"]
 
 
 def _hello_proof(greeting, task):
@@ -519,12 +550,12 @@ def test_example_plugin_serves_requests_in_a_child(hello_installed, make_task):
 
 
 def test_example_plugin_option_errors_fail_the_child_start(hello_installed):
-    with Child("window_post", "hello", "greeting=", "volume=11",
-               pythonpath=[hello_installed]) as child:
+    with Child(
+        "window_post", "hello", "greeting=", "volume=11", pythonpath=[hello_installed]
+    ) as child:
         assert child.wait() == 2
         assert "hello: unknown option 'volume'" in child.stderr
         assert "option 'greeting' must be non-empty text" in child.stderr
-
 
 
 async def test_example_plugin_serves_requests_through_the_supervisor(hello_installed):

@@ -27,7 +27,9 @@ WINNING = WinningPoSt(
 )
 
 MESSAGES = [
-    dext.Hello(protocol="dext/1", stage="window_post", pid=42, prover="echo", version="0.1", capacity=2),
+    dext.Hello(
+        protocol="dext/1", stage="window_post", pid=42, prover="echo", version="0.1", capacity=2
+    ),
     dext.Request(id=1, task=WINDOW),
     dext.Request(id=2, task=WINNING, deadline=1_800_000_000.5, priority=5),
     dext.Response(id=1, output=WindowPoStOutput(proofs=[b"\x00" * 192], faults=[3, 4])),
@@ -200,7 +202,9 @@ def test_the_same_framing_carries_another_message_set():
     wider = dext.Message | Ping
     dec = dext.FrameDecoder(message_type=wider)
     assert dec.receive_data(dext.encode(Ping(3)) + dext.encode(dext.Cancel(1))) == [
-        Ping(3), dext.Cancel(1)]
+        Ping(3),
+        dext.Cancel(1),
+    ]
     with pytest.raises(dext.ProtocolError):
         dext.FrameDecoder().receive_data(dext.encode(Ping(3)))
 

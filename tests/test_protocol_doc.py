@@ -35,8 +35,16 @@ EXAMPLES = {m["name"]: (m["json"], m["dump"]) for m in _EXAMPLE.finditer(DOC)}
 
 #: The examples the document promises (a prover author needs each of them).
 REQUIRED_EXAMPLES = {
-    "hello", "request", "progress", "response", "error-response", "cancel", "shutdown",
-    "control-status-request", "control-status-reply-error", "control-connection-error",
+    "hello",
+    "request",
+    "progress",
+    "response",
+    "error-response",
+    "cancel",
+    "shutdown",
+    "control-status-request",
+    "control-status-reply-error",
+    "control-connection-error",
 }
 
 
@@ -135,19 +143,37 @@ def test_a_legal_frame_never_starts_with_a_byte_that_auto_detection_takes_for_js
         ({"type": "cancel", "id": 5, "later": [1, 2]}, dext.Cancel(5)),
         ({"type": "progress", "id": 1, "phase": "x"}, dext.Progress(1, "x", 0, 0)),
         (
-            {"type": "response", "id": 1,
-             "output": {"stage": "winning_post", "proofs": [b"p"], "later": 1}},
+            {
+                "type": "response",
+                "id": 1,
+                "output": {"stage": "winning_post", "proofs": [b"p"], "later": 1},
+            },
             dext.Response(1, OUTPUT_TYPES["winning_post"]([b"p"])),
         ),
         # an integer where a float is expected; replica elements after the fourth ignored
         (
-            {"type": "request", "id": 1, "deadline": 1767225600,
-             "task": {"stage": "winning_post", "miner_id": 1, "proof_type":
-                      "StackedDrgWinning2KiBV1", "replicas": [[7, bytes(32), "/c", "/s", "x"]],
-                      "seed": bytes(32)}},
-            dext.Request(1, TASK_TYPES["winning_post"](
-                1, "StackedDrgWinning2KiBV1", [PoStReplicaInfo(7, bytes(32), "/c", "/s")],
-                bytes(32)), 1767225600.0),
+            {
+                "type": "request",
+                "id": 1,
+                "deadline": 1767225600,
+                "task": {
+                    "stage": "winning_post",
+                    "miner_id": 1,
+                    "proof_type": "StackedDrgWinning2KiBV1",
+                    "replicas": [[7, bytes(32), "/c", "/s", "x"]],
+                    "seed": bytes(32),
+                },
+            },
+            dext.Request(
+                1,
+                TASK_TYPES["winning_post"](
+                    1,
+                    "StackedDrgWinning2KiBV1",
+                    [PoStReplicaInfo(7, bytes(32), "/c", "/s")],
+                    bytes(32),
+                ),
+                1767225600.0,
+            ),
         ),
     ],
 )
@@ -155,8 +181,13 @@ def test_what_the_document_says_a_decoder_accepts(payload, accepted):
     assert dext.FrameDecoder().receive_data(_frame(msgspec.msgpack.encode(payload))) == [accepted]
 
 
-_TASK = {"stage": "winning_post", "miner_id": 1, "proof_type": "StackedDrgWinning2KiBV1",
-         "replicas": [[7, bytes(32), "/c", "/s"]], "seed": bytes(32)}
+_TASK = {
+    "stage": "winning_post",
+    "miner_id": 1,
+    "proof_type": "StackedDrgWinning2KiBV1",
+    "replicas": [[7, bytes(32), "/c", "/s"]],
+    "seed": bytes(32),
+}
 
 
 @pytest.mark.parametrize(
@@ -172,11 +203,30 @@ _TASK = {"stage": "winning_post", "miner_id": 1, "proof_type": "StackedDrgWinnin
         msgspec.msgpack.encode({"type": "request", "id": 1, "task": {**_TASK, "stage": "pc2"}}),
         msgspec.msgpack.encode({"type": "request", "id": 1, "task": {**_TASK, "seed": "x" * 32}}),
         msgspec.msgpack.encode({"type": "request", "id": 1, "task": {**_TASK, "seed": bytes(31)}}),
-        msgspec.msgpack.encode({"type": "request", "id": 1, "task": {
-            **_TASK, "replicas": [{"sector_id": 7, "comm_r": bytes(32), "cache_dir": "/c",
-                                   "sealed_file": "/s"}]}}),
-        msgspec.msgpack.encode({"type": "request", "id": 1, "task": {
-            **_TASK, "proof_type": "StackedDrgWindow2KiBV1_2"}}),  # a WindowPoSt type
+        msgspec.msgpack.encode(
+            {
+                "type": "request",
+                "id": 1,
+                "task": {
+                    **_TASK,
+                    "replicas": [
+                        {
+                            "sector_id": 7,
+                            "comm_r": bytes(32),
+                            "cache_dir": "/c",
+                            "sealed_file": "/s",
+                        }
+                    ],
+                },
+            }
+        ),
+        msgspec.msgpack.encode(
+            {
+                "type": "request",
+                "id": 1,
+                "task": {**_TASK, "proof_type": "StackedDrgWindow2KiBV1_2"},
+            }
+        ),  # a WindowPoSt type
         msgspec.msgpack.encode({"type": "response", "id": 1, "error": b"bytes"}),  # bin for str
         b"\x82\xa4type\xa6cancel\xa2id\x01\xc0",  # trailing nil after the map
     ],
@@ -229,8 +279,9 @@ def test_the_message_tables_name_every_field_in_order_with_its_default():
         assert cls.__struct_config__.tag_field == "type"
         assert _fields(rows[tag]) == _struct_fields(cls), tag
     control_rows = _table_rows("9. The control socket", r'`"[a-z_]+"` \(\w+\)')
-    control_classes = {c.__struct_config__.tag: c for c in (control.StatusRequest,
-                                                            control.StatusReply)}
+    control_classes = {
+        c.__struct_config__.tag: c for c in (control.StatusRequest, control.StatusReply)
+    }
     assert control_rows.keys() == control_classes.keys()
     for tag, cls in control_classes.items():
         assert _fields(control_rows[tag]) == _struct_fields(cls), tag
@@ -239,8 +290,12 @@ def test_the_message_tables_name_every_field_in_order_with_its_default():
 def test_the_task_and_output_tables_name_every_field_in_order():
     section = "5. Tasks and outputs"
     tasks, outputs = (
-        {m["tag"]: m["cells"] for m in re.finditer(
-            r'^\| `"(?P<tag>[a-z_]+)"` \| (?P<cells>.*) \|$', part, re.MULTILINE)}
+        {
+            m["tag"]: m["cells"]
+            for m in re.finditer(
+                r'^\| `"(?P<tag>[a-z_]+)"` \| (?P<cells>.*) \|$', part, re.MULTILINE
+            )
+        }
         for part in _section(section).split("An Output is", 1)
     )
     window_fields = [f for f, _ in _fields(tasks["window_post"])]

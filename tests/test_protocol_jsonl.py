@@ -75,9 +75,12 @@ def test_go_escaped_characters_in_paths_decode():
 
 def test_window_response_bytes_the_go_decoder_accepts():
     line = jsonl.encode_response(1, WindowPoStOutput(proofs=[PROOF], faults=[]))
-    assert line == (
-        '{"id":1,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[]}}\n'
-    ).encode()
+    assert (
+        line
+        == (
+            '{"id":1,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[]}}\n'
+        ).encode()
+    )
 
 
 def test_fault_response_has_empty_proofs():
@@ -104,8 +107,10 @@ def test_response_needs_exactly_one_of_output_and_error():
 
 def test_rust_response_decodes():
     # vc-processors writes the same shape; serde may omit nothing, add fields we ignore
-    line = ('{"id":5,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[1]},'
-            '"extra":true}\n').encode()
+    line = (
+        '{"id":5,"err_msg":null,"output":{"proofs":["' + PROOF_B64 + '"],"faults":[1]},'
+        '"extra":true}\n'
+    ).encode()
     resp = jsonl.decode_response(line, "window_post")
     assert resp == jsonl.JsonResponse(5, WindowPoStOutput(proofs=[PROOF], faults=[1]), None)
 
@@ -140,7 +145,10 @@ def test_not_json_is_a_recoverable_error_without_id():
     [
         (lambda s: s.replace(SEED, "[1,2,3]"), "seed"),
         (lambda s: s.replace(ARR, "[" + ",".join(["256"] * 32) + "]"), "comm_r"),
-        (lambda s: s.replace("StackedDrgWindow32GiBV1_2", "StackedDrgWinning32GiBV1"), "proof_type"),
+        (
+            lambda s: s.replace("StackedDrgWindow32GiBV1_2", "StackedDrgWinning32GiBV1"),
+            "proof_type",
+        ),
         (lambda s: s.replace('"miner_id":1000', '"miner_id":-1'), "miner_id"),
         (lambda s: s.replace('"sector_id":12,', ""), "sector_id"),
     ],
@@ -205,7 +213,9 @@ def test_line_reader_over_long_line_in_one_chunk():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=10), st.data())
+@given(
+    st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=10), st.data()
+)
 def test_line_reader_any_chunking(lines, data):
     stream = b"".join(line + b"\n" for line in lines)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))

@@ -13,8 +13,13 @@ SEED = "ab" * 32
 
 
 def dext(*args, check=None):
-    proc = subprocess.run([sys.executable, "-m", "damocles_ext", *map(str, args)],
-                          capture_output=True, text=True, check=False, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     if check is not None:
         assert proc.returncode == check, proc.stderr
     return proc
@@ -23,8 +28,19 @@ def dext(*args, check=None):
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     root = tmp_path_factory.mktemp("prove-manifest")
-    dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", 3,
-         "--miner", 1000, "--out", root / "s", check=0)
+    dext(
+        "sectors",
+        "create",
+        "--proof-type",
+        "StackedDrgWindow2KiBV1_2",
+        "--count",
+        3,
+        "--miner",
+        1000,
+        "--out",
+        root / "s",
+        check=0,
+    )
     (root / "c.cfg").write_text('[[WdPost]]\nPlugin = "native"\n[[WinPost]]\nPlugin = "native"\n')
     return root
 
@@ -32,8 +48,21 @@ def fixtures(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["window_post", "winning_post"])
 def test_a_manifest_proof_verifies_and_a_changed_one_does_not(fixtures, stage):
     task, out = fixtures / f"{stage}-task.json", fixtures / f"{stage}-out.json"
-    dext("prove", stage, "--manifest", fixtures / "s" / "manifest.json", "--seed", SEED,
-         "--save-request", task, "-c", fixtures / "c.cfg", "-o", out, check=0)
+    dext(
+        "prove",
+        stage,
+        "--manifest",
+        fixtures / "s" / "manifest.json",
+        "--seed",
+        SEED,
+        "--save-request",
+        task,
+        "-c",
+        fixtures / "c.cfg",
+        "-o",
+        out,
+        check=0,
+    )
     saved = json.loads(task.read_text())
     assert saved["seed"][31] == 0xAB & 0x3F and len(saved["replicas"]) == 3
     dext("verify", stage, "--request", task, "--output", out, check=0)
@@ -48,8 +77,21 @@ def test_a_manifest_proof_verifies_and_a_changed_one_does_not(fixtures, stage):
 
 def test_only_the_chosen_sectors_are_proven(fixtures):
     task = fixtures / "subset-task.json"
-    dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json", "--seed", SEED,
-         "--sectors", "1,3", "--save-request", task, "-c", fixtures / "c.cfg", check=0)
+    dext(
+        "prove",
+        "window_post",
+        "--manifest",
+        fixtures / "s" / "manifest.json",
+        "--seed",
+        SEED,
+        "--sectors",
+        "1,3",
+        "--save-request",
+        task,
+        "-c",
+        fixtures / "c.cfg",
+        check=0,
+    )
     assert [r["sector_id"] for r in json.loads(task.read_text())["replicas"]] == [1, 3]
 
 
@@ -64,13 +106,30 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
     ],
 )
 def test_bad_manifest_arguments_exit_2_with_a_message(fixtures, args, message):
-    proc = dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json", *args,
-                "-c", fixtures / "c.cfg", check=2)
+    proc = dext(
+        "prove",
+        "window_post",
+        "--manifest",
+        fixtures / "s" / "manifest.json",
+        *args,
+        "-c",
+        fixtures / "c.cfg",
+        check=2,
+    )
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_seed_without_manifest_is_a_usage_error(fixtures, tmp_path):
     (tmp_path / "t.json").write_text("{}")
-    proc = dext("prove", "window_post", "--request", tmp_path / "t.json", "--seed", SEED,
-                "-c", fixtures / "c.cfg", check=2)
+    proc = dext(
+        "prove",
+        "window_post",
+        "--request",
+        tmp_path / "t.json",
+        "--seed",
+        SEED,
+        "-c",
+        fixtures / "c.cfg",
+        check=2,
+    )
     assert "--seed goes with --manifest" in proc.stderr

@@ -31,8 +31,18 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_layout_is_as_documented():
-    for path in ["pyproject.toml", "damocles_ext", "plugins", "native", "tests", "bench",
-                 "ext-prover.cfg.example", "CONTRIBUTING.md", "README.md", ".ci/run"]:
+    for path in [
+        "pyproject.toml",
+        "damocles_ext",
+        "plugins",
+        "native",
+        "tests",
+        "bench",
+        "ext-prover.cfg.example",
+        "CONTRIBUTING.md",
+        "README.md",
+        ".ci/run",
+    ]:
         assert (ROOT / path).exists(), path
 
 
@@ -45,8 +55,9 @@ SANS_IO = [
     "supervisor/restart.py",  # the restart rules
     "stages.py",  # the stage list and the split WindowPoSt rule
 ]
-IO_IMPORT = re.compile(r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b",
-                       re.MULTILINE)
+IO_IMPORT = re.compile(
+    r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE
+)
 
 
 def sans_io_sources() -> list[Path]:
@@ -73,8 +84,9 @@ async def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    task = WindowPoSt(1000, "StackedDrgWindow2KiBV1_2",
-                      [PoStReplicaInfo(1, bytes(32), "/c", "/s")], bytes(32))
+    task = WindowPoSt(
+        1000, "StackedDrgWindow2KiBV1_2", [PoStReplicaInfo(1, bytes(32), "/c", "/s")], bytes(32)
+    )
     await namespace["main"](task)
     out = capsys.readouterr().out
     assert "SupervisorStats(" in out and "no proof" not in out

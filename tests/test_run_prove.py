@@ -658,8 +658,14 @@ def test_prove_output_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path):
         cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
         task = make_task(56)
         result = dext_run(
-            "prove", "window_post", "--request", str(_task_file(tmp_path, task)), "-c", str(cfg),
-            "-o", str(fifo),
+            "prove",
+            "window_post",
+            "--request",
+            str(_task_file(tmp_path, task)),
+            "-c",
+            str(cfg),
+            "-o",
+            str(fifo),
         )
         assert result.returncode == 0, result.stderr.decode()
         received = b""

@@ -480,9 +480,7 @@ async def test_a_reconnecting_client_refuses_an_impostor_that_took_the_path(sock
 
 @needs_root
 @pytest.mark.parametrize("what", ["open", "theirs", "their-link"])
-def test_run_refuses_a_socket_path_under_a_directory_another_user_could_replace(
-    sock_dir, what
-):
+def test_run_refuses_a_socket_path_under_a_directory_another_user_could_replace(sock_dir, what):
     # Our own private directory for the socket, but under one whose contents another user could
     # swap (writable by all without the sticky bit, theirs, or their symlink in a sticky dir).
     if what == "open":
@@ -597,7 +595,11 @@ async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_c
     # One of ours left there by an older version is moved aside for the test and put back.
     saved = None
     ours = (0, os.geteuid())
-    if OLD_TMP_ROOT.is_dir() and not OLD_TMP_ROOT.is_symlink() and OLD_TMP_ROOT.lstat().st_uid in ours:
+    if (
+        OLD_TMP_ROOT.is_dir()
+        and not OLD_TMP_ROOT.is_symlink()
+        and OLD_TMP_ROOT.lstat().st_uid in ours
+    ):
         saved = OLD_TMP_ROOT.with_name(f"{OLD_TMP_ROOT.name}.saved-{os.getpid()}")
         OLD_TMP_ROOT.rename(saved)
     try:

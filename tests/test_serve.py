@@ -124,7 +124,10 @@ async def test_prover_error_and_internal_error_become_err_msg(harness):
     got = await harness.responses(2)
     assert got[7] == jsonl.JsonResponse(7, None, "request 7 (window_post): prover failed: miner 13")
     assert got[8].output is None
-    assert got[8].err_msg == "request 8 (window_post): internal error in damocles-ext: KeyError: 'a bug'"
+    assert (
+        got[8].err_msg
+        == "request 8 (window_post): internal error in damocles-ext: KeyError: 'a bug'"
+    )
 
 
 async def test_bad_request_with_readable_id_is_answered_with_what_was_wrong(harness, caplog):
@@ -428,7 +431,10 @@ def test_the_orphan_sweep_leaves_zombies_of_our_own_process_group_to_their_owner
     # keep its exit status for the Popen that waits for it.
     result = subprocess.run(
         [sys.executable, "-c", _ZOMBIE_SCRIPT],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
 
@@ -476,7 +482,11 @@ async def _answer_to_one_window_post(nursery, argv: list[str], stderr_file):
 @pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m"])
 def test_serve_deadline_after_refuses_what_is_not_a_duration(tmp_path, value):
     result = dext_run(
-        "serve", "window_post", "-c", str(tmp_path / "x.cfg"), f"--deadline-after={value}",
+        "serve",
+        "window_post",
+        "-c",
+        str(tmp_path / "x.cfg"),
+        f"--deadline-after={value}",
         input=b"",
     )
     assert result.returncode == 2 and b"--deadline-after" in result.stderr, result.stderr
@@ -547,8 +557,10 @@ def test_serve_config_error_exits_2_with_the_message_and_no_ready_line(tmp_path)
         ),
         (
             plugin_block("WdPost", "native", library="/nonexistent/libvendor.so"),
-            ("WdPost[0].Plugin: prover 'native': native: option 'library' = "
-            "'/nonexistent/libvendor.so': no such file"),
+            (
+                "WdPost[0].Plugin: prover 'native': native: option 'library' = "
+                "'/nonexistent/libvendor.so': no such file"
+            ),
         ),
         (plugin_block("WdPost", "no-such-prover"), "WdPost[0].Plugin: unknown prover"),
         (
@@ -853,7 +865,9 @@ async def serving(nursery, mode: str, cfg: Path, sock_path: Path):
     or forwarding to a real `run` (connect)."""
     if mode == "direct":
         yield await ManagerLike.start(
-            nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)], "window_post",
+            nursery,
+            [*DEXT, "serve", "window_post", "-c", str(cfg)],
+            "window_post",
             stderr=subprocess.PIPE,
         )
         return

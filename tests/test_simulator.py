@@ -214,7 +214,10 @@ def test_with_the_gpu_lock_on_winning_post_waits_for_the_gpus_window_post_reques
     # included: the WinningPoSt that arrives at 100 waits, and fails at its 20 s budget unstarted.
     seen = workload()
     locked = run_workload(TINY, seen, "damocles-ext-gpulock")
-    assert locked.winning_missed == 1 and (seen.jobs[1].state, seen.jobs[1].start) == ("failed", None)
+    assert locked.winning_missed == 1 and (seen.jobs[1].state, seen.jobs[1].start) == (
+        "failed",
+        None,
+    )
     # (c) leaves the lock off (GpuLock = false): it time-shares the GPU, 8 s instead of 4.
     assert run_workload(TINY, workload(), "c").winning_p99_latency == 8.0
     two = replace(TINY, gpus=2)

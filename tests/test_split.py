@@ -244,7 +244,10 @@ async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_
             assert await rec.next("started") == ("started", 1, f"{VAN}#0")
             sup.request_shutdown()  # the vanilla step runs; its SNARK step is yet to come
     assert results == [echo_output(window_task(miner=9))]
-    assert [e for e in rec.log if e[0] == "finished"] == [("finished", 1, "ok"), ("finished", 2, "ok")]
+    assert [e for e in rec.log if e[0] == "finished"] == [
+        ("finished", 1, "ok"),
+        ("finished", 2, "ok"),
+    ]
 
 
 async def test_echo_steps_join_to_the_whole_echo_answer():

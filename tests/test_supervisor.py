@@ -281,9 +281,7 @@ async def test_a_bin_that_is_a_directory_is_a_failed_start_that_says_so(tmp_path
 
 
 async def test_a_nul_in_an_env_name_is_a_failed_start_not_a_crash():
-    child = spec(
-        [sys.executable, "-c", "pass"], envs={"A\x00B": "x"}, auto_restart=False
-    )
+    child = spec([sys.executable, "-c", "pass"], envs={"A\x00B": "x"}, auto_restart=False)
     async with open_supervisor([child]) as sup:
         with pytest.raises(ProverError, match=r"cannot start .*: embedded null byte"):
             await sup.wait_ready()
@@ -500,7 +498,6 @@ async def test_env_cpuset_and_tmpdir_are_applied_before_the_child_runs(tmp_path,
     assert data["cpus"] == [0]
     assert data["env"]["FOO"] == "bar" and "DEXT_TEST_INHERITED" not in data["env"]
     assert stat.S_IMODE(tmpdir.stat().st_mode) == 0o700
-
 
 
 # The per-GPU TMPDIR `<tmp root>/<stage>-gpu<i>/` (from Gpus) is private: the default tmp root

@@ -81,8 +81,21 @@ def test_builtin_and_plugin_style_provers_satisfy_the_prover_protocol(tmp_path: 
     (tmp_path / "snippet.py").write_text(SNIPPET)
     env = dict(os.environ, MYPYPATH=f"{ROOT}{os.pathsep}{stubs}")
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent",
-         "--warn-unused-ignores", "--config-file=/dev/null", str(tmp_path / "snippet.py")],
-        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--warn-unused-ignores",
+            "--config-file=/dev/null",
+            str(tmp_path / "snippet.py"),
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -163,9 +163,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
         try:
             parsed = parser.parse_args(["serve", *args])
         except _Refused as exc:
-            warnings.append(
-                f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args"
-            )
+            warnings.append(f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args")
             continue
         if parsed.stage != entry.stage:
             warnings.append(

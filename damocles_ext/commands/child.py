@@ -44,19 +44,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("stage", choices=STAGES, help="the PoSt stage this child serves")
-    parser.add_argument("--plugin", required=True, metavar="NAME",
-                        help="the prover's name (see `damocles-ext plugins`)")
     parser.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="a prover option (repeatable); numbers and true/false are typed, "
-        'a value in double quotes stays a string',
+        "--plugin",
+        required=True,
+        metavar="NAME",
+        help="the prover's name (see `damocles-ext plugins`)",
     )
-    parser.add_argument("--protocol", choices=("dext", "jsonl"), default="dext",
-                        help="wire protocol on stdin/stdout (default: dext)")
-    parser.add_argument("--capacity", type=_positive_int, default=1, metavar="N",
-                        help="requests proved at once on worker threads (default: 1)")
     parser.add_argument(
-        "--heartbeat", type=_positive_float, default=None, metavar="SECONDS",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a prover option (repeatable); numbers and true/false are typed, "
+        "a value in double quotes stays a string",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("dext", "jsonl"),
+        default="dext",
+        help="wire protocol on stdin/stdout (default: dext)",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="requests proved at once on worker threads (default: 1)",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
         help="re-send progress of a silent prover this often (default: 2; dext only)",
     )
     return parser

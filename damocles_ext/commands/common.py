@@ -153,7 +153,6 @@ def add_dump_arg(parser: argparse.ArgumentParser) -> None:
     add(parser)
 
 
-
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
 _UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -180,4 +179,3 @@ def positive_duration(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
     return value
-

@@ -148,14 +148,21 @@ def run(args: argparse.Namespace) -> int:
             from damocles_ext.frontends.prove import prove_in_process
 
             output = prove_in_process(
-                children, task, plugin_manager=plugin_manager, deadline=deadline,
-                priority=args.priority, on_progress=on_progress,
+                children,
+                task,
+                plugin_manager=plugin_manager,
+                deadline=deadline,
+                priority=args.priority,
+                on_progress=on_progress,
             )
         else:
             from damocles_ext.frontends.prove import prove_through_socket
 
             output = prove_through_socket(
-                args.socket, task, deadline=deadline, priority=args.priority,
+                args.socket,
+                task,
+                deadline=deadline,
+                priority=args.priority,
                 on_progress=on_progress,
             )
     finally:

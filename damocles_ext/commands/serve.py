@@ -89,7 +89,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-
 def _socket_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty socket path; leave the value out for the default")

@@ -49,7 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "comma-separated seconds per miner (default colliding)",
     )
     parser.add_argument(
-        "--submit-margin", default="5m", help="proofs are due this long before the window closes (default 5m)"
+        "--submit-margin",
+        default="5m",
+        help="proofs are due this long before the window closes (default 5m)",
     )
     parser.add_argument(
         "--snark",
@@ -108,6 +110,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 #: A miner proves WinningPoSt at most once a 30-second epoch.
 _MAX_WINNING_RATE = 120.0
 _PROVING_PERIOD = 24 * 3600.0
+
 
 def _seconds(text: str, option: str) -> float:
     from damocles_ext.errors import UsageError

@@ -316,9 +316,7 @@ class _Connection:
 
     def _activity(self) -> None:
         self.last_active = now = trio.current_time()
-        self._read_scope.deadline = (
-            now + self._server.idle_timeout if self.idle else float("inf")
-        )
+        self._read_scope.deadline = now + self._server.idle_timeout if self.idle else float("inf")
 
     async def run(self) -> None:
         try:
@@ -331,9 +329,7 @@ class _Connection:
                     goodbye = self._evicted
                     if goodbye is None:
                         self._server._stats.idle_closed += 1
-                        goodbye = (
-                            f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
-                        )
+                        goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
                         log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
                 nursery.cancel_scope.cancel()

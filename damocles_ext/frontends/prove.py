@@ -31,7 +31,9 @@ def prove_in_process(
     on_progress: Callable[[Any], None] | None = None,
 ) -> Output:
     """Start `children`, prove `task` on them, stop them; ProverError when there is no proof."""
-    return trio.run(_prove_embedded, children, task, deadline, priority, on_progress, plugin_manager)
+    return trio.run(
+        _prove_embedded, children, task, deadline, priority, on_progress, plugin_manager
+    )
 
 
 def prove_through_socket(

@@ -93,6 +93,7 @@ async def _run(
         )
         server = ControlServer(sock, supervisor.submit, status=status.as_data, **(limits or {}))
         async with trio.open_nursery() as nursery:
+
             def shut_down() -> None:
                 server.stop_accepting()
                 supervisor.request_shutdown()

@@ -10,7 +10,11 @@ log = logging.getLogger("damocles_ext.serve")
 
 
 async def watch_signals(
-    signals, cancel_scope, shut_down, logger: logging.Logger = log, at_once: Callable[[], None] | None = None
+    signals,
+    cancel_scope,
+    shut_down,
+    logger: logging.Logger = log,
+    at_once: Callable[[], None] | None = None,
 ) -> None:
     """First SIGTERM/SIGINT: call `shut_down()` (graceful); a second one cancels `cancel_scope`,
     or calls `at_once()` when given."""

@@ -40,7 +40,6 @@ prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, 
 prctl.restype = ctypes.c_int
 
 
-
 class SpawnError(Exception):
     """The child could not be started; the message says why and what to change."""
 

@@ -186,7 +186,5 @@ def make_plugin_dist(
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(
-        f"[damocles_ext]\n{entry_point or module} = {module}\n"
-    )
+    (info / "entry_points.txt").write_text(f"[damocles_ext]\n{entry_point or module} = {module}\n")
     return root
