@@ -179,7 +179,6 @@ def sample_trees(roots: Mapping[str, int]) -> dict[str, TreeSample]:
     CPU seconds of a tree are user + system time of its live processes plus the time of the
     children they reaped, so a grandchild that exits does not make the sum go back.
     """
-    import psutil
 
     if not roots:
         return {}
@@ -196,17 +195,13 @@ def sample_trees(roots: Mapping[str, int]) -> dict[str, TreeSample]:
             if pid in seen:
                 continue
             seen.add(pid)
-            try:
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    t = proc.cpu_times()
-                    mem = proc.memory_info()
-            except psutil.Error:
+            got = _read_process(pid)
+            if got is None:
                 if pid == root:
                     break
                 continue
-            cpu += t.user + t.system + t.children_user + t.children_system
-            rss += mem.rss
+            cpu += got[0] + got[1]
+            rss += got[2]
             count += 1
             stack.extend(kids.get(pid, ()))
         if count:
@@ -220,6 +215,12 @@ def sample_process(pid: int) -> TreeSample | None:
     For the supervisor itself: its tree holds the children, whose memory and CPU are reported
     per child, and its reaped-children CPU time holds every child process that ever ended.
     """
+    got = _read_process(pid)
+    return None if got is None else TreeSample(got[0], got[2], 1, time.monotonic())
+
+
+def _read_process(pid: int) -> tuple[float, float, int] | None:
+    """(own CPU seconds, CPU seconds of the children it reaped, RSS bytes); None if gone."""
     import psutil
 
     try:
@@ -229,7 +230,7 @@ def sample_process(pid: int) -> TreeSample | None:
             mem = proc.memory_info()
     except psutil.Error:
         return None
-    return TreeSample(t.user + t.system, mem.rss, 1, time.monotonic())
+    return t.user + t.system, t.children_user + t.children_system, mem.rss
 
 
 def cpu_percent(before: TreeSample | None, after: TreeSample | None) -> float | None:

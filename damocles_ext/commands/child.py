@@ -7,19 +7,10 @@ import logging
 import os
 import sys
 
+from damocles_ext.commands.common import positive_int
 from damocles_ext.stages import POST_STAGES, STAGES
 
 LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -66,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--capacity",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="requests proved at once on worker threads (default: 1)",

@@ -13,6 +13,7 @@ from .common import (
     add_shutdown_arg,
     load_config_from_args,
     positive_duration,
+    positive_int,
     setup_logging,
     supervisor_options,
 )
@@ -52,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--max-connections",
-        type=_count,
+        type=positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="control socket connections open at once; over it, the connection idle longest is"
@@ -77,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--metrics-max-connections",
-        type=_count,
+        type=positive_int,
         default=DEFAULT_METRICS_MAX_CONNECTIONS,
         metavar="N",
         help="metrics connections open at once; over it, the one idle longest is closed"
@@ -117,16 +118,6 @@ def parse_size(text: str) -> int:
     value = int(m.group(1)) * 1024 ** "_kmg".index((m.group(2) or "_").lower())
     if value < 2**20:
         raise argparse.ArgumentTypeError(f"{text!r} is under 1 MiB; give at least 1M")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
