@@ -118,11 +118,9 @@ class _JsonlCodec:
         out = []
         for line in self._reader.receive_data(data):
             if isinstance(line, j.LineTooLong):
-                out.append(
-                    _In(
-                        "bad", message=f"skipped a line of {line.length} bytes (limit {line.limit})"
-                    )
-                )
+                message = f"skipped a line of {line.length} bytes (limit {line.limit})"
+                # With its leading id the request is answered with the error, not left unanswered.
+                out.append(_In("bad", j.leading_id(line.head), message=message))
                 continue
             if not line.strip():
                 continue

@@ -525,6 +525,7 @@ def test_run_defaults_for_the_limits_are_those_of_the_servers():
         ("--metrics-idle-timeout", "soon", "'soon' is not a duration"),
         ("--max-buffer", "lots", "'lots' is not a size"),
         ("--max-buffer", "4K", "'4K' is under 1 MiB"),
+        ("--restart-delay", "inf", "must be a finite number of seconds"),
     ],
 )
 def test_bad_limit_settings_exit_2_saying_what_is_wrong(tmp_path, option, value, message):

@@ -163,3 +163,18 @@ async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkey
         sup.request_shutdown()
     assert dropped > 0
     assert "observers are too slow" in caplog.text
+
+
+def test_a_timer_cancelled_after_it_fired_is_not_counted_twice():
+    # The heartbeat and stdin timers of a process are cancelled when it goes down, often after
+    # they fired: the count of live timers (what the leak tests read) must stay right.
+    from damocles_ext.supervisor.timers import Timers
+
+    timers = Timers()
+    fired = timers.add(1.0, lambda now: None)
+    live = timers.add(5.0, lambda now: None)
+    assert len(timers.pop_due(2.0)) == 1
+    timers.cancel(fired)
+    assert len(timers) == 1
+    timers.cancel(live)
+    assert len(timers) == 0

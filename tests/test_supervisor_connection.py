@@ -135,3 +135,13 @@ def test_requests_cancel_and_shutdown_bytes_per_protocol():
     j = ChildConnection("window_post", "jsonl")
     assert j.encode_request(3, task) == jsonl.encode_request(3, task)
     assert j.encode_cancel(3) is None and j.encode_shutdown() is None
+
+
+def test_an_over_long_json_line_with_a_leading_id_answers_that_request():
+    # Skipped whole (over the line limit), but its id leads it, as damocles writes it: the
+    # request is answered as invalid instead of waiting for ever.
+    conn = ChildConnection("window_post", "jsonl")
+    conn.receive_data(jsonl.ready_line("window_post"))
+    line = b'{"id":7,"err_msg":null,"output":{"proofs":["' + b"A" * (jsonl.DEFAULT_MAX_LINE + 8)
+    events = conn.receive_data(line + b'"]}}\n')
+    assert [(type(e), e.child_rid) for e in events] == [(Skipped, 7)]

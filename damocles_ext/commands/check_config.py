@@ -51,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     path = args.config if args.config is not None else args.file
     config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
     # The same checks as serve and run make before they report ready: what passes here starts.
+    for warning in config.warnings:  # shown also when a start-up check fails below
+        print(f"warning: {warning}", file=sys.stderr)
     check_startable(config)
-    for warning in [*config.warnings, *manager_entry_warnings(config)]:
+    for warning in manager_entry_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")

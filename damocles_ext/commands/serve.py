@@ -136,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.frontends.serve import serve_children
     from damocles_ext.plugins import get_plugin_manager
 
-    plugin_manager = get_plugin_manager()
+    # Loading the plugins takes tens of ms before the ready line: only when a child needs them
+    # (supervisor_options loads them after the ready line otherwise, for observer plugins).
+    needs_plugins = any(child.kind == "plugin" for child in children)
+    plugin_manager = get_plugin_manager() if needs_plugins else None
     check_startable(config, children, plugin_manager=plugin_manager)
     return serve_children(
         args.stage,

@@ -185,7 +185,9 @@ class ChildConnection:
             if isinstance(line, jsonl.LineTooLong):
                 events.append(
                     Skipped(
-                        f"skipped a stdout line of {line.length} bytes (limit {line.limit})", None
+                        f"skipped a stdout line of {line.length} bytes (limit {line.limit})",
+                        # Its id, when it leads the line: that request is answered, not left.
+                        jsonl.leading_id(line.head),
                     )
                 )
                 continue

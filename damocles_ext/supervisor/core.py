@@ -711,7 +711,10 @@ class Supervisor:
                 timers.wake = trio.Event()
                 now = trio.current_time()
                 for fn in timers.pop_due(now):
-                    fn(now)
+                    try:
+                        fn(now)
+                    except Exception:  # a bug of ours in one rule must not end the supervisor
+                        log.exception("a timer of the supervisor failed; going on")
                 wakeup = self._scheduler.next_wakeup()
                 if wakeup is not None and wakeup <= now:
                     self._dispatch()

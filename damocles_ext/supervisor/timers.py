@@ -54,7 +54,9 @@ class Timers:
     def pop_due(self, now: float) -> list[Callable[[float], None]]:
         due = []
         while self._heap and self._heap[0][0] <= now:
-            fn = heapq.heappop(self._heap)[2]
+            entry = heapq.heappop(self._heap)
+            fn = entry[2]
+            entry[2] = None  # fired: a later cancel() of it is a no-op, not a miscount
             if fn is None:
                 self._cancelled -= 1
             else:
