@@ -13,8 +13,10 @@ from damocles_ext.tasks import (
     PoStReplicaInfo,
     WindowPoSt,
     WindowPoStOutput,
+    WindowPoStVanillaOutput,
     WinningPoSt,
     WinningPoStOutput,
+    split_window_post,
 )
 
 ARR = "[" + ",".join(str(i) for i in range(32)) + "]"
@@ -183,6 +185,28 @@ def test_task_from_json_reports_malformed_json_position():
 def test_unknown_stage_is_refused():
     with pytest.raises(ValueError, match="unknown stage"):
         jsonl.task_from_json(b"{}", "sealing")
+
+
+@pytest.mark.parametrize("stage", ["window_post_vanilla", "window_post_snark"])
+def test_a_split_step_stage_has_no_json_form(stage):
+    # damocles-manager knows only the two PoSt stages; a split step is refused with the reason,
+    # not with a bare KeyError from a lookup table.
+    for parse in (jsonl.task_from_json, jsonl.output_from_json):
+        with pytest.raises(ValueError, match="split WindowPoSt steps have no JSON form"):
+            parse(b"{}", stage)
+    with pytest.raises(ValueError, match="split WindowPoSt steps have no JSON form"):
+        jsonl.decode_request(b'{"id":1,"task":{}}\n', stage)
+
+
+def test_a_split_step_task_or_output_cannot_be_encoded_as_json():
+    vanilla = split_window_post(TASK)
+    with pytest.raises(TypeError, match="window_post_vanilla task has no damocles JSON form"):
+        jsonl.task_to_json(vanilla)
+    with pytest.raises(TypeError, match="window_post_vanilla task has no damocles JSON form"):
+        jsonl.encode_request(1, vanilla)
+    output = WindowPoStVanillaOutput(vanilla_proofs=[b"v"], faults=[])
+    with pytest.raises(TypeError, match="window_post_vanilla output has no damocles JSON form"):
+        jsonl.encode_response(1, output)
 
 
 def test_detect_protocol_from_first_byte():
