@@ -164,6 +164,10 @@ class WindowPoStSnarkOutput(
 
 Task = WindowPoSt | WinningPoSt | WindowPoStVanilla | WindowPoStSnark
 Output = WindowPoStOutput | WinningPoStOutput | WindowPoStVanillaOutput | WindowPoStSnarkOutput
+#: The tasks and outputs of damocles-manager's own two stages (no split step): what its JSON
+#: lines carry and what a caller submits and gets back.
+PoStTask = WindowPoSt | WinningPoSt
+PoStOutput = WindowPoStOutput | WinningPoStOutput
 
 TASK_TYPES: dict[str, type] = {
     "window_post": WindowPoSt,

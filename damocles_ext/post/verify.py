@@ -18,7 +18,7 @@ from ..tasks import (
     stage_of,
 )
 from . import challenges as ch
-from .errors import InvalidTaskError, VerifyError
+from .errors import InvalidTaskError, VerifyError, split_step_not_a_proof
 from .layout import (
     HEADER,
     KIND_WINDOW,
@@ -162,7 +162,9 @@ def verify(task: Task, output: Output) -> None:
     """Verify an output of either stage; VerifyError when it does not prove the task."""
     if stage_of(task) != stage_of(output):
         raise InvalidTaskError(f"a {stage_of(output)} output cannot prove a {stage_of(task)} task")
-    if isinstance(task, WindowPoSt):
-        verify_window_post(task, output)  # type: ignore[arg-type]
+    if isinstance(task, WindowPoSt) and isinstance(output, WindowPoStOutput):
+        verify_window_post(task, output)
+    elif isinstance(task, WinningPoSt) and isinstance(output, WinningPoStOutput):
+        verify_winning_post(task, output)
     else:
-        verify_winning_post(task, output)  # type: ignore[arg-type]
+        raise split_step_not_a_proof(stage_of(task))

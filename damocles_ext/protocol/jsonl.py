@@ -18,7 +18,9 @@ import msgspec
 
 from ..tasks import (
     Output,
+    PoStOutput,
     PoStReplicaInfo,
+    PoStTask,
     Task,
     WindowPoSt,
     WindowPoStOutput,
@@ -97,12 +99,12 @@ class _ResponseHead(msgspec.Struct):
 
 class JsonRequest(msgspec.Struct, frozen=True):
     id: int
-    task: Task
+    task: PoStTask
 
 
 class JsonResponse(msgspec.Struct, frozen=True):
     id: int
-    output: Output | None
+    output: PoStOutput | None
     err_msg: str | None
 
 
@@ -175,7 +177,7 @@ def _task_to_json_struct(task: Task) -> _JsonTask:
     return _WinningPoSt(task.miner_id, task.proof_type, replicas, list(task.seed))
 
 
-def _task_from_json_struct(j: _JsonTask) -> Task:
+def _task_from_json_struct(j: _JsonTask) -> PoStTask:
     replicas = [
         PoStReplicaInfo(r.sector_id, bytes(r.comm_r), r.cache_dir, r.sealed_file)
         for r in j.replicas
@@ -202,7 +204,7 @@ def task_to_json(task: Task) -> bytes:
     return _encoder.encode(_task_to_json_struct(task))
 
 
-def task_from_json(data: bytes | str, stage: str) -> Task:
+def task_from_json(data: bytes | str, stage: str) -> PoStTask:
     """Parse a task in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
     return _task_from_json_struct(_decode(_task_decoders[stage], data, f"{stage} task"))
@@ -221,13 +223,13 @@ def output_to_json(output: Output) -> bytes:
     return _encoder.encode(_output_to_json_struct(output))
 
 
-def _output_from_json_struct(j: _JsonOutput) -> Output:
+def _output_from_json_struct(j: _JsonOutput) -> PoStOutput:
     if isinstance(j, _WindowPoStOutput):
         return WindowPoStOutput(proofs=j.proofs, faults=j.faults)
     return WinningPoStOutput(proofs=j.proofs)
 
 
-def output_from_json(data: bytes | str, stage: str) -> Output:
+def output_from_json(data: bytes | str, stage: str) -> PoStOutput:
     """Parse an output in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
     return _output_from_json_struct(_decode(_output_decoders[stage], data, f"{stage} output"))
