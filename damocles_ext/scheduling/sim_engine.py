@@ -11,7 +11,6 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from .baselines import BaselineChild, DamoclesDispatch
 from .policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
@@ -127,6 +126,55 @@ def _deployment(policy: str, gpus: int) -> list[_Slot]:
     return out
 
 
+# The engine's events, by what happens then. A job's events carry the job's token as it was when
+# they were queued: an abort bumps the token, which voids them.
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrive:
+    job: SimJob
+
+
+@dataclass(frozen=True, slots=True)
+class _VanillaDone:
+    job: SimJob
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class _GpuCompletion:
+    """The next SNARK on a GPU ends, unless the GPU's jobs changed since (`version`)."""
+
+    gpu: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class _ProgressDue:
+    job: SimJob
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class _WindowClose:
+    """A deadline's challenge window closes: damocles-manager aborts its requests."""
+
+    jobs: list[SimJob]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fill:
+    """The reference's idle GPUs take ready SNARKs, once an instant's events are all in."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    """The scheduler asked to decide again now (a deadline passes)."""
+
+
+_Event = _Arrive | _VanillaDone | _GpuCompletion | _ProgressDue | _WindowClose | _Fill | _Wake
+
+
 class _Engine:
     def __init__(self, scenario: Scenario, workload: Workload, policy: str) -> None:
         self.scenario = scenario
@@ -135,7 +183,9 @@ class _Engine:
         self.horizon = scenario.horizon()
         self.gpus = [_Gpu(g, self.horizon, speed) for g, speed in enumerate(scenario.gpu_speeds())]
         self.slots = {s.child_id: s for s in _deployment(policy, scenario.gpus)}
-        self.heap: list[tuple[float, int, str, Any]] = []
+        # The sequence number orders events of one instant as they were pushed (and is unique:
+        # events themselves are never compared).
+        self.heap: list[tuple[float, int, _Event]] = []
         self.seq = itertools.count()
         self.now = 0.0
         self.wake_at: float | None = None
@@ -148,9 +198,10 @@ class _Engine:
         # reference: (due, -duration if clairvoyant else 0, job id)
         self.ready_snarks: list[tuple[float, float, int]] = []
         self.fill_pending = False
+        self.scheduler: Scheduler | None = None
+        self.baseline: DamoclesDispatch | None = None
         if self.reference:
-            self.scheduler: Scheduler | None = None
-            self.baseline = None
+            pass
         elif policy in (
             "damocles-ext",
             "damocles-ext-gpulock",
@@ -164,20 +215,18 @@ class _Engine:
                 locks = frozenset({f"gpu:{s.gpu}"}) if gpulock and s.gpu >= 0 else frozenset()
                 self.scheduler.add_child(ChildInfo(s.child_id, s.stage, s.capacity, 1, locks))
                 self.scheduler.child_ready(s.child_id, 0.0)
-            self.baseline = None
         else:
-            self.scheduler = None
             self.baseline = DamoclesDispatch(
                 [BaselineChild(s.child_id, s.stage, s.capacity) for s in self.slots.values()],
                 rng_for(scenario.seed, "dispatch", policy),
             )
 
-    def push(self, t: float, kind: str, data: Any) -> None:
-        heapq.heappush(self.heap, (t, next(self.seq), kind, data))
+    def push(self, t: float, event: _Event) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), event))
 
     def run(self) -> None:
         for job in self.jobs.values():
-            self.push(job.release, "arrive", job)
+            self.push(job.release, _Arrive(job))
         if self.baseline is not None:
             # damocles-manager aborts a deadline's runner when its window closes.
             windows: dict[tuple[int, int], list[SimJob]] = {}
@@ -185,41 +234,40 @@ class _Engine:
                 if job.stage == WINDOW_POST:
                     windows.setdefault((job.miner, job.deadline_index), []).append(job)
             for jobs in windows.values():
-                self.push(jobs[0].due + self.scenario.submit_margin, "close", jobs)
+                self.push(jobs[0].due + self.scenario.submit_margin, _WindowClose(jobs))
         while self.heap:
-            t, _, kind, data = heapq.heappop(self.heap)
+            t, _, event = heapq.heappop(self.heap)
             self.now = t
-            if kind == "arrive":
-                self.arrived(data)
-            elif kind == "vanilla":
-                job, token = data
-                if job.state == "vanilla" and job.token == token:
-                    self.to_gpu(job)
-            elif kind == "gpu":
-                g, version = data
-                gpu = self.gpus[g]
-                if gpu.version == version:
-                    nxt = gpu.next_completion(gpu.last)
-                    assert nxt is not None
-                    job = nxt[1]
-                    gpu.remove(job, t)
-                    self.reschedule(gpu)
-                    job.state, job.finish = "done", t
-                    self.ended(job)
-            elif kind == "progress":
-                job, token = data
-                if job.state == "gpu" and job.token == token:
-                    self.report_snark(job)
-            elif kind == "close":
-                assert self.baseline is not None
-                for job_id in self.baseline.expire(self, [job.job_id for job in data]):
-                    self.jobs[job_id].state = "failed"  # dropped while waiting for its slot
-            elif kind == "fill":
-                self.fill_pending = False
-                self.fill_gpus()
-            elif kind == "wake" and self.wake_at == t:  # else superseded by an earlier wake
-                self.wake_at = None
-                self.decide()
+            match event:
+                case _Arrive(job):
+                    self.arrived(job)
+                case _VanillaDone(job, token):
+                    if job.state == "vanilla" and job.token == token:
+                        self.to_gpu(job)
+                case _GpuCompletion(g, version):
+                    gpu = self.gpus[g]
+                    if gpu.version == version:
+                        nxt = gpu.next_completion(gpu.last)
+                        assert nxt is not None
+                        job = nxt[1]
+                        gpu.remove(job, t)
+                        self.reschedule(gpu)
+                        job.state, job.finish = "done", t
+                        self.ended(job)
+                case _ProgressDue(job, token):
+                    if job.state == "gpu" and job.token == token:
+                        self.report_snark(job)
+                case _WindowClose(jobs):
+                    assert self.baseline is not None
+                    for job_id in self.baseline.expire(self, [job.job_id for job in jobs]):
+                        self.jobs[job_id].state = "failed"  # dropped while waiting for its slot
+                case _Fill():
+                    self.fill_pending = False
+                    self.fill_gpus()
+                case _Wake():
+                    if self.wake_at == t:  # else superseded by an earlier wake
+                        self.wake_at = None
+                        self.decide()
 
     # dispatch plumbing
 
@@ -227,7 +275,7 @@ class _Engine:
         if self.reference:
             if job.stage == WINDOW_POST:
                 job.state, job.start = "vanilla", self.now
-                self.push(self.now + job.vanilla, "vanilla", (job, job.token))
+                self.push(self.now + job.vanilla, _VanillaDone(job, job.token))
             else:
                 gpu = min(self.gpus, key=lambda g: (len(g.active()), g.index))
                 job.child = f"win{gpu.index}"
@@ -237,6 +285,7 @@ class _Engine:
             self.scheduler.submit(Job(job.job_id, stage, self.now, deadline=job.due), self.now)
             self.decide()
         else:
+            assert self.baseline is not None
             self.baseline.arrived(self, job.job_id, job.stage)
 
     def ended(self, job: SimJob) -> None:
@@ -246,6 +295,7 @@ class _Engine:
             self.scheduler.finished(self._sched_id(job), self.now)
             self.decide()
         else:
+            assert self.baseline is not None
             self.baseline.finished(self, job.job_id)
 
     def decide(self) -> None:
@@ -278,7 +328,7 @@ class _Engine:
         wake = sched.next_wakeup()
         if wake is not None and (self.wake_at is None or wake < self.wake_at):
             self.wake_at = wake
-            self.push(wake, "wake", None)
+            self.push(wake, _Wake())
 
     # what a child does with a request
 
@@ -292,7 +342,7 @@ class _Engine:
         job.child, job.start, job.state = child_id, self.now, "vanilla"
         job.token += 1
         if job.vanilla > 0:
-            self.push(self.now + job.vanilla, "vanilla", (job, job.token))
+            self.push(self.now + job.vanilla, _VanillaDone(job, job.token))
         else:
             self.to_gpu(job)
 
@@ -324,7 +374,7 @@ class _Engine:
             # the same moment are chosen among together (the clairvoyant's longest first).
             if not self.fill_pending:
                 self.fill_pending = True
-                self.push(self.now, "fill", None)
+                self.push(self.now, _Fill())
             return
         slot = self.slots[job.child]
         gpu = self.gpus[slot.gpu]
@@ -339,7 +389,7 @@ class _Engine:
     def report_snark(self, job: SimJob) -> None:
         """What a dext child says while a SNARK runs: phase "snark", done/total so far."""
         assert self.scheduler is not None
-        gpu = self.gpus[self.slots[job.child].gpu]
+        gpu = self._gpu_of(job)
         gpu.advance(self.now)
         work = gpu.work(job)
         fraction = 1.0 - gpu.remaining[job.job_id] / work if work > 0 else 0.0
@@ -347,11 +397,11 @@ class _Engine:
         self.scheduler.progress(job.job_id, "snark", done, self._STEPS, self.now)
         self.decide()
         if self.scenario.progress_interval > 0:
-            self.push(self.now + self.scenario.progress_interval, "progress", (job, job.token))
+            self.push(self.now + self.scenario.progress_interval, _ProgressDue(job, job.token))
 
     def abort(self, job: SimJob) -> None:
         if job.state == "gpu":
-            gpu = self.gpus[self.slots[job.child].gpu]
+            gpu = self._gpu_of(job)
             gpu.remove(job, self.now)
             self.reschedule(gpu)
         job.token += 1  # a pending vanilla completion is void
@@ -360,7 +410,12 @@ class _Engine:
         gpu.version += 1
         nxt = gpu.next_completion(gpu.last)
         if nxt is not None:
-            self.push(nxt[0], "gpu", (gpu.index, gpu.version))
+            self.push(nxt[0], _GpuCompletion(gpu.index, gpu.version))
+
+    def _gpu_of(self, job: SimJob) -> _Gpu:
+        """The GPU of the child `job` runs on (asked only of a job on a GPU)."""
+        assert job.child is not None, f"job {job.job_id} is on no child"
+        return self.gpus[self.slots[job.child].gpu]
 
     def finish_accounting(self) -> None:
         for gpu in self.gpus:
@@ -408,14 +463,14 @@ def _result(policy: str, engine: _Engine) -> PolicyResult:
     slacks = []
     missed = late = abandoned = 0
     for jobs in per_deadline.values():
-        if any(j.finish is None for j in jobs):
-            abandoned += sum(j.finish is None for j in jobs)
-            late += sum(j.finish is not None and j.finish > j.due for j in jobs)
+        finished = [(j, j.finish) for j in jobs if j.finish is not None]
+        late += sum(finish > j.due for j, finish in finished)
+        if len(finished) < len(jobs):
+            abandoned += len(jobs) - len(finished)
             missed += 1
             slacks.append(-math.inf)
             continue
-        late += sum(j.finish > j.due for j in jobs)
-        slack = jobs[0].due - max(j.finish for j in jobs)
+        slack = jobs[0].due - max(finish for _, finish in finished)
         missed += slack < 0
         slacks.append(slack)
     slacks.sort()
