@@ -19,11 +19,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .protocol.control import STATUS_SCHEMA
+
+if TYPE_CHECKING:
+    from .supervisor import ChildStats, Supervisor, SupervisorStats
 
 SCHEMA = STATUS_SCHEMA
 DEFAULT_CPU_INTERVAL = 0.25
@@ -291,7 +294,7 @@ def child_lock_dir(tmpdir: str | None, env: Mapping[str, str] | None = None) -> 
 
 
 def assemble(
-    stats: Any,
+    stats: SupervisorStats,
     trees: Mapping[str, TreeSample],
     cpu: Mapping[str, float | None],
     lock_files: Mapping[str, LockFiles],
@@ -306,7 +309,7 @@ def assemble(
     from . import __version__
 
     children = []
-    per_stage: dict[str, list[Any]] = {}
+    per_stage: dict[str, list[ChildStats]] = {}
     for c in stats.children:
         tree = trees.get(c.name) if c.pid is not None else None
         children.append(
@@ -384,7 +387,7 @@ class StatusSource:
 
     def __init__(
         self,
-        supervisor: Any,
+        supervisor: Supervisor,
         *,
         socket: str | None = None,
         metrics: Callable[[], str | None] | None = None,
