@@ -59,6 +59,8 @@ class NativeLoadError(UsageError):
     """A native prover library cannot be used (missing, not loadable, wrong symbols or ABI)."""
 
 
+# The cffi objects below (the compiled module, its lib, FFI data) are Any: types-cffi types C data
+# without its struct fields and a library without its functions, so every use would need an ignore.
 def _compiled() -> Any:
     try:
         # Built by cffi at install time (native/build_ffi.py): an extension without a stub.
@@ -139,7 +141,7 @@ class NativeProver:
     def __init__(
         self,
         library_path: str | os.PathLike | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: Mapping[str, object] | None = None,
     ) -> None:
         native = _compiled()
         _install_trampoline(native)
