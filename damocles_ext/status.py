@@ -482,7 +482,12 @@ def _locks(c: ChildStatus) -> str:
 def _deadline(stage: StageStatus) -> str:
     if stage.nearest_deadline is None or stage.nearest_deadline_in is None:
         return "-"
-    at = _dt.datetime.fromtimestamp(stage.nearest_deadline).strftime("%H:%M:%S")
+    # Shown in the reader's local time, as the rest of the table.
+    at = (
+        _dt.datetime.fromtimestamp(stage.nearest_deadline, _dt.UTC)
+        .astimezone()
+        .strftime("%H:%M:%S")
+    )
     left = stage.nearest_deadline_in
     when = f"in {format_duration(left)}" if left >= 0 else f"{format_duration(-left)} ago"
     return f"{when} ({at})"

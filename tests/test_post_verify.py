@@ -121,7 +121,7 @@ def test_seed_flips_are_rejected_except_the_two_bits_a_field_element_drops(verif
         if bit in (31 * 8 + 6, 31 * 8 + 7):
             verifier(changed, output)  # seed[31] &= 0x3f: the same randomness
         else:
-            with pytest.raises(VerifyError, match="seed|challenge"):
+            with pytest.raises(VerifyError, match=r"seed|challenge"):
                 verifier(changed, output)
 
 

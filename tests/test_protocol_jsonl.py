@@ -101,9 +101,9 @@ def test_error_response_bytes():
 
 
 def test_response_needs_exactly_one_of_output_and_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of output and err_msg"):
         jsonl.encode_response(1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of output and err_msg"):
         jsonl.encode_response(1, WinningPoStOutput(proofs=[]), err_msg="x")
 
 
@@ -143,7 +143,7 @@ def test_not_json_is_a_recoverable_error_without_id():
 
 
 @pytest.mark.parametrize(
-    "mutation, message",
+    ("mutation", "message"),
     [
         (lambda s: s.replace(SEED, "[1,2,3]"), "seed"),
         (lambda s: s.replace(ARR, "[" + ",".join(["256"] * 32) + "]"), "comm_r"),
@@ -245,7 +245,7 @@ def test_line_reader_any_chunking(lines, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     r = jsonl.LineReader()
     out, prev = [], 0
-    for cut in cuts + [len(stream)]:
+    for cut in [*cuts, len(stream)]:
         out += r.receive_data(stream[prev:cut]) if cut > prev else []
         prev = cut
     out += r.receive_data(b"")
@@ -269,7 +269,7 @@ BOMB = b"[" * 1500 + b"]" * 1500  # 3 KB of nesting
 
 
 @pytest.mark.parametrize(
-    "decode, line, id",
+    ("decode", "line", "id"),
     [
         (jsonl.decode_request, b'{"id":4,"task":' + BOMB + b"}\n", 4),
         (jsonl.decode_request, b'{"id":4,"x":' + BOMB + b',"task":{}}\n', 4),
@@ -301,7 +301,7 @@ def test_an_id_beyond_64_bits_is_unreadable(decode):
 
 
 @pytest.mark.parametrize(
-    "data, id",
+    ("data", "id"),
     [
         (b'{"id":7,"task":', 7),
         (b' {\t"id" : 0 }', 0),

@@ -96,7 +96,7 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (["--seed", "zz"], "is not hexadecimal"),
         (["--seed", "ab"], "must be 32 bytes"),

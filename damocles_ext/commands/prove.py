@@ -368,7 +368,7 @@ def parse_deadline(text: str, now: float | None = None) -> float:
                 f"--deadline {text!r} cannot be turned into a time ({exc}); {_DEADLINE_FORMS}"
             ) from None
         if deadline <= now:
-            raise UsageError(f"--deadline {text} is in the past")
+            raise UsageError(f"--deadline {text} is in the past") from None
     else:
         if not seconds > 0 or seconds == float("inf"):
             raise UsageError(

@@ -76,7 +76,7 @@ def _check_sector(
     if hash_node(proof.comm_c, proof.comm_r_last) != replica.comm_r:
         return f"sector {sid}: H(comm_c, comm_r_last) is not comm_r"
     wanted = ch.leaf_challenges(params, rand, sid, sector_index)
-    for n, (want, challenge) in enumerate(zip(wanted, proof.challenges)):
+    for n, (want, challenge) in enumerate(zip(wanted, proof.challenges, strict=True)):
         c = challenge.node_index
         if c != want:
             return f"sector {sid} challenge {n}: proves node {c}, challenged node is {want}"
