@@ -284,7 +284,7 @@ async def latency(n: int, warmup: int, rounds: int, tmp: Path) -> dict:
                     "control_socket": via_socket,
                     "process_pool": via_pool,
                 }
-                for name, fn in ways.items():
+                for fn in ways.values():
                     for _ in range(warmup):
                         await fn()
                 per_round = max(1, n // rounds)

@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
-from .tasks import OUTPUT_TYPES, stage_of
+from .protocol import dext, jsonl
+from .tasks import OUTPUT_TYPES, Output, Task, stage_of
 
 if TYPE_CHECKING:
     from .plugins import DextPluginManager
@@ -48,14 +49,34 @@ READ_SIZE = 1 << 16
 # Codecs: the two wire protocols behind one small interface
 
 
-@dataclass(frozen=True, slots=True)
-class _In:
-    """What the main loop acts on: kind is request | cancel | shutdown | bad."""
+# What the main loop acts on: a request, a cancel, a shutdown, or a bad input.
 
-    kind: str
-    id: int | None = None
-    task: Any = None
-    message: str = ""
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    id: int
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancel:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    """Input that is not a request; `id` when the request it was meant to be can be answered."""
+
+    id: int | None
+    message: str
+
+
+_In = _Request | _Cancel | _Shutdown | _Bad
 
 
 class _DextCodec:
@@ -63,38 +84,35 @@ class _DextCodec:
     heartbeats = True
 
     def __init__(self) -> None:
-        from .protocol import dext
-
-        self._dext = dext
         self._decoder = dext.FrameDecoder()
         self.fatal_errors: tuple[type[Exception], ...] = (dext.ProtocolError,)
 
     def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
-        d = self._dext
-        return d.encode(d.Hello(d.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity))
+        return dext.encode(
+            dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity)
+        )
 
     def feed(self, data: bytes) -> list[_In]:
         """Raises dext.ProtocolError: a framing error is fatal for the connection."""
-        d = self._dext
-        out = []
+        out: list[_In] = []
         for msg in self._decoder.receive_data(data):
-            if isinstance(msg, d.Request):
-                out.append(_In("request", msg.id, msg.task))
-            elif isinstance(msg, d.Cancel):
-                out.append(_In("cancel", msg.id))
-            elif isinstance(msg, d.Shutdown):
-                out.append(_In("shutdown"))
+            if isinstance(msg, dext.Request):
+                out.append(_Request(msg.id, msg.task))
+            elif isinstance(msg, dext.Cancel):
+                out.append(_Cancel(msg.id))
+            elif isinstance(msg, dext.Shutdown):
+                out.append(_Shutdown())
             else:
                 # A Hello/Response/Progress from the parent: logged, never answered (its id is
                 # not one of our requests).
-                out.append(_In("bad", message=f"unexpected {type(msg).__name__} frame"))
+                out.append(_Bad(None, f"unexpected {type(msg).__name__} frame"))
         return out
 
-    def response(self, id: int, output: Any = None, error: str | None = None) -> bytes:
-        return self._dext.encode(self._dext.Response(id, output, error))
+    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
+        return dext.encode(dext.Response(id, output, error))
 
     def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
-        return self._dext.encode(self._dext.Progress(id, phase, done, total))
+        return dext.encode(dext.Progress(id, phase, done, total))
 
 
 class _JsonlCodec:
@@ -102,40 +120,36 @@ class _JsonlCodec:
     heartbeats = False  # damocles' protocol has no progress message
 
     def __init__(self, stage: str) -> None:
-        from .protocol import jsonl
-
-        self._jsonl = jsonl
         self._stage = stage
         self._reader = jsonl.LineReader()
         # A bad line is reported and skipped (see feed), never fatal for the connection.
         self.fatal_errors: tuple[type[Exception], ...] = ()
 
     def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
-        return self._jsonl.ready_line(stage)
+        return jsonl.ready_line(stage)
 
     def feed(self, data: bytes) -> list[_In]:
-        j = self._jsonl
-        out = []
+        out: list[_In] = []
         for line in self._reader.receive_data(data):
-            if isinstance(line, j.LineTooLong):
+            if isinstance(line, jsonl.LineTooLong):
                 message = f"skipped a line of {line.length} bytes (limit {line.limit})"
                 # With its leading id the request is answered with the error, not left unanswered.
-                out.append(_In("bad", j.leading_id(line.head), message=message))
+                out.append(_Bad(jsonl.leading_id(line.head), message))
                 continue
             if not line.strip():
                 continue
             try:
-                req = j.decode_request(line, self._stage)
-            except j.JsonLineError as exc:
-                out.append(_In("bad", exc.id, message=str(exc)))
+                req = jsonl.decode_request(line, self._stage)
+            except jsonl.JsonLineError as exc:
+                out.append(_Bad(exc.id, str(exc)))
                 continue
-            out.append(_In("request", req.id, req.task))
+            out.append(_Request(req.id, req.task))
         return out
 
-    def response(self, id: int, output: Any = None, error: str | None = None) -> bytes:
+    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
         if output is None and error is None:
             error = "prover returned no output"
-        return self._jsonl.encode_response(id, output if error is None else None, error)
+        return jsonl.encode_response(id, output if error is None else None, error)
 
     def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
         return None
@@ -148,7 +162,7 @@ class _JsonlCodec:
 @dataclass(slots=True, eq=False)
 class _Job:
     id: int
-    task: Any
+    task: Task
     token: CancelToken = field(default_factory=CancelToken)
     state: str = "queued"  # queued -> running -> done
     progress: tuple[str, int, int] = ("queued", 0, 0)
@@ -215,7 +229,7 @@ class ChildRuntime:
             return False
         return True
 
-    def _respond(self, job: _Job, output: Any = None, error: str | None = None) -> None:
+    def _respond(self, job: _Job, output: Output | None = None, error: str | None = None) -> None:
         data = self.codec.response(job.id, output, error)
         with self._write_lock:
             with self._state_lock:
@@ -334,22 +348,23 @@ class ChildRuntime:
     # -- input ----------------------------------------------------------------------------------
 
     def _handle(self, item: _In) -> None:
-        if item.kind == "request":
-            self._on_request(item.id, item.task)
-        elif item.kind == "cancel":
-            self._on_cancel(item.id)
-        elif item.kind == "shutdown":
-            log.info("shutdown requested: finishing %d request(s) in flight", len(self._jobs))
-            self._shutting_down = True
-        else:
-            log.error("bad input from the parent: %s", item.message)
-            if item.id is not None:
-                with self._state_lock:
-                    clash = item.id in self._jobs
-                if not clash:
-                    self._respond_unknown(item.id, f"bad request: {item.message}")
+        match item:
+            case _Request(id, task):
+                self._on_request(id, task)
+            case _Cancel(id):
+                self._on_cancel(id)
+            case _Shutdown():
+                log.info("shutdown requested: finishing %d request(s) in flight", len(self._jobs))
+                self._shutting_down = True
+            case _Bad(id, message):
+                log.error("bad input from the parent: %s", message)
+                if id is not None:
+                    with self._state_lock:
+                        clash = id in self._jobs
+                    if not clash:
+                        self._respond_unknown(id, f"bad request: {message}")
 
-    def _on_request(self, id: int, task: Any) -> None:
+    def _on_request(self, id: int, task: Task) -> None:
         if self._shutting_down:
             self._respond_unknown(id, "child is shutting down; send the request elsewhere")
             return
@@ -367,9 +382,9 @@ class ChildRuntime:
             self._jobs[id] = job
         self._queue.put(job)
 
-    def _on_cancel(self, id: int | None) -> None:
+    def _on_cancel(self, id: int) -> None:
         with self._state_lock:
-            job = self._jobs.get(id) if id is not None else None
+            job = self._jobs.get(id)
             if job is None:
                 log.debug("cancel of request %s, which is not in flight (already answered?)", id)
                 return

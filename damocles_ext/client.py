@@ -19,7 +19,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +34,9 @@ from .frontends.control_socket import (
 from .protocol import control as control_protocol
 from .protocol import dext
 from .tasks import Output, Task
+
+if TYPE_CHECKING:
+    from .status import StatusDocument
 
 log = logging.getLogger("damocles_ext.client")
 
@@ -127,7 +130,7 @@ class Client:
             )
         return response.output
 
-    async def status(self) -> Any:
+    async def status(self) -> StatusDocument:
         """The supervisor's status document (`damocles_ext.status.StatusDocument`).
 
         Raises ProverError if the connection is lost or the supervisor cannot report it.
@@ -457,7 +460,7 @@ class ReconnectingClient:
                 ) from None
             raise
 
-    async def status(self) -> Any:
+    async def status(self) -> StatusDocument:
         """`Client.status` on the current connection, connecting again first if it was lost."""
         return await (await self._current()).status()
 

@@ -16,10 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from .errors import ProverError
+from .tasks import PoStTask, WindowPoSt, WindowPoStOutput, WinningPoStOutput, stage_of
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 SECTOR_PROOF_TYPE = "StackedDrgWindow8MiBV1_2"
 WINNING_PROOF_TYPE = "StackedDrgWinning8MiBV1"
@@ -60,6 +65,24 @@ def _overwrite_with_noise(path: str) -> None:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         f.write(os.urandom(size))
+
+
+_Out = TypeVar("_Out", WindowPoStOutput, WinningPoStOutput)
+
+
+async def _prove(sup: Supervisor, task: PoStTask, expected: type[_Out]) -> _Out:
+    """The output of `task`, of the type its stage answers with (the supervisor checks it too)."""
+    output = await sup.submit(task)
+    if not isinstance(output, expected):
+        raise ProverError(
+            f"a {stage_of(task)} request was answered with a {type(output).__name__}, "
+            f"not a {expected.__name__}"
+        )
+    return output
+
+
+async def _prove_window(sup: Supervisor, task: WindowPoSt) -> WindowPoStOutput:
+    return await _prove(sup, task, WindowPoStOutput)
 
 
 async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
@@ -103,16 +126,17 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
         # WindowPoSt of two partitions and a WinningPoSt, at the same time on different children.
         wd_task = window_task(manifest, _seed(1))
         win_task = winning_task(manifest, _seed(2))
-        results: dict[str, object] = {}
+        wd_out: list[WindowPoStOutput] = []
+        win_out: list[WinningPoStOutput] = []
 
-        async def prove(key: str, task: object) -> None:
-            results[key] = await sup.submit(task)
+        async def prove_window_meanwhile() -> None:
+            wd_out.append(await _prove_window(sup, wd_task))
 
         t = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(prove, "wd", wd_task)
-            nursery.start_soon(prove, "win", win_task)
-        wd, win = results["wd"], results["win"]
+            nursery.start_soon(prove_window_meanwhile)
+            win_out.append(await _prove(sup, win_task, WinningPoStOutput))
+        wd, win = wd_out[0], win_out[0]
         verdict = check("WindowPoSt", lambda: verify_window_post(wd_task, wd))
         step(
             "WindowPoSt, 2 partitions  + WinningPoSt",
@@ -127,7 +151,7 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
         victim = manifest.replicas[1]
         await trio.to_thread.run_sync(_overwrite_with_noise, victim.sealed_file)
         t = time.perf_counter()
-        faulty = await sup.submit(window_task(manifest, _seed(3)))
+        faulty = await _prove_window(sup, window_task(manifest, _seed(3)))
         expected = [victim.sector_id]
         if faulty.faults != expected or faulty.proofs:
             report.failures.append(
@@ -144,7 +168,7 @@ async def _run(root: Path, say: Callable[[str], None]) -> DemoReport:
         good = [r.sector_id for r in manifest.replicas if r.sector_id not in faulty.faults]
         retry_task = window_task(manifest, _seed(4), sector_ids=good)
         t = time.perf_counter()
-        retry = await sup.submit(retry_task)
+        retry = await _prove_window(sup, retry_task)
         verdict = check(
             "WindowPoSt without the fault", lambda: verify_window_post(retry_task, retry)
         )

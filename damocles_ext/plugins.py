@@ -86,16 +86,16 @@ class DextPluginManager(pluggy.PluginManager):
         self.versions: dict[str, str] = {}
         self._catalog: _Catalog | None = None
 
-    def register(self, plugin: Any, name: str | None = None) -> str | None:
+    def register(self, plugin: object, name: str | None = None) -> str | None:
         self._catalog = None
         return super().register(plugin, name)
 
-    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> object:
         self._catalog = None
         return super().unregister(plugin, name)
 
 
-def _origin_of(plugin: Any, dist: importlib.metadata.Distribution | None, value: str) -> str:
+def _origin_of(plugin: object, dist: importlib.metadata.Distribution | None, value: str) -> str:
     parts = []
     if dist is not None:
         parts.append(f"{dist.metadata['Name']} {dist.version}")
@@ -109,7 +109,7 @@ def _origin_of(plugin: Any, dist: importlib.metadata.Distribution | None, value:
     return ", ".join(parts)
 
 
-def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     """Hook implementations of `plugin` that match no hookspec (typically a misspelling)."""
     problems = []
     known = sorted(
@@ -128,7 +128,7 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
 
 def register_plugin(
     pm: DextPluginManager,
-    plugin: Any,
+    plugin: object,
     name: str,
     *,
     origin: str | None = None,
@@ -375,12 +375,12 @@ def list_plugins(pm: DextPluginManager) -> list[PluginInfo]:
 # Observers
 
 
-def _select_args(impl: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _select_args(impl: pluggy.HookImpl, kwargs: dict[str, object]) -> dict[str, object]:
     # pluggy passes only the arguments an implementation names; do the same.
     return {name: kwargs[name] for name in impl.argnames if name in kwargs}
 
 
-async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: object) -> None:
     """Call every implementation of an observer hook; await awaitable results; never raise.
 
     An exception from one observer is logged with the plugin's name and the others still run.

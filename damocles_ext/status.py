@@ -19,11 +19,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .protocol.control import STATUS_SCHEMA
+
+if TYPE_CHECKING:
+    from .supervisor import ChildStats, Supervisor, SupervisorStats
 
 SCHEMA = STATUS_SCHEMA
 DEFAULT_CPU_INTERVAL = 0.25
@@ -291,7 +294,7 @@ def child_lock_dir(tmpdir: str | None, env: Mapping[str, str] | None = None) -> 
 
 
 def assemble(
-    stats: Any,
+    stats: SupervisorStats,
     trees: Mapping[str, TreeSample],
     cpu: Mapping[str, float | None],
     lock_files: Mapping[str, LockFiles],
@@ -306,7 +309,7 @@ def assemble(
     from . import __version__
 
     children = []
-    per_stage: dict[str, list[Any]] = {}
+    per_stage: dict[str, list[ChildStats]] = {}
     for c in stats.children:
         tree = trees.get(c.name) if c.pid is not None else None
         children.append(
@@ -384,7 +387,7 @@ class StatusSource:
 
     def __init__(
         self,
-        supervisor: Any,
+        supervisor: Supervisor,
         *,
         socket: str | None = None,
         metrics: Callable[[], str | None] | None = None,
@@ -479,7 +482,12 @@ def _locks(c: ChildStatus) -> str:
 def _deadline(stage: StageStatus) -> str:
     if stage.nearest_deadline is None or stage.nearest_deadline_in is None:
         return "-"
-    at = _dt.datetime.fromtimestamp(stage.nearest_deadline).strftime("%H:%M:%S")
+    # Shown in the reader's local time, as the rest of the table.
+    at = (
+        _dt.datetime.fromtimestamp(stage.nearest_deadline, _dt.UTC)
+        .astimezone()
+        .strftime("%H:%M:%S")
+    )
     left = stage.nearest_deadline_in
     when = f"in {format_duration(left)}" if left >= 0 else f"{format_duration(-left)} ago"
     return f"{when} ({at})"

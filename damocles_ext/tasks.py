@@ -11,7 +11,7 @@ can carry either kind; decoding one type directly does not require the tag.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeGuard
 
 import msgspec
 
@@ -61,6 +61,16 @@ WinningProofType = Literal[
 
 WINDOW_PROOF_TYPES: tuple[str, ...] = WindowProofType.__args__  # type: ignore[attr-defined]
 WINNING_PROOF_TYPES: tuple[str, ...] = WinningProofType.__args__  # type: ignore[attr-defined]
+
+
+def is_window_proof_type(proof_type: str) -> TypeGuard[WindowProofType]:
+    """True for a WindowPoSt proof type (what a WindowPoSt task's `proof_type` may hold)."""
+    return proof_type in WINDOW_PROOF_TYPES
+
+
+def is_winning_proof_type(proof_type: str) -> TypeGuard[WinningProofType]:
+    """True for a WinningPoSt proof type (what a WinningPoSt task's `proof_type` may hold)."""
+    return proof_type in WINNING_PROOF_TYPES
 
 
 def sector_size_name(proof_type: str) -> str:
@@ -154,6 +164,10 @@ class WindowPoStSnarkOutput(
 
 Task = WindowPoSt | WinningPoSt | WindowPoStVanilla | WindowPoStSnark
 Output = WindowPoStOutput | WinningPoStOutput | WindowPoStVanillaOutput | WindowPoStSnarkOutput
+#: The tasks and outputs of damocles-manager's own two stages (no split step): what its JSON
+#: lines carry and what a caller submits and gets back.
+PoStTask = WindowPoSt | WinningPoSt
+PoStOutput = WindowPoStOutput | WinningPoStOutput
 
 TASK_TYPES: dict[str, type] = {
     "window_post": WindowPoSt,

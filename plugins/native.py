@@ -22,15 +22,20 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
+if TYPE_CHECKING:
+    from damocles_ext.post.native import NativeProver
+    from damocles_ext.tasks import Output, Task
+
 MAX_ROWS_TO_DISCARD = 20  # the reference library's bound
 
 
-def _rows_to_discard(value: Any) -> int | None:
+def _rows_to_discard(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str) and value.strip().isdigit():
@@ -139,11 +144,11 @@ class NativePoStProver:
         self.version = f"dext-abi-{first.abi_version} ({first.library})"
         self._idle = [first]
 
-    def _open(self) -> Any:
+    def _open(self) -> NativeProver:
         return self._factory(self._library, self._open_options)
 
     @contextlib.contextmanager
-    def _handle(self) -> Any:
+    def _handle(self) -> Iterator[NativeProver]:
         with self._lock:
             prover = self._idle.pop() if self._idle else None
         if prover is None:
@@ -155,7 +160,7 @@ class NativePoStProver:
                 self._idle.append(prover)
 
     @contextlib.contextmanager
-    def _gpu_section(self, progress: ProgressCallback, cancel: CancelToken) -> Any:
+    def _gpu_section(self, progress: ProgressCallback, cancel: CancelToken) -> Iterator[None]:
         # The whole proof is the heavy phase: bellperson holds its priority lock for a whole
         # priority proof, and the reference library has no separate GPU phase to narrow it to.
         if not self._gpu_lock:
@@ -172,7 +177,7 @@ class NativePoStProver:
         except gpulock.LockCancelled as exc:
             raise Cancelled(str(exc)) from None
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output:
         """Prove `task` with the library; a cancelled request raises hookspecs.Cancelled.
 
         Split WindowPoSt steps (damocles_ext.post.split): the vanilla step is the library's

@@ -6,17 +6,20 @@ slower; useful where no compiler was available at install time and to cross-chec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
+
+if TYPE_CHECKING:
+    from damocles_ext.tasks import Output, Task
 
 
 class PythonRefProver:
     name = "python-ref"
     stages = STAGES
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output:
         """Prove `task` in Python; a cancelled request raises hookspecs.Cancelled."""
         from damocles_ext.post import PoStCancelled, reference, split, verify
         from damocles_ext.tasks import WindowPoSt, WindowPoStSnark, WindowPoStVanilla

@@ -24,13 +24,16 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
 from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
+if TYPE_CHECKING:
+    from damocles_ext.tasks import Output, Task
 
-def echo_proof(task: Any) -> bytes:
+
+def echo_proof(task: Task) -> bytes:
     """The one proof `echo` and `sleep` return for `task` (tests recompute it)."""
     h = hashlib.sha256()
     h.update(bytes(task.seed))
@@ -40,7 +43,7 @@ def echo_proof(task: Any) -> bytes:
     return h.digest()
 
 
-def echo_output(task: Any) -> Any:
+def echo_output(task: Task) -> Output:
     """The output `echo` returns for `task`: one proof, no faults. A split WindowPoSt's steps
     answer with that proof as the vanilla proof, then as the proof: the joined answer is a whole
     WindowPoSt's."""
@@ -62,7 +65,7 @@ class EchoProver:
     stages = STAGES
     version = "1"
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output:
         cancel.check()
         return echo_output(task)
 
@@ -138,7 +141,7 @@ class SleepProver:
         self._lock = threading.Lock()
         self._count = 0
 
-    def prove(self, task: Any, progress: ProgressCallback, cancel: CancelToken) -> Any:
+    def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output:
         cfg = self.config
         with self._lock:
             self._count += 1

@@ -22,7 +22,7 @@ from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from damocles_ext.child import _DextCodec, _JsonlCodec
+from damocles_ext.child import _Bad, _Cancel, _DextCodec, _JsonlCodec, _Request, _Shutdown
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import control, dext, jsonl
 from damocles_ext.supervisor import Supervisor
@@ -115,7 +115,7 @@ def test_child_dext_codec_raises_only_the_protocol_error(chunks):
     try:
         for chunk in chunks:
             for item in codec.feed(chunk):
-                assert item.kind in ("request", "cancel", "shutdown", "bad")
+                assert isinstance(item, _Request | _Cancel | _Shutdown | _Bad)
     except dext.ProtocolError as exc:
         assert str(exc).strip()
 
@@ -126,8 +126,8 @@ def test_child_jsonl_codec_never_raises_and_names_bad_lines(chunks):
     codec = _JsonlCodec(STAGE)
     for chunk in [*chunks, b""]:
         for item in codec.feed(chunk):
-            assert item.kind in ("request", "bad")
-            if item.kind == "bad":
+            assert isinstance(item, _Request | _Bad)
+            if isinstance(item, _Bad):
                 assert item.message.strip()
 
 

@@ -110,7 +110,7 @@ async def test_a_json_lines_child_sending_a_nested_bomb_line_fails_only_that_req
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
             await sup.wait_ready()
-            with pytest.raises(ProverError, match="invalid response.*nested too deeply"):
+            with pytest.raises(ProverError, match=r"invalid response.*nested too deeply"):
                 await sup.submit(window_task(miner=1))
             output = await sup.submit(window_task(miner=2))
             stats = sup.statistics().children[0]
@@ -190,7 +190,7 @@ async def test_the_client_reports_a_nested_bomb_from_the_server_as_a_lost_connec
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hostile_server)
-            with pytest.raises(ProverError, match="broke the protocol.*nested too deeply"):
+            with pytest.raises(ProverError, match=r"broke the protocol.*nested too deeply"):
                 async with connect(sock_path) as client:
                     await client.submit(make_task(1))
             nursery.cancel_scope.cancel()

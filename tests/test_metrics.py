@@ -8,6 +8,7 @@ import argparse
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -262,7 +263,7 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
             run.send_signal(signal.SIGTERM)
             assert await run.wait() == 0, log.text()
     # The server went away with the supervisor.
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError):
         await scrape(url)
 
 

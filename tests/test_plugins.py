@@ -296,7 +296,7 @@ def test_factory_failures_and_non_provers_become_plugin_errors():
 
     specs = _spec("boom", factory=explode), _spec("nothing", factory=lambda o: 42)
     plugins.register_plugin(pm, Provides(*specs), "p")
-    with pytest.raises(plugins.PluginError, match="'boom' .plugin p. failed to start: OSError"):
+    with pytest.raises(plugins.PluginError, match=r"'boom' .plugin p. failed to start: OSError"):
         plugins.load_prover(pm, "boom", {})
     with pytest.raises(plugins.PluginError, match="returned int, which has no prove"):
         plugins.load_prover(pm, "nothing", {})

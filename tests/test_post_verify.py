@@ -9,10 +9,16 @@ import pytest
 
 from damocles_ext.post import VerifyError
 from damocles_ext.post import challenges as ch
+from damocles_ext.post.errors import InvalidTaskError
 from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
 from damocles_ext.post.native import NativeProver
 from damocles_ext.post.verify import verify as python_verify
-from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
+from damocles_ext.tasks import (
+    WindowPoStOutput,
+    WindowPoStVanillaOutput,
+    WinningPoStOutput,
+    split_window_post,
+)
 
 HEADER_BITS = 88 * 8
 
@@ -115,7 +121,7 @@ def test_seed_flips_are_rejected_except_the_two_bits_a_field_element_drops(verif
         if bit in (31 * 8 + 6, 31 * 8 + 7):
             verifier(changed, output)  # seed[31] &= 0x3f: the same randomness
         else:
-            with pytest.raises(VerifyError, match="seed|challenge"):
+            with pytest.raises(VerifyError, match=r"seed|challenge"):
                 verifier(changed, output)
 
 
@@ -167,6 +173,22 @@ def test_other_proof_type_and_stage_are_rejected(verifier, window):
     task, output = window
     with pytest.raises(VerifyError):
         verifier(msgspec.structs.replace(task, proof_type="StackedDrgWindow2KiBV1_2"), output)
+
+
+def test_a_split_step_is_refused_as_not_a_proof_on_its_own(verifier, window):
+    task, output = window
+    vanilla = split_window_post(task)
+    answer = WindowPoStVanillaOutput(vanilla_proofs=output.proofs, faults=[])
+    with pytest.raises(
+        InvalidTaskError, match="window_post_vanilla step is a part of a WindowPoSt"
+    ):
+        verifier(vanilla, answer)
+
+
+def test_the_native_prover_refuses_a_split_step_with_the_reason(native, window):
+    task, _ = window
+    with pytest.raises(InvalidTaskError, match="split WindowPoSt step"):
+        native.prove(split_window_post(task))
 
 
 def test_wrong_number_or_length_of_proofs_is_rejected(verifier, window, winning):

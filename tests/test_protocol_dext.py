@@ -142,7 +142,7 @@ def chunked(draw):
     data = b"".join(dext.encode(m) for m in msgs)
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=20)))
     chunks, prev = [], 0
-    for cut in cuts + [len(data)]:
+    for cut in [*cuts, len(data)]:
         chunks.append(data[prev:cut])
         prev = cut
     return msgs, [c for c in chunks if c]

@@ -13,8 +13,10 @@ from damocles_ext.tasks import (
     PoStReplicaInfo,
     WindowPoSt,
     WindowPoStOutput,
+    WindowPoStVanillaOutput,
     WinningPoSt,
     WinningPoStOutput,
+    split_window_post,
 )
 
 ARR = "[" + ",".join(str(i) for i in range(32)) + "]"
@@ -99,9 +101,9 @@ def test_error_response_bytes():
 
 
 def test_response_needs_exactly_one_of_output_and_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of output and err_msg"):
         jsonl.encode_response(1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of output and err_msg"):
         jsonl.encode_response(1, WinningPoStOutput(proofs=[]), err_msg="x")
 
 
@@ -141,7 +143,7 @@ def test_not_json_is_a_recoverable_error_without_id():
 
 
 @pytest.mark.parametrize(
-    "mutation, message",
+    ("mutation", "message"),
     [
         (lambda s: s.replace(SEED, "[1,2,3]"), "seed"),
         (lambda s: s.replace(ARR, "[" + ",".join(["256"] * 32) + "]"), "comm_r"),
@@ -185,6 +187,28 @@ def test_unknown_stage_is_refused():
         jsonl.task_from_json(b"{}", "sealing")
 
 
+@pytest.mark.parametrize("stage", ["window_post_vanilla", "window_post_snark"])
+def test_a_split_step_stage_has_no_json_form(stage):
+    # damocles-manager knows only the two PoSt stages; a split step is refused with the reason,
+    # not with a bare KeyError from a lookup table.
+    for parse in (jsonl.task_from_json, jsonl.output_from_json):
+        with pytest.raises(ValueError, match="split WindowPoSt steps have no JSON form"):
+            parse(b"{}", stage)
+    with pytest.raises(ValueError, match="split WindowPoSt steps have no JSON form"):
+        jsonl.decode_request(b'{"id":1,"task":{}}\n', stage)
+
+
+def test_a_split_step_task_or_output_cannot_be_encoded_as_json():
+    vanilla = split_window_post(TASK)
+    with pytest.raises(TypeError, match="window_post_vanilla task has no damocles JSON form"):
+        jsonl.task_to_json(vanilla)
+    with pytest.raises(TypeError, match="window_post_vanilla task has no damocles JSON form"):
+        jsonl.encode_request(1, vanilla)
+    output = WindowPoStVanillaOutput(vanilla_proofs=[b"v"], faults=[])
+    with pytest.raises(TypeError, match="window_post_vanilla output has no damocles JSON form"):
+        jsonl.encode_response(1, output)
+
+
 def test_detect_protocol_from_first_byte():
     assert jsonl.detect_protocol(ord("w")) == "jsonl"
     assert jsonl.detect_protocol(0) == "dext"
@@ -221,7 +245,7 @@ def test_line_reader_any_chunking(lines, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     r = jsonl.LineReader()
     out, prev = [], 0
-    for cut in cuts + [len(stream)]:
+    for cut in [*cuts, len(stream)]:
         out += r.receive_data(stream[prev:cut]) if cut > prev else []
         prev = cut
     out += r.receive_data(b"")
@@ -245,7 +269,7 @@ BOMB = b"[" * 1500 + b"]" * 1500  # 3 KB of nesting
 
 
 @pytest.mark.parametrize(
-    "decode, line, id",
+    ("decode", "line", "id"),
     [
         (jsonl.decode_request, b'{"id":4,"task":' + BOMB + b"}\n", 4),
         (jsonl.decode_request, b'{"id":4,"x":' + BOMB + b',"task":{}}\n', 4),
@@ -277,7 +301,7 @@ def test_an_id_beyond_64_bits_is_unreadable(decode):
 
 
 @pytest.mark.parametrize(
-    "data, id",
+    ("data", "id"),
     [
         (b'{"id":7,"task":', 7),
         (b' {\t"id" : 0 }', 0),

@@ -96,13 +96,17 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (["--seed", "zz"], "is not hexadecimal"),
         (["--seed", "ab"], "must be 32 bytes"),
         ([], "--manifest needs --seed"),
         (["--seed", SEED, "--sectors", "1,x"], "expected ids like 1,2,3"),
         (["--seed", SEED, "--sectors", "9"], "not in the manifest"),
+        (
+            ["--seed", SEED, "--proof-type", "StackedDrgWinning2KiBV1"],
+            "StackedDrgWinning2KiBV1 is not a WindowPoSt proof type",
+        ),
     ],
 )
 def test_bad_manifest_arguments_exit_2_with_a_message(fixtures, args, message):

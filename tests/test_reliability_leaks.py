@@ -79,7 +79,7 @@ def test_retried_attempts_keep_their_requests_arrival_order():
     s.decide(2.0)
     lost = s.child_down("a", 3.0)
     s.submit(Job(3, WD, 3.0), 3.0)
-    for job, fresh_id in zip(reversed(lost), (12, 11)):
+    for job, fresh_id in zip(reversed(lost), (12, 11), strict=True):
         s.requeue(Job(fresh_id, WD, job.arrival), 3.0)
     s.child_ready("a", 4.0)
     first = [d.request_id for d in s.decide(4.0)]

@@ -80,7 +80,7 @@ def test_symlinked_socket_directory_is_refused(sock_dir: Path):
 def test_symlinked_socket_path_is_refused(sock_dir: Path):
     target = sock_dir / "elsewhere.sock"
     (sock_dir / "control.sock").symlink_to(target)
-    with pytest.raises(UsageError, match="control.sock is a symlink"):
+    with pytest.raises(UsageError, match=r"control.sock is a symlink"):
         bind_control_socket(sock_dir / "control.sock")
 
 
@@ -620,7 +620,7 @@ def test_prove_without_a_supervisor_says_how_to_get_one(tmp_path, sock_dir):
 
 
 @pytest.mark.parametrize(
-    "deadline, message",
+    ("deadline", "message"),
     [
         ("soon", "neither a number of seconds nor an ISO 8601 time"),
         ("", "neither a number of seconds nor an ISO 8601 time"),

@@ -109,7 +109,7 @@ async def test_two_children_with_one_lock_never_run_at_once(tmp_path, recorder):
     assert used == {f"{WD}#0", f"{WD}#1"}  # both children served, one at a time
     lines = child_log(log)
     assert [line.split()[0] for line in lines] == ["start", "end"] * 6
-    assert all(a.split()[1:] == b.split()[1:] for a, b in zip(lines[::2], lines[1::2]))
+    assert all(a.split()[1:] == b.split()[1:] for a, b in zip(lines[::2], lines[1::2], strict=True))
     started = [e for e in rec.log if e[0] == "started"]
     for i, event in enumerate(rec.log):  # supervisor's view: a start only after the finish
         if event[0] == "started" and i + 1 < len(rec.log):

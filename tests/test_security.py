@@ -401,7 +401,7 @@ async def test_the_client_refuses_a_socket_whose_directory_is_not_private(sock_d
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen(4)
-        with pytest.raises(NoSupervisorError, match=re.escape(
+        with pytest.raises(NoSupervisorError, match=re.escape(  # noqa: PT012 - connect, then submit: either refuses
             f"refusing to connect to {path}: the socket's directory {d} has mode 0755, not"
             " private (0700) as `damocles-ext run` makes it; it may be another user's socket:"
             " nothing was sent to it"

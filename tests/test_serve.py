@@ -281,7 +281,7 @@ async def serve_echo_round(cfg: Path, stderr_file, tasks: list) -> ManagerLike:
         with trio.fail_after(30):
             ids = [await m.send(task) for task in tasks]
             assert ids == list(range(1, len(tasks) + 1))
-            for task, request_id in zip(tasks, ids):
+            for task, request_id in zip(tasks, ids, strict=True):
                 r = await m.wait(request_id)
                 assert r.err_msg is None, r.err_msg
                 assert r.output == echo_output(task)
@@ -380,13 +380,13 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
             )
             serve = psutil.Process(m.process.pid)
             with trio.fail_after(30):
-                while not marker.exists():
+                while not marker.exists():  # noqa: ASYNC110 - another process writes it
                     await trio.sleep(0.02)
                 left = [int(pid) for pid in marker.read_text().split()]
                 left.append(int(helper.read_text()))
                 # The dead child's grandchildren came to serve (a child subreaper), were killed,
                 # and reaped: no zombie left either. Without that they would live on (120 s).
-                while any(psutil.pid_exists(pid) for pid in left[:2]):
+                while any(psutil.pid_exists(pid) for pid in left[:2]):  # noqa: ASYNC110 - pids send no event
                     await trio.sleep(0.02)
                 assert not [p for p in serve.children() if p.status() == psutil.STATUS_ZOMBIE]
                 # The live child's orphaned helper also came to serve, and was left alone.

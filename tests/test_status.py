@@ -395,7 +395,7 @@ def test_document_of_another_schema_is_refused_with_the_reason():
     data = msgspec.to_builtins(_doc())
     assert parse_document(data) == _doc()
     data["schema"] = "damocles-ext/status/2"
-    with pytest.raises(StatusError, match="schema 'damocles-ext/status/2'.*same version"):
+    with pytest.raises(StatusError, match=r"schema 'damocles-ext/status/2'.*same version"):
         parse_document(data)
     data = msgspec.to_builtins(_doc())
     del data["children"][0]["pid"]

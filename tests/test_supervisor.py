@@ -148,7 +148,7 @@ async def test_stage_without_children_fails_at_once():
 
 
 @pytest.mark.parametrize(
-    "deadline, problem",
+    ("deadline", "problem"),
     [
         (float("nan"), "is not a finite number"),
         (float("inf"), "is not a finite number"),
@@ -241,7 +241,7 @@ async def test_garbage_line_on_jsonl_stdout_is_skipped(caplog):
 async def test_slow_ready_is_a_failed_start_and_the_child_is_killed():
     child = python_child("import os, sys; print(os.getpid(), file=sys.stderr); sys.stdin.read()")
     async with open_supervisor([spec(child, ready_timeout=0.5, auto_restart=False)]) as sup:
-        with pytest.raises(ProverError, match="no ready message within 0.5s"):
+        with pytest.raises(ProverError, match=r"no ready message within 0.5s"):
             await sup.wait_ready()
         stats = child_stats(sup, "window_post#0")
         assert stats.state == "stopped"
@@ -331,7 +331,7 @@ async def test_backoff_sequence_and_fatal_after_five_failed_starts(patient_autoj
     delays = [expected.start_failed("x").delay for _ in range(4)]  # type: ignore[union-attr]
     assert isinstance(expected.start_failed("x"), GiveUp)
     assert gaps == pytest.approx(delays, abs=1e-9)
-    assert all(0.8 * n <= d <= n for d, n in zip(gaps, (1, 2, 4, 8)))
+    assert all(0.8 * n <= d <= n for d, n in zip(gaps, (1, 2, 4, 8), strict=True))
 
 
 async def test_fatal_child_leaves_the_rest_of_the_pool_serving():
@@ -353,7 +353,7 @@ async def test_hung_child_is_cancelled_then_killed_and_restarted():
     ) as sup:
         await sup.wait_ready()
         first_pid = child_stats(sup, "window_post#0").pid
-        with pytest.raises(ProverError, match="timed out after 0.5s on window_post#0"):
+        with pytest.raises(ProverError, match=r"timed out after 0.5s on window_post#0"):
             await sup.submit(window_task())
         await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
         assert "still running 0.3s after a Cancel" in child_stats(sup, "window_post#0").last_exit

@@ -72,7 +72,7 @@ def test_hello_for_another_stage_or_protocol_is_refused():
 def test_eof_before_ready_says_what_was_written():
     conn = ChildConnection("window_post", "jsonl")
     assert conn.receive_data(b"loading params") == []
-    with pytest.raises(ChildProtocolError, match="before its ready message.*loading params"):
+    with pytest.raises(ChildProtocolError, match=r"before its ready message.*loading params"):
         conn.receive_data(b"")
 
 

@@ -18,7 +18,7 @@ def test_failed_starts_back_off_1_2_4_8_with_jitter_then_fatal_on_the_fifth():
         delays.append(decision.delay)
     nominal = [1.0, 2.0, 4.0, 8.0]
     assert delays == [d * (1 - 0.2 * expected_jitter.random()) for d in nominal]
-    for d, n in zip(delays, nominal):
+    for d, n in zip(delays, nominal, strict=True):
         assert 0.8 * n <= d <= n
     fatal = tracker.start_failed("failure 4")
     assert isinstance(fatal, GiveUp) and fatal.fatal

@@ -11,13 +11,14 @@ import argparse
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from damocles_ext.stages import child_stages
 
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
     from damocles_ext.plugins import DextPluginManager
+    from damocles_ext.supervisor.restart import BackoffPolicy
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # The logger the config's warnings have always gone to, for whichever command reads it.
@@ -77,9 +78,18 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class SupervisorOptions(TypedDict):
+    """The Supervisor keyword arguments `run` and `serve` pass (mypy checks them against it)."""
+
+    plugin_manager: DextPluginManager
+    shutdown_grace: float
+    adopt_orphans: bool
+    backoff: BackoffPolicy
+
+
 def supervisor_options(
     args: argparse.Namespace, plugin_manager: DextPluginManager | None = None
-) -> dict[str, Any]:
+) -> SupervisorOptions:
     """Supervisor keyword arguments from the shared options (observer plugins included)."""
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.supervisor.restart import BackoffPolicy

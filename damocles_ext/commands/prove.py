@@ -20,7 +20,7 @@ from damocles_ext.stages import POST_STAGES
 from .common import add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
-    from damocles_ext.tasks import Output, Task
+    from damocles_ext.tasks import Output, PoStTask, Task
 
 log = logging.getLogger("damocles_ext.prove")
 
@@ -219,7 +219,7 @@ def _emit(output: Output, path: Path | None) -> None:
         ) from None
 
 
-def task_from_manifest(args: argparse.Namespace) -> Task:
+def task_from_manifest(args: argparse.Namespace) -> PoStTask:
     """The task for args.stage over a fixtures manifest, with --seed/--sectors/--proof-type."""
     from damocles_ext.post import fixtures
 
@@ -265,7 +265,7 @@ def read_input_file(source: str, label: str, kind: str) -> bytes:
         raise UsageError(f"cannot read {label} {source}: {exc.strerror}") from None
 
 
-def read_task(source: str, stage: str, command: str = "prove") -> Task:
+def read_task(source: str, stage: str, command: str = "prove") -> PoStTask:
     """The task in TASK.json ('-': stdin); UsageError naming the file and what is wrong.
 
     `command` is the subcommand a task of the other stage is pointed to (prove, verify).
@@ -368,7 +368,7 @@ def parse_deadline(text: str, now: float | None = None) -> float:
                 f"--deadline {text!r} cannot be turned into a time ({exc}); {_DEADLINE_FORMS}"
             ) from None
         if deadline <= now:
-            raise UsageError(f"--deadline {text} is in the past")
+            raise UsageError(f"--deadline {text} is in the past") from None
     else:
         if not seconds > 0 or seconds == float("inf"):
             raise UsageError(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from damocles_ext.stages import POST_STAGES
 
 if TYPE_CHECKING:
-    from damocles_ext.tasks import Output
+    from damocles_ext.tasks import PoStOutput
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def read_output(path: str, stage: str) -> Output:
+def read_output(path: str, stage: str) -> PoStOutput:
     """The output in OUT.json; UsageError naming the file and what is wrong."""
     from damocles_ext.commands.prove import read_input_file
     from damocles_ext.errors import UsageError

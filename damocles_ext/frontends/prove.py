@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -16,6 +16,7 @@ from ..errors import ProverError
 if TYPE_CHECKING:
     from ..config import ChildSpec
     from ..plugins import DextPluginManager
+    from ..protocol.dext import Progress
     from ..tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.prove")
@@ -28,7 +29,7 @@ def prove_in_process(
     plugin_manager: DextPluginManager | None,
     deadline: float | None = None,
     priority: int = 0,
-    on_progress: Callable[[Any], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> Output:
     """Start `children`, prove `task` on them, stop them; ProverError when there is no proof."""
     return trio.run(
@@ -42,7 +43,7 @@ def prove_through_socket(
     *,
     deadline: float | None = None,
     priority: int = 0,
-    on_progress: Callable[[Any], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> Output:
     """Prove `task` through the `run` at `socket` (None: its default path)."""
     return trio.run(_prove_remote, socket, task, deadline, priority, on_progress)
@@ -53,7 +54,7 @@ async def _prove_embedded(
     task: Task,
     deadline: float | None,
     priority: int,
-    on_progress: Callable[[Any], None] | None,
+    on_progress: Callable[[Progress], None] | None,
     plugin_manager: DextPluginManager | None,
 ) -> Output:
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
@@ -73,7 +74,7 @@ async def _prove_remote(
     task: Task,
     deadline: float | None,
     priority: int,
-    on_progress: Callable[[Any], None] | None,
+    on_progress: Callable[[Progress], None] | None,
 ) -> Output:
     async with connect(socket) as client:
         log.info("connected to %s", client.path)

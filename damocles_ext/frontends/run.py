@@ -24,6 +24,7 @@ from .control_socket import bind_control_socket
 from .signals import watch_signals
 
 if TYPE_CHECKING:
+    from ..commands.common import SupervisorOptions
     from ..config import Config
     from ..metrics import MetricsServer, SupervisorMetrics
     from ..supervisor.core import Supervisor
@@ -34,7 +35,7 @@ log = logging.getLogger("damocles_ext.run")
 def serve_control_socket(
     config: Config,
     path: str | Path,
-    supervisor_options: Callable[[], dict[str, Any]],
+    supervisor_options: Callable[[], SupervisorOptions],
     *,
     limits: Mapping[str, Any],
     metrics_address: tuple[str, int] | None = None,

@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from damocles_ext.commands.common import SupervisorOptions
     from damocles_ext.config import ChildSpec
 
 log = logging.getLogger("damocles_ext.serve")
@@ -22,7 +23,7 @@ log = logging.getLogger("damocles_ext.serve")
 def serve_children(
     stage: str,
     children: list[ChildSpec],
-    supervisor_options: Callable[[], dict[str, Any]],
+    supervisor_options: Callable[[], SupervisorOptions],
     deadline_after: float | None = None,
 ) -> int:
     """Say ready on stdout, then supervise `children` and answer requests of `stage` on stdio

@@ -9,6 +9,14 @@ class InvalidTaskError(UsageError):
     """The task itself is unusable (unknown proof type, no replicas, a sector id twice)."""
 
 
+def split_step_not_a_proof(stage: str) -> InvalidTaskError:
+    """The error for verifying a split WindowPoSt step on its own."""
+    return InvalidTaskError(
+        f"a {stage} step is a part of a WindowPoSt, not a proof to verify on its own: verify the"
+        " whole WindowPoSt's task and output"
+    )
+
+
 class SectorFaultError(ProverError):
     """A WinningPoSt's chosen sector is faulty (WindowPoSt reports faults in its output)."""
 

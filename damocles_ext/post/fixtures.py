@@ -28,6 +28,8 @@ from ..tasks import (
     PoStReplicaInfo,
     WindowPoSt,
     WinningPoSt,
+    is_window_proof_type,
+    is_winning_proof_type,
     sector_size_name,
 )
 from .layout import NODE_SIZE, proof_params
@@ -210,6 +212,8 @@ def window_task(
         else proof_type_for("window_post", manifest.sector_size)
     )
     _check_size(manifest, ptype)
+    if not is_window_proof_type(ptype):
+        raise UsageError(f"{ptype} is not a WindowPoSt proof type (StackedDrgWindow<size>V1[_2])")
     return WindowPoSt(manifest.miner_id, ptype, _replica_infos(manifest, sector_ids), seed)
 
 
@@ -222,6 +226,8 @@ def winning_task(
     """A WinningPoSt task whose eligible set is the manifest's sectors (all, or `sector_ids`)."""
     ptype = proof_type or proof_type_for("winning_post", manifest.sector_size)
     _check_size(manifest, ptype)
+    if not is_winning_proof_type(ptype):
+        raise UsageError(f"{ptype} is not a WinningPoSt proof type (StackedDrgWinning<size>V1)")
     return WinningPoSt(manifest.miner_id, ptype, _replica_infos(manifest, sector_ids), seed)
 
 

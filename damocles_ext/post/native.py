@@ -24,6 +24,7 @@ from ..tasks import (
     WindowPoStOutput,
     WinningPoSt,
     WinningPoStOutput,
+    stage_of,
 )
 from .errors import (
     InvalidTaskError,
@@ -31,9 +32,12 @@ from .errors import (
     ProverOutOfMemory,
     SectorFaultError,
     VerifyError,
+    split_step_not_a_proof,
 )
 
 if TYPE_CHECKING:
+    from cffi import FFI
+
     from ..hookspecs import CancelToken
 
 ABI_VERSION = 1
@@ -55,9 +59,12 @@ class NativeLoadError(UsageError):
     """A native prover library cannot be used (missing, not loadable, wrong symbols or ABI)."""
 
 
+# The cffi objects below (the compiled module, its lib, FFI data) are Any: types-cffi types C data
+# without its struct fields and a library without its functions, so every use would need an ignore.
 def _compiled() -> Any:
     try:
-        from .. import _native
+        # Built by cffi at install time (native/build_ffi.py): an extension without a stub.
+        from .. import _native  # type: ignore[attr-defined]
     except ImportError as exc:
         raise NativeLoadError(
             f"the built-in native prover (damocles_ext._native) is not built ({exc}); reinstall "
@@ -112,7 +119,7 @@ def _install_trampoline(native: Any) -> None:
     ffi = native.ffi
 
     @ffi.def_extern()
-    def _dext_py_progress(ctx, phase, done, total):
+    def _dext_py_progress(ctx: FFI.CData, phase: FFI.CData, done: int, total: int) -> None:
         state: _CallState = ffi.from_handle(ctx)
         try:
             if state.progress is not None:
@@ -134,7 +141,7 @@ class NativeProver:
     def __init__(
         self,
         library_path: str | os.PathLike | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: Mapping[str, object] | None = None,
     ) -> None:
         native = _compiled()
         _install_trampoline(native)
@@ -319,12 +326,19 @@ class NativeProver:
         """window_post or winning_post, by the task's type."""
         if isinstance(task, WindowPoSt):
             return self.window_post(task, progress, cancel)
-        return self.winning_post(task, progress, cancel)
+        if isinstance(task, WinningPoSt):
+            return self.winning_post(task, progress, cancel)
+        raise InvalidTaskError(
+            f"a {stage_of(task)} task is a split WindowPoSt step, which the C ABI has no entry "
+            "point for: prove it with damocles_ext.post.split"
+        )
 
     def verify(self, task: Task, output: Output) -> None:
         """Check proofs with the library's dext_verify; VerifyError with its reason if invalid."""
         if not self.has("dext_verify"):
             raise ProverError(f"{self.library} does not implement the optional dext_verify")
+        if not isinstance(output, WindowPoStOutput | WinningPoStOutput):
+            raise split_step_not_a_proof(stage_of(output))
         if isinstance(output, WindowPoStOutput) and output.faults:
             raise VerifyError(
                 f"the output reports faulty sectors {list(output.faults)} and no valid proof of "

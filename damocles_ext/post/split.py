@@ -15,7 +15,7 @@ the SNARK step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from ..tasks import (
     WindowPoSt,
@@ -30,6 +30,13 @@ from .errors import InvalidTaskError, PoStCancelled, VerifyError
 ProveWindow = Callable[[WindowPoSt], WindowPoStOutput]
 Progress = Callable[[str, int, int], None]
 VerifyWindow = Callable[[WindowPoSt, WindowPoStOutput], None]
+
+
+class Cancellable(Protocol):
+    """What a step checks for a cancel: hookspecs.CancelToken, or any object with the flag."""
+
+    @property
+    def cancelled(self) -> bool: ...
 
 
 def whole(task: WindowPoStVanilla | WindowPoStSnark) -> WindowPoSt:
@@ -47,7 +54,7 @@ def snark_step(
     verify: VerifyWindow,
     task: WindowPoStSnark,
     progress: Progress | None = None,
-    cancel: Any = None,
+    cancel: Cancellable | None = None,
 ) -> WindowPoStSnarkOutput:
     """Check the vanilla proofs of `task` with `verify` and pass them on as its proofs; reports
     the phase "snark" (0/1, then 1/1) to `progress`. Raises PoStCancelled if `cancel` (anything
@@ -70,6 +77,6 @@ def snark_step(
     return WindowPoStSnarkOutput(proofs=list(task.vanilla_proofs))
 
 
-def _stop_if_cancelled(cancel: Any, when: str) -> None:
+def _stop_if_cancelled(cancel: Cancellable | None, when: str) -> None:
     if cancel is not None and cancel.cancelled:
         raise PoStCancelled(f"cancelled {when}")

@@ -18,7 +18,7 @@ from ..tasks import (
     stage_of,
 )
 from . import challenges as ch
-from .errors import InvalidTaskError, VerifyError
+from .errors import InvalidTaskError, VerifyError, split_step_not_a_proof
 from .layout import (
     HEADER,
     KIND_WINDOW,
@@ -76,7 +76,7 @@ def _check_sector(
     if hash_node(proof.comm_c, proof.comm_r_last) != replica.comm_r:
         return f"sector {sid}: H(comm_c, comm_r_last) is not comm_r"
     wanted = ch.leaf_challenges(params, rand, sid, sector_index)
-    for n, (want, challenge) in enumerate(zip(wanted, proof.challenges)):
+    for n, (want, challenge) in enumerate(zip(wanted, proof.challenges, strict=True)):
         c = challenge.node_index
         if c != want:
             return f"sector {sid} challenge {n}: proves node {c}, challenged node is {want}"
@@ -162,7 +162,9 @@ def verify(task: Task, output: Output) -> None:
     """Verify an output of either stage; VerifyError when it does not prove the task."""
     if stage_of(task) != stage_of(output):
         raise InvalidTaskError(f"a {stage_of(output)} output cannot prove a {stage_of(task)} task")
-    if isinstance(task, WindowPoSt):
-        verify_window_post(task, output)  # type: ignore[arg-type]
+    if isinstance(task, WindowPoSt) and isinstance(output, WindowPoStOutput):
+        verify_window_post(task, output)
+    elif isinstance(task, WinningPoSt) and isinstance(output, WinningPoStOutput):
+        verify_winning_post(task, output)
     else:
-        verify_winning_post(task, output)  # type: ignore[arg-type]
+        raise split_step_not_a_proof(stage_of(task))

@@ -12,17 +12,20 @@ Unknown fields are ignored on input, as Go's and serde's decoders do by default.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
 from ..tasks import (
-    TASK_TYPES,
     Output,
+    PoStOutput,
     PoStReplicaInfo,
+    PoStTask,
     Task,
+    WindowPoSt,
     WindowPoStOutput,
     WindowProofType,
+    WinningPoSt,
     WinningPoStOutput,
     WinningProofType,
     stage_of,
@@ -96,12 +99,12 @@ class _ResponseHead(msgspec.Struct):
 
 class JsonRequest(msgspec.Struct, frozen=True):
     id: int
-    task: Task
+    task: PoStTask
 
 
 class JsonResponse(msgspec.Struct, frozen=True):
     id: int
-    output: Output | None
+    output: PoStOutput | None
     err_msg: str | None
 
 
@@ -114,10 +117,20 @@ class LineTooLong(msgspec.Struct, frozen=True):
     head: bytes = b""
 
 
-_JSON_TASK = {"window_post": _WindowPoSt, "winning_post": _WinningPoSt}
-_JSON_OUTPUT = {"window_post": _WindowPoStOutput, "winning_post": _WinningPoStOutput}
-_task_decoders = {s: msgspec.json.Decoder(t) for s, t in _JSON_TASK.items()}
-_output_decoders = {s: msgspec.json.Decoder(t) for s, t in _JSON_OUTPUT.items()}
+_JsonTask = _WindowPoSt | _WinningPoSt
+_JsonOutput = _WindowPoStOutput | _WinningPoStOutput
+_T = TypeVar("_T")
+
+# damocles' JSON lines carry the two stages damocles-manager knows; the split WindowPoSt steps
+# travel only in dext frames.
+_task_decoders: dict[str, msgspec.json.Decoder[_JsonTask]] = {
+    "window_post": msgspec.json.Decoder(_WindowPoSt),
+    "winning_post": msgspec.json.Decoder(_WinningPoSt),
+}
+_output_decoders: dict[str, msgspec.json.Decoder[_JsonOutput]] = {
+    "window_post": msgspec.json.Decoder(_WindowPoStOutput),
+    "winning_post": msgspec.json.Decoder(_WinningPoStOutput),
+}
 _request_head = msgspec.json.Decoder(_RequestHead)
 _response_head = msgspec.json.Decoder(_ResponseHead)
 _encoder = msgspec.json.Encoder()
@@ -143,38 +156,38 @@ def detect_protocol(first_byte: int) -> Literal["dext", "jsonl"]:
 
 
 def _check_stage(stage: str) -> None:
-    if stage not in TASK_TYPES:
-        raise ValueError(f"unknown stage {stage!r}; expected 'window_post' or 'winning_post'")
+    if stage not in _task_decoders:
+        raise ValueError(
+            f"unknown stage {stage!r}; expected 'window_post' or 'winning_post' (the split"
+            " WindowPoSt steps have no JSON form)"
+        )
 
 
 # -- tasks ---------------------------------------------------------------------------------------
 
 
-def _task_to_json_struct(task: Task) -> msgspec.Struct:
-    mirror = _JSON_TASK[stage_of(task)]
-    return mirror(
-        miner_id=task.miner_id,
-        proof_type=task.proof_type,
-        replicas=[
-            _Replica(r.sector_id, list(r.comm_r), r.cache_dir, r.sealed_file) for r in task.replicas
-        ],
-        seed=list(task.seed),
-    )
+def _task_to_json_struct(task: Task) -> _JsonTask:
+    if not isinstance(task, WindowPoSt | WinningPoSt):
+        raise TypeError(f"a {stage_of(task)} task has no damocles JSON form; it needs dext")
+    replicas = [
+        _Replica(r.sector_id, list(r.comm_r), r.cache_dir, r.sealed_file) for r in task.replicas
+    ]
+    if isinstance(task, WindowPoSt):
+        return _WindowPoSt(task.miner_id, task.proof_type, replicas, list(task.seed))
+    return _WinningPoSt(task.miner_id, task.proof_type, replicas, list(task.seed))
 
 
-def _task_from_json_struct(stage: str, j: msgspec.Struct) -> Task:
-    return TASK_TYPES[stage](
-        miner_id=j.miner_id,
-        proof_type=j.proof_type,
-        replicas=[
-            PoStReplicaInfo(r.sector_id, bytes(r.comm_r), r.cache_dir, r.sealed_file)
-            for r in j.replicas
-        ],
-        seed=bytes(j.seed),
-    )
+def _task_from_json_struct(j: _JsonTask) -> PoStTask:
+    replicas = [
+        PoStReplicaInfo(r.sector_id, bytes(r.comm_r), r.cache_dir, r.sealed_file)
+        for r in j.replicas
+    ]
+    if isinstance(j, _WindowPoSt):
+        return WindowPoSt(j.miner_id, j.proof_type, replicas, bytes(j.seed))
+    return WinningPoSt(j.miner_id, j.proof_type, replicas, bytes(j.seed))
 
 
-def _decode(decoder: msgspec.json.Decoder, data: bytes | str, what: str) -> msgspec.Struct:
+def _decode(decoder: msgspec.json.Decoder[_T], data: bytes | str, what: str) -> _T:
     """Decode a whole JSON document; JsonLineError says whether it is malformed or invalid."""
     try:
         return decoder.decode(data)
@@ -191,16 +204,18 @@ def task_to_json(task: Task) -> bytes:
     return _encoder.encode(_task_to_json_struct(task))
 
 
-def task_from_json(data: bytes | str, stage: str) -> Task:
+def task_from_json(data: bytes | str, stage: str) -> PoStTask:
     """Parse a task in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
-    return _task_from_json_struct(stage, _decode(_task_decoders[stage], data, f"{stage} task"))
+    return _task_from_json_struct(_decode(_task_decoders[stage], data, f"{stage} task"))
 
 
-def _output_to_json_struct(output: Output) -> msgspec.Struct:
+def _output_to_json_struct(output: Output) -> _JsonOutput:
     if isinstance(output, WindowPoStOutput):
         return _WindowPoStOutput(proofs=list(output.proofs), faults=list(output.faults))
-    return _WinningPoStOutput(proofs=list(output.proofs))
+    if isinstance(output, WinningPoStOutput):
+        return _WinningPoStOutput(proofs=list(output.proofs))
+    raise TypeError(f"a {stage_of(output)} output has no damocles JSON form; it needs dext")
 
 
 def output_to_json(output: Output) -> bytes:
@@ -208,17 +223,16 @@ def output_to_json(output: Output) -> bytes:
     return _encoder.encode(_output_to_json_struct(output))
 
 
-def _output_from_json_struct(stage: str, j: msgspec.Struct) -> Output:
-    if stage == "window_post":
+def _output_from_json_struct(j: _JsonOutput) -> PoStOutput:
+    if isinstance(j, _WindowPoStOutput):
         return WindowPoStOutput(proofs=j.proofs, faults=j.faults)
     return WinningPoStOutput(proofs=j.proofs)
 
 
-def output_from_json(data: bytes | str, stage: str) -> Output:
+def output_from_json(data: bytes | str, stage: str) -> PoStOutput:
     """Parse an output in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
-    j = _decode(_output_decoders[stage], data, f"{stage} output")
-    return _output_from_json_struct(stage, j)
+    return _output_from_json_struct(_decode(_output_decoders[stage], data, f"{stage} output"))
 
 
 # -- lines ---------------------------------------------------------------------------------------
@@ -226,13 +240,13 @@ def output_from_json(data: bytes | str, stage: str) -> Output:
 
 class _RequestLine(msgspec.Struct):
     id: int
-    task: msgspec.Struct
+    task: _JsonTask
 
 
 class _ResponseLine(msgspec.Struct, omit_defaults=False):
     id: int
     err_msg: str | None
-    output: msgspec.Struct | None
+    output: _JsonOutput | None
 
 
 def encode_request(id: int, task: Task) -> bytes:
@@ -297,7 +311,7 @@ def decode_request(line: bytes, stage: str) -> JsonRequest:
     if head.id > MAX_ID:
         raise _id_too_big("request", head.id, line)
     try:
-        task = _task_from_json_struct(stage, _task_decoders[stage].decode(head.task))
+        task = _task_from_json_struct(_task_decoders[stage].decode(head.task))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise JsonLineError(f"request {head.id}: invalid {stage} task: {exc}", id=head.id) from None
     except RecursionError:
@@ -323,7 +337,7 @@ def decode_response(line: bytes, stage: str) -> JsonResponse:
     if bytes(head.output).strip() == b"null":
         raise JsonLineError(f"response {head.id} has neither output nor err_msg", id=head.id)
     try:
-        output = _output_from_json_struct(stage, _output_decoders[stage].decode(head.output))
+        output = _output_from_json_struct(_output_decoders[stage].decode(head.output))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise JsonLineError(
             f"response {head.id}: invalid {stage} output: {exc}", id=head.id

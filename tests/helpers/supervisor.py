@@ -204,7 +204,7 @@ def kill_marked(marker: str) -> None:
 async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll `predicate` with a deadline (for process state, which sends no events)."""
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - process state sends no event
             await trio.sleep(0.01)
 
 
