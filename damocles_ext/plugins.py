@@ -2,8 +2,9 @@
 
 Discovery mirrors ``pm.load_setuptools_entrypoints("damocles_ext")`` but loads each entry point on
 its own, so a plugin that fails to import (or registers a misspelt hook) is recorded with its name
-and error while every other plugin still loads. Observer hooks are called one implementation at a
-time for the same reason: one failing observer must not hide the others from the supervisor.
+and error while every other plugin still loads. Observer hooks go through pluggy's hook caller
+(order, wrappers, tracing), with each implementation guarded for the same reason: one failing
+observer must not hide the others from the supervisor.
 """
 
 from __future__ import annotations
@@ -380,28 +381,107 @@ def _select_args(impl: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs[name] for name in impl.argnames if name in kwargs}
 
 
-async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
-    """Call every implementation of an observer hook; await awaitable results; never raise.
+class _Pending:
+    """What an observer returned that is still to be done: an awaitable, or a callable that
+    returns one (datasette's await_me_maybe). The hook call itself is synchronous (pluggy), so
+    these are awaited after it, in the order the implementations ran."""
 
-    An exception from one observer is logged with the plugin's name and the others still run.
-    Cancellation of the caller (a BaseException under trio) is not swallowed.
-    """
-    caller = getattr(pm.hook, hook_name, None)
-    if caller is None:
-        log.error("call_observers: no hook named %r", hook_name)
-        return
-    tracing = bool(os.environ.get(TRACE_ENV, "").strip() not in ("", "0"))
-    for impl in reversed(caller.get_hookimpls()):
-        if tracing:
-            logging.getLogger("damocles_ext.hooks").info(
-                "%s -> plugin %r %r", hook_name, impl.plugin_name, kwargs
-            )
+    __slots__ = ("hook", "plugin", "result")
+
+    def __init__(self, hook: str, plugin: str, result: Any) -> None:
+        self.hook, self.plugin, self.result = hook, plugin, result
+
+    async def finish(self) -> None:
         try:
-            result = impl.function(**_select_args(impl, kwargs))
-            # datasette's await_me_maybe: a value, a callable returning one, or an awaitable.
+            result = self.result
             if callable(result) and not inspect.isawaitable(result):
                 result = result()
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            log.exception("observer %s of plugin %r raised; ignored", hook_name, impl.plugin_name)
+            log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
+
+    def discard(self) -> None:
+        # The hook call failed before these could be awaited: close the coroutines so that
+        # Python does not warn that they were never awaited.
+        close = getattr(self.result, "close", None)
+        if inspect.iscoroutine(self.result) and close is not None:
+            close()
+
+
+def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
+    def observer(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except Exception:
+            log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
+            return None
+        if result is not None and (callable(result) or inspect.isawaitable(result)):
+            return _Pending(hook_name, plugin_name, result)
+        return result
+
+    observer._dext_observer = True  # type: ignore[attr-defined]
+    return observer
+
+
+def _guard_implementations(caller: pluggy.HookCaller) -> None:
+    """Make each plain implementation of an observer hook log its exception and return, so
+    that the hook call goes on to the others (pluggy would stop at the first that raises).
+
+    Done on each call, not at registration: a plugin may be registered at any time, on a
+    plugin manager that is not ours. Wrappers are left as they are: they wrap the others."""
+    for impl in caller.get_hookimpls():
+        if impl.wrapper or impl.hookwrapper or getattr(impl.function, "_dext_observer", False):
+            continue
+        # pluggy reads the argument names once, from the original function, and passes the
+        # arguments positionally, so the guard takes whatever it is given.
+        impl.function = _guarded(caller.name, impl.plugin_name, impl.function)  # type: ignore[misc]
+
+
+def _raising_wrapper(caller: pluggy.HookCaller, exc: BaseException) -> str:
+    # Which wrapper's code the exception came out of, to name its plugin in the log.
+    codes = {
+        getattr(impl.function, "__code__", None): impl.plugin_name
+        for impl in caller.get_hookimpls()
+        if impl.wrapper or impl.hookwrapper
+    }
+    tb = exc.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            return name
+        tb = tb.tb_next
+    return "?"
+
+
+async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call an observer hook through the plugin manager's hook caller, then await what its
+    implementations returned that is awaitable; never raise.
+
+    Going through `pm.hook.<name>` keeps pluggy's rules: call order with `tryfirst`/`trylast`,
+    wrappers (`@hookimpl(wrapper=True)` or `hookwrapper=True`), hook-call tracing. An exception
+    from one implementation is logged with the plugin's name and the others still run; one from
+    a wrapper ends this event's delivery, logged likewise. Cancellation of the caller (a
+    BaseException under trio) is not swallowed.
+    """
+    caller = getattr(pm.hook, hook_name, None)
+    if caller is None:
+        log.error("call_observers: no hook named %r", hook_name)
+        return
+    _guard_implementations(caller)
+    try:
+        results = caller(**kwargs)
+    except Exception as exc:
+        plugin = _raising_wrapper(caller, exc)
+        log.exception(
+            "observer %s: wrapper of plugin %r raised; event not delivered", hook_name, plugin
+        )
+        return
+    pending = [r for r in results if isinstance(r, _Pending)]
+    try:
+        for index, item in enumerate(pending):
+            await item.finish()
+    except BaseException:
+        for item in pending[index + 1 :]:
+            item.discard()
+        raise
