@@ -606,3 +606,84 @@ async def test_status_requests_sent_without_reading_the_replies_are_answered_a_f
     assert sorted(r.id for r in replies) == list(range(1, 1001))
     assert calls == 1000
     s.close()
+
+
+async def test_status_requests_past_the_server_wide_bound_get_an_error_reply_at_once(
+    sock_dir, nursery
+):
+    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT, MAX_STATUS_IN_FLIGHT_SERVER
+    from damocles_ext.protocol import control as control_protocol
+
+    calls = 0
+    release = trio.Event()
+
+    async def status() -> dict:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"calls": calls}
+
+    server = ControlServer(
+        bind_control_socket(sock_dir / "c.sock"), Backend().submit, status=status
+    )
+    await nursery.start(server.serve)
+    # Each connection within its own bound, together at the server's.
+    full = MAX_STATUS_IN_FLIGHT_SERVER // MAX_STATUS_IN_FLIGHT
+    conns = [await raw_connection(server) for _ in range(full + 1)]
+    for n, s in enumerate(conns[:full]):
+        ids = range(n * MAX_STATUS_IN_FLIGHT + 1, (n + 1) * MAX_STATUS_IN_FLIGHT + 1)
+        await s.send(b"".join(control_protocol.encode(control_protocol.StatusRequest(i))
+                              for i in ids))  # fmt: skip
+    await trio.testing.wait_all_tasks_blocked()
+    assert calls == MAX_STATUS_IN_FLIGHT_SERVER
+    # One more, on a connection with nothing in flight: an error reply at once, no /proc walk.
+    last = conns[-1]
+    await last.send(control_protocol.encode(control_protocol.StatusRequest(1000)))
+    decoder = control_protocol.frame_decoder()
+    with trio.fail_after(10):  # (without the bound it would wait for `release`)
+        [refused] = decoder.receive_data(await last.recv(65536))
+    assert refused.id == 1000 and refused.status is None
+    assert f"{MAX_STATUS_IN_FLIGHT_SERVER} status requests are being answered" in refused.error
+    assert calls == MAX_STATUS_IN_FLIGHT_SERVER
+    assert server.statistics().status_refused == 1
+    # The others are answered once their status is ready, and the bound frees with them.
+    release.set()
+    for n, s in enumerate(conns[:full]):
+        replies, d = [], control_protocol.frame_decoder()
+        while len(replies) < MAX_STATUS_IN_FLIGHT:
+            replies += d.receive_data(await s.recv(65536))
+        assert all(r.status is not None for r in replies)
+        assert sorted(r.id for r in replies) == list(
+            range(n * MAX_STATUS_IN_FLIGHT + 1, (n + 1) * MAX_STATUS_IN_FLIGHT + 1)
+        )
+    await last.send(control_protocol.encode(control_protocol.StatusRequest(1001)))
+    [served] = decoder.receive_data(await last.recv(65536))
+    assert served.id == 1001 and served.status == {"calls": MAX_STATUS_IN_FLIGHT_SERVER + 1}
+    for s in conns:
+        s.close()
+
+
+async def test_a_connection_closed_for_the_buffer_cap_refuses_its_whole_frames_and_says_goodbye(
+    sock_dir, nursery
+):
+    cap = 100_000
+    server, backend = await serve_control(nursery, sock_dir, max_buffered=cap)
+    header = (cap - 1).to_bytes(4, "big")  # frames that will never be finished
+    other = await raw_connection(server)
+    await other.send(header + b"x" * 40_000)
+    while server.statistics().buffered < 40_000:
+        await trio.testing.wait_all_tasks_blocked()
+    # One read brings a whole request and the start of a frame that puts this connection, now
+    # holding the most, over the cap.
+    s = await raw_connection(server)
+    await s.send(dext.encode(dext.Request(1, make_task(1))) + header + b"x" * 70_000)
+    [goodbye] = dext.FrameDecoder().receive_data(await wait_closed_by_peer(s))
+    s.close()
+    assert goodbye.id == 0
+    assert "closed the connection before reading more from it" in goodbye.error
+    assert "(--max-buffer)" in goodbye.error
+    # The request was not read, as the goodbye says: the client may send it again elsewhere.
+    assert not backend.events(1)[0].is_set()
+    stats = server.statistics()
+    assert (stats.over_buffer, stats.connections, stats.requests) == (1, 1, 0)
+    other.close()
