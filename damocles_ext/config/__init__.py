@@ -47,7 +47,7 @@ from .spec import (
     effective_timeouts,
     format_cpuset,
 )
-from .startup import check_startable, program_problem, startup_problems
+from .startup import build_env, check_startable, program_problem, startup_problems
 
 __all__ = [
     "CONF_FILE_NAME",
@@ -80,6 +80,7 @@ __all__ = [
     "OptionValue",
     "PosFloat",
     "PosInt",
+    "build_env",
     "check_startable",
     "default_tmp_root",
     "describe_argv",

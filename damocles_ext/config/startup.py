@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .messages import _show, _toml_key
@@ -49,13 +50,17 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
     return None
 
 
-def _search_path(child: ChildSpec) -> str:
-    """The PATH the child's program is looked up in: its Envs', else ours if inherited."""
-    if "PATH" in child.envs:
-        return child.envs["PATH"]
-    if child.inherit_envs and "PATH" in os.environ:
-        return os.environ["PATH"]
-    return os.defpath
+def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
+    """A child's environment: ours (unless InheritEnvs = false) plus its Envs. The supervisor
+    spawns the child with it; the checks here look at the same one."""
+    env = dict(os.environ) if inherit else {}
+    env.update(envs)
+    return env
+
+
+def _search_path(env: Mapping[str, str]) -> str:
+    """The PATH the child's program is looked up in, as exec does."""
+    return env.get("PATH", os.defpath)
 
 
 def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
@@ -75,8 +80,7 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
                 f"{name}: {size} bytes, but exec takes at most {most} per argument or "
                 f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
             )
-    inherited = os.environ if child.inherit_envs else {}
-    env = {**inherited, **child.envs}
+    env = build_env(child.inherit_envs, child.envs)
     strings = [*child.argv, *(f"{k}={v}" for k, v in env.items())]
     total = sum(len(os.fsencode(t)) + 1 + 8 for t in strings)  # and a pointer to each
     try:
@@ -113,7 +117,7 @@ def startup_problems(
     for (stage, block), child in blocks.items():
         where = f"{TABLE_OF_STAGE[stage]}[{block}]"
         if child.kind != "plugin":
-            search_path = _search_path(child)
+            search_path = _search_path(build_env(child.inherit_envs, child.envs))
             problem = program_problem(child.argv[0], search_path)
             if problem is not None and child.kind == "bin":
                 problems.append(f"{where}.Bin: {problem}")
