@@ -605,20 +605,24 @@ class Journal:
         self.calls.append(("request_finished", request.child, outcome))
 
 
-async def test_supervisor_calls_observers_and_survives_a_raising_one():
+async def prove_once(pm):
+    """One window_post proof by a supervisor of one echo child, with plugin manager `pm`."""
     from damocles_ext.api import open_supervisor
     from damocles_ext.config import parse_config
 
-    pm = plugins.get_plugin_manager()
-    journal = Journal()
-    plugins.register_plugin(pm, journal, "journal")
-    plugins.register_plugin(pm, Raises(), "raiser")
     config = parse_config('[[WdPost]]\nPlugin = "echo"\n', "observed.cfg")
     with trio.fail_after(30):
         async with open_supervisor(config, plugin_manager=pm) as sup:
             await sup.wait_ready("window_post")
-            output = await sup.submit(window_task())
-    assert output == testing.echo_output(window_task())
+            return await sup.submit(window_task())
+
+
+async def test_supervisor_calls_observers_and_survives_a_raising_one():
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    plugins.register_plugin(pm, Raises(), "raiser")
+    assert await prove_once(pm) == testing.echo_output(window_task())
     assert journal.calls == [
         ("child_started", "window_post#0"),
         ("child_ready", "window_post#0"),
@@ -655,20 +659,12 @@ class Around:
 
 
 async def test_observer_hooks_keep_pluggys_wrappers_and_call_order_under_the_supervisor(caplog):
-    from damocles_ext.api import open_supervisor
-    from damocles_ext.config import parse_config
-
     pm = plugins.get_plugin_manager()
     journal = Journal()
     around = Around(journal)
     plugins.register_plugin(pm, around, "around")  # registered first, yet called first
     plugins.register_plugin(pm, journal, "journal")
-    config = parse_config('[[WdPost]]\nPlugin = "echo"\n', "observed.cfg")
-    with trio.fail_after(30):
-        async with open_supervisor(config, plugin_manager=pm) as sup:
-            await sup.wait_ready("window_post")
-            output = await sup.submit(window_task())
-    assert output == testing.echo_output(window_task())
+    assert await prove_once(pm) == testing.echo_output(window_task())
     assert around.seen == [("window_post#0", "ok", 1)]
     assert journal.calls == [
         # child_started: its raising wrapper ended that event's delivery, logged below
