@@ -9,6 +9,7 @@ observer must not hide the others from the supervisor.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib.metadata
 import inspect
@@ -409,6 +410,13 @@ class _Pending:
             close()
 
 
+# The _Pending results of the observer hook call in progress, in the order they were made: taken
+# from here rather than from the hook's results, which a wrapper may replace or never return.
+_pending_results: contextvars.ContextVar[list[_Pending] | None] = contextvars.ContextVar(
+    "_pending_results", default=None
+)
+
+
 def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
     def observer(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -417,7 +425,11 @@ def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
         if result is not None and (callable(result) or inspect.isawaitable(result)):
-            return _Pending(hook_name, plugin_name, result)
+            pending = _Pending(hook_name, plugin_name, result)
+            collected = _pending_results.get()
+            if collected is not None:
+                collected.append(pending)
+            return pending
         return result
 
     observer._dext_observer = True  # type: ignore[attr-defined]
@@ -461,23 +473,31 @@ async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any
     Going through `pm.hook.<name>` keeps pluggy's rules: call order with `tryfirst`/`trylast`,
     wrappers (`@hookimpl(wrapper=True)` or `hookwrapper=True`), hook-call tracing. An exception
     from one implementation is logged with the plugin's name and the others still run; one from
-    a wrapper ends this event's delivery, logged likewise. Cancellation of the caller (a
-    BaseException under trio) is not swallowed.
+    a wrapper ends this event's delivery (what had not run, or was still to be awaited), logged
+    likewise. Cancellation of the caller (a BaseException under trio) is not swallowed.
     """
     caller = getattr(pm.hook, hook_name, None)
     if caller is None:
         log.error("call_observers: no hook named %r", hook_name)
         return
     _guard_implementations(caller)
+    pending: list[_Pending] = []
+    token = _pending_results.set(pending)
     try:
-        results = caller(**kwargs)
+        caller(**kwargs)
     except Exception as exc:
         plugin = _raising_wrapper(caller, exc)
         log.exception(
-            "observer %s: wrapper of plugin %r raised; event not delivered", hook_name, plugin
+            "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"
+            " run yet, or whose work was still to be awaited, miss this event",
+            hook_name,
+            plugin,
         )
+        for item in pending:
+            item.discard()
         return
-    pending = [r for r in results if isinstance(r, _Pending)]
+    finally:
+        _pending_results.reset(token)
     try:
         for index, item in enumerate(pending):
             await item.finish()
