@@ -27,6 +27,7 @@ from .errors import ProverError, UsageError
 from .frontends.control_socket import (
     UntrustedPathError,
     default_socket_path,
+    not_private,
     peer_credentials,
     resolve_trusted,
     trusted_uids,
@@ -269,12 +270,11 @@ def _check_socket_place(path: Path, hint: str) -> None:
         raise NoSupervisorError(
             f"no supervisor at {path}: {real if real != path else 'it'} is not a socket; {hint}"
         )
-    directory = real.parent
-    if stat.S_IMODE(dir_st.st_mode) & 0o077:
+    problem = not_private(real.parent, dir_st)
+    if problem is not None:
         raise NoSupervisorError(
-            f"refusing to connect to {path}: the socket's directory {directory} has mode"
-            f" {stat.S_IMODE(dir_st.st_mode):04o}, not private (0700) as `damocles-ext run`"
-            f" makes it; it may be another user's socket: {_UNTRUSTED_HINT}"
+            f"refusing to connect to {path}: the socket's directory {problem} as `damocles-ext"
+            f" run` makes it; it may be another user's socket: {_UNTRUSTED_HINT}"
         )
 
 

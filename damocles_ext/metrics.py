@@ -541,22 +541,18 @@ class _HttpConnection:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    sock = None
     try:
         family, kind, proto, _name, addr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
-            " another --metrics HOST:PORT"
-        ) from None
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
         sock.listen(64)
-    except OSError as exc:
-        sock.close()
+    except OSError as exc:  # an unknown host, no such address here, the port taken
+        if sock is not None:
+            sock.close()
         raise UsageError(
             f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
             " another --metrics HOST:PORT"

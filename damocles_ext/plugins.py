@@ -2,12 +2,14 @@
 
 Discovery mirrors ``pm.load_setuptools_entrypoints("damocles_ext")`` but loads each entry point on
 its own, so a plugin that fails to import (or registers a misspelt hook) is recorded with its name
-and error while every other plugin still loads. Observer hooks are called one implementation at a
-time for the same reason: one failing observer must not hide the others from the supervisor.
+and error while every other plugin still loads. Observer hooks go through pluggy's hook caller
+(order, wrappers, tracing), with each implementation guarded for the same reason: one failing
+observer must not hide the others from the supervisor.
 """
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib.metadata
 import inspect
@@ -380,28 +382,126 @@ def _select_args(impl: pluggy.HookImpl, kwargs: dict[str, object]) -> dict[str, 
     return {name: kwargs[name] for name in impl.argnames if name in kwargs}
 
 
-async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: object) -> None:
-    """Call every implementation of an observer hook; await awaitable results; never raise.
+class _Pending:
+    """What an observer returned that is still to be done: an awaitable, or a callable that
+    returns one (datasette's await_me_maybe). The hook call itself is synchronous (pluggy), so
+    these are awaited after it, in the order the implementations ran."""
 
-    An exception from one observer is logged with the plugin's name and the others still run.
-    Cancellation of the caller (a BaseException under trio) is not swallowed.
-    """
-    caller = getattr(pm.hook, hook_name, None)
-    if caller is None:
-        log.error("call_observers: no hook named %r", hook_name)
-        return
-    tracing = bool(os.environ.get(TRACE_ENV, "").strip() not in ("", "0"))
-    for impl in reversed(caller.get_hookimpls()):
-        if tracing:
-            logging.getLogger("damocles_ext.hooks").info(
-                "%s -> plugin %r %r", hook_name, impl.plugin_name, kwargs
-            )
+    __slots__ = ("hook", "plugin", "result")
+
+    def __init__(self, hook: str, plugin: str, result: Any) -> None:
+        self.hook, self.plugin, self.result = hook, plugin, result
+
+    async def finish(self) -> None:
         try:
-            result = impl.function(**_select_args(impl, kwargs))
-            # datasette's await_me_maybe: a value, a callable returning one, or an awaitable.
+            result = self.result
             if callable(result) and not inspect.isawaitable(result):
                 result = result()
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            log.exception("observer %s of plugin %r raised; ignored", hook_name, impl.plugin_name)
+            log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
+
+    def discard(self) -> None:
+        # The hook call failed before these could be awaited: close the coroutines so that
+        # Python does not warn that they were never awaited.
+        close = getattr(self.result, "close", None)
+        if inspect.iscoroutine(self.result) and close is not None:
+            close()
+
+
+# The _Pending results of the observer hook call in progress, in the order they were made: taken
+# from here rather than from the hook's results, which a wrapper may replace or never return.
+_pending_results: contextvars.ContextVar[list[_Pending] | None] = contextvars.ContextVar(
+    "_pending_results", default=None
+)
+
+
+def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
+    def observer(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except Exception:
+            log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
+            return None
+        if result is not None and (callable(result) or inspect.isawaitable(result)):
+            pending = _Pending(hook_name, plugin_name, result)
+            collected = _pending_results.get()
+            if collected is not None:
+                collected.append(pending)
+            return pending
+        return result
+
+    observer._dext_observer = True  # type: ignore[attr-defined]
+    return observer
+
+
+def _guard_implementations(caller: pluggy.HookCaller) -> None:
+    """Make each plain implementation of an observer hook log its exception and return, so
+    that the hook call goes on to the others (pluggy would stop at the first that raises).
+
+    Done on each call, not at registration: a plugin may be registered at any time, on a
+    plugin manager that is not ours. Wrappers are left as they are: they wrap the others."""
+    for impl in caller.get_hookimpls():
+        if impl.wrapper or impl.hookwrapper or getattr(impl.function, "_dext_observer", False):
+            continue
+        # pluggy reads the argument names once, from the original function, and passes the
+        # arguments positionally, so the guard takes whatever it is given.
+        impl.function = _guarded(caller.name, impl.plugin_name, impl.function)  # type: ignore[misc]
+
+
+def _raising_wrapper(caller: pluggy.HookCaller, exc: BaseException) -> str:
+    # Which wrapper's code the exception came out of, to name its plugin in the log.
+    codes = {
+        getattr(impl.function, "__code__", None): impl.plugin_name
+        for impl in caller.get_hookimpls()
+        if impl.wrapper or impl.hookwrapper
+    }
+    tb = exc.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            return name
+        tb = tb.tb_next
+    return "?"
+
+
+async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call an observer hook through the plugin manager's hook caller, then await what its
+    implementations returned that is awaitable; never raise.
+
+    Going through `pm.hook.<name>` keeps pluggy's rules: call order with `tryfirst`/`trylast`,
+    wrappers (`@hookimpl(wrapper=True)` or `hookwrapper=True`), hook-call tracing. An exception
+    from one implementation is logged with the plugin's name and the others still run; one from
+    a wrapper ends this event's delivery (what had not run, or was still to be awaited), logged
+    likewise. Cancellation of the caller (a BaseException under trio) is not swallowed.
+    """
+    caller = getattr(pm.hook, hook_name, None)
+    if caller is None:
+        log.error("call_observers: no hook named %r", hook_name)
+        return
+    _guard_implementations(caller)
+    pending: list[_Pending] = []
+    token = _pending_results.set(pending)
+    try:
+        caller(**kwargs)
+    except Exception as exc:
+        plugin = _raising_wrapper(caller, exc)
+        log.exception(
+            "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"
+            " run yet, or whose work was still to be awaited, miss this event",
+            hook_name,
+            plugin,
+        )
+        for item in pending:
+            item.discard()
+        return
+    finally:
+        _pending_results.reset(token)
+    try:
+        for index, item in enumerate(pending):  # noqa: B007 -- the except below reads it
+            await item.finish()
+    except BaseException:
+        for item in pending[index + 1 :]:
+            item.discard()
+        raise

@@ -130,6 +130,10 @@ Args = ["serve", "winning_post"]
 [[WinPost]]
 Bin = "damocles-ext"
 Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
 """)
     warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
     assert warnings == [
@@ -148,7 +152,14 @@ Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
             f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
             " of the arguments -c/--config --conf-dir --connect is required); fix its Args"
         ),
-    ]  # --connect: no `run` answers at its socket, so there is nothing to compare with
+        # WinPost[2], --connect: no `run` answers at its socket, so there is nothing to compare
+        (
+            f"{manager}: WinPost[3] runs `damocles-ext serve winning_post --connect"
+            " --restart-delay 5`, which will exit 2: --restart-delay does not apply to serve"
+            " --connect: the `damocles-ext run` it connects to supervises the children; give"
+            " --restart-delay to that `run` instead; fix its Args"
+        ),
+    ]
 
 
 def test_our_own_config_gets_no_such_warning(capsys: pytest.CaptureFixture[str]):

@@ -36,7 +36,7 @@ EXAMPLE = Path(__file__).parent.parent / "ext-prover.cfg.example"
 @pytest.fixture(autouse=True)
 def _no_gpus_and_default_tmp_root(monkeypatch: pytest.MonkeyPatch) -> None:
     # GPU detection is the one thing replaced: the machine's GPUs must not change the results.
-    monkeypatch.setattr(config, "detect_gpus", list)  # always []
+    monkeypatch.setattr(config.machine, "detect_gpus", list)  # always []
     monkeypatch.delenv(config.TMP_ROOT_ENV, raising=False)
 
 
@@ -330,7 +330,7 @@ def test_the_default_tmp_root_is_one_no_other_user_can_make_first(
 ) -> None:
     # Not the fixed /tmp/damocles-ext that anyone could create before us: root's is in /run;
     # another user's in their own XDG_RUNTIME_DIR, if it is theirs (not one kept across sudo).
-    if config._private_runtime_dir("/run", 0):
+    if config.machine._private_runtime_dir("/run", 0):
         assert config.default_tmp_root({}, euid=0) == "/run/damocles-ext"
     uid = os.geteuid()
     xdg = tmp_path / "xdg"
@@ -353,14 +353,14 @@ def test_the_default_tmp_root_is_one_no_other_user_can_make_first(
 def test_without_a_runtime_directory_the_tmp_root_is_a_random_one_for_this_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    monkeypatch.setattr(config.machine, "_per_run_tmp_root", None)
     first = config.default_tmp_root({}, euid=4242)
     again = config.default_tmp_root({"XDG_RUNTIME_DIR": "relative/dir"}, euid=4242)
     assert first == again  # every parse of one process agrees
     assert os.path.dirname(first) == tempfile.gettempdir()
     assert re.fullmatch(r"damocles-ext-4242-[0-9a-f]{16}", os.path.basename(first))
     assert not os.path.exists(first)  # made by the supervisor, 0700, when a child needs it
-    monkeypatch.setattr(config, "_per_run_tmp_root", None)
+    monkeypatch.setattr(config.machine, "_per_run_tmp_root", None)
     assert config.default_tmp_root({}, euid=4242) != first
 
 
@@ -411,7 +411,7 @@ def test_gpus_all_uses_detected_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return [0, 2]
 
-    monkeypatch.setattr(config, "detect_gpus", two_gpus)
+    monkeypatch.setattr(config.machine, "detect_gpus", two_gpus)
     cfg = parse('[[WdPost]]\nBin = "sh"\nGpus = "all"\n[[WinPost]]\nBin = "sh"\nGpus = "all"\n')
     assert [(c.name, c.envs["CUDA_VISIBLE_DEVICES"]) for c in cfg.children] == [
         ("window_post#0", "0"),

@@ -30,7 +30,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def parse_or_refuse(text: str) -> None:
     """Parse `text`; a returned config must be usable, a refusal must be a clear ConfigError."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_mod, "detect_gpus", lambda: [0, 1])  # Gpus = "all", no nvidia-smi
+        mp.setattr(
+            config_mod.machine, "detect_gpus", lambda why=None: [0, 1]
+        )  # Gpus = "all", no nvidia-smi
         try:
             cfg = parse_config(text, SOURCE, tmp_root="/tmp/damocles-ext")
         except ConfigError as exc:

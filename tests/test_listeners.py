@@ -574,35 +574,115 @@ async def test_serve_connect_goes_on_proving_across_idle_closes_of_its_connectio
             nursery.cancel_scope.cancel()
 
 
+class GatedStatus:
+    """A status source that counts its calls and answers once the test sets `release`."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = trio.Event()
+
+    async def __call__(self) -> dict:
+        self.calls += 1
+        await self.release.wait()
+        return {"calls": self.calls}
+
+
+async def serve_gated_status(nursery, sock_dir: Path) -> tuple[ControlServer, GatedStatus]:
+    status = GatedStatus()
+    server = ControlServer(
+        bind_control_socket(sock_dir / "c.sock"), Backend().submit, status=status
+    )
+    await nursery.start(server.serve)
+    return server, status
+
+
 async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
     sock_dir, nursery
 ):
     from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT
     from damocles_ext.protocol import control as control_protocol
 
-    calls = 0
-    release = trio.Event()
-
-    async def status() -> dict:
-        nonlocal calls
-        calls += 1
-        await release.wait()
-        return {"calls": calls}
-
-    backend = Backend()
-    server = ControlServer(bind_control_socket(sock_dir / "c.sock"), backend.submit, status=status)
-    await nursery.start(server.serve)
+    server, status = await serve_gated_status(nursery, sock_dir)
     s = await raw_connection(server)
     await s.send(b"".join(control_protocol.encode(control_protocol.StatusRequest(i))
                           for i in range(1, 1001)))  # fmt: skip
     await trio.testing.wait_all_tasks_blocked()
     # Not a task (and a /proc walk) per request: the connection waits for its replies to go.
-    assert calls == MAX_STATUS_IN_FLIGHT
-    release.set()
+    assert status.calls == MAX_STATUS_IN_FLIGHT
+    status.release.set()
     decoder = control_protocol.frame_decoder()
     replies = []
     while len(replies) < 1000:
         replies += decoder.receive_data(await s.recv(65536))
     assert sorted(r.id for r in replies) == list(range(1, 1001))
-    assert calls == 1000
+    assert status.calls == 1000
     s.close()
+
+
+async def test_status_requests_past_the_server_wide_bound_get_an_error_reply_at_once(
+    sock_dir, nursery
+):
+    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT, MAX_STATUS_IN_FLIGHT_SERVER
+    from damocles_ext.protocol import control as control_protocol
+
+    server, status = await serve_gated_status(nursery, sock_dir)
+    # Each connection within its own bound, together at the server's.
+    full = MAX_STATUS_IN_FLIGHT_SERVER // MAX_STATUS_IN_FLIGHT
+    conns = [await raw_connection(server) for _ in range(full + 1)]
+    for n, s in enumerate(conns[:full]):
+        ids = range(n * MAX_STATUS_IN_FLIGHT + 1, (n + 1) * MAX_STATUS_IN_FLIGHT + 1)
+        await s.send(b"".join(control_protocol.encode(control_protocol.StatusRequest(i))
+                              for i in ids))  # fmt: skip
+    await trio.testing.wait_all_tasks_blocked()
+    assert status.calls == MAX_STATUS_IN_FLIGHT_SERVER
+    # One more, on a connection with nothing in flight: an error reply at once, no /proc walk.
+    last = conns[-1]
+    await last.send(control_protocol.encode(control_protocol.StatusRequest(1000)))
+    decoder = control_protocol.frame_decoder()
+    with trio.fail_after(10):  # (without the bound it would wait for `release`)
+        [refused] = decoder.receive_data(await last.recv(65536))
+    assert refused.id == 1000 and refused.status is None
+    assert f"{MAX_STATUS_IN_FLIGHT_SERVER} status requests are being answered" in refused.error
+    assert status.calls == MAX_STATUS_IN_FLIGHT_SERVER
+    assert server.statistics().status_refused == 1
+    # The others are answered once their status is ready, and the bound frees with them.
+    status.release.set()
+    for n, s in enumerate(conns[:full]):
+        replies, d = [], control_protocol.frame_decoder()
+        while len(replies) < MAX_STATUS_IN_FLIGHT:
+            replies += d.receive_data(await s.recv(65536))
+        assert all(r.status is not None for r in replies)
+        assert sorted(r.id for r in replies) == list(
+            range(n * MAX_STATUS_IN_FLIGHT + 1, (n + 1) * MAX_STATUS_IN_FLIGHT + 1)
+        )
+    await last.send(control_protocol.encode(control_protocol.StatusRequest(1001)))
+    [served] = decoder.receive_data(await last.recv(65536))
+    assert served.id == 1001 and served.status == {"calls": MAX_STATUS_IN_FLIGHT_SERVER + 1}
+    for s in conns:
+        s.close()
+
+
+async def test_a_connection_closed_for_the_buffer_cap_refuses_its_whole_frames_and_says_goodbye(
+    sock_dir, nursery
+):
+    cap = 100_000
+    server, backend = await serve_control(nursery, sock_dir, max_buffered=cap)
+    header = (cap - 1).to_bytes(4, "big")  # frames that will never be finished
+    other = await raw_connection(server)
+    await other.send(header + b"x" * 40_000)
+    while server.statistics().buffered < 40_000:
+        await trio.testing.wait_all_tasks_blocked()
+    # One read brings a whole request and the start of a frame that puts this connection, now
+    # holding the most, over the cap.
+    s = await raw_connection(server)
+    await s.send(dext.encode(dext.Request(1, make_task(1))) + header + b"x" * 70_000)
+    [goodbye] = dext.FrameDecoder().receive_data(await wait_closed_by_peer(s))
+    s.close()
+    assert goodbye.id == 0
+    assert "closed the connection before reading more from it" in goodbye.error
+    assert "(--max-buffer)" in goodbye.error
+    # The request was not read, as the goodbye says: the client may send it again elsewhere.
+    assert not backend.events(1)[0].is_set()
+    stats = server.statistics()
+    assert (stats.over_buffer, stats.connections, stats.requests) == (1, 1, 0)
+    other.close()

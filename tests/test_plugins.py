@@ -382,7 +382,7 @@ async def test_async_observer_is_awaited_and_its_exception_logged(observed, capl
 async def test_observer_returning_a_callable_gets_it_called_and_awaited(observed):
     pm, recorder = observed
     await plugins.call_observers(
-        pm, "dext_request_finished", request=REQUEST, outcome="ok", duration=0.5
+        pm, "dext_request_finished", request=REQUEST, outcome="ok", duration=0.5, slack=None
     )
     assert recorder.calls == [("finished", 9, "ok", 0.5)]
 
@@ -605,24 +605,82 @@ class Journal:
         self.calls.append(("request_finished", request.child, outcome))
 
 
-async def test_supervisor_calls_observers_and_survives_a_raising_one():
+async def prove_once(pm):
+    """One window_post proof by a supervisor of one echo child, with plugin manager `pm`."""
     from damocles_ext.api import open_supervisor
     from damocles_ext.config import parse_config
 
-    pm = plugins.get_plugin_manager()
-    journal = Journal()
-    plugins.register_plugin(pm, journal, "journal")
-    plugins.register_plugin(pm, Raises(), "raiser")
     config = parse_config('[[WdPost]]\nPlugin = "echo"\n', "observed.cfg")
     with trio.fail_after(30):
         async with open_supervisor(config, plugin_manager=pm) as sup:
             await sup.wait_ready("window_post")
-            output = await sup.submit(window_task())
-    assert output == testing.echo_output(window_task())
+            return await sup.submit(window_task())
+
+
+async def test_supervisor_calls_observers_and_survives_a_raising_one():
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    plugins.register_plugin(pm, Raises(), "raiser")
+    assert await prove_once(pm) == testing.echo_output(window_task())
     assert journal.calls == [
         ("child_started", "window_post#0"),
         ("child_ready", "window_post#0"),
         ("request_started", "window_post#0"),
         ("request_finished", "window_post#0", "ok"),
         ("child_exited", "window_post#0"),
+    ]
+
+
+class Around:
+    """Wrappers on observer hooks: one that sees the event and what the others returned, one
+    that raises before the others run, and an implementation ordered first."""
+
+    def __init__(self, journal):
+        self.journal = journal
+        self.seen = []
+
+    @hookimpl(wrapper=True)
+    def dext_request_finished(self, request, outcome):
+        calls_before = len(self.journal.calls)
+        results = yield
+        # Inside the hook call: the journal's implementation ran between the two halves.
+        self.seen.append((request.child, outcome, len(self.journal.calls) - calls_before))
+        return results
+
+    @hookimpl(hookwrapper=True)
+    def dext_child_started(self, child):
+        raise RuntimeError("wrapper bug")
+        yield  # a generator, as pluggy wants of a wrapper
+
+    @hookimpl(wrapper=True)
+    def dext_request_started(self, request):
+        yield
+        raise RuntimeError("late wrapper bug")
+
+    @hookimpl(tryfirst=True)
+    def dext_child_exited(self, child):
+        self.journal.calls.append(("first", child.name))
+
+
+async def test_observer_hooks_keep_pluggys_wrappers_and_call_order_under_the_supervisor(caplog):
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    around = Around(journal)
+    plugins.register_plugin(pm, around, "around")  # registered first, yet called first
+    plugins.register_plugin(pm, journal, "journal")
+    assert await prove_once(pm) == testing.echo_output(window_task())
+    assert around.seen == [("window_post#0", "ok", 1)]
+    assert journal.calls == [
+        # child_started: its raising wrapper ended that event's delivery, logged below;
+        # request_started too: the journal's (async) observer ran, but was not awaited
+        ("child_ready", "window_post#0"),
+        ("request_finished", "window_post#0", "ok"),
+        ("first", "window_post#0"),  # tryfirst: before the journal, registered after it
+        ("child_exited", "window_post#0"),
+    ]
+    records = [r for r in caplog.records if "wrapper of plugin 'around'" in r.getMessage()]
+    assert [(r.getMessage().split(":")[0], r.exc_info[1].args) for r in records] == [
+        ("observer dext_child_started", ("wrapper bug",)),
+        ("observer dext_request_started", ("late wrapper bug",)),
     ]

@@ -17,7 +17,7 @@ from helpers.supervisor import dext_child, spec, window_task
 
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
-from damocles_ext.scheduling.policy import ChildInfo, Job, Scheduler
+from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler
 from damocles_ext.supervisor import Supervisor, observers
 from damocles_ext.supervisor.restart import BackoffPolicy
 
@@ -55,7 +55,7 @@ def test_jobs_failed_in_the_queue_leave_nothing_in_the_scheduler():
 
 def test_jobs_lost_with_their_child_leave_nothing_in_the_scheduler():
     s = Scheduler()
-    s.add_child(ChildInfo("a", WD, 1, 1, frozenset({"gpu:0"})))
+    s.add_child(ChildSlots("a", WD, 1, 1, frozenset({"gpu:0"})))
     s.child_ready("a", 0.0)
 
     def lose(first: int, count: int) -> None:
@@ -72,7 +72,7 @@ def test_jobs_lost_with_their_child_leave_nothing_in_the_scheduler():
 def test_retried_attempts_keep_their_requests_arrival_order():
     # The supervisor gives each retry a fresh job id; the retries still go in arrival order.
     s = Scheduler()
-    s.add_child(ChildInfo("a", WD, 2, 1, frozenset()))
+    s.add_child(ChildSlots("a", WD, 2, 1, frozenset()))
     s.child_ready("a", 0.0)
     s.submit(Job(1, WD, 1.0), 1.0)
     s.submit(Job(2, WD, 2.0), 2.0)

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from damocles_ext.scheduling.policy import (
-    Cancel,
-    ChildInfo,
+    CancelRunning,
+    ChildSlots,
     Fail,
     Job,
     Scheduler,
@@ -22,7 +22,7 @@ from damocles_ext.scheduling.policy import (
 WD, WIN = "window_post", "winning_post"
 
 
-def make(*children: ChildInfo, ready: bool = True) -> Scheduler:
+def make(*children: ChildSlots, ready: bool = True) -> Scheduler:
     s = Scheduler()
     for c in children:
         s.add_child(c)
@@ -31,8 +31,8 @@ def make(*children: ChildInfo, ready: bool = True) -> Scheduler:
     return s
 
 
-def child(cid: str, stage: str = WD, capacity: int = 1, weight: int = 1, locks=()) -> ChildInfo:
-    return ChildInfo(cid, stage, capacity, weight, frozenset(locks))
+def child(cid: str, stage: str = WD, capacity: int = 1, weight: int = 1, locks=()) -> ChildSlots:
+    return ChildSlots(cid, stage, capacity, weight, frozenset(locks))
 
 
 def starts(decisions) -> list[tuple[int, str]]:
@@ -242,7 +242,7 @@ def test_running_job_past_its_deadline_is_cancelled_once():
     assert starts(s.decide(0)) == [(1, "a")]
     assert s.next_wakeup() == 100.0
     [cancel] = s.decide(101.0)
-    assert isinstance(cancel, Cancel) and (cancel.request_id, cancel.child_id) == (1, "a")
+    assert isinstance(cancel, CancelRunning) and (cancel.request_id, cancel.child_id) == (1, "a")
     assert "deadline" in cancel.reason and "a" in cancel.reason
     assert s.next_wakeup() is None
     assert s.decide(200.0) == []

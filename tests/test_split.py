@@ -328,7 +328,7 @@ def test_a_dext_request_carries_the_split_steps(manifest):
         ({VAN, SNARK, "winning_post"}, True, True, True),
         ({VAN}, False, False, False),
         ({SNARK, "winning_post"}, False, False, True),
-        # config.py refuses both forms at once; were they met, whole proofs win.
+        # the config refuses both forms at once; were they met, whole proofs win.
         ({"window_post", VAN, SNARK}, False, True, False),
         (set(), False, False, False),
     ],

@@ -173,6 +173,11 @@ def manager_entry_warnings(config: Config) -> list[str]:
                 f" {entry.stage} requests; serve {entry.stage} instead"
             )
             continue
+        try:
+            serve.check_supervising_options(parsed)
+        except UsageError as exc:
+            warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}; fix its Args")
+            continue
         if parsed.connect is not None:
             socket = None if parsed.connect is True else parsed.connect
             found = _running_slots(socket, entry.stage)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from damocles_ext.supervisor.restart import BackoffPolicy
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
+#: --restart-delay and --restart-max-delay when not given (seconds).
+RESTART_DEFAULTS = {"restart_delay": 1.0, "restart_max_delay": 60.0}
 # The logger the config's warnings have always gone to, for whichever command reads it.
 log = logging.getLogger("damocles_ext.serve")
 
@@ -37,13 +39,6 @@ def add_config_args(
         help="read DIR/ext-prover.cfg, like damocles-manager --conf-dir",
     )
     return source
-
-
-def add_common_args(parser: argparse.ArgumentParser, default_level: str) -> None:
-    """--log-level and --log-format (damocles_ext.logs)."""
-    from damocles_ext.logs import add_logging_args
-
-    add_logging_args(parser, default_level)
 
 
 def add_shutdown_arg(parser: argparse.ArgumentParser) -> None:
@@ -63,18 +58,18 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restart-delay",
         type=_positive_float,
-        default=1.0,
+        default=RESTART_DEFAULTS["restart_delay"],
         metavar="SECONDS",
         help="wait this long before restarting a child that stopped; the wait doubles for each"
         " stop in a row, up to --restart-max-delay, and starts over once the child stayed ready"
-        " 60 s (default: 1)",
+        f" 60 s (default: {RESTART_DEFAULTS['restart_delay']:g})",
     )
     parser.add_argument(
         "--restart-max-delay",
         type=_positive_float,
-        default=60.0,
+        default=RESTART_DEFAULTS["restart_max_delay"],
         metavar="SECONDS",
-        help="the longest wait before a restart (default: 60)",
+        help=f"the longest wait before a restart (default: {RESTART_DEFAULTS['restart_max_delay']:g})",
     )
 
 
@@ -135,13 +130,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    """Log to stderr only (in `serve`, stdout carries the protocol): damocles_ext.logs."""
-    from damocles_ext.logs import setup_from_args
-
-    setup_from_args(args)
-
-
 def load_config_from_args(args: argparse.Namespace) -> Config:
     """The config named by -c/--conf-dir; its warnings are logged."""
     from damocles_ext.config import load_conf_dir, load_config
@@ -167,13 +155,6 @@ def children_of(config: Config, stage: str) -> list[ChildSpec]:
             f' {stage}; add one (e.g. [[{table}]] with Plugin = "..." or Bin = "...")'
         )
     return children
-
-
-def add_dump_arg(parser: argparse.ArgumentParser) -> None:
-    """--dump-dir DIR (damocles_ext.logs)."""
-    from damocles_ext.logs import add_dump_arg as add
-
-    add(parser)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
+from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
-
-from .common import add_common_args, add_dump_arg
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, PoStTask, Task
@@ -106,16 +105,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="do not show the prover's progress on stderr (a bar on a terminal, else a line"
         " every 5 s)",
     )
-    add_common_args(parser, "warning")
+    add_logging_args(parser, "warning")
     add_dump_arg(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
-    from .common import children_of, load_config_from_args, setup_logging
+    from .common import children_of, load_config_from_args
 
-    setup_logging(args)
+    setup_from_args(args)
     if args.manifest is not None:
         task = task_from_manifest(args)
     else:

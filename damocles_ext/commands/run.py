@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import re
 
+from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
+
 from .common import (
-    add_common_args,
     add_config_args,
-    add_dump_arg,
     add_restart_arg,
     add_shutdown_arg,
     load_config_from_args,
     positive_duration,
     positive_int,
-    setup_logging,
     supervisor_options,
 )
 
@@ -92,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="close a metrics connection that has not sent a whole request for this long"
         f" (default: {DEFAULT_METRICS_IDLE_TIMEOUT:g}s)",
     )
-    add_common_args(parser, "info")
+    add_logging_args(parser, "info")
     add_dump_arg(parser)
     return parser
 
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.frontends.run import serve_control_socket
     from damocles_ext.plugins import get_plugin_manager
 
-    setup_logging(args)
+    setup_from_args(args)
     config = load_config_from_args(args)
     # Before the socket exists: a client must not find a supervisor whose children cannot start.
     plugin_manager = get_plugin_manager()

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 
+from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
 
 from .common import (
-    add_common_args,
+    RESTART_DEFAULTS,
     add_config_args,
-    add_dump_arg,
     add_restart_arg,
     add_shutdown_arg,
     children_of,
     load_config_from_args,
     positive_duration,
-    setup_logging,
     supervisor_options,
 )
 
@@ -82,7 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
-    add_common_args(parser, "info")
+    add_logging_args(parser, "info")
     add_dump_arg(parser)
     # None = not given: with --connect a given one is refused, without it the default applies.
     parser.set_defaults(restart_delay=None, restart_max_delay=None)
@@ -100,12 +99,14 @@ def _socket_path(text: str) -> str:
     return text
 
 
-#: Options of a serve that supervises its own children, and their defaults (add_restart_arg).
-_SUPERVISING_OPTIONS = {"restart_delay": 1.0, "restart_max_delay": 60.0, "dump_dir": None}
+#: Options of a serve that supervises its own children, and their defaults.
+_SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 
 
-def _check_supervising_options(args: argparse.Namespace) -> None:
-    """With --connect, refuse the options only a supervisor uses; otherwise fill in defaults."""
+def check_supervising_options(args: argparse.Namespace) -> None:
+    """With --connect, refuse (UsageError) the options only a supervisor uses; otherwise fill in
+    their defaults. check-config applies it to the entries of damocles-manager's ext-prover.cfg
+    that run serve."""
     from damocles_ext.errors import UsageError
 
     for name, default in _SUPERVISING_OPTIONS.items():
@@ -121,8 +122,8 @@ def _check_supervising_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
-    _check_supervising_options(args)
-    setup_logging(args)
+    check_supervising_options(args)
+    setup_from_args(args)
     if args.connect is not None:
         from damocles_ext.frontends.serve import serve_connected
 

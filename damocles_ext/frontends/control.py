@@ -16,7 +16,11 @@ longest, or is told "too many connections" when all are busy), a connection idle
 `idle_timeout` is closed (idle: no request in flight and no bytes arriving; a WindowPoSt that
 runs for 30 minutes keeps its connection), and the unfinished frames of all connections
 together may hold at most `max_buffered` bytes (over it, the connection holding the most is
-closed). Running out of file descriptors at accept(2) is survived.
+closed, and the whole frames of the read that put it over are not acted on). A connection
+closed while idle first gets Response{id 0, error=why}: nothing it sent after that was read.
+Status requests are bounded per connection (MAX_STATUS_IN_FLIGHT: past it, the connection is
+not read) and server-wide (MAX_STATUS_IN_FLIGHT_SERVER: past it, an error reply at once).
+Running out of file descriptors at accept(2) is survived.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ CONNECTION_ERROR_ID = 0
 # we stop reading from it: a client that sends them without reading the replies would otherwise
 # start a task and a /proc walk per request, and queue every reply.
 MAX_STATUS_IN_FLIGHT = 16
+# Status requests being answered on all connections together: each is a task and a /proc walk of
+# every child's tree, so many connections each within their own bound must not add up to more.
+# One past it is answered at once with an error reply.
+MAX_STATUS_IN_FLIGHT_SERVER = 64
 
 
 class ControlSubmit(Protocol):
@@ -93,6 +101,7 @@ class ControlStats:
     over_buffer: int = 0  # connections closed for holding the most when over max_buffered
     shed: int = 0  # accept(2) failures for lack of descriptors or memory, survived
     buffered: int = 0  # bytes of unfinished frames held now, all connections together
+    status_refused: int = 0  # status requests answered with an error: too many server-wide
 
 
 class ControlServer:
@@ -130,6 +139,7 @@ class ControlServer:
         # A frame longer than everything may hold together could never complete.
         self._max_frame = min(dext.DEFAULT_MAX_FRAME_SIZE, max_buffered)
         self._buffered = 0
+        self._status_in_flight = 0  # status requests being answered, all connections
         self._connections: set[_Connection] = set()
         self._stats = ControlStats()
         self._idle = trio.Event()
@@ -157,6 +167,7 @@ class ControlServer:
             s.over_buffer,
             slots.shed,
             self._buffered,
+            s.status_refused,
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -220,10 +231,9 @@ class ControlServer:
             # does not close several connections.
             self._buffered -= hog.buffered
             hog.buffered = 0
+            hog.evict(reason, log_level=logging.DEBUG)
             if hog is conn:
                 keep = False
-            else:
-                hog.evict(reason, log_level=logging.DEBUG)
         return keep
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
@@ -266,17 +276,21 @@ class ControlServer:
             f"the supervisor has too many connections ({self.max_connections} open, all busy;"
             " the limit is run's --max-connections); try again later"
         )
-        # A fresh unix socket takes a small frame at once; a client that somehow does not
-        # must not hold the descriptor.
-        with trio.move_on_after(1):
-            try:
-                await stream.send_all(
-                    dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message))
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        await _send_connection_error(stream, message)
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+async def _send_connection_error(stream: trio.abc.SendStream, message: str) -> None:
+    """Tell a client why its connection is closed: `Response{id 0, error=message}`, the one
+    frame that is about the connection rather than a request. Given up after a second: a
+    client that does not read must not hold the descriptor."""
+    frame = dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message))
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 class _Connection:
@@ -324,13 +338,13 @@ class _Connection:
                 nursery.start_soon(self._write_loop)
                 with self._read_scope:
                     await self._read_loop(nursery)
-                goodbye = None
-                if self._read_scope.cancelled_caught:
-                    goodbye = self._evicted
-                    if goodbye is None:
-                        self._server._stats.idle_closed += 1
-                        goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
-                        log.info("closing a control connection %s", goodbye)
+                # Evicted: by another connection, or by the read that put this one over the
+                # buffer cap (which returns before any checkpoint, so the scope caught nothing).
+                goodbye = self._evicted
+                if goodbye is None and self._read_scope.cancelled_caught:
+                    self._server._stats.idle_closed += 1
+                    goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
+                    log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
                 nursery.cancel_scope.cancel()
             if goodbye is not None and self.idle:
@@ -344,17 +358,10 @@ class _Connection:
         # Nothing is in flight, so the writer (cancelled above) was not inside a frame. This
         # frame tells the client that whatever it sent and had no answer to was never read: a
         # request crossing our close can be sent again on a new connection.
-        frame = dext.encode(
-            dext.Response(
-                CONNECTION_ERROR_ID,
-                error=f"the supervisor closed the connection before reading more from it: {reason}",
-            )
+        await _send_connection_error(
+            self._stream,
+            f"the supervisor closed the connection before reading more from it: {reason}",
         )
-        with trio.move_on_after(1):
-            try:
-                await self._stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -368,6 +375,9 @@ class _Connection:
                 log.error("control client broke the protocol, closing its connection: %s", exc)
                 return
             if not self._server._buffer_changed(self, self._decoder.pending):
+                # Closed for holding the most: the whole frames of this read go unread with
+                # the rest, so the goodbye's word that nothing more was read holds, and the
+                # client may send them again on a new connection.
                 return
             for msg in messages:
                 if isinstance(msg, dext.Request):
@@ -381,7 +391,22 @@ class _Connection:
                         self._status_drained = trio.Event()
                         await self._status_drained.wait()
                     self._status_owed += 1
-                    nursery.start_soon(self._answer_status, msg.id)
+                    if self._server._status_in_flight >= MAX_STATUS_IN_FLIGHT_SERVER:
+                        self._server._stats.status_refused += 1
+                        self._replies.append(
+                            control_protocol.StatusReply(
+                                msg.id,
+                                error=(
+                                    f"{MAX_STATUS_IN_FLIGHT_SERVER} status requests are being"
+                                    " answered already (all connections together); try again"
+                                    " in a moment"
+                                ),
+                            )
+                        )
+                        self._wake.set()
+                    else:
+                        self._server._status_in_flight += 1
+                        nursery.start_soon(self._answer_status, msg.id)
                 else:
                     log.error(
                         "control client sent a %s frame, which only a prover child may"
@@ -443,6 +468,14 @@ class _Connection:
         self._queue_response(response)
 
     async def _answer_status(self, request_id: int) -> None:
+        try:
+            reply = await self._status_reply(request_id)
+        finally:
+            self._server._status_in_flight -= 1
+        self._replies.append(reply)
+        self._wake.set()
+
+    async def _status_reply(self, request_id: int) -> control_protocol.StatusReply:
         status = self._server._status
         if status is None:
             reply = control_protocol.StatusReply(
@@ -456,8 +489,7 @@ class _Connection:
                 reply = control_protocol.StatusReply(
                     request_id, error=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
                 )
-        self._replies.append(reply)
-        self._wake.set()
+        return reply
 
     def _queue_response(self, response: dext.Response) -> None:
         self._progress.pop(response.id, None)

@@ -47,6 +47,14 @@ def _describe_mode(mode: int) -> str:
     return f"{stat.S_IMODE(mode):04o}"
 
 
+def not_private(directory: Path, st: os.stat_result) -> str | None:
+    """Why the socket's directory (`st`: its lstat) lets others reach the socket, or None: `run`
+    keeps its socket in a directory of mode 0700, and the client refuses one that is not."""
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"{directory} has mode {_describe_mode(st.st_mode)}, not private (0700)"
+    return None
+
+
 class UntrustedPathError(UsageError):
     """A path that another user could redirect; the message says which part and why."""
 
@@ -171,11 +179,11 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
             f"control socket directory {directory} is owned by uid {st.st_uid}, not by us"
             f" (uid {uid}); refusing to use it. Choose a directory you own with --socket."
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
+    problem = not_private(directory, st)
+    if problem is not None:
         raise UsageError(
-            f"control socket directory {directory} has mode {_describe_mode(st.st_mode)}; it must"
-            f" be private (0700) so that only you can reach the socket: chmod 700 {directory},"
-            " or choose another path with --socket"
+            f"control socket directory {problem}: only you may reach the socket; chmod 700"
+            f" {directory}, or choose another path with --socket"
         )
 
 

@@ -21,7 +21,7 @@ The rules, in one place:
   goes to a child that is idle now rather than queueing behind work in a busy one; among equally
   loaded children, smooth weighted round robin over `Weight` (nginx's algorithm, deterministic).
 * Deadlines. A queued job whose deadline has passed fails without reaching a prover. A running job
-  past its deadline gets one `Cancel`; the supervisor handles the grace period and the kill.
+  past its deadline gets one `CancelRunning`; the supervisor handles the grace period and the kill.
 * Pipelining (only for children that report phases; call `progress` with the dext Progress
   frames). A prover that reports a phase named in `GPU_PHASES` ("snark") when its GPU work starts
   tells the scheduler that its request left the vanilla phase (CPU, disk) for the GPU; a later
@@ -67,8 +67,9 @@ _HISTORY = 16
 
 
 @dataclass(frozen=True, slots=True)
-class ChildInfo:
-    """What the policy needs to know about one child (from its ChildSpec)."""
+class ChildSlots:
+    """One child as the policy sees it (from its ChildSpec): `capacity` slots for `stage`, its
+    share of the traffic (`weight`) and the locks a job on it holds."""
 
     child_id: str
     stage: str
@@ -105,7 +106,7 @@ class Fail:
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class CancelRunning:
     """Cancel running request `request_id` on child `child_id` (it passed its deadline)."""
 
     request_id: int
@@ -113,7 +114,7 @@ class Cancel:
     reason: str
 
 
-Decision = Start | Fail | Cancel
+Decision = Start | Fail | CancelRunning
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ class SchedulerStatistics:
 
 @dataclass(slots=True)
 class _Child:
-    info: ChildInfo
+    info: ChildSlots
     order: int
     ready: bool = False
     fatal: bool = False
@@ -189,7 +190,7 @@ class Scheduler:
 
     # -- children ---------------------------------------------------------------------------
 
-    def add_child(self, info: ChildInfo) -> None:
+    def add_child(self, info: ChildSlots) -> None:
         """Register a child; it is not eligible until `child_ready`."""
         if info.child_id in self._children:
             raise ValueError(f"child {info.child_id!r} is already registered with the scheduler")
@@ -307,7 +308,7 @@ class Scheduler:
             if not run.cancelled and run.job.deadline is not None and now >= run.job.deadline:
                 run.cancelled = True
                 out.append(
-                    Cancel(
+                    CancelRunning(
                         run.job.request_id,
                         run.child_id,
                         f"request {run.job.request_id} passed its deadline "
@@ -367,7 +368,7 @@ class Scheduler:
 
     def statistics(self) -> SchedulerStatistics:
         """Queue lengths and nearest deadline per stage, running jobs per child, locks held."""
-        queued: dict[str, int] = {stage: 0 for stage in self._heaps}
+        queued: dict[str, int] = dict.fromkeys(self._heaps, 0)
         for _, job in self._queued.values():
             queued[job.stage] = queued.get(job.stage, 0) + 1
         nearest: dict[str, float | None] = {}

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .baselines import BaselineChild, DamoclesDispatch
-from .policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
+from .policy import CancelRunning, ChildSlots, Fail, Job, Scheduler, Start
 from .sim_scenario import (
     DEFAULT_POLICIES,
     POLICIES,
@@ -213,7 +213,7 @@ class _Engine:
             for s in self.slots.values():
                 # Else GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
                 locks = frozenset({f"gpu:{s.gpu}"}) if gpulock and s.gpu >= 0 else frozenset()
-                self.scheduler.add_child(ChildInfo(s.child_id, s.stage, s.capacity, 1, locks))
+                self.scheduler.add_child(ChildSlots(s.child_id, s.stage, s.capacity, 1, locks))
                 self.scheduler.child_ready(s.child_id, 0.0)
         else:
             self.baseline = DamoclesDispatch(
@@ -321,7 +321,7 @@ class _Engine:
                         self.start_job(job.job_id, d.child_id)
                 elif isinstance(d, Fail):
                     job.state = "failed"
-                elif isinstance(d, Cancel):
+                elif isinstance(d, CancelRunning):
                     self.abort(job)
                     job.state = "cancelled"
                     sched.finished(d.request_id, self.now)

@@ -38,7 +38,7 @@ import trio
 from ..errors import ProverError, UsageError
 from ..logs import report_bad_output
 from ..protocol import dext
-from ..scheduling.policy import Cancel, ChildInfo, Fail, Job, Scheduler, Start
+from ..scheduling.policy import CancelRunning, ChildSlots, Fail, Job, Scheduler, Start
 from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
     Output,
@@ -124,7 +124,7 @@ class Supervisor:
             child = Child(spec, tracker)
             self._children[spec.name] = child
             self._scheduler.add_child(
-                ChildInfo(
+                ChildSlots(
                     child_id=spec.name,
                     stage=spec.stage,
                     capacity=child.capacity,
@@ -456,7 +456,7 @@ class Supervisor:
                     elif isinstance(decision, Fail):
                         self._queued -= 1
                         self._on_fail(decision.request_id, decision.reason)
-                    elif isinstance(decision, Cancel):
+                    elif isinstance(decision, CancelRunning):
                         self._on_deadline(decision.request_id, decision.reason)
                 if not self._dispatch_again:
                     break

@@ -2,7 +2,8 @@
 
 Events go through a bounded channel to one task that calls the hooks one at a time, each with a
 time limit: a slow or stuck observer costs dropped events (logged), never the supervisor's
-progress or memory.
+progress or memory. Each call goes through the plugin manager's hook caller
+(plugins.call_observers), so pluggy's ordering and wrappers apply to observers.
 """
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from ..config import TABLE_OF_STAGE, TMP_ROOT_ENV
+from ..config import (
+    TABLE_OF_STAGE,
+    TMP_ROOT_ENV,
+    build_env,  # noqa: F401 - child_loop takes it from here, with the spawn
+)
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -82,13 +86,6 @@ def _preexec(parent_pid: int, cpuset: frozenset[int] | None) -> Callable[[], Non
             os.sched_setaffinity(0, cpuset)
 
     return preexec
-
-
-def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
-    """The child's environment: ours (unless InheritEnvs = false) plus its Envs."""
-    env = dict(os.environ) if inherit else {}
-    env.update(envs)
-    return env
 
 
 def prepare_spawn(

@@ -1,0 +1,95 @@
+"""ext-prover.cfg -> validated `ChildSpec`s, one per child process to start.
+
+The file is damocles-manager's own ext-prover config (TOML: `[[WdPost]]` and `[[WinPost]]` arrays
+of tables), read exactly as damocles reads it, plus our optional PascalCase extensions. Every key
+is checked on its own so that one run reports all the mistakes in a file, each with its place
+(`WdPost[1].Concurrent`), what was expected and what was found. Nothing here starts processes or
+creates directories: that is the supervisor's job.
+
+This package's names are its API; its modules are where each part lives:
+spec (ChildSpec, Config, ConfigError, defaults and bounds), load (the file and the TOML into
+children), keys (each key's type and checks), messages (error wording), machine (the tmp root,
+the GPUs), startup (can the children start here).
+"""
+
+from __future__ import annotations
+
+from .keys import VALID_KEYS, NonNegFloat, NonNegInt, PosFloat, PosInt
+from .load import load_conf_dir, load_config, parse_config
+from .machine import default_tmp_root, detect_gpus
+from .spec import (
+    CONF_FILE_NAME,
+    DAMOCLES_WORKER,
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_CONCURRENT,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_READY_TIMEOUT,
+    DEFAULT_STDIN_TIMEOUT,
+    DEFAULT_WEIGHT,
+    MAX_ATTEMPTS,
+    MAX_CHILDREN,
+    MAX_CONCURRENT,
+    MAX_CONFIG_BYTES,
+    MAX_CPU,
+    MAX_GPU_INDEX,
+    MAX_SECONDS,
+    MAX_WEIGHT,
+    STAGE_OF_TABLE,
+    TABLE_OF_STAGE,
+    TMP_ROOT_ENV,
+    TMP_ROOT_NAME,
+    ChildSpec,
+    Config,
+    ConfigError,
+    OptionValue,
+    describe_argv,
+    effective_timeouts,
+    format_cpuset,
+)
+from .startup import build_env, check_startable, program_problem, startup_problems
+
+__all__ = [
+    "CONF_FILE_NAME",
+    "DAMOCLES_WORKER",
+    "DEFAULT_CANCEL_GRACE",
+    "DEFAULT_CONCURRENT",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_READY_TIMEOUT",
+    "DEFAULT_STDIN_TIMEOUT",
+    "DEFAULT_WEIGHT",
+    "MAX_ATTEMPTS",
+    "MAX_CHILDREN",
+    "MAX_CONCURRENT",
+    "MAX_CONFIG_BYTES",
+    "MAX_CPU",
+    "MAX_GPU_INDEX",
+    "MAX_SECONDS",
+    "MAX_WEIGHT",
+    "STAGE_OF_TABLE",
+    "TABLE_OF_STAGE",
+    "TMP_ROOT_ENV",
+    "TMP_ROOT_NAME",
+    "VALID_KEYS",
+    "ChildSpec",
+    "Config",
+    "ConfigError",
+    "NonNegFloat",
+    "NonNegInt",
+    "OptionValue",
+    "PosFloat",
+    "PosInt",
+    "build_env",
+    "check_startable",
+    "default_tmp_root",
+    "describe_argv",
+    "detect_gpus",
+    "effective_timeouts",
+    "format_cpuset",
+    "load_conf_dir",
+    "load_config",
+    "parse_config",
+    "program_problem",
+    "startup_problems",
+]

@@ -1,0 +1,386 @@
+"""Reading ext-prover.cfg: the file, its TOML, and each table into `ChildSpec`s."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..options import format_option
+from . import machine
+from .keys import _RULES, VALID_KEYS, _Block, _check_block, _check_key, _parse_cpuset
+from .messages import _TABLE_ALIASES, _show, _suggest, _syntax_error
+from .spec import (
+    _SPLIT_TABLES,
+    CONF_FILE_NAME,
+    DAMOCLES_WORKER,
+    DEFAULT_CONCURRENT,
+    DEFAULT_READY_TIMEOUT,
+    DEFAULT_WEIGHT,
+    MAX_CHILDREN,
+    MAX_CONFIG_BYTES,
+    STAGE_OF_TABLE,
+    TMP_ROOT_ENV,
+    ChildSpec,
+    Config,
+    ConfigError,
+)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate an ext-prover.cfg file; raise ConfigError listing every problem."""
+    source = os.fspath(path)
+    p = Path(source)
+    try:
+        with p.open("rb") as f:
+            # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError(
+            source,
+            [
+                (
+                    f"{source}: is a directory, not a config file; to read "
+                    f"{os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+                )
+            ],
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(
+            source, [f"{source}: cannot read the config file: no such file (check the path)"]
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            source,
+            [
+                f"{source}: cannot read the config file: permission denied (check its mode and owner)"
+            ],
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            source,
+            [
+                (
+                    f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
+                    f"needs; is it the right file?"
+                )
+            ],
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source,
+            [f"{source}: not UTF-8 text (bad byte at offset {exc.start}); TOML files are UTF-8"],
+        ) from None
+    return parse_config(text, source)
+
+
+def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
+    """Read DIR/ext-prover.cfg, as damocles-manager does with `--conf-dir DIR`."""
+    source = os.fspath(directory)
+    d = Path(source)
+    if not d.exists():
+        raise ConfigError(source, [f"{source}: config directory does not exist (check the path)"])
+    if not d.is_dir():
+        raise ConfigError(
+            source, [f"{source}: is a file, not a directory; to read this file use -c {source}"]
+        )
+    path = d / CONF_FILE_NAME
+    if not path.exists():
+        raise ConfigError(
+            str(path),
+            [
+                (
+                    f"{path}: cannot read the config file: no such file "
+                    f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
+                )
+            ],
+        )
+    return load_config(path)
+
+
+def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
+    """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            source,
+            [
+                (
+                    f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
+                    f'levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = "1" }}). '
+                    f"Look for a run of [ or {{"
+                )
+            ],
+        ) from None
+    except ValueError as exc:  # tomllib's int() of a number of thousands of digits
+        what = (
+            "a number has thousands of digits; no key takes one so large"
+            if "digits" in str(exc)
+            else f"a value cannot be read: {exc}"
+        )
+        raise ConfigError(source, [f"{source}: {what}"]) from None
+
+    errors: list[str] = []
+    if tmp_root is None:
+        tmp_root = os.environ.get(TMP_ROOT_ENV) or machine.default_tmp_root()
+        if not os.path.isabs(tmp_root):
+            errors.append(
+                f"environment variable {TMP_ROOT_ENV}: expected an absolute path, "
+                f"found {_show(tmp_root)}"
+            )
+    builder = _Builder(tmp_root=tmp_root.rstrip("/") or "/")
+
+    for key, value in doc.items():
+        if key in STAGE_OF_TABLE:
+            continue
+        if key in _RULES:
+            hint = "it belongs inside a [[WdPost]] or [[WinPost]] table"
+        else:
+            hint = _suggest(key, tuple(STAGE_OF_TABLE), _TABLE_ALIASES)
+            hint = hint or (
+                "the file holds only [[WdPost]] and [[WinPost]] tables, or [[WdPostVanilla]] and "
+                "[[WdPostSnark]] for a split WindowPoSt"
+            )
+        kind = "table" if isinstance(value, (dict, list)) else "key"
+        errors.append(f"unknown top-level {kind} '{key}' ({hint})")
+
+    for table, stage in STAGE_OF_TABLE.items():
+        if table not in doc:
+            continue
+        blocks = doc[table]
+        if isinstance(blocks, dict):
+            errors.append(
+                f"{table}: written as a single table [{table}]; write [[{table}]] "
+                f"(double brackets), one per child"
+            )
+            blocks = [blocks]
+        elif not isinstance(blocks, list):
+            errors.append(
+                f"{table}: expected an array of tables written [[{table}]], found {_show(blocks)}"
+            )
+            continue
+        for block_index, raw in enumerate(blocks):
+            where = f"{table}[{block_index}]"
+            if not isinstance(raw, dict):
+                errors.append(f"{where}: expected a table [[{table}]], found {_show(raw)}")
+                continue
+            errors.extend(builder.add_block(table, stage, block_index, raw))
+
+    errors.extend(_check_split_tables(doc))
+    if not errors and len(builder.children) > MAX_CHILDREN:
+        errors.append(
+            f"the file starts {len(builder.children)} children; at most {MAX_CHILDREN} are "
+            f"supported. Use Concurrent for more requests per child"
+        )
+    if not errors and not builder.children:
+        errors.append(
+            "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
+            "add at least one (see ext-prover.cfg.example)"
+        )
+    if errors:
+        raise ConfigError(source, errors)
+    return Config(
+        source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
+    )
+
+
+def _check_split_tables(doc: dict[str, Any]) -> list[str]:
+    """A split WindowPoSt needs both of its tables, and replaces [[WdPost]]."""
+    present = [t for t in _SPLIT_TABLES if doc.get(t)]  # an empty array starts no child
+    if not present:
+        return []
+    if len(present) == 1:
+        missing = next(t for t in _SPLIT_TABLES if t not in present)
+        return [
+            (
+                f"[[{present[0]}]] without [[{missing}]]: a split WindowPoSt runs its vanilla "
+                f"step on [[WdPostVanilla]] children and its SNARK step on [[WdPostSnark]] "
+                f"children; add [[{missing}]], or use [[WdPost]] for whole proofs"
+            )
+        ]
+    if doc.get("WdPost"):
+        return [
+            (
+                "[[WdPost]] and [[WdPostVanilla]]/[[WdPostSnark]] both serve window_post: keep "
+                "[[WdPost]] for whole proofs on one child, or the two split tables to run the "
+                "vanilla and SNARK steps on different children, not both"
+            )
+        ]
+    return []
+
+
+class _Builder:
+    def __init__(self, tmp_root: str) -> None:
+        self.tmp_root = tmp_root
+        self.children: list[ChildSpec] = []
+        self.warnings: list[str] = []
+        self._next_index = dict.fromkeys(STAGE_OF_TABLE.values(), 0)
+        self._gpus: list[int] | None = None
+        self._gpu_problems: list[str] = []  # why detect_gpus found none
+
+    def _detected_gpus(self) -> list[int]:
+        if self._gpus is None:  # once per file: nvidia-smi is slow
+            self._gpus = machine.detect_gpus(self._gpu_problems)
+        return self._gpus
+
+    def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
+        where = f"{table}[{block_index}]"
+        errors: list[str] = []
+        good: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _RULES:
+                hint = _suggest(key, VALID_KEYS) or "valid keys: " + ", ".join(VALID_KEYS)
+                errors.append(f"{where}: unknown key '{key}' ({hint})")
+                continue
+            key_errors = _check_key(where, key, value)
+            errors.extend(key_errors)
+            if not key_errors:
+                good[key] = value
+        # The keys that passed on their own still get the content and cross-key checks, so one
+        # run reports everything; cross-key rules look at which keys were written at all.
+        block = msgspec.convert(good, _Block)
+        errors.extend(_check_block(where, block, set(raw)))
+        cpuset, cpu_errors = _parse_cpuset(where, block.cpuset)
+        errors.extend(cpu_errors)
+        if errors:
+            return errors
+
+        if table in _SPLIT_TABLES:
+            if block.plugin is None and block.bin is None:
+                return [
+                    (
+                        f"{where}: no Plugin or Bin; damocles-worker has no split WindowPoSt "
+                        f'steps. Set Plugin (e.g. Plugin = "native") or a Bin that speaks dext'
+                    )
+                ]
+            if block.protocol == "jsonl":
+                return [
+                    (
+                        f'{where}.Protocol: "jsonl" cannot carry a split WindowPoSt step '
+                        f"(damocles' JSON lines know only window_post and winning_post); use "
+                        f'"dext" or "auto"'
+                    )
+                ]
+        argv, kind = self._program(where, stage, block)
+        gpus: list[int | None] = [None]
+        if block.gpus == "all":
+            found = self._detected_gpus()
+            if not found:
+                return [
+                    (
+                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`'
+                        f"{''.join('; ' + r for r in self._gpu_problems)}); "
+                        f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
+                    )
+                ]
+            gpus = list(found)
+        elif block.gpus is not None:
+            gpus = list(block.gpus)
+        if block.gpus is not None and "CUDA_VISIBLE_DEVICES" in block.envs:
+            self.warnings.append(
+                f"{where}: Envs sets CUDA_VISIBLE_DEVICES, which overrides Gpus: all "
+                f"{len(gpus)} children get CUDA_VISIBLE_DEVICES="
+                f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two"
+            )
+        if block.heartbeat_timeout_secs and block.protocol == "jsonl":
+            self.warnings.append(
+                f'{where}: HeartbeatTimeoutSecs has no effect with Protocol = "jsonl" '
+                f"(damocles' JSON lines carry no progress)"
+            )
+
+        for gpu in gpus:
+            envs = dict(block.envs)
+            private_tmpdir = gpu is not None and "TMPDIR" not in envs
+            if gpu is not None:
+                envs.setdefault("CUDA_VISIBLE_DEVICES", str(gpu))
+                envs.setdefault("TMPDIR", os.path.join(self.tmp_root, f"{stage}-gpu{gpu}") + "/")
+            child = self._child(stage, block_index, block, argv, kind, envs, cpuset)
+            if private_tmpdir:
+                child = msgspec.structs.replace(child, private_tmpdir=True)
+            self.children.append(child)
+        return []
+
+    def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:
+        if block.bin is not None:
+            # Kept as written: a bare name is looked up on PATH and a relative path is taken from
+            # the supervisor's working directory, as Go's exec.Command does for damocles. Whether
+            # it can run here is check_startable's question, not the file's.
+            return (block.bin, *(block.args or ())), "bin"
+        if block.plugin is not None:
+            argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", block.plugin]
+            if block.protocol != "auto":  # the runtime speaks dext unless told otherwise
+                argv += ["--protocol", block.protocol]
+            if block.concurrent > 1:  # the runtime proves one at a time unless told otherwise
+                argv += ["--capacity", str(block.concurrent)]
+            hb = block.heartbeat_timeout_secs
+            if hb and hb < 6:  # its 2 s keep-alive would read as a hang
+                argv += ["--heartbeat", f"{hb / 3:g}"]
+            for key, value in (block.plugin_options or {}).items():
+                # format_option quotes values whose type would otherwise change ("123" stays text)
+                argv += ["--option", format_option(key, value)]
+            return tuple(argv), "plugin"
+        # damocles' default. damocles looks next to its own binary; we have none, so PATH.
+        if block.args is not None:
+            self.warnings.append(
+                f"{where}: Args is ignored because Bin is not set (damocles does the same and "
+                f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args"
+            )
+        return (DAMOCLES_WORKER, "processor", stage), "damocles-worker"
+
+    def _child(
+        self,
+        stage: str,
+        block_index: int,
+        block: _Block,
+        argv: tuple[str, ...],
+        kind: str,
+        envs: dict[str, str],
+        cpuset: frozenset[int] | None,
+    ) -> ChildSpec:
+        index = self._next_index[stage]
+        self._next_index[stage] += 1
+        gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
+        locks = list(dict.fromkeys(block.locks))
+        if gpu is not None and block.gpu_lock:
+            # One lock per device, so "0,1" and "1" still exclude each other on GPU 1.
+            for device in gpu.split(","):
+                if device.strip():
+                    locks.append(f"gpu:{device.strip()}")
+        return ChildSpec(
+            stage=stage,
+            index=index,
+            block=block_index,
+            name=f"{stage}#{index}",
+            argv=argv,
+            kind=kind,
+            envs=envs,
+            inherit_envs=block.inherit_envs,
+            concurrent=block.concurrent or DEFAULT_CONCURRENT,
+            weight=block.weight or DEFAULT_WEIGHT,
+            ready_timeout=float(block.ready_timeout_secs) or DEFAULT_READY_TIMEOUT,
+            protocol=block.protocol,
+            plugin=block.plugin,
+            plugin_options=dict(block.plugin_options or {}),
+            cpuset=cpuset,
+            auto_restart=block.auto_restart,
+            max_attempts=block.max_attempts,
+            request_timeout=block.request_timeout_secs,
+            heartbeat_timeout=block.heartbeat_timeout_secs,
+            cancel_grace=block.cancel_grace_secs,
+            locks=tuple(dict.fromkeys(locks)),
+            gpu=gpu,
+            stdin_timeout=block.stdin_timeout_secs,
+        )

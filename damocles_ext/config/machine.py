@@ -1,0 +1,133 @@
+"""What reading a config asks of this machine: where Gpus' TMPDIRs go, and which GPUs exist.
+
+Nothing here creates a directory or starts a child.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Mapping
+
+from .spec import TMP_ROOT_NAME
+
+_GPU_DETECT_TIMEOUT = 10.0
+
+_per_run_tmp_root: str | None = None
+
+
+def default_tmp_root(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
+    """The tmp root Gpus uses when DAMOCLES_EXT_TMP_ROOT is unset: a place no other user can
+    make first (a fixed name in /tmp could be taken by anyone, and every Gpus child would then
+    refuse to start).
+
+    `/run/damocles-ext` for root; `$XDG_RUNTIME_DIR/damocles-ext` for others (or for root
+    when /run is unusable), if that directory is theirs; otherwise a directory for this process
+    alone, `<tempdir>/damocles-ext-<uid>-<random>`, removed when the process exits. Nothing is
+    created here: the supervisor makes the directory (0700) when it starts a child.
+    """
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0 and _private_runtime_dir("/run", euid):
+        return os.path.join("/run", TMP_ROOT_NAME)
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg) and _private_runtime_dir(xdg, euid):
+        return os.path.join(xdg, TMP_ROOT_NAME)
+    return _per_run_root(euid)
+
+
+def _private_runtime_dir(path: str, uid: int) -> bool:
+    # A runtime directory that `uid` owns and only it may write to, on a writable file system:
+    # an XDG_RUNTIME_DIR kept across sudo or su belongs to the user before, not to us.
+    try:
+        st = os.stat(path)
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == uid
+        and bool(st.st_mode & stat.S_IWUSR)
+        and not st.st_mode & 0o022
+        and not read_only
+    )
+
+
+def _per_run_root(euid: int) -> str:
+    global _per_run_tmp_root
+    if _per_run_tmp_root is None:
+        # Random, so that nobody can make it first; one per process, so that each parse agrees.
+        name = f"{TMP_ROOT_NAME}-{euid}-{secrets.token_hex(8)}"
+        _per_run_tmp_root = os.path.join(tempfile.gettempdir(), name)
+        atexit.register(_remove_per_run_root, _per_run_tmp_root, os.getpid())
+    return _per_run_tmp_root
+
+
+def _remove_per_run_root(path: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked copy of us exiting: the directory is still in use
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def detect_gpus(why: list[str] | None = None) -> list[int]:
+    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found.
+
+    When none are found, `why` (if given) gets one line per way tried, saying what it answered.
+    """
+    reasons: list[str] = []
+    try:
+        import pynvml  # nvidia-ml-py, optional
+    except ImportError:
+        pynvml = None
+        reasons.append("NVML: nvidia-ml-py is not installed")
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            try:
+                found = list(range(pynvml.nvmlDeviceGetCount()))
+            finally:
+                pynvml.nvmlShutdown()
+            if found:
+                return found
+            reasons.append("NVML: 0 devices")
+        except (pynvml.NVMLError, OSError) as exc:
+            # No driver or library: nvidia-smi may still answer, or say why not.
+            reasons.append(f"NVML: {exc}")
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"],
+            capture_output=True,
+            text=True,
+            timeout=_GPU_DETECT_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        reasons.append("nvidia-smi: not found on PATH")
+    except subprocess.TimeoutExpired:
+        reasons.append(f"nvidia-smi -L: no answer within {_GPU_DETECT_TIMEOUT:g}s")
+    except (OSError, subprocess.SubprocessError) as exc:
+        reasons.append(f"nvidia-smi -L: {exc}")
+    else:
+        found = [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
+        if out.returncode == 0 and found:
+            return found
+        said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        what = f": {said[0][:200]}" if said else ""
+        if out.returncode != 0:
+            reasons.append(f"nvidia-smi -L: exit status {out.returncode}{what}")
+        else:
+            reasons.append(f"nvidia-smi -L: listed no GPU{what}")
+    if why is not None:
+        why.extend(reasons)
+    return []

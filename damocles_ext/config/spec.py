@@ -1,0 +1,161 @@
+"""What a parsed ext-prover.cfg is: `ChildSpec`, `Config`, `ConfigError`; the table names,
+damocles' defaults and our upper bounds; how a child is shown to people.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import msgspec
+
+from ..errors import UsageError
+
+#: The file damocles-manager reads from its home or `--conf-dir` directory.
+CONF_FILE_NAME = "ext-prover.cfg"
+#: Where per-GPU TMPDIRs go when `Gpus` expands a table, instead of default_tmp_root().
+TMP_ROOT_ENV = "DAMOCLES_EXT_TMP_ROOT"
+TMP_ROOT_NAME = "damocles-ext"
+
+#: Top-level table name -> stage name used on the wire and in child names. damocles-manager knows
+#: the first two; the split WindowPoSt tables are damocles-ext's own: with them,
+#: window_post requests run a vanilla step on a [[WdPostVanilla]] child (CPU, disk) and a SNARK
+#: step on a [[WdPostSnark]] child (GPU), instead of a whole proof on a [[WdPost]] child.
+STAGE_OF_TABLE = {
+    "WdPost": "window_post",
+    "WinPost": "winning_post",
+    "WdPostVanilla": "window_post_vanilla",
+    "WdPostSnark": "window_post_snark",
+}
+TABLE_OF_STAGE = {stage: table for table, stage in STAGE_OF_TABLE.items()}
+_SPLIT_TABLES = ("WdPostVanilla", "WdPostSnark")
+
+DAMOCLES_WORKER = "damocles-worker"
+
+# damocles' defaults, applied when a key is absent or 0 (damocles treats 0 as "unset").
+DEFAULT_CONCURRENT = 1
+DEFAULT_WEIGHT = 1
+DEFAULT_READY_TIMEOUT = 5.0
+DEFAULT_MAX_ATTEMPTS = 2
+DEFAULT_CANCEL_GRACE = 10.0
+# Hung-child detection, on unless a key says 0. A dext child that works on a request must send a
+# Progress at least every 5 s (the built-in runtime sends one every 2 s): a minute of silence is
+# a dozen missed ones, so only a hung child (stalled in a frame, a deadlock, a lost GPU) is hit.
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+# A child's stdin is read by a thread that does nothing else (the runtime; damocles-worker's
+# processors): requests that sit for a minute in a full 1 MiB pipe mean it stopped reading.
+DEFAULT_STDIN_TIMEOUT = 60.0
+
+
+# Upper bounds. Values beyond them are mistakes (a digit too many, a unit mixed up), and taken as
+# given some would exhaust the machine: a thread per Concurrent slot in the plugin runtime, a set
+# of every CPU number in a Cpuset range, a child per table.
+MAX_CONFIG_BYTES = 1024 * 1024  # the seed's files are under 2 KiB
+MAX_CONCURRENT = 1024
+MAX_WEIGHT = 10_000
+MAX_SECONDS = 86_400  # one day: a PoSt deadline's whole proving window is 30 minutes
+MAX_ATTEMPTS = 100
+MAX_GPU_INDEX = 1023
+MAX_CPU = 8191  # Linux numbers at most 8192 CPUs (NR_CPUS)
+MAX_CHILDREN = 1024
+
+#: A PluginOptions value: what TOML gives that the child runtime can take back from `--option`.
+OptionValue = str | int | float | bool
+
+
+class ConfigError(UsageError):
+    """An ext-prover.cfg that cannot be used; `.errors` lists every problem found in the file."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if len(self.errors) == 1:
+            only = self.errors[0]
+            # Syntax and file errors already start with the file name.
+            return only if only.startswith(self.source) else f"{self.source}: {only}"
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        return f"{self.source} has {len(self.errors)} errors:\n{lines}"
+
+
+class ChildSpec(msgspec.Struct, frozen=True):
+    """One child process to start, fully resolved (see docs/DESIGN.md for each field)."""
+
+    stage: str
+    index: int
+    block: int
+    name: str
+    argv: tuple[str, ...]
+    kind: str
+    envs: dict[str, str]
+    inherit_envs: bool
+    concurrent: int
+    weight: int
+    ready_timeout: float
+    protocol: str
+    plugin: str | None
+    plugin_options: dict[str, str | int | float | bool]
+    cpuset: frozenset[int] | None
+    auto_restart: bool
+    max_attempts: int
+    request_timeout: float | None
+    #: None: DEFAULT_HEARTBEAT_TIMEOUT; 0: off (see effective_timeouts)
+    heartbeat_timeout: float | None
+    cancel_grace: float
+    locks: tuple[str, ...]
+    gpu: str | None
+    #: TMPDIR is the private `<tmp root>/<stage>-gpu<i>/` that Gpus gave it (not one from Envs):
+    #: the supervisor makes it 0700 and refuses one that others could reach (process.py).
+    private_tmpdir: bool = False
+    #: None: DEFAULT_STDIN_TIMEOUT; 0: off
+    stdin_timeout: float | None = None
+
+
+def effective_timeouts(child: ChildSpec) -> tuple[float, float]:
+    """(heartbeat, stdin) timeouts in seconds a child runs with, 0 when off: unset keys (None)
+    take the defaults, so a ChildSpec built by hand is watched as one from a config file is."""
+    hb = DEFAULT_HEARTBEAT_TIMEOUT if child.heartbeat_timeout is None else child.heartbeat_timeout
+    stdin = DEFAULT_STDIN_TIMEOUT if child.stdin_timeout is None else child.stdin_timeout
+    return hb, stdin
+
+
+class Config(msgspec.Struct):
+    """A parsed ext-prover.cfg: the children to start, in file order, and non-fatal warnings."""
+
+    source: str
+    children: list[ChildSpec]
+    warnings: list[str]
+    tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
+
+
+def _option_text(value: OptionValue) -> str:
+    """A PluginOptions value as the child runtime receives it in `--option K=V`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def describe_argv(child: ChildSpec) -> str:
+    """What a child runs, for people: the command line, or the plugin and its options."""
+    if child.kind == "plugin":
+        options = " ".join(
+            shlex.quote(f"{k}={_option_text(v)}") for k, v in child.plugin_options.items()
+        )
+        return f"plugin {child.plugin}" + (f" ({options})" if options else "")
+    return shlex.join(child.argv)
+
+
+def format_cpuset(cpus: frozenset[int]) -> str:
+    """{10..19, 24} -> "10-19,24"."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0] if ordered else 0
+    for cpu in ordered[1:]:
+        if cpu != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cpu
+        prev = cpu
+    if ordered:
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(parts)

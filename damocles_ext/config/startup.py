@@ -1,0 +1,167 @@
+"""Can the children start here? The checks `serve`, `run`, `prove -c` and check-config make
+before starting anything, so that a child that could never start fails the start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .messages import _show, _toml_key
+from .spec import DAMOCLES_WORKER, TABLE_OF_STAGE, ChildSpec, Config, ConfigError, format_cpuset
+
+if TYPE_CHECKING:
+    from ..plugins import DextPluginManager
+
+
+def program_problem(program: str, search_path: str | None = None) -> str | None:
+    """Why `program` (argv[0]) cannot be executed on this machine, and what to do; None if it can.
+
+    A name without '/' is looked up in `search_path` (a PATH value; default: ours), as exec does.
+    """
+    fix = "give the path of the prover program"
+    shown = _show(program, limit=1000)  # a path is no use cut short
+    if "/" not in program:
+        search_path = os.defpath if search_path is None else search_path
+        if shutil.which(program, path=search_path) is not None:
+            return None
+        return (
+            f"{shown} is not found on PATH ({search_path}); give its path, or put its "
+            f"directory on PATH"
+        )
+    try:
+        st = os.stat(program)
+    except FileNotFoundError:
+        return f"{shown} does not exist; {fix}"
+    except OSError as exc:  # a path component that is a file, or a directory we may not enter
+        return f"{shown} cannot be reached: {exc.strerror or exc}; {fix}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{shown} is a directory, not a program; {fix}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown} is not a regular file, so it cannot be run; {fix}"
+    if not os.access(program, os.X_OK):
+        return (
+            f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
+            f"executable (chmod +x) or {fix}"
+        )
+    return None
+
+
+def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
+    """A child's environment: ours (unless InheritEnvs = false) plus its Envs. The supervisor
+    spawns the child with it; the checks here look at the same one."""
+    env = dict(os.environ) if inherit else {}
+    env.update(envs)
+    return env
+
+
+def _search_path(env: Mapping[str, str]) -> str:
+    """The PATH the child's program is looked up in, as exec does."""
+    return env.get("PATH", os.defpath)
+
+
+def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
+    """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
+    # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
+    most = 32 * os.sysconf("SC_PAGESIZE")
+    problems: list[str] = []
+    if child.kind == "plugin":  # the options are the only long arguments of a plugin child
+        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    else:
+        named = [(f"{where}.Args[{i}]", a) for i, a in enumerate(child.argv[1:])]
+    named += [(f"{where}.Envs.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
+    for name, text in named:
+        size = len(os.fsencode(text)) + 1
+        if size > most:
+            problems.append(
+                f"{name}: {size} bytes, but exec takes at most {most} per argument or "
+                f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
+            )
+    env = build_env(child.inherit_envs, child.envs)
+    strings = [*child.argv, *(f"{k}={v}" for k, v in env.items())]
+    total = sum(len(os.fsencode(t)) + 1 + 8 for t in strings)  # and a pointer to each
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    if not problems and 0 < limit < total:
+        problems.append(
+            f"{where}: the command line and environment take {total} bytes (Args, Envs and the "
+            f"inherited environment), more than exec takes here ({limit}, ARG_MAX); shorten them"
+        )
+    return problems
+
+
+def startup_problems(
+    children: list[ChildSpec], *, plugin_manager: DextPluginManager | None = None
+) -> list[str]:
+    """Why some of `children` could not start on this machine, each naming its table and key.
+
+    What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
+    executable, the command line and environment fit exec's limits, the Cpuset's CPUs are ours
+    to use, and a Plugin is installed and accepts its PluginOptions (its validate_options and the
+    dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
+    is checked once.
+    """
+    problems: list[str] = []
+    blocks: dict[tuple[str, int], ChildSpec] = {}
+    for child in children:
+        blocks.setdefault((child.stage, child.block), child)
+    try:
+        usable = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux: prepare_spawn's check is the only one
+        usable = None
+    for (stage, block), child in blocks.items():
+        where = f"{TABLE_OF_STAGE[stage]}[{block}]"
+        if child.kind != "plugin":
+            search_path = _search_path(build_env(child.inherit_envs, child.envs))
+            problem = program_problem(child.argv[0], search_path)
+            if problem is not None and child.kind == "bin":
+                problems.append(f"{where}.Bin: {problem}")
+            elif problem is not None:
+                problems.append(
+                    f"{where}: no Bin or Plugin, so the child runs damocles' default "
+                    f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
+                    f"on PATH ({search_path}); set Bin or Plugin, or put {DAMOCLES_WORKER} on PATH"
+                )
+        problems.extend(_exec_size_problems(where, child))
+        if child.cpuset and usable is not None and not child.cpuset <= usable:
+            missing = format_cpuset(child.cpuset - usable)
+            problems.append(
+                f"{where}.Cpuset: CPUs {missing} are not ones this process may use (this "
+                f"machine gives it {format_cpuset(frozenset(usable))}); use those"
+            )
+    plugin_blocks = [c for c in blocks.values() if c.kind == "plugin"]
+    if plugin_blocks:
+        from ..plugins import get_plugin_manager, prover_problems
+
+        pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        for child in plugin_blocks:
+            where = f"{TABLE_OF_STAGE[child.stage]}[{child.block}]"
+            assert child.plugin is not None
+            for problem in prover_problems(
+                pm, child.plugin, dict(child.plugin_options), child.stage
+            ):
+                problems.append(f"{where}.Plugin: {problem}")
+    return problems
+
+
+def check_startable(
+    config: Config,
+    children: list[ChildSpec] | None = None,
+    *,
+    plugin_manager: DextPluginManager | None = None,
+) -> None:
+    """Raise ConfigError listing startup_problems of `children` (default: all the config's).
+
+    `serve`, `run` and `prove -c` call it before they report ready, so that a child that could
+    never start fails the start, as damocles' own processor does, instead of each request.
+    """
+    problems = startup_problems(
+        config.children if children is None else children, plugin_manager=plugin_manager
+    )
+    if problems:
+        raise ConfigError(config.source, problems)
