@@ -54,6 +54,8 @@ SANS_IO = [
     "supervisor/connection.py",  # one child's handshake and message stream
     "supervisor/restart.py",  # the restart rules
     "stages.py",  # the stage list and the split WindowPoSt rule
+    "jobs/model.py",  # damocles' WindowPoSt job record and its id
+    "jobs/rules.py",  # the job transitions, fencing, deadlines
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE
