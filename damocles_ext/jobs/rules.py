@@ -299,7 +299,8 @@ def new_job(
         FinishedAt=0,
         CreatedAt=t,
         UpdatedAt=t,
-        not_after=not_after,
+        # A float, as the store's column reads back: an int here would make equal records differ.
+        not_after=None if not_after is None else float(not_after),
     )
 
 
