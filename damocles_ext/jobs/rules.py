@@ -468,15 +468,6 @@ def _remove(job: Job, event: Remove, now: float, limits: JobLimits) -> Step:
     return Step(None, (Removed(job.Id),))
 
 
-_RULES = {
-    Allocate: _allocate,
-    Heartbeat: _heartbeat,
-    Finish: _finish,
-    Sweep: _sweep,
-    Cleanup: _cleanup,
-    Reset: _reset,
-    Remove: _remove,
-}
 _NAMES = {
     Create: "create",
     Allocate: "allocate",
@@ -505,8 +496,22 @@ def apply(
             # Remove of an unknown id is a silent success in damocles; passes skip nothing.
             return Step(None, ())
         return Step(None, (NotFound(missing, event_name(event)),))
-    rule = _RULES[type(event)]
-    return rule(job, event, now, limits)  # type: ignore[operator]
+    match event:
+        case Allocate():
+            return _allocate(job, event, now, limits)
+        case Heartbeat():
+            return _heartbeat(job, event, now, limits)
+        case Finish():
+            return _finish(job, event, now, limits)
+        case Sweep():
+            return _sweep(job, event, now, limits)
+        case Cleanup():
+            return _cleanup(job, event, now, limits)
+        case Reset():
+            return _reset(job, event, now, limits)
+        case Remove():
+            return _remove(job, event, now, limits)
+    raise TypeError(f"not a job event: {event!r}")
 
 
 # --- allocation order and filters ---------------------------------------------------------------
