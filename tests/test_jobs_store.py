@@ -322,7 +322,7 @@ def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
         JobStore.open(f"postgresql://dext:s3cret@127.0.0.1:{port}/jobs", connect_timeout=5)
     message = str(raised.value)
     assert message.startswith(
-        f"cannot reach the job store postgresql+psycopg://dext:***@127.0.0.1:{port}/jobs"
+        f"cannot reach the job store postgresql://dext:***@127.0.0.1:{port}/jobs"
     )
     assert "s3cret" not in message and "check that the PostgreSQL server is running" in message
 

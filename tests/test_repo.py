@@ -56,6 +56,7 @@ SANS_IO = [
     "stages.py",  # the stage list and the split WindowPoSt rule
     "jobs/model.py",  # damocles' WindowPoSt job record and its id
     "jobs/rules.py",  # the job transitions, fencing, deadlines
+    "jobs/listing.py",  # damocles' `wdpost list` table
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

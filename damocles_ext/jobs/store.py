@@ -298,7 +298,8 @@ class JobStore:
                  connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8,
                  lease_factory: Callable[[], str] | None = None) -> None:  # fmt: skip
         self.url = parse_url(url)
-        self.where = describe_url(self.url)
+        # As the user wrote it (password hidden): the driver we chose is not theirs to see.
+        self.where = describe_url(url)
         self.limits = limits if limits is not None else rules.JobLimits()
         self.engine = make_engine(
             url, busy_timeout=busy_timeout, connect_timeout=connect_timeout, pool_size=pool_size
@@ -308,15 +309,32 @@ class JobStore:
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
 
     @classmethod
-    def open(cls, url: str, **kwargs: Any) -> JobStore:
-        """A store ready for use: connected, its schema created or migrated."""
+    def open(cls, url: str, *, create: bool = True, **kwargs: Any) -> JobStore:
+        """A store ready for use: connected, its schema created or migrated.
+
+        With `create=False` (an operator's command) a store that does not exist yet is an error
+        rather than a new empty one: a mistyped URL must not look like a store with no jobs."""
         store = cls(url, **kwargs)
         try:
+            if not create:
+                store.check_exists()
             store.migrate()
         except BaseException:
             store.close()
             raise
         return store
+
+    def check_exists(self) -> None:
+        """Raises StoreConfigError when there is no job store at the URL."""
+        if not self.is_postgresql and not Path(self.url.database or "").is_file():
+            raise StoreConfigError(
+                f"there is no job store at {self.where}: no such file; check the URL"
+            )
+        if self.schema_version() == 0:
+            raise StoreConfigError(
+                f"there is no job store at {self.where}: the database has no job tables; check "
+                "the URL"
+            )
 
     def close(self) -> None:
         self.engine.dispose()
