@@ -3,6 +3,7 @@ in the `helpers` package beside this file."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -73,7 +74,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         server.start()
     except BaseException:
-        server.stop()
+        with contextlib.suppress(Exception):  # the start's own error is the one to see
+            server.stop()
         raise
     yield server
     server.stop()

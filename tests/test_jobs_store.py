@@ -7,6 +7,7 @@ import socket
 import threading
 from collections import Counter
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 import trio
@@ -98,7 +99,7 @@ def test_eight_concurrent_clients_allocate_each_of_1000_jobs_exactly_once(store_
     assert len(ids) == 1000
     got: dict[str, list[str]] = {}
     errors: list[BaseException] = []
-    start = threading.Barrier(8)
+    start = threading.Barrier(8, timeout=60)
 
     def client(name: str) -> None:
         # Each client is its own engine and connection, as separate workers would be.
@@ -240,6 +241,15 @@ def test_reset_remove_and_cleanup(js):
     left = sorted(j.Id for j in js.list_jobs())
     assert len(left) == 1
     assert sorted(js.remove_all(T0)) == left
+    assert js.list_jobs() == []
+
+
+def test_a_job_out_of_range_is_refused_with_the_field_not_by_the_database(js):
+    too_big = msgspec.structs.replace(make_input(), MinerId=2**64 - 1)
+    with pytest.raises(store.InvalidJob, match=r"bad job input: .* at `\$.MinerId`"):
+        js.create(too_big, T0)
+    with pytest.raises(store.InvalidJob, match="not_after must be a time"):
+        js.create(make_input(), T0, not_after=float("nan"))
     assert js.list_jobs() == []
 
 

@@ -134,6 +134,15 @@ def job_json(job: Job) -> bytes:
     return _job_encoder.encode(job)
 
 
+def check_input(job_input: WdPoStInput) -> WdPoStInput:
+    """The input checked against its declared bounds (msgspec checks them when it decodes JSON,
+    not when a Struct is built in Python); raises ValueError naming the field."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(job_input), WdPoStInput)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"bad job input: {e}") from None
+
+
 def decode_input(data: bytes | str) -> WdPoStInput:
     """A job input from its JSON (damocles' form); raises msgspec.ValidationError / DecodeError."""
     return msgspec.json.decode(data, type=WdPoStInput)

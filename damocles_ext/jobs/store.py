@@ -22,6 +22,7 @@ trio wrapper reads the clock, tests pass the time they want.
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ..errors import DextError, UsageError
-from . import rules
+from . import model, rules
 from .model import FINISHED, READY, RUNNING, Job, WdPoStInput, WindowPoStOutput
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
@@ -67,6 +68,10 @@ class StoreConfigError(StoreError, UsageError):
 
 class StoreConflict(StoreError):
     """A row changed between our read and our write; the caller may retry the operation."""
+
+
+class InvalidJob(UsageError):
+    """A job that cannot be stored as given (a value out of range, a deadline that is no time)."""
 
 
 class JobNotFound(StoreError):
@@ -239,6 +244,19 @@ def _job_of_row(row: Any) -> Job:
         )
     except msgspec.MsgspecError as e:
         raise StoreError(f"job {row.id!r} in the store is damaged ({e}): remove it") from None
+
+
+def _check_create(event: rules.Create) -> None:
+    try:
+        model.check_input(event.input)
+    except ValueError as e:
+        raise InvalidJob(str(e)) from None
+    if not 0 <= event.deadline_idx <= model.I64_MAX:
+        raise InvalidJob(f"bad job: DeadlineIdx {event.deadline_idx} is out of range")
+    if event.partitions is not None and not all(0 <= p <= model.I64_MAX for p in event.partitions):
+        raise InvalidJob(f"bad job: a partition index in {list(event.partitions)} is out of range")
+    if event.not_after is not None and not math.isfinite(event.not_after):
+        raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
 
 
 def _guard(old: Job) -> Any:
@@ -472,6 +490,7 @@ class JobStore:
             return [self._create(conn, event, now) for event in events]
 
     def _create(self, conn: Connection, event: rules.Create, now: float) -> tuple[Job, bool]:
+        _check_create(event)
         job_id = rules.new_job(event.input, now).Id
         existing = self._read(conn, job_id, lock=False)
         step = rules.apply(existing, event, now, self.limits, job_id=job_id)

@@ -45,9 +45,17 @@ class PostgresServer:
         self.log = self.root / "server.log"
         self._user: str | None = None
         self._count = 0
+        self._started = False
         if os.geteuid() == 0:
             self._user = "postgres"
-            entry = pwd.getpwnam(self._user)
+            try:
+                entry = pwd.getpwnam(self._user)
+            except KeyError:
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise RuntimeError(
+                    "running as root, and there is no `postgres` user to run the test server as "
+                    "(initdb refuses root): create it, as Debian's postgresql package does"
+                ) from None
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
 
     def _run(self, *argv: str, timeout: float = 120) -> None:
@@ -69,12 +77,14 @@ class PostgresServer:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
+        self._started = True  # from here on, stop() must try to stop it
         self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w",
                   "-t", "60", "-o", options)  # fmt: skip
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
+            if self._started:
+                self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
