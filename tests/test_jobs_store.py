@@ -73,6 +73,11 @@ def test_create_is_idempotent_and_a_record_reads_back_as_written(js):
     again, made_again = js.create(make_input(sectors=3), T0 + 60, deadline_idx=9)
     assert not made_again and again == job
     assert js.get(job.Id) == job
+    other = rules.Create(make_input(seed=99), not_after=T0 + 60)
+    made = js.create_many([other, rules.Create(make_input(sectors=3)), other], T0 + 61)
+    assert [created for _, created in made] == [True, False, False]
+    assert made[0][0] == made[2][0] == js.get(made[0][0].Id) and made[1][0] == job
+    js.remove(made[0][0].Id, T0)
     [allocated] = js.allocate(ANY, 5, "w1", T0 + 1)
     out = model.WindowPoStOutput(proofs=(b"\x00\xff" * 96,), faults=(2,))
     [finished] = js.finish(job.Id, out, "", T0 + 2, lease=allocated.lease).jobs
@@ -269,8 +274,10 @@ def test_two_coordinators_on_one_postgresql_allocate_and_sweep_without_duplicate
             while batch := coordinator.allocate(ANY, 2, name, T0):
                 with lock:
                     got.extend((j.Id, name) for j in batch)
-                # Both coordinators sweep while the others allocate (nothing to time out yet).
-                coordinator.sweep(T0)
+                    turn = len(got)
+                if turn % 8 < 2:
+                    # Both coordinators sweep while the others allocate (nothing to time out).
+                    coordinator.sweep(T0)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

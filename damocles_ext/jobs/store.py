@@ -485,9 +485,49 @@ class JobStore:
 
     @_database_errors
     def create_many(self, events: Sequence[rules.Create], now: float) -> list[tuple[Job, bool]]:
-        """Several Creates in one transaction (a deadline's partitions at once)."""
+        """Several Creates in one transaction (a deadline's partitions at once), in the order
+        given; one read and one multi-row insert, however many there are."""
+        for create in events:
+            _check_create(create)
+        ids = [rules.new_job(create.input, now).Id for create in events]
         with self._transaction() as conn:
-            return [self._create(conn, event, now) for event in events]
+            existing = self._read_many(conn, ids)
+            fresh: dict[str, Job] = {}
+            for job_id, create in zip(ids, events, strict=True):
+                if job_id in existing or job_id in fresh:
+                    continue
+                step = rules.apply(None, create, now, self.limits, job_id=job_id)
+                assert step.job is not None
+                fresh[job_id] = step.job
+            inserted: set[str] = set()
+            if fresh:
+                statement = self._insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
+                rows = conn.execute(statement, [_row_values(j) for j in fresh.values()])
+                inserted = set(rows.scalars().all())
+            if len(inserted) < len(fresh):
+                # Other producers made some of them between our read and our insert.
+                existing.update(self._read_many(conn, [i for i in fresh if i not in inserted]))
+            made = []
+            for job_id in ids:
+                if job_id in inserted:
+                    made.append((fresh[job_id], True))
+                    inserted.discard(job_id)  # a duplicate later in `events` is not new
+                elif job_id in existing:
+                    made.append((existing[job_id], False))
+                elif job_id in fresh:
+                    made.append((fresh[job_id], False))
+                else:
+                    raise StoreConflict(f"job {job_id} was created and removed at once; retry")
+            return made
+
+    def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+        ids = sorted(set(job_ids))
+        found: dict[str, Job] = {}
+        for start in range(0, len(ids), 500):
+            statement = sa.select(jobs).where(jobs.c.id.in_(ids[start : start + 500]))
+            for row in conn.execute(statement):
+                found[row.id] = _job_of_row(row)
+        return found
 
     def _create(self, conn: Connection, event: rules.Create, now: float) -> tuple[Job, bool]:
         _check_create(event)
@@ -519,14 +559,8 @@ class JobStore:
     @_database_errors
     def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
         """The jobs among these ids that exist (a producer's look for its results)."""
-        ids = sorted(set(job_ids))
-        found: dict[str, Job] = {}
         with self._transaction() as conn:
-            for start in range(0, len(ids), 500):
-                statement = sa.select(jobs).where(jobs.c.id.in_(ids[start : start + 500]))
-                for row in conn.execute(statement):
-                    found[row.id] = _job_of_row(row)
-        return found
+            return self._read_many(conn, list(job_ids))
 
     @_database_errors
     def list_jobs(self) -> list[Job]:
