@@ -350,6 +350,25 @@ def test_a_sqlite_store_in_a_missing_directory_says_to_create_it(tmp_path):
     assert f"its directory '{tmp_path}/nowhere' does not exist: create it" in str(raised.value)
 
 
+def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):
+    (tmp_path / "jobs.db").write_bytes(b"not a database, just text" * 100)
+    with pytest.raises(StoreError) as raised:
+        JobStore.open(f"sqlite:///{tmp_path}/jobs.db")
+    assert "the file is not an SQLite database" in str(raised.value)
+
+
+def test_a_sqlite_store_locked_past_the_busy_timeout_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with (
+        JobStore.open(url) as holder,
+        holder.engine.begin(),  # holds the write lock
+        JobStore(url, busy_timeout=0.01) as waiter,
+        pytest.raises(StoreError) as raised,
+    ):
+        waiter.create(make_input(), T0)
+    assert "stayed locked by another process for longer than the busy timeout" in str(raised.value)
+
+
 # --- from trio ----------------------------------------------------------------------------------
 
 

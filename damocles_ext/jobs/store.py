@@ -285,14 +285,37 @@ def _database_errors(method: Callable[P, R]) -> Callable[P, R]:
         assert isinstance(store, JobStore)
         try:
             return method(*args, **kwargs)
-        except exc.OperationalError as e:
-            raise StoreError(store.unreachable_message(e)) from e
         except exc.DBAPIError as e:
+            if _is_unreachable(e):
+                raise StoreError(store.unreachable_message(e)) from e
             raise StoreError(
                 f"job store {store.where}: {method.__name__} failed: {_first_line(e)}"
             ) from e
 
     return wrapper
+
+
+def _is_unreachable(error: exc.DBAPIError) -> bool:
+    """A failure to reach or open the database, as opposed to an error of one statement."""
+    if error.connection_invalidated:
+        return True
+    # psycopg: class 08 is a connection exception, 57P0x the server shutting down; a deadlock
+    # (40P01) or a lock timeout is an OperationalError too, but the server was reached.
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return bool(sqlstate.startswith(("08", "57P")))
+    # sqlite3: the file cannot be opened, read or locked; not an error of one statement.
+    code = getattr(error.orig, "sqlite_errorname", None)
+    if code is not None:
+        return bool(code.startswith(_SQLITE_UNREACHABLE))
+    # psycopg has no SQLSTATE before a connection exists.
+    return isinstance(error, exc.OperationalError)
+
+
+_SQLITE_UNREACHABLE = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_NOTADB", "SQLITE_READONLY",
+    "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT",
+)  # fmt: skip
 
 
 def _first_line(error: exc.DBAPIError) -> str:
@@ -364,26 +387,32 @@ class JobStore:
         self.close()
 
     def unreachable_message(self, error: exc.DBAPIError) -> str:
-        if not self.is_postgresql and "locked" in _first_line(error):
+        """What went wrong reaching the database, and what to do about it."""
+        what = _first_line(error)
+        if self.is_postgresql:
+            return (
+                f"cannot reach the job store {self.where}: {what}; check that the PostgreSQL "
+                "server is running and reachable from here, and the user, password and "
+                "database in the URL"
+            )
+        code = getattr(error.orig, "sqlite_errorname", "")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
             return (
                 f"the job store {self.where} stayed locked by another process for longer than "
-                f"the busy timeout: {_first_line(error)}; find what holds it (a stuck process "
-                "or a file system without working locks, such as some network mounts)"
+                f"the busy timeout ({what}): find what holds it (a stuck process, or a file "
+                "system without working locks, such as some network mounts)"
             )
-        if not self.is_postgresql:
-            path = self.url.database or ""
-            parent = Path(path).parent
-            hint = (
-                f"its directory {str(parent)!r} does not exist: create it"
-                if not parent.is_dir()
-                else "check that the file and its directory are writable by this user"
+        if code == "SQLITE_NOTADB":
+            return (
+                f"cannot open the job store {self.where}: the file is not an SQLite database "
+                f"({what}); give the URL of a job store, or of a file that does not exist yet"
             )
-            return f"cannot open the job store {self.where}: {_first_line(error)}; {hint}"
-        return (
-            f"cannot reach the job store {self.where}: {_first_line(error)}; check that the "
-            "PostgreSQL server is running and reachable from here, and the user, password and "
-            "database in the URL"
-        )
+        parent = Path(self.url.database or "").parent
+        if not parent.is_dir():
+            hint = f"its directory {str(parent)!r} does not exist: create it"
+        else:
+            hint = "check that the file and its directory are writable by this user"
+        return f"cannot open the job store {self.where}: {what}; {hint}"
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
