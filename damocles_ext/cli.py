@@ -30,6 +30,7 @@ COMMANDS = (
     "verify",
     "demo",
     "simulate",
+    "wdpost",
 )
 
 

@@ -3,12 +3,14 @@ in the `helpers` package beside this file."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from helpers.frontend import short_socket_dir
+from helpers.postgres import PostgresServer, find_bindir
 from helpers.scheduling import Recorder
 from helpers.supervisor import our_descendants
 
@@ -56,3 +58,30 @@ def recorder() -> tuple[Recorder, object]:
     pm = get_plugin_manager(entry_points=False)
     pm.register(rec, name="recorder")
     return rec, pm
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL server for the whole session (see helpers/postgres.py); the tests
+    that use it skip only when this machine has no PostgreSQL programs at all."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip(
+            "no PostgreSQL server programs (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or "
+            "on PATH: install them (Debian: apt-get install postgresql) to run these tests"
+        )
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the start's own error is the one to see
+            server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A new empty database on the session's PostgreSQL server: its `postgresql://` URL."""
+    return postgres_server.create_database()

@@ -52,7 +52,6 @@ def test_layout_is_as_documented():
 MAX_MODULE_LINES = 700
 # Modules still over it, and why; the list only shrinks.
 OVERSIZED = {
-    "damocles_ext/config.py": "the config schema and its checks: to be split",
     "damocles_ext/supervisor/core.py": "its request lifecycle moves to a sans-IO module",
 }
 
@@ -77,6 +76,9 @@ SANS_IO = [
     "supervisor/connection.py",  # one child's handshake and message stream
     "supervisor/restart.py",  # the restart rules
     "stages.py",  # the stage list and the split WindowPoSt rule
+    "jobs/model.py",  # damocles' WindowPoSt job record and its id
+    "jobs/rules.py",  # the job transitions, fencing, deadlines
+    "jobs/listing.py",  # damocles' `wdpost list` table
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

@@ -1,0 +1,122 @@
+"""`damocles-ext wdpost list|reset|remove|remove-all`: the operator's view of the WindowPoSt job
+store, with damocles-manager's `util worker wdpost` columns, formats and behaviour.
+
+Exit codes: 0 done; 1 the store failed (unreachable, a database error); 2 bad arguments, a bad
+or missing store, an unknown job id for `reset`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import positive_int
+
+JOBS_HELP = (
+    "the job store: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
+    "(see docs/JOBS.md)"
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `wdpost` and its subcommands."""
+    parser = subparsers.add_parser(
+        "wdpost",
+        help="list, reset and remove the WindowPoSt jobs of a job store",
+        description=(
+            "The WindowPoSt jobs of worker-prover mode, read from and changed in the job store"
+            " itself, with damocles-manager's `util worker wdpost` columns and formats."
+        ),
+    )
+    sub = parser.add_subparsers(dest="wdpost_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)
+
+    listing = sub.add_parser(
+        "list",
+        help="list the jobs (not those that succeeded, without --all)",
+        description=(
+            "List the jobs, newest first: JobID MinerID DDL Partitions Sectors Worker State Try"
+            " CreateAt Elapsed Heartbeat Error (--detail: JobID Prefix Miner DDL Partitions"
+            " Sectors Worker State Try CreateAt StartedAt HeartbeatAt FinishedAt UpdatedAt Error)."
+            " Jobs that finished without an error (Succeed, Faults(N)) show only with --all."
+        ),
+    )
+    common(listing)
+    listing.add_argument("--all", action="store_true", help="include the jobs that succeeded")
+    listing.add_argument("--detail", action="store_true", help="show every timestamp")
+    listing.add_argument(
+        "--max-try",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="JobMaxTry, for the (Max) mark in the Try column (default: 2, damocles' default)",
+    )
+    reset = sub.add_parser(
+        "reset",
+        help="put jobs back to ready with no tries used, so a worker can take them again",
+        description="Reset each job in turn; stop at the first id that does not exist.",
+    )
+    common(reset)
+    reset.add_argument("ids", nargs="+", metavar="ID", help="job ids")
+    remove = sub.add_parser(
+        "remove",
+        help="remove jobs (an unknown id is not an error)",
+        description=(
+            "Remove each job. A producer still waiting for one creates it again (same id)."
+        ),
+    )
+    common(remove)
+    remove.add_argument("ids", nargs="+", metavar="ID", help="job ids")
+    remove_all = sub.add_parser(
+        "remove-all",
+        help="remove every job (only with --really-do-it)",
+        description="Remove every job, printing each id; does nothing without --really-do-it.",
+    )
+    common(remove_all)
+    remove_all.add_argument("--really-do-it", action="store_true", help="actually remove every job")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Open the store (never creating one) and do the subcommand."""
+    import time
+
+    from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.listing import render_list
+    from damocles_ext.jobs.store import JobNotFound, JobStore
+
+    if args.wdpost_command == "remove-all" and not args.really_do_it:
+        print("Pass --really-do-it to actually execute this action")
+        return 0
+    with JobStore.open(args.jobs, create=False) as store:
+        if args.wdpost_command == "list":
+            sys.stdout.write(
+                render_list(
+                    store.list_jobs(),
+                    max_try=args.max_try,
+                    now=time.time(),
+                    show_all=args.all,
+                    detail=args.detail,
+                )
+            )
+        elif args.wdpost_command == "reset":
+            done: list[str] = []
+            for job_id in args.ids:
+                try:
+                    store.reset(job_id, time.time())
+                except JobNotFound as e:
+                    before = f" (reset before it: {', '.join(done)})" if done else ""
+                    raise UsageError(
+                        f"{e}{before}; list the jobs with `wdpost list --all`"
+                    ) from None
+                done.append(job_id)
+        elif args.wdpost_command == "remove":
+            for job_id in args.ids:
+                store.remove(job_id, time.time())
+        else:
+            for job_id in store.remove_all(time.time()):
+                print(f"wdpost job {job_id} removed")
+    return 0

@@ -1,0 +1,110 @@
+"""`wdpost list` as damocles-manager prints it (`util worker wdpost list`), character for character.
+
+damocles writes through Go's text/tabwriter (minimum cell width 2, padding 2, spaces): every
+tab-terminated cell is padded to its column's widest cell plus 2; the last cell of a line (the
+error) is not. Dates are local `MM-DD hh:mm:ss`, `-` for unset; durations are Go's
+`time.Duration.String()` (`6m38s`, `1h0m5s`, `2.517s`, `517ms`). Sans-IO: the jobs, the time and
+the time zone come from the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime, tzinfo
+
+from .model import WdPoStJob, display_state
+
+LIST_COLUMNS = ("JobID", "MinerID", "DDL", "Partitions", "Sectors", "Worker", "State", "Try",
+                "CreateAt", "Elapsed", "Heartbeat", "Error")  # fmt: skip
+DETAIL_COLUMNS = ("JobID", "Prefix", "Miner", "DDL", "Partitions", "Sectors", "Worker", "State",
+                  "Try", "CreateAt", "StartedAt", "HeartbeatAt", "FinishedAt", "UpdatedAt",
+                  "Error")  # fmt: skip
+
+# A worker's error text is printed as one cell: a tab or newline in it would break the table,
+# and a terminal escape sequence has no business on the operator's screen.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def tabwrite(rows: Sequence[Sequence[str]], *, minwidth: int = 2, padding: int = 2) -> str:
+    """Rows of cells as Go's tabwriter lays them out when every line ends with its last cell."""
+    columns = max((len(r) for r in rows), default=0) - 1
+    widths = [
+        max(minwidth, max(len(r[i]) for r in rows if len(r) > i) + padding) for i in range(columns)
+    ]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("".join(cells) + row[-1] + "\n")
+    return "".join(lines)
+
+
+def go_duration(seconds: float) -> str:
+    """Go's Duration.String() of a duration truncated to milliseconds."""
+    millis = int(seconds * 1000)  # truncation toward zero, as Duration.Truncate does
+    sign = "-" if millis < 0 else ""
+    millis = abs(millis)
+    if millis == 0:
+        return "0s"
+    if millis < 1000:
+        return f"{sign}{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, frac = divmod(rest, 1000)
+    secs = f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
+    if hours:
+        return f"{sign}{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{sign}{minutes}m{secs}s"
+    return f"{sign}{secs}s"
+
+
+def format_time(unix_seconds: int, tz: tzinfo | None = None) -> str:
+    if unix_seconds == 0:
+        return "-"
+    return datetime.fromtimestamp(unix_seconds, tz).strftime("%m-%d %H:%M:%S")
+
+
+def format_partitions(partitions: Sequence[int] | None) -> str:
+    return "[" + ", ".join(str(p) for p in partitions or ()) + "]"
+
+
+def _try(job: WdPoStJob, max_try: int) -> str:
+    return f"{job.TryNum}(Max)" if job.TryNum >= max_try else str(job.TryNum)
+
+
+def render_list(jobs: Sequence[WdPoStJob], *, max_try: int, now: float, show_all: bool = False,
+                detail: bool = False, tz: tzinfo | None = None) -> str:  # fmt: skip
+    """The table `wdpost list` prints; `jobs` in the order to show (newest first).
+
+    Without `show_all`, jobs that finished without an error (`Succeed`, `Faults(N)`) are left
+    out, as damocles does."""
+    rows: list[list[str]] = [list(DETAIL_COLUMNS if detail else LIST_COLUMNS)]
+    for job in jobs:
+        if not show_all and job.State == "finished" and job.ErrorReason == "":
+            continue
+        sectors = str(len(job.Input.Sectors or ()))
+        error = _CONTROL.sub(" ", job.ErrorReason)
+        if detail:
+            rows.append([
+                job.Id, job.State, str(job.Input.MinerId), str(job.DeadlineIdx),
+                format_partitions(job.Partitions), sectors, job.WorkerName, display_state(job),
+                _try(job, max_try), format_time(job.CreatedAt, tz), format_time(job.StartedAt, tz),
+                format_time(job.HeartbeatAt, tz), format_time(job.FinishedAt, tz),
+                format_time(job.UpdatedAt, tz), error,
+            ])  # fmt: skip
+            continue
+        if job.StartedAt == 0:
+            elapsed = heartbeat = "-"
+        elif job.FinishedAt == 0:
+            elapsed = go_duration(int(now - job.StartedAt))
+            heartbeat = go_duration(now - job.HeartbeatAt)
+        else:
+            elapsed = go_duration(job.FinishedAt - job.StartedAt) + "(done)"
+            heartbeat = "-"
+        rows.append([
+            job.Id, str(job.Input.MinerId), str(job.DeadlineIdx),
+            format_partitions(job.Partitions), sectors, job.WorkerName, display_state(job),
+            _try(job, max_try), format_time(job.CreatedAt, tz), elapsed, heartbeat, error,
+        ])  # fmt: skip
+    return tabwrite(rows)

@@ -1,0 +1,779 @@
+"""The WindowPoSt job store: one SQLAlchemy Core code path over SQLite and PostgreSQL.
+
+Each operation is one transaction that reads the rows it concerns, asks the rules (rules.py) what
+they become, and writes that back: the rules decide, the store persists atomically. Two
+processes may share one PostgreSQL database (several coordinators and producers at once), so
+nothing here keeps state between calls, and every write is guarded:
+
+- rows an operation changes are read `FOR UPDATE` on PostgreSQL; allocation and the sweeps add
+  `SKIP LOCKED`, so racing coordinators take different jobs instead of waiting on each other;
+- on SQLite every transaction starts with `BEGIN IMMEDIATE` (one writer at a time, the others
+  wait up to the busy timeout), in WAL mode so readers never block;
+- each UPDATE and DELETE also names the row's previous state, try count and update time, and a
+  write that finds the row changed under it raises `StoreConflict` rather than overwrite it;
+- creation is `INSERT … ON CONFLICT DO NOTHING`: the id is the input's hash, so a duplicate is
+  the same job.
+
+The calls are blocking (psycopg's sync driver, the sqlite3 module); `TrioJobStore` runs each in a
+worker thread under a small limiter. Every call takes `now` (unix seconds) from its caller: the
+trio wrapper reads the clock, tests pass the time they want.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, Self, TypeVar
+
+import msgspec
+import sqlalchemy as sa
+import trio
+from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from ..errors import DextError, UsageError
+from . import model, rules
+from .model import FINISHED, READY, RUNNING, Job, WdPoStInput, WindowPoStOutput
+
+#: The schema this code reads and writes. A store at a newer version is refused (a newer
+#: damocles-ext made it); an older one is migrated forward at open, in one transaction.
+SCHEMA_VERSION = 1
+
+URL_HELP = (
+    "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
+    "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+)
+DEFAULT_BUSY_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 10
+# Rows one sweep or cleanup pass changes at most (damocles: 128); the caller runs another pass
+# when a pass was full.
+DEFAULT_PASS_LIMIT = 1000
+
+
+class StoreError(DextError):
+    """The job store failed (unreachable, or an error from the database): exit code 1."""
+
+
+class StoreConfigError(StoreError, UsageError):
+    """A bad store URL, or a store this version cannot use: exit code 2."""
+
+
+class StoreConflict(StoreError):
+    """A row changed between our read and our write; the caller may retry the operation."""
+
+
+class InvalidJob(UsageError):
+    """A job that cannot be stored as given (a value out of range, a deadline that is no time)."""
+
+
+class JobNotFound(StoreError):
+    def __init__(self, job_id: str) -> None:
+        # damocles' words for it, which its CLI and RPC clients print.
+        super().__init__(f"job '{job_id}' does not exist")
+        self.job_id = job_id
+
+
+metadata = sa.MetaData()
+
+# Table names carry our prefix: a PostgreSQL database may be shared with other programs.
+schema_version = sa.Table(
+    "dext_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+jobs = sa.Table(
+    "dext_wdpost_jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("deadline_idx", sa.BigInteger, nullable=False),
+    sa.Column("partitions", sa.Text, nullable=False),  # JSON, "null" for none
+    sa.Column("input", sa.Text, nullable=False),  # JSON, damocles' form
+    sa.Column("miner_id", sa.BigInteger, nullable=False),  # from input, for allocation filters
+    sa.Column("proof_type", sa.Text, nullable=False),  # likewise
+    sa.Column("output", sa.Text, nullable=True),  # JSON
+    sa.Column("try_num", sa.BigInteger, nullable=False),
+    sa.Column("error_reason", sa.Text, nullable=False),
+    sa.Column("worker_name", sa.Text, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("heartbeat_at", sa.BigInteger, nullable=False),
+    sa.Column("finished_at", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("lease", sa.Text, nullable=True),
+    sa.Column("not_after", sa.Float, nullable=True),
+    sa.Column("cancelled_at", sa.BigInteger, nullable=False),
+    sa.Index("dext_wdpost_jobs_state", "state", "not_after", "created_at"),
+)
+
+# --- URLs and engines ---------------------------------------------------------------------------
+
+
+def describe_url(url: str | URL) -> str:
+    """The URL for messages and logs, its password hidden."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except exc.ArgumentError:
+        return "<unparsable URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def parse_url(url: str) -> URL:
+    """A store URL as SQLAlchemy takes it: `postgresql://` means psycopg 3; only the two engines.
+
+    Raises StoreConfigError saying what is wrong with the URL and what to give instead."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise StoreConfigError(f"job store URL {url!r} is not a URL: {URL_HELP}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        if parsed.database in (None, "", ":memory:"):
+            raise StoreConfigError(
+                f"job store URL {describe_url(parsed)!r} names no file: an in-memory SQLite "
+                f"store is lost with the process and cannot be shared; {URL_HELP}"
+            )
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise StoreConfigError(
+        f"job store URL {describe_url(parsed)!r}: {parsed.drivername!r} is not supported "
+        f"(SQLite and PostgreSQL through psycopg 3 are); {URL_HELP}"
+    )
+
+
+def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" below issue the BEGIN: pysqlite's own is a deferred one,
+        # which lets two writers both read and then fail to upgrade their locks.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
+    """An engine for a store URL (not yet connected)."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(
+            parsed,
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        _sqlite_setup(engine, busy_timeout)
+        return engine
+    return sa.create_engine(
+        parsed,
+        connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+# --- rows and records ---------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def _row_values(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.Id,
+        "state": job.State,
+        "deadline_idx": job.DeadlineIdx,
+        "partitions": _encoder.encode(job.Partitions).decode(),
+        "input": _encoder.encode(job.Input).decode(),
+        "miner_id": job.Input.MinerId,
+        "proof_type": job.Input.ProofType,
+        "output": None if job.Output is None else _encoder.encode(job.Output).decode(),
+        "try_num": job.TryNum,
+        "error_reason": job.ErrorReason,
+        "worker_name": job.WorkerName,
+        "started_at": job.StartedAt,
+        "heartbeat_at": job.HeartbeatAt,
+        "finished_at": job.FinishedAt,
+        "created_at": job.CreatedAt,
+        "updated_at": job.UpdatedAt,
+        "lease": job.lease,
+        "not_after": job.not_after,
+        "cancelled_at": job.cancelled_at,
+    }
+
+
+def _job_of_row(row: Any) -> Job:
+    try:
+        return Job(
+            Id=row.id,
+            State=row.state,
+            DeadlineIdx=row.deadline_idx,
+            Partitions=msgspec.json.decode(row.partitions, type=tuple[int, ...] | None),
+            Input=msgspec.json.decode(row.input, type=WdPoStInput),
+            Output=None
+            if row.output is None
+            else msgspec.json.decode(row.output, type=WindowPoStOutput),
+            TryNum=row.try_num,
+            ErrorReason=row.error_reason,
+            WorkerName=row.worker_name,
+            StartedAt=row.started_at,
+            HeartbeatAt=row.heartbeat_at,
+            FinishedAt=row.finished_at,
+            CreatedAt=row.created_at,
+            UpdatedAt=row.updated_at,
+            lease=row.lease,
+            not_after=row.not_after,
+            cancelled_at=row.cancelled_at,
+        )
+    except msgspec.MsgspecError as e:
+        raise StoreError(f"job {row.id!r} in the store is damaged ({e}): remove it") from None
+
+
+def _check_create(event: rules.Create) -> None:
+    try:
+        model.check_input(event.input)
+    except ValueError as e:
+        raise InvalidJob(str(e)) from None
+    if not 0 <= event.deadline_idx <= model.I64_MAX:
+        raise InvalidJob(f"bad job: DeadlineIdx {event.deadline_idx} is out of range")
+    if event.partitions is not None and not all(0 <= p <= model.I64_MAX for p in event.partitions):
+        raise InvalidJob(f"bad job: a partition index in {list(event.partitions)} is out of range")
+    if event.not_after is not None and not math.isfinite(event.not_after):
+        raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
+
+
+def _guard(old: Job) -> Any:
+    # The row as we read it: a write that finds anything else lost a race and must not land.
+    return sa.and_(
+        jobs.c.id == old.Id,
+        jobs.c.state == old.State,
+        jobs.c.try_num == old.TryNum,
+        jobs.c.updated_at == old.UpdatedAt,
+        jobs.c.lease.is_(None) if old.lease is None else jobs.c.lease == old.lease,
+    )
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _database_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn a database failure into a StoreError that names the store and says what to do."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = args[0]
+        assert isinstance(store, JobStore)
+        try:
+            return method(*args, **kwargs)
+        except exc.DBAPIError as e:
+            if _is_unreachable(e):
+                raise StoreError(store.unreachable_message(e)) from e
+            raise StoreError(
+                f"job store {store.where}: {method.__name__} failed: {_first_line(e)}"
+            ) from e
+
+    return wrapper
+
+
+def _is_unreachable(error: exc.DBAPIError) -> bool:
+    """A failure to reach or open the database, as opposed to an error of one statement."""
+    if error.connection_invalidated:
+        return True
+    # psycopg: class 08 is a connection exception, 57P0x the server shutting down; a deadlock
+    # (40P01) or a lock timeout is an OperationalError too, but the server was reached.
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return bool(sqlstate.startswith(("08", "57P")))
+    # sqlite3: the file cannot be opened, read or locked; not an error of one statement.
+    code = getattr(error.orig, "sqlite_errorname", None)
+    if code is not None:
+        return bool(code.startswith(_SQLITE_UNREACHABLE))
+    # psycopg has no SQLSTATE before a connection exists.
+    return isinstance(error, exc.OperationalError)
+
+
+_SQLITE_UNREACHABLE = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_NOTADB", "SQLITE_READONLY",
+    "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT",
+)  # fmt: skip
+
+
+def _first_line(error: exc.DBAPIError) -> str:
+    text = str(error.orig) if error.orig is not None else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a write did: the records as stored after it and the rules' effects."""
+
+    jobs: tuple[Job, ...]
+    effects: tuple[rules.Effect, ...]
+
+
+class JobStore:
+    """The job store at one URL. Thread-safe: each call is one transaction on its own connection."""
+
+    def __init__(self, url: str, *, limits: rules.JobLimits | None = None,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8,
+                 lease_factory: Callable[[], str] | None = None) -> None:  # fmt: skip
+        self.url = parse_url(url)
+        # As the user wrote it (password hidden): the driver we chose is not theirs to see.
+        self.where = describe_url(url)
+        self.limits = limits if limits is not None else rules.JobLimits()
+        self.engine = make_engine(
+            url, busy_timeout=busy_timeout, connect_timeout=connect_timeout, pool_size=pool_size
+        )
+        self.is_postgresql = self.engine.dialect.name == "postgresql"
+        self._insert = pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert
+        self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True, **kwargs: Any) -> JobStore:
+        """A store ready for use: connected, its schema created or migrated.
+
+        With `create=False` (an operator's command) a store that does not exist yet is an error
+        rather than a new empty one: a mistyped URL must not look like a store with no jobs."""
+        store = cls(url, **kwargs)
+        try:
+            if not create:
+                store.check_exists()
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def check_exists(self) -> None:
+        """Raises StoreConfigError when there is no job store at the URL."""
+        if not self.is_postgresql and not Path(self.url.database or "").is_file():
+            raise StoreConfigError(
+                f"there is no job store at {self.where}: no such file; check the URL"
+            )
+        if self.schema_version() == 0:
+            raise StoreConfigError(
+                f"there is no job store at {self.where}: the database has no job tables; check "
+                "the URL"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def unreachable_message(self, error: exc.DBAPIError) -> str:
+        """What went wrong reaching the database, and what to do about it."""
+        what = _first_line(error)
+        if self.is_postgresql:
+            return (
+                f"cannot reach the job store {self.where}: {what}; check that the PostgreSQL "
+                "server is running and reachable from here, and the user, password and "
+                "database in the URL"
+            )
+        code = getattr(error.orig, "sqlite_errorname", "")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (
+                f"the job store {self.where} stayed locked by another process for longer than "
+                f"the busy timeout ({what}): find what holds it (a stuck process, or a file "
+                "system without working locks, such as some network mounts)"
+            )
+        if code == "SQLITE_NOTADB":
+            return (
+                f"cannot open the job store {self.where}: the file is not an SQLite database "
+                f"({what}); give the URL of a job store, or of a file that does not exist yet"
+            )
+        parent = Path(self.url.database or "").parent
+        if not parent.is_dir():
+            hint = f"its directory {str(parent)!r} does not exist: create it"
+        else:
+            hint = "check that the file and its directory are writable by this user"
+        return f"cannot open the job store {self.where}: {what}; {hint}"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _locked(self, statement: Any, *, skip_locked: bool = False) -> Any:
+        # Renders FOR UPDATE [SKIP LOCKED] on PostgreSQL; SQLite has no row locks and needs none
+        # (BEGIN IMMEDIATE already holds the only write lock).
+        return statement.with_for_update(skip_locked=skip_locked)
+
+    # --- schema -------------------------------------------------------------------------------
+
+    @_database_errors
+    def migrate(self) -> int:
+        """Create the schema, or bring an older one up to SCHEMA_VERSION; returns the version
+        found (0 for a new store). Refuses a newer one with a StoreConfigError."""
+        with self._transaction() as conn:
+            if self.is_postgresql:
+                # Two coordinators starting at once must not both create the tables.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7426385010214)"))
+            found = self._version(conn)
+            if found > SCHEMA_VERSION:
+                raise StoreConfigError(
+                    f"the job store {self.where} has schema version {found}, newer than this "
+                    f"damocles-ext knows ({SCHEMA_VERSION}): a newer damocles-ext made it; "
+                    "upgrade this one, or give another store URL"
+                )
+            if found == 0:
+                metadata.create_all(conn)
+                conn.execute(schema_version.delete())
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+            # Later versions add their steps here, each from `found` upwards, then record the
+            # new version in the same transaction.
+            return found
+
+    def _version(self, conn: Connection) -> int:
+        if not sa.inspect(conn).has_table(schema_version.name):
+            return 0
+        versions = conn.execute(sa.select(schema_version.c.version)).scalars().all()
+        if len(versions) != 1:
+            raise StoreConfigError(
+                f"the job store {self.where} has {len(versions)} rows in "
+                f"{schema_version.name} (one expected): it was changed by hand; repair it or "
+                "give another store URL"
+            )
+        return int(versions[0])
+
+    @_database_errors
+    def schema_version(self) -> int:
+        with self._transaction() as conn:
+            return self._version(conn)
+
+    # --- one job at a time --------------------------------------------------------------------
+
+    def _read(self, conn: Connection, job_id: str, *, lock: bool = True) -> Job | None:
+        statement = sa.select(jobs).where(jobs.c.id == job_id)
+        row = conn.execute(self._locked(statement) if lock else statement).first()
+        return None if row is None else _job_of_row(row)
+
+    def _write(self, conn: Connection, old: Job | None, new: Job | None) -> None:
+        if old is None and new is None:
+            return
+        if old is None:
+            assert new is not None
+            conn.execute(self._insert(jobs).values(_row_values(new)))
+            return
+        if new is None:
+            done = conn.execute(jobs.delete().where(_guard(old)))
+        elif new == old:
+            return
+        else:
+            done = conn.execute(jobs.update().where(_guard(old)).values(_row_values(new)))
+        if done.rowcount != 1:
+            raise StoreConflict(
+                f"job {old.Id} changed in the store {self.where} while it was being updated: "
+                "another process wrote it at the same moment; retry"
+            )
+
+    def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float) -> rules.Step:
+        old = self._read(conn, job_id)
+        step = rules.apply(old, event, now, self.limits, job_id=job_id)
+        self._write(conn, old, step.job)
+        return step
+
+    @_database_errors
+    def create(self, job_input: WdPoStInput, now: float, *, deadline_idx: int = 0,
+               partitions: Sequence[int] | None = None,
+               not_after: float | None = None) -> tuple[Job, bool]:  # fmt: skip
+        """damocles' Create: the job for this input, made if new; returns (job, created)."""
+        event = rules.Create(
+            job_input,
+            deadline_idx=deadline_idx,
+            partitions=None if partitions is None else tuple(partitions),
+            not_after=not_after,
+        )
+        with self._transaction() as conn:
+            return self._create(conn, event, now)
+
+    @_database_errors
+    def create_many(self, events: Sequence[rules.Create], now: float) -> list[tuple[Job, bool]]:
+        """Several Creates in one transaction (a deadline's partitions at once), in the order
+        given; one read and one multi-row insert, however many there are."""
+        for create in events:
+            _check_create(create)
+        ids = [rules.new_job(create.input, now).Id for create in events]
+        with self._transaction() as conn:
+            existing = self._read_many(conn, ids)
+            fresh: dict[str, Job] = {}
+            for job_id, create in zip(ids, events, strict=True):
+                if job_id in existing or job_id in fresh:
+                    continue
+                step = rules.apply(None, create, now, self.limits, job_id=job_id)
+                assert step.job is not None
+                fresh[job_id] = step.job
+            inserted: set[str] = set()
+            if fresh:
+                statement = self._insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
+                rows = conn.execute(statement, [_row_values(j) for j in fresh.values()])
+                inserted = set(rows.scalars().all())
+            if len(inserted) < len(fresh):
+                # Other producers made some of them between our read and our insert.
+                existing.update(self._read_many(conn, [i for i in fresh if i not in inserted]))
+            made = []
+            for job_id in ids:
+                if job_id in inserted:
+                    made.append((fresh[job_id], True))
+                    inserted.discard(job_id)  # a duplicate later in `events` is not new
+                elif job_id in existing:
+                    made.append((existing[job_id], False))
+                elif job_id in fresh:
+                    made.append((fresh[job_id], False))
+                else:
+                    raise StoreConflict(f"job {job_id} was created and removed at once; retry")
+            return made
+
+    def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+        ids = sorted(set(job_ids))
+        found: dict[str, Job] = {}
+        for start in range(0, len(ids), 500):
+            statement = sa.select(jobs).where(jobs.c.id.in_(ids[start : start + 500]))
+            for row in conn.execute(statement):
+                found[row.id] = _job_of_row(row)
+        return found
+
+    def _create(self, conn: Connection, event: rules.Create, now: float) -> tuple[Job, bool]:
+        _check_create(event)
+        job_id = rules.new_job(event.input, now).Id
+        existing = self._read(conn, job_id, lock=False)
+        step = rules.apply(existing, event, now, self.limits, job_id=job_id)
+        assert step.job is not None
+        if existing is not None:
+            return existing, False
+        inserted = conn.execute(
+            self._insert(jobs)
+            .values(_row_values(step.job))
+            .on_conflict_do_nothing()
+            .returning(jobs.c.id)
+        ).first()
+        if inserted is not None:
+            return step.job, True
+        # Another producer made the same job between our read and our insert.
+        raced = self._read(conn, job_id, lock=False)
+        if raced is None:
+            raise StoreConflict(f"job {job_id} was created and removed at once; retry")
+        return raced, False
+
+    @_database_errors
+    def get(self, job_id: str) -> Job | None:
+        with self._transaction() as conn:
+            return self._read(conn, job_id, lock=False)
+
+    @_database_errors
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        """The jobs among these ids that exist (a producer's look for its results)."""
+        with self._transaction() as conn:
+            return self._read_many(conn, list(job_ids))
+
+    @_database_errors
+    def list_jobs(self) -> list[Job]:
+        """Every job, newest CreatedAt first (damocles' order)."""
+        with self._transaction() as conn:
+            rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id)).all()
+        return [_job_of_row(row) for row in rows]
+
+    @_database_errors
+    def heartbeat(self, job_ids: Sequence[str], worker: str, now: float, *,
+                  leases: Mapping[str, str] | None = None) -> Outcome:  # fmt: skip
+        """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
+        be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
+        the others' heartbeats are stored."""
+        with self._transaction() as conn:
+            return self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
+                worker, None if leases is None else leases.get(job_id)))  # fmt: skip
+
+    def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
+              event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip
+        stored: list[Job] = []
+        effects: list[rules.Effect] = []
+        # Sorted: two callers locking the same rows in the same order cannot deadlock.
+        for job_id in sorted(set(job_ids)):
+            step = self._apply(conn, job_id, event_for(job_id), now)
+            effects += step.effects
+            if step.job is not None:
+                stored.append(step.job)
+        return Outcome(tuple(stored), tuple(effects))
+
+    @_database_errors
+    def finish(self, job_id: str, output: WindowPoStOutput | None, error_reason: str,
+               now: float, *, lease: str | None = None, worker: str | None = None) -> Outcome:  # fmt: skip
+        """damocles' Finish, fenced: see rules. A refusal is a `Refused` effect, not an error."""
+        event = rules.Finish(output, error_reason, lease=lease, worker=worker)
+        with self._transaction() as conn:
+            return self._each(conn, [job_id], now, lambda _id: event)
+
+    @_database_errors
+    def reset(self, job_id: str, now: float) -> Job:
+        """damocles' Reset; raises JobNotFound for an unknown id (damocles' message)."""
+        with self._transaction() as conn:
+            step = self._apply(conn, job_id, rules.Reset(), now)
+        if step.job is None:
+            raise JobNotFound(job_id)
+        return step.job
+
+    @_database_errors
+    def remove(self, job_id: str, now: float) -> bool:
+        """damocles' Remove: an unknown id is a silent success; returns whether one was removed."""
+        with self._transaction() as conn:
+            step = self._apply(conn, job_id, rules.Remove(), now)
+        return any(isinstance(e, rules.Removed) for e in step.effects)
+
+    @_database_errors
+    def remove_all(self, now: float) -> list[str]:
+        """Every job removed; their ids."""
+        with self._transaction() as conn:
+            ids = conn.execute(self._locked(sa.select(jobs.c.id).order_by(jobs.c.id)))
+            outcome = self._each(conn, ids.scalars().all(), now, lambda _id: rules.Remove())
+        return [e.job_id for e in outcome.effects if isinstance(e, rules.Removed)]
+
+    # --- many jobs at once --------------------------------------------------------------------
+
+    @_database_errors
+    def allocate(self, spec: rules.AllocationSpec, n: int, worker: str, now: float) -> list[Job]:
+        """damocles' AllocateJobs: up to `n` ready jobs this worker may take, earliest deadline
+        first, each now running on it under a new lease (the returned records carry it)."""
+        if n <= 0:
+            return []
+        candidates = sa.select(jobs).where(
+            jobs.c.state == READY,
+            sa.or_(jobs.c.not_after.is_(None), jobs.c.not_after > now),
+        )
+        if spec.allowed_miners:
+            candidates = candidates.where(jobs.c.miner_id.in_(spec.allowed_miners))
+        if spec.allowed_proof_types:
+            candidates = candidates.where(jobs.c.proof_type.in_(spec.allowed_proof_types))
+        # The SQL follows rules.allocation_key; rules.choose re-checks what it returns.
+        candidates = candidates.order_by(
+            jobs.c.not_after.asc().nulls_last(), jobs.c.created_at, jobs.c.id
+        ).limit(n)
+        allocated: list[Job] = []
+        with self._transaction() as conn:
+            rows = conn.execute(self._locked(candidates, skip_locked=True)).all()
+            for job in rules.choose([_job_of_row(r) for r in rows], spec, n, now):
+                step = rules.apply(job, rules.Allocate(worker, self._new_lease()), now, self.limits)
+                self._write(conn, job, step.job)
+                assert step.job is not None and isinstance(step.effects[0], rules.Allocated)
+                allocated.append(step.job)
+        return allocated
+
+    @_database_errors
+    def sweep(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
+        """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
+        the jobs the rules may change now. Safe to run in several processes at once."""
+        c = jobs.c
+        statement = sa.select(jobs).where(
+            sa.or_(
+                sa.and_(c.state.in_((READY, RUNNING)), c.not_after <= now),
+                sa.and_(
+                    c.state == RUNNING,
+                    c.heartbeat_at > 0,
+                    c.heartbeat_at < now - self.limits.heartbeat_timeout,
+                ),
+                sa.and_(
+                    c.state == FINISHED,
+                    c.error_reason != "",
+                    c.cancelled_at == 0,
+                    c.try_num < self.limits.max_try,
+                ),
+            )
+        )
+        return self._pass(statement.order_by(c.id).limit(limit), rules.Sweep(), now)
+
+    @_database_errors
+    def cleanup(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
+        """damocles' CleanupExpiredJobs: finished jobs created more than JobLifetime ago."""
+        statement = sa.select(jobs).where(
+            jobs.c.state == FINISHED, jobs.c.created_at < now - self.limits.job_lifetime
+        )
+        return self._pass(statement.order_by(jobs.c.id).limit(limit), rules.Cleanup(), now)
+
+    def _pass(self, statement: Any, event: rules.Event, now: float) -> Outcome:
+        stored: list[Job] = []
+        effects: list[rules.Effect] = []
+        with self._transaction() as conn:
+            for row in conn.execute(self._locked(statement, skip_locked=True)).all():
+                old = _job_of_row(row)
+                step = rules.apply(old, event, now, self.limits)
+                self._write(conn, old, step.job)
+                effects += step.effects
+                if step.job is not None and step.effects:
+                    stored.append(step.job)
+        return Outcome(tuple(stored), tuple(effects))
+
+
+class TrioJobStore:
+    """The store for trio code: each call runs in a worker thread under a small limiter, with
+    `now` read from `clock` (wall-clock unix seconds by default)."""
+
+    def __init__(self, store: JobStore, *, threads: int = 4,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.store = store
+        self.clock = clock
+        self._limiter = trio.CapacityLimiter(threads)
+
+    async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self._limiter
+        )
+
+    async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[Job, bool]:
+        return await self._run(self.store.create, job_input, self.clock(), **kwargs)
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._run(self.store.get, job_id)
+
+    async def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        return await self._run(self.store.get_many, list(job_ids))
+
+    async def list_jobs(self) -> list[Job]:
+        return await self._run(self.store.list_jobs)
+
+    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[Job]:
+        return await self._run(self.store.allocate, spec, n, worker, self.clock())
+
+    async def heartbeat(self, job_ids: Sequence[str], worker: str, **kwargs: Any) -> Outcome:
+        return await self._run(self.store.heartbeat, list(job_ids), worker, self.clock(), **kwargs)
+
+    async def finish(self, job_id: str, output: WindowPoStOutput | None, error_reason: str,
+                     **kwargs: Any) -> Outcome:  # fmt: skip
+        return await self._run(
+            self.store.finish, job_id, output, error_reason, self.clock(), **kwargs
+        )
+
+    async def reset(self, job_id: str) -> Job:
+        return await self._run(self.store.reset, job_id, self.clock())
+
+    async def remove(self, job_id: str) -> bool:
+        return await self._run(self.store.remove, job_id, self.clock())
+
+    async def sweep(self) -> Outcome:
+        return await self._run(self.store.sweep, self.clock())
+
+    async def cleanup(self) -> Outcome:
+        return await self._run(self.store.cleanup, self.clock())

@@ -1,0 +1,144 @@
+"""`damocles-ext wdpost`: damocles' `util worker wdpost` table, and list/reset/remove/remove-all
+against a real store (SQLite, and the session's PostgreSQL)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC
+
+import pytest
+from test_jobs_rules import make_input
+
+from damocles_ext import cli
+from damocles_ext.jobs import listing, model, rules
+from damocles_ext.jobs.model import READY
+from damocles_ext.jobs.store import JobStore
+
+LIMITS = rules.JobLimits()
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+def story() -> list[model.Job]:
+    """Four jobs, newest first: failed at max try, succeeded with a fault, running, ready."""
+
+    def go(job, event, at):
+        return rules.apply(job, event, T0 + at, LIMITS).job
+
+    ready = go(None, rules.Create(make_input(seed=1), deadline_idx=3, partitions=(1, 2)), 0)
+    busy = go(
+        None, rules.Create(make_input(seed=2, sectors=2), deadline_idx=4, partitions=(0,)), 60
+    )
+    busy = go(busy, rules.Allocate("10.0.0.7", "x"), 100)
+    busy = go(busy, rules.Heartbeat("10.0.0.7"), 497)
+    faulty = go(None, rules.Create(make_input(seed=3)), 120)
+    faulty = go(faulty, rules.Allocate("gpu-2", "y"), 130)
+    out = model.WindowPoStOutput(proofs=(b"p",), faults=(5,))
+    faulty = go(faulty, rules.Finish(out, "", lease="y"), 528)
+    failed = go(None, rules.Create(make_input(seed=4)), 180)
+    failed = go(failed, rules.Allocate("gpu-2", "z"), 190)
+    failed = go(failed, rules.Sweep(), 210)
+    failed = go(failed, rules.Allocate("gpu-3", "z2"), 220)
+    failed = go(failed, rules.Finish(None, "sector 5:\tcache\nmissing", lease="z2"), 3820)
+    return [failed, faulty, busy, ready]
+
+
+def test_list_prints_damocles_columns_and_formats_and_hides_successes():
+    failed, _faulty, busy, ready = story()
+    table = listing.render_list(story(), max_try=2, now=T0 + 500.25, tz=UTC)
+    assert table == (
+        "JobID        MinerID  DDL  Partitions  Sectors  Worker    State       Try     CreateAt        Elapsed       Heartbeat  Error\n"
+        f"{failed.Id}  1000     0    []          1        gpu-3     Failed      2(Max)  11-14 22:16:20  1h0m0s(done)  -          sector 5: cache missing\n"
+        f"{busy.Id}  1000     4    [0]         2        10.0.0.7  Running     1       11-14 22:14:20  6m40s         3.25s      \n"
+        f"{ready.Id}  1000     3    [1, 2]      1                  ReadyToRun  0       11-14 22:13:20  -             -          \n"
+    )  # fmt: skip
+
+
+def test_list_detail_with_all_shows_every_timestamp_and_the_raw_state():
+    failed, faulty, busy, ready = story()
+    table = listing.render_list(
+        story(), max_try=2, now=T0 + 500, tz=UTC, show_all=True, detail=True
+    )
+    assert table == (
+        "JobID        Prefix     Miner  DDL  Partitions  Sectors  Worker    State       Try     CreateAt        StartedAt       HeartbeatAt     FinishedAt      UpdatedAt       Error\n"
+        f"{failed.Id}  finished   1000   0    []          1        gpu-3     Failed      2(Max)  11-14 22:16:20  11-14 22:17:00  11-14 22:17:00  11-14 23:17:00  11-14 23:17:00  sector 5: cache missing\n"
+        f"{faulty.Id}  finished   1000   0    []          1        gpu-2     Faults(1)   1       11-14 22:15:20  11-14 22:15:30  11-14 22:15:30  11-14 22:22:08  11-14 22:22:08  \n"
+        f"{busy.Id}  running    1000   4    [0]         2        10.0.0.7  Running     1       11-14 22:14:20  11-14 22:15:00  11-14 22:21:37  -               11-14 22:21:37  \n"
+        f"{ready.Id}  ready2run  1000   3    [1, 2]      1                  ReadyToRun  0       11-14 22:13:20  -               -               -               11-14 22:13:20  \n"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0s"),
+        (0.0004, "0s"),
+        (0.5, "500ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (3.25, "3.25s"),
+        (62.5, "1m2.5s"),
+        (398, "6m38s"),
+        (3600, "1h0m0s"),
+        (3661.001, "1h1m1.001s"),
+        (-1.2, "-1.2s"),
+    ],
+)
+def test_durations_are_written_as_go_writes_them(seconds, shown):
+    assert listing.go_duration(seconds) == shown
+
+
+# --- the command against a real store -----------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys):
+    now = time.time()
+    with JobStore.open(store_url) as s:
+        jobs = [s.create(make_input(seed=i), now - 10 * i)[0] for i in range(3)]
+        [taken] = s.allocate(rules.AllocationSpec(), 1, "gpu-1", now)
+        s.finish(taken.Id, model.WindowPoStOutput(proofs=(b"p",), faults=()), "", now,
+                 lease=taken.lease)  # fmt: skip
+
+    assert cli.main(["wdpost", "list", "--jobs", store_url]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].split() == list(listing.LIST_COLUMNS)
+    assert [line.split()[0] for line in shown[1:]] == [j.Id for j in jobs if j.Id != taken.Id]
+    assert cli.main(["wdpost", "list", "--all", "--detail", "--jobs", store_url]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].split() == list(listing.DETAIL_COLUMNS)
+    assert [line.split()[0] for line in shown[1:]] == [j.Id for j in jobs]  # newest first
+    assert "Succeed" in next(line for line in shown if line.startswith(taken.Id))
+
+    assert cli.main(["wdpost", "reset", "--jobs", store_url, taken.Id]) == 0
+    assert cli.main(["wdpost", "reset", "--jobs", store_url, jobs[2].Id, "nope", jobs[1].Id]) == 2
+    err = capsys.readouterr().err
+    assert f"job 'nope' does not exist (reset before it: {jobs[2].Id})" in err
+    with JobStore.open(store_url) as s:
+        assert s.get(taken.Id).State == READY and s.get(taken.Id).TryNum == 0
+
+    assert cli.main(["wdpost", "remove", "--jobs", store_url, jobs[1].Id, "nope"]) == 0
+    assert cli.main(["wdpost", "remove-all", "--jobs", store_url]) == 0
+    assert capsys.readouterr().out == "Pass --really-do-it to actually execute this action\n"
+    assert cli.main(["wdpost", "remove-all", "--really-do-it", "--jobs", store_url]) == 0
+    removed = capsys.readouterr().out.splitlines()
+    assert sorted(removed) == sorted(f"wdpost job {j.Id} removed" for j in jobs if j != jobs[1])
+    with JobStore.open(store_url) as s:
+        assert s.list_jobs() == []
+
+
+def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/typo.db"
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 2
+    assert f"there is no job store at {url}: no such file; check the URL" in capsys.readouterr().err
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, capsys):
+    assert cli.main(["wdpost", "list", "--jobs", postgres_url]) == 2
+    assert "the database has no job tables; check the URL" in capsys.readouterr().err

@@ -1,0 +1,391 @@
+"""The WindowPoSt job record and its rules, sans-IO: events in, records and effects out."""
+
+from __future__ import annotations
+
+import json
+
+import base58
+import msgspec
+import pytest
+import xxhash
+
+from damocles_ext.jobs import model, rules
+from damocles_ext.jobs.model import FINISHED, READY, RUNNING
+from damocles_ext.jobs.rules import (
+    Allocate,
+    Allocated,
+    AllocationSpec,
+    AlreadyExists,
+    Cancelled,
+    CleanedUp,
+    Cleanup,
+    Create,
+    Created,
+    Finish,
+    Finished,
+    Heartbeat,
+    HeartbeatAccepted,
+    JobLimits,
+    NotFound,
+    Refused,
+    Remove,
+    Removed,
+    Reset,
+    Retried,
+    Sweep,
+    TimedOut,
+    WasReset,
+    apply,
+)
+
+LIMITS = JobLimits()
+T0 = 1_700_000_000.0
+
+
+def make_input(miner: int = 1000, sectors: int = 1, proof_type: str = "StackedDrgWindow2KiBV1_2",
+               seed: int = 7) -> model.WdPoStInput:  # fmt: skip
+    return model.WdPoStInput(
+        Sectors=tuple(
+            model.WdPoStSectorInfo(
+                SectorId=n,
+                CommR=tuple(range(n, n + 32)),
+                Upgrade=n % 2 == 1,
+                Accesses=model.SectorAccessStores(SealedFile="store-a", CacheDir="store-b"),
+            )
+            for n in range(sectors)
+        ),
+        MinerId=miner,
+        ProofType=proof_type,
+        Seed=(seed,) * 32,
+    )
+
+
+def created(now: float = T0, **kw) -> model.Job:
+    step = apply(None, Create(make_input(**kw)), now, LIMITS)
+    assert step.job is not None
+    return step.job
+
+
+def running(now: float = T0, worker: str = "w1", lease: str = "L1", **kw) -> model.Job:
+    step = apply(created(now, **kw), Allocate(worker, lease), now, LIMITS)
+    assert step.job is not None and step.job.State == RUNNING
+    return step.job
+
+
+# --- the record and its id ----------------------------------------------------------------------
+
+
+def test_the_job_id_is_base58_of_the_little_endian_xxhash64_of_the_go_json():
+    job_input = make_input()
+    raw = model.go_json(job_input)
+    digest = xxhash.xxh64_intdigest(raw)
+
+    assert model.job_id(job_input) == base58.b58encode(digest.to_bytes(8, "little")).decode()
+    # xxHash64's published vector for no input, through damocles' little-endian + base58:
+    assert xxhash.xxh64_intdigest(b"") == 0xEF46DB3751D8E999
+    assert model.job_id_of_json(b"") == base58.b58encode(bytes.fromhex("99e9d85137db46ef")).decode()
+
+
+def test_go_json_of_the_input_is_compact_in_go_field_order_with_byte_arrays_as_integers():
+    raw = model.go_json(make_input(sectors=1))
+    assert raw == (
+        b'{"Sectors":[{"SectorId":0,"CommR":[' + ",".join(map(str, range(32))).encode() + b'],'
+        b'"Upgrade":false,"Accesses":{"SealedFile":"store-a","CacheDir":"store-b"}}],'
+        b'"MinerId":1000,"ProofType":"StackedDrgWindow2KiBV1_2","Seed":[' +
+        b",".join([b"7"] * 32) + b"]}"
+    )  # fmt: skip
+    # and it is valid JSON that decodes back to the same input
+    assert model.decode_input(raw) == make_input(sectors=1)
+
+
+def test_go_json_writes_a_nil_sector_list_as_null_and_an_empty_one_as_brackets():
+    nil = msgspec.structs.replace(make_input(), Sectors=None)
+    empty = msgspec.structs.replace(make_input(), Sectors=())
+    assert model.go_json(nil).startswith(b'{"Sectors":null,')
+    assert model.go_json(empty).startswith(b'{"Sectors":[],')
+    assert model.job_id(nil) != model.job_id(empty)
+
+
+def test_go_json_escapes_strings_as_go_does():
+    odd = msgspec.structs.replace(make_input(), ProofType='a<b>&"\\\n\r\t\b\f\x01\u2028\u2029é')
+    raw = model.go_json(odd)
+    assert (
+        b'"ProofType":"a\\u003cb\\u003e\\u0026\\"\\\\\\n\\r\\t\\b\\f\\u0001\\u2028\\u2029\xc3\xa9"'
+        in raw
+    )
+    assert json.loads(raw)["ProofType"] == odd.ProofType
+
+
+def test_the_damocles_json_of_a_job_has_exactly_damocles_fields_in_go_order():
+    job = running()
+    doc = json.loads(model.damocles_json(job))
+    assert list(doc) == [
+        "Id", "State", "DeadlineIdx", "Partitions", "Input", "Output", "TryNum", "ErrorReason",
+        "WorkerName", "StartedAt", "HeartbeatAt", "FinishedAt", "CreatedAt", "UpdatedAt",
+    ]  # fmt: skip
+    assert doc["State"] == "running" and doc["Partitions"] is None and doc["Output"] is None
+    assert doc["Input"]["Seed"] == [7] * 32
+    assert list(doc["Input"]["Sectors"][0]) == ["SectorId", "CommR", "Upgrade", "Accesses"]
+    ours = json.loads(model.job_json(job))
+    assert ours["lease"] == "L1" and ours["not_after"] is None and ours["cancelled_at"] == 0
+    assert model.decode_job(model.job_json(job)) == job
+
+
+def test_an_output_is_proofs_as_base64_and_faults_as_numbers():
+    out = model.WindowPoStOutput(proofs=(b"\x01\x02\x03",), faults=(5, 9))
+    assert msgspec.json.encode(out) == b'{"proofs":["AQID"],"faults":[5,9]}'
+    assert model.decode_output(b'{"proofs":["AQID"],"faults":null}') == model.WindowPoStOutput(
+        proofs=(b"\x01\x02\x03",), faults=None
+    )
+
+
+def test_an_input_with_a_short_seed_or_a_byte_out_of_range_is_refused():
+    good = json.loads(model.go_json(make_input()))
+    with pytest.raises(msgspec.ValidationError, match="Seed"):
+        model.decode_input(json.dumps({**good, "Seed": [1] * 31}))
+    with pytest.raises(msgspec.ValidationError, match="Seed"):
+        model.decode_input(json.dumps({**good, "Seed": [256] + [0] * 31}))
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "faults", "shown"),
+    [
+        (READY, "", None, "ReadyToRun"),
+        (RUNNING, "", None, "Running"),
+        (FINISHED, "", (), "Succeed"),
+        (FINISHED, "", (3, 4), "Faults(2)"),
+        (FINISHED, "boom", None, "Failed"),
+    ],
+)
+def test_the_display_state_is_damocles(state, error, faults, shown):
+    out = None if faults is None else model.WindowPoStOutput(proofs=(), faults=faults)
+    job = msgspec.structs.replace(created(), State=state, ErrorReason=error, Output=out)
+    assert model.display_state(job) == shown
+
+
+# --- create, allocate, heartbeat, finish --------------------------------------------------------
+
+
+def test_create_makes_a_ready_job_with_damocles_id_and_times():
+    step = apply(None, Create(make_input(), deadline_idx=3, partitions=(1, 2)), T0 + 0.9, LIMITS)
+    job = step.job
+    assert step.effects == (Created(job.Id),)
+    assert job.Id == model.job_id(make_input())
+    assert (job.State, job.TryNum, job.DeadlineIdx, job.Partitions) == (READY, 0, 3, (1, 2))
+    assert job.CreatedAt == job.UpdatedAt == int(T0)
+    assert (job.StartedAt, job.HeartbeatAt, job.FinishedAt, job.WorkerName) == (0, 0, 0, "")
+
+
+def test_create_of_an_existing_job_changes_nothing_in_any_state():
+    for job in (created(), running()):
+        step = apply(job, Create(make_input()), T0 + 50, LIMITS)
+        assert step.job is job
+        assert step.effects == (AlreadyExists(job.Id, job.State),)
+
+
+def test_allocate_runs_the_job_on_the_worker_under_a_new_lease():
+    job = created()
+    step = apply(job, Allocate("w1", "L1"), T0 + 5, LIMITS)
+    assert step.effects == (Allocated(job.Id, "w1", "L1", 1),)
+    new = step.job
+    assert (new.State, new.TryNum, new.WorkerName, new.lease) == (RUNNING, 1, "w1", "L1")
+    assert new.StartedAt == new.HeartbeatAt == new.UpdatedAt == int(T0) + 5
+
+
+def test_allocate_of_a_running_job_is_refused():
+    job = running()
+    step = apply(job, Allocate("w2", "L2"), T0, LIMITS)
+    assert step.job is job
+    assert step.effects == (Refused(job.Id, "allocate", "the job is running"),)
+
+
+def test_heartbeat_from_the_lease_holder_or_the_tokenless_worker_is_accepted():
+    job = running()
+    for event in (Heartbeat("w1", "L1"), Heartbeat("w1")):
+        step = apply(job, event, T0 + 3, LIMITS)
+        assert step.effects == (HeartbeatAccepted(job.Id),)
+        assert step.job.HeartbeatAt == step.job.UpdatedAt == int(T0) + 3
+
+
+@pytest.mark.parametrize(
+    ("event", "why"),
+    [
+        (Heartbeat("w1", "OLD"), "lease 'OLD' is not the job's current one"),
+        (Heartbeat("w2"), "the job runs on worker 'w1', not 'w2'"),
+    ],
+)
+def test_heartbeat_from_someone_else_is_refused(event, why):
+    job = running()
+    step = apply(job, event, T0 + 3, LIMITS)
+    assert step.job is job
+    [refused] = step.effects
+    assert isinstance(refused, Refused) and why in refused.reason
+
+
+def test_heartbeat_does_not_revive_a_ready_job_as_damocles_would():
+    job = created()
+    [refused] = apply(job, Heartbeat("w1"), T0, LIMITS).effects
+    assert isinstance(refused, Refused) and "the job is ready2run" in refused.reason
+
+
+def test_finish_with_the_lease_records_the_output():
+    out = model.WindowPoStOutput(proofs=(b"p",), faults=())
+    step = apply(running(), Finish(out, "", lease="L1"), T0 + 9, LIMITS)
+    job = step.job
+    assert step.effects == (Finished(job.Id, ""),)
+    assert (job.State, job.Output, job.ErrorReason, job.lease) == (FINISHED, out, "", None)
+    assert job.FinishedAt == job.UpdatedAt == int(T0) + 9
+    assert rules.is_done(job, LIMITS) and job.succeeded
+
+
+def test_a_tokenless_finish_without_a_name_is_accepted_only_while_running():
+    step = apply(running(), Finish(None, "gpu fell off"), T0 + 9, LIMITS)
+    assert step.effects == (Finished(step.job.Id, "gpu fell off"),)
+    again = apply(step.job, Finish(None, ""), T0 + 10, LIMITS)
+    assert again.job is step.job
+    [refused] = again.effects
+    assert isinstance(refused, Refused) and "the job is finished" in refused.reason
+
+
+def test_a_late_finish_from_a_worker_that_lost_its_job_is_refused():
+    # w1 goes silent, the job times out, is retried and given to w2; then w1 finishes.
+    job = running(worker="w1", lease="L1")
+    job = apply(job, Sweep(), T0 + 16, LIMITS).job
+    assert job.State == READY
+    job = apply(job, Allocate("w2", "L2"), T0 + 17, LIMITS).job
+    for late in (Finish(None, "", lease="L1"), Finish(None, "", worker="w1")):
+        step = apply(job, late, T0 + 18, LIMITS)
+        assert step.job is job
+        assert isinstance(step.effects[0], Refused)
+    assert apply(job, Finish(None, "", lease="L2"), T0 + 18, LIMITS).job.State == FINISHED
+
+
+def test_events_on_a_missing_job_say_not_found_and_remove_is_silent():
+    for event in (Allocate("w", "L"), Heartbeat("w"), Finish(None, ""), Reset()):
+        step = apply(None, event, T0, LIMITS, job_id="abc")
+        assert step == rules.Step(None, (NotFound("abc", rules.event_name(event)),))
+    assert apply(None, Remove(), T0, LIMITS, job_id="abc") == rules.Step(None, ())
+
+
+# --- sweeps: heartbeat timeout, retries, deadlines, cleanup --------------------------------------
+
+
+def test_a_silent_job_times_out_after_heartbeat_timeout_and_is_retried():
+    job = running()
+    assert apply(job, Sweep(), T0 + 15, LIMITS).effects == ()  # not yet: HeartbeatAt == now - 15
+    step = apply(job, Sweep(), T0 + 16, LIMITS)
+    assert step.effects == (TimedOut(job.Id, "w1"), Retried(job.Id, 1))
+    new = step.job
+    assert (new.State, new.ErrorReason, new.StartedAt, new.FinishedAt, new.lease) == (
+        READY, "", 0, 0, None,
+    )  # fmt: skip
+    assert new.TryNum == 1 and new.WorkerName == "w1"
+
+
+def test_a_job_at_max_try_stays_failed_until_reset():
+    job = running()
+    job = apply(job, Sweep(), T0 + 16, LIMITS).job
+    job = apply(job, Allocate("w2", "L2"), T0 + 17, LIMITS).job
+    step = apply(job, Sweep(), T0 + 40, LIMITS)
+    assert step.effects == (TimedOut(job.Id, "w2"),)
+    failed = step.job
+    assert (failed.State, failed.ErrorReason, failed.TryNum) == (FINISHED, "heartbeat timeout", 2)
+    assert rules.is_done(failed, LIMITS) and model.display_state(failed) == "Failed"
+    assert apply(failed, Sweep(), T0 + 100, LIMITS).effects == ()
+    # A larger JobMaxTry applies at once, as damocles' fixed-at-start one does not.
+    assert apply(failed, Sweep(), T0 + 100, JobLimits(max_try=3)).job.State == READY
+    step = apply(failed, Reset(), T0 + 200, LIMITS)
+    assert step.effects == (WasReset(job.Id),)
+    reset = step.job
+    assert (reset.State, reset.TryNum, reset.ErrorReason, reset.WorkerName) == (READY, 0, "", "")
+    assert reset.CreatedAt == int(T0) + 200 and reset.HeartbeatAt == 0
+
+
+def test_a_worker_error_is_retried_by_the_sweep_under_max_try():
+    job = apply(running(), Finish(None, "oops", lease="L1"), T0 + 1, LIMITS).job
+    assert not rules.is_done(job, LIMITS)
+    assert apply(job, Sweep(), T0 + 2, LIMITS).effects == (Retried(job.Id, 1),)
+
+
+def test_allocation_takes_the_earliest_deadline_first_and_skips_passed_deadlines():
+    def job(seed, not_after, created_at):
+        step = apply(None, Create(make_input(seed=seed), not_after=not_after), created_at, LIMITS)
+        return step.job
+
+    late = job(1, T0 + 900, T0)
+    early = job(2, T0 + 300, T0 + 5)
+    none_old = job(3, None, T0 - 50)
+    none_new = job(4, None, T0)
+    passed = job(5, T0 - 1, T0 - 100)
+    other_miner = job(6, T0 + 1, T0)
+    other_miner = msgspec.structs.replace(
+        other_miner, Input=msgspec.structs.replace(other_miner.Input, MinerId=2000)
+    )
+    jobs = [late, none_new, passed, early, none_old, other_miner]
+    spec = AllocationSpec(allowed_miners=(1000,))
+    assert rules.choose(jobs, spec, 10, T0) == [early, late, none_old, none_new]
+    assert rules.choose(jobs, AllocationSpec(), 2, T0) == [other_miner, early]
+    assert rules.choose(jobs, AllocationSpec(allowed_proof_types=("X",)), 10, T0) == []
+    [refused] = apply(passed, Allocate("w", "L"), T0, LIMITS).effects
+    assert refused == Refused(passed.Id, "allocate", "its deadline has passed")
+
+
+@pytest.mark.parametrize("where", ["ready", "running", "failed with tries left"])
+def test_a_job_whose_deadline_passed_is_cancelled_with_why(where):
+    job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
+    if where != "ready":
+        job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
+    if where == "failed with tries left":
+        job = apply(job, Finish(None, "disk gone", lease="L1"), T0 + 2, LIMITS).job
+    assert not any(isinstance(e, Cancelled) for e in apply(job, Sweep(), T0 + 10, LIMITS).effects)
+    step = apply(job, Sweep(), T0 + 60, LIMITS)
+    [cancelled] = step.effects
+    assert isinstance(cancelled, Cancelled)
+    assert "cancelled: its deadline passed at 2023-11-14T22:14:20Z" in cancelled.reason
+    assert {"ready": "waiting for a worker", "running": "running on worker 'w1'",
+            "failed with tries left": "its last try failed: disk gone"}[where] in cancelled.reason  # fmt: skip
+    done = step.job
+    assert (done.State, done.ErrorReason, done.cancelled_at) == (
+        FINISHED,
+        cancelled.reason,
+        int(T0) + 60,
+    )
+    assert done.cancelled and rules.is_done(done, LIMITS)
+    assert apply(done, Sweep(), T0 + 100, LIMITS).effects == ()  # never retried
+
+
+def test_a_finish_after_the_deadline_is_refused():
+    job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
+    job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
+    [refused] = apply(job, Finish(None, "", lease="L1"), T0 + 61, LIMITS).effects
+    assert isinstance(refused, Refused) and "deadline passed" in refused.reason
+
+
+def test_a_success_or_a_final_failure_is_not_cancelled_by_a_passed_deadline():
+    job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
+    job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
+    done = apply(job, Finish(None, "", lease="L1"), T0 + 2, LIMITS).job
+    assert apply(done, Sweep(), T0 + 100, LIMITS).effects == ()
+
+
+def test_cleanup_forgets_finished_jobs_older_than_the_job_lifetime_only():
+    job = apply(running(), Finish(None, "", lease="L1"), T0 + 1, LIMITS).job
+    life = LIMITS.job_lifetime
+    assert apply(job, Cleanup(), T0 + life, LIMITS) == rules.Step(job, ())
+    assert apply(job, Cleanup(), T0 + life + 1, LIMITS) == rules.Step(None, (CleanedUp(job.Id),))
+    still = running()
+    assert apply(still, Cleanup(), T0 + 10 * life, LIMITS) == rules.Step(still, ())
+
+
+def test_remove_forgets_a_job_in_any_state():
+    for job in (created(), running()):
+        assert apply(job, Remove(), T0, LIMITS) == rules.Step(None, (Removed(job.Id),))
+
+
+def test_the_limits_have_damocles_defaults_and_refuse_nonsense():
+    assert (LIMITS.max_try, LIMITS.heartbeat_timeout, LIMITS.job_lifetime) == (2, 15, 25 * 3600)
+    assert (LIMITS.sweep_interval, LIMITS.cleanup_interval, LIMITS.poll_interval) == (10, 1800, 3)
+    with pytest.raises(ValueError, match="JobMaxTry"):
+        JobLimits(max_try=0)
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        JobLimits(heartbeat_timeout=float("nan"))

@@ -1,0 +1,401 @@
+"""The job store on both engines: SQLite (a file) and a real PostgreSQL server that the test
+session starts itself (conftest.postgres_server). Time is passed in (`now`), never slept."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import Counter
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+import trio
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs import model, rules, store
+from damocles_ext.jobs.model import FINISHED, READY, RUNNING
+from damocles_ext.jobs.store import JobStore, StoreConfigError, StoreError, TrioJobStore
+
+T0 = 1_700_000_000.0
+ANY = rules.AllocationSpec()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def js(store_url: str):
+    with JobStore.open(store_url) as s:
+        yield s
+
+
+def create_many(s: JobStore, count: int, now: float = T0, **kw) -> list[model.Job]:
+    events = [rules.Create(make_input(seed=i % 256, miner=1000 + i // 256), **kw)
+              for i in range(count)]  # fmt: skip
+    made = s.create_many(events, now)
+    assert all(created for _, created in made)
+    return [job for job, _ in made]
+
+
+# --- schema, records, idempotence ---------------------------------------------------------------
+
+
+def test_the_schema_is_made_at_open_and_a_second_open_keeps_it(store_url):
+    with JobStore.open(store_url) as s:
+        assert s.schema_version() == store.SCHEMA_VERSION
+        job, made = s.create(make_input(), T0)
+        assert made
+    with JobStore.open(store_url) as s:
+        assert s.migrate() == store.SCHEMA_VERSION
+        assert s.get(job.Id) == job
+
+
+def test_a_store_with_a_newer_schema_is_refused_with_what_to_do(store_url):
+    with JobStore.open(store_url) as s, s.engine.begin() as conn:
+        conn.execute(store.schema_version.update().values(version=store.SCHEMA_VERSION + 1))
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(store_url)
+    message = str(raised.value)
+    assert f"schema version {store.SCHEMA_VERSION + 1}, newer than this damocles-ext" in message
+    assert "upgrade this one, or give another store URL" in message
+    assert raised.value.exit_code == 2
+
+
+def test_create_is_idempotent_and_a_record_reads_back_as_written(js):
+    job, made = js.create(make_input(sectors=3), T0, deadline_idx=7, partitions=(0, 2),
+                          not_after=T0 + 1800)  # fmt: skip
+    assert made and job.Id == model.job_id(make_input(sectors=3))
+    again, made_again = js.create(make_input(sectors=3), T0 + 60, deadline_idx=9)
+    assert not made_again and again == job
+    assert js.get(job.Id) == job
+    other = rules.Create(make_input(seed=99), not_after=T0 + 60)
+    made = js.create_many([other, rules.Create(make_input(sectors=3)), other], T0 + 61)
+    assert [created for _, created in made] == [True, False, False]
+    assert made[0][0] == made[2][0] == js.get(made[0][0].Id) and made[1][0] == job
+    js.remove(made[0][0].Id, T0)
+    [allocated] = js.allocate(ANY, 5, "w1", T0 + 1)
+    out = model.WindowPoStOutput(proofs=(b"\x00\xff" * 96,), faults=(2,))
+    [finished] = js.finish(job.Id, out, "", T0 + 2, lease=allocated.lease).jobs
+    assert js.get(job.Id) == finished
+    assert finished.Output == out and model.display_state(finished) == "Faults(1)"
+    assert js.list_jobs() == [finished]
+
+
+def test_a_write_that_lost_a_race_is_refused_not_applied(js):
+    [job] = create_many(js, 1)
+    stale = job
+    js.allocate(ANY, 1, "w1", T0 + 1)
+    with pytest.raises(store.StoreConflict, match=f"job {job.Id} changed"), js.engine.begin() as c:
+        js._write(c, stale, rules.apply(stale, rules.Allocate("w2", "L"), T0 + 2, js.limits).job)
+    assert js.get(job.Id).WorkerName == "w1"
+
+
+# --- allocation ---------------------------------------------------------------------------------
+
+
+def test_eight_concurrent_clients_allocate_each_of_1000_jobs_exactly_once(store_url):
+    with JobStore.open(store_url) as s:
+        ids = {j.Id for j in create_many(s, 1000)}
+    assert len(ids) == 1000
+    got: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8, timeout=60)
+
+    def client(name: str) -> None:
+        # Each client is its own engine and connection, as separate workers would be.
+        try:
+            with JobStore(store_url, pool_size=1) as mine:
+                start.wait()
+                taken = got.setdefault(name, [])
+                while batch := mine.allocate(ANY, (1, 4, 8)[len(taken) % 3], name, T0 + 1):
+                    taken += [j.Id for j in batch]
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    counts = Counter(i for taken in got.values() for i in taken)
+    assert set(counts) == ids and set(counts.values()) == {1}
+    assert sum(1 for taken in got.values() if taken) >= 2  # they did run side by side
+    with JobStore(store_url) as s:
+        for job in s.list_jobs():
+            assert (job.State, job.TryNum) == (RUNNING, 1) and job.Id in got[job.WorkerName]
+
+
+def test_allocation_takes_earliest_deadline_first_and_follows_the_filters(js):
+    late = js.create(make_input(seed=1), T0, not_after=T0 + 900)[0]
+    early = js.create(make_input(seed=2), T0 + 5, not_after=T0 + 300)[0]
+    no_deadline = js.create(make_input(seed=3), T0 - 50)[0]
+    js.create(make_input(seed=4), T0 - 100, not_after=T0 - 1)  # passed: never allocated
+    other = js.create(make_input(seed=5, miner=2000, proof_type="StackedDrgWindow32GiBV1_2"), T0)[0]
+    mine = rules.AllocationSpec(allowed_miners=(1000,))
+    assert [j.Id for j in js.allocate(mine, 2, "w1", T0)] == [early.Id, late.Id]
+    size = rules.AllocationSpec(allowed_proof_types=("StackedDrgWindow32GiBV1_2",))
+    assert [j.Id for j in js.allocate(size, 5, "w2", T0)] == [other.Id]
+    assert [j.Id for j in js.allocate(ANY, 5, "w3", T0)] == [no_deadline.Id]
+    assert js.allocate(ANY, 5, "w3", T0) == []
+
+
+# --- heartbeats, timeouts, fencing --------------------------------------------------------------
+
+
+def test_a_silent_workers_job_is_retried_on_another_after_the_heartbeat_timeout(js):
+    [job] = create_many(js, 1)
+    [first] = js.allocate(ANY, 1, "w1", T0)
+    assert js.heartbeat([job.Id], "w1", T0 + 10).effects == (rules.HeartbeatAccepted(job.Id),)
+    assert js.sweep(T0 + 25).effects == ()  # 15 s after the last heartbeat: not yet
+    assert js.allocate(ANY, 1, "w2", T0 + 25) == []
+    swept = js.sweep(T0 + 26)
+    assert swept.effects == (rules.TimedOut(job.Id, "w1"), rules.Retried(job.Id, 1))
+    [second] = js.allocate(ANY, 1, "w2", T0 + 27)
+    assert (second.Id, second.TryNum, second.WorkerName) == (job.Id, 2, "w2")
+    assert second.lease != first.lease
+    # w2 goes silent too: at JobMaxTry (2) the job stays failed until reset.
+    assert js.sweep(T0 + 50).effects == (rules.TimedOut(job.Id, "w2"),)
+    failed = js.get(job.Id)
+    assert (failed.State, failed.ErrorReason, failed.TryNum) == (FINISHED, "heartbeat timeout", 2)
+    assert js.sweep(T0 + 100).effects == () and js.allocate(ANY, 1, "w3", T0 + 100) == []
+
+
+def test_a_late_finish_or_heartbeat_from_a_fenced_worker_is_refused(js):
+    [job] = create_many(js, 1)
+    [first] = js.allocate(ANY, 1, "w1", T0)
+    js.sweep(T0 + 16)
+    [second] = js.allocate(ANY, 1, "w2", T0 + 17)
+    for late in (
+        js.finish(job.Id, None, "", T0 + 18, lease=first.lease),
+        js.finish(job.Id, None, "", T0 + 18, worker="w1"),
+        js.heartbeat([job.Id], "w1", T0 + 18),
+        js.heartbeat([job.Id], "w1", T0 + 18, leases={job.Id: first.lease}),
+    ):
+        [refused] = late.effects
+        assert isinstance(refused, rules.Refused), refused
+    assert js.get(job.Id) == second
+    out = model.WindowPoStOutput(proofs=(b"p",), faults=())
+    assert js.finish(job.Id, out, "", T0 + 19, lease=second.lease).effects == (
+        rules.Finished(job.Id, ""),
+    )
+    # and once finished, nobody (not even the last holder) can overwrite the result
+    [refused] = js.finish(job.Id, None, "late error", T0 + 20, lease=second.lease).effects
+    assert isinstance(refused, rules.Refused) and js.get(job.Id).Output == out
+
+
+def test_heartbeats_for_a_batch_keep_the_good_ones_and_name_the_rest(js):
+    a, b = create_many(js, 2)
+    js.allocate(ANY, 2, "w1", T0)
+    outcome = js.heartbeat([a.Id, b.Id, "nosuchjob"], "w1", T0 + 5)
+    assert set(outcome.effects) == {
+        rules.HeartbeatAccepted(a.Id),
+        rules.HeartbeatAccepted(b.Id),
+        rules.NotFound("nosuchjob", "heartbeat"),
+    }
+    assert js.get(a.Id).HeartbeatAt == int(T0) + 5
+
+
+# --- deadlines, operators, cleanup --------------------------------------------------------------
+
+
+def test_jobs_past_their_deadline_are_cancelled_with_why(js):
+    busy = js.create(make_input(seed=1), T0, not_after=T0 + 50)[0]
+    waiting = js.create(make_input(seed=2), T0, not_after=T0 + 60)[0]
+    later = js.create(make_input(seed=3), T0, not_after=T0 + 600)[0]
+    assert [j.Id for j in js.allocate(ANY, 1, "w1", T0)] == [busy.Id]
+    js.heartbeat([busy.Id], "w1", T0 + 45)
+    swept = js.sweep(T0 + 60)
+    cancelled = {e.job_id: e.reason for e in swept.effects if isinstance(e, rules.Cancelled)}
+    assert set(cancelled) == {waiting.Id, busy.Id}
+    assert "it was waiting for a worker" in cancelled[waiting.Id]
+    assert "it was running on worker 'w1'" in cancelled[busy.Id]
+    for job_id, reason in cancelled.items():
+        job = js.get(job_id)
+        assert job.State == FINISHED and job.cancelled and job.ErrorReason == reason
+        assert reason.startswith("cancelled: its deadline passed at ")
+        assert rules.is_done(job, js.limits)
+    assert js.get(later.Id).State == READY
+    assert js.sweep(T0 + 120).effects == ()  # cancelled jobs are never retried
+
+
+def test_reset_remove_and_cleanup(js):
+    _, b, _ = create_many(js, 3)
+    with pytest.raises(store.JobNotFound, match="job 'nope' does not exist"):
+        js.reset("nope", T0)
+    assert js.remove("nope", T0) is False  # damocles: an unknown id is a silent success
+    [ran] = js.allocate(ANY, 1, "w1", T0)
+    js.finish(ran.Id, None, "", T0 + 1, lease=ran.lease)
+    reset = js.reset(ran.Id, T0 + 2)
+    assert (reset.State, reset.TryNum, reset.WorkerName, reset.CreatedAt) == (
+        READY, 0, "", int(T0) + 2
+    )  # fmt: skip
+    assert js.remove(b.Id, T0) is True and js.get(b.Id) is None
+    [ran] = js.allocate(ANY, 1, "w1", T0 + 3)
+    js.finish(ran.Id, None, "", T0 + 4, lease=ran.lease)
+    life = js.limits.job_lifetime
+    assert js.cleanup(T0 + life).effects == ()
+    cleaned = js.cleanup(T0 + life + 3).effects
+    assert cleaned == (rules.CleanedUp(ran.Id),)
+    assert js.get(ran.Id) is None
+    left = sorted(j.Id for j in js.list_jobs())
+    assert len(left) == 1
+    assert sorted(js.remove_all(T0)) == left
+    assert js.list_jobs() == []
+
+
+def test_a_job_out_of_range_is_refused_with_the_field_not_by_the_database(js):
+    too_big = msgspec.structs.replace(make_input(), MinerId=2**64 - 1)
+    with pytest.raises(store.InvalidJob, match=r"bad job input: .* at `\$.MinerId`"):
+        js.create(too_big, T0)
+    with pytest.raises(store.InvalidJob, match="not_after must be a time"):
+        js.create(make_input(), T0, not_after=float("nan"))
+    assert js.list_jobs() == []
+
+
+# --- PostgreSQL: two coordinators on one database -----------------------------------------------
+
+
+def test_two_coordinators_on_one_postgresql_allocate_and_sweep_without_duplicates(postgres_url):
+    with JobStore.open(postgres_url) as setup:
+        ids = {j.Id for j in create_many(setup, 400)}
+    a, b = JobStore.open(postgres_url), JobStore.open(postgres_url)
+    got: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(coordinator: JobStore, name: str) -> None:
+        try:
+            while batch := coordinator.allocate(ANY, 2, name, T0):
+                with lock:
+                    got.extend((j.Id, name) for j in batch)
+                    turn = len(got)
+                if turn % 8 < 2:
+                    # Both coordinators sweep while the others allocate (nothing to time out).
+                    coordinator.sweep(T0)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=client, args=(c, f"{'a' if c is a else 'b'}{i}"))
+        for c in (a, b)
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert Counter(i for i, _ in got) == Counter(ids)
+    assert {name[0] for _, name in got} == {"a", "b"}
+    # Now every worker is silent: both coordinators sweep at once, each job times out once.
+    swept: list[rules.Effect] = []
+    sweepers = [threading.Thread(target=lambda c=c: swept.extend(c.sweep(T0 + 20).effects))
+                for c in (a, b)]  # fmt: skip
+    for t in sweepers:
+        t.start()
+    for t in sweepers:
+        t.join(timeout=120)
+    timed_out = Counter(e.job_id for e in swept if isinstance(e, rules.TimedOut))
+    assert timed_out == Counter(ids)
+    a.close()
+    b.close()
+
+
+# --- errors for people --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("not a url", "is not a URL"),
+        ("mysql://u@h/db", "'mysql' is not supported"),
+        ("postgresql+asyncpg://u@h/db", "is not supported"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///:memory:", "names no file"),
+    ],
+)
+def test_a_bad_store_url_says_what_is_wrong_and_what_to_give(url, says):
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url)
+    assert says in str(raised.value)
+    assert "sqlite:///PATH" in str(raised.value) and "postgresql://" in str(raised.value)
+    assert raised.value.exit_code == 2
+
+
+def test_plain_postgresql_urls_mean_psycopg_3():
+    assert store.parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert store.parse_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert store.parse_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
+    with socket.socket() as probe:  # a loopback port with nobody listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StoreError) as raised:
+        JobStore.open(f"postgresql://dext:s3cret@127.0.0.1:{port}/jobs", connect_timeout=5)
+    message = str(raised.value)
+    assert message.startswith(
+        f"cannot reach the job store postgresql://dext:***@127.0.0.1:{port}/jobs"
+    )
+    assert "s3cret" not in message and "check that the PostgreSQL server is running" in message
+
+
+def test_a_sqlite_store_in_a_missing_directory_says_to_create_it(tmp_path):
+    with pytest.raises(StoreError) as raised:
+        JobStore.open(f"sqlite:///{tmp_path}/nowhere/jobs.db")
+    assert f"its directory '{tmp_path}/nowhere' does not exist: create it" in str(raised.value)
+
+
+def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):
+    (tmp_path / "jobs.db").write_bytes(b"not a database, just text" * 100)
+    with pytest.raises(StoreError) as raised:
+        JobStore.open(f"sqlite:///{tmp_path}/jobs.db")
+    assert "the file is not an SQLite database" in str(raised.value)
+
+
+def test_a_sqlite_store_locked_past_the_busy_timeout_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with (
+        JobStore.open(url) as holder,
+        holder.engine.begin(),  # holds the write lock
+        JobStore(url, busy_timeout=0.01) as waiter,
+        pytest.raises(StoreError) as raised,
+    ):
+        waiter.create(make_input(), T0)
+    assert "stayed locked by another process for longer than the busy timeout" in str(raised.value)
+
+
+# --- from trio ----------------------------------------------------------------------------------
+
+
+async def test_the_trio_wrapper_runs_store_calls_in_threads_with_its_clock(store_url):
+    now = [T0]
+    with JobStore.open(store_url) as s:
+        ts = TrioJobStore(s, clock=lambda: now[0])
+        job, made = await ts.create(make_input())
+        assert made and job.CreatedAt == int(T0)
+        async with trio.open_nursery() as nursery:
+            results: list[list[model.Job]] = []
+
+            async def take(name: str) -> None:
+                results.append(await ts.allocate(ANY, 1, name))
+
+            for name in ("w1", "w2", "w3"):
+                nursery.start_soon(take, name)
+        assert sorted(len(r) for r in results) == [0, 0, 1]
+        [[allocated]] = [r for r in results if r]
+        now[0] = T0 + 16
+        assert (await ts.sweep()).effects[0] == rules.TimedOut(job.Id, allocated.WorkerName)
+        assert (await ts.get(job.Id)).State == READY
+
+
+def test_the_store_tables_are_prefixed(js):
+    names = set(sa.inspect(js.engine).get_table_names())
+    assert {"dext_wdpost_jobs", "dext_schema_version"} <= names
