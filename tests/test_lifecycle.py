@@ -313,3 +313,12 @@ def test_the_grace_period_ends_what_is_left():
         "request 1 (window_post) did not finish on a within the shutdown grace period (30s)"
     )
     assert book.unanswered == 0
+
+
+def test_a_child_both_silent_and_deaf_is_killed_for_its_stdin():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0, stdin_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.stdin_blocked("a", 0.0)
+    (kill,) = book.advance(61.0)
+    assert isinstance(kill, Kill) and "StdinTimeoutSecs = 60" in kill.reason

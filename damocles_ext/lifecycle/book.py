@@ -789,6 +789,12 @@ class RequestBook:
 
     def _on_heartbeat(self, process: _Process, now: float, out: list[Effect]) -> None:
         process.heartbeat = None
+        watch = process.stdin_watch
+        if watch is not None and watch.when <= now:
+            # Both watches are due: a child that takes nothing from a full stdin is stuck on its
+            # input, which says more than its silence does.
+            self._alarms.cancel(watch)
+            self._on_stdin_watch(process, now, out)
         hb = process.child.limits.heartbeat_timeout
         if process.down or not hb or not process.attempts:
             return

@@ -525,11 +525,12 @@ class Supervisor:
         """Tell the book when time passes: at its next_wakeup, or when it has a sooner one."""
         with scope:
             while True:
-                self._wake = trio.Event()
                 try:
                     self._apply(self._book.advance(trio.current_time()))
                 except Exception:  # a bug of ours in one rule must not end the supervisor
                     log.exception("the request book failed on time passing; going on")
+                # After _apply (which sets the old one): nothing else runs until the wait below.
+                self._wake = trio.Event()
                 wakeup = self._book.next_wakeup()
                 nxt = math.inf if wakeup is None else wakeup
                 if nxt <= trio.current_time():
