@@ -97,7 +97,7 @@ async def test_timers_of_answered_requests_do_not_pile_up_until_they_expire():
         await sup.wait_ready()
         for i in range(300):
             await sup.submit(window_task(miner=i))
-        pending = len(sup._timers)
+        pending = sup._book.sizes()["alarms"]
         sup.request_shutdown()
     assert pending <= 1
 
@@ -112,7 +112,7 @@ async def test_timers_of_a_dead_child_go_with_it():
         for i in range(20):
             await sup.wait_ready()
             await sup.submit(window_task(miner=i))
-        pending = len(sup._timers)
+        pending = sup._book.sizes()["alarms"]
         sup.request_shutdown()
     assert pending <= 2
 
@@ -168,11 +168,11 @@ async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkey
 def test_a_timer_cancelled_after_it_fired_is_not_counted_twice():
     # The heartbeat and stdin timers of a process are cancelled when it goes down, often after
     # they fired: the count of live timers (what the leak tests read) must stay right.
-    from damocles_ext.supervisor.timers import Timers
+    from damocles_ext.lifecycle.deadlines import Alarms
 
-    timers = Timers()
-    fired = timers.add(1.0, lambda now: None)
-    live = timers.add(5.0, lambda now: None)
+    timers: Alarms[str] = Alarms()
+    fired = timers.add(1.0, "heartbeat")
+    live = timers.add(5.0, "stdin")
     assert len(timers.pop_due(2.0)) == 1
     timers.cancel(fired)
     assert len(timers) == 1

@@ -744,7 +744,9 @@ async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeate
                         kills += 1
                     await trio.sleep(0.1)  # the kill cadence (load), not synchronisation
         # Nothing is left behind in the bookkeeping either.
-        assert not sup._requests and not sup._attempts and not sup._slots and sup._queued == 0
+        sizes = sup._book.sizes()
+        assert not sup._waiters and sizes["requests"] == sizes["attempts"] == 0, sizes
+        assert sizes["running"] == sizes["queued"] == 0, sizes
     assert kills >= 1
     assert all(len(got) == 1 for got in answers.values())
     for miner, (got,) in answers.items():

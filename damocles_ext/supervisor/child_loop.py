@@ -7,8 +7,9 @@ of its processes (`Process`) gets a stderr relay, an exit watcher, one writer ta
 (`restart.RestartTracker`) say when it starts again, if ever.
 
 The child's state (`ChildState`) changes only in `Child.change_state`, which checks the change
-against `TRANSITIONS`. The request side (dispatch, timeouts, answers) is the supervisor's
-(`core.Supervisor`); the functions here take it as `sup` and call back into it.
+against `TRANSITIONS`. The request side (dispatch, timeouts, answers) is the request book's
+(`lifecycle.RequestBook`): the functions here tell it what the child did through `Host`, the
+supervisor's narrow interface, and carry out its effects with `host.apply`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import signal
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from ..config import describe_argv
 from ..logs import report_bad_output
-from . import timeouts
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
 from .process import ChildProcess, SpawnError, build_env, prepare_spawn, relay_stderr, spawn
@@ -35,8 +35,11 @@ from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
 
 if TYPE_CHECKING:
-    from .core import Supervisor
-    from .request import Request, Slot
+    from ..lifecycle import Effect, RequestBook
+    from .observers import Observers
+    from .orphans import GroupGuardian
+    from .reaper import Reaper
+    from .request import Waiter
 
 log = logging.getLogger("damocles_ext.supervisor")
 child_log = logging.getLogger("damocles_ext.child")
@@ -47,6 +50,30 @@ _PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
 _YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
+
+
+class Host(Protocol):
+    """What a child's task needs from the supervisor (`core._Host`)."""
+
+    book: RequestBook
+    reaper: Reaper
+    observers: Observers
+    stop_timeout: float
+
+    @property
+    def guardian(self) -> GroupGuardian | None: ...
+
+    def apply(self, effects: list[Effect]) -> None:
+        """Carry out the request book's effects."""
+
+    def output(self, child: Child, p: Process, events: list[Any]) -> None:
+        """Act on what the child wrote (answers, progress, skipped lines)."""
+
+    def task_failed(self, child: Child, reason: str, p: Process | None = None) -> None:
+        """A bug of ours in the child's task: take it down, retry its requests."""
+
+    def changed(self) -> None:
+        """Readiness changed: wake whoever waits on the supervisor's state."""
 
 
 class ChildState(enum.Enum):
@@ -97,12 +124,9 @@ class Child:
         self.next_start_at: float | None = None
         self.started_at: float | None = None
         self.last_exit: str | None = None
-        self.done = 0
-        self.failed = 0
         self.stop = trio.Event()
         self.launched = False
         self.capacity = max(1, spec.concurrent)
-        self.answered = False  # the current (or last) process answered a request
 
     @property
     def state(self) -> ChildState:
@@ -126,21 +150,12 @@ class Process:
         self.proc = proc
         self.conn = conn
         self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](math.inf)
-        self.slots: dict[int, Slot] = {}
-        self.next_rid = 1  # damocles numbers requests per child from 1
         self.wake = trio.Event()  # something for the child task to look at
         self.down_reason: str | None = None
-        self.charge_all = True  # a crash costs every in-flight request an attempt
-        self.last_activity = 0.0
-        self.heartbeat_armed = False
-        # The heartbeat and stdin-watch timers of this process: cancelled when it goes down, so
-        # a dead process is not kept alive (its pipes' buffers with it) until they would fire.
-        self.heartbeat_timer: list[Any] | None = None
-        self.stdin_timer: list[Any] | None = None
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
         self.read_ended = False  # EOF or a protocol error: nothing more is read
-        self.read_owner: Request | None = None  # its caller reads the pipe (see read)
+        self.read_owner: Waiter | None = None  # its caller reads the pipe (see read)
         self.reader_waiting = False  # the reader task is in wait_readable
         self.owner_waiting = False  # so is the read_owner
         self.reader_resume = trio.Event()
@@ -149,10 +164,6 @@ class Process:
         self.stdin_fd = proc.stdin.fileno()
         self.tree_mark: str | None = None  # its OrphanAdopter mark
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
-        # When the child last took bytes from its stdin pipe while we had more for it; the
-        # StdinTimeoutSecs watch (armed while writes wait) compares with it.
-        self.stdin_progress_at = 0.0
-        self.stdin_watch_armed = False
 
     def interrupt(self) -> None:
         """Make the child task look at this process now (it went down, or we stop)."""
@@ -168,7 +179,7 @@ class Process:
                 trio.lowlevel.notify_closing(self.proc.stdout.fileno())
 
 
-async def read(sup: Supervisor, child: Child, p: Process, owner: Request | None = None) -> None:
+async def read(host: Host, child: Child, p: Process, owner: Waiter | None = None) -> None:
     """Read `p`'s stdout and act on it: as its reader task (`owner` None) until EOF or a protocol
     error, or in the task that submitted request `owner` until that request is answered.
 
@@ -220,7 +231,7 @@ async def read(sup: Supervisor, child: Child, p: Process, owner: Request | None 
                 continue
             except OSError:
                 data = b""
-            _on_data(sup, child, p, data)
+            _on_data(host, child, p, data)
     finally:
         if owner is None:
             assert p.reader_done is not None
@@ -231,51 +242,51 @@ async def read(sup: Supervisor, child: Child, p: Process, owner: Request | None 
             p.reader_resume.set()
 
 
-def kill(sup: Supervisor, child: Child, p: Process, reason: str, *, charge_all: bool) -> None:
-    """Take a child down now: SIGKILL its process group; its task does the rest."""
+def kill(host: Host, child: Child, p: Process, reason: str, *, charge_all: bool = True) -> None:
+    """Take a child down now: SIGKILL its process group; its task does the rest.
+
+    `charge_all`: its loss costs each of its requests an attempt (the book's own kills have
+    said already whether it does)."""
     if p.down_reason is None:
         log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
-    mark_down(sup, child, p, reason, charge_all=charge_all)
+    mark_down(host, child, p, reason, charge_all=charge_all)
     p.proc.kill_tree()
 
 
 def mark_down(
-    sup: Supervisor, child: Child, p: Process, reason: str, *, charge_all: bool = True
+    host: Host, child: Child, p: Process, reason: str, *, charge_all: bool = True
 ) -> None:
     """The process is going away: no more dispatch to it; its task tears it down."""
     if p.down_reason is None:
         p.down_reason = reason
-        p.charge_all = charge_all
-        sup._timers.cancel(p.heartbeat_timer)
-        sup._timers.cancel(p.stdin_timer)
-        p.heartbeat_timer = p.stdin_timer = None
-    if child.p is p and child.state in (ChildState.READY, ChildState.STARTING):
-        child.change_state(ChildState.STOPPING)
-        sup._scheduler.child_down(child.name, trio.current_time())
-        sup._notify()
+    if child.p is p:
+        if child.state in (ChildState.READY, ChildState.STARTING):
+            child.change_state(ChildState.STOPPING)
+            host.changed()
+        host.apply(host.book.child_down(child.name, trio.current_time(), charge_all=charge_all))
     p.interrupt()
 
 
 async def child_loop(
-    sup: Supervisor, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    host: Host, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve `child` until it is stopped or given up on; started() once it was launched."""
     try:
         while not child.stop.is_set():
             try:
-                was_ready, reason = await _run_process(sup, child, task_status)
+                was_ready, reason = await _run_process(host, child, task_status)
             except Exception as exc:
                 # The same wall as in _run_process, for a bug outside its process's nursery.
                 reason = f"internal error in damocles-ext: {_describe_error(exc)}"
                 log.exception("%s: %s", child.name, reason)
                 was_ready = False
                 _launched(child, task_status)
-                sup._child_task_failed(child, reason)
+                host.task_failed(child, reason)
             if child.stop.is_set():
                 break
             now = trio.current_time()
             decision = (
-                child.tracker.exited(now, reason, served=child.answered)
+                child.tracker.exited(now, reason, served=host.book.served(child.name))
                 if was_ready
                 else child.tracker.start_failed(reason)
             )
@@ -283,14 +294,17 @@ async def child_loop(
                 child.change_state(ChildState.FATAL if decision.fatal else ChildState.STOPPED)
                 child.next_start_at = None
                 log.error("%s: %s", child.name, decision.reason)
-                sup._scheduler.child_fatal(child.name, now)
-                sup._notify()
-                sup._dispatch()
+                host.changed()
+                host.apply(
+                    host.book.child_gave_up(
+                        child.name, now, fatal=decision.fatal, last_exit=child.last_exit
+                    )
+                )
                 break
             child.change_state(ChildState.BACKOFF)
             child.next_start_at = now + decision.delay
             log.warning("%s: restarting in %.2fs", child.name, decision.delay)
-            sup._notify()
+            host.changed()
             with trio.move_on_at(child.next_start_at):
                 await child.stop.wait()
             child.next_start_at = None
@@ -298,7 +312,7 @@ async def child_loop(
         _launched(child, task_status)
         if child.state not in (ChildState.FATAL, ChildState.STOPPED):
             child.change_state(ChildState.STOPPED)
-        sup._notify()
+        host.changed()
 
 
 def _launched(child: Child, task_status: Any) -> None:
@@ -307,14 +321,14 @@ def _launched(child: Child, task_status: Any) -> None:
         task_status.started()
 
 
-async def _run_process(sup: Supervisor, child: Child, task_status: Any) -> tuple[bool, str]:
+async def _run_process(host: Host, child: Child, task_status: Any) -> tuple[bool, str]:
     """One process of `child`, from spawn to reaping; returns (was it ready, why it ended)."""
     spec = child.spec
     if child.state is not ChildState.STARTING:  # the first start begins in it
         child.change_state(ChildState.STARTING)
-    sup._notify()
+    host.changed()
     env = build_env(spec.inherit_envs, spec.envs)
-    mark = sup._reaper.adopter.mark(env)
+    mark = host.reaper.adopter.mark(env)
     try:
         prepare_spawn(
             spec.name,
@@ -336,18 +350,18 @@ async def _run_process(sup: Supervisor, child: Child, task_status: Any) -> tuple
         child.last_exit = f"failed to start: {why}"
         log.error("%s", why)
         return False, why
-    if sup._guardian is not None:
-        sup._guardian.add(proc.pid)  # its process group, for if we are killed
+    guardian = host.guardian
+    if guardian is not None:
+        guardian.add(proc.pid)  # its process group, for if we are killed
     child.pid = proc.pid
     child.started_at = time.time()
     child.protocol = None
-    child.answered = False
     p = Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
     p.tree_mark = mark
     child.p = p
     _launched(child, task_status)
     log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))
-    sup._observers.observe("dext_child_started", child=child_info(child))
+    host.observers.observe("dext_child_started", child=child_info(child))
     prefix = f"[{spec.stage}#{spec.index} pid={proc.pid}]"
     ready = False
     reason = "?"
@@ -355,25 +369,25 @@ async def _run_process(sup: Supervisor, child: Child, task_status: Any) -> tuple
         async with trio.open_nursery() as nursery:
             fields = {"child": spec.name, "stage": spec.stage, "index": spec.index}
             nursery.start_soon(_relay_stderr, p, prefix, {**fields, "pid": proc.pid})
-            nursery.start_soon(_watch_exit, sup, child, p)
-            ready = await _handshake(sup, child, p)
+            nursery.start_soon(_watch_exit, host, child, p)
+            ready = await _handshake(host, child, p)
             if ready:
                 p.reader_done = trio.Event()
-                nursery.start_soon(_writer, sup, child, p)
-                nursery.start_soon(read, sup, child, p)
+                nursery.start_soon(_writer, host, child, p)
+                nursery.start_soon(read, host, child, p)
                 while p.down_reason is None and not child.stop.is_set():
                     p.wake = trio.Event()
                     await p.wake.wait()
                 if p.down_reason is None:
-                    await _stop_gracefully(sup, child, p)
-            reason = await _tear_down(sup, child, p, ready)
+                    await _stop_gracefully(host, child, p)
+            reason = await _tear_down(host, child, p, ready)
             nursery.cancel_scope.cancel()
     except Exception as exc:
         # A bug of ours while serving this process ends it (killed and reaped just below),
         # never the supervisor; marked down first, so no submitter reads its closed pipe.
         reason = f"internal error in damocles-ext: {_describe_error(exc)}"
         log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
-        sup._child_task_failed(child, reason, p)
+        host.task_failed(child, reason, p)
     finally:
         with trio.CancelScope(shield=True):
             if proc.exit is None:
@@ -381,9 +395,9 @@ async def _run_process(sup: Supervisor, child: Child, task_status: Any) -> tuple
                 with trio.move_on_after(REAP_TIMEOUT):
                     await proc.wait()
                 if proc.exit is None:
-                    sup._reaper.unreaped.append(proc)
-            if proc.exit is not None and sup._guardian is not None:
-                sup._guardian.remove(proc.pid)
+                    host.reaper.unreaped.append(proc)
+            if proc.exit is not None and guardian is not None:
+                guardian.remove(proc.pid)
             await proc.aclose()
         child.p = None
     return ready, reason
@@ -396,7 +410,7 @@ async def _relay_stderr(p: Process, prefix: str, fields: dict[str, Any]) -> None
         p.stderr_done.set()
 
 
-async def _handshake(sup: Supervisor, child: Child, p: Process) -> bool:
+async def _handshake(host: Host, child: Child, p: Process) -> bool:
     """Wait ReadyTimeoutSecs for the ready message; False (p.down_reason says why) if none."""
     spec = child.spec
     timeout = spec.ready_timeout or 5.0
@@ -420,14 +434,14 @@ async def _handshake(sup: Supervisor, child: Child, p: Process) -> bool:
         if data:
             what = f"undecodable output at start: {exc}"
             report_bad_output(child.name, p.proc.pid, data, what)
-        mark_down(sup, child, p, "failed start")
+        mark_down(host, child, p, "failed start")
         p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
         return False
     if not p.conn.ready:
         wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
         if p.down_reason is None:
             mark_down(
-                sup, child, p, f"failed start: no ready message within {timeout:g}s ({wrote})"
+                host, child, p, f"failed start: no ready message within {timeout:g}s ({wrote})"
             )
         elif p.down_reason.startswith("exited"):
             p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
@@ -441,7 +455,7 @@ async def _handshake(sup: Supervisor, child: Child, p: Process) -> bool:
         log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
         return True
     if child.stop.is_set() or p.down_reason is not None:
-        mark_down(sup, child, p, "stopped before it was ready")
+        mark_down(host, child, p, "stopped before it was ready")
         return False
     ready = next(ev for ev in events if isinstance(ev, Ready))
     child.protocol = ready.protocol
@@ -457,26 +471,25 @@ async def _handshake(sup: Supervisor, child: Child, p: Process) -> bool:
     child.change_state(ChildState.READY)
     child.tracker.ready(now)
     log.info("%s (pid %d): ready (%s)", child.name, p.proc.pid, ready.protocol)
-    sup._scheduler.child_ready(child.name, now)
-    sup._notify()
-    sup._observers.observe("dext_child_ready", child=child_info(child))
+    host.changed()
+    host.observers.observe("dext_child_ready", child=child_info(child))
+    host.apply(host.book.child_ready(child.name, now, protocol=ready.protocol, pid=p.proc.pid))
     rest = [ev for ev in events if not isinstance(ev, Ready)]
     if rest:
-        sup._on_events(child, p, rest)
-    sup._dispatch()
+        host.output(child, p, rest)
     return True
 
 
-def _on_data(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
+def _on_data(host: Host, child: Child, p: Process, data: bytes) -> None:
     """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
     try:
         events = p.conn.receive_data(data)
         if events:
-            sup._on_events(child, p, events)
+            host.output(child, p, events)
     except ChildProtocolError as exc:
         p.read_ended = True
         report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
-        kill(sup, child, p, f"broke the protocol: {exc}", charge_all=True)
+        kill(host, child, p, f"broke the protocol: {exc}")
         return
     except Exception as exc:
         # A bug of ours on what this child wrote (read here by the reader task or by a
@@ -484,19 +497,18 @@ def _on_data(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
         p.read_ended = True
         log.exception("%s (pid %s): internal error on its output", child.name, child.pid)
         kill(
-            sup,
+            host,
             child,
             p,
             f"internal error in damocles-ext on its output: {type(exc).__name__}: {exc}",
-            charge_all=True,
         )
         return
     if not data:
         p.read_ended = True
-        mark_down(sup, child, p, "closed its stdout")
+        mark_down(host, child, p, "closed its stdout")
 
 
-def send(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
+def send(host: Host, child: Child, p: Process, data: bytes) -> None:
     """Write to the child's stdin without blocking dispatch."""
     if p.queued_writes == 0 and p.down_reason is None:
         # The writer task is idle: write directly (the pipe is non-blocking), which saves a
@@ -506,16 +518,15 @@ def send(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
         except BlockingIOError:
             n = 0
         except OSError:
-            mark_down(sup, child, p, "its stdin pipe broke")
+            mark_down(host, child, p, "its stdin pipe broke")
             return
         if n == len(data):
             return
         data = data[n:]
     if p.queued_writes == 0:
-        # The pipe is full from now on; the writer notes each byte the child takes.
-        now = trio.current_time()
-        p.stdin_progress_at = now
-        timeouts.watch_stdin(sup, child, p, now)
+        # The pipe is full from now on; the writer tells the book each time the child takes
+        # bytes (the StdinTimeoutSecs watch).
+        host.book.stdin_blocked(child.name, trio.current_time())
     p.queued_writes += 1
     try:
         p.send_channel.send_nowait(data)
@@ -523,7 +534,7 @@ def send(sup: Supervisor, child: Child, p: Process, data: bytes) -> None:
         p.queued_writes -= 1
 
 
-async def _writer(sup: Supervisor, child: Child, p: Process) -> None:
+async def _writer(host: Host, child: Child, p: Process) -> None:
     stdin = p.proc.stdin
     try:
         async with p.receive_channel:
@@ -535,15 +546,17 @@ async def _writer(sup: Supervisor, child: Child, p: Process) -> None:
                         parts.append(p.receive_channel.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await _write_all(p, b"".join(parts) if len(parts) > 1 else data)
+                await _write_all(host, child, p, b"".join(parts) if len(parts) > 1 else data)
                 p.queued_writes -= len(parts)
+                if p.queued_writes == 0:
+                    host.book.stdin_drained(child.name)
         await stdin.aclose()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         if not child.stop.is_set():
-            mark_down(sup, child, p, "its stdin pipe broke")
+            mark_down(host, child, p, "its stdin pipe broke")
 
 
-async def _write_all(p: Process, data: bytes) -> None:
+async def _write_all(host: Host, child: Child, p: Process, data: bytes) -> None:
     """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
     view = memoryview(data)
     while view:
@@ -553,49 +566,50 @@ async def _write_all(p: Process, data: bytes) -> None:
             await trio.lowlevel.wait_writable(p.stdin_fd)
             continue
         view = view[n:]
-        p.stdin_progress_at = trio.current_time()
+        host.book.stdin_progress(child.name, trio.current_time())
     await trio.lowlevel.checkpoint()
 
 
-async def _watch_exit(sup: Supervisor, child: Child, p: Process) -> None:
+async def _watch_exit(host: Host, child: Child, p: Process) -> None:
     info = await p.proc.wait()
-    mark_down(sup, child, p, f"exited ({info.describe()})")
+    mark_down(host, child, p, f"exited ({info.describe()})")
 
 
-async def _stop_gracefully(sup: Supervisor, child: Child, p: Process) -> None:
+async def _stop_gracefully(host: Host, child: Child, p: Process) -> None:
     """Shutdown frame or stdin close, SIGTERM to the group, SIGKILL after stop_timeout."""
-    mark_down(sup, child, p, "stopped (shutdown)")
+    mark_down(host, child, p, "stopped (shutdown)")
     p.proc.remember_descendants()
     data = p.conn.encode_shutdown()
     if data is not None:
-        send(sup, child, p, data)
+        send(host, child, p, data)
     p.send_channel.close()  # the writer sends what is queued, then closes stdin
-    with trio.move_on_after(sup.stop_timeout):
+    with trio.move_on_after(host.stop_timeout):
         await p.proc.wait()
     if p.proc.exit is None:
         log.warning(
             "%s (pid %d): still running %gs after it was asked to stop; SIGTERM",
             child.name,
             p.proc.pid,
-            sup.stop_timeout,
+            host.stop_timeout,
         )
         p.proc.signal_group(signal.SIGTERM)
-        with trio.move_on_after(sup.stop_timeout):
+        with trio.move_on_after(host.stop_timeout):
             await p.proc.wait()
     elif p.proc.signal_group(signal.SIGTERM):
         # The child left something behind in its group: a polite signal first.
         with trio.move_on_after(_GROUP_TERM_WAIT):
-            while p.proc.signal_group(0):
+            # No event tells when a process group empties: poll it.
+            while p.proc.signal_group(0):  # noqa: ASYNC110
                 await trio.sleep(0.02)
 
 
-async def _tear_down(sup: Supervisor, child: Child, p: Process, was_ready: bool) -> str:
+async def _tear_down(host: Host, child: Child, p: Process, was_ready: bool) -> str:
     """Kill what is left of the process tree, reap it, requeue or fail its requests."""
-    mark_down(sup, child, p, p.down_reason or "exited")
+    mark_down(host, child, p, p.down_reason or "exited")
     p.proc.kill_tree()
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.wait()
-    sup._reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
+    host.reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
     # Answers written just before the exit may still sit in the pipe: take them first. And
     # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
     # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
@@ -622,25 +636,13 @@ async def _tear_down(sup: Supervisor, child: Child, p: Process, was_ready: bool)
         # prover"; the operator should not have to dig that out of the log.
         what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
     child.last_exit = what
-    slots = list(p.slots.values())
-    p.slots.clear()
-    for slot in slots:
-        sup._slots.pop(slot.attempt_id, None)
-        sup._timers.cancel(slot.timeout)
-        if slot.abandoned:
-            continue
-        req = slot.request
-        child.failed += 1
-        lost = f"{child.name} (pid {p.proc.pid}) went down while running it: {what}"
-        req.history.append(f"attempt {req.attempts} on {child.name}: {what}")
-        sup._retry_or_fail(req, child, slot.attempt_id, lost, charge=p.charge_all)
+    host.apply(host.book.child_lost(child.name, trio.current_time(), what))
     if child.stop.is_set():
         log.info("%s (pid %d): %s", child.name, p.proc.pid, what)
     else:
         log.error("%s (pid %d): %s", child.name, p.proc.pid, what)
-    sup._notify()
-    sup._dispatch()
-    sup._observers.observe(
+    host.changed()
+    host.observers.observe(
         "dext_child_exited",
         child=child_info(child),
         status=exit_status(exit_info, reason),

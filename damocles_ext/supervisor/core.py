@@ -1,25 +1,24 @@
 """The supervisor: keeps a pool of prover children per stage alive and routes requests to them.
 
-This is the trio driver around pure parts and the modules that carry out one job each:
-`scheduling.policy.Scheduler` decides which child gets which request, `restart.RestartTracker`
-decides when a stopped child starts again, `connection.ChildConnection` speaks the protocols;
-`child_loop` runs each child (spawn, handshake, pipes, tear down), `reaper` kills and reaps what
-is left, `observers` fans events out to the plugins, `stats` builds `statistics()`, `timers`
-keeps the timer heap. Everything runs on one trio thread.
+This is the trio driver around pure parts and the modules that carry out one job each: the
+request book (`lifecycle.RequestBook`, sans-IO) holds every request and its rules (dispatch
+through `scheduling.policy.Scheduler`, retries, timeouts, heartbeats, cancels, deadlines);
+`restart.RestartTracker` decides when a stopped child starts again; `connection.ChildConnection`
+speaks the protocols; `child_loop` runs each child (spawn, handshake, pipes, tear down); `reaper`
+kills and reaps what is left; `observers` fans events out to the plugins; `stats` builds
+`statistics()`. Everything runs on one trio thread.
 
 Shape:
+* every event (a submit, a child ready, an answer, a child down or lost, a caller gone) is told
+  to the book at once, with `trio.current_time()`, and the effects it returns are carried out in
+  order (`_apply`): tasks and Cancels written with `child_loop.send` (directly while the pipe
+  takes them, the rest through the child's writer task, so nothing blocks), kills, answers;
+* a driver task tells the book when time passes, at the book's `next_wakeup()` (woken sooner
+  when an event brings it forward);
 * one task per child (`child_loop.child_loop`): spawn, handshake, serve, tear down, back off,
-  again; requests are written with `child_loop.send` (directly while the pipe takes them, the
-  rest through the child's writer task, so dispatch never blocks);
-* dispatch is synchronous (`_dispatch`): after every event (submit, answer, child ready or down)
-  the scheduler's decisions are acted on at once; a driver task runs the timers (request timeouts,
-  cancel grace, heartbeats, scheduler deadlines) and calls `_dispatch` at `next_wakeup()`;
-* scheduler jobs are *attempts*, not requests: each dispatch of a request gets a fresh attempt
-  id, so a request can be retried on a sibling while the slot of its timed-out attempt stays
-  taken until the old child answers the Cancel or is killed.
+  again; it reaches the supervisor only through `_Host`.
 
-Every request is answered exactly once: every answer goes through `Supervisor._finish`, which
-does nothing for a request already answered.
+Every request is answered exactly once: the book emits one `Resolve` per request.
 """
 
 from __future__ import annotations
@@ -35,10 +34,22 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from ..config import effective_timeouts
 from ..errors import ProverError, UsageError
+from ..lifecycle import (
+    ChildLimits,
+    Effect,
+    Kill,
+    Note,
+    ReportProgress,
+    RequestBook,
+    Resolve,
+    Retry,
+    Send,
+    SendCancel,
+)
 from ..logs import report_bad_output
 from ..protocol import dext
-from ..scheduling.policy import CancelRunning, ChildSlots, Fail, Job, Scheduler, Start
 from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
     Output,
@@ -53,16 +64,15 @@ from ..tasks import (
     split_window_post,
     stage_of,
 )
-from . import child_loop, timeouts
+from . import child_loop
 from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
 from .reaper import Reaper
-from .request import Request, Slot
+from .request import Waiter
 from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
-from .timers import Timers
 
 if TYPE_CHECKING:
     import pluggy
@@ -72,6 +82,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("damocles_ext.supervisor")
 
 Progress = dext.Progress
+
+_STOPPED = "the supervisor stopped before it was answered"
 
 # The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
 _MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
@@ -117,30 +129,31 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         rng = clock_jitter or random.Random()
         policy = backoff or BackoffPolicy()
-        self._scheduler = Scheduler()
+        self._book = RequestBook()
         self._children: dict[str, Child] = {}
         for spec in specs:
             tracker = RestartTracker(policy, auto_restart=spec.auto_restart, rng=rng)
             child = Child(spec, tracker)
             self._children[spec.name] = child
-            self._scheduler.add_child(
-                ChildSlots(
-                    child_id=spec.name,
-                    stage=spec.stage,
-                    capacity=child.capacity,
-                    weight=max(1, spec.weight),
-                    locks=frozenset(spec.locks),
-                )
+            heartbeat, stdin = effective_timeouts(spec)
+            self._book.add_child(
+                spec.name,
+                spec.stage,
+                capacity=child.capacity,
+                weight=spec.weight,
+                locks=spec.locks,
+                limits=ChildLimits(
+                    max_attempts=spec.max_attempts,
+                    request_timeout=spec.request_timeout or 0.0,
+                    cancel_grace=spec.cancel_grace,
+                    heartbeat_timeout=heartbeat,
+                    stdin_timeout=stdin,
+                ),
             )
         self._rids = itertools.count(1)
-        self._attempt_ids = itertools.count(1)
-        self._requests: dict[int, Request] = {}
-        self._attempts: dict[int, Request] = {}  # attempt id -> request, queued or running
-        self._queued = 0  # attempts waiting in the scheduler's queues
-        self._slots: dict[int, tuple[Child, Slot]] = {}  # attempt id -> where it runs
-        self._timers = Timers()
-        self._dispatching = False
-        self._dispatch_again = False
+        self._waiters: dict[int, Waiter] = {}  # callers waiting, by request id
+        self._wake = trio.Event()  # the driver looks at the book's next_wakeup again
+        self._armed = math.inf  # when the driver wakes up next
         self._shutting_down = False
         self._shutdown_requested = trio.Event()
         self._state_changed = trio.Event()  # readiness, request completion
@@ -155,6 +168,7 @@ class Supervisor:
         self._reaper = Reaper(
             lambda: [(c.p.proc, c.p.tree_mark) for c in self._children.values() if c.p is not None]
         )
+        self._host = _Host(self)
         self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
@@ -199,15 +213,17 @@ class Supervisor:
                     nursery.start_soon(self._observers.run)
                 async with trio.open_nursery() as children_nursery:
                     for child in self._children.values():
-                        await children_nursery.start(child_loop.child_loop, self, child)
+                        await children_nursery.start(child_loop.child_loop, self._host, child)
                     task_status.started()
                     await self._shutdown_requested.wait()
+                    # Queued requests fail now; running ones get shutdown_grace.
+                    self._apply(self._book.shutdown(trio.current_time()))
                     await self._drain()
                     for child in self._children.values():
                         child.stop.set()
                         if child.p is not None:
                             child.p.interrupt()
-                self._fail_all("the supervisor stopped before it was answered")
+                self._apply(self._book.fail_all(trio.current_time(), _STOPPED))
                 driver_scope.cancel()
                 sweeper_scope.cancel()
                 self._observers.close()
@@ -218,7 +234,7 @@ class Supervisor:
                 await self._reaper.kill_everything()
             if self._guardian is not None:
                 self._guardian.close()
-            self._fail_all("the supervisor stopped before it was answered")
+            self._apply(self._book.fail_all(trio.current_time(), _STOPPED))
 
     async def submit(
         self,
@@ -281,24 +297,26 @@ class Supervisor:
             raise ProverError(f"request {rid} ({stage}) refused: the supervisor is shutting down")
         now = trio.current_time()
         deadline_t = None if deadline is None else now + (deadline - time.time())
-        req = Request(rid, task, stage, now, deadline_t, deadline, priority, on_progress)
-        self._requests[rid] = req
-        self._enqueue(req, now, retry=False)
-        self._dispatch()
+        tracked, effects = self._book.submit(
+            rid, task, now, deadline=deadline_t, deadline_unix=deadline, priority=priority
+        )
+        waiter = self._waiters[rid] = Waiter(tracked, on_progress)
+        self._apply(effects)
         try:
-            while not req.done:
-                where = req.running_on
+            while not waiter.done:
+                where = waiter.running_on
                 if where is not None and where[1].read_owner is None and not where[1].read_ended:
-                    await child_loop.read(self, where[0], where[1], owner=req)
+                    await child_loop.read(self._host, where[0], where[1], owner=waiter)
                 else:
-                    await req.event.wait()
+                    await waiter.event.wait()
         finally:
-            if not req.done:
-                self._abandon(req)
-        if req.error is not None:
-            raise req.error
-        assert req.output is not None
-        return req.output
+            if not waiter.done:
+                # The caller went away (cancelled): forget the request, stop its work if we can.
+                self._apply(self._book.caller_gone(rid, trio.current_time()))
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.output is not None
+        return waiter.output
 
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:
         """Wait until `count` children (of `stage`, or of any stage) are ready.
@@ -334,6 +352,7 @@ class Supervisor:
 
     def request_shutdown(self) -> None:
         """Stop taking requests, let in-flight ones finish (shutdown_grace), stop the children."""
+        self._book.shutting_down = True  # nothing lost from now on is retried
         self._shutting_down = True
         self._shutdown_requested.set()
         self._notify()
@@ -345,390 +364,182 @@ class Supervisor:
 
     def statistics(self) -> SupervisorStats:
         """A snapshot: every child's state and counters, every stage's queue."""
-        return build_statistics(
-            self._children.values(),
-            self._scheduler,
-            sum(1 for r in self._requests.values() if not r.done),
-            self._shutting_down,
-        )
+        return build_statistics(self._children.values(), self._book, self._shutting_down)
 
     @property
     def _observer_dropped(self) -> int:
         return self._observers.dropped
 
-    # -- requests ---------------------------------------------------------------------------
+    # -- the request book -------------------------------------------------------------------
 
-    def _enqueue(self, req: Request, now: float, *, retry: bool) -> None:
-        aid = next(self._attempt_ids)
-        req.attempt_id = aid
-        where = req.running_on
-        req.running_on = None
-        if where is not None and where[1].read_owner is req:
-            # Its submitter reads the pipe of the attempt it leaves: it must follow the request
-            # (or wait for its answer), not wait on that child until it is killed.
-            where[1].release_reader()
-        self._attempts[aid] = req
-        job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
-        self._queued += 1
-        if retry:
-            self._scheduler.requeue(job, now)
-        else:
-            self._scheduler.submit(job, now)
-
-    def _finish(
-        self,
-        req: Request,
-        *,
-        output: Output | None = None,
-        error: str | None = None,
-        outcome: str | None = None,
-    ) -> None:
-        if req.done:
-            return
-        req.done = True
-        if req.attempt_id is not None:
-            self._attempts.pop(req.attempt_id, None)
-            if self._scheduler.is_queued(req.attempt_id):
-                self._scheduler.remove(req.attempt_id)
-                self._queued -= 1
-        req.attempt_id = None
-        self._requests.pop(req.rid, None)
-        if error is not None:
-            req.error = ProverError(error)
-            outcome = outcome or "error"
-        else:
-            req.output = output
-            if outcome is None:
-                faulty = (
-                    isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput) and output.faults
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out what the request book asked, in order."""
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(effect)
+            elif isinstance(effect, Resolve):
+                self._resolved(effect)
+            elif isinstance(effect, SendCancel):
+                child = self._children[effect.child]
+                p = child.p
+                if p is not None and (data := p.conn.encode_cancel(effect.child_rid)) is not None:
+                    child_loop.send(self._host, child, p, data)
+            elif isinstance(effect, Kill):
+                child = self._children[effect.child]
+                if child.p is not None:
+                    child_loop.kill(self._host, child, child.p, effect.reason)
+            elif isinstance(effect, Retry):
+                log.warning(
+                    "request %d: %s; retrying (attempt %d of %d)",
+                    effect.request.rid,
+                    effect.what,
+                    effect.attempt,
+                    effect.max_attempts,
                 )
-                outcome = "fault" if faulty else "ok"
-        req.event.set()
-        where = req.running_on
-        if where is not None:
-            req.running_on = None
-            if where[1].read_owner is req:
-                where[1].release_reader()
+                waiter = self._waiters.get(effect.request.rid)
+                if waiter is not None:
+                    self._release(waiter)
+            elif isinstance(effect, ReportProgress):
+                self._report_progress(effect)
+            elif isinstance(effect, Note):
+                log.log(logging.getLevelName(effect.level.upper()), "%s", effect.message)
+        # A new alarm may be due before the driver's: have it look again.
+        wakeup = self._book.next_wakeup()
+        if wakeup is not None and wakeup < self._armed:
+            self._wake.set()
+
+    def _send(self, effect: Send) -> None:
+        req = effect.request
+        child = self._children[effect.child]
+        p = child.p
+        now = trio.current_time()
+        if p is None:  # the book and the child's task disagree: a bug of ours; retry elsewhere
+            log.error("%s: no process to send request %d to", child.name, req.rid)
+            self._apply(self._book.child_lost(child.name, now, "its process was gone"))
+            return
+        try:
+            data = p.conn.encode_request(
+                effect.child_rid, req.task, req.deadline_unix, req.priority
+            )
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            # E.g. an id over 2**64 - 1 from an API caller: no child can be sent this task.
+            error = (
+                f"request {req.rid} ({req.stage}): its task cannot be sent to a prover child: {exc}"
+            )
+            self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
+            return
+        if len(data) > _MAX_REQUEST_BYTES:
+            # A child refuses a frame (or line) this long, and dies of it: every sibling would
+            # in turn. The task is the problem, not the child.
+            error = (
+                f"request {req.rid} ({req.stage}): its task is {len(data) / 2**20:.1f} MiB"
+                f" on the wire ({len(req.task.replicas)} replicas), over the"
+                f" {_MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
+                " split it into smaller tasks"
+            )
+            self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
+            return
+        waiter = self._waiters.get(req.rid)
+        if waiter is not None:
+            waiter.running_on = (child, p)
+        child_loop.send(self._host, child, p, data)
+        if self._observers.active:
+            self._observers.observe("dext_request_started", request=request_info(req))
+
+    def _resolved(self, effect: Resolve) -> None:
+        req = effect.request
+        waiter = self._waiters.pop(req.rid, None)
+        if waiter is not None:
+            waiter.done = True
+            if effect.error is not None:
+                waiter.error = ProverError(effect.error)
+            else:
+                waiter.output = effect.output
+            waiter.event.set()
+            self._release(waiter)
         self._notify()
         if self._observers.active:
             now = trio.current_time()
             self._observers.observe(
                 "dext_request_finished",
                 request=request_info(req),
-                outcome=outcome,
+                outcome=effect.outcome,
                 duration=now - req.arrival,
                 slack=None if req.deadline is None else req.deadline - now,
             )
 
-    def _fail_all(self, why: str) -> None:
-        for req in list(self._requests.values()):
-            where = f" (last on {req.child})" if req.child else " (still queued)"
-            self._finish(req, error=f"request {req.rid} ({req.stage}): {why}{where}")
+    @staticmethod
+    def _release(waiter: Waiter) -> None:
+        """`waiter`'s request left its child: its caller stops reading that child's pipe."""
+        where = waiter.running_on
+        waiter.running_on = None
+        if where is not None and where[1].read_owner is waiter:
+            where[1].release_reader()
 
-    def _abandon(self, req: Request) -> None:
-        """The caller went away (cancelled): forget the request, stop its work if we can."""
-        self._finish(req, error=f"request {req.rid} abandoned by its caller", outcome="cancelled")
-        for aid, (child, slot) in list(self._slots.items()):
-            if slot.request is req and not slot.abandoned:
-                slot.abandoned = True
-                p = child.p
-                if p is not None and p.conn.protocol == "dext":
-                    # A JSON-lines child cannot be told; its answer will be dropped. A dext child
-                    # that ignores Cancel is treated as hung, as for a timeout.
-                    timeouts.send_cancel(self, child, slot, kill_after_grace=True)
-        self._dispatch()
-
-    # -- dispatch ---------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        """Act on the scheduler's decisions until it has nothing more to say."""
-        if self._dispatching:
-            self._dispatch_again = True
+    def _report_progress(self, effect: ReportProgress) -> None:
+        waiter = self._waiters.get(effect.request.rid)
+        if waiter is None or waiter.on_progress is None:
             return
-        self._dispatching = True
         try:
-            while True:
-                self._dispatch_again = False
-                for decision in self._scheduler.decide(trio.current_time()):
-                    if isinstance(decision, Start):
-                        self._queued -= 1
-                        self._start(decision.request_id, decision.child_id)
-                    elif isinstance(decision, Fail):
-                        self._queued -= 1
-                        self._on_fail(decision.request_id, decision.reason)
-                    elif isinstance(decision, CancelRunning):
-                        self._on_deadline(decision.request_id, decision.reason)
-                if not self._dispatch_again:
-                    break
-        finally:
-            self._dispatching = False
-        # Deadlines and pipelined children make decide() worth calling again at a later time;
-        # if that is sooner than the driver's next timer, have the driver re-arm.
-        wakeup = self._scheduler.next_wakeup()
-        if wakeup is not None and wakeup < self._timers.armed:
-            self._timers.wake.set()
+            waiter.on_progress(Progress(waiter.rid, effect.phase, effect.done, effect.total))
+        except Exception:
+            log.exception("progress callback of request %d raised; ignored", waiter.rid)
 
-    def _start(self, aid: int, child_id: str) -> None:
-        child = self._children[child_id]
-        req = self._attempts.get(aid)
-        p = child.p
-        now = trio.current_time()
-        if req is None or req.done or req.attempt_id != aid:
-            self._scheduler.finished(aid, now)  # stale; free the slot it was given
-            return
-        if p is None or child.state is not ChildState.READY:
-            # The scheduler saw it ready; the process is going away. Put the job back.
-            self._scheduler.finished(aid, now)
-            self._attempts.pop(aid, None)
-            self._enqueue(req, now, retry=True)
-            self._dispatch_again = True
-            return
-        rid = p.next_rid
-        try:
-            data = p.conn.encode_request(rid, req.task, req.deadline_unix, req.priority)
-        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
-            # E.g. an id over 2**64 - 1 from an API caller: no child can be sent this task, and
-            # raising here would leave the slot the scheduler gave it taken for ever.
-            self._scheduler.finished(aid, now)
-            self._finish(
-                req,
-                error=f"request {req.rid} ({req.stage}): its task cannot be sent to a prover"
-                f" child: {exc}",
-            )
-            self._dispatch_again = True
-            return
-        if len(data) > _MAX_REQUEST_BYTES:
-            # A child refuses a frame (or line) this long, and dies of it: every sibling would
-            # in turn. The task is the problem, not the child.
-            self._scheduler.finished(aid, now)
-            self._finish(
-                req,
-                error=f"request {req.rid} ({req.stage}): its task is {len(data) / 2**20:.1f} MiB"
-                f" on the wire ({len(req.task.replicas)} replicas), over the"
-                f" {_MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
-                " split it into smaller tasks",
-            )
-            self._dispatch_again = True
-            return
-        p.next_rid += 1
-        slot = Slot(aid, rid, req, now)
-        if not p.slots:
-            p.last_activity = now
-        p.slots[rid] = slot
-        self._slots[aid] = (child, slot)
-        req.attempts += 1
-        req.child = child.name
-        req.running_on = (child, p)
-        child_loop.send(self, child, p, data)
-        slot.timeout = timeouts.arm_request_timeout(self, child, p, slot)
-        timeouts.arm_heartbeat(self, child, p)
-        if self._observers.active:
-            self._observers.observe("dext_request_started", request=request_info(req))
-
-    def _on_fail(self, aid: int, reason: str) -> None:
-        req = self._attempts.pop(aid, None)
-        if req is None or req.attempt_id != aid:
-            return
-        expired = req.deadline is not None and trio.current_time() >= req.deadline
-        pool = [c for c in self._children.values() if c.spec.stage == req.stage]
-        if pool and all(c.state is ChildState.FATAL for c in pool):
-            # Say why no child can serve: the caller may not see the supervisor's log.
-            reason += " (" + "; ".join(f"{c.name}: {c.last_exit}" for c in pool) + ")"
-        self._finish(
-            req,
-            error=self._describe_failure(req, reason),
-            outcome="timeout" if expired else "error",
-        )
-
-    def _on_deadline(self, aid: int, reason: str) -> None:
-        entry = self._slots.get(aid)
-        if entry is None:
-            return
-        child, slot = entry
-        if slot.abandoned:
-            return
-        slot.abandoned = True
-        req = slot.request
-        child.failed += 1
-        self._finish(
-            req,
-            error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
-            outcome="timeout",
-        )
-        timeouts.send_cancel(self, child, slot, kill_after_grace=True)
-
-    def _describe_failure(self, req: Request, reason: str) -> str:
-        text = f"request {req.rid} ({req.stage}): {reason}"
-        if req.attempts:
-            text += f"; {req.attempts} attempt{'s' if req.attempts != 1 else ''} made"
-        if req.history:
-            text += " (" + "; ".join(req.history) + ")"
-        return text
-
-    # -- answers from children --------------------------------------------------------------
+    # -- what children say ------------------------------------------------------------------
 
     def _on_events(self, child: Child, p: Process, events: list[Any]) -> None:
         now = trio.current_time()
+        book = self._book
         for ev in events:
-            p.last_activity = now
             if isinstance(ev, Answer):
                 self._on_answer(child, p, ev, now)
             elif isinstance(ev, ProgressEvent):
-                slot = p.slots.get(ev.child_rid)
-                if slot is not None:
-                    # Phase changes (e.g. into the GPU's SNARK) let the policy pipeline the child.
-                    self._scheduler.progress(slot.attempt_id, ev.phase, ev.done, ev.total, now)
-                else:
-                    log.debug(
-                        "%s: progress for unknown request %d dropped", child.name, ev.child_rid
+                self._apply(
+                    book.progress(
+                        child.name, ev.child_rid, now, phase=ev.phase, done=ev.done, total=ev.total
                     )
-                    continue
-                req = slot.request
-                if not slot.abandoned and req.on_progress is not None:
-                    try:
-                        req.on_progress(Progress(req.rid, ev.phase, ev.done, ev.total))
-                    except Exception:
-                        log.exception("progress callback of request %d raised; ignored", req.rid)
+                )
             elif isinstance(ev, Skipped):
                 if ev.raw:
                     report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
                 else:
                     log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
-                if ev.child_rid is not None and ev.child_rid in p.slots:
+                if ev.child_rid is not None and book.is_running(child.name, ev.child_rid):
                     # The child answered this request, badly: it will not answer it again.
-                    self._on_answer(
-                        child, p, Answer(ev.child_rid, None, f"invalid response: {ev.what}"), now
-                    )
+                    error = f"invalid response: {ev.what}"
+                    self._apply(book.answered(child.name, ev.child_rid, now, error=error))
+                else:
+                    self._apply(book.heard_from(child.name, now))
             elif isinstance(ev, Ready):
                 log.warning("%s: a second ready message ignored", child.name)
-        if self._queued:
-            # A freed slot or a phase change matters only to queued work; deadlines of running
-            # work are the driver's (next_wakeup), and an answer never makes one come sooner.
-            self._dispatch()
+                self._apply(book.heard_from(child.name, now))
 
     def _on_answer(self, child: Child, p: Process, ev: Answer, now: float) -> None:
-        slot = p.slots.pop(ev.child_rid, None)
-        if slot is None:
-            if 0 < ev.child_rid < p.next_rid:
-                log.warning(
-                    "%s (pid %s): a second response to its request %d dropped",
-                    child.name,
-                    child.pid,
-                    ev.child_rid,
-                )
-            else:
-                log.warning(
-                    "%s (pid %s): response with unknown id %d dropped (ids sent so far: 1..%d)",
-                    child.name,
-                    child.pid,
-                    ev.child_rid,
-                    p.next_rid - 1,
-                )
-            return
-        self._slots.pop(slot.attempt_id, None)
-        self._timers.cancel(slot.timeout)
-        child.answered = True
-        self._scheduler.finished(slot.attempt_id, now)
-        req = slot.request
-        if slot.abandoned:
-            return
-        self._attempts.pop(slot.attempt_id, None)
-        if ev.error is not None:
-            child.failed += 1
-            self._finish(
-                req,
-                error=f"request {req.rid} ({req.stage}) failed on {child.name}"
-                f" (pid {child.pid}): {ev.error}",
-            )
-        elif ev.output is None or stage_of(ev.output) != req.stage:
-            child.failed += 1
-            got = "no output" if ev.output is None else f"a {stage_of(ev.output)} output"
-            self._finish(
-                req,
-                error=f"request {req.rid} ({req.stage}): {child.name} (pid {child.pid})"
-                f" answered with {got}",
-            )
-        else:
-            child.done += 1
-            self._finish(req, output=ev.output)
-
-    def _retry_or_fail(
-        self,
-        req: Request,
-        child: Child,
-        aid: int,
-        what: str,
-        *,
-        charge: bool = True,
-        outcome: str = "error",
-    ) -> None:
-        """An attempt of `req` was lost (`what`): queue it again if it may, else answer it."""
-        self._attempts.pop(aid, None)
-        if req.done or req.attempt_id != aid:
-            return
-        if not charge:
-            req.attempts -= 1
-        now = trio.current_time()
-        max_attempts = max(1, child.spec.max_attempts)
-        if self._shutting_down:
-            self._finish(
-                req,
-                error=self._describe_failure(
-                    req, f"{what}, and the supervisor is shutting down, so it was not retried"
-                ),
-                outcome=outcome,
-            )
-        elif req.deadline is not None and now >= req.deadline:
-            self._finish(
-                req,
-                error=self._describe_failure(req, f"{what}; its deadline has passed"),
-                outcome="timeout",
-            )
-        elif req.attempts < max_attempts:
-            log.warning(
-                "request %d: %s; retrying (attempt %d of %d)",
-                req.rid,
-                what,
-                req.attempts + 1,
-                max_attempts,
-            )
-            self._enqueue(req, now, retry=True)
-        else:
-            self._finish(
-                req,
-                error=self._describe_failure(
-                    req, f"{what}; giving up (MaxAttempts = {max_attempts} on {child.name})"
-                ),
-                outcome=outcome,
-            )
+        self._apply(
+            self._book.answered(child.name, ev.child_rid, now, output=ev.output, error=ev.error)
+        )
 
     # -- the driver -------------------------------------------------------------------------
 
     async def _driver(self, scope: trio.CancelScope) -> None:
+        """Tell the book when time passes: at its next_wakeup, or when it has a sooner one."""
         with scope:
-            timers = self._timers
             while True:
-                timers.wake = trio.Event()
-                now = trio.current_time()
-                for fn in timers.pop_due(now):
-                    try:
-                        fn(now)
-                    except Exception:  # a bug of ours in one rule must not end the supervisor
-                        log.exception("a timer of the supervisor failed; going on")
-                wakeup = self._scheduler.next_wakeup()
-                if wakeup is not None and wakeup <= now:
-                    self._dispatch()
-                    wakeup = self._scheduler.next_wakeup()
-                    if wakeup is not None and wakeup <= now:
-                        wakeup = None  # nothing more to do at this time: wait for an event
-                nxt = min(timers.next(), wakeup if wakeup is not None else math.inf)
+                try:
+                    self._apply(self._book.advance(trio.current_time()))
+                except Exception:  # a bug of ours in one rule must not end the supervisor
+                    log.exception("the request book failed on time passing; going on")
+                # After _apply (which sets the old one): nothing else runs until the wait below.
+                self._wake = trio.Event()
+                wakeup = self._book.next_wakeup()
+                nxt = math.inf if wakeup is None else wakeup
                 if nxt <= trio.current_time():
                     await trio.lowlevel.checkpoint()
                     continue
-                timers.armed = nxt
+                self._armed = nxt
                 with trio.move_on_at(nxt):
-                    await timers.wake.wait()
-                timers.armed = math.inf
+                    await self._wake.wait()
+                self._armed = math.inf
 
     def _notify(self) -> None:
         if self._state_changed.statistics().tasks_waiting:
@@ -743,39 +554,46 @@ class Supervisor:
         child.last_exit = reason
         if p is not None:
             p.read_ended = True
-            mark_down(self, child, p, reason)
-        elif child.state in (ChildState.READY, ChildState.STARTING, ChildState.STOPPING):
-            if child.state is not ChildState.STOPPING:
-                child.change_state(ChildState.STOPPING)
-            self._scheduler.child_down(child.name, trio.current_time())
-        for aid, (owner, slot) in list(self._slots.items()):
-            if owner is child:
-                del self._slots[aid]
-                self._timers.cancel(slot.timeout)
-                if not slot.abandoned:
-                    self._retry_or_fail(slot.request, child, aid, f"{child.name}: {reason}")
+            mark_down(self._host, child, p, reason)
+        elif child.state in (ChildState.READY, ChildState.STARTING):
+            child.change_state(ChildState.STOPPING)
+        self._apply(self._book.child_lost(child.name, trio.current_time(), reason))
         self._notify()
-        self._dispatch()
 
     async def _drain(self) -> None:
-        """Shutdown, step 1: queued requests fail now, running ones get shutdown_grace."""
-        for req in list(self._requests.values()):
-            if req.attempt_id is not None and self._scheduler.is_queued(req.attempt_id):
-                self._finish(
-                    req,
-                    error=f"request {req.rid} ({req.stage}) was still queued when the"
-                    " supervisor began to shut down; it was not sent to a prover",
-                )
+        """Shutdown: running requests get shutdown_grace (queued ones failed at the request)."""
         with trio.move_on_after(self.shutdown_grace):
-            while self._split_in_flight or any(not r.done for r in self._requests.values()):
+            while self._split_in_flight or self._book.unanswered:
                 await self._state_changed.wait()
-        for req in list(self._requests.values()):
-            where = f"on {req.child}" if req.child else "(it was still queued)"
-            self._finish(
-                req,
-                error=f"request {req.rid} ({req.stage}) did not finish {where} within the"
-                f" shutdown grace period ({self.shutdown_grace:g}s)",
-            )
+        self._apply(self._book.grace_over(trio.current_time(), self.shutdown_grace))
+
+
+class _Host:
+    """What a child's task (`child_loop`) may ask of the supervisor: its events go to the book,
+    and the shared services (reaper, guardian, observers)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+        self.book = sup._book
+        self.reaper = sup._reaper
+        self.observers = sup._observers
+        self.stop_timeout = sup.stop_timeout
+
+    @property
+    def guardian(self) -> GroupGuardian | None:
+        return self._sup._guardian
+
+    def apply(self, effects: list[Effect]) -> None:
+        self._sup._apply(effects)
+
+    def output(self, child: Child, p: Process, events: list[Any]) -> None:
+        self._sup._on_events(child, p, events)
+
+    def task_failed(self, child: Child, reason: str, p: Process | None = None) -> None:
+        self._sup._child_task_failed(child, reason, p)
+
+    def changed(self) -> None:
+        self._sup._notify()
 
 
 __all__ = [

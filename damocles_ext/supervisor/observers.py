@@ -16,8 +16,8 @@ import trio
 from .process import ExitInfo
 
 if TYPE_CHECKING:
+    from ..lifecycle import TrackedRequest
     from .child_loop import Child
-    from .request import Request
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -101,7 +101,7 @@ def child_info(child: Child) -> Any:
     )
 
 
-def request_info(req: Request) -> Any:
+def request_info(req: TrackedRequest) -> Any:
     """The hooks' view of a request."""
     from ..hookspecs import RequestInfo
 

@@ -1,55 +1,40 @@
-"""A request as the supervisor keeps it, and one attempt of it running on a child (a slot).
+"""A caller of `Supervisor.submit` waiting for its request's one answer (the driver's side).
 
-Shared by the supervisor (which creates, dispatches and answers them) and the child loop (which
-reads the answers of the slots running on its process).
+The request itself, its attempts and the rules are the request book's
+(`lifecycle.book.TrackedRequest`); this is what only the trio driver needs: the event the caller
+waits on, the answer, the progress callback, and which child's pipe the caller may read while it
+waits (see `child_loop.read`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import ProverError
 from ..protocol import dext
-from ..tasks import Output, Task
+from ..tasks import Output
 
 if TYPE_CHECKING:
+    from ..lifecycle import TrackedRequest
     from .child_loop import Child, Process
 
 
 @dataclass(eq=False)
-class Request:
-    """A request from submit() until it is answered, across all its attempts."""
+class Waiter:
+    """One caller of submit(), from submission until its request is answered."""
 
-    rid: int
-    task: Task
-    stage: str
-    arrival: float
-    deadline: float | None  # trio clock
-    deadline_unix: float | None
-    priority: int
+    tracked: TrackedRequest
     on_progress: Callable[[dext.Progress], None] | None
-    attempts: int = 0  # times sent to a child
-    attempt_id: int | None = None  # current scheduler job (queued or running)
-    child: str | None = None  # child of the current or last attempt
-    history: list[str] = field(default_factory=list)
     done: bool = False
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)
     running_on: tuple[Child, Process] | None = None  # where the current attempt runs
 
-
-@dataclass(eq=False)
-class Slot:
-    """One attempt in flight on one child process."""
-
-    attempt_id: int
-    child_rid: int
-    request: Request
-    started: float
-    abandoned: bool = False  # its request was answered or moved on; we wait for the child
-    timeout: list[Any] | None = None  # its RequestTimeoutSecs timer (cancelled on the answer)
+    @property
+    def rid(self) -> int:
+        return self.tracked.rid

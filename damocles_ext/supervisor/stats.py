@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from ..scheduling.policy import Scheduler
-
 if TYPE_CHECKING:
+    from ..lifecycle import RequestBook
     from .child_loop import Child
 
 # The states a child is reported in: ChildState's values, and "busy" (ready, with work).
@@ -65,12 +64,12 @@ class SupervisorStats(msgspec.Struct, frozen=True):
 
 
 def build_statistics(
-    children: Iterable[Child], scheduler: Scheduler, requests: int, shutting_down: bool
+    children: Iterable[Child], book: RequestBook, shutting_down: bool
 ) -> SupervisorStats:
-    """The snapshot of `children` and `scheduler`'s queues; `requests`: those not yet answered."""
+    """The snapshot of `children` and of `book`: its queues, its requests not yet answered."""
     now = trio.current_time()
     to_unix = time.time() - now
-    sched = scheduler.statistics()
+    sched = book.scheduler.statistics()
     held_by: dict[str, list[str]] = {}
     for lock, holders in sched.locks_held.items():
         for holder in holders.split(","):
@@ -79,7 +78,8 @@ def build_statistics(
     child_stats = []
     for c in children:
         p = c.p
-        in_flight = len(p.slots) if p is not None else 0
+        in_flight = book.in_flight(c.name)
+        done, failed = book.counters(c.name)
         state = c.state.value
         if state == "ready" and in_flight:
             state = "busy"
@@ -98,8 +98,8 @@ def build_statistics(
                 ),
                 in_flight=in_flight,
                 capacity=c.capacity,
-                done=c.done,
-                failed=c.failed,
+                done=done,
+                failed=failed,
                 restarts=c.tracker.restarts,
                 last_exit=c.last_exit,
                 started_at=c.started_at,
@@ -122,6 +122,6 @@ def build_statistics(
     return SupervisorStats(
         children=child_stats,
         stages=stages,
-        requests=requests,
+        requests=book.unanswered,
         shutting_down=shutting_down,
     )

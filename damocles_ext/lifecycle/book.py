@@ -1,0 +1,406 @@
+"""The request book: every request from submission to its one answer, sans-IO.
+
+The supervisor tells the book what happened (a request submitted, a child ready, an answer, a
+child gone, the caller gone, time passed) with `now` on its clock, and carries out the effects
+the book returns (`effects`: send a task or a Cancel, kill a child, answer a request, report
+progress, log). The book wraps the dispatch policy (`scheduling.policy.Scheduler`) and owns the
+rules around it:
+
+* Attempts. Each dispatch of a request is an *attempt* with a fresh id (the scheduler's job id),
+  so a request can be retried on a sibling while the slot of an abandoned attempt stays taken
+  until its child answers the Cancel or is killed. Each process numbers the attempts it is sent
+  from 1 (its `child_rid`, damocles' request id on the wire).
+* Retries. An attempt lost with its child, or timed out, is queued again while the request has
+  attempts left (MaxAttempts of the child it was lost on), its deadline is ahead and the
+  supervisor is not shutting down; otherwise the request is answered with why. A child killed
+  for one request (it ignored a Cancel) costs its other requests nothing.
+* Times. Request timeouts (RequestTimeoutSecs), cancel graces (CancelGraceSecs), the heartbeat
+  of dext children (HeartbeatTimeoutSecs) and the stdin watch (StdinTimeoutSecs) are alarms;
+  deadlines and pipelining are the scheduler's. `next_wakeup()` is the earliest of them all;
+  every event first catches up with what fell due before `now` (an answer that arrives after its
+  request's deadline finds the request already answered with the timeout), except that a child
+  that speaks is alive: its activity counts before its heartbeat is judged.
+* Answers. A request is answered exactly once (`Resolve`); whatever comes for it later (a late
+  answer, a second answer, a loss) only frees the slot it held.
+
+Nothing here reads a clock or does I/O; the property tests drive it with random event sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..scheduling.policy import ChildSlots
+from ..tasks import Output, Task, stage_of
+from .effects import Effect, Note, ReportProgress
+from .records import (
+    DEXT,
+    ChildLimits,
+    ChildRecord,
+    ProcessRecord,
+    StdinWatch,
+    TrackedRequest,
+)
+from .rules import BookRules
+
+
+class RequestBook(BookRules):
+    """Requests, their attempts and the children they run on; see the module's docstring."""
+
+    # -- what the driver asks -------------------------------------------------------------
+
+    def next_wakeup(self) -> float | None:
+        """When the book must be told that time passed (`advance`), or None: nothing is timed."""
+        when = self._alarms.next()
+        sched = self.scheduler.next_wakeup()
+        if sched is not None and sched > self._decided_at:
+            when = min(when, sched)
+        return None if when == float("inf") else when
+
+    @property
+    def unanswered(self) -> int:
+        """Requests submitted and not yet answered."""
+        return len(self._requests)
+
+    def in_flight(self, child: str) -> int:
+        """Attempts on `child`'s current process, abandoned ones included (they hold a slot)."""
+        process = self._child(child).process
+        return len(process.attempts) if process is not None else 0
+
+    def is_running(self, child: str, child_rid: int) -> bool:
+        """Whether `child`'s current process runs an attempt under `child_rid`."""
+        process = self._child(child).process
+        return process is not None and child_rid in process.attempts
+
+    def counters(self, child: str) -> tuple[int, int]:
+        """(done, failed) requests of `child` over its whole life."""
+        c = self._child(child)
+        return c.done, c.failed
+
+    def served(self, child: str) -> bool:
+        """Whether `child`'s current (or last) process answered anything (the restart rules)."""
+        return self._child(child).served
+
+    def sizes(self) -> dict[str, int]:
+        """How much the book holds (for leak checks): everything is 0 when it is idle."""
+        return {
+            "requests": len(self._requests),
+            "attempts": len(self._attempts),
+            "running": len(self._running),
+            "queued": self._queued,
+            "alarms": len(self._alarms),
+        }
+
+    # -- children -------------------------------------------------------------------------
+
+    def add_child(
+        self,
+        name: str,
+        stage: str,
+        *,
+        capacity: int = 1,
+        weight: int = 1,
+        locks: Iterable[str] = (),
+        limits: ChildLimits | None = None,
+    ) -> None:
+        """A configured child (before any event about it)."""
+        if name in self._children:
+            raise ValueError(f"child {name!r} added twice")
+        child = ChildRecord(name, stage, limits or ChildLimits())
+        self._children[name] = child
+        self._by_stage.setdefault(stage, []).append(child)
+        self.scheduler.add_child(
+            ChildSlots(
+                child_id=name,
+                stage=stage,
+                capacity=max(1, capacity),
+                weight=max(1, weight),
+                locks=frozenset(locks),
+            )
+        )
+
+    def child_ready(
+        self, child: str, now: float, *, protocol: str, pid: int | None
+    ) -> list[Effect]:
+        """A new process of `child` said it is ready (speaking `protocol`): it takes requests."""
+        out = self._catch_up(now)
+        c = self._child(child)
+        if c.process is not None:  # the last one was never reported lost: it is now
+            out += self.child_lost(child, now, "replaced by a new process")
+        c.process = ProcessRecord(c, protocol, pid, last_activity=now)
+        c.served = False
+        c.gave_up = False
+        self.scheduler.child_ready(child, now)
+        self._dispatch(now, out)
+        return out
+
+    def child_down(self, child: str, now: float, *, charge_all: bool = True) -> list[Effect]:
+        """`child`'s process is going away (exited, broke, killed, stopping): no more requests go
+        to it. Its requests stay on it until `child_lost`: answers it wrote before it went are
+        still taken. `charge_all`: its loss costs each of its requests an attempt."""
+        c = self._child(child)
+        out = self._catch_up(now)
+        if c.process is not None and not c.process.down:
+            self._take_down(c.process, now, charge_all)
+            self._dispatch(now, out)
+        return out
+
+    def child_lost(self, child: str, now: float, what: str) -> list[Effect]:
+        """`child`'s process is gone (`what`: how it ended): retry or answer what ran on it."""
+        c = self._child(child)
+        out = self._catch_up(now)
+        process = c.process
+        if process is None:
+            return out
+        if not process.down:
+            self._take_down(process, now, True)
+        c.process = None
+        self._alarms.cancel(process.heartbeat)
+        self._alarms.cancel(process.stdin_watch)
+        attempts = list(process.attempts.values())
+        process.attempts.clear()
+        for attempt in attempts:
+            self._forget(attempt)
+            if attempt.abandoned:
+                continue
+            req = attempt.request
+            c.failed += 1
+            req.current = None
+            req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
+            self._retry_or_fail(
+                req,
+                c,
+                attempt.attempt_id,
+                f"{process.who} went down while running it: {what}",
+                now,
+                out,
+                charge=process.charge_all,
+            )
+        self._dispatch(now, out)
+        return out
+
+    def child_gave_up(
+        self, child: str, now: float, *, fatal: bool, last_exit: str | None
+    ) -> list[Effect]:
+        """`child` will not start again (`fatal`: it kept failing; else AutoRestart is off or
+        we stop). When every child of a stage gave up fatally, its requests fail with why."""
+        c = self._child(child)
+        out = self._catch_up(now)
+        c.gave_up = fatal
+        c.last_exit = last_exit
+        self.scheduler.child_fatal(child, now)
+        self._dispatch(now, out)
+        return out
+
+    # -- what children say ----------------------------------------------------------------
+
+    def answered(
+        self,
+        child: str,
+        child_rid: int,
+        now: float,
+        *,
+        output: Output | None = None,
+        error: str | None = None,
+    ) -> list[Effect]:
+        """`child` answered its request `child_rid` with `output`, or with `error`."""
+        c = self._child(child)
+        process = c.process
+        if process is None:
+            return self._catch_up(now)
+        process.last_activity = now
+        out = self._catch_up(now)
+        attempt = process.attempts.pop(child_rid, None)
+        if attempt is None:
+            if 0 < child_rid < process.next_rid:
+                text = f"a second response to its request {child_rid} dropped"
+            else:
+                text = (
+                    f"response with unknown id {child_rid} dropped (ids sent so far:"
+                    f" 1..{process.next_rid - 1})"
+                )
+            out.append(Note("warning", f"{process.who}: {text}"))
+            return out
+        self._forget(attempt)
+        c.served = True
+        self.scheduler.finished(attempt.attempt_id, now)
+        if not attempt.abandoned:
+            req = attempt.request
+            req.current = None
+            self._attempts.pop(attempt.attempt_id, None)
+            if error is not None:
+                c.failed += 1
+                self._resolve(
+                    req,
+                    out,
+                    now,
+                    error=f"request {req.rid} ({req.stage}) failed on {process.who}: {error}",
+                )
+            elif output is None or stage_of(output) != req.stage:
+                c.failed += 1
+                got = "no output" if output is None else f"a {stage_of(output)} output"
+                self._resolve(
+                    req,
+                    out,
+                    now,
+                    error=f"request {req.rid} ({req.stage}): {process.who} answered with {got}",
+                )
+            else:
+                c.done += 1
+                self._resolve(req, out, now, output=output)
+        if self._queued:
+            self._dispatch(now, out)
+        return out
+
+    def progress(
+        self, child: str, child_rid: int, now: float, *, phase: str, done: int, total: int
+    ) -> list[Effect]:
+        """`child` reports progress on its request `child_rid` (dext Progress)."""
+        process = self._child(child).process
+        if process is None:
+            return self._catch_up(now)
+        process.last_activity = now
+        out = self._catch_up(now)
+        attempt = process.attempts.get(child_rid)
+        if attempt is None:
+            out.append(Note("debug", f"{process.who}: progress for unknown request {child_rid}"))
+            return out
+        # Phase changes (e.g. into the GPU's SNARK) let the policy pipeline the child.
+        self.scheduler.progress(attempt.attempt_id, phase, done, total, now)
+        if not attempt.abandoned:
+            out.append(ReportProgress(attempt.request, phase, done, total))
+        if self._queued:
+            self._dispatch(now, out)
+        return out
+
+    def heard_from(self, child: str, now: float) -> list[Effect]:
+        """`child` wrote something that is about no request: it is alive (the heartbeat)."""
+        process = self._child(child).process
+        if process is not None:
+            process.last_activity = now
+        return self._catch_up(now)
+
+    def stdin_blocked(self, child: str, now: float) -> None:
+        """Messages for `child` wait for room in its stdin pipe, from `now`."""
+        process = self._child(child).process
+        if process is None or process.down:
+            return
+        process.stdin_waiting = True
+        process.stdin_progress_at = now
+        timeout = process.child.limits.stdin_timeout
+        if timeout and process.stdin_watch is None:
+            process.stdin_watch = self._alarms.add(now + timeout, StdinWatch(process))
+
+    def stdin_progress(self, child: str, now: float) -> None:
+        """`child` took bytes from its stdin pipe while more waited."""
+        process = self._child(child).process
+        if process is not None:
+            process.stdin_progress_at = now
+
+    def stdin_drained(self, child: str) -> None:
+        """Nothing waits for `child`'s stdin pipe any more."""
+        process = self._child(child).process
+        if process is not None:
+            process.stdin_waiting = False
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        rid: int,
+        task: Task,
+        now: float,
+        *,
+        deadline: float | None = None,
+        deadline_unix: float | None = None,
+        priority: int = 0,
+    ) -> tuple[TrackedRequest, list[Effect]]:
+        """A new request `rid` (unique) for `task`'s stage; `deadline` on the book's clock."""
+        if rid in self._requests:
+            raise ValueError(f"request id {rid} is already in the book")
+        out = self._catch_up(now)
+        req = TrackedRequest(rid, task, stage_of(task), now, deadline, deadline_unix, priority)
+        self._requests[rid] = req
+        self._enqueue(req, now, retry=False)
+        self._dispatch(now, out)
+        return req, out
+
+    def unsendable(self, child: str, child_rid: int, now: float, error: str) -> list[Effect]:
+        """A `Send` could not be carried out (`error`: why, a whole sentence about the request):
+        nothing reached the child; the request is answered with `error`."""
+        process = self._child(child).process
+        out = self._catch_up(now)
+        attempt = process.attempts.pop(child_rid, None) if process is not None else None
+        if attempt is None:
+            return out
+        self._forget(attempt)
+        self.scheduler.finished(attempt.attempt_id, now)
+        req = attempt.request
+        req.attempts -= 1
+        req.current = None
+        self._resolve(req, out, now, error=error)
+        self._dispatch(now, out)
+        return out
+
+    def caller_gone(self, rid: int, now: float) -> list[Effect]:
+        """The caller of `rid` went away: answer it (cancelled), stop its work if we can."""
+        out = self._catch_up(now)
+        req = self._requests.get(rid)
+        if req is None:
+            return out
+        attempt = req.current
+        self._resolve(
+            req, out, now, error=f"request {rid} abandoned by its caller", outcome="cancelled"
+        )
+        if attempt is not None and not attempt.abandoned:
+            attempt.abandoned = True
+            # A JSON-lines child cannot be told; its answer will be dropped. A dext child that
+            # ignores Cancel is treated as hung, as for a timeout.
+            if attempt.process.protocol == DEXT:
+                self._send_cancel(attempt, now, out, kill_after_grace=True)
+        self._dispatch(now, out)
+        return out
+
+    def advance(self, now: float) -> list[Effect]:
+        """Time passed: act on what fell due (timeouts, heartbeats, deadlines, pipelining)."""
+        return self._catch_up(now)
+
+    # -- shutting down ----------------------------------------------------------------------
+
+    def shutdown(self, now: float) -> list[Effect]:
+        """Stop: queued requests fail now, nothing lost from here on is retried; running ones
+        may still be answered (the driver gives them a grace period, then `grace_over`)."""
+        self.shutting_down = True
+        out = self._catch_up(now)
+        for req in list(self._requests.values()):
+            if req.attempt_id is not None and self.scheduler.is_queued(req.attempt_id):
+                self._resolve(
+                    req,
+                    out,
+                    now,
+                    error=f"request {req.rid} ({req.stage}) was still queued when the"
+                    " supervisor began to shut down; it was not sent to a prover",
+                )
+        return out
+
+    def grace_over(self, now: float, grace: float) -> list[Effect]:
+        """The shutdown grace period ended: what is still unanswered fails."""
+        out = self._catch_up(now)
+        for req in list(self._requests.values()):
+            where = f"on {req.child}" if req.child else "(it was still queued)"
+            self._resolve(
+                req,
+                out,
+                now,
+                error=f"request {req.rid} ({req.stage}) did not finish {where} within the"
+                f" shutdown grace period ({grace:g}s)",
+            )
+        return out
+
+    def fail_all(self, now: float, why: str) -> list[Effect]:
+        """Answer every request still open with `why` (the supervisor stopped)."""
+        out: list[Effect] = []
+        for req in list(self._requests.values()):
+            where = f" (last on {req.child})" if req.child else " (still queued)"
+            self._resolve(req, out, now, error=f"request {req.rid} ({req.stage}): {why}{where}")
+        return out

@@ -1,0 +1,90 @@
+"""What the request book asks its driver to do: plain records, carried out in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..tasks import Output
+
+if TYPE_CHECKING:
+    from .records import TrackedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send `request`'s task to the process of `child`, under that process's id `child_rid`.
+
+    If the task cannot be encoded (or is too long for a child), tell the book with
+    `RequestBook.unsendable`: it frees the slot and answers the request.
+    """
+
+    request: TrackedRequest
+    child: str
+    child_rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel:
+    """Tell the process of `child` to stop its request `child_rid` (a dext Cancel; a JSON-lines
+    child cannot be told, and the driver sends nothing)."""
+
+    child: str
+    child_rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """Kill the process of `child` now (its process group): it is hung or ignored a Cancel.
+
+    The book already took it down (no more requests go to it); `reason` is for the log and the
+    child's last exit; its requests come back through `RequestBook.child_lost`.
+    """
+
+    child: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Answer `request`, once: with `output`, or with `error` (a whole sentence).
+
+    `outcome` is the observers' word: ok, fault, error, timeout or cancelled.
+    """
+
+    request: TrackedRequest
+    output: Output | None
+    error: str | None
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """`request`'s attempt was lost (`what`) and it is queued again (attempt `attempt` of
+    `max_attempts` comes next); a caller following it must stop reading the old child."""
+
+    request: TrackedRequest
+    what: str
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportProgress:
+    """A progress report of `request`'s running attempt, for its caller."""
+
+    request: TrackedRequest
+    phase: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something the operator should see in the log (`level`: a logging level name)."""
+
+    level: str
+    message: str
+
+
+Effect = Send | SendCancel | Kill | Resolve | Retry | ReportProgress | Note

@@ -1,0 +1,118 @@
+"""The request book's records: a child's limits and state, a request, an attempt, an alarm.
+
+They are the book's own (`book.RequestBook` changes them); the driver reads `TrackedRequest` and
+`Attempt` in the effects it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tasks import Task
+from .deadlines import Alarm
+
+#: The protocol whose children can be sent a Cancel and must report progress while they work.
+DEXT = "dext"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildLimits:
+    """A child's request rules, in seconds; 0 turns a timeout off."""
+
+    max_attempts: int = 1
+    request_timeout: float = 0.0
+    cancel_grace: float = 10.0
+    heartbeat_timeout: float = 0.0  # dext children only
+    stdin_timeout: float = 0.0
+
+
+@dataclass(eq=False)
+class TrackedRequest:
+    """A request from submission until it is answered, across all its attempts."""
+
+    rid: int
+    task: Task
+    stage: str
+    arrival: float
+    deadline: float | None  # on the book's clock
+    deadline_unix: float | None  # as the caller gave it, for the wire
+    priority: int
+    attempts: int = 0  # times sent to a child
+    attempt_id: int | None = None  # its current scheduler job (queued or running)
+    child: str | None = None  # child of the current or last attempt
+    history: list[str] = field(default_factory=list)
+    done: bool = False
+    current: Attempt | None = None  # the attempt running for it, not abandoned
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One attempt of a request, sent to one process."""
+
+    attempt_id: int
+    child_rid: int
+    request: TrackedRequest
+    started: float
+    process: ProcessRecord
+    abandoned: bool = False  # its request was answered or moved on; the child still runs it
+    timeout: Alarm[Due] | None = None
+    grace: Alarm[Due] | None = None
+
+
+@dataclass(eq=False)
+class ProcessRecord:
+    """The book's view of one process of a child, from its ready message until it is lost."""
+
+    child: ChildRecord
+    protocol: str
+    pid: int | None
+    attempts: dict[int, Attempt] = field(default_factory=dict)  # by child_rid
+    next_rid: int = 1
+    last_activity: float = 0.0
+    down: bool = False
+    charge_all: bool = True  # its loss costs every request on it an attempt
+    heartbeat: Alarm[Due] | None = None
+    stdin_waiting: bool = False  # messages for it wait for room in its stdin pipe
+    stdin_progress_at: float = 0.0
+    stdin_watch: Alarm[Due] | None = None
+
+    @property
+    def who(self) -> str:
+        return f"{self.child.name} (pid {self.pid})"
+
+
+@dataclass(eq=False)
+class ChildRecord:
+    name: str
+    stage: str
+    limits: ChildLimits
+    process: ProcessRecord | None = None
+    gave_up: bool = False  # FATAL: will not start again
+    last_exit: str | None = None
+    done: int = 0  # requests answered with an output
+    failed: int = 0  # requests answered with an error, or lost with the child
+    served: bool = False  # its current (or last) process answered something
+
+
+# What an alarm is for; each is checked, when due, against what happened since.
+@dataclass(frozen=True, slots=True)
+class RequestTimeout:
+    attempt: Attempt
+
+
+@dataclass(frozen=True, slots=True)
+class CancelGrace:
+    attempt: Attempt
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatDue:
+    process: ProcessRecord
+
+
+@dataclass(frozen=True, slots=True)
+class StdinWatch:
+    process: ProcessRecord
+
+
+Due = RequestTimeout | CancelGrace | HeartbeatDue | StdinWatch

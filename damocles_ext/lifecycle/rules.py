@@ -1,0 +1,359 @@
+"""What follows from the request book's events: dispatch, retries, answers, and the time rules
+(request timeouts, cancel graces, heartbeats, the stdin watch). `book.RequestBook` is the events'
+side (its public methods); this is its base class, the rules they share.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ..scheduling.policy import CancelRunning, Fail, Job, Scheduler, Start
+from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
+from .deadlines import Alarms
+from .effects import Effect, Kill, Resolve, Retry, Send, SendCancel
+from .records import (
+    DEXT,
+    Attempt,
+    CancelGrace,
+    ChildRecord,
+    Due,
+    HeartbeatDue,
+    ProcessRecord,
+    RequestTimeout,
+    StdinWatch,
+    TrackedRequest,
+)
+
+
+class UnknownChild(KeyError):
+    """An event named a child the book was not given (`add_child`): a bug of the caller."""
+
+
+class BookRules:
+    """The request book's state and the rules that change it (see `book.RequestBook`)."""
+
+    def __init__(self, scheduler: Scheduler | None = None) -> None:
+        self.scheduler = scheduler or Scheduler()
+        self._children: dict[str, ChildRecord] = {}
+        self._by_stage: dict[str, list[ChildRecord]] = {}
+        self._requests: dict[int, TrackedRequest] = {}  # not yet answered
+        self._attempts: dict[int, TrackedRequest] = {}  # attempt id -> request, queued or running
+        self._running: dict[int, Attempt] = {}  # attempt id -> where it runs (abandoned too)
+        self._queued = 0  # attempts waiting in the scheduler's queues
+        self._attempt_ids = itertools.count(1)
+        self._alarms: Alarms[Due] = Alarms()
+        self._decided_at = -float("inf")
+        #: Once set (`shutdown`, or by the driver as soon as it is asked to stop), nothing lost
+        #: is retried.
+        self.shutting_down = False
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _child(self, name: str) -> ChildRecord:
+        try:
+            return self._children[name]
+        except KeyError:
+            raise UnknownChild(name) from None
+
+    def _catch_up(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        fired = False
+        for due in self._alarms.pop_due(now):
+            fired = True
+            if isinstance(due, RequestTimeout):
+                self._on_request_timeout(due.attempt, now, out)
+            elif isinstance(due, CancelGrace):
+                self._on_cancel_grace(due.attempt, now, out)
+            elif isinstance(due, HeartbeatDue):
+                self._on_heartbeat(due.process, now, out)
+            else:
+                self._on_stdin_watch(due.process, now, out)
+        wakeup = self.scheduler.next_wakeup()
+        if fired or (wakeup is not None and wakeup <= now):
+            self._dispatch(now, out)
+        return out
+
+    def _dispatch(self, now: float, out: list[Effect]) -> None:
+        """Act on the scheduler's decisions until it has nothing more to say."""
+        again = True
+        while again:
+            again = False
+            self._decided_at = now
+            for decision in self.scheduler.decide(now):
+                if isinstance(decision, Start):
+                    self._queued -= 1
+                    again |= self._start(decision.request_id, decision.child_id, now, out)
+                elif isinstance(decision, Fail):
+                    self._queued -= 1
+                    self._on_fail(decision.request_id, decision.reason, now, out)
+                elif isinstance(decision, CancelRunning):
+                    self._on_deadline(decision.request_id, decision.reason, now, out)
+
+    def _enqueue(self, req: TrackedRequest, now: float, *, retry: bool) -> None:
+        aid = next(self._attempt_ids)
+        req.attempt_id = aid
+        req.current = None
+        self._attempts[aid] = req
+        job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
+        self._queued += 1
+        if retry:
+            self.scheduler.requeue(job, now)
+        else:
+            self.scheduler.submit(job, now)
+
+    def _start(self, aid: int, child: str, now: float, out: list[Effect]) -> bool:
+        """Send attempt `aid` to `child`; True if the scheduler must be asked again."""
+        c = self._children[child]
+        req = self._attempts.get(aid)
+        process = c.process
+        if req is None or req.done or req.attempt_id != aid:
+            self.scheduler.finished(aid, now)  # stale; free the slot it was given
+            return False
+        if process is None or process.down:
+            # Not expected (the scheduler is told at once); put the job back all the same.
+            self.scheduler.finished(aid, now)
+            self._attempts.pop(aid, None)
+            self._enqueue(req, now, retry=True)
+            return True
+        child_rid = process.next_rid
+        process.next_rid += 1
+        attempt = Attempt(aid, child_rid, req, now, process)
+        if not process.attempts:
+            process.last_activity = now
+        process.attempts[child_rid] = attempt
+        self._running[aid] = attempt
+        req.attempts += 1
+        req.child = child
+        req.current = attempt
+        out.append(Send(req, child, child_rid))
+        limits = c.limits
+        if limits.request_timeout:
+            attempt.timeout = self._alarms.add(
+                now + limits.request_timeout, RequestTimeout(attempt)
+            )
+        hb = limits.heartbeat_timeout
+        if hb and process.protocol == DEXT and process.heartbeat is None:
+            process.heartbeat = self._alarms.add(process.last_activity + hb, HeartbeatDue(process))
+        return False
+
+    def _forget(self, attempt: Attempt) -> None:
+        """`attempt` left its process: its slot and alarms go."""
+        self._running.pop(attempt.attempt_id, None)
+        self._alarms.cancel(attempt.timeout)
+        self._alarms.cancel(attempt.grace)
+        attempt.timeout = attempt.grace = None
+
+    def _take_down(self, process: ProcessRecord, now: float, charge_all: bool) -> None:
+        process.down = True
+        process.charge_all = charge_all
+        process.stdin_waiting = False
+        self._alarms.cancel(process.heartbeat)
+        self._alarms.cancel(process.stdin_watch)
+        process.heartbeat = process.stdin_watch = None
+        self.scheduler.child_down(process.child.name, now)
+
+    def _kill(
+        self,
+        process: ProcessRecord,
+        reason: str,
+        now: float,
+        out: list[Effect],
+        *,
+        charge_all: bool,
+    ) -> None:
+        if not process.down:
+            self._take_down(process, now, charge_all)
+        out.append(Kill(process.child.name, reason))
+
+    def _resolve(
+        self,
+        req: TrackedRequest,
+        out: list[Effect],
+        now: float,
+        *,
+        output: Output | None = None,
+        error: str | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        if req.done:
+            return
+        req.done = True
+        req.current = None
+        if req.attempt_id is not None:
+            self._attempts.pop(req.attempt_id, None)
+            if self.scheduler.is_queued(req.attempt_id):
+                self.scheduler.remove(req.attempt_id)
+                self._queued -= 1
+        req.attempt_id = None
+        self._requests.pop(req.rid, None)
+        if error is not None:
+            outcome = outcome or "error"
+        elif outcome is None:
+            faulty = isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput) and bool(
+                output.faults
+            )
+            outcome = "fault" if faulty else "ok"
+        out.append(Resolve(req, output if error is None else None, error, outcome))
+
+    def _describe_failure(self, req: TrackedRequest, reason: str) -> str:
+        text = f"request {req.rid} ({req.stage}): {reason}"
+        if req.attempts:
+            text += f"; {req.attempts} attempt{'s' if req.attempts != 1 else ''} made"
+        if req.history:
+            text += " (" + "; ".join(req.history) + ")"
+        return text
+
+    def _retry_or_fail(
+        self,
+        req: TrackedRequest,
+        c: ChildRecord,
+        aid: int,
+        what: str,
+        now: float,
+        out: list[Effect],
+        *,
+        charge: bool = True,
+        outcome: str = "error",
+    ) -> None:
+        """Attempt `aid` of `req` was lost (`what`): queue it again if it may, else answer it."""
+        self._attempts.pop(aid, None)
+        if req.done or req.attempt_id != aid:
+            return
+        if not charge:
+            req.attempts -= 1
+        max_attempts = max(1, c.limits.max_attempts)
+        if self.shutting_down:
+            why = f"{what}, and the supervisor is shutting down, so it was not retried"
+            self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
+        elif req.deadline is not None and now >= req.deadline:
+            why = f"{what}; its deadline has passed"
+            self._resolve(req, out, now, error=self._describe_failure(req, why), outcome="timeout")
+        elif req.attempts < max_attempts:
+            self._enqueue(req, now, retry=True)
+            out.append(Retry(req, what, req.attempts + 1, max_attempts))
+        else:
+            why = f"{what}; giving up (MaxAttempts = {max_attempts} on {c.name})"
+            self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
+
+    def _on_fail(self, aid: int, reason: str, now: float, out: list[Effect]) -> None:
+        req = self._attempts.pop(aid, None)
+        if req is None or req.attempt_id != aid:
+            return
+        expired = req.deadline is not None and now >= req.deadline
+        pool = self._by_stage.get(req.stage, [])
+        if pool and all(c.gave_up for c in pool):
+            # Say why no child can serve: the caller may not see the supervisor's log.
+            reason += " (" + "; ".join(f"{c.name}: {c.last_exit}" for c in pool) + ")"
+        self._resolve(
+            req,
+            out,
+            now,
+            error=self._describe_failure(req, reason),
+            outcome="timeout" if expired else "error",
+        )
+
+    def _on_deadline(self, aid: int, reason: str, now: float, out: list[Effect]) -> None:
+        attempt = self._running.get(aid)
+        if attempt is None or attempt.abandoned:
+            return
+        attempt.abandoned = True
+        req = attempt.request
+        attempt.process.child.failed += 1
+        self._resolve(
+            req,
+            out,
+            now,
+            error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
+            outcome="timeout",
+        )
+        self._send_cancel(attempt, now, out, kill_after_grace=True)
+
+    def _on_request_timeout(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
+        process = attempt.process
+        if process.attempts.get(attempt.child_rid) is not attempt or attempt.abandoned:
+            return
+        attempt.timeout = None
+        if process.down:
+            return  # its loss will retry it
+        attempt.abandoned = True
+        req = attempt.request
+        req.current = None
+        c = process.child
+        c.failed += 1
+        what = f"timed out after {c.limits.request_timeout:g}s on {process.who}"
+        req.history.append(f"attempt {req.attempts} {what}")
+        self._retry_or_fail(req, c, attempt.attempt_id, what, now, out, outcome="timeout")
+        self._send_cancel(attempt, now, out, kill_after_grace=True)
+
+    def _send_cancel(
+        self, attempt: Attempt, now: float, out: list[Effect], *, kill_after_grace: bool
+    ) -> None:
+        """Tell the child to stop `attempt`; with `kill_after_grace`, kill it if it still runs
+        the attempt CancelGraceSecs later (a JSON-lines child, which cannot be told: then)."""
+        process = attempt.process
+        if process.down or process.attempts.get(attempt.child_rid) is not attempt:
+            return
+        out.append(SendCancel(process.child.name, attempt.child_rid))
+        if kill_after_grace and attempt.grace is None:
+            grace = process.child.limits.cancel_grace
+            attempt.grace = self._alarms.add(now + grace, CancelGrace(attempt))
+
+    def _on_cancel_grace(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
+        attempt.grace = None
+        process = attempt.process
+        if process.down or process.attempts.get(attempt.child_rid) is not attempt:
+            return
+        grace = process.child.limits.cancel_grace
+        how = "a Cancel" if process.protocol == DEXT else "its timeout (JSON lines: no Cancel)"
+        # The request that hung was dealt with already; the others on this child did nothing
+        # wrong, so their retry is free.
+        self._kill(
+            process,
+            f"request {attempt.request.rid} (child id {attempt.child_rid}) still running"
+            f" {grace:g}s after {how}",
+            now,
+            out,
+            charge_all=False,
+        )
+
+    def _on_heartbeat(self, process: ProcessRecord, now: float, out: list[Effect]) -> None:
+        process.heartbeat = None
+        watch = process.stdin_watch
+        if watch is not None and watch.when <= now:
+            # Both watches are due: a child that takes nothing from a full stdin is stuck on its
+            # input, which says more than its silence does.
+            self._alarms.cancel(watch)
+            self._on_stdin_watch(process, now, out)
+        hb = process.child.limits.heartbeat_timeout
+        if process.down or not hb or not process.attempts:
+            return
+        due = process.last_activity + hb
+        if now < due:
+            process.heartbeat = self._alarms.add(due, HeartbeatDue(process))
+            return
+        self._kill(
+            process,
+            f"hung: no Progress or Response for {now - process.last_activity:.1f}s while working"
+            f" (HeartbeatTimeoutSecs = {hb:g})",
+            now,
+            out,
+            charge_all=True,
+        )
+
+    def _on_stdin_watch(self, process: ProcessRecord, now: float, out: list[Effect]) -> None:
+        process.stdin_watch = None
+        if process.down or not process.stdin_waiting:
+            return
+        timeout = process.child.limits.stdin_timeout
+        due = process.stdin_progress_at + timeout
+        if now < due:
+            process.stdin_watch = self._alarms.add(due, StdinWatch(process))
+            return
+        self._kill(
+            process,
+            f"hung: read nothing from its stdin for {now - process.stdin_progress_at:.1f}s while"
+            f" messages for it waited in a full pipe (StdinTimeoutSecs = {timeout:g})",
+            now,
+            out,
+            charge_all=True,
+        )

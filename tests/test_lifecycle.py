@@ -1,0 +1,324 @@
+"""The request book, sans-IO: events in, effects out, no processes, time passed in by hand."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.child import window_task
+
+from damocles_ext.lifecycle import (
+    ChildLimits,
+    Kill,
+    Note,
+    ReportProgress,
+    RequestBook,
+    Resolve,
+    Retry,
+    Send,
+    SendCancel,
+    UnknownChild,
+)
+from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
+
+OK = WindowPoStOutput(proofs=[b"p"], faults=[])
+
+
+def book_with(*children: tuple[str, ChildLimits], capacity: int = 1) -> RequestBook:
+    book = RequestBook()
+    for name, limits in children:
+        book.add_child(name, "window_post", capacity=capacity, limits=limits)
+    return book
+
+
+def ready(book: RequestBook, *names: str, protocol: str = "dext", now: float = 0.0) -> list:
+    out = []
+    for i, name in enumerate(names):
+        out += book.child_ready(name, now, protocol=protocol, pid=100 + i)
+    return out
+
+
+def kinds(effects) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+def resolved(effects) -> list[Resolve]:
+    return [e for e in effects if isinstance(e, Resolve)]
+
+
+# -- the plain path ------------------------------------------------------------------------------
+
+
+def test_a_request_goes_to_a_ready_child_and_its_answer_resolves_it():
+    book = book_with(("a", ChildLimits()))
+    assert ready(book, "a") == []
+    req, out = book.submit(1, window_task(), 1.0)
+    assert out == [Send(req, "a", 1)]
+    out = book.answered("a", 1, 2.0, output=OK)
+    assert out == [Resolve(req, OK, None, "ok")]
+    assert book.sizes() == dict.fromkeys(["requests", "attempts", "running", "queued", "alarms"], 0)
+
+
+def test_a_request_waits_for_a_child_and_each_process_numbers_its_requests_from_one():
+    book = book_with(("a", ChildLimits()))
+    r1, out = book.submit(1, window_task(), 0.0)
+    assert out == []  # no child ready: queued
+    assert ready(book, "a", now=1.0) == [Send(r1, "a", 1)]
+    r2, out = book.submit(2, window_task(), 1.5)
+    assert out == []  # capacity 1: queued behind r1
+    assert book.answered("a", 1, 2.0, output=OK) == [
+        Resolve(r1, OK, None, "ok"),
+        Send(r2, "a", 2),
+    ]
+
+
+def test_faults_are_an_outcome_of_their_own_and_a_wrong_stage_is_an_error():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    faulty = WindowPoStOutput(proofs=[], faults=[7])
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert book.answered("a", 1, 1.0, output=faulty) == [Resolve(req, faulty, None, "fault")]
+    req, _ = book.submit(2, window_task(), 1.0)
+    (res,) = resolved(book.answered("a", 2, 2.0, output=WinningPoStOutput(proofs=[])))
+    assert res.error == "request 2 (window_post): a (pid 100) answered with a winning_post output"
+    assert book.counters("a") == (1, 1)
+
+
+def test_an_error_answer_is_the_answer_and_not_retried():
+    book = book_with(("a", ChildLimits(max_attempts=3)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    out = book.answered("a", 1, 1.0, error="no such sector")
+    assert out == [
+        Resolve(req, None, "request 1 (window_post) failed on a (pid 100): no such sector", "error")
+    ]
+
+
+def test_second_and_unknown_answers_are_dropped_with_a_note():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.answered("a", 1, 1.0, output=OK)
+    (again,) = book.answered("a", 1, 2.0, output=OK)
+    assert again == Note("warning", "a (pid 100): a second response to its request 1 dropped")
+    (unknown,) = book.answered("a", 9, 2.0, output=OK)
+    assert isinstance(unknown, Note) and "unknown id 9" in unknown.message
+    assert "1..1" in unknown.message
+
+
+def test_progress_is_reported_to_the_caller():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    out = book.progress("a", 1, 0.5, phase="snark", done=1, total=4)
+    assert out == [ReportProgress(req, "snark", 1, 4)]
+
+
+def test_an_event_about_a_child_never_added_is_a_bug_of_the_caller():
+    with pytest.raises(UnknownChild):
+        RequestBook().child_ready("ghost", 0.0, protocol="dext", pid=1)
+
+
+def test_an_unsendable_task_frees_the_slot_and_answers_the_request():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    r1, _ = book.submit(1, window_task(), 0.0)
+    r2, _ = book.submit(2, window_task(), 0.0)
+    out = book.unsendable("a", 1, 0.1, "request 1 (window_post): too big")
+    assert out == [Resolve(r1, None, "request 1 (window_post): too big", "error"), Send(r2, "a", 2)]
+    assert r1.attempts == 0
+
+
+# -- child loss and retry ------------------------------------------------------------------------
+
+
+def test_a_request_lost_with_its_child_is_retried_on_a_sibling():
+    book = book_with(("a", ChildLimits(max_attempts=2)), ("b", ChildLimits(max_attempts=2)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    ready(book, "b")  # b is idle, a runs the request
+    book.child_down("a", 1.0)
+    out = book.child_lost("a", 1.0, "exited (code 3)")
+    assert kinds(out) == ["Retry", "Send"]
+    retry, send = out
+    assert retry == Retry(req, "a (pid 100) went down while running it: exited (code 3)", 2, 2)
+    assert send == Send(req, "b", 1)
+    assert req.history == ["attempt 1 on a: exited (code 3)"]
+    assert book.answered("b", 1, 2.0, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
+def test_attempts_run_out_under_max_attempts():
+    book = book_with(("a", ChildLimits(max_attempts=2)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.child_lost("a", 1.0, "exited (code 3)")
+    ready(book, "a", now=2.0)
+    (res,) = resolved(book.child_lost("a", 3.0, "exited (code 4)"))
+    assert res.error == (
+        "request 1 (window_post): a (pid 100) went down while running it: exited (code 4);"
+        " giving up (MaxAttempts = 2 on a); 2 attempts made (attempt 1 on a: exited (code 3);"
+        " attempt 2 on a: exited (code 4))"
+    )
+
+
+def test_answers_written_before_a_child_went_down_are_still_taken():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    book.child_down("a", 1.0)
+    assert book.answered("a", 1, 1.1, output=OK) == [Resolve(req, OK, None, "ok")]
+    assert book.child_lost("a", 1.2, "exited (code 0)") == []
+
+
+def test_a_child_that_gave_up_fails_the_queue_with_why():
+    book = book_with(("a", ChildLimits()))
+    book.submit(1, window_task(), 0.0)
+    (res,) = resolved(book.child_gave_up("a", 1.0, fatal=True, last_exit="exited (code 1)"))
+    assert "a: exited (code 1)" in res.error and res.outcome == "error"
+
+
+# -- time ----------------------------------------------------------------------------------------
+
+
+def test_a_request_timeout_retries_elsewhere_cancels_and_kills_after_the_grace():
+    limits = ChildLimits(max_attempts=2, request_timeout=10.0, cancel_grace=5.0)
+    book = book_with(("a", limits), ("b", limits))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    ready(book, "b")
+    assert book.next_wakeup() == 10.0
+    out = book.advance(10.0)
+    assert kinds(out) == ["Retry", "SendCancel", "Send"]
+    assert out[1] == SendCancel("a", 1) and out[2] == Send(req, "b", 1)
+    assert req.history == ["attempt 1 timed out after 10s on a (pid 100)"]
+    assert book.next_wakeup() == 15.0
+    out = book.advance(15.0)
+    assert out == [Kill("a", "request 1 (child id 1) still running 5s after a Cancel")]
+    # The killed child's other work would be retried free: here there is none.
+    assert book.child_lost("a", 15.1, "killed") == []
+    assert book.answered("b", 1, 16.0, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
+def test_a_child_that_answers_within_the_grace_is_not_killed():
+    book = book_with(("a", ChildLimits(request_timeout=10.0, cancel_grace=5.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    (res,) = resolved(book.advance(10.0))  # MaxAttempts 1: answered with the timeout
+    assert res.outcome == "timeout"
+    assert book.answered("a", 1, 12.0, error="cancelled") == []  # dropped: answered already
+    assert book.advance(15.0) == [] and book.next_wakeup() is None
+
+
+def test_a_deadline_cancels_the_running_request_and_a_late_answer_is_dropped():
+    book = book_with(("a", ChildLimits(cancel_grace=5.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0, deadline=20.0)
+    assert book.next_wakeup() == 20.0
+    # The answer arrives after the deadline: the deadline is acted on first.
+    out = book.answered("a", 1, 21.0, output=OK)
+    (res,) = resolved(out)
+    assert res.outcome == "timeout" and "passed its deadline" in res.error
+    assert SendCancel("a", 1) in out
+
+
+def test_a_queued_request_fails_at_its_deadline_without_reaching_a_child():
+    book = book_with(("a", ChildLimits()))
+    req, _ = book.submit(1, window_task(), 0.0, deadline=5.0)
+    (res,) = resolved(book.advance(5.0))
+    assert res.outcome == "timeout" and "it was not sent to a prover" in res.error
+    assert req.attempts == 0
+
+
+def test_a_silent_dext_child_is_killed_after_its_heartbeat_timeout():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.progress("a", 1, 30.0, phase="vanilla", done=0, total=1)
+    assert book.advance(60.0) == []  # it spoke at 30 s
+    assert book.next_wakeup() == 90.0
+    (kill,) = book.advance(90.0)
+    assert kill == Kill(
+        "a", "hung: no Progress or Response for 60.0s while working (HeartbeatTimeoutSecs = 60)"
+    )
+
+
+def test_a_child_that_speaks_late_is_not_judged_hung_by_a_late_driver():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    # The driver was late (the heartbeat was due at 60 s), but the child speaks: it is alive.
+    assert book.answered("a", 1, 61.0, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
+def test_json_lines_children_have_no_heartbeat():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a", protocol="jsonl")
+    book.submit(1, window_task(), 0.0)
+    assert book.next_wakeup() is None
+
+
+def test_a_child_that_reads_nothing_from_a_full_stdin_is_killed():
+    book = book_with(("a", ChildLimits(stdin_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.stdin_blocked("a", 1.0)
+    book.stdin_progress("a", 40.0)
+    assert book.advance(61.0) == []
+    book.stdin_drained("a")
+    assert book.advance(100.0) == []  # drained: the watch ends
+    book.stdin_blocked("a", 200.0)
+    (kill,) = book.advance(260.0)
+    assert isinstance(kill, Kill) and "StdinTimeoutSecs = 60" in kill.reason
+
+
+# -- the caller, and shutdown --------------------------------------------------------------------
+
+
+def test_a_caller_gone_is_answered_cancelled_and_its_dext_child_told():
+    book = book_with(("a", ChildLimits(cancel_grace=5.0)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    out = book.caller_gone(1, 1.0)
+    assert out == [
+        Resolve(req, None, "request 1 abandoned by its caller", "cancelled"),
+        SendCancel("a", 1),
+    ]
+    assert book.answered("a", 1, 2.0, error="cancelled") == []  # frees the slot, nothing more
+
+
+def test_a_caller_gone_from_a_json_lines_child_is_not_told_or_killed():
+    book = book_with(("a", ChildLimits(cancel_grace=5.0)))
+    ready(book, "a", protocol="jsonl")
+    book.submit(1, window_task(), 0.0)
+    assert kinds(book.caller_gone(1, 1.0)) == ["Resolve"]
+    assert book.next_wakeup() is None
+
+
+def test_shutdown_fails_queued_requests_and_does_not_retry_lost_ones():
+    book = book_with(("a", ChildLimits(max_attempts=3)))
+    ready(book, "a")
+    running, _ = book.submit(1, window_task(), 0.0)
+    queued, _ = book.submit(2, window_task(), 0.0)
+    (res,) = resolved(book.shutdown(1.0))
+    assert res.request is queued and "still queued when the supervisor began" in res.error
+    (res,) = resolved(book.child_lost("a", 2.0, "stopped (shutdown)"))
+    assert res.request is running and "shutting down, so it was not retried" in res.error
+
+
+def test_the_grace_period_ends_what_is_left():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.shutdown(1.0)
+    (res,) = resolved(book.grace_over(31.0, 30.0))
+    assert res.error == (
+        "request 1 (window_post) did not finish on a within the shutdown grace period (30s)"
+    )
+    assert book.unanswered == 0
+
+
+def test_a_child_both_silent_and_deaf_is_killed_for_its_stdin():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0, stdin_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    book.stdin_blocked("a", 0.0)
+    (kill,) = book.advance(61.0)
+    assert isinstance(kill, Kill) and "StdinTimeoutSecs = 60" in kill.reason
