@@ -18,7 +18,7 @@ LIMITS = rules.JobLimits()
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
 
-def story() -> list[model.Job]:
+def story() -> list[model.JobRecord]:
     """Four jobs, newest first: failed at max try, succeeded with a fault, running, ready."""
 
     def go(job, event, at):
@@ -32,7 +32,7 @@ def story() -> list[model.Job]:
     busy = go(busy, rules.Heartbeat("10.0.0.7"), 497)
     faulty = go(None, rules.Create(make_input(seed=3)), 120)
     faulty = go(faulty, rules.Allocate("gpu-2", "y"), 130)
-    out = model.WindowPoStOutput(proofs=(b"p",), faults=(5,))
+    out = model.JobOutput(proofs=(b"p",), faults=(5,))
     faulty = go(faulty, rules.Finish(out, "", lease="y"), 528)
     failed = go(None, rules.Create(make_input(seed=4)), 180)
     failed = go(failed, rules.Allocate("gpu-2", "z"), 190)
@@ -102,7 +102,7 @@ def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys)
     with JobStore.open(store_url) as s:
         jobs = [s.create(make_input(seed=i), now - 10 * i)[0] for i in range(3)]
         [taken] = s.allocate(rules.AllocationSpec(), 1, "gpu-1", now)
-        s.finish(taken.Id, model.WindowPoStOutput(proofs=(b"p",), faults=()), "", now,
+        s.finish(taken.Id, model.JobOutput(proofs=(b"p",), faults=()), "", now,
                  lease=taken.lease)  # fmt: skip
 
     assert cli.main(["wdpost", "list", "--jobs", store_url]) == 0

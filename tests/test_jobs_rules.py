@@ -16,7 +16,6 @@ from damocles_ext.jobs.rules import (
     Allocated,
     AllocationSpec,
     AlreadyExists,
-    Cancelled,
     CleanedUp,
     Cleanup,
     Create,
@@ -25,6 +24,7 @@ from damocles_ext.jobs.rules import (
     Finished,
     Heartbeat,
     HeartbeatAccepted,
+    JobCancelled,
     JobLimits,
     NotFound,
     Refused,
@@ -60,13 +60,13 @@ def make_input(miner: int = 1000, sectors: int = 1, proof_type: str = "StackedDr
     )
 
 
-def created(now: float = T0, **kw) -> model.Job:
+def created(now: float = T0, **kw) -> model.JobRecord:
     step = apply(None, Create(make_input(**kw)), now, LIMITS)
     assert step.job is not None
     return step.job
 
 
-def running(now: float = T0, worker: str = "w1", lease: str = "L1", **kw) -> model.Job:
+def running(now: float = T0, worker: str = "w1", lease: str = "L1", **kw) -> model.JobRecord:
     step = apply(created(now, **kw), Allocate(worker, lease), now, LIMITS)
     assert step.job is not None and step.job.State == RUNNING
     return step.job
@@ -132,9 +132,9 @@ def test_the_damocles_json_of_a_job_has_exactly_damocles_fields_in_go_order():
 
 
 def test_an_output_is_proofs_as_base64_and_faults_as_numbers():
-    out = model.WindowPoStOutput(proofs=(b"\x01\x02\x03",), faults=(5, 9))
+    out = model.JobOutput(proofs=(b"\x01\x02\x03",), faults=(5, 9))
     assert msgspec.json.encode(out) == b'{"proofs":["AQID"],"faults":[5,9]}'
-    assert model.decode_output(b'{"proofs":["AQID"],"faults":null}') == model.WindowPoStOutput(
+    assert model.decode_output(b'{"proofs":["AQID"],"faults":null}') == model.JobOutput(
         proofs=(b"\x01\x02\x03",), faults=None
     )
 
@@ -158,7 +158,7 @@ def test_an_input_with_a_short_seed_or_a_byte_out_of_range_is_refused():
     ],
 )
 def test_the_display_state_is_damocles(state, error, faults, shown):
-    out = None if faults is None else model.WindowPoStOutput(proofs=(), faults=faults)
+    out = None if faults is None else model.JobOutput(proofs=(), faults=faults)
     job = msgspec.structs.replace(created(), State=state, ErrorReason=error, Output=out)
     assert model.display_state(job) == shown
 
@@ -229,7 +229,7 @@ def test_heartbeat_does_not_revive_a_ready_job_as_damocles_would():
 
 
 def test_finish_with_the_lease_records_the_output():
-    out = model.WindowPoStOutput(proofs=(b"p",), faults=())
+    out = model.JobOutput(proofs=(b"p",), faults=())
     step = apply(running(), Finish(out, "", lease="L1"), T0 + 9, LIMITS)
     job = step.job
     assert step.effects == (Finished(job.Id, ""),)
@@ -337,10 +337,12 @@ def test_a_job_whose_deadline_passed_is_cancelled_with_why(where):
         job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
     if where == "failed with tries left":
         job = apply(job, Finish(None, "disk gone", lease="L1"), T0 + 2, LIMITS).job
-    assert not any(isinstance(e, Cancelled) for e in apply(job, Sweep(), T0 + 10, LIMITS).effects)
+    assert not any(
+        isinstance(e, JobCancelled) for e in apply(job, Sweep(), T0 + 10, LIMITS).effects
+    )
     step = apply(job, Sweep(), T0 + 60, LIMITS)
     [cancelled] = step.effects
-    assert isinstance(cancelled, Cancelled)
+    assert isinstance(cancelled, JobCancelled)
     assert "cancelled: its deadline passed at 2023-11-14T22:14:20Z" in cancelled.reason
     assert {"ready": "waiting for a worker", "running": "running on worker 'w1'",
             "failed with tries left": "its last try failed: disk gone"}[where] in cancelled.reason  # fmt: skip

@@ -25,7 +25,7 @@ class JobRulesMachine(RuleBasedStateMachine):
     def setup(self, max_try: int) -> None:
         self.limits = JobLimits(max_try=max_try)
         self.now = T0
-        self.jobs: dict[str, model.Job] = {}
+        self.jobs: dict[str, model.JobRecord] = {}
         self.tokens = (f"L{i}" for i in itertools.count())
         self.leases_seen: set[str] = set()
         # What each worker believes it holds: lease -> job id (it never forgets a lease).
@@ -43,7 +43,7 @@ class JobRulesMachine(RuleBasedStateMachine):
             self.jobs[job_id] = step.job
         return step
 
-    def check_effect(self, before: model.Job | None, event: rules.Event, effect) -> None:
+    def check_effect(self, before: model.JobRecord | None, event: rules.Event, effect) -> None:
         if isinstance(effect, rules.Allocated):
             # A lease is given once, to one job, only from ready2run, only before the deadline.
             assert effect.lease not in self.leases_seen
@@ -85,7 +85,7 @@ class JobRulesMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from([w for w in WORKERS if self.held[w]]))
         lease, job_id = data.draw(st.sampled_from(sorted(self.held[worker].items())))
         event = rules.Finish(
-            model.WindowPoStOutput(proofs=(b"p",), faults=()) if not error else None,
+            model.JobOutput(proofs=(b"p",), faults=()) if not error else None,
             error,
             lease=lease if how == "lease" else None,
             worker=worker if how == "named" else None,

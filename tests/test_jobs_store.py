@@ -34,7 +34,7 @@ def js(store_url: str):
         yield s
 
 
-def create_many(s: JobStore, count: int, now: float = T0, **kw) -> list[model.Job]:
+def create_many(s: JobStore, count: int, now: float = T0, **kw) -> list[model.JobRecord]:
     events = [rules.Create(make_input(seed=i % 256, miner=1000 + i // 256), **kw)
               for i in range(count)]  # fmt: skip
     made = s.create_many(events, now)
@@ -79,7 +79,7 @@ def test_create_is_idempotent_and_a_record_reads_back_as_written(js):
     assert made[0][0] == made[2][0] == js.get(made[0][0].Id) and made[1][0] == job
     js.remove(made[0][0].Id, T0)
     [allocated] = js.allocate(ANY, 5, "w1", T0 + 1)
-    out = model.WindowPoStOutput(proofs=(b"\x00\xff" * 96,), faults=(2,))
+    out = model.JobOutput(proofs=(b"\x00\xff" * 96,), faults=(2,))
     [finished] = js.finish(job.Id, out, "", T0 + 2, lease=allocated.lease).jobs
     assert js.get(job.Id) == finished
     assert finished.Output == out and model.display_state(finished) == "Faults(1)"
@@ -180,7 +180,7 @@ def test_a_late_finish_or_heartbeat_from_a_fenced_worker_is_refused(js):
         [refused] = late.effects
         assert isinstance(refused, rules.Refused), refused
     assert js.get(job.Id) == second
-    out = model.WindowPoStOutput(proofs=(b"p",), faults=())
+    out = model.JobOutput(proofs=(b"p",), faults=())
     assert js.finish(job.Id, out, "", T0 + 19, lease=second.lease).effects == (
         rules.Finished(job.Id, ""),
     )
@@ -211,7 +211,7 @@ def test_jobs_past_their_deadline_are_cancelled_with_why(js):
     assert [j.Id for j in js.allocate(ANY, 1, "w1", T0)] == [busy.Id]
     js.heartbeat([busy.Id], "w1", T0 + 45)
     swept = js.sweep(T0 + 60)
-    cancelled = {e.job_id: e.reason for e in swept.effects if isinstance(e, rules.Cancelled)}
+    cancelled = {e.job_id: e.reason for e in swept.effects if isinstance(e, rules.JobCancelled)}
     assert set(cancelled) == {waiting.Id, busy.Id}
     assert "it was waiting for a worker" in cancelled[waiting.Id]
     assert "it was running on worker 'w1'" in cancelled[busy.Id]
@@ -382,7 +382,7 @@ async def test_the_trio_wrapper_runs_store_calls_in_threads_with_its_clock(store
         job, made = await ts.create(make_input())
         assert made and job.CreatedAt == int(T0)
         async with trio.open_nursery() as nursery:
-            results: list[list[model.Job]] = []
+            results: list[list[model.JobRecord]] = []
 
             async def take(name: str) -> None:
                 results.append(await ts.allocate(ANY, 1, name))

@@ -322,3 +322,26 @@ def test_a_child_both_silent_and_deaf_is_killed_for_its_stdin():
     book.stdin_blocked("a", 0.0)
     (kill,) = book.advance(61.0)
     assert isinstance(kill, Kill) and "StdinTimeoutSecs = 60" in kill.reason
+
+
+def test_a_deadline_passing_while_its_child_goes_down_answers_the_request_then():
+    # The scheduler forgets what ran on a child that went down; the request stays on it until
+    # it is lost, and its deadline must not be missed meanwhile.
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0, deadline=10.0)
+    book.child_down("a", 5.0)
+    assert book.next_wakeup() == 10.0
+    (res,) = resolved(book.advance(10.0))
+    assert (
+        res.outcome == "timeout" and "while a (pid 100), which ran it, was going down" in res.error
+    )
+    assert book.child_lost("a", 12.0, "exited (code 0)") == []
+
+
+def test_a_kill_at_the_deadline_still_answers_the_request_at_its_deadline():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=8.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0, deadline=8.0)
+    out = book.advance(8.0)
+    assert kinds(out) == ["Kill", "Resolve"] and out[1].outcome == "timeout"

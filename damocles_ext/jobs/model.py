@@ -3,8 +3,8 @@
 The damocles fields keep damocles' Go names and JSON forms, so a record we store reads exactly as
 damocles-manager's own `Venus.WdPoStAllJobs` would show it: `[32]byte` as arrays of integers,
 nil slices as `null`, proofs as base64, unix seconds with 0 for "unset". Our additions (a lease
-token per allocation, a deadline, the time a job was cancelled) are lower-case fields of `Job`
-only; `Job.damocles()` drops them.
+token per allocation, a deadline, the time a job was cancelled) are lower-case fields of `JobRecord`
+only; `JobRecord.damocles()` drops them.
 
 The job id is damocles' own: xxHash64 of the exact Go JSON of the input, the 8 bytes
 little-endian, base58 (Bitcoin alphabet). Go's encoder is not msgspec's (it escapes `<`, `>`, `&`,
@@ -65,7 +65,7 @@ class WdPoStInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     Seed: Bytes32
 
 
-class WindowPoStOutput(msgspec.Struct, frozen=True):
+class JobOutput(msgspec.Struct, frozen=True):
     """A worker's result; proofs travel as base64 strings, as Go writes `[][]byte`."""
 
     proofs: tuple[bytes, ...] | None
@@ -80,7 +80,7 @@ class WdPoStJob(msgspec.Struct, frozen=True):
     DeadlineIdx: I64
     Partitions: tuple[U64, ...] | None
     Input: WdPoStInput
-    Output: WindowPoStOutput | None
+    Output: JobOutput | None
     TryNum: U64
     ErrorReason: str
     WorkerName: str
@@ -91,7 +91,7 @@ class WdPoStJob(msgspec.Struct, frozen=True):
     UpdatedAt: I64
 
 
-class Job(WdPoStJob, frozen=True):
+class JobRecord(WdPoStJob, frozen=True):
     """damocles' record plus our fields.
 
     `lease`: the token of the current allocation (None when not running); heartbeats and
@@ -122,14 +122,14 @@ _damocles_encoder = msgspec.json.Encoder()
 _job_encoder = msgspec.json.Encoder()
 
 
-def damocles_json(job: Job | WdPoStJob) -> bytes:
+def damocles_json(job: JobRecord | WdPoStJob) -> bytes:
     """The record as damocles' JSON (Go field names and order, our fields left out)."""
-    if isinstance(job, Job):
+    if isinstance(job, JobRecord):
         job = job.damocles()
     return _damocles_encoder.encode(job)
 
 
-def job_json(job: Job) -> bytes:
+def job_json(job: JobRecord) -> bytes:
     """The whole record, our fields included (what the store keeps and our own API shows)."""
     return _job_encoder.encode(job)
 
@@ -148,12 +148,12 @@ def decode_input(data: bytes | str) -> WdPoStInput:
     return msgspec.json.decode(data, type=WdPoStInput)
 
 
-def decode_output(data: bytes | str) -> WindowPoStOutput | None:
-    return msgspec.json.decode(data, type=WindowPoStOutput | None)
+def decode_output(data: bytes | str) -> JobOutput | None:
+    return msgspec.json.decode(data, type=JobOutput | None)
 
 
-def decode_job(data: bytes | str) -> Job:
-    return msgspec.json.decode(data, type=Job)
+def decode_job(data: bytes | str) -> JobRecord:
+    return msgspec.json.decode(data, type=JobRecord)
 
 
 # --- damocles' job id ---------------------------------------------------------------------------

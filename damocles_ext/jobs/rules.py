@@ -51,9 +51,9 @@ from .model import (
     HEARTBEAT_TIMEOUT_REASON,
     READY,
     RUNNING,
-    Job,
+    JobOutput,
+    JobRecord,
     WdPoStInput,
-    WindowPoStOutput,
     job_id,
 )
 
@@ -112,7 +112,7 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    output: WindowPoStOutput | None
+    output: JobOutput | None
     error_reason: str
     lease: str | None = None
     worker: str | None = None  # for a tokenless finish, when the caller knows who sent it
@@ -196,7 +196,7 @@ class Retried:
 
 
 @dataclass(frozen=True, slots=True)
-class Cancelled:
+class JobCancelled:
     job_id: str
     reason: str
 
@@ -224,7 +224,7 @@ class NotFound:
 
 Effect = (
     Created | AlreadyExists | Allocated | HeartbeatAccepted | Finished | Refused | TimedOut
-    | Retried | Cancelled | WasReset | Removed | CleanedUp | NotFound
+    | Retried | JobCancelled | WasReset | Removed | CleanedUp | NotFound
 )  # fmt: skip
 
 
@@ -232,7 +232,7 @@ Effect = (
 class Step:
     """What one event did: the record to store (None: no such job / removed) and the effects."""
 
-    job: Job | None
+    job: JobRecord | None
     effects: tuple[Effect, ...]
 
 
@@ -248,15 +248,15 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _replace(job: Job, **changes: object) -> Job:
+def _replace(job: JobRecord, **changes: object) -> JobRecord:
     return msgspec.structs.replace(job, **changes)
 
 
-def deadline_passed(job: Job, now: float) -> bool:
+def deadline_passed(job: JobRecord, now: float) -> bool:
     return job.not_after is not None and now >= job.not_after
 
 
-def retryable(job: Job, limits: JobLimits) -> bool:
+def retryable(job: JobRecord, limits: JobLimits) -> bool:
     """A failed job that the next Sweep puts back to ready2run."""
     return (
         job.State == FINISHED
@@ -266,7 +266,7 @@ def retryable(job: Job, limits: JobLimits) -> bool:
     )
 
 
-def is_done(job: Job, limits: JobLimits) -> bool:
+def is_done(job: JobRecord, limits: JobLimits) -> bool:
     """Whether the job's outcome is final: what a waiting producer answers with.
 
     damocles' `Finished(maxTry)`: finished with no error, or with an error and no tries left;
@@ -281,10 +281,10 @@ def new_job(
     deadline_idx: int = 0,
     partitions: Sequence[int] | None = None,
     not_after: float | None = None,
-) -> Job:
+) -> JobRecord:
     """A new ready2run record for this input (damocles' Create)."""
     t = _seconds(now)
-    return Job(
+    return JobRecord(
         Id=job_id(job_input),
         State=READY,
         DeadlineIdx=deadline_idx,
@@ -304,7 +304,7 @@ def new_job(
     )
 
 
-def _create(job: Job | None, event: Create, now: float, limits: JobLimits) -> Step:
+def _create(job: JobRecord | None, event: Create, now: float, limits: JobLimits) -> Step:
     if job is not None:
         return Step(job, (AlreadyExists(job.Id, job.State),))
     made = new_job(
@@ -317,7 +317,7 @@ def _create(job: Job | None, event: Create, now: float, limits: JobLimits) -> St
     return Step(made, (Created(made.Id),))
 
 
-def _allocate(job: Job, event: Allocate, now: float, limits: JobLimits) -> Step:
+def _allocate(job: JobRecord, event: Allocate, now: float, limits: JobLimits) -> Step:
     if job.State != READY:
         return Step(job, (Refused(job.Id, "allocate", f"the job is {job.State}"),))
     if deadline_passed(job, now):
@@ -336,7 +336,7 @@ def _allocate(job: Job, event: Allocate, now: float, limits: JobLimits) -> Step:
     return Step(allocated, (Allocated(job.Id, event.worker, event.lease, allocated.TryNum),))
 
 
-def _fence(job: Job, lease: str | None, worker: str | None) -> str | None:
+def _fence(job: JobRecord, lease: str | None, worker: str | None) -> str | None:
     """Why this worker may not touch this job now, or None when it may."""
     if job.State != RUNNING:
         return f"the job is {job.State}, not running: its result is no longer expected from you"
@@ -351,7 +351,7 @@ def _fence(job: Job, lease: str | None, worker: str | None) -> str | None:
     return None
 
 
-def _heartbeat(job: Job, event: Heartbeat, now: float, limits: JobLimits) -> Step:
+def _heartbeat(job: JobRecord, event: Heartbeat, now: float, limits: JobLimits) -> Step:
     why = _fence(job, event.lease, event.worker)
     if why is not None:
         return Step(job, (Refused(job.Id, "heartbeat", why),))
@@ -359,7 +359,7 @@ def _heartbeat(job: Job, event: Heartbeat, now: float, limits: JobLimits) -> Ste
     return Step(_replace(job, HeartbeatAt=t, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
 
 
-def _finish(job: Job, event: Finish, now: float, limits: JobLimits) -> Step:
+def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Step:
     why = _fence(job, event.lease, event.worker)
     if why is None and deadline_passed(job, now):
         assert job.not_after is not None
@@ -379,7 +379,7 @@ def _finish(job: Job, event: Finish, now: float, limits: JobLimits) -> Step:
     return Step(finished, (Finished(job.Id, event.error_reason),))
 
 
-def cancel_reason(job: Job, limits: JobLimits) -> str:
+def cancel_reason(job: JobRecord, limits: JobLimits) -> str:
     """The ErrorReason of a job cancelled because its deadline passed: what a producer answers."""
     assert job.not_after is not None
     where = {
@@ -393,7 +393,7 @@ def cancel_reason(job: Job, limits: JobLimits) -> str:
     )
 
 
-def _sweep(job: Job, event: Sweep, now: float, limits: JobLimits) -> Step:
+def _sweep(job: JobRecord, event: Sweep, now: float, limits: JobLimits) -> Step:
     t = _seconds(now)
     effects: list[Effect] = []
     if deadline_passed(job, now) and (job.State != FINISHED or retryable(job, limits)):
@@ -408,7 +408,7 @@ def _sweep(job: Job, event: Sweep, now: float, limits: JobLimits) -> Step:
             lease=None,
             cancelled_at=t,
         )
-        return Step(job, (Cancelled(job.Id, reason),))
+        return Step(job, (JobCancelled(job.Id, reason),))
     if (
         job.State == RUNNING
         and job.HeartbeatAt > 0
@@ -438,13 +438,13 @@ def _sweep(job: Job, event: Sweep, now: float, limits: JobLimits) -> Step:
     return Step(job, tuple(effects))
 
 
-def _cleanup(job: Job, event: Cleanup, now: float, limits: JobLimits) -> Step:
+def _cleanup(job: JobRecord, event: Cleanup, now: float, limits: JobLimits) -> Step:
     if job.State == FINISHED and job.CreatedAt < now - limits.job_lifetime:
         return Step(None, (CleanedUp(job.Id),))
     return Step(job, ())
 
 
-def _reset(job: Job, event: Reset, now: float, limits: JobLimits) -> Step:
+def _reset(job: JobRecord, event: Reset, now: float, limits: JobLimits) -> Step:
     t = _seconds(now)
     reset = _replace(
         job,
@@ -464,7 +464,7 @@ def _reset(job: Job, event: Reset, now: float, limits: JobLimits) -> Step:
     return Step(reset, (WasReset(job.Id),))
 
 
-def _remove(job: Job, event: Remove, now: float, limits: JobLimits) -> Step:
+def _remove(job: JobRecord, event: Remove, now: float, limits: JobLimits) -> Step:
     return Step(None, (Removed(job.Id),))
 
 
@@ -485,7 +485,7 @@ def event_name(event: Event) -> str:
 
 
 def apply(
-    job: Job | None, event: Event, now: float, limits: JobLimits, *, job_id: str | None = None
+    job: JobRecord | None, event: Event, now: float, limits: JobLimits, *, job_id: str | None = None
 ) -> Step:
     """One event on one job. `job` None means there is no such job (`job_id` names it then)."""
     if isinstance(event, Create):
@@ -524,21 +524,21 @@ class AllocationSpec:
     allowed_miners: tuple[int, ...] = ()
     allowed_proof_types: tuple[str, ...] = ()
 
-    def admits(self, job: Job) -> bool:
+    def admits(self, job: JobRecord) -> bool:
         if self.allowed_miners and job.Input.MinerId not in self.allowed_miners:
             return False
         return not self.allowed_proof_types or job.Input.ProofType in self.allowed_proof_types
 
 
-def allocatable(job: Job, spec: AllocationSpec, now: float) -> bool:
+def allocatable(job: JobRecord, spec: AllocationSpec, now: float) -> bool:
     return job.State == READY and not deadline_passed(job, now) and spec.admits(job)
 
 
-def allocation_key(job: Job) -> tuple[bool, float, int, str]:
+def allocation_key(job: JobRecord) -> tuple[bool, float, int, str]:
     """Earliest deadline first; jobs without one after those with one; then oldest first."""
     return (job.not_after is None, job.not_after or 0.0, job.CreatedAt, job.Id)
 
 
-def choose(jobs: Iterable[Job], spec: AllocationSpec, n: int, now: float) -> list[Job]:
+def choose(jobs: Iterable[JobRecord], spec: AllocationSpec, n: int, now: float) -> list[JobRecord]:
     """The jobs an allocation of `n` takes, in the order it takes them."""
     return sorted((j for j in jobs if allocatable(j, spec, now)), key=allocation_key)[:n]

@@ -22,7 +22,6 @@ trio wrapper reads the clock, tests pass the time they want.
 from __future__ import annotations
 
 import functools
-import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,252 +30,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
 
-import msgspec
 import sqlalchemy as sa
 import trio
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import Connection
 
-from ..errors import DextError, UsageError
-from . import model, rules
-from .model import FINISHED, READY, RUNNING, Job, WdPoStInput, WindowPoStOutput
-
-#: The schema this code reads and writes. A store at a newer version is refused (a newer
-#: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 1
-
-URL_HELP = (
-    "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
-    "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
-)
-DEFAULT_BUSY_TIMEOUT = 30.0
-DEFAULT_CONNECT_TIMEOUT = 10
-# Rows one sweep or cleanup pass changes at most (damocles: 128); the caller runs another pass
-# when a pass was full.
-DEFAULT_PASS_LIMIT = 1000
-
-
-class StoreError(DextError):
-    """The job store failed (unreachable, or an error from the database): exit code 1."""
-
-
-class StoreConfigError(StoreError, UsageError):
-    """A bad store URL, or a store this version cannot use: exit code 2."""
-
-
-class StoreConflict(StoreError):
-    """A row changed between our read and our write; the caller may retry the operation."""
-
-
-class InvalidJob(UsageError):
-    """A job that cannot be stored as given (a value out of range, a deadline that is no time)."""
-
-
-class JobNotFound(StoreError):
-    def __init__(self, job_id: str) -> None:
-        # damocles' words for it, which its CLI and RPC clients print.
-        super().__init__(f"job '{job_id}' does not exist")
-        self.job_id = job_id
-
-
-metadata = sa.MetaData()
-
-# Table names carry our prefix: a PostgreSQL database may be shared with other programs.
-schema_version = sa.Table(
-    "dext_schema_version",
+from . import rules
+from .database import (
+    DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PASS_LIMIT,
+    SCHEMA_VERSION,
+    URL_HELP,
+    InvalidJob,
+    JobNotFound,
+    StoreConfigError,
+    StoreConflict,
+    StoreError,
+    check_create,
+    describe_url,
+    first_line,
+    guard,
+    is_unreachable,
+    job_of_row,
+    jobs,
+    make_engine,
     metadata,
-    sa.Column("version", sa.Integer, nullable=False),
+    parse_url,
+    row_values,
+    schema_version,
 )
-
-jobs = sa.Table(
-    "dext_wdpost_jobs",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("deadline_idx", sa.BigInteger, nullable=False),
-    sa.Column("partitions", sa.Text, nullable=False),  # JSON, "null" for none
-    sa.Column("input", sa.Text, nullable=False),  # JSON, damocles' form
-    sa.Column("miner_id", sa.BigInteger, nullable=False),  # from input, for allocation filters
-    sa.Column("proof_type", sa.Text, nullable=False),  # likewise
-    sa.Column("output", sa.Text, nullable=True),  # JSON
-    sa.Column("try_num", sa.BigInteger, nullable=False),
-    sa.Column("error_reason", sa.Text, nullable=False),
-    sa.Column("worker_name", sa.Text, nullable=False),
-    sa.Column("started_at", sa.BigInteger, nullable=False),
-    sa.Column("heartbeat_at", sa.BigInteger, nullable=False),
-    sa.Column("finished_at", sa.BigInteger, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.Column("updated_at", sa.BigInteger, nullable=False),
-    sa.Column("lease", sa.Text, nullable=True),
-    sa.Column("not_after", sa.Float, nullable=True),
-    sa.Column("cancelled_at", sa.BigInteger, nullable=False),
-    sa.Index("dext_wdpost_jobs_state", "state", "not_after", "created_at"),
-)
-
-# --- URLs and engines ---------------------------------------------------------------------------
-
-
-def describe_url(url: str | URL) -> str:
-    """The URL for messages and logs, its password hidden."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except exc.ArgumentError:
-        return "<unparsable URL>"
-    return parsed.render_as_string(hide_password=True)
-
-
-def parse_url(url: str) -> URL:
-    """A store URL as SQLAlchemy takes it: `postgresql://` means psycopg 3; only the two engines.
-
-    Raises StoreConfigError saying what is wrong with the URL and what to give instead."""
-    try:
-        parsed = make_url(url)
-    except exc.ArgumentError:
-        raise StoreConfigError(f"job store URL {url!r} is not a URL: {URL_HELP}") from None
-    backend, _, driver = parsed.drivername.partition("+")
-    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
-        return parsed.set(drivername="postgresql+psycopg")
-    if backend == "sqlite" and driver in ("", "pysqlite"):
-        if parsed.database in (None, "", ":memory:"):
-            raise StoreConfigError(
-                f"job store URL {describe_url(parsed)!r} names no file: an in-memory SQLite "
-                f"store is lost with the process and cannot be shared; {URL_HELP}"
-            )
-        return parsed.set(drivername="sqlite+pysqlite")
-    raise StoreConfigError(
-        f"job store URL {describe_url(parsed)!r}: {parsed.drivername!r} is not supported "
-        f"(SQLite and PostgreSQL through psycopg 3 are); {URL_HELP}"
-    )
-
-
-def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" below issue the BEGIN: pysqlite's own is a deferred one,
-        # which lets two writers both read and then fail to upgrade their locks.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
-    """An engine for a store URL (not yet connected)."""
-    parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(
-            parsed,
-            connect_args={"timeout": busy_timeout, "check_same_thread": False},
-            pool_size=pool_size,
-            max_overflow=pool_size,
-        )
-        _sqlite_setup(engine, busy_timeout)
-        return engine
-    return sa.create_engine(
-        parsed,
-        connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-    )
-
-
-# --- rows and records ---------------------------------------------------------------------------
-
-_encoder = msgspec.json.Encoder()
-
-
-def _row_values(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.Id,
-        "state": job.State,
-        "deadline_idx": job.DeadlineIdx,
-        "partitions": _encoder.encode(job.Partitions).decode(),
-        "input": _encoder.encode(job.Input).decode(),
-        "miner_id": job.Input.MinerId,
-        "proof_type": job.Input.ProofType,
-        "output": None if job.Output is None else _encoder.encode(job.Output).decode(),
-        "try_num": job.TryNum,
-        "error_reason": job.ErrorReason,
-        "worker_name": job.WorkerName,
-        "started_at": job.StartedAt,
-        "heartbeat_at": job.HeartbeatAt,
-        "finished_at": job.FinishedAt,
-        "created_at": job.CreatedAt,
-        "updated_at": job.UpdatedAt,
-        "lease": job.lease,
-        "not_after": job.not_after,
-        "cancelled_at": job.cancelled_at,
-    }
-
-
-def _job_of_row(row: Any) -> Job:
-    try:
-        return Job(
-            Id=row.id,
-            State=row.state,
-            DeadlineIdx=row.deadline_idx,
-            Partitions=msgspec.json.decode(row.partitions, type=tuple[int, ...] | None),
-            Input=msgspec.json.decode(row.input, type=WdPoStInput),
-            Output=None
-            if row.output is None
-            else msgspec.json.decode(row.output, type=WindowPoStOutput),
-            TryNum=row.try_num,
-            ErrorReason=row.error_reason,
-            WorkerName=row.worker_name,
-            StartedAt=row.started_at,
-            HeartbeatAt=row.heartbeat_at,
-            FinishedAt=row.finished_at,
-            CreatedAt=row.created_at,
-            UpdatedAt=row.updated_at,
-            lease=row.lease,
-            not_after=row.not_after,
-            cancelled_at=row.cancelled_at,
-        )
-    except msgspec.MsgspecError as e:
-        raise StoreError(f"job {row.id!r} in the store is damaged ({e}): remove it") from None
-
-
-def _check_create(event: rules.Create) -> None:
-    try:
-        model.check_input(event.input)
-    except ValueError as e:
-        raise InvalidJob(str(e)) from None
-    if not 0 <= event.deadline_idx <= model.I64_MAX:
-        raise InvalidJob(f"bad job: DeadlineIdx {event.deadline_idx} is out of range")
-    if event.partitions is not None and not all(0 <= p <= model.I64_MAX for p in event.partitions):
-        raise InvalidJob(f"bad job: a partition index in {list(event.partitions)} is out of range")
-    if event.not_after is not None and not math.isfinite(event.not_after):
-        raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
-
-
-def _guard(old: Job) -> Any:
-    # The row as we read it: a write that finds anything else lost a race and must not land.
-    return sa.and_(
-        jobs.c.id == old.Id,
-        jobs.c.state == old.State,
-        jobs.c.try_num == old.TryNum,
-        jobs.c.updated_at == old.UpdatedAt,
-        jobs.c.lease.is_(None) if old.lease is None else jobs.c.lease == old.lease,
-    )
-
-
-# --- the store ----------------------------------------------------------------------------------
+from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _database_errors(method: Callable[P, R]) -> Callable[P, R]:
+def database_errors(method: Callable[P, R]) -> Callable[P, R]:
     """Turn a database failure into a StoreError that names the store and says what to do."""
 
     @functools.wraps(method)
@@ -286,48 +78,20 @@ def _database_errors(method: Callable[P, R]) -> Callable[P, R]:
         try:
             return method(*args, **kwargs)
         except exc.DBAPIError as e:
-            if _is_unreachable(e):
+            if is_unreachable(e):
                 raise StoreError(store.unreachable_message(e)) from e
             raise StoreError(
-                f"job store {store.where}: {method.__name__} failed: {_first_line(e)}"
+                f"job store {store.where}: {method.__name__} failed: {first_line(e)}"
             ) from e
 
     return wrapper
-
-
-def _is_unreachable(error: exc.DBAPIError) -> bool:
-    """A failure to reach or open the database, as opposed to an error of one statement."""
-    if error.connection_invalidated:
-        return True
-    # psycopg: class 08 is a connection exception, 57P0x the server shutting down; a deadlock
-    # (40P01) or a lock timeout is an OperationalError too, but the server was reached.
-    sqlstate = getattr(error.orig, "sqlstate", None)
-    if sqlstate is not None:
-        return bool(sqlstate.startswith(("08", "57P")))
-    # sqlite3: the file cannot be opened, read or locked; not an error of one statement.
-    code = getattr(error.orig, "sqlite_errorname", None)
-    if code is not None:
-        return bool(code.startswith(_SQLITE_UNREACHABLE))
-    # psycopg has no SQLSTATE before a connection exists.
-    return isinstance(error, exc.OperationalError)
-
-
-_SQLITE_UNREACHABLE = (
-    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_NOTADB", "SQLITE_READONLY",
-    "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT",
-)  # fmt: skip
-
-
-def _first_line(error: exc.DBAPIError) -> str:
-    text = str(error.orig) if error.orig is not None else str(error)
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What a write did: the records as stored after it and the rules' effects."""
 
-    jobs: tuple[Job, ...]
+    jobs: tuple[JobRecord, ...]
     effects: tuple[rules.Effect, ...]
 
 
@@ -388,7 +152,7 @@ class JobStore:
 
     def unreachable_message(self, error: exc.DBAPIError) -> str:
         """What went wrong reaching the database, and what to do about it."""
-        what = _first_line(error)
+        what = first_line(error)
         if self.is_postgresql:
             return (
                 f"cannot reach the job store {self.where}: {what}; check that the PostgreSQL "
@@ -426,7 +190,7 @@ class JobStore:
 
     # --- schema -------------------------------------------------------------------------------
 
-    @_database_errors
+    @database_errors
     def migrate(self) -> int:
         """Create the schema, or bring an older one up to SCHEMA_VERSION; returns the version
         found (0 for a new store). Refuses a newer one with a StoreConfigError."""
@@ -461,31 +225,31 @@ class JobStore:
             )
         return int(versions[0])
 
-    @_database_errors
+    @database_errors
     def schema_version(self) -> int:
         with self._transaction() as conn:
             return self._version(conn)
 
     # --- one job at a time --------------------------------------------------------------------
 
-    def _read(self, conn: Connection, job_id: str, *, lock: bool = True) -> Job | None:
+    def _read(self, conn: Connection, job_id: str, *, lock: bool = True) -> JobRecord | None:
         statement = sa.select(jobs).where(jobs.c.id == job_id)
         row = conn.execute(self._locked(statement) if lock else statement).first()
-        return None if row is None else _job_of_row(row)
+        return None if row is None else job_of_row(row)
 
-    def _write(self, conn: Connection, old: Job | None, new: Job | None) -> None:
+    def _write(self, conn: Connection, old: JobRecord | None, new: JobRecord | None) -> None:
         if old is None and new is None:
             return
         if old is None:
             assert new is not None
-            conn.execute(self._insert(jobs).values(_row_values(new)))
+            conn.execute(self._insert(jobs).values(row_values(new)))
             return
         if new is None:
-            done = conn.execute(jobs.delete().where(_guard(old)))
+            done = conn.execute(jobs.delete().where(guard(old)))
         elif new == old:
             return
         else:
-            done = conn.execute(jobs.update().where(_guard(old)).values(_row_values(new)))
+            done = conn.execute(jobs.update().where(guard(old)).values(row_values(new)))
         if done.rowcount != 1:
             raise StoreConflict(
                 f"job {old.Id} changed in the store {self.where} while it was being updated: "
@@ -498,10 +262,10 @@ class JobStore:
         self._write(conn, old, step.job)
         return step
 
-    @_database_errors
+    @database_errors
     def create(self, job_input: WdPoStInput, now: float, *, deadline_idx: int = 0,
                partitions: Sequence[int] | None = None,
-               not_after: float | None = None) -> tuple[Job, bool]:  # fmt: skip
+               not_after: float | None = None) -> tuple[JobRecord, bool]:  # fmt: skip
         """damocles' Create: the job for this input, made if new; returns (job, created)."""
         event = rules.Create(
             job_input,
@@ -512,16 +276,18 @@ class JobStore:
         with self._transaction() as conn:
             return self._create(conn, event, now)
 
-    @_database_errors
-    def create_many(self, events: Sequence[rules.Create], now: float) -> list[tuple[Job, bool]]:
+    @database_errors
+    def create_many(
+        self, events: Sequence[rules.Create], now: float
+    ) -> list[tuple[JobRecord, bool]]:
         """Several Creates in one transaction (a deadline's partitions at once), in the order
         given; one read and one multi-row insert, however many there are."""
         for create in events:
-            _check_create(create)
+            check_create(create)
         ids = [rules.new_job(create.input, now).Id for create in events]
         with self._transaction() as conn:
             existing = self._read_many(conn, ids)
-            fresh: dict[str, Job] = {}
+            fresh: dict[str, JobRecord] = {}
             for job_id, create in zip(ids, events, strict=True):
                 if job_id in existing or job_id in fresh:
                     continue
@@ -531,7 +297,7 @@ class JobStore:
             inserted: set[str] = set()
             if fresh:
                 statement = self._insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
-                rows = conn.execute(statement, [_row_values(j) for j in fresh.values()])
+                rows = conn.execute(statement, [row_values(j) for j in fresh.values()])
                 inserted = set(rows.scalars().all())
             if len(inserted) < len(fresh):
                 # Other producers made some of them between our read and our insert.
@@ -549,17 +315,17 @@ class JobStore:
                     raise StoreConflict(f"job {job_id} was created and removed at once; retry")
             return made
 
-    def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+    def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         ids = sorted(set(job_ids))
-        found: dict[str, Job] = {}
+        found: dict[str, JobRecord] = {}
         for start in range(0, len(ids), 500):
             statement = sa.select(jobs).where(jobs.c.id.in_(ids[start : start + 500]))
             for row in conn.execute(statement):
-                found[row.id] = _job_of_row(row)
+                found[row.id] = job_of_row(row)
         return found
 
-    def _create(self, conn: Connection, event: rules.Create, now: float) -> tuple[Job, bool]:
-        _check_create(event)
+    def _create(self, conn: Connection, event: rules.Create, now: float) -> tuple[JobRecord, bool]:
+        check_create(event)
         job_id = rules.new_job(event.input, now).Id
         existing = self._read(conn, job_id, lock=False)
         step = rules.apply(existing, event, now, self.limits, job_id=job_id)
@@ -568,7 +334,7 @@ class JobStore:
             return existing, False
         inserted = conn.execute(
             self._insert(jobs)
-            .values(_row_values(step.job))
+            .values(row_values(step.job))
             .on_conflict_do_nothing()
             .returning(jobs.c.id)
         ).first()
@@ -580,25 +346,25 @@ class JobStore:
             raise StoreConflict(f"job {job_id} was created and removed at once; retry")
         return raced, False
 
-    @_database_errors
-    def get(self, job_id: str) -> Job | None:
+    @database_errors
+    def get(self, job_id: str) -> JobRecord | None:
         with self._transaction() as conn:
             return self._read(conn, job_id, lock=False)
 
-    @_database_errors
-    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+    @database_errors
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
         """The jobs among these ids that exist (a producer's look for its results)."""
         with self._transaction() as conn:
             return self._read_many(conn, list(job_ids))
 
-    @_database_errors
-    def list_jobs(self) -> list[Job]:
+    @database_errors
+    def list_jobs(self) -> list[JobRecord]:
         """Every job, newest CreatedAt first (damocles' order)."""
         with self._transaction() as conn:
             rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id)).all()
-        return [_job_of_row(row) for row in rows]
+        return [job_of_row(row) for row in rows]
 
-    @_database_errors
+    @database_errors
     def heartbeat(self, job_ids: Sequence[str], worker: str, now: float, *,
                   leases: Mapping[str, str] | None = None) -> Outcome:  # fmt: skip
         """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
@@ -610,7 +376,7 @@ class JobStore:
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
               event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip
-        stored: list[Job] = []
+        stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
         # Sorted: two callers locking the same rows in the same order cannot deadlock.
         for job_id in sorted(set(job_ids)):
@@ -620,16 +386,16 @@ class JobStore:
                 stored.append(step.job)
         return Outcome(tuple(stored), tuple(effects))
 
-    @_database_errors
-    def finish(self, job_id: str, output: WindowPoStOutput | None, error_reason: str,
+    @database_errors
+    def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
                now: float, *, lease: str | None = None, worker: str | None = None) -> Outcome:  # fmt: skip
         """damocles' Finish, fenced: see rules. A refusal is a `Refused` effect, not an error."""
         event = rules.Finish(output, error_reason, lease=lease, worker=worker)
         with self._transaction() as conn:
             return self._each(conn, [job_id], now, lambda _id: event)
 
-    @_database_errors
-    def reset(self, job_id: str, now: float) -> Job:
+    @database_errors
+    def reset(self, job_id: str, now: float) -> JobRecord:
         """damocles' Reset; raises JobNotFound for an unknown id (damocles' message)."""
         with self._transaction() as conn:
             step = self._apply(conn, job_id, rules.Reset(), now)
@@ -637,14 +403,14 @@ class JobStore:
             raise JobNotFound(job_id)
         return step.job
 
-    @_database_errors
+    @database_errors
     def remove(self, job_id: str, now: float) -> bool:
         """damocles' Remove: an unknown id is a silent success; returns whether one was removed."""
         with self._transaction() as conn:
             step = self._apply(conn, job_id, rules.Remove(), now)
         return any(isinstance(e, rules.Removed) for e in step.effects)
 
-    @_database_errors
+    @database_errors
     def remove_all(self, now: float) -> list[str]:
         """Every job removed; their ids."""
         with self._transaction() as conn:
@@ -654,8 +420,10 @@ class JobStore:
 
     # --- many jobs at once --------------------------------------------------------------------
 
-    @_database_errors
-    def allocate(self, spec: rules.AllocationSpec, n: int, worker: str, now: float) -> list[Job]:
+    @database_errors
+    def allocate(
+        self, spec: rules.AllocationSpec, n: int, worker: str, now: float
+    ) -> list[JobRecord]:
         """damocles' AllocateJobs: up to `n` ready jobs this worker may take, earliest deadline
         first, each now running on it under a new lease (the returned records carry it)."""
         if n <= 0:
@@ -672,17 +440,17 @@ class JobStore:
         candidates = candidates.order_by(
             jobs.c.not_after.asc().nulls_last(), jobs.c.created_at, jobs.c.id
         ).limit(n)
-        allocated: list[Job] = []
+        allocated: list[JobRecord] = []
         with self._transaction() as conn:
             rows = conn.execute(self._locked(candidates, skip_locked=True)).all()
-            for job in rules.choose([_job_of_row(r) for r in rows], spec, n, now):
+            for job in rules.choose([job_of_row(r) for r in rows], spec, n, now):
                 step = rules.apply(job, rules.Allocate(worker, self._new_lease()), now, self.limits)
                 self._write(conn, job, step.job)
                 assert step.job is not None and isinstance(step.effects[0], rules.Allocated)
                 allocated.append(step.job)
         return allocated
 
-    @_database_errors
+    @database_errors
     def sweep(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
         """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
         the jobs the rules may change now. Safe to run in several processes at once."""
@@ -705,7 +473,7 @@ class JobStore:
         )
         return self._pass(statement.order_by(c.id).limit(limit), rules.Sweep(), now)
 
-    @_database_errors
+    @database_errors
     def cleanup(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
         """damocles' CleanupExpiredJobs: finished jobs created more than JobLifetime ago."""
         statement = sa.select(jobs).where(
@@ -714,11 +482,11 @@ class JobStore:
         return self._pass(statement.order_by(jobs.c.id).limit(limit), rules.Cleanup(), now)
 
     def _pass(self, statement: Any, event: rules.Event, now: float) -> Outcome:
-        stored: list[Job] = []
+        stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
         with self._transaction() as conn:
             for row in conn.execute(self._locked(statement, skip_locked=True)).all():
-                old = _job_of_row(row)
+                old = job_of_row(row)
                 step = rules.apply(old, event, now, self.limits)
                 self._write(conn, old, step.job)
                 effects += step.effects
@@ -742,31 +510,31 @@ class TrioJobStore:
             functools.partial(fn, *args, **kwargs), limiter=self._limiter
         )
 
-    async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[Job, bool]:
+    async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:
         return await self._run(self.store.create, job_input, self.clock(), **kwargs)
 
-    async def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         return await self._run(self.store.get, job_id)
 
-    async def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+    async def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
         return await self._run(self.store.get_many, list(job_ids))
 
-    async def list_jobs(self) -> list[Job]:
+    async def list_jobs(self) -> list[JobRecord]:
         return await self._run(self.store.list_jobs)
 
-    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[Job]:
+    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[JobRecord]:
         return await self._run(self.store.allocate, spec, n, worker, self.clock())
 
     async def heartbeat(self, job_ids: Sequence[str], worker: str, **kwargs: Any) -> Outcome:
         return await self._run(self.store.heartbeat, list(job_ids), worker, self.clock(), **kwargs)
 
-    async def finish(self, job_id: str, output: WindowPoStOutput | None, error_reason: str,
+    async def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
                      **kwargs: Any) -> Outcome:  # fmt: skip
         return await self._run(
             self.store.finish, job_id, output, error_reason, self.clock(), **kwargs
         )
 
-    async def reset(self, job_id: str) -> Job:
+    async def reset(self, job_id: str) -> JobRecord:
         return await self._run(self.store.reset, job_id, self.clock())
 
     async def remove(self, job_id: str) -> bool:
@@ -777,3 +545,23 @@ class TrioJobStore:
 
     async def cleanup(self) -> Outcome:
         return await self._run(self.store.cleanup, self.clock())
+
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_PASS_LIMIT",
+    "SCHEMA_VERSION",
+    "URL_HELP",
+    "InvalidJob",
+    "JobNotFound",
+    "JobStore",
+    "Outcome",
+    "StoreConfigError",
+    "StoreConflict",
+    "StoreError",
+    "TrioJobStore",
+    "describe_url",
+    "make_engine",
+    "parse_url",
+]

@@ -148,12 +148,12 @@ class RequestBook(BookRules):
     def child_lost(self, child: str, now: float, what: str) -> list[Effect]:
         """`child`'s process is gone (`what`: how it ended): retry or answer what ran on it."""
         c = self._child(child)
-        out = self._catch_up(now)
         process = c.process
+        if process is not None and not process.down:
+            self._take_down(process, now, True)  # first: no alarm of it kills what is gone
+        out = self._catch_up(now)
         if process is None:
             return out
-        if not process.down:
-            self._take_down(process, now, True)
         c.process = None
         self._alarms.cancel(process.heartbeat)
         self._alarms.cancel(process.stdin_watch)

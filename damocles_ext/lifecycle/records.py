@@ -57,6 +57,7 @@ class Attempt:
     abandoned: bool = False  # its request was answered or moved on; the child still runs it
     timeout: Alarm[Due] | None = None
     grace: Alarm[Due] | None = None
+    deadline: Alarm[Due] | None = None  # only while its process is going down (see rules)
 
 
 @dataclass(eq=False)
@@ -115,4 +116,9 @@ class StdinWatch:
     process: ProcessRecord
 
 
-Due = RequestTimeout | CancelGrace | HeartbeatDue | StdinWatch
+@dataclass(frozen=True, slots=True)
+class DeadlineOnDown:
+    attempt: Attempt
+
+
+Due = RequestTimeout | CancelGrace | HeartbeatDue | StdinWatch | DeadlineOnDown

@@ -16,6 +16,7 @@ from .records import (
     Attempt,
     CancelGrace,
     ChildRecord,
+    DeadlineOnDown,
     Due,
     HeartbeatDue,
     ProcessRecord,
@@ -58,16 +59,21 @@ class BookRules:
     def _catch_up(self, now: float) -> list[Effect]:
         out: list[Effect] = []
         fired = False
-        for due in self._alarms.pop_due(now):
+        # Until none is due: a rule may set an alarm that is due already (a kill takes its
+        # process down, and a deadline of a request on it may have passed).
+        while due_now := self._alarms.pop_due(now):
             fired = True
-            if isinstance(due, RequestTimeout):
-                self._on_request_timeout(due.attempt, now, out)
-            elif isinstance(due, CancelGrace):
-                self._on_cancel_grace(due.attempt, now, out)
-            elif isinstance(due, HeartbeatDue):
-                self._on_heartbeat(due.process, now, out)
-            else:
-                self._on_stdin_watch(due.process, now, out)
+            for due in due_now:
+                if isinstance(due, RequestTimeout):
+                    self._on_request_timeout(due.attempt, now, out)
+                elif isinstance(due, CancelGrace):
+                    self._on_cancel_grace(due.attempt, now, out)
+                elif isinstance(due, HeartbeatDue):
+                    self._on_heartbeat(due.process, now, out)
+                elif isinstance(due, StdinWatch):
+                    self._on_stdin_watch(due.process, now, out)
+                else:
+                    self._on_deadline_while_down(due.attempt, now, out)
         wakeup = self.scheduler.next_wakeup()
         if fired or (wakeup is not None and wakeup <= now):
             self._dispatch(now, out)
@@ -141,7 +147,8 @@ class BookRules:
         self._running.pop(attempt.attempt_id, None)
         self._alarms.cancel(attempt.timeout)
         self._alarms.cancel(attempt.grace)
-        attempt.timeout = attempt.grace = None
+        self._alarms.cancel(attempt.deadline)
+        attempt.timeout = attempt.grace = attempt.deadline = None
 
     def _take_down(self, process: ProcessRecord, now: float, charge_all: bool) -> None:
         process.down = True
@@ -151,6 +158,12 @@ class BookRules:
         self._alarms.cancel(process.stdin_watch)
         process.heartbeat = process.stdin_watch = None
         self.scheduler.child_down(process.child.name, now)
+        # The scheduler forgets what ran on it, deadlines included, but its requests stay on it
+        # until it is lost (answers it wrote before it went still count): watch their deadlines.
+        for attempt in process.attempts.values():
+            deadline = attempt.request.deadline
+            if not attempt.abandoned and deadline is not None and attempt.deadline is None:
+                attempt.deadline = self._alarms.add(deadline, DeadlineOnDown(attempt))
 
     def _kill(
         self,
@@ -267,6 +280,24 @@ class BookRules:
             outcome="timeout",
         )
         self._send_cancel(attempt, now, out, kill_after_grace=True)
+
+    def _on_deadline_while_down(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
+        attempt.deadline = None
+        process = attempt.process
+        req = attempt.request
+        if attempt.abandoned or req.done or process.attempts.get(attempt.child_rid) is not attempt:
+            return
+        attempt.abandoned = True
+        req.current = None
+        process.child.failed += 1
+        self._resolve(
+            req,
+            out,
+            now,
+            error=f"request {req.rid} ({req.stage}): its deadline passed while {process.who},"
+            f" which ran it, was going down (attempt {req.attempts})",
+            outcome="timeout",
+        )
 
     def _on_request_timeout(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
         process = attempt.process

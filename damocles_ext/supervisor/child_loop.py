@@ -8,7 +8,7 @@ of its processes (`Process`) gets a stderr relay, an exit watcher, one writer ta
 
 The child's state (`ChildState`) changes only in `Child.change_state`, which checks the change
 against `TRANSITIONS`. The request side (dispatch, timeouts, answers) is the request book's
-(`lifecycle.RequestBook`): the functions here tell it what the child did through `Host`, the
+(`lifecycle.RequestBook`): the functions here tell it what the child did through `ChildHost`, the
 supervisor's narrow interface, and carry out its effects with `host.apply`.
 """
 
@@ -52,7 +52,7 @@ _STDERR_LINE_CHARS = 300
 _YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
 
 
-class Host(Protocol):
+class ChildHost(Protocol):
     """What a child's task needs from the supervisor (`core._Host`)."""
 
     book: RequestBook
@@ -179,7 +179,7 @@ class Process:
                 trio.lowlevel.notify_closing(self.proc.stdout.fileno())
 
 
-async def read(host: Host, child: Child, p: Process, owner: Waiter | None = None) -> None:
+async def read(host: ChildHost, child: Child, p: Process, owner: Waiter | None = None) -> None:
     """Read `p`'s stdout and act on it: as its reader task (`owner` None) until EOF or a protocol
     error, or in the task that submitted request `owner` until that request is answered.
 
@@ -242,7 +242,9 @@ async def read(host: Host, child: Child, p: Process, owner: Waiter | None = None
             p.reader_resume.set()
 
 
-def kill(host: Host, child: Child, p: Process, reason: str, *, charge_all: bool = True) -> None:
+def kill(
+    host: ChildHost, child: Child, p: Process, reason: str, *, charge_all: bool = True
+) -> None:
     """Take a child down now: SIGKILL its process group; its task does the rest.
 
     `charge_all`: its loss costs each of its requests an attempt (the book's own kills have
@@ -254,7 +256,7 @@ def kill(host: Host, child: Child, p: Process, reason: str, *, charge_all: bool 
 
 
 def mark_down(
-    host: Host, child: Child, p: Process, reason: str, *, charge_all: bool = True
+    host: ChildHost, child: Child, p: Process, reason: str, *, charge_all: bool = True
 ) -> None:
     """The process is going away: no more dispatch to it; its task tears it down."""
     if p.down_reason is None:
@@ -268,7 +270,7 @@ def mark_down(
 
 
 async def child_loop(
-    host: Host, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    host: ChildHost, child: Child, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve `child` until it is stopped or given up on; started() once it was launched."""
     try:
@@ -321,7 +323,7 @@ def _launched(child: Child, task_status: Any) -> None:
         task_status.started()
 
 
-async def _run_process(host: Host, child: Child, task_status: Any) -> tuple[bool, str]:
+async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple[bool, str]:
     """One process of `child`, from spawn to reaping; returns (was it ready, why it ended)."""
     spec = child.spec
     if child.state is not ChildState.STARTING:  # the first start begins in it
@@ -410,7 +412,7 @@ async def _relay_stderr(p: Process, prefix: str, fields: dict[str, Any]) -> None
         p.stderr_done.set()
 
 
-async def _handshake(host: Host, child: Child, p: Process) -> bool:
+async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     """Wait ReadyTimeoutSecs for the ready message; False (p.down_reason says why) if none."""
     spec = child.spec
     timeout = spec.ready_timeout or 5.0
@@ -480,7 +482,7 @@ async def _handshake(host: Host, child: Child, p: Process) -> bool:
     return True
 
 
-def _on_data(host: Host, child: Child, p: Process, data: bytes) -> None:
+def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
     try:
         events = p.conn.receive_data(data)
@@ -508,7 +510,7 @@ def _on_data(host: Host, child: Child, p: Process, data: bytes) -> None:
         mark_down(host, child, p, "closed its stdout")
 
 
-def send(host: Host, child: Child, p: Process, data: bytes) -> None:
+def send(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     """Write to the child's stdin without blocking dispatch."""
     if p.queued_writes == 0 and p.down_reason is None:
         # The writer task is idle: write directly (the pipe is non-blocking), which saves a
@@ -534,7 +536,7 @@ def send(host: Host, child: Child, p: Process, data: bytes) -> None:
         p.queued_writes -= 1
 
 
-async def _writer(host: Host, child: Child, p: Process) -> None:
+async def _writer(host: ChildHost, child: Child, p: Process) -> None:
     stdin = p.proc.stdin
     try:
         async with p.receive_channel:
@@ -556,7 +558,7 @@ async def _writer(host: Host, child: Child, p: Process) -> None:
             mark_down(host, child, p, "its stdin pipe broke")
 
 
-async def _write_all(host: Host, child: Child, p: Process, data: bytes) -> None:
+async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
     view = memoryview(data)
     while view:
@@ -570,12 +572,12 @@ async def _write_all(host: Host, child: Child, p: Process, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
-async def _watch_exit(host: Host, child: Child, p: Process) -> None:
+async def _watch_exit(host: ChildHost, child: Child, p: Process) -> None:
     info = await p.proc.wait()
     mark_down(host, child, p, f"exited ({info.describe()})")
 
 
-async def _stop_gracefully(host: Host, child: Child, p: Process) -> None:
+async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
     """Shutdown frame or stdin close, SIGTERM to the group, SIGKILL after stop_timeout."""
     mark_down(host, child, p, "stopped (shutdown)")
     p.proc.remember_descendants()
@@ -603,7 +605,7 @@ async def _stop_gracefully(host: Host, child: Child, p: Process) -> None:
                 await trio.sleep(0.02)
 
 
-async def _tear_down(host: Host, child: Child, p: Process, was_ready: bool) -> str:
+async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool) -> str:
     """Kill what is left of the process tree, reap it, requeue or fail its requests."""
     mark_down(host, child, p, p.down_reason or "exited")
     p.proc.kill_tree()

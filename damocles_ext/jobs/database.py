@@ -1,0 +1,274 @@
+"""The job store's database side: its errors, its tables, URLs and engines, rows <-> records.
+
+One code path for SQLite and PostgreSQL (SQLAlchemy Core); `store.JobStore` runs the operations
+on it. Every name here is importable from `damocles_ext.jobs.store` as well.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from ..errors import DextError, UsageError
+from . import model, rules
+from .model import JobOutput, JobRecord, WdPoStInput
+
+#: The schema this code reads and writes. A store at a newer version is refused (a newer
+#: damocles-ext made it); an older one is migrated forward at open, in one transaction.
+SCHEMA_VERSION = 1
+
+URL_HELP = (
+    "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
+    "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+)
+DEFAULT_BUSY_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 10
+# Rows one sweep or cleanup pass changes at most (damocles: 128); the caller runs another pass
+# when a pass was full.
+DEFAULT_PASS_LIMIT = 1000
+
+
+class StoreError(DextError):
+    """The job store failed (unreachable, or an error from the database): exit code 1."""
+
+
+class StoreConfigError(StoreError, UsageError):
+    """A bad store URL, or a store this version cannot use: exit code 2."""
+
+
+class StoreConflict(StoreError):
+    """A row changed between our read and our write; the caller may retry the operation."""
+
+
+class InvalidJob(UsageError):
+    """A job that cannot be stored as given (a value out of range, a deadline that is no time)."""
+
+
+class JobNotFound(StoreError):
+    def __init__(self, job_id: str) -> None:
+        # damocles' words for it, which its CLI and RPC clients print.
+        super().__init__(f"job '{job_id}' does not exist")
+        self.job_id = job_id
+
+
+metadata = sa.MetaData()
+
+# Table names carry our prefix: a PostgreSQL database may be shared with other programs.
+schema_version = sa.Table(
+    "dext_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+jobs = sa.Table(
+    "dext_wdpost_jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("deadline_idx", sa.BigInteger, nullable=False),
+    sa.Column("partitions", sa.Text, nullable=False),  # JSON, "null" for none
+    sa.Column("input", sa.Text, nullable=False),  # JSON, damocles' form
+    sa.Column("miner_id", sa.BigInteger, nullable=False),  # from input, for allocation filters
+    sa.Column("proof_type", sa.Text, nullable=False),  # likewise
+    sa.Column("output", sa.Text, nullable=True),  # JSON
+    sa.Column("try_num", sa.BigInteger, nullable=False),
+    sa.Column("error_reason", sa.Text, nullable=False),
+    sa.Column("worker_name", sa.Text, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("heartbeat_at", sa.BigInteger, nullable=False),
+    sa.Column("finished_at", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("lease", sa.Text, nullable=True),
+    sa.Column("not_after", sa.Float, nullable=True),
+    sa.Column("cancelled_at", sa.BigInteger, nullable=False),
+    sa.Index("dext_wdpost_jobs_state", "state", "not_after", "created_at"),
+)
+
+# --- URLs and engines ---------------------------------------------------------------------------
+
+
+def describe_url(url: str | URL) -> str:
+    """The URL for messages and logs, its password hidden."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except exc.ArgumentError:
+        return "<unparsable URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def parse_url(url: str) -> URL:
+    """A store URL as SQLAlchemy takes it: `postgresql://` means psycopg 3; only the two engines.
+
+    Raises StoreConfigError saying what is wrong with the URL and what to give instead."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise StoreConfigError(f"job store URL {url!r} is not a URL: {URL_HELP}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        if parsed.database in (None, "", ":memory:"):
+            raise StoreConfigError(
+                f"job store URL {describe_url(parsed)!r} names no file: an in-memory SQLite "
+                f"store is lost with the process and cannot be shared; {URL_HELP}"
+            )
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise StoreConfigError(
+        f"job store URL {describe_url(parsed)!r}: {parsed.drivername!r} is not supported "
+        f"(SQLite and PostgreSQL through psycopg 3 are); {URL_HELP}"
+    )
+
+
+def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" below issue the BEGIN: pysqlite's own is a deferred one,
+        # which lets two writers both read and then fail to upgrade their locks.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
+    """An engine for a store URL (not yet connected)."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(
+            parsed,
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        _sqlite_setup(engine, busy_timeout)
+        return engine
+    return sa.create_engine(
+        parsed,
+        connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+# --- rows and records ---------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def row_values(job: JobRecord) -> dict[str, Any]:
+    return {
+        "id": job.Id,
+        "state": job.State,
+        "deadline_idx": job.DeadlineIdx,
+        "partitions": _encoder.encode(job.Partitions).decode(),
+        "input": _encoder.encode(job.Input).decode(),
+        "miner_id": job.Input.MinerId,
+        "proof_type": job.Input.ProofType,
+        "output": None if job.Output is None else _encoder.encode(job.Output).decode(),
+        "try_num": job.TryNum,
+        "error_reason": job.ErrorReason,
+        "worker_name": job.WorkerName,
+        "started_at": job.StartedAt,
+        "heartbeat_at": job.HeartbeatAt,
+        "finished_at": job.FinishedAt,
+        "created_at": job.CreatedAt,
+        "updated_at": job.UpdatedAt,
+        "lease": job.lease,
+        "not_after": job.not_after,
+        "cancelled_at": job.cancelled_at,
+    }
+
+
+def job_of_row(row: Any) -> JobRecord:
+    try:
+        return JobRecord(
+            Id=row.id,
+            State=row.state,
+            DeadlineIdx=row.deadline_idx,
+            Partitions=msgspec.json.decode(row.partitions, type=tuple[int, ...] | None),
+            Input=msgspec.json.decode(row.input, type=WdPoStInput),
+            Output=None if row.output is None else msgspec.json.decode(row.output, type=JobOutput),
+            TryNum=row.try_num,
+            ErrorReason=row.error_reason,
+            WorkerName=row.worker_name,
+            StartedAt=row.started_at,
+            HeartbeatAt=row.heartbeat_at,
+            FinishedAt=row.finished_at,
+            CreatedAt=row.created_at,
+            UpdatedAt=row.updated_at,
+            lease=row.lease,
+            not_after=row.not_after,
+            cancelled_at=row.cancelled_at,
+        )
+    except msgspec.MsgspecError as e:
+        raise StoreError(f"job {row.id!r} in the store is damaged ({e}): remove it") from None
+
+
+def check_create(event: rules.Create) -> None:
+    try:
+        model.check_input(event.input)
+    except ValueError as e:
+        raise InvalidJob(str(e)) from None
+    if not 0 <= event.deadline_idx <= model.I64_MAX:
+        raise InvalidJob(f"bad job: DeadlineIdx {event.deadline_idx} is out of range")
+    if event.partitions is not None and not all(0 <= p <= model.I64_MAX for p in event.partitions):
+        raise InvalidJob(f"bad job: a partition index in {list(event.partitions)} is out of range")
+    if event.not_after is not None and not math.isfinite(event.not_after):
+        raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
+
+
+def guard(old: JobRecord) -> Any:
+    # The row as we read it: a write that finds anything else lost a race and must not land.
+    return sa.and_(
+        jobs.c.id == old.Id,
+        jobs.c.state == old.State,
+        jobs.c.try_num == old.TryNum,
+        jobs.c.updated_at == old.UpdatedAt,
+        jobs.c.lease.is_(None) if old.lease is None else jobs.c.lease == old.lease,
+    )
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+def is_unreachable(error: exc.DBAPIError) -> bool:
+    """A failure to reach or open the database, as opposed to an error of one statement."""
+    if error.connection_invalidated:
+        return True
+    # psycopg: class 08 is a connection exception, 57P0x the server shutting down; a deadlock
+    # (40P01) or a lock timeout is an OperationalError too, but the server was reached.
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return bool(sqlstate.startswith(("08", "57P")))
+    # sqlite3: the file cannot be opened, read or locked; not an error of one statement.
+    code = getattr(error.orig, "sqlite_errorname", None)
+    if code is not None:
+        return bool(code.startswith(_SQLITE_UNREACHABLE))
+    # psycopg has no SQLSTATE before a connection exists.
+    return isinstance(error, exc.OperationalError)
+
+
+_SQLITE_UNREACHABLE = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_NOTADB", "SQLITE_READONLY",
+    "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT",
+)  # fmt: skip
+
+
+def first_line(error: exc.DBAPIError) -> str:
+    text = str(error.orig) if error.orig is not None else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
