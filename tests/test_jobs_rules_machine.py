@@ -8,7 +8,14 @@ import itertools
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import model, rules
@@ -137,6 +144,8 @@ class JobRulesMachine(RuleBasedStateMachine):
                 assert job.State == FINISHED and job.ErrorReason.startswith("cancelled: ")
 
 
-JobRulesMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
-                                             deadline=None)  # fmt: skip
-test_job_rules_hold_under_random_events = JobRulesMachine.TestCase
+def test_job_rules_hold_under_random_events() -> None:
+    run_state_machine_as_test(
+        JobRulesMachine,
+        settings=settings(max_examples=150, stateful_step_count=40, deadline=None),
+    )

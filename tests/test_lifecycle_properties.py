@@ -20,6 +20,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from damocles_ext.lifecycle import ChildLimits, Kill, RequestBook, Resolve, Send
@@ -250,10 +251,13 @@ class BookMachine(RuleBasedStateMachine):
         assert sizes["queued"] == 0, sizes
 
 
-BookMachine.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-test_the_request_book_keeps_its_promises = BookMachine.TestCase
+def test_the_request_book_keeps_its_promises() -> None:
+    run_state_machine_as_test(
+        BookMachine,
+        settings=settings(
+            max_examples=200,
+            stateful_step_count=60,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
