@@ -190,3 +190,24 @@ async def test_sigterm_stops_the_command_cleanly(tmp_path):
             seen += chunk
         assert await proc.wait() == 0, seen
     assert b"Traceback" not in seen and b"stopped" in seen
+
+
+async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store):
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(job_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    coordinator = Coordinator(jobs)
+    async with trio.open_nursery() as nursery:
+        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+        await nursery.start(server.serve)
+        client = await connect(server)
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
+        await nursery.start(coordinator.sweep_forever)  # started after its first pass
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        _, answer = await client.call("Venus.WdPoStAllJobs")
+        [brief] = answer["result"]["Jobs"]
+        assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
+        nursery.cancel_scope.cancel()

@@ -58,13 +58,15 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     host, port = args.listen
     with JobStore.open(args.jobs) as store:
-        server = CoordinatorServer(Coordinator(TrioJobStore(store)), host, port)
+        coordinator = Coordinator(TrioJobStore(store))
+        server = CoordinatorServer(coordinator, host, port)
         try:
 
             async def main() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(server.serve)
+                        await nursery.start(coordinator.sweep_forever)
                         log.info("serving the worker-prover RPC at %s", server.url)
                         nursery.start_soon(
                             watch_signals, signals, nursery.cancel_scope,

@@ -35,6 +35,9 @@ DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
 _READ_SIZE = 64 * 1024
+# damocles-manager's: a sweep every 10 s (also once at start), a cleanup every 30 min.
+SWEEP_INTERVAL = 10.0
+CLEANUP_INTERVAL = 30 * 60.0
 
 
 class _TooLarge(Exception):
@@ -102,6 +105,37 @@ class Coordinator:
 
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)
+
+    async def sweep_forever(
+        self,
+        sweep_interval: float = SWEEP_INTERVAL,
+        cleanup_interval: float = CLEANUP_INTERVAL,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Time out silent jobs, retry failed ones, cancel past-deadline ones (and forget old
+        finished ones) until cancelled; `task_status.started()` after the first pass.
+
+        Without these passes a worker that dies keeps its job running forever. A failing pass
+        (the store unreachable for a while) is logged and tried again at the next interval."""
+        next_cleanup = trio.current_time()
+        started = False
+        while True:
+            try:
+                outcome = await self.store.sweep()
+                for effect in outcome.effects:
+                    log.info("sweep: %s", effect)
+                if trio.current_time() >= next_cleanup:
+                    next_cleanup = trio.current_time() + cleanup_interval
+                    cleaned = await self.store.cleanup()
+                    if cleaned.effects:
+                        log.info("cleanup: %d finished jobs forgotten", len(cleaned.effects))
+            except StoreError as exc:
+                log.warning("the sweep failed, trying again in %gs: %s", sweep_interval, exc)
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(sweep_interval)
 
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
