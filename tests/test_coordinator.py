@@ -211,3 +211,33 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         [brief] = answer["result"]["Jobs"]
         assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        (b"", rpc.PARSE_ERROR, "not JSON"),
+        (b"null", rpc.INVALID_REQUEST, "invalid JSON-RPC request"),
+        (b'{"jsonrpc":"1.0","method":"Venus.WdPoStAllJobs","id":1}', rpc.INVALID_REQUEST, "2.0"),
+        (b'{"jsonrpc":"2.0","params":[],"id":1}', rpc.INVALID_REQUEST, '"method"'),
+        (b'{"jsonrpc":"2.0","method":"Venus.WdPoStRemoveJob","params":[7],"id":1}',
+         rpc.INVALID_PARAMS, "param 0"),
+        (b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[-1]},1,"w"],"id":1}',
+         rpc.INVALID_PARAMS, "param 0"),
+    ],
+)  # fmt: skip
+def test_the_request_decoder_says_what_is_wrong(body, code, words):
+    with pytest.raises(rpc.RpcError) as caught:
+        rpc.parse_request(body)
+    assert caught.value.code == code and words in caught.value.message
+    assert caught.value.http_status == 500
+
+
+def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
+    call = rpc.parse_request(
+        b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":null,'
+        b'"AllowedProofTypes":null,"Extra":1},1,"w"],"id":"a"}'
+    )
+    assert call.params == (rpc.AllocateSpec(None, None), 1, "w") and call.request_id == "a"
+    call = rpc.parse_request(b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}')
+    assert call.params == ()
