@@ -31,6 +31,7 @@ COMMANDS = (
     "demo",
     "simulate",
     "wdpost",
+    "coordinator",
 )
 
 

@@ -1,0 +1,80 @@
+"""`damocles-ext coordinator --jobs URL [--listen HOST:PORT]`: serve damocles' worker-prover RPC
+(POST /rpc/v0) from a job store, for damocles-workers with `plan = "wdpost"`.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the store failed; 2 a bad URL or address, a port
+that cannot be listened on.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .wdpost import JOBS_HELP
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from damocles_ext.metrics import parse_listen_address
+
+    return parse_listen_address(text)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `coordinator`."""
+    parser = subparsers.add_parser(
+        "coordinator",
+        help="serve damocles' worker-prover RPC (Venus.WdPoSt*) from a job store",
+        description=(
+            "Serve damocles-manager's worker-prover RPC at http://HOST:PORT/rpc/v0 (JSON-RPC 2.0:"
+            " Venus.WdPoStAllocateJobs, WdPoStHeartbeatJobs, WdPoStFinishJob, WdPoStResetJob,"
+            " WdPoStRemoveJob, WdPoStAllJobs, WorkerPing) from the job store, so damocles-workers"
+            ' with plan = "wdpost" take their jobs here. SIGTERM or SIGINT stops it.'
+        ),
+    )
+    parser.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=_listen,
+        default=("127.0.0.1", 1789),
+        help="where to listen (default: 127.0.0.1:1789, damocles-manager's port; loopback only"
+        " unless you give another address)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Open the store (creating it when missing), listen, serve until a signal."""
+    import logging
+    import signal
+
+    import trio
+
+    from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+    from damocles_ext.frontends.signals import watch_signals
+    from damocles_ext.jobs.store import JobStore, TrioJobStore
+
+    log = logging.getLogger("damocles_ext.coordinator")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    host, port = args.listen
+    with JobStore.open(args.jobs) as store:
+        coordinator = Coordinator(TrioJobStore(store))
+        server = CoordinatorServer(coordinator, host, port)
+        try:
+
+            async def main() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(server.serve)
+                        await nursery.start(coordinator.sweep_forever)
+                        log.info("serving the worker-prover RPC at %s", server.url)
+                        nursery.start_soon(
+                            watch_signals, signals, nursery.cancel_scope,
+                            nursery.cancel_scope.cancel, log,
+                        )  # fmt: skip
+
+            trio.run(main)
+        finally:
+            server.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,349 @@
+"""The coordinator: damocles' worker-prover RPC (`Venus.WdPoSt*`, `Venus.WorkerPing`) served over
+HTTP POST at /rpc/v0 from a job store, so damocles-workers with `plan = "wdpost"` pull jobs from it.
+
+The HTTP side is the metrics server's shape (h11 on the trio loop, `ConnectionSlots` bounding the
+connections, each request whole within the idle timeout), with a bounded body: a worker's
+requests are small, and a client must not be able to make us buffer without limit. Each body is
+read whole, decoded by jobs/rpc.py, and answered once; a store failure or a bug of ours becomes a
+JSON-RPC error on that request, never the end of the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import h11
+import trio
+
+from ..errors import UsageError
+from ..jobs import rpc, rules
+from ..jobs.model import JobOutput
+from ..jobs.store import StoreError, TrioJobStore
+from ..metrics import _join
+from .listeners import ConnectionSlots, serve_connections
+
+log = logging.getLogger("damocles_ext.coordinator")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1789  # damocles-manager's
+RPC_PATH = b"/rpc/v0"
+MAX_BODY = 16 * 1024 * 1024
+MAX_HEAD = 16 * 1024
+DEFAULT_MAX_CONNECTIONS = 64
+# A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
+DEFAULT_IDLE_TIMEOUT = 120.0
+_READ_SIZE = 64 * 1024
+# damocles-manager's: a sweep every 10 s (also once at start), a cleanup every 30 min.
+SWEEP_INTERVAL = 10.0
+CLEANUP_INTERVAL = 30 * 60.0
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Coordinator:
+    """The Venus.* methods on a TrioJobStore: `await handle(call)` gives the result or raises
+    rpc.RpcError."""
+
+    def __init__(self, store: TrioJobStore) -> None:
+        self.store = store
+
+    async def handle(self, call: rpc.Call) -> Any:
+        name = call.method.removeprefix("Venus.")
+        method = getattr(self, "_" + name)
+        try:
+            return await method(*call.params)
+        except StoreError as exc:
+            # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
+            raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
+
+    async def _WdPoStAllocateJobs(
+        self, spec: rpc.AllocateSpec, num: int, worker: str
+    ) -> list[dict[str, Any]]:
+        allocation = rules.AllocationSpec(
+            tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
+        )
+        jobs = await self.store.allocate(allocation, num, worker)
+        return [rpc.allocated_job(job) for job in jobs]
+
+    async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
+        outcome = await self.store.heartbeat(job_ids or [], worker)
+        problems = [
+            f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
+            else f"job {e.job_id}: key not found"
+            for e in outcome.effects
+            if isinstance(e, rules.Refused | rules.NotFound)
+        ]  # fmt: skip
+        if problems:
+            raise StoreError("; ".join(problems))
+
+    async def _WdPoStFinishJob(
+        self, job_id: str, output: JobOutput | None, error_reason: str
+    ) -> None:
+        outcome = await self.store.finish(job_id, output, error_reason)
+        for e in outcome.effects:
+            if isinstance(e, rules.Refused):
+                raise StoreError(f"job {job_id}: {e.reason}")
+            if isinstance(e, rules.NotFound):
+                raise StoreError(f"job {job_id}: key not found")
+
+    async def _WdPoStResetJob(self, job_id: str) -> None:
+        await self.store.reset(job_id)
+
+    async def _WdPoStRemoveJob(self, job_id: str) -> None:
+        await self.store.remove(job_id)
+
+    async def _WdPoStAllJobs(self) -> dict[str, Any]:
+        jobs = await self.store.list_jobs()
+        return {
+            "Jobs": [rpc.job_brief(job) for job in jobs],
+            "MaxTry": self.store.store.limits.max_try,
+        }
+
+    async def _WorkerPing(self, info: Any) -> None:
+        log.debug("worker ping: %.200r", info)
+
+    async def sweep_forever(
+        self,
+        sweep_interval: float = SWEEP_INTERVAL,
+        cleanup_interval: float = CLEANUP_INTERVAL,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Time out silent jobs, retry failed ones, cancel past-deadline ones (and forget old
+        finished ones) until cancelled; `task_status.started()` after the first pass.
+
+        Without these passes a worker that dies keeps its job running forever. A failing pass
+        (the store unreachable for a while) is logged and tried again at the next interval."""
+        next_cleanup = trio.current_time()
+        started = False
+        while True:
+            try:
+                outcome = await self.store.sweep()
+                for effect in outcome.effects:
+                    log.info("sweep: %s", effect)
+                if trio.current_time() >= next_cleanup:
+                    next_cleanup = trio.current_time() + cleanup_interval
+                    cleaned = await self.store.cleanup()
+                    if cleaned.effects:
+                        log.info("cleanup: %d finished jobs forgotten", len(cleaned.effects))
+            except StoreError as exc:
+                log.warning("the sweep failed, trying again in %gs: %s", sweep_interval, exc)
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(sweep_interval)
+
+    async def answer(self, body: bytes) -> tuple[int, bytes]:
+        """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
+        try:
+            call = rpc.parse_request(body)
+            result = await self.handle(call)
+            return 200, rpc.encode_result(call.request_id, result)
+        except rpc.RpcError as exc:
+            return exc.http_status, rpc.encode_error(exc)
+        except Exception as exc:  # a bug of ours costs one request, not the server
+            log.exception("internal error answering an RPC request")
+            error = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            return error.http_status, rpc.encode_error(error)
+
+
+class CoordinatorServer:
+    """POST /rpc/v0 over HTTP/1.1; the port is bound here (UsageError when it cannot be)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.coordinator = coordinator
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_body = max_body
+        self._sock = _bind(host, port)
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://{_join(host, self.port)}/rpc/v0"
+        self._slots: ConnectionSlots | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status.started()` once listening."""
+        self._slots = ConnectionSlots(self.max_connections, "coordinator port", log)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await serve_connections(listener, self._slots, nursery, self._connection)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        assert self._slots is not None
+        conn = _Connection(self, stream)
+        if not self._slots.add(conn):
+            with trio.move_on_after(1):
+                await conn.send(503, b"too many connections to the coordinator\n", close=True)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("coordinator connection: internal error")
+        finally:
+            self._slots.discard(conn)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            conn.closed.set()
+
+
+class _Connection:
+    """One client's keep-alive connection: whole requests, one after another."""
+
+    def __init__(self, server: CoordinatorServer, stream: trio.SocketStream) -> None:
+        self._server = server
+        self._stream = stream
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.last_active = trio.current_time()
+        self.closed = trio.Event()
+        self.idle = True
+        self._wait_scope = trio.CancelScope()
+
+    def evict(self, reason: str) -> None:
+        log.debug("closing a coordinator connection: %s", reason)
+        self._wait_scope.cancel()
+
+    async def run(self) -> None:
+        while True:
+            self.idle = True
+            if self._wait_scope.cancel_called:
+                return
+            self._wait_scope = trio.CancelScope(
+                deadline=trio.current_time() + self._server.idle_timeout
+            )
+            with self._wait_scope:
+                try:
+                    got = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    with trio.move_on_after(1):
+                        await self.send(exc.error_status_hint, f"bad request: {exc}\n".encode(),
+                                        close=True)  # fmt: skip
+                    return
+                except _TooLarge:
+                    with trio.move_on_after(1):
+                        await self.send(
+                            413,
+                            f"a request body is at most {self._server.max_body} bytes\n".encode(),
+                            close=True,
+                        )
+                    return
+            if self._wait_scope.cancelled_caught or got is None:
+                return
+            request, body = got
+            self.idle = False
+            with trio.move_on_after(self._server.idle_timeout) as sending:
+                await self._answer(request, body)
+            if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
+                return
+            try:
+                self._h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_request(self) -> tuple[h11.Request, bytes] | None:
+        request: h11.Request | None = None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._stream.receive_some(_READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                self._h11.receive_data(data)
+                if data:
+                    self.last_active = trio.current_time()
+            elif isinstance(event, h11.Request):
+                request = event
+                length = dict(event.headers).get(b"content-length")
+                # Refused before reading it, when the client says how long it is.
+                if length is not None and int(length) > self._server.max_body:
+                    raise _TooLarge
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self._server.max_body:
+                    raise _TooLarge
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, b"".join(chunks)
+            else:  # ConnectionClosed, or PAUSED
+                return None
+
+    async def _answer(self, request: h11.Request, body: bytes) -> None:
+        if request.target.split(b"?", 1)[0] != RPC_PATH:
+            await self.send(404, b"the RPC is served at POST /rpc/v0\n")
+        elif request.method != b"POST":
+            await self.send(405, b"only POST is served here\n", extra=[("Allow", "POST")])
+        else:
+            status, answer = await self._server.coordinator.answer(body)
+            await self.send(status, answer, content_type="application/json")
+
+    async def send(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = "text/plain; charset=utf-8",
+        close: bool = False,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if close:
+            headers.append(("Connection", "close"))
+        headers += extra or []
+        h = self._h11
+        try:
+            data = h.send(h11.Response(status_code=status, headers=headers))
+            data += h.send(h11.Data(data=body))
+            data += h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        self.last_active = trio.current_time()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = None
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+    except OSError as exc:  # an unknown host, no such address here, the port taken
+        if sock is not None:
+            sock.close()
+        raise UsageError(
+            f"cannot listen on {_join(host, port)}: {exc.strerror or exc}; choose another"
+            " --listen HOST:PORT"
+        ) from None
+    return sock

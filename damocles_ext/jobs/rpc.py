@@ -1,0 +1,154 @@
+"""damocles' worker-prover RPC as JSON-RPC 2.0 bodies, the way go-jsonrpc reads and writes them.
+
+A request is one POST body `{"jsonrpc":"2.0","method":"Venus.X","params":[...],"id":N}` with
+positional params; the answer carries `result` (`null` for a method that returns nothing) or
+`error: {code, message}`. go-jsonrpc answers a body it cannot read, an unknown method or wrong
+params with HTTP 500 and a JSON-RPC error code (-32700, -32600, -32601, -32602), and an error a
+method returns with HTTP 200 and code 1; damocles-worker reads the JSON body of a 500, so the
+status and the body must both be right.
+
+Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator does the calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from .model import I64, JobOutput, JobRecord
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+#: go-jsonrpc's code for an error returned by the method itself.
+METHOD_ERROR: Final = 1
+
+U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
+
+
+class AllocateSpec(msgspec.Struct, frozen=True):
+    """damocles' AllocateWdPoStJobSpec; Go's nil slices arrive as `null` and mean "any"."""
+
+    AllowedMiners: list[I64] | None = None
+    AllowedProofTypes: list[str] | None = None
+
+
+# The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
+# object: we keep nothing from it, and a newer worker adding a field must not be refused.
+METHODS: Final[dict[str, tuple[Any, ...]]] = {
+    "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, str),
+    "Venus.WdPoStHeartbeatJobs": (list[str] | None, str),
+    "Venus.WdPoStFinishJob": (str, JobOutput | None, str),
+    "Venus.WdPoStResetJob": (str,),
+    "Venus.WdPoStRemoveJob": (str,),
+    "Venus.WdPoStAllJobs": (),
+    "Venus.WorkerPing": (Any,),
+}
+
+_HTTP_STATUS = {METHOD_ERROR: 200}
+
+
+class RpcError(Exception):
+    """An answer that is an error; `request_id` is the request's id when it could be read."""
+
+    def __init__(self, code: int, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    @property
+    def http_status(self) -> int:
+        """go-jsonrpc's: 200 for a method's own error, 500 for the protocol's."""
+        return _HTTP_STATUS.get(self.code, 500)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One validated request: the method, its params converted to their types, the id."""
+
+    method: str
+    params: tuple[Any, ...]
+    request_id: Any
+
+
+class _Envelope(msgspec.Struct):
+    jsonrpc: str = "2.0"
+    method: str | None = None
+    params: list[Any] | None = None
+    id: int | str | None = None
+
+
+_decoder = msgspec.json.Decoder(_Envelope)
+_encoder = msgspec.json.Encoder()
+
+
+def parse_request(body: bytes) -> Call:
+    """The call in a POST body; raises RpcError saying what is wrong (never anything else)."""
+    try:
+        envelope = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise RpcError(INVALID_REQUEST, f"invalid JSON-RPC request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RpcError(PARSE_ERROR, f"the body is not JSON: {exc}") from None
+    rid = envelope.id
+    if envelope.jsonrpc != "2.0":
+        raise RpcError(INVALID_REQUEST, f'"jsonrpc" must be "2.0", got {envelope.jsonrpc!r}', rid)
+    if not envelope.method:
+        raise RpcError(INVALID_REQUEST, 'the request has no "method"', rid)
+    types = METHODS.get(envelope.method)
+    if types is None:
+        raise RpcError(METHOD_NOT_FOUND, f"method '{envelope.method}' not found", rid)
+    params = envelope.params or []
+    if len(params) != len(types):
+        raise RpcError(
+            INVALID_PARAMS,
+            f"wrong param count (method '{envelope.method}'): {len(params)} != {len(types)}",
+            rid,
+        )
+    converted = []
+    for index, (value, kind) in enumerate(zip(params, types, strict=True)):
+        try:
+            converted.append(msgspec.convert(value, kind))
+        except msgspec.ValidationError as exc:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"method '{envelope.method}': param {index}: {exc}",
+                rid,
+            ) from None
+    return Call(envelope.method, tuple(converted), rid)
+
+
+def encode_result(request_id: Any, result: Any) -> bytes:
+    """A success answer; `result` is anything msgspec encodes (None gives `"result":null`)."""
+    return _encoder.encode({"jsonrpc": "2.0", "result": result, "id": request_id})
+
+
+def encode_error(error: RpcError) -> bytes:
+    """An error answer, with the request's id (null when it could not be read)."""
+    return _encoder.encode(
+        {
+            "jsonrpc": "2.0",
+            "error": {"code": error.code, "message": error.message},
+            "id": error.request_id,
+        }
+    )
+
+
+def allocated_job(job: JobRecord) -> dict[str, Any]:
+    """damocles' WdPoStAllocatedJob: the id and the input."""
+    return {"Id": job.Id, "Input": msgspec.to_builtins(job.Input)}
+
+
+def job_brief(job: JobRecord) -> dict[str, Any]:
+    """damocles' WdPoStJobBrief: the record with its input cut to the miner, and the number of
+    sectors and of faults."""
+    brief: dict[str, Any] = msgspec.to_builtins(job.damocles())
+    brief["Input"] = {"MinerId": job.Input.MinerId}
+    brief["Sectors"] = len(job.Input.Sectors or ())
+    brief["Faults"] = len(job.Output.faults or ()) if job.Output is not None else 0
+    return brief

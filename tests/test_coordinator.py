@@ -1,0 +1,243 @@
+"""The coordinator: damocles' worker-prover RPC over real HTTP, on a real SQLite store."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+import h11
+import msgspec
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env, dext_run_async
+from test_jobs_rules import make_input
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs import rpc
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+
+WORKER = "10.0.0.5"
+PROOF = "StackedDrgWindow2KiBV1_2"
+
+
+def as_json(value: object) -> object:
+    return msgspec.json.decode(msgspec.json.encode(value))
+
+
+class Client:
+    """One kept-alive HTTP/1.1 connection speaking as go-jsonrpc's client does."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.next_id = 1
+
+    async def post(self, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:
+        if self.h11.our_state is h11.DONE:
+            self.h11.start_next_cycle()
+        headers = [("Host", "coordinator"), ("Content-Type", "application/json")]
+        headers.append(("Transfer-Encoding", "chunked") if chunked
+                       else ("Content-Length", str(len(body))))  # fmt: skip
+        data = self.h11.send(h11.Request(method="POST", target="/rpc/v0", headers=headers))
+        data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass  # the server may refuse before reading it all; its answer is still there
+        status, chunks = 0, []
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, b"".join(chunks)
+
+    async def call(self, method: str, *params: object) -> tuple[int, dict]:
+        body = msgspec.json.encode(
+            {"jsonrpc": "2.0", "method": method, "params": list(params), "id": self.next_id}
+        )
+        self.next_id += 1
+        status, answer = await self.post(body)
+        return status, msgspec.json.decode(answer)
+
+
+@pytest.fixture
+def job_store(tmp_path):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+async def serving(nursery: trio.Nursery, job_store: JobStore, **kw) -> CoordinatorServer:
+    server = CoordinatorServer(Coordinator(TrioJobStore(job_store)), "127.0.0.1", 0, **kw)
+    await nursery.start(server.serve)
+    return server
+
+
+async def connect(server: CoordinatorServer) -> Client:
+    return Client(await trio.open_tcp_stream("127.0.0.1", server.port))
+
+
+async def test_a_wdpost_worker_allocates_heartbeats_and_finishes_a_job(job_store):
+    job_input = make_input(miner=1000, sectors=2, proof_type=PROOF)
+    job, created = await TrioJobStore(job_store).create(job_input)
+    assert created
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        client = await connect(server)
+        # damocles-worker's wdpost planner: its spec, 1 job, its name.
+        spec = {"AllowedMiners": [1000], "AllowedProofTypes": [PROOF]}
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, WORKER)
+        assert status == 200
+        assert answer["id"] == 1
+        assert answer["result"] == [{"Id": job.Id, "Input": as_json(job_input)}]
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, WORKER)
+        assert answer["result"] == []  # nothing left to take
+        status, answer = await client.call("Venus.WdPoStHeartbeatJobs", [job.Id], WORKER)
+        assert (status, answer) == (200, {"jsonrpc": "2.0", "result": None, "id": 3})
+        output = {"proofs": ["AAEC"], "faults": [1]}
+        status, answer = await client.call("Venus.WdPoStFinishJob", job.Id, output, "")
+        assert (status, answer["result"]) == (200, None)
+        status, answer = await client.call("Venus.WorkerPing", {"Name": WORKER})
+        assert (status, answer["result"]) == (200, None)
+        status, answer = await client.call("Venus.WdPoStAllJobs")
+        assert status == 200 and answer["result"]["MaxTry"] == 2
+        [brief] = answer["result"]["Jobs"]
+        assert brief["Id"] == job.Id and brief["State"] == "finished"
+        assert brief["ErrorReason"] == "" and brief["WorkerName"] == WORKER
+        assert brief["Output"] == output and brief["TryNum"] == 1
+        assert brief["Input"] == {"MinerId": 1000}
+        assert (brief["Sectors"], brief["Faults"]) == (2, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_serving(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        client = await connect(server)
+        status, body = await client.post(b'{"jsonrpc":"2.0","method":')
+        error = msgspec.json.decode(body)["error"]
+        assert (status, error["code"]) == (500, rpc.PARSE_ERROR)
+        assert "not JSON" in error["message"]
+        status, answer = await client.call("Venus.NoSuchMethod")
+        assert (status, answer["error"]["code"]) == (500, rpc.METHOD_NOT_FOUND)
+        assert answer["error"]["message"] == "method 'Venus.NoSuchMethod' not found"
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1)
+        assert (status, answer["error"]["code"]) == (500, rpc.INVALID_PARAMS)
+        assert "wrong param count" in answer["error"]["message"]
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", {}, "one", WORKER)
+        assert (status, answer["error"]["code"]) == (500, rpc.INVALID_PARAMS)
+        assert "param 1" in answer["error"]["message"]
+        status, answer = await client.call("Venus.WdPoStResetJob", "nope")
+        assert status == 200
+        assert answer["error"] == {"code": 1, "message": "job 'nope' does not exist"}
+        status, answer = await client.call("Venus.WdPoStHeartbeatJobs", ["nope"], WORKER)
+        assert (status, answer["error"]["code"]) == (200, 1)
+        assert "nope" in answer["error"]["message"]
+        # The same connection still works.
+        status, answer = await client.call("Venus.WdPoStAllJobs")
+        assert (status, answer["result"]) == (200, {"Jobs": [], "MaxTry": 2})
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_an_oversized_body_is_refused(job_store, chunked):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store, max_body=1024)
+        client = await connect(server)
+        status, body = await client.post(b"[" + b" " * 4096 + b"]", chunked=chunked)
+        assert status == 413 and b"at most 1024 bytes" in body
+        status, answer = await (await connect(server)).call("Venus.WdPoStAllJobs")
+        assert status == 200 and answer["result"]["Jobs"] == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_command_refuses_a_busy_port_and_a_bad_url(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        url = f"sqlite:///{tmp_path}/jobs.db"
+        done = await dext_run_async("coordinator", "--jobs", url, "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2
+    assert b"cannot listen on 127.0.0.1:" in done.stderr and b"--listen" in done.stderr
+    assert b"Traceback" not in done.stderr
+    done = await dext_run_async("coordinator", "--jobs", "mysql://x/y")
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"coordinator: error:" in done.stderr
+
+
+async def test_sigterm_stops_the_command_cleanly(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    proc = await trio.lowlevel.open_process(
+        [*DEXT, "coordinator", "--jobs", url, "--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        env=dext_env(),
+    )
+    assert proc.stderr is not None
+    seen = b""
+    with trio.fail_after(60):
+        while b"serving the worker-prover RPC at" not in seen:
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, seen
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        while chunk := await proc.stderr.receive_some(4096):
+            seen += chunk
+        assert await proc.wait() == 0, seen
+    assert b"Traceback" not in seen and b"stopped" in seen
+
+
+async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store):
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(job_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    coordinator = Coordinator(jobs)
+    async with trio.open_nursery() as nursery:
+        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+        await nursery.start(server.serve)
+        client = await connect(server)
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
+        await nursery.start(coordinator.sweep_forever)  # started after its first pass
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        _, answer = await client.call("Venus.WdPoStAllJobs")
+        [brief] = answer["result"]["Jobs"]
+        assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        (b"", rpc.PARSE_ERROR, "not JSON"),
+        (b"null", rpc.INVALID_REQUEST, "invalid JSON-RPC request"),
+        (b'{"jsonrpc":"1.0","method":"Venus.WdPoStAllJobs","id":1}', rpc.INVALID_REQUEST, "2.0"),
+        (b'{"jsonrpc":"2.0","params":[],"id":1}', rpc.INVALID_REQUEST, '"method"'),
+        (b'{"jsonrpc":"2.0","method":"Venus.WdPoStRemoveJob","params":[7],"id":1}',
+         rpc.INVALID_PARAMS, "param 0"),
+        (b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[-1]},1,"w"],"id":1}',
+         rpc.INVALID_PARAMS, "param 0"),
+    ],
+)  # fmt: skip
+def test_the_request_decoder_says_what_is_wrong(body, code, words):
+    with pytest.raises(rpc.RpcError) as caught:
+        rpc.parse_request(body)
+    assert caught.value.code == code and words in caught.value.message
+    assert caught.value.http_status == 500
+
+
+def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
+    call = rpc.parse_request(
+        b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":null,'
+        b'"AllowedProofTypes":null,"Extra":1},1,"w"],"id":"a"}'
+    )
+    assert call.params == (rpc.AllocateSpec(None, None), 1, "w") and call.request_id == "a"
+    call = rpc.parse_request(b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}')
+    assert call.params == ()
