@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sqlite3
 import subprocess
 
 import h11
@@ -241,3 +242,35 @@ def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
     assert call.params == (rpc.AllocateSpec(None, None), 1, "w") and call.request_id == "a"
     call = rpc.parse_request(b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}')
     assert call.params == ()
+
+
+async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_new_one(
+    tmp_path, job_store
+):
+    # The request waits on the store (SQLite locked by another writer) when the stop comes: it
+    # still gets its answer, then the server closes; idle connections and new ones are refused.
+    from helpers.supervisor import wait_until
+
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        busy, _idle = await connect(server), await connect(server)
+        await wait_until(lambda: len(server._slots) == 2, what="both connections accepted")
+        writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        answers: list[tuple[int, dict]] = []
+
+        async def allocate() -> None:
+            answers.append(await busy.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b"))
+
+        nursery.start_soon(allocate)
+        await wait_until(lambda: sum(not c.idle for c in server._slots._open) == 1)
+        server.stop()
+        await wait_until(lambda: len(server._slots) == 1, what="the idle connection closed")
+        writer.execute("ROLLBACK")
+        writer.close()
+        with trio.fail_after(30):
+            await server.stopped.wait()
+    [(status, answer)] = answers
+    assert status == 200 and answer["result"] == []
+    with pytest.raises(OSError, match=r"Connection refused|all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -42,6 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+#: How long a stopping coordinator waits for the requests it is answering.
+STOP_GRACE = 10.0
+
+
 def run(args: argparse.Namespace) -> int:
     """Open the store (creating it when missing), listen, serve until a signal."""
     import logging
@@ -65,13 +69,32 @@ def run(args: argparse.Namespace) -> int:
             async def main() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as nursery:
+                        sweeping = trio.CancelScope()
+
+                        async def sweep(task_status: trio.TaskStatus[None]) -> None:
+                            with sweeping:
+                                await coordinator.sweep_forever(task_status=task_status)
+
+                        def shut_down() -> None:
+                            # Requests being answered get their answer (within the grace);
+                            # nothing new is taken. A second signal stops at once.
+                            sweeping.cancel()
+                            server.stop()
+                            nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
+
                         await nursery.start(server.serve)
-                        await nursery.start(coordinator.sweep_forever)
+                        await nursery.start(sweep)
                         log.info("serving the worker-prover RPC at %s", server.url)
-                        nursery.start_soon(
-                            watch_signals, signals, nursery.cancel_scope,
-                            nursery.cancel_scope.cancel, log,
-                        )  # fmt: skip
+                        watcher = trio.CancelScope()
+
+                        async def watch(task_status: trio.TaskStatus[None]) -> None:
+                            with watcher:
+                                task_status.started()
+                                await watch_signals(signals, nursery.cancel_scope, shut_down, log)
+
+                        await nursery.start(watch)
+                        await server.stopped.wait()
+                        watcher.cancel()
 
             trio.run(main)
         finally:

@@ -172,6 +172,9 @@ class CoordinatorServer:
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://{_join(host, self.port)}/rpc/v0"
         self._slots: ConnectionSlots | None = None
+        self._accepting = trio.CancelScope()
+        self.stopping = False
+        self.stopped = trio.Event()  # serve returned
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; `task_status.started()` once listening."""
@@ -180,13 +183,24 @@ class CoordinatorServer:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                await serve_connections(listener, self._slots, nursery, self._connection)
+                with self._accepting:
+                    await serve_connections(listener, self._slots, nursery, self._connection)
+                await listener.aclose()  # stopping: no new connection; the open ones finish
         finally:
+            self.stopped.set()
             with trio.CancelScope(shield=True):
                 await listener.aclose()
 
     def close(self) -> None:
         self._sock.close()
+
+    def stop(self) -> None:
+        """Stop gracefully: accept nothing more, close idle connections; a request being
+        answered gets its answer, then its connection closes; `serve` returns when all are."""
+        self.stopping = True
+        self._accepting.cancel()
+        if self._slots is not None:
+            self._slots.evict_idle("the coordinator is stopping")
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         assert self._slots is not None
@@ -226,7 +240,7 @@ class _Connection:
     async def run(self) -> None:
         while True:
             self.idle = True
-            if self._wait_scope.cancel_called:
+            if self._wait_scope.cancel_called or self._server.stopping:
                 return
             self._wait_scope = trio.CancelScope(
                 deadline=trio.current_time() + self._server.idle_timeout
@@ -255,6 +269,8 @@ class _Connection:
                 await self._answer(request, body)
             if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
                 return
+            if self._server.stopping:
+                return  # answered; the client opens a new connection to the next coordinator
             try:
                 self._h11.start_next_cycle()
             except h11.LocalProtocolError:

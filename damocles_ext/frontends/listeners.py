@@ -119,6 +119,13 @@ class ConnectionSlots:
         """`conn` is gone."""
         self._open.discard(conn)
 
+    def evict_idle(self, reason: str) -> int:
+        """Close every idle connection (shutting down); the busy ones finish what they do."""
+        idle = [c for c in self._open if c.idle]
+        for conn in idle:
+            conn.evict(reason)
+        return len(idle)
+
     def _evict_idlest(self, reason: str) -> Evictable | None:
         idle = [c for c in self._open if c.idle]
         if not idle:
