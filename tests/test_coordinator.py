@@ -274,3 +274,38 @@ async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_
     assert status == 200 and answer["result"] == []
     with pytest.raises(OSError, match=r"Connection refused|all attempts to connect"):
         await trio.open_tcp_stream("127.0.0.1", server.port)
+
+
+async def test_store_basic_info_answers_the_stores_a_worker_attaches_and_names_an_unknown_one(
+    job_store,
+):
+    # damocles-worker asks it for each of its [[attached]] stores at start, and refuses to start
+    # without a non-null answer.
+    coordinator = Coordinator(TrioJobStore(job_store), {"store-a": "/mnt/a"})
+    async with trio.open_nursery() as nursery:
+        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+        await nursery.start(server.serve)
+        client = await connect(server)
+        status, answer = await client.call("Venus.StoreBasicInfo", "store-a")
+        assert status == 200
+        assert answer["result"] == {
+            "Name": "store-a",
+            "Path": "/mnt/a",
+            "Strict": False,
+            "ReadOnly": False,
+            "Weight": 1,
+            "Meta": {},
+        }
+        status, answer = await client.call("Venus.StoreBasicInfo", "store-b")
+        assert status == 200 and answer["error"]["code"] == 1
+        assert "'store-b' is not known" in answer["error"]["message"]
+        assert "--store store-b=PATH" in answer["error"]["message"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_store_option_without_a_path_exits_2(tmp_path):
+    done = await dext_run_async(
+        "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--store", "store-a"
+    )
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"expected NAME=PATH" in done.stderr

@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Serve damocles-manager's worker-prover RPC at http://HOST:PORT/rpc/v0 (JSON-RPC 2.0:"
             " Venus.WdPoStAllocateJobs, WdPoStHeartbeatJobs, WdPoStFinishJob, WdPoStResetJob,"
-            " WdPoStRemoveJob, WdPoStAllJobs, WorkerPing) from the job store, so damocles-workers"
+            " WdPoStRemoveJob, WdPoStAllJobs, StoreBasicInfo, WorkerPing) from the job store, so damocles-workers"
             ' with plan = "wdpost" take their jobs here. SIGTERM or SIGINT stops it.'
         ),
     )
@@ -39,7 +39,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="where to listen (default: 127.0.0.1:1789, damocles-manager's port; loopback only"
         " unless you give another address)",
     )
+    parser.add_argument(
+        "--store",
+        metavar="NAME=PATH",
+        action="append",
+        type=_store,
+        default=[],
+        help="a store the workers attach ([[attached]] name and location), for"
+        " Venus.StoreBasicInfo; repeat for each (damocles-worker refuses to start without it)",
+    )
     return parser
+
+
+def _store(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH (a store as the workers' [[attached]] name it), got {text!r}"
+        )
+    return name.strip(), path.strip()
 
 
 #: How long a stopping coordinator waits for the requests it is answering.
@@ -62,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     host, port = args.listen
     with JobStore.open(args.jobs) as store:
-        coordinator = Coordinator(TrioJobStore(store))
+        coordinator = Coordinator(TrioJobStore(store), dict(args.store))
         server = CoordinatorServer(coordinator, host, port)
         try:
 

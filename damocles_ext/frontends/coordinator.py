@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 import h11
@@ -48,8 +49,11 @@ class Coordinator:
     """The Venus.* methods on a TrioJobStore: `await handle(call)` gives the result or raises
     rpc.RpcError."""
 
-    def __init__(self, store: TrioJobStore) -> None:
+    def __init__(self, store: TrioJobStore, stores: Mapping[str, str] | None = None) -> None:
         self.store = store
+        #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
+        #: [[attached]] stores at start and refuses to start without an answer.
+        self.stores = dict(stores or {})
 
     async def handle(self, call: rpc.Call) -> Any:
         name = call.method.removeprefix("Venus.")
@@ -101,6 +105,24 @@ class Coordinator:
         return {
             "Jobs": [rpc.job_brief(job) for job in jobs],
             "MaxTry": self.store.store.limits.max_try,
+        }
+
+    async def _StoreBasicInfo(self, name: str) -> dict[str, Any]:
+        path = self.stores.get(name)
+        if path is None:
+            known = ", ".join(sorted(self.stores)) or "none"
+            raise StoreError(
+                f"store {name!r} is not known to this coordinator (known: {known}); start it with"
+                f" --store {name}=PATH, as the store is named in the workers' [[attached]]"
+            )
+        # damocles' StoreBasicInfo; the coordinator reads no file in it, so the rest is neutral.
+        return {
+            "Name": name,
+            "Path": path,
+            "Strict": False,
+            "ReadOnly": False,
+            "Weight": 1,
+            "Meta": {},
         }
 
     async def _WorkerPing(self, info: Any) -> None:

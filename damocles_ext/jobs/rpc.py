@@ -46,6 +46,7 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStResetJob": (str,),
     "Venus.WdPoStRemoveJob": (str,),
     "Venus.WdPoStAllJobs": (),
+    "Venus.StoreBasicInfo": (str,),
     "Venus.WorkerPing": (Any,),
 }
 
