@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from .errors import UsageError
 from .hookspecs import OUTCOMES, hookimpl
 
 if TYPE_CHECKING:
@@ -541,24 +540,12 @@ class _HttpConnection:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = None
-    try:
-        family, kind, proto, _name, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(64)
-    except OSError as exc:  # an unknown host, no such address here, the port taken
-        if sock is not None:
-            sock.close()
-        raise UsageError(
-            f"cannot serve metrics on {_join(host, port)}: {exc.strerror or exc}; choose"
-            " another --metrics HOST:PORT"
-        ) from None
-    return sock
+    from .frontends.listeners import bind_tcp
+
+    return bind_tcp(host, port, doing="serve metrics", option="--metrics")
 
 
 def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    from .frontends.listeners import join_host_port
+
+    return join_host_port(host, port)

@@ -11,19 +11,16 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 import h11
 import trio
 
-from ..errors import UsageError
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
 from ..jobs.store import StoreError, TrioJobStore
-from ..metrics import _join
-from .listeners import ConnectionSlots, serve_connections
+from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
 
 log = logging.getLogger("damocles_ext.coordinator")
 
@@ -190,9 +187,9 @@ class CoordinatorServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_body = max_body
-        self._sock = _bind(host, port)
+        self._sock = bind_tcp(host, port, doing="listen", option="--listen")
         self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://{_join(host, self.port)}/rpc/v0"
+        self.url = f"http://{join_host_port(host, self.port)}/rpc/v0"
         self._slots: ConnectionSlots | None = None
         self._accepting = trio.CancelScope()
         self.stopping = False
@@ -365,23 +362,3 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         self.last_active = trio.current_time()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = None
-    try:
-        family, kind, proto, _name, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(64)
-    except OSError as exc:  # an unknown host, no such address here, the port taken
-        if sock is not None:
-            sock.close()
-        raise UsageError(
-            f"cannot listen on {_join(host, port)}: {exc.strerror or exc}; choose another"
-            " --listen HOST:PORT"
-        ) from None
-    return sock

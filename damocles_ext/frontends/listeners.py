@@ -18,10 +18,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
+
+from ..errors import UsageError
 
 # accept(2) errors that say the system or the process is out of something, not that the
 # listener is broken (the list trio's serve_listeners uses).
@@ -177,3 +180,30 @@ async def serve_connections(
     while True:
         stream = await slots.accept(listener)
         nursery.start_soon(handle, stream)
+
+
+def bind_tcp(host: str, port: int, *, doing: str, option: str) -> socket.socket:
+    """A listening TCP socket at host:port, or a UsageError saying what could not be done
+    (`doing`, e.g. "serve metrics") and which option to change (`option`, e.g. "--metrics")."""
+    sock = None
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+    except OSError as exc:  # an unknown host, no such address here, the port taken
+        if sock is not None:
+            sock.close()
+        raise UsageError(
+            f"cannot {doing} on {join_host_port(host, port)}: {exc.strerror or exc}; choose"
+            f" another {option} HOST:PORT"
+        ) from None
+    return sock
+
+
+def join_host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
