@@ -450,7 +450,6 @@ class Supervisor:
         req = effect.request
         waiter = self._waiters.pop(req.rid, None)
         if waiter is not None:
-            waiter.done = True
             if effect.error is not None:
                 waiter.error = ProverError(effect.error)
             else:

@@ -29,7 +29,6 @@ class Waiter:
 
     tracked: TrackedRequest
     on_progress: Callable[[dext.Progress], None] | None
-    done: bool = False
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)
@@ -38,3 +37,8 @@ class Waiter:
     @property
     def rid(self) -> int:
         return self.tracked.rid
+
+    @property
+    def done(self) -> bool:
+        """Answered: the book resolved it (its Resolve is carried out before anything awaits)."""
+        return self.tracked.done
