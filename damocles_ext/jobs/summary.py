@@ -16,12 +16,14 @@ same workers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
+from .listing import go_duration, tabwrite
 from .rules import AllocationSpec
 
 SCHEMA: Final = "damocles-ext/jobs/1"
@@ -176,3 +178,56 @@ def summarize(
             for w in alive
         ],
     )
+
+
+# --- the table `damocles-ext status --jobs` prints ----------------------------------------------
+
+
+# Worker names and proof types come from clients: a control character would break the table or
+# reach the operator's terminal as an escape sequence.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _cell(text: str) -> str:
+    return _CONTROL.sub(" ", text)
+
+
+def _ago(seconds: float) -> str:
+    return go_duration(int(seconds)) + " ago"
+
+
+def _names(values: Sequence[object]) -> str:
+    return ",".join(str(v) for v in values) if values else "any"
+
+
+def render(s: JobsSummary) -> str:
+    """The summary for people: jobs by state, the oldest ready job, live workers, and the ready
+    jobs no live worker may take (with their miner and proof type, to see which filter lacks)."""
+    out = [f"job store {s.store}\n\n"]
+    out.append(tabwrite([["STATE", "JOBS"], *([k, str(s.jobs[k])] for k in KINDS),
+                         ["total", str(s.total)]]))  # fmt: skip
+    out.append("\n")
+    if s.oldest_ready_job is None:
+        out.append("oldest ready job: none\n")
+    else:
+        assert s.oldest_ready_age is not None
+        out.append(f"oldest ready job: {s.oldest_ready_job}, created {_ago(s.oldest_ready_age)}\n")
+    window = go_duration(s.live_window)
+    out.append(f"live workers (seen in the last {window}): {s.live_workers}\n")
+    if s.workers:
+        out.append("\n")
+        rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN"]]
+        rows += [[_cell(w.worker), _names(w.allowed_miners), _cell(_names(w.allowed_proof_types)),
+                  _ago(w.last_seen_ago)] for w in s.workers]  # fmt: skip
+        out.append(tabwrite(rows))
+    out.append("\n")
+    if not s.unallocatable:
+        out.append("unallocatable: none (every ready job has a live worker that may take it)\n")
+        return "".join(out)
+    why = "no worker is live" if not s.live_workers else "no live worker's filters admit them"
+    jobs = "job" if s.unallocatable == 1 else "jobs"
+    out.append(f"unallocatable: {s.unallocatable} ready {jobs} ({why})\n\n")
+    rows = [["MINER", "PROOF TYPE", "JOBS"]]
+    rows += [[str(g.miner), _cell(g.proof_type), str(g.jobs)] for g in s.unallocatable_groups]
+    out.append(tabwrite(rows))
+    return "".join(out)
