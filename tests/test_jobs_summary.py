@@ -203,3 +203,21 @@ async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clo
         got = await jobs.summary()
         assert (got.time, got.live_workers, got.unallocatable) == (T0 + 200, 1, 1)
         assert got.oldest_ready_age == 200
+
+
+def test_two_coordinators_on_one_postgresql_see_each_others_workers(postgres_url):
+    # Each store is its own engine, as two coordinator processes would have.
+    with JobStore.open(postgres_url) as one, JobStore(postgres_url) as two:
+        one.create(make_input(seed=1, miner=1000), T0)
+        one.create(make_input(seed=2, miner=2000), T0)
+        one.create(make_input(seed=3, miner=3000), T0)
+        assert one.allocate(AllocationSpec((1000,)), 0, "a", T0) == []
+        assert two.allocate(AllocationSpec((2000,)), 0, "b", T0) == []
+        for s in (one, two):
+            got = s.summary(T0 + 1)
+            assert (got.live_workers, got.unallocatable) == (2, 1)
+            assert got.unallocatable_groups == [summary.UnallocatableGroup(3000, W2K, 1)]
+        # b's pings reach the other coordinator; a goes silent.
+        two.worker_seen("b", T0 + 100)
+        got = one.summary(T0 + 200)
+        assert [w.worker for w in got.workers] == ["b"] and got.unallocatable == 2
