@@ -1,5 +1,6 @@
-"""`damocles-ext coordinator --jobs URL [--listen HOST:PORT]`: serve damocles' worker-prover RPC
-(POST /rpc/v0) from a job store, for damocles-workers with `plan = "wdpost"`.
+"""`damocles-ext coordinator --jobs URL [--listen HOST:PORT] [--metrics HOST:PORT]`: serve
+damocles' worker-prover RPC (POST /rpc/v0) from a job store, for damocles-workers with
+`plan = "wdpost"`, and optionally the job store's Prometheus metrics (jobs/metrics.py).
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the store failed; 2 a bad URL or address, a port
 that cannot be listened on.
