@@ -11,7 +11,7 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import h11
@@ -46,11 +46,27 @@ class Coordinator:
     """The Venus.* methods on a TrioJobStore: `await handle(call)` gives the result or raises
     rpc.RpcError."""
 
-    def __init__(self, store: TrioJobStore, stores: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        store: TrioJobStore,
+        stores: Mapping[str, str] | None = None,
+        *,
+        observe: Callable[[Iterable[rules.Effect]], None] | None = None,
+    ) -> None:
         self.store = store
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
         #: [[attached]] stores at start and refuses to start without an answer.
         self.stores = dict(stores or {})
+        #: Told the effects of every store call this coordinator makes (the metrics' counters).
+        self.observe = observe
+
+    def _observed(self, effects: Iterable[rules.Effect]) -> None:
+        if self.observe is None:
+            return
+        try:
+            self.observe(effects)
+        except Exception:  # counting must never cost a worker its answer
+            log.exception("an observer of the job store's effects failed")
 
     async def handle(self, call: rpc.Call) -> Any:
         name = call.method.removeprefix("Venus.")
@@ -68,10 +84,14 @@ class Coordinator:
             tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
         )
         jobs = await self.store.allocate(allocation, num, worker)
+        self._observed(
+            rules.Allocated(job.Id, job.WorkerName, job.lease or "", job.TryNum) for job in jobs
+        )
         return [rpc.allocated_job(job) for job in jobs]
 
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
+        self._observed(outcome.effects)
         problems = [
             f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
             else f"job {e.job_id}: key not found"
@@ -85,6 +105,7 @@ class Coordinator:
         self, job_id: str, output: JobOutput | None, error_reason: str
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason)
+        self._observed(outcome.effects)
         for e in outcome.effects:
             if isinstance(e, rules.Refused):
                 raise StoreError(f"job {job_id}: {e.reason}")
@@ -124,6 +145,11 @@ class Coordinator:
 
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)
+        # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
+        # alive (what `status --jobs` and the metrics count as a live worker).
+        name = info.get("Name") if isinstance(info, dict) else None
+        if isinstance(name, str) and name:
+            await self.store.worker_seen(name)
 
     async def sweep_forever(
         self,
@@ -142,6 +168,7 @@ class Coordinator:
         while True:
             try:
                 outcome = await self.store.sweep()
+                self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
                 if trio.current_time() >= next_cleanup:
