@@ -34,10 +34,12 @@ class Client:
         self.h11 = h11.Connection(h11.CLIENT)
         self.next_id = 1
 
-    async def post(self, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:
+    async def post(
+        self, body: bytes, *, chunked: bool = False, headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, bytes]:
         if self.h11.our_state is h11.DONE:
             self.h11.start_next_cycle()
-        headers = [("Host", "coordinator"), ("Content-Type", "application/json")]
+        headers = [("Host", "coordinator"), ("Content-Type", "application/json"), *(headers or [])]
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(len(body))))  # fmt: skip
         data = self.h11.send(h11.Request(method="POST", target="/rpc/v0", headers=headers))
@@ -58,12 +60,14 @@ class Client:
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 return status, b"".join(chunks)
 
-    async def call(self, method: str, *params: object) -> tuple[int, dict]:
+    async def call(
+        self, method: str, *params: object, headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, dict]:
         body = msgspec.json.encode(
             {"jsonrpc": "2.0", "method": method, "params": list(params), "id": self.next_id}
         )
         self.next_id += 1
-        status, answer = await self.post(body)
+        status, answer = await self.post(body, headers=headers)
         return status, msgspec.json.decode(answer)
 
 
@@ -309,3 +313,50 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
     )
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"expected NAME=PATH" in done.stderr
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store, token=TOKEN)
+        client = await connect(server)
+        status, body = await client.post(
+            msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStAllJobs", "id": 1})
+        )
+        answer = msgspec.json.decode(body)
+        assert status == 401 and answer["error"]["code"] == rpc.UNAUTHORIZED
+        assert "requires a bearer token" in answer["error"]["message"]
+        assert "rpc_client.headers" in answer["error"]["message"]
+        for wrong in ("Bearer not-the-token", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
+            status, body = await client.post(
+                b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}',
+                headers=[("Authorization", wrong)],
+            )
+            assert status == 401, wrong
+            # Neither the right token nor the one given is ever sent back.
+            assert TOKEN.encode() not in body and b"not-the-token" not in body
+            assert msgspec.json.decode(body)["error"]["code"] == rpc.UNAUTHORIZED
+        # The same connection serves a request that carries it (any case of the scheme).
+        for scheme in ("Bearer", "bearer"):
+            status, answer = await client.call(
+                "Venus.WdPoStAllJobs", headers=[("Authorization", f"{scheme} {TOKEN}")]
+            )
+            assert (status, answer["result"]) == (200, {"Jobs": [], "MaxTry": 2})
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "content", [None, "", "\n\nsecond-line"], ids=["missing", "empty", "blank"]
+)
+async def test_a_missing_or_empty_token_file_exits_2_saying_why(tmp_path, content):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    done = await dext_run_async(
+        "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--token-file", str(token_file)
+    )
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    expected = b"cannot read the token file" if content is None else b"has no token"
+    assert expected in done.stderr and str(token_file).encode() in done.stderr

@@ -182,8 +182,11 @@ class CoordinatorServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_body: int = MAX_BODY,
+        token: str | None = None,
     ) -> None:
         self.coordinator = coordinator
+        #: When set, every request must carry `Authorization: Bearer <token>`.
+        self.token = None if token is None else token.encode()
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_body = max_body
@@ -327,7 +330,16 @@ class _Connection:
                 return None
 
     async def _answer(self, request: h11.Request, body: bytes) -> None:
-        if request.target.split(b"?", 1)[0] != RPC_PATH:
+        token = self._server.token
+        refused = None
+        if token is not None:
+            given = next((v for k, v in request.headers if k == b"authorization"), None)
+            refused = rpc.check_bearer(given, token)
+        if refused is not None:
+            # The connection stays open: a client that fixes its header may go on using it.
+            await self.send(refused.http_status, rpc.encode_error(refused),
+                            content_type="application/json", extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
+        elif request.target.split(b"?", 1)[0] != RPC_PATH:
             await self.send(404, b"the RPC is served at POST /rpc/v0\n")
         elif request.method != b"POST":
             await self.send(405, b"only POST is served here\n", extra=[("Allow", "POST")])

@@ -12,6 +12,7 @@ Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator do
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
@@ -26,6 +27,8 @@ INVALID_PARAMS: Final = -32602
 INTERNAL_ERROR: Final = -32603
 #: go-jsonrpc's code for an error returned by the method itself.
 METHOD_ERROR: Final = 1
+#: Ours (JSON-RPC's range for server errors), sent with HTTP 401: no token, or a wrong one.
+UNAUTHORIZED: Final = -32001
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
 
@@ -50,7 +53,7 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WorkerPing": (Any,),
 }
 
-_HTTP_STATUS = {METHOD_ERROR: 200}
+_HTTP_STATUS = {METHOD_ERROR: 200, UNAUTHORIZED: 401}
 
 
 class RpcError(Exception):
@@ -64,7 +67,8 @@ class RpcError(Exception):
 
     @property
     def http_status(self) -> int:
-        """go-jsonrpc's: 200 for a method's own error, 500 for the protocol's."""
+        """go-jsonrpc's: 200 for a method's own error, 500 for the protocol's; 401 for ours
+        about the token."""
         return _HTTP_STATUS.get(self.code, 500)
 
 
@@ -138,6 +142,35 @@ def encode_error(error: RpcError) -> bytes:
             "id": error.request_id,
         }
     )
+
+
+TOKEN_HOWTO: Final = (
+    "send the header `Authorization: Bearer <token>` with the token of the coordinator's"
+    " --token-file (damocles-worker: [sector_manager] rpc_client.headers ="
+    ' { Authorization = "Bearer <token>" }; damocles-ext: --token-file)'
+)
+
+
+def check_bearer(authorization: bytes | None, token: bytes) -> RpcError | None:
+    """Why a request with this `Authorization` header value may not be served, or None.
+
+    The token is compared in constant time, and never put in a message: an error body goes to
+    whoever asked."""
+    if authorization is None:
+        return RpcError(UNAUTHORIZED, f"this coordinator requires a bearer token: {TOKEN_HOWTO}")
+    scheme, _, given = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        return RpcError(
+            UNAUTHORIZED,
+            f"the Authorization header is not `Bearer <token>`: {TOKEN_HOWTO}",
+        )
+    if not hmac.compare_digest(given.strip(), token):
+        return RpcError(
+            UNAUTHORIZED,
+            "the bearer token is wrong: it is not the one in the coordinator's --token-file;"
+            " check the token the client sends",
+        )
+    return None
 
 
 def allocated_job(job: JobRecord) -> dict[str, Any]:
