@@ -20,6 +20,7 @@ import trio
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
 from ..jobs.store import StoreError, TrioJobStore
+from .dext_rpc import DextMethods
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
 
 log = logging.getLogger("damocles_ext.coordinator")
@@ -51,12 +52,14 @@ class Coordinator:
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
         #: [[attached]] stores at start and refuses to start without an answer.
         self.stores = dict(stores or {})
+        self.dext = DextMethods(store)
 
     async def handle(self, call: rpc.Call) -> Any:
-        name = call.method.removeprefix("Venus.")
-        method = getattr(self, "_" + name)
+        namespace, _, name = call.method.partition(".")
         try:
-            return await method(*call.params)
+            if namespace == "Dext":
+                return await self.dext.call(name, call.params, call.request_id)
+            return await getattr(self, "_" + name)(*call.params)
         except StoreError as exc:
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None

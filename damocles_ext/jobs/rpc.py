@@ -29,6 +29,10 @@ INTERNAL_ERROR: Final = -32603
 METHOD_ERROR: Final = 1
 #: Ours (JSON-RPC's range for server errors), sent with HTTP 401: no token, or a wrong one.
 UNAUTHORIZED: Final = -32001
+#: Ours, for the Dext.* methods (HTTP 200): the job is no longer the caller's (its lease is not
+#: the current one, it finished, was removed, its deadline passed). Repeating the call cannot
+#: help, unlike code 1 (the store failed for a while).
+REFUSED: Final = 2
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
 
@@ -38,6 +42,13 @@ class AllocateSpec(msgspec.Struct, frozen=True):
 
     AllowedMiners: list[I64] | None = None
     AllowedProofTypes: list[str] | None = None
+
+
+class JobLease(msgspec.Struct, frozen=True):
+    """A job a worker holds, and the lease its allocation gave it (Dext.HeartbeatJobs)."""
+
+    Id: str
+    Lease: str
 
 
 # The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
@@ -51,9 +62,14 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllJobs": (),
     "Venus.StoreBasicInfo": (str,),
     "Venus.WorkerPing": (Any,),
+    # Ours (docs/JOBS.md): allocation by free slots with a lease, heartbeats that answer which
+    # jobs to stop, a finish fenced by the lease.
+    "Dext.AllocateJobs": (AllocateSpec, U32, str),
+    "Dext.HeartbeatJobs": (list[JobLease], str),
+    "Dext.FinishJob": (str, str, JobOutput | None, str),
 }
 
-_HTTP_STATUS = {METHOD_ERROR: 200, UNAUTHORIZED: 401}
+_HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, UNAUTHORIZED: 401}
 
 
 class RpcError(Exception):
@@ -176,6 +192,20 @@ def check_bearer(authorization: bytes | None, token: bytes) -> RpcError | None:
 def allocated_job(job: JobRecord) -> dict[str, Any]:
     """damocles' WdPoStAllocatedJob: the id and the input."""
     return {"Id": job.Id, "Input": msgspec.to_builtins(job.Input)}
+
+
+def leased_job(job: JobRecord) -> dict[str, Any]:
+    """A job as Dext.AllocateJobs gives it: what damocles gives, and the lease to carry, the
+    deadline (unix seconds, or null), the try it is."""
+    return {
+        "Id": job.Id,
+        "Input": msgspec.to_builtins(job.Input),
+        "Lease": job.lease,
+        "NotAfter": job.not_after,
+        "DeadlineIdx": job.DeadlineIdx,
+        "Partitions": None if job.Partitions is None else list(job.Partitions),
+        "TryNum": job.TryNum,
+    }
 
 
 def job_brief(job: JobRecord) -> dict[str, Any]:
