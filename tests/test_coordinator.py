@@ -72,8 +72,20 @@ class Client:
 
 
 @pytest.fixture
-def job_store(tmp_path):
+def sqlite_store(tmp_path):
+    """For what does not depend on the database (HTTP, auth) or needs SQLite's file lock."""
     with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_store(request: pytest.FixtureRequest, tmp_path):
+    """The store on SQLite and on the session's PostgreSQL (a new database each time)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/jobs.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    with JobStore.open(url) as s:
         yield s
 
 
@@ -150,9 +162,9 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_serving(job
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_an_oversized_body_is_refused(job_store, chunked):
+async def test_an_oversized_body_is_refused(sqlite_store, chunked):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store, max_body=1024)
+        server = await serving(nursery, sqlite_store, max_body=1024)
         client = await connect(server)
         status, body = await client.post(b"[" + b" " * 4096 + b"]", chunked=chunked)
         assert status == 413 and b"at most 1024 bytes" in body
@@ -249,14 +261,14 @@ def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
 
 
 async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_new_one(
-    tmp_path, job_store
+    tmp_path, sqlite_store
 ):
     # The request waits on the store (SQLite locked by another writer) when the stop comes: it
     # still gets its answer, then the server closes; idle connections and new ones are refused.
     from helpers.supervisor import wait_until
 
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         busy, _idle = await connect(server), await connect(server)
         await wait_until(lambda: len(server._slots) == 2, what="both connections accepted")
         writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
@@ -281,11 +293,11 @@ async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_
 
 
 async def test_store_basic_info_answers_the_stores_a_worker_attaches_and_names_an_unknown_one(
-    job_store,
+    sqlite_store,
 ):
     # damocles-worker asks it for each of its [[attached]] stores at start, and refuses to start
     # without a non-null answer.
-    coordinator = Coordinator(TrioJobStore(job_store), {"store-a": "/mnt/a"})
+    coordinator = Coordinator(TrioJobStore(sqlite_store), {"store-a": "/mnt/a"})
     async with trio.open_nursery() as nursery:
         server = CoordinatorServer(coordinator, "127.0.0.1", 0)
         await nursery.start(server.serve)
@@ -318,9 +330,9 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
 TOKEN = "s3cret-token-0123456789"
 
 
-async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(job_store):
+async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(sqlite_store):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store, token=TOKEN)
+        server = await serving(nursery, sqlite_store, token=TOKEN)
         client = await connect(server)
         status, body = await client.post(
             msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStAllJobs", "id": 1})

@@ -17,9 +17,13 @@ from damocles_ext.jobs.store import JobStore, TrioJobStore
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture
-def job_store(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_store(request: pytest.FixtureRequest, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/jobs.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    with JobStore.open(url) as s:
         yield s
 
 
