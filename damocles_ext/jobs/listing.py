@@ -7,7 +7,7 @@ error) is not. Dates are local `MM-DD hh:mm:ss`, `-` for unset; durations are Go
 the time zone come from the caller.
 
 The rows come from the store's records, or from the briefs `Venus.WdPoStAllJobs` sends (`JobBrief`:
-the input cut to the miner, no output, the sector and fault counts beside); damocles' own CLI
+the input zeroed but for the miner, the output emptied, the sector and fault counts beside); damocles' own CLI
 prints its table from the briefs, and both give the same table.
 """
 
@@ -30,7 +30,7 @@ DETAIL_COLUMNS = ("JobID", "Prefix", "Miner", "DDL", "Partitions", "Sectors", "W
 
 
 class BriefInput(msgspec.Struct, frozen=True):
-    """What a brief keeps of the input (damocles zeroes the rest, we leave it out)."""
+    """What a brief keeps of the input (damocles zeroes the rest)."""
 
     MinerId: int = 0
 

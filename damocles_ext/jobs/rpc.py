@@ -209,10 +209,12 @@ def leased_job(job: JobRecord) -> dict[str, Any]:
 
 
 def job_brief(job: JobRecord) -> dict[str, Any]:
-    """damocles' WdPoStJobBrief: the record with its input cut to the miner, and the number of
-    sectors and of faults."""
+    """damocles' WdPoStJobBrief as its MarshalJSON writes it: the record with its input zeroed
+    but for the miner and its output emptied, and the number of sectors and of faults."""
     brief: dict[str, Any] = msgspec.to_builtins(job.damocles())
-    brief["Input"] = {"MinerId": job.Input.MinerId}
+    brief["Input"] = {"Sectors": None, "MinerId": job.Input.MinerId, "ProofType": "",
+                      "Seed": [0] * 32}  # fmt: skip
+    brief["Output"] = {"proofs": None, "faults": None}
     brief["Sectors"] = len(job.Input.Sectors or ())
     brief["Faults"] = len(job.Output.faults or ()) if job.Output is not None else 0
     return brief
