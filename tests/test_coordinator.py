@@ -369,6 +369,25 @@ async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(sqlite
         nursery.cancel_scope.cancel()
 
 
+async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
+    # Refused on its headers and closed: a client without the token cannot make the coordinator
+    # read (up to 16 MiB) bodies it will never use.
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, token=TOKEN)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(
+            b"POST /rpc/v0 HTTP/1.1\r\nHost: c\r\nContent-Length: 1048576\r\n\r\n"
+        )
+        answer = b""
+        with trio.fail_after(30):  # without the check it waits for the body for 120 s
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" in head.lower()
+        assert msgspec.json.decode(body)["error"]["code"] == rpc.UNAUTHORIZED
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     "content", [None, "", "\n\nsecond-line"], ids=["missing", "empty", "blank"]
 )

@@ -43,6 +43,17 @@ class _TooLarge(Exception):
     pass
 
 
+class _Unauthorized(Exception):
+    def __init__(self, error: rpc.RpcError) -> None:
+        self.error = error
+
+
+# A request without the right token is answered without its body being kept; a longer body than
+# this is not even read (the connection is closed), so that a client without the token cannot
+# make the coordinator read megabytes.
+UNAUTHORIZED_BODY = 64 * 1024
+
+
 class Coordinator:
     """The Venus.* methods on a TrioJobStore: `await handle(call)` gives the result or raises
     rpc.RpcError."""
@@ -257,6 +268,7 @@ class _Connection:
         self.closed = trio.Event()
         self.idle = True
         self._wait_scope = trio.CancelScope()
+        self._refused: rpc.RpcError | None = None  # the request being read lacks the token
 
     def evict(self, reason: str) -> None:
         log.debug("closing a coordinator connection: %s", reason)
@@ -277,6 +289,10 @@ class _Connection:
                     with trio.move_on_after(1):
                         await self.send(exc.error_status_hint, f"bad request: {exc}\n".encode(),
                                         close=True)  # fmt: skip
+                    return
+                except _Unauthorized as refused:
+                    with trio.move_on_after(1):
+                        await self._refuse(refused.error, close=True)
                     return
                 except _TooLarge:
                     with trio.move_on_after(1):
@@ -317,12 +333,23 @@ class _Connection:
                     self.last_active = trio.current_time()
             elif isinstance(event, h11.Request):
                 request = event
+                self._refused = self._check_token(event)
                 length = dict(event.headers).get(b"content-length")
                 # Refused before reading it, when the client says how long it is.
+                if (
+                    self._refused is not None
+                    and length is not None
+                    and int(length) > UNAUTHORIZED_BODY
+                ):
+                    raise _Unauthorized(self._refused)
                 if length is not None and int(length) > self._server.max_body:
                     raise _TooLarge
             elif isinstance(event, h11.Data):
                 size += len(event.data)
+                if self._refused is not None:
+                    if size > UNAUTHORIZED_BODY:
+                        raise _Unauthorized(self._refused)
+                    continue  # read to keep the connection usable, never kept
                 if size > self._server.max_body:
                     raise _TooLarge
                 chunks.append(bytes(event.data))
@@ -332,16 +359,21 @@ class _Connection:
             else:  # ConnectionClosed, or PAUSED
                 return None
 
-    async def _answer(self, request: h11.Request, body: bytes) -> None:
+    def _check_token(self, request: h11.Request) -> rpc.RpcError | None:
         token = self._server.token
-        refused = None
-        if token is not None:
-            given = next((v for k, v in request.headers if k == b"authorization"), None)
-            refused = rpc.check_bearer(given, token)
-        if refused is not None:
+        if token is None:
+            return None
+        given = next((v for k, v in request.headers if k == b"authorization"), None)
+        return rpc.check_bearer(given, token)
+
+    async def _refuse(self, error: rpc.RpcError, *, close: bool = False) -> None:
+        await self.send(error.http_status, rpc.encode_error(error), close=close,
+                        content_type="application/json", extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
+
+    async def _answer(self, request: h11.Request, body: bytes) -> None:
+        if self._refused is not None:
             # The connection stays open: a client that fixes its header may go on using it.
-            await self.send(refused.http_status, rpc.encode_error(refused),
-                            content_type="application/json", extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
+            await self._refuse(self._refused)
         elif request.target.split(b"?", 1)[0] != RPC_PATH:
             await self.send(404, b"the RPC is served at POST /rpc/v0\n")
         elif request.method != b"POST":
