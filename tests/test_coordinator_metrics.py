@@ -206,3 +206,30 @@ async def test_a_bad_metrics_address_exits_2(tmp_path, bad):
                                 "--metrics", bad)  # fmt: skip
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"--metrics" in done.stderr
+
+
+async def test_the_dext_methods_are_counted_as_the_venus_ones_are(tmp_path):
+    clock = Clock()
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        jobs = TrioJobStore(store, clock=clock)
+        for seed in (1, 2):
+            await jobs.create(make_input(seed=seed, miner=1000, proof_type=PROOF))
+        async with trio.open_nursery() as nursery:
+            _, client, metrics_server, _ = await start(nursery, store, clock)
+            spec = {"AllowedMiners": [], "AllowedProofTypes": []}
+            _, answer = await client.call("Dext.AllocateJobs", spec, 2, "worker-b")
+            first, second = answer["result"]
+            _, answer = await client.call(
+                "Dext.HeartbeatJobs", [{"Id": first["Id"], "Lease": "not-the-lease"}], "worker-b"
+            )
+            assert [stop["Id"] for stop in answer["result"]] == [first["Id"]]
+            _, answer = await client.call("Dext.FinishJob", second["Id"], second["Lease"], None, "")
+            assert answer["result"] is None
+            _, answer = await client.call("Dext.FinishJob", first["Id"], "not-the-lease", None, "")
+            assert answer["error"]["code"] == 2
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_allocations_total") == 2
+            assert value(got, P + "job_finishes_total", result="ok") == 1
+            assert value(got, P + "job_refusals_total", event="heartbeat") == 1
+            assert value(got, P + "job_refusals_total", event="finish") == 1
+            nursery.cancel_scope.cancel()

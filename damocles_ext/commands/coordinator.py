@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import token_file
 from .wdpost import JOBS_HELP
 
 
@@ -59,6 +60,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a store the workers attach ([[attached]] name and location), for"
         " Venus.StoreBasicInfo; repeat for each (damocles-worker refuses to start without it)",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=token_file,
+        help="require every request to carry `Authorization: Bearer <token>`, the token being"
+        " the first line of FILE (keep it readable by this user only); damocles-workers send it"
+        ' with [sector_manager] rpc_client.headers = { Authorization = "Bearer <token>" }.'
+        " Without it, anyone who reaches the port may take and finish jobs",
+    )
     return parser
 
 
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             dict(args.store),
             observe=None if metrics is None else metrics.observe,
         )
-        server = CoordinatorServer(coordinator, host, port)
+        server = CoordinatorServer(coordinator, host, port, token=args.token_file)
         try:
             if metrics is not None:
                 metrics_server = MetricsServer(metrics, *args.metrics)
