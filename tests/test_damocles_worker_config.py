@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers.supervisor import jsonl_child, window_task
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.config import ConfigError
@@ -26,7 +28,15 @@ from damocles_ext.config.damocles_worker import (
     load_damocles_worker_config,
     parse_damocles_worker_config,
 )
-from damocles_ext.config.damocles_worker_keys import parse_humantime, sector_size
+from damocles_ext.config.damocles_worker_keys import (
+    ATTACHED,
+    PROCESSOR,
+    SCHEMA,
+    THREAD,
+    parse_humantime,
+    sector_size,
+)
+from damocles_ext.config.spec import MAX_CONCURRENT
 from damocles_ext.errors import EXIT_USAGE, UsageError
 from damocles_ext.jobs.endpoint import parse_endpoint
 from damocles_ext.tasks import WindowPoStOutput
@@ -435,3 +445,65 @@ async def test_a_window_post_processor_of_the_file_proves_under_the_supervisor(t
         "affinity": [cpu],
     }
     assert sys.executable == program
+
+
+# -- fuzzing: any document is a config or a clear ConfigError --------------------------------------
+
+KEY_POOL = sorted(
+    {k for table in (SCHEMA, THREAD, PROCESSOR, ATTACHED, SCHEMA["processors"]) for k in table}
+    | set(THREAD["sealing"])
+    | {"rpc_client", "addr", "headers", "cgroup", "cpuset", "group_name", "concurrent", "Name"}
+)
+fuzz_scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10),
+    st.sampled_from(
+        ["wdpost", "sealer", "15s", "1m 30s", "1.5s", "32GiB", "8 MiB", "32GB", "/", "/tmp",
+         "/ip4/127.0.0.1/tcp/1789", "http://h:1", "Bearer t", "0-3", "0-99999999", "a\x00b",
+         "gpu0", "window_post"]
+    ),
+)  # fmt: skip
+fuzz_values = st.recursive(
+    fuzz_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.one_of(st.sampled_from(KEY_POOL), st.text(max_size=5)), inner, max_size=4
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from([*SCHEMA, "remote_store", "odd"]), fuzz_values, max_size=6))
+def test_any_document_is_a_config_or_a_clear_config_error(doc):
+    text = "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in doc.items())
+    source = "/etc/damocles-worker/damocles-worker.toml"
+    try:
+        cfg = parse_damocles_worker_config(text, source, tmp_root="/tmp/damocles-ext")
+    except ConfigError as exc:
+        assert isinstance(exc, UsageError) and exc.exit_code == EXIT_USAGE
+        assert exc.errors and all(isinstance(e, str) and e.strip() for e in exc.errors)
+        assert source in str(exc)
+        return
+    assert cfg.threads and cfg.attached and cfg.children
+    assert parse_endpoint(cfg.manager)
+    for child in cfg.children:
+        assert 1 <= child.concurrent <= MAX_CONCURRENT and child.ready_timeout > 0
+        assert all("\0" not in a for a in child.argv)
+        assert all("\0" not in k + v and "=" not in k for k, v in child.envs.items())

@@ -417,7 +417,7 @@ class _Reader:
         except ConfigError as exc:
             self.errors.extend(f"{where}: {e}" for e in exc.errors)
             return None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             self.errors.append(f"{where}: {meta_path} is not JSON ({exc}); fix or remove it")
             return None
         if not isinstance(meta, dict):
