@@ -191,6 +191,17 @@ def test_a_misspelt_or_retired_key_is_reported_with_a_suggestion(tmp_path):
     assert "top level: ignored: 'remote_store' (damocles-worker no longer reads it" in warnings
 
 
+def test_a_misspelt_plan_is_reported_with_a_suggestion(tmp_path):
+    text = base(tmp_path, '[[sealing_thread]]\nplan = "WdPost"\n')
+    cfg = parse(text, tmp_path)
+    assert len(cfg.threads) == 1 and cfg.other_threads == {"WdPost": 1}
+    assert any(
+        'sealing_thread[1].plan: "WdPost" is no damocles-worker plan (it fails that thread); '
+        "did you mean 'wdpost'?" in w
+        for w in cfg.warnings
+    ), cfg.warnings
+
+
 def test_a_thread_made_wdpost_by_its_location_config_is_read(tmp_path):
     location = tmp_path / "thread0"
     location.mkdir()

@@ -49,7 +49,7 @@ from .damocles_worker_keys import (
 from .damocles_worker_values import TypedTable
 from .keys import _parse_cpuset
 from .load import read_config_text
-from .messages import _show, _syntax_error
+from .messages import _show, _suggest, _syntax_error
 from .spec import (
     DAMOCLES_WORKER,
     DEFAULT_CANCEL_GRACE,
@@ -65,6 +65,7 @@ from .spec import (
 
 PLAN_WDPOST = "wdpost"
 DEFAULT_PLAN = "sealer"  # a thread without `plan`
+SEALING_PLANS = ("sealer", "snapup", "rebuild", "unseal")  # damocles-worker's other planners
 DEFAULT_RECOVER_INTERVAL = 60.0  # damocles-worker's; its docs advise 15s for wdpost threads
 DEFAULT_STABLE_WAIT = 5.0
 STAGE = "window_post"
@@ -295,6 +296,12 @@ class _Reader:
             plan = plan or DEFAULT_PLAN
             if plan != PLAN_WDPOST:
                 others[plan] = others.get(plan, 0) + 1
+                if plan not in SEALING_PLANS:
+                    hint = _suggest(plan, (PLAN_WDPOST, *SEALING_PLANS))
+                    self.warnings.append(
+                        f'{self.source}: {where}.plan: "{plan}" is no damocles-worker plan (it '
+                        f"fails that thread){'; ' + hint if hint else ''}; skipped"
+                    )
                 continue
             self.unread += unread_keys(raw, THREAD, where)
             if hot is not None:
