@@ -81,6 +81,7 @@ SANS_IO = [
     "jobs/rpc.py",  # the worker-prover RPC as JSON-RPC 2.0 bodies
     "jobs/summary.py",  # the job store's summary: live workers, unallocatable jobs
     "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
+    "jobs/paths.py",  # a sector's paths <-> damocles store names
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE
