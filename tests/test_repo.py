@@ -82,6 +82,8 @@ SANS_IO = [
     "jobs/summary.py",  # the job store's summary: live workers, unallocatable jobs
     "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
     "jobs/paths.py",  # a sector's paths <-> damocles store names
+    "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths
+    "jobs/worker_settings.py",  # the worker's inputs, whatever read them
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE
