@@ -256,12 +256,9 @@ async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_afte
             await rig.server.stopped.wait()
             rig.server.close()
             # The proof ends, its finish finds no coordinator and is kept for a retry.
+            # Two failed finish calls: the second one is a retry after a backoff.
             await worker.wait_for(
-                lambda: (
-                    job.Id in worker.held
-                    and worker.held[job.Id].state == "finishing"
-                    and worker._outage.down_since is not None
-                )
+                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
             )
             assert (await rig.jobs.get(job.Id)).State == "running"
             # The coordinator comes back on the same port: the retry delivers the result.

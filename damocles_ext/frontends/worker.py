@@ -96,6 +96,7 @@ class HeldJob:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: str = "proving"
     stop_reason: str | None = None
+    delivery_failures: int = 0  # finish calls that did not get the result taken
 
 
 @dataclass
@@ -429,6 +430,8 @@ class Worker:
                 self.counters.failed += bool(error)
                 log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
                 break
+            held.delivery_failures += 1
+            self._touch()
             verdict, why = finish_verdict(
                 failure,
                 self._clock(),
