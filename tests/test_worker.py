@@ -4,6 +4,9 @@ heartbeats them, delivers the results; and its sans-IO rules (jobs/worker_rules.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import pytest
 import trio
 from helpers.frontend import DEXT, dext_env, plugin_block
@@ -12,6 +15,7 @@ from helpers.post import sectors
 from damocles_ext.config import parse_config
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
 from damocles_ext.jobs.store import JobStore, TrioJobStore
@@ -31,6 +35,7 @@ from damocles_ext.jobs.worker_rules import (
     window_post_task,
 )
 from damocles_ext.jobs.worker_settings import WorkerSettings
+from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.post.verify import verify_window_post
 from damocles_ext.tasks import WindowPoStOutput
 
@@ -385,6 +390,114 @@ async def test_an_attached_store_the_manager_does_not_know_stops_the_worker_at_s
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "does not know the attached store 'nope'" in err and "Traceback" not in err
+
+
+class Layout:
+    """A site's own layout, as a plugin gives it: every store's sectors flat under one root."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.asked: list[tuple[str, int]] = []
+
+    @hookimpl
+    def dext_sector_paths(self, job, sector, attached):
+        self.asked.append((job.Id, sector.SectorId))
+        name = f"s-t0{job.Input.MinerId}-{sector.SectorId}"
+        return str(self.root / "sealed" / name), str(self.root / "cache" / name)
+
+
+async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig, tmp_path):
+    root = tmp_path / "elsewhere"
+    manifest = sectors(root, PROOF_TYPE, 1, random_seed=5)
+    [replica] = manifest.replicas
+    job, _ = await rig.jobs.create(
+        job_input(sector_ids=(replica.sector_id,), comm_rs=[bytes.fromhex(replica.comm_r)])
+    )
+    pm = get_plugin_manager(entry_points=False)
+    layout = Layout(root)
+    pm.register(layout, name="layout")
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    # The attached path holds nothing: only the plugin's paths can give a proof.
+    worker = Worker(
+        rig.settings(kids, attached={"store-a": str(tmp_path / "empty")}), plugin_manager=pm
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    done = await rig.jobs.get(job.Id)
+    assert done.succeeded and done.Output.proofs and done.Output.faults == ()
+    assert layout.asked == [(job.Id, replica.sector_id)]
+
+
+async def test_stopping_lets_a_running_proof_finish_within_the_grace_and_delivers_it(rig, tmp_path):
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, shutdown_grace=30.0))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await rig.jobs.create(job_input(seed=2))  # not taken: the worker is stopping
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    assert (await rig.jobs.get(job.Id)).succeeded
+    assert worker.counters.pulled == 1 and worker.counters.delivered == 1
+
+
+async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartbeat_timeout(
+    rig, tmp_path, caplog
+):
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, shutdown_grace=0.3))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    # Still running in the store: the coordinator's sweep gives it to another worker.
+    assert (await rig.jobs.get(job.Id)).State == "running"
+    assert worker.counters.delivered == 0
+    [line] = [r.getMessage() for r in caplog.records if "heartbeat timeout" in r.getMessage()]
+    assert job.Id in line and "cancelled" in line
+
+
+async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    config = tmp_path / "ext-prover.cfg"
+    config.write_text(plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                proc = await trio.lowlevel.open_process(
+                    [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
+                     str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9"],
+                    env=dext_env(), stderr=subprocess.PIPE,
+                )  # fmt: skip
+                seen = b""
+                while f"job {job.Id}: pulled".encode() not in seen:
+                    chunk = await proc.stderr.receive_some(4096)
+                    assert chunk, seen.decode()
+                    seen += chunk
+                proc.send_signal(signal.SIGTERM)
+                while chunk := await proc.stderr.receive_some(4096):
+                    seen += chunk
+                assert await proc.wait() == 0, seen.decode()
+                nursery.cancel_scope.cancel()
+        done = await rig.jobs.get(job.Id)
+    finally:
+        rig.close()
+    assert done.succeeded and done.WorkerName == "w9"
+    assert b"Traceback" not in seen and f"job {job.Id}: delivered".encode() in seen
 
 
 # --- the rules ------------------------------------------------------------------------------------
