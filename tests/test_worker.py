@@ -4,8 +4,10 @@ heartbeats them, delivers the results; and its sans-IO rules (jobs/worker_rules.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 
 import pytest
 import trio
@@ -13,6 +15,7 @@ from helpers.frontend import DEXT, dext_env, plugin_block
 from helpers.post import sectors
 
 from damocles_ext.config import parse_config
+from damocles_ext.errors import ProverError
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.hookspecs import hookimpl
@@ -498,6 +501,24 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
         rig.close()
     assert done.succeeded and done.WorkerName == "w9"
     assert b"Traceback" not in seen and f"job {job.Id}: delivered".encode() in seen
+
+
+async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_of_idling(
+    rig, tmp_path
+):
+    crash = "import sys; print('dying', file=sys.stderr); sys.exit(3)"
+    config = (
+        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
+        "AutoRestart = false\n"
+    )
+    worker = Worker(rig.settings(children(tmp_path, config)))
+    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            await worker.run()
+    [error] = caught.value.exceptions
+    assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
+    assert worker.counters.allocations == 0
 
 
 # --- the rules ------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class Worker:
         self._outage = Outage()
         self._idle_until = -math.inf
         self._sup: Supervisor | None = None
+        self._dead: str | None = None  # why no child can prove any more
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -200,6 +201,11 @@ class Worker:
                     await self._drain()
                     background.cancel()
                 self._sup = None
+        if self._dead is not None:
+            raise ProverError(
+                f"{self._dead}; their stderr above says why: fix their [[WdPost]] tables and"
+                " start the worker again"
+            )
 
     async def _default_name(self, endpoint: Endpoint) -> str:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
@@ -260,6 +266,18 @@ class Worker:
             if c.stage in _SLOT_STAGES and c.state in ("ready", "busy")
         )
 
+    def _no_child_can_prove(self) -> str | None:
+        """Why no job could ever be proved here (every child gave up for good), or None."""
+        assert self._sup is not None
+        pool = [c for c in self._sup.statistics().children if c.stage in _SLOT_STAGES]
+        if any(c.state not in ("fatal", "stopped") for c in pool):
+            return None
+        return (
+            "no WindowPoSt child can prove any more ("
+            + "; ".join(f"{c.name} is {c.state}, last: {c.last_exit}" for c in pool)
+            + ")"
+        )
+
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
             await sup.wait_changed()
@@ -269,6 +287,12 @@ class Worker:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
             want = jobs_to_ask(self.api, free_slots(self._ready_capacity(), len(self.held)))
+            if want == 0 and self._dead is None:
+                self._dead = self._no_child_can_prove()
+                if self._dead is not None:
+                    log.error("%s; the worker stops", self._dead)
+                    self.stop()
+                    break
             if want == 0 or trio.current_time() < self._idle_until:
                 changed = self._changed
                 with trio.move_on_at(self._idle_until if want else math.inf):
@@ -336,12 +360,20 @@ class Worker:
                 log.error("the manager gave a job without an id (%s); it is left to time out", exc)
                 return
             log.error("job %s: its input cannot be read (%s); failing it", job_id, exc)
-            bad = PulledJob(Id=job_id, Input=_EMPTY_INPUT, Lease=raw.get("Lease"))
+            lease = raw.get("Lease")
+            lease = lease if isinstance(lease, str) else None
+            if job_id in self.held:
+                return
+            bad = PulledJob(Id=job_id, Input=_EMPTY_INPUT, Lease=lease)
             held = HeldJob(bad, now, state="finishing")
             self.held[job_id] = held
             self._nursery.start_soon(self._fail, held, f"unreadable job input: {exc}")
             return
         self.counters.pulled += 1
+        if job.Id in self.held:
+            # A manager that gives a job twice: the proof running goes on, under its first lease.
+            log.warning("job %s: given again while this worker holds it; ignored", job.Id)
+            return
         held = HeldJob(job, now)
         self.held[job.Id] = held
         log.info(
