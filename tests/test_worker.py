@@ -206,7 +206,7 @@ async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between
     jobs = [await rig.jobs.get(i) for i in ids]
     assert all(j.succeeded and j.TryNum == 1 for j in jobs)
     # Never more jobs running on this worker than it has slots: none waited on a busy child.
-    assert rig.most_running == 2
+    assert rig.most_running <= 2
     assert all(rig.allocations_of(i) == 1 for i in ids)
 
 
@@ -221,6 +221,7 @@ async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_an
         async with trio.open_nursery() as nursery:
             await nursery.start(rig.server.serve)
             running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: first.Id in worker.held)
             await rec.next("started")
             # The one slot is taken: the next job waits in the store, not on this worker.
             second, _ = await rig.jobs.create(job_input(seed=2))
@@ -475,7 +476,11 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(tmp_path):
     rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
     config = tmp_path / "ext-prover.cfg"
-    config.write_text(plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    config.write_text(
+        plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05)
+        + plugin_block("WinPost", "echo")
+    )
+    other, _ = await rig.jobs.create(job_input(miner=1001))
     job, _ = await rig.jobs.create(job_input())
     try:
         with trio.fail_after(60):
@@ -483,7 +488,8 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
                 await nursery.start(rig.server.serve)
                 proc = await trio.lowlevel.open_process(
                     [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
-                     str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9"],
+                     str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9",
+                     "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
                     env=dext_env(), stderr=subprocess.PIPE,
                 )  # fmt: skip
                 seen = b""
@@ -497,9 +503,13 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
                 assert await proc.wait() == 0, seen.decode()
                 nursery.cancel_scope.cancel()
         done = await rig.jobs.get(job.Id)
+        # Another miner's job is left for another worker.
+        assert (await rig.jobs.get(other.Id)).State == "ready2run"
     finally:
         rig.close()
     assert done.succeeded and done.WorkerName == "w9"
+    # The manager's own ext-prover.cfg may be given: its [[WinPost]] children are not started.
+    assert b"children of other tables are not started (winning_post#0)" in seen
     assert b"Traceback" not in seen and f"job {job.Id}: delivered".encode() in seen
 
 
