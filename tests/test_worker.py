@@ -15,11 +15,12 @@ from helpers.frontend import DEXT, dext_env, plugin_block
 from helpers.post import sectors
 
 from damocles_ext.config import parse_config
-from damocles_ext.errors import ProverError
+from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
-from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker import Worker, local_address_towards
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs import rpc, rules
+from damocles_ext.jobs.endpoint import Endpoint
 from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.jobs.worker_rules import (
@@ -529,6 +530,27 @@ async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_o
     [error] = caught.value.exceptions
     assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
     assert worker.counters.allocations == 0
+
+
+async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    rig.server.token = b"the-right-one"
+    worker = Worker(rig.settings(children(tmp_path, plugin_block("WdPost", "echo")), token="wrong"))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                with pytest.raises(
+                    UsageError, match="refused this worker's token: the bearer token is wrong"
+                ):
+                    await worker.run()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+
+
+async def test_the_default_name_is_the_local_address_that_reaches_the_manager():
+    assert await local_address_towards(Endpoint("127.0.0.1", 1789)) == "127.0.0.1"
 
 
 # --- the rules ------------------------------------------------------------------------------------
