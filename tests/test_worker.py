@@ -216,7 +216,8 @@ async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_an
 ):
     rec, pm = recorder
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
-    worker = Worker(rig.settings(kids), plugin_manager=pm)
+    # A short grace: the last proof runs for a minute and is cancelled at the end.
+    worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
     first, _ = await rig.jobs.create(job_input(seed=1))
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -337,7 +338,7 @@ async def test_against_damocles_manager_a_removed_job_is_found_by_heartbeating_o
         kids = children(
             tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
         )
-        worker = Worker(rig.settings(kids), plugin_manager=pm)
+        worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(rig.server.serve)
