@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .wdpost import JOBS_HELP
+from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -48,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a store the workers attach ([[attached]] name and location), for"
         " Venus.StoreBasicInfo; repeat for each (damocles-worker refuses to start without it)",
     )
+    parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     return parser
 
 
@@ -73,14 +74,18 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import watch_signals
+    from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, TrioJobStore
 
     log = logging.getLogger("damocles_ext.coordinator")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = read_settings(args.conf_dir, args.store)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     host, port = args.listen
-    with JobStore.open(args.jobs) as store:
-        coordinator = Coordinator(TrioJobStore(store), dict(args.store))
+    with JobStore.open(args.jobs, limits=settings.limits) as store:
+        coordinator = Coordinator(TrioJobStore(store), settings.stores)
         server = CoordinatorServer(coordinator, host, port)
         try:
 

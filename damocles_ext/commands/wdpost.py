@@ -16,6 +16,11 @@ JOBS_HELP = (
     "the job store: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
     "(see docs/JOBS.md)"
 )
+CONF_DIR_HELP = (
+    "damocles-manager's config directory (its --conf-dir): JobMaxTry, HeartbeatTimeout and"
+    " JobLifetime are read from [Common.Proving.WorkerProver] in DIR/sector-manager.cfg, and the"
+    " stores from its [[Common.PersistStores]] (damocles' defaults when DIR has no such file)"
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,10 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     listing.add_argument(
         "--max-try",
         type=positive_int,
-        default=2,
         metavar="N",
-        help="JobMaxTry, for the (Max) mark in the Try column (default: 2, damocles' default)",
+        help="JobMaxTry, for the (Max) mark in the Try column (default: JobMaxTry from"
+        " --conf-dir's sector-manager.cfg, else 2, damocles' default)",
     )
+    listing.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     reset = sub.add_parser(
         "reset",
         help="put jobs back to ready with no tries used, so a worker can take them again",
@@ -91,12 +97,20 @@ def run(args: argparse.Namespace) -> int:
     if args.wdpost_command == "remove-all" and not args.really_do_it:
         print("Pass --really-do-it to actually execute this action")
         return 0
+    max_try = 2
+    if args.wdpost_command == "list":
+        from damocles_ext.jobs.manager_config import read_settings
+
+        settings = read_settings(args.conf_dir)
+        for warning in settings.warnings:
+            print(f"damocles-ext wdpost: warning: {warning}", file=sys.stderr)
+        max_try = args.max_try if args.max_try is not None else settings.limits.max_try
     with JobStore.open(args.jobs, create=False) as store:
         if args.wdpost_command == "list":
             sys.stdout.write(
                 render_list(
                     store.list_jobs(),
-                    max_try=args.max_try,
+                    max_try=max_try,
                     now=time.time(),
                     show_all=args.all,
                     detail=args.detail,
