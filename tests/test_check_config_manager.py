@@ -149,8 +149,10 @@ Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
             f" run damocles-ext check-config on {tmp_path}/missing.cfg"
         ),
         (
-            f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
-            " of the arguments -c/--config --conf-dir --connect is required); fix its Args"
+            f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which will exit 2: one"
+            " of the arguments -c/--config --conf-dir --connect --jobs is required: children of"
+            " serve's own (-c FILE, --conf-dir DIR), a running `damocles-ext run` (--connect), or"
+            " a job store that workers prove from (--jobs URL); fix its Args"
         ),
         # WinPost[2], --connect: no `run` answers at its socket, so there is nothing to compare
         (
