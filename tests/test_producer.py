@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.frontend import DEXT, ManagerLike, dext_run
+from helpers.frontend import DEXT, ManagerLike, dext_env, dext_run, make_task
 
 from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.paths import StoreMap, job_input
@@ -389,3 +389,86 @@ async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_ur
         assert response.err_msg is None and response.output.proofs == [b"q"]
         await stop(m)
 
+
+# -- prove --jobs and the Python API: the same producer ------------------------------------------
+
+
+async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_output(tmp_path):
+    import json
+
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    (tmp_path / "task.json").write_bytes(task_to_json(task))
+    argv = [*DEXT, "prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs",
+            url, "--store", f"a={root}", "--log-level", "info", "--no-progress"]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dext_env()
+    )
+    seen = b""
+    with trio.fail_after(60):
+        while f"job {job_id}: created".encode() not in seen:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, seen
+            seen += chunk
+        await finish_as_worker(url, job_id, model.JobOutput(proofs=(b"p",), faults=(1,)))
+        out = b""
+        while chunk := await process.stdout.receive_some(4096):
+            out += chunk
+        while chunk := await process.stderr.receive_some(4096):
+            seen += chunk
+        assert await process.wait() == 0, seen
+    assert json.loads(out) == {"proofs": ["cA=="], "faults": [1]}
+    assert b"1 faulty sector: 1" in seen and b"Traceback" not in seen
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--socket", "/x"], "--socket does not apply with --jobs"),
+        (["--priority", "3"], "--priority does not apply with --jobs"),
+        (["--store", "a=/elsewhere"], "is in none of the stores (a=/elsewhere)"),
+    ],
+)
+def test_prove_jobs_refuses_what_does_not_apply_with_exit_2(tmp_path, extra, words):
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    (tmp_path / "task.json").write_bytes(task_to_json(window_task(str(tmp_path / "s"))))
+    done = dext_run("prove", "window_post", "--request", str(tmp_path / "task.json"),
+                    "--jobs", f"sqlite:///{tmp_path}/j.db", *extra)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr.decode() and b"Traceback" not in done.stderr
+
+
+async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
+    from damocles_ext.api import open_job_producer, submit_job
+    from damocles_ext.errors import ProverError, UsageError
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    done_task, failed_task = window_task(root, miner=1000), window_task(root, miner=1001)
+    with JobStore.open(url, limits=rules.JobLimits(max_try=1)) as store:
+        for task, error in ((done_task, ""), (failed_task, "disk gone")):
+            job, _ = store.create(job_input(task, StoreMap({"a": root})), 0)
+            [taken] = store.allocate(rules.AllocationSpec(), 1, "w9", 0)
+            output = model.JobOutput(proofs=(b"x",), faults=()) if not error else None
+            store.finish(job.Id, output, error, 0, lease=taken.lease)
+    output = await submit_job(url, done_task, stores={"a": root})
+    assert output.proofs == [b"x"] and output.faults == []
+    # The store and JobMaxTry 1 from damocles-manager's file: the failure is final.
+    (tmp_path / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "a"\nPath = "{root}"\n'
+        "[Common.Proving.WorkerProver]\nJobMaxTry = 1\n"
+    )
+    failed_id = job_id_of(failed_task, {"a": root})
+    async with open_job_producer(url, conf_dir=str(tmp_path), poll_interval=60) as producer:
+        with trio.fail_after(30), pytest.raises(ProverError) as caught:
+            await producer.submit(failed_task)
+        assert str(caught.value) == (
+            f"job {failed_id} failed on worker 'w9' (try 1 of JobMaxTry 1): disk gone"
+        )
+        with pytest.raises(UsageError, match="WinningPoSt must stay local"):
+            await producer.submit(make_task(stage="winning_post"))
