@@ -472,3 +472,34 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
         )
         with pytest.raises(UsageError, match="WinningPoSt must stay local"):
             await producer.submit(make_task(stage="winning_post"))
+
+
+async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_failure(
+    postgres_url, tmp_path
+):
+    import psycopg
+
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
+                              "--poll-interval", "0.2")  # fmt: skip
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        database = psycopg.conninfo.conninfo_to_dict(postgres_url)["dbname"]
+        with psycopg.connect(postgres_url, dbname="postgres", autocommit=True) as admin:
+            # The database down for serve: no new connection, the open ones closed.
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+            with trio.fail_after(30):
+                await m.wait_log(f"job {job_id}: the job store failed, trying again in")
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+        with trio.fail_after(60):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await stop(m)
