@@ -247,3 +247,26 @@ Concurrent = 2
             " slot(s) stay idle; set Concurrent = 3 (or more) in that table"
         )
     ]  # the WinPost entry's 2 match the run's 2 winning_post slots
+
+
+def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_have(
+    tmp_path, capsys
+):
+    manager = tmp_path / "manager" / "ext-prover.cfg"
+    manager.parent.mkdir()
+    # Its --conf-dir is damocles-manager's own directory (sector-manager.cfg), not a config of
+    # children: reading an ext-prover.cfg there would be a false warning.
+    manager.write_text(
+        "[[WdPost]]\n"
+        'Bin = "damocles-ext"\n'
+        f'Args = ["serve", "window_post", "--jobs", "sqlite:///{tmp_path}/j.db", "--conf-dir",'
+        f' "{manager.parent}"]\n'
+        "[[WdPost]]\n"
+        'Bin = "damocles-ext"\n'
+        f'Args = ["serve", "window_post", "--jobs", "sqlite:///{tmp_path}/j.db", "-c", "x.cfg"]\n'
+    )
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[" in w]
+    assert len(warnings) == 1, warnings
+    assert (
+        "WdPost[1]" in warnings[0] and "-c/--config does not apply to serve --jobs" in warnings[0]
+    )
