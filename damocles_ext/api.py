@@ -8,12 +8,24 @@
 
 Leaving the block requests a graceful shutdown (in-flight requests get `shutdown_grace`
 seconds) and waits until every child process is gone.
+
+Or submit WindowPoSt tasks as jobs of a job store, for workers on other machines to prove (the
+same producer as `serve window_post --jobs`; see docs/JOBS.md):
+
+    from damocles_ext.api import open_job_producer
+
+    async with open_job_producer("postgresql://...", stores={"nfs-1": "/mnt/nfs-1"}) as jobs:
+        output = await jobs.submit(task)         # ProverError names job, worker, tries, why
+
+`submit_job(url, task, ...)` does the same for one task.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -23,6 +35,8 @@ from .supervisor.core import Supervisor
 
 if TYPE_CHECKING:
     from .config import ChildSpec, Config
+    from .frontends.producer import JobProducer
+    from .tasks import Output, Task
 
 #: What open_supervisor starts from: a Config, its children, or a config file or conf dir.
 ConfigSource: TypeAlias = "Config | Sequence[ChildSpec] | str | os.PathLike[str]"
@@ -54,4 +68,64 @@ async def open_supervisor(config_or_path: ConfigSource, **kwargs: Any) -> AsyncI
             sup.request_shutdown()
 
 
-__all__ = ["Supervisor", "open_supervisor"]
+@asynccontextmanager
+async def open_job_producer(
+    url: str,
+    *,
+    stores: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    conf_dir: str | None = None,
+    deadline_after: float | None = None,
+    poll_interval: float | None = None,
+) -> AsyncIterator[JobProducer]:
+    """A JobProducer on the job store at `url` (created if missing) whose `submit(task)` proves
+    a WindowPoSt through the workers; on PostgreSQL its LISTEN/NOTIFY listener runs meanwhile.
+
+    `stores` (name -> path) and, with `conf_dir`, the [[Common.PersistStores]] of
+    damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
+    [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config
+    and StoreError when the store cannot be reached."""
+    from .frontends.producer import JobProducer
+    from .jobs.manager_config import read_settings
+    from .jobs.paths import StoreMap
+    from .jobs.store import JobStore, TrioJobStore
+
+    given = list(stores.items()) if isinstance(stores, Mapping) else list(stores)
+    settings = read_settings(conf_dir, given)
+    limits = settings.limits
+    if poll_interval is not None:
+        limits = dataclasses.replace(limits, poll_interval=poll_interval)
+    store = await trio.to_thread.run_sync(functools.partial(JobStore.open, url, limits=limits))
+    error: BaseException | None = None
+    try:
+        producer = JobProducer(
+            TrioJobStore(store),
+            StoreMap(settings.stores),
+            deadline_after=deadline_after,
+            poll_interval=limits.poll_interval,
+        )
+        async with trio.open_nursery() as nursery:
+            listener = producer.listener()
+            if listener is not None:
+                nursery.start_soon(listener.run)
+            try:
+                yield producer
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                # Raised inside it, the caller's own exception would reach it wrapped in the
+                # nursery's ExceptionGroup.
+                error = exc
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    if error is not None:
+        raise error
+
+
+async def submit_job(url: str, task: Task, *, deadline: float | None = None,
+                     **kwargs: Any) -> Output:  # fmt: skip
+    """Prove one WindowPoSt task as a job of the store at `url` (see open_job_producer for the
+    keyword arguments); `deadline` is the job's not_after (unix seconds)."""
+    async with open_job_producer(url, **kwargs) as producer:
+        return await producer.submit(task, deadline=deadline)
+
+
+__all__ = ["Supervisor", "open_job_producer", "open_supervisor", "submit_job"]

@@ -149,8 +149,10 @@ Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
             f" run damocles-ext check-config on {tmp_path}/missing.cfg"
         ),
         (
-            f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which serve refuses (one"
-            " of the arguments -c/--config --conf-dir --connect is required); fix its Args"
+            f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which will exit 2: one"
+            " of the arguments -c/--config --conf-dir --connect --jobs is required: children of"
+            " serve's own (-c FILE, --conf-dir DIR), a running `damocles-ext run` (--connect), or"
+            " a job store that workers prove from (--jobs URL); fix its Args"
         ),
         # WinPost[2], --connect: no `run` answers at its socket, so there is nothing to compare
         (
@@ -245,3 +247,26 @@ Concurrent = 2
             " slot(s) stay idle; set Concurrent = 3 (or more) in that table"
         )
     ]  # the WinPost entry's 2 match the run's 2 winning_post slots
+
+
+def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_have(
+    tmp_path, capsys
+):
+    manager = tmp_path / "manager" / "ext-prover.cfg"
+    manager.parent.mkdir()
+    # Its --conf-dir is damocles-manager's own directory (sector-manager.cfg), not a config of
+    # children: reading an ext-prover.cfg there would be a false warning.
+    manager.write_text(
+        "[[WdPost]]\n"
+        'Bin = "damocles-ext"\n'
+        f'Args = ["serve", "window_post", "--jobs", "sqlite:///{tmp_path}/j.db", "--conf-dir",'
+        f' "{manager.parent}"]\n'
+        "[[WdPost]]\n"
+        'Bin = "damocles-ext"\n'
+        f'Args = ["serve", "window_post", "--jobs", "sqlite:///{tmp_path}/j.db", "-c", "x.cfg"]\n'
+    )
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[" in w]
+    assert len(warnings) == 1, warnings
+    assert (
+        "WdPost[1]" in warnings[0] and "-c/--config does not apply to serve --jobs" in warnings[0]
+    )

@@ -831,7 +831,7 @@ async def test_serve_connect_sigterm_answers_and_cancels_what_is_in_flight(tmp_p
     [
         (["--connect", "-c", "x.cfg"], "argument -c/--config: not allowed with argument --connect"),
         (["--conf-dir", "d", "--connect"], "not allowed with argument --conf-dir"),
-        ([], "one of the arguments -c/--config --conf-dir --connect is required"),
+        ([], "one of the arguments -c/--config --conf-dir --connect --jobs is required"),
         (["--connect", "--restart-delay", "2"], "--restart-delay does not apply to serve"),
         (["--connect", "--dump-dir", "d"], "give --dump-dir to that `run` instead"),
         (["--connect="], "argument --connect: empty socket path"),

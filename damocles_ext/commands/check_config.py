@@ -178,6 +178,9 @@ def manager_entry_warnings(config: Config) -> list[str]:
         except UsageError as exc:
             warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}; fix its Args")
             continue
+        if getattr(parsed, "jobs", None) is not None:
+            # Its requests wait on a job store, not on slots of its own: nothing to compare.
+            continue
         if parsed.connect is not None:
             socket = None if parsed.connect is True else parsed.connect
             found = _running_slots(socket, entry.stage)

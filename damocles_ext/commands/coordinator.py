@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .common import token_file
-from .wdpost import JOBS_HELP
+from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -69,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ' with [sector_manager] rpc_client.headers = { Authorization = "Bearer <token>" }.'
         " Without it, anyone who reaches the port may take and finish jobs",
     )
+    parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     return parser
 
 
@@ -94,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import watch_signals
+    from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, TrioJobStore
 
     log = logging.getLogger("damocles_ext.coordinator")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = read_settings(args.conf_dir, args.store)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     host, port = args.listen
-    with JobStore.open(args.jobs) as store:
+    with JobStore.open(args.jobs, limits=settings.limits) as store:
         metrics = metrics_server = None
         if args.metrics is not None:
             from damocles_ext.jobs.metrics import JobMetrics
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = JobMetrics(store)
         coordinator = Coordinator(
             TrioJobStore(store),
-            dict(args.store),
+            settings.stores,
             observe=None if metrics is None else metrics.observe,
         )
         server = CoordinatorServer(coordinator, host, port, token=args.token_file)

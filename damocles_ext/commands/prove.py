@@ -83,7 +83,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="FILE",
         help="prove in-process with the children of this ext-prover.cfg",
     )
-    where.add_argument("--conf-dir", metavar="DIR", help="prove in-process with DIR/ext-prover.cfg")
+    where.add_argument(
+        "--conf-dir",
+        metavar="DIR",
+        help="prove in-process with DIR/ext-prover.cfg (with --jobs: damocles-manager's"
+        " DIR/sector-manager.cfg, for its stores and limits)",
+    )
+    parser.add_argument(
+        "--jobs",
+        metavar="URL",
+        help="window_post only: submit the task as a job of the job store at URL and wait for a"
+        " worker to prove it, as `serve window_post --jobs` does (the same task is the same job:"
+        " proving it again answers from the job); --deadline becomes the job's deadline. The"
+        " task's paths become store names through --store and --conf-dir",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="NAME=PATH",
+        action="append",
+        type=_store_arg,
+        default=[],
+        help="with --jobs: a damocles store, as the workers name it; repeat for each",
+    )
     parser.add_argument(
         "-o", "--output", metavar="OUT.json", help="write the output JSON here instead of stdout"
     )
@@ -135,7 +156,14 @@ def run(args: argparse.Namespace) -> int:
             renderer.update(progress.phase, progress.done, progress.total)
 
     try:
-        if args.config is not None or args.conf_dir is not None:
+        if args.jobs is not None:
+            from damocles_ext.frontends.prove import prove_through_jobs
+
+            _check_jobs_args(args)
+            output = prove_through_jobs(
+                args.jobs, task, stores=args.store, conf_dir=args.conf_dir, deadline=deadline
+            )
+        elif args.config is not None or args.conf_dir is not None:
             from damocles_ext.config import check_startable
             from damocles_ext.plugins import get_plugin_manager
 
@@ -169,6 +197,30 @@ def run(args: argparse.Namespace) -> int:
             renderer.close()
     _emit(output, output_path)
     return 0
+
+
+def _store_arg(text: str) -> tuple[str, str]:
+    from .coordinator import _store
+
+    return _store(text)
+
+
+def _check_jobs_args(args: argparse.Namespace) -> None:
+    """--jobs with only the options that apply to it; UsageError naming the one that does not."""
+    if args.stage != "window_post":
+        from damocles_ext.frontends.producer import WINNING_REFUSED
+
+        raise UsageError(f"prove {args.stage} --jobs: {WINNING_REFUSED}")
+    for option, given in (("-c/--config", args.config), ("--socket", args.socket)):
+        if given is not None:
+            raise UsageError(
+                f"{option} does not apply with --jobs: the job goes to the store's workers"
+            )
+    if args.priority:
+        raise UsageError(
+            "--priority does not apply with --jobs: workers take jobs earliest deadline first"
+            " (give --deadline)"
+        )
 
 
 def _emit(output: Output, path: Path | None) -> None:

@@ -14,6 +14,10 @@ With `--connect [SOCKET]` instead of a config, we supervise nothing: each reques
 a running `damocles-ext run` through its control socket, so that one supervisor serves both
 damocles-manager entries (`serve window_post --connect` and `serve winning_post --connect`) and
 its locks and stage priority act between the two stages.
+
+With `--jobs URL` (window_post only) we supervise nothing either: each request becomes a
+WindowPoSt job in the job store, which workers take through a coordinator, and is answered
+from the finished job (frontends/producer.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from .common import (
     positive_duration,
     supervisor_options,
 )
+from .coordinator import _listen as listen_arg
+from .coordinator import _store as store_arg
+from .wdpost import JOBS_HELP
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Speak damocles' ext-prover protocol (JSON lines) on stdin/stdout and prove each"
             " request with the children the config lists for STAGE, or, with --connect, through"
             " a running `damocles-ext run` (one supervisor for both stages: locks shared between"
-            " WindowPoSt and WinningPoSt, WinningPoSt first). Use it as Bin/Args of a"
+            " WindowPoSt and WinningPoSt, WinningPoSt first), or, with --jobs (window_post only),"
+            " as jobs in a job store that workers on other machines take. Use it as Bin/Args of a"
             " damocles-manager ext-prover.cfg, with that entry's Concurrent at least the slots"
             " served here (the sum of the children's Concurrent): damocles-manager sends no more"
             " at once (check-config on its file warns). Logs go to stderr; stdin EOF, SIGTERM"
@@ -52,7 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("stage", choices=POST_STAGES, help="the stage to serve")
-    source = add_config_args(parser, required=True)
+    # Not required by argparse: --jobs takes --conf-dir too (damocles' own directory then);
+    # check_supervising_options says which is missing.
+    source = add_config_args(parser, required=False)
     source.add_argument(
         "--connect",
         nargs="?",
@@ -79,6 +89,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " minutes before its proofs are due (less its ChallengeConfidence and the submit margin"
         " you want); a WinningPoSt has its block's ~20-30 s. Default: no deadline",
     )
+    jobs = parser.add_argument_group(
+        "worker-prover mode (--jobs)",
+        "Supervise nothing: each window_post request becomes a WindowPoSt job in the job store at"
+        ' URL, which workers (damocles-workers with plan = "wdpost", through a `damocles-ext'
+        " coordinator`) take, prove and finish; the request is answered from the finished job:"
+        " its proofs and faults, or an error naming the job, the worker, the tries and why. The"
+        " job id is the hash of the request (damocles' own), so a serve killed and started again"
+        " re-attaches to the jobs of the requests damocles-manager sends again. The paths of the"
+        " request become damocles store names through --store and, with --conf-dir DIR, the"
+        " [[Common.PersistStores]] of damocles-manager's DIR/sector-manager.cfg (whose"
+        " [Common.Proving.WorkerProver] also gives JobMaxTry, HeartbeatTimeout, JobLifetime)."
+        " The store URL, the config and the --listen port are checked before the ready line."
+        " winning_post is refused: WinningPoSt must stay local. See docs/JOBS.md.",
+    )
+    jobs.add_argument("--jobs", metavar="URL", help=JOBS_HELP)
+    jobs.add_argument(
+        "--store",
+        metavar="NAME=PATH",
+        action="append",
+        type=store_arg,
+        default=[],
+        help="a damocles store: NAME as damocles-manager and the workers name it, PATH where"
+        " its sealed/ and cache/ are in the requests' paths; repeat for each",
+    )
+    jobs.add_argument(
+        "--poll-interval",
+        type=positive_duration,
+        metavar="DURATION",
+        help="how often to look for a job's result (default: 3s, damocles'); on PostgreSQL the"
+        " store's notifications wake the wait earlier",
+    )
+    jobs.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=listen_arg,
+        help="also serve the workers' RPC (as `damocles-ext coordinator` does) from this"
+        " process, for a one-machine setup; default: not served here",
+    )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_logging_args(parser, "info")
@@ -104,11 +152,31 @@ _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 
 
 def check_supervising_options(args: argparse.Namespace) -> None:
-    """With --connect, refuse (UsageError) the options only a supervisor uses; otherwise fill in
-    their defaults. check-config applies it to the entries of damocles-manager's ext-prover.cfg
-    that run serve."""
+    """Check that one source of proofs is given (children, --connect or --jobs) with only the
+    options that apply to it (UsageError otherwise), and fill in the defaults of the supervising
+    options. check-config applies it to the entries of damocles-manager's ext-prover.cfg that
+    run serve."""
     from damocles_ext.errors import UsageError
 
+    jobs = getattr(args, "jobs", None)
+    if args.config is None and args.conf_dir is None and args.connect is None and jobs is None:
+        raise UsageError(
+            "one of the arguments -c/--config --conf-dir --connect --jobs is required: children"
+            " of serve's own (-c FILE, --conf-dir DIR), a running `damocles-ext run` (--connect),"
+            " or a job store that workers prove from (--jobs URL)"
+        )
+    if jobs is not None:
+        if args.config is not None or args.connect is not None:
+            option = "-c/--config" if args.config is not None else "--connect"
+            raise UsageError(
+                f"{option} does not apply to serve --jobs: it supervises no children, the workers"
+                " prove; with --jobs, --conf-dir DIR reads damocles-manager's DIR/sector-manager.cfg"
+            )
+    else:
+        for name in ("store", "poll_interval", "listen"):
+            if getattr(args, name, None):
+                option = "--" + name.replace("_", "-")
+                raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
     for name, default in _SUPERVISING_OPTIONS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -118,12 +186,32 @@ def check_supervising_options(args: argparse.Namespace) -> None:
                 f"{option} does not apply to serve --connect: the `damocles-ext run` it connects"
                 f" to supervises the children; give {option} to that `run` instead"
             )
+        elif jobs is not None:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{option} does not apply to serve --jobs: it supervises no children (the"
+                " workers prove)"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
     check_supervising_options(args)
     setup_from_args(args)
+    if args.jobs is not None:
+        from damocles_ext.frontends.serve import serve_jobs
+        from damocles_ext.jobs.rules import DEFAULT_POLL_INTERVAL
+
+        return serve_jobs(
+            args.stage,
+            args.jobs,
+            stores=args.store,
+            conf_dir=args.conf_dir,
+            deadline_after=args.deadline_after,
+            poll_interval=args.poll_interval or DEFAULT_POLL_INTERVAL,
+            listen=args.listen,
+            shutdown_grace=args.shutdown_grace,
+        )
     if args.connect is not None:
         from damocles_ext.frontends.serve import serve_connected
 

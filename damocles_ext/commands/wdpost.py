@@ -18,6 +18,11 @@ JOBS_HELP = (
     "the job store: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
     "(see docs/JOBS.md)"
 )
+CONF_DIR_HELP = (
+    "damocles-manager's config directory (its --conf-dir): JobMaxTry, HeartbeatTimeout and"
+    " JobLifetime are read from [Common.Proving.WorkerProver] in DIR/sector-manager.cfg, and the"
+    " stores from its [[Common.PersistStores]] (damocles' defaults when DIR has no such file)"
+)
 
 
 MANAGER_HELP = (
@@ -68,11 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     listing.add_argument(
         "--max-try",
         type=positive_int,
-        default=2,
         metavar="N",
-        help="JobMaxTry, for the (Max) mark in the Try column (default: 2, damocles' default;"
-        " with --manager the server's own when it sends it)",
+        help="JobMaxTry, for the (Max) mark in the Try column (default: with --manager the"
+        " server's own when it sends it, else JobMaxTry from --conf-dir's sector-manager.cfg,"
+        " else 2, damocles' default)",
     )
+    listing.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     reset = sub.add_parser(
         "reset",
         help="put jobs back to ready with no tries used, so a worker can take them again",
@@ -110,8 +116,16 @@ def run(args: argparse.Namespace) -> int:
     if args.wdpost_command == "remove-all" and not args.really_do_it:
         print("Pass --really-do-it to actually execute this action")
         return 0
+    max_try = 2
+    if args.wdpost_command == "list":
+        from damocles_ext.jobs.manager_config import read_settings
+
+        settings = read_settings(args.conf_dir)
+        for warning in settings.warnings:
+            print(f"damocles-ext wdpost: warning: {warning}", file=sys.stderr)
+        max_try = args.max_try if args.max_try is not None else settings.limits.max_try
     if args.manager is not None:
-        return _run_rpc(args)
+        return _run_rpc(args, max_try)
     if args.token_file is not None:
         raise UsageError("--token-file goes with --manager (the store URL carries its own login)")
     with JobStore.open(args.jobs, create=False) as store:
@@ -119,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(
                 render_list(
                     store.list_jobs(),
-                    max_try=args.max_try,
+                    max_try=max_try,
                     now=time.time(),
                     show_all=args.all,
                     detail=args.detail,
@@ -145,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_rpc(args: argparse.Namespace) -> int:
-    """The same subcommands over the worker-prover RPC, as damocles-manager's CLI makes them."""
+def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
+    """The same subcommands over the worker-prover RPC, as damocles-manager's CLI makes them;
+    `max_try` marks (Max) when the server does not send its own JobMaxTry."""
     import time
 
     import msgspec
@@ -175,14 +190,14 @@ def _run_rpc(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with client:
             if args.wdpost_command == "list":
-                jobs, max_try = await all_jobs()
+                jobs, server_max_try = await all_jobs()
                 # Newest first, as both servers send them; sorted here too so that ties (and an
                 # older server) give the order the store-side listing gives.
                 jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
                 sys.stdout.write(
                     render_list(
                         jobs,
-                        max_try=args.max_try if max_try is None else max_try,
+                        max_try=max_try if server_max_try is None else server_max_try,
                         now=time.time(),
                         show_all=args.all,
                         detail=args.detail,

@@ -16,9 +16,7 @@ from ..config import TABLE_OF_STAGE
 from ..errors import ProverError, UsageError
 from ..stages import can_serve
 from ..tasks import Output, Task, stage_of
-from .serve import reader_gone
-from .serve_jsonl import JsonLineServer, log_stopped, with_deadline
-from .signals import watch_signals
+from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining, with_deadline
 
 if TYPE_CHECKING:
     from ..client import ReconnectingClient
@@ -64,36 +62,23 @@ class Forwarder:
         self.stage = stage
         self.remote = remote
         self._submit = with_deadline(remote.submit, deadline_after)
-        self._scopes: set = set()
-        self._abandoned: str | None = None
+        self.in_flight = InFlight()
 
     async def submit(self, task: Task) -> Output:
         """Prove `task` through the remote supervisor; ProverError once abandoned."""
-        if self._abandoned is not None:
-            raise ProverError(self._abandoned)
-        with trio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                output = await self._submit(task)
-            finally:
-                self._scopes.discard(scope)
-            # The task went out typed by our stage, so the supervisor chose a child of it; an
-            # output of another stage would be its bug, and must not reach damocles as a proof.
-            if stage_of(output) != self.stage:
-                raise ProverError(
-                    f"the supervisor at {self.remote.path} answered a {self.stage} task with a"
-                    f" {stage_of(output)} output; not passed on"
-                )
-            return output
-        assert self._abandoned is not None
-        raise ProverError(self._abandoned)
+        output = await self.in_flight.run(lambda: self._submit(task))
+        # The task went out typed by our stage, so the supervisor chose a child of it; an
+        # output of another stage would be its bug, and must not reach damocles as a proof.
+        if stage_of(output) != self.stage:
+            raise ProverError(
+                f"the supervisor at {self.remote.path} answered a {self.stage} task with a"
+                f" {stage_of(output)} output; not passed on"
+            )
+        return output
 
     def abandon(self, reason: str) -> None:
         """Answer every request in flight with `reason` now (and every later one)."""
-        if self._abandoned is None:
-            self._abandoned = reason
-        for scope in self._scopes:
-            scope.cancel()
+        self.in_flight.abandon(reason)
 
 
 async def forward(
@@ -122,44 +107,19 @@ async def forward(
                     nursery.cancel_scope.cancel()
                     await trio.lowlevel.checkpoint()
 
-                async def drain() -> None:
-                    # stdin EOF or the first signal: wait for the answers in flight, within the
-                    # grace; what is left then is answered with an error (and cancelled there).
-                    if reader_gone(send.fileno()):
-                        log.info("stdout is closed as well: the reader is gone, stopping now")
-                        forwarder.abandon("damocles-ext serve stopped: its reader is gone")
-                        return
-                    with trio.move_on_after(shutdown_grace):
-                        await server.wait_idle()
-                    forwarder.abandon(
-                        f"damocles-ext serve stopped: no answer from the supervisor at"
-                        f" {remote.path} within the shutdown grace ({shutdown_grace:g} s); the"
-                        " request was cancelled there"
-                    )
-
-                def at_once() -> None:
-                    server.stop_reading()
-                    forwarder.abandon(
-                        "damocles-ext serve stopped at once (second signal); the request was"
-                        " cancelled at the supervisor"
-                    )
-                    # The error answers need a moment to be written; a stuck stdout does not.
-                    nursery.cancel_scope.deadline = min(
-                        nursery.cancel_scope.deadline, trio.current_time() + 1.0
-                    )
-
-                server = JsonLineServer(
-                    stage,
-                    forwarder.submit,
-                    receive_stream=receive,
-                    send_stream=send,
-                    on_input_closed=lambda: nursery.start_soon(drain),
-                )
                 log.info("serving %s through %s (pid %d)", stage, remote.path, os.getpid())
-                nursery.start_soon(
-                    watch_signals, signals, nursery.cancel_scope, server.stop_reading, log, at_once
+                reasons = StopReasons(
+                    reader_gone="damocles-ext serve stopped: its reader is gone",
+                    grace_over=f"damocles-ext serve stopped: no answer from the supervisor at"
+                    f" {remote.path} within the shutdown grace ({shutdown_grace:g} s); the"
+                    " request was cancelled there",
+                    at_once="damocles-ext serve stopped at once (second signal); the request was"
+                    " cancelled at the supervisor",
                 )
-                await server.run()  # writes the ready line first
+                server = await serve_draining(
+                    stage, forwarder.submit, forwarder.in_flight, receive, send, signals,
+                    shutdown_grace, reasons,
+                )  # fmt: skip
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

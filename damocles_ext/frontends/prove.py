@@ -3,6 +3,7 @@ supervisor of its own started for this request alone."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -81,3 +82,20 @@ async def _prove_remote(
         return await client.submit(
             task, deadline=deadline, priority=priority, on_progress=on_progress
         )
+
+
+def prove_through_jobs(
+    url: str,
+    task: Task,
+    *,
+    stores: list[tuple[str, str]],
+    conf_dir: str | None,
+    deadline: float | None = None,
+) -> Output:
+    """Prove `task` as a job of the store at `url`: the workers prove it (api.submit_job)."""
+    from ..api import submit_job
+
+    submit = functools.partial(
+        submit_job, url, task, deadline=deadline, stores=stores, conf_dir=conf_dir
+    )
+    return trio.run(submit)

@@ -94,3 +94,72 @@ def reader_gone(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def serve_jobs(
+    stage: str,
+    url: str,
+    *,
+    stores: list[tuple[str, str]],
+    conf_dir: str | None,
+    deadline_after: float | None,
+    poll_interval: float,
+    listen: tuple[str, int] | None,
+    shutdown_grace: float,
+) -> int:
+    """serve --jobs: check the store URL, the stores and damocles' config, open the store (and
+    bind --listen), all before the ready line so that a mistake fails damocles-manager's start;
+    then turn each request into a job and answer from it."""
+    from damocles_ext.errors import UsageError
+
+    if stage != "window_post":
+        from .producer import WINNING_REFUSED
+
+        raise UsageError(f"serve {stage} --jobs: {WINNING_REFUSED}")
+    from damocles_ext.jobs.manager_config import read_settings
+    from damocles_ext.jobs.paths import StoreMap
+    from damocles_ext.jobs.store import JobStore
+
+    settings = read_settings(conf_dir, stores)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    if not settings.stores:
+        log.warning(
+            "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
+            " sector-manager.cfg): every request will be answered with an error"
+        )
+    limits = settings.limits
+    if poll_interval != limits.poll_interval:
+        import dataclasses
+
+        limits = dataclasses.replace(limits, poll_interval=poll_interval)
+    store = JobStore.open(url, limits=limits)
+    try:
+        from damocles_ext.jobs.store import TrioJobStore
+        from damocles_ext.protocol.jsonl import ready_line
+
+        coordinator = None
+        if listen is not None:
+            from .coordinator import Coordinator, CoordinatorServer
+
+            # Bound before the ready line: a busy port fails the start (exit 2).
+            rpc = Coordinator(TrioJobStore(store), settings.stores)
+            coordinator = (rpc, CoordinatorServer(rpc, *listen))
+        protocol_in, protocol_out = take_protocol_fds()
+        write_all(protocol_out, ready_line(stage))
+
+        import trio
+
+        from .producer import JobProducer, run_producer
+
+        producer = JobProducer(
+            TrioJobStore(store),
+            StoreMap(settings.stores),
+            deadline_after=deadline_after,
+            poll_interval=limits.poll_interval,
+        )
+        return trio.run(
+            run_producer, stage, producer, protocol_in, protocol_out, shutdown_grace, coordinator
+        )
+    finally:
+        store.close()

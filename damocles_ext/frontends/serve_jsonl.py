@@ -22,13 +22,13 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from ..errors import DextError
+from ..errors import DextError, ProverError
 from ..protocol import jsonl
 from ..tasks import Output, Task
 from .serve import reader_gone
@@ -357,3 +357,98 @@ async def finish_then_stop(server: JsonLineServer, supervisor: Supervisor, out_f
         with trio.move_on_after(supervisor.shutdown_grace):
             await server.wait_idle()
     supervisor.request_shutdown()
+
+
+# -- serve through something that proves elsewhere (serve --connect, serve --jobs) --------------
+
+T = TypeVar("T")
+
+
+class InFlight:
+    """The submits in flight of a front end that proves elsewhere, so that a stopping front end
+    can answer all of them now (`abandon`), and every later one too."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.abandoned: str | None = None
+
+    async def run(self, work: Callable[[], Awaitable[T]], detail: str = "") -> T:
+        """`await work()`, or ProverError(reason + detail) once abandoned."""
+        if self.abandoned is None:
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    return await work()
+                finally:
+                    self._scopes.discard(scope)
+        assert self.abandoned is not None
+        raise ProverError(self.abandoned + detail)
+
+    def abandon(self, reason: str) -> None:
+        """Answer every request in flight with `reason` now (and every later one)."""
+        if self.abandoned is None:
+            self.abandoned = reason
+        for scope in self._scopes:
+            scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class StopReasons:
+    """What the requests still in flight are told when serve stops without their answer."""
+
+    reader_gone: str  # stdin EOF and stdout closed: the manager was killed
+    grace_over: str  # stdin EOF or the first signal, and the shutdown grace passed
+    at_once: str  # a second signal
+
+
+async def serve_draining(
+    stage: str,
+    submit: Submit,
+    in_flight: InFlight,
+    receive: trio.lowlevel.FdStream,
+    send: trio.lowlevel.FdStream,
+    signals: AsyncIterator[int],
+    shutdown_grace: float,
+    reasons: StopReasons,
+    *,
+    ready_line_sent: bool = False,
+) -> JsonLineServer:
+    """Serve requests of `stage` with `submit` until stdin ends or a signal comes (the ready line
+    first, unless the caller wrote it), then wait for the answers in flight within
+    `shutdown_grace`; `in_flight` answers what is left with an error. Returns the stopped
+    server."""
+    async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            # stdin EOF or the first signal: wait for the answers in flight, within the grace;
+            # what is left then is answered with an error.
+            if reader_gone(send.fileno()):
+                log.info("stdout is closed as well: the reader is gone, stopping now")
+                in_flight.abandon(reasons.reader_gone)
+                return
+            with trio.move_on_after(shutdown_grace):
+                await server.wait_idle()
+            in_flight.abandon(reasons.grace_over)
+
+        def at_once() -> None:
+            server.stop_reading()
+            in_flight.abandon(reasons.at_once)
+            # The error answers need a moment to be written; a stuck stdout does not.
+            nursery.cancel_scope.deadline = min(
+                nursery.cancel_scope.deadline, trio.current_time() + 1.0
+            )
+
+        server = JsonLineServer(
+            stage,
+            submit,
+            receive_stream=receive,
+            send_stream=send,
+            on_input_closed=lambda: nursery.start_soon(drain),
+            ready_line_sent=ready_line_sent,
+        )
+        nursery.start_soon(
+            watch_signals, signals, nursery.cancel_scope, server.stop_reading, log, at_once
+        )
+        await server.run()  # writes the ready line first
+        nursery.cancel_scope.cancel()
+    return server

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .model import SectorAccessStores
+from ..tasks import WindowPoSt
+from .model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo, check_input
 
 SEALED: Final = "sealed"
 CACHE: Final = "cache"
@@ -144,3 +145,31 @@ class StoreMap:
         else:
             raise ValueError(f"kind must be 'sealed' or 'cache', not {kind!r}")
         return posixpath.join(_normal(root), directory, sector_file_name(miner, number))
+
+
+def job_input(task: WindowPoSt, stores: StoreMap) -> WdPoStInput:
+    """The job input damocles-manager's worker-prover mode would make for this task: each
+    replica's paths become store names and `Upgrade`, in the task's order (the job id is the
+    hash of this input, so the same task is always the same job). SectorPathError for a path
+    in no store or out of the layout; ValueError for a value a job cannot hold."""
+    sectors = []
+    for replica in task.replicas:
+        access, upgrade = stores.locate(
+            task.miner_id, replica.sector_id, replica.sealed_file, replica.cache_dir
+        )
+        sectors.append(
+            WdPoStSectorInfo(
+                SectorId=replica.sector_id,
+                CommR=tuple(replica.comm_r),
+                Upgrade=upgrade,
+                Accesses=access,
+            )
+        )
+    # damocles builds the list with make(), never nil: JSON `[]` even for no sector.
+    made = WdPoStInput(
+        Sectors=tuple(sectors),
+        MinerId=task.miner_id,
+        ProofType=task.proof_type,
+        Seed=tuple(task.seed),
+    )
+    return check_input(made)

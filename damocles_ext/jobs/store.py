@@ -67,6 +67,9 @@ from .database import (
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 
+#: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
+NOTIFY_CHANNEL = "dext_wdpost_jobs"
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -261,6 +264,10 @@ class JobStore:
                 f"job {old.Id} changed in the store {self.where} while it was being updated: "
                 "another process wrote it at the same moment; retry"
             )
+        if self.is_postgresql and _wakes_producers(old, new):
+            # Delivered at commit, to the producers that LISTEN (notify.py): they look at the
+            # job now instead of at their next poll.
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, old.Id)))
 
     def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float) -> rules.Step:
         old = self._read(conn, job_id)
@@ -524,6 +531,14 @@ class JobStore:
                 if step.job is not None and step.effects:
                     stored.append(step.job)
         return Outcome(tuple(stored), tuple(effects))
+
+
+def _wakes_producers(old: JobRecord, new: JobRecord | None) -> bool:
+    """A change a waiting producer acts on: finished (done, failed, cancelled), back to ready
+    (reset, retried) or gone (removed)."""
+    if new is None:
+        return True
+    return new.State != old.State and new.State in (FINISHED, READY)
 
 
 class TrioJobStore:

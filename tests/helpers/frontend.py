@@ -161,6 +161,11 @@ class ManagerLike:
             seen = len(self.log)
             await self._log_changed.wait()
 
+    async def wait_log_times(self, text: str, times: int) -> None:
+        """Wait until `times` stderr lines contain `text` (needs stderr=subprocess.PIPE)."""
+        while sum(text in line for line in self.log) < times:
+            await self._log_changed.wait()
+
     async def _read_loop(self, reader: jsonl.LineReader) -> None:
         while True:
             try:

@@ -1,0 +1,267 @@
+"""The producer: `serve window_post --jobs URL` (and `prove --jobs`, and the Python API) turn each
+WindowPoSt task into a job of the store, wait for it, and answer exactly once.
+
+A request becomes the job damocles-manager's worker-prover mode would make (jobs/paths.py: paths
+to store names); its id is the hash of that input, so creating it is idempotent: a serve that was
+killed and started again, given the same request line by damocles-manager, finds the job it made
+before (finished or not) and answers from it. Nothing is kept in memory that a restart needs.
+
+Waiting is polling `get` every `poll_interval` (damocles' 3 s), woken earlier by `wake(job_id)`
+(LISTEN/NOTIFY on PostgreSQL, jobs/notify.py). A job that is gone while waited for (an operator
+removed it) is created again, as damocles does. A store that fails (the database down) is retried
+with a backoff and logged, never answered as a failed proof, until the job's deadline if it has
+one. A job whose deadline passed is swept here too, so its cancellation does not wait for a
+coordinator's next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import ProverError, UsageError
+from ..jobs import model, rules
+from ..jobs.notify import JobListener
+from ..jobs.paths import SectorPathError, StoreMap, job_input
+from ..jobs.store import StoreError, TrioJobStore
+from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
+from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator, CoordinatorServer
+
+log = logging.getLogger("damocles_ext.producer")
+
+#: The first pause after a store failure; it doubles up to MAX_BACKOFF.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+WINNING_REFUSED = (
+    "WinningPoSt must stay local: a block's proof has about 20 s, too little to wait for a job"
+    " store and a remote worker; serve winning_post with children of its own (-c or --conf-dir"
+    " with an ext-prover.cfg) or --connect"
+)
+
+
+class JobProducer:
+    """`submit(task)` for WindowPoSt tasks through the job store; `wake(job_id)` when the store
+    says a job changed; `abandon(reason)` on shutdown."""
+
+    def __init__(
+        self,
+        store: TrioJobStore,
+        stores: StoreMap,
+        *,
+        deadline_after: float | None = None,
+        poll_interval: float = rules.DEFAULT_POLL_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.stores = stores
+        self.deadline_after = deadline_after
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.in_flight = InFlight()
+        # One event per job id waited for, set (and dropped) by wake(); several requests for one
+        # job share it.
+        self._wakers: dict[str, trio.Event] = {}
+        self._waiting: dict[str, int] = {}
+
+    @property
+    def limits(self) -> rules.JobLimits:
+        return self.store.store.limits
+
+    def job_input(self, task: Task) -> model.WdPoStInput:
+        """The job input of `task`; UsageError (answered to that request) when it cannot be one."""
+        if not isinstance(task, WindowPoSt):
+            raise UsageError(WINNING_REFUSED)
+        try:
+            return job_input(task, self.stores)
+        except SectorPathError as exc:
+            raise UsageError(f"bad request: {exc}; not proved") from None
+        except ValueError as exc:
+            raise UsageError(f"bad request: {exc}; not proved") from None
+
+    async def submit(self, task: Task, *, deadline: float | None = None) -> Output:
+        """Make (or find) the job of `task`, wait until it is done, and return its output;
+        ProverError naming the job, the worker, the tries and why when there is no proof.
+
+        The job's deadline (`not_after`, unix seconds) is `deadline` when given, else
+        `deadline_after` seconds from now, else none. A job that exists keeps its own."""
+        job_input = self.job_input(task)
+        job_id = model.job_id(job_input)
+        not_after = deadline
+        if not_after is None and self.deadline_after is not None:
+            not_after = self.clock() + self.deadline_after
+        detail = (
+            f"; job {job_id} stays in the job store {self.store.store.where}, and a restarted"
+            " serve given the same request re-attaches to it"
+        )
+        return await self.in_flight.run(lambda: self._wait(job_id, job_input, not_after), detail)
+
+    def wake(self, job_id: str) -> None:
+        """The store says `job_id` changed: its waiters look at it now."""
+        event = self._wakers.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def wake_all(self) -> None:
+        """Every waiter looks at its job now (the listener reconnected: it may have missed
+        notifications)."""
+        for job_id in list(self._wakers):
+            self.wake(job_id)
+
+    def listener(self) -> JobListener | None:
+        """The LISTEN/NOTIFY listener that wakes this producer (None on SQLite): run it beside."""
+        return JobListener.of_store(self.store.store, self.wake, self.wake_all)
+
+    def abandon(self, reason: str) -> None:
+        self.in_flight.abandon(reason)
+
+    def waited_for(self) -> list[str]:
+        """The job ids requests are waiting for now."""
+        return sorted(self._waiting)
+
+    async def _wait(
+        self, job_id: str, job_input: model.WdPoStInput, not_after: float | None
+    ) -> WindowPoStOutput:
+        self._waiting[job_id] = self._waiting.get(job_id, 0) + 1
+        try:
+            return await self._poll(job_id, job_input, not_after)
+        finally:
+            self._waiting[job_id] -= 1
+            if not self._waiting[job_id]:
+                del self._waiting[job_id]
+                self._wakers.pop(job_id, None)
+
+    async def _poll(
+        self, job_id: str, job_input: model.WdPoStInput, not_after: float | None
+    ) -> WindowPoStOutput:
+        job: model.JobRecord | None = None
+        create = True
+        backoff = FIRST_BACKOFF
+        swept = False
+        while True:
+            # Taken before the look, so that a wake-up during it is not lost.
+            woken = self._wakers.setdefault(job_id, trio.Event())
+            try:
+                if create:
+                    job, made = await self.store.create(job_input, not_after=not_after)
+                    create = False
+                    if made:
+                        log.info(
+                            "job %s: created (%d sectors)", job_id, len(job.Input.Sectors or ())
+                        )
+                    else:
+                        log.info(
+                            "job %s: re-attached to the existing job (%s, try %d)",
+                            job_id, model.display_state(job), job.TryNum,
+                        )  # fmt: skip
+                else:
+                    job = await self.store.get(job_id)
+                    if job is None:
+                        # damocles' producer does the same: the request still wants its proof.
+                        log.warning(
+                            "job %s was removed from the store while waited for; creating it"
+                            " again", job_id,
+                        )  # fmt: skip
+                        create = True
+                        continue
+                if rules.is_done(job, self.limits):
+                    return self._answer(job)
+                if rules.deadline_passed(job, self.clock()) and not swept:
+                    # Cancel it now rather than at a coordinator's next sweep (or never, with
+                    # none running); the sweep is safe beside others.
+                    swept = True
+                    await self.store.sweep()
+                    continue
+            except StoreError as exc:
+                due = not_after if job is None else job.not_after
+                if due is not None and self.clock() >= due:
+                    raise ProverError(
+                        f"job {job_id}: the job store failed until the job's deadline passed: {exc}"
+                    ) from None
+                log.warning("job %s: the job store failed, trying again in %gs: %s",
+                            job_id, backoff, exc)  # fmt: skip
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = FIRST_BACKOFF
+            pause = self.poll_interval
+            if job.not_after is not None and not swept:
+                pause = max(0.0, min(pause, job.not_after - self.clock()))
+            with trio.move_on_after(pause):
+                await woken.wait()
+
+    def _answer(self, job: model.JobRecord) -> WindowPoStOutput:
+        worker = repr(job.WorkerName) if job.WorkerName else "none"
+        if job.succeeded:
+            if job.Output is None:
+                raise ProverError(
+                    f"job {job.Id} finished without an error but with no output (worker"
+                    f" {worker}): not a proof; reset it with `damocles-ext wdpost reset {job.Id}`"
+                )
+            log.info("job %s: done on worker %s", job.Id, worker)
+            return WindowPoStOutput(
+                proofs=list(job.Output.proofs or ()), faults=list(job.Output.faults or ())
+            )
+        if job.cancelled:
+            raise ProverError(f"job {job.Id} was {job.ErrorReason}; last worker: {worker}")
+        raise ProverError(
+            f"job {job.Id} failed on worker {worker} (try {job.TryNum} of JobMaxTry"
+            f" {self.limits.max_try}): {job.ErrorReason}"
+        )
+
+
+async def run_producer(
+    stage: str,
+    producer: JobProducer,
+    protocol_in: int,
+    protocol_out: int,
+    shutdown_grace: float,
+    coordinator: tuple[Coordinator, CoordinatorServer] | None = None,
+) -> int:
+    """Serve requests of `stage` on the pipes through `producer` (the ready line is out), with the
+    coordinator's RPC and its sweeps beside it when given; stops on stdin EOF or a signal."""
+    where = producer.store.store.where
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        receive = trio.lowlevel.FdStream(protocol_in)
+        send = trio.lowlevel.FdStream(protocol_out)
+        try:
+            async with trio.open_nursery() as nursery:
+                listener = producer.listener()
+                if listener is not None:
+                    nursery.start_soon(listener.run)
+                if coordinator is not None:
+                    rpc, server = coordinator
+                    await nursery.start(server.serve)
+                    await nursery.start(rpc.sweep_forever)
+                    log.info("serving the worker-prover RPC at %s", server.url)
+                log.info("serving %s through the job store %s (pid %d)", stage, where, os.getpid())
+                # JobProducer.submit adds the job id, and that the job stays in the store.
+                reasons = StopReasons(
+                    reader_gone="damocles-ext serve stopped: its reader is gone",
+                    grace_over="damocles-ext serve stopped before the job was done (shutdown"
+                    f" grace {shutdown_grace:g} s)",
+                    at_once="damocles-ext serve stopped at once (second signal) before the job"
+                    " was done",
+                )
+                server_done = await serve_draining(
+                    stage, producer.submit, producer.in_flight, receive, send, signals,
+                    shutdown_grace, reasons, ready_line_sent=True,
+                )  # fmt: skip
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await receive.aclose()
+                await send.aclose()
+            if coordinator is not None:
+                coordinator[1].close()
+    log_stopped(server_done)
+    return 0

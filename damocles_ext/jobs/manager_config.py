@@ -1,0 +1,267 @@
+"""What worker-prover mode takes from damocles-manager's own `sector-manager.cfg`.
+
+damocles-manager reads its config files from `--conf-dir DIR` (a source node and a proxy node
+share one such directory); reading the same file here keeps one place for two facts:
+
+- `[[Common.PersistStores]]`: the stores, `Name` and `Path`. A store without `Name` is named by
+  its `Path` as written (damocles' `GetPersistStores`). Jobs name stores, not paths, so a
+  producer maps the paths damocles-manager sends to these names, and a coordinator answers
+  `Venus.StoreBasicInfo` for them.
+- `[Common.Proving.WorkerProver]`: `JobMaxTry`, `HeartbeatTimeout`, `JobLifetime`, with
+  damocles' defaults (2, "15s", "25h0m0s"). damocles declares the two durations as Go's
+  `time.Duration`, which its TOML reader takes as a Go duration string; a bare number would be
+  nanoseconds there, which is never what was meant, so it is refused here.
+
+The rest of the file is damocles-manager's business and is not looked at. Unknown keys inside
+the two tables are warned about (a misspelt `JobMaxTries` must not be dropped silently).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..errors import UsageError
+from .paths import StoreMap, merge_stores
+from .rules import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_JOB_LIFETIME, DEFAULT_JOB_MAX_TRY, JobLimits
+
+MANAGER_CONF_FILE: Final = "sector-manager.cfg"
+#: damocles' own config files are small; a device or a runaway file must not fill the memory.
+MAX_MANAGER_CONF_BYTES: Final = 16 * 1024 * 1024
+
+# The keys damocles-manager knows in each table (objstore.Config, StoreSelectPolicy, the plugin
+# names; WorkerProverConfig).
+PERSIST_STORE_KEYS: Final = frozenset(
+    {"Name", "Path", "Meta", "Strict", "ReadOnly", "Weight", "AllowMiners", "DenyMiners",
+     "Plugin", "PluginName"}
+)  # fmt: skip
+WORKER_PROVER_KEYS: Final = frozenset({"JobMaxTry", "HeartbeatTimeout", "JobLifetime"})
+
+_WORKER_PROVER = "[Common.Proving.WorkerProver]"
+
+
+class ManagerConfigError(UsageError):
+    """sector-manager.cfg cannot be used as it is: exit code 2; the message names file and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerConfig:
+    """What was read: the stores (name -> path, in file order), the limits, and warnings."""
+
+    source: str
+    stores: dict[str, str] = field(default_factory=dict)
+    limits: JobLimits = field(default_factory=JobLimits)
+    #: The limits the file set, by damocles' key name (for messages: "JobMaxTry from ...").
+    given: frozenset[str] = frozenset()
+    warnings: tuple[str, ...] = ()
+
+
+# --- Go durations -------------------------------------------------------------------------------
+
+# Go's time.ParseDuration units, in nanoseconds ("µs" and "μs" are the micro sign and mu).
+_GO_UNITS: Final = {
+    "ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
+    "m": 60.0, "h": 3600.0,
+}  # fmt: skip
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds from a Go duration string ("15s", "25h0m0s", "1.5h", "300ms"), as Go's
+    time.ParseDuration reads it; ValueError saying what is wrong."""
+    body = text
+    sign = 1.0
+    if body[:1] in ("+", "-"):
+        sign = -1.0 if body[0] == "-" else 1.0
+        body = body[1:]
+    if body == "0":
+        return 0.0
+    if not body:
+        raise ValueError(f'{text!r} is not a Go duration (e.g. "15s", "25h0m0s")')
+    seconds = 0.0
+    pos = 0
+    while pos < len(body):
+        match = _GO_PART.match(body, pos)
+        if match is None:
+            raise ValueError(
+                f"{text!r} is not a Go duration: each number needs a unit (ns, us, ms, s, m, h),"
+                ' e.g. "15s" or "25h0m0s"'
+            )
+        seconds += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    if not math.isfinite(seconds):
+        raise ValueError(f"{text!r} is too long a duration")
+    return sign * seconds
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | None:
+    """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist)."""
+    d = Path(directory)
+    if not d.is_dir():
+        what = "does not exist" if not d.exists() else "is not a directory"
+        raise ManagerConfigError(
+            f"--conf-dir {os.fspath(directory)}: {what}; give damocles-manager's config"
+            " directory (the one its --conf-dir names, or its home)"
+        )
+    path = d / MANAGER_CONF_FILE
+    if not path.exists():
+        return None
+    return load_manager_config(path)
+
+
+def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
+    """sector-manager.cfg read and checked; raises ManagerConfigError."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read(MAX_MANAGER_CONF_BYTES + 1)
+    except OSError as exc:
+        raise ManagerConfigError(
+            f"{source}: cannot read damocles-manager's config: {exc.strerror or exc}"
+        ) from None
+    if len(data) > MAX_MANAGER_CONF_BYTES:
+        raise ManagerConfigError(
+            f"{source}: over {MAX_MANAGER_CONF_BYTES // 2**20} MiB, too large to be a"
+            " sector-manager.cfg; check the path"
+        )
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ManagerConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    return parse_manager_config(text, source)
+
+
+def parse_manager_config(text: str, source: str) -> ManagerConfig:
+    """The stores and limits in sector-manager.cfg text; `source` names it in messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManagerConfigError(f"{source}: not valid TOML: {exc}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ManagerConfigError(f"{source}: cannot be read as TOML: {exc}") from None
+    warnings: list[str] = []
+    common = _table(doc.get("Common", {}), source, "[Common]")
+    stores = _stores(common.get("PersistStores", []), source, warnings)
+    if common.get("ScanPersistStores"):
+        warnings.append(
+            f"{source}: Common.ScanPersistStores is not read by damocles-ext (it would scan"
+            " directories for sectorstore.json); give those stores with --store NAME=PATH"
+        )
+    proving = _table(common.get("Proving", {}), source, "[Common.Proving]")
+    limits, given = _limits(proving.get("WorkerProver", {}), source, warnings)
+    return ManagerConfig(source, stores, limits, given, tuple(warnings))
+
+
+def _table(value: Any, source: str, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ManagerConfigError(f"{source}: {name} must be a table, not {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
+    if not isinstance(entries, list):
+        raise ManagerConfigError(
+            f"{source}: Common.PersistStores must be an array of tables ([[Common.PersistStores]]),"
+            f" not {_kind(entries)}"
+        )
+    stores: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        where = f"{source}: [[Common.PersistStores]] #{i + 1}"
+        if not isinstance(entry, dict):
+            raise ManagerConfigError(f"{where} must be a table, not {_kind(entry)}")
+        for key in sorted(set(entry) - PERSIST_STORE_KEYS):
+            warnings.append(f"{where}: unknown key {key!r} ignored (damocles knows "
+                            f"{', '.join(sorted(PERSIST_STORE_KEYS))})")  # fmt: skip
+        path = entry.get("Path")
+        if not isinstance(path, str) or not path.strip():
+            raise ManagerConfigError(
+                f"{where}: Path must be the store's directory (a non-empty string), not"
+                f" {_kind(path) if path is not None else 'missing'}"
+            )
+        name = entry.get("Name", "")
+        if not isinstance(name, str):
+            raise ManagerConfigError(f"{where}: Name must be a string, not {_kind(name)}")
+        # damocles' GetPersistStores: a store without a name is named by its path as written.
+        name = name or path
+        if name in stores:
+            raise ManagerConfigError(
+                f"{where}: duplicate persist store name {name!r} (damocles-manager refuses it"
+                " too); give each store its own Name"
+            )
+        stores[name] = path
+    return stores
+
+
+def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, frozenset[str]]:
+    table = _table(table, source, _WORKER_PROVER)
+    for key in sorted(set(table) - WORKER_PROVER_KEYS):
+        warnings.append(f"{source}: {_WORKER_PROVER}: unknown key {key!r} ignored (damocles "
+                        f"knows {', '.join(sorted(WORKER_PROVER_KEYS))})")  # fmt: skip
+    max_try = table.get("JobMaxTry", DEFAULT_JOB_MAX_TRY)
+    if isinstance(max_try, bool) or not isinstance(max_try, int) or max_try < 1:
+        raise ManagerConfigError(
+            f"{source}: {_WORKER_PROVER} JobMaxTry must be a whole number >= 1 (the allocations a"
+            f" job may have in all; damocles' default is 2), not {max_try!r}"
+        )
+    heartbeat = _duration(table, "HeartbeatTimeout", DEFAULT_HEARTBEAT_TIMEOUT, source)
+    lifetime = _duration(table, "JobLifetime", DEFAULT_JOB_LIFETIME, source)
+    given = frozenset(WORKER_PROVER_KEYS & set(table))
+    return JobLimits(max_try=max_try, heartbeat_timeout=heartbeat, job_lifetime=lifetime), given
+
+
+def _duration(table: Mapping[str, Any], key: str, default: float, source: str) -> float:
+    if key not in table:
+        return default
+    value = table[key]
+    where = f"{source}: {_WORKER_PROVER} {key}"
+    example = '"15s"' if key == "HeartbeatTimeout" else '"25h0m0s"'
+    if not isinstance(value, str):
+        nanoseconds = " (damocles-manager would read a bare number as nanoseconds)"
+        raise ManagerConfigError(
+            f"{where} must be a Go duration string such as {example}, not {_kind(value)}"
+            f" {value!r}{nanoseconds if isinstance(value, int) else ''}"
+        )
+    try:
+        seconds = parse_go_duration(value)
+    except ValueError as exc:
+        raise ManagerConfigError(f"{where}: {exc}") from None
+    if seconds <= 0:
+        raise ManagerConfigError(f"{where} must be longer than 0, not {value!r}; e.g. {example}")
+    return seconds
+
+
+def read_settings(conf_dir: str | None, stores: Iterable[tuple[str, str]] = ()) -> ManagerConfig:
+    """The limits and stores a command uses: DIR/sector-manager.cfg when `conf_dir` names a
+    directory that has one (damocles' defaults otherwise), its stores merged with `stores`
+    (--store NAME=PATH). ManagerConfigError for a bad file or a store given twice."""
+    found = load_manager_conf_dir(conf_dir) if conf_dir is not None else None
+    if found is None:
+        warnings: tuple[str, ...] = ()
+        if conf_dir is not None:
+            missing = (
+                f"--conf-dir {conf_dir}: there is no {MANAGER_CONF_FILE} in it; damocles'"
+                " defaults apply (JobMaxTry 2, HeartbeatTimeout 15s, JobLifetime 25h)"
+            )
+            warnings = (missing,)
+        found = ManagerConfig(source="", warnings=warnings)
+    try:
+        merged = merge_stores(found.stores.items(), stores)
+        StoreMap(merged)
+    except ValueError as exc:
+        where = f" ({found.source} and --store)" if found.source else " (--store)"
+        raise ManagerConfigError(f"{exc}{where}") from None
+    return ManagerConfig(found.source, merged, found.limits, found.given, found.warnings)

@@ -1,0 +1,121 @@
+"""Early wake-ups for producers on PostgreSQL: the store sends `NOTIFY dext_wdpost_jobs, '<job id>'`
+in the transactions that finish, cancel, reset or remove a job (store.py), and a producer LISTENs.
+
+psycopg's async API is asyncio-only, so the LISTEN runs on psycopg's sync connection in one
+thread of its own, which hands each job id back to trio (`trio.from_thread.run_sync`). The
+notifications only shorten a wait: the producer polls all the same (YugabyteDB has LISTEN off,
+and a notification sent while the listener was reconnecting is lost), so a listener that loses
+its connection logs it, wakes every waiter once it is back (something may have changed in the
+gap) and reconnects with a backoff, while polling carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Final
+
+import psycopg
+import trio
+from psycopg import sql
+
+from .database import describe_url
+from .store import NOTIFY_CHANNEL as CHANNEL
+from .store import JobStore
+
+log = logging.getLogger("damocles_ext.producer")
+
+#: How often the listening thread looks up from its socket to see whether it must stop.
+CHECK_INTERVAL: Final = 0.5
+FIRST_BACKOFF: Final = 0.5
+MAX_BACKOFF: Final = 30.0
+APPLICATION_NAME: Final = "damocles-ext listen"
+
+
+class JobListener:
+    """LISTEN on the store's channel: `on_job(job_id)` for each notification and `on_connect()`
+    each time the listening connection is (re)established, both called in trio."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        on_job: Callable[[str], None],
+        on_connect: Callable[[], None] = lambda: None,
+        *,
+        connect_timeout: int = 10,
+    ) -> None:
+        self.conninfo = conninfo
+        self.where = describe_url(conninfo)
+        self.on_job = on_job
+        self.on_connect = on_connect
+        self.connect_timeout = connect_timeout
+        self._stop = threading.Event()
+        # A thread of its own: it never takes one of the store's worker threads.
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    def of_store(
+        cls, store: JobStore, on_job: Callable[[str], None], on_connect: Callable[[], None]
+    ) -> JobListener | None:
+        """The listener of a PostgreSQL store, or None for SQLite (which has no LISTEN)."""
+        if not store.is_postgresql:
+            return None
+        # libpq's own URI: the same server, user and database as the store's engine.
+        conninfo = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return cls(conninfo, on_job, on_connect)
+
+    async def run(self) -> None:
+        """Listen until cancelled (the thread stops within CHECK_INTERVAL after)."""
+        token = trio.lowlevel.current_trio_token()
+        try:
+            await trio.to_thread.run_sync(
+                self._listen, token, abandon_on_cancel=True, limiter=self._limiter
+            )
+        finally:
+            self._stop.set()
+
+    def _listen(self, token: trio.lowlevel.TrioToken) -> None:
+        backoff = FIRST_BACKOFF
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    connect_timeout=self.connect_timeout,
+                    application_name=APPLICATION_NAME,
+                ) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    log.info("listening for job changes on %s", self.where)
+                    backoff = FIRST_BACKOFF
+                    if not self._hand(token, self.on_connect):
+                        return
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=CHECK_INTERVAL):
+                            if not self._hand(token, self.on_job, note.payload):
+                                return
+            except psycopg.errors.FeatureNotSupported as exc:
+                log.warning(
+                    "the job store %s does not offer LISTEN (%s): results are found by polling"
+                    " only", self.where, str(exc).strip(),
+                )  # fmt: skip
+                return
+            except psycopg.Error as exc:
+                if self._stop.is_set():
+                    return
+                log.warning(
+                    "the job store's notification listener lost its connection to %s (%s);"
+                    " polling goes on, reconnecting in %gs",
+                    self.where, str(exc).strip().splitlines()[0] if str(exc).strip() else
+                    type(exc).__name__, backoff,
+                )  # fmt: skip
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _hand(self, token: trio.lowlevel.TrioToken, fn: Callable[..., None], *args: str) -> bool:
+        """Run `fn(*args)` in trio; False when trio is gone (stop listening)."""
+        try:
+            trio.from_thread.run_sync(fn, *args, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            return False
+        return True

@@ -1,0 +1,207 @@
+"""damocles-manager's sector-manager.cfg (stores, worker-prover limits) and the mapping of a
+sector's paths to damocles' store names and back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers.frontend import dext_run
+from test_jobs_rules import make_input
+
+from damocles_ext import cli
+from damocles_ext.jobs import rules
+from damocles_ext.jobs.manager_config import (
+    ManagerConfigError,
+    load_manager_conf_dir,
+    parse_go_duration,
+    parse_manager_config,
+    read_settings,
+)
+from damocles_ext.jobs.model import SectorAccessStores
+from damocles_ext.jobs.paths import SectorPathError, StoreMap
+from damocles_ext.jobs.store import JobStore
+
+GOOD = """
+[Common.API]
+Chain = "/ip4/127.0.0.1/tcp/1234"
+
+[[Common.PersistStores]]
+Name = "store-a"
+Path = "/mnt/a"
+Strict = true
+AllowMiners = [1000]
+
+[[Common.PersistStores]]
+Path = "/mnt/b/"
+
+[Common.Proving]
+ParallelCheckLimit = 128
+
+[Common.Proving.WorkerProver]
+JobMaxTry = 3
+HeartbeatTimeout = "1m30s"
+JobLifetime = "25h0m0s"
+"""
+
+
+def test_a_good_file_gives_the_stores_and_the_worker_prover_limits():
+    cfg = parse_manager_config(GOOD, "sector-manager.cfg")
+    # A store without Name is named by its Path as written (damocles' GetPersistStores).
+    assert cfg.stores == {"store-a": "/mnt/a", "/mnt/b/": "/mnt/b/"}
+    assert cfg.limits == rules.JobLimits(max_try=3, heartbeat_timeout=90.0, job_lifetime=90000.0)
+    assert cfg.warnings == ()
+
+
+def test_an_empty_file_keeps_damocles_defaults():
+    cfg = parse_manager_config("", "x.cfg")
+    assert cfg.stores == {} and cfg.limits == rules.JobLimits()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("15s", 15.0), ("25h0m0s", 90000.0), ("1.5h", 5400.0), ("300ms", 0.3), ("2m3s", 123.0),
+     ("1h30m", 5400.0), ("0", 0.0), ("-1s", -1.0), ("10us", 1e-5), ("7µs", 7e-6)],
+)  # fmt: skip
+def test_go_durations_read_as_go_reads_them(text, seconds):
+    assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ('"15"', "each number needs a unit"),
+        ('"fifteen"', "not a Go duration"),
+        ('""', "not a Go duration"),
+        ("15", "nanoseconds"),
+        ('"0s"', "must be longer than 0"),
+    ],
+)
+def test_a_bad_duration_names_file_table_key_and_what_to_write(value, words):
+    text = f"[Common.Proving.WorkerProver]\nHeartbeatTimeout = {value}\n"
+    with pytest.raises(ManagerConfigError) as caught:
+        parse_manager_config(text, "/etc/dm/sector-manager.cfg")
+    message = str(caught.value)
+    assert message.startswith("/etc/dm/sector-manager.cfg: [Common.Proving.WorkerProver]")
+    assert "HeartbeatTimeout" in message and words in message
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[Common.Proving.WorkerProver]\nJobMaxTry = 0\n", "JobMaxTry must be a whole number >= 1"),
+        ("[[Common.PersistStores]]\nName = 'a'\n", "Path must be the store's directory"),
+        (("[[Common.PersistStores]]\nName='a'\nPath='/x'\n[[Common.PersistStores]]\nName='a'\n"
+         "Path='/y'\n"), "duplicate persist store name 'a'"),
+        ("[Common]\nPersistStores = 3\n", "must be an array of tables"),
+        ("[Common\n", "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_errors_that_say_where_and_what(text, words):
+    with pytest.raises(ManagerConfigError, match=words):
+        parse_manager_config(text, "sector-manager.cfg")
+
+
+def test_unknown_keys_in_the_two_tables_are_warned_about_not_dropped_silently():
+    text = (
+        "[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\nReadonly = true\n"
+        "[Common.Proving.WorkerProver]\nJobMaxTries = 5\n"
+    )
+    cfg = parse_manager_config(text, "sm.cfg")
+    assert cfg.limits.max_try == 2
+    assert len(cfg.warnings) == 2
+    assert "sm.cfg: [[Common.PersistStores]] #1: unknown key 'Readonly'" in cfg.warnings[0]
+    assert "[Common.Proving.WorkerProver]: unknown key 'JobMaxTries'" in cfg.warnings[1]
+    assert "JobMaxTry" in cfg.warnings[1]  # the key it knows, to spot the misspelling
+
+
+def test_a_conf_dir_without_the_file_keeps_the_defaults_and_says_so(tmp_path):
+    assert load_manager_conf_dir(tmp_path) is None
+    settings = read_settings(str(tmp_path), [("s", "/s")])
+    assert settings.stores == {"s": "/s"} and settings.limits == rules.JobLimits()
+    assert "there is no sector-manager.cfg" in settings.warnings[0]
+    with pytest.raises(ManagerConfigError, match="does not exist"):
+        read_settings(str(tmp_path / "nope"))
+
+
+def test_the_same_store_name_with_two_paths_is_refused(tmp_path):
+    (tmp_path / "sector-manager.cfg").write_text(GOOD)
+    assert read_settings(str(tmp_path), [("store-a", "/mnt/a/")]).stores["store-a"] == "/mnt/a/"
+    with pytest.raises(ManagerConfigError, match=r"'store-a' is given twice .*'/mnt/a'.*'/mnt/z'"):
+        read_settings(str(tmp_path), [("store-a", "/mnt/z")])
+
+
+# --- paths <-> store names ----------------------------------------------------------------------
+
+STORES = StoreMap({"big": "/mnt/big", "nested": "/mnt/big/inner", "other": "/data/o"})
+
+
+def test_paths_in_damocles_layout_map_to_the_longest_store_and_back():
+    access, upgrade = STORES.locate(
+        1000, 7, "/mnt/big/sealed/s-t01000-7", "/mnt/big/inner/cache/s-t01000-7"
+    )
+    assert access == SectorAccessStores(SealedFile="big", CacheDir="nested") and not upgrade
+    access, upgrade = STORES.locate(
+        1000, 8, "/data/o/update/s-t01000-8", "/data/o//update-cache/s-t01000-8/"
+    )
+    assert access == SectorAccessStores(SealedFile="other", CacheDir="other") and upgrade
+    assert STORES.path_of("nested", "cache", 1000, 7, False) == "/mnt/big/inner/cache/s-t01000-7"
+    assert STORES.path_of("other", "sealed", 1000, 8, True) == "/data/o/update/s-t01000-8"
+    with pytest.raises(KeyError, match="store 'gone' is not known"):
+        STORES.path_of("gone", "sealed", 1, 1, False)
+
+
+@pytest.mark.parametrize(
+    ("sealed", "cache", "words"),
+    [
+        ("/elsewhere/sealed/s-t01000-7", "/mnt/big/cache/s-t01000-7",
+         ("sector 7 of miner 1000: its sealed_file '/elsewhere/sealed/s-t01000-7' is in none of"
+         " the stores")),
+        ("/mnt/big/sealed/s-t01000-9", "/mnt/big/cache/s-t01000-7",
+         "is in store 'big' (/mnt/big) but not where damocles keeps it"),
+        ("/mnt/big/sealed/s-t01000-7", "/mnt/big/somewhere/s-t01000-7",
+         "its cache_dir '/mnt/big/somewhere/s-t01000-7' is in store 'big'"),
+        ("/mnt/big/update/s-t01000-7", "/mnt/big/cache/s-t01000-7",
+         "do not agree on whether it is upgraded"),
+    ],
+)  # fmt: skip
+def test_a_path_in_no_store_or_not_in_the_layout_is_named_with_the_fix(sealed, cache, words):
+    with pytest.raises(SectorPathError) as caught:
+        STORES.locate(1000, 7, sealed, cache)
+    assert words in str(caught.value)
+    if "none of the stores" in words:
+        assert "--store NAME=PATH" in str(caught.value)
+        assert "[[Common.PersistStores]]" in str(caught.value)
+
+
+# --- the commands that read --conf-dir ----------------------------------------------------------
+
+
+def test_wdpost_list_takes_its_max_try_from_the_conf_dir(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    now = time.time()
+    with JobStore.open(url, limits=rules.JobLimits(max_try=3)) as s:
+        job, _ = s.create(make_input(), now)
+        for attempt in range(2):
+            [taken] = s.allocate(rules.AllocationSpec(), 1, "w", now)
+            s.finish(job.Id, None, "broken", now, lease=taken.lease)
+            if attempt == 0:
+                s.sweep(now)
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 0
+    assert "2(Max)" in capsys.readouterr().out
+    (tmp_path / "sector-manager.cfg").write_text("[Common.Proving.WorkerProver]\nJobMaxTry = 3\n")
+    assert cli.main(["wdpost", "list", "--jobs", url, "--conf-dir", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "(Max)" not in shown and " 2 " in shown
+
+
+def test_the_coordinator_refuses_a_bad_manager_config_with_exit_2(tmp_path):
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[Common.Proving.WorkerProver]\nJobLifetime = "a day"\n'
+    )
+    done = dext_run("coordinator", "--jobs", f"sqlite:///{tmp_path}/j.db", "--conf-dir",
+                    str(tmp_path), "--listen", "127.0.0.1:0")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    assert f"{tmp_path}/sector-manager.cfg: [Common.Proving.WorkerProver] JobLifetime" in err

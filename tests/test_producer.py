@@ -1,0 +1,505 @@
+"""The producer: `damocles-ext serve window_post --jobs URL` turns damocles-manager's requests into
+jobs of a real store (SQLite under tmp_path, the session's PostgreSQL) and answers from them.
+
+serve runs as a real subprocess driven like damocles-manager drives a processor (ManagerLike);
+the worker is the test, calling the store (allocate, finish) as a coordinator would, or the
+coordinator's RPC itself when serve runs it (--listen)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from helpers.frontend import DEXT, ManagerLike, dext_env, dext_run, make_task
+
+from damocles_ext.jobs import model, rules
+from damocles_ext.jobs.paths import StoreMap, job_input
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+PROOF = "StackedDrgWindow2KiBV1_2"
+WORKER = "gpu-1"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def window_task(root: str, miner: int = 1000, sectors: tuple[int, ...] = (1, 2),
+                upgraded: tuple[int, ...] = ()) -> WindowPoSt:  # fmt: skip
+    """A task whose paths are in damocles' layout under the store at `root`."""
+
+    def replica(n: int) -> PoStReplicaInfo:
+        sealed, cache = ("update", "update-cache") if n in upgraded else ("sealed", "cache")
+        name = f"s-t0{miner}-{n}"
+        return PoStReplicaInfo(
+            n, bytes([n]) * 32, f"{root}/{cache}/{name}", f"{root}/{sealed}/{name}"
+        )
+
+    return WindowPoSt(miner, PROOF, [replica(n) for n in sectors], bytes([miner % 64]) * 32)
+
+
+def job_id_of(task: WindowPoSt, stores: dict[str, str]) -> str:
+    return model.job_id(job_input(task, StoreMap(stores)))
+
+
+async def start_serve(nursery, url: str, *args: str) -> ManagerLike:
+    argv = [*DEXT, "serve", "window_post", "--jobs", url, "--log-level", "debug", *args]
+    return await ManagerLike.start(
+        nursery, argv, "window_post", stderr=subprocess.PIPE, ready_timeout=30
+    )
+
+
+async def finish_as_worker(url: str, job_id: str, output, error: str = "", worker: str = WORKER):
+    """Take the job (the only ready one) and finish it, as a worker does through a coordinator."""
+    with JobStore.open(url) as store:
+        jobs = TrioJobStore(store)
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, worker)
+        assert taken.Id == job_id
+        outcome = await jobs.finish(job_id, output, error, lease=taken.lease)
+        assert outcome.effects == (rules.Finished(job_id, error),)
+
+
+async def stop(m: ManagerLike) -> None:
+    await m.close_stdin()
+    with trio.fail_after(30):
+        assert await m.process.wait() == 0, "\n".join(m.log)
+    assert m.duplicates == [] and m.unknown == [] and m.bad_lines == []
+    assert not any("Traceback" in line for line in m.log), "\n".join(m.log)
+
+
+async def test_a_request_becomes_damocles_job_and_is_answered_with_its_proofs_and_faults(
+    store_url, tmp_path
+):
+    root = str(tmp_path / "store-a")
+    task = window_task(root, sectors=(1, 2, 3), upgraded=(3,))
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, store_url, "--store", f"a={root}", "--poll-interval", "0.1")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        with JobStore.open(store_url) as store:
+            job = store.get(job_id)
+        # damocles' job: store names for paths, Upgrade from update/, the request's values.
+        assert job is not None and job.State == model.READY and job.not_after is None
+        assert [(s.SectorId, s.Upgrade, s.Accesses.SealedFile, s.Accesses.CacheDir)
+                for s in job.Input.Sectors] == [(1, False, "a", "a"), (2, False, "a", "a"),
+                                                 (3, True, "a", "a")]  # fmt: skip
+        assert job.Input.Seed == tuple(task.seed) and job.Input.MinerId == 1000
+        assert job.Id == model.job_id_of_json(model.go_json(job.Input))
+        output = model.JobOutput(proofs=(b"proof-1",), faults=(2,))
+        await finish_as_worker(store_url, job_id, output)
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None, response
+        assert response.output.proofs == [b"proof-1"] and response.output.faults == [2]
+        await stop(m)
+
+
+async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and_reason(
+    tmp_path,
+):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    # The store and the limits come from damocles-manager's own file.
+    (tmp_path / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "nfs-1"\nPath = "{root}"\n'
+        "[Common.Proving.WorkerProver]\nJobMaxTry = 1\n"
+    )
+    task = window_task(root)
+    job_id = job_id_of(task, {"nfs-1": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--conf-dir", str(tmp_path), "--poll-interval", "0.1")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        await finish_as_worker(url, job_id, None, "cuda: out of memory", worker="gpu-7")
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.output is None
+        assert response.err_msg == (
+            f"request {request_id} (window_post): job {job_id} failed on worker 'gpu-7' (try 1 of"
+            " JobMaxTry 1): cuda: out of memory"
+        )
+        await stop(m)
+
+
+async def test_a_job_nobody_takes_before_its_deadline_is_cancelled_and_answered_with_why(
+    store_url, tmp_path
+):
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        # A long poll: the answer comes at the deadline, not at the next look.
+        m = await start_serve(nursery, store_url, "--store", f"a={root}", "--deadline-after",
+                              "1s", "--poll-interval", "60")  # fmt: skip
+        request_id = await m.send(task)
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.output is None
+        assert f"job {job_id} was cancelled: its deadline passed at " in response.err_msg
+        assert "(it was waiting for a worker; tries 0 of 2); last worker: none" in response.err_msg
+        await stop(m)
+    with JobStore.open(store_url) as store:
+        job = store.get(job_id)
+    assert job is not None and job.cancelled and job.not_after is not None
+
+
+async def test_a_restarted_serve_reattaches_to_the_job_of_a_request_sent_again(store_url, tmp_path):
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        first = await start_serve(nursery, store_url, "--store", f"a={root}")
+        await first.send(task)
+        await first.wait_log(f"job {job_id}: created")
+        # What damocles-manager's stop does to its processors.
+        first.process.kill()
+        await first.process.wait()
+        output = model.JobOutput(proofs=(b"done-while-away",), faults=())
+        await finish_as_worker(store_url, job_id, output)
+        # damocles-manager, started again, sends the same request (ids count from 1 again).
+        second = await start_serve(nursery, store_url, "--store", f"a={root}",
+                                   "--poll-interval", "60")  # fmt: skip
+        with trio.fail_after(30):
+            response = await second.request(task)
+        assert response.err_msg is None and response.output.proofs == [b"done-while-away"]
+        assert any(f"job {job_id}: re-attached to the existing job (Succeed" in line
+                   for line in second.log)  # fmt: skip
+        await stop(second)
+    with JobStore.open(store_url) as store:
+        assert [j.Id for j in store.list_jobs()] == [job_id]
+
+
+async def test_a_job_removed_while_waited_for_is_created_again_and_still_answered(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}", "--poll-interval", "0.1")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        with JobStore.open(url) as store:
+            assert store.remove(job_id, 0)
+        await m.wait_log(f"job {job_id} was removed from the store while waited for")
+        await m.wait_log("creating it again")
+        with trio.fail_after(30):
+            await m.wait_log_times(f"job {job_id}: created", 2)
+        await finish_as_worker(url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await stop(m)
+
+
+async def test_stdin_eof_answers_a_request_still_waiting_with_its_job_id_and_that_it_stays(
+    tmp_path,
+):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}", "--shutdown-grace", "0.5")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        await m.close_stdin()
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+            assert await m.process.wait() == 0
+    assert response.output is None
+    assert "serve stopped before the job was done (shutdown grace 0.5 s)" in response.err_msg
+    assert f"job {job_id} stays in the job store {url}" in response.err_msg
+    assert "a restarted serve given the same request re-attaches to it" in response.err_msg
+    with JobStore.open(url) as store:
+        assert store.get(job_id).State == model.READY
+
+
+async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_goes_on(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}", "--poll-interval", "0.1")
+        with trio.fail_after(30):
+            response = await m.request(window_task("/elsewhere", sectors=(4,)))
+        assert response.output is None
+        assert response.err_msg.startswith(
+            "request 1 (window_post): bad request: sector 4 of miner 1000: its sealed_file"
+            " '/elsewhere/sealed/s-t01000-4' is in none of the stores (a="
+        )
+        assert "--store NAME=PATH" in response.err_msg
+        # The next request is served.
+        task = window_task(root)
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id_of(task, {'a': root})}: created")
+        await finish_as_worker(url, job_id_of(task, {"a": root}),
+                               model.JobOutput(proofs=(b"p",), faults=()))  # fmt: skip
+        with trio.fail_after(30):
+            assert (await m.wait(request_id)).err_msg is None
+        await stop(m)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["winning_post", "--jobs", "{url}"], "WinningPoSt must stay local"),
+        (["window_post", "--jobs", "mysql://u@h/db"], "'mysql' is not supported"),
+        (["window_post", "--jobs", "sqlite://"], "names no file"),
+        (["window_post", "--jobs", "{url}", "--store", "a"], "expected NAME=PATH"),
+        (["window_post", "--jobs", "{url}", "--store", "a=/x", "--store", "a=/y"],
+         "store 'a' is given twice"),
+        (["window_post", "--jobs", "{url}", "-c", "x.cfg"], "does not apply to serve --jobs"),
+        (["window_post", "--jobs", "{url}", "--restart-delay", "2"],
+         "--restart-delay does not apply to serve --jobs"),
+        (["window_post", "--jobs", "{url}", "--conf-dir", "{tmp}/nope"], "does not exist"),
+        (["window_post", "-c", "x.cfg", "--store", "a=/x"], "--store goes with --jobs URL"),
+        (["window_post", "--jobs", "{url}", "--poll-interval", "0"], "must be a positive duration"),
+    ],
+)  # fmt: skip
+def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, words):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    args = [a.replace("{url}", url).replace("{tmp}", str(tmp_path)) for a in args]
+    done = dext_run("serve", *args, input=b"")
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == b""  # no ready line: damocles-manager's start fails
+    err = done.stderr.decode()
+    assert words in err and "Traceback" not in err
+
+
+async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
+    from test_coordinator import Client
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}", "--listen", "127.0.0.1:0",
+                              "--poll-interval", "0.1")  # fmt: skip
+        line = await m.wait_log("serving the worker-prover RPC at http://")
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/rpc/v0", line).group(1))
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        status, answer = await client.call("Venus.StoreBasicInfo", "a")
+        assert status == 200 and answer["result"]["Path"] == root
+        status, answer = await client.call(
+            "Venus.WdPoStAllocateJobs", {"AllowedMiners": None, "AllowedProofTypes": None}, 1,
+            WORKER,
+        )  # fmt: skip
+        assert status == 200 and [j["Id"] for j in answer["result"]] == [job_id]
+        status, answer = await client.call(
+            "Venus.WdPoStFinishJob", job_id, {"proofs": ["cHJvb2Y="], "faults": []}, ""
+        )
+        assert status == 200 and answer["result"] is None, answer
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"proof"]
+        await client.stream.aclose()
+        await stop(m)
+
+
+async def test_sigterm_answers_the_waiting_request_within_the_grace_and_exits_0(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}", "--shutdown-grace", "0.5")
+        # The signal handler is in place once it serves (the ready line goes out before).
+        await m.wait_log("serving window_post through the job store")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        m.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+            assert await m.process.wait() == 0
+    assert f"job {job_id} stays in the job store" in response.err_msg
+    assert any("stopped: 1 requests read, 1 answered" in line for line in m.log), m.log
+
+
+def test_the_stores_of_a_conf_dir_are_mapped_the_same_way(tmp_path: Path):
+    # A store without Name is named by its path as written, in the job too.
+    (tmp_path / "sector-manager.cfg").write_text('[[Common.PersistStores]]\nPath = "/mnt/x/"\n')
+    from damocles_ext.jobs.manager_config import read_settings
+
+    stores = StoreMap(read_settings(str(tmp_path)).stores)
+    access, upgrade = stores.locate(1000, 5, "/mnt/x/sealed/s-t01000-5", "/mnt/x/cache/s-t01000-5")
+    assert access.SealedFile == access.CacheDir == "/mnt/x/" and not upgrade
+
+
+# -- PostgreSQL: LISTEN/NOTIFY wakes the producer before its next poll ---------------------------
+
+
+async def test_a_notification_wakes_the_producer_long_before_its_poll_interval(
+    postgres_url, tmp_path
+):
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        # A minute between looks: an answer within the test's bound came from the notification.
+        m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
+                              "--poll-interval", "60")  # fmt: skip
+        await m.wait_log("listening for job changes on")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await stop(m)
+
+
+async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_url, tmp_path):
+    import psycopg
+
+    from damocles_ext.jobs.notify import APPLICATION_NAME
+
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
+                              "--poll-interval", "60")  # fmt: skip
+        await m.wait_log("listening for job changes on")
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (APPLICATION_NAME,),
+            ).fetchall()
+        assert killed == [(True,)]
+        with trio.fail_after(30):
+            await m.wait_log("notification listener lost its connection")
+            await m.wait_log_times("listening for job changes on", 2)
+        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"q",), faults=()))
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"q"]
+        await stop(m)
+
+
+# -- prove --jobs and the Python API: the same producer ------------------------------------------
+
+
+async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_output(tmp_path):
+    import json
+
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    (tmp_path / "task.json").write_bytes(task_to_json(task))
+    argv = [*DEXT, "prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs",
+            url, "--store", f"a={root}", "--log-level", "info", "--no-progress"]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dext_env()
+    )
+    seen = b""
+    with trio.fail_after(60):
+        while f"job {job_id}: created".encode() not in seen:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, seen
+            seen += chunk
+        await finish_as_worker(url, job_id, model.JobOutput(proofs=(b"p",), faults=(1,)))
+        out = b""
+        while chunk := await process.stdout.receive_some(4096):
+            out += chunk
+        while chunk := await process.stderr.receive_some(4096):
+            seen += chunk
+        assert await process.wait() == 0, seen
+    assert json.loads(out) == {"proofs": ["cA=="], "faults": [1]}
+    assert b"1 faulty sector: 1" in seen and b"Traceback" not in seen
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--socket", "/x"], "--socket does not apply with --jobs"),
+        (["--priority", "3"], "--priority does not apply with --jobs"),
+        (["--store", "a=/elsewhere"], "is in none of the stores (a=/elsewhere)"),
+    ],
+)
+def test_prove_jobs_refuses_what_does_not_apply_with_exit_2(tmp_path, extra, words):
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    (tmp_path / "task.json").write_bytes(task_to_json(window_task(str(tmp_path / "s"))))
+    done = dext_run("prove", "window_post", "--request", str(tmp_path / "task.json"),
+                    "--jobs", f"sqlite:///{tmp_path}/j.db", *extra)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr.decode() and b"Traceback" not in done.stderr
+
+
+async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
+    from damocles_ext.api import open_job_producer, submit_job
+    from damocles_ext.errors import ProverError, UsageError
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    root = str(tmp_path / "s")
+    done_task, failed_task = window_task(root, miner=1000), window_task(root, miner=1001)
+    with JobStore.open(url, limits=rules.JobLimits(max_try=1)) as store:
+        for task, error in ((done_task, ""), (failed_task, "disk gone")):
+            job, _ = store.create(job_input(task, StoreMap({"a": root})), 0)
+            [taken] = store.allocate(rules.AllocationSpec(), 1, "w9", 0)
+            output = model.JobOutput(proofs=(b"x",), faults=()) if not error else None
+            store.finish(job.Id, output, error, 0, lease=taken.lease)
+    output = await submit_job(url, done_task, stores={"a": root})
+    assert output.proofs == [b"x"] and output.faults == []
+    # The store and JobMaxTry 1 from damocles-manager's file: the failure is final.
+    (tmp_path / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "a"\nPath = "{root}"\n'
+        "[Common.Proving.WorkerProver]\nJobMaxTry = 1\n"
+    )
+    failed_id = job_id_of(failed_task, {"a": root})
+    async with open_job_producer(url, conf_dir=str(tmp_path), poll_interval=60) as producer:
+        with trio.fail_after(30), pytest.raises(ProverError) as caught:
+            await producer.submit(failed_task)
+        assert str(caught.value) == (
+            f"job {failed_id} failed on worker 'w9' (try 1 of JobMaxTry 1): disk gone"
+        )
+        with pytest.raises(UsageError, match="WinningPoSt must stay local"):
+            await producer.submit(make_task(stage="winning_post"))
+
+
+async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_failure(
+    postgres_url, tmp_path
+):
+    import psycopg
+
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
+                              "--poll-interval", "0.2")  # fmt: skip
+        request_id = await m.send(task)
+        await m.wait_log(f"job {job_id}: created")
+        database = psycopg.conninfo.conninfo_to_dict(postgres_url)["dbname"]
+        with psycopg.connect(postgres_url, dbname="postgres", autocommit=True) as admin:
+            # The database down for serve: no new connection, the open ones closed.
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+            with trio.fail_after(30):
+                await m.wait_log(f"job {job_id}: the job store failed, trying again in")
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+        with trio.fail_after(60):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await stop(m)
