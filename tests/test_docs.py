@@ -6,6 +6,7 @@ and quotes the chaos run's saved figures."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import subprocess
@@ -101,9 +102,13 @@ RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
 TEST_REF = re.compile(r"`((?:tests/|bench/)?[\w/]+\.py|…)(?:::(\w+…?))?`")
 
 
-def _functions(path: Path) -> set[str]:
+# Cached: the evidence names dozens of tests in a few large files, and parsing a file again
+# for each of them was most of this module's time.
+@functools.cache
+def _functions(path: Path) -> frozenset[str]:
     tree = ast.parse(path.read_text())
-    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    nodes = ast.walk(tree)
+    return frozenset(n.name for n in nodes if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
 
 
 def test_every_test_the_reliability_evidence_names_exists():
