@@ -286,7 +286,8 @@ class Worker:
     async def _allocate_loop(self) -> None:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
-            want = jobs_to_ask(self.api, free_slots(self._ready_capacity(), len(self.held)))
+            free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
+            want = jobs_to_ask(self.api, free)
             if want == 0 and self._dead is None:
                 self._dead = self._no_child_can_prove()
                 if self._dead is not None:

@@ -41,10 +41,13 @@ def jobs_to_ask(api: Api, free_slots: int) -> int:
     return free_slots if api is Api.DEXT else 1
 
 
-def free_slots(ready_capacity: int, held: int) -> int:
-    """Slots no job of ours occupies: the capacity of the children ready now, less the jobs held
-    (proving, or whose result is not delivered yet). Never asking beyond it is what keeps a job
-    from waiting on this worker while another worker has a free GPU."""
+def free_slots(ready_capacity: int, held: int, max_jobs: int | None = None) -> int:
+    """Slots no job of ours occupies: the capacity of the children ready now, at most `max_jobs`
+    (damocles-worker's wdpost threads and window_post limit), less the jobs held (proving, or
+    whose result is not delivered yet). Never asking beyond it is what keeps a job from waiting
+    on this worker while another worker has a free GPU."""
+    if max_jobs is not None:
+        ready_capacity = min(ready_capacity, max_jobs)
     return max(0, ready_capacity - held)
 
 

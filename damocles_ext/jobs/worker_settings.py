@@ -56,6 +56,9 @@ class WorkerSettings:
     #: A result not delivered this long after its job was allocated is given up (logged): past
     #: damocles' JobLifetime the manager has forgotten the job anyway.
     result_lifetime: float = DEFAULT_JOB_LIFETIME
+    #: At most this many jobs held at once (None: as many as the children have slots). From a
+    #: damocles-worker.toml: one per wdpost thread, at most its window_post limit.
+    max_jobs: int | None = None
     #: Where these settings came from, for messages ("the command line", a file's path).
     source: str = "the command line"
 
@@ -65,6 +68,8 @@ class WorkerSettings:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{self.source}: {name} must be > 0 seconds, not {value!r}")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise ValueError(f"{self.source}: max_jobs must be at least 1, not {self.max_jobs!r}")
         if self.shutdown_grace < 0:
             raise ValueError(f"{self.source}: shutdown_grace must be >= 0 seconds")
         if not self.children:
