@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from .. import __version__
 from ..api import open_supervisor
 from ..errors import ProverError, UsageError
 from ..jobs import rpc
@@ -48,6 +49,7 @@ from ..jobs.worker_rules import (
     job_output,
     jobs_to_ask,
     window_post_task,
+    worker_info,
 )
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ class WorkerCounters:
     stopped: int = 0  # jobs the manager took back while we held them
     given_up: int = 0  # results never delivered
     allocations: int = 0  # allocation calls that got an answer
+    pings: int = 0  # Venus.WorkerPing calls the manager took
 
 
 class Worker:
@@ -175,8 +178,8 @@ class Worker:
 
         # Heartbeats have a connection of their own: they must not wait behind a finish that is
         # being retried, or behind an allocation.
-        async with client() as calls, client() as beats:
-            self._calls, self._beats = calls, beats
+        async with client() as calls, client() as beats, client() as pings:
+            self._calls, self._beats, self._pings = calls, beats, pings
             if self.name is None:
                 self.name = await self._default_name(endpoint)
             await self._check_stores()
@@ -193,6 +196,7 @@ class Worker:
                         with background:
                             async with trio.open_nursery() as inner:
                                 inner.start_soon(self._heartbeat_loop)
+                                inner.start_soon(self._ping_loop, endpoint)
                                 inner.start_soon(self._forward_supervisor_changes, sup)
 
                     nursery.start_soon(in_background)
@@ -508,6 +512,56 @@ class Worker:
         self._touch()
 
     # -- heartbeats ---------------------------------------------------------------------------
+
+    async def _ping_loop(self, endpoint: Endpoint) -> None:
+        # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
+        # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
+        try:
+            address = await local_address_towards(endpoint)
+        except OSError:
+            address = self.name or "unknown"
+        failing = False
+        while True:
+            assert self.name is not None
+            info = worker_info(
+                self.name, address, __version__, slots=self._slots(),
+                proving=sum(h.state == "proving" for h in self.held.values()),
+                finishing=sum(h.state == "finishing" for h in self.held.values()),
+                children_down=self._children_down(),
+            )  # fmt: skip
+            try:
+                await self._pings.call("Venus.WorkerPing", info)
+            except RpcClientError as exc:
+                # Never fatal: the ping only shows this worker in the manager's list.
+                if not failing:
+                    log.warning(
+                        "Venus.WorkerPing failed (%s); the manager's worker list may not show"
+                        " this worker until it works again (logged once)",
+                        exc,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("Venus.WorkerPing works again")
+                failing = False
+                self.counters.pings += 1
+                self._touch()
+            await trio.sleep(self.settings.ping_interval)
+
+    def _slots(self) -> int:
+        assert self._sup is not None
+        capacity = sum(
+            c.capacity for c in self._sup.statistics().children if c.stage in _SLOT_STAGES
+        )
+        limit = self.settings.max_jobs
+        return capacity if limit is None else min(capacity, limit)
+
+    def _children_down(self) -> int:
+        assert self._sup is not None
+        return sum(
+            c.stage in _SLOT_STAGES and c.state not in ("ready", "busy")
+            for c in self._sup.statistics().children
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
