@@ -119,6 +119,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " (default: 15s, the recover_interval damocles advises for wdpost workers; with"
         " --worker-config, the shortest recover_interval of its wdpost threads)",
     )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="serve a control socket at PATH for `damocles-ext status --socket PATH`: the"
+        " supervisor's status plus the worker's (the manager, its name, the jobs it holds);"
+        " off by default",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics: the supervisor's (as `run`)"
+        " and the worker's (jobs pulled, finished, failed, leases lost, finish retries,"
+        " heartbeat round trips, allocations); off by default; ':PORT' listens on 127.0.0.1",
+    )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_logging_args(parser, "info")
@@ -133,6 +148,12 @@ def _store(text: str) -> tuple[str, str]:
             f" got {text!r}"
         )
     return name.strip(), path.strip()
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from damocles_ext.metrics import parse_listen_address
+
+    return parse_listen_address(text)
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -175,8 +196,11 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from damocles_ext.errors import DextError
+    from damocles_ext.frontends.control_socket import bind_control_socket
+    from damocles_ext.frontends.run import _discard
     from damocles_ext.frontends.signals import watch_signals
     from damocles_ext.frontends.worker import Worker
+    from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 
     from .common import supervisor_options
 
@@ -185,12 +209,24 @@ def run(args: argparse.Namespace) -> int:
     options = supervisor_options(args)
     settings = _settings(args, options, log)
     worker = Worker(settings, plugin_manager=options["plugin_manager"], supervisor_options=options)
+    # Bound before any child is spawned: a taken place is an exit 2 with nothing started.
+    sock = bind_control_socket(args.socket) if args.socket is not None else None
+    metrics = metrics_server = None
+    if args.metrics is not None:
+        from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+
+        metrics = SupervisorMetrics()
+        options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+        WorkerMetrics(worker, metrics.registry)
+        metrics_server = MetricsServer(metrics, *args.metrics)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals, signals, nursery.cancel_scope, worker.stop, log)
-                await worker.run()
+                await run_worker(
+                    worker, sock=sock, limits={}, metrics=metrics, metrics_server=metrics_server
+                )
                 nursery.cancel_scope.cancel()
 
     try:
@@ -204,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        if sock is not None:
+            _discard(sock)
     log.info("stopped")
     return 0
 

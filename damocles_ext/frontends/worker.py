@@ -22,7 +22,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -51,6 +50,7 @@ from ..jobs.worker_rules import (
     window_post_task,
     worker_info,
 )
+from .worker_state import HeldJob, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
@@ -89,29 +89,6 @@ async def local_address_towards(endpoint: Endpoint) -> str:
         return str(sock.getsockname()[0])
 
 
-@dataclass(eq=False)
-class HeldJob:
-    """A job this worker holds: proving, then finishing (its result being delivered)."""
-
-    job: PulledJob
-    allocated_at: float  # unix seconds
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    state: str = "proving"
-    stop_reason: str | None = None
-    delivery_failures: int = 0  # finish calls that did not get the result taken
-
-
-@dataclass
-class WorkerCounters:
-    pulled: int = 0
-    delivered: int = 0  # results the manager took (proofs, faults or an error)
-    failed: int = 0  # of those, errors (no proof)
-    stopped: int = 0  # jobs the manager took back while we held them
-    given_up: int = 0  # results never delivered
-    allocations: int = 0  # allocation calls that got an answer
-    pings: int = 0  # Venus.WorkerPing calls the manager took
-
-
 class Worker:
     """The worker: `await worker.run()` until `stop()` (graceful) or cancellation."""
 
@@ -129,6 +106,7 @@ class Worker:
         self._clock = clock
         self.api = Api.DEXT
         self.name = settings.name
+        self.manager_url = settings.manager  # the RPC URL once the run starts
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
         self.stopping = False
@@ -151,6 +129,17 @@ class Worker:
         """Wait until `condition()` holds; it is looked at after each change of the worker."""
         while not condition():
             await self._changed.wait()
+
+    @property
+    def manager_reachable(self) -> bool:
+        """False during an outage (between its first failed call and its first answer)."""
+        return self._outage.down_since is None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The running supervisor (from `run`'s task_status.started() to its end)."""
+        assert self._sup is not None, "the worker is not running"
+        return self._sup
 
     def _touch(self) -> None:
         self._changed.set()
@@ -180,6 +169,7 @@ class Worker:
         # being retried, or behind an allocation.
         async with client() as calls, client() as beats, client() as pings:
             self._calls, self._beats, self._pings = calls, beats, pings
+            self.manager_url = calls.url
             if self.name is None:
                 self.name = await self._default_name(endpoint)
             await self._check_stores()
@@ -341,6 +331,7 @@ class Worker:
             self._answered()
             backoff.reset()
             self.counters.allocations += 1
+            self.counters.empty_allocations += not got
             for raw in got:
                 self._take(raw)
             if len(got) < want:
@@ -468,6 +459,7 @@ class Worker:
                 log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
                 break
             held.delivery_failures += 1
+            self.counters.finish_retries += 1
             self._touch()
             verdict, why = finish_verdict(
                 failure,
@@ -501,12 +493,13 @@ class Worker:
         self._idle_until = -math.inf  # a slot is free: ask at once, no pause between jobs
         self._touch()
 
-    def _stop_job(self, job_id: str, why: str) -> None:
+    def _stop_job(self, job_id: str, reason: str, why: str) -> None:
         held = self.held.get(job_id)
         if held is None or held.stop_reason is not None:
             return
         held.stop_reason = why
         self.counters.stopped += 1
+        self.counters.stopped_by[reason] = self.counters.stopped_by.get(reason, 0) + 1
         log.warning("job %s: the manager took it back (%s); its proof is cancelled", job_id, why)
         held.scope.cancel()
         self._touch()
@@ -575,6 +568,7 @@ class Worker:
 
     async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
         leases = [{"Id": h.job.Id, "Lease": h.job.Lease} for h in held]
+        started = trio.current_time()
         try:
             stop = await self._beats.call(
                 "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
@@ -586,15 +580,17 @@ class Worker:
             log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
             return
         self._answered()
+        self._beaten(held, started, {s.Id for s in stop})
         for signal in stop:
             current = self.held.get(signal.Id)
             if current is not None and current.state == "finishing" and signal.Reason == "finished":
                 continue  # our own finish got there first
-            self._stop_job(signal.Id, f"{signal.Reason}: {signal.Message}")
+            self._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 
     async def _heartbeat_plain(self, held: list[HeldJob]) -> None:
         # damocles-manager fails the whole batch when one job is no longer running: then each
         # job is heartbeated alone to find which.
+        started = trio.current_time()
         try:
             await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id for h in held], self.name)
         except RpcConnectionError as exc:
@@ -607,6 +603,7 @@ class Worker:
             return
         else:
             self._answered()
+            self._beaten(held, started, set())
             return
         for h in held:
             try:
@@ -618,9 +615,22 @@ class Worker:
                 # damocles-manager takes a late finish whatever the job's state: only a proof
                 # still running is stopped.
                 if h.state == "proving":
-                    self._stop_job(h.job.Id, f"the manager no longer has it running: {exc.message}")
+                    self._stop_job(
+                        h.job.Id,
+                        "not_running",
+                        f"the manager no longer has it running: {exc.message}",
+                    )
             except RpcClientError as exc:
                 log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
+
+    def _beaten(self, held: list[HeldJob], started: float, refused: set[str]) -> None:
+        now = self._clock()
+        for h in held:
+            if h.job.Id not in refused:
+                h.last_heartbeat = now
+        if self.counters.on_heartbeat is not None:
+            self.counters.on_heartbeat(trio.current_time() - started)
+        self._touch()
 
     # -- the manager's reachability -----------------------------------------------------------
 
