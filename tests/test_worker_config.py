@@ -11,10 +11,11 @@ import sys
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run
+from helpers.frontend import DEXT, dext_env, dext_run, make_task
 from test_worker import Rig, job_input
 
 from damocles_ext.jobs.worker_rules import free_slots
+from damocles_ext.protocol import jsonl
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -81,8 +82,10 @@ async def test_a_worker_set_up_by_a_damocles_worker_toml_pulls_and_proves_one_jo
             async with trio.open_nursery() as nursery:
                 await nursery.start(rig.server.serve)
                 # --name beside the file overrides the file's [worker] name.
+                sock = str(tmp_path / "worker.sock")
                 proc = await trio.lowlevel.open_process(
-                    [*DEXT, "worker", "--worker-config", str(toml), "--name", "cli-name"],
+                    [*DEXT, "worker", "--worker-config", str(toml), "--name", "cli-name",
+                     "--socket", sock],
                     env=dext_env(), stderr=subprocess.PIPE,
                 )  # fmt: skip
                 seen = b""
@@ -90,6 +93,17 @@ async def test_a_worker_set_up_by_a_damocles_worker_toml_pulls_and_proves_one_jo
                     chunk = await proc.stderr.receive_some(4096)
                     assert chunk, seen.decode()
                     seen += chunk
+                # The worker's control socket: `status` shows its part, proofs are refused.
+                status = await trio.run_process(
+                    [*DEXT, "status", "--socket", sock, "--json"], capture_stdout=True,
+                    capture_stderr=True, env=dext_env(), check=False,
+                )  # fmt: skip
+                task = tmp_path / "task.json"
+                task.write_bytes(jsonl.task_to_json(make_task()))
+                prove = await trio.run_process(
+                    [*DEXT, "prove", "window_post", "--request", str(task), "--socket", sock],
+                    capture_stdout=True, capture_stderr=True, env=dext_env(), check=False,
+                )  # fmt: skip
                 proc.send_signal(signal.SIGTERM)
                 while chunk := await proc.stderr.receive_some(4096):
                     seen += chunk
@@ -108,6 +122,11 @@ async def test_a_worker_set_up_by_a_damocles_worker_toml_pulls_and_proves_one_jo
     # The keys the reader leaves to damocles-worker are warned about, naming their table.
     assert "[metrics]" in text and "does not use" in text
     assert "Traceback" not in text
+    assert status.returncode == 0, status.stderr.decode()
+    part = json.loads(status.stdout)["worker"]
+    assert part["name"] == "cli-name" and part["max_jobs"] == 1 and part["delivered"] == 3
+    assert part["manager"] == f"http://127.0.0.1:{rig.port}/rpc/v0"
+    assert prove.returncode != 0 and b"answers status only" in prove.stderr + prove.stdout
 
 
 def test_a_bad_damocles_worker_toml_exits_2_with_the_readers_message(tmp_path):
@@ -140,3 +159,25 @@ def test_a_bad_header_option_exits_2_saying_the_form():
 def test_max_jobs_caps_the_free_slots():
     assert free_slots(4, 0, 2) == 2 and free_slots(4, 1, 2) == 1 and free_slots(4, 2, 2) == 0
     assert free_slots(1, 0, 3) == 1 and free_slots(4, 0, None) == 4
+
+
+def test_a_taken_metrics_port_exits_2_before_anything_starts_and_leaves_no_socket(tmp_path):
+    import socket
+
+    store = tmp_path / "store-a"
+    store.mkdir()
+    toml = tmp_path / "damocles-worker.toml"
+    toml.write_text(worker_toml(1789, store))
+    sock_path = tmp_path / "worker.sock"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = dext_run(
+            "worker", "--worker-config", str(toml), "--socket", str(sock_path),
+            "--metrics", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert str(port) in err and "Traceback" not in err
+    assert not sock_path.exists()

@@ -218,7 +218,12 @@ def run(args: argparse.Namespace) -> int:
         metrics = SupervisorMetrics()
         options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
         WorkerMetrics(worker, metrics.registry)
-        metrics_server = MetricsServer(metrics, *args.metrics)
+        try:
+            metrics_server = MetricsServer(metrics, *args.metrics)
+        except BaseException:
+            if sock is not None:
+                _discard(sock)  # no socket file left behind by a worker that did not start
+            raise
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -243,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        if sock is not None:
+        if sock is not None and sock.fileno() != -1:  # the control server never took it
             _discard(sock)
     log.info("stopped")
     return 0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from ..errors import UsageError
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
 
 if TYPE_CHECKING:
@@ -127,6 +128,15 @@ class WorkerMetrics:
         )
 
 
+async def _no_proofs(task: Any, **_: Any) -> Any:
+    # A proof sent here would take a slot the worker counts as its own, and a pulled job would
+    # wait behind it: the worker's slots are the manager's to fill.
+    raise UsageError(
+        "this control socket is a damocles-ext worker's: it answers status only; send proofs to"
+        " a `damocles-ext run` socket"
+    )
+
+
 async def run_worker(
     worker: Worker,
     *,
@@ -167,7 +177,7 @@ async def run_worker(
                 doc = await source.document()
                 return msgspec.to_builtins(msgspec.structs.replace(doc, worker=worker_part(worker)))
 
-            server = ControlServer(sock, sup.submit, status=status, **limits)
+            server = ControlServer(sock, _no_proofs, status=status, **limits)
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
         on_started()
