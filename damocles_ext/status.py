@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .jobs.worker_status import WorkerPart, render_worker
 from .protocol.control import STATUS_SCHEMA
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class StatusDocument(msgspec.Struct, frozen=True):
     supervisor: SupervisorStatus
     children: list[ChildStatus]
     stages: list[StageStatus]
+    worker: WorkerPart | None = None  # `damocles-ext worker`'s part; None from `run`
 
 
 class StatusError(Exception):
@@ -579,4 +581,6 @@ def render_table(doc: StatusDocument) -> str:
         stage_rows,
         right={1, 2, 3},
     )
+    if doc.worker is not None:
+        lines += render_worker(doc.worker, format_duration)
     return "\n".join(lines) + "\n"

@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 import trio
 from helpers.supervisor import builtin_child, spec
+from prometheus_client import CollectorRegistry
 
 from damocles_ext import cli
 from damocles_ext.api import open_supervisor
 from damocles_ext.commands.coordinator import STOP_GRACE
+from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_control import WorkerMetrics
 from damocles_ext.jobs.metrics import JobMetrics
 from damocles_ext.jobs.store import JobStore
+from damocles_ext.jobs.worker_settings import WorkerSettings
 from damocles_ext.metrics import SupervisorMetrics
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.supervisor.core import Supervisor
@@ -268,11 +272,15 @@ async def test_the_dashboard_names_only_metrics_that_exist(tmp_path):
         families += list(JobMetrics(store).registry.collect())
     finally:
         store.close()
+    # The worker's metrics, as `worker --metrics` registers them beside its supervisor's.
+    worker = Worker(WorkerSettings("127.0.0.1:1", (spec(builtin_child("window_post", "echo")),)))
+    families += list(WorkerMetrics(worker, CollectorRegistry()).registry.collect())
     exist = series_names(families)
     used = dashboard_metric_names()
     assert used - exist == set()
     # Both halves are on it, so the check above is not vacuous.
-    assert {"damocles_ext_requests_total", "damocles_ext_child_state", "damocles_ext_jobs"} <= used
+    assert {"damocles_ext_requests_total", "damocles_ext_child_state", "damocles_ext_jobs",
+            "damocles_ext_worker_leases_lost_total"} <= used  # fmt: skip
 
 
 def test_the_query_reader_finds_the_metric_names_and_nothing_else():

@@ -86,6 +86,7 @@ SANS_IO = [
     "jobs/paths.py",  # a sector's paths <-> damocles store names
     "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths
     "jobs/worker_settings.py",  # the worker's inputs, whatever read them
+    "jobs/worker_status.py",  # the worker part of the status document and its table
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

@@ -1,6 +1,7 @@
-"""`damocles-ext worker --manager ADDRESS -c ext-prover.cfg`: pull WindowPoSt jobs from a manager
-(damocles-ext coordinator, or damocles-manager --worker-prover) and prove them on the config's
-[[WdPost]] children (docs/WORKER.md).
+"""`damocles-ext worker --manager ADDRESS -c ext-prover.cfg`, or `damocles-ext worker
+--worker-config damocles-worker.toml`: pull WindowPoSt jobs from a manager (damocles-ext
+coordinator, or damocles-manager --worker-prover) and prove them on the config's [[WdPost]]
+children, or the toml's [[processors.window_post]] (docs/WORKER.md).
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the children or the worker failed; 2 bad options or
 config, a store the manager does not know, a refused token.
@@ -9,6 +10,8 @@ config, a store the manager does not know, a refused token.
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import TYPE_CHECKING, Any
 
 from damocles_ext.logs import add_logging_args, setup_from_args
 
@@ -20,6 +23,11 @@ from .common import (
     token_file,
 )
 from .wdpost import MANAGER_HELP
+
+if TYPE_CHECKING:
+    from damocles_ext.jobs.worker_settings import WorkerSettings
+
+    from .common import SupervisorOptions
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,8 +42,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " proofs finish (--shutdown-grace), deliver them, exit."
         ),
     )
-    parser.add_argument("--manager", metavar="ADDRESS", required=True, help=MANAGER_HELP)
-    add_config_args(parser, required=True)
+    parser.add_argument(
+        "--worker-config",
+        metavar="FILE",
+        help="take everything from a damocles-worker.toml: the manager (rpc_client.addr and"
+        " headers), the name, the wdpost threads' allowed miners and sizes and recover_interval,"
+        " the [[attached]] stores, at most as many jobs at once as wdpost threads (and"
+        " [processors.limitation.concurrent] window_post), and [[processors.window_post]] as the"
+        " children. Instead of -c/--conf-dir; the options below, given beside it, override the"
+        " file's value",
+    )
+    parser.add_argument(
+        "--manager",
+        metavar="ADDRESS",
+        help=MANAGER_HELP + " (required unless --worker-config gives it)",
+    )
+    add_config_args(parser, required=False)
     parser.add_argument(
         "--name",
         help="the worker's name, as the manager shows it (default: the address of the local"
@@ -45,14 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--allowed-miners",
         metavar="ID,...",
         type=_miners,
-        default=(),
         help="take only these miners' jobs (default: any), e.g. 1000,1001",
     )
     parser.add_argument(
         "--allowed-sizes",
         metavar="SIZE,...",
         type=_sizes,
-        default=(),
         help="take only jobs of these sector sizes (default: any), e.g. 32GiB,64GiB; as"
         " damocles-worker's allowed_sizes",
     )
@@ -65,6 +85,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a store the jobs name (as damocles-manager names it) and where it is mounted here;"
         " repeat for each. Sectors are at PATH/sealed/s-t0<miner>-<num> and PATH/cache/… The"
         " manager must know each one, or the worker does not start",
+    )
+    parser.add_argument(
+        "--header",
+        metavar="'NAME: VALUE'",
+        action="append",
+        type=_header,
+        default=[],
+        help="an HTTP header sent with every call to the manager (as damocles-worker's"
+        " rpc_client.headers); repeat for each. `Authorization: Bearer TOKEN` is the token (as"
+        " --token-file). With --worker-config, one named as a header of the file replaces it",
     )
     parser.add_argument(
         "--token-file",
@@ -85,9 +115,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--idle-poll",
         metavar="DURATION",
         type=positive_duration,
-        default=15.0,
         help="after the manager had no job, ask again this much later, or when a slot frees"
-        " (default: 15s, the recover_interval damocles advises for wdpost workers)",
+        " (default: 15s, the recover_interval damocles advises for wdpost workers; with"
+        " --worker-config, the shortest recover_interval of its wdpost threads)",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="serve a control socket at PATH for `damocles-ext status --socket PATH`: the"
+        " supervisor's status plus the worker's (the manager, its name, the jobs it holds);"
+        " off by default",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics: the supervisor's (as `run`)"
+        " and the worker's (jobs pulled, finished, failed, leases lost, finish retries,"
+        " heartbeat round trips, allocations); off by default; ':PORT' listens on 127.0.0.1",
     )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
@@ -103,6 +148,24 @@ def _store(text: str) -> tuple[str, str]:
             f" got {text!r}"
         )
     return name.strip(), path.strip()
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from damocles_ext.metrics import parse_listen_address
+
+    return parse_listen_address(text)
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(
+            f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'), got {text!r}"
+        )
+    if any(c in value for c in "\r\n") or any(c in name for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"a header cannot span lines: {text!r}")
+    return name, value
 
 
 def _miners(text: str) -> tuple[int, ...]:
@@ -128,64 +191,47 @@ def _sizes(text: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings, start the worker, run until a signal."""
-    import logging
-    import os
     import signal
 
     import trio
 
-    from damocles_ext.config import check_startable
-    from damocles_ext.errors import DextError, UsageError
+    from damocles_ext.errors import DextError
+    from damocles_ext.frontends.control_socket import bind_control_socket
+    from damocles_ext.frontends.run import _discard
     from damocles_ext.frontends.signals import watch_signals
     from damocles_ext.frontends.worker import Worker
-    from damocles_ext.jobs.worker_settings import WorkerSettings
+    from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 
-    from .common import children_of, load_config_from_args, supervisor_options
+    from .common import supervisor_options
 
     setup_from_args(args)
     log = logging.getLogger("damocles_ext.worker")
-    config = load_config_from_args(args)
-    children = children_of(config, "window_post")
-    ignored = [c for c in config.children if c not in children]
-    if ignored:
-        # An operator may point the worker at the ext-prover.cfg its manager uses: its
-        # [[WinPost]] children are the manager's business, and starting them here would only
-        # hold GPUs no job ever uses.
-        log.warning(
-            "%s: the worker proves WindowPoSt only; %d children of other tables are not started"
-            " (%s)",
-            config.source,
-            len(ignored),
-            ", ".join(c.name for c in ignored),
-        )
     options = supervisor_options(args)
-    check_startable(config, children, plugin_manager=options["plugin_manager"])
-    for name, path in args.attached:
-        if not os.path.isdir(path):
-            log.warning("attached store %s: %s is not a directory here (yet)", name, path)
-    try:
-        settings = WorkerSettings(
-            manager=args.manager,
-            children=tuple(children),
-            name=args.name,
-            token=args.token_file,
-            allowed_miners=args.allowed_miners,
-            allowed_proof_types=args.allowed_sizes,
-            attached=dict(args.attached),
-            heartbeat_interval=args.heartbeat_interval,
-            idle_poll=args.idle_poll,
-            shutdown_grace=args.shutdown_grace,
-        )
-        settings.endpoint  # noqa: B018 - a bad address is a usage error before anything starts
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    settings = _settings(args, options, log)
     worker = Worker(settings, plugin_manager=options["plugin_manager"], supervisor_options=options)
+    # Bound before any child is spawned: a taken place is an exit 2 with nothing started.
+    sock = bind_control_socket(args.socket) if args.socket is not None else None
+    metrics = metrics_server = None
+    if args.metrics is not None:
+        from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+
+        metrics = SupervisorMetrics()
+        options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+        WorkerMetrics(worker, metrics.registry)
+        try:
+            metrics_server = MetricsServer(metrics, *args.metrics)
+        except BaseException:
+            if sock is not None:
+                _discard(sock)  # no socket file left behind by a worker that did not start
+            raise
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals, signals, nursery.cancel_scope, worker.stop, log)
-                await worker.run()
+                await run_worker(
+                    worker, sock=sock, limits={}, metrics=metrics, metrics_server=metrics_server
+                )
                 nursery.cancel_scope.cancel()
 
     try:
@@ -199,5 +245,134 @@ def run(args: argparse.Namespace) -> int:
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        if sock is not None and sock.fileno() != -1:  # the control server never took it
+            _discard(sock)
     log.info("stopped")
     return 0
+
+
+def _settings(
+    args: argparse.Namespace, options: SupervisorOptions, log: logging.Logger
+) -> WorkerSettings:
+    """The WorkerSettings from the options, or from --worker-config with the options given beside
+    it overriding the file's values."""
+    import os
+
+    from damocles_ext.config import check_startable
+    from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.worker_settings import DEFAULT_IDLE_POLL, WorkerSettings
+
+    from .common import children_of, load_config_from_args
+
+    from_file = args.worker_config is not None
+    if from_file and (args.config is not None or args.conf_dir is not None):
+        raise UsageError(
+            "--worker-config names the children ([[processors.window_post]]) already; give it"
+            " or -c/--conf-dir, not both"
+        )
+    if not from_file and args.config is None and args.conf_dir is None:
+        raise UsageError(
+            "give -c ext-prover.cfg (or --conf-dir DIR) for the children, or --worker-config"
+            " damocles-worker.toml for everything"
+        )
+    if not from_file and args.manager is None:
+        raise UsageError(
+            "--manager ADDRESS is required (the coordinator's or damocles-manager's RPC), unless"
+            " --worker-config gives it"
+        )
+    token, headers = _split_token(args.header)
+    if token is not None and args.token_file is not None:
+        raise UsageError(
+            "--header 'Authorization: Bearer …' and --token-file both give the token; keep one"
+        )
+    token = args.token_file if token is None else token
+    base: dict[str, Any] = {}
+    if from_file:
+        from damocles_ext.config.damocles_worker import load_damocles_worker_config
+
+        file = load_damocles_worker_config(args.worker_config)
+        for warning in file.warnings:
+            log.warning("%s", warning)
+        children = list(file.children)
+        config = file.to_config()
+        base = {
+            "manager": file.manager,
+            "name": file.name,
+            "token": file.token,
+            "headers": tuple(file.headers.items()),
+            "allowed_miners": file.allowed_miners,
+            "allowed_proof_types": file.allowed_proof_types,
+            "attached": {a.name: a.location for a in file.attached},
+            "idle_poll": file.idle_poll,
+            "max_jobs": file.max_jobs,
+            "source": file.source,
+        }
+    else:
+        config = load_config_from_args(args)
+        children = children_of(config, "window_post")
+        ignored = [c for c in config.children if c not in children]
+        if ignored:
+            # An operator may point the worker at the ext-prover.cfg its manager uses: its
+            # [[WinPost]] children are the manager's business, and starting them here would only
+            # hold GPUs no job ever uses.
+            log.warning(
+                "%s: the worker proves WindowPoSt only; %d children of other tables are not"
+                " started (%s)",
+                config.source,
+                len(ignored),
+                ", ".join(c.name for c in ignored),
+            )
+    check_startable(config, children, plugin_manager=options["plugin_manager"])
+    given = {
+        "manager": args.manager,
+        "name": args.name,
+        "token": token,
+        "allowed_miners": args.allowed_miners,
+        "allowed_proof_types": args.allowed_sizes,
+        "attached": dict(args.attached) if args.attached else None,
+        "idle_poll": args.idle_poll,
+    }
+    merged = {**base, **{k: v for k, v in given.items() if v is not None}}
+    merged["headers"] = _merge_headers(base.get("headers", ()), headers)
+    merged.setdefault("idle_poll", DEFAULT_IDLE_POLL)
+    for name, path in merged.get("attached", {}).items():
+        if not os.path.isdir(path):
+            log.warning("attached store %s: %s is not a directory here (yet)", name, path)
+    try:
+        settings = WorkerSettings(
+            children=tuple(children),
+            heartbeat_interval=args.heartbeat_interval,
+            shutdown_grace=args.shutdown_grace,
+            **merged,
+        )
+        settings.endpoint  # noqa: B018 - a bad address is a usage error before anything starts
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return settings
+
+
+def _split_token(
+    headers: list[tuple[str, str]],
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """An `Authorization: Bearer` header is the token, as the damocles-worker.toml reader takes
+    it; the others are sent as given."""
+    token = None
+    rest = []
+    for name, value in headers:
+        scheme, _, credentials = value.partition(" ")
+        if name.lower() == "authorization" and scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+        else:
+            rest.append((name, value))
+    return token, rest
+
+
+def _merge_headers(
+    base: tuple[tuple[str, str], ...], given: list[tuple[str, str]]
+) -> tuple[tuple[str, str], ...]:
+    # HTTP header names are case-insensitive: a given one replaces the file's of that name.
+    names = {name.lower() for name, _ in given}
+    return (*((n, v) for n, v in base if n.lower() not in names), *given)

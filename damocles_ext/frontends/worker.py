@@ -22,12 +22,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
+from .. import __version__
 from ..api import open_supervisor
 from ..errors import ProverError, UsageError
 from ..jobs import rpc
@@ -48,7 +48,9 @@ from ..jobs.worker_rules import (
     job_output,
     jobs_to_ask,
     window_post_task,
+    worker_info,
 )
+from .worker_state import HeldJob, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
@@ -87,28 +89,6 @@ async def local_address_towards(endpoint: Endpoint) -> str:
         return str(sock.getsockname()[0])
 
 
-@dataclass(eq=False)
-class HeldJob:
-    """A job this worker holds: proving, then finishing (its result being delivered)."""
-
-    job: PulledJob
-    allocated_at: float  # unix seconds
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    state: str = "proving"
-    stop_reason: str | None = None
-    delivery_failures: int = 0  # finish calls that did not get the result taken
-
-
-@dataclass
-class WorkerCounters:
-    pulled: int = 0
-    delivered: int = 0  # results the manager took (proofs, faults or an error)
-    failed: int = 0  # of those, errors (no proof)
-    stopped: int = 0  # jobs the manager took back while we held them
-    given_up: int = 0  # results never delivered
-    allocations: int = 0  # allocation calls that got an answer
-
-
 class Worker:
     """The worker: `await worker.run()` until `stop()` (graceful) or cancellation."""
 
@@ -126,6 +106,7 @@ class Worker:
         self._clock = clock
         self.api = Api.DEXT
         self.name = settings.name
+        self.manager_url = settings.manager  # the RPC URL once the run starts
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
         self.stopping = False
@@ -148,6 +129,17 @@ class Worker:
         """Wait until `condition()` holds; it is looked at after each change of the worker."""
         while not condition():
             await self._changed.wait()
+
+    @property
+    def manager_reachable(self) -> bool:
+        """False during an outage (between its first failed call and its first answer)."""
+        return self._outage.down_since is None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The running supervisor (from `run`'s task_status.started() to its end)."""
+        assert self._sup is not None, "the worker is not running"
+        return self._sup
 
     def _touch(self) -> None:
         self._changed.set()
@@ -175,8 +167,9 @@ class Worker:
 
         # Heartbeats have a connection of their own: they must not wait behind a finish that is
         # being retried, or behind an allocation.
-        async with client() as calls, client() as beats:
-            self._calls, self._beats = calls, beats
+        async with client() as calls, client() as beats, client() as pings:
+            self._calls, self._beats, self._pings = calls, beats, pings
+            self.manager_url = calls.url
             if self.name is None:
                 self.name = await self._default_name(endpoint)
             await self._check_stores()
@@ -193,6 +186,7 @@ class Worker:
                         with background:
                             async with trio.open_nursery() as inner:
                                 inner.start_soon(self._heartbeat_loop)
+                                inner.start_soon(self._ping_loop, endpoint)
                                 inner.start_soon(self._forward_supervisor_changes, sup)
 
                     nursery.start_soon(in_background)
@@ -286,7 +280,8 @@ class Worker:
     async def _allocate_loop(self) -> None:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
-            want = jobs_to_ask(self.api, free_slots(self._ready_capacity(), len(self.held)))
+            free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
+            want = jobs_to_ask(self.api, free)
             if want == 0 and self._dead is None:
                 self._dead = self._no_child_can_prove()
                 if self._dead is not None:
@@ -336,6 +331,7 @@ class Worker:
             self._answered()
             backoff.reset()
             self.counters.allocations += 1
+            self.counters.empty_allocations += not got
             for raw in got:
                 self._take(raw)
             if len(got) < want:
@@ -463,6 +459,7 @@ class Worker:
                 log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
                 break
             held.delivery_failures += 1
+            self.counters.finish_retries += 1
             self._touch()
             verdict, why = finish_verdict(
                 failure,
@@ -496,17 +493,68 @@ class Worker:
         self._idle_until = -math.inf  # a slot is free: ask at once, no pause between jobs
         self._touch()
 
-    def _stop_job(self, job_id: str, why: str) -> None:
+    def _stop_job(self, job_id: str, reason: str, why: str) -> None:
         held = self.held.get(job_id)
         if held is None or held.stop_reason is not None:
             return
         held.stop_reason = why
         self.counters.stopped += 1
+        self.counters.stopped_by[reason] = self.counters.stopped_by.get(reason, 0) + 1
         log.warning("job %s: the manager took it back (%s); its proof is cancelled", job_id, why)
         held.scope.cancel()
         self._touch()
 
     # -- heartbeats ---------------------------------------------------------------------------
+
+    async def _ping_loop(self, endpoint: Endpoint) -> None:
+        # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
+        # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
+        try:
+            address = await local_address_towards(endpoint)
+        except OSError:
+            address = self.name or "unknown"
+        failing = False
+        while True:
+            assert self.name is not None
+            info = worker_info(
+                self.name, address, __version__, slots=self._slots(),
+                proving=sum(h.state == "proving" for h in self.held.values()),
+                finishing=sum(h.state == "finishing" for h in self.held.values()),
+                children_down=self._children_down(),
+            )  # fmt: skip
+            try:
+                await self._pings.call("Venus.WorkerPing", info)
+            except RpcClientError as exc:
+                # Never fatal: the ping only shows this worker in the manager's list.
+                if not failing:
+                    log.warning(
+                        "Venus.WorkerPing failed (%s); the manager's worker list may not show"
+                        " this worker until it works again (logged once)",
+                        exc,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("Venus.WorkerPing works again")
+                failing = False
+                self.counters.pings += 1
+                self._touch()
+            await trio.sleep(self.settings.ping_interval)
+
+    def _slots(self) -> int:
+        assert self._sup is not None
+        capacity = sum(
+            c.capacity for c in self._sup.statistics().children if c.stage in _SLOT_STAGES
+        )
+        limit = self.settings.max_jobs
+        return capacity if limit is None else min(capacity, limit)
+
+    def _children_down(self) -> int:
+        assert self._sup is not None
+        return sum(
+            c.stage in _SLOT_STAGES and c.state not in ("ready", "busy")
+            for c in self._sup.statistics().children
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -520,6 +568,7 @@ class Worker:
 
     async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
         leases = [{"Id": h.job.Id, "Lease": h.job.Lease} for h in held]
+        started = trio.current_time()
         try:
             stop = await self._beats.call(
                 "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
@@ -531,15 +580,17 @@ class Worker:
             log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
             return
         self._answered()
+        self._beaten(held, started, {s.Id for s in stop})
         for signal in stop:
             current = self.held.get(signal.Id)
             if current is not None and current.state == "finishing" and signal.Reason == "finished":
                 continue  # our own finish got there first
-            self._stop_job(signal.Id, f"{signal.Reason}: {signal.Message}")
+            self._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 
     async def _heartbeat_plain(self, held: list[HeldJob]) -> None:
         # damocles-manager fails the whole batch when one job is no longer running: then each
         # job is heartbeated alone to find which.
+        started = trio.current_time()
         try:
             await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id for h in held], self.name)
         except RpcConnectionError as exc:
@@ -552,6 +603,7 @@ class Worker:
             return
         else:
             self._answered()
+            self._beaten(held, started, set())
             return
         for h in held:
             try:
@@ -563,9 +615,22 @@ class Worker:
                 # damocles-manager takes a late finish whatever the job's state: only a proof
                 # still running is stopped.
                 if h.state == "proving":
-                    self._stop_job(h.job.Id, f"the manager no longer has it running: {exc.message}")
+                    self._stop_job(
+                        h.job.Id,
+                        "not_running",
+                        f"the manager no longer has it running: {exc.message}",
+                    )
             except RpcClientError as exc:
                 log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
+
+    def _beaten(self, held: list[HeldJob], started: float, refused: set[str]) -> None:
+        now = self._clock()
+        for h in held:
+            if h.job.Id not in refused:
+                h.last_heartbeat = now
+        if self.counters.on_heartbeat is not None:
+            self.counters.on_heartbeat(trio.current_time() - started)
+        self._touch()
 
     # -- the manager's reachability -----------------------------------------------------------
 

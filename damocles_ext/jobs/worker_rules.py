@@ -41,10 +41,13 @@ def jobs_to_ask(api: Api, free_slots: int) -> int:
     return free_slots if api is Api.DEXT else 1
 
 
-def free_slots(ready_capacity: int, held: int) -> int:
-    """Slots no job of ours occupies: the capacity of the children ready now, less the jobs held
-    (proving, or whose result is not delivered yet). Never asking beyond it is what keeps a job
-    from waiting on this worker while another worker has a free GPU."""
+def free_slots(ready_capacity: int, held: int, max_jobs: int | None = None) -> int:
+    """Slots no job of ours occupies: the capacity of the children ready now, at most `max_jobs`
+    (damocles-worker's wdpost threads and window_post limit), less the jobs held (proving, or
+    whose result is not delivered yet). Never asking beyond it is what keeps a job from waiting
+    on this worker while another worker has a free GPU."""
+    if max_jobs is not None:
+        ready_capacity = min(ready_capacity, max_jobs)
     return max(0, ready_capacity - held)
 
 
@@ -145,6 +148,54 @@ class Outage:
             return None
         lasted, self.down_since = now - self.down_since, None
         return f"the manager answers again (unreachable for {lasted:.1f} s)"
+
+
+# --- Venus.WorkerPing ---------------------------------------------------------------------------
+
+#: The port of a Dest that serves no damocles-worker RPC (damocles-manager requires a Dest, and
+#: `util worker pause/resume` dial it): ours has none, and port 0 says so rather than pointing
+#: at a port where something else may listen.
+NO_WORKER_RPC_PORT = 0
+
+
+class WorkerInfoSummary(msgspec.Struct, frozen=True):
+    """damocles' WorkerInfoSummary, as its worker list shows it. damocles-worker counts sealing
+    threads; here a thread is a job slot: Running proving, Waiting a result being delivered,
+    Empty free, Errors a WindowPoSt child that is down (no pause here, Paused stays 0)."""
+
+    Threads: int
+    Empty: int
+    Paused: int
+    Running: int
+    Waiting: int
+    Errors: int
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """damocles' WorkerInfo, the param of Venus.WorkerPing (damocles-worker sends it every
+    30 s; damocles-manager refuses an empty Name or Dest)."""
+
+    Name: str
+    Dest: str
+    Version: str
+    Summary: WorkerInfoSummary
+
+
+def worker_info(
+    name: str, address: str, version: str, *, slots: int, proving: int, finishing: int,
+    children_down: int,
+) -> WorkerInfo:  # fmt: skip
+    """The ping of a worker with `slots` job slots holding `proving` + `finishing` jobs."""
+    host = f"[{address}]" if ":" in address else address
+    summary = WorkerInfoSummary(
+        Threads=slots,
+        Empty=max(0, slots - proving - finishing),
+        Paused=0,
+        Running=proving,
+        Waiting=finishing,
+        Errors=children_down,
+    )
+    return WorkerInfo(name, f"{host}:{NO_WORKER_RPC_PORT}", f"damocles-ext v{version}", summary)
 
 
 # --- what the manager is asked for --------------------------------------------------------------

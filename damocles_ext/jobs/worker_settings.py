@@ -22,6 +22,8 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 3.0
 #: How long to wait after the manager had no job. damocles-worker's `recover_interval` defaults
 #: to 60 s, and damocles' docs advise 15 s for wdpost threads: a job waits at most this long.
 DEFAULT_IDLE_POLL: Final = 15.0
+#: damocles-worker's `[worker] ping_interval` default: how often Venus.WorkerPing is sent.
+DEFAULT_PING_INTERVAL: Final = 30.0
 #: Running proofs get this long to finish after SIGTERM.
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
 #: The first wait before calling an unreachable manager again, and the longest.
@@ -48,6 +50,7 @@ class WorkerSettings:
     allowed_proof_types: tuple[str, ...] = ()
     attached: Mapping[str, str] = field(default_factory=dict)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    ping_interval: float = DEFAULT_PING_INTERVAL
     idle_poll: float = DEFAULT_IDLE_POLL
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     retry_base: float = DEFAULT_RETRY_BASE
@@ -56,15 +59,20 @@ class WorkerSettings:
     #: A result not delivered this long after its job was allocated is given up (logged): past
     #: damocles' JobLifetime the manager has forgotten the job anyway.
     result_lifetime: float = DEFAULT_JOB_LIFETIME
+    #: At most this many jobs held at once (None: as many as the children have slots). From a
+    #: damocles-worker.toml: one per wdpost thread, at most its window_post limit.
+    max_jobs: int | None = None
     #: Where these settings came from, for messages ("the command line", a file's path).
     source: str = "the command line"
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval", "idle_poll", "retry_base", "retry_cap", "rpc_timeout",
-                     "result_lifetime"):  # fmt: skip
+        for name in ("heartbeat_interval", "ping_interval", "idle_poll", "retry_base",
+                     "retry_cap", "rpc_timeout", "result_lifetime"):  # fmt: skip
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{self.source}: {name} must be > 0 seconds, not {value!r}")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise ValueError(f"{self.source}: max_jobs must be at least 1, not {self.max_jobs!r}")
         if self.shutdown_grace < 0:
             raise ValueError(f"{self.source}: shutdown_grace must be >= 0 seconds")
         if not self.children:

@@ -1,0 +1,187 @@
+"""`damocles-ext worker --socket PATH --metrics HOST:PORT`: the worker's supervisor behind a
+control socket (for `damocles-ext status`: the supervisor's document plus a `worker` part) and
+its Prometheus metrics (the supervisor's plus the worker's counters), as `run` serves them.
+
+Both are bound before any child is spawned, so a taken place is an exit 2 with nothing started.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ..errors import UsageError
+from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..metrics import MetricsServer, SupervisorMetrics
+    from .worker import Worker
+
+log = logging.getLogger("damocles_ext.worker")
+
+PREFIX = "damocles_ext_worker"
+#: Heartbeat round trips: a call of a few ms on a LAN, seconds when the manager's store is slow;
+#: past 15 s (damocles' HeartbeatTimeout) the jobs are lost anyway.
+RTT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, math.inf)
+
+
+def worker_part(worker: Worker, now: float | None = None) -> WorkerPart:
+    """What the worker adds to the status document, as it is now."""
+    now = time.time() if now is None else now
+    c = worker.counters
+    jobs = [
+        WorkerJobStatus(
+            id=h.job.Id,
+            miner=h.job.Input.MinerId,
+            deadline_idx=h.job.DeadlineIdx,
+            partitions=list(h.job.Partitions or ()),
+            sectors=len(h.job.Input.Sectors or ()),
+            try_num=h.job.TryNum,
+            state=h.state,
+            child=None,
+            elapsed=max(0.0, now - h.allocated_at),
+            heartbeat_age=None if h.last_heartbeat is None else max(0.0, now - h.last_heartbeat),
+            lease=lease_state(h.job.Lease, h.stop_reason),
+            delivery_failures=h.delivery_failures,
+        )
+        for h in sorted(worker.held.values(), key=lambda h: h.allocated_at)
+    ]
+    return WorkerPart(
+        manager=worker.manager_url,
+        name=worker.name,
+        api=worker.api.value,
+        manager_reachable=worker.manager_reachable,
+        max_jobs=worker.settings.max_jobs,
+        pulled=c.pulled,
+        delivered=c.delivered,
+        failed=c.failed,
+        stopped=c.stopped,
+        given_up=c.given_up,
+        jobs=jobs,
+    )
+
+
+class WorkerMetrics:
+    """The worker's counters as Prometheus metrics, read from `worker.counters` at scrape time
+    (nothing to keep in step), and the heartbeat round-trip histogram, observed per call."""
+
+    def __init__(self, worker: Worker, registry: Any) -> None:
+        from prometheus_client import Histogram
+
+        self.worker = worker
+        self.registry = registry
+        self.heartbeat = Histogram(
+            f"{PREFIX}_heartbeat_seconds",
+            "Round trip of each heartbeat call to the manager (all held jobs in one call).",
+            buckets=RTT_BUCKETS,
+            registry=registry,
+        )
+        worker.counters.on_heartbeat = self.heartbeat.observe
+        registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.worker.counters
+        for name, doc, value in (
+            ("jobs_pulled", "Jobs the manager gave this worker.", c.pulled),
+            ("jobs_finished", "Results the manager took (proofs, faults or an error).", c.delivered),
+            ("jobs_failed", "Of the results taken, errors (no proof).", c.failed),
+            ("finish_retries", "Finish calls that did not get the result taken.", c.finish_retries),
+            ("finish_given_up", "Results never delivered (past the deadline or lifetime).",
+             c.given_up),
+            ("allocations", "Allocation calls the manager answered.", c.allocations),
+            ("allocations_empty", "Of those, answers with no job.", c.empty_allocations),
+            ("pings", "Venus.WorkerPing calls the manager took.", c.pings),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        lost = CounterMetricFamily(
+            f"{PREFIX}_leases_lost",
+            "Jobs the manager took back while this worker held them, by its reason (removed,"
+            " reset, timeout, reallocated, deadline, not_running from damocles-manager).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(c.stopped_by.items()):
+            lost.add_metric([reason], count)
+        yield lost
+        held = GaugeMetricFamily(
+            f"{PREFIX}_jobs_held", "Jobs this worker holds, by state.", labels=["state"]
+        )
+        for state in ("proving", "finishing"):
+            held.add_metric([state], sum(h.state == state for h in self.worker.held.values()))
+        yield held
+        yield GaugeMetricFamily(
+            f"{PREFIX}_manager_reachable",
+            "1 while the manager answers, 0 during an outage.",
+            value=1.0 if self.worker.manager_reachable else 0.0,
+        )
+
+
+async def _no_proofs(task: Any, **_: Any) -> Any:
+    # A proof sent here would take a slot the worker counts as its own, and a pulled job would
+    # wait behind it: the worker's slots are the manager's to fill.
+    raise UsageError(
+        "this control socket is a damocles-ext worker's: it answers status only; send proofs to"
+        " a `damocles-ext run` socket"
+    )
+
+
+async def run_worker(
+    worker: Worker,
+    *,
+    sock: socket.socket | None,
+    limits: Mapping[str, Any],
+    metrics: SupervisorMetrics | None,
+    metrics_server: MetricsServer | None,
+    on_started: Callable[[], None] = lambda: None,
+) -> None:
+    """Run `worker` until it ends, serving its control socket and metrics while it runs."""
+    from ..status import StatusSource
+    from .control import ControlServer
+
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await worker.run(task_status=task_status)
+        finally:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run)
+        sup = worker.supervisor
+        server = None
+        if metrics is not None and metrics_server is not None:
+            metrics.attach(sup, trio.lowlevel.current_trio_token())
+            await nursery.start(metrics_server.serve)
+            log.info("metrics on %s", metrics_server.url)
+        if sock is not None:
+            source = StatusSource(
+                sup,
+                socket=str(sock.getsockname()),
+                metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
+            )
+
+            async def status() -> dict[str, object]:
+                doc = await source.document()
+                return msgspec.to_builtins(msgspec.structs.replace(doc, worker=worker_part(worker)))
+
+            server = ControlServer(sock, _no_proofs, status=status, **limits)
+            await nursery.start(server.serve)
+            log.info("control socket listening on %s", server.path)
+        on_started()
+        await done.wait()
+        if server is not None:
+            server.stop_accepting()
+        nursery.cancel_scope.cancel()

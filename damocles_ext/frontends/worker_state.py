@@ -1,0 +1,40 @@
+"""What `damocles-ext worker` keeps per job it holds, and its counters (read by the status
+document and the metrics in worker_control.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..jobs.worker_rules import PulledJob
+
+
+@dataclass(eq=False)
+class HeldJob:
+    """A job this worker holds: proving, then finishing (its result being delivered)."""
+
+    job: PulledJob
+    allocated_at: float  # unix seconds
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    state: str = "proving"
+    stop_reason: str | None = None
+    delivery_failures: int = 0  # finish calls that did not get the result taken
+    last_heartbeat: float | None = None  # unix seconds the manager last took its heartbeat
+
+
+@dataclass
+class WorkerCounters:
+    pulled: int = 0
+    delivered: int = 0  # results the manager took (proofs, faults or an error)
+    failed: int = 0  # of those, errors (no proof)
+    stopped: int = 0  # jobs the manager took back while we held them
+    given_up: int = 0  # results never delivered
+    allocations: int = 0  # allocation calls that got an answer
+    pings: int = 0  # Venus.WorkerPing calls the manager took
+    empty_allocations: int = 0  # of the allocations, those that gave no job
+    finish_retries: int = 0  # finish calls that did not get a result taken (sent again or not)
+    stopped_by: dict[str, int] = field(default_factory=dict)  # `stopped` by the manager's reason
+    #: Called with each heartbeat call's round trip in seconds (the metrics' histogram).
+    on_heartbeat: Callable[[float], None] | None = None

@@ -1,0 +1,95 @@
+"""The `worker` part of a status document (`damocles-ext status` against a worker's control
+socket): the manager it pulls from, its name, its counters and the jobs it holds; and how
+`status` prints it. Sans-IO: times come in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import msgspec
+
+
+class WorkerJobStatus(msgspec.Struct, frozen=True):
+    """One job the worker holds. `elapsed` is seconds since it was allocated; `heartbeat_age`
+    seconds since the manager last took its heartbeat (None: not yet); `lease` is "leased"
+    (our coordinator's fencing token), "none" (damocles-manager gives no lease) or
+    "stopped: REASON" once the manager took the job back."""
+
+    id: str
+    miner: int
+    deadline_idx: int
+    partitions: list[int]
+    sectors: int
+    try_num: int
+    state: str  # proving | finishing (its result being delivered)
+    child: str | None  # the child proving it, once dispatched
+    elapsed: float
+    heartbeat_age: float | None
+    lease: str
+    delivery_failures: int
+
+
+class WorkerPart(msgspec.Struct, frozen=True):
+    """What a worker adds to the supervisor's status document."""
+
+    manager: str  # the RPC URL
+    name: str | None
+    api: str  # "Dext" (our coordinator) or "Venus" (damocles-manager)
+    manager_reachable: bool
+    max_jobs: int | None
+    pulled: int
+    delivered: int
+    failed: int
+    stopped: int
+    given_up: int
+    jobs: list[WorkerJobStatus]
+
+
+def lease_state(lease: str | None, stop_reason: str | None) -> str:
+    """The LEASE column: what the worker knows of its hold on the job."""
+    if stop_reason is not None:
+        return f"stopped: {stop_reason}"
+    return "none" if lease is None else "leased"
+
+
+def render_worker(part: WorkerPart, fmt: Callable[[float | None], str]) -> list[str]:
+    """The worker's lines of `damocles-ext status` (after the supervisor's tables); `fmt`
+    writes a duration."""
+    head = (
+        f"worker {part.name or '-'} pulls from {part.manager} ({part.api}"
+        f"{'' if part.manager_reachable else ', UNREACHABLE'}): {part.pulled} pulled,"
+        f" {part.delivered} delivered, {part.failed} failed, {part.stopped} stopped by the"
+        f" manager, {part.given_up} given up"
+    )
+    if part.max_jobs is not None:
+        head += f", at most {part.max_jobs} at once"
+    lines = ["", head]
+    if not part.jobs:
+        return [*lines, "no job held"]
+    headers = ["JOB", "MINER", "DDL", "PARTITIONS", "SECTORS", "TRY", "STATE", "CHILD", "ELAPSED",
+               "HEARTBEAT", "LEASE"]  # fmt: skip
+    rows = [
+        [
+            j.id,
+            str(j.miner),
+            str(j.deadline_idx),
+            ",".join(map(str, j.partitions)) or "-",
+            str(j.sectors),
+            str(j.try_num),
+            j.state,
+            j.child or "-",
+            fmt(j.elapsed),
+            f"{fmt(j.heartbeat_age)} ago" if j.heartbeat_age is not None else "-",
+            j.lease,
+        ]
+        for j in part.jobs
+    ]
+    return [*lines, *_table(headers, rows)]
+
+
+def _table(headers: list[str], rows: Iterable[list[str]]) -> list[str]:
+    rows = list(rows)
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [headers, *rows]]  # fmt: skip

@@ -1,0 +1,183 @@
+"""`damocles-ext worker --worker-config damocles-worker.toml`: a real worker subprocess, set up by
+the file an operator already runs damocles-worker with, pulls jobs from a real coordinator (over
+HTTP, on SQLite) and proves them on the file's [[processors.window_post]] children."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env, dext_run, make_task
+from test_worker import Rig, job_input
+
+from damocles_ext.jobs.worker_rules import free_slots
+from damocles_ext.protocol import jsonl
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+TOKEN = "the-sites-token"
+
+
+def worker_toml(port: int, store_dir, *, seconds: float = 0.3) -> str:
+    child = [
+        "-m", "damocles_ext", "child", "window_post", "--plugin", "sleep",
+        "--option", f"seconds={seconds}", "--option", "progress_interval=0.05",
+    ]  # fmt: skip
+    return f"""
+[worker]
+name = "toml-box"
+
+[metrics]
+enable = true
+
+[sector_manager]
+rpc_client.addr = "/ip4/127.0.0.1/tcp/{port}"
+rpc_client.headers = {{ Authorization = "Bearer {TOKEN}", X-Site = "lab-3" }}
+
+[sealing]
+allowed_miners = [1000]
+recover_interval = "10m"
+
+[[sealing_thread]]
+plan = "wdpost"
+
+[[sealing_thread]]
+plan = "wdpost"
+
+[[sealing_thread]]
+location = "/nonexistent/sealing"
+
+[[attached]]
+name = "store-a"
+location = {json.dumps(str(store_dir))}
+
+[processors.limitation.concurrent]
+window_post = 1
+
+[[processors.window_post]]
+bin = {json.dumps(sys.executable)}
+args = {json.dumps(child)}
+concurrent = 2
+"""
+
+
+async def test_a_worker_set_up_by_a_damocles_worker_toml_pulls_and_proves_one_job_at_a_time(
+    tmp_path,
+):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    # The file's Authorization header is the token: a worker without it is refused at start.
+    rig.server.token = TOKEN.encode()
+    store = tmp_path / "store-a"
+    store.mkdir()
+    toml = tmp_path / "damocles-worker.toml"
+    toml.write_text(worker_toml(rig.port, store))
+    other, _ = await rig.jobs.create(job_input(miner=1001))
+    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                # --name beside the file overrides the file's [worker] name.
+                sock = str(tmp_path / "worker.sock")
+                proc = await trio.lowlevel.open_process(
+                    [*DEXT, "worker", "--worker-config", str(toml), "--name", "cli-name",
+                     "--socket", sock],
+                    env=dext_env(), stderr=subprocess.PIPE,
+                )  # fmt: skip
+                seen = b""
+                while seen.count(b": delivered") < 3:
+                    chunk = await proc.stderr.receive_some(4096)
+                    assert chunk, seen.decode()
+                    seen += chunk
+                # The worker's control socket: `status` shows its part, proofs are refused.
+                status = await trio.run_process(
+                    [*DEXT, "status", "--socket", sock, "--json"], capture_stdout=True,
+                    capture_stderr=True, env=dext_env(), check=False,
+                )  # fmt: skip
+                task = tmp_path / "task.json"
+                task.write_bytes(jsonl.task_to_json(make_task()))
+                prove = await trio.run_process(
+                    [*DEXT, "prove", "window_post", "--request", str(task), "--socket", sock],
+                    capture_stdout=True, capture_stderr=True, env=dext_env(), check=False,
+                )  # fmt: skip
+                proc.send_signal(signal.SIGTERM)
+                while chunk := await proc.stderr.receive_some(4096):
+                    seen += chunk
+                assert await proc.wait() == 0, seen.decode()
+                nursery.cancel_scope.cancel()
+        jobs = [await rig.jobs.get(i) for i in ids]
+        # The file's allowed_miners: another miner's job is left for another worker.
+        assert (await rig.jobs.get(other.Id)).State == "ready2run"
+    finally:
+        rig.close()
+    text = seen.decode()
+    assert all(j.succeeded and j.WorkerName == "cli-name" for j in jobs), text
+    # The child has two slots, but window_post = 1 in [processors.limitation.concurrent]: never
+    # more than one job at once.
+    assert rig.most_running == 1, text
+    # The keys the reader leaves to damocles-worker are warned about, naming their table.
+    assert "[metrics]" in text and "does not use" in text
+    assert "Traceback" not in text
+    assert status.returncode == 0, status.stderr.decode()
+    part = json.loads(status.stdout)["worker"]
+    assert part["name"] == "cli-name" and part["max_jobs"] == 1 and part["delivered"] == 3
+    assert part["manager"] == f"http://127.0.0.1:{rig.port}/rpc/v0"
+    assert prove.returncode != 0 and b"answers status only" in prove.stderr + prove.stdout
+
+
+def test_a_bad_damocles_worker_toml_exits_2_with_the_readers_message(tmp_path):
+    toml = tmp_path / "damocles-worker.toml"
+    toml.write_text('[worker]\nname = "x"\n\n[[sealing_thread]]\nplan = "wdpost"\n')
+    result = dext_run("worker", "--worker-config", str(toml))
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert str(toml) in err and "no [sector_manager] table" in err
+    assert "Traceback" not in err
+
+
+def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
+    toml = tmp_path / "damocles-worker.toml"
+    toml.write_text(worker_toml(1789, tmp_path))
+    result = dext_run("worker", "--worker-config", str(toml), "-c", str(tmp_path / "x.cfg"))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "not both" in err and "Traceback" not in err
+    result = dext_run("worker", "-c", str(tmp_path / "x.cfg"))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "--manager ADDRESS is required" in err
+
+
+def test_a_bad_header_option_exits_2_saying_the_form():
+    result = dext_run("worker", "--header", "no-colon-here", "--manager", "127.0.0.1:1")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "expected 'NAME: VALUE'" in err
+
+
+def test_max_jobs_caps_the_free_slots():
+    assert free_slots(4, 0, 2) == 2 and free_slots(4, 1, 2) == 1 and free_slots(4, 2, 2) == 0
+    assert free_slots(1, 0, 3) == 1 and free_slots(4, 0, None) == 4
+
+
+def test_a_taken_metrics_port_exits_2_before_anything_starts_and_leaves_no_socket(tmp_path):
+    import socket
+
+    store = tmp_path / "store-a"
+    store.mkdir()
+    toml = tmp_path / "damocles-worker.toml"
+    toml.write_text(worker_toml(1789, store))
+    sock_path = tmp_path / "worker.sock"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = dext_run(
+            "worker", "--worker-config", str(toml), "--socket", str(sock_path),
+            "--metrics", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert str(port) in err and "Traceback" not in err
+    assert not sock_path.exists()

@@ -1,0 +1,112 @@
+"""The worker's Venus.WorkerPing, against a real coordinator (over HTTP, on SQLite): damocles'
+WorkerInfo shape, the worker's row kept live by it, a failing ping logged once and never fatal."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+from helpers.frontend import plugin_block
+from test_worker import Rig, children, job_input, start_worker
+
+from damocles_ext.frontends.coordinator import Coordinator
+from damocles_ext.frontends.worker import Worker
+from damocles_ext.jobs import rpc
+from damocles_ext.jobs.worker_rules import worker_info
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+class Pinged(Coordinator):
+    """The coordinator, keeping the WorkerPing params it got; refusing them while `refuse`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pings: list = []
+        self.refuse = False
+        self._pinged = trio.Event()
+
+    async def pinged(self, count: int) -> None:
+        while len(self.pings) < count:
+            await self._pinged.wait()
+
+    async def handle(self, call):
+        if call.method == "Venus.WorkerPing":
+            self.pings.append(call.params)
+            self._pinged.set()
+            self._pinged = trio.Event()
+            if self.refuse:
+                # damocles-manager's own refusal of a ping it cannot take.
+                raise rpc.RpcError(1, "worker dest is required", call.request_id)
+        return await super().handle(call)
+
+
+async def test_the_ping_keeps_an_idle_worker_live_in_the_store_with_damocles_worker_info(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    now = [1000.0]
+    rig.jobs.clock = lambda: now[0]
+    kids = children(tmp_path, plugin_block("WdPost", "echo", concurrent=2))
+    # idle_poll 600 s and no job: after its first allocation, only pings reach the coordinator.
+    worker = Worker(rig.settings(kids, ping_interval=0.05))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.allocations == 1)
+                summary = await rig.jobs.summary()
+                assert [w.worker for w in summary.workers] == ["gpu-1"]
+                now[0] += 3600.0  # an hour later, the allocation alone would be long stale
+                seen = worker.counters.pings
+                await worker.wait_for(lambda: worker.counters.pings >= seen + 2)
+                summary = await rig.jobs.summary()
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    assert summary.live_workers == 1 and [w.worker for w in summary.workers] == ["gpu-1"]
+    assert worker.counters.allocations == 1
+    # damocles' WorkerInfo, as damocles-manager decodes it (core.WorkerInfo).
+    [info] = rig.coordinator.pings[-1]
+    assert set(info) == {"Name", "Dest", "Version", "Summary"}
+    assert info["Name"] == "gpu-1" and info["Dest"] == "127.0.0.1:0"
+    assert info["Version"].startswith("damocles-ext v")
+    assert info["Summary"] == {
+        "Threads": 2, "Empty": 2, "Paused": 0, "Running": 0, "Waiting": 0, "Errors": 0,
+    }  # fmt: skip
+
+
+async def test_a_failing_ping_is_logged_once_per_outage_and_jobs_go_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    rig.coordinator.refuse = True
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, ping_interval=0.02))
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.delivered == 1)
+                await rig.coordinator.pinged(5)  # several failed pings in a row
+                rig.coordinator.refuse = False
+                await worker.wait_for(lambda: worker.counters.pings >= 1)
+                await running.stop()
+                nursery.cancel_scope.cancel()
+        done = await rig.jobs.get(job.Id)
+    finally:
+        rig.close()
+    assert done.succeeded
+    lines = [r.getMessage() for r in caplog.records if "WorkerPing" in r.getMessage()]
+    assert len([m for m in lines if "failed" in m]) == 1, lines
+    assert "worker dest is required" in lines[0]
+    assert lines[-1] == "Venus.WorkerPing works again"
+
+
+def test_worker_info_counts_slots_as_damocles_counts_threads():
+    info = worker_info("w", "fe80::1", "1.2", slots=4, proving=2, finishing=1, children_down=1)
+    assert info.Dest == "[fe80::1]:0" and info.Version == "damocles-ext v1.2"
+    s = info.Summary
+    assert (s.Threads, s.Empty, s.Running, s.Waiting, s.Errors, s.Paused) == (4, 1, 2, 1, 1, 0)

@@ -1,0 +1,164 @@
+"""The worker's control socket and metrics: `damocles-ext status` (the real CLI) over the socket of
+a worker that holds a job, and Prometheus scrapes after a finished job and after a lost lease;
+against a real coordinator over HTTP, real children."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env, plugin_block
+from test_worker import Rig, children, job_input
+
+from damocles_ext.frontends.control_socket import bind_control_socket
+from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
+from damocles_ext.jobs.worker_status import WorkerJobStatus, WorkerPart, render_worker
+from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+from damocles_ext.plugins import get_plugin_manager
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    yield r
+    r.close()
+
+
+class Served:
+    """A worker run by run_worker with a control socket and a metrics port."""
+
+    def __init__(self, rig: Rig, tmp_path, kids, **settings) -> None:
+        pm = get_plugin_manager()
+        self.worker = Worker(rig.settings(kids, **settings), plugin_manager=pm)
+        self.path = str(tmp_path / "w.sock")
+        self.sock = bind_control_socket(self.path)
+        self.metrics = SupervisorMetrics(process_metrics=False)
+        pm.register(self.metrics, name="damocles_ext.metrics")
+        WorkerMetrics(self.worker, self.metrics.registry)
+        self.server = MetricsServer(self.metrics, "127.0.0.1", 0)
+        self.started = trio.Event()
+        self.ended = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            await run_worker(
+                self.worker, sock=self.sock, limits={}, metrics=self.metrics,
+                metrics_server=self.server, on_started=self.started.set,
+            )  # fmt: skip
+        finally:
+            self.server.close()
+            self.ended.set()
+
+    async def scrape(self) -> str:
+        def get() -> str:
+            with urllib.request.urlopen(self.server.url, timeout=30) as answer:
+                return answer.read().decode()
+
+        return await trio.to_thread.run_sync(get)
+
+    async def status(self, *options: str) -> str:
+        done = await trio.run_process(
+            [*DEXT, "status", "--socket", self.path, *options],
+            capture_stdout=True, capture_stderr=True, env=dext_env(), check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode()
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await self.ended.wait()
+
+
+async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the_lost_lease(
+    rig, tmp_path
+):
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    served = Served(rig, tmp_path, kids, shutdown_grace=0.2)
+    job, _ = await rig.jobs.create(job_input(miner=1000))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            nursery.start_soon(served.run)
+            await served.started.wait()
+            worker = served.worker
+            await worker.wait_for(
+                lambda: job.Id in worker.held and worker.held[job.Id].last_heartbeat is not None
+            )
+            doc = json.loads(await served.status("--json"))
+            table = await served.status()
+            await rig.jobs.remove(job.Id)
+            await worker.wait_for(lambda: worker.counters.stopped == 1)
+            scraped = await served.scrape()
+            await served.stop()
+            nursery.cancel_scope.cancel()
+    part = doc["worker"]
+    assert part["name"] == "gpu-1" and part["manager"] == f"http://127.0.0.1:{rig.port}/rpc/v0"
+    assert part["api"] == "Dext" and part["pulled"] == 1
+    [held] = part["jobs"]
+    assert held["id"] == job.Id and held["miner"] == 1000 and held["state"] == "proving"
+    assert held["lease"] == "leased" and held["heartbeat_age"] is not None
+    assert held["elapsed"] >= 0 and held["sectors"] == 1
+    assert [c["name"] for c in doc["children"]] == ["window_post#0"]
+    assert f"worker gpu-1 pulls from http://127.0.0.1:{rig.port}/rpc/v0 (Dext)" in table
+    assert job.Id in table and "leased" in table and "proving" in table
+    assert 'damocles_ext_worker_leases_lost_total{reason="removed"} 1.0' in scraped
+    assert "damocles_ext_worker_jobs_pulled_total 1.0" in scraped
+    assert "damocles_ext_worker_jobs_finished_total 0.0" in scraped
+    count = next(
+        line for line in scraped.splitlines()
+        if line.startswith("damocles_ext_worker_heartbeat_seconds_count")
+    )  # fmt: skip
+    assert float(count.split()[-1]) >= 1
+
+
+async def test_a_scrape_after_a_pulled_and_finished_job_counts_it(rig, tmp_path):
+    served = Served(rig, tmp_path, children(tmp_path, plugin_block("WdPost", "echo")))
+    await rig.jobs.create(job_input())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            nursery.start_soon(served.run)
+            await served.started.wait()
+            await served.worker.wait_for(lambda: served.worker.counters.delivered == 1)
+            scraped = await served.scrape()
+            doc = json.loads(await served.status("--json"))
+            await served.stop()
+            nursery.cancel_scope.cancel()
+    for line in (
+        "damocles_ext_worker_jobs_pulled_total 1.0",
+        "damocles_ext_worker_jobs_finished_total 1.0",
+        "damocles_ext_worker_jobs_failed_total 0.0",
+        "damocles_ext_worker_finish_retries_total 0.0",
+        "damocles_ext_worker_manager_reachable 1.0",
+        # The supervisor's own metrics are on the same port.
+        'damocles_ext_requests_total{outcome="ok",stage="window_post"} 1.0',
+    ):
+        assert line in scraped, line
+    allocations = next(
+        line for line in scraped.splitlines()
+        if line.startswith("damocles_ext_worker_allocations_total")
+    )  # fmt: skip
+    assert float(allocations.split()[-1]) >= 1
+    assert doc["worker"]["delivered"] == 1 and doc["worker"]["jobs"] == []
+
+
+def test_the_worker_part_renders_one_row_per_job():
+    job = WorkerJobStatus(
+        id="j1", miner=1000, deadline_idx=3, partitions=[0, 1], sectors=5, try_num=1,
+        state="finishing", child=None, elapsed=75.0, heartbeat_age=2.0,
+        lease="stopped: removed: gone", delivery_failures=1,
+    )  # fmt: skip
+    part = WorkerPart(
+        manager="http://m:1789/rpc/v0", name="w", api="Venus", manager_reachable=False,
+        max_jobs=2, pulled=3, delivered=2, failed=0, stopped=1, given_up=0, jobs=[job],
+    )  # fmt: skip
+    lines = render_worker(part, lambda s: "-" if s is None else f"{s:g}s")
+    assert "(Venus, UNREACHABLE)" in lines[1] and "at most 2 at once" in lines[1]
+    assert lines[2].split()[:3] == ["JOB", "MINER", "DDL"]
+    assert lines[3].split()[:6] == ["j1", "1000", "3", "0,1", "5", "1"]
+    assert "2s ago" in lines[3] and lines[3].endswith("stopped: removed: gone")
