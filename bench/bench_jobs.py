@@ -144,10 +144,10 @@ def postgres_engine() -> Iterator[PostgresEngine | str]:
 
 
 @contextlib.contextmanager
-def coordinator(url: str) -> Iterator[int]:
+def coordinator(url: str, *options: str) -> Iterator[int]:
     """A `damocles-ext coordinator` on the store at `url`; its port. Stopped by SIGTERM."""
     proc = subprocess.Popen(
-        [*DEXT, "coordinator", "--jobs", url, "--listen", "127.0.0.1:0"],
+        [*DEXT, "coordinator", "--jobs", url, "--listen", "127.0.0.1:0", *options],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
