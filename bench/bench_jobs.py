@@ -14,7 +14,9 @@ ready jobs (one sector each), the clients allocate one job at a time until none 
 * RPC: a real `damocles-ext coordinator` process on the same database, each client a kept-alive
   HTTP connection calling `Venus.WdPoStAllocateJobs(spec, 1, worker)` then
   `Venus.WdPoStFinishJob` for the job it got (two requests per job, as a damocles-worker makes
-  without its heartbeats).
+  without its heartbeats). Then, on the same coordinator, what idle workers cost: the clients
+  share 1,000 `Venus.WdPoStAllocateJobs` calls that find nothing (a damocles-worker with no job
+  asks again every `recover_interval`), in calls per second.
 
 Each client is a thread of this process (the database server and the coordinator are processes
 of their own). The three methods run interleaved, for every repeat. Every run checks that each
@@ -57,6 +59,7 @@ from bench.jobs_clients import (
     floor_sqlite,
     job_inputs,
     rpc_client,
+    rpc_idle_client,
     run_clients,
     store_client,
 )
@@ -68,6 +71,7 @@ from damocles_ext.jobs.store import JobStore
 DEXT = [sys.executable, "-m", "damocles_ext"]
 METHODS = ("floor", "store", "rpc")
 GOAL_RPC_32 = 100.0  # jobs/s over the RPC with 32 clients
+IDLE_CALLS = 1000  # allocations that find nothing, per RPC run (shared by its clients)
 
 
 class Engine:
@@ -180,8 +184,9 @@ def coordinator(url: str, *options: str) -> Iterator[int]:
         raise BenchFailure(f"the coordinator exited {code}:\n{''.join(seen)[-2000:]}")
 
 
-def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> float:
-    """Seconds for `clients` clients to allocate `jobs` jobs by `method`, checked."""
+def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> dict[str, float]:
+    """The rate at which `clients` clients allocate `jobs` jobs by `method`, checked: {method:
+    jobs/s}; the RPC's run adds {"idle": calls/s}, the rate of allocations that find nothing."""
     url, target = engine.new()
     inputs = job_inputs(jobs, run)
     with JobStore.open(url) as store:
@@ -195,13 +200,18 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> f
         engine.fill_floor(target, ids)
         elapsed, taken = run_clients([engine.floor(target, w) for w in workers], what)
         check_exactly_once(taken, expected, what)
-        return elapsed
+        return {method: jobs / elapsed}
+    rates = {}
     if method == "store":
         elapsed, taken = run_clients([store_client(url, w) for w in workers], what)
         state = RUNNING
     else:
         with coordinator(url) as port:
             elapsed, taken = run_clients([rpc_client(port, w) for w in workers], what)
+            # Then what idle workers cost: allocations that find nothing, on the same server.
+            calls = -(-IDLE_CALLS // clients)
+            idle, _ = run_clients([rpc_idle_client(port, w, calls) for w in workers], what)
+            rates["idle"] = calls * clients / idle
         state = FINISHED
     check_exactly_once(taken, expected, what)
     # And the database agrees: each job in the state the method leaves it, on its client.
@@ -214,7 +224,7 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> f
         ]
     if wrong:
         raise BenchFailure(f"{what}: {len(wrong)} jobs not {state} on their client: {wrong[:3]}")
-    return elapsed
+    return {method: jobs / elapsed, **rates}
 
 
 def spread(rates: list[float]) -> dict:
@@ -227,15 +237,17 @@ def measure(engine: Engine, clients_list: list[int], jobs: int, repeat: int,
     figures: dict = {}
     run = 0
     for clients in clients_list:
-        rates: dict[str, list[float]] = {m: [] for m in METHODS}
+        rates: dict[str, list[float]] = {m: [] for m in (*METHODS, "idle")}
         for _ in range(repeat):
             for method in METHODS:
                 run += 1
-                rates[method].append(jobs / one_run(engine, method, clients, jobs, run))
+                for key, rate in one_run(engine, method, clients, jobs, run).items():
+                    rates[key].append(rate)
             log(
                 f"  {engine.name}, {clients} clients: "
                 + ", ".join(f"{m} {rates[m][-1]:,.0f}" for m in METHODS)
-                + " jobs/s, each job allocated exactly once"
+                + f" jobs/s, each job allocated exactly once; idle RPC {rates['idle'][-1]:,.0f}"
+                " calls/s"
             )
         figures[str(clients)] = {m: {**spread(r), "runs": r} for m, r in rates.items()}
     return figures
@@ -252,6 +264,7 @@ def report(results: dict) -> None:
                 engine, clients,
                 *(f"{f[m]['min']:,.0f} / {f[m]['median']:,.0f} / {f[m]['max']:,.0f}" for m in METHODS),
                 f"{store / floor:.2f}", f"{rpc / floor:.2f}",
+                f"{f['idle']['min']:,.0f} / {f['idle']['median']:,.0f} / {f['idle']['max']:,.0f}",
             ])  # fmt: skip
     print()
     print_table(
@@ -264,6 +277,7 @@ def report(results: dict) -> None:
             "RPC jobs/s",
             "store / floor",
             "RPC / floor",
+            "idle RPC calls/s",
         ],
     )
     for engine, by_clients in results["engines"].items():

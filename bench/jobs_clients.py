@@ -295,3 +295,26 @@ def rpc_client(port: int, worker: str) -> Client:
         return client.allocate_all
 
     return connect
+
+
+def rpc_idle_client(port: int, worker: str, calls: int) -> Client:
+    """A worker with nothing to do: `calls` allocations, each of which must find no job."""
+
+    def connect() -> Callable[[], list[str]]:
+        client = RpcClient(port, worker)
+        client.call("Venus.WorkerPing", {"Name": worker})
+
+        def poll() -> list[str]:
+            spec = {"AllowedMiners": list(SPEC.allowed_miners),
+                    "AllowedProofTypes": list(SPEC.allowed_proof_types)}  # fmt: skip
+            try:
+                for _ in range(calls):
+                    if client.call("Venus.WdPoStAllocateJobs", spec, 1, worker) != []:
+                        raise BenchFailure(f"{worker}: an idle allocation found a job")
+            finally:
+                client.conn.close()
+            return []
+
+        return poll
+
+    return connect

@@ -84,6 +84,7 @@ def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines()
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
     assert "SQLite, 4 clients: floor" in out and "each job allocated exactly once" in out
+    assert "idle RPC calls/s" in out
     # PostgreSQL is measured, or skipped with the reason when this machine has no server.
     assert "PostgreSQL, 4 clients: floor" in out or "PostgreSQL: skipped: no PostgreSQL" in out
     assert "Peer: damocles-manager's own worker-prover" in out
