@@ -28,7 +28,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .hookspecs import OUTCOMES, hookimpl
@@ -293,6 +293,13 @@ class _LevelCollector:
             return None  # the supervisor's loop is gone (shutting down)
 
 
+class MetricsSource(Protocol):
+    """What MetricsServer serves: a prometheus_client registry (the supervisor's metrics, or the
+    coordinator's job metrics)."""
+
+    registry: Any
+
+
 class MetricsServer:
     """The /metrics HTTP endpoint, served from the trio loop by `serve`; `url` is where.
 
@@ -301,7 +308,7 @@ class MetricsServer:
 
     def __init__(
         self,
-        metrics: SupervisorMetrics,
+        metrics: MetricsSource,
         host: str,
         port: int,
         *,

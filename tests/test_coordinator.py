@@ -34,10 +34,12 @@ class Client:
         self.h11 = h11.Connection(h11.CLIENT)
         self.next_id = 1
 
-    async def post(self, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:
+    async def post(
+        self, body: bytes, *, chunked: bool = False, headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, bytes]:
         if self.h11.our_state is h11.DONE:
             self.h11.start_next_cycle()
-        headers = [("Host", "coordinator"), ("Content-Type", "application/json")]
+        headers = [("Host", "coordinator"), ("Content-Type", "application/json"), *(headers or [])]
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(len(body))))  # fmt: skip
         data = self.h11.send(h11.Request(method="POST", target="/rpc/v0", headers=headers))
@@ -58,18 +60,32 @@ class Client:
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 return status, b"".join(chunks)
 
-    async def call(self, method: str, *params: object) -> tuple[int, dict]:
+    async def call(
+        self, method: str, *params: object, headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, dict]:
         body = msgspec.json.encode(
             {"jsonrpc": "2.0", "method": method, "params": list(params), "id": self.next_id}
         )
         self.next_id += 1
-        status, answer = await self.post(body)
+        status, answer = await self.post(body, headers=headers)
         return status, msgspec.json.decode(answer)
 
 
 @pytest.fixture
-def job_store(tmp_path):
+def sqlite_store(tmp_path):
+    """For what does not depend on the database (HTTP, auth) or needs SQLite's file lock."""
     with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_store(request: pytest.FixtureRequest, tmp_path):
+    """The store on SQLite and on the session's PostgreSQL (a new database each time)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/jobs.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    with JobStore.open(url) as s:
         yield s
 
 
@@ -110,8 +126,18 @@ async def test_a_wdpost_worker_allocates_heartbeats_and_finishes_a_job(job_store
         [brief] = answer["result"]["Jobs"]
         assert brief["Id"] == job.Id and brief["State"] == "finished"
         assert brief["ErrorReason"] == "" and brief["WorkerName"] == WORKER
-        assert brief["Output"] == output and brief["TryNum"] == 1
-        assert brief["Input"] == {"MinerId": 1000}
+        assert brief["TryNum"] == 1
+        # As damocles' WdPoStJobBrief.MarshalJSON writes it: the input zeroed but for the
+        # miner, the output emptied; the counts beside.
+        assert brief["Input"] == {
+            "Sectors": None,
+            "MinerId": 1000,
+            "ProofType": "",
+            "Seed": [0] * 32,
+        }
+        assert brief["Output"] == {"proofs": None, "faults": None}
+        stored = await TrioJobStore(job_store).get(job.Id)
+        assert stored is not None and as_json(stored.Output) == output
         assert (brief["Sectors"], brief["Faults"]) == (2, 1)
         nursery.cancel_scope.cancel()
 
@@ -146,9 +172,9 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_serving(job
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_an_oversized_body_is_refused(job_store, chunked):
+async def test_an_oversized_body_is_refused(sqlite_store, chunked):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store, max_body=1024)
+        server = await serving(nursery, sqlite_store, max_body=1024)
         client = await connect(server)
         status, body = await client.post(b"[" + b" " * 4096 + b"]", chunked=chunked)
         assert status == 413 and b"at most 1024 bytes" in body
@@ -245,14 +271,14 @@ def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
 
 
 async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_new_one(
-    tmp_path, job_store
+    tmp_path, sqlite_store
 ):
     # The request waits on the store (SQLite locked by another writer) when the stop comes: it
     # still gets its answer, then the server closes; idle connections and new ones are refused.
     from helpers.supervisor import wait_until
 
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         busy, _idle = await connect(server), await connect(server)
         await wait_until(lambda: len(server._slots) == 2, what="both connections accepted")
         writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
@@ -277,11 +303,11 @@ async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_
 
 
 async def test_store_basic_info_answers_the_stores_a_worker_attaches_and_names_an_unknown_one(
-    job_store,
+    sqlite_store,
 ):
     # damocles-worker asks it for each of its [[attached]] stores at start, and refuses to start
     # without a non-null answer.
-    coordinator = Coordinator(TrioJobStore(job_store), {"store-a": "/mnt/a"})
+    coordinator = Coordinator(TrioJobStore(sqlite_store), {"store-a": "/mnt/a"})
     async with trio.open_nursery() as nursery:
         server = CoordinatorServer(coordinator, "127.0.0.1", 0)
         await nursery.start(server.serve)
@@ -309,3 +335,69 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
     )
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"expected NAME=PATH" in done.stderr
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(sqlite_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, token=TOKEN)
+        client = await connect(server)
+        status, body = await client.post(
+            msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStAllJobs", "id": 1})
+        )
+        answer = msgspec.json.decode(body)
+        assert status == 401 and answer["error"]["code"] == rpc.UNAUTHORIZED
+        assert "requires a bearer token" in answer["error"]["message"]
+        assert "rpc_client.headers" in answer["error"]["message"]
+        for wrong in ("Bearer not-the-token", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
+            status, body = await client.post(
+                b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}',
+                headers=[("Authorization", wrong)],
+            )
+            assert status == 401, wrong
+            # Neither the right token nor the one given is ever sent back.
+            assert TOKEN.encode() not in body and b"not-the-token" not in body
+            assert msgspec.json.decode(body)["error"]["code"] == rpc.UNAUTHORIZED
+        # The same connection serves a request that carries it (any case of the scheme).
+        for scheme in ("Bearer", "bearer"):
+            status, answer = await client.call(
+                "Venus.WdPoStAllJobs", headers=[("Authorization", f"{scheme} {TOKEN}")]
+            )
+            assert (status, answer["result"]) == (200, {"Jobs": [], "MaxTry": 2})
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
+    # Refused on its headers and closed: a client without the token cannot make the coordinator
+    # read (up to 16 MiB) bodies it will never use.
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, token=TOKEN)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(
+            b"POST /rpc/v0 HTTP/1.1\r\nHost: c\r\nContent-Length: 1048576\r\n\r\n"
+        )
+        answer = b""
+        with trio.fail_after(30):  # without the check it waits for the body for 120 s
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" in head.lower()
+        assert msgspec.json.decode(body)["error"]["code"] == rpc.UNAUTHORIZED
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "content", [None, "", "\n\nsecond-line"], ids=["missing", "empty", "blank"]
+)
+async def test_a_missing_or_empty_token_file_exits_2_saying_why(tmp_path, content):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    done = await dext_run_async(
+        "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--token-file", str(token_file)
+    )
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    expected = b"cannot read the token file" if content is None else b"has no token"
+    assert expected in done.stderr and str(token_file).encode() in done.stderr

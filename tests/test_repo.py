@@ -79,6 +79,8 @@ SANS_IO = [
     "jobs/rules.py",  # the job transitions, fencing, deadlines
     "jobs/listing.py",  # damocles' `wdpost list` table
     "jobs/rpc.py",  # the worker-prover RPC as JSON-RPC 2.0 bodies
+    "jobs/summary.py",  # the job store's summary: live workers, unallocatable jobs
+    "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

@@ -183,3 +183,23 @@ def positive_duration(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
     return value
+
+
+def token_file(path: str) -> str:
+    """A --token-file argument: the token on the file's first line (argparse turns the error into
+    exit code 2 with its message)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise argparse.ArgumentTypeError(
+            f"cannot read the token file {path!r}: {why}; give a file whose first line is the token"
+        ) from None
+    token = first.strip()
+    if not token:
+        raise argparse.ArgumentTypeError(
+            f"the token file {path!r} has no token on its first line; write the token there"
+            " (e.g. `openssl rand -hex 32 > FILE`)"
+        )
+    return token

@@ -1,5 +1,6 @@
-"""`damocles-ext coordinator --jobs URL [--listen HOST:PORT]`: serve damocles' worker-prover RPC
-(POST /rpc/v0) from a job store, for damocles-workers with `plan = "wdpost"`.
+"""`damocles-ext coordinator --jobs URL [--listen HOST:PORT] [--metrics HOST:PORT]`: serve
+damocles' worker-prover RPC (POST /rpc/v0) from a job store, for damocles-workers with
+`plan = "wdpost"`, and optionally the job store's Prometheus metrics (jobs/metrics.py).
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the store failed; 2 a bad URL or address, a port
 that cannot be listened on.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import token_file
 from .wdpost import JOBS_HELP
 
 
@@ -40,6 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " unless you give another address)",
     )
     parser.add_argument(
+        "--metrics",
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        type=_listen,
+        default=None,
+        help="serve Prometheus metrics of the job store on http://HOST:PORT/metrics (jobs by"
+        " state, the oldest ready job, unallocatable jobs, live workers, allocations, timeouts,"
+        " retries, cancellations; off by default; ':PORT' alone listens on 127.0.0.1)",
+    )
+    parser.add_argument(
         "--store",
         metavar="NAME=PATH",
         action="append",
@@ -47,6 +59,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[],
         help="a store the workers attach ([[attached]] name and location), for"
         " Venus.StoreBasicInfo; repeat for each (damocles-worker refuses to start without it)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=token_file,
+        help="require every request to carry `Authorization: Bearer <token>`, the token being"
+        " the first line of FILE (keep it readable by this user only); damocles-workers send it"
+        ' with [sector_manager] rpc_client.headers = { Authorization = "Bearer <token>" }.'
+        " Without it, anyone who reaches the port may take and finish jobs",
     )
     return parser
 
@@ -80,14 +101,27 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     host, port = args.listen
     with JobStore.open(args.jobs) as store:
-        coordinator = Coordinator(TrioJobStore(store), dict(args.store))
-        server = CoordinatorServer(coordinator, host, port)
+        metrics = metrics_server = None
+        if args.metrics is not None:
+            from damocles_ext.jobs.metrics import JobMetrics
+            from damocles_ext.metrics import MetricsServer
+
+            metrics = JobMetrics(store)
+        coordinator = Coordinator(
+            TrioJobStore(store),
+            dict(args.store),
+            observe=None if metrics is None else metrics.observe,
+        )
+        server = CoordinatorServer(coordinator, host, port, token=args.token_file)
         try:
+            if metrics is not None:
+                metrics_server = MetricsServer(metrics, *args.metrics)
 
             async def main() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as nursery:
                         sweeping = trio.CancelScope()
+                        scraping = trio.CancelScope()
 
                         async def sweep(task_status: trio.TaskStatus[None]) -> None:
                             with sweeping:
@@ -97,11 +131,21 @@ def run(args: argparse.Namespace) -> int:
                             # Requests being answered get their answer (within the grace);
                             # nothing new is taken. A second signal stops at once.
                             sweeping.cancel()
+                            scraping.cancel()
                             server.stop()
                             nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
 
                         await nursery.start(server.serve)
                         await nursery.start(sweep)
+                        if metrics_server is not None:
+
+                            async def scrape(task_status: trio.TaskStatus[None]) -> None:
+                                assert metrics_server is not None
+                                with scraping:
+                                    await metrics_server.serve(task_status=task_status)
+
+                            await nursery.start(scrape)
+                            log.info("metrics on %s", metrics_server.url)
                         log.info("serving the worker-prover RPC at %s", server.url)
                         watcher = trio.CancelScope()
 
@@ -117,5 +161,7 @@ def run(args: argparse.Namespace) -> int:
             trio.run(main)
         finally:
             server.close()
+            if metrics_server is not None:
+                metrics_server.close()
     log.info("stopped")
     return 0

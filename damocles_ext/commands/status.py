@@ -1,7 +1,8 @@
-"""`damocles-ext status`: what every child of a running `damocles-ext run` is doing.
+"""`damocles-ext status`: what every child of a running `damocles-ext run` is doing; with
+`--jobs URL`, the WindowPoSt job store's summary (read from the store: no supervisor needed).
 
-Exit codes: 0 the status was printed, 1 the supervisor could not send it, 2 no supervisor at the
-socket (or bad arguments).
+Exit codes: 0 the status was printed, 1 the supervisor could not send it or the store failed,
+2 no supervisor at the socket, no job store at the URL (or bad arguments).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " restarts and the last exit, uptime, memory and CPU% of its process tree, the locks"
             " it holds; and per stage the queue and its nearest deadline. --json prints the"
             " versioned document described in docs/STATUS.md. Exit code 2 when nothing listens"
-            " at the socket."
+            " at the socket. With --jobs URL it reads the WindowPoSt job store instead (no"
+            " supervisor needed): jobs by state, the oldest ready job, live workers and the ready"
+            " jobs none of them may take; with --socket as well, both."
         ),
     )
     parser.add_argument(
@@ -31,9 +34,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "damocles-ext/control.sock, else /run/damocles-ext/control.sock)",
     )
     parser.add_argument(
+        "--jobs",
+        metavar="URL",
+        help="summarize the job store at URL (sqlite:///PATH or postgresql://...), as a"
+        " coordinator sees it; asks no supervisor unless --socket is given too",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
-        help='print the status document as JSON (schema "damocles-ext/status/1")',
+        help='print the status document as JSON (schema "damocles-ext/status/1"; with --jobs'
+        ' alone the jobs summary, schema "damocles-ext/jobs/1")',
     )
     return parser
 
@@ -44,11 +54,44 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.status import render_table, to_json
 
+    if args.jobs is not None:
+        return _jobs(args)
     doc = trio.run(_fetch, args.socket)
     if args.json:
         sys.stdout.buffer.write(to_json(doc))
     else:
         sys.stdout.write(render_table(doc))
+    sys.stdout.flush()
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+    import trio
+
+    from damocles_ext.jobs.store import JobStore
+    from damocles_ext.jobs.summary import render
+    from damocles_ext.status import render_table, to_json
+
+    # create=False: a mistyped URL must be an error, not an empty store made on the spot.
+    with JobStore.open(args.jobs, create=False, pool_size=1) as store:
+        summary = store.summary(time.time())
+    doc = None if args.socket is None else trio.run(_fetch, args.socket)
+    if args.json:
+        if doc is None:
+            data = msgspec.json.encode(summary)
+        else:
+            # The supervisor's document as it is, the jobs summary beside it in "jobs".
+            combined = msgspec.json.decode(to_json(doc))
+            combined["jobs"] = msgspec.to_builtins(summary)
+            data = msgspec.json.encode(combined)
+        sys.stdout.buffer.write(msgspec.json.format(data, indent=2) + b"\n")
+    else:
+        if doc is not None:
+            sys.stdout.write(render_table(doc) + "\n")
+        sys.stdout.write(render(summary))
     sys.stdout.flush()
     return 0
 

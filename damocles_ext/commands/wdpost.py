@@ -1,8 +1,10 @@
 """`damocles-ext wdpost list|reset|remove|remove-all`: the operator's view of the WindowPoSt job
-store, with damocles-manager's `util worker wdpost` columns, formats and behaviour.
+store, with damocles-manager's `util worker wdpost` columns, formats and behaviour; on the store
+itself (`--jobs URL`) or over the worker-prover RPC (`--manager ADDRESS`: our coordinator, or a
+damocles-manager run with --worker-prover).
 
-Exit codes: 0 done; 1 the store failed (unreachable, a database error); 2 bad arguments, a bad
-or missing store, an unknown job id for `reset`.
+Exit codes: 0 done; 1 the store or the RPC failed (unreachable, a database error); 2 bad
+arguments, a bad or missing store, a refused token, an unknown job id for `reset`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import positive_int
+from .common import positive_int, token_file
 
 JOBS_HELP = (
     "the job store: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
     "(see docs/JOBS.md)"
+)
+
+
+MANAGER_HELP = (
+    "the worker-prover RPC instead of the store: a damocles-ext coordinator, or a damocles-manager"
+    " run with --worker-prover; a multiaddr as damocles-worker's rpc_client.addr"
+    " (/ip4/HOST/tcp/1789), http://HOST:PORT, or HOST:PORT"
 )
 
 
@@ -32,7 +41,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--jobs", metavar="URL", help=JOBS_HELP)
+        where.add_argument("--manager", metavar="ADDRESS", help=MANAGER_HELP)
+        p.add_argument(
+            "--token-file",
+            metavar="FILE",
+            type=token_file,
+            help="with --manager: send the token on FILE's first line as `Authorization: Bearer"
+            " <token>` (the coordinator's --token-file)",
+        )
 
     listing = sub.add_parser(
         "list",
@@ -52,7 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=positive_int,
         default=2,
         metavar="N",
-        help="JobMaxTry, for the (Max) mark in the Try column (default: 2, damocles' default)",
+        help="JobMaxTry, for the (Max) mark in the Try column (default: 2, damocles' default;"
+        " with --manager the server's own when it sends it)",
     )
     reset = sub.add_parser(
         "reset",
@@ -91,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.wdpost_command == "remove-all" and not args.really_do_it:
         print("Pass --really-do-it to actually execute this action")
         return 0
+    if args.manager is not None:
+        return _run_rpc(args)
+    if args.token_file is not None:
+        raise UsageError("--token-file goes with --manager (the store URL carries its own login)")
     with JobStore.open(args.jobs, create=False) as store:
         if args.wdpost_command == "list":
             sys.stdout.write(
@@ -119,4 +142,78 @@ def run(args: argparse.Namespace) -> int:
         else:
             for job_id in store.remove_all(time.time()):
                 print(f"wdpost job {job_id} removed")
+    return 0
+
+
+def _run_rpc(args: argparse.Namespace) -> int:
+    """The same subcommands over the worker-prover RPC, as damocles-manager's CLI makes them."""
+    import time
+
+    import msgspec
+    import trio
+
+    from damocles_ext.errors import UsageError
+    from damocles_ext.jobs import rpc
+    from damocles_ext.jobs.client import RpcCallError, RpcClient
+    from damocles_ext.jobs.listing import decode_all_jobs, render_list
+
+    try:
+        client = RpcClient(args.manager, token=args.token_file)
+    except ValueError as e:
+        raise UsageError(f"--manager: {e}") from None
+
+    async def all_jobs() -> tuple[list, int | None]:
+        result = await client.call("Venus.WdPoStAllJobs")
+        try:
+            return decode_all_jobs(result)
+        except msgspec.ValidationError as e:
+            raise UsageError(
+                f"{client.url} answered Venus.WdPoStAllJobs with something that is not a job"
+                f" list ({e}); check that --manager is a worker-prover RPC"
+            ) from None
+
+    async def main() -> None:
+        async with client:
+            if args.wdpost_command == "list":
+                jobs, max_try = await all_jobs()
+                # Newest first, as both servers send them; sorted here too so that ties (and an
+                # older server) give the order the store-side listing gives.
+                jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
+                sys.stdout.write(
+                    render_list(
+                        jobs,
+                        max_try=args.max_try if max_try is None else max_try,
+                        now=time.time(),
+                        show_all=args.all,
+                        detail=args.detail,
+                    )
+                )
+            elif args.wdpost_command == "reset":
+                done: list[str] = []
+                for job_id in args.ids:
+                    try:
+                        await client.call("Venus.WdPoStResetJob", job_id)
+                    except RpcCallError as e:
+                        if e.code != rpc.METHOD_ERROR or "does not exist" not in e.message:
+                            raise
+                        before = f" (reset before it: {', '.join(done)})" if done else ""
+                        raise UsageError(
+                            f"{e.message}{before}; list the jobs with `wdpost list --all`"
+                        ) from None
+                    done.append(job_id)
+            elif args.wdpost_command == "remove":
+                for job_id in args.ids:
+                    await client.call("Venus.WdPoStRemoveJob", job_id)
+            else:
+                jobs, _ = await all_jobs()
+                for job in jobs:
+                    await client.call("Venus.WdPoStRemoveJob", job.Id)
+                    print(f"wdpost job {job.Id} removed", flush=True)
+
+    try:
+        trio.run(main)
+    except RpcCallError as e:
+        if e.code == rpc.UNAUTHORIZED:
+            raise UsageError(f"{e}; give --token-file with the coordinator's token") from None
+        raise
     return 0

@@ -11,7 +11,7 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import h11
@@ -20,6 +20,7 @@ import trio
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
 from ..jobs.store import StoreError, TrioJobStore
+from .dext_rpc import DextMethods
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
 
 log = logging.getLogger("damocles_ext.coordinator")
@@ -42,21 +43,50 @@ class _TooLarge(Exception):
     pass
 
 
+class _Unauthorized(Exception):
+    def __init__(self, error: rpc.RpcError) -> None:
+        self.error = error
+
+
+# A request without the right token is answered without its body being kept; a longer body than
+# this is not even read (the connection is closed), so that a client without the token cannot
+# make the coordinator read megabytes.
+UNAUTHORIZED_BODY = 64 * 1024
+
+
 class Coordinator:
     """The Venus.* methods on a TrioJobStore: `await handle(call)` gives the result or raises
     rpc.RpcError."""
 
-    def __init__(self, store: TrioJobStore, stores: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        store: TrioJobStore,
+        stores: Mapping[str, str] | None = None,
+        *,
+        observe: Callable[[Iterable[rules.Effect]], None] | None = None,
+    ) -> None:
         self.store = store
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
         #: [[attached]] stores at start and refuses to start without an answer.
         self.stores = dict(stores or {})
+        #: Told the effects of every store call this coordinator makes (the metrics' counters).
+        self.observe = observe
+        self.dext = DextMethods(store, observe=self._observed)
+
+    def _observed(self, effects: Iterable[rules.Effect]) -> None:
+        if self.observe is None:
+            return
+        try:
+            self.observe(effects)
+        except Exception:  # counting must never cost a worker its answer
+            log.exception("an observer of the job store's effects failed")
 
     async def handle(self, call: rpc.Call) -> Any:
-        name = call.method.removeprefix("Venus.")
-        method = getattr(self, "_" + name)
+        namespace, _, name = call.method.partition(".")
         try:
-            return await method(*call.params)
+            if namespace == "Dext":
+                return await self.dext.call(name, call.params, call.request_id)
+            return await getattr(self, "_" + name)(*call.params)
         except StoreError as exc:
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
@@ -68,10 +98,12 @@ class Coordinator:
             tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
         )
         jobs = await self.store.allocate(allocation, num, worker)
+        self._observed(rules.allocated(jobs))
         return [rpc.allocated_job(job) for job in jobs]
 
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
+        self._observed(outcome.effects)
         problems = [
             f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
             else f"job {e.job_id}: key not found"
@@ -85,6 +117,7 @@ class Coordinator:
         self, job_id: str, output: JobOutput | None, error_reason: str
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason)
+        self._observed(outcome.effects)
         for e in outcome.effects:
             if isinstance(e, rules.Refused):
                 raise StoreError(f"job {job_id}: {e.reason}")
@@ -124,6 +157,11 @@ class Coordinator:
 
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)
+        # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
+        # alive (what `status --jobs` and the metrics count as a live worker).
+        name = info.get("Name") if isinstance(info, dict) else None
+        if isinstance(name, str) and name:
+            await self.store.worker_seen(name)
 
     async def sweep_forever(
         self,
@@ -142,6 +180,7 @@ class Coordinator:
         while True:
             try:
                 outcome = await self.store.sweep()
+                self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
                 if trio.current_time() >= next_cleanup:
@@ -182,8 +221,11 @@ class CoordinatorServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_body: int = MAX_BODY,
+        token: str | None = None,
     ) -> None:
         self.coordinator = coordinator
+        #: When set, every request must carry `Authorization: Bearer <token>`.
+        self.token = None if token is None else token.encode()
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_body = max_body
@@ -251,6 +293,7 @@ class _Connection:
         self.closed = trio.Event()
         self.idle = True
         self._wait_scope = trio.CancelScope()
+        self._refused: rpc.RpcError | None = None  # the request being read lacks the token
 
     def evict(self, reason: str) -> None:
         log.debug("closing a coordinator connection: %s", reason)
@@ -271,6 +314,10 @@ class _Connection:
                     with trio.move_on_after(1):
                         await self.send(exc.error_status_hint, f"bad request: {exc}\n".encode(),
                                         close=True)  # fmt: skip
+                    return
+                except _Unauthorized as refused:
+                    with trio.move_on_after(1):
+                        await self._refuse(refused.error, close=True)
                     return
                 except _TooLarge:
                     with trio.move_on_after(1):
@@ -311,12 +358,23 @@ class _Connection:
                     self.last_active = trio.current_time()
             elif isinstance(event, h11.Request):
                 request = event
+                self._refused = self._check_token(event)
                 length = dict(event.headers).get(b"content-length")
                 # Refused before reading it, when the client says how long it is.
+                if (
+                    self._refused is not None
+                    and length is not None
+                    and int(length) > UNAUTHORIZED_BODY
+                ):
+                    raise _Unauthorized(self._refused)
                 if length is not None and int(length) > self._server.max_body:
                     raise _TooLarge
             elif isinstance(event, h11.Data):
                 size += len(event.data)
+                if self._refused is not None:
+                    if size > UNAUTHORIZED_BODY:
+                        raise _Unauthorized(self._refused)
+                    continue  # read to keep the connection usable, never kept
                 if size > self._server.max_body:
                     raise _TooLarge
                 chunks.append(bytes(event.data))
@@ -326,8 +384,22 @@ class _Connection:
             else:  # ConnectionClosed, or PAUSED
                 return None
 
+    def _check_token(self, request: h11.Request) -> rpc.RpcError | None:
+        token = self._server.token
+        if token is None:
+            return None
+        given = next((v for k, v in request.headers if k == b"authorization"), None)
+        return rpc.check_bearer(given, token)
+
+    async def _refuse(self, error: rpc.RpcError, *, close: bool = False) -> None:
+        await self.send(error.http_status, rpc.encode_error(error), close=close,
+                        content_type="application/json", extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
+
     async def _answer(self, request: h11.Request, body: bytes) -> None:
-        if request.target.split(b"?", 1)[0] != RPC_PATH:
+        if self._refused is not None:
+            # The connection stays open: a client that fixes its header may go on using it.
+            await self._refuse(self._refused)
+        elif request.target.split(b"?", 1)[0] != RPC_PATH:
             await self.send(404, b"the RPC is served at POST /rpc/v0\n")
         elif request.method != b"POST":
             await self.send(405, b"only POST is served here\n", extra=[("Allow", "POST")])

@@ -20,7 +20,10 @@ from .model import JobOutput, JobRecord, WdPoStInput
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The versions, for the migration steps (store.JobStore.migrate):
+# 1: dext_wdpost_jobs;
+# 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`).
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -88,6 +91,17 @@ jobs = sa.Table(
     sa.Column("not_after", sa.Float, nullable=True),
     sa.Column("cancelled_at", sa.BigInteger, nullable=False),
     sa.Index("dext_wdpost_jobs_state", "state", "not_after", "created_at"),
+)
+
+# Each worker that asked for jobs, once per allocation spec it used (a worker's threads may have
+# different filters), and when it was last seen: what tells which ready jobs no live worker may
+# take. In the store, not in memory, so every coordinator on a shared database sees every worker.
+workers = sa.Table(
+    "dext_workers",
+    metadata,
+    sa.Column("worker", sa.Text, primary_key=True),
+    sa.Column("spec", sa.Text, primary_key=True),  # summary.spec_key: canonical JSON
+    sa.Column("last_seen", sa.Float, nullable=False),
 )
 
 # --- URLs and engines ---------------------------------------------------------------------------

@@ -5,6 +5,10 @@ tab-terminated cell is padded to its column's widest cell plus 2; the last cell 
 error) is not. Dates are local `MM-DD hh:mm:ss`, `-` for unset; durations are Go's
 `time.Duration.String()` (`6m38s`, `1h0m5s`, `2.517s`, `517ms`). Sans-IO: the jobs, the time and
 the time zone come from the caller.
+
+The rows come from the store's records, or from the briefs `Venus.WdPoStAllJobs` sends (`JobBrief`:
+the input zeroed but for the miner, the output emptied, the sector and fault counts beside); damocles' own CLI
+prints its table from the briefs, and both give the same table.
 """
 
 from __future__ import annotations
@@ -12,14 +16,80 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
+from typing import Any
 
-from .model import WdPoStJob, display_state
+import msgspec
+
+from .model import FINISHED, READY, RUNNING, WdPoStJob, display_state
 
 LIST_COLUMNS = ("JobID", "MinerID", "DDL", "Partitions", "Sectors", "Worker", "State", "Try",
                 "CreateAt", "Elapsed", "Heartbeat", "Error")  # fmt: skip
 DETAIL_COLUMNS = ("JobID", "Prefix", "Miner", "DDL", "Partitions", "Sectors", "Worker", "State",
                   "Try", "CreateAt", "StartedAt", "HeartbeatAt", "FinishedAt", "UpdatedAt",
                   "Error")  # fmt: skip
+
+
+class BriefInput(msgspec.Struct, frozen=True):
+    """What a brief keeps of the input (damocles zeroes the rest)."""
+
+    MinerId: int = 0
+
+
+class JobBrief(msgspec.Struct, frozen=True):
+    """damocles' WdPoStJobBrief as `Venus.WdPoStAllJobs` sends it: the record without its input's
+    sectors and its output, and their counts."""
+
+    Id: str
+    State: str
+    DeadlineIdx: int = 0
+    Partitions: tuple[int, ...] | None = None
+    Input: BriefInput = BriefInput()
+    TryNum: int = 0
+    ErrorReason: str = ""
+    WorkerName: str = ""
+    StartedAt: int = 0
+    HeartbeatAt: int = 0
+    FinishedAt: int = 0
+    CreatedAt: int = 0
+    UpdatedAt: int = 0
+    Sectors: int = 0
+    Faults: int = 0
+
+
+def decode_all_jobs(result: Any) -> tuple[list[JobBrief], int | None]:
+    """The briefs and JobMaxTry from a `Venus.WdPoStAllJobs` result: `{"Jobs", "MaxTry"}`, or
+    the bare list damocles-manager sent before it added MaxTry (None then); raises
+    msgspec.ValidationError when it is neither."""
+    if isinstance(result, list):
+        return msgspec.convert(result, list[JobBrief]), None
+    answer = msgspec.convert(result, _AllJobs)
+    return answer.Jobs or [], answer.MaxTry  # Go's nil slice is null
+
+
+class _AllJobs(msgspec.Struct):
+    Jobs: list[JobBrief] | None
+    MaxTry: int
+
+
+def brief_display_state(brief: JobBrief) -> str:
+    """damocles' WdPoStJobBrief.DisplayState: the state from the brief's fault count."""
+    if brief.State == READY:
+        return "ReadyToRun"
+    if brief.State == RUNNING:
+        return "Running"
+    if brief.State == FINISHED:
+        if brief.ErrorReason != "":
+            return "Failed"
+        return "Succeed" if brief.Faults == 0 else f"Faults({brief.Faults})"
+    return brief.State
+
+
+def _counts(job: WdPoStJob | JobBrief) -> tuple[str, str, int]:
+    """The Sectors cell, the State cell and the miner of a record or a brief."""
+    if isinstance(job, JobBrief):
+        return str(job.Sectors), brief_display_state(job), job.Input.MinerId
+    return str(len(job.Input.Sectors or ())), display_state(job), job.Input.MinerId
+
 
 # A worker's error text is printed as one cell: a tab or newline in it would break the table,
 # and a terminal escape sequence has no business on the operator's screen.
@@ -69,11 +139,11 @@ def format_partitions(partitions: Sequence[int] | None) -> str:
     return "[" + ", ".join(str(p) for p in partitions or ()) + "]"
 
 
-def _try(job: WdPoStJob, max_try: int) -> str:
+def _try(job: WdPoStJob | JobBrief, max_try: int) -> str:
     return f"{job.TryNum}(Max)" if job.TryNum >= max_try else str(job.TryNum)
 
 
-def render_list(jobs: Sequence[WdPoStJob], *, max_try: int, now: float, show_all: bool = False,
+def render_list(jobs: Sequence[WdPoStJob | JobBrief], *, max_try: int, now: float, show_all: bool = False,
                 detail: bool = False, tz: tzinfo | None = None) -> str:  # fmt: skip
     """The table `wdpost list` prints; `jobs` in the order to show (newest first).
 
@@ -83,12 +153,12 @@ def render_list(jobs: Sequence[WdPoStJob], *, max_try: int, now: float, show_all
     for job in jobs:
         if not show_all and job.State == "finished" and job.ErrorReason == "":
             continue
-        sectors = str(len(job.Input.Sectors or ()))
+        sectors, state, miner = _counts(job)
         error = _CONTROL.sub(" ", job.ErrorReason)
         if detail:
             rows.append([
-                job.Id, job.State, str(job.Input.MinerId), str(job.DeadlineIdx),
-                format_partitions(job.Partitions), sectors, job.WorkerName, display_state(job),
+                job.Id, job.State, str(miner), str(job.DeadlineIdx),
+                format_partitions(job.Partitions), sectors, job.WorkerName, state,
                 _try(job, max_try), format_time(job.CreatedAt, tz), format_time(job.StartedAt, tz),
                 format_time(job.HeartbeatAt, tz), format_time(job.FinishedAt, tz),
                 format_time(job.UpdatedAt, tz), error,
@@ -103,8 +173,8 @@ def render_list(jobs: Sequence[WdPoStJob], *, max_try: int, now: float, show_all
             elapsed = go_duration(job.FinishedAt - job.StartedAt) + "(done)"
             heartbeat = "-"
         rows.append([
-            job.Id, str(job.Input.MinerId), str(job.DeadlineIdx),
-            format_partitions(job.Partitions), sectors, job.WorkerName, display_state(job),
+            job.Id, str(miner), str(job.DeadlineIdx),
+            format_partitions(job.Partitions), sectors, job.WorkerName, state,
             _try(job, max_try), format_time(job.CreatedAt, tz), elapsed, heartbeat, error,
         ])  # fmt: skip
     return tabwrite(rows)

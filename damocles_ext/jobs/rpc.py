@@ -12,6 +12,7 @@ Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator do
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
@@ -26,6 +27,12 @@ INVALID_PARAMS: Final = -32602
 INTERNAL_ERROR: Final = -32603
 #: go-jsonrpc's code for an error returned by the method itself.
 METHOD_ERROR: Final = 1
+#: Ours (JSON-RPC's range for server errors), sent with HTTP 401: no token, or a wrong one.
+UNAUTHORIZED: Final = -32001
+#: Ours, for the Dext.* methods (HTTP 200): the job is no longer the caller's (its lease is not
+#: the current one, it finished, was removed, its deadline passed). Repeating the call cannot
+#: help, unlike code 1 (the store failed for a while).
+REFUSED: Final = 2
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
 
@@ -35,6 +42,13 @@ class AllocateSpec(msgspec.Struct, frozen=True):
 
     AllowedMiners: list[I64] | None = None
     AllowedProofTypes: list[str] | None = None
+
+
+class JobLease(msgspec.Struct, frozen=True):
+    """A job a worker holds, and the lease its allocation gave it (Dext.HeartbeatJobs)."""
+
+    Id: str
+    Lease: str
 
 
 # The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
@@ -48,9 +62,14 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllJobs": (),
     "Venus.StoreBasicInfo": (str,),
     "Venus.WorkerPing": (Any,),
+    # Ours (docs/JOBS.md): allocation by free slots with a lease, heartbeats that answer which
+    # jobs to stop, a finish fenced by the lease.
+    "Dext.AllocateJobs": (AllocateSpec, U32, str),
+    "Dext.HeartbeatJobs": (list[JobLease], str),
+    "Dext.FinishJob": (str, str, JobOutput | None, str),
 }
 
-_HTTP_STATUS = {METHOD_ERROR: 200}
+_HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, UNAUTHORIZED: 401}
 
 
 class RpcError(Exception):
@@ -64,7 +83,8 @@ class RpcError(Exception):
 
     @property
     def http_status(self) -> int:
-        """go-jsonrpc's: 200 for a method's own error, 500 for the protocol's."""
+        """go-jsonrpc's: 200 for a method's own error, 500 for the protocol's; 401 for ours
+        about the token."""
         return _HTTP_STATUS.get(self.code, 500)
 
 
@@ -140,16 +160,61 @@ def encode_error(error: RpcError) -> bytes:
     )
 
 
+TOKEN_HOWTO: Final = (
+    "send the header `Authorization: Bearer <token>` with the token of the coordinator's"
+    " --token-file (damocles-worker: [sector_manager] rpc_client.headers ="
+    ' { Authorization = "Bearer <token>" }; damocles-ext: --token-file)'
+)
+
+
+def check_bearer(authorization: bytes | None, token: bytes) -> RpcError | None:
+    """Why a request with this `Authorization` header value may not be served, or None.
+
+    The token is compared in constant time, and never put in a message: an error body goes to
+    whoever asked."""
+    if authorization is None:
+        return RpcError(UNAUTHORIZED, f"this coordinator requires a bearer token: {TOKEN_HOWTO}")
+    scheme, _, given = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        return RpcError(
+            UNAUTHORIZED,
+            f"the Authorization header is not `Bearer <token>`: {TOKEN_HOWTO}",
+        )
+    if not hmac.compare_digest(given.strip(), token):
+        return RpcError(
+            UNAUTHORIZED,
+            "the bearer token is wrong: it is not the one in the coordinator's --token-file;"
+            " check the token the client sends",
+        )
+    return None
+
+
 def allocated_job(job: JobRecord) -> dict[str, Any]:
     """damocles' WdPoStAllocatedJob: the id and the input."""
     return {"Id": job.Id, "Input": msgspec.to_builtins(job.Input)}
 
 
+def leased_job(job: JobRecord) -> dict[str, Any]:
+    """A job as Dext.AllocateJobs gives it: what damocles gives, and the lease to carry, the
+    deadline (unix seconds, or null), the try it is."""
+    return {
+        "Id": job.Id,
+        "Input": msgspec.to_builtins(job.Input),
+        "Lease": job.lease,
+        "NotAfter": job.not_after,
+        "DeadlineIdx": job.DeadlineIdx,
+        "Partitions": None if job.Partitions is None else list(job.Partitions),
+        "TryNum": job.TryNum,
+    }
+
+
 def job_brief(job: JobRecord) -> dict[str, Any]:
-    """damocles' WdPoStJobBrief: the record with its input cut to the miner, and the number of
-    sectors and of faults."""
+    """damocles' WdPoStJobBrief as its MarshalJSON writes it: the record with its input zeroed
+    but for the miner and its output emptied, and the number of sectors and of faults."""
     brief: dict[str, Any] = msgspec.to_builtins(job.damocles())
-    brief["Input"] = {"MinerId": job.Input.MinerId}
+    brief["Input"] = {"Sectors": None, "MinerId": job.Input.MinerId, "ProofType": "",
+                      "Seed": [0] * 32}  # fmt: skip
+    brief["Output"] = {"proofs": None, "faults": None}
     brief["Sectors"] = len(job.Input.Sectors or ())
     brief["Faults"] = len(job.Output.faults or ()) if job.Output is not None else 0
     return brief

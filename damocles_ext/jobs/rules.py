@@ -542,3 +542,42 @@ def allocation_key(job: JobRecord) -> tuple[bool, float, int, str]:
 def choose(jobs: Iterable[JobRecord], spec: AllocationSpec, n: int, now: float) -> list[JobRecord]:
     """The jobs an allocation of `n` takes, in the order it takes them."""
     return sorted((j for j in jobs if allocatable(j, spec, now)), key=allocation_key)[:n]
+
+
+# --- what a worker holding a lease must do ------------------------------------------------------
+
+#: Why a worker must stop a job it holds (Dext.HeartbeatJobs' `Reason`).
+STOP_REASONS: Final = ("removed", "cancelled", "lease_lost", "reset", "timed_out", "finished")
+
+
+def allocated(jobs: Iterable[JobRecord]) -> list[Allocated]:
+    """The Allocated effects of jobs an allocation gave out (the store returns the records)."""
+    return [Allocated(job.Id, job.WorkerName, job.lease or "", job.TryNum) for job in jobs]
+
+
+def stop_reason(job: JobRecord | None, lease: str, now: float) -> tuple[str, str] | None:
+    """Why the holder of `lease` must stop working on this job now, as (reason, text), or None
+    when the job is still its own (running under this lease, its deadline not passed)."""
+    if job is None:
+        return "removed", "the job was removed (an operator's remove): drop it"
+    if job.cancelled or (job.State != FINISHED and deadline_passed(job, now)):
+        assert job.not_after is not None
+        return "cancelled", f"its deadline passed at {_when(job.not_after)}: drop it"
+    if job.State == RUNNING:
+        if job.lease == lease:
+            return None
+        return "lease_lost", (
+            f"the job was given to worker {job.WorkerName!r} (try {job.TryNum}) after your "
+            "lease lapsed: drop it"
+        )
+    if job.State == READY:
+        if job.TryNum == 0:
+            return "reset", "the job was reset (or removed and created again): drop it"
+        return "timed_out", (
+            f"no heartbeat for over the timeout: the job was taken back (try {job.TryNum}) and "
+            "waits for a worker: drop it"
+        )
+    if job.ErrorReason == HEARTBEAT_TIMEOUT_REASON:
+        return "timed_out", "no heartbeat for over the timeout: the job was taken back; drop it"
+    outcome = "succeeded" if job.ErrorReason == "" else f"failed: {job.ErrorReason}"
+    return "finished", f"the job is finished ({outcome}): drop it"

@@ -38,6 +38,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from . import rules
+from . import summary as jobs_summary
+from . import workers as worker_rows
 from .database import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -61,6 +63,7 @@ from .database import (
     parse_url,
     row_values,
     schema_version,
+    workers,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 
@@ -207,10 +210,13 @@ class JobStore:
                 )
             if found == 0:
                 metadata.create_all(conn)
+            elif found < 2:
+                workers.create(conn)
+            # Later versions add their steps here, each from `found` upwards; the new version
+            # is recorded in the same transaction.
+            if found < SCHEMA_VERSION:
                 conn.execute(schema_version.delete())
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-            # Later versions add their steps here, each from `found` upwards, then record the
-            # new version in the same transaction.
             return found
 
     def _version(self, conn: Connection) -> int:
@@ -371,8 +377,24 @@ class JobStore:
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
         the others' heartbeats are stored."""
         with self._transaction() as conn:
+            worker_rows.touch(conn, [worker], now)
             return self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
                 worker, None if leases is None else leases.get(job_id)))  # fmt: skip
+
+    @database_errors
+    def worker_seen(self, worker: str, now: float) -> None:
+        """A worker that asked for jobs before is alive now (damocles' WorkerPing)."""
+        with self._transaction() as conn:
+            worker_rows.touch(conn, [worker], now)
+
+    @database_errors
+    def summary(
+        self, now: float, *, live_window: float = jobs_summary.DEFAULT_LIVE_WINDOW
+    ) -> jobs_summary.JobsSummary:
+        """The jobs by kind, the oldest ready job, the live workers and the ready jobs none of
+        them may take (see jobs/summary.py), read in one transaction."""
+        with self._transaction() as conn:
+            return worker_rows.read_summary(conn, now, live_window, self.where)
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
               event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip
@@ -425,8 +447,13 @@ class JobStore:
         self, spec: rules.AllocationSpec, n: int, worker: str, now: float
     ) -> list[JobRecord]:
         """damocles' AllocateJobs: up to `n` ready jobs this worker may take, earliest deadline
-        first, each now running on it under a new lease (the returned records carry it)."""
+        first, each now running on it under a new lease (the returned records carry it).
+
+        The worker and its spec are recorded as seen now, whether or not it got a job: that is
+        what tells which ready jobs no live worker may take (`summary`)."""
         if n <= 0:
+            with self._transaction() as conn:
+                worker_rows.record(conn, self._insert, worker, spec, now)
             return []
         candidates = sa.select(jobs).where(
             jobs.c.state == READY,
@@ -442,6 +469,7 @@ class JobStore:
         ).limit(n)
         allocated: list[JobRecord] = []
         with self._transaction() as conn:
+            worker_rows.record(conn, self._insert, worker, spec, now)
             rows = conn.execute(self._locked(candidates, skip_locked=True)).all()
             for job in rules.choose([job_of_row(r) for r in rows], spec, n, now):
                 step = rules.apply(job, rules.Allocate(worker, self._new_lease()), now, self.limits)
@@ -479,6 +507,9 @@ class JobStore:
         statement = sa.select(jobs).where(
             jobs.c.state == FINISHED, jobs.c.created_at < now - self.limits.job_lifetime
         )
+        with self._transaction() as conn:
+            # Workers gone for as long as a finished job is kept are forgotten with them.
+            worker_rows.forget(conn, now - self.limits.job_lifetime)
         return self._pass(statement.order_by(jobs.c.id).limit(limit), rules.Cleanup(), now)
 
     def _pass(self, statement: Any, event: rules.Event, now: float) -> Outcome:
@@ -539,6 +570,12 @@ class TrioJobStore:
 
     async def remove(self, job_id: str) -> bool:
         return await self._run(self.store.remove, job_id, self.clock())
+
+    async def worker_seen(self, worker: str) -> None:
+        await self._run(self.store.worker_seen, worker, self.clock())
+
+    async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
+        return await self._run(self.store.summary, self.clock(), **kwargs)
 
     async def sweep(self) -> Outcome:
         return await self._run(self.store.sweep, self.clock())

@@ -1,0 +1,88 @@
+"""Our extensions of the worker-prover RPC, under the `Dext.` namespace so that the `Venus.*`
+methods stay exactly damocles': what a worker that knows leases and free slots calls instead.
+
+- `Dext.AllocateJobs(spec, freeSlots, worker)`: as damocles' allocation, for as many jobs as the
+  worker has free slots (so no job waits on a busy worker), each with the lease it must carry,
+  its deadline and its try;
+- `Dext.HeartbeatJobs([{Id, Lease}], worker)`: the heartbeats of the jobs still the worker's are
+  stored; the answer lists the jobs it must stop now and why (the cancellation signal);
+- `Dext.FinishJob(id, lease, output, errorReason)`: stored only from the current lease of a
+  running job whose deadline has not passed; otherwise refused with code rpc.REFUSED.
+
+docs/JOBS.md has each method's params and results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from ..jobs import rpc, rules
+from ..jobs.model import JobOutput
+from ..jobs.store import TrioJobStore
+
+
+class DextMethods:
+    """The Dext.* methods on a TrioJobStore; `await call(name, params)` gives the result or
+    raises rpc.RpcError."""
+
+    def __init__(
+        self,
+        store: TrioJobStore,
+        observe: Callable[[Iterable[rules.Effect]], None] = lambda effects: None,
+    ) -> None:
+        self.store = store
+        #: Told the effects of each store call (the coordinator's metrics count them).
+        self.observe = observe
+
+    async def call(self, name: str, params: tuple[Any, ...], request_id: Any) -> Any:
+        methods: dict[str, Callable[..., Awaitable[Any]]] = {
+            "AllocateJobs": self.allocate_jobs,
+            "HeartbeatJobs": self.heartbeat_jobs,
+            "FinishJob": self.finish_job,
+        }
+        return await methods[name](*params, request_id=request_id)
+
+    async def allocate_jobs(
+        self, spec: rpc.AllocateSpec, free_slots: int, worker: str, *, request_id: Any = None
+    ) -> list[dict[str, Any]]:
+        allocation = rules.AllocationSpec(
+            tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
+        )
+        jobs = await self.store.allocate(allocation, free_slots, worker)
+        self.observe(rules.allocated(jobs))
+        return [rpc.leased_job(job) for job in jobs]
+
+    async def heartbeat_jobs(
+        self, held: list[rpc.JobLease], worker: str, *, request_id: Any = None
+    ) -> list[dict[str, str]]:
+        leases = {h.Id: h.Lease for h in held}
+        outcome = await self.store.heartbeat(list(leases), worker, leases=leases)
+        self.observe(outcome.effects)
+        now = self.store.clock()
+        current = {job.Id: job for job in outcome.jobs}
+        stop = []
+        for job_id, lease in sorted(leases.items()):
+            why = rules.stop_reason(current.get(job_id), lease, now)
+            if why is not None:
+                stop.append({"Id": job_id, "Reason": why[0], "Message": why[1]})
+        return stop
+
+    async def finish_job(
+        self,
+        job_id: str,
+        lease: str,
+        output: JobOutput | None,
+        error_reason: str,
+        *,
+        request_id: Any = None,
+    ) -> None:
+        outcome = await self.store.finish(job_id, output, error_reason, lease=lease)
+        self.observe(outcome.effects)
+        for effect in outcome.effects:
+            if isinstance(effect, rules.Refused):
+                raise rpc.RpcError(rpc.REFUSED, f"job {job_id}: {effect.reason}", request_id)
+            if isinstance(effect, rules.NotFound):
+                raise rpc.RpcError(
+                    rpc.REFUSED, f"job {job_id} does not exist: it was removed", request_id
+                )

@@ -1,0 +1,285 @@
+"""A JSON-RPC 2.0 client for the worker-prover RPC, as go-jsonrpc's HTTP client speaks it: one POST
+to /rpc/v0 per call, positional params, one kept-alive connection.
+
+It talks to our coordinator and to damocles-manager `--worker-prover` alike (the operator's
+`wdpost --manager`, and the worker). What it does that a plain HTTP client would not:
+
+- an HTTP 500 carries a JSON-RPC error in its body (go-jsonrpc's unknown method, wrong params):
+  the body is read and raised as `RpcCallError` with its code and message, whatever the status;
+- a connection the server closed while idle (its keep-alive timeout, a restart) is noticed before
+  the next call and opened again; a call is never sent twice, because the server may have done it
+  (an allocation) before the connection broke: that is `RpcConnectionError`, for the caller to
+  decide;
+- every failure to reach the server or to get an answer is an `RpcConnectionError` that names the
+  URL and the method, never an OSError with a traceback; a call that gets no answer within its
+  timeout is an `RpcTimeout` (and its connection is dropped: its state is unknown).
+
+Calls made from several tasks at once take turns on the one connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Self
+
+import h11
+import msgspec
+import trio
+
+from ..errors import DextError
+from .endpoint import Endpoint, parse_endpoint
+
+DEFAULT_TIMEOUT = 30.0
+#: An answer larger than this is refused: `Venus.WdPoStAllJobs` of a busy store is the largest.
+DEFAULT_MAX_ANSWER = 64 * 1024 * 1024
+_READ_SIZE = 64 * 1024
+_USER_AGENT = "damocles-ext"
+
+
+class RpcClientError(DextError):
+    """A call that did not give a result; `url` and `method` say which."""
+
+    def __init__(self, message: str, *, url: str, method: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.method = method
+
+
+class RpcConnectionError(RpcClientError):
+    """The server could not be reached, or the connection broke before the answer."""
+
+
+class RpcTimeout(RpcConnectionError):
+    """No whole answer within the call's timeout."""
+
+
+class RpcProtocolError(RpcClientError):
+    """The server answered, but not with a JSON-RPC answer to this call (not an RPC endpoint)."""
+
+
+class RpcCallError(RpcClientError):
+    """The server answered the call with a JSON-RPC error: `code` and `message` are its own."""
+
+    def __init__(self, code: int, message: str, *, url: str, method: str, status: int) -> None:
+        super().__init__(f"{method} at {url}: {message} (code {code})", url=url, method=method)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class _Error(msgspec.Struct):
+    code: int
+    message: str = ""
+
+
+class _Answer(msgspec.Struct):
+    jsonrpc: str = ""
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: _Error | None = None
+    id: int | str | None = None
+
+
+_answer_decoder = msgspec.json.Decoder(_Answer)
+_encoder = msgspec.json.Encoder()
+
+
+def _why(exc: OSError) -> str:
+    # trio's "all attempts to connect failed" hides each address's own error in its cause.
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = {_why(e) for e in cause.exceptions if isinstance(e, OSError)}
+        if reasons:
+            return "; ".join(sorted(reasons))
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+class RpcClient:
+    """`await client.call("Venus.WdPoStAllJobs")`; use it as `async with RpcClient(url) as c`."""
+
+    def __init__(
+        self,
+        address: str | Endpoint,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_answer: int = DEFAULT_MAX_ANSWER,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """`address` in any form `endpoint.parse_endpoint` takes (ValueError when it is none);
+        `token` is sent as `Authorization: Bearer <token>`; `headers` are sent as given (as a
+        damocles-worker's `rpc_client.headers`)."""
+        self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
+        self.url = self.endpoint.url
+        self.timeout = timeout
+        self.max_answer = max_answer
+        self._headers = [
+            ("Host", self.endpoint.host_header),
+            ("User-Agent", _USER_AGENT),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            *(headers or []),
+        ]
+        if token is not None:
+            self._headers.append(("Authorization", f"Bearer {token}"))
+        self._ids = itertools.count(1)
+        self._lock = trio.Lock()
+        self._stream: trio.SocketStream | None = None
+        self._h11: h11.Connection | None = None
+        #: Connections opened so far (a test sees the reconnects).
+        self.connections_opened = 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        stream, self._stream, self._h11 = self._stream, None, None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+    async def call(
+        self,
+        method: str,
+        *params: Any,
+        result_type: Any = Any,
+        timeout: float | None = None,  # noqa: ASYNC109 - a timeout also drops the connection
+    ) -> Any:
+        """The result of `method(*params)`, converted to `result_type` (msgspec); raises
+        RpcCallError for the server's JSON-RPC error, RpcConnectionError (RpcTimeout) when
+        there is no answer, RpcProtocolError when the answer is not JSON-RPC."""
+        request_id = next(self._ids)
+        body = _encoder.encode(
+            {"jsonrpc": "2.0", "method": method, "params": list(params), "id": request_id}
+        )
+        limit = self.timeout if timeout is None else timeout
+        async with self._lock:
+            done = False
+            try:
+                with trio.move_on_after(limit):
+                    status, answer = await self._exchange(method, body)
+                    done = True
+            finally:
+                if not done:
+                    # Cancelled or failed half-way: what the connection holds is unknown.
+                    await self.aclose()
+        if not done:
+            raise RpcTimeout(
+                f"no answer from {self.url} to {method} within {limit:g} s; check that the "
+                "server is not overloaded or stuck, or give the call a longer timeout",
+                url=self.url,
+                method=method,
+            )
+        return self._result(method, request_id, status, answer, result_type)
+
+    def _result(
+        self, method: str, request_id: int, status: int, body: bytes, result_type: Any
+    ) -> Any:
+        try:
+            answer = _answer_decoder.decode(body)
+        except msgspec.DecodeError:
+            text = body[:200].decode("utf-8", "replace").strip()
+            raise RpcProtocolError(
+                f"{self.url} answered {method} with HTTP {status} and a body that is not a "
+                f"JSON-RPC answer ({text!r}); check that the address is a worker-prover RPC "
+                "(damocles-ext coordinator, or damocles-manager --worker-prover)",
+                url=self.url,
+                method=method,
+            ) from None
+        if answer.error is not None:
+            raise RpcCallError(
+                answer.error.code, answer.error.message, url=self.url, method=method, status=status
+            )
+        if answer.id != request_id:
+            raise RpcProtocolError(
+                f"{self.url} answered {method} with the id {answer.id!r}, not {request_id}",
+                url=self.url,
+                method=method,
+            )
+        try:
+            return msgspec.json.decode(answer.result, type=result_type)
+        except msgspec.ValidationError as exc:
+            raise RpcProtocolError(
+                f"{self.url} answered {method} with an unexpected result: {exc}",
+                url=self.url,
+                method=method,
+            ) from None
+
+    async def _connect(self, method: str) -> tuple[trio.SocketStream, h11.Connection]:
+        if self._stream is not None and self._h11 is not None:
+            if self._h11.our_state is h11.IDLE and not self._stream.socket.is_readable():
+                return self._stream, self._h11
+            # Readable while idle: the server closed it (or broke the protocol); start over.
+            await self.aclose()
+        try:
+            stream = await trio.open_tcp_stream(self.endpoint.host, self.endpoint.port)
+        except OSError as exc:
+            why = _why(exc)
+            raise RpcConnectionError(
+                f"cannot connect to {self.url} (for {method}): {why}; check that the coordinator"
+                " (or damocles-manager --worker-prover) runs there and the address",
+                url=self.url,
+                method=method,
+            ) from None
+        self.connections_opened += 1
+        self._stream, self._h11 = stream, h11.Connection(h11.CLIENT)
+        return stream, self._h11
+
+    def _lost(self, method: str, what: str) -> RpcConnectionError:
+        return RpcConnectionError(
+            f"the connection to {self.url} broke {what} ({method}); the server stopped or "
+            "restarted: try again (it may have done the call)",
+            url=self.url,
+            method=method,
+        )
+
+    async def _exchange(self, method: str, body: bytes) -> tuple[int, bytes]:
+        stream, conn = await self._connect(method)
+        headers = [*self._headers, ("Content-Length", str(len(body)))]
+        data = conn.send(h11.Request(method="POST", target=self.endpoint.path, headers=headers))
+        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # It may have refused the request before reading it all: its answer is still there.
+            pass
+        status = 0
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise RpcProtocolError(
+                    f"{self.url} answered {method} with something that is not HTTP/1.1: {exc}",
+                    url=self.url,
+                    method=method,
+                ) from None
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(await stream.receive_some(_READ_SIZE))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    conn.receive_data(b"")
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.max_answer:
+                    raise RpcProtocolError(
+                        f"the answer of {self.url} to {method} is larger than "
+                        f"{self.max_answer} bytes",
+                        url=self.url,
+                        method=method,
+                    )
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise self._lost(method, "before its answer" if status == 0 else "mid-answer")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:  # the server said Connection: close, or we did not send it all
+            await self.aclose()
+        return status, b"".join(chunks)

@@ -1,0 +1,112 @@
+"""Where a worker-prover RPC is: the address forms a damocles-worker's `rpc_client.addr` and an
+operator's `--manager` take, turned into one host, port and path.
+
+- a multiaddr, as damocles-worker's config writes it: `/ip4/1.2.3.4/tcp/1789`, `/ip6/::1/tcp/1789`,
+  `/dns/host/tcp/1789` (also `/dns4/`, `/dns6/`), optionally ending in `/http`;
+- a URL: `http://host:1789` (the path defaults to damocles-manager's `/rpc/v0`; no port is 80, as
+  for any http URL);
+- `host:port`, as `--listen` takes it.
+
+Only these few multiaddr protocols mean anything for an HTTP RPC, so they are read here rather
+than through the multiaddr package (which brings DNS resolution and several dependencies).
+Sans-IO: a string in, an `Endpoint` or a ValueError that says what is wrong out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+DEFAULT_PATH: Final = "/rpc/v0"
+DEFAULT_PORT: Final = 1789  # damocles-manager's
+
+FORMS: Final = (
+    "a multiaddr such as /ip4/1.2.3.4/tcp/1789 (also /ip6/…, /dns/…), a URL such as "
+    "http://HOST:1789, or HOST:PORT"
+)
+_HOST_PROTOCOLS: Final = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An HTTP JSON-RPC endpoint: connect to host:port, POST to path."""
+
+    host: str
+    port: int
+    path: str = DEFAULT_PATH
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
+
+def _port(text: str, where: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"the port in {where!r} must be a number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
+def _multiaddr(text: str) -> Endpoint:
+    parts = text.split("/")[1:]
+    if parts and parts[-1] == "":
+        parts.pop()  # a trailing slash
+    if parts and parts[-1] == "http":
+        parts.pop()
+    if len(parts) != 4 or parts[0] not in _HOST_PROTOCOLS or parts[2] != "tcp":
+        if any(p in ("https", "tls", "wss", "ws") for p in parts):
+            raise ValueError(f"{text!r}: only plain HTTP is spoken here (no TLS, no websocket)")
+        raise ValueError(
+            f"{text!r} is not a multiaddr of a TCP address; expected /ip4/HOST/tcp/PORT, "
+            "/ip6/HOST/tcp/PORT or /dns/NAME/tcp/PORT"
+        )
+    protocol, host, _, port = parts
+    if protocol in ("ip4", "ip6"):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an {protocol} address") from None
+        if address.version != int(protocol[-1]):
+            raise ValueError(f"{text!r}: {host!r} is not an {protocol} address")
+    elif not host:
+        raise ValueError(f"{text!r}: the host name is empty")
+    return Endpoint(host, _port(port, text))
+
+
+def _url(text: str) -> Endpoint:
+    parts = urlsplit(text)
+    if parts.scheme != "http":
+        raise ValueError(
+            f"{text!r}: only http:// is spoken here (no TLS); put a TLS-terminating proxy in "
+            "front of the coordinator if the network needs one"
+        )
+    if not parts.hostname:
+        raise ValueError(f"{text!r} has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"the port in {text!r} must be a number from 1 to 65535") from None
+    return Endpoint(parts.hostname, port or 80, parts.path or DEFAULT_PATH)
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """The endpoint `text` names; raises ValueError naming the text and the forms it may take."""
+    text = text.strip()
+    if not text:
+        raise ValueError(f"the RPC address is empty; give {FORMS}")
+    if text.startswith("/"):
+        return _multiaddr(text)
+    if "://" in text:
+        return _url(text)
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not an RPC address; give {FORMS}")
+    return Endpoint(host, _port(port, text))

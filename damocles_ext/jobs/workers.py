@@ -1,0 +1,107 @@
+"""The workers table and the summary's queries, on one connection: store.JobStore calls these
+inside its own transactions, on SQLite and PostgreSQL alike.
+
+A worker is recorded when it asks for jobs (with the spec it asked with) and touched when it
+heartbeats or pings; the summary reads aggregates only (counts grouped by kind, ready jobs
+grouped by miner and proof type), so its cost grows with the number of distinct miners and proof
+types, not with the number of jobs sent back to Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import summary
+from .database import jobs, workers
+from .model import FINISHED, READY, RUNNING
+from .rules import AllocationSpec
+
+# Touching a worker on every heartbeat (every 3 s per running job) would write its row as often:
+# once in this many seconds is enough for a live window of minutes.
+TOUCH_EVERY = 10.0
+
+
+def record(conn: Connection, insert: Callable[[Any], Any], worker: str, spec: AllocationSpec,
+           now: float) -> None:  # fmt: skip
+    """The worker asked for jobs with this spec now (an upsert: one row per worker and spec)."""
+    statement = insert(workers).values(worker=worker, spec=summary.spec_key(spec), last_seen=now)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[workers.c.worker, workers.c.spec],
+            set_={"last_seen": statement.excluded.last_seen},
+        )
+    )
+
+
+def touch(conn: Connection, names: Iterable[str], now: float) -> None:
+    """These workers were seen now (a heartbeat, a ping): refresh the specs they are known by.
+
+    A name that never asked for jobs stays unknown: a sealing worker pings too, and must not
+    count as a worker that would take WindowPoSt jobs."""
+    names = sorted(set(names))
+    if names:
+        conn.execute(
+            workers.update()
+            .where(workers.c.worker.in_(names), workers.c.last_seen < now - TOUCH_EVERY)
+            .values(last_seen=now)
+        )
+
+
+def forget(conn: Connection, before: float) -> int:
+    """Forget the workers not seen since `before`; how many rows went."""
+    return int(conn.execute(workers.delete().where(workers.c.last_seen < before)).rowcount)
+
+
+def read_summary(
+    conn: Connection, now: float, live_window: float, where: str
+) -> summary.JobsSummary:
+    """The summary from a few aggregate queries (see summary.summarize)."""
+    c = jobs.c
+    kind = sa.case(
+        (c.state == READY, "ready2run"),
+        (c.state == RUNNING, "running"),
+        (c.cancelled_at != 0, "cancelled"),
+        (c.error_reason == "", "finished-ok"),
+        else_="finished-failed",
+    ).label("kind")
+    counts = {
+        row.kind: int(row.n)
+        for row in conn.execute(
+            sa.select(kind, sa.func.count().label("n"))
+            .where(c.state.in_((READY, RUNNING, FINISHED)))
+            .group_by(kind)
+        )
+    }
+    ready = [
+        summary.ReadyGroup(int(row.miner_id), row.proof_type, int(row.n), int(row.oldest))
+        for row in conn.execute(
+            sa.select(
+                c.miner_id,
+                c.proof_type,
+                sa.func.count().label("n"),
+                sa.func.min(c.created_at).label("oldest"),
+            )
+            .where(c.state == READY)
+            .group_by(c.miner_id, c.proof_type)
+        )
+    ]
+    first = conn.execute(
+        sa.select(c.id, c.created_at).where(c.state == READY).order_by(c.created_at, c.id).limit(1)
+    ).first()
+    seen = [
+        summary.WorkerSeen(row.worker, summary.spec_of_key(row.spec), float(row.last_seen))
+        for row in conn.execute(sa.select(workers).where(workers.c.last_seen >= now - live_window))
+    ]
+    return summary.summarize(
+        counts=counts,
+        ready=ready,
+        oldest_ready=None if first is None else (first.id, int(first.created_at)),
+        workers=seen,
+        now=now,
+        live_window=live_window,
+        store=where,
+    )

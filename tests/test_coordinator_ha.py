@@ -1,0 +1,207 @@
+"""Two `damocles-ext coordinator` processes on one PostgreSQL database serve the same workers,
+while one of them is SIGKILLed and started again on its port: no job is ever given to two
+workers, every job finishes, and the workers of the dead one carry on through the other."""
+
+from __future__ import annotations
+
+import base64
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs.client import RpcClient, RpcConnectionError
+from damocles_ext.jobs.model import FINISHED
+from damocles_ext.jobs.store import JobStore
+
+JOBS = 24
+WORKERS = 4  # the even ones speak our Dext.* methods, the odd ones damocles-worker's Venus.*
+SERVING = re.compile(rb"serving the worker-prover RPC at http://127\.0\.0\.1:(\d+)/rpc/v0")
+
+
+class CoordinatorProcess:
+    """One `damocles-ext coordinator` subprocess; its stderr is kept for the failure message."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.proc: trio.Process | None = None
+        self.stderr = b""
+        self.port = 0
+
+    async def start(self, nursery: trio.Nursery, port: int = 0) -> None:
+        self.proc = await trio.lowlevel.open_process(
+            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"127.0.0.1:{port}"],
+            stderr=subprocess.PIPE,
+            env=dext_env(),
+        )
+        serving = trio.Event()
+        nursery.start_soon(self._drain, self.proc, serving)
+        await serving.wait()
+
+    async def _drain(self, proc: trio.Process, serving: trio.Event) -> None:
+        # Read all it writes (a full pipe would stop it), noting when it serves and where.
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.receive_some(65536):
+            self.stderr += chunk
+            found = SERVING.search(self.stderr)
+            if found and not serving.is_set():
+                self.port = int(found.group(1))
+                serving.set()
+        assert serving.is_set(), f"the coordinator exited before serving:\n{self.stderr.decode()}"
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+class Gate:
+    """Where every worker waits until the test lets them on (they hold no call in flight)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.arrived = 0
+        self.all_here = trio.Event()
+        self.go = trio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived == self.n:
+            self.all_here.set()
+        await self.go.wait()
+
+
+class Worker:
+    def __init__(self, index: int, addresses: list[str], phase: list[int]) -> None:
+        self.name = f"gpu-{index}"
+        self.dext = index % 2 == 0
+        self.clients = [RpcClient(a, timeout=60) for a in addresses]
+        self.turn = index
+        self.phase = phase  # [0]: 1 before the kill, 2 while dead, 3 after the restart
+        self.allocated: list[str] = []
+        self.errors: list[tuple[int, int, str]] = []  # (coordinator, phase, message)
+        self.served_by_restarted = 0
+
+    async def call(self, method: str, *params: object) -> object:
+        # Round robin over the coordinators; a connection error moves on to the other one.
+        for _ in range(2):
+            i = self.turn % 2
+            self.turn += 1
+            try:
+                result = await self.clients[i].call(method, *params)
+            except RpcConnectionError as e:
+                self.errors.append((i, self.phase[0], str(e)))
+                continue
+            if i == 0 and self.phase[0] == 3:
+                self.served_by_restarted += 1
+            return result
+        raise AssertionError(f"{self.name}: both coordinators failed {method}: {self.errors[-2:]}")
+
+    async def allocate(self) -> dict | None:
+        method = "Dext.AllocateJobs" if self.dext else "Venus.WdPoStAllocateJobs"
+        jobs = await self.call(method, {}, 1, self.name)
+        assert isinstance(jobs, list) and len(jobs) <= 1
+        if not jobs:
+            return None
+        self.allocated.append(jobs[0]["Id"])
+        return jobs[0]
+
+    async def heartbeat(self, job: dict) -> None:
+        if self.dext:
+            held = [{"Id": job["Id"], "Lease": job["Lease"]}]
+            assert await self.call("Dext.HeartbeatJobs", held, self.name) == []
+        else:
+            assert await self.call("Venus.WdPoStHeartbeatJobs", [job["Id"]], self.name) is None
+
+    async def finish(self, job: dict) -> None:
+        proof = base64.b64encode(f"{job['Id']} by {self.name}".encode()).decode()
+        output = {"proofs": [proof], "faults": []}
+        if self.dext:
+            await self.call("Dext.FinishJob", job["Id"], job["Lease"], output, "")
+        else:
+            await self.call("Venus.WdPoStFinishJob", job["Id"], output, "")
+
+    async def run(self, holding_gate: Gate, idle_gate: Gate) -> None:
+        done = 0
+        while True:
+            if done == 3:
+                await idle_gate.wait()  # no job held: the coordinator restarts meanwhile
+            job = await self.allocate()
+            if job is None:
+                return
+            await self.heartbeat(job)
+            if done == 1:
+                await holding_gate.wait()  # a job held: the coordinator is killed meanwhile
+                await self.heartbeat(job)
+            await self.finish(job)
+            done += 1
+
+
+@pytest.mark.slow
+async def test_two_coordinators_on_one_postgresql_serve_workers_while_one_is_killed_and_restarted(
+    postgres_url,
+):
+    with JobStore.open(postgres_url) as store:
+        for seed in range(JOBS):
+            # Created now: a coordinator's cleanup forgets finished jobs over a day old.
+            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
+    a, b = CoordinatorProcess(postgres_url), CoordinatorProcess(postgres_url)
+    phase = [1]
+    holding, idle = Gate(WORKERS), Gate(WORKERS)
+    try:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as starting:  # both at once: each takes a while
+                    starting.start_soon(a.start, nursery)
+                    starting.start_soon(b.start, nursery)
+                addresses = [f"/ip4/127.0.0.1/tcp/{a.port}", f"http://127.0.0.1:{b.port}"]
+                workers = [Worker(i, addresses, phase) for i in range(WORKERS)]
+                async with trio.open_nursery() as running:
+                    for w in workers:
+                        running.start_soon(w.run, holding, idle)
+                    await holding.all_here.wait()
+                    await a.kill()
+                    phase[0] = 2
+                    holding.go.set()
+                    await idle.all_here.wait()
+                    await a.start(nursery, port=a.port)  # the same port again
+                    phase[0] = 3
+                    idle.go.set()
+                for w in workers:
+                    for client in w.clients:
+                        await client.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        a.stop()
+        b.stop()
+
+    # No job was given to two workers, and each was given once.
+    allocated = [job_id for w in workers for job_id in w.allocated]
+    assert sorted(allocated) == sorted(set(allocated)) and len(allocated) == JOBS
+    owner = {job_id: w.name for w in workers for job_id in w.allocated}
+    with JobStore.open(postgres_url, create=False) as store:
+        jobs = store.list_jobs()
+    assert len(jobs) == JOBS
+    for job in jobs:
+        assert (job.State, job.ErrorReason, job.TryNum) == (FINISHED, "", 1), job
+        assert job.WorkerName == owner[job.Id]
+        assert job.Output is not None
+        assert job.Output.proofs == (f"{job.Id} by {owner[job.Id]}".encode(),)
+    # Each worker met the dead coordinator, was told so clearly, and went on through the other;
+    # the restarted one served again.
+    for w in workers:
+        assert w.errors, f"{w.name} never called the dead coordinator"
+        for coordinator, when, message in w.errors:
+            assert (coordinator, when) == (0, 2), (w.name, message)
+            assert f"cannot connect to http://127.0.0.1:{a.port}/rpc/v0" in message
+    assert sum(w.served_by_restarted for w in workers) > 0
+    assert b"Traceback" not in a.stderr + b.stderr

@@ -1,0 +1,235 @@
+"""The coordinator's Prometheus metrics: counters from what its workers and sweeps do, gauges from
+the store's summary at scrape time, scraped over real HTTP; a store that fails or hangs is
+`damocles_ext_jobs_store_up 0` while the coordinator keeps serving."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+
+import psycopg
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env, dext_run_async
+from sqlalchemy import make_url
+from test_coordinator import Client
+from test_jobs_rules import make_input
+from test_metrics import scrape, value
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs.metrics import JobMetrics
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.metrics import MetricsServer
+
+T0 = 1_700_000_000.0
+PROOF = "StackedDrgWindow2KiBV1_2"
+P = "damocles_ext_"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def start(nursery: trio.Nursery, store: JobStore, clock: Clock, **kw):
+    metrics = JobMetrics(store, clock=clock, process_metrics=False, **kw)
+    coordinator = Coordinator(TrioJobStore(store, clock=clock), observe=metrics.observe)
+    server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+    metrics_server = MetricsServer(metrics, "127.0.0.1", 0)
+    await nursery.start(server.serve)
+    await nursery.start(metrics_server.serve)
+    client = Client(await trio.open_tcp_stream("127.0.0.1", server.port))
+    return coordinator, client, metrics_server, metrics
+
+
+async def test_the_coordinators_metrics_count_its_workers_and_sweeps_and_read_the_store(tmp_path):
+    clock = Clock()
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        jobs = TrioJobStore(store, clock=clock)
+        ok, _ = await jobs.create(make_input(seed=1, miner=1000, proof_type=PROOF))
+        silent, _ = await jobs.create(make_input(seed=2, miner=1000, proof_type=PROOF))
+        late, _ = await jobs.create(make_input(seed=3, miner=1000, proof_type=PROOF),
+                                    not_after=T0 + 30)  # fmt: skip
+        await jobs.create(make_input(seed=4, miner=2000, proof_type=PROOF))
+        async with trio.open_nursery() as nursery:
+            coordinator, client, metrics_server, _ = await start(nursery, store, clock)
+            spec = {"AllowedMiners": [1000], "AllowedProofTypes": [PROOF]}
+            _, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 3, "worker-a")
+            assert {j["Id"] for j in answer["result"]} == {ok.Id, silent.Id, late.Id}
+            _, answer = await client.call("Venus.WdPoStFinishJob", ok.Id, None, "")
+            assert answer["result"] is None
+            _, answer = await client.call("Venus.WdPoStFinishJob", "nope", None, "")
+            assert answer["error"]["code"] == 1
+            clock.now += 60  # worker-a is silent past the heartbeat timeout and the deadline
+            await nursery.start(coordinator.sweep_forever)  # started after its first pass
+            # worker-a's finish for its timed-out job comes too late: refused.
+            _, answer = await client.call("Venus.WdPoStFinishJob", silent.Id, None, "")
+            assert "not running" in answer["error"]["message"]
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_allocations_total") == 3
+            assert value(got, P + "job_heartbeat_timeouts_total") == 1
+            assert value(got, P + "job_retries_total") == 1
+            assert value(got, P + "job_cancellations_total") == 1
+            assert value(got, P + "job_finishes_total", result="ok") == 1
+            assert value(got, P + "job_refusals_total", event="finish") == 2
+            assert value(got, P + "job_refusals_total", event="heartbeat") == 0
+            # The store, read at the scrape: the retried job and miner 2000's wait; worker-a
+            # (seen 60 s ago) only takes miner 1000's.
+            assert value(got, P + "jobs_store_up") == 1
+            assert value(got, P + "jobs", state="ready2run") == 2
+            assert value(got, P + "jobs", state="finished-ok") == 1
+            assert value(got, P + "jobs", state="cancelled") == 1
+            assert value(got, P + "jobs", state="running") == 0
+            assert value(got, P + "jobs_unallocatable") == 1
+            assert value(got, P + "job_workers_live") == 1
+            assert value(got, P + "jobs_oldest_ready_seconds") == 60
+            clock.now += 600  # nobody heard from since: both ready jobs have no live worker
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_live") == 0
+            assert value(got, P + "jobs_unallocatable") == 2
+            # worker-a's ping (damocles' WorkerInfo) says it is alive again.
+            _, answer = await client.call("Venus.WorkerPing", {"Name": "worker-a", "Dest": "x"})
+            assert answer["result"] is None
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_live") == 1
+            assert value(got, P + "jobs_unallocatable") == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_store_gone_is_up_0_and_the_coordinator_keeps_serving(postgres_server):
+    url = postgres_server.create_database()
+    database = make_url(url).database
+    clock = Clock()
+    with JobStore.open(url) as store:
+        await TrioJobStore(store, clock=clock).create(make_input(seed=1))
+        async with trio.open_nursery() as nursery:
+            _, client, metrics_server, _ = await start(nursery, store, clock)
+            assert value(await scrape(metrics_server.url), P + "jobs_store_up") == 1
+            with psycopg.connect(host=str(postgres_server.socket_dir), user="postgres",
+                                 dbname="postgres", autocommit=True) as conn:  # fmt: skip
+                conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "jobs_store_up") == 0
+            assert value(got, P + "jobs", state="ready2run") is None  # no stale levels
+            assert value(got, P + "job_allocations_total") == 0  # the counters are still there
+            # The RPC answers, with the store's error, and the metrics port still serves.
+            status, answer = await client.call("Venus.WdPoStAllJobs")
+            assert status == 200 and "cannot reach the job store" in answer["error"]["message"]
+            assert value(await scrape(metrics_server.url), P + "jobs_store_up") == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_store_that_does_not_answer_in_time_is_up_0_without_holding_the_scrape(tmp_path):
+    path = tmp_path / "jobs.db"
+    clock = Clock()
+    with JobStore.open(f"sqlite:///{path}", busy_timeout=120) as store:
+        await TrioJobStore(store, clock=clock).create(make_input(seed=1))
+        async with trio.open_nursery() as nursery:
+            _, _, metrics_server, metrics = await start(nursery, store, clock, query_timeout=0.5)
+            locker = sqlite3.connect(path, isolation_level=None)
+            try:
+                locker.execute("BEGIN EXCLUSIVE")  # another process holding the store
+                got = await scrape(metrics_server.url)
+                assert value(got, P + "jobs_store_up") == 0
+                # The first query still waits for the lock: the next scrape starts no other.
+                first = metrics.collector._pending
+                got = await scrape(metrics_server.url)
+                assert value(got, P + "jobs_store_up") == 0
+                assert metrics.collector._pending is first and first.is_alive()
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            await trio.to_thread.run_sync(first.join, 60)
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "jobs_store_up") == 1
+            assert value(got, P + "jobs", state="ready2run") == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_command_serves_metrics_and_refuses_a_busy_metrics_port(tmp_path):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = await dext_run_async("coordinator", "--jobs", url, "--listen", "127.0.0.1:0",
+                                    "--metrics", f"127.0.0.1:{port}")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert b"--metrics" in done.stderr and b"Traceback" not in done.stderr
+    proc = await trio.lowlevel.open_process(
+        [
+            *DEXT,
+            "coordinator",
+            "--jobs",
+            url,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        env=dext_env(),
+    )
+    assert proc.stderr is not None
+    seen = b""
+    try:
+        with trio.fail_after(60):
+            while b"serving the worker-prover RPC at" not in seen:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen
+                seen += chunk
+            metrics_url = seen.split(b"metrics on ", 1)[1].split()[0].decode()
+            got = await scrape(metrics_url)
+            assert value(got, P + "jobs_store_up") == 1
+            assert value(got, P + "jobs", state="ready2run") == 0
+            assert value(got, P + "job_allocations_total") == 0
+            assert any(name == "process_cpu_seconds_total" for name, _ in got)
+            proc.send_signal(signal.SIGTERM)
+            while chunk := await proc.stderr.receive_some(4096):
+                seen += chunk
+            assert await proc.wait() == 0, seen
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert b"Traceback" not in seen
+
+
+@pytest.mark.parametrize("bad", ["nonsense:port", "127.0.0.1:99999"])
+async def test_a_bad_metrics_address_exits_2(tmp_path, bad):
+    done = await dext_run_async("coordinator", "--jobs", f"sqlite:///{tmp_path}/j.db",
+                                "--metrics", bad)  # fmt: skip
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"--metrics" in done.stderr
+
+
+async def test_the_dext_methods_are_counted_as_the_venus_ones_are(tmp_path):
+    clock = Clock()
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        jobs = TrioJobStore(store, clock=clock)
+        for seed in (1, 2):
+            await jobs.create(make_input(seed=seed, miner=1000, proof_type=PROOF))
+        async with trio.open_nursery() as nursery:
+            _, client, metrics_server, _ = await start(nursery, store, clock)
+            spec = {"AllowedMiners": [], "AllowedProofTypes": []}
+            _, answer = await client.call("Dext.AllocateJobs", spec, 2, "worker-b")
+            first, second = answer["result"]
+            _, answer = await client.call(
+                "Dext.HeartbeatJobs", [{"Id": first["Id"], "Lease": "not-the-lease"}], "worker-b"
+            )
+            assert [stop["Id"] for stop in answer["result"]] == [first["Id"]]
+            _, answer = await client.call("Dext.FinishJob", second["Id"], second["Lease"], None, "")
+            assert answer["result"] is None
+            _, answer = await client.call("Dext.FinishJob", first["Id"], "not-the-lease", None, "")
+            assert answer["error"]["code"] == 2
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_allocations_total") == 2
+            assert value(got, P + "job_finishes_total", result="ok") == 1
+            assert value(got, P + "job_refusals_total", event="heartbeat") == 1
+            assert value(got, P + "job_refusals_total", event="finish") == 1
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,189 @@
+"""The worker-prover RPC client: addresses, answers, errors, its one kept-alive connection; over
+real HTTP against an in-process coordinator on a real SQLite store."""
+
+from __future__ import annotations
+
+import socket
+from functools import partial
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+from test_jobs_rules import make_input
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs import rpc
+from damocles_ext.jobs.client import (
+    RpcCallError,
+    RpcClient,
+    RpcConnectionError,
+    RpcProtocolError,
+    RpcTimeout,
+)
+from damocles_ext.jobs.endpoint import Endpoint, parse_endpoint
+from damocles_ext.jobs.model import WdPoStInput
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+
+PROOF = "StackedDrgWindow2KiBV1_2"
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        ("/ip4/1.2.3.4/tcp/1789", Endpoint("1.2.3.4", 1789, "/rpc/v0")),
+        ("/ip4/1.2.3.4/tcp/1789/http", Endpoint("1.2.3.4", 1789, "/rpc/v0")),
+        ("/ip6/::1/tcp/2000", Endpoint("::1", 2000, "/rpc/v0")),
+        ("/dns/manager.lan/tcp/1789/", Endpoint("manager.lan", 1789, "/rpc/v0")),
+        ("/dns4/manager/tcp/1", Endpoint("manager", 1, "/rpc/v0")),
+        ("http://manager:1789", Endpoint("manager", 1789, "/rpc/v0")),
+        ("http://manager", Endpoint("manager", 80, "/rpc/v0")),
+        ("http://[::1]:1789/other/path", Endpoint("::1", 1789, "/other/path")),
+        ("127.0.0.1:1789", Endpoint("127.0.0.1", 1789, "/rpc/v0")),
+        ("[::1]:1789", Endpoint("::1", 1789, "/rpc/v0")),
+    ],
+)
+def test_an_address_is_a_multiaddr_a_url_or_host_port(text, endpoint):
+    assert parse_endpoint(text) == endpoint
+
+
+def test_an_endpoint_writes_its_url_and_host_header():
+    assert Endpoint("::1", 1789).url == "http://[::1]:1789/rpc/v0"
+    assert Endpoint("::1", 1789).host_header == "[::1]:1789"
+    assert Endpoint("manager", 80).host_header == "manager"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "empty"),
+        ("/ip4/1.2.3.4/udp/1789", "not a multiaddr of a TCP address"),
+        ("/ip4/::1/tcp/1789", "not an ip4 address"),
+        ("/ip6/1.2.3.4/tcp/1789", "not an ip6 address"),
+        ("/ip4/1.2.3.4/tcp/17x9", "must be a number"),
+        ("/ip4/1.2.3.4/tcp/1789/https", "only plain HTTP"),
+        ("https://manager:1789", "only http://"),
+        ("http://:1789", "has no host"),
+        ("http://manager:99999", "must be a number"),
+        ("manager", "not an RPC address"),
+        ("manager:0", "must be a number"),
+    ],
+)
+def test_a_bad_address_says_what_is_wrong(text, words):
+    with pytest.raises(ValueError, match=words):
+        parse_endpoint(text)
+
+
+@pytest.fixture
+def job_store(tmp_path):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+async def serving(nursery: trio.Nursery, job_store: JobStore, **kw) -> CoordinatorServer:
+    server = CoordinatorServer(Coordinator(TrioJobStore(job_store)), "127.0.0.1", 0, **kw)
+    await nursery.start(server.serve)
+    return server
+
+
+async def test_calls_give_results_over_one_kept_alive_connection(job_store):
+    job, _ = await TrioJobStore(job_store).create(make_input(miner=1000, proof_type=PROOF))
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        async with RpcClient(f"/ip4/127.0.0.1/tcp/{server.port}") as client:
+            [allocated] = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
+            assert allocated["Id"] == job.Id
+            assert msgspec.convert(allocated["Input"], WdPoStInput) == job.Input
+            assert await client.call("Venus.WdPoStHeartbeatJobs", [job.Id], "worker-a") is None
+            everything = await client.call("Venus.WdPoStAllJobs")
+            assert [j["Id"] for j in everything["Jobs"]] == [job.Id]
+            assert client.connections_opened == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_json_rpc_errors_are_raised_with_their_code_whatever_the_http_status(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        async with RpcClient(f"http://127.0.0.1:{server.port}") as client:
+            # go-jsonrpc sends these with HTTP 500: the body is the error.
+            with pytest.raises(RpcCallError) as caught:
+                await client.call("Venus.NoSuchMethod")
+            assert (caught.value.status, caught.value.code) == (500, rpc.METHOD_NOT_FOUND)
+            assert caught.value.message == "method 'Venus.NoSuchMethod' not found"
+            with pytest.raises(RpcCallError) as caught:
+                await client.call("Venus.WdPoStResetJob", "nope")
+            assert (caught.value.status, caught.value.code) == (200, rpc.METHOD_ERROR)
+            assert caught.value.message == "job 'nope' does not exist"
+            assert "Venus.WdPoStResetJob at http://127.0.0.1:" in str(caught.value)
+            # The connection is still good after errors.
+            assert (await client.call("Venus.WdPoStAllJobs"))["Jobs"] == []
+            assert client.connections_opened == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_token_is_sent_as_a_bearer_token(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store, token="t0k3n")
+        async with RpcClient(f"127.0.0.1:{server.port}", token="t0k3n") as client:
+            assert (await client.call("Venus.WdPoStAllJobs"))["MaxTry"] == 2
+        async with RpcClient(f"127.0.0.1:{server.port}") as client:
+            with pytest.raises(RpcCallError) as caught:
+                await client.call("Venus.WdPoStAllJobs")
+            assert (caught.value.status, caught.value.code) == (401, rpc.UNAUTHORIZED)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_opened_again(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        async with RpcClient(f"127.0.0.1:{server.port}") as client:
+            await client.call("Venus.WdPoStAllJobs")
+            assert server._slots is not None
+            [conn] = server._slots._open
+            await trio.testing.wait_all_tasks_blocked()  # the server is back waiting on it
+            assert server._slots.evict_idle("as its idle timeout would") == 1
+            await conn.closed.wait()
+            assert (await client.call("Venus.WdPoStAllJobs"))["Jobs"] == []
+            assert client.connections_opened == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_connection_is_a_clear_error_naming_the_url():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: connections are refused
+        async with RpcClient(f"/ip4/127.0.0.1/tcp/{port}") as client:
+            with pytest.raises(RpcConnectionError) as caught:
+                await client.call("Venus.WdPoStAllJobs")
+    message = str(caught.value)
+    assert f"cannot connect to http://127.0.0.1:{port}/rpc/v0" in message
+    assert "Venus.WdPoStAllJobs" in message and "refused" in message.lower()
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(job_store):
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        async with RpcClient(f"http://127.0.0.1:{server.port}/not/the/rpc") as client:
+            with pytest.raises(RpcProtocolError, match=r"HTTP 404 .*POST /rpc/v0"):
+                await client.call("Venus.WdPoStAllJobs")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_call_with_no_answer_times_out_and_drops_its_connection(autojump_clock):
+    got_request = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        got_request.set()
+        await trio.sleep_forever()  # read the request, never answer
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}", timeout=30) as client:
+            with pytest.raises(RpcTimeout, match=r"no answer from .* within 5 s"):
+                await client.call("Venus.WdPoStAllJobs", timeout=5)
+            assert got_request.is_set()
+            assert client._stream is None
+        nursery.cancel_scope.cancel()

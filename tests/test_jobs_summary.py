@@ -1,0 +1,223 @@
+"""The job store's summary (`status --jobs`, the metrics' gauges): the jobs by kind, the oldest
+ready job, the live workers and the ready jobs none of them may take. The rules on plain values
+(jobs/summary.py), then a real store on SQLite and PostgreSQL, time passed in, never slept."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs import database, model, rules, store, summary
+from damocles_ext.jobs.rules import AllocationSpec
+from damocles_ext.jobs.store import JobStore
+
+T0 = 1_700_000_000.0
+W2K = "StackedDrgWindow2KiBV1_2"
+W32G = "StackedDrgWindow32GiBV1_2"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def js(store_url: str):
+    with JobStore.open(store_url) as s:
+        yield s
+
+
+# --- the rules, on plain values -----------------------------------------------------------------
+
+
+def group(miner: int, proof: str = W2K, jobs: int = 1, oldest: int = int(T0)):
+    return summary.ReadyGroup(miner, proof, jobs, oldest)
+
+
+def test_ready_jobs_no_live_workers_filters_admit_are_unallocatable():
+    ready = [group(1000, jobs=2), group(2000, jobs=3), group(1000, W32G, jobs=5)]
+    seen = [
+        summary.WorkerSeen("a", AllocationSpec((1000,), (W2K,)), T0),
+        summary.WorkerSeen("b", AllocationSpec((), (W32G,)), T0),
+    ]
+    s = summary.summarize(counts={"ready2run": 10}, ready=ready, oldest_ready=("J", int(T0) - 90),
+                          workers=seen, now=T0 + 30)  # fmt: skip
+    # a takes miner 1000's 2KiB jobs, b every 32GiB one: miner 2000's 2KiB jobs have nobody.
+    assert s.unallocatable == 3
+    assert s.unallocatable_groups == [summary.UnallocatableGroup(2000, W2K, 3)]
+    assert s.live_workers == 2 and [w.worker for w in s.workers] == ["a", "b"]
+    assert s.oldest_ready_job == "J" and s.oldest_ready_age == 120
+    assert s.jobs == dict.fromkeys(summary.KINDS, 0) | {"ready2run": 10} and s.total == 10
+
+
+def test_a_worker_not_seen_within_the_window_no_longer_counts():
+    ready = [group(1000)]
+    seen = [summary.WorkerSeen("a", AllocationSpec(), T0)]
+    fresh = summary.summarize(counts={}, ready=ready, oldest_ready=None, workers=seen,
+                              now=T0 + summary.DEFAULT_LIVE_WINDOW)  # fmt: skip
+    assert (fresh.live_workers, fresh.unallocatable) == (1, 0)
+    gone = summary.summarize(counts={}, ready=ready, oldest_ready=None, workers=seen,
+                             now=T0 + summary.DEFAULT_LIVE_WINDOW + 1)  # fmt: skip
+    assert (gone.live_workers, gone.unallocatable, gone.workers) == (0, 1, [])
+
+
+def test_with_no_live_worker_every_ready_job_is_unallocatable():
+    s = summary.summarize(counts={"ready2run": 4}, ready=[group(1), group(2, jobs=3)],
+                          oldest_ready=None, workers=[], now=T0)  # fmt: skip
+    assert s.unallocatable == 4 and s.live_workers == 0
+
+
+def test_a_spec_is_stored_in_one_canonical_form():
+    assert summary.spec_key(AllocationSpec((2, 1, 2), ("b", "a"))) == summary.spec_key(
+        AllocationSpec((1, 2), ("a", "b"))
+    )
+    spec = AllocationSpec((1, 2), ("a",))
+    assert summary.spec_of_key(summary.spec_key(spec)) == spec
+    assert summary.spec_of_key("not json") == AllocationSpec()
+
+
+def test_an_unknown_job_kind_is_refused_by_name():
+    with pytest.raises(ValueError, match="not a job kind: \\['done'\\]"):
+        summary.summarize(counts={"done": 1}, ready=[], oldest_ready=None, workers=[], now=T0)
+
+
+# --- on a real store ----------------------------------------------------------------------------
+
+
+def test_the_summary_of_a_store_with_jobs_of_every_kind(js):
+    js.limits = rules.JobLimits(max_try=1)  # a failure is final: it stays finished-failed
+    ids = {}
+    for name, seed, not_after in [("ok", 1, None), ("failed", 2, None), ("cancelled", 3, T0 + 100),
+                                  ("running", 4, None)]:  # fmt: skip
+        job, _ = js.create(make_input(seed=seed), T0, not_after=not_after)
+        [taken] = [j for j in js.allocate(AllocationSpec(), 1, name, T0 + 1) if j.Id == job.Id]
+        ids[name] = taken
+    js.create(make_input(seed=5), T0 + 5)
+    js.create(make_input(seed=6), T0 + 3)
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    js.finish(ids["ok"].Id, out, "", T0 + 2, lease=ids["ok"].lease)
+    js.finish(ids["failed"].Id, None, "gpu fell off", T0 + 2, lease=ids["failed"].lease)
+    js.heartbeat([ids["running"].Id], "running", T0 + 95)
+    js.sweep(T0 + 100)  # the job with a deadline is cancelled; the failed one has no try left
+    s = js.summary(T0 + 103)
+    assert s.jobs == {"ready2run": 2, "running": 1, "finished-ok": 1, "finished-failed": 1,
+                      "cancelled": 1}  # fmt: skip
+    assert s.total == 6 and s.schema == "damocles-ext/jobs/1"
+    oldest = js.get(model.job_id(make_input(seed=6)))
+    assert (s.oldest_ready_job, s.oldest_ready_created_at) == (oldest.Id, int(T0) + 3)
+    assert s.oldest_ready_age == 100
+    assert s.store == js.where
+
+
+def test_unallocatable_follows_two_workers_different_filters(js):
+    for seed, miner, proof in [(1, 1000, W2K), (2, 2000, W2K), (3, 2000, W2K), (4, 3000, W32G)]:
+        js.create(make_input(seed=seed, miner=miner, proof_type=proof), T0)
+    assert js.summary(T0).unallocatable == 4  # nobody has asked yet
+    # Two workers that find nothing: a asks for miner 5000's jobs, b for 32GiB ones only.
+    assert js.allocate(AllocationSpec((5000,), ()), 1, "a", T0 + 1) == []
+    assert js.allocate(AllocationSpec((), ("StackedDrgWindow8MiBV1_2",)), 1, "b", T0 + 1) == []
+    s = js.summary(T0 + 2)
+    assert (s.live_workers, s.unallocatable) == (2, 4)
+    # b now asks for 32GiB jobs and takes miner 3000's; a asks for miner 2000's with 0 slots.
+    [taken] = js.allocate(AllocationSpec((), (W32G,)), 1, "b", T0 + 3)
+    assert taken.Input.MinerId == 3000
+    assert js.allocate(AllocationSpec((2000,), (W2K,)), 0, "a", T0 + 3) == []
+    s = js.summary(T0 + 4)
+    # Miner 1000's job is the one no live worker's filters admit.
+    assert s.unallocatable == 1
+    assert s.unallocatable_groups == [summary.UnallocatableGroup(1000, W2K, 1)]
+    assert s.live_workers == 2
+    assert {(w.worker, tuple(w.allowed_miners), tuple(w.allowed_proof_types)) for w in s.workers} \
+        == {("a", (5000,), ()), ("a", (2000,), (W2K,)), ("b", (), ("StackedDrgWindow8MiBV1_2",)),
+            ("b", (), (W32G,))}  # fmt: skip
+
+
+def test_a_dead_worker_no_longer_counts_and_heartbeats_and_pings_keep_one_alive(js):
+    js.create(make_input(seed=1, miner=1000), T0)
+    js.create(make_input(seed=2, miner=1000), T0)
+    [taken] = js.allocate(AllocationSpec((1000,)), 1, "busy", T0)
+    assert js.allocate(AllocationSpec((1000,)), 0, "idle", T0) == []
+    js.allocate(AllocationSpec((1000,)), 0, "pinging", T0)
+    window = summary.DEFAULT_LIVE_WINDOW
+    # "busy" heartbeats its job, "pinging" pings, "idle" is silent; a sealing-only worker that
+    # pings without ever asking for jobs is not a WindowPoSt worker.
+    for t in range(15, int(window) + 60, 15):
+        js.heartbeat([taken.Id], "busy", T0 + t)
+        js.worker_seen("pinging", T0 + t)
+        js.worker_seen("sealer", T0 + t)
+    s = js.summary(T0 + window + 60)
+    assert s.live_workers == 2 and {w.worker for w in s.workers} == {"busy", "pinging"}
+    assert s.unallocatable == 0
+    # Nobody is heard from for longer than the window: the ready job has no live worker.
+    s = js.summary(T0 + 3 * window)
+    assert (s.live_workers, s.unallocatable) == (0, 1)
+    # A longer window: the same silences are inside it, the idle worker's too.
+    assert js.summary(T0 + 3 * window, live_window=10 * window).live_workers == 3
+
+
+def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
+    js.allocate(AllocationSpec(), 0, "old", T0)
+    js.allocate(AllocationSpec(), 0, "new", T0 + js.limits.job_lifetime)
+    js.cleanup(T0 + js.limits.job_lifetime + 1)
+    everyone = js.summary(T0 + js.limits.job_lifetime + 1, live_window=10 * js.limits.job_lifetime)
+    assert [w.worker for w in everyone.workers] == ["new"]
+
+
+def test_a_store_of_the_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url):
+    # A version-1 store as the previous release made it: the jobs table and the version, no
+    # workers table.
+    engine = store.make_engine(store_url)
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    try:
+        with engine.begin() as conn:
+            store.schema_version.create(conn)
+            store.jobs.create(conn)
+            conn.execute(store.schema_version.insert().values(version=1))
+            conn.execute(store.jobs.insert().values(database.row_values(job)))
+    finally:
+        engine.dispose()
+    with JobStore.open(store_url) as s:
+        assert s.schema_version() == store.SCHEMA_VERSION == 2
+        assert s.get(job.Id) == job
+        assert s.summary(T0).unallocatable == 1
+        s.allocate(AllocationSpec((1234,)), 0, "w", T0)
+        assert s.summary(T0).unallocatable == 0
+        with s.engine.begin() as conn:
+            assert sa.inspect(conn).has_table("dext_workers")
+    with JobStore.open(store_url) as s:  # and a second open finds nothing to do
+        assert s.migrate() == 2 and s.get(job.Id) == job
+
+
+async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clock(store_url):
+    now = [T0]
+    with JobStore.open(store_url) as s:
+        jobs = store.TrioJobStore(s, clock=lambda: now[0])
+        await jobs.create(make_input(seed=1))
+        await jobs.allocate(AllocationSpec((7,)), 1, "w")
+        now[0] += 100
+        await jobs.worker_seen("w")
+        now[0] += 100
+        got = await jobs.summary()
+        assert (got.time, got.live_workers, got.unallocatable) == (T0 + 200, 1, 1)
+        assert got.oldest_ready_age == 200
+
+
+def test_two_coordinators_on_one_postgresql_see_each_others_workers(postgres_url):
+    # Each store is its own engine, as two coordinator processes would have.
+    with JobStore.open(postgres_url) as one, JobStore(postgres_url) as two:
+        one.create(make_input(seed=1, miner=1000), T0)
+        one.create(make_input(seed=2, miner=2000), T0)
+        one.create(make_input(seed=3, miner=3000), T0)
+        assert one.allocate(AllocationSpec((1000,)), 0, "a", T0) == []
+        assert two.allocate(AllocationSpec((2000,)), 0, "b", T0) == []
+        for s in (one, two):
+            got = s.summary(T0 + 1)
+            assert (got.live_workers, got.unallocatable) == (2, 1)
+            assert got.unallocatable_groups == [summary.UnallocatableGroup(3000, W2K, 1)]
+        # b's pings reach the other coordinator; a goes silent.
+        two.worker_seen("b", T0 + 100)
+        got = one.summary(T0 + 200)
+        assert [w.worker for w in got.workers] == ["b"] and got.unallocatable == 2
