@@ -42,7 +42,7 @@ from pathlib import Path
 from damocles_ext_plugins.testing import echo_output
 
 from bench.bench_jobs import coordinator, postgres_engine
-from bench.jobs_clients import MINER, PROOF_TYPE, BenchFailure, RpcClient
+from bench.jobs_clients import MINER, PROOF_TYPE, BenchFailure, BlockingRpc
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.protocol import jsonl
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
@@ -124,7 +124,7 @@ class Worker:
     finished each job (perf_counter, this process's clock)."""
 
     def __init__(self, port: int, store: Path, poll: float) -> None:
-        self.client = RpcClient(port, "bench-worker")
+        self.client = BlockingRpc(port, "bench-worker")
         self.client.call("Venus.StoreBasicInfo", STORE)  # as a damocles-worker does at start
         self.store = store
         self.poll = poll

@@ -10,7 +10,7 @@ Three kinds, run with the same number of concurrent clients on the same database
   synchronous NORMAL, the busy timeout).
 - `store_client`: `JobStore.allocate(spec, 1, worker)` on a JobStore of its own (one connection:
   a client is a process of its own in a real deployment).
-- `RpcClient`: a kept-alive HTTP/1.1 connection to a `damocles-ext coordinator`, calling
+- `BlockingRpc`: a kept-alive HTTP/1.1 connection to a `damocles-ext coordinator`, calling
   `Venus.WdPoStAllocateJobs(spec, 1, worker)` then `Venus.WdPoStFinishJob` for the job, as a
   damocles-worker's wdpost planner does (without its heartbeats: a job here is finished at once).
 """
@@ -250,7 +250,7 @@ def store_client(url: str, worker: str) -> Client:
 # --- over the coordinator's RPC ---------------------------------------------------------------
 
 
-class RpcClient:
+class BlockingRpc:
     """One kept-alive HTTP/1.1 connection to a coordinator, calling as go-jsonrpc does."""
 
     def __init__(self, port: int, worker: str) -> None:
@@ -290,7 +290,7 @@ class RpcClient:
 
 def rpc_client(port: int, worker: str) -> Client:
     def connect() -> Callable[[], list[str]]:
-        client = RpcClient(port, worker)
+        client = BlockingRpc(port, worker)
         client.call("Venus.WorkerPing", {"Name": worker})  # connects before the clock starts
         return client.allocate_all
 
@@ -301,7 +301,7 @@ def rpc_idle_client(port: int, worker: str, calls: int) -> Client:
     """A worker with nothing to do: `calls` allocations, each of which must find no job."""
 
     def connect() -> Callable[[], list[str]]:
-        client = RpcClient(port, worker)
+        client = BlockingRpc(port, worker)
         client.call("Venus.WorkerPing", {"Name": worker})
 
         def poll() -> list[str]:
