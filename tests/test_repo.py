@@ -81,6 +81,8 @@ SANS_IO = [
     "jobs/rpc.py",  # the worker-prover RPC as JSON-RPC 2.0 bodies
     "jobs/summary.py",  # the job store's summary: live workers, unallocatable jobs
     "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
+    "config/damocles_worker_keys.py",  # damocles-worker.toml's keys, durations, sector sizes
+    "config/damocles_worker_values.py",  # typed reads of damocles-worker.toml's tables
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

@@ -9,11 +9,20 @@ creates directories: that is the supervisor's job.
 This package's names are its API; its modules are where each part lives:
 spec (ChildSpec, Config, ConfigError, defaults and bounds), load (the file and the TOML into
 children), keys (each key's type and checks), messages (error wording), machine (the tmp root,
-the GPUs), startup (can the children start here).
+the GPUs), startup (can the children start here). damocles_worker reads damocles-worker.toml for
+`damocles-ext worker` (its key table and value forms: damocles_worker_keys; typed reads of its
+tables: damocles_worker_values).
 """
 
 from __future__ import annotations
 
+from .damocles_worker import (
+    AttachedStore,
+    DamoclesWorkerConfig,
+    WdPostThread,
+    load_damocles_worker_config,
+    parse_damocles_worker_config,
+)
 from .keys import VALID_KEYS, NonNegFloat, NonNegInt, PosFloat, PosInt
 from .load import load_conf_dir, load_config, parse_config
 from .machine import default_tmp_root, detect_gpus
@@ -72,14 +81,17 @@ __all__ = [
     "TMP_ROOT_ENV",
     "TMP_ROOT_NAME",
     "VALID_KEYS",
+    "AttachedStore",
     "ChildSpec",
     "Config",
     "ConfigError",
+    "DamoclesWorkerConfig",
     "NonNegFloat",
     "NonNegInt",
     "OptionValue",
     "PosFloat",
     "PosInt",
+    "WdPostThread",
     "build_env",
     "check_startable",
     "default_tmp_root",
@@ -89,7 +101,9 @@ __all__ = [
     "format_cpuset",
     "load_conf_dir",
     "load_config",
+    "load_damocles_worker_config",
     "parse_config",
+    "parse_damocles_worker_config",
     "program_problem",
     "startup_problems",
 ]

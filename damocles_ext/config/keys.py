@@ -241,11 +241,14 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
 _CPU_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def _parse_cpuset(where: str, text: str | None) -> tuple[frozenset[int] | None, list[str]]:
-    """Linux cpuset list syntax ("10-19,24") -> the set of CPU numbers."""
+def _parse_cpuset(
+    where: str, text: str | None, key: str = "Cpuset"
+) -> tuple[frozenset[int] | None, list[str]]:
+    """Linux cpuset list syntax ("10-19,24") -> the set of CPU numbers; `key` names the value in
+    messages (damocles-worker.toml calls it cgroup.cpuset)."""
     if text is None:
         return None, []
-    path = f"{where}.Cpuset"
+    path = f"{where}.{key}"
     if not text.strip():
         return None, [f'{path}: expected CPU numbers and ranges, e.g. "10-19,24", found ""']
     cpus: set[int] = set()

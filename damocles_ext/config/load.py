@@ -34,21 +34,24 @@ from .spec import (
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate an ext-prover.cfg file; raise ConfigError listing every problem."""
     source = os.fspath(path)
+    return parse_config(read_config_text(source, CONF_FILE_NAME), source)
+
+
+def read_config_text(source: str, kind: str) -> str:
+    """A config file's text, at most MAX_CONFIG_BYTES of UTF-8; ConfigError says why not.
+    `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages."""
     p = Path(source)
     try:
         with p.open("rb") as f:
             # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
             data = f.read(MAX_CONFIG_BYTES + 1)
     except IsADirectoryError:
-        raise ConfigError(
-            source,
-            [
-                (
-                    f"{source}: is a directory, not a config file; to read "
-                    f"{os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
-                )
-            ],
-        ) from None
+        hint = (
+            f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+            if kind == CONF_FILE_NAME
+            else f"; give the path of the {kind} file"
+        )
+        raise ConfigError(source, [f"{source}: is a directory, not a config file{hint}"]) from None
     except FileNotFoundError:
         raise ConfigError(
             source, [f"{source}: cannot read the config file: no such file (check the path)"]
@@ -68,19 +71,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             source,
             [
                 (
-                    f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no ext-prover.cfg "
+                    f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no {kind} "
                     f"needs; is it the right file?"
                 )
             ],
         )
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             source,
             [f"{source}: not UTF-8 text (bad byte at offset {exc.start}); TOML files are UTF-8"],
         ) from None
-    return parse_config(text, source)
 
 
 def load_conf_dir(directory: str | os.PathLike[str]) -> Config:

@@ -1,0 +1,520 @@
+"""damocles-worker.toml read as is: what `damocles-ext worker` takes from it, what it reports,
+and the errors for bad values.
+
+The realistic file is tests/configs/damocles-worker.toml (modelled on damocles' own example);
+the bad ones are written here, each next to the message it must give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.supervisor import jsonl_child, window_task
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.config import ConfigError
+from damocles_ext.config.damocles_worker import (
+    ENV_CGROUP_CPUSET,
+    ENV_CGROUP_NAME,
+    ENV_NUMA_PREFERRED,
+    AttachedStore,
+    load_damocles_worker_config,
+    parse_damocles_worker_config,
+)
+from damocles_ext.config.damocles_worker_keys import (
+    ATTACHED,
+    PROCESSOR,
+    SCHEMA,
+    THREAD,
+    parse_humantime,
+    sector_size,
+)
+from damocles_ext.config.spec import MAX_CONCURRENT
+from damocles_ext.errors import EXIT_USAGE, UsageError
+from damocles_ext.jobs.endpoint import parse_endpoint
+from damocles_ext.tasks import WindowPoStOutput
+
+FIXTURE = Path(__file__).parent / "configs" / "damocles-worker.toml"
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.sig"  # the fixture's bearer token
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A directory holding the fixture's ./persist stores, as the working directory."""
+    for store in ("persist/store1", "persist/store2"):
+        (tmp_path / store).mkdir(parents=True)
+    shutil.copy(FIXTURE, tmp_path / "damocles-worker.toml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def parse(text: str, tmp_path: Path, **kwargs):
+    return parse_damocles_worker_config(text, str(tmp_path / "damocles-worker.toml"), **kwargs)
+
+
+# A small valid file; the bad-value tests change one thing in it.
+BASE = """
+[sector_manager]
+rpc_client.addr = "/ip4/127.0.0.1/tcp/1789"
+
+[[sealing_thread]]
+plan = "wdpost"
+
+[[attached]]
+name = "s1"
+location = "{store}"
+"""
+
+
+def base(tmp_path: Path, extra: str = "", **replace: str) -> str:
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    text = BASE.replace("{store}", str(store))
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    return text + extra
+
+
+def test_the_realistic_file_gives_the_worker_its_manager_name_and_token(site):
+    cfg = load_damocles_worker_config("damocles-worker.toml")
+    assert cfg.manager == "/ip4/10.0.0.2/tcp/1789"
+    assert parse_endpoint(cfg.manager).url == "http://10.0.0.2:1789/rpc/v0"
+    assert cfg.name == "gpu-box-07"
+    # The bearer token is the token; the other headers are sent as written.
+    assert cfg.token == TOKEN
+    assert cfg.headers == {"User-Agent": "jsonrpc-core-client"}
+    assert TOKEN not in repr(cfg)
+
+
+def test_the_realistic_file_gives_each_wdpost_thread_its_merged_filters(site):
+    cfg = load_damocles_worker_config("damocles-worker.toml")
+    first, second = cfg.threads
+    # Its own sealing.* keys win over [sealing]...
+    assert (first.index, first.allowed_miners, first.allowed_sizes) == (2, (10123,), ("32GiB",))
+    assert first.allowed_proof_types == (
+        "StackedDrgWinning32GiBV1",
+        "StackedDrgWindow32GiBV1",
+        "StackedDrgWindow32GiBV1_2",
+    )
+    assert first.recover_interval == 15.0
+    # ...and a thread without them takes [sealing]'s.
+    assert second.allowed_miners == (10123, 10124)
+    assert second.allowed_sizes == ("32GiB", "64GiB")
+    assert second.recover_interval == 15.0
+    # Threads of other plans are counted (a thread without plan is a sealer), not read.
+    assert cfg.other_threads == {"sealer": 1, "snapup": 1}
+    # What one worker pulling for both threads asks for.
+    assert cfg.allowed_miners == (10123, 10124)
+    assert cfg.allowed_sizes == ("32GiB", "64GiB")
+    assert cfg.idle_poll == 15.0
+    assert cfg.window_post_limit == 2 and cfg.max_jobs == 2
+
+
+def test_the_realistic_file_attaches_its_stores_named_as_damocles_names_them(site):
+    cfg = load_damocles_worker_config("damocles-worker.toml")
+    store2 = os.path.realpath(site / "persist" / "store2")
+    assert cfg.attached == (
+        AttachedStore("persist-store1", os.path.realpath(site / "persist" / "store1"), False),
+        AttachedStore(store2, store2, True),  # no name: its absolute path
+    )
+
+
+def test_the_realistic_file_turns_window_post_processors_into_children(site):
+    cfg = load_damocles_worker_config("damocles-worker.toml")
+    builtin, own = cfg.children
+    assert [c.name for c in cfg.children] == ["window_post#0", "window_post#1"]
+    # No bin: damocles-worker's own processor, as damocles-worker runs it.
+    assert builtin.argv == ("damocles-worker", "processor", "window_post")
+    assert builtin.kind == "damocles-worker"
+    assert builtin.envs[ENV_CGROUP_NAME] == f"vc-worker/sub-window_post-{os.getpid()}-0"
+    assert builtin.envs[ENV_CGROUP_CPUSET] == "16-23"
+    assert builtin.cpuset == frozenset(range(16, 24))
+    assert builtin.envs["TMPDIR"] == "/var/tmp/wdpost0/"
+    assert builtin.ready_timeout == 10.0  # stable_wait
+    # No concurrent: as many proofs as damocles-worker would send it (2 threads, limit 2).
+    assert builtin.concurrent == 2
+    assert builtin.auto_restart and builtin.inherit_envs
+    assert builtin.locks == ("gpu0", "gpu:0") and builtin.gpu == "0"
+    assert own.argv == (
+        "/usr/local/bin/damocles-worker-wdpost-optimized",
+        "processor",
+        "window_post",
+        "--fast",
+    )
+    assert own.envs[ENV_CGROUP_NAME] == f"wdpost/sub-window_post-{os.getpid()}-1"
+    assert own.envs[ENV_NUMA_PREFERRED] == "1"
+    assert own.concurrent == 1 and own.ready_timeout == 5.0
+    assert not own.auto_restart and not own.inherit_envs
+    assert cfg.to_config().children == list(cfg.children)
+
+
+def test_every_key_the_worker_does_not_read_is_reported_with_file_and_table(site):
+    cfg = load_damocles_worker_config("damocles-worker.toml")
+    text = "\n".join(cfg.warnings)
+    assert all(w.startswith("damocles-worker.toml: ") for w in cfg.warnings)
+    for table, keys in [
+        ("[worker]", "rpc_server"),
+        ("[metrics]", "enable, http_listen"),
+        ("[sector_manager]", "piece_token"),
+        ("[sealing]", "enable_deals, max_retries, seal_interval"),
+        ("[sealing_thread[3].sealing]", "seal_interval"),
+        ("[processors]", "static_tree_d, pc1, pc2, c2"),
+        ("[processors.limitation]", "staggered"),
+        ("[processors.limitation.concurrent]", "pc1, pc2, c2"),
+    ]:
+        assert f"{table}: {keys}: damocles-worker settings" in text, table
+    assert '1 of plan "sealer", 1 of plan "snapup": sealing work, not ours' in text
+
+
+def test_a_misspelt_or_retired_key_is_reported_with_a_suggestion(tmp_path):
+    text = base(
+        tmp_path,
+        '[remote_store]\nname = "x"\nlocation = "/x"\n',
+        **{'plan = "wdpost"': 'plan = "wdpost"\nsealing.alowed_miners = [1000]'},
+    )
+    cfg = parse(text, tmp_path)
+    assert cfg.threads[0].allowed_miners == ()  # damocles ignores the typo, and so do we...
+    warnings = "\n".join(cfg.warnings)
+    # ...but says so.
+    assert (
+        "[sealing_thread[0].sealing]: ignored: 'alowed_miners' (unknown to damocles-worker too; "
+        "did you mean 'allowed_miners'?)" in warnings
+    )
+    assert "top level: ignored: 'remote_store' (damocles-worker no longer reads it" in warnings
+
+
+def test_a_misspelt_plan_is_reported_with_a_suggestion(tmp_path):
+    text = base(tmp_path, '[[sealing_thread]]\nplan = "WdPost"\n')
+    cfg = parse(text, tmp_path)
+    assert len(cfg.threads) == 1 and cfg.other_threads == {"WdPost": 1}
+    assert any(
+        'sealing_thread[1].plan: "WdPost" is no damocles-worker plan (it fails that thread); '
+        "did you mean 'wdpost'?" in w
+        for w in cfg.warnings
+    ), cfg.warnings
+
+
+def test_a_thread_made_wdpost_by_its_location_config_is_read(tmp_path):
+    location = tmp_path / "thread0"
+    location.mkdir()
+    (location / "config.toml").write_text(
+        'plan = "wdpost"\nsealing.allowed_miners = [7]\nsealing.recover_interval = "2m"\n'
+    )
+    text = base(tmp_path, **{'plan = "wdpost"': f'location = "{location}"\nplan = "sealer"'})
+    cfg = parse(text, tmp_path)
+    [thread] = cfg.threads
+    assert (thread.allowed_miners, thread.recover_interval) == ((7,), 120.0)
+    assert any("does not reload it" in w for w in cfg.warnings)
+
+
+def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
+    for d, meta in [("a", {"ID": "123", "Name": ""}), ("b", {"Name": "456"}), ("c", None)]:
+        (tmp_path / "stores" / d).mkdir(parents=True)
+        if meta is not None:
+            (tmp_path / "stores" / d / "sectorstore.json").write_text(json.dumps(meta))
+    text = base(tmp_path, f'[worker]\nscan_persist_stores = ["{tmp_path}/stores/*"]\n')
+    cfg = parse(text, tmp_path)
+    assert [s.name for s in cfg.attached] == ["s1", "123", "456"]  # c has no sectorstore.json
+
+
+def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
+    cfg = parse(base(tmp_path), tmp_path)
+    [child] = cfg.children
+    assert child.argv == ("damocles-worker", "processor", "window_post")
+    assert child.concurrent == 1  # one wdpost thread
+    assert any("no [[processors.window_post]]" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("15s", 15),
+        ("1m", 60),
+        ("1min", 60),
+        ("5min", 300),
+        ("1m 30s", 90),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("2 days", 172800),
+        ("60sec", 60),
+    ],
+)
+def test_durations_read_as_humantime_reads_them(text, seconds):
+    assert parse_humantime(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("15", "15 has no unit"),
+        ("1.5s", "whole numbers only"),
+        ("15 fortnights", "unknown unit"),
+        ("soon", "a number was expected"),
+        ("", "expected a duration"),
+    ],
+)
+def test_a_duration_humantime_refuses_is_refused_with_the_reason(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_humantime(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("32GiB", "32GiB"), ("32 GiB", "32GiB"), ("32gi", "32GiB"), ("8MiB", "8MiB"),
+     ("2KiB", "2KiB"), ("512MiB", "512MiB"), ("64GiB", "64GiB"), ("34359738368", "32GiB")],
+)  # fmt: skip
+def test_sector_sizes_read_as_byte_unit_reads_them(text, size):
+    assert sector_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["32GB", "32G", "33GiB", "32gib", "big", "32 GiB extra"])
+def test_a_size_that_is_not_a_sector_size_is_refused(text):
+    with pytest.raises(ValueError, match="sector size"):
+        sector_size(text)
+
+
+# Each bad file: what to change in BASE (or add to it), and what the message must say.
+BAD = [
+    pytest.param(
+        {'[sector_manager]\nrpc_client.addr = "/ip4/127.0.0.1/tcp/1789"\n': ""},
+        "",
+        "no [sector_manager] table",
+        id="no-manager",
+    ),
+    pytest.param(
+        {"/ip4/127.0.0.1/tcp/1789": "https://manager:1789"},
+        "",
+        "sector_manager.rpc_client.addr: 'https://manager:1789': only http://",
+        id="tls-manager",
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nsealing.allowed_sizes = ["33GiB"]'},
+        "",
+        'sealing_thread[0].sealing.allowed_sizes[0]: "33GiB" is not a sector size',
+        id="bad-size",
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nsealing.allowed_miners = ["t01000"]'},
+        "",
+        'sealing_thread[0].sealing.allowed_miners[0]: expected a miner actor id (a whole number, '
+        '1000 for t01000), found "t01000"',
+        id="miner-address",
+    ),
+    pytest.param(
+        {},
+        "[sealing]\nrecover_interval = 15\n",
+        'sealing.recover_interval: expected a duration string such as "15s" or "1m" (write "15s"',
+        id="duration-number",
+    ),
+    pytest.param(
+        {},
+        '[[processors.window_post]]\nconcurrent = 0\n',
+        "processors.window_post[0].concurrent: expected a whole number from 1 to 1024, found 0",
+        id="concurrent-0",
+    ),
+    pytest.param(
+        {},
+        "[processors.limitation.concurrent]\nwindow_post = -1\n",
+        "processors.limitation.concurrent.window_post: expected a whole number from 1",
+        id="limit-negative",
+    ),
+    pytest.param(
+        {},
+        '[[processors.window_post]]\ncgroup.cpuset = "8-a"\n',
+        'processors.window_post[0].cgroup.cpuset: "8-a" in "8-a" is not a CPU number',
+        id="cpuset",
+    ),
+    pytest.param(
+        {},
+        '[[processors.window_post]]\nlocks = ["gpu9"]\n',
+        'processors.window_post[0].locks[0]: lock "gpu9" is not declared in [processors.ext_locks]',
+        id="undeclared-lock",
+    ),
+    pytest.param(
+        {},
+        '[processors.ext_locks]\ngpu = 2\n[[processors.window_post]]\nlocks = ["gpu"]\n',
+        "damocles-ext's locks have one holder at a time",
+        id="shared-lock",
+    ),
+    pytest.param(
+        {},
+        '[[processors.window_post]]\nstable_wait = "0s"\n',
+        "processors.window_post[0].stable_wait: expected more than 0s",
+        id="stable-wait-0",
+    ),
+    pytest.param(
+        {},
+        "[processors.window_post]\nconcurrent = 1\n",
+        "processors.window_post: written as a single table [processors.window_post]; write "
+        "[[processors.window_post]]",
+        id="single-table",
+    ),
+    pytest.param(
+        {},
+        '[[attached]]\nlocation = "/nonexistent/store"\n',
+        'attached[1].location: "/nonexistent/store" does not exist',
+        id="missing-store",
+    ),
+    pytest.param(
+        {},
+        '[[attached]]\nname = "s1"\nlocation = "/"\n',
+        'attached[1]: store name "s1" is also the name of attached[0]',
+        id="duplicate-store",
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "sealer"'},
+        "",
+        'no [[sealing_thread]] with plan = "wdpost"',
+        id="no-wdpost-thread",
+    ),
+    pytest.param(
+        {},
+        '[sector_manager.rpc_client.headers]\n"X Bad" = "1"\n',
+        'sector_manager.rpc_client.headers: "X Bad" is not an HTTP header name',
+        id="header-name",
+    ),
+    pytest.param(
+        {},
+        "[worker]\nname = \n",
+        "damocles-worker.toml:12:8: invalid TOML",
+        id="toml-syntax",
+    ),
+    pytest.param(
+        {'rpc_client.addr = "/ip4/127.0.0.1/tcp/1789"': 'rpc_client.addr = "/ip4/127.0.0.1/'
+         'tcp/1789"\nrpc_client.headers = { X-Trace = "a\\nb" }'},
+        "",
+        "sector_manager.rpc_client.headers.X-Trace: a header value cannot hold a line break",
+        id="header-newline",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("replace", "extra", "message"), BAD)
+def test_a_bad_value_is_a_usage_error_naming_file_and_key(tmp_path, replace, extra, message):
+    text = base(tmp_path, extra, **replace)
+    with pytest.raises(ConfigError) as info:
+        parse(text, tmp_path)
+    error = info.value
+    assert isinstance(error, UsageError) and error.exit_code == EXIT_USAGE
+    assert str(tmp_path / "damocles-worker.toml") in str(error)
+    assert message in str(error)
+
+
+def test_every_bad_value_in_a_file_is_reported_at_once(tmp_path):
+    text = base(
+        tmp_path,
+        '[sealing]\nallowed_sizes = ["1TiB"]\nrecover_interval = "soon"\n'
+        "[[processors.window_post]]\nconcurrent = 0\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        parse(text, tmp_path)
+    assert len(info.value.errors) == 3, info.value.errors
+
+
+def test_a_missing_file_is_a_usage_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_damocles_worker_config(tmp_path / "damocles-worker.toml")
+
+
+ENV_PROBE = """
+import base64
+seen = {k: os.environ.get(k) for k in ("VC_CG_NAME", "VC_CG_CPUSET", "SITE")}
+seen["affinity"] = sorted(os.sched_getaffinity(0))
+proof = base64.b64encode(json.dumps(seen).encode()).decode()
+msg = {"id": req["id"], "err_msg": None, "output": {"proofs": [proof], "faults": []}}
+sys.stdout.write(json.dumps(msg) + "\\n")
+sys.stdout.flush()
+"""
+
+
+async def test_a_window_post_processor_of_the_file_proves_under_the_supervisor(tmp_path):
+    # The child is a real damocles-style processor (JSON lines); it reports what it was given.
+    cpu = min(os.sched_getaffinity(0))
+    program, *args = jsonl_child(ENV_PROBE)
+    text = base(
+        tmp_path,
+        f"[[processors.window_post]]\nbin = {json.dumps(program)}\nargs = {json.dumps(args)}\n"
+        f'cgroup.cpuset = "{cpu}"\nenvs = {{ SITE = "rack7" }}\n',
+    )
+    cfg = parse(text, tmp_path, pid=4242)
+    async with open_supervisor(cfg.to_config()) as sup:
+        output = await sup.submit(window_task())
+    assert isinstance(output, WindowPoStOutput)
+    seen = json.loads(output.proofs[0])  # the JSON lines' base64, decoded
+    assert seen == {
+        "VC_CG_NAME": "vc-worker/sub-window_post-4242-0",
+        "VC_CG_CPUSET": str(cpu),
+        "SITE": "rack7",
+        "affinity": [cpu],
+    }
+    assert sys.executable == program
+
+
+# -- fuzzing: any document is a config or a clear ConfigError --------------------------------------
+
+KEY_POOL = sorted(
+    {k for table in (SCHEMA, THREAD, PROCESSOR, ATTACHED, SCHEMA["processors"]) for k in table}
+    | set(THREAD["sealing"])
+    | {"rpc_client", "addr", "headers", "cgroup", "cpuset", "group_name", "concurrent", "Name"}
+)
+fuzz_scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10),
+    st.sampled_from(
+        ["wdpost", "sealer", "15s", "1m 30s", "1.5s", "32GiB", "8 MiB", "32GB", "/", "/tmp",
+         "/ip4/127.0.0.1/tcp/1789", "http://h:1", "Bearer t", "0-3", "0-99999999", "a\x00b",
+         "gpu0", "window_post"]
+    ),
+)  # fmt: skip
+fuzz_values = st.recursive(
+    fuzz_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.one_of(st.sampled_from(KEY_POOL), st.text(max_size=5)), inner, max_size=4
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from([*SCHEMA, "remote_store", "odd"]), fuzz_values, max_size=6))
+def test_any_document_is_a_config_or_a_clear_config_error(doc):
+    text = "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in doc.items())
+    source = "/etc/damocles-worker/damocles-worker.toml"
+    try:
+        cfg = parse_damocles_worker_config(text, source, tmp_root="/tmp/damocles-ext")
+    except ConfigError as exc:
+        assert isinstance(exc, UsageError) and exc.exit_code == EXIT_USAGE
+        assert exc.errors and all(isinstance(e, str) and e.strip() for e in exc.errors)
+        assert source in str(exc)
+        return
+    assert cfg.threads and cfg.attached and cfg.children
+    assert parse_endpoint(cfg.manager)
+    for child in cfg.children:
+        assert 1 <= child.concurrent <= MAX_CONCURRENT and child.ready_timeout > 0
+        assert all("\0" not in a for a in child.argv)
+        assert all("\0" not in k + v and "=" not in k for k, v in child.envs.items())

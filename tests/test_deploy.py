@@ -1,0 +1,287 @@
+"""deploy/: the systemd units are valid (systemd-analyze verify), their commands parse with our
+CLI, their stop timeouts cover our graceful stop, they hold no secret; the Grafana dashboard's
+queries name only metrics that a live supervisor and a live coordinator register."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from helpers.supervisor import builtin_child, spec
+
+from damocles_ext import cli
+from damocles_ext.api import open_supervisor
+from damocles_ext.commands.coordinator import STOP_GRACE
+from damocles_ext.jobs.metrics import JobMetrics
+from damocles_ext.jobs.store import JobStore
+from damocles_ext.metrics import SupervisorMetrics
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.supervisor.core import Supervisor
+from damocles_ext.supervisor.reaper import REAP_TIMEOUT
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNITS = sorted(SYSTEMD.glob("*.service"))
+DASHBOARD = ROOT / "deploy" / "grafana" / "damocles-ext.json"
+INSTALLED = "/opt/damocles-ext/bin/damocles-ext"  # where the units expect the program
+
+
+def unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections, each key with every value it is given (systemd's syntax: no
+    continuation lines in ours)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def seconds(value: str) -> float:
+    """A systemd time span of the forms our units use: 30s, 10min, 2min30s."""
+    units = {"s": 1, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+)\s*(min|s|h)", value)
+    assert parts and "".join(n + u for n, u in parts) == value.replace(" ", ""), value
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_there_is_a_unit_for_run_coordinator_and_worker():
+    assert [u.name for u in UNITS] == [
+        "damocles-ext-coordinator.service",
+        "damocles-ext-run.service",
+        "damocles-ext-worker.service",
+    ]
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.stem)
+def test_each_unit_restarts_with_backoff_as_a_dedicated_user_with_its_directories(path):
+    service = unit(path)["Service"]
+    assert service["User"] == ["damocles-ext"] and service["Group"] == ["damocles-ext"]
+    assert service["Restart"] == ["on-failure"]
+    assert seconds(service["RestartSec"][0]) >= 1 and "RestartMaxDelaySec" in service
+    assert service["RestartPreventExitStatus"] == ["2"]  # a usage error does not loop
+    assert service["StateDirectory"] and service["RuntimeDirectory"]
+    # SIGTERM to damocles-ext alone, which stops its children itself.
+    assert service["KillMode"] == ["mixed"] and service["KillSignal"] == ["SIGTERM"]
+    # The user the units run as is the one the sysusers file creates.
+    sysusers = (SYSTEMD / "damocles-ext.sysusers").read_text()
+    assert re.search(r"^u damocles-ext ", sysusers, re.MULTILINE)
+
+
+def test_runs_stop_timeout_outlasts_its_graceful_stop():
+    service = unit(SYSTEMD / "damocles-ext-run.service")["Service"]
+    argv = shlex.split(service["ExecStart"][0])
+    grace = float(argv[argv.index("--shutdown-grace") + 1])
+    stop = inspect.signature(Supervisor).parameters["stop_timeout"].default
+    # The proofs' grace, then each child's Shutdown -> SIGTERM -> SIGKILL, then its reap.
+    assert seconds(service["TimeoutStopSec"][0]) > grace + 2 * stop + REAP_TIMEOUT
+
+
+def test_the_coordinators_stop_timeout_outlasts_its_graceful_stop():
+    service = unit(SYSTEMD / "damocles-ext-coordinator.service")["Service"]
+    assert seconds(service["TimeoutStopSec"][0]) > STOP_GRACE
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.stem)
+def test_no_secret_is_written_in_a_unit(path):
+    text = path.read_text()
+    assert not re.search(r"(?i)bearer\s+\S", text)
+    assert not re.search(r"postgresql://[^/\s@]*:[^/\s@]*@", text)  # a password in a URL
+    service = unit(path)["Service"]
+    for env in service.get("Environment", []):
+        assert not re.search(r"(?i)(token|password|secret)\w*=", env), env
+    # A token is a credential systemd hands over (%d), never a path others may read.
+    argv = shlex.split(service["ExecStart"][0])
+    if "--token-file" in argv:
+        credential = argv[argv.index("--token-file") + 1]
+        assert credential.startswith("%d/"), credential
+        name = credential.removeprefix("%d/")
+        assert any(c.startswith(f"{name}:") for c in service["LoadCredential"])
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.stem)
+def test_each_units_command_parses_with_our_cli(path, tmp_path, capsys):
+    service = unit(path)["Service"]
+    [exec_start] = service["ExecStart"]
+    program, command, *args = shlex.split(exec_start)
+    assert program == INSTALLED
+    if importlib.util.find_spec(f"damocles_ext.commands.{command}") is None:
+        pytest.skip(
+            f"`damocles-ext {command}` is not in this build, so its options cannot be checked"
+        )
+    # The specifiers as systemd fills them in; credentials as LoadCredential hands them over.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for credential in service.get("LoadCredential", []):
+        (credentials / credential.partition(":")[0]).write_text("a-token\n")
+    values = {"%t": "/run", "%S": "/var/lib", "%d": str(credentials), "%H": "host", "%%": "%"}
+    args = [re.sub(r"%[tSdH%]", lambda m: values[m.group()], a) for a in args]
+    try:
+        parsed = cli.build_parser().parse_args([command, *args])
+    except SystemExit:
+        pytest.fail(f"{path.name}: `damocles-ext {command}` refuses its arguments: "
+                    f"{capsys.readouterr().err}")  # fmt: skip
+    assert parsed.command == command
+
+
+def systemd_version() -> int:
+    out = subprocess.run(
+        ["systemd-analyze", "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return int(re.match(r"systemd (\d+)", out).group(1))
+
+
+# Keys of newer systemds than some we support: an older one ignores them, with this warning.
+NEWER_KEYS = {"RestartSteps": 254, "RestartMaxDelaySec": 254}
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
+)
+def test_the_units_pass_systemd_analyze_verify(tmp_path):
+    # verify wants the program to exist: point the copies at this build's damocles-ext.
+    program = Path(sys.executable).parent / "damocles-ext"
+    assert program.exists()
+    copies = []
+    for path in UNITS:
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text().replace(INSTALLED, str(program)))
+        copies.append(str(copy))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *copies],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    version = systemd_version()
+    problems = [
+        line
+        for line in done.stderr.splitlines()
+        if not any(
+            f"Unknown key '{key}'" in line and version < since for key, since in NEWER_KEYS.items()
+        )
+    ]
+    assert done.returncode == 0 and problems == [], done.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed here"
+)
+def test_the_sysusers_file_parses(tmp_path):
+    # --dry-run into an empty root: nothing is created on this machine.
+    done = subprocess.run(
+        ["systemd-sysusers", "--dry-run", f"--root={tmp_path}", "-"],
+        check=False,
+        input=(SYSTEMD / "damocles-ext.sysusers").read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Creating user 'damocles-ext'" in done.stdout + done.stderr
+
+
+# -- the dashboard ---------------------------------------------------------------------------------
+
+# PromQL's words that are not metric names (functions are told apart by their "(").
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "bool", "offset", "inf", "nan"}  # fmt: skip
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads."""
+    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # strings (label values)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range and subquery durations
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana's variables
+    expr = re.sub(r"\boffset\s+-?\w+", "", expr)
+    expr = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:e[+-]?\d+)?[A-Za-z]*", "", expr)  # numbers, 5m
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if expr[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_WORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def dashboard_metric_names() -> set[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    names: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            names |= metric_names(target["expr"])
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        if isinstance(query, dict):
+            m = re.fullmatch(r"label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*\w+\s*\)", query["query"])
+            assert m, query
+            names.add(m.group(1))
+    return names
+
+
+def series_names(families) -> set[str]:
+    """Every series name a registry's families give PromQL (a counter's _total, a histogram's
+    _bucket, _sum and _count), whether or not they have samples yet."""
+    names = set()
+    for family in families:
+        names |= {s.name for s in family.samples}
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names |= {f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            names.add(family.name)
+    return names
+
+
+async def test_the_dashboard_names_only_metrics_that_exist(tmp_path):
+    # A live supervisor with a child, and a live job store, as `run` and `coordinator` serve them.
+    metrics = SupervisorMetrics()
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(metrics, name="damocles_ext.metrics")
+    async with open_supervisor(
+        [spec(builtin_child("window_post", "echo"))], plugin_manager=pm
+    ) as sup:
+        metrics.attach(sup, trio.lowlevel.current_trio_token())
+        await sup.wait_ready()
+        # Collected where Prometheus' HTTP thread would: off the trio thread.
+        families = await trio.to_thread.run_sync(lambda: list(metrics.registry.collect()))
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        families += list(JobMetrics(store).registry.collect())
+    finally:
+        store.close()
+    exist = series_names(families)
+    used = dashboard_metric_names()
+    assert used - exist == set()
+    # Both halves are on it, so the check above is not vacuous.
+    assert {"damocles_ext_requests_total", "damocles_ext_child_state", "damocles_ext_jobs"} <= used
+
+
+def test_the_query_reader_finds_the_metric_names_and_nothing_else():
+    expr = (
+        "histogram_quantile(0.95, sum by (le, stage) (rate(damocles_ext_request_duration_seconds"
+        '_bucket{instance=~"$run", stage="x"}[$__rate_interval]))) / on (job) group_left '
+        "process_open_fds offset 5m"
+    )
+    assert metric_names(expr) == {
+        "damocles_ext_request_duration_seconds_bucket",
+        "process_open_fds",
+    }
