@@ -32,6 +32,7 @@ COMMANDS = (
     "simulate",
     "wdpost",
     "coordinator",
+    "worker",
 )
 
 

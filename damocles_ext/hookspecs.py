@@ -31,7 +31,7 @@ import signal as _signal
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import pluggy
 
@@ -286,4 +286,29 @@ def dext_request_finished(
     Returns: nothing (an awaitable is awaited).
 
     Called: by the supervisor once per request, when its answer is sent to the caller.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker hooks (`damocles-ext worker`; synchronous, firstresult)
+
+
+@hookspec(firstresult=True)
+def dext_sector_paths(job: Any, sector: Any, attached: Mapping[str, str]) -> tuple[str, str] | None:
+    """Where a pulled job's sector is on this worker: for a site whose stores are not laid out as
+    damocles lays them out.
+
+    Parameters: `job` — the job as the manager gave it (`jobs.worker_rules.PulledJob`: `Id`,
+    `Input` with `MinerId`, `ProofType`, `Sectors`); `sector` — one of `job.Input.Sectors`
+    (`jobs.model.WdPoStSectorInfo`: `SectorId`, `Upgrade`, `Accesses.SealedFile` and
+    `Accesses.CacheDir`, which are store *names*); `attached` — the worker's attached stores, name
+    -> local path.
+
+    Returns: `(sealed_file, cache_dir)` paths, or None to leave the sector to the next plugin and
+    finally to the built-in rule (`<store>/sealed/s-t0<miner>-<num>`, `<store>/cache/…`;
+    `update/` and `update-cache/` for an upgraded sector). An exception fails the job, and its
+    message is the job's error: name the store and the job in it.
+
+    Called: by the worker for each sector of each job it pulls, before the job goes to a child;
+    the first non-None answer wins.
     """

@@ -54,6 +54,7 @@ def test_the_contract_declares_the_provider_and_observer_hooks():
         "dext_child_exited",
         "dext_request_started",
         "dext_request_finished",
+        "dext_sector_paths",
     }
 
 

@@ -83,6 +83,9 @@ SANS_IO = [
     "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
     "config/damocles_worker_keys.py",  # damocles-worker.toml's keys, durations, sector sizes
     "config/damocles_worker_values.py",  # typed reads of damocles-worker.toml's tables
+    "jobs/paths.py",  # a sector's paths <-> damocles store names
+    "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths
+    "jobs/worker_settings.py",  # the worker's inputs, whatever read them
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

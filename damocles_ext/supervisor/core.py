@@ -350,6 +350,11 @@ class Supervisor:
             event = self._state_changed
             await event.wait()
 
+    async def wait_changed(self) -> None:
+        """Wait until a child becomes ready or stops, or a request is answered: what may change
+        how many requests the children can take (a caller pulling work waits on it)."""
+        await self._state_changed.wait()
+
     def request_shutdown(self) -> None:
         """Stop taking requests, let in-flight ones finish (shutdown_grace), stop the children."""
         self._book.shutting_down = True  # nothing lost from now on is retried

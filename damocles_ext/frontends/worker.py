@@ -1,0 +1,613 @@
+"""`damocles-ext worker`: a GPU machine that pulls WindowPoSt jobs from a manager (our coordinator,
+or damocles-manager --worker-prover), proves them on the children of its supervisor, heartbeats
+them while they run and delivers their results.
+
+What it does that damocles-worker's wdpost threads do not:
+- it asks for jobs only for the slots its ready children have free, as many as free in one call
+  (one per call from damocles-manager, whose allocation is one job), and right after a slot
+  frees: no job waits on a busy worker, no pause between jobs;
+- a job the manager says is no longer ours (reset, removed, timed out, given to another worker,
+  past its deadline) is cancelled on its child at once, and the slot takes the next job;
+- an unreachable manager is waited for with backoff and one log line per outage; running proofs
+  go on, their results are kept and sent again until the manager answers or the job's deadline
+  or lifetime passes (then logged with the job id, never dropped silently).
+
+The rules (how many to ask for, what a failed call means, when to give up, where a sector is)
+are in jobs/worker_rules.py; this module makes the calls and waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ..api import open_supervisor
+from ..errors import ProverError, UsageError
+from ..jobs import rpc
+from ..jobs.client import RpcCallError, RpcClient, RpcClientError, RpcConnectionError
+from ..jobs.model import WdPoStInput
+from ..jobs.worker_rules import (
+    Api,
+    Backoff,
+    Failure,
+    FinishVerdict,
+    Outage,
+    PulledJob,
+    allocate_params,
+    default_sector_paths,
+    failure_of,
+    finish_verdict,
+    free_slots,
+    job_output,
+    jobs_to_ask,
+    window_post_task,
+)
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from ..jobs.endpoint import Endpoint
+    from ..jobs.model import JobOutput
+    from ..jobs.worker_settings import WorkerSettings
+    from ..supervisor.core import Supervisor
+
+log = logging.getLogger("damocles_ext.worker")
+
+# Stands in for the input of a job whose own could not be read, so that it can still be failed.
+_EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32)
+
+#: The stages whose children's slots a pulled WindowPoSt takes (the split tables: its first step).
+_SLOT_STAGES = ("window_post", "window_post_vanilla")
+
+
+class StopSignal(msgspec.Struct, frozen=True):
+    """One entry of Dext.HeartbeatJobs' answer: a job to stop, and why."""
+
+    Id: str
+    Reason: str
+    Message: str = ""
+
+
+async def local_address_towards(endpoint: Endpoint) -> str:
+    """The address of the local interface that reaches `endpoint` (damocles-worker's default
+    worker name): a UDP socket is connected to it, which picks a route and sends nothing."""
+    infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=trio.socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{endpoint.host} has no address")
+    family, kind, proto, _, address = infos[0]
+    with trio.socket.socket(family, kind, proto) as sock:
+        await sock.connect(address)
+        return str(sock.getsockname()[0])
+
+
+@dataclass(eq=False)
+class HeldJob:
+    """A job this worker holds: proving, then finishing (its result being delivered)."""
+
+    job: PulledJob
+    allocated_at: float  # unix seconds
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    state: str = "proving"
+    stop_reason: str | None = None
+    delivery_failures: int = 0  # finish calls that did not get the result taken
+
+
+@dataclass
+class WorkerCounters:
+    pulled: int = 0
+    delivered: int = 0  # results the manager took (proofs, faults or an error)
+    failed: int = 0  # of those, errors (no proof)
+    stopped: int = 0  # jobs the manager took back while we held them
+    given_up: int = 0  # results never delivered
+    allocations: int = 0  # allocation calls that got an answer
+
+
+class Worker:
+    """The worker: `await worker.run()` until `stop()` (graceful) or cancellation."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        supervisor_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.pm = plugin_manager
+        self._sup_options = dict(supervisor_options or {})
+        self._clock = clock
+        self.api = Api.DEXT
+        self.name = settings.name
+        self.held: dict[str, HeldJob] = {}
+        self.counters = WorkerCounters()
+        self.stopping = False
+        self._stop = trio.Event()
+        self._changed = trio.Event()
+        self._outage = Outage()
+        self._idle_until = -math.inf
+        self._sup: Supervisor | None = None
+        self._dead: str | None = None  # why no child can prove any more
+
+    # -- for callers and tests ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop asking for jobs; running proofs get the shutdown grace, their results are sent."""
+        self.stopping = True
+        self._stop.set()
+        self._touch()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` holds; it is looked at after each change of the worker."""
+        while not condition():
+            await self._changed.wait()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check the attached stores, start the children, pull and prove until stopped.
+
+        Raises UsageError (exit 2) for what the operator must fix: a bad address, a store the
+        manager does not know, a refused token."""
+        try:
+            endpoint = self.settings.endpoint
+        except ValueError as exc:
+            raise UsageError(f"--manager: {exc}") from None
+
+        def client() -> RpcClient:
+            return RpcClient(
+                endpoint,
+                token=self.settings.token,
+                timeout=self.settings.rpc_timeout,
+                headers=list(self.settings.headers),
+            )
+
+        # Heartbeats have a connection of their own: they must not wait behind a finish that is
+        # being retried, or behind an allocation.
+        async with client() as calls, client() as beats:
+            self._calls, self._beats = calls, beats
+            if self.name is None:
+                self.name = await self._default_name(endpoint)
+            await self._check_stores()
+            log.info("worker %r pulls WindowPoSt jobs from %s", self.name, calls.url)
+            sup_options = {"shutdown_grace": self.settings.shutdown_grace, **self._sup_options}
+            sup_options.setdefault("plugin_manager", self.pm)
+            async with open_supervisor(list(self.settings.children), **sup_options) as sup:
+                self._sup = sup
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    background = trio.CancelScope()
+
+                    async def in_background() -> None:
+                        with background:
+                            async with trio.open_nursery() as inner:
+                                inner.start_soon(self._heartbeat_loop)
+                                inner.start_soon(self._forward_supervisor_changes, sup)
+
+                    nursery.start_soon(in_background)
+                    task_status.started()
+                    await self._allocate_loop()
+                    await self._drain()
+                    background.cancel()
+                self._sup = None
+        if self._dead is not None:
+            raise ProverError(
+                f"{self._dead}; their stderr above says why: fix their [[WdPost]] tables and"
+                " start the worker again"
+            )
+
+    async def _default_name(self, endpoint: Endpoint) -> str:
+        backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
+        while True:
+            try:
+                name = await local_address_towards(endpoint)
+            except OSError as exc:
+                self._unreachable(f"no route to {endpoint.host} to name this worker by: {exc}")
+                await self._pause(backoff.next_delay())
+                if self.stopping:
+                    raise UsageError("stopped before the worker could name itself") from None
+                continue
+            log.info("worker name: %s (the address that reaches the manager; --name sets it)", name)
+            return name
+
+    async def _check_stores(self) -> None:
+        """damocles-worker's start check: the manager must know each attached store."""
+        backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
+        for name in sorted(self.settings.attached):
+            while True:
+                try:
+                    info = await self._calls.call("Venus.StoreBasicInfo", name)
+                except RpcConnectionError as exc:
+                    self._unreachable(str(exc))
+                    await self._pause(backoff.next_delay())
+                    if self.stopping:
+                        raise UsageError("stopped while waiting for the manager") from None
+                    continue
+                except RpcCallError as exc:
+                    self._refused_token(exc)
+                    raise UsageError(
+                        f"the manager at {self._calls.url} does not know the attached store"
+                        f" {name!r} ({exc.message}); attach only the stores the manager has"
+                        f" (as it names them), or add {name!r} to the manager's stores"
+                    ) from None
+                except RpcClientError as exc:
+                    raise UsageError(str(exc)) from None
+                self._answered()
+                if info is None:
+                    raise UsageError(
+                        f"the manager at {self._calls.url} does not know the attached store"
+                        f" {name!r}; attach only the stores the manager has (as it names them)"
+                    )
+                break
+
+    def _refused_token(self, exc: RpcCallError) -> None:
+        if exc.code == rpc.UNAUTHORIZED:
+            raise UsageError(f"the manager refused this worker's token: {exc.message}") from None
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def _ready_capacity(self) -> int:
+        assert self._sup is not None
+        stats = self._sup.statistics()
+        return sum(
+            c.capacity
+            for c in stats.children
+            if c.stage in _SLOT_STAGES and c.state in ("ready", "busy")
+        )
+
+    def _no_child_can_prove(self) -> str | None:
+        """Why no job could ever be proved here (every child gave up for good), or None."""
+        assert self._sup is not None
+        pool = [c for c in self._sup.statistics().children if c.stage in _SLOT_STAGES]
+        if any(c.state not in ("fatal", "stopped") for c in pool):
+            return None
+        return (
+            "no WindowPoSt child can prove any more ("
+            + "; ".join(f"{c.name} is {c.state}, last: {c.last_exit}" for c in pool)
+            + ")"
+        )
+
+    async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
+        while True:
+            await sup.wait_changed()
+            self._touch()
+
+    async def _allocate_loop(self) -> None:
+        backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
+        while not self.stopping:
+            want = jobs_to_ask(self.api, free_slots(self._ready_capacity(), len(self.held)))
+            if want == 0 and self._dead is None:
+                self._dead = self._no_child_can_prove()
+                if self._dead is not None:
+                    log.error("%s; the worker stops", self._dead)
+                    self.stop()
+                    break
+            if want == 0 or trio.current_time() < self._idle_until:
+                changed = self._changed
+                with trio.move_on_at(self._idle_until if want else math.inf):
+                    await changed.wait()
+                if want and trio.current_time() >= self._idle_until:
+                    self._idle_until = -math.inf
+                continue
+            assert self.name is not None
+            method, params = allocate_params(
+                self.api,
+                self.settings.allowed_miners,
+                self.settings.allowed_proof_types,
+                want,
+                self.name,
+            )
+            # One call at a time, and none while the last one's result is unknown: the manager
+            # may have given us jobs in a call whose answer was lost (they time out there).
+            try:
+                got = await self._calls.call(method, *params, result_type=list[dict[str, Any]])
+            except RpcConnectionError as exc:
+                self._unreachable(str(exc))
+                await self._pause(backoff.next_delay())
+                continue
+            except RpcCallError as exc:
+                self._answered()
+                self._refused_token(exc)
+                if failure_of(self.api, exc.code) is Failure.NO_METHOD and self.api is Api.DEXT:
+                    log.info(
+                        "the manager has no Dext.* methods (a damocles-manager): asking for one"
+                        " job per call with Venus.WdPoStAllocateJobs, without leases"
+                    )
+                    self.api = Api.VENUS
+                    continue
+                log.warning("the manager refused the allocation: %s", exc)
+                self._idle(backoff.next_delay())
+                continue
+            except RpcClientError as exc:
+                log.error("%s", exc)
+                await self._pause(backoff.next_delay())
+                continue
+            self._answered()
+            backoff.reset()
+            self.counters.allocations += 1
+            for raw in got:
+                self._take(raw)
+            if len(got) < want:
+                self._idle(self.settings.idle_poll)
+            self._touch()
+
+    def _idle(self, seconds: float) -> None:
+        """Ask again after `seconds`, or sooner when one of our jobs ends."""
+        self._idle_until = trio.current_time() + seconds
+
+    async def _pause(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._stop.wait()
+
+    def _take(self, raw: dict[str, Any]) -> None:
+        now = self._clock()
+        try:
+            job = msgspec.convert(raw, PulledJob)
+        except msgspec.ValidationError as exc:
+            job_id = raw.get("Id") if isinstance(raw, dict) else None
+            if not isinstance(job_id, str):
+                log.error("the manager gave a job without an id (%s); it is left to time out", exc)
+                return
+            log.error("job %s: its input cannot be read (%s); failing it", job_id, exc)
+            lease = raw.get("Lease")
+            lease = lease if isinstance(lease, str) else None
+            if job_id in self.held:
+                return
+            bad = PulledJob(Id=job_id, Input=_EMPTY_INPUT, Lease=lease)
+            held = HeldJob(bad, now, state="finishing")
+            self.held[job_id] = held
+            self._nursery.start_soon(self._fail, held, f"unreadable job input: {exc}")
+            return
+        self.counters.pulled += 1
+        if job.Id in self.held:
+            # A manager that gives a job twice: the proof running goes on, under its first lease.
+            log.warning("job %s: given again while this worker holds it; ignored", job.Id)
+            return
+        held = HeldJob(job, now)
+        self.held[job.Id] = held
+        log.info(
+            "job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
+            job.Id,
+            job.Input.MinerId,
+            job.DeadlineIdx,
+            job.Partitions,
+            len(job.Input.Sectors or ()),
+            job.TryNum,
+        )
+        self._nursery.start_soon(self._prove, held)
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def _task_for(self, job: PulledJob) -> Any:
+        attached = self.settings.attached
+        paths = []
+        for sector in job.Input.Sectors or ():
+            found = None
+            if self.pm is not None:
+                found = self.pm.hook.dext_sector_paths(job=job, sector=sector, attached=attached)
+            if found is None:
+                found = default_sector_paths(job, sector, attached)
+            sealed, cache = found
+            paths.append((str(sealed), str(cache)))
+        return window_post_task(job, paths)
+
+    async def _prove(self, held: HeldJob) -> None:
+        # One scope for the proof and the delivery: the manager's stop cancels either.
+        with held.scope:
+            output, error = await self._proof_of(held.job)
+            held.state = "finishing"
+            self._touch()
+            await self._deliver(held, output, error)
+        self._release(held)
+
+    async def _fail(self, held: HeldJob, error: str) -> None:
+        with held.scope:
+            await self._deliver(held, None, error)
+        self._release(held)
+
+    async def _proof_of(self, job: PulledJob) -> tuple[JobOutput | None, str]:
+        """The job's output, or the error to report instead (cancellation passes through)."""
+        try:
+            task = self._task_for(job)
+        except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
+            error = str(exc) or type(exc).__name__
+            log.error("job %s cannot be proved here: %s", job.Id, error)
+            return None, error
+        assert self._sup is not None
+        try:
+            answer = await self._sup.submit(task, deadline=job.NotAfter)
+        except (ProverError, UsageError) as exc:
+            log.warning("job %s: no proof: %s", job.Id, exc)
+            return None, str(exc)
+        return job_output(answer), ""  # type: ignore[arg-type]
+
+    async def _deliver(self, held: HeldJob, output: JobOutput | None, error: str) -> None:
+        """Send the result until the manager takes it, refuses it, or it is too late."""
+        job = held.job
+        backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
+        what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
+        attempts = 0
+        while True:
+            attempts += 1
+            params: tuple[object, ...]
+            if job.Lease is not None:
+                method, params = "Dext.FinishJob", (job.Id, job.Lease, output, error)
+            else:
+                method, params = "Venus.WdPoStFinishJob", (job.Id, output, error)
+            try:
+                await self._calls.call(method, *params)
+            except RpcConnectionError as exc:
+                self._unreachable(str(exc))
+                failure, reason = Failure.UNREACHABLE, str(exc)
+            except RpcCallError as exc:
+                self._answered()
+                api = Api.VENUS if job.Lease is None else Api.DEXT
+                failure, reason = failure_of(api, exc.code), exc.message
+            except RpcClientError as exc:
+                failure, reason = Failure.ERROR, str(exc)
+            else:
+                self._answered()
+                self.counters.delivered += 1
+                self.counters.failed += bool(error)
+                log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
+                break
+            held.delivery_failures += 1
+            self._touch()
+            verdict, why = finish_verdict(
+                failure,
+                self._clock(),
+                not_after=job.NotAfter,
+                allocated_at=held.allocated_at,
+                lifetime=self.settings.result_lifetime,
+            )
+            if verdict is FinishVerdict.GIVE_UP:
+                self.counters.given_up += 1
+                maybe = (
+                    " (an earlier attempt whose answer was lost may have delivered it)"
+                    if attempts > 1 and failure is Failure.REFUSED
+                    else ""
+                )
+                log.error(
+                    "job %s: its result (%s) is given up after %d attempts: %s%s: %s",
+                    job.Id,
+                    what,
+                    attempts,
+                    why,
+                    maybe,
+                    reason,
+                )
+                break
+            await trio.sleep(backoff.next_delay())
+
+    def _release(self, held: HeldJob) -> None:
+        if self.held.get(held.job.Id) is held:
+            del self.held[held.job.Id]
+        self._idle_until = -math.inf  # a slot is free: ask at once, no pause between jobs
+        self._touch()
+
+    def _stop_job(self, job_id: str, why: str) -> None:
+        held = self.held.get(job_id)
+        if held is None or held.stop_reason is not None:
+            return
+        held.stop_reason = why
+        self.counters.stopped += 1
+        log.warning("job %s: the manager took it back (%s); its proof is cancelled", job_id, why)
+        held.scope.cancel()
+        self._touch()
+
+    # -- heartbeats ---------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.heartbeat_interval)
+            leased = [h for h in self.held.values() if h.job.Lease is not None]
+            plain = [h for h in self.held.values() if h.job.Lease is None]
+            if leased:
+                await self._heartbeat_leased(leased)
+            if plain:
+                await self._heartbeat_plain(plain)
+
+    async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
+        leases = [{"Id": h.job.Id, "Lease": h.job.Lease} for h in held]
+        try:
+            stop = await self._beats.call(
+                "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
+            )
+        except RpcConnectionError as exc:
+            self._unreachable(str(exc))
+            return
+        except RpcClientError as exc:
+            log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
+            return
+        self._answered()
+        for signal in stop:
+            current = self.held.get(signal.Id)
+            if current is not None and current.state == "finishing" and signal.Reason == "finished":
+                continue  # our own finish got there first
+            self._stop_job(signal.Id, f"{signal.Reason}: {signal.Message}")
+
+    async def _heartbeat_plain(self, held: list[HeldJob]) -> None:
+        # damocles-manager fails the whole batch when one job is no longer running: then each
+        # job is heartbeated alone to find which.
+        try:
+            await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id for h in held], self.name)
+        except RpcConnectionError as exc:
+            self._unreachable(str(exc))
+            return
+        except RpcCallError:
+            self._answered()
+        except RpcClientError as exc:
+            log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
+            return
+        else:
+            self._answered()
+            return
+        for h in held:
+            try:
+                await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], self.name)
+            except RpcConnectionError as exc:
+                self._unreachable(str(exc))
+                return
+            except RpcCallError as exc:
+                # damocles-manager takes a late finish whatever the job's state: only a proof
+                # still running is stopped.
+                if h.state == "proving":
+                    self._stop_job(h.job.Id, f"the manager no longer has it running: {exc.message}")
+            except RpcClientError as exc:
+                log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
+
+    # -- the manager's reachability -----------------------------------------------------------
+
+    def _unreachable(self, what: str) -> None:
+        line = self._outage.failed(trio.current_time(), what)
+        if line is not None:
+            log.warning("%s", line)
+
+    def _answered(self) -> None:
+        line = self._outage.answered(trio.current_time())
+        if line is not None:
+            log.info("%s", line)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Stopping: proofs running get the grace; the rest are cancelled and left to the
+        manager's heartbeat timeout; results being delivered get the grace again."""
+        grace = self.settings.shutdown_grace
+        with trio.move_on_after(grace):
+            await self.wait_for(lambda: not any(h.state == "proving" for h in self.held.values()))
+        proving = [h for h in self.held.values() if h.state == "proving"]
+        if proving:
+            log.warning(
+                "stopping: %d proofs did not finish within %g s and are cancelled; the manager"
+                " gives their jobs to another worker after its heartbeat timeout: %s",
+                len(proving),
+                grace,
+                ", ".join(h.job.Id for h in proving),
+            )
+            for h in proving:
+                h.stop_reason = "the worker is stopping"
+                h.scope.cancel()
+        with trio.move_on_after(grace):
+            await self.wait_for(lambda: not self.held)
+        if self.held:
+            log.error(
+                "stopping: the results of %d jobs could not be delivered within %g s and are"
+                " lost: %s",
+                len(self.held),
+                grace,
+                ", ".join(self.held),
+            )
+            for h in list(self.held.values()):
+                h.scope.cancel()

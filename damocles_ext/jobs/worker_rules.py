@@ -1,0 +1,248 @@
+"""What `damocles-ext worker` decides, apart from doing it: how many jobs to ask for, what an
+answer or a failed call means, when to try again and when to give up, which proof types a size
+allows, where a sector's files are, and what a pulled job becomes as a task for a child.
+
+The worker's trio driver (frontends/worker.py) makes the calls and waits; every rule it follows
+is a function or a small value here, so the rules are read (and tested) in one place.
+
+Sans-IO: no clock (times come in as arguments), no socket, no file.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from ..config.damocles_worker_keys import post_proof_types
+from ..tasks import SECTOR_SIZES, PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+from . import rpc
+from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
+from .paths import StoreMap
+
+# --- which RPC the manager speaks ---------------------------------------------------------------
+
+
+class Api(enum.Enum):
+    """DEXT: our coordinator (leases, stop signals, as many jobs as free slots in one call).
+    VENUS: damocles-manager --worker-prover (one job per call, no leases)."""
+
+    DEXT = "Dext"
+    VENUS = "Venus"
+
+
+def jobs_to_ask(api: Api, free_slots: int) -> int:
+    """How many jobs one allocation call asks for: every free slot at once from our coordinator;
+    one from damocles-manager, whose allocation is damocles-worker's (one job per call)."""
+    if free_slots <= 0:
+        return 0
+    return free_slots if api is Api.DEXT else 1
+
+
+def free_slots(ready_capacity: int, held: int) -> int:
+    """Slots no job of ours occupies: the capacity of the children ready now, less the jobs held
+    (proving, or whose result is not delivered yet). Never asking beyond it is what keeps a job
+    from waiting on this worker while another worker has a free GPU."""
+    return max(0, ready_capacity - held)
+
+
+# --- what a failed call means -------------------------------------------------------------------
+
+
+class Failure(enum.Enum):
+    UNREACHABLE = "unreachable"  # no answer: the manager is down, restarting, or the net is
+    NO_METHOD = "no_method"  # -32601: a damocles-manager, which has no Dext.* methods
+    REFUSED = "refused"  # the manager answered no: repeating the same call cannot help
+    ERROR = "error"  # the manager answered with an error of its own (its store failed)
+
+
+def failure_of(api: Api, code: int | None) -> Failure:
+    """What a failed call means; `code` is the JSON-RPC error code, None when no answer came.
+
+    From our coordinator, code 2 (rpc.REFUSED) says the job is no longer ours and code 1 that its
+    store failed for a while. damocles-manager answers every method's error with code 1, and its
+    finish and heartbeat fail only for a job it no longer has: that is a refusal."""
+    if code is None:
+        return Failure.UNREACHABLE
+    if code == rpc.METHOD_NOT_FOUND:
+        return Failure.NO_METHOD
+    if code == rpc.REFUSED or (api is Api.VENUS and code == rpc.METHOD_ERROR):
+        return Failure.REFUSED
+    return Failure.ERROR
+
+
+class FinishVerdict(enum.Enum):
+    RETRY = "retry"
+    GIVE_UP = "give_up"
+
+
+def finish_verdict(
+    failure: Failure,
+    now: float,
+    *,
+    not_after: float | None,
+    allocated_at: float,
+    lifetime: float,
+) -> tuple[FinishVerdict, str]:
+    """Whether to call the finish again, and why not when not.
+
+    Retried while the manager is unreachable or its store fails, until the job's deadline (its
+    result is useless after it, and our coordinator refuses it) or `lifetime` after the job was
+    allocated (the manager has forgotten it by then)."""
+    if failure is Failure.REFUSED:
+        return FinishVerdict.GIVE_UP, "the manager refused it"
+    if failure is Failure.NO_METHOD:
+        return FinishVerdict.GIVE_UP, "the manager has no such method"
+    if not_after is not None and now >= not_after:
+        return FinishVerdict.GIVE_UP, "the job's deadline passed before it could be delivered"
+    if now >= allocated_at + lifetime:
+        return FinishVerdict.GIVE_UP, (
+            f"it could not be delivered within {lifetime:g} s of the job's allocation"
+        )
+    return FinishVerdict.RETRY, ""
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential waits between calls to an unreachable manager: base, 2·base, … up to cap;
+    `reset()` after a call that got an answer."""
+
+    base: float
+    cap: float
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        delay: float = min(self.cap, self.base * 2.0 ** min(self.failures, 62))
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass(slots=True)
+class Outage:
+    """One log line when the manager becomes unreachable, one when it answers again: a manager
+    that is down for an hour must not fill the log with a line per call."""
+
+    down_since: float | None = None
+
+    def failed(self, now: float, what: str) -> str | None:
+        """The line to log for this failure, or None when the outage was already logged."""
+        if self.down_since is not None:
+            return None
+        self.down_since = now
+        return (
+            f"the manager is unreachable ({what}); running proofs go on, no job is asked for,"
+            " and results are kept and sent again until it answers"
+        )
+
+    def answered(self, now: float) -> str | None:
+        """The line to log when a call got an answer, or None when there was no outage."""
+        if self.down_since is None:
+            return None
+        lasted, self.down_since = now - self.down_since, None
+        return f"the manager answers again (unreachable for {lasted:.1f} s)"
+
+
+# --- what the manager is asked for --------------------------------------------------------------
+
+
+def proof_types_for_sizes(sizes: Iterable[str]) -> tuple[str, ...]:
+    """The proof types a damocles-worker with `allowed_sizes = sizes` asks for: each size's
+    WinningPoSt V1, WindowPoSt V1 and V1_2 names (damocles' own list, WinningPoSt included).
+    ValueError naming a size that is not a sector size."""
+    types: list[str] = []
+    for size in sizes:
+        if size not in SECTOR_SIZES:
+            raise ValueError(
+                f"{size!r} is not a sector size; give one of {', '.join(SECTOR_SIZES)}"
+            )
+        for name in post_proof_types(size):
+            if name not in types:
+                types.append(name)
+    return tuple(types)
+
+
+def allocate_params(
+    api: Api, miners: tuple[int, ...], proof_types: tuple[str, ...], n: int, worker: str
+) -> tuple[str, tuple[object, ...]]:
+    """The method and params of an allocation of `n` jobs; empty filters are sent as null, as
+    damocles-worker sends an unset list (both servers read null and [] as any)."""
+    spec = {
+        "AllowedMiners": list(miners) or None,
+        "AllowedProofTypes": list(proof_types) or None,
+    }
+    method = "Dext.AllocateJobs" if api is Api.DEXT else "Venus.WdPoStAllocateJobs"
+    return method, (spec, n, worker)
+
+
+class PulledJob(msgspec.Struct, frozen=True):
+    """A job as either allocation gives it; the lease and the rest only from Dext.AllocateJobs."""
+
+    Id: str
+    Input: WdPoStInput
+    Lease: str | None = None
+    NotAfter: float | None = None
+    DeadlineIdx: int = 0
+    Partitions: list[int] | None = None
+    TryNum: int = 0
+
+
+# --- sector paths and the task ------------------------------------------------------------------
+
+
+class MissingStore(LookupError):
+    """A job names a store this worker has not attached; the message names store and job."""
+
+
+def default_sector_paths(
+    job: PulledJob, sector: WdPoStSectorInfo, attached: Mapping[str, str]
+) -> tuple[str, str]:
+    """(sealed_file, cache_dir) of `sector` in damocles' layout under the attached stores
+    (`sealed/s-t0<miner>-<num>`, `cache/…`; `update/`, `update-cache/` when upgraded)."""
+    stores = StoreMap(attached)
+    miner, number = job.Input.MinerId, sector.SectorId
+    paths = []
+    for kind, store in (("sealed", sector.Accesses.SealedFile),
+                        ("cache", sector.Accesses.CacheDir)):  # fmt: skip
+        if store not in attached:
+            known = ", ".join(sorted(attached)) or "none"
+            raise MissingStore(
+                f"job {job.Id}: sector {number} of miner {miner} is in store {store!r}, which"
+                f" this worker has not attached (attached: {known}); attach it with"
+                f" --attached {store}=PATH, or keep this miner's jobs off this worker"
+                " (--allowed-miners)"
+            )
+        paths.append(stores.path_of(store, kind, miner, number, sector.Upgrade))
+    return paths[0], paths[1]
+
+
+def window_post_task(job: PulledJob, paths: list[tuple[str, str]]) -> WindowPoSt:
+    """The child's task for `job`, with each sector's (sealed_file, cache_dir); ValueError naming
+    the job when its input is not a WindowPoSt a child can take (e.g. a WinningPoSt type)."""
+    sectors = job.Input.Sectors or ()
+    replicas = [
+        PoStReplicaInfo(s.SectorId, bytes(s.CommR), cache_dir=cache, sealed_file=sealed)
+        for s, (sealed, cache) in zip(sectors, paths, strict=True)
+    ]
+    try:
+        return msgspec.convert(
+            {
+                "miner_id": job.Input.MinerId,
+                "proof_type": job.Input.ProofType,
+                "replicas": replicas,
+                "seed": bytes(job.Input.Seed),
+            },
+            WindowPoSt,
+            from_attributes=True,
+        )
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"job {job.Id} is not a WindowPoSt this worker can prove: {exc}") from None
+
+
+def job_output(output: WindowPoStOutput) -> JobOutput:
+    """The job's Output from a child's answer: the proofs, and the faulty sectors."""
+    return JobOutput(proofs=tuple(output.proofs), faults=tuple(output.faults))

@@ -1,0 +1,626 @@
+"""`damocles-ext worker`: pulls jobs from a real coordinator (in-process, over real HTTP) on a real
+SQLite store (PostgreSQL for the end-to-end proof), proves them on real children from a config,
+heartbeats them, delivers the results; and its sans-IO rules (jobs/worker_rules.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+from helpers.frontend import DEXT, dext_env, plugin_block
+from helpers.post import sectors
+
+from damocles_ext.config import parse_config
+from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.frontends.worker import Worker, local_address_towards
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.jobs import rpc, rules
+from damocles_ext.jobs.endpoint import Endpoint
+from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.worker_rules import (
+    Api,
+    Backoff,
+    Failure,
+    FinishVerdict,
+    Outage,
+    PulledJob,
+    default_sector_paths,
+    failure_of,
+    finish_verdict,
+    free_slots,
+    jobs_to_ask,
+    proof_types_for_sizes,
+    window_post_task,
+)
+from damocles_ext.jobs.worker_settings import WorkerSettings
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.post.verify import verify_window_post
+from damocles_ext.tasks import WindowPoStOutput
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
+
+
+def job_input(
+    miner: int = 1000, seed: int = 7, store: str = "store-a", sector_ids=(1,), comm_rs=None
+):
+    return WdPoStInput(
+        Sectors=tuple(
+            WdPoStSectorInfo(
+                SectorId=n,
+                CommR=tuple(comm_rs[i]) if comm_rs else (n,) * 32,
+                Upgrade=False,
+                Accesses=SectorAccessStores(SealedFile=store, CacheDir=store),
+            )
+            for i, n in enumerate(sector_ids)
+        ),
+        MinerId=miner,
+        ProofType=PROOF_TYPE,
+        Seed=(seed,) * 31 + (seed % 64,),
+    )
+
+
+def children(tmp_path, text: str):
+    return tuple(parse_config(text, str(tmp_path / "ext-prover.cfg")).children)
+
+
+class Rig:
+    """A coordinator on a real store, serving over HTTP on a loopback port, recording what the
+    store did (allocations and finishes)."""
+
+    def __init__(self, url: str, stores: dict[str, str] | None = None, *, coordinator=Coordinator):
+        self.store = JobStore.open(url)
+        self.jobs = TrioJobStore(self.store)
+        self.effects: list[rules.Effect] = []
+        self.running = 0
+        self.most_running = 0
+        stores = {"store-a": "/mnt/store-a"} if stores is None else stores
+        self.coordinator = coordinator(self.jobs, stores, observe=self._observe)
+        self.server = CoordinatorServer(self.coordinator, "127.0.0.1", 0)
+        self.port = self.server.port
+
+    def _observe(self, effects) -> None:
+        for effect in effects:
+            self.effects.append(effect)
+            if isinstance(effect, rules.Allocated):
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+            elif isinstance(effect, rules.Finished):
+                self.running -= 1
+
+    def allocations_of(self, job_id: str) -> int:
+        return sum(isinstance(e, rules.Allocated) and e.job_id == job_id for e in self.effects)
+
+    def settings(self, kids, **kw) -> WorkerSettings:
+        kw.setdefault("name", "gpu-1")
+        kw.setdefault(
+            "attached", {"store-a": "/mnt/store-a"}
+        )  # the sleep and echo provers read no file
+        kw.setdefault("heartbeat_interval", 0.2)
+        kw.setdefault("idle_poll", 600.0)  # a pause between jobs would fail the test's timeout
+        kw.setdefault("retry_base", 0.05)
+        kw.setdefault("retry_cap", 0.2)
+        kw.setdefault("shutdown_grace", 5.0)
+        return WorkerSettings(manager=f"127.0.0.1:{self.port}", children=kids, **kw)
+
+    def close(self) -> None:
+        self.server.close()
+        self.store.close()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    yield r
+    r.close()
+
+
+class Running:
+    """A worker running in the test's nursery; `stop()` stops it and waits until it ended."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.ended = trio.Event()
+
+    async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.worker.run(task_status=task_status)
+        finally:
+            self.ended.set()
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await self.ended.wait()
+
+
+async def start_worker(nursery, worker: Worker) -> Running:
+    running = Running(worker)
+    await nursery.start(running._run)
+    return running
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_stored(
+    engine, tmp_path, request
+):
+    url = (
+        request.getfixturevalue("postgres_url")
+        if engine == "postgresql"
+        else f"sqlite:///{tmp_path}/jobs.db"
+    )
+    base = tmp_path / "mnt" / "store-a"
+    manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
+    ids = tuple(r.sector_id for r in manifest.replicas)
+    comm_rs = [bytes.fromhex(r.comm_r) for r in manifest.replicas]
+    rig = Rig(url, {"store-a": str(base)})
+    try:
+        job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
+        kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+        worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.delivered == 1)
+                await running.stop()
+                nursery.cancel_scope.cancel()
+        done = await rig.jobs.get(job.Id)
+        assert done.succeeded and done.TryNum == 1 and done.WorkerName == "gpu-1"
+        assert done.Output is not None and done.Output.faults == ()
+        # The proofs are this job's: the verifier accepts them for its sectors.
+        task = window_post_task(
+            PulledJob(job.Id, job.Input),
+            [
+                (str(base / "sealed" / f"s-t01000-{n}"), str(base / "cache" / f"s-t01000-{n}"))
+                for n in ids
+            ],
+        )
+        verify_window_post(task, WindowPoStOutput(list(done.Output.proofs), []))
+    finally:
+        rig.close()
+
+
+async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between_them(
+    rig, tmp_path
+):
+    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(5)]
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.2) * 2)
+    worker = Worker(rig.settings(kids))
+    # idle_poll is 600 s: a pause after a job, or asking only after an idle wait, would blow this.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 5)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    jobs = [await rig.jobs.get(i) for i in ids]
+    assert all(j.succeeded and j.TryNum == 1 for j in jobs)
+    # Never more jobs running on this worker than it has slots: none waited on a busy child.
+    assert rig.most_running <= 2
+    assert all(rig.allocations_of(i) == 1 for i in ids)
+
+
+async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_and_the_slot_goes_on(
+    rig, tmp_path, recorder
+):
+    rec, pm = recorder
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    # A short grace: the last proof runs for a minute and is cancelled at the end.
+    worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
+    first, _ = await rig.jobs.create(job_input(seed=1))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: first.Id in worker.held)
+            await rec.next("started")
+            # The one slot is taken: the next job waits in the store, not on this worker.
+            second, _ = await rig.jobs.create(job_input(seed=2))
+            await rig.jobs.remove(first.Id)
+            # The next heartbeat says "removed": the child is told to cancel, the slot is free.
+            assert (await rec.next("finished"))[2] == "cancelled"
+            await rec.next("started")
+            await worker.wait_for(lambda: second.Id in worker.held)
+            assert (await rig.jobs.get(second.Id)).State == "running"
+            await rig.jobs.reset(second.Id)
+            assert (await rec.next("finished"))[2] == "cancelled"
+            # A reset job is ready again: the free slot takes it at once (its try count restarted).
+            await rec.next("started")
+            again = await rig.jobs.get(second.Id)
+            assert again.State == "running" and again.TryNum == 1
+            assert worker.counters.stopped == 2 and worker.counters.delivered == 0
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    assert rig.allocations_of(first.Id) == 1
+
+
+async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_after_its_restart(
+    rig, tmp_path
+):
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    worker = Worker(rig.settings(kids))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            serving = trio.CancelScope()
+
+            async def serve(server, task_status=trio.TASK_STATUS_IGNORED):
+                with serving:
+                    await server.serve(task_status=task_status)
+
+            await nursery.start(serve, rig.server)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            # The coordinator goes away while the proof runs.
+            rig.server.stop()
+            await rig.server.stopped.wait()
+            rig.server.close()
+            # The proof ends, its finish finds no coordinator and is kept for a retry.
+            # Two failed finish calls: the second one is a retry after a backoff.
+            await worker.wait_for(
+                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
+            )
+            assert (await rig.jobs.get(job.Id)).State == "running"
+            # The coordinator comes back on the same port: the retry delivers the result.
+            rig.server = CoordinatorServer(rig.coordinator, "127.0.0.1", rig.port)
+            serving = trio.CancelScope()
+            await nursery.start(serve, rig.server)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    done = await rig.jobs.get(job.Id)
+    assert done.succeeded and done.TryNum == 1 and done.Output.proofs
+    assert rig.allocations_of(job.Id) == 1 and worker.counters.given_up == 0
+
+
+class VenusOnly(Coordinator):
+    """damocles-manager --worker-prover: the Venus.* methods, and -32601 for ours."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, tuple]] = []
+
+    async def handle(self, call):
+        self.calls.append((call.method, call.params))
+        if call.method.startswith("Dext."):
+            raise rpc.RpcError(
+                rpc.METHOD_NOT_FOUND, f"method '{call.method}' not found", call.request_id
+            )
+        return await super().handle(call)
+
+
+async def test_against_damocles_manager_jobs_are_allocated_one_per_call_end_to_end(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=VenusOnly)
+    try:
+        ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
+        kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.3) * 2)
+        worker = Worker(rig.settings(kids))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.delivered == 3)
+                await running.stop()
+                nursery.cancel_scope.cancel()
+        assert worker.api is Api.VENUS
+        jobs = [await rig.jobs.get(i) for i in ids]
+        assert all(j.succeeded and j.TryNum == 1 for j in jobs)
+        methods = [m for m, _ in rig.coordinator.calls if m != "Venus.StoreBasicInfo"]
+        # Our method first; its -32601 switches the worker to damocles' for good.
+        assert methods[0] == "Dext.AllocateJobs" and methods.count("Dext.AllocateJobs") == 1
+        allocations = [p for m, p in rig.coordinator.calls if m == "Venus.WdPoStAllocateJobs"]
+        assert allocations and all(p[1] == 1 for p in allocations)
+        assert "Venus.WdPoStFinishJob" in methods and "Dext.FinishJob" not in methods
+        assert rig.most_running <= 2
+    finally:
+        rig.close()
+
+
+async def test_against_damocles_manager_a_removed_job_is_found_by_heartbeating_one_by_one(
+    tmp_path, recorder
+):
+    rec, pm = recorder
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=VenusOnly)
+    try:
+        kept, _ = await rig.jobs.create(job_input(seed=1))
+        gone, _ = await rig.jobs.create(job_input(seed=2))
+        kids = children(
+            tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+        )
+        worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: len(worker.held) == 2)
+                await rig.jobs.remove(gone.Id)
+                # The batch heartbeat fails as a whole; alone, only the removed job's fails.
+                assert (await rec.next("finished"))[2] == "cancelled"
+                assert set(worker.held) == {kept.Id}
+                beats = [p[0] for m, p in rig.coordinator.calls if m == "Venus.WdPoStHeartbeatJobs"]
+                assert sorted([gone.Id, kept.Id]) in [sorted(b) for b in beats]
+                assert [gone.Id] in beats
+                assert (await rig.jobs.get(kept.Id)).State == "running"
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+
+
+async def test_a_job_in_a_store_the_worker_lacks_fails_naming_the_store_and_the_job(rig, tmp_path):
+    job, _ = await rig.jobs.create(job_input(store="far-away"))
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(tmp_path)}))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    done = await rig.jobs.get(job.Id)
+    assert done.State == "finished" and done.Output is None
+    assert "'far-away'" in done.ErrorReason and job.Id in done.ErrorReason
+    assert "--attached far-away=PATH" in done.ErrorReason
+
+
+async def test_an_attached_store_the_manager_does_not_know_stops_the_worker_at_start_with_exit_2(
+    tmp_path,
+):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", {"store-a": str(tmp_path)})
+    config = tmp_path / "ext-prover.cfg"
+    config.write_text(plugin_block("WdPost", "echo"))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                result = await trio.run_process(
+                    [*DEXT, "worker", "--manager", f"127.0.0.1:{rig.port}", "-c", str(config),
+                     "--attached", f"store-a={tmp_path}", "--attached", f"nope={tmp_path}"],
+                    env=dext_env(), capture_stdout=True, capture_stderr=True, check=False,
+                )  # fmt: skip
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "does not know the attached store 'nope'" in err and "Traceback" not in err
+
+
+class Layout:
+    """A site's own layout, as a plugin gives it: every store's sectors flat under one root."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.asked: list[tuple[str, int]] = []
+
+    @hookimpl
+    def dext_sector_paths(self, job, sector, attached):
+        self.asked.append((job.Id, sector.SectorId))
+        name = f"s-t0{job.Input.MinerId}-{sector.SectorId}"
+        return str(self.root / "sealed" / name), str(self.root / "cache" / name)
+
+
+async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig, tmp_path):
+    root = tmp_path / "elsewhere"
+    manifest = sectors(root, PROOF_TYPE, 1, random_seed=5)
+    [replica] = manifest.replicas
+    job, _ = await rig.jobs.create(
+        job_input(sector_ids=(replica.sector_id,), comm_rs=[bytes.fromhex(replica.comm_r)])
+    )
+    pm = get_plugin_manager(entry_points=False)
+    layout = Layout(root)
+    pm.register(layout, name="layout")
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    # The attached path holds nothing: only the plugin's paths can give a proof.
+    worker = Worker(
+        rig.settings(kids, attached={"store-a": str(tmp_path / "empty")}), plugin_manager=pm
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    done = await rig.jobs.get(job.Id)
+    assert done.succeeded and done.Output.proofs and done.Output.faults == ()
+    assert layout.asked == [(job.Id, replica.sector_id)]
+
+
+async def test_stopping_lets_a_running_proof_finish_within_the_grace_and_delivers_it(rig, tmp_path):
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, shutdown_grace=30.0))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await rig.jobs.create(job_input(seed=2))  # not taken: the worker is stopping
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    assert (await rig.jobs.get(job.Id)).succeeded
+    assert worker.counters.pulled == 1 and worker.counters.delivered == 1
+
+
+async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartbeat_timeout(
+    rig, tmp_path, caplog
+):
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, shutdown_grace=0.3))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    # Still running in the store: the coordinator's sweep gives it to another worker.
+    assert (await rig.jobs.get(job.Id)).State == "running"
+    assert worker.counters.delivered == 0
+    [line] = [r.getMessage() for r in caplog.records if "heartbeat timeout" in r.getMessage()]
+    assert job.Id in line and "cancelled" in line
+
+
+async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    config = tmp_path / "ext-prover.cfg"
+    config.write_text(
+        plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05)
+        + plugin_block("WinPost", "echo")
+    )
+    other, _ = await rig.jobs.create(job_input(miner=1001))
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                proc = await trio.lowlevel.open_process(
+                    [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
+                     str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9",
+                     "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
+                    env=dext_env(), stderr=subprocess.PIPE,
+                )  # fmt: skip
+                seen = b""
+                while f"job {job.Id}: pulled".encode() not in seen:
+                    chunk = await proc.stderr.receive_some(4096)
+                    assert chunk, seen.decode()
+                    seen += chunk
+                proc.send_signal(signal.SIGTERM)
+                while chunk := await proc.stderr.receive_some(4096):
+                    seen += chunk
+                assert await proc.wait() == 0, seen.decode()
+                nursery.cancel_scope.cancel()
+        done = await rig.jobs.get(job.Id)
+        # Another miner's job is left for another worker.
+        assert (await rig.jobs.get(other.Id)).State == "ready2run"
+    finally:
+        rig.close()
+    assert done.succeeded and done.WorkerName == "w9"
+    # The manager's own ext-prover.cfg may be given: its [[WinPost]] children are not started.
+    assert b"children of other tables are not started (winning_post#0)" in seen
+    assert b"Traceback" not in seen and f"job {job.Id}: delivered".encode() in seen
+
+
+async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_of_idling(
+    rig, tmp_path
+):
+    crash = "import sys; print('dying', file=sys.stderr); sys.exit(3)"
+    config = (
+        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
+        "AutoRestart = false\n"
+    )
+    worker = Worker(rig.settings(children(tmp_path, config)))
+    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            await worker.run()
+    [error] = caught.value.exceptions
+    assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
+    assert worker.counters.allocations == 0
+
+
+async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(tmp_path):
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    rig.server.token = b"the-right-one"
+    worker = Worker(rig.settings(children(tmp_path, plugin_block("WdPost", "echo")), token="wrong"))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                with pytest.raises(
+                    UsageError, match="refused this worker's token: the bearer token is wrong"
+                ):
+                    await worker.run()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+
+
+async def test_the_default_name_is_the_local_address_that_reaches_the_manager():
+    assert await local_address_towards(Endpoint("127.0.0.1", 1789)) == "127.0.0.1"
+
+
+# --- the rules ------------------------------------------------------------------------------------
+
+
+def test_sizes_become_damocles_workers_proof_type_names():
+    assert proof_types_for_sizes(["32GiB"]) == (
+        "StackedDrgWinning32GiBV1",
+        "StackedDrgWindow32GiBV1",
+        "StackedDrgWindow32GiBV1_2",
+    )
+    assert len(proof_types_for_sizes(["2KiB", "64GiB", "2KiB"])) == 6
+    with pytest.raises(ValueError, match="'32G' is not a sector size"):
+        proof_types_for_sizes(["32G"])
+
+
+def test_as_many_jobs_are_asked_as_slots_are_free_and_one_from_damocles_manager():
+    assert free_slots(4, 1) == 3 and free_slots(1, 3) == 0
+    assert jobs_to_ask(Api.DEXT, 3) == 3 and jobs_to_ask(Api.VENUS, 3) == 1
+    assert jobs_to_ask(Api.DEXT, 0) == 0 and jobs_to_ask(Api.VENUS, 0) == 0
+
+
+def test_what_a_failed_call_means():
+    assert failure_of(Api.DEXT, None) is Failure.UNREACHABLE
+    assert failure_of(Api.DEXT, rpc.METHOD_NOT_FOUND) is Failure.NO_METHOD
+    assert failure_of(Api.DEXT, rpc.REFUSED) is Failure.REFUSED
+    # Our coordinator's code 1 is its store failing for a while; damocles-manager's is a refusal.
+    assert failure_of(Api.DEXT, rpc.METHOD_ERROR) is Failure.ERROR
+    assert failure_of(Api.VENUS, rpc.METHOD_ERROR) is Failure.REFUSED
+
+
+def test_a_finish_is_retried_while_unreachable_until_the_deadline_or_the_lifetime():
+    def verdict(failure, now, not_after=None):
+        return finish_verdict(failure, now, not_after=not_after, allocated_at=100.0, lifetime=50.0)[
+            0
+        ]
+
+    assert verdict(Failure.UNREACHABLE, 120) is FinishVerdict.RETRY
+    assert verdict(Failure.ERROR, 120) is FinishVerdict.RETRY
+    assert verdict(Failure.REFUSED, 120) is FinishVerdict.GIVE_UP
+    assert verdict(Failure.UNREACHABLE, 130, not_after=130) is FinishVerdict.GIVE_UP
+    assert verdict(Failure.UNREACHABLE, 150) is FinishVerdict.GIVE_UP
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_an_answer():
+    backoff = Backoff(1.0, 5.0)
+    assert [backoff.next_delay() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    backoff.reset()
+    assert backoff.next_delay() == 1.0
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends():
+    outage = Outage()
+    assert outage.answered(1.0) is None
+    assert "unreachable (refused)" in outage.failed(10.0, "refused")
+    assert outage.failed(11.0, "refused") is None
+    assert "unreachable for 5.0 s" in outage.answered(15.0)
+    assert outage.answered(16.0) is None
+
+
+def test_sector_paths_follow_damocles_layout_and_a_missing_store_names_store_and_job():
+    sector = WdPoStSectorInfo(
+        SectorId=7, CommR=(0,) * 32, Upgrade=True,
+        Accesses=SectorAccessStores(SealedFile="a", CacheDir="b"),
+    )  # fmt: skip
+    job = PulledJob("J1", job_input(miner=1001))
+    assert default_sector_paths(job, sector, {"a": "/mnt/a", "b": "/mnt/b/"}) == (
+        "/mnt/a/update/s-t01001-7",
+        "/mnt/b/update-cache/s-t01001-7",
+    )
+    with pytest.raises(LookupError, match=r"job J1: .* store 'b', which this worker has not"):
+        default_sector_paths(job, sector, {"a": "/mnt/a"})
