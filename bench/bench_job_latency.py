@@ -2,35 +2,36 @@
 
 Run: .venv/bin/python -m bench.bench_job_latency [--requests 10] [--worker-poll 1] [--save]
 
-The same small WindowPoSt request (the `echo` test prover: its answer takes no work, so what is
-measured is the path), one at a time, written as damocles-manager writes it (one JSON line on a
-processor's stdin) and timed until its answer line:
+The same small WindowPoSt request (4 sectors, the `echo` test prover: its answer takes no work,
+so what is measured is the path), one at a time, written as damocles-manager writes it (one JSON
+line on a processor's stdin) and timed until its answer line:
 
 * local: `damocles-ext serve window_post -c cfg`, one `echo` child (Plugin = "echo");
-* jobs: `damocles-ext serve window_post --jobs URL --store NAME=PATH` (the producer) with a
-  `damocles-ext coordinator --jobs URL` process and a worker: a thread of this process that
-  does what a damocles-worker's wdpost planner does through the coordinator's RPC (allocate 1
-  job, map its store names back to paths, prove with the `echo` prover's own function, finish)
-  and asks again every --worker-poll seconds when it finds nothing. damocles-worker itself waits
-  `recover_interval` (60 s by default, 15 s advised) after an empty allocation: with it, the
-  worker's wait below grows to half of that on average.
+* jobs: `damocles-ext serve window_post --jobs URL --store NAME=PATH` (the producer), a
+  `damocles-ext coordinator --jobs URL` and a `damocles-ext worker` on that coordinator with one
+  `echo` child, asking again every --worker-poll seconds after it found no job (damocles'
+  advice for damocles-worker is 15 s, its default 60 s: with those, the worker's wait below
+  grows to half of that on average);
 
 on SQLite (the producer polls the store every --producer-poll seconds) and on PostgreSQL (the
 tests' throw-away server; the producer is woken by NOTIFY, its polling only a fallback). Before
 each request the benchmark waits a random part of the worker's poll interval, so requests do not
-fall at one phase of the two polling loops.
+fall at one phase of the polling loops.
 
-The jobs path is split by the times the worker notes (one clock, one process): from the request
-to the worker's allocation (the producer creating the job, then the worker's poll), the proof,
-the finish call, and from the finish to the answer line (the producer noticing: its poll or the
-NOTIFY, then answering).
+The jobs path is split by the worker's log (JSON, millisecond times): from the request to the
+worker pulling the job (the producer creating it, then the worker's poll), from pulled to
+delivered (the echo child's proof and the finish call), and from delivered to the answer line
+(the producer noticing: its poll or the NOTIFY, then answering).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import datetime as _dt
+import json
 import random
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 from damocles_ext_plugins.testing import echo_output
 
 from bench.bench_jobs import coordinator, postgres_engine
-from bench.jobs_clients import MINER, PROOF_TYPE, BenchFailure, BlockingRpc
+from bench.jobs_clients import MINER, PROOF_TYPE, BenchFailure
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.protocol import jsonl
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
@@ -119,75 +120,85 @@ class Processor:
             self.proc.wait()
 
 
-class Worker:
-    """A wdpost worker thread on the coordinator's RPC; notes when it allocated, proved and
-    finished each job (perf_counter, this process's clock)."""
+class WorkerProcess:
+    """A `damocles-ext worker` with one `echo` child, logging JSON; `events` collects each job's
+    `pulled` and `delivered` times (unix seconds, the log's millisecond clock) as they come."""
 
-    def __init__(self, port: int, store: Path, poll: float) -> None:
-        self.client = BlockingRpc(port, "bench-worker")
-        self.client.call("Venus.StoreBasicInfo", STORE)  # as a damocles-worker does at start
-        self.store = store
-        self.poll = poll
-        self.times: dict[int, tuple[float, float, float]] = {}  # seed number -> times
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+    PULLED = re.compile(r"^job (\S+): pulled ")
+    DELIVERED = re.compile(r"^job (\S+): delivered ")
 
-    def _run(self) -> None:
-        spec = {"AllowedMiners": [MINER], "AllowedProofTypes": [PROOF_TYPE]}
-        try:
-            while not self.stop.is_set():
-                jobs = self.client.call("Venus.WdPoStAllocateJobs", spec, 1, "bench-worker")
-                assert isinstance(jobs, list)
-                if not jobs:
-                    self.stop.wait(self.poll)
-                    continue
-                allocated = time.perf_counter()
-                job = jobs[0]
-                task = self._task(job["Input"])
-                output = echo_output(task)
-                proved = time.perf_counter()
-                self.client.call(
-                    "Venus.WdPoStFinishJob",
-                    job["Id"],
-                    {
-                        "proofs": [base64.b64encode(p).decode() for p in output.proofs],
-                        "faults": list(output.faults),
-                    },
-                    "",
-                )
-                finished = time.perf_counter()
-                self.times[int.from_bytes(task.seed[:4], "big")] = (allocated, proved, finished)
-        except BaseException as exc:  # noqa: BLE001 - reported by the benchmark
-            self.error = exc
-
-    def _task(self, job_input: dict) -> WindowPoSt:
-        """The job's input as a prover's task: store names back to this machine's paths."""
-        replicas = []
-        for sector in job_input["Sectors"]:
-            number = sector["SectorId"]
-            accesses = sector["Accesses"]
-            assert accesses["SealedFile"] == STORE and accesses["CacheDir"] == STORE, accesses
-            replicas.append(
-                PoStReplicaInfo(
-                    sector_id=number,
-                    comm_r=bytes(sector["CommR"]),
-                    cache_dir=f"{self.store}/cache/s-t0{job_input['MinerId']}-{number}",
-                    sealed_file=f"{self.store}/sealed/s-t0{job_input['MinerId']}-{number}",
-                )
-            )
-        return WindowPoSt(
-            miner_id=job_input["MinerId"],
-            proof_type=job_input["ProofType"],
-            replicas=replicas,
-            seed=bytes(job_input["Seed"]),
+    def __init__(self, tmp: Path, port: int, store: Path, poll: float) -> None:
+        config = tmp / "worker.cfg"
+        config.write_text('[[WdPost]]\nPlugin = "echo"\n')
+        self.log: list[str] = []
+        self.events: list[tuple[str, str, float]] = []  # (what, job id, when)
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [
+                *DEXT,
+                "worker",
+                "--manager",
+                f"127.0.0.1:{port}",
+                "-c",
+                str(config),
+                "--attached",
+                f"{STORE}={store}",
+                "--idle-poll",
+                f"{poll:g}s",
+                "--name",
+                "bench-worker",
+                "--log-format",
+                "json",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        if not self.ready.wait(60):
+            self.close()
+            raise BenchFailure("the worker did not start:\n" + "".join(self.log[-20:]))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            message = record.get("message", "")
+            if "pulls WindowPoSt jobs from" in message:
+                self.ready.set()
+            for what, pattern in (("pulled", self.PULLED), ("delivered", self.DELIVERED)):
+                found = pattern.match(message)
+                if found:
+                    when = _dt.datetime.fromisoformat(record["time"]).timestamp()
+                    self.events.append((what, found.group(1), when))
+        self.ready.set()  # exited: the waiter sees the log
+
+    def times_after(self, start: float) -> tuple[float, float]:
+        """(pulled, delivered) of the one job pulled at or after `start` (less the log's ms)."""
+        pulled = [(j, t) for w, j, t in self.events if w == "pulled" and t >= start - 0.001]
+        if len(pulled) != 1:
+            raise BenchFailure(f"expected one job pulled after the request, saw {pulled}")
+        job_id, at = pulled[0]
+        delivered = [t for w, j, t in self.events if w == "delivered" and j == job_id]
+        if len(delivered) != 1:
+            raise BenchFailure(f"job {job_id}: delivered {len(delivered)} times")
+        return at, delivered[0]
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-        self.client.conn.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=10)
 
 
 def spread(values: list[float]) -> dict:
@@ -219,50 +230,48 @@ def measure_local(tmp: Path, requests: int, store: Path, poll: float) -> list[fl
 def measure_jobs(url: str, tmp: Path, requests: int, store: Path, worker_poll: float,
                  producer_poll: float, tag: str) -> dict[str, list[float]]:  # fmt: skip
     """Latency and its split (seconds) per request through serve --jobs, a coordinator and a
-    worker."""
-    parts: dict[str, list[float]] = {
-        "total": [], "to_allocation": [], "prove": [], "finish": [], "to_answer": []
-    }  # fmt: skip
+    `damocles-ext worker`."""
+    parts: dict[str, list[float]] = {"total": [], "to_pull": [], "prove": [], "to_answer": []}
     with coordinator(url, "--store", f"{STORE}={store}") as port:
-        worker = Worker(port, store, worker_poll)
-        processor = Processor(
-            [
-                *DEXT,
-                "serve",
-                "window_post",
-                "--jobs",
-                url,
-                "--store",
-                f"{STORE}={store}",
-                "--poll-interval",
-                f"{producer_poll:g}s",
-            ],
-            tmp / f"serve-{tag}.log",
-        )
+        worker = WorkerProcess(tmp, port, store, worker_poll)
+        processor = None
         try:
+            processor = Processor(
+                [
+                    *DEXT,
+                    "serve",
+                    "window_post",
+                    "--jobs",
+                    url,
+                    "--store",
+                    f"{STORE}={store}",
+                    "--poll-interval",
+                    f"{producer_poll:g}s",
+                ],
+                tmp / f"serve-{tag}.log",
+            )
             processor.prove(make_task(store, 10_000))  # warm: connections, first imports
             for n in range(1, requests + 1):
                 paced(worker_poll)
+                wall = time.time()
                 start, end = processor.prove(make_task(store, n))
-                if worker.error is not None:
-                    raise BenchFailure(f"the worker failed: {worker.error!r}")
-                allocated, proved, finished = worker.times[n]
+                answered = wall + (end - start)
+                pulled, delivered = worker.times_after(wall)
                 parts["total"].append(end - start)
-                parts["to_allocation"].append(allocated - start)
-                parts["prove"].append(proved - allocated)
-                parts["finish"].append(finished - proved)
-                parts["to_answer"].append(end - finished)
+                parts["to_pull"].append(pulled - wall)
+                parts["prove"].append(delivered - pulled)
+                parts["to_answer"].append(answered - delivered)
         finally:
-            processor.close()
+            if processor is not None:
+                processor.close()
             worker.close()
     return parts
 
 
 SPLIT = (
-    ("to_allocation", "request -> worker's allocation (job created, worker's poll)"),
-    ("prove", "prove (echo)"),
-    ("finish", "finish call"),
-    ("to_answer", "finish -> answer line (producer's poll or NOTIFY)"),
+    ("to_pull", "request -> worker pulled it (job created, worker's poll)"),
+    ("prove", "pulled -> delivered (echo child, finish call)"),
+    ("to_answer", "delivered -> answer line (producer's poll or NOTIFY)"),
 )
 
 
