@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import queue
 import random
 import re
 import signal
@@ -50,6 +51,7 @@ from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
 STORE = "store-a"
+TIMEOUT = 120.0  # seconds an answer may take before the run fails
 SECTORS = 4
 
 
@@ -80,13 +82,29 @@ class Processor:
             stderr=log.open("wb"),
         )
         assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline()
+        # Lines come through a queue, so that an answer that never comes is a timeout, not a hang.
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        ready = self._line(60)
         if ready != jsonl.ready_line("window_post"):
             self.close()
             raise BenchFailure(
                 f"{' '.join(argv[2:])}: no ready line (got {ready!r}):\n{log.read_text()[-2000:]}"
             )
         self.next_id = 1
+
+    def _read(self, stdout) -> None:
+        for line in stdout:
+            self.lines.put(line)
+        self.lines.put(b"")
+
+    def _line(self, timeout: float) -> bytes:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise BenchFailure(
+                f"serve answered nothing in {timeout:g} s:\n{self.log.read_text()[-2000:]}"
+            ) from None
 
     def prove(self, task: WindowPoSt) -> tuple[float, float]:
         """Write the request and read its answer; (when written, when answered)."""
@@ -96,7 +114,7 @@ class Processor:
         start = time.perf_counter()
         self.proc.stdin.write(jsonl.encode_request(request_id, task))
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        line = self._line(TIMEOUT)
         end = time.perf_counter()
         if not line:
             raise BenchFailure(f"serve exited:\n{self.log.read_text()[-2000:]}")
@@ -133,6 +151,7 @@ class WorkerProcess:
         self.log: list[str] = []
         self.events: list[tuple[str, str, float]] = []  # (what, job id, when)
         self.ready = threading.Event()
+        self.started = False
         self.proc = subprocess.Popen(
             [
                 *DEXT,
@@ -157,7 +176,7 @@ class WorkerProcess:
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        if not self.ready.wait(60):
+        if not self.ready.wait(60) or not self.started:
             self.close()
             raise BenchFailure("the worker did not start:\n" + "".join(self.log[-20:]))
 
@@ -171,6 +190,7 @@ class WorkerProcess:
                 continue
             message = record.get("message", "")
             if "pulls WindowPoSt jobs from" in message:
+                self.started = True
                 self.ready.set()
             for what, pattern in (("pulled", self.PULLED), ("delivered", self.DELIVERED)):
                 found = pattern.match(message)
