@@ -22,7 +22,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -68,3 +68,37 @@ def test_save_writes_the_results_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list(tmp_path.iterdir()) == []
     path = runner.finish("x", {"a": 1}, save=True)
     assert path == tmp_path / "x.json" and '"a": 1' in path.read_text()
+
+
+def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines():
+    before = _results_snapshot()
+    quick = ["--jobs", "20", "--repeat", "1", "--clients", "1,4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_jobs", *quick],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "SQLite, 4 clients: floor" in out and "each job allocated exactly once" in out
+    assert "idle RPC calls/s" in out
+    # PostgreSQL is measured, or skipped with the reason when this machine has no server.
+    assert "PostgreSQL, 4 clients: floor" in out or "PostgreSQL: skipped: no PostgreSQL" in out
+    assert "Peer: damocles-manager's own worker-prover" in out
+    assert "not saved (add --save to write bench/results/jobs.json)" in out
+    assert _results_snapshot() == before
+
+
+def test_a_job_allocated_twice_or_never_fails_the_jobs_benchmark():
+    from bench.jobs_clients import BenchFailure, check_exactly_once
+
+    check_exactly_once([["a", "b"], ["c"], []], {"a", "b", "c"}, "run")
+    with pytest.raises(BenchFailure, match=r"1 allocated more than once \['b'\], 0 never"):
+        check_exactly_once([["a", "b"], ["b", "c"]], {"a", "b", "c"}, "run")
+    with pytest.raises(BenchFailure, match=r"0 allocated more than once \[\], 1 never \['c'\]"):
+        check_exactly_once([["a"], ["b"]], {"a", "b", "c"}, "run")
+    with pytest.raises(BenchFailure, match=r"1 unknown \['x'\]"):
+        check_exactly_once([["a", "b", "c", "x"]], {"a", "b", "c"}, "run")
