@@ -51,18 +51,8 @@ def test_the_section_shows_commands_and_configs():
     assert len(args) == 2 and all(a[:2] == ["serve", "window_post"] and "--jobs" in a for a in args)
 
 
-# `serve window_post --jobs` is the producer's, written as its branch parses it; until it is
-# merged these are expected to fail, and strict: once it is, the marker must go.
-PRODUCER_PENDING = pytest.mark.xfail(
-    strict=True, reason="serve window_post --jobs (the producer) is not merged yet"
-)
-
-
 def cases() -> list:
-    return [
-        pytest.param(a, marks=PRODUCER_PENDING) if a[:1] == ["serve"] and "--jobs" in a else a
-        for a in shell_commands() + ext_prover_args()
-    ]
+    return shell_commands() + ext_prover_args()
 
 
 @pytest.mark.parametrize("argv", cases(), ids=shlex.join)
