@@ -31,7 +31,7 @@ The peer, damocles-manager's own worker-prover (jobs in its embedded KV store), 
 that is not installed and cannot be built here: there is no peer figure.
 
 Goal: an allocation rate far beyond what a deadline needs (see docs/BENCHMARKS.md): over the RPC
-with 32 clients, at least 100 jobs/s on either engine.
+with 32 clients, at least 100 jobs/s on each engine, in every run (not only as a median).
 """
 
 from __future__ import annotations
@@ -227,6 +227,18 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> d
     return {method: jobs / elapsed, **rates}
 
 
+def goal_verdict(runs: list[float]) -> str:
+    """The goal is met only if every run met it: a median above it hides the runs that missed."""
+    missed = [rate for rate in runs if rate < GOAL_RPC_32]
+    if missed:
+        return (
+            f"NOT MET ({len(missed)} of {len(runs)} runs below: "
+            + ", ".join(f"{rate:,.1f}" for rate in missed)
+            + " jobs/s)"
+        )
+    return f"met (every run; the slowest {min(runs):,.1f} jobs/s)"
+
+
 def spread(rates: list[float]) -> dict:
     return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
 
@@ -283,7 +295,7 @@ def report(results: dict) -> None:
     for engine, by_clients in results["engines"].items():
         if isinstance(by_clients, str):
             print(f"\n{engine}: {by_clients}")
-    print(f"\nGoal: RPC with 32 clients >= {GOAL_RPC_32:.0f} jobs/s on each engine measured:")
+    print(f"\nGoal: RPC with 32 clients >= {GOAL_RPC_32:.0f} jobs/s in every run, on each engine:")
     for engine, verdict in results["goal"].items():
         print(f"  {engine}: {verdict}")
     if not results["goal"]:
@@ -352,10 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_after"] = os.getloadavg()[0]
     for engine, by_clients in results["engines"].items():
         if isinstance(by_clients, dict) and "32" in by_clients:
-            rate = by_clients["32"]["rpc"]["median"]
-            results["goal"][engine] = (
-                f"{'met' if rate >= GOAL_RPC_32 else 'NOT MET'} ({rate:,.0f} jobs/s)"
-            )
+            results["goal"][engine] = goal_verdict(by_clients["32"]["rpc"]["runs"])
     report(results)
     finish("jobs", results, args.save)
     return 0
