@@ -31,7 +31,7 @@ The peer, damocles-manager's own worker-prover (jobs in its embedded KV store), 
 that is not installed and cannot be built here: there is no peer figure.
 
 Goal: an allocation rate far beyond what a deadline needs (see docs/BENCHMARKS.md): over the RPC
-with 32 clients, at least 100 jobs/s on either engine.
+with 32 clients, at least 100 jobs/s on each engine, in every run (not only as a median).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from bench.jobs_clients import (
 )
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.jobs import rules
-from damocles_ext.jobs.model import FINISHED, RUNNING
+from damocles_ext.jobs.model import FINISHED, RUNNING, job_id
 from damocles_ext.jobs.store import JobStore
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
@@ -189,18 +189,20 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> d
     jobs/s}; the RPC's run adds {"idle": calls/s}, the rate of allocations that find nothing."""
     url, target = engine.new()
     inputs = job_inputs(jobs, run)
-    with JobStore.open(url) as store:
-        made = store.create_many([rules.Create(i) for i in inputs], time.time())
-    ids = [job.Id for job, _ in made]
-    expected = set(ids)
-    assert len(expected) == jobs
     what = f"{engine.name}, {method}, {clients} clients, run {run}"
     workers = [f"bench-worker-{n}" for n in range(clients)]
-    if method == "floor":
+    if method == "floor":  # its own table only: our store is not opened
+        ids = [job_id(i) for i in inputs]
+        expected = set(ids)
+        assert len(expected) == jobs
         engine.fill_floor(target, ids)
         elapsed, taken = run_clients([engine.floor(target, w) for w in workers], what)
         check_exactly_once(taken, expected, what)
         return {method: jobs / elapsed}
+    with JobStore.open(url) as store:
+        made = store.create_many([rules.Create(i) for i in inputs], time.time())
+    expected = {job.Id for job, _ in made}
+    assert len(expected) == jobs
     rates = {}
     if method == "store":
         elapsed, taken = run_clients([store_client(url, w) for w in workers], what)
@@ -215,7 +217,7 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> d
         state = FINISHED
     check_exactly_once(taken, expected, what)
     # And the database agrees: each job in the state the method leaves it, on its client.
-    owner = {job_id: workers[n] for n, got in enumerate(taken) for job_id in got}
+    owner = {job: workers[n] for n, got in enumerate(taken) for job in got}
     with JobStore.open(url, create=False) as store:
         wrong = [
             job.Id
@@ -225,6 +227,18 @@ def one_run(engine: Engine, method: str, clients: int, jobs: int, run: int) -> d
     if wrong:
         raise BenchFailure(f"{what}: {len(wrong)} jobs not {state} on their client: {wrong[:3]}")
     return {method: jobs / elapsed, **rates}
+
+
+def goal_verdict(runs: list[float]) -> str:
+    """The goal is met only if every run met it: a median above it hides the runs that missed."""
+    missed = [rate for rate in runs if rate < GOAL_RPC_32]
+    if missed:
+        return (
+            f"NOT MET ({len(missed)} of {len(runs)} runs below: "
+            + ", ".join(f"{rate:,.1f}" for rate in missed)
+            + " jobs/s)"
+        )
+    return f"met (every run; the slowest {min(runs):,.1f} jobs/s)"
 
 
 def spread(rates: list[float]) -> dict:
@@ -283,7 +297,7 @@ def report(results: dict) -> None:
     for engine, by_clients in results["engines"].items():
         if isinstance(by_clients, str):
             print(f"\n{engine}: {by_clients}")
-    print(f"\nGoal: RPC with 32 clients >= {GOAL_RPC_32:.0f} jobs/s on each engine measured:")
+    print(f"\nGoal: RPC with 32 clients >= {GOAL_RPC_32:.0f} jobs/s in every run, on each engine:")
     for engine, verdict in results["goal"].items():
         print(f"  {engine}: {verdict}")
     if not results["goal"]:
@@ -352,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_after"] = os.getloadavg()[0]
     for engine, by_clients in results["engines"].items():
         if isinstance(by_clients, dict) and "32" in by_clients:
-            rate = by_clients["32"]["rpc"]["median"]
-            results["goal"][engine] = (
-                f"{'met' if rate >= GOAL_RPC_32 else 'NOT MET'} ({rate:,.0f} jobs/s)"
-            )
+            results["goal"][engine] = goal_verdict(by_clients["32"]["rpc"]["runs"])
     report(results)
     finish("jobs", results, args.save)
     return 0

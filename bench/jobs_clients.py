@@ -26,11 +26,15 @@ from collections.abc import Callable, Sequence
 
 from damocles_ext.jobs import rules
 from damocles_ext.jobs.database import DEFAULT_BUSY_TIMEOUT
-from damocles_ext.jobs.model import WdPoStInput, WdPoStSectorInfo
+from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
+from damocles_ext.jobs.store import JobStore
 
 MINER = 1000
 PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
 SPEC = rules.AllocationSpec((MINER,), (PROOF_TYPE,))
+# SPEC as a damocles-worker sends it (plain JSON, not through our RPC's structs).
+SPEC_JSON = {"AllowedMiners": list(SPEC.allowed_miners),
+             "AllowedProofTypes": list(SPEC.allowed_proof_types)}  # fmt: skip
 # damocles' WdPoStFinishJob output: one 192-byte proof in base64 (as Go writes []byte), no faults.
 OUTPUT = {"proofs": ["A" * 256], "faults": []}
 
@@ -39,28 +43,20 @@ class BenchFailure(Exception):
     """A run whose figures must not be reported: a job allocated twice or never, a client error."""
 
 
-def job_inputs(count: int, run: int, sectors: int = 1) -> list[WdPoStInput]:
-    """`count` distinct job inputs (distinct ids: the run and the job number are in the seed)."""
-    from damocles_ext.jobs.model import SectorAccessStores
-
+def job_inputs(count: int, run: int) -> list[WdPoStInput]:
+    """`count` distinct job inputs of one sector each (distinct ids: the run and the job number
+    are in the seed)."""
     inputs = []
     for n in range(count):
         seed = tuple((run * 7 + n * 13 + i) % 256 for i in range(28)) + tuple(n.to_bytes(4, "big"))
+        sector = WdPoStSectorInfo(
+            SectorId=n,
+            CommR=tuple((n + i) % 256 for i in range(32)),
+            Upgrade=False,
+            Accesses=SectorAccessStores(SealedFile="store-a", CacheDir="store-a"),
+        )
         inputs.append(
-            WdPoStInput(
-                Sectors=tuple(
-                    WdPoStSectorInfo(
-                        SectorId=n * sectors + s,
-                        CommR=tuple((n + s + i) % 256 for i in range(32)),
-                        Upgrade=False,
-                        Accesses=SectorAccessStores(SealedFile="store-a", CacheDir="store-a"),
-                    )
-                    for s in range(sectors)
-                ),
-                MinerId=MINER,
-                ProofType=PROOF_TYPE,
-                Seed=seed,
-            )
+            WdPoStInput(Sectors=(sector,), MinerId=MINER, ProofType=PROOF_TYPE, Seed=seed)
         )
     return inputs
 
@@ -225,8 +221,6 @@ def floor_sqlite(path: str, worker: str) -> Client:
 
 
 def store_client(url: str, worker: str) -> Client:
-    from damocles_ext.jobs.store import JobStore
-
     def connect() -> Callable[[], list[str]]:
         store = JobStore(url, pool_size=1)
         store.schema_version()  # opens its connection before the clock starts
@@ -251,12 +245,14 @@ def store_client(url: str, worker: str) -> Client:
 
 
 class BlockingRpc:
-    """One kept-alive HTTP/1.1 connection to a coordinator, calling as go-jsonrpc does."""
+    """One kept-alive HTTP/1.1 connection to a coordinator, calling as go-jsonrpc does; made with
+    a `Venus.WorkerPing`, so that the connection is open before the clock starts."""
 
     def __init__(self, port: int, worker: str) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         self.worker = worker
         self.next_id = 1
+        self.call("Venus.WorkerPing", {"Name": worker})
 
     def call(self, method: str, *params: object) -> object:
         body = json.dumps(
@@ -272,12 +268,10 @@ class BlockingRpc:
 
     def allocate_all(self) -> list[str]:
         """Allocate one job, finish it, again, until none is left; the ids allocated."""
-        spec = {"AllowedMiners": list(SPEC.allowed_miners),
-                "AllowedProofTypes": list(SPEC.allowed_proof_types)}  # fmt: skip
         got = []
         try:
             while True:
-                jobs = self.call("Venus.WdPoStAllocateJobs", spec, 1, self.worker)
+                jobs = self.call("Venus.WdPoStAllocateJobs", SPEC_JSON, 1, self.worker)
                 assert isinstance(jobs, list)
                 if not jobs:
                     return got
@@ -289,12 +283,7 @@ class BlockingRpc:
 
 
 def rpc_client(port: int, worker: str) -> Client:
-    def connect() -> Callable[[], list[str]]:
-        client = BlockingRpc(port, worker)
-        client.call("Venus.WorkerPing", {"Name": worker})  # connects before the clock starts
-        return client.allocate_all
-
-    return connect
+    return lambda: BlockingRpc(port, worker).allocate_all
 
 
 def rpc_idle_client(port: int, worker: str, calls: int) -> Client:
@@ -302,14 +291,11 @@ def rpc_idle_client(port: int, worker: str, calls: int) -> Client:
 
     def connect() -> Callable[[], list[str]]:
         client = BlockingRpc(port, worker)
-        client.call("Venus.WorkerPing", {"Name": worker})
 
         def poll() -> list[str]:
-            spec = {"AllowedMiners": list(SPEC.allowed_miners),
-                    "AllowedProofTypes": list(SPEC.allowed_proof_types)}  # fmt: skip
             try:
                 for _ in range(calls):
-                    if client.call("Venus.WdPoStAllocateJobs", spec, 1, worker) != []:
+                    if client.call("Venus.WdPoStAllocateJobs", SPEC_JSON, 1, worker) != []:
                         raise BenchFailure(f"{worker}: an idle allocation found a job")
             finally:
                 client.conn.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 from helpers.frontend import short_socket_dir
@@ -15,6 +15,9 @@ from helpers.scheduling import Recorder
 from helpers.supervisor import our_descendants
 
 from damocles_ext.plugins import get_plugin_manager
+
+if TYPE_CHECKING:
+    from damocles_ext.jobs.store import JobStore
 
 
 @pytest.fixture
@@ -85,3 +88,21 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A new empty database on the session's PostgreSQL server: its `postgresql://` URL."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A job store's URL on each engine in turn: a SQLite file in tmp_path, then a new database
+    on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def js(store_url: str) -> Iterator[JobStore]:
+    """An open JobStore at `store_url` (its schema made), closed after the test."""
+    from damocles_ext.jobs.store import JobStore  # SQLAlchemy: only for the tests that use it
+
+    with JobStore.open(store_url) as s:
+        yield s

@@ -102,3 +102,12 @@ def test_a_job_allocated_twice_or_never_fails_the_jobs_benchmark():
         check_exactly_once([["a"], ["b"]], {"a", "b", "c"}, "run")
     with pytest.raises(BenchFailure, match=r"1 unknown \['x'\]"):
         check_exactly_once([["a", "b", "c", "x"]], {"a", "b", "c"}, "run")
+
+
+def test_the_jobs_goal_is_met_only_if_every_run_met_it():
+    from bench.bench_jobs import goal_verdict
+
+    # The saved run on SQLite: a median of 96, one run above 100; and one whose median is above.
+    assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
+    assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
+    assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"

@@ -21,19 +21,6 @@ T0 = 1_700_000_000.0
 ANY = rules.AllocationSpec()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-def js(store_url: str):
-    with JobStore.open(store_url) as s:
-        yield s
-
-
 def create_many(s: JobStore, count: int, now: float = T0, **kw) -> list[model.JobRecord]:
     events = [rules.Create(make_input(seed=i % 256, miner=1000 + i // 256), **kw)
               for i in range(count)]  # fmt: skip

@@ -17,19 +17,6 @@ W2K = "StackedDrgWindow2KiBV1_2"
 W32G = "StackedDrgWindow32GiBV1_2"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-def js(store_url: str):
-    with JobStore.open(store_url) as s:
-        yield s
-
-
 # --- the rules, on plain values -----------------------------------------------------------------
 
 

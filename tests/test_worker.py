@@ -4,6 +4,7 @@ heartbeats them, delivers the results; and its sans-IO rules (jobs/worker_rules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -116,10 +117,23 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path):
-    r = Rig(f"sqlite:///{tmp_path}/jobs.db")
-    yield r
-    r.close()
+def make_rig(tmp_path):
+    """Rig(url, stores, coordinator=...), on a SQLite file in tmp_path unless a URL is given;
+    every rig made is closed after the test."""
+    made: list[Rig] = []
+
+    def make(url: str | None = None, stores: dict[str, str] | None = None, **kw) -> Rig:
+        made.append(Rig(url or f"sqlite:///{tmp_path}/jobs.db", stores, **kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def rig(make_rig) -> Rig:
+    return make_rig()
 
 
 class Running:
@@ -146,48 +160,52 @@ async def start_worker(nursery, worker: Worker) -> Running:
     return running
 
 
+@contextlib.asynccontextmanager
+async def serving(rig: Rig, worker: Worker):
+    """The rig's coordinator serving and the worker running, for a minute at most; at the end of
+    the body the worker is stopped (and waited for), then the coordinator."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            yield
+            await running.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def run_until(rig: Rig, worker: Worker, condition) -> None:
+    """Run the worker against the rig until `condition()` holds, then stop both."""
+    async with serving(rig, worker):
+        await worker.wait_for(condition)
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_stored(
-    engine, tmp_path, request
+    store_url, make_rig, tmp_path
 ):
-    url = (
-        request.getfixturevalue("postgres_url")
-        if engine == "postgresql"
-        else f"sqlite:///{tmp_path}/jobs.db"
-    )
     base = tmp_path / "mnt" / "store-a"
     manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
     ids = tuple(r.sector_id for r in manifest.replicas)
     comm_rs = [bytes.fromhex(r.comm_r) for r in manifest.replicas]
-    rig = Rig(url, {"store-a": str(base)})
-    try:
-        job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
-        kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
-        worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                running = await start_worker(nursery, worker)
-                await worker.wait_for(lambda: worker.counters.delivered == 1)
-                await running.stop()
-                nursery.cancel_scope.cancel()
-        done = await rig.jobs.get(job.Id)
-        assert done.succeeded and done.TryNum == 1 and done.WorkerName == "gpu-1"
-        assert done.Output is not None and done.Output.faults == ()
-        # The proofs are this job's: the verifier accepts them for its sectors.
-        task = window_post_task(
-            PulledJob(job.Id, job.Input),
-            [
-                (str(base / "sealed" / f"s-t01000-{n}"), str(base / "cache" / f"s-t01000-{n}"))
-                for n in ids
-            ],
-        )
-        verify_window_post(task, WindowPoStOutput(list(done.Output.proofs), []))
-    finally:
-        rig.close()
+    rig = make_rig(store_url, {"store-a": str(base)})
+    job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert done.succeeded and done.TryNum == 1 and done.WorkerName == "gpu-1"
+    assert done.Output is not None and done.Output.faults == ()
+    # The proofs are this job's: the verifier accepts them for its sectors.
+    task = window_post_task(
+        PulledJob(job.Id, job.Input),
+        [
+            (str(base / "sealed" / f"s-t01000-{n}"), str(base / "cache" / f"s-t01000-{n}"))
+            for n in ids
+        ],
+    )
+    verify_window_post(task, WindowPoStOutput(list(done.Output.proofs), []))
 
 
 async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between_them(
@@ -197,13 +215,7 @@ async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.2) * 2)
     worker = Worker(rig.settings(kids))
     # idle_poll is 600 s: a pause after a job, or asking only after an idle wait, would blow this.
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: worker.counters.delivered == 5)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    await run_until(rig, worker, lambda: worker.counters.delivered == 5)
     jobs = [await rig.jobs.get(i) for i in ids]
     assert all(j.succeeded and j.TryNum == 1 for j in jobs)
     # Never more jobs running on this worker than it has slots: none waited on a busy child.
@@ -219,29 +231,24 @@ async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_an
     # A short grace: the last proof runs for a minute and is cancelled at the end.
     worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
     first, _ = await rig.jobs.create(job_input(seed=1))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: first.Id in worker.held)
-            await rec.next("started")
-            # The one slot is taken: the next job waits in the store, not on this worker.
-            second, _ = await rig.jobs.create(job_input(seed=2))
-            await rig.jobs.remove(first.Id)
-            # The next heartbeat says "removed": the child is told to cancel, the slot is free.
-            assert (await rec.next("finished"))[2] == "cancelled"
-            await rec.next("started")
-            await worker.wait_for(lambda: second.Id in worker.held)
-            assert (await rig.jobs.get(second.Id)).State == "running"
-            await rig.jobs.reset(second.Id)
-            assert (await rec.next("finished"))[2] == "cancelled"
-            # A reset job is ready again: the free slot takes it at once (its try count restarted).
-            await rec.next("started")
-            again = await rig.jobs.get(second.Id)
-            assert again.State == "running" and again.TryNum == 1
-            assert worker.counters.stopped == 2 and worker.counters.delivered == 0
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: first.Id in worker.held)
+        await rec.next("started")
+        # The one slot is taken: the next job waits in the store, not on this worker.
+        second, _ = await rig.jobs.create(job_input(seed=2))
+        await rig.jobs.remove(first.Id)
+        # The next heartbeat says "removed": the child is told to cancel, the slot is free.
+        assert (await rec.next("finished"))[2] == "cancelled"
+        await rec.next("started")
+        await worker.wait_for(lambda: second.Id in worker.held)
+        assert (await rig.jobs.get(second.Id)).State == "running"
+        await rig.jobs.reset(second.Id)
+        assert (await rec.next("finished"))[2] == "cancelled"
+        # A reset job is ready again: the free slot takes it at once (its try count restarted).
+        await rec.next("started")
+        again = await rig.jobs.get(second.Id)
+        assert again.State == "running" and again.TryNum == 1
+        assert worker.counters.stopped == 2 and worker.counters.delivered == 0
     assert rig.allocations_of(first.Id) == 1
 
 
@@ -300,78 +307,57 @@ class VenusOnly(Coordinator):
         return await super().handle(call)
 
 
-async def test_against_damocles_manager_jobs_are_allocated_one_per_call_end_to_end(tmp_path):
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=VenusOnly)
-    try:
-        ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
-        kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.3) * 2)
-        worker = Worker(rig.settings(kids))
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                running = await start_worker(nursery, worker)
-                await worker.wait_for(lambda: worker.counters.delivered == 3)
-                await running.stop()
-                nursery.cancel_scope.cancel()
-        assert worker.api is Api.VENUS
-        jobs = [await rig.jobs.get(i) for i in ids]
-        assert all(j.succeeded and j.TryNum == 1 for j in jobs)
-        methods = [
-            m for m, _ in rig.coordinator.calls
-            if m not in ("Venus.StoreBasicInfo", "Venus.WorkerPing")
-        ]  # fmt: skip
-        # Our method first; its -32601 switches the worker to damocles' for good.
-        assert methods[0] == "Dext.AllocateJobs" and methods.count("Dext.AllocateJobs") == 1
-        allocations = [p for m, p in rig.coordinator.calls if m == "Venus.WdPoStAllocateJobs"]
-        assert allocations and all(p[1] == 1 for p in allocations)
-        assert "Venus.WdPoStFinishJob" in methods and "Dext.FinishJob" not in methods
-        assert rig.most_running <= 2
-    finally:
-        rig.close()
+async def test_against_damocles_manager_jobs_are_allocated_one_per_call_end_to_end(
+    make_rig, tmp_path
+):
+    rig = make_rig(coordinator=VenusOnly)
+    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.3) * 2)
+    worker = Worker(rig.settings(kids))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 3)
+    assert worker.api is Api.VENUS
+    jobs = [await rig.jobs.get(i) for i in ids]
+    assert all(j.succeeded and j.TryNum == 1 for j in jobs)
+    methods = [
+        m for m, _ in rig.coordinator.calls
+        if m not in ("Venus.StoreBasicInfo", "Venus.WorkerPing")
+    ]  # fmt: skip
+    # Our method first; its -32601 switches the worker to damocles' for good.
+    assert methods[0] == "Dext.AllocateJobs" and methods.count("Dext.AllocateJobs") == 1
+    allocations = [p for m, p in rig.coordinator.calls if m == "Venus.WdPoStAllocateJobs"]
+    assert allocations and all(p[1] == 1 for p in allocations)
+    assert "Venus.WdPoStFinishJob" in methods and "Dext.FinishJob" not in methods
+    assert rig.most_running <= 2
 
 
 async def test_against_damocles_manager_a_removed_job_is_found_by_heartbeating_one_by_one(
-    tmp_path, recorder
+    make_rig, tmp_path, recorder
 ):
     rec, pm = recorder
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=VenusOnly)
-    try:
-        kept, _ = await rig.jobs.create(job_input(seed=1))
-        gone, _ = await rig.jobs.create(job_input(seed=2))
-        kids = children(
-            tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
-        )
-        worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                running = await start_worker(nursery, worker)
-                await worker.wait_for(lambda: len(worker.held) == 2)
-                await rig.jobs.remove(gone.Id)
-                # The batch heartbeat fails as a whole; alone, only the removed job's fails.
-                assert (await rec.next("finished"))[2] == "cancelled"
-                assert set(worker.held) == {kept.Id}
-                beats = [p[0] for m, p in rig.coordinator.calls if m == "Venus.WdPoStHeartbeatJobs"]
-                assert sorted([gone.Id, kept.Id]) in [sorted(b) for b in beats]
-                assert [gone.Id] in beats
-                assert (await rig.jobs.get(kept.Id)).State == "running"
-                await running.stop()
-                nursery.cancel_scope.cancel()
-    finally:
-        rig.close()
+    rig = make_rig(coordinator=VenusOnly)
+    kept, _ = await rig.jobs.create(job_input(seed=1))
+    gone, _ = await rig.jobs.create(job_input(seed=2))
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: len(worker.held) == 2)
+        await rig.jobs.remove(gone.Id)
+        # The batch heartbeat fails as a whole; alone, only the removed job's fails.
+        assert (await rec.next("finished"))[2] == "cancelled"
+        assert set(worker.held) == {kept.Id}
+        beats = [p[0] for m, p in rig.coordinator.calls if m == "Venus.WdPoStHeartbeatJobs"]
+        assert sorted([gone.Id, kept.Id]) in [sorted(b) for b in beats]
+        assert [gone.Id] in beats
+        assert (await rig.jobs.get(kept.Id)).State == "running"
 
 
 async def test_a_job_in_a_store_the_worker_lacks_fails_naming_the_store_and_the_job(rig, tmp_path):
     job, _ = await rig.jobs.create(job_input(store="far-away"))
     kids = children(tmp_path, plugin_block("WdPost", "echo"))
     worker = Worker(rig.settings(kids, attached={"store-a": str(tmp_path)}))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: worker.counters.delivered == 1)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
     done = await rig.jobs.get(job.Id)
     assert done.State == "finished" and done.Output is None
     assert "'far-away'" in done.ErrorReason and job.Id in done.ErrorReason
@@ -379,23 +365,20 @@ async def test_a_job_in_a_store_the_worker_lacks_fails_naming_the_store_and_the_
 
 
 async def test_an_attached_store_the_manager_does_not_know_stops_the_worker_at_start_with_exit_2(
-    tmp_path,
+    make_rig, tmp_path
 ):
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", {"store-a": str(tmp_path)})
+    rig = make_rig(stores={"store-a": str(tmp_path)})
     config = tmp_path / "ext-prover.cfg"
     config.write_text(plugin_block("WdPost", "echo"))
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                result = await trio.run_process(
-                    [*DEXT, "worker", "--manager", f"127.0.0.1:{rig.port}", "-c", str(config),
-                     "--attached", f"store-a={tmp_path}", "--attached", f"nope={tmp_path}"],
-                    env=dext_env(), capture_stdout=True, capture_stderr=True, check=False,
-                )  # fmt: skip
-                nursery.cancel_scope.cancel()
-    finally:
-        rig.close()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            result = await trio.run_process(
+                [*DEXT, "worker", "--manager", f"127.0.0.1:{rig.port}", "-c", str(config),
+                 "--attached", f"store-a={tmp_path}", "--attached", f"nope={tmp_path}"],
+                env=dext_env(), capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            nursery.cancel_scope.cancel()
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "does not know the attached store 'nope'" in err and "Traceback" not in err
@@ -430,13 +413,7 @@ async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig
     worker = Worker(
         rig.settings(kids, attached={"store-a": str(tmp_path / "empty")}), plugin_manager=pm
     )
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: worker.counters.delivered == 1)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
     done = await rig.jobs.get(job.Id)
     assert done.succeeded and done.Output.proofs and done.Output.faults == ()
     assert layout.asked == [(job.Id, replica.sector_id)]
@@ -446,14 +423,9 @@ async def test_stopping_lets_a_running_proof_finish_within_the_grace_and_deliver
     job, _ = await rig.jobs.create(job_input())
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
     worker = Worker(rig.settings(kids, shutdown_grace=30.0))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: job.Id in worker.held)
-            await rig.jobs.create(job_input(seed=2))  # not taken: the worker is stopping
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: job.Id in worker.held)
+        await rig.jobs.create(job_input(seed=2))  # not taken: the worker is stopping
     assert (await rig.jobs.get(job.Id)).succeeded
     assert worker.counters.pulled == 1 and worker.counters.delivered == 1
 
@@ -464,13 +436,7 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     job, _ = await rig.jobs.create(job_input())
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
     worker = Worker(rig.settings(kids, shutdown_grace=0.3))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: job.Id in worker.held)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    await run_until(rig, worker, lambda: job.Id in worker.held)
     # Still running in the store: the coordinator's sweep gives it to another worker.
     assert (await rig.jobs.get(job.Id)).State == "running"
     assert worker.counters.delivered == 0
@@ -478,8 +444,7 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     assert job.Id in line and "cancelled" in line
 
 
-async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(tmp_path):
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):
     config = tmp_path / "ext-prover.cfg"
     config.write_text(
         plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05)
@@ -487,31 +452,28 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
     )
     other, _ = await rig.jobs.create(job_input(miner=1001))
     job, _ = await rig.jobs.create(job_input())
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                proc = await trio.lowlevel.open_process(
-                    [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
-                     str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9",
-                     "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
-                    env=dext_env(), stderr=subprocess.PIPE,
-                )  # fmt: skip
-                seen = b""
-                while f"job {job.Id}: pulled".encode() not in seen:
-                    chunk = await proc.stderr.receive_some(4096)
-                    assert chunk, seen.decode()
-                    seen += chunk
-                proc.send_signal(signal.SIGTERM)
-                while chunk := await proc.stderr.receive_some(4096):
-                    seen += chunk
-                assert await proc.wait() == 0, seen.decode()
-                nursery.cancel_scope.cancel()
-        done = await rig.jobs.get(job.Id)
-        # Another miner's job is left for another worker.
-        assert (await rig.jobs.get(other.Id)).State == "ready2run"
-    finally:
-        rig.close()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            proc = await trio.lowlevel.open_process(
+                [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
+                 str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9",
+                 "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
+                env=dext_env(), stderr=subprocess.PIPE,
+            )  # fmt: skip
+            seen = b""
+            while f"job {job.Id}: pulled".encode() not in seen:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen.decode()
+                seen += chunk
+            proc.send_signal(signal.SIGTERM)
+            while chunk := await proc.stderr.receive_some(4096):
+                seen += chunk
+            assert await proc.wait() == 0, seen.decode()
+            nursery.cancel_scope.cancel()
+    done = await rig.jobs.get(job.Id)
+    # Another miner's job is left for another worker.
+    assert (await rig.jobs.get(other.Id)).State == "ready2run"
     assert done.succeeded and done.WorkerName == "w9"
     # The manager's own ext-prover.cfg may be given: its [[WinPost]] children are not started.
     assert b"children of other tables are not started (winning_post#0)" in seen
@@ -536,21 +498,17 @@ async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_o
     assert worker.counters.allocations == 0
 
 
-async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(tmp_path):
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(rig, tmp_path):
     rig.server.token = b"the-right-one"
     worker = Worker(rig.settings(children(tmp_path, plugin_block("WdPost", "echo")), token="wrong"))
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                with pytest.raises(
-                    UsageError, match="refused this worker's token: the bearer token is wrong"
-                ):
-                    await worker.run()
-                nursery.cancel_scope.cancel()
-    finally:
-        rig.close()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            with pytest.raises(
+                UsageError, match="refused this worker's token: the bearer token is wrong"
+            ):
+                await worker.run()
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_default_name_is_the_local_address_that_reaches_the_manager():
