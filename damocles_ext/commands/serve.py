@@ -200,7 +200,6 @@ def run(args: argparse.Namespace) -> int:
     setup_from_args(args)
     if args.jobs is not None:
         from damocles_ext.frontends.serve import serve_jobs
-        from damocles_ext.jobs.rules import DEFAULT_POLL_INTERVAL
 
         return serve_jobs(
             args.stage,
@@ -208,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             stores=args.store,
             conf_dir=args.conf_dir,
             deadline_after=args.deadline_after,
-            poll_interval=args.poll_interval or DEFAULT_POLL_INTERVAL,
+            poll_interval=args.poll_interval,
             listen=args.listen,
             shutdown_grace=args.shutdown_grace,
         )

@@ -16,6 +16,7 @@ coordinator's next pass.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,9 +28,10 @@ import trio
 
 from ..errors import ProverError, UsageError
 from ..jobs import model, rules
+from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.notify import JobListener
-from ..jobs.paths import SectorPathError, StoreMap, job_input
-from ..jobs.store import StoreError, TrioJobStore
+from ..jobs.paths import StoreMap, job_input
+from ..jobs.store import JobStore, StoreError, TrioJobStore
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 
@@ -49,6 +51,18 @@ WINNING_REFUSED = (
 )
 
 
+def producer_settings(
+    conf_dir: str | None, stores: list[tuple[str, str]], poll_interval: float | None
+) -> ManagerConfig:
+    """damocles-manager's settings for a producer (jobs/manager_config.read_settings), with
+    `poll_interval` in their limits when given."""
+    settings = read_settings(conf_dir, stores)
+    if poll_interval is None:
+        return settings
+    limits = dataclasses.replace(settings.limits, poll_interval=poll_interval)
+    return dataclasses.replace(settings, limits=limits)
+
+
 class JobProducer:
     """`submit(task)` for WindowPoSt tasks through the job store; `wake(job_id)` when the store
     says a job changed; `abandon(reason)` on shutdown."""
@@ -59,13 +73,11 @@ class JobProducer:
         stores: StoreMap,
         *,
         deadline_after: float | None = None,
-        poll_interval: float = rules.DEFAULT_POLL_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
-        self.poll_interval = poll_interval
         self.clock = clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
@@ -73,8 +85,16 @@ class JobProducer:
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
 
+    @classmethod
+    def on(
+        cls, store: JobStore, settings: ManagerConfig, *, deadline_after: float | None
+    ) -> JobProducer:
+        """The producer on `store` with the stores of `settings` (producer_settings)."""
+        return cls(TrioJobStore(store), StoreMap(settings.stores), deadline_after=deadline_after)
+
     @property
     def limits(self) -> rules.JobLimits:
+        """The store's limits; their poll_interval is how often a waited job is looked at."""
         return self.store.store.limits
 
     def job_input(self, task: Task) -> model.WdPoStInput:
@@ -83,9 +103,7 @@ class JobProducer:
             raise UsageError(WINNING_REFUSED)
         try:
             return job_input(task, self.stores)
-        except SectorPathError as exc:
-            raise UsageError(f"bad request: {exc}; not proved") from None
-        except ValueError as exc:
+        except ValueError as exc:  # SectorPathError too
             raise UsageError(f"bad request: {exc}; not proved") from None
 
     async def submit(self, task: Task, *, deadline: float | None = None) -> Output:
@@ -193,7 +211,7 @@ class JobProducer:
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = FIRST_BACKOFF
-            pause = self.poll_interval
+            pause = self.limits.poll_interval
             if job.not_after is not None and not swept:
                 pause = max(0.0, min(pause, job.not_after - self.clock()))
             with trio.move_on_after(pause):
