@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -487,3 +488,11 @@ async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_
             admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await finish_and_expect_proofs(m, postgres_url, job_id, request_id, within=60)
         await stop(m)
+
+
+def test_importing_the_producer_leaves_psycopg_for_the_listener():
+    # serve --jobs imports the producer before its ready line; psycopg (the LISTEN/NOTIFY
+    # listener's) is loaded only when a PostgreSQL store's listener starts, after it.
+    code = "import sys, damocles_ext.frontends.producer; print('psycopg' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert done.stdout == b"False\n", done.stderr

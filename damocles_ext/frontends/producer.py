@@ -29,13 +29,13 @@ import trio
 from ..errors import ProverError, UsageError
 from ..jobs import model, rules
 from ..jobs.manager_config import ManagerConfig, read_settings
-from ..jobs.notify import JobListener
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, TrioJobStore
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 
 if TYPE_CHECKING:
+    from ..jobs.notify import JobListener
     from .coordinator import Coordinator, CoordinatorServer
 
 log = logging.getLogger("damocles_ext.producer")
@@ -137,6 +137,9 @@ class JobProducer:
 
     def listener(self) -> JobListener | None:
         """The LISTEN/NOTIFY listener that wakes this producer (None on SQLite): run it beside."""
+        # Imported here: psycopg is not needed before serve's ready line, nor on SQLite.
+        from ..jobs.notify import JobListener
+
         return JobListener.of_store(self.store.store, self.wake, self.wake_all)
 
     def abandon(self, reason: str) -> None:
