@@ -465,6 +465,18 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
             await producer.submit(make_task(stage="winning_post"))
 
 
+async def test_the_python_api_logs_the_warnings_of_damocles_managers_config(tmp_path, caplog):
+    from damocles_ext.api import open_job_producer
+
+    async with open_job_producer(sqlite_url(tmp_path), conf_dir=str(tmp_path)):
+        pass
+    missing = (
+        f"--conf-dir {tmp_path}: there is no sector-manager.cfg in it; damocles' defaults apply"
+        " (JobMaxTry 2, HeartbeatTimeout 15s, JobLifetime 25h)"
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [missing]
+
+
 async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_failure(
     postgres_url, tmp_path
 ):

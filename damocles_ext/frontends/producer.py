@@ -55,8 +55,10 @@ def producer_settings(
     conf_dir: str | None, stores: list[tuple[str, str]], poll_interval: float | None
 ) -> ManagerConfig:
     """damocles-manager's settings for a producer (jobs/manager_config.read_settings), with
-    `poll_interval` in their limits when given."""
+    `poll_interval` in their limits when given; their warnings are logged."""
     settings = read_settings(conf_dir, stores)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     if poll_interval is None:
         return settings
     limits = dataclasses.replace(settings.limits, poll_interval=poll_interval)

@@ -121,8 +121,6 @@ def serve_jobs(
     from .producer import JobProducer, producer_settings, run_producer
 
     settings = producer_settings(conf_dir, stores, poll_interval)
-    for warning in settings.warnings:
-        log.warning("%s", warning)
     if not settings.stores:
         log.warning(
             "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
