@@ -83,7 +83,7 @@ class JobProducer:
         self.clock = clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
-        # job share it.
+        # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
 
@@ -146,10 +146,6 @@ class JobProducer:
 
     def abandon(self, reason: str) -> None:
         self.in_flight.abandon(reason)
-
-    def waited_for(self) -> list[str]:
-        """The job ids requests are waiting for now."""
-        return sorted(self._waiting)
 
     async def _wait(
         self, job_id: str, job_input: model.WdPoStInput, not_after: float | None
