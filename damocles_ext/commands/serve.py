@@ -178,16 +178,15 @@ def check_supervising_options(args: argparse.Namespace) -> None:
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
     for name, default in _SUPERVISING_OPTIONS.items():
+        option = "--" + name.replace("_", "-")
         if getattr(args, name) is None:
             setattr(args, name, default)
         elif args.connect is not None:
-            option = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{option} does not apply to serve --connect: the `damocles-ext run` it connects"
                 f" to supervises the children; give {option} to that `run` instead"
             )
         elif jobs is not None:
-            option = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{option} does not apply to serve --jobs: it supervises no children (the"
                 " workers prove)"
