@@ -22,7 +22,6 @@ same producer as `serve window_post --jobs`; see docs/JOBS.md):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -84,25 +83,17 @@ async def open_job_producer(
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
     [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config
     and StoreError when the store cannot be reached."""
-    from .frontends.producer import JobProducer
-    from .jobs.manager_config import read_settings
-    from .jobs.paths import StoreMap
-    from .jobs.store import JobStore, TrioJobStore
+    from .frontends.producer import JobProducer, producer_settings
+    from .jobs.store import JobStore
 
     given = list(stores.items()) if isinstance(stores, Mapping) else list(stores)
-    settings = read_settings(conf_dir, given)
-    limits = settings.limits
-    if poll_interval is not None:
-        limits = dataclasses.replace(limits, poll_interval=poll_interval)
-    store = await trio.to_thread.run_sync(functools.partial(JobStore.open, url, limits=limits))
+    settings = producer_settings(conf_dir, given, poll_interval)
+    store = await trio.to_thread.run_sync(
+        functools.partial(JobStore.open, url, limits=settings.limits)
+    )
     error: BaseException | None = None
     try:
-        producer = JobProducer(
-            TrioJobStore(store),
-            StoreMap(settings.stores),
-            deadline_after=deadline_after,
-            poll_interval=limits.poll_interval,
-        )
+        producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         async with trio.open_nursery() as nursery:
             listener = producer.listener()
             if listener is not None:

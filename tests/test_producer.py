@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,34 @@ async def finish_as_worker(url: str, job_id: str, output, error: str = "", worke
         assert outcome.effects == (rules.Finished(job_id, error),)
 
 
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/jobs.db"
+
+
+def task_in_store_a(tmp_path: Path) -> tuple[str, WindowPoSt, str]:
+    """The root of a store named 'a' under tmp_path, a task in it and the task's job id."""
+    root = str(tmp_path / "s")
+    task = window_task(root)
+    return root, task, job_id_of(task, {"a": root})
+
+
+async def send_until_created(m: ManagerLike, task: WindowPoSt, job_id: str) -> int:
+    """Send `task`; its id once serve logged that it created the job."""
+    request_id = await m.send(task)
+    await m.wait_log(f"job {job_id}: created")
+    return request_id
+
+
+async def finish_and_expect_proofs(m: ManagerLike, url: str, job_id: str, request_id: int,
+                                   proofs: tuple[bytes, ...] = (b"p",),
+                                   within: float = 30) -> None:  # fmt: skip
+    """Finish the job as a worker with `proofs`; the request is answered with them."""
+    await finish_as_worker(url, job_id, model.JobOutput(proofs=proofs, faults=()))
+    with trio.fail_after(within):
+        response = await m.wait(request_id)
+    assert response.err_msg is None and response.output.proofs == list(proofs)
+
+
 async def stop(m: ManagerLike) -> None:
     await m.close_stdin()
     with trio.fail_after(30):
@@ -83,8 +112,7 @@ async def test_a_request_becomes_damocles_job_and_is_answered_with_its_proofs_an
     job_id = job_id_of(task, {"a": root})
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, store_url, "--store", f"a={root}", "--poll-interval", "0.1")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         with JobStore.open(store_url) as store:
             job = store.get(job_id)
         # damocles' job: store names for paths, Upgrade from update/, the request's values.
@@ -106,7 +134,7 @@ async def test_a_request_becomes_damocles_job_and_is_answered_with_its_proofs_an
 async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and_reason(
     tmp_path,
 ):
-    url = f"sqlite:///{tmp_path}/jobs.db"
+    url = sqlite_url(tmp_path)
     root = str(tmp_path / "s")
     # The store and the limits come from damocles-manager's own file.
     (tmp_path / "sector-manager.cfg").write_text(
@@ -117,8 +145,7 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
     job_id = job_id_of(task, {"nfs-1": root})
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--conf-dir", str(tmp_path), "--poll-interval", "0.1")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         await finish_as_worker(url, job_id, None, "cuda: out of memory", worker="gpu-7")
         with trio.fail_after(30):
             response = await m.wait(request_id)
@@ -133,9 +160,7 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
 async def test_a_job_nobody_takes_before_its_deadline_is_cancelled_and_answered_with_why(
     store_url, tmp_path
 ):
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         # A long poll: the answer comes at the deadline, not at the next look.
         m = await start_serve(nursery, store_url, "--store", f"a={root}", "--deadline-after",
@@ -153,9 +178,7 @@ async def test_a_job_nobody_takes_before_its_deadline_is_cancelled_and_answered_
 
 
 async def test_a_restarted_serve_reattaches_to_the_job_of_a_request_sent_again(store_url, tmp_path):
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         first = await start_serve(nursery, store_url, "--store", f"a={root}")
         await first.send(task)
@@ -179,38 +202,29 @@ async def test_a_restarted_serve_reattaches_to_the_job_of_a_request_sent_again(s
 
 
 async def test_a_job_removed_while_waited_for_is_created_again_and_still_answered(tmp_path):
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--store", f"a={root}", "--poll-interval", "0.1")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         with JobStore.open(url) as store:
             assert store.remove(job_id, 0)
         await m.wait_log(f"job {job_id} was removed from the store while waited for")
         await m.wait_log("creating it again")
         with trio.fail_after(30):
             await m.wait_log_times(f"job {job_id}: created", 2)
-        await finish_as_worker(url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
-        with trio.fail_after(30):
-            response = await m.wait(request_id)
-        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await finish_and_expect_proofs(m, url, job_id, request_id)
         await stop(m)
 
 
 async def test_stdin_eof_answers_a_request_still_waiting_with_its_job_id_and_that_it_stays(
     tmp_path,
 ):
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--store", f"a={root}", "--shutdown-grace", "0.5")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         await m.close_stdin()
         with trio.fail_after(30):
             response = await m.wait(request_id)
@@ -224,7 +238,7 @@ async def test_stdin_eof_answers_a_request_still_waiting_with_its_job_id_and_tha
 
 
 async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_goes_on(tmp_path):
-    url = f"sqlite:///{tmp_path}/jobs.db"
+    url = sqlite_url(tmp_path)
     root = str(tmp_path / "s")
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--store", f"a={root}", "--poll-interval", "0.1")
@@ -238,12 +252,9 @@ async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_
         assert "--store NAME=PATH" in response.err_msg
         # The next request is served.
         task = window_task(root)
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id_of(task, {'a': root})}: created")
-        await finish_as_worker(url, job_id_of(task, {"a": root}),
-                               model.JobOutput(proofs=(b"p",), faults=()))  # fmt: skip
-        with trio.fail_after(30):
-            assert (await m.wait(request_id)).err_msg is None
+        job_id = job_id_of(task, {"a": root})
+        request_id = await send_until_created(m, task, job_id)
+        await finish_and_expect_proofs(m, url, job_id, request_id)
         await stop(m)
 
 
@@ -265,7 +276,7 @@ async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_
     ],
 )  # fmt: skip
 def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, words):
-    url = f"sqlite:///{tmp_path}/jobs.db"
+    url = sqlite_url(tmp_path)
     args = [a.replace("{url}", url).replace("{tmp}", str(tmp_path)) for a in args]
     done = dext_run("serve", *args, input=b"")
     assert done.returncode == 2, done.stderr
@@ -277,17 +288,14 @@ def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, wo
 async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
     from test_coordinator import Client
 
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--store", f"a={root}", "--listen", "127.0.0.1:0",
                               "--poll-interval", "0.1")  # fmt: skip
         line = await m.wait_log("serving the worker-prover RPC at http://")
         port = int(re.search(r"127\.0\.0\.1:(\d+)/rpc/v0", line).group(1))
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         client = Client(await trio.open_tcp_stream("127.0.0.1", port))
         status, answer = await client.call("Venus.StoreBasicInfo", "a")
         assert status == 200 and answer["result"]["Path"] == root
@@ -308,16 +316,13 @@ async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
 
 
 async def test_sigterm_answers_the_waiting_request_within_the_grace_and_exits_0(tmp_path):
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, url, "--store", f"a={root}", "--shutdown-grace", "0.5")
         # The signal handler is in place once it serves (the ready line goes out before).
         await m.wait_log("serving window_post through the job store")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         m.process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             response = await m.wait(request_id)
@@ -342,20 +347,14 @@ def test_the_stores_of_a_conf_dir_are_mapped_the_same_way(tmp_path: Path):
 async def test_a_notification_wakes_the_producer_long_before_its_poll_interval(
     postgres_url, tmp_path
 ):
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         # A minute between looks: an answer within the test's bound came from the notification.
         m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
                               "--poll-interval", "60")  # fmt: skip
         await m.wait_log("listening for job changes on")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
-        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
-        with trio.fail_after(30):
-            response = await m.wait(request_id)
-        assert response.err_msg is None and response.output.proofs == [b"p"]
+        request_id = await send_until_created(m, task, job_id)
+        await finish_and_expect_proofs(m, postgres_url, job_id, request_id)
         await stop(m)
 
 
@@ -364,15 +363,12 @@ async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_ur
 
     from damocles_ext.jobs.notify import APPLICATION_NAME
 
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
                               "--poll-interval", "60")  # fmt: skip
         await m.wait_log("listening for job changes on")
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -383,10 +379,7 @@ async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_ur
         with trio.fail_after(30):
             await m.wait_log("notification listener lost its connection")
             await m.wait_log_times("listening for job changes on", 2)
-        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"q",), faults=()))
-        with trio.fail_after(30):
-            response = await m.wait(request_id)
-        assert response.err_msg is None and response.output.proofs == [b"q"]
+        await finish_and_expect_proofs(m, postgres_url, job_id, request_id, (b"q",))
         await stop(m)
 
 
@@ -398,10 +391,8 @@ async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_outpu
 
     from damocles_ext.protocol.jsonl import task_to_json
 
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
     (tmp_path / "task.json").write_bytes(task_to_json(task))
     argv = [*DEXT, "prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs",
             url, "--store", f"a={root}", "--log-level", "info", "--no-progress"]  # fmt: skip
@@ -447,7 +438,7 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
     from damocles_ext.api import open_job_producer, submit_job
     from damocles_ext.errors import ProverError, UsageError
 
-    url = f"sqlite:///{tmp_path}/jobs.db"
+    url = sqlite_url(tmp_path)
     root = str(tmp_path / "s")
     done_task, failed_task = window_task(root, miner=1000), window_task(root, miner=1001)
     with JobStore.open(url, limits=rules.JobLimits(max_try=1)) as store:
@@ -474,19 +465,28 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
             await producer.submit(make_task(stage="winning_post"))
 
 
+async def test_the_python_api_logs_the_warnings_of_damocles_managers_config(tmp_path, caplog):
+    from damocles_ext.api import open_job_producer
+
+    async with open_job_producer(sqlite_url(tmp_path), conf_dir=str(tmp_path)):
+        pass
+    missing = (
+        f"--conf-dir {tmp_path}: there is no sector-manager.cfg in it; damocles' defaults apply"
+        " (JobMaxTry 2, HeartbeatTimeout 15s, JobLifetime 25h)"
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [missing]
+
+
 async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_failure(
     postgres_url, tmp_path
 ):
     import psycopg
 
-    root = str(tmp_path / "s")
-    task = window_task(root)
-    job_id = job_id_of(task, {"a": root})
+    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         m = await start_serve(nursery, postgres_url, "--store", f"a={root}",
                               "--poll-interval", "0.2")  # fmt: skip
-        request_id = await m.send(task)
-        await m.wait_log(f"job {job_id}: created")
+        request_id = await send_until_created(m, task, job_id)
         database = psycopg.conninfo.conninfo_to_dict(postgres_url)["dbname"]
         with psycopg.connect(postgres_url, dbname="postgres", autocommit=True) as admin:
             # The database down for serve: no new connection, the open ones closed.
@@ -498,8 +498,13 @@ async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_
             with trio.fail_after(30):
                 await m.wait_log(f"job {job_id}: the job store failed, trying again in")
             admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
-        with trio.fail_after(60):
-            response = await m.wait(request_id)
-        assert response.err_msg is None and response.output.proofs == [b"p"]
+        await finish_and_expect_proofs(m, postgres_url, job_id, request_id, within=60)
         await stop(m)
+
+
+def test_importing_the_producer_leaves_psycopg_for_the_listener():
+    # serve --jobs imports the producer before its ready line; psycopg (the LISTEN/NOTIFY
+    # listener's) is loaded only when a PostgreSQL store's listener starts, after it.
+    code = "import sys, damocles_ext.frontends.producer; print('psycopg' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert done.stdout == b"False\n", done.stderr

@@ -178,16 +178,15 @@ def check_supervising_options(args: argparse.Namespace) -> None:
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
     for name, default in _SUPERVISING_OPTIONS.items():
+        option = "--" + name.replace("_", "-")
         if getattr(args, name) is None:
             setattr(args, name, default)
         elif args.connect is not None:
-            option = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{option} does not apply to serve --connect: the `damocles-ext run` it connects"
                 f" to supervises the children; give {option} to that `run` instead"
             )
         elif jobs is not None:
-            option = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{option} does not apply to serve --jobs: it supervises no children (the"
                 " workers prove)"
@@ -200,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
     setup_from_args(args)
     if args.jobs is not None:
         from damocles_ext.frontends.serve import serve_jobs
-        from damocles_ext.jobs.rules import DEFAULT_POLL_INTERVAL
 
         return serve_jobs(
             args.stage,
@@ -208,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             stores=args.store,
             conf_dir=args.conf_dir,
             deadline_after=args.deadline_after,
-            poll_interval=args.poll_interval or DEFAULT_POLL_INTERVAL,
+            poll_interval=args.poll_interval,
             listen=args.listen,
             shutdown_grace=args.shutdown_grace,
         )

@@ -16,6 +16,7 @@ coordinator's next pass.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,13 +28,14 @@ import trio
 
 from ..errors import ProverError, UsageError
 from ..jobs import model, rules
-from ..jobs.notify import JobListener
-from ..jobs.paths import SectorPathError, StoreMap, job_input
-from ..jobs.store import StoreError, TrioJobStore
+from ..jobs.manager_config import ManagerConfig, read_settings
+from ..jobs.paths import StoreMap, job_input
+from ..jobs.store import JobStore, StoreError, TrioJobStore
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 
 if TYPE_CHECKING:
+    from ..jobs.notify import JobListener
     from .coordinator import Coordinator, CoordinatorServer
 
 log = logging.getLogger("damocles_ext.producer")
@@ -49,6 +51,20 @@ WINNING_REFUSED = (
 )
 
 
+def producer_settings(
+    conf_dir: str | None, stores: list[tuple[str, str]], poll_interval: float | None
+) -> ManagerConfig:
+    """damocles-manager's settings for a producer (jobs/manager_config.read_settings), with
+    `poll_interval` in their limits when given; their warnings are logged."""
+    settings = read_settings(conf_dir, stores)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    if poll_interval is None:
+        return settings
+    limits = dataclasses.replace(settings.limits, poll_interval=poll_interval)
+    return dataclasses.replace(settings, limits=limits)
+
+
 class JobProducer:
     """`submit(task)` for WindowPoSt tasks through the job store; `wake(job_id)` when the store
     says a job changed; `abandon(reason)` on shutdown."""
@@ -59,22 +75,28 @@ class JobProducer:
         stores: StoreMap,
         *,
         deadline_after: float | None = None,
-        poll_interval: float = rules.DEFAULT_POLL_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
-        self.poll_interval = poll_interval
         self.clock = clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
-        # job share it.
+        # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
 
+    @classmethod
+    def on(
+        cls, store: JobStore, settings: ManagerConfig, *, deadline_after: float | None
+    ) -> JobProducer:
+        """The producer on `store` with the stores of `settings` (producer_settings)."""
+        return cls(TrioJobStore(store), StoreMap(settings.stores), deadline_after=deadline_after)
+
     @property
     def limits(self) -> rules.JobLimits:
+        """The store's limits; their poll_interval is how often a waited job is looked at."""
         return self.store.store.limits
 
     def job_input(self, task: Task) -> model.WdPoStInput:
@@ -83,9 +105,7 @@ class JobProducer:
             raise UsageError(WINNING_REFUSED)
         try:
             return job_input(task, self.stores)
-        except SectorPathError as exc:
-            raise UsageError(f"bad request: {exc}; not proved") from None
-        except ValueError as exc:
+        except ValueError as exc:  # SectorPathError too
             raise UsageError(f"bad request: {exc}; not proved") from None
 
     async def submit(self, task: Task, *, deadline: float | None = None) -> Output:
@@ -119,14 +139,13 @@ class JobProducer:
 
     def listener(self) -> JobListener | None:
         """The LISTEN/NOTIFY listener that wakes this producer (None on SQLite): run it beside."""
+        # Imported here: psycopg is not needed before serve's ready line, nor on SQLite.
+        from ..jobs.notify import JobListener
+
         return JobListener.of_store(self.store.store, self.wake, self.wake_all)
 
     def abandon(self, reason: str) -> None:
         self.in_flight.abandon(reason)
-
-    def waited_for(self) -> list[str]:
-        """The job ids requests are waiting for now."""
-        return sorted(self._waiting)
 
     async def _wait(
         self, job_id: str, job_input: model.WdPoStInput, not_after: float | None
@@ -193,7 +212,7 @@ class JobProducer:
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = FIRST_BACKOFF
-            pause = self.poll_interval
+            pause = self.limits.poll_interval
             if job.not_after is not None and not swept:
                 pause = max(0.0, min(pause, job.not_after - self.clock()))
             with trio.move_on_after(pause):

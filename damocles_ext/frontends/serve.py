@@ -103,7 +103,7 @@ def serve_jobs(
     stores: list[tuple[str, str]],
     conf_dir: str | None,
     deadline_after: float | None,
-    poll_interval: float,
+    poll_interval: float | None,
     listen: tuple[str, int] | None,
     shutdown_grace: float,
 ) -> int:
@@ -116,24 +116,17 @@ def serve_jobs(
         from .producer import WINNING_REFUSED
 
         raise UsageError(f"serve {stage} --jobs: {WINNING_REFUSED}")
-    from damocles_ext.jobs.manager_config import read_settings
-    from damocles_ext.jobs.paths import StoreMap
     from damocles_ext.jobs.store import JobStore
 
-    settings = read_settings(conf_dir, stores)
-    for warning in settings.warnings:
-        log.warning("%s", warning)
+    from .producer import JobProducer, producer_settings, run_producer
+
+    settings = producer_settings(conf_dir, stores, poll_interval)
     if not settings.stores:
         log.warning(
             "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
             " sector-manager.cfg): every request will be answered with an error"
         )
-    limits = settings.limits
-    if poll_interval != limits.poll_interval:
-        import dataclasses
-
-        limits = dataclasses.replace(limits, poll_interval=poll_interval)
-    store = JobStore.open(url, limits=limits)
+    store = JobStore.open(url, limits=settings.limits)
     try:
         from damocles_ext.jobs.store import TrioJobStore
         from damocles_ext.protocol.jsonl import ready_line
@@ -150,14 +143,7 @@ def serve_jobs(
 
         import trio
 
-        from .producer import JobProducer, run_producer
-
-        producer = JobProducer(
-            TrioJobStore(store),
-            StoreMap(settings.stores),
-            deadline_after=deadline_after,
-            poll_interval=limits.poll_interval,
-        )
+        producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         return trio.run(
             run_producer, stage, producer, protocol_in, protocol_out, shutdown_grace, coordinator
         )
