@@ -245,6 +245,13 @@ def test_a_job_out_of_range_is_refused_with_the_field_not_by_the_database(js):
     assert js.list_jobs() == []
 
 
+def test_a_nul_in_a_text_field_is_refused_naming_it_before_the_database(js):
+    # PostgreSQL's text cannot hold NUL: refused at the insert, it would read as a store failure.
+    with pytest.raises(store.InvalidJob, match=r"without a NUL character - at `\$.ProofType`"):
+        js.create(make_input(proof_type="Stacked\x00DrgWindow2KiBV1"), T0)
+    assert js.list_jobs() == []
+
+
 # --- PostgreSQL: two coordinators on one database -----------------------------------------------
 
 

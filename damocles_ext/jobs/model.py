@@ -40,13 +40,17 @@ U64 = Annotated[int, msgspec.Meta(ge=0)]
 I64 = Annotated[int, msgspec.Meta(ge=0, le=I64_MAX)]
 Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 Bytes32 = Annotated[tuple[Byte, ...], msgspec.Meta(min_length=32, max_length=32)]
+# PostgreSQL's text cannot hold NUL: an input with one would be refused by the database only at
+# the insert, where it reads as a store failure (and a producer retries it until its deadline).
+_NO_NUL: Final = "^[^\\x00]*$"
+Text = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 
 
 class SectorAccessStores(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a sector's files are: damocles store *names*, not paths."""
 
-    SealedFile: str
-    CacheDir: str
+    SealedFile: Text
+    CacheDir: Text
 
 
 class WdPoStSectorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,7 +65,7 @@ class WdPoStInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     Sectors: tuple[WdPoStSectorInfo, ...] | None
     MinerId: I64
-    ProofType: str
+    ProofType: Text
     Seed: Bytes32
 
 
@@ -140,7 +144,8 @@ def check_input(job_input: WdPoStInput) -> WdPoStInput:
     try:
         return msgspec.convert(msgspec.to_builtins(job_input), WdPoStInput)
     except msgspec.ValidationError as e:
-        raise ValueError(f"bad job input: {e}") from None
+        why = str(e).replace(f"matching regex {_NO_NUL!r}", "without a NUL character")
+        raise ValueError(f"bad job input: {why}") from None
 
 
 def decode_input(data: bytes | str) -> WdPoStInput:
