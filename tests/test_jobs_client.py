@@ -65,6 +65,7 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("https://manager:1789", "only http://"),
         ("http://:1789", "has no host"),
         ("http://manager:99999", "must be a number"),
+        ("http://manager:0", "must be a number"),
         ("manager", "not an RPC address"),
         ("manager:0", "must be a number"),
     ],
