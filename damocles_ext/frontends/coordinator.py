@@ -85,8 +85,10 @@ class Coordinator:
         namespace, _, name = call.method.partition(".")
         try:
             if namespace == "Dext":
-                return await self.dext.call(name, call.params, call.request_id)
+                return await self.dext.call(name, call.params)
             return await getattr(self, "_" + name)(*call.params)
+        except rpc.RpcError as exc:
+            raise rpc.RpcError(exc.code, exc.message, call.request_id) from None
         except StoreError as exc:
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
