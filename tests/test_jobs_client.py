@@ -188,3 +188,26 @@ async def test_a_call_with_no_answer_times_out_and_drops_its_connection(autojump
             assert got_request.is_set()
             assert client._stream is None
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("where", ["result", "envelope"])
+async def test_an_answer_nested_too_deeply_is_a_protocol_error(where):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = (
+        b'{"jsonrpc":"2.0","result":' + deep + b',"id":1}'
+        if where == "result"
+        else b'{"jsonrpc":"2.0","result":null,"id":1,"x":' + deep + b"}"
+    )
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(RpcProtocolError, match=r"Venus\.WdPoStAllJobs"):
+                await client.call("Venus.WdPoStAllJobs")
+        nursery.cancel_scope.cancel()

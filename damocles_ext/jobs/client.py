@@ -179,7 +179,7 @@ class RpcClient:
     ) -> Any:
         try:
             answer = _answer_decoder.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # msgspec nests up to the recursion limit
             text = body[:200].decode("utf-8", "replace").strip()
             raise RpcProtocolError(
                 f"{self.url} answered {method} with HTTP {status} and a body that is not a "
@@ -200,7 +200,7 @@ class RpcClient:
             )
         try:
             return msgspec.json.decode(answer.result, type=result_type)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, RecursionError) as exc:
             raise RpcProtocolError(
                 f"{self.url} answered {method} with an unexpected result: {exc}",
                 url=self.url,
