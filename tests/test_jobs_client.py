@@ -211,3 +211,26 @@ async def test_an_answer_nested_too_deeply_is_a_protocol_error(where):
             with pytest.raises(RpcProtocolError, match=r"Venus\.WdPoStAllJobs"):
                 await client.call("Venus.WdPoStAllJobs")
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("sent", "when"),
+    [
+        (b"", "before its answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "mid-answer"),
+    ],
+    ids=["before-the-answer", "mid-answer"],
+)
+async def test_a_server_that_closes_before_its_answer_ends_is_a_lost_connection(sent, when):
+    async def close_early(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(sent)  # then the handler returns: the connection closes
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, close_early, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(RpcConnectionError, match=f"broke {when}") as caught:
+                await client.call("Venus.StoreBasicInfo", "s")
+            assert not isinstance(caught.value, RpcTimeout)
+        nursery.cancel_scope.cancel()
