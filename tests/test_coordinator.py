@@ -413,3 +413,23 @@ def test_a_body_nested_too_deeply_is_a_parse_error_not_an_exception():
             rpc.parse_request(body)
         assert caught.value.code == rpc.PARSE_ERROR
         assert "nested too deeply" in caught.value.message
+
+
+async def test_heartbeats_and_finishes_of_unknown_jobs_are_refused_in_damocles_words(job_store):
+    coordinator = Coordinator(TrioJobStore(job_store))
+
+    async def error_of(method: str, *params) -> tuple[int, dict]:
+        body = msgspec.json.encode(
+            {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 3}
+        )
+        status, data = await coordinator.answer(body)
+        return status, msgspec.json.decode(data)["error"]
+
+    assert await error_of("Venus.WdPoStHeartbeatJobs", ["a", "b"], WORKER) == (
+        200,
+        {"code": rpc.METHOD_ERROR, "message": "job a: key not found; job b: key not found"},
+    )
+    assert await error_of("Venus.WdPoStFinishJob", "a", None, "failed") == (
+        200,
+        {"code": rpc.METHOD_ERROR, "message": "job a: key not found"},
+    )

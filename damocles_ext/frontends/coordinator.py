@@ -106,25 +106,14 @@ class Coordinator:
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
         self._observed(outcome.effects)
-        problems = [
-            f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
-            else f"job {e.job_id}: key not found"
-            for e in outcome.effects
-            if isinstance(e, rules.Refused | rules.NotFound)
-        ]  # fmt: skip
-        if problems:
-            raise StoreError("; ".join(problems))
+        _raise_refusals(outcome.effects)
 
     async def _WdPoStFinishJob(
         self, job_id: str, output: JobOutput | None, error_reason: str
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason)
         self._observed(outcome.effects)
-        for e in outcome.effects:
-            if isinstance(e, rules.Refused):
-                raise StoreError(f"job {job_id}: {e.reason}")
-            if isinstance(e, rules.NotFound):
-                raise StoreError(f"job {job_id}: key not found")
+        _raise_refusals(outcome.effects)
 
     async def _WdPoStResetJob(self, job_id: str) -> None:
         await self.store.reset(job_id)
@@ -209,6 +198,19 @@ class Coordinator:
             log.exception("internal error answering an RPC request")
             error = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return error.http_status, rpc.encode_error(error)
+
+
+def _raise_refusals(effects: Iterable[rules.Effect]) -> None:
+    """A StoreError in damocles' words for the jobs a Venus.* call was refused for or did not
+    find (damocles-manager answers "key not found" for a job that is not there)."""
+    problems = [
+        f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
+        else f"job {e.job_id}: key not found"
+        for e in effects
+        if isinstance(e, rules.Refused | rules.NotFound)
+    ]  # fmt: skip
+    if problems:
+        raise StoreError("; ".join(problems))
 
 
 class CoordinatorServer:
