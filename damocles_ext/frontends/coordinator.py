@@ -363,15 +363,12 @@ class _Connection:
             elif isinstance(event, h11.Request):
                 request = event
                 self._refused = self._check_token(event)
-                length = dict(event.headers).get(b"content-length")
-                # Refused before reading it, when the client says how long it is.
-                if (
-                    self._refused is not None
-                    and length is not None
-                    and int(length) > UNAUTHORIZED_BODY
-                ):
+                # Refused before reading it, when the client says how long it is (h11 checked
+                # the header's digits; a chunked body has none and is counted as it comes).
+                length = int(dict(event.headers).get(b"content-length", b"0"))
+                if self._refused is not None and length > UNAUTHORIZED_BODY:
                     raise _Unauthorized(self._refused)
-                if length is not None and int(length) > self._server.max_body:
+                if length > self._server.max_body:
                     raise _TooLarge
             elif isinstance(event, h11.Data):
                 size += len(event.data)
