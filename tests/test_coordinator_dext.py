@@ -158,3 +158,9 @@ async def test_an_unknown_dext_method_or_a_refused_finish_is_an_error_answer_wit
     status, got = await answer("Dext.FinishJob", ["no-such-job", "lease", None, ""], 9)
     assert (status, got["error"]["code"], got["id"]) == (200, rpc.REFUSED, 9)
     assert "does not exist" in got["error"]["message"]
+
+
+def test_every_dext_method_rpc_accepts_is_served(job_store):
+    dext = Coordinator(TrioJobStore(job_store)).dext
+    accepted = {name.removeprefix("Dext.") for name in rpc.METHODS if name.startswith("Dext.")}
+    assert accepted == set(dext._methods)

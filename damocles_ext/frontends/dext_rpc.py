@@ -34,14 +34,15 @@ class DextMethods:
         self.store = store
         #: Told the effects of each store call (the coordinator's metrics count them).
         self.observe = observe
-
-    async def call(self, name: str, params: tuple[Any, ...]) -> Any:
-        methods: dict[str, Callable[..., Awaitable[Any]]] = {
+        #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
+        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "AllocateJobs": self.allocate_jobs,
             "HeartbeatJobs": self.heartbeat_jobs,
             "FinishJob": self.finish_job,
         }
-        return await methods[name](*params)
+
+    async def call(self, name: str, params: tuple[Any, ...]) -> Any:
+        return await self._methods[name](*params)
 
     async def allocate_jobs(
         self, spec: rpc.AllocateSpec, free_slots: int, worker: str
