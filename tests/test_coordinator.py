@@ -401,3 +401,35 @@ async def test_a_missing_or_empty_token_file_exits_2_saying_why(tmp_path, conten
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     expected = b"cannot read the token file" if content is None else b"has no token"
     assert expected in done.stderr and str(token_file).encode() in done.stderr
+
+
+def test_a_body_nested_too_deeply_is_a_parse_error_not_an_exception():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (
+        b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[' + deep + b'],"id":1}',
+        b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[1],"id":1,"x":' + deep + b"}",
+    ):
+        with pytest.raises(rpc.RpcError) as caught:
+            rpc.parse_request(body)
+        assert caught.value.code == rpc.PARSE_ERROR
+        assert "nested too deeply" in caught.value.message
+
+
+async def test_heartbeats_and_finishes_of_unknown_jobs_are_refused_in_damocles_words(job_store):
+    coordinator = Coordinator(TrioJobStore(job_store))
+
+    async def error_of(method: str, *params) -> tuple[int, dict]:
+        body = msgspec.json.encode(
+            {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 3}
+        )
+        status, data = await coordinator.answer(body)
+        return status, msgspec.json.decode(data)["error"]
+
+    assert await error_of("Venus.WdPoStHeartbeatJobs", ["a", "b"], WORKER) == (
+        200,
+        {"code": rpc.METHOD_ERROR, "message": "job a: key not found; job b: key not found"},
+    )
+    assert await error_of("Venus.WdPoStFinishJob", "a", None, "failed") == (
+        200,
+        {"code": rpc.METHOD_ERROR, "message": "job a: key not found"},
+    )

@@ -139,3 +139,28 @@ def test_the_dext_methods_check_their_params():
     with pytest.raises(rpc.RpcError) as caught:
         rpc.parse_request(body)
     assert caught.value.code == rpc.INVALID_PARAMS and "Lease" in caught.value.message
+
+
+async def test_an_unknown_dext_method_or_a_refused_finish_is_an_error_answer_with_the_id(job_store):
+    coordinator = Coordinator(TrioJobStore(job_store))
+
+    async def answer(method: str, params: list, request_id: int) -> tuple[int, dict]:
+        body = msgspec.json.encode(
+            {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
+        )
+        status, data = await coordinator.answer(body)
+        return status, msgspec.json.decode(data)
+
+    status, got = await answer("Dext.NoSuchMethod", [], 7)
+    assert (status, got["error"]["code"], got["id"]) == (500, rpc.METHOD_NOT_FOUND, 7)
+    status, got = await answer("Dext", [], 8)
+    assert (status, got["error"]["code"], got["id"]) == (500, rpc.METHOD_NOT_FOUND, 8)
+    status, got = await answer("Dext.FinishJob", ["no-such-job", "lease", None, ""], 9)
+    assert (status, got["error"]["code"], got["id"]) == (200, rpc.REFUSED, 9)
+    assert "does not exist" in got["error"]["message"]
+
+
+def test_every_dext_method_rpc_accepts_is_served(job_store):
+    dext = Coordinator(TrioJobStore(job_store)).dext
+    accepted = {name.removeprefix("Dext.") for name in rpc.METHODS if name.startswith("Dext.")}
+    assert accepted == set(dext._methods)

@@ -10,7 +10,7 @@ import pytest
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
-from damocles_ext.jobs import listing, model, rules
+from damocles_ext.jobs import listing, model, rules, summary
 from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
@@ -142,3 +142,21 @@ def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
 def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, capsys):
     assert cli.main(["wdpost", "list", "--jobs", postgres_url]) == 2
     assert "the database has no job tables; check the URL" in capsys.readouterr().err
+
+
+def test_names_and_texts_from_clients_reach_the_tables_without_control_characters():
+    evil = "gpu\x1b]0;owned\x07\t1\n"
+    job = rules.apply(None, rules.Create(make_input(seed=9)), T0, LIMITS).job
+    job = rules.apply(job, rules.Allocate(evil, "l"), T0 + 1, LIMITS).job
+    table = listing.render_list([job], max_try=2, now=T0 + 2, tz=UTC, detail=True)
+    assert "gpu ]0;owned  1 " in table and "\x1b" not in table and "\x07" not in table
+    assert table.count("\n") == 2  # the header and the job: the name broke no line
+    s = summary.summarize(
+        counts={"ready2run": 1},
+        ready=[summary.ReadyGroup(1000, "\x1b[2J", 1, int(T0))],
+        oldest_ready=(job.Id, int(T0)),
+        workers=[summary.WorkerSeen(evil, rules.AllocationSpec((), ("\x1b[2J",)), T0)],
+        now=T0 + 2,
+    )
+    text = summary.render(s)
+    assert "\x1b" not in text and "\x07" not in text and "gpu ]0;owned  1 " in text

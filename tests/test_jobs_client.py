@@ -65,6 +65,7 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("https://manager:1789", "only http://"),
         ("http://:1789", "has no host"),
         ("http://manager:99999", "must be a number"),
+        ("http://manager:0", "must be a number"),
         ("manager", "not an RPC address"),
         ("manager:0", "must be a number"),
     ],
@@ -186,4 +187,50 @@ async def test_a_call_with_no_answer_times_out_and_drops_its_connection(autojump
                 await client.call("Venus.WdPoStAllJobs", timeout=5)
             assert got_request.is_set()
             assert client._stream is None
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("where", ["result", "envelope"])
+async def test_an_answer_nested_too_deeply_is_a_protocol_error(where):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = (
+        b'{"jsonrpc":"2.0","result":' + deep + b',"id":1}'
+        if where == "result"
+        else b'{"jsonrpc":"2.0","result":null,"id":1,"x":' + deep + b"}"
+    )
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(RpcProtocolError, match=r"Venus\.WdPoStAllJobs"):
+                await client.call("Venus.WdPoStAllJobs")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("sent", "when"),
+    [
+        (b"", "before its answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "mid-answer"),
+    ],
+    ids=["before-the-answer", "mid-answer"],
+)
+async def test_a_server_that_closes_before_its_answer_ends_is_a_lost_connection(sent, when):
+    async def close_early(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(sent)  # then the handler returns: the connection closes
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, close_early, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(RpcConnectionError, match=f"broke {when}") as caught:
+                await client.call("Venus.StoreBasicInfo", "s")
+            assert not isinstance(caught.value, RpcTimeout)
         nursery.cancel_scope.cancel()

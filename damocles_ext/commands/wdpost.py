@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .common import positive_int, token_file
+
+if TYPE_CHECKING:
+    from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.listing import JobBrief
+    from damocles_ext.jobs.model import WdPoStJob
 
 JOBS_HELP = (
     "the job store: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
@@ -110,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from damocles_ext.errors import UsageError
-    from damocles_ext.jobs.listing import render_list
     from damocles_ext.jobs.store import JobNotFound, JobStore
 
     if args.wdpost_command == "remove-all" and not args.really_do_it:
@@ -130,25 +136,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--token-file goes with --manager (the store URL carries its own login)")
     with JobStore.open(args.jobs, create=False) as store:
         if args.wdpost_command == "list":
-            sys.stdout.write(
-                render_list(
-                    store.list_jobs(),
-                    max_try=max_try,
-                    now=time.time(),
-                    show_all=args.all,
-                    detail=args.detail,
-                )
-            )
+            _print_list(args, store.list_jobs(), max_try)
         elif args.wdpost_command == "reset":
             done: list[str] = []
             for job_id in args.ids:
                 try:
                     store.reset(job_id, time.time())
                 except JobNotFound as e:
-                    before = f" (reset before it: {', '.join(done)})" if done else ""
-                    raise UsageError(
-                        f"{e}{before}; list the jobs with `wdpost list --all`"
-                    ) from None
+                    raise _reset_stopped(str(e), done) from None
                 done.append(job_id)
         elif args.wdpost_command == "remove":
             for job_id in args.ids:
@@ -159,10 +154,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_list(
+    args: argparse.Namespace, jobs: Sequence[WdPoStJob | JobBrief], max_try: int
+) -> None:
+    """`wdpost list`'s table of store records or RPC briefs alike."""
+    import time
+
+    from damocles_ext.jobs.listing import render_list
+
+    sys.stdout.write(
+        render_list(jobs, max_try=max_try, now=time.time(), show_all=args.all, detail=args.detail)
+    )
+
+
+def _reset_stopped(why: str, done: list[str]) -> UsageError:
+    """`wdpost reset` stopped at an id that does not exist: `why`, and the ids reset before."""
+    from damocles_ext.errors import UsageError
+
+    before = f" (reset before it: {', '.join(done)})" if done else ""
+    return UsageError(f"{why}{before}; list the jobs with `wdpost list --all`")
+
+
 def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     """The same subcommands over the worker-prover RPC, as damocles-manager's CLI makes them;
     `max_try` marks (Max) when the server does not send its own JobMaxTry."""
-    import time
 
     import msgspec
     import trio
@@ -170,7 +185,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     from damocles_ext.errors import UsageError
     from damocles_ext.jobs import rpc
     from damocles_ext.jobs.client import RpcCallError, RpcClient
-    from damocles_ext.jobs.listing import decode_all_jobs, render_list
+    from damocles_ext.jobs.listing import decode_all_jobs
 
     try:
         client = RpcClient(args.manager, token=args.token_file)
@@ -194,15 +209,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 # Newest first, as both servers send them; sorted here too so that ties (and an
                 # older server) give the order the store-side listing gives.
                 jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
-                sys.stdout.write(
-                    render_list(
-                        jobs,
-                        max_try=max_try if server_max_try is None else server_max_try,
-                        now=time.time(),
-                        show_all=args.all,
-                        detail=args.detail,
-                    )
-                )
+                _print_list(args, jobs, max_try if server_max_try is None else server_max_try)
             elif args.wdpost_command == "reset":
                 done: list[str] = []
                 for job_id in args.ids:
@@ -211,10 +218,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                     except RpcCallError as e:
                         if e.code != rpc.METHOD_ERROR or "does not exist" not in e.message:
                             raise
-                        before = f" (reset before it: {', '.join(done)})" if done else ""
-                        raise UsageError(
-                            f"{e.message}{before}; list the jobs with `wdpost list --all`"
-                        ) from None
+                        raise _reset_stopped(e.message, done) from None
                     done.append(job_id)
             elif args.wdpost_command == "remove":
                 for job_id in args.ids:

@@ -85,8 +85,10 @@ class Coordinator:
         namespace, _, name = call.method.partition(".")
         try:
             if namespace == "Dext":
-                return await self.dext.call(name, call.params, call.request_id)
+                return await self.dext.call(name, call.params)
             return await getattr(self, "_" + name)(*call.params)
+        except rpc.RpcError as exc:
+            raise rpc.RpcError(exc.code, exc.message, call.request_id) from None
         except StoreError as exc:
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
@@ -104,25 +106,14 @@ class Coordinator:
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
         self._observed(outcome.effects)
-        problems = [
-            f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
-            else f"job {e.job_id}: key not found"
-            for e in outcome.effects
-            if isinstance(e, rules.Refused | rules.NotFound)
-        ]  # fmt: skip
-        if problems:
-            raise StoreError("; ".join(problems))
+        _raise_refusals(outcome.effects)
 
     async def _WdPoStFinishJob(
         self, job_id: str, output: JobOutput | None, error_reason: str
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason)
         self._observed(outcome.effects)
-        for e in outcome.effects:
-            if isinstance(e, rules.Refused):
-                raise StoreError(f"job {job_id}: {e.reason}")
-            if isinstance(e, rules.NotFound):
-                raise StoreError(f"job {job_id}: key not found")
+        _raise_refusals(outcome.effects)
 
     async def _WdPoStResetJob(self, job_id: str) -> None:
         await self.store.reset(job_id)
@@ -207,6 +198,19 @@ class Coordinator:
             log.exception("internal error answering an RPC request")
             error = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return error.http_status, rpc.encode_error(error)
+
+
+def _raise_refusals(effects: Iterable[rules.Effect]) -> None:
+    """A StoreError in damocles' words for the jobs a Venus.* call was refused for or did not
+    find (damocles-manager answers "key not found" for a job that is not there)."""
+    problems = [
+        f"job {e.job_id}: {e.reason}" if isinstance(e, rules.Refused)
+        else f"job {e.job_id}: key not found"
+        for e in effects
+        if isinstance(e, rules.Refused | rules.NotFound)
+    ]  # fmt: skip
+    if problems:
+        raise StoreError("; ".join(problems))
 
 
 class CoordinatorServer:
@@ -359,15 +363,12 @@ class _Connection:
             elif isinstance(event, h11.Request):
                 request = event
                 self._refused = self._check_token(event)
-                length = dict(event.headers).get(b"content-length")
-                # Refused before reading it, when the client says how long it is.
-                if (
-                    self._refused is not None
-                    and length is not None
-                    and int(length) > UNAUTHORIZED_BODY
-                ):
+                # Refused before reading it, when the client says how long it is (h11 checked
+                # the header's digits; a chunked body has none and is counted as it comes).
+                length = int(dict(event.headers).get(b"content-length", b"0"))
+                if self._refused is not None and length > UNAUTHORIZED_BODY:
                     raise _Unauthorized(self._refused)
-                if length is not None and int(length) > self._server.max_body:
+                if length > self._server.max_body:
                     raise _TooLarge
             elif isinstance(event, h11.Data):
                 size += len(event.data)

@@ -24,7 +24,7 @@ from ..jobs.store import TrioJobStore
 
 class DextMethods:
     """The Dext.* methods on a TrioJobStore; `await call(name, params)` gives the result or
-    raises rpc.RpcError."""
+    raises rpc.RpcError (without the request's id: the caller knows it)."""
 
     def __init__(
         self,
@@ -34,17 +34,18 @@ class DextMethods:
         self.store = store
         #: Told the effects of each store call (the coordinator's metrics count them).
         self.observe = observe
-
-    async def call(self, name: str, params: tuple[Any, ...], request_id: Any) -> Any:
-        methods: dict[str, Callable[..., Awaitable[Any]]] = {
+        #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
+        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "AllocateJobs": self.allocate_jobs,
             "HeartbeatJobs": self.heartbeat_jobs,
             "FinishJob": self.finish_job,
         }
-        return await methods[name](*params, request_id=request_id)
+
+    async def call(self, name: str, params: tuple[Any, ...]) -> Any:
+        return await self._methods[name](*params)
 
     async def allocate_jobs(
-        self, spec: rpc.AllocateSpec, free_slots: int, worker: str, *, request_id: Any = None
+        self, spec: rpc.AllocateSpec, free_slots: int, worker: str
     ) -> list[dict[str, Any]]:
         allocation = rules.AllocationSpec(
             tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
@@ -53,9 +54,7 @@ class DextMethods:
         self.observe(rules.allocated(jobs))
         return [rpc.leased_job(job) for job in jobs]
 
-    async def heartbeat_jobs(
-        self, held: list[rpc.JobLease], worker: str, *, request_id: Any = None
-    ) -> list[dict[str, str]]:
+    async def heartbeat_jobs(self, held: list[rpc.JobLease], worker: str) -> list[dict[str, str]]:
         leases = {h.Id: h.Lease for h in held}
         outcome = await self.store.heartbeat(list(leases), worker, leases=leases)
         self.observe(outcome.effects)
@@ -69,20 +68,12 @@ class DextMethods:
         return stop
 
     async def finish_job(
-        self,
-        job_id: str,
-        lease: str,
-        output: JobOutput | None,
-        error_reason: str,
-        *,
-        request_id: Any = None,
+        self, job_id: str, lease: str, output: JobOutput | None, error_reason: str
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason, lease=lease)
         self.observe(outcome.effects)
         for effect in outcome.effects:
             if isinstance(effect, rules.Refused):
-                raise rpc.RpcError(rpc.REFUSED, f"job {job_id}: {effect.reason}", request_id)
+                raise rpc.RpcError(rpc.REFUSED, f"job {job_id}: {effect.reason}")
             if isinstance(effect, rules.NotFound):
-                raise rpc.RpcError(
-                    rpc.REFUSED, f"job {job_id} does not exist: it was removed", request_id
-                )
+                raise rpc.RpcError(rpc.REFUSED, f"job {job_id} does not exist: it was removed")

@@ -179,7 +179,7 @@ class RpcClient:
     ) -> Any:
         try:
             answer = _answer_decoder.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # msgspec nests up to the recursion limit
             text = body[:200].decode("utf-8", "replace").strip()
             raise RpcProtocolError(
                 f"{self.url} answered {method} with HTTP {status} and a body that is not a "
@@ -200,7 +200,7 @@ class RpcClient:
             )
         try:
             return msgspec.json.decode(answer.result, type=result_type)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, RecursionError) as exc:
             raise RpcProtocolError(
                 f"{self.url} answered {method} with an unexpected result: {exc}",
                 url=self.url,
@@ -248,10 +248,14 @@ class RpcClient:
         status = 0
         chunks: list[bytes] = []
         size = 0
+        closed = False  # the server closed its side
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if closed:  # h11's word for a close before the answer ends
+                    when = "before its answer" if status == 0 else "mid-answer"
+                    raise self._lost(method, when) from None
                 raise RpcProtocolError(
                     f"{self.url} answered {method} with something that is not HTTP/1.1: {exc}",
                     url=self.url,
@@ -259,9 +263,11 @@ class RpcClient:
                 ) from None
             if event is h11.NEED_DATA:
                 try:
-                    conn.receive_data(await stream.receive_some(_READ_SIZE))
+                    data = await stream.receive_some(_READ_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    conn.receive_data(b"")
+                    data = b""
+                closed = not data
+                conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):

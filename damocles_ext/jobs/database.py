@@ -283,6 +283,9 @@ _SQLITE_UNREACHABLE = (
 )  # fmt: skip
 
 
-def first_line(error: exc.DBAPIError) -> str:
-    text = str(error.orig) if error.orig is not None else str(error)
+def first_line(error: Exception) -> str:
+    """The first line of a database error's text (the driver's own, under SQLAlchemy's), or its
+    type when it has none."""
+    orig = error.orig if isinstance(error, exc.DBAPIError) else None
+    text = str(orig) if orig is not None else str(error)
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__

@@ -92,8 +92,10 @@ def _url(text: str) -> Endpoint:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"the port in {text!r} must be a number from 1 to 65535") from None
-    return Endpoint(parts.hostname, port or 80, parts.path or DEFAULT_PATH)
+        port = 0  # out of range
+    if port == 0:  # urlsplit reads ":0" as 0, and no port as None
+        raise ValueError(f"the port in {text!r} must be a number from 1 to 65535")
+    return Endpoint(parts.hostname, 80 if port is None else port, parts.path or DEFAULT_PATH)
 
 
 def parse_endpoint(text: str) -> Endpoint:

@@ -91,13 +91,15 @@ def _counts(job: WdPoStJob | JobBrief) -> tuple[str, str, int]:
     return str(len(job.Input.Sectors or ())), display_state(job), job.Input.MinerId
 
 
-# A worker's error text is printed as one cell: a tab or newline in it would break the table,
-# and a terminal escape sequence has no business on the operator's screen.
+# Cells come from clients (a worker's name and error text, a server's briefs): a tab or newline
+# would break the table, and a terminal escape sequence has no business on the operator's screen.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def tabwrite(rows: Sequence[Sequence[str]], *, minwidth: int = 2, padding: int = 2) -> str:
-    """Rows of cells as Go's tabwriter lays them out when every line ends with its last cell."""
+    """Rows of cells as Go's tabwriter lays them out when every line ends with its last cell;
+    a control character in a cell is written as a space."""
+    rows = [[_CONTROL.sub(" ", cell) for cell in row] for row in rows]
     columns = max((len(r) for r in rows), default=0) - 1
     widths = [
         max(minwidth, max(len(r[i]) for r in rows if len(r) > i) + padding) for i in range(columns)
@@ -154,14 +156,13 @@ def render_list(jobs: Sequence[WdPoStJob | JobBrief], *, max_try: int, now: floa
         if not show_all and job.State == "finished" and job.ErrorReason == "":
             continue
         sectors, state, miner = _counts(job)
-        error = _CONTROL.sub(" ", job.ErrorReason)
         if detail:
             rows.append([
                 job.Id, job.State, str(miner), str(job.DeadlineIdx),
                 format_partitions(job.Partitions), sectors, job.WorkerName, state,
                 _try(job, max_try), format_time(job.CreatedAt, tz), format_time(job.StartedAt, tz),
                 format_time(job.HeartbeatAt, tz), format_time(job.FinishedAt, tz),
-                format_time(job.UpdatedAt, tz), error,
+                format_time(job.UpdatedAt, tz), job.ErrorReason,
             ])  # fmt: skip
             continue
         if job.StartedAt == 0:
@@ -175,6 +176,7 @@ def render_list(jobs: Sequence[WdPoStJob | JobBrief], *, max_try: int, now: floa
         rows.append([
             job.Id, str(miner), str(job.DeadlineIdx),
             format_partitions(job.Partitions), sectors, job.WorkerName, state,
-            _try(job, max_try), format_time(job.CreatedAt, tz), elapsed, heartbeat, error,
+            _try(job, max_try), format_time(job.CreatedAt, tz), elapsed, heartbeat,
+            job.ErrorReason,
         ])  # fmt: skip
     return tabwrite(rows)

@@ -20,7 +20,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from .database import describe_url
+from .database import describe_url, first_line
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
 
@@ -106,8 +106,7 @@ class JobListener:
                 log.warning(
                     "the job store's notification listener lost its connection to %s (%s);"
                     " polling goes on, reconnecting in %gs",
-                    self.where, str(exc).strip().splitlines()[0] if str(exc).strip() else
-                    type(exc).__name__, backoff,
+                    self.where, first_line(exc), backoff,
                 )  # fmt: skip
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)

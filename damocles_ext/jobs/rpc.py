@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from ..protocol.dext import NESTED_TOO_DEEPLY
 from .model import I64, JobOutput, JobRecord
 
 PARSE_ERROR: Final = -32700
@@ -116,6 +117,8 @@ def parse_request(body: bytes) -> Call:
         raise RpcError(INVALID_REQUEST, f"invalid JSON-RPC request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise RpcError(PARSE_ERROR, f"the body is not JSON: {exc}") from None
+    except RecursionError:  # msgspec's nesting limit is Python's recursion limit
+        raise RpcError(PARSE_ERROR, f"the body is not JSON: {NESTED_TOO_DEEPLY}") from None
     rid = envelope.id
     if envelope.jsonrpc != "2.0":
         raise RpcError(INVALID_REQUEST, f'"jsonrpc" must be "2.0", got {envelope.jsonrpc!r}', rid)

@@ -16,7 +16,6 @@ same workers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -183,15 +182,6 @@ def summarize(
 # --- the table `damocles-ext status --jobs` prints ----------------------------------------------
 
 
-# Worker names and proof types come from clients: a control character would break the table or
-# reach the operator's terminal as an escape sequence.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _cell(text: str) -> str:
-    return _CONTROL.sub(" ", text)
-
-
 def _ago(seconds: float) -> str:
     return go_duration(int(seconds)) + " ago"
 
@@ -217,7 +207,7 @@ def render(s: JobsSummary) -> str:
     if s.workers:
         out.append("\n")
         rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN"]]
-        rows += [[_cell(w.worker), _names(w.allowed_miners), _cell(_names(w.allowed_proof_types)),
+        rows += [[w.worker, _names(w.allowed_miners), _names(w.allowed_proof_types),
                   _ago(w.last_seen_ago)] for w in s.workers]  # fmt: skip
         out.append(tabwrite(rows))
     out.append("\n")
@@ -228,6 +218,6 @@ def render(s: JobsSummary) -> str:
     jobs = "job" if s.unallocatable == 1 else "jobs"
     out.append(f"unallocatable: {s.unallocatable} ready {jobs} ({why})\n\n")
     rows = [["MINER", "PROOF TYPE", "JOBS"]]
-    rows += [[str(g.miner), _cell(g.proof_type), str(g.jobs)] for g in s.unallocatable_groups]
+    rows += [[str(g.miner), g.proof_type, str(g.jobs)] for g in s.unallocatable_groups]
     out.append(tabwrite(rows))
     return "".join(out)
