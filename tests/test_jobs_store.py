@@ -211,6 +211,15 @@ def test_jobs_past_their_deadline_are_cancelled_with_why(js):
     assert js.sweep(T0 + 120).effects == ()  # cancelled jobs are never retried
 
 
+def test_a_sweep_of_given_jobs_changes_those_alone(js):
+    # A producer settles its own job at its deadline without sweeping everyone else's.
+    mine = js.create(make_input(seed=1), T0, not_after=T0 + 50)[0]
+    other = js.create(make_input(seed=2), T0, not_after=T0 + 50)[0]
+    swept = js.sweep(T0 + 60, job_ids=[mine.Id])
+    assert [e.job_id for e in swept.effects if isinstance(e, rules.JobCancelled)] == [mine.Id]
+    assert js.get(mine.Id).cancelled and js.get(other.Id).State == READY
+
+
 def test_reset_remove_and_cleanup(js):
     _, b, _ = create_many(js, 3)
     with pytest.raises(store.JobNotFound, match="job 'nope' does not exist"):

@@ -196,9 +196,9 @@ class JobProducer:
                     return self._answer(job)
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
-                    # none running); the sweep is safe beside others.
+                    # none running): a sweep of this job alone, safe beside the others.
                     swept = True
-                    await self.store.sweep()
+                    await self.store.sweep([job_id])
                     continue
             except StoreError as exc:
                 due = not_after if job is None else job.not_after

@@ -486,9 +486,12 @@ class JobStore:
         return allocated
 
     @database_errors
-    def sweep(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
+    def sweep(
+        self, now: float, *, limit: int = DEFAULT_PASS_LIMIT, job_ids: Sequence[str] | None = None
+    ) -> Outcome:
         """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
-        the jobs the rules may change now. Safe to run in several processes at once."""
+        the jobs the rules may change now (only `job_ids` when given: a producer settling its
+        own job at its deadline). Safe to run in several processes at once."""
         c = jobs.c
         statement = sa.select(jobs).where(
             sa.or_(
@@ -506,6 +509,8 @@ class JobStore:
                 ),
             )
         )
+        if job_ids is not None:
+            statement = statement.where(c.id.in_(job_ids))
         return self._pass(statement.order_by(c.id).limit(limit), rules.Sweep(), now)
 
     @database_errors
@@ -592,8 +597,8 @@ class TrioJobStore:
     async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
         return await self._run(self.store.summary, self.clock(), **kwargs)
 
-    async def sweep(self) -> Outcome:
-        return await self._run(self.store.sweep, self.clock())
+    async def sweep(self, job_ids: Sequence[str] | None = None) -> Outcome:
+        return await self._run(self.store.sweep, self.clock(), job_ids=job_ids)
 
     async def cleanup(self) -> Outcome:
         return await self._run(self.store.cleanup, self.clock())
