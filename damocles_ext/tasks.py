@@ -81,6 +81,15 @@ def sector_size_name(proof_type: str) -> str:
     raise ValueError(f"unknown proof type {proof_type!r}")
 
 
+def post_proof_types(size: str) -> tuple[str, ...]:
+    """The PoSt proof types damocles-worker asks for when it allows sector size `size`."""
+    return (
+        f"StackedDrgWinning{size}V1",
+        f"StackedDrgWindow{size}V1",
+        f"StackedDrgWindow{size}V1_2",
+    )
+
+
 def is_v1_2(proof_type: str) -> bool:
     """True for the grindability-fixed WindowPoSt types (challenge index is per sector)."""
     return proof_type.endswith("V1_2")

@@ -34,14 +34,13 @@ from typing import Any
 import msgspec
 
 from ..jobs.endpoint import parse_endpoint
-from ..tasks import SECTOR_SIZES
+from ..tasks import SECTOR_SIZES, post_proof_types
 from . import machine
 from .damocles_worker_keys import (
     ATTACHED,
     PROCESSOR,
     SCHEMA,
     THREAD,
-    post_proof_types,
     sector_size,
     unread_key_warnings,
     unread_keys,
@@ -93,8 +92,12 @@ class WdPostThread(msgspec.Struct, frozen=True):
     index: int  # its place among the file's [[sealing_thread]] tables
     allowed_miners: tuple[int, ...]
     allowed_sizes: tuple[str, ...]  # as our tasks spell them: "32GiB"
-    allowed_proof_types: tuple[str, ...]  # what damocles-worker asks the manager for
     recover_interval: float  # seconds to wait after the manager had no job or an error
+
+    @property
+    def allowed_proof_types(self) -> tuple[str, ...]:
+        """What damocles-worker asks the manager for: allowed_sizes as proof type names."""
+        return tuple(p for s in self.allowed_sizes for p in post_proof_types(s))
 
 
 class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
@@ -343,8 +346,7 @@ class _Reader:
                 sizes = tuple(dict.fromkeys(self._sizes(layer.at("allowed_sizes"), raw_sizes)))
             if (seconds := layer.duration("recover_interval")) is not None:
                 recover = seconds
-        proof_types = tuple(p for s in sizes for p in post_proof_types(s))
-        return WdPostThread(index, miners, sizes, proof_types, recover)
+        return WdPostThread(index, miners, sizes, recover)
 
     def _sizes(self, where: str, raw: list[str]) -> list[str]:
         sizes = []

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ..config.damocles_worker_keys import post_proof_types
-from ..tasks import SECTOR_SIZES, PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+from ..tasks import (
+    SECTOR_SIZES,
+    PoStReplicaInfo,
+    WindowPoSt,
+    WindowPoStOutput,
+    post_proof_types,
+)
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
 from .paths import StoreMap
