@@ -27,7 +27,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,8 +46,8 @@ from .damocles_worker_keys import (
 )
 from .damocles_worker_values import TypedTable
 from .keys import _parse_cpuset
-from .load import read_config_text
-from .messages import _show, _suggest, _syntax_error
+from .load import parse_toml, read_config_text
+from .messages import _show, _suggest
 from .spec import (
     DAMOCLES_WORKER,
     DEFAULT_CANCEL_GRACE,
@@ -182,22 +181,9 @@ def parse_damocles_worker_config(
 ) -> DamoclesWorkerConfig:
     """damocles-worker.toml text -> DamoclesWorkerConfig; `source` names it in messages, `pid`
     goes into each child's VC_CG_NAME as damocles-worker puts its own."""
-    doc = _toml(text, source)
+    doc = parse_toml(text, source)
     reader = _Reader(source, os.getpid() if pid is None else pid)
     return reader.read(doc, tmp_root)
-
-
-def _toml(text: str, source: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
-    except RecursionError:
-        raise ConfigError(
-            source, [f"{source}: arrays or inline tables are nested too deep to read"]
-        ) from None
-    except ValueError as exc:  # tomllib's int() of a number of thousands of digits
-        raise ConfigError(source, [f"{source}: a value cannot be read: {exc}"]) from None
 
 
 class _Reader:
@@ -325,7 +311,7 @@ class _Reader:
         if not os.path.isfile(path):
             return None
         try:
-            doc = _toml(read_config_text(path, "sealing thread config.toml"), path)
+            doc = parse_toml(read_config_text(path, "sealing thread config.toml"), path)
         except ConfigError as exc:
             self.errors.extend(exc.errors)
             return None
