@@ -119,6 +119,7 @@ class Worker:
         self._idle_until = -math.inf
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
+        self._address: str | None = None  # the local address that reaches the manager
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -214,6 +215,7 @@ class Worker:
                 await self._wait_out(what, backoff, "before the worker could name itself")
                 continue
             log.info("worker name: %s (the address that reaches the manager; --name sets it)", name)
+            self._address = name
             return name
 
     async def _check_stores(self) -> None:
@@ -511,10 +513,12 @@ class Worker:
     async def _ping_loop(self, endpoint: Endpoint) -> None:
         # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
         # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
-        try:
-            address = await local_address_towards(endpoint)
-        except OSError:
-            address = self.name or "unknown"
+        address = self._address
+        if address is None:  # named by --name: the address is looked up here, once
+            try:
+                address = await local_address_towards(endpoint)
+            except OSError:
+                address = self.name or "unknown"
         failing = False
         while True:
             assert self.name is not None
