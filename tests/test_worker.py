@@ -571,18 +571,6 @@ def test_sizes_become_damocles_workers_proof_type_names():
         proof_types_for_sizes(["32G"])
 
 
-def test_the_worker_rules_import_no_config_module_that_reads_files():
-    # config/__init__ pulls machine and startup, which read /proc and /sys and run programs:
-    # the sans-IO rules must reach the proof type names without importing that package.
-    code = (
-        "import sys\n"
-        "import damocles_ext.jobs.worker_rules\n"
-        "print(sorted(m for m in sys.modules if m.startswith('damocles_ext.config')))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
-    assert done.stdout.decode().splitlines()[-1] == "[]", done.stdout.decode()
-
-
 def test_as_many_jobs_are_asked_as_slots_are_free_and_one_from_damocles_manager():
     assert free_slots(4, 1) == 3 and free_slots(1, 3) == 0
     assert jobs_to_ask(Api.DEXT, 3) == 3 and jobs_to_ask(Api.VENUS, 3) == 1
