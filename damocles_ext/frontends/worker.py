@@ -356,27 +356,27 @@ class Worker:
         try:
             job = msgspec.convert(raw, PulledJob)
         except msgspec.ValidationError as exc:
-            job_id = raw.get("Id") if isinstance(raw, dict) else None
+            job_id, lease = raw.get("Id"), raw.get("Lease")
             if not isinstance(job_id, str):
                 log.error("the manager gave a job without an id (%s); it is left to time out", exc)
                 return
-            log.error("job %s: its input cannot be read (%s); failing it", job_id, exc)
-            lease = raw.get("Lease")
-            lease = lease if isinstance(lease, str) else None
-            if job_id in self.held:
-                return
-            bad = PulledJob(Id=job_id, Input=_EMPTY_INPUT, Lease=lease)
-            held = HeldJob(bad, now, state="finishing")
-            self.held[job_id] = held
-            self._nursery.start_soon(self._fail, held, f"unreadable job input: {exc}")
-            return
-        self.counters.pulled += 1
+            job = PulledJob(
+                Id=job_id, Input=_EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
+            )
+            problem: str | None = str(exc)
+        else:
+            problem = None
+            self.counters.pulled += 1
         if job.Id in self.held:
             # A manager that gives a job twice: the proof running goes on, under its first lease.
             log.warning("job %s: given again while this worker holds it; ignored", job.Id)
             return
-        held = HeldJob(job, now)
+        held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
+        if problem is not None:
+            log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
+            self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
+            return
         log.info(
             "job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
             job.Id,
