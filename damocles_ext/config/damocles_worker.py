@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 
 from ..jobs.endpoint import parse_endpoint
-from ..tasks import SECTOR_SIZES, post_proof_types
+from ..tasks import SECTOR_SIZES, proof_types_for_sizes
 from . import machine
 from .damocles_worker_keys import (
     ATTACHED,
@@ -96,7 +96,7 @@ class WdPostThread(msgspec.Struct, frozen=True):
     @property
     def allowed_proof_types(self) -> tuple[str, ...]:
         """What damocles-worker asks the manager for: allowed_sizes as proof type names."""
-        return tuple(p for s in self.allowed_sizes for p in post_proof_types(s))
+        return proof_types_for_sizes(self.allowed_sizes)
 
 
 class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
@@ -146,7 +146,7 @@ class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
     @property
     def allowed_proof_types(self) -> tuple[str, ...]:
         """allowed_sizes as the proof type names the manager filters on, () for any."""
-        return tuple(p for s in self.allowed_sizes for p in post_proof_types(s))
+        return proof_types_for_sizes(self.allowed_sizes)
 
     @property
     def idle_poll(self) -> float:
