@@ -31,12 +31,14 @@ import signal as _signal
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import pluggy
 
 if TYPE_CHECKING:
     # Annotations only: plugin modules load in every child, so hookspecs stays light.
+    from .jobs.model import WdPoStSectorInfo
+    from .jobs.worker_rules import PulledJob
     from .tasks import Output, Task
 
 PROJECT = "damocles_ext"
@@ -294,7 +296,9 @@ def dext_request_finished(
 
 
 @hookspec(firstresult=True)
-def dext_sector_paths(job: Any, sector: Any, attached: Mapping[str, str]) -> tuple[str, str] | None:
+def dext_sector_paths(
+    job: PulledJob, sector: WdPoStSectorInfo, attached: Mapping[str, str]
+) -> tuple[str, str] | None:
     """Where a pulled job's sector is on this worker: for a site whose stores are not laid out as
     damocles lays them out.
 

@@ -11,6 +11,7 @@ can carry either kind; decoding one type directly does not require the tag.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Annotated, Literal, TypeGuard
 
 import msgspec
@@ -79,6 +80,22 @@ def sector_size_name(proof_type: str) -> str:
         if size in proof_type:
             return size
     raise ValueError(f"unknown proof type {proof_type!r}")
+
+
+def proof_types_for_sizes(sizes: Iterable[str]) -> tuple[str, ...]:
+    """The proof types a damocles-worker with `allowed_sizes = sizes` asks for: each size's
+    WinningPoSt V1, WindowPoSt V1 and V1_2 names (damocles' own list, WinningPoSt included).
+    ValueError naming a size that is not a sector size."""
+    types: dict[str, None] = {}
+    for size in sizes:
+        if size not in SECTOR_SIZES:
+            raise ValueError(
+                f"{size!r} is not a sector size; give one of {', '.join(SECTOR_SIZES)}"
+            )
+        for kind in ("Winning", "Window"):
+            types[f"StackedDrg{kind}{size}V1"] = None
+        types[f"StackedDrgWindow{size}V1_2"] = None
+    return tuple(types)
 
 
 def is_v1_2(proof_type: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -518,3 +519,18 @@ def test_any_document_is_a_config_or_a_clear_config_error(doc):
         assert 1 <= child.concurrent <= MAX_CONCURRENT and child.ready_timeout > 0
         assert all("\0" not in a for a in child.argv)
         assert all("\0" not in k + v and "=" not in k for k, v in child.envs.items())
+
+
+def test_the_config_package_loads_the_damocles_worker_reader_only_when_asked_for():
+    # `run` and `serve` import damocles_ext.config on their way to the ready line; the reader of
+    # damocles-worker.toml is the worker's alone, yet stays reachable from the package.
+    code = (
+        "import sys\n"
+        "import damocles_ext.config as config\n"
+        "before = 'damocles_ext.config.damocles_worker' in sys.modules\n"
+        "reader = config.load_damocles_worker_config\n"
+        "from damocles_ext.config.damocles_worker import load_damocles_worker_config\n"
+        "print(before, reader is load_damocles_worker_config)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert done.stdout.decode().split() == ["False", "True"], done.stdout.decode()

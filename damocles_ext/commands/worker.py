@@ -181,7 +181,7 @@ def _miners(text: str) -> tuple[int, ...]:
 
 
 def _sizes(text: str) -> tuple[str, ...]:
-    from damocles_ext.jobs.worker_rules import proof_types_for_sizes
+    from damocles_ext.tasks import proof_types_for_sizes
 
     try:
         return proof_types_for_sizes(s.strip() for s in text.split(","))

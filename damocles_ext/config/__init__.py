@@ -16,13 +16,8 @@ tables: damocles_worker_values).
 
 from __future__ import annotations
 
-from .damocles_worker import (
-    AttachedStore,
-    DamoclesWorkerConfig,
-    WdPostThread,
-    load_damocles_worker_config,
-    parse_damocles_worker_config,
-)
+from typing import TYPE_CHECKING
+
 from .keys import VALID_KEYS, NonNegFloat, NonNegInt, PosFloat, PosInt
 from .load import load_conf_dir, load_config, parse_config
 from .machine import default_tmp_root, detect_gpus
@@ -57,6 +52,36 @@ from .spec import (
     format_cpuset,
 )
 from .startup import build_env, check_startable, program_problem, startup_problems
+
+if TYPE_CHECKING:
+    from .damocles_worker import (
+        AttachedStore,
+        DamoclesWorkerConfig,
+        WdPostThread,
+        load_damocles_worker_config,
+        parse_damocles_worker_config,
+    )
+
+#: Read only by `damocles-ext worker`: imported on first use, so that `run` and `serve` (whose
+#: ready line has damocles-manager's 5 s to beat) do not load its reader and what it pulls in.
+_DAMOCLES_WORKER_NAMES = frozenset(
+    {
+        "AttachedStore",
+        "DamoclesWorkerConfig",
+        "WdPostThread",
+        "load_damocles_worker_config",
+        "parse_damocles_worker_config",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _DAMOCLES_WORKER_NAMES:
+        from . import damocles_worker
+
+        return getattr(damocles_worker, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CONF_FILE_NAME",

@@ -27,29 +27,27 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from ..jobs.endpoint import parse_endpoint
-from ..tasks import SECTOR_SIZES
+from ..tasks import SECTOR_SIZES, proof_types_for_sizes
 from . import machine
 from .damocles_worker_keys import (
     ATTACHED,
     PROCESSOR,
     SCHEMA,
     THREAD,
-    post_proof_types,
     sector_size,
     unread_key_warnings,
     unread_keys,
 )
 from .damocles_worker_values import TypedTable
 from .keys import _parse_cpuset
-from .load import read_config_text
-from .messages import _show, _suggest, _syntax_error
+from .load import parse_toml, read_config_text
+from .messages import _show, _suggest
 from .spec import (
     DAMOCLES_WORKER,
     DEFAULT_CANCEL_GRACE,
@@ -93,8 +91,12 @@ class WdPostThread(msgspec.Struct, frozen=True):
     index: int  # its place among the file's [[sealing_thread]] tables
     allowed_miners: tuple[int, ...]
     allowed_sizes: tuple[str, ...]  # as our tasks spell them: "32GiB"
-    allowed_proof_types: tuple[str, ...]  # what damocles-worker asks the manager for
     recover_interval: float  # seconds to wait after the manager had no job or an error
+
+    @property
+    def allowed_proof_types(self) -> tuple[str, ...]:
+        """What damocles-worker asks the manager for: allowed_sizes as proof type names."""
+        return proof_types_for_sizes(self.allowed_sizes)
 
 
 class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
@@ -144,7 +146,7 @@ class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
     @property
     def allowed_proof_types(self) -> tuple[str, ...]:
         """allowed_sizes as the proof type names the manager filters on, () for any."""
-        return tuple(p for s in self.allowed_sizes for p in post_proof_types(s))
+        return proof_types_for_sizes(self.allowed_sizes)
 
     @property
     def idle_poll(self) -> float:
@@ -179,22 +181,9 @@ def parse_damocles_worker_config(
 ) -> DamoclesWorkerConfig:
     """damocles-worker.toml text -> DamoclesWorkerConfig; `source` names it in messages, `pid`
     goes into each child's VC_CG_NAME as damocles-worker puts its own."""
-    doc = _toml(text, source)
+    doc = parse_toml(text, source)
     reader = _Reader(source, os.getpid() if pid is None else pid)
     return reader.read(doc, tmp_root)
-
-
-def _toml(text: str, source: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
-    except RecursionError:
-        raise ConfigError(
-            source, [f"{source}: arrays or inline tables are nested too deep to read"]
-        ) from None
-    except ValueError as exc:  # tomllib's int() of a number of thousands of digits
-        raise ConfigError(source, [f"{source}: a value cannot be read: {exc}"]) from None
 
 
 class _Reader:
@@ -322,7 +311,7 @@ class _Reader:
         if not os.path.isfile(path):
             return None
         try:
-            doc = _toml(read_config_text(path, "sealing thread config.toml"), path)
+            doc = parse_toml(read_config_text(path, "sealing thread config.toml"), path)
         except ConfigError as exc:
             self.errors.extend(exc.errors)
             return None
@@ -343,8 +332,7 @@ class _Reader:
                 sizes = tuple(dict.fromkeys(self._sizes(layer.at("allowed_sizes"), raw_sizes)))
             if (seconds := layer.duration("recover_interval")) is not None:
                 recover = seconds
-        proof_types = tuple(p for s in sizes for p in post_proof_types(s))
-        return WdPostThread(index, miners, sizes, proof_types, recover)
+        return WdPostThread(index, miners, sizes, recover)
 
     def _sizes(self, where: str, raw: list[str]) -> list[str]:
         sizes = []

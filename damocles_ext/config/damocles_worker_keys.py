@@ -234,12 +234,3 @@ def sector_size(text: str) -> str:
         f'{_show(text)} is not a sector size; expected {SIZES_HINT} (note that "32GB" is '
         f"32 * 1000^3 bytes, not 32GiB)"
     )
-
-
-def post_proof_types(size: str) -> tuple[str, ...]:
-    """The PoSt proof types damocles-worker asks for when it allows sector size `size`."""
-    return (
-        f"StackedDrgWinning{size}V1",
-        f"StackedDrgWindow{size}V1",
-        f"StackedDrgWindow{size}V1_2",
-    )

@@ -109,23 +109,17 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
-def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
-    """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
+def parse_toml(text: str, source: str, *, nested_hint: str = "") -> dict[str, Any]:
+    """A config file's TOML document; ConfigError saying where it is not TOML, or what cannot be
+    read (`nested_hint` follows the message about arrays nested too deep)."""
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively.
         raise ConfigError(
-            source,
-            [
-                (
-                    f"{source}: arrays or inline tables are nested too deep to read (hundreds of "
-                    f'levels); an ext-prover.cfg needs two at most (e.g. Envs = {{ A = "1" }}). '
-                    f"Look for a run of [ or {{"
-                )
-            ],
+            source, [f"{source}: arrays or inline tables are nested too deep to read{nested_hint}"]
         ) from None
     except ValueError as exc:  # tomllib's int() of a number of thousands of digits
         what = (
@@ -134,6 +128,18 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             else f"a value cannot be read: {exc}"
         )
         raise ConfigError(source, [f"{source}: {what}"]) from None
+
+
+def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Config:
+    """Validate ext-prover.cfg text; `source` names it in messages. Raises ConfigError."""
+    doc = parse_toml(
+        text,
+        source,
+        nested_hint=(
+            ' (hundreds of levels); an ext-prover.cfg needs two at most (e.g. Envs = { A = "1" }).'
+            " Look for a run of [ or {"
+        ),
+    )
 
     errors: list[str] = []
     if tmp_root is None:

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ..jobs.model import JobOutput
     from ..jobs.worker_settings import WorkerSettings
     from ..supervisor.core import Supervisor
+    from ..supervisor.stats import ChildStats
 
 log = logging.getLogger("damocles_ext.worker")
 
@@ -67,6 +68,8 @@ _EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32
 
 #: The stages whose children's slots a pulled WindowPoSt takes (the split tables: its first step).
 _SLOT_STAGES = ("window_post", "window_post_vanilla")
+#: The states of a child that takes requests.
+_UP = ("ready", "busy")
 
 
 class StopSignal(msgspec.Struct, frozen=True):
@@ -116,6 +119,7 @@ class Worker:
         self._idle_until = -math.inf
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
+        self._address: str | None = None  # the local address that reaches the manager
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -207,12 +211,11 @@ class Worker:
             try:
                 name = await local_address_towards(endpoint)
             except OSError as exc:
-                self._unreachable(f"no route to {endpoint.host} to name this worker by: {exc}")
-                await self._pause(backoff.next_delay())
-                if self.stopping:
-                    raise UsageError("stopped before the worker could name itself") from None
+                what = f"no route to {endpoint.host} to name this worker by: {exc}"
+                await self._wait_out(what, backoff, "before the worker could name itself")
                 continue
             log.info("worker name: %s (the address that reaches the manager; --name sets it)", name)
+            self._address = name
             return name
 
     async def _check_stores(self) -> None:
@@ -223,10 +226,7 @@ class Worker:
                 try:
                     info = await self._calls.call("Venus.StoreBasicInfo", name)
                 except RpcConnectionError as exc:
-                    self._unreachable(str(exc))
-                    await self._pause(backoff.next_delay())
-                    if self.stopping:
-                        raise UsageError("stopped while waiting for the manager") from None
+                    await self._wait_out(str(exc), backoff, "while waiting for the manager")
                     continue
                 except RpcCallError as exc:
                     self._refused_token(exc)
@@ -245,25 +245,30 @@ class Worker:
                     )
                 break
 
+    async def _wait_out(self, what: str, backoff: Backoff, during: str) -> None:
+        """Before the run starts: log the outage, wait the backoff; UsageError when stopped."""
+        self._unreachable(what)
+        await self._pause(backoff.next_delay())
+        if self.stopping:
+            raise UsageError(f"stopped {during}") from None
+
     def _refused_token(self, exc: RpcCallError) -> None:
         if exc.code == rpc.UNAUTHORIZED:
             raise UsageError(f"the manager refused this worker's token: {exc.message}") from None
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def _ready_capacity(self) -> int:
+    def _pool(self) -> list[ChildStats]:
+        """The children whose slots a pulled job takes, as they are now."""
         assert self._sup is not None
-        stats = self._sup.statistics()
-        return sum(
-            c.capacity
-            for c in stats.children
-            if c.stage in _SLOT_STAGES and c.state in ("ready", "busy")
-        )
+        return [c for c in self._sup.statistics().children if c.stage in _SLOT_STAGES]
+
+    def _ready_capacity(self) -> int:
+        return sum(c.capacity for c in self._pool() if c.state in _UP)
 
     def _no_child_can_prove(self) -> str | None:
         """Why no job could ever be proved here (every child gave up for good), or None."""
-        assert self._sup is not None
-        pool = [c for c in self._sup.statistics().children if c.stage in _SLOT_STAGES]
+        pool = self._pool()
         if any(c.state not in ("fatal", "stopped") for c in pool):
             return None
         return (
@@ -351,27 +356,27 @@ class Worker:
         try:
             job = msgspec.convert(raw, PulledJob)
         except msgspec.ValidationError as exc:
-            job_id = raw.get("Id") if isinstance(raw, dict) else None
+            job_id, lease = raw.get("Id"), raw.get("Lease")
             if not isinstance(job_id, str):
                 log.error("the manager gave a job without an id (%s); it is left to time out", exc)
                 return
-            log.error("job %s: its input cannot be read (%s); failing it", job_id, exc)
-            lease = raw.get("Lease")
-            lease = lease if isinstance(lease, str) else None
-            if job_id in self.held:
-                return
-            bad = PulledJob(Id=job_id, Input=_EMPTY_INPUT, Lease=lease)
-            held = HeldJob(bad, now, state="finishing")
-            self.held[job_id] = held
-            self._nursery.start_soon(self._fail, held, f"unreadable job input: {exc}")
-            return
-        self.counters.pulled += 1
+            job = PulledJob(
+                Id=job_id, Input=_EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
+            )
+            problem: str | None = str(exc)
+        else:
+            problem = None
+            self.counters.pulled += 1
         if job.Id in self.held:
             # A manager that gives a job twice: the proof running goes on, under its first lease.
             log.warning("job %s: given again while this worker holds it; ignored", job.Id)
             return
-        held = HeldJob(job, now)
+        held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
+        if problem is not None:
+            log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
+            self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
+            return
         log.info(
             "job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
             job.Id,
@@ -498,7 +503,6 @@ class Worker:
         if held is None or held.stop_reason is not None:
             return
         held.stop_reason = why
-        self.counters.stopped += 1
         self.counters.stopped_by[reason] = self.counters.stopped_by.get(reason, 0) + 1
         log.warning("job %s: the manager took it back (%s); its proof is cancelled", job_id, why)
         held.scope.cancel()
@@ -509,10 +513,12 @@ class Worker:
     async def _ping_loop(self, endpoint: Endpoint) -> None:
         # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
         # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
-        try:
-            address = await local_address_towards(endpoint)
-        except OSError:
-            address = self.name or "unknown"
+        address = self._address
+        if address is None:  # named by --name: the address is looked up here, once
+            try:
+                address = await local_address_towards(endpoint)
+            except OSError:
+                address = self.name or "unknown"
         failing = False
         while True:
             assert self.name is not None
@@ -542,19 +548,12 @@ class Worker:
             await trio.sleep(self.settings.ping_interval)
 
     def _slots(self) -> int:
-        assert self._sup is not None
-        capacity = sum(
-            c.capacity for c in self._sup.statistics().children if c.stage in _SLOT_STAGES
-        )
+        capacity = sum(c.capacity for c in self._pool())
         limit = self.settings.max_jobs
         return capacity if limit is None else min(capacity, limit)
 
     def _children_down(self) -> int:
-        assert self._sup is not None
-        return sum(
-            c.stage in _SLOT_STAGES and c.state not in ("ready", "busy")
-            for c in self._sup.statistics().children
-        )
+        return sum(c.state not in _UP for c in self._pool())
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -29,7 +29,6 @@ class WorkerCounters:
     pulled: int = 0
     delivered: int = 0  # results the manager took (proofs, faults or an error)
     failed: int = 0  # of those, errors (no proof)
-    stopped: int = 0  # jobs the manager took back while we held them
     given_up: int = 0  # results never delivered
     allocations: int = 0  # allocation calls that got an answer
     pings: int = 0  # Venus.WorkerPing calls the manager took
@@ -38,3 +37,8 @@ class WorkerCounters:
     stopped_by: dict[str, int] = field(default_factory=dict)  # `stopped` by the manager's reason
     #: Called with each heartbeat call's round trip in seconds (the metrics' histogram).
     on_heartbeat: Callable[[float], None] | None = None
+
+    @property
+    def stopped(self) -> int:
+        """Jobs the manager took back while we held them."""
+        return sum(self.stopped_by.values())

@@ -11,13 +11,15 @@ Sans-IO: no clock (times come in as arguments), no socket, no file.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
 
-from ..config.damocles_worker_keys import post_proof_types
-from ..tasks import SECTOR_SIZES, PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+
+# Lives beside SECTOR_SIZES; kept importable from here, with the other rules.
+from ..tasks import proof_types_for_sizes as proof_types_for_sizes
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
 from .paths import StoreMap
@@ -199,22 +201,6 @@ def worker_info(
 
 
 # --- what the manager is asked for --------------------------------------------------------------
-
-
-def proof_types_for_sizes(sizes: Iterable[str]) -> tuple[str, ...]:
-    """The proof types a damocles-worker with `allowed_sizes = sizes` asks for: each size's
-    WinningPoSt V1, WindowPoSt V1 and V1_2 names (damocles' own list, WinningPoSt included).
-    ValueError naming a size that is not a sector size."""
-    types: list[str] = []
-    for size in sizes:
-        if size not in SECTOR_SIZES:
-            raise ValueError(
-                f"{size!r} is not a sector size; give one of {', '.join(SECTOR_SIZES)}"
-            )
-        for name in post_proof_types(size):
-            if name not in types:
-                types.append(name)
-    return tuple(types)
 
 
 def allocate_params(

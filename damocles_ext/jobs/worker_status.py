@@ -5,9 +5,11 @@ socket): the manager it pulls from, its name, its counters and the jobs it holds
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import msgspec
+
+from .listing import tabwrite
 
 
 class WorkerJobStatus(msgspec.Struct, frozen=True):
@@ -85,11 +87,4 @@ def render_worker(part: WorkerPart, fmt: Callable[[float | None], str]) -> list[
         ]
         for j in part.jobs
     ]
-    return [*lines, *_table(headers, rows)]
-
-
-def _table(headers: list[str], rows: Iterable[list[str]]) -> list[str]:
-    rows = list(rows)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in [headers, *rows]]  # fmt: skip
+    return [*lines, *(line.rstrip() for line in tabwrite([headers, *rows]).splitlines())]
