@@ -68,6 +68,9 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("http://manager:0", "must be a number"),
         ("manager", "not an RPC address"),
         ("manager:0", "must be a number"),
+        ("http://a..b:1789", "not a host name"),
+        ("/dns/a..b/tcp/1789", "not a host name"),
+        ("a..b:1789", "not a host name"),
     ],
 )
 def test_a_bad_address_says_what_is_wrong(text, words):

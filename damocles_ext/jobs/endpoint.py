@@ -37,6 +37,16 @@ class Endpoint:
     port: int
     path: str = DEFAULT_PATH
 
+    def __post_init__(self) -> None:
+        # What the resolver would refuse later with a UnicodeError (an empty label, one over
+        # 63 characters), refused here as the bad address it is.
+        try:
+            self.host.encode("idna")
+        except UnicodeError:
+            raise ValueError(
+                f"{self.host!r} is not a host name (an empty label, or one over 63 characters)"
+            ) from None
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
