@@ -160,3 +160,9 @@ def test_names_and_texts_from_clients_reach_the_tables_without_control_character
     )
     text = summary.render(s)
     assert "\x1b" not in text and "\x07" not in text and "gpu ]0;owned  1 " in text
+
+
+def test_remove_all_prints_a_servers_job_id_without_its_control_characters():
+    from damocles_ext.jobs.listing import removed_line
+
+    assert removed_line("3Fgf\x1b[2J\nx") == "wdpost job 3Fgf [2J x removed"

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.listing import removed_line
     from damocles_ext.jobs.store import JobNotFound, JobStore
 
     if args.wdpost_command == "remove-all" and not args.really_do_it:
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 store.remove(job_id, time.time())
         else:
             for job_id in store.remove_all(time.time()):
-                print(f"wdpost job {job_id} removed")
+                print(removed_line(job_id))
     return 0
 
 
@@ -185,7 +186,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     from damocles_ext.errors import UsageError
     from damocles_ext.jobs import rpc
     from damocles_ext.jobs.client import RpcCallError, RpcClient
-    from damocles_ext.jobs.listing import decode_all_jobs
+    from damocles_ext.jobs.listing import decode_all_jobs, removed_line
 
     try:
         client = RpcClient(args.manager, token=args.token_file)
@@ -227,7 +228,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 jobs, _ = await all_jobs()
                 for job in jobs:
                     await client.call("Venus.WdPoStRemoveJob", job.Id)
-                    print(f"wdpost job {job.Id} removed", flush=True)
+                    print(removed_line(job.Id), flush=True)
 
     try:
         trio.run(main)

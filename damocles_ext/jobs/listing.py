@@ -96,10 +96,21 @@ def _counts(job: WdPoStJob | JobBrief) -> tuple[str, str, int]:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def printable(text: str) -> str:
+    """`text` from a client (a worker's name, a job id from a server) with each control
+    character written as a space, so it cannot move the cursor or send escapes to a terminal."""
+    return _CONTROL.sub(" ", text)
+
+
+def removed_line(job_id: str) -> str:
+    """What `wdpost remove-all` prints for each job, as damocles' CLI does."""
+    return f"wdpost job {printable(job_id)} removed"
+
+
 def tabwrite(rows: Sequence[Sequence[str]], *, minwidth: int = 2, padding: int = 2) -> str:
     """Rows of cells as Go's tabwriter lays them out when every line ends with its last cell;
     a control character in a cell is written as a space."""
-    rows = [[_CONTROL.sub(" ", cell) for cell in row] for row in rows]
+    rows = [[printable(cell) for cell in row] for row in rows]
     columns = max((len(r) for r in rows), default=0) - 1
     widths = [
         max(minwidth, max(len(r[i]) for r in rows if len(r) > i) + padding) for i in range(columns)
