@@ -1,0 +1,160 @@
+"""A JSON-RPC 2.0 server over HTTP POST that answers as go-jsonrpc (the fork damocles uses) does,
+for tests that need a peer built independently of our own server code: a damocles-manager
+look-alike (`--worker-prover`, or a proxy's source node) is a dict of method handlers served by
+this class.
+
+Forms, as in /work/shared/damocles-worker-prover.md: positional params; an unknown method is
+HTTP 500 with JSON-RPC error -32601 (`method 'X' not found`); a malformed body is HTTP 500 with
+-32700 or -32600; an error a method returns (a `MethodError`) is HTTP 200 with code 1 and its
+text; a nil result is `"result": null`. The standard library's threading HTTP server runs it, in
+a thread of the test's process, HTTP/1.1 with keep-alive.
+
+`stop()` closes the port and `start()` opens the same port again (a source node that goes down
+and comes back); `hold()` makes every call wait until `release()` (a source that hangs), and
+`calls` records (method, params) in order."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[..., Any]
+
+
+class MethodError(Exception):
+    """An error the method returns: go-jsonrpc answers it with HTTP 200 and code 1."""
+
+
+class GoJsonRpcServer:
+    def __init__(
+        self,
+        methods: dict[str, Handler],
+        *,
+        host: str = "127.0.0.1",
+        path: str = "/rpc/v0",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.methods = methods
+        self.host = host
+        self.path = path
+        self.required_headers = dict(headers or {})
+        self.calls: list[tuple[str, list[Any]]] = []
+        self.port = 0
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._open.set()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- life -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.path}"
+
+    @property
+    def multiaddr(self) -> str:
+        return f"/ip4/{self.host}/tcp/{self.port}"
+
+    def start(self) -> GoJsonRpcServer:
+        server_self = self
+
+        class _Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # stdlib's name
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                for name, value in server_self.required_headers.items():
+                    if self.headers.get(name) != value:
+                        self._send(401, {"error": "unauthorized"})
+                        return
+                if self.path != server_self.path:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status, answer = server_self._answer(body)
+                self._send(status, answer)
+
+            def _send(self, status: int, answer: dict[str, Any]) -> None:
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = http.server.ThreadingHTTPServer((self.host, self.port), _Handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the port (connections in progress are cut at their next request)."""
+        self.release()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def hold(self) -> None:
+        """From now on every call waits, unanswered, until `release()` or `stop()`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def __enter__(self) -> GoJsonRpcServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def methods_called(self) -> list[str]:
+        with self._lock:
+            return [m for m, _ in self.calls]
+
+    # --- one call ---------------------------------------------------------------------------
+
+    def _answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            request = json.loads(body)
+        except ValueError as e:
+            return 500, _error(None, -32700, f"unmarshaling request: {e}")
+        if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+            return 500, _error(None, -32600, "invalid request")
+        rid = request.get("id")
+        method = request["method"]
+        params = request.get("params") or []
+        with self._lock:
+            self.calls.append((method, params))
+        self._open.wait()
+        handler = self.methods.get(method)
+        if handler is None:
+            return 500, _error(rid, -32601, f"method '{method}' not found")
+        if not isinstance(params, list):
+            return 500, _error(rid, -32602, "params must be an array")
+        try:
+            result = handler(*params)
+        except MethodError as e:
+            return 200, _error(rid, 1, str(e))
+        except TypeError as e:
+            return 500, _error(rid, -32602, f"wrong param count: {e}")
+        return 200, {"jsonrpc": "2.0", "id": rid, "result": result}
+
+
+def _error(rid: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
