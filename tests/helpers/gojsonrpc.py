@@ -19,7 +19,7 @@ import http.server
 import json
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 Handler = Callable[..., Any]
 
@@ -59,13 +59,13 @@ class GoJsonRpcServer:
     def multiaddr(self) -> str:
         return f"/ip4/{self.host}/tcp/{self.port}"
 
-    def start(self) -> GoJsonRpcServer:
+    def start(self) -> Self:
         server_self = self
 
         class _Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # stdlib's name
+            def log_message(self, format: str, *args: Any) -> None:  # stdlib's name
                 pass
 
             def do_POST(self) -> None:
@@ -117,7 +117,7 @@ class GoJsonRpcServer:
     def release(self) -> None:
         self._open.set()
 
-    def __enter__(self) -> GoJsonRpcServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
