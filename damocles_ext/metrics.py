@@ -51,7 +51,6 @@ DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_IDLE_TIMEOUT = 60.0
 # A scrape request is a GET with a few headers; anything much longer is not one.
 MAX_REQUEST_HEAD = 16 * 1024
-_READ_SIZE = 16 * 1024
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -364,23 +363,13 @@ class MetricsServer:
         self._sock.close()
 
     async def _serve_connection(self, stream: Any) -> None:
-        import trio
+        from .frontends.http import serve_http_connection
+        from .frontends.metrics_http import ScrapeConnection
 
-        conn = _HttpConnection(self, stream)
-        if not self._slots.add(conn):
-            with trio.move_on_after(1):
-                await conn.send_error(503, "too many connections to the metrics port\n")
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await conn.run()
-        except Exception:  # a bug of ours must cost one connection, not the supervisor
-            log.exception("metrics connection: internal error")
-        finally:
-            self._slots.discard(conn)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            conn.closed.set()
+        conn = ScrapeConnection(self, stream, MAX_REQUEST_HEAD)
+        await serve_http_connection(
+            self._slots, conn, stream, busy="too many connections to the metrics port\n"
+        )
 
     def _render(self, target: str, accept: str, accept_encoding: str) -> tuple[bytes, str, bool]:
         """The exposition (in a worker thread): body, content type, gzipped."""
@@ -395,155 +384,6 @@ class MetricsServer:
         if "gzip" in accept_encoding.lower():
             return gzip.compress(body, compresslevel=6), content_type, True
         return body, content_type, False
-
-
-class _HttpConnection:
-    """One scraper's connection: requests one after another (keep-alive), each within the
-    idle timeout."""
-
-    def __init__(self, server: MetricsServer, stream: Any) -> None:
-        import h11
-        import trio
-
-        self._server = server
-        self._stream = stream
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        self.last_active = trio.current_time()
-        self.closed = trio.Event()
-        self.idle = True  # waiting for a request (not building or sending an answer)
-        self._wait_scope = trio.CancelScope()
-
-    def evict(self, reason: str) -> None:
-        log.debug("closing a metrics connection: %s", reason)
-        self._wait_scope.cancel()
-
-    async def run(self) -> None:
-        import h11
-        import trio
-
-        while True:
-            self.idle = True
-            if self._wait_scope.cancel_called:  # evicted while answering
-                return
-            self._wait_scope = trio.CancelScope(
-                deadline=trio.current_time() + self._server.idle_timeout
-            )
-            with self._wait_scope:
-                try:
-                    request = await self._read_request()
-                except h11.RemoteProtocolError as exc:
-                    log.debug("metrics client sent a bad request: %s", exc)
-                    with trio.move_on_after(1):
-                        await self.send_error(exc.error_status_hint, f"bad request: {exc}\n")
-                    return
-            if self._wait_scope.cancelled_caught or request is None:
-                return
-            self.idle = False
-            with trio.move_on_after(self._server.idle_timeout) as sending:
-                await self._answer(request)
-            if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
-                return
-            try:
-                self._h11.start_next_cycle()
-            except h11.LocalProtocolError:  # the client asked to close, or sent a body
-                return
-
-    async def _receive(self) -> bytes:
-        import trio
-
-        try:
-            data = await self._stream.receive_some(_READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-        return data
-
-    async def _read_request(self) -> Any:
-        """The next request whole (its body read and ignored), or None at EOF."""
-        import h11
-        import trio
-
-        request = None
-        body = 0
-        while True:
-            event = self._h11.next_event()
-            if event is h11.NEED_DATA:
-                data = await self._receive()
-                self._h11.receive_data(data)
-                if data:
-                    self.last_active = trio.current_time()
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += len(event.data)
-                if body > MAX_REQUEST_HEAD:
-                    raise h11.RemoteProtocolError(
-                        "a scrape request has no body; this one is too long",
-                        error_status_hint=413,
-                    )
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-            else:  # PAUSED: the previous cycle was not finished
-                return None
-
-    async def _answer(self, request: Any) -> None:
-        import trio
-
-        method = request.method.decode("ascii", "replace")
-        if method not in ("GET", "HEAD"):
-            await self._send(405, b"only GET and HEAD are served here\n", "text/plain", False,
-                             extra=[("Allow", "GET, HEAD")])  # fmt: skip
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        body, content_type, gzipped = await trio.to_thread.run_sync(
-            self._server._render,
-            request.target.decode("latin-1"),
-            headers.get("accept", ""),
-            headers.get("accept-encoding", ""),
-            limiter=self._server._limiter,
-        )
-        await self._send(200, body, content_type, gzipped, head=method == "HEAD")
-
-    async def send_error(self, status: int, text: str) -> None:
-        """A short text answer, then the connection is to be closed."""
-        import h11
-
-        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        await self._send(status, text.encode(), "text/plain; charset=utf-8", False,
-                         extra=[("Connection", "close")])  # fmt: skip
-
-    async def _send(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str,
-        gzipped: bool,
-        *,
-        head: bool = False,
-        extra: list[tuple[str, str]] | None = None,
-    ) -> None:
-        import h11
-        import trio
-
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if gzipped:
-            headers.append(("Content-Encoding", "gzip"))
-        headers += extra or []
-        h = self._h11
-        try:
-            data = h.send(h11.Response(status_code=status, headers=headers))
-            if not head:
-                data += h.send(h11.Data(data=body))
-            data += h.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        self.last_active = trio.current_time()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,7 +1,7 @@
 """The coordinator: damocles' worker-prover RPC (`Venus.WdPoSt*`, `Venus.WorkerPing`) served over
 HTTP POST at /rpc/v0 from a job store, so damocles-workers with `plan = "wdpost"` pull jobs from it.
 
-The HTTP side is the metrics server's shape (h11 on the trio loop, `ConnectionSlots` bounding the
+The HTTP side is the one the metrics server shares (`http.HttpConnection`: h11 on the trio loop, `ConnectionSlots` bounding the
 connections, each request whole within the idle timeout), with a bounded body: a worker's
 requests are small, and a client must not be able to make us buffer without limit. Each body is
 read whole, decoded by jobs/rpc.py, and answered once; a store failure or a bug of ours becomes a
@@ -21,6 +21,7 @@ from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
 from ..jobs.store import StoreError, TrioJobStore
 from .dext_rpc import DextMethods
+from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
 
 log = logging.getLogger("damocles_ext.coordinator")
@@ -33,19 +34,9 @@ MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
-_READ_SIZE = 64 * 1024
 # damocles-manager's: a sweep every 10 s (also once at start), a cleanup every 30 min.
 SWEEP_INTERVAL = 10.0
 CLEANUP_INTERVAL = 30 * 60.0
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _Unauthorized(Exception):
-    def __init__(self, error: rpc.RpcError) -> None:
-        self.error = error
 
 
 # A request without the right token is answered without its body being kept; a longer body than
@@ -270,120 +261,41 @@ class CoordinatorServer:
     async def _connection(self, stream: trio.SocketStream) -> None:
         assert self._slots is not None
         conn = _Connection(self, stream)
-        if not self._slots.add(conn):
-            with trio.move_on_after(1):
-                await conn.send(503, b"too many connections to the coordinator\n", close=True)
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await conn.run()
-        except Exception:
-            log.exception("coordinator connection: internal error")
-        finally:
-            self._slots.discard(conn)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            conn.closed.set()
+        await serve_http_connection(
+            self._slots, conn, stream, busy="too many connections to the coordinator\n"
+        )
 
 
-class _Connection:
-    """One client's keep-alive connection: whole requests, one after another."""
+class _Connection(HttpConnection):
+    """One client's connection: a bounded body, the token checked before the body is kept."""
 
     def __init__(self, server: CoordinatorServer, stream: trio.SocketStream) -> None:
+        super().__init__(stream, idle_timeout=server.idle_timeout, max_head=MAX_HEAD, log=log,
+                         what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
-        self._stream = stream
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.last_active = trio.current_time()
-        self.closed = trio.Event()
-        self.idle = True
-        self._wait_scope = trio.CancelScope()
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
 
-    def evict(self, reason: str) -> None:
-        log.debug("closing a coordinator connection: %s", reason)
-        self._wait_scope.cancel()
+    def on_head(self, request: h11.Request) -> None:
+        self._refused = self._check_token(request)
+        # Refused before reading it, when the client says how long it is (h11 checked the
+        # header's digits; a chunked body has none and is counted as it comes).
+        length = int(dict(request.headers).get(b"content-length", b"0"))
+        if self._refused is not None and length > UNAUTHORIZED_BODY:
+            raise _unauthorized(self._refused)
+        if length > self._server.max_body:
+            raise self._too_large()
 
-    async def run(self) -> None:
-        while True:
-            self.idle = True
-            if self._wait_scope.cancel_called or self._server.stopping:
-                return
-            self._wait_scope = trio.CancelScope(
-                deadline=trio.current_time() + self._server.idle_timeout
-            )
-            with self._wait_scope:
-                try:
-                    got = await self._read_request()
-                except h11.RemoteProtocolError as exc:
-                    with trio.move_on_after(1):
-                        await self.send(exc.error_status_hint, f"bad request: {exc}\n".encode(),
-                                        close=True)  # fmt: skip
-                    return
-                except _Unauthorized as refused:
-                    with trio.move_on_after(1):
-                        await self._refuse(refused.error, close=True)
-                    return
-                except _TooLarge:
-                    with trio.move_on_after(1):
-                        await self.send(
-                            413,
-                            f"a request body is at most {self._server.max_body} bytes\n".encode(),
-                            close=True,
-                        )
-                    return
-            if self._wait_scope.cancelled_caught or got is None:
-                return
-            request, body = got
-            self.idle = False
-            with trio.move_on_after(self._server.idle_timeout) as sending:
-                await self._answer(request, body)
-            if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
-                return
-            if self._server.stopping:
-                return  # answered; the client opens a new connection to the next coordinator
-            try:
-                self._h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+    def on_data(self, request: h11.Request, data: bytes, size: int) -> bool:
+        if self._refused is not None:
+            if size > UNAUTHORIZED_BODY:
+                raise _unauthorized(self._refused)
+            return False  # read to keep the connection usable, never kept
+        if size > self._server.max_body:
+            raise self._too_large()
+        return True
 
-    async def _read_request(self) -> tuple[h11.Request, bytes] | None:
-        request: h11.Request | None = None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = self._h11.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self._stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                self._h11.receive_data(data)
-                if data:
-                    self.last_active = trio.current_time()
-            elif isinstance(event, h11.Request):
-                request = event
-                self._refused = self._check_token(event)
-                # Refused before reading it, when the client says how long it is (h11 checked
-                # the header's digits; a chunked body has none and is counted as it comes).
-                length = int(dict(event.headers).get(b"content-length", b"0"))
-                if self._refused is not None and length > UNAUTHORIZED_BODY:
-                    raise _Unauthorized(self._refused)
-                if length > self._server.max_body:
-                    raise _TooLarge
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if self._refused is not None:
-                    if size > UNAUTHORIZED_BODY:
-                        raise _Unauthorized(self._refused)
-                    continue  # read to keep the connection usable, never kept
-                if size > self._server.max_body:
-                    raise _TooLarge
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
-                return request, b"".join(chunks)
-            else:  # ConnectionClosed, or PAUSED
-                return None
+    def _too_large(self) -> Refuse:
+        return Refuse(413, f"a request body is at most {self._server.max_body} bytes\n".encode())
 
     def _check_token(self, request: h11.Request) -> rpc.RpcError | None:
         token = self._server.token
@@ -392,14 +304,12 @@ class _Connection:
         given = next((v for k, v in request.headers if k == b"authorization"), None)
         return rpc.check_bearer(given, token)
 
-    async def _refuse(self, error: rpc.RpcError, *, close: bool = False) -> None:
-        await self.send(error.http_status, rpc.encode_error(error), close=close,
-                        content_type="application/json", extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
-
-    async def _answer(self, request: h11.Request, body: bytes) -> None:
+    async def answer(self, request: h11.Request, body: bytes) -> None:
         if self._refused is not None:
             # The connection stays open: a client that fixes its header may go on using it.
-            await self._refuse(self._refused)
+            refusal = _unauthorized(self._refused)
+            await self.send(refusal.status, refusal.body, content_type=refusal.content_type,
+                            extra=refusal.extra)  # fmt: skip
         elif request.target.split(b"?", 1)[0] != RPC_PATH:
             await self.send(404, b"the RPC is served at POST /rpc/v0\n")
         elif request.method != b"POST":
@@ -408,30 +318,7 @@ class _Connection:
             status, answer = await self._server.coordinator.answer(body)
             await self.send(status, answer, content_type="application/json")
 
-    async def send(
-        self,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = "text/plain; charset=utf-8",
-        close: bool = False,
-        extra: list[tuple[str, str]] | None = None,
-    ) -> None:
-        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if close:
-            headers.append(("Connection", "close"))
-        headers += extra or []
-        h = self._h11
-        try:
-            data = h.send(h11.Response(status_code=status, headers=headers))
-            data += h.send(h11.Data(data=body))
-            data += h.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        self.last_active = trio.current_time()
+
+def _unauthorized(error: rpc.RpcError) -> Refuse:
+    return Refuse(error.http_status, rpc.encode_error(error), content_type="application/json",
+                  extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
