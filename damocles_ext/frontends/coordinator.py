@@ -1,8 +1,9 @@
 """The coordinator: damocles' worker-prover RPC (`Venus.WdPoSt*`, `Venus.WorkerPing`) served over
 HTTP POST at /rpc/v0 from a job store, so damocles-workers with `plan = "wdpost"` pull jobs from it.
 
-The HTTP side is the one the metrics server shares (`http.HttpConnection`: h11 on the trio loop, `ConnectionSlots` bounding the
-connections, each request whole within the idle timeout), with a bounded body: a worker's
+The HTTP side is the one the metrics server shares (`http.HttpConnection`: h11 on the trio
+loop, `ConnectionSlots` bounding the connections, each request whole within the idle timeout),
+with a bounded body: a worker's
 requests are small, and a client must not be able to make us buffer without limit. Each body is
 read whole, decoded by jobs/rpc.py, and answered once; a store failure or a bug of ours becomes a
 JSON-RPC error on that request, never the end of the server.
