@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     s = settings
     task = small_task()
     results: dict = {"config": dict(s) | {"task": "1-replica WindowPoSt, echo prover"}}
+    # The machine is shared: what else ran is part of the figures.
+    results["load_average_1min"] = {"start": os.getloadavg()[0]}
 
     print("starting the pools (2 workers each), the floor, the C pipe ...", flush=True)
     peers, missing = make_peers(2, task)
@@ -455,7 +457,11 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             thr = trio.run(throughput, task, peers, s["repeat"], s["flood"], s["in_flight"])
-            print(f"re-dispatch after SIGKILL: {s['redispatch_rounds']} rounds ...", flush=True)
+            print(
+                f"re-dispatch after SIGKILL: {s['redispatch_rounds']} rounds (the supervisor logs"
+                " each kill: expected) ...",
+                flush=True,
+            )
             results["redispatch"] = trio.run(redispatch, s["redispatch_rounds"])
             print(f"idle: 8 children, {s['idle_seconds']:g} s ...", flush=True)
             results["idle"] = trio.run(idle_cost, s["idle_seconds"], tmp)
@@ -468,6 +474,12 @@ def main(argv: list[str] | None = None) -> None:
         for peer in peers:
             peer.close()
 
+    results["load_average_1min"]["end"] = os.getloadavg()[0]
+    print(
+        "load average (1 min), start / end: {start:.2f} / {end:.2f} on {cpus} CPUs".format(
+            **results["load_average_1min"], cpus=os.cpu_count()
+        )
+    )
     results["round_trip"] = _spreads(rt)
     results["throughput"] = _spreads(thr)
     results |= report(rt, thr, cpipe, missing)
