@@ -310,7 +310,8 @@ class Peer:
         self._submit(
             task, lambda r: (box.append(r), done.set()), lambda e: (box.append(e), done.set())
         )
-        done.wait(60)
+        if not done.wait(60):
+            raise RuntimeError(f"{self.name}: no answer within 60 s")
         (result,) = box
         if isinstance(result, BaseException):
             raise result

@@ -246,3 +246,13 @@ def test_the_native_benchmark_pairs_each_tree_build_with_its_own_openssl_sample(
     # One warm-up build, then one build per sample.
     assert len(limits) == len(times) == 2 and last == 3 == len(builds)
     assert all(rate > 1e6 for rate in limits), limits
+
+
+def test_a_repeated_goal_is_met_only_if_every_repeat_met_it():
+    from bench.runner import goal_runs, spread
+
+    missed = goal_runs([2.5, 3.5, 2.9], lambda v: v <= 3, "x")
+    assert missed == {"runs": [2.5, 3.5, 2.9], "met": False,
+                      "verdict": "NOT met (1 of 3 runs missed: 3.5x)"}  # fmt: skip
+    assert goal_runs([2.5, 2.9], lambda v: v <= 3)["verdict"] == "met (every run)"
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"min": 1.0, "median": 2.5, "max": 10.0}
