@@ -40,7 +40,6 @@ import contextlib
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ from bench.jobs_clients import (
     run_clients,
     store_client,
 )
-from bench.runner import bench_parser, finish, print_table
+from bench.runner import bench_parser, finish, print_table, spread
 from damocles_ext.jobs import rules
 from damocles_ext.jobs.model import FINISHED, RUNNING, job_id
 from damocles_ext.jobs.store import JobStore
@@ -239,10 +238,6 @@ def goal_verdict(runs: list[float]) -> str:
             + " jobs/s)"
         )
     return f"met (every run; the slowest {min(runs):,.1f} jobs/s)"
-
-
-def spread(rates: list[float]) -> dict:
-    return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
 
 
 def measure(engine: Engine, clients_list: list[int], jobs: int, repeat: int,

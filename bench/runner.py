@@ -109,3 +109,24 @@ def time_call(fn: Callable[[], object], *, repeat: int = 7, min_time: float = 0.
             fn()
         samples.append((time.perf_counter() - start) / number)
     return {"median_s": statistics.median(samples), "best_s": min(samples), "loops": number}
+
+
+def spread(values: Sequence[float]) -> dict:
+    """min / median / max of a benchmark's repeats."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def goal_runs(runs: Sequence[float], ok: Callable[[float], bool], unit: str = "") -> dict:
+    """A goal is met only if every run met it: a median that meets it hides the runs that missed.
+
+    Returns the runs, whether the goal was met and the verdict as printed."""
+    missed = [v for v in runs if not ok(v)]
+    if missed:
+        verdict = (
+            f"NOT met ({len(missed)} of {len(runs)} runs missed: "
+            + ", ".join(f"{_fmt(float(v))}{unit}" for v in missed)
+            + ")"
+        )
+    else:
+        verdict = "met (every run)"
+    return {"runs": list(runs), "met": not missed, "verdict": verdict}

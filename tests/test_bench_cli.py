@@ -111,3 +111,148 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+# -- the supervisor benchmark's floors, peers and options ----------------------------------------
+
+
+def _run_bench(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m bench.MODULE ARGS` in the checkout, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
+SUPERVISOR_TINY = ["--repeat", "1", "--requests", "20", "--flood", "64", "--in-flight", "16",
+                   "--redispatch-rounds", "1", "--idle-seconds", "0.2", "--serve-rounds", "1"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_tiny_supervisor_benchmark_prints_every_goal_against_its_baseline_and_saves_nothing():
+    before = _results_snapshot()
+    done = _run_bench("bench_supervisor", *SUPERVISOR_TINY, timeout=180)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "msgspec child, blocking Python parent (floor)" in out
+    assert "our child runtime, blocking Python parent (not a floor: our code)" in out
+    for peer in ("ProcessPoolExecutor", "multiprocessing.Pool", "loky"):
+        assert f"{peer} (1 in flight)" in out and f"{peer} (2 workers)" in out, peer
+    # The C-to-C pipe is measured, or says why not.
+    assert "C parent, C child, same frame sizes" in out
+    for goal in ("<= 3x", "<= 25 us", "<= 2x", ">= 1x", ">= 3x", "<= 50 ms", "< 60 MB"):
+        line = next(line for line in out.splitlines() if f"| {goal} " in line)
+        assert "met (every run)" in line or "NOT met (1 of 1 runs" in line or "| met" in line, line
+    assert "not saved (add --save to write bench/results/supervisor-quick.json)" in out
+    assert _results_snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+        (["--flood", "many"], "argument --flood: not a whole number: 'many'"),
+        (["--idle-seconds", "nan"], "argument --idle-seconds: must be >= 0 seconds, got nan"),
+        (["--idle-seconds", "0"], "argument --idle-seconds: must be > 0 seconds"),
+    ],
+)
+def test_a_bad_supervisor_benchmark_option_exits_2_with_the_reason(args: list[str], message: str):
+    done = _run_bench("bench_supervisor", *args)
+    err = done.stderr
+    assert done.returncode == 2 and message in err and "Traceback" not in err, err
+
+
+def test_without_loky_the_pools_are_measured_and_loky_is_not():
+    code = (
+        "import sys; sys.modules['loky'] = None\n"
+        "from bench.baselines import make_peers\n"
+        "from bench.supervisor_runs import small_task\n"
+        "peers, missing = make_peers(1, small_task())\n"
+        "print([p.name for p in peers], missing['loky'])\n"
+        "for p in peers: p.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == (
+        "['ProcessPoolExecutor', 'multiprocessing.Pool'] not measured: loky is not installed"
+        " (pip install -e '.[test]' installs it)"
+    )
+
+
+def test_without_a_c_compiler_the_c_pipe_says_it_is_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from bench.baselines import CPipe
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert CPipe.build(tmp_path) == (
+        "not measured: no C compiler (cc) on PATH; install one (e.g. gcc) to measure it"
+    )
+
+
+def test_the_c_pipe_moves_frames_and_reports_its_round_trip_and_cpu(tmp_path: Path):
+    import shutil
+
+    from bench.baselines import CPipe
+
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler on this machine")
+    pipe = CPipe.build(tmp_path)
+    assert isinstance(pipe, CPipe), pipe
+    figures = pipe.run(200, 300, 80)
+    assert 0 < figures["p50_s"] <= figures["p99_s"] < 1
+    assert figures["parent_cpu_s"] >= 0 and figures["child_cpu_s"] >= 0
+
+
+def test_the_floor_child_answers_each_request_with_the_echo_provers_proof():
+    from damocles_ext_plugins.testing import echo_output
+
+    from bench.baselines import PipeFloor
+    from bench.supervisor_runs import small_task
+
+    task = small_task()
+    floor = PipeFloor(task)
+    try:
+        # The floor does the echo prover's work: the same proof, from the same request bytes.
+        assert floor.prove() == floor.prove() == echo_output(task).proofs[0]
+        assert floor.ids == 2
+    finally:
+        floor.close()
+
+
+def test_a_bad_native_benchmark_sample_count_exits_2():
+    done = _run_bench("bench_native", "--samples", "0")
+    err = done.stderr
+    assert done.returncode == 2 and "argument --samples: must be at least 1, got 0" in err, err
+
+
+def test_the_native_benchmark_pairs_each_tree_build_with_its_own_openssl_sample():
+    import shutil
+
+    from bench.bench_native import paired_tree_builds
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl command on this machine")
+    builds: list[int] = []
+    limits, times, last = paired_tree_builds(lambda: builds.append(1) or len(builds), 2)
+    # One warm-up build, then one build per sample.
+    assert len(limits) == len(times) == 2 and last == 3 == len(builds)
+    assert all(rate > 1e6 for rate in limits), limits
+
+
+def test_a_repeated_goal_is_met_only_if_every_repeat_met_it():
+    from bench.runner import goal_runs, spread
+
+    missed = goal_runs([2.5, 3.5, 2.9], lambda v: v <= 3, "x")
+    assert missed == {"runs": [2.5, 3.5, 2.9], "met": False,
+                      "verdict": "NOT met (1 of 3 runs missed: 3.5x)"}  # fmt: skip
+    assert goal_runs([2.5, 2.9], lambda v: v <= 3)["verdict"] == "met (every run)"
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"min": 1.0, "median": 2.5, "max": 10.0}
