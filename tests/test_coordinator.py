@@ -15,7 +15,7 @@ from helpers.frontend import DEXT, dext_env, dext_run_async
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
-from damocles_ext.jobs import rpc
+from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 
 WORKER = "10.0.0.5"
@@ -238,6 +238,31 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         [brief] = answer["result"]["Jobs"]
         assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
         nursery.cancel_scope.cancel()
+
+
+async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
+    now = [1_700_000_000.0]
+    limits = rules.JobLimits(heartbeat_timeout=2.0, sweep_interval=0.5)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        await jobs.create(make_input(proof_type=PROOF))
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        timed_out = trio.Event()
+
+        def observe(effects) -> None:
+            if any(isinstance(e, rules.TimedOut) for e in effects):
+                timed_out.set()
+
+        coordinator = Coordinator(jobs, observe=observe)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)  # its first pass: nothing is due
+            now[0] += 60  # worker-a went silent past the 2 s timeout
+            # The next pass comes after the limits' 0.5 s, not after damocles' fixed 10 s.
+            with trio.fail_after(8):
+                await timed_out.wait()
+            nursery.cancel_scope.cancel()
+        again = await jobs.get(taken.Id)
+        assert again.State == "ready2run" and again.TryNum == 1
 
 
 @pytest.mark.parametrize(

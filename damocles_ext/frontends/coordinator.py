@@ -35,8 +35,8 @@ MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
-# damocles-manager's: a sweep every 10 s (also once at start), a cleanup every 30 min.
-SWEEP_INTERVAL = 10.0
+# damocles-manager's: a sweep every 10 s (also once at start; the store's limits say how often
+# here), a cleanup every 30 min.
 CLEANUP_INTERVAL = 30 * 60.0
 
 
@@ -148,7 +148,7 @@ class Coordinator:
 
     async def sweep_forever(
         self,
-        sweep_interval: float = SWEEP_INTERVAL,
+        sweep_interval: float | None = None,
         cleanup_interval: float = CLEANUP_INTERVAL,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -157,7 +157,11 @@ class Coordinator:
         finished ones) until cancelled; `task_status.started()` after the first pass.
 
         Without these passes a worker that dies keeps its job running forever. A failing pass
-        (the store unreachable for a while) is logged and tried again at the next interval."""
+        (the store unreachable for a while) is logged and tried again at the next interval,
+        which is the store's `limits.sweep_interval` unless given (damocles' 10 s, or the
+        HeartbeatTimeout when shorter: jobs/manager_config.py)."""
+        if sweep_interval is None:
+            sweep_interval = self.store.store.limits.sweep_interval
         next_cleanup = trio.current_time()
         started = False
         while True:

@@ -73,7 +73,7 @@ class JobLimits:
     max_try: int = DEFAULT_JOB_MAX_TRY  # JobMaxTry: allocations a job may have in all
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # HeartbeatTimeout
     job_lifetime: float = DEFAULT_JOB_LIFETIME  # JobLifetime: finished jobs older are removed
-    sweep_interval: float = DEFAULT_SWEEP_INTERVAL  # damocles: 10 s, fixed
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL  # damocles: 10 s; at most HeartbeatTimeout
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL  # damocles: 30 min, fixed
     poll_interval: float = DEFAULT_POLL_INTERVAL  # a producer's look for results; damocles: 3 s
 
