@@ -159,14 +159,20 @@ class Coordinator:
         Without these passes a worker that dies keeps its job running forever. A failing pass
         (the store unreachable for a while) is logged and tried again at the next interval,
         which is the store's `limits.sweep_interval` unless given (damocles' 10 s, or the
-        HeartbeatTimeout when shorter: jobs/manager_config.py)."""
+        HeartbeatTimeout when shorter: jobs/manager_config.py). A running job is timed out only
+        once it was silent for a HeartbeatTimeout while this coordinator served: damocles'
+        sweep at start takes back every job whose worker could not reach the manager while it
+        was down."""
         if sweep_interval is None:
             sweep_interval = self.store.store.limits.sweep_interval
+        # No worker could heartbeat here before now: a job silent only because this coordinator
+        # was down (or restarting) is not taken back for it; its worker gets a timeout's time.
+        serving_since = self.store.clock()
         next_cleanup = trio.current_time()
         started = False
         while True:
             try:
-                outcome = await self.store.sweep()
+                outcome = await self.store.sweep(heard_since=serving_since)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
