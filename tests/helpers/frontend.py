@@ -252,8 +252,10 @@ class LogWatcher:
             if not data:
                 return
 
-    async def wait_for(self, text: str) -> str:
-        seen = 0
+    async def wait_for(self, text: str, start: int = 0) -> str:
+        """The first line containing `text`, from line `start` on (`len(lines)` before an action:
+        the first such line after it), once it came."""
+        seen = start
         while True:
             for line in self.lines[seen:]:
                 if text in line:
