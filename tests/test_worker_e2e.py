@@ -53,7 +53,8 @@ BURSTS = (90, 60, 50)
 HEARTBEAT_TIMEOUT = "3s"
 SLOW_ROWS = 14  # tree rows the slow copies do not keep: each proof rebuilds them
 FAST, KILLED, STOPPED = "gpu-fast", "gpu-killed", "gpu-stopped"
-WAIT = 30.0  # the bound of every wait on an observed condition
+# Bounds against a hang, not timings: on a loaded 2-core machine the whole run takes minutes.
+WAIT = 60.0  # the bound of every wait on an observed condition
 
 
 def manager_cfg(store_root: Path) -> str:
@@ -222,7 +223,7 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
     all_answered = trio.Event()
     bursts = [trio.Event() for _ in BURSTS]
     try:
-        with trio.fail_after(150):
+        with trio.fail_after(400):
             async with trio.open_nursery() as nursery:
                 # The fast copy keeps its whole trees, the slow ones not (made while the
                 # coordinator starts: the C code hashes without the GIL).
@@ -243,7 +244,7 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
                         nursery,
                         [*DEXT, "serve", "window_post", "--jobs", postgres_url, "--conf-dir",
                          str(conf), "--poll-interval", "1s"],
-                        "window_post", stderr=subprocess.PIPE, ready_timeout=30,
+                        "window_post", stderr=subprocess.PIPE, ready_timeout=60,
                     )  # fmt: skip
 
                 async with trio.open_nursery() as starting:  # all four at once
@@ -341,8 +342,10 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
                 assert "is given up" in line and "not running" in line, line
                 bursts[2].set()
 
-                with trio.fail_after(60):
+                with trio.move_on_after(200):
                     await all_answered.wait()
+                if not all_answered.is_set():
+                    raise AssertionError(await stalled(answers, store, workers, serve))
                 figures["all_answered"] = time.monotonic() - t0
                 refused = metric_value(
                     await scrape(coordinator.metrics_url),
@@ -355,8 +358,9 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
                 assert await serve.process.wait() == 0, "\n".join(serve.log)
                 for w in (workers[FAST], stopped):
                     w.signal(signal.SIGTERM)
-                    assert await w.proc.wait() == 0, w.log.text()
                 coordinator.proc.send_signal(signal.SIGTERM)
+                for w in (workers[FAST], stopped):
+                    assert await w.proc.wait() == 0, w.log.text()
                 assert await coordinator.proc.wait() == 0, coordinator.stderr.decode()
                 final = await store.jobs()
                 nursery.cancel_scope.cancel()
@@ -427,6 +431,20 @@ async def stop_while_proving(worker: WorkerProcess, store: Store) -> tuple[str, 
             if jobs[job_id].TryNum > held.TryNum:
                 return job_id, held, stopped_at
         worker.signal(signal.SIGCONT)
+
+
+async def stalled(answers, store: Store, workers: dict[str, WorkerProcess], serve) -> str:
+    """What the failure message of a run whose requests were not all answered shows."""
+    counts: dict[tuple[str, str], int] = {}
+    for job in (await store.jobs()).values():
+        key = (job.State, job.WorkerName)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{len(answers)} of {REQUESTS} answered; jobs by (state, worker): {counts}"]
+    for w in workers.values():
+        assert w.log is not None
+        parts.append(f"--- {w.name}:\n" + "\n".join(w.log.lines[-15:]))
+    parts.append("--- serve:\n" + "\n".join(serve.log[-15:]))
+    return "\n".join(parts)
 
 
 async def _finishing_with_retries(worker: WorkerProcess) -> bool:
