@@ -292,9 +292,7 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
                 # Its children do not go on proving for nobody: they see their stdin close.
                 await until_true(
                     "the killed worker's children exit",
-                    lambda: trio.to_thread.run_sync(
-                        lambda: not any(c.is_running() for c in children)
-                    ),
+                    lambda: trio.to_thread.run_sync(lambda: not any(map(alive, children))),
                 )
 
                 # The killed worker's jobs run elsewhere after the timeout, as a later try.
@@ -431,6 +429,14 @@ async def stop_while_proving(worker: WorkerProcess, store: Store) -> tuple[str, 
             if jobs[job_id].TryNum > held.TryNum:
                 return job_id, held, stopped_at
         worker.signal(signal.SIGCONT)
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running, and not a zombie (an orphan whose reaper has not reaped it yet has exited)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def stalled(answers, store: Store, workers: dict[str, WorkerProcess], serve) -> str:
