@@ -240,17 +240,15 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])
     job, _ = await jobs.create(make_input(proof_type=PROOF))
-    timeouts = TimeOuts()
-    coordinator = Coordinator(jobs, observe=timeouts)
+    coordinator = Coordinator(jobs)
     async with trio.open_nursery() as nursery:
         server = CoordinatorServer(coordinator, "127.0.0.1", 0)
         await nursery.start(server.serve)
-        await nursery.start(partial(coordinator.sweep_forever, 0.1))
         client = await connect(server)
         _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
         assert [j["Id"] for j in answer["result"]] == [job.Id]
         now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
-        await timeouts.wait()
+        await nursery.start(coordinator.sweep_forever)  # started after its first pass
         _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
         assert [j["Id"] for j in answer["result"]] == [job.Id]
         _, answer = await client.call("Venus.WdPoStAllJobs")

@@ -64,6 +64,9 @@ class Coordinator:
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed)
+        #: No worker could heartbeat to this coordinator before it was made: its sweeps count a
+        #: running job's silence from then at the earliest (rules.Sweep.heard_since).
+        self.up_since = store.clock()
 
     def _observed(self, effects: Iterable[rules.Effect]) -> None:
         if self.observe is None:
@@ -165,14 +168,13 @@ class Coordinator:
         was down."""
         if sweep_interval is None:
             sweep_interval = self.store.store.limits.sweep_interval
-        # No worker could heartbeat here before now: a job silent only because this coordinator
-        # was down (or restarting) is not taken back for it; its worker gets a timeout's time.
-        serving_since = self.store.clock()
         next_cleanup = trio.current_time()
         started = False
         while True:
             try:
-                outcome = await self.store.sweep(heard_since=serving_since)
+                # A job silent only because this coordinator was down (or restarting) is not
+                # taken back for it: its worker gets a timeout's time to reach it.
+                outcome = await self.store.sweep(heard_since=self.up_since)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
