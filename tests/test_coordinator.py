@@ -6,6 +6,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+from functools import partial
 
 import h11
 import msgspec
@@ -15,7 +16,7 @@ from helpers.frontend import DEXT, dext_env, dext_run_async
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
-from damocles_ext.jobs import rpc
+from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 
 WORKER = "10.0.0.5"
@@ -219,6 +220,22 @@ async def test_sigterm_stops_the_command_cleanly(tmp_path):
     assert b"Traceback" not in seen and b"stopped" in seen
 
 
+class TimeOuts:
+    """An observer of the coordinator's effects: `wait()` returns at the next TimedOut."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def __call__(self, effects) -> None:
+        if any(isinstance(e, rules.TimedOut) for e in effects):
+            self.event.set()
+
+    async def wait(self) -> None:
+        with trio.fail_after(8):
+            await self.event.wait()
+        self.event = trio.Event()
+
+
 async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store):
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])
@@ -238,6 +255,51 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         [brief] = answer["result"]["Jobs"]
         assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(job_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    now[0] += 60  # the coordinator was down for a minute: worker-a could not heartbeat
+    restarted_at = now[0]
+    timeouts = TimeOuts()
+    coordinator = Coordinator(jobs, observe=timeouts)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(coordinator.sweep_forever, 0.1))  # its first pass is done
+        assert (await jobs.get(job.Id)).State == "running"
+        # worker-a reaches the coordinator again within a timeout: its job stays its own.
+        now[0] += 10
+        await jobs.heartbeat([job.Id], "worker-a", leases={job.Id: taken.lease})
+        now[0] += 10
+        await jobs.sweep(heard_since=restarted_at)  # a pass as the loop makes them
+        assert (await jobs.get(job.Id)).State == "running"
+        # Silent for a timeout while the coordinator serves: taken back.
+        now[0] += 16
+        await timeouts.wait()
+        nursery.cancel_scope.cancel()
+    again = await jobs.get(job.Id)
+    assert again.State == "ready2run" and again.TryNum == 1
+
+
+async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
+    now = [1_700_000_000.0]
+    limits = rules.JobLimits(heartbeat_timeout=2.0, sweep_interval=0.5)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        await jobs.create(make_input(proof_type=PROOF))
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        timeouts = TimeOuts()
+        coordinator = Coordinator(jobs, observe=timeouts)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)  # its first pass: nothing is due
+            now[0] += 60  # worker-a went silent past the 2 s timeout
+            # The next pass comes after the limits' 0.5 s, not after damocles' fixed 10 s.
+            await timeouts.wait()
+            nursery.cancel_scope.cancel()
+        again = await jobs.get(taken.Id)
+        assert again.State == "ready2run" and again.TryNum == 1
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,11 @@ workers, every job finishes, and the workers of the dead one carry on through th
 from __future__ import annotations
 
 import base64
-import re
-import signal
-import subprocess
 import time
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env
+from helpers.frontend import CoordinatorProcess
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs.client import RpcClient, RpcConnectionError
@@ -21,47 +18,6 @@ from damocles_ext.jobs.store import JobStore
 
 JOBS = 24
 WORKERS = 4  # the even ones speak our Dext.* methods, the odd ones damocles-worker's Venus.*
-SERVING = re.compile(rb"serving the worker-prover RPC at http://127\.0\.0\.1:(\d+)/rpc/v0")
-
-
-class CoordinatorProcess:
-    """One `damocles-ext coordinator` subprocess; its stderr is kept for the failure message."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.proc: trio.Process | None = None
-        self.stderr = b""
-        self.port = 0
-
-    async def start(self, nursery: trio.Nursery, port: int = 0) -> None:
-        self.proc = await trio.lowlevel.open_process(
-            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"127.0.0.1:{port}"],
-            stderr=subprocess.PIPE,
-            env=dext_env(),
-        )
-        serving = trio.Event()
-        nursery.start_soon(self._drain, self.proc, serving)
-        await serving.wait()
-
-    async def _drain(self, proc: trio.Process, serving: trio.Event) -> None:
-        # Read all it writes (a full pipe would stop it), noting when it serves and where.
-        assert proc.stderr is not None
-        while chunk := await proc.stderr.receive_some(65536):
-            self.stderr += chunk
-            found = SERVING.search(self.stderr)
-            if found and not serving.is_set():
-                self.port = int(found.group(1))
-                serving.set()
-        assert serving.is_set(), f"the coordinator exited before serving:\n{self.stderr.decode()}"
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
 
 
 class Gate:

@@ -53,6 +53,16 @@ def test_a_good_file_gives_the_stores_and_the_worker_prover_limits():
     assert cfg.warnings == ()
 
 
+def test_a_heartbeat_timeout_shorter_than_damocles_sweep_makes_the_sweep_as_frequent():
+    def limits(timeout: str) -> rules.JobLimits:
+        text = f'[Common.Proving.WorkerProver]\nHeartbeatTimeout = "{timeout}"\n'
+        return parse_manager_config(text, "x.cfg").limits
+
+    # A 2 s timeout with damocles' 10 s sweep would take a dead worker's job back after 12 s.
+    assert limits("2s").sweep_interval == 2.0
+    assert limits("15s").sweep_interval == limits("1h").sweep_interval == 10.0
+
+
 def test_an_empty_file_keeps_damocles_defaults():
     cfg = parse_manager_config("", "x.cfg")
     assert cfg.stores == {} and cfg.limits == rules.JobLimits()

@@ -282,6 +282,13 @@ def test_a_silent_job_times_out_after_heartbeat_timeout_and_is_retried():
     assert new.TryNum == 1 and new.WorkerName == "w1"
 
 
+def test_silence_counts_from_heard_since_at_the_earliest():
+    job = running()  # its last heartbeat at T0; no one could hear one from T0 to T0 + 100
+    assert apply(job, Sweep(heard_since=T0 + 100), T0 + 115, LIMITS).effects == ()
+    step = apply(job, Sweep(heard_since=T0 + 100), T0 + 116, LIMITS)
+    assert step.effects == (TimedOut(job.Id, "w1"), Retried(job.Id, 1))
+
+
 def test_a_job_at_max_try_stays_failed_until_reset():
     job = running()
     job = apply(job, Sweep(), T0 + 16, LIMITS).job

@@ -35,8 +35,8 @@ MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
-# damocles-manager's: a sweep every 10 s (also once at start), a cleanup every 30 min.
-SWEEP_INTERVAL = 10.0
+# damocles-manager's: a sweep every 10 s (also once at start; the store's limits say how often
+# here), a cleanup every 30 min.
 CLEANUP_INTERVAL = 30 * 60.0
 
 
@@ -64,6 +64,9 @@ class Coordinator:
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed)
+        #: No worker could heartbeat to this coordinator before it was made: its sweeps count a
+        #: running job's silence from then at the earliest (rules.Sweep.heard_since).
+        self.up_since = store.clock()
 
     def _observed(self, effects: Iterable[rules.Effect]) -> None:
         if self.observe is None:
@@ -148,7 +151,7 @@ class Coordinator:
 
     async def sweep_forever(
         self,
-        sweep_interval: float = SWEEP_INTERVAL,
+        sweep_interval: float | None = None,
         cleanup_interval: float = CLEANUP_INTERVAL,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -157,12 +160,21 @@ class Coordinator:
         finished ones) until cancelled; `task_status.started()` after the first pass.
 
         Without these passes a worker that dies keeps its job running forever. A failing pass
-        (the store unreachable for a while) is logged and tried again at the next interval."""
+        (the store unreachable for a while) is logged and tried again at the next interval,
+        which is the store's `limits.sweep_interval` unless given (damocles' 10 s, or the
+        HeartbeatTimeout when shorter: jobs/manager_config.py). A running job is timed out only
+        once it was silent for a HeartbeatTimeout while this coordinator served: damocles'
+        sweep at start takes back every job whose worker could not reach the manager while it
+        was down."""
+        if sweep_interval is None:
+            sweep_interval = self.store.store.limits.sweep_interval
         next_cleanup = trio.current_time()
         started = False
         while True:
             try:
-                outcome = await self.store.sweep()
+                # A job silent only because this coordinator was down (or restarting) is not
+                # taken back for it: its worker gets a timeout's time to reach it.
+                outcome = await self.store.sweep(heard_since=self.up_since)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)

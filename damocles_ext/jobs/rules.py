@@ -73,7 +73,7 @@ class JobLimits:
     max_try: int = DEFAULT_JOB_MAX_TRY  # JobMaxTry: allocations a job may have in all
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # HeartbeatTimeout
     job_lifetime: float = DEFAULT_JOB_LIFETIME  # JobLifetime: finished jobs older are removed
-    sweep_interval: float = DEFAULT_SWEEP_INTERVAL  # damocles: 10 s, fixed
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL  # damocles: 10 s; at most HeartbeatTimeout
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL  # damocles: 30 min, fixed
     poll_interval: float = DEFAULT_POLL_INTERVAL  # a producer's look for results; damocles: 3 s
 
@@ -120,7 +120,13 @@ class Finish:
 
 @dataclass(frozen=True, slots=True)
 class Sweep:
-    """The periodic pass: cancel past-deadline jobs, time out silent ones, retry failed ones."""
+    """The periodic pass: cancel past-deadline jobs, time out silent ones, retry failed ones.
+
+    A running job's silence counts from `heard_since` at the earliest (unix seconds): a
+    coordinator passes the time it started serving, since no worker could heartbeat to it
+    before; its first passes after a restart then take back no job for the outage's silence."""
+
+    heard_since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +418,7 @@ def _sweep(job: JobRecord, event: Sweep, now: float, limits: JobLimits) -> Step:
     if (
         job.State == RUNNING
         and job.HeartbeatAt > 0
-        and job.HeartbeatAt < now - limits.heartbeat_timeout
+        and max(job.HeartbeatAt, event.heard_since) < now - limits.heartbeat_timeout
     ):
         effects.append(TimedOut(job.Id, job.WorkerName))
         job = _replace(

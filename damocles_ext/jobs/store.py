@@ -487,31 +487,37 @@ class JobStore:
 
     @database_errors
     def sweep(
-        self, now: float, *, limit: int = DEFAULT_PASS_LIMIT, job_ids: Sequence[str] | None = None
+        self,
+        now: float,
+        *,
+        limit: int = DEFAULT_PASS_LIMIT,
+        job_ids: Sequence[str] | None = None,
+        heard_since: float = 0.0,
     ) -> Outcome:
         """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
         the jobs the rules may change now (only `job_ids` when given: a producer settling its
-        own job at its deadline). Safe to run in several processes at once."""
+        own job at its deadline). A running job's silence counts from `heard_since` at the
+        earliest (rules.Sweep). Safe to run in several processes at once."""
         c = jobs.c
-        statement = sa.select(jobs).where(
-            sa.or_(
-                sa.and_(c.state.in_((READY, RUNNING)), c.not_after <= now),
-                sa.and_(
-                    c.state == RUNNING,
-                    c.heartbeat_at > 0,
-                    c.heartbeat_at < now - self.limits.heartbeat_timeout,
-                ),
-                sa.and_(
-                    c.state == FINISHED,
-                    c.error_reason != "",
-                    c.cancelled_at == 0,
-                    c.try_num < self.limits.max_try,
-                ),
+        silent_before = now - self.limits.heartbeat_timeout
+        due = [
+            sa.and_(c.state.in_((READY, RUNNING)), c.not_after <= now),
+            sa.and_(
+                c.state == FINISHED,
+                c.error_reason != "",
+                c.cancelled_at == 0,
+                c.try_num < self.limits.max_try,
+            ),
+        ]
+        if heard_since < silent_before:
+            due.append(
+                sa.and_(c.state == RUNNING, c.heartbeat_at > 0, c.heartbeat_at < silent_before)
             )
-        )
+        statement = sa.select(jobs).where(sa.or_(*due))
         if job_ids is not None:
             statement = statement.where(c.id.in_(job_ids))
-        return self._pass(statement.order_by(c.id).limit(limit), rules.Sweep(), now)
+        event = rules.Sweep(heard_since=heard_since)
+        return self._pass(statement.order_by(c.id).limit(limit), event, now)
 
     @database_errors
     def cleanup(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
@@ -597,8 +603,12 @@ class TrioJobStore:
     async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
         return await self._run(self.store.summary, self.clock(), **kwargs)
 
-    async def sweep(self, job_ids: Sequence[str] | None = None) -> Outcome:
-        return await self._run(self.store.sweep, self.clock(), job_ids=job_ids)
+    async def sweep(
+        self, job_ids: Sequence[str] | None = None, *, heard_since: float = 0.0
+    ) -> Outcome:
+        return await self._run(
+            self.store.sweep, self.clock(), job_ids=job_ids, heard_since=heard_since
+        )
 
     async def cleanup(self) -> Outcome:
         return await self._run(self.store.cleanup, self.clock())

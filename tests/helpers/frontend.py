@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -250,8 +252,10 @@ class LogWatcher:
             if not data:
                 return
 
-    async def wait_for(self, text: str) -> str:
-        seen = 0
+    async def wait_for(self, text: str, start: int = 0) -> str:
+        """The first line containing `text`, from line `start` on (`len(lines)` before an action:
+        the first such line after it), once it came."""
+        seen = start
         while True:
             for line in self.lines[seen:]:
                 if text in line:
@@ -330,3 +334,56 @@ async def dext_run_async(*args: str, input: bytes = b"") -> subprocess.Completed
         check=False,
         env=dext_env(),
     )
+
+
+_SERVING = re.compile(rb"serving the worker-prover RPC at http://127\.0\.0\.1:(\d+)/rpc/v0")
+_METRICS = re.compile(rb"metrics on (http://\S+)")
+
+
+class CoordinatorProcess:
+    """One `damocles-ext coordinator --jobs URL [EXTRA...]` subprocess on 127.0.0.1, which may be
+    started again (on its port) after a kill; all it wrote to stderr is kept in `stderr`."""
+
+    def __init__(self, url: str, *extra: str) -> None:
+        self.url = url
+        self.extra = extra
+        self.proc: trio.Process | None = None
+        self.stderr = b""
+        self.port = 0
+        self.metrics_url: str | None = None  # with --metrics in EXTRA
+
+    async def start(self, nursery: trio.Nursery, port: int = 0) -> None:
+        """Start it; returns once this process (not an earlier one) serves."""
+        self.proc = await trio.lowlevel.open_process(
+            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"127.0.0.1:{port}",
+             *self.extra],
+            stderr=subprocess.PIPE,
+            env=dext_env(),
+        )  # fmt: skip
+        serving = trio.Event()
+        nursery.start_soon(self._drain, self.proc, serving)
+        await serving.wait()
+
+    async def _drain(self, proc: trio.Process, serving: trio.Event) -> None:
+        # Read all it writes (a full pipe would stop it), noting when it serves and where.
+        assert proc.stderr is not None
+        own = b""
+        while chunk := await proc.stderr.receive_some(65536):
+            self.stderr += chunk
+            own += chunk
+            found = _SERVING.search(own)
+            if found and not serving.is_set():
+                self.port = int(found.group(1))
+                metrics = _METRICS.search(own)
+                self.metrics_url = metrics.group(1).decode() if metrics else None
+                serving.set()
+        assert serving.is_set(), f"the coordinator exited before serving:\n{own.decode()}"
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
