@@ -73,9 +73,12 @@ async def test_a_finish_counts_only_from_the_current_lease(job_store):
         await client.call("Dext.FinishJob", job.Id, got["Lease"], output, "")
         done = await s.jobs.get(job.Id)
         assert done.succeeded and done.Output is not None and done.Output.proofs == (b"\0\1\2",)
-        # The same finish again is no longer the worker's to make.
+        # The same finish again (its answer lost to a coordinator's restart) is acknowledged
+        # and changes nothing; another lease's is refused.
+        await client.call("Dext.FinishJob", job.Id, got["Lease"], None, "a changed mind")
+        assert await s.jobs.get(job.Id) == done
         with pytest.raises(RpcCallError) as caught:
-            await client.call("Dext.FinishJob", job.Id, got["Lease"], output, "")
+            await client.call("Dext.FinishJob", job.Id, "not-the-lease", output, "")
         assert caught.value.code == rpc.REFUSED and "finished" in caught.value.message
         with pytest.raises(RpcCallError) as caught:
             await client.call("Dext.FinishJob", "nope", got["Lease"], None, "x")

@@ -39,6 +39,7 @@ from damocles_ext.jobs.rules import (
 )
 
 LIMITS = JobLimits()
+LIMITS_ONE_TRY = JobLimits(max_try=1)
 T0 = 1_700_000_000.0
 
 
@@ -233,9 +234,35 @@ def test_finish_with_the_lease_records_the_output():
     step = apply(running(), Finish(out, "", lease="L1"), T0 + 9, LIMITS)
     job = step.job
     assert step.effects == (Finished(job.Id, ""),)
-    assert (job.State, job.Output, job.ErrorReason, job.lease) == (FINISHED, out, "", None)
+    assert (job.State, job.Output, job.ErrorReason, job.lease) == (FINISHED, out, "", "L1")
     assert job.FinishedAt == job.UpdatedAt == int(T0) + 9
     assert rules.is_done(job, LIMITS) and job.succeeded
+
+
+def test_the_same_finish_sent_again_is_acknowledged_and_changes_nothing():
+    # The coordinator stored the finish and died before answering: the worker sends it again.
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    done = apply(running(worker="w1", lease="L1"), Finish(out, "", lease="L1"), T0 + 9, LIMITS).job
+    for again in (Finish(out, "", lease="L1"), Finish(None, "changed its mind", lease="L1")):
+        step = apply(done, again, T0 + 30, LIMITS)
+        assert step.job is done and step.effects == (rules.FinishRepeated(done.Id),)
+    # Without a token: from the worker that finished it.
+    named = apply(running(worker="w1"), Finish(out, "", worker="w1"), T0 + 9, LIMITS)
+    assert apply(named.job, Finish(out, "", worker="w1"), T0 + 30, LIMITS).effects == (
+        rules.FinishRepeated(named.job.Id),
+    )
+    for other in (Finish(out, "", worker="w2"), Finish(out, "", lease="L9"), Finish(out, "")):
+        [refused] = apply(named.job, other, T0 + 30, LIMITS).effects
+        assert isinstance(refused, Refused)
+
+
+def test_a_finish_after_a_heartbeat_timeout_is_not_taken_for_a_repeat():
+    job = running(worker="w1", lease="L1")
+    timed_out = apply(job, Sweep(), T0 + 16, LIMITS_ONE_TRY).job
+    assert (timed_out.State, timed_out.lease) == (FINISHED, None)
+    for late in (Finish(None, "", lease="L1"), Finish(None, "", worker="w1")):
+        [refused] = apply(timed_out, late, T0 + 18, LIMITS_ONE_TRY).effects
+        assert isinstance(refused, Refused)
 
 
 def test_a_tokenless_finish_without_a_name_is_accepted_only_while_running():

@@ -70,6 +70,14 @@ class JobRulesMachine(RuleBasedStateMachine):
         if isinstance(effect, rules.Finished):
             assert before is not None
             assert before.not_after is None or self.now < before.not_after
+        if isinstance(effect, rules.FinishRepeated):
+            # Only the very finish that finished the job, and it changes nothing.
+            assert before is not None and before.State == FINISHED and not before.cancelled
+            lease = getattr(event, "lease", None)
+            if lease is not None:
+                assert lease == before.lease
+            else:
+                assert event.worker == before.WorkerName  # type: ignore[union-attr]
 
     @rule(which=st.sampled_from(range(len(INPUTS))), deadline=st.none() | st.integers(0, 120))
     def create(self, which: int, deadline: int | None) -> None:
@@ -139,7 +147,10 @@ class JobRulesMachine(RuleBasedStateMachine):
     def tries_are_bounded_and_leases_match_the_state(self) -> None:
         for job in getattr(self, "jobs", {}).values():
             assert 0 <= job.TryNum <= self.limits.max_try
-            assert (job.lease is not None) == (job.State == RUNNING)
+            # Running under a lease; never one while waiting; a finished job keeps the one (if
+            # any) that finished it.
+            assert job.State != RUNNING or job.lease is not None
+            assert job.State != READY or job.lease is None
             if job.cancelled:
                 assert job.State == FINISHED and job.ErrorReason.startswith("cancelled: ")
 

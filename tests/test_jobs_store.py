@@ -171,8 +171,12 @@ def test_a_late_finish_or_heartbeat_from_a_fenced_worker_is_refused(js):
     assert js.finish(job.Id, out, "", T0 + 19, lease=second.lease).effects == (
         rules.Finished(job.Id, ""),
     )
-    # and once finished, nobody (not even the last holder) can overwrite the result
-    [refused] = js.finish(job.Id, None, "late error", T0 + 20, lease=second.lease).effects
+    # and once finished, nobody can overwrite the result: the last holder's finish sent again
+    # (its answer lost) is acknowledged and changes nothing; a fenced one stays refused
+    done = js.get(job.Id)
+    again = js.finish(job.Id, None, "late error", T0 + 20, lease=second.lease)
+    assert again.effects == (rules.FinishRepeated(job.Id),) and js.get(job.Id) == done
+    [refused] = js.finish(job.Id, None, "late error", T0 + 20, lease=first.lease).effects
     assert isinstance(refused, rules.Refused) and js.get(job.Id).Output == out
 
 

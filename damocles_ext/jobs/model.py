@@ -98,8 +98,9 @@ class WdPoStJob(msgspec.Struct, frozen=True):
 class JobRecord(WdPoStJob, frozen=True):
     """damocles' record plus our fields.
 
-    `lease`: the token of the current allocation (None when not running); heartbeats and
-    finishes that carry a token must carry this one.
+    `lease`: the token of the current allocation (None when not allocated); heartbeats and
+    finishes that carry a token must carry this one. A job finished by a worker keeps the token
+    it was finished with, so that the same finish sent again is known.
     `not_after`: unix seconds after which the job is useless (its deadline closed); None = none.
     `cancelled_at`: unix seconds when the job was cancelled because `not_after` passed (0 = not);
     such a job is finished with an ErrorReason that says why, and is never retried.

@@ -29,6 +29,11 @@ What we change and add (damocles' weaknesses):
   its WorkerName when the caller knows the worker's name. damocles accepts a finish from anyone
   in any state and lets a heartbeat revive a job that was already given to another worker; both
   are refused here, so a worker that lost its job cannot overwrite the result.
+- A repeated finish. A finished job keeps the lease that finished it, so the same Finish sent
+  again (a worker whose answer was lost when the coordinator died after storing it) is
+  acknowledged without touching the record (`FinishRepeated`), instead of being refused as late:
+  from the same lease, or, without one, from the worker that finished it. A job taken back for
+  a heartbeat timeout, or cancelled, was finished by nobody: a late finish stays refused.
 - Deadlines. `Create.not_after` (unix seconds): allocation takes the job whose deadline comes
   first (`allocation_key`), never allocates a job whose deadline passed, and a Sweep cancels an
   unfinished job (ready, running, or failed with tries left) once `now >= not_after`: finished,
@@ -181,6 +186,13 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
+class FinishRepeated:
+    """The finish that finished this job, sent again: acknowledged, the record unchanged."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """The event was not applied to this job; `reason` says why, for the one who sent it."""
 
@@ -229,8 +241,8 @@ class NotFound:
 
 
 Effect = (
-    Created | AlreadyExists | Allocated | HeartbeatAccepted | Finished | Refused | TimedOut
-    | Retried | JobCancelled | WasReset | Removed | CleanedUp | NotFound
+    Created | AlreadyExists | Allocated | HeartbeatAccepted | Finished | FinishRepeated | Refused
+    | TimedOut | Retried | JobCancelled | WasReset | Removed | CleanedUp | NotFound
 )  # fmt: skip
 
 
@@ -365,7 +377,18 @@ def _heartbeat(job: JobRecord, event: Heartbeat, now: float, limits: JobLimits) 
     return Step(_replace(job, HeartbeatAt=t, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
 
 
+def _repeated(job: JobRecord, event: Finish) -> bool:
+    """Whether `event` is the finish that finished `job`, sent again."""
+    if job.State != FINISHED or job.cancelled or job.ErrorReason == HEARTBEAT_TIMEOUT_REASON:
+        return False
+    if event.lease is not None:
+        return event.lease == job.lease
+    return event.worker is not None and event.worker == job.WorkerName
+
+
 def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Step:
+    if _repeated(job, event):
+        return Step(job, (FinishRepeated(job.Id),))
     why = _fence(job, event.lease, event.worker)
     if why is None and deadline_passed(job, now):
         assert job.not_after is not None
@@ -380,7 +403,6 @@ def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Ste
         ErrorReason=event.error_reason,
         FinishedAt=t,
         UpdatedAt=t,
-        lease=None,
     )
     return Step(finished, (Finished(job.Id, event.error_reason),))
 
@@ -440,6 +462,7 @@ def _sweep(job: JobRecord, event: Sweep, now: float, limits: JobLimits) -> Step:
             StartedAt=0,
             FinishedAt=0,
             UpdatedAt=t,
+            lease=None,
         )
     return Step(job, tuple(effects))
 
