@@ -133,7 +133,9 @@ class Processor:
         check_answer(response, request_id, task)
         return start, end
 
-    def close(self) -> None:
+    def close(self) -> list[bytes]:
+        """Close its stdin (serve stops) and wait for it to exit; the lines it wrote that were
+        not read (an answer given twice would be one)."""
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # EOF: serve stops
@@ -142,6 +144,11 @@ class Processor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        left = []
+        with contextlib.suppress(queue.Empty):
+            while line := self.lines.get(timeout=5):  # b"": the reader saw the end
+                left.append(line)
+        return left
 
 
 def check_answer(response: jsonl.JsonResponse, request_id: int, task: WindowPoSt) -> None:
