@@ -16,8 +16,9 @@ The coordinator and the producer read damocles-manager's sector-manager.cfg with
 `HeartbeatTimeout = --heartbeat-timeout` (damocles' default is 15 s); the workers heartbeat every
 --heartbeat-interval seconds. The floor is the configured timeout itself: a job cannot move
 before its worker has been silent that long. The rest is the coordinator's sweep (it looks for
-silent jobs every 10 s, as damocles-manager does), the phase of the last heartbeat, and worker
-2's idle poll.
+silent jobs every 10 s as damocles-manager does, or every quarter of HeartbeatTimeout if that is
+shorter: rules.sweep_every), the phase of the last heartbeat (whole seconds in the store, so a job
+may move up to a heartbeat interval and a second before the timeout), and worker 2's idle poll.
 
 throughput: --requests requests, at most --concurrent in flight (damocles-manager's
 `Concurrent` for the entry), through serve --jobs, a coordinator and 1 or 3 workers (--workers)
@@ -56,7 +57,7 @@ from bench.job_procs import (
     store_urls,
 )
 from bench.runner import bench_parser, finish, print_table
-from damocles_ext.jobs.rules import DEFAULT_SWEEP_INTERVAL
+from damocles_ext.jobs.rules import JobLimits, sweep_every
 
 PARTS = ("failover", "throughput")
 LONG_PROOF = 3600.0  # seconds worker 1's child works on its job: it never finishes
@@ -81,13 +82,18 @@ def manager_conf(tmp: Path, heartbeat_timeout: float) -> Path:
     return conf
 
 
+def sweeps_every(args) -> float:
+    """The coordinator's sweep interval with the HeartbeatTimeout used."""
+    return sweep_every(JobLimits(heartbeat_timeout=args.heartbeat_timeout))
+
+
 def failover_once(url: str, tmp: Path, run: int, args) -> dict[str, float]:
     """One death: seconds from the kill to worker 2 pulling the job, and to its child."""
     store = tmp / STORE
     conf = manager_conf(tmp, args.heartbeat_timeout)
     beat = ("--heartbeat-interval", f"{args.heartbeat_interval:g}s")
     marker1, marker2 = tmp / f"w1-{run}.marks", tmp / f"w2-{run}.marks"
-    wait = args.heartbeat_timeout + DEFAULT_SWEEP_INTERVAL + args.worker_poll + 60
+    wait = args.heartbeat_timeout + sweeps_every(args) + args.worker_poll + 60
     with coordinator(url, "--store", f"{STORE}={store}", "--conf-dir", str(conf)) as port:
         processor = Processor(
             serve_jobs_argv(url, store, args.producer_poll, "--conf-dir", str(conf)),
@@ -205,7 +211,7 @@ def measure_failover(urls: dict, tmp: Path, args, results: dict) -> None:
     figures = results["failover"] = {
         "heartbeat_timeout_s": args.heartbeat_timeout,
         "heartbeat_interval_s": args.heartbeat_interval,
-        "sweep_interval_s": DEFAULT_SWEEP_INTERVAL,
+        "sweep_interval_s": sweeps_every(args),
         "worker_poll_s": args.worker_poll,
         "engines": {},
     }
