@@ -13,19 +13,22 @@ line on a processor's stdin) and timed until its answer line:
   advice for damocles-worker is 15 s, its default 60 s: with those, the worker's wait below
   grows to half of that on average);
 
-on SQLite (the producer polls the store every --producer-poll seconds) and on PostgreSQL (the
-tests' throw-away server; the producer is woken by NOTIFY, its polling only a fallback). Before
+on SQLite (the producer polls the store every --producer-poll seconds), on SQLite as on one
+machine (the coordinator inside serve, `--listen`: the finishes it takes wake the producer), and
+on PostgreSQL (a throw-away server; the producer is woken by NOTIFY, its polling only a
+fallback). Before
 each request the benchmark waits a random part of the worker's poll interval, so requests do not
 fall at one phase of the polling loops.
 
 The jobs path is split by the worker's log (JSON, millisecond times): from the request to the
 worker pulling the job (the producer creating it, then the worker's poll), from pulled to
 delivered (the echo child's proof and the finish call), and from delivered to the answer line
-(the producer noticing: its poll or the NOTIFY, then answering).
+(the producer noticing: its poll, the NOTIFY or its own coordinator's wake-up, then answering).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import sys
@@ -74,39 +77,40 @@ def measure_local(tmp: Path, requests: int, store: Path, poll: float) -> list[fl
 
 
 def measure_jobs(url: str, tmp: Path, requests: int, store: Path, worker_poll: float,
-                 producer_poll: float, tag: str) -> dict[str, list[float]]:  # fmt: skip
-    """Latency and its split (seconds) per request through serve --jobs, a coordinator and a
-    `damocles-ext worker`."""
+                 producer_poll: float, tag: str, *, listen: bool = False) -> dict[str, list[float]]:  # fmt: skip
+    """Latency and its split (seconds) per request through serve --jobs, a coordinator (its own
+    process, or with `listen` serve's --listen) and a `damocles-ext worker`."""
     parts: dict[str, list[float]] = {"total": [], "to_pull": [], "prove": [], "to_answer": []}
-    with coordinator(url, "--store", f"{STORE}={store}") as port:
+    with contextlib.ExitStack() as stack:
+        extra = ("--listen", "127.0.0.1:0") if listen else ()
+        if not listen:
+            port = stack.enter_context(coordinator(url, "--store", f"{STORE}={store}"))
+        processor = Processor(
+            serve_jobs_argv(url, store, producer_poll, *extra), tmp / f"serve-{tag}.log"
+        )
+        stack.callback(processor.close)
+        if listen:
+            port = processor.rpc_port()
         worker = WorkerProcess(tmp, port, store, worker_poll)
-        processor = None
-        try:
-            processor = Processor(
-                serve_jobs_argv(url, store, producer_poll), tmp / f"serve-{tag}.log"
-            )
-            processor.prove(make_task(store, 10_000))  # warm: connections, first imports
-            for n in range(1, requests + 1):
-                paced(worker_poll)
-                wall = time.time()
-                start, end = processor.prove(make_task(store, n))
-                answered = wall + (end - start)
-                pulled, delivered = worker.times_after(wall)
-                parts["total"].append(end - start)
-                parts["to_pull"].append(pulled - wall)
-                parts["prove"].append(delivered - pulled)
-                parts["to_answer"].append(answered - delivered)
-        finally:
-            if processor is not None:
-                processor.close()
-            worker.close()
+        stack.callback(worker.close)
+        processor.prove(make_task(store, 10_000))  # warm: connections, first imports
+        for n in range(1, requests + 1):
+            paced(worker_poll)
+            wall = time.time()
+            start, end = processor.prove(make_task(store, n))
+            answered = wall + (end - start)
+            pulled, delivered = worker.times_after(wall)
+            parts["total"].append(end - start)
+            parts["to_pull"].append(pulled - wall)
+            parts["prove"].append(delivered - pulled)
+            parts["to_answer"].append(answered - delivered)
     return parts
 
 
 SPLIT = (
     ("to_pull", "request -> worker pulled it (job created, worker's poll)"),
     ("prove", "pulled -> delivered (echo child, finish call)"),
-    ("to_answer", "delivered -> answer line (producer's poll or NOTIFY)"),
+    ("to_answer", "delivered -> answer line (producer's poll, NOTIFY or --listen's wake-up)"),
 )
 
 
@@ -142,10 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(new_url, str):
                         results["paths"][engine] = new_url
                         continue
-                    parts = measure_jobs(new_url(), tmp, args.requests, store, args.worker_poll,
-                                         args.producer_poll, engine)  # fmt: skip
-                    results["paths"][engine] = {k: spread(v) for k, v in parts.items()}
-                    print(f"jobs on {engine}: median {statistics.median(parts['total']):.3f} s")
+                    # SQLite also as on one machine: the coordinator inside serve (--listen).
+                    for listen in (False, True) if engine == "SQLite" else (False,):
+                        path = f"{engine}, serve --listen" if listen else engine
+                        parts = measure_jobs(new_url(), tmp, args.requests, store,
+                                             args.worker_poll, args.producer_poll,
+                                             path.replace(" ", ""), listen=listen)  # fmt: skip
+                        results["paths"][path] = {k: spread(v) for k, v in parts.items()}
+                        total = statistics.median(parts["total"])
+                        print(f"jobs on {path}: median {total:.3f} s")
     except BenchFailure as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ DEXT = [sys.executable, "-m", "damocles_ext"]
 STORE = "store-a"
 TIMEOUT = 120.0  # seconds an answer may take before the run fails
 SECTORS = 4
+RPC_AT = re.compile(r"serving the worker-prover RPC at http://[^ ]+:(\d+)/rpc/v0")
 ECHO_CONFIG = '[[WdPost]]\nPlugin = "echo"\n'
 
 
@@ -107,6 +108,17 @@ class Processor:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
             raise BenchFailure(f"serve answered nothing in {timeout:g} s:\n{self.tail()}") from None
+
+    def rpc_port(self, timeout: float = 30) -> int:
+        """The port of the worker-prover RPC a `serve --jobs --listen 127.0.0.1:0` serves, read
+        from its log."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = RPC_AT.search(self.log.read_text(errors="replace"))
+            if found:
+                return int(found.group(1))
+            time.sleep(0.01)  # looking again at the log another process writes
+        raise BenchFailure(f"serve --listen named no RPC address in {timeout:g} s:\n{self.tail()}")
 
     def send(self, task: WindowPoSt) -> int:
         """Write one request line; its id."""
@@ -231,6 +243,8 @@ class WorkerProcess:
         if len(pulled) != 1:
             raise BenchFailure(f"expected one job pulled after the request, saw {pulled}")
         job_id, at = pulled[0]
+        # The answer may come before the worker logs its delivery (it logs the finish's reply).
+        self.wait_for(lambda: bool(self.times("delivered", job_id)), 10)
         delivered = self.times("delivered", job_id)
         if len(delivered) != 1:
             raise BenchFailure(f"job {job_id}: delivered {len(delivered)} times")
