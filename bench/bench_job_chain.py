@@ -113,6 +113,12 @@ def failover_once(url: str, tmp: Path, run: int, args) -> dict[str, float]:
             # Pacing, not synchronisation: the kill falls anywhere in a heartbeat interval.
             time.sleep(random.uniform(0, args.heartbeat_interval))
             killed = first.kill()
+            if len(first.times("pulled")) != 1:
+                raise BenchFailure(
+                    f"worker 1 pulled the job {len(first.times('pulled'))} times before it was"
+                    " killed: its heartbeats did not keep it (heartbeat times are whole seconds:"
+                    " --heartbeat-timeout must exceed --heartbeat-interval by more than 1 s)"
+                )
             if not second.wait_for(lambda: bool(second.times("pulled")), wait):
                 raise BenchFailure(f"worker 2 pulled nothing within {wait:g} s of the kill")
             pulled = second.times("pulled")[0]
@@ -199,12 +205,17 @@ def throughput_jobs(url: str, tmp: Path, workers: int, run: int, args) -> float:
     if left:
         raise BenchFailure(f"serve --jobs wrote answers nobody asked for: {left[:3]}")
     for what in ("pulled", "delivered"):
-        seen = collections.Counter(j for w in started for x, j, _ in w.events if x == what)
-        twice = [j for j, count in seen.items() if count > 1]
-        if len(seen) != args.requests + 1 or twice:
-            raise BenchFailure(f"run {run}: {len(seen)} jobs {what} for {args.requests + 1}"
-                               f" requests; {what} more than once: {twice[:3]}")  # fmt: skip
+        once_each([j for w in started for x, j, _ in w.events if x == what], args.requests + 1,
+                  f"run {run}: jobs {what}")  # fmt: skip
     return args.requests / elapsed
+
+
+def once_each(job_ids: list[str], expected: int, what: str) -> None:
+    """`expected` jobs, each seen once in `job_ids` (a worker's log lines); BenchFailure if not."""
+    seen = collections.Counter(job_ids)
+    twice = sorted(j for j, count in seen.items() if count > 1)
+    if len(seen) != expected or twice:
+        raise BenchFailure(f"{what}: {len(seen)} of {expected}, more than once: {twice[:3]}")
 
 
 def measure_failover(urls: dict, tmp: Path, args, results: dict) -> None:

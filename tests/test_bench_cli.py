@@ -22,7 +22,8 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "bench_job_latency", "bench_job_chain", "chaos",
+            "chaos_child"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -111,3 +112,69 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+def run_bench(module: str, *args: str, timeout: float = 180) -> str:
+    """`python -m bench.MODULE ARGS` run to its end, exit 0, tracked results untouched; its stdout."""
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert _results_snapshot() == before
+    return out
+
+
+@pytest.mark.slow
+def test_the_job_latency_benchmark_splits_the_job_path_against_local_serve():
+    out = run_bench("bench_job_latency", "--requests", "1", "--engines", "sqlite",
+                    "--worker-poll", "0.2", "--producer-poll", "0.5")  # fmt: skip
+    assert "local serve (echo child)" in out
+    for path in ("jobs, SQLite: total", "jobs, SQLite, serve --listen: total"):
+        assert path in out
+    assert "request -> worker pulled it" in out and "delivered -> answer line" in out
+    assert "not saved (add --save to write bench/results/job_latency.json)" in out
+
+
+@pytest.mark.slow
+def test_the_job_chain_benchmark_measures_a_failover_and_checks_each_answer_once():
+    out = run_bench("bench_job_chain", "--engines", "sqlite", "--repeat", "1",
+                    "--heartbeat-timeout", "3", "--heartbeat-interval", "0.5", "--worker-poll",
+                    "0.2", "--producer-poll", "0.2", "--requests", "6", "--concurrent", "3",
+                    "--workers", "1")  # fmt: skip
+    assert "failover, SQLite: kill -> re-allocated" in out
+    assert "HeartbeatTimeout 3 s" in out and "timeout + " in out
+    assert "throughput, 1 workers: local" in out and "each answered exactly once" in out
+    assert "serve --jobs, SQLite, 1 workers" in out
+    assert "not saved (add --save to write bench/results/job_chain.json)" in out
+
+
+def test_the_job_chain_benchmark_refuses_bad_options_with_exit_2():
+    for args in (["--part", "speed"], ["--engines", "mysql"], ["--workers", "x"],
+                 ["--heartbeat-timeout", "0"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.bench_job_chain", *args],
+            cwd=ROOT,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr
+
+
+def test_a_job_pulled_or_delivered_twice_or_never_fails_the_chain_benchmark():
+    from bench.bench_job_chain import once_each
+    from bench.jobs_clients import BenchFailure
+
+    once_each(["a", "b", "c"], 3, "jobs delivered")
+    with pytest.raises(BenchFailure, match=r"jobs delivered: 2 of 2, more than once: \['b'\]"):
+        once_each(["a", "b", "b"], 2, "jobs delivered")
+    with pytest.raises(BenchFailure, match=r"jobs pulled: 2 of 3, more than once: \[\]"):
+        once_each(["a", "b"], 3, "jobs pulled")
