@@ -71,26 +71,31 @@ def test_save_writes_the_results_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert path == tmp_path / "x.json" and '"a": 1' in path.read_text()
 
 
-def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines():
+def run_bench(module: str, *args: str, timeout: float = 180) -> str:
+    """`python -m bench.MODULE ARGS` run to its end, exit 0, tracked results untouched; its stdout."""
     before = _results_snapshot()
-    quick = ["--jobs", "20", "--repeat", "1", "--clients", "1,4"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_jobs", *quick],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         stdin=subprocess.DEVNULL,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
+    assert _results_snapshot() == before
+    return out
+
+
+def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines():
+    out = run_bench("bench_jobs", "--jobs", "20", "--repeat", "1", "--clients", "1,4")
     assert "SQLite, 4 clients: floor" in out and "each job allocated exactly once" in out
     assert "idle RPC calls/s" in out
     # PostgreSQL is measured, or skipped with the reason when this machine has no server.
     assert "PostgreSQL, 4 clients: floor" in out or "PostgreSQL: skipped: no PostgreSQL" in out
     assert "Peer: damocles-manager's own worker-prover" in out
     assert "not saved (add --save to write bench/results/jobs.json)" in out
-    assert _results_snapshot() == before
 
 
 def test_a_job_allocated_twice_or_never_fails_the_jobs_benchmark():
@@ -112,23 +117,6 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
-
-
-def run_bench(module: str, *args: str, timeout: float = 180) -> str:
-    """`python -m bench.MODULE ARGS` run to its end, exit 0, tracked results untouched; its stdout."""
-    before = _results_snapshot()
-    done = subprocess.run(
-        [sys.executable, "-m", f"bench.{module}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
-    out = done.stdout.decode()
-    assert done.returncode == 0, out + done.stderr.decode()
-    assert _results_snapshot() == before
-    return out
 
 
 @pytest.mark.slow
