@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.bench_jobs import coordinator
 from bench.job_procs import (
     DEXT,
     STORE,
@@ -52,7 +51,7 @@ from bench.job_procs import (
     marking_child,
     marks,
     parse_engines,
-    serve_jobs_argv,
+    producer_chain,
     spread,
     store_urls,
 )
@@ -94,11 +93,9 @@ def failover_once(url: str, tmp: Path, run: int, args) -> dict[str, float]:
     beat = ("--heartbeat-interval", f"{args.heartbeat_interval:g}s")
     marker1, marker2 = tmp / f"w1-{run}.marks", tmp / f"w2-{run}.marks"
     wait = args.heartbeat_timeout + sweeps_every(args) + args.worker_poll + 60
-    with coordinator(url, "--store", f"{STORE}={store}", "--conf-dir", str(conf)) as port:
-        processor = Processor(
-            serve_jobs_argv(url, store, args.producer_poll, "--conf-dir", str(conf)),
-            tmp / f"serve-failover-{run}.log",
-        )
+    chain = producer_chain(url, tmp, args.producer_poll, f"failover-{run}",
+                           options=("--conf-dir", str(conf)))  # fmt: skip
+    with chain as (processor, port):
         workers: list[WorkerProcess] = []
         try:
             first = WorkerProcess(tmp, port, store, args.worker_poll, name=f"w1-{run}",
@@ -182,14 +179,16 @@ def throughput_local(tmp: Path, workers: int, args) -> float:
     return args.requests / elapsed
 
 
-def throughput_jobs(url: str, tmp: Path, workers: int, run: int, args) -> float:
-    """Requests per second through serve --jobs, a coordinator and `workers` workers."""
+def throughput_jobs(url: str, tmp: Path, workers: int, run: int, args, *,
+                    listen: bool = False) -> float:  # fmt: skip
+    """Requests per second through serve --jobs, a coordinator (with `listen`, serve's own) and
+    `workers` workers."""
     store = tmp / STORE
     started: list[WorkerProcess] = []
-    with coordinator(url, "--store", f"{STORE}={store}") as port:
-        processor = Processor(
-            serve_jobs_argv(url, store, args.producer_poll), tmp / f"serve-chain-{run}.log"
-        )
+    with producer_chain(url, tmp, args.producer_poll, f"chain-{run}", listen=listen) as (
+        processor,
+        port,
+    ):
         try:
             for n in range(workers):
                 started.append(WorkerProcess(tmp, port, store, args.worker_poll,
@@ -258,10 +257,13 @@ def measure_throughput(urls: dict, tmp: Path, args, results: dict) -> None:
             for engine, new_url in urls.items():
                 if isinstance(new_url, str):
                     continue
-                run += 1
-                rates.setdefault(engine, []).append(
-                    throughput_jobs(new_url(), tmp, workers, run, args)
-                )
+                # SQLite also as on one machine: the coordinator inside serve (--listen).
+                for listen in (False, True) if engine == "SQLite" else (False,):
+                    run += 1
+                    path = f"{engine}, serve --listen" if listen else engine
+                    rates.setdefault(path, []).append(
+                        throughput_jobs(new_url(), tmp, workers, run, args, listen=listen)
+                    )
             print(f"  throughput, {workers} workers: "
                   + ", ".join(f"{k} {v[-1]:,.1f}" for k, v in rates.items())
                   + " requests/s, each answered exactly once")  # fmt: skip
@@ -286,7 +288,7 @@ def report(results: dict) -> None:
                                ("to_child", "running on worker 2's child")):  # fmt: skip
                 s = figures[key]
                 rows.append([engine, label, *(f"{s[k]:.2f}" for k in ("min", "median", "max")),
-                             f"timeout + {s['median'] - timeout:.2f}"])  # fmt: skip
+                             f"timeout {s['median'] - timeout:+.2f} s"])  # fmt: skip
         print_table(rows, ["engine", "kill ->", "min", "median", "max", "median as"])
         for engine, why in f["engines"].items():
             if isinstance(why, str):

@@ -36,18 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_jobs import coordinator
 from bench.job_procs import (
     DEXT,
     ECHO_CONFIG,
     SECTORS,
-    STORE,
     BenchFailure,
     Processor,
     WorkerProcess,
     make_task,
     parse_engines,
-    serve_jobs_argv,
+    producer_chain,
     spread,
     store_urls,
 )
@@ -82,15 +80,8 @@ def measure_jobs(url: str, tmp: Path, requests: int, store: Path, worker_poll: f
     process, or with `listen` serve's --listen) and a `damocles-ext worker`."""
     parts: dict[str, list[float]] = {"total": [], "to_pull": [], "prove": [], "to_answer": []}
     with contextlib.ExitStack() as stack:
-        extra = ("--listen", "127.0.0.1:0") if listen else ()
-        if not listen:
-            port = stack.enter_context(coordinator(url, "--store", f"{STORE}={store}"))
-        processor = Processor(
-            serve_jobs_argv(url, store, producer_poll, *extra), tmp / f"serve-{tag}.log"
-        )
-        stack.callback(processor.close)
-        if listen:
-            port = processor.rpc_port()
+        chain = producer_chain(url, tmp, producer_poll, tag, listen=listen)
+        processor, port = stack.enter_context(chain)
         worker = WorkerProcess(tmp, port, store, worker_poll)
         stack.callback(worker.close)
         processor.prove(make_task(store, 10_000))  # warm: connections, first imports

@@ -78,6 +78,7 @@ class Processor:
 
     def __init__(self, argv: list[str], log: Path) -> None:
         self.log = log
+        self.closed = False
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -156,7 +157,10 @@ class Processor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        left = []
+        left: list[bytes] = []
+        if self.closed:
+            return left
+        self.closed = True
         with contextlib.suppress(queue.Empty):
             while line := self.lines.get(timeout=5):  # b"": the reader saw the end
                 left.append(line)
@@ -332,3 +336,24 @@ def store_urls(engines: list[str], tmp: Path) -> Iterator[dict[str, Callable[[],
             pg = stack.enter_context(postgres_engine())
             found["PostgreSQL"] = pg if isinstance(pg, str) else (lambda: pg.new()[0])
         yield found
+
+
+@contextlib.contextmanager
+def producer_chain(url: str, tmp: Path, producer_poll: float, tag: str, *, listen: bool = False,
+                   options: tuple[str, ...] = ()) -> Iterator[tuple[Processor, int]]:  # fmt: skip
+    """`serve window_post --jobs URL` and the coordinator its workers call: a process of its own,
+    or with `listen` serve's own (`--listen`); (the serve, the port of the workers' RPC).
+    `options` go to both (e.g. --conf-dir). Both are stopped after."""
+    from bench.bench_jobs import coordinator
+
+    store = tmp / STORE
+    with contextlib.ExitStack() as stack:
+        port = None
+        if not listen:
+            port = stack.enter_context(coordinator(url, "--store", f"{STORE}={store}", *options))
+        extra = ("--listen", "127.0.0.1:0") if listen else ()
+        processor = Processor(
+            serve_jobs_argv(url, store, producer_poll, *options, *extra), tmp / f"serve-{tag}.log"
+        )
+        stack.callback(processor.close)
+        yield processor, processor.rpc_port() if port is None else port

@@ -3,6 +3,7 @@ bench/results/ are written only when asked (`--save`)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,9 +138,10 @@ def test_the_job_chain_benchmark_measures_a_failover_and_checks_each_answer_once
                     "0.2", "--producer-poll", "0.2", "--requests", "6", "--concurrent", "3",
                     "--workers", "1")  # fmt: skip
     assert "failover, SQLite: kill -> re-allocated" in out
-    assert "HeartbeatTimeout 3 s" in out and "timeout + " in out
+    assert "HeartbeatTimeout 3 s" in out and re.search(r"timeout [+-]\d+\.\d\d s", out)
     assert "throughput, 1 workers: local" in out and "each answered exactly once" in out
     assert "serve --jobs, SQLite, 1 workers" in out
+    assert "serve --jobs, SQLite, serve --listen, 1 workers" in out
     assert "not saved (add --save to write bench/results/job_chain.json)" in out
 
 
