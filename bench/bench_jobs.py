@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.job_procs import RPC_AT
 from bench.jobs_clients import (
     BenchFailure,
     Client,
@@ -162,7 +162,7 @@ def coordinator(url: str, *options: str) -> Iterator[int]:
     try:
         for line in proc.stderr:
             seen.append(line)
-            found = re.search(r"serving the worker-prover RPC at http://[^ ]+:(\d+)/rpc/v0", line)
+            found = RPC_AT.search(line)
             if found:
                 port = int(found.group(1))
                 break

@@ -3,6 +3,7 @@ bench/results/ are written only when asked (`--save`)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "bench_job_latency", "bench_job_chain", "chaos",
+            "chaos_child"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -70,26 +72,31 @@ def test_save_writes_the_results_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert path == tmp_path / "x.json" and '"a": 1' in path.read_text()
 
 
-def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines():
+def run_bench(module: str, *args: str, timeout: float = 180) -> str:
+    """`python -m bench.MODULE ARGS` run to its end, exit 0, tracked results untouched; its stdout."""
     before = _results_snapshot()
-    quick = ["--jobs", "20", "--repeat", "1", "--clients", "1,4"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_jobs", *quick],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         stdin=subprocess.DEVNULL,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
+    assert _results_snapshot() == before
+    return out
+
+
+def test_the_jobs_benchmark_checks_each_job_was_allocated_once_on_both_engines():
+    out = run_bench("bench_jobs", "--jobs", "20", "--repeat", "1", "--clients", "1,4")
     assert "SQLite, 4 clients: floor" in out and "each job allocated exactly once" in out
     assert "idle RPC calls/s" in out
     # PostgreSQL is measured, or skipped with the reason when this machine has no server.
     assert "PostgreSQL, 4 clients: floor" in out or "PostgreSQL: skipped: no PostgreSQL" in out
     assert "Peer: damocles-manager's own worker-prover" in out
     assert "not saved (add --save to write bench/results/jobs.json)" in out
-    assert _results_snapshot() == before
 
 
 def test_a_job_allocated_twice_or_never_fails_the_jobs_benchmark():
@@ -256,3 +263,53 @@ def test_a_repeated_goal_is_met_only_if_every_repeat_met_it():
                       "verdict": "NOT met (1 of 3 runs missed: 3.5x)"}  # fmt: skip
     assert goal_runs([2.5, 2.9], lambda v: v <= 3)["verdict"] == "met (every run)"
     assert spread([3.0, 1.0, 2.0, 10.0]) == {"min": 1.0, "median": 2.5, "max": 10.0}
+
+
+@pytest.mark.slow
+def test_the_job_latency_benchmark_splits_the_job_path_against_local_serve():
+    out = run_bench("bench_job_latency", "--requests", "1", "--engines", "sqlite",
+                    "--worker-poll", "0.2", "--producer-poll", "0.5")  # fmt: skip
+    assert "local serve (echo child)" in out
+    for path in ("jobs, SQLite: total", "jobs, SQLite, serve --listen: total"):
+        assert path in out
+    assert "request -> worker pulled it" in out and "delivered -> answer line" in out
+    assert "not saved (add --save to write bench/results/job_latency.json)" in out
+
+
+@pytest.mark.slow
+def test_the_job_chain_benchmark_measures_a_failover_and_checks_each_answer_once():
+    out = run_bench("bench_job_chain", "--engines", "sqlite", "--repeat", "1",
+                    "--heartbeat-timeout", "3", "--heartbeat-interval", "0.5", "--worker-poll",
+                    "0.2", "--producer-poll", "0.2", "--requests", "6", "--concurrent", "3",
+                    "--workers", "1")  # fmt: skip
+    assert "failover, SQLite: kill -> re-allocated" in out
+    assert "HeartbeatTimeout 3 s" in out and re.search(r"timeout [+-]\d+\.\d\d s", out)
+    assert "throughput, 1 workers: local" in out and "each answered exactly once" in out
+    assert "serve --jobs, SQLite, 1 workers" in out
+    assert "serve --jobs, SQLite, serve --listen, 1 workers" in out
+    assert "not saved (add --save to write bench/results/job_chain.json)" in out
+
+
+def test_the_job_chain_benchmark_refuses_bad_options_with_exit_2():
+    for args in (["--part", "speed"], ["--engines", "mysql"], ["--workers", "x"],
+                 ["--heartbeat-timeout", "0"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.bench_job_chain", *args],
+            cwd=ROOT,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr
+
+
+def test_a_job_pulled_or_delivered_twice_or_never_fails_the_chain_benchmark():
+    from bench.bench_job_chain import once_each
+    from bench.jobs_clients import BenchFailure
+
+    once_each(["a", "b", "c"], 3, "jobs delivered")
+    with pytest.raises(BenchFailure, match=r"jobs delivered: 2 of 2, more than once: \['b'\]"):
+        once_each(["a", "b", "b"], 2, "jobs delivered")
+    with pytest.raises(BenchFailure, match=r"jobs pulled: 2 of 3, more than once: \[\]"):
+        once_each(["a", "b"], 3, "jobs pulled")

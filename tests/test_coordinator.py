@@ -17,6 +17,7 @@ from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc, rules
+from damocles_ext.jobs.model import READY, RUNNING
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 
 WORKER = "10.0.0.5"
@@ -300,6 +301,27 @@ async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
             nursery.cancel_scope.cancel()
         again = await jobs.get(taken.Id)
         assert again.State == "ready2run" and again.TryNum == 1
+
+
+async def test_a_dead_workers_job_is_ready_again_a_quarter_of_a_short_heartbeat_timeout_after(
+    tmp_path,
+):
+    # HeartbeatTimeout 1 s: the coordinator sweeps every 0.25 s, not at damocles' fixed 10 s,
+    # which would leave the job running long after its worker went silent.
+    limits = rules.JobLimits(heartbeat_timeout=1.0)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
+        jobs = TrioJobStore(store)
+        job, _ = await jobs.create(make_input(proof_type=PROOF))
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")  # then silent
+        assert taken.State == RUNNING
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Coordinator(jobs).sweep_forever)
+            # Its heartbeat time is whole seconds: timed out 1 to 2 s after the allocation.
+            with trio.fail_after(5):
+                while (found := await jobs.get(job.Id)) is None or found.State != READY:  # noqa: ASYNC110 - a store change sends no event on SQLite
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert (found.TryNum, found.ErrorReason) == (1, "")
 
 
 @pytest.mark.parametrize(

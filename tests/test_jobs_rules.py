@@ -425,3 +425,10 @@ def test_the_limits_have_damocles_defaults_and_refuse_nonsense():
         JobLimits(max_try=0)
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         JobLimits(heartbeat_timeout=float("nan"))
+
+
+def test_the_sweep_runs_at_least_four_times_per_heartbeat_timeout():
+    # damocles' 10 s, unless a quarter of HeartbeatTimeout is shorter (its 15 s: 3.75 s).
+    assert rules.sweep_every(rules.JobLimits()) == 3.75
+    assert rules.sweep_every(rules.JobLimits(heartbeat_timeout=60.0)) == 10.0
+    assert rules.sweep_every(rules.JobLimits(heartbeat_timeout=2.0)) == 0.5

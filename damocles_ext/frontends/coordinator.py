@@ -35,8 +35,8 @@ MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
-# damocles-manager's: a sweep every 10 s (also once at start; the store's limits say how often
-# here), a cleanup every 30 min.
+# damocles-manager's: a cleanup every 30 min. Its sweep every 10 s (and once at start) is
+# rules.sweep_every here: never more than a quarter of HeartbeatTimeout.
 CLEANUP_INTERVAL = 30 * 60.0
 
 
@@ -157,20 +157,20 @@ class Coordinator:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Time out silent jobs, retry failed ones, cancel past-deadline ones (and forget old
-        finished ones) until cancelled; `task_status.started()` after the first pass.
+        finished ones) until cancelled; `task_status.started()` after the first pass. The passes
+        are `sweep_interval` apart, by default rules.sweep_every of the store's limits.
 
         Without these passes a worker that dies keeps its job running forever. A failing pass
-        (the store unreachable for a while) is logged and tried again at the next interval,
-        which is the store's `limits.sweep_interval` unless given (damocles' 10 s, or the
-        HeartbeatTimeout when shorter: jobs/manager_config.py). A running job is timed out only
+        (the store unreachable for a while) is logged and tried again at the next interval.
+        A running job is timed out only
         once it was silent for a HeartbeatTimeout while this coordinator served: damocles'
         sweep at start takes back every job whose worker could not reach the manager while it
         was down."""
-        if sweep_interval is None:
-            sweep_interval = self.store.store.limits.sweep_interval
         next_cleanup = trio.current_time()
         started = False
         while True:
+            # Read at each pass: the limits may change while the coordinator runs.
+            every = sweep_interval or rules.sweep_every(self.store.store.limits)
             try:
                 # A job silent only because this coordinator was down (or restarting) is not
                 # taken back for it: its worker gets a timeout's time to reach it.
@@ -184,11 +184,11 @@ class Coordinator:
                     if cleaned.effects:
                         log.info("cleanup: %d finished jobs forgotten", len(cleaned.effects))
             except StoreError as exc:
-                log.warning("the sweep failed, trying again in %gs: %s", sweep_interval, exc)
+                log.warning("the sweep failed, trying again in %gs: %s", every, exc)
             if not started:
                 started = True
                 task_status.started()
-            await trio.sleep(sweep_interval)
+            await trio.sleep(every)
 
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -43,6 +43,9 @@ log = logging.getLogger("damocles_ext.producer")
 #: The first pause after a store failure; it doubles up to MAX_BACKOFF.
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+
+#: The effects after which a job may be done: a producer's wait looks at it again.
+_MAY_BE_DONE = (rules.Finished, rules.JobCancelled, rules.TimedOut, rules.Removed)
 
 WINNING_REFUSED = (
     "WinningPoSt must stay local: a block's proof has about 20 s, too little to wait for a job"
@@ -130,6 +133,14 @@ class JobProducer:
         event = self._wakers.pop(job_id, None)
         if event is not None:
             event.set()
+
+    def observe(self, effects: Iterable[rules.Effect]) -> None:
+        """A coordinator in this process changed jobs: wake the waits of those that may be done
+        now, so that they are answered at once rather than at their next poll (serve --listen:
+        SQLite has no notifications)."""
+        for effect in effects:
+            if isinstance(effect, _MAY_BE_DONE):
+                self.wake(effect.job_id)
 
     def wake_all(self) -> None:
         """Every waiter looks at its job now (the listener reconnected: it may have missed

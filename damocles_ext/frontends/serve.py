@@ -131,19 +131,20 @@ def serve_jobs(
         from damocles_ext.jobs.store import TrioJobStore
         from damocles_ext.protocol.jsonl import ready_line
 
+        producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         coordinator = None
         if listen is not None:
             from .coordinator import Coordinator, CoordinatorServer
 
+            # A finish it takes wakes the request waiting for that job at once, not at its poll.
+            rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
             # Bound before the ready line: a busy port fails the start (exit 2).
-            rpc = Coordinator(TrioJobStore(store), settings.stores)
             coordinator = (rpc, CoordinatorServer(rpc, *listen))
         protocol_in, protocol_out = take_protocol_fds()
         write_all(protocol_out, ready_line(stage))
 
         import trio
 
-        producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         return trio.run(
             run_producer, stage, producer, protocol_in, protocol_out, shutdown_grace, coordinator
         )

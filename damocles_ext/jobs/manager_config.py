@@ -33,7 +33,6 @@ from .rules import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_JOB_LIFETIME,
     DEFAULT_JOB_MAX_TRY,
-    DEFAULT_SWEEP_INTERVAL,
     JobLimits,
 )
 
@@ -226,20 +225,8 @@ def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, fr
     heartbeat = _duration(table, "HeartbeatTimeout", DEFAULT_HEARTBEAT_TIMEOUT, source)
     lifetime = _duration(table, "JobLifetime", DEFAULT_JOB_LIFETIME, source)
     given = frozenset(WORKER_PROVER_KEYS & set(table))
-    limits = JobLimits(
-        max_try=max_try,
-        heartbeat_timeout=heartbeat,
-        job_lifetime=lifetime,
-        sweep_interval=sweep_interval_for(heartbeat),
-    )
+    limits = JobLimits(max_try=max_try, heartbeat_timeout=heartbeat, job_lifetime=lifetime)
     return limits, given
-
-
-def sweep_interval_for(heartbeat_timeout: float) -> float:
-    """How often a coordinator sweeps: damocles' 10 s, or every HeartbeatTimeout when that is
-    shorter, so that a silent job is taken back within about two timeouts, not ten seconds
-    after a 2 s timeout."""
-    return min(DEFAULT_SWEEP_INTERVAL, heartbeat_timeout)
 
 
 def _duration(table: Mapping[str, Any], key: str, default: float, source: str) -> float:
