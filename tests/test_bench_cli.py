@@ -111,3 +111,23 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+@pytest.mark.slow  # a few seconds on an idle machine; two children and a process pool start
+def test_the_hotpath_benchmark_measures_its_floor_and_peer_in_the_same_run():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_hotpath", "--quick", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    for row in ("floor_p50_us", "api_p50_us", "api_cpu_us", "pool_per_s", "api_p50_over_floor"):
+        assert f"| {row} " in out, out
+    assert "api_p50_within_3x_floor" in out and "throughput_at_least_pool" in out
+    assert "not saved (add --save to write bench/results/hotpath-quick.json)" in out
+    assert _results_snapshot() == before
