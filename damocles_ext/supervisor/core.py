@@ -506,18 +506,18 @@ class Supervisor:
         # What the answers of one read dispatch goes out at the end, one write per child.
         self._applying += 1
         try:
-            self._on_each_event(child, events)
+            self._on_each_event(child, p, events)
         finally:
             self._applying -= 1
         if not self._applying:
             self._flush()
 
-    def _on_each_event(self, child: Child, events: list[Any]) -> None:
+    def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = trio.current_time()
         book = self._book
         for ev in events:
             if isinstance(ev, Answer):
-                self._on_answer(child, ev, now)
+                self._on_answer(child, p, ev, now)
             elif isinstance(ev, ProgressEvent):
                 self._apply(
                     book.progress(
@@ -539,7 +539,7 @@ class Supervisor:
                 log.warning("%s: a second ready message ignored", child.name)
                 self._apply(book.heard_from(child.name, now))
 
-    def _on_answer(self, child: Child, ev: Answer, now: float) -> None:
+    def _on_answer(self, child: Child, p: Process, ev: Answer, now: float) -> None:
         self._apply(
             self._book.answered(child.name, ev.child_rid, now, output=ev.output, error=ev.error)
         )
