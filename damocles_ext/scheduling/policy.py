@@ -159,6 +159,7 @@ class _Running:
     gpu_done: bool = False  # reported a non-GPU phase after its GPU phase
     fraction: float = 0.0  # of the GPU phase, from done/total
     fraction_at: float = 0.0
+    seq: int = 0  # start order (the order decide() reports passed deadlines in)
 
 
 _FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
@@ -169,10 +170,28 @@ _Heap = list[tuple[tuple[float, int, int, float], int, int]]
 
 
 class Scheduler:
-    """The dispatch policy: feed it events, call `decide(now)`, act on what it returns."""
+    """The dispatch policy: feed it events, call `decide(now)`, act on what it returns.
 
-    def __init__(self, *, gpu_phases: Iterable[str] = GPU_PHASES) -> None:
+    Decisions are incremental: `decide` looks again only at the stages an event touched (a job
+    queued, a slot or a lock freed, a child ready, down or pipelined, a queue's head due) and at
+    the running jobs whose deadline passed (a heap), and `next_wakeup` is cached until the next
+    event; `incremental=False` recomputes everything every time, with the same results (the
+    property tests compare the two).
+    """
+
+    def __init__(self, *, gpu_phases: Iterable[str] = GPU_PHASES, incremental: bool = True) -> None:
         self._gpu_phases = frozenset(gpu_phases)
+        self._incremental = incremental
+        self._dirty: set[str] = set()  # stages to look at again (see _touch)
+        self._all_dirty = True  # ... or every stage
+        self._any_locks = False  # some child holds locks: reservations cross stages
+        self._last_reserved: dict[str, frozenset[str]] = {}  # per stage, at its last decision
+        self._pipelined_stages: set[str] = set()  # time alone may let their children take work
+        self._order: list[str] | None = None  # _stage_order, until a stage is added
+        self._deadlines: list[tuple[float, int, int]] = []  # running: (deadline, seq, rid)
+        self._seq = itertools.count()
+        self._gen = 0  # bumped by every change: next_wakeup's cache key
+        self._wakeup_cache: tuple[int, float, float | None] | None = None
         self._vanilla_times: dict[str, deque[float]] = {}  # per stage
         self._decided_at = -math.inf
         self._children: dict[str, _Child] = {}
@@ -202,12 +221,15 @@ class Scheduler:
         child = _Child(info=info, order=len(self._children))
         self._children[info.child_id] = child
         self._by_stage.setdefault(info.stage, []).append(child)
+        self._any_locks |= bool(info.locks)
+        self._touch(info.stage)
 
     def child_ready(self, child_id: str, now: float) -> None:
         """The child said hello: it may take requests (this also clears FATAL)."""
         child = self._child(child_id)
         child.ready = True
         child.fatal = False
+        self._touch(child.info.stage)
 
     def child_down(self, child_id: str, now: float) -> list[Job]:
         """The child exited or broke: it takes nothing more; returns the jobs it was running.
@@ -216,6 +238,7 @@ class Scheduler:
         """
         child = self._child(child_id)
         child.ready = False
+        self._touch(child.info.stage)
         return self._drop_running(child)
 
     def child_fatal(self, child_id: str, now: float) -> list[Job]:
@@ -226,6 +249,7 @@ class Scheduler:
         child = self._child(child_id)
         child.ready = False
         child.fatal = True
+        self._touch(child.info.stage)
         return self._drop_running(child)
 
     # -- jobs -------------------------------------------------------------------------------
@@ -262,6 +286,7 @@ class Scheduler:
         run = self._running.get(request_id)
         if run is None:
             return False
+        self._touch(run.job.stage)
         if phase in self._gpu_phases:
             if run.gpu_done:
                 return True  # a second GPU phase: keep the first estimate, it is conservative
@@ -269,6 +294,7 @@ class Scheduler:
                 run.gpu_since = now
                 child = self._children[run.child_id]
                 child.pipelined = True
+                self._pipelined_stages.add(child.info.stage)
                 vanilla = self._vanilla_times.setdefault(run.job.stage, deque(maxlen=_HISTORY))
                 vanilla.append(now - run.started)
                 if not any(
@@ -295,6 +321,7 @@ class Scheduler:
         running, free its slot and locks as `finished` does. False if it was unknown."""
         if (entry := self._queued.pop(request_id, None)) is not None:
             self._queue_len[entry[1].stage] -= 1
+            self._touch(entry[1].stage)
             return True
         return self._finish(request_id, 0.0, learn=False)
 
@@ -303,29 +330,37 @@ class Scheduler:
     def decide(self, now: float) -> list[Decision]:
         """Everything to do now: starts, failures of expired or unservable jobs, cancels."""
         self._decided_at = now
+        self._gen += 1
         out: list[Decision] = []
-        for run in self._running.values():
-            if not run.cancelled and run.job.deadline is not None and now >= run.job.deadline:
-                run.cancelled = True
-                out.append(
-                    CancelRunning(
-                        run.job.request_id,
-                        run.child_id,
-                        f"request {run.job.request_id} passed its deadline "
-                        f"{now - run.job.deadline:.1f}s ago while running on {run.child_id}",
-                    )
-                )
+        for run, deadline in self._passed_deadlines(now):
+            run.cancelled = True
+            rid, cid = run.job.request_id, run.child_id
+            late = f"{now - deadline:.1f}s ago while running on {cid}"
+            out.append(CancelRunning(rid, cid, f"request {rid} passed its deadline {late}"))
         reserved: set[str] = set()
+        everything = self._all_dirty or not self._incremental
         for stage in self._stage_order():
             heap = self._heaps[stage]
-            reason = self._cannot_serve(stage)
-            while (entry := self._peek(heap)) is not None:
-                job = entry
+            job = self._peek(heap)
+            if not (
+                everything
+                or stage in self._dirty
+                or stage in self._pipelined_stages
+                or (job is not None and job.deadline is not None and now >= job.deadline)
+                or (self._any_locks and self._last_reserved.get(stage) != frozenset(reserved))
+            ):
+                # Nothing it depends on changed since it was last decided: nothing to do.
+                if job is not None and self._any_locks:
+                    reserved |= self._blocking_locks(stage)
+                continue
+            if self._any_locks:
+                self._last_reserved[stage] = frozenset(reserved)
+            reason = self._cannot_serve(stage) if job is not None else None
+            while job is not None:
                 if reason is not None:
                     self._pop(heap)
                     out.append(Fail(job.request_id, reason))
-                    continue
-                if job.deadline is not None and now >= job.deadline:
+                elif job.deadline is not None and now >= job.deadline:
                     self._pop(heap)
                     out.append(
                         Fail(
@@ -334,37 +369,73 @@ class Scheduler:
                             "could start; it was not sent to a prover",
                         )
                     )
-                    continue
-                child = self._pick(stage, reserved, now)
-                if child is None:
-                    break
-                self._pop(heap)
-                self._start(job, child, now)
-                out.append(Start(job.request_id, child.info.child_id))
-            if self._peek(heap) is not None:
+                else:
+                    child = self._pick(stage, reserved, now)
+                    if child is None:
+                        break
+                    self._pop(heap)
+                    self._start(job, child, now)
+                    out.append(Start(job.request_id, child.info.child_id))
+                job = self._peek(heap)
+            if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)
+        self._dirty.clear()
+        self._all_dirty = False
         return out
+
+    def _passed_deadlines(self, now: float) -> list[tuple[_Running, float]]:
+        """Running jobs not cancelled yet whose deadline is at or before `now`, in start order."""
+        if not self._incremental:
+            runs = self._running.values()
+            return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
+        heap = self._deadlines
+        due = []
+        while heap and heap[0][0] <= now:
+            deadline, seq, rid = heapq.heappop(heap)
+            run = self._running.get(rid)
+            if run is not None and run.seq == seq and not run.cancelled:
+                due.append((run, deadline))
+        due.sort(key=lambda pair: pair[0].seq)
+        return due
+
+    def _live_deadline(self, entry: tuple[float, int, int]) -> bool:
+        run = self._running.get(entry[2])
+        return run is not None and run.seq == entry[1] and not run.cancelled
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
         becomes able to take the next queued job; None if there is no such time."""
-        times = [
-            run.job.deadline
-            for run in self._running.values()
-            if not run.cancelled and run.job.deadline is not None
-        ]
-        for stage, heap in self._heaps.items():
-            head = self._peek(heap)
+        cached = self._wakeup_cache
+        if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
+            return cached[2]
+        if self._incremental:
+            heap = self._deadlines
+            while heap and not self._live_deadline(heap[0]):
+                heapq.heappop(heap)
+            times = [heap[0][0]] if heap else []  # the earliest of a running job not cancelled
+        else:
+            times = [
+                run.job.deadline
+                for run in self._running.values()
+                if not run.cancelled and run.job.deadline is not None
+            ]
+        for stage, heap_ in self._heaps.items():
+            head = self._peek(heap_)
             if head is None:
                 continue
             if head.deadline is not None:
                 times.append(head.deadline)
+            if stage not in self._pipelined_stages and self._incremental:
+                continue
             for child in self._by_stage.get(stage, []):
                 if child.ready and child.pipelined and len(child.running) < child.info.capacity:
                     when = self._takes_next_at(child)
                     if when is not None and self._decided_at < when < math.inf:
                         times.append(when)
-        return min(times, default=None)
+        wakeup = min(times, default=None)
+        if self._incremental:
+            self._wakeup_cache = (self._gen, self._decided_at, wakeup)
+        return wakeup
 
     def statistics(self) -> SchedulerStatistics:
         """Queue lengths and nearest deadline per stage, running jobs per child, locks held."""
@@ -410,7 +481,15 @@ class Scheduler:
         if job.request_id in self._queued or job.request_id in self._running:
             raise ValueError(f"request {job.request_id} is already queued or running")
 
+    def _touch(self, stage: str) -> None:
+        """Something `stage`'s decisions depend on changed."""
+        self._dirty.add(stage)
+        self._gen += 1
+
     def _enqueue(self, job: Job, tier: int) -> None:
+        self._touch(job.stage)
+        if job.stage not in self._heaps:
+            self._order = None
         token = next(self._tokens)
         deadline = math.inf if job.deadline is None else job.deadline
         key = (deadline, -job.priority, tier, job.arrival)
@@ -434,18 +513,21 @@ class Scheduler:
         return job
 
     def _stage_order(self) -> list[str]:
-        first = [s for s in STAGE_PRIORITY if s in self._heaps]
-        return first + sorted(s for s in self._heaps if s not in STAGE_PRIORITY)
+        if self._order is None:
+            first = [s for s in STAGE_PRIORITY if s in self._heaps]
+            self._order = first + sorted(s for s in self._heaps if s not in STAGE_PRIORITY)
+        return self._order
 
     def _cannot_serve(self, stage: str) -> str | None:
         children = self._by_stage.get(stage, [])
         if not children:
             return f"no {stage} children are configured"
-        if all(c.fatal for c in children):
-            n = len(children)
-            which = "the only child is" if n == 1 else f"all {n} children are"
-            return f"no {stage} child can serve: {which} FATAL"
-        return None
+        for c in children:
+            if not c.fatal:
+                return None
+        n = len(children)
+        which = "the only child is" if n == 1 else f"all {n} children are"
+        return f"no {stage} child can serve: {which} FATAL"
 
     def _held_elsewhere(self, child: _Child) -> set[str]:
         cid = child.info.child_id
@@ -469,8 +551,7 @@ class Scheduler:
             if not (
                 c.ready
                 and len(c.running) < c.info.capacity
-                and not (c.info.locks & reserved)
-                and not self._held_elsewhere(c)
+                and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
             ):
                 continue
             free_at = now
@@ -567,7 +648,14 @@ class Scheduler:
     def _start(self, job: Job, child: _Child, now: float) -> None:
         cid = child.info.child_id
         child.running.add(job.request_id)
-        self._running[job.request_id] = _Running(job=job, child_id=cid, started=now)
+        seq = next(self._seq)
+        self._running[job.request_id] = _Running(job=job, child_id=cid, started=now, seq=seq)
+        if job.deadline is not None:
+            heap = self._deadlines
+            heapq.heappush(heap, (job.deadline, seq, job.request_id))
+            if len(heap) > 64 + 2 * len(self._running):  # mostly finished ones: drop them
+                self._deadlines = [e for e in heap if self._live_deadline(e)]
+                heapq.heapify(self._deadlines)
         for lock in child.info.locks:
             holders = self._lock_holders.setdefault(lock, {})
             holders[cid] = holders.get(cid, 0) + 1
@@ -575,6 +663,9 @@ class Scheduler:
     def _release(self, run: _Running) -> None:
         child = self._children[run.child_id]
         child.running.discard(run.job.request_id)
+        self._touch(child.info.stage)
+        if child.info.locks:
+            self._all_dirty = True  # a lock freed: a child of any stage may take work now
         for lock in child.info.locks:
             holders = self._lock_holders[lock]
             holders[run.child_id] -= 1

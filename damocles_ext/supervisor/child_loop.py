@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from .observers import Observers
     from .orphans import GroupGuardian
     from .reaper import Reaper
-    from .request import Waiter
 
 log = logging.getLogger("damocles_ext.supervisor")
 child_log = logging.getLogger("damocles_ext.child")
@@ -155,10 +154,6 @@ class Process:
         self.handshake_scope = trio.CancelScope()
         self.reader_done: trio.Event | None = None
         self.read_ended = False  # EOF or a protocol error: nothing more is read
-        self.read_owner: Waiter | None = None  # its caller reads the pipe (see read)
-        self.reader_waiting = False  # the reader task is in wait_readable
-        self.owner_waiting = False  # so is the read_owner
-        self.reader_resume = trio.Event()
         self.stderr_done = trio.Event()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stdin_fd = proc.stdin.fileno()
@@ -169,77 +164,45 @@ class Process:
         """Make the child task look at this process now (it went down, or we stop)."""
         self.wake.set()
         self.handshake_scope.cancel()
-        self.release_reader()
-
-    def release_reader(self) -> None:
-        """A submitter reading this pipe stops; the reader task takes over (see read)."""
-        if self.read_owner is not None:
-            self.read_owner = None
-            if self.owner_waiting:
-                trio.lowlevel.notify_closing(self.proc.stdout.fileno())
 
 
-async def read(host: ChildHost, child: Child, p: Process, owner: Waiter | None = None) -> None:
-    """Read `p`'s stdout and act on it: as its reader task (`owner` None) until EOF or a protocol
-    error, or in the task that submitted request `owner` until that request is answered.
+async def read(host: ChildHost, child: Child, p: Process) -> None:
+    """Read `p`'s stdout and act on it, as its reader task, until EOF or a protocol error.
 
-    A submitter reads while it waits (`Supervisor.submit`): answers then wake their caller
-    directly instead of through the reader task, which saves a pass of trio's scheduler on every
-    request's path. Meanwhile the reader task waits (`reader_resume`) and takes over again when
-    the submitter returns. Whoever waits in wait_readable is moved out with notify_closing (the
-    fd stays open), as a CancelScope per request would cost more than the pass it saves. Plain
-    os.read on the non-blocking pipe: FdStream.receive_some yields to the scheduler after every
-    successful read, which puts a whole loop iteration on each answer's path.
+    This task alone reads the pipe and stays in wait_readable between answers: nothing moves it
+    out per request (a second reader, a cancel scope per read), so an answer costs one wakeup
+    of this task and one of its caller. Plain os.read on the non-blocking pipe: FdStream's
+    receive_some yields to the scheduler after every successful read, which would put a whole
+    loop iteration on each answer's path; a read shorter than asked emptied the pipe, so the
+    next one waits for the pipe first instead of failing with EAGAIN.
     """
     fd = p.proc.stdout.fileno()
-    if owner is not None:
-        p.read_owner = owner
-        if p.reader_waiting:
-            trio.lowlevel.notify_closing(fd)  # the reader task leaves wait_readable at once
     unyielded = 0
+    wait = False
     try:
         while not p.read_ended:
-            if owner is None:
-                if p.read_owner is not None:
-                    p.reader_resume = trio.Event()
-                    await p.reader_resume.wait()
-                    continue
-            elif p.read_owner is not owner or owner.done:
-                break
-            if unyielded >= _YIELD_EVERY:
+            if wait:
                 unyielded = 0
-                await trio.lowlevel.checkpoint()
-                continue
-            try:
-                data = os.read(fd, _READ_SIZE)
-                unyielded += 1
-            except BlockingIOError:
-                unyielded = 0
-                if owner is None:
-                    p.reader_waiting = True
-                else:
-                    p.owner_waiting = True
                 try:
                     await trio.lowlevel.wait_readable(fd)
                 except trio.ClosedResourceError:
-                    pass  # moved out by the other reader: see above
-                finally:
-                    if owner is None:
-                        p.reader_waiting = False
-                    else:
-                        p.owner_waiting = False
+                    pass  # closed under us: the read below says so
+            elif unyielded >= _YIELD_EVERY:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                wait = True
                 continue
             except OSError:
                 data = b""
+            unyielded += 1
+            wait = 0 < len(data) < _READ_SIZE
             _on_data(host, child, p, data)
     finally:
-        if owner is None:
-            assert p.reader_done is not None
-            p.reader_done.set()
-        else:
-            if p.read_owner is owner:
-                p.read_owner = None
-            p.reader_resume.set()
+        assert p.reader_done is not None
+        p.reader_done.set()
 
 
 def kill(

@@ -11,8 +11,9 @@ kills and reaps what is left; `observers` fans events out to the plugins; `stats
 Shape:
 * every event (a submit, a child ready, an answer, a child down or lost, a caller gone) is told
   to the book at once, with `trio.current_time()`, and the effects it returns are carried out in
-  order (`_apply`): tasks and Cancels written with `child_loop.send` (directly while the pipe
-  takes them, the rest through the child's writer task, so nothing blocks), kills, answers;
+  order (`_apply`): tasks and Cancels written with `child_loop.send` once the effects are carried
+  out, one write per child (directly while the pipe takes them, the rest through the child's
+  writer task, so nothing blocks), kills, answers;
 * a driver task tells the book when time passes, at the book's `next_wakeup()` (woken sooner
   when an event brings it forward);
 * one task per child (`child_loop.child_loop`): spawn, handshake, serve, tear down, back off,
@@ -152,6 +153,8 @@ class Supervisor:
             )
         self._rids = itertools.count(1)
         self._waiters: dict[int, Waiter] = {}  # callers waiting, by request id
+        self._applying = 0  # _apply calls under way (they nest)
+        self._pending: dict[str, tuple[Child, Process, list[bytes]]] = {}  # see _write
         self._wake = trio.Event()  # the driver looks at the book's next_wakeup again
         self._armed = math.inf  # when the driver wakes up next
         self._shutting_down = False
@@ -303,12 +306,7 @@ class Supervisor:
         waiter = self._waiters[rid] = Waiter(tracked, on_progress)
         self._apply(effects)
         try:
-            while not waiter.done:
-                where = waiter.running_on
-                if where is not None and where[1].read_owner is None and not where[1].read_ended:
-                    await child_loop.read(self._host, where[0], where[1], owner=waiter)
-                else:
-                    await waiter.event.wait()
+            await waiter.event.wait()
         finally:
             if not waiter.done:
                 # The caller went away (cancelled): forget the request, stop its work if we can.
@@ -378,7 +376,38 @@ class Supervisor:
     # -- the request book -------------------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
-        """Carry out what the request book asked, in order."""
+        """Carry out what the request book asked, in order; what goes to one child's stdin is
+        written at the end, in one write (several requests on a child with Concurrent > 1)."""
+        self._applying += 1
+        try:
+            self._carry_out(effects)
+        finally:
+            self._applying -= 1
+        if not self._applying:
+            self._flush()
+        # A new alarm may be due before the driver's: have it look again.
+        wakeup = self._book.next_wakeup()
+        if wakeup is not None and wakeup < self._armed:
+            self._wake.set()
+
+    def _write(self, child: Child, p: Process, data: bytes) -> None:
+        pending = self._pending.get(child.name)
+        if pending is None or pending[0] is not p:
+            if pending is not None:
+                self._flush()
+            self._pending[child.name] = (child, p, [data])
+        else:
+            pending[2].append(data)
+
+    def _flush(self) -> None:
+        """Write what `_write` kept, each child's in one write, in order."""
+        pending = self._pending
+        while pending:
+            child, p, chunks = pending.pop(next(iter(pending)))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            child_loop.send(self._host, child, p, data)
+
+    def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Send):
                 self._send(effect)
@@ -388,8 +417,9 @@ class Supervisor:
                 child = self._children[effect.child]
                 p = child.p
                 if p is not None and (data := p.conn.encode_cancel(effect.child_rid)) is not None:
-                    child_loop.send(self._host, child, p, data)
+                    self._write(child, p, data)
             elif isinstance(effect, Kill):
+                self._flush()
                 child = self._children[effect.child]
                 if child.p is not None:
                     child_loop.kill(self._host, child, child.p, effect.reason)
@@ -401,17 +431,10 @@ class Supervisor:
                     effect.attempt,
                     effect.max_attempts,
                 )
-                waiter = self._waiters.get(effect.request.rid)
-                if waiter is not None:
-                    self._release(waiter)
             elif isinstance(effect, ReportProgress):
                 self._report_progress(effect)
             elif isinstance(effect, Note):
                 log.log(logging.getLevelName(effect.level.upper()), "%s", effect.message)
-        # A new alarm may be due before the driver's: have it look again.
-        wakeup = self._book.next_wakeup()
-        if wakeup is not None and wakeup < self._armed:
-            self._wake.set()
 
     def _send(self, effect: Send) -> None:
         req = effect.request
@@ -444,10 +467,7 @@ class Supervisor:
             )
             self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
             return
-        waiter = self._waiters.get(req.rid)
-        if waiter is not None:
-            waiter.running_on = (child, p)
-        child_loop.send(self._host, child, p, data)
+        self._write(child, p, data)
         if self._observers.active:
             self._observers.observe("dext_request_started", request=request_info(req))
 
@@ -460,7 +480,6 @@ class Supervisor:
             else:
                 waiter.output = effect.output
             waiter.event.set()
-            self._release(waiter)
         self._notify()
         if self._observers.active:
             now = trio.current_time()
@@ -471,14 +490,6 @@ class Supervisor:
                 duration=now - req.arrival,
                 slack=None if req.deadline is None else req.deadline - now,
             )
-
-    @staticmethod
-    def _release(waiter: Waiter) -> None:
-        """`waiter`'s request left its child: its caller stops reading that child's pipe."""
-        where = waiter.running_on
-        waiter.running_on = None
-        if where is not None and where[1].read_owner is waiter:
-            where[1].release_reader()
 
     def _report_progress(self, effect: ReportProgress) -> None:
         waiter = self._waiters.get(effect.request.rid)
@@ -492,6 +503,16 @@ class Supervisor:
     # -- what children say ------------------------------------------------------------------
 
     def _on_events(self, child: Child, p: Process, events: list[Any]) -> None:
+        # What the answers of one read dispatch goes out at the end, one write per child.
+        self._applying += 1
+        try:
+            self._on_each_event(child, p, events)
+        finally:
+            self._applying -= 1
+        if not self._applying:
+            self._flush()
+
+    def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = trio.current_time()
         book = self._book
         for ev in events:

@@ -2,8 +2,7 @@
 
 The request itself, its attempts and the rules are the request book's
 (`lifecycle.book.TrackedRequest`); this is what only the trio driver needs: the event the caller
-waits on, the answer, the progress callback, and which child's pipe the caller may read while it
-waits (see `child_loop.read`).
+waits on, the answer and the progress callback.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from ..tasks import Output
 
 if TYPE_CHECKING:
     from ..lifecycle import TrackedRequest
-    from .child_loop import Child, Process
 
 
 @dataclass(eq=False)
@@ -32,7 +30,6 @@ class Waiter:
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)
-    running_on: tuple[Child, Process] | None = None  # where the current attempt runs
 
     @property
     def rid(self) -> int:
