@@ -2,8 +2,8 @@
 
 The request itself, its attempts and the rules are the request book's
 (`lifecycle.book.TrackedRequest`); this is what only the trio driver needs: the event the caller
-waits on, the answer, the progress callback, and which child's pipe the caller may read while it
-waits (see `child_loop.read`).
+waits on, the answer, the progress and dispatch callbacks, and which child's pipe the caller may
+read while it waits (see `child_loop.read`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Waiter:
 
     tracked: TrackedRequest
     on_progress: Callable[[dext.Progress], None] | None
+    on_dispatch: Callable[[str | None], None] | None = None  # a child's name, or None: waiting
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)
