@@ -152,8 +152,8 @@ async def test_a_removed_job_is_found_by_heartbeating_one_by_one_and_cancelled(
         assert [p[1] for p in venus_calls(manager, "WdPoStAllocateJobs")][:2] == [1, 1]
         await until(manager, lambda m: any(len(p[0]) == 2 for p in m.params_of(
             "Venus.WdPoStHeartbeatJobs")))  # fmt: skip
-        manager.server.calls.clear()
-        await trio.to_thread.run_sync(manager._txn(manager._remove), gone)
+        manager.forget_calls()
+        await trio.to_thread.run_sync(manager.call, "WdPoStRemoveJob", gone)
         # The batch heartbeat fails as a whole; alone, only the removed job's fails.
         assert (await rec.next("finished"))[2] == "cancelled"
         assert set(worker.held) == {kept}
@@ -174,7 +174,7 @@ async def test_a_job_reset_while_it_runs_is_taken_back_by_its_next_heartbeat_as_
     worker = Worker(worker_settings(manager.url, kids))
     async with pulling(manager, worker):
         await worker.wait_for(lambda: jid in worker.held)
-        await trio.to_thread.run_sync(manager._txn(manager._reset), jid)
+        await trio.to_thread.run_sync(manager.call, "WdPoStResetJob", jid)
         await until(manager, lambda m: m.job(jid).State == "running" and m.job(jid).WorkerName)
         await worker.wait_for(lambda: worker.counters.delivered == 1)
     done = manager.job(jid)
@@ -241,16 +241,17 @@ def test_wdpost_list_reset_and_remove_work_against_damocles_manager(manager):
         )  # fmt: skip
 
     ready, failed, gone = (manager.create(job_input(seed=n)) for n in range(3))
-    manager._txn(manager._allocate)({}, 2, "w1")
-    manager._txn(manager._finish)(failed, None, "it broke")
+    manager.call("WdPoStAllocateJobs", {}, 2, "w1")
+    manager.call("WdPoStFinishJob", failed, None, "it broke")
+    manager.job_max_try = 1
     listed = wdpost("list")
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert listed.stdout.split()[:3] == ["JobID", "MinerID", "DDL"]
     assert set(rows) == {ready, failed, gone}
     assert "Failed" in rows[failed] and "it broke" in rows[failed]
-    # MaxTry comes from the manager: the Try column marks the limit only at 2 tries.
-    assert "(Max)" not in listed.stdout
+    # MaxTry comes from the manager (1 here; the CLI's own default is 2).
+    assert "1(Max)" in rows[failed] and "0(Max)" not in rows[ready]
     assert wdpost("reset", failed).returncode == 0
     assert manager.job(failed).State == "ready2run" and manager.job(failed).TryNum == 0
     unknown = wdpost("reset", ready, "nope")

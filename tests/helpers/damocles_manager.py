@@ -98,6 +98,14 @@ class DamoclesManager:
         with self.server._lock:
             return list(self.server.calls)
 
+    def call(self, method: str, *params: Any) -> Any:
+        """Run `Venus.<method>` here as the server would (an operator's CLI), unrecorded."""
+        return self.server.methods[f"Venus.{method}"](*params)
+
+    def forget_calls(self) -> None:
+        with self.server._lock:
+            self.server.calls.clear()
+
     def params_of(self, method: str) -> list[list[Any]]:
         return [p for m, p in self.calls if m == method]
 
