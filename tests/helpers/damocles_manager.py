@@ -1,6 +1,6 @@
 """A damocles-manager run with `--worker-prover`, as a peer for our worker and CLI in tests: its
 jobs in memory the way its kv job manager keeps them (modules/impl/prover/worker/job_mgr_kv.go),
-served over go-jsonrpc's forms by `GoJsonRpcServer`. Built apart from our coordinator, store and
+served over go-jsonrpc's forms (a `GoJsonRpcServer`: `start()`, `stop()`, `url`, `calls`). Built apart from our coordinator, store and
 rules on purpose; only the record's JSON form and the job id come from jobs/model.py (the wire
 contract).
 
@@ -46,7 +46,7 @@ _replace = msgspec.structs.replace
 KEY_NOT_FOUND = "key not found"  # kvstore.ErrKeyNotFound's text
 
 
-class DamoclesManager:
+class DamoclesManager(GoJsonRpcServer):
     def __init__(
         self,
         stores: dict[str, str] | None = None,
@@ -72,48 +72,29 @@ class DamoclesManager:
             "StoreBasicInfo": self._store_basic_info,
             "WorkerPing": self._worker_ping,
         }
-        self.server = GoJsonRpcServer({f"Venus.{m}": self._txn(f) for m, f in methods.items()})
+        super().__init__({f"Venus.{m}": self._txn(f) for m, f in methods.items()})
 
-    # --- the server ------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def calls(self) -> list[tuple[str, list[Any]]]:
-        with self.server._lock:
-            return list(self.server.calls)
+    # --- for tests -----------------------------------------------------------------------------
 
     def call(self, method: str, *params: Any) -> Any:
         """Run `Venus.<method>` here as the server would (an operator's CLI), unrecorded."""
-        return self.server.methods[f"Venus.{method}"](*params)
+        return self.methods[f"Venus.{method}"](*params)
 
     def forget_calls(self) -> None:
-        with self.server._lock:
-            self.server.calls.clear()
+        with self._lock:
+            self.calls.clear()
 
     def params_of(self, method: str) -> list[list[Any]]:
-        return [p for m, p in self.calls if m == method]
+        with self._lock:
+            return [p for m, p in self.calls if m == method]
 
     def wait_for(self, predicate: Callable[[Self], bool], timeout: float = 30.0) -> None:
         """Block until a call (or a change made here) makes `predicate(self)` hold."""
         with self._changed:
             if not self._changed.wait_for(lambda: predicate(self), timeout):
-                raise TimeoutError(f"not reached within {timeout} s; calls: {self.calls}")
+                raise TimeoutError(
+                    f"not reached within {timeout} s; calls: {self.methods_called()}"
+                )
 
     def _txn(self, method: Callable[..., Any]) -> Callable[..., Any]:
         """One call as one transaction: all of it or (on an error) nothing."""
