@@ -72,6 +72,18 @@ def children(tmp_path, text: str):
     return tuple(parse_config(text, str(tmp_path / "ext-prover.cfg")).children)
 
 
+def worker_settings(manager: str, kids, **kw) -> WorkerSettings:
+    """A test worker's settings: short heartbeats and backoffs, no pause between jobs."""
+    kw.setdefault("name", "gpu-1")
+    kw.setdefault("attached", {"store-a": "/mnt/store-a"})  # the sleep and echo provers read none
+    kw.setdefault("heartbeat_interval", 0.2)
+    kw.setdefault("idle_poll", 600.0)  # a pause between jobs would fail the test's timeout
+    kw.setdefault("retry_base", 0.05)
+    kw.setdefault("retry_cap", 0.2)
+    kw.setdefault("shutdown_grace", 5.0)
+    return WorkerSettings(manager=manager, children=kids, **kw)
+
+
 class Rig:
     """A coordinator on a real store, serving over HTTP on a loopback port, recording what the
     store did (allocations and finishes)."""
@@ -100,16 +112,7 @@ class Rig:
         return sum(isinstance(e, rules.Allocated) and e.job_id == job_id for e in self.effects)
 
     def settings(self, kids, **kw) -> WorkerSettings:
-        kw.setdefault("name", "gpu-1")
-        kw.setdefault(
-            "attached", {"store-a": "/mnt/store-a"}
-        )  # the sleep and echo provers read no file
-        kw.setdefault("heartbeat_interval", 0.2)
-        kw.setdefault("idle_poll", 600.0)  # a pause between jobs would fail the test's timeout
-        kw.setdefault("retry_base", 0.05)
-        kw.setdefault("retry_cap", 0.2)
-        kw.setdefault("shutdown_grace", 5.0)
-        return WorkerSettings(manager=f"127.0.0.1:{self.port}", children=kids, **kw)
+        return worker_settings(f"127.0.0.1:{self.port}", kids, **kw)
 
     def close(self) -> None:
         self.server.close()
@@ -289,68 +292,6 @@ async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_afte
     done = await rig.jobs.get(job.Id)
     assert done.succeeded and done.TryNum == 1 and done.Output.proofs
     assert rig.allocations_of(job.Id) == 1 and worker.counters.given_up == 0
-
-
-class VenusOnly(Coordinator):
-    """damocles-manager --worker-prover: the Venus.* methods, and -32601 for ours."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls: list[tuple[str, tuple]] = []
-
-    async def handle(self, call):
-        self.calls.append((call.method, call.params))
-        if call.method.startswith("Dext."):
-            raise rpc.RpcError(
-                rpc.METHOD_NOT_FOUND, f"method '{call.method}' not found", call.request_id
-            )
-        return await super().handle(call)
-
-
-async def test_against_damocles_manager_jobs_are_allocated_one_per_call_end_to_end(
-    make_rig, tmp_path
-):
-    rig = make_rig(coordinator=VenusOnly)
-    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
-    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.3) * 2)
-    worker = Worker(rig.settings(kids))
-    await run_until(rig, worker, lambda: worker.counters.delivered == 3)
-    assert worker.api is Api.VENUS
-    jobs = [await rig.jobs.get(i) for i in ids]
-    assert all(j.succeeded and j.TryNum == 1 for j in jobs)
-    methods = [
-        m for m, _ in rig.coordinator.calls
-        if m not in ("Venus.StoreBasicInfo", "Venus.WorkerPing")
-    ]  # fmt: skip
-    # Our method first; its -32601 switches the worker to damocles' for good.
-    assert methods[0] == "Dext.AllocateJobs" and methods.count("Dext.AllocateJobs") == 1
-    allocations = [p for m, p in rig.coordinator.calls if m == "Venus.WdPoStAllocateJobs"]
-    assert allocations and all(p[1] == 1 for p in allocations)
-    assert "Venus.WdPoStFinishJob" in methods and "Dext.FinishJob" not in methods
-    assert rig.most_running <= 2
-
-
-async def test_against_damocles_manager_a_removed_job_is_found_by_heartbeating_one_by_one(
-    make_rig, tmp_path, recorder
-):
-    rec, pm = recorder
-    rig = make_rig(coordinator=VenusOnly)
-    kept, _ = await rig.jobs.create(job_input(seed=1))
-    gone, _ = await rig.jobs.create(job_input(seed=2))
-    kids = children(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
-    )
-    worker = Worker(rig.settings(kids, shutdown_grace=0.2), plugin_manager=pm)
-    async with serving(rig, worker):
-        await worker.wait_for(lambda: len(worker.held) == 2)
-        await rig.jobs.remove(gone.Id)
-        # The batch heartbeat fails as a whole; alone, only the removed job's fails.
-        assert (await rec.next("finished"))[2] == "cancelled"
-        assert set(worker.held) == {kept.Id}
-        beats = [p[0] for m, p in rig.coordinator.calls if m == "Venus.WdPoStHeartbeatJobs"]
-        assert sorted([gone.Id, kept.Id]) in [sorted(b) for b in beats]
-        assert [gone.Id] in beats
-        assert (await rig.jobs.get(kept.Id)).State == "running"
 
 
 async def test_a_job_in_a_store_the_worker_lacks_fails_naming_the_store_and_the_job(rig, tmp_path):

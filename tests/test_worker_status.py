@@ -4,7 +4,10 @@ against a real coordinator over HTTP, real children."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import urllib.request
 
 import pytest
@@ -74,28 +77,35 @@ class Served:
         await self.ended.wait()
 
 
+@contextlib.asynccontextmanager
+async def serving(rig: Rig, served: Served):
+    """The rig's coordinator and the served worker, for a minute at most; the worker stopped at
+    the end of the body."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            nursery.start_soon(served.run)
+            await served.started.wait()
+            yield served.worker
+            await served.stop()
+            nursery.cancel_scope.cancel()
+
+
 async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the_lost_lease(
     rig, tmp_path
 ):
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
     served = Served(rig, tmp_path, kids, shutdown_grace=0.2)
     job, _ = await rig.jobs.create(job_input(miner=1000))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            nursery.start_soon(served.run)
-            await served.started.wait()
-            worker = served.worker
-            await worker.wait_for(
-                lambda: job.Id in worker.held and worker.held[job.Id].last_heartbeat is not None
-            )
-            doc = json.loads(await served.status("--json"))
-            table = await served.status()
-            await rig.jobs.remove(job.Id)
-            await worker.wait_for(lambda: worker.counters.stopped == 1)
-            scraped = await served.scrape()
-            await served.stop()
-            nursery.cancel_scope.cancel()
+    async with serving(rig, served) as worker:
+        await worker.wait_for(
+            lambda: job.Id in worker.held and worker.held[job.Id].last_heartbeat is not None
+        )
+        doc = json.loads(await served.status("--json"))
+        table = await served.status()
+        await rig.jobs.remove(job.Id)
+        await worker.wait_for(lambda: worker.counters.stopped == 1)
+        scraped = await served.scrape()
     part = doc["worker"]
     assert part["name"] == "gpu-1" and part["manager"] == f"http://127.0.0.1:{rig.port}/rpc/v0"
     assert part["api"] == "Dext" and part["pulled"] == 1
@@ -103,6 +113,7 @@ async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the
     assert held["id"] == job.Id and held["miner"] == 1000 and held["state"] == "proving"
     assert held["lease"] == "leased" and held["heartbeat_age"] is not None
     assert held["elapsed"] >= 0 and held["sectors"] == 1
+    assert held["child"] == "window_post#0"
     assert [c["name"] for c in doc["children"]] == ["window_post#0"]
     assert f"worker gpu-1 pulls from http://127.0.0.1:{rig.port}/rpc/v0 (Dext)" in table
     assert job.Id in table and "leased" in table and "proving" in table
@@ -114,6 +125,28 @@ async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the
         if line.startswith("damocles_ext_worker_heartbeat_seconds_count")
     )  # fmt: skip
     assert float(count.split()[-1]) >= 1
+
+
+async def test_status_shows_the_child_proving_each_job_and_the_new_one_after_a_retry(rig, tmp_path):
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    served = Served(rig, tmp_path, kids, shutdown_grace=0.2)
+    job, _ = await rig.jobs.create(job_input())
+    async with serving(rig, served) as worker:
+        await worker.wait_for(lambda: job.Id in worker.held and worker.held[job.Id].child)
+        [first] = json.loads(await served.status("--json"))["worker"]["jobs"]
+        # Its child dies: the supervisor retries the request on the other one.
+        [proving] = [c for c in worker.supervisor.statistics().children if c.name == first["child"]]
+        os.kill(proving.pid, signal.SIGKILL)
+        await worker.wait_for(lambda: worker.held[job.Id].child not in (None, first["child"]))
+        [second] = json.loads(await served.status("--json"))["worker"]["jobs"]
+        table = await served.status()
+    names = {"window_post#0", "window_post#1"}
+    assert first["id"] == second["id"] == job.Id and first["child"] in names
+    assert second["child"] == (names - {first["child"]}).pop()
+    [row] = [line for line in table.splitlines() if line.startswith(job.Id)]
+    assert second["child"] in row.split()
 
 
 async def test_a_scrape_after_a_pulled_and_finished_job_counts_it(rig, tmp_path):

@@ -406,7 +406,7 @@ class Worker:
     async def _prove(self, held: HeldJob) -> None:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
-            output, error = await self._proof_of(held.job)
+            output, error = await self._proof_of(held)
             held.state = "finishing"
             self._touch()
             await self._deliver(held, output, error)
@@ -417,8 +417,14 @@ class Worker:
             await self._deliver(held, None, error)
         self._release(held)
 
-    async def _proof_of(self, job: PulledJob) -> tuple[JobOutput | None, str]:
+    async def _proof_of(self, held: HeldJob) -> tuple[JobOutput | None, str]:
         """The job's output, or the error to report instead (cancellation passes through)."""
+        job = held.job
+
+        def dispatched(child: str | None) -> None:
+            held.child = child
+            self._touch()
+
         try:
             task = self._task_for(job)
         except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
@@ -427,7 +433,7 @@ class Worker:
             return None, error
         assert self._sup is not None
         try:
-            answer = await self._sup.submit(task, deadline=job.NotAfter)
+            answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
             log.warning("job %s: no proof: %s", job.Id, exc)
             return None, str(exc)

@@ -22,6 +22,7 @@ class HeldJob:
     stop_reason: str | None = None
     delivery_failures: int = 0  # finish calls that did not get the result taken
     last_heartbeat: float | None = None  # unix seconds the manager last took its heartbeat
+    child: str | None = None  # the child its current attempt runs on (the supervisor says)
 
 
 @dataclass

@@ -206,12 +206,9 @@ def worker_info(
 def allocate_params(
     api: Api, miners: tuple[int, ...], proof_types: tuple[str, ...], n: int, worker: str
 ) -> tuple[str, tuple[object, ...]]:
-    """The method and params of an allocation of `n` jobs; empty filters are sent as null, as
-    damocles-worker sends an unset list (both servers read null and [] as any)."""
-    spec = {
-        "AllowedMiners": list(miners) or None,
-        "AllowedProofTypes": list(proof_types) or None,
-    }
+    """The method and params of an allocation of `n` jobs; empty filters are sent as `[]`, as
+    damocles-worker's wdpost threads send them (both servers read null and [] as any)."""
+    spec = {"AllowedMiners": list(miners), "AllowedProofTypes": list(proof_types)}
     method = "Dext.AllocateJobs" if api is Api.DEXT else "Venus.WdPoStAllocateJobs"
     return method, (spec, n, worker)
 

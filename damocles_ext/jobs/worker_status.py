@@ -25,7 +25,7 @@ class WorkerJobStatus(msgspec.Struct, frozen=True):
     sectors: int
     try_num: int
     state: str  # proving | finishing (its result being delivered)
-    child: str | None  # the child proving it, once dispatched
+    child: str | None  # the child its current attempt runs on; None while it waits for one
     elapsed: float
     heartbeat_age: float | None
     lease: str

@@ -246,8 +246,13 @@ class Supervisor:
         deadline: float | None = None,
         priority: int = 0,
         on_progress: Callable[[Progress], None] | None = None,
+        on_dispatch: Callable[[str | None], None] | None = None,
     ) -> Output:
         """Prove `task` on a child of its stage; `deadline` is a unix time. Raises ProverError.
+
+        `on_dispatch(name)` is called with a child's name each time the request is sent to a
+        child (again after a retry), and with None when an attempt ended and the request waits
+        for another child; the `dext_request_started` observers see the same dispatches.
 
         A deadline that is not a time (NaN, inf, beyond the year 9999) is a UsageError at once.
 
@@ -256,7 +261,7 @@ class Supervisor:
         same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
         vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
         """
-        how = (deadline, priority, on_progress)
+        how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
             return await self._submit_one(task, *how)
         # To the caller a split WindowPoSt is one request: one in flight when shutdown begins may
@@ -281,6 +286,7 @@ class Supervisor:
         deadline: float | None,
         priority: int,
         on_progress: Callable[[Progress], None] | None,
+        on_dispatch: Callable[[str | None], None] | None,
         *,
         in_flight: bool = False,
     ) -> Output:
@@ -303,7 +309,7 @@ class Supervisor:
         tracked, effects = self._book.submit(
             rid, task, now, deadline=deadline_t, deadline_unix=deadline, priority=priority
         )
-        waiter = self._waiters[rid] = Waiter(tracked, on_progress)
+        waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch)
         self._apply(effects)
         try:
             await waiter.event.wait()
@@ -431,6 +437,9 @@ class Supervisor:
                     effect.attempt,
                     effect.max_attempts,
                 )
+                waiter = self._waiters.get(effect.request.rid)
+                if waiter is not None:
+                    self._dispatched(waiter, None)
             elif isinstance(effect, ReportProgress):
                 self._report_progress(effect)
             elif isinstance(effect, Note):
@@ -468,6 +477,9 @@ class Supervisor:
             self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
             return
         self._write(child, p, data)
+        waiter = self._waiters.get(req.rid)
+        if waiter is not None:
+            self._dispatched(waiter, child.name)
         if self._observers.active:
             self._observers.observe("dext_request_started", request=request_info(req))
 
@@ -490,6 +502,15 @@ class Supervisor:
                 duration=now - req.arrival,
                 slack=None if req.deadline is None else req.deadline - now,
             )
+
+    @staticmethod
+    def _dispatched(waiter: Waiter, child: str | None) -> None:
+        if waiter.on_dispatch is None:
+            return
+        try:
+            waiter.on_dispatch(child)
+        except Exception:
+            log.exception("dispatch callback of request %d raised; ignored", waiter.rid)
 
     def _report_progress(self, effect: ReportProgress) -> None:
         waiter = self._waiters.get(effect.request.rid)

@@ -2,7 +2,7 @@
 
 The request itself, its attempts and the rules are the request book's
 (`lifecycle.book.TrackedRequest`); this is what only the trio driver needs: the event the caller
-waits on, the answer and the progress callback.
+waits on, the answer, and the progress and dispatch callbacks.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Waiter:
 
     tracked: TrackedRequest
     on_progress: Callable[[dext.Progress], None] | None
+    on_dispatch: Callable[[str | None], None] | None = None  # a child's name, or None: waiting
     output: Output | None = None
     error: ProverError | None = None
     event: trio.Event = field(default_factory=trio.Event)

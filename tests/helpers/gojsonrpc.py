@@ -9,14 +9,16 @@ HTTP 500 with JSON-RPC error -32601 (`method 'X' not found`); a malformed body i
 text; a nil result is `"result": null`. The standard library's threading HTTP server runs it, in
 a thread of the test's process, HTTP/1.1 with keep-alive.
 
-`stop()` closes the port and `start()` opens the same port again (a source node that goes down
+`stop()` closes the port (and the connections open on it) and `start()` opens the same port again (a source node that goes down
 and comes back); `hold()` makes every call wait until `release()` (a source that hangs), and
 `calls` records (method, params) in order."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Self
@@ -42,6 +44,7 @@ class GoJsonRpcServer:
         self.path = path
         self.required_headers = dict(headers or {})
         self.calls: list[tuple[str, list[Any]]] = []
+        self._connections: set[socket.socket] = set()
         self.port = 0
         self._lock = threading.Lock()
         self._open = threading.Event()
@@ -64,6 +67,16 @@ class GoJsonRpcServer:
 
         class _Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server_self._lock:
+                    server_self._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server_self._lock:
+                    server_self._connections.discard(self.connection)
+                super().finish()
 
             def log_message(self, format: str, *args: Any) -> None:  # stdlib's name
                 pass
@@ -100,12 +113,17 @@ class GoJsonRpcServer:
         return self
 
     def stop(self) -> None:
-        """Close the port (connections in progress are cut at their next request)."""
+        """Close the port and cut the open (keep-alive) connections, as a process that exits."""
         self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            self._connections.clear()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
