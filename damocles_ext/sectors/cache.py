@@ -178,7 +178,9 @@ class SectorCache:
         for sector, wanted in list(self._wanted.items()):
             if wanted < now:
                 del self._wanted[sector]
-        candidates = set(self._wanted) | {s for s, e in self._entries.items() if e.used_at}
+        candidates = set(self._wanted) | {
+            s for s, e in self._entries.items() if e.used_at is not None
+        }
         for sector in sorted(candidates):
             when = self._due_at(sector, self._entries.get(sector), now)
             if when is not None and when <= now:
@@ -188,7 +190,9 @@ class SectorCache:
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time `due` will have something (None: nothing is planned)."""
         best: float | None = None
-        candidates = set(self._wanted) | {s for s, e in self._entries.items() if e.used_at}
+        candidates = set(self._wanted) | {
+            s for s, e in self._entries.items() if e.used_at is not None
+        }
         for sector in candidates:
             when = self._due_at(sector, self._entries.get(sector), now)
             if when is not None and (best is None or when < best):

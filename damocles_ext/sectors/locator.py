@@ -168,7 +168,7 @@ class SectorLocator:
             async with trio.open_nursery() as nursery:
                 for sector, outcome in fallback:
                     nursery.start_soon(self._last_known, sector, outcome, batch_end, answers)
-        if todo or fallback:
+        if asked:  # new uses and entries: the background refresh plans again
             self._changed.set()
         return [answers[sector] for sector in asked]
 

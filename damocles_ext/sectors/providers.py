@@ -106,8 +106,8 @@ class SourceNode:
                 )
             except KeyError as exc:
                 raise SectorProviderError(
-                    f"{sector}: the source node {self.endpoint.url} keeps its {what} in"
-                    f" {exc.args[0]}"
+                    f"{sector}: the source node {self.endpoint.url} keeps its {what} in a store"
+                    f" this machine does not know: {exc.args[0]}"
                 ) from None
         return SectorLocation(paths[0], paths[1], names.SealedFile, names.CacheDir)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Self
@@ -47,6 +48,9 @@ class GoJsonRpcServer:
         self._open = threading.Event()
         self._open.set()
         self._server: http.server.ThreadingHTTPServer | None = None
+        # Kept-alive connections, cut by stop(): a stopped node answers nothing more.
+        self._connections: set[socket.socket] = set()
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     # --- life -------------------------------------------------------------------------------
@@ -68,6 +72,19 @@ class GoJsonRpcServer:
             def log_message(self, format: str, *args: Any) -> None:  # stdlib's name
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with server_self._lock:
+                    server_self._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server_self._lock:
+                    server_self._connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass  # cut by stop()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
@@ -81,16 +98,23 @@ class GoJsonRpcServer:
                     self.end_headers()
                     return
                 status, answer = server_self._answer(body)
+                if server_self._stopping:  # stopped while the call waited: no answer
+                    self.close_connection = True
+                    return
                 self._send(status, answer)
 
             def _send(self, status: int, answer: dict[str, Any]) -> None:
                 data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the caller gave up waiting (a held call)
 
+        self._stopping = False
         server = http.server.ThreadingHTTPServer((self.host, self.port), _Handler)
         server.daemon_threads = True
         self._server = server
@@ -100,12 +124,20 @@ class GoJsonRpcServer:
         return self
 
     def stop(self) -> None:
-        """Close the port (connections in progress are cut at their next request)."""
-        self.release()
+        """Close the port and cut every connection (calls waiting in `hold()` get no answer)."""
+        self._stopping = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+        self.release()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
