@@ -153,7 +153,9 @@ class SectorLocator:
                 location, provider = outcome.found
                 self.cache.learn(sector, location, provider, now)
                 self.cache.fresh(sector, now)  # a use: keeps it hot for the background refresh
-                answers[sector] = SectorAnswer(sector, "found", location, provider, False, 0.0)
+                # A provider before it failed: said, though the sector was found.
+                why = "; ".join(outcome.errors)
+                answers[sector] = SectorAnswer(sector, "found", location, provider, False, 0.0, why)
             elif outcome.errors:
                 fallback.append((sector, outcome))
             else:
