@@ -207,6 +207,25 @@ async def test_a_sector_the_source_no_longer_knows_is_forgotten(source, stores, 
         assert gone.status == "not_found" and locator.cached(refs(1)[0]) is None
 
 
+async def test_an_unreachable_source_is_not_asked_again_for_down_for_seconds(
+    source, stores, mock_clock
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    node = SourceNode(source.url, stores, down_for=2)
+    async with SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0)) as locator:
+        source.stop()
+        [refused] = await locator.locate(refs(1))
+        source.start()  # back on the same port
+        [skipped] = await locator.locate(refs(1))
+        assert source.finds() == 0
+        mock_clock.jump(2)
+        [found] = await locator.locate(refs(1))
+    assert refused.status == skipped.status == "error" and "cannot connect" in refused.detail
+    assert "not asked, the source node could not be reached" in skipped.detail
+    assert found.found and source.finds() == 1 and node.down is None
+
+
 # --- time bounds ----------------------------------------------------------------------------
 
 
@@ -316,6 +335,48 @@ async def test_a_stalled_store_makes_the_last_known_check_say_missing_not_hang(
     finally:
         stalled.set()
     assert answer.status == "missing" and "did not answer within" in answer.detail
+
+
+async def test_a_stalled_store_fails_only_the_sectors_on_it(autojump_clock, monkeypatch, tmp_path):
+    from damocles_ext.sectors import files
+
+    real = files.location_problem
+    (tmp_path / "ok" / "sealed").mkdir(parents=True)
+    (tmp_path / "ok" / "sealed" / "s").write_bytes(b"")
+    (tmp_path / "ok" / "cache" / "c").mkdir(parents=True)
+    places = {
+        1: SectorLocation(str(tmp_path / "dead/sealed/s"), str(tmp_path / "dead/cache/c")),
+        2: SectorLocation(str(tmp_path / "ok/sealed/s"), str(tmp_path / "ok/cache/c")),
+    }
+
+    class Down:
+        name = "down"
+        up = True
+
+        async def find(self, sector):
+            if self.up:
+                return places[sector.number]
+            raise OSError("unreachable")
+
+    provider = Down()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=60, refresh_lead=10))
+    await locator.locate(refs(1, 2))
+    provider.up = False
+    stalled = threading.Event()
+
+    def stat_or_hang(location):
+        if "/dead/" in location.sealed_file:
+            stalled.wait()
+        return real(location)
+
+    monkeypatch.setattr(files, "location_problem", stat_or_hang)
+    await trio.sleep(120)
+    try:
+        dead, ok = await locator.locate(refs(1, 2), time_left=60)
+    finally:
+        stalled.set()
+    assert dead.status == "missing" and "did not answer within" in dead.detail
+    assert ok.found and ok.cached and ok.stale
 
 
 # --- background refresh ---------------------------------------------------------------------

@@ -68,15 +68,20 @@ async def in_thread(
     raise TimeoutError(f"the storage did not answer within {timeout:g} s")
 
 
-async def check_location(
-    location: SectorLocation,
+def _problems(locations: list[SectorLocation]) -> list[str]:
+    return [location_problem(location) for location in locations]
+
+
+async def check_locations(
+    locations: list[SectorLocation],
     *,
     limiter: trio.CapacityLimiter,
     timeout: float,  # noqa: ASYNC109 - the check's own bound, not the caller's
-) -> str:
-    """'' when the location's files are there, else why not (a stalled storage included)."""
+) -> list[str]:
+    """For each location, '' when its files are there, else why not; in one worker thread, so
+    give locations on the same storage together: when it stalls, they all say it did not
+    answer."""
     try:
-        problem = await in_thread(location_problem, location, limiter=limiter, timeout=timeout)
+        return await in_thread(_problems, locations, limiter=limiter, timeout=timeout)
     except TimeoutError as exc:
-        return f"{location.sealed_file}: {exc}"
-    return problem
+        return [f"{location.sealed_file}: {exc}" for location in locations]

@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
-from .cache import CacheRules, SectorCache
-from .files import DEFAULT_THREADS, check_location
+from .cache import CacheEntry, CacheRules, SectorCache
+from .files import DEFAULT_THREADS, check_locations
 from .model import (
     Bounds,
     SectorAnswer,
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("damocles_ext.sectors")
 
+#: Sectors given at once to a provider's optional `find_batch` (the scan: one thread per batch).
+PROVIDER_BATCH = 64
 #: Sectors one background refresh asks for at most, so a foreground batch is never starved.
 REFRESH_BATCH = 4096
 
@@ -167,44 +170,63 @@ class SectorLocator:
                     detail=f"{sector} is not known to any provider (asked: {names})",
                 )  # fmt: skip
         if fallback:
-            async with trio.open_nursery() as nursery:
-                for sector, outcome in fallback:
-                    nursery.start_soon(self._last_known, sector, outcome, batch_end, answers)
+            await self._last_known(fallback, batch_end, answers)
         if asked:  # new uses and entries: the background refresh plans again
             self._changed.set()
         return [answers[sector] for sector in asked]
 
     async def _last_known(
         self,
-        sector: SectorRef,
-        outcome: _Outcome,
+        fallback: list[tuple[SectorRef, _Outcome]],
         batch_end: float,
         answers: dict[SectorRef, SectorAnswer],
     ) -> None:
+        """The last known locations of sectors no provider could answer for, given when their
+        files are still there: checked in one thread per group of sectors on the same storage
+        (a stalled mount fails its own group only), within the batch's end."""
         now = trio.current_time()
-        why = "; ".join(outcome.errors)
-        entry = self.cache.last_known(sector, now)
-        if entry is None:
-            answers[sector] = SectorAnswer(
-                sector, "error", detail=f"{why}; and no location of it is known from before"
-            )
-            return
-        timeout = min(self.bounds.check_timeout, batch_end - now)
-        if timeout > 0:
-            problem = await check_location(entry.location, limiter=self._threads, timeout=timeout)
-        else:
-            problem = "no time was left to check its files"
-        age = entry.age(trio.current_time())
+        groups: dict[tuple[str, str], list[tuple[SectorRef, str, CacheEntry]]] = {}
+        for sector, outcome in fallback:
+            why = "; ".join(outcome.errors)
+            entry = self.cache.last_known(sector, now)
+            if entry is None:
+                answers[sector] = SectorAnswer(
+                    sector, "error", detail=f"{why}; and no location of it is known from before"
+                )
+                continue
+            where = entry.location
+            key = (posixpath.dirname(where.sealed_file), posixpath.dirname(where.cache_dir))
+            groups.setdefault(key, []).append((sector, why, entry))
+
+        async def check(group: list[tuple[SectorRef, str, CacheEntry]]) -> None:
+            timeout = min(self.bounds.check_timeout, batch_end - trio.current_time())
+            locations = [entry.location for _, _, entry in group]
+            if timeout > 0:
+                problems = await check_locations(locations, limiter=self._threads, timeout=timeout)
+            else:
+                problems = ["no time was left to check its files"] * len(group)
+            later = trio.current_time()
+            for (sector, why, entry), problem in zip(group, problems, strict=True):
+                answers[sector] = self._fallback_answer(sector, why, entry, problem, later)
+
+        async with trio.open_nursery() as nursery:
+            for group in groups.values():
+                for first in range(0, len(group), PROVIDER_BATCH):
+                    nursery.start_soon(check, group[first : first + PROVIDER_BATCH])
+
+    def _fallback_answer(
+        self, sector: SectorRef, why: str, entry: CacheEntry, problem: str, now: float
+    ) -> SectorAnswer:
+        age = entry.age(now)
         if problem:
             self._count("missing")
-            answers[sector] = SectorAnswer(
+            return SectorAnswer(
                 sector, "missing", entry.location, entry.provider, True, age,
                 f"{why}; its last known files ({entry.provider}, {age:.0f} s ago) are not"
                 f" there: {problem}",
             )  # fmt: skip
-            return
         self._count("stale_answers")
-        answers[sector] = SectorAnswer(
+        return SectorAnswer(
             sector, "found", entry.location, entry.provider, True, age,
             f"{why}; the last known location ({entry.provider}, {age:.0f} s ago) is given, its"
             " files are there",
@@ -232,33 +254,47 @@ class SectorLocator:
     ) -> None:
         done: set[SectorRef] = set()
         lookup_timeout = self.bounds.lookup_timeout
+        find_batch = getattr(provider, "find_batch", None)
 
-        async def one(sector: SectorRef) -> None:
+        def record(sector: SectorRef, location: object) -> None:
+            outcome = outcomes[sector]
+            if location is None:
+                outcome.not_known.append(provider.name)
+            elif isinstance(location, SectorLocation):
+                outcome.found = (location, provider.name)
+            else:
+                message = f"{sector}: answered {location!r}, not a SectorLocation"
+                self._source_error(provider.name, outcome, message)
+            done.add(sector)
+
+        async def one(chunk: list[SectorRef]) -> None:
             async with limiter:
-                outcome = outcomes[sector]
                 deadline = min(slice_end, trio.current_time() + lookup_timeout)
                 with trio.move_on_at(deadline):
                     try:
-                        location = await provider.find(sector)
-                    except SectorProviderError as exc:
-                        self._source_error(provider.name, outcome, str(exc))
-                    except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
-                        message = f"{sector}: {type(exc).__name__}: {exc}"
-                        self._source_error(provider.name, outcome, message)
-                    else:
-                        if location is None:
-                            outcome.not_known.append(provider.name)
-                        elif isinstance(location, SectorLocation):
-                            outcome.found = (location, provider.name)
+                        if find_batch is None:
+                            [sector] = chunk
+                            found = {sector: await provider.find(sector)}
                         else:
-                            message = f"{sector}: answered {location!r}, not a SectorLocation"
-                            self._source_error(provider.name, outcome, message)
-                    done.add(sector)
+                            found = await find_batch(chunk)
+                    except SectorProviderError as exc:
+                        for sector in chunk:
+                            self._source_error(provider.name, outcomes[sector], str(exc))
+                            done.add(sector)
+                    except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
+                        for sector in chunk:
+                            message = f"{sector}: {type(exc).__name__}: {exc}"
+                            self._source_error(provider.name, outcomes[sector], message)
+                            done.add(sector)
+                    else:
+                        for sector in chunk:
+                            record(sector, found.get(sector))
 
+        size = 1 if find_batch is None else PROVIDER_BATCH
         with trio.move_on_at(slice_end):
             async with trio.open_nursery() as nursery:
-                for sector in sectors:
-                    nursery.start_soon(one, sector)
+                for first in range(0, len(sectors), size):
+                    nursery.start_soon(one, sectors[first : first + size])
         for sector in sectors:
             if sector not in done:
                 self._source_error(

@@ -115,7 +115,10 @@ class SectorProvider(Protocol):
     database). `find` runs in the locator's trio loop, may be called for many sectors at once
     (up to `Bounds.concurrency`), and is cancelled when its time is up: it must not block the
     loop (run blocking I/O with `trio.to_thread.run_sync(..., abandon_on_cancel=True)`).
-    An optional `async aclose()` is awaited when the locator closes."""
+    An optional `async aclose()` is awaited when the locator closes. An optional
+    `async find_batch(sectors) -> Mapping[SectorRef, SectorLocation | None]` is used instead of
+    `find` for several sectors at once (a sector missing from its answer: not known); the time
+    bound of one lookup then holds for the whole batch."""
 
     @property
     def name(self) -> str: ...

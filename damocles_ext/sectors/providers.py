@@ -10,7 +10,8 @@ in different stores). `{"Found": false, …}` is "not known"; a store name not c
 `SectorProviderError` naming the store and the sector. It is read-only by construction: it has
 no method that changes the source's index (damocles' proxy refuses updates; here there is
 nothing to refuse). Its calls go over `connections` kept-alive connections, one call at a time
-on each (`jobs.client.RpcClient`).
+on each (`jobs.client.RpcClient`). A source that cannot be reached is not asked again for
+`down_for` seconds (the lookups in between fail at once, and fall back as any failure does).
 
 `StoreScan` looks for `<store>/sealed/s-t0<miner>-<number>` and `<store>/cache/…` in every store,
 in worker threads with a time bound (files.py): a stalled store makes it fail, never hang.
@@ -18,12 +19,12 @@ in worker threads with a time bound (files.py): a stalled store makes it fail, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import trio
 
-from ..jobs.client import RpcClient, RpcClientError
+from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcTimeout
 from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores
 from ..jobs.paths import StoreMap
@@ -33,6 +34,8 @@ from .model import SectorLocation, SectorProviderError, SectorRef, SectorSetting
 METHOD = "Venus.SectorIndexerFind"
 #: A source call bounded on its own too, for a provider used without a locator.
 DEFAULT_CALL_TIMEOUT = 30.0
+#: How long a source that could not be reached is not asked again.
+DEFAULT_DOWN_FOR = 2.0
 #: One store look bounded on its own too, for a scan used without a locator.
 DEFAULT_SCAN_TIMEOUT = 10.0
 
@@ -55,17 +58,23 @@ class SourceNode:
         connections: int = 8,
         headers: tuple[tuple[str, str], ...] = (),
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        down_for: float = DEFAULT_DOWN_FOR,
     ) -> None:
         """`address` in any form `jobs.endpoint.parse_endpoint` takes (ValueError naming it);
-        `stores` name -> path on this machine."""
+        `stores` name -> path on this machine. After the source could not be reached, it is not
+        asked again for `down_for` seconds: the lookups in between fail at once, so an outage
+        costs a deadline one failed connection, not one per sector."""
         self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
         self.stores = StoreMap(dict(stores))
         self.name = f"source {self.endpoint.host_header}"
-        self._send, self._receive = trio.open_memory_channel[RpcClient](connections)
+        self.down_for = down_for
+        #: (when, why) of the last failure to reach the source; None once it answered again.
+        self.down: tuple[float, str] | None = None
         self._clients = [
             RpcClient(self.endpoint, timeout=call_timeout, headers=list(headers))
             for _ in range(max(1, connections))
         ]
+        self._send, self._receive = trio.open_memory_channel[RpcClient](len(self._clients))
         for client in self._clients:
             self._send.send_nowait(client)
 
@@ -82,10 +91,24 @@ class SourceNode:
             self._send.send_nowait(client)
 
     async def find(self, sector: SectorRef) -> SectorLocation | None:
+        down = self.down
+        if down is not None:
+            ago = trio.current_time() - down[0]
+            if ago < self.down_for:
+                raise SectorProviderError(
+                    f"{sector}: not asked, the source node could not be reached {ago:.1f} s ago"
+                    f" ({down[1]}); it is asked again {self.down_for:g} s after"
+                )
         try:
             found = await self.index_location(sector)
+        except RpcTimeout as exc:
+            raise SectorProviderError(f"{sector}: {exc}") from None
+        except RpcConnectionError as exc:
+            self.down = (trio.current_time(), str(exc))
+            raise SectorProviderError(f"{sector}: {exc}") from None
         except RpcClientError as exc:
             raise SectorProviderError(f"{sector}: {exc}") from None
+        self.down = None
         if not found.Found:
             return None
         return self.location(sector, found.Instance)
@@ -138,24 +161,30 @@ class StoreScan:
             for name in self.stores.stores
         ]
 
+    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, SectorLocation | None]:
+        """Blocking: each sector's files, looked for in each store."""
+        found: dict[SectorRef, SectorLocation | None] = {}
+        for sector in sectors:
+            sealed = first_present(self.candidates(sector, "sealed"), False)
+            cache = first_present(self.candidates(sector, "cache"), True) if sealed else None
+            if sealed is None or cache is None:
+                found[sector] = None
+            else:
+                found[sector] = SectorLocation(sealed[1], cache[1], sealed[0], cache[0])
+        return found
+
+    async def find_batch(
+        self, sectors: Sequence[SectorRef]
+    ) -> dict[SectorRef, SectorLocation | None]:
+        """The sectors' locations, one worker thread for the batch."""
+        try:
+            return await in_thread(self._look, sectors, limiter=self.limiter, timeout=self.timeout)
+        except TimeoutError as exc:
+            what = str(sectors[0]) if len(sectors) == 1 else f"{len(sectors)} sectors"
+            raise SectorProviderError(f"{what}: scanning the stores: {exc}") from None
+
     async def find(self, sector: SectorRef) -> SectorLocation | None:
-        found = []
-        for kind in ("sealed", "cache"):
-            try:
-                hit = await in_thread(
-                    first_present,
-                    self.candidates(sector, kind),
-                    kind == "cache",
-                    limiter=self.limiter,
-                    timeout=self.timeout,
-                )
-            except TimeoutError as exc:
-                raise SectorProviderError(f"{sector}: scanning the stores: {exc}") from None
-            if hit is None:
-                return None
-            found.append(hit)
-        (sealed_store, sealed), (cache_store, cache) = found
-        return SectorLocation(sealed, cache, sealed_store, cache_store)
+        return (await self.find_batch([sector]))[sector]
 
 
 def builtin_providers(

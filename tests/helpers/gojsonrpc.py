@@ -74,6 +74,9 @@ class GoJsonRpcServer:
 
             def setup(self) -> None:
                 super().setup()
+                # Go's net/http sets TCP_NODELAY on every connection: without it the head and
+                # the body, written apart, wait 40 ms for a delayed ACK on each answer.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with server_self._lock:
                     server_self._connections.add(self.connection)
 
