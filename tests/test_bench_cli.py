@@ -22,7 +22,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "chaos", "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -111,3 +111,20 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+def test_the_sectors_benchmark_runs_small_checks_every_answer_and_saves_nothing():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_sectors", "--sectors", "20", "--repeat", "1",
+         "--hung-budget", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode() + out
+    assert "locator, warm cache" in out and "source down, cache only" in out
+    assert "not saved (add --save to write bench/results/sectors.json)" in out
+    assert _results_snapshot() == before
