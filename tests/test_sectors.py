@@ -482,3 +482,40 @@ async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_erro
     pm.register(Broken(), name="broken")
     with pytest.raises(UsageError, match="not a sector provider"):
         await open_locator(SectorSettings(), plugin_manager=pm)
+
+
+async def test_with_the_source_down_proofs_come_from_cached_locations_and_gone_sectors_are_faults(
+    source, tmp_path, mock_clock
+):
+    """The prover's view: the source stops, a sector's files vanish; the located sectors still
+    make a WindowPoSt that verifies, and the vanished one is a fault to declare, not an error."""
+    from helpers.post import sectors
+
+    from damocles_ext.post.reference import window_post
+    from damocles_ext.post.verify import verify_window_post
+    from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+    proof_type = "StackedDrgWindow2KiBV1"
+    manifest = sectors(tmp_path / "store", proof_type, 3, random_seed=11, miner=MINER)
+    comm_r = {r.sector_id: bytes.fromhex(r.comm_r) for r in manifest.replicas}
+    for number in comm_r:
+        source.put(MINER, number, "s")
+    wanted = refs(*sorted(comm_r))
+    async with SectorLocator([SourceNode(source.url, {"s": str(tmp_path / "store")})]) as loc:
+        await loc.locate(wanted)
+        source.stop()
+        gone = wanted[-1]
+        Path(loc.cached(gone).location.sealed_file).unlink()
+        mock_clock.jump(3600)
+        answers = await loc.locate(wanted, time_left=1800)
+    replicas = [
+        PoStReplicaInfo(a.sector.number, comm_r[a.sector.number], a.location.cache_dir,
+                        a.location.sealed_file)
+        for a in answers
+        if a.found
+    ]  # fmt: skip
+    task = WindowPoSt(MINER, proof_type, replicas, bytes(32))
+    output = await trio.to_thread.run_sync(window_post, task)
+    verify_window_post(task, output)
+    assert output.proofs and not output.faults and len(replicas) == 2
+    assert [a.sector for a in answers if a.status == "missing"] == [gone]
