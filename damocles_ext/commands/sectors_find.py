@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .common import positive_duration
 from .coordinator import _store
+from .worker import _header
 
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
@@ -121,13 +122,6 @@ def _numbers(text: str) -> range:
     if last - first >= MAX_SECTORS:
         raise argparse.ArgumentTypeError(f"{text!r}: over {MAX_SECTORS} sectors")
     return range(first, last + 1)
-
-
-def _header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected 'NAME: VALUE', got {text!r}")
-    return name.strip(), value.strip()
 
 
 def _stores(args: argparse.Namespace) -> dict[str, str]:
