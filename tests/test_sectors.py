@@ -246,8 +246,8 @@ async def test_a_hanging_source_is_answered_for_within_the_deadline_from_the_cac
         put_files(stores, 3, "b")
         mock_clock.jump(3600)
         source.hold()
-        # Time moves only when every task waits (0.2 s of real time): the held calls' timers.
-        mock_clock.autojump_threshold = 0.2
+        # Time moves only when every task waits (0.5 s of real time): the held calls' timers.
+        mock_clock.autojump_threshold = 0.5
         start = trio.current_time()
         time_left = 20.0
         answers = await locator.locate(refs(1, 2, 3), time_left=time_left)
@@ -337,8 +337,11 @@ async def test_a_stalled_store_makes_the_last_known_check_say_missing_not_hang(
     assert answer.status == "missing" and "did not answer within" in answer.detail
 
 
-async def test_a_stalled_store_fails_only_the_sectors_on_it(autojump_clock, monkeypatch, tmp_path):
+async def test_a_stalled_store_fails_only_the_sectors_on_it(mock_clock, monkeypatch, tmp_path):
     from damocles_ext.sectors import files
+
+    # Time jumps only after 0.5 s of real idleness: the healthy store's thread answers first.
+    mock_clock.autojump_threshold = 0.5
 
     real = files.location_problem
     (tmp_path / "ok" / "sealed").mkdir(parents=True)
@@ -408,6 +411,26 @@ async def test_wanted_sectors_are_refreshed_before_they_are_needed_and_then_answ
         nursery.cancel_scope.cancel()
     assert [round(t - start) for t, _ in provider.asked] == [3480, 3480]
     assert all(a.found and a.cached for a in answers) and locator.status()["refreshes"] == 2
+
+
+async def test_a_wanted_sector_no_provider_knows_is_asked_once_not_again_and_again(
+    autojump_clock,
+):
+    class Nobody:
+        name = "nobody"
+        asked = 0
+
+        async def find(self, sector):
+            self.asked += 1
+
+    provider = Nobody()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=600, refresh_lead=120))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        locator.want(refs(1), within=600)
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert provider.asked == 1
 
 
 async def test_a_sector_looked_up_often_is_refreshed_ahead_so_lookups_never_wait(autojump_clock):

@@ -25,11 +25,13 @@ def test_an_entry_is_fresh_until_fresh_for_and_a_last_known_location_until_keep_
     assert c.last_known(S1, 1000) is None and S1 not in c  # too old: dropped
 
 
-def test_forget_drops_the_entry():
+def test_forget_drops_the_entry_and_its_want_so_an_unknown_sector_is_not_refreshed_again():
     c = cache()
     c.learn(S1, HERE, "source", now=0)
+    c.want([S1], at=1000)
     c.forget(S1)
     assert c.get(S1) is None and len(c) == 0
+    assert c.wanted == 0 and c.due(990) == [] and c.next_wakeup(990) is None
 
 
 def test_a_wanted_sector_is_due_refresh_lead_before_it_is_needed_unless_fresh_then():

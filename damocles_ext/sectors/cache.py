@@ -135,9 +135,11 @@ class SectorCache:
             self.forget(oldest)
 
     def forget(self, sector: SectorRef) -> None:
-        """Every provider says it does not know the sector (or the entry is too old)."""
+        """Every provider says it does not know the sector (or the entry is too old): its entry
+        and any want of it go (a sector nobody knows is not refreshed again and again)."""
         self._entries.pop(sector, None)
         self._tried.pop(sector, None)
+        self._wanted.pop(sector, None)
 
     def want(self, sectors: Iterable[SectorRef], at: float) -> None:
         """These sectors will be needed at `at`: refresh them before then."""
