@@ -13,9 +13,12 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
-from .common import positive_duration
-from .coordinator import _store
-from .worker import _header
+from .common import (
+    add_sector_source_args,
+    check_sector_sources,
+    positive_duration,
+    sector_stores,
+)
 
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
@@ -56,37 +59,7 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the sectors are upgraded (SnapDeals): look in the upgrade index (update/,"
         " update-cache/)",
     )
-    find.add_argument(
-        "--proxy",
-        metavar="ADDR",
-        help="a damocles source node's RPC: IP:PORT, http://HOST:PORT[/rpc/v0] or a multiaddr"
-        " (as damocles-manager --proxy)",
-    )
-    find.add_argument(
-        "--conf-dir",
-        metavar="DIR",
-        help="damocles-manager's config directory: its sector-manager.cfg's"
-        " [[Common.PersistStores]] name the stores (shared with the source node, as a damocles"
-        " proxy node shares it)",
-    )
-    find.add_argument(
-        "--attached",
-        "--store",
-        dest="attached",
-        metavar="NAME=PATH",
-        action="append",
-        type=_store,
-        default=[],
-        help="a store as damocles names it and where it is mounted here; repeat for each",
-    )
-    find.add_argument(
-        "--header",
-        metavar="'NAME: VALUE'",
-        action="append",
-        type=_header,
-        default=[],
-        help="an HTTP header sent to the source node (e.g. 'Authorization: Bearer TOKEN')",
-    )
+    add_sector_source_args(find)
     find.add_argument(
         "--timeout",
         metavar="DURATION",
@@ -124,38 +97,6 @@ def _numbers(text: str) -> range:
     return range(first, last + 1)
 
 
-def _stores(args: argparse.Namespace) -> dict[str, str]:
-    """--conf-dir's PersistStores merged with --attached; UsageError naming what is wrong."""
-    import logging
-
-    from damocles_ext.jobs.manager_config import (
-        MANAGER_CONF_FILE,
-        ManagerConfigError,
-        load_manager_conf_dir,
-    )
-    from damocles_ext.jobs.paths import StoreMap, merge_stores
-
-    from_file: dict[str, str] = {}
-    source = "--attached"
-    if args.conf_dir is not None:
-        config = load_manager_conf_dir(args.conf_dir)
-        if config is None:
-            raise ManagerConfigError(
-                f"--conf-dir {args.conf_dir}: there is no {MANAGER_CONF_FILE} in it; give the"
-                " directory of the sector-manager.cfg that lists the stores, or --attached"
-            )
-        for warning in config.warnings:
-            logging.getLogger("damocles_ext.sectors").warning("%s", warning)
-        from_file = config.stores
-        source = f"{config.source} and --attached"
-    try:
-        merged = merge_stores(from_file.items(), args.attached)
-        StoreMap(merged)
-    except ValueError as exc:
-        raise ManagerConfigError(f"{exc} ({source})") from None
-    return merged
-
-
 def run_find(args: argparse.Namespace) -> int:
     import trio
 
@@ -164,19 +105,8 @@ def run_find(args: argparse.Namespace) -> int:
     from damocles_ext.sectors import Bounds, SectorRef, SectorSettings
     from damocles_ext.sectors.locator import open_locator
 
-    stores = _stores(args)
-    if args.proxy is None and not stores:
-        raise UsageError(
-            "nothing to find sectors with: give --proxy ADDR (a damocles source node),"
-            " --conf-dir DIR (a sector-manager.cfg with [[Common.PersistStores]]) or"
-            " --attached NAME=PATH"
-        )
-    if args.proxy is not None and not stores:
-        raise UsageError(
-            f"--proxy {args.proxy}: the source node answers store names, and no store is known"
-            " here to turn them into paths; give --conf-dir DIR (the sector-manager.cfg the"
-            " source node shares) or --attached NAME=PATH for each store"
-        )
+    stores = sector_stores(args)
+    check_sector_sources(args.proxy, stores)
     numbers = [n for r in args.numbers for n in r]
     if len(numbers) > MAX_SECTORS:
         raise UsageError(f"{len(numbers)} sectors asked for; at most {MAX_SECTORS} at once")
