@@ -291,7 +291,15 @@ def sector_stores(args: argparse.Namespace, *, conf_dir_needs_file: bool = True)
     return merged
 
 
-def check_sector_sources(proxy: str | None, stores: dict[str, str]) -> None:
+STORES_HINT = (
+    "--conf-dir DIR (the sector-manager.cfg the source node shares) or --attached NAME=PATH for"
+    " each store"
+)
+
+
+def check_sector_sources(
+    proxy: str | None, stores: dict[str, str], stores_hint: str = STORES_HINT
+) -> None:
     """UsageError when there is nothing to find sectors with, or a --proxy whose store names
     cannot become paths here."""
     from damocles_ext.errors import UsageError
@@ -305,6 +313,5 @@ def check_sector_sources(proxy: str | None, stores: dict[str, str]) -> None:
     if proxy is not None and not stores:
         raise UsageError(
             f"--proxy {proxy}: the source node answers store names, and no store is known"
-            " here to turn them into paths; give --conf-dir DIR (the sector-manager.cfg the"
-            " source node shares) or --attached NAME=PATH for each store"
+            f" here to turn them into paths; give {stores_hint}"
         )

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     host, port = args.listen
     if args.proxy is not None:
-        check_sector_sources(args.proxy, settings.stores)
+        hint = "--store NAME=PATH for each store, or --conf-dir DIR (its sector-manager.cfg)"
+        check_sector_sources(args.proxy, settings.stores, hint)
     with JobStore.open(args.jobs, limits=settings.limits) as store:
         metrics = metrics_server = None
         if args.metrics is not None:
