@@ -245,16 +245,19 @@ def add_sector_source_args(
             help="a store as damocles names it and where it is mounted here; repeat for each",
         )
     if header:
-        from .worker import _header
+        add_header_arg(
+            parser, "--header", "an HTTP header sent to the source node (e.g. 'Authorization:"
+            " Bearer TOKEN'); repeat for each",
+        )  # fmt: skip
 
-        parser.add_argument(
-            "--header",
-            metavar="'NAME: VALUE'",
-            action="append",
-            type=_header,
-            default=[],
-            help="an HTTP header sent to the source node (e.g. 'Authorization: Bearer TOKEN')",
-        )
+
+def add_header_arg(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """A repeatable 'NAME: VALUE' HTTP header option (a list of (name, value))."""
+    from .worker import _header
+
+    parser.add_argument(
+        flag, metavar="'NAME: VALUE'", action="append", type=_header, default=[], help=text
+    )
 
 
 def sector_stores(args: argparse.Namespace, *, conf_dir_needs_file: bool = True) -> dict[str, str]:

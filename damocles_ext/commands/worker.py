@@ -17,6 +17,7 @@ from damocles_ext.logs import add_logging_args, setup_from_args
 
 from .common import (
     add_config_args,
+    add_header_arg,
     add_restart_arg,
     add_shutdown_arg,
     positive_duration,
@@ -87,13 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " repeat for each. Sectors are at PATH/sealed/s-t0<miner>-<num> and PATH/cache/… The"
         " manager must know each one, or the worker does not start",
     )
-    parser.add_argument(
+    add_header_arg(
+        parser,
         "--header",
-        metavar="'NAME: VALUE'",
-        action="append",
-        type=_header,
-        default=[],
-        help="an HTTP header sent with every call to the manager (as damocles-worker's"
+        "an HTTP header sent with every call to the manager (as damocles-worker's"
         " rpc_client.headers); repeat for each. `Authorization: Bearer TOKEN` is the token (as"
         " --token-file). With --worker-config, one named as a header of the file replaces it",
     )
@@ -143,13 +141,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " node, read-only, then a scan of the attached stores), and a sector it does not locate"
         " is a fault of the job, not an error",
     )
-    parser.add_argument(
-        "--proxy-header",
-        metavar="'NAME: VALUE'",
-        action="append",
-        type=_header,
-        default=[],
-        help="an HTTP header sent to the --proxy source node; repeat for each",
+    add_header_arg(
+        parser, "--proxy-header", "an HTTP header sent to the --proxy source node; repeat for each"
     )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
