@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     # Annotations only: plugin modules load in every child, so hookspecs stays light.
     from .jobs.model import WdPoStSectorInfo
     from .jobs.worker_rules import PulledJob
+    from .sectors.model import SectorProvider, SectorSettings
     from .tasks import Output, Task
 
 PROJECT = "damocles_ext"
@@ -315,4 +316,29 @@ def dext_sector_paths(
 
     Called: by the worker for each sector of each job it pulls, before the job goes to a child;
     the first non-None answer wins.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Sector-location hooks (`damocles_ext.sectors`: `sectors find`, and the processes that locate
+# sectors themselves)
+
+
+@hookspec
+def dext_sector_providers(settings: SectorSettings) -> list[SectorProvider] | None:
+    """Sources of sector locations a plugin adds (a site's database, another index).
+
+    Parameters: `settings` — a `damocles_ext.sectors.SectorSettings`: `proxy` (the source node's
+    address, or None), `stores` (store name -> path on this machine, from `--conf-dir`'s
+    sector-manager.cfg and `--attached`), `headers`, `connections`.
+
+    Returns: a list of `damocles_ext.sectors.SectorProvider` (a `name`, and
+    `async find(sector) -> SectorLocation | None`: None when it does not know the sector, an
+    exception when it cannot answer), or None for none. The locator asks the plugins' providers
+    first (pluggy's order: `tryfirst`/`trylast` apply), then the built-in ones: the damocles
+    source node (`--proxy`), then the scan of the stores in damocles' layout. The first
+    location given wins; a provider that raises counts as a source error and the next is asked.
+
+    Called: once, when a locator is built (`sectors find`, and the worker and coordinator that
+    locate sectors); the providers are then used for the locator's life.
     """

@@ -24,7 +24,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
             "bench_jobs", "bench_job_latency", "bench_job_chain", "chaos",
-            "chaos_child"} <= set(MODULES)  # fmt: skip
+            "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -313,3 +313,20 @@ def test_a_job_pulled_or_delivered_twice_or_never_fails_the_chain_benchmark():
         once_each(["a", "b", "b"], 2, "jobs delivered")
     with pytest.raises(BenchFailure, match=r"jobs pulled: 2 of 3, more than once: \[\]"):
         once_each(["a", "b"], 3, "jobs pulled")
+
+
+def test_the_sectors_benchmark_runs_small_checks_every_answer_and_saves_nothing():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_sectors", "--sectors", "20", "--repeat", "1",
+         "--hung-budget", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode() + out
+    assert "locator, warm cache" in out and "source down, cache only" in out
+    assert "not saved (add --save to write bench/results/sectors.json)" in out
+    assert _results_snapshot() == before

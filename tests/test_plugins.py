@@ -55,6 +55,7 @@ def test_the_contract_declares_the_provider_and_observer_hooks():
         "dext_request_started",
         "dext_request_finished",
         "dext_sector_paths",
+        "dext_sector_providers",
     }
 
 

@@ -87,6 +87,9 @@ SANS_IO = [
     "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths
     "jobs/worker_settings.py",  # the worker's inputs, whatever read them
     "jobs/worker_status.py",  # the worker part of the status document and its table
+    "sectors/model.py",  # sector refs, locations, answers, providers, time bounds
+    "sectors/cache.py",  # the sector locations remembered and their freshness rules
+    "sectors/comm_r.py",  # prove --comm-r: the sector list and the comm_r file
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

@@ -203,3 +203,118 @@ def token_file(path: str) -> str:
             " (e.g. `openssl rand -hex 32 > FILE`)"
         )
     return token
+
+
+# --- where sectors are: the sector-location service's sources (sectors find, prove, worker) ------
+
+
+def add_sector_source_args(
+    parser: argparse.ArgumentParser,
+    *,
+    conf_dir: bool = True,
+    attached: bool = True,
+    header: bool = True,
+) -> None:
+    """--proxy ADDR, --conf-dir DIR, --attached/--store NAME=PATH and --header 'NAME: VALUE',
+    as `sectors find` takes them; a command that has one of them already leaves it out."""
+    parser.add_argument(
+        "--proxy",
+        metavar="ADDR",
+        help="a damocles source node's RPC: IP:PORT, http://HOST:PORT[/rpc/v0] or a multiaddr"
+        " (as damocles-manager --proxy); asked Venus.SectorIndexerFind, read-only",
+    )
+    if conf_dir:
+        parser.add_argument(
+            "--conf-dir",
+            metavar="DIR",
+            help="damocles-manager's config directory: its sector-manager.cfg's"
+            " [[Common.PersistStores]] name the stores (shared with the source node, as a"
+            " damocles proxy node shares it)",
+        )
+    if attached:
+        from .coordinator import _store
+
+        parser.add_argument(
+            "--attached",
+            "--store",
+            dest="attached",
+            metavar="NAME=PATH",
+            action="append",
+            type=_store,
+            default=[],
+            help="a store as damocles names it and where it is mounted here; repeat for each",
+        )
+    if header:
+        add_header_arg(
+            parser, "--header", "an HTTP header sent to the source node (e.g. 'Authorization:"
+            " Bearer TOKEN'); repeat for each",
+        )  # fmt: skip
+
+
+def add_header_arg(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """A repeatable 'NAME: VALUE' HTTP header option (a list of (name, value))."""
+    from .worker import _header
+
+    parser.add_argument(
+        flag, metavar="'NAME: VALUE'", action="append", type=_header, default=[], help=text
+    )
+
+
+def sector_stores(args: argparse.Namespace, *, conf_dir_needs_file: bool = True) -> dict[str, str]:
+    """--conf-dir's sector-manager.cfg PersistStores merged with --attached; UsageError
+    (ManagerConfigError) naming what is wrong. `conf_dir_needs_file=False`: a --conf-dir without
+    sector-manager.cfg (`prove`'s, which holds ext-prover.cfg) gives no stores, not an error."""
+    from damocles_ext.jobs.manager_config import (
+        MANAGER_CONF_FILE,
+        ManagerConfigError,
+        load_manager_conf_dir,
+    )
+    from damocles_ext.jobs.paths import StoreMap, merge_stores
+
+    from_file: dict[str, str] = {}
+    source = "--attached"
+    given_dir = getattr(args, "conf_dir", None)
+    if given_dir is not None:
+        config = load_manager_conf_dir(given_dir)
+        if config is None and conf_dir_needs_file:
+            raise ManagerConfigError(
+                f"--conf-dir {given_dir}: there is no {MANAGER_CONF_FILE} in it; give the"
+                " directory of the sector-manager.cfg that lists the stores, or --attached"
+            )
+        if config is not None:
+            for warning in config.warnings:
+                logging.getLogger("damocles_ext.sectors").warning("%s", warning)
+            from_file = config.stores
+            source = f"{config.source} and --attached"
+    try:
+        merged = merge_stores(from_file.items(), args.attached)
+        StoreMap(merged)
+    except ValueError as exc:
+        raise ManagerConfigError(f"{exc} ({source})") from None
+    return merged
+
+
+STORES_HINT = (
+    "--conf-dir DIR (the sector-manager.cfg the source node shares) or --attached NAME=PATH for"
+    " each store"
+)
+
+
+def check_sector_sources(
+    proxy: str | None, stores: dict[str, str], stores_hint: str = STORES_HINT
+) -> None:
+    """UsageError when there is nothing to find sectors with, or a --proxy whose store names
+    cannot become paths here."""
+    from damocles_ext.errors import UsageError
+
+    if proxy is None and not stores:
+        raise UsageError(
+            "nothing to find sectors with: give --proxy ADDR (a damocles source node),"
+            " --conf-dir DIR (a sector-manager.cfg with [[Common.PersistStores]]) or"
+            " --attached NAME=PATH"
+        )
+    if proxy is not None and not stores:
+        raise UsageError(
+            f"--proxy {proxy}: the source node answers store names, and no store is known"
+            f" here to turn them into paths; give {stores_hint}"
+        )

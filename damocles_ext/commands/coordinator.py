@@ -9,9 +9,13 @@ that cannot be listened on.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from .common import token_file
+from .common import add_sector_source_args, check_sector_sources, token_file
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
+
+if TYPE_CHECKING:
+    from damocles_ext.frontends.sector_index import SectorIndex
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -29,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Serve damocles-manager's worker-prover RPC at http://HOST:PORT/rpc/v0 (JSON-RPC 2.0:"
             " Venus.WdPoStAllocateJobs, WdPoStHeartbeatJobs, WdPoStFinishJob, WdPoStResetJob,"
             " WdPoStRemoveJob, WdPoStAllJobs, StoreBasicInfo, WorkerPing) from the job store, so damocles-workers"
-            ' with plan = "wdpost" take their jobs here. SIGTERM or SIGINT stops it.'
+            ' with plan = "wdpost" take their jobs here; and Venus.SectorIndexerFind, read-only,'
+            " from the sectors of the jobs it has seen and the source node of --proxy. SIGTERM or"
+            " SIGINT stops it."
         ),
     )
     parser.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)
@@ -70,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " Without it, anyone who reaches the port may take and finish jobs",
     )
     parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
+    # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store
+    # names become paths through --store and --conf-dir's stores).
+    add_sector_source_args(parser, conf_dir=False, attached=False)
     return parser
 
 
@@ -84,6 +93,20 @@ def _store(text: str) -> tuple[str, str]:
 
 #: How long a stopping coordinator waits for the requests it is answering.
 STOP_GRACE = 10.0
+
+
+def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorIndex:
+    """The coordinator's sector index, over a locator of --proxy when given."""
+    from damocles_ext.frontends.sector_index import SectorIndex
+
+    if args.proxy is None:
+        return SectorIndex()
+    from damocles_ext.plugins import get_plugin_manager
+    from damocles_ext.sectors import SectorSettings
+    from damocles_ext.sectors.locator import SectorLocator, build_providers
+
+    settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
+    return SectorIndex(SectorLocator(build_providers(settings, get_plugin_manager())))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
+    if args.proxy is not None:
+        hint = "--store NAME=PATH for each store, or --conf-dir DIR (its sector-manager.cfg)"
+        check_sector_sources(args.proxy, settings.stores, hint)
     with JobStore.open(args.jobs, limits=settings.limits) as store:
         metrics = metrics_server = None
         if args.metrics is not None:
@@ -116,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             TrioJobStore(store),
             settings.stores,
             observe=None if metrics is None else metrics.observe,
+            sector_index=_sector_index(args, settings.stores),
         )
         server = CoordinatorServer(coordinator, host, port, token=args.token_file)
         try:
@@ -140,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
                             server.stop()
                             nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
 
+                        await coordinator.learn_sectors()
+                        locator = coordinator.sector_index.locator
+                        if locator is not None:
+                            nursery.start_soon(locator.refresh_forever)
                         await nursery.start(server.serve)
                         await nursery.start(sweep)
                         if metrics_server is not None:

@@ -18,6 +18,8 @@ from damocles_ext.errors import UsageError
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
 
+from .common import add_sector_source_args
+
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, PoStTask, Task
 
@@ -45,6 +47,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the task in damocles' JSON form (the wire's `task` field; '-' reads stdin)",
     )
     task_source.add_argument(
+        "--comm-r",
+        metavar="FILE",
+        help="window_post: build the task from --sectors MINER:NUMBER,… located through the"
+        " sector-location service (--proxy, --conf-dir, --attached), their on-chain comm_r"
+        ' read from FILE ({"MINER:NUMBER": CID or hex}); needs --seed and --proof-type. A'
+        " sector not located is skipped and listed in the output's faults",
+    )
+    task_source.add_argument(
         "--manifest",
         metavar="MANIFEST.json",
         help="build the task from a `damocles-ext sectors create` manifest (needs --seed)",
@@ -52,13 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--seed",
         metavar="HEX",
-        help="with --manifest: the 32-byte randomness as 64 hex digits (byte 31's top two bits"
+        help="with --manifest or --comm-r: the 32-byte randomness as 64 hex digits (byte 31's top two bits"
         " are cleared, as damocles-manager does)",
     )
     parser.add_argument(
         "--sectors",
         metavar="ID,ID,...",
-        help="with --manifest: prove only these sector ids (default: all in the manifest)",
+        help="with --manifest: prove only these sector ids (default: all in the manifest);"
+        " with --comm-r: the sectors to prove, MINER:NUMBER[:upgrade],…",
     )
     parser.add_argument(
         "--save-request",
@@ -68,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--proof-type",
         metavar="TYPE",
-        help="with --manifest: the proof type (default: from the manifest's sector size)",
+        help="with --manifest: the proof type (default: from the manifest's sector size);"
+        " with --comm-r: the proof type (required)",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -98,14 +110,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " task's paths become store names through --store and --conf-dir",
     )
     parser.add_argument(
-        "--store",
-        metavar="NAME=PATH",
-        action="append",
-        type=_store_arg,
-        default=[],
-        help="with --jobs: a damocles store, as the workers name it; repeat for each",
-    )
-    parser.add_argument(
         "-o", "--output", metavar="OUT.json", help="write the output JSON here instead of stdout"
     )
     parser.add_argument(
@@ -126,6 +130,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="do not show the prover's progress on stderr (a bar on a terminal, else a line"
         " every 5 s)",
     )
+    add_sector_source_args(parser, conf_dir=False)
     add_logging_args(parser, "warning")
     add_dump_arg(parser)
     return parser
@@ -136,14 +141,22 @@ def run(args: argparse.Namespace) -> int:
     from .common import children_of, load_config_from_args
 
     setup_from_args(args)
+    deadline = parse_deadline(args.deadline) if args.deadline is not None else None
+    skipped: list[int] = []
+    task: PoStTask | None
     if args.manifest is not None:
         task = task_from_manifest(args)
+    elif args.comm_r is not None:
+        from .prove_sectors import task_from_sectors
+
+        task, skipped = task_from_sectors(args, deadline)
     else:
         for flag in ("seed", "sectors", "proof_type", "save_request"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
-    deadline = parse_deadline(args.deadline) if args.deadline is not None else None
+    if args.comm_r is None and args.proxy is not None:
+        raise UsageError("--proxy goes with --comm-r FILE and --sectors MINER:NUMBER,…")
     output_path = _check_output_path(args.output) if args.output is not None else None
 
     from damocles_ext.progress import ProgressRenderer
@@ -156,12 +169,16 @@ def run(args: argparse.Namespace) -> int:
             renderer.update(progress.phase, progress.done, progress.total)
 
     try:
-        if args.jobs is not None:
+        if task is None:  # no sector located: nothing to prove, each is a fault
+            from damocles_ext.tasks import WindowPoStOutput
+
+            output: Output = WindowPoStOutput(proofs=[], faults=skipped)
+        elif args.jobs is not None:
             from damocles_ext.frontends.prove import prove_through_jobs
 
             _check_jobs_args(args)
             output = prove_through_jobs(
-                args.jobs, task, stores=args.store, conf_dir=args.conf_dir, deadline=deadline
+                args.jobs, task, stores=args.attached, conf_dir=args.conf_dir, deadline=deadline
             )
         elif args.config is not None or args.conf_dir is not None:
             from damocles_ext.config import check_startable
@@ -195,14 +212,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if renderer is not None:
             renderer.close()
+    if skipped and task is not None:
+        from .prove_sectors import with_skipped
+
+        output = with_skipped(output, skipped)
     _emit(output, output_path)
     return 0
-
-
-def _store_arg(text: str) -> tuple[str, str]:
-    from .coordinator import _store
-
-    return _store(text)
 
 
 def _check_jobs_args(args: argparse.Namespace) -> None:
@@ -274,15 +289,7 @@ def task_from_manifest(args: argparse.Namespace) -> PoStTask:
     """The task for args.stage over a fixtures manifest, with --seed/--sectors/--proof-type."""
     from damocles_ext.post import fixtures
 
-    if args.seed is None:
-        raise UsageError("--manifest needs --seed HEX (64 hex digits, the 32-byte randomness)")
-    try:
-        seed = bytearray(bytes.fromhex(args.seed))
-    except ValueError:
-        raise UsageError(f"--seed {args.seed!r} is not hexadecimal") from None
-    if len(seed) != 32:
-        raise UsageError(f"--seed must be 32 bytes (64 hex digits), got {len(seed)} bytes")
-    seed[31] &= 0x3F
+    seed = parse_seed(args.seed, "--manifest")
     sector_ids = None
     if args.sectors is not None:
         try:
@@ -291,7 +298,7 @@ def task_from_manifest(args: argparse.Namespace) -> PoStTask:
             raise UsageError(f"--sectors {args.sectors!r}: expected ids like 1,2,3") from None
     manifest = fixtures.load_manifest(args.manifest)
     build = fixtures.window_task if args.stage == "window_post" else fixtures.winning_task
-    task = build(manifest, bytes(seed), proof_type=args.proof_type, sector_ids=sector_ids)
+    task = build(manifest, seed, proof_type=args.proof_type, sector_ids=sector_ids)
     if args.save_request is not None:
         from damocles_ext.protocol.jsonl import task_to_json
 
@@ -300,6 +307,20 @@ def task_from_manifest(args: argparse.Namespace) -> PoStTask:
         except OSError as exc:
             raise UsageError(f"cannot write {args.save_request}: {exc.strerror}") from None
     return task
+
+
+def parse_seed(text: str | None, needed_by: str) -> bytes:
+    """--seed's 32 bytes, byte 31's top two bits cleared; UsageError saying what is wrong."""
+    if text is None:
+        raise UsageError(f"{needed_by} needs --seed HEX (64 hex digits, the 32-byte randomness)")
+    try:
+        seed = bytearray(bytes.fromhex(text))
+    except ValueError:
+        raise UsageError(f"--seed {text!r} is not hexadecimal") from None
+    if len(seed) != 32:
+        raise UsageError(f"--seed must be 32 bytes (64 hex digits), got {len(seed)} bytes")
+    seed[31] &= 0x3F
+    return bytes(seed)
 
 
 def read_input_file(source: str, label: str, kind: str) -> bytes:

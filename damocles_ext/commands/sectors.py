@@ -1,4 +1,5 @@
-"""`damocles-ext sectors create`: write sector fixtures (sealed files, cache dirs, manifest)."""
+"""`damocles-ext sectors create`: write sector fixtures (sealed files, cache dirs, manifest);
+`damocles-ext sectors find`: where sectors are (sectors_find.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `sectors` and its `create` subcommand."""
+    """Register `sectors` and its `create` and `find` subcommands."""
+    from .sectors_find import add_find_parser
+
     parser = subparsers.add_parser(
         "sectors",
-        help="create sector fixtures for the reference provers",
-        description="Tools for the PoSt miniature's sector fixtures.",
+        help="create sector fixtures; find where sectors are (proxy node mode)",
+        description="Tools for sectors: the PoSt miniature's fixtures, and where sectors are.",
     )
     sub = parser.add_subparsers(
         dest="sectors_command", metavar="SUBCOMMAND", parser_class=type(parser)
@@ -59,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="make the sector contents reproducible",
     )
+    add_find_parser(sub)
     return parser
 
 
@@ -82,8 +86,13 @@ class _Reporter:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Create the fixtures and print the manifest's path."""
+    """Create the fixtures and print the manifest's path, or find sectors."""
     from damocles_ext.errors import UsageError
+
+    if args.sectors_command == "find":
+        from .sectors_find import run_find
+
+        return run_find(args)
     from damocles_ext.post.fixtures import create_sectors
 
     if args.miner < 0:

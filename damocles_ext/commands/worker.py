@@ -17,6 +17,7 @@ from damocles_ext.logs import add_logging_args, setup_from_args
 
 from .common import (
     add_config_args,
+    add_header_arg,
     add_restart_arg,
     add_shutdown_arg,
     positive_duration,
@@ -26,6 +27,7 @@ from .wdpost import MANAGER_HELP
 
 if TYPE_CHECKING:
     from damocles_ext.jobs.worker_settings import WorkerSettings
+    from damocles_ext.sectors.locator import SectorLocator
 
     from .common import SupervisorOptions
 
@@ -86,13 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " repeat for each. Sectors are at PATH/sealed/s-t0<miner>-<num> and PATH/cache/… The"
         " manager must know each one, or the worker does not start",
     )
-    parser.add_argument(
+    add_header_arg(
+        parser,
         "--header",
-        metavar="'NAME: VALUE'",
-        action="append",
-        type=_header,
-        default=[],
-        help="an HTTP header sent with every call to the manager (as damocles-worker's"
+        "an HTTP header sent with every call to the manager (as damocles-worker's"
         " rpc_client.headers); repeat for each. `Authorization: Bearer TOKEN` is the token (as"
         " --token-file). With --worker-config, one named as a header of the file replaces it",
     )
@@ -133,6 +132,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="serve Prometheus metrics on http://HOST:PORT/metrics: the supervisor's (as `run`)"
         " and the worker's (jobs pulled, finished, failed, leases lost, finish retries,"
         " heartbeat round trips, allocations); off by default; ':PORT' listens on 127.0.0.1",
+    )
+    parser.add_argument(
+        "--proxy",
+        metavar="ADDR",
+        help="a damocles source node's RPC (IP:PORT, a URL or a multiaddr): a job's sector in a"
+        " store not attached here is located through the sector-location service (this source"
+        " node, read-only, then a scan of the attached stores), and a sector it does not locate"
+        " is a fault of the job, not an error",
+    )
+    add_header_arg(
+        parser, "--proxy-header", "an HTTP header sent to the --proxy source node; repeat for each"
     )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
@@ -208,7 +218,13 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("damocles_ext.worker")
     options = supervisor_options(args)
     settings = _settings(args, options, log)
-    worker = Worker(settings, plugin_manager=options["plugin_manager"], supervisor_options=options)
+    locator = _locator(args, settings, options)
+    worker = Worker(
+        settings,
+        plugin_manager=options["plugin_manager"],
+        supervisor_options=options,
+        locator=locator,
+    )
     # Bound before any child is spawned: a taken place is an exit 2 with nothing started.
     sock = bind_control_socket(args.socket) if args.socket is not None else None
     metrics = metrics_server = None
@@ -218,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
         metrics = SupervisorMetrics()
         options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
         WorkerMetrics(worker, metrics.registry)
+        if locator is not None:
+            from damocles_ext.sectors.metrics import SectorMetrics
+
+            locator.metrics = SectorMetrics(metrics.registry)
         try:
             metrics_server = MetricsServer(metrics, *args.metrics)
         except BaseException:
@@ -232,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
                 await run_worker(
                     worker, sock=sock, limits={}, metrics=metrics, metrics_server=metrics_server
                 )
+                if locator is not None:
+                    await locator.aclose()
                 nursery.cancel_scope.cancel()
 
     try:
@@ -252,6 +274,26 @@ def run(args: argparse.Namespace) -> int:
             _discard(sock)
     log.info("stopped")
     return 0
+
+
+def _locator(
+    args: argparse.Namespace, settings: WorkerSettings, options: SupervisorOptions
+) -> SectorLocator | None:
+    """The sector-location service over --proxy and the attached stores (None without
+    --proxy); UsageError for a bad address or no attached store to turn names into paths."""
+    if args.proxy is None:
+        return None
+    from damocles_ext.sectors import SectorSettings
+    from damocles_ext.sectors.locator import SectorLocator, build_providers
+
+    from .common import check_sector_sources
+
+    stores = dict(settings.attached)
+    check_sector_sources(args.proxy, stores, "--attached NAME=PATH for each store")
+    sector_settings = SectorSettings(
+        proxy=args.proxy, stores=stores, headers=tuple(args.proxy_header)
+    )
+    return SectorLocator(build_providers(sector_settings, options["plugin_manager"]))
 
 
 def _settings(

@@ -24,6 +24,7 @@ from ..jobs.store import StoreError, TrioJobStore
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
+from .sector_index import SectorIndex
 
 log = logging.getLogger("damocles_ext.coordinator")
 
@@ -56,14 +57,17 @@ class Coordinator:
         stores: Mapping[str, str] | None = None,
         *,
         observe: Callable[[Iterable[rules.Effect]], None] | None = None,
+        sector_index: SectorIndex | None = None,
     ) -> None:
         self.store = store
+        #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
+        self.sector_index = sector_index or SectorIndex()
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
         #: [[attached]] stores at start and refuses to start without an answer.
         self.stores = dict(stores or {})
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
-        self.dext = DextMethods(store, observe=self._observed)
+        self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
         #: No worker could heartbeat to this coordinator before it was made: its sweeps count a
         #: running job's silence from then at the earliest (rules.Sweep.heard_since).
         self.up_since = store.clock()
@@ -96,6 +100,7 @@ class Coordinator:
         )
         jobs = await self.store.allocate(allocation, num, worker)
         self._observed(rules.allocated(jobs))
+        self.sector_index.learn(job.Input for job in jobs)
         return [rpc.allocated_job(job) for job in jobs]
 
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
@@ -140,6 +145,14 @@ class Coordinator:
             "Weight": 1,
             "Meta": {},
         }
+
+    async def _SectorIndexerFind(self, index_type: str, sid: rpc.SectorId) -> dict[str, Any]:
+        return await self.sector_index.find(index_type, sid)
+
+    async def learn_sectors(self) -> None:
+        """Learn the sector locations of the jobs already in the store (at start)."""
+        jobs = await self.store.list_jobs()
+        self.sector_index.learn(job.Input for job in jobs)
 
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..jobs import rpc, rules
-from ..jobs.model import JobOutput
+from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.store import TrioJobStore
 
 
@@ -30,8 +30,11 @@ class DextMethods:
         self,
         store: TrioJobStore,
         observe: Callable[[Iterable[rules.Effect]], None] = lambda effects: None,
+        learn: Callable[[Iterable[WdPoStInput]], None] = lambda inputs: None,
     ) -> None:
         self.store = store
+        #: Told the inputs of the jobs allocated (the coordinator's sector index learns them).
+        self.learn = learn
         #: Told the effects of each store call (the coordinator's metrics count them).
         self.observe = observe
         #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
@@ -52,6 +55,7 @@ class DextMethods:
         )
         jobs = await self.store.allocate(allocation, free_slots, worker)
         self.observe(rules.allocated(jobs))
+        self.learn(job.Input for job in jobs)
         return [rpc.leased_job(job) for job in jobs]
 
     async def heartbeat_jobs(self, held: list[rpc.JobLease], worker: str) -> list[dict[str, str]]:

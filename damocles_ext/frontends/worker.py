@@ -32,7 +32,7 @@ from ..api import open_supervisor
 from ..errors import ProverError, UsageError
 from ..jobs import rpc
 from ..jobs.client import RpcCallError, RpcClient, RpcClientError, RpcConnectionError
-from ..jobs.model import WdPoStInput
+from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.worker_rules import (
     Api,
     Backoff,
@@ -41,7 +41,6 @@ from ..jobs.worker_rules import (
     Outage,
     PulledJob,
     allocate_params,
-    default_sector_paths,
     failure_of,
     finish_verdict,
     free_slots,
@@ -50,14 +49,15 @@ from ..jobs.worker_rules import (
     window_post_task,
     worker_info,
 )
+from .worker_sectors import job_sector_paths
 from .worker_state import HeldJob, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
 
     from ..jobs.endpoint import Endpoint
-    from ..jobs.model import JobOutput
     from ..jobs.worker_settings import WorkerSettings
+    from ..sectors.locator import SectorLocator
     from ..supervisor.core import Supervisor
     from ..supervisor.stats import ChildStats
 
@@ -102,8 +102,11 @@ class Worker:
         plugin_manager: pluggy.PluginManager | None = None,
         supervisor_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        locator: SectorLocator | None = None,
     ) -> None:
         self.settings = settings
+        #: The sector-location service, for sectors in stores not attached (`--proxy`).
+        self.locator = locator
         self.pm = plugin_manager
         self._sup_options = dict(supervisor_options or {})
         self._clock = clock
@@ -192,6 +195,8 @@ class Worker:
                                 inner.start_soon(self._heartbeat_loop)
                                 inner.start_soon(self._ping_loop, endpoint)
                                 inner.start_soon(self._forward_supervisor_changes, sup)
+                                if self.locator is not None:
+                                    inner.start_soon(self.locator.refresh_forever)
 
                     nursery.start_soon(in_background)
                     task_status.started()
@@ -390,19 +395,6 @@ class Worker:
 
     # -- one job ------------------------------------------------------------------------------
 
-    def _task_for(self, job: PulledJob) -> Any:
-        attached = self.settings.attached
-        paths = []
-        for sector in job.Input.Sectors or ():
-            found = None
-            if self.pm is not None:
-                found = self.pm.hook.dext_sector_paths(job=job, sector=sector, attached=attached)
-            if found is None:
-                found = default_sector_paths(job, sector, attached)
-            sealed, cache = found
-            paths.append((str(sealed), str(cache)))
-        return window_post_task(job, paths)
-
     async def _prove(self, held: HeldJob) -> None:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
@@ -426,11 +418,20 @@ class Worker:
             self._touch()
 
         try:
-            task = self._task_for(job)
+            paths, faults = await job_sector_paths(
+                job,
+                attached=self.settings.attached,
+                plugin_manager=self.pm,
+                locator=self.locator,
+                now=self._clock(),
+            )
+            task = window_post_task(job, paths)
         except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
             error = str(exc) or type(exc).__name__
             log.error("job %s cannot be proved here: %s", job.Id, error)
             return None, error
+        if faults:  # as a prover answers for sectors it cannot read: the manager drops them
+            return JobOutput(proofs=(), faults=tuple(faults)), ""
         assert self._sup is not None
         try:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)

@@ -66,6 +66,7 @@ def worker_part(worker: Worker, now: float | None = None) -> WorkerPart:
         stopped=c.stopped,
         given_up=c.given_up,
         jobs=jobs,
+        sectors=None if worker.locator is None else worker.locator.status(),
     )
 
 

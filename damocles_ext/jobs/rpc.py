@@ -19,7 +19,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from ..protocol.dext import NESTED_TOO_DEEPLY
-from .model import I64, JobOutput, JobRecord
+from .model import I64, U64, JobOutput, JobRecord
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -54,6 +54,13 @@ class JobLease(msgspec.Struct, frozen=True):
 
 # The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
 # object: we keep nothing from it, and a newer worker adding a field must not be refused.
+class SectorId(msgspec.Struct, frozen=True):
+    """damocles' abi.SectorID as Go decodes it: a missing field is 0, unknown fields ignored."""
+
+    Miner: U64 = 0
+    Number: U64 = 0
+
+
 METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, str),
     "Venus.WdPoStHeartbeatJobs": (list[str] | None, str),
@@ -63,6 +70,8 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllJobs": (),
     "Venus.StoreBasicInfo": (str,),
     "Venus.WorkerPing": (Any,),
+    # damocles' sector index, read-only (a proxy node's question; frontends/sector_index.py).
+    "Venus.SectorIndexerFind": (str, SectorId),
     # Ours (docs/JOBS.md): allocation by free slots with a lease, heartbeats that answer which
     # jobs to stop, a finish fenced by the lease.
     "Dext.AllocateJobs": (AllocateSpec, U32, str),

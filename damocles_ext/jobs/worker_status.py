@@ -46,6 +46,8 @@ class WorkerPart(msgspec.Struct, frozen=True):
     stopped: int
     given_up: int
     jobs: list[WorkerJobStatus]
+    #: The sector-location service's section (`worker --proxy`; docs/SECTORS.md), or None.
+    sectors: dict[str, object] | None = None
 
 
 def lease_state(lease: str | None, stop_reason: str | None) -> str:

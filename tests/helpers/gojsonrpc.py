@@ -9,13 +9,12 @@ HTTP 500 with JSON-RPC error -32601 (`method 'X' not found`); a malformed body i
 text; a nil result is `"result": null`. The standard library's threading HTTP server runs it, in
 a thread of the test's process, HTTP/1.1 with keep-alive.
 
-`stop()` closes the port (and the connections open on it) and `start()` opens the same port again (a source node that goes down
-and comes back); `hold()` makes every call wait until `release()` (a source that hangs), and
+`stop()` closes the port and cuts the connections open on it, and `start()` opens the same port
+again (a source node that goes down and comes back); `hold()` makes every call wait until `release()` (a source that hangs), and
 `calls` records (method, params) in order."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import socket
@@ -44,12 +43,14 @@ class GoJsonRpcServer:
         self.path = path
         self.required_headers = dict(headers or {})
         self.calls: list[tuple[str, list[Any]]] = []
-        self._connections: set[socket.socket] = set()
         self.port = 0
         self._lock = threading.Lock()
         self._open = threading.Event()
         self._open.set()
         self._server: http.server.ThreadingHTTPServer | None = None
+        # Kept-alive connections, cut by stop(): a stopped node answers nothing more.
+        self._connections: set[socket.socket] = set()
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     # --- life -------------------------------------------------------------------------------
@@ -68,18 +69,24 @@ class GoJsonRpcServer:
         class _Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def log_message(self, format: str, *args: Any) -> None:  # stdlib's name
+                pass
+
             def setup(self) -> None:
                 super().setup()
+                # Go's net/http sets TCP_NODELAY on every connection: without it the head and
+                # the body, written apart, wait 40 ms for a delayed ACK on each answer.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with server_self._lock:
                     server_self._connections.add(self.connection)
 
             def finish(self) -> None:
                 with server_self._lock:
                     server_self._connections.discard(self.connection)
-                super().finish()
-
-            def log_message(self, format: str, *args: Any) -> None:  # stdlib's name
-                pass
+                try:
+                    super().finish()
+                except OSError:
+                    pass  # cut by stop()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -94,16 +101,23 @@ class GoJsonRpcServer:
                     self.end_headers()
                     return
                 status, answer = server_self._answer(body)
+                if server_self._stopping:  # stopped while the call waited: no answer
+                    self.close_connection = True
+                    return
                 self._send(status, answer)
 
             def _send(self, status: int, answer: dict[str, Any]) -> None:
                 data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the caller gave up waiting (a held call)
 
+        self._stopping = False
         server = http.server.ThreadingHTTPServer((self.host, self.port), _Handler)
         server.daemon_threads = True
         self._server = server
@@ -113,17 +127,20 @@ class GoJsonRpcServer:
         return self
 
     def stop(self) -> None:
-        """Close the port and cut the open (keep-alive) connections, as a process that exits."""
-        self.release()
+        """Close the port and cut every connection (calls waiting in `hold()` get no answer)."""
+        self._stopping = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
         with self._lock:
-            for connection in self._connections:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-            self._connections.clear()
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+        self.release()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -1,0 +1,146 @@
+"""`prove window_post --sectors MINER:NUMBER,… --comm-r FILE --seed HEX --proof-type TYPE`: the
+task built from sector numbers, their locations from the sector-location service (`--proxy`,
+`--conf-dir`'s sector-manager.cfg, `--attached`, the plugins' providers) and their on-chain
+comm_r from FILE (sectors/comm_r.py has its form).
+
+A sector the service does not locate (not found, its files gone, no provider could answer) is
+skipped, as damocles-manager's pre-check skips a sector it cannot read, and listed in the
+output's faults with the proofs of the rest; why is logged on stderr. No sector located: no
+proof, every sector a fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from damocles_ext.errors import UsageError
+
+from .common import check_sector_sources, sector_stores
+
+if TYPE_CHECKING:
+    from damocles_ext.sectors import SectorAnswer, SectorRef
+    from damocles_ext.tasks import Output, WindowPoSt
+
+log = logging.getLogger("damocles_ext.prove")
+
+#: The whole lookup takes at most this, or a quarter of the time to --deadline when sooner.
+LOCATE_TIMEOUT = 60.0
+
+
+def task_from_sectors(
+    args: argparse.Namespace, deadline: float | None
+) -> tuple[WindowPoSt | None, list[int]]:
+    """(the task over the located sectors, or None when none is; the numbers skipped)."""
+    from damocles_ext.sectors.comm_r import CommRFileError, parse_comm_r_file, parse_sector_list
+    from damocles_ext.tasks import WindowPoSt, is_window_proof_type
+
+    from .prove import parse_seed, read_input_file
+
+    if args.stage != "window_post":
+        raise UsageError(f"prove {args.stage} --comm-r: only window_post is built from sectors")
+    if args.manifest is not None or args.save_request is not None:
+        raise UsageError("--comm-r builds the task from --sectors; --manifest and --save-request"
+                         " do not go with it")  # fmt: skip
+    if args.sectors is None:
+        raise UsageError("--comm-r needs --sectors MINER:NUMBER,… (the sectors to prove)")
+    try:
+        sectors = parse_sector_list(args.sectors)
+    except ValueError as exc:
+        raise UsageError(f"--sectors: {exc}") from None
+    miners = sorted({s.miner for s in sectors})
+    if len(miners) > 1:
+        raise UsageError(
+            f"--sectors: a WindowPoSt is one miner's; these are of miners {miners}: prove each"
+            " miner's sectors apart"
+        )
+    if args.proof_type is None or not is_window_proof_type(args.proof_type):
+        given = "" if args.proof_type is None else f" ({args.proof_type} is not one)"
+        raise UsageError(
+            f"--comm-r needs --proof-type, a WindowPoSt proof type{given}: e.g."
+            " StackedDrgWindow32GiBV1_2"
+        )
+    seed = parse_seed(args.seed, "--comm-r")
+    data = read_input_file(args.comm_r, "comm_r file", "JSON file")
+    try:
+        comm_r = parse_comm_r_file(data, args.comm_r)
+    except CommRFileError as exc:
+        raise UsageError(str(exc)) from None
+    missing = [s for s in sectors if _comm_r_key(s) not in comm_r]
+    if missing:
+        names = ", ".join(f"{s.miner}:{s.number}" for s in missing[:5])
+        raise UsageError(
+            f"{args.comm_r}: no comm_r for {names}{' …' if len(missing) > 5 else ''}; add an"
+            f' entry "MINER:NUMBER": "COMM_R" for each sector of --sectors'
+        )
+    stores = sector_stores(args, conf_dir_needs_file=False)
+    check_sector_sources(args.proxy, stores)
+    time_left = None if deadline is None else max(0.0, deadline - time.time())
+    answers = locate(args, stores, sectors, time_left)
+    replicas = []
+    skipped = []
+    from damocles_ext.tasks import PoStReplicaInfo
+
+    for answer in answers:
+        number = answer.sector.number
+        if not answer.found or answer.location is None:
+            log.warning("sector %d skipped (a fault): %s", number, answer.detail)
+            skipped.append(number)
+            continue
+        if answer.stale:
+            log.warning("sector %d: %s", number, answer.detail)
+        location = answer.location
+        replicas.append(
+            PoStReplicaInfo(
+                number,
+                comm_r[_comm_r_key(answer.sector)],
+                cache_dir=location.cache_dir,
+                sealed_file=location.sealed_file,
+            )
+        )
+    if not replicas:
+        return None, skipped
+    return WindowPoSt(miners[0], args.proof_type, replicas, seed), skipped
+
+
+def _comm_r_key(sector: SectorRef) -> SectorRef:
+    """The comm_r file's key of a sector (upgraded or not: one comm_r per sector number)."""
+    from damocles_ext.sectors import SectorRef
+
+    return SectorRef(sector.miner, sector.number)
+
+
+def locate(
+    args: argparse.Namespace,
+    stores: dict[str, str],
+    sectors: list[SectorRef],
+    time_left: float | None,
+) -> list[SectorAnswer]:
+    """The service's answers for `sectors`, within a share of `time_left`."""
+    import trio
+
+    from damocles_ext.plugins import get_plugin_manager
+    from damocles_ext.sectors import Bounds, SectorSettings
+    from damocles_ext.sectors.locator import open_locator
+
+    settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
+    bounds = Bounds(batch_timeout=LOCATE_TIMEOUT)
+
+    async def main() -> list[SectorAnswer]:
+        locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
+        async with locator:
+            return await locator.locate(sectors, time_left=time_left)
+
+    return trio.run(main)
+
+
+def with_skipped(output: Output, skipped: list[int]) -> Output:
+    """The prover's output with the skipped sectors added to its faults."""
+    from damocles_ext.tasks import WindowPoStOutput
+
+    if not isinstance(output, WindowPoStOutput):
+        return output
+    faults = sorted(set(output.faults) | set(skipped))
+    return WindowPoStOutput(proofs=output.proofs, faults=faults)

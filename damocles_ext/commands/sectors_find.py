@@ -1,0 +1,169 @@
+"""`damocles-ext sectors find MINER NUMBER…`: where each sector's sealed file and cache directory
+are, from a damocles source node (`--proxy`), the stores (`--conf-dir`, `--attached`) and the
+plugins' providers, through the sector-location service (damocles_ext/sectors).
+
+Exit codes: 0 every sector was found, 1 some were not (each says why: not found, files missing,
+no provider could answer), 2 bad input (arguments, the store config, nothing to ask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import TYPE_CHECKING
+
+from .common import (
+    add_sector_source_args,
+    check_sector_sources,
+    positive_duration,
+    sector_stores,
+)
+
+if TYPE_CHECKING:
+    from damocles_ext.sectors import SectorAnswer, SectorRef
+
+#: Sectors one command may ask for (a deadline has at most a few thousand).
+MAX_SECTORS = 1_000_000
+DEFAULT_TIMEOUT = 30.0
+_MINER = re.compile(r"^(?:[ft]0)?(\d+)$")
+_NUMBERS = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    find = sub.add_parser(
+        "find",
+        help="where sectors are: sealed file, cache dir, from which provider, how fresh",
+        description=(
+            "Print where each sector's sealed file and cache directory are, asking the plugins'"
+            " sector providers, the damocles source node given with --proxy"
+            " (Venus.SectorIndexerFind, read-only), then the stores in damocles' layout."
+            " Store names the source answers become paths through --conf-dir's"
+            " sector-manager.cfg ([[Common.PersistStores]]) and --attached. Exit code 0: every"
+            " sector found; 1: some not (each says why); 2: bad input."
+        ),
+    )
+    find.add_argument(
+        "miner", metavar="MINER", type=_miner, help="the miner: 1000, f01000 or t01000"
+    )
+    find.add_argument(
+        "numbers",
+        metavar="NUMBER",
+        nargs="+",
+        type=_numbers,
+        help="sector numbers; A-B is every number from A to B",
+    )
+    find.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="the sectors are upgraded (SnapDeals): look in the upgrade index (update/,"
+        " update-cache/)",
+    )
+    add_sector_source_args(find)
+    find.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=positive_duration,
+        default=DEFAULT_TIMEOUT,
+        help=f"the whole lookup takes at most this (default: {DEFAULT_TIMEOUT:g}s)",
+    )
+    find.add_argument("--json", action="store_true", help="print one JSON object per line")
+    return find
+
+
+def _miner(text: str) -> int:
+    m = _MINER.match(text.strip())
+    if m is None or int(m.group(1)) >= 2**64:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a miner; give its actor id: 1000, f01000 or t01000"
+        )
+    return int(m.group(1))
+
+
+def _numbers(text: str) -> range:
+    m = _NUMBERS.match(text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a sector number; give a whole number (12) or a range (10-20)"
+        )
+    first = int(m.group(1))
+    last = first if m.group(2) is None else int(m.group(2))
+    if last < first:
+        raise argparse.ArgumentTypeError(f"{text!r}: the range ends before it starts")
+    if last >= 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a sector number is below 2^64")
+    if last - first >= MAX_SECTORS:
+        raise argparse.ArgumentTypeError(f"{text!r}: over {MAX_SECTORS} sectors")
+    return range(first, last + 1)
+
+
+def run_find(args: argparse.Namespace) -> int:
+    import trio
+
+    from damocles_ext.errors import UsageError
+    from damocles_ext.plugins import get_plugin_manager
+    from damocles_ext.sectors import Bounds, SectorRef, SectorSettings
+    from damocles_ext.sectors.locator import open_locator
+
+    stores = sector_stores(args)
+    check_sector_sources(args.proxy, stores)
+    numbers = [n for r in args.numbers for n in r]
+    if len(numbers) > MAX_SECTORS:
+        raise UsageError(f"{len(numbers)} sectors asked for; at most {MAX_SECTORS} at once")
+    sectors = [SectorRef(args.miner, n, args.upgrade) for n in numbers]
+    settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
+    bounds = Bounds(batch_timeout=args.timeout, lookup_timeout=min(5.0, args.timeout))
+
+    async def main() -> list[SectorAnswer]:
+        locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
+        async with locator:
+            return await locator.locate(sectors)
+
+    answers = trio.run(main)
+    if args.json:
+        import json
+
+        for answer in answers:
+            print(json.dumps(answer.to_dict()))
+    else:
+        sys.stdout.write(render(answers))
+        for answer in answers:
+            if answer.detail:
+                print(answer.detail, file=sys.stderr)
+    return 0 if all(a.found for a in answers) else 1
+
+
+def _name(sector: SectorRef) -> str:
+    return f"f0{sector.miner}/{sector.number}"
+
+
+def freshness(answer: SectorAnswer) -> str:
+    """ "fresh", "cached, 12s old", "stale, 3h0m0s old" or "-"."""
+    from damocles_ext.jobs.listing import go_duration
+
+    if answer.age is None:
+        return "-"
+    if not answer.cached:
+        return "fresh"
+    kind = "stale" if answer.stale else "cached"
+    return f"{kind}, {go_duration(round(answer.age))} old"
+
+
+def render(answers: list[SectorAnswer]) -> str:
+    """The table `sectors find` prints."""
+    from damocles_ext.jobs.listing import tabwrite
+
+    rows = [["SECTOR", "STATUS", "SEALED FILE", "CACHE DIR", "PROVIDER", "FRESHNESS"]]
+    for a in answers:
+        loc = a.location
+        rows.append(
+            [
+                _name(a.sector) + (" (upgrade)" if a.sector.upgrade else ""),
+                a.status.replace("_", " "),
+                "-" if loc is None else loc.sealed_file,
+                "-" if loc is None else loc.cache_dir,
+                a.provider or "-",
+                freshness(a),
+            ]
+        )
+    return tabwrite(rows)

@@ -1,0 +1,73 @@
+"""Where a pulled job's sectors are, for `damocles-ext worker`: a plugin's `dext_sector_paths`,
+then the attached stores in damocles' layout (jobs/worker_rules.py), then, for a sector whose
+store the worker has not attached, the sector-location service (`worker --proxy`: the damocles
+source node, a scan of the attached stores in damocles' layout, the plugins' providers).
+
+A sector the service does not locate (not found, its last known files gone, no provider could
+answer in time) makes the job's answer its faults and no proof, as a prover answers for a
+sector it cannot read: damocles-manager then proves again without them. The lookup takes at
+most a share of the time to the job's deadline (`NotAfter`), so a slow source cannot eat the
+proving window. Without `--proxy`, a store not attached fails the job, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from ..sectors import SectorRef
+    from ..sectors.locator import SectorLocator
+
+log = logging.getLogger("damocles_ext.worker")
+
+
+async def job_sector_paths(
+    job: PulledJob,
+    *,
+    attached: Mapping[str, str],
+    plugin_manager: pluggy.PluginManager | None,
+    locator: SectorLocator | None,
+    now: float,
+) -> tuple[list[tuple[str, str]], list[int]]:
+    """(each sector's (sealed_file, cache_dir), the sector numbers not located: faults).
+    MissingStore when a store is not attached and there is no locator; a plugin's exception
+    passes through (it fails the job)."""
+    from ..sectors import SectorRef
+
+    paths: list[tuple[str, str]] = []
+    unresolved: list[tuple[int, SectorRef]] = []
+    for i, sector in enumerate(job.Input.Sectors or ()):
+        found = None
+        if plugin_manager is not None:
+            found = plugin_manager.hook.dext_sector_paths(job=job, sector=sector, attached=attached)
+        if found is None:
+            try:
+                found = default_sector_paths(job, sector, attached)
+            except MissingStore:
+                if locator is None:
+                    raise
+                ref = SectorRef(job.Input.MinerId, sector.SectorId, sector.Upgrade)
+                unresolved.append((i, ref))
+                found = ("", "")
+        paths.append((str(found[0]), str(found[1])))
+    faults: list[int] = []
+    if unresolved:
+        assert locator is not None
+        time_left = None if job.NotAfter is None else job.NotAfter - now
+        answers = await locator.locate([ref for _, ref in unresolved], time_left=time_left)
+        for (i, ref), answer in zip(unresolved, answers, strict=True):
+            location = answer.location
+            if answer.found and location is not None:
+                paths[i] = (location.sealed_file, location.cache_dir)
+                if answer.stale:
+                    log.warning("job %s: %s: %s", job.Id, ref, answer.detail)
+            else:
+                log.warning("job %s: %s is a fault: %s", job.Id, ref, answer.detail)
+                faults.append(ref.number)
+    return paths, faults

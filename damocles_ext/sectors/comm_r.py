@@ -1,0 +1,127 @@
+"""A WindowPoSt from sector numbers (`prove window_post --sectors MINER:NUMBER,… --comm-r FILE`):
+the sector list and the on-chain `comm_r` file, read without any chain access.
+
+- `parse_sector_list("1000:5,1000:6:upgrade")`: `SectorRef`s; `f0`/`t0` before the miner is
+  allowed, `:upgrade` marks a SnapDeals-upgraded sector (its files in `update/`, `update-cache/`).
+- `parse_comm_r_file(data, name)`: the file is a JSON object `{"MINER:NUMBER": COMM_R, …}`, each
+  `COMM_R` the sector's sealed commitment as the chain has it: a CID string (`bagboea4b5abc…`,
+  as Lotus' `StateSectorGetInfo` prints `SealedCID`), `{"/": CID}` (its JSON form), or 64 hex
+  digits (the raw 32 bytes, as `sectors create`'s manifest writes them). The key's miner may be
+  written `f0…`/`t0…`. A bad entry is a `CommRFileError` naming the file and the entry.
+
+Sans-IO: bytes in, values out.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from .model import SectorRef
+
+_REF = re.compile(r"^(?:[ft]0)?(\d+):(\d+)(:upgrade)?$")
+#: The multicodec of a sealed commitment (fil-commitment-sealed) and its multihash
+#: (poseidon-bls12_381-a2-fc1, 0xb401), as go-fil-commcid writes them.
+SEALED_CODEC = 0xF102
+SEALED_HASH = 0xB401
+
+
+class CommRFileError(ValueError):
+    """The comm_r file, or one of its entries, cannot be read; the message names both."""
+
+
+def parse_ref(text: str) -> SectorRef:
+    """`MINER:NUMBER[:upgrade]` -> SectorRef; ValueError saying the form."""
+    m = _REF.match(text.strip())
+    if m is None:
+        raise ValueError(f"{text.strip()!r} is not MINER:NUMBER (e.g. 1000:5, f01000:5:upgrade)")
+    return SectorRef(int(m.group(1)), int(m.group(2)), m.group(3) is not None)
+
+
+def parse_sector_list(text: str) -> list[SectorRef]:
+    """Comma-separated `MINER:NUMBER[:upgrade]`; ValueError naming the bad one."""
+    refs = [parse_ref(part) for part in text.split(",") if part.strip()]
+    if not refs:
+        raise ValueError("no sector given; write MINER:NUMBER,MINER:NUMBER,…")
+    return refs
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("a CID ends inside a number")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def comm_r_from_cid(cid: str) -> bytes:
+    """The 32 bytes of a sealed-commitment CID (`bagboea4b5abc…`); ValueError saying why not."""
+    if not cid.startswith("b"):
+        raise ValueError("a CID of a sealed commitment is base32, starting with 'b'")
+    body = cid[1:].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except ValueError:
+        raise ValueError("not base32") from None
+    version, at = _varint(raw, 0)
+    codec, at = _varint(raw, at)
+    hash_code, at = _varint(raw, at)
+    size, at = _varint(raw, at)
+    if version != 1 or codec != SEALED_CODEC:
+        raise ValueError(
+            f"not a sealed commitment's CID (version {version}, codec {codec:#x}; a SealedCID is"
+            f" version 1, codec {SEALED_CODEC:#x})"
+        )
+    if hash_code != SEALED_HASH or size != 32 or len(raw) - at != 32:
+        raise ValueError("its hash is not a 32-byte poseidon commitment")
+    return raw[at:]
+
+
+def comm_r_value(value: Any) -> bytes:
+    """A comm_r as the file gives it -> 32 bytes; ValueError saying the forms taken."""
+    if isinstance(value, dict) and set(value) == {"/"}:
+        value = value["/"]
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 - a bad entry of a file: one error type for the caller
+            f"{value!r} is not a comm_r: give a CID string, {{'/': CID}} or 64 hex digits"
+        )
+    text = value.strip().removeprefix("0x")
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    if text.startswith("b"):
+        return comm_r_from_cid(text)
+    raise ValueError(f"{value!r} is not a comm_r: give a CID (bagboea…) or 64 hex digits")
+
+
+def parse_comm_r_file(data: bytes, name: str) -> dict[SectorRef, bytes]:
+    """`{"MINER:NUMBER": COMM_R}` -> {SectorRef (normal index): 32 bytes}; CommRFileError naming
+    the file and the entry."""
+    import json
+
+    try:
+        decoded = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CommRFileError(f"{name}: not JSON: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise CommRFileError(
+            f'{name}: expected a JSON object {{"MINER:NUMBER": "COMM_R", …}}, got a'
+            f" {type(decoded).__name__}"
+        )
+    found: dict[SectorRef, bytes] = {}
+    for key, value in decoded.items():
+        try:
+            ref = parse_ref(key)
+            if ref.upgrade:
+                raise ValueError("the comm_r file names sectors without :upgrade")
+            if ref in found:
+                raise ValueError("given twice")
+            found[ref] = comm_r_value(value)
+        except ValueError as exc:
+            raise CommRFileError(f"{name}: entry {key!r}: {exc}") from None
+    return found

@@ -1,0 +1,87 @@
+"""Looking at sector files on storage that may stall: every look runs in a worker thread that is
+abandoned when its time is up, so a hung mount costs the caller its timeout, never the loop.
+
+A thread stuck in a stat(2) on a dead NFS server cannot be stopped; at most `limiter`'s tokens
+of them are outstanding at once, so a stalled store cannot pile threads up either: the next
+looks wait for a token, time out, and say the storage did not answer.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from .model import SectorLocation
+
+T = TypeVar("T")
+
+#: Threads that look at sector files at once (across the locator).
+DEFAULT_THREADS = 16
+
+
+def _is(path: str, want_dir: bool) -> str:
+    """'' when `path` is a regular file (a directory when `want_dir`), else why not."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if want_dir and not stat.S_ISDIR(mode):
+        return f"{path} is not a directory"
+    if not want_dir and not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    return ""
+
+
+def location_problem(location: SectorLocation) -> str:
+    """'' when the sealed file and the cache directory are there, else what is wrong
+    (blocking)."""
+    return _is(location.sealed_file, False) or _is(location.cache_dir, True)
+
+
+def first_present(paths: list[tuple[str, str]], want_dir: bool) -> tuple[str, str] | None:
+    """The first (store, path) whose path is there (blocking)."""
+    for store, path in paths:
+        if not _is(path, want_dir):
+            return store, path
+    return None
+
+
+async def in_thread(
+    function: Callable[..., T],
+    *args: object,
+    limiter: trio.CapacityLimiter,
+    timeout: float,  # noqa: ASYNC109 - on timeout the thread is abandoned, not cancelled
+) -> T:
+    """`function(*args)` in a worker thread; raises TimeoutError when it took over `timeout`
+    (the thread is left to finish on its own)."""
+    with trio.move_on_after(timeout) as scope:
+        return await trio.to_thread.run_sync(
+            function, *args, limiter=limiter, abandon_on_cancel=True
+        )
+    assert scope.cancelled_caught
+    raise TimeoutError(f"the storage did not answer within {timeout:g} s")
+
+
+def _problems(locations: list[SectorLocation]) -> list[str]:
+    return [location_problem(location) for location in locations]
+
+
+async def check_locations(
+    locations: list[SectorLocation],
+    *,
+    limiter: trio.CapacityLimiter,
+    timeout: float,  # noqa: ASYNC109 - the check's own bound, not the caller's
+) -> list[str]:
+    """For each location, '' when its files are there, else why not; in one worker thread, so
+    give locations on the same storage together: when it stalls, they all say it did not
+    answer."""
+    try:
+        return await in_thread(_problems, locations, limiter=limiter, timeout=timeout)
+    except TimeoutError as exc:
+        return [f"{location.sealed_file}: {exc}" for location in locations]

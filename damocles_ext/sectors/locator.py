@@ -1,0 +1,440 @@
+"""The sector locator (trio): asks the providers, remembers what they said, refreshes it in the
+background, and stands in for a provider that cannot answer with the last known location whose
+files are still there.
+
+Public API (kept stable; the worker, the coordinator and `prove` use it):
+
+- `locator = await open_locator(settings, plugin_manager=pm)` builds the providers (the plugins'
+  `dext_sector_providers`, then the source node and the scan) and the locator; or
+  `SectorLocator(providers, rules=CacheRules(...), bounds=Bounds(...), metrics=...)`.
+- `answers = await locator.locate(sectors, time_left=seconds)`: one `SectorAnswer` per sector,
+  in the order given (duplicates answered alike). `time_left` is the time until the caller's
+  deadline: the whole batch takes at most `bounds.budget(time_left)`, so a slow source cannot
+  eat a proving window. Never raises for a sector: a sector that cannot be located is an answer
+  (`not_found`, `missing`, `error`).
+- `locator.want(sectors, within=seconds)`: these sectors are needed that much later (the next
+  deadline's): the background task asks for them `rules.refresh_lead` before.
+- `await nursery.start(locator.refresh_forever)`: the background refresh (optional).
+- `locator.cached(sector)`: what is remembered, without asking anyone (None if nothing).
+- `locator.status()`: a plain dict for a process's status document.
+- `await locator.aclose()` (or `async with locator`).
+
+The rules of one batch: a sector whose entry is fresh is answered from the cache. The others go
+to the providers in order, each given an equal share of what is left of the providers' phase
+(`model.provider_slice`) and each lookup at most `bounds.lookup_timeout`; the first location
+given wins and is remembered. A sector no provider located although one of them failed (an
+error, a timeout) gets its last known location if the files are still there (checked in a
+thread with a time bound, in the reserve `bounds.phases` keeps), marked cached with its age;
+if they are not, it is `missing` (a fault for the prover). A sector every provider said it does
+not know is `not_found`, and forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
+
+import trio
+
+from .cache import CacheEntry, CacheRules, SectorCache
+from .files import DEFAULT_THREADS, check_locations
+from .model import (
+    Bounds,
+    SectorAnswer,
+    SectorLocation,
+    SectorProvider,
+    SectorProviderError,
+    SectorRef,
+    SectorSettings,
+    provider_slice,
+)
+
+if TYPE_CHECKING:
+    from ..plugins import DextPluginManager
+    from .metrics import SectorMetrics
+
+log = logging.getLogger("damocles_ext.sectors")
+
+#: Sectors given at once to a provider's optional `find_batch` (the scan: one thread per batch).
+PROVIDER_BATCH = 64
+#: Sectors one background refresh asks for at most, so a foreground batch is never starved.
+REFRESH_BATCH = 4096
+
+
+@dataclass(slots=True)
+class Counts:
+    """What the locator did since it started (the status section; metrics count the same)."""
+
+    lookups: int = 0
+    cache_hits: int = 0
+    source_errors: dict[str, int] = field(default_factory=dict)
+    stale_answers: int = 0
+    not_found: int = 0
+    missing: int = 0
+    refreshes: int = 0
+    last_error: tuple[str, str, float] | None = None  # provider, message, when
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the providers said about one sector in one batch."""
+
+    found: tuple[SectorLocation, str] | None = None
+    not_known: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class SectorLocator:
+    def __init__(
+        self,
+        providers: Sequence[SectorProvider],
+        *,
+        rules: CacheRules | None = None,
+        bounds: Bounds | None = None,
+        metrics: SectorMetrics | None = None,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        self.providers = list(providers)
+        self.cache = SectorCache(rules)
+        self.bounds = bounds or Bounds()
+        self.metrics = metrics
+        self.counts = Counts()
+        self._limiters = [trio.CapacityLimiter(self.bounds.concurrency) for _ in self.providers]
+        self._threads = trio.CapacityLimiter(threads)
+        self._changed = trio.Event()
+
+    @property
+    def rules(self) -> CacheRules:
+        return self.cache.rules
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for provider in self.providers:
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception as exc:  # noqa: BLE001 - one provider's close must not stop the others'
+                    log.warning("closing the sector provider %s: %s", provider.name, exc)
+
+    # --- one batch -------------------------------------------------------------------------
+
+    async def locate(
+        self, sectors: Iterable[SectorRef], *, time_left: float | None = None
+    ) -> list[SectorAnswer]:
+        """One answer per sector, in order; at most `bounds.budget(time_left)` seconds."""
+        asked = list(sectors)
+        start = trio.current_time()
+        phase_end, batch_end = self.bounds.phases(start, self.bounds.budget(time_left))
+        answers: dict[SectorRef, SectorAnswer] = {}
+        todo: list[SectorRef] = []
+        for sector in dict.fromkeys(asked):
+            self._count("lookups")
+            entry = self.cache.fresh(sector, start)
+            if entry is None:
+                todo.append(sector)
+                continue
+            self._count("cache_hits")
+            answers[sector] = SectorAnswer(
+                sector, "found", entry.location, entry.provider, True, entry.age(start)
+            )
+        outcomes = await self._ask(todo, phase_end)
+        fallback: list[tuple[SectorRef, _Outcome]] = []
+        now = trio.current_time()
+        for sector in todo:
+            outcome = outcomes[sector]
+            if outcome.found is not None:
+                location, provider = outcome.found
+                self.cache.learn(sector, location, provider, now)
+                self.cache.fresh(sector, now)  # a use: keeps it hot for the background refresh
+                # A provider before it failed: said, though the sector was found.
+                why = "; ".join(outcome.errors)
+                answers[sector] = SectorAnswer(sector, "found", location, provider, False, 0.0, why)
+            elif outcome.errors:
+                fallback.append((sector, outcome))
+            else:
+                self.cache.forget(sector)
+                self._count("not_found")
+                names = ", ".join(outcome.not_known) or "none: no provider is configured"
+                answers[sector] = SectorAnswer(
+                    sector, "not_found", None, ", ".join(outcome.not_known) or None,
+                    detail=f"{sector} is not known to any provider (asked: {names})",
+                )  # fmt: skip
+        if fallback:
+            await self._last_known(fallback, batch_end, answers)
+        if asked:  # new uses and entries: the background refresh plans again
+            self._changed.set()
+        return [answers[sector] for sector in asked]
+
+    async def _last_known(
+        self,
+        fallback: list[tuple[SectorRef, _Outcome]],
+        batch_end: float,
+        answers: dict[SectorRef, SectorAnswer],
+    ) -> None:
+        """The last known locations of sectors no provider could answer for, given when their
+        files are still there: checked in one thread per group of sectors on the same storage
+        (a stalled mount fails its own group only), within the batch's end."""
+        now = trio.current_time()
+        groups: dict[tuple[str, str], list[tuple[SectorRef, str, CacheEntry]]] = {}
+        for sector, outcome in fallback:
+            why = "; ".join(outcome.errors)
+            entry = self.cache.last_known(sector, now)
+            if entry is None:
+                answers[sector] = SectorAnswer(
+                    sector, "error", detail=f"{why}; and no location of it is known from before"
+                )
+                continue
+            where = entry.location
+            key = (posixpath.dirname(where.sealed_file), posixpath.dirname(where.cache_dir))
+            groups.setdefault(key, []).append((sector, why, entry))
+
+        async def check(group: list[tuple[SectorRef, str, CacheEntry]]) -> None:
+            timeout = min(self.bounds.check_timeout, batch_end - trio.current_time())
+            locations = [entry.location for _, _, entry in group]
+            if timeout > 0:
+                problems = await check_locations(locations, limiter=self._threads, timeout=timeout)
+            else:
+                problems = ["no time was left to check its files"] * len(group)
+            later = trio.current_time()
+            for (sector, why, entry), problem in zip(group, problems, strict=True):
+                answers[sector] = self._fallback_answer(sector, why, entry, problem, later)
+
+        async with trio.open_nursery() as nursery:
+            for group in groups.values():
+                for first in range(0, len(group), PROVIDER_BATCH):
+                    nursery.start_soon(check, group[first : first + PROVIDER_BATCH])
+
+    def _fallback_answer(
+        self, sector: SectorRef, why: str, entry: CacheEntry, problem: str, now: float
+    ) -> SectorAnswer:
+        age = entry.age(now)
+        if problem:
+            self._count("missing")
+            return SectorAnswer(
+                sector, "missing", entry.location, entry.provider, True, age,
+                f"{why}; its last known files ({entry.provider}, {age:.0f} s ago) are not"
+                f" there: {problem}",
+            )  # fmt: skip
+        self._count("stale_answers")
+        return SectorAnswer(
+            sector, "found", entry.location, entry.provider, True, age,
+            f"{why}; the last known location ({entry.provider}, {age:.0f} s ago) is given, its"
+            " files are there",
+        )  # fmt: skip
+
+    async def _ask(self, sectors: list[SectorRef], phase_end: float) -> dict[SectorRef, _Outcome]:
+        """What the providers say, each in its share of the time to `phase_end`."""
+        outcomes = {sector: _Outcome() for sector in sectors}
+        left = sectors
+        for i, provider in enumerate(self.providers):
+            if not left:
+                break
+            slice_end = provider_slice(trio.current_time(), phase_end, len(self.providers) - i)
+            await self._ask_one(provider, self._limiters[i], left, slice_end, outcomes)
+            left = [s for s in left if outcomes[s].found is None]
+        return outcomes
+
+    async def _ask_one(
+        self,
+        provider: SectorProvider,
+        limiter: trio.CapacityLimiter,
+        sectors: list[SectorRef],
+        slice_end: float,
+        outcomes: dict[SectorRef, _Outcome],
+    ) -> None:
+        done: set[SectorRef] = set()
+        lookup_timeout = self.bounds.lookup_timeout
+        find_batch = getattr(provider, "find_batch", None)
+
+        def record(sector: SectorRef, location: object) -> None:
+            outcome = outcomes[sector]
+            if location is None:
+                outcome.not_known.append(provider.name)
+            elif isinstance(location, SectorLocation):
+                outcome.found = (location, provider.name)
+            else:
+                message = f"{sector}: answered {location!r}, not a SectorLocation"
+                self._source_error(provider.name, outcome, message)
+            done.add(sector)
+
+        async def one(chunk: list[SectorRef]) -> None:
+            async with limiter:
+                deadline = min(slice_end, trio.current_time() + lookup_timeout)
+                with trio.move_on_at(deadline):
+                    try:
+                        if find_batch is None:
+                            [sector] = chunk
+                            found = {sector: await provider.find(sector)}
+                        else:
+                            found = await find_batch(chunk)
+                    except SectorProviderError as exc:
+                        for sector in chunk:
+                            self._source_error(provider.name, outcomes[sector], str(exc))
+                            done.add(sector)
+                    except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
+                        for sector in chunk:
+                            message = f"{sector}: {type(exc).__name__}: {exc}"
+                            self._source_error(provider.name, outcomes[sector], message)
+                            done.add(sector)
+                    else:
+                        for sector in chunk:
+                            record(sector, found.get(sector))
+
+        size = 1 if find_batch is None else PROVIDER_BATCH
+        with trio.move_on_at(slice_end):
+            async with trio.open_nursery() as nursery:
+                for first in range(0, len(sectors), size):
+                    nursery.start_soon(one, sectors[first : first + size])
+        for sector in sectors:
+            if sector not in done:
+                self._source_error(
+                    provider.name,
+                    outcomes[sector],
+                    f"{sector}: no answer in the time this lookup had"
+                    f" (at most {lookup_timeout:g} s, within the caller's deadline)",
+                )
+
+    def _source_error(self, provider: str, outcome: _Outcome, message: str) -> None:
+        outcome.errors.append(f"{provider}: {message}")
+        counts = self.counts
+        counts.source_errors[provider] = counts.source_errors.get(provider, 0) + 1
+        counts.last_error = (provider, message, trio.current_time())
+        if self.metrics is not None:
+            self.metrics.source_errors.labels(provider=provider).inc()
+
+    def _count(self, what: str, n: int = 1) -> None:
+        setattr(self.counts, what, getattr(self.counts, what) + n)
+        if self.metrics is not None:
+            getattr(self.metrics, what).inc(n)
+
+    # --- remembered locations and background refresh ---------------------------------------
+
+    def cached(self, sector: SectorRef) -> SectorAnswer | None:
+        """What is remembered of the sector, asking nobody (None when nothing)."""
+        entry = self.cache.get(sector)
+        if entry is None:
+            return None
+        age = entry.age(trio.current_time())
+        return SectorAnswer(sector, "found", entry.location, entry.provider, True, age)
+
+    def want(self, sectors: Iterable[SectorRef], *, within: float) -> None:
+        """These sectors are needed `within` seconds from now: refresh them before then."""
+        self.cache.want(sectors, trio.current_time() + within)
+        self._changed.set()
+
+    async def refresh(self, sectors: Sequence[SectorRef]) -> int:
+        """Ask the providers again for these sectors (no deadline but `bounds.batch_timeout`);
+        returns how many got an answer. The cache keeps what a failing provider cannot
+        replace."""
+        start = trio.current_time()
+        phase_end, _ = self.bounds.phases(start, self.bounds.batch_timeout)
+        outcomes = await self._ask(list(sectors), phase_end)
+        now = trio.current_time()
+        answered = 0
+        failed = []
+        for sector, outcome in outcomes.items():
+            if outcome.found is not None:
+                self.cache.learn(sector, *outcome.found, now)
+                answered += 1
+            elif outcome.errors:
+                failed.append(sector)
+            else:
+                self.cache.forget(sector)
+                answered += 1
+        self.cache.tried(failed, now)
+        self._count("refreshes", len(outcomes))
+        return answered
+
+    async def refresh_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+        """Refresh what `cache.due` says, when it says; run it in a nursery (`nursery.start`)."""
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            due = self.cache.due(now)
+            if due:
+                for first in range(0, len(due), REFRESH_BATCH):
+                    await self.refresh(due[first : first + REFRESH_BATCH])
+                await trio.lowlevel.checkpoint()
+                continue
+            wake = self.cache.next_wakeup(now)
+            self._changed = trio.Event()
+            with trio.move_on_at(math.inf if wake is None else wake):
+                await self._changed.wait()
+
+    def status(self) -> dict[str, Any]:
+        """The status section: providers, entries, counts, the hit rate, the last error."""
+        counts = self.counts
+        now = trio.current_time()
+        last = None
+        if counts.last_error is not None:
+            provider, message, when = counts.last_error
+            last = {"provider": provider, "message": message, "age": round(now - when, 3)}
+        return {
+            "providers": [p.name for p in self.providers],
+            "entries": len(self.cache),
+            "wanted": self.cache.wanted,
+            "lookups": counts.lookups,
+            "cache_hits": counts.cache_hits,
+            "hit_rate": round(counts.cache_hits / counts.lookups, 4) if counts.lookups else None,
+            "source_errors": dict(counts.source_errors),
+            "stale_answers": counts.stale_answers,
+            "not_found": counts.not_found,
+            "missing": counts.missing,
+            "refreshes": counts.refreshes,
+            "last_source_error": last,
+            "fresh_for": self.rules.fresh_for,
+            "keep_for": self.rules.keep_for,
+        }
+
+
+def build_providers(
+    settings: SectorSettings, plugin_manager: DextPluginManager | None = None
+) -> list[SectorProvider]:
+    """The plugins' providers (`dext_sector_providers`), then the built-in ones. UsageError
+    when a plugin's hook fails or returns something that is not a provider."""
+    from ..errors import UsageError
+    from .providers import builtin_providers
+
+    providers: list[SectorProvider] = []
+    if plugin_manager is not None:
+        try:
+            results = plugin_manager.hook.dext_sector_providers(settings=settings)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, not a traceback
+            raise UsageError(f"a plugin's dext_sector_providers failed: {exc}") from None
+        for result in results:
+            for provider in result or ():
+                if not isinstance(provider, SectorProvider):
+                    raise UsageError(
+                        f"a plugin's dext_sector_providers returned {provider!r}, which is not a"
+                        " sector provider (it needs a `name` and `async find(sector)`)"
+                    )
+                providers.append(provider)
+    try:
+        providers.extend(builtin_providers(settings))
+    except ValueError as exc:  # a bad --proxy address, a bad store
+        raise UsageError(str(exc)) from None
+    return providers
+
+
+async def open_locator(
+    settings: SectorSettings,
+    *,
+    plugin_manager: DextPluginManager | None = None,
+    rules: CacheRules | None = None,
+    bounds: Bounds | None = None,
+    metrics: SectorMetrics | None = None,
+) -> SectorLocator:
+    """A locator over `build_providers(settings, plugin_manager)`."""
+    providers = build_providers(settings, plugin_manager)
+    await trio.lowlevel.checkpoint()
+    return SectorLocator(providers, rules=rules, bounds=bounds, metrics=metrics)

@@ -1,0 +1,203 @@
+"""What the sector-location service speaks: a sector asked for, where its files are, the answer,
+what a provider is, and the time a batch of lookups may take.
+
+- `SectorRef(miner, number, upgrade)`: a sector and which of damocles' two indexes it is in
+  (`"normal"`, or `"upgrade"` for a SnapDeals-upgraded sector, whose files are in `update/` and
+  `update-cache/`).
+- `SectorLocation`: the sealed file's and the cache directory's paths, and the names of the stores
+  that hold them when known (a damocles source node answers names; the scan knows the store).
+- `SectorAnswer`: one sector's answer: `status` is `found`, `not_found` (no provider knows the
+  sector), `missing` (its last known files are gone, or their storage did not answer: a fault for
+  the prover, not an error) or `error` (no provider could answer and nothing was cached); it says
+  which provider gave the location, whether it came from the cache and how old it is.
+- `SectorProvider`: what a plugin's `dext_sector_providers` hook returns: a `name` and
+  `async find(sector) -> SectorLocation | None` (None: this provider does not know the sector; an
+  exception: it could not answer). `SectorSettings` is what the hook is given.
+- `Bounds`: the time a batch may take, derived from the caller's deadline (`budget`), and how it
+  is shared between the providers and the last-known-location checks (`phases`).
+
+Sans-IO: no trio, no files; times are numbers the caller passes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol, runtime_checkable
+
+IndexType = Literal["normal", "upgrade"]
+INDEX_TYPES: Final = ("normal", "upgrade")
+
+Status = Literal["found", "not_found", "missing", "error"]
+STATUSES: Final = ("found", "not_found", "missing", "error")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SectorRef:
+    """A sector of a miner (actor id), in the normal or the upgrade index."""
+
+    miner: int
+    number: int
+    upgrade: bool = False
+
+    def __post_init__(self) -> None:
+        for what, value in (("miner", self.miner), ("sector number", self.number)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+                raise ValueError(f"a {what} is a whole number from 0 to 2^64-1, not {value!r}")
+
+    @property
+    def index_type(self) -> IndexType:
+        """damocles' name of the index the sector is in: "normal" or "upgrade"."""
+        return "upgrade" if self.upgrade else "normal"
+
+    def __str__(self) -> str:
+        upgraded = " (upgraded)" if self.upgrade else ""
+        return f"sector {self.number} of miner {self.miner}{upgraded}"
+
+
+@dataclass(frozen=True, slots=True)
+class SectorLocation:
+    """Where a sector's files are: paths, and the store names when known."""
+
+    sealed_file: str
+    cache_dir: str
+    sealed_store: str | None = None
+    cache_store: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SectorAnswer:
+    """One sector's answer from the locator."""
+
+    sector: SectorRef
+    status: Status
+    location: SectorLocation | None = None
+    #: The provider that gave the location (or, for not_found, the ones asked).
+    provider: str | None = None
+    #: True when the location is the one remembered, not one a provider gave for this lookup.
+    cached: bool = False
+    #: Seconds since the provider gave the location (0 for a fresh answer).
+    age: float | None = None
+    #: Why the sector is not found, missing or in error; empty when found.
+    detail: str = ""
+
+    @property
+    def found(self) -> bool:
+        return self.status == "found"
+
+    @property
+    def stale(self) -> bool:
+        """A location from the cache given because no provider could be asked in time."""
+        return self.found and self.cached and bool(self.detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer as JSON-ready data (`sectors find --json`)."""
+        location = self.location
+        return {
+            "miner": self.sector.miner,
+            "number": self.sector.number,
+            "upgrade": self.sector.upgrade,
+            "status": self.status,
+            "sealed_file": None if location is None else location.sealed_file,
+            "cache_dir": None if location is None else location.cache_dir,
+            "sealed_store": None if location is None else location.sealed_store,
+            "cache_store": None if location is None else location.cache_store,
+            "provider": self.provider,
+            "cached": self.cached,
+            "age": None if self.age is None else round(self.age, 3),
+            "detail": self.detail,
+        }
+
+
+@runtime_checkable
+class SectorProvider(Protocol):
+    """A source of sector locations (a damocles source node, a scan of the stores, a site's
+    database). `find` runs in the locator's trio loop, may be called for many sectors at once
+    (up to `Bounds.concurrency`), and is cancelled when its time is up: it must not block the
+    loop (run blocking I/O with `trio.to_thread.run_sync(..., abandon_on_cancel=True)`).
+    An optional `async aclose()` is awaited when the locator closes. An optional
+    `async find_batch(sectors) -> Mapping[SectorRef, SectorLocation | None]` is used instead of
+    `find` for several sectors at once (a sector missing from its answer: not known); the time
+    bound of one lookup then holds for the whole batch."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def find(self, sector: SectorRef) -> SectorLocation | None: ...
+
+
+class SectorProviderError(Exception):
+    """A provider could not answer for a sector; the message names the sector and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorSettings:
+    """What the providers are built from (`dext_sector_providers(settings)`).
+
+    `proxy`: a damocles source node's RPC address (`IP:PORT`, a URL or a multiaddr), or None;
+    `stores`: store name -> path on this machine (sector-manager.cfg's PersistStores from
+    `--conf-dir`, and `--attached NAME=PATH`), used to turn a source node's store names into
+    paths and scanned in damocles' layout; `headers`: HTTP headers sent to the source node;
+    `connections`: connections kept open to the source node (its calls run that many at once).
+    """
+
+    proxy: str | None = None
+    stores: Mapping[str, str] = field(default_factory=dict)
+    headers: tuple[tuple[str, str], ...] = ()
+    connections: int = 8
+
+
+# --- time bounds ------------------------------------------------------------------------------
+
+#: The share of a batch's budget kept for checking last known locations when providers fail.
+CHECK_RESERVE: Final = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How long lookups may take.
+
+    A batch may take `deadline_share` of the time left before the caller's deadline, and never
+    more than `batch_timeout`; one provider's call for one sector at most `lookup_timeout`;
+    checking that a remembered location's files are still there at most `check_timeout` per
+    sector. `concurrency` calls to one provider run at once.
+    """
+
+    lookup_timeout: float = 5.0
+    batch_timeout: float = 60.0
+    deadline_share: float = 0.25
+    check_timeout: float = 2.0
+    concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("lookup_timeout", "batch_timeout", "check_timeout"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not 0 < self.deadline_share <= 1:
+            raise ValueError(f"deadline_share must be in (0, 1], not {self.deadline_share!r}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {self.concurrency!r}")
+
+    def budget(self, time_left: float | None) -> float:
+        """Seconds a batch may take when the caller's deadline is `time_left` away (None: no
+        deadline): never more than `batch_timeout`, never less than 0."""
+        if time_left is None:
+            return self.batch_timeout
+        return max(0.0, min(self.batch_timeout, time_left * self.deadline_share))
+
+    def phases(self, start: float, budget: float) -> tuple[float, float]:
+        """(when the providers must have answered, when the whole batch must be done): the
+        providers get the budget less a reserve (a quarter of it, at most `check_timeout`) in
+        which remembered locations are checked for the sectors no provider answered for."""
+        reserve = min(self.check_timeout, budget * CHECK_RESERVE)
+        return start + budget - reserve, start + budget
+
+
+def provider_slice(now: float, phase_end: float, providers_left: int) -> float:
+    """When the provider asked now must be done: an equal share of what is left of the phase
+    between it and the providers after it, so that a slow first provider (a stalled source node)
+    leaves time for the next (the scan). A provider that finishes early gives its time on."""
+    if providers_left <= 0:
+        return now
+    return now + max(0.0, phase_end - now) / providers_left

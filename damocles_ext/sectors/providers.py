@@ -1,0 +1,206 @@
+"""The built-in providers: a damocles source node over its RPC, and a scan of the stores in
+damocles' layout.
+
+`SourceNode` asks `Venus.SectorIndexerFind(indexType, {"Miner": m, "Number": n})`, as a damocles
+proxy node does (`indexType` "normal" or "upgrade"); the source answers
+`{"Found": bool, "Instance": {"SealedFile": NAME, "CacheDir": NAME}}` with store *names*, which
+become paths through this machine's stores (`jobs.paths.StoreMap`: `sealed/`, `cache/`, and
+`update/`, `update-cache/` for an upgraded sector; the sealed file and the cache directory may be
+in different stores). `{"Found": false, …}` is "not known"; a store name not configured here is a
+`SectorProviderError` naming the store and the sector. It is read-only by construction: it has
+no method that changes the source's index (damocles' proxy refuses updates; here there is
+nothing to refuse). Its calls go over `connections` kept-alive connections, one call at a time
+on each (`jobs.client.RpcClient`). A source that cannot be reached is not asked again for
+`down_for` seconds (the lookups in between fail at once, and fall back as any failure does).
+
+`StoreScan` looks for `<store>/sealed/s-t0<miner>-<number>` and `<store>/cache/…` in every store,
+in worker threads with a time bound (files.py): a stalled store makes it fail, never hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import msgspec
+import trio
+
+from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcTimeout
+from ..jobs.endpoint import Endpoint, parse_endpoint
+from ..jobs.model import SectorAccessStores
+from ..jobs.paths import StoreMap
+from .files import DEFAULT_THREADS, first_present, in_thread
+from .model import SectorLocation, SectorProviderError, SectorRef, SectorSettings
+
+METHOD = "Venus.SectorIndexerFind"
+#: A source call bounded on its own too, for a provider used without a locator.
+DEFAULT_CALL_TIMEOUT = 30.0
+#: How long a source that could not be reached is not asked again.
+DEFAULT_DOWN_FOR = 2.0
+#: One store look bounded on its own too, for a scan used without a locator.
+DEFAULT_SCAN_TIMEOUT = 10.0
+
+
+class IndexLocation(msgspec.Struct, frozen=True):
+    """damocles' `core.SectorIndexLocation`, as its JSON is."""
+
+    Found: bool
+    Instance: SectorAccessStores = SectorAccessStores(SealedFile="", CacheDir="")
+
+
+class SourceNode:
+    """Sector locations from a damocles source node (`--proxy`)."""
+
+    def __init__(
+        self,
+        address: str | Endpoint,
+        stores: Mapping[str, str],
+        *,
+        connections: int = 8,
+        headers: tuple[tuple[str, str], ...] = (),
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        down_for: float = DEFAULT_DOWN_FOR,
+    ) -> None:
+        """`address` in any form `jobs.endpoint.parse_endpoint` takes (ValueError naming it);
+        `stores` name -> path on this machine. After the source could not be reached, it is not
+        asked again for `down_for` seconds: the lookups in between fail at once, so an outage
+        costs a deadline one failed connection, not one per sector."""
+        self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
+        self.stores = StoreMap(dict(stores))
+        self.name = f"source {self.endpoint.host_header}"
+        self.down_for = down_for
+        #: (when, why) of the last failure to reach the source; None once it answered again.
+        self.down: tuple[float, str] | None = None
+        self._clients = [
+            RpcClient(self.endpoint, timeout=call_timeout, headers=list(headers))
+            for _ in range(max(1, connections))
+        ]
+        self._send, self._receive = trio.open_memory_channel[RpcClient](len(self._clients))
+        for client in self._clients:
+            self._send.send_nowait(client)
+
+    async def index_location(self, sector: SectorRef) -> IndexLocation:
+        """The source's own answer for the sector (RpcClientError when there is none)."""
+        client = await self._receive.receive()
+        try:
+            params = {"Miner": sector.miner, "Number": sector.number}
+            found: IndexLocation = await client.call(
+                METHOD, sector.index_type, params, result_type=IndexLocation
+            )
+            return found
+        finally:
+            self._send.send_nowait(client)
+
+    async def find(self, sector: SectorRef) -> SectorLocation | None:
+        down = self.down
+        if down is not None:
+            ago = trio.current_time() - down[0]
+            if ago < self.down_for:
+                raise SectorProviderError(
+                    f"{sector}: not asked, the source node could not be reached {ago:.1f} s ago"
+                    f" ({down[1]}); it is asked again {self.down_for:g} s after"
+                )
+        try:
+            found = await self.index_location(sector)
+        except RpcTimeout as exc:
+            raise SectorProviderError(f"{sector}: {exc}") from None
+        except RpcConnectionError as exc:
+            self.down = (trio.current_time(), str(exc))
+            raise SectorProviderError(f"{sector}: {exc}") from None
+        except RpcClientError as exc:
+            raise SectorProviderError(f"{sector}: {exc}") from None
+        self.down = None
+        if not found.Found:
+            return None
+        return self.location(sector, found.Instance)
+
+    def location(self, sector: SectorRef, names: SectorAccessStores) -> SectorLocation:
+        """Store names -> paths; SectorProviderError for a name not known here."""
+        paths = []
+        for kind, name in (("sealed", names.SealedFile), ("cache", names.CacheDir)):
+            what = "sealed file" if kind == "sealed" else "cache directory"
+            if not name:
+                raise SectorProviderError(
+                    f"{sector}: the source node {self.endpoint.url} found it but named no store"
+                    f" for its {what}; check the sector's index on the source node"
+                )
+            try:
+                paths.append(
+                    self.stores.path_of(name, kind, sector.miner, sector.number, sector.upgrade)
+                )
+            except KeyError as exc:
+                raise SectorProviderError(
+                    f"{sector}: the source node {self.endpoint.url} keeps its {what} in a store"
+                    f" this machine does not know: {exc.args[0]}"
+                ) from None
+        return SectorLocation(paths[0], paths[1], names.SealedFile, names.CacheDir)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+class StoreScan:
+    """Sector locations found by looking in each store, in damocles' layout."""
+
+    def __init__(
+        self,
+        stores: Mapping[str, str],
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        timeout: float = DEFAULT_SCAN_TIMEOUT,
+    ) -> None:
+        self.stores = StoreMap(dict(stores))
+        count = len(self.stores.stores)
+        self.name = f"scan of {count} store{'' if count == 1 else 's'}"
+        self.limiter = limiter or trio.CapacityLimiter(DEFAULT_THREADS)
+        self.timeout = timeout
+
+    def candidates(self, sector: SectorRef, kind: str) -> list[tuple[str, str]]:
+        return [
+            (name, self.stores.path_of(name, kind, sector.miner, sector.number, sector.upgrade))
+            for name in self.stores.stores
+        ]
+
+    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, SectorLocation | None]:
+        """Blocking: each sector's files, looked for in each store."""
+        found: dict[SectorRef, SectorLocation | None] = {}
+        for sector in sectors:
+            sealed = first_present(self.candidates(sector, "sealed"), False)
+            cache = first_present(self.candidates(sector, "cache"), True) if sealed else None
+            if sealed is None or cache is None:
+                found[sector] = None
+            else:
+                found[sector] = SectorLocation(sealed[1], cache[1], sealed[0], cache[0])
+        return found
+
+    async def find_batch(
+        self, sectors: Sequence[SectorRef]
+    ) -> dict[SectorRef, SectorLocation | None]:
+        """The sectors' locations, one worker thread for the batch."""
+        try:
+            return await in_thread(self._look, sectors, limiter=self.limiter, timeout=self.timeout)
+        except TimeoutError as exc:
+            what = str(sectors[0]) if len(sectors) == 1 else f"{len(sectors)} sectors"
+            raise SectorProviderError(f"{what}: scanning the stores: {exc}") from None
+
+    async def find(self, sector: SectorRef) -> SectorLocation | None:
+        return (await self.find_batch([sector]))[sector]
+
+
+def builtin_providers(
+    settings: SectorSettings, *, limiter: trio.CapacityLimiter | None = None
+) -> list[SourceNode | StoreScan]:
+    """The source node (when `settings.proxy`), then the scan (when there are stores)."""
+    providers: list[SourceNode | StoreScan] = []
+    if settings.proxy is not None:
+        providers.append(
+            SourceNode(
+                settings.proxy,
+                settings.stores,
+                connections=settings.connections,
+                headers=settings.headers,
+            )
+        )
+    if settings.stores:
+        providers.append(StoreScan(settings.stores, limiter=limiter))
+    return providers

@@ -1,0 +1,113 @@
+"""The coordinator's Venus.SectorIndexerFind: read-only, from the job inputs it has seen and its
+own source node, answered exactly as a damocles-manager source node answers; a locator uses the
+coordinator as its source as it uses damocles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from helpers.damocles_source import METHOD, DamoclesSource
+from test_coordinator import Client, serving
+from test_jobs_rules import make_input
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.frontends.sector_index import SectorIndex
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.sectors import SectorRef, SectorSettings
+from damocles_ext.sectors.locator import SectorLocator, build_providers
+from damocles_ext.sectors.providers import SourceNode
+
+MINER = 1000
+SPEC = {"AllowedMiners": [MINER], "AllowedProofTypes": ["StackedDrgWindow2KiBV1_2"]}
+
+
+@pytest.fixture
+def job_store(tmp_path):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+async def raw_answers(port: int, calls) -> list[tuple[int, bytes]]:
+    client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    answers = []
+    for params in calls:
+        body = b'{"jsonrpc":"2.0","method":"%s","params":%s,"id":1}' % (METHOD.encode(), params)
+        answers.append(await client.post(body))
+    return answers
+
+
+async def test_the_coordinator_answers_as_a_damocles_source_node_does(job_store):
+    """The same index on both sides (sector 0 normal, sector 1 upgraded, sealed file in
+    store-a, cache in store-b): the same HTTP status and body for every question."""
+    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=2))
+    calls = [
+        b'["normal",{"Miner":1000,"Number":0}]',
+        b'["upgrade",{"Miner":1000,"Number":1}]',
+        b'["normal",{"Miner":1000,"Number":1}]',  # upgraded: not in the normal index
+        b'["normal",{"Miner":1000,"Number":7,"Extra":1}]',
+        b'["normal",{"Number":0}]',  # Go: a missing Miner is 0
+        b'["sealed",{"Miner":1000,"Number":0}]',
+    ]
+    with DamoclesSource() as source:
+        source.put(MINER, 0, "store-a", "store-b")
+        source.put(MINER, 1, "store-a", "store-b", upgrade=True)
+        expected = await raw_answers(source.port, calls)
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", server.port))
+        status, _ = await client.call("Venus.WdPoStAllocateJobs", SPEC, 1, "w1")
+        assert status == 200
+        got = await raw_answers(server.port, calls)
+        nursery.cancel_scope.cancel()
+    assert [status for status, _ in got] == [status for status, _ in expected]
+    assert [json.loads(body) for _, body in got] == [json.loads(body) for _, body in expected]
+    assert b'"Found":true' in got[0][1] and b"not supported" in got[-1][1]
+
+
+async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(job_store):
+    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
+    coordinator = Coordinator(TrioJobStore(job_store))
+    await coordinator.learn_sectors()
+    index = coordinator.sector_index
+    assert index.learned == {("normal", MINER, 0): ("store-a", "store-b")}
+    assert not any(hasattr(index, name) for name in ("update", "put", "remove"))
+
+
+async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocles_source(
+    job_store, tmp_path
+):
+    """worker's locator -> coordinator (its jobs, then its --proxy) -> damocles source node:
+    paths from either, the not-found case, and the source's errors passed on."""
+    stores = {"store-a": str(tmp_path / "a"), "store-b": str(tmp_path / "b")}
+    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
+    with DamoclesSource() as source:
+        source.put(MINER, 5, "store-b")  # only the source node knows sector 5
+        upstream = SectorLocator(build_providers(SectorSettings(proxy=source.url, stores=stores)))
+        coordinator = Coordinator(TrioJobStore(job_store), sector_index=SectorIndex(upstream))
+        await coordinator.learn_sectors()
+        async with trio.open_nursery() as nursery:
+            server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+            await nursery.start(server.serve)
+            node = SourceNode(f"127.0.0.1:{server.port}", stores)
+            async with SectorLocator([node]) as downstream:
+                learned, proxied, unknown = await downstream.locate(
+                    [SectorRef(MINER, 0), SectorRef(MINER, 5), SectorRef(MINER, 6)]
+                )
+                source.stop()
+                [down] = await downstream.locate([SectorRef(MINER, 8)])
+            nursery.cancel_scope.cancel()
+        await upstream.aclose()
+    assert (learned.location.sealed_file, learned.location.cache_dir) == (
+        str(Path(stores["store-a"]) / "sealed" / f"s-t0{MINER}-0"),
+        str(Path(stores["store-b"]) / "cache" / f"s-t0{MINER}-0"),
+    )
+    assert proxied.location.sealed_file == str(Path(stores["store-b"]) / "sealed" / "s-t01000-5")
+    assert proxied.location.cache_store == "store-b"
+    assert unknown.status == "not_found"
+    assert down.status == "error" and "finding sector 8 of miner 1000" in down.detail
+    assert coordinator.sector_index.status()["answered"] == {
+        "learned": 1, "service": 1, "not_found": 1, "errors": 1,
+    }  # fmt: skip

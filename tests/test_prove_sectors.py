@@ -1,0 +1,157 @@
+"""prove window_post --sectors MINER:NUMBER,… --comm-r FILE: the task built from sector numbers,
+located through a damocles source node look-alike, proved by real children and verified."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers.damocles_source import DamoclesSource
+
+from damocles_ext.post.fixtures import create_sectors, load_manifest
+from damocles_ext.sectors import SectorRef
+from damocles_ext.sectors.comm_r import (
+    CommRFileError,
+    comm_r_from_cid,
+    parse_comm_r_file,
+    parse_sector_list,
+)
+
+SEED = "ab" * 32
+PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
+MINER = 1000
+
+
+def dext(*args, check=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if check is not None:
+        assert proc.returncode == check, proc.stderr
+    return proc
+
+
+def sealed_cid(comm_r: bytes) -> str:
+    """A SealedCID as Lotus prints it: CIDv1, fil-commitment-sealed, poseidon multihash."""
+    raw = bytes([1, 0x82, 0xE2, 0x03, 0x81, 0xE8, 0x02, 0x20]) + comm_r
+    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path
+    manifest = load_manifest(create_sectors(root / "s", PROOF_TYPE, 3, MINER, random_seed=5))
+    comm_r = {f"{MINER}:{r.sector_id}": r.comm_r for r in manifest.replicas}
+    comm_r[f"f0{MINER}:2"] = {"/": sealed_cid(bytes.fromhex(comm_r.pop(f"{MINER}:2")))}
+    (root / "comm_r.json").write_text(json.dumps(comm_r))
+    (root / "c.cfg").write_text('[[WdPost]]\nPlugin = "native"\n')
+    return root
+
+
+def test_sectors_located_through_the_source_are_proved_and_the_unknown_one_is_a_fault(store):
+    (store / "s" / "sealed" / f"s-t0{MINER}-2").unlink()  # neither the source nor a scan finds it
+    with DamoclesSource() as source:
+        source.put(MINER, 1, "store-s")
+        source.put(MINER, 3, "store-s")
+        out = store / "out.json"
+        proc = dext(
+            "prove", "window_post", "--sectors", f"{MINER}:1,f0{MINER}:2,{MINER}:3",
+            "--comm-r", store / "comm_r.json", "--seed", SEED, "--proof-type", PROOF_TYPE,
+            "--proxy", source.url, "--attached", f"store-s={store / 's'}",
+            "-c", store / "c.cfg", "-o", out, "--no-progress", check=0,
+        )  # fmt: skip
+    output = json.loads(out.read_text())
+    assert output["faults"] == [2] and output["proofs"]
+    assert "sector 2 skipped (a fault)" in proc.stderr and "1 faulty sector: 2" in proc.stderr
+    # The proof is of sectors 1 and 3: the same task built from the manifest verifies it.
+    task = store / "task.json"
+    dext(
+        "prove", "window_post", "--manifest", store / "s" / "manifest.json", "--seed", SEED,
+        "--sectors", "1,3", "--save-request", task, "-c", store / "c.cfg", "-o", store / "x.json",
+        check=0,
+    )  # fmt: skip
+    (store / "proofs.json").write_text(json.dumps({"proofs": output["proofs"], "faults": []}))
+    dext("verify", "window_post", "--request", task, "--output", store / "proofs.json", check=0)
+
+
+def test_no_sector_located_is_every_sector_a_fault_and_no_prover_is_asked(store, tmp_path):
+    for number in (1, 2):
+        (store / "s" / "sealed" / f"s-t0{MINER}-{number}").unlink()
+    with DamoclesSource() as source:
+        proc = dext(
+            "prove", "window_post", "--sectors", f"{MINER}:1,{MINER}:2", "--comm-r",
+            store / "comm_r.json", "--seed", SEED, "--proof-type", PROOF_TYPE, "--proxy",
+            source.url, "--attached", f"store-s={store / 's'}", "--socket", tmp_path / "none",
+            check=0,
+        )  # fmt: skip
+    assert json.loads(proc.stdout) == {"proofs": [], "faults": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1]", "expected a JSON object"),
+        ("{", "not JSON"),
+        ('{"1000:1": "zz"}', "entry '1000:1': 'zz' is not a comm_r"),
+        ('{"1000-1": "00"}', "entry '1000-1': '1000-1' is not MINER:NUMBER"),
+        ('{"1000:1": "bagboea4b5abc"}', "entry '1000:1'"),
+        ('{"1000:2": "' + "00" * 32 + '"}', "no comm_r for 1000:1"),
+    ],
+)
+def test_a_bad_comm_r_file_is_exit_2_naming_the_file_and_the_entry(
+    store, tmp_path, content, message
+):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    proc = dext(
+        "prove", "window_post", "--sectors", f"{MINER}:1", "--comm-r", bad, "--seed", SEED,
+        "--proof-type", PROOF_TYPE, "--attached", f"s={store / 's'}", "-c", store / "c.cfg",
+        check=2,
+    )  # fmt: skip
+    assert str(bad) in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sectors", "1000:1,1001:1"], "one miner's"),
+        (["--sectors", "1000"], "is not MINER:NUMBER"),
+        (["--sectors", "1000:1", "--proof-type", "StackedDrgWinning2KiBV1"], "is not one"),
+        (["--sectors", "1000:1", "--proxy", "127.0.0.1:1"], "no store is known here"),
+        ([], "needs --sectors"),
+    ],
+)
+def test_bad_sector_arguments_are_exit_2_saying_what_to_give(store, args, message):
+    base = ["--comm-r", store / "comm_r.json", "--seed", SEED, "-c", store / "c.cfg"]
+    if "--proof-type" not in args:
+        base += ["--proof-type", PROOF_TYPE]
+    proc = dext("prove", "window_post", *base, *args, check=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_comm_r_is_read_from_a_cid_its_json_form_or_hex():
+    comm_r = bytes(range(32))
+    cid = sealed_cid(comm_r)
+    assert cid.startswith("bagboea4b5abc")
+    assert comm_r_from_cid(cid) == comm_r
+    data = json.dumps({"1000:1": cid, "t01000:2": {"/": cid}, "1000:3": "0x" + comm_r.hex()})
+    assert parse_comm_r_file(data.encode(), "f") == {SectorRef(1000, n): comm_r for n in (1, 2, 3)}
+    raw = bytes([1, 0x81, 0xE2, 0x03, 0x92, 0x20, 0x20]) + comm_r  # an unsealed commitment
+    unsealed = "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+    with pytest.raises(CommRFileError, match="not a sealed commitment"):
+        parse_comm_r_file(json.dumps({"1:1": unsealed}).encode(), "f")
+
+
+def test_a_sector_list_reads_miners_numbers_and_upgraded_sectors():
+    assert parse_sector_list("f01000:5, 1000:6:upgrade,") == [
+        SectorRef(1000, 5),
+        SectorRef(1000, 6, upgrade=True),
+    ]

@@ -1,0 +1,544 @@
+"""The sector-location service against a server that answers as a damocles-manager source node
+does (tests/helpers/damocles_source.py): paths of normal and upgraded sectors, split stores, an
+unknown store, the source stopped or hanging mid-run, the cache's freshness (mock_clock), and a
+third party's provider through the hook."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+from helpers.damocles_source import METHOD, DamoclesSource
+
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.jobs.client import RpcCallError, RpcClient
+from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.sectors import Bounds, SectorLocation, SectorRef, SectorSettings
+from damocles_ext.sectors.cache import CacheRules
+from damocles_ext.sectors.locator import SectorLocator, open_locator
+from damocles_ext.sectors.metrics import SectorMetrics
+from damocles_ext.sectors.providers import SourceNode, StoreScan
+
+MINER = 1000
+
+
+@pytest.fixture
+def source():
+    with DamoclesSource() as server:
+        yield server
+
+
+@pytest.fixture
+def stores(tmp_path):
+    made = {name: tmp_path / name for name in ("a", "b")}
+    for path in made.values():
+        path.mkdir()
+    return {name: str(path) for name, path in made.items()}
+
+
+def put_files(stores, number, sealed="a", cache=None, *, upgrade=False):
+    """The sector's sealed file in store `sealed`, its cache dir in `cache` (default: the same)."""
+    name = f"s-t0{MINER}-{number}"
+    sealed_dir, cache_dir = ("update", "update-cache") if upgrade else ("sealed", "cache")
+    sealed_path = Path(stores[sealed]) / sealed_dir / name
+    cache_path = Path(stores[cache or sealed]) / cache_dir / name
+    sealed_path.parent.mkdir(exist_ok=True)
+    sealed_path.write_bytes(b"replica")
+    cache_path.mkdir(parents=True, exist_ok=True)
+    return str(sealed_path), str(cache_path)
+
+
+def refs(*numbers, upgrade=False):
+    return [SectorRef(MINER, n, upgrade) for n in numbers]
+
+
+# --- the look-alike answers as damocles does ------------------------------------------------
+
+
+async def test_the_source_look_alike_answers_found_not_found_and_a_bad_index_type_as_damocles(
+    source,
+):
+    source.put(MINER, 1, "a")
+    async with RpcClient(source.url) as client:
+        found = await client.call(METHOD, "normal", {"Miner": MINER, "Number": 1})
+        missing = await client.call(METHOD, "upgrade", {"Miner": MINER, "Number": 1})
+        with pytest.raises(RpcCallError, match="sector indexer of type bogus is not supported"):
+            await client.call(METHOD, "bogus", {"Miner": MINER, "Number": 1})
+    assert found == {"Found": True, "Instance": {"SealedFile": "a", "CacheDir": "a"}}
+    assert missing == {"Found": False, "Instance": {"SealedFile": "", "CacheDir": ""}}
+
+
+# --- paths from store names -----------------------------------------------------------------
+
+
+async def test_a_normal_sector_is_located_in_damocles_layout_from_the_source_store_names(
+    source, stores
+):
+    source.put(MINER, 5, "a")
+    sealed, cache = put_files(stores, 5)
+    async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+        [answer] = await locator.locate(refs(5))
+    assert answer.status == "found" and not answer.cached and answer.age == 0
+    assert answer.location == SectorLocation(sealed, cache, "a", "a")
+    assert answer.provider == f"source 127.0.0.1:{source.port}"
+    assert source.calls == [(METHOD, ["normal", {"Miner": MINER, "Number": 5}])]
+
+
+async def test_an_upgraded_sector_is_asked_in_the_upgrade_index_and_found_in_update_dirs(
+    source, stores
+):
+    source.put(MINER, 7, "a", upgrade=True)
+    sealed, cache = put_files(stores, 7, upgrade=True)
+    async with SectorLocator([SourceNode(source.multiaddr, stores)]) as locator:
+        [answer] = await locator.locate(refs(7, upgrade=True))
+    assert answer.location == SectorLocation(sealed, cache, "a", "a")
+    assert "/update/" in sealed and "/update-cache/" in cache
+    assert source.calls == [(METHOD, ["upgrade", {"Miner": MINER, "Number": 7}])]
+
+
+async def test_a_sector_split_over_two_stores_gets_each_path_from_its_own_store(source, stores):
+    source.put(MINER, 6, "a", "b")
+    sealed, cache = put_files(stores, 6, "a", "b")
+    async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+        [answer] = await locator.locate(refs(6))
+    assert answer.location == SectorLocation(sealed, cache, "a", "b")
+    assert sealed.startswith(stores["a"]) and cache.startswith(stores["b"])
+
+
+async def test_an_unknown_store_name_is_an_error_naming_the_store_and_the_sector(source, stores):
+    source.put(MINER, 8, "elsewhere")
+    async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+        [answer] = await locator.locate(refs(8))
+        status = locator.status()
+    assert answer.status == "error" and answer.location is None
+    assert "store 'elsewhere' is not known here" in answer.detail
+    assert f"sector 8 of miner {MINER}" in answer.detail and "--store NAME=PATH" in answer.detail
+    assert sum(status["source_errors"].values()) == 1
+
+
+async def test_a_sector_the_source_does_not_know_is_not_found_and_not_an_error(source, stores):
+    metrics = SectorMetrics()
+    async with SectorLocator([SourceNode(source.url, stores)], metrics=metrics) as locator:
+        [answer] = await locator.locate(refs(9))
+        status = locator.status()
+    assert answer.status == "not_found" and "not known to any provider" in answer.detail
+    assert status["not_found"] == 1 and status["source_errors"] == {}
+    assert metrics.registry.get_sample_value("damocles_ext_sector_not_found_total") == 1
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+async def test_a_fresh_location_is_answered_from_the_cache_without_asking_the_source(
+    source, stores, mock_clock
+):
+    source.put(MINER, 5, "a")
+    put_files(stores, 5)
+    rules = CacheRules(fresh_for=600, refresh_lead=60)
+    async with SectorLocator([SourceNode(source.url, stores)], rules=rules) as locator:
+        await locator.locate(refs(5))
+        mock_clock.jump(599)
+        [again] = await locator.locate(refs(5))
+        assert source.finds() == 1
+        assert again.found and again.cached and again.age == pytest.approx(599)
+        mock_clock.jump(2)
+        [asked] = await locator.locate(refs(5))
+        status = locator.status()
+    assert source.finds() == 2 and not asked.cached and asked.age == 0
+    assert status["lookups"] == 3 and status["cache_hits"] == 1
+    assert status["hit_rate"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+async def test_with_the_source_stopped_cached_locations_are_answered_if_their_files_are_there(
+    source, stores, mock_clock
+):
+    for n in (1, 2, 3):
+        source.put(MINER, n, "a")
+        put_files(stores, n)
+    metrics = SectorMetrics()
+    node = SourceNode(source.url, stores)
+    async with SectorLocator([node], metrics=metrics) as locator:
+        first = await locator.locate(refs(1, 2, 3))
+        assert all(a.found and not a.cached for a in first)
+        source.stop()
+        shutil.rmtree(first[2].location.cache_dir)  # sector 3's files vanish meanwhile
+        mock_clock.jump(3600)
+        one, two, three = await locator.locate(refs(1, 2, 3), time_left=1800)
+        status = locator.status()
+    for answer, before in ((one, first[0]), (two, first[1])):
+        assert answer.found and answer.cached and answer.stale
+        assert answer.age == pytest.approx(3600) and answer.location == before.location
+        assert answer.provider == node.name and "last known location" in answer.detail
+    assert three.status == "missing" and three.location == first[2].location
+    assert "does not exist" in three.detail and "cannot connect" in three.detail
+    assert status["stale_answers"] == 2 and status["missing"] == 1
+    assert status["source_errors"] == {node.name: 3}
+    assert "cannot connect" in status["last_source_error"]["message"]
+    sample = metrics.registry.get_sample_value
+    assert sample("damocles_ext_sector_stale_answers_total") == 2
+    assert sample("damocles_ext_sector_source_errors_total", {"provider": node.name}) == 3
+
+
+async def test_a_location_older_than_keep_for_is_not_given_when_the_source_is_down(
+    source, stores, mock_clock
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    rules = CacheRules(fresh_for=60, refresh_lead=10, keep_for=3600)
+    async with SectorLocator([SourceNode(source.url, stores)], rules=rules) as locator:
+        await locator.locate(refs(1))
+        source.stop()
+        mock_clock.jump(3600)
+        [answer] = await locator.locate(refs(1))
+    assert answer.status == "error" and "no location of it is known" in answer.detail
+
+
+async def test_a_sector_the_source_no_longer_knows_is_forgotten(source, stores, mock_clock):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+        await locator.locate(refs(1))
+        source.remove(MINER, 1)
+        mock_clock.jump(3600)
+        [gone] = await locator.locate(refs(1))
+        assert gone.status == "not_found" and locator.cached(refs(1)[0]) is None
+
+
+async def test_an_unreachable_source_is_not_asked_again_for_down_for_seconds(
+    source, stores, mock_clock
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    node = SourceNode(source.url, stores, down_for=2)
+    async with SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0)) as locator:
+        source.stop()
+        [refused] = await locator.locate(refs(1))
+        source.start()  # back on the same port
+        [skipped] = await locator.locate(refs(1))
+        assert source.finds() == 0
+        mock_clock.jump(2)
+        [found] = await locator.locate(refs(1))
+    assert refused.status == skipped.status == "error" and "cannot connect" in refused.detail
+    assert "not asked, the source node could not be reached" in skipped.detail
+    assert found.found and source.finds() == 1 and node.down is None
+
+
+# --- time bounds ----------------------------------------------------------------------------
+
+
+async def test_a_hanging_source_is_answered_for_within_the_deadline_from_the_cache_and_scan(
+    source, stores, mock_clock
+):
+    """A source that answers only after its caller's deadline (held until released) costs a
+    batch at most its budget: the known sectors come from the cache (files checked), a sector
+    never asked before from the scan of the stores."""
+    for n in (1, 2):
+        source.put(MINER, n, "a")
+        put_files(stores, n)
+    node = SourceNode(source.url, stores)
+    # The scan sees store b only: sectors 1 and 2 (in a) must come from the cache.
+    async with SectorLocator([node, StoreScan({"b": stores["b"]})]) as locator:
+        await locator.locate(refs(1, 2))
+        source.put(MINER, 3, "b")
+        put_files(stores, 3, "b")
+        mock_clock.jump(3600)
+        source.hold()
+        # Time moves only when every task waits (0.5 s of real time): the held calls' timers.
+        mock_clock.autojump_threshold = 0.5
+        start = trio.current_time()
+        time_left = 20.0
+        answers = await locator.locate(refs(1, 2, 3), time_left=time_left)
+        took = trio.current_time() - start
+        mock_clock.autojump_threshold = float("inf")
+        source.release()
+        status = locator.status()
+    assert took <= Bounds().budget(time_left) == 5.0
+    one, two, three = answers
+    assert one.found and one.cached and two.found and two.cached
+    assert three.found and three.provider == "scan of 1 store" and not three.cached
+    assert three.location.sealed_store == "b"
+    assert status["source_errors"][node.name] == 3
+
+
+async def test_lookups_to_one_provider_run_at_most_concurrency_at_once(autojump_clock):
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.now = self.most = 0
+
+        async def find(self, sector):
+            self.now += 1
+            self.most = max(self.most, self.now)
+            await trio.sleep(1)
+            self.now -= 1
+            return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
+
+    provider = Counting()
+    locator = SectorLocator([provider], bounds=Bounds(concurrency=3, lookup_timeout=5))
+    start = trio.current_time()
+    answers = await locator.locate(refs(*range(12)))
+    assert all(a.found for a in answers) and provider.most == 3
+    assert trio.current_time() - start == pytest.approx(4)
+
+
+async def test_a_slow_provider_leaves_the_next_one_its_share_of_the_time(autojump_clock):
+    class Slow:
+        name = "slow"
+
+        async def find(self, sector):
+            await trio.sleep_forever()
+
+    class Quick:
+        name = "quick"
+
+        async def find(self, sector):
+            return SectorLocation("/s", "/c")
+
+    bounds = Bounds(lookup_timeout=100, batch_timeout=8, check_timeout=2)
+    locator = SectorLocator([Slow(), Quick()], bounds=bounds)
+    start = trio.current_time()
+    [answer] = await locator.locate(refs(1))
+    # The providers' phase is 8 - 2 s: half of it for the first provider.
+    assert answer.provider == "quick" and trio.current_time() - start == pytest.approx(3)
+    assert locator.status()["source_errors"] == {"slow": 1}
+
+
+async def test_a_stalled_store_makes_the_last_known_check_say_missing_not_hang(
+    autojump_clock, monkeypatch, tmp_path
+):
+    from damocles_ext.sectors import files
+
+    class Down:
+        name = "down"
+        up = True
+
+        async def find(self, sector):
+            if self.up:
+                return SectorLocation(str(tmp_path / "s"), str(tmp_path / "c"))
+            raise OSError("unreachable")
+
+    provider = Down()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=60, refresh_lead=10))
+    await locator.locate(refs(1))
+    provider.up = False
+    stalled = threading.Event()  # a stat(2) on a dead mount: returns when the test ends
+    monkeypatch.setattr(files, "location_problem", lambda location: stalled.wait() and "")
+    await trio.sleep(120)
+    try:
+        start = trio.current_time()
+        [answer] = await locator.locate(refs(1), time_left=60)
+        assert trio.current_time() - start <= Bounds().budget(60)
+    finally:
+        stalled.set()
+    assert answer.status == "missing" and "did not answer within" in answer.detail
+
+
+async def test_a_stalled_store_fails_only_the_sectors_on_it(mock_clock, monkeypatch, tmp_path):
+    from damocles_ext.sectors import files
+
+    # Time jumps only after 0.5 s of real idleness: the healthy store's thread answers first.
+    mock_clock.autojump_threshold = 0.5
+
+    real = files.location_problem
+    (tmp_path / "ok" / "sealed").mkdir(parents=True)
+    (tmp_path / "ok" / "sealed" / "s").write_bytes(b"")
+    (tmp_path / "ok" / "cache" / "c").mkdir(parents=True)
+    places = {
+        1: SectorLocation(str(tmp_path / "dead/sealed/s"), str(tmp_path / "dead/cache/c")),
+        2: SectorLocation(str(tmp_path / "ok/sealed/s"), str(tmp_path / "ok/cache/c")),
+    }
+
+    class Down:
+        name = "down"
+        up = True
+
+        async def find(self, sector):
+            if self.up:
+                return places[sector.number]
+            raise OSError("unreachable")
+
+    provider = Down()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=60, refresh_lead=10))
+    await locator.locate(refs(1, 2))
+    provider.up = False
+    stalled = threading.Event()
+
+    def stat_or_hang(location):
+        if "/dead/" in location.sealed_file:
+            stalled.wait()
+        return real(location)
+
+    monkeypatch.setattr(files, "location_problem", stat_or_hang)
+    await trio.sleep(120)
+    try:
+        dead, ok = await locator.locate(refs(1, 2), time_left=60)
+    finally:
+        stalled.set()
+    assert dead.status == "missing" and "did not answer within" in dead.detail
+    assert ok.found and ok.cached and ok.stale
+
+
+# --- background refresh ---------------------------------------------------------------------
+
+
+class Recording:
+    name = "recording"
+
+    def __init__(self):
+        self.asked: list[tuple[float, SectorRef]] = []
+
+    async def find(self, sector):
+        self.asked.append((trio.current_time(), sector))
+        return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
+
+
+async def test_wanted_sectors_are_refreshed_before_they_are_needed_and_then_answered_fresh(
+    autojump_clock,
+):
+    provider = Recording()
+    rules = CacheRules(fresh_for=600, refresh_lead=120)
+    locator = SectorLocator([provider], rules=rules)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        start = trio.current_time()
+        locator.want(refs(1, 2), within=3600)
+        await trio.sleep(3600)
+        answers = await locator.locate(refs(1, 2))
+        nursery.cancel_scope.cancel()
+    assert [round(t - start) for t, _ in provider.asked] == [3480, 3480]
+    assert all(a.found and a.cached for a in answers) and locator.status()["refreshes"] == 2
+
+
+async def test_a_wanted_sector_no_provider_knows_is_asked_once_not_again_and_again(
+    autojump_clock,
+):
+    class Nobody:
+        name = "nobody"
+        asked = 0
+
+        async def find(self, sector):
+            self.asked += 1
+
+    provider = Nobody()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=600, refresh_lead=120))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        locator.want(refs(1), within=600)
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert provider.asked == 1
+
+
+async def test_a_sector_looked_up_often_is_refreshed_ahead_so_lookups_never_wait(autojump_clock):
+    provider = Recording()
+    rules = CacheRules(fresh_for=100, refresh_lead=10, refresh_ahead=0.8)
+    locator = SectorLocator([provider], rules=rules)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        start = trio.current_time()
+        hits = []
+        for _ in range(10):  # a lookup every 30 s for 5 minutes
+            [answer] = await locator.locate(refs(1))
+            hits.append(answer.cached)
+            await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert hits == [False] + [True] * 9
+    times = [round(t - start) for t, _ in provider.asked]
+    assert times[:4] == [0, 80, 160, 240]
+
+
+# --- the hook -------------------------------------------------------------------------------
+
+
+class SiteDatabase:
+    """A third party's provider: the site's own records of where sectors are."""
+
+    def __init__(self, root):
+        self.root = root
+
+    @hookimpl
+    def dext_sector_providers(self, settings):
+        root = self.root
+
+        class Provider:
+            name = "site-db"
+
+            async def find(self, sector):
+                if sector.number != 42:
+                    return None
+                return SectorLocation(f"{root}/x/{sector.number}", f"{root}/y/{sector.number}")
+
+        return [Provider()]
+
+
+async def test_a_plugin_provider_is_asked_before_the_built_in_ones(source, stores):
+    source.put(MINER, 5, "a")
+    put_files(stores, 5)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(SiteDatabase("/site"), name="site")
+    settings = SectorSettings(proxy=source.url, stores=stores)
+    async with await open_locator(settings, plugin_manager=pm) as locator:
+        assert [p.name for p in locator.providers] == [
+            "site-db",
+            f"source 127.0.0.1:{source.port}",
+            "scan of 2 stores",
+        ]
+        site, ours = await locator.locate(refs(42, 5))
+    assert site.provider == "site-db" and site.location.sealed_file == "/site/x/42"
+    assert ours.provider.startswith("source") and ours.found
+    assert source.calls == [(METHOD, ["normal", {"Miner": MINER, "Number": 5}])]
+
+
+async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_error():
+    from damocles_ext.errors import UsageError
+
+    class Broken:
+        @hookimpl
+        def dext_sector_providers(self, settings):
+            return ["not a provider"]
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Broken(), name="broken")
+    with pytest.raises(UsageError, match="not a sector provider"):
+        await open_locator(SectorSettings(), plugin_manager=pm)
+
+
+async def test_with_the_source_down_proofs_come_from_cached_locations_and_gone_sectors_are_faults(
+    source, tmp_path, mock_clock
+):
+    """The prover's view: the source stops, a sector's files vanish; the located sectors still
+    make a WindowPoSt that verifies, and the vanished one is a fault to declare, not an error."""
+    from helpers.post import sectors
+
+    from damocles_ext.post.reference import window_post
+    from damocles_ext.post.verify import verify_window_post
+    from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+    proof_type = "StackedDrgWindow2KiBV1"
+    manifest = sectors(tmp_path / "store", proof_type, 3, random_seed=11, miner=MINER)
+    comm_r = {r.sector_id: bytes.fromhex(r.comm_r) for r in manifest.replicas}
+    for number in comm_r:
+        source.put(MINER, number, "s")
+    wanted = refs(*sorted(comm_r))
+    async with SectorLocator([SourceNode(source.url, {"s": str(tmp_path / "store")})]) as loc:
+        await loc.locate(wanted)
+        source.stop()
+        gone = wanted[-1]
+        Path(loc.cached(gone).location.sealed_file).unlink()
+        mock_clock.jump(3600)
+        answers = await loc.locate(wanted, time_left=1800)
+    replicas = [
+        PoStReplicaInfo(a.sector.number, comm_r[a.sector.number], a.location.cache_dir,
+                        a.location.sealed_file)
+        for a in answers
+        if a.found
+    ]  # fmt: skip
+    task = WindowPoSt(MINER, proof_type, replicas, bytes(32))
+    output = await trio.to_thread.run_sync(window_post, task)
+    verify_window_post(task, output)
+    assert output.proofs and not output.faults and len(replicas) == 2
+    assert [a.sector for a in answers if a.status == "missing"] == [gone]

@@ -1,0 +1,127 @@
+"""`damocles-ext sectors find`, run as a real process against the damocles source node
+look-alike: the table and --json, not-found sectors, exit codes, and every bad input as a clear
+message with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers.damocles_source import DamoclesSource
+from helpers.frontend import DEXT, dext_env
+
+MINER = 1000
+
+
+def find(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEXT, "sectors", "find", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=dext_env(),
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def source():
+    with DamoclesSource() as server:
+        yield server
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    root = tmp_path / "store-a"
+    for n in (5, 6):
+        (root / "sealed").mkdir(parents=True, exist_ok=True)
+        (root / "sealed" / f"s-t0{MINER}-{n}").write_bytes(b"replica")
+        (root / "cache" / f"s-t0{MINER}-{n}").mkdir(parents=True)
+    return root
+
+
+def test_find_prints_each_sector_its_paths_provider_and_freshness(source, store):
+    source.put(MINER, 5, "a")
+    result = find(f"f0{MINER}", "5", "7", "--proxy", f"127.0.0.1:{source.port}", "--attached",
+                  f"a={store}")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    header, five, seven = result.stdout.splitlines()
+    assert header.split() == ["SECTOR", "STATUS", "SEALED", "FILE", "CACHE", "DIR", "PROVIDER",
+                              "FRESHNESS"]  # fmt: skip
+    assert five.split()[:4] == [f"f0{MINER}/5", "found", f"{store}/sealed/s-t0{MINER}-5",
+                                f"{store}/cache/s-t0{MINER}-5"]  # fmt: skip
+    assert f"source 127.0.0.1:{source.port}" in five and five.endswith("fresh")
+    assert seven.split()[:3] == [f"f0{MINER}/7", "not", "found"]
+    assert f"sector 7 of miner {MINER} is not known to any provider" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_find_json_gives_one_object_per_sector_and_exit_0_when_all_are_found(source, store):
+    source.put(MINER, 5, "a")
+    source.put(MINER, 6, "a")
+    result = find(str(MINER), "5-6", "--proxy", source.url, "--attached", f"a={store}", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["number"], r["status"], r["sealed_store"], r["cached"]) for r in rows] == [
+        (5, "found", "a", False),
+        (6, "found", "a", False),
+    ]
+
+
+def test_find_reads_the_stores_from_the_conf_dir_sector_manager_cfg(source, store, tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "a"\nPath = "{store}"\n'
+    )
+    source.put(MINER, 6, "a", upgrade=False)
+    result = find(str(MINER), "6", "--proxy", source.url, "--conf-dir", str(conf), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cache_dir"] == f"{store}/cache/s-t0{MINER}-6"
+
+
+def test_find_without_a_source_scans_the_attached_stores(store):
+    result = find(str(MINER), "5", "--attached", f"a={store}", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["provider"] == "scan of 1 store" and row["sealed_store"] == "a"
+
+
+def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sector(source, store):
+    source.put(MINER, 5, "other")
+    source.put(MINER, 7, "other")
+    result = find(str(MINER), "5", "7", "--proxy", source.url, "--attached", f"a={store}")
+    # 5 is found by the scan of store a all the same; 7 is nowhere.
+    assert result.returncode == 1
+    five, seven = result.stdout.splitlines()[1:]
+    assert "found" in five and "scan of 1 store" in five and "error" in seven
+    for n in (5, 7):
+        assert f"sector {n} of miner {MINER}: the source node" in result.stderr
+    assert "store 'other' is not known here" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["x1000", "5", "--attached", "a=/x"], "is not a miner"),
+        (["1000", "five", "--attached", "a=/x"], "is not a sector number"),
+        (["1000", "9-3", "--attached", "a=/x"], "ends before it starts"),
+        (["1000", "5"], "nothing to find sectors with"),
+        (["1000", "5", "--proxy", "127.0.0.1:1"], "no store is known here"),
+        (["1000", "5", "--proxy", "ftp://x", "--attached", "a=/x"], "only http://"),
+        (["1000", "5", "--attached", "nonsense"], "expected NAME=PATH"),
+        (["1000", "5", "--attached", "a=/x", "--attached", "a=/y"], "given twice"),
+        (["1000", "5", "--conf-dir", "/nonexistent/conf"], "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_message_and_exit_code_2(args, message):
+    result = find(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_conf_dir_without_sector_manager_cfg_is_exit_code_2(tmp_path):
+    result = find("1000", "5", "--conf-dir", str(tmp_path))
+    assert result.returncode == 2 and "no sector-manager.cfg" in result.stderr

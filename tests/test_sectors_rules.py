@@ -1,0 +1,122 @@
+"""The sans-IO rules of the sector-location service: freshness, the last known location, the
+background refresh plan, eviction, and the time a batch may take."""
+
+from __future__ import annotations
+
+import pytest
+
+from damocles_ext.sectors import Bounds, SectorAnswer, SectorLocation, SectorRef
+from damocles_ext.sectors.cache import CacheRules, SectorCache
+from damocles_ext.sectors.model import provider_slice
+
+S1, S2, S3 = (SectorRef(1000, n) for n in (1, 2, 3))
+HERE = SectorLocation("/a/sealed/s-t01000-1", "/a/cache/s-t01000-1", "a", "a")
+
+
+def cache(**rules):
+    return SectorCache(CacheRules(**{"fresh_for": 100, "refresh_lead": 20, **rules}))
+
+
+def test_an_entry_is_fresh_until_fresh_for_and_a_last_known_location_until_keep_for():
+    c = cache(keep_for=1000)
+    c.learn(S1, HERE, "source", now=0)
+    assert c.fresh(S1, 99.9) is not None and c.fresh(S1, 100) is None
+    assert c.last_known(S1, 999).location == HERE
+    assert c.last_known(S1, 1000) is None and S1 not in c  # too old: dropped
+
+
+def test_forget_drops_the_entry_and_its_want_so_an_unknown_sector_is_not_refreshed_again():
+    c = cache()
+    c.learn(S1, HERE, "source", now=0)
+    c.want([S1], at=1000)
+    c.forget(S1)
+    assert c.get(S1) is None and len(c) == 0
+    assert c.wanted == 0 and c.due(990) == [] and c.next_wakeup(990) is None
+
+
+def test_a_wanted_sector_is_due_refresh_lead_before_it_is_needed_unless_fresh_then():
+    c = cache()
+    c.want([S1, S2], at=1000)
+    c.learn(S2, HERE, "source", now=950)  # fresh at 1000 already: nothing to do for it
+    assert c.next_wakeup(0) == 980
+    assert c.due(979) == [] and c.due(980) == [S1]
+    c.learn(S1, HERE, "source", now=980)
+    assert c.due(981) == [] and c.wanted == 0
+
+
+def test_a_want_whose_time_passed_is_dropped():
+    c = cache()
+    c.want([S1], at=100)
+    assert c.due(101) == [] and c.wanted == 0 and c.next_wakeup(101) is None
+
+
+def test_a_used_entry_is_refreshed_ahead_of_going_stale_while_it_is_still_used():
+    c = cache(refresh_ahead=0.8)
+    c.learn(S1, HERE, "source", now=0)
+    assert c.next_wakeup(0) is None  # never used: no refresh
+    c.fresh(S1, 10)
+    assert c.next_wakeup(10) == 80 and c.due(80) == [S1]
+    c.learn(S1, HERE, "source", now=80)
+    # Last used at 10: by 160 it has not been used for 150 s, over fresh_for: it cools down.
+    assert c.next_wakeup(80) is None
+
+
+def test_a_refresh_without_answer_waits_retry_after():
+    c = cache(retry_after=30)
+    c.want([S1], at=1000)
+    c.tried([S1], now=980)
+    assert c.due(990) == [] and c.next_wakeup(990) == 1010
+
+
+def test_the_least_recently_used_entry_goes_first_past_max_entries():
+    c = cache(max_entries=2)
+    c.learn(S1, HERE, "p", now=0)
+    c.learn(S2, HERE, "p", now=0)
+    c.fresh(S1, 1)  # S1 used: S2 is now the least recently used
+    c.learn(S3, HERE, "p", now=2)
+    assert S1 in c and S3 in c and S2 not in c
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"fresh_for": -1}, "fresh_for must be"),
+        ({"keep_for": 10}, "keep_for"),
+        ({"refresh_lead": 100}, "refresh_lead"),
+        ({"refresh_ahead": 0}, "refresh_ahead"),
+        ({"max_entries": 0}, "max_entries"),
+    ],
+)
+def test_rules_that_cannot_work_are_refused_with_the_reason(rules, message):
+    with pytest.raises(ValueError, match=message):
+        CacheRules(**{"fresh_for": 100, "refresh_lead": 20, **rules})
+
+
+def test_a_batch_takes_a_share_of_the_time_left_capped_and_keeps_a_reserve_for_checks():
+    b = Bounds(batch_timeout=60, deadline_share=0.25, check_timeout=2)
+    assert b.budget(None) == 60 and b.budget(1000) == 60 and b.budget(20) == 5
+    assert b.budget(-5) == 0
+    assert b.phases(100, 5) == (100 + 5 - 1.25, 105)
+    assert b.phases(100, 60) == (158, 160)
+
+
+def test_each_provider_gets_an_equal_share_of_what_is_left():
+    assert provider_slice(0, 12, 3) == 4 and provider_slice(4, 12, 2) == 8
+    assert provider_slice(10, 12, 1) == 12 and provider_slice(13, 12, 1) == 13
+
+
+@pytest.mark.parametrize(("miner", "number"), [(-1, 1), (1, -1), (2**64, 1), (True, 1), (1, "2")])
+def test_a_sector_ref_refuses_what_is_not_a_sector(miner, number):
+    with pytest.raises(ValueError, match="whole number"):
+        SectorRef(miner, number)
+
+
+def test_an_answer_says_itself_as_json_ready_data():
+    answer = SectorAnswer(S1, "found", HERE, "source x", True, 12.34567, "source down")
+    assert answer.stale and answer.to_dict() == {
+        "miner": 1000, "number": 1, "upgrade": False, "status": "found",
+        "sealed_file": HERE.sealed_file, "cache_dir": HERE.cache_dir, "sealed_store": "a",
+        "cache_store": "a", "provider": "source x", "cached": True, "age": 12.346,
+        "detail": "source down",
+    }  # fmt: skip
+    assert str(SectorRef(7, 9, upgrade=True)) == "sector 9 of miner 7 (upgraded)"

@@ -1,0 +1,132 @@
+"""The worker resolves a job's sectors through the sector-location service (`worker --proxy`)
+when it has not attached their store: real children prove on sector fixtures while the damocles
+source node look-alike answers, stops, or hangs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import test_worker
+import trio
+from helpers.damocles_source import DamoclesSource
+from helpers.frontend import plugin_block
+from helpers.post import sectors
+from test_worker import PROOF_TYPE, children, job_input, serving
+
+from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_control import worker_part
+from damocles_ext.jobs.worker_rules import PulledJob, window_post_task
+from damocles_ext.post.verify import verify_window_post
+from damocles_ext.sectors.cache import CacheRules
+from damocles_ext.sectors.locator import SectorLocator
+from damocles_ext.sectors.providers import SourceNode
+from damocles_ext.tasks import WindowPoStOutput
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+MINER = 1000
+
+
+make_rig, rig = test_worker.make_rig, test_worker.rig  # the fixtures, shared
+
+
+@pytest.fixture
+def moved(tmp_path, make_rig):
+    """Three sectors now in store-new; the jobs still name store-old, which no worker attaches
+    (the sectors were moved after the jobs were made)."""
+    base = tmp_path / "mnt" / "store-new"
+    manifest = sectors(base, PROOF_TYPE, 3, random_seed=21, miner=MINER)
+    comm_rs = {r.sector_id: bytes.fromhex(r.comm_r) for r in manifest.replicas}
+    return base, comm_rs, make_rig(None, {"store-new": str(base)})
+
+
+def make_job(comm_rs, numbers, seed):
+    return job_input(
+        miner=MINER, seed=seed, store="store-old", sector_ids=numbers,
+        comm_rs=[comm_rs[n] for n in numbers],
+    )  # fmt: skip
+
+
+def verify(job, base, output) -> None:
+    paths = [
+        (str(base / "sealed" / f"s-t0{MINER}-{s.SectorId}"),
+         str(base / "cache" / f"s-t0{MINER}-{s.SectorId}"))
+        for s in job.Input.Sectors
+    ]  # fmt: skip
+    task = window_post_task(PulledJob(job.Id, job.Input), paths)
+    verify_window_post(task, WindowPoStOutput(list(output.proofs), []))
+
+
+async def test_with_the_source_stopped_mid_run_proofs_go_on_from_cached_locations_and_gone_files_are_faults(
+    moved, tmp_path
+):
+    base, comm_rs, rig = moved
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    with DamoclesSource() as source:
+        for number in comm_rs:
+            source.put(MINER, number, "store-new")
+        # The source node only (no scan): what it said is all the worker knows; fresh_for 0,
+        # so that every lookup asks it and, when it is down, checks the files.
+        node = SourceNode(source.url, {"store-new": str(base)})
+        locator = SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0))
+        attached = {"store-new": str(base)}
+        worker = Worker(rig.settings(kids, attached=attached, idle_poll=0.2), locator=locator)
+        first, _ = await rig.jobs.create(make_job(comm_rs, (1, 2, 3), seed=1))
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            source.stop()  # mid-run: the worker goes on
+            (base / "sealed" / f"s-t0{MINER}-3").unlink()
+            second, _ = await rig.jobs.create(make_job(comm_rs, (1, 2, 3), seed=2))
+            await worker.wait_for(lambda: worker.counters.delivered == 2)
+            third, _ = await rig.jobs.create(make_job(comm_rs, (1, 2), seed=3))
+            await worker.wait_for(lambda: worker.counters.delivered == 3)
+            status = worker_part(worker).sectors
+        await locator.aclose()
+    done = [await rig.jobs.get(job.Id) for job in (first, second, third)]
+    assert [d.ErrorReason for d in done] == ["", "", ""]
+    verify(first, base, done[0].Output)
+    # Sector 3's files vanished while the source was down: a fault, as damocles-manager
+    # expects (it proves again without it), and the rest proved from their last locations.
+    assert done[1].Output.faults == (3,) and done[1].Output.proofs == ()
+    assert done[2].Output.faults == () and done[2].Output.proofs
+    verify(third, base, done[2].Output)
+    assert status["stale_answers"] == 4 and status["missing"] == 1
+    assert status["source_errors"] and status["last_source_error"] is not None
+
+
+async def test_a_hanging_source_does_not_delay_a_proof_past_its_deadline(moved, tmp_path):
+    base, comm_rs, rig = moved
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    with DamoclesSource() as source:
+        for number in comm_rs:
+            source.put(MINER, number, "store-new")
+        node = SourceNode(source.url, {"store-new": str(base)})
+        locator = SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0))
+        worker = Worker(
+            rig.settings(kids, attached={"store-new": str(base)}, idle_poll=0.2), locator=locator
+        )
+        await rig.jobs.create(make_job(comm_rs, (1, 2), seed=1))
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            source.hold()  # answers nothing until released (after the test): slower than 10 s
+            not_after = time.time() + 20
+            job, _ = await rig.jobs.create(make_job(comm_rs, (1, 2), seed=2), not_after=not_after)
+            with trio.fail_after(20):
+                await worker.wait_for(lambda: worker.counters.delivered == 2)
+            delivered_at = time.time()
+            source.release()
+        await locator.aclose()
+    done = await rig.jobs.get(job.Id)
+    assert done.ErrorReason == "" and done.Output.proofs and delivered_at < not_after
+    verify(job, base, done.Output)
+
+
+async def test_without_proxy_a_store_not_attached_still_fails_the_job_naming_it(rig, tmp_path):
+    job, _ = await rig.jobs.create(job_input(store="store-old"))
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(tmp_path)}))
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert "'store-old'" in done.ErrorReason and worker_part(worker).sectors is None
