@@ -211,9 +211,19 @@ def flood_lines(n: int, task: WindowPoSt) -> bytes:
     return b"".join(jsonl.encode_request(i, task) for i in range(1, n + 1))
 
 
-def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> float:
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set of process `pid` so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> tuple[float, float]:
     """Write `data` (n request lines) to proc's stdin from a thread, read n answer lines from its
-    stdout; seconds from the first write to the last answer. stdin is closed after."""
+    stdout; seconds from the first write to the last answer, and proc's peak RSS (MiB) then.
+    stdin is closed after."""
     assert proc.stdin is not None and proc.stdout is not None
     out_fd = proc.stdout.fileno()
     writer = threading.Thread(target=proc.stdin.write, args=(data,), daemon=True)
@@ -228,6 +238,7 @@ def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> fl
         lines += chunk.count(b"\n")
         chunks.append(chunk)
     elapsed = time.perf_counter() - t0
+    rss = peak_rss_mb(proc.pid)
     writer.join()
     proc.stdin.close()
     if check:
@@ -238,7 +249,7 @@ def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> fl
             assert doc.get("err_msg") is None, doc
             ids.add(doc["id"])
         assert ids == set(range(1, n + 1)) and len(answers) == n, "not each id answered once"
-    return elapsed
+    return elapsed, rss
 
 
 # -- the measures --------------------------------------------------------------------------------
@@ -337,8 +348,15 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                     # The floods: the API's in this process; serve and the raw echo in their own.
                     add("api_flood_s", await api_flood(sup, task, args.flood))
                     check = r == 0
-                    add("serve_flood_s", await trio.to_thread.run_sync(serve_flood, cfg, lines, args.flood, check))
-                    add("raw_jsonl_flood_s", await trio.to_thread.run_sync(raw_jsonl_flood, lines, args.flood, check))
+                    seconds, rss = await trio.to_thread.run_sync(
+                        serve_flood, cfg, lines, args.flood, check
+                    )
+                    add("serve_flood_s", seconds)
+                    add("serve_peak_rss_mb", rss)
+                    seconds, _ = await trio.to_thread.run_sync(
+                        raw_jsonl_flood, lines, args.flood, check
+                    )
+                    add("raw_jsonl_flood_s", seconds)
             sup.request_shutdown()
     finally:
         raw.sock.close()
@@ -349,7 +367,7 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
     return figures
 
 
-def serve_flood(cfg: Path, lines: bytes, n: int, check: bool) -> float:
+def serve_flood(cfg: Path, lines: bytes, n: int, check: bool) -> tuple[float, float]:
     proc, log = start_logged(
         [*DEXT, "serve", "window_post", "--conf-dir", str(cfg.parent)],
         stdin=subprocess.PIPE,
@@ -364,15 +382,14 @@ def serve_flood(cfg: Path, lines: bytes, n: int, check: bool) -> float:
             raise RuntimeError("serve failed:\n" + "\n".join(log))
 
 
-def raw_jsonl_flood(lines: bytes, n: int, check: bool) -> float:
+def raw_jsonl_flood(lines: bytes, n: int, check: bool) -> tuple[float, float]:
     proc = subprocess.Popen(
         [sys.executable, "-c", JSONL_ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
-        elapsed = flood(proc, lines, n, check=False)
+        return flood(proc, lines, n, check=False)
     finally:
         proc.wait(60)
-    return elapsed
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -445,34 +462,62 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print_table(
         [
-            ["round trip p50, 1 in flight (µs)", mmm(rt["socket"]), mmm(rt["api"]),
-             mmm(rt["raw_msgpack"])],
-            [f"requests/s, {WINDOW} in flight", mmm(rate["socket"]), mmm(rate["api"]),
-             mmm(rate["raw_msgpack"])],
-        ],  # fmt: skip
-        ["control socket (min / median / max)", "control socket", "in-process API",
-         "raw unix-socket msgpack echo"],  # fmt: skip
+            [
+                "round trip p50, 1 in flight (µs)",
+                mmm(rt["socket"]),
+                mmm(rt["api"]),
+                mmm(rt["raw_msgpack"]),
+            ],
+            [
+                f"requests/s, {WINDOW} in flight",
+                mmm(rate["socket"]),
+                mmm(rate["api"]),
+                mmm(rate["raw_msgpack"]),
+            ],
+        ],
+        [
+            "control socket (min / median / max)",
+            "control socket",
+            "in-process API",
+            "raw unix-socket msgpack echo",
+        ],
     )
     print()
     print_table(
         [
-            [f"flood of {args.flood}: seconds", mmm(fl["serve"], "{:.2f}"),
-             mmm(fl["api"], "{:.2f}"), mmm(fl["raw_jsonl"], "{:.3f}")],
-            ["µs per request", mmm(per_req["serve"], "{:.1f}"), mmm(per_req["api"], "{:.1f}"),
-             mmm(per_req["raw_jsonl"], "{:.2f}")],
-            ["requests/s", mmm(spread([args.flood / s for s in raw["serve_flood_s"]])),
-             mmm(spread([args.flood / s for s in raw["api_flood_s"]])),
-             mmm(spread([args.flood / s for s in raw["raw_jsonl_flood_s"]]))],
-        ],  # fmt: skip
-        ["serve JSON lines (min / median / max)", "serve", "in-process API",
-         "raw JSON-lines echo"],  # fmt: skip
+            [
+                f"flood of {args.flood}: seconds",
+                mmm(fl["serve"], "{:.2f}"),
+                mmm(fl["api"], "{:.2f}"),
+                mmm(fl["raw_jsonl"], "{:.3f}"),
+            ],
+            [
+                "µs per request",
+                mmm(per_req["serve"], "{:.1f}"),
+                mmm(per_req["api"], "{:.1f}"),
+                mmm(per_req["raw_jsonl"], "{:.2f}"),
+            ],
+            [
+                "requests/s",
+                mmm(spread([args.flood / s for s in raw["serve_flood_s"]])),
+                mmm(spread([args.flood / s for s in raw["api_flood_s"]])),
+                mmm(spread([args.flood / s for s in raw["raw_jsonl_flood_s"]])),
+            ],
+        ],
+        [
+            "serve JSON lines (min / median / max)",
+            "serve",
+            "in-process API",
+            "raw JSON-lines echo",
+        ],
     )
+    rss = spread(raw["serve_peak_rss_mb"])
+    print(f"serve's peak RSS after a flood of {args.flood}: {mmm(rss)} MiB (min / median / max)")
     print()
     print_table([[k, v] for k, v in ratios.items()], ["ratio of medians", "x"])
     goals = {
         "socket_round_trip_within_2x_api": ratios["socket_round_trip_over_api"] <= GOAL_RATIO,
-        "socket_throughput_within_2x_api": ratios["socket_time_per_request_over_api"]
-        <= GOAL_RATIO,
+        "socket_throughput_within_2x_api": ratios["socket_time_per_request_over_api"] <= GOAL_RATIO,
         "serve_flood_within_2x_api": ratios["serve_flood_over_api"] <= GOAL_RATIO,
     }
     print()
@@ -492,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         "requests_per_s_window": rate,
         "flood_seconds": fl,
         "flood_us_per_request": per_req,
+        "serve_peak_rss_mb": rss,
         "ratios": ratios,
         "goals_met": goals,
         "samples": raw,
