@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 2 repeats, 2000-request floods, fewer round trips"
+        help="a smoke run: at most 2 repeats and 2000-request floods, fewer round trips"
         " (--save writes frontends-quick.json)",
     )
     args = parser.parse_args(argv)
@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats = min(args.repeats, 2)
         args.flood = min(args.flood, 2000)
-    args.latency = 200 if args.quick else 2000
-    args.window_requests = WINDOW * (10 if args.quick else 160)
+    args.latency = 100 if args.quick else 2000
+    args.window_requests = WINDOW * (4 if args.quick else 160)
     import logging
 
     logging.getLogger("damocles_ext").setLevel(logging.WARNING)

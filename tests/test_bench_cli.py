@@ -3,6 +3,7 @@ bench/results/ are written only when asked (`--save`)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "bench_frontends", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -111,3 +112,25 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+@pytest.mark.slow  # spawns run, serve and their children; ~10-20 s on a loaded 2-core machine
+def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each_goal_is_met():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_frontends", "--quick", "--repeats", "1", "--flood",
+         "200"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+        check=False,
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "raw unix-socket msgpack echo" in out and "raw JSON-lines echo" in out
+    assert "flood of 200: seconds" in out and "serve's peak RSS" in out
+    for goal in ("socket_round_trip", "socket_throughput", "serve_flood"):
+        assert re.search(rf"goal (met    |NOT met)  {goal}_within_2x_api", out), out
+    assert "not saved (add --save to write bench/results/frontends-quick.json)" in out
+    assert _results_snapshot() == before
