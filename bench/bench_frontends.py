@@ -48,28 +48,18 @@ import msgspec
 import trio
 from damocles_ext_plugins.testing import echo_output
 
+from bench.bench_supervisor import small_task as trivial_task
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.config import parse_config
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor.core import Supervisor
-from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+from damocles_ext.tasks import WindowPoSt
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
 CONFIG = '[[WdPost]]\nPlugin = "echo"\nConcurrent = 1\n' * 2
 CHILDREN = 2
 WINDOW = 64
 GOAL_RATIO = 2.0
-
-
-def trivial_task(miner: int = 1000) -> WindowPoSt:
-    return WindowPoSt(
-        miner_id=miner,
-        proof_type="StackedDrgWindow2KiBV1_2",
-        replicas=[
-            PoStReplicaInfo(1, bytes(range(32)), "/mnt/cache/s-t01000-1", "/mnt/sealed/s-t01000-1")
-        ],
-        seed=bytes(range(31)) + b"\x1f",
-    )
 
 
 # -- the floors: no damocles-ext code in these processes -----------------------------------------
