@@ -19,7 +19,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,6 +32,7 @@ from .frontends.control_socket import (
     resolve_trusted,
     trusted_uids,
 )
+from .frontends.outbox import Outbox
 from .protocol import control as control_protocol
 from .protocol import dext
 from .tasks import Output, Task
@@ -58,12 +59,13 @@ class _Unread(ProverError):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "on_progress", "response")
+    __slots__ = ("done", "error", "not_sent", "on_progress", "response")
 
     def __init__(self, on_progress: ProgressCallback | None) -> None:
         self.done = trio.Event()
         self.response: dext.Response | None = None
         self.error: str | None = None
+        self.not_sent = False  # the request could not be written
         self.on_progress = on_progress
 
 
@@ -73,10 +75,12 @@ class Client:
     def __init__(self, stream: trio.SocketStream, path: Path) -> None:
         self.path = path
         self._stream = stream
-        self._send_lock = trio.Lock()
+        # Requests go out in order, at once when alone, else joined per pass of the loop.
+        self._outbox = Outbox(stream)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._status_pending: dict[int, tuple[trio.Event, list[control_protocol.StatusReply]]] = {}
+        self._status_unsent: dict[int, str] = {}
         self._lost: str | None = None
         self._refused: str | None = None  # why the supervisor is closing this connection
 
@@ -102,23 +106,25 @@ class Client:
             )
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
+
+        def written(error: BaseException | None) -> None:
+            if error is not None and not pending.done.is_set():
+                pending.error = self._lost_text(error)
+                pending.not_sent = True
+                pending.done.set()
+
         try:
-            try:
-                await self._send_frame(frame)
-            except ProverError as exc:
-                raise _NotSent(str(exc)) from None
+            self._outbox.send(frame, written, at_once=len(self._pending) == 1)
             await pending.done.wait()
         except BaseException:
             if not pending.done.is_set() and self._lost is None:
                 # Tell the supervisor to stop working on it; the connection may be gone already.
-                with trio.move_on_after(1, shield=True):
-                    try:
-                        await self._send(dext.Cancel(request_id))
-                    except ProverError:
-                        pass
+                self._outbox.send(dext.encode(dext.Cancel(request_id)))
             raise
         finally:
             del self._pending[request_id]
+        if pending.not_sent:
+            raise _NotSent(pending.error or "")
         if pending.error is not None:
             raise ProverError(pending.error)
         response = pending.response
@@ -144,11 +150,22 @@ class Client:
         done = trio.Event()
         box: list[control_protocol.StatusReply] = []
         self._status_pending[request_id] = (done, box)
+
+        def written(error: BaseException | None) -> None:
+            if error is not None:
+                self._status_unsent[request_id] = self._lost_text(error)
+                done.set()
+
         try:
-            await self._send(control_protocol.StatusRequest(request_id))
+            self._outbox.send(
+                control_protocol.encode(control_protocol.StatusRequest(request_id)), written
+            )
             await done.wait()
         finally:
             del self._status_pending[request_id]
+            unsent = self._status_unsent.pop(request_id, None)
+        if unsent is not None:
+            raise ProverError(unsent)
         if not box:
             raise ProverError(
                 f"cannot get the status from {self.path}: {self._lost or 'no reply'}"
@@ -162,17 +179,15 @@ class Client:
         except StatusError as exc:
             raise ProverError(str(exc)) from None
 
-    async def _send(self, message: Any) -> None:
-        await self._send_frame(dext.encode(message))
+    def _lost_text(self, error: BaseException) -> str:
+        return f"lost the connection to the supervisor at {self.path}: {error}"
 
-    async def _send_frame(self, frame: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ProverError(
-                    f"lost the connection to the supervisor at {self.path}: {exc}"
-                ) from None
+    async def _run(self) -> None:
+        """Read the answers and write the requests of this connection, until it is lost."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._outbox.run)
+            await self._read_loop()
+            nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         decoder = control_protocol.frame_decoder()
@@ -331,7 +346,7 @@ async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIte
     client = Client(stream, path)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._read_loop)
+            nursery.start_soon(client._run)
             try:
                 yield client
             finally:
@@ -402,7 +417,7 @@ class ReconnectingClient:
                 await self._connected.wait()
                 continue
             try:
-                await client._read_loop()
+                await client._run()
             finally:
                 with trio.CancelScope(shield=True):
                     await client._stream.aclose()

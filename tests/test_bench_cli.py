@@ -23,7 +23,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "bench_job_latency", "bench_job_chain", "chaos",
+            "bench_jobs", "bench_job_latency", "bench_job_chain", "bench_frontends", "chaos",
             "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
 
 
@@ -329,4 +329,46 @@ def test_the_sectors_benchmark_runs_small_checks_every_answer_and_saves_nothing(
     assert done.returncode == 0, done.stderr.decode() + out
     assert "locator, warm cache" in out and "source down, cache only" in out
     assert "not saved (add --save to write bench/results/sectors.json)" in out
+    assert _results_snapshot() == before
+
+
+@pytest.mark.slow  # spawns run, serve and their children; ~10-20 s on a loaded 2-core machine
+def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each_goal_is_met():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_frontends", "--quick", "--repeats", "1", "--flood",
+         "200"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+        check=False,
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "raw unix-socket msgpack echo" in out and "raw JSON-lines echo" in out
+    assert "flood of 200: seconds" in out and "serve's peak RSS" in out
+    for goal in ("socket_round_trip", "socket_throughput", "serve_flood"):
+        assert re.search(rf"goal (met    |NOT met)  {goal}_within_2x_api", out), out
+    assert "not saved (add --save to write bench/results/frontends-quick.json)" in out
+    assert _results_snapshot() == before
+
+
+@pytest.mark.slow  # a few seconds on an idle machine; two children and a process pool start
+def test_the_hotpath_benchmark_measures_its_floor_and_peer_in_the_same_run():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_hotpath", "--quick", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    for row in ("floor_p50_us", "api_p50_us", "api_cpu_us", "pool_per_s", "api_p50_over_floor"):
+        assert f"| {row} " in out, out
+    assert "api_p50_within_3x_floor" in out and "throughput_at_least_pool" in out
+    assert "not saved (add --save to write bench/results/hotpath-quick.json)" in out
     assert _results_snapshot() == before

@@ -51,6 +51,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     trusted_uids,
 )
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
+from .outbox import stream_fd, write_now
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -307,6 +308,12 @@ class _Connection:
         self._responses: list[dext.Response] = []
         self._progress: dict[int, dext.Progress] = {}
         self._wake = trio.Event()
+        # A response written at once by its own task (see _queue_response) that the socket did
+        # not take whole: the writer sends the rest first, and counts that response as answered.
+        self._head = b""
+        self._head_responses = 0
+        self._writing = False
+        self._fd = stream_fd(stream)
         self._owned = 0  # requests counted in the server's in_flight that we still owe
         self._status_owed = 0  # status requests not yet answered on the wire
         self._status_drained = trio.Event()
@@ -493,8 +500,29 @@ class _Connection:
 
     def _queue_response(self, response: dext.Response) -> None:
         self._progress.pop(response.id, None)
-        self._responses.append(response)
+        if (
+            self._owned == 1
+            and self._fd is not None
+            and not (self._writing or self._head or self._progress)
+            and not (self._responses or self._replies)
+        ):
+            # The one request in flight, and the writer has nothing: written now, without
+            # waking the writer (one task switch and one checkpoint less per request).
+            frame = dext.encode(response)
+            done = write_now(self._fd, frame)
+            if done == len(frame):
+                self._answered(1)
+                self._activity()
+                return
+            self._head, self._head_responses = frame[done:], 1
+        else:
+            self._responses.append(response)
         self._wake.set()
+
+    def _answered(self, count: int) -> None:
+        for _ in range(count):
+            self._owned -= 1
+            self._server._request_done()
 
     async def _write_loop(self) -> None:
         while True:
@@ -506,15 +534,18 @@ class _Connection:
             self._responses = []
             replies = self._replies
             self._replies = []
-            data = b"".join(dext.encode(m) for m in (*progress, *responses, *replies))
+            answered = len(responses) + self._head_responses
+            data = self._head + b"".join(dext.encode(m) for m in (*progress, *responses, *replies))
+            self._head, self._head_responses = b"", 0
+            self._writing = True
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.info("control client went away; %d answers dropped", len(responses))
+                log.info("control client went away; %d answers dropped", answered)
                 # The reader sees EOF next and cancels what is left.
-            for _ in responses:
-                self._owned -= 1
-                self._server._request_done()
+            finally:
+                self._writing = False
+            self._answered(answered)
             self._status_owed -= len(replies)
             if replies:
                 self._status_drained.set()

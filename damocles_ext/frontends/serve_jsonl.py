@@ -31,6 +31,7 @@ import trio
 from ..errors import DextError, ProverError
 from ..protocol import jsonl
 from ..tasks import Output, Task
+from .outbox import Outbox
 from .serve import reader_gone
 from .signals import watch_signals
 
@@ -82,7 +83,7 @@ class JsonLineServer:
         self._send_stream = send_stream
         self._on_input_closed = on_input_closed
         self._reader = jsonl.LineReader(max_line)
-        self._send_lock = trio.Lock()
+        self._outbox = Outbox(send_stream)
         self._read_scope = trio.CancelScope()
         self._in_flight: set[int] = set()
         self._idle = trio.Event()
@@ -111,17 +112,27 @@ class JsonLineServer:
         """Write the ready line now (`run` writes it if this was not called)."""
         if not self._ready_sent:
             self._ready_sent = True
-            await self._write(jsonl.ready_line(self.stage))
+            # Before the writer runs and before any answer: nothing else writes yet.
+            try:
+                await self._send_stream.send_all(jsonl.ready_line(self.stage))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._output_broken = True
+                log.error("stdout broke (%s) before the ready line, stopping", exc)
+                self.stop_reading()
 
     async def run(self) -> None:
         """Write the ready line, serve until input ends, then wait for every answer."""
         await self.send_ready()
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._outbox.run)
                 with self._read_scope:
                     await self._read_requests(nursery)
                 if self._on_input_closed is not None:
                     self._on_input_closed()
+                # An id is in flight until its answer is written: then the writer may stop.
+                await self.wait_idle()
+                self._outbox.close()
         finally:
             if self._in_flight:  # only when cancelled from outside
                 log.warning(
@@ -161,7 +172,7 @@ class JsonLineServer:
                 log.error("skipped a request line without a readable id: %s", what)
             elif self._take(id, what):
                 log.error("request %d: answering with an error: %s", id, what)
-                nursery.start_soon(self._answer_error, id, f"bad request: {what}; not proved")
+                self._answer_error(id, f"bad request: {what}; not proved")
             return
         if not item.strip():
             return  # a blank line carries nothing to answer
@@ -174,7 +185,7 @@ class JsonLineServer:
                 log.error("unreadable request line, cannot answer it: %s", exc)
             elif self._take(exc.id, str(exc)):
                 log.error("answering a bad request with an error: %s", exc)
-                nursery.start_soon(self._answer_error, exc.id, str(exc))
+                self._answer_error(exc.id, str(exc))
             return
         if self._take(request.id, "a request"):
             nursery.start_soon(self._answer, request.id, request.task)
@@ -203,6 +214,7 @@ class JsonLineServer:
             self._idle.set()
 
     async def _answer(self, id: int, task: Task) -> None:
+        queued = False
         try:
             try:
                 log.debug("request %d: submitted", id)
@@ -223,16 +235,15 @@ class JsonLineServer:
                 self._stats.failed += 1
             else:
                 line = jsonl.encode_response(id, output=output)
-            await self._write(line, id)
+            self._write(line, id)
+            queued = True
         finally:
-            self._done(id)
+            if not queued:  # cancelled from outside (or a bug of ours): never answered
+                self._done(id)
 
-    async def _answer_error(self, id: int, message: str) -> None:
-        try:
-            self._stats.failed += 1
-            await self._write(jsonl.encode_response(id, err_msg=self._error_text(id, message)), id)
-        finally:
-            self._done(id)
+    def _answer_error(self, id: int, message: str) -> None:
+        self._stats.failed += 1
+        self._write(jsonl.encode_response(id, err_msg=self._error_text(id, message)), id)
 
     def _error_text(self, id: int, message: str) -> str:
         """`message` as damocles' caller should read it: about request `id` (its wire id) of
@@ -244,21 +255,27 @@ class JsonLineServer:
             return f"request {id}{rest}"
         return f"request {id} ({self.stage}){rest}"
 
-    async def _write(self, line: bytes, id: int | None = None) -> None:
+    def _write(self, line: bytes, id: int) -> None:
+        """Queue the answer to `id`; it stays in flight until it is written (or dropped)."""
         if self._output_broken:
             log.error("request %s: stdout is closed, answer dropped", id)
+            self._done(id)
             return
-        async with self._send_lock:
-            try:
-                await self._send_stream.send_all(line)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+
+        def written(error: BaseException | None) -> None:
+            if error is None:
+                self._stats.answered += 1
+            elif not self._output_broken:
                 # The manager is gone: nobody can read answers any more, so stop taking work.
                 self._output_broken = True
-                log.error("stdout broke (%s): answer to request %s dropped, stopping", exc, id)
+                log.error("stdout broke (%s): answer to request %s dropped, stopping", error, id)
                 self.stop_reading()
-                return
-        if id is not None:
-            self._stats.answered += 1
+            else:
+                log.error("request %s: stdout is closed, answer dropped", id)
+            self._done(id)
+
+        # Alone in flight: written now; else joined with the answers of this pass of the loop.
+        self._outbox.send(line, written, at_once=len(self._in_flight) == 1)
 
 
 # "request 12 (window_post)" or "request 12": how the supervisor (and the codec) start a message

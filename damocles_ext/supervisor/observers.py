@@ -50,6 +50,11 @@ class Observers:
         """Queue a call of observer `hook`; drops it (logged) when the backlog is full."""
         if self._send is None:
             return
+        caller = getattr(self._pm.hook, hook, None)
+        if caller is not None and not caller.get_hookimpls():
+            # No plugin observes this hook (the usual case: none is built in): no event, no
+            # wake-up of the observer task, no timeout scope, per request.
+            return
         try:
             self._send.send_nowait((hook, kwargs))
         except trio.ClosedResourceError:
