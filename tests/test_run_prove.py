@@ -182,15 +182,25 @@ async def test_requests_on_one_connection_are_answered_by_id_in_any_order(contro
     server, backend = control
     results: dict[int, object] = {}
     progress: list[tuple] = []
+    # A request's progress not yet sent when its answer is ready is dropped (the answer says
+    # more): each request is finished only once its progress has reached the client.
+    seen = {m: trio.Event() for m in (1, 2, 3)}
+
+    def on_progress(miner: int, p: object) -> None:
+        progress.append((miner, p))
+        seen[miner].set()
+
     async with connect(server.path) as client, trio.open_nursery() as nursery:
 
         async def one(miner: int) -> None:
             results[miner] = await client.submit(
-                make_task(miner), on_progress=lambda p: progress.append((miner, p))
+                make_task(miner), on_progress=lambda p: on_progress(miner, p)
             )
 
         for miner in (1, 2, 3):
             nursery.start_soon(one, miner)
+        for miner in (1, 2, 3):
+            await seen[miner].wait()
         for miner in (3, 1, 2):  # finish out of order
             await backend._events(miner)[1].wait()
             backend.release[miner].set()
