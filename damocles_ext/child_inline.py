@@ -168,9 +168,9 @@ class InlineRuntime(ChildRuntime):
                 self._watcher_asleep = False
             self._kick.clear()
             job = self._proving
-            if job is not None and time.monotonic() - job.started >= self._fast_tick:
-                if self._stand_in():
-                    return
+            long_proof = job is not None and time.monotonic() - job.started >= self._fast_tick
+            if long_proof and self._stand_in():
+                return
 
     def _stand_in(self) -> bool:
         """Read stdin and send heartbeats while the long proof runs; True once the input ended."""
