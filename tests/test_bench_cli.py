@@ -3,6 +3,7 @@ bench/results/ are written only when asked (`--save`)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "bench_child", "chaos", "chaos_child"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -111,3 +112,38 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([104.2, 95.0, 96.5]) == "NOT MET (2 of 3 runs below: 95.0, 96.5 jobs/s)"
     assert goal_verdict([126.7, 99.5, 119.6]) == "NOT MET (1 of 3 runs below: 99.5 jobs/s)"
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
+
+
+def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_the_goal_is_met():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_child", "--requests", "30", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "| floor: minimal msgspec child" in out and "| damocles-ext child (this checkout)" in out
+    assert re.search(
+        r"^goal (met|NOT met): our child's CPU per request is [0-9.]+x", out, re.MULTILINE
+    )
+    assert "not saved (add --save to write bench/results/child.json)" in out
+    assert _results_snapshot() == before
+
+
+def test_the_child_benchmark_refuses_a_directory_that_is_not_a_checkout(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_child", "--compare-with", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert f"--compare-with {tmp_path}: damocles_ext is imported from" in err
+    assert "give a checkout of damocles-ext" in err and "Traceback" not in err
