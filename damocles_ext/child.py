@@ -481,6 +481,16 @@ class ChildRuntime:
         except BlockingIOError:
             pass
 
+    def _shutdown_complete(self) -> bool:
+        """After Shutdown, once every request is answered (logged): time to exit 0."""
+        if not self._shutting_down:
+            return False
+        with self._state_lock:
+            idle = not self._jobs
+        if idle:
+            log.info("shutdown complete")
+        return idle
+
     def _loop(self) -> int:
         poller = select.poll()
         poller.register(self.in_fd, select.POLLIN)
@@ -488,12 +498,8 @@ class ChildRuntime:
         while True:
             if self._broken_pipe:
                 return self._abandon("the parent stopped reading")
-            if self._shutting_down:
-                with self._state_lock:
-                    idle = not self._jobs
-                if idle:
-                    log.info("shutdown complete")
-                    return 0
+            if self._shutdown_complete():
+                return 0
             for fd, _ in poller.poll():
                 if fd == self._wake_r:
                     self._drain_wake()

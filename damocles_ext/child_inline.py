@@ -89,12 +89,8 @@ class InlineRuntime(ChildRuntime):
             if self._pending:
                 self._prove(self._pending.popleft())
                 continue
-            if self._shutting_down:
-                with self._state_lock:
-                    idle = not self._jobs
-                if idle:
-                    log.info("shutdown complete")
-                    return 0
+            if self._shutdown_complete():
+                return 0
             if not self._holding:
                 self._take_reader()
                 continue  # the watcher may have read more before it let go

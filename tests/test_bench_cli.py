@@ -114,16 +114,20 @@ def test_the_jobs_goal_is_met_only_if_every_run_met_it():
     assert goal_verdict([141.8, 108.5, 110.3]) == "met (every run; the slowest 108.5 jobs/s)"
 
 
-def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_the_goal_is_met():
-    before = _results_snapshot()
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_child", "--requests", "30", "--repeat", "1"],
+def _bench_child(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.bench_child", *args],
         cwd=ROOT,
         capture_output=True,
         stdin=subprocess.DEVNULL,
         timeout=120,
         check=False,
     )
+
+
+def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_the_goal_is_met():
+    before = _results_snapshot()
+    done = _bench_child("--requests", "30", "--repeat", "1")
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
     assert "| floor: minimal msgspec child" in out and "| damocles-ext child (this checkout)" in out
@@ -135,14 +139,7 @@ def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_th
 
 
 def test_the_child_benchmark_refuses_a_directory_that_is_not_a_checkout(tmp_path: Path):
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_child", "--compare-with", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
+    done = _bench_child("--compare-with", str(tmp_path))
     assert done.returncode == 2
     err = done.stderr.decode()
     assert f"--compare-with {tmp_path}: damocles_ext is imported from" in err
