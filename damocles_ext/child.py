@@ -1,10 +1,17 @@
 """The built-in child runtime: `damocles-ext child <stage> --plugin NAME`.
 
-One process serves one stage with one prover. The main thread reads the protocol from stdin and
-reacts to it; requests run on worker threads (at most `capacity` at once, the rest wait in a
-FIFO here); a heartbeat thread re-sends the last progress of a silent prover so the supervisor
-can tell a busy child from a hung one. Frames go out through one write lock, so every frame is
-whole, and once a request's response is written no progress for it follows.
+One process serves one stage with one prover, on one of two paths:
+
+* capacity 1 (the default): the inline path (`child_inline.InlineRuntime`). The main thread
+  reads a request, proves it and writes the answer itself, with no queue and no thread switch
+  per request; a watcher thread reads stdin and sends heartbeats while a proof runs long.
+* capacity N > 1: the threaded path (`ChildRuntime`, here). The main thread reads the protocol
+  from stdin and reacts to it; requests run on worker threads (at most `capacity` at once, the
+  rest wait in a FIFO here); a heartbeat thread re-sends the last progress of a silent prover so
+  the supervisor can tell a busy child from a hung one.
+
+On both, frames go out through one write lock, so every frame is whole, and once a request's
+response is written no progress for it follows.
 
 Threads, not trio: provers are blocking code (C libraries, GPU calls), the child must start fast,
 and cancelling a prover is cooperative anyway (a token it checks).
@@ -43,6 +50,7 @@ PROGRESS_MIN_INTERVAL = 0.1
 #: After stdin EOF (the parent is gone) provers get this long to notice their cancel token.
 EOF_GRACE = 1.0
 READ_SIZE = 1 << 16
+_MAIN = threading.main_thread()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +176,7 @@ class _Job:
     progress: tuple[str, int, int] = ("queued", 0, 0)
     sent_at: float = 0.0  # monotonic time of the last Progress frame sent
     sent_phase: str = ""
+    started: float = 0.0  # monotonic time the prover was called
 
 
 class ChildRuntime:
@@ -204,6 +213,7 @@ class ChildRuntime:
         self._state_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._all_done = threading.Condition(self._state_lock)
+        self._awaiting_all_done = False  # someone waits on _all_done (notified only then)
         self._stop = threading.Event()
         self._shutting_down = False
         self._broken_pipe = False
@@ -216,11 +226,12 @@ class ChildRuntime:
 
     def _write(self, data: bytes) -> bool:
         """Write a whole frame; False (and the loop is woken to exit) if the parent is gone."""
-        view = memoryview(data)
         try:
-            while view:
-                n = os.write(self.out_fd, view)
-                view = view[n:]
+            n = os.write(self.out_fd, data)
+            if n < len(data):
+                view = memoryview(data)[n:]
+                while view:
+                    view = view[os.write(self.out_fd, view) :]
         except (BrokenPipeError, OSError) as exc:
             if not self._broken_pipe:
                 log.warning("cannot write to the parent (%s); exiting", exc)
@@ -236,10 +247,9 @@ class ChildRuntime:
                 job.state = "done"
                 if self._jobs.get(job.id) is job:
                     del self._jobs[job.id]
-                if not self._jobs:
+                if self._awaiting_all_done and not self._jobs:
                     self._all_done.notify_all()
             self._write(data)
-        self._wake()
 
     def _respond_unknown(self, id: int, error: str) -> None:
         data = self.codec.response(id, None, error)
@@ -273,23 +283,29 @@ class ChildRuntime:
 
     # -- workers --------------------------------------------------------------------------------
 
+    def _start(self, job: _Job) -> bool:
+        """queued -> running; False if it was cancelled while it waited."""
+        with self._state_lock:
+            if job.state != "queued":
+                return False
+            job.state = "running"
+            job.progress = ("started", 0, 0)
+            # No frame yet: a quick request needs only its Response; the heartbeat sends
+            # ("started", 0, 0) if the prover stays silent for a whole interval.
+            job.sent_at = job.started = time.monotonic()
+        return True
+
     def _worker(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            with self._state_lock:
-                if job.state != "queued":
-                    continue  # cancelled while waiting
-                job.state = "running"
-                job.progress = ("started", 0, 0)
-                # No frame yet: a quick request needs only its Response; the heartbeat sends
-                # ("started", 0, 0) if the prover stays silent for a whole interval.
-                job.sent_at = time.monotonic()
-            self._run_job(job)
+            if self._start(job):
+                self._run_job(job)
+                self._wake()  # the main loop may be waiting for the last answer (shutdown)
 
     def _run_job(self, job: _Job) -> None:
-        started = time.monotonic()
+        started = job.started
 
         def progress(phase: str, done: int, total: int) -> None:
             try:
@@ -307,6 +323,8 @@ class ChildRuntime:
             self._respond(job, error="cancelled" if job.token.cancelled else f"Cancelled: {exc}")
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is _MAIN:
+                raise  # SIGINT stops the child, also while it proves on its main thread
             log.warning(
                 "request %d failed: %s: %s",
                 job.id,
@@ -380,6 +398,9 @@ class ChildRuntime:
                 log.error("request id %d is already in flight; duplicate ignored", id)
                 return
             self._jobs[id] = job
+        self._enqueue(job)
+
+    def _enqueue(self, job: _Job) -> None:
         self._queue.put(job)
 
     def _on_cancel(self, id: int) -> None:
@@ -403,13 +424,7 @@ class ChildRuntime:
 
     def run(self) -> int:
         """Send the ready message, then serve until Shutdown (0), stdin EOF (0) or a fatal error."""
-        for i in range(self.capacity):
-            t = threading.Thread(target=self._worker, name=f"prover-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        if self.codec.heartbeats:
-            hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-            hb.start()
+        self._start_threads()
         hello = self.codec.hello(self.stage, self.prover_name, self.version, self.capacity)
         if not self._write(hello):
             return 1
@@ -424,9 +439,7 @@ class ChildRuntime:
         try:
             return self._loop()
         finally:
-            self._stop.set()
-            for _ in self._threads:
-                self._queue.put(None)
+            self._stop_threads()
             close = getattr(self.prover, "close", None)
             if callable(close) and not self._jobs:
                 try:
@@ -434,42 +447,74 @@ class ChildRuntime:
                 except Exception:
                     log.exception("prover %s: close() failed", self.prover_name)
 
+    def _start_threads(self) -> None:
+        for i in range(self.capacity):
+            t = threading.Thread(target=self._worker, name=f"prover-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.codec.heartbeats:
+            hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            hb.start()
+
+    def _stop_threads(self) -> None:
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _read(self) -> tuple[str, int] | None:
+        """Read once from stdin and act on what came; (why, exit code) when the input is over."""
+        data = os.read(self.in_fd, READ_SIZE)
+        try:
+            items = self.codec.feed(data)
+        except self.codec.fatal_errors as exc:  # the stream is unusable
+            log.error("protocol error from the parent: %s", exc)
+            return "protocol error", 1
+        for item in items:
+            self._handle(item)
+        if not data:
+            return "stdin closed", 0
+        return None
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def _shutdown_complete(self) -> bool:
+        """After Shutdown, once every request is answered (logged): time to exit 0."""
+        if not self._shutting_down:
+            return False
+        with self._state_lock:
+            idle = not self._jobs
+        if idle:
+            log.info("shutdown complete")
+        return idle
+
     def _loop(self) -> int:
         poller = select.poll()
         poller.register(self.in_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        reading = True
         while True:
             if self._broken_pipe:
                 return self._abandon("the parent stopped reading")
-            if self._shutting_down:
-                with self._state_lock:
-                    idle = not self._jobs
-                if idle:
-                    log.info("shutdown complete")
-                    return 0
+            if self._shutdown_complete():
+                return 0
             for fd, _ in poller.poll():
                 if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    self._drain_wake()
                     continue
-                if not reading:
-                    continue
-                data = os.read(self.in_fd, READ_SIZE)
-                try:
-                    items = self.codec.feed(data)
-                except self.codec.fatal_errors as exc:  # the stream is unusable
-                    log.error("protocol error from the parent: %s", exc)
-                    self._abandon("protocol error")
-                    return 1
-                for item in items:
-                    self._handle(item)
-                if not data:
-                    reading = False
-                    poller.unregister(self.in_fd)
-                    return self._abandon("stdin closed")
+                ended = self._read()
+                if ended is not None:
+                    why, code = ended
+                    self._abandon(why)
+                    return code
+
+    def _wait_all_done(self) -> bool:
+        """Wait up to EOF_GRACE for every request to be answered; True if they were."""
+        with self._all_done:
+            self._awaiting_all_done = True  # from now on every answer looks for us
+            return self._all_done.wait_for(lambda: not self._jobs, timeout=EOF_GRACE)
 
     def _abandon(self, why: str) -> int:
         """The parent is gone: cancel everything, give provers a moment to notice, exit 0."""
@@ -479,8 +524,7 @@ class ChildRuntime:
             log.info("%s: cancelling %d request(s) in flight", why, len(jobs))
             for job in jobs:
                 job.token.cancel(why)
-            with self._all_done:
-                self._all_done.wait_for(lambda: not self._jobs, timeout=EOF_GRACE)
+            self._wait_all_done()
         else:
             log.info("%s: exiting", why)
         return 0
@@ -537,7 +581,9 @@ def main(
         raise UsageError(str(exc)) from None
     pm = get_plugin_manager()
     prover = load_prover(pm, plugin, options, stage)
-    runtime = ChildRuntime(
+    from .child_inline import InlineRuntime
+
+    runtime = (InlineRuntime if capacity == 1 else ChildRuntime)(
         stage=stage,
         prover=prover,
         prover_name=plugin,

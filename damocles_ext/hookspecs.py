@@ -63,33 +63,52 @@ class Cancelled(Exception):
 
 
 class CancelToken:
-    """A thread-safe cancellation flag handed to a prover with each request."""
+    """A thread-safe cancellation flag handed to a prover with each request.
 
-    __slots__ = ("_event", "reason")
+    Cheap to make (a child makes one per request): the event a :meth:`wait` sleeps on is made
+    only when a prover first waits, under one lock shared by all tokens (taken only by
+    :meth:`cancel` and :meth:`wait`, never by :meth:`check`)."""
+
+    __slots__ = ("_event", "_set", "reason")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._event: threading.Event | None = None
+        self._set = False
         self.reason = ""
 
     @property
     def cancelled(self) -> bool:
         """True once :meth:`cancel` was called."""
-        return self._event.is_set()
+        return self._set
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the prover to stop at its next check; safe to call from any thread, repeatedly."""
-        if not self._event.is_set():
+        with _TOKEN_LOCK:
+            if self._set:
+                return
             self.reason = reason
-            self._event.set()
+            self._set = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def check(self) -> None:
         """Raise :class:`Cancelled` if the request was cancelled; call it between units of work."""
-        if self._event.is_set():
+        if self._set:
             raise Cancelled(self.reason or "cancelled")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep up to `timeout` seconds, waking early on cancel; returns :attr:`cancelled`."""
-        return self._event.wait(timeout)
+        with _TOKEN_LOCK:
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+                if self._set:
+                    event.set()
+        return event.wait(timeout)
+
+
+_TOKEN_LOCK = threading.Lock()
 
 
 @runtime_checkable

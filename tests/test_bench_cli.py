@@ -23,8 +23,8 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
-            "bench_jobs", "bench_job_latency", "bench_job_chain", "bench_frontends", "chaos",
-            "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
+            "bench_jobs", "bench_job_latency", "bench_job_chain", "bench_frontends", "bench_child",
+            "chaos", "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -372,3 +372,35 @@ def test_the_hotpath_benchmark_measures_its_floor_and_peer_in_the_same_run():
     assert "api_p50_within_3x_floor" in out and "throughput_at_least_pool" in out
     assert "not saved (add --save to write bench/results/hotpath-quick.json)" in out
     assert _results_snapshot() == before
+
+
+def _bench_child(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.bench_child", *args],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_the_goal_is_met():
+    before = _results_snapshot()
+    done = _bench_child("--requests", "30", "--repeat", "1")
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "| floor: minimal msgspec child" in out and "| damocles-ext child (this checkout)" in out
+    assert re.search(
+        r"^goal (met|NOT met): our child's CPU per request is [0-9.]+x", out, re.MULTILINE
+    )
+    assert "not saved (add --save to write bench/results/child.json)" in out
+    assert _results_snapshot() == before
+
+
+def test_the_child_benchmark_refuses_a_directory_that_is_not_a_checkout(tmp_path: Path):
+    done = _bench_child("--compare-with", str(tmp_path))
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert f"--compare-with {tmp_path}: damocles_ext is imported from" in err
+    assert "give a checkout of damocles-ext" in err and "Traceback" not in err

@@ -146,6 +146,12 @@ class FrameDecoder:
                     f"stream ended inside a frame ({self.pending} bytes of an incomplete frame)"
                 )
             return []
+        if self._pos == len(self._buf):
+            # Nothing buffered (the common case: whole frames per read): decode straight from
+            # `data`, and buffer only an incomplete frame at its end.
+            self._buf.clear()
+            self._pos = 0
+            return self._frames(data)
         self._buf += data
         messages: list[Message] = []
         buf = self._buf
@@ -172,4 +178,27 @@ class FrameDecoder:
             del buf[:pos]
             pos = 0
         self._pos = pos
+        return messages
+
+    def _frames(self, data: bytes) -> list[Message]:
+        """The whole frames at the start of `data`; the rest is buffered."""
+        messages: list[Message] = []
+        pos = 0
+        end = len(data)
+        view = memoryview(data)
+        while end - pos >= HEADER_SIZE:
+            length = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+            if length > self.max_frame_size:
+                self._buf += view[pos:]  # as the buffered path leaves it
+                raise ProtocolError(
+                    f"frame length {length} exceeds the maximum of {self.max_frame_size} bytes"
+                    " (is the peer speaking dext/1?)"
+                )
+            start = pos + HEADER_SIZE
+            if end - start < length:
+                break
+            pos = start + length
+            messages.append(decode_payload(view[start:pos], self._decoder))
+        if pos < end:
+            self._buf += view[pos:]
         return messages
