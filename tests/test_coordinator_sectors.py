@@ -111,3 +111,30 @@ async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocl
     assert coordinator.sector_index.status()["answered"] == {
         "learned": 1, "service": 1, "not_found": 1, "errors": 1,
     }  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+async def test_the_coordinators_metrics_count_the_lookups_it_makes_through_its_source(tmp_path):
+    from helpers.frontend import CoordinatorProcess
+    from test_metrics import scrape, value
+
+    stores = [f"store-{n}={tmp_path / n}" for n in ("a", "b")]
+    with DamoclesSource() as source:
+        source.put(MINER, 5, "store-a", "store-b")
+        coordinator = CoordinatorProcess(
+            f"sqlite:///{tmp_path}/jobs.db",
+            "--proxy", f"127.0.0.1:{source.port}", "--metrics", "127.0.0.1:0",
+            *(arg for store in stores for arg in ("--store", store)),
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await coordinator.start(nursery)
+            try:
+                assert coordinator.metrics_url is not None
+                [(status, body)] = await raw_answers(
+                    coordinator.port, [b'["normal",{"Miner":1000,"Number":5}]']
+                )
+                assert status == 200 and json.loads(body)["result"]["Found"] is True
+                metrics = await scrape(coordinator.metrics_url)
+            finally:
+                coordinator.stop()
+    assert value(metrics, "damocles_ext_sector_lookups_total") == 1

@@ -144,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
             observe=None if metrics is None else metrics.observe,
             sector_index=_sector_index(args, settings.stores),
         )
+        locator = coordinator.sector_index.locator
+        if metrics is not None and locator is not None:
+            from damocles_ext.sectors.metrics import SectorMetrics
+
+            # Venus.SectorIndexerFind's lookups through --proxy: hits, source errors, stale.
+            locator.metrics = SectorMetrics(metrics.registry)
         server = CoordinatorServer(coordinator, host, port, token=args.token_file)
         try:
             if metrics is not None:
