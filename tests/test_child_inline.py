@@ -40,8 +40,10 @@ WHEREAMI_PLUGIN = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("capacity", "thread"), [(1, "MainThread"), (2, "prover-0")])
-def test_a_silent_proof_heartbeats_and_is_cancelled_on_either_path(tmp_path, capacity, thread):
+@pytest.mark.parametrize(
+    ("capacity", "threads"), [(1, {"MainThread"}), (2, {"prover-0", "prover-1"})]
+)
+def test_a_silent_proof_heartbeats_and_is_cancelled_on_either_path(tmp_path, capacity, threads):
     root = make_plugin_dist(
         tmp_path, dist="whereami-plugin", module="whereami_plugin", source=WHEREAMI_PLUGIN
     )
@@ -54,20 +56,21 @@ def test_a_silent_proof_heartbeats_and_is_cancelled_on_either_path(tmp_path, cap
         )
         child.send_msg(dext.Request(2, window_task(miner=2)))
         # The prover reports once, then is silent: the heartbeat repeats its progress.
+        # (With capacity 2, whichever of the two prover threads is free takes it.)
         frames = [child.next() for _ in range(4)]
-        assert frames[0] == dext.Progress(2, thread, 0, 1)
+        thread = frames[0].phase
+        assert thread in threads, frames[0]
         assert all(f == dext.Progress(2, thread, 0, 1) for f in frames), frames
         child.send_msg(dext.Cancel(2))
         assert child.next_of(dext.Response)[0] == dext.Response(2, error="cancelled")
-        # Requests sent together are each answered once, in order, by the free child.
+        # Requests sent together are each answered once by the free child.
         for i in range(3, 23):
             child.send_msg(dext.Request(i, window_task(miner=1, seed_byte=i)))
         answers = [child.next_of(dext.Response)[0] for _ in range(3, 23)]
-        assert [a.id for a in answers] == list(range(3, 23))
-        assert all(
-            a.output == echo_output(window_task(1, i))
-            for a, i in zip(answers, range(3, 23), strict=True)
-        )
+        ids = [a.id for a in answers]
+        # One thread answers in order; two answer each once, in whichever order they finish.
+        assert (ids if capacity == 1 else sorted(ids)) == list(range(3, 23)), ids
+        assert all(a.output == echo_output(window_task(1, a.id)) for a in answers)
         child.close_stdin()
         assert child.wait() == 0
 
