@@ -4,9 +4,9 @@ Run: .venv/bin/python -m bench.bench_hotpath [--repeats N] [--quick] [--save]
 
 Each repeat measures, in this order and in this process:
 
-* floor: a minimal msgspec child (`FLOOR_CHILD`: read a length-prefixed msgpack frame, answer
-  with the request's id and a SHA-256 of its seed, the `echo` prover's work) driven over a
-  blocking pipe by a plain Python parent; round trip p50, one request at a time;
+* floor: bench/baselines.py's minimal msgspec child (`PipeFloor`, the floor bench_supervisor
+  uses: read a length-prefixed msgpack frame, answer with the `echo` prover's proof) driven over
+  a blocking pipe by a plain Python parent; round trip p50, one request at a time;
 * API, 1 child: `await Supervisor.submit(task)` of a 1-replica WindowPoSt on one `echo` child,
   one at a time; round trip p50;
 * API, 2 children, 256 in flight: requests/s, and the supervisor's CPU per request (this
@@ -22,38 +22,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import statistics
-import subprocess
-import sys
 import time
 
-import msgspec
 import trio
 from damocles_ext_plugins.testing import echo_output
 
+from bench.baselines import PipeFloor
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.config import parse_config
 from damocles_ext.supervisor.core import Supervisor
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
-
-FLOOR_CHILD = """\
-import hashlib, os, msgspec
-decode, encode = msgspec.msgpack.Decoder().decode, msgspec.msgpack.Encoder().encode
-def read(n):
-    buf = b""
-    while len(buf) < n:
-        chunk = os.read(0, n - len(buf))
-        if not chunk:
-            raise SystemExit(0)
-        buf += chunk
-    return buf
-while True:
-    msg = decode(read(int.from_bytes(read(4), "big")))
-    proof = hashlib.sha256(msg["task"]["seed"]).digest()
-    out = encode({"id": msg["id"], "output": {"proofs": [proof], "faults": []}})
-    os.write(1, len(out).to_bytes(4, "big") + out)
-"""
 
 IN_FLIGHT = 256
 
@@ -73,54 +52,21 @@ def echo_config(children: int):
     return parse_config(block * children, "<bench>")
 
 
-class PipeFloor:
-    """The floor: `FLOOR_CHILD` driven by a blocking parent that encodes and decodes."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FLOOR_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        self.encode = msgspec.msgpack.Encoder().encode
-        self.decode = msgspec.msgpack.Decoder().decode
-        self.ids = 0
-
-    def _read(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = os.read(self.proc.stdout.fileno(), n - len(buf))
-            if not chunk:
-                raise RuntimeError("the floor child exited")
-            buf += chunk
-        return buf
-
-    def prove(self, task: WindowPoSt) -> dict:
-        self.ids += 1
-        body = self.encode({"id": self.ids, "task": task})
-        os.write(self.proc.stdin.fileno(), len(body).to_bytes(4, "big") + body)
-        answer = self.decode(self._read(int.from_bytes(self._read(4), "big")))
-        assert answer["id"] == self.ids
-        return answer
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 def _p50(samples: list[float]) -> float:
     return statistics.median(samples) * 1e6
 
 
 def floor_latency(n: int) -> float:
     """p50 of `n` round trips on the pipe floor, in microseconds."""
-    floor = PipeFloor()
     task = small_task()
+    floor = PipeFloor(task)
     try:
         for _ in range(n // 10):
-            floor.prove(task)
+            floor.prove()
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
-            floor.prove(task)
+            floor.prove()
             samples.append(time.perf_counter() - t0)
     finally:
         floor.close()
