@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 
 import pytest
 from helpers.damocles_source import DamoclesSource
+from test_prove_manifest import SEED, dext
 
 from damocles_ext.post.fixtures import create_sectors, load_manifest
 from damocles_ext.sectors import SectorRef
@@ -20,22 +19,8 @@ from damocles_ext.sectors.comm_r import (
     parse_sector_list,
 )
 
-SEED = "ab" * 32
 PROOF_TYPE = "StackedDrgWindow2KiBV1_2"
 MINER = 1000
-
-
-def dext(*args, check=None):
-    proc = subprocess.run(
-        [sys.executable, "-m", "damocles_ext", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    if check is not None:
-        assert proc.returncode == check, proc.stderr
-    return proc
 
 
 def sealed_cid(comm_r: bytes) -> str:

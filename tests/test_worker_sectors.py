@@ -58,20 +58,25 @@ def verify(job, base, output) -> None:
     verify_window_post(task, WindowPoStOutput(list(output.proofs), []))
 
 
+def worker_on_source(rig, kids, source, base, comm_rs) -> tuple[Worker, SectorLocator]:
+    """A worker whose locator asks `source` only (no scan), which knows every sector in
+    store-new: what it said is all the worker knows; fresh_for 0, so that every lookup asks it
+    and, when it is down or hung, checks the files it named."""
+    for number in comm_rs:
+        source.put(MINER, number, "store-new")
+    node = SourceNode(source.url, {"store-new": str(base)})
+    locator = SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0))
+    attached = {"store-new": str(base)}
+    return Worker(rig.settings(kids, attached=attached, idle_poll=0.2), locator=locator), locator
+
+
 async def test_with_the_source_stopped_mid_run_proofs_go_on_from_cached_locations_and_gone_files_are_faults(
     moved, tmp_path
 ):
     base, comm_rs, rig = moved
     kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
     with DamoclesSource() as source:
-        for number in comm_rs:
-            source.put(MINER, number, "store-new")
-        # The source node only (no scan): what it said is all the worker knows; fresh_for 0,
-        # so that every lookup asks it and, when it is down, checks the files.
-        node = SourceNode(source.url, {"store-new": str(base)})
-        locator = SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0))
-        attached = {"store-new": str(base)}
-        worker = Worker(rig.settings(kids, attached=attached, idle_poll=0.2), locator=locator)
+        worker, locator = worker_on_source(rig, kids, source, base, comm_rs)
         first, _ = await rig.jobs.create(make_job(comm_rs, (1, 2, 3), seed=1))
         async with serving(rig, worker):
             await worker.wait_for(lambda: worker.counters.delivered == 1)
@@ -99,13 +104,7 @@ async def test_a_hanging_source_does_not_delay_a_proof_past_its_deadline(moved, 
     base, comm_rs, rig = moved
     kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
     with DamoclesSource() as source:
-        for number in comm_rs:
-            source.put(MINER, number, "store-new")
-        node = SourceNode(source.url, {"store-new": str(base)})
-        locator = SectorLocator([node], rules=CacheRules(fresh_for=0, refresh_lead=0))
-        worker = Worker(
-            rig.settings(kids, attached={"store-new": str(base)}, idle_poll=0.2), locator=locator
-        )
+        worker, locator = worker_on_source(rig, kids, source, base, comm_rs)
         await rig.jobs.create(make_job(comm_rs, (1, 2), seed=1))
         async with serving(rig, worker):
             await worker.wait_for(lambda: worker.counters.delivered == 1)
