@@ -25,6 +25,8 @@ from .records import (
     TrackedRequest,
 )
 
+_WITH_FAULTS = (WindowPoStOutput, WindowPoStVanillaOutput)  # outputs that report faulty sectors
+
 
 class UnknownChild(KeyError):
     """An event named a child the book was not given (`add_child`): a bug of the caller."""
@@ -145,10 +147,11 @@ class BookRules:
     def _forget(self, attempt: Attempt) -> None:
         """`attempt` left its process: its slot and alarms go."""
         self._running.pop(attempt.attempt_id, None)
-        self._alarms.cancel(attempt.timeout)
-        self._alarms.cancel(attempt.grace)
-        self._alarms.cancel(attempt.deadline)
-        attempt.timeout = attempt.grace = attempt.deadline = None
+        if not (attempt.timeout is attempt.grace is attempt.deadline is None):
+            self._alarms.cancel(attempt.timeout)
+            self._alarms.cancel(attempt.grace)
+            self._alarms.cancel(attempt.deadline)
+            attempt.timeout = attempt.grace = attempt.deadline = None
 
     def _take_down(self, process: ProcessRecord, now: float, charge_all: bool) -> None:
         process.down = True
@@ -202,9 +205,7 @@ class BookRules:
         if error is not None:
             outcome = outcome or "error"
         elif outcome is None:
-            faulty = isinstance(output, WindowPoStOutput | WindowPoStVanillaOutput) and bool(
-                output.faults
-            )
+            faulty = isinstance(output, _WITH_FAULTS) and bool(output.faults)
             outcome = "fault" if faulty else "ok"
         out.append(Resolve(req, output if error is None else None, error, outcome))
 

@@ -202,6 +202,7 @@ class Scheduler:
         # (a job failed or lost with its child leaves nothing behind); tokens break ties FIFO.
         self._heaps: dict[str, _Heap] = {}
         self._queued: dict[int, tuple[int, Job]] = {}
+        self._queued_deadlines = 0  # queued jobs with a deadline (next_wakeup's fast path)
         self._queue_len: dict[str, int] = {}  # live entries per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
@@ -257,7 +258,14 @@ class Scheduler:
     def submit(self, job: Job, now: float) -> None:
         """A new request: queue it (decide() starts or fails it)."""
         self._check_new(job)
+        stage = job.stage
+        # Behind a queue left by its stage's last decision (no child could take its head): idem.
+        behind = self._incremental and self._queue_len.get(stage, 0) > 0 and not self._all_dirty
+        behind = behind and stage not in self._dirty and stage not in self._pipelined_stages
+        behind = behind and (job.deadline is None or job.deadline > now)
         self._enqueue(job, _FRESH)
+        if behind:
+            self._dirty.discard(stage)
 
     def requeue(self, job: Job, now: float) -> None:
         """Put a retried job back at the head of its queue (see the ordering rule above)."""
@@ -321,6 +329,7 @@ class Scheduler:
         running, free its slot and locks as `finished` does. False if it was unknown."""
         if (entry := self._queued.pop(request_id, None)) is not None:
             self._queue_len[entry[1].stage] -= 1
+            self._queued_deadlines -= entry[1].deadline is not None
             self._touch(entry[1].stage)
             return True
         return self._finish(request_id, 0.0, learn=False)
@@ -408,6 +417,10 @@ class Scheduler:
         cached = self._wakeup_cache
         if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
             return cached[2]
+        if self._incremental and not (
+            self._deadlines or self._queued_deadlines or self._pipelined_stages
+        ):
+            return None  # no deadline anywhere, no pipelined child: time alone changes nothing
         if self._incremental:
             heap = self._deadlines
             while heap and not self._live_deadline(heap[0]):
@@ -494,6 +507,7 @@ class Scheduler:
         deadline = math.inf if job.deadline is None else job.deadline
         key = (deadline, -job.priority, tier, job.arrival)
         self._queued[job.request_id] = (token, job)
+        self._queued_deadlines += job.deadline is not None
         self._queue_len[job.stage] = self._queue_len.get(job.stage, 0) + 1
         heapq.heappush(self._heaps.setdefault(job.stage, []), (key, token, job.request_id))
 
@@ -510,6 +524,7 @@ class Scheduler:
         _, _, rid = heapq.heappop(heap)
         job = self._queued.pop(rid)[1]
         self._queue_len[job.stage] -= 1
+        self._queued_deadlines -= job.deadline is not None
         return job
 
     def _stage_order(self) -> list[str]:
@@ -563,6 +578,8 @@ class Scheduler:
             eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
             return None
+        if len(eligible) == 1:
+            return eligible[0][2]  # round robin among one: its weight goes up and back down
         best_key = min((free_at, load) for free_at, load, _ in eligible)
         candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
         # Smooth weighted round robin (nginx): ties go to the child registered first.

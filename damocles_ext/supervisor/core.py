@@ -160,6 +160,7 @@ class Supervisor:
         self._shutting_down = False
         self._shutdown_requested = trio.Event()
         self._state_changed = trio.Event()  # readiness, request completion
+        self._changed_waiting = 0  # tasks in _wait_changed (only then is it set)
         self._started = False
         self._finished = False
         self._observers = Observers(plugin_manager)
@@ -295,8 +296,7 @@ class Supervisor:
         await trio.lowlevel.checkpoint_if_cancelled()
         stage = stage_of(task)
         rid = next(self._rids)
-        problem = deadline_problem(deadline)
-        if problem is not None:
+        if deadline is not None and (problem := deadline_problem(deadline)) is not None:
             # A NaN deadline would sort before every other one and never expire; inf never expires.
             raise UsageError(
                 f"request {rid} ({stage}) refused: its deadline {deadline!r} {problem}; give a unix"
@@ -312,7 +312,7 @@ class Supervisor:
         waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch)
         self._apply(effects)
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         finally:
             if not waiter.done:
                 # The caller went away (cancelled): forget the request, stop its work if we can.
@@ -351,13 +351,19 @@ class Supervisor:
                     )
                     + ")"
                 )
-            event = self._state_changed
-            await event.wait()
+            await self._wait_changed()
 
     async def wait_changed(self) -> None:
         """Wait until a child becomes ready or stops, or a request is answered: what may change
         how many requests the children can take (a caller pulling work waits on it)."""
-        await self._state_changed.wait()
+        await self._wait_changed()
+
+    async def _wait_changed(self) -> None:
+        self._changed_waiting += 1
+        try:
+            await self._state_changed.wait()
+        finally:
+            self._changed_waiting -= 1
 
     def request_shutdown(self) -> None:
         """Stop taking requests, let in-flight ones finish (shutdown_grace), stop the children."""
@@ -449,9 +455,9 @@ class Supervisor:
         req = effect.request
         child = self._children[effect.child]
         p = child.p
-        now = trio.current_time()
         if p is None:  # the book and the child's task disagree: a bug of ours; retry elsewhere
             log.error("%s: no process to send request %d to", child.name, req.rid)
+            now = trio.current_time()
             self._apply(self._book.child_lost(child.name, now, "its process was gone"))
             return
         try:
@@ -463,6 +469,7 @@ class Supervisor:
             error = (
                 f"request {req.rid} ({req.stage}): its task cannot be sent to a prover child: {exc}"
             )
+            now = trio.current_time()
             self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
             return
         if len(data) > _MAX_REQUEST_BYTES:
@@ -474,11 +481,12 @@ class Supervisor:
                 f" {_MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
                 " split it into smaller tasks"
             )
+            now = trio.current_time()
             self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
             return
         self._write(child, p, data)
         waiter = self._waiters.get(req.rid)
-        if waiter is not None:
+        if waiter is not None and waiter.on_dispatch is not None:
             self._dispatched(waiter, child.name)
         if self._observers.active:
             self._observers.observe("dext_request_started", request=request_info(req))
@@ -491,8 +499,9 @@ class Supervisor:
                 waiter.error = ProverError(effect.error)
             else:
                 waiter.output = effect.output
-            waiter.event.set()
-        self._notify()
+            waiter.answer()
+        if self._changed_waiting:
+            self._notify()
         if self._observers.active:
             now = trio.current_time()
             self._observers.observe(
@@ -525,6 +534,11 @@ class Supervisor:
 
     def _on_events(self, child: Child, p: Process, events: list[Any]) -> None:
         # What the answers of one read dispatch goes out at the end, one write per child.
+        if len(events) == 1 and type(ev := events[0]) is Answer and not self._applying:
+            # The common read, one answer: as below, without the loop (its write is flushed
+            # by _apply, not nested here).
+            self._on_answer(child, p, ev, trio.current_time())
+            return
         self._applying += 1
         try:
             self._on_each_event(child, p, events)
@@ -588,7 +602,7 @@ class Supervisor:
                 self._armed = math.inf
 
     def _notify(self) -> None:
-        if self._state_changed.statistics().tasks_waiting:
+        if self._changed_waiting:
             self._state_changed.set()
             self._state_changed = trio.Event()
 
@@ -610,7 +624,7 @@ class Supervisor:
         """Shutdown: running requests get shutdown_grace (queued ones failed at the request)."""
         with trio.move_on_after(self.shutdown_grace):
             while self._split_in_flight or self._book.unanswered:
-                await self._state_changed.wait()
+                await self._wait_changed()
         self._apply(self._book.grace_over(trio.current_time(), self.shutdown_grace))
 
 

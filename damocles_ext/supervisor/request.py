@@ -8,7 +8,7 @@ waits on, the answer, and the progress and dispatch callbacks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..lifecycle import TrackedRequest
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Waiter:
     """One caller of submit(), from submission until its request is answered."""
 
@@ -30,7 +30,8 @@ class Waiter:
     on_dispatch: Callable[[str | None], None] | None = None  # a child's name, or None: waiting
     output: Output | None = None
     error: ProverError | None = None
-    event: trio.Event = field(default_factory=trio.Event)
+    answered: bool = False  # `answer` was called
+    _task: trio.lowlevel.Task | None = None  # the caller, while it waits in `wait`
 
     @property
     def rid(self) -> int:
@@ -40,3 +41,27 @@ class Waiter:
     def done(self) -> bool:
         """Answered: the book resolved it (its Resolve is carried out before anything awaits)."""
         return self.tracked.done
+
+    async def wait(self) -> None:
+        """Wait until `answer` is called (a checkpoint if it was already).
+
+        The caller's task is parked and woken directly: a trio.Event per request would cost a
+        parking lot and its bookkeeping on the hottest path for one waiter that is known."""
+        if self.answered:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def answer(self) -> None:
+        """The output or error is set: wake the caller."""
+        self.answered = True
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
