@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
+import trio
 from damocles_ext_plugins.testing import echo_output
 
 from damocles_ext.config import parse_config
@@ -173,6 +176,75 @@ class OwnChildBlocking:
         self.proc.stdin.close()
         self.proc.wait(10)
         self.proc.stdout.close()
+
+
+class TrioDispatcher:
+    """Not a floor, a reference: the least a trio parent does to serve callers from child pipes.
+
+    The floor children (`PipeFloor`'s program, one request at a time each), one reader task per
+    child pipe, a FIFO of waiting requests and a `trio.Event` per request: what any trio
+    supervisor must do per request (a caller task parked and woken, a reader task woken by the
+    pipe, a write and a read), with no request book, no scheduler, no retries, timeouts or
+    deadlines. It shows what trio itself costs here, beside what our supervisor adds to it.
+    Run it inside `open()`'s context (its reader tasks run in the given nursery).
+    """
+
+    label = "trio dispatcher, no book (reference: what trio itself costs; not a floor)"
+
+    def __init__(self, task: Task, children: int) -> None:
+        self.floors = [PipeFloor(task) for _ in range(children)]
+        for floor in self.floors:
+            os.set_blocking(floor.rout, False)
+        self.request = self.floors[0].request
+        self.encode, self.decode = self.floors[0].encode, self.floors[0].decode
+        self.idle = list(range(children))
+        self.queue: collections.deque[int] = collections.deque()
+        self.waiting: dict[int, list] = {}
+        self.ids = itertools.count(1)
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.pid for f in self.floors]
+
+    def start(self, nursery: trio.Nursery) -> None:
+        for k in range(len(self.floors)):
+            nursery.start_soon(self._reader, k)
+
+    def _send(self, k: int, rid: int) -> None:
+        self.request["id"] = rid
+        payload = self.encode(self.request)
+        os.write(self.floors[k].win, len(payload).to_bytes(4, "big") + payload)
+
+    async def _reader(self, k: int) -> None:
+        fd, buf = self.floors[k].rout, b""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            buf += os.read(fd, 1 << 16)
+            while len(buf) >= 4 and len(buf) >= 4 + (n := int.from_bytes(buf[:4], "big")):
+                answer, buf = self.decode(buf[4 : 4 + n]), buf[4 + n :]
+                slot = self.waiting.pop(answer["id"])
+                slot[1] = answer["output"]["proofs"][0]
+                slot[0].set()
+                if self.queue:
+                    self._send(k, self.queue.popleft())
+                else:
+                    self.idle.append(k)
+
+    async def prove(self) -> bytes:
+        """One request: to an idle child, else queued; returns the proof."""
+        rid = next(self.ids)
+        slot: list = [trio.Event(), None]
+        self.waiting[rid] = slot
+        if self.idle:
+            self._send(self.idle.pop(), rid)
+        else:
+            self.queue.append(rid)
+        await slot[0].wait()
+        return slot[1]
+
+    def close(self) -> None:
+        for floor in self.floors:
+            floor.close()
 
 
 # -- C to C --------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ repeat met it. The trivial task is a 1-replica WindowPoSt; our children run the 
   requests; the children are other processes and are not in it. What it includes beyond the
   supervisor: the benchmark's own trio tasks awaiting `submit`, which any caller of the API pays.
   The pools' idle threads in this process wake every 0.1 s at most. Goal: <= 25 us.
+* Beside the API in the round-trip and throughput rows, a reference that is neither a floor nor
+  a peer: the least a trio parent does per request (bench/baselines.py's `TrioDispatcher`: the
+  floor children, a reader task per pipe, a queue, an Event per request; no book, no
+  scheduler). It says how much of the API's cost is trio's own and how much is ours.
 * Re-dispatch after SIGKILL of a busy child, until its request reports progress from the
   sibling. Goal: <= 50 ms. Idle: `damocles-ext run` with 8 echo children, nothing to do, its CPU
   and RSS. Goals: < 0.5% of a core, < 60 MB. `serve`: exec to its ready line. Goal: < 1 s.
@@ -48,6 +52,7 @@ from bench.baselines import (
     OwnChildBlocking,
     Peer,
     PipeFloor,
+    TrioDispatcher,
     c_pipe,
     cpu_seconds,
     make_peers,
@@ -135,6 +140,7 @@ async def round_trips(
     cfg = tmp / "round-trip.cfg"
     cfg.write_text(config_text("echo", 1))
     floor = PipeFloor(task)
+    reference = TrioDispatcher(task, 1)
     own = OwnChildBlocking(config_text("echo", 1))
     sup = Supervisor(parse_config(config_text("echo", 1), "<bench>"))
     frame_sizes = (
@@ -145,6 +151,7 @@ async def round_trips(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
+            reference.start(nursery)
             await sup.wait_ready("window_post", 1)
             (child,) = sup.statistics().children
             run = RunProcess(cfg, tmp / "run" / "control.sock", 1)
@@ -154,6 +161,7 @@ async def round_trips(
                     Way("floor", floor.prove, pids=[floor.pid]),
                     Way("own_child_blocking", lambda: own.prove(task), pids=[own.pid]),
                     Way("api", lambda: sup.submit(task), True, [child.pid]),
+                    Way("trio_dispatcher", reference.prove, True, reference.pids),
                     Way("control_socket", lambda: client.submit(task), True),
                     *(Way(p.name, lambda p=p: p.round_trip(task)) for p in peers),
                 ]
@@ -169,18 +177,21 @@ async def round_trips(
                         runs.setdefault("c_pipe", []).append(cpipe.run(n, *frame_sizes))
             await run.stop()
             sup.request_shutdown()
+            nursery.cancel_scope.cancel()  # the reference's readers
     finally:
         floor.close()
+        reference.close()
         own.close()
     return runs
 
 
-async def _api_flood(sup: Supervisor, task: Task, m: int, in_flight: int) -> list:
+async def _flood(call: Callable[[], Awaitable[object]], m: int, in_flight: int) -> list:
+    """m calls of `call`, in_flight callers at a time; their results."""
     outputs: list = []
 
     async def caller(count: int) -> None:
         for _ in range(count):
-            outputs.append(await sup.submit(task))
+            outputs.append(await call())
 
     per, extra = divmod(m, in_flight)
     async with trio.open_nursery() as nursery:
@@ -194,6 +205,7 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
     expected = echo_output(task)
     proof = expected.proofs[0]
     floors = [PipeFloor(task), PipeFloor(task)]
+    reference = TrioDispatcher(task, 2)
     threads = ThreadPoolExecutor(2)
     sup = Supervisor(parse_config(config_text("echo", 2), "<bench>"))
     runs: dict[str, list[dict]] = {}
@@ -209,13 +221,19 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
+            reference.start(nursery)
             await sup.wait_ready("window_post", 2)
             pids = [c.pid for c in sup.statistics().children]
 
             async def api() -> None:
-                outputs = await _api_flood(sup, task, m, in_flight)
+                outputs = await _flood(lambda: sup.submit(task), m, in_flight)
                 if len(outputs) != m or any(o != expected for o in outputs):
                     raise RuntimeError("the supervisor answered a wrong or missing output")
+
+            async def trio_reference() -> None:
+                proofs = await _flood(reference.prove, m, in_flight)
+                if len(proofs) != m or any(p != proof for p in proofs):
+                    raise RuntimeError("the trio reference answered a wrong or missing proof")
 
             def pool(peer: Peer) -> Callable[[], None]:
                 def flood() -> None:
@@ -227,6 +245,7 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
 
             ways = [
                 Way("api", api, True, pids),
+                Way("trio_dispatcher", trio_reference, True, reference.pids),
                 Way("floor", floor_flood, pids=[f.pid for f in floors]),
                 *(Way(p.name, pool(p)) for p in peers),
             ]
@@ -249,8 +268,10 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
                         }
                     )
             sup.request_shutdown()
+            nursery.cancel_scope.cancel()  # the reference's readers
     finally:
         threads.shutdown()
+        reference.close()
         for f in floors:
             f.close()
     return runs
@@ -285,6 +306,7 @@ def report(rt: dict, thr: dict, cpipe: CPipe | str, missing: dict[str, str]) -> 
         "c_pipe": "C parent, C child, same frame sizes",
         "own_child_blocking": OwnChildBlocking.label + " (not a floor: our code)",
         "api": "damocles-ext, Python API (1 child)",
+        "trio_dispatcher": TrioDispatcher.label,
         "control_socket": "damocles-ext, control socket (run in its own process)",
     }
     print()
@@ -313,6 +335,7 @@ def report(rt: dict, thr: dict, cpipe: CPipe | str, missing: dict[str, str]) -> 
         child = [r["child_cpu_s"] for r in runs if r.get("child_cpu_s") is not None]
         label = {
             "api": "damocles-ext, Python API (2 children)",
+            "trio_dispatcher": TrioDispatcher.label,
             "floor": "msgspec floor, 2 children, a blocking thread each (1 in flight per child)",
         }.get(name, f"{name} (2 workers)")
         rows.append(

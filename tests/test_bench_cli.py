@@ -148,6 +148,9 @@ def test_a_tiny_supervisor_benchmark_prints_every_goal_against_its_baseline_and_
     assert done.returncode == 0, out + done.stderr
     assert "msgspec child, blocking Python parent (floor)" in out
     assert "our child runtime, blocking Python parent (not a floor: our code)" in out
+    # The trio reference is measured in both tables, labelled as what it is.
+    reference = "trio dispatcher, no book (reference: what trio itself costs; not a floor)"
+    assert out.count(reference) == 2
     for peer in ("ProcessPoolExecutor", "multiprocessing.Pool", "loky"):
         assert f"{peer} (1 in flight)" in out and f"{peer} (2 workers)" in out, peer
     # The C-to-C pipe is measured, or says why not.
@@ -351,26 +354,6 @@ def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each
     for goal in ("socket_round_trip", "socket_throughput", "serve_flood"):
         assert re.search(rf"goal (met    |NOT met)  {goal}_within_2x_api", out), out
     assert "not saved (add --save to write bench/results/frontends-quick.json)" in out
-    assert _results_snapshot() == before
-
-
-@pytest.mark.slow  # a few seconds on an idle machine; two children and a process pool start
-def test_the_hotpath_benchmark_measures_its_floor_and_peer_in_the_same_run():
-    before = _results_snapshot()
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_hotpath", "--quick", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    out = done.stdout.decode()
-    for row in ("floor_p50_us", "api_p50_us", "api_cpu_us", "pool_per_s", "api_p50_over_floor"):
-        assert f"| {row} " in out, out
-    assert "api_p50_within_3x_floor" in out and "throughput_at_least_pool" in out
-    assert "not saved (add --save to write bench/results/hotpath-quick.json)" in out
     assert _results_snapshot() == before
 
 
