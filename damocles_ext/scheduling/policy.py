@@ -55,6 +55,16 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .decisions import (
+    CancelRunning,
+    ChildSlots,
+    Decision,
+    Fail,
+    Job,
+    SchedulerStatistics,
+    Start,
+)
+
 #: Stages served first at every decision; other stages follow in name order.
 STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
@@ -64,69 +74,6 @@ GPU_PHASES: frozenset[str] = frozenset({"snark"})
 #: How many recent phase durations the estimates remember (per stage for vanilla, per child for
 #: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
 _HISTORY = 16
-
-
-@dataclass(frozen=True, slots=True)
-class ChildSlots:
-    """One child as the policy sees it (from its ChildSpec): `capacity` slots for `stage`, its
-    share of the traffic (`weight`) and the locks a job on it holds."""
-
-    child_id: str
-    stage: str
-    capacity: int = 1
-    weight: int = 1
-    locks: frozenset[str] = frozenset()
-
-
-@dataclass(slots=True)
-class Job:
-    """A request waiting for or running on a child; `deadline` is on the caller's clock."""
-
-    request_id: int
-    stage: str
-    arrival: float
-    deadline: float | None = None
-    priority: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """Send request `request_id` to child `child_id` now."""
-
-    request_id: int
-    child_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """Answer request `request_id` with an error; it was never (or is no longer) on a child."""
-
-    request_id: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRunning:
-    """Cancel running request `request_id` on child `child_id` (it passed its deadline)."""
-
-    request_id: int
-    child_id: str
-    reason: str
-
-
-Decision = Start | Fail | CancelRunning
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStatistics:
-    """A snapshot for `status`: queues, children, locks."""
-
-    queued: dict[str, int]
-    nearest_deadline: dict[str, float | None]
-    running: dict[str, int]
-    children: dict[str, str]
-    locks_held: dict[str, str]
-    waiting_for_lock: dict[str, tuple[str, ...]]
 
 
 @dataclass(slots=True)
@@ -698,3 +645,17 @@ class Scheduler:
             self._release(run)
             jobs.append(run.job)
         return jobs
+
+
+__all__ = [
+    "GPU_PHASES",
+    "STAGE_PRIORITY",
+    "CancelRunning",
+    "ChildSlots",
+    "Decision",
+    "Fail",
+    "Job",
+    "Scheduler",
+    "SchedulerStatistics",
+    "Start",
+]

@@ -1,0 +1,72 @@
+"""The dispatch policy's vocabulary: a child's slots, a job, the decisions, the statistics.
+
+`policy.Scheduler` takes and returns these (and re-exports them); the supervisor's request book
+and the simulator build and read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSlots:
+    """One child as the policy sees it (from its ChildSpec): `capacity` slots for `stage`, its
+    share of the traffic (`weight`) and the locks a job on it holds."""
+
+    child_id: str
+    stage: str
+    capacity: int = 1
+    weight: int = 1
+    locks: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class Job:
+    """A request waiting for or running on a child; `deadline` is on the caller's clock."""
+
+    request_id: int
+    stage: str
+    arrival: float
+    deadline: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Send request `request_id` to child `child_id` now."""
+
+    request_id: int
+    child_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer request `request_id` with an error; it was never (or is no longer) on a child."""
+
+    request_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRunning:
+    """Cancel running request `request_id` on child `child_id` (it passed its deadline)."""
+
+    request_id: int
+    child_id: str
+    reason: str
+
+
+Decision = Start | Fail | CancelRunning
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    """A snapshot for `status`: queues, children, locks."""
+
+    queued: dict[str, int]
+    nearest_deadline: dict[str, float | None]
+    running: dict[str, int]
+    children: dict[str, str]
+    locks_held: dict[str, str]
+    waiting_for_lock: dict[str, tuple[str, ...]]
