@@ -287,6 +287,15 @@ class Scheduler:
         """Everything to do now: starts, failures of expired or unservable jobs, cancels."""
         self._decided_at = now
         self._gen += 1
+        if self._incremental and not (
+            self._all_dirty
+            or self._dirty
+            or self._pipelined_stages
+            or self._any_locks
+            or self._deadlines
+            or self._queued_deadlines
+        ):
+            return []  # nothing changed, and no deadline can have passed
         out: list[Decision] = []
         for run, deadline in self._passed_deadlines(now):
             run.cancelled = True
@@ -345,6 +354,8 @@ class Scheduler:
             runs = self._running.values()
             return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
         heap = self._deadlines
+        if not heap or heap[0][0] > now:
+            return []
         due = []
         while heap and heap[0][0] <= now:
             deadline, seq, rid = heapq.heappop(heap)
