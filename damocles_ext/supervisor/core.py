@@ -395,7 +395,7 @@ class Supervisor:
             self._carry_out(effects)
         finally:
             self._applying -= 1
-        if not self._applying:
+        if not self._applying and self._pending:
             self._flush()
         # A new alarm may be due before the driver's: have it look again.
         wakeup = self._book.next_wakeup()
@@ -544,7 +544,7 @@ class Supervisor:
             self._on_each_event(child, p, events)
         finally:
             self._applying -= 1
-        if not self._applying:
+        if not self._applying and self._pending:
             self._flush()
 
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
@@ -638,16 +638,14 @@ class _Host:
         self.reaper = sup._reaper
         self.observers = sup._observers
         self.stop_timeout = sup.stop_timeout
+        # The supervisor's own methods, bound once: what a child writes reaches the book with
+        # no trampoline call on the hot path.
+        self.apply = sup._apply
+        self.output = sup._on_events
 
     @property
     def guardian(self) -> GroupGuardian | None:
         return self._sup._guardian
-
-    def apply(self, effects: list[Effect]) -> None:
-        self._sup._apply(effects)
-
-    def output(self, child: Child, p: Process, events: list[Any]) -> None:
-        self._sup._on_events(child, p, events)
 
     def task_failed(self, child: Child, reason: str, p: Process | None = None) -> None:
         self._sup._child_task_failed(child, reason, p)
