@@ -26,7 +26,7 @@ class ChildLimits:
     stdin_timeout: float = 0.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TrackedRequest:
     """A request from submission until it is answered, across all its attempts."""
 
@@ -45,7 +45,7 @@ class TrackedRequest:
     current: Attempt | None = None  # the attempt running for it, not abandoned
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Attempt:
     """One attempt of a request, sent to one process."""
 
@@ -60,7 +60,7 @@ class Attempt:
     deadline: Alarm[Due] | None = None  # only while its process is going down (see rules)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ProcessRecord:
     """The book's view of one process of a child, from its ready message until it is lost."""
 
@@ -82,7 +82,7 @@ class ProcessRecord:
         return f"{self.child.name} (pid {self.pid})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ChildRecord:
     name: str
     stage: str
