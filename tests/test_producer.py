@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,6 +285,32 @@ def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, wo
     assert done.stdout == b""  # no ready line: damocles-manager's start fails
     err = done.stderr.decode()
     assert words in err and "Traceback" not in err
+
+
+def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_up_on_it():
+    # A listener that never accepts: the TCP connection is made, PostgreSQL's greeting never
+    # comes. damocles-manager waits 5 s for the ready line; the store gets 3 s of them
+    # (SERVE_CONNECT_TIMEOUT), not the 10 s other commands give it, so the start fails with
+    # our reason rather than with damocles' timeout.
+    from damocles_ext.frontends.serve import SERVE_CONNECT_TIMEOUT
+
+    assert SERVE_CONNECT_TIMEOUT < 5
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(1)
+        port = mute.getsockname()[1]
+        started = time.monotonic()
+        done = dext_run(
+            "serve", "window_post", "--jobs", f"postgresql://u@127.0.0.1:{port}/db",
+            "--store", "a=/tmp", input=b"",
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert done.returncode == 1 and done.stdout == b""  # no ready line
+    err = done.stderr.decode()
+    assert f"cannot reach the job store postgresql://u@127.0.0.1:{port}/db" in err, err
+    assert "timeout" in err and "Traceback" not in err
+    # With the 10 s timeout of the other commands it could not end before 10 s.
+    assert took < 9.5, took
 
 
 async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):

@@ -100,7 +100,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " request become damocles store names through --store and, with --conf-dir DIR, the"
         " [[Common.PersistStores]] of damocles-manager's DIR/sector-manager.cfg (whose"
         " [Common.Proving.WorkerProver] also gives JobMaxTry, HeartbeatTimeout, JobLifetime)."
-        " The store URL, the config and the --listen port are checked before the ready line."
+        " The store URL, the config and the --listen port are checked before the ready line"
+        " (the database gets 3 s to answer: damocles-manager waits 5 s for that line)."
         " winning_post is refused: WinningPoSt must stay local. See docs/JOBS.md.",
     )
     jobs.add_argument("--jobs", metavar="URL", help=JOBS_HELP)
