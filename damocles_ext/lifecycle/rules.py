@@ -147,7 +147,7 @@ class BookRules:
     def _forget(self, attempt: Attempt) -> None:
         """`attempt` left its process: its slot and alarms go."""
         self._running.pop(attempt.attempt_id, None)
-        if not (attempt.timeout is attempt.grace is attempt.deadline is None):
+        if not (attempt.timeout is attempt.grace is attempt.deadline is None):  # any alarm set
             self._alarms.cancel(attempt.timeout)
             self._alarms.cancel(attempt.grace)
             self._alarms.cancel(attempt.deadline)
