@@ -122,8 +122,11 @@ class Scheduler:
     Decisions are incremental: `decide` looks again only at the stages an event touched (a job
     queued, a slot or a lock freed, a child ready, down or pipelined, a queue's head due) and at
     the running jobs whose deadline passed (a heap), and `next_wakeup` is cached until the next
-    event; `incremental=False` recomputes everything every time, with the same results (the
-    property tests compare the two).
+    event. A job queued behind a queue its stage's last decision left (no child could take the
+    head then, so none can take it) does not touch its stage, unless the stage is pipelined or
+    the job's deadline has passed. With nothing touched, no lock, no pipelined child and no
+    deadline anywhere, `decide` returns at once and `next_wakeup` is None. `incremental=False`
+    recomputes everything every time, with the same results (the property tests compare the two).
     """
 
     def __init__(self, *, gpu_phases: Iterable[str] = GPU_PHASES, incremental: bool = True) -> None:
