@@ -28,14 +28,14 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
-from .tasks import OUTPUT_TYPES, Output, Task, stage_of
+from .tasks import OUTPUT_TYPES, TASK_TYPES, Output, Task, stage_of
 
 if TYPE_CHECKING:
     from .plugins import DextPluginManager
@@ -57,23 +57,13 @@ _MAIN = threading.main_thread()
 # Codecs: the two wire protocols behind one small interface
 
 
-# What the main loop acts on: a request, a cancel, a shutdown, or a bad input.
+# What the main loop acts on: a request, a cancel, a shutdown, or a bad input. The codecs hand
+# requests, cancels and shutdowns over as the protocol's own decoded messages (no wrapper per
+# request): a request is anything with `id` and `task`.
 
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    id: int
-    task: Task
-
-
-@dataclass(frozen=True, slots=True)
-class _Cancel:
-    id: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Shutdown:
-    pass
+_Request = dext.Request | jsonl.JsonRequest
+_Cancel = dext.Cancel
+_Shutdown = dext.Shutdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +75,14 @@ class _Bad:
 
 
 _In = _Request | _Cancel | _Shutdown | _Bad
+#: The dext messages a parent sends; any other (Hello, Response, Progress) is a bad input.
+_FROM_PARENT = (dext.Request, dext.Cancel, dext.Shutdown)
 
 
 class _DextCodec:
     name = "dext"
     heartbeats = True
+    request_type: type = dext.Request
 
     def __init__(self) -> None:
         self._decoder = dext.FrameDecoder()
@@ -102,19 +95,13 @@ class _DextCodec:
 
     def feed(self, data: bytes) -> list[_In]:
         """Raises dext.ProtocolError: a framing error is fatal for the connection."""
-        out: list[_In] = []
-        for msg in self._decoder.receive_data(data):
-            if isinstance(msg, dext.Request):
-                out.append(_Request(msg.id, msg.task))
-            elif isinstance(msg, dext.Cancel):
-                out.append(_Cancel(msg.id))
-            elif isinstance(msg, dext.Shutdown):
-                out.append(_Shutdown())
-            else:
+        items: list = self._decoder.receive_data(data)
+        for i, msg in enumerate(items):
+            if msg.__class__ not in _FROM_PARENT:
                 # A Hello/Response/Progress from the parent: logged, never answered (its id is
                 # not one of our requests).
-                out.append(_Bad(None, f"unexpected {type(msg).__name__} frame"))
-        return out
+                items[i] = _Bad(None, f"unexpected {type(msg).__name__} frame")
+        return items
 
     def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
         return dext.encode(dext.Response(id, output, error))
@@ -126,6 +113,7 @@ class _DextCodec:
 class _JsonlCodec:
     name = "jsonl"
     heartbeats = False  # damocles' protocol has no progress message
+    request_type: type = jsonl.JsonRequest
 
     def __init__(self, stage: str) -> None:
         self._stage = stage
@@ -151,7 +139,7 @@ class _JsonlCodec:
             except jsonl.JsonLineError as exc:
                 out.append(_Bad(exc.id, str(exc)))
                 continue
-            out.append(_Request(req.id, req.task))
+            out.append(req)
         return out
 
     def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
@@ -221,6 +209,11 @@ class ChildRuntime:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._threads: list[threading.Thread] = []
+        self._task_type = TASK_TYPES.get(stage)
+        self._output_type: type = OUTPUT_TYPES[stage]
+        #: Where an accepted request goes: the workers' queue (the inline path: its own list).
+        self._enqueue: Callable[[_Job], object] = self._queue.put
+        self._debug = False  # debug logging on (read once at start: one check per request less)
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -306,6 +299,7 @@ class ChildRuntime:
 
     def _run_job(self, job: _Job) -> None:
         started = job.started
+        token = job.token
 
         def progress(phase: str, done: int, total: int) -> None:
             try:
@@ -316,11 +310,11 @@ class ChildRuntime:
             self._send_progress(job, force=False)
 
         try:
-            job.token.check()
-            output = self.prover.prove(job.task, progress, job.token)
+            token.check()
+            output = self.prover.prove(job.task, progress, token)
         except Cancelled as exc:
             log.info("request %d cancelled after %.3f s", job.id, time.monotonic() - started)
-            self._respond(job, error="cancelled" if job.token.cancelled else f"Cancelled: {exc}")
+            self._respond(job, error="cancelled" if token.cancelled else f"Cancelled: {exc}")
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
             if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is _MAIN:
@@ -334,7 +328,7 @@ class ChildRuntime:
             )
             self._respond(job, error=f"{type(exc).__name__}: {exc}")
             return
-        expected = OUTPUT_TYPES[self.stage]
+        expected = self._output_type
         if not isinstance(output, expected):
             error = (
                 f"prover {self.prover_name!r} returned {type(output).__name__}, expected "
@@ -343,7 +337,8 @@ class ChildRuntime:
             log.error("request %d: %s", job.id, error)
             self._respond(job, error=error)
             return
-        log.debug("request %d done in %.3f s", job.id, time.monotonic() - started)
+        if self._debug:
+            log.debug("request %d done in %.3f s", job.id, time.monotonic() - started)
         try:
             self._respond(job, output=output)
         except Exception as exc:  # e.g. an output the codec cannot encode
@@ -367,11 +362,11 @@ class ChildRuntime:
 
     def _handle(self, item: _In) -> None:
         match item:
-            case _Request(id, task):
+            case dext.Request(id=id, task=task) | jsonl.JsonRequest(id=id, task=task):
                 self._on_request(id, task)
-            case _Cancel(id):
+            case dext.Cancel(id=id):
                 self._on_cancel(id)
-            case _Shutdown():
+            case dext.Shutdown():
                 log.info("shutdown requested: finishing %d request(s) in flight", len(self._jobs))
                 self._shutting_down = True
             case _Bad(id, message):
@@ -386,10 +381,9 @@ class ChildRuntime:
         if self._shutting_down:
             self._respond_unknown(id, "child is shutting down; send the request elsewhere")
             return
-        task_stage = stage_of(task)
-        if task_stage != self.stage:
+        if task.__class__ is not self._task_type and stage_of(task) != self.stage:
             self._respond_unknown(
-                id, f"this child serves {self.stage}, not {task_stage} (request {id})"
+                id, f"this child serves {self.stage}, not {stage_of(task)} (request {id})"
             )
             return
         job = _Job(id, task)
@@ -399,9 +393,6 @@ class ChildRuntime:
                 return
             self._jobs[id] = job
         self._enqueue(job)
-
-    def _enqueue(self, job: _Job) -> None:
-        self._queue.put(job)
 
     def _on_cancel(self, id: int) -> None:
         with self._state_lock:
@@ -424,6 +415,7 @@ class ChildRuntime:
 
     def run(self) -> int:
         """Send the ready message, then serve until Shutdown (0), stdin EOF (0) or a fatal error."""
+        self._debug = log.isEnabledFor(logging.DEBUG)
         self._start_threads()
         hello = self.codec.hello(self.stage, self.prover_name, self.version, self.capacity)
         if not self._write(hello):
@@ -464,13 +456,18 @@ class ChildRuntime:
     def _read(self) -> tuple[str, int] | None:
         """Read once from stdin and act on what came; (why, exit code) when the input is over."""
         data = os.read(self.in_fd, READ_SIZE)
+        codec = self.codec
         try:
-            items = self.codec.feed(data)
-        except self.codec.fatal_errors as exc:  # the stream is unusable
+            items = codec.feed(data)
+        except codec.fatal_errors as exc:  # the stream is unusable
             log.error("protocol error from the parent: %s", exc)
             return "protocol error", 1
+        request = codec.request_type
         for item in items:
-            self._handle(item)
+            if item.__class__ is request:  # the common case, without _handle's match
+                self._on_request(item.id, item.task)  # type: ignore[union-attr, arg-type]
+            else:
+                self._handle(item)
         if not data:
             return "stdin closed", 0
         return None

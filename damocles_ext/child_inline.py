@@ -52,6 +52,7 @@ class InlineRuntime(ChildRuntime):
         if self.capacity != 1:
             raise ValueError("the inline path serves capacity 1 only")
         self._pending: deque[_Job] = deque()  # accepted, not yet started, in arrival order
+        self._enqueue = self._pending.append
         self._proving: _Job | None = None  # the job the main thread is proving
         self._proofs = 0  # proofs started (the watcher tells busy from idle by it)
         self._reader = threading.Lock()  # held by the thread that may read stdin
@@ -66,9 +67,6 @@ class InlineRuntime(ChildRuntime):
 
     # -- the main thread ------------------------------------------------------------------------
 
-    def _enqueue(self, job: _Job) -> None:
-        self._pending.append(job)
-
     def _start_threads(self) -> None:
         watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
         watcher.start()
@@ -81,18 +79,22 @@ class InlineRuntime(ChildRuntime):
     def _loop(self) -> int:
         self._reader.acquire()
         self._holding = True
+        pending = self._pending
         while True:
             if self._ended is not None:
                 return self._wind_up(self._ended[1])
             if self._broken_pipe:
                 return self._abandon("the parent stopped reading")
-            if self._pending:
-                self._prove(self._pending.popleft())
+            if pending:
+                self._prove(pending.popleft())
                 continue
-            if self._shutdown_complete():
+            if self._shutting_down and self._shutdown_complete():
                 return 0
             if not self._holding:
-                self._take_reader()
+                if self._reader.acquire(blocking=False):
+                    self._holding = True  # the watcher did not stand in (the common case)
+                else:
+                    self._take_reader()
                 continue  # the watcher may have read more before it let go
             ended = self._read()
             if ended is not None:
