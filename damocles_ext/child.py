@@ -170,6 +170,37 @@ class _Job:
 class ChildRuntime:
     """Serve one prover over one protocol on a pair of file descriptors until told to stop."""
 
+    # Slots, not an instance dict: CPython 3.11 specializes `self.x` and `self.method()` for an
+    # instance dict of at most 30 keys only, and the inline runtime has more; without slots every
+    # method call of the per-request path took the slow, unspecialized lookup.
+    __slots__ = (
+        "_all_done",
+        "_awaiting_all_done",
+        "_broken_pipe",
+        "_debug",
+        "_enqueue",
+        "_jobs",
+        "_output_type",
+        "_queue",
+        "_shutting_down",
+        "_state_lock",
+        "_stop",
+        "_task_type",
+        "_threads",
+        "_wake_r",
+        "_wake_w",
+        "_write_lock",
+        "capacity",
+        "codec",
+        "heartbeat",
+        "in_fd",
+        "out_fd",
+        "prover",
+        "prover_name",
+        "stage",
+        "version",
+    )
+
     def __init__(
         self,
         *,

@@ -47,6 +47,20 @@ IDLE_AFTER = 1.0
 class InlineRuntime(ChildRuntime):
     """Capacity 1: the main thread reads, proves and answers; a watcher covers long proofs."""
 
+    __slots__ = (
+        "_ended",
+        "_fast_tick",
+        "_holding",
+        "_kick",
+        "_pending",
+        "_proofs",
+        "_proving",
+        "_reader",
+        "_reclaim",
+        "_slow_tick",
+        "_watcher_asleep",
+    )
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         if self.capacity != 1:
@@ -91,10 +105,7 @@ class InlineRuntime(ChildRuntime):
             if self._shutting_down and self._shutdown_complete():
                 return 0
             if not self._holding:
-                if self._reader.acquire(blocking=False):
-                    self._holding = True  # the watcher did not stand in (the common case)
-                else:
-                    self._take_reader()
+                self._take_reader()
                 continue  # the watcher may have read more before it let go
             ended = self._read()
             if ended is not None:
@@ -116,6 +127,8 @@ class InlineRuntime(ChildRuntime):
             self._run_job(job)
         finally:
             self._proving = None
+            # The reader back at once, unless the watcher stands in (then _loop reclaims it).
+            self._holding = self._reader.acquire(False)
 
     def _take_reader(self) -> None:
         if not self._reader.acquire(blocking=False):
