@@ -266,14 +266,23 @@ class ChildRuntime:
 
     def _respond(self, job: _Job, output: Output | None = None, error: str | None = None) -> None:
         data = self.codec.response(job.id, output, error)
-        with self._write_lock:
-            with self._state_lock:
+        # Once per request, so acquire/try/finally/release (a third of a `with`'s cost here).
+        write_lock = self._write_lock
+        state_lock = self._state_lock
+        write_lock.acquire()
+        try:
+            state_lock.acquire()
+            try:
                 job.state = "done"
                 if self._jobs.get(job.id) is job:
                     del self._jobs[job.id]
                 if self._awaiting_all_done and not self._jobs:
                     self._all_done.notify_all()
+            finally:
+                state_lock.release()
             self._write(data)
+        finally:
+            write_lock.release()
 
     def _respond_unknown(self, id: int, error: str) -> None:
         data = self.codec.response(id, None, error)
@@ -309,7 +318,9 @@ class ChildRuntime:
 
     def _start(self, job: _Job) -> bool:
         """queued -> running; False if it was cancelled while it waited."""
-        with self._state_lock:
+        lock = self._state_lock  # once per request: no `with` (see _respond)
+        lock.acquire()
+        try:
             if job.state != "queued":
                 return False
             job.state = "running"
@@ -317,6 +328,8 @@ class ChildRuntime:
             # No frame yet: a quick request needs only its Response; the heartbeat sends
             # ("started", 0, 0) if the prover stays silent for a whole interval.
             job.sent_at = job.started = time.monotonic()
+        finally:
+            lock.release()
         return True
 
     def _worker(self) -> None:
@@ -418,11 +431,15 @@ class ChildRuntime:
             )
             return
         job = _Job(id, task)
-        with self._state_lock:
+        lock = self._state_lock  # once per request: no `with` (see _respond)
+        lock.acquire()
+        try:
             if id in self._jobs:
                 log.error("request id %d is already in flight; duplicate ignored", id)
                 return
             self._jobs[id] = job
+        finally:
+            lock.release()
         self._enqueue(job)
 
     def _on_cancel(self, id: int) -> None:

@@ -26,6 +26,8 @@ DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 _MAX_LENGTH_FIELD = 2**32 - 1
 #: The length prefix of the frame at an offset of a buffer (a tuple of one int).
 _unpack_length = struct.Struct(">I").unpack_from
+#: A payload shorter than this is decoded from a copy rather than a memoryview of the input.
+_COPY_BELOW = 64 * 1024
 #: What a decoder says of a message whose containers nest deeper than it can follow (no message
 #: of ours nests more than a handful of levels).
 NESTED_TOO_DEEPLY = "its values are nested too deeply to decode (hundreds of levels)"
@@ -192,13 +194,12 @@ class FrameDecoder:
         messages: list[Message] = []
         pos = 0
         end = len(data)
-        view = memoryview(data)
         decode = self._decoder.decode  # what decode_payload does, without a call per frame
         try:
             while end - pos >= HEADER_SIZE:
                 (length,) = _unpack_length(data, pos)
                 if length > self.max_frame_size:
-                    self._buf += view[pos:]  # as the buffered path leaves it
+                    self._buf += memoryview(data)[pos:]  # as the buffered path leaves it
                     raise ProtocolError(
                         f"frame length {length} exceeds the maximum of {self.max_frame_size}"
                         " bytes (is the peer speaking dext/1?)"
@@ -207,9 +208,11 @@ class FrameDecoder:
                 if end - start < length:
                     break
                 pos = start + length
-                messages.append(decode(view[start:pos]))
+                # A small payload is cheaper copied than viewed (a memoryview and its slice).
+                payload = data[start:pos] if length < _COPY_BELOW else memoryview(data)[start:pos]
+                messages.append(decode(payload))
         except (msgspec.DecodeError, RecursionError) as exc:
             raise _undecodable(length, exc) from None
         if pos < end:
-            self._buf += view[pos:]
+            self._buf += memoryview(data)[pos:]
         return messages
