@@ -159,12 +159,23 @@ class _JsonlCodec:
 class _Job:
     id: int
     task: Task
+    runtime: ChildRuntime  # where `report` sends progress
     token: CancelToken = field(default_factory=CancelToken)
     state: str = "queued"  # queued -> running -> done
     progress: tuple[str, int, int] = ("queued", 0, 0)
     sent_at: float = 0.0  # monotonic time of the last Progress frame sent
     sent_phase: str = ""
     started: float = 0.0  # monotonic time the prover was called
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        """The progress callback the prover gets (a bound method: cheaper than a closure per
+        request)."""
+        try:
+            self.progress = (str(phase), int(done), int(total))
+        except (TypeError, ValueError, OverflowError):
+            # A sloppy progress call must not fail a proof; report the phase only.
+            self.progress = (str(phase), 0, 0)
+        self.runtime._send_progress(self, force=False)
 
 
 class ChildRuntime:
@@ -345,18 +356,9 @@ class ChildRuntime:
     def _run_job(self, job: _Job) -> None:
         started = job.started
         token = job.token
-
-        def progress(phase: str, done: int, total: int) -> None:
-            try:
-                job.progress = (str(phase), int(done), int(total))
-            except (TypeError, ValueError, OverflowError):
-                # A sloppy progress call must not fail a proof; report the phase only.
-                job.progress = (str(phase), 0, 0)
-            self._send_progress(job, force=False)
-
         try:
             token.check()
-            output = self.prover.prove(job.task, progress, token)
+            output = self.prover.prove(job.task, job.report, token)
         except Cancelled as exc:
             log.info("request %d cancelled after %.3f s", job.id, time.monotonic() - started)
             self._respond(job, error="cancelled" if token.cancelled else f"Cancelled: {exc}")
@@ -431,7 +433,7 @@ class ChildRuntime:
                 id, f"this child serves {self.stage}, not {stage_of(task)} (request {id})"
             )
             return
-        job = _Job(id, task)
+        job = _Job(id, task, self)
         lock = self._state_lock  # once per request: no `with` (see _respond)
         lock.acquire()
         try:

@@ -158,8 +158,9 @@ class FrameDecoder:
         if self._pos == len(self._buf):
             # Nothing buffered (the common case: whole frames per read): decode straight from
             # `data`, and buffer only an incomplete frame at its end.
-            self._buf.clear()
-            self._pos = 0
+            if self._pos:
+                self._buf.clear()
+                self._pos = 0
             return self._frames(data)
         self._buf += data
         messages: list[Message] = []
