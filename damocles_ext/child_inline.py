@@ -47,11 +47,26 @@ IDLE_AFTER = 1.0
 class InlineRuntime(ChildRuntime):
     """Capacity 1: the main thread reads, proves and answers; a watcher covers long proofs."""
 
+    __slots__ = (
+        "_ended",
+        "_fast_tick",
+        "_holding",
+        "_kick",
+        "_pending",
+        "_proofs",
+        "_proving",
+        "_reader",
+        "_reclaim",
+        "_slow_tick",
+        "_watcher_asleep",
+    )
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         if self.capacity != 1:
             raise ValueError("the inline path serves capacity 1 only")
         self._pending: deque[_Job] = deque()  # accepted, not yet started, in arrival order
+        self._enqueue = self._pending.append
         self._proving: _Job | None = None  # the job the main thread is proving
         self._proofs = 0  # proofs started (the watcher tells busy from idle by it)
         self._reader = threading.Lock()  # held by the thread that may read stdin
@@ -66,9 +81,6 @@ class InlineRuntime(ChildRuntime):
 
     # -- the main thread ------------------------------------------------------------------------
 
-    def _enqueue(self, job: _Job) -> None:
-        self._pending.append(job)
-
     def _start_threads(self) -> None:
         watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
         watcher.start()
@@ -81,15 +93,16 @@ class InlineRuntime(ChildRuntime):
     def _loop(self) -> int:
         self._reader.acquire()
         self._holding = True
+        pending = self._pending
         while True:
             if self._ended is not None:
                 return self._wind_up(self._ended[1])
             if self._broken_pipe:
                 return self._abandon("the parent stopped reading")
-            if self._pending:
-                self._prove(self._pending.popleft())
+            if pending:
+                self._prove(pending.popleft())
                 continue
-            if self._shutdown_complete():
+            if self._shutting_down and self._shutdown_complete():
                 return 0
             if not self._holding:
                 self._take_reader()
@@ -114,6 +127,8 @@ class InlineRuntime(ChildRuntime):
             self._run_job(job)
         finally:
             self._proving = None
+            # The reader back at once, unless the watcher stands in (then _loop reclaims it).
+            self._holding = self._reader.acquire(False)
 
     def _take_reader(self) -> None:
         if not self._reader.acquire(blocking=False):

@@ -30,7 +30,10 @@ from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, Prove
 from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
 
 if TYPE_CHECKING:
+    from damocles_ext import tasks
     from damocles_ext.tasks import Output, Task
+else:
+    tasks = None  # imported by the first echo_output
 
 
 def echo_proof(task: Task) -> bytes:
@@ -43,12 +46,20 @@ def echo_proof(task: Task) -> bytes:
     return h.digest()
 
 
+def _import_tasks() -> None:
+    """Import the task types when first needed: not at module level (listing the plugins stays
+    light), nor per call (an import statement costs a call into importlib each time)."""
+    global tasks
+    from damocles_ext import tasks
+
+
 def echo_output(task: Task) -> Output:
     """The output `echo` returns for `task`: one proof, no faults. A split WindowPoSt's steps
     answer with that proof as the vanilla proof, then as the proof: the joined answer is a whole
     WindowPoSt's."""
-    from damocles_ext import tasks as t
-
+    if tasks is None:
+        _import_tasks()
+    t = tasks
     if isinstance(task, t.WindowPoSt):
         return t.WindowPoStOutput(proofs=[echo_proof(task)], faults=[])
     if isinstance(task, t.WindowPoStVanilla):

@@ -221,3 +221,27 @@ def test_a_deeply_nested_frame_is_a_protocol_error_not_a_recursion_error():
     frame = len(payload).to_bytes(4, "big") + payload
     with pytest.raises(dext.ProtocolError, match="nested too deeply"):
         dext.FrameDecoder().receive_data(frame)
+
+
+@pytest.mark.parametrize("split", [None, 2, 70_000], ids=["whole", "prefix-split", "payload-split"])
+def test_a_payload_over_64_kib_and_a_small_one_decode_alike_whole_or_split(split):
+    # Payloads under 64 KiB are decoded from a copy, larger ones from a view of the input:
+    # both, read whole or split inside the large frame (the buffered path), give the messages.
+    big = dext.Response(id=1, error="x" * 100_000)
+    small = dext.Cancel(id=2)
+    stream = dext.encode(big) + dext.encode(small)
+    dec = dext.FrameDecoder()
+    chunks = [stream] if split is None else [stream[:split], stream[split:]]
+    assert [m for chunk in chunks for m in dec.receive_data(chunk)] == [big, small]
+    assert dec.pending == 0
+
+
+@pytest.mark.parametrize("split", [None, 3], ids=["whole", "split"])
+def test_an_undecodable_payload_gets_the_same_error_whole_or_split(split):
+    bad = b"\xc1\xc1\xc1"
+    frame = dext.encode(dext.Cancel(id=1)) + len(bad).to_bytes(4, "big") + bad
+    dec = dext.FrameDecoder()
+    if split is not None:
+        assert dec.receive_data(frame[:-split]) == [dext.Cancel(id=1)]
+    with pytest.raises(dext.ProtocolError, match=r"^undecodable dext frame of 3 bytes: "):
+        dec.receive_data(frame if split is None else frame[-split:])

@@ -14,6 +14,8 @@ nothing.
 
 from __future__ import annotations
 
+import struct
+
 import msgspec
 
 from ..tasks import Output, Task
@@ -22,6 +24,10 @@ PROTOCOL_VERSION = "dext/1"
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 _MAX_LENGTH_FIELD = 2**32 - 1
+#: The length prefix of the frame at an offset of a buffer (a tuple of one int).
+_unpack_length = struct.Struct(">I").unpack_from
+#: A payload shorter than this is decoded from a copy rather than a memoryview of the input.
+_COPY_BELOW = 64 * 1024
 #: What a decoder says of a message whose containers nest deeper than it can follow (no message
 #: of ours nests more than a handful of levels).
 NESTED_TOO_DEEPLY = "its values are nested too deeply to decode (hundreds of levels)"
@@ -88,13 +94,13 @@ def encode(message: msgspec.Struct) -> bytes:
     """One whole frame: the payload's length as 4 big-endian bytes, then the payload.
 
     Any struct frames alike: the control socket sends its own messages in dext frames."""
-    buf = bytearray(HEADER_SIZE)
-    _encoder.encode_into(message, buf, HEADER_SIZE)
-    length = len(buf) - HEADER_SIZE
+    payload = _encoder.encode(message)
+    length = len(payload)
     if length > _MAX_LENGTH_FIELD:
         raise ProtocolError(f"message of {length} bytes does not fit in a dext frame")
-    buf[:HEADER_SIZE] = length.to_bytes(HEADER_SIZE, "big")
-    return bytes(buf)
+    # One copy of the payload, as the bytes to write (cheaper than encoding into a bytearray
+    # after a reserved header and copying that out).
+    return length.to_bytes(HEADER_SIZE, "big") + payload
 
 
 def decode_payload(
@@ -103,15 +109,18 @@ def decode_payload(
     """Decode one frame's payload (without its length prefix)."""
     try:
         return decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable dext frame of {len(payload)} bytes: {exc}") from None
-    except RecursionError:
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _undecodable(len(payload), exc) from None
+
+
+def _undecodable(length: int, exc: Exception) -> ProtocolError:
+    """The error for a payload of `length` bytes its decoder raised `exc` on."""
+    if isinstance(exc, RecursionError):
         # msgspec decodes nested containers recursively, bounded by Python's recursion limit;
         # a few KB of nesting must be the peer's protocol error, not an exception that ends
         # whatever task reads the frame.
-        raise ProtocolError(
-            f"undecodable dext frame of {len(payload)} bytes: {NESTED_TOO_DEEPLY}"
-        ) from None
+        return ProtocolError(f"undecodable dext frame of {length} bytes: {NESTED_TOO_DEEPLY}")
+    return ProtocolError(f"undecodable dext frame of {length} bytes: {exc}")
 
 
 class FrameDecoder:
@@ -149,31 +158,32 @@ class FrameDecoder:
         if self._pos == len(self._buf):
             # Nothing buffered (the common case: whole frames per read): decode straight from
             # `data`, and buffer only an incomplete frame at its end.
-            self._buf.clear()
-            self._pos = 0
+            if self._pos:
+                self._buf.clear()
+                self._pos = 0
             return self._frames(data)
         self._buf += data
         messages: list[Message] = []
         buf = self._buf
         pos = self._pos
         end = len(buf)
-        while end - pos >= HEADER_SIZE:
-            length = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
-            if length > self.max_frame_size:
-                raise ProtocolError(
-                    f"frame length {length} exceeds the maximum of {self.max_frame_size} bytes"
-                    " (is the peer speaking dext/1?)"
-                )
-            if end - pos - HEADER_SIZE < length:
-                break
-            start = pos + HEADER_SIZE
-            with memoryview(buf) as view:
-                payload = view[start : start + length]
-                try:
-                    messages.append(decode_payload(payload, self._decoder))
-                finally:
-                    payload.release()
-            pos = start + length
+        decode = self._decoder.decode  # as in _frames
+        with memoryview(buf) as view:  # released before the buffer is resized
+            try:
+                while end - pos >= HEADER_SIZE:
+                    (length,) = _unpack_length(buf, pos)
+                    if length > self.max_frame_size:
+                        raise ProtocolError(
+                            f"frame length {length} exceeds the maximum of {self.max_frame_size}"
+                            " bytes (is the peer speaking dext/1?)"
+                        )
+                    if end - pos - HEADER_SIZE < length:
+                        break
+                    start = pos + HEADER_SIZE
+                    messages.append(decode(view[start : start + length]))
+                    pos = start + length
+            except (msgspec.DecodeError, RecursionError) as exc:
+                raise _undecodable(length, exc) from None
         if pos and pos * 2 >= end:
             del buf[:pos]
             pos = 0
@@ -185,20 +195,25 @@ class FrameDecoder:
         messages: list[Message] = []
         pos = 0
         end = len(data)
-        view = memoryview(data)
-        while end - pos >= HEADER_SIZE:
-            length = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
-            if length > self.max_frame_size:
-                self._buf += view[pos:]  # as the buffered path leaves it
-                raise ProtocolError(
-                    f"frame length {length} exceeds the maximum of {self.max_frame_size} bytes"
-                    " (is the peer speaking dext/1?)"
-                )
-            start = pos + HEADER_SIZE
-            if end - start < length:
-                break
-            pos = start + length
-            messages.append(decode_payload(view[start:pos], self._decoder))
+        decode = self._decoder.decode  # what decode_payload does, without a call per frame
+        try:
+            while end - pos >= HEADER_SIZE:
+                (length,) = _unpack_length(data, pos)
+                if length > self.max_frame_size:
+                    self._buf += memoryview(data)[pos:]  # as the buffered path leaves it
+                    raise ProtocolError(
+                        f"frame length {length} exceeds the maximum of {self.max_frame_size}"
+                        " bytes (is the peer speaking dext/1?)"
+                    )
+                start = pos + HEADER_SIZE
+                if end - start < length:
+                    break
+                pos = start + length
+                # A small payload is cheaper copied than viewed (a memoryview and its slice).
+                payload = data[start:pos] if length < _COPY_BELOW else memoryview(data)[start:pos]
+                messages.append(decode(payload))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _undecodable(length, exc) from None
         if pos < end:
-            self._buf += view[pos:]
+            self._buf += memoryview(data)[pos:]
         return messages
