@@ -162,6 +162,24 @@ def test_a_tiny_supervisor_benchmark_prints_every_goal_against_its_baseline_and_
     assert _results_snapshot() == before
 
 
+def test_the_supervisor_ab_benchmark_runs_each_checkout_in_its_own_process():
+    # This checkout against itself: both sides measured, their ratio per repeat printed.
+    out = run_bench("bench_supervisor_ab", "--compare-with", str(ROOT), "--repeat", "1",
+                    "--requests", "64")  # fmt: skip
+    for mode in ("256 in flight, 2 children", "1 at a time, 1 child"):
+        rows = [line for line in out.splitlines() if line.startswith(f"| {mode} ")]
+        assert len(rows) == 3, out  # this checkout, the other, the ratio
+        assert "ours / theirs, CPU per request, per repeat" in rows[2]
+    assert "not saved (add --save to write bench/results/supervisor_ab.json)" in out
+
+
+def test_the_supervisor_ab_benchmark_refuses_a_directory_that_is_no_checkout(tmp_path):
+    done = _run_bench("bench_supervisor_ab", "--compare-with", str(tmp_path))
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"--compare-with {tmp_path}: not a damocles-ext checkout" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
