@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from damocles_ext import cli
 from damocles_ext.api import open_supervisor
-from damocles_ext.commands.coordinator import STOP_GRACE
+from damocles_ext.frontends.coordinator import STOP_GRACE
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_control import WorkerMetrics
 from damocles_ext.jobs.metrics import JobMetrics

@@ -7,6 +7,7 @@ coordinator's RPC itself when serve runs it (--listen)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import socket
@@ -343,6 +344,68 @@ async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
         assert response.err_msg is None and response.output.proofs == [b"proof"]
         await client.stream.aclose()
         await stop(m)
+
+
+async def test_listen_lets_the_coordinator_answer_the_call_it_is_on_when_serve_stops(
+    tmp_path, caplog
+):
+    # serve --listen, in this process: a worker's call waits on the store (SQLite locked by
+    # another writer) when serve's input ends. serve stops as the coordinator command does: the
+    # call gets its answer (a finish stored is acknowledged, not cut), then the port closes.
+    import os
+    import sqlite3
+
+    from helpers.supervisor import wait_until
+    from test_coordinator import Client
+
+    from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+    from damocles_ext.frontends.producer import JobProducer, producer_settings, run_producer
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    store = JobStore.open(sqlite_url(tmp_path))
+    settings = producer_settings(None, [("a", str(tmp_path))], None)
+    producer = JobProducer.on(store, settings, deadline_after=None)
+    rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
+    server = CoordinatorServer(rpc, "127.0.0.1", 0)
+    protocol_in, to_serve = os.pipe()
+    from_serve, protocol_out = os.pipe()
+    writer = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    answers: list[tuple[int, dict]] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run_producer, "window_post", producer, protocol_in, protocol_out, 5.0,
+                (rpc, server),
+            )  # fmt: skip
+            await wait_until(
+                lambda: any(
+                    "serving window_post through" in r.getMessage() for r in caplog.records
+                ),
+                what="serve serving (after the coordinator's first sweep)",
+            )
+            busy = Client(await trio.open_tcp_stream("127.0.0.1", server.port))
+            writer.execute("BEGIN IMMEDIATE")
+
+            async def allocate() -> None:
+                answers.append(await busy.call("Venus.WdPoStAllocateJobs", {}, 1, WORKER))
+
+            nursery.start_soon(allocate)
+            await wait_until(lambda: server._slots and sum(not c.idle for c in server._slots._open) == 1,
+                             what="the call waiting on the store")  # fmt: skip
+            os.close(to_serve)  # damocles-manager went away: serve stops
+            await wait_until(lambda: server.stopping, what="the coordinator stopping")
+            writer.execute("ROLLBACK")
+            with trio.fail_after(30):
+                await server.stopped.wait()
+    finally:
+        writer.close()
+        for fd in (from_serve,):
+            os.close(fd)
+        store.close()
+    [(status, answer)] = answers
+    assert status == 200 and answer["result"] == []
+    with pytest.raises(OSError, match=r"Connection refused|all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.1", server.port)
 
 
 async def test_sigterm_answers_the_waiting_request_within_the_grace_and_exits_0(tmp_path):

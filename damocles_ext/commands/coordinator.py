@@ -91,10 +91,6 @@ def _store(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-#: How long a stopping coordinator waits for the requests it is answering.
-STOP_GRACE = 10.0
-
-
 def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorIndex:
     """The coordinator's sector index, over a locator of --proxy when given."""
     from damocles_ext.frontends.sector_index import SectorIndex
@@ -116,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+    from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import watch_signals
     from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, TrioJobStore

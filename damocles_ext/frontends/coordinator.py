@@ -230,6 +230,11 @@ def _raise_refusals(effects: Iterable[rules.Effect]) -> None:
         raise StoreError("; ".join(problems))
 
 
+#: How long a stopping coordinator waits for the requests it is answering (the command's, and
+#: serve --listen's after its own requests are answered).
+STOP_GRACE = 10.0
+
+
 class CoordinatorServer:
     """POST /rpc/v0 over HTTP/1.1; the port is bound here (UsageError when it cannot be)."""
 

@@ -286,6 +286,14 @@ async def run_producer(
                     stage, producer.submit, producer.in_flight, receive, send, signals,
                     shutdown_grace, reasons, ready_line_sent=True,
                 )  # fmt: skip
+                if coordinator is not None:
+                    # As the coordinator command stops: a worker's call being answered gets its
+                    # answer (a finish stored and acknowledged, not cut), nothing new is taken.
+                    from .coordinator import STOP_GRACE
+
+                    coordinator[1].stop()
+                    with trio.move_on_after(STOP_GRACE):
+                        await coordinator[1].stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
