@@ -17,8 +17,8 @@ pipelined (`--window` in flight). The child's CPU is read from its CPU-time cloc
 (clock_getcpuclockid: every thread, to the nanosecond) before and after the N requests, so its
 start-up is not counted. Every repeat runs every child in turn; min / median / max over repeats.
 
-Goal: our child's CPU per request within 2x the floor's (the median of the per-repeat ratios,
-in both modes).
+Goal: our child's CPU per request within 2x the floor's, in both modes, in every repeat (a goal
+is met only if every repeat met it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import msgspec
 
 from bench.baselines import FLOOR_CHILD, cpu_seconds
-from bench.runner import bench_parser, finish, print_table, spread
+from bench.runner import bench_parser, finish, goal_runs, print_table, spread
 from damocles_ext.protocol import dext
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
@@ -297,14 +297,22 @@ def main(argv: list[str] | None = None) -> None:
             "req/s",
         ],
     )
-    ours = results["children"][subs[1].name]
-    worst = max(ours["seq_ratio"]["median"], ours["pipe_ratio"]["median"])
-    met = worst <= GOAL_RATIO
-    results["goal"] = {"ratio": GOAL_RATIO, "worst_median_ratio": worst, "met": met}
+    ours = runs[subs[1].name]
+    # Met only if every repeat met it, in both modes (bench/runner.py's rule): a median that
+    # meets it would hide the repeats that missed.
+    ratios = [
+        max(s / f, p / g)
+        for s, f, p, g in zip(ours["seq_cpu_us"], floor["seq_cpu_us"], ours["pipe_cpu_us"],
+                              floor["pipe_cpu_us"], strict=True)
+    ]  # fmt: skip
+    goal = goal_runs(ratios, lambda v: v <= GOAL_RATIO, "x")
+    worst = max(ratios)
+    results["goal"] = {"ratio": GOAL_RATIO, "worst_ratio": worst} | goal
     print()
     print(
-        f"goal {'met' if met else 'NOT met'}: our child's CPU per request is {worst:.2f}x the"
-        f" floor's (median of repeats, the worse mode; goal <= {GOAL_RATIO:g}x)"
+        f"goal {'met' if goal['met'] else 'NOT met'}: our child's CPU per request is up to"
+        f" {worst:.2f}x the floor's (the worse mode of each repeat; goal <= {GOAL_RATIO:g}x in"
+        f" every repeat): {goal['verdict']}"
     )
     finish("child", results, args.save)
 

@@ -393,7 +393,7 @@ def test_the_child_benchmark_measures_our_child_against_the_floor_and_says_if_th
     assert done.returncode == 0, out + done.stderr.decode()
     assert "| floor: minimal msgspec child" in out and "| damocles-ext child (this checkout)" in out
     assert re.search(
-        r"^goal (met|NOT met): our child's CPU per request is [0-9.]+x", out, re.MULTILINE
+        r"^goal (met|NOT met): our child's CPU per request is up to [0-9.]+x", out, re.MULTILINE
     )
     assert "not saved (add --save to write bench/results/child.json)" in out
     assert _results_snapshot() == before
