@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from ..tasks import Output
 
@@ -11,8 +12,7 @@ if TYPE_CHECKING:
     from .records import TrackedRequest
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(msgspec.Struct, frozen=True):
     """Send `request`'s task to the process of `child`, under that process's id `child_rid`.
 
     If the task cannot be encoded (or is too long for a child), tell the book with
@@ -24,8 +24,7 @@ class Send:
     child_rid: int
 
 
-@dataclass(frozen=True, slots=True)
-class SendCancel:
+class SendCancel(msgspec.Struct, frozen=True):
     """Tell the process of `child` to stop its request `child_rid` (a dext Cancel; a JSON-lines
     child cannot be told, and the driver sends nothing)."""
 
@@ -33,8 +32,7 @@ class SendCancel:
     child_rid: int
 
 
-@dataclass(frozen=True, slots=True)
-class Kill:
+class Kill(msgspec.Struct, frozen=True):
     """Kill the process of `child` now (its process group): it is hung or ignored a Cancel.
 
     The book already took it down (no more requests go to it); `reason` is for the log and the
@@ -45,8 +43,7 @@ class Kill:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Resolve:
+class Resolve(msgspec.Struct, frozen=True):
     """Answer `request`, once: with `output`, or with `error` (a whole sentence).
 
     `outcome` is the observers' word: ok, fault, error, timeout or cancelled.
@@ -58,8 +55,7 @@ class Resolve:
     outcome: str
 
 
-@dataclass(frozen=True, slots=True)
-class Retry:
+class Retry(msgspec.Struct, frozen=True):
     """`request`'s attempt was lost (`what`) and it is queued again (attempt `attempt` of
     `max_attempts` comes next); a caller following it must stop reading the old child."""
 
@@ -69,8 +65,7 @@ class Retry:
     max_attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReportProgress:
+class ReportProgress(msgspec.Struct, frozen=True):
     """A progress report of `request`'s running attempt, for its caller."""
 
     request: TrackedRequest
@@ -79,8 +74,7 @@ class ReportProgress:
     total: int
 
 
-@dataclass(frozen=True, slots=True)
-class Note:
+class Note(msgspec.Struct, frozen=True):
     """Something the operator should see in the log (`level`: a logging level name)."""
 
     level: str

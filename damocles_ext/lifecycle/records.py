@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ..tasks import Task
 from .deadlines import Alarm
 
@@ -26,8 +28,7 @@ class ChildLimits:
     stdin_timeout: float = 0.0
 
 
-@dataclass(eq=False, slots=True)
-class TrackedRequest:
+class TrackedRequest(msgspec.Struct, eq=False):
     """A request from submission until it is answered, across all its attempts."""
 
     rid: int
@@ -40,13 +41,12 @@ class TrackedRequest:
     attempts: int = 0  # times sent to a child
     attempt_id: int | None = None  # its current scheduler job (queued or running)
     child: str | None = None  # child of the current or last attempt
-    history: list[str] = field(default_factory=list)
+    history: list[str] = msgspec.field(default_factory=list)
     done: bool = False
     current: Attempt | None = None  # the attempt running for it, not abandoned
 
 
-@dataclass(eq=False, slots=True)
-class Attempt:
+class Attempt(msgspec.Struct, eq=False):
     """One attempt of a request, sent to one process."""
 
     attempt_id: int
@@ -96,28 +96,23 @@ class ChildRecord:
 
 
 # What an alarm is for; each is checked, when due, against what happened since.
-@dataclass(frozen=True, slots=True)
-class RequestTimeout:
+class RequestTimeout(msgspec.Struct, frozen=True):
     attempt: Attempt
 
 
-@dataclass(frozen=True, slots=True)
-class CancelGrace:
+class CancelGrace(msgspec.Struct, frozen=True):
     attempt: Attempt
 
 
-@dataclass(frozen=True, slots=True)
-class HeartbeatDue:
+class HeartbeatDue(msgspec.Struct, frozen=True):
     process: ProcessRecord
 
 
-@dataclass(frozen=True, slots=True)
-class StdinWatch:
+class StdinWatch(msgspec.Struct, frozen=True):
     process: ProcessRecord
 
 
-@dataclass(frozen=True, slots=True)
-class DeadlineOnDown:
+class DeadlineOnDown(msgspec.Struct, frozen=True):
     attempt: Attempt
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 
 @dataclass(frozen=True, slots=True)
 class ChildSlots:
@@ -21,8 +23,7 @@ class ChildSlots:
     locks: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True)
-class Job:
+class Job(msgspec.Struct):
     """A request waiting for or running on a child; `deadline` is on the caller's clock."""
 
     request_id: int
@@ -32,24 +33,21 @@ class Job:
     priority: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(msgspec.Struct, frozen=True):
     """Send request `request_id` to child `child_id` now."""
 
     request_id: int
     child_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class Fail:
+class Fail(msgspec.Struct, frozen=True):
     """Answer request `request_id` with an error; it was never (or is no longer) on a child."""
 
     request_id: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class CancelRunning:
+class CancelRunning(msgspec.Struct, frozen=True):
     """Cancel running request `request_id` on child `child_id` (it passed its deadline)."""
 
     request_id: int

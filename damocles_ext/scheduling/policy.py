@@ -55,6 +55,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .decisions import (
     CancelRunning,
     ChildSlots,
@@ -95,8 +97,7 @@ class _Child:
         return "ready" if self.ready else "down"
 
 
-@dataclass(slots=True)
-class _Running:
+class _Running(msgspec.Struct):
     job: Job
     child_id: str
     started: float = 0.0
@@ -324,6 +325,10 @@ class Scheduler:
             if self._any_locks:
                 self._last_reserved[stage] = frozenset(reserved)
             reason = self._cannot_serve(stage) if job is not None else None
+            # Set once a start left no child of the stage able to take more: nothing in this
+            # loop frees a slot, so the next _pick would find none (a job at its deadline or
+            # unservable is still failed first, as without it).
+            full = False
             while job is not None:
                 if reason is not None:
                     self._pop(heap)
@@ -338,12 +343,15 @@ class Scheduler:
                         )
                     )
                 else:
-                    child = self._pick(stage, reserved, now)
+                    if full:
+                        break
+                    child, others = self._pick(stage, reserved, now)
                     if child is None:
                         break
                     self._pop(heap)
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
+                    full = not others and len(child.running) >= child.info.capacity
                 job = self._peek(heap)
             if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)
@@ -521,7 +529,9 @@ class Scheduler:
                 out |= self._held_elsewhere(child)
         return out
 
-    def _pick(self, stage: str, reserved: set[str], now: float) -> _Child | None:
+    def _pick(self, stage: str, reserved: set[str], now: float) -> tuple[_Child | None, int]:
+        """The child of `stage` to start its next job on (None: none can take it now), and
+        how many other children could have taken it."""
         eligible: list[tuple[float, float, _Child]] = []
         for c in self._by_stage.get(stage, []):
             if not (
@@ -538,9 +548,9 @@ class Scheduler:
                 free_at = max(now, self._gpu_free_at(c) or now)
             eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
-            return None
+            return None, 0
         if len(eligible) == 1:
-            return eligible[0][2]  # round robin among one: its weight goes up and back down
+            return eligible[0][2], 0  # round robin among one: its weight goes up and back down
         best_key = min((free_at, load) for free_at, load, _ in eligible)
         candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
         # Smooth weighted round robin (nginx): ties go to the child registered first.
@@ -553,7 +563,7 @@ class Scheduler:
                 best = c
         assert best is not None
         best.current_weight -= total
-        return best
+        return best, len(eligible) - 1
 
     def _gpu_idle(self, child: _Child) -> bool:
         return all(r.gpu_since is None or r.gpu_done for r in self._runs_on(child))

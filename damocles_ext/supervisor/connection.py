@@ -17,7 +17,7 @@ comes back as `Skipped`, as damocles logs such a line and reads on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from ..protocol import dext, jsonl
 from ..stages import POST_STAGES
@@ -30,16 +30,14 @@ class ChildProtocolError(Exception):
     """The child broke the protocol; it must be killed. The message says what came instead."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(msgspec.Struct, frozen=True):
     """The child's ready message arrived; `hello` is set for dext children."""
 
     protocol: str
     hello: dext.Hello | None
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """The child's response to its request `child_rid`."""
 
     child_rid: int
@@ -47,8 +45,7 @@ class Answer:
     error: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class ProgressEvent:
+class ProgressEvent(msgspec.Struct, frozen=True):
     """A dext Progress frame: the child is alive and working on `child_rid`."""
 
     child_rid: int
@@ -57,8 +54,7 @@ class ProgressEvent:
     total: int
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
+class Skipped(msgspec.Struct, frozen=True):
     """A line that is not a valid response (logged and skipped); `child_rid` if it was readable."""
 
     what: str
