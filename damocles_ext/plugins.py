@@ -87,13 +87,18 @@ class DextPluginManager(pluggy.PluginManager):
         self.origins: dict[str, str] = {}
         self.versions: dict[str, str] = {}
         self._catalog: _Catalog | None = None
+        #: Counts registrations and unregistrations: what is known of the hooks' implementations
+        #: (the supervisor's observers) holds while it is unchanged.
+        self.generation = 0
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         self._catalog = None
+        self.generation += 1
         return super().register(plugin, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> object:
         self._catalog = None
+        self.generation += 1
         return super().unregister(plugin, name)
 
 

@@ -634,6 +634,39 @@ async def test_supervisor_calls_observers_and_survives_a_raising_one():
     ]
 
 
+async def test_an_observer_registered_while_the_supervisor_runs_sees_the_next_request():
+    """The supervisor remembers which observer hooks have an implementation (it builds no event
+    for the others); a plugin registered, or unregistered, while it runs changes that at once."""
+    from damocles_ext.api import open_supervisor
+    from damocles_ext.config import parse_config
+
+    class Finished:
+        def __init__(self) -> None:
+            self.outcomes: list[str] = []
+            self.seen = trio.Event()
+
+        @hookimpl
+        def dext_request_finished(self, request, outcome):
+            self.outcomes.append(outcome)
+            self.seen.set()
+
+    pm = plugins.get_plugin_manager()
+    config = parse_config('[[WdPost]]\nPlugin = "echo"\n', "observed.cfg")
+    first, second = Finished(), Finished()
+    with trio.fail_after(30):
+        async with open_supervisor(config, plugin_manager=pm) as sup:
+            await sup.wait_ready("window_post")
+            await sup.submit(window_task())  # nobody observes it
+            plugins.register_plugin(pm, first, "first")
+            await sup.submit(window_task())
+            await first.seen.wait()
+            pm.unregister(first)
+            plugins.register_plugin(pm, second, "second")
+            await sup.submit(window_task())
+            await second.seen.wait()
+    assert (first.outcomes, second.outcomes) == (["ok"], ["ok"])
+
+
 class Around:
     """Wrappers on observer hooks: one that sees the event and what the others returned, one
     that raises before the others run, and an implementation ordered first."""

@@ -383,13 +383,13 @@ class Scheduler:
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
         becomes able to take the next queued job; None if there is no such time."""
-        cached = self._wakeup_cache
-        if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
-            return cached[2]
         if self._incremental and not (
             self._deadlines or self._queued_deadlines or self._pipelined_stages
         ):
             return None  # no deadline anywhere, no pipelined child: time alone changes nothing
+        cached = self._wakeup_cache
+        if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
+            return cached[2]
         if self._incremental:
             heap = self._deadlines
             while heap and not self._live_deadline(heap[0]):

@@ -298,16 +298,17 @@ class Supervisor:
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
-        stage = stage_of(task)
         rid = next(self._rids)
         if deadline is not None and (problem := deadline_problem(deadline)) is not None:
             # A NaN deadline would sort before every other one and never expire; inf never expires.
             raise UsageError(
-                f"request {rid} ({stage}) refused: its deadline {deadline!r} {problem}; give a unix"
-                " time in seconds (e.g. time.time() + 600), or no deadline"
+                f"request {rid} ({stage_of(task)}) refused: its deadline {deadline!r} {problem};"
+                " give a unix time in seconds (e.g. time.time() + 600), or no deadline"
             )
         if self._shutting_down and not (in_flight and not self._finished):
-            raise ProverError(f"request {rid} ({stage}) refused: the supervisor is shutting down")
+            raise ProverError(
+                f"request {rid} ({stage_of(task)}) refused: the supervisor is shutting down"
+            )
         now = self._now()
         deadline_t = None if deadline is None else now + (deadline - time.time())
         tracked, effects = self._book.submit(
@@ -394,11 +395,12 @@ class Supervisor:
     def _apply(self, effects: list[Effect]) -> None:
         """Carry out what the request book asked, in order; what goes to one child's stdin is
         written at the end, in one write (several requests on a child with Concurrent > 1)."""
-        self._applying += 1
-        try:
-            self._carry_out(effects)
-        finally:
-            self._applying -= 1
+        if effects:
+            self._applying += 1
+            try:
+                self._carry_out(effects)
+            finally:
+                self._applying -= 1
         if not self._applying and self._pending:
             self._flush()
         # A new alarm may be due before the driver's: have it look again.
@@ -425,9 +427,9 @@ class Supervisor:
 
     def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Send):
+            if type(effect) is Send:  # the effects are final classes: the common two first
                 self._send(effect)
-            elif isinstance(effect, Resolve):
+            elif type(effect) is Resolve:
                 self._resolved(effect)
             elif isinstance(effect, SendCancel):
                 child = self._children[effect.child]
@@ -492,7 +494,7 @@ class Supervisor:
         waiter = self._waiters.get(req.rid)
         if waiter is not None and waiter.on_dispatch is not None:
             self._dispatched(waiter, child.name)
-        if self._observers.active:
+        if self._observers.wants("dext_request_started"):
             self._observers.observe("dext_request_started", request=request_info(req))
 
     def _resolved(self, effect: Resolve) -> None:
@@ -506,7 +508,7 @@ class Supervisor:
             waiter.answer()
         if self._changed_waiting:
             self._notify()
-        if self._observers.active:
+        if self._observers.wants("dext_request_finished"):
             now = trio.current_time()
             self._observers.observe(
                 "dext_request_finished",

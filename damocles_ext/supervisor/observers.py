@@ -33,6 +33,8 @@ class Observers:
         self._send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
         self._receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]] | None = None
         self.dropped = 0
+        self._wanted: dict[str, bool] = {}  # hook -> implemented, for the pm's generation below
+        self._wanted_generation: int | None = None
 
     def open(self) -> bool:
         """Start taking events (the supervisor's run); False if there are no observers."""
@@ -41,22 +43,33 @@ class Observers:
         self._send, self._receive = trio.open_memory_channel(OBSERVER_BACKLOG)
         return True
 
-    @property
-    def active(self) -> bool:
-        """Someone listens: callers skip building an event's arguments otherwise."""
-        return self._send is not None
+    def wants(self, hook: str) -> bool:
+        """Whether a plugin observes `hook` (and the supervisor runs): callers on the hot path
+        skip building an event's arguments otherwise.
+
+        Known per hook while the plugin manager's `generation` (DextPluginManager's count of
+        registrations) is unchanged; a manager without one is asked each time."""
+        if self._send is None:
+            return False
+        generation = getattr(self._pm, "generation", None)
+        if generation is None or generation != self._wanted_generation:
+            self._wanted.clear()
+            self._wanted_generation = generation
+        wanted = self._wanted.get(hook)
+        if wanted is None:
+            caller = getattr(self._pm.hook, hook, None)
+            wanted = self._wanted[hook] = caller is not None and bool(caller.get_hookimpls())
+        return wanted
 
     def observe(self, hook: str, **kwargs: Any) -> None:
         """Queue a call of observer `hook`; drops it (logged) when the backlog is full."""
-        if self._send is None:
-            return
-        caller = getattr(self._pm.hook, hook, None)
-        if caller is not None and not caller.get_hookimpls():
+        send = self._send
+        if send is None or not self.wants(hook):
             # No plugin observes this hook (the usual case: none is built in): no event, no
             # wake-up of the observer task, no timeout scope, per request.
             return
         try:
-            self._send.send_nowait((hook, kwargs))
+            send.send_nowait((hook, kwargs))
         except trio.ClosedResourceError:
             pass
         except trio.WouldBlock:
