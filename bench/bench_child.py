@@ -15,7 +15,9 @@ with the very same request frames (a 1-replica WindowPoSt):
 Each child is sent N requests one at a time (round trip p50 measured by the parent) and N
 pipelined (`--window` in flight). The child's CPU is read from its CPU-time clock
 (clock_getcpuclockid: every thread, to the nanosecond) before and after the N requests, so its
-start-up is not counted. Every repeat runs every child in turn; min / median / max over repeats.
+start-up is not counted. Every repeat sends each child its N requests per mode in 10 turns,
+the children interleaved within each turn (so that the machine's drift hits them alike); min /
+median / max over repeats.
 
 Goal: our child's CPU per request within 2x the floor's, in both modes, in every repeat (a goal
 is met only if every repeat met it).
@@ -41,6 +43,7 @@ from damocles_ext.protocol import dext
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 GOAL_RATIO = 2.0
+SLICES = 10  # turns per repeat over which every child's requests are sent, interleaved
 
 
 class BenchError(Exception):
@@ -143,7 +146,7 @@ class PipeChild:
 
 
 def sequential(child: PipeChild, n: int) -> dict:
-    """N round trips one at a time: the child's CPU per request, the parent's round trip p50."""
+    """N round trips one at a time: the child's CPU (s) and the parent's round trips (s)."""
     rtts = []
     cpu0 = cpu_seconds(child.proc.pid)
     for _ in range(n):
@@ -154,12 +157,11 @@ def sequential(child: PipeChild, n: int) -> dict:
         rtts.append(time.perf_counter() - t0)
         if got != child.ids:
             raise child._failure(f"answered request {got} to request {child.ids}")
-    cpu = cpu_seconds(child.proc.pid) - cpu0
-    return {"cpu_us": cpu / n * 1e6, "rtt_p50_us": statistics.median(rtts) * 1e6}
+    return {"cpu_s": cpu_seconds(child.proc.pid) - cpu0, "rtts": rtts}
 
 
 def pipelined(child: PipeChild, n: int, window: int) -> dict:
-    """N requests with `window` in flight: the child's CPU per request, requests per second."""
+    """N requests with `window` in flight: the child's CPU (s), the time they took (s)."""
     first = child.ids + 1
     cpu0 = cpu_seconds(child.proc.pid)
     t0 = time.perf_counter()
@@ -175,7 +177,7 @@ def pipelined(child: PipeChild, n: int, window: int) -> dict:
     cpu = cpu_seconds(child.proc.pid) - cpu0
     if seen != set(range(first, first + n)):
         raise child._failure(f"answered {len(seen)} distinct requests of {n}")
-    return {"cpu_us": cpu / n * 1e6, "per_s": n / elapsed}
+    return {"cpu_s": cpu, "elapsed_s": elapsed}
 
 
 def subjects(compare_with: Path | None) -> list[Subject]:
@@ -222,14 +224,28 @@ def measure(subs: list[Subject], n: int, repeat: int, window: int) -> dict:
                 pipelined(child, min(n, 200), window)
             for r in range(repeat):
                 print(f"  repeat {r + 1}/{repeat}", flush=True)
-                for child in children:
-                    seq = sequential(child, n)
-                    pipe = pipelined(child, n, window)
-                    run = runs[child.subject.name]
-                    run["seq_cpu_us"].append(seq["cpu_us"])
-                    run["rtt_p50_us"].append(seq["rtt_p50_us"])
-                    run["pipe_cpu_us"].append(pipe["cpu_us"])
-                    run["per_s"].append(pipe["per_s"])
+                # A repeat's N requests per child and mode are sent in SLICES turns, the children
+                # one after the other in each turn (a different one first each time): a shared
+                # machine's state drifts, and the ratio within a repeat is then of children
+                # measured over the same stretch of time.
+                acc = {c.subject.name: [0.0, [], 0.0, 0.0] for c in children}
+                for turn in range(SLICES):
+                    k = (r * SLICES + turn) % len(children)
+                    part = n // SLICES + (turn < n % SLICES)
+                    for child in children[k:] + children[:k]:
+                        seq = sequential(child, part)
+                        pipe = pipelined(child, part, window)
+                        a = acc[child.subject.name]
+                        a[0] += seq["cpu_s"]
+                        a[1] += seq["rtts"]
+                        a[2] += pipe["cpu_s"]
+                        a[3] += pipe["elapsed_s"]
+                for name, (seq_cpu, rtts, pipe_cpu, elapsed) in acc.items():
+                    run = runs[name]
+                    run["seq_cpu_us"].append(seq_cpu / n * 1e6)
+                    run["rtt_p50_us"].append(statistics.median(rtts) * 1e6)
+                    run["pipe_cpu_us"].append(pipe_cpu / n * 1e6)
+                    run["per_s"].append(n / elapsed)
         finally:
             for child in children:
                 with contextlib.suppress(BenchError):

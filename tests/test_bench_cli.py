@@ -158,8 +158,20 @@ def test_a_tiny_supervisor_benchmark_prints_every_goal_against_its_baseline_and_
     for goal in ("<= 3x", "<= 25 us", "<= 2x", ">= 1x", ">= 3x", "<= 50 ms", "< 60 MB"):
         line = next(line for line in out.splitlines() if f"| {goal} " in line)
         assert "met (every run)" in line or "NOT met (1 of 1 runs" in line or "| met" in line, line
+    # The child goal compares like with like: both children under the same blocking parent.
+    assert (
+        "our child CPU/req, blocking parent:" in out and "floor child CPU/req, same parent:" in out
+    )
     assert "not saved (add --save to write bench/results/supervisor-quick.json)" in out
     assert _results_snapshot() == before
+
+
+def test_the_round_trips_of_a_repeat_are_shared_out_over_its_interleaved_turns():
+    from bench.bench_supervisor import SLICES, _share
+
+    for n in (0, 1, SLICES - 1, SLICES, 1000, 1003):
+        shares = [_share(n, turn) for turn in range(SLICES)]
+        assert sum(shares) == n and max(shares) - min(shares) <= 1, (n, shares)
 
 
 def test_the_supervisor_ab_benchmark_runs_each_checkout_in_its_own_process():
