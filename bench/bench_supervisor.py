@@ -23,8 +23,9 @@ repeat met it. The trivial task is a 1-replica WindowPoSt; our children run the 
   (bench/bench_child.py measures this goal on its own, one at a time and pipelined.)
 * Throughput, 2 children, --in-flight requests (256) outstanding at any time: the API against
   `multiprocessing.Pool(2)`, ProcessPoolExecutor(2) and loky (2 workers), all calling the same
-  trivial function; the floor's 2 msgspec children, one blocking thread each, beside them.
-  Goals: >= 1x multiprocessing.Pool's, >= 3x ProcessPoolExecutor's.
+  trivial function; the floor's 2 msgspec children, one blocking thread each, beside them. Each
+  repeat floods every way FLOOD_TURNS times (--flood requests each), the ways interleaved within
+  each turn. Goals: >= 1x multiprocessing.Pool's, >= 3x ProcessPoolExecutor's.
 * Supervisor CPU per request at 256 in flight: the API runs in this process, so it is this
   process's CPU time (time.process_time, all its threads) over the API's flood, divided by the
   requests; the children are other processes and are not in it. What it includes beyond the
@@ -98,6 +99,7 @@ QUICK = {
 }
 WARMUP = 50
 SLICES = 10  # turns per repeat over which the round trips of every way are taken, interleaved
+FLOOD_TURNS = 3  # turns per repeat of the throughput floods (--flood requests per way each)
 
 
 def _share(n: int, turn: int) -> int:
@@ -231,7 +233,8 @@ async def _flood(call: Callable[[], Awaitable[object]], m: int, in_flight: int) 
 
 
 async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flight: int) -> dict:
-    """{way: [one dict per repeat]}: m requests per repeat, at most in_flight outstanding."""
+    """{way: [one dict per repeat]}: FLOOD_TURNS floods of m requests per repeat and way, at
+    most in_flight outstanding."""
     expected = echo_output(task)
     proof = expected.proofs[0]
     floors = [PipeFloor(task), PipeFloor(task)]
@@ -282,19 +285,28 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
             for way in ways:  # warm-up
                 await _call(way)
             for r in range(repeat):
-                k = r % len(ways)
-                for way in ways[k:] + ways[:k]:
-                    children0 = sum(cpu_seconds(pid) for pid in way.pids)
-                    cpu0 = time.process_time()
-                    t0 = time.perf_counter()
-                    await _call(way)
-                    elapsed = time.perf_counter() - t0
-                    children = sum(cpu_seconds(pid) for pid in way.pids) - children0
+                # As for the round trips: each repeat floods every way FLOOD_TURNS times (m requests
+                # each), the ways interleaved within each turn, a different one first each time.
+                totals = {way.name: [0.0, 0.0, 0.0] for way in ways}
+                for turn in range(FLOOD_TURNS):
+                    k = (r * FLOOD_TURNS + turn) % len(ways)
+                    for way in ways[k:] + ways[:k]:
+                        children0 = sum(cpu_seconds(pid) for pid in way.pids)
+                        cpu0 = time.process_time()
+                        t0 = time.perf_counter()
+                        await _call(way)
+                        total = totals[way.name]
+                        total[0] += time.perf_counter() - t0
+                        total[1] += time.process_time() - cpu0
+                        total[2] += sum(cpu_seconds(pid) for pid in way.pids) - children0
+                for way in ways:
+                    elapsed, parent, children = totals[way.name]
+                    done = m * FLOOD_TURNS
                     runs.setdefault(way.name, []).append(
                         {
-                            "per_s": m / elapsed,
-                            "parent_cpu_s": (time.process_time() - cpu0) / m,
-                            "child_cpu_s": children / m if way.pids else None,
+                            "per_s": done / elapsed,
+                            "parent_cpu_s": parent / done,
+                            "child_cpu_s": children / done if way.pids else None,
                         }
                     )
             sup.request_shutdown()
@@ -467,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = (
         ("repeat", positive_int, "repeats of the round-trip and throughput rows"),
         ("requests", positive_int, "round trips per way per repeat"),
-        ("flood", positive_int, "requests per way per throughput repeat"),
+        ("flood", positive_int, "requests per way per throughput flood (3 floods a repeat)"),
         ("in_flight", positive_int, "requests outstanding at a time in the throughput rows"),
         ("redispatch_rounds", positive_int, "SIGKILL rounds for the re-dispatch figure"),
         ("idle_seconds", _positive_float, "how long the idle supervisor is watched"),
