@@ -32,6 +32,7 @@ from .frontends.control_socket import (
     resolve_trusted,
     trusted_uids,
 )
+from .frontends.inbox import Inbox
 from .frontends.outbox import Outbox
 from .protocol import control as control_protocol
 from .protocol import dext
@@ -191,11 +192,12 @@ class Client:
 
     async def _read_loop(self) -> None:
         decoder = control_protocol.frame_decoder()
+        inbox = Inbox(self._stream, 256 * 1024)
         reason = "the supervisor closed the connection"
         try:
             while True:
                 try:
-                    data = await self._stream.receive_some(256 * 1024)
+                    data = await inbox.receive()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     reason = f"the connection broke: {exc}"
                     data = b""

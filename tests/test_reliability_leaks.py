@@ -159,7 +159,7 @@ async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkey
         await sup.wait_ready()
         for i in range(40):  # two events a request, on one trio tick each: faster than 0.05 s
             await sup.submit(window_task(miner=i))
-        dropped = sup._observer_dropped
+        dropped = sup._observers.dropped
         sup.request_shutdown()
     assert dropped > 0
     assert "observers are too slow" in caplog.text

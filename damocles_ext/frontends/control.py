@@ -50,6 +50,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     resolve_trusted,
     trusted_uids,
 )
+from .inbox import Inbox
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 from .outbox import stream_fd, write_now
 
@@ -87,6 +88,36 @@ class ControlSubmit(Protocol):
     ) -> Awaitable[Output]: ...
 
 
+class ControlStart(Protocol):
+    """`Supervisor.start_nowait`: `submit` with a callback for the answer instead of a task."""
+
+    def __call__(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = ...,
+        priority: int = ...,
+        on_progress: Callable[[dext.Progress], None] | None = ...,
+        on_done: Callable[[Output | None, DextError | None], None],
+    ) -> Cancellable | None: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class _Starting:
+    def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
+        pass
+
+
+_STARTING = _Starting()
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+
+
 @dataclass(slots=True)
 class ControlStats:
     """Counters of the control server."""
@@ -108,6 +139,8 @@ class ControlStats:
 class ControlServer:
     """Serves dext clients on a listening unix socket by calling `submit` for each request.
 
+    `start`, when given, is tried first (`Supervisor.start_nowait`): a request it takes needs no
+    task of its own here; one it returns None for goes to `submit`.
     `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
     `max_connections`, `idle_timeout` (seconds) and `max_buffered` (bytes) bound what clients
     can hold (see the module docstring).
@@ -118,6 +151,7 @@ class ControlServer:
         sock: socket.socket,
         submit: ControlSubmit,
         *,
+        start: ControlStart | None = None,
         status: Callable[[], Awaitable[dict[str, object]]] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -131,6 +165,7 @@ class ControlServer:
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
         self._submit = submit
+        self._start = start
         self._status = status
         self._uid = os.geteuid()
         self._accept_scope = trio.CancelScope()
@@ -301,7 +336,10 @@ class _Connection:
         self._server = server
         self._stream = stream
         self._decoder = control_protocol.frame_decoder(server._max_frame)
-        self._scopes: dict[int, trio.CancelScope] = {}
+        # Each request in flight: its task's scope, or what `start` returned (cancel() both).
+        self._scopes: dict[int, Cancellable] = {}
+        self._client_cancelled: set[int] = set()  # ids the client sent a Cancel for
+        self._gone = False  # run() ended: what is answered now is nobody's
         self._replies: list[control_protocol.StatusReply] = []
         # Responses are never dropped; Progress is advisory, so only the latest per id is kept
         # and a slow client cannot make us buffer without bound.
@@ -314,6 +352,7 @@ class _Connection:
         self._head_responses = 0
         self._writing = False
         self._fd = stream_fd(stream)
+        self._inbox = Inbox(stream, _READ_SIZE)
         self._owned = 0  # requests counted in the server's in_flight that we still owe
         self._status_owed = 0  # status requests not yet answered on the wire
         self._status_drained = trio.Event()
@@ -353,10 +392,17 @@ class _Connection:
                     goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
                     log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
+                self._gone = True
                 nursery.cancel_scope.cancel()
+                for started in list(self._scopes.values()):
+                    started.cancel()  # the task scopes are cancelled twice: harmless
             if goodbye is not None and self.idle:
                 await self._say_goodbye(goodbye)
         finally:
+            if not self._gone:  # cancelled from outside (the server stops)
+                self._gone = True
+                for started in list(self._scopes.values()):
+                    started.cancel()
             for _ in range(self._owned):
                 self._server._request_done()
             self._owned = 0
@@ -373,7 +419,7 @@ class _Connection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                data = await self._stream.receive_some(_READ_SIZE)
+                data = await self._inbox.receive()
             except trio.BrokenResourceError:
                 data = b""
             try:
@@ -392,6 +438,7 @@ class _Connection:
                 elif isinstance(msg, dext.Cancel):
                     scope = self._scopes.get(msg.id)
                     if scope is not None:
+                        self._client_cancelled.add(msg.id)
                         scope.cancel()
                 elif isinstance(msg, control_protocol.StatusRequest):
                     while self._status_owed >= MAX_STATUS_IN_FLIGHT:
@@ -441,19 +488,62 @@ class _Connection:
             return
         self._server._request_started()
         self._owned += 1
+        start = self._server._start
+        if start is not None:
+            # Answered by a callback: no task, no cancel scope, no wake-up of a task per request.
+            self._scopes[req.id] = _STARTING  # on_done may come before start returns
+            try:
+                started = start(
+                    req.task,
+                    deadline=req.deadline,
+                    priority=req.priority,
+                    on_progress=self._progress_of(req.id),
+                    on_done=lambda output, error: self._done(req.id, output, error),
+                )
+            except DextError as exc:
+                started = None
+                self._done(req.id, None, exc)
+            except Exception as exc:  # a bug of ours must still answer the request
+                log.exception("control request %d: internal error", req.id)
+                started = None
+                self._done(req.id, None, DextError(_internal(exc)))
+            if started is not None:
+                if self._scopes.get(req.id) is _STARTING:
+                    self._scopes[req.id] = started
+                return
+            if req.id not in self._scopes:
+                return  # answered (refused) already
         scope = trio.CancelScope()
         self._scopes[req.id] = scope
         nursery.start_soon(self._run_request, req, scope)
 
-    async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
+    def _progress_of(self, rid: int) -> Callable[[dext.Progress], None]:
         def on_progress(progress: dext.Progress) -> None:
             # The supervisor numbers requests its own way; the client knows only its id.
-            if req.id in self._scopes:
-                self._progress[req.id] = dext.Progress(
-                    req.id, progress.phase, progress.done, progress.total
+            if rid in self._scopes:
+                self._progress[rid] = dext.Progress(
+                    rid, progress.phase, progress.done, progress.total
                 )
                 self._wake.set()
 
+        return on_progress
+
+    def _done(self, rid: int, output: Output | None, error: DextError | None) -> None:
+        """A request started by `start` was answered, or refused at once."""
+        if self._gone:
+            return  # the client is gone; run() counted it
+        del self._scopes[rid]
+        if rid in self._client_cancelled:
+            self._client_cancelled.discard(rid)
+            response = dext.Response(rid, error="cancelled at the client's request")
+        elif error is not None:
+            response = dext.Response(rid, error=str(error) or type(error).__name__)
+        else:
+            response = dext.Response(rid, output=output)
+        self._queue_response(response)
+
+    async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
+        on_progress = self._progress_of(req.id)
         response = None
         with scope:
             try:
@@ -464,12 +554,11 @@ class _Connection:
                 response = dext.Response(req.id, error=str(exc) or type(exc).__name__)
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("control request %d: internal error", req.id)
-                response = dext.Response(
-                    req.id, error=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
-                )
+                response = dext.Response(req.id, error=_internal(exc))
             else:
                 response = dext.Response(req.id, output=output)
         del self._scopes[req.id]
+        self._client_cancelled.discard(req.id)
         if response is None:  # cancelled by the client's Cancel
             response = dext.Response(req.id, error="cancelled at the client's request")
         self._queue_response(response)

@@ -30,7 +30,7 @@ Written = Callable[[BaseException | None], None]
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-def stream_fd(stream: trio.abc.SendStream) -> int | None:
+def stream_fd(stream: object) -> int | None:
     """The descriptor under `stream`, for writes that need no checkpoint; None when it has none."""
     if isinstance(stream, trio.SocketStream):
         return stream.socket.fileno()

@@ -92,7 +92,13 @@ async def _run(
             socket=str(sock.getsockname()),
             metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
         )
-        server = ControlServer(sock, supervisor.submit, status=status.as_data, **(limits or {}))
+        server = ControlServer(
+            sock,
+            supervisor.submit,
+            start=supervisor.start_nowait,
+            status=status.as_data,
+            **(limits or {}),
+        )
         async with trio.open_nursery() as nursery:
 
             def shut_down() -> None:

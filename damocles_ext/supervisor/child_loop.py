@@ -85,6 +85,11 @@ class ChildState(enum.Enum):
     FATAL = "fatal"  # gave up: it kept failing (the restart rules)
     STOPPED = "stopped"  # for good: shutdown, or AutoRestart off
 
+    @property
+    def word(self) -> str:
+        """How messages name it: FATAL in capitals, the others as they are."""
+        return self.value.upper() if self is ChildState.FATAL else self.value
+
 
 # Every allowed change of state; anything else is a bug of ours (IllegalTransition).
 TRANSITIONS: dict[ChildState, frozenset[ChildState]] = {

@@ -71,7 +71,7 @@ from .connection import Answer, ProgressEvent, Ready, Skipped
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
 from .reaper import Reaper
-from .request import Waiter
+from .request import Started, Waiter
 from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 
@@ -88,10 +88,6 @@ _STOPPED = "the supervisor stopped before it was answered"
 
 # The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
 _MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
-
-
-def _state_word(state: ChildState) -> str:
-    return state.value.upper() if state is ChildState.FATAL else state.value
 
 
 def _coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
@@ -298,6 +294,53 @@ class Supervisor:
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
+        waiter = self._begin(task, deadline, priority, on_progress, on_dispatch, None, in_flight)
+        try:
+            await waiter.wait()
+        finally:
+            if not waiter.done:
+                # The caller went away (cancelled): forget the request, stop its work if we can.
+                self._abandon(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.output is not None
+        return waiter.output
+
+    def start_nowait(
+        self,
+        task: Task,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_done: Callable[[Output | None, ProverError | None], None],
+    ) -> Started | None:
+        """`submit` without a task per request, for front ends: `on_done(output, error)` is
+        called once (maybe before this returns) with what `submit` would return or raise, and
+        `Started.cancel()` abandons the request as a cancelled `submit` does. `submit`'s own
+        refusals are raised here. None, and nothing started, for a request that needs a task of
+        its own (a WindowPoSt with the split tables: two steps): `submit` it instead."""
+        if self._split_window_post and isinstance(task, WindowPoSt):
+            return None
+        waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False)
+        return Started(self, waiter)
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """The caller of `waiter` went away: answer its request (cancelled), stop its work."""
+        if not waiter.done:
+            self._apply(self._book.caller_gone(waiter.rid, trio.current_time()))
+
+    def _begin(
+        self,
+        task: Task,
+        deadline: float | None,
+        priority: int,
+        on_progress: Callable[[Progress], None] | None,
+        on_dispatch: Callable[[str | None], None] | None,
+        on_done: Callable[[Output | None, ProverError | None], None] | None,
+        in_flight: bool,
+    ) -> Waiter:
+        """Book a new request and dispatch what follows; its waiter (it may be answered)."""
         rid = next(self._rids)
         if deadline is not None and (problem := deadline_problem(deadline)) is not None:
             # A NaN deadline would sort before every other one and never expire; inf never expires.
@@ -314,18 +357,9 @@ class Supervisor:
         tracked, effects = self._book.submit(
             rid, task, now, deadline=deadline_t, deadline_unix=deadline, priority=priority
         )
-        waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch)
+        waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
         self._apply(effects)
-        try:
-            await waiter.wait()
-        finally:
-            if not waiter.done:
-                # The caller went away (cancelled): forget the request, stop its work if we can.
-                self._apply(self._book.caller_gone(rid, trio.current_time()))
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.output is not None
-        return waiter.output
+        return waiter
 
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:
         """Wait until `count` children (of `stage`, or of any stage) are ready.
@@ -348,7 +382,7 @@ class Supervisor:
                     " can still start ("
                     + (
                         "; ".join(
-                            f"{c.name} is {_state_word(c.state)}, last: {c.last_exit}"
+                            f"{c.name} is {c.state.word}, last: {c.last_exit}"
                             for c in pool
                             if c not in alive
                         )
@@ -385,10 +419,6 @@ class Supervisor:
     def statistics(self) -> SupervisorStats:
         """A snapshot: every child's state and counters, every stage's queue."""
         return build_statistics(self._children.values(), self._book, self._shutting_down)
-
-    @property
-    def _observer_dropped(self) -> int:
-        return self._observers.dropped
 
     # -- the request book -------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ waits on, the answer, and the progress and dispatch callbacks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,9 @@ from ..tasks import Output
 
 if TYPE_CHECKING:
     from ..lifecycle import TrackedRequest
+    from .core import Supervisor
+
+log = logging.getLogger("damocles_ext.supervisor")
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +36,8 @@ class Waiter:
     error: ProverError | None = None
     answered: bool = False  # `answer` was called
     _task: trio.lowlevel.Task | None = None  # the caller, while it waits in `wait`
+    #: Called once with (output, error) instead of waking a task (`Supervisor.start_nowait`).
+    on_done: Callable[[Output | None, ProverError | None], None] | None = None
 
     @property
     def rid(self) -> int:
@@ -58,9 +64,28 @@ class Waiter:
         return trio.lowlevel.Abort.SUCCEEDED
 
     def answer(self) -> None:
-        """The output or error is set: wake the caller."""
+        """The output or error is set: wake the caller, or call its `on_done`."""
         self.answered = True
         task = self._task
         if task is not None:
             self._task = None
             trio.lowlevel.reschedule(task)
+        elif self.on_done is not None:
+            try:
+                self.on_done(self.output, self.error)
+            except Exception:  # the caller's callback must not take the supervisor down
+                log.exception("the answer callback of request %d raised; ignored", self.rid)
+
+
+class Started:
+    """A request started by `Supervisor.start_nowait`; `cancel()` abandons it, as a cancelled
+    caller of `submit` does (its `on_done` is called at once, with the error that says so)."""
+
+    __slots__ = ("_sup", "_waiter")
+
+    def __init__(self, sup: Supervisor, waiter: Waiter) -> None:
+        self._sup = sup
+        self._waiter = waiter
+
+    def cancel(self) -> None:
+        self._sup._abandon(self._waiter)

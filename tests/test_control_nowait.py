@@ -1,0 +1,141 @@
+"""The control server with a real supervisor's `start_nowait` (as `run` serves): requests answered
+by a callback, with no task of their own, and the same answers, cancels and hang-ups as through
+`submit`; a request that needs a task of its own (a split WindowPoSt) still gets one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers.frontend import make_task, plugin_block, write_config
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.client import connect
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.protocol import dext
+
+
+class Counting:
+    """`start_nowait` of `sup`, counting what it took and what it left to `submit`."""
+
+    def __init__(self, sup) -> None:
+        self.sup = sup
+        self.taken = 0
+        self.declined = 0
+
+    def __call__(self, task, **kwargs):
+        started = self.sup.start_nowait(task, **kwargs)
+        if started is None:
+            self.declined += 1
+        else:
+            self.taken += 1
+        return started
+
+
+async def _serve(sup, sock_dir: Path, nursery) -> tuple[ControlServer, Counting]:
+    start = Counting(sup)
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), sup.submit, start=start)
+    await nursery.start(server.serve)
+    return server, start
+
+
+async def _responses(stream: trio.SocketStream, decoder: dext.FrameDecoder, until) -> list:
+    """What the server sends, until `until(messages so far)` holds."""
+    got: list = []
+    while not until(got):
+        data = await stream.receive_some()
+        assert data, "the control server closed the connection"
+        got += decoder.receive_data(data)
+    return got
+
+
+async def test_requests_taken_by_start_are_answered_with_their_outputs_in_any_number(
+    tmp_path, sock_dir, nursery
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo", concurrent=2))
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, start = await _serve(sup, sock_dir, nursery)
+            results: dict[int, object] = {}
+            async with connect(server.path) as client, trio.open_nursery() as callers:
+
+                async def one(miner: int) -> None:
+                    results[miner] = await client.submit(make_task(miner))
+
+                for miner in range(1, 21):
+                    callers.start_soon(one, miner)
+            await server.wait_idle()
+            server.stop_accepting()
+            assert sup.statistics().requests == 0
+    assert results == {m: echo_output(make_task(m)) for m in range(1, 21)}
+    assert (start.taken, start.declined) == (20, 0)
+    assert server.statistics().in_flight == 0
+
+
+async def test_a_cancel_from_the_client_answers_a_started_request_and_stops_its_work(
+    tmp_path, sock_dir, nursery
+):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, start = await _serve(sup, sock_dir, nursery)
+            stream = await trio.open_unix_socket(str(server.path))
+            decoder = dext.FrameDecoder()
+            await stream.send_all(dext.encode(dext.Request(1, make_task(3))))
+            # Its progress says it runs on the child.
+            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            await stream.send_all(dext.encode(dext.Cancel(1)))
+            got = await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Response) for m in got))  # fmt: skip
+            (response,) = [m for m in got if isinstance(m, dext.Response)]
+            assert (response.id, response.output) == (1, None)
+            assert response.error == "cancelled at the client's request"
+            assert sup.statistics().requests == 0
+            # The child was told: it is free for the next request, answered on the same connection.
+            await stream.send_all(dext.encode(dext.Request(2, make_task(4))))
+            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) and m.id == 2 for m in got))  # fmt: skip
+            await stream.aclose()
+            await server.wait_idle()
+            server.stop_accepting()
+    assert start.taken == 2
+
+
+async def test_a_client_that_hangs_up_abandons_its_started_requests(tmp_path, sock_dir, nursery):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, start = await _serve(sup, sock_dir, nursery)
+            stream = await trio.open_unix_socket(str(server.path))
+            decoder = dext.FrameDecoder()
+            await stream.send_all(
+                dext.encode(dext.Request(1, make_task(3)))
+                + dext.encode(dext.Request(2, make_task(4)))
+            )
+            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            await stream.aclose()
+            await server.wait_idle()
+            # Both answered inside the supervisor (cancelled): nothing is left in its book.
+            assert sup.statistics().requests == 0
+            assert server.statistics().in_flight == 0
+            server.stop_accepting()
+    assert start.taken == 2
+
+
+async def test_a_split_window_post_is_left_to_submit_and_answered_whole(
+    tmp_path, sock_dir, nursery
+):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPostVanilla", "echo") + plugin_block("WdPostSnark", "echo")
+    )
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, start = await _serve(sup, sock_dir, nursery)
+            async with connect(server.path) as client:
+                output = await client.submit(make_task(5))
+            server.stop_accepting()
+    assert output.proofs and not output.faults
+    assert (start.taken, start.declined) == (0, 1)
