@@ -46,11 +46,12 @@ def serve_children(
 
     from damocles_ext.supervisor.core import Supervisor
 
-    from .serve_jsonl import serve_supervised, with_deadline
+    from .serve_jsonl import serve_supervised, start_with_deadline, with_deadline
 
     supervisor = Supervisor(children, **supervisor_options())
     submit = with_deadline(supervisor.submit, deadline_after)
-    return trio.run(serve_supervised, stage, supervisor, submit, protocol_in, protocol_out)
+    start = start_with_deadline(supervisor, deadline_after)
+    return trio.run(serve_supervised, stage, supervisor, submit, protocol_in, protocol_out, start)
 
 
 def serve_connected(

@@ -42,6 +42,9 @@ log = logging.getLogger("damocles_ext.serve")
 
 #: submit(task) -> output; raises ProverError (or another DextError) when there is no proof.
 Submit = Callable[[Task], Awaitable[Output]]
+#: start(task, on_done) -> a started request, or None to leave it to `submit`: the callback form
+#: (`Supervisor.start_nowait`), which answers with no task per request.
+Start = Callable[[Task, Callable[[Output | None, DextError | None], None]], object | None]
 
 _READ_SIZE = 256 * 1024
 
@@ -59,7 +62,8 @@ class ServeStats:
 
 
 class JsonLineServer:
-    """Serve damocles JSON-lines requests read from `receive_stream` through `submit`.
+    """Serve damocles JSON-lines requests read from `receive_stream` through `submit` (or
+    `start`, tried first when given: a request it takes needs no task of its own).
 
     `run()` writes the ready line first (unless the caller did: `ready_line_sent`), then reads requests until end of input or
     `stop_reading()`, calls `on_input_closed` (the place to start a graceful shutdown), and
@@ -76,9 +80,11 @@ class JsonLineServer:
         on_input_closed: Callable[[], None] | None = None,
         max_line: int = jsonl.DEFAULT_MAX_LINE,
         ready_line_sent: bool = False,
+        start: Start | None = None,
     ) -> None:
         self.stage = stage
         self._submit = submit
+        self._start = start
         self._receive = receive_stream
         self._send_stream = send_stream
         self._on_input_closed = on_input_closed
@@ -187,8 +193,23 @@ class JsonLineServer:
                 log.error("answering a bad request with an error: %s", exc)
                 self._answer_error(exc.id, str(exc))
             return
-        if self._take(request.id, "a request"):
-            nursery.start_soon(self._answer, request.id, request.task)
+        if not self._take(request.id, "a request"):
+            return
+        log.debug("request %d: submitted", request.id)
+        if self._start is not None:
+            id = request.id
+            try:
+                started = self._start(request.task, lambda out, err: self._reply(id, out, err))
+            except DextError as exc:  # refused at once (e.g. shutting down)
+                self._reply(id, None, exc)
+                return
+            except Exception as exc:  # a bug of ours must still answer the request
+                log.exception("request %d: internal error", id)
+                self._reply(id, None, exc)
+                return
+            if started is not None:
+                return
+        nursery.start_soon(self._answer, request.id, request.task)
 
     def _take(self, id: int, what: str) -> bool:
         """Count `id` in flight until it is answered; False (logged) if it is already."""
@@ -217,29 +238,34 @@ class JsonLineServer:
         queued = False
         try:
             try:
-                log.debug("request %d: submitted", id)
                 output = await self._submit(task)
             except DextError as exc:
-                message = self._error_text(id, str(exc) or type(exc).__name__)
-                log.warning("%s", message)
-                line = jsonl.encode_response(id, err_msg=message)
-                self._stats.failed += 1
+                self._reply(id, None, exc)
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("request %d: internal error", id)
-                line = jsonl.encode_response(
-                    id,
-                    err_msg=self._error_text(
-                        id, f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
-                    ),
-                )
-                self._stats.failed += 1
+                self._reply(id, None, exc)
             else:
-                line = jsonl.encode_response(id, output=output)
-            self._write(line, id)
+                self._reply(id, output, None)
             queued = True
         finally:
             if not queued:  # cancelled from outside (or a bug of ours): never answered
                 self._done(id)
+
+    def _reply(self, id: int, output: Output | None, error: Exception | None) -> None:
+        """Answer request `id` with `output`, or with `error` (a DextError says why there is no
+        proof; anything else is a bug of ours, logged by the caller, and still answered)."""
+        if error is None:
+            self._write(jsonl.encode_response(id, output=output), id)
+            return
+        if isinstance(error, DextError):
+            message = self._error_text(id, str(error) or type(error).__name__)
+            log.warning("%s", message)
+        else:
+            message = self._error_text(
+                id, f"internal error in damocles-ext: {type(error).__name__}: {error}"
+            )
+        self._stats.failed += 1
+        self._write(jsonl.encode_response(id, err_msg=message), id)
 
     def _answer_error(self, id: int, message: str) -> None:
         self._stats.failed += 1
@@ -291,6 +317,17 @@ def _id_list(ids: set[int], limit: int = 20) -> str:
 # -- serve with children of our own: the runtime around JsonLineServer and one supervisor ------
 
 
+def start_with_deadline(supervisor: Supervisor, after: float | None) -> Start:
+    """`supervisor.start_nowait(task, on_done=...)`, giving each request the deadline `after`
+    seconds from now (if set), as `with_deadline` does for `submit`."""
+
+    def start(task: Task, on_done: Callable[[Output | None, DextError | None], None]) -> object:
+        deadline = None if after is None else time.time() + after
+        return supervisor.start_nowait(task, deadline=deadline, on_done=on_done)
+
+    return start
+
+
 def with_deadline(submit: Callable[..., Awaitable[Output]], after: float | None) -> Submit:
     """`submit(task)` that gives each request the deadline `after` seconds from now (if set)."""
     if after is None:
@@ -303,10 +340,16 @@ def with_deadline(submit: Callable[..., Awaitable[Output]], after: float | None)
 
 
 async def serve_supervised(
-    stage: str, supervisor: Supervisor, submit: Submit, protocol_in: int, protocol_out: int
+    stage: str,
+    supervisor: Supervisor,
+    submit: Submit,
+    protocol_in: int,
+    protocol_out: int,
+    start: Start | None = None,
 ) -> int:
-    """Answer requests of `stage` on the pipes with `submit` while `supervisor` runs; the ready
-    line is already out. Stops on stdin EOF (after the requests read) or on a signal."""
+    """Answer requests of `stage` on the pipes with `start` (if given) or `submit` while
+    `supervisor` runs; the ready line is already out. Stops on stdin EOF (after the requests
+    read) or on a signal."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
@@ -320,6 +363,7 @@ async def serve_supervised(
                     finish_then_stop, server, supervisor, send.fileno()
                 ),
                 ready_line_sent=True,
+                start=start,
             )
             log.info("serving %s (pid %d)", stage, os.getpid())
             # Reading goes on after the first signal: a request already in the pipe still gets
