@@ -60,14 +60,36 @@ class _Unread(ProverError):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "not_sent", "on_progress", "response")
+    """A request waiting for its answer. Its caller is parked and woken directly (`wait`,
+    `set`): a trio.Event per request would cost a parking lot for the one waiter known."""
+
+    __slots__ = ("_task", "error", "is_set", "not_sent", "on_progress", "response")
 
     def __init__(self, on_progress: ProgressCallback | None) -> None:
-        self.done = trio.Event()
+        self.is_set = False  # answered, failed or not sent: `wait` returns
+        self._task: trio.lowlevel.Task | None = None
         self.response: dext.Response | None = None
         self.error: str | None = None
         self.not_sent = False  # the request could not be written
         self.on_progress = on_progress
+
+    def set(self) -> None:
+        self.is_set = True
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.is_set:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Client:
@@ -109,16 +131,16 @@ class Client:
         self._pending[request_id] = pending
 
         def written(error: BaseException | None) -> None:
-            if error is not None and not pending.done.is_set():
+            if error is not None and not pending.is_set:
                 pending.error = self._lost_text(error)
                 pending.not_sent = True
-                pending.done.set()
+                pending.set()
 
         try:
             self._outbox.send(frame, written, at_once=len(self._pending) == 1)
-            await pending.done.wait()
+            await pending.wait()
         except BaseException:
-            if not pending.done.is_set() and self._lost is None:
+            if not pending.is_set and self._lost is None:
                 # Tell the supervisor to stop working on it; the connection may be gone already.
                 self._outbox.send(dext.encode(dext.Cancel(request_id)))
             raise
@@ -221,7 +243,7 @@ class Client:
                 log.debug("response to request %d nobody waits for (cancelled?)", msg.id)
                 return
             pending.response = msg
-            pending.done.set()
+            pending.set()
         elif isinstance(msg, dext.Progress):
             pending = self._pending.get(msg.id)
             if pending is not None and pending.on_progress is not None:
@@ -242,9 +264,9 @@ class Client:
         for done, _box in self._status_pending.values():
             done.set()
         for pending in self._pending.values():
-            if not pending.done.is_set():
+            if not pending.is_set:
                 pending.error = reason
-                pending.done.set()
+                pending.set()
 
 
 #: What to do when no supervisor answers, as `prove` says it.
