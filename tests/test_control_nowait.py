@@ -1,19 +1,24 @@
-"""The control server with a real supervisor's `start_nowait` (as `run` serves): requests answered
-by a callback, with no task of their own, and the same answers, cancels and hang-ups as through
-`submit`; a request that needs a task of its own (a split WindowPoSt) still gets one."""
+"""The control server and serve's JSON-lines server with a real supervisor's `start_nowait` (as
+`run` and `serve` use it): requests answered by a callback, with no task of their own, and the
+same answers, cancels and hang-ups as through `submit`; a request that needs a task of its own (a
+split WindowPoSt) still gets one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import trio
+import trio.testing
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task, plugin_block, write_config
 
+from damocles_ext import plugins
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
-from damocles_ext.protocol import dext
+from damocles_ext.frontends.serve_jsonl import JsonLineServer, start_with_deadline
+from damocles_ext.hookspecs import hookimpl
+from damocles_ext.protocol import dext, jsonl
 
 
 class Counting:
@@ -139,3 +144,43 @@ async def test_a_split_window_post_is_left_to_submit_and_answered_whole(
             server.stop_accepting()
     assert output.proofs and not output.faults
     assert (start.taken, start.declined) == (0, 1)
+
+
+class _SeesStarts:
+    def __init__(self) -> None:
+        self.started = trio.Event()
+
+    @hookimpl
+    def dext_request_started(self, request) -> None:
+        self.started.set()
+
+
+async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers_nothing(tmp_path):
+    # A second SIGTERM cancels serve's JsonLineServer: a request taken by `start` has no task to
+    # be cancelled with it, so the server abandons it itself (the child is told to stop), and
+    # nobody is answered (as for a request's task cancelled with the rest).
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+    pm = plugins.get_plugin_manager()
+    seen = _SeesStarts()
+    plugins.register_plugin(pm, seen, "seen")
+    in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+    out_send, _out_receive = trio.testing.memory_stream_one_way_pair()
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg), plugin_manager=pm) as sup:
+            server = JsonLineServer(
+                "window_post",
+                sup.submit,
+                receive_stream=in_receive,
+                send_stream=out_send,
+                ready_line_sent=True,
+                start=start_with_deadline(sup, None),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.run)
+                await in_send.send_all(jsonl.encode_request(1, make_task(3)))
+                await seen.started.wait()  # on the child
+                nursery.cancel_scope.cancel()
+            assert sup.statistics().requests == 0
+            assert server.statistics().answered == 0

@@ -37,6 +37,7 @@ from .signals import watch_signals
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
+    from ..supervisor.request import Started
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -44,9 +45,17 @@ log = logging.getLogger("damocles_ext.serve")
 Submit = Callable[[Task], Awaitable[Output]]
 #: start(task, on_done) -> a started request, or None to leave it to `submit`: the callback form
 #: (`Supervisor.start_nowait`), which answers with no task per request.
-Start = Callable[[Task, Callable[[Output | None, DextError | None], None]], object | None]
+Start = Callable[[Task, Callable[[Output | None, DextError | None], None]], "Started | None"]
 
 _READ_SIZE = 256 * 1024
+
+
+class _Pending:
+    def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
+        pass
+
+
+_PENDING = _Pending()
 
 
 @dataclass(slots=True)
@@ -85,6 +94,8 @@ class JsonLineServer:
         self.stage = stage
         self._submit = submit
         self._start = start
+        self._started: dict[int, Started | _Pending] = {}  # what `start` returned, by id
+        self._stopped = False  # run() ended: an answer now is nobody's
         self._receive = receive_stream
         self._send_stream = send_stream
         self._on_input_closed = on_input_closed
@@ -140,6 +151,11 @@ class JsonLineServer:
                 await self.wait_idle()
                 self._outbox.close()
         finally:
+            # Cancelled from outside (a second signal): what `start` took is abandoned, as the
+            # tasks of `submit` are by their cancellation, and answered by nobody.
+            self._stopped = True
+            for started in list(self._started.values()):
+                started.cancel()
             if self._in_flight:  # only when cancelled from outside
                 log.warning(
                     "%d requests left unanswered: %s",
@@ -198,18 +214,32 @@ class JsonLineServer:
         log.debug("request %d: submitted", request.id)
         if self._start is not None:
             id = request.id
+            self._started[id] = _PENDING  # its answer may come before `start` returns
             try:
-                started = self._start(request.task, lambda out, err: self._reply(id, out, err))
+                started = self._start(request.task, lambda out, err: self._finished(id, out, err))
             except DextError as exc:  # refused at once (e.g. shutting down)
+                self._started.pop(id, None)
                 self._reply(id, None, exc)
                 return
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("request %d: internal error", id)
+                self._started.pop(id, None)
                 self._reply(id, None, exc)
                 return
             if started is not None:
+                if self._started.get(id) is _PENDING:  # not answered already
+                    self._started[id] = started
                 return
+            self._started.pop(id, None)
         nursery.start_soon(self._answer, request.id, request.task)
+
+    def _finished(self, id: int, output: Output | None, error: Exception | None) -> None:
+        """`start`'s answer to request `id` (maybe before `start` returned)."""
+        self._started.pop(id, None)
+        if self._stopped:
+            self._done(id)  # cancelled by run()'s end: nobody reads it
+        else:
+            self._reply(id, output, error)
 
     def _take(self, id: int, what: str) -> bool:
         """Count `id` in flight until it is answered; False (logged) if it is already."""
@@ -321,7 +351,9 @@ def start_with_deadline(supervisor: Supervisor, after: float | None) -> Start:
     """`supervisor.start_nowait(task, on_done=...)`, giving each request the deadline `after`
     seconds from now (if set), as `with_deadline` does for `submit`."""
 
-    def start(task: Task, on_done: Callable[[Output | None, DextError | None], None]) -> object:
+    def start(
+        task: Task, on_done: Callable[[Output | None, DextError | None], None]
+    ) -> Started | None:
         deadline = None if after is None else time.time() + after
         return supervisor.start_nowait(task, deadline=deadline, on_done=on_done)
 
