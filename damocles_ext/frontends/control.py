@@ -99,10 +99,10 @@ class ControlStart(Protocol):
         priority: int = ...,
         on_progress: Callable[[dext.Progress], None] | None = ...,
         on_done: Callable[[Output | None, DextError | None], None],
-    ) -> Cancellable | None: ...
+    ) -> CancelHandle | None: ...
 
 
-class Cancellable(Protocol):
+class CancelHandle(Protocol):
     def cancel(self) -> None: ...
 
 
@@ -337,7 +337,7 @@ class _Connection:
         self._stream = stream
         self._decoder = control_protocol.frame_decoder(server._max_frame)
         # Each request in flight: its task's scope, or what `start` returned (cancel() both).
-        self._scopes: dict[int, Cancellable] = {}
+        self._scopes: dict[int, CancelHandle] = {}
         self._client_cancelled: set[int] = set()  # ids the client sent a Cancel for
         self._gone = False  # run() ended: what is answered now is nobody's
         self._replies: list[control_protocol.StatusReply] = []
