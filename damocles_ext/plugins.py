@@ -15,6 +15,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,15 +82,19 @@ class DextPluginManager(pluggy.PluginManager):
     """A pluggy PluginManager that also remembers where each plugin came from and what failed."""
 
     def __init__(self) -> None:
+        #: Counts registrations, unregistrations and hookspecs added: what is known of the
+        #: hooks' implementations (the supervisor's observers) holds while it is unchanged.
+        self.generation = 0
         super().__init__(hookspecs.PROJECT)
         self.add_hookspecs(hookspecs)
         self.load_errors: list[PluginLoadError] = []
         self.origins: dict[str, str] = {}
         self.versions: dict[str, str] = {}
         self._catalog: _Catalog | None = None
-        #: Counts registrations and unregistrations: what is known of the hooks' implementations
-        #: (the supervisor's observers) holds while it is unchanged.
-        self.generation = 0
+
+    def add_hookspecs(self, module_or_class: types.ModuleType | type) -> None:
+        self.generation += 1
+        super().add_hookspecs(module_or_class)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         self._catalog = None

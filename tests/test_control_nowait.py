@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
+from helpers.child import winning_task
 from helpers.frontend import make_task, plugin_block, write_config
 
 from damocles_ext import plugins
@@ -184,3 +185,76 @@ async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers
                 nursery.cancel_scope.cancel()
             assert sup.statistics().requests == 0
             assert server.statistics().answered == 0
+
+
+async def test_a_control_server_stopped_from_outside_abandons_what_start_took(tmp_path, sock_dir):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            async with trio.open_nursery() as nursery:
+                server, start = await _serve(sup, sock_dir, nursery)
+                stream = await trio.open_unix_socket(str(server.path))
+                decoder = dext.FrameDecoder()
+                await stream.send_all(dext.encode(dext.Request(1, make_task(3))))
+                await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+                nursery.cancel_scope.cancel()  # the server stops; the supervisor goes on
+            assert sup.statistics().requests == 0
+            assert server.statistics().in_flight == 0
+            await stream.aclose()
+    assert start.taken == 1
+
+
+async def test_requests_refused_or_answered_inside_start_get_exactly_one_answer(
+    tmp_path, sock_dir, nursery
+):
+    # Only WinningPoSt children: a WindowPoSt fails inside start_nowait, before it returns.
+    cfg = write_config(tmp_path, plugin_block("WinPost", "echo"))
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, _ = await _serve(sup, sock_dir, nursery)
+            stream = await trio.open_unix_socket(str(server.path))
+            decoder = dext.FrameDecoder()
+            await stream.send_all(
+                dext.encode(dext.Request(1, make_task(3)))  # no child for its stage
+                + dext.encode(dext.Request(2, winning_task(), deadline=float("nan")))
+                + dext.encode(dext.Request(3, winning_task()))
+            )
+            got = await _responses(stream, decoder, lambda got: len(got) >= 3)
+            await stream.aclose()
+            await server.wait_idle()
+            server.stop_accepting()
+    by_id = {m.id: m for m in got}
+    assert sorted(by_id) == [1, 2, 3] and len(got) == 3
+    assert "no window_post children are configured" in by_id[1].error
+    assert "its deadline nan is not a finite number" in by_id[2].error
+    assert by_id[3].output == echo_output(winning_task()) and by_id[3].error is None
+    assert server.statistics().in_flight == 0
+
+
+async def test_a_cancel_of_a_queued_started_request_answers_it_and_leaves_the_running_one(
+    tmp_path, sock_dir, nursery
+):
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            server, _ = await _serve(sup, sock_dir, nursery)
+            stream = await trio.open_unix_socket(str(server.path))
+            decoder = dext.FrameDecoder()
+            await stream.send_all(
+                dext.encode(dext.Request(1, make_task(3)))
+                + dext.encode(dext.Request(2, make_task(4)))
+            )
+            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            assert sup.statistics().stages["window_post"].queued == 1  # 2 waits for the child
+            await stream.send_all(dext.encode(dext.Cancel(2)))
+            got = await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Response) for m in got))  # fmt: skip
+            (response,) = [m for m in got if isinstance(m, dext.Response)]
+            assert (response.id, response.error) == (2, "cancelled at the client's request")
+            assert sup.statistics().requests == 1  # 1 still runs
+            await stream.aclose()
+            await server.wait_idle()
+            server.stop_accepting()

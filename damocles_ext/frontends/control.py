@@ -529,18 +529,23 @@ class _Connection:
         return on_progress
 
     def _done(self, rid: int, output: Output | None, error: DextError | None) -> None:
-        """A request started by `start` was answered, or refused at once."""
+        """A request started by `start` was answered, or refused at once. Called from within
+        the supervisor: a bug of ours here must still answer the request, and not reach it."""
         if self._gone:
             return  # the client is gone; run() counted it
-        del self._scopes[rid]
-        if rid in self._client_cancelled:
-            self._client_cancelled.discard(rid)
-            response = dext.Response(rid, error="cancelled at the client's request")
-        elif error is not None:
-            response = dext.Response(rid, error=str(error) or type(error).__name__)
-        else:
-            response = dext.Response(rid, output=output)
-        self._queue_response(response)
+        self._scopes.pop(rid, None)
+        try:
+            if rid in self._client_cancelled:
+                self._client_cancelled.discard(rid)
+                response = dext.Response(rid, error="cancelled at the client's request")
+            elif error is not None:
+                response = dext.Response(rid, error=str(error) or type(error).__name__)
+            else:
+                response = dext.Response(rid, output=output)
+            self._queue_response(response)
+        except Exception as exc:
+            log.exception("control request %d: internal error on its answer", rid)
+            self._queue_response(dext.Response(rid, error=_internal(exc)))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)

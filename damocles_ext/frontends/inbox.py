@@ -16,6 +16,7 @@ gets Cancelled at its next wait (or within a few reads), not at once.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import trio
@@ -42,20 +43,29 @@ class Inbox:
         fd = self._fd
         if fd is None:
             return bytes(await self._stream.receive_some(self._size))
+        self._check_open(fd)  # closed between two calls: its number may be another's now
         while True:
             if self._wait:
                 self._unyielded = 0
                 await trio.lowlevel.wait_readable(fd)
+                self._check_open(fd)
             elif self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
                 await trio.lowlevel.checkpoint()
+                self._check_open(fd)
             try:
                 data = os.read(fd, self._size)
             except BlockingIOError:
                 self._wait = True
                 continue
             except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the stream was closed") from exc
                 raise trio.BrokenResourceError(f"cannot read the stream: {exc}") from exc
             self._unyielded += 1
             self._wait = 0 < len(data) < self._size
             return data
+
+    def _check_open(self, fd: int) -> None:
+        if stream_fd(self._stream) != fd:  # a closed trio socket's fileno() is -1
+            raise trio.ClosedResourceError("the stream was closed")

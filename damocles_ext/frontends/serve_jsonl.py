@@ -234,12 +234,17 @@ class JsonLineServer:
         nursery.start_soon(self._answer, request.id, request.task)
 
     def _finished(self, id: int, output: Output | None, error: Exception | None) -> None:
-        """`start`'s answer to request `id` (maybe before `start` returned)."""
+        """`start`'s answer to request `id` (maybe before `start` returned). Called from within
+        the supervisor: a bug of ours here must still answer the request, and not reach it."""
         self._started.pop(id, None)
         if self._stopped:
             self._done(id)  # cancelled by run()'s end: nobody reads it
-        else:
+            return
+        try:
             self._reply(id, output, error)
+        except Exception as exc:
+            log.exception("request %d: internal error on its answer", id)
+            self._reply(id, None, exc)
 
     def _take(self, id: int, what: str) -> bool:
         """Count `id` in flight until it is answered; False (logged) if it is already."""

@@ -351,7 +351,12 @@ class Scheduler:
                     self._pop(heap)
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
-                    full = not others and len(child.running) >= child.info.capacity
+                    # (Incremental only: full recomputation stays the property test's oracle.)
+                    full = (
+                        self._incremental
+                        and not others
+                        and len(child.running) >= child.info.capacity
+                    )
                 job = self._peek(heap)
             if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)

@@ -316,10 +316,10 @@ class Supervisor:
         on_done: Callable[[Output | None, ProverError | None], None],
     ) -> Started | None:
         """`submit` without a task per request, for front ends: `on_done(output, error)` is
-        called once (maybe before this returns) with what `submit` would return or raise, and
-        `Started.cancel()` abandons the request as a cancelled `submit` does. `submit`'s own
-        refusals are raised here. None, and nothing started, for a request that needs a task of
-        its own (a WindowPoSt with the split tables: two steps): `submit` it instead."""
+        called once, maybe before this returns, from within the supervisor (it must neither
+        block nor call the supervisor), with what `submit` would return or raise. `Started.
+        cancel()` abandons the request as a cancelled `submit` does; `submit`'s refusals are
+        raised here. None (nothing started) for a split WindowPoSt: `submit` it instead."""
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False)
