@@ -34,6 +34,7 @@ from .frontends.control_socket import (
 )
 from .frontends.inbox import Inbox
 from .frontends.outbox import Outbox
+from .parked import Parked
 from .protocol import control as control_protocol
 from .protocol import dext
 from .tasks import Output, Task
@@ -59,37 +60,17 @@ class _Unread(ProverError):
     """The supervisor closed the connection and said it read nothing more from it."""
 
 
-class _Pending:
-    """A request waiting for its answer. Its caller is parked and woken directly (`wait`,
-    `set`): a trio.Event per request would cost a parking lot for the one waiter known."""
+class _Pending(Parked):
+    """A request waiting for its answer (`set` once answered, failed or not sent)."""
 
-    __slots__ = ("_task", "error", "is_set", "not_sent", "on_progress", "response")
+    __slots__ = ("error", "not_sent", "on_progress", "response")
 
     def __init__(self, on_progress: ProgressCallback | None) -> None:
-        self.is_set = False  # answered, failed or not sent: `wait` returns
-        self._task: trio.lowlevel.Task | None = None
+        super().__init__()
         self.response: dext.Response | None = None
         self.error: str | None = None
         self.not_sent = False  # the request could not be written
         self.on_progress = on_progress
-
-    def set(self) -> None:
-        self.is_set = True
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
-
-    async def wait(self) -> None:
-        if self.is_set:
-            await trio.lowlevel.checkpoint()
-            return
-        self._task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def _abort(self, _: object) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Client:

@@ -46,6 +46,26 @@ async def _serve(sup, sock_dir: Path, nursery) -> tuple[ControlServer, Counting]
     return server, start
 
 
+def _sleeping(tmp_path: Path) -> Path:
+    """A config of one child whose proofs last 10 minutes, reporting progress as they go."""
+    return write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
+    )
+
+
+async def _raw(server: ControlServer) -> tuple[trio.SocketStream, dext.FrameDecoder]:
+    """A connection to `server` that speaks dext frames itself, and its frame decoder."""
+    return await trio.open_unix_socket(str(server.path)), dext.FrameDecoder()
+
+
+def _a_progress(got: list) -> bool:
+    return any(isinstance(m, dext.Progress) for m in got)
+
+
+def _a_response(got: list) -> bool:
+    return any(isinstance(m, dext.Response) for m in got)
+
+
 async def _responses(stream: trio.SocketStream, decoder: dext.FrameDecoder, until) -> list:
     """What the server sends, until `until(messages so far)` holds."""
     got: list = []
@@ -82,19 +102,16 @@ async def test_requests_taken_by_start_are_answered_with_their_outputs_in_any_nu
 async def test_a_cancel_from_the_client_answers_a_started_request_and_stops_its_work(
     tmp_path, sock_dir, nursery
 ):
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
-    )
+    cfg = _sleeping(tmp_path)
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
             server, start = await _serve(sup, sock_dir, nursery)
-            stream = await trio.open_unix_socket(str(server.path))
-            decoder = dext.FrameDecoder()
+            stream, decoder = await _raw(server)
             await stream.send_all(dext.encode(dext.Request(1, make_task(3))))
             # Its progress says it runs on the child.
-            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            await _responses(stream, decoder, _a_progress)
             await stream.send_all(dext.encode(dext.Cancel(1)))
-            got = await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Response) for m in got))  # fmt: skip
+            got = await _responses(stream, decoder, _a_response)
             (response,) = [m for m in got if isinstance(m, dext.Response)]
             assert (response.id, response.output) == (1, None)
             assert response.error == "cancelled at the client's request"
@@ -109,19 +126,16 @@ async def test_a_cancel_from_the_client_answers_a_started_request_and_stops_its_
 
 
 async def test_a_client_that_hangs_up_abandons_its_started_requests(tmp_path, sock_dir, nursery):
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
-    )
+    cfg = _sleeping(tmp_path)
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
             server, start = await _serve(sup, sock_dir, nursery)
-            stream = await trio.open_unix_socket(str(server.path))
-            decoder = dext.FrameDecoder()
+            stream, decoder = await _raw(server)
             await stream.send_all(
                 dext.encode(dext.Request(1, make_task(3)))
                 + dext.encode(dext.Request(2, make_task(4)))
             )
-            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            await _responses(stream, decoder, _a_progress)
             await stream.aclose()
             await server.wait_idle()
             # Both answered inside the supervisor (cancelled): nothing is left in its book.
@@ -160,9 +174,7 @@ async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers
     # A second SIGTERM cancels serve's JsonLineServer: a request taken by `start` has no task to
     # be cancelled with it, so the server abandons it itself (the child is told to stop), and
     # nobody is answered (as for a request's task cancelled with the rest).
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
-    )
+    cfg = _sleeping(tmp_path)
     pm = plugins.get_plugin_manager()
     seen = _SeesStarts()
     plugins.register_plugin(pm, seen, "seen")
@@ -188,17 +200,14 @@ async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers
 
 
 async def test_a_control_server_stopped_from_outside_abandons_what_start_took(tmp_path, sock_dir):
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
-    )
+    cfg = _sleeping(tmp_path)
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
             async with trio.open_nursery() as nursery:
                 server, start = await _serve(sup, sock_dir, nursery)
-                stream = await trio.open_unix_socket(str(server.path))
-                decoder = dext.FrameDecoder()
+                stream, decoder = await _raw(server)
                 await stream.send_all(dext.encode(dext.Request(1, make_task(3))))
-                await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+                await _responses(stream, decoder, _a_progress)
                 nursery.cancel_scope.cancel()  # the server stops; the supervisor goes on
             assert sup.statistics().requests == 0
             assert server.statistics().in_flight == 0
@@ -214,8 +223,7 @@ async def test_requests_refused_or_answered_inside_start_get_exactly_one_answer(
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
             server, _ = await _serve(sup, sock_dir, nursery)
-            stream = await trio.open_unix_socket(str(server.path))
-            decoder = dext.FrameDecoder()
+            stream, decoder = await _raw(server)
             await stream.send_all(
                 dext.encode(dext.Request(1, make_task(3)))  # no child for its stage
                 + dext.encode(dext.Request(2, winning_task(), deadline=float("nan")))
@@ -236,22 +244,19 @@ async def test_requests_refused_or_answered_inside_start_get_exactly_one_answer(
 async def test_a_cancel_of_a_queued_started_request_answers_it_and_leaves_the_running_one(
     tmp_path, sock_dir, nursery
 ):
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.05)
-    )
+    cfg = _sleeping(tmp_path)
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
             server, _ = await _serve(sup, sock_dir, nursery)
-            stream = await trio.open_unix_socket(str(server.path))
-            decoder = dext.FrameDecoder()
+            stream, decoder = await _raw(server)
             await stream.send_all(
                 dext.encode(dext.Request(1, make_task(3)))
                 + dext.encode(dext.Request(2, make_task(4)))
             )
-            await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Progress) for m in got))  # fmt: skip
+            await _responses(stream, decoder, _a_progress)
             assert sup.statistics().stages["window_post"].queued == 1  # 2 waits for the child
             await stream.send_all(dext.encode(dext.Cancel(2)))
-            got = await _responses(stream, decoder, lambda got: any(isinstance(m, dext.Response) for m in got))  # fmt: skip
+            got = await _responses(stream, decoder, _a_response)
             (response,) = [m for m in got if isinstance(m, dext.Response)]
             assert (response.id, response.error) == (2, "cancelled at the client's request")
             assert sup.statistics().requests == 1  # 1 still runs

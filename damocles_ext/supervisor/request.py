@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import trio
-
 from ..errors import ProverError
+from ..parked import Parked
 from ..protocol import dext
 from ..tasks import Output
 
@@ -26,18 +25,20 @@ log = logging.getLogger("damocles_ext.supervisor")
 
 
 @dataclass(eq=False, slots=True)
-class Waiter:
-    """One caller of submit(), from submission until its request is answered."""
+class Waiter(Parked):
+    """One caller of submit(), from submission until its request is answered: a task parked
+    in `wait`, or the `on_done` callback of `Supervisor.start_nowait`."""
 
     tracked: TrackedRequest
     on_progress: Callable[[dext.Progress], None] | None
     on_dispatch: Callable[[str | None], None] | None = None  # a child's name, or None: waiting
     output: Output | None = None
     error: ProverError | None = None
-    answered: bool = False  # `answer` was called
-    _task: trio.lowlevel.Task | None = None  # the caller, while it waits in `wait`
     #: Called once with (output, error) instead of waking a task (`Supervisor.start_nowait`).
     on_done: Callable[[Output | None, ProverError | None], None] | None = None
+
+    def __post_init__(self) -> None:
+        Parked.__init__(self)
 
     @property
     def rid(self) -> int:
@@ -48,31 +49,13 @@ class Waiter:
         """Answered: the book resolved it (its Resolve is carried out before anything awaits)."""
         return self.tracked.done
 
-    async def wait(self) -> None:
-        """Wait until `answer` is called (a checkpoint if it was already).
-
-        The caller's task is parked and woken directly: a trio.Event per request would cost a
-        parking lot and its bookkeeping on the hottest path for one waiter that is known."""
-        if self.answered:
-            await trio.lowlevel.checkpoint()
-            return
-        self._task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def _abort(self, _: object) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
     def answer(self) -> None:
         """The output or error is set: wake the caller, or call its `on_done`."""
-        self.answered = True
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
-        elif self.on_done is not None:
+        on_done = None if self.waited_on else self.on_done
+        self.set()
+        if on_done is not None:
             try:
-                self.on_done(self.output, self.error)
+                on_done(self.output, self.error)
             except Exception:  # the caller's callback must not take the supervisor down
                 log.exception("the answer callback of request %d raised; ignored", self.rid)
 
