@@ -53,6 +53,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
 from .inbox import Inbox
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 from .outbox import stream_fd, write_now
+from .started import CancelHandle, internal_error, start_or_decline
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -100,22 +101,6 @@ class ControlStart(Protocol):
         on_progress: Callable[[dext.Progress], None] | None = ...,
         on_done: Callable[[Output | None, DextError | None], None],
     ) -> CancelHandle | None: ...
-
-
-class CancelHandle(Protocol):
-    def cancel(self) -> None: ...
-
-
-class _Starting:
-    def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
-        pass
-
-
-_STARTING = _Starting()
-
-
-def _internal(exc: Exception) -> str:
-    return f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
 
 
 @dataclass(slots=True)
@@ -489,30 +474,17 @@ class _Connection:
         self._server._request_started()
         self._owned += 1
         start = self._server._start
-        if start is not None:
-            # Answered by a callback: no task, no cancel scope, no wake-up of a task per request.
-            self._scopes[req.id] = _STARTING  # on_done may come before start returns
-            try:
-                started = start(
-                    req.task,
-                    deadline=req.deadline,
-                    priority=req.priority,
-                    on_progress=self._progress_of(req.id),
-                    on_done=lambda output, error: self._done(req.id, output, error),
-                )
-            except DextError as exc:
-                started = None
-                self._done(req.id, None, exc)
-            except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("control request %d: internal error", req.id)
-                started = None
-                self._done(req.id, None, DextError(_internal(exc)))
-            if started is not None:
-                if self._scopes.get(req.id) is _STARTING:
-                    self._scopes[req.id] = started
-                return
-            if req.id not in self._scopes:
-                return  # answered (refused) already
+        if start is not None and start_or_decline(
+            start,
+            self._scopes,
+            req.id,
+            req.task,
+            lambda output, error: self._done(req.id, output, error),
+            deadline=req.deadline,
+            priority=req.priority,
+            on_progress=self._progress_of(req.id),
+        ):
+            return  # answered by a callback: no task, no cancel scope, no wake-up of a task
         scope = trio.CancelScope()
         self._scopes[req.id] = scope
         nursery.start_soon(self._run_request, req, scope)
@@ -545,7 +517,7 @@ class _Connection:
             self._queue_response(response)
         except Exception as exc:
             log.exception("control request %d: internal error on its answer", rid)
-            self._queue_response(dext.Response(rid, error=_internal(exc)))
+            self._queue_response(dext.Response(rid, error=internal_error(exc)))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
@@ -559,7 +531,7 @@ class _Connection:
                 response = dext.Response(req.id, error=str(exc) or type(exc).__name__)
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("control request %d: internal error", req.id)
-                response = dext.Response(req.id, error=_internal(exc))
+                response = dext.Response(req.id, error=internal_error(exc))
             else:
                 response = dext.Response(req.id, output=output)
         del self._scopes[req.id]
@@ -587,9 +559,7 @@ class _Connection:
                 reply = control_protocol.StatusReply(request_id, status=await status())
             except Exception as exc:  # a bug of ours must still answer, and not kill `run`
                 log.exception("status request %d: internal error", request_id)
-                reply = control_protocol.StatusReply(
-                    request_id, error=f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
-                )
+                reply = control_protocol.StatusReply(request_id, error=internal_error(exc))
         return reply
 
     def _queue_response(self, response: dext.Response) -> None:

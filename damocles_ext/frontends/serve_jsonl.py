@@ -34,6 +34,7 @@ from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
 from .signals import watch_signals
+from .started import CancelHandle, OnDone, internal_error, start_or_decline
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
@@ -45,17 +46,9 @@ log = logging.getLogger("damocles_ext.serve")
 Submit = Callable[[Task], Awaitable[Output]]
 #: start(task, on_done) -> a started request, or None to leave it to `submit`: the callback form
 #: (`Supervisor.start_nowait`), which answers with no task per request.
-Start = Callable[[Task, Callable[[Output | None, DextError | None], None]], "Started | None"]
+Start = Callable[..., "CancelHandle | None"]  # start(task, *, on_done)
 
 _READ_SIZE = 256 * 1024
-
-
-class _Pending:
-    def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
-        pass
-
-
-_PENDING = _Pending()
 
 
 @dataclass(slots=True)
@@ -94,7 +87,7 @@ class JsonLineServer:
         self.stage = stage
         self._submit = submit
         self._start = start
-        self._started: dict[int, Started | _Pending] = {}  # what `start` returned, by id
+        self._started: dict[int, CancelHandle] = {}  # what `start` returned, by id
         self._stopped = False  # run() ended: an answer now is nobody's
         self._receive = receive_stream
         self._send_stream = send_stream
@@ -212,25 +205,11 @@ class JsonLineServer:
         if not self._take(request.id, "a request"):
             return
         log.debug("request %d: submitted", request.id)
-        if self._start is not None:
-            id = request.id
-            self._started[id] = _PENDING  # its answer may come before `start` returns
-            try:
-                started = self._start(request.task, lambda out, err: self._finished(id, out, err))
-            except DextError as exc:  # refused at once (e.g. shutting down)
-                self._started.pop(id, None)
-                self._reply(id, None, exc)
-                return
-            except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("request %d: internal error", id)
-                self._started.pop(id, None)
-                self._reply(id, None, exc)
-                return
-            if started is not None:
-                if self._started.get(id) is _PENDING:  # not answered already
-                    self._started[id] = started
-                return
-            self._started.pop(id, None)
+        id = request.id
+        if self._start is not None and start_or_decline(
+            self._start, self._started, id, request.task, lambda o, e: self._finished(id, o, e)
+        ):
+            return
         nursery.start_soon(self._answer, request.id, request.task)
 
     def _finished(self, id: int, output: Output | None, error: Exception | None) -> None:
@@ -296,9 +275,7 @@ class JsonLineServer:
             message = self._error_text(id, str(error) or type(error).__name__)
             log.warning("%s", message)
         else:
-            message = self._error_text(
-                id, f"internal error in damocles-ext: {type(error).__name__}: {error}"
-            )
+            message = self._error_text(id, internal_error(error))
         self._stats.failed += 1
         self._write(jsonl.encode_response(id, err_msg=message), id)
 
@@ -356,9 +333,7 @@ def start_with_deadline(supervisor: Supervisor, after: float | None) -> Start:
     """`supervisor.start_nowait(task, on_done=...)`, giving each request the deadline `after`
     seconds from now (if set), as `with_deadline` does for `submit`."""
 
-    def start(
-        task: Task, on_done: Callable[[Output | None, DextError | None], None]
-    ) -> Started | None:
+    def start(task: Task, *, on_done: OnDone) -> Started | None:
         deadline = None if after is None else time.time() + after
         return supervisor.start_nowait(task, deadline=deadline, on_done=on_done)
 

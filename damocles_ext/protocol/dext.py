@@ -135,14 +135,13 @@ class FrameDecoder:
     ) -> None:
         self.max_frame_size = max_frame_size
         self._decoder = _decoder if message_type is None else msgspec.msgpack.Decoder(message_type)
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray()  # the start of a frame not yet whole
         self._closed = False
 
     @property
     def pending(self) -> int:
         """Bytes received that are not yet part of a whole message."""
-        return len(self._buf) - self._pos
+        return len(self._buf)
 
     def receive_data(self, data: bytes) -> list[Message]:
         """Feed bytes; returns every message they complete. Raises ProtocolError on bad input."""
@@ -150,45 +149,26 @@ class FrameDecoder:
             raise ProtocolError("data received after end of stream")
         if not data:
             self._closed = True
-            if self.pending:
+            if self._buf:
                 raise ProtocolError(
-                    f"stream ended inside a frame ({self.pending} bytes of an incomplete frame)"
+                    f"stream ended inside a frame ({len(self._buf)} bytes of an incomplete frame)"
                 )
             return []
-        if self._pos == len(self._buf):
+        buf = self._buf
+        if not buf:
             # Nothing buffered (the common case: whole frames per read): decode straight from
             # `data`, and buffer only an incomplete frame at its end.
-            if self._pos:
-                self._buf.clear()
-                self._pos = 0
             return self._frames(data)
-        self._buf += data
-        messages: list[Message] = []
-        buf = self._buf
-        pos = self._pos
-        end = len(buf)
-        decode = self._decoder.decode  # as in _frames
-        with memoryview(buf) as view:  # released before the buffer is resized
-            try:
-                while end - pos >= HEADER_SIZE:
-                    (length,) = _unpack_length(buf, pos)
-                    if length > self.max_frame_size:
-                        raise ProtocolError(
-                            f"frame length {length} exceeds the maximum of {self.max_frame_size}"
-                            " bytes (is the peer speaking dext/1?)"
-                        )
-                    if end - pos - HEADER_SIZE < length:
-                        break
-                    start = pos + HEADER_SIZE
-                    messages.append(decode(view[start : start + length]))
-                    pos = start + length
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise _undecodable(length, exc) from None
-        if pos and pos * 2 >= end:
-            del buf[:pos]
-            pos = 0
-        self._pos = pos
-        return messages
+        buf += data
+        if len(buf) < HEADER_SIZE:
+            return []
+        (length,) = _unpack_length(buf, 0)
+        if length <= self.max_frame_size and len(buf) - HEADER_SIZE < length:
+            return []  # still inside its first frame: no copy until it is whole
+        # The buffered frame is whole (or its length is refused): decode from one copy.
+        whole = bytes(buf)
+        buf.clear()
+        return self._frames(whole)
 
     def _frames(self, data: bytes) -> list[Message]:
         """The whole frames at the start of `data`; the rest is buffered."""

@@ -298,9 +298,8 @@ class Supervisor:
         try:
             await waiter.wait()
         finally:
-            if not waiter.done:
-                # The caller went away (cancelled): forget the request, stop its work if we can.
-                self._abandon(waiter)
+            # If the caller went away (cancelled): forget the request, stop its work if we can.
+            self._abandon(waiter)
         if waiter.error is not None:
             raise waiter.error
         assert waiter.output is not None
@@ -536,8 +535,7 @@ class Supervisor:
             else:
                 waiter.output = effect.output
             waiter.answer()
-        if self._changed_waiting:
-            self._notify()
+        self._notify()
         if self._observers.wants("dext_request_finished"):
             now = trio.current_time()
             self._observers.observe(

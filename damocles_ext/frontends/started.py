@@ -1,0 +1,68 @@
+"""Requests a front end gives the supervisor's `start_nowait`, answered by a callback: the one
+way `run`'s control server and `serve` take a request, refusals and bugs included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import DextError
+from ..tasks import Output, Task
+
+log = logging.getLogger("damocles_ext.frontends")
+
+#: on_done(output, error): a request's one answer.
+OnDone = Callable[[Output | None, DextError | None], None]
+
+
+class CancelHandle(Protocol):
+    """What abandons a request in flight: its task's cancel scope, or what `start` returned."""
+
+    def cancel(self) -> None: ...
+
+
+class _Starting:
+    def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
+        pass
+
+
+STARTING = _Starting()
+
+
+def internal_error(exc: Exception) -> str:
+    """How a front end answers a request a bug of ours failed."""
+    return f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+
+
+def start_or_decline(
+    start: Callable[..., CancelHandle | None],
+    handles: dict[int, Any],
+    rid: int,
+    task: Task,
+    on_done: OnDone,
+    **options: Any,
+) -> bool:
+    """Give request `rid` to `start`, keeping what it returns in `handles[rid]` until `on_done`
+    (which removes it) is called. True if it was taken: its answer comes through `on_done`,
+    maybe already; a refusal raised by `start`, or a bug of ours, is given to `on_done` too.
+    False: nothing was started, and the request goes to `submit`."""
+    handles[rid] = STARTING  # its answer may come before `start` returns
+    try:
+        started = start(task, on_done=on_done, **options)
+    except DextError as exc:  # refused at once (e.g. shutting down)
+        handles.pop(rid, None)
+        on_done(None, exc)
+        return True
+    except Exception as exc:  # a bug of ours must still answer the request
+        log.exception("request %d: internal error", rid)
+        handles.pop(rid, None)
+        on_done(None, DextError(internal_error(exc)))
+        return True
+    if started is None:
+        handles.pop(rid, None)
+        return False
+    if handles.get(rid) is STARTING:  # not answered already
+        handles[rid] = started
+    return True
