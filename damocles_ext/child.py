@@ -50,6 +50,9 @@ PROGRESS_MIN_INTERVAL = 0.1
 #: After stdin EOF (the parent is gone) provers get this long to notice their cancel token.
 EOF_GRACE = 1.0
 READ_SIZE = 1 << 16
+#: Requests beyond its capacity the runtime offers to take (the Hello's queue): they wait in
+#: order, answered "cancelled" at once if the parent takes one back.
+QUEUE = 1
 _MAIN = threading.main_thread()
 
 
@@ -90,7 +93,7 @@ class _DextCodec:
 
     def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
         return dext.encode(
-            dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity)
+            dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity, QUEUE)
         )
 
     def feed(self, data: bytes) -> list[_In]:

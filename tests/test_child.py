@@ -84,6 +84,7 @@ def test_hello_is_the_first_frame_and_describes_the_child():
             prover="echo",
             version="1",
             capacity=3,
+            queue=1,  # one more, quick requests only: the supervisor's "Quick requests"
         )
 
 

@@ -65,24 +65,30 @@ ops = st.one_of(submit, finish, submit, finish, progress, other)
 crowded = st.one_of(submit, submit, submit, finish, progress, other)
 
 
+# Children that offer a queue (quick requests queue in them), and quick rules loose enough that
+# random sequences queue jobs, and take some back.
+QUEUES = {"wd0": 1, "wd1": 2, "sn1": 1, "win0": 1}
+QUICK = {"quick_run": 2, "quick_answer": 4.0, "take_back_after": 3.0}
+
+
 class Twins:
     def __init__(self, children: list[ChildSlots]) -> None:
-        self.fast = Scheduler()
-        self.full = Scheduler(incremental=False)
+        self.fast = Scheduler(**QUICK)
+        self.full = Scheduler(incremental=False, **QUICK)
         self.cids = {c.child_id for c in children}
         for c in children:
             for s in (self.fast, self.full):
                 s.add_child(c)
-                s.child_ready(c.child_id, 0.0)
+                s.child_ready(c.child_id, 0.0, queue=QUEUES.get(c.child_id, 0))
         self.now = 0.0
         self.next_id = 0
         self.jobs: dict[int, Job] = {}
         self.running: list[int] = []
         self.live: list[int] = []
 
-    def both(self, method: str, *args):
-        a = getattr(self.fast, method)(*args)
-        b = getattr(self.full, method)(*args)
+    def both(self, method: str, *args, **kwargs):
+        a = getattr(self.fast, method)(*args, **kwargs)
+        b = getattr(self.full, method)(*args, **kwargs)
         assert a == b, (method, args, a, b)
         return a
 
@@ -119,7 +125,7 @@ class Twins:
                 else:
                     self.live.remove(job.request_id)
         elif kind == "ready" and op[1] in self.cids:
-            self.both("child_ready", op[1], self.now)
+            self.both("child_ready", op[1], self.now, queue=QUEUES.get(op[1], 0))
         elif kind == "tick":
             self.now += op[1]
             self.both("next_wakeup")
@@ -156,6 +162,28 @@ def test_long_crowded_sequences_decided_now_and_then_equal_the_full_recomputatio
     # Long queues and events that pile up before a decision: a submit then lands behind a queue
     # whose stage is still to be decided, or was just decided; with locks and pipelining.
     t = Twins(children)
+    for op, decide in sequence:
+        t.step(op, decide)
+    t.decide()
+    assert t.fast.statistics() == t.full.statistics()
+
+
+# Window PoSts that come and go at once, and now and then time passing: children that offer a
+# queue take jobs behind their running ones, and have some taken back.
+streaming = st.one_of(
+    st.tuples(st.just("submit"), st.just(WD), st.none(), st.just(0)),
+    st.tuples(st.just("submit"), st.just(WD), st.none(), st.just(0)),
+    finish,
+    finish,
+    st.tuples(st.just("tick"), st.floats(0, 4)),
+    other,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(streaming, st.booleans()), min_size=40, max_size=150))
+def test_jobs_queued_in_children_and_taken_back_equal_the_full_recomputation(sequence):
+    t = Twins(NO_LOCKS)
     for op, decide in sequence:
         t.step(op, decide)
     t.decide()

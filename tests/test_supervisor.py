@@ -79,6 +79,32 @@ async def test_builtin_dext_child_and_jsonl_child_both_answer_requests():
         assert stats["window_post#1"].protocol == "jsonl"
 
 
+async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_child():
+    # The built-in runtime offers a queue of 1 in its Hello; once its answers are quick it is
+    # sent one request beyond Concurrent = 1. A JSON-lines child never is.
+    specs = [spec(builtin_child(), index=0), spec(jsonl_child(), index=1)]
+    most: dict[str, int] = {}
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", 2)
+
+        def dispatched(name: str | None) -> None:
+            if name is not None:
+                most[name] = max(most.get(name, 0), child_stats(sup, name).in_flight)
+
+        async def caller(first: int) -> None:
+            for miner in range(first, first + 20):
+                task = window_task(miner=miner)
+                out = await sup.submit(task, on_dispatch=dispatched)
+                assert out == echo_output(task) or out.faults[0] == miner
+
+        async with trio.open_nursery() as nursery:
+            for k in range(16):
+                nursery.start_soon(caller, 1 + 20 * k)
+        stats = {c.name: c for c in sup.statistics().children}
+        assert stats["window_post#0"].done + stats["window_post#1"].done == 320
+    assert most == {"window_post#0": 2, "window_post#1": 1}
+
+
 async def test_weights_spread_sequential_requests_3_to_1():
     specs = [spec(jsonl_child(), index=0, weight=3), spec(jsonl_child(), index=1, weight=1)]
     async with open_supervisor(specs) as sup:

@@ -120,9 +120,10 @@ class RequestBook(BookRules):
         )
 
     def child_ready(
-        self, child: str, now: float, *, protocol: str, pid: int | None
+        self, child: str, now: float, *, protocol: str, pid: int | None, queue: int = 0
     ) -> list[Effect]:
-        """A new process of `child` said it is ready (speaking `protocol`): it takes requests."""
+        """A new process of `child` said it is ready (speaking `protocol`): it takes requests,
+        and `queue` more while they are quick (the scheduler's "Quick requests")."""
         out = self._catch_up(now)
         c = self._child(child)
         if c.process is not None:  # the last one was never reported lost: it is now
@@ -130,7 +131,7 @@ class RequestBook(BookRules):
         c.process = ProcessRecord(c, protocol, pid, last_activity=now)
         c.served = False
         c.gave_up = False
-        self.scheduler.child_ready(child, now)
+        self.scheduler.child_ready(child, now, queue=queue)
         self._dispatch(now, out)
         return out
 

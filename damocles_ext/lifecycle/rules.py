@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..scheduling.policy import CancelRunning, Fail, Job, Scheduler, Start
+from ..scheduling.policy import CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
 from .deadlines import Alarms
 from .effects import Effect, Kill, Resolve, Retry, Send, SendCancel
@@ -96,6 +96,8 @@ class BookRules:
                     self._on_fail(decision.request_id, decision.reason, now, out)
                 elif isinstance(decision, CancelRunning):
                     self._on_deadline(decision.request_id, decision.reason, now, out)
+                elif isinstance(decision, TakeBack):
+                    again |= self._on_take_back(decision.request_id, decision.reason, now, out)
 
     def _enqueue(self, req: TrackedRequest, now: float, *, retry: bool) -> None:
         aid = next(self._attempt_ids)
@@ -281,6 +283,22 @@ class BookRules:
             outcome="timeout",
         )
         self._send_cancel(attempt, now, out, kill_after_grace=True)
+
+    def _on_take_back(self, aid: int, reason: str, now: float, out: list[Effect]) -> bool:
+        """Attempt `aid` waits in its child behind long work: cancel it there (its slot is held
+        until the child answers the Cancel; one not told would answer it late, dropped) and
+        queue its request again at no cost. True if it was queued again."""
+        attempt = self._running.get(aid)
+        if attempt is None or attempt.abandoned:
+            return False
+        attempt.abandoned = True
+        req = attempt.request
+        req.current = None
+        process = attempt.process
+        self._send_cancel(attempt, now, out, kill_after_grace=False)
+        what = f"taken back from {process.who}, where it was {reason}"
+        self._retry_or_fail(req, process.child, aid, what, now, out, charge=False)
+        return not req.done
 
     def _on_deadline_while_down(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
         attempt.deadline = None

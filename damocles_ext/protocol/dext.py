@@ -46,6 +46,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     prover: str
     version: str
     capacity: int = 1
+    queue: int = 0  # requests it takes beyond capacity, to run in turn (quick ones are sent)
 
 
 class Request(msgspec.Struct, tag="request", frozen=True):

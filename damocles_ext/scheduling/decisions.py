@@ -55,7 +55,16 @@ class CancelRunning(msgspec.Struct, frozen=True):
     reason: str
 
 
-Decision = Start | Fail | CancelRunning
+class TakeBack(msgspec.Struct, frozen=True):
+    """Request `request_id` waits in child `child_id` behind work that runs long (`reason`):
+    cancel it there and queue it again; it has not started, so this costs it no attempt."""
+
+    request_id: int
+    child_id: str
+    reason: str
+
+
+Decision = Start | Fail | CancelRunning | TakeBack
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,9 @@ The rules, in one place:
   first), then the least loaded, then weights. `next_wakeup` includes the moment a held-back child
   may take the next job. Children that never report a GPU phase (JSON-lines children, provers
   without phases) keep the plain slot rule above.
+* Quick requests queue in their child. A child whose Hello offers a queue takes that many jobs
+  beyond its capacity while its answers are quick, and a job left behind long work is taken back
+  (`TakeBack`): the rule in full is in `children.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
@@ -53,10 +56,20 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-import msgspec
-
+from .children import (
+    _HISTORY,
+    QUICK_ANSWER,
+    QUICK_RUN,
+    TAKE_BACK_AFTER,
+    _Child,
+    _Running,
+    gpu_free_at,
+    gpu_phase_ended,
+    promote,
+    set_slots,
+    take_back,
+)
 from .decisions import (
     CancelRunning,
     ChildSlots,
@@ -65,6 +78,7 @@ from .decisions import (
     Job,
     SchedulerStatistics,
     Start,
+    TakeBack,
 )
 
 #: Stages served first at every decision; other stages follow in name order.
@@ -72,43 +86,6 @@ STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
 #: Progress phases that mean "the request is now using the GPU" (its SNARK).
 GPU_PHASES: frozenset[str] = frozenset({"snark"})
-
-#: How many recent phase durations the estimates remember (per stage for vanilla, per child for
-#: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
-_HISTORY = 16
-
-
-@dataclass(slots=True)
-class _Child:
-    info: ChildSlots
-    order: int
-    ready: bool = False
-    fatal: bool = False
-    running: set[int] = field(default_factory=set)
-    current_weight: int = 0  # smooth weighted round robin state
-    pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
-    reports_fraction: bool = False  # ... and how far it got within it
-    gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
-
-    @property
-    def state(self) -> str:
-        if self.fatal:
-            return "fatal"
-        return "ready" if self.ready else "down"
-
-
-class _Running(msgspec.Struct):
-    job: Job
-    child_id: str
-    started: float = 0.0
-    cancelled: bool = False
-    gpu_since: float | None = None  # reported a GPU phase at this time
-    gpu_turn: float | None = None  # when its GPU work really began (after the one before it)
-    gpu_done: bool = False  # reported a non-GPU phase after its GPU phase
-    fraction: float = 0.0  # of the GPU phase, from done/total
-    fraction_at: float = 0.0
-    seq: int = 0  # start order (the order decide() reports passed deadlines in)
-
 
 _FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
 
@@ -130,9 +107,21 @@ class Scheduler:
     recomputes everything every time, with the same results (the property tests compare the two).
     """
 
-    def __init__(self, *, gpu_phases: Iterable[str] = GPU_PHASES, incremental: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        gpu_phases: Iterable[str] = GPU_PHASES,
+        incremental: bool = True,
+        quick_answer: float = QUICK_ANSWER,
+        quick_run: int = QUICK_RUN,
+        take_back_after: float = TAKE_BACK_AFTER,
+    ) -> None:
         self._gpu_phases = frozenset(gpu_phases)
         self._incremental = incremental
+        self._quick_answer, self._quick_run = quick_answer, quick_run
+        self._take_back_after = take_back_after
+        self._queueing: set[str] = set()  # children with jobs behind (see "Quick requests")
+        self._take_back_cache: float | None = None  # _next_take_back, until _queueing changes
         self._dirty: set[str] = set()  # stages to look at again (see _touch)
         self._all_dirty = True  # ... or every stage
         self._any_locks = False  # some child holds locks: reservations cross stages
@@ -170,17 +159,21 @@ class Scheduler:
                 f"child {info.child_id!r}: capacity and weight must be >= 1 "
                 f"(got capacity={info.capacity}, weight={info.weight})"
             )
-        child = _Child(info=info, order=len(self._children))
+        child = _Child(info=info, order=len(self._children), slots=info.capacity)
         self._children[info.child_id] = child
         self._by_stage.setdefault(info.stage, []).append(child)
         self._any_locks |= bool(info.locks)
         self._touch(info.stage)
 
-    def child_ready(self, child_id: str, now: float) -> None:
-        """The child said hello: it may take requests (this also clears FATAL)."""
+    def child_ready(self, child_id: str, now: float, *, queue: int = 0) -> None:
+        """The child said hello: it may take requests (this also clears FATAL); it takes `queue`
+        jobs beyond its capacity while its answers are quick (see "Quick requests")."""
         child = self._child(child_id)
         child.ready = True
         child.fatal = False
+        child.queue = max(0, queue)
+        child.quick = 0
+        set_slots(child, self._quick_run)
         self._touch(child.info.stage)
 
     def child_down(self, child_id: str, now: float) -> list[Job]:
@@ -190,6 +183,8 @@ class Scheduler:
         """
         child = self._child(child_id)
         child.ready = False
+        child.quick = 0
+        set_slots(child, self._quick_run)
         self._touch(child.info.stage)
         return self._drop_running(child)
 
@@ -231,9 +226,19 @@ class Scheduler:
         run = self._running.get(request_id)
         if run is None:
             return False
-        self._gpu_phase_ended(run, now, learn=learn and not run.cancelled)
+        child = self._children[run.child_id]
+        gpu_phase_ended(child, run, self._runs_on, now, learn=learn and not run.cancelled)
         del self._running[request_id]
+        if child.queue:
+            quick = learn and not run.cancelled and now - run.turn < self._quick_answer
+            child.quick = child.quick + 1 if quick else 0
+            if child.quick <= self._quick_run:  # it may have just become quick, or stopped
+                set_slots(child, self._quick_run)
         self._release(run)
+        if run.child_id in self._queueing:  # a slot freed: the job(s) behind move up
+            self._take_back_cache = None
+            if promote(child, self._runs_on(child), now):
+                self._queueing.discard(run.child_id)
         return True
 
     def progress(self, request_id: int, phase: str, done: int, total: int, now: float) -> bool:
@@ -253,6 +258,7 @@ class Scheduler:
                 run.gpu_since = now
                 child = self._children[run.child_id]
                 child.pipelined = True
+                set_slots(child, self._quick_run)
                 self._pipelined_stages.add(child.info.stage)
                 vanilla = self._vanilla_times.setdefault(run.job.stage, deque(maxlen=_HISTORY))
                 vanilla.append(now - run.started)
@@ -271,7 +277,7 @@ class Scheduler:
                 run.fraction_at = now
                 self._children[run.child_id].reports_fraction = True
         elif run.gpu_since is not None and not run.gpu_done:
-            self._gpu_phase_ended(run, now, learn=True)
+            gpu_phase_ended(self._children[run.child_id], run, self._runs_on, now, learn=True)
             run.gpu_done = True
         return True
 
@@ -298,9 +304,12 @@ class Scheduler:
             or self._any_locks
             or self._deadlines
             or self._queued_deadlines
+            or (self._queueing and now >= (self._take_back_cache or self._next_take_back()))
         ):
-            return []  # nothing changed, and no deadline can have passed
+            return []  # nothing changed, no deadline can have passed, nothing to take back
         out: list[Decision] = []
+        if self._queueing and now >= (self._take_back_cache or self._next_take_back()):
+            self._take_back(now, out)
         for run, deadline in self._passed_deadlines(now):
             run.cancelled = True
             rid, cid = run.job.request_id, run.child_id
@@ -352,11 +361,7 @@ class Scheduler:
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
-                    full = (
-                        self._incremental
-                        and not others
-                        and len(child.running) >= child.info.capacity
-                    )
+                    full = self._incremental and not others and len(child.running) >= child.slots
                 job = self._peek(heap)
             if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)
@@ -391,7 +396,10 @@ class Scheduler:
         if self._incremental and not (
             self._deadlines or self._queued_deadlines or self._pipelined_stages
         ):
-            return None  # no deadline anywhere, no pipelined child: time alone changes nothing
+            # No deadline, no pipelined child: only jobs behind long work can be due.
+            if not self._queueing:
+                return None
+            return self._take_back_cache or self._next_take_back()
         cached = self._wakeup_cache
         if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
             return cached[2]
@@ -406,6 +414,8 @@ class Scheduler:
                 for run in self._running.values()
                 if not run.cancelled and run.job.deadline is not None
             ]
+        if self._queueing:
+            times.append(self._next_take_back())
         for stage, heap_ in self._heaps.items():
             head = self._peek(heap_)
             if head is None:
@@ -541,7 +551,7 @@ class Scheduler:
         for c in self._by_stage.get(stage, []):
             if not (
                 c.ready
-                and len(c.running) < c.info.capacity
+                and len(c.running) < c.slots
                 and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
             ):
                 continue
@@ -550,7 +560,7 @@ class Scheduler:
                 takes_at = self._takes_next_at(c)
                 if takes_at is not None and takes_at > now:
                     continue  # its GPU is busy for longer than a vanilla phase takes
-                free_at = max(now, self._gpu_free_at(c) or now)
+                free_at = max(now, gpu_free_at(c, self._runs_on(c)) or now)
             eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
             return None, 0
@@ -581,58 +591,9 @@ class Scheduler:
     def _runs_on(self, child: _Child) -> list[_Running]:
         return [self._running[rid] for rid in child.running]
 
-    def _gpu_phase_ended(self, run: _Running, now: float, *, learn: bool) -> None:
-        if run.gpu_since is None or run.gpu_done:
-            return
-        child = self._children[run.child_id]
-        if learn and run.gpu_turn is not None:
-            child.gpu_times.append(now - run.gpu_turn)
-        # The next job waiting in its GPU phase on this child gets the GPU now.
-        waiting = [
-            (r.gpu_since, r)
-            for r in self._runs_on(child)
-            if r is not run and r.gpu_since is not None and r.gpu_turn is None and not r.gpu_done
-        ]
-        if waiting:
-            min(waiting, key=lambda pair: pair[0])[1].gpu_turn = now
-
-    def _gpu_free_at(self, child: _Child) -> float | None:
-        """When the GPU work of the child's running jobs is estimated to end: +inf while one is
-        still before its GPU phase, None when there is nothing to estimate from yet."""
-        # A child that reports done/total within its GPU phase will soon tell how fast this one
-        # goes: until then assume a typical one. A child that only reports the phase change never
-        # will: assume the shortest seen, since holding a job back too long idles the GPU.
-        times = child.gpu_times
-        if not times:
-            shortest = None
-        elif child.reports_fraction:
-            shortest = sum(times) / len(times)
-        else:
-            shortest = min(times)
-        end = -math.inf
-        queued_gpu_work = 0.0
-        for run in self._runs_on(child):
-            if run.gpu_done:
-                continue
-            if run.gpu_since is None:
-                return math.inf
-            if run.gpu_turn is None:  # waiting behind another GPU phase of this child
-                if shortest is None:
-                    return None
-                queued_gpu_work += shortest
-            elif run.fraction > 0:
-                end = max(end, run.gpu_turn + (run.fraction_at - run.gpu_turn) / run.fraction)
-            elif shortest is not None:
-                end = max(end, run.gpu_turn + shortest)
-            else:
-                return None
-        if queued_gpu_work and end == -math.inf:
-            return None  # jobs wait for a GPU phase that no longer runs here: no estimate
-        return end + queued_gpu_work
-
     def _takes_next_at(self, child: _Child) -> float | None:
         """When a pipelined child may take its next job: a vanilla phase before its GPU frees."""
-        free_at = self._gpu_free_at(child)
+        free_at = gpu_free_at(child, self._runs_on(child))
         vanilla = self._vanilla_times.get(child.info.stage)
         if free_at is None or not vanilla:
             return None
@@ -640,9 +601,20 @@ class Scheduler:
 
     def _start(self, job: Job, child: _Child, now: float) -> None:
         cid = child.info.child_id
+        behind = len(child.running) >= child.info.capacity
         child.running.add(job.request_id)
         seq = next(self._seq)
-        self._running[job.request_id] = _Running(job=job, child_id=cid, started=now, seq=seq)
+        self._running[job.request_id] = _Running(
+            job=job, child_id=cid, started=now, seq=seq, behind=behind, turn=now
+        )
+        if behind:
+            if cid not in self._queueing:
+                self._queueing.add(cid)
+                self._take_back_cache = None
+        else:
+            child.ahead_turn = now
+            if cid in self._queueing:
+                self._take_back_cache = None
         if job.deadline is not None:
             heap = self._deadlines
             heapq.heappush(heap, (job.deadline, seq, job.request_id))
@@ -667,7 +639,38 @@ class Scheduler:
             if not holders:
                 del self._lock_holders[lock]
 
+    # -- quick requests queued in their child ------------------------------------------------
+
+    def _next_take_back(self) -> float:
+        """When jobs behind are next taken back: once the latest job to get a slot ahead of
+        them on their child has had it for TAKE_BACK_AFTER."""
+        if self._take_back_cache is None:
+            first = math.inf
+            for cid in self._queueing:  # a loop, not min(): once or twice per request
+                turn = self._children[cid].ahead_turn
+                if turn < first:
+                    first = turn
+            self._take_back_cache = first + self._take_back_after
+        return self._take_back_cache
+
+    def _take_back(self, now: float, out: list[Decision]) -> None:
+        due = [
+            child
+            for cid in self._queueing
+            if now >= (child := self._children[cid]).ahead_turn + self._take_back_after
+        ]
+        for child in sorted(due, key=lambda c: c.order):
+            self._queueing.discard(child.info.child_id)
+            self._take_back_cache = None
+            child.quick = 0
+            set_slots(child, self._quick_run)
+            self._touch(child.info.stage)
+            why = f"queued behind work running over {self._take_back_after:g}s"
+            out += take_back(child, self._runs_on(child), why)
+
     def _drop_running(self, child: _Child) -> list[Job]:
+        self._queueing.discard(child.info.child_id)
+        self._take_back_cache = None
         jobs = []
         for rid in sorted(child.running, key=lambda r: (self._running[r].job.arrival, r)):
             run = self._running.pop(rid)
@@ -678,7 +681,10 @@ class Scheduler:
 
 __all__ = [
     "GPU_PHASES",
+    "QUICK_ANSWER",
+    "QUICK_RUN",
     "STAGE_PRIORITY",
+    "TAKE_BACK_AFTER",
     "CancelRunning",
     "ChildSlots",
     "Decision",
@@ -687,4 +693,5 @@ __all__ = [
     "Scheduler",
     "SchedulerStatistics",
     "Start",
+    "TakeBack",
 ]

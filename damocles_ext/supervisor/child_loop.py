@@ -48,6 +48,7 @@ _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their
 _PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
+_MAX_QUEUE = 16  # requests beyond Concurrent a child may be sent (its Hello's queue, bounded)
 _YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
 
 
@@ -443,7 +444,11 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     log.info("%s (pid %d): ready (%s)", child.name, p.proc.pid, ready.protocol)
     host.changed()
     host.observers.observe("dext_child_ready", child=child_info(child))
-    host.apply(host.book.child_ready(child.name, now, protocol=ready.protocol, pid=p.proc.pid))
+    # A queue offered in the Hello (bounded: it is the child's word) is taken for quick requests.
+    queue = min(max(0, ready.hello.queue), _MAX_QUEUE) if ready.hello is not None else 0
+    host.apply(
+        host.book.child_ready(child.name, now, protocol=ready.protocol, pid=p.proc.pid, queue=queue)
+    )
     rest = [ev for ev in events if not isinstance(ev, Ready)]
     if rest:
         host.output(child, p, rest)

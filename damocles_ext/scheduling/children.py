@@ -1,0 +1,168 @@
+"""A child and a running job as the dispatch policy (`policy.Scheduler`) keeps them, and what it
+works out from them alone: when a pipelined child's GPU frees, how many jobs a child may hold.
+
+Quick requests queue in their child. A child whose Hello offers a `queue` (the built-in runtime
+offers one) may take that many jobs beyond its capacity while its answers are quick: its last
+QUICK_RUN answers each came within QUICK_ANSWER of its turn (the moment it got a slot of the
+child's capacity), and it has no locks and is not pipelined. A job queued there waits in the child
+instead of a pipe round trip through the supervisor, so short requests stream; a child with a
+free slot is still chosen first (least loaded). A job queued behind work that has held every slot
+for TAKE_BACK_AFTER is taken back (`TakeBack`: the supervisor cancels it there and queues it
+again, at no cost to its attempts), and the child takes no extra job until it is quick again: a
+long proof holds back no other request for longer than that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from .decisions import ChildSlots, Job, TakeBack
+
+#: Queued jobs in a child (see "Quick requests"): an answer within QUICK_ANSWER seconds of its
+#: turn is quick; QUICK_RUN of them in a row let the child take its queue; a job queued behind
+#: work running TAKE_BACK_AFTER seconds is taken back.
+QUICK_ANSWER = 0.01
+QUICK_RUN = 16
+TAKE_BACK_AFTER = 0.05
+
+#: How many recent phase durations the estimates remember (per stage for vanilla, per child for
+#: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
+_HISTORY = 16
+
+
+@dataclass(slots=True)
+class _Child:
+    info: ChildSlots
+    order: int
+    ready: bool = False
+    fatal: bool = False
+    running: set[int] = field(default_factory=set)
+    current_weight: int = 0  # smooth weighted round robin state
+    pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
+    reports_fraction: bool = False  # ... and how far it got within it
+    gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
+    queue: int = 0  # jobs it takes beyond capacity while quick (its Hello's offer)
+    quick: int = 0  # its quick answers in a row
+    ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity
+    slots: int = 0  # jobs it may hold now: its capacity, and its queue while quick (_set_slots)
+
+    @property
+    def state(self) -> str:
+        if self.fatal:
+            return "fatal"
+        return "ready" if self.ready else "down"
+
+
+class _Running(msgspec.Struct):
+    job: Job
+    child_id: str
+    started: float = 0.0
+    cancelled: bool = False
+    gpu_since: float | None = None  # reported a GPU phase at this time
+    gpu_turn: float | None = None  # when its GPU work really began (after the one before it)
+    gpu_done: bool = False  # reported a non-GPU phase after its GPU phase
+    fraction: float = 0.0  # of the GPU phase, from done/total
+    fraction_at: float = 0.0
+    seq: int = 0  # start order (the order decide() reports passed deadlines in)
+    behind: bool = False  # queued in its child behind the jobs that fill its capacity
+    turn: float = 0.0  # when it got a slot of its child's capacity (its start, unless behind)
+
+
+def gpu_free_at(child: _Child, runs: list[_Running]) -> float | None:
+    """When the GPU work of the child's running jobs is estimated to end: +inf while one is
+    still before its GPU phase, None when there is nothing to estimate from yet."""
+    # A child that reports done/total within its GPU phase will soon tell how fast this one
+    # goes: until then assume a typical one. A child that only reports the phase change never
+    # will: assume the shortest seen, since holding a job back too long idles the GPU.
+    times = child.gpu_times
+    if not times:
+        shortest = None
+    elif child.reports_fraction:
+        shortest = sum(times) / len(times)
+    else:
+        shortest = min(times)
+    end = -math.inf
+    queued_gpu_work = 0.0
+    for run in runs:
+        if run.gpu_done:
+            continue
+        if run.gpu_since is None:
+            return math.inf
+        if run.gpu_turn is None:  # waiting behind another GPU phase of this child
+            if shortest is None:
+                return None
+            queued_gpu_work += shortest
+        elif run.fraction > 0:
+            end = max(end, run.gpu_turn + (run.fraction_at - run.gpu_turn) / run.fraction)
+        elif shortest is not None:
+            end = max(end, run.gpu_turn + shortest)
+        else:
+            return None
+    if queued_gpu_work and end == -math.inf:
+        return None  # jobs wait for a GPU phase that no longer runs here: no estimate
+    return end + queued_gpu_work
+
+
+def set_slots(c: _Child, quick_run: int) -> None:
+    """How many jobs `c` may hold now: its capacity, and its queue while it is quick (its last
+    `quick_run` answers were; see the policy's "Quick requests"). Not with locks or pipelining:
+    a job queued there would hold a lock, or wait for a GPU, that another child could use."""
+    quick = c.queue and c.quick >= quick_run and not (c.pipelined or c.info.locks)
+    c.slots = c.info.capacity + (c.queue if quick else 0)
+
+
+def promote(child: _Child, runs: list[_Running], now: float) -> bool:
+    """A slot of `child` freed: the earliest jobs behind take the free slots (the child runs them
+    in order). True if none is left behind."""
+    if len(runs) <= child.info.capacity:  # every one has a slot now
+        for run in runs:
+            if run.behind:
+                run.behind = False
+                run.turn = child.ahead_turn = now
+        return True
+    behind = sorted((r for r in runs if r.behind), key=lambda r: r.seq)
+    free = child.info.capacity - (len(runs) - len(behind))
+    for run in behind[: max(0, free)]:
+        run.behind = False
+        run.turn = child.ahead_turn = now
+    return len(behind) <= free
+
+
+def take_back(child: _Child, runs: list[_Running], why: str) -> list[TakeBack]:
+    """Take back every job behind on `child`, in start order; each stays on it, cancelled, until
+    the child answers (its Cancel), and counts as none of its quick answers."""
+    out = []
+    for run in sorted(runs, key=lambda r: r.seq):
+        if run.behind:
+            run.behind = False
+            run.cancelled = True
+            out.append(TakeBack(run.job.request_id, child.info.child_id, why))
+    return out
+
+
+def gpu_phase_ended(
+    child: _Child,
+    run: _Running,
+    runs_on: Callable[[_Child], list[_Running]],
+    now: float,
+    *,
+    learn: bool,
+) -> None:
+    """`run`'s GPU phase is over (it finished, or reported a later phase): learn its length, and
+    the next job of `child` waiting for the GPU gets it now."""
+    if run.gpu_since is None or run.gpu_done:
+        return
+    if learn and run.gpu_turn is not None:
+        child.gpu_times.append(now - run.gpu_turn)
+    waiting = [
+        (r.gpu_since, r)
+        for r in runs_on(child)
+        if r is not run and r.gpu_since is not None and r.gpu_turn is None and not r.gpu_done
+    ]
+    if waiting:
+        min(waiting, key=lambda pair: pair[0])[1].gpu_turn = now
