@@ -143,3 +143,12 @@ def test_the_book_cancels_a_job_taken_back_and_answers_its_request_once_at_no_at
     assert book.answered("a", 4, 0.071, output=ok) == [Resolve(r3, ok, None, "ok")]
     assert r3.attempts == 1  # MaxAttempts = 1, and it was answered: the take back was free
     assert book.sizes() == dict.fromkeys(["requests", "attempts", "running", "queued", "alarms"], 0)
+
+
+def test_no_job_goes_behind_work_that_is_overdue_already():
+    d = Driver(scheduler(ChildSlots("a", WD)))
+    d.warm()
+    assert started(d.submit()) == [(3, "a")]
+    d.now += 2 * TAKE_BACK_AFTER  # job 3 runs long, and no answer came to say so
+    assert d.submit() == []  # waits here, free to go to whichever child frees first
+    assert d.s.next_wakeup() is None

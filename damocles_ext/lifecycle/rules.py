@@ -286,8 +286,9 @@ class BookRules:
 
     def _on_take_back(self, aid: int, reason: str, now: float, out: list[Effect]) -> bool:
         """Attempt `aid` waits in its child behind long work: cancel it there (its slot is held
-        until the child answers the Cancel; one not told would answer it late, dropped) and
-        queue its request again at no cost. True if it was queued again."""
+        until the child answers the Cancel, and a child still running it CancelGraceSecs later
+        is killed, as for any abandoned attempt) and queue its request again at no cost. True
+        if it was queued again."""
         attempt = self._running.get(aid)
         if attempt is None or attempt.abandoned:
             return False
@@ -295,7 +296,7 @@ class BookRules:
         req = attempt.request
         req.current = None
         process = attempt.process
-        self._send_cancel(attempt, now, out, kill_after_grace=False)
+        self._send_cancel(attempt, now, out, kill_after_grace=True)
         what = f"taken back from {process.who}, where it was {reason}"
         self._retry_or_fail(req, process.child, aid, what, now, out, charge=False)
         return not req.done

@@ -11,7 +11,8 @@ The rules, in one place:
   before every fresh job with the same deadline and priority; retries keep their original order
   among themselves. Deadline beats "retry first" on purpose: a retry is no more urgent than a job
   that is due sooner.
-* Eligibility. A child can take a job when it is ready, has a free slot (running < capacity), and
+* Eligibility. A child can take a job when it is ready, has a free slot (running < capacity, or
+  its queue: "Quick requests"), and
   none of its locks is held by a job running on *another* child (jobs on the same child share its
   locks; that is what `Concurrent` means). Locks are shared across stages.
 * Stage priority. `winning_post` is served before `window_post` (then any other stage, by name) at
@@ -42,9 +43,8 @@ The rules, in one place:
   first), then the least loaded, then weights. `next_wakeup` includes the moment a held-back child
   may take the next job. Children that never report a GPU phase (JSON-lines children, provers
   without phases) keep the plain slot rule above.
-* Quick requests queue in their child. A child whose Hello offers a queue takes that many jobs
-  beyond its capacity while its answers are quick, and a job left behind long work is taken back
-  (`TakeBack`): the rule in full is in `children.py`.
+* Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
+  while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
@@ -102,8 +102,8 @@ class Scheduler:
     the running jobs whose deadline passed (a heap), and `next_wakeup` is cached until the next
     event. A job queued behind a queue its stage's last decision left (no child could take the
     head then, so none can take it) does not touch its stage, unless the stage is pipelined or
-    the job's deadline has passed. With nothing touched, no lock, no pipelined child and no
-    deadline anywhere, `decide` returns at once and `next_wakeup` is None. `incremental=False`
+    the job's deadline has passed. With nothing touched, no lock, no pipelined child, no job
+    behind others in a child and no deadline, `decide` returns at once, `next_wakeup` is None. `incremental=False`
     recomputes everything every time, with the same results (the property tests compare the two).
     """
 
@@ -155,10 +155,8 @@ class Scheduler:
         if info.child_id in self._children:
             raise ValueError(f"child {info.child_id!r} is already registered with the scheduler")
         if info.capacity < 1 or info.weight < 1:
-            raise ValueError(
-                f"child {info.child_id!r}: capacity and weight must be >= 1 "
-                f"(got capacity={info.capacity}, weight={info.weight})"
-            )
+            got = f"capacity={info.capacity}, weight={info.weight}"
+            raise ValueError(f"child {info.child_id!r}: capacity and weight must be >= 1 ({got})")
         child = _Child(info=info, order=len(self._children), slots=info.capacity)
         self._children[info.child_id] = child
         self._by_stage.setdefault(info.stage, []).append(child)
@@ -237,7 +235,8 @@ class Scheduler:
         self._release(run)
         if run.child_id in self._queueing:  # a slot freed: the job(s) behind move up
             self._take_back_cache = None
-            if promote(child, self._runs_on(child), now):
+            turn = now if learn else child.ahead_turn  # remove() has no clock
+            if promote(child, self._runs_on(child), turn):
                 self._queueing.discard(run.child_id)
         return True
 
@@ -551,7 +550,10 @@ class Scheduler:
         for c in self._by_stage.get(stage, []):
             if not (
                 c.ready
-                and len(c.running) < c.slots
+                and (
+                    len(c.running) < c.info.capacity  # or its queue, unless overdue already:
+                    or (len(c.running) < c.slots and now < c.ahead_turn + self._take_back_after)
+                )
                 and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
             ):
                 continue
