@@ -135,7 +135,7 @@ def test_the_book_cancels_a_job_taken_back_and_answers_its_request_once_at_no_at
     out = book.advance(0.002 + TAKE_BACK_AFTER)
     assert out[0] == SendCancel("a", 3)
     assert isinstance(out[1], Retry) and out[1].request is r3 and out[1].attempt == 1
-    assert "taken back from" in out[1].what
+    assert "taken back from" in out[1].what and out[1].level == "info"  # nothing failed
     assert len(out) == 2  # "a" holds job 2 and the cancelled job 3: nothing more goes to it
     assert book.answered("a", 3, 0.06, error="cancelled") == []  # the Cancel's answer: dropped
     out = book.answered("a", 2, 0.07, output=ok)

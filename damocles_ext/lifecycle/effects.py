@@ -63,6 +63,7 @@ class Retry(msgspec.Struct, frozen=True):
     what: str
     attempt: int
     max_attempts: int
+    level: str = "warning"  # for the log: "info" for a request taken back (nothing failed)
 
 
 class ReportProgress(msgspec.Struct, frozen=True):

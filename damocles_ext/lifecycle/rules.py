@@ -230,8 +230,10 @@ class BookRules:
         *,
         charge: bool = True,
         outcome: str = "error",
+        level: str = "warning",
     ) -> None:
-        """Attempt `aid` of `req` was lost (`what`): queue it again if it may, else answer it."""
+        """Attempt `aid` of `req` was lost (`what`): queue it again if it may, else answer it;
+        `level`: the retry's, for the log."""
         self._attempts.pop(aid, None)
         if req.done or req.attempt_id != aid:
             return
@@ -246,7 +248,7 @@ class BookRules:
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome="timeout")
         elif req.attempts < max_attempts:
             self._enqueue(req, now, retry=True)
-            out.append(Retry(req, what, req.attempts + 1, max_attempts))
+            out.append(Retry(req, what, req.attempts + 1, max_attempts, level))
         else:
             why = f"{what}; giving up (MaxAttempts = {max_attempts} on {c.name})"
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
@@ -298,7 +300,7 @@ class BookRules:
         process = attempt.process
         self._send_cancel(attempt, now, out, kill_after_grace=True)
         what = f"taken back from {process.who}, where it was {reason}"
-        self._retry_or_fail(req, process.child, aid, what, now, out, charge=False)
+        self._retry_or_fail(req, process.child, aid, what, now, out, charge=False, level="info")
         return not req.done
 
     def _on_deadline_while_down(self, attempt: Attempt, now: float, out: list[Effect]) -> None:

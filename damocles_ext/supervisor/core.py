@@ -471,7 +471,8 @@ class Supervisor:
                 if child.p is not None:
                     child_loop.kill(self._host, child, child.p, effect.reason)
             elif isinstance(effect, Retry):
-                log.warning(
+                log.log(
+                    logging.getLevelName(effect.level.upper()),
                     "request %d: %s; retrying (attempt %d of %d)",
                     effect.request.rid,
                     effect.what,
