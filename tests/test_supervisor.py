@@ -105,6 +105,68 @@ async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_chil
     assert most == {"window_post#0": 2, "window_post#1": 1}
 
 
+async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_once(tmp_path):
+    # A child that offers a queue and runs its requests in turn: miner 999's proof lasts until the
+    # request queued behind it is cancelled. That request is taken back after 50 ms, and sent
+    # again (a new id) once the child is free.
+    seen = tmp_path / "seen"
+    child = python_child(
+        f"""
+        import os, sys
+        from damocles_ext.protocol import dext
+        from damocles_ext.tasks import WindowPoStOutput
+        log = open({str(seen)!r}, "a", buffering=1)
+        def send(m):
+            sys.stdout.buffer.write(dext.encode(m))
+            sys.stdout.buffer.flush()
+        def answer(r):
+            send(dext.Response(r.id, output=WindowPoStOutput([b"ok"], [r.task.miner_id])))
+        send(dext.Hello("dext/1", "window_post", os.getpid(), "turns", "1", 1, 1))
+        dec, long, waiting = dext.FrameDecoder(), None, []
+        while data := os.read(0, 65536):
+            for msg in dec.receive_data(data):
+                if isinstance(msg, dext.Request):
+                    log.write(f"request {{msg.id}} {{msg.task.miner_id}}\\n")
+                    if msg.task.miner_id == 999:
+                        long = msg
+                    elif long is not None:
+                        waiting.append(msg)
+                    else:
+                        answer(msg)
+                elif isinstance(msg, dext.Cancel):
+                    log.write(f"cancel {{msg.id}}\\n")
+                    for r in [r for r in waiting if r.id == msg.id]:
+                        waiting.remove(r)
+                        send(dext.Response(r.id, error="cancelled"))
+                    if long is not None:
+                        answer(long)
+                        long = None
+                    for r in waiting:
+                        answer(r)
+                    waiting.clear()
+        """
+    )
+    async with open_supervisor([spec(child, max_attempts=1)]) as sup:
+        await sup.wait_ready("window_post", 1)
+        for miner in range(1, 21):  # quick answers: it takes its queue from now on
+            assert (await sup.submit(window_task(miner=miner))).faults == [miner]
+        results: dict[int, object] = {}
+
+        async def one(miner: int) -> None:
+            results[miner] = (await sup.submit(window_task(miner=miner))).faults
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 999)
+                await wait_until(lambda: child_stats(sup).in_flight == 1)
+                nursery.start_soon(one, 7)
+        assert results == {999: [999], 7: [7]}
+        stats = child_stats(sup)
+        assert (stats.done, stats.failed) == (22, 0)
+    lines = seen.read_text().splitlines()
+    assert lines[-4:] == ["request 21 999", "request 22 7", "cancel 22", "request 23 7"]
+
+
 async def test_weights_spread_sequential_requests_3_to_1():
     specs = [spec(jsonl_child(), index=0, weight=3), spec(jsonl_child(), index=1, weight=1)]
     async with open_supervisor(specs) as sup:
