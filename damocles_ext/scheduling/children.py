@@ -6,10 +6,11 @@ offers one) may take that many jobs beyond its capacity while its answers are qu
 QUICK_RUN answers each came within QUICK_ANSWER of its turn (the moment it got a slot of the
 child's capacity), and it has no locks and is not pipelined. A job queued there waits in the child
 instead of a pipe round trip through the supervisor, so short requests stream; a child with a
-free slot is still chosen first (least loaded, among children not pipelined). A job queued behind work that has held every slot
-for TAKE_BACK_AFTER is taken back, and none is sent behind work already held that long (`TakeBack`: the supervisor cancels it there and queues it
-again, at no cost to its attempts), and the child takes no extra job until it is quick again: a
-long proof holds back no other request for longer than that.
+free slot is still chosen first (least loaded, among children not pipelined). No job is sent
+behind work that has held every slot for TAKE_BACK_AFTER, and a job queued behind such work is
+taken back (`TakeBack`: the supervisor cancels it there and queues it again, at no cost to its
+attempts); the child then takes no extra job until it is quick again. A long proof holds back
+no other request for longer than that.
 """
 
 from __future__ import annotations

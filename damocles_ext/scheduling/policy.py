@@ -12,9 +12,9 @@ The rules, in one place:
   among themselves. Deadline beats "retry first" on purpose: a retry is no more urgent than a job
   that is due sooner.
 * Eligibility. A child can take a job when it is ready, has a free slot (running < capacity, or
-  its queue: "Quick requests"), and
-  none of its locks is held by a job running on *another* child (jobs on the same child share its
-  locks; that is what `Concurrent` means). Locks are shared across stages.
+  its queue: see "Quick requests"), and none of its locks is held by a job running on *another*
+  child (jobs on the same child share its locks; that is what `Concurrent` means). Locks are
+  shared across stages.
 * Stage priority. `winning_post` is served before `window_post` (then any other stage, by name) at
   every decision. A waiting WinningPoSt reserves the locks that block it, so no lower-priority
   job can take or extend them: when such a lock frees, the WinningPoSt goes first.
@@ -103,8 +103,8 @@ class Scheduler:
     event. A job queued behind a queue its stage's last decision left (no child could take the
     head then, so none can take it) does not touch its stage, unless the stage is pipelined or
     the job's deadline has passed. With nothing touched, no lock, no pipelined child, no job
-    behind others in a child and no deadline, `decide` returns at once, `next_wakeup` is None. `incremental=False`
-    recomputes everything every time, with the same results (the property tests compare the two).
+    behind others in a child and no deadline, `decide` returns at once, `next_wakeup` is None.
+    `incremental=False` recomputes everything, with the same results (the property tests say so).
     """
 
     def __init__(
