@@ -51,8 +51,10 @@ PROGRESS_MIN_INTERVAL = 0.1
 EOF_GRACE = 1.0
 READ_SIZE = 1 << 16
 #: Requests beyond its capacity the runtime offers to take (the Hello's queue): they wait in
-#: order, answered "cancelled" at once if the parent takes one back.
-QUEUE = 1
+#: order, answered "cancelled" at once if the parent takes one back. Deeper is cheaper for the
+#: supervisor with trivial requests (it reads and writes more at a time: 0.89x its CPU per
+#: request with 2 against 1, 0.83x with 4), and the supervisor sends them only while quick.
+QUEUE = 4
 _MAIN = threading.main_thread()
 
 

@@ -12,6 +12,7 @@ from helpers.child import EOF, Child, make_plugin_dist, window_task, winning_tas
 from hypothesis import given
 from hypothesis import strategies as st
 
+from damocles_ext.child import QUEUE
 from damocles_ext.options import coerce_value, format_option, parse_option, parse_options
 from damocles_ext.protocol import dext, jsonl
 
@@ -84,7 +85,7 @@ def test_hello_is_the_first_frame_and_describes_the_child():
             prover="echo",
             version="1",
             capacity=3,
-            queue=1,  # one more, quick requests only: the supervisor's "Quick requests"
+            queue=QUEUE,  # more, quick requests only: the supervisor's "Quick requests"
         )
 
 
