@@ -72,6 +72,7 @@ class ChaosOptions:
     deadline: float = 30.0
     work_min: float = 0.002
     work_max: float = 0.02
+    queue: int = 2  # requests each child offers to queue beyond its capacity (its Hello)
     restart_delay: float = 0.05
     restart_max_delay: float = 0.5
     shutdown_grace: float = 5.0
@@ -115,6 +116,7 @@ def write_config(opts: ChaosOptions, directory: Path, marker: str) -> Path:
         "CHAOS_ESCAPE": str(opts.escape),
         "CHAOS_WORK_MIN": str(opts.work_min),
         "CHAOS_WORK_MAX": str(opts.work_max),
+        "CHAOS_QUEUE": str(opts.queue),
     }
     env_table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in envs.items())
     block = (
@@ -421,6 +423,7 @@ def _report(opts, state, status, log_path, serve_wall, shutdown_s, returncode, l
     last_q = statistics.median(rss[-quarter:]) if rss else 0
     per_cause_log = {
         "retries (re-dispatches)": len(re.findall(r"; retrying \(attempt", log_text)),
+        "taken back from a child's queue": len(re.findall(r": taken back from ", log_text)),
         "restarts scheduled": len(re.findall(r": restarting in ", log_text)),
         "failed starts": len(re.findall(r"failed start", log_text)),
         "exits during the handshake": len(
@@ -527,6 +530,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--deadline", type=float, default=defaults.deadline)
     parser.add_argument(
+        "--queue",
+        type=int,
+        default=defaults.queue,
+        help="requests each child offers to queue beyond Concurrent, for quick requests"
+        f" (default {defaults.queue}; 0: none)",
+    )
+    parser.add_argument(
+        "--work-max",
+        type=float,
+        default=defaults.work_max,
+        help=f"most seconds of work per request (default {defaults.work_max:g}; under 0.01 every"
+        " answer is quick, and the children's queues are used)",
+    )
+    parser.add_argument(
         "--out", default="chaos", help="with --save, write bench/results/<OUT>.json (default chaos)"
     )
     args = parser.parse_args(argv)
@@ -540,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         handshake_exit=args.handshake_exit,
         escape=args.escape,
         deadline=args.deadline,
+        queue=args.queue,
+        work_max=args.work_max,
     )
     with tempfile.TemporaryDirectory(prefix="dext-chaos-") as tmp:
         workdir = Path(tmp)
@@ -579,6 +598,7 @@ def _print(report: dict) -> None:
         ("failures by cause", causes or "none"),
         ("chaos actions", ", ".join(f"{k}: {v}" for k, v in report["chaos_actions"].items())),
         ("re-dispatches", log["retries (re-dispatches)"]),
+        ("of which taken back from a child's queue", log["taken back from a child's queue"]),
         ("restarts", report["restarts"]),
         ("failed starts (of which exits in the handshake)", starts),
         ("latency p50 / p99 / max (s)", latency),

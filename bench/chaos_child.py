@@ -1,8 +1,8 @@
 """A dext/1 prover child that misbehaves on demand, for the chaos run (bench/chaos.py).
 
 Run as `python chaos_child.py <stage>` (Bin = python, Args = [this file, stage]). It answers each
-Request with the `echo` prover's output after a short random work time, `CHAOS_CAPACITY` at once,
-and misbehaves:
+Request with the `echo` prover's output after a short random work time, `CHAOS_CAPACITY` at once
+(its Hello offers `CHAOS_QUEUE` more, which wait in arrival order), and misbehaves:
 
 * at start, with probability `CHAOS_HANDSHAKE_EXIT`, it exits during its handshake: before
   writing anything, after half a Hello frame, or after a short pause;
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ
     rng = random.Random(f"{env.get('CHAOS_SEED', '0')}-{os.getpid()}")
     capacity = int(env.get("CHAOS_CAPACITY", "2"))
+    queue = int(env.get("CHAOS_QUEUE", "0"))  # offered in the Hello: requests beyond capacity
     work_min = float(env.get("CHAOS_WORK_MIN", "0.002"))
     work_max = float(env.get("CHAOS_WORK_MAX", "0.02"))
     marker = env.get("CHAOS_MARKER", "dext-chaos")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             return False
 
     hello = dext.encode(
-        dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), "chaos", "1", capacity)
+        dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), "chaos", "1", capacity, queue)
     )
     if rng.random() < float(env.get("CHAOS_HANDSHAKE_EXIT", "0")):
         how = rng.choice(("silent", "half-hello", "pause"))
