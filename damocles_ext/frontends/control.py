@@ -26,6 +26,7 @@ Running out of file descriptors at accept(2) is survived.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -361,7 +362,9 @@ class _Connection:
 
     def _activity(self) -> None:
         self.last_active = now = trio.current_time()
-        self._read_scope.deadline = now + self._server.idle_timeout if self.idle else float("inf")
+        deadline = now + self._server.idle_timeout if self.idle else math.inf
+        if deadline != self._read_scope.deadline:  # busy: stays inf, and trio is not asked
+            self._read_scope.deadline = deadline
 
     async def run(self) -> None:
         try:
@@ -603,7 +606,11 @@ class _Connection:
             self._head, self._head_responses = b"", 0
             self._writing = True
             try:
-                await self._stream.send_all(data)
+                # What the socket takes at once goes straight in (no send_all, its checkpoint and
+                # its wrappers); the rest, or an error, through send_all.
+                done = write_now(self._fd, data) if self._fd is not None else 0
+                if done < len(data):
+                    await self._stream.send_all(memoryview(data)[done:])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.info("control client went away; %d answers dropped", answered)
                 # The reader sees EOF next and cancels what is left.
