@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         waiting.append((msg.id, msg.task))
                 elif isinstance(msg, dext.Cancel):
-                    cancelled.add(msg.id)
+                    # Only what is still here: a Cancel after the answer names nothing.
+                    if any(t[1] == msg.id for t in timers) or any(w[0] == msg.id for w in waiting):
+                        cancelled.add(msg.id)
                 elif isinstance(msg, dext.Shutdown):
                     shutting_down = True
             if not data:
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+        # A waiting request cancelled is answered at once, before a freed slot could start it.
+        for rid, _task in [w for w in waiting if w[0] in cancelled]:
+            waiting.remove((rid, _task))
+            cancelled.discard(rid)
+            write(dext.encode(dext.Response(rid, error="cancelled")))
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             _, rid, task = heapq.heappop(timers)
@@ -161,10 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if waiting:
                 start(*waiting.pop(0))
-        for rid, _task in [w for w in waiting if w[0] in cancelled]:
-            waiting.remove((rid, _task))
-            cancelled.discard(rid)
-            write(dext.encode(dext.Response(rid, error="cancelled")))
         if shutting_down and not timers and not waiting:
             return 0
 

@@ -429,6 +429,8 @@ class _Connection:
                         self._client_cancelled.add(msg.id)
                         scope.cancel()
                 elif isinstance(msg, control_protocol.StatusRequest):
+                    if self._status_owed >= MAX_STATUS_IN_FLIGHT:
+                        self._activity()  # not idle: an old idle deadline must not end it here
                     while self._status_owed >= MAX_STATUS_IN_FLIGHT:
                         self._status_drained = trio.Event()
                         await self._status_drained.wait()
