@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
@@ -39,9 +40,17 @@ class Counting:
         return started
 
 
-async def _serve(sup, sock_dir: Path, nursery) -> tuple[ControlServer, Counting]:
+async def _serve(
+    sup, sock_dir: Path, nursery, *, with_start: bool = True
+) -> tuple[ControlServer, Counting]:
+    """A control server on `sup`, taking requests through `start_nowait` (counted), or, without
+    `with_start`, each through a task of its own calling `submit` (as before `start` existed)."""
     start = Counting(sup)
-    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), sup.submit, start=start)
+    server = ControlServer(
+        bind_control_socket(sock_dir / "control.sock"),
+        sup.submit,
+        start=start if with_start else None,
+    )
     await nursery.start(server.serve)
     return server, start
 
@@ -76,6 +85,21 @@ async def _responses(stream: trio.SocketStream, decoder: dext.FrameDecoder, unti
     return got
 
 
+async def _the_response(stream: trio.SocketStream, decoder: dext.FrameDecoder) -> dext.Response:
+    """The one Response among what the server sends next (Progress frames may come first)."""
+    got = await _responses(stream, decoder, _a_response)
+    (response,) = [m for m in got if isinstance(m, dext.Response)]
+    return response
+
+
+async def _two_one_running(stream: trio.SocketStream, decoder: dext.FrameDecoder) -> None:
+    """Requests 1 and 2 to a single sleeping child: once this returns, 1 runs and 2 waits."""
+    await stream.send_all(
+        dext.encode(dext.Request(1, make_task(3))) + dext.encode(dext.Request(2, make_task(4)))
+    )
+    await _responses(stream, decoder, _a_progress)
+
+
 async def test_requests_taken_by_start_are_answered_with_their_outputs_in_any_number(
     tmp_path, sock_dir, nursery
 ):
@@ -99,20 +123,20 @@ async def test_requests_taken_by_start_are_answered_with_their_outputs_in_any_nu
     assert server.statistics().in_flight == 0
 
 
+@pytest.mark.parametrize("with_start", [True, False], ids=["started", "task"])
 async def test_a_cancel_from_the_client_answers_a_started_request_and_stops_its_work(
-    tmp_path, sock_dir, nursery
+    tmp_path, sock_dir, nursery, with_start
 ):
     cfg = _sleeping(tmp_path)
     with trio.fail_after(30):
         async with open_supervisor(str(cfg)) as sup:
-            server, start = await _serve(sup, sock_dir, nursery)
+            server, start = await _serve(sup, sock_dir, nursery, with_start=with_start)
             stream, decoder = await _raw(server)
             await stream.send_all(dext.encode(dext.Request(1, make_task(3))))
             # Its progress says it runs on the child.
             await _responses(stream, decoder, _a_progress)
             await stream.send_all(dext.encode(dext.Cancel(1)))
-            got = await _responses(stream, decoder, _a_response)
-            (response,) = [m for m in got if isinstance(m, dext.Response)]
+            response = await _the_response(stream, decoder)
             assert (response.id, response.output) == (1, None)
             assert response.error == "cancelled at the client's request"
             assert sup.statistics().requests == 0
@@ -122,7 +146,7 @@ async def test_a_cancel_from_the_client_answers_a_started_request_and_stops_its_
             await stream.aclose()
             await server.wait_idle()
             server.stop_accepting()
-    assert start.taken == 2
+    assert start.taken == (2 if with_start else 0)
 
 
 async def test_a_client_that_hangs_up_abandons_its_started_requests(tmp_path, sock_dir, nursery):
@@ -131,11 +155,7 @@ async def test_a_client_that_hangs_up_abandons_its_started_requests(tmp_path, so
         async with open_supervisor(str(cfg)) as sup:
             server, start = await _serve(sup, sock_dir, nursery)
             stream, decoder = await _raw(server)
-            await stream.send_all(
-                dext.encode(dext.Request(1, make_task(3)))
-                + dext.encode(dext.Request(2, make_task(4)))
-            )
-            await _responses(stream, decoder, _a_progress)
+            await _two_one_running(stream, decoder)
             await stream.aclose()
             await server.wait_idle()
             # Both answered inside the supervisor (cancelled): nothing is left in its book.
@@ -249,15 +269,10 @@ async def test_a_cancel_of_a_queued_started_request_answers_it_and_leaves_the_ru
         async with open_supervisor(str(cfg)) as sup:
             server, _ = await _serve(sup, sock_dir, nursery)
             stream, decoder = await _raw(server)
-            await stream.send_all(
-                dext.encode(dext.Request(1, make_task(3)))
-                + dext.encode(dext.Request(2, make_task(4)))
-            )
-            await _responses(stream, decoder, _a_progress)
+            await _two_one_running(stream, decoder)
             assert sup.statistics().stages["window_post"].queued == 1  # 2 waits for the child
             await stream.send_all(dext.encode(dext.Cancel(2)))
-            got = await _responses(stream, decoder, _a_response)
-            (response,) = [m for m in got if isinstance(m, dext.Response)]
+            response = await _the_response(stream, decoder)
             assert (response.id, response.error) == (2, "cancelled at the client's request")
             assert sup.statistics().requests == 1  # 1 still runs
             await stream.aclose()

@@ -54,7 +54,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
 from .inbox import Inbox
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 from .outbox import stream_fd, write_now
-from .started import CancelHandle, internal_error, start_or_decline
+from .started import CancelHandle, Start, internal_error, start_or_decline
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -90,20 +90,6 @@ class ControlSubmit(Protocol):
     ) -> Awaitable[Output]: ...
 
 
-class ControlStart(Protocol):
-    """`Supervisor.start_nowait`: `submit` with a callback for the answer instead of a task."""
-
-    def __call__(
-        self,
-        task: Task,
-        *,
-        deadline: float | None = ...,
-        priority: int = ...,
-        on_progress: Callable[[dext.Progress], None] | None = ...,
-        on_done: Callable[[Output | None, DextError | None], None],
-    ) -> CancelHandle | None: ...
-
-
 @dataclass(slots=True)
 class ControlStats:
     """Counters of the control server."""
@@ -137,7 +123,7 @@ class ControlServer:
         sock: socket.socket,
         submit: ControlSubmit,
         *,
-        start: ControlStart | None = None,
+        start: Start | None = None,
         status: Callable[[], Awaitable[dict[str, object]]] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -506,11 +492,12 @@ class _Connection:
         return on_progress
 
     def _done(self, rid: int, output: Output | None, error: DextError | None) -> None:
-        """A request started by `start` was answered, or refused at once. Called from within
-        the supervisor: a bug of ours here must still answer the request, and not reach it."""
+        """Request `rid` was answered, refused, or (neither output nor error) cancelled at the
+        client's request: its one Response. Also called from within the supervisor (for what
+        `start` took): a bug of ours here must still answer the request, and not reach it."""
+        self._scopes.pop(rid, None)
         if self._gone:
             return  # the client is gone; run() counted it
-        self._scopes.pop(rid, None)
         try:
             if rid in self._client_cancelled:
                 self._client_cancelled.discard(rid)
@@ -526,24 +513,23 @@ class _Connection:
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
-        response = None
+        output: Output | None = None
+        error: DextError | None = None
         with scope:
             try:
                 output = await self._server._submit(
                     req.task, deadline=req.deadline, priority=req.priority, on_progress=on_progress
                 )
             except DextError as exc:
-                response = dext.Response(req.id, error=str(exc) or type(exc).__name__)
+                error = exc
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("control request %d: internal error", req.id)
-                response = dext.Response(req.id, error=internal_error(exc))
-            else:
-                response = dext.Response(req.id, output=output)
-        del self._scopes[req.id]
-        self._client_cancelled.discard(req.id)
-        if response is None:  # cancelled by the client's Cancel
-            response = dext.Response(req.id, error="cancelled at the client's request")
-        self._queue_response(response)
+                error = DextError(internal_error(exc))
+        if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)
+            self._client_cancelled.add(req.id)
+        else:  # answered: a Cancel that came after it changes nothing
+            self._client_cancelled.discard(req.id)
+        self._done(req.id, output, error)
 
     async def _answer_status(self, request_id: int) -> None:
         try:

@@ -34,7 +34,7 @@ from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
 from .signals import watch_signals
-from .started import CancelHandle, OnDone, internal_error, start_or_decline
+from .started import CancelHandle, OnDone, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
@@ -44,9 +44,6 @@ log = logging.getLogger("damocles_ext.serve")
 
 #: submit(task) -> output; raises ProverError (or another DextError) when there is no proof.
 Submit = Callable[[Task], Awaitable[Output]]
-#: start(task, on_done) -> a started request, or None to leave it to `submit`: the callback form
-#: (`Supervisor.start_nowait`), which answers with no task per request.
-Start = Callable[..., "CancelHandle | None"]  # start(task, *, on_done)
 
 _READ_SIZE = 256 * 1024
 

@@ -23,6 +23,11 @@ class CancelHandle(Protocol):
     def cancel(self) -> None: ...
 
 
+#: start(task, *, on_done, **options) -> a started request, or None to leave it to `submit`:
+#: `Supervisor.start_nowait`, the callback form of `submit`, which needs no task per request.
+Start = Callable[..., CancelHandle | None]
+
+
 class _Starting:
     def cancel(self) -> None:  # cancelled before `start` returned: nothing to cancel yet
         pass
@@ -37,7 +42,7 @@ def internal_error(exc: Exception) -> str:
 
 
 def start_or_decline(
-    start: Callable[..., CancelHandle | None],
+    start: Start,
     handles: dict[int, Any],
     rid: int,
     task: Task,

@@ -225,7 +225,8 @@ class Scheduler:
         if run is None:
             return False
         child = self._children[run.child_id]
-        gpu_phase_ended(child, run, self._runs_on, now, learn=learn and not run.cancelled)
+        if run.gpu_since is not None:  # only a job that reported a GPU phase has one to end
+            gpu_phase_ended(child, run, self._runs_on, now, learn=learn and not run.cancelled)
         del self._running[request_id]
         if child.queue:
             quick = learn and not run.cancelled and now - run.turn < self._quick_answer
