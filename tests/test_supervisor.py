@@ -41,7 +41,8 @@ from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
-from damocles_ext.supervisor import Supervisor
+from damocles_ext.protocol import dext
+from damocles_ext.supervisor import Supervisor, child_loop
 from damocles_ext.supervisor.process import SpawnError, prepare_spawn
 from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracker
 
@@ -104,6 +105,63 @@ async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_chil
         stats = {c.name: c for c in sup.statistics().children}
         assert stats["window_post#0"].done + stats["window_post#1"].done == 320
     assert most == {"window_post#0": 1 + child_runtime.QUEUE, "window_post#1": 1}
+
+
+async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path, monkeypatch):
+    # A child with Concurrent = 4 that says Hello only once the test opens its gate: the four
+    # requests submitted before are started by one decision, and written to it in one write.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    child = python_child(
+        f"""
+        import os, sys
+        from damocles_ext.protocol import dext
+        from damocles_ext.tasks import WindowPoStOutput
+        os.read(os.open({str(gate)!r}, os.O_RDONLY), 1)
+        def send(m):
+            sys.stdout.buffer.write(dext.encode(m))
+            sys.stdout.buffer.flush()
+        send(dext.Hello("dext/1", "window_post", os.getpid(), "gated-hello", "1", 4))
+        dec = dext.FrameDecoder()
+        while data := os.read(0, 65536):
+            for msg in dec.receive_data(data):
+                if isinstance(msg, dext.Request):
+                    send(dext.Response(msg.id, output=WindowPoStOutput([b"ok"], [msg.task.miner_id])))
+        """
+    )
+    writes: list[bytes] = []
+    real_send = child_loop.send
+
+    def spy(host, child, p, data: bytes) -> None:
+        writes.append(data)
+        real_send(host, child, p, data)
+
+    monkeypatch.setattr(child_loop, "send", spy)
+    async with open_supervisor([spec(child, concurrent=4)]) as sup:
+        results: dict[int, list[int]] = {}
+
+        async def one(miner: int) -> None:
+            results[miner] = (await sup.submit(window_task(miner=miner))).faults
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for miner in range(1, 5):
+                    nursery.start_soon(one, miner)
+                await trio.testing.wait_all_tasks_blocked()
+                assert writes == [] and sup.statistics().stages["window_post"].queued == 4
+                fd = await trio.to_thread.run_sync(os.open, gate, os.O_WRONLY)
+                os.write(fd, b"x")
+                os.close(fd)
+        assert results == {m: [m] for m in range(1, 5)}
+    sent = [
+        [
+            m.task.miner_id
+            for m in dext.FrameDecoder().receive_data(w)
+            if isinstance(m, dext.Request)
+        ]
+        for w in writes
+    ]
+    assert [sorted(miners) for miners in sent if miners] == [[1, 2, 3, 4]]
 
 
 async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_once(tmp_path):

@@ -439,7 +439,7 @@ class Supervisor:
 
     def _write(self, child: Child, p: Process, data: bytes) -> None:
         pending = self._pending.get(child.name)
-        if pending is None or pending[0] is not p:
+        if pending is None or pending[1] is not p:
             if pending is not None:
                 self._flush()
             self._pending[child.name] = (child, p, [data])
