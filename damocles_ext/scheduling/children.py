@@ -51,6 +51,7 @@ class _Child:
     quick: int = 0  # its quick answers in a row
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity
     slots: int = 0  # jobs it may hold now: its capacity, and its queue while quick (_set_slots)
+    behind: deque[_Running] = field(default_factory=deque)  # its jobs behind, in start order
 
     @property
     def state(self) -> str:
@@ -117,32 +118,29 @@ def set_slots(c: _Child, quick_run: int) -> None:
     c.slots = c.info.capacity + (c.queue if quick else 0)
 
 
-def promote(child: _Child, runs: list[_Running], now: float) -> bool:
-    """A slot of `child` freed: the earliest jobs behind take the free slots (the child runs them
-    in order). True if none is left behind."""
-    if len(runs) <= child.info.capacity:  # every one has a slot now
-        for run in runs:
-            if run.behind:
-                run.behind = False
-                run.turn = child.ahead_turn = now
-        return True
-    behind = sorted((r for r in runs if r.behind), key=lambda r: r.seq)
-    free = child.info.capacity - (len(runs) - len(behind))
-    for run in behind[: max(0, free)]:
+def promote(child: _Child, now: float) -> bool:
+    """A slot of `child` freed (the job that held it is no longer in `child.running`): the
+    earliest jobs behind take the free slots (the child runs them in order). True if none is
+    left behind."""
+    behind = child.behind
+    free = child.info.capacity - (len(child.running) - len(behind))
+    while free > 0 and behind:
+        run = behind.popleft()
         run.behind = False
         run.turn = child.ahead_turn = now
-    return len(behind) <= free
+        free -= 1
+    return not behind
 
 
-def take_back(child: _Child, runs: list[_Running], why: str) -> list[TakeBack]:
+def take_back(child: _Child, why: str) -> list[TakeBack]:
     """Take back every job behind on `child`, in start order; each stays on it, cancelled, until
     the child answers (its Cancel), and counts as none of its quick answers."""
     out = []
-    for run in sorted(runs, key=lambda r: r.seq):
-        if run.behind:
-            run.behind = False
-            run.cancelled = True
-            out.append(TakeBack(run.job.request_id, child.info.child_id, why))
+    for run in child.behind:
+        run.behind = False
+        run.cancelled = True
+        out.append(TakeBack(run.job.request_id, child.info.child_id, why))
+    child.behind.clear()
     return out
 
 

@@ -228,6 +228,9 @@ class Scheduler:
         if run.gpu_since is not None:  # only a job that reported a GPU phase has one to end
             gpu_phase_ended(child, run, self._runs_on, now, learn=learn and not run.cancelled)
         del self._running[request_id]
+        if run.behind:  # answered or forgotten before its turn
+            run.behind = False
+            child.behind.remove(run)
         if child.queue:
             quick = learn and not run.cancelled and now - run.turn < self._quick_answer
             child.quick = child.quick + 1 if quick else 0
@@ -237,7 +240,7 @@ class Scheduler:
         if run.child_id in self._queueing:  # a slot freed: the job(s) behind move up
             self._take_back_cache = None
             turn = now if learn else child.ahead_turn  # remove() has no clock
-            if promote(child, self._runs_on(child), turn):
+            if promote(child, turn):
                 self._queueing.discard(run.child_id)
         return True
 
@@ -607,10 +610,11 @@ class Scheduler:
         behind = len(child.running) >= child.info.capacity
         child.running.add(job.request_id)
         seq = next(self._seq)
-        self._running[job.request_id] = _Running(
+        run = self._running[job.request_id] = _Running(
             job=job, child_id=cid, started=now, seq=seq, behind=behind, turn=now
         )
         if behind:
+            child.behind.append(run)
             if cid not in self._queueing:
                 self._queueing.add(cid)
                 self._take_back_cache = None
@@ -669,10 +673,11 @@ class Scheduler:
             set_slots(child, self._quick_run)
             self._touch(child.info.stage)
             why = f"queued behind work running over {self._take_back_after:g}s"
-            out += take_back(child, self._runs_on(child), why)
+            out += take_back(child, why)
 
     def _drop_running(self, child: _Child) -> list[Job]:
         self._queueing.discard(child.info.child_id)
+        child.behind.clear()
         self._take_back_cache = None
         jobs = []
         for rid in sorted(child.running, key=lambda r: (self._running[r].job.arrival, r)):
