@@ -32,6 +32,7 @@ from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends import control as control_module
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.lifecycle.book import RequestBook
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import Supervisor, child_loop
 from damocles_ext.supervisor.restart import BackoffPolicy
@@ -263,16 +264,16 @@ async def test_the_json_lines_child_runtime_answers_a_nested_bomb_line_and_goes_
 async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supervisor(
     monkeypatch, caplog
 ):
-    original = Supervisor._on_answer
+    original = RequestBook.answers
     calls = []
 
-    def buggy_on_answer(self, child, p, ev, now):
-        calls.append(child.name)
+    def buggy_answers(self, child, answers, now):
+        calls.append(child)
         if len(calls) == 1:
             raise RuntimeError("injected bug on the first answer")
-        return original(self, child, p, ev, now)
+        return original(self, child, answers, now)
 
-    monkeypatch.setattr(Supervisor, "_on_answer", buggy_on_answer)
+    monkeypatch.setattr(RequestBook, "answers", buggy_answers)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child(), max_attempts=2)], backoff=fast_restarts())
     with trio.fail_after(30):

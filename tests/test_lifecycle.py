@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from helpers.child import window_task
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from damocles_ext.lifecycle import (
     ChildLimits,
@@ -102,6 +104,69 @@ def test_second_and_unknown_answers_are_dropped_with_a_note():
     (unknown,) = book.answered("a", 9, 2.0, output=OK)
     assert isinstance(unknown, Note) and "unknown id 9" in unknown.message
     assert "1..1" in unknown.message
+
+
+def test_answers_read_together_resolve_each_and_fill_the_freed_slots_in_one_dispatch():
+    book = book_with(("a", ChildLimits()), capacity=3)
+    ready(book, "a")
+    reqs = [book.submit(rid, window_task(miner=rid), 0.0)[0] for rid in range(1, 7)]
+    batch = [(2, None, "no such sector"), (9, OK, None), (1, OK, None), (2, OK, None)]
+    out = book.answers("a", batch, 1.0)
+    assert kinds(out) == ["Resolve", "Note", "Resolve", "Note", "Send", "Send"]
+    assert [(e.request.rid, e.outcome) for e in resolved(out)] == [(2, "error"), (1, "ok")]
+    assert "unknown id 9" in out[1].message and "second response to its request 2" in out[3].message
+    assert [(e.request, e.child_rid) for e in out if isinstance(e, Send)] == [
+        (reqs[3], 4),
+        (reqs[4], 5),
+    ]
+    assert book.in_flight("a") == 3
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    capacity=st.integers(1, 4),
+    n=st.integers(1, 12),
+    data=st.data(),
+)
+def test_answers_read_together_end_as_the_same_answers_one_by_one(capacity, n, data):
+    # One child, n requests, answered in batches of what it holds: every request gets the answer
+    # it would get one answer at a time, and the child is kept full while work waits.
+    together = book_with(("a", ChildLimits()), capacity=capacity)
+    alone = book_with(("a", ChildLimits()), capacity=capacity)
+    sent: dict[str, list[int]] = {"together": [], "alone": []}
+    answers: dict[str, dict[int, tuple]] = {"together": {}, "alone": {}}
+
+    def take(name: str, effects) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                sent[name].append(e.child_rid)
+            elif isinstance(e, Resolve):
+                assert e.request.rid not in answers[name], "answered twice"
+                answers[name][e.request.rid] = (e.output, e.error)
+
+    for name, book in (("together", together), ("alone", alone)):
+        take(name, ready(book, "a"))
+        for rid in range(1, n + 1):
+            take(name, book.submit(rid, window_task(miner=rid), 0.0)[1])
+    good = {rid: data.draw(st.booleans()) for rid in range(1, n + 1)}
+
+    def answer(rid: int) -> tuple:
+        return (rid, OK, None) if good[rid] else (rid, None, "no such sector")
+
+    now = 0.0
+    while sent["together"]:
+        now += 1.0
+        batch = data.draw(st.lists(st.sampled_from(sent["together"]), min_size=1, unique=True))
+        for rid in batch:
+            sent["together"].remove(rid)
+        take("together", together.answers("a", [answer(rid) for rid in batch], now))
+        for rid in batch:  # (each process numbers the requests it is sent as they came)
+            sent["alone"].remove(rid)
+            _, output, error = answer(rid)
+            take("alone", alone.answered("a", rid, now, output=output, error=error))
+        assert sorted(sent["together"]) == sorted(sent["alone"])
+        assert together.in_flight("a") == min(capacity, n - len(answers["together"]))
+    assert answers["together"] == answers["alone"] and len(answers["alone"]) == n
 
 
 def test_progress_is_reported_to_the_caller():

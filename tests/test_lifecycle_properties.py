@@ -54,12 +54,13 @@ class BookMachine(RuleBasedStateMachine):
 
     @initialize(
         limits=st.lists(limits_strategy, min_size=1, max_size=len(CHILDREN)),
-        capacity=st.integers(1, 2),
+        capacity=st.integers(1, 3),
     )
     def add_children(self, limits: list[ChildLimits], capacity: int) -> None:
         for name, lim in zip(CHILDREN, limits, strict=False):  # fewer limits than names
             self.book.add_child(name, "window_post", capacity=capacity, limits=lim)
         self.children = CHILDREN[: len(limits)]
+        self.capacity = capacity
 
     # -- carrying out effects, as the driver does --------------------------------------------
 
@@ -138,6 +139,25 @@ class BookMachine(RuleBasedStateMachine):
         self.sent[child].remove(rid)
         kw = {"output": OK} if good else {"error": "no such sector"}
         self.apply(self.book.answered(child, rid, self.now, **kw))
+
+    @rule(data=st.data())
+    def answers_read_together(self, data: st.DataObject) -> None:
+        # Several answers of one child in one read, maybe with a repeat or an id never sent.
+        live = sorted(c for c, rids in self.sent.items() if rids)
+        if not live:
+            return
+        child = data.draw(st.sampled_from(live))
+        rids = data.draw(st.lists(st.sampled_from(self.sent[child]), min_size=1, unique=True))
+        extra = data.draw(st.lists(st.integers(0, 50), max_size=2))
+        for rid in rids:
+            self.sent[child].remove(rid)
+        extra = [rid for rid in extra if rid not in self.sent[child]]  # answered or never sent
+        batch = [
+            (rid, OK, None) if data.draw(st.booleans()) else (rid, None, "no such sector")
+            for rid in data.draw(st.permutations(rids + extra))
+        ]
+        self.apply(self.book.answers(child, batch, self.now))
+        assert not any(self.book.is_running(child, rid) for rid in rids)
 
     @rule(data=st.data())
     def bogus_answer(self, data: st.DataObject) -> None:
@@ -224,6 +244,14 @@ class BookMachine(RuleBasedStateMachine):
             process = attempt.process
             assert process.child.process is process, f"request {req.rid} left on a dead process"
             assert process.attempts.get(attempt.child_rid) is attempt
+
+    @invariant()
+    def no_ready_child_has_a_free_slot_while_requests_wait(self) -> None:
+        if not any(self.book.scheduler.is_queued(r.attempt_id) for r in self._open()):
+            return
+        for child, state in self.up.items():
+            if state == "ready":
+                assert self.book.in_flight(child) >= self.capacity, f"{child} idles"
 
     @invariant()
     def the_book_wakes_up_by_the_earliest_deadline(self) -> None:

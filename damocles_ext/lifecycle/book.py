@@ -205,47 +205,49 @@ class RequestBook(BookRules):
         error: str | None = None,
     ) -> list[Effect]:
         """`child` answered its request `child_rid` with `output`, or with `error`."""
+        return self.answers(child, ((child_rid, output, error),), now)
+
+    def answers(
+        self, child: str, answers: Iterable[tuple[int, Output | None, str | None]], now: float
+    ) -> list[Effect]:
+        """`child` answered several requests at once (`(child_rid, output, error)` each, read
+        together): as `answered` for each in turn, and the slots they free are filled after the
+        last of them, in one dispatch."""
         c = self._child(child)
         process = c.process
         if process is None:
             return self._catch_up(now)
         process.last_activity = now
         out = self._catch_up(now)
-        attempt = process.attempts.pop(child_rid, None)
-        if attempt is None:
-            if 0 < child_rid < process.next_rid:
-                text = f"a second response to its request {child_rid} dropped"
-            else:
-                text = (
-                    f"response with unknown id {child_rid} dropped (ids sent so far:"
-                    f" 1..{process.next_rid - 1})"
-                )
-            out.append(Note("warning", f"{process.who}: {text}"))
-            return out
-        self._forget(attempt)
-        c.served = True
-        self.scheduler.finished(attempt.attempt_id, now)
-        if not attempt.abandoned:
+        for child_rid, output, error in answers:
+            attempt = process.attempts.pop(child_rid, None)
+            if attempt is None:
+                if 0 < child_rid < process.next_rid:
+                    text = f"a second response to its request {child_rid} dropped"
+                else:
+                    text = (
+                        f"response with unknown id {child_rid} dropped (ids sent so far:"
+                        f" 1..{process.next_rid - 1})"
+                    )
+                out.append(Note("warning", f"{process.who}: {text}"))
+                continue
+            self._forget(attempt)
+            c.served = True
+            self.scheduler.finished(attempt.attempt_id, now)
+            if attempt.abandoned:
+                continue
             req = attempt.request
             req.current = None
             self._attempts.pop(attempt.attempt_id, None)
             if error is not None:
                 c.failed += 1
-                self._resolve(
-                    req,
-                    out,
-                    now,
-                    error=f"request {req.rid} ({req.stage}) failed on {process.who}: {error}",
-                )
+                why = f"request {req.rid} ({req.stage}) failed on {process.who}: {error}"
+                self._resolve(req, out, now, error=why)
             elif output is None or stage_of(output) != req.stage:
                 c.failed += 1
                 got = "no output" if output is None else f"a {stage_of(output)} output"
-                self._resolve(
-                    req,
-                    out,
-                    now,
-                    error=f"request {req.rid} ({req.stage}): {process.who} answered with {got}",
-                )
+                why = f"request {req.rid} ({req.stage}): {process.who} answered with {got}"
+                self._resolve(req, out, now, error=why)
             else:
                 c.done += 1
                 self._resolve(req, out, now, output=output)

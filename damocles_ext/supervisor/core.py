@@ -271,7 +271,7 @@ class Supervisor:
         self._split_in_flight += 1
         try:
             vanilla = await self._submit_one(split_window_post(task), *how)
-            assert isinstance(vanilla, WindowPoStVanillaOutput)  # _on_answer checks the stage
+            assert isinstance(vanilla, WindowPoStVanillaOutput)  # the book checks the stage
             if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
                 return WindowPoStOutput(proofs=[], faults=vanilla.faults)
             snark = await self._submit_one(snark_task(task, vanilla), *how, in_flight=True)
@@ -568,11 +568,14 @@ class Supervisor:
     # -- what children say ------------------------------------------------------------------
 
     def _on_events(self, child: Child, p: Process, events: list[Any]) -> None:
-        # What the answers of one read dispatch goes out at the end, one write per child.
-        if len(events) == 1 and type(ev := events[0]) is Answer and not self._applying:
-            # The common read, one answer: as below, without the loop (its write is flushed
-            # by _apply, not nested here).
-            self._on_answer(child, p, ev, self._now())
+        # The common read, answers only: the book takes them together, fills the slots they
+        # free in one dispatch, and what that sends goes out in one write per child.
+        for ev in events:
+            if type(ev) is not Answer:
+                break
+        else:
+            answers = [(ev.child_rid, ev.output, ev.error) for ev in events]
+            self._apply(self._book.answers(child.name, answers, self._now()))
             return
         self._applying += 1
         try:
@@ -587,7 +590,8 @@ class Supervisor:
         book = self._book
         for ev in events:
             if isinstance(ev, Answer):
-                self._on_answer(child, p, ev, now)
+                out = book.answered(child.name, ev.child_rid, now, output=ev.output, error=ev.error)
+                self._apply(out)
             elif isinstance(ev, ProgressEvent):
                 self._apply(
                     book.progress(
@@ -608,11 +612,6 @@ class Supervisor:
             elif isinstance(ev, Ready):
                 log.warning("%s: a second ready message ignored", child.name)
                 self._apply(book.heard_from(child.name, now))
-
-    def _on_answer(self, child: Child, p: Process, ev: Answer, now: float) -> None:
-        self._apply(
-            self._book.answered(child.name, ev.child_rid, now, output=ev.output, error=ev.error)
-        )
 
     # -- the driver -------------------------------------------------------------------------
 
