@@ -80,18 +80,13 @@ from .decisions import (
     Start,
     TakeBack,
 )
+from .queues import FRESH, RETRY, JobQueues
 
 #: Stages served first at every decision; other stages follow in name order.
 STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
 #: Progress phases that mean "the request is now using the GPU" (its SNARK).
 GPU_PHASES: frozenset[str] = frozenset({"snark"})
-
-_FRESH, _RETRY = 1, 0  # retries sort first among equal deadline and priority
-
-
-# A stage's queue of (key, token, request id); see Scheduler.__init__.
-_Heap = list[tuple[tuple[float, int, int, float], int, int]]
 
 
 class Scheduler:
@@ -136,17 +131,14 @@ class Scheduler:
         self._decided_at = -math.inf
         self._children: dict[str, _Child] = {}
         self._by_stage: dict[str, list[_Child]] = {}
-        # Per stage: a heap of (key, token, request_id); an entry is live while
-        # self._queued[request_id] carries the same token (lazy deletion). The key ends with the
-        # job's arrival, which a retry keeps, so no per-request state outlives the request here
-        # (a job failed or lost with its child leaves nothing behind); tokens break ties FIFO.
-        self._heaps: dict[str, _Heap] = {}
-        self._queued: dict[int, tuple[int, Job]] = {}
-        self._queued_deadlines = 0  # queued jobs with a deadline (next_wakeup's fast path)
-        self._queue_len: dict[str, int] = {}  # live entries per stage
+        # The stages' queues (queues.py). A job's order ends with its arrival, which a retry
+        # keeps, so no per-request state outlives the request here (a job failed or lost with
+        # its child leaves nothing behind).
+        self._queues = JobQueues()
+        self._queued = self._queues.queued  # request id -> (token, job)
+        self._queue_len = self._queues.length  # live jobs per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
-        self._tokens = itertools.count()
 
     # -- children ---------------------------------------------------------------------------
 
@@ -207,14 +199,14 @@ class Scheduler:
         behind = self._incremental and self._queue_len.get(stage, 0) > 0 and not self._all_dirty
         behind = behind and stage not in self._dirty and stage not in self._pipelined_stages
         behind = behind and (job.deadline is None or job.deadline > now)
-        self._enqueue(job, _FRESH)
+        self._enqueue(job, FRESH)
         if behind:
             self._dirty.discard(stage)
 
     def requeue(self, job: Job, now: float) -> None:
         """Put a retried job back at the head of its queue (see the ordering rule above)."""
         self._check_new(job)
-        self._enqueue(job, _RETRY)
+        self._enqueue(job, RETRY)
 
     def finished(self, request_id: int, now: float) -> bool:
         """The child answered `request_id`: free its slot and locks. False if it was not running."""
@@ -287,10 +279,8 @@ class Scheduler:
     def remove(self, request_id: int) -> bool:
         """Forget a request (e.g. its caller went away): drop it from its queue, or, if it is
         running, free its slot and locks as `finished` does. False if it was unknown."""
-        if (entry := self._queued.pop(request_id, None)) is not None:
-            self._queue_len[entry[1].stage] -= 1
-            self._queued_deadlines -= entry[1].deadline is not None
-            self._touch(entry[1].stage)
+        if (job := self._queues.remove(request_id)) is not None:
+            self._touch(job.stage)
             return True
         return self._finish(request_id, 0.0, learn=False)
 
@@ -306,7 +296,7 @@ class Scheduler:
             or self._pipelined_stages
             or self._any_locks
             or self._deadlines
-            or self._queued_deadlines
+            or self._queues.with_deadline
             or (self._queueing and now >= (self._take_back_cache or self._next_take_back()))
         ):
             return []  # nothing changed, no deadline can have passed, nothing to take back
@@ -321,8 +311,8 @@ class Scheduler:
         reserved: set[str] = set()
         everything = self._all_dirty or not self._incremental
         for stage in self._stage_order():
-            heap = self._heaps[stage]
-            job = self._peek(heap)
+            queue = self._queues.stages[stage]
+            job = self._queues.peek(queue)
             if not (
                 everything
                 or stage in self._dirty
@@ -343,10 +333,10 @@ class Scheduler:
             full = False
             while job is not None:
                 if reason is not None:
-                    self._pop(heap)
+                    self._queues.pop(queue, job)
                     out.append(Fail(job.request_id, reason))
                 elif job.deadline is not None and now >= job.deadline:
-                    self._pop(heap)
+                    self._queues.pop(queue, job)
                     out.append(
                         Fail(
                             job.request_id,
@@ -360,12 +350,12 @@ class Scheduler:
                     child, others = self._pick(stage, reserved, now)
                     if child is None:
                         break
-                    self._pop(heap)
+                    self._queues.pop(queue, job)
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
                     full = self._incremental and not others and len(child.running) >= child.slots
-                job = self._peek(heap)
+                job = self._queues.peek(queue)
             if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)
         self._dirty.clear()
@@ -397,7 +387,7 @@ class Scheduler:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
         becomes able to take the next queued job; None if there is no such time."""
         if self._incremental and not (
-            self._deadlines or self._queued_deadlines or self._pipelined_stages
+            self._deadlines or self._queues.with_deadline or self._pipelined_stages
         ):
             # No deadline, no pipelined child: only jobs behind long work can be due.
             if not self._queueing:
@@ -419,8 +409,8 @@ class Scheduler:
             ]
         if self._queueing:
             times.append(self._next_take_back())
-        for stage, heap_ in self._heaps.items():
-            head = self._peek(heap_)
+        for stage, queue in self._queues.stages.items():
+            head = self._queues.peek(queue)
             if head is None:
                 continue
             if head.deadline is not None:
@@ -439,12 +429,12 @@ class Scheduler:
 
     def statistics(self) -> SchedulerStatistics:
         """Queue lengths and nearest deadline per stage, running jobs per child, locks held."""
-        queued: dict[str, int] = dict.fromkeys(self._heaps, 0)
+        queued: dict[str, int] = dict.fromkeys(self._queues.stages, 0)
         for _, job in self._queued.values():
             queued[job.stage] = queued.get(job.stage, 0) + 1
         nearest: dict[str, float | None] = {}
-        for stage, heap in self._heaps.items():
-            head = self._peek(heap)
+        for stage, queue in self._queues.stages.items():
+            head = self._queues.peek(queue)
             nearest[stage] = head.deadline if head is not None else None
         return SchedulerStatistics(
             queued=queued,
@@ -456,8 +446,8 @@ class Scheduler:
             },
             waiting_for_lock={
                 stage: tuple(sorted(self._blocking_locks(stage)))
-                for stage, heap in self._heaps.items()
-                if self._peek(heap) is not None and self._blocking_locks(stage)
+                for stage, queue in self._queues.stages.items()
+                if self._queues.peek(queue) is not None and self._blocking_locks(stage)
             },
         )
 
@@ -488,36 +478,14 @@ class Scheduler:
 
     def _enqueue(self, job: Job, tier: int) -> None:
         self._touch(job.stage)
-        if job.stage not in self._heaps:
+        if self._queues.push(job, tier):
             self._order = None
-        token = next(self._tokens)
-        deadline = math.inf if job.deadline is None else job.deadline
-        key = (deadline, -job.priority, tier, job.arrival)
-        self._queued[job.request_id] = (token, job)
-        self._queued_deadlines += job.deadline is not None
-        self._queue_len[job.stage] = self._queue_len.get(job.stage, 0) + 1
-        heapq.heappush(self._heaps.setdefault(job.stage, []), (key, token, job.request_id))
-
-    def _peek(self, heap: _Heap) -> Job | None:
-        while heap:
-            _, token, rid = heap[0]
-            live = self._queued.get(rid)
-            if live is not None and live[0] == token:
-                return live[1]
-            heapq.heappop(heap)
-        return None
-
-    def _pop(self, heap: _Heap) -> Job:
-        _, _, rid = heapq.heappop(heap)
-        job = self._queued.pop(rid)[1]
-        self._queue_len[job.stage] -= 1
-        self._queued_deadlines -= job.deadline is not None
-        return job
 
     def _stage_order(self) -> list[str]:
         if self._order is None:
-            first = [s for s in STAGE_PRIORITY if s in self._heaps]
-            self._order = first + sorted(s for s in self._heaps if s not in STAGE_PRIORITY)
+            stages = self._queues.stages
+            first = [s for s in STAGE_PRIORITY if s in stages]
+            self._order = first + sorted(s for s in stages if s not in STAGE_PRIORITY)
         return self._order
 
     def _cannot_serve(self, stage: str) -> str | None:
