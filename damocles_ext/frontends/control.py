@@ -26,7 +26,6 @@ Running out of file descriptors at accept(2) is survived.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -331,9 +330,9 @@ class _Connection:
         self.buffered = 0  # bytes of an unfinished frame, as the server accounts them
         self.last_active = trio.current_time()
         self.closed = trio.Event()
-        # The reader runs in this scope: its deadline is the idle timeout while nothing is in
-        # flight, and cancelling it (evict) closes the connection.
-        self._read_scope = trio.CancelScope(deadline=self.last_active + server.idle_timeout)
+        # The reader runs in this scope: cancelling it closes the connection (evict, or
+        # _idle_watch once the connection was idle for the server's idle_timeout).
+        self._read_scope = trio.CancelScope()
         self._evicted: str | None = None
 
     @property
@@ -347,15 +346,27 @@ class _Connection:
         self._read_scope.cancel()
 
     def _activity(self) -> None:
-        self.last_active = now = trio.current_time()
-        deadline = now + self._server.idle_timeout if self.idle else math.inf
-        if deadline != self._read_scope.deadline:  # busy: stays inf, and trio is not asked
-            self._read_scope.deadline = deadline
+        self.last_active = trio.current_time()
+
+    async def _idle_watch(self) -> None:
+        """Close the connection once it has been idle (nothing in flight, no bytes arriving) for
+        the server's idle_timeout. Looked at when that long has passed since it was last active,
+        so that activity only notes its time: a cancel scope's deadline moved to and from
+        infinity on every request costs trio's deadline bookkeeping twice per request."""
+        timeout = self._server.idle_timeout
+        while True:
+            now = trio.current_time()
+            due = self.last_active + timeout
+            if self.idle and now >= due:
+                self._read_scope.cancel()
+                return
+            await trio.sleep_until(due if self.idle else now + timeout)
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._idle_watch)
                 with self._read_scope:
                     await self._read_loop(nursery)
                 # Evicted: by another connection, or by the read that put this one over the
