@@ -2,7 +2,7 @@
 works out from them alone: when a pipelined child's GPU frees, how many jobs a child may hold.
 
 Quick requests queue in their child. A child whose Hello offers a `queue` (the built-in runtime
-offers 4) may take that many jobs beyond its capacity while its answers are quick: its last
+offers 16) may take that many jobs beyond its capacity while its answers are quick: its last
 QUICK_RUN answers each came within QUICK_ANSWER of its turn (the moment it got a slot of the
 child's capacity), and it has no locks and is not pipelined. A job queued there waits in the child
 instead of a pipe round trip through the supervisor, so short requests stream; a child with a
