@@ -324,8 +324,8 @@ class RequestBook(BookRules):
         out = self._catch_up(now)
         req = TrackedRequest(rid, task, stage_of(task), now, deadline, deadline_unix, priority)
         self._requests[rid] = req
-        self._enqueue(req, now, retry=False)
-        self._dispatch(now, out)
+        if self._enqueue(req, now, retry=False):  # (what time brought, _catch_up decided)
+            self._dispatch(now, out)
         return req, out
 
     def unsendable(self, child: str, child_rid: int, now: float, error: str) -> list[Effect]:

@@ -99,7 +99,8 @@ class BookRules:
                 elif isinstance(decision, TakeBack):
                     again |= self._on_take_back(decision.request_id, decision.reason, now, out)
 
-    def _enqueue(self, req: TrackedRequest, now: float, *, retry: bool) -> None:
+    def _enqueue(self, req: TrackedRequest, now: float, *, retry: bool) -> bool:
+        """Queue a new attempt of `req`; False if the scheduler need not decide for it."""
         aid = next(self._attempt_ids)
         req.attempt_id = aid
         req.current = None
@@ -108,8 +109,8 @@ class BookRules:
         self._queued += 1
         if retry:
             self.scheduler.requeue(job, now)
-        else:
-            self.scheduler.submit(job, now)
+            return True
+        return self.scheduler.submit(job, now)
 
     def _start(self, aid: int, child: str, now: float, out: list[Effect]) -> bool:
         """Send attempt `aid` to `child`; True if the scheduler must be asked again."""

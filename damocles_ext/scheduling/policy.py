@@ -191,8 +191,11 @@ class Scheduler:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def submit(self, job: Job, now: float) -> None:
-        """A new request: queue it (decide() starts or fails it)."""
+    def submit(self, job: Job, now: float) -> bool:
+        """A new request: queue it (decide() starts or fails it). False when decide() has
+        nothing new to act on: the job joined the back of a queue that no child could take
+        from at the last decision, and nothing else changed since (what time brings is left,
+        as ever, to next_wakeup)."""
         self._check_new(job)
         stage = job.stage
         # Behind a queue left by its stage's last decision (no child could take its head): idem.
@@ -202,6 +205,8 @@ class Scheduler:
         self._enqueue(job, FRESH)
         if behind:
             self._dirty.discard(stage)
+            return bool(self._dirty or self._all_dirty or self._any_locks)
+        return True
 
     def requeue(self, job: Job, now: float) -> None:
         """Put a retried job back at the head of its queue (see the ordering rule above)."""
