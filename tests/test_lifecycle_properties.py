@@ -51,6 +51,7 @@ class BookMachine(RuleBasedStateMachine):
         self.up: dict[str, str] = {}  # child -> "ready" | "down" (absent: no process)
         self.sent: dict[str, list[int]] = {}  # child -> child_rids sent to its current process
         self.shut = False
+        self.pipelined: set[str] = set()  # children that may hold work back for their GPU
 
     @initialize(
         limits=st.lists(limits_strategy, min_size=1, max_size=len(CHILDREN)),
@@ -176,6 +177,8 @@ class BookMachine(RuleBasedStateMachine):
             return
         child, rid = data.draw(st.sampled_from(sorted(choices)))
         phase = data.draw(st.sampled_from(["vanilla", "snark", "done"]))
+        if phase == "snark":  # a GPU phase: the scheduler pipelines the child from now on
+            self.pipelined.add(child)
         self.apply(self.book.progress(child, rid, self.now, phase=phase, done=0, total=1))
 
     @rule(data=st.data())
@@ -250,7 +253,7 @@ class BookMachine(RuleBasedStateMachine):
         if not any(self.book.scheduler.is_queued(r.attempt_id) for r in self._open()):
             return
         for child, state in self.up.items():
-            if state == "ready":
+            if state == "ready" and child not in self.pipelined:
                 assert self.book.in_flight(child) >= self.capacity, f"{child} idles"
 
     @invariant()
