@@ -53,7 +53,7 @@ _YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve ever
 
 
 class ChildHost(Protocol):
-    """What a child's task needs from the supervisor (`core._Host`)."""
+    """What a child's task needs from the supervisor (`host.SupervisorHost`)."""
 
     book: RequestBook
     reaper: Reaper

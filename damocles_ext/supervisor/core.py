@@ -17,7 +17,7 @@ Shape:
 * a driver task tells the book when time passes, at the book's `next_wakeup()` (woken sooner
   when an event brings it forward);
 * one task per child (`child_loop.child_loop`): spawn, handshake, serve, tear down, back off,
-  again; it reaches the supervisor only through `_Host`.
+  again; it reaches the supervisor only through its `SupervisorHost` (host.py).
 
 Every request is answered exactly once: the book emits one `Resolve` per request.
 """
@@ -68,6 +68,7 @@ from ..tasks import (
 from . import child_loop
 from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
+from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
 from .reaper import Reaper
@@ -171,7 +172,7 @@ class Supervisor:
         self._reaper = Reaper(
             lambda: [(c.p.proc, c.p.tree_mark) for c in self._children.values() if c.p is not None]
         )
-        self._host = _Host(self)
+        self._host = SupervisorHost(self)
         self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
@@ -660,32 +661,6 @@ class Supervisor:
             while self._split_in_flight or self._book.unanswered:
                 await self._wait_changed()
         self._apply(self._book.grace_over(trio.current_time(), self.shutdown_grace))
-
-
-class _Host:
-    """What a child's task (`child_loop`) may ask of the supervisor: its events go to the book,
-    and the shared services (reaper, guardian, observers)."""
-
-    def __init__(self, sup: Supervisor) -> None:
-        self._sup = sup
-        self.book = sup._book
-        self.reaper = sup._reaper
-        self.observers = sup._observers
-        self.stop_timeout = sup.stop_timeout
-        # The supervisor's own methods, bound once: what a child writes reaches the book with
-        # no trampoline call on the hot path.
-        self.apply = sup._apply
-        self.output = sup._on_events
-
-    @property
-    def guardian(self) -> GroupGuardian | None:
-        return self._sup._guardian
-
-    def task_failed(self, child: Child, reason: str, p: Process | None = None) -> None:
-        self._sup._child_task_failed(child, reason, p)
-
-    def changed(self) -> None:
-        self._sup._notify()
 
 
 __all__ = [
