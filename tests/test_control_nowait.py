@@ -21,6 +21,7 @@ from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.frontends.serve_jsonl import JsonLineServer, start_with_deadline
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.protocol import dext, jsonl
+from damocles_ext.supervisor import child_loop
 
 
 class Counting:
@@ -278,3 +279,66 @@ async def test_a_cancel_of_a_queued_started_request_answers_it_and_leaves_the_ru
             await stream.aclose()
             await server.wait_idle()
             server.stop_accepting()
+
+
+@pytest.mark.parametrize("door", ["control socket", "serve"])
+async def test_the_requests_of_one_read_go_to_their_child_in_one_write(
+    tmp_path, sock_dir, nursery, monkeypatch, door
+):
+    # Four requests in one read, a child that takes four at once: the front end starts them in
+    # one batch of the supervisor's, so they reach the child in one write, not four.
+    writes: list[list[int]] = []
+    real_send = child_loop.send
+
+    def spy(host, child, p, data: bytes) -> None:
+        frames = dext.FrameDecoder().receive_data(data)
+        got = [m.task.miner_id for m in frames if isinstance(m, dext.Request)]
+        if got:
+            writes.append(sorted(got))
+        real_send(host, child, p, data)
+
+    monkeypatch.setattr(child_loop, "send", spy)
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo", concurrent=4))
+    miners = [1, 2, 3, 4]
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            await sup.wait_ready("window_post", 1)
+            if door == "serve":
+                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+                server = JsonLineServer(
+                    "window_post",
+                    sup.submit,
+                    receive_stream=in_receive,
+                    send_stream=out_send,
+                    ready_line_sent=True,
+                    start=start_with_deadline(sup, None),
+                    batch=sup.batch,
+                )
+                nursery.start_soon(server.run)
+                await in_send.send_all(
+                    b"".join(jsonl.encode_request(m, make_task(m)) for m in miners)
+                )
+                reader, answers = jsonl.LineReader(), []
+                while len(answers) < len(miners):
+                    answers += reader.receive_data(await out_receive.receive_some())
+                ids = sorted(jsonl.decode_response(line, "window_post").id for line in answers)
+            else:
+                control = ControlServer(
+                    bind_control_socket(sock_dir / "control.sock"),
+                    sup.submit,
+                    start=sup.start_nowait,
+                    batch=sup.batch,
+                )
+                await nursery.start(control.serve)
+                stream, decoder = await _raw(control)
+                await stream.send_all(
+                    b"".join(dext.encode(dext.Request(m, make_task(m))) for m in miners)
+                )
+                got = await _responses(
+                    stream, decoder, lambda got: sum(isinstance(m, dext.Response) for m in got) == 4
+                )
+                ids = sorted(m.id for m in got if isinstance(m, dext.Response))
+                control.stop_accepting()
+    assert ids == miners
+    assert writes == [miners]

@@ -25,6 +25,7 @@ Running out of file descriptors at accept(2) is survived.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -53,7 +54,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
 from .inbox import Inbox
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 from .outbox import stream_fd, write_now
-from .started import CancelHandle, Start, internal_error, start_or_decline
+from .started import Batch, CancelHandle, Start, internal_error, start_or_decline
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -111,7 +112,8 @@ class ControlServer:
     """Serves dext clients on a listening unix socket by calling `submit` for each request.
 
     `start`, when given, is tried first (`Supervisor.start_nowait`): a request it takes needs no
-    task of its own here; one it returns None for goes to `submit`.
+    task of its own here; one it returns None for goes to `submit`. The requests of one read are
+    started within `batch()` (`Supervisor.batch`: they go to the children together).
     `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
     `max_connections`, `idle_timeout` (seconds) and `max_buffered` (bytes) bound what clients
     can hold (see the module docstring).
@@ -123,6 +125,7 @@ class ControlServer:
         submit: ControlSubmit,
         *,
         start: Start | None = None,
+        batch: Batch = contextlib.nullcontext,
         status: Callable[[], Awaitable[dict[str, object]]] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -137,6 +140,7 @@ class ControlServer:
         self._inode = os.stat(self.path).st_ino
         self._submit = submit
         self._start = start
+        self._batch = batch
         self._status = status
         self._uid = os.geteuid()
         self._accept_scope = trio.CancelScope()
@@ -417,10 +421,15 @@ class _Connection:
                 # the rest, so the goodbye's word that nothing more was read holds, and the
                 # client may send them again on a new connection.
                 return
+            requests: list[dext.Request] = []  # started together, before what follows them
             for msg in messages:
                 if isinstance(msg, dext.Request):
-                    self._start_request(msg, nursery)
-                elif isinstance(msg, dext.Cancel):
+                    requests.append(msg)
+                    continue
+                if requests:
+                    self._start_requests(requests, nursery)
+                    requests = []
+                if isinstance(msg, dext.Cancel):
                     scope = self._scopes.get(msg.id)
                     if scope is not None:
                         self._client_cancelled.add(msg.id)
@@ -455,6 +464,8 @@ class _Connection:
                         type(msg).__name__,
                     )
                     return
+            if requests:
+                self._start_requests(requests, nursery)
             if not data:
                 if self._scopes:
                     log.info(
@@ -462,6 +473,11 @@ class _Connection:
                     )
                 return
             self._activity()
+
+    def _start_requests(self, requests: list[dext.Request], nursery: trio.Nursery) -> None:
+        with self._server._batch():
+            for req in requests:
+                self._start_request(req, nursery)
 
     def _start_request(self, req: dext.Request, nursery: trio.Nursery) -> None:
         if req.id in self._scopes:

@@ -96,6 +96,7 @@ async def _run(
             sock,
             supervisor.submit,
             start=supervisor.start_nowait,
+            batch=supervisor.batch,
             status=status.as_data,
             **(limits or {}),
         )

@@ -17,6 +17,7 @@ its wire id, never by the supervisor's own request number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
 from .signals import watch_signals
-from .started import CancelHandle, OnDone, Start, internal_error, start_or_decline
+from .started import Batch, CancelHandle, OnDone, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
@@ -80,10 +81,12 @@ class JsonLineServer:
         max_line: int = jsonl.DEFAULT_MAX_LINE,
         ready_line_sent: bool = False,
         start: Start | None = None,
+        batch: Batch = contextlib.nullcontext,
     ) -> None:
         self.stage = stage
         self._submit = submit
         self._start = start
+        self._batch = batch  # the requests of one read are started in one (Supervisor.batch)
         self._started: dict[int, CancelHandle] = {}  # what `start` returned, by id
         self._stopped = False  # run() ended: an answer now is nobody's
         self._receive = receive_stream
@@ -161,13 +164,14 @@ class JsonLineServer:
                 log.warning("stdin broke (%s): taking no more requests", exc)
                 data = b""
             # A stream may hand back a bytearray; bytes() of bytes is the same object, no copy.
-            for item in self._reader.receive_data(bytes(data)):
-                try:
-                    self._handle_line(item, nursery)
-                except Exception:
-                    # A bug of ours on one line must not end serve, and every other request.
-                    self._stats.unreadable += 1
-                    log.exception("internal error on a request line; it is not answered")
+            with self._batch():
+                for item in self._reader.receive_data(bytes(data)):
+                    try:
+                        self._handle_line(item, nursery)
+                    except Exception:
+                        # A bug of ours on one line must not end serve, and every other request.
+                        self._stats.unreadable += 1
+                        log.exception("internal error on a request line; it is not answered")
             if not data:
                 log.info(
                     "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
@@ -373,6 +377,7 @@ async def serve_supervised(
                 ),
                 ready_line_sent=True,
                 start=start,
+                batch=supervisor.batch,
             )
             log.info("serving %s (pid %d)", stage, os.getpid())
             # Reading goes on after the first signal: a request already in the pipe still gets

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from ..errors import DextError
@@ -26,6 +27,10 @@ class CancelHandle(Protocol):
 #: start(task, *, on_done, **options) -> a started request, or None to leave it to `submit`:
 #: `Supervisor.start_nowait`, the callback form of `submit`, which needs no task per request.
 Start = Callable[..., CancelHandle | None]
+
+#: batch() -> a context within which the requests `start` takes go to the children together, at
+#: its end (`Supervisor.batch`); a front end starts the requests of one read in one.
+Batch = Callable[[], AbstractContextManager[object]]
 
 
 class _Starting:

@@ -24,12 +24,13 @@ Every request is answered exactly once: the book emits one `Resolve` per request
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -324,6 +325,17 @@ class Supervisor:
             return None
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False)
         return Started(self, waiter)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within it, what the requests started send their children goes out at its end, in
+        one write per child (a front end starting the requests of one read together)."""
+        self._applying += 1
+        try:
+            yield
+        finally:
+            self._applying -= 1
+            self._apply([])
 
     def _abandon(self, waiter: Waiter) -> None:
         """The caller of `waiter` went away: answer its request (cancelled), stop its work."""
