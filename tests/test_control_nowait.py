@@ -56,6 +56,23 @@ async def _serve(
     return server, start
 
 
+def _jsonl_server(sup, **options):
+    """serve's JSON-lines server on `sup`, taking requests through `start_nowait`, over memory
+    streams: (the server, its input's sending end, its output's receiving end)."""
+    in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+    out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+    server = JsonLineServer(
+        "window_post",
+        sup.submit,
+        receive_stream=in_receive,
+        send_stream=out_send,
+        ready_line_sent=True,
+        start=start_with_deadline(sup, None),
+        **options,
+    )
+    return server, in_send, out_receive
+
+
 def _sleeping(tmp_path: Path) -> Path:
     """A config of one child whose proofs last 10 minutes, reporting progress as they go."""
     return write_config(
@@ -199,18 +216,9 @@ async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers
     pm = plugins.get_plugin_manager()
     seen = _SeesStarts()
     plugins.register_plugin(pm, seen, "seen")
-    in_send, in_receive = trio.testing.memory_stream_one_way_pair()
-    out_send, _out_receive = trio.testing.memory_stream_one_way_pair()
     with trio.fail_after(30):
         async with open_supervisor(str(cfg), plugin_manager=pm) as sup:
-            server = JsonLineServer(
-                "window_post",
-                sup.submit,
-                receive_stream=in_receive,
-                send_stream=out_send,
-                ready_line_sent=True,
-                start=start_with_deadline(sup, None),
-            )
+            server, in_send, _out_receive = _jsonl_server(sup)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.run)
                 await in_send.send_all(jsonl.encode_request(1, make_task(3)))
@@ -304,17 +312,7 @@ async def test_the_requests_of_one_read_go_to_their_child_in_one_write(
         async with open_supervisor(str(cfg)) as sup:
             await sup.wait_ready("window_post", 1)
             if door == "serve":
-                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
-                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
-                server = JsonLineServer(
-                    "window_post",
-                    sup.submit,
-                    receive_stream=in_receive,
-                    send_stream=out_send,
-                    ready_line_sent=True,
-                    start=start_with_deadline(sup, None),
-                    batch=sup.batch,
-                )
+                server, in_send, out_receive = _jsonl_server(sup, batch=sup.batch)
                 nursery.start_soon(server.run)
                 await in_send.send_all(
                     b"".join(jsonl.encode_request(m, make_task(m)) for m in miners)
