@@ -267,11 +267,11 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
     original = RequestBook.answers
     calls = []
 
-    def buggy_answers(self, child, answers, now):
+    def buggy_answers(self, child, answers, now, out=None):
         calls.append(child)
         if len(calls) == 1:
             raise RuntimeError("injected bug on the first answer")
-        return original(self, child, answers, now)
+        return original(self, child, answers, now, out)
 
     monkeypatch.setattr(RequestBook, "answers", buggy_answers)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
@@ -287,6 +287,52 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
     assert stats.restarts == 1 and "injected bug" in stats.last_exit, stats.last_exit
     logged = [r for r in caplog.records if "internal error on its output" in r.getMessage()]
     assert logged and logged[0].exc_info is not None  # with its traceback
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_after_a_reads_answers_were_taken_loses_none_of_them(
+    monkeypatch, caplog
+):
+    # The book takes a read's answers, then fails filling the slots they freed (a bug injected
+    # into its dispatch, once): the answers it took still reach their callers, the child goes,
+    # and what was queued is answered by its next process.
+    original_answers, original_dispatch = RequestBook.answers, RequestBook._dispatch
+    state = {"in_answers": False, "raised": False}
+
+    def answers(self, *args, **kwargs):
+        state["in_answers"] = True
+        try:
+            return original_answers(self, *args, **kwargs)
+        finally:
+            state["in_answers"] = False
+
+    def buggy_dispatch(self, now, out):
+        if state["in_answers"] and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("injected bug after the answers of a read were taken")
+        return original_dispatch(self, now, out)
+
+    monkeypatch.setattr(RequestBook, "answers", answers)
+    monkeypatch.setattr(RequestBook, "_dispatch", buggy_dispatch)
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor([spec(dext_child(), max_attempts=2)], backoff=fast_restarts())
+    outputs: dict[int, object] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+
+            async def one(miner: int) -> None:
+                outputs[miner] = (await sup.submit(window_task(miner=miner))).faults[0]
+
+            async with trio.open_nursery() as callers:
+                for miner in (7, 8, 9):  # one runs, two wait in the supervisor's queue
+                    callers.start_soon(one, miner)
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert state["raised"]
+    assert outputs == {7: 7, 8: 8, 9: 9}
+    assert stats.restarts == 1 and "injected bug" in stats.last_exit, stats.last_exit
     assert our_descendants() == []
 
 

@@ -208,17 +208,27 @@ class RequestBook(BookRules):
         return self.answers(child, ((child_rid, output, error),), now)
 
     def answers(
-        self, child: str, answers: Iterable[tuple[int, Output | None, str | None]], now: float
+        self,
+        child: str,
+        answers: Iterable[tuple[int, Output | None, str | None]],
+        now: float,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """`child` answered several requests at once (`(child_rid, output, error)` each, read
         together): as `answered` for each in turn, and the slots they free are filled after the
-        last of them, in one dispatch."""
+        last of them, in one dispatch.
+
+        The effects go to `out` as they come, when given (and it is returned): a caller that
+        carries `out` out even when this raises (a bug of ours) loses none of the answers
+        already taken, which the book counts as given."""
+        out = [] if out is None else out
         c = self._child(child)
         process = c.process
         if process is None:
-            return self._catch_up(now)
+            out += self._catch_up(now)
+            return out
         process.last_activity = now
-        out = self._catch_up(now)
+        out += self._catch_up(now)
         for child_rid, output, error in answers:
             attempt = process.attempts.pop(child_rid, None)
             if attempt is None:

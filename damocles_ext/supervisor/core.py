@@ -587,8 +587,9 @@ class Supervisor:
             if type(ev) is not Answer:
                 break
         else:
-            answers = [(ev.child_rid, ev.output, ev.error) for ev in events]
-            self._apply(self._book.answers(child.name, answers, self._now()))
+            self._take_answers(
+                child, [(e.child_rid, e.output, e.error) for e in events], self._now()
+            )
             return
         self._applying += 1
         try:
@@ -598,13 +599,19 @@ class Supervisor:
         if not self._applying and self._pending:
             self._flush()
 
+    def _take_answers(self, child: Child, answers: list[tuple[Any, ...]], now: float) -> None:
+        out: list[Effect] = []
+        try:
+            self._book.answers(child.name, answers, now, out)
+        finally:  # even after a bug of ours: what the book answered reaches its callers
+            self._apply(out)
+
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = self._now()
         book = self._book
         for ev in events:
             if isinstance(ev, Answer):
-                out = book.answered(child.name, ev.child_rid, now, output=ev.output, error=ev.error)
-                self._apply(out)
+                self._take_answers(child, [(ev.child_rid, ev.output, ev.error)], now)
             elif isinstance(ev, ProgressEvent):
                 self._apply(
                     book.progress(
