@@ -3,6 +3,9 @@ its capacity while its answers are quick, and a job left behind long work is tak
 
 from __future__ import annotations
 
+import math
+
+from damocles_ext.scheduling.children import _Child, _Running, gpu_free_at
 from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start, TakeBack
 
 WD = "window_post"
@@ -152,3 +155,14 @@ def test_no_job_goes_behind_work_that_is_overdue_already():
     d.now += 2 * TAKE_BACK_AFTER  # job 3 runs long, and no answer came to say so
     assert d.submit() == []  # waits here, free to go to whichever child frees first
     assert d.s.next_wakeup() is None
+
+
+def test_when_a_childs_gpu_frees_does_not_depend_on_the_order_of_its_jobs():
+    # One job waits behind another's GPU phase with nothing measured yet (no estimate), one is
+    # still before its GPU phase (the GPU is wanted for an unknown time): +inf in either order.
+    child = _Child(info=ChildSlots("g0", "window_post", 2, 1, frozenset()), order=0)
+    job = Job(1, "window_post", 0.0, None, 0)
+    waiting = _Running(job=job, child_id="g0", gpu_since=1.0, gpu_turn=None)
+    before = _Running(job=job, child_id="g0")
+    assert gpu_free_at(child, [waiting, before]) == math.inf
+    assert gpu_free_at(child, [before, waiting]) == math.inf

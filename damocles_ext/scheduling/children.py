@@ -88,13 +88,13 @@ def gpu_free_at(child: _Child, runs: list[_Running]) -> float | None:
         shortest = sum(times) / len(times)
     else:
         shortest = min(times)
+    if any(run.gpu_since is None and not run.gpu_done for run in runs):
+        return math.inf  # whatever the order of the runs (a child's are kept in a set)
     end = -math.inf
     queued_gpu_work = 0.0
     for run in runs:
         if run.gpu_done:
             continue
-        if run.gpu_since is None:
-            return math.inf
         if run.gpu_turn is None:  # waiting behind another GPU phase of this child
             if shortest is None:
                 return None
