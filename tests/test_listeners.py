@@ -283,6 +283,30 @@ async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_
     assert 600 <= trio.current_time() - start - 500 * (len(frame) - 1) < 601
 
 
+async def test_a_request_written_as_the_idle_timeout_runs_out_is_read_and_answered(
+    sock_dir, nursery, autojump_clock
+):
+    # The request is in the socket, unread, when the connection's idle time is up: the idle
+    # watch and the reader wake in the same pass of trio's loop, in either order (hence several
+    # rounds). The request is read and answered; the connection is not closed under it.
+    server, backend = await serve_control(nursery, sock_dir, idle_timeout=600)
+    for miner in range(1, 9):
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        plain.connect(str(server.path))
+        await trio.testing.wait_all_tasks_blocked()  # accepted, idle, its watch asleep
+        plain.sendall(dext.encode(dext.Request(miner, make_task(miner))))
+        autojump_clock.jump(600)  # no checkpoint since the write: nothing has read it yet
+        client = trio.socket.from_stdlib_socket(plain)
+        started, release = backend.events(miner)
+        with trio.fail_after(60):
+            await started.wait()
+            release.set()
+            [answer] = dext.FrameDecoder().receive_data(await client.recv(65536))
+        assert (answer.id, answer.output) == (miner, echo_output(make_task(miner)))
+        client.close()
+    assert server.statistics().idle_closed == 0
+
+
 async def test_unfinished_frames_over_the_buffer_cap_close_the_connection_holding_most(
     sock_dir, nursery
 ):

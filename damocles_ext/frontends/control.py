@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -362,9 +363,21 @@ class _Connection:
             now = trio.current_time()
             due = self.last_active + timeout
             if self.idle and now >= due:
-                self._read_scope.cancel()
-                return
+                if not self._unread():
+                    self._read_scope.cancel()
+                    return
+                # Bytes came as the time ran out, not yet read (the reader may be woken for them
+                # in this very pass): they are read and acted on, which is activity.
+                due = now + timeout
             await trio.sleep_until(due if self.idle else now + timeout)
+
+    def _unread(self) -> bool:
+        """Whether the client's bytes (or its hang-up) wait in the socket, unread."""
+        if self._fd is None:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def run(self) -> None:
         try:
