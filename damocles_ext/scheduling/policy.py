@@ -295,6 +295,7 @@ class Scheduler:
         """Everything to do now: starts, failures of expired or unservable jobs, cancels."""
         self._decided_at = now
         self._gen += 1
+        take_back_due = bool(self._queueing) and now >= self._next_take_back()
         if self._incremental and not (
             self._all_dirty
             or self._dirty
@@ -302,11 +303,11 @@ class Scheduler:
             or self._any_locks
             or self._deadlines
             or self._queues.with_deadline
-            or (self._queueing and now >= (self._take_back_cache or self._next_take_back()))
+            or take_back_due
         ):
             return []  # nothing changed, no deadline can have passed, nothing to take back
         out: list[Decision] = []
-        if self._queueing and now >= (self._take_back_cache or self._next_take_back()):
+        if take_back_due:
             self._take_back(now, out)
         for run, deadline in self._passed_deadlines(now):
             run.cancelled = True
@@ -395,9 +396,7 @@ class Scheduler:
             self._deadlines or self._queues.with_deadline or self._pipelined_stages
         ):
             # No deadline, no pipelined child: only jobs behind long work can be due.
-            if not self._queueing:
-                return None
-            return self._take_back_cache or self._next_take_back()
+            return self._next_take_back() if self._queueing else None
         cached = self._wakeup_cache
         if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
             return cached[2]
