@@ -28,7 +28,7 @@ from damocles_ext.commands.prove import read_task
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext, jsonl
-from damocles_ext.supervisor import Supervisor, core
+from damocles_ext.supervisor import Supervisor, connection
 from damocles_ext.tasks import WindowPoSt
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,7 +157,7 @@ def test_read_task_refuses_a_task_over_the_frame_limit(monkeypatch):
 
 
 async def test_the_supervisor_refuses_an_oversized_task_without_killing_the_child(monkeypatch):
-    monkeypatch.setattr(core, "_MAX_REQUEST_BYTES", 4000)
+    monkeypatch.setattr(connection, "MAX_REQUEST_BYTES", 4000)
     sup = Supervisor([spec(builtin_child("window_post", "echo"))])
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)

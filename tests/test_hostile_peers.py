@@ -336,6 +336,78 @@ async def test_an_internal_error_after_a_reads_answers_were_taken_loses_none_of_
     assert our_descendants() == []
 
 
+def inject_a_bug_after_an_answer(monkeypatch, event: str) -> dict:
+    """Once, within the book's `event`, raise right after a request was answered: what the
+    book answered before the bug must still reach its caller."""
+    original_event, original_resolve = getattr(RequestBook, event), RequestBook._resolve
+    state = {"inside": False, "raised": False}
+
+    def wrapped_event(self, *args, **kwargs):
+        state["inside"] = True
+        try:
+            return original_event(self, *args, **kwargs)
+        finally:
+            state["inside"] = False
+
+    def buggy_resolve(self, *args, **kwargs):
+        original_resolve(self, *args, **kwargs)
+        if state["inside"] and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError(f"injected bug in {event} after an answer")
+
+    monkeypatch.setattr(RequestBook, event, wrapped_event)
+    monkeypatch.setattr(RequestBook, "_resolve", buggy_resolve)
+    return state
+
+
+async def test_an_internal_error_as_time_passes_loses_no_answer_the_book_gave(monkeypatch, caplog):
+    # The request times out on a child that never answers; the book answers it, then fails
+    # (an injected bug). The caller still gets the timeout, and the supervisor goes on.
+    state = inject_a_bug_after_an_answer(monkeypatch, "advance")
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor(
+        [spec(dext_child("pass"), request_timeout=0.2, cancel_grace=0.2, max_attempts=1)],
+        shutdown_grace=0.1,
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            with pytest.raises(ProverError, match="timed out after 0.2s"):
+                await sup.submit(window_task())
+            sup.request_shutdown()
+    assert state["raised"]
+    assert "the request book failed on time passing" in caplog.text
+    assert our_descendants() == []
+
+
+async def test_an_internal_error_as_a_child_is_lost_loses_no_answer_the_book_gave(
+    monkeypatch, caplog
+):
+    # The child dies while running a request it may not be retried for; the book answers it,
+    # then fails (an injected bug). The caller still gets why, and the child starts again.
+    state = inject_a_bug_after_an_answer(monkeypatch, "child_lost")
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor(
+        [
+            spec(
+                dext_child("os._exit(3) if msg.task.miner_id == 1 else answer(msg)"), max_attempts=1
+            )
+        ],
+        backoff=fast_restarts(),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            with pytest.raises(ProverError, match="went down while running it"):
+                await sup.submit(window_task(miner=1))
+            assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+            sup.request_shutdown()
+    assert state["raised"]
+    assert our_descendants() == []
+
+
 async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_supervisor(
     monkeypatch, caplog
 ):

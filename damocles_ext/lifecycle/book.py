@@ -22,6 +22,9 @@ rules around it:
   that speaks is alive: its activity counts before its heartbeat is judged.
 * Answers. A request is answered exactly once (`Resolve`); whatever comes for it later (a late
   answer, a second answer, a loss) only frees the slot it held.
+* Effects. Every event returns its effects in order; given `out`, it appends them to that list
+  as they come and returns it. A caller that carries `out` out even when the event raises (a
+  bug of ours) loses none of the answers given before it did: the book counts them as given.
 
 Nothing here reads a clock or does I/O; the property tests drive it with random event sequences.
 """
@@ -120,14 +123,21 @@ class RequestBook(BookRules):
         )
 
     def child_ready(
-        self, child: str, now: float, *, protocol: str, pid: int | None, queue: int = 0
+        self,
+        child: str,
+        now: float,
+        *,
+        protocol: str,
+        pid: int | None,
+        queue: int = 0,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """A new process of `child` said it is ready (speaking `protocol`): it takes requests,
         and `queue` more while they are quick (the scheduler's "Quick requests")."""
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         c = self._child(child)
         if c.process is not None:  # the last one was never reported lost: it is now
-            out += self.child_lost(child, now, "replaced by a new process")
+            self.child_lost(child, now, "replaced by a new process", out=out)
         c.process = ProcessRecord(c, protocol, pid, last_activity=now)
         c.served = False
         c.gave_up = False
@@ -135,24 +145,29 @@ class RequestBook(BookRules):
         self._dispatch(now, out)
         return out
 
-    def child_down(self, child: str, now: float, *, charge_all: bool = True) -> list[Effect]:
+    def child_down(
+        self, child: str, now: float, *, charge_all: bool = True, out: list[Effect] | None = None
+    ) -> list[Effect]:
         """`child`'s process is going away (exited, broke, killed, stopping): no more requests go
         to it. Its requests stay on it until `child_lost`: answers it wrote before it went are
         still taken. `charge_all`: its loss costs each of its requests an attempt."""
         c = self._child(child)
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         if c.process is not None and not c.process.down:
             self._take_down(c.process, now, charge_all)
             self._dispatch(now, out)
         return out
 
-    def child_lost(self, child: str, now: float, what: str) -> list[Effect]:
+    def child_lost(
+        self, child: str, now: float, what: str, *, out: list[Effect] | None = None
+    ) -> list[Effect]:
         """`child`'s process is gone (`what`: how it ended): retry or answer what ran on it."""
         c = self._child(child)
+        out = [] if out is None else out
         process = c.process
         if process is not None and not process.down:
             self._take_down(process, now, True)  # first: no alarm of it kills what is gone
-        out = self._catch_up(now)
+        self._catch_up(now, out)
         if process is None:
             return out
         c.process = None
@@ -181,12 +196,18 @@ class RequestBook(BookRules):
         return out
 
     def child_gave_up(
-        self, child: str, now: float, *, fatal: bool, last_exit: str | None
+        self,
+        child: str,
+        now: float,
+        *,
+        fatal: bool,
+        last_exit: str | None,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """`child` will not start again (`fatal`: it kept failing; else AutoRestart is off or
         we stop). When every child of a stage gave up fatally, its requests fail with why."""
         c = self._child(child)
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         c.gave_up = fatal
         c.last_exit = last_exit
         self.scheduler.child_fatal(child, now)
@@ -203,9 +224,10 @@ class RequestBook(BookRules):
         *,
         output: Output | None = None,
         error: str | None = None,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """`child` answered its request `child_rid` with `output`, or with `error`."""
-        return self.answers(child, ((child_rid, output, error),), now)
+        return self.answers(child, ((child_rid, output, error),), now, out)
 
     def answers(
         self,
@@ -216,19 +238,13 @@ class RequestBook(BookRules):
     ) -> list[Effect]:
         """`child` answered several requests at once (`(child_rid, output, error)` each, read
         together): as `answered` for each in turn, and the slots they free are filled after the
-        last of them, in one dispatch.
-
-        The effects go to `out` as they come, when given (and it is returned): a caller that
-        carries `out` out even when this raises (a bug of ours) loses none of the answers
-        already taken, which the book counts as given."""
-        out = [] if out is None else out
+        last of them, in one dispatch."""
         c = self._child(child)
         process = c.process
         if process is None:
-            out += self._catch_up(now)
-            return out
+            return self._catch_up(now, out)
         process.last_activity = now
-        out += self._catch_up(now)
+        out = self._catch_up(now, out)
         for child_rid, output, error in answers:
             attempt = process.attempts.pop(child_rid, None)
             if attempt is None:
@@ -266,14 +282,22 @@ class RequestBook(BookRules):
         return out
 
     def progress(
-        self, child: str, child_rid: int, now: float, *, phase: str, done: int, total: int
+        self,
+        child: str,
+        child_rid: int,
+        now: float,
+        *,
+        phase: str,
+        done: int,
+        total: int,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """`child` reports progress on its request `child_rid` (dext Progress)."""
         process = self._child(child).process
         if process is None:
-            return self._catch_up(now)
+            return self._catch_up(now, out)
         process.last_activity = now
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         attempt = process.attempts.get(child_rid)
         if attempt is None:
             out.append(Note("debug", f"{process.who}: progress for unknown request {child_rid}"))
@@ -286,12 +310,14 @@ class RequestBook(BookRules):
             self._dispatch(now, out)
         return out
 
-    def heard_from(self, child: str, now: float) -> list[Effect]:
+    def heard_from(
+        self, child: str, now: float, *, out: list[Effect] | None = None
+    ) -> list[Effect]:
         """`child` wrote something that is about no request: it is alive (the heartbeat)."""
         process = self._child(child).process
         if process is not None:
             process.last_activity = now
-        return self._catch_up(now)
+        return self._catch_up(now, out)
 
     def stdin_blocked(self, child: str, now: float) -> None:
         """Messages for `child` wait for room in its stdin pipe, from `now`."""
@@ -327,22 +353,25 @@ class RequestBook(BookRules):
         deadline: float | None = None,
         deadline_unix: float | None = None,
         priority: int = 0,
+        out: list[Effect] | None = None,
     ) -> tuple[TrackedRequest, list[Effect]]:
         """A new request `rid` (unique) for `task`'s stage; `deadline` on the book's clock."""
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in the book")
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         req = TrackedRequest(rid, task, stage_of(task), now, deadline, deadline_unix, priority)
         self._requests[rid] = req
         if self._enqueue(req, now, retry=False):  # (what time brought, _catch_up decided)
             self._dispatch(now, out)
         return req, out
 
-    def unsendable(self, child: str, child_rid: int, now: float, error: str) -> list[Effect]:
+    def unsendable(
+        self, child: str, child_rid: int, now: float, error: str, *, out: list[Effect] | None = None
+    ) -> list[Effect]:
         """A `Send` could not be carried out (`error`: why, a whole sentence about the request):
         nothing reached the child; the request is answered with `error`."""
         process = self._child(child).process
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         attempt = process.attempts.pop(child_rid, None) if process is not None else None
         if attempt is None:
             return out
@@ -355,9 +384,9 @@ class RequestBook(BookRules):
         self._dispatch(now, out)
         return out
 
-    def caller_gone(self, rid: int, now: float) -> list[Effect]:
+    def caller_gone(self, rid: int, now: float, *, out: list[Effect] | None = None) -> list[Effect]:
         """The caller of `rid` went away: answer it (cancelled), stop its work if we can."""
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         req = self._requests.get(rid)
         if req is None:
             return out
@@ -374,17 +403,17 @@ class RequestBook(BookRules):
         self._dispatch(now, out)
         return out
 
-    def advance(self, now: float) -> list[Effect]:
+    def advance(self, now: float, *, out: list[Effect] | None = None) -> list[Effect]:
         """Time passed: act on what fell due (timeouts, heartbeats, deadlines, pipelining)."""
-        return self._catch_up(now)
+        return self._catch_up(now, out)
 
     # -- shutting down ----------------------------------------------------------------------
 
-    def shutdown(self, now: float) -> list[Effect]:
+    def shutdown(self, now: float, *, out: list[Effect] | None = None) -> list[Effect]:
         """Stop: queued requests fail now, nothing lost from here on is retried; running ones
         may still be answered (the driver gives them a grace period, then `grace_over`)."""
         self.shutting_down = True
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         for req in list(self._requests.values()):
             if req.attempt_id is not None and self.scheduler.is_queued(req.attempt_id):
                 self._resolve(
@@ -396,9 +425,11 @@ class RequestBook(BookRules):
                 )
         return out
 
-    def grace_over(self, now: float, grace: float) -> list[Effect]:
+    def grace_over(
+        self, now: float, grace: float, *, out: list[Effect] | None = None
+    ) -> list[Effect]:
         """The shutdown grace period ended: what is still unanswered fails."""
-        out = self._catch_up(now)
+        out = self._catch_up(now, out)
         for req in list(self._requests.values()):
             where = f"on {req.child}" if req.child else "(it was still queued)"
             self._resolve(
@@ -410,9 +441,9 @@ class RequestBook(BookRules):
             )
         return out
 
-    def fail_all(self, now: float, why: str) -> list[Effect]:
+    def fail_all(self, now: float, why: str, *, out: list[Effect] | None = None) -> list[Effect]:
         """Answer every request still open with `why` (the supervisor stopped)."""
-        out: list[Effect] = []
+        out = [] if out is None else out
         for req in list(self._requests.values()):
             where = f" (last on {req.child})" if req.child else " (still queued)"
             self._resolve(req, out, now, error=f"request {req.rid} ({req.stage}): {why}{where}")

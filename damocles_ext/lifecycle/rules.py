@@ -58,8 +58,10 @@ class BookRules:
         except KeyError:
             raise UnknownChild(name) from None
 
-    def _catch_up(self, now: float) -> list[Effect]:
-        out: list[Effect] = []
+    def _catch_up(self, now: float, out: list[Effect] | None) -> list[Effect]:
+        """Act on the alarms due by `now`; their effects go to `out` (a new list if None),
+        which is returned."""
+        out = [] if out is None else out
         fired = False
         # Until none is due: a rule may set an alarm that is due already (a kill takes its
         # process down, and a deadline of a request on it may have passed).

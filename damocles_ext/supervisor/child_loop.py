@@ -9,7 +9,7 @@ of its processes (`Process`) gets a stderr relay, an exit watcher, one writer ta
 The child's state (`ChildState`) changes only in `Child.change_state`, which checks the change
 against `TRANSITIONS`. The request side (dispatch, timeouts, answers) is the request book's
 (`lifecycle.RequestBook`): the functions here tell it what the child did through `ChildHost`, the
-supervisor's narrow interface, and carry out its effects with `host.apply`.
+supervisor's narrow interface, which carries out its effects (`host.tell`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -35,7 +35,7 @@ from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
 
 if TYPE_CHECKING:
-    from ..lifecycle import Effect, RequestBook
+    from ..lifecycle import RequestBook
     from .observers import Observers
     from .orphans import GroupGuardian
     from .reaper import Reaper
@@ -63,8 +63,9 @@ class ChildHost(Protocol):
     @property
     def guardian(self) -> GroupGuardian | None: ...
 
-    def apply(self, effects: list[Effect]) -> None:
-        """Carry out the request book's effects."""
+    def tell(self, event: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Tell the request book `event(*args, **kwargs)` (a bound method of `book`) and carry
+        out its effects, even those it gave before it raised."""
 
     def output(self, child: Child, p: Process, events: list[Any]) -> None:
         """Act on what the child wrote (answers, progress, skipped lines)."""
@@ -234,7 +235,7 @@ def mark_down(
         if child.state in (ChildState.READY, ChildState.STARTING):
             child.change_state(ChildState.STOPPING)
             host.changed()
-        host.apply(host.book.child_down(child.name, trio.current_time(), charge_all=charge_all))
+        host.tell(host.book.child_down, child.name, trio.current_time(), charge_all=charge_all)
     p.interrupt()
 
 
@@ -266,10 +267,12 @@ async def child_loop(
                 child.next_start_at = None
                 log.error("%s: %s", child.name, decision.reason)
                 host.changed()
-                host.apply(
-                    host.book.child_gave_up(
-                        child.name, now, fatal=decision.fatal, last_exit=child.last_exit
-                    )
+                host.tell(
+                    host.book.child_gave_up,
+                    child.name,
+                    now,
+                    fatal=decision.fatal,
+                    last_exit=child.last_exit,
                 )
                 break
             child.change_state(ChildState.BACKOFF)
@@ -446,8 +449,8 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     host.observers.observe("dext_child_ready", child=child_info(child))
     # A queue offered in the Hello (bounded: it is the child's word) is taken for quick requests.
     queue = min(max(0, ready.hello.queue), _MAX_QUEUE) if ready.hello is not None else 0
-    host.apply(
-        host.book.child_ready(child.name, now, protocol=ready.protocol, pid=p.proc.pid, queue=queue)
+    host.tell(
+        host.book.child_ready, child.name, now, protocol=ready.protocol, pid=p.proc.pid, queue=queue
     )
     rest = [ev for ev in events if not isinstance(ev, Ready)]
     if rest:
@@ -611,7 +614,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
         # prover"; the operator should not have to dig that out of the log.
         what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
     child.last_exit = what
-    host.apply(host.book.child_lost(child.name, trio.current_time(), what))
+    host.tell(host.book.child_lost, child.name, trio.current_time(), what)
     if child.stop.is_set():
         log.info("%s (pid %d): %s", child.name, p.proc.pid, what)
     else:

@@ -21,9 +21,11 @@ import msgspec
 
 from ..protocol import dext, jsonl
 from ..stages import POST_STAGES
-from ..tasks import Output, Task
+from ..tasks import Output, Task, stage_of
 
 _PREVIEW = 200
+# The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
+MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
 
 
 class ChildProtocolError(Exception):
@@ -212,6 +214,27 @@ class ChildConnection:
         if self.protocol == "dext":
             return dext.encode(dext.Request(child_rid, task, deadline, priority))
         return jsonl.encode_request(child_rid, task)
+
+    def request_or_why(
+        self, child_rid: int, task: Task, deadline: float | None, priority: int, rid: int
+    ) -> bytes | str:
+        """`encode_request`'s bytes, or why no child can be sent this task, a sentence about
+        the supervisor's request `rid`."""
+        try:
+            data = self.encode_request(child_rid, task, deadline, priority)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            # E.g. an id over 2**64 - 1 from an API caller.
+            return f"request {rid} ({stage_of(task)}): its task cannot be sent to a prover child: {exc}"
+        if len(data) > MAX_REQUEST_BYTES:
+            # A child refuses a frame (or line) this long, and dies of it: every sibling would
+            # in turn. The task is the problem, not the child.
+            return (
+                f"request {rid} ({stage_of(task)}): its task is {len(data) / 2**20:.1f} MiB"
+                f" on the wire ({len(task.replicas)} replicas), over the"
+                f" {MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
+                " split it into smaller tasks"
+            )
+        return data
 
     def encode_cancel(self, child_rid: int) -> bytes | None:
         """The bytes that cancel `child_rid`, or None: a JSON-lines child cannot be cancelled."""

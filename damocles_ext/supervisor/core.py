@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from ..config import effective_timeouts
@@ -87,9 +86,6 @@ log = logging.getLogger("damocles_ext.supervisor")
 Progress = dext.Progress
 
 _STOPPED = "the supervisor stopped before it was answered"
-
-# The longest request a child accepts: a dext frame's payload limit (a JSON line's is the same).
-_MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
 
 
 def _coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
@@ -223,13 +219,13 @@ class Supervisor:
                     task_status.started()
                     await self._shutdown_requested.wait()
                     # Queued requests fail now; running ones get shutdown_grace.
-                    self._apply(self._book.shutdown(trio.current_time()))
+                    self._tell(self._book.shutdown, trio.current_time())
                     await self._drain()
                     for child in self._children.values():
                         child.stop.set()
                         if child.p is not None:
                             child.p.interrupt()
-                self._apply(self._book.fail_all(trio.current_time(), _STOPPED))
+                self._tell(self._book.fail_all, trio.current_time(), _STOPPED)
                 driver_scope.cancel()
                 sweeper_scope.cancel()
                 self._observers.close()
@@ -240,7 +236,7 @@ class Supervisor:
                 await self._reaper.kill_everything()
             if self._guardian is not None:
                 self._guardian.close()
-            self._apply(self._book.fail_all(trio.current_time(), _STOPPED))
+            self._tell(self._book.fail_all, trio.current_time(), _STOPPED)
 
     async def submit(
         self,
@@ -340,7 +336,7 @@ class Supervisor:
     def _abandon(self, waiter: Waiter) -> None:
         """The caller of `waiter` went away: answer its request (cancelled), stop its work."""
         if not waiter.done:
-            self._apply(self._book.caller_gone(waiter.rid, trio.current_time()))
+            self._tell(self._book.caller_gone, waiter.rid, trio.current_time())
 
     def _begin(
         self,
@@ -366,11 +362,20 @@ class Supervisor:
             )
         now = self._now()
         deadline_t = None if deadline is None else now + (deadline - time.time())
-        tracked, effects = self._book.submit(
-            rid, task, now, deadline=deadline_t, deadline_unix=deadline, priority=priority
-        )
-        waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
-        self._apply(effects)
+        out: list[Effect] = []
+        try:
+            tracked, _ = self._book.submit(
+                rid,
+                task,
+                now,
+                deadline=deadline_t,
+                deadline_unix=deadline,
+                priority=priority,
+                out=out,
+            )
+            waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
+        finally:  # even after a bug of ours: what the book answered reaches its callers
+            self._apply(out)
         return waiter
 
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:
@@ -450,6 +455,16 @@ class Supervisor:
         if wakeup is not None and wakeup < self._armed:
             self._wake.set()
 
+    def _tell(self, event: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Tell the book `event(*args, **kwargs)` (a bound method of it) and carry out its
+        effects, even after a bug of ours: what the book answered before it raised, it counts
+        as answered, and it reaches its callers."""
+        out: list[Effect] = []
+        try:
+            event(*args, out=out, **kwargs)
+        finally:
+            self._apply(out)
+
     def _write(self, child: Child, p: Process, data: bytes) -> None:
         pending = self._pending.get(child.name)
         if pending is None or pending[1] is not p:
@@ -507,31 +522,14 @@ class Supervisor:
         if p is None:  # the book and the child's task disagree: a bug of ours; retry elsewhere
             log.error("%s: no process to send request %d to", child.name, req.rid)
             now = trio.current_time()
-            self._apply(self._book.child_lost(child.name, now, "its process was gone"))
+            self._tell(self._book.child_lost, child.name, now, "its process was gone")
             return
-        try:
-            data = p.conn.encode_request(
-                effect.child_rid, req.task, req.deadline_unix, req.priority
-            )
-        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
-            # E.g. an id over 2**64 - 1 from an API caller: no child can be sent this task.
-            error = (
-                f"request {req.rid} ({req.stage}): its task cannot be sent to a prover child: {exc}"
-            )
+        data = p.conn.request_or_why(
+            effect.child_rid, req.task, req.deadline_unix, req.priority, req.rid
+        )
+        if isinstance(data, str):  # no child can be sent this task
             now = trio.current_time()
-            self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
-            return
-        if len(data) > _MAX_REQUEST_BYTES:
-            # A child refuses a frame (or line) this long, and dies of it: every sibling would
-            # in turn. The task is the problem, not the child.
-            error = (
-                f"request {req.rid} ({req.stage}): its task is {len(data) / 2**20:.1f} MiB"
-                f" on the wire ({len(req.task.replicas)} replicas), over the"
-                f" {_MAX_REQUEST_BYTES / 2**20:.0f} MiB a prover child takes in one message;"
-                " split it into smaller tasks"
-            )
-            now = trio.current_time()
-            self._apply(self._book.unsendable(child.name, effect.child_rid, now, error))
+            self._tell(self._book.unsendable, child.name, effect.child_rid, now, data)
             return
         self._write(child, p, data)
         waiter = self._waiters.get(req.rid)
@@ -600,10 +598,11 @@ class Supervisor:
             self._flush()
 
     def _take_answers(self, child: Child, answers: list[tuple[Any, ...]], now: float) -> None:
+        # _tell's, inlined: the hot path
         out: list[Effect] = []
         try:
             self._book.answers(child.name, answers, now, out)
-        finally:  # even after a bug of ours: what the book answered reaches its callers
+        finally:
             self._apply(out)
 
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
@@ -613,10 +612,14 @@ class Supervisor:
             if isinstance(ev, Answer):
                 self._take_answers(child, [(ev.child_rid, ev.output, ev.error)], now)
             elif isinstance(ev, ProgressEvent):
-                self._apply(
-                    book.progress(
-                        child.name, ev.child_rid, now, phase=ev.phase, done=ev.done, total=ev.total
-                    )
+                self._tell(
+                    book.progress,
+                    child.name,
+                    ev.child_rid,
+                    now,
+                    phase=ev.phase,
+                    done=ev.done,
+                    total=ev.total,
                 )
             elif isinstance(ev, Skipped):
                 if ev.raw:
@@ -626,12 +629,12 @@ class Supervisor:
                 if ev.child_rid is not None and book.is_running(child.name, ev.child_rid):
                     # The child answered this request, badly: it will not answer it again.
                     error = f"invalid response: {ev.what}"
-                    self._apply(book.answered(child.name, ev.child_rid, now, error=error))
+                    self._tell(book.answered, child.name, ev.child_rid, now, error=error)
                 else:
-                    self._apply(book.heard_from(child.name, now))
+                    self._tell(book.heard_from, child.name, now)
             elif isinstance(ev, Ready):
                 log.warning("%s: a second ready message ignored", child.name)
-                self._apply(book.heard_from(child.name, now))
+                self._tell(book.heard_from, child.name, now)
 
     # -- the driver -------------------------------------------------------------------------
 
@@ -640,7 +643,7 @@ class Supervisor:
         with scope:
             while True:
                 try:
-                    self._apply(self._book.advance(trio.current_time()))
+                    self._tell(self._book.advance, trio.current_time())
                 except Exception:  # a bug of ours in one rule must not end the supervisor
                     log.exception("the request book failed on time passing; going on")
                 # After _apply (which sets the old one): nothing else runs until the wait below.
@@ -671,7 +674,7 @@ class Supervisor:
             mark_down(self._host, child, p, reason)
         elif child.state in (ChildState.READY, ChildState.STARTING):
             child.change_state(ChildState.STOPPING)
-        self._apply(self._book.child_lost(child.name, trio.current_time(), reason))
+        self._tell(self._book.child_lost, child.name, trio.current_time(), reason)
         self._notify()
 
     async def _drain(self) -> None:
@@ -679,7 +682,7 @@ class Supervisor:
         with trio.move_on_after(self.shutdown_grace):
             while self._split_in_flight or self._book.unanswered:
                 await self._wait_changed()
-        self._apply(self._book.grace_over(trio.current_time(), self.shutdown_grace))
+        self._tell(self._book.grace_over, trio.current_time(), self.shutdown_grace)
 
 
 __all__ = [

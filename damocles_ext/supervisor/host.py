@@ -23,7 +23,7 @@ class SupervisorHost:
         self.stop_timeout = sup.stop_timeout
         # The supervisor's own methods, bound once: what a child writes reaches the book with
         # no trampoline call on the hot path.
-        self.apply = sup._apply
+        self.tell = sup._tell
         self.output = sup._on_events
 
     @property
