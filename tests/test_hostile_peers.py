@@ -32,6 +32,7 @@ from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends import control as control_module
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.lifecycle import Kill
 from damocles_ext.lifecycle.book import RequestBook
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import Supervisor, child_loop
@@ -373,7 +374,7 @@ async def test_an_internal_error_as_time_passes_loses_no_answer_the_book_gave(mo
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
             await sup.wait_ready()
-            with pytest.raises(ProverError, match="timed out after 0.2s"):
+            with pytest.raises(ProverError, match=r"timed out after 0\.2s"):
                 await sup.submit(window_task())
             sup.request_shutdown()
     assert state["raised"]
@@ -405,6 +406,47 @@ async def test_an_internal_error_as_a_child_is_lost_loses_no_answer_the_book_gav
             assert (await sup.submit(window_task(miner=2))).faults[0] == 2
             sup.request_shutdown()
     assert state["raised"]
+    assert our_descendants() == []
+
+
+async def test_an_effect_that_fails_to_be_carried_out_stops_none_of_those_after_it(
+    monkeypatch, caplog
+):
+    # One event of the book kills a child, then answers a request on another. Carrying out the
+    # kill fails (a bug injected into the book event it starts, child_down): the answer after
+    # it still reaches its caller, and the supervisor goes on.
+    caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
+    sup = Supervisor(
+        # (A cancel grace past the test's limit: only the kill can restart the child in time.)
+        [spec(dext_child("pass"), index=i, cancel_grace=60.0) for i in (0, 1)],
+        backoff=fast_restarts(),
+        shutdown_grace=0.1,
+    )
+    answers: list[object] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready(count=2)
+            book = sup._book
+            sup.start_nowait(window_task(), on_done=lambda output, error: answers.append(error))
+            [rid] = book._requests
+
+            def kill_then_answer(*, out):  # an event as the book's own: a kill, an answer
+                out.append(Kill("window_post#0", "hung (the test's)"))
+                book.caller_gone(rid, trio.current_time(), out=out)
+
+            def buggy_child_down(self, *args, **kwargs):
+                raise RuntimeError("injected bug in child_down")
+
+            monkeypatch.setattr(RequestBook, "child_down", buggy_child_down)
+            sup._tell(kill_then_answer)
+            monkeypatch.undo()
+            assert [str(e) for e in answers] == [f"request {rid} abandoned by its caller"]
+            assert "internal error carrying out Kill; going on" in caplog.text
+            # The kill itself happened: the child starts again and serves.
+            await sup.wait_ready(count=2)
+            assert sup.statistics().children[0].restarts == 1
+            sup.request_shutdown()
     assert our_descendants() == []
 
 

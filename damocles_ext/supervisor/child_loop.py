@@ -221,8 +221,10 @@ def kill(
     said already whether it does)."""
     if p.down_reason is None:
         log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
-    mark_down(host, child, p, reason, charge_all=charge_all)
-    p.proc.kill_tree()
+    try:
+        mark_down(host, child, p, reason, charge_all=charge_all)
+    finally:  # killed even after a bug of ours in telling the book
+        p.proc.kill_tree()
 
 
 def mark_down(

@@ -484,36 +484,38 @@ class Supervisor:
 
     def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if type(effect) is Send:  # the effects are final classes: the common two first
-                self._send(effect)
-            elif type(effect) is Resolve:
-                self._resolved(effect)
-            elif isinstance(effect, SendCancel):
-                child = self._children[effect.child]
-                p = child.p
-                if p is not None and (data := p.conn.encode_cancel(effect.child_rid)) is not None:
-                    self._write(child, p, data)
-            elif isinstance(effect, Kill):
-                self._flush()
-                child = self._children[effect.child]
-                if child.p is not None:
-                    child_loop.kill(self._host, child, child.p, effect.reason)
-            elif isinstance(effect, Retry):
-                log.log(
-                    logging.getLevelName(effect.level.upper()),
-                    "request %d: %s; retrying (attempt %d of %d)",
-                    effect.request.rid,
-                    effect.what,
-                    effect.attempt,
-                    effect.max_attempts,
-                )
-                waiter = self._waiters.get(effect.request.rid)
-                if waiter is not None:
-                    self._dispatched(waiter, None)
-            elif isinstance(effect, ReportProgress):
-                self._report_progress(effect)
-            elif isinstance(effect, Note):
-                log.log(logging.getLevelName(effect.level.upper()), "%s", effect.message)
+            try:
+                if type(effect) is Send:  # the effects are final classes: the common two first
+                    self._send(effect)
+                elif type(effect) is Resolve:
+                    self._resolved(effect)
+                elif isinstance(effect, SendCancel):
+                    child = self._children[effect.child]
+                    if (p := child.p) and (data := p.conn.encode_cancel(effect.child_rid)):
+                        self._write(child, p, data)
+                elif isinstance(effect, Kill):
+                    self._flush()
+                    child = self._children[effect.child]
+                    if child.p is not None:
+                        child_loop.kill(self._host, child, child.p, effect.reason)
+                elif isinstance(effect, Retry):
+                    log.log(
+                        logging.getLevelName(effect.level.upper()),
+                        "request %d: %s; retrying (attempt %d of %d)",
+                        effect.request.rid,
+                        effect.what,
+                        effect.attempt,
+                        effect.max_attempts,
+                    )
+                    waiter = self._waiters.get(effect.request.rid)
+                    if waiter is not None:
+                        self._dispatched(waiter, None)
+                elif isinstance(effect, ReportProgress):
+                    self._report_progress(effect)
+                elif isinstance(effect, Note):
+                    log.log(logging.getLevelName(effect.level.upper()), "%s", effect.message)
+            except Exception:  # a bug of ours: the effects after it (answers too) still go
+                log.exception("internal error carrying out %s; going on", type(effect).__name__)
 
     def _send(self, effect: Send) -> None:
         req = effect.request
