@@ -82,6 +82,27 @@ def test_a_write_that_lost_a_race_is_refused_not_applied(js):
     assert js.get(job.Id).WorkerName == "w1"
 
 
+def test_a_write_guarded_by_another_lease_than_the_rows_is_refused(js):
+    # Only the lease differs from the row (the guard compares NULL too): the write is refused.
+    create_many(js, 1)
+    [running] = js.allocate(ANY, 1, "w1", T0 + 1)
+    for lease in (None, "not-" + running.lease):
+        stale = msgspec.structs.replace(running, lease=lease)
+        beat = rules.apply(stale, rules.Heartbeat("w1", lease), T0 + 2, js.limits).job
+        assert beat is not None and beat.HeartbeatAt == T0 + 2
+        with pytest.raises(store.StoreConflict, match="changed"), js.engine.begin() as c:
+            js._write(c, stale, beat)
+    assert js.get(running.Id) == running
+    # The row as it is, lease and all, is written.
+    with js.engine.begin() as c:
+        js._write(
+            c,
+            running,
+            rules.apply(running, rules.Heartbeat("w1", running.lease), T0 + 3, js.limits).job,
+        )
+    assert js.get(running.Id).HeartbeatAt == T0 + 3
+
+
 # --- allocation ---------------------------------------------------------------------------------
 
 

@@ -246,17 +246,6 @@ def check_create(event: rules.Create) -> None:
         raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
 
 
-def guard(old: JobRecord) -> Any:
-    # The row as we read it: a write that finds anything else lost a race and must not land.
-    return sa.and_(
-        jobs.c.id == old.Id,
-        jobs.c.state == old.State,
-        jobs.c.try_num == old.TryNum,
-        jobs.c.updated_at == old.UpdatedAt,
-        jobs.c.lease.is_(None) if old.lease is None else jobs.c.lease == old.lease,
-    )
-
-
 # --- the store ----------------------------------------------------------------------------------
 
 

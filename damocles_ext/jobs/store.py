@@ -38,6 +38,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from . import rules
+from . import statements as stmts
 from . import summary as jobs_summary
 from . import workers as worker_rows
 from .database import (
@@ -54,7 +55,6 @@ from .database import (
     check_create,
     describe_url,
     first_line,
-    guard,
     is_unreachable,
     job_of_row,
     jobs,
@@ -69,6 +69,7 @@ from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
+_NOTIFY = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("job_id", type_=sa.String)))
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -242,8 +243,8 @@ class JobStore:
     # --- one job at a time --------------------------------------------------------------------
 
     def _read(self, conn: Connection, job_id: str, *, lock: bool = True) -> JobRecord | None:
-        statement = sa.select(jobs).where(jobs.c.id == job_id)
-        row = conn.execute(self._locked(statement) if lock else statement).first()
+        statement = stmts.READ_JOB_LOCKED if lock else stmts.READ_JOB
+        row = conn.execute(statement, {"job_id": job_id}).first()
         return None if row is None else job_of_row(row)
 
     def _write(self, conn: Connection, old: JobRecord | None, new: JobRecord | None) -> None:
@@ -251,14 +252,14 @@ class JobStore:
             return
         if old is None:
             assert new is not None
-            conn.execute(self._insert(jobs).values(row_values(new)))
+            conn.execute(stmts.INSERT_JOB, row_values(new))
             return
         if new is None:
-            done = conn.execute(jobs.delete().where(guard(old)))
+            done = conn.execute(stmts.DELETE_JOB, stmts.guard_params(old))
         elif new == old:
             return
         else:
-            done = conn.execute(jobs.update().where(guard(old)).values(row_values(new)))
+            done = conn.execute(stmts.UPDATE_JOB, stmts.update_params(old, new))
         if done.rowcount != 1:
             raise StoreConflict(
                 f"job {old.Id} changed in the store {self.where} while it was being updated: "
@@ -267,7 +268,7 @@ class JobStore:
         if self.is_postgresql and _wakes_producers(old, new):
             # Delivered at commit, to the producers that LISTEN (notify.py): they look at the
             # job now instead of at their next poll.
-            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, old.Id)))
+            conn.execute(_NOTIFY, {"job_id": old.Id})
 
     def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float) -> rules.Step:
         old = self._read(conn, job_id)
@@ -309,7 +310,7 @@ class JobStore:
                 fresh[job_id] = step.job
             inserted: set[str] = set()
             if fresh:
-                statement = self._insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
+                statement = stmts.insert_new(self._insert)
                 rows = conn.execute(statement, [row_values(j) for j in fresh.values()])
                 inserted = set(rows.scalars().all())
             if len(inserted) < len(fresh):
@@ -345,12 +346,7 @@ class JobStore:
         assert step.job is not None
         if existing is not None:
             return existing, False
-        inserted = conn.execute(
-            self._insert(jobs)
-            .values(row_values(step.job))
-            .on_conflict_do_nothing()
-            .returning(jobs.c.id)
-        ).first()
+        inserted = conn.execute(stmts.insert_new(self._insert), row_values(step.job)).first()
         if inserted is not None:
             return step.job, True
         # Another producer made the same job between our read and our insert.
@@ -462,22 +458,18 @@ class JobStore:
             with self._transaction() as conn:
                 worker_rows.record(conn, self._insert, worker, spec, now)
             return []
-        candidates = sa.select(jobs).where(
-            jobs.c.state == READY,
-            sa.or_(jobs.c.not_after.is_(None), jobs.c.not_after > now),
+        candidates = stmts.allocation_candidates(
+            bool(spec.allowed_miners), bool(spec.allowed_proof_types)
         )
+        params: dict[str, Any] = {"now": now, "n": n}
         if spec.allowed_miners:
-            candidates = candidates.where(jobs.c.miner_id.in_(spec.allowed_miners))
+            params["miners"] = list(spec.allowed_miners)
         if spec.allowed_proof_types:
-            candidates = candidates.where(jobs.c.proof_type.in_(spec.allowed_proof_types))
-        # The SQL follows rules.allocation_key; rules.choose re-checks what it returns.
-        candidates = candidates.order_by(
-            jobs.c.not_after.asc().nulls_last(), jobs.c.created_at, jobs.c.id
-        ).limit(n)
+            params["proof_types"] = list(spec.allowed_proof_types)
         allocated: list[JobRecord] = []
         with self._transaction() as conn:
             worker_rows.record(conn, self._insert, worker, spec, now)
-            rows = conn.execute(self._locked(candidates, skip_locked=True)).all()
+            rows = conn.execute(candidates, params).all()
             for job in rules.choose([job_of_row(r) for r in rows], spec, n, now):
                 step = rules.apply(job, rules.Allocate(worker, self._new_lease()), now, self.limits)
                 self._write(conn, job, step.job)

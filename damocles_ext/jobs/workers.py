@@ -9,6 +9,7 @@ types, not with the number of jobs sent back to Python.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,15 +26,33 @@ from .rules import AllocationSpec
 TOUCH_EVERY = 10.0
 
 
+@functools.cache
+def _upsert(insert: Callable[[Any], Any]) -> Any:
+    # Built once per dialect's insert (see statements.py): each call only binds its values.
+    statement = insert(workers).values(
+        worker=sa.bindparam("w_worker"), spec=sa.bindparam("w_spec"), last_seen=sa.bindparam("w_at")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[workers.c.worker, workers.c.spec],
+        set_={"last_seen": statement.excluded.last_seen},
+    )
+
+
+_TOUCH = (
+    workers.update()
+    .where(
+        workers.c.worker.in_(sa.bindparam("names", expanding=True)),
+        workers.c.last_seen < sa.bindparam("before"),
+    )
+    .values(last_seen=sa.bindparam("w_at"))
+)
+
+
 def record(conn: Connection, insert: Callable[[Any], Any], worker: str, spec: AllocationSpec,
            now: float) -> None:  # fmt: skip
     """The worker asked for jobs with this spec now (an upsert: one row per worker and spec)."""
-    statement = insert(workers).values(worker=worker, spec=summary.spec_key(spec), last_seen=now)
     conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[workers.c.worker, workers.c.spec],
-            set_={"last_seen": statement.excluded.last_seen},
-        )
+        _upsert(insert), {"w_worker": worker, "w_spec": summary.spec_key(spec), "w_at": now}
     )
 
 
@@ -44,11 +63,7 @@ def touch(conn: Connection, names: Iterable[str], now: float) -> None:
     count as a worker that would take WindowPoSt jobs."""
     names = sorted(set(names))
     if names:
-        conn.execute(
-            workers.update()
-            .where(workers.c.worker.in_(names), workers.c.last_seen < now - TOUCH_EVERY)
-            .values(last_seen=now)
-        )
+        conn.execute(_TOUCH, {"names": names, "before": now - TOUCH_EVERY, "w_at": now})
 
 
 def forget(conn: Connection, before: float) -> int:
