@@ -153,29 +153,52 @@ def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     assert [w.worker for w in everyone.workers] == ["new"]
 
 
-def test_a_store_of_the_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url):
-    # A version-1 store as the previous release made it: the jobs table and the version, no
-    # workers table.
-    engine = store.make_engine(store_url)
-    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
+    """A store as an older release made it: version 1 has the jobs table (with its index of
+    ready jobs, which version 3 replaces) and no workers table; version 2 adds the workers."""
+    engine = store.make_engine(url)
     try:
         with engine.begin() as conn:
             store.schema_version.create(conn)
             store.jobs.create(conn)
-            conn.execute(store.schema_version.insert().values(version=1))
+            for index in store.jobs.indexes:
+                index.drop(conn)
+            conn.execute(
+                sa.text(
+                    f"CREATE INDEX {database.OLD_READY_INDEX} ON dext_wdpost_jobs"
+                    " (state, not_after, created_at)"
+                )
+            )
+            if version >= 2:
+                store.workers.create(conn)
+            conn.execute(store.schema_version.insert().values(version=version))
             conn.execute(store.jobs.insert().values(database.row_values(job)))
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url, version):
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(store_url, version, job)
     with JobStore.open(store_url) as s:
-        assert s.schema_version() == store.SCHEMA_VERSION == 2
+        assert s.schema_version() == store.SCHEMA_VERSION == 3
         assert s.get(job.Id) == job
         assert s.summary(T0).unallocatable == 1
         s.allocate(AllocationSpec((1234,)), 0, "w", T0)
         assert s.summary(T0).unallocatable == 0
         with s.engine.begin() as conn:
             assert sa.inspect(conn).has_table("dext_workers")
+            indexes = {
+                i["name"]: i["column_names"]
+                for i in sa.inspect(conn).get_indexes("dext_wdpost_jobs")
+            }
+        # The index of ready jobs is the new one, the allocation order's, and only it.
+        assert indexes == {"dext_wdpost_jobs_ready": ["state", "not_after", "created_at", "id"]}
+        [taken] = s.allocate(AllocationSpec(), 1, "w", T0 + 1)
+        assert taken.Id == job.Id
     with JobStore.open(store_url) as s:  # and a second open finds nothing to do
-        assert s.migrate() == 2 and s.get(job.Id) == job
+        assert s.migrate() == 3 and s.get(job.Id) == taken
 
 
 async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clock(store_url):

@@ -20,10 +20,12 @@ from .model import JobOutput, JobRecord, WdPoStInput
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The versions, for the migration steps (store.JobStore.migrate):
 # 1: dext_wdpost_jobs;
-# 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`).
+# 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`);
+# 3: the index of ready jobs ends with the id, as the allocation order does: the database reads
+#    the next job off the index instead of sorting every ready job created in the same second.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -90,8 +92,10 @@ jobs = sa.Table(
     sa.Column("lease", sa.Text, nullable=True),
     sa.Column("not_after", sa.Float, nullable=True),
     sa.Column("cancelled_at", sa.BigInteger, nullable=False),
-    sa.Index("dext_wdpost_jobs_state", "state", "not_after", "created_at"),
+    sa.Index("dext_wdpost_jobs_ready", "state", "not_after", "created_at", "id"),
 )
+#: The index of schema versions 1 and 2, which version 3 replaces.
+OLD_READY_INDEX = "dext_wdpost_jobs_state"
 
 # Each worker that asked for jobs, once per allocation spec it used (a worker's threads may have
 # different filters), and when it was last seen: what tells which ready jobs no live worker may

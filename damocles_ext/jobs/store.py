@@ -45,6 +45,7 @@ from .database import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PASS_LIMIT,
+    OLD_READY_INDEX,
     SCHEMA_VERSION,
     URL_HELP,
     InvalidJob,
@@ -214,8 +215,12 @@ class JobStore:
                 )
             if found == 0:
                 metadata.create_all(conn)
-            elif found < 2:
+            if 0 < found < 2:
                 workers.create(conn)
+            if 0 < found < 3:
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
+                for index in jobs.indexes:
+                    index.create(conn)
             # Later versions add their steps here, each from `found` upwards; the new version
             # is recorded in the same transaction.
             if found < SCHEMA_VERSION:
