@@ -220,7 +220,7 @@ class JobStore:
             if 0 < found < 3:
                 conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
                 for index in jobs.indexes:
-                    index.create(conn)
+                    index.create(conn, checkfirst=True)
             # Later versions add their steps here, each from `found` upwards; the new version
             # is recorded in the same transaction.
             if found < SCHEMA_VERSION:
