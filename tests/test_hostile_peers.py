@@ -291,30 +291,38 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
     assert our_descendants() == []
 
 
+def inject_a_bug(monkeypatch, event: str, rule: str, *, after: bool) -> dict:
+    """Once, within the book's `event`, raise in its `rule` (before or `after` the rule ran):
+    what the book answered before the bug must still reach its caller."""
+    original_event, original_rule = getattr(RequestBook, event), getattr(RequestBook, rule)
+    state = {"inside": False, "raised": False}
+
+    def wrapped_event(self, *args, **kwargs):
+        state["inside"] = True
+        try:
+            return original_event(self, *args, **kwargs)
+        finally:
+            state["inside"] = False
+
+    def buggy_rule(self, *args, **kwargs):
+        result = original_rule(self, *args, **kwargs) if after else None
+        if state["inside"] and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError(f"injected bug in {event}, in {rule}")
+        return result if after else original_rule(self, *args, **kwargs)
+
+    monkeypatch.setattr(RequestBook, event, wrapped_event)
+    monkeypatch.setattr(RequestBook, rule, buggy_rule)
+    return state
+
+
 async def test_an_internal_error_after_a_reads_answers_were_taken_loses_none_of_them(
     monkeypatch, caplog
 ):
     # The book takes a read's answers, then fails filling the slots they freed (a bug injected
     # into its dispatch, once): the answers it took still reach their callers, the child goes,
     # and what was queued is answered by its next process.
-    original_answers, original_dispatch = RequestBook.answers, RequestBook._dispatch
-    state = {"in_answers": False, "raised": False}
-
-    def answers(self, *args, **kwargs):
-        state["in_answers"] = True
-        try:
-            return original_answers(self, *args, **kwargs)
-        finally:
-            state["in_answers"] = False
-
-    def buggy_dispatch(self, now, out):
-        if state["in_answers"] and not state["raised"]:
-            state["raised"] = True
-            raise RuntimeError("injected bug after the answers of a read were taken")
-        return original_dispatch(self, now, out)
-
-    monkeypatch.setattr(RequestBook, "answers", answers)
-    monkeypatch.setattr(RequestBook, "_dispatch", buggy_dispatch)
+    state = inject_a_bug(monkeypatch, "answers", "_dispatch", after=False)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child(), max_attempts=2)], backoff=fast_restarts())
     outputs: dict[int, object] = {}
@@ -337,34 +345,10 @@ async def test_an_internal_error_after_a_reads_answers_were_taken_loses_none_of_
     assert our_descendants() == []
 
 
-def inject_a_bug_after_an_answer(monkeypatch, event: str) -> dict:
-    """Once, within the book's `event`, raise right after a request was answered: what the
-    book answered before the bug must still reach its caller."""
-    original_event, original_resolve = getattr(RequestBook, event), RequestBook._resolve
-    state = {"inside": False, "raised": False}
-
-    def wrapped_event(self, *args, **kwargs):
-        state["inside"] = True
-        try:
-            return original_event(self, *args, **kwargs)
-        finally:
-            state["inside"] = False
-
-    def buggy_resolve(self, *args, **kwargs):
-        original_resolve(self, *args, **kwargs)
-        if state["inside"] and not state["raised"]:
-            state["raised"] = True
-            raise RuntimeError(f"injected bug in {event} after an answer")
-
-    monkeypatch.setattr(RequestBook, event, wrapped_event)
-    monkeypatch.setattr(RequestBook, "_resolve", buggy_resolve)
-    return state
-
-
 async def test_an_internal_error_as_time_passes_loses_no_answer_the_book_gave(monkeypatch, caplog):
     # The request times out on a child that never answers; the book answers it, then fails
     # (an injected bug). The caller still gets the timeout, and the supervisor goes on.
-    state = inject_a_bug_after_an_answer(monkeypatch, "advance")
+    state = inject_a_bug(monkeypatch, "advance", "_resolve", after=True)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor(
         [spec(dext_child("pass"), request_timeout=0.2, cancel_grace=0.2, max_attempts=1)],
@@ -387,7 +371,7 @@ async def test_an_internal_error_as_a_child_is_lost_loses_no_answer_the_book_gav
 ):
     # The child dies while running a request it may not be retried for; the book answers it,
     # then fails (an injected bug). The caller still gets why, and the child starts again.
-    state = inject_a_bug_after_an_answer(monkeypatch, "child_lost")
+    state = inject_a_bug(monkeypatch, "child_lost", "_resolve", after=True)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor(
         [
