@@ -148,6 +148,26 @@ def test_the_book_cancels_a_job_taken_back_and_answers_its_request_once_at_no_at
     assert book.sizes() == dict.fromkeys(["requests", "attempts", "running", "queued", "alarms"], 0)
 
 
+def test_a_request_that_could_not_be_sent_is_no_quick_answer():
+    # Only answers the child gave count towards taking its queue: a Send that could not be
+    # carried out (nothing reached the child) does not make it look quick.
+    from helpers.child import window_task
+
+    from damocles_ext.lifecycle import RequestBook, Resolve, Send
+
+    sched = Scheduler(quick_run=1, quick_answer=0.01, take_back_after=TAKE_BACK_AFTER)
+    book = RequestBook(sched)
+    book.add_child("a", WD)
+    book.child_ready("a", 0.0, protocol="dext", pid=1, queue=1)
+    r1, out = book.submit(1, window_task(), 0.0)
+    assert out == [Send(r1, "a", 1)]
+    [resolved] = book.unsendable("a", 1, 0.001, "request 1: cannot be sent")
+    assert isinstance(resolved, Resolve) and resolved.request is r1
+    r2, out = book.submit(2, window_task(), 0.002)
+    assert out == [Send(r2, "a", 2)]
+    assert book.submit(3, window_task(), 0.003)[1] == []  # not behind 2: "a" is not quick
+
+
 def test_no_job_goes_behind_work_that_is_overdue_already():
     d = Driver(scheduler(ChildSlots("a", WD)))
     d.warm()

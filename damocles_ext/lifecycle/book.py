@@ -376,7 +376,7 @@ class RequestBook(BookRules):
         if attempt is None:
             return out
         self._forget(attempt)
-        self.scheduler.finished(attempt.attempt_id, now)
+        self.scheduler.remove(attempt.attempt_id)  # nothing ran: no answer of the child's
         req = attempt.request
         req.attempts -= 1
         req.current = None

@@ -119,12 +119,14 @@ class BookRules:
         c = self._children[child]
         req = self._attempts.get(aid)
         process = c.process
+        # Below, the scheduler forgets the job (remove) rather than hearing it finished: nothing
+        # ran, and it must not count as the child's quick answer.
         if req is None or req.done or req.attempt_id != aid:
-            self.scheduler.finished(aid, now)  # stale; free the slot it was given
+            self.scheduler.remove(aid)  # stale; free the slot it was given
             return False
         if process is None or process.down:
             # Not expected (the scheduler is told at once); put the job back all the same.
-            self.scheduler.finished(aid, now)
+            self.scheduler.remove(aid)
             self._attempts.pop(aid, None)
             self._enqueue(req, now, retry=True)
             return True
