@@ -37,14 +37,19 @@ class Client:
         self.next_id = 1
 
     async def post(
-        self, body: bytes, *, chunked: bool = False, headers: list[tuple[str, str]] | None = None
+        self,
+        body: bytes,
+        *,
+        chunked: bool = False,
+        headers: list[tuple[str, str]] | None = None,
+        method: str = "POST",
     ) -> tuple[int, bytes]:
         if self.h11.our_state is h11.DONE:
             self.h11.start_next_cycle()
         headers = [("Host", "coordinator"), ("Content-Type", "application/json"), *(headers or [])]
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(len(body))))  # fmt: skip
-        data = self.h11.send(h11.Request(method="POST", target="/rpc/v0", headers=headers))
+        data = self.h11.send(h11.Request(method=method, target="/rpc/v0", headers=headers))
         data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
         try:
             await self.stream.send_all(data)
@@ -170,6 +175,60 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_serving(job
         # The same connection still works.
         status, answer = await client.call("Venus.WdPoStAllJobs")
         assert (status, answer["result"]) == (200, {"Jobs": [], "MaxTry": 2})
+        nursery.cancel_scope.cancel()
+
+
+async def test_over_long_id_lists_and_filters_are_invalid_params_answered_at_once(job_store):
+    # One heartbeat naming a million jobs held the store's write lock for half a minute, id by
+    # id, and a long filter failed in the database (too many SQL variables, or an index row
+    # too large): all are refused at the door, as invalid params.
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+        client = await connect(server)
+        over = rpc.MAX_IDS_PER_CALL + 1
+        for method, params in [
+            ("Venus.WdPoStHeartbeatJobs", [[f"j{i}" for i in range(over)], WORKER]),
+            ("Dext.HeartbeatJobs", [[{"Id": f"j{i}", "Lease": "x"} for i in range(over)], WORKER]),
+            (
+                "Venus.WdPoStAllocateJobs",
+                [{"AllowedMiners": list(range(rpc.MAX_FILTER + 1))}, 1, WORKER],
+            ),
+            ("Dext.AllocateJobs", [{"AllowedProofTypes": ["t"] * (rpc.MAX_FILTER + 1)}, 1, WORKER]),
+        ]:
+            status, answer = await client.call(method, *params)
+            assert (status, answer["error"]["code"]) == (500, rpc.INVALID_PARAMS), method
+            message = answer["error"]["message"]
+            assert "param 0" in message and "length <= 1000" in message, message
+            assert "send at most that many in one call" in message
+        # A worker's name and filter are a row's key among the workers seen, which PostgreSQL
+        # indexes up to 2,704 bytes: a longer one is refused too, on either engine, saying why.
+        big = 2**62
+        for spec, worker in [
+            ({"AllowedMiners": list(range(big, big + 150))}, WORKER),  # 3 KiB of miners
+            ({}, "w" * (rpc.MAX_WORKER_KEY + 1)),
+        ]:
+            status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, worker)
+            assert (status, answer["error"]["code"]) == (500, rpc.INVALID_PARAMS)
+            assert "bytes as stored" in answer["error"]["message"]
+        # Within the limits, the calls are made (here: no such jobs, nothing to allocate).
+        ids = [f"j{i}" for i in range(rpc.MAX_IDS_PER_CALL)]
+        status, answer = await client.call("Venus.WdPoStHeartbeatJobs", ids, WORKER)
+        assert (status, answer["error"]["code"]) == (200, rpc.METHOD_ERROR)
+        spec = {"AllowedMiners": list(range(big, big + 80)), "AllowedProofTypes": ["p" * 40] * 3}
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, "w" * 200)
+        assert (status, answer["result"]) == (200, [])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_head_request_gets_its_answers_head(sqlite_store):
+    # h11 sends no body in answer to a HEAD: the answer went out as nothing at all before.
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store)
+        client = await connect(server)
+        assert await client.post(b"", method="HEAD") == (405, b"")
+        # The connection goes on, and a POST on it is answered in full.
+        status, answer = await client.call("Venus.WdPoStAllJobs")
+        assert (status, answer["result"]["Jobs"]) == (200, [])
         nursery.cancel_scope.cancel()
 
 

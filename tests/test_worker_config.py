@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run, make_task
+from helpers.frontend import DEXT, dext_env, dext_run, make_task, plugin_block
 from test_worker import Rig, job_input
 
 from damocles_ext.jobs.worker_rules import free_slots
@@ -154,6 +154,18 @@ def test_a_bad_header_option_exits_2_saying_the_form():
     result = dext_run("worker", "--header", "no-colon-here", "--manager", "127.0.0.1:1")
     err = result.stderr.decode()
     assert result.returncode == 2 and "expected 'NAME: VALUE'" in err
+
+
+def test_a_worker_name_and_filters_too_long_for_a_coordinator_exit_2_saying_so(tmp_path):
+    # A coordinator refuses them (its workers table keys a row by them): said at the start.
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    miners = ",".join(str(2**62 + i) for i in range(150))
+    result = dext_run("worker", "--manager", "127.0.0.1:1", "-c", str(cfg),
+                      "--allowed-miners", miners)  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "bytes as a coordinator stores them" in err, err
+    assert "Traceback" not in err
 
 
 def test_max_jobs_caps_the_free_slots():

@@ -64,6 +64,7 @@ class HttpConnection:
         self.last_active = trio.current_time()
         self.closed = trio.Event()
         self.idle = True  # waiting for a request (not building or sending an answer)
+        self._answering_head = False  # the request being answered is a HEAD: no body goes back
         self._wait_scope = trio.CancelScope()
 
     # --- what a server says -----------------------------------------------------------------
@@ -136,6 +137,7 @@ class HttpConnection:
                     self.last_active = trio.current_time()
             elif isinstance(event, h11.Request):
                 request = event
+                self._answering_head = event.method == b"HEAD"
                 self.on_head(event)
             elif isinstance(event, h11.Data):
                 assert request is not None
@@ -164,7 +166,8 @@ class HttpConnection:
         head: bool = False,
         extra: list[tuple[str, str]] | None = None,
     ) -> None:
-        """One whole answer (`head`: without its body, as to a HEAD request)."""
+        """One whole answer (`head`: without its body, as to a HEAD request; to one, every
+        answer goes without it: h11 refuses to send a body there)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
@@ -174,7 +177,7 @@ class HttpConnection:
         h = self._h11
         try:
             data = h.send(h11.Response(status_code=status, headers=headers))
-            if not head:
+            if not (head or self._answering_head):
                 data += h.send(h11.Data(data=body))
             data += h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:

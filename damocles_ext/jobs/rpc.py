@@ -20,6 +20,8 @@ import msgspec
 
 from ..protocol.dext import NESTED_TOO_DEEPLY
 from .model import I64, U64, JobOutput, JobRecord
+from .rules import AllocationSpec
+from .summary import spec_key
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -37,12 +39,24 @@ REFUSED: Final = 2
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
 
+#: The most job ids one heartbeat names, and the most entries of an allocation filter. A worker
+#: heartbeats the few jobs it runs and filters by its miners and proof types: a call over these
+#: is refused (invalid params) rather than holding the store's write lock while it is worked
+#: through id by id (or, for a filter, failing as a store error with too many SQL variables).
+MAX_IDS_PER_CALL: Final = 1000
+MAX_FILTER: Final = 1000
+#: An allocating worker's name and filter are stored as the key of its row among the workers
+#: seen, and PostgreSQL's index takes a key of 2,704 bytes at most: past this many bytes (the
+#: name's and the stored filter's together) the call is refused, not failed in the database.
+MAX_WORKER_KEY: Final = 2000
+_ALLOCATIONS: Final = ("Venus.WdPoStAllocateJobs", "Dext.AllocateJobs")
+
 
 class AllocateSpec(msgspec.Struct, frozen=True):
     """damocles' AllocateWdPoStJobSpec; Go's nil slices arrive as `null` and mean "any"."""
 
-    AllowedMiners: list[I64] | None = None
-    AllowedProofTypes: list[str] | None = None
+    AllowedMiners: Annotated[list[I64], msgspec.Meta(max_length=MAX_FILTER)] | None = None
+    AllowedProofTypes: Annotated[list[str], msgspec.Meta(max_length=MAX_FILTER)] | None = None
 
 
 class JobLease(msgspec.Struct, frozen=True):
@@ -63,7 +77,10 @@ class SectorId(msgspec.Struct, frozen=True):
 
 METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, str),
-    "Venus.WdPoStHeartbeatJobs": (list[str] | None, str),
+    "Venus.WdPoStHeartbeatJobs": (
+        Annotated[list[str], msgspec.Meta(max_length=MAX_IDS_PER_CALL)] | None,
+        str,
+    ),
     "Venus.WdPoStFinishJob": (str, JobOutput | None, str),
     "Venus.WdPoStResetJob": (str,),
     "Venus.WdPoStRemoveJob": (str,),
@@ -75,7 +92,10 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     # Ours (docs/JOBS.md): allocation by free slots with a lease, heartbeats that answer which
     # jobs to stop, a finish fenced by the lease.
     "Dext.AllocateJobs": (AllocateSpec, U32, str),
-    "Dext.HeartbeatJobs": (list[JobLease], str),
+    "Dext.HeartbeatJobs": (
+        Annotated[list[JobLease], msgspec.Meta(max_length=MAX_IDS_PER_CALL)],
+        str,
+    ),
     "Dext.FinishJob": (str, str, JobOutput | None, str),
 }
 
@@ -148,12 +168,28 @@ def parse_request(body: bytes) -> Call:
         try:
             converted.append(msgspec.convert(value, kind))
         except msgspec.ValidationError as exc:
+            hint = "; send at most that many in one call" if "length <=" in str(exc) else ""
             raise RpcError(
                 INVALID_PARAMS,
-                f"method '{envelope.method}': param {index}: {exc}",
+                f"method '{envelope.method}': param {index}: {exc}{hint}",
                 rid,
             ) from None
+    if envelope.method in _ALLOCATIONS:
+        _check_worker_key(envelope.method, converted[0], converted[2], rid)
     return Call(envelope.method, tuple(converted), rid)
+
+
+def _check_worker_key(method: str, spec: AllocateSpec, worker: str, rid: Any) -> None:
+    wanted = AllocationSpec(tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ()))
+    size = len(worker.encode()) + len(spec_key(wanted).encode())
+    if size > MAX_WORKER_KEY:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"method '{method}': the worker name (param 2) and its filter (param 0) take {size}"
+            f" bytes as stored, over the {MAX_WORKER_KEY} a worker's row takes; use a shorter"
+            " name, or fewer AllowedMiners / AllowedProofTypes (empty means any)",
+            rid,
+        )
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:

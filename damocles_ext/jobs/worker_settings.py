@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from .endpoint import Endpoint, parse_endpoint
-from .rules import DEFAULT_JOB_LIFETIME
+from .rpc import MAX_WORKER_KEY
+from .rules import DEFAULT_JOB_LIFETIME, AllocationSpec
+from .summary import spec_key
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -77,6 +79,14 @@ class WorkerSettings:
             raise ValueError(f"{self.source}: shutdown_grace must be >= 0 seconds")
         if not self.children:
             raise ValueError(f"{self.source}: the worker has no WindowPoSt child to run jobs on")
+        filters = AllocationSpec(self.allowed_miners, self.allowed_proof_types)
+        size = len((self.name or "").encode()) + len(spec_key(filters).encode())
+        if size > MAX_WORKER_KEY:
+            raise ValueError(
+                f"{self.source}: the worker's name and its allowed miners and proof types take"
+                f" {size} bytes as a coordinator stores them, over the {MAX_WORKER_KEY} it takes;"
+                " use a shorter name or fewer filters (empty means any)"
+            )
         for name, path in self.attached.items():
             if not name or not path:
                 raise ValueError(
