@@ -206,6 +206,20 @@ DEADLINE_MIN = -62135510400.0  # 0001-01-02T00:00:00+00:00
 DEADLINE_MAX = 253402214400.0  # 9999-12-31T00:00:00+00:00
 
 
+def over_64_bits(task: Task) -> str | None:
+    """What in `task` does not fit in 64 bits (its miner id, sector ids: damocles' uint64s, and
+    what the dext codec sends), e.g. "miner_id 18446744073709551616"; None when all fit. The
+    typed fields stop at 0, not at 2**64 - 1: the codecs' bounds cannot go past int64."""
+    too_big = [f"miner_id {task.miner_id}"] if task.miner_id >= 2**64 else []
+    too_big += [
+        f"sector_id {r.sector_id}" for r in getattr(task, "replicas", ()) if r.sector_id >= 2**64
+    ]
+    if not too_big:
+        return None
+    more = f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""
+    return f"{', '.join(too_big[:3])}{more} does not fit in 64 bits (the largest is {2**64 - 1})"
+
+
 def deadline_problem(deadline: object) -> str | None:
     """Why `deadline` cannot be a request's deadline (a unix time in seconds, or None), or None."""
     if deadline is None:

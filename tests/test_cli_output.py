@@ -68,6 +68,16 @@ def test_verify_of_a_task_of_the_other_stage_points_to_verify_not_prove(tmp_path
     assert done.returncode == 2 and "use `prove window_post`" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("command", ["prove", "verify"])
+def test_an_input_file_with_no_end_is_refused_not_read_into_memory(command: str):
+    # /dev/zero, or a sealed sector given by mistake: refused once past any task's size.
+    args = ["-c", EXAMPLE] if command == "prove" else ["--output", "/dev/zero"]
+    done = _dext(command, "window_post", "--request", "/dev/zero", *args)
+    assert done.returncode == 2, done.stderr
+    assert "request file /dev/zero holds over 256 MiB" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_simulate_help_says_miners_is_a_count_and_shows_every_default():
     import argparse
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 
+import msgspec
 import pytest
+from helpers.frontend import make_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -287,6 +289,27 @@ def test_a_deeply_nested_line_is_a_bad_line_with_its_leading_id(decode, line, id
 def test_a_deeply_nested_task_is_a_bad_task():
     with pytest.raises(jsonl.JsonLineError, match="nested too deeply"):
         jsonl.task_from_json(b'{"miner_id":1,"junk":' + BOMB + b"}", "window_post")
+
+
+def test_a_task_whose_miner_or_sector_id_is_beyond_64_bits_is_a_bad_task_naming_it():
+    # The typed fields stop at 0, not at 2**64 - 1 (msgspec bounds end at int64): without this
+    # check such a task passed, and failed only when encoded for a child, as an internal error.
+    big = 2**64
+    line = jsonl.encode_request(7, make_task(big))
+    with pytest.raises(
+        jsonl.JsonLineError, match=f"miner_id {big} does not fit in 64 bits"
+    ) as info:
+        jsonl.decode_request(line, "window_post")
+    assert info.value.id == 7 and str(info.value).startswith("request 7: invalid window_post task")
+    task = make_task(1000)
+    for sector_id, ok in [(big, False), (big - 1, True)]:  # the largest uint64 is a sector id
+        replica = msgspec.structs.replace(task.replicas[0], sector_id=sector_id)
+        odd = msgspec.structs.replace(task, replicas=[replica])
+        if ok:
+            assert jsonl.task_from_json(jsonl.task_to_json(odd), "window_post") == odd
+        else:
+            with pytest.raises(jsonl.JsonLineError, match=f"sector_id {big} does not fit"):
+                jsonl.task_from_json(jsonl.task_to_json(odd), "window_post")
 
 
 @pytest.mark.parametrize("decode", [jsonl.decode_request, jsonl.decode_response])

@@ -526,3 +526,14 @@ def test_sector_paths_follow_damocles_layout_and_a_missing_store_names_store_and
     )
     with pytest.raises(LookupError, match=r"job J1: .* store 'b', which this worker has not"):
         default_sector_paths(job, sector, {"a": "/mnt/a"})
+
+
+def test_a_job_whose_sector_id_is_beyond_64_bits_is_no_task_and_says_which():
+    job = PulledJob("J2", job_input(sector_ids=(2**64,), comm_rs=[(1,) * 32]))
+    with pytest.raises(ValueError, match=f"job J2 .*sector_id {2**64} does not fit in 64 bits"):
+        window_post_task(job, [("/s", "/c")])
+    largest = job_input(sector_ids=(2**64 - 1,), comm_rs=[(1,) * 32])
+    assert (
+        window_post_task(PulledJob("J3", largest), [("/s", "/c")]).replicas[0].sector_id
+        == 2**64 - 1
+    )

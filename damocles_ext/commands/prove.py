@@ -323,12 +323,31 @@ def parse_seed(text: str | None, needed_by: str) -> bytes:
     return bytes(seed)
 
 
+#: The most an input file may hold: four times a dext frame's limit. A task's JSON is larger than
+#: its dext form (each comm_r byte a number), and a task that could still be sent must be read,
+#: or one too large told how many replicas it has.
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+
+
 def read_input_file(source: str, label: str, kind: str) -> bytes:
-    """The bytes of `source` ('-': stdin); UsageError saying which `label` could not be read."""
+    """The bytes of `source` ('-': stdin), MAX_INPUT_BYTES at most; UsageError saying which
+    `label` could not be read, or is too long to be one."""
     from damocles_ext.errors import UsageError
 
     try:
-        return sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            # Bounded: /dev/zero, or a sealed sector given by mistake, must not fill the memory.
+            with Path(source).open("rb") as f:
+                data = f.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            where = "stdin" if source == "-" else source
+            raise UsageError(
+                f"{label} {where} holds over {MAX_INPUT_BYTES // 2**20} MiB, more than any"
+                f" {kind}: is it the right file?"
+            )
+        return data
     except FileNotFoundError:
         raise UsageError(f"{label} {source} does not exist") from None
     except IsADirectoryError:
@@ -360,14 +379,10 @@ def read_task(source: str, stage: str, command: str = "prove") -> PoStTask:
 def check_request_size(task: Task, where: str) -> None:
     """UsageError when the task does not fit in one dext frame (no child could take it)."""
     from damocles_ext.protocol import dext
+    from damocles_ext.tasks import over_64_bits
 
-    too_big = [f"miner_id {task.miner_id}"] if task.miner_id >= 2**64 else []
-    too_big += [f"sector_id {r.sector_id}" for r in task.replicas if r.sector_id >= 2**64]
-    if too_big:
-        raise UsageError(
-            f"{where}: {', '.join(too_big[:3])} does not fit in 64 bits (the largest is"
-            f" {2**64 - 1})"
-        )
+    if (too_big := over_64_bits(task)) is not None:
+        raise UsageError(f"{where}: {too_big}")
     size = len(dext.encode(dext.Request(0, task))) - dext.HEADER_SIZE
     if size > dext.DEFAULT_MAX_FRAME_SIZE:
         raise UsageError(

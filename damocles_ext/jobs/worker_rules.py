@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 
 # Lives beside SECTOR_SIZES; kept importable from here, with the other rules.
 from ..tasks import proof_types_for_sizes as proof_types_for_sizes
@@ -263,7 +263,7 @@ def window_post_task(job: PulledJob, paths: list[tuple[str, str]]) -> WindowPoSt
         for s, (sealed, cache) in zip(sectors, paths, strict=True)
     ]
     try:
-        return msgspec.convert(
+        task = msgspec.convert(
             {
                 "miner_id": job.Input.MinerId,
                 "proof_type": job.Input.ProofType,
@@ -275,6 +275,9 @@ def window_post_task(job: PulledJob, paths: list[tuple[str, str]]) -> WindowPoSt
         )
     except msgspec.ValidationError as exc:
         raise ValueError(f"job {job.Id} is not a WindowPoSt this worker can prove: {exc}") from None
+    if (too_big := over_64_bits(task)) is not None:
+        raise ValueError(f"job {job.Id} is not a WindowPoSt this worker can prove: {too_big}")
+    return task
 
 
 def job_output(output: WindowPoStOutput) -> JobOutput:

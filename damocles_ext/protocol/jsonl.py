@@ -28,6 +28,7 @@ from ..tasks import (
     WinningPoSt,
     WinningPoStOutput,
     WinningProofType,
+    over_64_bits,
     stage_of,
 )
 from .dext import NESTED_TOO_DEEPLY
@@ -207,7 +208,10 @@ def task_to_json(task: Task) -> bytes:
 def task_from_json(data: bytes | str, stage: str) -> PoStTask:
     """Parse a task in damocles' JSON form; raises JsonLineError saying what and where."""
     _check_stage(stage)
-    return _task_from_json_struct(_decode(_task_decoders[stage], data, f"{stage} task"))
+    task = _task_from_json_struct(_decode(_task_decoders[stage], data, f"{stage} task"))
+    if (too_big := over_64_bits(task)) is not None:
+        raise JsonLineError(f"invalid {stage} task: {too_big}")
+    return task
 
 
 def _output_to_json_struct(output: Output) -> _JsonOutput:
@@ -318,6 +322,8 @@ def decode_request(line: bytes, stage: str) -> JsonRequest:
         raise JsonLineError(
             f"request {head.id}: invalid {stage} task: {NESTED_TOO_DEEPLY}", id=head.id
         ) from None
+    if (too_big := over_64_bits(task)) is not None:
+        raise JsonLineError(f"request {head.id}: invalid {stage} task: {too_big}", id=head.id)
     return JsonRequest(head.id, task)
 
 
