@@ -87,6 +87,26 @@ async def test_a_normal_sector_is_located_in_damocles_layout_from_the_source_sto
     assert source.calls == [(METHOD, ["normal", {"Miner": MINER, "Number": 5}])]
 
 
+class NewerSource(DamoclesSource):
+    """A source node of a newer damocles, whose answers carry a field this one does not know."""
+
+    def _find(self, index_type, sid):
+        answer = super()._find(index_type, sid)
+        answer["Instance"]["UpdateFile"] = "somewhere"
+        answer["Since"] = 1
+        return answer
+
+
+async def test_a_source_of_a_newer_damocles_with_more_fields_still_locates_sectors(stores):
+    with NewerSource() as source:
+        source.put(MINER, 5, "a")
+        sealed, cache = put_files(stores, 5)
+        async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+            [answer] = await locator.locate(refs(5))
+    assert answer.status == "found", answer.detail
+    assert answer.location == SectorLocation(sealed, cache, "a", "a")
+
+
 async def test_an_upgraded_sector_is_asked_in_the_upgrade_index_and_found_in_update_dirs(
     source, stores
 ):

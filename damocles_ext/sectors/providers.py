@@ -26,7 +26,7 @@ import trio
 
 from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcTimeout
 from ..jobs.endpoint import Endpoint, parse_endpoint
-from ..jobs.model import SectorAccessStores
+from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
 from .files import DEFAULT_THREADS, first_present, in_thread
 from .model import SectorLocation, SectorProviderError, SectorRef, SectorSettings
@@ -40,11 +40,20 @@ DEFAULT_DOWN_FOR = 2.0
 DEFAULT_SCAN_TIMEOUT = 10.0
 
 
+class IndexInstance(msgspec.Struct, frozen=True):
+    """damocles' `SectorAccessStores` as a source node sends it. Unlike a job's input (whose
+    fields make its id), fields a newer damocles adds here are ignored, as Go's client does:
+    an answer with one is still a location, not a failed lookup of every sector."""
+
+    SealedFile: Text
+    CacheDir: Text
+
+
 class IndexLocation(msgspec.Struct, frozen=True):
     """damocles' `core.SectorIndexLocation`, as its JSON is."""
 
     Found: bool
-    Instance: SectorAccessStores = SectorAccessStores(SealedFile="", CacheDir="")
+    Instance: IndexInstance = IndexInstance(SealedFile="", CacheDir="")
 
 
 class SourceNode:
@@ -113,7 +122,9 @@ class SourceNode:
             return None
         return self.location(sector, found.Instance)
 
-    def location(self, sector: SectorRef, names: SectorAccessStores) -> SectorLocation:
+    def location(
+        self, sector: SectorRef, names: SectorAccessStores | IndexInstance
+    ) -> SectorLocation:
         """Store names -> paths; SectorProviderError for a name not known here."""
         paths = []
         for kind, name in (("sealed", names.SealedFile), ("cache", names.CacheDir)):
