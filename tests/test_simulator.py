@@ -416,6 +416,10 @@ def test_simulate_command_prints_json(capsys):
         (["--winning", "9" * 400], "is too long a duration"),
         (["--progress-interval", "9" * 400], "is too long a duration"),
         (["--offsets", "0,0,0,1e300"], "--offsets: '0,0,0,1e300' is neither"),
+        # A billion miners ran for ever, on its way to MemoryError.
+        (["--miners", "999999999"], "--miners is limited to 1000 (one machine's), got 999999999"),
+        (["--gpus", "1001"], "--gpus is limited to 1000"),
+        (["--partitions", "10000000"], "--partitions is limited to 1000, got 10000000"),
     ],
 )
 def test_simulate_command_rejects_bad_options_with_exit_2(capsys, argv, message):

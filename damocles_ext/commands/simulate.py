@@ -29,14 +29,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument(
-        "--miners", type=int, default=4, help="how many miners prove on this machine (default 4)"
+        "--miners",
+        type=int,
+        default=4,
+        help="how many miners prove on this machine (default 4, at most 1000)",
     )
-    parser.add_argument("--gpus", type=int, default=4, help="how many GPUs (default 4)")
+    parser.add_argument(
+        "--gpus", type=int, default=4, help="how many GPUs (default 4, at most 1000)"
+    )
     parser.add_argument(
         "--partitions",
         type=int,
         default=3,
-        help="partitions per deadline per miner (default 3)",
+        help="partitions per deadline per miner (default 3, at most 1000)",
     )
     span = parser.add_mutually_exclusive_group()
     span.add_argument("--hours", type=float, help="simulated span in hours (default 24)")
@@ -109,6 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 #: A miner proves WinningPoSt at most once a 30-second epoch.
 _MAX_WINNING_RATE = 120.0
+_MAX_COUNT = 1000
 _PROVING_PERIOD = 24 * 3600.0
 
 
@@ -155,8 +161,16 @@ def build_scenario(args: argparse.Namespace):
     for name in ("miners", "gpus"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if getattr(args, name) > _MAX_COUNT:
+            # A run's time grows faster than its miners (200 take seconds, 2,000 minutes), and
+            # a count past memory ended in MemoryError: one machine's miners and GPUs are fewer.
+            raise UsageError(
+                f"--{name} is limited to {_MAX_COUNT} (one machine's), got {getattr(args, name)}"
+            )
     if args.partitions < 0:
         raise UsageError(f"--partitions must be 0 or more, got {args.partitions}")
+    if args.partitions > _MAX_COUNT:
+        raise UsageError(f"--partitions is limited to {_MAX_COUNT}, got {args.partitions}")
     hours = (
         24.0
         if args.hours is None and args.days is None
