@@ -488,9 +488,6 @@ class _Connection:
             self._activity()
 
     def _start_requests(self, requests: list[dext.Request], nursery: trio.Nursery) -> None:
-        if len(requests) == 1:  # alone, it goes out at once anyway: no batch to open
-            self._start_request(requests[0], nursery)
-            return
         with self._server._batch():
             for req in requests:
                 self._start_request(req, nursery)

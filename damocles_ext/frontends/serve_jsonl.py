@@ -164,26 +164,19 @@ class JsonLineServer:
                 log.warning("stdin broke (%s): taking no more requests", exc)
                 data = b""
             # A stream may hand back a bytearray; bytes() of bytes is the same object, no copy.
-            items = self._reader.receive_data(bytes(data))
-            if len(items) == 1:  # alone, it goes out at once anyway: no batch to open
-                self._handle_lines(items, nursery)
-            elif items:
-                with self._batch():
-                    self._handle_lines(items, nursery)
+            with self._batch():
+                for item in self._reader.receive_data(bytes(data)):
+                    try:
+                        self._handle_line(item, nursery)
+                    except Exception:
+                        # A bug of ours on one line must not end serve, and every other request.
+                        self._stats.unreadable += 1
+                        log.exception("internal error on a request line; it is not answered")
             if not data:
                 log.info(
                     "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
                 )
                 return
-
-    def _handle_lines(self, items: list[bytes | jsonl.LineTooLong], nursery: trio.Nursery) -> None:
-        for item in items:
-            try:
-                self._handle_line(item, nursery)
-            except Exception:
-                # A bug of ours on one line must not end serve, and every other request.
-                self._stats.unreadable += 1
-                log.exception("internal error on a request line; it is not answered")
 
     def _handle_line(self, item: bytes | jsonl.LineTooLong, nursery: trio.Nursery) -> None:
         if isinstance(item, jsonl.LineTooLong):

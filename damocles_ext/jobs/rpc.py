@@ -179,9 +179,14 @@ def parse_request(body: bytes) -> Call:
     return Call(envelope.method, tuple(converted), rid)
 
 
+def worker_key_size(worker: str, spec: AllocationSpec) -> int:
+    """The bytes an allocating worker's name and filter take as its row's key (MAX_WORKER_KEY)."""
+    return len(worker.encode()) + len(spec_key(spec).encode())
+
+
 def _check_worker_key(method: str, spec: AllocateSpec, worker: str, rid: Any) -> None:
     wanted = AllocationSpec(tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ()))
-    size = len(worker.encode()) + len(spec_key(wanted).encode())
+    size = worker_key_size(worker, wanted)
     if size > MAX_WORKER_KEY:
         raise RpcError(
             INVALID_PARAMS,

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from .endpoint import Endpoint, parse_endpoint
-from .rpc import MAX_WORKER_KEY
+from .rpc import MAX_WORKER_KEY, worker_key_size
 from .rules import DEFAULT_JOB_LIFETIME, AllocationSpec
-from .summary import spec_key
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -80,7 +79,7 @@ class WorkerSettings:
         if not self.children:
             raise ValueError(f"{self.source}: the worker has no WindowPoSt child to run jobs on")
         filters = AllocationSpec(self.allowed_miners, self.allowed_proof_types)
-        size = len((self.name or "").encode()) + len(spec_key(filters).encode())
+        size = worker_key_size(self.name or "", filters)
         if size > MAX_WORKER_KEY:
             raise ValueError(
                 f"{self.source}: the worker's name and its allowed miners and proof types take"

@@ -24,13 +24,12 @@ Every request is answered exactly once: the book emits one `Resolve` per request
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -72,7 +71,7 @@ from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
 from .reaper import Reaper
-from .request import Started, Waiter
+from .request import Batch, Started, Waiter
 from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 
@@ -170,6 +169,7 @@ class Supervisor:
             lambda: [(c.p.proc, c.p.tree_mark) for c in self._children.values() if c.p is not None]
         )
         self._host = SupervisorHost(self)
+        self._batch = Batch(self)
         self._split_in_flight = 0  # split WindowPoSts not yet answered (see submit)
         served = {s.stage for s in specs}
         # window_post requests run split (a vanilla step, then a SNARK step on another child)
@@ -322,16 +322,10 @@ class Supervisor:
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False)
         return Started(self, waiter)
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Within it, what the requests started send their children goes out at its end, in
-        one write per child (a front end starting the requests of one read together)."""
-        self._applying += 1
-        try:
-            yield
-        finally:
-            self._applying -= 1
-            self._apply([])
+    def batch(self) -> Batch:
+        """A context within which what the requests started send their children goes out at
+        its end, in one write per child (a front end starting the requests of one read)."""
+        return self._batch
 
     def _abandon(self, waiter: Waiter) -> None:
         """The caller of `waiter` went away: answer its request (cancelled), stop its work."""
@@ -587,9 +581,8 @@ class Supervisor:
             if type(ev) is not Answer:
                 break
         else:
-            self._take_answers(
-                child, [(e.child_rid, e.output, e.error) for e in events], self._now()
-            )
+            answers = [(e.child_rid, e.output, e.error) for e in events]
+            self._tell(self._book.answers, child.name, answers, self._now())
             return
         self._applying += 1
         try:
@@ -599,20 +592,14 @@ class Supervisor:
         if not self._applying and self._pending:
             self._flush()
 
-    def _take_answers(self, child: Child, answers: list[tuple[Any, ...]], now: float) -> None:
-        # _tell's, inlined: the hot path
-        out: list[Effect] = []
-        try:
-            self._book.answers(child.name, answers, now, out)
-        finally:
-            self._apply(out)
-
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = self._now()
         book = self._book
         for ev in events:
             if isinstance(ev, Answer):
-                self._take_answers(child, [(ev.child_rid, ev.output, ev.error)], now)
+                self._tell(
+                    book.answered, child.name, ev.child_rid, now, output=ev.output, error=ev.error
+                )
             elif isinstance(ev, ProgressEvent):
                 self._tell(
                     book.progress,

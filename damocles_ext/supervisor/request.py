@@ -72,3 +72,21 @@ class Started:
 
     def cancel(self) -> None:
         self._sup._abandon(self._waiter)
+
+
+class Batch:
+    """`Supervisor.batch()`'s context: within it, what the requests started send their children
+    goes out at its end, one write per child. A plain object, not a generator: cheap enough
+    for a front end to open around every read, even of one request."""
+
+    __slots__ = ("_sup",)
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+
+    def __enter__(self) -> None:
+        self._sup._applying += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._sup._applying -= 1
+        self._sup._apply([])
