@@ -138,3 +138,34 @@ async def test_the_coordinators_metrics_count_the_lookups_it_makes_through_its_s
             finally:
                 coordinator.stop()
     assert value(metrics, "damocles_ext_sector_lookups_total") == 1
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+async def test_a_coordinator_with_a_source_stops_at_once_on_sigterm_and_logs_as_asked(tmp_path):
+    """Its refresh of the source's sectors is stopped with the rest: a SIGTERM does not wait out
+    the stop grace (the time the answers under way are given) when nothing is under way. And it
+    logs as every long-running command does: --log-format json gives JSON lines."""
+    import signal
+
+    from helpers.frontend import CoordinatorProcess
+
+    from damocles_ext.frontends.coordinator import STOP_GRACE
+
+    with DamoclesSource() as source:
+        coordinator = CoordinatorProcess(
+            f"sqlite:///{tmp_path}/jobs.db", "--proxy", f"127.0.0.1:{source.port}",
+            "--store", f"store-a={tmp_path / 'a'}", "--log-format", "json",
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await coordinator.start(nursery)
+            assert coordinator.proc is not None
+            try:
+                coordinator.proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(STOP_GRACE / 2):
+                    assert await coordinator.proc.wait() == 0
+            finally:
+                coordinator.stop()
+    lines = [json.loads(line) for line in coordinator.stderr.decode().splitlines()]
+    messages = [(line["logger"], line["message"]) for line in lines]
+    assert ("damocles_ext.coordinator", "stopped") in messages, messages
+    assert all("time" in line and "level" in line for line in lines)

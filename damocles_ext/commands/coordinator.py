@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from damocles_ext.logs import add_logging_args, setup_from_args
+
 from .common import add_sector_source_args, check_sector_sources, token_file
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
@@ -79,6 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store
     # names become paths through --store and --conf-dir's stores).
     add_sector_source_args(parser, conf_dir=False, attached=False)
+    add_logging_args(parser, "info")
     return parser
 
 
@@ -118,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.jobs.store import JobStore, TrioJobStore
 
     log = logging.getLogger("damocles_ext.coordinator")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_from_args(args)
     settings = read_settings(args.conf_dir, args.store)
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -156,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                     async with trio.open_nursery() as nursery:
                         sweeping = trio.CancelScope()
                         scraping = trio.CancelScope()
+                        refreshing = trio.CancelScope()
 
                         async def sweep(task_status: trio.TaskStatus[None]) -> None:
                             with sweeping:
@@ -166,13 +169,20 @@ def run(args: argparse.Namespace) -> int:
                             # nothing new is taken. A second signal stops at once.
                             sweeping.cancel()
                             scraping.cancel()
+                            refreshing.cancel()  # the --proxy locator's refresh of its sources
                             server.stop()
                             nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
 
                         await coordinator.learn_sectors()
                         locator = coordinator.sector_index.locator
                         if locator is not None:
-                            nursery.start_soon(locator.refresh_forever)
+
+                            async def refresh() -> None:
+                                assert locator is not None
+                                with refreshing:
+                                    await locator.refresh_forever()
+
+                            nursery.start_soon(refresh)
                         await nursery.start(server.serve)
                         await nursery.start(sweep)
                         if metrics_server is not None:
