@@ -158,6 +158,7 @@ class SupervisorMetrics:
             for outcome in OUTCOMES:
                 self.requests.labels(stage, outcome)  # present (0) before the first answer
             self.duration.labels(stage)
+            self.slack.labels(stage)
             self.missed.labels(stage)
         for c in stats.children:
             self.exits.labels(c.stage, c.name)

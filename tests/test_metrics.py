@@ -91,6 +91,9 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
                     assert (
                         value(m, "damocles_ext_requests_total", stage=stage, outcome=outcome) == 0
                     )
+                for series in ("request_duration_seconds", "request_deadline_slack_seconds"):
+                    assert value(m, f"damocles_ext_{series}_count", stage=stage) == 0
+                assert value(m, "damocles_ext_request_deadlines_missed_total", stage=stage) == 0
             for child, stage in (
                 ("window_post#0", "window_post"),
                 ("winning_post#0", "winning_post"),

@@ -118,6 +118,8 @@ async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the
     assert f"worker gpu-1 pulls from http://127.0.0.1:{rig.port}/rpc/v0 (Dext)" in table
     assert job.Id in table and "leased" in table and "proving" in table
     assert 'damocles_ext_worker_leases_lost_total{reason="removed"} 1.0' in scraped
+    for reason in ("cancelled", "lease_lost", "reset", "timed_out", "finished", "not_running"):
+        assert f'damocles_ext_worker_leases_lost_total{{reason="{reason}"}} 0.0' in scraped
     assert "damocles_ext_worker_jobs_pulled_total 1.0" in scraped
     assert "damocles_ext_worker_jobs_finished_total 0.0" in scraped
     count = next(

@@ -50,7 +50,7 @@ from ..jobs.worker_rules import (
     worker_info,
 )
 from .worker_sectors import job_sector_paths
-from .worker_state import HeldJob, WorkerCounters
+from .worker_state import NOT_RUNNING, HeldJob, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
@@ -623,7 +623,7 @@ class Worker:
                 if h.state == "proving":
                     self._stop_job(
                         h.job.Id,
-                        "not_running",
+                        NOT_RUNNING,
                         f"the manager no longer has it running: {exc.message}",
                     )
             except RpcClientError as exc:

@@ -17,7 +17,9 @@ import msgspec
 import trio
 
 from ..errors import UsageError
+from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
+from .worker_state import LOST_REASONS, NOT_RUNNING
 
 if TYPE_CHECKING:
     import socket
@@ -109,11 +111,14 @@ class WorkerMetrics:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         lost = CounterMetricFamily(
             f"{PREFIX}_leases_lost",
-            "Jobs the manager took back while this worker held them, by its reason (removed,"
-            " reset, timeout, reallocated, deadline, not_running from damocles-manager).",
+            "Jobs the manager took back while this worker held them, by its reason (our"
+            " coordinator's: " + ", ".join(STOP_REASONS) + f"; {NOT_RUNNING}: damocles-manager"
+            " refused the heartbeat).",
             labels=["reason"],
         )
-        for reason, count in sorted(c.stopped_by.items()):
+        # Every known reason from the start (at 0), so increase() works from the first scrape;
+        # a reason a newer manager sends appears when it is first counted.
+        for reason, count in sorted({**dict.fromkeys(LOST_REASONS, 0), **c.stopped_by}.items()):
             lost.add_metric([reason], count)
         yield lost
         held = GaugeMetricFamily(

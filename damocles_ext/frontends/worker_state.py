@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_rules import PulledJob
+
+#: Why a worker stops a job it holds when damocles-manager refuses its heartbeat (no longer
+#: running there); our coordinator says why itself (STOP_REASONS).
+NOT_RUNNING = "not_running"
+#: Every reason the worker counts a job taken back by (`WorkerCounters.stopped_by`).
+LOST_REASONS = (*STOP_REASONS, NOT_RUNNING)
 
 
 @dataclass(eq=False)
