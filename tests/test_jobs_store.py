@@ -352,6 +352,9 @@ def test_two_coordinators_on_one_postgresql_allocate_and_sweep_without_duplicate
         ("postgresql+asyncpg://u@h/db", "is not supported"),
         ("sqlite://", "names no file"),
         ("sqlite:///:memory:", "names no file"),
+        ("postgresql://u@h:abc/db", "is not a valid URL (invalid literal for int()"),
+        ("postgresql://u@[::1/db", "is not a valid URL"),
+        ("sqlite:////tmp/jobs.db?timeout=abc", "could not convert string to float: 'abc'"),
     ],
 )
 def test_a_bad_store_url_says_what_is_wrong_and_what_to_give(url, says):

@@ -267,6 +267,8 @@ async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_
         (["winning_post", "--jobs", "{url}"], "WinningPoSt must stay local"),
         (["window_post", "--jobs", "mysql://u@h/db"], "'mysql' is not supported"),
         (["window_post", "--jobs", "sqlite://"], "names no file"),
+        (["window_post", "--jobs", "postgresql://u@h:abc/db"], "is not a valid URL"),
+        (["window_post", "--jobs", "{url}?timeout=abc"], "check its query parameters"),
         (["window_post", "--jobs", "{url}", "--store", "a"], "expected NAME=PATH"),
         (["window_post", "--jobs", "{url}", "--store", "a=/x", "--store", "a=/y"],
          "store 'a' is given twice"),

@@ -115,7 +115,7 @@ def describe_url(url: str | URL) -> str:
     """The URL for messages and logs, its password hidden."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparsable URL>"
     return parsed.render_as_string(hide_password=True)
 
@@ -128,6 +128,10 @@ def parse_url(url: str) -> URL:
         parsed = make_url(url)
     except exc.ArgumentError:
         raise StoreConfigError(f"job store URL {url!r} is not a URL: {URL_HELP}") from None
+    except ValueError as why:  # a port that is not a number, an unclosed [IPv6 address]
+        raise StoreConfigError(
+            f"job store URL {url!r} is not a valid URL ({why}): {URL_HELP}"
+        ) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
         return parsed.set(drivername="postgresql+psycopg")
@@ -165,22 +169,28 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
     """An engine for a store URL (not yet connected)."""
     parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            engine = sa.create_engine(
+                parsed,
+                connect_args={"timeout": busy_timeout, "check_same_thread": False},
+                pool_size=pool_size,
+                max_overflow=pool_size,
+            )
+            _sqlite_setup(engine, busy_timeout)
+            return engine
+        return sa.create_engine(
             parsed,
-            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+            connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
             pool_size=pool_size,
             max_overflow=pool_size,
+            pool_pre_ping=True,
         )
-        _sqlite_setup(engine, busy_timeout)
-        return engine
-    return sa.create_engine(
-        parsed,
-        connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-    )
+    except (exc.ArgumentError, ValueError, TypeError) as why:  # e.g. ?timeout=abc
+        raise StoreConfigError(
+            f"job store URL {describe_url(parsed)!r}: {why}; check its query parameters"
+            f" ({URL_HELP})"
+        ) from None
 
 
 # --- rows and records ---------------------------------------------------------------------------
