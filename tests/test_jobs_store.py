@@ -371,6 +371,21 @@ def test_plain_postgresql_urls_mean_psycopg_3():
     assert store.parse_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
 
 
+def test_postgresql_connections_give_up_on_a_silent_server_unless_the_url_says_otherwise(
+    postgres_url,
+):
+    # TCP keepalives and a user timeout: a server whose host died or whose network was cut
+    # fails the call instead of leaving it waiting for ever; a URL's own settings win.
+    from damocles_ext.jobs.database import PG_TCP_SETTINGS
+
+    for url, idle in ((postgres_url, "10"), (postgres_url + "&keepalives_idle=60", "60")):
+        with JobStore.open(url) as s, s.engine.connect() as conn:
+            params = conn.connection.dbapi_connection.info.get_parameters()
+        assert params["keepalives_idle"] == idle
+        assert params["tcp_user_timeout"] == str(PG_TCP_SETTINGS["tcp_user_timeout"])
+        assert params["keepalives"] == "1"
+
+
 def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
     with socket.socket() as probe:  # a loopback port with nobody listening on it
         probe.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -43,6 +44,9 @@ log = logging.getLogger("damocles_ext.producer")
 #: The first pause after a store failure; it doubles up to MAX_BACKOFF.
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+#: How long a look at the store begun after the job's deadline may take before the request is
+#: answered without it (a store that hangs).
+LATE_LOOK = 5.0
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
 _MAY_BE_DONE = (rules.Finished, rules.JobCancelled, rules.TimedOut, rules.Removed)
@@ -180,46 +184,39 @@ class JobProducer:
         while True:
             # Taken before the look, so that a wake-up during it is not lost.
             woken = self._wakers.setdefault(job_id, trio.Event())
+            due = not_after if job is None else job.not_after
             try:
-                if create:
-                    job, made = await self.store.create(job_input, not_after=not_after)
-                    create = False
-                    if made:
-                        log.info(
-                            "job %s: created (%d sectors)", job_id, len(job.Input.Sectors or ())
-                        )
-                    else:
-                        log.info(
-                            "job %s: re-attached to the existing job (%s, try %d)",
-                            job_id, model.display_state(job), job.TryNum,
-                        )  # fmt: skip
-                else:
-                    job = await self.store.get(job_id)
-                    if job is None:
-                        # damocles' producer does the same: the request still wants its proof.
-                        log.warning(
-                            "job %s was removed from the store while waited for; creating it"
-                            " again", job_id,
-                        )  # fmt: skip
-                        create = True
-                        continue
+                # A store that hangs is given up on at the job's deadline (TrioJobStore's calls
+                # return when cancelled): the request is answered then, not when it comes back.
+                with trio.move_on_at(self._give_up_at(due)) as bounded:
+                    found = await self._look(job_id, job_input, not_after, create)
+                if bounded.cancelled_caught:
+                    raise self._no_answer(job_id)
+                if found is None:  # gone: made again on the next look
+                    create = True
+                    continue
+                job, create = found, False
                 if rules.is_done(job, self.limits):
                     return self._answer(job)
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
                     # none running): a sweep of this job alone, safe beside the others.
                     swept = True
-                    await self.store.sweep([job_id])
+                    with trio.move_on_at(self._give_up_at(job.not_after)) as bounded:
+                        await self.store.sweep([job_id])
+                    if bounded.cancelled_caught:
+                        raise self._no_answer(job_id)
                     continue
             except StoreError as exc:
-                due = not_after if job is None else job.not_after
                 if due is not None and self.clock() >= due:
                     raise ProverError(
                         f"job {job_id}: the job store failed until the job's deadline passed: {exc}"
                     ) from None
                 log.warning("job %s: the job store failed, trying again in %gs: %s",
                             job_id, backoff, exc)  # fmt: skip
-                await trio.sleep(backoff)
+                # Not past the deadline: the last try is at it.
+                pause = backoff if due is None else min(backoff, max(0.0, due - self.clock()))
+                await trio.sleep(pause)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = FIRST_BACKOFF
@@ -228,6 +225,47 @@ class JobProducer:
                 pause = max(0.0, min(pause, job.not_after - self.clock()))
             with trio.move_on_after(pause):
                 await woken.wait()
+
+    async def _look(
+        self,
+        job_id: str,
+        job_input: model.WdPoStInput,
+        not_after: float | None,
+        create: bool,
+    ) -> model.JobRecord | None:
+        """The job as stored now, made first when `create`; None when it is gone."""
+        if create:
+            job, made = await self.store.create(job_input, not_after=not_after)
+            if made:
+                log.info("job %s: created (%d sectors)", job_id, len(job.Input.Sectors or ()))
+            else:
+                log.info(
+                    "job %s: re-attached to the existing job (%s, try %d)",
+                    job_id, model.display_state(job), job.TryNum,
+                )  # fmt: skip
+            return job
+        stored = await self.store.get(job_id)
+        if stored is None:
+            # damocles' producer does the same: the request still wants its proof.
+            log.warning(
+                "job %s was removed from the store while waited for; creating it again", job_id
+            )
+        return stored
+
+    def _give_up_at(self, due: float | None) -> float:
+        """When (trio's clock) a look at the store begun now is given up on: at the job's
+        deadline `due` (unix seconds; None: never), or LATE_LOOK from now once it passed (the
+        sweep that cancels the job, the look that finds it cancelled)."""
+        if due is None:
+            return math.inf
+        left = due - self.clock()
+        return trio.current_time() + (left if left > 0 else LATE_LOOK)
+
+    def _no_answer(self, job_id: str) -> ProverError:
+        return ProverError(
+            f"job {job_id}: the job store {self.store.store.where} did not answer by the job's"
+            " deadline (it hangs: its host frozen or the network stalled?); not proved in time"
+        )
 
     def _answer(self, job: model.JobRecord) -> WindowPoStOutput:
         worker = repr(job.WorkerName) if job.WorkerName else "none"

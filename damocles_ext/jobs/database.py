@@ -7,7 +7,7 @@ on it. Every name here is importable from `damocles_ext.jobs.store` as well.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import sqlalchemy as sa
@@ -33,6 +33,17 @@ URL_HELP = (
 )
 DEFAULT_BUSY_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10
+#: libpq's TCP settings for every connection (a URL's own query parameters win): a server that
+#: stops answering (its host down, the network cut) fails the call within about 30 s instead of
+#: leaving it waiting for ever: keepalive probes after 10 s of silence, 5 s apart, 3 lost; data
+#: sent and not acknowledged for 30 s.
+PG_TCP_SETTINGS: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 # Rows one sweep or cleanup pass changes at most (damocles: 128); the caller runs another pass
 # when a pass was full.
 DEFAULT_PASS_LIMIT = 1000
@@ -179,9 +190,14 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             )
             _sqlite_setup(engine, busy_timeout)
             return engine
+        tcp = {k: v for k, v in PG_TCP_SETTINGS.items() if k not in parsed.query}
         return sa.create_engine(
             parsed,
-            connect_args={"connect_timeout": connect_timeout, "application_name": "damocles-ext"},
+            connect_args={
+                "connect_timeout": connect_timeout,
+                "application_name": "damocles-ext",
+                **tcp,
+            },
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,

@@ -549,19 +549,40 @@ def _wakes_producers(old: JobRecord, new: JobRecord | None) -> bool:
     return new.State != old.State and new.State in (FINISHED, READY)
 
 
+#: How long a call of TrioJobStore waits for the database (beyond SQLite's busy timeout).
+DEFAULT_CALL_TIMEOUT = 60.0
+
+
 class TrioJobStore:
     """The store for trio code: each call runs in a worker thread under a small limiter, with
-    `now` read from `clock` (wall-clock unix seconds by default)."""
+    `now` read from `clock` (wall-clock unix seconds by default).
+
+    A call that gets no answer within `call_timeout` seconds (a database that hangs rather than
+    refuses: its host frozen, the network stalled) raises StoreError, as does one waiting for
+    the limiter that long; and a cancelled call (a deadline, a shutdown) returns at once. Either
+    way its thread is left to finish or fail on its own, holding its limiter slot until then, so
+    a stuck database holds a few threads, never the caller. Every write is guarded (see the
+    module's docstring): one that lands after it was given up on changes nothing it should not."""
 
     def __init__(self, store: JobStore, *, threads: int = 4,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.time,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
         self.store = store
         self.clock = clock
+        self.call_timeout = call_timeout
         self._limiter = trio.CapacityLimiter(threads)
 
     async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kwargs), limiter=self._limiter
+        with trio.move_on_after(self.call_timeout):
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs),
+                limiter=self._limiter,
+                abandon_on_cancel=True,
+            )
+        raise StoreError(
+            f"job store {self.store.where}: no answer to {fn.__name__} within"
+            f" {self.call_timeout:g} s; the database hangs (its host frozen or the network"
+            " stalled?): check it; the call is not waited for"
         )
 
     async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:

@@ -1,0 +1,165 @@
+"""A job store that hangs rather than refuses (its host frozen, the network stalled: connections
+open, no answer) or goes down, on the real PostgreSQL behind a proxy that stalls or cuts it
+(helpers/stalling_proxy.py): every request is still answered, by its deadline at the latest,
+and serve and the coordinator still stop when told to."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+import trio
+from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike
+from helpers.stalling_proxy import StallingProxy
+from test_jobs_rules import make_input
+from test_producer import send_until_created, stop, task_in_store_a
+
+from damocles_ext.frontends.coordinator import STOP_GRACE
+from damocles_ext.frontends.producer import LATE_LOOK
+from damocles_ext.jobs.store import JobStore, StoreError, TrioJobStore
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+WATCHDOG = 90.0  # seconds after which a stalled proxy resumes whatever the test does
+
+
+@pytest.fixture
+async def proxy(postgres_server, nursery):
+    proxy = StallingProxy(postgres_server.socket_dir)
+    await nursery.start(proxy.serve)
+
+    async def watchdog() -> None:
+        # A regression must fail its test, not hang it: a call that cannot be given up on waits
+        # for the store, so the store comes back after every test's own time limit.
+        await trio.sleep(WATCHDOG)
+        proxy.resume()
+
+    nursery.start_soon(watchdog)
+    try:
+        yield proxy
+    finally:
+        proxy.resume()  # what is left waiting on it finishes
+
+
+async def start_serve(nursery, url: str, *args: str) -> ManagerLike:
+    argv = [*DEXT, "serve", "window_post", "--jobs", url, *args]
+    return await ManagerLike.start(
+        nursery, argv, "window_post", stderr=subprocess.PIPE, ready_timeout=30
+    )
+
+
+async def test_a_call_the_store_does_not_answer_fails_after_its_timeout_and_a_cancelled_one_returns(
+    proxy, postgres_url
+):
+    store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
+    try:
+        with trio.fail_after(60):  # (without the fix: stuck until the proxy resumes, at the end)
+            jobs = TrioJobStore(store, call_timeout=1.0)
+            job, _ = await jobs.create(make_input())
+            proxy.stall()
+            with pytest.raises(
+                StoreError, match=r"no answer to get within 1 s; the database hangs"
+            ):
+                await jobs.get(job.Id)
+            with trio.move_on_after(0.2) as cancelled:  # a deadline, a shutdown
+                await jobs.get(job.Id)
+            assert cancelled.cancelled_caught
+            proxy.resume()
+            jobs.call_timeout = 30.0
+            again = await jobs.get(job.Id)
+            assert again is not None and again.Id == job.Id
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+
+
+async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
+    proxy, postgres_url, tmp_path
+):
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
+                              "--deadline-after", "4s", "--poll-interval", "0.2")  # fmt: skip
+        request_id = await send_until_created(m, task, job_id)
+        proxy.stall()
+        # Answered while the store still hangs: at the deadline, or LATE_LOOK after it.
+        with trio.fail_after(4 + LATE_LOOK + 20):
+            response = await m.wait(request_id)
+        assert response.output is None
+        assert f"job {job_id}: the job store " in response.err_msg
+        assert "did not answer by the job's deadline" in response.err_msg
+        proxy.resume()
+        await stop(m)
+
+
+async def test_serve_stops_at_a_second_signal_while_the_store_hangs_answering_every_request(
+    proxy, postgres_url, tmp_path
+):
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
+                              "--poll-interval", "0.2", "--shutdown-grace", "60")  # fmt: skip
+        await m.wait_log("serving window_post through the job store")
+        request_id = await send_until_created(m, task, job_id)
+        proxy.stall()
+        m.process.send_signal(signal.SIGTERM)
+        await m.wait_log("SIGTERM: shutting down gracefully")
+        m.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+            assert await m.process.wait() == 0
+    assert "damocles-ext serve stopped at once (second signal)" in response.err_msg
+    assert any("stopped: 1 requests read, 1 answered" in line for line in m.log), m.log
+
+
+async def test_a_coordinator_stops_when_told_while_the_store_hangs(proxy, postgres_url):
+    from test_coordinator import Client
+
+    coordinator = CoordinatorProcess(proxy.url(postgres_url))
+    async with trio.open_nursery() as nursery:
+        await coordinator.start(nursery)
+        assert coordinator.proc is not None
+        try:
+            proxy.stall()
+            # A call under way, stuck on the store, which its grace cannot end.
+            client = Client(await trio.open_tcp_stream("127.0.0.1", coordinator.port))
+            body = b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","params":[],"id":1}'
+            cut = trio.Event()
+
+            async def call() -> None:
+                with pytest.raises(Exception, match="ConnectionClosed"):
+                    await client.post(body)  # cut at the end of the grace, unanswered
+                cut.set()
+
+            nursery.start_soon(call)
+            await proxy.holding()  # a call of the coordinator's stuck on the store
+            coordinator.proc.send_signal(signal.SIGTERM)
+            # The grace ends the call, and the coordinator, even with the store stuck.
+            with trio.fail_after(STOP_GRACE + 20):
+                assert await coordinator.proc.wait() == 0
+                await cut.wait()
+        finally:
+            coordinator.stop()
+    lines = coordinator.stderr.decode().splitlines()
+    assert lines[-1].endswith("damocles_ext.coordinator: stopped"), lines
+    assert not any("Traceback" in line for line in lines), lines
+
+
+async def test_a_store_down_until_the_deadline_is_answered_at_it_not_a_backoff_later(
+    proxy, postgres_url, tmp_path
+):
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        # Backoffs of 0.5, 1, 2 and 4 s take 7.5 s; the next one (8 s) would end at 15.5 s.
+        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
+                              "--deadline-after", "9s", "--poll-interval", "0.2")  # fmt: skip
+        request_id = await send_until_created(m, task, job_id)
+        sent = trio.current_time()
+        proxy.cut()
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert trio.current_time() - sent < 9 + LATE_LOOK
+        assert "the job store failed until the job's deadline passed" in response.err_msg
+        proxy.resume()
+        await stop(m)
