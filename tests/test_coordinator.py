@@ -317,6 +317,36 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         nursery.cancel_scope.cancel()
 
 
+async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_job_for_it(tmp_path):
+    # The store locked by another process for 30 s (over the 15 s timeout): worker-a's heartbeats
+    # are refused all along. Its job is not taken back for that silence once the store answers.
+    path = tmp_path / "jobs.db"
+    now = [1_700_000_000.0]
+    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05) as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        job, _ = await jobs.create(make_input(proof_type=PROOF))
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        timeouts = TimeOuts()
+        coordinator = Coordinator(jobs, observe=timeouts)
+        beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
+                                    "params": [[job.Id], "worker-a"], "id": 1})  # fmt: skip
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        for _ in range(3):
+            now[0] += 10
+            status, answer = await coordinator.answer(beat)
+            assert status == 200 and b"stayed locked by another process" in answer, answer
+        holder.execute("COMMIT")
+        holder.close()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.1))  # its first pass is done
+            assert (await jobs.get(job.Id)).State == "running"
+            # Silent for a timeout while the store answers: taken back.
+            now[0] += 16
+            await timeouts.wait()
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])

@@ -412,6 +412,31 @@ def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):
     assert "the file is not an SQLite database" in str(raised.value)
 
 
+def test_a_full_sqlite_store_says_its_file_system_is_full(tmp_path):
+    # SQLite's "database or disk is full", made real by a page limit on every connection.
+    from sqlalchemy import event
+
+    from damocles_ext.jobs.store import StoreUnavailable
+
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        with s.engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+        s.engine.dispose()
+
+        @event.listens_for(s.engine, "connect")
+        def _limit(dbapi_connection, _record):
+            dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+        def fill() -> None:
+            for n in range(1000):
+                s.create(make_input(miner=1000 + n), 1_700_000_000.0)
+
+        with pytest.raises(StoreUnavailable) as raised:
+            fill()
+    assert "database or disk is full" in str(raised.value)
+    assert "the file system that holds it is full: free some space there" in str(raised.value)
+
+
 def test_a_sqlite_store_locked_past_the_busy_timeout_says_so(tmp_path):
     url = f"sqlite:///{tmp_path}/jobs.db"
     with (

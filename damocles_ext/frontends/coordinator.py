@@ -20,7 +20,7 @@ import trio
 
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
-from ..jobs.store import StoreError, TrioJobStore
+from ..jobs.store import StoreError, StoreUnavailable, TrioJobStore
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
@@ -68,9 +68,10 @@ class Coordinator:
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
-        #: No worker could heartbeat to this coordinator before it was made: its sweeps count a
-        #: running job's silence from then at the earliest (rules.Sweep.heard_since).
-        self.up_since = store.clock()
+        #: No worker could heartbeat to this coordinator before it was made, nor while its store
+        #: was unavailable (the heartbeat was refused then): its sweeps count a running job's
+        #: silence from the later of the two at the earliest (rules.Sweep.heard_since).
+        self.heard_since = store.clock()
 
     def _observed(self, effects: Iterable[rules.Effect]) -> None:
         if self.observe is None:
@@ -89,8 +90,16 @@ class Coordinator:
         except rpc.RpcError as exc:
             raise rpc.RpcError(exc.code, exc.message, call.request_id) from None
         except StoreError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._store_unavailable()
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
+
+    def _store_unavailable(self) -> None:
+        """A call found the store unavailable: heartbeats sent until now may have been refused,
+        so no job is taken back for a silence before now (a store outage longer than the
+        heartbeat timeout must not cost every running job a try)."""
+        self.heard_since = max(self.heard_since, self.store.clock())
 
     async def _WdPoStAllocateJobs(
         self, spec: rpc.AllocateSpec, num: int, worker: str
@@ -176,18 +185,19 @@ class Coordinator:
         Without these passes a worker that dies keeps its job running forever. A failing pass
         (the store unreachable for a while) is logged and tried again at the next interval.
         A running job is timed out only
-        once it was silent for a HeartbeatTimeout while this coordinator served: damocles'
-        sweep at start takes back every job whose worker could not reach the manager while it
-        was down."""
+        once it was silent for a HeartbeatTimeout while this coordinator served and its store
+        answered: damocles' sweep at start takes back every job whose worker could not reach the
+        manager while it was down."""
         next_cleanup = trio.current_time()
         started = False
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
             try:
-                # A job silent only because this coordinator was down (or restarting) is not
-                # taken back for it: its worker gets a timeout's time to reach it.
-                outcome = await self.store.sweep(heard_since=self.up_since)
+                # A job silent only because this coordinator or its store was down (or
+                # restarting) is not taken back for it: its worker gets a timeout's time to
+                # reach it.
+                outcome = await self.store.sweep(heard_since=self.heard_since)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
@@ -197,6 +207,8 @@ class Coordinator:
                     if cleaned.effects:
                         log.info("cleanup: %d finished jobs forgotten", len(cleaned.effects))
             except StoreError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    self._store_unavailable()
                 log.warning("the sweep failed, trying again in %gs: %s", every, exc)
             if not started:
                 started = True

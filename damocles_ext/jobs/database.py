@@ -53,6 +53,11 @@ class StoreError(DextError):
     """The job store failed (unreachable, or an error from the database): exit code 1."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached, or did not answer: nothing was read or written that its
+    caller heard of (what the caller was told by others in the meantime may have been lost)."""
+
+
 class StoreConfigError(StoreError, UsageError):
     """A bad store URL, or a store this version cannot use: exit code 2."""
 

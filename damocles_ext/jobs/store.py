@@ -53,6 +53,7 @@ from .database import (
     StoreConfigError,
     StoreConflict,
     StoreError,
+    StoreUnavailable,
     check_create,
     describe_url,
     first_line,
@@ -87,7 +88,7 @@ def database_errors(method: Callable[P, R]) -> Callable[P, R]:
             return method(*args, **kwargs)
         except exc.DBAPIError as e:
             if is_unreachable(e):
-                raise StoreError(store.unreachable_message(e)) from e
+                raise StoreUnavailable(store.unreachable_message(e)) from e
             raise StoreError(
                 f"job store {store.where}: {method.__name__} failed: {first_line(e)}"
             ) from e
@@ -178,6 +179,11 @@ class JobStore:
             return (
                 f"cannot open the job store {self.where}: the file is not an SQLite database "
                 f"({what}); give the URL of a job store, or of a file that does not exist yet"
+            )
+        if code == "SQLITE_FULL":
+            return (
+                f"cannot write to the job store {self.where}: {what}; the file system that"
+                " holds it is full: free some space there"
             )
         parent = Path(self.url.database or "").parent
         if not parent.is_dir():
@@ -579,7 +585,7 @@ class TrioJobStore:
                 limiter=self._limiter,
                 abandon_on_cancel=True,
             )
-        raise StoreError(
+        raise StoreUnavailable(
             f"job store {self.store.where}: no answer to {fn.__name__} within"
             f" {self.call_timeout:g} s; the database hangs (its host frozen or the network"
             " stalled?): check it; the call is not waited for"
@@ -645,6 +651,7 @@ __all__ = [
     "StoreConfigError",
     "StoreConflict",
     "StoreError",
+    "StoreUnavailable",
     "TrioJobStore",
     "describe_url",
     "make_engine",
