@@ -316,6 +316,39 @@ def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_u
     assert took < 9.5, took
 
 
+def test_a_store_another_process_keeps_locked_fails_the_start_before_damocles_gives_up(
+    store_url, tmp_path
+):
+    # SQLite's write lock, or PostgreSQL's schema lock, held by a stuck process: the start waits
+    # SERVE_CONNECT_TIMEOUT for it, not the 30 s busy timeout (or for ever), and says why.
+    import sqlite3
+
+    import psycopg
+
+    with JobStore.open(store_url):
+        pass  # the store exists
+    if store_url.startswith("sqlite"):
+        holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        words = "stayed locked by another process"
+    else:
+        holder = psycopg.connect(store_url)
+        holder.execute("SELECT pg_advisory_lock(7426385010214)")
+        words = "another session held its schema lock for over 3 s"
+    try:
+        started = time.monotonic()
+        done = dext_run("serve", "window_post", "--jobs", store_url, "--store", "a=/tmp",
+                        input=b"", timeout=40)  # fmt: skip
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+    assert done.returncode == 1 and done.stdout == b"", done.stderr  # no ready line
+    err = done.stderr.decode()
+    assert words in err and "Traceback" not in err, err
+    # SERVE_CONNECT_TIMEOUT and the start-up, not SQLite's 30 s busy timeout, nor for ever.
+    assert took < 20, took
+
+
 async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
     from test_coordinator import Client
 

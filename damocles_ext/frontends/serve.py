@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("damocles_ext.serve")
 
 #: Seconds `serve --jobs` waits for the database to take a connection (its own and every later
-#: one). damocles-manager waits 5 s (`stable_wait`) for the ready line, and the store is opened
-#: before it: a database that does not answer fails the start with our reason, not its timeout.
+#: one), and at its start for a lock another process holds on the store. damocles-manager waits
+#: 5 s (`stable_wait`) for the ready line, and the store is opened before it: a database that
+#: does not answer, or stays locked, fails the start with our reason, not its timeout.
 SERVE_CONNECT_TIMEOUT = 3
 
 
@@ -132,7 +133,12 @@ def serve_jobs(
             "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
             " sector-manager.cfg): every request will be answered with an error"
         )
-    store = JobStore.open(url, limits=settings.limits, connect_timeout=SERVE_CONNECT_TIMEOUT)
+    store = JobStore.open(
+        url,
+        limits=settings.limits,
+        connect_timeout=SERVE_CONNECT_TIMEOUT,
+        open_timeout=SERVE_CONNECT_TIMEOUT,  # a store another process keeps locked: the same
+    )
     try:
         from damocles_ext.jobs.store import TrioJobStore
         from damocles_ext.protocol.jsonl import ready_line

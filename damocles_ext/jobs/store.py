@@ -123,20 +123,34 @@ class JobStore:
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True, **kwargs: Any) -> JobStore:
+    def open(
+        cls, url: str, *, create: bool = True, open_timeout: float | None = None, **kwargs: Any
+    ) -> JobStore:
         """A store ready for use: connected, its schema created or migrated.
 
         With `create=False` (an operator's command) a store that does not exist yet is an error
-        rather than a new empty one: a mistyped URL must not look like a store with no jobs."""
-        store = cls(url, **kwargs)
+        rather than a new empty one: a mistyped URL must not look like a store with no jobs.
+
+        `open_timeout`: how long the opening waits for a lock another process holds (SQLite's
+        write lock, PostgreSQL's schema lock) before it fails, saying so, instead of the busy
+        timeout (a start that must be quick: `serve`'s ready line). The store returned waits as
+        long as `kwargs` say."""
+        opening = kwargs
+        if open_timeout is not None:
+            busy = min(open_timeout, kwargs.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+            opening = dict(kwargs, busy_timeout=busy)
+        store = cls(url, **opening)
         try:
             if not create:
                 store.check_exists()
-            store.migrate()
+            store.migrate(lock_timeout=open_timeout)
         except BaseException:
             store.close()
             raise
-        return store
+        if opening is kwargs:
+            return store
+        store.close()  # its connections wait for locks only open_timeout long
+        return cls(url, **kwargs)
 
     def check_exists(self) -> None:
         """Raises StoreConfigError when there is no job store at the URL."""
@@ -205,13 +219,27 @@ class JobStore:
     # --- schema -------------------------------------------------------------------------------
 
     @database_errors
-    def migrate(self) -> int:
+    def migrate(self, *, lock_timeout: float | None = None) -> int:
         """Create the schema, or bring an older one up to SCHEMA_VERSION; returns the version
-        found (0 for a new store). Refuses a newer one with a StoreConfigError."""
+        found (0 for a new store). Refuses a newer one with a StoreConfigError. `lock_timeout`:
+        on PostgreSQL, how long to wait for the schema lock another session holds (StoreError
+        after it; SQLite's wait is its busy timeout)."""
         with self._transaction() as conn:
             if self.is_postgresql:
+                if lock_timeout is not None:
+                    ms = max(1, int(lock_timeout * 1000))
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
                 # Two coordinators starting at once must not both create the tables.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7426385010214)"))
+                try:
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7426385010214)"))
+                except exc.OperationalError as e:
+                    if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                        raise
+                    raise StoreUnavailable(
+                        f"the job store {self.where}: another session held its schema lock for"
+                        f" over {lock_timeout:g} s (a damocles-ext opening or upgrading it, or"
+                        " stuck): find it in pg_stat_activity, or try again"
+                    ) from None
             found = self._version(conn)
             if found > SCHEMA_VERSION:
                 raise StoreConfigError(
