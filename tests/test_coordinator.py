@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sqlite3
@@ -327,7 +328,7 @@ async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_jo
         job, _ = await jobs.create(make_input(proof_type=PROOF))
         await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
         timeouts = TimeOuts()
-        coordinator = Coordinator(jobs, observe=timeouts)
+        coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
         beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
                                     "params": [[job.Id], "worker-a"], "id": 1})  # fmt: skip
         holder = sqlite3.connect(path, isolation_level=None)
@@ -347,6 +348,46 @@ async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_jo
             nursery.cancel_scope.cancel()
 
 
+class Logged(logging.Handler):
+    """Sets `seen` when a record containing `words` is logged (from the trio thread)."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words = words
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_wall_clock_stepping_forward_takes_back_no_job_for_the_step(sqlite_store):
+    now = [1_700_000_000.0]
+    steady = [0.0]  # the monotonic clock: it moves with the wall clock, except for the step
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    timeouts = TimeOuts()
+    coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: steady[0])
+    stepped = Logged("the wall clock stepped forward by 60 s since the last sweep")
+    logging.getLogger("damocles_ext.coordinator").addHandler(stepped)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            now[0] += 60  # NTP steps the clock a minute forward: worker-a looks silent
+            with trio.fail_after(10):
+                await stepped.seen.wait()
+            await jobs.sweep(heard_since=coordinator.heard_since)  # one more pass, as the loop
+            assert (await jobs.get(job.Id)).State == "running"
+            # Silent for a timeout after the step: taken back.
+            now[0] += 16
+            steady[0] += 16
+            await timeouts.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("damocles_ext.coordinator").removeHandler(stepped)
+
+
 async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])
@@ -355,7 +396,7 @@ async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_
     now[0] += 60  # the coordinator was down for a minute: worker-a could not heartbeat
     restarted_at = now[0]
     timeouts = TimeOuts()
-    coordinator = Coordinator(jobs, observe=timeouts)
+    coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(coordinator.sweep_forever, 0.1))  # its first pass is done
         assert (await jobs.get(job.Id)).State == "running"
@@ -381,7 +422,7 @@ async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
         await jobs.create(make_input(proof_type=PROOF))
         [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
         timeouts = TimeOuts()
-        coordinator = Coordinator(jobs, observe=timeouts)
+        coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.sweep_forever)  # its first pass: nothing is due
             now[0] += 60  # worker-a went silent past the 2 s timeout

@@ -39,6 +39,9 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 # damocles-manager's: a cleanup every 30 min. Its sweep every 10 s (and once at start) is
 # rules.sweep_every here: never more than a quarter of HeartbeatTimeout.
 CLEANUP_INTERVAL = 30 * 60.0
+# Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
+# a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
+CLOCK_STEP = 5.0
 
 
 # A request without the right token is answered without its body being kept; a longer body than
@@ -58,8 +61,12 @@ class Coordinator:
         *,
         observe: Callable[[Iterable[rules.Effect]], None] | None = None,
         sector_index: SectorIndex | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
+        #: The clock that only moves forward (trio's by default), beside the store's wall clock:
+        #: the sweeps see a step of the wall clock by comparing them.
+        self._monotonic = monotonic
         #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
         self.sector_index = sector_index or SectorIndex()
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
@@ -190,9 +197,11 @@ class Coordinator:
         manager while it was down."""
         next_cleanup = trio.current_time()
         started = False
+        last: tuple[float, float] | None = None  # (monotonic, wall) at the last pass
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
+            last = self._watch_clock(last)
             try:
                 # A job silent only because this coordinator or its store was down (or
                 # restarting) is not taken back for it: its worker gets a timeout's time to
@@ -214,6 +223,28 @@ class Coordinator:
                 started = True
                 task_status.started()
             await trio.sleep(every)
+
+    def _watch_clock(self, last: tuple[float, float] | None) -> tuple[float, float]:
+        """A wall clock that stepped forward since the last pass would make every running job
+        look silent for the step: its silence counts from now instead, as after an outage."""
+        now = ((self._monotonic or trio.current_time)(), self.store.clock())
+        if last is not None:
+            step = (now[1] - last[1]) - (now[0] - last[0])
+            if step > CLOCK_STEP:
+                log.warning(
+                    "the wall clock stepped forward by %.0f s since the last sweep (set by NTP, or"
+                    " the machine was suspended?): no running job is taken back for that step,"
+                    " each gets a HeartbeatTimeout from now to heartbeat",
+                    step,
+                )
+                self.heard_since = max(self.heard_since, now[1])
+            elif step < -CLOCK_STEP:
+                log.warning(
+                    "the wall clock stepped back by %.0f s since the last sweep: a silent worker's"
+                    " job is taken back that much later",
+                    -step,
+                )
+        return now
 
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
