@@ -437,6 +437,17 @@ def test_a_full_sqlite_store_says_its_file_system_is_full(tmp_path):
     assert "the file system that holds it is full: free some space there" in str(raised.value)
 
 
+def test_a_store_whose_tables_are_gone_says_so_and_what_to_do(store_url):
+    # Its database dropped and made again, empty, under a running coordinator or serve.
+    with JobStore.open(store_url) as s:
+        with s.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE dext_wdpost_jobs")
+        with pytest.raises(StoreError) as raised:
+            s.get("job-1")
+    assert "the store's tables are gone (its database dropped or emptied?)" in str(raised.value)
+    assert "restart damocles-ext to make them again" in str(raised.value)
+
+
 def test_a_sqlite_store_locked_past_the_busy_timeout_says_so(tmp_path):
     url = f"sqlite:///{tmp_path}/jobs.db"
     with (

@@ -89,11 +89,24 @@ def database_errors(method: Callable[P, R]) -> Callable[P, R]:
         except exc.DBAPIError as e:
             if is_unreachable(e):
                 raise StoreUnavailable(store.unreachable_message(e)) from e
+            hint = ""
+            if _tables_gone(e):
+                hint = (
+                    "; the store's tables are gone (its database dropped or emptied?): restart"
+                    " damocles-ext to make them again, or give the URL of the store"
+                )
             raise StoreError(
-                f"job store {store.where}: {method.__name__} failed: {first_line(e)}"
+                f"job store {store.where}: {method.__name__} failed: {first_line(e)}{hint}"
             ) from e
 
     return wrapper
+
+
+def _tables_gone(error: exc.DBAPIError) -> bool:
+    """A statement on a table that does not exist (PostgreSQL 42P01, SQLite "no such table")."""
+    if getattr(error.orig, "sqlstate", None) == "42P01":
+        return True
+    return "no such table" in str(error.orig)
 
 
 @dataclass(frozen=True, slots=True)
