@@ -13,10 +13,11 @@ import trio
 from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike
 from helpers.stalling_proxy import StallingProxy
 from test_jobs_rules import make_input
-from test_producer import send_until_created, stop, task_in_store_a
+from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
 
 from damocles_ext.frontends.coordinator import STOP_GRACE
 from damocles_ext.frontends.producer import LATE_LOOK
+from damocles_ext.jobs import model
 from damocles_ext.jobs.store import JobStore, StoreError, TrioJobStore
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -90,6 +91,30 @@ async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
         assert f"job {job_id}: the job store " in response.err_msg
         assert "did not answer by the job's deadline" in response.err_msg
         proxy.resume()
+        await stop(m)
+
+
+async def test_a_job_finished_before_its_deadline_and_read_just_after_it_is_still_its_proof(
+    proxy, postgres_url, tmp_path
+):
+    # The look that would find it finished is slow (the store stalled across the deadline, for
+    # less than LATE_LOOK): the request gets the proof, not a complaint about the store.
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
+                              "--deadline-after", "4s", "--poll-interval", "0.2")  # fmt: skip
+        request_id = await send_until_created(m, task, job_id)
+        deadline = trio.current_time() + 4  # (a little later than serve's own)
+        proxy.stall()
+        with trio.fail_after(10):
+            await proxy.holding()  # serve's next look is under way, and stuck
+        # A worker finishes it (straight to the database) before the deadline.
+        await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+        await trio.sleep_until(deadline + 1)  # the deadline passes during the look
+        proxy.resume()
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert response.err_msg is None and response.output.proofs == [b"p"]
         await stop(m)
 
 

@@ -377,13 +377,24 @@ def test_postgresql_connections_give_up_on_a_silent_server_unless_the_url_says_o
     # TCP keepalives and a user timeout: a server whose host died or whose network was cut
     # fails the call instead of leaving it waiting for ever; a URL's own settings win.
     from damocles_ext.jobs.database import PG_TCP_SETTINGS
+    from damocles_ext.jobs.notify import JobListener
 
     for url, idle in ((postgres_url, "10"), (postgres_url + "&keepalives_idle=60", "60")):
-        with JobStore.open(url) as s, s.engine.connect() as conn:
-            params = conn.connection.dbapi_connection.info.get_parameters()
+        with JobStore.open(url) as s:
+            with s.engine.connect() as conn:
+                params = conn.connection.dbapi_connection.info.get_parameters()
+            # The LISTEN connection too (it only receives: only keepalives tell it of a dead host).
+            listener = JobListener.of_store(s, lambda job_id: None, lambda: None)
         assert params["keepalives_idle"] == idle
         assert params["tcp_user_timeout"] == str(PG_TCP_SETTINGS["tcp_user_timeout"])
         assert params["keepalives"] == "1"
+        assert listener is not None and listener.tcp["keepalives"] == 1
+        if idle == "10":
+            assert listener.tcp["keepalives_idle"] == 10
+        else:
+            assert (
+                "keepalives_idle" not in listener.tcp and "keepalives_idle=60" in listener.conninfo
+            )
 
 
 def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
@@ -410,6 +421,20 @@ def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):
     with pytest.raises(StoreError) as raised:
         JobStore.open(f"sqlite:///{tmp_path}/jobs.db")
     assert "the file is not an SQLite database" in str(raised.value)
+
+
+def test_a_schema_lock_held_past_the_servers_own_lock_timeout_is_a_store_error(postgres_url):
+    # lock_timeout from the URL (or the role, or PGOPTIONS), not from open_timeout.
+    import psycopg
+
+    with JobStore.open(postgres_url):
+        pass
+    with psycopg.connect(postgres_url) as holder:
+        holder.execute("SELECT pg_advisory_lock(7426385010214)")
+        with pytest.raises(StoreError) as raised:
+            JobStore.open(postgres_url + "&options=-c%20lock_timeout%3D200")
+    assert "another session held its schema lock (" in str(raised.value)
+    assert "the server's own lock_timeout ran out" in str(raised.value)
 
 
 def test_a_full_sqlite_store_says_its_file_system_is_full(tmp_path):

@@ -44,8 +44,8 @@ log = logging.getLogger("damocles_ext.producer")
 #: The first pause after a store failure; it doubles up to MAX_BACKOFF.
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
-#: How long a look at the store begun after the job's deadline may take before the request is
-#: answered without it (a store that hangs).
+#: How long past the job's deadline (or past its start, when begun after it) a look at the store
+#: may take before the request is answered without it (a store that hangs).
 LATE_LOOK = 5.0
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
@@ -253,18 +253,19 @@ class JobProducer:
         return stored
 
     def _give_up_at(self, due: float | None) -> float:
-        """When (trio's clock) a look at the store begun now is given up on: at the job's
-        deadline `due` (unix seconds; None: never), or LATE_LOOK from now once it passed (the
-        sweep that cancels the job, the look that finds it cancelled)."""
+        """When (trio's clock) a look at the store begun now is given up on: LATE_LOOK after the
+        job's deadline `due` (unix seconds; None: never), or after now once it passed (the
+        sweep that cancels the job, the look that finds it cancelled). Not at the deadline
+        itself: a job finished just before it, read a little after, is still its proof."""
         if due is None:
             return math.inf
-        left = due - self.clock()
-        return trio.current_time() + (left if left > 0 else LATE_LOOK)
+        return trio.current_time() + max(0.0, due - self.clock()) + LATE_LOOK
 
     def _no_answer(self, job_id: str) -> ProverError:
         return ProverError(
             f"job {job_id}: the job store {self.store.store.where} did not answer by the job's"
-            " deadline (it hangs: its host frozen or the network stalled?); not proved in time"
+            f" deadline, nor {LATE_LOOK:g} s after it (it hangs: its host frozen or the network"
+            " stalled?); not proved in time"
         )
 
     def _answer(self, job: model.JobRecord) -> WindowPoStOutput:

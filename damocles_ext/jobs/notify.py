@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import psycopg
 import trio
 from psycopg import sql
 
-from .database import describe_url, first_line
+from .database import PG_TCP_SETTINGS, describe_url, first_line
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
 
@@ -44,8 +44,12 @@ class JobListener:
         on_connect: Callable[[], None] = lambda: None,
         *,
         connect_timeout: int = 10,
+        tcp: Mapping[str, Any] | None = None,
     ) -> None:
         self.conninfo = conninfo
+        #: libpq's TCP settings (database.PG_TCP_SETTINGS less the URL's own): a listener that
+        #: only receives learns that its server's host died from the keepalives alone.
+        self.tcp: dict[str, Any] = dict(tcp or {})
         self.where = describe_url(conninfo)
         self.on_job = on_job
         self.on_connect = on_connect
@@ -63,7 +67,8 @@ class JobListener:
             return None
         # libpq's own URI: the same server, user and database as the store's engine.
         conninfo = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return cls(conninfo, on_job, on_connect)
+        tcp = {k: v for k, v in PG_TCP_SETTINGS.items() if k not in store.url.query}
+        return cls(conninfo, on_job, on_connect, tcp=tcp)
 
     async def run(self) -> None:
         """Listen until cancelled (the thread stops within CHECK_INTERVAL after)."""
@@ -84,6 +89,7 @@ class JobListener:
                     autocommit=True,
                     connect_timeout=self.connect_timeout,
                     application_name=APPLICATION_NAME,
+                    **self.tcp,
                 ) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     log.info("listening for job changes on %s", self.where)

@@ -248,10 +248,12 @@ class JobStore:
                 except exc.OperationalError as e:
                     if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
                         raise
+                    waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
                     raise StoreUnavailable(
-                        f"the job store {self.where}: another session held its schema lock for"
-                        f" over {lock_timeout:g} s (a damocles-ext opening or upgrading it, or"
-                        " stuck): find it in pg_stat_activity, or try again"
+                        f"the job store {self.where}: another session held its schema lock"
+                        f"{waited} (a damocles-ext opening or upgrading it, or stuck; or the"
+                        " server's own lock_timeout ran out): find it in pg_stat_activity, or"
+                        " try again"
                     ) from None
             found = self._version(conn)
             if found > SCHEMA_VERSION:
