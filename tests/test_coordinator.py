@@ -348,6 +348,31 @@ async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_jo
             nursery.cancel_scope.cancel()
 
 
+async def test_a_dead_workers_job_is_taken_back_though_the_store_fails_now_and_then(tmp_path):
+    # Another worker's calls fail every 5 s (the store locked a moment): that costs the dead
+    # worker's job no more than those moments, not its timeout for ever.
+    path = tmp_path / "jobs.db"
+    now = [1_700_000_000.0]
+    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05) as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        job, _ = await jobs.create(make_input(proof_type=PROOF))
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")  # then worker-a dies
+        coordinator = Coordinator(jobs, monotonic=lambda: now[0])
+        beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
+                                    "params": [[], "worker-b"], "id": 1})  # fmt: skip
+        for _ in range(5):
+            now[0] += 5
+            holder = sqlite3.connect(path, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+            _, answer = await coordinator.answer(beat)
+            assert b"stayed locked by another process" in answer, answer
+            holder.execute("COMMIT")
+            holder.close()
+            assert b'"result"' in (await coordinator.answer(beat))[1]  # answered again
+        outcome = await coordinator.sweep_once()
+    assert rules.TimedOut(job.Id, "worker-a") in outcome.effects
+
+
 class Logged(logging.Handler):
     """Sets `seen` when a record containing `words` is logged (from the trio thread)."""
 
@@ -377,7 +402,7 @@ async def test_a_wall_clock_stepping_forward_takes_back_no_job_for_the_step(sqli
             now[0] += 60  # NTP steps the clock a minute forward: worker-a looks silent
             with trio.fail_after(10):
                 await stepped.seen.wait()
-            await jobs.sweep(heard_since=coordinator.heard_since)  # one more pass, as the loop
+            await coordinator.sweep_once()  # one more pass, as the loop makes them
             assert (await jobs.get(job.Id)).State == "running"
             # Silent for a timeout after the step: taken back.
             now[0] += 16

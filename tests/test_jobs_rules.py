@@ -309,6 +309,14 @@ def test_a_silent_job_times_out_after_heartbeat_timeout_and_is_retried():
     assert new.TryNum == 1 and new.WorkerName == "w1"
 
 
+def test_a_job_is_silent_when_last_heard_before_silent_before_if_that_is_earlier():
+    job = running()  # heard from at T0
+    assert apply(job, Sweep(silent_before=T0 - 1), T0 + 100, LIMITS).effects == ()
+    assert apply(job, Sweep(silent_before=T0 + 1), T0 + 100, LIMITS).effects != ()
+    # never later than now - HeartbeatTimeout
+    assert apply(job, Sweep(silent_before=T0 + 1000), T0 + 15, LIMITS).effects == ()
+
+
 def test_silence_counts_from_heard_since_at_the_earliest():
     job = running()  # its last heartbeat at T0; no one could hear one from T0 to T0 + 100
     assert apply(job, Sweep(heard_since=T0 + 100), T0 + 115, LIMITS).effects == ()

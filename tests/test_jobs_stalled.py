@@ -75,6 +75,43 @@ async def test_a_call_the_store_does_not_answer_fails_after_its_timeout_and_a_ca
         await trio.to_thread.run_sync(store.close)
 
 
+async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(proxy, postgres_url):
+    # The heartbeat is stamped with the time it was sent, and lands 40 s later (a stall shorter
+    # than the call timeout): the sweep after it does not take the job back for those 40 s.
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs import rules
+
+    store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
+    try:
+        now = [1_700_000_000.0]
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        coordinator = Coordinator(jobs, monotonic=lambda: now[0])
+        job, _ = await jobs.create(make_input())
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        now[0] += 3
+        beat = b'{"jsonrpc":"2.0","method":"Venus.WdPoStHeartbeatJobs","params":[["%s"],"worker-a"],"id":1}' % job.Id.encode()  # fmt: skip
+        answered: list[bytes] = []
+        with trio.fail_after(60):
+            proxy.stall()
+            async with trio.open_nursery() as nursery:
+
+                async def heartbeat() -> None:
+                    answered.append((await coordinator.answer(beat))[1])
+
+                nursery.start_soon(heartbeat)
+                await proxy.holding()
+                now[0] += 40
+                proxy.resume()
+            assert b'"result"' in answered[0], answered
+            now[0] += 1
+            outcome = await coordinator.sweep_once()
+        assert not any(isinstance(e, rules.TimedOut) for e in outcome.effects), outcome.effects
+        assert (await jobs.get(job.Id)).State == "running"
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+
+
 async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
     proxy, postgres_url, tmp_path
 ):

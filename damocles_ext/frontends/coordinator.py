@@ -20,7 +20,8 @@ import trio
 
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
-from ..jobs.store import StoreError, StoreUnavailable, TrioJobStore
+from ..jobs.silence import Hearing
+from ..jobs.store import Outcome, StoreError, TrioJobStore
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
@@ -75,10 +76,12 @@ class Coordinator:
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
-        #: No worker could heartbeat to this coordinator before it was made, nor while its store
-        #: was unavailable (the heartbeat was refused then): its sweeps count a running job's
-        #: silence from the later of the two at the earliest (rules.Sweep.heard_since).
-        self.heard_since = store.clock()
+        #: When heartbeats could be heard: not before this coordinator was made, nor while its
+        #: store was unavailable to it or stalled, nor in a step of the wall clock; its sweeps
+        #: count a running job's silence in the rest only (silence.Hearing).
+        if store.hearing is None:
+            store.hearing = Hearing(store.clock())
+        self.hearing: Hearing = store.hearing
 
     def _observed(self, effects: Iterable[rules.Effect]) -> None:
         if self.observe is None:
@@ -97,16 +100,8 @@ class Coordinator:
         except rpc.RpcError as exc:
             raise rpc.RpcError(exc.code, exc.message, call.request_id) from None
         except StoreError as exc:
-            if isinstance(exc, StoreUnavailable):
-                self._store_unavailable()
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
-
-    def _store_unavailable(self) -> None:
-        """A call found the store unavailable: heartbeats sent until now may have been refused,
-        so no job is taken back for a silence before now (a store outage longer than the
-        heartbeat timeout must not cost every running job a try)."""
-        self.heard_since = max(self.heard_since, self.store.clock())
 
     async def _WdPoStAllocateJobs(
         self, spec: rpc.AllocateSpec, num: int, worker: str
@@ -203,10 +198,7 @@ class Coordinator:
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
             last = self._watch_clock(last)
             try:
-                # A job silent only because this coordinator or its store was down (or
-                # restarting) is not taken back for it: its worker gets a timeout's time to
-                # reach it.
-                outcome = await self.store.sweep(heard_since=self.heard_since)
+                outcome = await self.sweep_once()
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
@@ -216,28 +208,33 @@ class Coordinator:
                     if cleaned.effects:
                         log.info("cleanup: %d finished jobs forgotten", len(cleaned.effects))
             except StoreError as exc:
-                if isinstance(exc, StoreUnavailable):
-                    self._store_unavailable()
                 log.warning("the sweep failed, trying again in %gs: %s", every, exc)
             if not started:
                 started = True
                 task_status.started()
             await trio.sleep(every)
 
+    async def sweep_once(self) -> Outcome:
+        """One pass of the sweep: a job silent only because this coordinator or its store was
+        down, stalled or restarting, or because the wall clock stepped, is not taken back for
+        that time: its worker gets a timeout's time, heard, to reach it."""
+        timeout = self.store.store.limits.heartbeat_timeout
+        silent_before = self.hearing.silent_before(self.store.clock(), timeout)
+        return await self.store.sweep(silent_before=silent_before)
+
     def _watch_clock(self, last: tuple[float, float] | None) -> tuple[float, float]:
         """A wall clock that stepped forward since the last pass would make every running job
-        look silent for the step: its silence counts from now instead, as after an outage."""
+        look silent for the step: that stretch counts as unheard."""
         now = ((self._monotonic or trio.current_time)(), self.store.clock())
         if last is not None:
             step = (now[1] - last[1]) - (now[0] - last[0])
             if step > CLOCK_STEP:
                 log.warning(
                     "the wall clock stepped forward by %.0f s since the last sweep (set by NTP, or"
-                    " the machine was suspended?): no running job is taken back for that step,"
-                    " each gets a HeartbeatTimeout from now to heartbeat",
+                    " the machine was suspended?): no running job is taken back for that step",
                     step,
                 )
-                self.heard_since = max(self.heard_since, now[1])
+                self.hearing.deaf(now[1] - step, now[1])
             elif step < -CLOCK_STEP:
                 log.warning(
                     "the wall clock stepped back by %.0f s since the last sweep: a silent worker's"

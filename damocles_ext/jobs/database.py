@@ -7,6 +7,7 @@ on it. Every name here is importable from `damocles_ext.jobs.store` as well.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -313,3 +314,46 @@ def first_line(error: Exception) -> str:
     orig = error.orig if isinstance(error, exc.DBAPIError) else None
     text = str(orig) if orig is not None else str(error)
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -> StoreError:
+    """The StoreError for a database failure of `operation` on the store at `where` (its URL
+    `url`): what went wrong and what to do about it; StoreUnavailable when the database could
+    not be reached or opened, as opposed to an error of one statement."""
+    what = first_line(error)
+    if not is_unreachable(error):
+        hint = ""
+        if getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in str(error.orig):
+            hint = (
+                "; the store's tables are gone (its database dropped or emptied?): restart"
+                " damocles-ext to make them again, or give the URL of the store"
+            )
+        return StoreError(f"job store {where}: {operation} failed: {what}{hint}")
+    if url.get_backend_name() == "postgresql":
+        return StoreUnavailable(
+            f"cannot reach the job store {where}: {what}; check that the PostgreSQL server is"
+            " running and reachable from here, and the user, password and database in the URL"
+        )
+    code = getattr(error.orig, "sqlite_errorname", "")
+    if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreUnavailable(
+            f"the job store {where} stayed locked by another process for longer than the busy"
+            f" timeout ({what}): find what holds it (a stuck process, or a file system without"
+            " working locks, such as some network mounts)"
+        )
+    if code == "SQLITE_NOTADB":
+        return StoreUnavailable(
+            f"cannot open the job store {where}: the file is not an SQLite database ({what});"
+            " give the URL of a job store, or of a file that does not exist yet"
+        )
+    if code == "SQLITE_FULL":
+        return StoreUnavailable(
+            f"cannot write to the job store {where}: {what}; the file system that holds it is"
+            " full: free some space there"
+        )
+    parent = Path(url.database or "").parent
+    if not parent.is_dir():
+        hint = f"its directory {str(parent)!r} does not exist: create it"
+    else:
+        hint = "check that the file and its directory are writable by this user"
+    return StoreUnavailable(f"cannot open the job store {where}: {what}; {hint}")

@@ -129,9 +129,13 @@ class Sweep:
 
     A running job's silence counts from `heard_since` at the earliest (unix seconds): a
     coordinator passes the time it started serving, since no worker could heartbeat to it
-    before; its first passes after a restart then take back no job for the outage's silence."""
+    before; its first passes after a restart then take back no job for the outage's silence.
+    A running job last heard from before `silent_before` is silent (default: now minus
+    HeartbeatTimeout); a coordinator passes an earlier time when some of that time could not be
+    heard (silence.Hearing: its store unavailable, its wall clock stepped)."""
 
     heard_since: float = 0.0
+    silent_before: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +288,13 @@ def sweep_every(limits: JobLimits) -> float:
     timeout (3.75 s with damocles' 15 s; a fixed 10 s would add up to 10 s, more than the
     timeout itself once it is set short)."""
     return min(limits.sweep_interval, limits.heartbeat_timeout / SWEEPS_PER_HEARTBEAT_TIMEOUT)
+
+
+def silent_before(event: Sweep, now: float, limits: JobLimits) -> float:
+    """Running jobs last heard from before this are silent (`event.silent_before`, or now
+    minus HeartbeatTimeout, whichever is earlier)."""
+    limit = now - limits.heartbeat_timeout
+    return limit if event.silent_before is None else min(limit, event.silent_before)
 
 
 def retryable(job: JobRecord, limits: JobLimits) -> bool:
@@ -452,7 +463,7 @@ def _sweep(job: JobRecord, event: Sweep, now: float, limits: JobLimits) -> Step:
     if (
         job.State == RUNNING
         and job.HeartbeatAt > 0
-        and max(job.HeartbeatAt, event.heard_since) < now - limits.heartbeat_timeout
+        and max(job.HeartbeatAt, event.heard_since) < silent_before(event, now, limits)
     ):
         effects.append(TimedOut(job.Id, job.WorkerName))
         job = _replace(

@@ -56,8 +56,6 @@ from .database import (
     StoreUnavailable,
     check_create,
     describe_url,
-    first_line,
-    is_unreachable,
     job_of_row,
     jobs,
     make_engine,
@@ -65,9 +63,11 @@ from .database import (
     parse_url,
     row_values,
     schema_version,
+    store_failure,
     workers,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
+from .silence import Hearing
 
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
@@ -87,26 +87,9 @@ def database_errors(method: Callable[P, R]) -> Callable[P, R]:
         try:
             return method(*args, **kwargs)
         except exc.DBAPIError as e:
-            if is_unreachable(e):
-                raise StoreUnavailable(store.unreachable_message(e)) from e
-            hint = ""
-            if _tables_gone(e):
-                hint = (
-                    "; the store's tables are gone (its database dropped or emptied?): restart"
-                    " damocles-ext to make them again, or give the URL of the store"
-                )
-            raise StoreError(
-                f"job store {store.where}: {method.__name__} failed: {first_line(e)}{hint}"
-            ) from e
+            raise store_failure(store.where, store.url, method.__name__, e) from e
 
     return wrapper
-
-
-def _tables_gone(error: exc.DBAPIError) -> bool:
-    """A statement on a table that does not exist (PostgreSQL 42P01, SQLite "no such table")."""
-    if getattr(error.orig, "sqlstate", None) == "42P01":
-        return True
-    return "no such table" in str(error.orig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,39 +168,6 @@ class JobStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def unreachable_message(self, error: exc.DBAPIError) -> str:
-        """What went wrong reaching the database, and what to do about it."""
-        what = first_line(error)
-        if self.is_postgresql:
-            return (
-                f"cannot reach the job store {self.where}: {what}; check that the PostgreSQL "
-                "server is running and reachable from here, and the user, password and "
-                "database in the URL"
-            )
-        code = getattr(error.orig, "sqlite_errorname", "")
-        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            return (
-                f"the job store {self.where} stayed locked by another process for longer than "
-                f"the busy timeout ({what}): find what holds it (a stuck process, or a file "
-                "system without working locks, such as some network mounts)"
-            )
-        if code == "SQLITE_NOTADB":
-            return (
-                f"cannot open the job store {self.where}: the file is not an SQLite database "
-                f"({what}); give the URL of a job store, or of a file that does not exist yet"
-            )
-        if code == "SQLITE_FULL":
-            return (
-                f"cannot write to the job store {self.where}: {what}; the file system that"
-                " holds it is full: free some space there"
-            )
-        parent = Path(self.url.database or "").parent
-        if not parent.is_dir():
-            hint = f"its directory {str(parent)!r} does not exist: create it"
-        else:
-            hint = "check that the file and its directory are writable by this user"
-        return f"cannot open the job store {self.where}: {what}; {hint}"
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -539,13 +489,16 @@ class JobStore:
         limit: int = DEFAULT_PASS_LIMIT,
         job_ids: Sequence[str] | None = None,
         heard_since: float = 0.0,
+        silent_before: float | None = None,
     ) -> Outcome:
         """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
         the jobs the rules may change now (only `job_ids` when given: a producer settling its
         own job at its deadline). A running job's silence counts from `heard_since` at the
-        earliest (rules.Sweep). Safe to run in several processes at once."""
+        earliest, and it is silent when last heard from before `silent_before` (rules.Sweep).
+        Safe to run in several processes at once."""
         c = jobs.c
-        silent_before = now - self.limits.heartbeat_timeout
+        event = rules.Sweep(heard_since=heard_since, silent_before=silent_before)
+        silent_before = rules.silent_before(event, now, self.limits)
         due = [
             sa.and_(c.state.in_((READY, RUNNING)), c.not_after <= now),
             sa.and_(
@@ -562,7 +515,6 @@ class JobStore:
         statement = sa.select(jobs).where(sa.or_(*due))
         if job_ids is not None:
             statement = statement.where(c.id.in_(job_ids))
-        event = rules.Sweep(heard_since=heard_since)
         return self._pass(statement.order_by(c.id).limit(limit), event, now)
 
     @database_errors
@@ -620,8 +572,27 @@ class TrioJobStore:
         self.clock = clock
         self.call_timeout = call_timeout
         self._limiter = trio.CapacityLimiter(threads)
+        #: Told when the store is unavailable to a call, answers again, or answers slowly (a
+        #: coordinator's sweeps count a job's silence by it); None: nothing is told.
+        self.hearing: Hearing | None = None
 
     async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        started = self.clock()
+        try:
+            result = await self._call(fn, *args, **kwargs)
+        except StoreUnavailable:
+            if self.hearing is not None:
+                self.hearing.call_failed(started)
+            raise
+        except StoreError:  # answered, with a refusal or an error of the statement
+            if self.hearing is not None:
+                self.hearing.call_answered(started, self.clock())
+            raise
+        if self.hearing is not None:
+            self.hearing.call_answered(started, self.clock())
+        return result
+
+    async def _call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         with trio.move_on_after(self.call_timeout):
             return await trio.to_thread.run_sync(
                 functools.partial(fn, *args, **kwargs),
@@ -671,10 +642,18 @@ class TrioJobStore:
         return await self._run(self.store.summary, self.clock(), **kwargs)
 
     async def sweep(
-        self, job_ids: Sequence[str] | None = None, *, heard_since: float = 0.0
+        self,
+        job_ids: Sequence[str] | None = None,
+        *,
+        heard_since: float = 0.0,
+        silent_before: float | None = None,
     ) -> Outcome:
         return await self._run(
-            self.store.sweep, self.clock(), job_ids=job_ids, heard_since=heard_since
+            self.store.sweep,
+            self.clock(),
+            job_ids=job_ids,
+            heard_since=heard_since,
+            silent_before=silent_before,
         )
 
     async def cleanup(self) -> Outcome:

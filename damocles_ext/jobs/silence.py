@@ -1,0 +1,85 @@
+"""When a running job counts as silent, for a coordinator's sweeps (sans-IO: times passed in).
+
+A worker's heartbeat reaches the store through a coordinator, stamped with its wall clock. A job
+is taken back once its worker was silent for HeartbeatTimeout; but a heartbeat cannot land while
+the coordinator is not serving yet, while its store is unavailable to it (refused or not
+answering), nor in the wall-clock time a step of the clock skipped. `Hearing` keeps those
+stretches of wall time and counts only the rest: a job is silent when the time it could have
+been heard since its last heartbeat reaches the timeout (`silent_before`). A store that fails
+now and then delays a dead worker's job by the failures' length only; an outage longer than the
+timeout costs no job a try.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Stretches kept (merged, oldest dropped first): far more than a timeout's walk needs.
+MAX_STRETCHES = 1000
+#: Seconds of wall time a store call may take before what it waited through counts as unheard:
+#: a heartbeat sent then waited too, and was stamped with the time it began.
+SLOW_CALL = 5.0
+
+
+class Hearing:
+    """The wall-clock stretches in which a coordinator could not hear heartbeats."""
+
+    def __init__(self, since: float) -> None:
+        #: Nothing was heard before this (the coordinator started serving).
+        self.since = since
+        self._deaf: list[tuple[float, float]] = []  # (start, end), sorted, not overlapping
+        self._down_since: float | None = None  # the store unavailable since, until answered
+
+    @property
+    def store_down(self) -> bool:
+        """The last calls found the store unavailable, and none answered since."""
+        return self._down_since is not None
+
+    def call_failed(self, started: float) -> None:
+        """A call begun at `started` found the store unavailable (refused, or no answer)."""
+        if self._down_since is None or started < self._down_since:
+            self._down_since = started
+
+    def call_answered(self, started: float, ended: float) -> None:
+        """A call begun at `started` was answered at `ended`: the store was available again by
+        then; a slow answer (a stalled store) was unheard time."""
+        if self._down_since is not None and started >= self._down_since:
+            self.deaf(self._down_since, started)
+            self._down_since = None
+        if ended - started > SLOW_CALL:
+            self.deaf(started, ended)
+
+    def deaf(self, start: float, end: float) -> None:
+        """Nothing could be heard from `start` to `end` (a stalled call, a step of the clock)."""
+        if end > start:
+            self._deaf = _merged([*self._deaf, (start, end)])[-MAX_STRETCHES:]
+
+    def silent_before(self, now: float, timeout: float) -> float:
+        """A running job whose last heartbeat is before this time has been silent for `timeout`
+        of the time it could have been heard (-inf: none has yet)."""
+        spans = self._deaf
+        if self._down_since is not None:
+            spans = _merged([*spans, (self._down_since, now)])
+        cursor, need = now, timeout
+        for start, end in reversed(spans):
+            if start >= cursor:
+                continue
+            gap = cursor - min(end, cursor)
+            if gap >= need:
+                return cursor - need
+            need -= gap
+            cursor = start
+        if cursor - self.since >= need:
+            return cursor - need
+        return -math.inf
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`spans` sorted, overlapping ones joined."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
