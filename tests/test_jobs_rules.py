@@ -309,6 +309,13 @@ def test_a_silent_job_times_out_after_heartbeat_timeout_and_is_retried():
     assert new.TryNum == 1 and new.WorkerName == "w1"
 
 
+def test_a_heartbeat_stamped_before_the_last_one_stored_does_not_move_it_back():
+    job = running(T0 + 30)  # heard from at T0 + 30
+    step = apply(job, Heartbeat("w1", lease="L1"), T0 + 10, LIMITS)  # sent at T0 + 10, landed late
+    assert step.effects == (HeartbeatAccepted(job.Id),)
+    assert step.job.HeartbeatAt == int(T0) + 30
+
+
 def test_a_job_is_silent_when_last_heard_before_silent_before_if_that_is_earlier():
     job = running()  # heard from at T0
     assert apply(job, Sweep(silent_before=T0 - 1), T0 + 100, LIMITS).effects == ()

@@ -184,7 +184,8 @@ async def test_a_coordinator_stops_when_told_while_the_store_hangs(proxy, postgr
         assert coordinator.proc is not None
         try:
             proxy.stall()
-            # A call under way, stuck on the store, which its grace cannot end.
+            # A call under way, stuck on the store (this RPC call, or the sweep: either one
+            # held the coordinator until the store came back before).
             client = Client(await trio.open_tcp_stream("127.0.0.1", coordinator.port))
             body = b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","params":[],"id":1}'
             cut = trio.Event()

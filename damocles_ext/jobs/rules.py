@@ -397,7 +397,10 @@ def _heartbeat(job: JobRecord, event: Heartbeat, now: float, limits: JobLimits) 
     if why is not None:
         return Step(job, (Refused(job.Id, "heartbeat", why),))
     t = _seconds(now)
-    return Step(_replace(job, HeartbeatAt=t, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
+    # Never back: a heartbeat stamped before one already stored (it waited through a stall, or
+    # the clock stepped back) says nothing newer.
+    heard = max(job.HeartbeatAt, t)
+    return Step(_replace(job, HeartbeatAt=heard, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
 
 
 def _repeated(job: JobRecord, event: Finish) -> bool:

@@ -563,7 +563,10 @@ class TrioJobStore:
     the limiter that long; and a cancelled call (a deadline, a shutdown) returns at once. Either
     way its thread is left to finish or fail on its own, holding its limiter slot until then, so
     a stuck database holds a few threads, never the caller. Every write is guarded (see the
-    module's docstring): one that lands after it was given up on changes nothing it should not."""
+    module's docstring), so one that lands after it was given up on breaks no rule; but it may
+    still land: an allocation then leaves a job running on a worker that never heard of it,
+    taken back after HeartbeatTimeout at the cost of a try (as when a worker's own call times
+    out), and a late heartbeat never moves a job's HeartbeatAt back."""
 
     def __init__(self, store: JobStore, *, threads: int = 4,
                  clock: Callable[[], float] = time.time,
