@@ -328,7 +328,7 @@ async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_jo
         job, _ = await jobs.create(make_input(proof_type=PROOF))
         await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
         timeouts = TimeOuts()
-        coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
+        coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
         beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
                                     "params": [[job.Id], "worker-a"], "id": 1})  # fmt: skip
         holder = sqlite3.connect(path, isolation_level=None)
@@ -357,7 +357,7 @@ async def test_a_dead_workers_job_is_taken_back_though_the_store_fails_now_and_t
         jobs = TrioJobStore(store, clock=lambda: now[0])
         job, _ = await jobs.create(make_input(proof_type=PROOF))
         await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")  # then worker-a dies
-        coordinator = Coordinator(jobs, monotonic=lambda: now[0])
+        coordinator = Coordinator(jobs, watch_clocks=False)
         beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
                                     "params": [[], "worker-b"], "id": 1})  # fmt: skip
         for _ in range(5):
@@ -388,7 +388,7 @@ class Logged(logging.Handler):
 
 async def test_a_wall_clock_stepping_forward_takes_back_no_job_for_the_step(sqlite_store):
     now = [1_700_000_000.0]
-    steady = [0.0]  # the monotonic clock: it moves with the wall clock, except for the step
+    steady = [0.0]  # the monotonic clock: the step moves the wall clock only
     jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
     job, _ = await jobs.create(make_input(proof_type=PROOF))
     await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
@@ -402,15 +402,38 @@ async def test_a_wall_clock_stepping_forward_takes_back_no_job_for_the_step(sqli
             now[0] += 60  # NTP steps the clock a minute forward: worker-a looks silent
             with trio.fail_after(10):
                 await stepped.seen.wait()
-            await coordinator.sweep_once()  # one more pass, as the loop makes them
-            assert (await jobs.get(job.Id)).State == "running"
-            # Silent for a timeout after the step: taken back.
-            now[0] += 16
-            steady[0] += 16
-            await timeouts.wait()
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # (the passes below are made one by one)
     finally:
         logging.getLogger("damocles_ext.coordinator").removeHandler(stepped)
+    await coordinator.sweep_once()
+    assert (await jobs.get(job.Id)).State == "running"
+    # Silent for a timeout after the step: taken back.
+    now[0] += 16
+    assert rules.TimedOut(job.Id, "worker-a") in (await coordinator.sweep_once()).effects
+
+
+async def test_a_coordinator_that_did_not_run_for_a_while_takes_back_no_job_for_it(sqlite_store):
+    # SIGSTOP, a paused VM: both clocks move on, no pass is made, and the heartbeats sent
+    # meanwhile wait unread while the first pass after it comes first.
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    coordinator = Coordinator(jobs, monotonic=lambda: now[0])
+    stopped = Logged("this coordinator did not run for 40 s")
+    logging.getLogger("damocles_ext.coordinator").addHandler(stopped)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            now[0] += 40  # stopped for 40 s
+            with trio.fail_after(10):
+                await stopped.seen.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("damocles_ext.coordinator").removeHandler(stopped)
+    assert (await jobs.get(job.Id)).State == "running"
+    now[0] += 16  # silent for a timeout after it: taken back
+    assert rules.TimedOut(job.Id, "worker-a") in (await coordinator.sweep_once()).effects
 
 
 async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):
@@ -421,7 +444,7 @@ async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_
     now[0] += 60  # the coordinator was down for a minute: worker-a could not heartbeat
     restarted_at = now[0]
     timeouts = TimeOuts()
-    coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
+    coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(coordinator.sweep_forever, 0.1))  # its first pass is done
         assert (await jobs.get(job.Id)).State == "running"
@@ -447,7 +470,7 @@ async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
         await jobs.create(make_input(proof_type=PROOF))
         [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
         timeouts = TimeOuts()
-        coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: now[0])
+        coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.sweep_forever)  # its first pass: nothing is due
             now[0] += 60  # worker-a went silent past the 2 s timeout

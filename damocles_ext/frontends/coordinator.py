@@ -20,7 +20,7 @@ import trio
 
 from ..jobs import rpc, rules
 from ..jobs.model import JobOutput
-from ..jobs.silence import Hearing
+from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import Outcome, StoreError, TrioJobStore
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
@@ -63,11 +63,14 @@ class Coordinator:
         observe: Callable[[Iterable[rules.Effect]], None] | None = None,
         sector_index: SectorIndex | None = None,
         monotonic: Callable[[], float] | None = None,
+        watch_clocks: bool = True,
     ) -> None:
         self.store = store
         #: The clock that only moves forward (trio's by default), beside the store's wall clock:
-        #: the sweeps see a step of the wall clock by comparing them.
+        #: the sweeps see a step of the wall clock, or a stretch in which this process did not
+        #: run, by comparing them (`watch_clocks`).
         self._monotonic = monotonic
+        self._watch_clocks = watch_clocks
         #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
         self.sector_index = sector_index or SectorIndex()
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
@@ -196,7 +199,7 @@ class Coordinator:
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
-            last = self._watch_clock(last)
+            last = self._watch_clock(last, every)
             try:
                 outcome = await self.sweep_once()
                 self._observed(outcome.effects)
@@ -222,11 +225,21 @@ class Coordinator:
         silent_before = self.hearing.silent_before(self.store.clock(), timeout)
         return await self.store.sweep(silent_before=silent_before)
 
-    def _watch_clock(self, last: tuple[float, float] | None) -> tuple[float, float]:
-        """A wall clock that stepped forward since the last pass would make every running job
-        look silent for the step: that stretch counts as unheard."""
+    def _watch_clock(self, last: tuple[float, float] | None, every: float) -> tuple[float, float]:
+        """A wall clock that stepped forward since the last pass (`every` seconds ago, as
+        planned) would make every running job look silent for the step, and so would a stretch
+        in which this process did not run (SIGSTOP, a paused VM, swapping): the heartbeats sent
+        then wait unread, and this pass comes first. Either stretch counts as unheard."""
         now = ((self._monotonic or trio.current_time)(), self.store.clock())
-        if last is not None:
+        if last is not None and self._watch_clocks:
+            late = (now[0] - last[0]) - every
+            if late > SLOW_CALL:
+                log.warning(
+                    "this coordinator did not run for %.0f s (stopped, or the machine paused or"
+                    " overloaded?): no running job is taken back for that time",
+                    late,
+                )
+                self.hearing.deaf(now[1] - late, now[1])
             step = (now[1] - last[1]) - (now[0] - last[0])
             if step > CLOCK_STEP:
                 log.warning(
