@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 
@@ -385,6 +386,31 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     assert job.Id in line and "cancelled" in line
 
 
+async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(tmp_path):
+    config = tmp_path / "ext-prover.cfg"
+    config.write_text(plugin_block("WdPost", "echo"))
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with trio.fail_after(60):
+        proc = await trio.lowlevel.open_process(
+            [*DEXT, "worker", "--manager", f"127.0.0.1:{port}", "-c", str(config),
+             "--attached", "store-a=/mnt/store-a", "--name", "w9"],
+            env=dext_env(), stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        seen = b""
+        while b"the manager is unreachable" not in seen:  # it waits for it, and says so
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, seen.decode()
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        while chunk := await proc.stderr.receive_some(4096):
+            seen += chunk
+        assert await proc.wait() == 0, seen.decode()
+    assert b"nothing was pulled" in seen and b"Traceback" not in seen, seen.decode()
+
+
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):
     config = tmp_path / "ext-prover.cfg"
     config.write_text(
@@ -437,6 +463,29 @@ async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_o
     [error] = caught.value.exceptions
     assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
     assert worker.counters.allocations == 0
+
+
+async def test_a_split_worker_whose_snark_children_all_gave_up_stops_and_pulls_nothing(
+    rig, tmp_path
+):
+    # Its vanilla children are ready, so it has slots; but no job could be finished here: it
+    # must not take jobs (and their tries) to fail them.
+    crash = "import sys; print('no snark here', file=sys.stderr); sys.exit(3)"
+    config = plugin_block("WdPostVanilla", "echo") + (
+        f"[[WdPostSnark]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
+        "AutoRestart = false\n"
+    )
+    job, _ = await rig.jobs.create(job_input())
+    worker = Worker(rig.settings(children(tmp_path, config)))
+    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            await worker.run()
+    [error] = caught.value.exceptions
+    assert "no WindowPoSt SNARK child can prove any more" in str(error), error
+    assert "'no snark here'" in str(error)
+    assert worker.counters.pulled == 0
+    assert (await rig.jobs.get(job.Id)).State == "ready2run"
 
 
 async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(rig, tmp_path):

@@ -49,6 +49,7 @@ from ..jobs.worker_rules import (
     window_post_task,
     worker_info,
 )
+from ..stages import WINDOW_POST_SPLIT
 from .worker_sectors import job_sector_paths
 from .worker_state import NOT_RUNNING, HeldJob, WorkerCounters
 
@@ -70,6 +71,10 @@ _EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32
 _SLOT_STAGES = ("window_post", "window_post_vanilla")
 #: The states of a child that takes requests.
 _UP = ("ready", "busy")
+
+
+class _StoppedAtStart(Exception):
+    """Told to stop while waiting for the manager at start (its text: while doing what)."""
 
 
 class StopSignal(msgspec.Struct, frozen=True):
@@ -177,9 +182,14 @@ class Worker:
         async with client() as calls, client() as beats, client() as pings:
             self._calls, self._beats, self._pings = calls, beats, pings
             self.manager_url = calls.url
-            if self.name is None:
-                self.name = await self._default_name(endpoint)
-            await self._check_stores()
+            try:
+                if self.name is None:
+                    self.name = await self._default_name(endpoint)
+                await self._check_stores()
+            except _StoppedAtStart as stopped:
+                log.info("stopped %s; nothing was pulled", stopped)
+                task_status.started()  # and returns at once: run_worker sees it done
+                return
             log.info("worker %r pulls WindowPoSt jobs from %s", self.name, calls.url)
             sup_options = {"shutdown_grace": self.settings.shutdown_grace, **self._sup_options}
             sup_options.setdefault("plugin_manager", self.pm)
@@ -251,11 +261,12 @@ class Worker:
                 break
 
     async def _wait_out(self, what: str, backoff: Backoff, during: str) -> None:
-        """Before the run starts: log the outage, wait the backoff; UsageError when stopped."""
+        """Before the run starts: log the outage, wait the backoff; _StoppedAtStart when
+        stopped (a SIGTERM is no error: the worker exits 0, having taken nothing)."""
         self._unreachable(what)
         await self._pause(backoff.next_delay())
         if self.stopping:
-            raise UsageError(f"stopped {during}") from None
+            raise _StoppedAtStart(during)
 
     def _refused_token(self, exc: RpcCallError) -> None:
         if exc.code == rpc.UNAUTHORIZED:
@@ -272,15 +283,23 @@ class Worker:
         return sum(c.capacity for c in self._pool() if c.state in _UP)
 
     def _no_child_can_prove(self) -> str | None:
-        """Why no job could ever be proved here (every child gave up for good), or None."""
-        pool = self._pool()
-        if any(c.state not in ("fatal", "stopped") for c in pool):
-            return None
-        return (
-            "no WindowPoSt child can prove any more ("
-            + "; ".join(f"{c.name} is {c.state}, last: {c.last_exit}" for c in pool)
-            + ")"
-        )
+        """Why no job could ever be proved here (every child of a stage a job needs gave up for
+        good: [[WdPost]], or either split table), or None."""
+        assert self._sup is not None
+        by_stage: dict[str, list[ChildStats]] = {}
+        for c in self._sup.statistics().children:
+            by_stage.setdefault(c.stage, []).append(c)
+        needed = ["window_post"] if "window_post" in by_stage else list(WINDOW_POST_SPLIT)
+        for stage in needed:
+            pool = by_stage.get(stage, [])
+            if pool and all(c.state in ("fatal", "stopped") for c in pool):
+                what = {"window_post_vanilla": " vanilla", "window_post_snark": " SNARK"}
+                return (
+                    f"no WindowPoSt{what.get(stage, '')} child can prove any more ("
+                    + "; ".join(f"{c.name} is {c.state}, last: {c.last_exit}" for c in pool)
+                    + ")"
+                )
+        return None
 
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
@@ -290,14 +309,16 @@ class Worker:
     async def _allocate_loop(self) -> None:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
-            free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
-            want = jobs_to_ask(self.api, free)
-            if want == 0 and self._dead is None:
+            # Looked at before each pull: with the split tables, the vanilla children may take
+            # jobs that no SNARK child could ever finish.
+            if self._dead is None:
                 self._dead = self._no_child_can_prove()
                 if self._dead is not None:
                     log.error("%s; the worker stops", self._dead)
                     self.stop()
                     break
+            free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
+            want = jobs_to_ask(self.api, free)
             if want == 0 or trio.current_time() < self._idle_until:
                 changed = self._changed
                 with trio.move_on_at(self._idle_until if want else math.inf):

@@ -166,6 +166,8 @@ async def run_worker(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(run)
+        if done.is_set():  # stopped before it started (while waiting for its manager)
+            return
         sup = worker.supervisor
         server = None
         if metrics is not None and metrics_server is not None:
