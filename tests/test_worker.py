@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, plugin_block
+from helpers.frontend import DEXT, dext_env, empty_store, plugin_block
 from helpers.post import sectors
 
 from damocles_ext.config import parse_config
@@ -76,7 +76,7 @@ def children(tmp_path, text: str):
 def worker_settings(manager: str, kids, **kw) -> WorkerSettings:
     """A test worker's settings: short heartbeats and backoffs, no pause between jobs."""
     kw.setdefault("name", "gpu-1")
-    kw.setdefault("attached", {"store-a": "/mnt/store-a"})  # the sleep and echo provers read none
+    kw.setdefault("attached", {"store-a": empty_store()})  # the sleep and echo provers read none
     kw.setdefault("heartbeat_interval", 0.2)
     kw.setdefault("idle_poll", 600.0)  # a pause between jobs would fail the test's timeout
     kw.setdefault("retry_base", 0.05)
@@ -395,7 +395,7 @@ async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(t
     with trio.fail_after(60):
         proc = await trio.lowlevel.open_process(
             [*DEXT, "worker", "--manager", f"127.0.0.1:{port}", "-c", str(config),
-             "--attached", "store-a=/mnt/store-a", "--name", "w9"],
+             "--attached", f"store-a={empty_store()}", "--name", "w9"],
             env=dext_env(), stderr=subprocess.PIPE,
         )  # fmt: skip
         assert proc.stderr is not None
@@ -424,7 +424,7 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
             await nursery.start(rig.server.serve)
             proc = await trio.lowlevel.open_process(
                 [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
-                 str(config), "--attached", "store-a=/mnt/store-a", "--name", "w9",
+                 str(config), "--attached", f"store-a={empty_store()}", "--name", "w9",
                  "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
                 env=dext_env(), stderr=subprocess.PIPE,
             )  # fmt: skip
@@ -463,6 +463,24 @@ async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_o
     [error] = caught.value.exceptions
     assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
     assert worker.counters.allocations == 0
+
+
+async def test_a_store_that_is_not_mounted_fails_the_job_instead_of_faulting_every_sector(
+    rig, tmp_path
+):
+    # An empty mountpoint: a prover would find no file and answer every sector faulty, which
+    # damocles-manager declares on chain. The job fails instead, for a worker that has the store.
+    unmounted = tmp_path / "mnt" / "store-a"
+    unmounted.mkdir(parents=True)
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(unmounted)}))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert worker.counters.failed == 1 and done.Output is None
+    assert f"{unmounted}/cache (and 1 more) is not a directory here: is the store mounted" in (
+        done.ErrorReason
+    )
 
 
 async def test_a_split_worker_whose_snark_children_all_gave_up_stops_and_pulls_nothing(

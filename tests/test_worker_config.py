@@ -72,7 +72,8 @@ async def test_a_worker_set_up_by_a_damocles_worker_toml_pulls_and_proves_one_jo
     # The file's Authorization header is the token: a worker without it is refused at start.
     rig.server.token = TOKEN.encode()
     store = tmp_path / "store-a"
-    store.mkdir()
+    for sub in ("sealed", "cache"):  # damocles' layout (its provers here read no file)
+        (store / sub).mkdir(parents=True)
     toml = tmp_path / "damocles-worker.toml"
     toml.write_text(worker_toml(rig.port, store))
     other, _ = await rig.jobs.create(job_input(miner=1001))

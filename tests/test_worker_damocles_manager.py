@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import trio
 from helpers.damocles_manager import KEY_NOT_FOUND, DamoclesManager
-from helpers.frontend import DEXT, dext_env, plugin_block
+from helpers.frontend import DEXT, dext_env, empty_store, plugin_block
 from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.errors import UsageError
@@ -89,7 +89,7 @@ async def test_the_worker_command_pulls_heartbeats_and_finishes_in_damocles_work
     with trio.fail_after(60):
         proc = await trio.lowlevel.open_process(
             [*DEXT, "worker", "--manager", manager.url, "-c", str(config), "--name", "w9",
-             "--attached", "store-a=/mnt/store-a", "--allowed-miners", "1000",
+             "--attached", f"store-a={empty_store()}", "--allowed-miners", "1000",
              "--allowed-sizes", "2KiB", "--heartbeat-interval", "0.2"],
             env=dext_env(), stderr=subprocess.PIPE,
         )  # fmt: skip

@@ -42,16 +42,17 @@ from ..jobs.worker_rules import (
     PulledJob,
     allocate_params,
     failure_of,
+    faults_text,
     finish_verdict,
     free_slots,
     job_output,
     jobs_to_ask,
+    no_child_can_prove,
     window_post_task,
     worker_info,
 )
-from ..stages import WINDOW_POST_SPLIT
-from .worker_sectors import job_sector_paths
-from .worker_state import NOT_RUNNING, HeldJob, WorkerCounters
+from .worker_sectors import job_sector_paths, store_problem
+from .worker_state import NOT_RUNNING, HeldJob, StoppedAtStart, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
@@ -71,10 +72,6 @@ _EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32
 _SLOT_STAGES = ("window_post", "window_post_vanilla")
 #: The states of a child that takes requests.
 _UP = ("ready", "busy")
-
-
-class _StoppedAtStart(Exception):
-    """Told to stop while waiting for the manager at start (its text: while doing what)."""
 
 
 class StopSignal(msgspec.Struct, frozen=True):
@@ -124,6 +121,7 @@ class Worker:
         self._stop = trio.Event()
         self._changed = trio.Event()
         self._outage = Outage()
+        self._look_limiter = trio.CapacityLimiter(4)  # looks at the stores (store_problem)
         self._idle_until = -math.inf
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
@@ -186,7 +184,7 @@ class Worker:
                 if self.name is None:
                     self.name = await self._default_name(endpoint)
                 await self._check_stores()
-            except _StoppedAtStart as stopped:
+            except StoppedAtStart as stopped:
                 log.info("stopped %s; nothing was pulled", stopped)
                 task_status.started()  # and returns at once: run_worker sees it done
                 return
@@ -261,12 +259,12 @@ class Worker:
                 break
 
     async def _wait_out(self, what: str, backoff: Backoff, during: str) -> None:
-        """Before the run starts: log the outage, wait the backoff; _StoppedAtStart when
+        """Before the run starts: log the outage, wait the backoff; StoppedAtStart when
         stopped (a SIGTERM is no error: the worker exits 0, having taken nothing)."""
         self._unreachable(what)
         await self._pause(backoff.next_delay())
         if self.stopping:
-            raise _StoppedAtStart(during)
+            raise StoppedAtStart(during)
 
     def _refused_token(self, exc: RpcCallError) -> None:
         if exc.code == rpc.UNAUTHORIZED:
@@ -283,23 +281,10 @@ class Worker:
         return sum(c.capacity for c in self._pool() if c.state in _UP)
 
     def _no_child_can_prove(self) -> str | None:
-        """Why no job could ever be proved here (every child of a stage a job needs gave up for
-        good: [[WdPost]], or either split table), or None."""
+        """Why no job could ever be proved here (worker_rules.no_child_can_prove), or None."""
         assert self._sup is not None
-        by_stage: dict[str, list[ChildStats]] = {}
-        for c in self._sup.statistics().children:
-            by_stage.setdefault(c.stage, []).append(c)
-        needed = ["window_post"] if "window_post" in by_stage else list(WINDOW_POST_SPLIT)
-        for stage in needed:
-            pool = by_stage.get(stage, [])
-            if pool and all(c.state in ("fatal", "stopped") for c in pool):
-                what = {"window_post_vanilla": " vanilla", "window_post_snark": " SNARK"}
-                return (
-                    f"no WindowPoSt{what.get(stage, '')} child can prove any more ("
-                    + "; ".join(f"{c.name} is {c.state}, last: {c.last_exit}" for c in pool)
-                    + ")"
-                )
-        return None
+        stats = self._sup.statistics()
+        return no_child_can_prove([(c.name, c.stage, c.state, c.last_exit) for c in stats.children])
 
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
@@ -453,13 +438,20 @@ class Worker:
             return None, error
         if faults:  # as a prover answers for sectors it cannot read: the manager drops them
             return JobOutput(proofs=(), faults=tuple(faults)), ""
+        problem = await store_problem(job, paths, self._look_limiter)
+        if problem is not None:
+            log.error("%s", problem)
+            return None, problem
         assert self._sup is not None
         try:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
             log.warning("job %s: no proof: %s", job.Id, exc)
             return None, str(exc)
-        return job_output(answer), ""  # type: ignore[arg-type]
+        output = job_output(answer)  # type: ignore[arg-type]
+        if output.faults:
+            log.warning("%s", faults_text(job, output.faults))
+        return output, ""
 
     async def _deliver(self, held: HeldJob, output: JobOutput | None, error: str) -> None:
         """Send the result until the manager takes it, refuses it, or it is too late."""

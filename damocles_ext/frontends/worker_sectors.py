@@ -13,10 +13,14 @@ proving window. Without `--proxy`, a store not attached fails the job, as before
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import trio
+
 from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
+from ..sectors.files import in_thread
 
 if TYPE_CHECKING:
     import pluggy
@@ -71,3 +75,38 @@ async def job_sector_paths(
                 log.warning("job %s: %s is a fault: %s", job.Id, ref, answer.detail)
                 faults.append(ref.number)
     return paths, faults
+
+
+#: Seconds the look at a job's store directories may take (a stalled mount fails the job).
+STORE_LOOK_TIMEOUT = 30.0
+
+
+def _missing_dirs(paths: list[tuple[str, str]]) -> list[str]:
+    """The directories holding the sectors' files that are not directories here (blocking)."""
+    dirs = sorted({os.path.dirname(p) for pair in paths for p in pair if p})
+    return [d for d in dirs if not os.path.isdir(d)]
+
+
+async def store_problem(
+    job: PulledJob, paths: list[tuple[str, str]], limiter: trio.CapacityLimiter
+) -> str | None:
+    """Why `job` must not be proved here, or None: a directory its sectors' files should be in
+    (a store's sealed/, cache/, update/ ...) is missing, so the store is not mounted, or
+    attached at the wrong path. Proving would answer every sector on it faulty, and
+    damocles-manager would declare them faulty on chain; failing the job lets a worker that
+    has the store prove it. A sector whose own file is missing stays a fault."""
+    try:
+        missing = await in_thread(_missing_dirs, paths, limiter=limiter, timeout=STORE_LOOK_TIMEOUT)
+    except TimeoutError:
+        return (
+            f"job {job.Id}: its sectors' stores did not answer within {STORE_LOOK_TIMEOUT:g} s"
+            " (a stalled mount?); not proved here"
+        )
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return (
+        f"job {job.Id}: {missing[0]}{more} is not a directory here: is the store mounted, and"
+        " attached at the right path (--attached)? Not proved here, rather than answering every"
+        " sector in it faulty"
+    )

@@ -11,11 +11,12 @@ Sans-IO: no clock (times come in as arguments), no socket, no file.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
 
+from ..stages import WINDOW_POST_SPLIT
 from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 
 # Lives beside SECTOR_SIZES; kept importable from here, with the other rules.
@@ -283,3 +284,32 @@ def window_post_task(job: PulledJob, paths: list[tuple[str, str]]) -> WindowPoSt
 def job_output(output: WindowPoStOutput) -> JobOutput:
     """The job's Output from a child's answer: the proofs, and the faulty sectors."""
     return JobOutput(proofs=tuple(output.proofs), faults=tuple(output.faults))
+
+
+def no_child_can_prove(children: Sequence[tuple[str, str, str, str | None]]) -> str | None:
+    """Why no job could ever be proved by these children ((name, stage, state, last exit)
+    each), or None: every child of a stage a job needs gave up for good ([[WdPost]], or either
+    split table: vanilla steps no SNARK child could finish must not be pulled)."""
+    by_stage: dict[str, list[tuple[str, str, str, str | None]]] = {}
+    for child in children:
+        by_stage.setdefault(child[1], []).append(child)
+    needed = ["window_post"] if "window_post" in by_stage else list(WINDOW_POST_SPLIT)
+    for stage in needed:
+        pool = by_stage.get(stage, [])
+        if pool and all(state in ("fatal", "stopped") for _, _, state, _ in pool):
+            what = {"window_post_vanilla": " vanilla", "window_post_snark": " SNARK"}
+            return (
+                f"no WindowPoSt{what.get(stage, '')} child can prove any more ("
+                + "; ".join(f"{name} is {state}, last: {last}" for name, _, state, last in pool)
+                + ")"
+            )
+    return None
+
+
+def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
+    """The log line for a proof that found some of the job's sectors faulty."""
+    shown = ", ".join(map(str, faults[:20])) + (" ..." if len(faults) > 20 else "")
+    return (
+        f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty"
+        f" (their files cannot be read here): {shown}"
+    )

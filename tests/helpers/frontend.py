@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -387,3 +390,19 @@ class CoordinatorProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+
+_EMPTY_STORE: list[str] = []
+
+
+def empty_store() -> str:
+    """A store in damocles' layout with no sector in it (sealed/, cache/, update/, update-cache/
+    made), made once per test session: the store a worker attaches for the test provers that
+    read no file (a worker refuses a job whose sectors' directories are missing)."""
+    if not _EMPTY_STORE:
+        root = Path(tempfile.mkdtemp(prefix="dext-store-")) / "store-a"
+        for sub in ("sealed", "cache", "update", "update-cache"):
+            (root / sub).mkdir(parents=True)
+        atexit.register(shutil.rmtree, root.parent, True)
+        _EMPTY_STORE.append(str(root))
+    return _EMPTY_STORE[0]
