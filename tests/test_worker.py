@@ -519,6 +519,31 @@ async def test_a_token_the_coordinator_refuses_stops_the_worker_at_start(rig, tm
             nursery.cancel_scope.cancel()
 
 
+async def test_a_token_refused_while_running_stops_the_worker_instead_of_retrying_for_ever(
+    rig, tmp_path
+):
+    # The coordinator restarted with another token: every heartbeat and the finish are refused.
+    # The worker stops (exit 2 from the command), having said why, rather than retrying until
+    # the job's deadline or its lifetime while the coordinator times the job out.
+    rig.server.token = b"the-right-one"
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, token="the-right-one", shutdown_grace=0.3))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            with pytest.RaisesGroup(
+                pytest.RaisesExc(UsageError, match="refused this worker's token: the bearer token"),
+                flatten_subgroups=True,
+            ):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(worker.run)
+                    await worker.wait_for(lambda: job.Id in worker.held)
+                    rig.server.token = b"another-one"
+            nursery.cancel_scope.cancel()
+    assert worker.counters.delivered == 0
+
+
 async def test_the_default_name_is_the_local_address_that_reaches_the_manager():
     assert await local_address_towards(Endpoint("127.0.0.1", 1789)) == "127.0.0.1"
 

@@ -31,7 +31,13 @@ from .. import __version__
 from ..api import open_supervisor
 from ..errors import ProverError, UsageError
 from ..jobs import rpc
-from ..jobs.client import RpcCallError, RpcClient, RpcClientError, RpcConnectionError
+from ..jobs.client import (
+    RpcCallError,
+    RpcClient,
+    RpcClientError,
+    RpcConnectionError,
+    local_address_towards,
+)
 from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.worker_rules import (
     Api,
@@ -52,7 +58,7 @@ from ..jobs.worker_rules import (
     worker_info,
 )
 from .worker_sectors import job_sector_paths, store_problem
-from .worker_state import NOT_RUNNING, HeldJob, StoppedAtStart, WorkerCounters
+from .worker_state import NOT_RUNNING, HeldJob, StoppedAtStart, StopSignal, WorkerCounters
 
 if TYPE_CHECKING:
     import pluggy
@@ -72,26 +78,6 @@ _EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32
 _SLOT_STAGES = ("window_post", "window_post_vanilla")
 #: The states of a child that takes requests.
 _UP = ("ready", "busy")
-
-
-class StopSignal(msgspec.Struct, frozen=True):
-    """One entry of Dext.HeartbeatJobs' answer: a job to stop, and why."""
-
-    Id: str
-    Reason: str
-    Message: str = ""
-
-
-async def local_address_towards(endpoint: Endpoint) -> str:
-    """The address of the local interface that reaches `endpoint` (damocles-worker's default
-    worker name): a UDP socket is connected to it, which picks a route and sends nothing."""
-    infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=trio.socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"{endpoint.host} has no address")
-    family, kind, proto, _, address = infos[0]
-    with trio.socket.socket(family, kind, proto) as sock:
-        await sock.connect(address)
-        return str(sock.getsockname()[0])
 
 
 class Worker:
@@ -125,6 +111,7 @@ class Worker:
         self._idle_until = -math.inf
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
+        self._refused: str | None = None  # why the manager refused our token while running
         self._address: str | None = None  # the local address that reaches the manager
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -217,6 +204,8 @@ class Worker:
                 f"{self._dead}; their stderr above says why: fix their [[WdPost]] tables and"
                 " start the worker again"
             )
+        if self._refused is not None:
+            raise UsageError(f"the manager refused this worker's token: {self._refused}")
 
     async def _default_name(self, endpoint: Endpoint) -> str:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
@@ -267,8 +256,15 @@ class Worker:
             raise StoppedAtStart(during)
 
     def _refused_token(self, exc: RpcCallError) -> None:
-        if exc.code == rpc.UNAUTHORIZED:
+        """A refused token: a UsageError at start; once running, the worker stops (exit 2)."""
+        if exc.code != rpc.UNAUTHORIZED:
+            return
+        if self._sup is None:
             raise UsageError(f"the manager refused this worker's token: {exc.message}") from None
+        if self._refused is None:
+            self._refused = exc.message
+            log.error("the manager refuses this worker's token now (%s): it stops", exc.message)
+            self.stop()
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -473,6 +469,7 @@ class Worker:
                 failure, reason = Failure.UNREACHABLE, str(exc)
             except RpcCallError as exc:
                 self._answered()
+                self._refused_token(exc)  # (a refusal: the result is given up below)
                 api = Api.VENUS if job.Lease is None else Api.DEXT
                 failure, reason = failure_of(api, exc.code), exc.message
             except RpcClientError as exc:
@@ -596,6 +593,8 @@ class Worker:
             self._unreachable(str(exc))
             return
         except RpcClientError as exc:
+            if isinstance(exc, RpcCallError):
+                self._refused_token(exc)
             log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
             return
         self._answered()
@@ -615,8 +614,11 @@ class Worker:
         except RpcConnectionError as exc:
             self._unreachable(str(exc))
             return
-        except RpcCallError:
+        except RpcCallError as exc:
             self._answered()
+            self._refused_token(exc)
+            if self._refused is not None:
+                return
         except RpcClientError as exc:
             log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import trio
 
 from ..jobs.rules import STOP_REASONS
@@ -16,6 +17,14 @@ from ..jobs.worker_rules import PulledJob
 NOT_RUNNING = "not_running"
 #: Every reason the worker counts a job taken back by (`WorkerCounters.stopped_by`).
 LOST_REASONS = (*STOP_REASONS, NOT_RUNNING)
+
+
+class StopSignal(msgspec.Struct, frozen=True):
+    """One entry of Dext.HeartbeatJobs' answer: a job to stop, and why."""
+
+    Id: str
+    Reason: str
+    Message: str = ""
 
 
 class StoppedAtStart(Exception):

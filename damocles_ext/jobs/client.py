@@ -289,3 +289,15 @@ class RpcClient:
         else:  # the server said Connection: close, or we did not send it all
             await self.aclose()
         return status, b"".join(chunks)
+
+
+async def local_address_towards(endpoint: Endpoint) -> str:
+    """The address of the local interface that reaches `endpoint` (damocles-worker's default
+    worker name): a UDP socket is connected to it, which picks a route and sends nothing."""
+    infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=trio.socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{endpoint.host} has no address")
+    family, kind, proto, _, address = infos[0]
+    with trio.socket.socket(family, kind, proto) as sock:
+        await sock.connect(address)
+        return str(sock.getsockname()[0])

@@ -74,8 +74,8 @@ def failure_of(api: Api, code: int | None) -> Failure:
         return Failure.UNREACHABLE
     if code == rpc.METHOD_NOT_FOUND:
         return Failure.NO_METHOD
-    if code == rpc.REFUSED or (api is Api.VENUS and code == rpc.METHOD_ERROR):
-        return Failure.REFUSED
+    if code in (rpc.REFUSED, rpc.UNAUTHORIZED) or (api is Api.VENUS and code == rpc.METHOD_ERROR):
+        return Failure.REFUSED  # (a refused token: no call will get through, the worker stops)
     return Failure.ERROR
 
 
