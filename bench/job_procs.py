@@ -186,6 +186,10 @@ class WorkerProcess:
                  config: str = ECHO_CONFIG, options: tuple[str, ...] = ()) -> None:  # fmt: skip
         path = tmp / f"{name}.cfg"
         path.write_text(config)
+        # The store in damocles' layout, empty (the echo children read no file): a worker
+        # refuses a job whose sectors' directories are missing (an unmounted store).
+        for sub in ("sealed", "cache"):
+            (store / sub).mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log: list[str] = []
         self.events: list[tuple[str, str, float]] = []  # (what, job id, when)

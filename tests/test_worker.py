@@ -483,6 +483,31 @@ async def test_a_store_that_is_not_mounted_fails_the_job_instead_of_faulting_eve
     )
 
 
+async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhere(rig, tmp_path):
+    # Its child answers every request with an error at once (a broken GPU, a lock file it
+    # cannot take): without a pause it would take every job, and spend its tries, in seconds.
+    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(5)]
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    worker = Worker(rig.settings(kids))
+    await run_until(rig, worker, lambda: worker.counters.pauses == 1)
+    assert worker.counters.pulled == 3  # Breaker's limit, then no more
+    states = [(await rig.jobs.get(i)).State for i in ids]
+    assert states.count("ready2run") >= 2, states  # left for other workers
+
+
+def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():
+    from damocles_ext.jobs.worker_rules import Breaker
+
+    breaker = Breaker(limit=3, pause=30, max_pause=100)
+    assert [breaker.outcome(True, 0) for _ in range(2)] == [None, None]
+    assert breaker.outcome(False, 0) is None  # a proof: the count starts again
+    assert [breaker.outcome(True, 10) for _ in range(3)] == [None, None, 40]
+    assert [breaker.outcome(True, 50) for _ in range(3)] == [None, None, 110]  # doubled
+    assert [breaker.outcome(True, 200) for _ in range(3)] == [None, None, 300]  # at most 100
+    breaker.outcome(False, 300)
+    assert [breaker.outcome(True, 400) for _ in range(3)] == [None, None, 430]
+
+
 async def test_a_split_worker_whose_snark_children_all_gave_up_stops_and_pulls_nothing(
     rig, tmp_path
 ):

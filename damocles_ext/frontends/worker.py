@@ -42,6 +42,7 @@ from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.worker_rules import (
     Api,
     Backoff,
+    Breaker,
     Failure,
     FinishVerdict,
     Outage,
@@ -103,15 +104,15 @@ class Worker:
         self.manager_url = settings.manager  # the RPC URL once the run starts
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
-        self.stopping = False
-        self._stop = trio.Event()
-        self._changed = trio.Event()
+        self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage = Outage()
         self._look_limiter = trio.CapacityLimiter(4)  # looks at the stores (store_problem)
-        self._idle_until = -math.inf
+        self._idle_until = self._paused_until = -math.inf
+        self._breaker = Breaker()  # jobs failing here in a row: a pause
         self._sup: Supervisor | None = None
-        self._dead: str | None = None  # why no child can prove any more
-        self._refused: str | None = None  # why the manager refused our token while running
+        # Why no child can prove any more; why the manager refused our token while running.
+        self._dead: str | None = None
+        self._refused: str | None = None
         self._address: str | None = None  # the local address that reaches the manager
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -248,8 +249,7 @@ class Worker:
                 break
 
     async def _wait_out(self, what: str, backoff: Backoff, during: str) -> None:
-        """Before the run starts: log the outage, wait the backoff; StoppedAtStart when
-        stopped (a SIGTERM is no error: the worker exits 0, having taken nothing)."""
+        """Before the run starts: log the outage, wait the backoff; StoppedAtStart if stopped."""
         self._unreachable(what)
         await self._pause(backoff.next_delay())
         if self.stopping:
@@ -278,9 +278,8 @@ class Worker:
 
     def _no_child_can_prove(self) -> str | None:
         """Why no job could ever be proved here (worker_rules.no_child_can_prove), or None."""
-        assert self._sup is not None
-        stats = self._sup.statistics()
-        return no_child_can_prove([(c.name, c.stage, c.state, c.last_exit) for c in stats.children])
+        children = self.supervisor.statistics().children
+        return no_child_can_prove([(c.name, c.stage, c.state, c.last_exit) for c in children])
 
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
@@ -290,8 +289,7 @@ class Worker:
     async def _allocate_loop(self) -> None:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
-            # Looked at before each pull: with the split tables, the vanilla children may take
-            # jobs that no SNARK child could ever finish.
+            # Before each pull: split vanilla children may take jobs no SNARK child can finish.
             if self._dead is None:
                 self._dead = self._no_child_can_prove()
                 if self._dead is not None:
@@ -300,9 +298,10 @@ class Worker:
                     break
             free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
-            if want == 0 or trio.current_time() < self._idle_until:
+            until = max(self._idle_until, self._paused_until)
+            if want == 0 or trio.current_time() < until:
                 changed = self._changed
-                with trio.move_on_at(self._idle_until if want else math.inf):
+                with trio.move_on_at(until if want else math.inf):
                     await changed.wait()
                 if want and trio.current_time() >= self._idle_until:
                     self._idle_until = -math.inf
@@ -350,8 +349,7 @@ class Worker:
                 self._idle(self.settings.idle_poll)
             self._touch()
 
-    def _idle(self, seconds: float) -> None:
-        """Ask again after `seconds`, or sooner when one of our jobs ends."""
+    def _idle(self, seconds: float) -> None:  # ask again then, or when one of our jobs ends
         self._idle_until = trio.current_time() + seconds
 
     async def _pause(self, seconds: float) -> None:
@@ -401,6 +399,9 @@ class Worker:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
             output, error = await self._proof_of(held)
+            if (until := self._breaker.outcome(bool(error), trio.current_time())) is not None:
+                self._paused_until, self.counters.pauses = until, self.counters.pauses + 1
+                log.error("%s", self._breaker.text(error, until - trio.current_time()))
             held.state = "finishing"
             self._touch()
             await self._deliver(held, output, error)

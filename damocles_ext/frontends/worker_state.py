@@ -56,6 +56,7 @@ class WorkerCounters:
     pings: int = 0  # Venus.WorkerPing calls the manager took
     empty_allocations: int = 0  # of the allocations, those that gave no job
     finish_retries: int = 0  # finish calls that did not get a result taken (sent again or not)
+    pauses: int = 0  # pauses taken after jobs failed here in a row (worker_rules.Breaker)
     stopped_by: dict[str, int] = field(default_factory=dict)  # `stopped` by the manager's reason
     #: Called with each heartbeat call's round trip in seconds (the metrics' histogram).
     on_heartbeat: Callable[[float], None] | None = None

@@ -313,3 +313,34 @@ def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
         f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty"
         f" (their files cannot be read here): {shown}"
     )
+
+
+class Breaker:
+    """Jobs failing here one after another (a child that fails at once, a broken GPU, a lock
+    file it cannot take): after `limit` failures in a row the worker takes no job for `pause`
+    seconds, doubling up to `max_pause` while they go on, so that its jobs go to other workers
+    instead of spending their tries here. A proof (or faults) resets it."""
+
+    def __init__(self, limit: int = 3, pause: float = 30.0, max_pause: float = 600.0) -> None:
+        self.limit, self.first_pause, self.max_pause = limit, pause, max_pause
+        self.in_a_row = 0
+        self._pause = pause
+
+    def outcome(self, failed: bool, now: float) -> float | None:
+        """One job's outcome at `now`; when a pause starts, the time it ends."""
+        if not failed:
+            self.in_a_row, self._pause = 0, self.first_pause
+            return None
+        self.in_a_row += 1
+        if self.in_a_row < self.limit:
+            return None
+        self.in_a_row = 0  # the next `limit` failures after the pause start the next one
+        pause, self._pause = self._pause, min(self._pause * 2, self.max_pause)
+        return now + pause
+
+    def text(self, error: str, seconds: float) -> str:
+        """The log line of a pause of `seconds` after `error`, the last failure."""
+        return (
+            f"{self.limit} jobs failed here in a row (last: {error}); taking no job for"
+            f" {seconds:.0f} s, so that other workers take them"
+        )
