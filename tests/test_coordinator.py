@@ -394,7 +394,7 @@ async def test_a_wall_clock_stepping_forward_takes_back_no_job_for_the_step(sqli
     await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
     timeouts = TimeOuts()
     coordinator = Coordinator(jobs, observe=timeouts, monotonic=lambda: steady[0])
-    stepped = Logged("the wall clock stepped forward by 60 s since the last sweep")
+    stepped = Logged("the wall clock stepped forward by 60 s (set by NTP")
     logging.getLogger("damocles_ext.coordinator").addHandler(stepped)
     try:
         async with trio.open_nursery() as nursery:

@@ -234,20 +234,16 @@ class Coordinator:
         if last is not None and self._watch_clocks:
             late = (now[0] - last[0]) - every
             if late > SLOW_CALL:
-                log.warning(
-                    "this coordinator did not run for %.0f s (stopped, or the machine paused or"
-                    " overloaded?): no running job is taken back for that time",
-                    late,
+                why = "the machine paused or overloaded?"
+                self._unheard(
+                    late, now[1], f"this coordinator did not run for {late:.0f} s ({why})"
                 )
-                self.hearing.deaf(now[1] - late, now[1])
             step = (now[1] - last[1]) - (now[0] - last[0])
             if step > CLOCK_STEP:
-                log.warning(
-                    "the wall clock stepped forward by %.0f s since the last sweep (set by NTP, or"
-                    " the machine was suspended?): no running job is taken back for that step",
-                    step,
+                why = "set by NTP, or the machine was suspended?"
+                self._unheard(
+                    step, now[1], f"the wall clock stepped forward by {step:.0f} s ({why})"
                 )
-                self.hearing.deaf(now[1] - step, now[1])
             elif step < -CLOCK_STEP:
                 log.warning(
                     "the wall clock stepped back by %.0f s since the last sweep: a silent worker's"
@@ -255,6 +251,10 @@ class Coordinator:
                     -step,
                 )
         return now
+
+    def _unheard(self, seconds: float, now: float, what: str) -> None:
+        log.warning("%s: no running job is taken back for that time", what)
+        self.hearing.deaf(now - seconds, now)
 
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
