@@ -127,7 +127,10 @@ def test_live_socket_is_not_taken_over(sock_dir: Path):
     path = sock_dir / "control.sock"
     first = bind_control_socket(path)
     try:
-        with pytest.raises(UsageError, match=f"another damocles-ext run is listening on {path}"):
+        with pytest.raises(
+            UsageError,
+            match=re.escape(f"another damocles-ext (run or worker) is listening on {path}"),
+        ):
             bind_control_socket(path)
     finally:
         first.close()
@@ -455,7 +458,10 @@ async def test_second_run_on_a_live_socket_exits_2(tmp_path, sock_dir):
         with trio.fail_after(30):
             second = await dext_run_async("run", "-c", str(cfg), "--socket", str(path))
             assert second.returncode == 2
-            assert f"another damocles-ext run is listening on {path}".encode() in second.stderr
+            assert (
+                f"another damocles-ext (run or worker) is listening on {path}".encode()
+                in second.stderr
+            )
             run.send_signal(signal.SIGTERM)
             assert await run.wait() == 0, log.text()
 

@@ -225,8 +225,8 @@ def _clear_old_socket(path: Path) -> None:
         )
     if _someone_listening(path):
         raise UsageError(
-            f"another damocles-ext run is listening on {path}; stop it first or choose another"
-            " path with --socket"
+            f"another damocles-ext (run or worker) is listening on {path}; stop it first or"
+            " choose another path with --socket"
         )
     log.info("removing stale control socket %s (nobody is listening on it)", path)
     os.unlink(path)
