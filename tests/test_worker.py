@@ -386,6 +386,38 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     assert job.Id in line and "cancelled" in line
 
 
+async def test_a_second_sigterm_stops_the_worker_command_at_once_naming_the_jobs_it_held(
+    rig, tmp_path
+):
+    config = tmp_path / "ext-prover.cfg"
+    config.write_text(plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    job, _ = await rig.jobs.create(job_input())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            proc = await trio.lowlevel.open_process(
+                [*DEXT, "worker", "--manager", f"127.0.0.1:{rig.port}", "-c", str(config),
+                 "--attached", f"store-a={empty_store()}", "--name", "w9"],
+                env=dext_env(), stderr=subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stderr is not None
+            seen = b""
+            for mark, then in ((f"job {job.Id}: pulled", signal.SIGTERM),
+                               ("shutting down gracefully", signal.SIGTERM)):  # fmt: skip
+                while mark.encode() not in seen:
+                    chunk = await proc.stderr.receive_some(4096)
+                    assert chunk, seen.decode()
+                    seen += chunk
+                proc.send_signal(then)
+            while chunk := await proc.stderr.receive_some(4096):
+                seen += chunk
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+    text = seen.decode()
+    assert "stopping at once: the manager gives the 1 jobs held here" in text, text
+    assert job.Id in text.split("stopping at once", 1)[1] and "Traceback" not in text
+
+
 async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(tmp_path):
     config = tmp_path / "ext-prover.cfg"
     config.write_text(plugin_block("WdPost", "echo"))

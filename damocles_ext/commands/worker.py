@@ -248,7 +248,20 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_signals, signals, nursery.cancel_scope, worker.stop, log)
+
+                def at_once() -> None:  # a second signal: the jobs held are left, named
+                    if worker.held:
+                        log.warning(
+                            "stopping at once: the manager gives the %d jobs held here to"
+                            " another worker after its heartbeat timeout: %s",
+                            len(worker.held),
+                            ", ".join(worker.held),
+                        )
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(
+                    watch_signals, signals, nursery.cancel_scope, worker.stop, log, at_once
+                )
                 await run_worker(
                     worker, sock=sock, limits={}, metrics=metrics, metrics_server=metrics_server
                 )
