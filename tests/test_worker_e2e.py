@@ -50,7 +50,10 @@ CONCURRENT = 16  # the Concurrent of damocles-manager's ext-prover entry: reques
 # The requests go in three bursts: the second once the killed and the stopped worker's jobs were
 # proved elsewhere, the third once the coordinator is back; so each event meets running jobs.
 BURSTS = (90, 60, 50)
-HEARTBEAT_TIMEOUT = "3s"
+# Short, so that the killed and stopped workers' jobs move on quickly; 12 heartbeats of the
+# workers (every 0.5 s) long, so that a live worker's job is not taken back while a 2-core CI
+# machine, proving on every core, delays them (at 3 s, 6 heartbeats, it once was).
+HEARTBEAT_TIMEOUT = "6s"
 SLOW_ROWS = 14  # tree rows the slow copies do not keep: each proof rebuilds them
 FAST, KILLED, STOPPED = "gpu-fast", "gpu-killed", "gpu-stopped"
 # Bounds against a hang, not timings: on a loaded 2-core machine the whole run takes minutes.
