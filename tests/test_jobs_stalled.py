@@ -43,11 +43,17 @@ async def proxy(postgres_server, nursery):
         proxy.resume()  # what is left waiting on it finishes
 
 
-async def start_serve(nursery, url: str, *args: str) -> ManagerLike:
-    argv = [*DEXT, "serve", "window_post", "--jobs", url, *args]
-    return await ManagerLike.start(
+async def serve_a_job(nursery, proxy, postgres_url, tmp_path, *args: str):
+    """`serve window_post --jobs` through the proxy, polling every 0.2 s, with a request whose
+    job it made: (serve, the request's id, the job's id)."""
+    root, task, job_id = task_in_store_a(tmp_path)
+    argv = [*DEXT, "serve", "window_post", "--jobs", proxy.url(postgres_url), "--store",
+            f"a={root}", "--poll-interval", "0.2", *args]  # fmt: skip
+    m = await ManagerLike.start(
         nursery, argv, "window_post", stderr=subprocess.PIPE, ready_timeout=30
     )
+    await m.wait_log("serving window_post through the job store")  # its signals are handled
+    return m, await send_until_created(m, task, job_id), job_id
 
 
 async def test_a_call_the_store_does_not_answer_fails_after_its_timeout_and_a_cancelled_one_returns(
@@ -115,11 +121,9 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
 async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
     proxy, postgres_url, tmp_path
 ):
-    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
-        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
-                              "--deadline-after", "4s", "--poll-interval", "0.2")  # fmt: skip
-        request_id = await send_until_created(m, task, job_id)
+        m, request_id, job_id = await serve_a_job(nursery, proxy, postgres_url, tmp_path,
+                                                  "--deadline-after", "4s")  # fmt: skip
         proxy.stall()
         # Answered while the store still hangs: at the deadline, or LATE_LOOK after it.
         with trio.fail_after(4 + LATE_LOOK + 20):
@@ -136,11 +140,9 @@ async def test_a_job_finished_before_its_deadline_and_read_just_after_it_is_stil
 ):
     # The look that would find it finished is slow (the store stalled across the deadline, for
     # less than LATE_LOOK): the request gets the proof, not a complaint about the store.
-    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
-        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
-                              "--deadline-after", "4s", "--poll-interval", "0.2")  # fmt: skip
-        request_id = await send_until_created(m, task, job_id)
+        m, request_id, job_id = await serve_a_job(nursery, proxy, postgres_url, tmp_path,
+                                                  "--deadline-after", "4s")  # fmt: skip
         deadline = trio.current_time() + 4  # (a little later than serve's own)
         proxy.stall()
         with trio.fail_after(10):
@@ -158,12 +160,9 @@ async def test_a_job_finished_before_its_deadline_and_read_just_after_it_is_stil
 async def test_serve_stops_at_a_second_signal_while_the_store_hangs_answering_every_request(
     proxy, postgres_url, tmp_path
 ):
-    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
-        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
-                              "--poll-interval", "0.2", "--shutdown-grace", "60")  # fmt: skip
-        await m.wait_log("serving window_post through the job store")
-        request_id = await send_until_created(m, task, job_id)
+        m, request_id, _ = await serve_a_job(nursery, proxy, postgres_url, tmp_path,
+                                             "--shutdown-grace", "60")  # fmt: skip
         proxy.stall()
         m.process.send_signal(signal.SIGTERM)
         await m.wait_log("SIGTERM: shutting down gracefully")
@@ -212,12 +211,10 @@ async def test_a_coordinator_stops_when_told_while_the_store_hangs(proxy, postgr
 async def test_a_store_down_until_the_deadline_is_answered_at_it_not_a_backoff_later(
     proxy, postgres_url, tmp_path
 ):
-    root, task, job_id = task_in_store_a(tmp_path)
     async with trio.open_nursery() as nursery:
         # Backoffs of 0.5, 1, 2 and 4 s take 7.5 s; the next one (8 s) would end at 15.5 s.
-        m = await start_serve(nursery, proxy.url(postgres_url), "--store", f"a={root}",
-                              "--deadline-after", "9s", "--poll-interval", "0.2")  # fmt: skip
-        request_id = await send_until_created(m, task, job_id)
+        m, request_id, _ = await serve_a_job(nursery, proxy, postgres_url, tmp_path,
+                                             "--deadline-after", "9s")  # fmt: skip
         sent = trio.current_time()
         proxy.cut()
         with trio.fail_after(30):

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -175,6 +176,49 @@ async def serving(rig: Rig, worker: Worker):
             yield
             await running.stop()
             nursery.cancel_scope.cancel()
+
+
+async def drive_worker_command(
+    manager: str, config: Path, steps: list[tuple[str, int]], *extra: str
+) -> tuple[int, str]:
+    """`damocles-ext worker` (store-a attached, named w9) against `manager`: for each (mark,
+    signal) of `steps`, wait for `mark` on its stderr, then send `signal`; its exit code and
+    all it wrote to stderr."""
+    proc = await trio.lowlevel.open_process(
+        [*DEXT, "worker", "--manager", manager, "-c", str(config),
+         "--attached", f"store-a={empty_store()}", "--name", "w9", *extra],
+        env=dext_env(), stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    for mark, signum in steps:
+        while mark.encode() not in seen:
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, seen.decode()
+            seen += chunk
+        proc.send_signal(signum)
+    while chunk := await proc.stderr.receive_some(4096):
+        seen += chunk
+    return await proc.wait(), seen.decode()
+
+
+def crashing_table(table: str, says: str) -> str:
+    """A table whose child writes `says` on stderr and exits before it is ready, not restarted."""
+    crash = f"import sys; print({says!r}, file=sys.stderr); sys.exit(3)"
+    return (
+        f"[[{table}]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
+        "AutoRestart = false\n"
+    )
+
+
+async def run_until_it_gives_up(rig: Rig, worker: Worker) -> ProverError:
+    """Run the worker against the rig until it stops with the ProverError it raises."""
+    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            await worker.run()
+    [error] = caught.value.exceptions
+    return error
 
 
 async def run_until(rig: Rig, worker: Worker, condition) -> None:
@@ -395,25 +439,10 @@ async def test_a_second_sigterm_stops_the_worker_command_at_once_naming_the_jobs
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(rig.server.serve)
-            proc = await trio.lowlevel.open_process(
-                [*DEXT, "worker", "--manager", f"127.0.0.1:{rig.port}", "-c", str(config),
-                 "--attached", f"store-a={empty_store()}", "--name", "w9"],
-                env=dext_env(), stderr=subprocess.PIPE,
-            )  # fmt: skip
-            assert proc.stderr is not None
-            seen = b""
-            for mark, then in ((f"job {job.Id}: pulled", signal.SIGTERM),
-                               ("shutting down gracefully", signal.SIGTERM)):  # fmt: skip
-                while mark.encode() not in seen:
-                    chunk = await proc.stderr.receive_some(4096)
-                    assert chunk, seen.decode()
-                    seen += chunk
-                proc.send_signal(then)
-            while chunk := await proc.stderr.receive_some(4096):
-                seen += chunk
-            await proc.wait()
+            steps = [(f"job {job.Id}: pulled", signal.SIGTERM),
+                     ("shutting down gracefully", signal.SIGTERM)]  # fmt: skip
+            _, text = await drive_worker_command(f"127.0.0.1:{rig.port}", config, steps)
             nursery.cancel_scope.cancel()
-    text = seen.decode()
     assert "stopping at once: the manager gives the 1 jobs held here" in text, text
     assert job.Id in text.split("stopping at once", 1)[1] and "Traceback" not in text
 
@@ -425,22 +454,11 @@ async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with trio.fail_after(60):
-        proc = await trio.lowlevel.open_process(
-            [*DEXT, "worker", "--manager", f"127.0.0.1:{port}", "-c", str(config),
-             "--attached", f"store-a={empty_store()}", "--name", "w9"],
-            env=dext_env(), stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stderr is not None
-        seen = b""
-        while b"the manager is unreachable" not in seen:  # it waits for it, and says so
-            chunk = await proc.stderr.receive_some(4096)
-            assert chunk, seen.decode()
-            seen += chunk
-        proc.send_signal(signal.SIGTERM)
-        while chunk := await proc.stderr.receive_some(4096):
-            seen += chunk
-        assert await proc.wait() == 0, seen.decode()
-    assert b"nothing was pulled" in seen and b"Traceback" not in seen, seen.decode()
+        # It waits for the manager, and says so.
+        steps = [("the manager is unreachable", signal.SIGTERM)]
+        code, text = await drive_worker_command(f"127.0.0.1:{port}", config, steps)
+    assert code == 0, text
+    assert "nothing was pulled" in text and "Traceback" not in text, text
 
 
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):
@@ -454,45 +472,27 @@ async def test_sigterm_stops_the_worker_command_after_delivering_the_running_pro
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(rig.server.serve)
-            proc = await trio.lowlevel.open_process(
-                [*DEXT, "worker", "--manager", f"/ip4/127.0.0.1/tcp/{rig.port}", "-c",
-                 str(config), "--attached", f"store-a={empty_store()}", "--name", "w9",
-                 "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB"],
-                env=dext_env(), stderr=subprocess.PIPE,
+            steps = [(f"job {job.Id}: pulled", signal.SIGTERM)]
+            code, text = await drive_worker_command(
+                f"/ip4/127.0.0.1/tcp/{rig.port}", config, steps,
+                "--allowed-miners", "1000", "--allowed-sizes", "2KiB,32GiB",
             )  # fmt: skip
-            seen = b""
-            while f"job {job.Id}: pulled".encode() not in seen:
-                chunk = await proc.stderr.receive_some(4096)
-                assert chunk, seen.decode()
-                seen += chunk
-            proc.send_signal(signal.SIGTERM)
-            while chunk := await proc.stderr.receive_some(4096):
-                seen += chunk
-            assert await proc.wait() == 0, seen.decode()
+            assert code == 0, text
             nursery.cancel_scope.cancel()
     done = await rig.jobs.get(job.Id)
     # Another miner's job is left for another worker.
     assert (await rig.jobs.get(other.Id)).State == "ready2run"
     assert done.succeeded and done.WorkerName == "w9"
     # The manager's own ext-prover.cfg may be given: its [[WinPost]] children are not started.
-    assert b"children of other tables are not started (winning_post#0)" in seen
-    assert b"Traceback" not in seen and f"job {job.Id}: delivered".encode() in seen
+    assert "children of other tables are not started (winning_post#0)" in text
+    assert "Traceback" not in text and f"job {job.Id}: delivered" in text
 
 
 async def test_a_worker_whose_children_all_gave_up_stops_with_an_error_instead_of_idling(
     rig, tmp_path
 ):
-    crash = "import sys; print('dying', file=sys.stderr); sys.exit(3)"
-    config = (
-        f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
-        "AutoRestart = false\n"
-    )
-    worker = Worker(rig.settings(children(tmp_path, config)))
-    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            await worker.run()
-    [error] = caught.value.exceptions
+    worker = Worker(rig.settings(children(tmp_path, crashing_table("WdPost", "dying"))))
+    error = await run_until_it_gives_up(rig, worker)
     assert "no WindowPoSt child can prove any more" in str(error) and "'dying'" in str(error)
     assert worker.counters.allocations == 0
 
@@ -545,18 +545,10 @@ async def test_a_split_worker_whose_snark_children_all_gave_up_stops_and_pulls_n
 ):
     # Its vanilla children are ready, so it has slots; but no job could be finished here: it
     # must not take jobs (and their tries) to fail them.
-    crash = "import sys; print('no snark here', file=sys.stderr); sys.exit(3)"
-    config = plugin_block("WdPostVanilla", "echo") + (
-        f"[[WdPostSnark]]\nBin = {json.dumps(sys.executable)}\nArgs = ['-c', {json.dumps(crash)}]\n"
-        "AutoRestart = false\n"
-    )
+    config = plugin_block("WdPostVanilla", "echo") + crashing_table("WdPostSnark", "no snark here")
     job, _ = await rig.jobs.create(job_input())
     worker = Worker(rig.settings(children(tmp_path, config)))
-    with trio.fail_after(60), pytest.RaisesGroup(ProverError, flatten_subgroups=True) as caught:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            await worker.run()
-    [error] = caught.value.exceptions
+    error = await run_until_it_gives_up(rig, worker)
     assert "no WindowPoSt SNARK child can prove any more" in str(error), error
     assert "'no snark here'" in str(error)
     assert worker.counters.pulled == 0
