@@ -316,6 +316,19 @@ def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_u
     assert took < 9.5, took
 
 
+def test_a_store_that_takes_no_write_fails_the_start_saying_so(tmp_path):
+    # A read-only file (here its URL's mode=ro: root writes any file) would take every job's
+    # request and fail it, retried until its deadline; the start fails instead, with why.
+    with JobStore.open(sqlite_url(tmp_path)):
+        pass
+    url = f"sqlite:///file:{tmp_path}/jobs.db?mode=ro&uri=true"
+    done = dext_run("serve", "window_post", "--jobs", url, "--store", "a=/tmp", input=b"")
+    assert done.returncode == 1 and done.stdout == b"", done.stderr  # no ready line
+    err = done.stderr.decode()
+    assert "attempt to write a readonly database; it is read-only here" in err, err
+    assert "Traceback" not in err
+
+
 def test_a_store_another_process_keeps_locked_fails_the_start_before_damocles_gives_up(
     store_url, tmp_path
 ):

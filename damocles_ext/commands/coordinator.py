@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.proxy is not None:
         hint = "--store NAME=PATH for each store, or --conf-dir DIR (its sector-manager.cfg)"
         check_sector_sources(args.proxy, settings.stores, hint)
-    with JobStore.open(args.jobs, limits=settings.limits) as store:
+    with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
         metrics = metrics_server = None
         if args.metrics is not None:
             from damocles_ext.jobs.metrics import JobMetrics

@@ -138,6 +138,7 @@ def serve_jobs(
         limits=settings.limits,
         connect_timeout=SERVE_CONNECT_TIMEOUT,
         open_timeout=SERVE_CONNECT_TIMEOUT,  # a store another process keeps locked: the same
+        writable=True,
     )
     try:
         from damocles_ext.jobs.store import TrioJobStore

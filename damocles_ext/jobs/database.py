@@ -346,6 +346,11 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"cannot open the job store {where}: the file is not an SQLite database ({what});"
             " give the URL of a job store, or of a file that does not exist yet"
         )
+    if code.startswith("SQLITE_READONLY"):
+        return StoreUnavailable(
+            f"cannot write to the job store {where}: {what}; it is read-only here: make the file"
+            " and its directory writable by this user (and no mode=ro in the URL)"
+        )
     if code == "SQLITE_FULL":
         return StoreUnavailable(
             f"cannot write to the job store {where}: {what}; the file system that holds it is"

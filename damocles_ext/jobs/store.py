@@ -120,7 +120,13 @@ class JobStore:
 
     @classmethod
     def open(
-        cls, url: str, *, create: bool = True, open_timeout: float | None = None, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        create: bool = True,
+        open_timeout: float | None = None,
+        writable: bool = False,
+        **kwargs: Any,
     ) -> JobStore:
         """A store ready for use: connected, its schema created or migrated.
 
@@ -130,7 +136,8 @@ class JobStore:
         `open_timeout`: how long the opening waits for a lock another process holds (SQLite's
         write lock, PostgreSQL's schema lock) before it fails, saying so, instead of the busy
         timeout (a start that must be quick: `serve`'s ready line). The store returned waits as
-        long as `kwargs` say."""
+        long as `kwargs` say. `writable`: check that it takes writes (a read-only file or
+        replica fails the opening, rather than every job later)."""
         opening = kwargs
         if open_timeout is not None:
             busy = min(open_timeout, kwargs.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
@@ -139,7 +146,7 @@ class JobStore:
         try:
             if not create:
                 store.check_exists()
-            store.migrate(lock_timeout=open_timeout)
+            store.migrate(lock_timeout=open_timeout, writable=writable)
         except BaseException:
             store.close()
             raise
@@ -182,7 +189,7 @@ class JobStore:
     # --- schema -------------------------------------------------------------------------------
 
     @database_errors
-    def migrate(self, *, lock_timeout: float | None = None) -> int:
+    def migrate(self, *, lock_timeout: float | None = None, writable: bool = False) -> int:
         """Create the schema, or bring an older one up to SCHEMA_VERSION; returns the version
         found (0 for a new store). Refuses a newer one with a StoreConfigError. `lock_timeout`:
         on PostgreSQL, how long to wait for the schema lock another session holds (StoreError
@@ -225,6 +232,8 @@ class JobStore:
             if found < SCHEMA_VERSION:
                 conn.execute(schema_version.delete())
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+            elif writable:  # a write that changes nothing, refused by a read-only store
+                conn.execute(schema_version.update().values(version=schema_version.c.version))
             return found
 
     def _version(self, conn: Connection) -> int:
