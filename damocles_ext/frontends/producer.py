@@ -186,7 +186,7 @@ class JobProducer:
             woken = self._wakers.setdefault(job_id, trio.Event())
             due = not_after if job is None else job.not_after
             try:
-                # A store that hangs is given up on at the job's deadline (TrioJobStore's calls
+                # A store that hangs is given up on LATE_LOOK after the job's deadline (the calls
                 # return when cancelled): the request is answered then, not when it comes back.
                 with trio.move_on_at(self._give_up_at(due)) as bounded:
                     found = await self._look(job_id, job_input, not_after, create)
