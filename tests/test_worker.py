@@ -510,9 +510,25 @@ async def test_a_store_that_is_not_mounted_fails_the_job_instead_of_faulting_eve
     await run_until(rig, worker, lambda: worker.counters.delivered == 1)
     done = await rig.jobs.get(job.Id)
     assert worker.counters.failed == 1 and done.Output is None
-    assert f"{unmounted}/cache (and 1 more) is not a directory here: is the store mounted" in (
-        done.ErrorReason
-    )
+    assert f"{unmounted}/cache is not a directory here: is the store mounted" in done.ErrorReason
+    assert "Not proved here on the job's first try" in done.ErrorReason
+
+
+async def test_a_store_not_there_on_a_later_try_is_proved_with_its_sectors_faulty(rig, tmp_path):
+    # The store may be lost for good: a later try answers with its sectors as faults (and the
+    # others proved), rather than failing the whole partition on every worker.
+    unmounted = tmp_path / "mnt" / "store-a"
+    unmounted.mkdir(parents=True)
+    job, _ = await rig.jobs.create(job_input())
+    [taken] = await rig.jobs.allocate(rules.AllocationSpec(), 1, "elsewhere")
+    await rig.jobs.finish(job.Id, None, "failed elsewhere", lease=taken.lease)
+    await rig.jobs.sweep()  # retried: ready for its second try
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(unmounted)}))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert done.TryNum == 2 and done.ErrorReason == "" and done.Output is not None
+    assert sorted(done.Output.faults) == sorted(s.SectorId for s in job.Input.Sectors)
 
 
 async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhere(rig, tmp_path):
@@ -530,14 +546,28 @@ async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhe
 def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():
     from damocles_ext.jobs.worker_rules import Breaker
 
-    breaker = Breaker(limit=3, pause=30, max_pause=100)
-    assert [breaker.outcome(True, 0) for _ in range(2)] == [None, None]
-    assert breaker.outcome(False, 0) is None  # a proof: the count starts again
-    assert [breaker.outcome(True, 10) for _ in range(3)] == [None, None, 40]
-    assert [breaker.outcome(True, 50) for _ in range(3)] == [None, None, 110]  # doubled
-    assert [breaker.outcome(True, 200) for _ in range(3)] == [None, None, 300]  # at most 100
-    breaker.outcome(False, 300)
-    assert [breaker.outcome(True, 400) for _ in range(3)] == [None, None, 430]
+    now = [0.0]
+    breaker = Breaker(lambda: now[0], limit=3, pause=30, max_pause=100)
+
+    def pauses(at: float, n: int = 3) -> list[float | None]:
+        now[0] = at
+        lines = [breaker.outcome(True, "no GPU") for _ in range(n)]
+        return [None if line is None else breaker.paused_until for line in lines]
+
+    assert pauses(0, 2) == [None, None]
+    assert breaker.outcome(False) is None  # a proof: the count starts again
+    assert pauses(10) == [None, None, 40]
+    assert pauses(20) == [None, None, None]  # while paused: jobs held before it, not counted
+    assert pauses(50) == [None, None, 110]  # doubled
+    assert pauses(200) == [None, None, 300]  # at most 100
+    breaker.outcome(False)
+    assert pauses(400) == [None, None, 430]
+    now[0] = 500
+    line = [breaker.outcome(True, "no GPU") for _ in range(3)][-1]
+    assert line == (
+        "3 proofs failed here in a row (last: no GPU); taking no job for 60 s, so that other"
+        " workers take them"
+    )
 
 
 async def test_a_split_worker_whose_snark_children_all_gave_up_stops_and_pulls_nothing(

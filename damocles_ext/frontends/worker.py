@@ -106,13 +106,12 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage = Outage()
-        self._look_limiter = trio.CapacityLimiter(4)  # looks at the stores (store_problem)
-        self._idle_until = self._paused_until = -math.inf
-        self._breaker = Breaker()  # jobs failing here in a row: a pause
+        self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
+        self._idle_until = -math.inf
+        self._breaker = Breaker(trio.current_time)  # prover failures in a row: a pause
         self._sup: Supervisor | None = None
-        # Why no child can prove any more; why the manager refused our token while running.
-        self._dead: str | None = None
-        self._refused: str | None = None
+        self._dead: str | None = None  # why no child can prove any more
+        self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -298,7 +297,7 @@ class Worker:
                     break
             free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
-            until = max(self._idle_until, self._paused_until)
+            until = max(self._idle_until, self._breaker.paused_until)
             if want == 0 or trio.current_time() < until:
                 changed = self._changed
                 with trio.move_on_at(until if want else math.inf):
@@ -399,9 +398,9 @@ class Worker:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
             output, error = await self._proof_of(held)
-            if (until := self._breaker.outcome(bool(error), trio.current_time())) is not None:
-                self._paused_until, self.counters.pauses = until, self.counters.pauses + 1
-                log.error("%s", self._breaker.text(error, until - trio.current_time()))
+            if not self.stopping and (pause := self._breaker.outcome(held.prover_failed, error)):
+                self.counters.pauses += 1  # prover failures in a row: no job for a while
+                log.error("%s", pause)
             held.state = "finishing"
             self._touch()
             await self._deliver(held, output, error)
@@ -435,15 +434,16 @@ class Worker:
             return None, error
         if faults:  # as a prover answers for sectors it cannot read: the manager drops them
             return JobOutput(proofs=(), faults=tuple(faults)), ""
-        problem = await store_problem(job, paths, self._look_limiter)
-        if problem is not None:
+        if (problem := await store_problem(job, paths, self._look_limiters)) is not None:
             log.error("%s", problem)
-            return None, problem
+            if job.TryNum == 1:  # a later try may land on a worker that has the store
+                return None, problem
         assert self._sup is not None
         try:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
             log.warning("job %s: no proof: %s", job.Id, exc)
+            held.prover_failed = True
             return None, str(exc)
         output = job_output(answer)  # type: ignore[arg-type]
         if output.faults:

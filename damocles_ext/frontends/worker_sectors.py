@@ -81,32 +81,43 @@ async def job_sector_paths(
 STORE_LOOK_TIMEOUT = 30.0
 
 
-def _missing_dirs(paths: list[tuple[str, str]]) -> list[str]:
-    """The directories holding the sectors' files that are not directories here (blocking)."""
-    dirs = sorted({os.path.dirname(p) for pair in paths for p in pair if p})
-    return [d for d in dirs if not os.path.isdir(d)]
-
-
 async def store_problem(
-    job: PulledJob, paths: list[tuple[str, str]], limiter: trio.CapacityLimiter
+    job: PulledJob, paths: list[tuple[str, str]], limiters: dict[str, trio.CapacityLimiter]
 ) -> str | None:
-    """Why `job` must not be proved here, or None: a directory its sectors' files should be in
-    (a store's sealed/, cache/, update/ ...) is missing, so the store is not mounted, or
-    attached at the wrong path. Proving would answer every sector on it faulty, and
-    damocles-manager would declare them faulty on chain; failing the job lets a worker that
-    has the store prove it. A sector whose own file is missing stays a fault."""
-    try:
-        missing = await in_thread(_missing_dirs, paths, limiter=limiter, timeout=STORE_LOOK_TIMEOUT)
-    except TimeoutError:
-        return (
-            f"job {job.Id}: its sectors' stores did not answer within {STORE_LOOK_TIMEOUT:g} s"
-            " (a stalled mount?); not proved here"
-        )
-    if not missing:
-        return None
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    return (
-        f"job {job.Id}: {missing[0]}{more} is not a directory here: is the store mounted, and"
-        " attached at the right path (--attached)? Not proved here, rather than answering every"
-        " sector in it faulty"
-    )
+    """What is wrong with the directories `job`'s sectors' files should be in (a store's
+    sealed/, cache/, update/ ...), or None: one that is missing means the store is not mounted,
+    or attached at the wrong path, and proving would answer every sector in it faulty, which
+    damocles-manager declares on chain. The caller fails the job on its first try (a worker that
+    has the store may prove it), and proves it on a later one (a store really lost: its sectors
+    are faults, the others proved). A sector whose own file is missing stays a fault. Each
+    directory is looked at in a thread of its own (`limiters`, one per directory), so a hung
+    mount holds the looks at its own directory only."""
+    for directory in _directories(paths):
+        limiter = limiters.setdefault(directory, trio.CapacityLimiter(1))
+        try:
+            there = await in_thread(
+                os.path.isdir, directory, limiter=limiter, timeout=STORE_LOOK_TIMEOUT
+            )
+        except TimeoutError:
+            return (
+                f"job {job.Id}: {directory} did not answer within {STORE_LOOK_TIMEOUT:g} s (a"
+                f" stalled mount?); {_WHAT_NOW}"
+            )
+        if not there:
+            return (
+                f"job {job.Id}: {directory} is not a directory here: is the store mounted, and"
+                f" attached at the right path (--attached)? {_WHAT_NOW}"
+            )
+    return None
+
+
+def _directories(paths: list[tuple[str, str]]) -> list[str]:
+    """The directories the files and cache directories of `paths` are in (no I/O)."""
+    dirs = {os.path.dirname(os.path.normpath(p)) for pair in paths for p in pair if p}
+    return sorted(d for d in dirs if d)
+
+
+_WHAT_NOW = (
+    "Not proved here on the job's first try (every sector in it would be a fault); proved all"
+    " the same on a later one"
+)

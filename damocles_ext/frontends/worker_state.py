@@ -44,6 +44,7 @@ class HeldJob:
     delivery_failures: int = 0  # finish calls that did not get the result taken
     last_heartbeat: float | None = None  # unix seconds the manager last took its heartbeat
     child: str | None = None  # the child its current attempt runs on (the supervisor says)
+    prover_failed: bool = False  # no proof, for a failure of the prover (the breaker counts it)
 
 
 @dataclass

@@ -11,7 +11,8 @@ Sans-IO: no clock (times come in as arguments), no socket, no file.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -316,31 +317,41 @@ def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
 
 
 class Breaker:
-    """Jobs failing here one after another (a child that fails at once, a broken GPU, a lock
-    file it cannot take): after `limit` failures in a row the worker takes no job for `pause`
-    seconds, doubling up to `max_pause` while they go on, so that its jobs go to other workers
-    instead of spending their tries here. A proof (or faults) resets it."""
+    """Proofs failing here one after another (a child that fails at once, a broken GPU, a lock
+    file it cannot take; the caller counts only the prover's failures): after `limit` in a row
+    the worker takes no job until `paused_until`, `pause` seconds later, doubling up to
+    `max_pause` while they go on, so that its jobs go to other workers instead of spending their
+    tries here. A proof (or faults) resets the count and the doubling; failures of jobs already
+    held when a pause began do not start another."""
 
-    def __init__(self, limit: int = 3, pause: float = 30.0, max_pause: float = 600.0) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        limit: int = 3,
+        pause: float = 30.0,
+        max_pause: float = 600.0,
+    ) -> None:
+        self.clock = clock  # (the caller's: monotonic)
         self.limit, self.first_pause, self.max_pause = limit, pause, max_pause
         self.in_a_row = 0
+        self.paused_until = -math.inf
         self._pause = pause
 
-    def outcome(self, failed: bool, now: float) -> float | None:
-        """One job's outcome at `now`; when a pause starts, the time it ends."""
+    def outcome(self, failed: bool, error: str = "") -> str | None:
+        """One job's outcome (`error`: why it failed); when a pause starts, the log line."""
+        now = self.clock()
         if not failed:
             self.in_a_row, self._pause = 0, self.first_pause
+            return None
+        if now < self.paused_until:
             return None
         self.in_a_row += 1
         if self.in_a_row < self.limit:
             return None
         self.in_a_row = 0  # the next `limit` failures after the pause start the next one
         pause, self._pause = self._pause, min(self._pause * 2, self.max_pause)
-        return now + pause
-
-    def text(self, error: str, seconds: float) -> str:
-        """The log line of a pause of `seconds` after `error`, the last failure."""
+        self.paused_until = now + pause
         return (
-            f"{self.limit} jobs failed here in a row (last: {error}); taking no job for"
-            f" {seconds:.0f} s, so that other workers take them"
+            f"{self.limit} proofs failed here in a row (last: {error}); taking no job for"
+            f" {pause:.0f} s, so that other workers take them"
         )
