@@ -546,24 +546,21 @@ async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhe
 def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():
     from damocles_ext.jobs.worker_rules import Breaker
 
-    now = [0.0]
-    breaker = Breaker(lambda: now[0], limit=3, pause=30, max_pause=100)
+    breaker = Breaker(limit=3, pause=30, max_pause=100)
 
     def pauses(at: float, n: int = 3) -> list[float | None]:
-        now[0] = at
-        lines = [breaker.outcome(True, "no GPU") for _ in range(n)]
+        lines = [breaker.outcome(True, at, "no GPU") for _ in range(n)]
         return [None if line is None else breaker.paused_until for line in lines]
 
     assert pauses(0, 2) == [None, None]
-    assert breaker.outcome(False) is None  # a proof: the count starts again
+    assert breaker.outcome(False, 0) is None  # a proof: the count starts again
     assert pauses(10) == [None, None, 40]
     assert pauses(20) == [None, None, None]  # while paused: jobs held before it, not counted
     assert pauses(50) == [None, None, 110]  # doubled
     assert pauses(200) == [None, None, 300]  # at most 100
-    breaker.outcome(False)
+    breaker.outcome(False, 300)
     assert pauses(400) == [None, None, 430]
-    now[0] = 500
-    line = [breaker.outcome(True, "no GPU") for _ in range(3)][-1]
+    line = [breaker.outcome(True, 500, "no GPU") for _ in range(3)][-1]
     assert line == (
         "3 proofs failed here in a row (last: no GPU); taking no job for 60 s, so that other"
         " workers take them"

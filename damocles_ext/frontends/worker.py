@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -108,7 +108,7 @@ class Worker:
         self._outage = Outage()
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
-        self._breaker = Breaker(trio.current_time)  # prover failures in a row: a pause
+        self._breaker = Breaker()  # prover failures in a row: a pause
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
@@ -267,18 +267,10 @@ class Worker:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def _pool(self) -> list[ChildStats]:
-        """The children whose slots a pulled job takes, as they are now."""
-        assert self._sup is not None
-        return [c for c in self._sup.statistics().children if c.stage in _SLOT_STAGES]
-
-    def _ready_capacity(self) -> int:
-        return sum(c.capacity for c in self._pool() if c.state in _UP)
-
-    def _no_child_can_prove(self) -> str | None:
-        """Why no job could ever be proved here (worker_rules.no_child_can_prove), or None."""
-        children = self.supervisor.statistics().children
-        return no_child_can_prove([(c.name, c.stage, c.state, c.last_exit) for c in children])
+    def _pool(self, children: Sequence[ChildStats] | None = None) -> list[ChildStats]:
+        """The children whose slots a pulled job takes (as they are now, when not given)."""
+        children = self.supervisor.statistics().children if children is None else children
+        return [c for c in children if c.stage in _SLOT_STAGES]
 
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
@@ -289,13 +281,15 @@ class Worker:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         while not self.stopping:
             # Before each pull: split vanilla children may take jobs no SNARK child can finish.
-            if self._dead is None:
-                self._dead = self._no_child_can_prove()
-                if self._dead is not None:
-                    log.error("%s; the worker stops", self._dead)
-                    self.stop()
-                    break
-            free = free_slots(self._ready_capacity(), len(self.held), self.settings.max_jobs)
+            children = self.supervisor.statistics().children
+            states = [(c.name, c.stage, c.state, c.last_exit) for c in children]
+            if (dead := no_child_can_prove(states)) is not None:
+                self._dead = dead
+                log.error("%s; the worker stops", dead)
+                self.stop()
+                break
+            ready = sum(c.capacity for c in self._pool(children) if c.state in _UP)
+            free = free_slots(ready, len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
             until = max(self._idle_until, self._breaker.paused_until)
             if want == 0 or trio.current_time() < until:
@@ -398,7 +392,8 @@ class Worker:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
             output, error = await self._proof_of(held)
-            if not self.stopping and (pause := self._breaker.outcome(held.prover_failed, error)):
+            failed, now = held.prover_failed, trio.current_time()
+            if not self.stopping and (pause := self._breaker.outcome(failed, now, error)):
                 self.counters.pauses += 1  # prover failures in a row: no job for a while
                 log.error("%s", pause)
             held.state = "finishing"

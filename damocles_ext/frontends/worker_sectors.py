@@ -93,7 +93,9 @@ async def store_problem(
     directory is looked at in a thread of its own (`limiters`, one per directory), so a hung
     mount holds the looks at its own directory only."""
     for directory in _directories(paths):
-        limiter = limiters.setdefault(directory, trio.CapacityLimiter(1))
+        limiter = limiters.get(directory)
+        if limiter is None:
+            limiter = limiters[directory] = trio.CapacityLimiter(1)
         try:
             there = await in_thread(
                 os.path.isdir, directory, limiter=limiter, timeout=STORE_LOOK_TIMEOUT

@@ -182,6 +182,11 @@ def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def pg_tcp_settings(url: URL) -> dict[str, int]:
+    """PG_TCP_SETTINGS less those `url` sets itself (its own win)."""
+    return {k: v for k, v in PG_TCP_SETTINGS.items() if k not in url.query}
+
+
 def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                 connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
     """An engine for a store URL (not yet connected)."""
@@ -196,7 +201,7 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             )
             _sqlite_setup(engine, busy_timeout)
             return engine
-        tcp = {k: v for k, v in PG_TCP_SETTINGS.items() if k not in parsed.query}
+        tcp = pg_tcp_settings(parsed)
         return sa.create_engine(
             parsed,
             connect_args={

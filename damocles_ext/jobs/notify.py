@@ -20,7 +20,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from .database import PG_TCP_SETTINGS, describe_url, first_line
+from .database import describe_url, first_line, pg_tcp_settings
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
 
@@ -67,8 +67,7 @@ class JobListener:
             return None
         # libpq's own URI: the same server, user and database as the store's engine.
         conninfo = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        tcp = {k: v for k, v in PG_TCP_SETTINGS.items() if k not in store.url.query}
-        return cls(conninfo, on_job, on_connect, tcp=tcp)
+        return cls(conninfo, on_job, on_connect, tcp=pg_tcp_settings(store.url))
 
     async def run(self) -> None:
         """Listen until cancelled (the thread stops within CHECK_INTERVAL after)."""

@@ -30,11 +30,6 @@ class Hearing:
         self._deaf: list[tuple[float, float]] = []  # (start, end), sorted, not overlapping
         self._down_since: float | None = None  # the store unavailable since, until answered
 
-    @property
-    def store_down(self) -> bool:
-        """The last calls found the store unavailable, and none answered since."""
-        return self._down_since is not None
-
     def call_failed(self, started: float) -> None:
         """A call begun at `started` found the store unavailable (refused, or no answer)."""
         if self._down_since is None or started < self._down_since:

@@ -597,12 +597,14 @@ class TrioJobStore:
                 self.hearing.call_failed(started)
             raise
         except StoreError:  # answered, with a refusal or an error of the statement
-            if self.hearing is not None:
-                self.hearing.call_answered(started, self.clock())
+            self._answered(started)
             raise
+        self._answered(started)
+        return result
+
+    def _answered(self, started: float) -> None:
         if self.hearing is not None:
             self.hearing.call_answered(started, self.clock())
-        return result
 
     async def _call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         with trio.move_on_after(self.call_timeout):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -324,22 +324,15 @@ class Breaker:
     tries here. A proof (or faults) resets the count and the doubling; failures of jobs already
     held when a pause began do not start another."""
 
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        limit: int = 3,
-        pause: float = 30.0,
-        max_pause: float = 600.0,
-    ) -> None:
-        self.clock = clock  # (the caller's: monotonic)
+    def __init__(self, limit: int = 3, pause: float = 30.0, max_pause: float = 600.0) -> None:
         self.limit, self.first_pause, self.max_pause = limit, pause, max_pause
         self.in_a_row = 0
         self.paused_until = -math.inf
         self._pause = pause
 
-    def outcome(self, failed: bool, error: str = "") -> str | None:
-        """One job's outcome (`error`: why it failed); when a pause starts, the log line."""
-        now = self.clock()
+    def outcome(self, failed: bool, now: float, error: str = "") -> str | None:
+        """One job's outcome at `now` (a monotonic clock; `error`: why it failed); when a pause
+        starts, the log line."""
         if not failed:
             self.in_a_row, self._pause = 0, self.first_pause
             return None
