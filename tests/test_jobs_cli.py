@@ -11,6 +11,7 @@ from test_jobs_rules import make_input
 
 from damocles_ext import cli
 from damocles_ext.jobs import listing, model, rules, summary
+from damocles_ext.jobs.database import StoreConfigError
 from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
@@ -142,6 +143,23 @@ def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
 def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, capsys):
     assert cli.main(["wdpost", "list", "--jobs", postgres_url]) == 2
     assert "the database has no job tables; check the URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mistake", ["database", "user"])
+def test_a_login_the_postgresql_server_refuses_is_a_mistake_in_the_url(
+    postgres_server, mistake, capsys
+):
+    url = postgres_server.url(database="nosuchdb")
+    if mistake == "user":
+        url = postgres_server.url().replace("postgres@", "nosuchrole@", 1)
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "refused the login" in err and f'"nosuch{"db" if mistake == "database" else "role"}"' in err
+    )
+    assert "check the user, the password (or the pgpass file) and the database in the URL" in err
+    with pytest.raises(StoreConfigError):  # the commands that create their store, too
+        JobStore.open(url)
 
 
 def test_names_and_texts_from_clients_reach_the_tables_without_control_characters():

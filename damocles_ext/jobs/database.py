@@ -7,6 +7,7 @@ on it. Every name here is importable from `damocles_ext.jobs.store` as well.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Final
 
@@ -313,6 +314,21 @@ _SQLITE_UNREACHABLE = (
 )  # fmt: skip
 
 
+#: The PostgreSQL server was reached and refused the login: the URL's user, password or database
+#: is wrong (libpq gives no SQLSTATE before a connection exists; this is the server's text).
+_LOGIN_REFUSED = re.compile(
+    r"password authentication failed|role \".*\" does not exist|database \".*\" does not exist"
+    r"|no pg_hba\.conf entry|no password supplied|(?:Ident|Peer) authentication failed"
+    r"|permission denied for database"
+)
+
+
+def login_refused(error: BaseException | None) -> bool:
+    """Whether `error` (a database error) is a PostgreSQL server refusing the URL's login."""
+    orig = error.orig if isinstance(error, exc.DBAPIError) else None
+    return orig is not None and bool(_LOGIN_REFUSED.search(str(orig)))
+
+
 def first_line(error: Exception) -> str:
     """The first line of a database error's text (the driver's own, under SQLAlchemy's), or its
     type when it has none."""
@@ -334,6 +350,11 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
                 " damocles-ext to make them again, or give the URL of the store"
             )
         return StoreError(f"job store {where}: {operation} failed: {what}{hint}")
+    if url.get_backend_name() == "postgresql" and login_refused(error):
+        return StoreUnavailable(
+            f"the PostgreSQL server of the job store {where} refused the login: {what}; check"
+            " the user, the password (or the pgpass file) and the database in the URL"
+        )
     if url.get_backend_name() == "postgresql":
         return StoreUnavailable(
             f"cannot reach the job store {where}: {what}; check that the PostgreSQL server is"

@@ -58,6 +58,7 @@ from .database import (
     describe_url,
     job_of_row,
     jobs,
+    login_refused,
     make_engine,
     metadata,
     parse_url,
@@ -147,8 +148,10 @@ class JobStore:
             if not create:
                 store.check_exists()
             store.migrate(lock_timeout=open_timeout, writable=writable)
-        except BaseException:
+        except BaseException as e:
             store.close()
+            if isinstance(e, StoreUnavailable) and login_refused(e.__cause__):
+                raise StoreConfigError(str(e)) from None  # a mistake in the URL, not an outage
             raise
         if opening is kwargs:
             return store
