@@ -14,6 +14,7 @@ from damocles_ext.jobs import rules
 from damocles_ext.jobs.manager_config import (
     ManagerConfigError,
     load_manager_conf_dir,
+    load_manager_config,
     parse_go_duration,
     parse_manager_config,
     read_settings,
@@ -133,6 +134,19 @@ def test_a_conf_dir_without_the_file_keeps_the_defaults_and_says_so(tmp_path):
     assert "there is no sector-manager.cfg" in settings.warnings[0]
     with pytest.raises(ManagerConfigError, match="does not exist"):
         read_settings(str(tmp_path / "nope"))
+
+
+def test_a_file_that_cannot_be_damocles_config_says_why_without_reading_it_all(tmp_path):
+    cfg = tmp_path / "sector-manager.cfg"
+    cfg.mkdir()
+    with pytest.raises(ManagerConfigError, match="is a directory, not a config file; give the"):
+        load_manager_conf_dir(tmp_path)
+    cfg.rmdir()
+    cfg.write_bytes(b"[Common]\n\xff\n")
+    with pytest.raises(ManagerConfigError, match=r"not UTF-8 text \(bad byte at offset 9\)"):
+        load_manager_conf_dir(tmp_path)
+    with pytest.raises(ManagerConfigError, match="larger than 16384 KiB, which no sector-manager"):
+        load_manager_config("/dev/zero")  # read up to the limit, not to the end
 
 
 def test_the_same_store_name_with_two_paths_is_refused(tmp_path):

@@ -37,14 +37,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(read_config_text(source, CONF_FILE_NAME), source)
 
 
-def read_config_text(source: str, kind: str) -> str:
-    """A config file's text, at most MAX_CONFIG_BYTES of UTF-8; ConfigError says why not.
+def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not.
     `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages."""
     p = Path(source)
     try:
         with p.open("rb") as f:
             # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
-            data = f.read(MAX_CONFIG_BYTES + 1)
+            data = f.read(limit + 1)
     except IsADirectoryError:
         hint = (
             f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
@@ -66,12 +66,12 @@ def read_config_text(source: str, kind: str) -> str:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
-    if len(data) > MAX_CONFIG_BYTES:
+    if len(data) > limit:
         raise ConfigError(
             source,
             [
                 (
-                    f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no {kind} "
+                    f"{source}: larger than {limit // 1024} KiB, which no {kind} "
                     f"needs; is it the right file?"
                 )
             ],

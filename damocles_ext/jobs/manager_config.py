@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from ..config.load import read_config_text
+from ..config.spec import ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
 from .rules import (
@@ -127,21 +129,9 @@ def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
     """sector-manager.cfg read and checked; raises ManagerConfigError."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
-            data = f.read(MAX_MANAGER_CONF_BYTES + 1)
-    except OSError as exc:
-        raise ManagerConfigError(
-            f"{source}: cannot read damocles-manager's config: {exc.strerror or exc}"
-        ) from None
-    if len(data) > MAX_MANAGER_CONF_BYTES:
-        raise ManagerConfigError(
-            f"{source}: over {MAX_MANAGER_CONF_BYTES // 2**20} MiB, too large to be a"
-            " sector-manager.cfg; check the path"
-        )
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as exc:
-        raise ManagerConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+        text = read_config_text(source, MANAGER_CONF_FILE, limit=MAX_MANAGER_CONF_BYTES)
+    except ConfigError as exc:
+        raise ManagerConfigError(str(exc)) from None
     return parse_manager_config(text, source)
 
 
