@@ -119,7 +119,12 @@ async def test_a_store_gone_is_up_0_and_the_coordinator_keeps_serving(postgres_s
             assert value(got, P + "job_allocations_total") == 0  # the counters are still there
             # The RPC answers, with the store's error, and the metrics port still serves.
             status, answer = await client.call("Venus.WdPoStAllJobs")
-            assert status == 200 and "cannot reach the job store" in answer["error"]["message"]
+            message = answer["error"]["message"]
+            assert status == 200 and "job store" in message
+            assert (
+                "refused the login" in message
+                and f'database "{database}" does not exist' in message
+            )
             assert value(await scrape(metrics_server.url), P + "jobs_store_up") == 0
             nursery.cancel_scope.cancel()
 
