@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -112,7 +114,8 @@ class _DextCodec:
         return items
 
     def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
-        return dext.encode(dext.Response(id, output, error))
+        frame = dext.encode(dext.Response(id, output, error))
+        return _bounded(frame, dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE, "a dext frame")
 
     def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
         return dext.encode(dext.Progress(id, phase, done, total))
@@ -153,7 +156,8 @@ class _JsonlCodec:
     def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
         if output is None and error is None:
             error = "prover returned no output"
-        return jsonl.encode_response(id, output if error is None else None, error)
+        line = jsonl.encode_response(id, output if error is None else None, error)
+        return _bounded(line, jsonl.DEFAULT_MAX_LINE, "a JSON line")
 
     def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
         return None
@@ -161,6 +165,22 @@ class _JsonlCodec:
 
 # ---------------------------------------------------------------------------------------------
 # The runtime
+
+
+def _bounded(data: bytes, limit: int, what: str) -> bytes:
+    """`data`, unless it is longer than the supervisor reads in one message: it would take this
+    child for broken, kill it, and retry the request on another, which fails the same way."""
+    if len(data) > limit:
+        raise ValueError(
+            f"the answer is {len(data) / 2**20:.1f} MiB as {what}, over the"
+            f" {limit / 2**20:.0f} MiB the supervisor reads in one; prove fewer partitions or"
+            " sectors per request"
+        )
+    return data
+
+
+#: An error text longer than this is cut (a prover's exception may carry a whole file).
+MAX_ERROR_CHARS = 64 * 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -196,6 +216,7 @@ class ChildRuntime:
         "_all_done",
         "_awaiting_all_done",
         "_broken_pipe",
+        "_check_output",
         "_debug",
         "_enqueue",
         "_jobs",
@@ -261,6 +282,7 @@ class ChildRuntime:
         self._threads: list[threading.Thread] = []
         self._task_type = TASK_TYPES.get(stage)
         self._output_type: type = OUTPUT_TYPES[stage]
+        self._check_output = _output_check(self._output_type)
         #: Where an accepted request goes: the workers' queue (the inline path: its own list).
         self._enqueue: Callable[[_Job], object] = self._queue.put
         self._debug = False  # debug logging on (read once at start: one check per request less)
@@ -284,6 +306,8 @@ class ChildRuntime:
         return True
 
     def _respond(self, job: _Job, output: Output | None = None, error: str | None = None) -> None:
+        if error is not None and len(error) > MAX_ERROR_CHARS:
+            error = f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} characters cut)"
         data = self.codec.response(job.id, output, error)
         # Once per request, so acquire/try/finally/release: a `with` costs 2.5 times as much on
         # CPython 3.11 (it looks up __enter__ and __exit__, and calls __exit__ with 3 arguments).
@@ -389,6 +413,13 @@ class ChildRuntime:
                 f"prover {self.prover_name!r} returned {type(output).__name__}, expected "
                 f"{expected.__name__}"
             )
+            log.error("request %d: %s", job.id, error)
+            self._respond(job, error=error)
+            return
+        try:  # msgspec builds a Struct without checking its fields: the supervisor would
+            self._check_output(output)  # refuse the frame and take this child for broken
+        except (msgspec.MsgspecError, OverflowError, TypeError, ValueError) as exc:
+            error = f"prover {self.prover_name!r} returned an invalid {expected.__name__}: {exc}"
             log.error("request %d: %s", job.id, error)
             self._respond(job, error=error)
             return
@@ -588,6 +619,14 @@ class ChildRuntime:
 
 # ---------------------------------------------------------------------------------------------
 # Process set-up (called by `damocles-ext child`)
+
+
+def _output_check(output_type: type) -> Callable[[Output], object]:
+    """A function that raises what the supervisor's decoder would say of an output (a wrong
+    type in a field, a number out of range): an encode and a typed decode, well under 1 us."""
+    decode = msgspec.msgpack.Decoder(output_type).decode
+    encode = msgspec.msgpack.encode
+    return lambda output: decode(encode(output))
 
 
 def protect_stdout() -> int:

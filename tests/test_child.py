@@ -7,14 +7,17 @@ import sys
 import textwrap
 
 import pytest
+import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.child import EOF, Child, make_plugin_dist, window_task, winning_task
 from hypothesis import given
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from damocles_ext.child import QUEUE
 from damocles_ext.options import coerce_value, format_option, parse_option, parse_options
 from damocles_ext.protocol import dext, jsonl
+from damocles_ext.tasks import WindowPoSt
 
 # -- option parsing (in-process) ------------------------------------------------------------------
 
@@ -396,3 +399,73 @@ def test_child_module_does_not_import_trio():
     code = "import sys, damocles_ext.child, damocles_ext.plugins; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- outputs the supervisor could not read --------------------------------------------------------
+
+SLOPPY_PLUGIN = textwrap.dedent(
+    """
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext.tasks import WindowPoStOutput
+    from damocles_ext_plugins.testing import echo_output
+
+    # What each request's first sector id makes this prover return or raise.
+    SLOPPY = {
+        1: lambda: WindowPoStOutput(proofs=["text, not bytes"], faults=[]),
+        2: lambda: WindowPoStOutput(proofs=[], faults=[-1]),
+        3: lambda: WindowPoStOutput(proofs=[b"x" * (65 * 2**20)], faults=[]),
+    }
+
+    class Sloppy:
+        def prove(self, task, progress, cancel):
+            sector = task.replicas[0].sector_id
+            if sector == 4:
+                raise RuntimeError("y" * (70 * 2**20))
+            return SLOPPY.get(sector, lambda: echo_output(task))()
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("sloppy", ("window_post",), lambda options: Sloppy())]
+    """
+)
+
+
+@pytest.mark.parametrize("protocol", ["dext", "jsonl"])
+async def test_an_output_the_supervisor_could_not_read_fails_its_request_not_the_child(
+    tmp_path, protocol
+):
+    from damocles_ext.api import open_supervisor
+    from damocles_ext.config import parse_config
+    from damocles_ext.errors import ProverError
+
+    root = make_plugin_dist(tmp_path, dist="sloppy", module="sloppy_plugin", source=SLOPPY_PLUGIN)
+    config = parse_config(
+        f'[[WdPost]]\nPlugin = "sloppy"\nProtocol = "{protocol}"\nMaxAttempts = 2\n'
+        f'Envs = {{ PYTHONPATH = "{root}" }}\n',
+        "sloppy.cfg",
+    )
+
+    def task(sector: int) -> WindowPoSt:
+        t = window_task()
+        return WindowPoSt(
+            t.miner_id, t.proof_type, [replace(t.replicas[0], sector_id=sector)], t.seed
+        )
+
+    expected = {
+        1: "returned an invalid WindowPoStOutput: Expected `bytes`, got `str` - at `$.proofs[0]`",
+        2: "returned an invalid WindowPoStOutput: Expected `int` >= 0 - at `$.faults[0]`",
+        3: f"MiB as a {'dext frame' if protocol == 'dext' else 'JSON line'}, over the 64 MiB",
+        4: "characters cut)",
+    }
+    with trio.fail_after(60):
+        async with open_supervisor(config) as sup:
+            await sup.wait_ready("window_post")
+            (child,) = sup.statistics().children
+            for sector, words in expected.items():
+                with pytest.raises(ProverError) as raised:
+                    await sup.submit(task(sector))
+                assert words in str(raised.value), str(raised.value)[:500]
+                assert "attempt" not in str(raised.value)  # answered once, not retried
+            assert (await sup.submit(task(5))).proofs == echo_output(task(5)).proofs
+            (after,) = sup.statistics().children
+            assert after.pid == child.pid and after.restarts == 0
