@@ -270,3 +270,87 @@ def test_a_closed_prover_refuses_work(manifest):
     prover.close()
     with pytest.raises(ProverError, match="closed"):
         prover.window_post(window_task(manifest, SEED))
+
+
+# A vendor library that returns DEXT_OK with results that break the ABI's contract, chosen by
+# the task's miner id; its progress phases are not text.
+LIAR_VENDOR = r"""
+#include <stdlib.h>
+#include <string.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return "none"; }
+static dext_result *result(size_t proofs, size_t faults) {
+    dext_result *r = calloc(1, sizeof *r);
+    r->proofs = calloc(proofs + 1, sizeof *r->proofs);
+    for (size_t i = 0; i < proofs; i++) { r->proofs[i].ptr = malloc(1); r->proofs[i].len = 1; }
+    r->proof_count = proofs;
+    r->faults = calloc(faults + 1, sizeof *r->faults);
+    r->fault_count = faults;
+    return r;
+}
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)x;
+    uint64_t first = t->replicas[0].sector_id, second = t->replicas[1].sector_id;
+    *out = NULL;
+    switch (t->miner_id) {
+    case 1: return DEXT_OK;  /* no result at all */
+    case 2: *out = result(0, 0); return DEXT_OK;
+    case 3: *out = result(1, 1); (*out)->faults[0] = first; return DEXT_OK;
+    case 4: *out = result(0, 1); (*out)->faults[0] = 999999; return DEXT_OK;
+    case 5: *out = result(0, 3); (*out)->faults[0] = second; (*out)->faults[1] = first;
+            (*out)->faults[2] = second; return DEXT_OK;  /* out of order, twice */
+    case 6: *out = result(2, 0); return DEXT_OK;  /* 5 sectors of 2KiB are 3 partitions */
+    default:
+        p(c, "\xff\xfe not utf-8", 0, 1);
+        p(c, NULL, 1, 1);
+        *out = result(3, 0);
+        return DEXT_OK;
+    }
+}
+int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                          const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)p; (void)c; (void)x;
+    *out = result(t->miner_id == 1 ? 2 : 1, 0);
+    return DEXT_OK;
+}
+void dext_result_free(dext_result *r) {
+    for (size_t i = 0; i < r->proof_count; i++) free(r->proofs[i].ptr);
+    free(r->proofs); free(r->faults); free(r);
+}
+"""
+
+
+def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tmp_path, manifest):
+    src = tmp_path / "liar.c"
+    src.write_text(LIAR_VENDOR)
+    lib = compile_library(tmp_path / "libliar.so", [src])
+    task = window_task(manifest, SEED)
+    ids = [r.sector_id for r in task.replicas]
+    broken = {
+        1: "returned DEXT_OK without a result",
+        2: "returned DEXT_OK with 0 proofs for 3 partitions of 2 sectors",
+        3: "returned DEXT_OK with 1 proofs beside its faults",
+        4: "returned DEXT_OK with faults for sectors not in the task: [999999]",
+        6: "returned DEXT_OK with 2 proofs for 3 partitions of 2 sectors",
+    }
+    seen = []
+    with NativeProver(lib) as prover:
+        for miner, words in broken.items():
+            with pytest.raises(ProverError) as raised:
+                prover.window_post(msgspec.structs.replace(task, miner_id=miner))
+            assert f"window_post: {lib} {words}" in str(raised.value)
+            assert "one proof per partition" in str(raised.value)
+        faulty = prover.window_post(msgspec.structs.replace(task, miner_id=5))
+        assert faulty.faults == sorted(ids[:2]) and faulty.proofs == []
+        # Progress with a phase that is not text, or none, does not cost the proof.
+        good = prover.window_post(task, progress=lambda *a: seen.append(a))
+        assert len(good.proofs) == 3 and good.faults == []
+        assert seen == [("\ufffd\ufffd not utf-8", 0, 1)]
+        with pytest.raises(ProverError, match="winning_post: .* returned DEXT_OK with 2 proofs"):
+            prover.winning_post(msgspec.structs.replace(winning_task(manifest, SEED), miner_id=1))
+        assert len(prover.winning_post(winning_task(manifest, SEED)).proofs) == 1

@@ -34,6 +34,7 @@ from .errors import (
     VerifyError,
     split_step_not_a_proof,
 )
+from .layout import proof_params
 
 if TYPE_CHECKING:
     from cffi import FFI
@@ -122,8 +123,9 @@ def _install_trampoline(native: Any) -> None:
     def _dext_py_progress(ctx: FFI.CData, phase: FFI.CData, done: int, total: int) -> None:
         state: _CallState = ffi.from_handle(ctx)
         try:
-            if state.progress is not None:
-                state.progress(ffi.string(phase).decode(), int(done), int(total))
+            if state.progress is not None and phase != ffi.NULL:
+                # A sloppy phase text must not fail a proof (the child's report is as lenient).
+                state.progress(ffi.string(phase).decode(errors="replace"), int(done), int(total))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller after the C call
             state.error = exc
             state.set_cancelled()
@@ -293,7 +295,8 @@ class NativeProver:
                 handle, ctask, self._callback, ctx, self._flag(state), out
             )
             result = out[0]
-            if result != ffi.NULL:
+            got_result = result != ffi.NULL
+            if got_result:
                 try:
                     proofs = [
                         bytes(ffi.buffer(result.proofs[i].ptr, result.proofs[i].len))
@@ -304,7 +307,14 @@ class NativeProver:
                     self._lib.dext_result_free(result)
             self._check(status, state, fn_name.removeprefix("dext_"))
         del keep, keep_handle, ctx
-        return proofs, faults
+        broken = _broken_result(fn_name, task, got_result, proofs, faults)
+        if broken:
+            raise ProverError(
+                f"{fn_name.removeprefix('dext_')}: {self.library} returned DEXT_OK {broken}"
+                " (dext_prover.h: a window_post result holds one proof per partition, or the"
+                " task's faulty sectors and no proof; a winning_post result one proof)"
+            )
+        return proofs, sorted(set(faults))
 
     def window_post(
         self, task: WindowPoSt, progress: Progress | None = None, cancel: CancelToken | None = None
@@ -440,6 +450,29 @@ def _cancel_watcher(cancel: CancelToken | None, state: _CallState) -> Iterator[N
     finally:
         done.set()
         thread.join()
+
+
+def _broken_result(
+    fn_name: str, task: Task, got_result: bool, proofs: list[bytes], faults: list[int]
+) -> str | None:
+    """How a library's DEXT_OK result breaks the ABI's contract, or None when it keeps it."""
+    if not got_result:
+        return "without a result"
+    if fn_name == "dext_winning_post":
+        return None if len(proofs) == 1 else f"with {len(proofs)} proofs"
+    if faults:
+        unknown = sorted(set(faults) - {r.sector_id for r in task.replicas})
+        if unknown:
+            return f"with faults for sectors not in the task: {unknown[:10]}"
+        return f"with {len(proofs)} proofs beside its faults" if proofs else None
+    try:
+        per = proof_params(task.proof_type).sectors_per_partition
+    except ValueError:  # a proof type only the library knows: at least one proof
+        return None if proofs else "with neither proofs nor faults"
+    partitions = -(-len(task.replicas) // per)
+    if len(proofs) != partitions:
+        return f"with {len(proofs)} proofs for {partitions} partitions of {per} sectors"
+    return None
 
 
 def _has_symbol(lib: Any, name: str) -> bool:
