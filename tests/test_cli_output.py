@@ -183,3 +183,44 @@ def test_the_alerts_example_has_a_readme_and_contributing_says_how_to_lint():
     readme = (ROOT / "examples" / "dext-alerts-plugin" / "README.md").read_text()
     assert "pip install ./examples/dext-alerts-plugin" in readme and "DEXT_ALERT_WEBHOOK" in readme
     assert ".venv/bin/ruff check ." in (ROOT / "CONTRIBUTING.md").read_text()
+
+
+PRINTING_PLUGIN = """
+from damocles_ext.hookspecs import hookimpl
+
+print("printed as the plugin is imported")
+
+@hookimpl
+def dext_request_finished(request, outcome, duration, slack):
+    print("printed by an observer as a request ends")
+"""
+
+
+def test_a_plugin_that_prints_never_reaches_the_protocol_or_the_output(tmp_path: Path):
+    from helpers.child import child_env, make_plugin_dist
+    from helpers.frontend import make_task
+
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    make_plugin_dist(tmp_path, dist="printing", module="printing_plugin", source=PRINTING_PLUGIN)
+    env = child_env([tmp_path])
+    cfg = tmp_path / "echo.cfg"
+    cfg.write_text('[[WdPost]]\nPlugin = "echo"\n')
+    (tmp_path / "task.json").write_bytes(task_to_json(make_task()))
+    # serve: damocles-manager reads the first line of stdout as the ready line, and then answers.
+    serve = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "serve", "window_post", "-c", str(cfg)],
+        input=b"", capture_output=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    assert serve.returncode == 0, serve.stderr
+    assert serve.stdout == b"window_post processor ready\n"
+    assert b"printed as the plugin is imported" in serve.stderr
+    # prove -c: stdout is the output JSON alone, also with "-o -".
+    for extra in ((), ("-o", "-")):
+        done = _dext("prove", "window_post", "--request", "task.json", "-c", "echo.cfg",
+                     "--no-progress", *extra, cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith('{"proofs":') and done.stdout.count("\n") == 1, done.stdout
+        assert "printed as the plugin is imported" in done.stderr
+        assert "printed by an observer as a request ends" in done.stderr
+    assert not (tmp_path / "-").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -110,7 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " task's paths become store names through --store and --conf-dir",
     )
     parser.add_argument(
-        "-o", "--output", metavar="OUT.json", help="write the output JSON here instead of stdout"
+        "-o",
+        "--output",
+        metavar="OUT.json",
+        help="write the output JSON here instead of stdout (- is stdout)",
     )
     parser.add_argument(
         "--deadline",
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         task = read_task(args.request, args.stage)
     if args.comm_r is None and args.proxy is not None:
         raise UsageError("--proxy goes with --comm-r FILE and --sectors MINER:NUMBER,…")
-    output_path = _check_output_path(args.output) if args.output is not None else None
+    output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
 
     from damocles_ext.progress import ProgressRenderer
 
@@ -168,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         if renderer is not None:
             renderer.update(progress.phase, progress.done, progress.total)
 
+    # Until the output is written, stdout is stderr: a plugin or an observer that prints (as it
+    # is imported, or as a request ends) must not put its line before the output JSON.
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout, python_stdout = sys.stderr, sys.stdout
     try:
         if task is None:  # no sector located: nothing to prove, each is a fault
             from damocles_ext.tasks import WindowPoStOutput
@@ -212,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if renderer is not None:
             renderer.close()
+        sys.stderr.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+        sys.stdout = python_stdout
     if skipped and task is not None:
         from .prove_sectors import with_skipped
 

@@ -198,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
     check_supervising_options(args)
     setup_from_args(args)
+    from damocles_ext.frontends.serve import take_protocol_fds
+
+    # Before any plugin is imported: one that prints would put its line before the ready line.
+    fds = take_protocol_fds()
     if args.jobs is not None:
         from damocles_ext.frontends.serve import serve_jobs
 
@@ -210,12 +214,15 @@ def run(args: argparse.Namespace) -> int:
             poll_interval=args.poll_interval,
             listen=args.listen,
             shutdown_grace=args.shutdown_grace,
+            fds=fds,
         )
     if args.connect is not None:
         from damocles_ext.frontends.serve import serve_connected
 
         socket = None if args.connect is True else args.connect
-        return serve_connected(args.stage, socket, args.shutdown_grace, args.deadline_after)
+        return serve_connected(
+            args.stage, socket, args.shutdown_grace, args.deadline_after, fds=fds
+        )
     config = load_config_from_args(args)
     children = children_of(config, args.stage)
     # damocles' own processor never says ready when its prover cannot load, and then the
@@ -234,4 +241,5 @@ def run(args: argparse.Namespace) -> int:
         children,
         lambda: supervisor_options(args, plugin_manager),
         args.deadline_after,
+        fds=fds,
     )

@@ -31,11 +31,14 @@ def serve_children(
     children: list[ChildSpec],
     supervisor_options: Callable[[], SupervisorOptions],
     deadline_after: float | None = None,
+    *,
+    fds: tuple[int, int],
 ) -> int:
-    """Say ready on stdout, then supervise `children` and answer requests of `stage` on stdio
-    until stdin closes or a signal arrives. `supervisor_options()` gives the Supervisor's keyword
-    arguments; it is called after the ready line, since building them imports the supervisor."""
-    protocol_in, protocol_out = take_protocol_fds()
+    """Say ready on `fds` (take_protocol_fds'), then supervise `children` and answer requests of
+    `stage` there until stdin closes or a signal arrives. `supervisor_options()` gives the
+    Supervisor's keyword arguments; it is called after the ready line, since building them
+    imports the supervisor."""
+    protocol_in, protocol_out = fds
 
     # The config is good: say ready now, before the heavier imports, so that a loaded machine
     # still makes damocles-manager's 5 s limit. Requests wait in the pipe, then in the queue.
@@ -56,7 +59,12 @@ def serve_children(
 
 
 def serve_connected(
-    stage: str, socket: str | None, shutdown_grace: float, deadline_after: float | None = None
+    stage: str,
+    socket: str | None,
+    shutdown_grace: float,
+    deadline_after: float | None = None,
+    *,
+    fds: tuple[int, int],
 ) -> int:
     """serve --connect: connect to the `run` at `socket` (None: its default; UsageError, exit 2,
     before the ready line if nobody listens), then forward each request of `stage` to it."""
@@ -67,7 +75,7 @@ def serve_connected(
     from .forwarder import CONNECT_HINT, forward
 
     remote = ReconnectingClient(socket, hint=CONNECT_HINT)
-    protocol_in, protocol_out = take_protocol_fds()
+    protocol_in, protocol_out = fds
     return trio.run(
         forward, stage, remote, protocol_in, protocol_out, shutdown_grace, deadline_after
     )
@@ -75,8 +83,9 @@ def serve_connected(
 
 def take_protocol_fds() -> tuple[int, int]:
     """Keep the protocol pipes for ourselves and point fds 0/1 elsewhere, so that nothing else in
-    this process (a print, a C library) can read a request or write a stray byte to stdout.
-    os.dup's copies are not inherited by children. Returns (protocol in, protocol out)."""
+    this process (a print, a C library, a plugin as it is imported) can read a request or write a
+    stray byte to stdout; done first thing. os.dup's copies are not inherited by children.
+    Returns (protocol in, protocol out)."""
     protocol_in = os.dup(0)
     protocol_out = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -113,6 +122,7 @@ def serve_jobs(
     poll_interval: float | None,
     listen: tuple[str, int] | None,
     shutdown_grace: float,
+    fds: tuple[int, int],
 ) -> int:
     """serve --jobs: check the store URL, the stores and damocles' config, open the store (and
     bind --listen), all before the ready line so that a mistake fails damocles-manager's start;
@@ -153,7 +163,7 @@ def serve_jobs(
             rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
             # Bound before the ready line: a busy port fails the start (exit 2).
             coordinator = (rpc, CoordinatorServer(rpc, *listen))
-        protocol_in, protocol_out = take_protocol_fds()
+        protocol_in, protocol_out = fds
         write_all(protocol_out, ready_line(stage))
 
         import trio
