@@ -517,6 +517,22 @@ def test_prove_with_a_prover_that_cannot_load_exits_2_at_once(tmp_path):
     assert result.stdout == b""
 
 
+def test_prove_with_a_prover_whose_factory_fails_exits_2_without_restarting_it(tmp_path):
+    # What check-config cannot see: the prover's factory raises in the child (exit code 2).
+    # Before, prove restarted it five times (15 s of backoff), then exited 1.
+    cfg = write_config(
+        tmp_path, '[[WdPost]]\nPlugin = "sleep"\nPluginOptions = { load_fail = true }\n'
+    )
+    result = dext_run(
+        "prove", "window_post", "--request", str(_task_file(tmp_path, make_task())), "-c", str(cfg)
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "prover 'sleep' (plugin testing) failed to start" in err and "fix the config" in err
+    assert "restarting in" not in err and "Traceback" not in err
+    assert result.stdout == b""
+
+
 def test_run_with_a_prover_that_cannot_load_exits_2_before_its_socket_exists(tmp_path, sock_dir):
     cfg = write_config(tmp_path, plugin_block("WinPost", "echo") + REFUSED_OPTION)
     path = sock_dir / "control.sock"

@@ -12,7 +12,8 @@ import trio
 
 from ..api import open_supervisor
 from ..client import connect
-from ..errors import ProverError
+from ..errors import ProverError, UsageError
+from ..supervisor.restart import BackoffPolicy
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -60,13 +61,19 @@ async def _prove_embedded(
 ) -> Output:
     # Caught inside the block: leaving open_supervisor's nursery with an exception would wrap
     # it in an ExceptionGroup.
-    async with open_supervisor(children, plugin_manager=plugin_manager) as supervisor:
+    # A prover that cannot load with this config is said at once (exit code 2), not after the
+    # restarts' backoff; a child that crashes as it starts is retried as `run` would.
+    backoff = BackoffPolicy(give_up_when_refused=True)
+    async with open_supervisor(children, plugin_manager=plugin_manager, backoff=backoff) as sup:
         try:
-            return await supervisor.submit(
+            return await sup.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
         except ProverError as exc:
             error = exc
+            refused = all(c.start_refused for c in sup.statistics().children)
+    if refused:
+        raise UsageError(f"{error}; fix the config (check-config checks what it can)") from None
     raise error
 
 

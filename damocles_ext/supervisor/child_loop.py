@@ -130,6 +130,8 @@ class Child:
         self.next_start_at: float | None = None
         self.started_at: float | None = None
         self.last_exit: str | None = None
+        # Its last start failed with exit code 2 (the child runtime's: the prover cannot load).
+        self.start_refused = False
         self.stop = trio.Event()
         self.launched = False
         self.capacity = max(1, spec.concurrent)
@@ -262,7 +264,7 @@ async def child_loop(
             decision = (
                 child.tracker.exited(now, reason, served=host.book.served(child.name))
                 if was_ready
-                else child.tracker.start_failed(reason)
+                else child.tracker.start_failed(reason, refused=child.start_refused)
             )
             if isinstance(decision, GiveUp):
                 child.change_state(ChildState.FATAL if decision.fatal else ChildState.STOPPED)
@@ -616,6 +618,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
         # prover"; the operator should not have to dig that out of the log.
         what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
     child.last_exit = what
+    child.start_refused = not was_ready and exit_info is not None and exit_info.returncode == 2
     host.tell(host.book.child_lost, child.name, trio.current_time(), what)
     if child.stop.is_set():
         log.info("%s (pid %d): %s", child.name, p.proc.pid, what)

@@ -35,6 +35,11 @@ class BackoffPolicy:
     # The delay is drawn uniformly from [d * (1 - jitter), d]: never above the nominal delay, so
     # `cap` stays a true upper bound.
     jitter: float = 0.2
+    # A child whose start is refused (it exits 2 before its ready message: its prover cannot
+    # load with this config) is FATAL at once rather than retried: a one-shot command (prove
+    # -c) says so promptly. Off for long-running supervisors, where a refusal may pass (a GPU
+    # driver not loaded yet at boot).
+    give_up_when_refused: bool = False
 
     def nominal_delay(self, step: int) -> float:
         """The delay before restart number `step` (0-based) in a row, before jitter."""
@@ -85,10 +90,13 @@ class RestartTracker:
         self.failed_starts = 0
         self._ready_since = now
 
-    def start_failed(self, reason: str) -> Decision:
-        """The child never became ready (spawn error, bad ready message, timeout, early exit)."""
+    def start_failed(self, reason: str, *, refused: bool = False) -> Decision:
+        """The child never became ready (spawn error, bad ready message, timeout, early exit);
+        `refused`: it exited 2, its prover cannot load with this config."""
         self._ready_since = None
         self.failed_starts += 1
+        if refused and self.policy.give_up_when_refused:
+            return GiveUp(f"FATAL: its prover cannot load (last: {reason})", fatal=True)
         if self.failed_starts >= self.policy.max_failed_starts:
             return GiveUp(
                 f"FATAL: {self.failed_starts} failed starts in a row (last: {reason});"

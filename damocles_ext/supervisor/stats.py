@@ -43,6 +43,7 @@ class ChildStats(msgspec.Struct, frozen=True):
     locks: tuple[str, ...] = ()  # the locks it needs to run a request (config: Locks, GpuLock)
     locks_held: tuple[str, ...] = ()  # those the scheduler holds for its running requests now
     tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
+    start_refused: bool = False  # its last start ended in exit code 2: its prover cannot load
 
 
 class StageStats(msgspec.Struct, frozen=True):
@@ -107,6 +108,7 @@ def build_statistics(
                 locks=tuple(c.spec.locks),
                 locks_held=tuple(sorted(held_by.get(c.name, ()))),
                 tmpdir=c.spec.envs.get("TMPDIR"),
+                start_refused=c.start_refused,
             )
         )
     stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))
