@@ -145,7 +145,8 @@ class ProverSpec:
 
     `factory(options)` builds the prover in the child; `validate_options(options)` returns a list
     of human-readable problems (empty when the options are fine) and must not do heavy work: the
-    supervisor's config check calls it too.
+    supervisor's config check calls it too. One that takes a `stage` keyword is given the stage
+    the child serves (e.g. "window_post_snark"), when it is known.
     """
 
     name: str

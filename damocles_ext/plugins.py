@@ -291,11 +291,15 @@ def find_prover(pm: DextPluginManager, name: str, stage: str | None = None) -> P
     return spec
 
 
-def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Options) -> list[str]:
-    """Problems with `options` for `spec`: its own validate_options plus every plugin's hook."""
+def validate_prover_options(
+    pm: DextPluginManager, spec: ProverSpec, options: Options, stage: str | None = None
+) -> list[str]:
+    """Problems with `options` for `spec` (serving `stage`, when known): its own
+    validate_options plus every plugin's hook. A validate_options with a `stage` parameter is
+    given the stage too."""
     problems: list[str] = []
     try:
-        problems.extend(spec.validate_options(options) or [])
+        problems.extend(_as_list(_call_validate(spec.validate_options, options, stage)))
     except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
         problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
@@ -303,13 +307,28 @@ def validate_prover_options(pm: DextPluginManager, spec: ProverSpec, options: Op
             result: Any = impl.function(  # a plugin's answer, not trusted to be a list
                 **_select_args(impl, {"prover_name": spec.name, "options": options})
             )
-            problems.extend(result or [])
+            problems.extend(_as_list(result))
         except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
             problems.append(
                 f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised "
                 f"{type(exc).__name__}: {exc}"
             )
     return [str(p) for p in problems]
+
+
+def _call_validate(validate: Any, options: Options, stage: str | None) -> Any:
+    try:
+        takes_stage = "stage" in inspect.signature(validate).parameters
+    except (TypeError, ValueError):  # a builtin or a C function: no signature to read
+        takes_stage = False
+    return validate(options, stage=stage) if takes_stage else validate(options)
+
+
+def _as_list(problems: Any) -> list[Any]:
+    """A validator's answer as a list: one string is one problem, not one per character."""
+    if isinstance(problems, str):
+        return [problems] if problems else []
+    return list(problems or [])
 
 
 def prover_problems(
@@ -320,7 +339,7 @@ def prover_problems(
         spec = find_prover(pm, name, stage)
     except PluginError as exc:
         return [str(exc)]
-    return [f"prover {name!r}: {p}" for p in validate_prover_options(pm, spec, options)]
+    return [f"prover {name!r}: {p}" for p in validate_prover_options(pm, spec, options, stage)]
 
 
 def load_prover(
@@ -328,7 +347,7 @@ def load_prover(
 ) -> Prover:
     """Find, validate and build a prover; every failure is a PluginError naming the prover."""
     spec = find_prover(pm, name, stage)
-    problems = validate_prover_options(pm, spec, options)
+    problems = validate_prover_options(pm, spec, options, stage)
     if problems:
         raise PluginError(f"invalid options for prover {name!r}: " + "; ".join(problems))
     try:

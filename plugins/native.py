@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from damocles_ext.hookspecs import CancelToken, Options, ProgressCallback, ProverSpec, hookimpl
-from damocles_ext.stages import STAGES  # the PoSt stages and the split WindowPoSt steps
+from damocles_ext.stages import STAGES, WINDOW_POST_SPLIT  # the PoSt stages, the split steps
 
 if TYPE_CHECKING:
     from damocles_ext.post.native import NativeProver
@@ -47,6 +48,9 @@ def _rows_to_discard(value: object) -> int | None:
 
 _ELF_MAGIC = b"\x7fELF"
 _ET_DYN = 3
+_PT_DYNAMIC = 2
+_DT_FLAGS_1 = 0x6FFFFFFB
+_DF_1_PIE = 0x08000000
 _ELF_CLASS = {1: "32-bit", 2: "64-bit"}
 
 
@@ -66,6 +70,8 @@ def _library_problem(path: str) -> str | None:
     order: Literal["little", "big"] = "little" if header[5] == 1 else "big"
     if int.from_bytes(header[16:18], order) != _ET_DYN:
         return "is an ELF file but not a shared library (an executable or an object file?)"
+    if _is_pie(path, header):
+        return "is a program (a position-independent executable), not a shared library"
     try:
         with open("/proc/self/exe", "rb") as f:
             ours = f.read(20)
@@ -81,10 +87,48 @@ def _library_problem(path: str) -> str | None:
     return None
 
 
-def validate_options(options: Options) -> list[str]:
-    """Problems with `native`'s options, each naming the key."""
+def _is_pie(path: str, ident: bytes) -> bool:
+    """Whether the ELF file at `path` (`ident`: its first 20 bytes) has DF_1_PIE in its dynamic
+    section: a program, which dlopen refuses, though its type is ET_DYN as a library's is."""
+    wide = ident[4] == 2  # ELFCLASS64
+    end = "<" if ident[5] == 1 else ">"
+    # (e_phoff, e_phentsize, e_phnum) and (p_offset, p_filesz) where each layout keeps them.
+    table = struct.Struct(end + ("Q14xHH" if wide else "I10xHH"))
+    segment = struct.Struct(end + ("I4xQ16xQ" if wide else "II8xI"))
+    entry = struct.Struct(end + ("QQ" if wide else "II"))
+    try:
+        with open(path, "rb") as f:
+            f.seek(32 if wide else 28)
+            ph_off, ph_size, ph_num = table.unpack(f.read(table.size))
+            for i in range(min(ph_num, 256)):
+                f.seek(ph_off + i * ph_size)
+                p_type, offset, size = segment.unpack(f.read(segment.size))
+                if p_type != _PT_DYNAMIC:
+                    continue
+                f.seek(offset)
+                dynamic = f.read(min(size, 1 << 20))
+                for tag, value in entry.iter_unpack(
+                    dynamic[: len(dynamic) // entry.size * entry.size]
+                ):
+                    if tag == _DT_FLAGS_1:
+                        return bool(value & _DF_1_PIE)
+                    if tag == 0:  # DT_NULL: the end
+                        return False
+    except (OSError, struct.error):
+        pass  # dlopen will tell
+    return False
+
+
+def validate_options(options: Options, stage: str | None = None) -> list[str]:
+    """Problems with `native`'s options, each naming the key (and, for `stage`, the stage)."""
     problems = []
     library = options.get("library")
+    if library is not None and stage in WINDOW_POST_SPLIT:
+        problems.append(
+            f"native: option 'library' cannot serve {stage}: a split WindowPoSt step needs the"
+            " built-in reference library (the C ABI v1 has no vanilla or SNARK entry point);"
+            " serve a vendor library from [[WdPost]]"
+        )
     if library is not None:
         if not isinstance(library, str) or not library:
             problems.append(f"native: option 'library' must be a path, got {library!r}")

@@ -114,3 +114,43 @@ def test_a_cancelled_request_raises_the_plugin_contracts_cancelled(manifest):
             prover.prove(window_task(manifest, SEED), lambda *a: token.cancel("stop"), token)
     finally:
         prover.close()
+
+
+def test_check_config_refuses_a_program_as_a_library_and_a_vendor_library_for_a_split_step(
+    tmp_path,
+):
+    import shutil
+    import subprocess
+    import sys
+
+    import damocles_ext
+
+    program = shutil.which("true")
+    library = str(next(Path(damocles_ext.__file__).parent.glob("_native*.so")))
+    # A position-independent executable is ET_DYN as a library is; dlopen refuses it.
+    (message,) = native_problems({"library": program})
+    assert "is a program (a position-independent executable), not a shared library" in message
+    cfg = tmp_path / "split.cfg"
+    cfg.write_text(
+        f'[[WdPostVanilla]]\nPlugin = "native"\nPluginOptions = {{ library = "{library}" }}\n'
+        f'[[WdPostSnark]]\nPlugin = "native"\nPluginOptions = {{ library = "{library}" }}\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "check-config", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    for stage in ("window_post_vanilla", "window_post_snark"):
+        assert f"option 'library' cannot serve {stage}: a split WindowPoSt step needs" in (
+            done.stdout + done.stderr
+        )
+    # The same library serves a whole WindowPoSt.
+    assert native_problems({"library": library}, stage="window_post") == []
+
+
+def test_a_validator_that_answers_one_string_gives_one_problem():
+    from damocles_ext.hookspecs import ProverSpec
+    from damocles_ext.plugins import get_plugin_manager, validate_prover_options
+
+    spec = ProverSpec("s", ("window_post",), lambda o: None, validate_options=lambda o: "bad x")
+    assert validate_prover_options(get_plugin_manager(entry_points=False), spec, {}) == ["bad x"]
