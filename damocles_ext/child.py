@@ -21,6 +21,7 @@ Lock order, to stay deadlock-free: `_write_lock` before `_state_lock`, never the
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -669,6 +670,9 @@ def main(
     from .errors import UsageError
     from .plugins import get_plugin_manager, load_prover
 
+    # A prover that crashes the process (a native library's SIGSEGV or abort) leaves the Python
+    # stack of each thread on stderr, which the supervisor logs: where it was, not only the signal.
+    faulthandler.enable()
     out_fd = protect_stdout()
     try:
         options: Options = parse_options(option_items)

@@ -469,3 +469,31 @@ async def test_an_output_the_supervisor_could_not_read_fails_its_request_not_the
             assert (await sup.submit(task(5))).proofs == echo_output(task(5)).proofs
             (after,) = sup.statistics().children
             assert after.pid == child.pid and after.restarts == 0
+
+
+CRASHING_PLUGIN = textwrap.dedent(
+    """
+    import ctypes
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+
+    class Crashing:
+        def prove(self, task, progress, cancel):
+            return ctypes.string_at(0)  # SIGSEGV, as a broken native library would
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("crashing", ("window_post",), lambda options: Crashing())]
+    """
+)
+
+
+def test_a_prover_that_crashes_the_child_leaves_where_it_was_on_stderr(tmp_path):
+    root = make_plugin_dist(
+        tmp_path, dist="crashing", module="crashing_plugin", source=CRASHING_PLUGIN
+    )
+    with Child("window_post", "crashing", pythonpath=[root]) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        assert child.wait() == -11  # SIGSEGV
+        assert "Fatal Python error: Segmentation fault" in child.stderr
+        assert 'crashing_plugin.py", line 7 in prove' in child.stderr

@@ -92,6 +92,12 @@ def test_an_error_answer_is_the_answer_and_not_retried():
     assert out == [
         Resolve(req, None, "request 1 (window_post) failed on a (pid 100): no such sector", "error")
     ]
+    req, _ = book.submit(2, window_task(), 2.0)
+    (empty,) = resolved(book.answered("a", 2, 3.0, error=" "))
+    assert empty.error == (
+        "request 2 (window_post) failed on a (pid 100): an error without a message (the prover"
+        " gave none)"
+    )
 
 
 def test_second_and_unknown_answers_are_dropped_with_a_note():

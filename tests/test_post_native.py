@@ -282,7 +282,7 @@ struct dext_handle { int unused; };
 uint32_t dext_abi_version(void) { return 1; }
 dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
 void dext_close(dext_handle *h) { free(h); }
-const char *dext_last_error(dext_handle *h) { (void)h; return "none"; }
+const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
 static dext_result *result(size_t proofs, size_t faults) {
     dext_result *r = calloc(1, sizeof *r);
     r->proofs = calloc(proofs + 1, sizeof *r->proofs);
@@ -305,6 +305,7 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     case 5: *out = result(0, 3); (*out)->faults[0] = second; (*out)->faults[1] = first;
             (*out)->faults[2] = second; return DEXT_OK;  /* out of order, twice */
     case 6: *out = result(2, 0); return DEXT_OK;  /* 5 sectors of 2KiB are 3 partitions */
+    case 7: return DEXT_ERR_IO;  /* and no message */
     default:
         p(c, "\xff\xfe not utf-8", 0, 1);
         p(c, NULL, 1, 1);
@@ -345,12 +346,18 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
                 prover.window_post(msgspec.structs.replace(task, miner_id=miner))
             assert f"window_post: {lib} {words}" in str(raised.value)
             assert "one proof per partition" in str(raised.value)
+        with pytest.raises(ProverError) as raised:
+            prover.window_post(msgspec.structs.replace(task, miner_id=7))
+        assert (
+            f"window_post: DEXT_ERR_IO, and the library gave no message (status 4 from {lib})"
+            in (str(raised.value))
+        )
         faulty = prover.window_post(msgspec.structs.replace(task, miner_id=5))
         assert faulty.faults == sorted(ids[:2]) and faulty.proofs == []
         # Progress with a phase that is not text, or none, does not cost the proof.
         good = prover.window_post(task, progress=lambda *a: seen.append(a))
         assert len(good.proofs) == 3 and good.faults == []
         assert seen == [("\ufffd\ufffd not utf-8", 0, 1)]
-        with pytest.raises(ProverError, match="winning_post: .* returned DEXT_OK with 2 proofs"):
+        with pytest.raises(ProverError, match=r"winning_post: .* returned DEXT_OK with 2 proofs"):
             prover.winning_post(msgspec.structs.replace(winning_task(manifest, SEED), miner_id=1))
         assert len(prover.winning_post(winning_task(manifest, SEED)).proofs) == 1

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 import trio
-from helpers.supervisor import dext_child, spec, window_task
+from helpers.supervisor import dext_child, python_child, spec, window_task
 
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.child_loop import (
@@ -100,3 +100,16 @@ async def test_a_child_that_crashes_goes_through_stopping_and_backoff_and_starts
         ("stopping", "stopped"),
     ]
     assert sup.statistics().children[0].state == "stopped"
+
+
+async def test_a_child_stopped_before_its_ready_message_is_not_called_a_failed_start(caplog):
+    # A child that never says ready until it is stopped (serve < /dev/null stops at once).
+    caplog.set_level(logging.INFO, "damocles_ext.supervisor")
+    sup = Supervisor([spec(python_child("import time; time.sleep(60)"))])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            sup.request_shutdown()
+    (child,) = sup.statistics().children
+    assert child.last_exit.startswith("stopped before it was ready"), child.last_exit
+    assert "failed start" not in caplog.text and "no ready message" not in caplog.text

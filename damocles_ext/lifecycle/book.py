@@ -267,7 +267,8 @@ class RequestBook(BookRules):
             self._attempts.pop(attempt.attempt_id, None)
             if error is not None:
                 c.failed += 1
-                why = f"request {req.rid} ({req.stage}) failed on {process.who}: {error}"
+                said = error.strip() or "an error without a message (the prover gave none)"
+                why = f"request {req.rid} ({req.stage}) failed on {process.who}: {said}"
                 self._resolve(req, out, now, error=why)
             elif output is None or stage_of(output) != req.stage:
                 c.failed += 1

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
     from ..hookspecs import CancelToken
 
 ABI_VERSION = 1
+#: dext_prover.h's status codes, for a failure the library gave no message for.
+_STATUS_NAMES = {
+    1: "DEXT_ERR_INVALID_ARGUMENT",
+    2: "DEXT_ERR_SECTOR",
+    3: "DEXT_ERR_CANCELLED",
+    4: "DEXT_ERR_IO",
+    5: "DEXT_ERR_NOMEM",
+    6: "DEXT_ERR_INVALID_PROOF",
+    7: "DEXT_ERR_INTERNAL",
+}
 REQUIRED_SYMBOLS = (
     "dext_abi_version",
     "dext_open",
@@ -226,7 +236,9 @@ class NativeProver:
             raise state.error
         if status == 0:
             return
-        error = self._last_error(self._handle)
+        error = self._last_error(self._handle).strip() or (
+            f"{_STATUS_NAMES.get(status, 'an unknown status')}, and the library gave no message"
+        )
         message = f"{what}: {error}" if what else error
         lib = self._consts
         if status == lib.DEXT_ERR_INVALID_ARGUMENT:

@@ -417,7 +417,9 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         return False
     if not p.conn.ready:
         wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
-        if p.down_reason is None:
+        if p.down_reason is None and child.stop.is_set():  # not a failure: we stop it
+            mark_down(host, child, p, "stopped before it was ready")
+        elif p.down_reason is None:
             mark_down(
                 host, child, p, f"failed start: no ready message within {timeout:g}s ({wrote})"
             )
