@@ -41,6 +41,17 @@ def test_a_slow_answer_and_a_step_of_the_clock_are_unheard():
     assert hearing.silent_before(T0 + 215, 15) == T0 + 140
 
 
+def test_a_call_is_slow_by_the_clock_that_does_not_step():
+    hearing = Hearing(T0)
+    # The wall clock stepped 16 s while a quick call was in flight: the step is the clock
+    # watch's to tell (when it is on), not a stalled store's.
+    hearing.call_answered(T0 + 100, T0 + 116, took=0.01)
+    assert hearing.silent_before(T0 + 130, 15) == T0 + 115
+    # A stall, though the wall clock says 1 s (it was set back meanwhile): unheard all the same.
+    hearing.call_answered(T0 + 200, T0 + 201, took=SLOW_CALL + 1)
+    assert hearing.silent_before(T0 + 215, 15) == T0 + 199  # 14 s after it, 1 s before
+
+
 def test_failures_that_keep_coming_delay_a_silent_job_by_their_length_only():
     # A store that fails a moment every 10 s, for ever: a dead worker's job is still silent
     # once 15 s were heard since its last heartbeat.

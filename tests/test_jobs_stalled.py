@@ -90,7 +90,7 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
     store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
     try:
         now = [1_700_000_000.0]
-        jobs = TrioJobStore(store, clock=lambda: now[0])
+        jobs = TrioJobStore(store, clock=lambda: now[0], monotonic=lambda: now[0])
         coordinator = Coordinator(jobs, monotonic=lambda: now[0])
         job, _ = await jobs.create(make_input())
         await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")

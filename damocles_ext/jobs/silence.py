@@ -35,13 +35,15 @@ class Hearing:
         if self._down_since is None or started < self._down_since:
             self._down_since = started
 
-    def call_answered(self, started: float, ended: float) -> None:
+    def call_answered(self, started: float, ended: float, took: float | None = None) -> None:
         """A call begun at `started` was answered at `ended`: the store was available again by
-        then; a slow answer (a stalled store) was unheard time."""
+        then; a slow answer (a stalled store) was unheard time. `took`: how long it took on a
+        clock that does not step (a step of the wall clock is not a slow call; the clock's
+        watch tells of it), else `ended - started`."""
         if self._down_since is not None and started >= self._down_since:
             self.deaf(self._down_since, started)
             self._down_since = None
-        if ended - started > SLOW_CALL:
+        if (ended - started if took is None else took) > SLOW_CALL:
             self.deaf(started, ended)
 
     def deaf(self, start: float, end: float) -> None:

@@ -582,9 +582,11 @@ class TrioJobStore:
 
     def __init__(self, store: JobStore, *, threads: int = 4,
                  clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = trio.current_time,
                  call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
         self.store = store
         self.clock = clock
+        self.monotonic = monotonic  # how long a call took (a step of `clock` is not a slow call)
         self.call_timeout = call_timeout
         self._limiter = trio.CapacityLimiter(threads)
         #: Told when the store is unavailable to a call, answers again, or answers slowly (a
@@ -592,7 +594,7 @@ class TrioJobStore:
         self.hearing: Hearing | None = None
 
     async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-        started = self.clock()
+        started, began = self.clock(), self.monotonic()
         try:
             result = await self._call(fn, *args, **kwargs)
         except StoreUnavailable:
@@ -600,14 +602,14 @@ class TrioJobStore:
                 self.hearing.call_failed(started)
             raise
         except StoreError:  # answered, with a refusal or an error of the statement
-            self._answered(started)
+            self._answered(started, began)
             raise
-        self._answered(started)
+        self._answered(started, began)
         return result
 
-    def _answered(self, started: float) -> None:
+    def _answered(self, started: float, began: float) -> None:
         if self.hearing is not None:
-            self.hearing.call_answered(started, self.clock())
+            self.hearing.call_answered(started, self.clock(), self.monotonic() - began)
 
     async def _call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         with trio.move_on_after(self.call_timeout):
