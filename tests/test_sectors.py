@@ -305,6 +305,53 @@ async def test_lookups_to_one_provider_run_at_most_concurrency_at_once(autojump_
     assert trio.current_time() - start == pytest.approx(4)
 
 
+async def test_a_large_batch_is_asked_by_a_few_tasks_not_one_per_sector(autojump_clock):
+    # A million sectors as a million parked tasks took minutes and gigabytes to start and cancel,
+    # far past the lookup's time, and the source was never asked.
+    class Spawned(trio.abc.Instrument):
+        count = 0
+
+        def task_spawned(self, task):
+            self.count += 1
+
+    spawned = Spawned()
+    provider = Recording()
+    locator = SectorLocator([provider], bounds=Bounds(concurrency=4))
+    trio.lowlevel.add_instrument(spawned)
+    try:
+        answers = await locator.locate(refs(*range(20_000)))
+    finally:
+        trio.lowlevel.remove_instrument(spawned)
+    assert all(a.found for a in answers) and len(provider.asked) == 20_000
+    assert spawned.count <= 4 + 1  # the workers (and the nursery's own)
+
+
+async def test_a_lookup_never_queues_behind_the_background_refresh(autojump_clock):
+    class Busy:
+        name = "busy"
+
+        def __init__(self):
+            self.release = trio.Event()
+
+        async def find(self, sector):
+            if sector.number < 1000:  # the refresh's sectors: the provider is slow on them
+                await self.release.wait()
+            return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
+
+    provider = Busy()
+    rules = CacheRules(fresh_for=600, refresh_lead=120)
+    locator = SectorLocator([provider], rules=rules, bounds=Bounds(concurrency=16))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        locator.want(refs(*range(200)), within=60)  # due at once: 200 lookups in the background
+        await trio.sleep(1)
+        start = trio.current_time()
+        [answer] = await locator.locate(refs(5000))
+        assert answer.found and trio.current_time() == start  # no wait for a slot
+        provider.release.set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_slow_provider_leaves_the_next_one_its_share_of_the_time(autojump_clock):
     class Slow:
         name = "slow"

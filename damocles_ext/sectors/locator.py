@@ -61,8 +61,11 @@ log = logging.getLogger("damocles_ext.sectors")
 
 #: Sectors given at once to a provider's optional `find_batch` (the scan: one thread per batch).
 PROVIDER_BATCH = 64
-#: Sectors one background refresh asks for at most, so a foreground batch is never starved.
+#: Sectors one background refresh asks for at most.
 REFRESH_BATCH = 4096
+#: A background refresh asks each provider this share of `Bounds.concurrency` at once, in slots
+#: of its own: a lookup someone waits for never queues behind it.
+REFRESH_SHARE = 4
 
 
 @dataclass(slots=True)
@@ -104,6 +107,8 @@ class SectorLocator:
         self.metrics = metrics
         self.counts = Counts()
         self._limiters = [trio.CapacityLimiter(self.bounds.concurrency) for _ in self.providers]
+        background = max(1, self.bounds.concurrency // REFRESH_SHARE)
+        self._refresh_limiters = [trio.CapacityLimiter(background) for _ in self.providers]
         self._threads = trio.CapacityLimiter(threads)
         self._changed = trio.Event()
 
@@ -232,15 +237,19 @@ class SectorLocator:
             " files are there",
         )  # fmt: skip
 
-    async def _ask(self, sectors: list[SectorRef], phase_end: float) -> dict[SectorRef, _Outcome]:
-        """What the providers say, each in its share of the time to `phase_end`."""
+    async def _ask(
+        self, sectors: list[SectorRef], phase_end: float, *, background: bool = False
+    ) -> dict[SectorRef, _Outcome]:
+        """What the providers say, each in its share of the time to `phase_end` (`background`:
+        a refresh, in its own slots)."""
         outcomes = {sector: _Outcome() for sector in sectors}
+        limiters = self._refresh_limiters if background else self._limiters
         left = sectors
         for i, provider in enumerate(self.providers):
             if not left:
                 break
             slice_end = provider_slice(trio.current_time(), phase_end, len(self.providers) - i)
-            await self._ask_one(provider, self._limiters[i], left, slice_end, outcomes)
+            await self._ask_one(provider, limiters[i], left, slice_end, outcomes)
             left = [s for s in left if outcomes[s].found is None]
         return outcomes
 
@@ -267,6 +276,15 @@ class SectorLocator:
                 self._source_error(provider.name, outcome, message)
             done.add(sector)
 
+        size = 1 if find_batch is None else PROVIDER_BATCH
+        chunks = iter(range(0, len(sectors), size))
+
+        async def worker() -> None:
+            # A few workers take the chunks in turn: a task per chunk would be a million tasks
+            # for a million sectors, whose start and cancellation alone outlast the deadline.
+            for first in chunks:
+                await one(sectors[first : first + size])
+
         async def one(chunk: list[SectorRef]) -> None:
             async with limiter:
                 deadline = min(slice_end, trio.current_time() + lookup_timeout)
@@ -290,11 +308,10 @@ class SectorLocator:
                         for sector in chunk:
                             record(sector, found.get(sector))
 
-        size = 1 if find_batch is None else PROVIDER_BATCH
         with trio.move_on_at(slice_end):
             async with trio.open_nursery() as nursery:
-                for first in range(0, len(sectors), size):
-                    nursery.start_soon(one, sectors[first : first + size])
+                for _ in range(min(int(limiter.total_tokens), -(-len(sectors) // size))):
+                    nursery.start_soon(worker)
         for sector in sectors:
             if sector not in done:
                 self._source_error(
@@ -338,7 +355,7 @@ class SectorLocator:
         replace."""
         start = trio.current_time()
         phase_end, _ = self.bounds.phases(start, self.bounds.batch_timeout)
-        outcomes = await self._ask(list(sectors), phase_end)
+        outcomes = await self._ask(list(sectors), phase_end, background=True)
         now = trio.current_time()
         answered = 0
         failed = []
