@@ -79,7 +79,7 @@ async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(job
 async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocles_source(
     job_store, tmp_path
 ):
-    """worker's locator -> coordinator (its jobs, then its --proxy) -> damocles source node:
+    """worker's locator -> coordinator (its --proxy, then its jobs) -> damocles source node:
     paths from either, the not-found case, and the source's errors passed on."""
     stores = {"store-a": str(tmp_path / "a"), "store-b": str(tmp_path / "b")}
     await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
@@ -111,6 +111,33 @@ async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocl
     assert coordinator.sector_index.status()["answered"] == {
         "learned": 1, "service": 1, "not_found": 1, "errors": 1,
     }  # fmt: skip
+
+
+async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_when_it_is_down(
+    job_store,
+):
+    """A sector moved since its job was made is answered where the source says it is now, in a
+    store this coordinator has not mounted (a damocles proxy node needs none); with the source
+    down, from the job."""
+    from damocles_ext.jobs.rpc import SectorId
+
+    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))  # store-a, store-b
+    with DamoclesSource() as source:
+        source.put(MINER, 0, "store-c")  # moved to a store only the workers have
+        settings = SectorSettings(proxy=source.url, stores={}, relay_names=True)
+        index = SectorIndex(SectorLocator(build_providers(settings)))
+        coordinator = Coordinator(TrioJobStore(job_store), sector_index=index)
+        await coordinator.learn_sectors()
+        assert await index.find("normal", SectorId(MINER, 0)) == {
+            "Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"},
+        }  # fmt: skip
+        source.stop()
+        index.locator.cache.forget(SectorRef(MINER, 0))  # nothing remembered: the job answers
+        assert await index.find("normal", SectorId(MINER, 0)) == {
+            "Found": True, "Instance": {"SealedFile": "store-a", "CacheDir": "store-b"},
+        }  # fmt: skip
+        await index.locator.aclose()
+    assert index.status()["answered"] == {"learned": 1, "service": 1, "not_found": 0, "errors": 0}
 
 
 @pytest.mark.usefixtures("no_leftover_processes")

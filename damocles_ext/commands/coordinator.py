@@ -104,7 +104,9 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     from damocles_ext.sectors import SectorSettings
     from damocles_ext.sectors.locator import SectorLocator, build_providers
 
-    settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
+    settings = SectorSettings(
+        proxy=args.proxy, stores=stores, headers=tuple(args.header), relay_names=True
+    )
     return SectorIndex(SectorLocator(build_providers(settings, get_plugin_manager())))
 
 

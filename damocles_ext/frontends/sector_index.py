@@ -2,10 +2,13 @@
 proxy nodes (`sectors find --proxy`, a `prove --comm-r`, another coordinator's `--proxy`), so a
 chain of proxies behaves as damocles' does.
 
-It answers from the locations it has learned: the store names of each sector in the job inputs
-it has seen (the jobs in the store when it starts, and each job it allocates), then, for a
-sector it has not seen, its own sector-location service when it was given one (`coordinator
---proxy`: a damocles source node, or another coordinator). The answer is damocles' exactly:
+It answers from its own sector-location service when it was given one (`coordinator --proxy`: a
+damocles source node, or another coordinator), whose store names it passes on as they came (its
+own `--store`s need not hold them, as a damocles proxy node needs none); a sector the service
+does not know, or cannot answer for (its source down), from the locations it has learned: the
+store names of each sector in the job inputs it has seen (the jobs in the store when it starts,
+and each job it allocates). The source comes first: a sector moved since its job was made is
+answered where it is now. The answer is damocles' exactly:
 `{"Found": true, "Instance": {"SealedFile": NAME, "CacheDir": NAME}}`, `{"Found": false,
 "Instance": {"SealedFile": "", "CacheDir": ""}}`, and for an index type other than "normal" and
 "upgrade" the method's error `sector indexer of type X is not supported`. A location the service
@@ -63,9 +66,6 @@ class SectorIndex:
         if index_type not in ("normal", "upgrade"):
             raise RpcError(METHOD_ERROR, f"sector indexer of type {index_type} is not supported")
         names = self.learned.get((index_type, sid.Miner, sid.Number))
-        if names is not None:
-            self.answered["learned"] += 1
-            return _found(*names)
         if self.locator is not None:
             from ..sectors import SectorRef
 
@@ -75,13 +75,16 @@ class SectorIndex:
                 raise RpcError(METHOD_ERROR, str(exc)) from None
             [answer] = await self.locator.locate([ref], time_left=4 * LOOKUP_BUDGET)
             location = answer.location
-            if answer.status == "error":
-                self.answered["errors"] += 1
-                raise RpcError(METHOD_ERROR, f"finding {ref}: {answer.detail}")
             # Missing (its files gone here) is still where the index says it is: the names.
             if location is not None and location.sealed_store is not None:
                 self.answered["service"] += 1
                 return _found(location.sealed_store, location.cache_store or location.sealed_store)
+            if answer.status == "error" and names is None:
+                self.answered["errors"] += 1
+                raise RpcError(METHOD_ERROR, f"finding {ref}: {answer.detail}")
+        if names is not None:
+            self.answered["learned"] += 1
+            return _found(*names)
         self.answered["not_found"] += 1
         return NOT_FOUND
 

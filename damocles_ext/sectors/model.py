@@ -138,13 +138,17 @@ class SectorSettings:
     `stores`: store name -> path on this machine (sector-manager.cfg's PersistStores from
     `--conf-dir`, and `--attached NAME=PATH`), used to turn a source node's store names into
     paths and scanned in damocles' layout; `headers`: HTTP headers sent to the source node;
-    `connections`: connections kept open to the source node (its calls run that many at once).
+    `connections`: connections kept open to the source node (its calls run that many at once);
+    `relay_names`: a store name of the source's not among `stores` is kept as a name, its path
+    empty (a coordinator answers other nodes with names, as damocles' proxy node does; their
+    machines have the stores), rather than an error.
     """
 
     proxy: str | None = None
     stores: Mapping[str, str] = field(default_factory=dict)
     headers: tuple[tuple[str, str], ...] = ()
     connections: int = 8
+    relay_names: bool = False
 
 
 # --- time bounds ------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class SourceNode:
         headers: tuple[tuple[str, str], ...] = (),
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         down_for: float = DEFAULT_DOWN_FOR,
+        relay_names: bool = False,
     ) -> None:
         """`address` in any form `jobs.endpoint.parse_endpoint` takes (ValueError naming it);
         `stores` name -> path on this machine. After the source could not be reached, it is not
@@ -77,6 +78,7 @@ class SourceNode:
         self.stores = StoreMap(dict(stores))
         self.name = f"source {self.endpoint.host_header}"
         self.down_for = down_for
+        self.relay_names = relay_names  # a store not known here: its name, an empty path
         #: (when, why) of the last failure to reach the source; None once it answered again.
         self.down: tuple[float, str] | None = None
         self._clients = [
@@ -139,6 +141,9 @@ class SourceNode:
                     self.stores.path_of(name, kind, sector.miner, sector.number, sector.upgrade)
                 )
             except KeyError as exc:
+                if self.relay_names:
+                    paths.append("")
+                    continue
                 raise SectorProviderError(
                     f"{sector}: the source node {self.endpoint.url} keeps its {what} in a store"
                     f" this machine does not know: {exc.args[0]}"
@@ -210,6 +215,7 @@ def builtin_providers(
                 settings.stores,
                 connections=settings.connections,
                 headers=settings.headers,
+                relay_names=settings.relay_names,
             )
         )
     if settings.stores:
