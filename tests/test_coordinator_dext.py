@@ -141,7 +141,7 @@ def test_the_dext_methods_check_their_params():
     body = b'{"jsonrpc":"2.0","method":"Dext.HeartbeatJobs","params":[[{"Id":"x"}],"w"],"id":1}'
     with pytest.raises(rpc.RpcError) as caught:
         rpc.parse_request(body)
-    assert caught.value.code == rpc.INVALID_PARAMS and "Lease" in caught.value.message
+    assert caught.value.code == rpc.PARSE_ERROR and "Lease" in caught.value.message
 
 
 async def test_an_unknown_dext_method_or_a_refused_finish_is_an_error_answer_with_the_id(job_store):

@@ -113,7 +113,9 @@ async def test_json_rpc_errors_are_raised_with_their_code_whatever_the_http_stat
             with pytest.raises(RpcCallError) as caught:
                 await client.call("Venus.NoSuchMethod")
             assert (caught.value.status, caught.value.code) == (500, rpc.METHOD_NOT_FOUND)
-            assert caught.value.message == "method 'Venus.NoSuchMethod' not found"
+            assert (
+                caught.value.message == "(error code -32601) method 'Venus.NoSuchMethod' not found"
+            )
             with pytest.raises(RpcCallError) as caught:
                 await client.call("Venus.WdPoStResetJob", "nope")
             assert (caught.value.status, caught.value.code) == (200, rpc.METHOD_ERROR)

@@ -67,7 +67,7 @@ def test_the_look_alike_answers_in_damocles_forms(manager):
     jid = manager.create(job_input())
     assert post("Dext.AllocateJobs", {}, 1, "w") == (500, {
         "jsonrpc": "2.0", "id": 1,
-        "error": {"code": -32601, "message": "method 'Dext.AllocateJobs' not found"},
+        "error": {"code": -32601, "message": "(error code -32601) method 'Dext.AllocateJobs' not found"},
     })  # fmt: skip
     status, answer = post("Venus.WdPoStHeartbeatJobs", [jid, "nope"], "w")
     assert (status, answer["error"]) == (200, {"code": 1, "message": KEY_NOT_FOUND})

@@ -2,10 +2,13 @@
 
 A request is one POST body `{"jsonrpc":"2.0","method":"Venus.X","params":[...],"id":N}` with
 positional params; the answer carries `result` (`null` for a method that returns nothing) or
-`error: {code, message}`. go-jsonrpc answers a body it cannot read, an unknown method or wrong
-params with HTTP 500 and a JSON-RPC error code (-32700, -32600, -32601, -32602), and an error a
-method returns with HTTP 200 and code 1; damocles-worker reads the JSON body of a 500, so the
-status and the body must both be right.
+`error: {code, message}`. go-jsonrpc (v0.1.9, the fork damocles uses) answers a body or a param
+it cannot read with HTTP 500 and code -32700, an unknown method with -32601, a wrong number of
+params with -32602, each message led by `(error code N) `; an error a method returns with HTTP
+200, code 1 and the method's own text. damocles-worker reads the JSON body of a 500, so the
+status and the body must both be right. It does not check "jsonrpc"; neither do we. Beside it:
+where go-jsonrpc answers a request without an id (a notification) with an empty body, we answer
+with `"id":null`, and a body it cannot read with our reason.
 
 Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator does the calls.
 """
@@ -106,6 +109,8 @@ class RpcError(Exception):
     """An answer that is an error; `request_id` is the request's id when it could be read."""
 
     def __init__(self, code: int, message: str, request_id: Any = None) -> None:
+        if code not in _HTTP_STATUS:  # go-jsonrpc's own errors: fmt.Errorf("(%w) ...", code)
+            message = f"(error code {code}) {message}"
         super().__init__(message)
         self.code = code
         self.message = message
@@ -134,7 +139,7 @@ class _Envelope(msgspec.Struct):
     id: int | str | None = None
 
 
-_decoder = msgspec.json.Decoder(_Envelope)
+_decoder = msgspec.json.Decoder(_Envelope | None)  # Go reads `null` as an empty request
 _encoder = msgspec.json.Encoder()
 
 
@@ -143,24 +148,23 @@ def parse_request(body: bytes) -> Call:
     try:
         envelope = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise RpcError(INVALID_REQUEST, f"invalid JSON-RPC request: {exc}") from None
+        raise RpcError(PARSE_ERROR, f"unmarshaling request: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise RpcError(PARSE_ERROR, f"the body is not JSON: {exc}") from None
+        raise RpcError(PARSE_ERROR, f"unmarshaling request: the body is not JSON: {exc}") from None
     except RecursionError:  # msgspec's nesting limit is Python's recursion limit
-        raise RpcError(PARSE_ERROR, f"the body is not JSON: {NESTED_TOO_DEEPLY}") from None
+        raise RpcError(PARSE_ERROR, f"unmarshaling request: {NESTED_TOO_DEEPLY}") from None
+    if envelope is None:
+        envelope = _Envelope()
     rid = envelope.id
-    if envelope.jsonrpc != "2.0":
-        raise RpcError(INVALID_REQUEST, f'"jsonrpc" must be "2.0", got {envelope.jsonrpc!r}', rid)
-    if not envelope.method:
-        raise RpcError(INVALID_REQUEST, 'the request has no "method"', rid)
-    types = METHODS.get(envelope.method)
+    method = envelope.method or ""
+    types = METHODS.get(method)
     if types is None:
-        raise RpcError(METHOD_NOT_FOUND, f"method '{envelope.method}' not found", rid)
+        raise RpcError(METHOD_NOT_FOUND, f"method '{method}' not found", rid)
     params = envelope.params or []
     if len(params) != len(types):
         raise RpcError(
             INVALID_PARAMS,
-            f"wrong param count (method '{envelope.method}'): {len(params)} != {len(types)}",
+            f"wrong param count (method '{method}'): {len(params)} != {len(types)}",
             rid,
         )
     converted = []
@@ -170,13 +174,13 @@ def parse_request(body: bytes) -> Call:
         except msgspec.ValidationError as exc:
             hint = "; send at most that many in one call" if "length <=" in str(exc) else ""
             raise RpcError(
-                INVALID_PARAMS,
-                f"method '{envelope.method}': param {index}: {exc}{hint}",
+                PARSE_ERROR,
+                f"unmarshaling params for '{method}' (param: {index}): {exc}{hint}",
                 rid,
             ) from None
-    if envelope.method in _ALLOCATIONS:
-        _check_worker_key(envelope.method, converted[0], converted[2], rid)
-    return Call(envelope.method, tuple(converted), rid)
+    if method in _ALLOCATIONS:
+        _check_worker_key(method, converted[0], converted[2], rid)
+    return Call(method, tuple(converted), rid)
 
 
 def worker_key_size(worker: str, spec: AllocationSpec) -> int:

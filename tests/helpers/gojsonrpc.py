@@ -3,10 +3,11 @@ for tests that need a peer built independently of our own server code: a damocle
 look-alike (`--worker-prover`, or a proxy's source node) is a dict of method handlers served by
 this class.
 
-Forms, as in /work/shared/damocles-worker-prover.md: positional params; an unknown method is
-HTTP 500 with JSON-RPC error -32601 (`method 'X' not found`); a malformed body is HTTP 500 with
--32700 or -32600; an error a method returns (a `MethodError`) is HTTP 200 with code 1 and its
-text; a nil result is `"result": null`. The standard library's threading HTTP server runs it, in
+Forms, as go-jsonrpc v0.1.9 (handler.go, server.go) writes them: positional params; an unknown
+method is HTTP 500 with JSON-RPC error -32601 (`(error code -32601) method 'X' not found`); a
+body or a param it cannot read is HTTP 500 with -32700, a wrong param count -32602; an error a
+method returns (a `MethodError`) is HTTP 200 with code 1 and its text; a nil result is
+`"result": null`. The standard library's threading HTTP server runs it, in
 a thread of the test's process, HTTP/1.1 with keep-alive.
 
 `stop()` closes the port and cuts the connections open on it, and `start()` opens the same port
@@ -168,9 +169,9 @@ class GoJsonRpcServer:
         try:
             request = json.loads(body)
         except ValueError as e:
-            return 500, _error(None, -32700, f"unmarshaling request: {e}")
+            return 500, _error(None, -32700, f"(error code -32700) unmarshaling request: {e}")
         if not isinstance(request, dict) or not isinstance(request.get("method"), str):
-            return 500, _error(None, -32600, "invalid request")
+            return 500, _error(None, -32700, "(error code -32700) unmarshaling request")
         rid = request.get("id")
         method = request["method"]
         params = request.get("params") or []
@@ -179,15 +180,15 @@ class GoJsonRpcServer:
         self._open.wait()
         handler = self.methods.get(method)
         if handler is None:
-            return 500, _error(rid, -32601, f"method '{method}' not found")
+            return 500, _error(rid, -32601, f"(error code -32601) method '{method}' not found")
         if not isinstance(params, list):
-            return 500, _error(rid, -32602, "params must be an array")
+            return 500, _error(rid, -32700, "(error code -32700) unmarshaling param array")
         try:
             result = handler(*params)
         except MethodError as e:
             return 200, _error(rid, 1, str(e))
         except TypeError as e:
-            return 500, _error(rid, -32602, f"wrong param count: {e}")
+            return 500, _error(rid, -32602, f"(error code -32602) wrong param count: {e}")
         return 200, {"jsonrpc": "2.0", "id": rid, "result": result}
 
 
