@@ -641,6 +641,26 @@ async def test_with_a_token_every_request_must_carry_it_as_a_bearer_token(sqlite
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("open_index", [False, True])
+async def test_the_index_may_be_answered_without_the_token_as_a_damocles_proxy_node_asks_it(
+    sqlite_store, open_index
+):
+    # damocles-manager --proxy calls its source with no token (an empty one).
+    find = b'{"jsonrpc":"2.0","method":"Venus.SectorIndexerFind","params":["normal",{"Miner":1,"Number":2}],"id":1}'  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, token=TOKEN, index_without_token=open_index)
+        client = await connect(server)
+        status, body = await client.post(find)
+        if open_index:
+            assert (status, msgspec.json.decode(body)["result"]["Found"]) == (200, False)
+        else:
+            assert status == 401
+        for other in (b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":2}', b"not json"):
+            status, body = await client.post(other)  # every other method still needs it
+            assert status == 401 and msgspec.json.decode(body)["error"]["code"] == rpc.UNAUTHORIZED
+        nursery.cancel_scope.cancel()
+
+
 async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
     # Refused on its headers and closed: a client without the token cannot make the coordinator
     # read (up to 16 MiB) bodies it will never use.
@@ -673,6 +693,14 @@ async def test_a_missing_or_empty_token_file_exits_2_saying_why(tmp_path, conten
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     expected = b"cannot read the token file" if content is None else b"has no token"
     assert expected in done.stderr and str(token_file).encode() in done.stderr
+
+
+async def test_the_open_index_without_a_token_file_is_a_usage_error(tmp_path):
+    done = await dext_run_async(
+        "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--index-without-token"
+    )
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"--index-without-token goes with --token-file" in done.stderr
 
 
 def test_a_body_nested_too_deeply_is_a_parse_error_not_an_exception():

@@ -77,6 +77,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ' with [sector_manager] rpc_client.headers = { Authorization = "Bearer <token>" }.'
         " Without it, anyone who reaches the port may take and finish jobs",
     )
+    parser.add_argument(
+        "--index-without-token",
+        action="store_true",
+        help="with --token-file, answer Venus.SectorIndexerFind (read-only: which store holds a"
+        " sector) without the token: a damocles proxy node (damocles-manager --proxy) calls its"
+        " source without one; every other method still needs it",
+    )
     parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store
     # names become paths through --store and --conf-dir's stores).
@@ -124,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("damocles_ext.coordinator")
     setup_from_args(args)
+    if args.index_without_token and args.token_file is None:
+        from damocles_ext.errors import UsageError
+
+        raise UsageError(
+            "--index-without-token goes with --token-file: without a token every method is"
+            " answered without one already"
+        )
     settings = read_settings(args.conf_dir, args.store)
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -150,7 +164,13 @@ def run(args: argparse.Namespace) -> int:
 
             # Venus.SectorIndexerFind's lookups through --proxy: hits, source errors, stale.
             locator.metrics = SectorMetrics(metrics.registry)
-        server = CoordinatorServer(coordinator, host, port, token=args.token_file)
+        server = CoordinatorServer(
+            coordinator,
+            host,
+            port,
+            token=args.token_file,
+            index_without_token=args.index_without_token,
+        )
         try:
             if metrics is not None:
                 metrics_server = MetricsServer(metrics, *args.metrics)

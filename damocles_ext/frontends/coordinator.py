@@ -49,6 +49,8 @@ CLOCK_STEP = 5.0
 # this is not even read (the connection is closed), so that a client without the token cannot
 # make the coordinator read megabytes.
 UNAUTHORIZED_BODY = 64 * 1024
+#: The one method `--index-without-token` answers without the token.
+INDEX_METHOD = "Venus.SectorIndexerFind"
 
 
 class Coordinator:
@@ -301,10 +303,14 @@ class CoordinatorServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_body: int = MAX_BODY,
         token: str | None = None,
+        index_without_token: bool = False,
     ) -> None:
         self.coordinator = coordinator
         #: When set, every request must carry `Authorization: Bearer <token>`.
         self.token = None if token is None else token.encode()
+        #: Venus.SectorIndexerFind answered without the token (read-only): a damocles proxy node
+        #: calls its source without one.
+        self.index_without_token = index_without_token
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_body = max_body
@@ -373,7 +379,8 @@ class _Connection(HttpConnection):
         if self._refused is not None:
             if size > UNAUTHORIZED_BODY:
                 raise _unauthorized(self._refused)
-            return False  # read to keep the connection usable, never kept
+            # Read to keep the connection usable; kept only to see if it asks the open index.
+            return self._server.index_without_token
         if size > self._server.max_body:
             raise self._too_large()
         return True
@@ -389,7 +396,7 @@ class _Connection(HttpConnection):
         return rpc.check_bearer(given, token)
 
     async def answer(self, request: h11.Request, body: bytes) -> None:
-        if self._refused is not None:
+        if self._refused is not None and not self._asks_open_index(body):
             # The connection stays open: a client that fixes its header may go on using it.
             refusal = _unauthorized(self._refused)
             await self.send(refusal.status, refusal.body, content_type=refusal.content_type,
@@ -401,6 +408,14 @@ class _Connection(HttpConnection):
         else:
             status, answer = await self._server.coordinator.answer(body)
             await self.send(status, answer, content_type="application/json")
+
+    def _asks_open_index(self, body: bytes) -> bool:
+        if not self._server.index_without_token:
+            return False
+        try:
+            return rpc.parse_request(body).method == INDEX_METHOD
+        except rpc.RpcError:
+            return False
 
 
 def _unauthorized(error: rpc.RpcError) -> Refuse:
