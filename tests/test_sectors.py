@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,25 @@ async def test_with_the_source_down_proofs_come_from_cached_locations_and_gone_s
     verify_window_post(task, output)
     assert output.proofs and not output.faults and len(replicas) == 2
     assert [a.sector for a in answers if a.status == "missing"] == [gone]
+
+
+async def test_something_else_than_a_source_node_at_the_address_is_named_as_such():
+    # A proxy in front of a stopped source answers HTML: the error says what should be there.
+    async def html(stream):
+        async with stream:
+            await stream.receive_some(65536)
+            page = b"<html>502 Bad Gateway</html>"
+            await stream.send_all(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(page), page)
+            )
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, html, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with SectorLocator([SourceNode(f"127.0.0.1:{port}", {})]) as locator:
+            [answer] = await locator.locate(refs(1))
+        nursery.cancel_scope.cancel()
+    assert answer.status == "error"
+    assert "check that the address is a damocles source node's RPC" in answer.detail
+    assert "worker-prover" not in answer.detail

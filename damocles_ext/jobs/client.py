@@ -93,6 +93,12 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+#: What a worker-prover client's address should be (RpcClient's `serves`).
+WORKER_PROVER_RPC = (
+    "a worker-prover RPC (damocles-ext coordinator, or damocles-manager --worker-prover)"
+)
+
+
 class RpcClient:
     """`await client.call("Venus.WdPoStAllJobs")`; use it as `async with RpcClient(url) as c`."""
 
@@ -104,10 +110,13 @@ class RpcClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_answer: int = DEFAULT_MAX_ANSWER,
         headers: list[tuple[str, str]] | None = None,
+        serves: str = WORKER_PROVER_RPC,
     ) -> None:
         """`address` in any form `endpoint.parse_endpoint` takes (ValueError when it is none);
         `token` is sent as `Authorization: Bearer <token>`; `headers` are sent as given (as a
-        damocles-worker's `rpc_client.headers`)."""
+        damocles-worker's `rpc_client.headers`); `serves` names what should answer there, for
+        the error when something else does."""
+        self.serves = serves
         self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
         self.url = self.endpoint.url
         self.timeout = timeout
@@ -183,8 +192,7 @@ class RpcClient:
             text = body[:200].decode("utf-8", "replace").strip()
             raise RpcProtocolError(
                 f"{self.url} answered {method} with HTTP {status} and a body that is not a "
-                f"JSON-RPC answer ({text!r}); check that the address is a worker-prover RPC "
-                "(damocles-ext coordinator, or damocles-manager --worker-prover)",
+                f"JSON-RPC answer ({text!r}); check that the address is {self.serves}",
                 url=self.url,
                 method=method,
             ) from None

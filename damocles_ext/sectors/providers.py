@@ -56,6 +56,10 @@ class IndexLocation(msgspec.Struct, frozen=True):
     Instance: IndexInstance = IndexInstance(SealedFile="", CacheDir="")
 
 
+#: What a source node's address should be (the error when something else answers there).
+SOURCE_RPC = "a damocles source node's RPC (damocles-manager, or damocles-ext coordinator)"
+
+
 class SourceNode:
     """Sector locations from a damocles source node (`--proxy`)."""
 
@@ -82,7 +86,7 @@ class SourceNode:
         #: (when, why) of the last failure to reach the source; None once it answered again.
         self.down: tuple[float, str] | None = None
         self._clients = [
-            RpcClient(self.endpoint, timeout=call_timeout, headers=list(headers))
+            RpcClient(self.endpoint, timeout=call_timeout, headers=list(headers), serves=SOURCE_RPC)
             for _ in range(max(1, connections))
         ]
         self._send, self._receive = trio.open_memory_channel[RpcClient](len(self._clients))
