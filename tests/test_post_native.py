@@ -304,7 +304,7 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     case 4: *out = result(0, 1); (*out)->faults[0] = 999999; return DEXT_OK;
     case 5: *out = result(0, 3); (*out)->faults[0] = second; (*out)->faults[1] = first;
             (*out)->faults[2] = second; return DEXT_OK;  /* out of order, twice */
-    case 6: *out = result(2, 0); return DEXT_OK;  /* 5 sectors of 2KiB are 3 partitions */
+    case 6: *out = result(1, 0); return DEXT_OK;  /* one blob for all partitions */
     case 7: return DEXT_ERR_IO;  /* and no message */
     default:
         p(c, "\xff\xfe not utf-8", 0, 1);
@@ -334,10 +334,9 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
     ids = [r.sector_id for r in task.replicas]
     broken = {
         1: "returned DEXT_OK without a result",
-        2: "returned DEXT_OK with 0 proofs for 3 partitions of 2 sectors",
+        2: "returned DEXT_OK with neither proofs nor faults",
         3: "returned DEXT_OK with 1 proofs beside its faults",
         4: "returned DEXT_OK with faults for sectors not in the task: [999999]",
-        6: "returned DEXT_OK with 2 proofs for 3 partitions of 2 sectors",
     }
     seen = []
     with NativeProver(lib) as prover:
@@ -345,13 +344,17 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
             with pytest.raises(ProverError) as raised:
                 prover.window_post(msgspec.structs.replace(task, miner_id=miner))
             assert f"window_post: {lib} {words}" in str(raised.value)
-            assert "one proof per partition" in str(raised.value)
+            assert "a window_post result holds its proofs, or the task's faulty" in str(
+                raised.value
+            )
         with pytest.raises(ProverError) as raised:
             prover.window_post(msgspec.structs.replace(task, miner_id=7))
         assert (
             f"window_post: DEXT_ERR_IO, and the library gave no message (status 4 from {lib})"
             in (str(raised.value))
         )
+        # One proof for several partitions, as filecoin-proofs answers: passed on.
+        assert len(prover.window_post(msgspec.structs.replace(task, miner_id=6)).proofs) == 1
         faulty = prover.window_post(msgspec.structs.replace(task, miner_id=5))
         assert faulty.faults == sorted(ids[:2]) and faulty.proofs == []
         # Progress with a phase that is not text, or none, does not cost the proof.
