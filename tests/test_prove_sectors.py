@@ -140,3 +140,25 @@ def test_a_sector_list_reads_miners_numbers_and_upgraded_sectors():
         SectorRef(1000, 5),
         SectorRef(1000, 6, upgrade=True),
     ]
+
+
+def test_a_plugin_that_prints_as_sectors_are_located_stays_out_of_the_output(store, tmp_path):
+    # The sector providers load every plugin, before the proving does.
+    import subprocess
+    import sys
+
+    from helpers.child import child_env, make_plugin_dist
+    from test_cli_output import PRINTING_PLUGIN
+
+    make_plugin_dist(
+        tmp_path / "p", dist="printing", module="printing_plugin", source=PRINTING_PLUGIN
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "prove", "window_post", "--sectors", f"{MINER}:1",
+         "--comm-r", str(store / "comm_r.json"), "--seed", SEED, "--proof-type", PROOF_TYPE,
+         "--attached", f"store-s={store / 's'}", "-c", str(store / "c.cfg"), "--no-progress"],
+        capture_output=True, text=True, timeout=60, check=False, env=child_env([tmp_path / "p"]),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('{"proofs":') and done.stdout.count("\n") == 1, done.stdout
+    assert "printed as the plugin is imported" in done.stderr

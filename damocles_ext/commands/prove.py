@@ -142,9 +142,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
+    setup_from_args(args)
+    # Until the output is written, stdout is stderr: a plugin or an observer that prints (as it
+    # is imported to find sectors or to prove, or as a request ends) must not put its line
+    # before the output JSON.
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout, python_stdout = sys.stderr, sys.stdout
+    try:
+        output, output_path = _prove(args)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+        sys.stdout = python_stdout
+    _emit(output, output_path)
+    return 0
+
+
+def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
+    """The output of the task the arguments say, and where it goes (None: stdout)."""
     from .common import children_of, load_config_from_args
 
-    setup_from_args(args)
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     skipped: list[int] = []
     task: PoStTask | None
@@ -172,12 +192,6 @@ def run(args: argparse.Namespace) -> int:
         if renderer is not None:
             renderer.update(progress.phase, progress.done, progress.total)
 
-    # Until the output is written, stdout is stderr: a plugin or an observer that prints (as it
-    # is imported, or as a request ends) must not put its line before the output JSON.
-    sys.stdout.flush()
-    saved_stdout = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout, python_stdout = sys.stderr, sys.stdout
     try:
         if task is None:  # no sector located: nothing to prove, each is a fault
             from damocles_ext.tasks import WindowPoStOutput
@@ -222,16 +236,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if renderer is not None:
             renderer.close()
-        sys.stderr.flush()
-        os.dup2(saved_stdout, 1)
-        os.close(saved_stdout)
-        sys.stdout = python_stdout
     if skipped and task is not None:
         from .prove_sectors import with_skipped
 
         output = with_skipped(output, skipped)
-    _emit(output, output_path)
-    return 0
+    return output, output_path
 
 
 def _check_jobs_args(args: argparse.Namespace) -> None:
