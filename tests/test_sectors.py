@@ -353,6 +353,33 @@ async def test_a_lookup_never_queues_behind_the_background_refresh(autojump_cloc
         nursery.cancel_scope.cancel()
 
 
+async def test_the_refresh_and_lookups_together_keep_to_concurrency_calls(autojump_clock):
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.now = self.most = 0
+
+        async def find(self, sector):
+            self.now += 1
+            self.most = max(self.most, self.now)
+            await trio.sleep(1)
+            self.now -= 1
+            return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
+
+    provider = Counting()  # a provider that wants its calls one at a time
+    rules = CacheRules(fresh_for=600, refresh_lead=120)
+    locator = SectorLocator([provider], rules=rules, bounds=Bounds(concurrency=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        locator.want(refs(*range(20)), within=60)
+        await trio.sleep(0.5)
+        answers = await locator.locate(refs(100, 101))
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert all(a.found for a in answers) and provider.most == 1
+
+
 async def test_a_slow_provider_leaves_the_next_one_its_share_of_the_time(autojump_clock):
     class Slow:
         name = "slow"

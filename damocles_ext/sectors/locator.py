@@ -63,8 +63,8 @@ log = logging.getLogger("damocles_ext.sectors")
 PROVIDER_BATCH = 64
 #: Sectors one background refresh asks for at most.
 REFRESH_BATCH = 4096
-#: A background refresh asks each provider this share of `Bounds.concurrency` at once, in slots
-#: of its own: a lookup someone waits for never queues behind it.
+#: A background refresh asks each provider at most this share of `Bounds.concurrency` at once:
+#: a lookup someone waits for queues behind a few of its calls at most, never behind thousands.
 REFRESH_SHARE = 4
 
 
@@ -243,13 +243,15 @@ class SectorLocator:
         """What the providers say, each in its share of the time to `phase_end` (`background`:
         a refresh, in its own slots)."""
         outcomes = {sector: _Outcome() for sector in sectors}
-        limiters = self._refresh_limiters if background else self._limiters
         left = sectors
         for i, provider in enumerate(self.providers):
             if not left:
                 break
             slice_end = provider_slice(trio.current_time(), phase_end, len(self.providers) - i)
-            await self._ask_one(provider, limiters[i], left, slice_end, outcomes)
+            # A refresh takes one of its own few slots, then one of the provider's: never more
+            # than `concurrency` calls to it at once in all.
+            share = self._refresh_limiters[i] if background else None
+            await self._ask_one(provider, self._limiters[i], left, slice_end, outcomes, share)
             left = [s for s in left if outcomes[s].found is None]
         return outcomes
 
@@ -260,6 +262,7 @@ class SectorLocator:
         sectors: list[SectorRef],
         slice_end: float,
         outcomes: dict[SectorRef, _Outcome],
+        share: trio.CapacityLimiter | None = None,
     ) -> None:
         done: set[SectorRef] = set()
         lookup_timeout = self.bounds.lookup_timeout
@@ -286,31 +289,39 @@ class SectorLocator:
                 await one(sectors[first : first + size])
 
         async def one(chunk: list[SectorRef]) -> None:
-            async with limiter:
-                deadline = min(slice_end, trio.current_time() + lookup_timeout)
-                with trio.move_on_at(deadline):
-                    try:
-                        if find_batch is None:
-                            [sector] = chunk
-                            found = {sector: await provider.find(sector)}
-                        else:
-                            found = await find_batch(chunk)
-                    except SectorProviderError as exc:
-                        for sector in chunk:
-                            self._source_error(provider.name, outcomes[sector], str(exc))
-                            done.add(sector)
-                    except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
-                        for sector in chunk:
-                            message = f"{sector}: {type(exc).__name__}: {exc}"
-                            self._source_error(provider.name, outcomes[sector], message)
-                            done.add(sector)
+            if share is None:
+                async with limiter:
+                    await ask(chunk)
+            else:
+                async with share, limiter:
+                    await ask(chunk)
+
+        async def ask(chunk: list[SectorRef]) -> None:
+            deadline = min(slice_end, trio.current_time() + lookup_timeout)
+            with trio.move_on_at(deadline):
+                try:
+                    if find_batch is None:
+                        [sector] = chunk
+                        found = {sector: await provider.find(sector)}
                     else:
-                        for sector in chunk:
-                            record(sector, found.get(sector))
+                        found = await find_batch(chunk)
+                except SectorProviderError as exc:
+                    for sector in chunk:
+                        self._source_error(provider.name, outcomes[sector], str(exc))
+                        done.add(sector)
+                except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
+                    for sector in chunk:
+                        message = f"{sector}: {type(exc).__name__}: {exc}"
+                        self._source_error(provider.name, outcomes[sector], message)
+                        done.add(sector)
+                else:
+                    for sector in chunk:
+                        record(sector, found.get(sector))
 
         with trio.move_on_at(slice_end):
             async with trio.open_nursery() as nursery:
-                for _ in range(min(int(limiter.total_tokens), -(-len(sectors) // size))):
+                slots = int((share or limiter).total_tokens)
+                for _ in range(min(slots, -(-len(sectors) // size))):
                     nursery.start_soon(worker)
         for sector in sectors:
             if sector not in done:
