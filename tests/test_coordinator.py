@@ -187,10 +187,10 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_serving(job
         nursery.cancel_scope.cancel()
 
 
-async def test_over_long_id_lists_and_filters_are_invalid_params_answered_at_once(job_store):
+async def test_over_long_id_lists_and_filters_are_refused_params_answered_at_once(job_store):
     # One heartbeat naming a million jobs held the store's write lock for half a minute, id by
     # id, and a long filter failed in the database (too many SQL variables, or an index row
-    # too large): all are refused at the door, as invalid params.
+    # too large): all are refused at the door, as params it cannot take.
     async with trio.open_nursery() as nursery:
         server = await serving(nursery, job_store)
         client = await connect(server)

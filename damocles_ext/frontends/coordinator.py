@@ -103,7 +103,8 @@ class Coordinator:
                 return await self.dext.call(name, call.params)
             return await getattr(self, "_" + name)(*call.params)
         except rpc.RpcError as exc:
-            raise rpc.RpcError(exc.code, exc.message, call.request_id) from None
+            exc.request_id = call.request_id  # its message already as it goes out
+            raise
         except StoreError as exc:
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
