@@ -304,6 +304,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     spec = child.spec
     if child.state is not ChildState.STARTING:  # the first start begins in it
         child.change_state(ChildState.STARTING)
+    child.start_refused = False  # of this process only: said again if it refuses too
     host.changed()
     env = build_env(spec.inherit_envs, spec.envs)
     mark = host.reaper.adopter.mark(env)
