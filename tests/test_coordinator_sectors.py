@@ -118,26 +118,32 @@ async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_wh
 ):
     """A sector moved since its job was made is answered where the source says it is now, in a
     store this coordinator has not mounted (a damocles proxy node needs none); with the source
-    down, from the job."""
+    down, from what it last heard of the source (names only: no files here to check), then
+    from the job."""
     from damocles_ext.jobs.rpc import SectorId
+    from damocles_ext.sectors.cache import CacheRules
 
+    sector, sid = SectorRef(MINER, 0), SectorId(MINER, 0)
+    moved = {"Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"}}
     await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))  # store-a, store-b
     with DamoclesSource() as source:
         source.put(MINER, 0, "store-c")  # moved to a store only the workers have
         settings = SectorSettings(proxy=source.url, stores={}, relay_names=True)
-        index = SectorIndex(SectorLocator(build_providers(settings)))
+        rules = CacheRules(fresh_for=1e-9, refresh_lead=0)  # never fresh: asked each time
+        index = SectorIndex(SectorLocator(build_providers(settings), rules=rules))
         coordinator = Coordinator(TrioJobStore(job_store), sector_index=index)
         await coordinator.learn_sectors()
-        assert await index.find("normal", SectorId(MINER, 0)) == {
-            "Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"},
-        }  # fmt: skip
+        assert await index.find("normal", sid) == moved
         source.stop()
-        index.locator.cache.forget(SectorRef(MINER, 0))  # nothing remembered: the job answers
-        assert await index.find("normal", SectorId(MINER, 0)) == {
+        assert await index.find("normal", sid) == moved
+        locator = index.locator.status()
+        assert (locator["stale_answers"], locator["missing"]) == (1, 0)
+        index.locator.cache.forget(sector)
+        assert await index.find("normal", sid) == {
             "Found": True, "Instance": {"SealedFile": "store-a", "CacheDir": "store-b"},
         }  # fmt: skip
         await index.locator.aclose()
-    assert index.status()["answered"] == {"learned": 1, "service": 1, "not_found": 0, "errors": 0}
+    assert index.status()["answered"] == {"learned": 1, "service": 2, "not_found": 0, "errors": 0}
 
 
 @pytest.mark.usefixtures("no_leftover_processes")

@@ -200,6 +200,14 @@ class SectorLocator:
                 )
                 continue
             where = entry.location
+            if not where.sealed_file:  # store names only (relayed): no files here to look at
+                self._count("stale_answers")
+                answers[sector] = SectorAnswer(
+                    sector, "found", where, entry.provider, True, entry.age(now),
+                    f"{why}; the last known store names ({entry.provider}, {entry.age(now):.0f} s"
+                    " ago) are given, its files being on other machines",
+                )  # fmt: skip
+                continue
             key = (posixpath.dirname(where.sealed_file), posixpath.dirname(where.cache_dir))
             groups.setdefault(key, []).append((sector, why, entry))
 
