@@ -466,14 +466,18 @@ async def test_serve_deadline_after_gives_requests_a_deadline_that_cancels_them(
     argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "1s"]
     async with trio.open_nursery() as nursery:
         response = await _answer_to_one_window_post(nursery, argv, stderr_file)
-    assert response.output is None and "passed its deadline" in response.err_msg, response
+    assert response.output is None, response
+    assert response.err_msg.startswith("request 100: passed its deadline "), response
+    assert "request 1" not in response.err_msg.replace("request 100", ""), response
 
 
 async def _answer_to_one_window_post(nursery, argv: list[str], stderr_file):
-    """Start a serve, send it one WindowPoSt, close its stdin; its answer (the serve exits 0)."""
+    """Start a serve, send it one WindowPoSt (id 100: not the supervisor's own number for it),
+    close its stdin; its answer (the serve exits 0)."""
     m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr_file)
     with trio.fail_after(20):
-        response = await m.request(make_task(1))
+        await m.send_raw(jsonl.encode_request(100, make_task(1)), request_id=100)
+        response = await m.wait(100)
         await m.close_stdin()
         assert await m.process.wait() == 0
     return response
@@ -514,6 +518,33 @@ async def test_serve_sigterm_answers_every_request_and_leaves_no_process(tmp_pat
     # In flight or still queued when the signal came: either way answered exactly once.
     response = m.responses[second]
     assert (response.output == echo_output(make_task(2))) != (response.err_msg is not None)
+    assert m.duplicates == [] and m.unknown == []
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_a_second_signal_answers_every_request_in_flight_and_stops_at_once(tmp_path):
+    # damocles-manager never fails the requests of a processor that exits: each must be answered.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30))
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--log-level", "debug"]
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+        with trio.fail_after(20):
+            await m.wait_log("ready: stage window_post")
+            running = await m.send(make_task(1))
+            queued = await m.send(make_task(2))
+            await m.wait_log("request 2: submitted")
+            family = psutil.Process(m.process.pid).children(recursive=True)
+            m.process.send_signal(signal.SIGTERM)
+            await m.wait_log("shutting down gracefully")
+            m.process.send_signal(signal.SIGTERM)
+            assert await m.process.wait() == 0, "\n".join(m.log)
+            await m.eof.wait()
+            nursery.cancel_scope.cancel()
+    for rid in (running, queued):
+        error = m.responses[rid].err_msg
+        assert error is not None and error.startswith(f"request {rid}"), error
+    assert "stopped at once (second signal)" in m.responses[running].err_msg
+    assert "on window_post#0" in m.responses[running].err_msg
     assert m.duplicates == [] and m.unknown == []
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
@@ -726,7 +757,9 @@ async def test_serve_connect_deadline_after_reaches_the_supervisor(
     argv = _connect_argv("window_post", sock_path, "--deadline-after", "1")
     async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path):
         response = await _answer_to_one_window_post(nursery, argv, stderr_file)
-    assert response.output is None and "passed its deadline" in response.err_msg, response
+    assert response.output is None, response
+    assert response.err_msg.startswith("request 100: passed its deadline "), response
+    assert "request 1" not in response.err_msg.replace("request 100", ""), response
 
 
 def test_serve_connect_to_a_socket_path_too_long_says_so(tmp_path):

@@ -380,11 +380,21 @@ async def serve_supervised(
                 batch=supervisor.batch,
             )
             log.info("serving %s (pid %d)", stage, os.getpid())
+
+            def at_once() -> None:
+                server.stop_reading()
+                supervisor.stop_at_once(STOPPED_AT_ONCE)  # every open request answered now
+                # The answers need a moment to be written, a stuck stdout does not; the children
+                # are killed as the supervisor's run is cancelled.
+                scope = nursery.cancel_scope
+                scope.deadline = min(scope.deadline, trio.current_time() + 1.0)
+
             # Reading goes on after the first signal: a request already in the pipe still gets
             # its (error) answer.
             nursery.start_soon(
-                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown
-            )
+                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown, log,
+                at_once,
+            )  # fmt: skip
             server_done = trio.Event()
 
             async def serve_requests() -> None:
@@ -405,6 +415,13 @@ async def serve_supervised(
             await send.aclose()
         log_stopped(server)
     return 0
+
+
+#: What a request still open is told when serve stops at once.
+STOPPED_AT_ONCE = (
+    "damocles-ext serve stopped at once (second signal); the request was not proved: send it"
+    " again to the prover that replaces it"
+)
 
 
 def log_stopped(server: JsonLineServer) -> None:

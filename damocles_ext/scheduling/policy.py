@@ -313,7 +313,8 @@ class Scheduler:
             run.cancelled = True
             rid, cid = run.job.request_id, run.child_id
             late = f"{now - deadline:.1f}s ago while running on {cid}"
-            out.append(CancelRunning(rid, cid, f"request {rid} passed its deadline {late}"))
+            # The book names the request (its own number is the caller's, not this one).
+            out.append(CancelRunning(rid, cid, f"passed its deadline {late}"))
         reserved: set[str] = set()
         everything = self._all_dirty or not self._incremental
         for stage in self._stage_order():

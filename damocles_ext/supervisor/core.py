@@ -422,6 +422,12 @@ class Supervisor:
         self._shutdown_requested.set()
         self._notify()
 
+    def stop_at_once(self, why: str) -> None:
+        """Stop without the grace (a second signal): every request still open is answered with
+        `why` now; then the supervisor stops as after request_shutdown()."""
+        self.request_shutdown()
+        self._tell(self._book.fail_all, trio.current_time(), why)
+
     @property
     def shutting_down(self) -> bool:
         """True once `request_shutdown()` was called (or run() ended)."""
