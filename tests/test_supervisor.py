@@ -591,6 +591,29 @@ async def test_shutdown_kills_stubborn_children_and_their_grandchildren(tmp_path
     await wait_until(lambda: not any(alive(pid) for pid in grandchildren), 5)
 
 
+async def test_a_shutdown_with_the_grace_already_spent_waits_no_second_grace():
+    # serve at stdin EOF waits for the requests it read within the grace, then stops the
+    # supervisor with what is left of it: not a second whole grace.
+    sup = Supervisor(
+        [spec(builtin_child("window_post", "sleep", "seconds=600"))], shutdown_grace=3600
+    )
+    errors: list[ProverError] = []
+    with trio.fail_after(30):  # a second grace would be an hour
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+
+            async def submit() -> None:
+                with pytest.raises(ProverError) as info:
+                    await sup.submit(window_task())
+                errors.append(info.value)
+
+            nursery.start_soon(submit)
+            await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
+            sup.request_shutdown(grace_left=0)
+    assert "within the shutdown grace period (3600s)" in str(errors[0])
+
+
 async def test_supervisor_sigkilled_takes_its_children_with_it():
     script = f"""
 import sys, trio

@@ -439,16 +439,18 @@ def log_stopped(server: JsonLineServer) -> None:
 async def finish_then_stop(server: JsonLineServer, supervisor: Supervisor, out_fd: int) -> None:
     """stdin EOF: stop the supervisor once the requests already read are answered."""
     # stdin EOF: the requests already read were taken, so they are proved (the supervisor would
-    # refuse the ones still queued if asked to stop now); then the supervisor stops, which
-    # bounds the wait by its shutdown grace once more. If our stdout is closed as well, the
+    # refuse the ones still queued if asked to stop now); then the supervisor stops within what
+    # is left of the grace. If our stdout is closed as well, the
     # manager is gone (it was killed) and nobody can read an answer: stop at once.
+    left = 0.0  # of the shutdown grace, once the requests read were waited for
     if reader_gone(out_fd):
         log.info("stdout is closed as well: the reader is gone, stopping now")
-        supervisor.shutdown_grace = 0.0  # an answer could not reach anyone
     else:
+        began = trio.current_time()
         with trio.move_on_after(supervisor.shutdown_grace):
             await server.wait_idle()
-    supervisor.request_shutdown()
+        left = supervisor.shutdown_grace - (trio.current_time() - began)
+    supervisor.request_shutdown(grace_left=left)  # one grace in all, not a second one
 
 
 # -- serve through something that proves elsewhere (serve --connect, serve --jobs) --------------

@@ -155,6 +155,7 @@ class Supervisor:
         self._now: Callable[[], float] = trio.current_time
         self._shutting_down = False
         self._shutdown_requested = trio.Event()
+        self._grace_left: float | None = None  # request_shutdown's, when given
         self._state_changed = trio.Event()  # readiness, request completion
         self._changed_waiting = 0  # tasks in _wait_changed (only then is it set)
         self._started = False
@@ -415,8 +416,11 @@ class Supervisor:
         finally:
             self._changed_waiting -= 1
 
-    def request_shutdown(self) -> None:
-        """Stop taking requests, let in-flight ones finish (shutdown_grace), stop the children."""
+    def request_shutdown(self, grace_left: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish (shutdown_grace, or `grace_left` of
+        it when the caller waited the rest already), stop the children."""
+        if grace_left is not None:
+            self._grace_left = max(0.0, grace_left)
         self._book.shutting_down = True  # nothing lost from now on is retried
         self._shutting_down = True
         self._shutdown_requested.set()
@@ -674,7 +678,8 @@ class Supervisor:
 
     async def _drain(self) -> None:
         """Shutdown: running requests get shutdown_grace (queued ones failed at the request)."""
-        with trio.move_on_after(self.shutdown_grace):
+        left = self._grace_left
+        with trio.move_on_after(self.shutdown_grace if left is None else left):
             while self._split_in_flight or self._book.unanswered:
                 await self._wait_changed()
         self._tell(self._book.grace_over, trio.current_time(), self.shutdown_grace)
