@@ -154,3 +154,23 @@ async def test_sigterm_under_load_answers_every_request_within_the_grace_period(
     for text in errors.values():
         assert "still queued when the supervisor began to shut down" in text, text
     assert answered_within < 3.0 and stopped_within < 3.0 + 5.0
+
+
+async def test_the_guardian_removes_the_tmp_root_of_a_supervisor_killed_not_of_one_alive(tmp_path):
+    # A per-process TMPDIR root is removed at exit (atexit), which SIGKILL skips: the guardian
+    # removes it when its stdin ends and its supervisor is gone, never while it still runs.
+    from damocles_ext.supervisor.orphans import GroupGuardian
+
+    kept, removed = tmp_path / "alive-root", tmp_path / "killed-root"
+    for root in (kept, removed):
+        (root / "window_post-gpu0").mkdir(parents=True)
+    killed = await trio.lowlevel.open_process(["sleep", "600"])
+    guardian = GroupGuardian()
+    await guardian.started()
+    guardian.remove_when_gone(str(kept))  # this process: alive at the end
+    guardian.remove_when_gone(str(removed), pid=killed.pid)
+    killed.kill()
+    await killed.wait()  # reaped: no longer even a zombie
+    guardian.close()  # the end of its stdin, as when its supervisor dies
+    await wait_until(lambda: not removed.exists(), 10, "the killed one's root removed")
+    assert kept.exists()  # decided before the other one, in order

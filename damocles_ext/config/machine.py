@@ -69,6 +69,11 @@ def _per_run_root(euid: int) -> str:
     return _per_run_tmp_root
 
 
+def per_run_tmp_root() -> str | None:
+    """This process's own root of Gpus' TMPDIRs, when default_tmp_root chose one."""
+    return _per_run_tmp_root
+
+
 def _remove_per_run_root(path: str, pid: int) -> None:
     if os.getpid() != pid:
         return  # a forked copy of us exiting: the directory is still in use

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..config import effective_timeouts
+from ..config.machine import per_run_tmp_root
 from ..errors import ProverError, UsageError
 from ..lifecycle import (
     ChildLimits,
@@ -192,6 +193,8 @@ class Supervisor:
         observing = self._observers.open()
         try:
             self._guardian = GroupGuardian(self._reaper.adopter.token)
+            if (root := per_run_tmp_root()) is not None:  # its atexit does not run on SIGKILL
+                self._guardian.remove_when_gone(root)
         except OSError as exc:
             log.error(
                 "cannot start the process-group guardian (%s): if the supervisor is killed, its"

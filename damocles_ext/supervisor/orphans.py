@@ -152,7 +152,7 @@ class OrphanAdopter:
 # read makes sure the signal reaches the process that was checked, not a reused pid. Killing
 # repeats until a pass finds nothing, as a marked process may fork while the pass runs.
 _GUARDIAN_CODE = r"""
-import os, signal, sys
+import os, shutil, signal, stat, sys
 if os.fork():
     os._exit(0)
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -183,7 +183,14 @@ def kill_marked():
             os.close(fd)
     return found
 
-groups, buf = set(), b""
+def gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+groups, removals, buf = set(), [], b""
 while True:
     try:
         data = os.read(0, 65536)
@@ -198,6 +205,9 @@ while True:
             groups.add(int(line[1:]))
         elif line[:1] == b"-":
             groups.discard(int(line[1:]))
+        elif line[:1] == b"r":
+            pid, _, path = line[1:].partition(b" ")
+            removals.append((int(pid), path))
 for g in groups:
     try:
         os.killpg(g, signal.SIGKILL)
@@ -207,6 +217,13 @@ if mark:
     for _ in range(100):
         if not kill_marked():
             break
+for pid, path in removals:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        continue
+    if gone(pid) and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
 """
 
 
@@ -254,6 +271,13 @@ class GroupGuardian:
     def add(self, pgid: int) -> None:
         """A child's process group to kill if we die."""
         self._write(f"+{pgid}\n")
+
+    def remove_when_gone(self, path: str, pid: int | None = None) -> None:
+        """Remove the directory `path` if this process (or `pid`) is gone when the guardian's
+        stdin ends (atexit does not run on SIGKILL): the per-process root of the children's
+        TMPDIRs. A process still alive then (it stopped its supervisor) removes it itself."""
+        if "\n" not in path:
+            self._write(f"r{os.getpid() if pid is None else pid} {path}\n")
 
     def remove(self, pgid: int) -> None:
         """The group is gone (its leader reaped after the group was killed)."""
