@@ -483,7 +483,7 @@ async def _answer_to_one_window_post(nursery, argv: list[str], stderr_file):
     return response
 
 
-@pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m"])
+@pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m", "999999999h"])
 def test_serve_deadline_after_refuses_what_is_not_a_duration(tmp_path, value):
     result = dext_run(
         "serve",

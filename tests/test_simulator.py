@@ -437,7 +437,7 @@ def _limit_memory() -> None:
     [
         (["--winning-rate", "inf"], "--winning-rate must be a finite number, got inf"),
         (["--winning-rate", "1e9"], "--winning-rate 1e+09 is more than one WinningPoSt per"),
-        (["--offsets", "0,0,0,999999999999"], "not within the 24-hour proving period"),
+        (["--offsets", "0,0,0,99999999"], "not within the 24-hour proving period"),
         (["--progress-interval", "0.001"], "give 0 (only when a SNARK starts) or at least 1s"),
     ],
 )

@@ -169,9 +169,16 @@ def parse_duration(text: str) -> float:
             f"{text!r} is not a duration; write seconds (90 or 90s), minutes (3m) or hours (1h)"
         )
     seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if not math.isfinite(seconds):  # hundreds of digits overflow to inf
-        raise ValueError(f"{text!r} is too long a duration to be a number of seconds")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:  # digits enough overflow to inf
+        raise ValueError(
+            f"{text!r} is too long a duration: at most {MAX_DURATION // 3600:.0f}h (ten years)"
+        )
     return seconds
+
+
+#: The longest duration an option takes: ten years (a deadline that far is no deadline, and one
+#: a few thousand years away is no time at all).
+MAX_DURATION = 10 * 365 * 24 * 3600.0
 
 
 def positive_duration(text: str) -> float:

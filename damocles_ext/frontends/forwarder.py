@@ -40,7 +40,8 @@ async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
         with trio.fail_after(3):
             doc = await remote.status()
     except (ProverError, trio.TooSlowError) as exc:
-        log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, exc)
+        why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
+        log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
         return None
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
