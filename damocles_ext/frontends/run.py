@@ -102,11 +102,12 @@ async def _run(
         )
         async with trio.open_nursery() as nursery:
 
-            def shut_down() -> None:
-                server.stop_accepting()
-                supervisor.request_shutdown()
-
-            nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log)
+            # The socket stays while the supervisor drains: `status` shows it shutting down,
+            # a new request is refused saying so, and no second `run` takes the socket (and
+            # the GPUs) while this one's proofs still run. It goes once the supervisor stopped.
+            nursery.start_soon(
+                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown, log
+            )
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
             if metrics is not None and metrics_server is not None:
