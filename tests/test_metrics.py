@@ -368,6 +368,33 @@ async def test_observer_hooks_carry_outcome_duration_and_slack_like_the_metrics(
     )
 
 
+async def test_a_slow_observer_plugin_holds_no_counter_back():
+    # The metrics are counted as each request is answered, not in the plugins' queue behind a
+    # webhook that takes its full timeout per event.
+    from prometheus_client import generate_latest
+
+    release = trio.Event()
+
+    class SlowWebhook:
+        @hookimpl
+        async def dext_request_finished(self, request, outcome, duration, slack):
+            await release.wait()  # a webhook that does not answer (until the test is done)
+
+    metrics = SupervisorMetrics(process_metrics=False)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(SlowWebhook(), name="slow")
+    children = [spec(builtin_child("window_post", "echo"))]
+    async with open_supervisor(children, plugin_manager=pm, inline_observers=[metrics]) as sup:
+        metrics.attach(sup, trio.lowlevel.current_trio_token())
+        await sup.wait_ready()
+        for k in range(3):
+            await sup.submit(window_task(k))
+        text = await trio.to_thread.run_sync(generate_latest, metrics.registry)
+        release.set()
+    m = samples(text.decode())
+    assert value(m, "damocles_ext_requests_total", stage="window_post", outcome="ok") == 3
+
+
 async def test_missed_deadlines_land_in_the_negative_slack_buckets():
     from prometheus_client import generate_latest
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from damocles_ext.stages import child_stages
 
@@ -80,6 +80,7 @@ class SupervisorOptions(TypedDict):
     shutdown_grace: float
     adopt_orphans: bool
     backoff: BackoffPolicy
+    inline_observers: NotRequired[list[object]]  # the metrics, when served
 
 
 def supervisor_options(

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 
         metrics = SupervisorMetrics()
-        options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+        options["inline_observers"] = [metrics]  # at once, not behind plugins' hooks
         WorkerMetrics(worker, metrics.registry)
         if locator is not None:
             from damocles_ext.sectors.metrics import SectorMetrics

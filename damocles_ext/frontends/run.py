@@ -54,7 +54,7 @@ def serve_control_socket(
             from ..metrics import MetricsServer, SupervisorMetrics
 
             metrics = SupervisorMetrics()
-            options["plugin_manager"].register(metrics, name="damocles_ext.metrics")
+            options["inline_observers"] = [metrics]  # at once, not behind plugins' hooks
             server = MetricsServer(metrics, *metrics_address, **(metrics_limits or {}))
         supervisor = Supervisor(config, **options)
     except BaseException:
@@ -101,7 +101,6 @@ async def _run(
             **(limits or {}),
         )
         async with trio.open_nursery() as nursery:
-
             # The socket stays while the supervisor drains: `status` shows it shutting down,
             # a new request is refused saying so, and no second `run` takes the socket (and
             # the GPUs) while this one's proofs still run. It goes once the supervisor stopped.

@@ -111,6 +111,7 @@ class Supervisor:
         stop_timeout: float = 5.0,
         backoff: BackoffPolicy | None = None,
         adopt_orphans: bool = False,
+        inline_observers: Sequence[object] = (),  # called as events happen (Observers)
     ) -> None:
         specs = _coerce_children(config)
         if stages is not None:
@@ -161,7 +162,7 @@ class Supervisor:
         self._changed_waiting = 0  # tasks in _wait_changed (only then is it set)
         self._started = False
         self._finished = False
-        self._observers = Observers(plugin_manager)
+        self._observers = Observers(plugin_manager, inline_observers)
         self._guardian: GroupGuardian | None = None
         # adopt_orphans: become a child subreaper and kill what children leave behind outside
         # their process group (orphans.OrphanAdopter); for a process of our own (serve, run).

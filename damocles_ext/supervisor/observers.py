@@ -9,6 +9,7 @@ progress or memory. Each call goes through the plugin manager's hook caller
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,10 +27,14 @@ OBSERVER_BACKLOG = 10_000  # events waiting for slow observers; more are dropped
 
 
 class Observers:
-    """The hooks of plugin manager `pm` (None: no observers, every event is a no-op)."""
+    """The hooks of plugin manager `pm` (None: no plugin observers), and `inline`: objects of
+    ours whose methods named as the hooks are called at once, as the event happens (the metrics:
+    a slow plugin's hook must not hold a counter back), before the plugins' turn in the queue."""
 
-    def __init__(self, pm: Any) -> None:
+    def __init__(self, pm: Any, inline: Sequence[object] = ()) -> None:
         self._pm = pm
+        self._inline = tuple(inline)
+        self._inline_calls: dict[str, list[Any]] = {}
         self._send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
         self._receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]] | None = None
         self.dropped = 0
@@ -38,10 +43,17 @@ class Observers:
 
     def open(self) -> bool:
         """Start taking events (the supervisor's run); False if there are no observers."""
-        if self._pm is None:
+        if self._pm is None and not self._inline:
             return False
         self._send, self._receive = trio.open_memory_channel(OBSERVER_BACKLOG)
         return True
+
+    def _inline_for(self, hook: str) -> list[Any]:
+        calls = self._inline_calls.get(hook)
+        if calls is None:
+            found = (getattr(o, hook, None) for o in self._inline)
+            calls = self._inline_calls[hook] = [f for f in found if callable(f)]
+        return calls
 
     def wants(self, hook: str) -> bool:
         """Whether a plugin observes `hook` (and the supervisor runs): callers on the hot path
@@ -50,6 +62,11 @@ class Observers:
         Known per hook while the plugin manager's `generation` (DextPluginManager's count of
         registrations) is unchanged; a manager without one is asked each time."""
         if self._send is None:
+            return False
+        return bool(self._inline_for(hook)) or self._plugins_want(hook)
+
+    def _plugins_want(self, hook: str) -> bool:
+        if self._pm is None:
             return False
         generation = getattr(self._pm, "generation", None)
         if generation is None or generation != self._wanted_generation:
@@ -64,7 +81,14 @@ class Observers:
     def observe(self, hook: str, **kwargs: Any) -> None:
         """Queue a call of observer `hook`; drops it (logged) when the backlog is full."""
         send = self._send
-        if send is None or not self.wants(hook):
+        if send is None:
+            return
+        for call in self._inline_for(hook):
+            try:
+                call(**kwargs)
+            except Exception:  # ours, but an event's bug must not reach the supervisor
+                log.exception("observer %s of %s failed; going on", hook, type(call.__self__))
+        if not self._plugins_want(hook):
             # No plugin observes this hook (the usual case: none is built in): no event, no
             # wake-up of the observer task, no timeout scope, per request.
             return
