@@ -293,3 +293,17 @@ def test_the_query_reader_finds_the_metric_names_and_nothing_else():
         "damocles_ext_request_duration_seconds_bucket",
         "process_open_fds",
     }
+
+
+def test_per_child_panels_keep_each_machines_children_apart():
+    # Child names (window_post#0) repeat on every machine: summed by child alone, the memory of
+    # every host's window_post#0 would be one line, and a FATAL child would name no host.
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for grouping in re.findall(r"by \(([^)]*)\)", expr):
+                labels = {label.strip() for label in grouping.split(",")}
+                assert "child" not in labels or "instance" in labels, (panel["title"], expr)
+            if "{{child}}" in target.get("legendFormat", ""):
+                assert "{{instance}}" in target["legendFormat"], panel["title"]
