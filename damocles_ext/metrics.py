@@ -3,8 +3,9 @@
 Two sources, so that an idle supervisor pays nothing between scrapes:
 
 * events (answers by outcome, durations, deadline slack, child exits) come from the observer
-  hooks: `SupervisorMetrics` is a plugin registered on the plugin manager only when metrics are
-  on, and its hooks run when a request finishes or a child exits, never on a timer;
+  hooks: `SupervisorMetrics` is given to the supervisor as an inline observer
+  (`Supervisor(..., inline_observers=[m])`) only when metrics are on, and its methods run as a
+  request finishes or a child exits, before the plugins' turn, never on a timer;
 * levels (states, queues, memory, and the counters the supervisor keeps anyway: restarts, CPU
   seconds) are read when Prometheus scrapes: a custom collector asks the supervisor for
   `statistics()` (on the trio thread, through `trio.from_thread`) and reads the children's
@@ -96,7 +97,9 @@ def _valid_host(host: str) -> bool:
 
 
 class SupervisorMetrics:
-    """The metrics of one supervisor; register it on the plugin manager for the event part."""
+    """The metrics of one supervisor; give it to the Supervisor as an inline observer for the
+    event part (`inline_observers=[m]`; as a plugin on the plugin manager it works too, behind
+    the other plugins' hooks)."""
 
     def __init__(self, registry: Any = None, *, process_metrics: bool = True) -> None:
         from prometheus_client import (

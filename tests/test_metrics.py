@@ -472,3 +472,19 @@ async def test_example_alerts_plugin_posts_when_a_child_crashes(monkeypatch):
         "window_post#0",
     )
     assert 0 < failed["slack_s"] <= 60
+
+
+async def test_an_inline_observer_that_raises_reaches_no_caller():
+    import types
+
+    from damocles_ext.supervisor.observers import Observers
+
+    def broken(**kwargs):
+        raise RuntimeError("a bug of an observer")
+
+    seen = []
+    observers = Observers(None, [types.SimpleNamespace(dext_child_exited=broken),
+                                 types.SimpleNamespace(dext_child_exited=lambda **kw: seen.append(kw))])  # fmt: skip
+    assert observers.open()
+    observers.observe("dext_child_exited", child="c", status="s")  # does not raise
+    assert seen == [{"child": "c", "status": "s"}]

@@ -9,6 +9,7 @@ psutil, grandchildren included, and look for stragglers anywhere by a marker in 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -174,3 +175,14 @@ async def test_the_guardian_removes_the_tmp_root_of_a_supervisor_killed_not_of_o
     guardian.close()  # the end of its stdin, as when its supervisor dies
     await wait_until(lambda: not removed.exists(), 10, "the killed one's root removed")
     assert kept.exists()  # decided before the other one, in order
+
+
+def test_a_forked_copy_does_not_claim_its_parents_tmp_root(monkeypatch):
+    # Its guardian would remove the parent's root, in use, when the copy is killed.
+    from damocles_ext.config import machine
+
+    monkeypatch.setattr(machine, "_per_run_tmp_root", "/tmp/damocles-ext-0-abc")
+    monkeypatch.setattr(machine, "_per_run_owner", os.getpid())
+    assert machine.per_run_tmp_root() == "/tmp/damocles-ext-0-abc"
+    monkeypatch.setattr(machine, "_per_run_owner", os.getpid() + 1)  # as in a forked copy
+    assert machine.per_run_tmp_root() is None

@@ -358,6 +358,12 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
                     'damocles_ext_job_refusals_total{event="finish"}',
                 )
                 assert refused >= 1
+                # The worker's supervisor counts what it proved on the same port.
+                finished = await workers[FAST].metric("damocles_ext_worker_jobs_finished_total")
+                proved = await workers[FAST].metric(
+                    'damocles_ext_requests_total{outcome="ok",stage="window_post"}'
+                )
+                assert finished >= 1 and proved >= finished
 
                 # --- everything stops cleanly -----------------------------------------------
                 await serve.close_stdin()

@@ -37,11 +37,13 @@ class Served:
 
     def __init__(self, rig: Rig, tmp_path, kids, **settings) -> None:
         pm = get_plugin_manager()
-        self.worker = Worker(rig.settings(kids, **settings), plugin_manager=pm)
+        self.metrics = SupervisorMetrics(process_metrics=False)
+        self.worker = Worker(
+            rig.settings(kids, **settings), plugin_manager=pm,
+            supervisor_options={"inline_observers": [self.metrics]},  # as the command does
+        )  # fmt: skip
         self.path = str(tmp_path / "w.sock")
         self.sock = bind_control_socket(self.path)
-        self.metrics = SupervisorMetrics(process_metrics=False)
-        pm.register(self.metrics, name="damocles_ext.metrics")
         WorkerMetrics(self.worker, self.metrics.registry)
         self.server = MetricsServer(self.metrics, "127.0.0.1", 0)
         self.started = trio.Event()

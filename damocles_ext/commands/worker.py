@@ -219,6 +219,13 @@ def run(args: argparse.Namespace) -> int:
     options = supervisor_options(args)
     settings = _settings(args, options, log)
     locator = _locator(args, settings, options)
+    metrics = metrics_server = None
+    if args.metrics is not None:
+        from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+
+        metrics = SupervisorMetrics()
+        # At once, not behind plugins' hooks; given before the Worker copies the options.
+        options["inline_observers"] = [metrics]
     worker = Worker(
         settings,
         plugin_manager=options["plugin_manager"],
@@ -227,12 +234,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # Bound before any child is spawned: a taken place is an exit 2 with nothing started.
     sock = bind_control_socket(args.socket) if args.socket is not None else None
-    metrics = metrics_server = None
-    if args.metrics is not None:
-        from damocles_ext.metrics import MetricsServer, SupervisorMetrics
-
-        metrics = SupervisorMetrics()
-        options["inline_observers"] = [metrics]  # at once, not behind plugins' hooks
+    if metrics is not None:
         WorkerMetrics(worker, metrics.registry)
         if locator is not None:
             from damocles_ext.sectors.metrics import SectorMetrics

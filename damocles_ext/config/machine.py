@@ -20,6 +20,7 @@ from .spec import TMP_ROOT_NAME
 _GPU_DETECT_TIMEOUT = 10.0
 
 _per_run_tmp_root: str | None = None
+_per_run_owner: int | None = None  # the process that chose it (a forked copy is not it)
 
 
 def default_tmp_root(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
@@ -60,8 +61,9 @@ def _private_runtime_dir(path: str, uid: int) -> bool:
 
 
 def _per_run_root(euid: int) -> str:
-    global _per_run_tmp_root
+    global _per_run_tmp_root, _per_run_owner
     if _per_run_tmp_root is None:
+        _per_run_owner = os.getpid()
         # Random, so that nobody can make it first; one per process, so that each parse agrees.
         name = f"{TMP_ROOT_NAME}-{euid}-{secrets.token_hex(8)}"
         _per_run_tmp_root = os.path.join(tempfile.gettempdir(), name)
@@ -70,8 +72,9 @@ def _per_run_root(euid: int) -> str:
 
 
 def per_run_tmp_root() -> str | None:
-    """This process's own root of Gpus' TMPDIRs, when default_tmp_root chose one."""
-    return _per_run_tmp_root
+    """This process's own root of Gpus' TMPDIRs, when default_tmp_root chose one (None in a
+    forked copy: the root is its parent's, removed when the parent goes)."""
+    return _per_run_tmp_root if _per_run_owner == os.getpid() else None
 
 
 def _remove_per_run_root(path: str, pid: int) -> None:

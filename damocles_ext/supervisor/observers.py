@@ -87,7 +87,9 @@ class Observers:
             try:
                 call(**kwargs)
             except Exception:  # ours, but an event's bug must not reach the supervisor
-                log.exception("observer %s of %s failed; going on", hook, type(call.__self__))
+                log.exception(
+                    "observer %s (%s) failed; going on", hook, getattr(call, "__qualname__", call)
+                )
         if not self._plugins_want(hook):
             # No plugin observes this hook (the usual case: none is built in): no event, no
             # wake-up of the observer task, no timeout scope, per request.

@@ -276,8 +276,13 @@ class GroupGuardian:
         """Remove the directory `path` if this process (or `pid`) is gone when the guardian's
         stdin ends (atexit does not run on SIGKILL): the per-process root of the children's
         TMPDIRs. A process still alive then (it stopped its supervisor) removes it itself."""
+        line = f"r{os.getpid() if pid is None else pid} {path}\n"
         if "\n" not in path:
-            self._write(f"r{os.getpid() if pid is None else pid} {path}\n")
+            try:
+                line.encode()
+            except UnicodeEncodeError:  # a TMPDIR that is no text: not told (atexit removes it)
+                return
+            self._write(line)
 
     def remove(self, pgid: int) -> None:
         """The group is gone (its leader reaped after the group was killed)."""
