@@ -465,17 +465,24 @@ async def test_serve_deadline_after_gives_requests_a_deadline_that_cancels_them(
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
     argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "1s"]
     async with trio.open_nursery() as nursery:
-        response = await _answer_to_one_window_post(nursery, argv, stderr_file)
+        # Sent once the child is ready: its deadline passes while it runs, not before it starts.
+        response = await _answer_to_one_window_post(nursery, argv, None, "ready: stage window_post")
     assert response.output is None, response
     assert response.err_msg.startswith("request 100: passed its deadline "), response
     assert "request 1" not in response.err_msg.replace("request 100", ""), response
 
 
-async def _answer_to_one_window_post(nursery, argv: list[str], stderr_file):
-    """Start a serve, send it one WindowPoSt (id 100: not the supervisor's own number for it),
-    close its stdin; its answer (the serve exits 0)."""
-    m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr_file)
+async def _answer_to_one_window_post(
+    nursery, argv: list[str], stderr_file, ready_log: str | None = None
+):
+    """Start a serve, send it one WindowPoSt (id 100: not the supervisor's own number for it;
+    once `ready_log` is in serve's log, when given), close its stdin; its answer (the serve
+    exits 0)."""
+    stderr = subprocess.PIPE if ready_log is not None else stderr_file
+    m = await ManagerLike.start(nursery, argv, "window_post", stderr=stderr)
     with trio.fail_after(20):
+        if ready_log is not None:
+            await m.wait_log(ready_log)
         await m.send_raw(jsonl.encode_request(100, make_task(1)), request_id=100)
         response = await m.wait(100)
         await m.close_stdin()
@@ -755,7 +762,9 @@ async def test_serve_connect_deadline_after_reaches_the_supervisor(
 ):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.1))
     argv = _connect_argv("window_post", sock_path, "--deadline-after", "1")
-    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path):
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (_, log):
+        with trio.fail_after(30):
+            await log.wait_for("): ready (")  # the deadline passes while it runs
         response = await _answer_to_one_window_post(nursery, argv, stderr_file)
     assert response.output is None, response
     assert response.err_msg.startswith("request 100: passed its deadline "), response
