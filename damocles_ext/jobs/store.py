@@ -675,8 +675,8 @@ class TrioJobStore:
             silent_before=silent_before,
         )
 
-    async def cleanup(self) -> Outcome:
-        return await self._run(self.store.cleanup, self.clock())
+    async def cleanup(self, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
+        return await self._run(self.store.cleanup, self.clock(), limit=limit)
 
 
 __all__ = [
