@@ -152,7 +152,7 @@ class OrphanAdopter:
 # read makes sure the signal reaches the process that was checked, not a reused pid. Killing
 # repeats until a pass finds nothing, as a marked process may fork while the pass runs.
 _GUARDIAN_CODE = r"""
-import os, shutil, signal, stat, sys
+import os, shutil, signal, stat, sys, time
 if os.fork():
     os._exit(0)
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -218,11 +218,18 @@ if mark:
         if not kill_marked():
             break
 for pid, path in removals:
+    # A killed process closes its files a moment before it is a zombie: a second to be gone.
+    for _ in range(20):
+        if gone(pid):
+            break
+        time.sleep(0.05)
+    else:
+        continue  # alive: it stopped its supervisor, and removes the directory itself
     try:
         st = os.lstat(path)
     except OSError:
         continue
-    if gone(pid) and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
         shutil.rmtree(path, ignore_errors=True)
 """
 
