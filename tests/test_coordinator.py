@@ -16,7 +16,7 @@ import trio
 from helpers.frontend import DEXT, dext_env, dext_run_async
 from test_jobs_rules import make_input
 
-from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.frontends.coordinator import CLEANUP_PASSES, Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.model import READY, RUNNING, JobOutput
 from damocles_ext.jobs.store import JobStore, TrioJobStore
@@ -486,6 +486,15 @@ async def test_the_cleanup_forgets_every_expired_job_pass_after_pass(tmp_path):
             await nursery.start(coordinator.sweep_forever)  # its first pass cleans up
             nursery.cancel_scope.cancel()
         assert await jobs.list_jobs() == []
+        # A backlog over CLEANUP_PASSES passes goes on at the next sweep, not 30 min later.
+        for seed in range(7, 7 + 3 * CLEANUP_PASSES + 2):
+            await jobs.create(make_input(seed=seed, proof_type=PROOF))
+        for taken in await jobs.allocate(rules.AllocationSpec(), 100, "worker-a"):
+            await jobs.finish(taken.Id, JobOutput((b"proof",), ()), "", lease=taken.lease)
+        now[0] += store.limits.job_lifetime + 60
+        assert await coordinator._cleanup() is True  # ten full passes, two jobs left
+        assert len(await jobs.list_jobs()) == 2
+        assert await coordinator._cleanup() is False and await jobs.list_jobs() == []
 
 
 async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):

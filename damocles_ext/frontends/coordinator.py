@@ -40,6 +40,8 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 # damocles-manager's: a cleanup every 30 min. Its sweep every 10 s (and once at start) is
 # rules.sweep_every here: never more than a quarter of HeartbeatTimeout.
 CLEANUP_INTERVAL = 30 * 60.0
+# Cleanup passes (of DEFAULT_PASS_LIMIT jobs) between two sweeps at most.
+CLEANUP_PASSES = 10
 # Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
 # a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
 CLOCK_STEP = 5.0
@@ -210,8 +212,9 @@ class Coordinator:
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
                 if trio.current_time() >= next_cleanup:
-                    next_cleanup = trio.current_time() + cleanup_interval
-                    await self._cleanup()
+                    more = await self._cleanup()
+                    # A backlog goes on at the next sweep: sweeps are not held behind it.
+                    next_cleanup = trio.current_time() + (0 if more else cleanup_interval)
             except StoreError as exc:
                 log.warning("the sweep failed, trying again in %gs: %s", every, exc)
             if not started:
@@ -219,17 +222,21 @@ class Coordinator:
                 task_status.started()
             await trio.sleep(every)
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self) -> bool:
         """Forget the finished jobs past JobLifetime: pass after pass while a pass was full (one
-        pass of 1000 every 30 min kept up with 0.56 jobs/s, and the store grew past that)."""
+        pass of 1000 every 30 min kept up with 0.56 jobs/s, and the store grew past that), at
+        most CLEANUP_PASSES at a time; True when there may be more."""
         forgotten = 0
-        while True:
+        full = True
+        for _ in range(CLEANUP_PASSES):
             cleaned = await self.store.cleanup(limit=self.cleanup_pass)
             forgotten += len(cleaned.effects)
-            if len(cleaned.effects) < self.cleanup_pass:
+            full = len(cleaned.effects) >= self.cleanup_pass
+            if not full:
                 break
         if forgotten:
             log.info("cleanup: %d finished jobs forgotten", forgotten)
+        return full
 
     async def sweep_once(self) -> Outcome:
         """One pass of the sweep: a job silent only because this coordinator or its store was
