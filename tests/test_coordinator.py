@@ -7,6 +7,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
 import h11
@@ -329,24 +330,15 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
 async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_job_for_it(tmp_path):
     # The store locked by another process for 30 s (over the 15 s timeout): worker-a's heartbeats
     # are refused all along. Its job is not taken back for that silence once the store answers.
-    path = tmp_path / "jobs.db"
-    now = [1_700_000_000.0]
-    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05) as store:
-        jobs = TrioJobStore(store, clock=lambda: now[0])
-        job, _ = await jobs.create(make_input(proof_type=PROOF))
-        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    async with _a_job_of_worker_a(tmp_path) as (path, now, jobs, job):
         timeouts = TimeOuts()
         coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
-        beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
-                                    "params": [[job.Id], "worker-a"], "id": 1})  # fmt: skip
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        for _ in range(3):
-            now[0] += 10
-            status, answer = await coordinator.answer(beat)
-            assert status == 200 and b"stayed locked by another process" in answer, answer
-        holder.execute("COMMIT")
-        holder.close()
+        beat = heartbeat_body([job.Id], "worker-a")
+        with _locked(path):
+            for _ in range(3):
+                now[0] += 10
+                status, answer = await coordinator.answer(beat)
+                assert status == 200 and b"stayed locked by another process" in answer, answer
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(coordinator.sweep_forever, 0.1))  # its first pass is done
             assert (await jobs.get(job.Id)).State == "running"
@@ -359,26 +351,48 @@ async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_jo
 async def test_a_dead_workers_job_is_taken_back_though_the_store_fails_now_and_then(tmp_path):
     # Another worker's calls fail every 5 s (the store locked a moment): that costs the dead
     # worker's job no more than those moments, not its timeout for ever.
+    async with _a_job_of_worker_a(tmp_path) as (path, now, jobs, job):  # then worker-a dies
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        beat = heartbeat_body([], "worker-b")
+        for _ in range(5):
+            now[0] += 5
+            with _locked(path):
+                _, answer = await coordinator.answer(beat)
+                assert b"stayed locked by another process" in answer, answer
+            assert b'"result"' in (await coordinator.answer(beat))[1]  # answered again
+        outcome = await coordinator.sweep_once()
+    assert rules.TimedOut(job.Id, "worker-a") in outcome.effects
+
+
+@asynccontextmanager
+async def _a_job_of_worker_a(tmp_path):
+    """A SQLite store (a busy timeout of 50 ms) on a fake clock, with one job worker-a took:
+    (its path, the clock [now], the TrioJobStore, the job)."""
     path = tmp_path / "jobs.db"
     now = [1_700_000_000.0]
     with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05) as store:
         jobs = TrioJobStore(store, clock=lambda: now[0])
         job, _ = await jobs.create(make_input(proof_type=PROOF))
-        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")  # then worker-a dies
-        coordinator = Coordinator(jobs, watch_clocks=False)
-        beat = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
-                                    "params": [[], "worker-b"], "id": 1})  # fmt: skip
-        for _ in range(5):
-            now[0] += 5
-            holder = sqlite3.connect(path, isolation_level=None)
-            holder.execute("BEGIN IMMEDIATE")
-            _, answer = await coordinator.answer(beat)
-            assert b"stayed locked by another process" in answer, answer
-            holder.execute("COMMIT")
-            holder.close()
-            assert b'"result"' in (await coordinator.answer(beat))[1]  # answered again
-        outcome = await coordinator.sweep_once()
-    assert rules.TimedOut(job.Id, "worker-a") in outcome.effects
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        yield path, now, jobs, job
+
+
+@contextmanager
+def _locked(path):
+    """The SQLite store at `path` write-locked by another process's connection, within."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+
+def heartbeat_body(ids: list[str], worker: str) -> bytes:
+    """A Venus.WdPoStHeartbeatJobs request body, as a damocles-worker posts it."""
+    return msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStHeartbeatJobs",
+                                "params": [ids, worker], "id": 1})  # fmt: skip
 
 
 class Logged(logging.Handler):

@@ -12,6 +12,7 @@ import pytest
 import trio
 from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike
 from helpers.stalling_proxy import StallingProxy
+from test_coordinator import heartbeat_body
 from test_jobs_rules import make_input
 from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
 
@@ -95,7 +96,7 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
         job, _ = await jobs.create(make_input())
         await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
         now[0] += 3
-        beat = b'{"jsonrpc":"2.0","method":"Venus.WdPoStHeartbeatJobs","params":[["%s"],"worker-a"],"id":1}' % job.Id.encode()  # fmt: skip
+        beat = heartbeat_body([job.Id], "worker-a")
         answered: list[bytes] = []
         with trio.fail_after(60):
             proxy.stall()

@@ -284,20 +284,23 @@ async def test_a_hanging_source_is_answered_for_within_the_deadline_from_the_cac
     assert status["source_errors"][node.name] == 3
 
 
+class Counting:
+    """A provider that takes 1 s a lookup and counts how many it had at once at most."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.now = self.most = 0
+
+    async def find(self, sector):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await trio.sleep(1)
+        self.now -= 1
+        return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
+
+
 async def test_lookups_to_one_provider_run_at_most_concurrency_at_once(autojump_clock):
-    class Counting:
-        name = "counting"
-
-        def __init__(self):
-            self.now = self.most = 0
-
-        async def find(self, sector):
-            self.now += 1
-            self.most = max(self.most, self.now)
-            await trio.sleep(1)
-            self.now -= 1
-            return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
-
     provider = Counting()
     locator = SectorLocator([provider], bounds=Bounds(concurrency=3, lookup_timeout=5))
     start = trio.current_time()
@@ -354,19 +357,6 @@ async def test_a_lookup_never_queues_behind_the_background_refresh(autojump_cloc
 
 
 async def test_the_refresh_and_lookups_together_keep_to_concurrency_calls(autojump_clock):
-    class Counting:
-        name = "counting"
-
-        def __init__(self):
-            self.now = self.most = 0
-
-        async def find(self, sector):
-            self.now += 1
-            self.most = max(self.most, self.now)
-            await trio.sleep(1)
-            self.now -= 1
-            return SectorLocation(f"/s/{sector.number}", f"/c/{sector.number}")
-
     provider = Counting()  # a provider that wants its calls one at a time
     rules = CacheRules(fresh_for=600, refresh_lead=120)
     locator = SectorLocator([provider], rules=rules, bounds=Bounds(concurrency=1))

@@ -531,16 +531,9 @@ async def test_serve_sigterm_answers_every_request_and_leaves_no_process(tmp_pat
 
 async def test_a_second_signal_answers_every_request_in_flight_and_stops_at_once(tmp_path):
     # damocles-manager never fails the requests of a processor that exits: each must be answered.
-    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30))
-    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--log-level", "debug"]
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
         with trio.fail_after(20):
-            await m.wait_log("ready: stage window_post")
-            running = await m.send(make_task(1))
-            queued = await m.send(make_task(2))
-            await m.wait_log("request 2: submitted")
-            family = psutil.Process(m.process.pid).children(recursive=True)
+            m, (running, queued), family = await _serving_30s_proofs(nursery, tmp_path, 2)
             m.process.send_signal(signal.SIGTERM)
             await m.wait_log("shutting down gracefully")
             m.process.send_signal(signal.SIGTERM)
@@ -559,16 +552,9 @@ async def test_a_second_signal_answers_every_request_in_flight_and_stops_at_once
 async def test_serve_stops_at_once_when_the_manager_is_gone(tmp_path):
     # A SIGKILLed damocles-manager closes both of our pipes: no answer can reach anyone, so the
     # 30 s proof in flight is not waited for.
-    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30))
-    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--log-level", "debug"]
     async with trio.open_nursery() as nursery:
-        m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
         with trio.fail_after(20):
-            await m.wait_log("ready: stage window_post")
-            await m.send(make_task(1))
-            # Logged right before submit(), which dispatches to the free child before it blocks.
-            await m.wait_log("request 1: submitted")
-            family = psutil.Process(m.process.pid).children(recursive=True)
+            m, _, family = await _serving_30s_proofs(nursery, tmp_path, 1)
             assert family
             await m.vanish()
             assert await m.process.wait() == 0, "\n".join(m.log)
@@ -576,6 +562,19 @@ async def test_serve_stops_at_once_when_the_manager_is_gone(tmp_path):
             await m.wait_log("did not finish on window_post#0")
             nursery.cancel_scope.cancel()
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def _serving_30s_proofs(nursery, tmp_path, n: int):
+    """`serve window_post` with one child proving for 30 s, sent `n` requests: the manager, the
+    request ids, and serve's children once the last request was submitted."""
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=30))
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--log-level", "debug"]
+    m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+    await m.wait_log("ready: stage window_post")
+    ids = [await m.send(make_task(k)) for k in range(1, n + 1)]
+    # Logged right before submit(), which dispatches to the free child before it blocks.
+    await m.wait_log(f"request {ids[-1]}: submitted")
+    return m, ids, psutil.Process(m.process.pid).children(recursive=True)
 
 
 def test_serve_config_error_exits_2_with_the_message_and_no_ready_line(tmp_path):

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -576,16 +577,7 @@ async def test_shutdown_kills_stubborn_children_and_their_grandchildren(tmp_path
         grandchildren = json.loads(pids_file.read_text())
         child_pid = child_stats(sup, "window_post#0").pid
         assert all(alive(pid) for pid in grandchildren)
-        errors: list[ProverError] = []
-
-        async def submit() -> None:
-            with pytest.raises(ProverError) as info:
-                await sup.submit(window_task())
-            errors.append(info.value)
-
-        nursery.start_soon(submit)
-        await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
-        sup.request_shutdown()
+        errors = await _stop_while_running(sup, nursery, sup.request_shutdown)
     assert "within the shutdown grace period (0.2s)" in str(errors[0])
     assert not alive(child_pid)
     await wait_until(lambda: not any(alive(pid) for pid in grandchildren), 5)
@@ -597,21 +589,32 @@ async def test_a_shutdown_with_the_grace_already_spent_waits_no_second_grace():
     sup = Supervisor(
         [spec(builtin_child("window_post", "sleep", "seconds=600"))], shutdown_grace=3600
     )
-    errors: list[ProverError] = []
     with trio.fail_after(30):  # a second grace would be an hour
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
             await sup.wait_ready()
-
-            async def submit() -> None:
-                with pytest.raises(ProverError) as info:
-                    await sup.submit(window_task())
-                errors.append(info.value)
-
-            nursery.start_soon(submit)
-            await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
-            sup.request_shutdown(grace_left=0)
+            errors = await _stop_while_running(
+                sup, nursery, lambda: sup.request_shutdown(grace_left=0)
+            )
     assert "within the shutdown grace period (3600s)" in str(errors[0])
+
+
+async def _stop_while_running(
+    sup: Supervisor, nursery: trio.Nursery, stop: Callable[[], None]
+) -> list[ProverError]:
+    """Submit a request that is to fail, and call `stop()` once it runs on window_post#0; the
+    list returned gets its error when it is answered."""
+    errors: list[ProverError] = []
+
+    async def submit() -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task())
+        errors.append(info.value)
+
+    nursery.start_soon(submit)
+    await wait_until(lambda: child_stats(sup, "window_post#0").in_flight == 1)
+    stop()
+    return errors
 
 
 async def test_supervisor_sigkilled_takes_its_children_with_it():

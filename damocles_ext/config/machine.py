@@ -67,7 +67,7 @@ def _per_run_root(euid: int) -> str:
         # Random, so that nobody can make it first; one per process, so that each parse agrees.
         name = f"{TMP_ROOT_NAME}-{euid}-{secrets.token_hex(8)}"
         _per_run_tmp_root = os.path.join(tempfile.gettempdir(), name)
-        atexit.register(_remove_per_run_root, _per_run_tmp_root, os.getpid())
+        atexit.register(_remove_per_run_root)
     return _per_run_tmp_root
 
 
@@ -77,8 +77,9 @@ def per_run_tmp_root() -> str | None:
     return _per_run_tmp_root if _per_run_owner == os.getpid() else None
 
 
-def _remove_per_run_root(path: str, pid: int) -> None:
-    if os.getpid() != pid:
+def _remove_per_run_root() -> None:
+    path = per_run_tmp_root()
+    if path is None:
         return  # a forked copy of us exiting: the directory is still in use
     try:
         st = os.lstat(path)

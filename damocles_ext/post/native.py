@@ -41,16 +41,6 @@ if TYPE_CHECKING:
     from ..hookspecs import CancelToken
 
 ABI_VERSION = 1
-#: dext_prover.h's status codes, for a failure the library gave no message for.
-_STATUS_NAMES = {
-    1: "DEXT_ERR_INVALID_ARGUMENT",
-    2: "DEXT_ERR_SECTOR",
-    3: "DEXT_ERR_CANCELLED",
-    4: "DEXT_ERR_IO",
-    5: "DEXT_ERR_NOMEM",
-    6: "DEXT_ERR_INVALID_PROOF",
-    7: "DEXT_ERR_INTERNAL",
-}
 REQUIRED_SYMBOLS = (
     "dext_abi_version",
     "dext_open",
@@ -236,7 +226,7 @@ class NativeProver:
         if status == 0:
             return
         error = self._last_error(self._handle).strip() or (
-            f"{_STATUS_NAMES.get(status, 'an unknown status')}, and the library gave no message"
+            f"{_status_name(self._consts, status)}, and the library gave no message"
         )
         message = f"{what}: {error}" if what else error
         lib = self._consts
@@ -461,6 +451,12 @@ def _cancel_watcher(cancel: CancelToken | None, state: _CallState) -> Iterator[N
     finally:
         done.set()
         thread.join()
+
+
+def _status_name(lib: Any, status: int) -> str:
+    """dext_prover.h's name of a status code (its constants, as the cffi build has them)."""
+    names = (n for n in dir(lib) if n.startswith("DEXT_ERR_") and getattr(lib, n) == status)
+    return next(names, "an unknown status")
 
 
 def _broken_result(

@@ -31,6 +31,7 @@ not know is `not_found`, and forgotten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import posixpath
@@ -249,7 +250,7 @@ class SectorLocator:
         self, sectors: list[SectorRef], phase_end: float, *, background: bool = False
     ) -> dict[SectorRef, _Outcome]:
         """What the providers say, each in its share of the time to `phase_end` (`background`:
-        a refresh, in its own slots)."""
+        a refresh, in at most its share of each provider's slots)."""
         outcomes = {sector: _Outcome() for sector in sectors}
         left = sectors
         for i, provider in enumerate(self.providers):
@@ -290,19 +291,14 @@ class SectorLocator:
         size = 1 if find_batch is None else PROVIDER_BATCH
         chunks = iter(range(0, len(sectors), size))
 
+        gate = contextlib.nullcontext() if share is None else share
+
         async def worker() -> None:
             # A few workers take the chunks in turn: a task per chunk would be a million tasks
             # for a million sectors, whose start and cancellation alone outlast the deadline.
             for first in chunks:
-                await one(sectors[first : first + size])
-
-        async def one(chunk: list[SectorRef]) -> None:
-            if share is None:
-                async with limiter:
-                    await ask(chunk)
-            else:
-                async with share, limiter:
-                    await ask(chunk)
+                async with gate, limiter:
+                    await ask(sectors[first : first + size])
 
         async def ask(chunk: list[SectorRef]) -> None:
             deadline = min(slice_end, trio.current_time() + lookup_timeout)
