@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -365,13 +367,19 @@ NOISY_PLUGIN = textwrap.dedent(
 )
 
 
-def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path):
-    root = make_plugin_dist(
-        tmp_path, dist="noisy-plugin", module="noisy_plugin", source=NOISY_PLUGIN
-    )
-    with Child("window_post", "noisy", pythonpath=[root]) as child:
+@contextmanager
+def _asked_once(tmp_path, prover: str, source: str) -> Iterator[Child]:
+    """A child serving `prover` from a plugin of `source` (installed as `<prover>_plugin`),
+    sent one WindowPoSt (request 1) after its Hello."""
+    root = make_plugin_dist(tmp_path, dist=prover, module=f"{prover}_plugin", source=source)
+    with Child("window_post", prover, pythonpath=[root]) as child:
         child.next_of(dext.Hello)
         child.send_msg(dext.Request(1, window_task()))
+        yield child
+
+
+def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path):
+    with _asked_once(tmp_path, "noisy", NOISY_PLUGIN) as child:
         response, skipped = child.next_of(dext.Response)
         assert response.output == echo_output(window_task())
         assert all(isinstance(m, dext.Progress) for m in skipped)
@@ -488,12 +496,7 @@ CRASHING_PLUGIN = textwrap.dedent(
 
 
 def test_a_prover_that_crashes_the_child_leaves_where_it_was_on_stderr(tmp_path):
-    root = make_plugin_dist(
-        tmp_path, dist="crashing", module="crashing_plugin", source=CRASHING_PLUGIN
-    )
-    with Child("window_post", "crashing", pythonpath=[root]) as child:
-        child.next_of(dext.Hello)
-        child.send_msg(dext.Request(1, window_task()))
+    with _asked_once(tmp_path, "crashing", CRASHING_PLUGIN) as child:
         assert child.wait() == -11  # SIGSEGV
         assert "Fatal Python error: Segmentation fault" in child.stderr
         assert 'crashing_plugin.py", line 7 in prove' in child.stderr
