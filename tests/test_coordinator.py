@@ -511,6 +511,28 @@ async def test_the_cleanup_forgets_every_expired_job_pass_after_pass(tmp_path):
         assert await coordinator._cleanup() is False and await jobs.list_jobs() == []
 
 
+async def test_the_cleanup_runs_as_often_as_the_stores_limits_say(tmp_path):
+    now = [1_700_000_000.0]
+    limits = rules.JobLimits(sweep_interval=0.05, cleanup_interval=0.5)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        await jobs.create(make_input(proof_type=PROOF))
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        await jobs.finish(taken.Id, JobOutput((b"proof",), ()), "", lease=taken.lease)
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)  # its first cleanup: nothing is old
+            started = trio.current_time()
+            now[0] += limits.job_lifetime + 60  # the finished job is past JobLifetime now
+            # The next cleanup comes after the limits' 0.5 s, not after damocles' fixed 30 min,
+            # and not at each sweep either.
+            with trio.fail_after(5):
+                while await jobs.list_jobs():  # noqa: ASYNC110 - a store change sends no event on SQLite
+                    await trio.sleep(0.05)
+            assert trio.current_time() - started >= limits.cleanup_interval
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
     now = [1_700_000_000.0]
     limits = rules.JobLimits(heartbeat_timeout=2.0, sweep_interval=0.5)

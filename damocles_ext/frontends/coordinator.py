@@ -37,9 +37,8 @@ MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
-# damocles-manager's: a cleanup every 30 min. Its sweep every 10 s (and once at start) is
-# rules.sweep_every here: never more than a quarter of HeartbeatTimeout.
-CLEANUP_INTERVAL = 30 * 60.0
+# damocles-manager sweeps every 10 s (and once at start): rules.sweep_every here, never more than
+# a quarter of HeartbeatTimeout. Its cleanup every 30 min is the limits' cleanup_interval.
 # Cleanup passes (of DEFAULT_PASS_LIMIT jobs) between two sweeps at most.
 CLEANUP_PASSES = 10
 # Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
@@ -185,13 +184,14 @@ class Coordinator:
     async def sweep_forever(
         self,
         sweep_interval: float | None = None,
-        cleanup_interval: float = CLEANUP_INTERVAL,
+        cleanup_interval: float | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Time out silent jobs, retry failed ones, cancel past-deadline ones (and forget old
         finished ones) until cancelled; `task_status.started()` after the first pass. The passes
-        are `sweep_interval` apart, by default rules.sweep_every of the store's limits.
+        are `sweep_interval` apart, by default rules.sweep_every of the store's limits; the
+        cleanups `cleanup_interval` apart, by default the limits' cleanup_interval.
 
         Without these passes a worker that dies keeps its job running forever. A failing pass
         (the store unreachable for a while) is logged and tried again at the next interval.
@@ -214,7 +214,8 @@ class Coordinator:
                 if trio.current_time() >= next_cleanup:
                     more = await self._cleanup()
                     # A backlog goes on at the next sweep: sweeps are not held behind it.
-                    next_cleanup = trio.current_time() + (0 if more else cleanup_interval)
+                    pause = cleanup_interval or self.store.store.limits.cleanup_interval
+                    next_cleanup = trio.current_time() + (0 if more else pause)
             except StoreError as exc:
                 log.warning("the sweep failed, trying again in %gs: %s", every, exc)
             if not started:
