@@ -39,6 +39,12 @@ class Refuse(Exception):
         self.extra = extra
 
 
+def head_size(request: h11.Request) -> int:
+    """The bytes of `request`'s head as it came (h11 drops only spaces around header values)."""
+    line = len(request.method) + len(request.target) + len(b" HTTP/1.1\r\n") + 1
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
+
+
 class HttpConnection:
     """One client's keep-alive connection: whole requests, one after another."""
 
@@ -54,8 +60,9 @@ class HttpConnection:
     ) -> None:
         self._stream = stream
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        # h11 holds a head to its limit only while it is incomplete: a read as long as the
-        # limit keeps a longer head from arriving whole in one read and passing.
+        # h11 holds a head to its limit only while it is incomplete: a head that arrives whole
+        # in a read, up to twice as long, passes it; `_read_request` measures what it parsed.
+        self._max_head = max_head
         self._read_size = max_head
         self._idle_timeout = idle_timeout
         self._log = log
@@ -136,6 +143,12 @@ class HttpConnection:
                 if data:
                     self.last_active = trio.current_time()
             elif isinstance(event, h11.Request):
+                if (size := head_size(event)) > self._max_head:
+                    raise h11.RemoteProtocolError(
+                        f"the request head is {size} bytes, over the {self._max_head} this"
+                        " server reads",
+                        error_status_hint=431,
+                    )
                 request = event
                 self._answering_head = event.method == b"HEAD"
                 self.on_head(event)
