@@ -379,15 +379,36 @@ class MetricsServer:
         """The exposition (in a worker thread): body, content type, gzipped."""
         from prometheus_client.exposition import choose_encoder
 
-        registry = self._metrics.registry
+        registry: Any = self._metrics.registry
         names = parse_qs(urlsplit(target).query).get("name[]")
         if names:
-            registry = registry.restricted_registry(names)
+            registry = _Only(registry, set(names))
         encoder, content_type = choose_encoder(accept)
         body = encoder(registry)
         if "gzip" in accept_encoding.lower():
             return gzip.compress(body, compresslevel=6), content_type, True
         return body, content_type, False
+
+
+class _Only:
+    """The samples of `registry` whose names are in `names` (`?name[]=`, as prometheus_client's
+    server filters). Its `restricted_registry` knows only the names that collectors describe:
+    ours, whose gauges are read at scrape time, and the process collector describe none, and
+    every sample of theirs was left out."""
+
+    def __init__(self, registry: Any, names: set[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import Metric
+
+        for metric in self._registry.collect():
+            samples = [sample for sample in metric.samples if sample.name in self._names]
+            if samples:
+                only = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                only.samples = samples
+                yield only
 
 
 def _bind(host: str, port: int) -> socket.socket:

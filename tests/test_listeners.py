@@ -448,6 +448,13 @@ async def test_idle_metrics_connections_do_not_stop_a_scrape_and_are_closed_afte
                 text = gzip.decompress(body).decode()
                 assert "damocles_ext_requests_total{" in text
                 assert "damocles_ext_child_state" not in text
+                # Also the gauges read at scrape time and the process collector's.
+                names = "name[]=damocles_ext_child_state&name[]=process_resident_memory_bytes"
+                text = await scrape(url.replace("/metrics", f"/metrics?{names}"))
+                assert (
+                    "damocles_ext_child_state{" in text and "process_resident_memory_bytes " in text
+                )
+                assert "damocles_ext_requests_total" not in text
                 await stop(run, log)
         finally:
             for s in held:
