@@ -234,10 +234,25 @@ def dashboard_metric_names() -> set[str]:
     for variable in dashboard["templating"]["list"]:
         query = variable.get("query")
         if isinstance(query, dict):
+            if m := re.fullmatch(r"query_result\((.*)\)", query["query"]):
+                names |= metric_names(m.group(1))
+                continue
             m = re.fullmatch(r"label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*\w+\s*\)", query["query"])
             assert m, query
             names.add(m.group(1))
     return names
+
+
+def test_each_instance_variable_lists_only_its_kind_and_all_is_what_it_lists():
+    # `worker --metrics` serves its children's gauges too: under `run`, a worker's provers would
+    # be counted with the run's. And "All" as ".*" would match every instance, listed or not.
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    run = variables["run"]["query"]["query"]
+    assert "damocles_ext_child_state" in run
+    assert re.search(r"unless on \(instance\) damocles_ext_worker_manager_reachable\)$", run)
+    assert variables["run"]["regex"] == '/instance="([^"]+)"/'
+    for name in ("run", "coordinator", "worker"):
+        assert variables[name]["includeAll"] and variables[name]["allValue"] is None, name
 
 
 def series_names(families) -> set[str]:
