@@ -182,12 +182,28 @@ async def control(sock_dir: Path, nursery):
     return server, backend
 
 
+async def test_a_progress_not_yet_sent_when_its_answer_is_ready_reaches_the_client_first(
+    sock_dir, nursery
+):
+    async def submit(task, *, deadline=None, priority=0, on_progress=None):
+        on_progress(dext.Progress(12345, "done", 4, 4))  # the prover's last report, then at once:
+        return echo_output(task)
+
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), submit)
+    await nursery.start(server.serve)
+    seen: list[dext.Progress] = []
+    async with connect(server.path) as client:
+        assert await client.submit(make_task(1), on_progress=seen.append) == echo_output(
+            make_task(1)
+        )
+    assert [(p.id, p.phase, p.done, p.total) for p in seen] == [(1, "done", 4, 4)]
+
+
 async def test_requests_on_one_connection_are_answered_by_id_in_any_order(control):
     server, backend = control
     results: dict[int, object] = {}
     progress: list[tuple] = []
-    # A request's progress not yet sent when its answer is ready is dropped (the answer says
-    # more): each request is finished only once its progress has reached the client.
+    # Each request is finished only once its progress has reached the client.
     seen = {m: trio.Event() for m in (1, 2, 3)}
 
     def on_progress(miner: int, p: object) -> None:

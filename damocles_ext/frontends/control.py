@@ -594,7 +594,8 @@ class _Connection:
         return reply
 
     def _queue_response(self, response: dext.Response) -> None:
-        self._progress.pop(response.id, None)
+        # A progress still waiting goes first, with it (the writer sends progress before
+        # answers): the last phase a prover reported, often its end, is not lost.
         if (
             self._owned == 1
             and self._fd is not None
