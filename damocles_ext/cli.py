@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except BaseException as exc:
-        if not _is_broken_pipe(exc):
+        if not _only(exc, BrokenPipeError):
             raise
         # The reader went away (`| head`): nothing more can be said there, and no traceback.
         # Point stdout at /dev/null so that the flush at exit does not raise again.
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _is_broken_pipe(exc: BaseException) -> bool:
-    """A BrokenPipeError, or a group (from a trio nursery) holding nothing else."""
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """`exc` is a `kind`, or a group (from a trio nursery) holding nothing else."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_is_broken_pipe(e) for e in exc.exceptions)
-    return isinstance(exc, BrokenPipeError)
+        return all(_only(e, kind) for e in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -96,8 +96,11 @@ def _main(argv: list[str] | None) -> int:
     except DextError as exc:
         print(f"damocles-ext {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        # Ctrl-C, also when trio raises it out of a nursery, inside a group.
+        if _only(exc, KeyboardInterrupt):
+            return 130
+        raise
     finally:
         logging.shutdown()
 

@@ -21,6 +21,8 @@ import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import (
+    DEXT,
+    dext_env,
     dext_run,
     dext_run_async,
     make_task,
@@ -516,6 +518,34 @@ def test_prove_exits_1_with_the_prover_error(tmp_path):
     assert result.returncode == 1
     assert b"sleep prover failing as configured" in result.stderr
     assert result.stdout == b"" and b"Traceback" not in result.stderr
+
+
+def test_prove_interrupted_by_ctrl_c_exits_130_without_a_traceback(tmp_path):
+    # trio raises the KeyboardInterrupt out of the supervisor's nursery, inside a group.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=600))
+    task = str(_task_file(tmp_path, make_task()))
+    proc = subprocess.Popen(
+        [*DEXT, "prove", "window_post", "--request", task, "-c", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dext_env(),
+        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started (as it
+        # is for a job started in the background of a shell without job control).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        err = b""
+        while b"window_post sleep:" not in err:  # proving (its first progress line)
+            line = proc.stderr.readline()
+            assert line, err.decode()
+            err += line
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, (err + rest).decode()
+    assert b"Traceback" not in err + rest and out == b""
 
 
 REFUSED_OPTION = plugin_block("WdPost", "sleep", fail="sometimes")
