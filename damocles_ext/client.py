@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from .errors import ProverError, UsageError
@@ -100,7 +101,11 @@ class Client:
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
-        frame = dext.encode(dext.Request(request_id, task, deadline, priority))
+        try:
+            frame = dext.encode(dext.Request(request_id, task, deadline, priority))
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            # E.g. a number over 64 bits: the caller's mistake, before anything was sent.
+            raise UsageError(f"request {request_id} cannot be sent: {exc}") from None
         if len(frame) - dext.HEADER_SIZE > dext.DEFAULT_MAX_FRAME_SIZE:
             # The supervisor would close the connection on it, failing every other request.
             raise ProverError(

@@ -201,6 +201,25 @@ async def test_a_progress_not_yet_sent_when_its_answer_is_ready_reaches_the_clie
     assert [(p.id, p.phase, p.done, p.total) for p in seen] == [(1, "done", 4, 4)]
 
 
+async def test_a_request_that_cannot_be_encoded_is_the_callers_error_and_the_connection_stays(
+    control,
+):
+    server, backend = control
+    async with connect(server.path) as client:
+        with pytest.raises(UsageError, match=r"request 1 cannot be sent: .*serialize ints"):
+            await client.submit(make_task(1), priority=2**64)
+        backend.release[2] = trio.Event()
+        backend.release[2].set()
+        assert await client.submit(make_task(2)) == echo_output(make_task(2))
+
+
+def test_prove_refuses_a_priority_no_frame_can_carry(tmp_path):
+    task = str(_task_file(tmp_path, make_task()))
+    result = dext_run("prove", "window_post", "--request", task, "--priority", str(2**63))
+    assert result.returncode == 2
+    assert b"argument --priority: must be within -2**63 .. 2**63 - 1" in result.stderr
+
+
 async def test_requests_on_one_connection_are_answered_by_id_in_any_order(control):
     server, backend = control
     results: dict[int, object] = {}

@@ -112,6 +112,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int64(text: str) -> int:
+    """A whole number that a dext frame carries: a signed 64-bit one (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be within -2**63 .. 2**63 - 1, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:

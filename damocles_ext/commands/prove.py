@@ -19,7 +19,7 @@ from damocles_ext.errors import UsageError
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
 
-from .common import add_sector_source_args
+from .common import add_sector_source_args, int64
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, PoStTask, Task
@@ -124,7 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--priority",
-        type=int,
+        type=int64,
         default=0,
         help="higher goes first among queued requests (default: 0)",
     )
