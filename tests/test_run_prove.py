@@ -543,14 +543,15 @@ def test_prove_interrupted_by_ctrl_c_exits_130_without_a_traceback(tmp_path):
     # trio raises the KeyboardInterrupt out of the supervisor's nursery, inside a group.
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=600))
     task = str(_task_file(tmp_path, make_task()))
+    argv = [*DEXT, "prove", "window_post", "--request", task, "-c", str(cfg)]
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started (it is for
+    # a job started in the background of a shell without job control): undo that, then exec.
+    undo = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)"
     proc = subprocess.Popen(
-        [*DEXT, "prove", "window_post", "--request", task, "-c", str(cfg)],
+        [sys.executable, "-c", f"{undo}; os.execv(sys.argv[1], sys.argv[1:])", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dext_env(),
-        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started (as it
-        # is for a job started in the background of a shell without job control).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         err = b""
