@@ -220,6 +220,25 @@ def over_64_bits(task: Task) -> str | None:
     return f"{', '.join(too_big[:3])}{more} does not fit in 64 bits (the largest is {2**64 - 1})"
 
 
+def replicas_problem(task: Task) -> str | None:
+    """What makes `task`'s replicas unprovable by any prover, known before one is asked (none;
+    a sector twice; a path with a NUL byte, which no file system names), or None."""
+    replicas = getattr(task, "replicas", None)
+    if replicas is None:  # a SNARK step: its vanilla proofs, no replicas
+        return None
+    if not replicas:
+        return "the task has no replicas: give at least one sector"
+    seen: set[int] = set()
+    for r in replicas:
+        if r.sector_id in seen:
+            return f"sector {r.sector_id} appears twice in the task: give each sector once"
+        seen.add(r.sector_id)
+        for name in ("cache_dir", "sealed_file"):
+            if "\0" in getattr(r, name):
+                return f"sector {r.sector_id}'s {name} holds a NUL byte: no file has that name"
+    return None
+
+
 def deadline_problem(deadline: object) -> str | None:
     """Why `deadline` cannot be a request's deadline (a unix time in seconds, or None), or None."""
     if deadline is None:

@@ -744,17 +744,27 @@ async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
 
 
 @pytest.mark.parametrize(
-    "content", [None, "", "\n\nsecond-line"], ids=["missing", "empty", "blank"]
+    ("content", "expected"),
+    [
+        (None, b"cannot read the token file"),
+        ("", b"has no token"),
+        ("\n\nsecond-line", b"has no token"),
+        ("/dev/zero", b"is over 65536 characters, longer than any token"),  # read a line, bounded
+    ],
+    ids=["missing", "empty", "blank", "endless"],
 )
-async def test_a_missing_or_empty_token_file_exits_2_saying_why(tmp_path, content):
+async def test_a_missing_empty_or_endless_token_file_exits_2_saying_why(
+    tmp_path, content, expected
+):
     token_file = tmp_path / "token"
-    if content is not None:
+    if content == "/dev/zero":
+        token_file.symlink_to(content)
+    elif content is not None:
         token_file.write_text(content)
     done = await dext_run_async(
         "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--token-file", str(token_file)
     )
     assert done.returncode == 2 and b"Traceback" not in done.stderr
-    expected = b"cannot read the token file" if content is None else b"has no token"
     assert expected in done.stderr and str(token_file).encode() in done.stderr
 
 

@@ -241,3 +241,22 @@ def test_prove_names_an_id_over_64_bits(tmp_path):
     doc["replicas"][2]["sector_id"] = 2**64
     error = read(json.dumps(doc).encode())
     assert isinstance(error, UsageError) and f"sector_id {2**64}" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda doc: doc.update(replicas=[]), "the task has no replicas"),
+        (
+            lambda doc: doc["replicas"][2].update(sector_id=doc["replicas"][0]["sector_id"]),
+            "appears twice in the task",
+        ),
+        (lambda doc: doc["replicas"][1].update(cache_dir="/a\u0000b"), "cache_dir holds a NUL"),
+    ],
+)
+def test_prove_refuses_a_task_no_prover_could_prove(change, message):
+    # Before, the child was asked, and prove exited 1 with the prover's error.
+    doc = copy.deepcopy(VALID)
+    change(doc)
+    error = read(json.dumps(doc).encode())
+    assert isinstance(error, UsageError) and message in str(error)

@@ -103,6 +103,8 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
         ([], "--manifest needs --seed"),
         (["--seed", SEED, "--sectors", "1,x"], "expected ids like 1,2,3"),
         (["--seed", SEED, "--sectors", "9"], "not in the manifest"),
+        (["--seed", SEED, "--sectors", ","], "the task has no replicas: give at least one"),
+        (["--seed", SEED, "--sectors", "1,1"], "sector 1 appears twice in the task"),
         (
             ["--seed", SEED, "--proof-type", "StackedDrgWinning2KiBV1"],
             "StackedDrgWinning2KiBV1 is not a WindowPoSt proof type",
@@ -137,3 +139,30 @@ def test_seed_without_manifest_is_a_usage_error(fixtures, tmp_path):
         check=2,
     )
     assert "--seed goes with --manifest" in proc.stderr
+
+
+def test_a_manifest_no_frame_can_carry_or_too_long_to_be_one_exits_2(fixtures, tmp_path):
+    manifest = json.loads((fixtures / "s" / "manifest.json").read_text())
+    manifest["miner_id"] = 2**64
+    edited = tmp_path / "manifest.json"
+    edited.write_text(json.dumps(manifest))
+    for path, message in (
+        (edited, f"miner_id {2**64} does not fit in 64 bits"),
+        ("/dev/zero", "manifest /dev/zero holds over 256 MiB, more than any manifest"),
+    ):
+        proc = dext("prove", "window_post", "--manifest", path, "--seed", SEED,
+                    "-c", fixtures / "c.cfg", check=2)  # fmt: skip
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--miner", 2**64], "--miner must be an actor id from 0 to 2**64 - 1"),
+        (["--miner", 1, "--first-sector-id", 2**64 - 1, "--count", 2], "sector ids go from 0"),
+    ],
+)
+def test_sectors_create_refuses_ids_over_64_bits(tmp_path, args, message):
+    proc = dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", 1,
+                *args, "--out", tmp_path / "s", check=2)  # fmt: skip
+    assert message in proc.stderr and not (tmp_path / "s").exists()

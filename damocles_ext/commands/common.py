@@ -204,17 +204,26 @@ def positive_duration(text: str) -> float:
     return value
 
 
+#: The longest first line a token file may have (a JWT with many claims is under 4 KiB).
+MAX_TOKEN_CHARS = 64 * 1024
+
+
 def token_file(path: str) -> str:
     """A --token-file argument: the token on the file's first line (argparse turns the error into
     exit code 2 with its message)."""
     try:
         with open(path, encoding="utf-8") as f:
-            first = f.readline()
+            first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise argparse.ArgumentTypeError(
             f"cannot read the token file {path!r}: {why}; give a file whose first line is the token"
         ) from None
+    if len(first) > MAX_TOKEN_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"the first line of the token file {path!r} is over {MAX_TOKEN_CHARS} characters,"
+            " longer than any token: is it the right file?"
+        )
     token = first.strip()
     if not token:
         raise argparse.ArgumentTypeError(

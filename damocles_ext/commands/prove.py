@@ -179,8 +179,11 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
-    if args.comm_r is None and args.proxy is not None:
-        raise UsageError("--proxy goes with --comm-r FILE and --sectors MINER:NUMBER,…")
+    if args.comm_r is None:
+        for flag, value in (("--proxy", args.proxy), ("--attached", args.attached),
+                            ("--header", args.header)):  # fmt: skip
+            if value:
+                raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
 
     from damocles_ext.progress import ProgressRenderer
@@ -322,6 +325,7 @@ def task_from_manifest(args: argparse.Namespace) -> PoStTask:
     manifest = fixtures.load_manifest(args.manifest)
     build = fixtures.window_task if args.stage == "window_post" else fixtures.winning_task
     task = build(manifest, seed, proof_type=args.proof_type, sector_ids=sector_ids)
+    check_request_size(task, args.manifest)
     if args.save_request is not None:
         from damocles_ext.protocol.jsonl import task_to_json
 
@@ -400,12 +404,15 @@ def read_task(source: str, stage: str, command: str = "prove") -> PoStTask:
 
 
 def check_request_size(task: Task, where: str) -> None:
-    """UsageError when the task does not fit in one dext frame (no child could take it)."""
+    """UsageError when the task does not fit in one dext frame (no child could take it), or
+    no prover could prove it (no replicas, a sector twice, a path no file has)."""
     from damocles_ext.protocol import dext
-    from damocles_ext.tasks import over_64_bits
+    from damocles_ext.tasks import over_64_bits, replicas_problem
 
     if (too_big := over_64_bits(task)) is not None:
         raise UsageError(f"{where}: {too_big}")
+    if (problem := replicas_problem(task)) is not None:
+        raise UsageError(f"{where}: {problem}")
     size = len(dext.encode(dext.Request(0, task))) - dext.HEADER_SIZE
     if size > dext.DEFAULT_MAX_FRAME_SIZE:
         raise UsageError(

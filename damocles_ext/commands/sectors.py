@@ -95,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
         return run_find(args)
     from damocles_ext.post.fixtures import create_sectors
 
-    if args.miner < 0:
-        raise UsageError(f"--miner must be a non-negative actor id, got {args.miner}")
-    if args.first_sector_id < 0:
-        raise UsageError(f"--first-sector-id must be non-negative, got {args.first_sector_id}")
+    if not 0 <= args.miner < 2**64:
+        raise UsageError(f"--miner must be an actor id from 0 to 2**64 - 1, got {args.miner}")
+    last = args.first_sector_id + max(args.count, 1) - 1
+    if args.first_sector_id < 0 or last >= 2**64:
+        raise UsageError(
+            f"--first-sector-id {args.first_sector_id} with --count {args.count}: sector ids"
+            " go from 0 to 2**64 - 1 (damocles' uint64)"
+        )
     reporter = _Reporter(args.count)
     try:
         manifest = create_sectors(

@@ -146,13 +146,23 @@ def create_sectors(
     return path
 
 
+#: The most a manifest file may hold, as a request file (four times a dext frame's limit).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read a manifest; relative paths inside are taken relative to its directory."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:  # bounded: /dev/zero given by mistake must not fill memory
+            data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UsageError(
+            f"manifest {path} holds over {MAX_MANIFEST_BYTES // 2**20} MiB, more than any"
+            " manifest: is it the right file?"
+        )
     try:
         manifest = msgspec.json.decode(data, type=Manifest)
     except msgspec.ValidationError as exc:
