@@ -166,3 +166,13 @@ def test_sectors_create_refuses_ids_over_64_bits(tmp_path, args, message):
     proc = dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", 1,
                 *args, "--out", tmp_path / "s", check=2)  # fmt: skip
     assert message in proc.stderr and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["--attached", "a=/tmp"], ["--header", "Authorization: Bearer x"], ["--proxy", "x:1"]]
+)
+def test_sector_source_options_without_comm_r_are_refused_not_ignored(fixtures, tmp_path, args):
+    (tmp_path / "t.json").write_text("{}")
+    proc = dext("prove", "window_post", "--request", tmp_path / "t.json", *args,
+                "-c", fixtures / "c.cfg", check=2)  # fmt: skip
+    assert f"{args[0]} goes with --comm-r FILE" in proc.stderr

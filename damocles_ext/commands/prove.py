@@ -168,6 +168,11 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     skipped: list[int] = []
     task: PoStTask | None
+    if args.comm_r is None:
+        for flag, value in (("--proxy", args.proxy), ("--attached", args.attached),
+                            ("--header", args.header)):  # fmt: skip
+            if value:
+                raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
     if args.manifest is not None:
         task = task_from_manifest(args)
     elif args.comm_r is not None:
@@ -179,11 +184,6 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
-    if args.comm_r is None:
-        for flag, value in (("--proxy", args.proxy), ("--attached", args.attached),
-                            ("--header", args.header)):  # fmt: skip
-            if value:
-                raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
 
     from damocles_ext.progress import ProgressRenderer
