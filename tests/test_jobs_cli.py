@@ -3,6 +3,8 @@ against a real store (SQLite, and the session's PostgreSQL)."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from datetime import UTC
 
@@ -138,6 +140,31 @@ def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
     assert cli.main(["wdpost", "list", "--jobs", url]) == 2
     assert f"there is no job store at {url}: no such file; check the URL" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_file_that_is_no_store_is_said_so_and_left_as_it_was(tmp_path, capsys):
+    other = tmp_path / "other.db"  # another program's SQLite database, in its journal mode
+    with contextlib.closing(sqlite3.connect(other)) as db, db:
+        db.execute("CREATE TABLE t (x)")
+    text, empty = tmp_path / "notes.txt", tmp_path / "empty"
+    text.write_text("not a database\n")
+    empty.touch()
+    for path, why in ((other, "the database has no job tables"), (empty, "the database has no job tables"),
+                      (text, "the file is not an SQLite database"),
+                      (tmp_path, "it is not a regular file")):  # fmt: skip
+        before = path.read_bytes() if path.is_file() else None
+        assert cli.main(["wdpost", "list", "--jobs", f"sqlite:///{path}"]) == 2
+        assert f"there is no job store at sqlite:///{path}: {why}" in capsys.readouterr().err
+        assert before is None or path.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL
+    assert not list(tmp_path.glob("*-wal"))
+
+
+def test_a_store_in_a_directory_that_does_not_exist_is_a_mistake_in_the_url(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/nodir/jobs.db"
+    assert cli.main(["coordinator", "--jobs", url]) == 2
+    assert f"its directory '{tmp_path}/nodir' does not exist: create it" in capsys.readouterr().err
 
 
 def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, capsys):

@@ -6,8 +6,10 @@ on it. Every name here is importable from `damocles_ext.jobs.store` as well.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any, Final
 
@@ -327,6 +329,40 @@ def login_refused(error: BaseException | None) -> bool:
     """Whether `error` (a database error) is a PostgreSQL server refusing the URL's login."""
     orig = error.orig if isinstance(error, exc.DBAPIError) else None
     return orig is not None and bool(_LOGIN_REFUSED.search(str(orig)))
+
+
+def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
+    """Whether `error`, met opening the store at `url`, is a mistake in the URL rather than an
+    outage: a login the PostgreSQL server refuses, a file that is not an SQLite database, a
+    directory that does not exist."""
+    if login_refused(error):
+        return True
+    if url.get_backend_name() != "sqlite" or not isinstance(error, exc.DBAPIError):
+        return False
+    code = getattr(error.orig, "sqlite_errorname", "")
+    return code == "SQLITE_NOTADB" or not Path(url.database or "").parent.is_dir()
+
+
+def sqlite_store_problem(path: Path, where: str) -> str | None:
+    """Why there is no job store in the SQLite file at `path` (`where` names it), or None;
+    read-only: a file that is not one (another program's database) is left as it was."""
+    if not path.exists():
+        return f"there is no job store at {where}: no such file; check the URL"
+    if not path.is_file():
+        return f"there is no job store at {where}: it is not a regular file; check the URL"
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            found = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                (schema_version.name,),
+            ).fetchone()
+    except sqlite3.DatabaseError as error:
+        return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
+    if found is None:
+        return f"there is no job store at {where}: the database has no job tables; check the URL"
+    return None
 
 
 def first_line(error: Exception) -> str:

@@ -54,16 +54,17 @@ from .database import (
     StoreConflict,
     StoreError,
     StoreUnavailable,
+    a_mistake_at_open,
     check_create,
     describe_url,
     job_of_row,
     jobs,
-    login_refused,
     make_engine,
     metadata,
     parse_url,
     row_values,
     schema_version,
+    sqlite_store_problem,
     store_failure,
     workers,
 )
@@ -150,7 +151,7 @@ class JobStore:
             store.migrate(lock_timeout=open_timeout, writable=writable)
         except BaseException as e:
             store.close()
-            if isinstance(e, StoreUnavailable) and login_refused(e.__cause__):
+            if isinstance(e, StoreUnavailable) and a_mistake_at_open(e.__cause__, store.url):
                 raise StoreConfigError(str(e)) from None  # a mistake in the URL, not an outage
             raise
         if opening is kwargs:
@@ -160,11 +161,10 @@ class JobStore:
 
     def check_exists(self) -> None:
         """Raises StoreConfigError when there is no job store at the URL."""
-        if not self.is_postgresql and not Path(self.url.database or "").is_file():
-            raise StoreConfigError(
-                f"there is no job store at {self.where}: no such file; check the URL"
-            )
-        if self.schema_version() == 0:
+        if not self.is_postgresql:
+            if problem := sqlite_store_problem(Path(self.url.database or ""), self.where):
+                raise StoreConfigError(problem)
+        elif self.schema_version() == 0:
             raise StoreConfigError(
                 f"there is no job store at {self.where}: the database has no job tables; check "
                 "the URL"
