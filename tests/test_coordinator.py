@@ -583,6 +583,13 @@ async def test_a_dead_workers_job_is_ready_again_a_quarter_of_a_short_heartbeat_
          rpc.PARSE_ERROR, "unmarshaling params for 'Venus.WdPoStRemoveJob' (param: 0): "),
         (b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[-1]},1,"w"],"id":1}',
          rpc.PARSE_ERROR, "(param: 0)"),
+        # No job id, worker name, lease or proof type has a NUL (PostgreSQL's text takes none).
+        (b'{"method":"Venus.WdPoStResetJob","params":["a\\u0000b"],"id":1}', rpc.PARSE_ERROR,
+         "(param: 0)"),
+        (b'{"method":"Dext.HeartbeatJobs","params":[[{"Id":"a","Lease":"\\u0000"}],"w"],"id":1}',
+         rpc.PARSE_ERROR, "(param: 0)"),
+        (b'{"method":"Venus.WdPoStAllocateJobs","params":[{},1,"w\\u0000"],"id":1}',
+         rpc.PARSE_ERROR, "(param: 2)"),
     ],
 )  # fmt: skip
 def test_the_request_decoder_says_what_is_wrong(body, code, words):

@@ -73,6 +73,15 @@ def test_create_is_idempotent_and_a_record_reads_back_as_written(js):
     assert js.list_jobs() == [finished]
 
 
+def test_an_error_text_with_a_nul_is_kept_on_both_engines(js):
+    # PostgreSQL's text takes no NUL: the finish failed as the store failing (code 1), and the
+    # worker retried it for a day while the job stayed running.
+    job, _ = js.create(make_input(), T0)
+    [allocated] = js.allocate(ANY, 1, "w1", T0 + 1)
+    [finished] = js.finish(job.Id, None, "prover said a\0b", T0 + 2, lease=allocated.lease).jobs
+    assert finished.ErrorReason == js.get(job.Id).ErrorReason == "prover said a\ufffdb"
+
+
 def test_a_write_that_lost_a_race_is_refused_not_applied(js):
     [job] = create_many(js, 1)
     stale = job

@@ -35,6 +35,7 @@ from damocles_ext.jobs.worker_rules import (
     PulledJob,
     default_sector_paths,
     failure_of,
+    failure_of_answer,
     finish_verdict,
     free_slots,
     jobs_to_ask,
@@ -298,6 +299,36 @@ async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_an
         assert again.State == "running" and again.TryNum == 1
         assert worker.counters.stopped == 2 and worker.counters.delivered == 0
     assert rig.allocations_of(first.Id) == 1
+
+
+BIG_PROOF_CHILD = r"""
+import base64, json, sys
+# A damocles JSON-lines processor whose proof is over the coordinator's 16 MiB body limit.
+sys.stdout.write("window_post processor ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    output = {"proofs": [base64.b64encode(bytes(17 << 20)).decode()], "faults": []}
+    sys.stdout.write(json.dumps({"id": json.loads(line)["id"], "err_msg": None, "output": output}))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+"""
+
+
+async def test_a_result_the_coordinator_can_never_take_is_given_up_at_once_saying_why(
+    rig, tmp_path, caplog
+):
+    # Before, an HTTP 413 was retried for the result's whole lifetime (25 h) with nothing
+    # logged, while the job's heartbeats kept it from another worker.
+    script = tmp_path / "big.py"
+    script.write_text(BIG_PROOF_CHILD)
+    cfg = f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps([str(script)])}\n"
+    job, _ = await rig.jobs.create(job_input())
+    worker = Worker(rig.settings(children(tmp_path, cfg)))
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: worker.counters.given_up == 1)
+    assert worker.counters.delivered == 0 and worker.counters.finish_retries == 1
+    assert f"job {job.Id}: its result (1 proofs) is given up after 1 attempts" in caplog.text
+    assert "HTTP 413" in caplog.text
 
 
 async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_after_its_restart(
@@ -651,6 +682,13 @@ def test_what_a_failed_call_means():
     # Our coordinator's code 1 is its store failing for a while; damocles-manager's is a refusal.
     assert failure_of(Api.DEXT, rpc.METHOD_ERROR) is Failure.ERROR
     assert failure_of(Api.VENUS, rpc.METHOD_ERROR) is Failure.REFUSED
+    # A call the server cannot read is refused again as it is (a NUL in a text, say).
+    for code in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST, rpc.INVALID_PARAMS):
+        assert failure_of(Api.DEXT, code) is failure_of(Api.VENUS, code) is Failure.REFUSED
+    # An answer that is not JSON-RPC: a 4xx refuses the call as it is; a 5xx may pass.
+    assert failure_of_answer(413) is failure_of_answer(400) is Failure.REFUSED
+    for status in (408, 429, 500, 502, 503, None):
+        assert failure_of_answer(status) is Failure.ERROR
 
 
 def test_a_finish_is_retried_while_unreachable_until_the_deadline_or_the_lifetime():

@@ -178,7 +178,7 @@ class Coordinator:
         # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
         # alive (what `status --jobs` and the metrics count as a live worker).
         name = info.get("Name") if isinstance(info, dict) else None
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and "\0" not in name:
             await self.store.worker_seen(name)
 
     async def sweep_forever(

@@ -49,6 +49,7 @@ from ..jobs.worker_rules import (
     PulledJob,
     allocate_params,
     failure_of,
+    failure_of_answer,
     faults_text,
     finish_verdict,
     free_slots,
@@ -468,8 +469,8 @@ class Worker:
                 self._refused_token(exc)  # (a refusal: the result is given up below)
                 api = Api.VENUS if job.Lease is None else Api.DEXT
                 failure, reason = failure_of(api, exc.code), exc.message
-            except RpcClientError as exc:
-                failure, reason = Failure.ERROR, str(exc)
+            except RpcClientError as exc:  # an answer that is none (HTTP 413: too large)
+                failure, reason = failure_of_answer(getattr(exc, "status", None)), str(exc)
             else:
                 self._answered()
                 self.counters.delivered += 1
@@ -503,7 +504,11 @@ class Worker:
                     reason,
                 )
                 break
-            await trio.sleep(backoff.next_delay())
+            delay = backoff.next_delay()
+            if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
+                log.warning("job %s: its result (%s) was not delivered (attempt %d): %s;"
+                            " trying again in %.1f s", job.Id, what, attempts, reason, delay)  # fmt: skip
+            await trio.sleep(delay)
 
     def _release(self, held: HeldJob) -> None:
         if self.held.get(held.job.Id) is held:

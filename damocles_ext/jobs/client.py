@@ -54,7 +54,12 @@ class RpcTimeout(RpcConnectionError):
 
 
 class RpcProtocolError(RpcClientError):
-    """The server answered, but not with a JSON-RPC answer to this call (not an RPC endpoint)."""
+    """The server answered, but not with a JSON-RPC answer to this call (not an RPC endpoint);
+    `status`: the answer's HTTP status, when it had one."""
+
+    def __init__(self, message: str, *, url: str, method: str, status: int | None = None) -> None:
+        super().__init__(message, url=url, method=method)
+        self.status = status
 
 
 class RpcCallError(RpcClientError):
@@ -195,6 +200,7 @@ class RpcClient:
                 f"JSON-RPC answer ({text!r}); check that the address is {self.serves}",
                 url=self.url,
                 method=method,
+                status=status,
             ) from None
         if answer.error is not None:
             raise RpcCallError(

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from ..protocol.dext import NESTED_TOO_DEEPLY
-from .model import I64, U64, JobOutput, JobRecord
+from .model import I64, U64, JobOutput, JobRecord, Text
 from .rules import AllocationSpec
 from .summary import spec_key
 
@@ -59,14 +59,14 @@ class AllocateSpec(msgspec.Struct, frozen=True):
     """damocles' AllocateWdPoStJobSpec; Go's nil slices arrive as `null` and mean "any"."""
 
     AllowedMiners: Annotated[list[I64], msgspec.Meta(max_length=MAX_FILTER)] | None = None
-    AllowedProofTypes: Annotated[list[str], msgspec.Meta(max_length=MAX_FILTER)] | None = None
+    AllowedProofTypes: Annotated[list[Text], msgspec.Meta(max_length=MAX_FILTER)] | None = None
 
 
 class JobLease(msgspec.Struct, frozen=True):
     """A job a worker holds, and the lease its allocation gave it (Dext.HeartbeatJobs)."""
 
-    Id: str
-    Lease: str
+    Id: Text
+    Lease: Text
 
 
 # The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
@@ -79,14 +79,14 @@ class SectorId(msgspec.Struct, frozen=True):
 
 
 METHODS: Final[dict[str, tuple[Any, ...]]] = {
-    "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, str),
+    "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, Text),
     "Venus.WdPoStHeartbeatJobs": (
-        Annotated[list[str], msgspec.Meta(max_length=MAX_IDS_PER_CALL)] | None,
-        str,
+        Annotated[list[Text], msgspec.Meta(max_length=MAX_IDS_PER_CALL)] | None,
+        Text,
     ),
-    "Venus.WdPoStFinishJob": (str, JobOutput | None, str),
-    "Venus.WdPoStResetJob": (str,),
-    "Venus.WdPoStRemoveJob": (str,),
+    "Venus.WdPoStFinishJob": (Text, JobOutput | None, str),
+    "Venus.WdPoStResetJob": (Text,),
+    "Venus.WdPoStRemoveJob": (Text,),
     "Venus.WdPoStAllJobs": (),
     "Venus.StoreBasicInfo": (str,),
     "Venus.WorkerPing": (Any,),
@@ -94,12 +94,12 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.SectorIndexerFind": (str, SectorId),
     # Ours (docs/JOBS.md): allocation by free slots with a lease, heartbeats that answer which
     # jobs to stop, a finish fenced by the lease.
-    "Dext.AllocateJobs": (AllocateSpec, U32, str),
+    "Dext.AllocateJobs": (AllocateSpec, U32, Text),
     "Dext.HeartbeatJobs": (
         Annotated[list[JobLease], msgspec.Meta(max_length=MAX_IDS_PER_CALL)],
-        str,
+        Text,
     ),
-    "Dext.FinishJob": (str, str, JobOutput | None, str),
+    "Dext.FinishJob": (Text, Text, JobOutput | None, str),
 }
 
 _HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, UNAUTHORIZED: 401}

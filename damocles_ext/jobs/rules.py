@@ -422,15 +422,12 @@ def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Ste
     if why is not None:
         return Step(job, (Refused(job.Id, "finish", why),))
     t = _seconds(now)
+    # PostgreSQL's text takes no NUL: a prover's message keeps the rest, on either database.
+    reason = event.error_reason.replace("\0", "\ufffd")
     finished = _replace(
-        job,
-        State=FINISHED,
-        Output=event.output,
-        ErrorReason=event.error_reason,
-        FinishedAt=t,
-        UpdatedAt=t,
+        job, State=FINISHED, Output=event.output, ErrorReason=reason, FinishedAt=t, UpdatedAt=t
     )
-    return Step(finished, (Finished(job.Id, event.error_reason),))
+    return Step(finished, (Finished(job.Id, reason),))
 
 
 def cancel_reason(job: JobRecord, limits: JobLimits) -> str:

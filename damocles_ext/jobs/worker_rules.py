@@ -77,6 +77,17 @@ def failure_of(api: Api, code: int | None) -> Failure:
         return Failure.NO_METHOD
     if code in (rpc.REFUSED, rpc.UNAUTHORIZED) or (api is Api.VENUS and code == rpc.METHOD_ERROR):
         return Failure.REFUSED  # (a refused token: no call will get through, the worker stops)
+    if code in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST, rpc.INVALID_PARAMS):
+        return Failure.REFUSED  # the call itself is wrong: the same call is refused again
+    return Failure.ERROR
+
+
+def failure_of_answer(status: int | None) -> Failure:
+    """What an answer that is no JSON-RPC answer means (`status`: its HTTP status, None when it
+    was not HTTP): a 4xx (a body too large, 413, say) refuses the call as it is, for good; a
+    5xx (a proxy in front of the manager, restarting) or a garbled answer may pass."""
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return Failure.REFUSED
     return Failure.ERROR
 
 
