@@ -63,6 +63,12 @@ def test_a_heartbeat_timeout_shorter_than_damocles_sweep_makes_the_sweep_as_freq
     assert rules.sweep_every(limits("2s")) == 0.5
     assert rules.sweep_every(limits("15s")) == 3.75
     assert rules.sweep_every(limits("1h")) == 10.0
+    # A nanosecond one swept without a pause (the CPU, and the store's write lock, all taken),
+    # and every job would time out: warned about, and swept every quarter of a second.
+    cfg = parse_manager_config('[Common.Proving.WorkerProver]\nHeartbeatTimeout = "1ns"\n', "x.cfg")
+    assert rules.sweep_every(cfg.limits) == rules.MIN_SWEEP_INTERVAL == 0.25
+    [warning] = cfg.warnings
+    assert "HeartbeatTimeout '1ns' is shorter than the 3 s between a damocles-worker's" in warning
 
 
 def test_an_empty_file_keeps_damocles_defaults():
@@ -101,7 +107,10 @@ def test_a_bad_duration_names_file_table_key_and_what_to_write(value, words):
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("[Common.Proving.WorkerProver]\nJobMaxTry = 0\n", "JobMaxTry must be a whole number >= 1"),
+        ("[Common.Proving.WorkerProver]\nJobMaxTry = 0\n", "JobMaxTry must be a whole number from 1"),
+        # damocles' uint32 (a larger one reached the store, and a traceback, at the first sweep)
+        ("[Common.Proving.WorkerProver]\nJobMaxTry = 9223372036854775807\n",
+         "JobMaxTry must be a whole number from 1 to 4294967295"),
         ("[[Common.PersistStores]]\nName = 'a'\n", "Path must be the store's directory"),
         (("[[Common.PersistStores]]\nName='a'\nPath='/x'\n[[Common.PersistStores]]\nName='a'\n"
          "Path='/y'\n"), "duplicate persist store name 'a'"),

@@ -35,8 +35,10 @@ from .rules import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_JOB_LIFETIME,
     DEFAULT_JOB_MAX_TRY,
+    MAX_JOB_MAX_TRY,
     JobLimits,
 )
+from .worker_settings import DEFAULT_HEARTBEAT_INTERVAL as WORKER_HEARTBEAT_EVERY
 
 MANAGER_CONF_FILE: Final = "sector-manager.cfg"
 #: damocles' own config files are small; a device or a runaway file must not fill the memory.
@@ -207,12 +209,23 @@ def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, fr
         warnings.append(f"{source}: {_WORKER_PROVER}: unknown key {key!r} ignored (damocles "
                         f"knows {', '.join(sorted(WORKER_PROVER_KEYS))})")  # fmt: skip
     max_try = table.get("JobMaxTry", DEFAULT_JOB_MAX_TRY)
-    if isinstance(max_try, bool) or not isinstance(max_try, int) or max_try < 1:
+    if (
+        isinstance(max_try, bool)
+        or not isinstance(max_try, int)
+        or not (1 <= max_try <= MAX_JOB_MAX_TRY)
+    ):
         raise ManagerConfigError(
-            f"{source}: {_WORKER_PROVER} JobMaxTry must be a whole number >= 1 (the allocations a"
-            f" job may have in all; damocles' default is 2), not {max_try!r}"
+            f"{source}: {_WORKER_PROVER} JobMaxTry must be a whole number from 1 to"
+            f" {MAX_JOB_MAX_TRY} (the allocations a job may have in all; damocles' default is 2),"
+            f" not {max_try!r}"
         )
     heartbeat = _duration(table, "HeartbeatTimeout", DEFAULT_HEARTBEAT_TIMEOUT, source)
+    if heartbeat < WORKER_HEARTBEAT_EVERY:
+        warnings.append(
+            f"{source}: {_WORKER_PROVER} HeartbeatTimeout {table['HeartbeatTimeout']!r} is shorter"
+            f" than the {WORKER_HEARTBEAT_EVERY:g} s between a damocles-worker's heartbeats: every"
+            " running job will time out; give it several times that (damocles' default is 15s)"
+        )
     lifetime = _duration(table, "JobLifetime", DEFAULT_JOB_LIFETIME, source)
     given = frozenset(WORKER_PROVER_KEYS & set(table))
     limits = JobLimits(max_try=max_try, heartbeat_timeout=heartbeat, job_lifetime=lifetime)

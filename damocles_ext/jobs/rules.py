@@ -69,6 +69,8 @@ DEFAULT_JOB_LIFETIME: Final = 25 * 3600.0
 DEFAULT_SWEEP_INTERVAL: Final = 10.0
 DEFAULT_CLEANUP_INTERVAL: Final = 30 * 60.0
 DEFAULT_POLL_INTERVAL: Final = 3.0
+#: damocles' JobMaxTry and TryNum are uint32s.
+MAX_JOB_MAX_TRY: Final = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,14 @@ class JobLimits:
     poll_interval: float = DEFAULT_POLL_INTERVAL  # a producer's look for results; damocles: 3 s
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_try, bool) or not isinstance(self.max_try, int) or self.max_try < 1:
-            raise ValueError(f"JobMaxTry must be a whole number >= 1, not {self.max_try!r}")
+        if (
+            isinstance(self.max_try, bool)
+            or not isinstance(self.max_try, int)
+            or not (1 <= self.max_try <= MAX_JOB_MAX_TRY)
+        ):
+            raise ValueError(
+                f"JobMaxTry must be a whole number from 1 to {MAX_JOB_MAX_TRY}, not {self.max_try!r}"
+            )
         for name in ("heartbeat_timeout", "job_lifetime", "sweep_interval", "cleanup_interval",
                      "poll_interval"):  # fmt: skip
             value = getattr(self, name)
@@ -280,14 +288,18 @@ def deadline_passed(job: JobRecord, now: float) -> bool:
 
 #: The coordinator sweeps at least this many times per HeartbeatTimeout (sweep_every).
 SWEEPS_PER_HEARTBEAT_TIMEOUT: Final = 4
+#: The shortest pause between two sweeps (heartbeats are stamped in whole seconds anyway).
+MIN_SWEEP_INTERVAL: Final = 0.25
 
 
 def sweep_every(limits: JobLimits) -> float:
     """Seconds between two sweeps: damocles' 10 s (`sweep_interval`), but at most a quarter of
     HeartbeatTimeout, so that a dead worker's job is given back at most that quarter after its
     timeout (3.75 s with damocles' 15 s; a fixed 10 s would add up to 10 s, more than the
-    timeout itself once it is set short)."""
-    return min(limits.sweep_interval, limits.heartbeat_timeout / SWEEPS_PER_HEARTBEAT_TIMEOUT)
+    timeout itself once it is set short); never under MIN_SWEEP_INTERVAL, whatever the timeout
+    (a nanosecond one swept without a pause, holding the store's write lock)."""
+    every = min(limits.sweep_interval, limits.heartbeat_timeout / SWEEPS_PER_HEARTBEAT_TIMEOUT)
+    return max(every, min(limits.sweep_interval, MIN_SWEEP_INTERVAL))
 
 
 def silent_before(event: Sweep, now: float, limits: JobLimits) -> float:
