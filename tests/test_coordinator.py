@@ -757,8 +757,9 @@ async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
         ("", b"has no token"),
         ("\n\nsecond-line", b"has no token"),
         ("/dev/zero", b"is over 65536 characters, longer than any token"),  # read a line, bounded
+        ("s\u00e9cret\n", b"cannot be sent in an HTTP header: a header value is sent as ASCII"),
     ],
-    ids=["missing", "empty", "blank", "endless"],
+    ids=["missing", "empty", "blank", "endless", "not-ascii"],
 )
 async def test_a_missing_empty_or_endless_token_file_exits_2_saying_why(
     tmp_path, content, expected

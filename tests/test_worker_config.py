@@ -151,10 +151,23 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
     assert result.returncode == 2 and "--manager ADDRESS is required" in err
 
 
-def test_a_bad_header_option_exits_2_saying_the_form():
-    result = dext_run("worker", "--header", "no-colon-here", "--manager", "127.0.0.1:1")
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--header", "no-colon-here"], "expected 'NAME: VALUE'"),
+        # h11 sends headers as ASCII: before, a traceback at the first call.
+        (["--header", "X-Site: café"], "a header value is sent as ASCII"),
+        (["--allowed-miners", str(2**63)], f"miner id {2**63} is over 2**63 - 1"),
+        (["--allowed-miners", "1²"], "miner ids are numbers separated by commas"),
+        (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),
+    ],
+)
+def test_a_bad_worker_option_exits_2_saying_what_is_wrong(tmp_path, args, words):
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    result = dext_run("worker", *args, "--manager", "127.0.0.1:1", "-c", str(cfg))
     err = result.stderr.decode()
-    assert result.returncode == 2 and "expected 'NAME: VALUE'" in err
+    assert result.returncode == 2 and words in err and "Traceback" not in err, err
 
 
 def test_a_worker_name_and_filters_too_long_for_a_coordinator_exit_2_saying_so(tmp_path):

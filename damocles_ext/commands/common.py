@@ -225,6 +225,12 @@ def token_file(path: str) -> str:
             " longer than any token: is it the right file?"
         )
     token = first.strip()
+    from damocles_ext.jobs.endpoint import header_value_problem
+
+    if (problem := header_value_problem(token)) is not None:
+        raise argparse.ArgumentTypeError(
+            f"the token in the token file {path!r} cannot be sent in an HTTP header: {problem}"
+        )
     if not token:
         raise argparse.ArgumentTypeError(
             f"the token file {path!r} has no token on its first line; write the token there"

@@ -173,8 +173,10 @@ def _header(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'), got {text!r}"
         )
-    if any(c in value for c in "\r\n") or any(c in name for c in "\r\n"):
-        raise argparse.ArgumentTypeError(f"a header cannot span lines: {text!r}")
+    from damocles_ext.jobs.endpoint import header_value_problem
+
+    if any(c in name for c in "\r\n") or (problem := header_value_problem(value)):
+        raise argparse.ArgumentTypeError(f"{problem or 'a header cannot span lines'}: {text!r}")
     return name, value
 
 
@@ -182,12 +184,25 @@ def _miners(text: str) -> tuple[int, ...]:
     miners = []
     for given in text.split(","):
         part = given.strip().removeprefix("f0").removeprefix("t0")
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             raise argparse.ArgumentTypeError(
                 f"{text!r}: miner ids are numbers separated by commas (e.g. 1000,1001)"
             )
+        if int(part) >= 2**63:  # damocles' AllowedMiners are int64s (abi.ActorID as JSON)
+            raise argparse.ArgumentTypeError(f"{text!r}: miner id {part} is over 2**63 - 1")
         miners.append(int(part))
     return tuple(miners)
+
+
+def _attached(given: list[tuple[str, str]]) -> dict[str, str]:
+    """--attached NAME=PATH, each name once (damocles-worker refuses a name given twice)."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.paths import merge_stores
+
+    try:
+        return merge_stores(given)
+    except ValueError as exc:
+        raise UsageError(f"--attached: {exc}") from None
 
 
 def _sizes(text: str) -> tuple[str, ...]:
@@ -389,7 +404,7 @@ def _settings(
         "token": token,
         "allowed_miners": args.allowed_miners,
         "allowed_proof_types": args.allowed_sizes,
-        "attached": dict(args.attached) if args.attached else None,
+        "attached": _attached(args.attached) if args.attached else None,
         "idle_poll": args.idle_poll,
     }
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}

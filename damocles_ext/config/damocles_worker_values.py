@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ..jobs.endpoint import header_value_problem
 from .damocles_worker_keys import parse_humantime
 from .messages import _show, _toml_key
 
@@ -155,10 +156,8 @@ class TypedTable:
                     f"{self.at(key)}: {_show(name)} is not an HTTP header name (letters, digits "
                     f"and -, no spaces)"
                 )
-            elif any(c in value for c in "\r\n"):
-                self.errors.append(
-                    f"{self.at(key)}.{_toml_key(name)}: a header value cannot hold a line break"
-                )
+            elif (problem := header_value_problem(value)) is not None:
+                self.errors.append(f"{self.at(key)}.{_toml_key(name)}: {problem}")
             else:
                 continue
             del headers[name]

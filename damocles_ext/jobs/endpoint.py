@@ -122,3 +122,12 @@ def parse_endpoint(text: str) -> Endpoint:
     if not sep or not host:
         raise ValueError(f"{text!r} is not an RPC address; give {FORMS}")
     return Endpoint(host, _port(port, text))
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot be sent as an HTTP header's value (or token), or None."""
+    if any(c in value for c in "\r\n"):
+        return "a header value cannot hold a line break"
+    if not value.isascii() or any(c != "\t" and (c < " " or c == "\x7f") for c in value):
+        return "a header value is sent as ASCII: no other characters, and no control characters"
+    return None
