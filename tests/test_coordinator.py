@@ -7,6 +7,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
@@ -106,6 +107,49 @@ async def serving(nursery: trio.Nursery, job_store: JobStore, **kw) -> Coordinat
 
 async def connect(server: CoordinatorServer) -> Client:
     return Client(await trio.open_tcp_stream("127.0.0.1", server.port))
+
+
+async def test_a_listing_of_every_job_holds_up_no_other_call(job_store, monkeypatch):
+    # 30,000 jobs' briefs took 0.35 s of the event loop: eight clients listing in a loop kept a
+    # worker's heartbeats waiting for up to 27 s. Here a listing is held in the middle of its
+    # briefs until a heartbeat, a second listing and an allocation came and were answered.
+    jobs = TrioJobStore(job_store)
+    first, _ = await jobs.create(make_input(seed=1, proof_type=PROOF))
+    await jobs.create(make_input(seed=2, proof_type=PROOF))
+    [taken] = await jobs.allocate(rules.AllocationSpec(), 1, WORKER)
+    building, go_on = threading.Event(), threading.Event()
+    brief = rpc.job_brief
+
+    def held_brief(job):
+        if job.Id == first.Id and not go_on.is_set():
+            building.set()
+            go_on.wait(30)
+        return brief(job)
+
+    monkeypatch.setattr(rpc, "job_brief", held_brief)
+    answers: list = []
+    both = trio.Event()
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, job_store)
+
+        async def listing() -> None:
+            answers.append(await (await connect(server)).call("Venus.WdPoStAllJobs"))
+            if len(answers) == 2:
+                both.set()
+
+        nursery.start_soon(listing)
+        await trio.to_thread.run_sync(building.wait, 30)
+        nursery.start_soon(listing)  # waits for the first one (one listing at a time)
+        client = await connect(server)
+        status, answer = await client.call("Venus.WdPoStHeartbeatJobs", [taken.Id], WORKER)
+        assert (status, answer["result"]) == (200, None)
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, WORKER)
+        assert status == 200 and len(answer["result"]) == 1
+        assert answers == []
+        go_on.set()
+        await both.wait()
+        nursery.cancel_scope.cancel()
+    assert [len(a["result"]["Jobs"]) for _, a in answers] == [2, 2]
 
 
 async def test_a_wdpost_worker_allocates_heartbeats_and_finishes_a_job(job_store):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import h11
+import msgspec
 import trio
 
 from ..jobs import rpc, rules
@@ -83,6 +84,7 @@ class Coordinator:
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
+        self._listing = trio.Lock()
         #: When heartbeats could be heard: not before this coordinator was made, nor while its
         #: store was unavailable to it or stalled, nor in a step of the wall clock; its sweeps
         #: count a running job's silence in the rest only (silence.Hearing).
@@ -140,12 +142,14 @@ class Coordinator:
     async def _WdPoStRemoveJob(self, job_id: str) -> None:
         await self.store.remove(job_id)
 
-    async def _WdPoStAllJobs(self) -> dict[str, Any]:
-        jobs = await self.store.list_jobs()
-        return {
-            "Jobs": [rpc.job_brief(job) for job in jobs],
-            "MaxTry": self.store.store.limits.max_try,
-        }
+    async def _WdPoStAllJobs(self) -> msgspec.Raw:
+        # A whole store's briefs (30,000 jobs: 0.35 s of Python) are read, built and encoded off
+        # the event loop, one listing at a time: a flood of them must not hold up the workers'
+        # heartbeats and allocations, nor take every store thread.
+        async with self._listing:
+            jobs = await self.store.list_jobs()
+            max_try = self.store.store.limits.max_try
+            return await trio.to_thread.run_sync(rpc.all_jobs_result, jobs, max_try)
 
     async def _StoreBasicInfo(self, name: str) -> dict[str, Any]:
         path = self.stores.get(name)

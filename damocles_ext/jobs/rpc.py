@@ -16,6 +16,7 @@ Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator do
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
@@ -263,6 +264,14 @@ def leased_job(job: JobRecord) -> dict[str, Any]:
         "Partitions": None if job.Partitions is None else list(job.Partitions),
         "TryNum": job.TryNum,
     }
+
+
+def all_jobs_result(jobs: Iterable[JobRecord], max_try: int) -> msgspec.Raw:
+    """damocles' AllJobs result (the jobs' briefs and JobMaxTry), encoded (in a worker thread:
+    a large store's briefs take a while)."""
+    return msgspec.Raw(
+        _encoder.encode({"Jobs": [job_brief(job) for job in jobs], "MaxTry": max_try})
+    )
 
 
 def job_brief(job: JobRecord) -> dict[str, Any]:
