@@ -95,6 +95,24 @@ def test_group_readable_directory_is_refused_with_the_fix(sock_dir: Path):
         bind_control_socket(d / "control.sock")
 
 
+def test_a_shared_sticky_directory_is_refused_with_a_directory_of_its_own_not_a_chmod(sock_dir):
+    # `chmod 700 /tmp` (the advice before) would break every other user of /tmp.
+    shared = sock_dir / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(UsageError) as caught:
+        bind_control_socket(shared / "control.sock")
+    assert "mode 1777" in str(caught.value) and "chmod" not in str(caught.value)
+    assert f"--socket {shared}/damocles-ext/control.sock (made 0700)" in str(caught.value)
+
+
+def test_an_empty_socket_option_is_refused_not_taken_for_the_current_directory():
+    for command in (["status"], ["run", "-c", "x.cfg"], ["prove", "window_post", "--request", "t"]):
+        result = dext_run(*command, "--socket", "")
+        assert result.returncode == 2
+        assert b"argument --socket: empty; give the control socket's path" in result.stderr
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to give a directory to another user")
 def test_directory_owned_by_another_user_is_refused(sock_dir: Path):
     d = sock_dir / "theirs"

@@ -112,6 +112,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def socket_path(text: str) -> str:
+    """A --socket PATH (an argparse type): an empty one would be the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the control socket's path")
+    return text
+
+
 def int64(text: str) -> int:
     """A whole number that a dext frame carries: a signed 64-bit one (an argparse type)."""
     try:

@@ -19,7 +19,7 @@ from damocles_ext.errors import UsageError
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
 
-from .common import add_sector_source_args, int64
+from .common import add_sector_source_args, int64, socket_path
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, PoStTask, Task
@@ -87,6 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     where.add_argument(
         "--socket",
         metavar="PATH",
+        type=socket_path,
         help="control socket of a running `damocles-ext run` (the default when no"
         " config is given: its default path)",
     )

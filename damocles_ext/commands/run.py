@@ -14,6 +14,7 @@ from .common import (
     load_config_from_args,
     positive_duration,
     positive_int,
+    socket_path,
     supervisor_options,
 )
 
@@ -33,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--socket",
         metavar="PATH",
+        type=socket_path,
         help="control socket path (default: $XDG_RUNTIME_DIR/damocles-ext/control.sock, else"
         " /run/damocles-ext/control.sock)",
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import socket_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `status`."""
@@ -30,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--socket",
         metavar="PATH",
+        type=socket_path,
         help="control socket of the running `damocles-ext run` (default: $XDG_RUNTIME_DIR/"
         "damocles-ext/control.sock, else /run/damocles-ext/control.sock)",
     )

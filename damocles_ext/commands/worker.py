@@ -21,6 +21,7 @@ from .common import (
     add_restart_arg,
     add_shutdown_arg,
     positive_duration,
+    socket_path,
     token_file,
 )
 from .wdpost import MANAGER_HELP
@@ -121,6 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--socket",
         metavar="PATH",
+        type=socket_path,
         help="serve a control socket at PATH for `damocles-ext status --socket PATH`: the"
         " supervisor's status plus the worker's (the manager, its name, the jobs it holds);"
         " off by default",

@@ -181,9 +181,14 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
         )
     problem = not_private(directory, st)
     if problem is not None:
+        # A shared directory (/tmp, sticky) or the root is others' too: no chmod there.
+        fix = f"chmod 700 {directory}, or choose another path with --socket"
+        if st.st_mode & stat.S_ISVTX or directory == Path(directory.anchor):
+            own = directory / "damocles-ext" / "control.sock"
+            own = default_socket_path() if directory == Path(directory.anchor) else own
+            fix = f"give the socket a directory of its own, e.g. --socket {own} (made 0700)"
         raise UsageError(
-            f"control socket directory {problem}: only you may reach the socket; chmod 700"
-            f" {directory}, or choose another path with --socket"
+            f"control socket directory {problem}: only you may reach the socket; {fix}"
         )
 
 
