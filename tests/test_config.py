@@ -1067,6 +1067,37 @@ def test_a_cpuset_beyond_the_cpus_this_process_may_use_cannot_start(tmp_path: Pa
     assert problem.startswith(f"WdPost[0].Cpuset: CPUs {beyond} are not ones this process may use")
 
 
+@pytest.mark.parametrize(
+    ("root", "words"),
+    [
+        ("{tmp}/file", "is not a directory"),
+        ("{tmp}/file/below", "cannot be made: a part of its path is not a directory"),
+        ("{tmp}/open", "may be written by other users and has no sticky bit"),
+        ("{tmp}/new/deeper", None),  # made at the first spawn
+        ("{tmp}/sticky", None),  # as /tmp: what is put there cannot be replaced by others
+    ],
+)
+def test_a_tmp_root_the_gpu_children_could_not_use_cannot_start(
+    tmp_path: Path, monkeypatch, root: str, words: str | None
+) -> None:
+    # Before, check-config passed it and serve restarted each child in a loop.
+    (tmp_path / "file").write_text("")
+    for name, mode in (("open", 0o777), ("sticky", 0o1777)):
+        (tmp_path / name).mkdir()
+        os.chmod(tmp_path / name, mode)
+    monkeypatch.setenv(config.TMP_ROOT_ENV, root.format(tmp=tmp_path))
+    problems = config.startup_problems(parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').children)
+    if words is None:
+        assert problems == []
+    else:
+        expected = (
+            f"the tmp root {root.format(tmp=tmp_path)}, where Gpus puts each child's TMPDIR,"
+            f" {words}; set DAMOCLES_EXT_TMP_ROOT to a directory of your own (or unset it for"
+            " the default)"
+        )
+        assert problems == [expected]
+
+
 def test_a_gpus_table_is_checked_once_for_all_its_children(tmp_path: Path) -> None:
     problems = _bin_problem(tmp_path, '[[WdPost]]\nBin = "/nonexistent"\nGpus = [0, 1, 2]\n')
     assert len(problems) == 1

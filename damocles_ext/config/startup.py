@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .messages import _show, _toml_key
-from .spec import DAMOCLES_WORKER, TABLE_OF_STAGE, ChildSpec, Config, ConfigError, format_cpuset
+from .spec import (
+    DAMOCLES_WORKER,
+    TABLE_OF_STAGE,
+    TMP_ROOT_ENV,
+    ChildSpec,
+    Config,
+    ConfigError,
+    format_cpuset,
+)
 
 if TYPE_CHECKING:
     from ..plugins import DextPluginManager
@@ -134,6 +142,14 @@ def startup_problems(
                 f"{where}.Cpuset: CPUs {missing} are not ones this process may use (this "
                 f"machine gives it {format_cpuset(frozenset(usable))}); use those"
             )
+    roots = {os.path.dirname(os.path.normpath(c.envs["TMPDIR"])) for c in children
+             if c.private_tmpdir and "TMPDIR" in c.envs}  # fmt: skip
+    for root in sorted(roots):
+        if (problem := tmp_root_problem(root)) is not None:
+            problems.append(
+                f"the tmp root {root}, where Gpus puts each child's TMPDIR, {problem}; set"
+                f" {TMP_ROOT_ENV} to a directory of your own (or unset it for the default)"
+            )
     plugin_blocks = [c for c in blocks.values() if c.kind == "plugin"]
     if plugin_blocks:
         from ..plugins import get_plugin_manager, prover_problems
@@ -147,6 +163,36 @@ def startup_problems(
             ):
                 problems.append(f"{where}.Plugin: {problem}")
     return problems
+
+
+def tmp_root_problem(root: str) -> str | None:
+    """Why the tmp root `root` could not hold the TMPDIRs that Gpus gives its children, or None.
+    Read-only: the spawn makes what is missing, and checks again on what it opened."""
+    path = root
+    while True:
+        try:
+            st = os.stat(path)  # a symlink is followed, as the spawn follows one of ours
+            break
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return "cannot be made"
+            path = parent  # made with its missing parents at the first spawn
+        except NotADirectoryError:
+            return "cannot be made: a part of its path is not a directory"
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return (
+            "is not a directory" if path == root else f"cannot be made: {path} is not a directory"
+        )
+    if path != root:
+        return None
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}, not by us or root"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return "may be written by other users and has no sticky bit"
+    return None
 
 
 def check_startable(
