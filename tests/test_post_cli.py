@@ -128,6 +128,13 @@ def test_verify_exits_2_for_bad_input(tmp_path, manifest_path, capsys):
         == 2
     )
     assert "garbage.json" in capsys.readouterr().err
+    # stdin once, not for both (the second read found it empty: "truncated").
+    assert main(["verify", "window_post", "--request", "-", "--output", "-"]) == 2
+    assert "--request and --output cannot both be - (stdin)" in capsys.readouterr().err
+    assert main(["verify", "window_post", "--request", req, "--output", str(tmp_path)]) == 2
+    assert f"output file {tmp_path} is a directory, not an output JSON file" in (
+        capsys.readouterr().err
+    )
     dup = msgspec.structs.replace(task, replicas=task.replicas + task.replicas[:1])
     req2, _ = write_pair(tmp_path, dup, WindowPoStOutput(proofs=[], faults=[]))
     assert main(["verify", "window_post", "--request", req2, "--output", out]) == 2

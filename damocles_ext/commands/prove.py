@@ -357,6 +357,10 @@ def parse_seed(text: str | None, needed_by: str) -> bytes:
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 
 
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
 def read_input_file(source: str, label: str, kind: str) -> bytes:
     """The bytes of `source` ('-': stdin), MAX_INPUT_BYTES at most; UsageError saying which
     `label` could not be read, or is too long to be one."""
@@ -379,7 +383,7 @@ def read_input_file(source: str, label: str, kind: str) -> bytes:
     except FileNotFoundError:
         raise UsageError(f"{label} {source} does not exist") from None
     except IsADirectoryError:
-        raise UsageError(f"{label} {source} is a directory, not a {kind}") from None
+        raise UsageError(f"{label} {source} is a directory, not {_a(kind)}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {label} {source}: {exc.strerror}") from None
 

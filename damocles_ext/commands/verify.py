@@ -64,7 +64,10 @@ def read_output(path: str, stage: str) -> PoStOutput:
 def run(args: argparse.Namespace) -> int:
     """Verify; VerifyError (exit 1) with the reason when the proof does not check out."""
     from damocles_ext.commands.prove import read_task
+    from damocles_ext.errors import UsageError
 
+    if args.request == args.output == "-":
+        raise UsageError("--request and --output cannot both be - (stdin): give one as a file")
     task = read_task(args.request, args.stage, "verify")
     output = read_output(args.output, args.stage)
     if args.verifier == "native":

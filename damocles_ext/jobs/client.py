@@ -182,7 +182,7 @@ class RpcClient:
         if not done:
             raise RpcTimeout(
                 f"no answer from {self.url} to {method} within {limit:g} s; check that the "
-                "server is not overloaded or stuck, or give the call a longer timeout",
+                "server is not overloaded or stuck",
                 url=self.url,
                 method=method,
             )
