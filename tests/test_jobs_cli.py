@@ -161,6 +161,13 @@ def test_a_file_that_is_no_store_is_said_so_and_left_as_it_was(tmp_path, capsys)
     assert not list(tmp_path.glob("*-wal"))
 
 
+def test_a_store_given_as_a_sqlite_uri_is_found(tmp_path, capsys):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db"):
+        pass
+    url = f"sqlite:///file:{tmp_path}/jobs.db?mode=ro&uri=true"
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 0, capsys.readouterr().err
+
+
 def test_a_store_in_a_directory_that_does_not_exist_is_a_mistake_in_the_url(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/nodir/jobs.db"
     assert cli.main(["coordinator", "--jobs", url]) == 2

@@ -364,6 +364,8 @@ def test_two_coordinators_on_one_postgresql_allocate_and_sweep_without_duplicate
         ("postgresql://u@h:abc/db", "is not a valid URL (invalid literal for int()"),
         ("postgresql://u@[::1/db", "is not a valid URL"),
         ("sqlite:////tmp/jobs.db?timeout=abc", "could not convert string to float: 'abc'"),
+        # SQLAlchemy warned and dropped it: the store was opened read-write.
+        ("sqlite:////tmp/jobs.db?mode=ro", "SQLite takes no 'mode' here; its URI parameters"),
     ],
 )
 def test_a_bad_store_url_says_what_is_wrong_and_what_to_give(url, says):

@@ -12,6 +12,7 @@ import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 import sqlalchemy as sa
@@ -160,6 +161,14 @@ def parse_url(url: str) -> URL:
             raise StoreConfigError(
                 f"job store URL {describe_url(parsed)!r} names no file: an in-memory SQLite "
                 f"store is lost with the process and cannot be shared; {URL_HELP}"
+            )
+        unknown = sorted(set(parsed.query) - {"timeout", "uri"})
+        if unknown and parsed.query.get("uri") != "true":
+            # SQLAlchemy would warn and drop it: a mode=ro asked for would not be had.
+            raise StoreConfigError(
+                f"job store URL {describe_url(parsed)!r}: SQLite takes no {unknown[0]!r} here;"
+                " its URI parameters (such as mode=ro) go with uri=true and the file given as"
+                f" sqlite:///file:/PATH?mode=ro&uri=true; {URL_HELP}"
             )
         return parsed.set(drivername="sqlite+pysqlite")
     raise StoreConfigError(
@@ -331,6 +340,14 @@ def login_refused(error: BaseException | None) -> bool:
     return orig is not None and bool(_LOGIN_REFUSED.search(str(orig)))
 
 
+def sqlite_file(url: URL) -> Path:
+    """The file of a SQLite store's URL (its database part, or the path of a file: URI)."""
+    database = url.database or ""
+    if url.query.get("uri") == "true" and database.startswith("file:"):
+        return Path(urlsplit(database).path)
+    return Path(database)
+
+
 def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
     """Whether `error`, met opening the store at `url`, is a mistake in the URL rather than an
     outage: a login the PostgreSQL server refuses, a file that is not an SQLite database, a
@@ -340,7 +357,7 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
     if url.get_backend_name() != "sqlite" or not isinstance(error, exc.DBAPIError):
         return False
     code = getattr(error.orig, "sqlite_errorname", "")
-    return code == "SQLITE_NOTADB" or not Path(url.database or "").parent.is_dir()
+    return code == "SQLITE_NOTADB" or not sqlite_file(url).parent.is_dir()
 
 
 def sqlite_store_problem(path: Path, where: str) -> str | None:
@@ -418,7 +435,7 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
             " full: free some space there"
         )
-    parent = Path(url.database or "").parent
+    parent = sqlite_file(url).parent
     if not parent.is_dir():
         hint = f"its directory {str(parent)!r} does not exist: create it"
     else:

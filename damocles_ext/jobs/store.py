@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
@@ -64,6 +63,7 @@ from .database import (
     parse_url,
     row_values,
     schema_version,
+    sqlite_file,
     sqlite_store_problem,
     store_failure,
     workers,
@@ -162,7 +162,7 @@ class JobStore:
     def check_exists(self) -> None:
         """Raises StoreConfigError when there is no job store at the URL."""
         if not self.is_postgresql:
-            if problem := sqlite_store_problem(Path(self.url.database or ""), self.where):
+            if problem := sqlite_store_problem(sqlite_file(self.url), self.where):
                 raise StoreConfigError(problem)
         elif self.schema_version() == 0:
             raise StoreConfigError(
