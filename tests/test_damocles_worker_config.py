@@ -317,6 +317,12 @@ BAD = [
     ),
     pytest.param(
         {},
+        '[sealing]\nrecover_interval = "0s"\n',
+        'sealing.recover_interval: must be longer than 0, e.g. "60s"',
+        id="duration-zero",
+    ),
+    pytest.param(
+        {},
         '[[processors.window_post]]\nconcurrent = 0\n',
         "processors.window_post[0].concurrent: expected a whole number from 1 to 1024, found 0",
         id="concurrent-0",

@@ -161,6 +161,19 @@ def test_a_file_that_is_no_store_is_said_so_and_left_as_it_was(tmp_path, capsys)
     assert not list(tmp_path.glob("*-wal"))
 
 
+def test_a_damaged_store_is_said_so_with_what_to_do(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with JobStore.open(url):
+        pass
+    size = (tmp_path / "jobs.db").stat().st_size
+    with open(tmp_path / "jobs.db", "r+b") as f:  # cut short, as by a full disk or a bad copy
+        f.truncate(size // 2)
+    for command in (["wdpost", "list", "--jobs", url], ["coordinator", "--jobs", url]):
+        assert cli.main(command) != 0
+        err = capsys.readouterr().err
+        assert "is damaged (database disk image is malformed): restore it from a backup" in err
+
+
 def test_a_store_given_as_a_sqlite_uri_is_found(tmp_path, capsys):
     with JobStore.open(f"sqlite:///{tmp_path}/jobs.db"):
         pass

@@ -160,6 +160,7 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
         (["--allowed-miners", str(2**63)], f"miner id {2**63} is over 2**63 - 1"),
         (["--allowed-miners", "1²"], "miner ids are numbers separated by commas"),
         (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),
+        (["--name", " "], "argument --name: empty; give the worker a name"),
     ],
 )
 def test_a_bad_worker_option_exits_2_saying_what_is_wrong(tmp_path, args, words):

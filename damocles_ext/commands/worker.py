@@ -63,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_args(parser, required=False)
     parser.add_argument(
         "--name",
+        type=_name,
         help="the worker's name, as the manager shows it (default: the address of the local"
         " interface that reaches the manager, as damocles-worker names itself)",
     )
@@ -180,6 +181,12 @@ def _header(text: str) -> tuple[str, str]:
     if any(c in name for c in "\r\n") or (problem := header_value_problem(value)):
         raise argparse.ArgumentTypeError(f"{problem or 'a header cannot span lines'}: {text!r}")
     return name, value
+
+
+def _name(text: str) -> str:
+    if not text.strip():  # shown as no one, and never counted as a live worker
+        raise argparse.ArgumentTypeError("empty; give the worker a name, or leave --name out")
+    return text
 
 
 def _miners(text: str) -> tuple[int, ...]:

@@ -331,7 +331,12 @@ class _Reader:
             if (raw_sizes := layer.string_list("allowed_sizes")) is not None:
                 sizes = tuple(dict.fromkeys(self._sizes(layer.at("allowed_sizes"), raw_sizes)))
             if (seconds := layer.duration("recover_interval")) is not None:
-                recover = seconds
+                if seconds > 0:
+                    recover = seconds
+                else:  # the worker would ask again without a pause
+                    self.errors.append(
+                        f'{layer.at("recover_interval")}: must be longer than 0, e.g. "60s"'
+                    )
         return WdPostThread(index, miners, sizes, recover)
 
     def _sizes(self, where: str, raw: list[str]) -> list[str]:

@@ -340,6 +340,10 @@ def login_refused(error: BaseException | None) -> bool:
     return orig is not None and bool(_LOGIN_REFUSED.search(str(orig)))
 
 
+#: What to do about a SQLite store whose file is damaged (cut short, overwritten).
+DAMAGED_FIX = "restore it from a backup, or move it away to start a new store (its jobs are lost)"
+
+
 def sqlite_file(url: URL) -> Path:
     """The file of a SQLite store's URL (its database part, or the path of a file: URI)."""
     database = url.database or ""
@@ -376,6 +380,8 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
                 (schema_version.name,),
             ).fetchone()
     except sqlite3.DatabaseError as error:
+        if getattr(error, "sqlite_errorname", "").startswith("SQLITE_CORRUPT"):
+            return f"the job store at {where} is damaged ({error}): {DAMAGED_FIX}"
         return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
     if found is None:
         return f"there is no job store at {where}: the database has no job tables; check the URL"
@@ -430,6 +436,8 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"cannot write to the job store {where}: {what}; it is read-only here: make the file"
             " and its directory writable by this user (and no mode=ro in the URL)"
         )
+    if code.startswith("SQLITE_CORRUPT"):
+        return StoreUnavailable(f"the job store {where} is damaged ({what}): {DAMAGED_FIX}")
     if code == "SQLITE_FULL":
         return StoreUnavailable(
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
