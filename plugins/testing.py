@@ -90,6 +90,9 @@ def _no_options(name: str):
     return validate
 
 
+MAX_SECONDS = 86400.0
+
+
 def _number(
     options: Options,
     key: str,
@@ -105,6 +108,9 @@ def _number(
     if value < minimum or (strict and value == minimum) or math.isnan(value):
         bound = ">" if strict else ">="
         problems.append(f"sleep: option {key!r} must be {bound} {minimum}, got {value!r}")
+        return default
+    if value > MAX_SECONDS:  # a day is more than any test needs; 1e308 overflowed at each request
+        problems.append(f"sleep: option {key!r} must be at most {MAX_SECONDS:g}, got {value!r}")
         return default
     return float(value)
 

@@ -553,6 +553,7 @@ BAD_CONFIGS: dict[str, list[str]] = {
         'WdPost[0].Protocol: expected one of "auto", "dext", "jsonl", found "grpc"'
     ],
     "cpuset-not-a-number.cfg": ['WdPost[0].Cpuset: "a" in "0-3,a" is not a CPU number'],
+    "cpuset-not-ascii.cfg": ['WdPost[0].Cpuset: "\u0663" in "0,\u0663" is not a CPU number'],
     "cpuset-descending.cfg": ['WdPost[0].Cpuset: range "19-10" goes down; write it as "10-19"'],
     "cpuset-empty.cfg": ['WdPost[0].Cpuset: expected CPU numbers and ranges, e.g. "10-19,24"'],
     "cpuset-list.cfg": ["WdPost[0].Cpuset: expected a string of CPU numbers", "found [0, 1]"],

@@ -461,6 +461,7 @@ def test_sleep_fails_every_nth_request():
         ({"seconds": "long"}, "option 'seconds' must be a number"),
         ({"seconds": True}, "option 'seconds' must be a number"),
         ({"progress_interval": 0}, "option 'progress_interval' must be > 0.0"),
+        ({"seconds": 1e308}, "option 'seconds' must be at most 86400, got 1e+308"),
         ({"fail": "sometimes"}, "is not one of never, always, every:N, crash, hang"),
         ({"fail": "every:0"}, "N in every:N must be >= 1"),
         ({"load_fail": "yes"}, "option 'load_fail' must be true or false"),

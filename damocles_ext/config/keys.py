@@ -238,7 +238,7 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
     return errors
 
 
-_CPU_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
+_CPU_ITEM = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")  # ASCII digits only: \d takes "٣" for 3
 
 
 def _parse_cpuset(
