@@ -146,6 +146,14 @@ def test_a_manifest_no_frame_can_carry_or_too_long_to_be_one_exits_2(fixtures, t
     manifest["miner_id"] = 2**64
     edited = tmp_path / "manifest.json"
     edited.write_text(json.dumps(manifest))
+    for key, value, message in (("version", 2, "manifest version 2 is not 1"),
+                                ("rows_to_discard", -1, "rows_to_discard must be >= 0")):  # fmt: skip
+        bad = json.loads((fixtures / "s" / "manifest.json").read_text())
+        bad[key] = value
+        (tmp_path / f"{key}.json").write_text(json.dumps(bad))
+        proc = dext("prove", "window_post", "--manifest", tmp_path / f"{key}.json", "--seed",
+                    SEED, "-c", fixtures / "c.cfg", check=2)  # fmt: skip
+        assert message in proc.stderr
     for path, message in (
         (edited, f"miner_id {2**64} does not fit in 64 bits"),
         ("/dev/zero", "manifest /dev/zero holds over 256 MiB, more than any manifest"),

@@ -169,6 +169,13 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise UsageError(f"{path}: invalid manifest: {exc}") from None
     except msgspec.DecodeError as exc:
         raise UsageError(f"{path}: not JSON: {exc}") from None
+    if manifest.version != MANIFEST_VERSION:
+        raise UsageError(
+            f"{path}: manifest version {manifest.version} is not {MANIFEST_VERSION}, the one this"
+            " damocles-ext reads; write it again with `damocles-ext sectors create`"
+        )
+    if manifest.rows_to_discard < 0:
+        raise UsageError(f"{path}: rows_to_discard must be >= 0, not {manifest.rows_to_discard}")
     base = path.resolve().parent
     replicas = []
     for i, rep in enumerate(manifest.replicas):
