@@ -170,8 +170,9 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
     skipped: list[int] = []
     task: PoStTask | None
     if args.comm_r is None:
-        for flag, value in (("--proxy", args.proxy), ("--attached", args.attached),
-                            ("--header", args.header)):  # fmt: skip
+        # (--attached also names the stores of a job sent with --jobs.)
+        for flag, value in (("--proxy", args.proxy), ("--header", args.header),
+                            ("--attached", args.jobs is None and args.attached)):  # fmt: skip
             if value:
                 raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
     if args.manifest is not None:

@@ -506,8 +506,8 @@ class Worker:
                 break
             delay = backoff.next_delay()
             if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
-                log.warning("job %s: its result (%s) was not delivered (attempt %d): %s;"
-                            " trying again in %.1f s", job.Id, what, attempts, reason, delay)  # fmt: skip
+                log.warning("job %s: result (%s) not delivered yet (attempt %d): %s; trying"
+                            " again in %.1f s", job.Id, what, attempts, reason, delay)  # fmt: skip
             await trio.sleep(delay)
 
     def _release(self, held: HeldJob) -> None:
