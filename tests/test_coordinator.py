@@ -409,16 +409,16 @@ async def test_a_dead_workers_job_is_taken_back_though_the_store_fails_now_and_t
 
 
 @asynccontextmanager
-async def _a_job_of_worker_a(tmp_path):
-    """A SQLite store (a busy timeout of 50 ms) on a fake clock, with one job worker-a took:
-    (its path, the clock [now], the TrioJobStore, the job)."""
+async def _a_job_of_worker_a(tmp_path, limits: rules.JobLimits | None = None):
+    """A SQLite store (a busy timeout of 50 ms, `limits`) on a fake clock, with one job worker-a
+    took: (its path, the clock [now], the TrioJobStore, the job as allocated, with its lease)."""
     path = tmp_path / "jobs.db"
     now = [1_700_000_000.0]
-    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05) as store:
+    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.05, limits=limits) as store:
         jobs = TrioJobStore(store, clock=lambda: now[0])
-        job, _ = await jobs.create(make_input(proof_type=PROOF))
-        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
-        yield path, now, jobs, job
+        await jobs.create(make_input(proof_type=PROOF))
+        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        yield path, now, jobs, taken
 
 
 @contextmanager
@@ -556,12 +556,8 @@ async def test_the_cleanup_forgets_every_expired_job_pass_after_pass(tmp_path):
 
 
 async def test_the_cleanup_runs_as_often_as_the_stores_limits_say(tmp_path):
-    now = [1_700_000_000.0]
     limits = rules.JobLimits(sweep_interval=0.05, cleanup_interval=0.5)
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
-        jobs = TrioJobStore(store, clock=lambda: now[0])
-        await jobs.create(make_input(proof_type=PROOF))
-        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    async with _a_job_of_worker_a(tmp_path, limits) as (_, now, jobs, taken):
         await jobs.finish(taken.Id, JobOutput((b"proof",), ()), "", lease=taken.lease)
         coordinator = Coordinator(jobs, watch_clocks=False)
         async with trio.open_nursery() as nursery:
@@ -578,12 +574,8 @@ async def test_the_cleanup_runs_as_often_as_the_stores_limits_say(tmp_path):
 
 
 async def test_the_sweep_runs_as_often_as_the_stores_limits_say(tmp_path):
-    now = [1_700_000_000.0]
     limits = rules.JobLimits(heartbeat_timeout=2.0, sweep_interval=0.5)
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=limits) as store:
-        jobs = TrioJobStore(store, clock=lambda: now[0])
-        await jobs.create(make_input(proof_type=PROOF))
-        [taken] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    async with _a_job_of_worker_a(tmp_path, limits) as (_, now, jobs, taken):
         timeouts = TimeOuts()
         coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
         async with trio.open_nursery() as nursery:

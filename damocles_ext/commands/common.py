@@ -101,12 +101,16 @@ def supervisor_options(
     }
 
 
-def positive_int(text: str) -> int:
-    """A count of at least 1 (an argparse type)."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (an argparse type)."""
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -121,10 +125,7 @@ def socket_path(text: str) -> str:
 
 def int64(text: str) -> int:
     """A whole number that a dext frame carries: a signed 64-bit one (an argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _whole(text)
     if not -(2**63) <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be within -2**63 .. 2**63 - 1, got {value}")
     return value
