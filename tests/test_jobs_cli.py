@@ -4,16 +4,19 @@ against a real store (SQLite, and the session's PostgreSQL)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import tempfile
 import time
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
 from damocles_ext.jobs import listing, model, rules, summary
-from damocles_ext.jobs.database import StoreConfigError
+from damocles_ext.jobs.database import StoreConfigError, sqlite_store_problem
 from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
@@ -177,8 +180,51 @@ def test_a_damaged_store_is_said_so_with_what_to_do(tmp_path, capsys):
 def test_a_store_given_as_a_sqlite_uri_is_found(tmp_path, capsys):
     with JobStore.open(f"sqlite:///{tmp_path}/jobs.db"):
         pass
-    url = f"sqlite:///file:{tmp_path}/jobs.db?mode=ro&uri=true"
+    # uri as SQLAlchemy reads it (true, True, 1, yes...), and the parameters pysqlite takes.
+    for query in ("mode=ro&uri=true", "uri=True&mode=ro", "uri=1", "uri=true&check_same_thread=0"):
+        url = f"sqlite:///file:{tmp_path}/jobs.db?{query}"
+        assert cli.main(["wdpost", "list", "--jobs", url]) == 0, capsys.readouterr().err
+    url = f"sqlite:///{tmp_path}/jobs.db?check_same_thread=false&timeout=5"
     assert cli.main(["wdpost", "list", "--jobs", url]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to look as another user")
+def test_a_store_this_user_may_not_read_is_said_so_not_taken_for_no_store():
+    with tempfile.TemporaryDirectory() as tmp:  # pytest's tmp_path: in a 0700 directory
+        _a_store_this_user_may_not_read(Path(tmp))
+
+
+def _a_store_this_user_may_not_read(tmp_path: Path) -> None:
+    (tmp_path / "svc").mkdir()
+    url = f"sqlite:///{tmp_path}/svc/jobs.db"
+    with JobStore.open(url):
+        pass
+    (tmp_path / "svc" / "jobs.db").chmod(0o600)  # the service user's store
+    tmp_path.chmod(0o755)
+    as_nobody = {}
+    for path in (tmp_path / "svc" / "jobs.db", tmp_path / "svc"):  # the store, then a way in
+        if path.is_dir():
+            path.chmod(0o700)
+        read, write = os.pipe()
+        if (pid := os.fork()) == 0:  # the check as an operator would run it, without our files
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                said = sqlite_store_problem(tmp_path / "svc" / "jobs.db", url) or ""
+                os.write(write, said.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as answer:
+            as_nobody[path.name] = answer.read().decode()
+    assert as_nobody["jobs.db"].startswith(
+        f"cannot read the job store at {url} (unable to open database file): check that this"
+        " user may read the file and write its directory"
+    ), as_nobody
+    assert as_nobody["svc"].startswith(
+        f"cannot read the job store at {url} (Permission denied): check that"
+    ), as_nobody
 
 
 def test_a_store_in_a_directory_that_does_not_exist_is_a_mistake_in_the_url(tmp_path, capsys):

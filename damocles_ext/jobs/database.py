@@ -10,6 +10,7 @@ import contextlib
 import math
 import re
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.util import asbool
 
 from ..errors import DextError, UsageError
 from . import model, rules
@@ -162,8 +164,8 @@ def parse_url(url: str) -> URL:
                 f"job store URL {describe_url(parsed)!r} names no file: an in-memory SQLite "
                 f"store is lost with the process and cannot be shared; {URL_HELP}"
             )
-        unknown = sorted(set(parsed.query) - {"timeout", "uri"})
-        if unknown and parsed.query.get("uri") != "true":
+        unknown = sorted(set(parsed.query) - PYSQLITE_PARAMETERS)
+        if unknown and not sqlite_uri(parsed):
             # SQLAlchemy would warn and drop it: a mode=ro asked for would not be had.
             raise StoreConfigError(
                 f"job store URL {describe_url(parsed)!r}: SQLite takes no {unknown[0]!r} here;"
@@ -340,14 +342,31 @@ def login_refused(error: BaseException | None) -> bool:
     return orig is not None and bool(_LOGIN_REFUSED.search(str(orig)))
 
 
+#: What to do about a SQLite store this user cannot read.
+READ_FIX = (
+    "check that this user may read the file and write its directory (a store in WAL mode needs"
+    " its -wal and -shm files)"
+)
 #: What to do about a SQLite store whose file is damaged (cut short, overwritten).
 DAMAGED_FIX = "restore it from a backup, or move it away to start a new store (its jobs are lost)"
+
+
+#: The query parameters SQLAlchemy's pysqlite dialect takes itself (SQLite URI ones need uri).
+PYSQLITE_PARAMETERS: Final = frozenset(
+    {"timeout", "uri", "isolation_level", "detect_types", "check_same_thread", "cached_statements"}
+)
+
+
+def sqlite_uri(url: URL) -> bool:
+    """Whether a SQLite URL gives its file as a SQLite URI (uri=true, as SQLAlchemy reads it)."""
+    value = url.query.get("uri")
+    return isinstance(value, str) and asbool(value)
 
 
 def sqlite_file(url: URL) -> Path:
     """The file of a SQLite store's URL (its database part, or the path of a file: URI)."""
     database = url.database or ""
-    if url.query.get("uri") == "true" and database.startswith("file:"):
+    if sqlite_uri(url) and database.startswith("file:"):
         return Path(urlsplit(database).path)
     return Path(database)
 
@@ -367,9 +386,13 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
 def sqlite_store_problem(path: Path, where: str) -> str | None:
     """Why there is no job store in the SQLite file at `path` (`where` names it), or None;
     read-only: a file that is not one (another program's database) is left as it was."""
-    if not path.exists():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return f"there is no job store at {where}: no such file; check the URL"
-    if not path.is_file():
+    except OSError as error:  # a directory on the way this user may not enter
+        return f"cannot read the job store at {where} ({error.strerror}): {READ_FIX}"
+    if not stat.S_ISREG(st.st_mode):
         return f"there is no job store at {where}: it is not a regular file; check the URL"
     try:
         with contextlib.closing(
@@ -380,9 +403,13 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
                 (schema_version.name,),
             ).fetchone()
     except sqlite3.DatabaseError as error:
-        if getattr(error, "sqlite_errorname", "").startswith("SQLITE_CORRUPT"):
+        code = getattr(error, "sqlite_errorname", "")
+        if code.startswith("SQLITE_CORRUPT"):
             return f"the job store at {where} is damaged ({error}): {DAMAGED_FIX}"
-        return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
+        if code == "SQLITE_NOTADB":
+            return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
+        # Another user's store (0600), or a WAL store whose -shm this user cannot make.
+        return f"cannot read the job store at {where} ({error}): {READ_FIX}"
     if found is None:
         return f"there is no job store at {where}: the database has no job tables; check the URL"
     return None
