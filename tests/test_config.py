@@ -1076,6 +1076,7 @@ def test_a_cpuset_beyond_the_cpus_this_process_may_use_cannot_start(tmp_path: Pa
         ("{tmp}/open", "may be written by other users and has no sticky bit"),
         ("{tmp}/new/deeper", None),  # made at the first spawn
         ("{tmp}/sticky", None),  # as /tmp: what is put there cannot be replaced by others
+        ("{tmp}/theirs", "is a symlink owned by uid 65534, not by us or root"),
     ],
 )
 def test_a_tmp_root_the_gpu_children_could_not_use_cannot_start(
@@ -1086,6 +1087,11 @@ def test_a_tmp_root_the_gpu_children_could_not_use_cannot_start(
     for name, mode in (("open", 0o777), ("sticky", 0o1777)):
         (tmp_path / name).mkdir()
         os.chmod(tmp_path / name, mode)
+    if root.endswith("theirs"):  # another user's link to a good directory: the spawn refuses it
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a symlink to another user")
+        (tmp_path / "theirs").symlink_to(tmp_path / "sticky")
+        os.lchown(tmp_path / "theirs", 65534, 65534)
     monkeypatch.setenv(config.TMP_ROOT_ENV, root.format(tmp=tmp_path))
     problems = config.startup_problems(parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').children)
     if words is None:

@@ -104,6 +104,14 @@ def test_a_shared_sticky_directory_is_refused_with_a_directory_of_its_own_not_a_
         bind_control_socket(shared / "control.sock")
     assert "mode 1777" in str(caught.value) and "chmod" not in str(caught.value)
     assert f"--socket {shared}/damocles-ext/control.sock (made 0700)" in str(caught.value)
+    if IS_ROOT:  # as /tmp is to a user: another's (root's)
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(UsageError) as caught:
+            bind_control_socket(shared / "control.sock")
+        assert "owned by uid 65534" in str(caught.value)
+        assert f"Give the socket a directory of its own, e.g. --socket {shared}/damocles-ext/" in (
+            str(caught.value)
+        )
 
 
 def test_an_empty_socket_option_is_refused_not_taken_for_the_current_directory():

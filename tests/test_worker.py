@@ -685,9 +685,14 @@ def test_what_a_failed_call_means():
     # A call the server cannot read is refused again as it is (a NUL in a text, say).
     for code in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST, rpc.INVALID_PARAMS):
         assert failure_of(Api.DEXT, code) is failure_of(Api.VENUS, code) is Failure.REFUSED
-    # An answer that is not JSON-RPC: a 4xx refuses the call as it is; a 5xx may pass.
-    assert failure_of_answer(413) is failure_of_answer(400) is Failure.REFUSED
-    for status in (408, 429, 500, 502, 503, None):
+    # ...but go-jsonrpc's -32700 for a body it could not read off the connection may pass.
+    message = "(error code -32700) reading request: unexpected EOF"
+    assert failure_of(Api.VENUS, rpc.PARSE_ERROR, message) is Failure.ERROR
+    # An answer that is not JSON-RPC: refused as sent (413: too large) is refused again; a
+    # proxy's 401, 403, 404 (in maintenance) or 5xx, or a garbled answer, may pass.
+    for status in (400, 413, 414, 431):
+        assert failure_of_answer(status) is Failure.REFUSED
+    for status in (401, 403, 404, 408, 421, 429, 500, 502, 503, None):
         assert failure_of_answer(status) is Failure.ERROR
 
 

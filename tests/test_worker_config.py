@@ -157,6 +157,8 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
         (["--header", "no-colon-here"], "expected 'NAME: VALUE'"),
         # h11 sends headers as ASCII: before, a traceback at the first call.
         (["--header", "X-Site: café"], "a header value is sent as ASCII"),
+        (["--header", "Xé: v"], "its name ASCII letters, digits and -"),
+        (["--header", "X(a): v"], "its name ASCII letters, digits and -"),
         (["--allowed-miners", str(2**63)], f"miner id {2**63} is over 2**63 - 1"),
         (["--allowed-miners", "1²"], "miner ids are numbers separated by commas"),
         (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),

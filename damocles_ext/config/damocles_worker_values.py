@@ -8,17 +8,15 @@ Sans-IO: TOML values in, values and messages out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..jobs.endpoint import header_value_problem
+from ..jobs.endpoint import HEADER_NAME, header_value_problem
 from .damocles_worker_keys import parse_humantime
 from .messages import _show, _toml_key
 
 MAX_U64 = 2**64 - 1
 # RFC 9110's token: what an HTTP header name may be made of.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 class TypedTable:
@@ -151,7 +149,7 @@ class TypedTable:
         """A table of HTTP headers, each one that can be sent as written."""
         headers = self._string_map(key, "HTTP headers")
         for name, value in list(headers.items()):
-            if not _HEADER_NAME.match(name):
+            if not HEADER_NAME.match(name):
                 self.errors.append(
                     f"{self.at(key)}: {_show(name)} is not an HTTP header name (letters, digits "
                     f"and -, no spaces)"

@@ -168,6 +168,12 @@ def startup_problems(
 def tmp_root_problem(root: str) -> str | None:
     """Why the tmp root `root` could not hold the TMPDIRs that Gpus gives its children, or None.
     Read-only: the spawn makes what is missing, and checks again on what it opened."""
+    try:
+        link = os.lstat(root)
+    except OSError:
+        link = None
+    if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, os.geteuid()):
+        return f"is a symlink owned by uid {link.st_uid}, not by us or root"  # (another user's)
     path = root
     while True:
         try:

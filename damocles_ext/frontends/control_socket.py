@@ -174,19 +174,21 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
         )
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"control socket directory {directory} exists and is not a directory")
+    # A shared directory (/tmp, sticky) or the root is others' too: no chmod there, but a
+    # directory of the socket's own in it.
+    top = directory == Path(directory.anchor)
+    shared = bool(st.st_mode & stat.S_ISVTX) or top
+    suggested = default_socket_path() if top else directory / "damocles-ext" / "control.sock"
+    own_fix = f"give the socket a directory of its own, e.g. --socket {suggested} (made 0700)"
     if st.st_uid != uid:
+        fix = own_fix if shared else "Choose a directory you own with --socket."
         raise UsageError(
             f"control socket directory {directory} is owned by uid {st.st_uid}, not by us"
-            f" (uid {uid}); refusing to use it. Choose a directory you own with --socket."
+            f" (uid {uid}); refusing to use it. {fix[0].upper()}{fix[1:]}"
         )
     problem = not_private(directory, st)
     if problem is not None:
-        # A shared directory (/tmp, sticky) or the root is others' too: no chmod there.
-        fix = f"chmod 700 {directory}, or choose another path with --socket"
-        if st.st_mode & stat.S_ISVTX or directory == Path(directory.anchor):
-            own = directory / "damocles-ext" / "control.sock"
-            own = default_socket_path() if directory == Path(directory.anchor) else own
-            fix = f"give the socket a directory of its own, e.g. --socket {own} (made 0700)"
+        fix = own_fix if shared else f"chmod 700 {directory}, or choose another path with --socket"
         raise UsageError(
             f"control socket directory {problem}: only you may reach the socket; {fix}"
         )

@@ -468,7 +468,7 @@ class Worker:
                 self._answered()
                 self._refused_token(exc)  # (a refusal: the result is given up below)
                 api = Api.VENUS if job.Lease is None else Api.DEXT
-                failure, reason = failure_of(api, exc.code), exc.message
+                failure, reason = failure_of(api, exc.code, exc.message), exc.message
             except RpcClientError as exc:  # an answer that is none (HTTP 413: too large)
                 failure, reason = failure_of_answer(getattr(exc, "status", None)), str(exc)
             else:

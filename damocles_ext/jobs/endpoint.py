@@ -15,6 +15,7 @@ Sans-IO: a string in, an `Endpoint` or a ValueError that says what is wrong out.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -122,6 +123,10 @@ def parse_endpoint(text: str) -> Endpoint:
     if not sep or not host:
         raise ValueError(f"{text!r} is not an RPC address; give {FORMS}")
     return Endpoint(host, _port(port, text))
+
+
+#: An HTTP header name (RFC 9110's token): ASCII letters, digits and a few marks, no spaces.
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def header_value_problem(value: str) -> str | None:

@@ -65,7 +65,7 @@ class Failure(enum.Enum):
     ERROR = "error"  # the manager answered with an error of its own (its store failed)
 
 
-def failure_of(api: Api, code: int | None) -> Failure:
+def failure_of(api: Api, code: int | None, message: str = "") -> Failure:
     """What a failed call means; `code` is the JSON-RPC error code, None when no answer came.
 
     From our coordinator, code 2 (rpc.REFUSED) says the job is no longer ours and code 1 that its
@@ -77,18 +77,26 @@ def failure_of(api: Api, code: int | None) -> Failure:
         return Failure.NO_METHOD
     if code in (rpc.REFUSED, rpc.UNAUTHORIZED) or (api is Api.VENUS and code == rpc.METHOD_ERROR):
         return Failure.REFUSED  # (a refused token: no call will get through, the worker stops)
-    if code in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST, rpc.INVALID_PARAMS):
+    if code in (rpc.INVALID_REQUEST, rpc.INVALID_PARAMS) or (
+        # go-jsonrpc's -32700 is also a body it could not read off the connection (`message`).
+        code == rpc.PARSE_ERROR and "reading request" not in message
+    ):
         return Failure.REFUSED  # the call itself is wrong: the same call is refused again
     return Failure.ERROR
 
 
 def failure_of_answer(status: int | None) -> Failure:
     """What an answer that is no JSON-RPC answer means (`status`: its HTTP status, None when it
-    was not HTTP): a 4xx (a body too large, 413, say) refuses the call as it is, for good; a
-    5xx (a proxy in front of the manager, restarting) or a garbled answer may pass."""
-    if status is not None and 400 <= status < 500 and status not in (408, 429):
+    was not HTTP): a request refused as sent (413: too large, say) is refused again; anything
+    else (a proxy in front of the manager, restarting, a garbled answer) may pass."""
+    if status in REFUSED_AS_SENT:
         return Failure.REFUSED
     return Failure.ERROR
+
+
+#: The HTTP statuses that refuse a request for what it is (malformed, too large), whoever sends
+#: them; a 401, 403 or 404 that is no JSON-RPC answer may be a proxy in front, in maintenance.
+REFUSED_AS_SENT = frozenset({400, 413, 414, 431})
 
 
 class FinishVerdict(enum.Enum):
