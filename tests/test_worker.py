@@ -40,6 +40,7 @@ from damocles_ext.jobs.worker_rules import (
     free_slots,
     jobs_to_ask,
     proof_types_for_sizes,
+    ready_slots,
     window_post_task,
 )
 from damocles_ext.jobs.worker_settings import WorkerSettings
@@ -673,6 +674,16 @@ def test_as_many_jobs_are_asked_as_slots_are_free_and_one_from_damocles_manager(
     assert free_slots(4, 1) == 3 and free_slots(1, 3) == 0
     assert jobs_to_ask(Api.DEXT, 3) == 3 and jobs_to_ask(Api.VENUS, 3) == 1
     assert jobs_to_ask(Api.DEXT, 0) == 0 and jobs_to_ask(Api.VENUS, 0) == 0
+
+
+def test_a_split_worker_takes_no_job_while_no_snark_child_is_up():
+    # Its vanilla step could be proved, but not finished: under load the SNARK children were
+    # still restarting (to give up) when the worker pulled, and the job's try was spent.
+    vanilla, snark = "window_post_vanilla", "window_post_snark"
+    assert ready_slots([(vanilla, "ready", 2), (snark, "starting", 1)]) == 0
+    assert ready_slots([(vanilla, "ready", 2), (snark, "backoff", 1), (snark, "busy", 1)]) == 2
+    assert ready_slots([(vanilla, "busy", 2), (vanilla, "starting", 1), (snark, "ready", 1)]) == 2
+    assert ready_slots([("window_post", "ready", 3), ("window_post", "fatal", 1)]) == 3
 
 
 def test_what_a_failed_call_means():

@@ -40,6 +40,8 @@ from ..jobs.client import (
 )
 from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.worker_rules import (
+    SLOT_STAGES,
+    UP,
     Api,
     Backoff,
     Breaker,
@@ -56,6 +58,7 @@ from ..jobs.worker_rules import (
     job_output,
     jobs_to_ask,
     no_child_can_prove,
+    ready_slots,
     window_post_task,
     worker_info,
 )
@@ -75,11 +78,6 @@ log = logging.getLogger("damocles_ext.worker")
 
 # Stands in for the input of a job whose own could not be read, so that it can still be failed.
 _EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32)
-
-#: The stages whose children's slots a pulled WindowPoSt takes (the split tables: its first step).
-_SLOT_STAGES = ("window_post", "window_post_vanilla")
-#: The states of a child that takes requests.
-_UP = ("ready", "busy")
 
 
 class Worker:
@@ -271,7 +269,7 @@ class Worker:
     def _pool(self, children: Sequence[ChildStats] | None = None) -> list[ChildStats]:
         """The children whose slots a pulled job takes (as they are now, when not given)."""
         children = self.supervisor.statistics().children if children is None else children
-        return [c for c in children if c.stage in _SLOT_STAGES]
+        return [c for c in children if c.stage in SLOT_STAGES]
 
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
@@ -289,7 +287,7 @@ class Worker:
                 log.error("%s; the worker stops", dead)
                 self.stop()
                 break
-            ready = sum(c.capacity for c in self._pool(children) if c.state in _UP)
+            ready = ready_slots([(c.stage, c.state, c.capacity) for c in children])
             free = free_slots(ready, len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
             until = max(self._idle_until, self._breaker.paused_until)
@@ -571,7 +569,7 @@ class Worker:
         return capacity if limit is None else min(capacity, limit)
 
     def _children_down(self) -> int:
-        return sum(c.state not in _UP for c in self._pool())
+        return sum(c.state not in UP for c in self._pool())
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -306,6 +306,26 @@ def job_output(output: WindowPoStOutput) -> JobOutput:
     return JobOutput(proofs=tuple(output.proofs), faults=tuple(output.faults))
 
 
+#: The stages whose children's slots a pulled WindowPoSt takes (the split tables: its first step).
+SLOT_STAGES = ("window_post", "window_post_vanilla")
+#: The states of a child that takes requests.
+UP = ("ready", "busy")
+
+
+def ready_slots(children: Sequence[tuple[str, str, int]]) -> int:
+    """The slots a pulled job may take now, from the children's (stage, state, capacity): those
+    of the [[WdPost]] or vanilla children up (ready or busy); none while a split worker has no
+    SNARK child up (starting, restarting: its vanilla steps could not be finished yet)."""
+    up = [(stage, capacity) for stage, state, capacity in children if state in UP]
+    if any(stage == "window_post_snark" for stage, _, _ in children) and not any(
+        stage == "window_post_snark" for stage, _ in up
+    ):
+        return 0
+    return sum(
+        capacity for stage, capacity in up if stage in ("window_post", "window_post_vanilla")
+    )
+
+
 def no_child_can_prove(children: Sequence[tuple[str, str, str, str | None]]) -> str | None:
     """Why no job could ever be proved by these children ((name, stage, state, last exit)
     each), or None: every child of a stage a job needs gave up for good ([[WdPost]], or either
