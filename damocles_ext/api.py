@@ -59,12 +59,20 @@ async def open_supervisor(config_or_path: ConfigSource, **kwargs: Any) -> AsyncI
     children have been launched (not necessarily ready) when the block starts.
     """
     sup = Supervisor(_load(config_or_path), **kwargs)
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         try:
             yield sup
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+            # Raised inside it, the caller's own exception (a ProverError, say) would reach it
+            # wrapped in the nursery's ExceptionGroup. The supervisor stops at once, as before.
+            error = exc
+            nursery.cancel_scope.cancel()
         finally:
             sup.request_shutdown()
+    if error is not None:
+        raise error
 
 
 @asynccontextmanager

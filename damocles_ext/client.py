@@ -38,7 +38,7 @@ from .frontends.outbox import Outbox
 from .parked import Parked
 from .protocol import control as control_protocol
 from .protocol import dext
-from .tasks import Output, Task
+from .tasks import Output, Task, request_problem
 
 if TYPE_CHECKING:
     from .status import StatusDocument
@@ -101,6 +101,9 @@ class Client:
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
+        if (problem := request_problem(task, deadline, priority)) is not None:
+            # Sent, it would break the protocol: the supervisor would drop the connection.
+            raise UsageError(f"request {request_id} {problem}")
         try:
             frame = dext.encode(dext.Request(request_id, task, deadline, priority))
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
@@ -255,6 +258,9 @@ class Client:
                 pending.set()
 
 
+#: How long a supervisor whose backlog of connections is full is asked again.
+BUSY_FOR = 10.0
+
 #: What to do when no supervisor answers, as `prove` says it.
 PROVE_HINT = (
     "start one with `damocles-ext run`, or pass the --socket of the one running"
@@ -303,8 +309,7 @@ def _check_socket_place(path: Path, hint: str) -> None:
         )
 
 
-def _check_peer(stream: trio.SocketStream, path: Path) -> None:
-    pid, uid, _gid = peer_credentials(stream.socket)
+def _check_peer(pid: int, uid: int, path: Path) -> None:
     trusted = trusted_uids()
     if uid not in trusted:
         us = "root" if trusted == {0} else f"us (uid {os.geteuid()}) or root"
@@ -314,14 +319,45 @@ def _check_peer(stream: trio.SocketStream, path: Path) -> None:
         )
 
 
-async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
+async def open_stream(
+    path: Path, hint: str = PROVE_HINT, *, busy_for: float = BUSY_FOR
+) -> trio.SocketStream:
     """Connect to the control socket of a supervisor of ours; NoSupervisorError says why nothing
     could be reached (and ends with `hint`, what to do about it), or why what is there is not
     trusted: a socket in a place another user could have put it, or a server that runs as
-    another user (neither our uid nor root). Nothing is sent before these checks."""
+    another user (neither our uid nor root). Nothing is sent before these checks. A supervisor
+    whose backlog of connections is full is asked again for `busy_for` seconds."""
     _check_socket_place(path, hint)
+    deadline = trio.current_time() + busy_for
+    delay = 0.01
+    while True:
+        stream = await _open_unix(path, hint)
+        pid, uid, _gid = peer_credentials(stream.socket)
+        if (pid, uid) != (0, -1):
+            break
+        # No peer: the connect found the backlog full (EAGAIN) and trio handed back a socket
+        # that never connected. A supervisor busy (or stopped with SIGSTOP), not an impostor.
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        if trio.current_time() + delay > deadline:
+            raise NoSupervisorError(
+                f"the supervisor at {path} takes no more connections (its backlog stayed full for"
+                f" {busy_for:g} s: overloaded, or stopped?); {hint}"
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.5)
     try:
-        stream = await trio.open_unix_socket(os.fspath(path))
+        _check_peer(pid, uid, path)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream
+
+
+async def _open_unix(path: Path, hint: str) -> trio.SocketStream:
+    try:
+        return await trio.open_unix_socket(os.fspath(path))
     except FileNotFoundError:
         raise NoSupervisorError(
             f"no supervisor at {path}: the socket does not exist; {hint}"
@@ -339,13 +375,6 @@ async def open_stream(path: Path, hint: str = PROVE_HINT) -> trio.SocketStream:
         raise NoSupervisorError(
             f"cannot connect to the supervisor at {path}: {exc.strerror or exc}"
         ) from None
-    try:
-        _check_peer(stream, path)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-        raise
-    return stream
 
 
 @asynccontextmanager
@@ -360,6 +389,10 @@ async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIte
             try:
                 yield client
             finally:
+                # A call made after the block: said at once, not waited on for ever.
+                client._fail_all(
+                    f"the connection to the supervisor at {path} was closed (its connect() block ended)"
+                )
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The reader never raises, so a group holds what the caller's block raised: give the

@@ -252,6 +252,28 @@ def deadline_problem(deadline: object) -> str | None:
     return None
 
 
+def request_problem(task: object, deadline: object, priority: object) -> str | None:
+    """Why a caller's request cannot be taken (after "request N "), or None: a task that is
+    none, a deadline that is no time, a priority no dext frame carries (a float killed the
+    child, whose decoder refused it; a string stopped the stage's queue)."""
+    if not isinstance(task, Task):
+        return (
+            f"refused: {type(task).__name__} is not a task; give a WindowPoSt or a WinningPoSt"
+            " (damocles_ext.tasks)"
+        )
+    if deadline is not None and (problem := deadline_problem(deadline)) is not None:
+        # A NaN deadline would sort before every other one and never expire; inf never expires.
+        return (
+            f"({stage_of(task)}) refused: its deadline {deadline!r} {problem}; give a unix time"
+            " in seconds (e.g. time.time() + 600), or no deadline"
+        )
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return f"({stage_of(task)}) refused: its priority {priority!r} is not a whole number"
+    if not -(2**63) <= priority < 2**63:
+        return f"({stage_of(task)}) refused: its priority {priority} is beyond a signed 64 bits"
+    return None
+
+
 def stage_of(obj: Task | Output) -> str:
     """The stage ('window_post', 'winning_post', or a split step) a task or output belongs to."""
     tag = type(obj).__struct_config__.tag

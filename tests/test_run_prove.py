@@ -32,7 +32,7 @@ from helpers.frontend import (
     write_config,
 )
 
-from damocles_ext.client import NoSupervisorError, connect, submit_sync
+from damocles_ext.client import NoSupervisorError, connect, open_stream, submit_sync
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import (
     ControlServer,
@@ -237,6 +237,62 @@ async def test_a_request_that_cannot_be_encoded_is_the_callers_error_and_the_con
         backend.release[2] = trio.Event()
         backend.release[2].set()
         assert await client.submit(make_task(2)) == echo_output(make_task(2))
+
+
+@pytest.mark.parametrize(
+    ("task", "kwargs", "problem"),
+    [
+        (make_task(2), {"priority": 1.5}, "its priority 1.5 is not a whole number"),
+        (make_task(2), {"deadline": "soon"}, "its deadline 'soon' is a str, not a number"),
+        ("task.json", {}, "refused: str is not a task"),
+    ],
+)
+async def test_a_request_the_caller_got_wrong_is_refused_before_it_is_sent(
+    control, task, kwargs, problem
+):
+    # Sent, it broke the protocol: the supervisor closed the connection, failing the other
+    # requests on it with a bare "closed the connection".
+    server, backend = control
+    async with connect(server.path) as client:
+        with pytest.raises(UsageError, match=re.escape(problem)):
+            await client.submit(task, **kwargs)
+        backend.release[3] = trio.Event()
+        backend.release[3].set()
+        assert await client.submit(make_task(3)) == echo_output(make_task(3))
+
+
+async def test_a_call_after_the_connect_block_fails_at_once(control):
+    server, _ = control
+    async with connect(server.path) as client:
+        pass
+    with pytest.raises(ProverError, match=r"was closed \(its connect\(\) block ended\)"):
+        await client.submit(make_task(1))  # before, it waited for ever
+    with pytest.raises(ProverError, match="was closed"):
+        await client.status()
+
+
+async def test_a_supervisor_whose_backlog_is_full_is_busy_not_an_impostor(sock_dir):
+    # A connect that meets a full backlog gets EAGAIN; trio hands back a socket that never
+    # connected, whose peer is pid 0, uid -1: taken for "another user's impostor" before.
+    path = sock_dir / "control.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(path))
+    listener.listen(0)  # never accepts
+    waiting = []
+    try:
+        while True:  # fill the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            waiting.append(s)
+            try:
+                s.connect(os.fspath(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(NoSupervisorError, match="takes no more connections"):
+            await open_stream(path, busy_for=0.2)
+    finally:
+        for s in [*waiting, listener]:
+            s.close()
 
 
 def test_prove_refuses_a_priority_no_frame_can_carry(tmp_path):

@@ -320,6 +320,71 @@ async def test_a_deadline_that_is_not_a_time_is_refused_by_the_api_naming_the_re
         assert await sup.submit(window_task(miner=2)) == echo_output(window_task(miner=2))
 
 
+@pytest.mark.parametrize(
+    ("task", "priority", "problem"),
+    [
+        # A string stopped the stage's queue (its sort key failed after the request was booked);
+        # a float or a bool killed the child, whose decoder refused the frame, and failed the
+        # other requests it ran.
+        (None, "x", "(window_post) refused: its priority 'x' is not a whole number"),
+        (None, 0.5, "(window_post) refused: its priority 0.5 is not a whole number"),
+        (None, True, "(window_post) refused: its priority True is not a whole number"),
+        (None, 2**70, f"(window_post) refused: its priority {2**70} is beyond a signed 64 bits"),
+        (
+            "a task",
+            0,
+            "refused: str is not a task; give a WindowPoSt or a WinningPoSt (damocles_ext.tasks)",
+        ),
+    ],
+)
+async def test_a_request_the_caller_got_wrong_is_refused_and_the_stage_goes_on(
+    task, priority, problem
+):
+    async with open_supervisor([spec(builtin_child())]) as sup:
+        await sup.wait_ready()
+        with pytest.raises(UsageError) as info:
+            await sup.submit(task or window_task(miner=1), priority=priority)
+        assert str(info.value) == f"request 1 {problem}"
+        assert sup.statistics().requests == 0
+        assert await sup.submit(window_task(miner=2)) == echo_output(window_task(miner=2))
+        assert child_stats(sup, "window_post#0").restarts == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"stages": "window_post"}, "Supervisor(stages='window_post'): give a list of stages"),
+        ({"stages": ["nope"]}, "Supervisor(stages=...): unknown stage 'nope'; the stages are"),
+        ({"shutdown_grace": -1}, "Supervisor(shutdown_grace=-1): give a number of seconds >= 0"),
+        ({"shutdown_grace": float("nan")}, "Supervisor(shutdown_grace=nan): give a number"),
+        ({"stop_timeout": "5"}, "Supervisor(stop_timeout='5'): give a number of seconds >= 0"),
+    ],
+)
+def test_constructor_arguments_a_caller_got_wrong_are_refused_at_once(kwargs, problem):
+    # Before, a bad grace failed only at shutdown (the running requests lost their grace), and
+    # stages as a string was taken letter by letter: no child served.
+    with pytest.raises(UsageError) as info:
+        Supervisor([spec(builtin_child())], **kwargs)
+    assert str(info.value).startswith(problem)
+
+
+async def test_an_exception_of_the_callers_block_comes_out_of_open_supervisor_as_itself():
+    # Not wrapped in the nursery's ExceptionGroup: `except ProverError` around the block works.
+    async def refused() -> None:
+        async with open_supervisor([spec(builtin_child())]) as sup:
+            await sup.wait_ready()
+            await sup.submit(window_task(), deadline=float("nan"))
+
+    async def own() -> None:
+        async with open_supervisor([spec(builtin_child())]):
+            raise KeyError("the caller's own")
+
+    with pytest.raises(UsageError, match="its deadline nan"):
+        await refused()
+    with pytest.raises(KeyError):
+        await own()
+
+
 # -- crash recovery ---------------------------------------------------------------------------
 
 

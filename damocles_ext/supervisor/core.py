@@ -59,13 +59,14 @@ from ..tasks import (
     WindowPoStOutput,
     WindowPoStSnarkOutput,
     WindowPoStVanillaOutput,
-    deadline_problem,
     join_window_post,
+    request_problem,
     snark_task,
     split_window_post,
     stage_of,
 )
 from . import child_loop
+from .arguments import check_arguments, coerce_children
 from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
 from .host import SupervisorHost
@@ -88,15 +89,6 @@ Progress = dext.Progress
 _STOPPED = "the supervisor stopped before it was answered"
 
 
-def _coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
-    if isinstance(config, (list, tuple)):
-        return list(config)
-    children = getattr(config, "children", None)
-    if children is None:
-        raise TypeError(f"expected a Config or a list of ChildSpec, got {type(config).__name__}")
-    return list(children)
-
-
 class Supervisor:
     """A pool of prover children per stage, and the requests routed to them."""
 
@@ -113,7 +105,8 @@ class Supervisor:
         adopt_orphans: bool = False,
         inline_observers: Sequence[object] = (),  # called as events happen (Observers)
     ) -> None:
-        specs = _coerce_children(config)
+        specs = coerce_children(config)
+        check_arguments(stages, shutdown_grace=shutdown_grace, stop_timeout=stop_timeout)
         if stages is not None:
             wanted = {s for stage in stages for s in child_stages(stage)}
             specs = [s for s in specs if s.stage in wanted]
@@ -258,7 +251,8 @@ class Supervisor:
         child (again after a retry), and with None when an attempt ended and the request waits
         for another child; the `dext_request_started` observers see the same dispatches.
 
-        A deadline that is not a time (NaN, inf, beyond the year 9999) is a UsageError at once.
+        A deadline that is not a time (NaN, inf, beyond the year 9999), a priority that is not a
+        signed 64-bit whole number, or a task that is none, is a UsageError at once.
 
         With the split WindowPoSt tables, a WindowPoSt runs as two requests: its vanilla step on a
         [[WdPostVanilla]] child, then its SNARK step on a [[WdPostSnark]] child, both with the
@@ -349,12 +343,8 @@ class Supervisor:
     ) -> Waiter:
         """Book a new request and dispatch what follows; its waiter (it may be answered)."""
         rid = next(self._rids)
-        if deadline is not None and (problem := deadline_problem(deadline)) is not None:
-            # A NaN deadline would sort before every other one and never expire; inf never expires.
-            raise UsageError(
-                f"request {rid} ({stage_of(task)}) refused: its deadline {deadline!r} {problem};"
-                " give a unix time in seconds (e.g. time.time() + 600), or no deadline"
-            )
+        if (problem := request_problem(task, deadline, priority)) is not None:
+            raise UsageError(f"request {rid} {problem}")
         if self._shutting_down and not (in_flight and not self._finished):
             raise ProverError(
                 f"request {rid} ({stage_of(task)}) refused: the supervisor is shutting down"
