@@ -2,7 +2,7 @@
 damocles' worker-prover RPC (POST /rpc/v0) from a job store, for damocles-workers with
 `plan = "wdpost"`, and optionally the job store's Prometheus metrics (jobs/metrics.py).
 
-Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the store failed; 2 a bad URL or address, a port
+Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the store failed; 2 a bad URL or address, a port
 that cannot be listened on.
 """
 
@@ -120,12 +120,11 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
 def run(args: argparse.Namespace) -> int:
     """Open the store (creating it when missing), listen, serve until a signal."""
     import logging
-    import signal
 
     import trio
 
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
-    from damocles_ext.frontends.signals import watch_signals
+    from damocles_ext.frontends.signals import STOP_SIGNALS, watch_signals
     from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, TrioJobStore
 
@@ -176,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics_server = MetricsServer(metrics, *args.metrics)
 
             async def main() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                     async with trio.open_nursery() as nursery:
                         sweeping = trio.CancelScope()
                         scraping = trio.CancelScope()

@@ -226,14 +226,13 @@ def _sizes(text: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings, start the worker, run until a signal."""
-    import signal
 
     import trio
 
     from damocles_ext.errors import DextError
     from damocles_ext.frontends.control_socket import bind_control_socket
     from damocles_ext.frontends.run import _discard
-    from damocles_ext.frontends.signals import watch_signals
+    from damocles_ext.frontends.signals import STOP_SIGNALS, watch_signals
     from damocles_ext.frontends.worker import Worker
     from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 
@@ -273,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             raise
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
 
                 def at_once() -> None:  # a second signal: the jobs held are left, named

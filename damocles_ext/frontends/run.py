@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ import trio
 
 from .control import ControlServer
 from .control_socket import bind_control_socket
-from .signals import watch_signals
+from .signals import STOP_SIGNALS, watch_signals
 
 if TYPE_CHECKING:
     from ..commands.common import SupervisorOptions
@@ -86,7 +85,7 @@ async def _run(
 ) -> int:
     from ..status import StatusSource
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         status = StatusSource(
             supervisor,
             socket=str(sock.getsockname()),

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from ..protocol import jsonl
 from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
-from .signals import watch_signals
+from .signals import STOP_SIGNALS, watch_signals
 from .started import Batch, CancelHandle, OnDone, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
@@ -363,7 +362,7 @@ async def serve_supervised(
     """Answer requests of `stage` on the pipes with `start` (if given) or `submit` while
     `supervisor` runs; the ready line is already out. Stops on stdin EOF (after the requests
     read) or on a signal."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         async with trio.open_nursery() as nursery:
