@@ -502,6 +502,38 @@ async def test_a_coordinator_that_did_not_run_for_a_while_takes_back_no_job_for_
     assert rules.TimedOut(job.Id, "worker-a") in (await coordinator.sweep_once()).effects
 
 
+async def test_a_pass_that_waited_on_the_store_is_not_taken_for_a_coordinator_that_did_not_run(
+    sqlite_store,
+):
+    # A table lock or a paused database held a sweep for 40 s: the coordinator ran all along,
+    # and said it had not ("the machine paused?"), sending the operator to the wrong machine.
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    coordinator = Coordinator(jobs, monotonic=lambda: now[0])
+    sweep, passes, third = coordinator.sweep_once, [0], trio.Event()
+
+    async def held_sweep():
+        passes[0] += 1
+        if passes[0] == 2:
+            now[0] += 40  # this pass waits 40 s for the store
+        elif passes[0] == 3:
+            third.set()
+        return await sweep()
+
+    coordinator.sweep_once = held_sweep
+    stopped = Logged("did not run")
+    logging.getLogger("damocles_ext.coordinator").addHandler(stopped)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            with trio.fail_after(10):
+                await third.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("damocles_ext.coordinator").removeHandler(stopped)
+    assert not stopped.seen.is_set()
+
+
 async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])

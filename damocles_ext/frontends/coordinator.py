@@ -206,10 +206,11 @@ class Coordinator:
         next_cleanup = trio.current_time()
         started = False
         last: tuple[float, float] | None = None  # (monotonic, wall) at the last pass
+        paused_at: float | None = None  # (monotonic) at the last pass's end
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
-            last = self._watch_clock(last, every)
+            last = self._watch_clock(last, every, paused_at)
             try:
                 outcome = await self.sweep_once()
                 self._observed(outcome.effects)
@@ -225,6 +226,7 @@ class Coordinator:
             if not started:
                 started = True
                 task_status.started()
+            paused_at = (self._monotonic or trio.current_time)()
             await trio.sleep(every)
 
     async def _cleanup(self) -> bool:
@@ -251,14 +253,18 @@ class Coordinator:
         silent_before = self.hearing.silent_before(self.store.clock(), timeout)
         return await self.store.sweep(silent_before=silent_before)
 
-    def _watch_clock(self, last: tuple[float, float] | None, every: float) -> tuple[float, float]:
-        """A wall clock that stepped forward since the last pass (`every` seconds ago, as
-        planned) would make every running job look silent for the step, and so would a stretch
-        in which this process did not run (SIGSTOP, a paused VM, swapping): the heartbeats sent
-        then wait unread, and this pass comes first. Either stretch counts as unheard."""
+    def _watch_clock(
+        self, last: tuple[float, float] | None, every: float, paused_at: float | None = None
+    ) -> tuple[float, float]:
+        """A wall clock that stepped forward since the last pass (`last`: when it began) would
+        make every running job look silent for the step, and so would a stretch in which this
+        process did not run (SIGSTOP, a paused VM, swapping): the heartbeats sent then wait
+        unread, and this pass comes first. Either stretch counts as unheard. The latter is
+        measured over the pause of `every` seconds since `paused_at` (the last pass's end):
+        time the pass spent waiting for the store is the store's (`Hearing` counts it)."""
         now = ((self._monotonic or trio.current_time)(), self.store.clock())
         if last is not None and self._watch_clocks:
-            late = (now[0] - last[0]) - every
+            late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
             if late > SLOW_CALL:
                 why = "the machine paused or overloaded?"
                 self._unheard(
