@@ -523,3 +523,19 @@ async def test_the_trio_wrapper_runs_store_calls_in_threads_with_its_clock(store
 def test_the_store_tables_are_prefixed(js):
     names = set(sa.inspect(js.engine).get_table_names())
     assert {"dext_wdpost_jobs", "dext_schema_version"} <= names
+
+
+def test_a_postgresql_server_with_no_connection_left_is_said_so_with_what_to_raise():
+    # PostgreSQL refuses it before a session exists (no SQLSTATE to read): only its words tell.
+    # Before, the advice was to check that the server runs and the URL's user and password.
+    from sqlalchemy import exc
+
+    from damocles_ext.jobs.database import parse_url, store_failure
+
+    url = parse_url("postgresql://dext@db.example/jobs")
+    for words in ("FATAL:  sorry, too many clients already",
+                  "FATAL:  remaining connection slots are reserved for roles with SUPERUSER"):  # fmt: skip
+        error = exc.OperationalError("connect", {}, Exception(f"connection failed: {words}"))
+        failure = store_failure("postgresql://dext@db.example/jobs", url, "sweep", error)
+        assert isinstance(failure, store.StoreUnavailable)
+        assert "takes no more connections" in str(failure) and "max_connections" in str(failure)

@@ -336,6 +336,11 @@ _LOGIN_REFUSED = re.compile(
 )
 
 
+#: PostgreSQL's words when its max_connections is reached (SQLSTATE 53300 comes without a
+#: connection, so only the text tells).
+_NO_SLOT_LEFT = re.compile(r"too many clients|remaining connection slots are reserved")
+
+
 def login_refused(error: BaseException | None) -> bool:
     """Whether `error` (a database error) is a PostgreSQL server refusing the URL's login."""
     orig = error.orig if isinstance(error, exc.DBAPIError) else None
@@ -440,6 +445,12 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         return StoreUnavailable(
             f"the PostgreSQL server of the job store {where} refused the login: {what}; check"
             " the user, the password (or the pgpass file) and the database in the URL"
+        )
+    if url.get_backend_name() == "postgresql" and _NO_SLOT_LEFT.search(what):
+        return StoreUnavailable(
+            f"the PostgreSQL server of the job store {where} takes no more connections ({what}):"
+            " raise its max_connections (a damocles-ext process keeps up to 16 in its pool), or stop what"
+            " holds them"
         )
     if url.get_backend_name() == "postgresql":
         return StoreUnavailable(
