@@ -233,7 +233,7 @@ async def test_a_request_that_cannot_be_encoded_is_the_callers_error_and_the_con
     server, backend = control
     async with connect(server.path) as client:
         with pytest.raises(UsageError, match=r"request 1 cannot be sent: .*serialize ints"):
-            await client.submit(make_task(1), priority=2**64)
+            await client.submit(make_task(2**64))  # a miner id over 64 bits
         backend.release[2] = trio.Event()
         backend.release[2].set()
         assert await client.submit(make_task(2)) == echo_output(make_task(2))
