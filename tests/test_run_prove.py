@@ -570,21 +570,9 @@ async def test_run_serves_prove_and_the_client_then_stops_cleanly_on_sigterm(tmp
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-async def test_sighup_stops_run_gracefully_as_sigterm_does(tmp_path, sock_dir):
-    # The terminal that started it closed: before, the default action killed it at once, with
-    # nothing logged and its socket left behind.
-    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
-    path = sock_dir / "control.sock"
-    async with trio.open_nursery() as nursery:
-        run, log = await start_run(nursery, cfg, path)
-        with trio.fail_after(30):
-            run.send_signal(signal.SIGHUP)
-            assert await run.wait() == 0, log.text()
-    assert "SIGHUP: shutting down gracefully" in log.text()
-    assert not path.exists()
-
-
-async def test_second_run_on_a_live_socket_exits_2(tmp_path, sock_dir):
+async def test_second_run_on_a_live_socket_exits_2_and_sighup_stops_the_first_gracefully(
+    tmp_path, sock_dir
+):
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     path = sock_dir / "control.sock"
     async with trio.open_nursery() as nursery:
@@ -596,8 +584,12 @@ async def test_second_run_on_a_live_socket_exits_2(tmp_path, sock_dir):
                 f"another damocles-ext (run or worker) is listening on {path}".encode()
                 in second.stderr
             )
-            run.send_signal(signal.SIGTERM)
+            # The terminal that started it closed: before, SIGHUP's default action killed it at
+            # once, with nothing logged and its socket left behind.
+            run.send_signal(signal.SIGHUP)
             assert await run.wait() == 0, log.text()
+    assert "SIGHUP: shutting down gracefully" in log.text()
+    assert not path.exists()
 
 
 def test_run_refuses_a_symlinked_socket_directory(tmp_path, sock_dir):
