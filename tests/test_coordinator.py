@@ -503,35 +503,47 @@ async def test_a_coordinator_that_did_not_run_for_a_while_takes_back_no_job_for_
 
 
 async def test_a_pass_that_waited_on_the_store_is_not_taken_for_a_coordinator_that_did_not_run(
-    sqlite_store,
+    sqlite_store, monkeypatch
 ):
-    # A table lock or a paused database held a sweep for 40 s: the coordinator ran all along,
-    # and said it had not ("the machine paused?"), sending the operator to the wrong machine.
+    # A table lock or a paused database held a sweep's call for 40 s: the coordinator ran all
+    # along, and said it had not ("the machine paused?"), sending the operator to the wrong
+    # machine. The store's wait is the store's: counted as unheard by the store's hearing, so
+    # worker-a, whose heartbeats waited meanwhile, keeps its job.
     now = [1_700_000_000.0]
-    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0], monotonic=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
     coordinator = Coordinator(jobs, monotonic=lambda: now[0])
-    sweep, passes, third = coordinator.sweep_once, [0], trio.Event()
+    store_sweep, calls = sqlite_store.sweep, [0]
 
-    async def held_sweep():
+    def held_sweep(*args, **kwargs):  # in the store's thread: the call waits 40 s
+        calls[0] += 1
+        if calls[0] == 2:
+            now[0] += 40
+        return store_sweep(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_store, "sweep", held_sweep)
+    sweep, passes, fourth = coordinator.sweep_once, [0], trio.Event()
+
+    async def counted_sweep():
         passes[0] += 1
-        if passes[0] == 2:
-            now[0] += 40  # this pass waits 40 s for the store
-        elif passes[0] == 3:
-            third.set()
+        if passes[0] == 4:  # the third, after the held one, is done
+            fourth.set()
         return await sweep()
 
-    coordinator.sweep_once = held_sweep
+    coordinator.sweep_once = counted_sweep
     stopped = Logged("did not run")
     logging.getLogger("damocles_ext.coordinator").addHandler(stopped)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(coordinator.sweep_forever, 0.05))
             with trio.fail_after(10):
-                await third.wait()
+                await fourth.wait()
             nursery.cancel_scope.cancel()
     finally:
         logging.getLogger("damocles_ext.coordinator").removeHandler(stopped)
     assert not stopped.seen.is_set()
+    assert (await jobs.get(job.Id)).State == "running"
 
 
 async def test_a_restarted_coordinator_takes_back_no_job_for_the_silence_of_its_outage(job_store):

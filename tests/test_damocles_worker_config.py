@@ -390,6 +390,12 @@ BAD = [
     ),
     pytest.param(
         {},
+        '[sector_manager.rpc_client.headers]\n"X-Site\\n" = "1"\n',
+        'sector_manager.rpc_client.headers: "X-Site\\n" is not an HTTP header name',
+        id="header-name-newline",  # `$` matched before a final newline
+    ),
+    pytest.param(
+        {},
         "[worker]\nname = \n",
         "damocles-worker.toml:12:8: invalid TOML",
         id="toml-syntax",

@@ -592,6 +592,39 @@ async def test_second_run_on_a_live_socket_exits_2_and_sighup_stops_the_first_gr
     assert not path.exists()
 
 
+@pytest.mark.parametrize(
+    ("received", "at_once"),
+    [
+        ((signal.SIGHUP, signal.SIGHUP), False),
+        ((signal.SIGTERM, signal.SIGINT), True),
+        ((signal.SIGHUP, signal.SIGTERM), True),
+    ],
+)
+async def test_a_second_sighup_does_not_stop_at_once_as_a_second_sigterm_does(received, at_once):
+    # A closing terminal may send SIGHUP twice (the shell's, the kernel's at the session's end).
+    from damocles_ext.frontends.signals import watch_signals
+
+    async def signals():
+        for signum in received:
+            yield signum
+
+    calls: list[str] = []
+    await watch_signals(signals(), trio.CancelScope(), lambda: calls.append("graceful"),
+                        at_once=lambda: calls.append("at once"))  # fmt: skip
+    assert calls == (["graceful", "at once"] if at_once else ["graceful"])
+
+
+async def test_under_nohup_sighup_does_not_stop_run(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock", nohup=True)
+        with trio.fail_after(30):
+            run.send_signal(signal.SIGHUP)  # ignored: never delivered
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+    assert "SIGTERM: shutting down gracefully" in log.text() and "SIGHUP" not in log.text()
+
+
 def test_run_refuses_a_symlinked_socket_directory(tmp_path, sock_dir):
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     real = sock_dir / "real"

@@ -368,6 +368,12 @@ def test_constructor_arguments_a_caller_got_wrong_are_refused_at_once(kwargs, pr
     assert str(info.value).startswith(problem)
 
 
+async def test_stages_may_be_any_iterable_of_stage_names():
+    # An iterator was read twice, once by the check: no child was kept.
+    sup = Supervisor([spec(builtin_child())], stages=(s for s in ["window_post"]))
+    assert [c.name for c in sup.statistics().children] == ["window_post#0"]
+
+
 async def test_an_exception_of_the_callers_block_comes_out_of_open_supervisor_as_itself():
     # Not wrapped in the nursery's ExceptionGroup: `except ProverError` around the block works.
     async def refused() -> None:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
-    from damocles_ext.frontends.signals import STOP_SIGNALS, watch_signals
+    from damocles_ext.frontends.signals import stop_signals, watch_signals
     from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, TrioJobStore
 
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics_server = MetricsServer(metrics, *args.metrics)
 
             async def main() -> None:
-                with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                with trio.open_signal_receiver(*stop_signals()) as signals:
                     async with trio.open_nursery() as nursery:
                         sweeping = trio.CancelScope()
                         scraping = trio.CancelScope()

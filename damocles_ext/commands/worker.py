@@ -174,7 +174,7 @@ def _header(text: str) -> tuple[str, str]:
 
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
-    if not sep or not HEADER_NAME.match(name):
+    if not sep or not HEADER_NAME.fullmatch(name):
         raise argparse.ArgumentTypeError(
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'; its name ASCII"
             f" letters, digits and -), got {text!r}"
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.errors import DextError
     from damocles_ext.frontends.control_socket import bind_control_socket
     from damocles_ext.frontends.run import _discard
-    from damocles_ext.frontends.signals import STOP_SIGNALS, watch_signals
+    from damocles_ext.frontends.signals import stop_signals, watch_signals
     from damocles_ext.frontends.worker import Worker
     from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             raise
 
     async def main() -> None:
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        with trio.open_signal_receiver(*stop_signals()) as signals:
             async with trio.open_nursery() as nursery:
 
                 def at_once() -> None:  # a second signal: the jobs held are left, named

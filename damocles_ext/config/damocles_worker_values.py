@@ -149,7 +149,7 @@ class TypedTable:
         """A table of HTTP headers, each one that can be sent as written."""
         headers = self._string_map(key, "HTTP headers")
         for name, value in list(headers.items()):
-            if not HEADER_NAME.match(name):
+            if not HEADER_NAME.fullmatch(name):
                 self.errors.append(
                     f"{self.at(key)}: {_show(name)} is not an HTTP header name (letters, digits "
                     f"and -, no spaces)"

@@ -16,7 +16,7 @@ from ..errors import ProverError, UsageError
 from ..stages import can_serve
 from ..tasks import Output, Task, stage_of
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining, with_deadline
-from .signals import STOP_SIGNALS
+from .signals import stop_signals
 
 if TYPE_CHECKING:
     from ..client import ReconnectingClient
@@ -97,7 +97,7 @@ async def forward(
     log.info("connected to the supervisor at %s", remote.path)
     forwarder = Forwarder(stage, remote, deadline_after)
     problem: str | None = None
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         try:

@@ -33,7 +33,7 @@ from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, TrioJobStore
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
-from .signals import STOP_SIGNALS
+from .signals import stop_signals
 
 if TYPE_CHECKING:
     from ..jobs.notify import JobListener
@@ -299,7 +299,7 @@ async def run_producer(
     """Serve requests of `stage` on the pipes through `producer` (the ready line is out), with the
     coordinator's RPC and its sweeps beside it when given; stops on stdin EOF or a signal."""
     where = producer.store.store.where
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         try:

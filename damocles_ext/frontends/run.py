@@ -20,7 +20,7 @@ import trio
 
 from .control import ControlServer
 from .control_socket import bind_control_socket
-from .signals import STOP_SIGNALS, watch_signals
+from .signals import stop_signals, watch_signals
 
 if TYPE_CHECKING:
     from ..commands.common import SupervisorOptions
@@ -85,7 +85,7 @@ async def _run(
 ) -> int:
     from ..status import StatusSource
 
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         status = StatusSource(
             supervisor,
             socket=str(sock.getsockname()),

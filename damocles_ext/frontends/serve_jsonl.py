@@ -33,7 +33,7 @@ from ..protocol import jsonl
 from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
-from .signals import STOP_SIGNALS, watch_signals
+from .signals import stop_signals, watch_signals
 from .started import Batch, CancelHandle, OnDone, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ async def serve_supervised(
     """Answer requests of `stage` on the pipes with `start` (if given) or `submit` while
     `supervisor` runs; the ready line is already out. Stops on stdin EOF (after the requests
     read) or on a signal."""
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         async with trio.open_nursery() as nursery:

@@ -1,5 +1,6 @@
-"""SIGTERM, SIGINT and SIGHUP (the terminal that started it closed), read the same way by every
-front end: the first asks for a graceful stop, a second one stops at once."""
+"""SIGTERM, SIGINT and SIGHUP (the terminal that started it closed; not when it is ignored, as
+under `nohup`), read the same way by every front end: the first asks for a graceful stop, a
+second SIGTERM or SIGINT stops at once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from collections.abc import Callable
 
 log = logging.getLogger("damocles_ext.serve")
 
-#: What stops a front end: its default action would kill it at once, leaving its requests
-#: unanswered and its control socket behind.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a front end (their default action would kill it at once, leaving its requests
+    unanswered and its control socket behind): SIGTERM, SIGINT, and SIGHUP unless it is ignored
+    (`nohup`, or a parent that ignores it for its children: they must outlive the terminal)."""
+    hup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hup)
 
 
 async def watch_signals(
@@ -21,8 +26,9 @@ async def watch_signals(
     logger: logging.Logger = log,
     at_once: Callable[[], None] | None = None,
 ) -> None:
-    """First of STOP_SIGNALS: call `shut_down()` (graceful); a second one cancels
-    `cancel_scope`, or calls `at_once()` when given."""
+    """First of stop_signals(): call `shut_down()` (graceful); a second SIGTERM or SIGINT
+    cancels `cancel_scope`, or calls `at_once()` when given. A second SIGHUP changes nothing: a
+    closing terminal may send two (the shell's, and the kernel's when its session ends)."""
     count = 0
     async for signum in signals:
         count += 1
@@ -30,6 +36,8 @@ async def watch_signals(
         if count == 1:
             logger.info("%s: shutting down gracefully (again to stop at once)", name)
             shut_down()
+        elif signum == signal.SIGHUP:
+            logger.info("SIGHUP again: still shutting down gracefully")
         else:
             logger.warning("%s again: stopping at once", name)
             if at_once is not None:

@@ -411,6 +411,11 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
         code = getattr(error, "sqlite_errorname", "")
         if code.startswith("SQLITE_CORRUPT"):
             return f"the job store at {where} is damaged ({error}): {DAMAGED_FIX}"
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (
+                f"the job store at {where} is locked by another process ({error}): try again, or"
+                " find what holds it"
+            )
         if code == "SQLITE_NOTADB":
             return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
         # Another user's store (0600), or a WAL store whose -shm this user cannot make.

@@ -20,11 +20,13 @@ def coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
     return list(children)
 
 
-def check_arguments(stages: Iterable[str] | None, **seconds: object) -> None:
-    """UsageError for `stages` that are not stage names (a string would be taken letter by
-    letter) and for durations (`seconds`, by keyword) that are not numbers of seconds >= 0."""
+def check_arguments(stages: Iterable[str] | None, **seconds: object) -> list[str] | None:
+    """`stages` as a list (an iterator is read once), or None; UsageError for stages that are
+    not stage names (a string would be taken letter by letter) and for durations (`seconds`, by
+    keyword) that are not numbers of seconds >= 0."""
     if isinstance(stages, str):
         raise UsageError(f"Supervisor(stages={stages!r}): give a list of stages, e.g. [{stages!r}]")
+    stages = None if stages is None else list(stages)
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise UsageError(
@@ -34,3 +36,4 @@ def check_arguments(stages: Iterable[str] | None, **seconds: object) -> None:
     for name, value in seconds.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise UsageError(f"Supervisor({name}={value!r}): give a number of seconds >= 0")
+    return stages

@@ -106,7 +106,7 @@ class Supervisor:
         inline_observers: Sequence[object] = (),  # called as events happen (Observers)
     ) -> None:
         specs = coerce_children(config)
-        check_arguments(stages, shutdown_grace=shutdown_grace, stop_timeout=stop_timeout)
+        stages = check_arguments(stages, shutdown_grace=shutdown_grace, stop_timeout=stop_timeout)
         if stages is not None:
             wanted = {s for stage in stages for s in child_stages(stage)}
             specs = [s for s in specs if s.stage in wanted]

@@ -272,18 +272,38 @@ class LogWatcher:
         return "\n".join(self.lines)
 
 
+#: Runs argv[1:] with SIGHUP ignored, as `nohup` does.
+_IGNORE_HUP = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN)"
+NOHUP = [sys.executable, "-c", f"{_IGNORE_HUP}; os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 async def start_run(
-    nursery: trio.Nursery, cfg: Path, socket_path: Path, *extra: str, nofile: int | None = None
+    nursery: trio.Nursery,
+    cfg: Path,
+    socket_path: Path,
+    *extra: str,
+    nofile: int | None = None,
+    nohup: bool = False,
 ) -> tuple[trio.Process, LogWatcher]:
     """`damocles-ext run -c CFG --socket PATH` with its log watched; returns once it listens.
 
-    With `nofile`, run starts with RLIMIT_NOFILE lowered to it (soft and hard)."""
+    With `nofile`, run starts with RLIMIT_NOFILE lowered to it (soft and hard); with `nohup`,
+    with SIGHUP ignored."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     process = await trio.lowlevel.open_process(
-        [*DEXT, "run", "-c", str(cfg), "--socket", str(socket_path), *extra],
+        [
+            *(NOHUP if nohup else []),
+            *DEXT,
+            "run",
+            "-c",
+            str(cfg),
+            "--socket",
+            str(socket_path),
+            *extra,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
