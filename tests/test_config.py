@@ -1073,7 +1073,7 @@ def test_a_cpuset_beyond_the_cpus_this_process_may_use_cannot_start(tmp_path: Pa
     [
         ("{tmp}/file", "is not a directory"),
         ("{tmp}/file/below", "cannot be made: a part of its path is not a directory"),
-        ("{tmp}/open", "may be written by other users and has no sticky bit"),
+        ("{tmp}/open", "may be written by other users and has no sticky bit (chmod go-w or +t it)"),
         ("{tmp}/new/deeper", None),  # made at the first spawn
         ("{tmp}/sticky", None),  # as /tmp: what is put there cannot be replaced by others
         ("{tmp}/theirs", "is a symlink owned by uid 65534, not by us or root"),

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from damocles_ext.stages import child_stages
@@ -116,11 +117,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def socket_path(text: str) -> str:
-    """A --socket PATH (an argparse type): an empty one would be the current directory."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give the control socket's path")
-    return text
+def not_empty(fix: str) -> Callable[[str], str]:
+    """An argparse type that refuses an empty (or blank) value, saying `fix`."""
+
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty; {fix}")
+        return text
+
+    return check
+
+
+#: A --socket PATH: an empty one would be the current directory.
+socket_path = not_empty("give the control socket's path")
 
 
 def int64(text: str) -> int:

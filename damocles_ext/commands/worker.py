@@ -20,6 +20,7 @@ from .common import (
     add_header_arg,
     add_restart_arg,
     add_shutdown_arg,
+    not_empty,
     positive_duration,
     socket_path,
     token_file,
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_args(parser, required=False)
     parser.add_argument(
         "--name",
-        type=_name,
+        type=not_empty("give the worker a name, or leave --name out"),  # else no one, never live
         help="the worker's name, as the manager shows it (default: the address of the local"
         " interface that reaches the manager, as damocles-worker names itself)",
     )
@@ -182,12 +183,6 @@ def _header(text: str) -> tuple[str, str]:
     if (problem := header_value_problem(value)) is not None:
         raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
     return name, value
-
-
-def _name(text: str) -> str:
-    if not text.strip():  # shown as no one, and never counted as a live worker
-        raise argparse.ArgumentTypeError("empty; give the worker a name, or leave --name out")
-    return text
 
 
 def _miners(text: str) -> tuple[int, ...]:

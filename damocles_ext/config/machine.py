@@ -23,6 +23,17 @@ _per_run_tmp_root: str | None = None
 _per_run_owner: int | None = None  # the process that chose it (a forked copy is not it)
 
 
+def untrusted_problem(st: os.stat_result, euid: int, *, link: bool = False) -> str | None:
+    """Why a tmp root (`st`: its stat; `link`: the lstat of a symlink to it) would let another
+    user replace what we put there, or None: it must be ours or root's, and others may not write
+    to it unless it has the sticky bit (as /tmp has). One rule for the spawn and check-config."""
+    if st.st_uid not in (0, euid):
+        return f"is {'a symlink ' if link else ''}owned by uid {st.st_uid}, not by us or root"
+    if not link and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return "may be written by other users and has no sticky bit (chmod go-w or +t it)"
+    return None
+
+
 def default_tmp_root(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
     """The tmp root Gpus uses when DAMOCLES_EXT_TMP_ROOT is unset: a place no other user can
     make first (a fixed name in /tmp could be taken by anyone, and every Gpus child would then

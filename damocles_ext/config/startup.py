@@ -10,6 +10,7 @@ import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .machine import untrusted_problem
 from .messages import _show, _toml_key
 from .spec import (
     DAMOCLES_WORKER,
@@ -172,8 +173,13 @@ def tmp_root_problem(root: str) -> str | None:
         link = os.lstat(root)
     except OSError:
         link = None
-    if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, os.geteuid()):
-        return f"is a symlink owned by uid {link.st_uid}, not by us or root"  # (another user's)
+    if link is not None and stat.S_ISLNK(link.st_mode):
+        return untrusted_problem(link, os.geteuid(), link=True) or _made_later(root)
+    return _made_later(root)
+
+
+def _made_later(root: str) -> str | None:
+    """tmp_root_problem of `root` as the spawn will find it, a symlink followed."""
     path = root
     while True:
         try:
@@ -192,13 +198,7 @@ def tmp_root_problem(root: str) -> str | None:
         return (
             "is not a directory" if path == root else f"cannot be made: {path} is not a directory"
         )
-    if path != root:
-        return None
-    if st.st_uid not in (0, os.geteuid()):
-        return f"is owned by uid {st.st_uid}, not by us or root"
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        return "may be written by other users and has no sticky bit"
-    return None
+    return None if path != root else untrusted_problem(st, os.geteuid())
 
 
 def check_startable(

@@ -73,7 +73,7 @@ class Coordinator:
         #: The clock that only moves forward (trio's by default), beside the store's wall clock:
         #: the sweeps see a step of the wall clock, or a stretch in which this process did not
         #: run, by comparing them (`watch_clocks`).
-        self._monotonic = monotonic
+        self._monotonic = monotonic or trio.current_time  # (read in the coordinator's loop)
         self._watch_clocks = watch_clocks
         self.cleanup_pass = DEFAULT_PASS_LIMIT  # finished jobs forgotten per cleanup pass
         #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
@@ -226,7 +226,7 @@ class Coordinator:
             if not started:
                 started = True
                 task_status.started()
-            paused_at = (self._monotonic or trio.current_time)()
+            paused_at = self._monotonic()
             await trio.sleep(every)
 
     async def _cleanup(self) -> bool:
@@ -262,7 +262,7 @@ class Coordinator:
         unread, and this pass comes first. Either stretch counts as unheard. The latter is
         measured over the pause of `every` seconds since `paused_at` (the last pass's end):
         time the pass spent waiting for the store is the store's (`Hearing` counts it)."""
-        now = ((self._monotonic or trio.current_time)(), self.store.clock())
+        now = (self._monotonic(), self.store.clock())
         if last is not None and self._watch_clocks:
             late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
             if late > SLOW_CALL:

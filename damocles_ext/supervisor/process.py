@@ -34,6 +34,7 @@ from ..config import (
     TMP_ROOT_ENV,
     build_env,  # noqa: F401 - child_loop takes it from here, with the spawn
 )
+from ..config.machine import untrusted_problem
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -184,21 +185,13 @@ def _open_tmp_root(root: str) -> int:
     except FileNotFoundError:
         link = None
     if link is not None and stat.S_ISLNK(link.st_mode):
-        if link.st_uid not in (0, euid):
-            raise _Unusable(f"is a symlink owned by uid {link.st_uid}, not by us or root")
+        if (problem := untrusted_problem(link, euid, link=True)) is not None:
+            raise _Unusable(problem)
         path = os.path.realpath(root)
     fd = _open_dir(path, None, lambda: os.makedirs(path, mode=0o700))
-    st = os.fstat(fd)
-    target = "" if path == root else f"({path}) "
-    if st.st_uid not in (0, euid):
+    if (problem := untrusted_problem(os.fstat(fd), euid)) is not None:
         os.close(fd)
-        raise _Unusable(f"{target}is owned by uid {st.st_uid}, not by us or root")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        os.close(fd)
-        raise _Unusable(
-            f"{target}may be written by other users and has no sticky bit, so they could replace"
-            " what we put there (chmod go-w or +t it)"
-        )
+        raise _Unusable(("" if path == root else f"({path}) ") + problem)
     return fd
 
 
