@@ -371,6 +371,39 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         nursery.cancel_scope.cancel()
 
 
+async def test_a_damocles_workers_late_proof_and_its_finish_sent_again_are_taken(job_store):
+    # damocles-worker sends a finish without a token or its name, and retries a refused one
+    # (5 times, a minute apart, by default) with its WindowPoSt thread held. Its proof for a job
+    # taken back from it while nobody else holds it is taken, as damocles takes it; the same
+    # finish sent again (its answer lost) is acknowledged; a different one is still refused.
+    now = [1_700_000_000.0]
+    jobs = TrioJobStore(job_store, clock=lambda: now[0])
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    coordinator = Coordinator(jobs)
+    output = {"proofs": ["AAEC"], "faults": []}
+    async with trio.open_nursery() as nursery:
+        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+        await nursery.start(server.serve)
+        client = await connect(server)
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
+        await nursery.start(coordinator.sweep_forever)  # started after its first pass
+        assert (await jobs.get(job.Id)).State == READY
+        for _ in range(2):
+            status, answer = await client.call("Venus.WdPoStFinishJob", job.Id, output, "")
+            assert (status, answer.get("result", answer)) == (200, None)
+        status, answer = await client.call(
+            "Venus.WdPoStFinishJob", job.Id, {"proofs": ["AAED"], "faults": []}, ""
+        )
+        assert status == 200 and "the job is finished" in answer["error"]["message"]
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
+        assert answer["result"] == []  # proved once: nothing to give worker-b
+        nursery.cancel_scope.cancel()
+    stored = await jobs.get(job.Id)
+    assert stored.succeeded and as_json(stored.Output) == output and stored.TryNum == 1
+
+
 async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_job_for_it(tmp_path):
     # The store locked by another process for 30 s (over the 15 s timeout): worker-a's heartbeats
     # are refused all along. Its job is not taken back for that silence once the store answers.

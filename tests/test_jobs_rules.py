@@ -251,9 +251,27 @@ def test_the_same_finish_sent_again_is_acknowledged_and_changes_nothing():
     assert apply(named.job, Finish(out, "", worker="w1"), T0 + 30, LIMITS).effects == (
         rules.FinishRepeated(named.job.Id),
     )
-    for other in (Finish(out, "", worker="w2"), Finish(out, "", lease="L9"), Finish(out, "")):
-        [refused] = apply(named.job, other, T0 + 30, LIMITS).effects
-        assert isinstance(refused, Refused)
+    other_out = model.JobOutput(proofs=(b"q",), faults=())
+    for other in (
+        Finish(out, "", worker="w2"),
+        Finish(out, "", lease="L9"),
+        Finish(other_out, ""),
+        Finish(None, ""),
+        Finish(out, "an error"),
+    ):
+        step = apply(named.job, other, T0 + 30, LIMITS)
+        assert step.job is named.job
+        [refused] = step.effects
+        assert isinstance(refused, Refused), other
+    # With neither a token nor a name (damocles-worker's finish): the stored result word for
+    # word is the same finish sent again.
+    for again in (Finish(out, ""), Finish(model.JobOutput(proofs=(b"p",), faults=()), "")):
+        step = apply(named.job, again, T0 + 30, LIMITS)
+        assert step.job is named.job and step.effects == (rules.FinishRepeated(named.job.Id),)
+    failed = apply(running(), Finish(None, "gpu\0fell off"), T0 + 9, LIMITS).job
+    assert apply(failed, Finish(None, "gpu\0fell off"), T0 + 10, LIMITS).effects == (
+        rules.FinishRepeated(failed.Id),
+    )
 
 
 def test_a_finish_after_a_heartbeat_timeout_is_not_taken_for_a_repeat():
@@ -285,6 +303,57 @@ def test_a_late_finish_from_a_worker_that_lost_its_job_is_refused():
         assert step.job is job
         assert isinstance(step.effects[0], Refused)
     assert apply(job, Finish(None, "", lease="L2"), T0 + 18, LIMITS).job.State == FINISHED
+
+
+def test_a_late_proof_is_taken_while_no_worker_holds_the_job_and_its_outcome_is_open():
+    # w1 went silent and its job was taken back (ready2run again, a try left); then its proof
+    # arrives: taken, with or without its token (a damocles-worker sends none), as damocles
+    # takes it; and that finish sent again is acknowledged.
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    taken_back = apply(running(worker="w1", lease="L1"), Sweep(), T0 + 16, LIMITS).job
+    assert taken_back.State == READY
+    for late, lease, worker in (
+        (Finish(out, "", lease="L1"), "L1", "w1"),
+        (Finish(out, "", worker="w1"), None, "w1"),
+        (Finish(out, ""), None, "w1"),
+    ):
+        step = apply(taken_back, late, T0 + 18, LIMITS)
+        done = step.job
+        assert step.effects == (Finished(taken_back.Id, ""),)
+        assert (done.State, done.Output, done.ErrorReason, done.lease) == (FINISHED, out, "", lease)
+        assert (done.WorkerName, done.TryNum, done.FinishedAt) == (worker, 1, int(T0) + 18)
+        assert rules.is_done(done, LIMITS) and done.succeeded
+        again = apply(done, late, T0 + 19, LIMITS)
+        assert again.job is done and again.effects == (rules.FinishRepeated(done.Id),)
+    # A job that failed on another worker with a try left is not held either.
+    failed = apply(
+        running(worker="w2", lease="L2"), Finish(None, "oom", lease="L2"), T0 + 9, LIMITS
+    )
+    assert rules.retryable(failed.job, LIMITS)
+    assert apply(failed.job, Finish(out, "", lease="L1"), T0 + 10, LIMITS).job.succeeded
+    # Refused: a late failure (the timeout counted its try), a proof without an output, a job
+    # running on another worker (a tokenless finish without a name is that worker's: the limit of
+    # fencing without a token), a job whose outcome is final, a job past its deadline.
+    held = apply(taken_back, Allocate("w2", "L2"), T0 + 17, LIMITS).job
+    final = apply(running(worker="w1", lease="L1"), Sweep(), T0 + 16, LIMITS_ONE_TRY).job
+    assert rules.is_done(final, LIMITS_ONE_TRY)
+    with_deadline = apply(None, Create(make_input(), not_after=T0 + 20), T0, LIMITS).job
+    closing = apply(
+        apply(with_deadline, Allocate("w1", "L1"), T0, LIMITS).job, Sweep(), T0 + 16, LIMITS
+    ).job
+    assert closing.State == READY
+    for job, late, now, limits in (
+        (taken_back, Finish(None, "gpu fell off", lease="L1"), T0 + 18, LIMITS),
+        (taken_back, Finish(None, "", lease="L1"), T0 + 18, LIMITS),
+        (held, Finish(out, "", lease="L1"), T0 + 18, LIMITS),
+        (held, Finish(out, "", worker="w1"), T0 + 18, LIMITS),
+        (final, Finish(out, "", lease="L1"), T0 + 18, LIMITS_ONE_TRY),
+        (closing, Finish(out, "", lease="L1"), T0 + 20, LIMITS),
+    ):
+        step = apply(job, late, now, limits)
+        assert step.job is job, late
+        [refused] = step.effects
+        assert isinstance(refused, Refused), late
 
 
 def test_events_on_a_missing_job_say_not_found_and_remove_is_silent():

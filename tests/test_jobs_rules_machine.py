@@ -1,6 +1,7 @@
 """The job rules under random sequences of events (a hypothesis state machine): workers allocate,
-heartbeat, finish (with their lease, without one, or with a stale one), time passes, sweeps and
-operators act; the invariants of fencing, retries and deadlines hold after every step."""
+heartbeat, finish (with their lease, without one, or with a stale one: a late proof), time
+passes, sweeps and operators act; the invariants of fencing, retries and deadlines hold after
+every step."""
 
 from __future__ import annotations
 
@@ -58,7 +59,12 @@ class JobRulesMachine(RuleBasedStateMachine):
             assert before is not None and before.State == READY
             assert effect.try_num == before.TryNum + 1 <= self.limits.max_try
             assert before.not_after is None or self.now < before.not_after
-        if isinstance(effect, rules.Finished | rules.HeartbeatAccepted):
+        if isinstance(effect, rules.Finished) and before is not None and before.State != RUNNING:
+            # A late proof: for a job nobody holds and whose outcome is open; nothing overwritten.
+            assert isinstance(event, rules.Finish)
+            assert event.output is not None and event.error_reason == ""
+            assert before.State == READY or rules.retryable(before, self.limits)
+        elif isinstance(effect, rules.Finished | rules.HeartbeatAccepted):
             # Only the current lease, or tokenless the current worker, of a running job.
             assert before is not None and before.State == RUNNING
             lease = getattr(event, "lease", None)
@@ -74,10 +80,13 @@ class JobRulesMachine(RuleBasedStateMachine):
             # Only the very finish that finished the job, and it changes nothing.
             assert before is not None and before.State == FINISHED and not before.cancelled
             lease = getattr(event, "lease", None)
+            assert isinstance(event, rules.Finish)
             if lease is not None:
                 assert lease == before.lease
-            else:
-                assert event.worker == before.WorkerName  # type: ignore[union-attr]
+            elif event.worker is not None:
+                assert event.worker == before.WorkerName
+            else:  # neither: the stored result, word for word
+                assert (event.output, event.error_reason) == (before.Output, before.ErrorReason)
 
     @rule(which=st.sampled_from(range(len(INPUTS))), deadline=st.none() | st.integers(0, 120))
     def create(self, which: int, deadline: int | None) -> None:
@@ -108,7 +117,9 @@ class JobRulesMachine(RuleBasedStateMachine):
         before = self.jobs.get(job_id)
         step = self.step(job_id, event)
         if how == "lease" and (before is None or before.lease != lease):
-            assert not any(isinstance(e, rules.Finished) for e in step.effects)
+            # A stale lease finishes nothing, but for a late proof (checked in check_effect).
+            late = before is not None and before.State != RUNNING and not error
+            assert late or not any(isinstance(e, rules.Finished) for e in step.effects)
 
     @precondition(lambda self: any(self.held.values()))
     @rule(data=st.data(), tokenless=st.booleans())

@@ -32,8 +32,14 @@ What we change and add (damocles' weaknesses):
 - A repeated finish. A finished job keeps the lease that finished it, so the same Finish sent
   again (a worker whose answer was lost when the coordinator died after storing it) is
   acknowledged without touching the record (`FinishRepeated`), instead of being refused as late:
-  from the same lease, or, without one, from the worker that finished it. A job taken back for
-  a heartbeat timeout, or cancelled, was finished by nobody: a late finish stays refused.
+  from the same lease, or, without one, from the worker that finished it, or, with neither (a
+  damocles-worker's), when it carries the stored result word for word. A job cancelled, or
+  taken back for a heartbeat timeout, was finished by nobody: no repeat of it.
+- A late proof. A worker whose job was taken back (its heartbeats stopped) may still finish it:
+  a proof (an output, no error) for a job that no worker holds and whose outcome is not final
+  (ready2run, or failed with a try left) and whose deadline has not passed is taken, as damocles
+  takes it, and spares proving it again. A failure from it, or anything for a job running on
+  another worker or done, stays refused: no result is overwritten.
 - Deadlines. `Create.not_after` (unix seconds): allocation takes the job whose deadline comes
   first (`allocation_key`), never allocates a job whose deadline passed, and a Sweep cancels an
   unfinished job (ready, running, or failed with tries left) once `now >= not_after`: finished,
@@ -415,30 +421,47 @@ def _heartbeat(job: JobRecord, event: Heartbeat, now: float, limits: JobLimits) 
     return Step(_replace(job, HeartbeatAt=heard, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
 
 
-def _repeated(job: JobRecord, event: Finish) -> bool:
+def _repeated(job: JobRecord, event: Finish, reason: str) -> bool:
     """Whether `event` is the finish that finished `job`, sent again."""
     if job.State != FINISHED or job.cancelled or job.ErrorReason == HEARTBEAT_TIMEOUT_REASON:
         return False
     if event.lease is not None:
         return event.lease == job.lease
-    return event.worker is not None and event.worker == job.WorkerName
+    if event.worker is not None:
+        return event.worker == job.WorkerName
+    # Neither a token nor a name (damocles-worker's finish): the same result, word for word.
+    return event.output == job.Output and reason == job.ErrorReason
+
+
+def _late_but_wanted(job: JobRecord, event: Finish, reason: str, limits: JobLimits) -> bool:
+    """A proof from a worker that lost its job, for a job no worker holds and whose outcome is
+    not final: ready2run again (its heartbeats stopped, it was taken back), or failed with a try
+    left. Taking it spares proving it again; a failure from that worker is not taken (the
+    timeout counted its try), nor anything for a job that runs on another worker or is done."""
+    return (
+        event.output is not None and reason == "" and (job.State == READY or retryable(job, limits))
+    )
 
 
 def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Step:
-    if _repeated(job, event):
+    # PostgreSQL's text takes no NUL: a prover's message keeps the rest, on either database.
+    reason = event.error_reason.replace("\0", "\ufffd")
+    if _repeated(job, event, reason):
         return Step(job, (FinishRepeated(job.Id),))
     why = _fence(job, event.lease, event.worker)
+    if why is not None and _late_but_wanted(job, event, reason, limits):
+        why = None
     if why is None and deadline_passed(job, now):
         assert job.not_after is not None
         why = f"its deadline passed at {_when(job.not_after)}"
     if why is not None:
         return Step(job, (Refused(job.Id, "finish", why),))
     t = _seconds(now)
-    # PostgreSQL's text takes no NUL: a prover's message keeps the rest, on either database.
-    reason = event.error_reason.replace("\0", "\ufffd")
     finished = _replace(
         job, State=FINISHED, Output=event.output, ErrorReason=reason, FinishedAt=t, UpdatedAt=t
     )
+    if job.State != RUNNING:  # a late proof: whoever sent it holds the job's result now
+        finished = _replace(finished, lease=event.lease, WorkerName=event.worker or job.WorkerName)
     return Step(finished, (Finished(job.Id, reason),))
 
 
