@@ -723,6 +723,16 @@ def test_the_request_decoder_takes_go_nil_slices_and_missing_params():
     # go-jsonrpc does not look at "jsonrpc": neither do we.
     call = rpc.parse_request(b'{"jsonrpc":"1.0","method":"Venus.WdPoStAllJobs","id":3}')
     assert call.method == "Venus.WdPoStAllJobs"
+    # A field of the output left out is Go's zero value: nil.
+    call = rpc.parse_request(
+        b'{"jsonrpc":"2.0","method":"Venus.WdPoStFinishJob","params":["j",{"proofs":["AAEC"]},""],'
+        b'"id":4}'
+    )
+    assert call.params == ("j", JobOutput(proofs=(b"\0\1\2",), faults=None), "")
+    call = rpc.parse_request(
+        b'{"jsonrpc":"2.0","method":"Venus.WdPoStFinishJob","params":["j",{},"oom"],"id":5}'
+    )
+    assert call.params == ("j", JobOutput(None, None), "oom")
 
 
 async def test_a_stopping_coordinator_answers_the_request_it_is_on_and_takes_no_new_one(

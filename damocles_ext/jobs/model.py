@@ -70,10 +70,11 @@ class WdPoStInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class JobOutput(msgspec.Struct, frozen=True):
-    """A worker's result; proofs travel as base64 strings, as Go writes `[][]byte`."""
+    """A worker's result; proofs travel as base64 strings, as Go writes `[][]byte`. A field
+    left out is Go's zero value, nil (`null`), as damocles-manager decodes it."""
 
-    proofs: tuple[bytes, ...] | None
-    faults: tuple[U64, ...] | None
+    proofs: tuple[bytes, ...] | None = None
+    faults: tuple[U64, ...] | None = None
 
 
 class WdPoStJob(msgspec.Struct, frozen=True):
