@@ -400,6 +400,7 @@ async def test_an_attached_store_the_manager_does_not_know_stops_the_worker_at_s
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "does not know the attached store 'nope'" in err and "Traceback" not in err
+    assert "--store nope=PATH" in err
 
 
 class Layout:

@@ -151,14 +151,21 @@ class Coordinator:
             max_try = self.store.store.limits.max_try
             return await trio.to_thread.run_sync(rpc.all_jobs_result, jobs, max_try)
 
-    async def _StoreBasicInfo(self, name: str) -> dict[str, Any]:
+    async def _StoreBasicInfo(self, name: str) -> dict[str, Any] | None:
         path = self.stores.get(name)
         if path is None:
+            # damocles' answer for a store it does not know is null (the worker then refuses to
+            # start, saying the store was not found): the fix is told here.
             known = ", ".join(sorted(self.stores)) or "none"
-            raise StoreError(
-                f"store {name!r} is not known to this coordinator (known: {known}); start it with"
-                f" --store {name}=PATH, as the store is named in the workers' [[attached]]"
+            log.warning(
+                "a worker asked for store %r, which this coordinator does not know (known: %s):"
+                " the worker will not start; start the coordinator with --store %s=PATH, as the"
+                " store is named in the workers' [[attached]]",
+                name,
+                known,
+                name,
             )
+            return None
         # damocles' StoreBasicInfo; the coordinator reads no file in it, so the rest is neutral.
         return {
             "Name": name,

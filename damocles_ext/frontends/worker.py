@@ -242,7 +242,9 @@ class Worker:
                 if info is None:
                     raise UsageError(
                         f"the manager at {self._calls.url} does not know the attached store"
-                        f" {name!r}; attach only the stores the manager has (as it names them)"
+                        f" {name!r}; attach only the stores the manager has (as it names them),"
+                        f" or add {name!r} to the manager's stores (a coordinator: --store"
+                        f" {name}=PATH)"
                     )
                 break
 
