@@ -153,42 +153,59 @@ def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     assert [w.worker for w in everyone.workers] == ["new"]
 
 
+#: The workers table of versions 2 and 3, keyed by the spec itself (version 4: by its digest).
+OLD_WORKERS = sa.Table(
+    database.OLD_WORKERS,
+    sa.MetaData(),
+    sa.Column("worker", sa.Text, primary_key=True),
+    sa.Column("spec", sa.Text, primary_key=True),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+
 def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
     """A store as an older release made it: version 1 has the jobs table (with its index of
-    ready jobs, which version 3 replaces) and no workers table; version 2 adds the workers."""
+    ready jobs, which version 3 replaces) and no workers table; version 2 adds the workers
+    (keyed by their spec until version 4); version 3 has the index of today."""
     engine = store.make_engine(url)
     try:
         with engine.begin() as conn:
             store.schema_version.create(conn)
             store.jobs.create(conn)
-            for index in store.jobs.indexes:
-                index.drop(conn)
-            conn.execute(
-                sa.text(
-                    f"CREATE INDEX {database.OLD_READY_INDEX} ON dext_wdpost_jobs"
-                    " (state, not_after, created_at)"
+            if version < 3:
+                for index in store.jobs.indexes:
+                    index.drop(conn)
+                conn.execute(
+                    sa.text(
+                        f"CREATE INDEX {database.OLD_READY_INDEX} ON dext_wdpost_jobs"
+                        " (state, not_after, created_at)"
+                    )
                 )
-            )
             if version >= 2:
-                store.workers.create(conn)
+                OLD_WORKERS.create(conn)
+                conn.execute(OLD_WORKERS.insert().values(worker="old", spec="{}", last_seen=T0))
             conn.execute(store.schema_version.insert().values(version=version))
             conn.execute(store.jobs.insert().values(database.row_values(job)))
     finally:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url, version):
     job = rules.new_job(make_input(seed=9, miner=1234), T0)
     make_old_store(store_url, version, job)
     with JobStore.open(store_url) as s:
-        assert s.schema_version() == store.SCHEMA_VERSION == 3
+        assert s.schema_version() == store.SCHEMA_VERSION == 4
         assert s.get(job.Id) == job
+        # The workers seen before (one that takes any job) are forgotten: their next calls
+        # tell them again.
         assert s.summary(T0).unallocatable == 1
         s.allocate(AllocationSpec((1234,)), 0, "w", T0)
         assert s.summary(T0).unallocatable == 0
         with s.engine.begin() as conn:
-            assert sa.inspect(conn).has_table("dext_workers")
+            assert sa.inspect(conn).has_table("dext_job_workers")
+            # A coordinator of the last version still running goes on with its own table.
+            assert sa.inspect(conn).has_table(database.OLD_WORKERS) == (version >= 2)
             indexes = {
                 i["name"]: i["column_names"]
                 for i in sa.inspect(conn).get_indexes("dext_wdpost_jobs")
@@ -198,7 +215,7 @@ def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(sto
         [taken] = s.allocate(AllocationSpec(), 1, "w", T0 + 1)
         assert taken.Id == job.Id
     with JobStore.open(store_url) as s:  # and a second open finds nothing to do
-        assert s.migrate() == 3 and s.get(job.Id) == taken
+        assert s.migrate() == 4 and s.get(job.Id) == taken
 
 
 async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clock(store_url):

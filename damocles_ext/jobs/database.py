@@ -27,12 +27,14 @@ from .model import JobOutput, JobRecord, WdPoStInput
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The versions, for the migration steps (store.JobStore.migrate):
 # 1: dext_wdpost_jobs;
 # 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`);
 # 3: the index of ready jobs ends with the id, as the allocation order does: the database reads
-#    the next job off the index instead of sorting every ready job created in the same second.
+#    the next job off the index instead of sorting every ready job created in the same second;
+# 4: the workers seen in dext_job_workers, keyed by the spec's digest, not the spec (a filter of
+#    hundreds of miners passed PostgreSQL's index limit); dext_workers is left as it was.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -123,11 +125,17 @@ OLD_READY_INDEX = "dext_wdpost_jobs_state"
 # Each worker that asked for jobs, once per allocation spec it used (a worker's threads may have
 # different filters), and when it was last seen: what tells which ready jobs no live worker may
 # take. In the store, not in memory, so every coordinator on a shared database sees every worker.
+# The spec is keyed by its digest: a key of PostgreSQL's index takes 2,704 bytes at most, and a
+# worker may filter by hundreds of miners. (Versions 2 and 3 kept them in OLD_WORKERS, keyed by
+# the spec itself: a table of another name, so that a coordinator of that version still running
+# on the store while another is upgraded goes on with its own.)
+OLD_WORKERS = "dext_workers"
 workers = sa.Table(
-    "dext_workers",
+    "dext_job_workers",
     metadata,
     sa.Column("worker", sa.Text, primary_key=True),
-    sa.Column("spec", sa.Text, primary_key=True),  # summary.spec_key: canonical JSON
+    sa.Column("spec_digest", sa.Text, primary_key=True),  # summary.spec_digest of the spec
+    sa.Column("spec", sa.Text, nullable=False),  # summary.spec_key: canonical JSON
     sa.Column("last_seen", sa.Float, nullable=False),
 )
 

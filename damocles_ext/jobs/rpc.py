@@ -24,8 +24,6 @@ import msgspec
 
 from ..protocol.dext import NESTED_TOO_DEEPLY
 from .model import I64, U64, JobOutput, JobRecord, Text
-from .rules import AllocationSpec
-from .summary import spec_key
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -49,10 +47,10 @@ U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to 
 #: through id by id (or, for a filter, failing as a store error with too many SQL variables).
 MAX_IDS_PER_CALL: Final = 1000
 MAX_FILTER: Final = 1000
-#: An allocating worker's name and filter are stored as the key of its row among the workers
-#: seen, and PostgreSQL's index takes a key of 2,704 bytes at most: past this many bytes (the
-#: name's and the stored filter's together) the call is refused, not failed in the database.
-MAX_WORKER_KEY: Final = 2000
+#: An allocating worker's name is part of the key of its rows among the workers seen (with its
+#: filter's digest), and PostgreSQL's index takes a key of 2,704 bytes at most: a longer name is
+#: refused, not failed in the database. (A worker's name is its address, or a host name.)
+MAX_WORKER_NAME: Final = 1000
 _ALLOCATIONS: Final = ("Venus.WdPoStAllocateJobs", "Dext.AllocateJobs")
 
 
@@ -180,25 +178,22 @@ def parse_request(body: bytes) -> Call:
                 rid,
             ) from None
     if method in _ALLOCATIONS:
-        _check_worker_key(method, converted[0], converted[2], rid)
+        _check_worker_name(method, converted[2], rid)
     return Call(method, tuple(converted), rid)
 
 
-def worker_key_size(worker: str, spec: AllocationSpec) -> int:
-    """The bytes an allocating worker's name and filter take as its row's key (MAX_WORKER_KEY)."""
-    return len(worker.encode()) + len(spec_key(spec).encode())
+def worker_name_problem(worker: str) -> str | None:
+    """Why a worker's name cannot be stored among the workers seen, or None."""
+    size = len(worker.encode())
+    if size > MAX_WORKER_NAME:
+        return f"the worker name takes {size} bytes, over the {MAX_WORKER_NAME} a coordinator keeps"
+    return None
 
 
-def _check_worker_key(method: str, spec: AllocateSpec, worker: str, rid: Any) -> None:
-    wanted = AllocationSpec(tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ()))
-    size = worker_key_size(worker, wanted)
-    if size > MAX_WORKER_KEY:
+def _check_worker_name(method: str, worker: str, rid: Any) -> None:
+    if (problem := worker_name_problem(worker)) is not None:
         raise RpcError(
-            INVALID_PARAMS,
-            f"method '{method}': the worker name (param 2) and its filter (param 0) take {size}"
-            f" bytes as stored, over the {MAX_WORKER_KEY} a worker's row takes; use a shorter"
-            " name, or fewer AllowedMiners / AllowedProofTypes (empty means any)",
-            rid,
+            INVALID_PARAMS, f"method '{method}' (param: 2): {problem}; use a shorter name", rid
         )
 
 

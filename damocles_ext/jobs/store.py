@@ -224,7 +224,9 @@ class JobStore:
                 )
             if found == 0:
                 metadata.create_all(conn)
-            if 0 < found < 2:
+            if 0 < found < 4:
+                # The workers seen, keyed by the spec's digest (database.OLD_WORKERS is left to
+                # the coordinators of version 2 or 3 still running: dropped by hand after).
                 workers.create(conn)
             if 0 < found < 3:
                 conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))

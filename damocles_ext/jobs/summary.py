@@ -16,6 +16,7 @@ same workers.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -48,6 +49,11 @@ def spec_key(spec: AllocationSpec) -> str:
     return _spec_encoder.encode(
         WorkerSpec(sorted(set(spec.allowed_miners)), sorted(set(spec.allowed_proof_types)))
     ).decode()
+
+
+def spec_digest(key: str) -> str:
+    """The stored spec's key in the workers table: SHA-256 of `spec_key`, in hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def spec_of_key(key: str) -> AllocationSpec:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from .endpoint import Endpoint, parse_endpoint
-from .rpc import MAX_WORKER_KEY, worker_key_size
-from .rules import DEFAULT_JOB_LIFETIME, AllocationSpec
+from .rpc import worker_name_problem
+from .rules import DEFAULT_JOB_LIFETIME
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -78,14 +78,8 @@ class WorkerSettings:
             raise ValueError(f"{self.source}: shutdown_grace must be >= 0 seconds")
         if not self.children:
             raise ValueError(f"{self.source}: the worker has no WindowPoSt child to run jobs on")
-        filters = AllocationSpec(self.allowed_miners, self.allowed_proof_types)
-        size = worker_key_size(self.name or "", filters)
-        if size > MAX_WORKER_KEY:
-            raise ValueError(
-                f"{self.source}: the worker's name and its allowed miners and proof types take"
-                f" {size} bytes as a coordinator stores them, over the {MAX_WORKER_KEY} it takes;"
-                " use a shorter name or fewer filters (empty means any)"
-            )
+        if (problem := worker_name_problem(self.name or "")) is not None:
+            raise ValueError(f"{self.source}: {problem}; use a shorter --name")
         for name, path in self.attached.items():
             if not name or not path:
                 raise ValueError(

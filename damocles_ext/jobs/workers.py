@@ -30,10 +30,13 @@ TOUCH_EVERY = 10.0
 def _upsert(insert: Callable[[Any], Any]) -> Any:
     # Built once per dialect's insert (see statements.py): each call only binds its values.
     statement = insert(workers).values(
-        worker=sa.bindparam("w_worker"), spec=sa.bindparam("w_spec"), last_seen=sa.bindparam("w_at")
+        worker=sa.bindparam("w_worker"),
+        spec_digest=sa.bindparam("w_digest"),
+        spec=sa.bindparam("w_spec"),
+        last_seen=sa.bindparam("w_at"),
     )
     return statement.on_conflict_do_update(
-        index_elements=[workers.c.worker, workers.c.spec],
+        index_elements=[workers.c.worker, workers.c.spec_digest],
         set_={"last_seen": statement.excluded.last_seen},
     )
 
@@ -51,8 +54,10 @@ _TOUCH = (
 def record(conn: Connection, insert: Callable[[Any], Any], worker: str, spec: AllocationSpec,
            now: float) -> None:  # fmt: skip
     """The worker asked for jobs with this spec now (an upsert: one row per worker and spec)."""
+    key = summary.spec_key(spec)
     conn.execute(
-        _upsert(insert), {"w_worker": worker, "w_spec": summary.spec_key(spec), "w_at": now}
+        _upsert(insert),
+        {"w_worker": worker, "w_digest": summary.spec_digest(key), "w_spec": key, "w_at": now},
     )
 
 
