@@ -511,6 +511,23 @@ def test_gpus_all_says_why_no_gpu_was_found(
     ) in str(info.value)
 
 
+def test_key_and_table_names_in_any_case_are_read_as_damocles_reads_them() -> None:
+    # damocles-manager's TOML decoder (BurntSushi's) matches a key to its field whatever its
+    # case: a file it runs with must run here too.
+    lower = parse('[[wdpost]]\nbin = "/bin/cat"\nconcurrent = 2\nweight = 3\n'
+                  'ENVS = { A = "x" }\n[[WINPOST]]\nBIN = "/bin/cat"\n')  # fmt: skip
+    written = parse('[[WdPost]]\nBin = "/bin/cat"\nConcurrent = 2\nWeight = 3\n'
+                    'Envs = { A = "x" }\n[[WinPost]]\nBin = "/bin/cat"\n')  # fmt: skip
+    assert lower.children == written.children
+    # The same key twice, in two cases: which one damocles would keep is not said; an error.
+    assert errors_of('[[WdPost]]\nBin = "/bin/cat"\nbin = "/bin/sh"\n') == [
+        "WdPost[0]: 'Bin' written twice, as 'Bin' and 'bin' (key names do not depend on case, as"
+        " damocles reads them): keep one"
+    ]
+    [error] = errors_of('[[WdPost]]\nBin = "/bin/cat"\n[[wdpost]]\nBin = "/bin/cat"\n')
+    assert "'WdPost' written twice, as 'WdPost' and 'wdpost'" in error
+
+
 # ---------------------------------------------------------------------------------------------
 # The malformed corpus: one file each, with the message it must produce.
 

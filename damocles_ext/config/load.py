@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             )
     builder = _Builder(tmp_root=tmp_root.rstrip("/") or "/")
 
+    doc, folding = _fold_case(doc, STAGE_OF_TABLE, "the file")
+    errors.extend(folding)
     for key, value in doc.items():
         if key in STAGE_OF_TABLE:
             continue
@@ -230,6 +233,29 @@ def _check_split_tables(doc: dict[str, Any]) -> list[str]:
     return []
 
 
+def _fold_case(
+    raw: dict[str, Any], names: Iterable[str], where: str
+) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with each key that is one of `names` but for its case written as that name, as
+    damocles' TOML decoder (BurntSushi's) matches a key to a field: `bin` is `Bin`. A name
+    written twice (`Bin` and `bin`) is an error: damocles would keep one of them."""
+    canonical = {name.lower(): name for name in names}
+    folded: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    errors: list[str] = []
+    for key, value in raw.items():
+        name = key if key in canonical.values() else canonical.get(key.lower(), key)
+        if name in spelt:
+            errors.append(
+                f"{where}: '{name}' written twice, as '{spelt[name]}' and '{key}' (key names do not"
+                " depend on case, as damocles reads them): keep one"
+            )
+            continue
+        spelt[name] = key
+        folded[name] = value
+    return folded, errors
+
+
 class _Builder:
     def __init__(self, tmp_root: str) -> None:
         self.tmp_root = tmp_root
@@ -246,7 +272,7 @@ class _Builder:
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
         where = f"{table}[{block_index}]"
-        errors: list[str] = []
+        raw, errors = _fold_case(raw, _RULES, where)
         good: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in _RULES:
