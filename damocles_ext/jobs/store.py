@@ -224,14 +224,12 @@ class JobStore:
                 )
             if found == 0:
                 metadata.create_all(conn)
-            if 0 < found < 4:
-                # The workers seen, keyed by the spec's digest (database.OLD_WORKERS is left to
-                # the coordinators of version 2 or 3 still running: dropped by hand after).
-                workers.create(conn)
             if 0 < found < 3:
                 conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
                 for index in jobs.indexes:
                     index.create(conn, checkfirst=True)
+            if 0 < found < 4:  # database.OLD_WORKERS is left to version 3's still running
+                workers.create(conn)
             # Later versions add their steps here, each from `found` upwards; the new version
             # is recorded in the same transaction.
             if found < SCHEMA_VERSION:
