@@ -38,7 +38,7 @@ from .frontends.outbox import Outbox
 from .parked import Parked
 from .protocol import control as control_protocol
 from .protocol import dext
-from .tasks import Output, Task, request_problem
+from .tasks import Output, Task, request_problem, task_problem
 
 if TYPE_CHECKING:
     from .status import StatusDocument
@@ -101,7 +101,9 @@ class Client:
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
-        if (problem := request_problem(task, deadline, priority)) is not None:
+        if (problem := request_problem(task, deadline, priority)) is None:
+            problem = task_problem(task)
+        if problem is not None:
             # Sent, it would break the protocol: the supervisor would drop the connection.
             raise UsageError(f"request {request_id} {problem}")
         try:

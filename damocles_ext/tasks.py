@@ -274,6 +274,33 @@ def request_problem(task: object, deadline: object, priority: object) -> str | N
     return None
 
 
+_task_encoder = msgspec.msgpack.Encoder()
+_task_decoders: dict[type, msgspec.msgpack.Decoder[Task]] = {}
+
+
+def task_problem(task: Task) -> str | None:
+    """Why a caller's task cannot be sent (after "request N "): what in it, a Struct the caller
+    built, its child could not read (msgspec checks a
+    Struct's fields when it decodes one, not when it is built: a 31-byte seed, a negative miner
+    id or an unknown proof type killed every child it was sent to), or None. The check is the
+    child's: the task encoded and decoded as its type."""
+    kind = type(task)
+    decoder = _task_decoders.get(kind)
+    if decoder is None:
+        decoder = _task_decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        encoded = _task_encoder.encode(task)
+    except (msgspec.MsgspecError, TypeError, OverflowError, UnicodeEncodeError):
+        return None  # what cannot be encoded at all is said where the frame is made
+    try:
+        decoder.decode(encoded)
+    except msgspec.ValidationError as exc:
+        return (
+            f"({stage_of(task)}) refused: its task is not valid: {exc}; build it with valid fields"
+        )
+    return None
+
+
 def stage_of(obj: Task | Output) -> str:
     """The stage ('window_post', 'winning_post', or a split step) a task or output belongs to."""
     tag = type(obj).__struct_config__.tag

@@ -245,6 +245,11 @@ async def test_a_request_that_cannot_be_encoded_is_the_callers_error_and_the_con
         (make_task(2), {"priority": 1.5}, "its priority 1.5 is not a whole number"),
         (make_task(2), {"deadline": "soon"}, "its deadline 'soon' is a str, not a number"),
         ("task.json", {}, "refused: str is not a task"),
+        (
+            msgspec.structs.replace(make_task(2), seed=b"s" * 31),
+            {},
+            "(window_post) refused: its task is not valid: Expected `bytes` of length >= 32",
+        ),
     ],
 )
 async def test_a_request_the_caller_got_wrong_is_refused_before_it_is_sent(

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -334,6 +335,22 @@ async def test_a_deadline_that_is_not_a_time_is_refused_by_the_api_naming_the_re
             "a task",
             0,
             "refused: str is not a task; give a WindowPoSt or a WinningPoSt (damocles_ext.tasks)",
+        ),
+        # A field its child cannot read (Structs are checked when decoded, not when built):
+        # each killed every child it was sent to, and three such requests made the stage FATAL.
+        *(
+            (
+                msgspec.structs.replace(window_task(miner=1), **{field: value}),
+                0,
+                f"(window_post) refused: its task is not valid: {words}; build it with valid"
+                " fields",
+            )
+            for field, value, words in [
+                ("seed", b"s" * 31, "Expected `bytes` of length >= 32 - at `$.seed`"),
+                ("miner_id", -1, "Expected `int` >= 0 - at `$.miner_id`"),
+                ("proof_type", "Nope", "Invalid enum value 'Nope' - at `$.proof_type`"),
+                ("miner_id", "1000", "Expected `int`, got `str` - at `$.miner_id`"),
+            ]
         ),
     ],
 )

@@ -64,6 +64,7 @@ from ..tasks import (
     snark_task,
     split_window_post,
     stage_of,
+    task_problem,
 )
 from . import child_loop
 from .arguments import check_arguments, coerce_children
@@ -252,13 +253,16 @@ class Supervisor:
         for another child; the `dext_request_started` observers see the same dispatches.
 
         A deadline that is not a time (NaN, inf, beyond the year 9999), a priority that is not a
-        signed 64-bit whole number, or a task that is none, is a UsageError at once.
+        signed 64-bit whole number, or a task that is none or has a field its child could not
+        read (tasks.task_problem), is a UsageError at once.
 
         With the split WindowPoSt tables, a WindowPoSt runs as two requests: its vanilla step on a
         [[WdPostVanilla]] child, then its SNARK step on a [[WdPostSnark]] child, both with the
         same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
         vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
         """
+        if isinstance(task, Task) and (problem := task_problem(task)) is not None:
+            raise UsageError(f"request {next(self._rids)} {problem}")
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
             return await self._submit_one(task, *how)
@@ -313,7 +317,8 @@ class Supervisor:
     ) -> Started | None:
         """`submit` without a task per request, for front ends: `on_done(output, error)` is
         called once, maybe before this returns, from within the supervisor (it must neither
-        block nor call the supervisor), with what `submit` would return or raise. `Started.
+        block nor call the supervisor), with what `submit` would return or raise; the task
+        comes from a front end's typed decoder, which checked its fields. `Started.
         cancel()` abandons the request as a cancelled `submit` does; `submit`'s refusals are
         raised here. None (nothing started) for a split WindowPoSt: `submit` it instead."""
         if self._split_window_post and isinstance(task, WindowPoSt):
