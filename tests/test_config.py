@@ -521,8 +521,10 @@ def test_key_and_table_names_in_any_case_are_read_as_damocles_reads_them() -> No
     assert lower.children == written.children
     # The same key twice, in two cases: which one damocles would keep is not said; an error.
     assert errors_of('[[WdPost]]\nBin = "/bin/cat"\nbin = "/bin/sh"\n') == [
-        "WdPost[0]: 'Bin' written twice, as 'Bin' and 'bin' (key names do not depend on case, as"
-        " damocles reads them): keep one"
+        (
+            "WdPost[0]: 'Bin' written twice, as 'Bin' and 'bin' (key names do not depend on case, as"
+            " damocles reads them): keep one"
+        )
     ]
     [error] = errors_of('[[WdPost]]\nBin = "/bin/cat"\n[[wdpost]]\nBin = "/bin/cat"\n')
     assert "'WdPost' written twice, as 'WdPost' and 'wdpost'" in error

@@ -342,8 +342,10 @@ async def test_a_deadline_that_is_not_a_time_is_refused_by_the_api_naming_the_re
             (
                 msgspec.structs.replace(window_task(miner=1), **{field: value}),
                 0,
-                f"(window_post) refused: its task is not valid: {words}; build it with valid"
-                " fields",
+                (
+                    f"(window_post) refused: its task is not valid: {words}; build it with valid"
+                    " fields"
+                ),
             )
             for field, value, words in [
                 ("seed", b"s" * 31, "Expected `bytes` of length >= 32 - at `$.seed`"),
