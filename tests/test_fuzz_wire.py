@@ -22,7 +22,7 @@ from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from damocles_ext.child import _Bad, _Cancel, _DextCodec, _JsonlCodec, _Request, _Shutdown
+from damocles_ext.child_codecs import _Bad, _Cancel, _DextCodec, _JsonlCodec, _Request, _Shutdown
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import control, dext, jsonl
 from damocles_ext.supervisor import Supervisor
