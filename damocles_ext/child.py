@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -53,131 +54,7 @@ PROGRESS_MIN_INTERVAL = 0.1
 #: After stdin EOF (the parent is gone) provers get this long to notice their cancel token.
 EOF_GRACE = 1.0
 READ_SIZE = 1 << 16
-#: Requests beyond its capacity the runtime offers to take (the Hello's queue): they wait in
-#: order, answered "cancelled" at once if the parent takes one back. Deeper is cheaper for the
-#: supervisor with trivial requests (it reads and writes more at a time: 0.89x its CPU per
-#: request with 2 against 1, 0.83x with 4; one write per 17 requests with 16 instead of one per
-#: 5 with 4, 0.8x the CPU of 4), and the supervisor sends them only while quick (each answered
-#: within 10 ms of its turn), so what waits here is at most 16 such requests. 16 is also the
-#: most the supervisor sends beyond Concurrent, whatever a child offers.
-QUEUE = 16
 _MAIN = threading.main_thread()
-
-
-# ---------------------------------------------------------------------------------------------
-# Codecs: the two wire protocols behind one small interface
-
-
-# What the main loop acts on: a request, a cancel, a shutdown, or a bad input. The codecs hand
-# requests, cancels and shutdowns over as the protocol's own decoded messages (no wrapper per
-# request): a request is anything with `id` and `task`.
-
-_Request = dext.Request | jsonl.JsonRequest
-_Cancel = dext.Cancel
-_Shutdown = dext.Shutdown
-
-
-@dataclass(frozen=True, slots=True)
-class _Bad:
-    """Input that is not a request; `id` when the request it was meant to be can be answered."""
-
-    id: int | None
-    message: str
-
-
-_In = _Request | _Cancel | _Shutdown | _Bad
-#: The dext messages a parent sends; any other (Hello, Response, Progress) is a bad input.
-_FROM_PARENT = (dext.Request, dext.Cancel, dext.Shutdown)
-
-
-class _DextCodec:
-    name = "dext"
-    heartbeats = True
-    request_type: type = dext.Request
-
-    def __init__(self) -> None:
-        self._decoder = dext.FrameDecoder()
-        self.fatal_errors: tuple[type[Exception], ...] = (dext.ProtocolError,)
-
-    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
-        return dext.encode(
-            dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity, QUEUE)
-        )
-
-    def feed(self, data: bytes) -> list[_In]:
-        """Raises dext.ProtocolError: a framing error is fatal for the connection."""
-        items: list = self._decoder.receive_data(data)
-        for i, msg in enumerate(items):
-            if msg.__class__ not in _FROM_PARENT:
-                # A Hello/Response/Progress from the parent: logged, never answered (its id is
-                # not one of our requests).
-                items[i] = _Bad(None, f"unexpected {type(msg).__name__} frame")
-        return items
-
-    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
-        frame = dext.encode(dext.Response(id, output, error))
-        return _bounded(frame, dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE, "a dext frame")
-
-    def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
-        return dext.encode(dext.Progress(id, phase, done, total))
-
-
-class _JsonlCodec:
-    name = "jsonl"
-    heartbeats = False  # damocles' protocol has no progress message
-    request_type: type = jsonl.JsonRequest
-
-    def __init__(self, stage: str) -> None:
-        self._stage = stage
-        self._reader = jsonl.LineReader()
-        # A bad line is reported and skipped (see feed), never fatal for the connection.
-        self.fatal_errors: tuple[type[Exception], ...] = ()
-
-    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
-        return jsonl.ready_line(stage)
-
-    def feed(self, data: bytes) -> list[_In]:
-        out: list[_In] = []
-        for line in self._reader.receive_data(data):
-            if isinstance(line, jsonl.LineTooLong):
-                message = f"skipped a line of {line.length} bytes (limit {line.limit})"
-                # With its leading id the request is answered with the error, not left unanswered.
-                out.append(_Bad(jsonl.leading_id(line.head), message))
-                continue
-            if not line.strip():
-                continue
-            try:
-                req = jsonl.decode_request(line, self._stage)
-            except jsonl.JsonLineError as exc:
-                out.append(_Bad(exc.id, str(exc)))
-                continue
-            out.append(req)
-        return out
-
-    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
-        if output is None and error is None:
-            error = "prover returned no output"
-        line = jsonl.encode_response(id, output if error is None else None, error)
-        return _bounded(line, jsonl.DEFAULT_MAX_LINE, "a JSON line")
-
-    def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# The runtime
-
-
-def _bounded(data: bytes, limit: int, what: str) -> bytes:
-    """`data`, unless it is longer than the supervisor reads in one message: it would take this
-    child for broken, kill it, and retry the request on another, which fails the same way."""
-    if len(data) > limit:
-        raise ValueError(
-            f"the answer is {len(data) / 2**20:.1f} MiB as {what}, over the"
-            f" {limit / 2**20:.0f} MiB the supervisor reads in one; prove fewer partitions or"
-            " sectors per request"
-        )
-    return data
 
 
 #: An error text longer than this is cut (a prover's exception may carry a whole file).
@@ -198,13 +75,39 @@ class _Job:
 
     def report(self, phase: str, done: int, total: int) -> None:
         """The progress callback the prover gets (a bound method: cheaper than a closure per
-        request)."""
+        request). A sloppy call must not fail a proof, nor stop the heartbeat that re-sends it:
+        a phase a frame cannot carry is made one it can, counts it cannot are left out."""
+        if type(phase) is not str or not phase.isascii():
+            phase = _utf8(_text_of(phase))
         try:
-            self.progress = (str(phase), int(done), int(total))
+            counts = (int(done), int(total))
         except (TypeError, ValueError, OverflowError):
-            # A sloppy progress call must not fail a proof; report the phase only.
-            self.progress = (str(phase), 0, 0)
+            counts = (0, 0)
+        if not (_I64_MIN <= counts[0] <= _I64_MAX and _I64_MIN <= counts[1] <= _I64_MAX):
+            counts = (0, 0)
+        self.progress = (phase, *counts)
         self.runtime._send_progress(self, force=False)
+
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _text_of(value: object) -> str:
+    """str(value), or what it is when its __str__ fails."""
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a prover's object; its type is all there is to say
+        return f"<{type(value).__name__} whose text could not be read>"
+
+
+def _utf8(text: str) -> str:
+    """`text` as a frame can carry it: lone surrogates (a file name os.fsdecode could not
+    decode, say) written as escapes, e.g. \\udcff."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 class ChildRuntime:
@@ -307,8 +210,11 @@ class ChildRuntime:
         return True
 
     def _respond(self, job: _Job, output: Output | None = None, error: str | None = None) -> None:
-        if error is not None and len(error) > MAX_ERROR_CHARS:
-            error = f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} characters cut)"
+        if error is not None:
+            error = _utf8(error)
+            if len(error) > MAX_ERROR_CHARS:
+                cut = len(error) - MAX_ERROR_CHARS
+                error = f"{error[:MAX_ERROR_CHARS]}... ({cut} characters cut)"
         data = self.codec.response(job.id, output, error)
         # Once per request, so acquire/try/finally/release: a `with` costs 2.5 times as much on
         # CPython 3.11 (it looks up __enter__ and __exit__, and calls __exit__ with 3 arguments).
@@ -349,7 +255,11 @@ class ChildRuntime:
                     return
                 job.sent_at = now
                 job.sent_phase = phase
-            data = self.codec.progress(job.id, phase, done, total)
+            try:
+                data = self.codec.progress(job.id, phase, done, total)
+            except Exception:  # a bug of ours: the heartbeat thread must live on
+                log.exception("request %d: cannot encode its progress; not sent", job.id)
+                return
             if data is not None:
                 self._write(data)
 
@@ -394,7 +304,9 @@ class ChildRuntime:
             output = self.prover.prove(job.task, job.report, token)
         except Cancelled as exc:
             log.info("request %d cancelled after %.3f s", job.id, time.monotonic() - started)
-            self._respond(job, error="cancelled" if token.cancelled else f"Cancelled: {exc}")
+            self._respond(
+                job, error="cancelled" if token.cancelled else f"Cancelled: {_text_of(exc)}"
+            )
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
             if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is _MAIN:
@@ -403,10 +315,10 @@ class ChildRuntime:
                 "request %d failed: %s: %s",
                 job.id,
                 type(exc).__name__,
-                exc,
+                _text_of(exc),
                 exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG),
             )
-            self._respond(job, error=f"{type(exc).__name__}: {exc}")
+            self._respond(job, error=f"{type(exc).__name__}: {_text_of(exc)}")
             return
         expected = self._output_type
         if not isinstance(output, expected):

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from damocles_ext.child import QUEUE
+from damocles_ext.child_codecs import QUEUE
 from damocles_ext.options import coerce_value, format_option, parse_option, parse_options
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.tasks import WindowPoSt
@@ -388,6 +388,66 @@ def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path)
         for noise in ("import", "print", "sys.stdout", "fd 1"):
             assert f"noise from {noise}" in child.stderr
         assert b"noise" not in child.raw
+
+
+GARBLED_PLUGIN = textwrap.dedent(
+    """
+    import os
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    class Unreadable(Exception):
+        def __str__(self):
+            raise ValueError("no text")
+
+    class Garbled:
+        name = "garbled"
+        stages = ("window_post",)
+
+        def prove(self, task, progress, cancel):
+            if task.miner_id == 1:  # a file name os.fsdecode could not decode
+                raise RuntimeError("cannot open " + os.fsdecode(b"/store/s-t01000-\\xff"))
+            if task.miner_id == 2:
+                raise Unreadable()
+            progress("reading " + os.fsdecode(b"\\xff"), 0, 1)
+            progress("proving", 2**70, -1)
+            cancel.wait(3.3)  # a heartbeat (2 s, looked at every 1 s) re-sends the last progress
+            return echo_output(task)
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("garbled", ("window_post",), lambda options: Garbled())]
+    """
+)
+
+
+@pytest.mark.parametrize("capacity", [1, 2], ids=["inline", "threaded"])
+def test_error_and_progress_texts_no_frame_can_carry_fail_nothing_but_their_request(
+    tmp_path, capacity
+):
+    # A prover's message with a lone surrogate (a non-UTF-8 file name) could not be encoded:
+    # the child exited (capacity 1) or its worker thread died and the request was never
+    # answered (capacity 2); a progress report like it failed its proof, or killed the
+    # heartbeat thread, and the supervisor then took the busy child for hung.
+    root = make_plugin_dist(
+        tmp_path, dist="garbled", module="garbled_plugin", source=GARBLED_PLUGIN
+    )
+    extra = ["--capacity", str(capacity)]
+    with Child("window_post", "garbled", pythonpath=[root], extra=extra) as child:
+        child.next_of(dext.Hello)
+        answers = {}
+        for miner in (1, 2, 3):
+            child.send_msg(dext.Request(miner, window_task(miner=miner)))
+            answers[miner], skipped = child.next_of(dext.Response)
+        assert answers[1].error == "RuntimeError: cannot open /store/s-t01000-\\udcff"
+        assert answers[2].error == "Unreadable: <Unreadable whose text could not be read>"
+        assert answers[3].output == echo_output(window_task(miner=3))
+        progress = [(m.phase, m.done, m.total) for m in skipped if isinstance(m, dext.Progress)]
+        assert ("reading \\udcff", 0, 1) in progress
+        # The heartbeat re-sent the last one, its counts left out.
+        assert progress[-2:] == [("proving", 0, 0)] * 2, progress
+        child.close_stdin()
+        assert child.wait() == 0
 
 
 def test_child_reads_options_as_the_supervisor_formats_them():
