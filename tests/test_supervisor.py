@@ -37,9 +37,9 @@ from helpers.supervisor import (
     winning_task,
 )
 
-from damocles_ext import child as child_runtime
 from damocles_ext import config
 from damocles_ext.api import open_supervisor
+from damocles_ext.child_codecs import QUEUE
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
@@ -101,13 +101,13 @@ async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_chil
                 out = await sup.submit(task, on_dispatch=dispatched)
                 assert out == echo_output(task) or out.faults[0] == miner
 
-        callers = 2 * (1 + child_runtime.QUEUE)  # enough to fill both children, and more
+        callers = 2 * (1 + QUEUE)  # enough to fill both children, and more
         async with trio.open_nursery() as nursery:
             for k in range(callers):
                 nursery.start_soon(caller, 1 + 20 * k)
         stats = {c.name: c for c in sup.statistics().children}
         assert stats["window_post#0"].done + stats["window_post#1"].done == 20 * callers
-    assert most == {"window_post#0": 1 + child_runtime.QUEUE, "window_post#1": 1}
+    assert most == {"window_post#0": 1 + QUEUE, "window_post#1": 1}
 
 
 async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path, monkeypatch):
@@ -367,6 +367,37 @@ async def test_a_request_the_caller_got_wrong_is_refused_and_the_stage_goes_on(
         assert sup.statistics().requests == 0
         assert await sup.submit(window_task(miner=2)) == echo_output(window_task(miner=2))
         assert child_stats(sup, "window_post#0").restarts == 0
+
+
+async def test_requests_of_one_deadline_go_by_priority_through_the_api():
+    # Each deadline (unix seconds) was put on the supervisor's clock with the two clocks read
+    # afresh: requests of one deadline were microseconds apart in a random direction, and
+    # their priorities were never looked at (a damocles deadline is shared by its partitions).
+    async with open_supervisor([spec(builtin_child())]) as sup:
+        await sup.wait_ready()
+        done: list[int] = []
+        all_done = trio.Event()
+        deadline = time.time() + 600
+
+        def on_done(miner: int) -> Callable[[object, object], None]:
+            def record(output: object, error: object) -> None:
+                assert error is None, error
+                done.append(miner)
+                if len(done) == 11:
+                    all_done.set()
+
+            return record
+
+        # The first goes to the child at once; the rest wait in its queue, started together.
+        for miner, priority in [(100, 0), *((p, p) for p in (3, 0, 7, 1, 9, 5, 2, 8, 4, 6))]:
+            sup.start_nowait(
+                window_task(miner=miner),
+                deadline=deadline,
+                priority=priority,
+                on_done=on_done(miner),
+            )
+        await all_done.wait()
+    assert done == [100, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
 
 
 @pytest.mark.parametrize(

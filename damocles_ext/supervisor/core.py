@@ -28,7 +28,6 @@ import itertools
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +73,7 @@ from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
 from .reaper import Reaper
-from .request import Batch, Started, Waiter
+from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 
@@ -149,6 +148,7 @@ class Supervisor:
         # trio.current_time, or the run's clock read directly once run() began (two calls
         # fewer each time the hot path asks).
         self._now: Callable[[], float] = trio.current_time
+        self._wall = WallClock()
         self._shutting_down = False
         self._shutdown_requested = trio.Event()
         self._grace_left: float | None = None  # request_shutdown's, when given
@@ -355,7 +355,7 @@ class Supervisor:
                 f"request {rid} ({stage_of(task)}) refused: the supervisor is shutting down"
             )
         now = self._now()
-        deadline_t = None if deadline is None else now + (deadline - time.time())
+        deadline_t = None if deadline is None else self._wall.on_clock(deadline, now)
         out: list[Effect] = []
         try:
             tracked, _ = self._book.submit(

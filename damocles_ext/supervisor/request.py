@@ -8,6 +8,8 @@ waits on, the answer, and the progress and dispatch callbacks.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +24,29 @@ if TYPE_CHECKING:
     from .core import Supervisor
 
 log = logging.getLogger("damocles_ext.supervisor")
+
+#: Seconds the wall clock must move against the supervisor's before a deadline is converted with
+#: the new difference (a step of the clock; reading the two clocks one after the other differs
+#: by microseconds).
+WALL_CLOCK_STEP = 0.01
+
+
+class WallClock:
+    """A caller's deadline (unix seconds) on the supervisor's clock, which orders the requests.
+    The difference of the two clocks, read afresh, moves by microseconds from one request to the
+    next: two requests of one deadline were ordered by that noise, never by their priority. It
+    is kept until the wall clock steps."""
+
+    __slots__ = ("_offset",)
+
+    def __init__(self) -> None:
+        self._offset = math.inf
+
+    def on_clock(self, deadline: float, now: float) -> float:
+        offset = time.time() - now
+        if abs(offset - self._offset) > WALL_CLOCK_STEP:
+            self._offset = offset
+        return deadline - self._offset
 
 
 @dataclass(eq=False, slots=True)
