@@ -301,6 +301,16 @@ def task_problem(task: Task) -> str | None:
     return None
 
 
+def output_problem(output: Output) -> str | None:
+    """How `output` cannot be the answer of a task of its stage, or None: a proof with nothing
+    in it, neither proofs nor faults (every task has a sector or a vanilla proof). The native
+    prover's ABI says the same of a library's result; this holds every child to it."""
+    if getattr(output, "faults", None):
+        return None
+    proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
+    return None if proofs else "neither proofs nor faults"
+
+
 def stage_of(obj: Task | Output) -> str:
     """The stage ('window_post', 'winning_post', or a split step) a task or output belongs to."""
     tag = type(obj).__struct_config__.tag

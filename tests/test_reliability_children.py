@@ -22,6 +22,7 @@ from helpers.supervisor import (
     spec,
     wait_until,
     window_task,
+    winning_task,
 )
 
 from damocles_ext.errors import ProverError
@@ -202,6 +203,32 @@ async def test_an_output_of_the_wrong_stage_is_an_error_for_that_request_only():
         with pytest.raises(ProverError, match="answered with a winning_post output"):
             await sup.submit(window_task(miner=1))
         assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+        assert child_stats(sup).restarts == 0
+
+
+async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_request_only():
+    # It was passed on as a success (damocles-manager got no proof and no fault); the native
+    # prover's ABI already refused it of a library.
+    handle = """
+    from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
+    if msg.task.miner_id == 1:
+        send(dext.Response(msg.id, output=WindowPoStOutput([], [])))
+    elif msg.task.miner_id == 2:
+        send(dext.Response(msg.id, output=WinningPoStOutput([])))
+    else:
+        answer(msg)
+    """
+    children = [
+        spec(dext_child(handle)),
+        spec(dext_child(handle, stage="winning_post"), stage="winning_post"),
+    ]
+    async with open_supervisor_fast(children) as sup:
+        await sup.wait_ready(count=2)
+        with pytest.raises(ProverError, match=r"\(pid \d+\) answered with neither proofs nor"):
+            await sup.submit(window_task(miner=1))
+        with pytest.raises(ProverError, match="answered with neither proofs nor faults"):
+            await sup.submit(winning_task(miner=2))
+        assert (await sup.submit(window_task(miner=3))).faults[0] == 3
         assert child_stats(sup).restarts == 0
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..scheduling.policy import ChildSlots
-from ..tasks import Output, Task, stage_of
+from ..tasks import Output, Task, output_problem, stage_of
 from .effects import Effect, Note, ReportProgress
 from .records import (
     DEXT,
@@ -274,6 +274,10 @@ class RequestBook(BookRules):
                 c.failed += 1
                 got = "no output" if output is None else f"a {stage_of(output)} output"
                 why = f"request {req.rid} ({req.stage}): {process.who} answered with {got}"
+                self._resolve(req, out, now, error=why)
+            elif (wrong := output_problem(output)) is not None:
+                c.failed += 1
+                why = f"request {req.rid} ({req.stage}): {process.who} answered with {wrong}"
                 self._resolve(req, out, now, error=why)
             else:
                 c.done += 1
