@@ -516,6 +516,22 @@ async def test_slow_ready_is_a_failed_start_and_the_child_is_killed():
         stats = child_stats(sup, "window_post#0")
         assert stats.state == "stopped"
         assert "it wrote nothing" in stats.last_exit and "SIGKILL" in stats.last_exit
+        assert "the ReadyTimeoutSecs of its table; raise it" in stats.last_exit
+
+
+async def test_a_plugin_child_slow_to_be_ready_names_what_may_delay_it():
+    # A plugin installed here that imports CUDA at module level, or a prover slow to build,
+    # delays every Plugin child: the failed start said only "no ready message within 5s".
+    text = (
+        '[[WdPost]]\nPlugin = "sleep"\nPluginOptions = { load_delay = 60 }\n'
+        "ReadyTimeoutSecs = 1\nAutoRestart = false\n"
+    )
+    async with open_supervisor(config.parse_config(text, "slow.cfg")) as sup:
+        with pytest.raises(ProverError, match=r"no ready message within 1s"):
+            await sup.wait_ready()
+        last = child_stats(sup, "window_post#0").last_exit
+        assert "a prover plugin installed here that is slow to import" in last
+        assert "ReadyTimeoutSecs" in last
 
 
 async def test_wrong_ready_line_is_a_failed_start_naming_what_came():

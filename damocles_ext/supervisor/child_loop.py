@@ -421,8 +421,18 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         if p.down_reason is None and child.stop.is_set():  # not a failure: we stop it
             mark_down(host, child, p, "stopped before it was ready")
         elif p.down_reason is None:
+            slow = (
+                "; a prover plugin installed here that is slow to import (a module-level CUDA"
+                " or torch import) or to build its prover delays every Plugin child"
+                if child.spec.kind == "plugin"
+                else ""
+            )
             mark_down(
-                host, child, p, f"failed start: no ready message within {timeout:g}s ({wrote})"
+                host,
+                child,
+                p,
+                f"failed start: no ready message within {timeout:g}s ({wrote}): the"
+                f" ReadyTimeoutSecs of its table{slow}; raise it if the child needs longer",
             )
         elif p.down_reason.startswith("exited"):
             p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
