@@ -203,9 +203,36 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         )
     if errors:
         raise ConfigError(source, errors)
-    return Config(
-        source=source, children=builder.children, warnings=builder.warnings, tmp_root=tmp_root
-    )
+    warnings = builder.warnings + _winning_waits_for_window(builder.children)
+    return Config(source=source, children=builder.children, warnings=warnings, tmp_root=tmp_root)
+
+
+def _winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
+    """A WinningPoSt child holding a GPU's lock that WindowPoSt children hold too waits for their
+    requests on that GPU (long ones: minutes), past its ~20 s budget: said once per table."""
+    window = {
+        lock: child.name
+        for child in children
+        if child.stage in ("window_post", "window_post_snark")
+        for lock in child.locks
+        if lock.startswith("gpu:")
+    }
+    said: set[int] = set()
+    out = []
+    for child in children:
+        if child.stage != "winning_post" or child.block in said:
+            continue
+        shared = [lock for lock in child.locks if lock in window]
+        if shared:
+            said.add(child.block)
+            out.append(
+                f"WinPost[{child.block}]: {child.name} shares the lock {shared[0]} with"
+                f" {window[shared[0]]}, so a WinningPoSt waits for the WindowPoSt requests on"
+                " that GPU, past its ~20 s budget when they are long; set GpuLock = false in"
+                " this table if the GPU's memory holds both proofs, or give WinningPoSt a GPU"
+                " of its own"
+            )
+    return out
 
 
 def _check_split_tables(doc: dict[str, Any]) -> list[str]:
