@@ -394,10 +394,12 @@ def test_a_winning_post_table_sharing_a_gpu_lock_with_window_post_is_warned_abou
     # budget, and check-config said nothing; the advice (GpuLock = false) was only in the docs.
     text = '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n[[WinPost]]\nBin = "sh"\nGpus = [1, 2]\n'
     assert parse(text).warnings == [
-        "WinPost[0]: winning_post#0 shares the lock gpu:1 with window_post#1, so a WinningPoSt"
-        " waits for the WindowPoSt requests on that GPU, past its ~20 s budget when they are"
-        " long; set GpuLock = false in this table if the GPU's memory holds both proofs, or give"
-        " WinningPoSt a GPU of its own"
+        (
+            "WinPost[0]: winning_post#0 shares the lock gpu:1 with window_post#1, so a WinningPoSt"
+            " waits for the WindowPoSt requests on that GPU, past its ~20 s budget when they are"
+            " long; set GpuLock = false in this table if the GPU's memory holds both proofs, or give"
+            " WinningPoSt a GPU of its own"
+        )
     ]
     assert parse(text + "GpuLock = false\n").warnings == []
     assert parse(text.replace("[1, 2]", "[2, 3]")).warnings == []
