@@ -619,6 +619,39 @@ async def test_a_second_sighup_does_not_stop_at_once_as_a_second_sigterm_does(re
     assert calls == (["graceful", "at once"] if at_once else ["graceful"])
 
 
+async def test_a_second_sigterm_answers_the_requests_in_flight_saying_why(tmp_path, sock_dir):
+    # They got "the supervisor closed the connection" (through serve --connect, a guess at a
+    # restart): run cancelled everything at once, answers unsent.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=60))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock_dir / "control.sock")
+        with trio.fail_after(30):
+            async with connect(sock_dir / "control.sock") as client:
+                errors: list[str] = []
+                proving = [trio.Event(), trio.Event()]
+
+                async def one(k: int) -> None:
+                    def seen(progress: object) -> None:
+                        proving[k].set()
+
+                    with pytest.raises(ProverError) as info:
+                        await client.submit(make_task(k), on_progress=seen)
+                    errors.append(str(info.value))
+
+                async with trio.open_nursery() as calls:
+                    for k in (0, 1):
+                        calls.start_soon(one, k)
+                    for event in proving:
+                        await event.wait()
+                    run.send_signal(signal.SIGTERM)
+                    await log.wait_for("shutting down gracefully")
+                    run.send_signal(signal.SIGTERM)
+            await run.wait()
+    assert len(errors) == 2
+    for error in errors:
+        assert "damocles-ext run stopped at once (second signal)" in error, error
+
+
 async def test_under_nohup_sighup_does_not_stop_run(tmp_path, sock_dir):
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     async with trio.open_nursery() as nursery:

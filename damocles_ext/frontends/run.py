@@ -76,6 +76,13 @@ def _discard(sock: socket.socket) -> None:
         os.unlink(path)
 
 
+#: What a request still open is told when run stops at once.
+STOPPED_AT_ONCE = (
+    "damocles-ext run stopped at once (second signal); the request was not proved: send it"
+    " again once damocles-ext runs again"
+)
+
+
 async def _run(
     supervisor: Supervisor,
     sock: socket.socket,
@@ -103,8 +110,20 @@ async def _run(
             # The socket stays while the supervisor drains: `status` shows it shutting down,
             # a new request is refused saying so, and no second `run` takes the socket (and
             # the GPUs) while this one's proofs still run. It goes once the supervisor stopped.
+            def at_once() -> None:
+                supervisor.stop_at_once(STOPPED_AT_ONCE)  # every open request answered now
+                # The answers need a moment to reach their clients, a stuck client does not;
+                # the children are killed as the supervisor's run is cancelled.
+                scope = nursery.cancel_scope
+                scope.deadline = min(scope.deadline, trio.current_time() + 1.0)
+
             nursery.start_soon(
-                watch_signals, signals, nursery.cancel_scope, supervisor.request_shutdown, log
+                watch_signals,
+                signals,
+                nursery.cancel_scope,
+                supervisor.request_shutdown,
+                log,
+                at_once,
             )
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
