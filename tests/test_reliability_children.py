@@ -8,11 +8,14 @@ built-in child runtime. Waits are on events or bounded polling of process state,
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import deque
 
 import psutil
 import pytest
 import trio
+import trio.testing
 from helpers.supervisor import (
     alive,
     builtin_child,
@@ -26,7 +29,7 @@ from helpers.supervisor import (
 )
 
 from damocles_ext.errors import ProverError
-from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor import Supervisor, process
 from damocles_ext.supervisor.restart import BackoffPolicy
 
 FAST = BackoffPolicy(base=0.02, cap=0.08)
@@ -281,10 +284,14 @@ async def test_a_1_gib_frame_length_kills_the_child_without_the_supervisor_buffe
     assert rss_after - rss_before < 32 * 2**20
 
 
-async def test_a_stderr_flood_is_relogged_in_pieces_while_requests_keep_being_answered():
+async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_are_answered(
+    tmp_path,
+):
     # 4 MiB lines of 100 bytes and one 8 MiB line without a newline, from a thread, while the
-    # main thread answers requests.
-    setup = """
+    # main thread answers requests. All of it was logged: 1 GB of log in 5 s from a child
+    # writing without end.
+    marker = tmp_path / "flood-done"
+    setup = f"""
     import threading
     def flood():
         line = b"x" * 99 + b"\\n"
@@ -292,6 +299,7 @@ async def test_a_stderr_flood_is_relogged_in_pieces_while_requests_keep_being_an
             os.write(2, line * 1000)
         os.write(2, b"y" * (8 << 20))
         os.write(2, b"\\nflood done\\n")
+        open({str(marker)!r}, "w").close()
     threading.Thread(target=flood, daemon=True).start()
     """
     me = psutil.Process()
@@ -303,36 +311,71 @@ async def test_a_stderr_flood_is_relogged_in_pieces_while_requests_keep_being_an
     child_logger.addHandler(seen)
     child_logger.setLevel(logging.INFO)
     child_logger.propagate = False
+    started = time.monotonic()
     try:
         async with open_supervisor_fast([spec(dext_child(setup=setup))]) as sup:
             await sup.wait_ready()
             for i in range(50):
                 assert (await sup.submit(window_task(miner=i))).faults[0] == i
-            await wait_until(lambda: seen.done, 20, "the end of the flood")
+            await wait_until(marker.exists, 20, "the end of the flood")
             rss_after = me.memory_info().rss
+        elapsed = time.monotonic() - started
     finally:
         child_logger.removeHandler(seen)
         child_logger.setLevel(saved[0])
         child_logger.propagate = saved[1]
-    assert seen.x_lines == 40_000
+    # A burst is logged whole, then at most the rate; what is dropped is said, with its count.
+    cap = process.STDERR_BURST + process.STDERR_LINES_PER_SECOND * elapsed + 1
+    assert seen.x_lines + seen.y_pieces <= cap
+    assert seen.x_lines >= min(40_000, process.STDERR_BURST) and seen.dropped > 30_000
     # The newline-less line arrives as pieces of at most 8 KiB, never buffered whole.
-    assert seen.y_chars == 8 << 20 and seen.longest < 8192 + 100
+    assert seen.longest < 8192 + 100
     print(f"supervisor RSS grew {(rss_after - rss_before) / 2**20:.1f} MiB")
     assert rss_after - rss_before < 32 * 2**20
+
+
+async def test_the_stderr_cap_keeps_a_burst_then_the_rate_and_counts_what_it_drops(autojump_clock):
+    lines = b"".join(b"line %d\n" % i for i in range(process.STDERR_BURST + 500))
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    seen = _Count()
+    logger = logging.getLogger("test.stderr.cap")
+    logger.addHandler(seen)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    tail: deque[str] = deque(maxlen=2)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(process.relay_stderr, receive, "child:", logger, None, tail)
+            await send.send_all(lines)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen.logged == process.STDERR_BURST  # the clock stood still: no refill
+            await trio.sleep(1.0)  # the (mock) clock: a second's worth of lines again
+            await send.send_all(b"".join(b"later %d\n" % i for i in range(1000)))
+            await send.aclose()
+    finally:
+        logger.removeHandler(seen)
+    assert seen.logged == process.STDERR_BURST + process.STDERR_LINES_PER_SECOND
+    assert seen.dropped == 500 + 1000 - process.STDERR_LINES_PER_SECOND
+    assert list(tail) == ["later 998", "later 999"]  # a failed start still says why
 
 
 class _Count(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.x_lines = self.y_chars = self.longest = 0
-        self.done = False
+        self.x_lines = self.y_pieces = self.longest = self.logged = self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
+        if (found := _DROPPED.search(text)) is not None:
+            self.dropped += int(found[1])
+            return
+        self.logged += 1
         self.x_lines += text.endswith("x" * 99)
-        self.y_chars += text.count("y")
+        self.y_pieces += text.endswith("y")
         self.longest = max(self.longest, len(text))
-        self.done = self.done or text.endswith("flood done")
+
+
+_DROPPED = re.compile(r" (\d+) stderr lines dropped: it wrote over")
 
 
 # -- stubborn children at shutdown ------------------------------------------------------------

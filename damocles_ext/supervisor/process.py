@@ -446,6 +446,11 @@ def _os_reason(exc: OSError) -> str:
     return f"{exc.strerror or exc}{f' (errno {code})' if code else ''}"
 
 
+#: A child's stderr lines logged at most this many a second, past a burst of STDERR_BURST.
+STDERR_LINES_PER_SECOND = 200
+STDERR_BURST = 2000
+
+
 async def relay_stderr(
     stream: trio.abc.ReceiveStream,
     prefix: str,
@@ -459,11 +464,37 @@ async def relay_stderr(
     given, keeps the last non-blank lines (its maxlen), so a failed start can say why.
     """
     limit = 8192  # a longer line is logged in pieces rather than buffered without bound
+    # A token bucket of lines: a burst (a traceback, a prover's start-up chatter) is logged
+    # whole; a child writing without end fills no disk (a flood logged 1 GB in 5 s).
+    tokens, refilled, dropped = float(STDERR_BURST), trio.current_time(), 0
 
     def emit(text: str) -> None:
-        logger.info("%s %s", prefix, text, extra=fields)
+        nonlocal tokens, refilled, dropped
         if tail is not None and text.strip():
             tail.append(text)
+        if tokens < 1:
+            now = trio.current_time()
+            tokens = min(STDERR_BURST, tokens + (now - refilled) * STDERR_LINES_PER_SECOND)
+            refilled = now
+            if tokens < 1:
+                dropped += 1
+                return
+        if dropped:
+            said_dropped()
+        tokens -= 1
+        logger.info("%s %s", prefix, text, extra=fields)
+
+    def said_dropped() -> None:
+        nonlocal dropped
+        logger.warning(
+            "%s %d stderr lines dropped: it wrote over %d a second (bursts of %d are kept)",
+            prefix,
+            dropped,
+            STDERR_LINES_PER_SECOND,
+            STDERR_BURST,
+            extra=fields,
+        )
+        dropped = 0
 
     buf = b""
     while True:
@@ -474,6 +505,8 @@ async def relay_stderr(
         if not data:
             if buf:
                 emit(buf.decode("utf-8", "replace").rstrip())
+            if dropped:
+                said_dropped()
             return
         buf += data
         while True:
