@@ -11,7 +11,7 @@ can carry either kind; decoding one type directly does not require the tag.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal, TypeGuard
 
 import msgspec
@@ -301,11 +301,18 @@ def task_problem(task: Task) -> str | None:
     return None
 
 
-def output_problem(output: Output) -> str | None:
-    """How `output` cannot be the answer of a task of its stage, or None: a proof with nothing
-    in it, neither proofs nor faults (every task has a sector or a vanilla proof). The native
+def output_problem(task: Task, output: Output) -> str | None:
+    """How `output`, of `task`'s stage, cannot be its answer, or None: a proof with nothing in
+    it (neither proofs nor faults: every task has a sector or a vanilla proof), faults for
+    sectors the task does not have (damocles-manager would declare them faulty). The native
     prover's ABI says the same of a library's result; this holds every child to it."""
-    if getattr(output, "faults", None):
+    faults: Sequence[int] = getattr(output, "faults", ())
+    if faults:
+        sectors = {r.sector_id for r in getattr(task, "replicas", ())}
+        unknown = sorted(set(faults) - sectors)
+        if unknown:
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            return f"faults for sectors not in the task: {unknown[:10]}{more}"
         return None
     proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
     return None if proofs else "neither proofs nor faults"

@@ -26,7 +26,7 @@ import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task, plugin_block, running, write_config
-from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, who, window_task
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
@@ -87,8 +87,8 @@ async def test_a_dext_child_sending_a_nested_bomb_is_restarted_and_its_request_r
             stats = sup.statistics().children[0]
             sup.request_shutdown()
     assert marker.exists()
-    assert first.faults[0] == 1 and second.faults[0] == 2
-    assert first.faults[1] == second.faults[1]  # both from the restarted process
+    assert who(first)[0] == 1 and who(second)[0] == 2
+    assert who(first)[1] == who(second)[1]  # both from the restarted process
     assert stats.restarts == 1 and "nested too deeply" in stats.last_exit, stats.last_exit
     assert "broke the protocol" in stats.last_exit
     assert our_descendants() == []
@@ -117,7 +117,7 @@ async def test_a_json_lines_child_sending_a_nested_bomb_line_fails_only_that_req
             output = await sup.submit(window_task(miner=2))
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults[0] == 2
+    assert who(output)[0] == 2
     assert stats.restarts == 0 and stats.done == 1 and stats.failed == 1
 
 
@@ -141,7 +141,7 @@ async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_s
             output = await sup.submit(window_task(miner=3))
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults[0] == 3
+    assert who(output)[0] == 3
     assert "sent a second Hello frame" in stats.last_exit, stats.last_exit
     assert "only a parent may send" not in stats.last_exit
 
@@ -284,7 +284,7 @@ async def test_an_internal_error_on_a_childs_answer_ends_that_child_not_the_supe
             output = await sup.submit(window_task(miner=7))  # retried on the new process
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults[0] == 7
+    assert who(output)[0] == 7
     assert stats.restarts == 1 and "injected bug" in stats.last_exit, stats.last_exit
     logged = [r for r in caplog.records if "internal error on its output" in r.getMessage()]
     assert logged and logged[0].exc_info is not None  # with its traceback
@@ -332,7 +332,7 @@ async def test_an_internal_error_after_a_reads_answers_were_taken_loses_none_of_
             await sup.wait_ready()
 
             async def one(miner: int) -> None:
-                outputs[miner] = (await sup.submit(window_task(miner=miner))).faults[0]
+                outputs[miner] = who(await sup.submit(window_task(miner=miner)))[0]
 
             async with trio.open_nursery() as callers:
                 for miner in (7, 8, 9):  # one runs, two wait in the supervisor's queue
@@ -387,7 +387,7 @@ async def test_an_internal_error_as_a_child_is_lost_loses_no_answer_the_book_gav
             await sup.wait_ready()
             with pytest.raises(ProverError, match="went down while running it"):
                 await sup.submit(window_task(miner=1))
-            assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+            assert who(await sup.submit(window_task(miner=2)))[0] == 2
             sup.request_shutdown()
     assert state["raised"]
     assert our_descendants() == []
@@ -456,7 +456,7 @@ async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_superv
             output = await sup.submit(window_task(miner=8))
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults[0] == 8
+    assert who(output)[0] == 8
     assert len(calls) == 2 and stats.restarts == 1
     logged = [r for r in caplog.records if "injected bug in the handshake" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
@@ -484,7 +484,7 @@ async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_res
             await sup.wait_ready()
             output = await sup.submit(window_task(miner=9))
             sup.request_shutdown()
-    assert output.faults[0] == 9 and len(calls) == 2
+    assert who(output)[0] == 9 and len(calls) == 2
     logged = [r for r in caplog.records if "injected bug before the spawn" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
     assert our_descendants() == []

@@ -75,13 +75,22 @@ def test_a_request_waits_for_a_child_and_each_process_numbers_its_requests_from_
 def test_faults_are_an_outcome_of_their_own_and_a_wrong_stage_is_an_error():
     book = book_with(("a", ChildLimits()))
     ready(book, "a")
-    faulty = WindowPoStOutput(proofs=[], faults=[7])
+    faulty = WindowPoStOutput(proofs=[], faults=[1])  # the task's sectors are 0 and 1
     req, _ = book.submit(1, window_task(), 0.0)
     assert book.answered("a", 1, 1.0, output=faulty) == [Resolve(req, faulty, None, "fault")]
     req, _ = book.submit(2, window_task(), 1.0)
     (res,) = resolved(book.answered("a", 2, 2.0, output=WinningPoStOutput(proofs=[])))
     assert res.error == "request 2 (window_post): a (pid 100) answered with a winning_post output"
-    assert book.counters("a") == (1, 1)
+    # An output no task of the stage can have: faults for sectors it does not have (damocles-
+    # manager would declare them), or nothing at all.
+    for rid, output, said in [
+        (3, WindowPoStOutput([], [1, 7, 9]), "faults for sectors not in the task: [7, 9]"),
+        (4, WindowPoStOutput([], []), "neither proofs nor faults"),
+    ]:
+        book.submit(rid, window_task(), 3.0)
+        (res,) = resolved(book.answered("a", rid, 4.0, output=output))
+        assert res.error == f"request {rid} (window_post): a (pid 100) answered with {said}"
+    assert book.counters("a") == (1, 3)
 
 
 def test_an_error_answer_is_the_answer_and_not_retried():

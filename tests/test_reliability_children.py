@@ -24,6 +24,7 @@ from helpers.supervisor import (
     python_child,
     spec,
     wait_until,
+    who,
     window_task,
     winning_task,
 )
@@ -186,7 +187,7 @@ async def test_dext_answers_to_ids_never_given_or_given_twice_are_dropped_and_th
         first = await sup.submit(window_task(miner=1))
         second = await sup.submit(window_task(miner=2))
         stats = child_stats(sup)
-    assert first.faults[0] == 1 and second.faults[0] == 2
+    assert who(first)[0] == 1 and who(second)[0] == 2
     assert stats.restarts == 0 and stats.done == 2 and stats.failed == 0
     for stray in ("unknown id 0 ", "unknown id 999 ", f"unknown id {2**63} "):
         assert stray in caplog.text
@@ -205,7 +206,7 @@ async def test_an_output_of_the_wrong_stage_is_an_error_for_that_request_only():
         await sup.wait_ready()
         with pytest.raises(ProverError, match="answered with a winning_post output"):
             await sup.submit(window_task(miner=1))
-        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+        assert who(await sup.submit(window_task(miner=2)))[0] == 2
         assert child_stats(sup).restarts == 0
 
 
@@ -231,7 +232,7 @@ async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_req
             await sup.submit(window_task(miner=1))
         with pytest.raises(ProverError, match="answered with neither proofs nor faults"):
             await sup.submit(winning_task(miner=2))
-        assert (await sup.submit(window_task(miner=3))).faults[0] == 3
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
         assert child_stats(sup).restarts == 0
 
 
@@ -256,7 +257,7 @@ async def test_a_child_that_closes_stdout_but_keeps_running_is_killed_and_its_re
         out = await sup.submit(window_task(miner=6))
         stats = child_stats(sup)
     first_pid = int(marker.read_text())
-    assert out.faults == [6, stats.pid] and stats.pid != first_pid
+    assert who(out) == (6, stats.pid) and stats.pid != first_pid
     assert "closed its stdout" in stats.last_exit and "SIGKILL" in stats.last_exit
     assert not alive(first_pid)
 
@@ -316,7 +317,7 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
         async with open_supervisor_fast([spec(dext_child(setup=setup))]) as sup:
             await sup.wait_ready()
             for i in range(50):
-                assert (await sup.submit(window_task(miner=i))).faults[0] == i
+                assert who(await sup.submit(window_task(miner=i)))[0] == i
             await wait_until(marker.exists, 20, "the end of the flood")
             rss_after = me.memory_info().rss
         elapsed = time.monotonic() - started
@@ -402,7 +403,7 @@ async def test_a_dext_child_ignoring_shutdown_and_sigterm_is_sigkilled_after_the
         await nursery.start(sup.run)
         await sup.wait_ready()
         pid = child_stats(sup).pid
-        assert (await sup.submit(window_task(miner=3))).faults[0] == 3
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
         started = time.monotonic()
         sup.request_shutdown()
     took = time.monotonic() - started
@@ -442,7 +443,7 @@ async def test_a_dead_childs_request_is_retried_at_once_though_a_daemonized_gran
             started = time.monotonic()
             out = await sup.submit(window_task(miner=8))
             took = time.monotonic() - started
-            assert out.faults == [8, child_stats(sup, "window_post#1").pid]
+            assert who(out) == (8, child_stats(sup, "window_post#1").pid)
             assert "exit code 7" in child_stats(sup, "window_post#0").last_exit
     finally:
         if marker.exists():

@@ -34,6 +34,7 @@ from helpers.supervisor import (
     python_child,
     spec,
     wait_until,
+    who,
     window_task,
 )
 
@@ -61,7 +62,7 @@ async def test_a_nul_in_an_env_value_is_a_failed_start_and_the_pool_keeps_servin
         last_exit = child_stats(sup, "window_post#0").last_exit
         assert "failed to start" in last_exit and "null byte" in last_exit
         out = await sup.submit(window_task(miner=5))
-        assert out.faults[0] == 5
+        assert who(out)[0] == 5
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ async def test_no_free_fd_at_spawn_is_a_failed_start_with_its_reason_and_the_chi
         assert last_exit is not None and "cannot create its pipes" in last_exit
         assert "EMFILE" in last_exit
         out = await sup.submit(window_task(miner=9))
-        assert out.faults[0] == 9
+        assert who(out)[0] == 9
         sup.request_shutdown()
 
 
@@ -130,8 +131,8 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
         start = trio.current_time()
         out = await sup.submit(window_task(miner=miner))
         latencies.append(trio.current_time() - start)
-        assert out.faults[0] == miner
-        productive.add(out.faults[1])
+        assert who(out)[0] == miner
+        productive.add(who(out)[1])
 
     async def killer() -> None:
         while True:
@@ -191,7 +192,7 @@ async def test_serve_under_manager_load_with_working_children_sigkilled_every_0_
 
         def productive() -> set[int]:
             # Answers carry their child's pid (faults[1]): those runs have answered something.
-            return {r.output.faults[1] for r in list(m.responses.values()) if r.output}
+            return {who(r.output)[1] for r in list(m.responses.values()) if r.output}
 
         async def killer() -> None:
             while True:
@@ -207,7 +208,7 @@ async def test_serve_under_manager_load_with_working_children_sigkilled_every_0_
             r = await m.wait(request_id)
             latencies.append(trio.current_time() - sent)
             assert r.err_msg is None, r.err_msg
-            assert r.output.faults[0] == miner
+            assert who(r.output)[0] == miner
 
         with trio.fail_after(120):
             nursery.start_soon(killer)
@@ -501,6 +502,6 @@ async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_r
         first = child_stats(sup, "window_post#0").pid
         with trio.fail_after(30):
             out = await sup.submit(_task_bigger_than_a_pipe())
-        assert out.faults[0] == 1000 and out.faults[1] != first
+        assert who(out)[0] == 1000 and who(out)[1] != first
         stats = child_stats(sup, "window_post#0")
         assert stats.restarts == 1 and "StdinTimeoutSecs = 0.5" in stats.last_exit

@@ -805,7 +805,12 @@ def test_bin_args_with_shell_metacharacters_reach_the_child_literally_and_faults
         f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(args)}\n",
     )
     result = dext_run(
-        "prove", "window_post", "--request", str(_task_file(tmp_path, make_task())), "-c", str(cfg)
+        "prove",
+        "window_post",
+        "--request",
+        str(_task_file(tmp_path, make_task(replicas=8))),
+        "-c",
+        str(cfg),
     )
     assert result.returncode == 0, result.stderr.decode()
     output = jsonl.output_from_json(result.stdout, "window_post")

@@ -33,6 +33,7 @@ from helpers.supervisor import (
     spec,
     wait_until,
     wait_until_real,
+    who,
     window_task,
     winning_task,
 )
@@ -75,7 +76,7 @@ async def test_builtin_dext_child_and_jsonl_child_both_answer_requests():
         pid1 = child_stats(sup, "window_post#1").pid
         for miner, out in results.items():
             # echo answers with a proof derived from the task; the fake child with [miner, pid]
-            assert out == echo_output(window_task(miner=miner)) or out.faults == [miner, pid1]
+            assert out == echo_output(window_task(miner=miner)) or who(out) == (miner, pid1)
         stats = {c.name: c for c in sup.statistics().children}
         assert stats["window_post#0"].done + stats["window_post#1"].done == 12
         assert stats["window_post#0"].done > 0 and stats["window_post#1"].done > 0
@@ -99,7 +100,7 @@ async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_chil
             for miner in range(first, first + 20):
                 task = window_task(miner=miner)
                 out = await sup.submit(task, on_dispatch=dispatched)
-                assert out == echo_output(task) or out.faults[0] == miner
+                assert out == echo_output(task) or who(out)[0] == miner
 
         callers = 2 * (1 + QUEUE)  # enough to fill both children, and more
         async with trio.open_nursery() as nursery:
@@ -129,7 +130,7 @@ async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path,
         while data := os.read(0, 65536):
             for msg in dec.receive_data(data):
                 if isinstance(msg, dext.Request):
-                    send(dext.Response(msg.id, output=WindowPoStOutput([b"ok"], [msg.task.miner_id])))
+                    send(dext.Response(msg.id, output=WindowPoStOutput([b"%d" % msg.task.miner_id], [])))
         """
     )
     writes: list[bytes] = []
@@ -141,10 +142,10 @@ async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path,
 
     monkeypatch.setattr(child_loop, "send", spy)
     async with open_supervisor([spec(child, concurrent=4)]) as sup:
-        results: dict[int, list[int]] = {}
+        results: dict[int, int] = {}
 
         async def one(miner: int) -> None:
-            results[miner] = (await sup.submit(window_task(miner=miner))).faults
+            results[miner] = int((await sup.submit(window_task(miner=miner))).proofs[0])
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -155,7 +156,7 @@ async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path,
                 fd = await trio.to_thread.run_sync(os.open, gate, os.O_WRONLY)
                 os.write(fd, b"x")
                 os.close(fd)
-        assert results == {m: [m] for m in range(1, 5)}
+        assert results == {m: m for m in range(1, 5)}
     sent = [
         [
             m.task.miner_id
@@ -182,7 +183,7 @@ async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_onc
             sys.stdout.buffer.write(dext.encode(m))
             sys.stdout.buffer.flush()
         def answer(r):
-            send(dext.Response(r.id, output=WindowPoStOutput([b"ok"], [r.task.miner_id])))
+            send(dext.Response(r.id, output=WindowPoStOutput([b"%d" % r.task.miner_id], [])))
         send(dext.Hello("dext/1", "window_post", os.getpid(), "turns", "1", 1, 1))
         dec, long, waiting = dext.FrameDecoder(), None, []
         while data := os.read(0, 65536):
@@ -211,18 +212,18 @@ async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_onc
     async with open_supervisor([spec(child, max_attempts=1)]) as sup:
         await sup.wait_ready("window_post", 1)
         for miner in range(1, 21):  # quick answers: it takes its queue from now on
-            assert (await sup.submit(window_task(miner=miner))).faults == [miner]
+            assert (await sup.submit(window_task(miner=miner))).proofs == [b"%d" % miner]
         results: dict[int, object] = {}
 
         async def one(miner: int) -> None:
-            results[miner] = (await sup.submit(window_task(miner=miner))).faults
+            results[miner] = int((await sup.submit(window_task(miner=miner))).proofs[0])
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, 999)
                 await wait_until(lambda: child_stats(sup).in_flight == 1)
                 nursery.start_soon(one, 7)
-        assert results == {999: [999], 7: [7]}
+        assert results == {999: 999, 7: 7}
         stats = child_stats(sup)
         assert (stats.done, stats.failed) == (22, 0)
     lines = seen.read_text().splitlines()
@@ -233,7 +234,7 @@ async def test_weights_spread_sequential_requests_3_to_1():
     specs = [spec(jsonl_child(), index=0, weight=3), spec(jsonl_child(), index=1, weight=1)]
     async with open_supervisor(specs) as sup:
         await sup.wait_ready("window_post", 2)
-        pids = [(await sup.submit(window_task(miner=i))).faults[1] for i in range(8)]
+        pids = [who(await sup.submit(window_task(miner=i)))[1] for i in range(8)]
         p0 = child_stats(sup, "window_post#0").pid
         p1 = child_stats(sup, "window_post#1").pid
         assert pids.count(p0) == 6 and pids.count(p1) == 2
@@ -255,7 +256,7 @@ async def test_jsonl_responses_in_any_order_reach_their_requests():
         results: dict[int, int] = {}
 
         async def one(miner: int) -> None:
-            results[miner] = (await sup.submit(window_task(miner=miner))).faults[0]
+            results[miner] = who(await sup.submit(window_task(miner=miner)))[0]
 
         async with trio.open_nursery() as nursery:
             for miner in (11, 22, 33):
@@ -273,7 +274,7 @@ async def test_unknown_and_duplicate_response_ids_are_logged_and_dropped(caplog)
         await sup.wait_ready()
         first = await sup.submit(window_task(miner=1))
         second = await sup.submit(window_task(miner=2))
-        assert (first.faults[0], second.faults[0]) == (1, 2)
+        assert (who(first)[0], who(second)[0]) == (1, 2)
         assert child_stats(sup, "window_post#0").restarts == 0
     text = caplog.text
     assert "unknown id 999" in text
@@ -450,7 +451,7 @@ async def test_crash_mid_request_is_retried_on_a_sibling():
         await sup.wait_ready("window_post", 2)
         pid1 = child_stats(sup, "window_post#1").pid
         out = await sup.submit(window_task(miner=5))  # goes to #0 first (both idle, equal weight)
-        assert out.faults == [5, pid1]
+        assert who(out) == (5, pid1)
         crashed = child_stats(sup, "window_post#0")
         assert crashed.failed == 1
         assert "exit code 7" in crashed.last_exit
@@ -485,7 +486,7 @@ async def test_garbage_on_dext_stdout_kills_and_restarts_the_child(tmp_path):
         first_pid = child_stats(sup, "window_post#0").pid
         out = await sup.submit(window_task(miner=9))
         stats = child_stats(sup, "window_post#0")
-        assert out.faults == [9, stats.pid] and stats.pid != first_pid
+        assert who(out) == (9, stats.pid) and stats.pid != first_pid
         assert stats.restarts == 1
         assert "broke the protocol" in stats.last_exit and "framing error" in stats.last_exit
         assert not alive(first_pid)
@@ -500,7 +501,7 @@ async def test_garbage_line_on_jsonl_stdout_is_skipped(caplog):
         await sup.wait_ready()
         pid = child_stats(sup, "window_post#0").pid
         out = await sup.submit(window_task(miner=3))
-        assert out.faults == [3, pid]
+        assert who(out) == (3, pid)
         assert child_stats(sup, "window_post#0").restarts == 0
     assert "skipped a bad stdout line" in caplog.text
 
@@ -625,7 +626,7 @@ async def test_fatal_child_leaves_the_rest_of_the_pool_serving():
     async with open_supervisor(specs, backoff=BackoffPolicy(base=0.01, cap=0.02)) as sup:
         await wait_until(lambda: child_stats(sup, "window_post#0").state == "fatal", 10)
         pid1 = child_stats(sup, "window_post#1").pid
-        assert (await sup.submit(window_task(miner=2))).faults == [2, pid1]
+        assert who(await sup.submit(window_task(miner=2))) == (2, pid1)
         assert child_stats(sup, "window_post#0").restarts == 4
 
 
@@ -690,7 +691,7 @@ async def test_shutdown_lets_in_flight_finish_fails_queued_and_refuses_new():
         with pytest.raises(ProverError, match="shutting down"):
             await sup.submit(window_task())
     assert not isinstance(outcomes["running"], Exception), outcomes["running"]
-    assert outcomes["running"].faults[0] == 1
+    assert who(outcomes["running"])[0] == 1
     assert "still queued" in str(outcomes["queued"])
     assert child_stats(sup, "window_post#0").state == "stopped"
 
@@ -985,7 +986,7 @@ async def test_observers_see_children_and_requests():
     assert seen == [
         ("ready", "window_post#0"),
         ("started", 1, "window_post#0", 1),
-        ("finished", 1, "fault"),  # the fake child lists [miner, pid] as faults
+        ("finished", 1, "ok"),
         ("exited", "window_post#0", "stopped (shutdown)"),
     ]
 
@@ -996,7 +997,7 @@ async def test_cancelled_caller_does_not_break_the_child_for_the_next_request():
         with trio.move_on_after(0) as scope:
             await sup.submit(window_task(miner=1))
         assert scope.cancelled_caught
-        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+        assert who(await sup.submit(window_task(miner=2)))[0] == 2
 
 
 async def test_caller_cancelled_while_its_request_runs_leaves_the_child_serving():
@@ -1019,7 +1020,7 @@ async def test_caller_cancelled_while_its_request_runs_leaves_the_child_serving(
                 await running.wait()
                 scope.cancel()
         assert scope.cancelled_caught
-        assert (await sup.submit(window_task(miner=2))).faults[0] == 2
+        assert who(await sup.submit(window_task(miner=2)))[0] == 2
 
 
 async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeatedly():
@@ -1061,7 +1062,7 @@ async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeate
     assert kills >= 1
     assert all(len(got) == 1 for got in answers.values())
     for miner, (got,) in answers.items():
-        assert isinstance(got, ProverError) or got.faults[0] == miner
+        assert isinstance(got, ProverError) or who(got)[0] == miner
 
 
 async def test_statistics_show_backoff_and_shutdown_does_not_wait_for_the_restart():
@@ -1125,7 +1126,7 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
             await wait_until_real(lambda: bool(outputs), what="answer while #0 still lives")
             mock_clock.jump(0.25)  # past #0's CancelGraceSecs, not past #1's timeout
         [out] = outputs
-        assert out.faults == [6, pid1]
+        assert who(out) == (6, pid1)
         await wait_until_real(lambda: child_stats(sup, "window_post#0").restarts == 1)
         assert (
             "request 1 (child id 1) still running 0.2s"
@@ -1146,7 +1147,7 @@ async def test_a_request_retried_on_a_sibling_is_answered_without_waiting_for_th
         pid1 = child_stats(sup, "window_post#1").pid
         with trio.fail_after(20):  # far below the 60 s grace, generous for a loaded machine
             out = await sup.submit(window_task(miner=7))  # #0 first: it never answers
-        assert out.faults == [7, pid1]
+        assert who(out) == (7, pid1)
 
 
 async def test_plugin_child_with_a_quiet_prover_is_not_taken_for_hung(tmp_path):

@@ -275,7 +275,7 @@ class RequestBook(BookRules):
                 got = "no output" if output is None else f"a {stage_of(output)} output"
                 why = f"request {req.rid} ({req.stage}): {process.who} answered with {got}"
                 self._resolve(req, out, now, error=why)
-            elif (wrong := output_problem(output)) is not None:
+            elif (wrong := output_problem(req.task, output)) is not None:
                 c.failed += 1
                 why = f"request {req.rid} ({req.stage}): {process.who} answered with {wrong}"
                 self._resolve(req, out, now, error=why)

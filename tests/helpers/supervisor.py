@@ -90,18 +90,19 @@ def winning_task(miner: int = 1000) -> WinningPoSt:
     )
 
 
-# A damocles-style JSON-lines child: answers each request with an empty proof list. The body of
+# A damocles-style JSON-lines child: answers each request with one proof naming it (who()). The body of
 # `handle(req)` decides what to do; it returns the response dict or None (no answer).
 JSONL_CHILD = """
-import json, os, sys, time
+import base64, json, os, sys, time
 STAGE = {stage!r}
 {setup}
 sys.stdout.write(STAGE + " processor ready\\n")
 sys.stdout.flush()
 def answer(req, err=None):
-    # faults = [miner_id, pid]: tells a test which request and which child this answer is
+    # one proof, "<miner_id> <pid>": tells a test which request and which child this answer is
     if err is None:
-        out = {{"proofs": [], "faults": [req["task"]["miner_id"], os.getpid()]}}
+        proof = base64.b64encode(b"%d %d" % (req["task"]["miner_id"], os.getpid())).decode()
+        out = {{"proofs": [proof], "faults": []}}
         msg = {{"id": req["id"], "err_msg": None, "output": out}}
     else:
         msg = {{"id": req["id"], "err_msg": err, "output": None}}
@@ -111,6 +112,12 @@ for line in sys.stdin:
     req = json.loads(line)
 {handle}
 """
+
+
+def who(output: object) -> tuple[int, int]:
+    """(miner id, pid) from the proof a fake child answered: which request, which child."""
+    miner, pid = output.proofs[0].split()  # type: ignore[attr-defined]
+    return int(miner), int(pid)
 
 
 def jsonl_child(
@@ -129,8 +136,9 @@ out = sys.stdout.buffer
 def send(m):
     out.write(dext.encode(m))
     out.flush()
-def answer(msg):
-    send(dext.Response(msg.id, output=WindowPoStOutput([b"ok"], [msg.task.miner_id, os.getpid()])))
+def answer(msg):  # one proof, "<miner_id> <pid>" (see who())
+    proof = b"%d %d" % (msg.task.miner_id, os.getpid())
+    send(dext.Response(msg.id, output=WindowPoStOutput([proof], [])))
 {setup}
 send(dext.Hello("dext/1", {stage!r}, os.getpid(), "fake", "1", 1))
 dec = dext.FrameDecoder()
