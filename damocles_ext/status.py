@@ -468,6 +468,8 @@ def format_bytes(n: int | None) -> str:
 def _state(c: ChildStatus) -> str:
     if c.state == "backoff" and c.next_start_in is not None:
         return f"backoff {format_duration(c.next_start_in)}"
+    if c.state == "fatal" and c.next_start_in is not None:
+        return f"fatal, retry {format_duration(c.next_start_in)}"
     return c.state
 
 

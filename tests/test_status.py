@@ -356,6 +356,16 @@ def test_table_shows_backoff_with_the_time_until_the_restart():
     assert row[-2:] == ["-", "-"]  # CPU%, LOCKS
 
 
+def test_table_shows_a_fatal_child_that_is_retried_with_the_time_until_its_next_try():
+    text = render_table(
+        _doc(state="fatal", pid=None, next_start_in=42.0, uptime=None, rss_bytes=None,
+             cpu_percent=None, in_flight=0, locks_held=[], lock_files=None)
+    )  # fmt: skip
+    row = text.split("\n\n")[1].splitlines()[1].split()
+    assert row[:6] == ["window_post#0", "-", "0", "fatal,", "retry", "42s"]
+    assert "last exit of window_post#0: killed by SIGKILL" in text  # why it is failing
+
+
 def test_table_shows_held_locks_and_bellperson_lock_files():
     text = render_table(_doc())
     row = text.split("\n\n")[1].splitlines()[1].split()

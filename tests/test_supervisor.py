@@ -630,6 +630,51 @@ async def test_fatal_child_leaves_the_rest_of_the_pool_serving():
         assert child_stats(sup, "window_post#0").restarts == 4
 
 
+async def test_with_retry_fatal_a_fatal_child_is_tried_at_the_cap_and_serves_once_it_starts(
+    tmp_path, mock_clock
+):
+    # A GPU driver not loaded yet at boot: the child exits 1 until it is. `run` and `serve`
+    # retry such a FATAL child every `cap` seconds; meanwhile its stage fails requests at once.
+    flag = tmp_path / "driver_loaded"
+    setup = f"""
+    if not os.path.exists({str(flag)!r}):
+        sys.stderr.write("CUDA driver not loaded\\n")
+        sys.exit(1)
+    """
+    policy = BackoffPolicy(base=1.0, cap=60.0, jitter=0.0, max_failed_starts=2, retry_fatal=True)
+
+    def stats():
+        return child_stats(sup, "window_post#0")
+
+    async with open_supervisor([spec(jsonl_child(setup=setup))], backoff=policy) as sup:
+        await wait_until_real(lambda: stats().state == "backoff", what="the first failed start")
+        mock_clock.jump(1)
+        await wait_until_real(lambda: stats().state == "fatal", what="FATAL")
+        first = stats()
+        assert first.next_start_in == 60.0  # status says when it is tried next
+        assert "code 1" in first.last_exit and "CUDA driver not loaded" in first.last_exit
+        with pytest.raises(ProverError, match="no window_post child can serve") as info:
+            await sup.submit(window_task())
+        assert "CUDA driver not loaded" in str(info.value)
+        # Not before the cap...
+        mock_clock.jump(59)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stats().restarts == first.restarts and stats().next_start_in == 1.0
+        # ...then once: it fails again, FATAL again, tried again 60 s later.
+        mock_clock.jump(1)
+        await wait_until_real(
+            lambda: stats().restarts == first.restarts + 1 and stats().state == "fatal",
+            what="a failed retry",
+        )
+        assert stats().next_start_in == 60.0
+        with pytest.raises(ProverError, match="no window_post child can serve"):
+            await sup.submit(window_task())
+        flag.touch()  # the driver is loaded
+        mock_clock.jump(60)
+        await wait_until_real(lambda: stats().state == "ready", what="the retried start")
+        assert (await sup.submit(window_task(miner=5))).faults == [5, stats().pid]
+
+
 # -- timeouts ---------------------------------------------------------------------------------
 
 

@@ -46,9 +46,10 @@ def test_every_state_has_a_row_and_every_reported_state_is_a_state_or_busy():
     assert {s.value for s in ChildState} | {"busy"} == set(CHILD_STATES)
 
 
-def test_fatal_and_stopped_are_final():
-    assert TRANSITIONS[S.FATAL] == frozenset()
+def test_stopped_is_final_and_fatal_leads_only_to_a_retried_start():
     assert TRANSITIONS[S.STOPPED] == frozenset()
+    # Only when the restart rules retry FATAL children (BackoffPolicy.retry_fatal).
+    assert TRANSITIONS[S.FATAL] == frozenset({S.STARTING})
 
 
 @pytest.mark.parametrize("old", list(ChildState), ids=lambda s: s.value)

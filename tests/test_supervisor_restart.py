@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, Restart, RestartTracker
 
 
@@ -110,3 +112,76 @@ def test_failed_starts_after_a_productive_run_still_back_off_then_go_fatal():
     assert [d.delay for d in delays if isinstance(d, Restart)] == [2, 4, 8, 16]
     fatal = tracker.start_failed("bad binary")
     assert isinstance(fatal, GiveUp) and fatal.fatal
+
+
+def test_by_default_fatal_is_final():
+    tracker = RestartTracker(BackoffPolicy(), rng=random.Random(0))
+    for _ in range(4):
+        tracker.start_failed("CUDA driver not loaded")
+    fatal = tracker.start_failed("CUDA driver not loaded")
+    assert isinstance(fatal, GiveUp) and fatal.fatal and fatal.retry_in is None
+    assert "not restarting" in fatal.reason
+
+
+def test_with_retry_fatal_a_fatal_child_is_tried_again_at_the_cap_until_it_starts():
+    rng = random.Random(7)
+    tracker = RestartTracker(BackoffPolicy(retry_fatal=True), rng=rng)
+    delays = [tracker.start_failed("CUDA driver not loaded") for _ in range(4)]
+    assert all(isinstance(d, Restart) for d in delays)  # 1, 2, 4, 8 s as before
+    # FATAL after the 5th, then every failed retry is FATAL again, tried once more ~60 s later
+    # (jittered, never above the cap), not the whole 1, 2, 4, 8 s sequence again.
+    for n in range(5, 20):
+        fatal = tracker.start_failed("CUDA driver not loaded")
+        assert isinstance(fatal, GiveUp) and fatal.fatal
+        assert fatal.retry_in is not None and 48.0 <= fatal.retry_in <= 60.0
+        assert f"FATAL: {n} failed starts in a row (last: CUDA driver not loaded)" in fatal.reason
+        assert "trying again every 60s" in fatal.reason
+    assert tracker.restarts == 4 + 15
+    # The driver is loaded: the retry starts, and the child serves and restarts as any other.
+    tracker.ready(1000.0)
+    decision = tracker.exited(1001.0, "killed by SIGKILL", served=True)
+    assert isinstance(decision, Restart) and 0.8 <= decision.delay <= 1.0
+
+
+def test_with_retry_fatal_a_child_that_keeps_exiting_after_ready_is_retried_at_the_cap():
+    tracker = RestartTracker(BackoffPolicy(retry_fatal=True, jitter=0.0), rng=random.Random(0))
+    for _ in range(4):
+        tracker.ready(0.0)
+        assert isinstance(tracker.exited(1.0, "crash", served=False), Restart)
+    tracker.ready(0.0)
+    fatal = tracker.exited(1.0, "crash", served=False)
+    assert isinstance(fatal, GiveUp) and fatal.fatal and fatal.retry_in == 60.0
+
+
+def test_with_retry_fatal_a_refusal_in_a_one_shot_command_is_still_final():
+    policy = BackoffPolicy(retry_fatal=True, give_up_when_refused=True)
+    fatal = RestartTracker(policy).start_failed("exited (code 2)", refused=True)
+    assert isinstance(fatal, GiveUp) and fatal.fatal and fatal.retry_in is None
+
+
+def test_with_auto_restart_off_nothing_is_retried():
+    tracker = RestartTracker(
+        BackoffPolicy(retry_fatal=True, max_failed_starts=1), auto_restart=False
+    )
+    decision = tracker.start_failed("CUDA driver not loaded")
+    assert isinstance(decision, GiveUp) and decision.retry_in is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "-c", "x.cfg"], ["serve", "-c", "x.cfg", "window_post"], ["worker", "-c", "x.cfg"]],
+    ids=lambda argv: argv[0],
+)
+def test_the_long_running_commands_retry_fatal_children_at_the_restart_cap(argv):
+    from damocles_ext.cli import build_parser
+    from damocles_ext.commands.common import supervisor_options
+    from damocles_ext.commands.serve import check_supervising_options
+
+    def policy(*extra: str) -> BackoffPolicy:
+        args = build_parser().parse_args([*argv, *extra])
+        if args.command == "serve":
+            check_supervising_options(args)  # fills in the defaults, as the command does
+        return supervisor_options(args, plugin_manager=object())["backoff"]  # type: ignore[arg-type]
+
+    assert policy().retry_fatal and policy().cap == 60.0
+    assert policy("--restart-max-delay", "300").cap == 300.0

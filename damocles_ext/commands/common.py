@@ -70,7 +70,9 @@ def add_restart_arg(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=RESTART_DEFAULTS["restart_max_delay"],
         metavar="SECONDS",
-        help=f"the longest wait before a restart (default: {RESTART_DEFAULTS['restart_max_delay']:g})",
+        help="the longest wait before a restart; a child that failed 5 starts in a row is FATAL"
+        " and tried again this often until it starts"
+        f" (default: {RESTART_DEFAULTS['restart_max_delay']:g})",
     )
 
 
@@ -96,8 +98,12 @@ def supervisor_options(
         "shutdown_grace": args.shutdown_grace,
         # This process is ours: become the parent of what children leave behind (setsid).
         "adopt_orphans": True,
+        # These commands run for months: a FATAL child is tried again at the cap, since what
+        # stops it may pass (a GPU driver loaded after damocles-ext started).
         "backoff": BackoffPolicy(
-            base=args.restart_delay, cap=max(args.restart_max_delay, args.restart_delay)
+            base=args.restart_delay,
+            cap=max(args.restart_max_delay, args.restart_delay),
+            retry_fatal=True,
         ),
     }
 

@@ -84,7 +84,7 @@ class ChildState(enum.Enum):
     READY = "ready"  # takes requests
     STOPPING = "stopping"  # its process is going away; no more requests for it
     BACKOFF = "backoff"  # waiting to start again
-    FATAL = "fatal"  # gave up: it kept failing (the restart rules)
+    FATAL = "fatal"  # gave up: it kept failing (the restart rules); may be retried at the cap
     STOPPED = "stopped"  # for good: shutdown, or AutoRestart off
 
     @property
@@ -107,7 +107,8 @@ TRANSITIONS: dict[ChildState, frozenset[ChildState]] = {
     ChildState.READY: frozenset({ChildState.STOPPING, ChildState.STOPPED}),
     ChildState.STOPPING: frozenset({ChildState.BACKOFF, ChildState.FATAL, ChildState.STOPPED}),
     ChildState.BACKOFF: frozenset({ChildState.STARTING, ChildState.STOPPED}),
-    ChildState.FATAL: frozenset(),
+    # Final unless the restart rules retry FATAL children (BackoffPolicy.retry_fatal).
+    ChildState.FATAL: frozenset({ChildState.STARTING}),
     ChildState.STOPPED: frozenset(),
 }
 
@@ -268,7 +269,8 @@ async def child_loop(
             )
             if isinstance(decision, GiveUp):
                 child.change_state(ChildState.FATAL if decision.fatal else ChildState.STOPPED)
-                child.next_start_at = None
+                retry = decision.retry_in
+                child.next_start_at = None if retry is None else now + retry
                 log.error("%s: %s", child.name, decision.reason)
                 host.changed()
                 host.tell(
@@ -278,11 +280,16 @@ async def child_loop(
                     fatal=decision.fatal,
                     last_exit=child.last_exit,
                 )
-                break
-            child.change_state(ChildState.BACKOFF)
-            child.next_start_at = now + decision.delay
-            log.warning("%s: restarting in %.2fs", child.name, decision.delay)
-            host.changed()
+                if retry is None:
+                    break
+                # Still FATAL for its stage until a start succeeds (the book's child_ready).
+                log.info("%s: trying to start it again in %.2fs", child.name, retry)
+            else:
+                child.change_state(ChildState.BACKOFF)
+                child.next_start_at = now + decision.delay
+                log.warning("%s: restarting in %.2fs", child.name, decision.delay)
+                host.changed()
+            assert child.next_start_at is not None
             with trio.move_on_at(child.next_start_at):
                 await child.stop.wait()
             child.next_start_at = None

@@ -14,6 +14,14 @@ a child that says it is ready and then exits before answering a single request, 
 backs off like any crash, then is FATAL instead of crash-looping forever. A child with AutoRestart
 off is never restarted.
 
+What FATAL means next is the policy's `retry_fatal`. Off (the default, and `prove -c`'s, a
+one-shot command): FATAL is final, the child is not started again, and a caller waiting for it
+(`Supervisor.wait_ready`) hears so at once. On (`run`, `serve` and `worker`, which run for
+months): a FATAL child is started again every `cap` seconds (with jitter, never above it), so a
+cause that passes (a GPU driver not loaded yet at boot) ends it without a restart of
+damocles-ext, at the cost of one log line a minute per broken child; it stays FATAL for its
+stage (requests fail at once with why) until a start succeeds.
+
 Times are floats on a clock the caller chooses; randomness comes from the `random.Random` passed
 in, so a seeded generator gives a reproducible sequence in tests.
 """
@@ -40,6 +48,9 @@ class BackoffPolicy:
     # -c) says so promptly. Off for long-running supervisors, where a refusal may pass (a GPU
     # driver not loaded yet at boot).
     give_up_when_refused: bool = False
+    # FATAL is final when off; when on, a FATAL child is started again every `cap` seconds (with
+    # jitter) until a start succeeds. On for the long-running commands (run, serve, worker).
+    retry_fatal: bool = False
 
     def nominal_delay(self, step: int) -> float:
         """The delay before restart number `step` (0-based) in a row, before jitter."""
@@ -57,10 +68,13 @@ class Restart:
 
 @dataclass(frozen=True, slots=True)
 class GiveUp:
-    """Do not start the child again; `fatal` is False when AutoRestart is simply off."""
+    """The child is not restarted by the backoff; `fatal` is False when AutoRestart is simply
+    off. `retry_in`: a FATAL child is tried again after that many seconds (`retry_fatal`), else
+    None (never again)."""
 
     reason: str
     fatal: bool
+    retry_in: float | None = None
 
 
 Decision = Restart | GiveUp
@@ -98,11 +112,7 @@ class RestartTracker:
         if refused and self.policy.give_up_when_refused:
             return GiveUp(f"FATAL: its prover cannot load (last: {reason})", fatal=True)
         if self.failed_starts >= self.policy.max_failed_starts:
-            return GiveUp(
-                f"FATAL: {self.failed_starts} failed starts in a row (last: {reason});"
-                " not restarting - fix the program or config and restart damocles-ext",
-                fatal=True,
-            )
+            return self._fatal(f"{self.failed_starts} failed starts in a row (last: {reason})")
         return self._restart(reason)
 
     def exited(self, now: float, reason: str, *, served: bool) -> Decision:
@@ -121,13 +131,28 @@ class RestartTracker:
         else:
             self.idle_exits += 1
             if self.idle_exits >= self.policy.max_failed_starts:
-                return GiveUp(
-                    f"FATAL: exited {self.idle_exits} times in a row after its ready message"
-                    f" without answering a request (last: {reason}); not restarting - fix the"
-                    " program or config and restart damocles-ext",
-                    fatal=True,
+                return self._fatal(
+                    f"exited {self.idle_exits} times in a row after its ready message"
+                    f" without answering a request (last: {reason})"
                 )
         return self._restart(reason)
+
+    def _fatal(self, why: str) -> Decision:
+        if not (self.auto_restart and self.policy.retry_fatal):
+            return GiveUp(
+                f"FATAL: {why}; not restarting - fix the program or config and restart"
+                " damocles-ext",
+                fatal=True,
+            )
+        # Every cap seconds, jittered like a restart so that a pool retries apart.
+        delay = self.policy.cap * (1.0 - self.policy.jitter * self._rng.random())
+        self.restarts += 1
+        return GiveUp(
+            f"FATAL: {why}; trying again every {self.policy.cap:g}s until it starts"
+            " - fix the program or config",
+            fatal=True,
+            retry_in=delay,
+        )
 
     def _restart(self, reason: str) -> Decision:
         if not self.auto_restart:

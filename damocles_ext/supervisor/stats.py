@@ -31,7 +31,7 @@ class ChildStats(msgspec.Struct, frozen=True):
     pid: int | None
     gpu: str | None
     state: str  # one of CHILD_STATES
-    next_start_in: float | None  # seconds until the restart, in "backoff"
+    next_start_in: float | None  # seconds until the next start, in "backoff" (or a retried "fatal")
     in_flight: int
     capacity: int
     done: int  # requests answered with an output
@@ -94,7 +94,7 @@ def build_statistics(
                 state=state,
                 next_start_in=(
                     max(0.0, c.next_start_at - now)
-                    if state == "backoff" and c.next_start_at is not None
+                    if state in ("backoff", "fatal") and c.next_start_at is not None
                     else None
                 ),
                 in_flight=in_flight,
