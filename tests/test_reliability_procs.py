@@ -26,6 +26,7 @@ import trio.testing
 from helpers.frontend import DEXT, ManagerLike, make_task, script_block, start_run, write_config
 from helpers.supervisor import (
     alive,
+    builtin_child,
     child_stats,
     dext_child,
     jsonl_child,
@@ -34,8 +35,10 @@ from helpers.supervisor import (
     python_child,
     spec,
     wait_until,
+    wait_until_real,
     who,
     window_task,
+    winning_task,
 )
 
 from damocles_ext import config
@@ -360,11 +363,28 @@ def test_hung_child_timeouts_are_on_by_default_with_the_documented_values():
     )
     assert config.effective_timeouts(off.children[0]) == (0.0, 0.0)
     example = EXAMPLE.read_text()
-    assert "# HeartbeatTimeoutSecs (number 0 to 86400; default 60; 0 turns it off)" in example
+    assert (
+        "# HeartbeatTimeoutSecs (number 0 to 86400; default 60, 10 in [[WinPost]]; 0 turns it off)"
+        in example
+    )
     assert "# StdinTimeoutSecs (number 0 to 86400; default 60; 0 turns it off)" in example
     readme = README.read_text()
-    assert "`HeartbeatTimeoutSecs` (default 60" in readme
+    assert "`HeartbeatTimeoutSecs` (default 60 s, 10 s for WinningPoSt" in readme
     assert "`StdinTimeoutSecs` (default 60)" in readme
+
+
+def test_winning_post_children_default_to_a_heartbeat_timeout_that_fits_its_20s_budget():
+    assert config.DEFAULT_WINNING_POST_HEARTBEAT_TIMEOUT == 10.0
+    tables = ("WinPost", "WdPostVanilla", "WdPostSnark")
+    text = "\n".join(f'[[{t}]]\nPlugin = "echo"' for t in tables)
+    win, vanilla, snark = config.parse_config(text + "\n", "t.cfg").children
+    assert config.effective_timeouts(win) == (10.0, 60.0)
+    assert config.effective_timeouts(vanilla) == config.effective_timeouts(snark) == (60.0, 60.0)
+    # A value the block gives is kept, for WinPost too (0: off).
+    for given in (60, 0, 3.5):
+        block = f'[[WinPost]]\nPlugin = "echo"\nHeartbeatTimeoutSecs = {given}\n'
+        (child,) = config.parse_config(block, "t.cfg").children
+        assert config.effective_timeouts(child) == (float(given), 60.0)
 
 
 async def _killed_within_real_seconds(finished: trio.Event, pid: int, seconds: float) -> None:
@@ -426,6 +446,47 @@ async def test_a_dext_child_stalled_mid_frame_is_killed_as_hung_under_default_se
     [failure] = failures
     assert "hung: no Progress or Response for 61.0s" in failure
     assert "HeartbeatTimeoutSecs = 60" in failure
+
+
+async def test_a_winning_post_sent_to_a_hung_child_goes_to_its_sibling_after_10s_by_default(
+    mock_clock,
+):
+    # Two WinningPoSt children, one hung (SIGSTOP, as a hung GPU driver leaves it): under the
+    # defaults the request is taken back after 10 s and proved by the sibling, well within
+    # WinningPoSt's ~20 s, not lost for the 60 s of the other stages.
+    specs = [
+        spec(builtin_child("winning_post", "echo"), stage="winning_post", index=i) for i in (0, 1)
+    ]
+    dispatched: list[str | None] = []
+    results: list[object] = []
+
+    async def call() -> None:
+        results.append(await sup.submit(winning_task(), on_dispatch=dispatched.append))
+
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("winning_post", count=2)
+        hung = child_stats(sup, "winning_post#0").pid
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                await wait_until_real(lambda: dispatched, what="the dispatch")
+                # Both idle: the first registered takes it (smooth round robin's tie-break).
+                assert dispatched == ["winning_post#0"]
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(config.DEFAULT_WINNING_POST_HEARTBEAT_TIMEOUT - 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert child_stats(sup, "winning_post#0").state == "busy" and alive(hung)
+                mock_clock.jump(2)
+                await wait_until_real(lambda: results, what="the answer from the sibling")
+        finally:
+            if alive(hung):
+                os.kill(hung, signal.SIGCONT)
+        assert dispatched == ["winning_post#0", None, "winning_post#1"]  # None: taken back
+        assert not alive(hung)
+        assert "hung: no Progress or Response for 11.0s" in (
+            child_stats(sup, "winning_post#0").last_exit or ""
+        )
 
 
 # Says hello, then never reads its stdin again.

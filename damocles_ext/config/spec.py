@@ -41,6 +41,10 @@ DEFAULT_CANCEL_GRACE = 10.0
 # Progress at least every 5 s (the built-in runtime sends one every 2 s): a minute of silence is
 # a dozen missed ones, so only a hung child (stalled in a frame, a deadlock, a lost GPU) is hit.
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+# WinningPoSt has about 20 s (a block's time) to be answered: a hung child found after a minute
+# loses the block while its sibling sits idle. 10 s is two of the 5 s Progress intervals a dext
+# child may leave (five of the runtime's 2 s), and leaves the retry on a sibling half the budget.
+DEFAULT_WINNING_POST_HEARTBEAT_TIMEOUT = 10.0
 # A child's stdin is read by a thread that does nothing else (the runtime; damocles-worker's
 # processors): requests that sit for a minute in a full 1 MiB pipe mean it stopped reading.
 DEFAULT_STDIN_TIMEOUT = 60.0
@@ -100,7 +104,7 @@ class ChildSpec(msgspec.Struct, frozen=True):
     auto_restart: bool
     max_attempts: int
     request_timeout: float | None
-    #: None: DEFAULT_HEARTBEAT_TIMEOUT; 0: off (see effective_timeouts)
+    #: None: the stage's default (default_heartbeat_timeout); 0: off (see effective_timeouts)
     heartbeat_timeout: float | None
     cancel_grace: float
     locks: tuple[str, ...]
@@ -112,10 +116,20 @@ class ChildSpec(msgspec.Struct, frozen=True):
     stdin_timeout: float | None = None
 
 
+def default_heartbeat_timeout(stage: str) -> float:
+    """HeartbeatTimeoutSecs of a child of `stage` whose block does not set it."""
+    if stage == "winning_post":
+        return DEFAULT_WINNING_POST_HEARTBEAT_TIMEOUT
+    return DEFAULT_HEARTBEAT_TIMEOUT
+
+
 def effective_timeouts(child: ChildSpec) -> tuple[float, float]:
     """(heartbeat, stdin) timeouts in seconds a child runs with, 0 when off: unset keys (None)
-    take the defaults, so a ChildSpec built by hand is watched as one from a config file is."""
-    hb = DEFAULT_HEARTBEAT_TIMEOUT if child.heartbeat_timeout is None else child.heartbeat_timeout
+    take the defaults (the heartbeat's is its stage's), so a ChildSpec built by hand is watched
+    as one from a config file is."""
+    hb = child.heartbeat_timeout
+    if hb is None:
+        hb = default_heartbeat_timeout(child.stage)
     stdin = DEFAULT_STDIN_TIMEOUT if child.stdin_timeout is None else child.stdin_timeout
     return hb, stdin
 
