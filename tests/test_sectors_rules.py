@@ -4,6 +4,8 @@ background refresh plan, eviction, and the time a batch may take."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from damocles_ext.sectors import Bounds, SectorAnswer, SectorLocation, SectorRef
 from damocles_ext.sectors.cache import CacheRules, SectorCache
@@ -75,6 +77,86 @@ def test_the_least_recently_used_entry_goes_first_past_max_entries():
     c.fresh(S1, 1)  # S1 used: S2 is now the least recently used
     c.learn(S3, HERE, "p", now=2)
     assert S1 in c and S3 in c and S2 not in c
+
+
+class Counting(SectorCache):
+    """Counts how many times a sector's refresh time is worked out: the plan's cost."""
+
+    examined = 0
+
+    def _due_at(self, sector, entry, now):
+        self.examined += 1
+        return super()._due_at(sector, entry, now)
+
+
+@pytest.mark.parametrize("hot", [1_000, 10_000])
+def test_planning_the_refresh_after_a_lookup_costs_the_same_whatever_the_cache_holds(hot):
+    c = Counting(CacheRules(fresh_for=100, refresh_lead=20))
+    sectors = [SectorRef(1000, n) for n in range(hot)]
+    for sector in sectors:
+        c.learn(sector, HERE, "source", now=0)
+        c.fresh(sector, 1)  # looked up: hot, refreshed ahead at 80
+    c.examined = 0
+    # What the background refresh does after each lookup: plan again, then sleep until due.
+    for n, sector in enumerate(sectors[:100]):
+        c.fresh(sector, 2 + n / 100)
+        assert c.due(2 + n / 100) == [] and c.next_wakeup(2 + n / 100) == 80
+    assert c.examined <= 100  # the sectors looked up, not every hot one
+    assert c.due(80) == sectors  # all still planned
+
+
+class BruteForce(SectorCache):
+    """The plan worked out from every entry each time: the rules written out plainly."""
+
+    def due(self, now):
+        for sector, wanted in list(self._wanted.items()):
+            if wanted < now:
+                del self._wanted[sector]
+        due = [(s, self._when(s)) for s in sorted(self._candidates())]
+        return [s for s, when in due if when is not None and when <= now]
+
+    def next_wakeup(self, now):
+        times = [t for t in map(self._when, self._candidates()) if t is not None]
+        return min(times, default=None)
+
+    def _candidates(self):
+        return set(self._wanted) | {s for s, e in self._entries.items() if e.used_at is not None}
+
+    def _when(self, sector):
+        return self._due_at(sector, self._entries.get(sector), 0)
+
+
+operation = st.tuples(
+    st.sampled_from(["learn", "fresh", "last_known", "forget", "want", "tried", "due"]),
+    st.integers(0, 5),  # the sector
+    st.integers(0, 60),  # time passing
+    st.integers(0, 300),  # a want's distance
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=60), st.integers(2, 7))
+def test_the_kept_plan_says_what_working_it_out_from_every_entry_says(operations, max_entries):
+    rules = CacheRules(fresh_for=100, keep_for=250, refresh_lead=20, max_entries=max_entries)
+    kept, plain = SectorCache(rules), BruteForce(rules)
+    now = 0
+    for what, number, later, distance in operations:
+        now += later
+        sector = SectorRef(1000, number)
+        for c in (kept, plain):
+            if what == "learn":
+                c.learn(sector, HERE, "p", now)
+            elif what in ("fresh", "last_known"):
+                getattr(c, what)(sector, now)
+            elif what == "forget":
+                c.forget(sector)
+            elif what == "want":
+                c.want([sector], at=now + distance)
+            elif what == "tried":
+                c.tried([sector], now)
+        assert kept.due(now) == plain.due(now)
+        assert kept.next_wakeup(now) == plain.next_wakeup(now)
+        assert kept.wanted == plain.wanted and len(kept) == len(plain)
 
 
 @pytest.mark.parametrize(

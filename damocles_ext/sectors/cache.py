@@ -12,11 +12,15 @@
   still be fresh then; a sector looked up in the last `fresh_for` whose entry is older than
   `refresh_ahead` x `fresh_for` is asked again before it goes stale, so repeated lookups never
   wait on a provider. A refresh that did not give an answer is tried again `retry_after` later.
+  The plan is kept up to date as entries change (a heap of refresh times, stale ones skipped when
+  they come up): `due` and `next_wakeup` cost what is due, not what is cached, so a lookup in a
+  cache of a million hot sectors does not make the next plan scan them all.
 - At most `max_entries` entries: the least recently used go first.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -74,6 +78,12 @@ class SectorCache:
         self._wanted: dict[SectorRef, float] = {}
         #: Sector -> when a refresh was last tried without an answer.
         self._tried: dict[SectorRef, float] = {}
+        #: Sector -> when it is due for a background refresh (`_due_at`, kept up to date).
+        self._planned: dict[SectorRef, float] = {}
+        #: (when, sector) for `_planned`, with stale pairs left in until they come up.
+        self._plan: list[tuple[float, SectorRef]] = []
+        #: (at, sector) for `_wanted`, to drop a want once its time passed (stale pairs too).
+        self._want_ends: list[tuple[float, SectorRef]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -118,6 +128,7 @@ class SectorCache:
         entry.used_at = now
         # Most recently used last: eviction takes from the front.
         self._entries[sector] = self._entries.pop(sector)
+        self._replan(sector)
 
     # --- changes ---------------------------------------------------------------------------
 
@@ -130,6 +141,7 @@ class SectorCache:
         wanted = self._wanted.get(sector)
         if wanted is not None and now + self.rules.fresh_for > wanted:
             del self._wanted[sector]  # fresh when it is needed: nothing more to do for it
+        self._replan(sector)
         while len(self._entries) > self.rules.max_entries:
             oldest = next(iter(self._entries))
             self.forget(oldest)
@@ -140,6 +152,7 @@ class SectorCache:
         self._entries.pop(sector, None)
         self._tried.pop(sector, None)
         self._wanted.pop(sector, None)
+        self._replan(sector)
 
     def want(self, sectors: Iterable[SectorRef], at: float) -> None:
         """These sectors will be needed at `at`: refresh them before then."""
@@ -147,11 +160,15 @@ class SectorCache:
             known = self._wanted.get(sector)
             if known is None or at < known:
                 self._wanted[sector] = at
+                heapq.heappush(self._want_ends, (at, sector))
+                self._replan(sector)
+                self._compact()
 
     def tried(self, sectors: Iterable[SectorRef], now: float) -> None:
         """A background refresh of these sectors got no answer: wait `retry_after`."""
         for sector in sectors:
             self._tried[sector] = now
+            self._replan(sector)
 
     # --- background refresh ----------------------------------------------------------------
 
@@ -174,29 +191,50 @@ class SectorCache:
             when = max(when, tried + rules.retry_after)
         return when
 
+    def _replan(self, sector: SectorRef) -> None:
+        """Work out the sector's refresh time again after a change of its entry, want or try."""
+        when = self._due_at(sector, self._entries.get(sector), 0.0)
+        if when is None:
+            self._planned.pop(sector, None)
+        elif self._planned.get(sector) != when:
+            self._planned[sector] = when
+            heapq.heappush(self._plan, (when, sector))
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heaps once stale pairs outnumber the live ones (amortised O(1))."""
+        if len(self._plan) > 2 * len(self._planned) + 64:
+            self._plan = [(when, sector) for sector, when in self._planned.items()]
+            heapq.heapify(self._plan)
+        if len(self._want_ends) > 2 * len(self._wanted) + 64:
+            self._want_ends = [(at, sector) for sector, at in self._wanted.items()]
+            heapq.heapify(self._want_ends)
+
+    def _drop_stale_top(self) -> None:
+        plan = self._plan
+        while plan and self._planned.get(plan[0][1]) != plan[0][0]:
+            heapq.heappop(plan)
+
     def due(self, now: float) -> list[SectorRef]:
-        """The sectors to ask again now; wants whose time has passed are dropped."""
-        out: list[SectorRef] = []
-        for sector, wanted in list(self._wanted.items()):
-            if wanted < now:
+        """The sectors to ask again now, in order; wants whose time has passed are dropped. A
+        sector stays due until its entry, want or try changes."""
+        while self._want_ends and self._want_ends[0][0] < now:
+            at, sector = heapq.heappop(self._want_ends)
+            if self._wanted.get(sector) == at:
                 del self._wanted[sector]
-        candidates = set(self._wanted) | {
-            s for s, e in self._entries.items() if e.used_at is not None
-        }
-        for sector in sorted(candidates):
-            when = self._due_at(sector, self._entries.get(sector), now)
-            if when is not None and when <= now:
-                out.append(sector)
-        return out
+                self._replan(sector)
+        out: set[SectorRef] = set()
+        self._drop_stale_top()
+        while self._plan and self._plan[0][0] <= now:
+            _, sector = heapq.heappop(self._plan)
+            out.add(sector)
+            self._drop_stale_top()
+        for sector in out:  # still planned as they were: back in the heap
+            heapq.heappush(self._plan, (self._planned[sector], sector))
+        self._compact()
+        return sorted(out)
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time `due` will have something (None: nothing is planned)."""
-        best: float | None = None
-        candidates = set(self._wanted) | {
-            s for s, e in self._entries.items() if e.used_at is not None
-        }
-        for sector in candidates:
-            when = self._due_at(sector, self._entries.get(sector), now)
-            if when is not None and (best is None or when < best):
-                best = when
-        return best
+        self._drop_stale_top()
+        return self._plan[0][0] if self._plan else None
