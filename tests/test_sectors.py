@@ -5,6 +5,7 @@ third party's provider through the hook."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 from functools import partial
@@ -21,7 +22,7 @@ from damocles_ext.sectors import Bounds, SectorLocation, SectorRef, SectorSettin
 from damocles_ext.sectors.cache import CacheRules
 from damocles_ext.sectors.locator import SectorLocator, open_locator
 from damocles_ext.sectors.metrics import SectorMetrics
-from damocles_ext.sectors.providers import SourceNode, StoreScan
+from damocles_ext.sectors.providers import MAX_INDEX_ANSWER, SourceNode, StoreScan
 
 MINER = 1000
 
@@ -106,6 +107,33 @@ async def test_a_source_of_a_newer_damocles_with_more_fields_still_locates_secto
             [answer] = await locator.locate(refs(5))
     assert answer.status == "found", answer.detail
     assert answer.location == SectorLocation(sealed, cache, "a", "a")
+
+
+async def test_a_source_answering_an_endless_body_fails_the_lookup_after_a_small_answer(stores):
+    sent = 0
+
+    async def endless(stream):
+        nonlocal sent
+        await stream.receive_some(65536)  # the request
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        await stream.send_all(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while sent < 128 * 1024 * 1024:
+                await stream.send_all(chunk)
+                sent += len(chunk)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, endless, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with SectorLocator([SourceNode(f"127.0.0.1:{port}", stores)]) as locator:
+            [answer] = await locator.locate(refs(5))
+        nursery.cancel_scope.cancel()
+    assert answer.status == "error"
+    assert f"larger than {MAX_INDEX_ANSWER} bytes" in answer.detail, answer.detail
+    assert MAX_INDEX_ANSWER == 64 * 1024
+    # Read no further than that: what the server got out is what the sockets' buffers hold.
+    assert sent < 32 * 1024 * 1024
 
 
 async def test_an_upgraded_sector_is_asked_in_the_upgrade_index_and_found_in_update_dirs(

@@ -289,7 +289,8 @@ class RpcClient:
                 if size > self.max_answer:
                     raise RpcProtocolError(
                         f"the answer of {self.url} to {method} is larger than "
-                        f"{self.max_answer} bytes",
+                        f"{self.max_answer} bytes, more than such an answer takes: it was not "
+                        f"read further; check that the address is {self.serves}",
                         url=self.url,
                         method=method,
                     )

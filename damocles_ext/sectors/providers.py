@@ -34,6 +34,9 @@ from .model import SectorLocation, SectorProviderError, SectorRef, SectorSetting
 METHOD = "Venus.SectorIndexerFind"
 #: A source call bounded on its own too, for a provider used without a locator.
 DEFAULT_CALL_TIMEOUT = 30.0
+#: The largest answer to one lookup read from the source (a real one is under 200 bytes): a
+#: source that sends more (an endless body) fails that lookup, not the process's memory.
+MAX_INDEX_ANSWER = 64 * 1024
 #: How long a source that could not be reached is not asked again.
 DEFAULT_DOWN_FOR = 2.0
 #: One store look bounded on its own too, for a scan used without a locator.
@@ -86,7 +89,13 @@ class SourceNode:
         #: (when, why) of the last failure to reach the source; None once it answered again.
         self.down: tuple[float, str] | None = None
         self._clients = [
-            RpcClient(self.endpoint, timeout=call_timeout, headers=list(headers), serves=SOURCE_RPC)
+            RpcClient(
+                self.endpoint,
+                timeout=call_timeout,
+                max_answer=MAX_INDEX_ANSWER,
+                headers=list(headers),
+                serves=SOURCE_RPC,
+            )
             for _ in range(max(1, connections))
         ]
         self._send, self._receive = trio.open_memory_channel[RpcClient](len(self._clients))
