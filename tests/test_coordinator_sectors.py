@@ -147,6 +147,31 @@ async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_wh
 
 
 @pytest.mark.usefixtures("no_leftover_processes")
+async def test_a_coordinator_with_a_source_and_no_stores_starts_and_passes_the_names_on(tmp_path):
+    """With --proxy it relays the source's store names (a damocles proxy node needs no stores of
+    its own): no --store or --conf-dir is asked for."""
+    from helpers.frontend import CoordinatorProcess
+
+    with DamoclesSource() as source:
+        source.put(MINER, 5, "store-c")
+        coordinator = CoordinatorProcess(
+            f"sqlite:///{tmp_path}/jobs.db", "--proxy", f"127.0.0.1:{source.port}"
+        )
+        async with trio.open_nursery() as nursery:
+            await coordinator.start(nursery)
+            try:
+                [(status, body)] = await raw_answers(
+                    coordinator.port, [b'["normal",{"Miner":1000,"Number":5}]']
+                )
+            finally:
+                coordinator.stop()
+    assert status == 200
+    assert json.loads(body)["result"] == {
+        "Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"},
+    }  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
 async def test_the_coordinators_metrics_count_the_lookups_it_makes_through_its_source(tmp_path):
     from helpers.frontend import CoordinatorProcess
     from test_metrics import scrape, value

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from damocles_ext.logs import add_logging_args, setup_from_args
 
-from .common import add_sector_source_args, check_sector_sources, token_file
+from .common import add_sector_source_args, token_file
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 if TYPE_CHECKING:
@@ -141,9 +141,8 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
-    if args.proxy is not None:
-        hint = "--store NAME=PATH for each store, or --conf-dir DIR (its sector-manager.cfg)"
-        check_sector_sources(args.proxy, settings.stores, hint)
+    # With --proxy no store is needed here: the source's store names are passed on as they are
+    # (relay_names), as a damocles proxy node does.
     with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
         metrics = metrics_server = None
         if args.metrics is not None:
