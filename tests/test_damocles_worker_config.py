@@ -396,6 +396,12 @@ BAD = [
     ),
     pytest.param(
         {},
+        '[sector_manager.rpc_client.headers]\nHost = "x"\n',
+        "sector_manager.rpc_client.headers.Host: Host is a header the HTTP client sets itself",
+        id="header-the-client-sets",
+    ),
+    pytest.param(
+        {},
         "[worker]\nname = \n",
         "damocles-worker.toml:12:8: invalid TOML",
         id="toml-syntax",

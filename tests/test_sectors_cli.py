@@ -114,6 +114,19 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
         (["1000", "5", "--attached", "nonsense"], "expected NAME=PATH"),
         (["1000", "5", "--attached", "a=/x", "--attached", "a=/y"], "given twice"),
         (["1000", "5", "--conf-dir", "/nonexistent/conf"], "does not exist"),
+        # Headers the HTTP client sets itself: before, every call failed and the exit was 0.
+        *(
+            (
+                ["1000", "5", "--attached", "a=/x", "--header", f"{name}: {value}"],
+                f"argument --header: {name} is a header the HTTP client sets itself",
+            )
+            for name, value in (
+                ("Host", "x"),
+                ("Content-Length", "0"),
+                ("Transfer-Encoding", "chunked"),
+                ("connection", "close"),
+            )
+        ),
     ],
 )
 def test_bad_input_is_a_clear_message_and_exit_code_2(args, message):

@@ -171,7 +171,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 
 def _header(text: str) -> tuple[str, str]:
-    from damocles_ext.jobs.endpoint import HEADER_NAME, header_value_problem
+    from damocles_ext.jobs.endpoint import HEADER_NAME, header_name_problem, header_value_problem
 
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
@@ -180,6 +180,8 @@ def _header(text: str) -> tuple[str, str]:
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'; its name ASCII"
             f" letters, digits and -), got {text!r}"
         )
+    if (problem := header_name_problem(name)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
     if (problem := header_value_problem(value)) is not None:
         raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
     return name, value

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..jobs.endpoint import HEADER_NAME, header_value_problem
+from ..jobs.endpoint import HEADER_NAME, header_name_problem, header_value_problem
 from .damocles_worker_keys import parse_humantime
 from .messages import _show, _toml_key
 
@@ -154,7 +154,7 @@ class TypedTable:
                     f"{self.at(key)}: {_show(name)} is not an HTTP header name (letters, digits "
                     f"and -, no spaces)"
                 )
-            elif (problem := header_value_problem(value)) is not None:
+            elif problem := header_name_problem(name) or header_value_problem(value):
                 self.errors.append(f"{self.at(key)}.{_toml_key(name)}: {problem}")
             else:
                 continue

@@ -129,6 +129,35 @@ def parse_endpoint(text: str) -> Endpoint:
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
+#: Headers the RPC client sets itself (the request's framing and connection): one given again
+#: would contradict it, and h11 refuses to send the request (each call would fail).
+CLIENT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+    }
+)
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why a header named `name` cannot be given to send (the client sets it), or None."""
+    if name.lower() in CLIENT_HEADERS:
+        return (
+            f"{name} is a header the HTTP client sets itself (from the address and the request);"
+            " leave it out"
+        )
+    return None
+
+
 def header_value_problem(value: str) -> str | None:
     """Why `value` cannot be sent as an HTTP header's value (or token), or None."""
     if any(c in value for c in "\r\n"):
