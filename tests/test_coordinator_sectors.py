@@ -67,6 +67,35 @@ async def test_the_coordinator_answers_as_a_damocles_source_node_does(job_store)
     assert b'"Found":true' in got[0][1] and b"not supported" in got[-1][1]
 
 
+@pytest.mark.parametrize("proxy", [False, True], ids=["alone", "with-a-source"])
+async def test_a_miner_or_number_past_uint64_is_invalid_params_as_go_jsonrpc_answers(
+    job_store, proxy
+):
+    """go-jsonrpc cannot unmarshal a number past a uint64 (or below 0): HTTP 500, -32700.
+    Before, one past 2^64-1 was Found:false alone and a method error (code 1) with --proxy."""
+    calls = [
+        b'["normal",{"Miner":18446744073709551616,"Number":1}]',
+        b'["normal",{"Miner":1000,"Number":18446744073709551616}]',
+        b'["normal",{"Miner":-1,"Number":1}]',
+    ]
+    async with trio.open_nursery() as nursery:
+        with DamoclesSource() as source:
+            index = SectorIndex()
+            if proxy:
+                settings = SectorSettings(proxy=source.url, stores={}, relay_names=True)
+                index = SectorIndex(SectorLocator(build_providers(settings)))
+            coordinator = Coordinator(TrioJobStore(job_store), sector_index=index)
+            server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+            await nursery.start(server.serve)
+            got = await raw_answers(server.port, calls)
+            nursery.cancel_scope.cancel()
+        assert source.finds() == 0
+    for status, body in got:
+        error = json.loads(body)["error"]
+        assert status == 500 and error["code"] == -32700, body
+        assert "unmarshaling params for 'Venus.SectorIndexerFind' (param: 1)" in error["message"]
+
+
 async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(job_store):
     await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
     coordinator = Coordinator(TrioJobStore(job_store))

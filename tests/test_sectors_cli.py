@@ -107,6 +107,10 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
     [
         (["x1000", "5", "--attached", "a=/x"], "is not a miner"),
         (["1000", "five", "--attached", "a=/x"], "is not a sector number"),
+        # ASCII digits only: re's \d took these for miner 1, sector 3.
+        (["\uff10\uff11", "5", "--attached", "a=/x"], "is not a miner"),
+        (["1000", "\u0663", "--attached", "a=/x"], "is not a sector number"),
+        (["1000", "1-\u0663", "--attached", "a=/x"], "is not a sector number"),
         (["1000", "9-3", "--attached", "a=/x"], "ends before it starts"),
         (["1000", "5"], "nothing to find sectors with"),
         (["1000", "5", "--proxy", "127.0.0.1:1"], "no store is known here"),

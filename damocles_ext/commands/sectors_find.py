@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 #: Sectors one command may ask for (a deadline has at most a few thousand).
 MAX_SECTORS = 1_000_000
 DEFAULT_TIMEOUT = 30.0
-_MINER = re.compile(r"^(?:[ft]0)?(\d+)$")
-_NUMBERS = re.compile(r"^(\d+)(?:-(\d+))?$")
+# ASCII digits only, as the worker's --allowed-miners: \d takes fullwidth or Arabic-Indic digits too.
+_MINER = re.compile(r"(?:[ft]0)?([0-9]+)")
+_NUMBERS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _miner(text: str) -> int:
-    m = _MINER.match(text.strip())
+    m = _MINER.fullmatch(text.strip())
     if m is None or int(m.group(1)) >= 2**64:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a miner; give its actor id: 1000, f01000 or t01000"
@@ -81,7 +82,7 @@ def _miner(text: str) -> int:
 
 
 def _numbers(text: str) -> range:
-    m = _NUMBERS.match(text.strip())
+    m = _NUMBERS.fullmatch(text.strip())
     if m is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a sector number; give a whole number (12) or a range (10-20)"

@@ -76,6 +76,13 @@ class SectorId(msgspec.Struct, frozen=True):
     Miner: U64 = 0
     Number: U64 = 0
 
+    def __post_init__(self) -> None:
+        # A Go uint64: one past it is an unmarshaling error, as go-jsonrpc answers it (-32700).
+        # (msgspec's `le` bound stops at int64.)
+        for name in ("Miner", "Number"):
+            if getattr(self, name) >= 2**64:
+                raise ValueError(f"Expected `int` <= {2**64 - 1} (a uint64) - at `$.{name}`")
+
 
 METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, Text),

@@ -20,7 +20,8 @@ from typing import Any
 
 from .model import SectorRef
 
-_REF = re.compile(r"^(?:[ft]0)?(\d+):(\d+)(:upgrade)?$")
+# ASCII digits only: \d takes fullwidth or Arabic-Indic digits too.
+_REF = re.compile(r"(?:[ft]0)?([0-9]+):([0-9]+)(:upgrade)?")
 #: The multicodec of a sealed commitment (fil-commitment-sealed) and its multihash
 #: (poseidon-bls12_381-a2-fc1, 0xb401), as go-fil-commcid writes them.
 SEALED_CODEC = 0xF102
@@ -33,7 +34,7 @@ class CommRFileError(ValueError):
 
 def parse_ref(text: str) -> SectorRef:
     """`MINER:NUMBER[:upgrade]` -> SectorRef; ValueError saying the form."""
-    m = _REF.match(text.strip())
+    m = _REF.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"{text.strip()!r} is not MINER:NUMBER (e.g. 1000:5, f01000:5:upgrade)")
     return SectorRef(int(m.group(1)), int(m.group(2)), m.group(3) is not None)
