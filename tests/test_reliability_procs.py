@@ -122,7 +122,7 @@ async def test_children_sigkilled_every_0_3s_while_working_answer_1000_requests_
     """The OOM killer or a GPU fault now and then: a child that answered requests restarts after
     the base delay every time, so the queue does not pile up behind growing backoffs."""
     caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
-    # Answers carry the child's pid (faults[1]), so the killer knows which runs have answered.
+    # Answers carry the child's pid (see who()), so the killer knows which runs have answered.
     child = jsonl_child("time.sleep(0.005)\nanswer(req)")
     specs = [spec(child, index=i, concurrent=4, max_attempts=20) for i in range(4)]
     base = BackoffPolicy().base
@@ -194,7 +194,7 @@ async def test_serve_under_manager_load_with_working_children_sigkilled_every_0_
         serve = psutil.Process(m.process.pid)
 
         def productive() -> set[int]:
-            # Answers carry their child's pid (faults[1]): those runs have answered something.
+            # Answers carry their child's pid (see who()): those runs have answered something.
             return {who(r.output)[1] for r in list(m.responses.values()) if r.output}
 
         async def killer() -> None:
