@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import trio
-from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, window_task
+from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, who, window_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -232,5 +232,5 @@ async def test_the_supervisor_survives_children_writing_random_bytes(protocol):
         if isinstance(outcome, ProverError):
             assert any(text in str(outcome) for text in clear), str(outcome)
         else:
-            assert outcome.faults[0] == outcomes.index(outcome)
+            assert who(outcome)[0] == outcomes.index(outcome)
     assert our_descendants() == []
