@@ -672,7 +672,7 @@ async def test_with_retry_fatal_a_fatal_child_is_tried_at_the_cap_and_serves_onc
         flag.touch()  # the driver is loaded
         mock_clock.jump(60)
         await wait_until_real(lambda: stats().state == "ready", what="the retried start")
-        assert who((await sup.submit(window_task(miner=5)))) == (5, stats().pid)
+        assert who(await sup.submit(window_task(miner=5))) == (5, stats().pid)
 
 
 # -- timeouts ---------------------------------------------------------------------------------
