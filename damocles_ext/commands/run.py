@@ -105,7 +105,7 @@ DEFAULT_MAX_BUFFERED = 256 * 2**20
 DEFAULT_METRICS_MAX_CONNECTIONS = 16
 DEFAULT_METRICS_IDLE_TIMEOUT = 60.0
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmg]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:

@@ -162,7 +162,7 @@ _HUMANTIME_UNITS: Final = {
     **dict.fromkeys(("months", "month", "M"), 2_630_016.0),  # 30.44 days, as humantime
     **dict.fromkeys(("years", "year", "y"), 31_557_600.0),  # 365.25 days
 }
-_HUMANTIME_PART = re.compile(r"\s*(\d+)\s*([A-Za-z]*)")
+_HUMANTIME_PART = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)")
 _DURATION_EXAMPLE = 'a duration such as "15s", "1m" or "1m 30s"'
 
 
@@ -206,7 +206,7 @@ def parse_humantime(text: str) -> float:
 # byte-unit 4 (what damocles-worker reads allowed_sizes with): a number, optional spaces, and a
 # unit: B, or K/M/G/T/P/E/Z (either case) followed by nothing or B (powers of 1000), i or iB
 # (powers of 1024), or b (bits).
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(B)|([KkMmGgTtPpEeZz])(iB|IB|i|I|B|b)?)?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:(B)|([KkMmGgTtPpEeZz])(iB|IB|i|I|B|b)?)?\s*$")
 _PREFIX_POWER: Final = {p: i + 1 for i, p in enumerate("KMGTPEZ")}
 SIZES_HINT: Final = "one of " + ", ".join(f'"{s}"' for s in SECTOR_SIZES)
 
