@@ -16,9 +16,10 @@ Two kinds of hooks:
   :func:`dext_validate_plugin_options`;
 * observer hooks, called by the supervisor through :func:`damocles_ext.plugins.call_observers`
   (pluggy's hook caller, so ``tryfirst``/``trylast`` and wrappers apply): they may be plain
-  functions or ``async def`` (awaited under the supervisor's trio loop, after the hook call),
-  must return quickly, and an exception they raise is logged with the plugin's name and
-  otherwise ignored.
+  functions (called in a worker thread, off the supervisor's trio loop: they may block, but
+  cannot call trio directly) or ``async def`` (awaited under the supervisor's trio loop, after
+  the hook call), must return quickly (cut off after 10 s), and an exception they raise is
+  logged with the plugin's name and otherwise ignored.
 
 The small value types the hooks pass around (:class:`ProverSpec`, :class:`ChildInfo`,
 :class:`ExitStatus`, :class:`RequestInfo`, :class:`CancelToken`) live here too so that a plugin

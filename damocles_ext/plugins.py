@@ -18,7 +18,7 @@ import os
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -38,6 +38,9 @@ from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API live
     RequestInfo,
     hookimpl,
 )
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +414,34 @@ def _select_args(impl: pluggy.HookImpl, kwargs: dict[str, object]) -> dict[str, 
     return {name: kwargs[name] for name in impl.argnames if name in kwargs}
 
 
+class ObserverCall:
+    """One observer hook call in progress, as its driver (the supervisor's observer task) sees
+    it: which plugin's code runs now (named when the call is cut off), whether it got a thread.
+
+    The plain implementations of a hook run in a worker thread (its code may block: an HTTP
+    alert), so these fields are written by that thread and read by the trio side; each is one
+    attribute store, and a stale read only names the plugin that ran a moment earlier."""
+
+    __slots__ = ("abandoned", "hook", "no_thread", "pending", "running", "started")
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.running: str | None = None  # the plugin whose observer runs now
+        self.started = False  # the synchronous hook call began (it had its thread)
+        self.no_thread = False  # not called: every observer thread was held
+        self.abandoned = False  # cut off: what it still returns is discarded, not awaited
+        # What its implementations returned that is still to be awaited, in the order they ran:
+        # taken from here rather than from the hook's results, which a wrapper may replace or
+        # never return.
+        self.pending: list[_Pending] = []
+
+    def abandon(self) -> None:
+        """Cut off: close what was still to be awaited (and what its thread adds later)."""
+        self.abandoned = True
+        for item in list(self.pending):
+            item.discard()
+
+
 class _Pending:
     """What an observer returned that is still to be done: an awaitable, or a callable that
     returns one (datasette's await_me_maybe). The hook call itself is synchronous (pluggy), so
@@ -432,51 +463,65 @@ class _Pending:
             log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
 
     def discard(self) -> None:
-        # The hook call failed before these could be awaited: close the coroutines so that
-        # Python does not warn that they were never awaited.
+        # The hook call failed or was cut off before these could be awaited: close the
+        # coroutines so that Python does not warn that they were never awaited.
         close = getattr(self.result, "close", None)
         if inspect.iscoroutine(self.result) and close is not None:
             close()
 
 
-# The _Pending results of the observer hook call in progress, in the order they were made: taken
-# from here rather than from the hook's results, which a wrapper may replace or never return.
-_pending_results: contextvars.ContextVar[list[_Pending] | None] = contextvars.ContextVar(
-    "_pending_results", default=None
+# The observer hook call in progress (in the thread or task that makes the synchronous call).
+_current_call: contextvars.ContextVar[ObserverCall | None] = contextvars.ContextVar(
+    "_current_call", default=None
 )
 
 
 def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
     def observer(*args: Any, **kwargs: Any) -> Any:
+        call = _current_call.get()
+        if call is not None:
+            call.running = plugin_name
         try:
             result = function(*args, **kwargs)
         except Exception:
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
+        finally:
+            if call is not None:
+                call.running = None
         if result is not None and (callable(result) or inspect.isawaitable(result)):
             pending = _Pending(hook_name, plugin_name, result)
-            collected = _pending_results.get()
-            if collected is not None:
-                collected.append(pending)
+            if call is not None:
+                call.pending.append(pending)
             return pending
         return result
 
     observer._dext_observer = True  # type: ignore[attr-defined]
+    # An `async def` observer only makes its coroutine when called: no code of its runs in the
+    # synchronous hook call, so that call needs no thread for it.
+    observer._dext_async = inspect.iscoroutinefunction(function)  # type: ignore[attr-defined]
     return observer
 
 
-def _guard_implementations(caller: pluggy.HookCaller) -> None:
+def _guard_implementations(caller: pluggy.HookCaller) -> bool:
     """Make each plain implementation of an observer hook log its exception and return, so
     that the hook call goes on to the others (pluggy would stop at the first that raises).
+    Returns whether any implementation runs code of its own in the synchronous hook call (a
+    plain function, a wrapper): then that call is made in a worker thread.
 
     Done on each call, not at registration: a plugin may be registered at any time, on a
     plugin manager that is not ours. Wrappers are left as they are: they wrap the others."""
+    blocking = False
     for impl in caller.get_hookimpls():
-        if impl.wrapper or impl.hookwrapper or getattr(impl.function, "_dext_observer", False):
+        if impl.wrapper or impl.hookwrapper:
+            blocking = True
             continue
-        # pluggy reads the argument names once, from the original function, and passes the
-        # arguments positionally, so the guard takes whatever it is given.
-        impl.function = _guarded(caller.name, impl.plugin_name, impl.function)  # type: ignore[misc]
+        if not getattr(impl.function, "_dext_observer", False):
+            # pluggy reads the argument names once, from the original function, and passes the
+            # arguments positionally, so the guard takes whatever it is given.
+            impl.function = _guarded(caller.name, impl.plugin_name, impl.function)  # type: ignore[misc]
+        blocking = blocking or not getattr(impl.function, "_dext_async", False)
+    return blocking
 
 
 def _raising_wrapper(caller: pluggy.HookCaller, exc: BaseException) -> str:
@@ -495,6 +540,31 @@ def _raising_wrapper(caller: pluggy.HookCaller, exc: BaseException) -> str:
     return "?"
 
 
+def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: ObserverCall) -> bool:
+    """The synchronous hook call (on the trio thread or in a worker thread); False if a
+    wrapper raised, which ends the event's delivery."""
+    call.started = True
+    token = _current_call.set(call)
+    try:
+        caller(**kwargs)
+    except Exception as exc:
+        plugin = _raising_wrapper(caller, exc)
+        log.exception(
+            "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"
+            " run yet, or whose work was still to be awaited, miss this event",
+            caller.name,
+            plugin,
+        )
+        call.abandon()
+        return False
+    finally:
+        _current_call.reset(token)
+        call.running = None
+    if call.abandoned:  # cut off while this thread ran: nobody will await these
+        call.abandon()
+    return True
+
+
 async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
     """Call an observer hook through the plugin manager's hook caller, then await what its
     implementations returned that is awaitable; never raise.
@@ -504,33 +574,48 @@ async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any
     from one implementation is logged with the plugin's name and the others still run; one from
     a wrapper ends this event's delivery (what had not run, or was still to be awaited), logged
     likewise. Cancellation of the caller (a BaseException under trio) is not swallowed.
+
+    When a plain function (or a wrapper) implements the hook, the synchronous hook call is made
+    in a worker thread (trio's), so that its code never holds the trio loop; cancelling the
+    caller abandons that thread, whose work is then ignored. Only `async def` implementations:
+    the call is made here, as it only makes their coroutines.
     """
+    await deliver_observers(pm, hook_name, kwargs, ObserverCall(hook_name))
+
+
+async def deliver_observers(
+    pm: pluggy.PluginManager,
+    hook_name: str,
+    kwargs: dict[str, Any],
+    call: ObserverCall,
+    limiter: trio.CapacityLimiter | None = None,
+) -> None:
+    """`call_observers`, with `call` to follow it by and `limiter` bounding the worker threads
+    (None: trio's default): when the limiter has no thread free, the hook is not called and
+    `call.no_thread` says so (a stuck observer holds its thread until it returns)."""
+    import trio  # here: the child runtime imports this module, and has no use for trio
+
     caller = getattr(pm.hook, hook_name, None)
     if caller is None:
         log.error("call_observers: no hook named %r", hook_name)
         return
-    _guard_implementations(caller)
-    pending: list[_Pending] = []
-    token = _pending_results.set(pending)
+    blocking = _guard_implementations(caller)
     try:
-        caller(**kwargs)
-    except Exception as exc:
-        plugin = _raising_wrapper(caller, exc)
-        log.exception(
-            "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"
-            " run yet, or whose work was still to be awaited, miss this event",
-            hook_name,
-            plugin,
-        )
-        for item in pending:
-            item.discard()
-        return
-    finally:
-        _pending_results.reset(token)
-    try:
-        for index, item in enumerate(pending):  # noqa: B007 -- the except below reads it
+        if not blocking:
+            called = _call_hook(caller, kwargs, call)
+        elif limiter is not None and limiter.available_tokens < 1:
+            call.no_thread = True
+            return
+        else:
+            called = await trio.to_thread.run_sync(
+                _call_hook, caller, kwargs, call, abandon_on_cancel=True, limiter=limiter
+            )
+        if not called:
+            return
+        for item in call.pending:
+            call.running = item.plugin
             await item.finish()
+            call.running = None
     except BaseException:
-        for item in pending[index + 1 :]:
-            item.discard()
+        call.abandon()
         raise

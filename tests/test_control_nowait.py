@@ -204,8 +204,8 @@ class _SeesStarts:
         self.started = trio.Event()
 
     @hookimpl
-    def dext_request_started(self, request) -> None:
-        self.started.set()
+    async def dext_request_started(self, request) -> None:
+        self.started.set()  # async: a plain observer runs in a worker thread, off trio
 
 
 async def test_a_serve_stopped_from_outside_abandons_what_start_took_and_answers_nothing(tmp_path):

@@ -329,7 +329,7 @@ async def test_observer_hooks_carry_outcome_duration_and_slack_like_the_metrics(
 
     class Alerts:
         @hookimpl
-        def dext_request_finished(self, request, outcome, duration, slack):
+        async def dext_request_finished(self, request, outcome, duration, slack):
             seen.append((request.stage, outcome, duration, slack))
             if len(seen) == 2:
                 both.set()

@@ -647,7 +647,7 @@ async def test_an_observer_registered_while_the_supervisor_runs_sees_the_next_re
             self.seen = trio.Event()
 
         @hookimpl
-        def dext_request_finished(self, request, outcome):
+        async def dext_request_finished(self, request, outcome):
             self.outcomes.append(outcome)
             self.seen.set()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import tracemalloc
 
 import pytest
@@ -163,6 +164,82 @@ async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkey
         sup.request_shutdown()
     assert dropped > 0
     assert "observers are too slow" in caplog.text
+
+
+class _BlockingObserver:
+    """A plain observer that blocks its caller until the test releases it (an HTTP alert sent
+    without a thread, to a server that does not answer)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit  # how long it blocks at most: past it, it notes that it was not freed
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.held_the_loop = False
+        self.calls = 0
+
+    @hookimpl
+    def dext_request_finished(self, request):
+        self.calls += 1
+        self.entered.set()
+        if not self.release.wait(self.limit):
+            self.held_the_loop = True  # the test could not release it: its loop was blocked
+            self.release.set()
+
+
+async def test_a_blocking_plain_observer_does_not_hold_the_supervisor_back():
+    observer = _BlockingObserver(limit=5)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(observer, name="blocking")
+    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            await sup.submit(window_task(miner=0))
+            assert await trio.to_thread.run_sync(observer.entered.wait, 10)
+            for i in range(1, 4):  # answered while the first observer call is blocked
+                await sup.submit(window_task(miner=i))
+            status = sup.statistics()
+            observer.release.set()
+            sup.request_shutdown()
+    assert not observer.held_the_loop
+    assert status is not None
+    assert observer.calls == 4  # the later events were delivered once it returned
+
+
+async def test_a_stuck_plain_observer_is_cut_off_and_logged_once_naming_its_plugin(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
+    monkeypatch.setattr(observers, "OBSERVER_THREADS", 1)
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    observer = _BlockingObserver(limit=5)
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(observer, name="stuck")
+    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                await sup.wait_ready()
+                for i in range(3):
+                    await sup.submit(window_task(miner=i))
+                sup.request_shutdown()
+    finally:
+        observer.release.set()  # its abandoned thread ends
+    cut_off = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
+    expected = (
+        "observer hook dext_request_finished: the observer of plugin 'stuck' did not return"
+        " within 0.05s; cut off, this event's later observers missed it (observers must return"
+        " quickly; a plain function goes on in its thread, its result ignored)"
+    )
+    assert cut_off == [expected]
+    # Its thread is still held: the two later events are dropped at once, not waited for.
+    assert observer.calls == 1
+    assert sup._observers.dropped == 2
+    held = [r.getMessage() for r in caplog.records if "observer threads are held" in r.getMessage()]
+    assert len(held) == 1 and held[0].startswith("observer hook dext_request_finished:")
+    assert not observer.held_the_loop
 
 
 def test_a_timer_cancelled_after_it_fired_is_not_counted_twice():

@@ -585,12 +585,13 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, float, object]] = []
 
+    # async: a plain observer runs in a worker thread, where trio's clock cannot be read
     @hookimpl
-    def dext_child_started(self, child):
+    async def dext_child_started(self, child):
         self.events.append(("started", trio.current_time(), child.pid))
 
     @hookimpl
-    def dext_child_exited(self, child, status):
+    async def dext_child_exited(self, child, status):
         self.events.append(("exited", trio.current_time(), status.returncode))
 
 

@@ -3,7 +3,10 @@
 Events go through a bounded channel to one task that calls the hooks one at a time, each with a
 time limit: a slow or stuck observer costs dropped events (logged), never the supervisor's
 progress or memory. Each call goes through the plugin manager's hook caller
-(plugins.call_observers), so pluggy's ordering and wrappers apply to observers.
+(plugins.call_observers), so pluggy's ordering and wrappers apply to observers. A hook with a
+plain (synchronous) implementation is called in a worker thread, since trio's time limit cannot
+stop code that runs on its own thread; at most OBSERVER_THREADS of them, so observers stuck for
+good cost their events, not a thread per event.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from .process import ExitInfo
 
 if TYPE_CHECKING:
     from ..lifecycle import TrackedRequest
+    from ..plugins import ObserverCall
     from .child_loop import Child
 
 log = logging.getLogger("damocles_ext.supervisor")
 
 OBSERVER_TIMEOUT = 10.0  # one observer hook call
 OBSERVER_BACKLOG = 10_000  # events waiting for slow observers; more are dropped (logged)
+OBSERVER_THREADS = 4  # worker threads for the plugins' plain (not async) observers
 
 
 class Observers:
@@ -38,6 +43,7 @@ class Observers:
         self._send: trio.MemorySendChannel[tuple[str, dict[str, Any]]] | None = None
         self._receive: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]] | None = None
         self.dropped = 0
+        self.no_thread = 0  # of which: every observer thread was held by a stuck observer
         self._wanted: dict[str, bool] = {}  # hook -> implemented, for the pm's generation below
         self._wanted_generation: int | None = None
 
@@ -113,23 +119,52 @@ class Observers:
 
     async def run(self) -> None:
         """Call the hooks for each queued event, until `close()`."""
-        from ..plugins import call_observers
+        from ..plugins import ObserverCall, deliver_observers
 
         if self._receive is None:
             return
+        # The plugins' plain observers run in worker threads (their code may block); one that
+        # never returns keeps its thread, so these are bounded.
+        threads = trio.CapacityLimiter(OBSERVER_THREADS)
         async with self._receive:
             async for hook, kwargs in self._receive:
-                # An async observer that never returns would otherwise hold every later event
-                # and keep the supervisor's run() from returning.
+                call = ObserverCall(hook)
+                # An observer that never returns would otherwise hold every later event and
+                # keep the supervisor's run() from returning.
                 with trio.move_on_after(OBSERVER_TIMEOUT) as scope:
-                    await call_observers(self._pm, hook, **kwargs)
+                    await deliver_observers(self._pm, hook, kwargs, call, threads)
                 if scope.cancelled_caught:
-                    log.error(
-                        "observer hook %s did not return within %gs; cancelled it (observers"
-                        " must return quickly)",
-                        hook,
-                        OBSERVER_TIMEOUT,
-                    )
+                    self._cut_off(call)
+                elif call.no_thread:
+                    self._no_thread(call)
+
+    def _cut_off(self, call: ObserverCall) -> None:
+        if call.running is not None:
+            who = f"observer of plugin {call.running!r}"
+        elif call.started:
+            who = "hook call (in a wrapper)"
+        else:
+            who = "hook call (waiting for a worker thread)"
+        log.error(
+            "observer hook %s: the %s did not return within %gs; cut off, this event's later"
+            " observers missed it (observers must return quickly; a plain function goes on in"
+            " its thread, its result ignored)",
+            call.hook,
+            who,
+            OBSERVER_TIMEOUT,
+        )
+
+    def _no_thread(self, call: ObserverCall) -> None:
+        self.dropped += 1
+        self.no_thread += 1
+        if self.no_thread % 1000 == 1:
+            log.warning(
+                "observer hook %s: event dropped, all %d observer threads are held by plain"
+                " observers that have not returned (%d events dropped so far for this)",
+                call.hook,
+                OBSERVER_THREADS,
+                self.no_thread,
+            )
 
 
 def child_info(child: Child) -> Any:
