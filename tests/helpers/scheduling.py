@@ -56,14 +56,15 @@ class Recorder:
         self.send, self.events = trio.open_memory_channel[tuple](100)
         self.log: list[tuple] = []
 
+    # async def: a plain observer runs in a worker thread, where a trio channel must not be used
     @hookimpl
-    def dext_request_started(self, request) -> None:
+    async def dext_request_started(self, request) -> None:
         event = ("started", request.id, request.child)
         self.log.append(event)
         self.send.send_nowait(event)
 
     @hookimpl
-    def dext_request_finished(self, request, outcome, duration) -> None:
+    async def dext_request_finished(self, request, outcome, duration) -> None:
         event = ("finished", request.id, outcome)
         self.log.append(event)
         self.send.send_nowait(event)
