@@ -146,6 +146,66 @@ async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_s
     assert "only a parent may send" not in stats.last_exit
 
 
+async def test_an_answer_and_a_stray_printf_in_one_write_answers_the_request_then_restarts(
+    caplog,
+):
+    # One stdio flush: the whole, valid Response, then a debug printf. The request has its
+    # answer (it is not retried: one attempt), then the child is killed for the printf.
+    argv = dext_child(
+        """
+        out.write(dext.encode(dext.Response(msg.id, output=WindowPoStOutput(
+            [b"ok"], [msg.task.miner_id, os.getpid()]))) + b"proof done\\n")
+        out.flush()
+        """
+    )
+    sup = Supervisor([spec(argv, max_attempts=1)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            first_pid = sup.statistics().children[0].pid
+            output = await sup.submit(window_task(miner=7))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults == [7, first_pid]
+    assert stats.done == 1 and stats.failed == 0
+    # Killed as it was answered, on the same read.
+    kills = [
+        r.getMessage() for r in caplog.records if "killing its process group" in r.getMessage()
+    ]
+    assert len(kills) == 1 and "broke the protocol: dext framing error" in kills[0], kills
+
+
+async def test_a_hello_and_a_bad_length_in_one_write_is_a_start_then_a_protocol_break(tmp_path):
+    # Not a failed start ("sent no valid dext Hello frame"): the Hello was whole and valid.
+    marker = tmp_path / "broke"
+    argv = dext_child(
+        setup=f"""
+        MARKER = {str(marker)!r}
+        if not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            out.write(dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "f", "1", 1))
+                      + b"\\xff\\xff\\xff\\xff")
+            out.flush()
+            os.read(0, 1)  # killed here
+        """
+    )
+    sup = Supervisor([spec(argv)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            output = await sup.submit(window_task(miner=3))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert output.faults[0] == 3
+    assert stats.restarts == 1
+    assert "broke the protocol: dext framing error: frame length" in stats.last_exit, (
+        stats.last_exit
+    )
+    assert "no valid dext Hello" not in stats.last_exit
+
+
 # -- door 2: a control-socket client -------------------------------------------------------------
 
 

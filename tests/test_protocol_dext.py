@@ -245,3 +245,34 @@ def test_an_undecodable_payload_gets_the_same_error_whole_or_split(split):
         assert dec.receive_data(frame[:-split]) == [dext.Cancel(id=1)]
     with pytest.raises(dext.ProtocolError, match=r"^undecodable dext frame of 3 bytes: "):
         dec.receive_data(frame if split is None else frame[-split:])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"proof done\n", b"\xff\xff\xff\xff", len(b"\xc1").to_bytes(4, "big") + b"\xc1"],
+    ids=["printf", "oversized-length", "undecodable"],
+)
+def test_whole_frames_before_bad_bytes_in_one_read_come_with_the_error(bad):
+    # One stdio flush: a whole Response, then bytes that break the protocol. The Response is
+    # handed over with the error, as it is when the pipe splits the two into separate reads.
+    good = [dext.Progress(1, "sleep", 1, 2), dext.Response(1, error="x")]
+    stream = b"".join(dext.encode(m) for m in good) + bad
+    split = dext.FrameDecoder()
+    assert split.receive_data(stream[: -len(bad)]) == good
+    with pytest.raises(dext.ProtocolError) as in_two:
+        split.receive_data(bad)
+    with pytest.raises(dext.ProtocolError) as in_one:
+        dext.FrameDecoder().receive_data(stream)
+    assert in_one.value.messages == good
+    assert in_two.value.messages == []
+    assert str(in_one.value) == str(in_two.value)
+
+
+def test_whole_frames_before_bad_bytes_after_a_buffered_start_come_with_the_error():
+    # The first frame arrives in two reads: the second read completes it and breaks the rules.
+    frame = dext.encode(dext.Response(1, error="x"))
+    dec = dext.FrameDecoder()
+    assert dec.receive_data(frame[:3]) == []
+    with pytest.raises(dext.ProtocolError, match="exceeds the maximum") as info:
+        dec.receive_data(frame[3:] + b"\xff\xff\xff\xff")
+    assert info.value.messages == [dext.Response(1, error="x")]

@@ -83,6 +83,34 @@ def test_dext_framing_error_after_ready_is_fatal():
         conn.receive_data(b"\xff\xff\xff\xff garbage")
 
 
+def test_a_hello_then_a_bad_length_in_one_read_is_ready_then_a_framing_error():
+    # Not "no valid Hello": the Hello was whole and valid, and comes with the error.
+    conn = ChildConnection("window_post")
+    with pytest.raises(ChildProtocolError, match=r"^dext framing error: frame length") as info:
+        conn.receive_data(hello() + b"\xff\xff\xff\xff")
+    assert conn.ready
+    assert [type(e) for e in info.value.events] == [Ready]
+
+
+def test_an_answer_then_bad_bytes_in_one_read_comes_with_the_error():
+    conn = ChildConnection("window_post")
+    conn.receive_data(hello())
+    out = WindowPoStOutput(proofs=[b"p"], faults=[])
+    data = dext.encode(dext.Response(1, output=out)) + b"proof done\n"
+    with pytest.raises(ChildProtocolError, match="framing error") as info:
+        conn.receive_data(data)
+    assert info.value.events == [Answer(1, out, None)]
+
+
+def test_an_answer_then_a_forbidden_message_in_one_read_comes_with_the_error():
+    conn = ChildConnection("window_post")
+    conn.receive_data(hello())
+    data = dext.encode(dext.Response(1, error="no")) + hello()
+    with pytest.raises(ChildProtocolError, match="second Hello") as info:
+        conn.receive_data(data)
+    assert info.value.events == [Answer(1, None, "no")]
+
+
 def test_dext_child_may_not_send_parent_messages():
     conn = ChildConnection("window_post")
     conn.receive_data(hello())

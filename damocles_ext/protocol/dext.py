@@ -5,7 +5,8 @@ payload is one message of a msgspec tagged union (tag field "type"); structs are
 except a task's replicas, which are arrays `[sector_id, comm_r, cache_dir, sealed_file]` (see
 `tasks.PoStReplicaInfo`). The byte layout lives here and nowhere else.
 
-The decoder is fed arbitrary chunks and hands back whole messages. It keeps one bytearray and an
+The decoder is fed arbitrary chunks and hands back whole messages; bad bytes raise a
+ProtocolError that carries the whole messages before them in the same chunk. It keeps one bytearray and an
 offset into it, so feeding n bytes costs O(n) however they are chunked; consumed bytes are dropped
 in one slice once they are more than half of the buffer. The maximum frame size is enforced from
 the length prefix alone, before any of the payload is buffered, so a hostile 4 GiB prefix costs
@@ -34,7 +35,15 @@ NESTED_TOO_DEEPLY = "its values are nested too deeply to decode (hundreds of lev
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol; the message says what was wrong. Fatal for a dext peer."""
+    """The peer broke the protocol; the message says what was wrong. Fatal for a dext peer.
+
+    `messages`: the whole, valid frames that came before the bad bytes in the same input (a
+    Response, then a stray printf in one write). A peer acts on them first, then on the error,
+    so that what it does does not depend on where the pipe split the bytes."""
+
+    def __init__(self, message: str, messages: list[Message] | None = None) -> None:
+        super().__init__(message)
+        self.messages: list[Message] = messages if messages is not None else []
 
 
 class Hello(msgspec.Struct, tag="hello", frozen=True):
@@ -114,14 +123,16 @@ def decode_payload(
         raise _undecodable(len(payload), exc) from None
 
 
-def _undecodable(length: int, exc: Exception) -> ProtocolError:
-    """The error for a payload of `length` bytes its decoder raised `exc` on."""
-    if isinstance(exc, RecursionError):
-        # msgspec decodes nested containers recursively, bounded by Python's recursion limit;
-        # a few KB of nesting must be the peer's protocol error, not an exception that ends
-        # whatever task reads the frame.
-        return ProtocolError(f"undecodable dext frame of {length} bytes: {NESTED_TOO_DEEPLY}")
-    return ProtocolError(f"undecodable dext frame of {length} bytes: {exc}")
+def _undecodable(
+    length: int, exc: Exception, messages: list[Message] | None = None
+) -> ProtocolError:
+    """The error for a payload of `length` bytes its decoder raised `exc` on, after the whole
+    frames `messages` of the same input."""
+    # msgspec decodes nested containers recursively, bounded by Python's recursion limit; a few
+    # KB of nesting must be the peer's protocol error, not an exception that ends whatever task
+    # reads the frame.
+    what = NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else str(exc)
+    return ProtocolError(f"undecodable dext frame of {length} bytes: {what}", messages)
 
 
 class FrameDecoder:
@@ -145,7 +156,8 @@ class FrameDecoder:
         return len(self._buf)
 
     def receive_data(self, data: bytes) -> list[Message]:
-        """Feed bytes; returns every message they complete. Raises ProtocolError on bad input."""
+        """Feed bytes; returns every message they complete. Raises ProtocolError on bad input,
+        with the whole messages before it in its `messages`."""
         if self._closed:
             raise ProtocolError("data received after end of stream")
         if not data:
@@ -184,7 +196,8 @@ class FrameDecoder:
                     self._buf += memoryview(data)[pos:]  # as the buffered path leaves it
                     raise ProtocolError(
                         f"frame length {length} exceeds the maximum of {self.max_frame_size}"
-                        " bytes (is the peer speaking dext/1?)"
+                        " bytes (is the peer speaking dext/1?)",
+                        messages,
                     )
                 start = pos + HEADER_SIZE
                 if end - start < length:
@@ -194,7 +207,7 @@ class FrameDecoder:
                 payload = data[start:pos] if length < _COPY_BELOW else memoryview(data)[start:pos]
                 messages.append(decode(payload))
         except (msgspec.DecodeError, RecursionError) as exc:
-            raise _undecodable(length, exc) from None
+            raise _undecodable(length, exc, messages) from None
         if pos < end:
             self._buf += memoryview(data)[pos:]
         return messages

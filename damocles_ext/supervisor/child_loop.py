@@ -403,6 +403,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     events: list[Any] = []
     data = b""
     exited = False
+    broke: ChildProtocolError | None = None
     try:
         with p.handshake_scope:
             p.handshake_scope.deadline = trio.current_time() + timeout
@@ -417,12 +418,15 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
             while not p.conn.ready and (data := _read_now(fd)):
                 events = p.conn.receive_data(data)
     except ChildProtocolError as exc:
-        if data:
+        if p.conn.ready:  # a valid Hello, then bad bytes in the same read: ready, then broke
+            events, broke = exc.events, exc
+        elif data:
             what = f"undecodable output at start: {exc}"
             report_bad_output(child.name, p.proc.pid, data, what)
-        mark_down(host, child, p, "failed start")
-        p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
-        return False
+        if broke is None:
+            mark_down(host, child, p, "failed start")
+            p.down_reason = f"failed start: {exc}"  # says more than an exit seen first
+            return False
     if not p.conn.ready:
         wrote = f"it wrote {preview(p.conn.head)}" if p.conn.head else "it wrote nothing"
         if p.down_reason is None and child.stop.is_set():  # not a failure: we stop it
@@ -477,7 +481,10 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         host.book.child_ready, child.name, now, protocol=ready.protocol, pid=p.proc.pid, queue=queue
     )
     rest = [ev for ev in events if not isinstance(ev, Ready)]
-    if rest:
+    if broke is not None:
+        broke.events = rest
+        _broke(host, child, p, data, broke)
+    elif rest:
         host.output(child, p, rest)
     return True
 
@@ -489,9 +496,7 @@ def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
         if events:
             host.output(child, p, events)
     except ChildProtocolError as exc:
-        p.read_ended = True
-        report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
-        kill(host, child, p, f"broke the protocol: {exc}")
+        _broke(host, child, p, data, exc)
         return
     except Exception as exc:
         # A bug of ours on what this child wrote (read here by the reader task or by a
@@ -508,6 +513,18 @@ def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     if not data:
         p.read_ended = True
         mark_down(host, child, p, "closed its stdout")
+
+
+def _broke(host: ChildHost, child: Child, p: Process, data: bytes, exc: ChildProtocolError) -> None:
+    """The child broke the protocol in `data`: act on the whole messages before that (an
+    answer), then kill it, as when the pipe splits them into two reads."""
+    p.read_ended = True
+    try:
+        if exc.events:
+            host.output(child, p, exc.events)
+    finally:
+        report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
+        kill(host, child, p, f"broke the protocol: {exc}")
 
 
 def send(host: ChildHost, child: Child, p: Process, data: bytes) -> None:

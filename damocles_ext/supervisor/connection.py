@@ -29,7 +29,15 @@ MAX_REQUEST_BYTES = dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE
 
 
 class ChildProtocolError(Exception):
-    """The child broke the protocol; it must be killed. The message says what came instead."""
+    """The child broke the protocol; it must be killed. The message says what came instead.
+
+    `events`: what the same input held, whole and valid, before what broke the protocol (an
+    answer, then a stray printf in one write): the caller acts on them, then kills the child,
+    as it would have had the pipe split the bytes between two reads."""
+
+    def __init__(self, message: str, events: list[Event] | None = None) -> None:
+        super().__init__(message)
+        self.events: list[Event] = events if events is not None else []
 
 
 class Ready(msgspec.Struct, frozen=True):
@@ -121,15 +129,29 @@ class ChildConnection:
     def _receive_dext(self, data: bytes) -> list[Event]:
         if self._frames is None:
             self._frames = dext.FrameDecoder()
+        broke: dext.ProtocolError | None = None
         try:
             messages = self._frames.receive_data(data)
         except dext.ProtocolError as exc:
+            messages, broke = exc.messages, exc  # the whole frames before the bad bytes first
+        events: list[Event] = []
+        try:
+            self._dext_events(messages, events)
+        except ChildProtocolError as exc:
+            exc.events = events
+            raise
+        if broke is not None:
             if not self.ready:
                 raise ChildProtocolError(
-                    f"sent no valid dext Hello frame ({exc}); it wrote {preview(self._head)}"
+                    f"sent no valid dext Hello frame ({broke}); it wrote {preview(self._head)}"
                 ) from None
-            raise ChildProtocolError(f"dext framing error: {exc}") from None
-        events: list[Event] = []
+            raise ChildProtocolError(f"dext framing error: {broke}", events) from None
+        if not data:
+            events.extend(self._eof())
+        return events
+
+    def _dext_events(self, messages: list[dext.Message], events: list[Event]) -> None:
+        """Append the events of `messages` to `events`; ChildProtocolError at a bad one."""
         for msg in messages:
             if not self.ready:
                 if not isinstance(msg, dext.Hello):
@@ -160,9 +182,6 @@ class ChildConnection:
                 raise ChildProtocolError(
                     f"sent a dext {type(msg).__name__} frame, which only a parent may send"
                 )
-        if not data:
-            events.extend(self._eof())
-        return events
 
     def _receive_jsonl(self, data: bytes) -> list[Event]:
         if self._lines is None:
