@@ -1087,6 +1087,27 @@ def test_a_bin_that_is_not_executable_says_its_mode(tmp_path: Path) -> None:
     )
 
 
+def test_a_bin_whose_interpreter_is_missing_names_it(tmp_path: Path) -> None:
+    program = tmp_path / "prover.sh"
+    program.write_text("#!/opt/vendor/bin/python3\nprint('hi')\n")
+    program.chmod(0o755)
+    (problem,) = _bin_problem(tmp_path, f'[[WdPost]]\nBin = "{program}"\n')
+    assert problem == (
+        f'WdPost[0].Bin: "{program}" exists, but the interpreter its #! line names,'
+        " '/opt/vendor/bin/python3', was not found; install it or fix the #! line"
+    )
+
+
+def test_a_bin_that_is_a_fifo_says_so(tmp_path: Path) -> None:
+    program = tmp_path / "prover"
+    os.mkfifo(program, 0o755)
+    (problem,) = _bin_problem(tmp_path, f'[[WdPost]]\nBin = "{program}"\n')
+    assert problem == (
+        f'WdPost[0].Bin: "{program}" is a FIFO (named pipe), not a program; give the path of'
+        " the prover program"
+    )
+
+
 def test_a_bin_name_is_looked_up_in_the_path_the_child_gets(tmp_path: Path) -> None:
     program = tmp_path / "my-prover"
     program.write_text("#!/bin/sh\n")

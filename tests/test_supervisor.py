@@ -567,6 +567,39 @@ async def test_a_bin_that_is_a_directory_is_a_failed_start_that_says_so(tmp_path
             await sup.wait_ready()
 
 
+async def test_a_bin_whose_interpreter_is_missing_is_a_failed_start_that_names_it(tmp_path):
+    # exec says ENOENT, as for a missing program; the program is there, its #! line is wrong.
+    script = tmp_path / "prover.sh"
+    script.write_text("#!/opt/vendor/bin/python3 -u\nprint('hi')\n")
+    script.chmod(0o755)
+    async with open_supervisor([spec([str(script)], auto_restart=False)]) as sup:
+        with pytest.raises(ProverError) as info:
+            await sup.wait_ready()
+    assert (
+        f"program {str(script)!r} exists, but the interpreter its #! line names,"
+        " '/opt/vendor/bin/python3', was not found; install it or fix the #! line"
+    ) in str(info.value)
+    assert 'not found"' not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(lambda p: os.mkfifo(p, 0o755), "a FIFO (named pipe)"), (None, "a character device")],
+    ids=["fifo", "device"],
+)
+async def test_a_bin_that_is_not_a_regular_file_is_a_failed_start_that_says_what_it_is(
+    tmp_path, make, kind
+):
+    path = tmp_path / "prover"
+    if make is None:
+        path = "/dev/zero"
+    else:
+        make(path)
+    async with open_supervisor([spec([str(path)], auto_restart=False)]) as sup:
+        with pytest.raises(ProverError, match=f"{str(path)!r} is {re.escape(kind)}, not a program"):
+            await sup.wait_ready()
+
+
 async def test_a_nul_in_an_env_name_is_a_failed_start_not_a_crash():
     child = spec([sys.executable, "-c", "pass"], envs={"A\x00B": "x"}, auto_restart=False)
     async with open_supervisor([child]) as sup:

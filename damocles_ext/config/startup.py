@@ -26,6 +26,51 @@ if TYPE_CHECKING:
     from ..plugins import DextPluginManager
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+#: How much of a program's start is read for its #! line (the kernel reads 256 bytes).
+_SHEBANG_READ = 256
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words: "a directory", "a FIFO (named
+    pipe)" ..."""
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def missing_interpreter(program: str) -> str | None:
+    """The interpreter that `program`'s #! line names when it does not exist (exec then fails
+    with ENOENT, as if the program itself were missing); None if it has no such line, if that
+    interpreter exists, or if it cannot be read. Reads at most its first 256 bytes, of a regular
+    file only (never blocks on a FIFO or a device)."""
+    try:
+        fd = os.open(program, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.read(fd, _SHEBANG_READ)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not head.startswith(b"#!"):
+        return None
+    # As the kernel reads it: the first word after "#!", up to a space, a tab or the line's end
+    # (a CR of a file saved with CRLF is part of the name).
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    interpreter = line.replace(b"\t", b" ").split(b" ", 1)[0]
+    if not interpreter or os.path.exists(interpreter):
+        return None
+    return os.fsdecode(interpreter)
+
+
 def program_problem(program: str, search_path: str | None = None) -> str | None:
     """Why `program` (argv[0]) cannot be executed on this machine, and what to do; None if it can.
 
@@ -50,11 +95,17 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
     if stat.S_ISDIR(st.st_mode):
         return f"{shown} is a directory, not a program; {fix}"
     if not stat.S_ISREG(st.st_mode):
-        return f"{shown} is not a regular file, so it cannot be run; {fix}"
+        return f"{shown} is {file_kind(st.st_mode)}, not a program; {fix}"
     if not os.access(program, os.X_OK):
         return (
             f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
             f"executable (chmod +x) or {fix}"
+        )
+    interpreter = missing_interpreter(program)
+    if interpreter is not None:
+        return (
+            f"{shown} exists, but the interpreter its #! line names, {interpreter!r}, was not"
+            " found; install it or fix the #! line"
         )
     return None
 

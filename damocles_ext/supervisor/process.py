@@ -35,6 +35,7 @@ from ..config import (
     build_env,  # noqa: F401 - child_loop takes it from here, with the spawn
 )
 from ..config.machine import untrusted_problem
+from ..config.startup import file_kind, missing_interpreter
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -373,6 +374,30 @@ def _grow_pipe(fd: int) -> None:
         pass  # over /proc/sys/fs/pipe-max-size or the user's pipe quota: keep the default
 
 
+def _exec_failure(program: str, env: Mapping[str, str], exc: OSError) -> str:
+    """What exec's ENOENT or EACCES for `program` means, in words: ENOENT is also what a
+    script whose #! interpreter is missing gets, EACCES what a directory or a FIFO gets."""
+    path = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        st = None
+    if st is None:
+        return "not found" if isinstance(exc, FileNotFoundError) else "is not executable"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {file_kind(st.st_mode)}, not a program"
+    if isinstance(exc, PermissionError):
+        return "is not executable"
+    assert path is not None
+    interpreter = missing_interpreter(path)
+    if interpreter is not None:
+        return (
+            f"exists, but the interpreter its #! line names, {interpreter!r}, was not found;"
+            " install it or fix the #! line"
+        )
+    return "exists, but exec found no interpreter for it (an ELF program without its loader?)"
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
@@ -411,12 +436,9 @@ def spawn(
                 # other way to set PDEATHSIG and the affinity before the program's first line.
                 preexec_fn=_preexec(os.getpid(), cpuset),  # noqa: PLW1509
             )
-        except FileNotFoundError:
-            raise SpawnError(f"{name}: program {argv[0]!r} not found") from None
-        except PermissionError:
-            directory = os.sep in argv[0] and os.path.isdir(argv[0])
-            what = "is a directory, not a program" if directory else "is not executable"
-            raise SpawnError(f"{name}: program {argv[0]!r} {what}") from None
+        except (FileNotFoundError, PermissionError) as exc:
+            why = _exec_failure(argv[0], env, exc)
+            raise SpawnError(f"{name}: program {argv[0]!r} {why}") from None
         except ValueError as exc:  # a NUL in argv or env, which exec cannot carry
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
         except OSError as exc:
