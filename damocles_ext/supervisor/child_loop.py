@@ -46,6 +46,10 @@ child_log = logging.getLogger("damocles_ext.child")
 _READ_SIZE = 1 << 16
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
 _PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
+_SLOW_PLUGINS = (
+    "; a prover plugin installed here that is slow to import (a module-level CUDA or torch"
+    " import) or to build its prover delays every Plugin child"
+)
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _STDERR_LINE_CHARS = 300
 _MAX_QUEUE = 16  # requests beyond Concurrent a child may be sent (its Hello's queue, bounded)
@@ -432,19 +436,9 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         if p.down_reason is None and child.stop.is_set():  # not a failure: we stop it
             mark_down(host, child, p, "stopped before it was ready")
         elif p.down_reason is None:
-            slow = (
-                "; a prover plugin installed here that is slow to import (a module-level CUDA"
-                " or torch import) or to build its prover delays every Plugin child"
-                if child.spec.kind == "plugin"
-                else ""
-            )
-            mark_down(
-                host,
-                child,
-                p,
-                f"failed start: no ready message within {timeout:g}s ({wrote}): the"
-                f" ReadyTimeoutSecs of its table{slow}; raise it if the child needs longer",
-            )
+            slow = _SLOW_PLUGINS if child.spec.kind == "plugin" else ""
+            why = f"no ready message within {timeout:g}s ({wrote}): the ReadyTimeoutSecs of its"
+            mark_down(host, child, p, f"failed start: {why} table{slow}; raise it if need be")
         elif p.down_reason.startswith("exited"):
             p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
         return False
