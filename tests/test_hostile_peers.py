@@ -153,8 +153,9 @@ async def test_an_answer_and_a_stray_printf_in_one_write_answers_the_request_the
     # answer (it is not retried: one attempt), then the child is killed for the printf.
     argv = dext_child(
         """
-        out.write(dext.encode(dext.Response(msg.id, output=WindowPoStOutput(
-            [b"ok"], [msg.task.miner_id, os.getpid()]))) + b"proof done\\n")
+        proof = b"%d %d" % (msg.task.miner_id, os.getpid())  # as answer() does (who())
+        out.write(dext.encode(dext.Response(msg.id, output=WindowPoStOutput([proof], [])))
+                  + b"proof done\\n")
         out.flush()
         """
     )
@@ -167,7 +168,7 @@ async def test_an_answer_and_a_stray_printf_in_one_write_answers_the_request_the
             output = await sup.submit(window_task(miner=7))
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults == [7, first_pid]
+    assert who(output) == (7, first_pid)
     assert stats.done == 1 and stats.failed == 0
     # Killed as it was answered, on the same read.
     kills = [
@@ -198,7 +199,7 @@ async def test_a_hello_and_a_bad_length_in_one_write_is_a_start_then_a_protocol_
             output = await sup.submit(window_task(miner=3))
             stats = sup.statistics().children[0]
             sup.request_shutdown()
-    assert output.faults[0] == 3
+    assert who(output)[0] == 3
     assert stats.restarts == 1
     assert "broke the protocol: dext framing error: frame length" in stats.last_exit, (
         stats.last_exit
