@@ -353,7 +353,10 @@ class TimeOuts:
         self.event = trio.Event()
 
 
-async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store):
+@asynccontextmanager
+async def _taken_back_from_worker_a(job_store: JobStore):
+    """A coordinator with one job, allocated to worker-a, which went silent past the heartbeat
+    timeout: the sweep took the job back. Yields the store, the job and a client."""
     now = [1_700_000_000.0]
     jobs = TrioJobStore(job_store, clock=lambda: now[0])
     job, _ = await jobs.create(make_input(proof_type=PROOF))
@@ -366,12 +369,17 @@ async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store
         assert [j["Id"] for j in answer["result"]] == [job.Id]
         now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
         await nursery.start(coordinator.sweep_forever)  # started after its first pass
+        yield jobs, job, client
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_sweep_gives_a_silent_workers_job_to_the_next_worker(job_store):
+    async with _taken_back_from_worker_a(job_store) as (_, job, client):
         _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
         assert [j["Id"] for j in answer["result"]] == [job.Id]
         _, answer = await client.call("Venus.WdPoStAllJobs")
         [brief] = answer["result"]["Jobs"]
         assert (brief["WorkerName"], brief["TryNum"], brief["State"]) == ("worker-b", 2, "running")
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_damocles_workers_late_proof_and_its_finish_sent_again_are_taken(job_store):
@@ -379,19 +387,8 @@ async def test_a_damocles_workers_late_proof_and_its_finish_sent_again_are_taken
     # (5 times, a minute apart, by default) with its WindowPoSt thread held. Its proof for a job
     # taken back from it while nobody else holds it is taken, as damocles takes it; the same
     # finish sent again (its answer lost) is acknowledged; a different one is still refused.
-    now = [1_700_000_000.0]
-    jobs = TrioJobStore(job_store, clock=lambda: now[0])
-    job, _ = await jobs.create(make_input(proof_type=PROOF))
-    coordinator = Coordinator(jobs)
     output = {"proofs": ["AAEC"], "faults": []}
-    async with trio.open_nursery() as nursery:
-        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
-        await nursery.start(server.serve)
-        client = await connect(server)
-        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
-        assert [j["Id"] for j in answer["result"]] == [job.Id]
-        now[0] += 60  # worker-a went silent past the 15 s heartbeat timeout
-        await nursery.start(coordinator.sweep_forever)  # started after its first pass
+    async with _taken_back_from_worker_a(job_store) as (jobs, job, client):
         assert (await jobs.get(job.Id)).State == READY
         for _ in range(2):
             status, answer = await client.call("Venus.WdPoStFinishJob", job.Id, output, "")
@@ -402,7 +399,6 @@ async def test_a_damocles_workers_late_proof_and_its_finish_sent_again_are_taken
         assert status == 200 and "the job is finished" in answer["error"]["message"]
         _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
         assert answer["result"] == []  # proved once: nothing to give worker-b
-        nursery.cancel_scope.cancel()
     stored = await jobs.get(job.Id)
     assert stored.succeeded and as_json(stored.Output) == output and stored.TryNum == 1
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -59,6 +60,22 @@ def fast_restarts() -> BackoffPolicy:
 
 
 # -- door 1: a prover child's output -------------------------------------------------------------
+
+
+async def _one_request(argv: list[str], miner: int, **kw: Any) -> tuple[Any, Any, int]:
+    """One request to a supervisor of one child (`argv`, spec keywords `kw`), once it is
+    ready: (its output, the child's statistics after it, the pid that was ready first)."""
+    sup = Supervisor([spec(argv, **kw)], backoff=fast_restarts())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            first_pid = sup.statistics().children[0].pid
+            output = await sup.submit(window_task(miner=miner))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert first_pid is not None
+    return output, stats, first_pid
 
 
 async def test_a_dext_child_sending_a_nested_bomb_is_restarted_and_its_request_retried(
@@ -133,14 +150,7 @@ async def test_a_child_sending_its_hello_twice_is_restarted_with_a_reason_that_s
         """,
         setup=f"MARKER = {str(marker)!r}",
     )
-    sup = Supervisor([spec(argv, max_attempts=2)], backoff=fast_restarts())
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            await sup.wait_ready()
-            output = await sup.submit(window_task(miner=3))
-            stats = sup.statistics().children[0]
-            sup.request_shutdown()
+    output, stats, _ = await _one_request(argv, 3, max_attempts=2)
     assert who(output)[0] == 3
     assert "sent a second Hello frame" in stats.last_exit, stats.last_exit
     assert "only a parent may send" not in stats.last_exit
@@ -159,15 +169,7 @@ async def test_an_answer_and_a_stray_printf_in_one_write_answers_the_request_the
         out.flush()
         """
     )
-    sup = Supervisor([spec(argv, max_attempts=1)], backoff=fast_restarts())
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            await sup.wait_ready()
-            first_pid = sup.statistics().children[0].pid
-            output = await sup.submit(window_task(miner=7))
-            stats = sup.statistics().children[0]
-            sup.request_shutdown()
+    output, stats, first_pid = await _one_request(argv, 7, max_attempts=1)
     assert who(output) == (7, first_pid)
     assert stats.done == 1 and stats.failed == 0
     # Killed as it was answered, on the same read.
@@ -191,14 +193,7 @@ async def test_a_hello_and_a_bad_length_in_one_write_is_a_start_then_a_protocol_
             os.read(0, 1)  # killed here
         """
     )
-    sup = Supervisor([spec(argv)], backoff=fast_restarts())
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            await sup.wait_ready()
-            output = await sup.submit(window_task(miner=3))
-            stats = sup.statistics().children[0]
-            sup.request_shutdown()
+    output, stats, _ = await _one_request(argv, 3)
     assert who(output)[0] == 3
     assert stats.restarts == 1
     assert "broke the protocol: dext framing error: frame length" in stats.last_exit, (
