@@ -415,7 +415,10 @@ def test_simulate_command_prints_json(capsys):
         (["--vanilla", "9" * 400 + "m"], "is too long a duration"),
         (["--winning", "9" * 400], "is too long a duration"),
         (["--progress-interval", "9" * 400], "is too long a duration"),
-        (["--offsets", "0,0,0,1e300"], "--offsets: '0,0,0,1e300' is neither"),
+        (["--offsets", "0,0,0,1e300"], "--offsets: '1e300' is not a duration"),
+        # A negative offset is a list with a bad element, not a word it does not know.
+        (["--offsets=-100,0,0,0"], "--offsets: '-100' is not a duration"),
+        (["--offsets", "bogus"], "--offsets: 'bogus' is neither 'colliding', 'spread' nor a"),
         # A billion miners ran for ever, on its way to MemoryError.
         (["--miners", "999999999"], "--miners is limited to 1000 (one machine's), got 999999999"),
         (["--gpus", "1001"], "--gpus is limited to 1000"),

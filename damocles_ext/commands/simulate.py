@@ -191,9 +191,13 @@ def build_scenario(args: argparse.Namespace):
     if args.offsets not in ("colliding", "spread"):
         try:
             offsets = tuple(_seconds(x, "--offsets") for x in args.offsets.split(","))
-        except UsageError:
+        except UsageError as exc:
+            # A negative offset is a list all right: say what is wrong in it.
+            looks_like_a_list = "," in args.offsets or args.offsets.strip()[:1] in "-+.0123456789"
             raise UsageError(
-                f"--offsets: {args.offsets!r} is neither 'colliding', 'spread' nor a "
+                str(exc)
+                if looks_like_a_list
+                else f"--offsets: {args.offsets!r} is neither 'colliding', 'spread' nor a "
                 "comma-separated list of durations (one per miner)"
             ) from None
         late = [o for o in offsets if o >= _PROVING_PERIOD]
