@@ -15,6 +15,7 @@ from test_jobs_rules import make_input
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc
 from damocles_ext.jobs.client import (
+    WORKER_PROVER_RPC,
     RpcCallError,
     RpcClient,
     RpcConnectionError,
@@ -164,7 +165,30 @@ async def test_a_refused_connection_is_a_clear_error_naming_the_url():
     message = str(caught.value)
     assert f"cannot connect to http://127.0.0.1:{port}/rpc/v0" in message
     assert "Venus.WdPoStAllJobs" in message and "refused" in message.lower()
+    assert f"check that {WORKER_PROVER_RPC} runs there" in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    # A client of a source node says what should run there (it named the coordinator).
+    async with RpcClient(f"/ip4/127.0.0.1/tcp/{port}", serves="a source node") as client:
+        with pytest.raises(RpcConnectionError, match="check that a source node runs there"):
+            await client.call("Venus.SectorIndexerFind")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_token_refused_in_plain_text_says_so(status):
+    # A proxy's plain "Unauthorized": it said to check that the address is the RPC's.
+    async def refuse(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        body = b"Unauthorized\n"
+        head = f"HTTP/1.1 {status} No\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with RpcClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*the token was refused"):
+                await client.call("Venus.WdPoStAllJobs")
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(job_store):

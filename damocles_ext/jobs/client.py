@@ -195,9 +195,15 @@ class RpcClient:
             answer = _answer_decoder.decode(body)
         except (msgspec.DecodeError, RecursionError):  # msgspec nests up to the recursion limit
             text = body[:200].decode("utf-8", "replace").strip()
+            check = (
+                "the token was refused: give the one the server takes (an 'Authorization:"
+                " Bearer TOKEN' header, or --token-file)"
+                if status in (401, 403)
+                else f"check that the address is {self.serves}"
+            )
             raise RpcProtocolError(
                 f"{self.url} answered {method} with HTTP {status} and a body that is not a "
-                f"JSON-RPC answer ({text!r}); check that the address is {self.serves}",
+                f"JSON-RPC answer ({text!r}); {check}",
                 url=self.url,
                 method=method,
                 status=status,
@@ -232,8 +238,8 @@ class RpcClient:
         except OSError as exc:
             why = _why(exc)
             raise RpcConnectionError(
-                f"cannot connect to {self.url} (for {method}): {why}; check that the coordinator"
-                " (or damocles-manager --worker-prover) runs there and the address",
+                f"cannot connect to {self.url} (for {method}): {why}; check that"
+                f" {self.serves} runs there, and the address",
                 url=self.url,
                 method=method,
             ) from None
