@@ -349,6 +349,9 @@ def test_a_late_proof_is_taken_while_no_worker_holds_the_job_and_its_outcome_is_
         (held, Finish(out, "", worker="w1"), T0 + 18, LIMITS),
         (final, Finish(out, "", lease="L1"), T0 + 18, LIMITS_ONE_TRY),
         (closing, Finish(out, "", lease="L1"), T0 + 20, LIMITS),
+        # Reset by an operator (to be proved afresh), or never given out.
+        (apply(taken_back, Reset(), T0 + 17, LIMITS).job, Finish(out, ""), T0 + 18, LIMITS),
+        (created(), Finish(out, ""), T0 + 18, LIMITS),
     ):
         step = apply(job, late, now, limits)
         assert step.job is job, late

@@ -183,7 +183,8 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
                 )
             if version >= 2:
                 OLD_WORKERS.create(conn)
-                conn.execute(OLD_WORKERS.insert().values(worker="old", spec="{}", last_seen=T0))
+                key = summary.spec_key(AllocationSpec((1234,)))  # as versions 2 and 3 kept it
+                conn.execute(OLD_WORKERS.insert().values(worker="old", spec=key, last_seen=T0))
             conn.execute(store.schema_version.insert().values(version=version))
             conn.execute(store.jobs.insert().values(database.row_values(job)))
     finally:
@@ -197,9 +198,11 @@ def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(sto
     with JobStore.open(store_url) as s:
         assert s.schema_version() == store.SCHEMA_VERSION == 4
         assert s.get(job.Id) == job
-        # The workers seen before (one that takes any job) are forgotten: their next calls
-        # tell them again.
-        assert s.summary(T0).unallocatable == 1
+        # The workers seen before are carried over (version 1 kept none): the job is one the
+        # worker seen takes, so it is not unallocatable.
+        seen = s.summary(T0)
+        assert [w.worker for w in seen.workers] == (["old"] if version >= 2 else [])
+        assert seen.unallocatable == (0 if version >= 2 else 1)
         s.allocate(AllocationSpec((1234,)), 0, "w", T0)
         assert s.summary(T0).unallocatable == 0
         with s.engine.begin() as conn:

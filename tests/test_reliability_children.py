@@ -329,6 +329,8 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
     cap = process.STDERR_BURST + process.STDERR_LINES_PER_SECOND * elapsed + 1
     assert seen.x_lines + seen.y_pieces <= cap
     assert seen.x_lines >= min(40_000, process.STDERR_BURST) and seen.dropped > 30_000
+    # ...in a warning a second at most (one per line let through doubled what was logged).
+    assert seen.warnings <= elapsed + 2, (seen.warnings, elapsed)
     # The newline-less line arrives as pieces of at most 8 KiB, never buffered whole.
     assert seen.longest < 8192 + 100
     print(f"supervisor RSS grew {(rss_after - rss_before) / 2**20:.1f} MiB")
@@ -364,11 +366,13 @@ class _Count(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.x_lines = self.y_pieces = self.longest = self.logged = self.dropped = 0
+        self.warnings = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         if (found := _DROPPED.search(text)) is not None:
             self.dropped += int(found[1])
+            self.warnings += 1
             return
         self.logged += 1
         self.x_lines += text.endswith("x" * 99)

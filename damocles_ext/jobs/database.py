@@ -34,7 +34,7 @@ SCHEMA_VERSION = 4
 # 3: the index of ready jobs ends with the id, as the allocation order does: the database reads
 #    the next job off the index instead of sorting every ready job created in the same second;
 # 4: the workers seen in dext_job_workers, keyed by the spec's digest, not the spec (a filter of
-#    hundreds of miners passed PostgreSQL's index limit); dext_workers is left as it was.
+#    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "

@@ -37,8 +37,8 @@ What we change and add (damocles' weaknesses):
   taken back for a heartbeat timeout, was finished by nobody: no repeat of it.
 - A late proof. A worker whose job was taken back (its heartbeats stopped) may still finish it:
   a proof (an output, no error) for a job that no worker holds and whose outcome is not final
-  (ready2run, or failed with a try left) and whose deadline has not passed is taken, as damocles
-  takes it, and spares proving it again. A failure from it, or anything for a job running on
+  (ready2run again after a try, or failed with a try left; not one an operator reset) and whose
+  deadline has not passed is taken, as damocles takes it, and spares proving it again. A failure from it, or anything for a job running on
   another worker or done, stays refused: no result is overwritten.
 - Deadlines. `Create.not_after` (unix seconds): allocation takes the job whose deadline comes
   first (`allocation_key`), never allocates a job whose deadline passed, and a Sweep cancels an
@@ -438,9 +438,9 @@ def _late_but_wanted(job: JobRecord, event: Finish, reason: str, limits: JobLimi
     not final: ready2run again (its heartbeats stopped, it was taken back), or failed with a try
     left. Taking it spares proving it again; a failure from that worker is not taken (the
     timeout counted its try), nor anything for a job that runs on another worker or is done."""
-    return (
-        event.output is not None and reason == "" and (job.State == READY or retryable(job, limits))
-    )
+    # Ready again after a try: not reset by an operator (TryNum 0), nor never given out.
+    again = job.State == READY and job.TryNum > 0
+    return event.output is not None and reason == "" and (again or retryable(job, limits))
 
 
 def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Step:

@@ -66,7 +66,6 @@ from .database import (
     sqlite_file,
     sqlite_store_problem,
     store_failure,
-    workers,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
@@ -228,10 +227,9 @@ class JobStore:
                 conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
                 for index in jobs.indexes:
                     index.create(conn, checkfirst=True)
-            if 0 < found < 4:  # database.OLD_WORKERS is left to version 3's still running
-                workers.create(conn)
-            # Later versions add their steps here, each from `found` upwards; the new version
-            # is recorded in the same transaction.
+            if 0 < found < 4:
+                worker_rows.create_and_carry_over(conn)
+            # Later versions' steps go here, each from `found` up; the version is recorded below.
             if found < SCHEMA_VERSION:
                 conn.execute(schema_version.delete())
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
@@ -559,7 +557,8 @@ def _wakes_producers(old: JobRecord, new: JobRecord | None) -> bool:
     (reset, retried) or gone (removed)."""
     if new is None:
         return True
-    return new.State != old.State and new.State in (FINISHED, READY)
+    # Or finished again: a late proof turned a failed job with a try left into a success.
+    return (new.State != old.State or new.Output != old.Output) and new.State in (FINISHED, READY)
 
 
 #: How long a call of TrioJobStore waits for the database (beyond SQLite's busy timeout).

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import summary
-from .database import jobs, workers
+from .database import OLD_WORKERS, jobs, workers
 from .model import FINISHED, READY, RUNNING
 from .rules import AllocationSpec
 
@@ -59,6 +59,29 @@ def record(conn: Connection, insert: Callable[[Any], Any], worker: str, spec: Al
         _upsert(insert),
         {"w_worker": worker, "w_digest": summary.spec_digest(key), "w_spec": key, "w_at": now},
     )
+
+
+def create_and_carry_over(conn: Connection) -> None:
+    """Schema version 4: the workers seen in their table, with the rows of versions 2 and 3's
+    (OLD_WORKERS, keyed by the spec itself) copied in when it is there. That one is left as it
+    was, to the coordinators of version 3 still running on the store."""
+    workers.create(conn)
+    if not sa.inspect(conn).has_table(OLD_WORKERS):
+        return
+    rows = conn.execute(sa.text(f"SELECT worker, spec, last_seen FROM {OLD_WORKERS}")).all()
+    if rows:
+        conn.execute(
+            workers.insert(),
+            [
+                {
+                    "worker": row.worker,
+                    "spec_digest": summary.spec_digest(row.spec),
+                    "spec": row.spec,
+                    "last_seen": float(row.last_seen),
+                }
+                for row in rows
+            ],
+        )
 
 
 def touch(conn: Connection, names: Iterable[str], now: float) -> None:

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import math
 import os
 import shutil
 import signal
@@ -489,6 +490,7 @@ async def relay_stderr(
     # A token bucket of lines: a burst (a traceback, a prover's start-up chatter) is logged
     # whole; a child writing without end fills no disk (a flood logged 1 GB in 5 s).
     tokens, refilled, dropped = float(STDERR_BURST), trio.current_time(), 0
+    said_at = -math.inf  # when the last "dropped" warning went out: at most one a second
 
     def emit(text: str) -> None:
         nonlocal tokens, refilled, dropped
@@ -501,13 +503,14 @@ async def relay_stderr(
             if tokens < 1:
                 dropped += 1
                 return
-        if dropped:
+        if dropped and trio.current_time() - said_at >= 1.0:
             said_dropped()
         tokens -= 1
         logger.info("%s %s", prefix, text, extra=fields)
 
     def said_dropped() -> None:
-        nonlocal dropped
+        nonlocal dropped, said_at
+        said_at = trio.current_time()
         logger.warning(
             "%s %d stderr lines dropped: it wrote over %d a second (bursts of %d are kept)",
             prefix,
