@@ -539,3 +539,17 @@ def test_a_postgresql_server_with_no_connection_left_is_said_so_with_what_to_rai
         failure = store_failure("postgresql://dext@db.example/jobs", url, "sweep", error)
         assert isinstance(failure, store.StoreUnavailable)
         assert "takes no more connections" in str(failure) and "max_connections" in str(failure)
+
+
+def test_a_late_proof_on_a_failed_job_wakes_the_listening_producers():
+    # Finished (failed, a try left) to finished (proved): the state did not change, and no
+    # NOTIFY went out; producers on other hosts saw the proof at their next poll only.
+    job = rules.apply(None, rules.Create(make_input()), T0, rules.JobLimits()).job
+    job = rules.apply(job, rules.Allocate("w1", "L1"), T0, rules.JobLimits()).job
+    failed = rules.apply(job, rules.Finish(None, "oom", lease="L1"), T0 + 1, rules.JobLimits()).job
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    proved = rules.apply(failed, rules.Finish(out, "", lease="L0"), T0 + 2, rules.JobLimits()).job
+    assert (failed.State, proved.State) == (FINISHED, FINISHED) and proved.succeeded
+    assert store._wakes_producers(failed, proved)
+    assert store._wakes_producers(job, failed)  # running -> finished, as before
+    assert not store._wakes_producers(job, job)  # a heartbeat: nothing to act on
