@@ -450,6 +450,11 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         child.tracker.ready(trio.current_time())
         log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
         return True
+    if broke is not None:  # a Hello, then bad bytes in one read: a start, then a run that
+        child.tracker.ready(trio.current_time())  # broke at once, killed before the book is
+        broke.events = []  # told: no request is sent to it, none is charged a try
+        _broke(host, child, p, data, broke)
+        return True
     if child.stop.is_set() or p.down_reason is not None:
         mark_down(host, child, p, "stopped before it was ready")
         return False
@@ -475,10 +480,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         host.book.child_ready, child.name, now, protocol=ready.protocol, pid=p.proc.pid, queue=queue
     )
     rest = [ev for ev in events if not isinstance(ev, Ready)]
-    if broke is not None:
-        broke.events = rest
-        _broke(host, child, p, data, broke)
-    elif rest:
+    if rest:
         host.output(child, p, rest)
     return True
 
