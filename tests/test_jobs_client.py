@@ -18,6 +18,7 @@ from damocles_ext.jobs.client import (
     WORKER_PROVER_RPC,
     RpcCallError,
     RpcClient,
+    RpcClientError,
     RpcConnectionError,
     RpcProtocolError,
     RpcTimeout,
@@ -173,22 +174,33 @@ async def test_a_refused_connection_is_a_clear_error_naming_the_url():
             await client.call("Venus.SectorIndexerFind")
 
 
+async def _call_a_server_answering(status: int, body: bytes) -> None:
+    """Venus.WdPoStAllJobs to a server that answers every request with `status` and `body`."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+
+    error: RpcClientError | None = None
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        try:
+            async with RpcClient(f"127.0.0.1:{port}") as client:
+                await client.call("Venus.WdPoStAllJobs")
+        except RpcClientError as exc:  # raised outside the nursery: not in an ExceptionGroup
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_token_refused_in_plain_text_says_so(status):
     # A proxy's plain "Unauthorized": it said to check that the address is the RPC's.
-    async def refuse(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        body = b"Unauthorized\n"
-        head = f"HTTP/1.1 {status} No\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        await stream.send_all(head + body)
-
-    async with trio.open_nursery() as nursery:
-        [listener] = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
-        port = listener.socket.getsockname()[1]
-        async with RpcClient(f"127.0.0.1:{port}") as client:
-            with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*the token was refused"):
-                await client.call("Venus.WdPoStAllJobs")
-        nursery.cancel_scope.cancel()
+    with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*the token was refused"):
+        await _call_a_server_answering(status, b"Unauthorized\n")
 
 
 async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(job_store):
@@ -228,18 +240,8 @@ async def test_an_answer_nested_too_deeply_is_a_protocol_error(where):
         else b'{"jsonrpc":"2.0","result":null,"id":1,"x":' + deep + b"}"
     )
 
-    async def answer(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        await stream.send_all(head + body)
-
-    async with trio.open_nursery() as nursery:
-        [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-        port = listener.socket.getsockname()[1]
-        async with RpcClient(f"127.0.0.1:{port}") as client:
-            with pytest.raises(RpcProtocolError, match=r"Venus\.WdPoStAllJobs"):
-                await client.call("Venus.WdPoStAllJobs")
-        nursery.cancel_scope.cancel()
+    with pytest.raises(RpcProtocolError, match=r"Venus\.WdPoStAllJobs"):
+        await _call_a_server_answering(200, body)
 
 
 @pytest.mark.parametrize(
