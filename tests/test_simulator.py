@@ -387,6 +387,16 @@ def test_simulate_command_prints_json(capsys):
     assert doc["scenario"]["miners"] == 2 and doc["capacity_bound_partitions"] > 0
 
 
+def test_a_span_simulated_as_whole_deadlines_says_so(capsys):
+    # 8.6 s was shown as "0.0024 h" and simulated as a whole deadline per miner, WinningPoSts
+    # drawn over its half hour, without a word.
+    argv = ["simulate", "--miners", "1", "--gpus", "1", "--policies", "c"]
+    assert main([*argv, "--days", "0.0001"]) == 0
+    assert "0.0024 h (simulated as 1 whole deadline per miner: 0.5 h)" in capsys.readouterr().out
+    assert main([*argv, "--hours", "1"]) == 0
+    assert ", 1 h, seed " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

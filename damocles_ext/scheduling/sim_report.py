@@ -68,6 +68,15 @@ def format_bisect(doc: dict[str, Any]) -> str:
     return title + "\n" + "\n".join(lines)
 
 
+def _span(s: Scenario) -> str:
+    """The span asked for, and the whole deadlines it is simulated as when they differ."""
+    n = s.deadlines_per_miner
+    whole = n * s.deadline_period / 3600.0
+    if abs(whole - s.hours) < 1e-9:
+        return f"{s.hours:g} h"
+    return f"{s.hours:g} h (simulated as {n} whole deadline{'s' if n > 1 else ''} per miner: {whole:g} h)"
+
+
 def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
     """One paragraph: what was simulated, the bound and how loaded it is."""
     s = scenario
@@ -83,7 +92,7 @@ def describe(scenario: Scenario, doc: dict[str, Any]) -> str:
         jitter = f": {times}, +-{s.snark_jitter:.0%}"
     return (
         f"{s.miners} miners ({offsets}), {s.gpus} GPUs, {s.total_partitions} partitions per "
-        f"deadline ({','.join(map(str, s.partitions))} per miner), {s.hours:g} h, seed {s.seed}; "
+        f"deadline ({','.join(map(str, s.partitions))} per miner), {_span(s)}, seed {s.seed}; "
         f"SNARK {s.snark.low:g}-{s.snark.high:g}s ({s.snark_model} model{jitter}; "
         f"progress every {s.progress_interval:g}s), "
         f"vanilla {s.vanilla.low:g}-{s.vanilla.high:g}s, "
