@@ -280,10 +280,10 @@ _task_decoders: dict[type, msgspec.msgpack.Decoder[Task]] = {}
 
 def task_problem(task: Task) -> str | None:
     """Why a caller's task cannot be sent (after "request N "): what in it, a Struct the caller
-    built, its child could not read (msgspec checks a
-    Struct's fields when it decodes one, not when it is built: a 31-byte seed, a negative miner
-    id or an unknown proof type killed every child it was sent to), or None. The check is the
-    child's: the task encoded and decoded as its type."""
+    built, its child could not read (msgspec checks a Struct's fields when it decodes one, not
+    when it is built: a 31-byte seed, a negative miner id or an unknown proof type killed every
+    child it was sent to), or None. The check is the child's: the task encoded and decoded as
+    its type."""
     kind = type(task)
     decoder = _task_decoders.get(kind)
     if decoder is None:

@@ -128,14 +128,19 @@ class _HangingObserver:
         await trio.sleep_forever()
 
 
+def _observed_supervisor(observer: object, name: str) -> Supervisor:
+    """A supervisor of one fake dext child whose only plugin is `observer`, named `name`."""
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(observer, name=name)
+    return Supervisor([spec(dext_child())], plugin_manager=pm)
+
+
 async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_running(
     monkeypatch, caplog
 ):
     monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     observer = _HangingObserver()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(observer, name="hanging")
-    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    sup = _observed_supervisor(observer, "hanging")
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -152,9 +157,7 @@ async def test_events_for_a_stuck_observer_are_dropped_beyond_the_backlog(monkey
     monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
     observer = _HangingObserver()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(observer, name="hanging")
-    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    sup = _observed_supervisor(observer, "hanging")
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await sup.wait_ready()
@@ -188,9 +191,7 @@ class _BlockingObserver:
 
 async def test_a_blocking_plain_observer_does_not_hold_the_supervisor_back():
     observer = _BlockingObserver(limit=5)
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(observer, name="blocking")
-    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    sup = _observed_supervisor(observer, "blocking")
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
@@ -214,9 +215,7 @@ async def test_a_stuck_plain_observer_is_cut_off_and_logged_once_naming_its_plug
     monkeypatch.setattr(observers, "OBSERVER_THREADS", 1)
     caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
     observer = _BlockingObserver(limit=5)
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(observer, name="stuck")
-    sup = Supervisor([spec(dext_child())], plugin_manager=pm)
+    sup = _observed_supervisor(observer, "stuck")
     try:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:

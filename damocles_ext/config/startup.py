@@ -71,6 +71,17 @@ def missing_interpreter(program: str) -> str | None:
     return os.fsdecode(interpreter)
 
 
+def interpreter_problem(program: str) -> str | None:
+    """What is wrong with the #! interpreter of `program` (a regular file), or None."""
+    interpreter = missing_interpreter(program)
+    if interpreter is None:
+        return None
+    return (
+        f"exists, but the interpreter its #! line names, {interpreter!r}, was not found;"
+        " install it or fix the #! line"
+    )
+
+
 def program_problem(program: str, search_path: str | None = None) -> str | None:
     """Why `program` (argv[0]) cannot be executed on this machine, and what to do; None if it can.
 
@@ -101,12 +112,8 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
             f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
             f"executable (chmod +x) or {fix}"
         )
-    interpreter = missing_interpreter(program)
-    if interpreter is not None:
-        return (
-            f"{shown} exists, but the interpreter its #! line names, {interpreter!r}, was not"
-            " found; install it or fix the #! line"
-        )
+    if (problem := interpreter_problem(program)) is not None:
+        return f"{shown} {problem}"
     return None
 
 

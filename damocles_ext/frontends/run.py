@@ -20,7 +20,7 @@ import trio
 
 from .control import ControlServer
 from .control_socket import bind_control_socket
-from .signals import stop_signals, watch_signals
+from .signals import end_soon, stop_signals, watch_signals
 
 if TYPE_CHECKING:
     from ..commands.common import SupervisorOptions
@@ -112,10 +112,7 @@ async def _run(
             # the GPUs) while this one's proofs still run. It goes once the supervisor stopped.
             def at_once() -> None:
                 supervisor.stop_at_once(STOPPED_AT_ONCE)  # every open request answered now
-                # The answers need a moment to reach their clients, a stuck client does not;
-                # the children are killed as the supervisor's run is cancelled.
-                scope = nursery.cancel_scope
-                scope.deadline = min(scope.deadline, trio.current_time() + 1.0)
+                end_soon(nursery.cancel_scope)
 
             nursery.start_soon(
                 watch_signals,

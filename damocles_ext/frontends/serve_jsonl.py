@@ -33,7 +33,7 @@ from ..protocol import jsonl
 from ..tasks import Output, Task
 from .outbox import Outbox
 from .serve import reader_gone
-from .signals import stop_signals, watch_signals
+from .signals import end_soon, stop_signals, watch_signals
 from .started import Batch, CancelHandle, OnDone, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
@@ -383,10 +383,7 @@ async def serve_supervised(
             def at_once() -> None:
                 server.stop_reading()
                 supervisor.stop_at_once(STOPPED_AT_ONCE)  # every open request answered now
-                # The answers need a moment to be written, a stuck stdout does not; the children
-                # are killed as the supervisor's run is cancelled.
-                scope = nursery.cancel_scope
-                scope.deadline = min(scope.deadline, trio.current_time() + 1.0)
+                end_soon(nursery.cancel_scope)
 
             # Reading goes on after the first signal: a request already in the pipe still gets
             # its (error) answer.
@@ -526,10 +523,7 @@ async def serve_draining(
         def at_once() -> None:
             server.stop_reading()
             in_flight.abandon(reasons.at_once)
-            # The error answers need a moment to be written; a stuck stdout does not.
-            nursery.cancel_scope.deadline = min(
-                nursery.cancel_scope.deadline, trio.current_time() + 1.0
-            )
+            end_soon(nursery.cancel_scope)
 
         server = JsonLineServer(
             stage,

@@ -8,7 +8,20 @@ import logging
 import signal
 from collections.abc import Callable
 
+import trio
+
 log = logging.getLogger("damocles_ext.serve")
+
+
+#: After a second signal, how long the error answers it made get to be written out.
+ANSWERS_GRACE = 1.0
+
+
+def end_soon(scope: trio.CancelScope) -> None:
+    """A second signal: `scope` ends within ANSWERS_GRACE, time for the answers just made to
+    reach their readers; a reader that is stuck does not hold it longer. The children are
+    killed as the supervisor's run is cancelled."""
+    scope.deadline = min(scope.deadline, trio.current_time() + ANSWERS_GRACE)
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

@@ -423,7 +423,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
                 events = p.conn.receive_data(data)
     except ChildProtocolError as exc:
         if p.conn.ready:  # a valid Hello, then bad bytes in the same read: ready, then broke
-            events, broke = exc.events, exc
+            broke = exc
         elif data:
             what = f"undecodable output at start: {exc}"
             report_bad_output(child.name, p.proc.pid, data, what)

@@ -36,7 +36,7 @@ from ..config import (
     build_env,  # noqa: F401 - child_loop takes it from here, with the spawn
 )
 from ..config.machine import untrusted_problem
-from ..config.startup import file_kind, missing_interpreter
+from ..config.startup import file_kind, interpreter_problem
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -378,7 +378,8 @@ def _grow_pipe(fd: int) -> None:
 def _exec_failure(program: str, env: Mapping[str, str], exc: OSError) -> str:
     """What exec's ENOENT or EACCES for `program` means, in words: ENOENT is also what a
     script whose #! interpreter is missing gets, EACCES what a directory or a FIFO gets."""
-    path = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+    # Looked up as exec looks it up: in the child's PATH, the default one without it.
+    path = program if os.sep in program else shutil.which(program, path=env.get("PATH", os.defpath))
     try:
         st = os.stat(path) if path is not None else None
     except OSError:
@@ -390,13 +391,9 @@ def _exec_failure(program: str, env: Mapping[str, str], exc: OSError) -> str:
     if isinstance(exc, PermissionError):
         return "is not executable"
     assert path is not None
-    interpreter = missing_interpreter(path)
-    if interpreter is not None:
-        return (
-            f"exists, but the interpreter its #! line names, {interpreter!r}, was not found;"
-            " install it or fix the #! line"
-        )
-    return "exists, but exec found no interpreter for it (an ELF program without its loader?)"
+    return interpreter_problem(path) or (
+        "exists, but exec found no interpreter for it (an ELF program without its loader?)"
+    )
 
 
 def spawn(
