@@ -71,6 +71,7 @@ class ChildStatus(msgspec.Struct, frozen=True):
     locks: list[str]
     locks_held: list[str]
     lock_files: LockFiles | None
+    benched_for: float | None = None  # absent from a supervisor older than the breaker
 
 
 class StageStatus(msgspec.Struct, frozen=True):
@@ -342,6 +343,7 @@ def assemble(
                 locks=list(getattr(c, "locks", ())),
                 locks_held=list(getattr(c, "locks_held", ())),
                 lock_files=lock_files.get(c.name),
+                benched_for=None if c.benched_for is None else round(c.benched_for, 3),
             )
         )
         per_stage.setdefault(c.stage, []).append(c)
@@ -466,6 +468,8 @@ def format_bytes(n: int | None) -> str:
 
 
 def _state(c: ChildStatus) -> str:
+    if c.benched_for is not None:
+        return f"{c.state}, benched {format_duration(c.benched_for)}"
     if c.state == "backoff" and c.next_start_in is not None:
         return f"backoff {format_duration(c.next_start_in)}"
     if c.state == "fatal" and c.next_start_in is not None:

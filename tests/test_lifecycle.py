@@ -109,6 +109,49 @@ def test_an_error_answer_is_the_answer_and_not_retried():
     )
 
 
+def test_a_child_benched_for_its_errors_has_its_failed_request_retried_on_a_sibling():
+    # A broken GPU answers every request with an error, at once: the scheduler's breaker
+    # benches it once a sibling proves; its error then is taken for the child's, not the task's.
+    book = book_with(("a", ChildLimits(max_attempts=2)), ("b", ChildLimits(max_attempts=2)))
+    ready(book, "a", "b")
+    answers, now, b_rid = {"a": 0, "b": 0}, 0.0, 0
+    for rid in (1, 2, 3, 4):  # a and b take turns; b proves, a fails
+        req, (send,) = book.submit(rid, window_task(), now)
+        answers[send.child] += 1
+        now += 1
+        if send.child == "b":
+            b_rid += 1
+            assert resolved(book.answered("b", b_rid, now, output=OK))[0].error is None
+        else:
+            (res,) = book.answered("a", answers["a"], now, error="CUDA error: device lost")
+            assert res.error == (
+                f"request {rid} (window_post) failed on a (pid 100): CUDA error: device lost"
+            )
+    req, (send,) = book.submit(5, window_task(), now)
+    assert send.child == "a"  # its third error in a row, b proved since the first
+    out = book.answered("a", 3, now + 1, error="CUDA error: device lost")
+    assert kinds(out) == ["Note", "Retry", "Send"]
+    note, retry, send = out
+    assert note.level == "warning"
+    assert note.message == (
+        "a (pid 100) answered its last 3 requests with an error while another window_post child"
+        " made proofs: it takes no request for 30s while another child can serve them, then one"
+        " at a time until it makes a proof"
+    )
+    assert retry == Retry(
+        req, "failed on a (pid 100): CUDA error: device lost (a is benched)", 2, 2
+    )
+    assert send == Send(req, "b", b_rid + 1)
+    assert req.history == ["attempt 1 on a: failed on a (pid 100): CUDA error: device lost"]
+    # While it is benched, requests wait for b rather than go to a.
+    req6, out = book.submit(6, window_task(), now + 2)
+    assert out == []
+    assert book.answered("b", b_rid + 1, now + 3, output=OK) == [
+        Resolve(req, OK, None, "ok"),
+        Send(req6, "b", b_rid + 2),
+    ]
+
+
 def test_second_and_unknown_answers_are_dropped_with_a_note():
     book = book_with(("a", ChildLimits()))
     ready(book, "a")

@@ -236,6 +236,46 @@ async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_req
         assert child_stats(sup).restarts == 0
 
 
+async def test_a_child_that_fails_every_request_at_once_is_benched_and_its_sibling_takes_the_work(
+    caplog,
+):
+    # A GPU gone bad under a child that does not crash: every request fails at once. Always idle,
+    # it was the least loaded child and took half the requests, failing them all.
+    caplog.set_level(logging.WARNING, "damocles_ext")
+    handle = """
+    if os.environ.get("BROKEN"):
+        send(dext.Response(msg.id, error="CUDA error 999: unknown error"))
+    else:
+        answer(msg)
+    """
+    children = [
+        spec(dext_child(handle), index=0, envs={"BROKEN": "1"}),
+        spec(dext_child(handle), index=1),
+    ]
+    async with open_supervisor_fast(children) as sup:
+        await sup.wait_ready(count=2)
+        good_pid = child_stats(sup, "window_post#1").pid
+        failures = []
+        for miner in range(1, 31):  # one at a time: both children are idle each time
+            try:
+                assert who(await sup.submit(window_task(miner=miner))) == (miner, good_pid)
+            except ProverError as exc:
+                failures.append(str(exc))
+        broken = child_stats(sup, "window_post#0")
+        # Its first two errors are the requests' answers; the third benched it (the sibling had
+        # proved since the first), and that request ran again on the sibling; then none of the
+        # requests went to it. Without the breaker, 15 of the 30 failed.
+        assert len(failures) == 2, failures
+        assert all("failed on window_post#0" in f and "CUDA error 999" in f for f in failures)
+        assert (broken.failed, broken.done, broken.restarts) == (3, 0, 0)
+        assert 0 < broken.benched_for <= 30  # in status: "ready, benched 29s"
+        assert child_stats(sup, "window_post#1").done == 28
+    (bench,) = [r.getMessage() for r in caplog.records if "takes no request" in r.getMessage()]
+    assert "answered its last 3 requests with an error" in bench
+    retried = [r.getMessage() for r in caplog.records if "is benched); retrying" in r.getMessage()]
+    assert len(retried) == 1, retried
+
+
 async def test_a_child_that_closes_stdout_but_keeps_running_is_killed_and_its_request_retried(
     tmp_path,
 ):

@@ -12,6 +12,7 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from damocles_ext.scheduling.breaker import ChildBreaker
 from damocles_ext.scheduling.policy import ChildSlots, Fail, Job, Scheduler, Start
 
 WD, WIN, SNARK = "window_post", "winning_post", "window_post_snark"
@@ -46,7 +47,10 @@ submit = st.tuples(
     st.one_of(st.none(), st.floats(0, 30)),
     st.integers(-1, 1),
 )
-finish = st.tuples(st.just("finish"), st.integers(0, 50))
+# An answer: no outcome said, a proof, or an error (errors in a row bench a child: breaker.py).
+finish = st.tuples(
+    st.just("finish"), st.integers(0, 50), st.sampled_from([None, False, True, True])
+)
 progress = st.tuples(
     st.just("progress"),
     st.integers(0, 50),
@@ -61,10 +65,11 @@ other = st.one_of(
     st.tuples(st.just("remove"), st.integers(0, 50)),
     st.tuples(st.just("decide")),  # an extra decide with nothing new (the book makes those)
 )
+errors = st.tuples(st.just("errors"), st.sampled_from(CIDS))  # a child's running jobs all fail
 # Mostly jobs coming and going, the rest now and then: most sequences keep children busy.
-ops = st.one_of(submit, finish, submit, finish, progress, other)
+ops = st.one_of(submit, finish, submit, finish, progress, other, errors)
 # More jobs than children take: queues that stay long, submits behind them.
-crowded = st.one_of(submit, submit, submit, finish, progress, other)
+crowded = st.one_of(submit, submit, submit, finish, progress, other, errors)
 
 
 # Children that offer a queue (quick requests queue in them), and quick rules loose enough that
@@ -75,8 +80,11 @@ QUICK = {"quick_run": 2, "quick_answer": 4.0, "take_back_after": 3.0}
 
 class Twins:
     def __init__(self, children: list[ChildSlots]) -> None:
-        self.fast = Scheduler(**QUICK)
-        self.full = Scheduler(incremental=False, **QUICK)
+        # Benches short enough that random sequences see them end (and children on probation).
+        self.fast = Scheduler(**QUICK, breaker=ChildBreaker(first=4.0, longest=12.0))
+        self.full = Scheduler(
+            incremental=False, **QUICK, breaker=ChildBreaker(first=4.0, longest=12.0)
+        )
         self.cids = {c.child_id for c in children}
         for c in children:
             for s in (self.fast, self.full):
@@ -125,7 +133,7 @@ class Twins:
             self.both("submit", self.jobs[rid], self.now)
         elif kind == "finish" and self.running:
             rid = self.running.pop(op[1] % len(self.running))
-            if self.both("finished", rid, self.now):
+            if self.both("finished", rid, self.now, failed=op[2]):
                 self.live.remove(rid)
         elif kind in ("down", "fatal") and op[1] in self.cids:
             method = "child_down" if kind == "down" else "child_fatal"
@@ -135,6 +143,11 @@ class Twins:
                     self.both("requeue", job, self.now)
                 else:
                     self.live.remove(job.request_id)
+        elif kind == "errors" and op[1] in self.cids:
+            for rid in self.both("running_on", op[1]):
+                self.running.remove(rid)
+                if self.both("finished", rid, self.now, failed=True):
+                    self.live.remove(rid)
         elif kind == "ready" and op[1] in self.cids:
             self.both("child_ready", op[1], self.now, queue=QUEUES.get(op[1], 0))
         elif kind == "tick":

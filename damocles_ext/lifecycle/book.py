@@ -259,29 +259,31 @@ class RequestBook(BookRules):
                 continue
             self._forget(attempt)
             c.served = True
-            self.scheduler.finished(attempt.attempt_id, now)
             if attempt.abandoned:
+                self.scheduler.finished(attempt.attempt_id, now)
                 continue
             req = attempt.request
             req.current = None
             self._attempts.pop(attempt.attempt_id, None)
+            what = None  # what was wrong with the answer
             if error is not None:
-                c.failed += 1
                 said = error.strip() or "an error without a message (the prover gave none)"
-                why = f"request {req.rid} ({req.stage}) failed on {process.who}: {said}"
-                self._resolve(req, out, now, error=why)
+                what = f"failed on {process.who}: {said}"
             elif output is None or stage_of(output) != req.stage:
-                c.failed += 1
                 got = "no output" if output is None else f"a {stage_of(output)} output"
-                why = f"request {req.rid} ({req.stage}): {process.who} answered with {got}"
-                self._resolve(req, out, now, error=why)
+                what = f"{process.who} answered with {got}"
             elif (wrong := output_problem(req.task, output)) is not None:
-                c.failed += 1
-                why = f"request {req.rid} ({req.stage}): {process.who} answered with {wrong}"
-                self._resolve(req, out, now, error=why)
-            else:
+                what = f"{process.who} answered with {wrong}"
+            if what is None:
+                self.scheduler.finished(attempt.attempt_id, now, failed=False)
+                if self.scheduler.breaker.news:  # a proof here benches a failing sibling
+                    self._bench_news(now, out)
                 c.done += 1
                 self._resolve(req, out, now, output=output)
+            else:
+                c.failed += 1
+                head = f"request {req.rid} ({req.stage})" + ("" if error is not None else ":")
+                self._failed_answer(c, attempt, f"{head} {what}", what, now, out)
         if self._queued:
             self._dispatch(now, out)
         return out

@@ -10,7 +10,7 @@ import itertools
 from ..scheduling.policy import CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
 from .deadlines import Alarms
-from .effects import Effect, Kill, Resolve, Retry, Send, SendCancel
+from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
 from .records import (
     DEXT,
     Attempt,
@@ -257,6 +257,39 @@ class BookRules:
         else:
             why = f"{what}; giving up (MaxAttempts = {max_attempts} on {c.name})"
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
+
+    def _failed_answer(
+        self, c: ChildRecord, attempt: Attempt, why: str, what: str, now: float, out: list[Effect]
+    ) -> None:
+        """`attempt` was answered with an error or a bad output (`why`, or `what` after the
+        request's name): the request's answer, unless its child is benched now (the
+        scheduler's breaker, maybe by this very answer): then the error is taken for the
+        child's, and the request runs again on another child if its attempts allow."""
+        req = attempt.request
+        self.scheduler.finished(attempt.attempt_id, now, failed=True)
+        self._bench_news(now, out)
+        if self.scheduler.streak(c.name).benched_until <= now:
+            self._resolve(req, out, now, error=why)
+            return
+        req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
+        self._retry_or_fail(req, c, attempt.attempt_id, f"{what} ({c.name} is benched)", now, out)
+
+    def _bench_news(self, now: float, out: list[Effect]) -> None:
+        """Say which children the scheduler's breaker just benched, and why."""
+        news = self.scheduler.breaker.news
+        for name in news:
+            c = self._children[name]
+            streak = self.scheduler.streak(name)
+            who = c.process.who if c.process is not None else name
+            again = f" (bench {streak.benches} in a row)" if streak.benches > 1 else ""
+            text = (
+                f"{who} answered its last {streak.errors} requests with an error while another"
+                f" {c.stage} child made proofs: it takes no request for"
+                f" {streak.benched_until - now:.0f}s{again} while another child can serve them,"
+                " then one at a time until it makes a proof"
+            )
+            out.append(Note("warning", text))
+        news.clear()
 
     def _on_fail(self, aid: int, reason: str, now: float, out: list[Effect]) -> None:
         req = self._attempts.pop(aid, None)

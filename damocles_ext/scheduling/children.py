@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from .breaker import Streak
 from .decisions import ChildSlots, Job, TakeBack
 
 #: Queued jobs in a child (see "Quick requests"): an answer within QUICK_ANSWER seconds of its
@@ -52,6 +53,7 @@ class _Child:
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity
     slots: int = 0  # jobs it may hold now: its capacity, and its queue while quick (_set_slots)
     behind: deque[_Running] = field(default_factory=deque)  # its jobs behind, in start order
+    streak: Streak = field(default_factory=Streak)  # its answers, for the breaker
 
     @property
     def state(self) -> str:

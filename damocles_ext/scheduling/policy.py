@@ -45,6 +45,8 @@ The rules, in one place:
   without phases) keep the plain slot rule above.
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
+* Failing children. A child that answers request after request with an error while a sibling
+  proves is benched, then put on probation: see `breaker.py` (`finished(..., failed=True)`).
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
@@ -57,6 +59,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
+from .breaker import ChildBreaker, Streak
 from .children import (
     _HISTORY,
     QUICK_ANSWER,
@@ -110,6 +113,7 @@ class Scheduler:
         quick_answer: float = QUICK_ANSWER,
         quick_run: int = QUICK_RUN,
         take_back_after: float = TAKE_BACK_AFTER,
+        breaker: ChildBreaker | None = None,
     ) -> None:
         self._gpu_phases = frozenset(gpu_phases)
         self._incremental = incremental
@@ -139,6 +143,7 @@ class Scheduler:
         self._queue_len = self._queues.length  # live jobs per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
+        self.breaker = breaker or ChildBreaker()  # failing children (breaker.py): read, not changed
 
     # -- children ---------------------------------------------------------------------------
 
@@ -164,6 +169,7 @@ class Scheduler:
         child.queue = max(0, queue)
         child.quick = 0
         set_slots(child, self._quick_run)
+        self.breaker.fresh_process(child)  # its next answer decides
         self._touch(child.info.stage)
 
     def child_down(self, child_id: str, now: float) -> list[Job]:
@@ -213,9 +219,19 @@ class Scheduler:
         self._check_new(job)
         self._enqueue(job, RETRY)
 
-    def finished(self, request_id: int, now: float) -> bool:
-        """The child answered `request_id`: free its slot and locks. False if it was not running."""
+    def finished(self, request_id: int, now: float, *, failed: bool | None = None) -> bool:
+        """The child answered `request_id`: free its slot and locks (False if it was not running).
+        `failed`: an error (True) or a proof (False) for "Failing children"; None: neither."""
+        run = self._running.get(request_id)
+        if failed is not None and run is not None and not run.cancelled:
+            child = self._children[run.child_id]
+            if self.breaker.count(child, self._by_stage[child.info.stage], failed, now):
+                self._touch(child.info.stage)
         return self._finish(request_id, now, learn=True)
+
+    def streak(self, child_id: str) -> Streak:
+        """The child's answers as "Failing children" counts them (read only)."""
+        return self._child(child_id).streak
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
         run = self._running.get(request_id)
@@ -295,6 +311,9 @@ class Scheduler:
         """Everything to do now: starts, failures of expired or unservable jobs, cancels."""
         self._decided_at = now
         self._gen += 1
+        if self.breaker.benches:
+            for cid in self.breaker.ended(now):  # on probation now: it may take a job
+                self._touch(self._children[cid].info.stage)
         take_back_due = bool(self._queueing) and now >= self._next_take_back()
         if self._incremental and not (
             self._all_dirty
@@ -393,10 +412,9 @@ class Scheduler:
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
         becomes able to take the next queued job; None if there is no such time."""
-        if self._incremental and not (
-            self._deadlines or self._queues.with_deadline or self._pipelined_stages
-        ):
-            # No deadline, no pipelined child: only jobs behind long work can be due.
+        timed = self._deadlines or self._queues.with_deadline or self.breaker.benches
+        if self._incremental and not (timed or self._pipelined_stages):
+            # No deadline, no pipelined child, no bench: only jobs behind long work can be due.
             return self._next_take_back() if self._queueing else None
         cached = self._wakeup_cache
         if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
@@ -414,6 +432,7 @@ class Scheduler:
             ]
         if self._queueing:
             times.append(self._next_take_back())
+        times += self.breaker.benches.values()  # a benched child may take a job then
         for stage, queue in self._queues.stages.items():
             head = self._queues.peek(queue)
             if head is None:
@@ -533,6 +552,8 @@ class Scheduler:
                 )
                 and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
             ):
+                continue
+            if self.breaker.suspects and self.breaker.left_out(c, self._by_stage[stage], now):
                 continue
             free_at = now
             if c.pipelined and c.running and not (self._gpu_idle(c) and self._queue_covers(stage)):

@@ -44,6 +44,7 @@ class ChildStats(msgspec.Struct, frozen=True):
     locks_held: tuple[str, ...] = ()  # those the scheduler holds for its running requests now
     tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
     start_refused: bool = False  # its last start ended in exit code 2: its prover cannot load
+    benched_for: float | None = None  # seconds left of its bench (scheduling/breaker.py)
 
 
 class StageStats(msgspec.Struct, frozen=True):
@@ -62,6 +63,11 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     stages: dict[str, StageStats]
     requests: int  # submitted and not yet answered
     shutting_down: bool
+
+
+def _benched_for(book: RequestBook, name: str, now: float) -> float | None:
+    until = book.scheduler.streak(name).benched_until
+    return until - now if until > now else None
 
 
 def build_statistics(
@@ -109,6 +115,7 @@ def build_statistics(
                 locks_held=tuple(sorted(held_by.get(c.name, ()))),
                 tmpdir=c.spec.envs.get("TMPDIR"),
                 start_refused=c.start_refused,
+                benched_for=_benched_for(book, c.name, now),
             )
         )
     stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))
