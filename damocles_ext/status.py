@@ -468,13 +468,14 @@ def format_bytes(n: int | None) -> str:
 
 
 def _state(c: ChildStatus) -> str:
-    if c.benched_for is not None:
-        return f"{c.state}, benched {format_duration(c.benched_for)}"
+    state = c.state
     if c.state == "backoff" and c.next_start_in is not None:
-        return f"backoff {format_duration(c.next_start_in)}"
-    if c.state == "fatal" and c.next_start_in is not None:
-        return f"fatal, retry {format_duration(c.next_start_in)}"
-    return c.state
+        state = f"backoff {format_duration(c.next_start_in)}"
+    elif c.state == "fatal" and c.next_start_in is not None:
+        state = f"fatal, retry {format_duration(c.next_start_in)}"
+    if c.benched_for is not None:
+        state += f", benched {format_duration(c.benched_for)}"
+    return state
 
 
 def _locks(c: ChildStatus) -> str:

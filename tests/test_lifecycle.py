@@ -135,8 +135,8 @@ def test_a_child_benched_for_its_errors_has_its_failed_request_retried_on_a_sibl
     assert note.level == "warning"
     assert note.message == (
         "a (pid 100) answered its last 3 requests with an error while another window_post child"
-        " made proofs: it takes no request for 30s while another child can serve them, then one"
-        " at a time until it makes a proof"
+        " proved for the same miner: it takes no request for 30s while another child can serve"
+        " them, then one at a time until it makes a proof"
     )
     assert retry == Retry(
         req, "failed on a (pid 100): CUDA error: device lost (a is benched)", 2, 2
@@ -150,6 +150,25 @@ def test_a_child_benched_for_its_errors_has_its_failed_request_retried_on_a_sibl
         Resolve(req, OK, None, "ok"),
         Send(req6, "b", b_rid + 2),
     ]
+
+
+def test_an_error_from_a_benched_child_with_no_attempt_left_is_the_plain_answer():
+    book = book_with(("a", ChildLimits(max_attempts=1)), ("b", ChildLimits(max_attempts=1)))
+    ready(book, "a", "b")
+    for rid, child in ((1, "a"), (2, "b"), (3, "a"), (4, "b")):
+        _, (send,) = book.submit(rid, window_task(), float(rid))
+        assert send.child == child
+        n = send.child_rid
+        if child == "a":
+            book.answered("a", n, rid + 0.5, error="CUDA error")
+        else:
+            book.answered("b", n, rid + 0.5, output=OK)
+    req, _ = book.submit(5, window_task(), 5.0)
+    out = book.answered("a", 3, 5.5, error="CUDA error")  # benches a: MaxAttempts = 1, no retry
+    assert kinds(out) == ["Note", "Resolve"]
+    assert out[1] == Resolve(
+        req, None, "request 5 (window_post) failed on a (pid 100): CUDA error", "error"
+    )
 
 
 def test_second_and_unknown_answers_are_dropped_with_a_note():

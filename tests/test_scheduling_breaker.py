@@ -56,8 +56,8 @@ def test_errors_in_a_row_while_a_sibling_proves_bench_the_child_and_its_jobs_wai
             errors += child == "a"
         now += 1
         d.answer_all(now)
-    assert d.s.streak("a").benched_until == now + BENCH_FIRST
-    assert d.s.streak("b").benched_until == -math.inf
+    assert d.s.breaker.streak("a").benched_until == now + BENCH_FIRST
+    assert d.s.breaker.streak("b").benched_until == -math.inf
     # Benched: four jobs queued, b busy with one at a time, a idle: a takes none of them.
     d.submit(now, 4)
     for _ in range(4):
@@ -75,7 +75,7 @@ def test_a_bench_ends_in_probation_one_job_at_a_time_a_proof_ends_it_an_error_do
         d.answer_all(t + 0.5)
     benched_at = BREAKER_ERRORS - 0.5
     end = benched_at + BENCH_FIRST
-    assert d.s.streak("a").benched_until == end
+    assert d.s.breaker.streak("a").benched_until == end
     d.submit(end - 1, 6)
     assert [c for _, c in d.decide(end - 1)] == ["b"]
     # The policy wakes the book when the bench ends; a takes one job, though it has 4 slots.
@@ -85,14 +85,14 @@ def test_a_bench_ends_in_probation_one_job_at_a_time_a_proof_ends_it_an_error_do
     # Its error benches it again at once, for twice as long.
     (rid_a,) = [r for r, c in d.where.items() if c == "a"]
     d.answer(rid_a, end + 1)
-    assert d.s.streak("a").benched_until == end + 1 + 2 * BENCH_FIRST
+    assert d.s.breaker.streak("a").benched_until == end + 1 + 2 * BENCH_FIRST
     assert d.decide(end + 1) == []
     # Probation again; this time a proof: a is trusted with all its slots again.
     d.fails.clear()
     probe = end + 1 + 2 * BENCH_FIRST
     (rid_a,) = [r for r, c in d.decide(probe) if c == "a"]
     d.answer(rid_a, probe + 1)
-    assert d.s.streak("a").benched_until == -math.inf
+    assert d.s.breaker.streak("a").benched_until == -math.inf
     assert sorted(c for _, c in d.decide(probe + 1)) == ["a", "a", "a"]  # what is left queued
 
 
@@ -102,11 +102,11 @@ def test_a_sibling_proof_benches_a_child_past_its_errors_and_benches_double_to_t
         s.submit(Job(rid, WD, 0.0), 0.0)
     assert sorted(d.child_id for d in s.decide(0.0) if isinstance(d, Start)) == ["a", "b"]
     s.finished(1, 1.0, failed=True)  # a fails before b ever proved: the task may be at fault
-    assert s.streak("a").benched_until == -math.inf
+    assert s.breaker.streak("a").benched_until == -math.inf
     assert s.breaker.news == []
     s.finished(2, 2.0, failed=False)  # b proves: a, past its errors, is benched now
     assert s.breaker.news == ["a"]
-    assert s.streak("a").benched_until == 12.0
+    assert s.breaker.streak("a").benched_until == 12.0
     s.submit(Job(3, WD, 2.0), 2.0)  # b busy from now on
     assert [d.child_id for d in s.decide(2.0) if isinstance(d, Start)] == ["b"]
     now, lengths = 12.0, [10.0]
@@ -115,8 +115,8 @@ def test_a_sibling_proof_benches_a_child_past_its_errors_and_benches_double_to_t
         assert [d.child_id for d in s.decide(now) if isinstance(d, Start)] == ["a"]  # probation
         now += 1
         s.finished(rid, now, failed=True)
-        lengths.append(s.streak("a").benched_until - now)
-        now = s.streak("a").benched_until
+        lengths.append(s.breaker.streak("a").benched_until - now)
+        now = s.breaker.streak("a").benched_until
     assert lengths == [10.0, 20.0, 35.0, 35.0]
     assert s.breaker.news == ["a"] * 4
     assert BENCH_FIRST < BENCH_MAX
@@ -129,7 +129,9 @@ def test_errors_that_every_child_makes_bench_nobody():
         d.submit(float(t), 2)
         assert sorted(c for _, c in d.decide(float(t))) == ["a", "b"]
         d.answer_all(t + 0.5)
-    assert d.s.streak("a").benched_until == d.s.streak("b").benched_until == -math.inf
+    assert (
+        d.s.breaker.streak("a").benched_until == d.s.breaker.streak("b").benched_until == -math.inf
+    )
 
 
 def test_a_benched_child_serves_when_no_sibling_can():
@@ -138,7 +140,7 @@ def test_a_benched_child_serves_when_no_sibling_can():
         d.submit(float(t), 2)
         d.decide(float(t))
         d.answer_all(t + 0.5)
-    assert d.s.streak("a").benched_until > BREAKER_ERRORS
+    assert d.s.breaker.streak("a").benched_until > BREAKER_ERRORS
     d.s.child_down("b", 10.0)  # restarting: jobs wait for it rather than go to a failing child
     d.submit(10.0)
     assert d.decide(10.0) == []
@@ -166,4 +168,114 @@ def test_answers_without_an_outcome_count_for_nothing():
     s.finished(2, 0.5, failed=False)
     for i in range(2 * BREAKER_ERRORS):
         s.finished(1, 1.0 + i)  # e.g. the answer to a Cancel; and not running after the first
-    assert s.streak("a").errors == 0
+    assert s.breaker.streak("a").errors == 0
+
+
+def starts_at(s: Scheduler, now: float) -> list[tuple[int, str]]:
+    return [(d.request_id, d.child_id) for d in s.decide(now) if isinstance(d, Start)]
+
+
+def test_errors_for_a_miner_no_sibling_proved_for_bench_nobody_until_one_does():
+    # A bad miner's three partitions come at once while "a" proves a good miner's long task:
+    # "b" fails them one after the other. Its sibling's proof for another miner says nothing.
+    s = two()
+    s.submit(Job(1, WD, 0.0, key=1), 0.0)
+    assert starts_at(s, 0.0) == [(1, "a")]
+    for rid in (2, 3, 4):
+        s.submit(Job(rid, WD, 0.1, key=2), 0.1)
+    now = 0.1
+    for rid in (2, 3, 4):
+        assert starts_at(s, now) == [(rid, "b")]
+        now += 0.1
+        s.finished(rid, now, failed=True)
+    s.finished(1, 5.0, failed=False)
+    assert s.breaker.streak("b").benched_until == -math.inf
+    assert s.breaker.news == []
+    # The same miner proved by "a": the errors were b's after all; it is benched at once.
+    s.submit(Job(5, WD, 6.0, key=2), 6.0)
+    s.submit(Job(6, WD, 6.0, key=2), 6.0)
+    on = {c: r for r, c in starts_at(s, 6.0)}
+    assert sorted(on) == ["a", "b"]
+    s.finished(on["a"], 7.0, failed=False)
+    assert s.breaker.news == ["b"]
+    assert s.breaker.streak("b").benched_until == 7.0 + BENCH_FIRST
+
+
+def test_tasks_every_child_fails_bench_nobody_when_another_miner_proves():
+    s = two()
+    rid, now = 0, 0.0
+    for _ in range(BREAKER_ERRORS):
+        for _ in range(2):
+            rid += 1
+            s.submit(Job(rid, WD, now, key=7), now)
+        started = starts_at(s, now)
+        assert sorted(c for _, c in started) == ["a", "b"]
+        now += 1
+        for r, _ in started:
+            s.finished(r, now, failed=True)
+    rid += 1
+    s.submit(Job(rid, WD, now, key=8), now)
+    ((r, _),) = starts_at(s, now)
+    s.finished(r, now + 1, failed=False)
+    assert s.breaker.news == []
+
+
+def test_a_benched_child_waits_while_a_sibling_on_probation_can_serve():
+    s = Scheduler(breaker=ChildBreaker(errors=1, first=10.0))
+    for cid in ("a", "b", "c"):
+        s.add_child(ChildSlots(cid, WD, 1))
+        s.child_ready(cid, 0.0)
+    for rid in (1, 2, 3):
+        s.submit(Job(rid, WD, 0.0), 0.0)
+    assert starts_at(s, 0.0) == [(1, "a"), (2, "b"), (3, "c")]
+    s.finished(1, 1.0, failed=True)
+    s.finished(3, 2.0, failed=False)  # a benched until 12
+    s.submit(Job(4, WD, 2.5), 2.5)
+    assert starts_at(s, 2.5) == [(4, "c")]
+    s.finished(2, 3.0, failed=True)
+    s.finished(4, 5.0, failed=False)  # b benched until 15
+    s.child_fatal("c", 12.5)
+    # At 13: a on probation (idle), b benched, c FATAL: a takes one, the other waits for it.
+    s.submit(Job(5, WD, 13.0), 13.0)
+    s.submit(Job(6, WD, 13.0), 13.0)
+    assert starts_at(s, 13.0) == [(5, "a")]
+
+
+def test_a_benched_child_reserves_no_lock_for_the_stage_it_does_not_serve():
+    # w1 (gpu:0) is benched and a WinningPoSt waits for w2 (busy): gpu:0 is not kept from p0.
+    win = "winning_post"
+    s = Scheduler(breaker=ChildBreaker(errors=1))
+    s.add_child(ChildSlots("w1", win, 1, 1, frozenset({"gpu:0"})))
+    s.add_child(ChildSlots("w2", win, 1, 1, frozenset({"gpu:1"})))
+    s.add_child(ChildSlots("p0", WD, 2, 1, frozenset({"gpu:0"})))
+    for cid in ("w1", "w2", "p0"):
+        s.child_ready(cid, 0.0)
+    s.submit(Job(1, win, 0.0), 0.0)
+    s.submit(Job(2, win, 0.0), 0.0)
+    assert starts_at(s, 0.0) == [(1, "w1"), (2, "w2")]
+    s.finished(1, 1.0, failed=True)
+    s.finished(2, 2.0, failed=False)  # w1 benched
+    s.submit(Job(3, win, 3.0), 3.0)
+    assert starts_at(s, 3.0) == [(3, "w2")]
+    s.submit(Job(4, WD, 3.0), 3.0)
+    assert starts_at(s, 3.0) == [(4, "p0")]
+    s.submit(Job(5, win, 4.0), 4.0)  # waits for w2
+    s.submit(Job(6, WD, 4.0), 4.0)
+    assert starts_at(s, 4.0) == [(6, "p0")]
+
+
+def test_errors_of_an_old_process_that_benched_nothing_do_not_bench_a_fresh_one():
+    s = two()
+    s.child_down("b", 0.0)
+    for t in (1.0, 2.0, 3.0):
+        s.submit(Job(int(t), WD, t), t)
+        assert starts_at(s, t) == [(int(t), "a")]
+        s.finished(int(t), t + 0.5, failed=True)  # no sibling up: nothing to compare with
+    s.child_down("a", 4.0)
+    s.child_ready("b", 5.0)
+    s.submit(Job(10, WD, 5.0), 5.0)
+    assert starts_at(s, 5.0) == [(10, "b")]
+    s.child_ready("a", 5.5)  # restarted: a restart may clear a GPU error
+    s.finished(10, 6.0, failed=False)
+    assert s.breaker.streak("a").benched_until == -math.inf
+    assert s.breaker.news == []

@@ -8,6 +8,7 @@ decision list, every job a child loses and every next wakeup must be the same.
 from __future__ import annotations
 
 import copy
+import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,6 +47,7 @@ submit = st.tuples(
     st.sampled_from([WD, WIN, SNARK]),
     st.one_of(st.none(), st.floats(0, 30)),
     st.integers(-1, 1),
+    st.sampled_from([None, 1, 2]),  # the job's key (the book's: its miner), for the breaker
 )
 # An answer: no outcome said, a proof, or an error (errors in a row bench a child: breaker.py).
 finish = st.tuples(
@@ -81,9 +83,9 @@ QUICK = {"quick_run": 2, "quick_answer": 4.0, "take_back_after": 3.0}
 class Twins:
     def __init__(self, children: list[ChildSlots]) -> None:
         # Benches short enough that random sequences see them end (and children on probation).
-        self.fast = Scheduler(**QUICK, breaker=ChildBreaker(first=4.0, longest=12.0))
+        self.fast = Scheduler(**QUICK, breaker=ChildBreaker(errors=2, first=4.0, longest=12.0))
         self.full = Scheduler(
-            incremental=False, **QUICK, breaker=ChildBreaker(first=4.0, longest=12.0)
+            incremental=False, **QUICK, breaker=ChildBreaker(errors=2, first=4.0, longest=12.0)
         )
         self.cids = {c.child_id for c in children}
         for c in children:
@@ -128,7 +130,9 @@ class Twins:
             rid = self.next_id
             self.next_id += 1
             deadline = None if op[2] is None else self.now + op[2]
-            self.jobs[rid] = Job(rid, op[1], self.now, deadline, op[3])
+            self.jobs[rid] = Job(
+                rid, op[1], self.now, deadline, op[3], op[4] if len(op) > 4 else None
+            )
             self.live.append(rid)
             self.both("submit", self.jobs[rid], self.now)
         elif kind == "finish" and self.running:
@@ -212,6 +216,61 @@ def test_jobs_queued_in_children_and_taken_back_equal_the_full_recomputation(seq
         t.step(op, decide)
     t.decide()
     assert t.fast.statistics() == t.full.statistics()
+
+
+# Children failing and proving, time passing: benches begin and end, children on probation.
+failing = st.one_of(
+    submit,
+    submit,
+    finish,
+    errors,
+    st.tuples(st.just("tick"), st.floats(0, 6)),
+    st.tuples(st.just("ready"), st.sampled_from(CIDS)),
+    st.tuples(st.just("fatal"), st.sampled_from(CIDS)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([WITH_LOCKS, NO_LOCKS, MIXED]), st.lists(failing, min_size=20, max_size=120))
+def test_benches_and_probation_equal_the_full_recomputation(children, sequence):
+    t = Twins(children)
+    for op in sequence:
+        t.step(op)
+    assert t.fast.statistics() == t.full.statistics()
+    assert t.fast.breaker.benches == t.full.breaker.benches
+
+
+def test_children_that_break_and_recover_are_decided_as_the_full_recomputation_does():
+    # Hypothesis rarely builds error streaks with a sibling's proof between: here one or two
+    # children at a time fail everything they run, then recover, while jobs stream in.
+    at_work = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        t = Twins(rng.choice([WITH_LOCKS, NO_LOCKS, MIXED]))
+        ids = sorted(t.cids)
+        broken = set(rng.sample(ids, 2))
+        left_out = 0
+        for _ in range(400):
+            r = rng.random()
+            if r < 0.4:
+                t.step(("submit", rng.choice([WD, WIN, SNARK]), None, 0, rng.choice([1, 2])))
+            elif r < 0.8 and t.running:
+                rid = t.running.pop(rng.randrange(len(t.running)))
+                (cid,) = [c for c in ids if rid in t.fast.running_on(c)]
+                if t.both("finished", rid, t.now, failed=cid in broken):
+                    t.live.remove(rid)
+                t.step(("decide",))
+            elif r < 0.9:
+                t.step(("tick", rng.uniform(0, 3)))
+            elif r < 0.95:
+                broken = set(rng.sample(ids, rng.choice([0, 1, 2])))
+            else:
+                t.step(("ready", rng.choice(ids)))
+            left_out += any(t.fast.breaker.leaves_out(c, t.now) for c in ids)
+        assert t.fast.statistics() == t.full.statistics(), seed
+        assert t.fast.breaker.benches == t.full.breaker.benches, seed
+        at_work += left_out > 0
+    assert at_work >= 30  # children were left out in most runs: the breaker was at work
 
 
 def test_a_submit_behind_an_undecided_queue_still_gets_its_stage_decided():

@@ -107,7 +107,7 @@ class BookRules:
         req.attempt_id = aid
         req.current = None
         self._attempts[aid] = req
-        job = Job(aid, req.stage, req.arrival, req.deadline, req.priority)
+        job = Job(aid, req.stage, req.arrival, req.deadline, req.priority, req.task.miner_id)
         self._queued += 1
         if retry:
             self.scheduler.requeue(job, now)
@@ -262,13 +262,14 @@ class BookRules:
         self, c: ChildRecord, attempt: Attempt, why: str, what: str, now: float, out: list[Effect]
     ) -> None:
         """`attempt` was answered with an error or a bad output (`why`, or `what` after the
-        request's name): the request's answer, unless its child is benched now (the
-        scheduler's breaker, maybe by this very answer): then the error is taken for the
-        child's, and the request runs again on another child if its attempts allow."""
+        request's name): the request's answer, unless the scheduler's breaker leaves its child
+        out now (benched, maybe by this very answer, while a sibling can serve) and the request
+        has an attempt left: then the error is taken for the child's, and it runs again."""
         req = attempt.request
+        breaker = self.scheduler.breaker
         self.scheduler.finished(attempt.attempt_id, now, failed=True)
         self._bench_news(now, out)
-        if self.scheduler.streak(c.name).benched_until <= now:
+        if req.attempts >= max(1, c.limits.max_attempts) or not breaker.leaves_out(c.name, now):
             self._resolve(req, out, now, error=why)
             return
         req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
@@ -279,12 +280,12 @@ class BookRules:
         news = self.scheduler.breaker.news
         for name in news:
             c = self._children[name]
-            streak = self.scheduler.streak(name)
+            streak = self.scheduler.breaker.streak(name)
             who = c.process.who if c.process is not None else name
             again = f" (bench {streak.benches} in a row)" if streak.benches > 1 else ""
             text = (
                 f"{who} answered its last {streak.errors} requests with an error while another"
-                f" {c.stage} child made proofs: it takes no request for"
+                f" {c.stage} child proved for the same miner: it takes no request for"
                 f" {streak.benched_until - now:.0f}s{again} while another child can serve them,"
                 " then one at a time until it makes a proof"
             )

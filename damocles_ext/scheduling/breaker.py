@@ -2,22 +2,26 @@
 
 A child whose GPU broke under it (a CUDA error on every call, a driver gone) often does not crash:
 it answers every request with an error, at once. Always idle, it is the least loaded child, so
-without a breaker it would take most of its stage's requests and fail them. A child answers
-`BREAKER_ERRORS` requests in a row with an error while a sibling of its stage made a proof since
-the first of them: it is *benched* for `BENCH_FIRST` seconds, doubling with each bench in a row
-up to `BENCH_MAX`. The rule asks for a sibling's proof so that a task every child fails (a
-miner's sector files gone) benches nobody. A benched child is not chosen while a sibling that is
-neither benched nor FATAL can serve the stage: its jobs wait for that sibling. Its bench over (or
-its process started again), it is *on probation*: it takes one job at a time until it answers one
-with a proof, which ends its streak; an error benches it again at once, for longer. A child
-alone in its stage, or whose siblings are all benched or FATAL, is chosen as before: a proof
-that may fail beats none.
+without a breaker it would take most of its stage's requests and fail them. A child that answers
+`BREAKER_ERRORS` requests in a row with an error, while a sibling of its stage proved a job of
+the same key (the book's key: the task's miner) as one of them since the first of them, is
+*benched* for `BENCH_FIRST` seconds, doubling with each bench in a row up to `BENCH_MAX`. The
+rule asks for that proof so that tasks every child fails (a miner whose proofs cannot be made)
+bench nobody: the sibling must have done, for that miner, what this child could not. Errors that
+came before any such proof bench the child at the sibling's first one.
+
+A benched child is not chosen while a sibling that is neither benched nor FATAL can serve the
+stage (restarting counts): its jobs wait for that sibling, and its locks reserve nothing. Its
+bench over (or a fresh process of it ready), it is *on probation*: it takes one job at a time
+until it answers one with a proof, which ends its streak; an error benches it again at once, for
+longer. A child alone in its stage, or whose siblings are all benched or FATAL, is chosen as
+before: a proof that may fail beats none.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
 BREAKER_ERRORS = 3
 BENCH_FIRST = 30.0
 BENCH_MAX = 600.0
+#: Keys remembered per child: its last proof of each (the first proved forgotten past this), and
+#: those its streak failed (none added past this).
+_KEYS = 256
 
 
 @dataclass(slots=True)
@@ -36,64 +43,82 @@ class Streak:
 
     errors: int = 0  # answers in a row that were errors
     since: float = 0.0  # when the first of them came
-    last_proof: float = -math.inf  # when it last answered with a proof
+    failed_keys: set[Hashable] = field(default_factory=set)  # the keys of those errors
+    proved: dict[Hashable, float] = field(default_factory=dict)  # key -> its last proof here
     benched_until: float = -math.inf
-    benches: int = 0  # benches since its last proof
-
-    @property
-    def suspect(self) -> bool:
-        """Benched, or on probation after a bench (see the module's docstring)."""
-        return self.benches > 0
-
-    def proof(self, now: float) -> None:
-        self.errors = self.benches = 0
-        self.benched_until = -math.inf
-        self.last_proof = now
+    benches: int = 0  # benches since its last proof: > 0 is benched or on probation
 
 
 @dataclass(slots=True)
 class ChildBreaker:
     """The children benched or on probation, for the policy's choice of child; `errors`,
-    `first` and `longest`: BREAKER_ERRORS, BENCH_FIRST and BENCH_MAX unless said."""
+    `first` and `longest`: BREAKER_ERRORS, BENCH_FIRST and BENCH_MAX unless said. The
+    Scheduler attaches its children (`attach`); the request book reads `streak`, `left_out`
+    and `news` (the children benched since it last cleared it)."""
 
     errors: int = BREAKER_ERRORS
     first: float = BENCH_FIRST
     longest: float = BENCH_MAX
     suspects: set[str] = field(default_factory=set)  # child ids benched or on probation
     benches: dict[str, float] = field(default_factory=dict)  # child id -> end of its bench
-    news: list[str] = field(default_factory=list)  # benched since the caller last cleared it
-    unproven: set[str] = field(default_factory=set)  # past their errors before a sibling proved
+    news: list[str] = field(default_factory=list)
+    unproven: set[str] = field(default_factory=set)  # past their errors, no sibling proof yet
+    _children: dict[str, _Child] = field(default_factory=dict)
+    _by_stage: dict[str, list[_Child]] = field(default_factory=dict)
+    _touch: Callable[[str], None] = lambda stage: None
 
-    def count(self, child: _Child, stage: Sequence[_Child], failed: bool, now: float) -> bool:
-        """`child` (one of `stage`'s children) answered with an error or a proof; True if its
-        stage's choices may change. Children it benches are added to `news`."""
+    def attach(
+        self,
+        children: dict[str, _Child],
+        by_stage: dict[str, list[_Child]],
+        touch: Callable[[str], None],
+    ) -> None:
+        """The scheduler's children (shared, not copied), and what to call when a stage's
+        choices may change."""
+        self._children, self._by_stage, self._touch = children, by_stage, touch
+
+    def streak(self, child_id: str) -> Streak:
+        """The child's answers as counted here (read only)."""
+        return self._children[child_id].streak
+
+    def count(self, child: _Child, key: Hashable, failed: bool, now: float) -> None:
+        """`child` answered a job of `key` with an error or a proof."""
         streak, cid = child.streak, child.info.child_id
         if not failed:
-            changed = bool(streak.errors or streak.suspect)
-            if changed:
-                streak.proof(now)
+            proved = streak.proved
+            proved[key] = now
+            if len(proved) > _KEYS:  # the key first proved here goes
+                del proved[next(iter(proved))]
+            if streak.errors or streak.benches:
+                streak.errors = streak.benches = 0
+                streak.failed_keys.clear()
+                streak.benched_until = -math.inf
                 self.suspects.discard(cid)
                 self.benches.pop(cid, None)
                 self.unproven.discard(cid)
-            else:
-                streak.last_proof = now
-            if self.unproven:  # siblings past their errors, not benched for want of a proof
-                for s in stage:
-                    if s.info.child_id in self.unproven and s is not child:
-                        changed = self._bench(s, now) or changed
-            return changed
+                self._touch(child.info.stage)
+            if self.unproven:  # siblings past their errors, waiting for a proof like this one
+                for s in self._by_stage[child.info.stage]:
+                    if s.info.child_id in self.unproven and key in s.streak.failed_keys:
+                        self._bench(s, now)
+            return
         if streak.errors == 0:
             streak.since = now
         streak.errors += 1
+        if len(streak.failed_keys) < _KEYS:
+            streak.failed_keys.add(key)
         if streak.errors < self.errors or streak.benched_until > now:
-            return False
-        if not any(s is not child and s.streak.last_proof >= streak.since for s in stage):
-            if not streak.suspect:  # (one on probation is benched by its own errors only)
-                self.unproven.add(cid)
-            return False  # no sibling proved since the streak began: the tasks may be at fault
-        return self._bench(child, now)
+            return
+        if any(
+            s is not child and s.streak.proved.get(k, -math.inf) >= streak.since
+            for s in self._by_stage[child.info.stage]
+            for k in streak.failed_keys
+        ):
+            self._bench(child, now)
+        elif not streak.benches:  # (one on probation is benched by its own errors only)
+            self.unproven.add(cid)
 
-    def _bench(self, child: _Child, now: float) -> bool:
+    def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id
         until = streak.benched_until = now + min(self.longest, self.first * 2**streak.benches)
         streak.benches += 1
@@ -101,25 +126,36 @@ class ChildBreaker:
         self.unproven.discard(cid)
         self.benches[cid] = until
         self.news.append(cid)
-        return True
+        self._touch(child.info.stage)
 
-    def left_out(self, child: _Child, stage: Sequence[_Child], now: float) -> bool:
+    def left_out(self, child: _Child, now: float) -> bool:
         """Whether `child` is left out of a choice now: benched, or on probation with a job
-        already, while a sibling neither suspect nor FATAL can serve the stage."""
+        already, while a sibling neither benched nor FATAL can serve the stage."""
         cid = child.info.child_id
         if cid not in self.suspects or not (child.running or now < child.streak.benched_until):
             return False
         return any(
-            s is not child and not s.fatal and s.info.child_id not in self.suspects for s in stage
+            s is not child and not s.fatal and now >= s.streak.benched_until
+            for s in self._by_stage[child.info.stage]
         )
 
-    def ended(self, now: float) -> Iterator[str]:
-        """The children whose bench ended by `now` (on probation from now on)."""
+    def leaves_out(self, child_id: str, now: float) -> bool:
+        """`left_out` by the child's id."""
+        return child_id in self.suspects and self.left_out(self._children[child_id], now)
+
+    def end_benches(self, now: float) -> None:
+        """The benches over by `now` end: those children are on probation."""
         for cid in [cid for cid, until in self.benches.items() if until <= now]:
             del self.benches[cid]
-            yield cid
+            self._touch(self._children[cid].info.stage)
 
     def fresh_process(self, child: _Child) -> None:
-        """A new process of `child` said hello: a bench ends, its next answer decides."""
-        child.streak.benched_until = -math.inf
-        self.benches.pop(child.info.child_id, None)
+        """A new process of `child` said hello: a bench ends (its next answer decides), and
+        errors of the old process that benched nothing are forgotten."""
+        streak, cid = child.streak, child.info.child_id
+        streak.benched_until = -math.inf
+        self.benches.pop(cid, None)
+        if not streak.benches:
+            streak.errors = 0
+            streak.failed_keys.clear()
+            self.unproven.discard(cid)

@@ -31,6 +31,7 @@ class Job(msgspec.Struct):
     arrival: float
     deadline: float | None = None
     priority: int = 0
+    key: int | None = None  # what the breaker compares across children (the book: the miner)
 
 
 class Start(msgspec.Struct, frozen=True):

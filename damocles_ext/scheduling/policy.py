@@ -46,7 +46,7 @@ The rules, in one place:
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Failing children. A child that answers request after request with an error while a sibling
-  proves is benched, then put on probation: see `breaker.py` (`finished(..., failed=True)`).
+  proves for the same miner (Job.key) is benched, then on probation: see `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
@@ -59,7 +59,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from .breaker import ChildBreaker, Streak
+from .breaker import ChildBreaker
 from .children import (
     _HISTORY,
     QUICK_ANSWER,
@@ -143,7 +143,8 @@ class Scheduler:
         self._queue_len = self._queues.length  # live jobs per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
-        self.breaker = breaker or ChildBreaker()  # failing children (breaker.py): read, not changed
+        self.breaker = breaker or ChildBreaker()  # failing children (breaker.py)
+        self.breaker.attach(self._children, self._by_stage, self._touch)
 
     # -- children ---------------------------------------------------------------------------
 
@@ -224,14 +225,8 @@ class Scheduler:
         `failed`: an error (True) or a proof (False) for "Failing children"; None: neither."""
         run = self._running.get(request_id)
         if failed is not None and run is not None and not run.cancelled:
-            child = self._children[run.child_id]
-            if self.breaker.count(child, self._by_stage[child.info.stage], failed, now):
-                self._touch(child.info.stage)
+            self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
         return self._finish(request_id, now, learn=True)
-
-    def streak(self, child_id: str) -> Streak:
-        """The child's answers as "Failing children" counts them (read only)."""
-        return self._child(child_id).streak
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
         run = self._running.get(request_id)
@@ -312,8 +307,7 @@ class Scheduler:
         self._decided_at = now
         self._gen += 1
         if self.breaker.benches:
-            for cid in self.breaker.ended(now):  # on probation now: it may take a job
-                self._touch(self._children[cid].info.stage)
+            self.breaker.end_benches(now)  # on probation now: they may take a job
         take_back_due = bool(self._queueing) and now >= self._next_take_back()
         if self._incremental and not (
             self._all_dirty
@@ -532,10 +526,14 @@ class Scheduler:
         }
 
     def _blocking_locks(self, stage: str) -> set[str]:
-        # Locks that alone keep a ready child with a free slot from taking this stage's work.
+        # Locks that alone keep a ready child with a free slot from taking this stage's work
+        # (not one the breaker leaves out: it would not take the work).
         out: set[str] = set()
+        breaker = self.breaker
         for child in self._by_stage.get(stage, []):
             if child.ready and len(child.running) < child.info.capacity:
+                if breaker.suspects and breaker.left_out(child, self._decided_at):
+                    continue
                 out |= self._held_elsewhere(child)
         return out
 
@@ -553,7 +551,7 @@ class Scheduler:
                 and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
             ):
                 continue
-            if self.breaker.suspects and self.breaker.left_out(c, self._by_stage[stage], now):
+            if self.breaker.suspects and self.breaker.left_out(c, now):
                 continue
             free_at = now
             if c.pipelined and c.running and not (self._gpu_idle(c) and self._queue_covers(stage)):

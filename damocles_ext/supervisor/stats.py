@@ -66,7 +66,7 @@ class SupervisorStats(msgspec.Struct, frozen=True):
 
 
 def _benched_for(book: RequestBook, name: str, now: float) -> float | None:
-    until = book.scheduler.streak(name).benched_until
+    until = book.scheduler.breaker.streak(name).benched_until
     return until - now if until > now else None
 
 
