@@ -72,6 +72,7 @@ class ChildStatus(msgspec.Struct, frozen=True):
     locks_held: list[str]
     lock_files: LockFiles | None
     benched_for: float | None = None  # absent from a supervisor older than the breaker
+    on_probation: bool = False  # (idem)
 
 
 class StageStatus(msgspec.Struct, frozen=True):
@@ -344,6 +345,7 @@ def assemble(
                 locks_held=list(getattr(c, "locks_held", ())),
                 lock_files=lock_files.get(c.name),
                 benched_for=None if c.benched_for is None else round(c.benched_for, 3),
+                on_probation=c.on_probation,
             )
         )
         per_stage.setdefault(c.stage, []).append(c)
@@ -475,6 +477,8 @@ def _state(c: ChildStatus) -> str:
         state = f"fatal, retry {format_duration(c.next_start_in)}"
     if c.benched_for is not None:
         state += f", benched {format_duration(c.benched_for)}"
+    elif c.on_probation:
+        state += ", on probation"
     return state
 
 

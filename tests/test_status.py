@@ -356,6 +356,16 @@ def test_table_shows_backoff_with_the_time_until_the_restart():
     assert row[-2:] == ["-", "-"]  # CPU%, LOCKS
 
 
+def test_table_shows_a_bench_after_the_state_and_probation_after_it():
+    benched = render_table(_doc(state="ready", in_flight=0, benched_for=29.4))
+    assert benched.split("\n\n")[1].splitlines()[1].split()[3:6] == ["ready,", "benched", "29s"]
+    backoff = render_table(_doc(state="backoff", pid=None, next_start_in=4.25, benched_for=20.0))
+    assert "backoff 4.2s, benched 20s" in backoff
+    probation = render_table(_doc(state="busy", on_probation=True))
+    assert "busy, on probation" in probation
+    assert "probation" not in render_table(_doc()) and "benched" not in render_table(_doc())
+
+
 def test_table_shows_a_fatal_child_that_is_retried_with_the_time_until_its_next_try():
     text = render_table(
         _doc(state="fatal", pid=None, next_start_in=42.0, uptime=None, rss_bytes=None,

@@ -45,6 +45,7 @@ class ChildStats(msgspec.Struct, frozen=True):
     tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
     start_refused: bool = False  # its last start ended in exit code 2: its prover cannot load
     benched_for: float | None = None  # seconds left of its bench (scheduling/breaker.py)
+    on_probation: bool = False  # benched before, one request at a time until a proof
 
 
 class StageStats(msgspec.Struct, frozen=True):
@@ -68,6 +69,11 @@ class SupervisorStats(msgspec.Struct, frozen=True):
 def _benched_for(book: RequestBook, name: str, now: float) -> float | None:
     until = book.scheduler.breaker.streak(name).benched_until
     return until - now if until > now else None
+
+
+def _on_probation(book: RequestBook, name: str, now: float) -> bool:
+    streak = book.scheduler.breaker.streak(name)
+    return streak.benches > 0 and streak.benched_until <= now
 
 
 def build_statistics(
@@ -116,6 +122,7 @@ def build_statistics(
                 tmpdir=c.spec.envs.get("TMPDIR"),
                 start_refused=c.start_refused,
                 benched_for=_benched_for(book, c.name, now),
+                on_probation=_on_probation(book, c.name, now),
             )
         )
     stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))
