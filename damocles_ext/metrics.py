@@ -242,6 +242,12 @@ class _LevelCollector:
             " none has one).",
             labels=["stage"],
         )
+        benched = GaugeMetricFamily(
+            f"{PREFIX}_child_benched",
+            "1 while the child is benched: it failed request after request while a sibling"
+            " proved, and no request goes to it while a sibling can serve; else 0.",
+            labels=["stage", "child"],
+        )
         rss = GaugeMetricFamily(
             f"{PREFIX}_child_resident_memory_bytes",
             "Resident memory of each child's process tree (sum over its processes).",
@@ -265,6 +271,7 @@ class _LevelCollector:
             in_flight.add_metric([c.stage, c.name], c.in_flight)
             capacity.add_metric([c.stage, c.name], c.capacity)
             restarts.add_metric([c.stage, c.name], c.restarts)
+            benched.add_metric([c.stage, c.name], 0.0 if c.benched_for is None else 1.0)
             per_stage[c.stage] = per_stage.get(c.stage, 0) + c.in_flight
         for stage, s in sorted(stats.stages.items()):
             queued.add_metric([stage], s.queued)
@@ -282,7 +289,17 @@ class _LevelCollector:
             if tree is not None:
                 rss.add_metric([c.stage, c.name], tree.rss_bytes)
                 cpu.add_metric([c.stage, c.name], tree.cpu_seconds)
-        yield from (state, in_flight, capacity, restarts, stage_in_flight, queued, deadline, rss)
+        yield from (
+            state,
+            in_flight,
+            capacity,
+            restarts,
+            benched,
+            stage_in_flight,
+            queued,
+            deadline,
+        )
+        yield rss
         yield cpu
 
     def _snapshot(self) -> Any:

@@ -270,6 +270,50 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
         await scrape(url)
 
 
+async def test_a_benched_child_shows_in_its_gauge_and_in_status(tmp_path: Path, sock_dir: Path):
+    # window_post#0 fails every request at once (a GPU gone bad), window_post#1 proves.
+    cfg = write_config(
+        tmp_path,
+        """
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = { seconds = 0, fail = "always" }
+
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = { seconds = 0 }
+""",
+    )
+    path = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path, "--metrics", "127.0.0.1:0") as (_run, log),
+    ):
+        with trio.fail_after(40):
+            line = await log.wait_for("metrics on http://127.0.0.1:")
+            url = line.split("metrics on ", 1)[1].strip()
+            await log.wait_for("window_post#1 (pid")
+            m = await scrape(url)
+            for child in ("window_post#0", "window_post#1"):
+                assert value(m, "damocles_ext_child_benched", stage="window_post", child=child) == 0
+            async with connect(path) as client:
+                failed = 0
+                for _ in range(12):  # one at a time: both idle each time, the same miner
+                    try:
+                        await client.submit(make_task(1000))
+                    except ProverError:
+                        failed += 1
+                status = await client.status()
+            assert failed == 2  # then the third error benched #0 and its request went to #1
+            m = await scrape(url)
+            on = {"stage": "window_post"}
+            assert value(m, "damocles_ext_child_benched", **on, child="window_post#0") == 1
+            assert value(m, "damocles_ext_child_benched", **on, child="window_post#1") == 0
+            (broken,) = [c for c in status.children if c.name == "window_post#0"]
+            assert 0 < broken.benched_for <= 30 and not broken.on_probation
+            await log.wait_for("answered its last 3 requests with an error")
+
+
 async def test_bad_metrics_address_exits_2_before_anything_starts(tmp_path: Path, sock_dir: Path):
     cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
     done = await dext_run_async("run", "-c", str(cfg), "--socket", str(sock_dir / "c.sock"),
