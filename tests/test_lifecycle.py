@@ -93,7 +93,7 @@ def test_faults_are_an_outcome_of_their_own_and_a_wrong_stage_is_an_error():
     assert book.counters("a") == (1, 3)
 
 
-def test_an_error_answer_is_the_answer_and_not_retried():
+def test_an_error_answer_with_no_other_child_is_the_answer():
     book = book_with(("a", ChildLimits(max_attempts=3)))
     ready(book, "a")
     req, _ = book.submit(1, window_task(), 0.0)
@@ -109,66 +109,81 @@ def test_an_error_answer_is_the_answer_and_not_retried():
     )
 
 
-def test_a_child_benched_for_its_errors_has_its_failed_request_retried_on_a_sibling():
-    # A broken GPU answers every request with an error, at once: the scheduler's breaker
-    # benches it once a sibling proves; its error then is taken for the child's, not the task's.
+def test_an_error_answer_runs_again_on_a_child_that_has_not_failed_it():
+    # damocles-manager gives up a partition batch on an error: a second GPU gets a chance first.
     book = book_with(("a", ChildLimits(max_attempts=2)), ("b", ChildLimits(max_attempts=2)))
     ready(book, "a", "b")
-    answers, now, b_rid = {"a": 0, "b": 0}, 0.0, 0
-    for rid in (1, 2, 3, 4):  # a and b take turns; b proves, a fails
-        req, (send,) = book.submit(rid, window_task(), now)
-        answers[send.child] += 1
-        now += 1
-        if send.child == "b":
-            b_rid += 1
-            assert resolved(book.answered("b", b_rid, now, output=OK))[0].error is None
-        else:
-            (res,) = book.answered("a", answers["a"], now, error="CUDA error: device lost")
-            assert res.error == (
-                f"request {rid} (window_post) failed on a (pid 100): CUDA error: device lost"
-            )
-    req, (send,) = book.submit(5, window_task(), now)
-    assert send.child == "a"  # its third error in a row, b proved since the first
-    out = book.answered("a", 3, now + 1, error="CUDA error: device lost")
-    assert kinds(out) == ["Note", "Retry", "Send"]
-    note, retry, send = out
-    assert note.level == "warning"
+    req, (send,) = book.submit(1, window_task(), 0.0)
+    assert send == Send(req, "a", 1)
+    out = book.answered("a", 1, 1.0, error="CUDA error: out of memory")
+    assert out == [
+        Retry(req, "failed on a (pid 100): CUDA error: out of memory", 2, 2),
+        Send(req, "b", 1),
+    ]
+    assert book.answered("b", 1, 2.0, output=OK) == [Resolve(req, OK, None, "ok")]
+    # Both fail it: the answer says what each did.
+    req, (send,) = book.submit(2, window_task(), 3.0)
+    first, other = send.child, "b" if send.child == "a" else "a"
+    pid = {"a": 100, "b": 101}
+    _retry, send = book.answered(first, send.child_rid, 4.0, error="bad")
+    assert send.child == other
+    (res,) = resolved(book.answered(other, send.child_rid, 5.0, error="bad too"))
+    assert res.error == (
+        f"request 2 (window_post): failed on {other} (pid {pid[other]}): bad too; 2 attempts"
+        f" made (attempt 1 on {first}: failed on {first} (pid {pid[first]}): bad)"
+    )
+
+
+def test_a_request_a_child_failed_waits_for_another_child_rather_than_going_back_to_it():
+    book = book_with(("a", ChildLimits(max_attempts=2)), ("b", ChildLimits(max_attempts=2)))
+    ready(book, "a", "b")
+    r1, (send1,) = book.submit(1, window_task(), 0.0)
+    r2, (send2,) = book.submit(2, window_task(), 0.0)
+    assert {send1.child, send2.child} == {"a", "b"}
+    on_a, on_b = (r1, r2) if send1.child == "a" else (r2, r1)
+    out = book.answered("a", 1, 1.0, error="bad")
+    assert kinds(out) == ["Retry"]  # b is busy: the request waits for it, a stays idle
+    out = book.answered("b", 1, 2.0, output=OK)
+    assert out == [Resolve(on_b, OK, None, "ok"), Send(on_a, "b", 2)]
+    # MaxAttempts = 1: the error is the answer.
+    book = book_with(("a", ChildLimits(max_attempts=1)), ("b", ChildLimits(max_attempts=1)))
+    ready(book, "a", "b")
+    _req, (send,) = book.submit(3, window_task(), 0.0)
+    assert kinds(book.answered(send.child, 1, 1.0, error="bad")) == ["Resolve"]
+
+
+def test_a_child_that_fails_while_its_sibling_proves_is_benched_with_a_warning():
+    # A broken GPU: every request it gets fails and runs again on b, which proves it. Its third
+    # error in a row benches it; then no request goes to it while b serves.
+    book = book_with(("a", ChildLimits(max_attempts=2)), ("b", ChildLimits(max_attempts=2)))
+    ready(book, "a", "b")
+    now, notes, a_errors, sent = 0.0, [], 0, []
+    pending = []
+    for rid in range(1, 9):
+        _, out = book.submit(rid, window_task(), now)
+        pending += out
+        while pending:  # answer every Send: a fails, b proves
+            effect = pending.pop(0)
+            if isinstance(effect, Note):
+                notes.append((a_errors, effect))
+            if not isinstance(effect, Send):
+                continue
+            sent.append(effect.child)
+            now += 1
+            if effect.child == "a":
+                a_errors += 1
+                pending += book.answered("a", effect.child_rid, now, error="CUDA error 999")
+            else:
+                pending += book.answered("b", effect.child_rid, now, output=OK)
+    ((at, note),) = notes
+    assert at == 3 and note.level == "warning"
     assert note.message == (
         "a (pid 100) answered its last 3 requests with an error while another window_post child"
         " proved for the same miner: it takes no request for 30s while another child can serve"
         " them, then one at a time until it makes a proof"
     )
-    assert retry == Retry(
-        req, "failed on a (pid 100): CUDA error: device lost (a is benched)", 2, 2
-    )
-    assert send == Send(req, "b", b_rid + 1)
-    assert req.history == ["attempt 1 on a: failed on a (pid 100): CUDA error: device lost"]
-    # While it is benched, requests wait for b rather than go to a.
-    req6, out = book.submit(6, window_task(), now + 2)
-    assert out == []
-    assert book.answered("b", b_rid + 1, now + 3, output=OK) == [
-        Resolve(req, OK, None, "ok"),
-        Send(req6, "b", b_rid + 2),
-    ]
-
-
-def test_an_error_from_a_benched_child_with_no_attempt_left_is_the_plain_answer():
-    book = book_with(("a", ChildLimits(max_attempts=1)), ("b", ChildLimits(max_attempts=1)))
-    ready(book, "a", "b")
-    for rid, child in ((1, "a"), (2, "b"), (3, "a"), (4, "b")):
-        _, (send,) = book.submit(rid, window_task(), float(rid))
-        assert send.child == child
-        n = send.child_rid
-        if child == "a":
-            book.answered("a", n, rid + 0.5, error="CUDA error")
-        else:
-            book.answered("b", n, rid + 0.5, output=OK)
-    req, _ = book.submit(5, window_task(), 5.0)
-    out = book.answered("a", 3, 5.5, error="CUDA error")  # benches a: MaxAttempts = 1, no retry
-    assert kinds(out) == ["Note", "Resolve"]
-    assert out[1] == Resolve(
-        req, None, "request 5 (window_post) failed on a (pid 100): CUDA error", "error"
-    )
+    assert sent.count("a") == 3  # none after its bench
+    assert book.sizes()["requests"] == 0  # each answered, by b
 
 
 def test_second_and_unknown_answers_are_dropped_with_a_note():

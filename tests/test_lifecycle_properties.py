@@ -250,10 +250,17 @@ class BookMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_ready_child_has_a_free_slot_while_requests_wait(self) -> None:
-        if not any(self.book.scheduler.is_queued(r.attempt_id) for r in self._open()):
+        # Unless a waiting request avoids it (it answered that one with an error: the request
+        # waits for another child, and those behind it in the queue wait too), or the breaker
+        # leaves it out.
+        waiting = [r for r in self._open() if self.book.scheduler.is_queued(r.attempt_id)]
+        if not waiting:
             return
+        avoided = set().union(*(r.avoid or () for r in waiting))
         for child, state in self.up.items():
-            if state == "ready" and child not in self.pipelined:
+            if state == "ready" and child not in self.pipelined and child not in avoided:
+                if self.book.scheduler.breaker.leaves_out(child, self.now):
+                    continue
                 assert self.book.in_flight(child) >= self.capacity, f"{child} idles"
 
     @invariant()

@@ -259,6 +259,13 @@ def test_children_that_break_and_recover_are_decided_as_the_full_recomputation_d
                 (cid,) = [c for c in ids if rid in t.fast.running_on(c)]
                 if t.both("finished", rid, t.now, failed=cid in broken):
                     t.live.remove(rid)
+                if cid in broken and rng.random() < 0.7:  # the book runs it again elsewhere
+                    job, new = t.jobs[rid], t.next_id
+                    t.next_id += 1
+                    avoid = (job.avoid or frozenset()) | {cid}
+                    t.jobs[new] = Job(new, job.stage, job.arrival, None, 0, job.key, avoid)
+                    t.live.append(new)
+                    t.both("requeue", t.jobs[new], t.now)
                 t.step(("decide",))
             elif r < 0.9:
                 t.step(("tick", rng.uniform(0, 3)))
@@ -296,7 +303,9 @@ def test_an_untouched_stage_is_not_decided_again():
     assert len(s.decide(0.0)) == 3  # wd0 takes 2, wd1 takes 1; job 3 waits
     picks = []
     original = s._pick
-    s._pick = lambda stage, reserved, now: picks.append(stage) or original(stage, reserved, now)
+    s._pick = lambda stage, reserved, now, avoid=None: (
+        picks.append(stage) or original(stage, reserved, now, avoid)
+    )
     s.submit(Job(10, WIN, 0.0), 0.0)
     assert [d.request_id for d in s.decide(0.0)] == [10]
     assert picks == [WIN]

@@ -42,6 +42,7 @@ class TrackedRequest(msgspec.Struct, eq=False):
     attempt_id: int | None = None  # its current scheduler job (queued or running)
     child: str | None = None  # child of the current or last attempt
     history: list[str] = msgspec.field(default_factory=list)
+    avoid: frozenset[str] | None = None  # children that answered it with an error
     done: bool = False
     current: Attempt | None = None  # the attempt running for it, not abandoned
 

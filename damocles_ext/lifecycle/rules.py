@@ -107,7 +107,9 @@ class BookRules:
         req.attempt_id = aid
         req.current = None
         self._attempts[aid] = req
-        job = Job(aid, req.stage, req.arrival, req.deadline, req.priority, req.task.miner_id)
+        job = Job(
+            aid, req.stage, req.arrival, req.deadline, req.priority, req.task.miner_id, req.avoid
+        )
         self._queued += 1
         if retry:
             self.scheduler.requeue(job, now)
@@ -262,18 +264,25 @@ class BookRules:
         self, c: ChildRecord, attempt: Attempt, why: str, what: str, now: float, out: list[Effect]
     ) -> None:
         """`attempt` was answered with an error or a bad output (`why`, or `what` after the
-        request's name): the request's answer, unless the scheduler's breaker leaves its child
-        out now (benched, maybe by this very answer, while a sibling can serve) and the request
-        has an attempt left: then the error is taken for the child's, and it runs again."""
+        request's name). While the request has an attempt left and another child of its stage
+        that has not answered it with an error is not FATAL, it runs again there (a second
+        opinion: damocles-manager gives up a partition batch on an error); else this is its
+        answer."""
         req = attempt.request
-        breaker = self.scheduler.breaker
         self.scheduler.finished(attempt.attempt_id, now, failed=True)
         self._bench_news(now, out)
-        if req.attempts >= max(1, c.limits.max_attempts) or not breaker.leaves_out(c.name, now):
+        avoid = (req.avoid or frozenset()) | {c.name}
+        others = self._by_stage.get(req.stage, ())
+        if req.attempts < max(1, c.limits.max_attempts) and any(
+            o.name not in avoid and not o.gave_up for o in others
+        ):
+            req.avoid = avoid
+            req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
+            self._retry_or_fail(req, c, attempt.attempt_id, what, now, out)
+        elif req.history:  # the last of several attempts: say what became of each
+            self._resolve(req, out, now, error=self._describe_failure(req, what))
+        else:
             self._resolve(req, out, now, error=why)
-            return
-        req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
-        self._retry_or_fail(req, c, attempt.attempt_id, f"{what} ({c.name} is benched)", now, out)
 
     def _bench_news(self, now: float, out: list[Effect]) -> None:
         """Say which children the scheduler's breaker just benched, and why."""

@@ -15,6 +15,7 @@ no other request for longer than that.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -167,3 +168,27 @@ def gpu_phase_ended(
     ]
     if waiting:
         min(waiting, key=lambda pair: pair[0])[1].gpu_turn = now
+
+
+def live_deadline(entry: tuple[float, int, int], running: dict[int, _Running]) -> bool:
+    """Whether a deadline heap's entry (deadline, start seq, request id) is of a job still running
+    and not cancelled."""
+    run = running.get(entry[2])
+    return run is not None and run.seq == entry[1] and not run.cancelled
+
+
+def passed_deadlines(
+    heap: list[tuple[float, int, int]], running: dict[int, _Running], now: float
+) -> list[tuple[_Running, float]]:
+    """Pop the heap's entries due by `now`: the running jobs not cancelled among them, with their
+    deadline, in start order."""
+    if not heap or heap[0][0] > now:
+        return []
+    due = []
+    while heap and heap[0][0] <= now:
+        deadline, seq, rid = heapq.heappop(heap)
+        run = running.get(rid)
+        if run is not None and run.seq == seq and not run.cancelled:
+            due.append((run, deadline))
+    due.sort(key=lambda pair: pair[0].seq)
+    return due

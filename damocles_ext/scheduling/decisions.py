@@ -32,6 +32,7 @@ class Job(msgspec.Struct):
     deadline: float | None = None
     priority: int = 0
     key: int | None = None  # what the breaker compares across children (the book: the miner)
+    avoid: frozenset[str] | None = None  # children not to send it to (policy.py's "Errors")
 
 
 class Start(msgspec.Struct, frozen=True):

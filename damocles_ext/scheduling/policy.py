@@ -45,6 +45,8 @@ The rules, in one place:
   without phases) keep the plain slot rule above.
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
+* Errors. A job whose `avoid` names children (the book: those that answered it with an error)
+  goes to none of them while another child of its stage is not FATAL; it waits for one.
 * Failing children. A child that answers request after request with an error while a sibling
   proves for the same miner (Job.key) is benched, then on probation: see `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
@@ -69,6 +71,8 @@ from .children import (
     _Running,
     gpu_free_at,
     gpu_phase_ended,
+    live_deadline,
+    passed_deadlines,
     promote,
     set_slots,
     take_back,
@@ -367,14 +371,15 @@ class Scheduler:
                 else:
                     if full:
                         break
-                    child, others = self._pick(stage, reserved, now)
+                    child, others = self._pick(stage, reserved, now, job.avoid)
                     if child is None:
                         break
                     self._queues.pop(queue, job)
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
-                    full = self._incremental and not others and len(child.running) >= child.slots
+                    full = not (others or job.avoid) and len(child.running) >= child.slots
+                    full = full and self._incremental
                 job = self._queues.peek(queue)
             if job is not None and self._any_locks:
                 reserved |= self._blocking_locks(stage)
@@ -387,21 +392,10 @@ class Scheduler:
         if not self._incremental:
             runs = self._running.values()
             return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
-        heap = self._deadlines
-        if not heap or heap[0][0] > now:
-            return []
-        due = []
-        while heap and heap[0][0] <= now:
-            deadline, seq, rid = heapq.heappop(heap)
-            run = self._running.get(rid)
-            if run is not None and run.seq == seq and not run.cancelled:
-                due.append((run, deadline))
-        due.sort(key=lambda pair: pair[0].seq)
-        return due
+        return passed_deadlines(self._deadlines, self._running, now)
 
     def _live_deadline(self, entry: tuple[float, int, int]) -> bool:
-        run = self._running.get(entry[2])
-        return run is not None and run.seq == entry[1] and not run.cancelled
+        return live_deadline(entry, self._running)
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
@@ -537,11 +531,19 @@ class Scheduler:
                 out |= self._held_elsewhere(child)
         return out
 
-    def _pick(self, stage: str, reserved: set[str], now: float) -> tuple[_Child | None, int]:
+    def _pick(
+        self, stage: str, reserved: set[str], now: float, avoid: frozenset[str] | None = None
+    ) -> tuple[_Child | None, int]:
         """The child of `stage` to start its next job on (None: none can take it now), and
-        how many other children could have taken it."""
+        how many other children could have taken it; not one in `avoid` while another of the
+        stage is not FATAL (see "Errors")."""
         eligible: list[tuple[float, float, _Child]] = []
-        for c in self._by_stage.get(stage, []):
+        children = self._by_stage.get(stage, [])
+        if avoid and not any(not c.fatal and c.info.child_id not in avoid for c in children):
+            avoid = None
+        for c in children:
+            if avoid and c.info.child_id in avoid:
+                continue
             if not (
                 c.ready
                 and (
