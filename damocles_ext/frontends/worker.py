@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from .. import __version__
 from ..api import open_supervisor
 from ..errors import ProverError, UsageError
 from ..jobs import rpc
@@ -60,10 +59,17 @@ from ..jobs.worker_rules import (
     no_child_can_prove,
     ready_slots,
     window_post_task,
-    worker_info,
 )
+from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
-from .worker_state import NOT_RUNNING, HeldJob, StoppedAtStart, StopSignal, WorkerCounters
+from .worker_state import (
+    NOT_RUNNING,
+    HeldJob,
+    StoppedAtStart,
+    StopSignal,
+    WorkerCounters,
+    take_new_lease,
+)
 
 if TYPE_CHECKING:
     import pluggy
@@ -187,7 +193,7 @@ class Worker:
                         with background:
                             async with trio.open_nursery() as inner:
                                 inner.start_soon(self._heartbeat_loop)
-                                inner.start_soon(self._ping_loop, endpoint)
+                                inner.start_soon(ping_forever, self, endpoint)
                                 inner.start_soon(self._forward_supervisor_changes, sup)
                                 if self.locator is not None:
                                     inner.start_soon(self.locator.refresh_forever)
@@ -366,10 +372,16 @@ class Worker:
         else:
             problem = None
             self.counters.pulled += 1
-        if job.Id in self.held:
-            # A manager that gives a job twice: the proof running goes on, under its first lease.
-            log.warning("job %s: given again while this worker holds it; ignored", job.Id)
-            return
+        if (had := self.held.get(job.Id)) is not None:
+            if problem is None and take_new_lease(had, job, now):
+                log.warning("job %s: given again (try %d): its lease had lapsed; the work on it"
+                            " goes on under the new one", job.Id, job.TryNum)  # fmt: skip
+                self._touch()
+                return
+            if had.stop_reason is None:  # the same allocation told twice: nothing new
+                log.warning("job %s: given again while this worker holds it; ignored", job.Id)
+                return
+            # Being stopped (its old lease's end): the new allocation is proved afresh.
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
         if problem is not None:
@@ -448,12 +460,12 @@ class Worker:
 
     async def _deliver(self, held: HeldJob, output: JobOutput | None, error: str) -> None:
         """Send the result until the manager takes it, refuses it, or it is too late."""
-        job = held.job
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
         attempts = 0
         while True:
             attempts += 1
+            job = held.job  # (under the lease it has now: it may have been given to us again)
             params: tuple[object, ...]
             if job.Lease is not None:
                 method, params = "Dext.FinishJob", (job.Id, job.Lease, output, error)
@@ -480,6 +492,8 @@ class Worker:
             held.delivery_failures += 1
             self.counters.finish_retries += 1
             self._touch()
+            if held.job.Lease != job.Lease:
+                continue  # given to us again while this call went: sent under the new lease
             verdict, why = finish_verdict(
                 failure,
                 self._clock(),
@@ -528,43 +542,6 @@ class Worker:
 
     # -- heartbeats ---------------------------------------------------------------------------
 
-    async def _ping_loop(self, endpoint: Endpoint) -> None:
-        # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
-        # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
-        address = self._address
-        if address is None:  # named by --name: the address is looked up here, once
-            try:
-                address = await local_address_towards(endpoint)
-            except OSError:
-                address = self.name or "unknown"
-        failing = False
-        while True:
-            assert self.name is not None
-            info = worker_info(
-                self.name, address, __version__, slots=self._slots(),
-                proving=sum(h.state == "proving" for h in self.held.values()),
-                finishing=sum(h.state == "finishing" for h in self.held.values()),
-                children_down=self._children_down(),
-            )  # fmt: skip
-            try:
-                await self._pings.call("Venus.WorkerPing", info)
-            except RpcClientError as exc:
-                # Never fatal: the ping only shows this worker in the manager's list.
-                if not failing:
-                    log.warning(
-                        "Venus.WorkerPing failed (%s); the manager's worker list may not show"
-                        " this worker until it works again (logged once)",
-                        exc,
-                    )
-                failing = True
-            else:
-                if failing:
-                    log.info("Venus.WorkerPing works again")
-                failing = False
-                self.counters.pings += 1
-                self._touch()
-            await trio.sleep(self.settings.ping_interval)
-
     def _slots(self) -> int:
         capacity = sum(c.capacity for c in self._pool())
         limit = self.settings.max_jobs
@@ -585,6 +562,7 @@ class Worker:
 
     async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
         leases = [{"Id": h.job.Id, "Lease": h.job.Lease} for h in held]
+        leases_sent = {h.job.Id: h.job.Lease for h in held}
         started = trio.current_time()
         try:
             stop = await self._beats.call(
@@ -602,7 +580,9 @@ class Worker:
         self._beaten(held, started, {s.Id for s in stop})
         for signal in stop:
             current = self.held.get(signal.Id)
-            if current is not None and current.state == "finishing" and signal.Reason == "finished":
+            if current is None or current.job.Lease != leases_sent.get(signal.Id):
+                continue  # given to us again meanwhile: the answer was for the old lease
+            if current.state == "finishing" and signal.Reason == "finished":
                 continue  # our own finish got there first
             self._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 

@@ -66,3 +66,19 @@ class WorkerCounters:
     def stopped(self) -> int:
         """Jobs the manager took back while we held them."""
         return sum(self.stopped_by.values())
+
+
+def take_new_lease(held: HeldJob, job: PulledJob, now: float) -> bool:
+    """The manager gave `job` again while this worker holds it: whether the job held now goes
+    on under the new allocation (its lease, try, time), not stopped.
+
+    Our coordinator gives only a job that is ready, so a new lease means the old one lapsed
+    (the heartbeats did not get through for HeartbeatTimeout, then the worker asked for its
+    free slots first): the proof running, or the result being delivered, is the new
+    allocation's, instead of being stopped by the old lease's refusals while the new one times
+    out unheard. A job being stopped is replaced by the caller; the same lease, or none (a
+    damocles-manager, whose heartbeat by name takes the job back), changes nothing."""
+    if job.Lease is None or job.Lease == held.job.Lease or held.stop_reason is not None:
+        return False
+    held.job, held.allocated_at = job, now
+    return True

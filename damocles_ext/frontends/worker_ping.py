@@ -1,0 +1,59 @@
+"""The worker's `Venus.WorkerPing` loop: every ping_interval, damocles' WorkerInfo, as
+damocles-worker sends it, so that damocles-manager's worker list shows this worker and our
+coordinator keeps an idle one live. A failing ping is logged once per outage, never fatal."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .. import __version__
+from ..jobs.client import RpcClientError, local_address_towards
+from ..jobs.worker_rules import worker_info
+
+if TYPE_CHECKING:
+    from ..jobs.endpoint import Endpoint
+    from .worker import Worker
+
+log = logging.getLogger("damocles_ext.worker")
+
+
+async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
+    # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
+    # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
+    address = worker._address
+    if address is None:  # named by --name: the address is looked up here, once
+        try:
+            address = await local_address_towards(endpoint)
+        except OSError:
+            address = worker.name or "unknown"
+    failing = False
+    while True:
+        assert worker.name is not None
+        held = worker.held.values()
+        info = worker_info(
+            worker.name, address, __version__, slots=worker._slots(),
+            proving=sum(h.state == "proving" for h in held),
+            finishing=sum(h.state == "finishing" for h in held),
+            children_down=worker._children_down(),
+        )  # fmt: skip
+        try:
+            await worker._pings.call("Venus.WorkerPing", info)
+        except RpcClientError as exc:
+            # Never fatal: the ping only shows this worker in the manager's list.
+            if not failing:
+                log.warning(
+                    "Venus.WorkerPing failed (%s); the manager's worker list may not show"
+                    " this worker until it works again (logged once)",
+                    exc,
+                )
+            failing = True
+        else:
+            if failing:
+                log.info("Venus.WorkerPing works again")
+            failing = False
+            worker.counters.pings += 1
+            worker._touch()
+        await trio.sleep(worker.settings.ping_interval)

@@ -1,0 +1,85 @@
+"""`damocles-ext worker` and the leases of the jobs it holds: a job taken back from it while its
+heartbeats could not get through (a stall on their connection) and given to it again is proved
+under the new lease, not dropped (a real coordinator over HTTP, a real store, real children)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from helpers.frontend import plugin_block
+from test_worker import Rig, children, job_input, serving
+
+from damocles_ext.frontends.coordinator import Coordinator
+from damocles_ext.frontends.worker import Worker
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+class StalledHeartbeats(Coordinator):
+    """A coordinator whose Dext.HeartbeatJobs calls wait while `held` (their connection
+    stalled), then are answered as usual; it records the leases each answered call carried."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.held = False
+        self.released = trio.Event()
+        self.waiting = trio.Event()  # set when a heartbeat waits on the stall
+        self.answered: list[dict[str, str]] = []
+
+    async def handle(self, call):
+        if call.method == "Dext.HeartbeatJobs":
+            if self.held:
+                self.waiting.set()
+                await self.released.wait()
+            result = await super().handle(call)
+            self.answered.append({h.Id: h.Lease for h in call.params[0]})
+            return result
+        return await super().handle(call)
+
+
+async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_new_lease(
+    tmp_path, recorder
+):
+    # Before, the worker ignored a job it already held when the coordinator gave it again: the
+    # stalled heartbeat then answered "lease lost" and cancelled the proof, and the new lease,
+    # heartbeated by nobody, timed out too: both tries spent, the WindowPoSt lost.
+    rec, pm = recorder
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
+    now = [1_000_000.0]
+    rig.jobs.clock = lambda: now[0]
+    # Two slots: one free, so the worker keeps asking (every 50 ms) while it proves the job.
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await rec.next("started")
+            first = worker.held[job.Id].job.Lease
+            rig.coordinator.held = True  # the heartbeats' connection stalls
+            await rig.coordinator.waiting.wait()
+            # Silent past HeartbeatTimeout: the job is taken back and ready again...
+            now[0] += 60.0
+            await rig.jobs.sweep()
+            await rig.jobs.sweep()
+            # ... and the worker, asking for its free slot, is given it again.
+            await worker.wait_for(lambda: rig.allocations_of(job.Id) == 2)
+            again = await rig.jobs.get(job.Id)
+            assert again.State == "running" and again.TryNum == 2
+            assert again.WorkerName == "gpu-1" and again.lease != first
+            rig.coordinator.released.set()  # the stalled heartbeat (the old lease) is answered
+            beats = len(rig.coordinator.answered)
+            answered = rig.coordinator.answered
+            # The stalled answer, then the next heartbeat (or the proof stopped by that answer).
+            await worker.wait_for(lambda: len(answered) >= beats + 2 or worker.counters.stopped)
+            # The proof running goes on, heartbeated under the new lease: the job stays its own.
+            assert rig.coordinator.answered[-1] == {job.Id: again.lease}
+            assert worker.held[job.Id].job.Lease == again.lease
+            assert worker.held[job.Id].stop_reason is None and worker.counters.stopped == 0
+            still = await rig.jobs.get(job.Id)
+            assert still.State == "running" and still.lease == again.lease
+            assert [e for e in rec.log if e[0] == "finished"] == []
+    finally:
+        rig.close()
