@@ -49,6 +49,7 @@ from ..jobs.worker_rules import (
     Outage,
     PulledJob,
     allocate_params,
+    deadline_reached,
     failure_of,
     failure_of_answer,
     faults_text,
@@ -451,7 +452,8 @@ class Worker:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
             log.warning("job %s: no proof: %s", job.Id, exc)
-            held.prover_failed = True
+            # Cut short by the job's deadline: no failure of this prover's (the breaker's count).
+            held.prover_failed = not deadline_reached(job.NotAfter, self._clock())
             return None, str(exc)
         output = job_output(answer)  # type: ignore[arg-type]
         if output.faults:

@@ -99,6 +99,18 @@ def failure_of_answer(status: int | None) -> Failure:
 REFUSED_AS_SENT = frozenset({400, 413, 414, 431})
 
 
+#: Seconds before a job's deadline from which a proof that failed counts as cut short by it: the
+#: supervisor's deadline is kept on the monotonic clock, which may run a little apart from the
+#: wall clock it was read off.
+DEADLINE_SLACK = 1.0
+
+
+def deadline_reached(not_after: float | None, now: float) -> bool:
+    """Whether a job's proof that failed at `now` was cut short by its deadline (then the
+    prover is not to blame: the breaker does not count it)."""
+    return not_after is not None and now >= not_after - DEADLINE_SLACK
+
+
 class FinishVerdict(enum.Enum):
     RETRY = "retry"
     GIVE_UP = "give_up"

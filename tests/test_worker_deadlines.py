@@ -1,0 +1,37 @@
+"""`damocles-ext worker` and its jobs' deadlines: a proof cut short by its job's deadline is no
+failure of this worker's prover (a real coordinator over HTTP, a real store, real children)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers.frontend import plugin_block
+from test_worker import Rig, children, job_input, serving
+
+from damocles_ext.frontends.worker import Worker
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_path):
+    # Before, three jobs whose deadline passed while they were proved counted as three prover
+    # failures in a row: the worker took no job for 30 s (doubling up to 10 min while it went
+    # on), "so that other workers take them", and the next deadline's jobs waited.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 3
+    )
+    worker = Worker(rig.settings(kids, shutdown_grace=0.2))
+    ends = time.time() + 2.0
+    late = [(await rig.jobs.create(job_input(seed=n), not_after=ends))[0] for n in range(3)]
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: all(j.Id in worker.held for j in late))
+            await worker.wait_for(lambda: not any(j.Id in worker.held for j in late))
+            assert worker.counters.pauses == 0
+            # The next job (the next deadline's) is taken at once.
+            after, _ = await rig.jobs.create(job_input(seed=9))
+            await worker.wait_for(lambda: after.Id in worker.held)
+    finally:
+        rig.close()
