@@ -83,3 +83,40 @@ async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_
             assert [e for e in rec.log if e[0] == "finished"] == []
     finally:
         rig.close()
+
+
+async def test_a_job_reset_and_given_back_to_the_worker_that_holds_it_is_proved_afresh(
+    tmp_path, recorder
+):
+    # An operator's reset asks for the job to be proved afresh (a proof stuck on its GPU): given
+    # back to the same worker before its heartbeat says so, the old proof is cancelled and the
+    # new allocation proved, where before it was ignored and timed out unheard, a try spent.
+    rec, pm = recorder
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await rec.next("started")
+            rig.coordinator.held = True
+            await rig.coordinator.waiting.wait()
+            await rig.jobs.reset(job.Id)
+            await worker.wait_for(lambda: rig.allocations_of(job.Id) == 2)
+            again = await rig.jobs.get(job.Id)
+            assert again.State == "running" and again.TryNum == 1
+            assert (await rec.next("finished"))[2] == "cancelled"
+            await rec.next("started")
+            assert worker.held[job.Id].job.Lease == again.lease
+            assert worker.counters.stopped_by == {"reset": 1}
+            rig.coordinator.released.set()
+            beats, answered = len(rig.coordinator.answered), rig.coordinator.answered
+            await worker.wait_for(lambda: len(answered) >= beats + 2)
+            assert answered[-1] == {job.Id: again.lease}
+            assert worker.held[job.Id].stop_reason is None
+            assert (await rig.jobs.get(job.Id)).lease == again.lease
+    finally:
+        rig.close()

@@ -64,12 +64,14 @@ from ..jobs.worker_rules import (
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
+    ADOPTED,
     NOT_RUNNING,
+    SAME,
     HeldJob,
     StoppedAtStart,
     StopSignal,
     WorkerCounters,
-    take_new_lease,
+    given_again,
 )
 
 if TYPE_CHECKING:
@@ -374,15 +376,16 @@ class Worker:
             problem = None
             self.counters.pulled += 1
         if (had := self.held.get(job.Id)) is not None:
-            if problem is None and take_new_lease(had, job, now):
+            how = given_again(had, job, now) if problem is None else SAME
+            if how == ADOPTED:
                 log.warning("job %s: given again (try %d): its lease had lapsed; the work on it"
                             " goes on under the new one", job.Id, job.TryNum)  # fmt: skip
                 self._touch()
                 return
-            if had.stop_reason is None:  # the same allocation told twice: nothing new
+            if how == SAME and had.stop_reason is None:
                 log.warning("job %s: given again while this worker holds it; ignored", job.Id)
                 return
-            # Being stopped (its old lease's end): the new allocation is proved afresh.
+            self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
         if problem is not None:

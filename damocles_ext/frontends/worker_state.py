@@ -68,17 +68,27 @@ class WorkerCounters:
         return sum(self.stopped_by.values())
 
 
-def take_new_lease(held: HeldJob, job: PulledJob, now: float) -> bool:
-    """The manager gave `job` again while this worker holds it: whether the job held now goes
-    on under the new allocation (its lease, try, time), not stopped.
+#: What becomes of a job held when the manager gives it again (`given_again`).
+SAME, ADOPTED, AFRESH = "same", "adopted", "afresh"
 
-    Our coordinator gives only a job that is ready, so a new lease means the old one lapsed
-    (the heartbeats did not get through for HeartbeatTimeout, then the worker asked for its
-    free slots first): the proof running, or the result being delivered, is the new
-    allocation's, instead of being stopped by the old lease's refusals while the new one times
-    out unheard. A job being stopped is replaced by the caller; the same lease, or none (a
-    damocles-manager, whose heartbeat by name takes the job back), changes nothing."""
-    if job.Lease is None or job.Lease == held.job.Lease or held.stop_reason is not None:
-        return False
+
+def given_again(held: HeldJob, job: PulledJob, now: float) -> str:
+    """The manager gave `job` again while this worker holds it: SAME (the same allocation told
+    twice, or a damocles-manager's, whose heartbeat by name takes the job back: nothing new),
+    ADOPTED (`held` now carries the new allocation: its lease, try and time), or AFRESH (the
+    caller stops the job held and proves the new allocation from the start).
+
+    Our coordinator gives only a job that is ready. At a later try, the old lease lapsed (the
+    heartbeats did not get through for HeartbeatTimeout, and the worker asked for its free
+    slots first): the proof running, or the result being delivered, is the new allocation's,
+    instead of being stopped by the old lease's refusals while the new one times out unheard.
+    At a first try, an operator reset the job (or removed it and it was created again) to have
+    it proved afresh; so is a job already being stopped."""
+    if held.stop_reason is not None:
+        return AFRESH
+    if job.Lease is None or job.Lease == held.job.Lease:
+        return SAME
+    if job.TryNum <= 1:
+        return AFRESH
     held.job, held.allocated_at = job, now
-    return True
+    return ADOPTED
