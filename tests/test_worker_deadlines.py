@@ -14,7 +14,7 @@ from damocles_ext.frontends.worker import Worker
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
-async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_path):
+async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_path, caplog):
     # Before, three jobs whose deadline passed while they were proved counted as three prover
     # failures in a row: the worker took no job for 30 s (doubling up to 10 min while it went
     # on), "so that other workers take them", and the next deadline's jobs waited.
@@ -30,6 +30,14 @@ async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_pa
             await worker.wait_for(lambda: all(j.Id in worker.held for j in late))
             await worker.wait_for(lambda: not any(j.Id in worker.held for j in late))
             assert worker.counters.pauses == 0
+            # Nothing is sent for them (a finish after the deadline is refused): no call, and no
+            # error line about a result given up, one warning each.
+            assert worker.counters.finish_retries == 0 and worker.counters.given_up == 3
+            assert "given up" not in caplog.text
+            for j in late:
+                assert (
+                    f"job {j.Id}: no proof before its deadline; nothing to deliver" in caplog.text
+                )
             # The next job (the next deadline's) is taken at once.
             after, _ = await rig.jobs.create(job_input(seed=9))
             await worker.wait_for(lambda: after.Id in worker.held)

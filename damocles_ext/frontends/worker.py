@@ -415,7 +415,15 @@ class Worker:
                 log.error("%s", pause)
             held.state = "finishing"
             self._touch()
-            await self._deliver(held, output, error)
+            job = held.job
+            if error and job.Lease is not None and deadline_reached(job.NotAfter, self._clock()):
+                # Our coordinator refuses any finish after the deadline and cancels the job: a
+                # call to be refused, logged as a result given up, would only mislead.
+                self.counters.given_up += 1
+                log.warning("job %s: no proof before its deadline; nothing to deliver (the"
+                            " coordinator cancels the job)", job.Id)  # fmt: skip
+            else:
+                await self._deliver(held, output, error)
         self._release(held)
 
     async def _fail(self, held: HeldJob, error: str) -> None:
