@@ -5,6 +5,7 @@ workers, every job finishes, and the workers of the dead one carry on through th
 from __future__ import annotations
 
 import base64
+import logging
 import time
 
 import pytest
@@ -161,3 +162,39 @@ async def test_two_coordinators_on_one_postgresql_serve_workers_while_one_is_kil
             assert f"cannot connect to http://127.0.0.1:{a.port}/rpc/v0" in message
     assert sum(w.served_by_restarted for w in workers) > 0
     assert b"Traceback" not in a.stderr + b.stderr
+
+
+async def test_a_coordinator_whose_clock_is_off_the_servers_is_warned(postgres_url, caplog):
+    # Coordinators on one store stamp heartbeats with their own clocks: one 30 s ahead of the
+    # server takes the other coordinators' workers' jobs back 30 s early. It says so.
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs.store import TrioJobStore
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    offset = [30.0]
+    with JobStore.open(postgres_url) as store:
+        coordinator = Coordinator(TrioJobStore(store, clock=lambda: time.time() + offset[0]))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)  # the first pass checks the clock
+            nursery.cancel_scope.cancel()
+        assert coordinator.clock_skew is not None and 29 < coordinator.clock_skew < 31
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert "this machine's clock is 30.0 s ahead of the clock of the job store's" in (
+            warning.getMessage()
+        )
+        assert "NTP" in warning.getMessage()
+        offset[0] = -0.01  # set right: said once, and the skew forgotten
+        await coordinator._check_skew()
+        assert coordinator.clock_skew is None
+        assert "agrees with the job store's server again" in caplog.records[-1].getMessage()
+
+
+async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs.store import TrioJobStore
+
+    with JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}") as store:
+        coordinator = Coordinator(TrioJobStore(store, clock=lambda: time.time() + 3600))
+        await coordinator._check_skew()
+    assert coordinator.clock_skew is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

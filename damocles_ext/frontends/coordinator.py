@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from ..jobs import rpc, rules
+from ..jobs.database import clock_skew
 from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, TrioJobStore
@@ -45,6 +46,10 @@ CLEANUP_PASSES = 10
 # Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
 # a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
 CLOCK_STEP = 5.0
+# Coordinators on one PostgreSQL stamp heartbeats with their own clocks: one whose clock is this
+# far from the server's is warned (checked at the first sweep, then every SKEW_CHECK_EVERY s).
+CLOCK_SKEW = 2.0
+SKEW_CHECK_EVERY = 600.0
 
 
 # A request without the right token is answered without its body being kept; a longer body than
@@ -76,6 +81,9 @@ class Coordinator:
         self._monotonic = monotonic or trio.current_time  # (read in the coordinator's loop)
         self._watch_clocks = watch_clocks
         self.cleanup_pass = DEFAULT_PASS_LIMIT  # finished jobs forgotten per cleanup pass
+        #: Seconds this machine's clock ran ahead of the PostgreSQL server's at the last check,
+        #: when that was CLOCK_SKEW or more (None: in step, or SQLite).
+        self.clock_skew: float | None = None
         #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
         self.sector_index = sector_index or SectorIndex()
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
@@ -210,7 +218,7 @@ class Coordinator:
         once it was silent for a HeartbeatTimeout while this coordinator served and its store
         answered: damocles' sweep at start takes back every job whose worker could not reach the
         manager while it was down."""
-        next_cleanup = trio.current_time()
+        next_cleanup = next_skew_check = trio.current_time()
         started = False
         last: tuple[float, float] | None = None  # (monotonic, wall) at the last pass
         paused_at: float | None = None  # (monotonic) at the last pass's end
@@ -223,6 +231,9 @@ class Coordinator:
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
+                if trio.current_time() >= next_skew_check:
+                    next_skew_check = trio.current_time() + SKEW_CHECK_EVERY
+                    await self._check_skew()
                 if trio.current_time() >= next_cleanup:
                     more = await self._cleanup()
                     # A backlog goes on at the next sweep: sweeps are not held behind it.
@@ -235,6 +246,34 @@ class Coordinator:
                 task_status.started()
             paused_at = self._monotonic()
             await trio.sleep(every)
+
+    async def _check_skew(self) -> None:
+        """Warn when this machine's clock is CLOCK_SKEW or more away from the PostgreSQL
+        server's: a coordinator ahead of another takes that one's workers' jobs back early by
+        as much (a heartbeat is stamped with the clock of the coordinator that takes it)."""
+        store = self.store.store
+        try:
+            skew = await trio.to_thread.run_sync(clock_skew, store.engine, self.store.clock)
+        except Exception as exc:  # noqa: BLE001 (a check: never a reason for the sweep to stop)
+            log.debug("cannot read the clock of the store %s: %s", store.where, exc)
+            return
+        if skew is None:
+            return
+        if abs(skew) >= CLOCK_SKEW:
+            way = "ahead of" if skew > 0 else "behind"
+            log.warning(
+                "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL server"
+                " (%s): coordinators on one store stamp heartbeats with their own clocks, so one"
+                " ahead of another takes the other's workers' jobs back early by as much; keep"
+                " the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
+                abs(skew),
+                way,
+                store.where,
+            )
+            self.clock_skew = skew
+        elif self.clock_skew is not None:
+            log.info("this machine's clock agrees with the job store's server again")
+            self.clock_skew = None
 
     async def _cleanup(self) -> bool:
         """Forget the finished jobs past JobLifetime: pass after pass while a pass was full (one
