@@ -250,13 +250,12 @@ class BookMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_ready_child_has_a_free_slot_while_requests_wait(self) -> None:
-        # Unless a waiting request avoids it (it answered that one with an error: the request
-        # waits for another child, and those behind it in the queue wait too), or the breaker
-        # leaves it out.
+        # Unless every waiting request avoids it (it answered them with an error: they wait
+        # for another child; a request behind them goes on), or the breaker leaves it out.
         waiting = [r for r in self._open() if self.book.scheduler.is_queued(r.attempt_id)]
         if not waiting:
             return
-        avoided = set().union(*(r.avoid or () for r in waiting))
+        avoided = set.intersection(*(set(r.avoid or ()) for r in waiting))
         for child, state in self.up.items():
             if state == "ready" and child not in self.pipelined and child not in avoided:
                 if self.book.scheduler.breaker.leaves_out(child, self.now):

@@ -277,7 +277,7 @@ async def test_a_benched_child_shows_in_its_gauge_and_in_status(tmp_path: Path, 
         """
 [[WdPost]]
 Plugin = "sleep"
-PluginOptions = { seconds = 0, fail = "always" }
+PluginOptions = { seconds = 0, fail = "always", load_delay = 0.3 }
 
 [[WdPost]]
 Plugin = "sleep"
@@ -292,7 +292,9 @@ PluginOptions = { seconds = 0 }
         with trio.fail_after(40):
             line = await log.wait_for("metrics on http://127.0.0.1:")
             url = line.split("metrics on ", 1)[1].strip()
-            await log.wait_for("window_post#1 (pid")
+            # Both ready before the first request: else one takes them all, the other none.
+            first = await log.wait_for("): ready (")
+            await log.wait_for("): ready (", log.lines.index(first) + 1)
             m = await scrape(url)
             for child in ("window_post#0", "window_post#1"):
                 assert value(m, "damocles_ext_child_benched", stage="window_post", child=child) == 0

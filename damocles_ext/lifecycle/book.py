@@ -13,7 +13,10 @@ rules around it:
 * Retries. An attempt lost with its child, or timed out, is queued again while the request has
   attempts left (MaxAttempts of the child it was lost on), its deadline is ahead and the
   supervisor is not shutting down; otherwise the request is answered with why. A child killed
-  for one request (it ignored a Cancel) costs its other requests nothing.
+  for one request (it ignored a Cancel) costs its other requests nothing. An attempt answered
+  with an error (or a bad output) is queued again too, while attempts are left, avoiding the
+  children that failed it, when one of the others is neither FATAL nor benched (the policy's
+  breaker): it waits for one, and the requests behind it go on.
 * Times. Request timeouts (RequestTimeoutSecs), cancel graces (CancelGraceSecs), the heartbeat
   of dext children (HeartbeatTimeoutSecs) and the stdin watch (StdinTimeoutSecs) are alarms;
   deadlines and pipelining are the scheduler's. `next_wakeup()` is the earliest of them all;
@@ -265,15 +268,17 @@ class RequestBook(BookRules):
             req = attempt.request
             req.current = None
             self._attempts.pop(attempt.attempt_id, None)
-            what = None  # what was wrong with the answer
+            what = said = None  # what was wrong with the answer (said: without the child)
             if error is not None:
                 said = error.strip() or "an error without a message (the prover gave none)"
                 what = f"failed on {process.who}: {said}"
             elif output is None or stage_of(output) != req.stage:
                 got = "no output" if output is None else f"a {stage_of(output)} output"
-                what = f"{process.who} answered with {got}"
+                said = f"answered with {got}"
+                what = f"{process.who} {said}"
             elif (wrong := output_problem(req.task, output)) is not None:
-                what = f"{process.who} answered with {wrong}"
+                said = f"answered with {wrong}"
+                what = f"{process.who} {said}"
             if what is None:
                 self.scheduler.finished(attempt.attempt_id, now, failed=False)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
@@ -283,7 +288,7 @@ class RequestBook(BookRules):
             else:
                 c.failed += 1
                 head = f"request {req.rid} ({req.stage})" + ("" if error is not None else ":")
-                self._failed_answer(c, attempt, f"{head} {what}", what, now, out)
+                self._failed_answer(c, attempt, f"{head} {what}", what, said or "", now, out)
         if self._queued:
             self._dispatch(now, out)
         return out
@@ -423,13 +428,9 @@ class RequestBook(BookRules):
         out = self._catch_up(now, out)
         for req in list(self._requests.values()):
             if req.attempt_id is not None and self.scheduler.is_queued(req.attempt_id):
-                self._resolve(
-                    req,
-                    out,
-                    now,
-                    error=f"request {req.rid} ({req.stage}) was still queued when the"
-                    " supervisor began to shut down; it was not sent to a prover",
-                )
+                sent = "not sent to a prover" if not req.attempts else "not sent again"
+                why = f"still queued when the supervisor began to shut down; it was {sent}"
+                self._resolve(req, out, now, error=self._describe_failure(req, why))
         return out
 
     def grace_over(

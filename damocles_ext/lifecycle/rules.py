@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..scheduling.policy import CancelRunning, Fail, Job, Scheduler, Start, TakeBack
+from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
 from .deadlines import Alarms
 from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
@@ -261,23 +261,31 @@ class BookRules:
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
 
     def _failed_answer(
-        self, c: ChildRecord, attempt: Attempt, why: str, what: str, now: float, out: list[Effect]
+        self,
+        c: ChildRecord,
+        attempt: Attempt,
+        why: str,
+        what: str,
+        said: str,
+        now: float,
+        out: list[Effect],
     ) -> None:
         """`attempt` was answered with an error or a bad output (`why`, or `what` after the
-        request's name). While the request has an attempt left and another child of its stage
-        that has not answered it with an error is not FATAL, it runs again there (a second
-        opinion: damocles-manager gives up a partition batch on an error); else this is its
-        answer."""
+        request's name; `said`: what was wrong, without the child). While the request has an
+        attempt left and another child of its stage that has not failed it is neither FATAL nor
+        benched, it runs again there (a second opinion: damocles-manager gives up a partition
+        batch on an error); else this is its answer."""
         req = attempt.request
         self.scheduler.finished(attempt.attempt_id, now, failed=True)
         self._bench_news(now, out)
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
+        breaker = self.scheduler.breaker
         if req.attempts < max(1, c.limits.max_attempts) and any(
-            o.name not in avoid and not o.gave_up for o in others
+            o.name not in avoid and breaker.can_serve(o.name, now) for o in others
         ):
             req.avoid = avoid
-            req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
+            req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._retry_or_fail(req, c, attempt.attempt_id, what, now, out)
         elif req.history:  # the last of several attempts: say what became of each
             self._resolve(req, out, now, error=self._describe_failure(req, what))
@@ -306,6 +314,8 @@ class BookRules:
         if req is None or req.attempt_id != aid:
             return
         expired = req.deadline is not None and now >= req.deadline
+        if req.attempts and reason.endswith(NOT_SENT):  # a retry: it was sent before
+            reason = reason.removesuffix(NOT_SENT) + "; it was not sent again"
         pool = self._by_stage.get(req.stage, [])
         if pool and all(c.gave_up for c in pool):
             # Say why no child can serve: the caller may not see the supervisor's log.

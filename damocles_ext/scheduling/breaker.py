@@ -143,6 +143,11 @@ class ChildBreaker:
         """`left_out` by the child's id."""
         return child_id in self.suspects and self.left_out(self._children[child_id], now)
 
+    def can_serve(self, child_id: str, now: float) -> bool:
+        """Neither FATAL nor benched now: a child a request may wait for."""
+        child = self._children[child_id]
+        return not child.fatal and now >= child.streak.benched_until
+
     def end_benches(self, now: float) -> None:
         """The benches over by `now` end: those children are on probation."""
         for cid in [cid for cid, until in self.benches.items() if until <= now]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from .breaker import Streak
-from .decisions import ChildSlots, Job, TakeBack
+from .decisions import ChildSlots, Decision, Job, TakeBack
 
 #: Queued jobs in a child (see "Quick requests"): an answer within QUICK_ANSWER seconds of its
 #: turn is quick; QUICK_RUN of them in a row let the child take its queue; a job queued behind
@@ -191,4 +191,25 @@ def passed_deadlines(
         if run is not None and run.seq == seq and not run.cancelled:
             due.append((run, deadline))
     due.sort(key=lambda pair: pair[0].seq)
+    return due
+
+
+def take_back_due(
+    children: dict[str, _Child],
+    queueing: set[str],
+    now: float,
+    after: float,
+    quick_run: int,
+    out: list[Decision],
+) -> list[_Child]:
+    """Take back the jobs behind on every child of `queueing` whose latest job ahead has had its
+    slot for `after` seconds (into `out`, children in order); those children, no longer
+    queueing nor quick."""
+    due = [child for cid in queueing if now >= (child := children[cid]).ahead_turn + after]
+    due.sort(key=lambda c: c.order)
+    for child in due:
+        queueing.discard(child.info.child_id)
+        child.quick = 0
+        set_slots(child, quick_run)
+        out += take_back(child, f"queued behind work running over {after:g}s")
     return due

@@ -6,9 +6,15 @@ and the simulator build and read them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from .children import _Child
+    from .queues import JobQueues
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +85,31 @@ class SchedulerStatistics:
     children: dict[str, str]
     locks_held: dict[str, str]
     waiting_for_lock: dict[str, tuple[str, ...]]
+
+
+def statistics_of(
+    queues: JobQueues,
+    children: Mapping[str, _Child],
+    lock_holders: Mapping[str, Mapping[str, int]],
+    blocking_locks: Callable[[str], set[str]],
+) -> SchedulerStatistics:
+    """The Scheduler's statistics from its queues, children and locks."""
+    queued: dict[str, int] = dict.fromkeys(queues.stages, 0)
+    for _, job in queues.queued.values():
+        queued[job.stage] = queued.get(job.stage, 0) + 1
+    nearest: dict[str, float | None] = {}
+    for stage, queue in queues.stages.items():
+        head = queues.peek(queue)
+        nearest[stage] = head.deadline if head is not None else None
+    return SchedulerStatistics(
+        queued=queued,
+        nearest_deadline=nearest,
+        running={cid: len(c.running) for cid, c in children.items()},
+        children={cid: c.state for cid, c in children.items()},
+        locks_held={lock: ",".join(sorted(holders)) for lock, holders in lock_holders.items()},
+        waiting_for_lock={
+            stage: tuple(sorted(blocking_locks(stage)))
+            for stage, queue in queues.stages.items()
+            if queues.peek(queue) is not None and blocking_locks(stage)
+        },
+    )

@@ -46,7 +46,8 @@ The rules, in one place:
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
-  goes to none of them while another child of its stage is not FATAL; it waits for one.
+  goes to none of them while another of its stage is neither FATAL nor benched: it waits for one
+  (reserving only its locks), keeping its place, while the jobs behind it go on.
 * Failing children. A child that answers request after request with an error while a sibling
   proves for the same miner (Job.key) is benched, then on probation: see `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
@@ -75,7 +76,7 @@ from .children import (
     passed_deadlines,
     promote,
     set_slots,
-    take_back,
+    take_back_due,
 )
 from .decisions import (
     CancelRunning,
@@ -86,6 +87,7 @@ from .decisions import (
     SchedulerStatistics,
     Start,
     TakeBack,
+    statistics_of,
 )
 from .queues import FRESH, RETRY, JobQueues
 
@@ -94,6 +96,8 @@ STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
 #: Progress phases that mean "the request is now using the GPU" (its SNARK).
 GPU_PHASES: frozenset[str] = frozenset({"snark"})
+#: How a deadline's Fail ends (the book says "not sent again" of a retry).
+NOT_SENT = "; it was not sent to a prover"
 
 
 class Scheduler:
@@ -147,6 +151,8 @@ class Scheduler:
         self._queue_len = self._queues.length  # live jobs per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
+        self._set_aside: dict[str, bool] = {}  # per stage: its last decision set retries aside
+        self._reserving: dict[str, list[frozenset[str] | None]] = {}  # stage: avoid of each waiting
         self.breaker = breaker or ChildBreaker()  # failing children (breaker.py)
         self.breaker.attach(self._children, self._by_stage, self._touch)
 
@@ -212,6 +218,7 @@ class Scheduler:
         # Behind a queue left by its stage's last decision (no child could take its head): idem.
         behind = self._incremental and self._queue_len.get(stage, 0) > 0 and not self._all_dirty
         behind = behind and stage not in self._dirty and stage not in self._pipelined_stages
+        behind = behind and not self._set_aside.get(stage)  # a free child may take the new job
         behind = behind and (job.deadline is None or job.deadline > now)
         self._enqueue(job, FRESH)
         if behind:
@@ -345,8 +352,8 @@ class Scheduler:
                 or (self._any_locks and self._last_reserved.get(stage) != frozenset(reserved))
             ):
                 # Nothing it depends on changed since it was last decided: nothing to do.
-                if job is not None and self._any_locks:
-                    reserved |= self._blocking_locks(stage)
+                for avoid in self._reserving.get(stage, ()) if self._any_locks else ():
+                    reserved |= self._blocking_locks(stage, avoid)
                 continue
             if self._any_locks:
                 self._last_reserved[stage] = frozenset(reserved)
@@ -355,6 +362,7 @@ class Scheduler:
             # loop frees a slot, so the next _pick would find none (a job at its deadline or
             # unservable is still failed first, as without it).
             full = False
+            aside = []  # retries only children they avoid could take now: the jobs behind go on
             while job is not None:
                 if reason is not None:
                     self._queues.pop(queue, job)
@@ -364,14 +372,18 @@ class Scheduler:
                     out.append(
                         Fail(
                             job.request_id,
-                            f"deadline passed {now - job.deadline:.1f}s ago before the request "
-                            "could start; it was not sent to a prover",
+                            f"deadline passed {now - job.deadline:.1f}s ago before the request"
+                            f" could start{NOT_SENT}",
                         )
                     )
                 else:
                     if full:
                         break
                     child, others = self._pick(stage, reserved, now, job.avoid)
+                    if child is None and job.avoid:
+                        aside.append(self._queues.set_aside(queue))
+                        job = self._queues.peek(queue)
+                        continue
                     if child is None:
                         break
                     self._queues.pop(queue, job)
@@ -381,8 +393,15 @@ class Scheduler:
                     full = not (others or job.avoid) and len(child.running) >= child.slots
                     full = full and self._incremental
                 job = self._queues.peek(queue)
-            if job is not None and self._any_locks:
-                reserved |= self._blocking_locks(stage)
+            for entry in aside:
+                self._queues.put_back(queue, entry)
+            self._set_aside[stage] = bool(aside)
+            if self._any_locks:  # what waits reserves the locks blocking it (aside: its own)
+                waits = [self._queues.queued[entry[2]][1].avoid for entry in aside]
+                waits += [None] if job is not None else []
+                self._reserving[stage] = waits
+                for avoid in waits:
+                    reserved |= self._blocking_locks(stage, avoid)
         self._dirty.clear()
         self._all_dirty = False
         return out
@@ -441,27 +460,11 @@ class Scheduler:
 
     def statistics(self) -> SchedulerStatistics:
         """Queue lengths and nearest deadline per stage, running jobs per child, locks held."""
-        queued: dict[str, int] = dict.fromkeys(self._queues.stages, 0)
-        for _, job in self._queued.values():
-            queued[job.stage] = queued.get(job.stage, 0) + 1
-        nearest: dict[str, float | None] = {}
-        for stage, queue in self._queues.stages.items():
-            head = self._queues.peek(queue)
-            nearest[stage] = head.deadline if head is not None else None
-        return SchedulerStatistics(
-            queued=queued,
-            nearest_deadline=nearest,
-            running={cid: len(c.running) for cid, c in self._children.items()},
-            children={cid: c.state for cid, c in self._children.items()},
-            locks_held={
-                lock: ",".join(sorted(holders)) for lock, holders in self._lock_holders.items()
-            },
-            waiting_for_lock={
-                stage: tuple(sorted(self._blocking_locks(stage)))
-                for stage, queue in self._queues.stages.items()
-                if self._queues.peek(queue) is not None and self._blocking_locks(stage)
-            },
-        )
+        return statistics_of(self._queues, self._children, self._lock_holders, self._waits_for)
+
+    def _waits_for(self, stage: str) -> set[str]:  # the locks what waits there waits for
+        waits = self._reserving.get(stage) or [None]
+        return set().union(*(self._blocking_locks(stage, avoid) for avoid in waits))
 
     def running_on(self, child_id: str) -> list[int]:
         """Request ids running on `child_id`, in start order."""
@@ -519,13 +522,15 @@ class Scheduler:
             if any(holder != cid for holder in self._lock_holders.get(lock, ()))
         }
 
-    def _blocking_locks(self, stage: str) -> set[str]:
+    def _blocking_locks(self, stage: str, avoid: frozenset[str] | None = None) -> set[str]:
         # Locks that alone keep a ready child with a free slot from taking this stage's work
-        # (not one the breaker leaves out: it would not take the work).
+        # (not one the breaker leaves out, nor one the job avoids: it would not take the work).
         out: set[str] = set()
         breaker = self.breaker
         for child in self._by_stage.get(stage, []):
             if child.ready and len(child.running) < child.info.capacity:
+                if avoid and child.info.child_id in avoid:
+                    continue
                 if breaker.suspects and breaker.left_out(child, self._decided_at):
                     continue
                 out |= self._held_elsewhere(child)
@@ -536,10 +541,13 @@ class Scheduler:
     ) -> tuple[_Child | None, int]:
         """The child of `stage` to start its next job on (None: none can take it now), and
         how many other children could have taken it; not one in `avoid` while another of the
-        stage is not FATAL (see "Errors")."""
+        stage is neither FATAL nor benched (see "Errors")."""
         eligible: list[tuple[float, float, _Child]] = []
         children = self._by_stage.get(stage, [])
-        if avoid and not any(not c.fatal and c.info.child_id not in avoid for c in children):
+        if avoid and not any(
+            c.info.child_id not in avoid and self.breaker.can_serve(c.info.child_id, now)
+            for c in children
+        ):
             avoid = None
         for c in children:
             if avoid and c.info.child_id in avoid:
@@ -655,19 +663,10 @@ class Scheduler:
         return self._take_back_cache
 
     def _take_back(self, now: float, out: list[Decision]) -> None:
-        due = [
-            child
-            for cid in self._queueing
-            if now >= (child := self._children[cid]).ahead_turn + self._take_back_after
-        ]
-        for child in sorted(due, key=lambda c: c.order):
-            self._queueing.discard(child.info.child_id)
+        after, run = self._take_back_after, self._quick_run
+        for child in take_back_due(self._children, self._queueing, now, after, run, out):
             self._take_back_cache = None
-            child.quick = 0
-            set_slots(child, self._quick_run)
             self._touch(child.info.stage)
-            why = f"queued behind work running over {self._take_back_after:g}s"
-            out += take_back(child, why)
 
     def _drop_running(self, child: _Child) -> list[Job]:
         self._queueing.discard(child.info.child_id)
@@ -683,6 +682,7 @@ class Scheduler:
 
 __all__ = [
     "GPU_PHASES",
+    "NOT_SENT",
     "QUICK_ANSWER",
     "QUICK_RUN",
     "STAGE_PRIORITY",

@@ -108,6 +108,15 @@ class JobQueues:
             heapq.heappop(q.heap)
         self._forget(job)
 
+    def set_aside(self, q: StageQueue) -> tuple[_Key, int, int]:
+        """Take the head of the heap lane, which `peek` just returned (a retry, so in the heap),
+        off it for a while, still queued: `put_back` returns it to its place."""
+        return heapq.heappop(q.heap)
+
+    def put_back(self, q: StageQueue, entry: tuple[_Key, int, int]) -> None:
+        """Return what `set_aside` took, in its place (its token kept)."""
+        heapq.heappush(q.heap, entry)
+
     def remove(self, request_id: int) -> Job | None:
         """Take the job out wherever it waits (lazily); None if it is not queued."""
         entry = self.queued.get(request_id)

@@ -1,0 +1,144 @@
+"""A request a child answered with an error runs again on another child (Job.avoid): what it
+waits for, what goes on behind it, and what its answer says. The request book and the policy,
+sans-IO: events in, effects out, time passed in by hand."""
+
+from __future__ import annotations
+
+from helpers.child import window_task
+
+from damocles_ext.lifecycle import ChildLimits, RequestBook, Resolve, Send
+from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start
+from damocles_ext.tasks import WindowPoStOutput
+
+OK = WindowPoStOutput(proofs=[b"p"], faults=[])
+WD = "window_post"
+
+
+def two_children() -> RequestBook:
+    book = RequestBook()
+    for name in ("a", "b"):
+        book.add_child(name, WD, limits=ChildLimits(max_attempts=2))
+    for i, name in enumerate(("a", "b")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    return book
+
+
+def bench_b(book: RequestBook) -> float:
+    """b fails everything, a proves everything, until the breaker benches b; the time then."""
+    now, rid, pending = 0.0, 0, []
+    while not book.scheduler.breaker.benches:
+        rid += 1
+        _, out = book.submit(rid, window_task(), now)
+        pending += out
+        while pending:
+            e = pending.pop(0)
+            if isinstance(e, Send):
+                now += 1
+                if e.child == "b":
+                    pending += book.answered("b", e.child_rid, now, error="CUDA error 999")
+                else:
+                    pending += book.answered("a", e.child_rid, now, output=OK)
+    assert book.sizes()["requests"] == 0
+    return now
+
+
+def test_an_error_while_the_only_other_child_is_benched_is_the_answer_and_work_goes_on():
+    # Waiting for a benched child (then sent to it, broken) would stall the stage for the bench.
+    book = two_children()
+    now = bench_b(book) + 1
+    _, (send,) = book.submit(100, window_task(), now)
+    assert send.child == "a"
+    (res,) = book.answered("a", send.child_rid, now + 1, error="CUDA error: out of memory")
+    assert isinstance(res, Resolve) and "out of memory" in res.error
+    r, out = book.submit(101, window_task(), now + 2)
+    assert out == [Send(r, "a", send.child_rid + 1)]
+
+
+def test_a_job_due_sooner_than_a_waiting_retry_starts_on_the_child_the_retry_avoids():
+    got = {}
+    for incremental in (False, True):
+        s = Scheduler(incremental=incremental)
+        for cid in ("a", "b"):
+            s.add_child(ChildSlots(cid, WD))
+            s.child_ready(cid, 0.0)
+        s.submit(Job(1, WD, 0.0), 0.0)
+        s.submit(Job(2, WD, 0.0), 0.0)
+        assert s.decide(0.0) == [Start(1, "a"), Start(2, "b")]
+        s.finished(1, 1.0, failed=True)
+        s.requeue(Job(3, WD, 0.0, avoid=frozenset({"a"})), 1.0)  # waits for b
+        assert s.decide(1.0) == []
+        s.submit(Job(4, WD, 2.0, deadline=60.0), 2.0)  # ahead of the retry: deadline first
+        got[incremental] = s.decide(2.0)
+    assert got[False] == got[True] == [Start(4, "a")]
+
+
+def test_a_request_with_a_deadline_behind_a_waiting_retry_starts_on_the_idle_child():
+    book = two_children()
+    _, (s1,) = book.submit(1, window_task(), 0.0)
+    _, (s2,) = book.submit(2, window_task(), 0.0)
+    assert (s1.child, s2.child) == ("a", "b")
+    book.answered("a", 1, 1.0, error="CUDA error: out of memory")  # waits for b
+    _, out = book.submit(3, window_task(), 2.0, deadline=10.0)
+    assert [e.child for e in out if isinstance(e, Send)] == ["a"]
+
+
+def test_with_the_only_sibling_stopped_for_good_an_error_is_the_answer():
+    # AutoRestart = false: the sibling is done (the scheduler's FATAL); no retry on the child
+    # that just failed the request.
+    book = two_children()
+    book.child_down("b", 0.5)
+    book.child_lost("b", 0.5, "exited 1")
+    book.child_gave_up("b", 0.5, fatal=False, last_exit="exited 1")
+    _, (send,) = book.submit(1, window_task(), 1.0)
+    assert send.child == "a"
+    (res,) = book.answered("a", send.child_rid, 2.0, error="bad")
+    assert res.error == "request 1 (window_post) failed on a (pid 100): bad"
+
+
+def test_a_retry_still_queued_at_shutdown_says_what_its_first_attempt_said():
+    book = two_children()
+    book.submit(1, window_task(), 0.0)
+    book.submit(2, window_task(), 0.0)
+    book.answered("a", 1, 1.0, error="CUDA error: out of memory")  # waits for b
+    (res,) = [e for e in book.shutdown(2.0) if isinstance(e, Resolve)]
+    assert res.error == (
+        "request 1 (window_post): still queued when the supervisor began to shut down; it was"
+        " not sent again; 1 attempt made (attempt 1 on a: CUDA error: out of memory)"
+    )
+
+
+def test_a_retry_whose_deadline_passes_in_the_queue_says_it_was_not_sent_again():
+    book = two_children()
+    book.submit(1, window_task(), 0.0, deadline=5.0)
+    book.submit(2, window_task(), 0.0)
+    book.answered("a", 1, 1.0, error="CUDA error: out of memory")  # waits for b
+    (res,) = [e for e in book.advance(6.0) if isinstance(e, Resolve)]
+    assert res.outcome == "timeout"
+    assert "it was not sent again; 1 attempt made (attempt 1 on a: CUDA error" in res.error
+    assert "not sent to a prover" not in res.error
+
+
+def test_a_waiting_retry_reserves_no_lock_of_the_child_it_avoids():
+    # A WinningPoSt retry that avoids w1 waits for w2 (lock g1): w1's lock g0 is not kept from
+    # the WindowPoSt child that shares it.
+    for incremental in (True, False):
+        s = Scheduler(incremental=incremental)
+        for cid, stage, lock, cap in (
+            ("w1", "winning_post", "g0", 1),
+            ("w2", "winning_post", "g1", 1),
+            ("p1", WD, "g0", 2),
+            ("p2", WD, "g1", 1),
+        ):
+            s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
+            s.child_ready(cid, 0.0)
+        s.submit(Job(1, "winning_post", 0.0), 0.0)
+        assert s.decide(0.0) == [Start(1, "w1")]
+        s.submit(Job(2, WD, 0.0), 0.0)
+        assert s.decide(0.0) == [Start(2, "p2")]  # g0 is w1's: p2 holds g1, w2 waits for it
+        s.finished(1, 1.0, failed=True)
+        s.requeue(Job(3, "winning_post", 0.0, avoid=frozenset({"w1"})), 1.0)  # waits for w2
+        s.submit(Job(4, WD, 1.0), 1.0)
+        assert s.decide(1.0) == [Start(4, "p1")]
+        s.submit(Job(5, WD, 2.0), 2.0)
+        assert s.decide(2.0) == [Start(5, "p1")]
+        assert s.statistics().waiting_for_lock == {"winning_post": ("g1",)}
