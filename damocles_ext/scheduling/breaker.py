@@ -63,6 +63,7 @@ class ChildBreaker:
     benches: dict[str, float] = field(default_factory=dict)  # child id -> end of its bench
     news: list[str] = field(default_factory=list)
     unproven: set[str] = field(default_factory=set)  # past their errors, no sibling proof yet
+    erring: set[str] = field(default_factory=set)  # children with errors in a row
     _children: dict[str, _Child] = field(default_factory=dict)
     _by_stage: dict[str, list[_Child]] = field(default_factory=dict)
     _touch: Callable[[str], None] = lambda stage: None
@@ -82,9 +83,13 @@ class ChildBreaker:
         return self._children[child_id].streak
 
     def count(self, child: _Child, key: Hashable, failed: bool, now: float) -> None:
-        """`child` answered a job of `key` with an error or a proof."""
+        """`child` answered a job of `key` with an error or a proof. (A proof while no child has
+        an error streak changes nothing: only proofs since a streak began count; the caller may
+        skip the call then.)"""
         streak, cid = child.streak, child.info.child_id
         if not failed:
+            if not self.erring:
+                return
             proved = streak.proved
             proved[key] = now
             if len(proved) > _KEYS:  # the key first proved here goes
@@ -96,6 +101,7 @@ class ChildBreaker:
                 self.suspects.discard(cid)
                 self.benches.pop(cid, None)
                 self.unproven.discard(cid)
+                self.erring.discard(cid)
                 self._touch(child.info.stage)
             if self.unproven:  # siblings past their errors, waiting for a proof like this one
                 for s in self._by_stage[child.info.stage]:
@@ -104,6 +110,7 @@ class ChildBreaker:
             return
         if streak.errors == 0:
             streak.since = now
+            self.erring.add(cid)
         streak.errors += 1
         if len(streak.failed_keys) < _KEYS:
             streak.failed_keys.add(key)
@@ -164,3 +171,4 @@ class ChildBreaker:
             streak.errors = 0
             streak.failed_keys.clear()
             self.unproven.discard(cid)
+            self.erring.discard(cid)
