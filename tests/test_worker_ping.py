@@ -4,6 +4,7 @@ WorkerInfo shape, the worker's row kept live by it, a failing ping logged once a
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from test_worker import Rig, children, job_input, start_worker
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_ping import check_skew
 from damocles_ext.jobs import rpc
 from damocles_ext.jobs.worker_rules import worker_info
 
@@ -110,3 +112,39 @@ def test_worker_info_counts_slots_as_damocles_counts_threads():
     assert info.Dest == "[fe80::1]:0" and info.Version == "damocles-ext v1.2"
     s = info.Summary
     assert (s.Threads, s.Empty, s.Running, s.Waiting, s.Errors, s.Paused) == (4, 1, 2, 1, 1, 0)
+
+
+async def test_a_worker_whose_clock_is_off_the_managers_is_warned_once(tmp_path, caplog):
+    # A job's NotAfter is read on the worker's clock: 30 s ahead cuts proofs 30 s short. The
+    # coordinator's answers carry a Date, as damocles-manager's (Go's net/http) do.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, ping_interval=0.02), clock=lambda: time.time() + 30)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.pings >= 3)
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    skew = [r.getMessage() for r in caplog.records if "the manager's (the Date" in r.getMessage()]
+    assert len(skew) == 1, skew  # once, however many pings
+    assert "about 30 s ahead of the manager's" in skew[0] and "cut short early" in skew[0]
+
+
+def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplog):
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    date = 1_700_000_000.0
+    assert check_skew(None, date, False) is False  # no Date: nothing to compare
+    assert check_skew(date, date + 0.9, False) is False  # within the second it names
+    assert check_skew(date, date - 10, False) is True
+    assert check_skew(date, date - 10, True) is True
+    assert check_skew(date, date + 1, True) is False
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "about 10 s behind the manager's" in messages[0] and "late, past" in messages[0]
+    assert messages[1] == "this machine's clock agrees with the manager's again"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from email.utils import formatdate
 
 import h11
 import trio
@@ -184,6 +185,7 @@ class HttpConnection:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        headers.append(("Date", formatdate(usegmt=True)))  # as HTTP servers do (workers read it)
         if close:
             headers.append(("Connection", "close"))
         headers += extra or []

@@ -30,6 +30,7 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
         except OSError:
             address = worker.name or "unknown"
     failing = False
+    skewed = False
     while True:
         assert worker.name is not None
         held = worker.held.values()
@@ -56,4 +57,34 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
             failing = False
             worker.counters.pings += 1
             worker._touch()
+            skewed = check_skew(worker._pings.server_date, worker._clock(), skewed)
         await trio.sleep(worker.settings.ping_interval)
+
+
+#: A worker whose clock is this far from its manager's (the Date of the ping's answer, to the
+#: second) is warned: it compares each job's NotAfter with its own clock.
+CLOCK_SKEW = 3.0
+
+
+def check_skew(server_date: float | None, now: float, skewed: bool) -> bool:
+    """Warn once when this machine's clock is CLOCK_SKEW or more away from the manager's (the
+    answer's Date, read as the middle of its second), and once when it agrees again; whether
+    it is off now."""
+    if server_date is None:
+        return skewed
+    skew = now - (server_date + 0.5)
+    if abs(skew) >= CLOCK_SKEW:
+        if not skewed:
+            way = "ahead of" if skew > 0 else "behind"
+            log.warning(
+                "this machine's clock is about %.0f s %s the manager's (the Date of its answers):"
+                " a job's deadline (NotAfter) is read on this clock, so proofs are cut short"
+                " %s; keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
+                abs(skew),
+                way,
+                "early by as much" if skew > 0 else "late, past the manager's deadline",
+            )
+        return True
+    if skewed:
+        log.info("this machine's clock agrees with the manager's again")
+    return False

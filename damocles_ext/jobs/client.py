@@ -20,6 +20,8 @@ Calls made from several tasks at once take turns on the one connection.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
+from email.utils import parsedate_to_datetime
 from typing import Any, Self
 
 import h11
@@ -141,6 +143,9 @@ class RpcClient:
         self._h11: h11.Connection | None = None
         #: Connections opened so far (a test sees the reconnects).
         self.connections_opened = 0
+        #: The Date of the last answer (unix time, to the second; None: none, or unreadable):
+        #: the server's clock, as the worker compares it with its own.
+        self.server_date: float | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -290,6 +295,7 @@ class RpcClient:
                 conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                self.server_date = _http_date(event.headers)
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.max_answer:
@@ -310,6 +316,17 @@ class RpcClient:
         else:  # the server said Connection: close, or we did not send it all
             await self.aclose()
         return status, b"".join(chunks)
+
+
+def _http_date(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """The unix time of a response's Date header (to the second), if it has a readable one."""
+    for name, value in headers:
+        if name == b"date":
+            try:
+                return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+    return None
 
 
 async def local_address_towards(endpoint: Endpoint) -> str:
