@@ -14,6 +14,7 @@ from helpers.frontend import CoordinatorProcess
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs.client import RpcClient, RpcConnectionError
+from damocles_ext.jobs.database import clock_skew
 from damocles_ext.jobs.model import FINISHED
 from damocles_ext.jobs.store import JobStore
 
@@ -194,6 +195,7 @@ async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
     from damocles_ext.jobs.store import TrioJobStore
 
     with JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}") as store:
+        assert clock_skew(store.engine, time.time) is None
         coordinator = Coordinator(TrioJobStore(store, clock=lambda: time.time() + 3600))
         await coordinator._check_skew()
     assert coordinator.clock_skew is None

@@ -142,3 +142,45 @@ def test_a_waiting_retry_reserves_no_lock_of_the_child_it_avoids():
         s.submit(Job(5, WD, 2.0), 2.0)
         assert s.decide(2.0) == [Start(5, "p1")]
         assert s.statistics().waiting_for_lock == {"winning_post": ("g1",)}
+
+
+def _retry_behind_a_start_that_fills_the_only_child(incremental: bool) -> list:
+    s = Scheduler(incremental=incremental)
+    s.add_child(ChildSlots("c", "winning_post", 1))  # no lock
+    s.add_child(ChildSlots("d", "winning_post", 1, 1, frozenset({"L"})))
+    s.add_child(ChildSlots("e", WD, 2, 1, frozenset({"L"})))
+    for cid in ("c", "d", "e"):
+        s.child_ready(cid, 0.0)
+    s.submit(Job(1, WD, 0.0), 0.0)
+    assert s.decide(0.0) == [Start(1, "e")]  # e holds L
+    s.submit(Job(2, "winning_post", 1.0, deadline=100.0), 1.0)  # to c (d waits for L)
+    s.requeue(Job(3, "winning_post", 1.0, avoid=frozenset({"d"})), 1.0)  # d failed it
+    s.submit(Job(4, WD, 1.0), 1.0)
+    return s.decide(1.0)
+
+
+def test_a_retry_behind_a_start_that_filled_the_only_child_reserves_only_its_own_locks():
+    # The start fills c; the retry, which avoids d, reserves nothing of d's (L): e takes job 4,
+    # in the incremental decisions as in the full recomputation.
+    expected = [Start(2, "c"), Start(4, "e")]
+    assert _retry_behind_a_start_that_fills_the_only_child(True) == expected
+    assert _retry_behind_a_start_that_fills_the_only_child(False) == expected
+
+
+def test_a_fresh_job_with_avoid_waits_for_a_child_it_does_not_avoid():
+    s = Scheduler()
+    s.add_child(ChildSlots("a", WD, 1))
+    s.add_child(ChildSlots("b", WD, 1))
+    s.child_ready("a", 0.0)  # b restarting: not ready, not FATAL
+    s.submit(Job(1, WD, 0.0, avoid=frozenset({"a"})), 0.0)
+    assert s.decide(0.0) == []
+    s.child_ready("b", 1.0)
+    assert s.decide(1.0) == [Start(1, "b")]
+
+
+def test_an_error_once_the_shutdown_began_is_the_answer_said_once():
+    book = two_children()
+    book.submit(1, window_task(), 0.0)  # on a
+    book.shutdown(0.5)
+    (res,) = [e for e in book.answered("a", 1, 1.0, error="bad") if isinstance(e, Resolve)]
+    assert res.error == "request 1 (window_post) failed on a (pid 100): bad"

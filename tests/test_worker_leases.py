@@ -11,6 +11,7 @@ from test_worker import Rig, children, job_input, serving
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.jobs import rpc
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -118,5 +119,42 @@ async def test_a_job_reset_and_given_back_to_the_worker_that_holds_it_is_proved_
             assert answered[-1] == {job.Id: again.lease}
             assert worker.held[job.Id].stop_reason is None
             assert (await rig.jobs.get(job.Id)).lease == again.lease
+    finally:
+        rig.close()
+
+
+class LostFinishAnswer(Coordinator):
+    """Stores the first failed finish, sweeps (the job is ready again: a try left), and answers
+    that call with a store error, as if its answer had been lost."""
+
+    done = False
+
+    async def handle(self, call):
+        if call.method == "Dext.FinishJob" and call.params[3] and not self.done:
+            self.done = True
+            await super().handle(call)
+            await self.store.sweep()
+            raise rpc.RpcError(rpc.METHOD_ERROR, "store hiccup", call.request_id)
+        return await super().handle(call)
+
+
+async def test_a_try_given_back_while_the_last_tries_error_was_delivered_is_proved_afresh(
+    tmp_path, recorder
+):
+    rec, pm = recorder
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=LostFinishAnswer)
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.1, fail="always") * 2)
+    worker = Worker(
+        rig.settings(kids, idle_poll=0.05, retry_base=0.5, retry_cap=0.5), plugin_manager=pm
+    )
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: rig.allocations_of(job.Id) == 2)
+            await worker.wait_for(lambda: job.Id not in worker.held)
+        final = await rig.jobs.get(job.Id)
+        assert final.TryNum == 2
+        # Try 2 was finished with try 1's error: the prover was never asked again.
+        assert sum(e[0] == "finished" for e in rec.log) == 2, rec.log
     finally:
         rig.close()

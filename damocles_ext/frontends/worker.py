@@ -413,7 +413,7 @@ class Worker:
             if not self.stopping and (pause := self._breaker.outcome(failed, now, error)):
                 self.counters.pauses += 1  # prover failures in a row: no job for a while
                 log.error("%s", pause)
-            held.state = "finishing"
+            held.state, held.error = "finishing", error
             self._touch()
             job = held.job
             if error and job.Lease is not None and deadline_reached(job.NotAfter, self._clock()):
@@ -427,6 +427,7 @@ class Worker:
         self._release(held)
 
     async def _fail(self, held: HeldJob, error: str) -> None:
+        held.error = error
         with held.scope:
             await self._deliver(held, None, error)
         self._release(held)

@@ -45,6 +45,7 @@ class HeldJob:
     last_heartbeat: float | None = None  # unix seconds the manager last took its heartbeat
     child: str | None = None  # the child its current attempt runs on (the supervisor says)
     prover_failed: bool = False  # no proof, for a failure of the prover (the breaker counts it)
+    error: str = ""  # finishing with this error (no proof)
 
 
 @dataclass
@@ -83,9 +84,12 @@ def given_again(held: HeldJob, job: PulledJob, now: float) -> str:
     slots first): the proof running, or the result being delivered, is the new allocation's,
     instead of being stopped by the old lease's refusals while the new one times out unheard.
     At a first try, an operator reset the job (or removed it and it was created again) to have
-    it proved afresh; so is a job already being stopped."""
+    it proved afresh; so is a job already being stopped, and one whose error was being
+    delivered (it may have been taken, its answer lost: the new try deserves a proof)."""
     if held.stop_reason is not None:
         return AFRESH
+    if held.state == "finishing" and held.error:
+        return AFRESH  # the error delivered for the last try is no answer for this one
     if job.Lease is None or job.Lease == held.job.Lease:
         return SAME
     if job.TryNum <= 1:

@@ -281,8 +281,11 @@ class BookRules:
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
         breaker = self.scheduler.breaker
-        if req.attempts < max(1, c.limits.max_attempts) and any(
-            o.name not in avoid and breaker.can_serve(o.name, now) for o in others
+        over = self.shutting_down or (req.deadline is not None and now >= req.deadline)
+        if (
+            not over
+            and req.attempts < max(1, c.limits.max_attempts)
+            and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others)
         ):
             req.avoid = avoid
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")

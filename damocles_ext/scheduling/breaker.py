@@ -14,7 +14,8 @@ A benched child is not chosen while a sibling that is neither benched nor FATAL 
 stage (restarting counts): its jobs wait for that sibling, and its locks reserve nothing. Its
 bench over (or a fresh process of it ready), it is *on probation*: it takes one job at a time
 until it answers one with a proof, which ends its streak; an error benches it again at once, for
-longer. A child alone in its stage, or whose siblings are all benched or FATAL, is chosen as
+longer (the sibling's proof that benched it still counts, unless that sibling has proved for
+more than 256 miners since and forgot it). A child alone in its stage, or whose siblings are all benched or FATAL, is chosen as
 before: a proof that may fail beats none.
 """
 
@@ -53,7 +54,7 @@ class Streak:
 class ChildBreaker:
     """The children benched or on probation, for the policy's choice of child; `errors`,
     `first` and `longest`: BREAKER_ERRORS, BENCH_FIRST and BENCH_MAX unless said. The
-    Scheduler attaches its children (`attach`); the request book reads `streak`, `left_out`
+    Scheduler attaches its children (`attach`); the request book reads `streak`, `can_serve`
     and `news` (the children benched since it last cleared it)."""
 
     errors: int = BREAKER_ERRORS

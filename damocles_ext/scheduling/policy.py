@@ -61,6 +61,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from .breaker import ChildBreaker
 from .children import (
@@ -362,7 +363,7 @@ class Scheduler:
             # loop frees a slot, so the next _pick would find none (a job at its deadline or
             # unservable is still failed first, as without it).
             full = False
-            aside = []  # retries only children they avoid could take now: the jobs behind go on
+            aside: list[Any] = []  # retries only avoided children could take: the jobs behind go on
             while job is not None:
                 if reason is not None:
                     self._queues.pop(queue, job)
@@ -377,9 +378,8 @@ class Scheduler:
                         )
                     )
                 else:
-                    if full:
-                        break
-                    child, others = self._pick(stage, reserved, now, job.avoid)
+                    pick = (None, 0) if full else self._pick(stage, reserved, now, job.avoid)
+                    child, others = pick
                     if child is None and job.avoid:
                         aside.append(self._queues.set_aside(queue))
                         job = self._queues.peek(queue)
@@ -393,12 +393,13 @@ class Scheduler:
                     full = not (others or job.avoid) and len(child.running) >= child.slots
                     full = full and self._incremental
                 job = self._queues.peek(queue)
-            for entry in aside:
-                self._queues.put_back(queue, entry)
-            self._set_aside[stage] = bool(aside)
+            waits: list[frozenset[str] | None] = [None] if job is not None else []
+            if aside or self._set_aside.get(stage):
+                for entry in aside:
+                    self._queues.put_back(queue, entry)
+                    waits.append(self._queues.queued[entry[2]][1].avoid)
+                self._set_aside[stage] = bool(aside)
             if self._any_locks:  # what waits reserves the locks blocking it (aside: its own)
-                waits = [self._queues.queued[entry[2]][1].avoid for entry in aside]
-                waits += [None] if job is not None else []
                 self._reserving[stage] = waits
                 for avoid in waits:
                     reserved |= self._blocking_locks(stage, avoid)

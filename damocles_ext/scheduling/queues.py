@@ -59,7 +59,7 @@ class JobQueues:
         rid = job.request_id
         self.queued[rid] = (token, job)
         self.length[stage] = self.length.get(stage, 0) + 1
-        if job.deadline is None and job.priority == 0 and tier == FRESH:
+        if job.deadline is None and job.priority == 0 and tier == FRESH and not job.avoid:
             if job.arrival >= q.last_arrival:
                 q.last_arrival = job.arrival
                 q.fifo.append((token, rid))
@@ -109,8 +109,8 @@ class JobQueues:
         self._forget(job)
 
     def set_aside(self, q: StageQueue) -> tuple[_Key, int, int]:
-        """Take the head of the heap lane, which `peek` just returned (a retry, so in the heap),
-        off it for a while, still queued: `put_back` returns it to its place."""
+        """Take the head of the heap lane, which `peek` just returned (a job with `avoid`, so in
+        the heap), off it for a while, still queued: `put_back` returns it to its place."""
         return heapq.heappop(q.heap)
 
     def put_back(self, q: StageQueue, entry: tuple[_Key, int, int]) -> None:
