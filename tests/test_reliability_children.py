@@ -236,23 +236,29 @@ async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_req
         assert child_stats(sup).restarts == 0
 
 
+def one_broken(fail: str, when: str, max_attempts: int = 2) -> list:
+    """Two dext children; window_post#0 runs `fail` (code, per Request `msg`) when `when` holds
+    (an expression), and answers otherwise, as #1 always does."""
+    handle = f"""
+    if os.environ.get("BROKEN") and ({when}):
+        {fail}
+    else:
+        answer(msg)
+    """
+    return [
+        spec(dext_child(handle), index=0, envs={"BROKEN": "1"}, max_attempts=max_attempts),
+        spec(dext_child(handle), index=1, max_attempts=max_attempts),
+    ]
+
+
 async def test_a_child_that_fails_every_request_at_once_is_benched_and_its_sibling_takes_the_work(
     caplog,
 ):
     # A GPU gone bad under a child that does not crash: every request fails at once. Always idle,
     # it was the least loaded child and took half the requests, failing them all.
     caplog.set_level(logging.WARNING, "damocles_ext")
-    handle = """
-    if os.environ.get("BROKEN"):
-        send(dext.Response(msg.id, error="CUDA error 999: unknown error"))
-    else:
-        answer(msg)
-    """
-    children = [
-        spec(dext_child(handle), index=0, envs={"BROKEN": "1"}),
-        spec(dext_child(handle), index=1),
-    ]
-    async with open_supervisor_fast(children) as sup:
+    broken = 'send(dext.Response(msg.id, error="CUDA error 999: unknown error"))'
+    async with open_supervisor_fast(one_broken(broken, "True")) as sup:
         await sup.wait_ready(count=2)
         good_pid = child_stats(sup, "window_post#1").pid
         for i in range(30):  # one at a time, both children idle each time; 3 miners' tasks
@@ -274,26 +280,15 @@ async def test_a_child_that_fails_every_request_at_once_is_benched_and_its_sibli
 async def test_an_error_on_one_child_is_proved_by_another_before_it_is_the_answer():
     # damocles-manager gives up a partition batch on an error: a GPU that failed one request
     # (out of memory, say) is not the last word while a sibling can try it.
-    handle = """
-    if os.environ.get("BROKEN") and msg.task.miner_id == 1:
-        send(dext.Response(msg.id, error="CUDA error 2: out of memory"))
-    else:
-        answer(msg)
-    """
-    children = [
-        spec(dext_child(handle), index=0, envs={"BROKEN": "1"}),
-        spec(dext_child(handle), index=1),
-    ]
-    async with open_supervisor_fast(children) as sup:
+    oom = 'send(dext.Response(msg.id, error="CUDA error 2: out of memory"))'
+    async with open_supervisor_fast(one_broken(oom, "msg.task.miner_id == 1")) as sup:
         await sup.wait_ready(count=2)
         pids = {c.name: c.pid for c in sup.statistics().children}
         got = [who(await sup.submit(window_task(miner=1))) for _ in range(4)]
         assert got == [(1, pids["window_post#1"])] * 4
         assert child_stats(sup, "window_post#0").failed >= 1  # it had its turns, and failed
         # With MaxAttempts = 1 the error is the answer.
-    one = [spec(dext_child(handle), index=0, envs={"BROKEN": "1"}, max_attempts=1),
-           spec(dext_child(handle), index=1, max_attempts=1)]  # fmt: skip
-    async with open_supervisor_fast(one) as sup:
+    async with open_supervisor_fast(one_broken(oom, "msg.task.miner_id == 1", 1)) as sup:
         await sup.wait_ready(count=2)
         outcomes = []
         for _ in range(4):

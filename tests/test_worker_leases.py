@@ -38,6 +38,17 @@ class StalledHeartbeats(Coordinator):
         return await super().handle(call)
 
 
+def stalling(tmp_path, pm) -> tuple[Rig, Worker]:
+    """A coordinator whose heartbeats can be stalled, and a worker of two slow slots: one free,
+    so the worker keeps asking (every 50 ms) while it proves a job."""
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    return rig, worker
+
+
 async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_new_lease(
     tmp_path, recorder
 ):
@@ -45,14 +56,9 @@ async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_
     # stalled heartbeat then answered "lease lost" and cancelled the proof, and the new lease,
     # heartbeated by nobody, timed out too: both tries spent, the WindowPoSt lost.
     rec, pm = recorder
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
+    rig, worker = stalling(tmp_path, pm)
     now = [1_000_000.0]
     rig.jobs.clock = lambda: now[0]
-    # Two slots: one free, so the worker keeps asking (every 50 ms) while it proves the job.
-    kids = children(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
-    )
-    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
     job, _ = await rig.jobs.create(job_input())
     try:
         async with serving(rig, worker):
@@ -93,11 +99,7 @@ async def test_a_job_reset_and_given_back_to_the_worker_that_holds_it_is_proved_
     # back to the same worker before its heartbeat says so, the old proof is cancelled and the
     # new allocation proved, where before it was ignored and timed out unheard, a try spent.
     rec, pm = recorder
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
-    kids = children(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
-    )
-    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    rig, worker = stalling(tmp_path, pm)
     job, _ = await rig.jobs.create(job_input())
     try:
         async with serving(rig, worker):
