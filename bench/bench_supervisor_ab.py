@@ -10,7 +10,10 @@ with trivial requests (a 1-replica WindowPoSt, the `echo` prover):
 
 * 256 in flight on 2 children (--requests, default 8192): requests/s and this process's CPU per
   request (`time.process_time`: the supervisor and its callers; the children are not in it);
-* one at a time on 1 child (--requests / 4): the same two figures.
+* one at a time on 1 child (--requests / 4): the same two figures;
+* the dispatch policy alone (`Scheduler`, no process, no trio; --requests x 8 jobs): submit,
+  decide, finish (a proof), decide and next_wakeup of one job at a time on one child: jobs/s and
+  CPU per job. What a change of the policy costs, without the noise of pipes and wake-ups.
 
 The order of the two checkouts alternates from repeat to repeat. Printed: min / median / max of
 each, and the ratio ours / theirs of the CPU per request within each repeat. Not a goal of its
@@ -70,15 +73,45 @@ trio.run(main)
 """
 
 
+# The policy alone: only what old checkouts have too (`finished(..., failed=False)` where it exists).
+SCHEDULER_DRIVER = r"""
+import inspect, sys, time
+import damocles_ext
+from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler
+
+n = int(sys.argv[1])
+s = Scheduler()
+s.add_child(ChildSlots("a", "window_post", 1))
+s.child_ready("a", 0.0)
+proof = {"failed": False} if "failed" in inspect.signature(s.finished).parameters else {}
+
+def jobs(first, count):
+    for i in range(first, first + count):
+        now = float(i)
+        s.submit(Job(i, "window_post", now), now)
+        s.decide(now)
+        s.finished(i, now, **proof)
+        s.decide(now)
+        s.next_wakeup()
+
+jobs(0, n // 8)  # warm-up
+cpu0, t0 = time.process_time(), time.perf_counter()
+jobs(n, n)
+elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+print(damocles_ext.__file__, n / elapsed, cpu / n)
+"""
+
+
 class BenchError(Exception):
     """A checkout could not be measured; the message says which and why."""
 
 
-def measure(checkout: Path, n: int, in_flight: int, children: int) -> tuple[float, float]:
-    """(requests/s, CPU seconds per request) of `checkout`'s supervisor, in a process of its own."""
+def measure(checkout: Path, driver: str, *args: int) -> tuple[float, float]:
+    """(requests/s, CPU seconds per request) of `checkout` under `driver`, in a process of its
+    own."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(n), str(in_flight), str(children)],
+        [sys.executable, "-c", driver, *map(str, args)],
         cwd=checkout,
         env=env,
         capture_output=True,
@@ -108,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --compare-with {other}: not a damocles-ext checkout"
                     " (no damocles_ext/supervisor/core.py there)\n")  # fmt: skip
     ways = {"this checkout": ROOT, str(other): other}
-    modes = {"256 in flight, 2 children": (args.requests, 256, 2),
-             "1 at a time, 1 child": (max(1, args.requests // 4), 1, 1)}  # fmt: skip
+    modes = {"256 in flight, 2 children": (DRIVER, args.requests, 256, 2),
+             "1 at a time, 1 child": (DRIVER, max(1, args.requests // 4), 1, 1),
+             "the policy alone, 1 at a time": (SCHEDULER_DRIVER, args.requests * 8)}  # fmt: skip
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {
         m: {w: [] for w in ways} for m in modes
     }
@@ -117,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             print(f"repeat {r + 1}/{args.repeat}", flush=True)
             order = list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]
-            for mode, (n, in_flight, children) in modes.items():
+            for mode, (driver, *driver_args) in modes.items():
                 for name, checkout in order:
-                    runs[mode][name].append(measure(checkout, n, in_flight, children))
+                    runs[mode][name].append(measure(checkout, driver, *driver_args))
     except BenchError as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
     rows, results = [], {}

@@ -178,7 +178,11 @@ def test_the_supervisor_ab_benchmark_runs_each_checkout_in_its_own_process():
     # This checkout against itself: both sides measured, their ratio per repeat printed.
     out = run_bench("bench_supervisor_ab", "--compare-with", str(ROOT), "--repeat", "1",
                     "--requests", "64")  # fmt: skip
-    for mode in ("256 in flight, 2 children", "1 at a time, 1 child"):
+    for mode in (
+        "256 in flight, 2 children",
+        "1 at a time, 1 child",
+        "the policy alone, 1 at a time",
+    ):
         rows = [line for line in out.splitlines() if line.startswith(f"| {mode} ")]
         assert len(rows) == 3, out  # this checkout, the other, the ratio
         assert "ours / theirs, CPU per request, per repeat" in rows[2]
