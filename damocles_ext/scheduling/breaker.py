@@ -15,8 +15,8 @@ stage (restarting counts): its jobs wait for that sibling, and its locks reserve
 bench over (or a fresh process of it ready), it is *on probation*: it takes one job at a time
 until it answers one with a proof, which ends its streak; an error benches it again at once, for
 longer (the sibling's proof that benched it still counts, unless that sibling has proved for
-more than 256 miners since and forgot it). A child alone in its stage, or whose siblings are all benched or FATAL, is chosen as
-before: a proof that may fail beats none.
+more than 256 miners since and forgot it). A child alone in its stage, or whose siblings are
+all benched or FATAL, is chosen as before: a proof that may fail beats none.
 """
 
 from __future__ import annotations
