@@ -307,6 +307,24 @@ async def test_serve_answers_concurrent_requests_like_damocles_manager_expects(
     assert "winning_post" not in log.replace("serve window_post", ""), log
 
 
+async def test_serve_answers_every_request_with_a_proof_though_one_child_fails_them_all(
+    tmp_path, stderr_file
+):
+    # A GPU gone bad under one of two children: damocles-manager, which gives up a partition
+    # batch on an error, still gets a proof for every request (each error ran again on the
+    # other child), and the failing child is benched.
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPost", "sleep", seconds=0, fail="always")
+        + plugin_block("WdPost", "sleep", seconds=0.2),  # long enough for #0 to get its turns
+    )
+    m = await serve_echo_round(cfg, stderr_file, [make_task(1000 + i % 4) for i in range(20)])
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+    log = _stderr_text(stderr_file)
+    assert "failed on window_post#0" in log and "retrying (attempt 2 of 2)" in log
+    assert "window_post#0 (pid" in log and "it takes no request for 30s" in log
+
+
 async def test_serve_runs_a_split_window_post_like_a_whole_one(tmp_path, stderr_file):
     # damocles-manager sees the same JSON lines; the vanilla and SNARK steps run on their own
     # children.
