@@ -298,9 +298,9 @@ class _LevelCollector:
             stage_in_flight,
             queued,
             deadline,
+            rss,
+            cpu,
         )
-        yield rss
-        yield cpu
 
     def _snapshot(self) -> Any:
         if self._supervisor is None:

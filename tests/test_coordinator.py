@@ -702,6 +702,11 @@ async def test_a_dead_workers_job_is_ready_again_a_quarter_of_a_short_heartbeat_
          rpc.PARSE_ERROR, "(param: 0)"),
         (b'{"method":"Venus.WdPoStAllocateJobs","params":[{},1,"w\\u0000"],"id":1}',
          rpc.PARSE_ERROR, "(param: 2)"),
+        # Numbers no Go integer holds, wherever they are (msgspec's bounds stop at int64).
+        (b'{"method":"Venus.WdPoStFinishJob","params":["j",{"faults":[18446744073709551616]},""],"id":1}',
+         rpc.PARSE_ERROR, "(param: 1): Expected `int` <= 18446744073709551615 (a uint64) - at `$.faults[0]`"),
+        (b'{"method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[18446744073709551616]},1,"w"],"id":1}',
+         rpc.PARSE_ERROR, "(param: 0): Expected `int` <= 18446744073709551615 (a uint64)"),
     ],
 )  # fmt: skip
 def test_the_request_decoder_says_what_is_wrong(body, code, words):

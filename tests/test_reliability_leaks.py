@@ -135,19 +135,23 @@ def _observed_supervisor(observer: object, name: str) -> Supervisor:
     return Supervisor([spec(dext_child())], plugin_manager=pm)
 
 
+async def _three_requests_then_stop(sup: Supervisor) -> None:
+    """Run `sup`, prove three requests one after the other, then shut it down."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        for i in range(3):
+            await sup.submit(window_task(miner=i))
+        sup.request_shutdown()
+
+
 async def test_an_observer_that_never_returns_does_not_keep_the_supervisor_running(
     monkeypatch, caplog
 ):
     monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.05)
     observer = _HangingObserver()
-    sup = _observed_supervisor(observer, "hanging")
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            await sup.wait_ready()
-            for i in range(3):
-                await sup.submit(window_task(miner=i))
-            sup.request_shutdown()
+        await _three_requests_then_stop(_observed_supervisor(observer, "hanging"))
     assert observer.calls == 3  # each call was cut off, and the next one still came
     assert "did not return within 0.05s" in caplog.text
 
@@ -218,12 +222,7 @@ async def test_a_stuck_plain_observer_is_cut_off_and_logged_once_naming_its_plug
     sup = _observed_supervisor(observer, "stuck")
     try:
         with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sup.run)
-                await sup.wait_ready()
-                for i in range(3):
-                    await sup.submit(window_task(miner=i))
-                sup.request_shutdown()
+            await _three_requests_then_stop(sup)
     finally:
         observer.release.set()  # its abandoned thread ends
     cut_off = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]

@@ -253,7 +253,7 @@ class Coordinator:
         as much (a heartbeat is stamped with the clock of the coordinator that takes it)."""
         store = self.store.store
         try:
-            skew = await trio.to_thread.run_sync(clock_skew, store.engine, self.store.clock)
+            skew = await self.store.in_thread(clock_skew, store.engine, self.store.clock)
         except Exception as exc:  # noqa: BLE001 (a check: never a reason for the sweep to stop)
             log.debug("cannot read the clock of the store %s: %s", store.where, exc)
             return

@@ -143,9 +143,14 @@ class RpcClient:
         self._h11: h11.Connection | None = None
         #: Connections opened so far (a test sees the reconnects).
         self.connections_opened = 0
-        #: The Date of the last answer (unix time, to the second; None: none, or unreadable):
-        #: the server's clock, as the worker compares it with its own.
-        self.server_date: float | None = None
+        #: The headers of the last answer (its Date is read only when asked: `server_date`).
+        self._last_headers: Iterable[tuple[bytes, bytes]] = ()
+
+    @property
+    def server_date(self) -> float | None:
+        """The Date of the last answer (unix time, to the second; None: none, or unreadable):
+        the server's clock, as the worker compares it with its own."""
+        return _http_date(self._last_headers)
 
     async def __aenter__(self) -> Self:
         return self
@@ -295,7 +300,7 @@ class RpcClient:
                 conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
-                self.server_date = _http_date(event.headers)
+                self._last_headers = event.headers
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.max_answer:

@@ -76,13 +76,6 @@ class SectorId(msgspec.Struct, frozen=True):
     Miner: U64 = 0
     Number: U64 = 0
 
-    def __post_init__(self) -> None:
-        # A Go uint64: one past it is an unmarshaling error, as go-jsonrpc answers it (-32700).
-        # (msgspec's `le` bound stops at int64.)
-        for name in ("Miner", "Number"):
-            if getattr(self, name) >= 2**64:
-                raise ValueError(f"Expected `int` <= {2**64 - 1} (a uint64) - at `$.{name}`")
-
 
 METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Venus.WdPoStAllocateJobs": (AllocateSpec, U32, Text),
@@ -176,6 +169,7 @@ def parse_request(body: bytes) -> Call:
     converted = []
     for index, (value, kind) in enumerate(zip(params, types, strict=True)):
         try:
+            _go_ints(value, "$")
             converted.append(msgspec.convert(value, kind))
         except msgspec.ValidationError as exc:
             hint = "; send at most that many in one call" if "length <=" in str(exc) else ""
@@ -187,6 +181,21 @@ def parse_request(body: bytes) -> Call:
     if method in _ALLOCATIONS:
         _check_worker_name(method, converted[2], rid)
     return Call(method, tuple(converted), rid)
+
+
+def _go_ints(value: Any, where: str) -> None:
+    """Raise msgspec.ValidationError at a number no Go integer holds (past a uint64 or below an
+    int64), as go-jsonrpc fails to unmarshal it: msgspec's `le` bound stops at int64, so the
+    U64 fields cannot say it themselves."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        bound = f"<= {2**64 - 1} (a uint64)" if value > 0 else f">= {-(2**63)} (an int64)"
+        raise msgspec.ValidationError(f"Expected `int` {bound} - at `{where}`")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _go_ints(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _go_ints(item, f"{where}.{key}")
 
 
 def worker_name_problem(worker: str) -> str | None:

@@ -595,7 +595,7 @@ class TrioJobStore:
     async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         started, began = self.clock(), self.monotonic()
         try:
-            result = await self._call(fn, *args, **kwargs)
+            result = await self.in_thread(fn, *args, **kwargs)
         except StoreUnavailable:
             if self.hearing is not None:
                 self.hearing.call_failed(started)
@@ -610,7 +610,8 @@ class TrioJobStore:
         if self.hearing is not None:
             self.hearing.call_answered(started, self.clock(), self.monotonic() - began)
 
-    async def _call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
         with trio.move_on_after(self.call_timeout):
             return await trio.to_thread.run_sync(
                 functools.partial(fn, *args, **kwargs),

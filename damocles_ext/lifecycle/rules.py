@@ -281,15 +281,17 @@ class BookRules:
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
         breaker = self.scheduler.breaker
+        max_attempts = max(1, c.limits.max_attempts)
         over = self.shutting_down or (req.deadline is not None and now >= req.deadline)
         if (
             not over
-            and req.attempts < max(1, c.limits.max_attempts)
+            and req.attempts < max_attempts
             and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others)
         ):
             req.avoid = avoid
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
-            self._retry_or_fail(req, c, attempt.attempt_id, what, now, out)
+            self._enqueue(req, now, retry=True)
+            out.append(Retry(req, what, req.attempts + 1, max_attempts))
         elif req.history:  # the last of several attempts: say what became of each
             self._resolve(req, out, now, error=self._describe_failure(req, what))
         else:

@@ -142,10 +142,7 @@ class ChildBreaker:
         cid = child.info.child_id
         if cid not in self.suspects or not (child.running or now < child.streak.benched_until):
             return False
-        return any(
-            s is not child and not s.fatal and now >= s.streak.benched_until
-            for s in self._by_stage[child.info.stage]
-        )
+        return any(s is not child and _serves(s, now) for s in self._by_stage[child.info.stage])
 
     def leaves_out(self, child_id: str, now: float) -> bool:
         """`left_out` by the child's id."""
@@ -153,8 +150,7 @@ class ChildBreaker:
 
     def can_serve(self, child_id: str, now: float) -> bool:
         """Neither FATAL nor benched now: a child a request may wait for."""
-        child = self._children[child_id]
-        return not child.fatal and now >= child.streak.benched_until
+        return _serves(self._children[child_id], now)
 
     def end_benches(self, now: float) -> None:
         """The benches over by `now` end: those children are on probation."""
@@ -173,3 +169,7 @@ class ChildBreaker:
             streak.failed_keys.clear()
             self.unproven.discard(cid)
             self.erring.discard(cid)
+
+
+def _serves(child: _Child, now: float) -> bool:
+    return not child.fatal and now >= child.streak.benched_until

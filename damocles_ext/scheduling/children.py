@@ -186,10 +186,9 @@ def passed_deadlines(
         return []
     due = []
     while heap and heap[0][0] <= now:
-        deadline, seq, rid = heapq.heappop(heap)
-        run = running.get(rid)
-        if run is not None and run.seq == seq and not run.cancelled:
-            due.append((run, deadline))
+        entry = heapq.heappop(heap)
+        if live_deadline(entry, running):
+            due.append((running[entry[2]], entry[0]))
     due.sort(key=lambda pair: pair[0].seq)
     return due
 

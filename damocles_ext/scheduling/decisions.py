@@ -97,19 +97,14 @@ def statistics_of(
     queued: dict[str, int] = dict.fromkeys(queues.stages, 0)
     for _, job in queues.queued.values():
         queued[job.stage] = queued.get(job.stage, 0) + 1
-    nearest: dict[str, float | None] = {}
-    for stage, queue in queues.stages.items():
-        head = queues.peek(queue)
-        nearest[stage] = head.deadline if head is not None else None
+    heads = {stage: queues.peek(queue) for stage, queue in queues.stages.items()}
+    nearest = {stage: None if head is None else head.deadline for stage, head in heads.items()}
+    waiting = {stage: blocking_locks(stage) for stage, head in heads.items() if head is not None}
     return SchedulerStatistics(
         queued=queued,
         nearest_deadline=nearest,
         running={cid: len(c.running) for cid, c in children.items()},
         children={cid: c.state for cid, c in children.items()},
         locks_held={lock: ",".join(sorted(holders)) for lock, holders in lock_holders.items()},
-        waiting_for_lock={
-            stage: tuple(sorted(blocking_locks(stage)))
-            for stage, queue in queues.stages.items()
-            if queues.peek(queue) is not None and blocking_locks(stage)
-        },
+        waiting_for_lock={stage: tuple(sorted(locks)) for stage, locks in waiting.items() if locks},
     )

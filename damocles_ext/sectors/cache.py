@@ -172,9 +172,10 @@ class SectorCache:
 
     # --- background refresh ----------------------------------------------------------------
 
-    def _due_at(self, sector: SectorRef, entry: CacheEntry | None, now: float) -> float | None:
+    def _due_at(self, sector: SectorRef) -> float | None:
         """When the sector should be asked again in the background (None: not for now)."""
         rules = self.rules
+        entry = self._entries.get(sector)
         times: list[float] = []
         wanted = self._wanted.get(sector)
         if wanted is not None and (entry is None or entry.learned_at + rules.fresh_for <= wanted):
@@ -193,7 +194,7 @@ class SectorCache:
 
     def _replan(self, sector: SectorRef) -> None:
         """Work out the sector's refresh time again after a change of its entry, want or try."""
-        when = self._due_at(sector, self._entries.get(sector), 0.0)
+        when = self._due_at(sector)
         if when is None:
             self._planned.pop(sector, None)
         elif self._planned.get(sector) != when:

@@ -452,8 +452,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         return True
     if broke is not None:  # a Hello, then bad bytes in one read: a start, then a run that
         child.tracker.ready(trio.current_time())  # broke at once, killed before the book is
-        broke.events = []  # told: no request is sent to it, none is charged a try
-        _broke(host, child, p, data, broke)
+        _kill_broken(host, child, p, data, broke)  # (no request was sent to it: none charged)
         return True
     if child.stop.is_set() or p.down_reason is not None:
         mark_down(host, child, p, "stopped before it was ready")
@@ -487,13 +486,16 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
 
 def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
+    broke: ChildProtocolError | None = None
     try:
-        events = p.conn.receive_data(data)
+        try:
+            events = p.conn.receive_data(data)
+        except ChildProtocolError as exc:
+            # The whole messages before the bad bytes are acted on first (an answer), as when
+            # the pipe splits them into two reads; then the child is killed, below.
+            broke, events = exc, exc.events
         if events:
             host.output(child, p, events)
-    except ChildProtocolError as exc:
-        _broke(host, child, p, data, exc)
-        return
     except Exception as exc:
         # A bug of ours on what this child wrote (read here by the reader task or by a
         # submitter, see read) ends this child, not the supervisor or the submitter.
@@ -506,21 +508,18 @@ def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
             f"internal error in damocles-ext on its output: {type(exc).__name__}: {exc}",
         )
         return
-    if not data:
+    if broke is not None:
+        _kill_broken(host, child, p, data, broke)
+    elif not data:
         p.read_ended = True
         mark_down(host, child, p, "closed its stdout")
 
 
-def _broke(host: ChildHost, child: Child, p: Process, data: bytes, exc: ChildProtocolError) -> None:
-    """The child broke the protocol in `data`: act on the whole messages before that (an
-    answer), then kill it, as when the pipe splits them into two reads."""
+def _kill_broken(host: ChildHost, child: Child, p: Process, data: bytes, exc: Exception) -> None:
+    """The child broke the protocol in `data`: say what it wrote, and kill it."""
     p.read_ended = True
-    try:
-        if exc.events:
-            host.output(child, p, exc.events)
-    finally:
-        report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
-        kill(host, child, p, f"broke the protocol: {exc}")
+    report_bad_output(child.name, p.proc.pid, data, f"undecodable output: {exc}")
+    kill(host, child, p, f"broke the protocol: {exc}")
 
 
 def send(host: ChildHost, child: Child, p: Process, data: bytes) -> None:

@@ -66,14 +66,12 @@ class SupervisorStats(msgspec.Struct, frozen=True):
     shutting_down: bool
 
 
-def _benched_for(book: RequestBook, name: str, now: float) -> float | None:
-    until = book.scheduler.breaker.streak(name).benched_until
-    return until - now if until > now else None
-
-
-def _on_probation(book: RequestBook, name: str, now: float) -> bool:
+def _bench(book: RequestBook, name: str, now: float) -> tuple[float | None, bool]:
+    """(seconds left of the child's bench or None, whether it is on probation)."""
     streak = book.scheduler.breaker.streak(name)
-    return streak.benches > 0 and streak.benched_until <= now
+    if streak.benched_until > now:
+        return streak.benched_until - now, False
+    return None, streak.benches > 0
 
 
 def build_statistics(
@@ -96,6 +94,7 @@ def build_statistics(
         state = c.state.value
         if state == "ready" and in_flight:
             state = "busy"
+        benched_for, on_probation = _bench(book, c.name, now)
         child_stats.append(
             ChildStats(
                 name=c.name,
@@ -121,8 +120,8 @@ def build_statistics(
                 locks_held=tuple(sorted(held_by.get(c.name, ()))),
                 tmpdir=c.spec.envs.get("TMPDIR"),
                 start_refused=c.start_refused,
-                benched_for=_benched_for(book, c.name, now),
-                on_probation=_on_probation(book, c.name, now),
+                benched_for=benched_for,
+                on_probation=on_probation,
             )
         )
     stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))
