@@ -107,8 +107,8 @@ class BenchError(Exception):
 
 
 def measure(checkout: Path, driver: str, *args: int) -> tuple[float, float]:
-    """(requests/s, CPU seconds per request) of `checkout` under `driver`, in a process of its
-    own."""
+    """(requests or jobs per second, CPU seconds per request or job) of `checkout` under
+    `driver`, in a process of its own."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
         [sys.executable, "-c", driver, *map(str, args)],

@@ -103,9 +103,7 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
         return f"{shown} does not exist; {fix}"
     except OSError as exc:  # a path component that is a file, or a directory we may not enter
         return f"{shown} cannot be reached: {exc.strerror or exc}; {fix}"
-    if stat.S_ISDIR(st.st_mode):
-        return f"{shown} is a directory, not a program; {fix}"
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, a device...
         return f"{shown} is {file_kind(st.st_mode)}, not a program; {fix}"
     if not os.access(program, os.X_OK):
         return (

@@ -575,8 +575,8 @@ class Worker:
                 await self._heartbeat_plain(plain)
 
     async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
-        leases = [{"Id": h.job.Id, "Lease": h.job.Lease} for h in held]
-        leases_sent = {h.job.Id: h.job.Lease for h in held}
+        sent = {h.job.Id: h.job.Lease for h in held}
+        leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
         started = trio.current_time()
         try:
             stop = await self._beats.call(
@@ -594,7 +594,7 @@ class Worker:
         self._beaten(held, started, {s.Id for s in stop})
         for signal in stop:
             current = self.held.get(signal.Id)
-            if current is None or current.job.Lease != leases_sent.get(signal.Id):
+            if current is None or current.job.Lease != sent.get(signal.Id):
                 continue  # given to us again meanwhile: the answer was for the old lease
             if current.state == "finishing" and signal.Reason == "finished":
                 continue  # our own finish got there first
