@@ -278,3 +278,25 @@ def test_errors_of_an_old_process_that_benched_nothing_do_not_bench_a_fresh_one(
     s.finished(10, 6.0, failed=False)
     assert s.breaker.streak("a").benched_until == -math.inf
     assert s.breaker.news == []
+
+
+def test_a_pipelined_child_takes_a_second_job_in_vanilla_when_its_only_sibling_is_benched():
+    # A GPU still in its vanilla phase takes one more job while the queue holds one for every
+    # other child that may take work (none left without it): a benched child takes none, so
+    # the stage does as a stage of one child would.
+    for incremental in (True, False):
+        s = Scheduler(incremental=incremental, breaker=ChildBreaker(errors=1))
+        for cid in ("a", "b"):
+            s.add_child(ChildSlots(cid, WD, 2))
+            s.child_ready(cid, 0.0)
+        s.submit(Job(1, WD, 0.0), 0.0)
+        s.submit(Job(2, WD, 0.0), 0.0)
+        assert starts_at(s, 0.0) == [(1, "a"), (2, "b")]
+        for rid in (1, 2):  # both report their SNARK: pipelined
+            s.progress(rid, "snark", 0, 10, 100.0)
+        s.finished(2, 400.0, failed=True)
+        s.finished(1, 400.0, failed=False)  # b benched until 430
+        assert s.breaker.news == ["b"]
+        s.submit(Job(3, WD, 400.0), 400.0)
+        s.submit(Job(4, WD, 400.0), 400.0)
+        assert starts_at(s, 400.0) == [(3, "a"), (4, "a")]

@@ -152,6 +152,14 @@ class ChildBreaker:
         """Neither FATAL nor benched now: a child a request may wait for."""
         return _serves(self._children[child_id], now)
 
+    def able(self, children: list[_Child], now: float) -> int:
+        """How many of `children` may take a job now: neither FATAL nor left out."""
+        suspects = self.suspects
+        return sum(
+            not c.fatal and not (c.info.child_id in suspects and self.left_out(c, now))
+            for c in children
+        )
+
     def end_benches(self, now: float) -> None:
         """The benches over by `now` end: those children are on probation."""
         for cid in [cid for cid, until in self.benches.items() if until <= now]:

@@ -29,8 +29,8 @@ The rules, in one place:
   phase not in `GPU_PHASES` means its GPU work is over. Once a child has reported a GPU phase it
   is *pipelined*, and a free slot on it is used only:
   - when none of its jobs is on the GPU (all still in vanilla) and the stage's queue holds at least
-    one job per child of the stage: the first vanilla to finish takes the GPU, and no other GPU is
-    left without work by committing one more job here; or
+    one job per child of the stage that may take one (neither benched nor FATAL): the first vanilla
+    to finish takes the GPU, and no other GPU is left without work by committing one more here; or
   - when all its jobs are in their GPU phase and that GPU work is estimated to end within the time
     a vanilla phase takes (the longest of the stage's last 16), so the new job's vanilla overlaps
     the running SNARK and its SNARK starts as the GPU frees. Until then the job stays queued, free
@@ -565,7 +565,7 @@ class Scheduler:
             if self.breaker.suspects and self.breaker.left_out(c, now):
                 continue
             free_at = now
-            if c.pipelined and c.running and not (self._gpu_idle(c) and self._queue_covers(stage)):
+            if c.pipelined and c.running and not (self._gpu_idle(c) and self._covers(stage, now)):
                 takes_at = self._takes_next_at(c)
                 if takes_at is not None and takes_at > now:
                     continue  # its GPU is busy for longer than a vanilla phase takes
@@ -592,10 +592,10 @@ class Scheduler:
     def _gpu_idle(self, child: _Child) -> bool:
         return all(r.gpu_since is None or r.gpu_done for r in self._runs_on(child))
 
-    def _queue_covers(self, stage: str) -> bool:
-        # Enough queued work that committing one more job to this GPU leaves some for every
-        # other child of the stage (the job being placed is still counted as queued).
-        return self._queue_len.get(stage, 0) >= len(self._by_stage.get(stage, ()))
+    def _covers(self, stage: str, now: float) -> bool:
+        # One more job here leaves one for each other child that may take one (see Pipelining).
+        queued, children = self._queue_len.get(stage, 0), self._by_stage.get(stage, [])
+        return queued >= len(children) or queued >= self.breaker.able(children, now)
 
     def _runs_on(self, child: _Child) -> list[_Running]:
         return [self._running[rid] for rid in child.running]
