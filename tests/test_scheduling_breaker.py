@@ -300,3 +300,30 @@ def test_a_pipelined_child_takes_a_second_job_in_vanilla_when_its_only_sibling_i
         s.submit(Job(3, WD, 400.0), 400.0)
         s.submit(Job(4, WD, 400.0), 400.0)
         assert starts_at(s, 400.0) == [(3, "a"), (4, "a")]
+
+
+def test_a_child_that_exits_after_each_error_is_benched_and_its_restarts_do_not_end_a_second_bench():
+    # A prover that answers an error and exits, every time: restarted a second later, it took a
+    # request at each restart and was never benched (each process had one error, forgotten).
+    s = two()
+    now, rid = 0.0, 0
+    taken_by_a = []
+    for _ in range(6):
+        for _i in range(2):
+            rid += 1
+            s.submit(Job(rid, WD, now, key=1), now)
+        started = starts_at(s, now)
+        taken_by_a.append(sum(c == "a" for _, c in started))
+        now += 1
+        for r, c in started:
+            s.finished(r, now, failed=c == "a")  # b proves the same miner meanwhile
+        s.child_down("a", now)  # it exits after its error...
+        now += 1
+        s.child_ready("a", now)  # ...and is started again
+        for r in range(1, rid + 1):
+            s.remove(r)  # what waits is served by b; only a's share matters here
+    # Three errors (one per process) bench it; its next process is on probation (a restart
+    # may clear a GPU error) and its error benches it again, for 60 s: restarts change nothing.
+    assert taken_by_a == [1, 1, 1, 1, 0, 0]
+    assert s.breaker.streak("a").benches == 2
+    assert s.breaker.leaves_out("a", now)

@@ -12,10 +12,12 @@ came before any such proof bench the child at the sibling's first one.
 
 A benched child is not chosen while a sibling that is neither benched nor FATAL can serve the
 stage (restarting counts): its jobs wait for that sibling, and its locks reserve nothing. Its
-bench over (or a fresh process of it ready), it is *on probation*: it takes one job at a time
-until it answers one with a proof, which ends its streak; an error benches it again at once, for
-longer (the sibling's proof that benched it still counts, unless that sibling has proved for
-more than 256 miners since and forgot it). A child alone in its stage, or whose siblings are
+bench over (or, for a first bench, a fresh process of it ready), it is *on probation*: it takes
+one job at a time until it answers one with a proof, which ends its streak; an error benches it
+again at once, for longer (the sibling's proof that benched it still counts, unless that sibling
+has proved for more than 256 miners since and forgot it), and that bench outlasts restarts: a
+prover that fails and exits each time is restarted a second later. Errors in a row count across
+processes (a proof ends them), but a fresh process is benched by its own errors only. A child alone in its stage, or whose siblings are
 all benched or FATAL, is chosen as before: a proof that may fail beats none.
 """
 
@@ -167,16 +169,15 @@ class ChildBreaker:
             self._touch(self._children[cid].info.stage)
 
     def fresh_process(self, child: _Child) -> None:
-        """A new process of `child` said hello: a bench ends (its next answer decides), and
-        errors of the old process that benched nothing are forgotten."""
+        """A new process of `child` said hello. A first bench ends (a restart may clear a GPU
+        error: its next answer decides); a bench after an error on probation runs its course,
+        or a prover that fails and exits each time takes a request at each restart. Its errors
+        in a row still count, but no sibling's proof benches it for the old ones alone."""
         streak, cid = child.streak, child.info.child_id
-        streak.benched_until = -math.inf
-        self.benches.pop(cid, None)
-        if not streak.benches:
-            streak.errors = 0
-            streak.failed_keys.clear()
-            self.unproven.discard(cid)
-            self.erring.discard(cid)
+        self.unproven.discard(cid)
+        if streak.benches <= 1:
+            streak.benched_until = -math.inf
+            self.benches.pop(cid, None)
 
 
 def _serves(child: _Child, now: float) -> bool:
