@@ -184,3 +184,29 @@ def test_an_error_once_the_shutdown_began_is_the_answer_said_once():
     book.shutdown(0.5)
     (res,) = [e for e in book.answered("a", 1, 1.0, error="bad") if isinstance(e, Resolve)]
     assert res.error == "request 1 (window_post) failed on a (pid 100): bad"
+
+
+def test_errors_read_after_their_child_began_to_go_down_count_for_the_breaker():
+    # A prover that answers an error and exits: its exit may be seen before its answer is read
+    # (the scheduler forgot the job with its child); the error still counts.
+    book = two_children()
+    now, pid = 0.0, 200
+    for rid in (1, 2, 3):
+        _, out = book.submit(rid, window_task(), now)
+        (send,) = [e for e in out if isinstance(e, Send)]
+        if send.child == "b":  # a's turn next: b proves one, a takes the one after
+            book.answered("b", send.child_rid, now + 0.5, output=OK)
+            _, out = book.submit(rid + 10, window_task(), now + 0.5)
+            (send,) = [e for e in out if isinstance(e, Send)]
+        assert send.child == "a"
+        book.child_down("a", now + 1)  # its exit seen first...
+        out = book.answered("a", send.child_rid, now + 1, error="CUDA error 999")  # ...then this
+        for e in out:  # its retry, on b, proves
+            if isinstance(e, Send):
+                book.answered("b", e.child_rid, now + 2, output=OK)
+        book.child_lost("a", now + 2, "exited 1")
+        pid += 1
+        book.child_ready("a", now + 3, protocol="dext", pid=pid)
+        now += 4
+    streak = book.scheduler.breaker.streak("a")
+    assert (streak.errors, streak.benches) == (3, 1)  # benched (its restart ended that one)

@@ -277,6 +277,54 @@ async def test_a_child_that_fails_every_request_at_once_is_benched_and_its_sibli
     assert len(retried) == 3 and all("retrying (attempt 2 of 2)" in m for m in retried)
 
 
+class _BrokenChildWatch:
+    """An inline observer: the requests sent to window_post#0 and its ready processes."""
+
+    def __init__(self) -> None:
+        self.sent = self.readies = 0
+        self._ready = trio.Event()
+
+    def dext_request_started(self, request) -> None:
+        self.sent += request.child == "window_post#0"
+
+    def dext_child_ready(self, child) -> None:
+        if child.name == "window_post#0":
+            self.readies += 1
+            self._ready.set()
+            self._ready = trio.Event()
+
+    async def wait_readies(self, count: int) -> None:
+        while self.readies < count:
+            await self._ready.wait()
+
+
+async def test_a_child_that_answers_an_error_and_exits_each_time_is_benched_despite_its_restarts():
+    # Restarted after the base delay (it answered), each process failed one request, and each
+    # fresh process forgot the error and ended any bench: it took every other request for ever.
+    from damocles_ext.api import open_supervisor
+
+    exits = (
+        'send(dext.Response(msg.id, error="CUDA error 999: unknown error")); '
+        "sys.stdout.flush(); os._exit(1)"
+    )
+    watch = _BrokenChildWatch()
+    async with open_supervisor(
+        one_broken(exits, "True"), backoff=FAST, inline_observers=[watch]
+    ) as sup:
+        await sup.wait_ready(count=2)
+        good_pid = child_stats(sup, "window_post#1").pid
+        for i in range(30):  # one at a time, both children up each time
+            sent, readies = watch.sent, watch.readies
+            miner = 1000 + i % 3
+            assert who(await sup.submit(window_task(miner=miner))) == (miner, good_pid)
+            if watch.sent > sent:  # it failed that one and exited: its next process first
+                await watch.wait_readies(readies + 1)
+        # Three errors in a row, one per process, bench it; its next process is on probation
+        # (a restart may clear a GPU error), and its error benches it again, restarts or not.
+        assert watch.sent == 4
+        assert child_stats(sup, "window_post#0").benched_for > 0
+
+
 async def test_an_error_on_one_child_is_proved_by_another_before_it_is_the_answer():
     # damocles-manager gives up a partition batch on an error: a GPU that failed one request
     # (out of memory, say) is not the last word while a sibling can try it.

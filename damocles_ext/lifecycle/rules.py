@@ -276,7 +276,8 @@ class BookRules:
         benched, it runs again there (a second opinion: damocles-manager gives up a partition
         batch on an error); else this is its answer."""
         req = attempt.request
-        self.scheduler.finished(attempt.attempt_id, now, failed=True)
+        if not self.scheduler.finished(attempt.attempt_id, now, failed=True):  # child going down
+            self.scheduler.breaker.count_late(c.name, req.task.miner_id, True, now)
         self._bench_news(now, out)
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())

@@ -128,6 +128,13 @@ class ChildBreaker:
         elif not streak.benches:  # (one on probation is benched by its own errors only)
             self.unproven.add(cid)
 
+    def count_late(self, child_id: str, key: Hashable, failed: bool, now: float) -> None:
+        """`count` for an answer read after its child began to go down (the scheduler dropped
+        the job with it): a prover that answers an error and exits is often seen exiting
+        first."""
+        if failed or self.erring:
+            self.count(self._children[child_id], key, failed, now)
+
     def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id
         until = streak.benched_until = now + min(self.longest, self.first * 2**streak.benches)
