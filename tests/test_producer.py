@@ -118,8 +118,10 @@ async def test_a_request_becomes_damocles_job_and_is_answered_with_its_proofs_an
         request_id = await send_until_created(m, task, job_id)
         with JobStore.open(store_url) as store:
             job = store.get(job_id)
-        # damocles' job: store names for paths, Upgrade from update/, the request's values.
-        assert job is not None and job.State == model.READY and job.not_after is None
+        # damocles' job: store names for paths, Upgrade from update/, the request's values; by
+        # default a deadline 40 minutes on (no later proof can count for its deadline).
+        assert job is not None and job.State == model.READY and job.not_after is not None
+        assert abs(job.not_after - (job.CreatedAt + 2400)) < 5, (job.not_after, job.CreatedAt)
         assert [(s.SectorId, s.Upgrade, s.Accesses.SealedFile, s.Accesses.CacheDir)
                 for s in job.Input.Sectors] == [(1, False, "a", "a"), (2, False, "a", "a"),
                                                  (3, True, "a", "a")]  # fmt: skip

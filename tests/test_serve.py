@@ -490,6 +490,29 @@ async def test_serve_deadline_after_gives_requests_a_deadline_that_cancels_them(
     assert "request 1" not in response.err_msg.replace("request 100", ""), response
 
 
+async def test_a_winning_post_stuck_in_its_prover_is_answered_at_its_deadline_and_its_child_freed(
+    tmp_path,
+):
+    # `fail = "hang"` is a prover stuck in a GPU call: it never returns and ignores Cancel, while
+    # the built-in runtime goes on sending Progress, so no heartbeat timeout sees it. The
+    # request's deadline (serve gives one by default; 1 s here) answers it and, the Cancel
+    # ignored, the child is killed after CancelGraceSecs and started again.
+    block = plugin_block("WinPost", "sleep", fail="hang")
+    cfg = write_config(tmp_path, block + "CancelGraceSecs = 0.2\nHeartbeatTimeoutSecs = 30\n")
+    argv = [*DEXT, "serve", "winning_post", "-c", str(cfg), "--deadline-after", "1s"]
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(nursery, argv, "winning_post", stderr=subprocess.PIPE)
+        with trio.fail_after(30):
+            await m.wait_log("ready: stage winning_post")
+            rid = await m.send(make_task(1, stage="winning_post"))
+            response = await m.wait(rid)
+            assert response.output is None and "passed its deadline" in response.err_msg
+            await m.wait_log("0.2s after a Cancel")
+            await m.wait_log_times("ready: stage winning_post", 2)
+            await m.close_stdin()
+            assert await m.process.wait() == 0, "\n".join(m.log)
+
+
 async def _answer_to_one_window_post(
     nursery, argv: list[str], stderr_file, ready_log: str | None = None
 ):
@@ -508,7 +531,31 @@ async def _answer_to_one_window_post(
     return response
 
 
-@pytest.mark.parametrize("value", ["0", "-5m", "nan", "inf", "35x", "m", "999999999h"])
+@pytest.mark.parametrize(
+    ("given", "stage", "deadline_after"),
+    [
+        ([], "window_post", 2400.0),  # past 40 minutes no WindowPoSt proof can count
+        ([], "winning_post", 60.0),
+        (["--deadline-after", "90s"], "winning_post", 90.0),
+        (["--deadline-after", "0"], "window_post", None),
+        (["--deadline-after", "off"], "window_post", None),
+        (["--connect"], "winning_post", 60.0),  # passed on to the supervisor with each request
+    ],
+)
+def test_serve_gives_each_request_a_deadline_by_default(given, stage, deadline_after):
+    # A prover stuck in a GPU call under the built-in runtime still sends Progress (the
+    # runtime's, every 2 s), so no heartbeat catches it: the deadline is what answers its
+    # request and frees its child.
+    from damocles_ext.cli import build_parser
+    from damocles_ext.commands import serve
+
+    source = [] if "--connect" in given else ["-c", "x.cfg"]
+    args = build_parser().parse_args(["serve", stage, *given, *source])
+    serve.check_supervising_options(args)
+    assert args.deadline_after == deadline_after
+
+
+@pytest.mark.parametrize("value", ["-5m", "nan", "inf", "35x", "m", "999999999h", "never"])
 def test_serve_deadline_after_refuses_what_is_not_a_duration(tmp_path, value):
     result = dext_run(
         "serve",

@@ -227,6 +227,16 @@ def positive_duration(text: str) -> float:
     return value
 
 
+def deadline_duration(text: str) -> float:
+    """An argparse type: a parse_duration, or "off" (0: no deadline)."""
+    if text.strip().lower() in ("off", "none"):
+        return 0.0
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or 0 or off for none") from None
+
+
 #: The longest first line a token file may have (a JWT with many claims is under 4 KiB).
 MAX_TOKEN_CHARS = 64 * 1024
 

@@ -33,6 +33,7 @@ from .common import (
     add_restart_arg,
     add_shutdown_arg,
     children_of,
+    deadline_duration,
     load_config_from_args,
     positive_duration,
     supervisor_options,
@@ -80,14 +81,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--deadline-after",
-        type=positive_duration,
+        type=deadline_duration,
         metavar="DURATION",
         help="give each request the deadline DURATION after it arrives (seconds, or with a suffix"
-        " s, m or h), since damocles' JSON lines carry none: queues go earliest deadline first, a"
-        " request still queued at its deadline fails at once, and a running one is cancelled."
-        " damocles-manager sends a deadline's WindowPoSt when its randomness is known, about 35"
-        " minutes before its proofs are due (less its ChallengeConfidence and the submit margin"
-        " you want); a WinningPoSt has its block's ~20-30 s. Default: no deadline",
+        " s, m or h; 0 or off: none), since damocles' JSON lines carry none: queues go earliest"
+        " deadline first, a request still queued at its deadline fails at once, and a running"
+        " one is cancelled (its child killed CancelGraceSecs later if it goes on). Default: 40m"
+        " for window_post (damocles-manager sends a deadline's WindowPoSt once its randomness"
+        " is known, at most 40 minutes before the deadline closes: a proof later than that"
+        " cannot count), 1m for winning_post (its block has about 20 s). A prover stuck in a"
+        " GPU call under the built-in runtime still sends Progress: the deadline is what frees"
+        " its child",
     )
     jobs = parser.add_argument_group(
         "worker-prover mode (--jobs)",
@@ -148,6 +152,11 @@ def _socket_path(text: str) -> str:
     return text
 
 
+#: Each request's deadline after its arrival when --deadline-after is not given: past it, the
+#: proof cannot count (a WindowPoSt's randomness is known 20 epochs before its 60-epoch window
+#: opens, and damocles-manager waits at least one epoch more; a WinningPoSt has about 20 s).
+DEFAULT_DEADLINE_AFTER = {"window_post": 40 * 60.0, "winning_post": 60.0}
+
 #: Options of a serve that supervises its own children, and their defaults.
 _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 
@@ -155,7 +164,7 @@ _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 def check_supervising_options(args: argparse.Namespace) -> None:
     """Check that one source of proofs is given (children, --connect or --jobs) with only the
     options that apply to it (UsageError otherwise), and fill in the defaults of the supervising
-    options. check-config applies it to the entries of damocles-manager's ext-prover.cfg that
+    options and of --deadline-after. check-config applies it to the entries of damocles-manager's ext-prover.cfg that
     run serve."""
     from damocles_ext.errors import UsageError
 
@@ -178,6 +187,10 @@ def check_supervising_options(args: argparse.Namespace) -> None:
             if getattr(args, name, None):
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
+    if args.deadline_after is None:
+        args.deadline_after = DEFAULT_DEADLINE_AFTER[args.stage]
+    elif args.deadline_after == 0:
+        args.deadline_after = None  # 0 or off: no deadline
     for name, default in _SUPERVISING_OPTIONS.items():
         option = "--" + name.replace("_", "-")
         if getattr(args, name) is None:
