@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from helpers.child import window_task
 
-from damocles_ext.lifecycle import ChildLimits, RequestBook, Resolve, Send
+from damocles_ext.lifecycle import ChildLimits, Note, RequestBook, Resolve, Send
 from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start
 from damocles_ext.tasks import WindowPoStOutput
 
@@ -191,6 +191,7 @@ def test_errors_read_after_their_child_began_to_go_down_count_for_the_breaker():
     # (the scheduler forgot the job with its child); the error still counts.
     book = two_children()
     now, pid = 0.0, 200
+    notes: list[str] = []
     for rid in (1, 2, 3):
         _, out = book.submit(rid, window_task(), now)
         (send,) = [e for e in out if isinstance(e, Send)]
@@ -201,6 +202,7 @@ def test_errors_read_after_their_child_began_to_go_down_count_for_the_breaker():
         assert send.child == "a"
         book.child_down("a", now + 1)  # its exit seen first...
         out = book.answered("a", send.child_rid, now + 1, error="CUDA error 999")  # ...then this
+        notes += [e.message for e in out if isinstance(e, Note)]
         for e in out:  # its retry, on b, proves
             if isinstance(e, Send):
                 book.answered("b", e.child_rid, now + 2, output=OK)
@@ -210,3 +212,6 @@ def test_errors_read_after_their_child_began_to_go_down_count_for_the_breaker():
         now += 4
     streak = book.scheduler.breaker.streak("a")
     assert (streak.errors, streak.benches) == (3, 1)  # benched (its restart ended that one)
+    # The warning says so: a first bench of a child going down lasts until it is back.
+    (note,) = [n for n in notes if "requests with an error" in n]
+    assert "takes no request until its next process is ready while another" in note, note

@@ -217,7 +217,7 @@ MAX_DURATION = 10 * 365 * 24 * 3600.0
 
 
 def positive_duration(text: str) -> float:
-    """An argparse type: a parse_duration > 0 (e.g. --deadline-after, --idle-timeout)."""
+    """An argparse type: a parse_duration > 0 (e.g. --idle-timeout, --poll-interval)."""
     try:
         value = parse_duration(text)
     except ValueError as exc:
@@ -229,7 +229,7 @@ def positive_duration(text: str) -> float:
 
 def deadline_duration(text: str) -> float:
     """An argparse type: a parse_duration, or "off" (0: no deadline)."""
-    if text.strip().lower() in ("off", "none"):
+    if text.strip().lower() == "off":
         return 0.0
     try:
         return parse_duration(text)

@@ -89,9 +89,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " one is cancelled (its child killed CancelGraceSecs later if it goes on). Default: 40m"
         " for window_post (damocles-manager sends a deadline's WindowPoSt once its randomness"
         " is known, at most 40 minutes before the deadline closes: a proof later than that"
-        " cannot count), 1m for winning_post (its block has about 20 s). A prover stuck in a"
-        " GPU call under the built-in runtime still sends Progress: the deadline is what frees"
-        " its child",
+        " cannot count), 5m for winning_post (its block has about 20 s; the deadline frees a"
+        " stuck child and lets a cold first proof finish). A prover stuck in a GPU call under"
+        " the built-in runtime still sends Progress: the deadline is what frees its child",
     )
     jobs = parser.add_argument_group(
         "worker-prover mode (--jobs)",
@@ -152,10 +152,13 @@ def _socket_path(text: str) -> str:
     return text
 
 
-#: Each request's deadline after its arrival when --deadline-after is not given: past it, the
-#: proof cannot count (a WindowPoSt's randomness is known 20 epochs before its 60-epoch window
-#: opens, and damocles-manager waits at least one epoch more; a WinningPoSt has about 20 s).
-DEFAULT_DEADLINE_AFTER = {"window_post": 40 * 60.0, "winning_post": 60.0}
+#: Each request's deadline after its arrival when --deadline-after is not given. A WindowPoSt's
+#: randomness is known 20 epochs before its 60-epoch window opens, and damocles-manager waits at
+#: least one epoch more: no later proof can count. A WinningPoSt's has about 20 s, but the
+#: deadline is there to free a stuck child, and its cancel kills a child that goes on: a cold
+#: first proof (parameters loaded, GPU kernels built; damocles-manager's warm-up runs in its own
+#: process, not here) must finish, or the child would stay cold for good.
+DEFAULT_DEADLINE_AFTER = {"window_post": 40 * 60.0, "winning_post": 5 * 60.0}
 
 #: Options of a serve that supervises its own children, and their defaults.
 _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}

@@ -306,11 +306,13 @@ class BookRules:
             streak = self.scheduler.breaker.streak(name)
             who = c.process.who if c.process is not None else name
             again = f" (bench {streak.benches} in a row)" if streak.benches > 1 else ""
+            how_long = f"for {streak.benched_until - now:.0f}s{again}"
+            if streak.benches == 1 and (c.process is None or c.process.down):
+                how_long = "until its next process is ready"  # a first bench ends at a restart
             text = (
                 f"{who} answered its last {streak.errors} requests with an error while another"
-                f" {c.stage} child proved for the same miner: it takes no request for"
-                f" {streak.benched_until - now:.0f}s{again} while another child can serve them,"
-                " then one at a time until it makes a proof"
+                f" {c.stage} child proved for the same miner: it takes no request {how_long}"
+                " while another child can serve them, then one at a time until it makes a proof"
             )
             out.append(Note("warning", text))
         news.clear()
