@@ -12,6 +12,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 from helpers.frontend import write_config
 from helpers.post import sectors, sectors_with_a_short_one
 from helpers.scheduling import Gate, child_log, gated, submit_in_order
@@ -248,6 +249,45 @@ async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_
         ("finished", 1, "ok"),
         ("finished", 2, "ok"),
     ]
+
+
+async def test_shutdown_lets_a_snark_step_waiting_for_its_child_take_it(tmp_path, recorder):
+    """A request whose vanilla step is done and whose SNARK step waits for the busy GPU when
+    shutdown begins is in flight, as one still in its vanilla step is: it gets the grace."""
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "snark")
+    children = [
+        spec([*builtin_child(VAN, "echo"), "--capacity", "2"], stage=VAN, concurrent=2),
+        gated(tmp_path, SNARK, 0, gate, log),
+    ]
+    results: dict[int, object] = {}
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready("window_post")
+
+            async def prove(miner: int) -> None:
+                try:
+                    results[miner] = await sup.submit(window_task(miner=miner))
+                except ProverError as exc:
+                    results[miner] = str(exc)
+
+            async with trio.open_nursery() as nursery:
+                for miner in (1, 2):
+                    nursery.start_soon(prove, miner)
+                # One SNARK step holds the SNARK child, the other waits for it.
+                while sup.statistics().stages[SNARK].queued < 1:
+                    await rec.next("finished")
+                    await trio.testing.wait_all_tasks_blocked()
+                sup.request_shutdown()
+                await trio.testing.wait_all_tasks_blocked()
+                gate.release()
+                gate.release()
+    finally:
+        gate.close()
+    whole = WindowPoStOutput(proofs=[b"ok"], faults=[])
+    assert results == {1: whole, 2: whole}
 
 
 async def test_echo_steps_join_to_the_whole_echo_answer():

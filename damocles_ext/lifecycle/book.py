@@ -366,13 +366,16 @@ class RequestBook(BookRules):
         deadline: float | None = None,
         deadline_unix: float | None = None,
         priority: int = 0,
+        second_step: bool = False,
         out: list[Effect] | None = None,
     ) -> tuple[TrackedRequest, list[Effect]]:
-        """A new request `rid` (unique) for `task`'s stage; `deadline` on the book's clock."""
+        """A new request `rid` (unique) for `task`'s stage; `deadline` on the book's clock;
+        `second_step`: the SNARK step of a split WindowPoSt (see `shutdown`)."""
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in the book")
         out = self._catch_up(now, out)
         req = TrackedRequest(rid, task, stage_of(task), now, deadline, deadline_unix, priority)
+        req.second_step = second_step
         self._requests[rid] = req
         if self._enqueue(req, now, retry=False):  # (what time brought, _catch_up decided)
             self._dispatch(now, out)
@@ -424,10 +427,14 @@ class RequestBook(BookRules):
 
     def shutdown(self, now: float, *, out: list[Effect] | None = None) -> list[Effect]:
         """Stop: queued requests fail now, nothing lost from here on is retried; running ones
-        may still be answered (the driver gives them a grace period, then `grace_over`)."""
+        may still be answered (the driver gives them a grace period, then `grace_over`). A
+        split WindowPoSt's SNARK step counts as running even while queued: its vanilla step is
+        done, and the SNARK step of one still in its vanilla step is taken within the grace."""
         self.shutting_down = True
         out = self._catch_up(now, out)
         for req in list(self._requests.values()):
+            if req.second_step:
+                continue
             if req.attempt_id is not None and self.scheduler.is_queued(req.attempt_id):
                 sent = "not sent to a prover" if not req.attempts else "not sent again"
                 why = f"still queued when the supervisor began to shut down; it was {sent}"

@@ -44,6 +44,9 @@ class TrackedRequest(msgspec.Struct, eq=False):
     history: list[str] = msgspec.field(default_factory=list)
     avoid: frozenset[str] | None = None  # children that answered it with an error
     done: bool = False
+    #: A split WindowPoSt's SNARK step: its caller's request is in flight, so shutdown lets it
+    #: wait for a child within the grace, queued or not.
+    second_step: bool = False
     current: Attempt | None = None  # the attempt running for it, not abandoned
 
 

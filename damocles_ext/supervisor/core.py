@@ -365,6 +365,7 @@ class Supervisor:
                 deadline=deadline_t,
                 deadline_unix=deadline,
                 priority=priority,
+                second_step=in_flight,
                 out=out,
             )
             waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
