@@ -13,10 +13,11 @@ import time
 import pytest
 import trio
 import trio.testing
+from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import write_config
 from helpers.post import sectors, sectors_with_a_short_one
 from helpers.scheduling import Gate, child_log, gated, submit_in_order
-from helpers.supervisor import builtin_child, spec, window_task
+from helpers.supervisor import builtin_child, dext_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.config import ConfigError, load_config, parse_config
@@ -223,6 +224,49 @@ async def test_a_failing_step_fails_the_request_once_with_the_steps_reason():
     message = str(excinfo.value)
     assert f"({VAN}) failed on {VAN}#0" in message and "failing as configured" in message
     assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 0, f"{SNARK}#0": 0}
+
+
+# A vanilla child whose answers have the right shape and prove nothing (the SNARK step refuses them).
+BAD_VANILLA = dext_child(
+    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'garbage'], [])))",
+    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
+    stage=VAN,
+)
+
+
+async def test_vanilla_proofs_every_snark_child_refuses_are_made_again_by_another_vanilla_child():
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
+    ]
+    tasks = [window_task(miner=m) for m in range(1, 5)]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 2)
+        outputs = [await sup.submit(t) for t in tasks]
+        done = {c.name: c.done for c in sup.statistics().children}
+    assert outputs == [echo_output(t) for t in tasks]
+    assert done[f"{VAN}#0"] >= 1  # the bad child made vanilla proofs that were refused
+
+
+async def test_a_snark_step_that_fails_says_whose_vanilla_proofs_it_had():
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(BAD_VANILLA, stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 1)
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())
+        done = {c.name: c.done for c in sup.statistics().children}
+    message = str(excinfo.value)
+    first, second = (f"{VAN}#0", f"{VAN}#1") if done[f"{VAN}#0"] else (f"{VAN}#1", f"{VAN}#0")
+    assert message.startswith("request ") and f"({SNARK}) failed on {SNARK}#0" in message
+    assert f"its vanilla proofs came from {second}; before that, the SNARK step of the" in message
+    assert f"vanilla proofs from {first}: failed on {SNARK}#0" in message
+    assert done == {f"{VAN}#0": 1, f"{VAN}#1": 1, f"{SNARK}#0": 0}
 
 
 async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_step(recorder):

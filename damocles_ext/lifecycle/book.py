@@ -367,15 +367,18 @@ class RequestBook(BookRules):
         deadline_unix: float | None = None,
         priority: int = 0,
         second_step: bool = False,
+        avoid: frozenset[str] | None = None,
         out: list[Effect] | None = None,
     ) -> tuple[TrackedRequest, list[Effect]]:
         """A new request `rid` (unique) for `task`'s stage; `deadline` on the book's clock;
-        `second_step`: the SNARK step of a split WindowPoSt (see `shutdown`)."""
+        `second_step`: the SNARK step of a split WindowPoSt (see `shutdown`); `avoid`: children
+        it is not sent to while another of its stage can serve (as for a retry)."""
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in the book")
         out = self._catch_up(now, out)
         req = TrackedRequest(rid, task, stage_of(task), now, deadline, deadline_unix, priority)
         req.second_step = second_step
+        req.avoid = avoid
         self._requests[rid] = req
         if self._enqueue(req, now, retry=False):  # (what time brought, _catch_up decided)
             self._dispatch(now, out)

@@ -284,12 +284,12 @@ class BookRules:
         breaker = self.scheduler.breaker
         max_attempts = max(1, c.limits.max_attempts)
         over = self.shutting_down or (req.deadline is not None and now >= req.deadline)
+        req.avoid = avoid  # (also once answered: a split WindowPoSt asks who failed its step)
         if (
             not over
             and req.attempts < max_attempts
             and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others)
         ):
-            req.avoid = avoid
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._enqueue(req, now, retry=True)
             out.append(Retry(req, what, req.attempts + 1, max_attempts))

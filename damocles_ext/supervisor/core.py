@@ -55,13 +55,7 @@ from ..tasks import (
     Output,
     Task,
     WindowPoSt,
-    WindowPoStOutput,
-    WindowPoStSnarkOutput,
-    WindowPoStVanillaOutput,
-    join_window_post,
     request_problem,
-    snark_task,
-    split_window_post,
     stage_of,
     task_problem,
 )
@@ -75,6 +69,7 @@ from .orphans import GroupGuardian
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
+from .split import prove_split
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
 
 if TYPE_CHECKING:
@@ -256,10 +251,8 @@ class Supervisor:
         signed 64-bit whole number, or a task that is none or has a field its child could not
         read (tasks.task_problem), is a UsageError at once.
 
-        With the split WindowPoSt tables, a WindowPoSt runs as two requests: its vanilla step on a
-        [[WdPostVanilla]] child, then its SNARK step on a [[WdPostSnark]] child, both with the
-        same deadline and priority; the answer is one WindowPoStOutput, or the step's error. A
-        vanilla step that reports faulty sectors is the answer (faults, no proofs): no SNARK.
+        With the split WindowPoSt tables, a WindowPoSt runs as two requests, its vanilla step
+        and then its SNARK step, both with its deadline and priority (`split.prove_split`).
         """
         if isinstance(task, Task) and (problem := task_problem(task)) is not None:
             raise UsageError(f"request {next(self._rids)} {problem}")
@@ -271,13 +264,7 @@ class Supervisor:
         # the two steps too.
         self._split_in_flight += 1
         try:
-            vanilla = await self._submit_one(split_window_post(task), *how)
-            assert isinstance(vanilla, WindowPoStVanillaOutput)  # the book checks the stage
-            if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
-                return WindowPoStOutput(proofs=[], faults=vanilla.faults)
-            snark = await self._submit_one(snark_task(task, vanilla), *how, in_flight=True)
-            assert isinstance(snark, WindowPoStSnarkOutput)
-            return join_window_post(vanilla, snark)
+            return await prove_split(self, task, how)
         finally:
             self._split_in_flight -= 1
             self._notify()
@@ -289,22 +276,38 @@ class Supervisor:
         priority: int,
         on_progress: Callable[[Progress], None] | None,
         on_dispatch: Callable[[str | None], None] | None,
+    ) -> Output:
+        waiter = await self._submit_waiter(task, deadline, priority, on_progress, on_dispatch)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.output is not None
+        return waiter.output
+
+    async def _submit_waiter(
+        self,
+        task: Task,
+        deadline: float | None,
+        priority: int,
+        on_progress: Callable[[Progress], None] | None,
+        on_dispatch: Callable[[str | None], None] | None,
         *,
         in_flight: bool = False,
-    ) -> Output:
+        avoid: frozenset[str] | None = None,
+    ) -> Waiter:
+        """Submit `task` and wait for its answer: its waiter, answered (split.py reads which
+        child answered; `avoid`: children not to send it to while another can serve)."""
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
-        waiter = self._begin(task, deadline, priority, on_progress, on_dispatch, None, in_flight)
+        waiter = self._begin(
+            task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid
+        )
         try:
             await waiter.wait()
         finally:
             # If the caller went away (cancelled): forget the request, stop its work if we can.
             self._abandon(waiter)
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.output is not None
-        return waiter.output
+        return waiter
 
     def start_nowait(
         self,
@@ -323,7 +326,7 @@ class Supervisor:
         raised here. None (nothing started) for a split WindowPoSt: `submit` it instead."""
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
-        waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False)
+        waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False, None)
         return Started(self, waiter)
 
     def batch(self) -> Batch:
@@ -345,6 +348,7 @@ class Supervisor:
         on_dispatch: Callable[[str | None], None] | None,
         on_done: Callable[[Output | None, ProverError | None], None] | None,
         in_flight: bool,
+        avoid: frozenset[str] | None,
     ) -> Waiter:
         """Book a new request and dispatch what follows; its waiter (it may be answered)."""
         rid = next(self._rids)
@@ -366,6 +370,7 @@ class Supervisor:
                 deadline_unix=deadline,
                 priority=priority,
                 second_step=in_flight,
+                avoid=avoid,
                 out=out,
             )
             waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
