@@ -1,12 +1,16 @@
 """A split WindowPoSt through the supervisor: its vanilla step on a [[WdPostVanilla]] child, then
 its SNARK step on a [[WdPostSnark]] child (`Supervisor.submit` calls `prove_split`).
 
-The SNARK step proves the vanilla proofs it is given. When SNARK children answer it with an
-error, the fault may be the vanilla proofs' (a vanilla child whose output has the right shape
-but proves nothing: a SNARK step retried on another GPU fails the same way), so the whole
-request runs again once more per MaxAttempts of the vanilla step, its vanilla step avoiding the
-child that made those proofs, while another vanilla child can serve. The answer after several
-rounds says what each SNARK step said and whose vanilla proofs it had.
+The SNARK step proves the vanilla proofs it is given. When two SNARK children or more answered it
+with an error, the fault is likely the vanilla proofs' (a vanilla child whose output has the
+right shape but proves nothing: a SNARK step retried on another GPU fails the same way), so the
+whole request runs again from its vanilla step, avoiding the vanilla children whose proofs were
+refused, while another vanilla child can serve, the deadline allows, and rounds are left: the
+vanilla step's MaxAttempts (of the child that made the first proofs) bounds the rounds, each of
+which has its own attempts. One SNARK child's error is no such evidence (a GPU's own fault is
+far more common, and running the vanilla step again would read every challenged sector again for
+nothing). A SNARK step's error names the vanilla child whose proofs it had; the answer after
+several rounds says what each said.
 """
 
 from __future__ import annotations
@@ -28,11 +32,10 @@ from ..tasks import (
 
 if TYPE_CHECKING:
     from .core import Supervisor
-    from .request import Waiter
 
 VANILLA = "window_post_vanilla"
 # "request 12 (window_post_snark): " or "request 12 (window_post_snark) ": the book's label.
-_LABEL = re.compile(r"request \d+ \([a-z_]+\):? ?")
+_LABEL = re.compile(r"^request \d+ \([a-z_]+\):? ?")
 
 
 async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -> WindowPoStOutput:
@@ -41,6 +44,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
     deadline = how[0]
     avoid: frozenset[str] = frozenset()  # vanilla children whose proofs no SNARK step took
     earlier: list[str] = []
+    rounds, budget = 0, 1
     while True:
         waiter = await sup._submit_waiter(split_window_post(task), *how, avoid=avoid or None)
         if waiter.error is not None:
@@ -50,13 +54,19 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
         if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
             return WindowPoStOutput(proofs=[], faults=vanilla.faults)
         made_by = waiter.tracked.child or "?"
+        rounds += 1
+        if rounds == 1 and made_by in sup._children:
+            budget = sup._children[made_by].spec.max_attempts
         snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
         if snark.error is None:
             assert isinstance(snark.output, WindowPoStSnarkOutput)
             return join_window_post(vanilla, snark.output)
+        refused_by = snark.tracked.avoid or frozenset()  # the SNARK children that said an error
+        if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
+            raise _with_earlier(snark.error, earlier)
         error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
         avoid |= {made_by}
-        if not _vanilla_again(sup, snark, made_by, avoid, deadline):
+        if len(refused_by) < 2 or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
             raise _with_earlier(error, earlier)
         earlier.append(
             f"the SNARK step of the vanilla proofs from {made_by}: "
@@ -64,18 +74,9 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
         )
 
 
-def _vanilla_again(
-    sup: Supervisor, snark: Waiter, made_by: str, avoid: frozenset[str], deadline: float | None
-) -> bool:
-    """Whether to run the request again from its vanilla step, avoiding `avoid`: a SNARK child
-    answered the SNARK step with an error (not a timeout, a crash or shutdown alone), the
-    vanilla step has runs left and another vanilla child can serve it in time."""
-    if not snark.tracked.avoid or sup.shutting_down:
-        return False
-    if deadline is not None and time.time() >= deadline:
-        return False
-    spec = sup._children[made_by].spec if made_by in sup._children else None
-    if spec is None or len(avoid) >= spec.max_attempts:
+def _vanilla_again(sup: Supervisor, avoid: frozenset[str], deadline: float | None) -> bool:
+    """Whether another vanilla child than `avoid` can serve the request, in time."""
+    if sup.shutting_down or (deadline is not None and time.time() >= deadline):
         return False
     breaker = sup._book.scheduler.breaker
     now = sup._now()
