@@ -167,8 +167,8 @@ _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 def check_supervising_options(args: argparse.Namespace) -> None:
     """Check that one source of proofs is given (children, --connect or --jobs) with only the
     options that apply to it (UsageError otherwise), and fill in the defaults of the supervising
-    options and of --deadline-after. check-config applies it to the entries of damocles-manager's ext-prover.cfg that
-    run serve."""
+    options and of --deadline-after. check-config applies it to the entries of
+    damocles-manager's ext-prover.cfg that run serve."""
     from damocles_ext.errors import UsageError
 
     jobs = getattr(args, "jobs", None)
