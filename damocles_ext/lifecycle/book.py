@@ -281,7 +281,7 @@ class RequestBook(BookRules):
                 what = f"{process.who} {said}"
             if what is None:
                 if not self.scheduler.finished(attempt.attempt_id, now, failed=False):
-                    self.scheduler.breaker.count_late(child, req.task.miner_id, False, now)
+                    self.scheduler.breaker.count_late(child, req.breaker_key, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
                 c.done += 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ..tasks import Task
+from ..tasks import Task, WindowPoStSnark
 from .deadlines import Alarm
 
 #: The protocol whose children can be sent a Cancel and must report progress while they work.
@@ -48,6 +48,15 @@ class TrackedRequest(msgspec.Struct, eq=False):
     #: wait for a child within the grace, queued or not.
     second_step: bool = False
     current: Attempt | None = None  # the attempt running for it, not abandoned
+
+    @property
+    def breaker_key(self) -> int:
+        """What the breaker compares across children (`Job.key`): the task's miner; for a split
+        WindowPoSt's SNARK step, the step itself (its vanilla proofs). A SNARK child's error is
+        about the vanilla proofs it was given: a sibling's proof of other vanilla proofs for the
+        same miner (those another vanilla child made again after both SNARK children refused
+        the first) is no evidence against it; a sibling's proof of the same step (its retry) is."""
+        return self.rid if isinstance(self.task, WindowPoStSnark) else self.task.miner_id
 
 
 class Attempt(msgspec.Struct, eq=False):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 
 from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
+from ..stages import WINDOW_POST_SPLIT
 from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
 from .deadlines import Alarms
 from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
@@ -108,7 +109,7 @@ class BookRules:
         req.current = None
         self._attempts[aid] = req
         job = Job(
-            aid, req.stage, req.arrival, req.deadline, req.priority, req.task.miner_id, req.avoid
+            aid, req.stage, req.arrival, req.deadline, req.priority, req.breaker_key, req.avoid
         )
         self._queued += 1
         if retry:
@@ -277,7 +278,7 @@ class BookRules:
         batch on an error); else this is its answer."""
         req = attempt.request
         if not self.scheduler.finished(attempt.attempt_id, now, failed=True):  # child going down
-            self.scheduler.breaker.count_late(c.name, req.task.miner_id, True, now)
+            self.scheduler.breaker.count_late(c.name, req.breaker_key, True, now)
         self._bench_news(now, out)
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
@@ -309,9 +310,12 @@ class BookRules:
             how_long = f"for {streak.benched_until - now:.0f}s{again}"
             if streak.benches == 1 and (c.process is None or c.process.down):
                 how_long = "until its next process is ready"  # a first bench ends at a restart
+            same = (
+                "the same vanilla proofs" if c.stage == WINDOW_POST_SPLIT[1] else "the same miner"
+            )
             text = (
                 f"{who} answered its last {streak.errors} requests with an error while another"
-                f" {c.stage} child proved for the same miner: it takes no request {how_long}"
+                f" {c.stage} child proved for {same}: it takes no request {how_long}"
                 " while another child can serve them, then one at a time until it makes a proof"
             )
             out.append(Note("warning", text))

@@ -1,0 +1,180 @@
+"""Split WindowPoSt: what its children get wrong, and what that costs them. SNARK children that
+fail for one miner, vanilla proofs every SNARK child refuses (the breaker must not blame the SNARK
+children for them), children answering an output of the wrong step or one that does not fit the
+task. Real children, as in test_split.py; the breaker's bookkeeping also in the book, sans-IO.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers.supervisor import builtin_child, dext_child, spec, window_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.lifecycle import RequestBook
+from damocles_ext.lifecycle.effects import Note, Resolve, Send
+from damocles_ext.lifecycle.records import ChildLimits
+from damocles_ext.tasks import WindowPoStSnarkOutput, WindowPoStVanillaOutput, snark_task
+
+VAN, SNARK = "window_post_vanilla", "window_post_snark"
+
+# Vanilla proofs of the right shape that prove nothing: every SNARK child refuses them.
+BAD_VANILLA = dext_child(
+    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'garbage'], [])))",
+    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
+    stage=VAN,
+)
+
+# A SNARK child whose GPU fails miner 1's proofs only; it proves the others (the echo SNARK).
+SNARK_FAILING_MINER_1 = dext_child(
+    """
+if msg.task.miner_id == 1:
+    send(dext.Response(msg.id, error="CUDA error 700 for miner 1"))
+else:
+    send(dext.Response(msg.id, output=WindowPoStSnarkOutput(list(msg.task.vanilla_proofs))))
+""",
+    setup="from damocles_ext.tasks import WindowPoStSnarkOutput",
+    stage=SNARK,
+)
+
+
+def answering(output: str, stage: str) -> list[str]:
+    """A fake child of `stage` answering every request with `output` (Python source)."""
+    return dext_child(
+        f"send(dext.Response(msg.id, output={output}))",
+        setup="from damocles_ext.tasks import *",
+        stage=stage,
+    )
+
+
+async def prove_all(sup, miners) -> list:
+    """Each miner's WindowPoSt, submitted together: its output, or its error's text."""
+    results: list = [None] * len(miners)
+
+    async def one(i: int, miner: int) -> None:
+        try:
+            results[i] = await sup.submit(window_task(miner=miner))
+        except ProverError as exc:
+            results[i] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, miner in enumerate(miners):
+            nursery.start_soon(one, i, miner)
+    return results
+
+
+async def test_a_snark_child_failing_one_miner_is_retried_on_its_sibling_without_a_vanilla_again():
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(SNARK_FAILING_MINER_1, stage=SNARK),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
+    ]
+    miners = [1, 1, 2, 1, 1, 2, 1, 3, 1, 1]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 2)
+        outputs = [await sup.submit(window_task(miner=m)) for m in miners]
+        stats = {c.name: c for c in sup.statistics().children}
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert outputs == [echo_output(window_task(miner=m)) for m in miners]
+    # One vanilla step per request: a SNARK child's own error runs no vanilla step again.
+    assert stats[f"{VAN}#0"].done + stats[f"{VAN}#1"].done == len(miners)
+    assert stats[f"{SNARK}#0"].failed >= 1 and stats[f"{SNARK}#1"].failed == 0
+    # The failing GPU, its sibling having proved the same proofs, is benched; nothing else.
+    assert benched <= {f"{SNARK}#0"}
+
+
+async def test_snark_children_are_not_benched_for_vanilla_proofs_that_every_one_refuses():
+    # A vanilla child making proofs that prove nothing: both SNARK children refuse them, and
+    # another vanilla child makes them again, which one SNARK child proves. The refusals were
+    # the vanilla child's fault: the SNARK child that did not prove the second proofs must not
+    # be benched for them (a benched sibling leaves one SNARK child to refuse the next bad
+    # proofs, and one SNARK child's error is the answer: requests failed that could be proved).
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 2)
+        results = await prove_all(sup, [1] * 16)
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert results == [echo_output(window_task(miner=1))] * 16
+    assert benched == set()
+
+
+def test_the_breaker_compares_a_snark_step_with_its_own_retry_not_the_miners_other_proofs():
+    # Sans-IO, in the order that benched a blameless SNARK child: a and b both refuse a step's
+    # vanilla proofs (so the request makes them again), and the other child, less loaded (one
+    # step of another miner holds a slot of the first), proves the new step, three times.
+    book = RequestBook()
+    for name in ("a", "b"):
+        book.add_child(name, SNARK, capacity=2, limits=ChildLimits(max_attempts=2))
+    for i, name in enumerate(("a", "b")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    vanilla = WindowPoStVanillaOutput([b"good"], [])
+    _, out = book.submit(1, snark_task(window_task(miner=2), vanilla), 0.0)
+    (hold,) = [e for e in out if isinstance(e, Send)]
+    task = window_task(miner=1)
+    bad = snark_task(task, WindowPoStVanillaOutput([b"garbage"], []))
+    good = snark_task(task, vanilla)
+    proof = WindowPoStSnarkOutput([b"p"])
+    now, rid, notes, answers, provers = 0.0, 1, [], [], []
+    for step in (bad, good) * 3:
+        rid += 1
+        _, pending = book.submit(rid, step, now)
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, Note):
+                notes.append(effect.message)
+            elif isinstance(effect, Resolve):
+                answers.append(effect.error is None)
+            elif isinstance(effect, Send):
+                now += 1
+                if step is bad:
+                    pending += book.answered(effect.child, effect.child_rid, now, error="no")
+                else:
+                    provers.append(effect.child)
+                    pending += book.answered(effect.child, effect.child_rid, now, output=proof)
+    assert answers == [False, True] * 3
+    assert provers == [{"a": "b", "b": "a"}[hold.child]] * 3  # the order that benched it
+    assert not [n for n in notes if "takes no request" in n], notes
+    assert book.scheduler.breaker.suspects == set()
+
+
+@pytest.mark.parametrize(
+    ("stage", "output", "said"),
+    [
+        (VAN, "WindowPoStOutput([b'p'], [])", "answered with a window_post output"),
+        (VAN, "WindowPoStSnarkOutput([b'p'])", "answered with a window_post_snark output"),
+        (VAN, "WinningPoStOutput([b'p'])", "answered with a winning_post output"),
+        (VAN, "WindowPoStVanillaOutput([b'p'], [99])", "faults for sectors not in the task: [99]"),
+        (VAN, "WindowPoStVanillaOutput([], [])", "answered with neither proofs nor faults"),
+        (SNARK, "WindowPoStVanillaOutput([b'p'], [])", "a window_post_vanilla output"),
+        (SNARK, "WindowPoStOutput([b'p'], [])", "answered with a window_post output"),
+        (SNARK, "WindowPoStSnarkOutput([])", "answered with neither proofs nor faults"),
+    ],
+)
+async def test_a_wrong_or_unfitting_step_output_runs_elsewhere_or_is_one_clear_error(
+    stage, output, said
+):
+    other = VAN if stage == SNARK else SNARK
+    with_sibling = [
+        spec(answering(output, stage), stage=stage),
+        spec(builtin_child(stage, "echo"), stage=stage, index=1),
+        spec(builtin_child(other, "echo"), stage=other),
+    ]
+    async with open_supervisor(with_sibling) as sup:
+        await sup.wait_ready(stage, 2)
+        results = await prove_all(sup, [1, 2, 3])
+    assert results == [echo_output(window_task(miner=m)) for m in (1, 2, 3)]
+    alone = [with_sibling[0], with_sibling[2]]
+    async with open_supervisor(alone) as sup:
+        await sup.wait_ready("window_post")
+        results = await prove_all(sup, [1, 2])
+        assert sup.statistics().requests == 0
+    for text in results:
+        assert isinstance(text, str) and said in text and f"{stage}#0" in text, text
