@@ -6,9 +6,15 @@ task. Real children, as in test_split.py; the breaker's bookkeeping also in the 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
+from helpers.frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
+from helpers.scheduling import GATED_CHILD, Gate
 from helpers.supervisor import builtin_child, dext_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
@@ -16,9 +22,15 @@ from damocles_ext.errors import ProverError
 from damocles_ext.lifecycle import RequestBook
 from damocles_ext.lifecycle.effects import Note, Resolve, Send
 from damocles_ext.lifecycle.records import ChildLimits
-from damocles_ext.tasks import WindowPoStSnarkOutput, WindowPoStVanillaOutput, snark_task
+from damocles_ext.tasks import (
+    WindowPoStOutput,
+    WindowPoStSnarkOutput,
+    WindowPoStVanillaOutput,
+    snark_task,
+)
 
 VAN, SNARK = "window_post_vanilla", "window_post_snark"
+SNARK_OK = WindowPoStOutput(proofs=[b"ok"], faults=[])  # a gated SNARK child's, joined
 
 # Vanilla proofs of the right shape that prove nothing: every SNARK child refuses them.
 BAD_VANILLA = dext_child(
@@ -178,3 +190,46 @@ async def test_a_wrong_or_unfitting_step_output_runs_elsewhere_or_is_one_clear_e
         assert sup.statistics().requests == 0
     for text in results:
         assert isinstance(text, str) and said in text and f"{stage}#0" in text, text
+
+
+async def test_serve_answers_each_request_read_once_with_a_proof_when_stdin_ends_between_steps(
+    tmp_path, stderr_file
+):
+    # damocles-manager's processor: 4 requests, the SNARK child holding the first while the
+    # others' vanilla steps are done (their SNARK steps wait for it), then stdin EOF. Every
+    # request read is proved and answered once, and serve exits 0.
+    script, log_path = tmp_path / "gated.py", tmp_path / "log"
+    script.write_text(GATED_CHILD)
+    os.mkfifo(log_path)  # the child's "start"/"end" lines, read here as they come
+    gate = Gate(tmp_path / "gate")
+    snark = [str(script), SNARK, f"{SNARK}#0", str(gate.path), str(log_path)]
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPostVanilla", "echo", concurrent=4)
+        + f"[[WdPostSnark]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps(snark)}\n",
+    )
+    log_fd = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK)  # before the child opens it
+    log = trio.lowlevel.FdStream(log_fd)
+    tasks = [make_task(3000 + i) for i in range(4)]
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(
+                nursery, [*DEXT, "serve", "window_post", "-c", str(cfg)], "window_post",
+                stderr=stderr_file, ready_timeout=10,
+            )  # fmt: skip
+            with trio.fail_after(30):
+                ids = [await m.send(task) for task in tasks]
+                seen = b""
+                while b"start" not in seen:
+                    seen += await log.receive_some()
+                await m.close_stdin()
+                for _ in tasks:
+                    gate.release()
+                answers = [await m.wait(i) for i in ids]
+                assert await m.process.wait() == 0
+                await m.eof.wait()
+    finally:
+        gate.close()
+        await log.aclose()
+    assert [(a.err_msg, a.output) for a in answers] == [(None, SNARK_OK)] * len(tasks)
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
