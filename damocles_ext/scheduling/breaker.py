@@ -5,10 +5,11 @@ it answers every request with an error, at once. Always idle, it is the least lo
 without a breaker it would take most of its stage's requests and fail them. A child that answers
 `BREAKER_ERRORS` requests in a row with an error, while a sibling of its stage proved a job of
 the same key (the book's key: the task's miner; for a split WindowPoSt's SNARK step, the step
-itself) as one of them since the first of them, is *benched* for `BENCH_FIRST` seconds, doubling with each bench in a row up to `BENCH_MAX`. The
-rule asks for that proof so that tasks every child fails (a miner whose proofs cannot be made)
-bench nobody: the sibling must have done, for that miner, what this child could not. Errors that
-came before any such proof bench the child at the sibling's first one.
+itself) as one of them since the first of them, is *benched* for `BENCH_FIRST` seconds,
+doubling with each bench in a row up to `BENCH_MAX`. The rule asks for that proof so that tasks
+every child fails (a miner whose proofs cannot be made) bench nobody: the sibling must have
+done, for that key, what this child could not. Errors that came before any such proof bench the
+child at the sibling's first one.
 
 A benched child is not chosen while a sibling that is neither benched nor FATAL can serve the
 stage (restarting counts): its jobs wait for that sibling, and its locks reserve nothing. Its
