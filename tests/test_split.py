@@ -17,7 +17,13 @@ from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import write_config
 from helpers.post import sectors, sectors_with_a_short_one
 from helpers.scheduling import Gate, child_log, gated, submit_in_order
-from helpers.supervisor import builtin_child, dext_child, spec, window_task
+from helpers.supervisor import (
+    BAD_VANILLA,
+    builtin_child,
+    one_bad_vanilla_child,
+    spec,
+    window_task,
+)
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.config import ConfigError, load_config, parse_config
@@ -227,21 +233,8 @@ async def test_a_failing_step_fails_the_request_once_with_the_steps_reason():
     assert {c.name: c.done for c in stats.children} == {f"{VAN}#0": 0, f"{SNARK}#0": 0}
 
 
-# A vanilla child whose answers have the right shape and prove nothing (the SNARK step refuses them).
-BAD_VANILLA = dext_child(
-    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'garbage'], [])))",
-    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
-    stage=VAN,
-)
-
-
 async def test_vanilla_proofs_every_snark_child_refuses_are_made_again_by_another_vanilla_child():
-    children = [
-        spec(BAD_VANILLA, stage=VAN),
-        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
-    ]
+    children = one_bad_vanilla_child()
     tasks = [window_task(miner=m) for m in range(1, 5)]
     async with open_supervisor(children) as sup:
         await sup.wait_ready("window_post", 2)

@@ -15,7 +15,13 @@ import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
 from helpers.scheduling import GATED_CHILD, Gate
-from helpers.supervisor import builtin_child, dext_child, spec, window_task
+from helpers.supervisor import (
+    builtin_child,
+    dext_child,
+    one_bad_vanilla_child,
+    spec,
+    window_task,
+)
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
@@ -32,12 +38,6 @@ from damocles_ext.tasks import (
 VAN, SNARK = "window_post_vanilla", "window_post_snark"
 SNARK_OK = WindowPoStOutput(proofs=[b"ok"], faults=[])  # a gated SNARK child's, joined
 
-# Vanilla proofs of the right shape that prove nothing: every SNARK child refuses them.
-BAD_VANILLA = dext_child(
-    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'garbage'], [])))",
-    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
-    stage=VAN,
-)
 
 # A SNARK child whose GPU fails miner 1's proofs only; it proves the others (the echo SNARK).
 SNARK_FAILING_MINER_1 = dext_child(
@@ -104,12 +104,7 @@ async def test_snark_children_are_not_benched_for_vanilla_proofs_that_every_one_
     # the vanilla child's fault: the SNARK child that did not prove the second proofs must not
     # be benched for them (a benched sibling leaves one SNARK child to refuse the next bad
     # proofs, and one SNARK child's error is the answer: requests failed that could be proved).
-    children = [
-        spec(BAD_VANILLA, stage=VAN),
-        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
-    ]
+    children = one_bad_vanilla_child()
     async with open_supervisor(children) as sup:
         await sup.wait_ready("window_post", 2)
         results = await prove_all(sup, [1] * 16)
@@ -122,12 +117,7 @@ async def test_a_vanilla_child_whose_proofs_no_snark_child_takes_is_benched():
     # Its proofs look like proofs to the book: they count when the SNARK step judged them.
     # Refused by both SNARK children three times in a row while the other vanilla child's
     # proofs were proved for the same miner, it is benched, and the rest go to the other.
-    children = [
-        spec(BAD_VANILLA, stage=VAN),
-        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK),
-        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
-    ]
+    children = one_bad_vanilla_child()
     async with open_supervisor(children) as sup:
         await sup.wait_ready("window_post", 2)
         outputs = [await sup.submit(window_task(miner=1)) for _ in range(12)]

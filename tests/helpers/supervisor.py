@@ -167,6 +167,26 @@ def _fake_child(template: str, handle: str, setup: str, stage: str, indent: int)
     return [PY, "-u", "-c", code]
 
 
+# A split WindowPoSt vanilla child whose answers have the right shape and prove nothing (every
+# SNARK step refuses them).
+BAD_VANILLA = dext_child(
+    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'garbage'], [])))",
+    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
+    stage="window_post_vanilla",
+)
+
+
+def one_bad_vanilla_child() -> list[ChildSpec]:
+    """Split WindowPoSt children: BAD_VANILLA and a good (`echo`) vanilla child, two SNARK."""
+    van, snark = "window_post_vanilla", "window_post_snark"
+    return [
+        spec(BAD_VANILLA, stage=van),
+        spec(builtin_child(van, "echo"), stage=van, index=1),
+        spec(builtin_child(snark, "echo"), stage=snark),
+        spec(builtin_child(snark, "echo"), stage=snark, index=1),
+    ]
+
+
 def child_stats(sup, name: str = "window_post#0"):
     """The `ChildStats` of the child called `name` in `sup.statistics()`."""
     return next(c for c in sup.statistics().children if c.name == name)
