@@ -313,9 +313,8 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
     sup = SimpleNamespace(
         _submit_waiter=submit_waiter,
         _children={"A": child("A", VAN), "B": child("B", VAN), "S0": child("S0", SNARK)},
-        _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker), judged=None),
+        _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker)),
         _now=lambda: 0.0,
-        _tell=lambda *args, **kwargs: None,
         shutting_down=False,
     )
     with pytest.raises(ProverError, match="before that"):

@@ -110,23 +110,7 @@ async def test_snark_children_are_not_benched_for_vanilla_proofs_that_every_one_
         results = await prove_all(sup, [1] * 16)
         benched = set(sup._book.scheduler.breaker.suspects)
     assert results == [echo_output(window_task(miner=1))] * 16
-    assert not {name for name in benched if name.startswith(SNARK)}, benched
-
-
-async def test_a_vanilla_child_whose_proofs_no_snark_child_takes_is_benched():
-    # Its proofs look like proofs to the book: they count when the SNARK step judged them.
-    # Refused by both SNARK children three times in a row while the other vanilla child's
-    # proofs were proved for the same miner, it is benched, and the rest go to the other.
-    children = one_bad_vanilla_child()
-    async with open_supervisor(children) as sup:
-        await sup.wait_ready("window_post", 2)
-        outputs = [await sup.submit(window_task(miner=1)) for _ in range(12)]
-        stats = {c.name: c for c in sup.statistics().children}
-    assert outputs == [echo_output(window_task(miner=1))] * 12
-    # Ties go to the first child: the bad one made the first three, then was benched.
-    assert stats[f"{VAN}#0"].done == 3 and stats[f"{VAN}#0"].benched_for is not None
-    assert stats[f"{VAN}#1"].done == 12
-    assert not any(stats[name].benched_for for name in (f"{SNARK}#0", f"{SNARK}#1"))
+    assert benched == set()
 
 
 def test_the_breaker_compares_a_snark_step_with_its_own_retry_not_the_miners_other_proofs():

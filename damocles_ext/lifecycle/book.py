@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..scheduling.policy import ChildSlots
-from ..stages import WINDOW_POST_SPLIT
 from ..tasks import Output, Task, output_problem, stage_of
 from .effects import Effect, Note, ReportProgress
 from .records import (
@@ -49,8 +48,6 @@ from .records import (
     TrackedRequest,
 )
 from .rules import BookRules
-
-VANILLA_STEP = WINDOW_POST_SPLIT[0]
 
 
 class RequestBook(BookRules):
@@ -283,9 +280,7 @@ class RequestBook(BookRules):
                 said = f"answered with {wrong}"
                 what = f"{process.who} {said}"
             if what is None:
-                # A vanilla step's proofs count once its SNARK step judged them (`judged`).
-                ok = None if req.stage == VANILLA_STEP else False
-                if not self.scheduler.finished(attempt.attempt_id, now, failed=ok) and ok is False:
+                if not self.scheduler.finished(attempt.attempt_id, now, failed=False):
                     self.scheduler.breaker.count_late(child, req.breaker_key, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
@@ -432,19 +427,6 @@ class RequestBook(BookRules):
         return self._catch_up(now, out)
 
     # -- shutting down ----------------------------------------------------------------------
-
-    def judged(
-        self, child: str, key: int, failed: bool, now: float, *, out: list[Effect] | None = None
-    ) -> list[Effect]:
-        """The SNARK step judged the vanilla proofs `child` made for miner `key`: proved them
-        (failed False; or they were faults, with no SNARK step), or refused them (failed True:
-        two SNARK children or more did). A vanilla step's answer counts for the breaker only
-        then: proofs that prove nothing look like proofs to the book."""
-        out = [] if out is None else out
-        if child in self._children:
-            self.scheduler.breaker.count_late(child, key, failed, now)
-            self._bench_news(now, out)
-        return out
 
     def shutdown(self, now: float, *, out: list[Effect] | None = None) -> list[Effect]:
         """Stop: queued requests fail now, nothing lost from here on is retried; running ones

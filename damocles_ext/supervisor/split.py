@@ -11,10 +11,6 @@ which has its own attempts. One SNARK child's error is no such evidence (a GPU's
 far more common, and running the vanilla step again would read every challenged sector again for
 nothing). A SNARK step's error names the vanilla child whose proofs it had; the answer after
 several rounds says what each said.
-
-For the breaker, a vanilla step's proofs count when their SNARK step judged them: proved (or
-faults, with no SNARK step) or refused by two SNARK children or more, the vanilla child's error.
-A vanilla child whose proofs prove nothing is benched as a child failing every request is.
 """
 
 from __future__ import annotations
@@ -55,25 +51,21 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             raise _with_earlier(waiter.error, earlier)
         vanilla = waiter.output
         assert isinstance(vanilla, WindowPoStVanillaOutput)  # the book checks the stage
-        made_by = waiter.tracked.child or "?"
         if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
-            _judged(sup, made_by, task, False)
             return WindowPoStOutput(proofs=[], faults=vanilla.faults)
+        made_by = waiter.tracked.child or "?"
         rounds += 1
         if rounds == 1 and made_by in sup._children:
             budget = sup._children[made_by].spec.max_attempts
         snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
         if snark.error is None:
             assert isinstance(snark.output, WindowPoStSnarkOutput)
-            _judged(sup, made_by, task, False)
             return join_window_post(vanilla, snark.output)
         refused_by = snark.tracked.avoid or frozenset()  # the SNARK children that said an error
         if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
             raise _with_earlier(snark.error, earlier)
         error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
         avoid |= {made_by}
-        if len(refused_by) >= 2:  # evidence against the proofs: the vanilla child's error
-            _judged(sup, made_by, task, True)
         if len(refused_by) < 2 or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
             raise _with_earlier(error, earlier)
         earlier.append(
@@ -92,12 +84,6 @@ def _vanilla_again(sup: Supervisor, avoid: frozenset[str], deadline: float | Non
         c.spec.stage == VANILLA and c.name not in avoid and breaker.can_serve(c.name, now)
         for c in sup._children.values()
     )
-
-
-def _judged(sup: Supervisor, made_by: str, task: WindowPoSt, failed: bool) -> None:
-    """Tell the breaker what became of `made_by`'s vanilla proofs (RequestBook.judged)."""
-    if made_by in sup._children:
-        sup._tell(sup._book.judged, made_by, task.miner_id, failed, sup._now())
 
 
 def _with_earlier(error: ProverError, earlier: list[str]) -> ProverError:
