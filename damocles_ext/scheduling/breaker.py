@@ -18,7 +18,8 @@ one job at a time until it answers one with a proof, which ends its streak; an e
 again at once, for longer (the sibling's proof that benched it still counts, unless that sibling
 has proved for more than 256 miners since and forgot it), and that bench outlasts restarts: a
 prover that fails and exits each time is restarted a second later. Errors in a row count across
-processes (a proof ends them), but a fresh process is benched by its own errors only. A child
+processes (a proof ends them), but a sibling's later proof for a key only its predecessor failed
+does not bench a fresh process (its own next error, with the old ones, does). A child
 alone in its stage, or whose siblings are all benched or FATAL, is chosen as before: a proof
 that may fail beats none.
 """

@@ -49,7 +49,8 @@ The rules, in one place:
   goes to none of them while another of its stage is neither FATAL nor benched: it waits for one
   (reserving only its locks), keeping its place, while the jobs behind it go on.
 * Failing children. A child that answers request after request with an error while a sibling
-  proves for the same miner (Job.key) is benched, then on probation: see `breaker.py`.
+  proves for the same key (Job.key: the miner; a split WindowPoSt's SNARK step, the step itself)
+  is benched, then on probation: see `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """

@@ -9,8 +9,10 @@ refused, while another vanilla child can serve, the deadline allows, and rounds 
 vanilla step's MaxAttempts (of the child that made the first proofs) bounds the rounds, each of
 which has its own attempts. One SNARK child's error is no such evidence (a GPU's own fault is
 far more common, and running the vanilla step again would read every challenged sector again for
-nothing). A SNARK step's error names the vanilla child whose proofs it had; the answer after
-several rounds says what each said.
+nothing). A SNARK step a SNARK child answered with an error names the vanilla child whose proofs
+it had; the answer after several rounds says what each said. The vanilla child is not blamed:
+its step counted as a proof when it answered (see the breaker's key for the SNARK step in
+lifecycle/records.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProverError
+from ..stages import WINDOW_POST_SPLIT
 from ..tasks import (
     WindowPoSt,
     WindowPoStOutput,
@@ -33,7 +36,7 @@ from ..tasks import (
 if TYPE_CHECKING:
     from .core import Supervisor
 
-VANILLA = "window_post_vanilla"
+VANILLA = WINDOW_POST_SPLIT[0]
 # "request 12 (window_post_snark): " or "request 12 (window_post_snark) ": the book's label.
 _LABEL = re.compile(r"^request \d+ \([a-z_]+\):? ?")
 
