@@ -48,9 +48,8 @@ The rules, in one place:
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
   goes to none of them while another of its stage is neither FATAL nor benched: it waits for one
   (reserving only its locks), keeping its place, while the jobs behind it go on.
-* Failing children. A child that answers request after request with an error while a sibling
-  proves for the same key (Job.key: the miner; a split WindowPoSt's SNARK step, the step itself)
-  is benched, then on probation: see `breaker.py`.
+* Failing children. A child erring request after request while a sibling proves for the same
+  key (Job.key: the miner, or a SNARK step itself) is benched, then on probation: `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
   jobs fail at once. A child that is down but restarting still counts: jobs wait for it.
 """
