@@ -22,6 +22,7 @@ from helpers.supervisor import (
     builtin_child,
     one_bad_vanilla_child,
     spec,
+    wait_until,
     window_task,
 )
 
@@ -315,6 +316,7 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
         _children={"A": child("A", VAN), "B": child("B", VAN), "S0": child("S0", SNARK)},
         _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker)),
         _now=lambda: 0.0,
+        _dispatched=lambda waiter, child: None,
         shutting_down=False,
     )
     with pytest.raises(ProverError, match="before that"):
@@ -486,3 +488,30 @@ def test_the_children_of_a_window_post_include_the_split_steps():
     assert child_stages("window_post") == {"window_post", VAN, SNARK}
     assert child_stages("winning_post") == {"winning_post"}
     assert child_stages(VAN) == {VAN}
+
+
+async def test_a_request_between_its_steps_is_dispatched_to_no_child_until_its_snark_step_is():
+    """Its vanilla child is done with it: on_dispatch says None (what `damocles-ext worker`'s
+    status shows as the job's child) until a SNARK child takes the SNARK step, not the vanilla
+    child it left (idle, or proving another job's vanilla step, while the job waited for a GPU)."""
+    children = [
+        spec([*builtin_child(VAN, "echo"), "--capacity", "2"], stage=VAN, concurrent=2),
+        spec(builtin_child(SNARK, "sleep", "seconds=30", "progress_interval=0.05"), stage=SNARK),
+    ]
+    seen: dict[int, list[str | None]] = {1: [], 2: []}
+    async with open_supervisor(children, shutdown_grace=0.1) as sup:
+        await sup.wait_ready("window_post")
+        async with trio.open_nursery() as nursery:
+            for m in (1, 2):
+                nursery.start_soon(
+                    lambda m=m: sup.submit(window_task(miner=m), on_dispatch=seen[m].append)
+                )
+            await wait_until(
+                lambda: sup.statistics().stages[SNARK].queued == 1 and all(seen.values()),
+                20,
+                "one SNARK step running, the other queued",
+            )
+            nursery.cancel_scope.cancel()
+    waiting = [m for m in (1, 2) if seen[m][-1] != f"{SNARK}#0"]
+    assert len(waiting) == 1, seen
+    assert seen[waiting[0]] == [f"{VAN}#0", None], seen

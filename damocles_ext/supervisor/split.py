@@ -60,6 +60,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
         rounds += 1
         if rounds == 1 and made_by in sup._children:
             budget = sup._children[made_by].spec.max_attempts
+        sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
         snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
         if snark.error is None:
             assert isinstance(snark.output, WindowPoStSnarkOutput)
