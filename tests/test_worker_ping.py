@@ -148,3 +148,36 @@ def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplo
     assert len(messages) == 2
     assert "about 10 s behind the manager's" in messages[0] and "late, past" in messages[0]
     assert messages[1] == "this machine's clock agrees with the manager's again"
+
+
+async def test_a_split_workers_ping_counts_a_snark_child_that_is_down_among_its_errors(tmp_path):
+    # One of its two GPUs' SNARK children gave up: the manager's worker list must show the
+    # worker's error (as damocles-worker's Errors), though its slots are the vanilla children's.
+    from test_worker import crashing_table
+
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    config = (
+        plugin_block("WdPostVanilla", "echo")
+        + plugin_block("WdPostSnark", "echo")
+        + crashing_table("WdPostSnark", "no GPU")
+    )
+    worker = Worker(rig.settings(children(tmp_path, config), ping_interval=0.05))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(
+                    lambda: (
+                        [c.state for c in worker.supervisor.statistics().children]
+                        == ["ready", "ready", "stopped"]
+                    )
+                )
+                seen = worker.counters.pings
+                await worker.wait_for(lambda: worker.counters.pings >= seen + 2)
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    [info] = rig.coordinator.pings[-1]
+    assert (info["Summary"]["Threads"], info["Summary"]["Errors"]) == (1, 1), info

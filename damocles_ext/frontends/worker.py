@@ -61,6 +61,7 @@ from ..jobs.worker_rules import (
     ready_slots,
     window_post_task,
 )
+from ..stages import WINDOW_POST_SPLIT
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
@@ -561,8 +562,9 @@ class Worker:
         limit = self.settings.max_jobs
         return capacity if limit is None else min(capacity, limit)
 
-    def _children_down(self) -> int:
-        return sum(c.state not in UP for c in self._pool())
+    def _children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
+        down = [c for c in self.supervisor.statistics().children if c.state not in UP]
+        return sum(c.stage in SLOT_STAGES or c.stage in WINDOW_POST_SPLIT for c in down)
 
     async def _heartbeat_loop(self) -> None:
         while True:
