@@ -247,6 +247,16 @@ async def test_vanilla_proofs_every_snark_child_refuses_are_made_again_by_anothe
     assert done[f"{VAN}#1"] == len(tasks), done
 
 
+async def failing_split(children, ready: int) -> tuple[str, dict[str, int]]:
+    """One split WindowPoSt through `children` once `ready` of them serve window_post: the error it
+    fails with, and how many proofs each child made."""
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", ready)
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())
+        return str(excinfo.value), {c.name: c.done for c in sup.statistics().children}
+
+
 async def test_one_snark_childs_error_names_whose_vanilla_proofs_it_had_and_runs_nothing_again():
     # One SNARK child's error is no evidence against the vanilla proofs (a GPU's own fault is
     # far more common): the error is the answer, and says which vanilla child made the proofs.
@@ -255,12 +265,7 @@ async def test_one_snark_childs_error_names_whose_vanilla_proofs_it_had_and_runs
         spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
         spec(builtin_child(SNARK, "echo"), stage=SNARK),
     ]
-    async with open_supervisor(children) as sup:
-        await sup.wait_ready("window_post", 1)
-        with pytest.raises(ProverError) as excinfo:
-            await sup.submit(window_task())
-        done = {c.name: c.done for c in sup.statistics().children}
-    message = str(excinfo.value)
+    message, done = await failing_split(children, ready=1)
     assert message.startswith("request ") and f"({SNARK}) failed on {SNARK}#0" in message
     assert message.endswith(f"; its vanilla proofs came from {VAN}#0"), message
     assert done == {f"{VAN}#0": 1, f"{VAN}#1": 0, f"{SNARK}#0": 0}
@@ -275,12 +280,7 @@ async def test_vanilla_proofs_no_snark_child_takes_run_again_at_most_maxattempts
         spec(builtin_child(SNARK, "echo"), stage=SNARK),
         spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1),
     ]
-    async with open_supervisor(children) as sup:
-        await sup.wait_ready("window_post", 2)
-        with pytest.raises(ProverError) as excinfo:
-            await sup.submit(window_task())
-        done = {c.name: c.done for c in sup.statistics().children}
-    message = str(excinfo.value)
+    message, done = await failing_split(children, ready=2)
     first, second = (f"{VAN}#0", f"{VAN}#1") if done[f"{VAN}#0"] == 1 else (f"{VAN}#1", f"{VAN}#0")
     assert f"its vanilla proofs came from {second}; before that, the SNARK step of the" in message
     assert f"vanilla proofs from {first}: " in message and message.count("before that") == 1
@@ -350,17 +350,25 @@ async def test_shutdown_lets_a_split_request_in_its_vanilla_step_take_its_snark_
     ]
 
 
+def gated_snark(tmp_path, vanilla_slots: int):
+    """An echo vanilla child with `vanilla_slots`, and a SNARK child that answers each step when
+    its gate is released: (its log, the gate, the children)."""
+    log = tmp_path / "log"
+    log.touch()
+    gate = Gate(tmp_path / "snark")
+    vanilla = [*builtin_child(VAN, "echo"), "--capacity", str(vanilla_slots)]
+    children = [
+        spec(vanilla, stage=VAN, concurrent=vanilla_slots),
+        gated(tmp_path, SNARK, 0, gate, log),
+    ]
+    return log, gate, children
+
+
 async def test_shutdown_lets_a_snark_step_waiting_for_its_child_take_it(tmp_path, recorder):
     """A request whose vanilla step is done and whose SNARK step waits for the busy GPU when
     shutdown begins is in flight, as one still in its vanilla step is: it gets the grace."""
     rec, pm = recorder
-    log = tmp_path / "log"
-    log.touch()
-    gate = Gate(tmp_path / "snark")
-    children = [
-        spec([*builtin_child(VAN, "echo"), "--capacity", "2"], stage=VAN, concurrent=2),
-        gated(tmp_path, SNARK, 0, gate, log),
-    ]
+    _, gate, children = gated_snark(tmp_path, vanilla_slots=2)
     results: dict[int, object] = {}
     try:
         async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
@@ -405,13 +413,7 @@ async def test_echo_steps_join_to_the_whole_echo_answer():
 async def test_snark_steps_start_by_deadline_as_the_gpu_frees(tmp_path, recorder):
     """Vanilla steps finish in any order; the SNARK child takes them earliest deadline first."""
     rec, pm = recorder
-    log = tmp_path / "log"
-    log.touch()
-    gate = Gate(tmp_path / "snark")
-    children = [
-        spec([*builtin_child(VAN, "echo"), "--capacity", "4"], stage=VAN, concurrent=4),
-        gated(tmp_path, SNARK, 0, gate, log),
-    ]
+    log, gate, children = gated_snark(tmp_path, vanilla_slots=4)
     try:
         async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
             await sup.wait_ready("window_post")

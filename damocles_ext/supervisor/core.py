@@ -258,7 +258,7 @@ class Supervisor:
             raise UsageError(f"request {next(self._rids)} {problem}")
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
-            return await self._submit_one(task, *how)
+            return (await self._submit_waiter(task, *how)).result()
         # To the caller a split WindowPoSt is one request: one in flight when shutdown begins may
         # still take its SNARK step within the shutdown grace, and _drain waits for it between
         # the two steps too.
@@ -268,20 +268,6 @@ class Supervisor:
         finally:
             self._split_in_flight -= 1
             self._notify()
-
-    async def _submit_one(
-        self,
-        task: Task,
-        deadline: float | None,
-        priority: int,
-        on_progress: Callable[[Progress], None] | None,
-        on_dispatch: Callable[[str | None], None] | None,
-    ) -> Output:
-        waiter = await self._submit_waiter(task, deadline, priority, on_progress, on_dispatch)
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.output is not None
-        return waiter.output
 
     async def _submit_waiter(
         self,

@@ -74,6 +74,13 @@ class Waiter(Parked):
         """Answered: the book resolved it (its Resolve is carried out before anything awaits)."""
         return self.tracked.done
 
+    def result(self) -> Output:
+        """The output of an answered request; raises its error."""
+        if self.error is not None:
+            raise self.error
+        assert self.output is not None
+        return self.output
+
     def answer(self) -> None:
         """The output or error is set: wake the caller, or call its `on_done`."""
         on_done = None if self.waited_on else self.on_done
