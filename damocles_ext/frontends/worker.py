@@ -61,7 +61,7 @@ from ..jobs.worker_rules import (
     ready_slots,
     window_post_task,
 )
-from ..stages import WINDOW_POST_SPLIT
+from ..stages import child_stages
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
@@ -563,8 +563,9 @@ class Worker:
         return capacity if limit is None else min(capacity, limit)
 
     def _children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
-        down = [c for c in self.supervisor.statistics().children if c.state not in UP]
-        return sum(c.stage in SLOT_STAGES or c.stage in WINDOW_POST_SPLIT for c in down)
+        stages = child_stages("window_post")
+        children = self.supervisor.statistics().children
+        return sum(c.stage in stages and c.state not in UP for c in children)
 
     async def _heartbeat_loop(self) -> None:
         while True:

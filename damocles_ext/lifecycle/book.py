@@ -280,8 +280,7 @@ class RequestBook(BookRules):
                 said = f"answered with {wrong}"
                 what = f"{process.who} {said}"
             if what is None:
-                if not self.scheduler.finished(attempt.attempt_id, now, failed=False):
-                    self.scheduler.breaker.count_late(child, req.breaker_key, False, now)
+                self._answered(attempt, child, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
                 c.done += 1

@@ -277,8 +277,7 @@ class BookRules:
         benched, it runs again there (a second opinion: damocles-manager gives up a partition
         batch on an error); else this is its answer."""
         req = attempt.request
-        if not self.scheduler.finished(attempt.attempt_id, now, failed=True):  # child going down
-            self.scheduler.breaker.count_late(c.name, req.breaker_key, True, now)
+        self._answered(attempt, c.name, True, now)
         self._bench_news(now, out)
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
@@ -298,6 +297,14 @@ class BookRules:
             self._resolve(req, out, now, error=self._describe_failure(req, what))
         else:
             self._resolve(req, out, now, error=why)
+
+    def _answered(self, attempt: Attempt, child: str, failed: bool, now: float) -> None:
+        """The scheduler frees `attempt`'s slot and counts its answer (an error, or a proof) for
+        the breaker; an answer read after its child began to go down (the scheduler dropped the
+        job with it) is counted here: a prover that answers and exits is often seen exiting
+        first."""
+        if not self.scheduler.finished(attempt.attempt_id, now, failed=failed):
+            self.scheduler.breaker.count_late(child, attempt.request.breaker_key, failed, now)
 
     def _bench_news(self, now: float, out: list[Effect]) -> None:
         """Say which children the scheduler's breaker just benched, and why."""

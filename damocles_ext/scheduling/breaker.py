@@ -135,8 +135,7 @@ class ChildBreaker:
         """`count` for an answer read after its child began to go down (the scheduler dropped
         the job with it): a prover that answers an error and exits is often seen exiting
         first."""
-        if failed or self.erring:
-            self.count(self._children[child_id], key, failed, now)
+        self.count(self._children[child_id], key, failed, now)
 
     def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id

@@ -20,8 +20,8 @@ one-shot command): FATAL is final, the child is not started again, and a caller 
 months): a FATAL child is started again every `cap` seconds (with jitter, never above it), so a
 cause that passes (a GPU driver not loaded yet at boot) ends it without a restart of
 damocles-ext, at the cost of a few log lines a minute per broken child (its failed start, the
-FATAL and when it is tried next); it stays FATAL for its
-stage (requests fail at once with why) until a start succeeds.
+FATAL and when it is tried next); it stays FATAL for its stage (requests fail at once with why)
+until a start succeeds.
 
 Times are floats on a clock the caller chooses; randomness comes from the `random.Random` passed
 in, so a seeded generator gives a reproducible sequence in tests.
