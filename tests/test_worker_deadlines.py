@@ -22,11 +22,15 @@ async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_pa
     kids = children(
         tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 3
     )
-    worker = Worker(rig.settings(kids, shutdown_grace=0.2))
-    ends = time.time() + 2.0
-    late = [(await rig.jobs.create(job_input(seed=n), not_after=ends))[0] for n in range(3)]
+    # It asks for jobs every 0.05 s while it has a free slot: the jobs, made once its three
+    # children are ready (a loaded machine starts them slowly), are all taken before their
+    # deadline.
+    worker = Worker(rig.settings(kids, shutdown_grace=0.2, idle_poll=0.05))
     try:
         async with serving(rig, worker):
+            await worker.supervisor.wait_ready("window_post", 3)
+            ends = time.time() + 2.0
+            late = [(await rig.jobs.create(job_input(seed=n), not_after=ends))[0] for n in range(3)]
             await worker.wait_for(lambda: all(j.Id in worker.held for j in late))
             await worker.wait_for(lambda: not any(j.Id in worker.held for j in late))
             assert worker.counters.pauses == 0
