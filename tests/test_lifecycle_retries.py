@@ -118,44 +118,101 @@ def test_a_retry_whose_deadline_passes_in_the_queue_says_it_was_not_sent_again()
     assert "not sent to a prover" not in res.error
 
 
+def _gpus_shared_with_a_lower_stage(retried: str, incremental: bool) -> Scheduler:
+    """Children w1 (lock g0) and w2 (g1) of stage `retried`, and p1 (g0, 2 slots) and p2 (g1)
+    of a stage served after it; w1 took job 1 and p2 job 2 (holding g1), then w1 failed job 1,
+    which is queued again as job 3, avoiding w1."""
+    lower = "window_post_vanilla"  # served after window_post and winning_post
+    s = Scheduler(incremental=incremental)
+    for cid, stage, lock, cap in (
+        ("w1", retried, "g0", 1),
+        ("w2", retried, "g1", 1),
+        ("p1", lower, "g0", 2),
+        ("p2", lower, "g1", 1),
+    ):
+        s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
+        s.child_ready(cid, 0.0)
+    s.submit(Job(1, retried, 0.0), 0.0)
+    assert s.decide(0.0) == [Start(1, "w1")]
+    s.submit(Job(2, lower, 0.0), 0.0)
+    assert s.decide(0.0) == [Start(2, "p2")]  # g0 is w1's: p2 holds g1, w2 waits for it
+    s.finished(1, 1.0, failed=True)
+    s.requeue(Job(3, retried, 0.0, avoid=frozenset({"w1"})), 1.0)
+    s.submit(Job(4, lower, 1.0), 1.0)
+    return s
+
+
 def test_a_waiting_retry_reserves_no_lock_of_the_child_it_avoids():
-    # A WinningPoSt retry that avoids w1 waits for w2 (lock g1): w1's lock g0 is not kept from
-    # the WindowPoSt child that shares it.
+    # A WindowPoSt retry that avoids w1 waits for w2 (lock g1): w1's lock g0 is not kept from
+    # the child of the lower stage that shares it.
+    for incremental in (True, False):
+        s = _gpus_shared_with_a_lower_stage(WD, incremental)
+        assert s.decide(1.0) == [Start(4, "p1")]
+        s.submit(Job(5, "window_post_vanilla", 2.0), 2.0)
+        assert s.decide(2.0) == [Start(5, "p1")]
+        assert s.statistics().waiting_for_lock == {WD: ("g1",)}
+
+
+def test_a_winning_post_retry_no_other_child_can_start_now_goes_back_to_the_one_it_avoids():
+    # Its block has about 20 s: waiting for w2, whose GPU another stage holds for minutes, would
+    # miss it, while w1 (whose error may well have been passing) sits idle.
+    for incremental in (True, False):
+        s = _gpus_shared_with_a_lower_stage("winning_post", incremental)
+        assert s.decide(1.0) == [Start(3, "w1")]  # job 4 waits: g0 is w1's now
+        s.finished(3, 2.0)
+        assert s.decide(2.0) == [Start(4, "p1")]
+
+
+def test_a_winning_post_retry_goes_to_a_child_it_does_not_avoid_when_one_can_start_now():
+    for incremental in (True, False):
+        s = Scheduler(incremental=incremental)
+        for cid in ("w1", "w2"):
+            s.add_child(ChildSlots(cid, "winning_post", 1))
+            s.child_ready(cid, 0.0)
+        s.requeue(Job(1, "winning_post", 0.0, avoid=frozenset({"w1"})), 0.0)
+        assert s.decide(0.0) == [Start(1, "w2")]
+
+
+def test_a_winning_post_retry_no_child_can_start_reserves_the_locks_of_those_it_avoids_too():
+    # It may go to any of them: p1, which holds w1's lock g0, takes no more work meanwhile.
+    lower = "window_post_vanilla"
     for incremental in (True, False):
         s = Scheduler(incremental=incremental)
         for cid, stage, lock, cap in (
             ("w1", "winning_post", "g0", 1),
             ("w2", "winning_post", "g1", 1),
-            ("p1", WD, "g0", 2),
-            ("p2", WD, "g1", 1),
+            ("p1", lower, "g0", 2),
+            ("p2", lower, "g1", 1),
         ):
             s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
             s.child_ready(cid, 0.0)
         s.submit(Job(1, "winning_post", 0.0), 0.0)
-        assert s.decide(0.0) == [Start(1, "w1")]
-        s.submit(Job(2, WD, 0.0), 0.0)
-        assert s.decide(0.0) == [Start(2, "p2")]  # g0 is w1's: p2 holds g1, w2 waits for it
+        s.submit(Job(2, lower, 0.0), 0.0)
+        assert s.decide(0.0) == [Start(1, "w1"), Start(2, "p2")]  # p2 holds g1
         s.finished(1, 1.0, failed=True)
-        s.requeue(Job(3, "winning_post", 0.0, avoid=frozenset({"w1"})), 1.0)  # waits for w2
-        s.submit(Job(4, WD, 1.0), 1.0)
-        assert s.decide(1.0) == [Start(4, "p1")]
-        s.submit(Job(5, WD, 2.0), 2.0)
-        assert s.decide(2.0) == [Start(5, "p1")]
-        assert s.statistics().waiting_for_lock == {"winning_post": ("g1",)}
+        s.submit(Job(5, lower, 1.0), 1.0)
+        assert s.decide(1.0) == [Start(5, "p1")]  # p1 holds g0
+        s.requeue(Job(3, "winning_post", 0.0, avoid=frozenset({"w1"})), 1.5)
+        s.submit(Job(4, lower, 1.5), 1.5)
+        assert s.decide(1.5) == []  # not job 4 on p1: g0 is kept for the retry
+        assert s.statistics().waiting_for_lock == {"winning_post": ("g0", "g1")}
+        s.finished(5, 2.0)
+        assert s.decide(2.0) == [Start(3, "w1")]
 
 
 def _retry_behind_a_start_that_fills_the_only_child(incremental: bool) -> list:
+    lower = "window_post_vanilla"  # served after window_post
     s = Scheduler(incremental=incremental)
-    s.add_child(ChildSlots("c", "winning_post", 1))  # no lock
-    s.add_child(ChildSlots("d", "winning_post", 1, 1, frozenset({"L"})))
-    s.add_child(ChildSlots("e", WD, 2, 1, frozenset({"L"})))
+    s.add_child(ChildSlots("c", WD, 1))  # no lock
+    s.add_child(ChildSlots("d", WD, 1, 1, frozenset({"L"})))
+    s.add_child(ChildSlots("e", lower, 2, 1, frozenset({"L"})))
     for cid in ("c", "d", "e"):
         s.child_ready(cid, 0.0)
-    s.submit(Job(1, WD, 0.0), 0.0)
+    s.submit(Job(1, lower, 0.0), 0.0)
     assert s.decide(0.0) == [Start(1, "e")]  # e holds L
-    s.submit(Job(2, "winning_post", 1.0, deadline=100.0), 1.0)  # to c (d waits for L)
-    s.requeue(Job(3, "winning_post", 1.0, avoid=frozenset({"d"})), 1.0)  # d failed it
-    s.submit(Job(4, WD, 1.0), 1.0)
+    s.submit(Job(2, WD, 1.0, deadline=100.0), 1.0)  # to c (d waits for L)
+    s.requeue(Job(3, WD, 1.0, avoid=frozenset({"d"})), 1.0)  # d failed it
+    s.submit(Job(4, lower, 1.0), 1.0)
     return s.decide(1.0)
 
 

@@ -47,7 +47,9 @@ The rules, in one place:
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
   goes to none of them while another of its stage is neither FATAL nor benched: it waits for one
-  (reserving only its locks), keeping its place, while the jobs behind it go on.
+  (reserving only its locks), keeping its place, while the jobs behind it go on. A WinningPoSt
+  (`URGENT`: its block has about 20 s) waits for none: when no other child can start it now, it
+  goes to one it avoids that can, and reserves the locks of all.
 * Failing children. A child erring request after request while a sibling proves for the same
   key (Job.key: the miner, or a SNARK step itself) is benched, then on probation: `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
@@ -95,6 +97,8 @@ from .queues import FRESH, RETRY, JobQueues
 #: Stages served first at every decision; other stages follow in name order.
 STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
+#: The stage whose jobs that avoid children go back to one of them rather than wait (see "Errors").
+URGENT = "winning_post"
 #: Progress phases that mean "the request is now using the GPU" (its SNARK).
 GPU_PHASES: frozenset[str] = frozenset({"snark"})
 #: How a deadline's Fail ends (the book says "not sent again" of a retry).
@@ -145,8 +149,7 @@ class Scheduler:
         self._children: dict[str, _Child] = {}
         self._by_stage: dict[str, list[_Child]] = {}
         # The stages' queues (queues.py). A job's order ends with its arrival, which a retry
-        # keeps, so no per-request state outlives the request here (a job failed or lost with
-        # its child leaves nothing behind).
+        # keeps: no per-request state outlives the request (nor a job lost with its child).
         self._queues = JobQueues()
         self._queued = self._queues.queued  # request id -> (token, job)
         self._queue_len = self._queues.length  # live jobs per stage
@@ -185,10 +188,8 @@ class Scheduler:
         self._touch(child.info.stage)
 
     def child_down(self, child_id: str, now: float) -> list[Job]:
-        """The child exited or broke: it takes nothing more; returns the jobs it was running.
-
-        Their slots and locks are freed; the caller retries them with `requeue` or fails them.
-        """
+        """The child exited or broke: it takes nothing more; returns the jobs it was running
+        (their slots and locks freed: the caller retries them with `requeue` or fails them)."""
         child = self._child(child_id)
         child.ready = False
         child.quick = 0
@@ -197,10 +198,8 @@ class Scheduler:
         return self._drop_running(child)
 
     def child_fatal(self, child_id: str, now: float) -> list[Job]:
-        """The child will not be restarted; it no longer counts as able to serve its stage.
-
-        Normally `child_down` came first; any jobs still running on it are returned as there.
-        """
+        """The child will not be restarted: it no longer counts as able to serve its stage.
+        Normally `child_down` came first; jobs still running on it are returned as there."""
         child = self._child(child_id)
         child.ready = False
         child.fatal = True
@@ -530,7 +529,7 @@ class Scheduler:
         breaker = self.breaker
         for child in self._by_stage.get(stage, []):
             if child.ready and len(child.running) < child.info.capacity:
-                if avoid and child.info.child_id in avoid:
+                if avoid and child.info.child_id in avoid and stage != URGENT:
                     continue
                 if breaker.suspects and breaker.left_out(child, self._decided_at):
                     continue
@@ -572,7 +571,8 @@ class Scheduler:
                 free_at = max(now, gpu_free_at(c, self._runs_on(c)) or now)
             eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
-            return None, 0
+            # A block does not wait for another child (see "Errors").
+            return self._pick(stage, reserved, now) if avoid and stage == URGENT else (None, 0)
         if len(eligible) == 1:
             return eligible[0][2], 0  # round robin among one: its weight goes up and back down
         best_key = min((free_at, load) for free_at, load, _ in eligible)
