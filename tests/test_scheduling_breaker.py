@@ -327,3 +327,37 @@ def test_a_child_that_exits_after_each_error_is_benched_and_its_restarts_do_not_
     assert taken_by_a == [1, 1, 1, 1, 0, 0]
     assert s.breaker.streak("a").benches == 2
     assert s.breaker.leaves_out("a", now)
+
+
+def test_answers_judged_late_count_in_the_order_they_were_made():
+    # A split WindowPoSt's vanilla step is judged with its SNARK step: by then its child may
+    # have answered more, which the breaker counted first.
+    s = two()
+    breaker = s.breaker
+    a = s._children["a"]
+    for t in (1.0, 2.0):  # a: two errors, answered (and counted) at 1 and 2
+        breaker.count(a, 7, True, t)
+    breaker.count(a, 7, False, 3.0, at=0.5)  # a proof made before them ends no streak
+    assert breaker.streak("a").errors == 2
+    breaker.count(a, 7, True, 4.0, at=3.5)  # counted, in its place: the third in a row
+    assert breaker.streak("a").errors == 3
+    breaker.count(a, 7, False, 5.0, at=4.5)  # a proof made after them ends them
+    assert breaker.streak("a").errors == 0
+    breaker.count(a, 7, True, 6.0, at=4.0)  # an error made before that proof counts for nothing
+    assert breaker.streak("a").errors == 0
+    breaker.count(a, 7, True, 7.0)
+    assert breaker.streak("a").errors == 1
+
+
+def test_errors_judged_late_bench_their_child_with_a_siblings_proof_made_after_the_first():
+    # As a vanilla child's whose proofs both SNARK children refuse: its sibling's proof for the
+    # same miner, made after the first of its errors was made, is the evidence at its third.
+    s = two()
+    breaker = s.breaker
+    a, b = s._children["a"], s._children["b"]
+    for t in range(BREAKER_ERRORS):
+        breaker.count(a, 7, True, 10.0 + t, at=float(t))  # made at t, judged at 10 + t
+        if t == 0:
+            breaker.count(b, 7, False, 10.5, at=0.5)  # made after a's first error
+    last = 10.0 + BREAKER_ERRORS - 1
+    assert breaker.streak("a").benched_until == last + BENCH_FIRST

@@ -296,7 +296,7 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
 
     rounds = 0
 
-    async def submit_waiter(task, *how, in_flight=False, avoid=None):
+    async def submit_waiter(task, *how, in_flight=False, avoid=None, judged_later=False):
         nonlocal rounds
         if isinstance(task, WindowPoStVanilla):
             rounds += 1
@@ -314,9 +314,10 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
     sup = SimpleNamespace(
         _submit_waiter=submit_waiter,
         _children={"A": child("A", VAN), "B": child("B", VAN), "S0": child("S0", SNARK)},
-        _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker)),
+        _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker), judge_vanilla=None),
         _now=lambda: 0.0,
         _dispatched=lambda waiter, child: None,
+        _tell=lambda event, *args: None,
         shutting_down=False,
     )
     with pytest.raises(ProverError, match="before that"):

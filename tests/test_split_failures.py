@@ -17,6 +17,7 @@ from helpers.frontend import DEXT, ManagerLike, make_task, plugin_block, write_c
 from helpers.scheduling import GATED_CHILD, Gate
 from helpers.supervisor import (
     builtin_child,
+    child_stats,
     dext_child,
     one_bad_vanilla_child,
     spec,
@@ -110,7 +111,29 @@ async def test_snark_children_are_not_benched_for_vanilla_proofs_that_every_one_
         results = await prove_all(sup, [1] * 16)
         benched = set(sup._book.scheduler.breaker.suspects)
     assert results == [echo_output(window_task(miner=1))] * 16
-    assert benched == set()
+    assert benched <= {"window_post_vanilla#0"}  # the bad vanilla child may be; no SNARK child
+
+
+async def test_a_vanilla_child_whose_proofs_prove_nothing_is_benched_while_its_sibling_proves(
+    caplog,
+):
+    # Its steps are judged with their SNARK steps: both SNARK children refusing its proofs is an
+    # error of its own, made again by its sibling. Taking every other request, it would make
+    # bad proofs for 6 of 12 (each costing a vanilla step and two SNARK steps); benched after
+    # its third, it makes them for 3, and the rest go straight to its sibling.
+    children = one_bad_vanilla_child()
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 2)
+        for _ in range(12):
+            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        bad = child_stats(sup, "window_post_vanilla#0")
+        good = child_stats(sup, "window_post_vanilla#1")
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert benched == {"window_post_vanilla#0"}
+    assert (bad.done, good.done) == (3, 12)
+    (warning,) = [r.getMessage() for r in caplog.records if "takes no request" in r.getMessage()]
+    assert warning.startswith("window_post_vanilla#0 (pid ")
+    assert "(or with vanilla proofs two SNARK children refused)" in warning
 
 
 def test_the_breaker_compares_a_snark_step_with_its_own_retry_not_the_miners_other_proofs():

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 
 from ..scheduling.policy import ChildSlots
 from ..tasks import Output, Task, output_problem, stage_of
+from ..tasks import WindowPoStVanillaOutput as VanillaOutput
 from .effects import Effect, Note, ReportProgress
 from .records import (
     DEXT,
@@ -280,7 +281,11 @@ class RequestBook(BookRules):
                 said = f"answered with {wrong}"
                 what = f"{process.who} {said}"
             if what is None:
-                self._answered(attempt, child, False, now)
+                if req.judged_later and not (isinstance(output, VanillaOutput) and output.faults):
+                    self.scheduler.finished(attempt.attempt_id, now)  # judged with its SNARK step
+                    req.judge = (child, now)
+                else:
+                    self._answered(attempt, child, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
                 c.done += 1
@@ -382,6 +387,22 @@ class RequestBook(BookRules):
         if self._enqueue(req, now, retry=False):  # (what time brought, _catch_up decided)
             self._dispatch(now, out)
         return req, out
+
+    def judge_vanilla(
+        self, req: TrackedRequest, refused: bool, now: float, *, out: list[Effect] | None = None
+    ) -> list[Effect]:
+        """The SNARK step of the vanilla proofs split WindowPoSt step `req` made was judged:
+        `refused` by two SNARK children or more (the proofs' fault, likely), else proved, or
+        ended with nothing said of the proofs. The vanilla child's answer counts for the breaker
+        now, an error if refused, else a proof, in its place among that child's answers."""
+        out = self._catch_up(now, out)
+        judge, req.judge = req.judge, None
+        if judge is not None and judge[0] in self._children:
+            self.scheduler.breaker.count_late(judge[0], req.breaker_key, refused, now, judge[1])
+            self._bench_news(now, out)
+            if self._queued:  # a proof may end a bench
+                self._dispatch(now, out)
+        return out
 
     def unsendable(
         self, child: str, child_rid: int, now: float, error: str, *, out: list[Effect] | None = None

@@ -320,10 +320,13 @@ class BookRules:
             same = (
                 "the same vanilla proofs" if c.stage == WINDOW_POST_SPLIT[1] else "the same miner"
             )
+            answered = f"answered its last {streak.errors} requests with an error"
+            if c.stage == WINDOW_POST_SPLIT[0]:
+                answered += " (or with vanilla proofs two SNARK children refused)"
             text = (
-                f"{who} answered its last {streak.errors} requests with an error while another"
-                f" {c.stage} child proved for {same}: it takes no request {how_long}"
-                " while another child can serve them, then one at a time until it makes a proof"
+                f"{who} {answered} while another {c.stage} child proved for {same}: it takes"
+                f" no request {how_long} while another child can serve them, then one at a time"
+                " until it makes a proof"
             )
             out.append(Note("warning", text))
         news.clear()

@@ -22,6 +22,9 @@ processes (a proof ends them), but a sibling's later proof for a key only its pr
 does not bench a fresh process (its own next error, with the old ones, does). A child
 alone in its stage, or whose siblings are all benched or FATAL, is chosen as before: a proof
 that may fail beats none.
+
+Answers count in the order they were made, also when one is judged late (a split WindowPoSt's
+vanilla step, once its SNARK step is: an error when two SNARK children refused its proofs).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Streak:
     proved: dict[Hashable, float] = field(default_factory=dict)  # key -> its last proof here
     benched_until: float = -math.inf
     benches: int = 0  # benches since its last proof: > 0 is benched or on probation
+    last_error: float = -math.inf  # when the last error counted was answered
+    last_proof: float = -math.inf  # ... and the last proof, while some child errs
 
 
 @dataclass(slots=True)
@@ -88,19 +93,28 @@ class ChildBreaker:
         """The child's answers as counted here (read only)."""
         return self._children[child_id].streak
 
-    def count(self, child: _Child, key: Hashable, failed: bool, now: float) -> None:
-        """`child` answered a job of `key` with an error or a proof. (A proof while no child has
-        an error streak changes nothing: only proofs since a streak began count; the caller may
-        skip the call then.)"""
+    def count(
+        self, child: _Child, key: Hashable, failed: bool, now: float, at: float | None = None
+    ) -> None:
+        """`child` answered a job of `key` with an error or a proof, at `at` (default: now; a
+        split WindowPoSt's vanilla step is judged when its SNARK step is, after the child may
+        have answered more). Answers count in the order they were made: a proof made before the
+        last error counted ends no streak, and an error made before the last proof counts for
+        nothing. (A proof while no child has an error streak changes nothing: only proofs since
+        a streak began count; the caller may skip the call then.)"""
         streak, cid = child.streak, child.info.child_id
+        at = now if at is None else at
         if not failed:
             if not self.erring:
                 return
             proved = streak.proved
-            proved[key] = now
+            proved[key] = max(at, proved.get(key, at))
             if len(proved) > _KEYS:  # the key first proved here goes
                 del proved[next(iter(proved))]
-            if streak.errors or streak.benches:
+            streak.last_proof = max(streak.last_proof, at)
+            if at < streak.last_error:
+                pass  # made before the errors: they stay in a row
+            elif streak.errors or streak.benches:
                 streak.errors = streak.benches = 0
                 streak.failed_keys.clear()
                 streak.benched_until = -math.inf
@@ -114,8 +128,11 @@ class ChildBreaker:
                     if s.info.child_id in self.unproven and key in s.streak.failed_keys:
                         self._bench(s, now)
             return
+        if at < streak.last_proof:
+            return  # a proof made after it ended any streak it was part of
+        streak.last_error = max(streak.last_error, at)
         if streak.errors == 0:
-            streak.since = now
+            streak.since = at
             self.erring.add(cid)
         streak.errors += 1
         if len(streak.failed_keys) < _KEYS:
@@ -131,11 +148,13 @@ class ChildBreaker:
         elif not streak.benches:  # (one on probation is benched by its own errors only)
             self.unproven.add(cid)
 
-    def count_late(self, child_id: str, key: Hashable, failed: bool, now: float) -> None:
-        """`count` for an answer read after its child began to go down (the scheduler dropped
-        the job with it): a prover that answers an error and exits is often seen exiting
-        first."""
-        self.count(self._children[child_id], key, failed, now)
+    def count_late(
+        self, child_id: str, key: Hashable, failed: bool, now: float, at: float | None = None
+    ) -> None:
+        """`count` for an answer the scheduler no longer has a job for: one read after its child
+        began to go down (a prover that answers an error and exits is often seen exiting first),
+        or a split WindowPoSt's vanilla step, judged with its SNARK step."""
+        self.count(self._children[child_id], key, failed, now, at)
 
     def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id

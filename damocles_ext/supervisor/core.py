@@ -279,15 +279,18 @@ class Supervisor:
         *,
         in_flight: bool = False,
         avoid: frozenset[str] | None = None,
+        judged_later: bool = False,
     ) -> Waiter:
         """Submit `task` and wait for its answer: its waiter, answered (split.py reads which
-        child answered; `avoid`: children not to send it to while another can serve)."""
+        child answered; `avoid`: children not to send it to while another can serve;
+        `judged_later`: a vanilla step, see TrackedRequest)."""
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's
         # rule that an async call is a cancel point even when it would not need to block).
         await trio.lowlevel.checkpoint_if_cancelled()
         waiter = self._begin(
             task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid
         )
+        waiter.tracked.judged_later = judged_later  # (no answer can come before the wait)
         try:
             await waiter.wait()
         finally:

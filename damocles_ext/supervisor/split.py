@@ -10,9 +10,13 @@ vanilla step's MaxAttempts (of the child that made the first proofs) bounds the 
 which has its own attempts. One SNARK child's error is no such evidence (a GPU's own fault is
 far more common, and running the vanilla step again would read every challenged sector again for
 nothing). A SNARK step a SNARK child answered with an error names the vanilla child whose proofs
-it had; the answer after several rounds says what each said. The vanilla child is not blamed:
-its step counted as a proof when it answered (see the breaker's key for the SNARK step in
-lifecycle/records.py).
+it had; the answer after several rounds says what each said.
+
+For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
+among their child's answers: as an error when two SNARK children or more refused them, else as a
+proof. A vanilla child whose proofs prove nothing is benched as one that answers errors is, while
+a sibling's proofs for the same miner are taken. The SNARK children are not blamed for them (see
+the breaker's key for the SNARK step in lifecycle/records.py).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
     earlier: list[str] = []
     rounds, budget = 0, 1
     while True:
-        waiter = await sup._submit_waiter(split_window_post(task), *how, avoid=avoid or None)
+        waiter = await sup._submit_waiter(
+            split_window_post(task), *how, avoid=avoid or None, judged_later=True
+        )
         if waiter.error is not None:
             raise _with_earlier(waiter.error, earlier)
         vanilla = waiter.output
@@ -61,11 +67,16 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
         if rounds == 1 and made_by in sup._children:
             budget = sup._children[made_by].spec.max_attempts
         sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
-        snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
+        refused_by: frozenset[str] = frozenset()  # the SNARK children that said an error
+        try:
+            snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
+            if snark.error is not None:
+                refused_by = snark.tracked.avoid or frozenset()
+        finally:  # the vanilla child's answer counts for the breaker now (see module docstring)
+            sup._tell(sup._book.judge_vanilla, waiter.tracked, len(refused_by) >= 2, sup._now())
         if snark.error is None:
             assert isinstance(snark.output, WindowPoStSnarkOutput)
             return join_window_post(vanilla, snark.output)
-        refused_by = snark.tracked.avoid or frozenset()  # the SNARK children that said an error
         if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
             raise _with_earlier(snark.error, earlier)
         error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
