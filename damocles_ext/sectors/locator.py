@@ -26,7 +26,9 @@ given wins and is remembered. A sector no provider located although one of them 
 error, a timeout) gets its last known location if the files are still there (checked in a
 thread with a time bound, in the reserve `bounds.phases` keeps), marked cached with its age;
 if they are not, it is `missing` (a fault for the prover). A sector every provider said it does
-not know is `not_found`, and forgotten.
+not know is `not_found`, and forgotten. A provider's failures are logged (a warning at most
+every `FAILURE_LOG_EVERY` seconds while it fails, an info line when it answers again), so an
+outage hidden by the next provider or the cache is still said.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ REFRESH_BATCH = 4096
 #: A background refresh asks each provider at most this share of `Bounds.concurrency` at once:
 #: a lookup someone waits for queues behind a few of its calls at most, never behind thousands.
 REFRESH_SHARE = 4
+#: A provider's failures are logged at most once in this many seconds (with how many since).
+FAILURE_LOG_EVERY = 60.0
 
 
 @dataclass(slots=True)
@@ -81,6 +85,16 @@ class Counts:
     missing: int = 0
     refreshes: int = 0
     last_error: tuple[str, str, float] | None = None  # provider, message, when
+
+
+@dataclass(slots=True)
+class _Trouble:
+    """A provider's lookups that failed since it last answered (what the log says of it)."""
+
+    since: float
+    failures: int = 0
+    #: A warning said this trouble: its end is said too.
+    said: bool = False
 
 
 @dataclass(slots=True)
@@ -112,6 +126,9 @@ class SectorLocator:
         self._refresh_limiters = [trio.CapacityLimiter(background) for _ in self.providers]
         self._threads = trio.CapacityLimiter(threads)
         self._changed = trio.Event()
+        #: Provider name -> its failures since it last answered; when it was last warned of.
+        self._trouble: dict[str, _Trouble] = {}
+        self._warned_at: dict[str, float] = {}
 
     @property
     def rules(self) -> CacheRules:
@@ -281,8 +298,10 @@ class SectorLocator:
             outcome = outcomes[sector]
             if location is None:
                 outcome.not_known.append(provider.name)
+                self._answered(provider.name)
             elif isinstance(location, SectorLocation):
                 outcome.found = (location, provider.name)
+                self._answered(provider.name)
             else:
                 message = f"{sector}: answered {location!r}, not a SectorLocation"
                 self._source_error(provider.name, outcome, message)
@@ -339,10 +358,40 @@ class SectorLocator:
     def _source_error(self, provider: str, outcome: _Outcome, message: str) -> None:
         outcome.errors.append(f"{provider}: {message}")
         counts = self.counts
+        now = trio.current_time()
         counts.source_errors[provider] = counts.source_errors.get(provider, 0) + 1
-        counts.last_error = (provider, message, trio.current_time())
+        counts.last_error = (provider, message, now)
         if self.metrics is not None:
             self.metrics.source_errors.labels(provider=provider).inc()
+        trouble = self._trouble.get(provider)
+        if trouble is None:
+            trouble = self._trouble[provider] = _Trouble(now)
+        trouble.failures += 1
+        warned = self._warned_at.get(provider)
+        if warned is not None and now - warned < FAILURE_LOG_EVERY:
+            return  # said not long ago: the next warning counts these too
+        self._warned_at[provider] = now
+        trouble.said = True
+        names = [p.name for p in self.providers]
+        after = names[names.index(provider) + 1 :] if provider in names else []
+        meanwhile = f"the sectors are asked of {', '.join(after)}, else " if after else ""
+        more = "" if trouble.failures == 1 else f" ({trouble.failures} lookups failed so far)"
+        log.warning(
+            "sector provider %s could not answer: %s%s. Meanwhile %stheir last known locations"
+            " are given when their files are there (said again at most every %g s while it"
+            " fails, and when it answers again)",
+            provider, message, more, meanwhile, FAILURE_LOG_EVERY,
+        )  # fmt: skip
+
+    def _answered(self, provider: str) -> None:
+        """The provider answered a lookup: the end of its trouble is said, if it was."""
+        trouble = self._trouble.pop(provider, None)
+        if trouble is not None and trouble.said:
+            took = trio.current_time() - trouble.since
+            log.info(
+                "sector provider %s answers again, after %d lookups it could not answer in %.0f s",
+                provider, trouble.failures, took,
+            )  # fmt: skip
 
     def _count(self, what: str, n: int = 1) -> None:
         setattr(self.counts, what, getattr(self.counts, what) + n)
