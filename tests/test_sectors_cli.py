@@ -142,3 +142,23 @@ def test_bad_input_is_a_clear_message_and_exit_code_2(args, message):
 def test_a_conf_dir_without_sector_manager_cfg_is_exit_code_2(tmp_path):
     result = find("1000", "5", "--conf-dir", str(tmp_path))
     assert result.returncode == 2 and "no sector-manager.cfg" in result.stderr
+
+
+def test_a_sector_found_where_its_files_are_not_says_so_and_is_exit_1(source, store, tmp_path):
+    """The source says the sector is in store b (moved there, say), but its files are not there
+    on this machine: `sectors find` says so, as it does for a sector whose files are gone,
+    instead of a plain "found" and exit 0 for a sector a prover here would answer faulty."""
+    other = tmp_path / "store-b"
+    other.mkdir()
+    source.put(MINER, 5, "b")  # its files are in a
+    source.put(MINER, 6, "a")
+    where = ("--proxy", f"127.0.0.1:{source.port}", "--attached", f"a={store}", "--attached",
+             f"b={other}")  # fmt: skip
+    result = find(f"f0{MINER}", "5", "6", *where)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"{other}/sealed/s-t0{MINER}-5 does not exist" in result.stderr
+    assert f"sector 5 of miner {MINER}" in result.stderr and "sector 6" not in result.stderr
+    assert "Traceback" not in result.stderr
+    five, six = map(json.loads, find(f"f0{MINER}", "5", "6", "--json", *where).stdout.splitlines())
+    assert five["status"] == "found" and "does not exist" in five["detail"]
+    assert six["status"] == "found" and six["detail"] == ""

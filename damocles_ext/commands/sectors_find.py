@@ -2,13 +2,14 @@
 are, from a damocles source node (`--proxy`), the stores (`--conf-dir`, `--attached`) and the
 plugins' providers, through the sector-location service (damocles_ext/sectors).
 
-Exit codes: 0 every sector was found, 1 some were not (each says why: not found, files missing,
-no provider could answer), 2 bad input (arguments, the store config, nothing to ask).
+Exit codes: 0 every sector was found, its files there, 1 some were not (each says why: not
+found, its files not where it was found or last known, no provider could answer), 2 bad input (arguments, the store config, nothing to ask).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import TYPE_CHECKING
@@ -41,7 +42,7 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             " (Venus.SectorIndexerFind, read-only), then the stores in damocles' layout."
             " Store names the source answers become paths through --conf-dir's"
             " sector-manager.cfg ([[Common.PersistStores]]) and --attached. Exit code 0: every"
-            " sector found; 1: some not (each says why); 2: bad input."
+            " sector found, its files there; 1: some not (each says why); 2: bad input."
         ),
     )
     find.add_argument(
@@ -115,23 +116,67 @@ def run_find(args: argparse.Namespace) -> int:
     settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
     bounds = Bounds(batch_timeout=args.timeout, lookup_timeout=min(5.0, args.timeout))
 
-    async def main() -> list[SectorAnswer]:
+    async def main() -> tuple[list[SectorAnswer], dict[SectorRef, str]]:
+        end = trio.current_time() + args.timeout
         locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
         async with locator:
-            return await locator.locate(sectors)
+            answers = await locator.locate(sectors)
+        return answers, await files_not_there(answers, max(1.0, end - trio.current_time()))
 
-    answers = trio.run(main)
+    answers, absent = trio.run(main)
+    details = [
+        "; ".join(filter(None, (answer.detail, absent.get(answer.sector, ""))))
+        for answer in answers
+    ]
     if args.json:
         import json
 
-        for answer in answers:
-            print(json.dumps(answer.to_dict()))
+        for answer, detail in zip(answers, details, strict=True):
+            print(json.dumps({**answer.to_dict(), "detail": detail}))
     else:
         sys.stdout.write(render(answers))
-        for answer in answers:
-            if answer.detail:
-                print(answer.detail, file=sys.stderr)
-    return 0 if all(a.found for a in answers) else 1
+        for detail in details:
+            if detail:
+                print(detail, file=sys.stderr)
+    return 0 if all(a.found for a in answers) and not absent else 1
+
+
+async def files_not_there(
+    answers: list[SectorAnswer],
+    timeout: float,  # noqa: ASYNC109 - the threads are abandoned at it, not cancelled
+) -> dict[SectorRef, str]:
+    """Why the files of each found sector are not where its provider says (moved away, a store
+    not mounted here), for the sectors whose files are not there: a prover here would answer
+    them faulty. Looked at in worker threads (files.py), one per store directory, within
+    `timeout` (a stalled mount says so)."""
+    import trio
+
+    from damocles_ext.sectors.files import DEFAULT_THREADS, check_locations
+
+    groups: dict[tuple[str, str], list[SectorAnswer]] = {}
+    for answer in answers:
+        where = answer.location
+        if answer.found and where is not None and where.sealed_file:
+            key = (os.path.dirname(where.sealed_file), os.path.dirname(where.cache_dir))
+            groups.setdefault(key, []).append(answer)
+    limiter = trio.CapacityLimiter(DEFAULT_THREADS)
+    absent: dict[SectorRef, str] = {}
+
+    async def check(group: list[SectorAnswer]) -> None:
+        locations = [a.location for a in group if a.location is not None]
+        problems = await check_locations(locations, limiter=limiter, timeout=timeout)
+        for answer, problem in zip(group, problems, strict=True):
+            if problem:
+                absent[answer.sector] = (
+                    f"{answer.sector}: {answer.provider} says it is there, but its files are not:"
+                    f" {problem} (moved since, or its store not mounted here?); a prover here"
+                    " would answer it faulty"
+                )
+
+    async with trio.open_nursery() as nursery:
+        for group in groups.values():
+            nursery.start_soon(check, group)
+    return absent
 
 
 def _name(sector: SectorRef) -> str:
