@@ -3,7 +3,8 @@ are, from a damocles source node (`--proxy`), the stores (`--conf-dir`, `--attac
 plugins' providers, through the sector-location service (damocles_ext/sectors).
 
 Exit codes: 0 every sector was found, its files there, 1 some were not (each says why: not
-found, its files not where it was found or last known, no provider could answer), 2 bad input (arguments, the store config, nothing to ask).
+found, its files not where it was found or last known, no provider could answer), 2 bad input
+(arguments, the store config, nothing to ask).
 """
 
 from __future__ import annotations
