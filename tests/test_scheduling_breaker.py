@@ -361,3 +361,66 @@ def test_errors_judged_late_bench_their_child_with_a_siblings_proof_made_after_t
             breaker.count(b, 7, False, 10.5, at=0.5)  # made after a's first error
     last = 10.0 + BREAKER_ERRORS - 1
     assert breaker.streak("a").benched_until == last + BENCH_FIRST
+
+
+def test_a_proof_judged_while_no_child_errs_outranks_an_error_made_before_it():
+    # A vanilla step's proof judged while no child has errors in a row still has its place: an
+    # error made before it, judged later (both SNARK children refused those proofs), counts
+    # for nothing.
+    s = two()
+    breaker = s.breaker
+    a = s._children["a"]
+    breaker.count(a, 7, False, 10.0, at=5.0)
+    breaker.count(a, 7, True, 20.0, at=3.0)
+    assert breaker.streak("a").errors == 0
+    assert not breaker.erring
+
+
+def test_a_proof_judged_late_ends_the_errors_made_before_it_not_those_after():
+    # a: an error, a proof, an error, an error, in that order: never three in a row, though its
+    # proof (a vanilla step's) is judged after the second error was counted.
+    s = two()
+    breaker = s.breaker
+    a, b = s._children["a"], s._children["b"]
+    breaker.count(a, 7, True, 1.0)
+    breaker.count(a, 7, True, 3.0)
+    breaker.count(b, 7, False, 3.5)  # the sibling proves for the same miner
+    breaker.count(a, 7, False, 3.6, at=2.0)  # made between a's errors
+    assert breaker.streak("a").errors == 1
+    assert breaker.streak("a").since == 3.0
+    breaker.count(a, 7, True, 4.0)
+    assert breaker.streak("a").errors == 2
+    assert not breaker.leaves_out("a", 4.0)
+
+
+def test_a_bench_whose_errors_a_proof_judged_late_split_ends():
+    # Benched at its third error; then a proof made between its second and third is judged:
+    # in the order they were made, only one error follows its last proof.
+    s = two()
+    breaker = s.breaker
+    a, b = s._children["a"], s._children["b"]
+    breaker.count(a, 7, True, 1.0)
+    breaker.count(b, 7, False, 1.5)
+    breaker.count(a, 7, True, 2.0)
+    breaker.count(a, 7, True, 3.0)
+    assert breaker.leaves_out("a", 3.0)
+    breaker.count(a, 7, False, 5.0, at=2.5)
+    assert breaker.streak("a").errors == 1
+    assert not breaker.leaves_out("a", 5.0)
+    assert "a" not in breaker.suspects
+
+
+def test_a_siblings_proof_made_before_an_unproven_streak_benches_nobody():
+    # a erred three times with no sibling proof for the miner since its first error; b's proof
+    # judged now (a vanilla step's) was made before them: no evidence. One made after is.
+    s = two()
+    breaker = s.breaker
+    a, b = s._children["a"], s._children["b"]
+    for t in (10.0, 11.0, 12.0):
+        breaker.count(a, 7, True, t)
+    assert "a" in breaker.unproven
+    breaker.count(b, 7, False, 20.0, at=5.0)
+    assert breaker.streak("a").benches == 0
+    assert "a" in breaker.unproven
+    breaker.count(b, 7, False, 21.0, at=13.0)
+    assert breaker.leaves_out("a", 21.0)

@@ -24,7 +24,8 @@ alone in its stage, or whose siblings are all benched or FATAL, is chosen as bef
 that may fail beats none.
 
 Answers count in the order they were made, also when one is judged late (a split WindowPoSt's
-vanilla step, once its SNARK step is: an error when two SNARK children refused its proofs).
+vanilla step, once its SNARK step is: an error when two SNARK children refused its proofs): a
+proof judged late ends the errors made before it, not those made after.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Streak:
     errors: int = 0  # answers in a row that were errors
     since: float = 0.0  # when the first of them came
     failed_keys: set[Hashable] = field(default_factory=set)  # the keys of those errors
+    made: list[tuple[float, Hashable]] = field(default_factory=list)  # (made at, key) of each
     proved: dict[Hashable, float] = field(default_factory=dict)  # key -> its last proof here
     benched_until: float = -math.inf
     benches: int = 0  # benches since its last proof: > 0 is benched or on probation
@@ -98,34 +100,36 @@ class ChildBreaker:
     ) -> None:
         """`child` answered a job of `key` with an error or a proof, at `at` (default: now; a
         split WindowPoSt's vanilla step is judged when its SNARK step is, after the child may
-        have answered more). Answers count in the order they were made: a proof made before the
-        last error counted ends no streak, and an error made before the last proof counts for
-        nothing. (A proof while no child has an error streak changes nothing: only proofs since
-        a streak began count; the caller may skip the call then.)"""
+        have answered more). Answers count in the order they were made: a proof ends only the
+        errors made before it (a bench by more than those made after it ends), an error made
+        before the last proof counts for nothing, and a proof made before a sibling's errors is
+        no evidence against them. (A proof counted when made, while no child has an error
+        streak, changes nothing: the caller may skip the call then.)"""
         streak, cid = child.streak, child.info.child_id
         at = now if at is None else at
         if not failed:
-            if not self.erring:
-                return
+            # Kept while no child errs too: an error judged later may have been made before it.
             proved = streak.proved
             proved[key] = max(at, proved.get(key, at))
             if len(proved) > _KEYS:  # the key first proved here goes
                 del proved[next(iter(proved))]
             streak.last_proof = max(streak.last_proof, at)
-            if at < streak.last_error:
-                pass  # made before the errors: they stay in a row
-            elif streak.errors or streak.benches:
-                streak.errors = streak.benches = 0
-                streak.failed_keys.clear()
-                streak.benched_until = -math.inf
-                self.suspects.discard(cid)
-                self.benches.pop(cid, None)
-                self.unproven.discard(cid)
-                self.erring.discard(cid)
-                self._touch(child.info.stage)
+            if not self.erring:
+                return
+            after = [e for e in streak.made if e[0] > at] if at < streak.last_error else None
+            if after is not None and len(streak.made) == streak.errors > len(after) < self.errors:
+                # Made among its errors: only those made after it are in a row (a bench by
+                # more ends, as it would have); else it was made before them all: no change.
+                self._end_streak(child)
+                for made_at, k in after:
+                    self.count(child, k, True, now, made_at)
+            elif after is None and (streak.errors or streak.benches):
+                self._end_streak(child)
             if self.unproven:  # siblings past their errors, waiting for a proof like this one
                 for s in self._by_stage[child.info.stage]:
-                    if s.info.child_id in self.unproven and key in s.streak.failed_keys:
+                    if s.info.child_id not in self.unproven or at < s.streak.since:
+                        continue  # (one made before their errors is no evidence)
+                    if key in s.streak.failed_keys:
                         self._bench(s, now)
             return
         if at < streak.last_proof:
@@ -134,9 +138,12 @@ class ChildBreaker:
         if streak.errors == 0:
             streak.since = at
             self.erring.add(cid)
+        streak.since = min(streak.since, at)
         streak.errors += 1
         if len(streak.failed_keys) < _KEYS:
             streak.failed_keys.add(key)
+        if len(streak.made) < _KEYS:
+            streak.made.append((at, key))
         if streak.errors < self.errors or streak.benched_until > now:
             return
         if any(
@@ -155,6 +162,19 @@ class ChildBreaker:
         began to go down (a prover that answers an error and exits is often seen exiting first),
         or a split WindowPoSt's vanilla step, judged with its SNARK step."""
         self.count(self._children[child_id], key, failed, now, at)
+
+    def _end_streak(self, child: _Child) -> None:
+        """A proof ends `child`'s errors in a row, its bench or its probation."""
+        streak, cid = child.streak, child.info.child_id
+        streak.errors = streak.benches = 0
+        streak.failed_keys.clear()
+        streak.made.clear()
+        streak.benched_until = -math.inf
+        self.suspects.discard(cid)
+        self.benches.pop(cid, None)
+        self.unproven.discard(cid)
+        self.erring.discard(cid)
+        self._touch(child.info.stage)
 
     def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id
