@@ -8,7 +8,7 @@ from helpers.child import window_task
 
 from damocles_ext.lifecycle import ChildLimits, Note, RequestBook, Resolve, Send
 from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start
-from damocles_ext.tasks import WindowPoStOutput
+from damocles_ext.tasks import WindowPoStOutput, WindowPoStVanillaOutput, split_window_post
 
 OK = WindowPoStOutput(proofs=[b"p"], faults=[])
 WD = "window_post"
@@ -272,3 +272,35 @@ def test_errors_read_after_their_child_began_to_go_down_count_for_the_breaker():
     # The warning says so: a first bench of a child going down lasts until it is back.
     (note,) = [n for n in notes if "requests with an error" in n]
     assert "takes no request until its next process is ready while another" in note, note
+
+
+def test_vanilla_proofs_judged_after_their_child_restarted_bench_its_new_process_no_longer():
+    # A vanilla child's third refused proofs, judged once a new process of it is ready: in the
+    # order they were made, that first bench ended at the new process's hello.
+    vanilla = "window_post_vanilla"
+    book = RequestBook()
+    for i, name in enumerate(("a", "b")):
+        book.add_child(name, vanilla, limits=ChildLimits(max_attempts=1))
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    made = WindowPoStVanillaOutput(vanilla_proofs=[b"v"], faults=[])
+    by_child: dict[str, list] = {"a": [], "b": []}
+    now, rid = 0.0, 0
+    while len(by_child["a"]) < 3:
+        rid += 1
+        req, out = book.submit(rid, split_window_post(window_task()), now)
+        req.judged_later = True
+        (send,) = [e for e in out if isinstance(e, Send)]
+        now += 1
+        book.answered(send.child, send.child_rid, now, output=made)
+        by_child[send.child].append(req)
+    for req in by_child["a"][:2]:
+        book.judge_vanilla(req, True, now)
+    for req in by_child["b"]:
+        book.judge_vanilla(req, False, now)
+    book.child_lost("a", now, "exited 1")
+    book.child_ready("a", now + 1, protocol="dext", pid=200)
+    out = book.judge_vanilla(by_child["a"][2], True, now + 2)
+    breaker = book.scheduler.breaker
+    assert breaker.streak("a").errors == 3
+    assert not breaker.leaves_out("a", now + 2)
+    assert not [e for e in out if isinstance(e, Note) and "takes no request for" in e.message]

@@ -283,7 +283,7 @@ class RequestBook(BookRules):
             if what is None:
                 if req.judged_later and not (isinstance(output, VanillaOutput) and output.faults):
                     self.scheduler.finished(attempt.attempt_id, now)  # judged with its SNARK step
-                    req.judge = (child, now)
+                    req.judge = (child, now, process)
                 else:
                     self._answered(attempt, child, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
@@ -394,11 +394,16 @@ class RequestBook(BookRules):
         """The SNARK step of the vanilla proofs split WindowPoSt step `req` made was judged:
         `refused` by two SNARK children or more (the proofs' fault, likely), else proved, or
         ended with nothing said of the proofs. The vanilla child's answer counts for the breaker
-        now, an error if refused, else a proof, in its place among that child's answers."""
+        now, an error if refused, else a proof, in its place among that child's answers (a first
+        bench it brings on a process newer than the one that made the proofs ends, as it would
+        have at that process's hello)."""
         out = self._catch_up(now, out)
         judge, req.judge = req.judge, None
         if judge is not None and judge[0] in self._children:
-            self.scheduler.breaker.count_late(judge[0], req.breaker_key, refused, now, judge[1])
+            name, made_at, process = judge
+            newer = self._children[name].process not in (None, process)
+            breaker = self.scheduler.breaker
+            breaker.count_late(name, req.breaker_key, refused, now, made_at, restarted=newer)
             self._bench_news(now, out)
             if self._queued:  # a proof may end a bench
                 self._dispatch(now, out)

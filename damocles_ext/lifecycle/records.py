@@ -48,9 +48,10 @@ class TrackedRequest(msgspec.Struct, eq=False):
     #: wait for a child within the grace, queued or not.
     second_step: bool = False
     #: A split WindowPoSt's vanilla step: a proof of it counts for the breaker once its SNARK
-    #: step is judged (`RequestBook.judge_vanilla`); `judge`: (its child, answered at) until then.
+    #: step is judged (`RequestBook.judge_vanilla`); `judge`: (its child, answered at, by which
+    #: process) until then.
     judged_later: bool = False
-    judge: tuple[str, float] | None = None
+    judge: tuple[str, float, ProcessRecord] | None = None
     current: Attempt | None = None  # the attempt running for it, not abandoned
 
     @property

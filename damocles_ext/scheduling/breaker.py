@@ -156,12 +156,27 @@ class ChildBreaker:
             self.unproven.add(cid)
 
     def count_late(
-        self, child_id: str, key: Hashable, failed: bool, now: float, at: float | None = None
+        self,
+        child_id: str,
+        key: Hashable,
+        failed: bool,
+        now: float,
+        at: float | None = None,
+        *,
+        restarted: bool = False,
     ) -> None:
         """`count` for an answer the scheduler no longer has a job for: one read after its child
         began to go down (a prover that answers an error and exits is often seen exiting first),
-        or a split WindowPoSt's vanilla step, judged with its SNARK step."""
-        self.count(self._children[child_id], key, failed, now, at)
+        or a split WindowPoSt's vanilla step, judged with its SNARK step; `restarted`: a newer
+        process of the child said hello since it was made (a bench it brings is as if counted
+        before that hello: a first one ends)."""
+        child = self._children[child_id]
+        benches = child.streak.benches
+        self.count(child, key, failed, now, at)
+        if restarted and child.streak.benches > benches:
+            self.fresh_process(child)
+            if child_id not in self.benches and child_id in self.news:
+                self.news.remove(child_id)  # it takes requests: no warning that it does not
 
     def _end_streak(self, child: _Child) -> None:
         """A proof ends `child`'s errors in a row, its bench or its probation."""
