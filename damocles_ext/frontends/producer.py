@@ -181,6 +181,7 @@ class JobProducer:
         create = True
         backoff = FIRST_BACKOFF
         swept = False
+        retried: int | None = None  # the try after which this wait retried the job
         while True:
             # Taken before the look, so that a wake-up during it is not lost.
             woken = self._wakers.setdefault(job_id, trio.Event())
@@ -198,6 +199,21 @@ class JobProducer:
                 job, create = found, False
                 if rules.is_done(job, self.limits):
                     return self._answer(job)
+                if rules.retryable(job, self.limits) and retried != job.TryNum:
+                    # Its tries are counted by this process's JobMaxTry (damocles-manager's
+                    # config), as damocles' manager retries the jobs it waits for: a
+                    # coordinator with a lower one (another --conf-dir, or none) leaves the job
+                    # failed, which would be waited for until its deadline. Only the retry:
+                    # no heartbeat timeout by this process's clock and limits.
+                    retried = job.TryNum
+                    with trio.move_on_at(self._give_up_at(job.not_after)) as bounded:
+                        outcome = await self.store.sweep([job_id], heard_since=math.inf)
+                    if bounded.cancelled_caught:
+                        raise self._no_answer(job_id)
+                    if any(isinstance(e, rules.Retried) for e in outcome.effects):
+                        log.info("job %s: try %d of JobMaxTry %d failed; given to the workers"
+                                 " again", job_id, job.TryNum, self.limits.max_try)  # fmt: skip
+                    continue
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
                     # none running): a sweep of this job alone, safe beside the others.

@@ -1,0 +1,69 @@
+"""The tries of a job are the ones its producer waits for: `serve --jobs` reads JobMaxTry from
+damocles-manager's sector-manager.cfg, while a coordinator on another machine may run with
+another (the README's coordinator has no --conf-dir: damocles' default, 2). damocles' manager
+retries the jobs it waits for itself, by its own JobMaxTry; so does serve."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+from helpers.frontend import CoordinatorProcess
+from test_producer import job_id_of, send_until_created, start_serve, stop, window_task
+
+from damocles_ext.jobs.client import RpcClient
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+async def fail_once(client: RpcClient, job_id: str, why: str) -> int:
+    """Take the job as a worker does (asking until the coordinator gives it) and fail it; the
+    try it was."""
+    while True:
+        jobs = await client.call("Dext.AllocateJobs", {}, 1, "gpu-1")
+        if jobs:
+            [job] = jobs
+            assert job["Id"] == job_id
+            await client.call("Dext.FinishJob", job_id, job["Lease"], None, why)
+            return job["TryNum"]
+        await trio.sleep(0.05)  # the next ask, as a worker's idle poll; bounded by the caller
+
+
+async def test_a_job_gets_the_tries_of_serves_job_max_try_under_a_coordinator_with_fewer(
+    postgres_url, tmp_path
+):
+    root = str(tmp_path / "s")
+    (tmp_path / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "a"\nPath = "{root}"\n'
+        "[Common.Proving.WorkerProver]\nJobMaxTry = 3\n"
+    )
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    coordinator = CoordinatorProcess(postgres_url, "--store", f"a={root}")  # JobMaxTry 2
+    try:
+        async with trio.open_nursery() as nursery:
+            await coordinator.start(nursery)
+            m = await start_serve(
+                nursery, postgres_url, "--conf-dir", str(tmp_path), "--poll-interval", "0.1"
+            )
+            request_id = await send_until_created(m, task, job_id)
+            async with RpcClient(f"127.0.0.1:{coordinator.port}") as client:
+                with trio.fail_after(30):
+                    tries = [await fail_once(client, job_id, f"gpu fault {i}") for i in (1, 2, 3)]
+            assert tries == [1, 2, 3]
+            with trio.fail_after(30):
+                response = await m.wait(request_id)
+            assert response.output is None
+            assert response.err_msg == (
+                f"request {request_id} (window_post): job {job_id} failed on worker 'gpu-1'"
+                " (try 3 of JobMaxTry 3): gpu fault 3"
+            )
+            await stop(m)
+            assert coordinator.proc is not None
+            coordinator.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                assert await coordinator.proc.wait() == 0
+    finally:
+        coordinator.stop()
+    assert b"Traceback" not in coordinator.stderr
