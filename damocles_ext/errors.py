@@ -6,6 +6,12 @@ EXIT_OK = 0
 EXIT_PROVER_ERROR = 1
 EXIT_USAGE = 2
 
+#: What a plugin's code (a hook, a sector provider) may raise that is reported and survived: any
+#: Exception, and SystemExit too, since a `sys.exit()` in a plugin or in a library it calls must
+#: not end the supervisor, a worker or a coordinator. KeyboardInterrupt and trio's cancellation
+#: pass through.
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
 
 class DextError(Exception):
     """Base class of damocles-ext's own errors; the message is written for a person."""

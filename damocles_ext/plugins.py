@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .errors import UsageError
+from .errors import PLUGIN_FAILURES, UsageError
 from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API lives here too)
     OUTCOMES,
     Cancelled,
@@ -231,7 +231,7 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
             bad = [s for s in specs if not isinstance(s, ProverSpec)]
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
-        except Exception as exc:  # noqa: BLE001 - a third-party hook must not stop the others
+        except PLUGIN_FAILURES as exc:  # a third-party hook must not stop the others
             error = f"dext_provers raised {type(exc).__name__}: {exc}"
             log.warning("plugin %r: %s", plugin_name, error)
             origin = pm.origins.get(plugin_name, _origin_of(impl.plugin, None, ""))
@@ -303,7 +303,7 @@ def validate_prover_options(
     problems: list[str] = []
     try:
         problems.extend(_as_list(_call_validate(spec.validate_options, options, stage)))
-    except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
+    except PLUGIN_FAILURES as exc:  # reported as a problem with the options
         problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
         try:
@@ -311,7 +311,7 @@ def validate_prover_options(
                 **_select_args(impl, {"prover_name": spec.name, "options": options})
             )
             problems.extend(_as_list(result))
-        except Exception as exc:  # noqa: BLE001 - reported as a problem with the options
+        except PLUGIN_FAILURES as exc:  # reported as a problem with the options
             problems.append(
                 f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised "
                 f"{type(exc).__name__}: {exc}"
@@ -459,7 +459,7 @@ class _Pending:
                 result = result()
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except PLUGIN_FAILURES:
             log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
 
     def discard(self) -> None:
@@ -483,7 +483,7 @@ def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
             call.running = plugin_name
         try:
             result = function(*args, **kwargs)
-        except Exception:
+        except PLUGIN_FAILURES:
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
         finally:
@@ -547,7 +547,7 @@ def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: Observer
     token = _current_call.set(call)
     try:
         caller(**kwargs)
-    except Exception as exc:
+    except PLUGIN_FAILURES as exc:
         plugin = _raising_wrapper(caller, exc)
         log.exception(
             "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"

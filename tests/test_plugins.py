@@ -232,6 +232,16 @@ def test_plugin_whose_dext_provers_raises_is_recorded_and_the_others_still_serve
     ]
 
 
+def test_plugin_whose_dext_provers_calls_sys_exit_is_recorded_and_the_others_still_serve():
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(raises=SystemExit(5)), "exits")
+    plugins.register_plugin(pm, Provides(_spec("good")), "good")
+    assert plugins.find_prover(pm, "good").name == "good"
+    assert [(e.name, e.error) for e in pm.load_errors] == [
+        ("exits", "dext_provers raised SystemExit: 5")
+    ]
+
+
 def test_plugin_returning_something_else_than_prover_specs_is_recorded():
     pm = plugins.get_plugin_manager(entry_points=False)
     plugins.register_plugin(pm, Provides({"name": "x"}), "dicty")
@@ -633,6 +643,34 @@ async def test_supervisor_calls_observers_and_survives_a_raising_one():
         ("request_finished", "window_post#0", "ok"),
         ("child_exited", "window_post#0"),
     ]
+
+
+class Exits:
+    """Observers that call sys.exit(), as a plugin's alert library may when it fails."""
+
+    @hookimpl
+    def dext_child_started(self, child):
+        sys.exit(3)
+
+    @hookimpl
+    async def dext_request_finished(self, request, outcome):
+        await trio.lowlevel.checkpoint()
+        sys.exit(4)
+
+
+async def test_observers_that_call_sys_exit_are_logged_and_the_supervisor_answers(caplog):
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    plugins.register_plugin(pm, Exits(), "exits")
+    assert await prove_once(pm) == testing.echo_output(window_task())
+    assert ("request_finished", "window_post#0", "ok") in journal.calls
+    logged = [r for r in caplog.records if "plugin 'exits' raised" in r.getMessage()]
+    assert {type(r.exc_info[1]) for r in logged} == {SystemExit}
+    assert {r.getMessage().split()[1] for r in logged} == {
+        "dext_child_started",
+        "dext_request_finished",
+    }
 
 
 async def test_an_observer_registered_while_the_supervisor_runs_sees_the_next_request():

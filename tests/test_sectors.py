@@ -606,6 +606,34 @@ async def test_a_plugin_provider_is_asked_before_the_built_in_ones(source, store
     assert source.calls == [(METHOD, ["normal", {"Miner": MINER, "Number": 5}])]
 
 
+async def test_a_plugin_provider_that_calls_sys_exit_fails_its_lookup_and_the_next_answers(
+    source, stores
+):
+    import sys
+
+    source.put(MINER, 5, "a")
+    put_files(stores, 5)
+
+    class Exits:
+        @hookimpl
+        def dext_sector_providers(self, settings):
+            class Provider:
+                name = "exits"
+
+                async def find(self, sector):
+                    sys.exit(3)
+
+            return [Provider()]
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Exits(), name="exits")
+    async with await open_locator(
+        SectorSettings(proxy=source.url, stores=stores), plugin_manager=pm
+    ) as locator:
+        [answer] = await locator.locate(refs(5))
+    assert answer.found and answer.provider.startswith("source")
+
+
 async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_error():
     from damocles_ext.errors import UsageError
 

@@ -417,6 +417,28 @@ class Layout:
         return str(self.root / "sealed" / name), str(self.root / "cache" / name)
 
 
+class Exits:
+    """A plugin whose sector paths call sys.exit(), as a site's helper library may."""
+
+    @hookimpl
+    def dext_sector_paths(self, job, sector, attached):
+        sys.exit(3)
+
+
+async def test_a_plugin_whose_sector_paths_call_sys_exit_fails_the_job_not_the_worker(
+    rig, tmp_path
+):
+    job, _ = await rig.jobs.create(job_input())
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Exits(), name="exits")
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids), plugin_manager=pm)
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    assert worker.counters.failed == 1
+    done = await rig.jobs.get(job.Id)
+    assert done.ErrorReason and job.Id in done.ErrorReason
+
+
 async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig, tmp_path):
     root = tmp_path / "elsewhere"
     manifest = sectors(root, PROOF_TYPE, 1, random_seed=5)

@@ -49,7 +49,15 @@ async def job_sector_paths(
     for i, sector in enumerate(job.Input.Sectors or ()):
         found = None
         if plugin_manager is not None:
-            found = plugin_manager.hook.dext_sector_paths(job=job, sector=sector, attached=attached)
+            try:
+                found = plugin_manager.hook.dext_sector_paths(
+                    job=job, sector=sector, attached=attached
+                )
+            except SystemExit as exc:  # fails this job, as any exception of a plugin's does
+                raise RuntimeError(
+                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths"
+                    f" called sys.exit({exc.code!r})"
+                ) from None
         if found is None:
             try:
                 found = default_sector_paths(job, sector, attached)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
+from ..errors import PLUGIN_FAILURES
 from .cache import CacheEntry, CacheRules, SectorCache
 from .files import DEFAULT_THREADS, check_locations
 from .model import (
@@ -146,7 +147,7 @@ class SectorLocator:
             if close is not None:
                 try:
                     await close()
-                except Exception as exc:  # noqa: BLE001 - one provider's close must not stop the others'
+                except PLUGIN_FAILURES as exc:  # one provider's close must not stop the others'
                     log.warning("closing the sector provider %s: %s", provider.name, exc)
 
     # --- one batch -------------------------------------------------------------------------
@@ -332,7 +333,7 @@ class SectorLocator:
                     for sector in chunk:
                         self._source_error(provider.name, outcomes[sector], str(exc))
                         done.add(sector)
-                except Exception as exc:  # noqa: BLE001 - a provider's bug fails that lookup only
+                except PLUGIN_FAILURES as exc:  # a provider's bug fails that lookup only
                     for sector in chunk:
                         message = f"{sector}: {type(exc).__name__}: {exc}"
                         self._source_error(provider.name, outcomes[sector], message)
@@ -490,7 +491,7 @@ def build_providers(
     if plugin_manager is not None:
         try:
             results = plugin_manager.hook.dext_sector_providers(settings=settings)
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, not a traceback
+        except PLUGIN_FAILURES as exc:  # a plugin's bug is reported, not a traceback
             raise UsageError(f"a plugin's dext_sector_providers failed: {exc}") from None
         for result in results:
             for provider in result or ():
