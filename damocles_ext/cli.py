@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import sys
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_USAGE, DextError
+from .errors import EXIT_USAGE, DextError, OutputError
 
 # Order is the order shown in --help.
 COMMANDS = (
@@ -62,15 +63,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout(io.RawIOBase):
+    """fd 1 under sys.stdout: a write that fails for another reason than a reader gone (a full
+    disk, a descriptor closed when we were started) raises OutputError saying so, once; what
+    is written after that is dropped, as it cannot be delivered either."""
+
+    def __init__(self, closed: bool) -> None:
+        super().__init__()
+        self.closed_at_start = closed
+        self.failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return os.isatty(1)
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]  # bytes-like, as io passes
+        if self.failed:
+            return len(data)
+        try:
+            return os.write(1, data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.failed = True
+            if self.closed_at_start:
+                raise OutputError(
+                    "stdout is closed, so the output cannot be written; start the command with"
+                    " stdout open (redirect it to a file, or to /dev/null to drop it)"
+                ) from None
+            raise OutputError(f"cannot write the output to stdout: {exc.strerror}") from None
+
+
+def _guard_stdio() -> None:
+    """Make fds 0, 1 and 2 open, so that no file, socket or database we open takes one of their
+    numbers (a closed 1 would have our output written into it): a closed one becomes /dev/null,
+    fd 1 read-only so that writing there still fails. Then, unless sys.stdout was replaced (a
+    test capturing it, a program embedding us), it reports a failed write as OutputError."""
+    closed = {}
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+            closed[fd] = False
+        except OSError:
+            closed[fd] = True
+            devnull = os.open(os.devnull, mode)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    if closed[2] and sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the process's own stderr
+    stdout = sys.stdout
+    if stdout is not None and stdout is not sys.__stdout__:
+        return
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_Stdout(closed[1])),
+        encoding=stdout.encoding if stdout is not None else None,
+        errors=stdout.errors if stdout is not None else None,
+        line_buffering=stdout.line_buffering if stdout is not None else False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code (0, 1 when it failed, 2 for usage or input errors)."""
+    _guard_stdio()
     try:
-        code = _main(argv)
-        # Output still buffered would otherwise meet a closed pipe at interpreter exit, where
-        # the BrokenPipeError can no longer be caught.
-        sys.stdout.flush()
-        return code
+        try:
+            return _main(argv)
+        finally:
+            # Output still buffered (also as argparse exits after --help) would otherwise meet
+            # a closed pipe at interpreter exit, where the error can no longer be caught.
+            sys.stdout.flush()
     except BaseException as exc:
+        if _only(exc, OutputError):
+            print(f"damocles-ext: error: {_first(exc)}", file=sys.stderr)
+            return 1
         if not _only(exc, BrokenPipeError):
             raise
         # The reader went away (`| head`): nothing more can be said there, and no traceback.
@@ -86,6 +157,13 @@ def _only(exc: BaseException, kind: type[BaseException]) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only(e, kind) for e in exc.exceptions)
     return isinstance(exc, kind)
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first exception in `exc` (a group's first leaf)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _main(argv: list[str] | None) -> int:

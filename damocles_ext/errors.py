@@ -25,6 +25,10 @@ class UsageError(DextError):
     exit_code = EXIT_USAGE
 
 
+class OutputError(DextError):
+    """stdout took no more output (a full disk, a descriptor closed at start): exit code 1."""
+
+
 class ProverError(DextError):
     """A proof could not be produced (prover failed, child died, deadline passed): exit code 1."""
 

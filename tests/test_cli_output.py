@@ -42,6 +42,38 @@ def test_a_closed_stdout_ends_a_command_quietly_without_a_traceback(args: list[s
     assert done.returncode in (0, 1)
 
 
+def _closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command started with fd 1 closed, as `damocles-ext ... >&-` starts it."""
+    return subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "damocles_ext", *args],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["plugins"], ["check-config", "-c", EXAMPLE], ["simulate", "--hours", "1"]],
+    ids=["plugins", "check-config", "simulate"],
+)
+def test_a_stdout_closed_at_start_is_an_error_that_says_so_without_a_traceback(args: list[str]):
+    done = _closed_stdout(*args)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert "stdout is closed, so the output cannot be written" in done.stderr
+
+
+def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_written():
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", "serve", "window_post", "-c", EXAMPLE],
+            stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert "cannot write the ready line to stdout: No space left on device" in done.stderr
+
+
 # -- texts ---------------------------------------------------------------------------------------
 
 
@@ -140,6 +172,18 @@ def test_the_native_provers_progress_ends_complete(sectors: Path):
     assert done.returncode == 0, done.stderr
     # stderr is a pipe: plain lines; the last one is the prover's phase, finished.
     assert done.stderr.splitlines()[-1].startswith("window_post window_post: 4/4 (100%) after ")
+
+
+def test_prove_to_a_full_stdout_exits_1_saying_so_without_a_traceback(sectors: Path):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", "prove", "window_post", "--manifest",
+             "s/manifest.json", "--seed", SEED, "-c", "native.cfg", "--no-progress"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False, cwd=sectors,
+        )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert "cannot write the output to stdout: No space left on device" in done.stderr
 
 
 def test_prove_says_a_faulty_sector_means_no_proof_though_it_exits_0(sectors: Path):

@@ -42,9 +42,7 @@ def serve_children(
 
     # The config is good: say ready now, before the heavier imports, so that a loaded machine
     # still makes damocles-manager's 5 s limit. Requests wait in the pipe, then in the queue.
-    from damocles_ext.protocol.jsonl import ready_line
-
-    write_all(protocol_out, ready_line(stage))
+    say_ready(protocol_out, stage)
 
     import trio
 
@@ -103,6 +101,23 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def say_ready(fd: int, stage: str) -> None:
+    """Write the ready line to the protocol's stdout; DextError (exit 1) when it cannot be
+    written for another reason than a reader gone (a full disk, a descriptor closed at start)."""
+    from damocles_ext.errors import DextError
+    from damocles_ext.protocol.jsonl import ready_line
+
+    try:
+        write_all(fd, ready_line(stage))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise DextError(
+            f"cannot write the ready line to stdout: {exc.strerror}; serve speaks the protocol"
+            " on stdout, which must be the pipe damocles-manager reads"
+        ) from None
+
+
 def reader_gone(fd: int) -> bool:
     """True when the read end of the pipe `fd` writes to is closed (poll reports POLLERR)."""
     import select
@@ -152,7 +167,6 @@ def serve_jobs(
     )
     try:
         from damocles_ext.jobs.store import TrioJobStore
-        from damocles_ext.protocol.jsonl import ready_line
 
         producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         coordinator = None
@@ -164,7 +178,7 @@ def serve_jobs(
             # Bound before the ready line: a busy port fails the start (exit 2).
             coordinator = (rpc, CoordinatorServer(rpc, *listen))
         protocol_in, protocol_out = fds
-        write_all(protocol_out, ready_line(stage))
+        say_ready(protocol_out, stage)
 
         import trio
 
