@@ -364,3 +364,29 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
         with pytest.raises(ProverError, match=r"winning_post: .* returned DEXT_OK with 2 proofs"):
             prover.winning_post(msgspec.structs.replace(winning_task(manifest, SEED), miner_id=1))
         assert len(prover.winning_post(winning_task(manifest, SEED)).proofs) == 1
+
+
+def test_ctrl_c_while_the_library_builds_a_tree_stops_sectors_create(tmp_path):
+    """The KeyboardInterrupt of a Ctrl-C is raised as the progress callback is entered (the C
+    code between its calls runs no Python): it stops the work instead of being dropped."""
+    import signal
+    import sys
+
+    args = ["sectors", "create", "--proof-type", "StackedDrgWindow8MiBV1", "--count", "40",
+            "--miner", "1000", "--out", str(tmp_path / "s")]  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-m", "damocles_ext", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # SIGINT as a shell leaves it, whatever the test runner did with it (one signal() call,
+        # which takes no lock another thread could hold across the fork).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+    ) as proc:  # fmt: skip
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("sector 1/40 tree: "):  # said from inside the library's call
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "sectors: 40/40" not in err

@@ -36,6 +36,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from cffi import FFI
 
     from ..hookspecs import CancelToken
@@ -118,7 +120,16 @@ def _install_trampoline(native: Any) -> None:
         return
     ffi = native.ffi
 
-    @ffi.def_extern()
+    def on_error(_type: type[BaseException], exc: BaseException, tb: TracebackType) -> None:
+        # Raised outside the callback's `try`: a Ctrl-C's KeyboardInterrupt comes as the
+        # callback is entered, since the C code between its calls runs no Python. cffi would
+        # print and drop it, and the work would go on: keep it for the caller, as the `try` does.
+        state: _CallState = ffi.from_handle(tb.tb_frame.f_locals["ctx"])
+        if state.error is None:
+            state.error = exc
+        state.set_cancelled()
+
+    @ffi.def_extern(onerror=on_error)
     def _dext_py_progress(ctx: FFI.CData, phase: FFI.CData, done: int, total: int) -> None:
         state: _CallState = ffi.from_handle(ctx)
         try:
