@@ -295,6 +295,28 @@ async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Pa
     assert "nobody is listening" in done.stderr.decode() and done.stdout == b""
 
 
+async def test_status_of_a_stopped_supervisor_gives_up_after_its_timeout_saying_why(
+    tmp_path: Path, sock_path: Path
+):
+    # A `run` stopped with SIGSTOP still takes connections (the kernel does), and never answers.
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        async with connect(sock_path) as client:
+            await client.status()
+        run.send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(30):
+                done = await dext_run_async("status", "--socket", str(sock_path), "--timeout", "1s")
+        finally:
+            run.send_signal(signal.SIGCONT)
+        run.send_signal(signal.SIGTERM)
+        assert await run.wait() == 0, log.text()
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"" and "Traceback" not in err
+    assert f"the supervisor at {sock_path} did not answer within 1 s" in err
+    assert "stopped (SIGSTOP" in err
+
+
 # -- the document and the table, without processes ------------------------------------------------
 
 

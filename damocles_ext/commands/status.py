@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import socket_path
+from .common import positive_duration, socket_path
+
+#: Seconds `status` waits for the supervisor's answer by default: a `run` that is stopped
+#: (SIGSTOP) or stuck still takes the connection (the kernel does), and would never answer.
+STATUS_TIMEOUT = 10.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +47,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " coordinator sees it; asks no supervisor unless --socket is given too",
     )
     parser.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=positive_duration,
+        default=STATUS_TIMEOUT,
+        help="give up when the supervisor has not answered after this long (exit code 1; default:"
+        f" {STATUS_TIMEOUT:g}s)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help='print the status document as JSON (schema "damocles-ext/status/1"; with --jobs'
@@ -59,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs is not None:
         return _jobs(args)
-    doc = trio.run(_fetch, args.socket)
+    doc = trio.run(_fetch, args.socket, args.timeout)
     if args.json:
         sys.stdout.buffer.write(to_json(doc))
     else:
@@ -81,7 +93,7 @@ def _jobs(args: argparse.Namespace) -> int:
     # create=False: a mistyped URL must be an error, not an empty store made on the spot.
     with JobStore.open(args.jobs, create=False, pool_size=1) as store:
         summary = store.summary(time.time())
-    doc = None if args.socket is None else trio.run(_fetch, args.socket)
+    doc = None if args.socket is None else trio.run(_fetch, args.socket, args.timeout)
     if args.json:
         if doc is None:
             data = msgspec.json.encode(summary)
@@ -99,8 +111,18 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _fetch(socket: str | None):
-    from damocles_ext.client import connect
+async def _fetch(socket: str | None, answer_within: float):
+    import trio
 
-    async with connect(socket) as client:
-        return await client.status()
+    from damocles_ext.client import connect, default_socket_path
+    from damocles_ext.errors import ProverError
+
+    with trio.move_on_after(answer_within):
+        async with connect(socket) as client:
+            return await client.status()
+    where = socket if socket is not None else default_socket_path()
+    raise ProverError(
+        f"the supervisor at {where} did not answer within {answer_within:g} s: it may be stopped"
+        " (SIGSTOP: see `ps -o pid,stat,cmd -C damocles-ext`) or stuck; give it longer with"
+        " --timeout"
+    )
