@@ -120,11 +120,14 @@ def _install_trampoline(native: Any) -> None:
         return
     ffi = native.ffi
 
-    def on_error(_type: type[BaseException], exc: BaseException, tb: TracebackType) -> None:
+    def on_error(_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         # Raised outside the callback's `try`: a Ctrl-C's KeyboardInterrupt comes as the
         # callback is entered, since the C code between its calls runs no Python. cffi would
         # print and drop it, and the work would go on: keep it for the caller, as the `try` does.
-        state: _CallState = ffi.from_handle(tb.tb_frame.f_locals["ctx"])
+        ctx = tb.tb_frame.f_locals.get("ctx") if tb is not None else None
+        if ctx is None:
+            return  # (raised before the callback had its arguments: cffi prints it)
+        state: _CallState = ffi.from_handle(ctx)
         if state.error is None:
             state.error = exc
         state.set_cancelled()
