@@ -77,9 +77,12 @@ class _WinningPoSt(msgspec.Struct):
     seed: _Array32
 
 
+# A null list reads as an empty one, as Go's encoding/json reads it for damocles-manager: a
+# processor written in Go with damocles' own output type writes its nil slices as null
+# (`"faults": null` beside proofs, `"proofs": null` beside faults). We always write lists.
 class _WindowPoStOutput(msgspec.Struct):
-    proofs: list[bytes]
-    faults: list[_U64]
+    proofs: list[bytes] | None
+    faults: list[_U64] | None
 
 
 class _WinningPoStOutput(msgspec.Struct):
@@ -229,7 +232,7 @@ def output_to_json(output: Output) -> bytes:
 
 def _output_from_json_struct(j: _JsonOutput) -> PoStOutput:
     if isinstance(j, _WindowPoStOutput):
-        return WindowPoStOutput(proofs=j.proofs, faults=j.faults)
+        return WindowPoStOutput(proofs=j.proofs or [], faults=j.faults or [])
     return WinningPoStOutput(proofs=j.proofs)
 
 
