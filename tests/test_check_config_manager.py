@@ -270,3 +270,26 @@ def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_
     assert (
         "WdPost[1]" in warnings[0] and "-c/--config does not apply to serve --jobs" in warnings[0]
     )
+
+
+def test_two_entries_serving_one_config_are_warned_about_as_children_started_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # damocles' own 8-GPU practice has one [[WdPost]] per GPU: pointing each at one serve of a
+    # Gpus config starts every child once per entry, all of them on the same GPUs.
+    ours = _ours(tmp_path / "ours", OURS)
+    manager = tmp_path / "manager.cfg"
+    entry = f'[[WdPost]]\nBin = "damocles-ext"\nConcurrent = 3\nArgs = ["serve", "window_post", "-c", "{ours}"]\n'
+    manager.write_text(entry + entry.replace('"-c", ', '"--conf-dir", ').replace(str(ours), str(ours.parent)))  # fmt: skip
+    assert [w for w in _check(capsys, str(manager)) if "serves too" in w] == [
+        (
+            f"{manager}: WdPost[1] runs `damocles-ext serve window_post --conf-dir {ours.parent}`"
+            f" on the config WdPost[0] serves too ({ours}): damocles-manager starts a processor"
+            " for each table, so the children of that config (3 window_post slots) start once"
+            " per table, on the same GPUs, and neither serve's Locks, GPU lock or queue sees the"
+            " other's proofs; keep one table and set its Concurrent to 3 (or more)"
+        )
+    ]
+    # One entry per stage, as the README has it: no such warning.
+    manager.write_text(entry + entry.replace("WdPost", "WinPost").replace("window_post", "winning_post"))  # fmt: skip
+    assert not [w for w in _check(capsys, str(manager)) if "serves too" in w]

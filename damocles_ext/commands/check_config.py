@@ -153,6 +153,8 @@ def manager_entry_warnings(config: Config) -> list[str]:
 
     warnings: list[str] = []
     seen: set[tuple[str, int]] = set()
+    # (stage, the config serve reads) -> the first table that runs serve on it.
+    served: dict[tuple[str, str], str] = {}
     for entry in config.children:
         args = _serve_args(entry.argv) if entry.kind == "bin" else None
         if args is None or (entry.stage, entry.block) in seen:
@@ -216,6 +218,17 @@ def manager_entry_warnings(config: Config) -> list[str]:
         except UsageError as exc:
             warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}")
             continue
+        table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
+        first = served.setdefault((entry.stage, os.path.realpath(ours.source)), table)
+        if first != table:
+            # damocles-manager starts a processor per table: each serve starts every child.
+            warnings.append(
+                f"{where} runs `{command}` on the config {first} serves too ({ours.source}):"
+                f" damocles-manager starts a processor for each table, so the children of that"
+                f" config ({slots} {entry.stage} slots) start once per table, on the same GPUs,"
+                " and neither serve's Locks, GPU lock or queue sees the other's proofs; keep one"
+                f" table and set its Concurrent to {slots} (or more)"
+            )
         if entry.concurrent < slots:
             warnings.append(
                 _idle_slots(where, entry.concurrent, slots, entry.stage,
