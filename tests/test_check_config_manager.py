@@ -293,3 +293,24 @@ def test_two_entries_serving_one_config_are_warned_about_as_children_started_twi
     # One entry per stage, as the README has it: no such warning.
     manager.write_text(entry + entry.replace("WdPost", "WinPost").replace("window_post", "winning_post"))  # fmt: skip
     assert not [w for w in _check(capsys, str(manager)) if "serves too" in w]
+
+
+def test_an_entry_whose_serve_reads_the_managers_own_file_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # `--conf-dir` of damocles-manager's own directory: that serve would start another, for ever.
+    manager = _ours(tmp_path / "manager", "")
+    manager.write_text(
+        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--conf-dir",'
+        f' "{manager.parent}"]\n'
+    )
+    assert main(["check-config", "-c", str(manager)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {manager}: WdPost[0] runs `damocles-ext serve window_post --conf-dir"
+        f" {manager.parent}`, which reads this same file: each serve would start another,"
+        " without end." in err
+    ), err
+    # As `serve --jobs` it reads damocles-manager's directory for its sector-manager.cfg: fine.
+    manager.write_text(manager.read_text().replace('"--conf-dir"', '"--jobs", "sqlite:///j.db", "--conf-dir"'))  # fmt: skip
+    assert not [w for w in _check(capsys, "-c", str(manager)) if "same file" in w]

@@ -704,6 +704,23 @@ def test_a_native_library_that_is_not_one_fails_serve_before_the_ready_line(tmp_
     assert b"is not a shared library (no ELF header)" in result.stderr
 
 
+def test_serve_of_a_config_whose_child_serves_that_config_again_exits_2_before_the_ready_line(
+    tmp_path,
+):
+    # damocles-manager's own file given to serve (`--conf-dir` of its directory, as `serve
+    # --jobs` takes it): its [[WdPost]] runs this very serve, which would start another, and so
+    # on, a new process every fraction of a second, while the first one looked ready.
+    entry = [sys.executable, "-m", "damocles_ext", "serve", "window_post", "--conf-dir"]
+    args = msgspec.json.encode([*entry[1:], str(tmp_path)]).decode()
+    cfg = write_config(tmp_path, f'[[WdPost]]\nBin = "{sys.executable}"\nArgs = {args}\n')
+    result = dext_run("serve", "window_post", "-c", str(cfg), input=b"", timeout=30)
+    assert (result.returncode, result.stdout) == (2, b""), result.stderr.decode()
+    err = result.stderr.decode()
+    assert f"error: {cfg}: WdPost[0] runs `damocles-ext serve window_post --conf-dir" in err, err
+    assert "which reads this same file: each serve would start another, without end" in err
+    assert "Traceback" not in err
+
+
 def test_serve_without_children_for_the_stage_exits_2(tmp_path):
     cfg = write_config(tmp_path, plugin_block("WinPost", "echo"))
     result = dext_run("serve", "window_post", "--conf-dir", str(tmp_path), input=b"")

@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     for warning in config.warnings:  # shown also when a start-up check fails below
         print(f"warning: {warning}", file=sys.stderr)
     check_startable(config)
+    if (loop := serves_itself(config)) is not None:
+        from damocles_ext.errors import UsageError
+
+        raise UsageError(loop)
     for warning in manager_entry_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -138,6 +142,48 @@ def _serve_args(argv: tuple[str, ...]) -> list[str] | None:
     return rest[1:] if rest[:1] == ["serve"] else None
 
 
+def _parse_serve(args: list[str]) -> argparse.Namespace:
+    """`damocles-ext serve ARGS` as serve parses them; _Refused with argparse's message."""
+    from damocles_ext.commands import serve
+
+    parser = _QuietParser(prog="damocles-ext")
+    serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
+    return parser.parse_args(["serve", *args])
+
+
+def serves_itself(config: Config, stage: str | None = None) -> str | None:
+    """Why `config` cannot be served: a table (of `stage`, or any) whose child runs `damocles-ext
+    serve` of its own stage on this same file (as damocles-manager's file does when the serve it
+    names reads it back), which would start another such serve, and so on without end; or None.
+    serve refuses such a config before its ready line, check-config with exit code 2."""
+    from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE
+
+    here = os.path.realpath(config.source)
+    for child in config.children:
+        args = _serve_args(child.argv) if child.kind == "bin" else None
+        if args is None or (stage is not None and child.stage != stage):
+            continue
+        try:
+            parsed = _parse_serve(args)
+        except _Refused:
+            continue  # serve refuses it anyway: no loop
+        if parsed.stage != child.stage or parsed.connect is not None or parsed.jobs is not None:
+            continue
+        named = parsed.config or (
+            os.path.join(parsed.conf_dir, CONF_FILE_NAME) if parsed.conf_dir else None
+        )
+        if named is None or os.path.realpath(named) != here:
+            continue
+        command = shlex.join(("damocles-ext", "serve", *args))
+        return (
+            f"{config.source}: {TABLE_OF_STAGE[child.stage]}[{child.block}] runs `{command}`,"
+            " which reads this same file: each serve would start another, without end. This is"
+            " the file damocles-manager reads; give serve the config that lists your provers"
+            " instead (its own file or directory, e.g. --conf-dir /etc/damocles-ext)"
+        )
+    return None
+
+
 def manager_entry_warnings(config: Config) -> list[str]:
     """Warnings for entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`.
 
@@ -162,10 +208,8 @@ def manager_entry_warnings(config: Config) -> list[str]:
         seen.add((entry.stage, entry.block))
         where = f"{config.source}: {TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
         command = shlex.join(("damocles-ext", "serve", *args))
-        parser = _QuietParser(prog="damocles-ext")
-        serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
         try:
-            parsed = parser.parse_args(["serve", *args])
+            parsed = _parse_serve(args)
         except _Refused as exc:
             warnings.append(f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args")
             continue
