@@ -38,6 +38,7 @@ from damocles_ext.jobs.worker_rules import (
     failure_of_answer,
     finish_verdict,
     free_slots,
+    heartbeats_outage,
     jobs_to_ask,
     proof_types_for_sizes,
     ready_slots,
@@ -757,6 +758,17 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends():
     assert outage.failed(11.0, "refused") is None
     assert "unreachable for 5.0 s" in outage.answered(15.0)
     assert outage.answered(16.0) is None
+
+
+def test_heartbeats_that_fail_are_said_once_and_once_more_when_they_are_answered_again():
+    # (A coordinator whose job store is down answers them with an error at each interval.)
+    beats = heartbeats_outage()
+    assert beats.failed(10.0, "the job store is down").startswith(
+        "the heartbeats of the jobs held here fail (the job store is down): their proofs go on"
+    )
+    assert [beats.failed(t, "the job store is down") for t in (20.0, 30.0)] == [None, None]
+    assert beats.answered(40.0) == "heartbeats are answered again, after 3 failed in 30 s"
+    assert beats.answered(50.0) is None
 
 
 def test_sector_paths_follow_damocles_layout_and_a_missing_store_names_store_and_job():

@@ -24,6 +24,7 @@ from ..jobs.database import clock_skew
 from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, TrioJobStore
+from ..jobs.worker_rules import Outage
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
@@ -93,6 +94,12 @@ class Coordinator:
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
         self._listing = trio.Lock()
+        # A store down for an hour is one warning and one line when it answers again.
+        self._sweep_outage = Outage(
+            begins="the sweep failed ({why}); it is tried again at each pass, and a line says"
+            " when it works again",
+            ends="the sweep works again, after {failures} failed passes in {lasted:.0f} s",
+        )
         #: When heartbeats could be heard: not before this coordinator was made, nor while its
         #: store was unavailable to it or stalled, nor in a step of the wall clock; its sweeps
         #: count a running job's silence in the rest only (silence.Hearing).
@@ -228,6 +235,8 @@ class Coordinator:
             last = self._watch_clock(last, every, paused_at)
             try:
                 outcome = await self.sweep_once()
+                if (line := self._sweep_outage.answered(trio.current_time())) is not None:
+                    log.info("%s", line)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", effect)
@@ -240,7 +249,8 @@ class Coordinator:
                     pause = cleanup_interval or self.store.store.limits.cleanup_interval
                     next_cleanup = trio.current_time() + (0 if more else pause)
             except StoreError as exc:
-                log.warning("the sweep failed, trying again in %gs: %s", every, exc)
+                if (line := self._sweep_outage.failed(trio.current_time(), str(exc))) is not None:
+                    log.warning("%s", line)
             if not started:
                 started = True
                 task_status.started()

@@ -55,6 +55,7 @@ from ..jobs.worker_rules import (
     faults_text,
     finish_verdict,
     free_slots,
+    heartbeats_outage,
     job_output,
     jobs_to_ask,
     no_child_can_prove,
@@ -114,7 +115,7 @@ class Worker:
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
-        self._outage = Outage()
+        self._outage, self._beats_failing = Outage(), heartbeats_outage()
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
@@ -591,7 +592,7 @@ class Worker:
         except RpcClientError as exc:
             if isinstance(exc, RpcCallError):
                 self._refused_token(exc)
-            log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
+            self._unreachable(str(exc), self._beats_failing)
             return
         self._answered()
         self._beaten(held, started, {s.Id for s in stop})
@@ -618,7 +619,7 @@ class Worker:
             if self._refused is not None:
                 return
         except RpcClientError as exc:
-            log.warning("heartbeat of %d jobs failed: %s", len(held), exc)
+            self._unreachable(str(exc), self._beats_failing)
             return
         else:
             self._answered()
@@ -647,20 +648,19 @@ class Worker:
         for h in held:
             if h.job.Id not in refused:
                 h.last_heartbeat = now
+        self._answered(self._beats_failing)
         if self.counters.on_heartbeat is not None:
             self.counters.on_heartbeat(trio.current_time() - started)
         self._touch()
 
-    # -- the manager's reachability -----------------------------------------------------------
+    # -- the manager's reachability, and its heartbeats' ----------------------------------------
 
-    def _unreachable(self, what: str) -> None:
-        line = self._outage.failed(trio.current_time(), what)
-        if line is not None:
+    def _unreachable(self, what: str, outage: Outage | None = None) -> None:
+        if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:
             log.warning("%s", line)
 
-    def _answered(self) -> None:
-        line = self._outage.answered(trio.current_time())
-        if line is not None:
+    def _answered(self, outage: Outage | None = None) -> None:
+        if (line := (outage or self._outage).answered(trio.current_time())) is not None:
             log.info("%s", line)
 
     # -- shutdown -----------------------------------------------------------------------------

@@ -162,27 +162,45 @@ class Backoff:
 
 @dataclass(slots=True)
 class Outage:
-    """One log line when the manager becomes unreachable, one when it answers again: a manager
-    that is down for an hour must not fill the log with a line per call."""
+    """One log line when something starts failing, one when it works again: a manager (or a
+    job store) that is down for an hour must not fill the log with a line per call. `begins`
+    and `ends` are the lines, formatted with `why` (the first failure's), and with `lasted`
+    (seconds) and `failures` (how many in a row)."""
 
     down_since: float | None = None
+    failures: int = 0
+    begins: str = (
+        "the manager is unreachable ({why}); running proofs go on, no job is asked for, and"
+        " results are kept and sent again until it answers"
+    )
+    ends: str = "the manager answers again (unreachable for {lasted:.1f} s)"
 
     def failed(self, now: float, what: str) -> str | None:
         """The line to log for this failure, or None when the outage was already logged."""
+        self.failures += 1
         if self.down_since is not None:
             return None
         self.down_since = now
-        return (
-            f"the manager is unreachable ({what}); running proofs go on, no job is asked for,"
-            " and results are kept and sent again until it answers"
-        )
+        return self.begins.format(why=what)
 
     def answered(self, now: float) -> str | None:
         """The line to log when a call got an answer, or None when there was no outage."""
         if self.down_since is None:
             return None
         lasted, self.down_since = now - self.down_since, None
-        return f"the manager answers again (unreachable for {lasted:.1f} s)"
+        failures, self.failures = self.failures, 0
+        return self.ends.format(lasted=lasted, failures=failures)
+
+
+def heartbeats_outage() -> Outage:
+    """Heartbeats that fail while the manager answers other calls (a coordinator whose job store
+    is down, say): one line when they begin to, one when they are answered again."""
+    return Outage(
+        begins="the heartbeats of the jobs held here fail ({why}): their proofs go on and their"
+        " results are sent when done, but past its heartbeat timeout the manager may give them"
+        " to another worker; a line says when heartbeats are answered again",
+        ends="heartbeats are answered again, after {failures} failed in {lasted:.0f} s",
+    )
 
 
 # --- Venus.WorkerPing ---------------------------------------------------------------------------

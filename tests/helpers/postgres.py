@@ -72,12 +72,20 @@ class PostgresServer:
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "--auth=trust", "--username=postgres",
                   "--encoding=UTF8", "--no-sync", "--no-instructions")  # fmt: skip
+        self._started = True  # from here on, stop() must try to stop it
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (an outage): `resume` starts it again. A clean
+        stop: with fsync off, an immediate one may lose what was written (tables made)."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+    def resume(self) -> None:
         options = (
             f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
-        self._started = True  # from here on, stop() must try to stop it
         self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w",
                   "-t", "60", "-o", options)  # fmt: skip
 
