@@ -12,7 +12,10 @@ import trio
 from helpers.frontend import CoordinatorProcess
 from test_producer import job_id_of, send_until_created, start_serve, stop, window_task
 
+from damocles_ext.api import open_job_producer
+from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.client import RpcClient
+from damocles_ext.jobs.store import JobStore, StoreUnavailable
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -67,3 +70,80 @@ async def test_a_job_gets_the_tries_of_serves_job_max_try_under_a_coordinator_wi
     finally:
         coordinator.stop()
     assert b"Traceback" not in coordinator.stderr
+
+
+def serves_conf(tmp_path) -> tuple[str, str]:
+    """A sector-manager.cfg with JobMaxTry 3 in tmp_path, a SQLite store's URL there, and the
+    root of store "a"."""
+    root = str(tmp_path / "s")
+    (tmp_path / "sector-manager.cfg").write_text(
+        f'[[Common.PersistStores]]\nName = "a"\nPath = "{root}"\n'
+        "[Common.Proving.WorkerProver]\nJobMaxTry = 3\n"
+    )
+    return f"sqlite:///{tmp_path}/jobs.db", root
+
+
+async def take(store: JobStore) -> model.JobRecord:
+    """The job a worker is given, asking until there is one (bounded by the caller)."""
+    while True:
+        taken = store.allocate(rules.AllocationSpec(), 1, "gpu-1", 0)
+        if taken:
+            return taken[0]
+        await trio.sleep(0.05)
+
+
+def finish(store: JobStore, job: model.JobRecord, error: str) -> None:
+    output = None if error else model.JobOutput(proofs=(b"p",), faults=())
+    store.finish(job.Id, output, error, 0, lease=job.lease)
+
+
+async def test_a_retry_whose_sweep_failed_is_made_again_when_the_store_answers(tmp_path):
+    # serve's one-job sweep fails (the store down for that moment, a connection dropped): the
+    # job is still failed with tries left, and only serve retries it (no coordinator, or one
+    # with a lower JobMaxTry); the next look must try the retry again, not wait for the deadline.
+    url, root = serves_conf(tmp_path)
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with open_job_producer(url, conf_dir=str(tmp_path), poll_interval=0.05) as producer:
+        sweep, sweeps = producer.store.sweep, []
+
+        async def sweep_failing_once(*args, **kwargs):
+            sweeps.append(args)
+            if len(sweeps) == 1:
+                raise StoreUnavailable("the connection was lost")
+            return await sweep(*args, **kwargs)
+
+        producer.store.sweep = sweep_failing_once  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer.submit, task)
+            with JobStore.open(url) as store, trio.fail_after(10):
+                tries = []
+                for error in ("gpu fault 1", ""):
+                    job = await take(store)
+                    assert job.Id == job_id
+                    tries.append(job.TryNum)
+                    finish(store, job, error)
+    assert tries == [1, 2]
+    assert len(sweeps) == 2
+
+
+async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
+    # Its first try failed and serve retried it; then it was removed (wdpost remove) and serve
+    # made it again: its tries count from 0 again, and its new first failure is retried too.
+    url, root = serves_conf(tmp_path)
+    task = window_task(root)
+    async with (
+        open_job_producer(url, conf_dir=str(tmp_path), poll_interval=0.05) as producer,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(producer.submit, task)
+        with JobStore.open(url) as store, trio.fail_after(10):
+            tries = []
+            for error in ("gpu fault 1", "removed", "gpu fault 1 again", ""):
+                job = await take(store)
+                tries.append(job.TryNum)
+                if error == "removed":
+                    store.remove(job.Id, 0)
+                else:
+                    finish(store, job, error)
+    assert tries == [1, 2, 1, 2]

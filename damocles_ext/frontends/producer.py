@@ -193,8 +193,8 @@ class JobProducer:
                     found = await self._look(job_id, job_input, not_after, create)
                 if bounded.cancelled_caught:
                     raise self._no_answer(job_id)
-                if found is None:  # gone: made again on the next look
-                    create = True
+                if found is None:  # gone: made again on the next look, its tries from 0
+                    create, retried = True, None
                     continue
                 job, create = found, False
                 if rules.is_done(job, self.limits):
@@ -205,11 +205,12 @@ class JobProducer:
                     # coordinator with a lower one (another --conf-dir, or none) leaves the job
                     # failed, which would be waited for until its deadline. Only the retry:
                     # no heartbeat timeout by this process's clock and limits.
-                    retried = job.TryNum
                     with trio.move_on_at(self._give_up_at(job.not_after)) as bounded:
                         outcome = await self.store.sweep([job_id], heard_since=math.inf)
                     if bounded.cancelled_caught:
                         raise self._no_answer(job_id)
+                    # Only once the sweep was made: one the store failed is made again.
+                    retried = job.TryNum
                     if any(isinstance(e, rules.Retried) for e in outcome.effects):
                         log.info("job %s: try %d of JobMaxTry %d failed; given to the workers"
                                  " again", job_id, job.TryNum, self.limits.max_try)  # fmt: skip
