@@ -85,18 +85,28 @@ class _Stdout(io.RawIOBase):
     def write(self, data: bytes) -> int:  # type: ignore[override]  # bytes-like, as io passes
         if self.failed:
             return len(data)
-        try:
-            return os.write(1, data)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            self.failed = True
-            if self.closed_at_start:
-                raise OutputError(
-                    "stdout is closed, so the output cannot be written; start the command with"
-                    " stdout open (redirect it to a file, or to /dev/null to drop it)"
-                ) from None
-            raise OutputError(f"cannot write the output to stdout: {exc.strerror}") from None
+        while True:
+            try:
+                return os.write(1, data)
+            except BlockingIOError:
+                # A non-blocking stdout (O_NONBLOCK set on the file we share, by a shell or a
+                # program that started us) whose reader is behind: not full, so wait for room.
+                import select
+
+                select.select([], [1], [])
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> NoReturn:
+        self.failed = True
+        if self.closed_at_start:
+            raise OutputError(
+                "stdout is closed, so the output cannot be written; start the command with"
+                " stdout open (redirect it to a file, or to /dev/null to drop it)"
+            ) from None
+        raise OutputError(f"cannot write the output to stdout: {exc.strerror}") from None
 
 
 def _guard_stdio() -> None:
@@ -115,6 +125,8 @@ def _guard_stdio() -> None:
             if devnull != fd:
                 os.dup2(devnull, fd)
                 os.close(devnull)
+    if closed[0] and sys.stdin is None:  # read as empty ('-' given for an input file)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin
     if closed[2] and sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the process's own stderr
     stdout = sys.stdout

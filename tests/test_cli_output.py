@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,39 @@ def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_writ
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1
     assert "cannot write the ready line to stdout: No space left on device" in done.stderr
+
+
+def test_a_non_blocking_stdout_whose_reader_is_behind_gets_the_whole_output():
+    # O_NONBLOCK is on the open file, shared with whoever set it (a shell, a program that
+    # started us): a pipe its reader has not emptied yet is not full, and the output must wait.
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: one page, so the output fills it
+    fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    os.write(write_end, b"x" * 3000)  # what the reader has not read yet
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "damocles_ext", "check-config", "--json", "-c", EXAMPLE],
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    time.sleep(1)  # the reader behind: the command meets a full pipe meanwhile
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert json.loads(data[3000:])["children"], data[3000:]
+
+
+def test_a_stdin_closed_at_start_reads_as_empty_without_a_traceback():
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-m", "damocles_ext", "prove",
+         "window_post", "--request", "-", "-c", EXAMPLE],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
 
 
 # -- texts ---------------------------------------------------------------------------------------
