@@ -943,3 +943,23 @@ async def test_heartbeats_and_finishes_of_unknown_jobs_are_refused_in_damocles_w
         200,
         {"code": rpc.METHOD_ERROR, "message": "job a: key not found"},
     )
+
+
+async def test_the_sweep_says_what_it_did_to_a_job_in_words(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    limits = rules.JobLimits(heartbeat_timeout=2.0, sweep_interval=0.5)
+    async with _a_job_of_worker_a(tmp_path, limits) as (_, now, jobs, taken):
+        timeouts = TimeOuts()
+        coordinator = Coordinator(jobs, observe=timeouts, watch_clocks=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)
+            now[0] += 60  # worker-a went silent past the 2 s timeout
+            await timeouts.wait()  # (its lines are logged with the effects' observation)
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if taken.Id in r.getMessage()] == [
+        (
+            f"sweep: job {taken.Id} timed out: worker 'worker-a' sent no heartbeat for its"
+            " HeartbeatTimeout"
+        ),
+        f"sweep: job {taken.Id} is given to the workers again (tries so far: 1)",
+    ]
