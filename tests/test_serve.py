@@ -260,6 +260,21 @@ async def test_broken_stdout_stops_taking_requests():
         await closed.wait()
 
 
+async def test_a_stdout_that_breaks_before_the_ready_line_is_logged_saying_why(caplog):
+    _, server_in = trio.testing.memory_stream_one_way_pair()
+
+    async def submit(task):
+        return echo_output(task)
+
+    full = trio.lowlevel.FdStream(os.open("/dev/full", os.O_WRONLY))
+    server = JsonLineServer("window_post", submit, receive_stream=server_in, send_stream=full)
+    try:
+        await server.send_ready()
+    finally:
+        await full.aclose()
+    assert "stdout broke (No space left on device) before the ready line, stopping" in caplog.text
+
+
 # -- the real command, real children -------------------------------------------------------------
 
 

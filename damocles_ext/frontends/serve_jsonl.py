@@ -126,7 +126,11 @@ class JsonLineServer:
                 await self._send_stream.send_all(jsonl.ready_line(self.stage))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._output_broken = True
-                log.error("stdout broke (%s) before the ready line, stopping", exc)
+                why = exc.__cause__ or exc  # (trio's error says nothing; the OSError does)
+                log.error(
+                    "stdout broke (%s) before the ready line, stopping",
+                    getattr(why, "strerror", None) or str(why) or type(why).__name__,
+                )
                 self.stop_reading()
 
     async def run(self) -> None:
