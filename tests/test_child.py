@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -560,3 +561,21 @@ def test_a_prover_that_crashes_the_child_leaves_where_it_was_on_stderr(tmp_path)
         assert child.wait() == -11  # SIGSEGV
         assert "Fatal Python error: Segmentation fault" in child.stderr
         assert 'crashing_plugin.py", line 7 in prove' in child.stderr
+
+
+def test_a_child_with_a_log_level_it_does_not_know_starts_at_info_and_says_so():
+    # (A block's Envs may set it; "basic_format" was once taken as a level and crashed it.)
+    for level in ("basic_format", "loud"):
+        env = {**os.environ, "DAMOCLES_EXT_LOG_LEVEL": level}
+        argv = [sys.executable, "-m", "damocles_ext", "child", "window_post", "--plugin", "echo"]
+        done = subprocess.run(
+            argv, input=b"", capture_output=True, env=env, timeout=60, check=False
+        )
+        stderr = done.stderr.decode()
+        assert done.returncode == 0, stderr
+        assert b"hello" in done.stdout
+        assert "Traceback" not in stderr
+        assert (
+            f"DAMOCLES_EXT_LOG_LEVEL={level!r} is not one of debug, info, warning, error:"
+            " logging at info"
+        ) in stderr

@@ -82,12 +82,19 @@ def run(args: argparse.Namespace) -> int:
             f"stage {args.stage}: damocles' JSON lines carry only {' and '.join(POST_STAGES)};"
             " a split WindowPoSt step needs --protocol dext"
         )
-    level = os.environ.get(LOG_ENV, "INFO").upper()
+    from damocles_ext.logs import LOG_LEVELS
+
+    level = os.environ.get(LOG_ENV, "info")
+    known = level.lower() in LOG_LEVELS
     logging.basicConfig(
         stream=sys.stderr,
-        level=getattr(logging, level, logging.INFO),
+        level=level.upper() if known else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not known:  # a child still starts: its log level is no reason to lose a GPU
+        logging.getLogger("damocles_ext.child").warning(
+            "%s=%r is not one of %s: logging at info", LOG_ENV, level, ", ".join(LOG_LEVELS)
+        )
     return child.main(
         args.stage,
         args.plugin,
