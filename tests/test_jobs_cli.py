@@ -103,6 +103,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+def test_resetting_a_job_past_its_deadline_says_the_sweep_cancels_it_again(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    now = time.time()
+    with JobStore.open(url) as s:
+        late, _ = s.create(make_input(seed=1), now - 120, not_after=now - 60)
+        timely, _ = s.create(make_input(seed=2), now - 120, not_after=now + 3600)
+    assert cli.main(["wdpost", "reset", "--jobs", url, late.Id, timely.Id]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: job {late.Id} is reset, but its deadline passed " in err
+    assert "the next sweep cancels it again, and no proof of it can count for its deadline" in err
+    assert timely.Id not in err
+
+
 def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys):
     now = time.time()
     with JobStore.open(store_url) as s:

@@ -142,10 +142,18 @@ def run(args: argparse.Namespace) -> int:
             done: list[str] = []
             for job_id in args.ids:
                 try:
-                    store.reset(job_id, time.time())
+                    job = store.reset(job_id, time.time())
                 except JobNotFound as e:
                     raise _reset_stopped(str(e), done) from None
                 done.append(job_id)
+                if job.not_after is not None and job.not_after <= time.time():
+                    print(
+                        f"damocles-ext wdpost: warning: job {job_id} is reset, but its deadline"
+                        f" passed {time.time() - job.not_after:.0f} s ago (damocles-ext's"
+                        " not_after): the next sweep cancels it again, and no proof of it can"
+                        " count for its deadline",
+                        file=sys.stderr,
+                    )
         elif args.wdpost_command == "remove":
             for job_id in args.ids:
                 store.remove(job_id, time.time())
