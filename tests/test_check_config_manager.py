@@ -295,6 +295,26 @@ def test_two_entries_serving_one_config_are_warned_about_as_children_started_twi
     assert not [w for w in _check(capsys, str(manager)) if "serves too" in w]
 
 
+def test_entries_serving_one_config_on_gpus_of_their_own_are_not_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # One [[WdPost]] per GPU (its Envs), each serving a config whose children pin no GPU: each
+    # serve's children run on its own GPU. With children that pin theirs, they share them.
+    ours = _ours(tmp_path / "ours", '[[WdPost]]\nPlugin = "echo"\n')
+    entry = (
+        '[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "-c", "{ours}"]\n'
+        'Envs = {{ CUDA_VISIBLE_DEVICES = "{gpu}" }}\n'
+    )
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(entry.format(ours=ours, gpu=0) + entry.format(ours=ours, gpu=1))
+    assert not [w for w in _check(capsys, str(manager)) if "serves too" in w]
+    manager.write_text(entry.format(ours=ours, gpu=0) + entry.format(ours=ours, gpu=0))
+    assert [w for w in _check(capsys, str(manager)) if "serves too" in w]
+    pinned = _ours(tmp_path / "pinned", OURS)
+    manager.write_text(entry.format(ours=pinned, gpu=0) + entry.format(ours=pinned, gpu=1))
+    assert [w for w in _check(capsys, str(manager)) if "serves too" in w]
+
+
 def test_an_entry_whose_serve_reads_the_managers_own_file_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

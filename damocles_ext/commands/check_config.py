@@ -199,8 +199,8 @@ def manager_entry_warnings(config: Config) -> list[str]:
 
     warnings: list[str] = []
     seen: set[tuple[str, int]] = set()
-    # (stage, the config serve reads) -> the first table that runs serve on it.
-    served: dict[tuple[str, str], str] = {}
+    # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
+    served: dict[tuple[str, str, str | None], str] = {}
     for entry in config.children:
         args = _serve_args(entry.argv) if entry.kind == "bin" else None
         if args is None or (entry.stage, entry.block) in seen:
@@ -263,7 +263,11 @@ def manager_entry_warnings(config: Config) -> list[str]:
             warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}")
             continue
         table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
-        first = served.setdefault((entry.stage, os.path.realpath(ours.source)), table)
+        # Tables that give their serve different GPUs (Envs) whose children pin none share none.
+        kids = common.children_of(ours, entry.stage)
+        pinned = any(c.gpu is not None or "CUDA_VISIBLE_DEVICES" in c.envs for c in kids)
+        gpus = None if pinned else entry.envs.get("CUDA_VISIBLE_DEVICES")
+        first = served.setdefault((entry.stage, os.path.realpath(ours.source), gpus), table)
         if first != table:
             # damocles-manager starts a processor per table: each serve starts every child.
             warnings.append(
