@@ -41,6 +41,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     parser.add_argument(
+        "--deadline-after",
+        metavar="[STAGE=]DURATION",
+        action="append",
+        type=_deadline_after,
+        help="give each request that comes without a deadline the deadline DURATION after it"
+        " arrives (seconds, or with a suffix s, m or h; 0 or off: none), for every stage or for"
+        " STAGE (window_post, winning_post); repeat for each. Default: 40m for window_post, 5m"
+        " for winning_post, as serve gives: a prover stuck in a GPU call still sends Progress,"
+        " and the deadline is what frees its child",
+    )
+    parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         type=_listen_address,
@@ -122,6 +133,33 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _deadline_after(text: str) -> tuple[str | None, float]:
+    """A --deadline-after argument: (its stage, or None for every stage; seconds, 0 for none)."""
+    from damocles_ext.stages import POST_STAGES
+
+    from .common import deadline_duration
+
+    stage, sep, duration = text.rpartition("=")
+    if sep and stage.strip() not in POST_STAGES:
+        raise argparse.ArgumentTypeError(
+            f"{stage.strip()!r} is not a stage requests come for; give {' or '.join(POST_STAGES)}"
+            " (or no STAGE= for both)"
+        )
+    return (stage.strip() if sep else None), deadline_duration(duration)
+
+
+def deadlines_after(given: list[tuple[str | None, float]] | None) -> dict[str, float]:
+    """Each stage's deadline after a request's arrival (absent: none), from the defaults and
+    the --deadline-after arguments in order (a later one wins)."""
+    from .serve import DEFAULT_DEADLINE_AFTER
+
+    after = dict(DEFAULT_DEADLINE_AFTER)
+    for stage, seconds in given or ():
+        for name in after if stage is None else [stage]:
+            after[name] = seconds
+    return {stage: seconds for stage, seconds in after.items() if seconds > 0}
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     from damocles_ext.metrics import parse_listen_address
 
@@ -150,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             "idle_timeout": args.idle_timeout,
             "max_buffered": args.max_buffer,
         },
+        deadline_after=deadlines_after(args.deadline_after),
         metrics_address=args.metrics,
         metrics_limits={
             "max_connections": args.metrics_max_connections,

@@ -12,12 +12,14 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..tasks import stage_of
 from .control import ControlServer
 from .control_socket import bind_control_socket
 from .signals import end_soon, stop_signals, watch_signals
@@ -37,12 +39,14 @@ def serve_control_socket(
     supervisor_options: Callable[[], SupervisorOptions],
     *,
     limits: Mapping[str, Any],
+    deadline_after: Mapping[str, float] | None = None,
     metrics_address: tuple[str, int] | None = None,
     metrics_limits: Mapping[str, Any] | None = None,
 ) -> int:
     """Bind the control socket at `path` (and the metrics port at `metrics_address`), then
     supervise `config`'s children and serve both until SIGTERM/SIGINT. `limits` and
-    `metrics_limits` are ControlServer's and MetricsServer's keyword arguments."""
+    `metrics_limits` are ControlServer's and MetricsServer's keyword arguments; `deadline_after`:
+    per stage, the deadline (seconds after its arrival) of a request that comes without one."""
     sock = bind_control_socket(path)
     metrics = server = None
     try:
@@ -63,7 +67,7 @@ def serve_control_socket(
         raise
 
     try:
-        return trio.run(_run, supervisor, sock, metrics, server, dict(limits))
+        return trio.run(_run, supervisor, sock, metrics, server, dict(limits), deadline_after)
     finally:
         if server is not None:
             server.close()
@@ -89,6 +93,7 @@ async def _run(
     metrics: SupervisorMetrics | None = None,
     metrics_server: MetricsServer | None = None,
     limits: dict[str, Any] | None = None,
+    deadline_after: Mapping[str, float] | None = None,
 ) -> int:
     from ..status import StatusSource
 
@@ -98,10 +103,11 @@ async def _run(
             socket=str(sock.getsockname()),
             metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
         )
+        after = deadline_after or {}
         server = ControlServer(
             sock,
-            supervisor.submit,
-            start=supervisor.start_nowait,
+            with_default_deadline(supervisor.submit, after),
+            start=with_default_deadline(supervisor.start_nowait, after),
             batch=supervisor.batch,
             status=status.as_data,
             **(limits or {}),
@@ -135,3 +141,17 @@ async def _run(
                 await server.wait_idle()
             nursery.cancel_scope.cancel()
     return 0
+
+
+def with_default_deadline(call: Any, after: Mapping[str, float]) -> Any:
+    """`call(task, *, deadline=None, ...)` (submit or start_nowait) giving a request that comes
+    without a deadline the one `after` says for its stage, seconds from now (none if absent)."""
+    if not after:
+        return call
+
+    def with_deadline(task: Any, *, deadline: float | None = None, **kwargs: Any) -> Any:
+        if deadline is None and (seconds := after.get(stage_of(task))) is not None:
+            deadline = time.time() + seconds
+        return call(task, deadline=deadline, **kwargs)
+
+    return with_deadline

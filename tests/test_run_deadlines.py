@@ -1,0 +1,51 @@
+"""`run` gives a request that comes without a deadline one of its stage's (--deadline-after), as
+`serve` does: a prover stuck in a GPU call still sends Progress, and the deadline frees its
+child."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from helpers.frontend import make_task, plugin_block, running, write_config
+
+from damocles_ext import cli
+from damocles_ext.client import connect
+from damocles_ext.commands.run import deadlines_after
+from damocles_ext.errors import ProverError
+
+
+def test_the_deadlines_default_to_serves_and_each_argument_overrides_what_it_names():
+    assert deadlines_after(None) == {"window_post": 2400.0, "winning_post": 300.0}
+    assert deadlines_after([(None, 0.0)]) == {}
+    assert deadlines_after([(None, 600.0), ("winning_post", 60.0)]) == {
+        "window_post": 600.0,
+        "winning_post": 60.0,
+    }
+    assert deadlines_after([("winning_post", 0.0)]) == {"window_post": 2400.0}
+
+
+def test_a_deadline_for_a_stage_requests_do_not_come_for_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "-c", "x.cfg", "--deadline-after", "window_post_snark=1m"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'window_post_snark' is not a stage requests come for; give window_post or" in err
+
+
+async def test_a_winning_post_stuck_in_its_prover_without_a_deadline_is_answered_at_runs(
+    tmp_path, sock_dir
+):
+    # `fail = "hang"`: the prover never returns and ignores Cancel, while the runtime goes on
+    # sending Progress. The client gives no deadline; run's (2 s here) answers the request.
+    block = plugin_block("WinPost", "sleep", fail="hang")
+    cfg = write_config(tmp_path, block + "CancelGraceSecs = 0.2\n")
+    path = sock_dir / "control.sock"
+    async with trio.open_nursery() as nursery:
+        async with running(nursery, cfg, path, "--deadline-after", "winning_post=2s") as (_, log):
+            with trio.fail_after(30):
+                await log.wait_for("ready: stage winning_post")
+                async with connect(path) as client:
+                    with pytest.raises(ProverError, match="passed its deadline"):
+                        await client.submit(make_task(1, stage="winning_post"))
+                await log.wait_for("0.2s after a Cancel")  # its child freed
+        nursery.cancel_scope.cancel()
