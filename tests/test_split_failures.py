@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 import trio
@@ -251,3 +252,49 @@ async def test_serve_answers_each_request_read_once_with_a_proof_when_stdin_ends
         await log.aclose()
     assert [(a.err_msg, a.output) for a in answers] == [(None, SNARK_OK)] * len(tasks)
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+
+
+# A SNARK child that refuses proofs that are not the task's (the echo SNARK's check) and never
+# answers miner 99's SNARK steps (a GPU that hangs on them).
+SNARK_HANGING_ON_MINER_99 = dext_child(
+    """
+if msg.task.miner_id == 99:
+    pass
+elif list(msg.task.vanilla_proofs) != [echo_proof(msg.task)]:
+    send(dext.Response(msg.id, error="the vanilla proofs are not this task's"))
+else:
+    send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
+""",
+    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+    "from damocles_ext_plugins.testing import echo_proof",
+    stage=SNARK,
+)
+
+
+async def test_vanilla_proofs_whose_snark_step_said_nothing_do_not_end_their_childs_errors():
+    # The bad vanilla child's second and third refused proofs have, between them, proofs whose
+    # SNARK step never ended (its deadline passed on a hung GPU): nothing was said of those,
+    # so they are no proof of its own, and the three refusals bench it (its sibling proved).
+    children = [
+        *one_bad_vanilla_child()[:2],
+        spec(SNARK_HANGING_ON_MINER_99, stage=SNARK, cancel_grace=0.1),
+        spec(SNARK_HANGING_ON_MINER_99, stage=SNARK, index=1, cancel_grace=0.1),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 2)
+        bad = child_stats(sup, "window_post_vanilla#0")
+        good = child_stats(sup, "window_post_vanilla#1")
+        # The vanilla children take requests in turn (#0 first); refused, a request's proofs
+        # are made again on #1 without a turn.
+        for miner in (1, 1, 1, 1):
+            assert await sup.submit(window_task(miner=miner)) == echo_output(window_task(miner))
+        assert child_stats(sup, "window_post_vanilla#0").done == bad.done + 2
+        with pytest.raises(ProverError, match="deadline"):
+            await sup.submit(window_task(miner=99), deadline=time.time() + 1.0)
+        assert child_stats(sup, "window_post_vanilla#0").done == bad.done + 3
+        for miner in (1, 1):
+            assert await sup.submit(window_task(miner=miner)) == echo_output(window_task(miner))
+        assert child_stats(sup, "window_post_vanilla#0").done == bad.done + 4
+        assert child_stats(sup, "window_post_vanilla#1").done == good.done + 6
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert benched == {"window_post_vanilla#0"}

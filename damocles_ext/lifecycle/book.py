@@ -389,17 +389,23 @@ class RequestBook(BookRules):
         return req, out
 
     def judge_vanilla(
-        self, req: TrackedRequest, refused: bool, now: float, *, out: list[Effect] | None = None
+        self,
+        req: TrackedRequest,
+        refused: bool | None,
+        now: float,
+        *,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
-        """The SNARK step of the vanilla proofs split WindowPoSt step `req` made was judged:
-        `refused` by two SNARK children or more (the proofs' fault, likely), else proved, or
-        ended with nothing said of the proofs. The vanilla child's answer counts for the breaker
-        now, an error if refused, else a proof, in its place among that child's answers (a first
-        bench it brings on a process newer than the one that made the proofs ends, as it would
-        have at that process's hello)."""
+        """The SNARK step of the vanilla proofs split WindowPoSt step `req` made ended: `refused`
+        by two SNARK children or more (the proofs' fault, likely), False: proved, None: nothing
+        was said of the proofs (one SNARK child's error, a deadline, a cancel, a lost child).
+        The vanilla child's answer counts for the breaker now, an error if refused, a proof if
+        proved, in its place among that child's answers (a first bench it brings on a process
+        newer than the one that made the proofs ends, as it would have at that process's hello);
+        proofs nobody judged count for nothing, as a request lost with its child does."""
         out = self._catch_up(now, out)
         judge, req.judge = req.judge, None
-        if judge is not None and judge[0] in self._children:
+        if judge is not None and refused is not None and judge[0] in self._children:
             name, made_at, process = judge
             newer = self._children[name].process not in (None, process)
             breaker = self.scheduler.breaker

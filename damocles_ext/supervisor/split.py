@@ -13,8 +13,9 @@ nothing). A SNARK step a SNARK child answered with an error names the vanilla ch
 it had; the answer after several rounds says what each said.
 
 For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
-among their child's answers: as an error when two SNARK children or more refused them, else as a
-proof. A vanilla child whose proofs prove nothing is benched as one that answers errors is, while
+among their child's answers: as an error when two SNARK children or more refused them, as a proof
+when it proved them, and not at all when it ended with nothing said of them (one SNARK child's
+error, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla child whose proofs prove nothing is benched as one that answers errors is, while
 a sibling's proofs for the same miner are taken. The SNARK children are not blamed for them (see
 the breaker's key for the SNARK step in lifecycle/records.py).
 """
@@ -68,12 +69,16 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             budget = sup._children[made_by].spec.max_attempts
         sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
         refused_by: frozenset[str] = frozenset()  # the SNARK children that said an error
+        judged: bool | None = None  # refused, proved, or nothing said (see module docstring)
         try:
             snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
             if snark.error is not None:
                 refused_by = snark.tracked.avoid or frozenset()
-        finally:  # the vanilla child's answer counts for the breaker now (see module docstring)
-            sup._tell(sup._book.judge_vanilla, waiter.tracked, len(refused_by) >= 2, sup._now())
+                judged = True if len(refused_by) >= 2 else None
+            else:
+                judged = False
+        finally:  # the vanilla child's answer counts for the breaker now
+            sup._tell(sup._book.judge_vanilla, waiter.tracked, judged, sup._now())
         if snark.error is None:
             assert isinstance(snark.output, WindowPoStSnarkOutput)
             return join_window_post(vanilla, snark.output)
