@@ -22,6 +22,7 @@ from helpers.supervisor import (
     dext_child,
     one_bad_vanilla_child,
     spec,
+    wait_until,
     window_task,
 )
 
@@ -30,6 +31,7 @@ from damocles_ext.errors import ProverError
 from damocles_ext.lifecycle import RequestBook
 from damocles_ext.lifecycle.effects import Note, Resolve, Send
 from damocles_ext.lifecycle.records import ChildLimits
+from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.tasks import (
     WindowPoStOutput,
     WindowPoStSnarkOutput,
@@ -298,3 +300,54 @@ async def test_vanilla_proofs_whose_snark_step_said_nothing_do_not_end_their_chi
         assert child_stats(sup, "window_post_vanilla#1").done == good.done + 6
         benched = set(sup._book.scheduler.breaker.suspects)
     assert benched == {"window_post_vanilla#0"}
+
+
+# A vanilla child whose proofs for miner 2 prove nothing (the echo vanilla step's otherwise),
+# and a SNARK child whose GPU fails miner 1's steps (the echo SNARK step's check otherwise).
+VANILLA_BAD_FOR_MINER_2 = dext_child(
+    "proofs = [b'garbage'] if msg.task.miner_id == 2 else [echo_proof(msg.task)]\n"
+    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput(proofs, [])))",
+    setup="from damocles_ext.tasks import WindowPoStVanillaOutput\n"
+    "from damocles_ext_plugins.testing import echo_proof",
+    stage=VAN,
+)
+SNARK_FAILING_MINER_1_CHECKING = dext_child(
+    """
+if msg.task.miner_id == 1:
+    send(dext.Response(msg.id, error="CUDA error 700 for miner 1"))
+elif list(msg.task.vanilla_proofs) != [echo_proof(msg.task)]:
+    send(dext.Response(msg.id, error="the vanilla proofs are not this task's"))
+else:
+    send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
+""",
+    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+    "from damocles_ext_plugins.testing import echo_proof",
+    stage=SNARK,
+)
+
+
+async def test_a_snark_child_on_probation_is_not_benched_again_for_proofs_every_one_refuses():
+    # Benched for its own errors (its sibling proved those steps), then on probation: vanilla
+    # proofs that prove nothing, which its sibling refuses too, are no error of its own.
+    children = [
+        spec(VANILLA_BAD_FOR_MINER_2, stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+        spec(SNARK_FAILING_MINER_1_CHECKING, stage=SNARK, index=1),
+    ]
+    flaky = f"{SNARK}#1"
+    async with open_supervisor(children, backoff=BackoffPolicy(base=0.02, cap=0.08)) as sup:
+        await sup.wait_ready(SNARK, 2)
+        await sup.wait_ready(VAN)
+        breaker = sup._book.scheduler.breaker
+        while flaky not in breaker.benches:  # every other step goes to it, and fails
+            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        pid = child_stats(sup, flaky).pid
+        os.kill(pid, 9)  # its next process ends its first bench: it is on probation
+        await wait_until(lambda: child_stats(sup, flaky).pid not in (None, pid))
+        await sup.wait_ready(SNARK, 2)
+        assert flaky in breaker.suspects and flaky not in breaker.benches
+        failed = child_stats(sup, flaky).failed
+        while child_stats(sup, flaky).failed == failed:
+            with pytest.raises(ProverError, match="the vanilla proofs are not this task's"):
+                await sup.submit(window_task(miner=2))
+        assert flaky not in breaker.benches

@@ -285,6 +285,8 @@ class RequestBook(BookRules):
                     self.scheduler.finished(attempt.attempt_id, now)  # judged with its SNARK step
                     req.judge = (child, now, process)
                 else:
+                    if req.refusals:
+                        self._count_refusals(req, now)
                     self._answered(attempt, child, False, now)
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)

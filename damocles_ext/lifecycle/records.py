@@ -52,6 +52,10 @@ class TrackedRequest(msgspec.Struct, eq=False):
     #: process) until then.
     judged_later: bool = False
     judge: tuple[str, float, ProcessRecord] | None = None
+    #: A SNARK step's errors, (child, answered at, by which process): they count for the
+    #: breaker once a sibling proves the step (`RequestBook._count_refusals`), not when the
+    #: step fails everywhere (vanilla proofs that prove nothing are no SNARK child's fault).
+    refusals: list[tuple[str, float, ProcessRecord]] = msgspec.field(default_factory=list)
     current: Attempt | None = None  # the attempt running for it, not abandoned
 
     @property

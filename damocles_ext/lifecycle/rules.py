@@ -9,7 +9,7 @@ import itertools
 
 from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..stages import WINDOW_POST_SPLIT
-from ..tasks import Output, WindowPoStOutput, WindowPoStVanillaOutput
+from ..tasks import Output, WindowPoStOutput, WindowPoStSnark, WindowPoStVanillaOutput
 from .deadlines import Alarms
 from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
 from .records import (
@@ -277,8 +277,12 @@ class BookRules:
         benched, it runs again there (a second opinion: damocles-manager gives up a partition
         batch on an error); else this is its answer."""
         req = attempt.request
-        self._answered(attempt, c.name, True, now)
-        self._bench_news(now, out)
+        if isinstance(req.task, WindowPoStSnark):  # counted if a sibling proves the step
+            self.scheduler.finished(attempt.attempt_id, now)
+            req.refusals.append((c.name, now, attempt.process))
+        else:
+            self._answered(attempt, c.name, True, now)
+            self._bench_news(now, out)
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
         breaker = self.scheduler.breaker
@@ -305,6 +309,16 @@ class BookRules:
         first."""
         if not self.scheduler.finished(attempt.attempt_id, now, failed=failed):
             self.scheduler.breaker.count_late(child, attempt.request.breaker_key, failed, now)
+
+    def _count_refusals(self, req: TrackedRequest, now: float) -> None:
+        """A sibling proved SNARK step `req`: the errors its children made of it count for the
+        breaker now, in their place among their answers (before that proof is counted)."""
+        breaker = self.scheduler.breaker
+        for name, made_at, process in req.refusals:
+            if name in self._children:
+                newer = self._children[name].process not in (None, process)
+                breaker.count_late(name, req.breaker_key, True, now, made_at, restarted=newer)
+        req.refusals.clear()
 
     def _bench_news(self, now: float, out: list[Effect]) -> None:
         """Say which children the scheduler's breaker just benched, and why."""
