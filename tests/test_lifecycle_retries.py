@@ -4,7 +4,7 @@ sans-IO: events in, effects out, time passed in by hand."""
 
 from __future__ import annotations
 
-from helpers.child import window_task
+from helpers.child import window_task, winning_task
 
 from damocles_ext.lifecycle import ChildLimits, Note, RequestBook, Resolve, Send
 from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start
@@ -304,3 +304,27 @@ def test_vanilla_proofs_judged_after_their_child_restarted_bench_its_new_process
     assert breaker.streak("a").errors == 3
     assert not breaker.leaves_out("a", now + 2)
     assert not [e for e in out if isinstance(e, Note) and "takes no request for" in e.message]
+
+
+def test_a_winning_post_goes_back_to_a_child_that_failed_it_once_not_after_a_second_error():
+    # MaxAttempts 3; w1 fails it at once each time (its GPU broken a while), w2's GPU is held by
+    # a WindowPoSt: the second attempt goes back to w1 at once, the third waits for w2.
+    book = RequestBook()
+    lower = "window_post_vanilla"  # another stage, sharing w2's GPU lock
+    for name, stage, lock in (("w1", "winning_post", "g0"), ("w2", "winning_post", "g1"),
+                              ("p", lower, "g1")):  # fmt: skip
+        book.add_child(name, stage, locks=frozenset({lock}), limits=ChildLimits(max_attempts=3))
+    for i, name in enumerate(("w1", "w2", "p")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    _, out = book.submit(1, split_window_post(window_task()), 0.0)
+    hold = [e for e in out if isinstance(e, Send)]
+    assert [s.child for s in hold] == ["p"]  # g1 held
+    _, out = book.submit(2, winning_task(), 1.0)
+    sends = [e for e in out if isinstance(e, Send)]
+    for attempt in (1, 2):
+        assert [s.child for s in sends] == ["w1"], attempt
+        out = book.answered("w1", sends[0].child_rid, 1.0 + attempt, error="CUDA error 999")
+        sends = [e for e in out if isinstance(e, Send)]
+    assert sends == []  # the third attempt waits for w2
+    out = book.answered("p", hold[0].child_rid, 5.0, output=WindowPoStVanillaOutput([b"v"], []))
+    assert [e.child for e in out if isinstance(e, Send)] == ["w2"]

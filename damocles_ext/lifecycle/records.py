@@ -43,6 +43,7 @@ class TrackedRequest(msgspec.Struct, eq=False):
     child: str | None = None  # child of the current or last attempt
     history: list[str] = msgspec.field(default_factory=list)
     avoid: frozenset[str] | None = None  # children that answered it with an error
+    back: bool = True  # may go back to one of them (WinningPoSt; not after one failed it twice)
     done: bool = False
     #: A split WindowPoSt's SNARK step: its caller's request is in flight, so shutdown lets it
     #: wait for a child within the grace, queued or not.

@@ -109,7 +109,14 @@ class BookRules:
         req.current = None
         self._attempts[aid] = req
         job = Job(
-            aid, req.stage, req.arrival, req.deadline, req.priority, req.breaker_key, req.avoid
+            aid,
+            req.stage,
+            req.arrival,
+            req.deadline,
+            req.priority,
+            req.breaker_key,
+            req.avoid,
+            req.back,
         )
         self._queued += 1
         if retry:
@@ -283,6 +290,8 @@ class BookRules:
         else:
             self._answered(attempt, c.name, True, now)
             self._bench_news(now, out)
+        if req.avoid and c.name in req.avoid:  # it failed there twice: no going back again
+            req.back = False
         avoid = (req.avoid or frozenset()) | {c.name}
         others = self._by_stage.get(req.stage, ())
         breaker = self.scheduler.breaker

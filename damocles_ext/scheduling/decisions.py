@@ -39,6 +39,7 @@ class Job(msgspec.Struct):
     priority: int = 0
     key: int | None = None  # what the breaker compares across children (the book: the miner)
     avoid: frozenset[str] | None = None  # children not to send it to (policy.py's "Errors")
+    back: bool = True  # an URGENT job may go back to a child it avoids (policy.py's "Errors")
 
 
 class Start(msgspec.Struct, frozen=True):

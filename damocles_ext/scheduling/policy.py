@@ -49,7 +49,8 @@ The rules, in one place:
   goes to none of them while another of its stage is neither FATAL nor benched: it waits for one
   (reserving only its locks), keeping its place, while the jobs behind it go on. A WinningPoSt
   (`URGENT`: its block has about 20 s) waits for none: when no other child can start it now, it
-  goes to one it avoids that can, and reserves the locks of all.
+  goes to one it avoids that can, and reserves the locks of all; but once one failed it twice
+  (`Job.back` False), it waits as any other.
 * Failing children. A child erring request after request while a sibling proves for the same
   key (Job.key: the miner, or a SNARK step itself) is benched, then on probation: `breaker.py`.
 * No server. When a stage has no child that can ever serve (none configured, or all FATAL), its
@@ -265,10 +266,8 @@ class Scheduler:
 
     def progress(self, request_id: int, phase: str, done: int, total: int, now: float) -> bool:
         """A running request reported progress (dext `Progress`); False if it is not running.
-
         Only phases in `gpu_phases` and the change away from them matter (see "Pipelining");
-        call decide() afterwards, since a child may have become able to take its next job.
-        """
+        call decide() afterwards, since a child may have become able to take its next job."""
         run = self._running.get(request_id)
         if run is None:
             return False
@@ -377,7 +376,7 @@ class Scheduler:
                         )
                     )
                 else:
-                    pick = (None, 0) if full else self._pick(stage, reserved, now, job.avoid)
+                    pick = (None, 0) if full else self._pick(stage, reserved, now, job)
                     child, others = pick
                     if child is None and job.avoid:
                         aside.append(self._queues.set_aside(queue))
@@ -537,11 +536,11 @@ class Scheduler:
         return out
 
     def _pick(
-        self, stage: str, reserved: set[str], now: float, avoid: frozenset[str] | None = None
+        self, stage: str, reserved: set[str], now: float, job: Job | None = None
     ) -> tuple[_Child | None, int]:
-        """The child of `stage` to start its next job on (None: none can take it now), and
-        how many other children could have taken it; not one in `avoid` while another of the
-        stage is neither FATAL nor benched (see "Errors")."""
+        """The child of `stage` to start `job` on (None: none can take it now), and how many
+        other children could have taken it (not one it avoids: see "Errors")."""
+        avoid = job.avoid if job is not None else None
         eligible: list[tuple[float, float, _Child]] = []
         children = self._by_stage.get(stage, [])
         if avoid and not any(
@@ -572,7 +571,8 @@ class Scheduler:
             eligible.append((free_at, len(c.running) / c.info.capacity, c))
         if not eligible:
             # A block does not wait for another child (see "Errors").
-            return self._pick(stage, reserved, now) if avoid and stage == URGENT else (None, 0)
+            back = avoid and stage == URGENT and job is not None and job.back
+            return self._pick(stage, reserved, now) if back else (None, 0)
         if len(eligible) == 1:
             return eligible[0][2], 0  # round robin among one: its weight goes up and back down
         best_key = min((free_at, load) for free_at, load, _ in eligible)
