@@ -256,21 +256,26 @@ async def test_serve_answers_each_request_read_once_with_a_proof_when_stdin_ends
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
 
 
-# A SNARK child that refuses proofs that are not the task's (the echo SNARK's check) and never
-# answers miner 99's SNARK steps (a GPU that hangs on them).
-SNARK_HANGING_ON_MINER_99 = dext_child(
-    """
-if msg.task.miner_id == 99:
-    pass
+def checking_snark_child(miner: int, then: str) -> list[str]:
+    """A SNARK child that does `then` for `miner`'s steps, else refuses proofs that are not the
+    task's (the echo SNARK's check) and proves the others."""
+    return dext_child(
+        f"""
+if msg.task.miner_id == {miner}:
+    {then}
 elif list(msg.task.vanilla_proofs) != [echo_proof(msg.task)]:
     send(dext.Response(msg.id, error="the vanilla proofs are not this task's"))
 else:
     send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
 """,
-    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
-    "from damocles_ext_plugins.testing import echo_proof",
-    stage=SNARK,
-)
+        setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+        "from damocles_ext_plugins.testing import echo_proof",
+        stage=SNARK,
+    )
+
+
+# Never answers miner 99's SNARK steps (a GPU that hangs on them).
+SNARK_HANGING_ON_MINER_99 = checking_snark_child(99, "pass")
 
 
 async def test_vanilla_proofs_whose_snark_step_said_nothing_do_not_end_their_childs_errors():
@@ -311,18 +316,8 @@ VANILLA_BAD_FOR_MINER_2 = dext_child(
     "from damocles_ext_plugins.testing import echo_proof",
     stage=VAN,
 )
-SNARK_FAILING_MINER_1_CHECKING = dext_child(
-    """
-if msg.task.miner_id == 1:
-    send(dext.Response(msg.id, error="CUDA error 700 for miner 1"))
-elif list(msg.task.vanilla_proofs) != [echo_proof(msg.task)]:
-    send(dext.Response(msg.id, error="the vanilla proofs are not this task's"))
-else:
-    send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
-""",
-    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
-    "from damocles_ext_plugins.testing import echo_proof",
-    stage=SNARK,
+SNARK_FAILING_MINER_1_CHECKING = checking_snark_child(
+    1, 'send(dext.Response(msg.id, error="CUDA error 700 for miner 1"))'
 )
 
 
