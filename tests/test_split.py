@@ -257,18 +257,44 @@ async def failing_split(children, ready: int) -> tuple[str, dict[str, int]]:
         return str(excinfo.value), {c.name: c.done for c in sup.statistics().children}
 
 
-async def test_one_snark_childs_error_names_whose_vanilla_proofs_it_had_and_runs_nothing_again():
-    # One SNARK child's error is no evidence against the vanilla proofs (a GPU's own fault is
-    # far more common): the error is the answer, and says which vanilla child made the proofs.
+async def test_the_only_snark_childs_error_has_the_vanilla_proofs_made_again_elsewhere():
+    # With one SNARK child (or its siblings benched or stopped for good), its error is the only
+    # opinion there will be: the proofs are made again by another vanilla child, and proved.
+    # (Before, its error was the answer, and a vanilla child making bad proofs failed every
+    # request it took.)
     children = [
         spec(BAD_VANILLA, stage=VAN),
         spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
         spec(builtin_child(SNARK, "echo"), stage=SNARK),
     ]
-    message, done = await failing_split(children, ready=1)
-    assert message.startswith("request ") and f"({SNARK}) failed on {SNARK}#0" in message
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready(VAN, 2)
+        await sup.wait_ready(SNARK, 1)
+        assert await sup.submit(window_task()) == echo_output(window_task())  # #0's turn first
+        done = {c.name: c.done for c in sup.statistics().children}
+    assert done == {f"{VAN}#0": 1, f"{VAN}#1": 1, f"{SNARK}#0": 1}
+
+
+async def test_one_snark_childs_error_names_whose_vanilla_proofs_it_had_and_runs_nothing_again():
+    # One SNARK child's error while its sibling can serve, which cannot take the step (it has
+    # MaxAttempts 1), is no evidence against the vanilla proofs (a GPU's own fault is far more
+    # common): the error is the answer, and says which vanilla child made the proofs.
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK, max_attempts=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK, index=1, max_attempts=1),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready(VAN, 2)
+        await sup.wait_ready(SNARK, 2)
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())  # #0's turn first
+        message = str(excinfo.value)
+        done = {c.name: c.done for c in sup.statistics().children}
+    assert message.startswith("request ") and f"({SNARK}) failed on {SNARK}#" in message
     assert message.endswith(f"; its vanilla proofs came from {VAN}#0"), message
-    assert done == {f"{VAN}#0": 1, f"{VAN}#1": 0, f"{SNARK}#0": 0}
+    assert done[f"{VAN}#1"] == 0 and done[f"{SNARK}#0"] == done[f"{SNARK}#1"] == 0
 
 
 async def test_vanilla_proofs_no_snark_child_takes_run_again_at_most_maxattempts_rounds():

@@ -7,13 +7,15 @@ right shape but proves nothing: a SNARK step retried on another GPU fails the sa
 whole request runs again from its vanilla step, avoiding the vanilla children whose proofs were
 refused, while another vanilla child can serve, the deadline allows, and rounds are left: the
 vanilla step's MaxAttempts (of the child that made the first proofs) bounds the rounds, each of
-which has its own attempts. One SNARK child's error is no such evidence (a GPU's own fault is
-far more common, and running the vanilla step again would read every challenged sector again for
-nothing). A SNARK step a SNARK child answered with an error names the vanilla child whose proofs
-it had; the answer after several rounds says what each said.
+which has its own attempts. One SNARK child's error is no such evidence while another SNARK
+child can serve (a GPU's own fault is far more common, and running the vanilla step again would
+read every challenged sector again for nothing); with no other SNARK child to ask (none, or all
+benched or stopped for good), one is enough: the proofs made again are the only chance of a
+proof. A SNARK step a SNARK child answered with an error names the vanilla child whose proofs it
+had; the answer after several rounds says what each said.
 
 For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
-among their child's answers: as an error when two SNARK children or more refused them, as a proof
+among their child's answers: as an error when SNARK children refused them as above, as a proof
 when it proved them, and not at all when it ended with nothing said of them (one SNARK child's
 error, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla child whose
 proofs prove nothing is benched as one that answers errors is, while a sibling's proofs for the
@@ -44,7 +46,7 @@ from ..tasks import (
 if TYPE_CHECKING:
     from .core import Supervisor
 
-VANILLA = WINDOW_POST_SPLIT[0]
+VANILLA, SNARK = WINDOW_POST_SPLIT
 # "request 12 (window_post_snark): " or "request 12 (window_post_snark) ": the book's label.
 _LABEL = re.compile(r"^request \d+ \([a-z_]+\):? ?")
 
@@ -77,7 +79,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
             if snark.error is not None:
                 refused_by = snark.tracked.avoid or frozenset()
-                judged = True if len(refused_by) >= 2 else None
+                judged = True if len(refused_by) >= _opinions(sup, refused_by) else None
             else:
                 judged = False
         finally:  # the vanilla child's answer counts for the breaker now
@@ -89,12 +91,27 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             raise _with_earlier(snark.error, earlier)
         error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
         avoid |= {made_by}
-        if len(refused_by) < 2 or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
+        enough = len(refused_by) >= _opinions(sup, refused_by)
+        if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
             raise _with_earlier(error, earlier)
         earlier.append(
             f"the SNARK step of the vanilla proofs from {made_by}: "
             + _LABEL.sub("", str(snark.error), count=1)
         )
+
+
+def _opinions(sup: Supervisor, refused_by: frozenset[str]) -> int:
+    """How many SNARK children's errors blame the vanilla proofs: two, or one when no other
+    SNARK child can serve now (none configured, benched, stopped for good): then there is no
+    second opinion to wait for, and proofs made again by another vanilla child are the only
+    chance of a proof."""
+    breaker, now = sup._book.scheduler.breaker, sup._now()
+    others = (
+        c.name not in refused_by and breaker.can_serve(c.name, now)
+        for c in sup._children.values()
+        if c.spec.stage == SNARK
+    )
+    return 2 if any(others) else 1
 
 
 def _vanilla_again(sup: Supervisor, avoid: frozenset[str], deadline: float | None) -> bool:
