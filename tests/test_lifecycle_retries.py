@@ -200,6 +200,31 @@ def test_a_winning_post_retry_no_child_can_start_reserves_the_locks_of_those_it_
         assert s.decide(2.0) == [Start(3, "w1")]
 
 
+def test_a_winning_post_that_failed_twice_on_a_child_reserves_none_of_its_locks():
+    # Job.back False: it waits for w2 as any retry waits and will not go to w1, so p1, which
+    # holds w1's lock g0, goes on taking work (it stood idle until w2 took the WinningPoSt).
+    lower = "window_post_vanilla"
+    for incremental in (True, False):
+        s = Scheduler(incremental=incremental)
+        for cid, stage, lock, cap in (
+            ("w1", "winning_post", "g0", 1),
+            ("w2", "winning_post", "g1", 1),
+            ("p1", lower, "g0", 2),
+            ("p2", lower, "g1", 1),
+        ):
+            s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
+            s.child_ready(cid, 0.0)
+        s.submit(Job(1, lower, 0.0), 0.0)
+        s.submit(Job(2, lower, 0.0), 0.0)
+        assert s.decide(0.0) == [Start(1, "p1"), Start(2, "p2")]  # p1 holds g0, p2 g1
+        s.requeue(Job(3, "winning_post", 0.0, avoid=frozenset({"w1"}), back=False), 1.0)
+        s.submit(Job(4, lower, 1.0), 1.0)
+        assert s.decide(1.0) == [Start(4, "p1")], incremental
+        assert s.statistics().waiting_for_lock == {"winning_post": ("g1",)}
+        s.finished(2, 2.0)
+        assert s.decide(2.0) == [Start(3, "w2")]
+
+
 def _retry_behind_a_start_that_fills_the_only_child(incremental: bool) -> list:
     lower = "window_post_vanilla"  # served after window_post
     s = Scheduler(incremental=incremental)

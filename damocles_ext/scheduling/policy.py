@@ -395,7 +395,8 @@ class Scheduler:
             if aside or self._set_aside.get(stage):
                 for entry in aside:
                     self._queues.put_back(queue, entry)
-                    waits.append(self._queues.queued[entry[2]][1].avoid)
+                    held = self._queues.queued[entry[2]][1]  # an URGENT one going back: all
+                    waits.append(None if stage == URGENT and held.back else held.avoid)
                 self._set_aside[stage] = bool(aside)
             if self._any_locks:  # what waits reserves the locks blocking it (aside: its own)
                 self._reserving[stage] = waits
@@ -524,11 +525,10 @@ class Scheduler:
     def _blocking_locks(self, stage: str, avoid: frozenset[str] | None = None) -> set[str]:
         # Locks that alone keep a ready child with a free slot from taking this stage's work
         # (not one the breaker leaves out, nor one the job avoids: it would not take the work).
-        out: set[str] = set()
-        breaker = self.breaker
+        out, breaker = set[str](), self.breaker
         for child in self._by_stage.get(stage, []):
             if child.ready and len(child.running) < child.info.capacity:
-                if avoid and child.info.child_id in avoid and stage != URGENT:
+                if avoid and child.info.child_id in avoid:
                     continue
                 if breaker.suspects and breaker.left_out(child, self._decided_at):
                     continue
