@@ -17,6 +17,7 @@ from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import DEXT, ManagerLike, make_task, plugin_block, write_config
 from helpers.scheduling import GATED_CHILD, Gate
 from helpers.supervisor import (
+    BAD_VANILLA,
     builtin_child,
     child_stats,
     dext_child,
@@ -346,3 +347,53 @@ async def test_a_snark_child_on_probation_is_not_benched_again_for_proofs_every_
             with pytest.raises(ProverError, match="the vanilla proofs are not this task's"):
                 await sup.submit(window_task(miner=2))
         assert flaky not in breaker.benches
+
+
+async def test_the_only_snark_childs_outage_blames_no_vanilla_child(tmp_path):
+    # The one SNARK child's GPU fails every step for a while (no sibling to ask: each request's
+    # proofs are made again by the other vanilla child, and refused again). Its refusals alone
+    # say nothing of the proofs: once it proves again, no vanilla child is benched (both were,
+    # by the first proof after the outage, counted three errors each made while it was down).
+    broken = tmp_path / "broken"
+    broken.touch()
+    outage = (
+        f"send(dext.Response(msg.id, error='CUDA error 999')) if os.path.exists({str(broken)!r})"
+        " else send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))"
+    )
+    snark = checking_snark_child(1, outage)
+    snark[-1] = "import os\n" + snark[-1]
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(snark, stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 1)
+        for _ in range(3):
+            with pytest.raises(ProverError, match="CUDA error 999"):
+                await sup.submit(window_task(miner=1))
+        broken.unlink()
+        for _ in range(4):
+            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        breaker = sup._book.scheduler.breaker
+        assert not breaker.suspects and not breaker.unproven
+        done = {c.name: c.done for c in sup.statistics().children}
+    assert done[f"{VAN}#0"] >= 2 and done[f"{VAN}#1"] >= 2  # both took work after it
+
+
+async def test_a_vanilla_child_whose_proofs_the_only_snark_child_refuses_is_benched():
+    # Its refusal alone judges nothing, but the same SNARK child proving the proofs made again by
+    # the other vanilla child does: the bad vanilla child is benched after its third.
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 1)
+        for _ in range(8):
+            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        bad = child_stats(sup, f"{VAN}#0")
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert benched == {f"{VAN}#0"}
+    assert bad.done == 3

@@ -399,8 +399,9 @@ class RequestBook(BookRules):
         out: list[Effect] | None = None,
     ) -> list[Effect]:
         """The SNARK step of the vanilla proofs split WindowPoSt step `req` made ended: `refused`
-        by two SNARK children or more (the proofs' fault, likely), False: proved, None: nothing
-        was said of the proofs (one SNARK child's error, a deadline, a cancel, a lost child).
+        by two SNARK children or more, or by a lone one that then proved another vanilla child's
+        proofs of the request (the proofs' fault, likely), False: proved, None: nothing was said
+        of the proofs (one SNARK child's error, a deadline, a cancel, a lost child).
         The vanilla child's answer counts for the breaker now, an error if refused, a proof if
         proved, in its place among that child's answers (a first bench it brings on a process
         newer than the one that made the proofs ends, as it would have at that process's hello);

@@ -24,8 +24,9 @@ alone in its stage, or whose siblings are all benched or FATAL, is chosen as bef
 that may fail beats none.
 
 Answers count in the order they were made, also when one is judged late (a split WindowPoSt's
-vanilla step, once its SNARK step is: an error when two SNARK children refused its proofs): a
-proof judged late ends the errors made before it, not those made after.
+vanilla step, once its SNARK step is: an error when two SNARK children refused its proofs, or
+a lone one that then proved a sibling's: supervisor/split.py): a proof judged late ends the
+errors made before it, not those made after.
 """
 
 from __future__ import annotations

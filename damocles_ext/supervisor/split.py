@@ -15,9 +15,11 @@ proof. A SNARK step a SNARK child answered with an error names the vanilla child
 had; the answer after several rounds says what each said.
 
 For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
-among their child's answers: as an error when SNARK children refused them as above, as a proof
-when it proved them, and not at all when it ended with nothing said of them (one SNARK child's
-error, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla child whose
+among their child's answers: as an error when two SNARK children or more refused them, or when
+one alone did and another vanilla child's proofs of the same request were then proved (that
+SNARK child works: a broken lone SNARK GPU refusing every child's proofs blames none), as a
+proof when it proved them, and not at all when it ended with nothing said of them (one SNARK
+child's error otherwise, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla child whose
 proofs prove nothing is benched as one that answers errors is, while a sibling's proofs for the
 same miner are taken. The SNARK children are not blamed for them (see
 the breaker's key for the SNARK step in lifecycle/records.py): a SNARK child's error counts for
@@ -44,6 +46,7 @@ from ..tasks import (
 )
 
 if TYPE_CHECKING:
+    from ..lifecycle.records import TrackedRequest
     from .core import Supervisor
 
 VANILLA, SNARK = WINDOW_POST_SPLIT
@@ -58,46 +61,66 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
     avoid: frozenset[str] = frozenset()  # vanilla children whose proofs no SNARK step took
     earlier: list[str] = []
     rounds, budget = 0, 1
-    while True:
-        waiter = await sup._submit_waiter(
-            split_window_post(task), *how, avoid=avoid or None, judged_later=True
-        )
-        if waiter.error is not None:
-            raise _with_earlier(waiter.error, earlier)
-        vanilla = waiter.output
-        assert isinstance(vanilla, WindowPoStVanillaOutput)  # the book checks the stage
-        if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
-            return WindowPoStOutput(proofs=[], faults=vanilla.faults)
-        made_by = waiter.tracked.child or "?"
-        rounds += 1
-        if rounds == 1 and made_by in sup._children:
-            budget = sup._children[made_by].spec.max_attempts
-        sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
-        refused_by: frozenset[str] = frozenset()  # the SNARK children that said an error
-        judged: bool | None = None  # refused, proved, or nothing said (see module docstring)
-        try:
-            snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
-            if snark.error is not None:
-                refused_by = snark.tracked.avoid or frozenset()
-                judged = True if len(refused_by) >= _opinions(sup, refused_by) else None
-            else:
-                judged = False
-        finally:  # the vanilla child's answer counts for the breaker now
-            sup._tell(sup._book.judge_vanilla, waiter.tracked, judged, sup._now())
-        if snark.error is None:
-            assert isinstance(snark.output, WindowPoStSnarkOutput)
-            return join_window_post(vanilla, snark.output)
-        if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
-            raise _with_earlier(snark.error, earlier)
-        error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
-        avoid |= {made_by}
-        enough = len(refused_by) >= _opinions(sup, refused_by)
-        if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
-            raise _with_earlier(error, earlier)
-        earlier.append(
-            f"the SNARK step of the vanilla proofs from {made_by}: "
-            + _LABEL.sub("", str(snark.error), count=1)
-        )
+    held: list[TrackedRequest] = []  # vanilla steps one lone SNARK child refused (see _judge)
+    try:
+        while True:
+            waiter = await sup._submit_waiter(
+                split_window_post(task), *how, avoid=avoid or None, judged_later=True
+            )
+            if waiter.error is not None:
+                raise _with_earlier(waiter.error, earlier)
+            vanilla = waiter.output
+            assert isinstance(vanilla, WindowPoStVanillaOutput)  # the book checks the stage
+            if vanilla.faults:  # no proofs to make: prove again without them, as a whole one
+                return WindowPoStOutput(proofs=[], faults=vanilla.faults)
+            made_by = waiter.tracked.child or "?"
+            rounds += 1
+            if rounds == 1 and made_by in sup._children:
+                budget = sup._children[made_by].spec.max_attempts
+            sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
+            refused_by: frozenset[str] = frozenset()  # the SNARK children that said an error
+            judged: bool | None = None  # refused, proved, or nothing said (see module docstring)
+            enough = False
+            try:
+                snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
+                if snark.error is not None:
+                    refused_by = snark.tracked.avoid or frozenset()
+                    enough = len(refused_by) >= _opinions(sup, refused_by)
+                    judged = True if len(refused_by) >= 2 else None
+                else:
+                    judged = False
+            finally:  # the vanilla child's answer counts for the breaker now (or once judged)
+                if judged is False:  # proved: the other vanilla children's proofs were bad
+                    _judge(sup, held, made_by)
+                if enough and judged is None:
+                    held.append(waiter.tracked)
+                else:
+                    sup._tell(sup._book.judge_vanilla, waiter.tracked, judged, sup._now())
+            if snark.error is None:
+                assert isinstance(snark.output, WindowPoStSnarkOutput)
+                return join_window_post(vanilla, snark.output)
+            if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
+                raise _with_earlier(snark.error, earlier)
+            error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
+            avoid |= {made_by}
+            if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
+                raise _with_earlier(error, earlier)
+            earlier.append(
+                f"the SNARK step of the vanilla proofs from {made_by}: "
+                + _LABEL.sub("", str(snark.error), count=1)
+            )
+    finally:  # never confirmed: nothing said of them
+        _judge(sup, held, None)
+
+
+def _judge(sup: Supervisor, held: list[TrackedRequest], proved_by: str | None) -> None:
+    """Judge the vanilla steps `held` (one lone SNARK child refused each): errors when
+    `proved_by`, another vanilla child, made proofs of the same task that were proved; else
+    nothing said of them."""
+    for tracked in held:
+        refused = True if proved_by is not None and tracked.child != proved_by else None
+        sup._tell(sup._book.judge_vanilla, tracked, refused, sup._now())
+    held.clear()
 
 
 def _opinions(sup: Supervisor, refused_by: frozenset[str]) -> int:
