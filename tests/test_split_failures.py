@@ -137,7 +137,7 @@ async def test_a_vanilla_child_whose_proofs_prove_nothing_is_benched_while_its_s
     assert (bad.done, good.done) == (3, 12)
     (warning,) = [r.getMessage() for r in caplog.records if "takes no request" in r.getMessage()]
     assert warning.startswith("window_post_vanilla#0 (pid ")
-    assert "(or with vanilla proofs two SNARK children refused)" in warning
+    assert "(or with vanilla proofs the SNARK children refused)" in warning
 
 
 def test_the_breaker_compares_a_snark_step_with_its_own_retry_not_the_miners_other_proofs():

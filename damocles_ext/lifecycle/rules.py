@@ -345,7 +345,7 @@ class BookRules:
             )
             answered = f"answered its last {streak.errors} requests with an error"
             if c.stage == WINDOW_POST_SPLIT[0]:
-                answered += " (or with vanilla proofs two SNARK children refused)"
+                answered += " (or with vanilla proofs the SNARK children refused)"
             text = (
                 f"{who} {answered} while another {c.stage} child proved for {same}: it takes"
                 f" no request {how_long} while another child can serve them, then one at a time"

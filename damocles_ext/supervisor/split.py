@@ -19,12 +19,12 @@ among their child's answers: as an error when two SNARK children or more refused
 one alone did and another vanilla child's proofs of the same request were then proved (that
 SNARK child works: a broken lone SNARK GPU refusing every child's proofs blames none), as a
 proof when it proved them, and not at all when it ended with nothing said of them (one SNARK
-child's error otherwise, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla child whose
-proofs prove nothing is benched as one that answers errors is, while a sibling's proofs for the
-same miner are taken. The SNARK children are not blamed for them (see
-the breaker's key for the SNARK step in lifecycle/records.py): a SNARK child's error counts for
-the breaker only once a sibling proves that step (TrackedRequest.refusals), so that refusing
-proofs every SNARK child refuses does not bench one on probation again.
+child's error otherwise, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla
+child whose proofs prove nothing is benched as one that answers errors is, while a sibling's
+proofs for the same miner are taken. The SNARK children are not blamed for them (see the
+breaker's key for the SNARK step in lifecycle/records.py): a SNARK child's error counts for the
+breaker only once a sibling proves that step (TrackedRequest.refusals), so that refusing proofs
+every SNARK child refuses does not bench one on probation again.
 """
 
 from __future__ import annotations
