@@ -118,10 +118,9 @@ def test_a_retry_whose_deadline_passes_in_the_queue_says_it_was_not_sent_again()
     assert "not sent to a prover" not in res.error
 
 
-def _gpus_shared_with_a_lower_stage(retried: str, incremental: bool) -> Scheduler:
+def gpus_shared_with_a_lower_stage(retried: str, incremental: bool) -> Scheduler:
     """Children w1 (lock g0) and w2 (g1) of stage `retried`, and p1 (g0, 2 slots) and p2 (g1)
-    of a stage served after it; w1 took job 1 and p2 job 2 (holding g1), then w1 failed job 1,
-    which is queued again as job 3, avoiding w1."""
+    of a stage served after it, all ready."""
     lower = "window_post_vanilla"  # served after window_post and winning_post
     s = Scheduler(incremental=incremental)
     for cid, stage, lock, cap in (
@@ -132,6 +131,14 @@ def _gpus_shared_with_a_lower_stage(retried: str, incremental: bool) -> Schedule
     ):
         s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
         s.child_ready(cid, 0.0)
+    return s
+
+
+def _gpus_shared_with_a_lower_stage(retried: str, incremental: bool) -> Scheduler:
+    """gpus_shared_with_a_lower_stage, where w1 took job 1 and p2 job 2 (holding g1), then w1
+    failed job 1, which is queued again as job 3, avoiding w1."""
+    lower = "window_post_vanilla"
+    s = gpus_shared_with_a_lower_stage(retried, incremental)
     s.submit(Job(1, retried, 0.0), 0.0)
     assert s.decide(0.0) == [Start(1, "w1")]
     s.submit(Job(2, lower, 0.0), 0.0)
@@ -177,15 +184,7 @@ def test_a_winning_post_retry_no_child_can_start_reserves_the_locks_of_those_it_
     # It may go to any of them: p1, which holds w1's lock g0, takes no more work meanwhile.
     lower = "window_post_vanilla"
     for incremental in (True, False):
-        s = Scheduler(incremental=incremental)
-        for cid, stage, lock, cap in (
-            ("w1", "winning_post", "g0", 1),
-            ("w2", "winning_post", "g1", 1),
-            ("p1", lower, "g0", 2),
-            ("p2", lower, "g1", 1),
-        ):
-            s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
-            s.child_ready(cid, 0.0)
+        s = gpus_shared_with_a_lower_stage("winning_post", incremental)
         s.submit(Job(1, "winning_post", 0.0), 0.0)
         s.submit(Job(2, lower, 0.0), 0.0)
         assert s.decide(0.0) == [Start(1, "w1"), Start(2, "p2")]  # p2 holds g1
@@ -205,15 +204,7 @@ def test_a_winning_post_that_failed_twice_on_a_child_reserves_none_of_its_locks(
     # holds w1's lock g0, goes on taking work (it stood idle until w2 took the WinningPoSt).
     lower = "window_post_vanilla"
     for incremental in (True, False):
-        s = Scheduler(incremental=incremental)
-        for cid, stage, lock, cap in (
-            ("w1", "winning_post", "g0", 1),
-            ("w2", "winning_post", "g1", 1),
-            ("p1", lower, "g0", 2),
-            ("p2", lower, "g1", 1),
-        ):
-            s.add_child(ChildSlots(cid, stage, capacity=cap, locks=frozenset({lock})))
-            s.child_ready(cid, 0.0)
+        s = gpus_shared_with_a_lower_stage("winning_post", incremental)
         s.submit(Job(1, lower, 0.0), 0.0)
         s.submit(Job(2, lower, 0.0), 0.0)
         assert s.decide(0.0) == [Start(1, "p1"), Start(2, "p2")]  # p1 holds g0, p2 g1
