@@ -18,7 +18,7 @@ from damocles_ext import plugins
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
-from damocles_ext.frontends.serve_jsonl import JsonLineServer, start_with_deadline
+from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.supervisor import child_loop
@@ -67,7 +67,7 @@ def _jsonl_server(sup, **options):
         receive_stream=in_receive,
         send_stream=out_send,
         ready_line_sent=True,
-        start=start_with_deadline(sup, None),
+        start=sup.start_nowait,
         **options,
     )
     return server, in_send, out_receive

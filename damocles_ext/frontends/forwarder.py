@@ -15,7 +15,13 @@ from ..config import TABLE_OF_STAGE
 from ..errors import ProverError, UsageError
 from ..stages import can_serve
 from ..tasks import Output, Task, stage_of
-from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining, with_deadline
+from .serve_jsonl import (
+    InFlight,
+    StopReasons,
+    log_stopped,
+    serve_draining,
+    with_default_deadline,
+)
 from .signals import stop_signals
 
 if TYPE_CHECKING:
@@ -62,7 +68,8 @@ class Forwarder:
     ) -> None:
         self.stage = stage
         self.remote = remote
-        self._submit = with_deadline(remote.submit, deadline_after)
+        after = {} if deadline_after is None else {stage: deadline_after}
+        self._submit = with_default_deadline(remote.submit, after)
         self.in_flight = InFlight()
 
     async def submit(self, task: Task) -> Output:

@@ -12,16 +12,15 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..tasks import stage_of
 from .control import ControlServer
 from .control_socket import bind_control_socket
+from .serve_jsonl import with_default_deadline
 from .signals import end_soon, stop_signals, watch_signals
 
 if TYPE_CHECKING:
@@ -141,17 +140,3 @@ async def _run(
                 await server.wait_idle()
             nursery.cancel_scope.cancel()
     return 0
-
-
-def with_default_deadline(call: Any, after: Mapping[str, float]) -> Any:
-    """`call(task, *, deadline=None, ...)` (submit or start_nowait) giving a request that comes
-    without a deadline the one `after` says for its stage, seconds from now (none if absent)."""
-    if not after:
-        return call
-
-    def with_deadline(task: Any, *, deadline: float | None = None, **kwargs: Any) -> Any:
-        if deadline is None and (seconds := after.get(stage_of(task))) is not None:
-            deadline = time.time() + seconds
-        return call(task, deadline=deadline, **kwargs)
-
-    return with_deadline

@@ -48,11 +48,12 @@ def serve_children(
 
     from damocles_ext.supervisor.core import Supervisor
 
-    from .serve_jsonl import serve_supervised, start_with_deadline, with_deadline
+    from .serve_jsonl import serve_supervised, with_default_deadline
 
     supervisor = Supervisor(children, **supervisor_options())
-    submit = with_deadline(supervisor.submit, deadline_after)
-    start = start_with_deadline(supervisor, deadline_after)
+    after = {} if deadline_after is None else {stage: deadline_after}
+    submit = with_default_deadline(supervisor.submit, after)
+    start = with_default_deadline(supervisor.start_nowait, after)
     return trio.run(serve_supervised, stage, supervisor, submit, protocol_in, protocol_out, start)
 
 

@@ -22,23 +22,22 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from ..errors import DextError, ProverError
 from ..protocol import jsonl
-from ..tasks import Output, Task
+from ..tasks import Output, Task, stage_of
 from .outbox import Outbox
 from .serve import reader_gone
 from .signals import end_soon, stop_signals, watch_signals
-from .started import Batch, CancelHandle, OnDone, Start, internal_error, start_or_decline
+from .started import Batch, CancelHandle, Start, internal_error, start_or_decline
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
-    from ..supervisor.request import Started
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -333,26 +332,20 @@ def _id_list(ids: set[int], limit: int = 20) -> str:
 # -- serve with children of our own: the runtime around JsonLineServer and one supervisor ------
 
 
-def start_with_deadline(supervisor: Supervisor, after: float | None) -> Start:
-    """`supervisor.start_nowait(task, on_done=...)`, giving each request the deadline `after`
-    seconds from now (if set), as `with_deadline` does for `submit`."""
+def with_default_deadline(call: Any, after: Mapping[str, float]) -> Any:
+    """`call(task, *, deadline=None, ...)` (a supervisor's `submit` or `start_nowait`, a remote
+    one's `submit`) giving a request that comes without a deadline the one `after` says for its
+    stage, seconds from now (none if absent): `serve`'s (damocles' JSON lines carry none) and
+    `run`'s (a client may send none)."""
+    if not after:
+        return call
 
-    def start(task: Task, *, on_done: OnDone) -> Started | None:
-        deadline = None if after is None else time.time() + after
-        return supervisor.start_nowait(task, deadline=deadline, on_done=on_done)
+    def with_deadline(task: Any, *, deadline: float | None = None, **kwargs: Any) -> Any:
+        if deadline is None and (seconds := after.get(stage_of(task))) is not None:
+            deadline = time.time() + seconds
+        return call(task, deadline=deadline, **kwargs)
 
-    return start
-
-
-def with_deadline(submit: Callable[..., Awaitable[Output]], after: float | None) -> Submit:
-    """`submit(task)` that gives each request the deadline `after` seconds from now (if set)."""
-    if after is None:
-        return submit
-
-    async def submit_with_deadline(task: Task) -> Output:
-        return await submit(task, deadline=time.time() + after)
-
-    return submit_with_deadline
+    return with_deadline
 
 
 async def serve_supervised(
