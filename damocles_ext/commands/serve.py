@@ -241,12 +241,13 @@ def run(args: argparse.Namespace) -> int:
         )
     config = load_config_from_args(args)
     children = children_of(config, args.stage)
-    from damocles_ext.errors import UsageError
+    if any(c.kind == "bin" for c in children):  # (a `damocles-ext serve` child is one)
+        from damocles_ext.errors import UsageError
 
-    from .check_config import serves_itself
+        from .check_config import serves_itself
 
-    if (loop := serves_itself(config, args.stage)) is not None:
-        raise UsageError(loop)  # before the ready line: damocles-manager's start fails with it
+        if (loop := serves_itself(config, args.stage)) is not None:
+            raise UsageError(loop)  # before the ready line: the manager's start fails with it
     # damocles' own processor never says ready when its prover cannot load, and then the
     # manager's start fails; so do we, for whatever can be checked without starting a child.
     from damocles_ext.config import check_startable
