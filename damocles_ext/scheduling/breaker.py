@@ -117,15 +117,19 @@ class ChildBreaker:
             streak.last_proof = max(streak.last_proof, at)
             if not self.erring:
                 return
-            after = [e for e in streak.made if e[0] > at] if at < streak.last_error else None
-            if after is not None and len(streak.made) == streak.errors > len(after) < self.errors:
-                # Made among its errors: only those made after it are in a row (a bench by
-                # more ends, as it would have); else it was made before them all: no change.
-                self._end_streak(child)
-                for made_at, k in after:
-                    self.count(child, k, True, now, made_at)
-            elif after is None and (streak.errors or streak.benches):
-                self._end_streak(child)
+            if at >= streak.last_error:  # made after every error counted: it ends them
+                if streak.errors or streak.benches:
+                    self._end_streak(child)
+            else:
+                # Made among its errors (each made-at is known: none past _KEYS): only those
+                # made after it are in a row; fewer than a bench takes, the bench ends. Made
+                # before them all, or with enough after it: no change.
+                after = [e for e in streak.made if e[0] > at]
+                known = len(streak.made) == streak.errors
+                if known and len(after) < streak.errors and len(after) < self.errors:
+                    self._end_streak(child)
+                    for made_at, k in after:
+                        self.count(child, k, True, now, made_at)
             if self.unproven:  # siblings past their errors, waiting for a proof like this one
                 for s in self._by_stage[child.info.stage]:
                     if s.info.child_id not in self.unproven or at < s.streak.since:
