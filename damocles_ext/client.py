@@ -7,7 +7,9 @@
 
 Requests on one connection run concurrently; each `submit` returns its own output or raises
 ProverError. Cancelling a `submit` (e.g. with `trio.move_on_after`) cancels the request in the
-supervisor, and closing the connection cancels every request still open on it.
+supervisor, and closing the connection cancels every request still open on it. A request with
+a deadline that has no answer `LATE_ANSWER` seconds after it (a supervisor stopped or hung)
+raises ProverError then.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("damocles_ext.client")
 
 #: Called with each Progress of a request (its `id` is the client's request id).
+#: How long after a request's deadline its answer is waited for: the supervisor answers at the
+#: deadline; silent this long after it, it is stopped (SIGSTOP) or hung.
+LATE_ANSWER = 15.0
+
 ProgressCallback = Callable[[dext.Progress], None]
 
 
@@ -129,7 +136,18 @@ class Client:
 
         try:
             self._outbox.send(frame, written, at_once=len(self._pending) == 1)
-            await pending.wait()
+            if deadline is None:
+                await pending.wait()
+            else:
+                late = trio.current_time() + max(0.0, deadline - time.time()) + LATE_ANSWER
+                with trio.move_on_at(late):
+                    await pending.wait()
+                if not pending.is_set:  # cancelled in the supervisor below, if it wakes up
+                    raise ProverError(
+                        f"request {request_id}: the supervisor at {self.path} did not answer by"
+                        f" the request's deadline nor {LATE_ANSWER:g} s after it (stopped, e.g."
+                        " by SIGSTOP, or hung?); not proved in time, cancelled"
+                    )
         except BaseException:
             if not pending.is_set and self._lost is None:
                 # Tell the supervisor to stop working on it; the connection may be gone already.

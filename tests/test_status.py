@@ -317,6 +317,31 @@ async def test_status_of_a_stopped_supervisor_gives_up_after_its_timeout_saying_
     assert "stopped (SIGSTOP" in err
 
 
+async def test_a_request_to_a_stopped_supervisor_fails_soon_after_its_deadline_saying_why(
+    tmp_path: Path, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A `run` stopped with SIGSTOP reads nothing and answers nothing: a client whose request
+    # has a deadline stops waiting a little after it, rather than for ever.
+    monkeypatch.setattr("damocles_ext.client.LATE_ANSWER", 0.5)
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        async with connect(sock_path) as client:
+            await client.submit(make_task())
+            run.send_signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(30), pytest.raises(ProverError) as caught:
+                    await client.submit(make_task(), deadline=time.time() + 0.5)
+            finally:
+                run.send_signal(signal.SIGCONT)
+            # Woken, the supervisor is told to cancel it; the connection still serves.
+            assert await client.submit(make_task(7)) is not None
+        run.send_signal(signal.SIGTERM)
+        assert await run.wait() == 0, log.text()
+    message = str(caught.value)
+    assert f"the supervisor at {sock_path} did not answer by the request's deadline" in message
+    assert "nor 0.5 s after it" in message and "SIGSTOP" in message
+
+
 # -- the document and the table, without processes ------------------------------------------------
 
 

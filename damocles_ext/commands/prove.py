@@ -121,7 +121,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--deadline",
         metavar="SECONDS|ISO-TIME",
         help="give up after this many seconds from now, or at this time (ISO 8601; without a"
-        " zone it is local time)",
+        " zone it is local time). The supervisor answers by then; through --socket, one that is"
+        " stopped or hung is given up on 15 s after it",
     )
     parser.add_argument(
         "--priority",
