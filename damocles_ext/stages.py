@@ -20,6 +20,12 @@ WINDOW_POST_SPLIT = ("window_post_vanilla", "window_post_snark")
 STAGES = POST_STAGES + WINDOW_POST_SPLIT
 
 
+def post_stage(stage: str) -> str:
+    """The stage damocles sends that requests of `stage` are part of: a split step's is
+    window_post."""
+    return "window_post" if stage in WINDOW_POST_SPLIT else stage
+
+
 def child_stages(stage: str) -> frozenset[str]:
     """The children's stages that may take part in serving requests of `stage`."""
     if stage == "window_post":

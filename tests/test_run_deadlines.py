@@ -4,6 +4,8 @@ child."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 from helpers.frontend import make_task, plugin_block, running, write_config
@@ -12,6 +14,8 @@ from damocles_ext import cli
 from damocles_ext.client import connect
 from damocles_ext.commands.run import deadlines_after
 from damocles_ext.errors import ProverError
+from damocles_ext.frontends.serve_jsonl import with_default_deadline
+from damocles_ext.tasks import split_window_post
 
 
 def test_the_deadlines_default_to_serves_and_each_argument_overrides_what_it_names():
@@ -22,6 +26,21 @@ def test_the_deadlines_default_to_serves_and_each_argument_overrides_what_it_nam
         "winning_post": 60.0,
     }
     assert deadlines_after([("winning_post", 0.0)]) == {"window_post": 2400.0}
+
+
+def test_a_split_window_posts_step_sent_alone_gets_window_posts_deadline():
+    # A vanilla or SNARK step sent straight to `run` is a WindowPoSt's part: the same bound.
+    given = []
+    call = with_default_deadline(
+        lambda task, *, deadline: given.append(deadline), deadlines_after(None)
+    )
+    before = time.time()
+    call(split_window_post(make_task(1)))
+    call(make_task(2, stage="winning_post"))
+    call(split_window_post(make_task(3)), deadline=12.5)
+    assert before + 2400 <= given[0] <= time.time() + 2400
+    assert before + 300 <= given[1] <= time.time() + 300
+    assert given[2] == 12.5
 
 
 def test_a_deadline_for_a_stage_requests_do_not_come_for_is_a_usage_error(capsys):

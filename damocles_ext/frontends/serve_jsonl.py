@@ -30,6 +30,7 @@ import trio
 
 from ..errors import DextError, ProverError
 from ..protocol import jsonl
+from ..stages import post_stage
 from ..tasks import Output, Task, stage_of
 from .outbox import Outbox
 from .serve import reader_gone
@@ -336,12 +337,12 @@ def with_default_deadline(call: Any, after: Mapping[str, float]) -> Any:
     """`call(task, *, deadline=None, ...)` (a supervisor's `submit` or `start_nowait`, a remote
     one's `submit`) giving a request that comes without a deadline the one `after` says for its
     stage, seconds from now (none if absent): `serve`'s (damocles' JSON lines carry none) and
-    `run`'s (a client may send none)."""
+    `run`'s (a client may send none). A split WindowPoSt's step sent alone gets window_post's."""
     if not after:
         return call
 
     def with_deadline(task: Any, *, deadline: float | None = None, **kwargs: Any) -> Any:
-        if deadline is None and (seconds := after.get(stage_of(task))) is not None:
+        if deadline is None and (seconds := after.get(post_stage(stage_of(task)))) is not None:
             deadline = time.time() + seconds
         return call(task, deadline=deadline, **kwargs)
 
