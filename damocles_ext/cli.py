@@ -179,11 +179,13 @@ def _first(exc: BaseException) -> BaseException:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        # Building the parser imports every command's module: Ctrl-C then is as quiet as later.
+        args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except DextError as exc:
+        assert args is not None  # the parser raises no DextError
         print(f"damocles-ext {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BaseException as exc:

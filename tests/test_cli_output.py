@@ -304,3 +304,22 @@ def test_a_plugin_that_prints_never_reaches_the_protocol_or_the_output(tmp_path:
         assert "printed as the plugin is imported" in done.stderr
         assert "printed by an observer as a request ends" in done.stderr
     assert not (tmp_path / "-").exists()
+
+
+def test_ctrl_c_while_the_commands_are_loaded_ends_quietly_with_130():
+    # The parser imports every command's module (tens of ms): a SIGINT then, as an impatient
+    # operator sends it, is the same quiet exit 130 as one during the command.
+    code = (
+        "import signal, damocles_ext.cli as cli\n"
+        "build = cli.build_parser\n"
+        "def interrupted():\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    return build()\n"
+        "cli.build_parser = interrupted\n"
+        "raise SystemExit(cli.main(['plugins']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False, text=True
+    )
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
