@@ -85,9 +85,11 @@ class _Stdout(io.RawIOBase):
     def write(self, data: bytes) -> int:  # type: ignore[override]  # bytes-like, as io passes
         if self.failed:
             return len(data)
-        while True:
+        # All of it, as a write_through TextIOWrapper (python -u) does not write the rest.
+        view, done = memoryview(data), 0
+        while done < len(view):
             try:
-                return os.write(1, data)
+                done += os.write(1, view[done:])
             except BlockingIOError:
                 # A non-blocking stdout (O_NONBLOCK set on the file we share, by a shell or a
                 # program that started us) whose reader is behind: not full, so wait for room.
@@ -98,6 +100,7 @@ class _Stdout(io.RawIOBase):
                 raise
             except OSError as exc:
                 self._fail(exc)
+        return done
 
     def _fail(self, exc: OSError) -> NoReturn:
         self.failed = True
@@ -132,11 +135,15 @@ def _guard_stdio() -> None:
     stdout = sys.stdout
     if stdout is not None and stdout is not sys.__stdout__:
         return
+    # Unbuffered as it was (python -u, PYTHONUNBUFFERED): each write goes out at once.
+    unbuffered = stdout is not None and stdout.write_through
+    raw = _Stdout(closed[1])
     sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(_Stdout(closed[1])),
+        raw if unbuffered else io.BufferedWriter(raw),
         encoding=stdout.encoding if stdout is not None else None,
         errors=stdout.errors if stdout is not None else None,
         line_buffering=stdout.line_buffering if stdout is not None else False,
+        write_through=unbuffered,
     )
 
 

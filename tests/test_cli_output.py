@@ -323,3 +323,26 @@ def test_ctrl_c_while_the_commands_are_loaded_ends_quietly_with_130():
     )
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_stdout_stays_unbuffered_under_python_u_and_buffered_without(unbuffered: bool):
+    # `python -u` (or PYTHONUNBUFFERED): what a command writes is out at once, also when the
+    # process then dies before it could flush; without it, stdout keeps its buffer.
+    code = (
+        "import os, sys, damocles_ext.cli as cli\n"
+        "cli._guard_stdio()\n"
+        "sys.stdout.write('written')\n"
+        "os._exit(0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, *(["-u"] if unbuffered else []), "-c", code],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("written" if unbuffered else "")
