@@ -26,6 +26,7 @@ from damocles_ext.config import (
     load_config,
     parse_config,
 )
+from damocles_ext.config.startup import format_problem, other_formats
 from damocles_ext.errors import EXIT_USAGE, UsageError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -1096,6 +1097,60 @@ def test_a_bin_whose_interpreter_is_missing_names_it(tmp_path: Path) -> None:
         f'WdPost[0].Bin: "{program}" exists, but the interpreter its #! line names,'
         " '/opt/vendor/bin/python3', was not found; install it or fix the #! line"
     )
+
+
+def _elf_like_ours(path: Path, *, machine: int | None = None, kind: int | None = None) -> None:
+    """An executable file with this interpreter's ELF header, its e_machine or e_type changed."""
+    head = bytearray(Path("/proc/self/exe").read_bytes()[:64])
+    order = "little" if head[5] == 1 else "big"
+    if machine is not None:
+        head[18:20] = machine.to_bytes(2, order)
+    if kind is not None:
+        head[16:18] = kind.to_bytes(2, order)
+    path.write_bytes(bytes(head))
+    path.chmod(0o755)
+
+
+def test_a_bin_exec_would_refuse_for_its_format_says_why_and_what_to_do(tmp_path: Path) -> None:
+    # Exec fails on each with ENOEXEC ("Exec format error"): every start of the child would.
+    if other_formats():
+        pytest.skip("binfmt_misc formats are registered here: any file may be runnable")
+    script = tmp_path / "prover.sh"
+    script.write_text("echo no '#!' line\n")
+    script.chmod(0o755)
+    ours = int.from_bytes(Path("/proc/self/exe").read_bytes()[18:20], "little")
+    foreign = tmp_path / "prover-other-arch"
+    _elf_like_ours(foreign, machine=183 if ours != 183 else 62)
+    foreign_name = "AArch64 (arm64)" if ours != 183 else "x86-64"
+    obj = tmp_path / "prover.o"
+    _elf_like_ours(obj, kind=1)
+    config = "".join(f'[[WdPost]]\nBin = "{p}"\n' for p in (script, foreign, obj))
+    this = "x86-64" if ours == 62 else "AArch64 (arm64)"
+    script_problem = (
+        f'WdPost[0].Bin: "{script}" is neither a program for this machine nor a script with a'
+        " #! line, so exec refuses it (Exec format error); add a #! line naming its interpreter"
+        " (e.g. #!/bin/sh), or give the path of the prover program"
+    )
+    foreign_problem = (
+        f'WdPost[1].Bin: "{foreign}" is a program for {foreign_name}, and this machine is'
+        f" {this}, so exec refuses it (Exec format error); install the prover built for this"
+        " machine"
+    )
+    obj_problem = (
+        f'WdPost[2].Bin: "{obj}" is an ELF file but not a program (an object file or a core'
+        " dump?); give the path of the prover program"
+    )
+    assert _bin_problem(tmp_path, config) == [script_problem, foreign_problem, obj_problem]
+
+
+def test_a_bin_for_this_machine_or_its_32_bit_kind_passes(tmp_path: Path) -> None:
+    program = tmp_path / "prover"
+    _elf_like_ours(program)
+    assert format_problem(str(program)) is None
+    ours = int.from_bytes(Path("/proc/self/exe").read_bytes()[18:20], "little")
+    if ours in (62, 183):
+        _elf_like_ours(program, machine=3 if ours == 62 else 40)
+        assert format_problem(str(program)) is None
 
 
 def test_a_bin_that_is_a_fifo_says_so(tmp_path: Path) -> None:

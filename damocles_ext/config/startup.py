@@ -43,11 +43,9 @@ def file_kind(mode: int) -> str:
     return next((what for test, what in _KINDS if test(mode)), "not a regular file")
 
 
-def missing_interpreter(program: str) -> str | None:
-    """The interpreter that `program`'s #! line names when it does not exist (exec then fails
-    with ENOENT, as if the program itself were missing); None if it has no such line, if that
-    interpreter exists, or if it cannot be read. Reads at most its first 256 bytes, of a regular
-    file only (never blocks on a FIFO or a device)."""
+def _head(program: str) -> bytes | None:
+    """The first 256 bytes of `program`, a regular file (never blocks on a FIFO or a device);
+    None when it is not one or cannot be read."""
     try:
         fd = os.open(program, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -55,12 +53,20 @@ def missing_interpreter(program: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        head = os.read(fd, _SHEBANG_READ)
+        return os.read(fd, _SHEBANG_READ)
     except OSError:
         return None
     finally:
         os.close(fd)
-    if not head.startswith(b"#!"):
+
+
+def missing_interpreter(program: str) -> str | None:
+    """The interpreter that `program`'s #! line names when it does not exist (exec then fails
+    with ENOENT, as if the program itself were missing); None if it has no such line, if that
+    interpreter exists, or if it cannot be read. Reads at most its first 256 bytes, of a regular
+    file only (never blocks on a FIFO or a device)."""
+    head = _head(program)
+    if head is None or not head.startswith(b"#!"):
         return None
     # As the kernel reads it: the first word after "#!", up to a space, a tab or the line's end
     # (a CR of a file saved with CRLF is part of the name).
@@ -80,6 +86,69 @@ def interpreter_problem(program: str) -> str | None:
         f"exists, but the interpreter its #! line names, {interpreter!r}, was not found;"
         " install it or fix the #! line"
     )
+
+
+_ELF = b"\x7fELF"
+#: ELF e_machine numbers, named as an operator knows them.
+_MACHINES = {3: "x86 (32-bit)", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "s390x",
+             40: "ARM (32-bit)", 62: "x86-64", 183: "AArch64 (arm64)", 243: "RISC-V"}  # fmt: skip
+#: The machines whose programs a machine also runs (32-bit ones, where its kernel has them).
+_ALSO_RUNS = {62: frozenset({3}), 183: frozenset({40})}
+
+
+def _elf_header(head: bytes) -> tuple[int, int] | None:
+    """(e_type, e_machine) of an ELF file's first bytes, or None."""
+    if len(head) < 20 or not head.startswith(_ELF) or head[5] not in (1, 2):
+        return None
+    big = head[5] == 2  # EI_DATA: 1 little-endian, 2 big-endian
+    kind, machine = head[16:18], head[18:20]
+    if big:
+        return int.from_bytes(kind, "big"), int.from_bytes(machine, "big")
+    return int.from_bytes(kind, "little"), int.from_bytes(machine, "little")
+
+
+def other_formats() -> bool:
+    """True when binfmt_misc has formats registered (qemu-user, Java, wine...): exec may then run
+    files that are neither scripts nor programs for this machine, and they are not judged."""
+    try:
+        return any(n not in ("register", "status") for n in os.listdir("/proc/sys/fs/binfmt_misc"))
+    except OSError:
+        return False
+
+
+def _machine(number: int) -> str:
+    return _MACHINES.get(number, f"ELF machine {number}")
+
+
+def format_problem(program: str) -> str | None:
+    """Why exec would refuse the format of `program` (a regular, executable file: ENOEXEC, 'Exec
+    format error'), and what to do; None when it is a script with a #! line, a program for this
+    machine, or cannot be judged."""
+    head = _head(program)
+    if head is None or head.startswith(b"#!") or other_formats():
+        return None
+    header = _elf_header(head)
+    if header is None:
+        if head.startswith(_ELF):
+            return None  # a header cut short or of an odd kind: left to exec
+        return (
+            "is neither a program for this machine nor a script with a #! line, so exec refuses"
+            " it (Exec format error); add a #! line naming its interpreter (e.g. #!/bin/sh), or"
+            " give the path of the prover program"
+        )
+    ours = _elf_header(_head("/proc/self/exe") or b"")
+    kind, machine = header
+    if kind not in (2, 3):  # ET_EXEC, ET_DYN: an object file or a core dump is not run
+        return (
+            "is an ELF file but not a program (an object file or a core dump?); give the path"
+            " of the prover program"
+        )
+    if ours is not None and machine != ours[1] and machine not in _ALSO_RUNS.get(ours[1], ()):
+        return (
+            f"is a program for {_machine(machine)}, and this machine is {_machine(ours[1])}, so"
+            " exec refuses it (Exec format error); install the prover built for this machine"
+        )
+    return None
 
 
 def program_problem(program: str, search_path: str | None = None) -> str | None:
@@ -110,7 +179,7 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
             f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
             f"executable (chmod +x) or {fix}"
         )
-    if (problem := interpreter_problem(program)) is not None:
+    if (problem := interpreter_problem(program) or format_problem(program)) is not None:
         return f"{shown} {problem}"
     return None
 
