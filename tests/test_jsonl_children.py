@@ -9,9 +9,11 @@ nil slices as null: `"faults": null` beside its proofs, `"proofs": null` beside 
 
 from __future__ import annotations
 
+import pytest
 import trio
-from helpers.supervisor import jsonl_child, spec, window_task
+from helpers.supervisor import jsonl_child, spec, who, window_task
 
+from damocles_ext.errors import ProverError
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.tasks import WindowPoStOutput
 
@@ -37,3 +39,34 @@ async def test_null_lists_in_a_json_lines_childs_output_read_as_empty_as_damocle
             sup.request_shutdown()
     assert proved == WindowPoStOutput(proofs=[b"\x00\x01\x02"], faults=[])
     assert faulty == WindowPoStOutput(proofs=[], faults=[7])
+
+
+# An answer whose id is mangled (a string, as a processor that keeps ids as text writes it),
+# after a stray JSON log line on stdout (a JSON logger writing there), for miner 1; the others
+# are answered as they should be.
+MANGLED_ID = """
+sys.stdout.write(json.dumps({"level": "info", "msg": "proving", "id": "x"}) + "\\n")
+if req["task"]["miner_id"] == 1:
+    out = {"proofs": ["AAEC"], "faults": []}
+    sys.stdout.write(json.dumps({"id": str(req["id"]), "err_msg": None, "output": out}) + "\\n")
+    sys.stdout.flush()
+else:
+    answer(req)
+"""
+
+
+async def test_an_answer_whose_id_is_unreadable_answers_the_one_request_its_child_had():
+    # damocles reads such a line, logs it and waits on: the request (and the child's only
+    # slot) would wait for its deadline. The child had one request: the line is its answer.
+    # The stray log line before it, not a response, changes nothing.
+    sup = Supervisor([spec(jsonl_child(MANGLED_ID), max_attempts=1)])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            with pytest.raises(ProverError) as caught:
+                await sup.submit(window_task(miner=1))
+            after = await sup.submit(window_task(miner=2))
+            sup.request_shutdown()
+    assert "invalid response: skipped a bad stdout line: not a response line" in str(caught.value)
+    assert who(after)[0] == 2

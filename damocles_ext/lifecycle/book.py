@@ -74,6 +74,14 @@ class RequestBook(BookRules):
         process = self._child(child).process
         return len(process.attempts) if process is not None else 0
 
+    def only_attempt(self, child: str) -> int | None:
+        """The child_rid of the one attempt on `child`'s current process, or None (none, or more:
+        an answer whose id is unreadable can be only that one's)."""
+        process = self._child(child).process
+        if process is None or len(process.attempts) != 1:
+            return None
+        return next(iter(process.attempts))
+
     def is_running(self, child: str, child_rid: int) -> bool:
         """Whether `child`'s current process runs an attempt under `child_rid`."""
         process = self._child(child).process

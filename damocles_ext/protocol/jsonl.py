@@ -290,6 +290,17 @@ def leading_id(data: bytes) -> int | None:
     return value if value <= MAX_ID else None
 
 
+def is_response_like(line: bytes) -> bool:
+    """Whether a line whose id could not be read is still a response: a JSON object with an
+    `output` or an `err_msg` (a child's answer with its id mangled, not a stray line, which a
+    child may print, as a JSON logger writing to stdout does)."""
+    try:
+        obj = msgspec.json.decode(_strip_eol(line))
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return isinstance(obj, dict) and ("output" in obj or "err_msg" in obj)
+
+
 def _bad_head(kind: str, line: bytes, exc: Exception | None) -> JsonLineError:
     """A line whose head (the id, at least) did not decode; its id may still be readable."""
     reason = NESTED_TOO_DEEPLY if exc is None else str(exc)

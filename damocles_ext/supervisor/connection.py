@@ -70,6 +70,7 @@ class Skipped(msgspec.Struct, frozen=True):
     what: str
     child_rid: int | None
     raw: bytes = b""  # the line, for the operator's dump
+    response_like: bool = False  # its id unreadable, it is still a response (jsonl)
 
 
 Event = Ready | Answer | ProgressEvent | Skipped
@@ -213,7 +214,10 @@ class ChildConnection:
             try:
                 resp = jsonl.decode_response(line, self.stage)
             except jsonl.JsonLineError as exc:
-                events.append(Skipped(f"skipped a bad stdout line: {exc}", exc.id, bytes(line)))
+                like = exc.id is None and jsonl.is_response_like(line)
+                events.append(
+                    Skipped(f"skipped a bad stdout line: {exc}", exc.id, bytes(line), like)
+                )
                 continue
             events.append(Answer(resp.id, resp.output, resp.err_msg))
         if not data:

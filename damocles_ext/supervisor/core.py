@@ -619,10 +619,13 @@ class Supervisor:
                     report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
                 else:
                     log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
-                if ev.child_rid is not None and book.is_running(child.name, ev.child_rid):
+                rid = ev.child_rid
+                if rid is None and ev.response_like:  # its id mangled: the only one it can be
+                    rid = book.only_attempt(child.name)
+                if rid is not None and book.is_running(child.name, rid):
                     # The child answered this request, badly: it will not answer it again.
                     error = f"invalid response: {ev.what}"
-                    self._tell(book.answered, child.name, ev.child_rid, now, error=error)
+                    self._tell(book.answered, child.name, rid, now, error=error)
                 else:
                     self._tell(book.heard_from, child.name, now)
             elif isinstance(ev, Ready):
