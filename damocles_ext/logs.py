@@ -12,7 +12,8 @@ and `--log-format json` (or `DAMOCLES_EXT_LOG_FORMAT=json`) writes one JSON obje
 Undecodable output of a child (a bad JSON line, a broken dext frame, a wrong ready message) is
 logged with the child's name and pid, truncated to 100 bytes; with `--dump-dir DIR`
 (`DAMOCLES_EXT_DUMP_DIR`), or vc-processors' `DUMP_ERR_RESP_<pid>` naming a directory for that
-child pid, the whole of it is written to `DIR/dext-bad-output-<pid>-<n>.bin` instead.
+child pid, the whole of it is written to `DIR/dext-bad-output-<child pid>-<our pid>-<n>.bin`
+instead.
 """
 
 from __future__ import annotations
