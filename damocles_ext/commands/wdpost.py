@@ -33,7 +33,7 @@ CONF_DIR_HELP = (
 
 
 MANAGER_HELP = (
-    "the worker-prover RPC instead of the store: a damocles-ext coordinator, or a damocles-manager"
+    "the worker-prover RPC: a damocles-ext coordinator, or a damocles-manager"
     " run with --worker-prover; a multiaddr as damocles-worker's rpc_client.addr"
     " (/ip4/HOST/tcp/1789), http://HOST:PORT, or HOST:PORT"
 )
@@ -55,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     def common(p: argparse.ArgumentParser) -> None:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--jobs", metavar="URL", help=JOBS_HELP)
-        where.add_argument("--manager", metavar="ADDRESS", help=MANAGER_HELP)
+        where.add_argument(
+            "--manager", metavar="ADDRESS", help="instead of the store, " + MANAGER_HELP
+        )
         p.add_argument(
             "--token-file",
             metavar="FILE",
