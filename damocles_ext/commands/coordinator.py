@@ -73,9 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="FILE",
         type=token_file,
         help="require every request to carry `Authorization: Bearer <token>`, the token being"
-        " the first line of FILE (keep it readable by this user only); damocles-workers send it"
-        ' with [sector_manager] rpc_client.headers = { Authorization = "Bearer <token>" }.'
-        " Without it, anyone who reaches the port may take and finish jobs",
+        " the first line of FILE (keep it readable by this user only); `damocles-ext worker`"
+        " sends it with its own --token-file. A damocles-worker sends no header (it reads"
+        " rpc_client.headers but does not send them): a coordinator it pulls from runs without"
+        " --token-file. Without it, anyone who reaches the port may take and finish jobs",
     )
     parser.add_argument(
         "--index-without-token",

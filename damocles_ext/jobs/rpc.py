@@ -231,8 +231,8 @@ def encode_error(error: RpcError) -> bytes:
 
 TOKEN_HOWTO: Final = (
     "send the header `Authorization: Bearer <token>` with the token of the coordinator's"
-    " --token-file (damocles-worker: [sector_manager] rpc_client.headers ="
-    ' { Authorization = "Bearer <token>" }; damocles-ext: --token-file)'
+    " --token-file (damocles-ext worker: --token-file; a damocles-worker sends no header, whatever"
+    " its rpc_client.headers say: serve it from a coordinator without --token-file)"
 )
 
 
