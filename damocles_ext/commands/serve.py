@@ -56,8 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " as jobs in a job store that workers on other machines take. Use it as Bin/Args of a"
             " damocles-manager ext-prover.cfg, with that entry's Concurrent at least the slots"
             " served here (the sum of the children's Concurrent): damocles-manager sends no more"
-            " at once (check-config on its file warns). Logs go to stderr; stdin EOF, SIGTERM"
-            " or SIGINT shut down gracefully."
+            " at once (check-config on its file warns). Logs go to stderr; stdin EOF, SIGTERM,"
+            " SIGINT or SIGHUP (unless ignored) shut down gracefully."
         ),
     )
     parser.add_argument("stage", choices=POST_STAGES, help="the stage to serve")
