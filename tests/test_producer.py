@@ -290,6 +290,8 @@ def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, wo
     assert done.stdout == b""  # no ready line: damocles-manager's start fails
     err = done.stderr.decode()
     assert words in err and "Traceback" not in err
+    # Only why it did not start: no warning about what it would have done.
+    assert "no store is known" not in err
 
 
 def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_up_on_it():

@@ -154,11 +154,6 @@ def serve_jobs(
     from .producer import JobProducer, producer_settings, run_producer
 
     settings = producer_settings(conf_dir, stores, poll_interval)
-    if not settings.stores:
-        log.warning(
-            "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
-            " sector-manager.cfg): every request will be answered with an error"
-        )
     store = JobStore.open(
         url,
         limits=settings.limits,
@@ -166,6 +161,11 @@ def serve_jobs(
         open_timeout=SERVE_CONNECT_TIMEOUT,  # a store another process keeps locked: the same
         writable=True,
     )
+    if not settings.stores:  # said once it starts: a start that fails says only why
+        log.warning(
+            "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
+            " sector-manager.cfg): every request will be answered with an error"
+        )
     try:
         from damocles_ext.jobs.store import TrioJobStore
 
