@@ -566,3 +566,114 @@ async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_r
         assert who(out)[0] == 1000 and who(out)[1] != first
         stats = child_stats(sup, "window_post#0")
         assert stats.restarts == 1 and "StdinTimeoutSecs = 0.5" in stats.last_exit
+
+
+# Reports a Progress each time the test writes a byte to the FIFO $CTL (then a byte to $ACK, so
+# the test knows the Progress is in the pipe); answers when the byte is "a".
+SPEAKS_WHEN_TOLD = """
+ctl, ack = os.open(os.environ["CTL"], os.O_RDWR), os.open(os.environ["ACK"], os.O_RDWR)
+while os.read(ctl, 1) == b"p":
+    send(dext.Progress(msg.id, "prove", 0, 1))
+    os.write(ack, b"!")
+answer(msg)
+"""
+
+
+async def test_a_supervisor_that_did_not_run_for_a_while_hears_its_child_before_judging_it(
+    tmp_path, mock_clock
+):
+    # The supervisor stalls (SIGSTOP and SIGCONT, swapped out: here the test holds its loop)
+    # while its busy child keeps reporting Progress; when it runs again, the heartbeat timeout
+    # is past and the Progress waits unread in the pipe. The child spoke: it is not hung.
+    fifos = {name: tmp_path / name.lower() for name in ("CTL", "ACK")}
+    for path in fifos.values():
+        os.mkfifo(path)
+    ctl, ack = (os.open(path, os.O_RDWR) for path in fifos.values())
+    envs = {name: str(path) for name, path in fifos.items()}
+    dispatched = trio.Event()
+    outputs: list[object] = []
+
+    async def call() -> None:
+        outputs.append(await sup.submit(window_task(), on_dispatch=lambda _c: dispatched.set()))
+
+    try:
+        async with open_supervisor([spec(dext_child(SPEAKS_WHEN_TOLD), envs=envs)]) as sup:
+            await sup.wait_ready()
+            pid = child_stats(sup).pid
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                await dispatched.wait()
+                # The reader and the driver wake in one pass of trio's loop, in either order:
+                # ten stalls leave no order untried.
+                for _ in range(10):
+                    await trio.testing.wait_all_tasks_blocked()
+                    os.write(ctl, b"p")
+                    assert os.read(ack, 1) == b"!"  # the loop stands still meanwhile
+                    mock_clock.jump(config.DEFAULT_HEARTBEAT_TIMEOUT + 1)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert child_stats(sup).state == "busy", child_stats(sup).last_exit
+                os.write(ctl, b"a")
+        assert who(outputs[0]) == (1000, pid)
+        assert child_stats(sup).restarts == 0
+    finally:
+        os.close(ctl)
+        os.close(ack)
+
+
+# Takes one read from its stdin, and reports a Progress, each time the test writes "r" to the
+# FIFO $CTL (then a byte to $ACK); on "a", reads the rest of its request and answers it.
+READS_WHEN_TOLD = """
+import os, sys
+from damocles_ext.protocol import dext
+from damocles_ext.tasks import WindowPoStOutput
+out = sys.stdout.buffer
+out.write(dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "drip", "1", 1)))
+out.flush()
+ctl, ack = os.open(os.environ["CTL"], os.O_RDWR), os.open(os.environ["ACK"], os.O_RDWR)
+dec, msgs = dext.FrameDecoder(), []
+while os.read(ctl, 1) == b"r":
+    msgs += dec.receive_data(os.read(0, 65536))
+    out.write(dext.encode(dext.Progress(1, "read", 0, 1)))
+    out.flush()
+    os.write(ack, b"!")
+while not msgs:
+    msgs = dec.receive_data(os.read(0, 65536))
+out.write(dext.encode(dext.Response(msgs[0].id, output=WindowPoStOutput([b"read"], []))))
+out.flush()
+"""
+
+
+async def test_a_supervisor_that_did_not_run_for_a_while_sees_its_child_read_its_stdin(
+    tmp_path, mock_clock
+):
+    # As above, with a request larger than the child's stdin pipe: while the supervisor did not
+    # run, the child took bytes from the pipe; it is not stuck on its input.
+    fifos = {name: tmp_path / name.lower() for name in ("CTL", "ACK")}
+    for path in fifos.values():
+        os.mkfifo(path)
+    ctl, ack = (os.open(path, os.O_RDWR) for path in fifos.values())
+    envs = {name: str(path) for name, path in fifos.items()}
+    outputs: list[object] = []
+
+    async def call() -> None:
+        outputs.append(await sup.submit(_task_bigger_than_a_pipe()))
+
+    try:
+        child = spec(python_child(READS_WHEN_TOLD), envs=envs, max_attempts=1)
+        async with open_supervisor([child]) as sup:
+            await sup.wait_ready()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                for _ in range(10):
+                    await trio.testing.wait_all_tasks_blocked()  # the pipe is full again
+                    os.write(ctl, b"r")
+                    assert os.read(ack, 1) == b"!"  # the loop stands still meanwhile
+                    mock_clock.jump(config.DEFAULT_STDIN_TIMEOUT + 1)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert child_stats(sup).state == "busy", child_stats(sup).last_exit
+                os.write(ctl, b"a")
+        assert outputs[0].proofs == [b"read"]
+        assert child_stats(sup).restarts == 0
+    finally:
+        os.close(ctl)
+        os.close(ack)

@@ -346,6 +346,13 @@ class RequestBook(BookRules):
             process.last_activity = now
         return self._catch_up(now, out)
 
+    def spoke(self, child: str, now: float) -> None:
+        """`child` wrote something, not read yet, by `now`: it is alive (nothing is judged
+        here: `before_alarms` tells this as alarms are about to be)."""
+        process = self._child(child).process
+        if process is not None:
+            process.last_activity = max(process.last_activity, now)
+
     def stdin_blocked(self, child: str, now: float) -> None:
         """Messages for `child` wait for room in its stdin pipe, from `now`."""
         process = self._child(child).process

@@ -68,6 +68,11 @@ class Alarms(Generic[T]):
                 due.append(payload)
         return due
 
+    def due(self, now: float) -> bool:
+        """Whether an entry is due at `now` (maybe a cancelled one, which pop_due drops)."""
+        heap = self._heap
+        return bool(heap) and heap[0].when <= now
+
     def next(self) -> float:
         """When the earliest live entry is due (inf if none)."""
         heap = self._heap

@@ -6,6 +6,7 @@ side (its public methods); this is its base class, the rules they share.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..stages import WINDOW_POST_SPLIT
@@ -50,6 +51,10 @@ class BookRules:
         #: Once set (`shutdown`, or by the driver as soon as it is asked to stop), nothing lost
         #: is retried.
         self.shutting_down = False
+        #: Called with `now` before the alarms due at `now` are acted on: the driver of the book
+        #: tells it there (`spoke`, `stdin_progress`) what children did that it has not heard
+        #: of yet, which must count before their silence is judged (supervisor/unheard.py).
+        self.before_alarms: Callable[[float], None] | None = None
 
     # -- the rules --------------------------------------------------------------------------
 
@@ -64,6 +69,8 @@ class BookRules:
         which is returned."""
         out = [] if out is None else out
         fired = False
+        if self.before_alarms is not None and self._alarms.due(now):
+            self.before_alarms(now)
         # Until none is due: a rule may set an alarm that is due already (a kill takes its
         # process down, and a deadline of a request on it may have passed).
         while due_now := self._alarms.pop_due(now):

@@ -71,6 +71,7 @@ from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
 from .split import prove_split
 from .stats import CHILD_STATES, ChildStats, StageStats, SupervisorStats, build_statistics
+from .unheard import tell_unheard
 
 if TYPE_CHECKING:
     import pluggy
@@ -113,7 +114,8 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         rng = clock_jitter or random.Random()
         policy = backoff or BackoffPolicy()
-        self._book = RequestBook()
+        self._book = book = RequestBook()
+        self._book.before_alarms = lambda now: tell_unheard(book, self._children.values(), now)
         self._children: dict[str, Child] = {}
         for spec in specs:
             tracker = RestartTracker(policy, auto_restart=spec.auto_restart, rng=rng)
