@@ -718,3 +718,31 @@ async def test_a_connection_closed_for_the_buffer_cap_refuses_its_whole_frames_a
     stats = server.statistics()
     assert (stats.over_buffer, stats.connections, stats.requests) == (1, 1, 0)
     other.close()
+
+
+async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(sock_dir, nursery):
+    # `run` stopping waits (wait_idle) for what its clients asked before it closes their
+    # connections: a `status` asked as it stops is answered, not cut off.
+    from damocles_ext.protocol import control as control_protocol
+
+    server, status = await serve_gated_status(nursery, sock_dir)
+    s = await raw_connection(server)
+    await s.send(control_protocol.encode(control_protocol.StatusRequest(7)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert status.calls == 1
+    server.stop_accepting()
+    idle = trio.Event()
+
+    async def wait_idle() -> None:
+        await server.wait_idle()
+        idle.set()
+
+    nursery.start_soon(wait_idle)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not idle.is_set()
+    status.release.set()
+    [reply] = control_protocol.frame_decoder().receive_data(await s.recv(65536))
+    assert reply.id == 7 and reply.status == {"calls": 1}
+    with trio.fail_after(10):
+        await idle.wait()
+    s.close()

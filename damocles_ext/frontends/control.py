@@ -152,6 +152,7 @@ class ControlServer:
         self._max_frame = min(dext.DEFAULT_MAX_FRAME_SIZE, max_buffered)
         self._buffered = 0
         self._status_in_flight = 0  # status requests being answered, all connections
+        self._open = 0  # requests and status requests received and not yet answered (wait_idle)
         self._connections: set[_Connection] = set()
         self._stats = ControlStats()
         self._idle = trio.Event()
@@ -202,7 +203,8 @@ class ControlServer:
         self._accept_scope.cancel()
 
     async def wait_idle(self) -> None:
-        """Wait until every request received so far has been answered (or its client is gone)."""
+        """Wait until every request and status request received so far has been answered (or
+        its client is gone): `run` stopping still answers a `status` asked as it stops."""
         while not self._idle.is_set():
             await self._idle.wait()
 
@@ -217,12 +219,20 @@ class ControlServer:
     def _request_started(self) -> None:
         self._stats.requests += 1
         self._stats.in_flight += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        self._opened()
 
     def _request_done(self) -> None:
         self._stats.in_flight -= 1
-        if self._stats.in_flight == 0:
+        self._closed()
+
+    def _opened(self) -> None:
+        self._open += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _closed(self, count: int = 1) -> None:
+        self._open -= count
+        if self._open == 0:
             self._idle.set()
 
     def _buffer_changed(self, conn: _Connection, pending: int) -> bool:
@@ -408,6 +418,9 @@ class _Connection:
             for _ in range(self._owned):
                 self._server._request_done()
             self._owned = 0
+            if self._status_owed:  # their replies will not be written
+                self._server._closed(self._status_owed)
+                self._status_owed = 0
 
     async def _say_goodbye(self, reason: str) -> None:
         # Nothing is in flight, so the writer (cancelled above) was not inside a frame. This
@@ -454,6 +467,7 @@ class _Connection:
                         self._status_drained = trio.Event()
                         await self._status_drained.wait()
                     self._status_owed += 1
+                    self._server._opened()
                     if self._server._status_in_flight >= MAX_STATUS_IN_FLIGHT_SERVER:
                         self._server._stats.status_refused += 1
                         self._replies.append(
@@ -648,5 +662,6 @@ class _Connection:
             self._answered(answered)
             self._status_owed -= len(replies)
             if replies:
+                self._server._closed(len(replies))
                 self._status_drained.set()
             self._activity()
