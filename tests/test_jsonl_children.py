@@ -70,3 +70,43 @@ async def test_an_answer_whose_id_is_unreadable_answers_the_one_request_its_chil
             sup.request_shutdown()
     assert "invalid response: skipped a bad stdout line: not a response line" in str(caught.value)
     assert who(after)[0] == 2
+
+
+# Miner 1's answer, then a second one with its id mangled, in one write: read together, before
+# the child was sent anything more.
+ANSWER_THEN_MANGLED = """
+if req["task"]["miner_id"] == 1:
+    time.sleep(0.5)  # the other request waits in the queue meanwhile
+    out = {"proofs": [base64.b64encode(b"1 %d" % os.getpid()).decode()], "faults": []}
+    good = {"id": req["id"], "err_msg": None, "output": out}
+    again = {"id": str(req["id"]), "err_msg": "again", "output": None}
+    sys.stdout.write(json.dumps(good) + "\\n" + json.dumps(again) + "\\n")
+    sys.stdout.flush()
+else:
+    answer(req)
+"""
+
+
+async def test_an_unreadable_answer_read_with_an_answer_is_not_the_next_requests():
+    # The request the answer freed the slot for is sent after the line was read: the line
+    # cannot be its answer, and it is still proved.
+    sup = Supervisor([spec(jsonl_child(ANSWER_THEN_MANGLED), max_attempts=1)])
+    results: dict[int, object] = {}
+
+    async def prove(miner: int) -> None:
+        try:
+            results[miner] = await sup.submit(window_task(miner=miner))
+        except ProverError as exc:
+            results[miner] = exc
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            async with trio.open_nursery() as both:
+                both.start_soon(prove, 1)
+                await trio.sleep(0.1)
+                both.start_soon(prove, 2)
+            sup.request_shutdown()
+    assert who(results[1])[0] == 1, results[1]
+    assert who(results[2])[0] == 2, results[2]

@@ -74,13 +74,20 @@ class RequestBook(BookRules):
         process = self._child(child).process
         return len(process.attempts) if process is not None else 0
 
-    def only_attempt(self, child: str) -> int | None:
+    def attempt_ids(self, child: str) -> frozenset[int]:
+        """The child_rids of the attempts on `child`'s current process (abandoned ones too)."""
+        process = self._child(child).process
+        return frozenset(process.attempts) if process is not None else frozenset()
+
+    def only_attempt(self, child: str, sent: frozenset[int]) -> int | None:
         """The child_rid of the one attempt on `child`'s current process, or None (none, or more:
-        an answer whose id is unreadable can be only that one's)."""
+        an answer whose id is unreadable can be only that one's); None too when it is not in
+        `sent` (`attempt_ids` as the answer was read): sent since, it cannot be its answer."""
         process = self._child(child).process
         if process is None or len(process.attempts) != 1:
             return None
-        return next(iter(process.attempts))
+        rid = next(iter(process.attempts))
+        return rid if rid in sent else None
 
     def is_running(self, child: str, child_rid: int) -> bool:
         """Whether `child`'s current process runs an attempt under `child_rid`."""

@@ -601,6 +601,8 @@ class Supervisor:
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = self._now()
         book = self._book
+        # What a mangled answer read here may be: not what an answer before it frees a slot for.
+        sent = book.attempt_ids(child.name)
         for ev in events:
             if isinstance(ev, Answer):
                 self._tell(
@@ -623,7 +625,7 @@ class Supervisor:
                     log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
                 rid = ev.child_rid
                 if rid is None and ev.response_like:  # its id mangled: the only one it can be
-                    rid = book.only_attempt(child.name)
+                    rid = book.only_attempt(child.name, sent)
                 if rid is not None and book.is_running(child.name, rid):
                     # The child answered this request, badly: it will not answer it again.
                     error = f"invalid response: {ev.what}"
