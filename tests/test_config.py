@@ -25,8 +25,9 @@ from damocles_ext.config import (
     load_conf_dir,
     load_config,
     parse_config,
+    startup,
 )
-from damocles_ext.config.startup import format_problem, other_formats
+from damocles_ext.config.startup import format_problem
 from damocles_ext.errors import EXIT_USAGE, UsageError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -1111,10 +1112,12 @@ def _elf_like_ours(path: Path, *, machine: int | None = None, kind: int | None =
     path.chmod(0o755)
 
 
-def test_a_bin_exec_would_refuse_for_its_format_says_why_and_what_to_do(tmp_path: Path) -> None:
+def test_a_bin_exec_would_refuse_for_its_format_says_why_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Exec fails on each with ENOEXEC ("Exec format error"): every start of the child would.
-    if other_formats():
-        pytest.skip("binfmt_misc formats are registered here: any file may be runnable")
+    # As on a machine without binfmt_misc formats (with them, nothing is judged: tested below).
+    monkeypatch.setattr("damocles_ext.config.startup.other_formats", lambda: False)
     script = tmp_path / "prover.sh"
     script.write_text("echo no '#!' line\n")
     script.chmod(0o755)
@@ -1124,7 +1127,10 @@ def test_a_bin_exec_would_refuse_for_its_format_says_why_and_what_to_do(tmp_path
     foreign_name = "AArch64 (arm64)" if ours != 183 else "x86-64"
     obj = tmp_path / "prover.o"
     _elf_like_ours(obj, kind=1)
-    config = "".join(f'[[WdPost]]\nBin = "{p}"\n' for p in (script, foreign, obj))
+    bom = tmp_path / "prover-bom.sh"
+    bom.write_bytes(b"\xef\xbb\xbf#!/bin/sh\necho saved by an editor that adds a BOM\n")
+    bom.chmod(0o755)
+    config = "".join(f'[[WdPost]]\nBin = "{p}"\n' for p in (script, foreign, obj, bom))
     this = "x86-64" if ours == 62 else "AArch64 (arm64)"
     script_problem = (
         f'WdPost[0].Bin: "{script}" is neither a program for this machine nor a script with a'
@@ -1140,7 +1146,39 @@ def test_a_bin_exec_would_refuse_for_its_format_says_why_and_what_to_do(tmp_path
         f'WdPost[2].Bin: "{obj}" is an ELF file but not a program (an object file or a core'
         " dump?); give the path of the prover program"
     )
-    assert _bin_problem(tmp_path, config) == [script_problem, foreign_problem, obj_problem]
+    bom_problem = (
+        f'WdPost[3].Bin: "{bom}" starts with a UTF-8 byte order mark (BOM) before its #! line,'
+        " so exec does not see the line and refuses it (Exec format error); save it without the"
+        " BOM (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' on it)"
+    )
+    problems = _bin_problem(tmp_path, config)
+    assert problems == [script_problem, foreign_problem, obj_problem, bom_problem]
+    # With binfmt_misc formats registered (qemu-user, wine...), exec may run any of them.
+    monkeypatch.setattr("damocles_ext.config.startup.other_formats", lambda: True)
+    assert [format_problem(str(p)) for p in (script, foreign, obj, bom)] == [None] * 4
+
+
+def test_a_32_bit_python_on_a_64_bit_kernel_passes_a_64_bit_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /proc/self/exe is this Python, not the kernel: a 32-bit Python (an armhf or i386 userland
+    # on a 64-bit kernel) runs a 64-bit prover all the same.
+    ours = int.from_bytes(Path("/proc/self/exe").read_bytes()[18:20], "little")
+    if ours not in (62, 183):
+        pytest.skip("the test knows the 32-bit kinds of x86-64 and AArch64 only")
+    monkeypatch.setattr("damocles_ext.config.startup.other_formats", lambda: False)
+    program = tmp_path / "prover"
+    _elf_like_ours(program)
+    python32 = tmp_path / "python32"
+    _elf_like_ours(python32, machine=3 if ours == 62 else 40)
+    real_head = startup._head
+    monkeypatch.setattr(
+        startup, "_head", lambda p: real_head(str(python32) if p == "/proc/self/exe" else p)
+    )
+    assert format_problem(str(program)) is None
+    foreign = tmp_path / "prover-other-arch"
+    _elf_like_ours(foreign, machine=20)  # PowerPC: still refused
+    assert "is a program for PowerPC, and this machine is" in (format_problem(str(foreign)) or "")
 
 
 def test_a_bin_for_this_machine_or_its_32_bit_kind_passes(tmp_path: Path) -> None:

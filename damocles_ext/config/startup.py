@@ -92,8 +92,9 @@ _ELF = b"\x7fELF"
 #: ELF e_machine numbers, named as an operator knows them.
 _MACHINES = {3: "x86 (32-bit)", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "s390x",
              40: "ARM (32-bit)", 62: "x86-64", 183: "AArch64 (arm64)", 243: "RISC-V"}  # fmt: skip
-#: The machines whose programs a machine also runs (32-bit ones, where its kernel has them).
-_ALSO_RUNS = {62: frozenset({3}), 183: frozenset({40})}
+#: Machines of one family: a 64-bit kernel runs its 32-bit kind's programs (where built with
+#: them), and a 32-bit Python (this process) may run on a 64-bit kernel: never judged apart.
+_FAMILIES = (frozenset({3, 62}), frozenset({40, 183}), frozenset({20, 21}), frozenset({2, 18, 43}))
 
 
 def _elf_header(head: bytes) -> tuple[int, int] | None:
@@ -131,6 +132,12 @@ def format_problem(program: str) -> str | None:
     if header is None:
         if head.startswith(_ELF):
             return None  # a header cut short or of an odd kind: left to exec
+        if head.startswith(b"\xef\xbb\xbf#!"):
+            return (
+                "starts with a UTF-8 byte order mark (BOM) before its #! line, so exec does not"
+                " see the line and refuses it (Exec format error); save it without the BOM"
+                " (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' on it)"
+            )
         return (
             "is neither a program for this machine nor a script with a #! line, so exec refuses"
             " it (Exec format error); add a #! line naming its interpreter (e.g. #!/bin/sh), or"
@@ -143,12 +150,12 @@ def format_problem(program: str) -> str | None:
             "is an ELF file but not a program (an object file or a core dump?); give the path"
             " of the prover program"
         )
-    if ours is not None and machine != ours[1] and machine not in _ALSO_RUNS.get(ours[1], ()):
-        return (
-            f"is a program for {_machine(machine)}, and this machine is {_machine(ours[1])}, so"
-            " exec refuses it (Exec format error); install the prover built for this machine"
-        )
-    return None
+    if ours is None or machine == ours[1] or any({machine, ours[1]} <= f for f in _FAMILIES):
+        return None  # this machine's, of its family (a 32-bit kind of it), or not known
+    return (
+        f"is a program for {_machine(machine)}, and this machine is {_machine(ours[1])}, so"
+        " exec refuses it (Exec format error); install the prover built for this machine"
+    )
 
 
 def program_problem(program: str, search_path: str | None = None) -> str | None:
