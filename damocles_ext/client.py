@@ -48,11 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("damocles_ext.client")
 
-#: Called with each Progress of a request (its `id` is the client's request id).
 #: How long after a request's deadline its answer is waited for: the supervisor answers at the
 #: deadline; silent this long after it, it is stopped (SIGSTOP) or hung.
 LATE_ANSWER = 15.0
 
+#: Called with each Progress of a request (its `id` is the client's request id).
 ProgressCallback = Callable[[dext.Progress], None]
 
 
