@@ -79,15 +79,16 @@ class RequestBook(BookRules):
         process = self._child(child).process
         return frozenset(process.attempts) if process is not None else frozenset()
 
-    def only_attempt(self, child: str, sent: frozenset[int]) -> int | None:
+    def only_attempt(self, child: str, sent: frozenset[int] | None = None) -> int | None:
         """The child_rid of the one attempt on `child`'s current process, or None (none, or more:
         an answer whose id is unreadable can be only that one's); None too when it is not in
-        `sent` (`attempt_ids` as the answer was read): sent since, it cannot be its answer."""
+        `sent` (`attempt_ids` as the answer was read, if other answers were read with it): sent
+        since, it cannot be its answer."""
         process = self._child(child).process
         if process is None or len(process.attempts) != 1:
             return None
         rid = next(iter(process.attempts))
-        return rid if rid in sent else None
+        return rid if sent is None or rid in sent else None
 
     def is_running(self, child: str, child_rid: int) -> bool:
         """Whether `child`'s current process runs an attempt under `child_rid`."""

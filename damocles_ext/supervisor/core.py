@@ -602,7 +602,7 @@ class Supervisor:
         now = self._now()
         book = self._book
         # What a mangled answer read here may be: not what an answer before it frees a slot for.
-        sent = book.attempt_ids(child.name)
+        sent = book.attempt_ids(child.name) if len(events) > 1 else None
         for ev in events:
             if isinstance(ev, Answer):
                 self._tell(
