@@ -348,6 +348,32 @@ async def test_prover_error_comes_back_as_prover_error_with_its_message(control)
             await client.submit(make_task(13), deadline=1234.5, priority=7)
 
 
+async def test_an_error_names_the_clients_request_id_and_runs_own_number_beside_it(
+    sock_dir, nursery
+):
+    # The supervisor numbers requests its own way (its log does too): a client reads about its
+    # own id, with run's number beside it to find the request in run's log.
+    async def submit(task, *, deadline=None, priority=0, on_progress=None):
+        if task.miner_id == 1:
+            raise ProverError("request 7 (window_post): passed its deadline while queued")
+        raise ProverError("no child can serve it")
+
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), submit)
+    await nursery.start(server.serve)
+    async with connect(server.path) as client:
+        for _ in range(4):  # ids 1 to 4
+            with pytest.raises(ProverError):
+                await client.submit(make_task(2))
+        with pytest.raises(ProverError) as labelled:
+            await client.submit(make_task(1))
+        with pytest.raises(ProverError) as plain:
+            await client.submit(make_task(2))
+    assert str(labelled.value) == (
+        "request 5 (window_post; request 7 in run's log): passed its deadline while queued"
+    )
+    assert str(plain.value) == "request 6: no child can serve it"
+
+
 async def test_client_disconnect_cancels_its_in_flight_requests(control):
     server, backend = control
     async with connect(server.path) as client, trio.open_nursery() as nursery:

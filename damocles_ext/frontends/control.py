@@ -55,7 +55,14 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
 from .inbox import Inbox
 from .listeners import ConnectionSlots, ThrottledLog, serve_connections
 from .outbox import stream_fd, write_now
-from .started import Batch, CancelHandle, Start, internal_error, start_or_decline
+from .started import (
+    Batch,
+    CancelHandle,
+    Start,
+    internal_error,
+    own_label,
+    start_or_decline,
+)
 
 log = logging.getLogger("damocles_ext.control")
 
@@ -557,7 +564,7 @@ class _Connection:
                 self._client_cancelled.discard(rid)
                 response = dext.Response(rid, error="cancelled at the client's request")
             elif error is not None:
-                response = dext.Response(rid, error=str(error) or type(error).__name__)
+                response = dext.Response(rid, error=_for_client(rid, str(error) or repr(error)))
             else:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
@@ -665,3 +672,12 @@ class _Connection:
                 self._server._closed(len(replies))
                 self._status_drained.set()
             self._activity()
+
+
+def _for_client(rid: int, message: str) -> str:
+    """`message` about the client's request `rid`, named by its id; the supervisor's own number
+    for it, which `run`'s log uses, kept beside it."""
+    number, stage, rest = own_label(message)
+    if number is None:
+        return f"request {rid}: {message}"
+    return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from ..tasks import Output, Task, stage_of
 from .outbox import Outbox
 from .serve import reader_gone
 from .signals import end_soon, stop_signals, watch_signals
-from .started import Batch, CancelHandle, Start, internal_error, start_or_decline
+from .started import Batch, CancelHandle, Start, internal_error, own_label, start_or_decline
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
@@ -291,8 +290,8 @@ class JsonLineServer:
         """`message` as damocles' caller should read it: about request `id` (its wire id) of
         this stage, named once. The supervisor (ours, or the `run` that serve --connect
         forwards to) numbers requests its own way; that number is replaced by the wire id."""
-        own = _OWN_LABEL.match(message)
-        rest = message[own.end() :] if own else ": " + message
+        number, _, rest = own_label(message)
+        rest = rest if number is not None else ": " + message
         if self.stage in rest:  # e.g. "failed on window_post#0": the child names the stage
             return f"request {id}{rest}"
         return f"request {id} ({self.stage}){rest}"
@@ -318,11 +317,6 @@ class JsonLineServer:
 
         # Alone in flight: written now; else joined with the answers of this pass of the loop.
         self._outbox.send(line, written, at_once=len(self._in_flight) == 1)
-
-
-# "request 12 (window_post)" or "request 12": how the supervisor (and the codec) start a message
-# about one request.
-_OWN_LABEL = re.compile(r"request \d+(?: \((?:window|winning)_post[a-z_]*\))?(?=[ :;,])")
 
 
 def _id_list(ids: set[int], limit: int = 20) -> str:

@@ -5,6 +5,7 @@ way `run`'s control server and `serve` take a request, refusals and bugs include
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -76,3 +77,22 @@ def start_or_decline(
     if handles.get(rid) is STARTING:  # not answered already
         handles[rid] = started
     return True
+
+
+# "request 12 (window_post)" or "request 12": how the supervisor (and the codec) start a message
+# about one request; "request 12 (window_post; request 3 in run's log)": how `run`'s control
+# socket does, for its client (control.py).
+_OWN_LABEL = re.compile(
+    r"request (\d+)"
+    r"(?: \((?:((?:window|winning)_post[a-z_]*)(?:; )?)?(?:request \d+ in run's log)?\))?"
+    r"(?=[ :;,])"
+)
+
+
+def own_label(message: str) -> tuple[str | None, str | None, str]:
+    """(the supervisor's number, the stage it names, the rest) of a message about one request;
+    (None, None, message) when it does not start with one."""
+    own = _OWN_LABEL.match(message)
+    if own is None:
+        return None, None, message
+    return own.group(1), own.group(2), message[own.end() :]
