@@ -773,6 +773,8 @@ async def test_shutdown_lets_in_flight_finish_fails_queued_and_refuses_new():
     assert who(outcomes["running"])[0] == 1
     assert "still queued" in str(outcomes["queued"])
     assert child_stats(sup, "window_post#0").state == "stopped"
+    with pytest.raises(ProverError, match="refused: the supervisor has stopped"):
+        await sup.submit(window_task())  # after `run` returned: not "shutting down" for ever
 
 
 async def test_shutdown_kills_stubborn_children_and_their_grandchildren(tmp_path):

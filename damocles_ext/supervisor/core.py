@@ -346,9 +346,8 @@ class Supervisor:
         if (problem := request_problem(task, deadline, priority)) is not None:
             raise UsageError(f"request {rid} {problem}")
         if self._shutting_down and not (in_flight and not self._finished):
-            raise ProverError(
-                f"request {rid} ({stage_of(task)}) refused: the supervisor is shutting down"
-            )
+            state = "has stopped" if self._finished else "is shutting down"
+            raise ProverError(f"request {rid} ({stage_of(task)}) refused: the supervisor {state}")
         now = self._now()
         deadline_t = None if deadline is None else self._wall.on_clock(deadline, now)
         out: list[Effect] = []
