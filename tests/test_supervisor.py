@@ -84,6 +84,12 @@ async def test_builtin_dext_child_and_jsonl_child_both_answer_requests():
         assert stats["window_post#1"].protocol == "jsonl"
 
 
+async def test_waiting_for_a_stage_that_is_none_is_a_usage_error_naming_the_stages():
+    async with open_supervisor([spec(jsonl_child())]) as sup:
+        with pytest.raises(UsageError, match="unknown stage 'windowpost'; give one of"):
+            await sup.wait_ready("windowpost")
+
+
 async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_child():
     # The built-in runtime offers a queue in its Hello; once its answers are quick it is sent
     # that many requests beyond Concurrent = 1. A JSON-lines child never is.

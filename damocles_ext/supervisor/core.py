@@ -50,7 +50,7 @@ from ..lifecycle import (
 )
 from ..logs import report_bad_output
 from ..protocol import dext
-from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
+from ..stages import STAGES, WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
     Output,
     Task,
@@ -371,8 +371,10 @@ class Supervisor:
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:
         """Wait until `count` children (of `stage`, or of any stage) are ready.
 
-        Raises ProverError when that can no longer happen (too many children FATAL or stopped).
-        """
+        Raises ProverError when that can no longer happen (too many children FATAL or stopped),
+        UsageError for a stage that is none."""
+        if stage is not None and stage not in STAGES:
+            raise UsageError(f"wait_ready: unknown stage {stage!r}; give one of {STAGES}")
         if stage == "window_post" and self._split_window_post:
             for step in WINDOW_POST_SPLIT:
                 await self.wait_ready(step, count)
