@@ -120,7 +120,7 @@ class Client:
             raise UsageError(f"request {request_id} cannot be sent: {exc}") from None
         if len(frame) - dext.HEADER_SIZE > dext.DEFAULT_MAX_FRAME_SIZE:
             # The supervisor would close the connection on it, failing every other request.
-            raise ProverError(
+            raise UsageError(
                 f"request {request_id}: the task is {len(frame) / 2**20:.1f} MiB as a request"
                 f" ({len(task.replicas)} replicas), over the"
                 f" {dext.DEFAULT_MAX_FRAME_SIZE / 2**20:.0f} MiB limit of a dext frame; split it"

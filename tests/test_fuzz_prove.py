@@ -185,7 +185,7 @@ async def test_the_client_refuses_an_oversized_task_and_keeps_its_connection(mon
         await nursery.start(server.serve)
         async with connect(sock_dir / "control.sock") as client:
             monkeypatch.setattr(dext, "DEFAULT_MAX_FRAME_SIZE", 3000)
-            with pytest.raises(ProverError, match=r"100 replicas.*limit of a dext frame"):
+            with pytest.raises(UsageError, match=r"100 replicas.*limit of a dext frame"):
                 await client.submit(make_task(1, replicas=100))
             monkeypatch.undo()
             assert await client.submit(make_task(2)) == echo_output(make_task(2))
