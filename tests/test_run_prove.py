@@ -4,6 +4,7 @@ the dext conversation over it, and the prove command end to end with real childr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -382,6 +383,47 @@ async def test_client_disconnect_cancels_its_in_flight_requests(control):
         nursery.cancel_scope.cancel()
     await server.wait_idle()
     assert backend.cancelled == {5}
+
+
+async def test_a_client_that_shuts_only_its_sending_side_gets_its_answers_then_the_close(
+    control, caplog
+):
+    # `nc -N` and HTTP/1.0-like clients send their requests, then shutdown(SHUT_WR), and read.
+    server, backend = control
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(server.path))
+    await sock.send(
+        b"".join(dext.encode(dext.Request(i, make_task(m))) for i, m in ((1, 6), (2, 7)))
+    )
+    await backend._events(6)[1].wait()
+    await backend._events(7)[1].wait()
+    closing = trio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "closed its sending side" in record.getMessage():
+                closing.set()
+
+    seen = Seen()
+    caplog.set_level(logging.INFO, logger="damocles_ext.control")
+    logging.getLogger("damocles_ext.control").addHandler(seen)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with trio.fail_after(10):
+            await closing.wait()  # run read the end of the requests with both still running
+    finally:
+        logging.getLogger("damocles_ext.control").removeHandler(seen)
+    backend.release[6].set()
+    backend.release[7].set()
+    decoder, answers = dext.FrameDecoder(), []
+    while data := await sock.recv(65536):  # until run closes the connection, once answered
+        answers += [m for m in decoder.receive_data(data) if isinstance(m, dext.Response)]
+    sock.close()
+    assert sorted((a.id, a.output) for a in answers) == [
+        (1, echo_output(make_task(6))),
+        (2, echo_output(make_task(7))),
+    ]
+    assert backend.cancelled == set()
 
 
 async def test_cancelling_submit_cancels_the_request_but_not_the_connection(control):

@@ -349,6 +349,7 @@ class _Connection:
         self._owned = 0  # requests counted in the server's in_flight that we still owe
         self._status_owed = 0  # status requests not yet answered on the wire
         self._status_drained = trio.Event()
+        self._answered_all: trio.Event | None = None  # set once nothing is owed (half-closed)
         self.buffered = 0  # bytes of an unfinished frame, as the server accounts them
         self.last_active = trio.current_time()
         self.closed = trio.Event()
@@ -501,7 +502,13 @@ class _Connection:
             if requests:
                 self._start_requests(requests, nursery)
             if not data:
-                if self._scopes:
+                if self._owned and self._fd is not None and _only_sending_closed(self._fd):
+                    # shutdown(SHUT_WR), as `nc -N` does: it still reads; answered, then closed.
+                    log.info("control client closed its sending side: answering its %d requests"
+                             " before closing", self._owned)  # fmt: skip
+                    self._answered_all = trio.Event()
+                    await self._answered_all.wait()
+                elif self._scopes:
                     log.info(
                         "control client disconnected: cancelling its %d requests", len(self._scopes)
                     )
@@ -640,6 +647,8 @@ class _Connection:
         for _ in range(count):
             self._owned -= 1
             self._server._request_done()
+        if not self._owned and self._answered_all is not None:
+            self._answered_all.set()
 
     async def _write_loop(self) -> None:
         while True:
@@ -681,3 +690,11 @@ def _for_client(rid: int, message: str) -> str:
     if number is None:
         return f"request {rid}: {message}"
     return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"
+
+
+def _only_sending_closed(fd: int) -> bool:
+    """After EOF on `fd`: the peer shut down only its sending side (it still reads our
+    answers), not the whole connection (POLLHUP: both ways are shut)."""
+    events = select.poll()
+    events.register(fd, select.POLLIN)
+    return not any(event & select.POLLHUP for _, event in events.poll(0))
