@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, plugin_block
+from helpers.frontend import DEXT, dext_env, dext_run_async, plugin_block
 from test_worker import Rig, children, job_input
 
 from damocles_ext.frontends.control_socket import bind_control_socket
@@ -199,3 +199,17 @@ def test_the_worker_part_renders_one_row_per_job():
     assert lines[2].split()[:3] == ["JOB", "MINER", "DDL"]
     assert lines[3].split()[:6] == ["j1", "1000", "3", "0,1", "5", "1"]
     assert "2s ago" in lines[3] and lines[3].endswith("stopped: removed: gone")
+
+
+async def test_serve_connect_to_a_workers_socket_exits_2_before_the_ready_line(rig, tmp_path):
+    # A worker's socket answers status (with its window_post children) but refuses every
+    # request: serve --connect given it by mistake must fail damocles-manager's start, not
+    # say ready and then fail each request.
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    served = Served(rig, tmp_path, kids)
+    async with serving(rig, served):
+        result = await dext_run_async("serve", "window_post", "--connect", served.path)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b"", err
+    assert f"{served.path} is the control socket of a `damocles-ext worker`" in err, err
+    assert "--socket path of a `damocles-ext run`" in err and "Traceback" not in err, err

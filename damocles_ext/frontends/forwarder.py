@@ -37,10 +37,12 @@ CONNECT_HINT = (
 
 
 async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
-    """Why the supervisor at the other end cannot serve `stage` (it has no child of it), or None.
+    """Why the supervisor at the other end cannot serve `stage` (it has no child of it, or it is
+    a worker's, which takes no requests), or None.
 
     Checked once, before the ready line, so that a `run` whose config lacks the stage's table
-    makes damocles-manager's start fail instead of every request of that stage.
+    (or a worker's socket given by mistake) makes damocles-manager's start fail instead of every
+    request of that stage.
     """
     try:
         with trio.fail_after(3):
@@ -49,6 +51,13 @@ async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
         why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
         log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
         return None
+    if doc.worker is not None:
+        # Its children prove the jobs it pulls; its socket answers `status` and refuses proofs.
+        return (
+            f"{remote.path} is the control socket of a `damocles-ext worker`, which answers"
+            " status only and proves the jobs it pulls from its manager, not requests; give"
+            " --connect the --socket path of a `damocles-ext run` instead"
+        )
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
     table = TABLE_OF_STAGE[stage]
