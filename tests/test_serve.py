@@ -966,6 +966,40 @@ async def test_serve_connect_sigterm_answers_and_cancels_what_is_in_flight(tmp_p
     assert m.duplicates == [] and m.unknown == []
 
 
+async def test_serve_connect_answers_a_request_read_after_its_first_signal(tmp_path, sock_path):
+    # damocles-manager may write a request as the signal comes (or the line is in the pipe): it
+    # is read and refused at once while the request in flight is waited for, as serve with
+    # children of its own does, not left unanswered.
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=30, progress_interval=0.05)
+    )
+    argv = _connect_argv("window_post", sock_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            async with running(nursery, cfg, sock_path) as (run, log):
+                m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+                first = await m.send(make_task(1))
+                await wait_status(sock_path, lambda d: d.children[0].in_flight == 1, "running")
+                m.process.send_signal(signal.SIGTERM)
+                await m.wait_log("SIGTERM: shutting down gracefully")
+                second = await m.send(make_task(2))
+                with trio.fail_after(10):
+                    r = await m.wait(second)
+                assert r.output is None, r
+                assert r.err_msg.startswith(
+                    "request 2 (window_post): damocles-ext serve is shutting down (signal): the"
+                    f" request was not sent to the supervisor at {sock_path}; send it again"
+                ), r
+                assert first not in m.responses  # still waited for, within the grace
+                m.process.send_signal(signal.SIGTERM)  # a second one: stop at once
+                r = await m.wait(first)
+                assert r.output is None and "stopped at once" in r.err_msg, r
+                assert await m.process.wait() == 0, "\n".join(m.log)
+                run.send_signal(signal.SIGTERM)
+                assert await run.wait() == 0, log.text()
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -75,7 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " ready line when nothing listens there; if that supervisor goes away later, the"
         " requests in flight get an error answer and the next request connects again. On stdin"
         " EOF or a signal, --shutdown-grace bounds the wait for the answers in flight; those"
-        " still open then are answered with an error and cancelled in `run`. The options that"
+        " still open then are answered with an error and cancelled in `run`; one read after a"
+        " signal is answered with an error at once, not sent. The options that"
         " tune supervising (--restart-delay, --restart-max-delay, --dump-dir) are refused with"
         " it: give them to `run`",
     )

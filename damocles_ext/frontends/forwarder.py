@@ -132,6 +132,9 @@ async def forward(
                     " request was cancelled there",
                     at_once="damocles-ext serve stopped at once (second signal); the request was"
                     " cancelled at the supervisor",
+                    refused=f"damocles-ext serve is shutting down (signal): the request was not"
+                    f" sent to the supervisor at {remote.path}; send it again to the processor"
+                    " that replaces this one",
                 )
                 server = await serve_draining(
                     stage, forwarder.submit, forwarder.in_flight, receive, send, signals,

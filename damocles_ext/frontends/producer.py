@@ -337,6 +337,8 @@ async def run_producer(
                     f" grace {shutdown_grace:g} s)",
                     at_once="damocles-ext serve stopped at once (second signal) before the job"
                     " was done",
+                    refused="damocles-ext serve is shutting down (signal): no job was"
+                    " made for it; send it again to the processor that replaces this one",
                 )
                 server_done = await serve_draining(
                     stage, producer.submit, producer.in_flight, receive, send, signals,

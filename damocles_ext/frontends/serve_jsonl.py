@@ -448,23 +448,34 @@ T = TypeVar("T")
 
 class InFlight:
     """The submits in flight of a front end that proves elsewhere, so that a stopping front end
-    can answer all of them now (`abandon`), and every later one too."""
+    can refuse every later one (`refuse_new`) and answer all of them now (`abandon`)."""
 
     def __init__(self) -> None:
         self._scopes: set[trio.CancelScope] = set()
         self.abandoned: str | None = None
+        self.refusing: str | None = None
 
     async def run(self, work: Callable[[], Awaitable[T]], detail: str = "") -> T:
-        """`await work()`, or ProverError(reason + detail) once abandoned."""
-        if self.abandoned is None:
+        """`await work()`, or ProverError(reason + detail) once abandoned; a submit that comes
+        once new ones are refused is answered ProverError(that reason) without running."""
+        if self.refusing is None and self.abandoned is None:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
                 try:
                     return await work()
                 finally:
                     self._scopes.discard(scope)
+            assert self.abandoned is not None  # only abandon() cancels the scope
+            raise ProverError(self.abandoned + detail)
+        if self.refusing is not None:
+            raise ProverError(self.refusing)
         assert self.abandoned is not None
         raise ProverError(self.abandoned + detail)
+
+    def refuse_new(self, reason: str) -> None:
+        """Answer every later submit with `reason` at once; those in flight go on."""
+        if self.refusing is None:
+            self.refusing = reason
 
     def abandon(self, reason: str) -> None:
         """Answer every request in flight with `reason` now (and every later one)."""
@@ -481,6 +492,7 @@ class StopReasons:
     reader_gone: str  # stdin EOF and stdout closed: the manager was killed
     grace_over: str  # stdin EOF or the first signal, and the shutdown grace passed
     at_once: str  # a second signal
+    refused: str  # a request read after the first signal: not sent on
 
 
 async def serve_draining(
@@ -497,9 +509,12 @@ async def serve_draining(
 ) -> JsonLineServer:
     """Serve requests of `stage` with `submit` until stdin ends or a signal comes (the ready line
     first, unless the caller wrote it), then wait for the answers in flight within
-    `shutdown_grace`; `in_flight` answers what is left with an error. Returns the stopped
+    `shutdown_grace`; `in_flight` answers what is left with an error. After the first signal,
+    reading goes on while they are waited for: a request already in the pipe, or written
+    meanwhile, is answered with `reasons.refused`, not left unread. Returns the stopped
     server."""
     async with trio.open_nursery() as nursery:
+        draining = False
 
         async def drain() -> None:
             # stdin EOF or the first signal: wait for the answers in flight, within the grace;
@@ -512,6 +527,20 @@ async def serve_draining(
                 await server.wait_idle()
             in_flight.abandon(reasons.grace_over)
 
+        def start_drain() -> None:
+            nonlocal draining
+            if not draining:
+                draining = True
+                nursery.start_soon(drain_then_stop)
+
+        async def drain_then_stop() -> None:
+            await drain()
+            server.stop_reading()  # (after stdin EOF: it has stopped already)
+
+        def shut_down() -> None:  # the first signal
+            in_flight.refuse_new(reasons.refused)
+            start_drain()
+
         def at_once() -> None:
             server.stop_reading()
             in_flight.abandon(reasons.at_once)
@@ -522,12 +551,10 @@ async def serve_draining(
             submit,
             receive_stream=receive,
             send_stream=send,
-            on_input_closed=lambda: nursery.start_soon(drain),
+            on_input_closed=start_drain,
             ready_line_sent=ready_line_sent,
         )
-        nursery.start_soon(
-            watch_signals, signals, nursery.cancel_scope, server.stop_reading, log, at_once
-        )
+        nursery.start_soon(watch_signals, signals, nursery.cancel_scope, shut_down, log, at_once)
         await server.run()  # writes the ready line first
         nursery.cancel_scope.cancel()
     return server
