@@ -93,4 +93,5 @@ def test_the_worker_config_shown_is_one_a_damocles_worker_toml_reader_takes(tmp_
     config = parse_damocles_worker_config(re.sub(r'location = "([^"]+)"', here, text), "README")
     assert config.warnings == ()
     assert [t.allowed_miners for t in config.threads] == [()]
-    assert config.token is not None and [a.name for a in config.attached] == ["store-a"]
+    # No token: a damocles-worker sends no header (its run.rs connects without any).
+    assert config.token is None and [a.name for a in config.attached] == ["store-a"]
