@@ -568,6 +568,16 @@ async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_r
         assert stats.restarts == 1 and "StdinTimeoutSecs = 0.5" in stats.last_exit
 
 
+def _told_fifos(tmp_path) -> tuple[int, int, dict[str, str]]:
+    """The FIFOs $CTL (the test tells the child) and $ACK (the child says it did): their
+    descriptors, opened here, and the child's Envs naming them."""
+    fifos = {name: tmp_path / name.lower() for name in ("CTL", "ACK")}
+    for path in fifos.values():
+        os.mkfifo(path)
+    ctl, ack = (os.open(path, os.O_RDWR) for path in fifos.values())
+    return ctl, ack, {name: str(path) for name, path in fifos.items()}
+
+
 # Reports a Progress each time the test writes a byte to the FIFO $CTL (then a byte to $ACK, so
 # the test knows the Progress is in the pipe); answers when the byte is "a".
 SPEAKS_WHEN_TOLD = """
@@ -585,11 +595,7 @@ async def test_a_supervisor_that_did_not_run_for_a_while_hears_its_child_before_
     # The supervisor stalls (SIGSTOP and SIGCONT, swapped out: here the test holds its loop)
     # while its busy child keeps reporting Progress; when it runs again, the heartbeat timeout
     # is past and the Progress waits unread in the pipe. The child spoke: it is not hung.
-    fifos = {name: tmp_path / name.lower() for name in ("CTL", "ACK")}
-    for path in fifos.values():
-        os.mkfifo(path)
-    ctl, ack = (os.open(path, os.O_RDWR) for path in fifos.values())
-    envs = {name: str(path) for name, path in fifos.items()}
+    ctl, ack, envs = _told_fifos(tmp_path)
     dispatched = trio.Event()
     outputs: list[object] = []
 
@@ -648,11 +654,7 @@ async def test_a_supervisor_that_did_not_run_for_a_while_sees_its_child_read_its
 ):
     # As above, with a request larger than the child's stdin pipe: while the supervisor did not
     # run, the child took bytes from the pipe; it is not stuck on its input.
-    fifos = {name: tmp_path / name.lower() for name in ("CTL", "ACK")}
-    for path in fifos.values():
-        os.mkfifo(path)
-    ctl, ack = (os.open(path, os.O_RDWR) for path in fifos.values())
-    envs = {name: str(path) for name, path in fifos.items()}
+    ctl, ack, envs = _told_fifos(tmp_path)
     outputs: list[object] = []
 
     async def call() -> None:
