@@ -641,7 +641,7 @@ async def test_a_store_that_fails_while_waited_for_is_retried_not_answered_as_a_
                 (database,),
             )
             with trio.fail_after(30):
-                await m.wait_log(f"job {job_id}: the job store failed, trying again in")
+                await m.wait_log(f"the job store failed (job {job_id}: ")
             admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await finish_and_expect_proofs(m, postgres_url, job_id, request_id, within=60)
         await stop(m)

@@ -31,6 +31,7 @@ from ..jobs import model, rules
 from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, TrioJobStore
+from ..jobs.worker_rules import Outage
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
@@ -93,6 +94,14 @@ class JobProducer:
         # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
+        # A store that is down is said once for all the requests waiting, not once per look of
+        # each (a line a second and more with a few dozen in flight), and once when it answers.
+        self._store_outage = Outage(
+            begins="the job store failed ({why}); the waiting requests look again with a backoff"
+            f" ({FIRST_BACKOFF:g} s doubling to {MAX_BACKOFF:g} s), none is answered as a failed"
+            " proof before its job's deadline; a line says when the store answers again",
+            ends="the job store answers again, after {failures} failed looks in {lasted:.0f} s",
+        )
 
     @classmethod
     def on(
@@ -193,6 +202,8 @@ class JobProducer:
                     found = await self._look(job_id, job_input, not_after, create)
                 if bounded.cancelled_caught:
                     raise self._no_answer(job_id)
+                if (line := self._store_outage.answered(self.clock())) is not None:
+                    log.info("%s", line)
                 if found is None:  # gone: made again on the next look, its tries from 0
                     create, retried = True, None
                     continue
@@ -229,8 +240,8 @@ class JobProducer:
                     raise ProverError(
                         f"job {job_id}: the job store failed until the job's deadline passed: {exc}"
                     ) from None
-                log.warning("job %s: the job store failed, trying again in %gs: %s",
-                            job_id, backoff, exc)  # fmt: skip
+                if line := self._store_outage.failed(self.clock(), f"job {job_id}: {exc}"):
+                    log.warning("%s", line)
                 # Not past the deadline: the last try is at it.
                 pause = backoff if due is None else min(backoff, max(0.0, due - self.clock()))
                 await trio.sleep(pause)
