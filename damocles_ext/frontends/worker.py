@@ -49,6 +49,7 @@ from ..jobs.worker_rules import (
     Outage,
     PulledJob,
     allocate_params,
+    allocations_outage,
     deadline_reached,
     failure_of,
     failure_of_answer,
@@ -116,6 +117,7 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
+        self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
@@ -337,14 +339,14 @@ class Worker:
                     )
                     self.api = Api.VENUS
                     continue
-                log.warning("the manager refused the allocation: %s", exc)
-                self._idle(backoff.next_delay())
+                self._unreachable(str(exc), self._refusals)
+                self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
             except RpcClientError as exc:
                 log.error("%s", exc)
                 await self._pause(backoff.next_delay())
                 continue
-            self._answered()
+            self._answered(self._outage, self._refusals)
             backoff.reset()
             self.counters.allocations += 1
             self.counters.empty_allocations += not got
@@ -659,9 +661,10 @@ class Worker:
         if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:
             log.warning("%s", line)
 
-    def _answered(self, outage: Outage | None = None) -> None:
-        if (line := (outage or self._outage).answered(trio.current_time())) is not None:
-            log.info("%s", line)
+    def _answered(self, *outages: Outage) -> None:
+        for outage in outages or (self._outage,):
+            if (line := outage.answered(trio.current_time())) is not None:
+                log.info("%s", line)
 
     # -- shutdown -----------------------------------------------------------------------------
 

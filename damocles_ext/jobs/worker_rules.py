@@ -203,6 +203,16 @@ def heartbeats_outage() -> Outage:
     )
 
 
+def allocations_outage() -> Outage:
+    """Allocations the manager refuses while it answers (a coordinator whose job store is down):
+    one line when they begin to be refused, one when it allocates again."""
+    return Outage(
+        begins="the manager refuses the allocation ({why}); it is asked again with a backoff,"
+        " never later than --idle-poll, and a line says when it allocates again",
+        ends="the manager allocates again, after {failures} refused in {lasted:.0f} s",
+    )
+
+
 # --- Venus.WorkerPing ---------------------------------------------------------------------------
 
 #: The port of a Dest that serves no damocles-worker RPC (damocles-manager requires a Dest, and
