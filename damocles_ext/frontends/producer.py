@@ -204,6 +204,7 @@ class JobProducer:
                     raise self._no_answer(job_id)
                 if (line := self._store_outage.answered(self.clock())) is not None:
                     log.info("%s", line)
+                    self.wake_all()  # the others, in their backoff, look now too
                 if found is None:  # gone: made again on the next look, its tries from 0
                     create, retried = True, None
                     continue
@@ -244,7 +245,8 @@ class JobProducer:
                     log.warning("%s", line)
                 # Not past the deadline: the last try is at it.
                 pause = backoff if due is None else min(backoff, max(0.0, due - self.clock()))
-                await trio.sleep(pause)
+                with trio.move_on_after(pause):  # or woken: the store answers another look
+                    await woken.wait()
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = FIRST_BACKOFF

@@ -1,0 +1,86 @@
+"""The producer (serve --jobs) once its job store is back after an outage: the requests that
+waited through it look at their jobs at once, not at the end of a backoff grown meanwhile. A
+real PostgreSQL server, stopped and started again."""
+
+from __future__ import annotations
+
+import trio
+
+from damocles_ext.frontends import producer as producer_module
+from damocles_ext.jobs.model import JobOutput
+from damocles_ext.jobs.paths import StoreMap
+from damocles_ext.jobs.rules import AllocationSpec, JobLimits
+from damocles_ext.jobs.store import JobStore, StoreError, TrioJobStore
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
+
+
+def task(root: str, miner: int) -> WindowPoSt:
+    name = f"s-t0{miner}-1"
+    replica = PoStReplicaInfo(1, bytes(32), f"{root}/cache/{name}", f"{root}/sealed/{name}")
+    return WindowPoSt(miner, "StackedDrgWindow8MiBV1_2", [replica], bytes(32))
+
+
+async def test_requests_in_their_backoff_look_again_as_soon_as_the_store_answers_a_look(
+    postgres_server, postgres_url, monkeypatch, tmp_path
+):
+    # Before, a request whose look failed slept its whole backoff (doubling to 30 s) whatever
+    # happened meanwhile: in a chaos soak, jobs proved as the store came back were answered up
+    # to 30 s later, or only at their deadline. Here the backoff is 10 minutes: only a wake-up
+    # answers the three in time.
+    monkeypatch.setattr(producer_module, "FIRST_BACKOFF", 600.0)
+    monkeypatch.setattr(producer_module, "MAX_BACKOFF", 600.0)
+    root = str(tmp_path)
+    with JobStore.open(postgres_url, limits=JobLimits(poll_interval=0.02)) as store:
+        jobs = TrioJobStore(store)
+        producer = producer_module.JobProducer(jobs, StoreMap({"a": root}))
+        get, failed, all_failed = jobs.get, [0], trio.Event()
+
+        async def counted(job_id):  # the real look; each of the three fails once, then sleeps
+            try:
+                return await get(job_id)
+            except StoreError:
+                failed[0] += 1
+                if failed[0] == 3:
+                    all_failed.set()
+                raise
+
+        jobs.get = counted
+        create, made, three_made = jobs.create, [0], trio.Event()
+
+        async def create_counted(*args, **kwargs):  # the real creation; counts the jobs made
+            outcome = await create(*args, **kwargs)
+            made[0] += 1
+            if made[0] == 3:
+                three_made.set()
+            return outcome
+
+        jobs.create = create_counted
+        answers: list[object] = []
+        three_answered = trio.Event()
+
+        async def submit(miner: int) -> None:
+            answers.append(await producer.submit(task(root, miner)))
+            if len(answers) == 3:
+                three_answered.set()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for miner in (1000, 1001, 1002):
+                    nursery.start_soon(submit, miner)
+                await three_made.wait()
+                await trio.to_thread.run_sync(postgres_server.pause)
+                try:
+                    await all_failed.wait()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(postgres_server.resume)
+                for job in await jobs.allocate(AllocationSpec(), 3, "w1"):
+                    await jobs.finish(job.Id, JobOutput(proofs=(b"p",), faults=()), "",
+                                      lease=job.lease)  # fmt: skip
+                # A new request: its look works, and the three waiting look again at once.
+                nursery.start_soon(submit, 1003)
+                await three_answered.wait()
+                [job] = await jobs.allocate(AllocationSpec(), 1, "w1")
+                await jobs.finish(job.Id, JobOutput(proofs=(b"p",), faults=()), "",
+                                  lease=job.lease)  # fmt: skip
+    assert len(answers) == 4
