@@ -390,3 +390,85 @@ def test_ctrl_c_while_the_library_builds_a_tree_stops_sectors_create(tmp_path):
         assert proc.wait(timeout=60) == 130, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert "sectors: 40/40" not in err
+
+
+# A vendor library whose DEXT_OK results cannot be read as they are: a count beside a NULL array,
+# a count or a length no task has. Chosen by the task's miner id; each would fault the process
+# that reads it.
+GARBAGE_VENDOR = r"""
+#include <stdlib.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
+static dext_result *one_proof(size_t len) {
+    dext_result *r = calloc(1, sizeof *r);
+    r->proofs = calloc(1, sizeof *r->proofs);
+    r->proofs[0].ptr = malloc(8);
+    r->proofs[0].len = len;
+    r->proof_count = 1;
+    return r;
+}
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)p; (void)c; (void)x;
+    dext_result *r;
+    switch (t->miner_id) {
+    case 1: r = calloc(1, sizeof *r); r->proof_count = 2; break;  /* proofs NULL */
+    case 2: r = calloc(1, sizeof *r); r->fault_count = 1; break;  /* faults NULL */
+    case 3: r = one_proof(100); free(r->proofs[0].ptr); r->proofs[0].ptr = NULL; break;
+    case 4: r = one_proof((size_t)-1); break;
+    case 5: r = one_proof(8); r->proof_count = (size_t)-1; break;
+    default:  /* one fault of the task, one not, and a count as if uninitialised */
+        r = calloc(1, sizeof *r);
+        r->faults = calloc(2, sizeof *r->faults);
+        r->faults[0] = t->replicas[0].sector_id;
+        r->faults[1] = 999999;
+        r->fault_count = (size_t)1 << 40;
+    }
+    *out = r;
+    return DEXT_OK;
+}
+int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                          const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)p; (void)c; (void)x;
+    *out = NULL;
+    return DEXT_ERR_INTERNAL;
+}
+void dext_result_free(dext_result *r) {
+    if (r && r->proofs) free(r->proofs[0].ptr);
+    if (r) { free(r->proofs); free(r->faults); free(r); }
+}
+"""
+
+
+def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_child(tmp_path):
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "garbage.c"
+    src.write_text(GARBAGE_VENDOR)
+    lib = compile_library(tmp_path / "libgarbage.so", [src])
+    broken = {
+        1: "with proof_count 2 and a NULL proofs array",
+        2: "with fault_count 1 and a NULL faults array",
+        3: "with proof 0 of 100 bytes at a NULL pointer",
+        4: f"with proof 0 of {2**64 - 1} bytes",
+        5: f"with proof_count {2**64 - 1} for a task of 2 sectors",
+        6: "with faults for sectors not in the task: [999999]",
+    }
+    with Child("window_post", "native", f"library={lib}", "gpu_lock=false") as child:
+        child.next_of(dext.Hello)
+        for miner, words in broken.items():
+            child.send_msg(dext.Request(miner, bare_task(miner=miner)))
+            response, _ = child.next_of(dext.Response)
+            assert response.id == miner and response.output is None
+            assert f"ProverError: window_post: {lib} returned DEXT_OK {words}" in (
+                response.error or ""
+            ), (response.error, child.stderr)
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr

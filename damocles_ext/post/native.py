@@ -304,6 +304,7 @@ class NativeProver:
         out = ffi.new("dext_result **")
         proofs: list[bytes] = []
         faults: list[int] = []
+        unreadable: str | None = None
         with self._lock, _cancel_watcher(cancel, state):
             handle = self._handle_or_raise()
             status = getattr(self._lib, fn_name)(
@@ -313,16 +314,13 @@ class NativeProver:
             got_result = result != ffi.NULL
             if got_result:
                 try:
-                    proofs = [
-                        bytes(ffi.buffer(result.proofs[i].ptr, result.proofs[i].len))
-                        for i in range(result.proof_count)
-                    ]
-                    faults = [int(result.faults[i]) for i in range(result.fault_count)]
+                    if status == 0:  # an error's result is only freed: nothing in it is used
+                        proofs, faults, unreadable = _copy_result(ffi, result, task)
                 finally:
                     self._lib.dext_result_free(result)
             self._check(status, state, fn_name.removeprefix("dext_"))
         del keep, keep_handle, ctx
-        broken = _broken_result(fn_name, task, got_result, proofs, faults)
+        broken = unreadable or _broken_result(fn_name, task, got_result, proofs, faults)
         if broken:
             raise ProverError(
                 f"{fn_name.removeprefix('dext_')}: {self.library} returned DEXT_OK {broken}"
@@ -471,6 +469,41 @@ def _status_name(lib: Any, status: int) -> str:
     """dext_prover.h's name of a status code (its constants, as the cffi build has them)."""
     names = (n for n in dir(lib) if n.startswith("DEXT_ERR_") and getattr(lib, n) == status)
     return next(names, "an unknown status")
+
+
+#: More bytes than any PoSt proof has (a 64GiB WindowPoSt partition's vanilla proofs: ~59 MiB):
+#: a length above it is garbage, which copying would read past the library's memory with.
+MAX_PROOF_BYTES = 1 << 32
+
+
+def _copy_result(ffi: Any, result: Any, task: Task) -> tuple[list[bytes], list[int], str | None]:
+    """The proofs and faults of a DEXT_OK result, copied out of the library's memory; or how
+    the result breaks the ABI so that it cannot be read (a NULL array with a count, a count or a
+    length no task has): read as given, it would fault the process, not fail the request."""
+    proof_count, fault_count = int(result.proof_count), int(result.fault_count)
+    if proof_count and result.proofs == ffi.NULL:
+        return [], [], f"with proof_count {proof_count} and a NULL proofs array"
+    if fault_count and result.faults == ffi.NULL:
+        return [], [], f"with fault_count {fault_count} and a NULL faults array"
+    # One proof per partition (a partition holds at least one sector), or one for them all.
+    most = max(1, len(task.replicas))
+    if proof_count > most:
+        return [], [], f"with proof_count {proof_count} for a task of {len(task.replicas)} sectors"
+    proofs = []
+    for i in range(proof_count):
+        ptr, size = result.proofs[i].ptr, int(result.proofs[i].len)
+        if size > MAX_PROOF_BYTES:
+            return [], [], f"with proof {i} of {size} bytes"
+        if size and ptr == ffi.NULL:
+            return [], [], f"with proof {i} of {size} bytes at a NULL pointer"
+        proofs.append(bytes(ffi.buffer(ptr, size)))
+    known = {r.sector_id for r in task.replicas}
+    faults = []
+    for i in range(fault_count):  # repeats are allowed: the count alone bounds nothing
+        faults.append(int(result.faults[i]))
+        if faults[-1] not in known:
+            break  # reported as not in the task; a garbage count is not read any further
+    return proofs, faults, None
 
 
 def _broken_result(
