@@ -357,7 +357,9 @@ def load_prover(
         prover = spec.factory(options)
     except PluginError:
         raise
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # Ctrl-C (a signal) while the prover loads: the child stops, as ever
+    except BaseException as exc:  # a sys.exit() or a BaseException of the plugin's own too
         raise PluginError(
             f"prover {name!r} (plugin {prover_plugin(pm, name)}) failed to start: "
             f"{type(exc).__name__}: {exc}"

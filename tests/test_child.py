@@ -340,6 +340,42 @@ def test_prover_that_fails_to_load_exits_2_with_the_reason():
         assert "load_fail=true" in err
 
 
+QUITTING_PLUGIN = textwrap.dedent(
+    """
+    import sys
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+
+    class NoDevice(BaseException):
+        pass
+
+    def quits(options):
+        sys.exit(0)  # as a GPU library's init may, finding no device
+
+    def no_device(options):
+        raise NoDevice("no CUDA device")
+
+    @hookimpl
+    def dext_provers():
+        return [
+            ProverSpec("quits", ("window_post",), quits),
+            ProverSpec("nodevice", ("window_post",), no_device),
+        ]
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("prover", "reason"), [("quits", "SystemExit: 0"), ("nodevice", "NoDevice: no CUDA device")]
+)
+def test_a_factory_that_exits_or_raises_a_base_exception_exits_2_naming_the_prover(
+    tmp_path, prover, reason
+):
+    root = make_plugin_dist(tmp_path, dist="quitting", module="quitting", source=QUITTING_PLUGIN)
+    with Child("window_post", prover, pythonpath=[root]) as child:
+        err = _assert_failed_start(child)
+        assert f"prover {prover!r} (plugin quitting) failed to start: {reason}" in err
+
+
 # -- stray output of a prover ---------------------------------------------------------------------
 
 NOISY_PLUGIN = textwrap.dedent(
