@@ -156,6 +156,22 @@ def test_missing_symbols_are_listed_by_name(tmp_path):
     assert "dext_open" not in message and "dext_abi_version" not in message
 
 
+def test_an_open_that_fails_without_a_message_says_so_with_the_options(tmp_path, stub_source):
+    src = tmp_path / "mute.c"
+    src.write_text(
+        stub_source.read_text()
+        .replace("return calloc(1, sizeof(dext_handle));", "return NULL;")
+        .replace('return "no GPU found (stub)";', 'return "";')
+    )
+    lib = compile_library(tmp_path / "libmute.so", [src], "-DSTUB_ABI=1")
+    with pytest.raises(NativeLoadError) as raised:
+        NativeProver(lib, {"device": 3})
+    assert str(raised.value) == (
+        f"{lib}: dext_open failed: it gave no message (dext_last_error(NULL) was empty); the"
+        ' options it was given: {"device": 3} (PluginOptions but for library and gpu_lock)'
+    )
+
+
 def test_abi_version_mismatch_says_found_and_expected(tmp_path, stub_source):
     lib = compile_library(tmp_path / "libv2.so", [stub_source], "-DSTUB_ABI=2")
     with pytest.raises(NativeLoadError, match="ABI version 2, expected 1"):

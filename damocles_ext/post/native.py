@@ -188,7 +188,11 @@ class NativeProver:
         opts = json.dumps(dict(options or {})).encode()
         handle = self._lib.dext_open(opts)
         if handle == self._ffi.NULL:
-            raise NativeLoadError(f"{self.library}: dext_open failed: {self._last_error(None)}")
+            why = self._last_error(None).strip() or (
+                f"it gave no message (dext_last_error(NULL) was empty); the options it was given:"
+                f" {opts.decode()} (PluginOptions but for library and gpu_lock)"
+            )
+            raise NativeLoadError(f"{self.library}: dext_open failed: {why}")
         self._handle = handle
 
     def _dlopen(self, path: str) -> Any:
