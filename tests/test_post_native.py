@@ -488,3 +488,84 @@ def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_chil
             ), (response.error, child.stderr)
         child.close_stdin()
         assert child.wait() == 0, child.stderr
+
+
+# A vendor library that leaves a thread behind after its first window_post returns, and lets it
+# report progress with that call's ctx during the second call.
+LATE_VENDOR = r"""
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdlib.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
+static dext_progress_fn first_progress;
+static void *first_ctx;
+static sem_t go;
+static pthread_t late;
+static int calls;
+static void *report_late(void *unused) {
+    (void)unused;
+    sem_wait(&go);
+    first_progress(first_ctx, "late", 1, 1);
+    return NULL;
+}
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)x;
+    if (calls++ == 0) {
+        first_progress = p;
+        first_ctx = c;
+        sem_init(&go, 0, 0);
+        pthread_create(&late, NULL, report_late, NULL);
+    } else if (calls == 2) {
+        sem_post(&go);
+        pthread_join(late, NULL);
+    }
+    dext_result *r = calloc(1, sizeof *r);
+    r->proofs = calloc(1, sizeof *r->proofs);
+    r->proofs[0].ptr = malloc(1);
+    r->proofs[0].ptr[0] = 7;
+    r->proofs[0].len = 1;
+    r->proof_count = 1;
+    *out = r;
+    return DEXT_OK;
+}
+int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                          const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)p; (void)c; (void)x;
+    *out = NULL;
+    return DEXT_ERR_INTERNAL;
+}
+void dext_result_free(dext_result *r) {
+    if (r) { free(r->proofs[0].ptr); free(r->proofs); free(r); }
+}
+"""
+
+
+def test_progress_reported_after_its_call_returned_is_ignored_with_a_warning(tmp_path):
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "late.c"
+    src.write_text(LATE_VENDOR)
+    lib = compile_library(tmp_path / "liblate.so", [src], "-pthread")
+    with Child("window_post", "native", f"library={lib}", "gpu_lock=false") as child:
+        child.next_of(dext.Hello)
+        frames = []
+        for request in (1, 2, 3):
+            child.send_msg(dext.Request(request, bare_task()))
+            response, skipped = child.next_of(dext.Response)
+            frames += skipped
+            assert response.id == request and response.error is None, child.stderr
+            assert response.output.proofs == [b"\x07"]
+        # Not forwarded as the progress of the call that runs when it comes.
+        assert not [f for f in frames if isinstance(f, dext.Progress) and f.phase == "late"]
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr
+    assert child.stderr.count("reported progress (phase 'late') for a call that had returned") == 1

@@ -10,7 +10,9 @@ The GIL is released while the library works (cffi does so around every C call).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -57,6 +59,9 @@ OPTIONAL_SYMBOLS = ("dext_verify", "dext_build_tree")
 Progress = Callable[[str, int, int], None]
 
 
+log = logging.getLogger(__name__)
+
+
 class NativeLoadError(UsageError):
     """A native prover library cannot be used (missing, not loadable, wrong symbols or ABI)."""
 
@@ -93,7 +98,7 @@ def _abi_ffi_for(native: Any) -> Any:
 
 
 class _CallState:
-    """What the progress trampoline needs during one call: a handle to it is the C ctx."""
+    """What the progress trampoline needs during one call (the C ctx is its number in _calls)."""
 
     __slots__ = ("_set_flag", "cancel", "error", "flag", "progress")
 
@@ -109,6 +114,27 @@ class _CallState:
     def set_cancelled(self) -> None:
         """Tell the library to stop (from any thread; idempotent)."""
         self._set_flag(self.flag)
+
+
+# The calls in progress, by the number passed to the library as their ctx. A library that calls
+# progress after its call returned (from a thread it left running) then finds no call and is
+# ignored: a cffi handle to a collected object would abort the process (or, its memory reused by
+# the next call's, forward the stale report as that call's progress).
+_calls: dict[int, _CallState] = {}
+_call_numbers = itertools.count(1)
+_stale_reported = False
+
+
+def _stale_progress(phase: str) -> None:
+    global _stale_reported
+    if not _stale_reported:
+        _stale_reported = True
+        log.warning(
+            "a native prover library reported progress (phase %r) for a call that had returned;"
+            " ignored, and not said again (dext_prover.h: progress is called on the calling"
+            " thread, during the call)",
+            phase,
+        )
 
 
 _trampoline_installed = False
@@ -127,14 +153,19 @@ def _install_trampoline(native: Any) -> None:
         ctx = tb.tb_frame.f_locals.get("ctx") if tb is not None else None
         if ctx is None:
             return  # (raised before the callback had its arguments: cffi prints it)
-        state: _CallState = ffi.from_handle(ctx)
+        state = _calls.get(int(ffi.cast("uintptr_t", ctx)))
+        if state is None:
+            return  # a call that had returned: nobody to stop
         if state.error is None:
             state.error = exc
         state.set_cancelled()
 
     @ffi.def_extern(onerror=on_error)
     def _dext_py_progress(ctx: FFI.CData, phase: FFI.CData, done: int, total: int) -> None:
-        state: _CallState = ffi.from_handle(ctx)
+        state = _calls.get(int(ffi.cast("uintptr_t", ctx)))
+        if state is None:
+            _stale_progress(ffi.string(phase).decode(errors="replace") if phase else "")
+            return
         try:
             if state.progress is not None and phase != ffi.NULL:
                 # A sloppy phase text must not fail a proof (the child's report is as lenient).
@@ -217,12 +248,15 @@ class NativeProver:
     def _address(self, cdata: Any) -> int:
         return int(self._api_ffi.cast("uintptr_t", cdata))
 
-    def _context(self, state: _CallState) -> tuple[Any, Any]:
-        """(handle to keep alive, the ctx pointer to pass): from_handle needs the API ffi's."""
-        handle = self._api_ffi.new_handle(state)
-        if self._ffi is self._api_ffi:
-            return handle, handle
-        return handle, self._ffi.cast("void *", self._address(handle))
+    @contextlib.contextmanager
+    def _context(self, state: _CallState) -> Iterator[Any]:
+        """The ctx pointer to pass for `state`, valid while the context lasts."""
+        number = next(_call_numbers)
+        _calls[number] = state
+        try:
+            yield self._ffi.cast("void *", number)
+        finally:
+            del _calls[number]
 
     def _flag(self, state: _CallState) -> Any:
         """The cancel flag as this library's FFI types it (the flag lives in the API FFI)."""
@@ -304,12 +338,11 @@ class NativeProver:
         ffi = self._ffi
         ctask, keep = self._c_task(task)
         state = _CallState(self._native, progress, cancel)
-        keep_handle, ctx = self._context(state)
         out = ffi.new("dext_result **")
         proofs: list[bytes] = []
         faults: list[int] = []
         unreadable: str | None = None
-        with self._lock, _cancel_watcher(cancel, state):
+        with self._lock, _cancel_watcher(cancel, state), self._context(state) as ctx:
             handle = self._handle_or_raise()
             status = getattr(self._lib, fn_name)(
                 handle, ctask, self._callback, ctx, self._flag(state), out
@@ -323,7 +356,7 @@ class NativeProver:
                 finally:
                     self._lib.dext_result_free(result)
             self._check(status, state, fn_name.removeprefix("dext_"))
-        del keep, keep_handle, ctx
+        del keep
         broken = unreadable or _broken_result(fn_name, task, got_result, proofs, faults)
         if broken:
             raise ProverError(
@@ -399,9 +432,8 @@ class NativeProver:
             raise InvalidTaskError(f"comm_c must be 32 bytes, got {len(comm_c)}")
         ffi = self._ffi
         state = _CallState(self._native, progress, cancel)
-        keep_handle, ctx = self._context(state)
         comm_r = ffi.new("uint8_t[32]")
-        with self._lock, _cancel_watcher(cancel, state):
+        with self._lock, _cancel_watcher(cancel, state), self._context(state) as ctx:
             status = self._lib.dext_build_tree(
                 self._handle_or_raise(),
                 proof_type.encode(),
@@ -414,7 +446,6 @@ class NativeProver:
                 self._flag(state),
             )
             self._check(status, state, "build_tree")
-        del keep_handle, ctx
         return bytes(ffi.buffer(comm_r, 32))
 
     def close(self) -> None:
