@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import sys
 import threading
 import time
@@ -59,6 +60,21 @@ _MAIN = threading.main_thread()
 
 #: An error text longer than this is cut (a prover's exception may carry a whole file).
 MAX_ERROR_CHARS = 64 * 1024
+
+#: SIGINTs received since `main` took the signal over (None: it did not, as in a runtime made in
+#: another program's process; a KeyboardInterrupt is then taken for one).
+_sigints: list[int] | None = None
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    if _sigints is not None:
+        _sigints.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> bool:
+    """Whether a KeyboardInterrupt comes from a SIGINT, not from a prover that raised one."""
+    return _sigints is None or bool(_sigints)
 
 
 @dataclass(slots=True, eq=False)
@@ -309,7 +325,11 @@ class ChildRuntime:
             )
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
-            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is _MAIN:
+            if (
+                isinstance(exc, KeyboardInterrupt)
+                and threading.current_thread() is _MAIN
+                and _interrupted()
+            ):
                 raise  # SIGINT stops the child, also while it proves on its main thread
             log.warning(
                 "request %d failed: %s: %s",
@@ -585,6 +605,12 @@ def main(
     # A prover that crashes the process (a native library's SIGSEGV or abort) leaves the Python
     # stack of each thread on stderr, which the supervisor logs: where it was, not only the signal.
     faulthandler.enable()
+    # A KeyboardInterrupt a prover raises itself fails its request; one from a SIGINT stops the
+    # child (the supervisor starts it in a session of its own: no terminal's Ctrl-C reaches it).
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        global _sigints
+        _sigints = []
+        signal.signal(signal.SIGINT, _on_sigint)
     out_fd = protect_stdout()
     try:
         options: Options = parse_options(option_items)

@@ -376,6 +376,51 @@ def test_a_factory_that_exits_or_raises_a_base_exception_exits_2_naming_the_prov
         assert f"prover {prover!r} (plugin quitting) failed to start: {reason}" in err
 
 
+INTERRUPTING_PLUGIN = textwrap.dedent(
+    """
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    class Interrupting:
+        def prove(self, task, progress, cancel):
+            if task.miner_id == 1:
+                raise KeyboardInterrupt("raised by the prover, not a Ctrl-C")
+            return echo_output(task)
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("interrupting", ("window_post",), lambda options: Interrupting())]
+    """
+)
+
+
+def test_a_keyboard_interrupt_a_prover_raises_fails_its_request_not_the_inline_child(tmp_path):
+    root = make_plugin_dist(
+        tmp_path, dist="interrupting", module="interrupting", source=INTERRUPTING_PLUGIN
+    )
+    with Child("window_post", "interrupting", pythonpath=[root]) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task(miner=1)))
+        response, _ = child.next_of(dext.Response)
+        assert response.error == "KeyboardInterrupt: raised by the prover, not a Ctrl-C"
+        child.send_msg(dext.Request(2, window_task()))
+        assert child.next_of(dext.Response)[0].output == echo_output(window_task())
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr
+
+
+def test_a_sigint_still_stops_the_inline_child_while_it_proves():
+    import signal
+
+    with Child("window_post", "sleep", "seconds=600", "progress_interval=0.05") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task()))
+        child.next_of(dext.Progress)
+        child.proc.send_signal(signal.SIGINT)
+        assert child.wait() == 130, child.stderr
+        assert "Traceback" not in child.stderr
+
+
 # -- stray output of a prover ---------------------------------------------------------------------
 
 NOISY_PLUGIN = textwrap.dedent(
