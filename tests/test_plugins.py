@@ -174,6 +174,41 @@ def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
     assert rows["broken"]["error"].startswith("RuntimeError")
 
 
+CHATTY = """
+import os
+from damocles_ext.hookspecs import hookimpl, ProverSpec
+
+print("chatter from import")
+os.write(1, b"chatter from fd 1\\n")
+
+def validate(options):
+    print("chatter from validate_options")
+    return []
+
+@hookimpl
+def dext_provers():
+    print("chatter from dext_provers")
+    return [ProverSpec("chatty", ("window_post",), lambda options: None, validate_options=validate)]
+"""
+
+
+@pytest.mark.parametrize("command", [["plugins", "--json"], ["check-config", "--json", "-c"]])
+def test_what_plugins_print_as_they_load_stays_out_of_a_commands_json(tmp_path, command):
+    make_plugin_dist(tmp_path, dist="chatty", module=_unique("chatty"), source=CHATTY)
+    cfg = tmp_path / "chatty.cfg"
+    cfg.write_text('[[WdPost]]\nPlugin = "chatty"\n')
+    argv = [sys.executable, "-m", "damocles_ext", *command]
+    if argv[-1] == "-c":
+        argv.append(str(cfg))
+    done = subprocess.run(
+        argv, env=child_env([tmp_path]), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)  # the whole of stdout is the JSON
+    for where in ("import", "fd 1", "dext_provers"):
+        assert f"chatter from {where}" in done.stderr
+
+
 def test_child_starts_although_an_unrelated_plugin_is_broken(tmp_path):
     make_plugin_dist(
         tmp_path,

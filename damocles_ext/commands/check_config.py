@@ -48,12 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.config import check_startable, load_conf_dir, load_config
 
+    from .common import stdout_to_stderr
+
     path = args.config if args.config is not None else args.file
     config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
     # The same checks as serve and run make before they report ready: what passes here starts.
     for warning in config.warnings:  # shown also when a start-up check fails below
         print(f"warning: {warning}", file=sys.stderr)
-    check_startable(config)
+    with stdout_to_stderr():  # what plugins print as they load and check options is not ours
+        check_startable(config)
     if (loop := serves_itself(config)) is not None:
         from damocles_ext.errors import UsageError
 

@@ -8,10 +8,13 @@ that building the CLI's parsers stays fast: `serve` is timed by damocles-manager
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from damocles_ext.stages import child_stages
@@ -22,6 +25,26 @@ if TYPE_CHECKING:
     from damocles_ext.supervisor.restart import BackoffPolicy
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """While it lasts stdout is stderr, fd 1 and sys.stdout: a plugin or an observer that prints
+    (as it is imported, or as its hooks are called) must not put its line into the output a
+    command writes after it (JSON, most of the time)."""
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout, python_stdout = sys.stderr, sys.stdout
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+        sys.stdout = python_stdout
+
+
 #: --restart-delay and --restart-max-delay when not given (seconds).
 RESTART_DEFAULTS = {"restart_delay": 1.0, "restart_max_delay": 60.0}
 # The logger the config's warnings have always gone to, for whichever command reads it.

@@ -30,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Load failures are part of the listing below; no need to warn about them twice.
     logging.getLogger("damocles_ext.plugins").setLevel(logging.ERROR)
-    rows = list_plugins(get_plugin_manager())
+    from .common import stdout_to_stderr
+
+    with stdout_to_stderr():  # what plugins print as they load is not the listing
+        rows = list_plugins(get_plugin_manager())
     if args.json:
         import json
 

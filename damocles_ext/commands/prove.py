@@ -19,7 +19,7 @@ from damocles_ext.errors import UsageError
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 from damocles_ext.stages import POST_STAGES
 
-from .common import add_sector_source_args, int64, socket_path
+from .common import add_sector_source_args, int64, socket_path, stdout_to_stderr
 
 if TYPE_CHECKING:
     from damocles_ext.tasks import Output, PoStTask, Task
@@ -145,20 +145,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Read and check everything first (exit 2), then prove (exit 0 or 1)."""
     setup_from_args(args)
-    # Until the output is written, stdout is stderr: a plugin or an observer that prints (as it
-    # is imported to find sectors or to prove, or as a request ends) must not put its line
-    # before the output JSON.
-    sys.stdout.flush()
-    saved_stdout = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout, python_stdout = sys.stderr, sys.stdout
-    try:
+    # Until the output is written, stdout is stderr (plugins are imported to find sectors or to
+    # prove, observers called as a request ends).
+    with stdout_to_stderr():
         output, output_path = _prove(args)
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_stdout, 1)
-        os.close(saved_stdout)
-        sys.stdout = python_stdout
     _emit(output, output_path)
     return 0
 
@@ -268,7 +258,6 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
 
 
 def _emit(output: Output, path: Path | None) -> None:
-    import os
     import stat
 
     from damocles_ext.protocol.jsonl import output_to_json

@@ -20,6 +20,7 @@ from .common import (
     check_sector_sources,
     positive_duration,
     sector_stores,
+    stdout_to_stderr,
 )
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ def run_find(args: argparse.Namespace) -> int:
             answers = await locator.locate(sectors)
         return answers, await files_not_there(answers, max(1.0, end - trio.current_time()))
 
-    answers, absent = trio.run(main)
+    with stdout_to_stderr():  # what plugins print as they load and find is not the answer
+        answers, absent = trio.run(main)
     details = [
         "; ".join(filter(None, (answer.detail, absent.get(answer.sector, ""))))
         for answer in answers
