@@ -18,6 +18,7 @@ from damocles_ext.post import (
     PoStCancelled,
     ProverOutOfMemory,
     SectorFaultError,
+    VerifyError,
 )
 from damocles_ext.post.fixtures import window_task, winning_task
 from damocles_ext.post.native import NativeLoadError, NativeProver
@@ -322,6 +323,7 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
             (*out)->faults[2] = second; return DEXT_OK;  /* out of order, twice */
     case 6: *out = result(1, 0); return DEXT_OK;  /* one blob for all partitions */
     case 7: return DEXT_ERR_IO;  /* and no message */
+    case 8: return DEXT_ERR_INVALID_PROOF;  /* dext_verify's status, from a proving call */
     default:
         p(c, "\xff\xfe not utf-8", 0, 1);
         p(c, NULL, 1, 1);
@@ -368,6 +370,12 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
         assert (
             f"window_post: DEXT_ERR_IO, and the library gave no message (status 4 from {lib})"
             in (str(raised.value))
+        )
+        with pytest.raises(ProverError) as raised:
+            prover.window_post(msgspec.structs.replace(task, miner_id=8))
+        assert not isinstance(raised.value, VerifyError)
+        assert f"DEXT_ERR_INVALID_PROOF, and the library gave no message (status 6 from {lib})" in (
+            str(raised.value)
         )
         # One proof for several partitions, as filecoin-proofs answers: passed on.
         assert len(prover.window_post(msgspec.structs.replace(task, miner_id=6)).proofs) == 1

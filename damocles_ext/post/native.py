@@ -288,7 +288,7 @@ class NativeProver:
             raise SectorFaultError(message)
         if status == lib.DEXT_ERR_CANCELLED:
             raise PoStCancelled(message)
-        if status == lib.DEXT_ERR_INVALID_PROOF:
+        if status == lib.DEXT_ERR_INVALID_PROOF and not what:  # dext_verify's own answer only
             raise VerifyError(message)
         if status == lib.DEXT_ERR_NOMEM:
             # Not the task's fault: say so, or it reads like a bad request and nobody retries it.
