@@ -394,13 +394,22 @@ class MetricsServer:
 
     def _render(self, target: str, accept: str, accept_encoding: str) -> tuple[bytes, str, bool]:
         """The exposition (in a worker thread): body, content type, gzipped."""
-        from prometheus_client.exposition import choose_encoder
+        from prometheus_client.exposition import (
+            CONTENT_TYPE_PLAIN_0_0_4,
+            choose_encoder,
+            generate_latest,
+        )
 
         registry: Any = self._metrics.registry
         names = parse_qs(urlsplit(target).query).get("name[]")
         if names:
             registry = _Only(registry, set(names))
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except Exception:  # noqa: BLE001 - e.g. `version=x`, which prometheus_client cannot compare
+            # An Accept header may be ignored (RFC 9110): the text format every scraper reads.
+            log.debug("a scrape's Accept header cannot be read, answered as text: %.200r", accept)
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
         body = encoder(registry)
         if "gzip" in accept_encoding.lower():
             return gzip.compress(body, compresslevel=6), content_type, True
