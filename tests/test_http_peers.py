@@ -3,9 +3,16 @@ peers, over real sockets: what they send must cost at most their own connection.
 
 from __future__ import annotations
 
-import h11
-import trio
+import socket
+from typing import Any
 
+import h11
+import msgspec
+import trio
+import trio.testing
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -48,3 +55,58 @@ async def test_a_scrape_with_an_accept_header_prometheus_client_cannot_read_gets
         assert status == 200, accept
         assert headers[b"content-type"].startswith(b"text/plain; version=0.0.4")
         assert b"# TYPE damocles_ext_requests_total counter" in body
+
+
+def stalled_peer(port: int, request: bytes) -> socket.socket:
+    """A client that sends `request` again and again and never reads an answer, until the
+    server stops reading too (blocked sending it answers)."""
+    peer = socket.create_connection(("127.0.0.1", port))
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.setblocking(False)
+    try:
+        while True:
+            peer.send(request * 64)
+    except BlockingIOError:
+        return peer
+
+
+async def until_sending_to_all(server: Any, n: int) -> None:
+    """Wait until `n` connections to `server` are open, each blocked sending an answer (h11 has
+    it sent: the rest is the client's to read)."""
+    while sum(conn._h11.our_state is h11.DONE for conn in server._slots._open) < n:
+        await trio.testing.wait_all_tasks_blocked(0.01)
+
+
+async def test_clients_that_never_read_their_answers_make_room_for_a_scraper(nursery):
+    # Each of them held its connection busy for the idle timeout: two of them (the limit here)
+    # had every new scraper turned away with a 503.
+    server = MetricsServer(SupervisorMetrics(process_metrics=False), "127.0.0.1", 0,
+                           max_connections=2)  # fmt: skip
+    await nursery.start(server.serve)
+    peers = [stalled_peer(server.port, SCRAPE) for _ in range(2)]
+    await until_sending_to_all(server, 2)
+    status, _, body = await exchange(server.port, SCRAPE)
+    assert status == 200
+    assert b"# TYPE damocles_ext_requests_total counter" in body
+    assert server.statistics()["evicted"] == 1
+    assert server.statistics()["refused"] == 0
+    for peer in peers:
+        peer.close()
+
+
+async def test_clients_lacking_the_token_that_never_read_make_room_for_a_worker(nursery, tmp_path):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0,
+                                   max_connections=2, token="secret")  # fmt: skip
+        await nursery.start(server.serve)
+        call = b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[{}],"id":1}'
+        head = b"POST /rpc/v0 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(call)
+        peers = [stalled_peer(server.port, head + b"\r\n" + call) for _ in range(2)]
+        await until_sending_to_all(server, 2)
+        status, _, body = await exchange(
+            server.port, head + b"Authorization: Bearer secret\r\n\r\n" + call
+        )
+        assert (status, msgspec.json.decode(body)["result"]) == (200, None)
+        for peer in peers:
+            peer.close()
+        server.stop()

@@ -71,9 +71,19 @@ class HttpConnection:
         self._stopping = stopping
         self.last_active = trio.current_time()
         self.closed = trio.Event()
-        self.idle = True  # waiting for a request (not building or sending an answer)
+        self._reading = True  # waiting for a request (not building or sending an answer)
+        # An answer built and waiting for the client to read it (`send`); evict() cancels it.
+        self._send_scope: trio.CancelScope | None = None
         self._answering_head = False  # the request being answered is a HEAD: no body goes back
         self._wait_scope = trio.CancelScope()
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request, or for the client to read an answer: a client that sends
+        requests and never reads their answers holds its connection as one that sends nothing
+        does, and makes room for a new one as that one does (but for a stopping server, which
+        lets every answer being sent go out)."""
+        return self._reading or (self._send_scope is not None and not self._stopping())
 
     # --- what a server says -----------------------------------------------------------------
 
@@ -93,10 +103,12 @@ class HttpConnection:
     def evict(self, reason: str) -> None:
         self._log.debug("closing a %s connection: %s", self._what, reason)
         self._wait_scope.cancel()
+        if self._send_scope is not None:
+            self._send_scope.cancel()
 
     async def run(self) -> None:
         while True:
-            self.idle = True
+            self._reading = True
             if self._wait_scope.cancel_called or self._stopping():
                 return
             self._wait_scope = trio.CancelScope(deadline=trio.current_time() + self._idle_timeout)
@@ -116,7 +128,7 @@ class HttpConnection:
             if self._wait_scope.cancelled_caught or got is None:
                 return
             request, body = got
-            self.idle = False
+            self._reading = False
             with trio.move_on_after(self._idle_timeout) as sending:
                 await self.answer(request, body)
             if sending.cancelled_caught or self._h11.our_state is not h11.DONE:
@@ -197,10 +209,14 @@ class HttpConnection:
             data += h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             return
+        self._send_scope = trio.CancelScope()
         try:
-            await self._stream.send_all(data)
+            with self._send_scope:
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        finally:
+            self._send_scope = None
         self.last_active = trio.current_time()
 
 

@@ -5,8 +5,9 @@ an accept loop that survives running out of file descriptors.
 The rules, in one place:
 
 * at most `limit` connections are open; a new one over the cap closes the connection that has
-  been idle longest (no request in flight, no bytes arriving). If every open connection is
-  busy, the new one is turned away (`refuse`: a short error if the protocol has one);
+  been idle longest (no request in flight, no bytes arriving; for HTTP, an answer its client
+  does not read is none in flight). If every open connection is busy, the new one is turned
+  away (`refuse`: a short error if the protocol has one);
 * accept(2) failing for lack of descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS) does
   not end the server, as in trio's `serve_listeners`: the longest-idle connection is closed to
   free its descriptor, or, with none idle, the loop waits a moment and accepts again;
