@@ -124,8 +124,10 @@ class WorkerMetrics:
         held = GaugeMetricFamily(
             f"{PREFIX}_jobs_held", "Jobs this worker holds, by state.", labels=["state"]
         )
+        # Rendered on a thread while trio's changes `held`: a copy (made in C, under the GIL).
+        states = [h.state for h in list(self.worker.held.values())]
         for state in ("proving", "finishing"):
-            held.add_metric([state], sum(h.state == state for h in self.worker.held.values()))
+            held.add_metric([state], states.count(state))
         yield held
         yield GaugeMetricFamily(
             f"{PREFIX}_manager_reachable",
