@@ -4,6 +4,7 @@ peers, over real sockets: what they send must cost at most their own connection.
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import h11
@@ -11,7 +12,8 @@ import msgspec
 import trio
 import trio.testing
 
-from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.frontends.coordinator import PARSE_ON_A_THREAD, Coordinator, CoordinatorServer
+from damocles_ext.jobs import rpc
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 
@@ -109,4 +111,47 @@ async def test_clients_lacking_the_token_that_never_read_make_room_for_a_worker(
         assert (status, msgspec.json.decode(body)["result"]) == (200, None)
         for peer in peers:
             peer.close()
+        server.stop()
+
+
+def rpc_post(method: str, *params: object) -> bytes:
+    call = msgspec.json.encode({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+    head = b"POST /rpc/v0 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(call)
+    return head + call
+
+
+async def test_a_large_body_is_parsed_off_the_loop_while_other_workers_are_answered(
+    nursery, tmp_path, monkeypatch
+):
+    # A junk ping of megabytes takes the parser seconds: parsed on the loop, it stalled every
+    # worker's heartbeats and the sweep. Here its parse waits until a small call was answered
+    # (at most 10 s: on the loop, that call could not be, and the parse goes on unanswered).
+    started, answered, waited = threading.Event(), threading.Event(), []
+    parse = rpc.parse_request
+
+    def slow_for_large(body: bytes) -> rpc.Call:
+        if len(body) > PARSE_ON_A_THREAD:
+            started.set()
+            waited.append(answered.wait(10))
+        return parse(body)
+
+    monkeypatch.setattr(rpc, "parse_request", slow_for_large)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        coordinator = Coordinator(TrioJobStore(store))
+        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+        await nursery.start(server.serve)
+        junk = {"Name": "w1", "x": [[]] * (PARSE_ON_A_THREAD // 3)}
+        large: list[tuple[int, dict[bytes, bytes], bytes]] = []
+
+        async def send_large() -> None:
+            large.append(await exchange(server.port, rpc_post("Venus.WorkerPing", junk)))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send_large)
+            assert await trio.to_thread.run_sync(started.wait, 10)
+            status, _, body = await exchange(server.port, rpc_post("Venus.WorkerPing", {}))
+            answered.set()
+        assert (status, msgspec.json.decode(body)["result"]) == (200, None)
+        assert waited == [True]
+        assert large[0][0] == 200 and msgspec.json.decode(large[0][2])["result"] is None
         server.stop()

@@ -36,6 +36,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1789  # damocles-manager's
 RPC_PATH = b"/rpc/v0"
 MAX_BODY = 16 * 1024 * 1024
+#: A body larger than this is parsed on a thread, one at a time: a junk body of MAX_BODY bytes
+#: takes seconds and hundreds of MB to parse, which must stall neither the heartbeats of others
+#: nor the sweep (a real call's body is a few KiB; a finish's proofs, some more).
+PARSE_ON_A_THREAD = 256 * 1024
 MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
@@ -94,6 +98,7 @@ class Coordinator:
         self.observe = observe
         self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
         self._listing = trio.Lock()
+        self._parsing = trio.Lock()  # the one large body being parsed (PARSE_ON_A_THREAD)
         # A store down for an hour is one warning and one line when it answers again.
         self._sweep_outage = Outage(
             begins="the sweep failed ({why}); it is tried again at each pass, and a line says"
@@ -347,7 +352,11 @@ class Coordinator:
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
         try:
-            call = rpc.parse_request(body)
+            if len(body) > PARSE_ON_A_THREAD:
+                async with self._parsing:
+                    call = await trio.to_thread.run_sync(rpc.parse_request, body)
+            else:
+                call = rpc.parse_request(body)
             result = await self.handle(call)
             return 200, rpc.encode_result(call.request_id, result)
         except rpc.RpcError as exc:
