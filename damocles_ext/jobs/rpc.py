@@ -180,9 +180,6 @@ def parse_request(body: bytes) -> Call:
             ) from None
     if method in _ALLOCATIONS:
         _check_worker_name(method, converted[2], rid)
-    if method == "Venus.WorkerPing" and isinstance(converted[0], dict):
-        # Only its Name is used: the rest (any size) is not held while the call waits.
-        converted[0] = {"Name": converted[0].get("Name")}
     return Call(method, tuple(converted), rid)
 
 
