@@ -289,17 +289,24 @@ def test_a_closed_prover_refuses_work(manifest):
         prover.window_post(window_task(manifest, SEED))
 
 
-# A vendor library that returns DEXT_OK with results that break the ABI's contract, chosen by
-# the task's miner id; its progress phases are not text.
-LIAR_VENDOR = r"""
+# What the vendor libraries below share: the ABI's version, a handle, an empty last error.
+PLAIN_VENDOR = r"""
 #include <stdlib.h>
-#include <string.h>
 #include "dext_prover.h"
 struct dext_handle { int unused; };
 uint32_t dext_abi_version(void) { return 1; }
 dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
 void dext_close(dext_handle *h) { free(h); }
 const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
+"""
+
+
+# A vendor library that returns DEXT_OK with results that break the ABI's contract, chosen by
+# the task's miner id; its progress phases are not text.
+LIAR_VENDOR = (
+    PLAIN_VENDOR
+    + r"""
+#include <string.h>
 static dext_result *result(size_t proofs, size_t faults) {
     dext_result *r = calloc(1, sizeof *r);
     r->proofs = calloc(proofs + 1, sizeof *r->proofs);
@@ -342,6 +349,7 @@ void dext_result_free(dext_result *r) {
     free(r->proofs); free(r->faults); free(r);
 }
 """
+)
 
 
 def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tmp_path, manifest):
@@ -419,14 +427,9 @@ def test_ctrl_c_while_the_library_builds_a_tree_stops_sectors_create(tmp_path):
 # A vendor library whose DEXT_OK results cannot be read as they are: a count beside a NULL array,
 # a count or a length no task has. Chosen by the task's miner id; each would fault the process
 # that reads it.
-GARBAGE_VENDOR = r"""
-#include <stdlib.h>
-#include "dext_prover.h"
-struct dext_handle { int unused; };
-uint32_t dext_abi_version(void) { return 1; }
-dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
-void dext_close(dext_handle *h) { free(h); }
-const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
+GARBAGE_VENDOR = (
+    PLAIN_VENDOR
+    + r"""
 static dext_result *one_proof(size_t len) {
     dext_result *r = calloc(1, sizeof *r);
     r->proofs = calloc(1, sizeof *r->proofs);
@@ -466,6 +469,7 @@ void dext_result_free(dext_result *r) {
     if (r) { free(r->proofs); free(r->faults); free(r); }
 }
 """
+)
 
 
 def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_child(tmp_path):
@@ -500,16 +504,11 @@ def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_chil
 
 # A vendor library that leaves a thread behind after its first window_post returns, and lets it
 # report progress with that call's ctx during the second call.
-LATE_VENDOR = r"""
+LATE_VENDOR = (
+    PLAIN_VENDOR
+    + r"""
 #include <pthread.h>
 #include <semaphore.h>
-#include <stdlib.h>
-#include "dext_prover.h"
-struct dext_handle { int unused; };
-uint32_t dext_abi_version(void) { return 1; }
-dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
-void dext_close(dext_handle *h) { free(h); }
-const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
 static dext_progress_fn first_progress;
 static void *first_ctx;
 static sem_t go;
@@ -552,6 +551,7 @@ void dext_result_free(dext_result *r) {
     if (r) { free(r->proofs[0].ptr); free(r->proofs); free(r); }
 }
 """
+)
 
 
 def test_progress_reported_after_its_call_returned_is_ignored_with_a_warning(tmp_path):
