@@ -301,6 +301,17 @@ const char *dext_last_error(dext_handle *h) { (void)h; return ""; }
 """
 
 
+# A vendor library's WinningPoSt, for those that prove WindowPoSt only.
+NO_WINNING_POST = r"""
+int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                          const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)p; (void)c; (void)x;
+    *out = NULL;
+    return DEXT_ERR_INTERNAL;
+}
+"""
+
+
 # A vendor library that returns DEXT_OK with results that break the ABI's contract, chosen by
 # the task's miner id; its progress phases are not text.
 LIAR_VENDOR = (
@@ -458,17 +469,12 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     *out = r;
     return DEXT_OK;
 }
-int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
-                          const volatile int32_t *x, dext_result **out) {
-    (void)h; (void)t; (void)p; (void)c; (void)x;
-    *out = NULL;
-    return DEXT_ERR_INTERNAL;
-}
 void dext_result_free(dext_result *r) {
     if (r && r->proofs) free(r->proofs[0].ptr);
     if (r) { free(r->proofs); free(r->faults); free(r); }
 }
 """
+    + NO_WINNING_POST
 )
 
 
@@ -541,16 +547,11 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     *out = r;
     return DEXT_OK;
 }
-int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
-                          const volatile int32_t *x, dext_result **out) {
-    (void)h; (void)t; (void)p; (void)c; (void)x;
-    *out = NULL;
-    return DEXT_ERR_INTERNAL;
-}
 void dext_result_free(dext_result *r) {
     if (r) { free(r->proofs[0].ptr); free(r->proofs); free(r); }
 }
 """
+    + NO_WINNING_POST
 )
 
 
