@@ -84,3 +84,41 @@ async def test_requests_in_their_backoff_look_again_as_soon_as_the_store_answers
                 await jobs.finish(job.Id, JobOutput(proofs=(b"p",), faults=()), "",
                                   lease=job.lease)  # fmt: skip
     assert len(answers) == 4
+
+
+async def test_a_job_whose_looks_fail_alone_wakes_nobody_and_is_not_woken_at_every_look(
+    monkeypatch, tmp_path
+):
+    # One job's looks fail while the others' work (its row damaged: StoreError, 'remove it').
+    # Each of its failures opened an 'outage' that the next look of another ended, waking every
+    # waiting request (those polling at ease too) to look at once: those looks ended the outage
+    # the failing one had opened again meanwhile, and so on, a storm of looks and log lines at
+    # the store's speed. Now only requests in their backoff are woken, once per run of failures.
+    monkeypatch.setattr(producer_module, "FIRST_BACKOFF", 600.0)
+    monkeypatch.setattr(producer_module, "MAX_BACKOFF", 600.0)
+    root = str(tmp_path)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", limits=JobLimits(poll_interval=0.5)) as (
+        store
+    ):
+        jobs = TrioJobStore(store)
+        producer = producer_module.JobProducer(jobs, StoreMap({"a": root}))
+        damaged = producer_module.model.job_id(producer.job_input(task(root, 1000)))
+        get, looks = jobs.get, {"damaged": 0, "others": 0}
+
+        async def counted(job_id):
+            if job_id == damaged:
+                looks["damaged"] += 1
+                await trio.lowlevel.checkpoint()
+                raise StoreError(f"job {job_id!r} in the store is damaged (test): remove it")
+            looks["others"] += 1
+            return await get(job_id)
+
+        jobs.get = counted
+        async with trio.open_nursery() as nursery:
+            for miner in range(1000, 1009):
+                nursery.start_soon(producer.submit, task(root, miner))
+            await trio.sleep(2)
+            nursery.cancel_scope.cancel()
+    # Eight requests polling every 0.5 s for 2 s; the damaged one: its look, and one more.
+    assert looks["others"] <= 8 * 5, looks
+    assert 1 <= looks["damaged"] <= 3, looks

@@ -16,12 +16,13 @@ coordinator's next pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -94,6 +95,8 @@ class JobProducer:
         # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
+        # The jobs of requests in a backoff the end of an outage may cut short (by count).
+        self._backing_off: dict[str, int] = {}
         # A store that is down is said once for all the requests waiting, not once per look of
         # each (a line a second and more with a few dozen in flight), and once when it answers.
         self._store_outage = Outage(
@@ -191,6 +194,9 @@ class JobProducer:
         backoff = FIRST_BACKOFF
         swept = False
         retried: int | None = None  # the try after which this wait retried the job
+        # Woken from its backoff since its looks began to fail: once only, so that a job whose
+        # looks alone fail (a damaged row) is not looked at each time another's look works.
+        cut_short = False
         while True:
             # Taken before the look, so that a wake-up during it is not lost.
             woken = self._wakers.setdefault(job_id, trio.Event())
@@ -204,7 +210,8 @@ class JobProducer:
                     raise self._no_answer(job_id)
                 if (line := self._store_outage.answered(self.clock())) is not None:
                     log.info("%s", line)
-                    self.wake_all()  # the others, in their backoff, look now too
+                    for waited in list(self._backing_off):  # they look now too
+                        self.wake(waited)
                 if found is None:  # gone: made again on the next look, its tries from 0
                     create, retried = True, None
                     continue
@@ -245,16 +252,33 @@ class JobProducer:
                     log.warning("%s", line)
                 # Not past the deadline: the last try is at it.
                 pause = backoff if due is None else min(backoff, max(0.0, due - self.clock()))
-                with trio.move_on_after(pause):  # or woken: the store answers another look
-                    await woken.wait()
+                with self._in_backoff(job_id, wakeable=not cut_short):
+                    with trio.move_on_after(pause) as slept:  # or woken
+                        await woken.wait()
+                cut_short = cut_short or not slept.cancelled_caught
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            backoff = FIRST_BACKOFF
+            backoff, cut_short = FIRST_BACKOFF, False
             pause = self.limits.poll_interval
             if job.not_after is not None and not swept:
                 pause = max(0.0, min(pause, job.not_after - self.clock()))
             with trio.move_on_after(pause):
                 await woken.wait()
+
+    @contextlib.contextmanager
+    def _in_backoff(self, job_id: str, *, wakeable: bool) -> Iterator[None]:
+        """A request of `job_id` in its backoff, which the store answering another look ends
+        when `wakeable`."""
+        if not wakeable:
+            yield
+            return
+        self._backing_off[job_id] = self._backing_off.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._backing_off[job_id] -= 1
+            if not self._backing_off[job_id]:
+                del self._backing_off[job_id]
 
     async def _look(
         self,
