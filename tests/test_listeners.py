@@ -746,3 +746,24 @@ async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(soc
     with trio.fail_after(10):
         await idle.wait()
     s.close()
+
+
+async def test_a_client_that_shuts_only_its_sending_side_gets_its_status_replies(sock_dir, nursery):
+    # As its requests' answers (70743e6): the status replies it asked for before its
+    # shutdown(SHUT_WR) are written, then the connection is closed; before, they were dropped.
+    from damocles_ext.protocol import control as control_protocol
+
+    server, status = await serve_gated_status(nursery, sock_dir)
+    s = await raw_connection(server)
+    await s.send(control_protocol.encode(control_protocol.StatusRequest(7)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert status.calls == 1
+    s.shutdown(socket.SHUT_WR)
+    await trio.testing.wait_all_tasks_blocked()
+    status.release.set()
+    decoder, replies = control_protocol.frame_decoder(), []
+    with trio.fail_after(10):
+        while data := await s.recv(65536):  # until the server closes the connection
+            replies += decoder.receive_data(data)
+    assert [(r.id, r.status) for r in replies] == [(7, {"calls": 1})]
+    s.close()

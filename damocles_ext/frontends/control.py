@@ -349,7 +349,7 @@ class _Connection:
         self._owned = 0  # requests counted in the server's in_flight that we still owe
         self._status_owed = 0  # status requests not yet answered on the wire
         self._status_drained = trio.Event()
-        self._answered_all: trio.Event | None = None  # set once nothing is owed (half-closed)
+        self._answered_all: trio.Event | None = None  # set once idle (half-closed)
         self.buffered = 0  # bytes of an unfinished frame, as the server accounts them
         self.last_active = trio.current_time()
         self.closed = trio.Event()
@@ -502,10 +502,10 @@ class _Connection:
             if requests:
                 self._start_requests(requests, nursery)
             if not data:
-                if self._owned and self._fd is not None and _only_sending_closed(self._fd):
+                if not self.idle and self._fd is not None and _only_sending_closed(self._fd):
                     # shutdown(SHUT_WR), as `nc -N` does: it still reads; answered, then closed.
                     log.info("control client closed its sending side: answering its %d requests"
-                             " before closing", self._owned)  # fmt: skip
+                             " before closing", self._owned + self._status_owed)  # fmt: skip
                     self._answered_all = trio.Event()
                     await self._answered_all.wait()
                 elif self._scopes:
@@ -647,7 +647,7 @@ class _Connection:
         for _ in range(count):
             self._owned -= 1
             self._server._request_done()
-        if not self._owned and self._answered_all is not None:
+        if self.idle and self._answered_all is not None:
             self._answered_all.set()
 
     async def _write_loop(self) -> None:
@@ -675,8 +675,8 @@ class _Connection:
                 # The reader sees EOF next and cancels what is left.
             finally:
                 self._writing = False
+            self._status_owed -= len(replies)  # (before _answered: idle once both are 0)
             self._answered(answered)
-            self._status_owed -= len(replies)
             if replies:
                 self._server._closed(len(replies))
                 self._status_drained.set()
