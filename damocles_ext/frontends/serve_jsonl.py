@@ -458,18 +458,16 @@ class InFlight:
     async def run(self, work: Callable[[], Awaitable[T]], detail: str = "") -> T:
         """`await work()`, or ProverError(reason + detail) once abandoned; a submit that comes
         once new ones are refused is answered ProverError(that reason) without running."""
-        if self.refusing is None and self.abandoned is None:
+        if self.refusing is not None:
+            raise ProverError(self.refusing)
+        if self.abandoned is None:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
                 try:
                     return await work()
                 finally:
                     self._scopes.discard(scope)
-            assert self.abandoned is not None  # only abandon() cancels the scope
-            raise ProverError(self.abandoned + detail)
-        if self.refusing is not None:
-            raise ProverError(self.refusing)
-        assert self.abandoned is not None
+        assert self.abandoned is not None  # only abandon() cancels the scope
         raise ProverError(self.abandoned + detail)
 
     def refuse_new(self, reason: str) -> None:

@@ -433,9 +433,7 @@ class RequestBook(BookRules):
         judge, req.judge = req.judge, None
         if judge is not None and refused is not None and judge[0] in self._children:
             name, made_at, process = judge
-            newer = self._children[name].process not in (None, process)
-            breaker = self.scheduler.breaker
-            breaker.count_late(name, req.breaker_key, refused, now, made_at, restarted=newer)
+            self._count_made(name, process, req.breaker_key, refused, now, made_at)
             self._bench_news(now, out)
             if self._queued:  # a proof may end a bench
                 self._dispatch(now, out)

@@ -329,12 +329,18 @@ class BookRules:
     def _count_refusals(self, req: TrackedRequest, now: float) -> None:
         """A sibling proved SNARK step `req`: the errors its children made of it count for the
         breaker now, in their place among their answers (before that proof is counted)."""
-        breaker = self.scheduler.breaker
         for name, made_at, process in req.refusals:
-            if name in self._children:
-                newer = self._children[name].process not in (None, process)
-                breaker.count_late(name, req.breaker_key, True, now, made_at, restarted=newer)
+            self._count_made(name, process, req.breaker_key, True, now, made_at)
         req.refusals.clear()
+
+    def _count_made(
+        self, name: str, process: ProcessRecord, key: int, failed: bool, now: float, at: float
+    ) -> None:
+        """An answer `name`'s `process` made `at`, counted for the breaker `now`, in its place
+        among the child's answers (as a newer process's, if the child restarted since)."""
+        if name in self._children:
+            newer = self._children[name].process not in (None, process)
+            self.scheduler.breaker.count_late(name, key, failed, now, at, restarted=newer)
 
     def _bench_news(self, now: float, out: list[Effect]) -> None:
         """Say which children the scheduler's breaker just benched, and why."""

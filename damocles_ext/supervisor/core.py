@@ -115,7 +115,7 @@ class Supervisor:
         rng = clock_jitter or random.Random()
         policy = backoff or BackoffPolicy()
         self._book = book = RequestBook()
-        self._book.before_alarms = lambda now: tell_unheard(book, self._children.values(), now)
+        book.before_alarms = lambda now: tell_unheard(book, self._children.values(), now)
         self._children: dict[str, Child] = {}
         for spec in specs:
             tracker = RestartTracker(policy, auto_restart=spec.auto_restart, rng=rng)

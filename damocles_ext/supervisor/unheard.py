@@ -25,17 +25,19 @@ def tell_unheard(book: RequestBook, children: Iterable[Child], now: float) -> No
     """Tell `book` (`spoke`, `stdin_progress`) what `children` did by `now` that their tasks
     have not read or noted yet: bytes waiting in a stdout pipe (part of a frame too: they were
     written while the reader did not run), room in a stdin pipe that messages wait for."""
+    poller = select.poll()
+    told = {}  # fd -> (what it tells, of which child), one poll for all
     for child in children:
         p = child.p
         if p is None or p.down_reason is not None or p.reader_done is None or p.read_ended:
             continue  # going down, or in its handshake (no heartbeat then)
-        poller = select.poll()
         stdout = p.proc.stdout.fileno()
         poller.register(stdout, select.POLLIN)
+        told[stdout] = (select.POLLIN, book.spoke, child.name)
         if p.queued_writes:
             poller.register(p.stdin_fd, select.POLLOUT)
-        for fd, events in poller.poll(0):
-            if fd == stdout and events & select.POLLIN:
-                book.spoke(child.name, now)
-            elif fd == p.stdin_fd and events & select.POLLOUT:
-                book.stdin_progress(child.name, now)
+            told[p.stdin_fd] = (select.POLLOUT, book.stdin_progress, child.name)
+    for fd, events in poller.poll(0) if told else ():
+        wanted, tell, name = told[fd]
+        if events & wanted:
+            tell(name, now)
