@@ -424,3 +424,19 @@ def test_a_siblings_proof_made_before_an_unproven_streak_benches_nobody():
     assert "a" in breaker.unproven
     breaker.count(b, 7, False, 21.0, at=13.0)
     assert breaker.leaves_out("a", 21.0)
+
+
+def test_a_proof_finished_while_no_child_errs_outranks_errors_made_before_it_counted_later():
+    # A SNARK step's refusal counts only once a sibling proves that step, so it can come after
+    # a proof the refusing child made meanwhile, while no child erred: that proof still counts,
+    # and the errors made before it do not bench the child.
+    s = two()
+    b = s._children["b"]
+    s.submit(Job(1, WD, 0.0, key=7), 0.0)
+    assert [d.child_id for d in s.decide(0.0) if isinstance(d, Start)] == ["a"]
+    assert s.finished(1, 5.0, failed=False)  # a proves while nobody errs
+    for t in (6.0, 7.0, 8.0):  # a's refusals made at 1, 2, 3, counted as b proves each step
+        s.breaker.count_late("a", 7, True, t, at=t - 5.0)
+        s.breaker.count(b, 7, False, t)
+    assert s.breaker.streak("a").errors == 0
+    assert not s.breaker.leaves_out("a", 8.0)

@@ -60,7 +60,7 @@ class Streak:
     benched_until: float = -math.inf
     benches: int = 0  # benches since its last proof: > 0 is benched or on probation
     last_error: float = -math.inf  # when the last error counted was answered
-    last_proof: float = -math.inf  # ... and the last proof, while some child errs
+    last_proof: float = -math.inf  # ... and the last proof
 
 
 @dataclass(slots=True)
@@ -104,8 +104,8 @@ class ChildBreaker:
         have answered more). Answers count in the order they were made: a proof ends only the
         errors made before it (a bench by more than those made after it ends), an error made
         before the last proof counts for nothing, and a proof made before a sibling's errors is
-        no evidence against them. (A proof counted when made, while no child has an error
-        streak, changes nothing: the caller may skip the call then.)"""
+        no evidence against them. (A proof is counted also while no child has an error streak:
+        an error judged later, a SNARK step's refusal, may have been made before it.)"""
         streak, cid = child.streak, child.info.child_id
         at = now if at is None else at
         if not failed:

@@ -235,8 +235,8 @@ class Scheduler:
     def finished(self, request_id: int, now: float, *, failed: bool | None = None) -> bool:
         """The child answered `request_id`: free its slot and locks (False if it was not running).
         `failed`: an error (True) or a proof (False) for "Failing children"; None: neither."""
-        run = self._running.get(request_id)  # (a proof while no child errs counts for nothing)
-        if (failed or (failed is False and self.breaker.erring)) and run and not run.cancelled:
+        run = self._running.get(request_id)  # (a proof too while none errs: see breaker.count)
+        if failed is not None and run and not run.cancelled:
             self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
         return self._finish(request_id, now, learn=True)
 
