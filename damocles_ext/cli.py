@@ -192,7 +192,8 @@ def _main(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except DextError as exc:
-        assert args is not None  # the parser raises no DextError
+        if args is None:  # stdout failed as the parser wrote --help: main() says so
+            raise
         print(f"damocles-ext {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BaseException as exc:

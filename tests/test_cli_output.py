@@ -77,6 +77,19 @@ def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_writ
     assert "cannot write the ready line to stdout: No space left on device" in done.stderr
 
 
+def test_help_to_a_full_stdout_exits_1_saying_so_without_a_traceback():
+    # argparse writes --help while it parses, before any command is known.
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", "serve", "--help"],
+            stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert "cannot write the output to stdout: No space left on device" in done.stderr
+
+
 def test_a_non_blocking_stdout_whose_reader_is_behind_gets_the_whole_output():
     # O_NONBLOCK is on the open file, shared with whoever set it (a shell, a program that
     # started us): a pipe its reader has not emptied yet is not full, and the output must wait.
