@@ -4,11 +4,12 @@ before starting anything, so that a child that could never start fails the start
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .machine import untrusted_problem
 from .messages import _show, _toml_key
@@ -60,12 +61,12 @@ def _head(program: str) -> bytes | None:
         os.close(fd)
 
 
-def missing_interpreter(program: str) -> str | None:
+def missing_interpreter(program: str, head: bytes | None = None) -> str | None:
     """The interpreter that `program`'s #! line names when it does not exist (exec then fails
     with ENOENT, as if the program itself were missing); None if it has no such line, if that
     interpreter exists, or if it cannot be read. Reads at most its first 256 bytes, of a regular
-    file only (never blocks on a FIFO or a device)."""
-    head = _head(program)
+    file only (never blocks on a FIFO or a device); `head`: those bytes, when read already."""
+    head = _head(program) if head is None else head
     if head is None or not head.startswith(b"#!"):
         return None
     # As the kernel reads it: the first word after "#!", up to a space, a tab or the line's end
@@ -80,8 +81,10 @@ def missing_interpreter(program: str) -> str | None:
 def interpreter_problem(program: str) -> str | None:
     """What is wrong with the #! interpreter of `program` (a regular file), or None."""
     interpreter = missing_interpreter(program)
-    if interpreter is None:
-        return None
+    return None if interpreter is None else _no_interpreter(interpreter)
+
+
+def _no_interpreter(interpreter: str) -> str:
     return (
         f"exists, but the interpreter its #! line names, {interpreter!r}, was not found;"
         " install it or fix the #! line"
@@ -101,11 +104,15 @@ def _elf_header(head: bytes) -> tuple[int, int] | None:
     """(e_type, e_machine) of an ELF file's first bytes, or None."""
     if len(head) < 20 or not head.startswith(_ELF) or head[5] not in (1, 2):
         return None
-    big = head[5] == 2  # EI_DATA: 1 little-endian, 2 big-endian
-    kind, machine = head[16:18], head[18:20]
-    if big:
-        return int.from_bytes(kind, "big"), int.from_bytes(machine, "big")
-    return int.from_bytes(kind, "little"), int.from_bytes(machine, "little")
+    order: Literal["little", "big"] = "big" if head[5] == 2 else "little"  # EI_DATA
+    return int.from_bytes(head[16:18], order), int.from_bytes(head[18:20], order)
+
+
+@functools.cache
+def _our_machine() -> int | None:
+    """This process's ELF e_machine (/proc/self/exe), or None when it cannot be read."""
+    ours = _elf_header(_head("/proc/self/exe") or b"")
+    return None if ours is None else ours[1]
 
 
 def other_formats() -> bool:
@@ -121,13 +128,18 @@ def _machine(number: int) -> str:
     return _MACHINES.get(number, f"ELF machine {number}")
 
 
-def format_problem(program: str) -> str | None:
+def format_problem(program: str, head: bytes | None = None) -> str | None:
     """Why exec would refuse the format of `program` (a regular, executable file: ENOEXEC, 'Exec
     format error'), and what to do; None when it is a script with a #! line, a program for this
-    machine, or cannot be judged."""
-    head = _head(program)
-    if head is None or head.startswith(b"#!") or other_formats():
+    machine, or cannot be judged; `head`: its first bytes, when read already."""
+    head = _head(program) if head is None else head
+    if head is None or head.startswith(b"#!"):
         return None
+    problem = _format_problem(head)
+    return None if problem is None or other_formats() else problem
+
+
+def _format_problem(head: bytes) -> str | None:
     header = _elf_header(head)
     if header is None:
         if head.startswith(_ELF):
@@ -143,17 +155,16 @@ def format_problem(program: str) -> str | None:
             " it (Exec format error); add a #! line naming its interpreter (e.g. #!/bin/sh), or"
             " give the path of the prover program"
         )
-    ours = _elf_header(_head("/proc/self/exe") or b"")
-    kind, machine = header
+    ours, (kind, machine) = _our_machine(), header
     if kind not in (2, 3):  # ET_EXEC, ET_DYN: an object file or a core dump is not run
         return (
             "is an ELF file but not a program (an object file or a core dump?); give the path"
             " of the prover program"
         )
-    if ours is None or machine == ours[1] or any({machine, ours[1]} <= f for f in _FAMILIES):
+    if ours is None or machine == ours or any({machine, ours} <= f for f in _FAMILIES):
         return None  # this machine's, of its family (a 32-bit kind of it), or not known
     return (
-        f"is a program for {_machine(machine)}, and this machine is {_machine(ours[1])}, so"
+        f"is a program for {_machine(machine)}, and this machine is {_machine(ours)}, so"
         " exec refuses it (Exec format error); install the prover built for this machine"
     )
 
@@ -186,7 +197,10 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
             f"{shown} is not executable (mode {stat.S_IMODE(st.st_mode):04o}); make it "
             f"executable (chmod +x) or {fix}"
         )
-    if (problem := interpreter_problem(program) or format_problem(program)) is not None:
+    head = _head(program)
+    interpreter = missing_interpreter(program, head)
+    problem = _no_interpreter(interpreter) if interpreter else format_problem(program, head)
+    if problem is not None:
         return f"{shown} {problem}"
     return None
 
