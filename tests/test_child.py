@@ -657,6 +657,6 @@ def test_a_child_with_a_log_level_it_does_not_know_starts_at_info_and_says_so():
         assert b"hello" in done.stdout
         assert "Traceback" not in stderr
         assert (
-            f"DAMOCLES_EXT_LOG_LEVEL={level!r} is not one of debug, info, warning, error:"
-            " logging at info"
+            f"DAMOCLES_EXT_LOG_LEVEL={level!r} is not one of debug, info, warning, error; fix"
+            " or unset it (logging at info)"
         ) in stderr

@@ -10,8 +10,6 @@ import sys
 from damocles_ext.commands.common import positive_int
 from damocles_ext.stages import POST_STAGES, STAGES
 
-LOG_ENV = "DAMOCLES_EXT_LOG_LEVEL"
-
 
 def _positive_float(text: str) -> float:
     try:
@@ -82,19 +80,17 @@ def run(args: argparse.Namespace) -> int:
             f"stage {args.stage}: damocles' JSON lines carry only {' and '.join(POST_STAGES)};"
             " a split WindowPoSt step needs --protocol dext"
         )
-    from damocles_ext.logs import LOG_LEVELS
+    from damocles_ext.logs import LEVEL_ENV, LOG_LEVELS, _from_env
 
-    level = os.environ.get(LOG_ENV, "info")
-    known = level.lower() in LOG_LEVELS
+    try:
+        level, unknown = _from_env(os.environ, LEVEL_ENV, LOG_LEVELS) or "info", None
+    except UsageError as exc:  # a child still starts: its log level is no reason to lose a GPU
+        level, unknown = "info", exc
     logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper() if known else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr, level=level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    if not known:  # a child still starts: its log level is no reason to lose a GPU
-        logging.getLogger("damocles_ext.child").warning(
-            "%s=%r is not one of %s: logging at info", LOG_ENV, level, ", ".join(LOG_LEVELS)
-        )
+    if unknown is not None:
+        logging.getLogger("damocles_ext.child").warning("%s (logging at info)", unknown)
     return child.main(
         args.stage,
         args.plugin,
