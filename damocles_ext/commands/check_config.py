@@ -247,7 +247,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
                 if parsed.config is not None
                 else load_conf_dir(parsed.conf_dir)
             )
-            slots = sum(c.concurrent for c in common.children_of(ours, entry.stage))
+            kids = common.children_of(ours, entry.stage)
         except ConfigError as exc:
             warnings.append(
                 f"{where} runs `{command}`, but its config cannot be used, so its Concurrent"
@@ -267,7 +267,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
             continue
         table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
         # Tables that give their serve different GPUs (Envs) whose children pin none share none.
-        kids = common.children_of(ours, entry.stage)
+        slots = sum(c.concurrent for c in kids)
         pinned = any(c.gpu is not None or "CUDA_VISIBLE_DEVICES" in c.envs for c in kids)
         gpus = None if pinned else entry.envs.get("CUDA_VISIBLE_DEVICES")
         first = served.setdefault((entry.stage, os.path.realpath(ours.source), gpus), table)
