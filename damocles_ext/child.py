@@ -61,20 +61,21 @@ _MAIN = threading.main_thread()
 #: An error text longer than this is cut (a prover's exception may carry a whole file).
 MAX_ERROR_CHARS = 64 * 1024
 
-#: SIGINTs received since `main` took the signal over (None: it did not, as in a runtime made in
+#: A SIGINT came since `main` took the signal over (None: it did not, as in a runtime made in
 #: another program's process; a KeyboardInterrupt is then taken for one).
-_sigints: list[int] | None = None
+_sigint: bool | None = None
 
 
 def _on_sigint(signum: int, frame: object) -> None:
-    if _sigints is not None:
-        _sigints.append(signum)
+    global _sigint
+    if _sigint is not None:
+        _sigint = True
     raise KeyboardInterrupt
 
 
 def _interrupted() -> bool:
     """Whether a KeyboardInterrupt comes from a SIGINT, not from a prover that raised one."""
-    return _sigints is None or bool(_sigints)
+    return _sigint is not False
 
 
 @dataclass(slots=True, eq=False)
@@ -608,8 +609,8 @@ def main(
     # A KeyboardInterrupt a prover raises itself fails its request; one from a SIGINT stops the
     # child (the supervisor starts it in a session of its own: no terminal's Ctrl-C reaches it).
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
-        global _sigints
-        _sigints = []
+        global _sigint
+        _sigint = False
         signal.signal(signal.SIGINT, _on_sigint)
     out_fd = protect_stdout()
     try:

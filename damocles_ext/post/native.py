@@ -125,10 +125,11 @@ _call_numbers = itertools.count(1)
 _stale_reported = False
 
 
-def _stale_progress(phase: str) -> None:
+def _stale_progress(ffi: Any, phase: Any) -> None:
     global _stale_reported
     if not _stale_reported:
         _stale_reported = True
+        phase = ffi.string(phase).decode(errors="replace") if phase else ""
         log.warning(
             "a native prover library reported progress (phase %r) for a call that had returned;"
             " ignored, and not said again (dext_prover.h: progress is called on the calling"
@@ -164,7 +165,7 @@ def _install_trampoline(native: Any) -> None:
     def _dext_py_progress(ctx: FFI.CData, phase: FFI.CData, done: int, total: int) -> None:
         state = _calls.get(int(ffi.cast("uintptr_t", ctx)))
         if state is None:
-            _stale_progress(ffi.string(phase).decode(errors="replace") if phase else "")
+            _stale_progress(ffi, phase)
             return
         try:
             if state.progress is not None and phase != ffi.NULL:
