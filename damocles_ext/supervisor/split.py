@@ -128,23 +128,21 @@ def _opinions(sup: Supervisor, refused_by: frozenset[str]) -> int:
     SNARK child can serve now (none configured, benched, stopped for good): then there is no
     second opinion to wait for, and proofs made again by another vanilla child are the only
     chance of a proof."""
-    breaker, now = sup._book.scheduler.breaker, sup._now()
-    others = (
-        c.name not in refused_by and breaker.can_serve(c.name, now)
-        for c in sup._children.values()
-        if c.spec.stage == SNARK
-    )
-    return 2 if any(others) else 1
+    return 2 if _another_can_serve(sup, SNARK, refused_by) else 1
 
 
 def _vanilla_again(sup: Supervisor, avoid: frozenset[str], deadline: float | None) -> bool:
     """Whether another vanilla child than `avoid` can serve the request, in time."""
     if sup.shutting_down or (deadline is not None and time.time() >= deadline):
         return False
-    breaker = sup._book.scheduler.breaker
-    now = sup._now()
+    return _another_can_serve(sup, VANILLA, avoid)
+
+
+def _another_can_serve(sup: Supervisor, stage: str, besides: frozenset[str]) -> bool:
+    """Whether a child of `stage` not in `besides` can serve now (neither benched nor FATAL)."""
+    breaker, now = sup._book.scheduler.breaker, sup._now()
     return any(
-        c.spec.stage == VANILLA and c.name not in avoid and breaker.can_serve(c.name, now)
+        c.spec.stage == stage and c.name not in besides and breaker.can_serve(c.name, now)
         for c in sup._children.values()
     )
 
