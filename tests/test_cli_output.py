@@ -65,13 +65,18 @@ def test_a_stdout_closed_at_start_is_an_error_that_says_so_without_a_traceback(a
     assert "stdout is closed, so the output cannot be written" in done.stderr
 
 
-def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_written():
+def _to_full_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+    """`damocles-ext ARGS` with its stdout on /dev/full (every write: ENOSPC)."""
     with open("/dev/full", "wb") as full:
-        done = subprocess.run(
-            [sys.executable, "-m", "damocles_ext", "serve", "window_post", "-c", EXAMPLE],
+        return subprocess.run(
+            [sys.executable, "-m", "damocles_ext", *args],
             stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, text=True,
             timeout=60, check=False,
         )  # fmt: skip
+
+
+def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_written():
+    done = _to_full_stdout("serve", "window_post", "-c", EXAMPLE)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1
     assert "cannot write the ready line to stdout: No space left on device" in done.stderr
@@ -79,12 +84,7 @@ def test_serve_whose_stdout_is_full_exits_1_saying_the_ready_line_cannot_be_writ
 
 def test_help_to_a_full_stdout_exits_1_saying_so_without_a_traceback():
     # argparse writes --help while it parses, before any command is known.
-    with open("/dev/full", "wb") as full:
-        done = subprocess.run(
-            [sys.executable, "-m", "damocles_ext", "serve", "--help"],
-            stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, text=True,
-            timeout=60, check=False,
-        )  # fmt: skip
+    done = _to_full_stdout("serve", "--help")
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1
     assert "cannot write the output to stdout: No space left on device" in done.stderr
