@@ -8,7 +8,10 @@ built-in child runtime. Waits are on events or bounded polling of process state,
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
+import signal
 import time
 from collections import deque
 
@@ -77,6 +80,34 @@ async def test_a_child_exiting_with_an_error_after_ready_has_its_last_stderr_lin
         sup.request_shutdown()
     assert "exit code 3" in str(info.value)
     assert "the GPU fell off the bus" in str(info.value)
+
+
+@pytest.mark.parametrize("crash", ["SIGSEGV", "SIGABRT"])
+async def test_a_child_that_crashes_on_a_request_names_what_it_runs_in_the_error(crash):
+    # What a native library's bad pointer (or its abort()) does to the child running it.
+    faulty = dext_child(f"os.kill(os.getpid(), signal.{crash})", setup="import os, signal")
+    sup = Supervisor([spec(faulty, max_attempts=1)], backoff=FAST)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task())
+        sup.request_shutdown()
+    said = f"killed by {crash}; a crash of {shlex.join(faulty)[:200]}"
+    assert said in str(info.value)
+    assert said in child_stats(sup).last_exit
+
+
+async def test_a_child_killed_from_outside_is_not_called_a_crash():
+    sup = Supervisor([spec(dext_child(), max_attempts=1)], backoff=FAST)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        os.kill(child_stats(sup).pid, signal.SIGKILL)  # as the kernel's OOM killer does
+        await wait_until(lambda: child_stats(sup).last_exit is not None)
+        sup.request_shutdown()
+    assert "killed by SIGKILL" in child_stats(sup).last_exit
+    assert "crash" not in child_stats(sup).last_exit
 
 
 # -- a child that exits right after its ready message, forever ---------------------------------

@@ -627,8 +627,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     # Answers written just before the exit may still sit in the pipe: take them first. And
     # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
     # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
-    # grandchild that left the process group (setsid) may hold the pipes open for ever,
-    # and the lost requests must not wait for it.
+    # grandchild that left the process group (setsid) may hold the pipes open for ever.
     drain = _PIPE_DRAIN_TIMEOUT if p.proc.exit is not None else REAP_TIMEOUT
     with trio.move_on_after(drain) as drain_scope:
         if p.reader_done is not None:
@@ -645,6 +644,8 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     status = exit_info.describe() if exit_info else "did not die after SIGKILL"
     reason = p.down_reason or "exited"
     what = reason if exit_info and status in reason else f"{reason}; {status}"
+    if exit_info is not None and exit_info.crashed:  # which prover: the request's error says
+        what += f"; a crash of {_short_argv(child.spec)}"
     if p.stderr_tail and (not was_ready or (exit_info and exit_info.returncode)):
         # A child that could not start (or gave up) says why on stderr, e.g. "unknown
         # prover"; the operator should not have to dig that out of the log.

@@ -72,6 +72,19 @@ class ExitInfo:
                 return f"killed by signal {self.signal}"
         return f"exit code {self.returncode}"
 
+    @property
+    def crashed(self) -> bool:
+        """Killed by a signal a process gets from its own faults (a native library's bad
+        pointer, an abort()), not one a supervisor or the kernel's OOM killer sends."""
+        return self.signal in _CRASH_SIGNALS
+
+
+_CRASH_SIGNALS = frozenset(
+    s.value
+    for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+              signal.SIGSYS, signal.SIGTRAP)
+)  # fmt: skip
+
 
 def block_name(stage: str, block: int) -> str:
     """The config table a child came from, as a person would look for it: 'WdPost[0]'."""
