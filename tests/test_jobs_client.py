@@ -168,6 +168,7 @@ async def test_a_refused_connection_is_a_clear_error_naming_the_url():
     assert "Venus.WdPoStAllJobs" in message and "refused" in message.lower()
     assert f"check that {WORKER_PROVER_RPC} runs there" in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not caught.value.sent  # nothing reached a server: the call was surely not done
     # A client of a source node says what should run there (it named the coordinator).
     async with RpcClient(f"/ip4/127.0.0.1/tcp/{port}", serves="a source node") as client:
         with pytest.raises(RpcConnectionError, match="check that a source node runs there"):
@@ -264,4 +265,5 @@ async def test_a_server_that_closes_before_its_answer_ends_is_a_lost_connection(
             with pytest.raises(RpcConnectionError, match=f"broke {when}") as caught:
                 await client.call("Venus.StoreBasicInfo", "s")
             assert not isinstance(caught.value, RpcTimeout)
+            assert caught.value.sent  # the server read the call: it may have done it
         nursery.cancel_scope.cancel()

@@ -372,6 +372,37 @@ async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_afte
     assert rig.allocations_of(job.Id) == 1 and worker.counters.given_up == 0
 
 
+async def test_a_result_refused_after_the_coordinator_was_unreachable_is_not_said_maybe_delivered(
+    rig, tmp_path, caplog
+):
+    # The finishes that found no coordinator never reached one: when the next is refused (the
+    # job was removed meanwhile), the give-up must not say an earlier attempt may have done it.
+    # (No heartbeat in the test's time: one would see the removal first and drop the result.)
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, heartbeat_interval=600.0))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            rig.server.stop()
+            await rig.server.stopped.wait()
+            rig.server.close()
+            await worker.wait_for(
+                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
+            )
+            await rig.jobs.remove(job.Id)
+            rig.server = CoordinatorServer(rig.coordinator, "127.0.0.1", rig.port)
+            await nursery.start(rig.server.serve)
+            await worker.wait_for(lambda: worker.counters.given_up == 1)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+    assert f"job {job.Id}: its result (1 proofs) is given up after" in caplog.text
+    assert "the manager refused it" in caplog.text
+    assert "may have delivered it" not in caplog.text
+
+
 async def test_a_job_in_a_store_the_worker_lacks_fails_naming_the_store_and_the_job(rig, tmp_path):
     job, _ = await rig.jobs.create(job_input(store="far-away"))
     kids = children(tmp_path, plugin_block("WdPost", "echo"))

@@ -480,7 +480,7 @@ class Worker:
         """Send the result until the manager takes it, refuses it, or it is too late."""
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
         what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
-        attempts = 0
+        attempts, maybe_done = 0, False  # maybe_done: a call that may have been done, unanswered
         while True:
             attempts += 1
             job = held.job  # (under the lease it has now: it may have been given to us again)
@@ -494,6 +494,7 @@ class Worker:
             except RpcConnectionError as exc:
                 self._unreachable(str(exc))
                 failure, reason = Failure.UNREACHABLE, str(exc)
+                maybe_done = maybe_done or exc.sent
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)  # (a refusal: the result is given up below)
@@ -523,18 +524,11 @@ class Worker:
                 self.counters.given_up += 1
                 maybe = (
                     " (an earlier attempt whose answer was lost may have delivered it)"
-                    if attempts > 1 and failure is Failure.REFUSED
+                    if maybe_done and failure is Failure.REFUSED
                     else ""
                 )
-                log.error(
-                    "job %s: its result (%s) is given up after %d attempts: %s%s: %s",
-                    job.Id,
-                    what,
-                    attempts,
-                    why,
-                    maybe,
-                    reason,
-                )
+                log.error("job %s: its result (%s) is given up after %d attempts: %s%s: %s",
+                          job.Id, what, attempts, why, maybe, reason)  # fmt: skip
                 break
             delay = backoff.next_delay()
             if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood

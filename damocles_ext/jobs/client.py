@@ -48,7 +48,13 @@ class RpcClientError(DextError):
 
 
 class RpcConnectionError(RpcClientError):
-    """The server could not be reached, or the connection broke before the answer."""
+    """The server could not be reached, or the connection broke before the answer. `sent`:
+    the request may have reached the server (which may have done the call); False when no
+    connection was made."""
+
+    def __init__(self, message: str, *, url: str, method: str, sent: bool = True) -> None:
+        super().__init__(message, url=url, method=method)
+        self.sent = sent
 
 
 class RpcTimeout(RpcConnectionError):
@@ -252,6 +258,7 @@ class RpcClient:
                 f" {self.serves} runs there, and the address",
                 url=self.url,
                 method=method,
+                sent=False,
             ) from None
         self.connections_opened += 1
         self._stream, self._h11 = stream, h11.Connection(h11.CLIENT)
