@@ -403,6 +403,34 @@ async def test_a_damocles_workers_late_proof_and_its_finish_sent_again_are_taken
     assert stored.succeeded and as_json(stored.Output) == output and stored.TryNum == 1
 
 
+async def test_a_refused_damocles_worker_finish_has_damocles_abort_code_so_it_is_not_retried(
+    job_store,
+):
+    """damocles-worker's report_result (src/sealing/sealing_thread/planner/wdpost.rs:521) calls
+    WdPoStFinishJob through `call_rpc!` (src/sealing/sealing_thread/util.rs:17-30): an error of
+    code APIErrCode::SectorStateNotFound, 11001 (src/rpc/mod.rs:8; damocles-manager
+    core/api_error_codes.go:6), aborts the task at once; any other is a temporary error, retried
+    `max_retries` times `recover_interval` apart (wdpost.rs:181-201) with the wdpost thread
+    held. damocles-manager takes every finish of a job it has (job_mgr_kv.go:254-281), so only
+    our fencing refuses one: it must say so with 11001. An unknown job stays damocles' code 1
+    ("key not found"): its producer may create it again, and the retry then delivers."""
+    async with _taken_back_from_worker_a(job_store) as (_, job, client):
+        _, answer = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-b")
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        output = {"proofs": ["AAEC"], "faults": []}
+        _, answer = await client.call("Venus.WdPoStFinishJob", job.Id, output, "")
+        assert answer["result"] is None  # worker-b proved it
+        # worker-a's late failure, once the job is proved: refused, and said so to abort.
+        status, answer = await client.call("Venus.WdPoStFinishJob", job.Id, None, "gpu lost")
+        assert status == 200
+        assert answer["error"]["code"] == rpc.ABORT == 11001
+        assert f"job {job.Id}: the job is finished" in answer["error"]["message"]
+        status, answer = await client.call("Venus.WdPoStFinishJob", "gone", None, "x")
+        assert (status, answer["error"]) == (
+            200, {"code": rpc.METHOD_ERROR, "message": "job gone: key not found"}
+        )  # fmt: skip
+
+
 async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_back_no_job_for_it(tmp_path):
     # The store locked by another process for 30 s (over the 15 s timeout): worker-a's heartbeats
     # are refused all along. Its job is not taken back for that silence once the store answers.

@@ -154,7 +154,13 @@ class Coordinator:
     ) -> None:
         outcome = await self.store.finish(job_id, output, error_reason)
         self._observed(outcome.effects)
-        _raise_refusals(outcome.effects)
+        refused = [e for e in outcome.effects if isinstance(e, rules.Refused)]
+        if refused:
+            # damocles-manager takes every finish of a job it has, so damocles-worker retries a
+            # failed one (5 times a minute apart by default, its wdpost thread held): damocles'
+            # abort code makes it give the job up at once, and log why.
+            raise rpc.RpcError(rpc.ABORT, "; ".join(f"job {e.job_id}: {e.reason}" for e in refused))
+        _raise_refusals(outcome.effects)  # an unknown job: "key not found", as damocles says
 
     async def _WdPoStResetJob(self, job_id: str) -> None:
         await self.store.reset(job_id)

@@ -38,6 +38,11 @@ UNAUTHORIZED: Final = -32001
 #: the current one, it finished, was removed, its deadline passed). Repeating the call cannot
 #: help, unlike code 1 (the store failed for a while).
 REFUSED: Final = 2
+#: damocles' APIErrCodeSectorStateNotFound (damocles-manager core/api_error_codes.go), the one
+#: code damocles-worker's `call_rpc!` (src/sealing/sealing_thread/util.rs) turns into an abort of
+#: the task at once instead of a temporary error retried `max_retries` times, `recover_interval`
+#: apart. Sent (HTTP 200) for a `Venus.WdPoStFinishJob` the fencing refuses.
+ABORT: Final = 11001
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # the number of jobs to allocate
 
@@ -101,7 +106,7 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Dext.FinishJob": (Text, Text, JobOutput | None, str),
 }
 
-_HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, UNAUTHORIZED: 401}
+_HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, ABORT: 200, UNAUTHORIZED: 401}
 
 
 class RpcError(Exception):

@@ -69,13 +69,16 @@ def failure_of(api: Api, code: int | None, message: str = "") -> Failure:
     """What a failed call means; `code` is the JSON-RPC error code, None when no answer came.
 
     From our coordinator, code 2 (rpc.REFUSED) says the job is no longer ours and code 1 that its
-    store failed for a while. damocles-manager answers every method's error with code 1, and its
-    finish and heartbeat fail only for a job it no longer has: that is a refusal."""
+    store failed for a while; its Venus.WdPoStFinishJob refused is code 11001 (rpc.ABORT).
+    damocles-manager answers every method's error with code 1, and its finish and heartbeat fail
+    only for a job it no longer has: that is a refusal."""
     if code is None:
         return Failure.UNREACHABLE
     if code == rpc.METHOD_NOT_FOUND:
         return Failure.NO_METHOD
-    if code in (rpc.REFUSED, rpc.UNAUTHORIZED) or (api is Api.VENUS and code == rpc.METHOD_ERROR):
+    if code in (rpc.REFUSED, rpc.ABORT, rpc.UNAUTHORIZED) or (
+        api is Api.VENUS and code == rpc.METHOD_ERROR
+    ):
         return Failure.REFUSED  # (a refused token: no call will get through, the worker stops)
     if code in (rpc.INVALID_REQUEST, rpc.INVALID_PARAMS) or (
         # go-jsonrpc's -32700 is also a body it could not read off the connection (`message`).
