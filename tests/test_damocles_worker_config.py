@@ -519,6 +519,17 @@ def toml_value(value) -> str:
     return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
 
 
+@pytest.mark.parametrize(
+    "addr", ["http://10.0.0.2:1789", "http://10.0.0.2:1789/", "http://10.0.0.2:1789/rpc/v1/x"]
+)
+def test_a_url_as_rpc_client_addr_is_dialled_at_rpc_v0_as_damocles_worker_dials_it(tmp_path, addr):
+    """damocles-worker's rpc_addr (src/util/net.rs:13-58) keeps a URL's scheme, host and port
+    and puts `/rpc/v{ver}` (v0: src/run.rs:56) in place of its path: a file whose addr is
+    `http://HOST:1789/` works there, so it must reach the same RPC here, not POST to `/`."""
+    cfg = parse(base(tmp_path, **{"/ip4/127.0.0.1/tcp/1789": addr}), tmp_path)
+    assert parse_endpoint(cfg.manager).url == "http://10.0.0.2:1789/rpc/v0"
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from([*SCHEMA, "remote_store", "odd"]), fuzz_values, max_size=6))
 def test_any_document_is_a_config_or_a_clear_config_error(doc):

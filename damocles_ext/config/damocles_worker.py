@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from ..jobs.endpoint import parse_endpoint
+from ..jobs.endpoint import damocles_worker_address
 from ..tasks import SECTOR_SIZES, proof_types_for_sizes
 from . import machine
 from .damocles_worker_keys import (
@@ -103,7 +103,7 @@ class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
     """What `damocles-ext worker` takes from a damocles-worker.toml."""
 
     source: str
-    manager: str  # rpc_client.addr as written (a multiaddr or URL; parse_endpoint reads it)
+    manager: str  # rpc_client.addr: a multiaddr as written, a URL as damocles-worker dials it
     headers: dict[str, str]  # sent with every RPC; Authorization moved to `token` if Bearer
     token: str | None
     name: str | None  # None: the address of the interface that reaches the manager
@@ -254,7 +254,7 @@ class _Reader:
             )
         elif addr is not None:
             try:
-                parse_endpoint(addr)
+                addr = damocles_worker_address(addr)
             except ValueError as exc:
                 self.errors.append(f"{where}.addr: {exc}")
         headers = client.headers("headers")

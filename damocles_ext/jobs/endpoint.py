@@ -125,6 +125,17 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(host, _port(port, text))
 
 
+def damocles_worker_address(text: str) -> str:
+    """A damocles-worker.toml's `rpc_client.addr` as damocles-worker dials it: a URL's path is
+    always `/rpc/v0` there, whatever the URL's own (its `rpc_addr`, src/util/net.rs), so
+    `http://HOST:1789/` reaches the RPC; a multiaddr is kept as written. ValueError as
+    `parse_endpoint` raises it."""
+    endpoint = parse_endpoint(text)
+    if text.strip().startswith("/"):
+        return text
+    return Endpoint(endpoint.host, endpoint.port).url
+
+
 #: An HTTP header name (RFC 9110's token): ASCII letters, digits and a few marks, no spaces.
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
