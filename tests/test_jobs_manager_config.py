@@ -125,15 +125,32 @@ def test_bad_values_are_errors_that_say_where_and_what(text, words):
 
 def test_unknown_keys_in_the_two_tables_are_warned_about_not_dropped_silently():
     text = (
-        "[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\nReadonly = true\n"
+        "[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\nRead_Only = true\n"
         "[Common.Proving.WorkerProver]\nJobMaxTries = 5\n"
     )
     cfg = parse_manager_config(text, "sm.cfg")
     assert cfg.limits.max_try == 2
     assert len(cfg.warnings) == 2
-    assert "sm.cfg: [[Common.PersistStores]] #1: unknown key 'Readonly'" in cfg.warnings[0]
+    assert "sm.cfg: [[Common.PersistStores]] #1: unknown key 'Read_Only'" in cfg.warnings[0]
     assert "[Common.Proving.WorkerProver]: unknown key 'JobMaxTries'" in cfg.warnings[1]
     assert "JobMaxTry" in cfg.warnings[1]  # the key it knows, to spot the misspelling
+
+
+def test_keys_are_read_whatever_their_case_as_damocles_toml_reader_matches_them():
+    """damocles-manager reads sector-manager.cfg with BurntSushi/toml (damocles-manager
+    pkg/confmgr/local_mgr.go:112, modules/config.go:655-668; go.mod: v1.5.0), which matches a key
+    to a struct field exactly first, then whatever its case: `jobmaxtry = 5` is its JobMaxTry,
+    and a table `[common.proving.workerprover]` its Common.Proving.WorkerProver."""
+    text = (
+        "[[common.persiststores]]\nname = 'a'\npath = '/a'\nreadonly = true\n"
+        "[common.Proving.workerProver]\njobmaxtry = 5\nheartbeattimeout = '30s'\n"
+    )
+    cfg = parse_manager_config(text, "sm.cfg")
+    assert cfg.stores == {"a": "/a"}
+    assert (cfg.limits.max_try, cfg.limits.heartbeat_timeout) == (5, 30.0)
+    assert cfg.given == {"JobMaxTry", "HeartbeatTimeout"} and cfg.warnings == ()
+    with pytest.raises(ManagerConfigError, match="'JobMaxTry' written twice"):
+        parse_manager_config("[Common.Proving.WorkerProver]\nJobMaxTry=3\njobmaxtry=4\n", "x")
 
 
 def test_a_conf_dir_without_the_file_keeps_the_defaults_and_says_so(tmp_path):

@@ -12,8 +12,10 @@ share one such directory); reading the same file here keeps one place for two fa
   `time.Duration`, which its TOML reader takes as a Go duration string; a bare number would be
   nanoseconds there, which is never what was meant, so it is refused here.
 
-The rest of the file is damocles-manager's business and is not looked at. Unknown keys inside
-the two tables are warned about (a misspelt `JobMaxTries` must not be dropped silently).
+The rest of the file is damocles-manager's business and is not looked at. Keys are matched
+whatever their case, as damocles' TOML reader (BurntSushi's) matches them (`jobmaxtry` is
+`JobMaxTry`). Unknown keys inside the two tables are warned about (a misspelt `JobMaxTries` must
+not be dropped silently).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..config.load import read_config_text
+from ..config.load import _fold_case, read_config_text
 from ..config.spec import ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
@@ -146,7 +148,11 @@ def parse_manager_config(text: str, source: str) -> ManagerConfig:
     except (RecursionError, ValueError) as exc:
         raise ManagerConfigError(f"{source}: cannot be read as TOML: {exc}") from None
     warnings: list[str] = []
+    doc = _folded(doc, ("Common",), source)
     common = _table(doc.get("Common", {}), source, "[Common]")
+    common = _folded(
+        common, ("PersistStores", "ScanPersistStores", "Proving"), f"{source}: [Common]"
+    )
     stores = _stores(common.get("PersistStores", []), source, warnings)
     if common.get("ScanPersistStores"):
         warnings.append(
@@ -154,8 +160,18 @@ def parse_manager_config(text: str, source: str) -> ManagerConfig:
             " directories for sectorstore.json); give those stores with --store NAME=PATH"
         )
     proving = _table(common.get("Proving", {}), source, "[Common.Proving]")
+    proving = _folded(proving, ("WorkerProver",), f"{source}: [Common.Proving]")
     limits, given = _limits(proving.get("WorkerProver", {}), source, warnings)
     return ManagerConfig(source, stores, limits, given, tuple(warnings))
+
+
+def _folded(table: Mapping[str, Any], names: Iterable[str], where: str) -> dict[str, Any]:
+    """`table` with its keys among `names` but for their case spelt as those names: damocles'
+    TOML reader (BurntSushi's) matches a key to a field whatever its case."""
+    folded, errors = _fold_case(dict(table), names, where)
+    if errors:
+        raise ManagerConfigError(errors[0])
+    return folded
 
 
 def _table(value: Any, source: str, name: str) -> Mapping[str, Any]:
@@ -176,10 +192,11 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             f" not {_kind(entries)}"
         )
     stores: dict[str, str] = {}
-    for i, entry in enumerate(entries):
+    for i, raw in enumerate(entries):
         where = f"{source}: [[Common.PersistStores]] #{i + 1}"
-        if not isinstance(entry, dict):
-            raise ManagerConfigError(f"{where} must be a table, not {_kind(entry)}")
+        if not isinstance(raw, dict):
+            raise ManagerConfigError(f"{where} must be a table, not {_kind(raw)}")
+        entry = _folded(raw, PERSIST_STORE_KEYS, where)
         for key in sorted(set(entry) - PERSIST_STORE_KEYS):
             warnings.append(f"{where}: unknown key {key!r} ignored (damocles knows "
                             f"{', '.join(sorted(PERSIST_STORE_KEYS))})")  # fmt: skip
@@ -204,7 +221,8 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
 
 
 def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, frozenset[str]]:
-    table = _table(table, source, _WORKER_PROVER)
+    where = f"{source}: {_WORKER_PROVER}"
+    table = _folded(_table(table, source, _WORKER_PROVER), WORKER_PROVER_KEYS, where)
     for key in sorted(set(table) - WORKER_PROVER_KEYS):
         warnings.append(f"{source}: {_WORKER_PROVER}: unknown key {key!r} ignored (damocles "
                         f"knows {', '.join(sorted(WORKER_PROVER_KEYS))})")  # fmt: skip
