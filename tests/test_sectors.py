@@ -705,3 +705,24 @@ async def test_something_else_than_a_source_node_at_the_address_is_named_as_such
     assert answer.status == "error"
     assert "check that the address is a damocles source node's RPC" in answer.detail
     assert "worker-prover" not in answer.detail
+
+
+async def test_a_last_known_path_with_a_nul_character_is_missing_not_a_crash():
+    # A plugin's provider gave such a path: os.stat raised ValueError out of the check of the
+    # last known location, and the whole lookup (a worker's job, a `sectors find`) with it.
+    class Flapping:
+        name = "flapping"
+        up = True
+
+        async def find(self, sector):
+            if not self.up:
+                raise RuntimeError("down")
+            return SectorLocation("/s/\0x", "/c/x")
+
+    provider = Flapping()
+    locator = SectorLocator([provider], rules=CacheRules(fresh_for=0, refresh_lead=0))
+    [first] = await locator.locate(refs(5))
+    assert first.found
+    provider.up = False  # asked again (nothing is fresh), fails: the last known is checked
+    [answer] = await locator.locate(refs(5))
+    assert answer.status == "missing" and "NUL character" in answer.detail

@@ -139,6 +139,17 @@ def test_bad_input_is_a_clear_message_and_exit_code_2(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_store_path_with_a_nul_character_is_exit_code_2_naming_the_file(tmp_path):
+    # It was a traceback (ValueError: embedded null byte) out of the check of the files.
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[[Common.PersistStores]]\nName = "a"\nPath = "/x\\u0000y"\n'
+    )
+    result = find("1000", "5", "--conf-dir", str(tmp_path))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "has a NUL character" in result.stderr and "sector-manager.cfg" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_conf_dir_without_sector_manager_cfg_is_exit_code_2(tmp_path):
     result = find("1000", "5", "--conf-dir", str(tmp_path))
     assert result.returncode == 2 and "no sector-manager.cfg" in result.stderr

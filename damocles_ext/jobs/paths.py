@@ -73,6 +73,11 @@ class StoreMap:
         for name, path in self.stores.items():
             if not name or not path:
                 raise ValueError(f"a store needs a name and a path, got {name!r}={path!r}")
+            if "\0" in name or "\0" in path:
+                raise ValueError(
+                    f"store {name!r}={path!r} has a NUL character, which no store name or"
+                    " path can hold; write the store's name and directory as they are"
+                )
             other = by_path.setdefault(_normal(path), name)
             if other != name:
                 raise ValueError(

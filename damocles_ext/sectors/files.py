@@ -31,6 +31,8 @@ def _is(path: str, want_dir: bool) -> str:
         return f"{path} does not exist"
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"
+    except ValueError:  # a NUL character (a plugin's provider gave such a path)
+        return f"{path!r} is not a path: it has a NUL character"
     if want_dir and not stat.S_ISDIR(mode):
         return f"{path} is not a directory"
     if not want_dir and not stat.S_ISREG(mode):
