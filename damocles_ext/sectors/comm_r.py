@@ -45,6 +45,14 @@ def parse_sector_list(text: str) -> list[SectorRef]:
     refs = [parse_ref(part) for part in text.split(",") if part.strip()]
     if not refs:
         raise ValueError("no sector given; write MINER:NUMBER,MINER:NUMBER,…")
+    seen: set[tuple[int, int]] = set()
+    for ref in refs:  # a task proves a sector once: the prover refuses one given twice
+        if (ref.miner, ref.number) in seen:
+            raise ValueError(
+                f"{ref.miner}:{ref.number} is given twice (a sector is proved once, upgraded or"
+                " not); keep one"
+            )
+        seen.add((ref.miner, ref.number))
     return refs
 
 
