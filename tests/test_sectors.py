@@ -275,6 +275,37 @@ async def test_an_unreachable_source_is_not_asked_again_for_down_for_seconds(
     assert found.found and source.finds() == 1 and node.down is None
 
 
+async def test_a_source_that_does_not_answer_is_asked_by_one_lookup_at_a_time_until_it_does(
+    source, stores, mock_clock
+):
+    """A source that takes calls and never answers (hung, or its host black-holed) held every
+    lookup for its whole bound, one after the other: a coordinator relaying a proxy node's
+    hundred lookups had all its connections held, and turned its workers' heartbeats away."""
+    for n in range(1, 8):
+        source.put(MINER, n, "a")
+        put_files(stores, n)
+    node = SourceNode(source.url, stores, down_for=2)
+    rules = CacheRules(fresh_for=0, refresh_lead=0)
+    async with SectorLocator([node], rules=rules, bounds=Bounds(lookup_timeout=5)) as locator:
+        source.hold()
+        mock_clock.autojump_threshold = 0.5  # time moves when every task waits on the source
+        [cut] = await locator.locate(refs(1))
+        assert source.finds() == 1 and node.down is not None
+        at_once = await locator.locate(refs(2, 3, 4))
+        assert source.finds() == 1  # not asked: it did not answer a moment ago
+        mock_clock.jump(2)
+        probed = await locator.locate(refs(5, 6, 7))
+        assert source.finds() == 2  # one lookup asks it again; the others do not wait on it
+        source.release()
+        mock_clock.jump(2)
+        [found] = await locator.locate(refs(1))
+        mock_clock.autojump_threshold = float("inf")
+    assert cut.status == "error" and "no answer in the time this lookup had" in cut.detail
+    assert all("not asked" in a.detail and "did not answer" in a.detail for a in at_once)
+    assert sum("not asked" in a.detail for a in probed) == 2
+    assert found.found and node.down is None
+
+
 # --- time bounds ----------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ async def test_a_source_outage_is_logged_once_with_what_answers_meanwhile_and_it
             warnings = said(caplog, logging.WARNING)
             source.start()  # back on the same port
             mock_clock.jump(node.down_for)
+            [probe] = await locator.locate(refs(1))  # one lookup asks it again first
             back = await locator.locate(refs(1, 2, 3))
     # The scan answered while the source was down: no fault, and yet the outage is said.
     assert all(a.found and a.provider == scan.name for a in down)
@@ -53,6 +54,7 @@ async def test_a_source_outage_is_logged_once_with_what_answers_meanwhile_and_it
     [warning] = warnings
     assert node.name in warning and "cannot connect" in warning and source.url in warning
     assert f"asked of {scan.name}" in warning and "last known locations" in warning
+    assert probe.provider == node.name
     assert all(a.found and a.provider == node.name for a in back)
     [info] = said(caplog, logging.INFO)
     assert node.name in info and "answers again" in info and "6 lookups" in info

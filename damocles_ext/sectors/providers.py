@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import trio
 
-from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcTimeout
+from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError
 from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
@@ -39,6 +39,9 @@ DEFAULT_CALL_TIMEOUT = 30.0
 MAX_INDEX_ANSWER = 64 * 1024
 #: How long a source that could not be reached is not asked again.
 DEFAULT_DOWN_FOR = 2.0
+#: A lookup cut by its time after this long without the source's answer (a real one takes
+#: milliseconds) counts as the source not answering: it is not asked again for `down_for`.
+NO_ANSWER_AFTER = 1.0
 #: One store look bounded on its own too, for a scan used without a locator.
 DEFAULT_SCAN_TIMEOUT = 10.0
 
@@ -88,6 +91,8 @@ class SourceNode:
         self.relay_names = relay_names  # a store not known here: its name, an empty path
         #: (when, why) of the last failure to reach the source; None once it answered again.
         self.down: tuple[float, str] | None = None
+        #: A lookup is asking the source again after it was down (the others fail at once).
+        self._probing = False
         self._clients = [
             RpcClient(
                 self.endpoint,
@@ -118,20 +123,33 @@ class SourceNode:
         down = self.down
         if down is not None:
             ago = trio.current_time() - down[0]
-            if ago < self.down_for:
+            if ago < self.down_for or self._probing:
                 raise SectorProviderError(
-                    f"{sector}: not asked, the source node could not be reached {ago:.1f} s ago"
-                    f" ({down[1]}); it is asked again {self.down_for:g} s after"
+                    f"{sector}: not asked, the source node could not be reached or did not"
+                    f" answer {ago:.1f} s ago ({down[1]}); it is asked again {self.down_for:g} s"
+                    " after, by one lookup until it answers"
                 )
+            # One lookup asks again; the others fail at once until it has its answer, so a
+            # source that still does not answer holds one lookup, not every one.
+            self._probing = True
+        asked = trio.current_time()
         try:
             found = await self.index_location(sector)
-        except RpcTimeout as exc:
-            raise SectorProviderError(f"{sector}: {exc}") from None
-        except RpcConnectionError as exc:
+        except RpcConnectionError as exc:  # also RpcTimeout
             self.down = (trio.current_time(), str(exc))
             raise SectorProviderError(f"{sector}: {exc}") from None
         except RpcClientError as exc:
             raise SectorProviderError(f"{sector}: {exc}") from None
+        except trio.Cancelled:
+            # Its time was up (the locator's bound) with no answer: after this long, the source
+            # is not answering, as good as unreachable (a real answer takes milliseconds).
+            waited = trio.current_time() - asked
+            if waited >= NO_ANSWER_AFTER:
+                self.down = (trio.current_time(), f"no answer within {waited:.1f} s")
+            raise
+        finally:
+            if down is not None:
+                self._probing = False
         self.down = None
         if not found.Found:
             return None
