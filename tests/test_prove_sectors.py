@@ -112,6 +112,7 @@ def test_a_bad_comm_r_file_is_exit_2_naming_the_file_and_the_entry(
         (["--sectors", "1000:\u0663"], "is not MINER:NUMBER"),  # \d took it for 3
         # The prover refused the task (exit 1) after the sectors were located.
         (["--sectors", "1000:1,f01000:1"], "1000:1 is given twice"),
+        (["--sectors", "1000:" + "9" * 5000], "a miner and a sector number are below 2^64"),
         (["--sectors", "1000:1,1000:1:upgrade"], "1000:1 is given twice"),
         (["--sectors", "1000:1", "--proof-type", "StackedDrgWinning2KiBV1"], "is not one"),
         (["--sectors", "1000:1", "--proxy", "127.0.0.1:1"], "no store is known here"),

@@ -112,6 +112,11 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
         (["1000", "\u0663", "--attached", "a=/x"], "is not a sector number"),
         (["1000", "1-\u0663", "--attached", "a=/x"], "is not a sector number"),
         (["1000", "9-3", "--attached", "a=/x"], "ends before it starts"),
+        # Thousands of digits: int()'s own "Exceeds the limit (4300 digits)" words, or all of
+        # them echoed back.
+        (["1000", "9" * 5000, "--attached", "a=/x"], "a sector number is below 2^64"),
+        (["1000", "1-" + "9" * 5000, "--attached", "a=/x"], "a sector number is below 2^64"),
+        (["9" * 5000, "1", "--attached", "a=/x"], "is not a miner"),
         (["1000", "5"], "nothing to find sectors with"),
         (["1000", "5", "--proxy", "127.0.0.1:1"], "no store is known here"),
         (["1000", "5", "--proxy", "ftp://x", "--attached", "a=/x"], "only http://"),

@@ -77,9 +77,9 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _miner(text: str) -> int:
     m = _MINER.fullmatch(text.strip())
-    if m is None or int(m.group(1)) >= 2**64:
+    if m is None or len(m.group(1).lstrip("0")) > 20 or int(m.group(1)) >= 2**64:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a miner; give its actor id: 1000, f01000 or t01000"
+            f"{text[:60]!r} is not a miner; give its actor id: 1000, f01000 or t01000"
         )
     return int(m.group(1))
 
@@ -90,6 +90,9 @@ def _numbers(text: str) -> range:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a sector number; give a whole number (12) or a range (10-20)"
         )
+    # Past 20 digits it is past 2^64-1 (and int() refuses thousands of digits with its own words).
+    if any(len((d or "").lstrip("0")) > 20 for d in m.groups()):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: a sector number is below 2^64")
     first = int(m.group(1))
     last = first if m.group(2) is None else int(m.group(2))
     if last < first:

@@ -37,6 +37,9 @@ def parse_ref(text: str) -> SectorRef:
     m = _REF.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"{text.strip()!r} is not MINER:NUMBER (e.g. 1000:5, f01000:5:upgrade)")
+    # Past 20 digits it is past 2^64-1 (and int() refuses thousands of digits with its own words).
+    if any(len(m.group(i).lstrip("0")) > 20 for i in (1, 2)):
+        raise ValueError(f"{text.strip()[:60]!r}: a miner and a sector number are below 2^64")
     return SectorRef(int(m.group(1)), int(m.group(2)), m.group(3) is not None)
 
 
