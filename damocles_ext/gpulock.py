@@ -96,7 +96,7 @@ def _is_held(path: Path) -> bool | str | None:
     """True if someone holds `path` locked, False if not, None if the file does not exist.
 
     A string says why it was not probed (not a regular file, cannot be opened); the probe never
-    blocks: no open of a FIFO or device, and a non-blocking flock.
+    blocks: no open of a FIFO or device, and a non-blocking shared flock.
     """
     try:
         fd = _open_regular(path, os.O_RDONLY, create=False)
@@ -108,7 +108,11 @@ def _is_held(path: Path) -> bool | str | None:
         return f"{path.name} is not probed: cannot open {path}: {exc.strerror}"
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Shared: only an exclusive holder (a proof on the GPU, a priority proof) makes it
+            # fail. An exclusive probe would also fail on a non-priority bellperson proof that
+            # checks the priority lock with a shared try-lock, and that proof, failing its own
+            # check at the probe's instant, would take it for a priority proof and free the GPU.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return True

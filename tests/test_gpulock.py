@@ -12,13 +12,13 @@ import pytest
 
 from damocles_ext import gpulock
 
-# A stand-in for a bellperson process: flock the GPU lock in TMPDIR exclusively, say so, then hold
-# it until stdin closes.
+# A stand-in for a bellperson process: flock the GPU lock in TMPDIR exclusively (or shared, as a
+# non-priority proof checks the priority lock), say so, then hold it until stdin closes.
 HOLDER = r"""
 import fcntl, os, sys
 d = sys.argv[1]
 fd = os.open(os.path.join(d, sys.argv[2]), os.O_RDWR | os.O_CREAT, 0o666)
-fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[3:] == ["shared"] else fcntl.LOCK_EX)
 print("held", flush=True)
 sys.stdin.read()
 """
@@ -28,9 +28,9 @@ sys.stdin.read()
 def holder(tmp_path):
     procs = []
 
-    def start(name=gpulock.GPU_LOCK):
+    def start(name=gpulock.GPU_LOCK, *mode):
         p = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(tmp_path), name],
+            [sys.executable, "-c", HOLDER, str(tmp_path), name, *mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -56,6 +56,19 @@ def test_a_lock_held_by_another_process_is_reported(tmp_path, holder):
     p.stdin.close()
     p.wait(timeout=10)
     assert gpulock.lock_state(tmp_path)["gpu"] is False
+
+
+def test_the_probe_shares_the_priority_lock_with_a_non_priority_proof_checking_it(tmp_path, holder):
+    # A non-priority bellperson proof (a sealing C2) checks the priority lock with a shared
+    # try-lock and gives the GPU up when it fails: the status probe must take it shared too, or
+    # its instant of holding it looks like a priority proof to that prover. And the shared
+    # checker is no priority proof: it is not reported as one.
+    checker = holder(gpulock.PRIORITY_LOCK, "shared")
+    assert gpulock.lock_state(tmp_path)["priority"] is False
+    checker.stdin.close()
+    checker.wait(timeout=10)
+    holder(gpulock.PRIORITY_LOCK)  # a priority proof
+    assert gpulock.lock_state(tmp_path)["priority"] is True
 
 
 def test_our_lock_is_seen_by_others(tmp_path):
