@@ -125,7 +125,8 @@ def test_seed_default_file_with_every_damocles_key_set() -> None:
         assert child.envs == {"ENV_KEY": "ENV_VAL"}
         assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
     # The example path does not exist here: the file is good, but its children cannot start.
-    assert cfg.warnings == []
+    # Both keep bellperson's lock files in one TMPDIR (neither sets it): only that is said.
+    assert [w.split(" and ")[0] for w in cfg.warnings] == ["WinPost[0]: winning_post#0"]
     assert config.startup_problems(cfg.children) == [
         f'{table}[0].Bin: "/path/to/custom/bin" does not exist; give the path of the prover program'
         for table in ("WdPost", "WinPost")
@@ -228,7 +229,7 @@ def test_no_bin_nor_plugin_runs_damocles_worker_and_cannot_start_when_it_is_not_
         ("damocles-worker", "processor", "window_post"),
         ("damocles-worker", "processor", "winning_post"),
     ]
-    assert cfg.warnings == []
+    assert [w.split(" keep ")[1][:28] for w in cfg.warnings] == ["bellperson's GPU lock files "]
     problems = config.startup_problems(cfg.children)
     assert [p.split(":")[0] for p in problems] == ["WdPost[0]", "WinPost[0]"]
     assert problems[0] == (
@@ -405,6 +406,40 @@ def test_a_winning_post_table_sharing_a_gpu_lock_with_window_post_is_warned_abou
     ]
     assert parse(text + "GpuLock = false\n").warnings == []
     assert parse(text.replace("[1, 2]", "[2, 3]")).warnings == []
+
+
+def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # damocles' own way to put each processor on a GPU: CUDA_VISIBLE_DEVICES in Envs, TMPDIR
+    # left as it is. Both provers then keep bellman.priority.lock in one directory, and a
+    # WinningPoSt waits for a 30-minute WindowPoSt to end, even in two `serve` processes and with
+    # GpuLock = false; check-config said nothing.
+    monkeypatch.delenv("TMPDIR", raising=False)
+    text = (
+        '[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0" }\n'
+        '[[WinPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "1" }\nGpuLock = false\n'
+    )
+    assert parse(text).warnings == [
+        (
+            "WinPost[0]: winning_post#0 and window_post#0 keep bellperson's GPU lock files in the"
+            " same TMPDIR /tmp (not in its Envs: the one damocles-ext runs with, or /tmp), so a"
+            " WinningPoSt waits for a running WindowPoSt to end (both hold bellman.priority.lock"
+            " for the whole proof), past its ~20 s budget, even with one `serve` per stage and"
+            " with GpuLock = false; give this table a TMPDIR of its own in Envs (Gpus gives each"
+            " child one)"
+        )
+    ]
+    # One TMPDIR written two ways is one directory.
+    same = text.replace('"0" }', '"0", TMPDIR = "/scratch/gpu/" }').replace(
+        '"1" }', '"1", TMPDIR = "/scratch//gpu" }'
+    )
+    assert "the same TMPDIR /scratch//gpu, so" in parse(same).warnings[0]
+    # A TMPDIR of its own, Gpus' private ones, or a prover that takes no such lock: nothing said.
+    assert parse(text.replace('"1" }', '"1", TMPDIR = "/scratch/win/" }')).warnings == []
+    assert parse(text.replace('Envs = { CUDA_VISIBLE_DEVICES = "1" }', "Gpus = [1]")).warnings == []
+    native = 'Plugin = "native"\nPluginOptions = { gpu_lock = false }'
+    assert parse(text.replace('Bin = "sh"', native)).warnings == []
 
 
 def test_expansion_indices_continue_across_tables() -> None:

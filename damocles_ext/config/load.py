@@ -204,6 +204,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
     if errors:
         raise ConfigError(source, errors)
     warnings = builder.warnings + _winning_waits_for_window(builder.children)
+    warnings += _winning_shares_lock_dir(builder.children)
     return Config(source=source, children=builder.children, warnings=warnings, tmp_root=tmp_root)
 
 
@@ -232,6 +233,58 @@ def _winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
                 " this table if the GPU's memory holds both proofs, or give WinningPoSt a GPU"
                 " of its own"
             )
+    return out
+
+
+# Built-in provers that never take bellperson's lock files (and `native` with gpu_lock = false).
+_LOCKLESS_PLUGINS = frozenset({"echo", "sleep", "python-ref"})
+
+
+def _bellperson_lock_dir(child: ChildSpec) -> tuple[str, str] | None:
+    """(directory, how it is said) where `child`'s prover keeps bellperson's GPU lock files, as
+    bellperson finds it (TMPDIR, else /tmp); None for a prover known to take no such lock."""
+    if child.kind == "plugin" and (
+        child.plugin in _LOCKLESS_PLUGINS
+        or (child.plugin == "native" and child.plugin_options.get("gpu_lock") is False)
+    ):
+        return None
+    if "TMPDIR" in child.envs:
+        tmpdir = child.envs["TMPDIR"]
+        said = f"TMPDIR {tmpdir}"
+    elif child.inherit_envs:
+        tmpdir = os.environ.get("TMPDIR") or "/tmp"
+        said = f"TMPDIR {tmpdir} (not in its Envs: the one damocles-ext runs with, or /tmp)"
+    else:
+        tmpdir, said = "/tmp", "TMPDIR /tmp (not in its Envs, and InheritEnvs = false)"
+    return os.path.normpath(tmpdir or "/tmp"), said
+
+
+def _winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
+    """A WinningPoSt child whose prover keeps bellperson's lock files where a WindowPoSt child's
+    does waits for each running WindowPoSt to end: both are priority proofs, and each holds
+    bellman.priority.lock for its whole proof. That is a file lock: it acts across processes
+    (one `serve` per stage) and whatever GpuLock says. Said once per table."""
+    window: dict[str, str] = {}
+    for child in children:
+        found = _bellperson_lock_dir(child)
+        if child.stage in ("window_post", "window_post_snark") and found is not None:
+            window.setdefault(found[0], child.name)
+    said: set[int] = set()
+    out = []
+    for child in children:
+        if child.stage != "winning_post" or child.block in said:
+            continue
+        found = _bellperson_lock_dir(child)
+        if found is None or found[0] not in window:
+            continue
+        said.add(child.block)
+        out.append(
+            f"WinPost[{child.block}]: {child.name} and {window[found[0]]} keep bellperson's GPU"
+            f" lock files in the same {found[1]}, so a WinningPoSt waits for a running WindowPoSt"
+            " to end (both hold bellman.priority.lock for the whole proof), past its ~20 s"
+            " budget, even with one `serve` per stage and with GpuLock = false; give this table"
+            " a TMPDIR of its own in Envs (Gpus gives each child one)"
+        )
     return out
 
 
