@@ -290,11 +290,12 @@ def measure(
 # -- building the document ----------------------------------------------------------------------
 
 
-def child_lock_dir(tmpdir: str | None, env: Mapping[str, str] | None = None) -> str:
-    """Where a child's bellperson keeps its lock files: its TMPDIR, else ours, else /tmp."""
+def child_lock_dir(tmpdir: str | None) -> str:
+    """Where a child's bellperson keeps its lock files: the TMPDIR it runs with (ChildStats'
+    tmpdir: its Envs', else the supervisor's unless InheritEnvs = false), else /tmp."""
     from .gpulock import lock_dir
 
-    return tmpdir or str(lock_dir(env))
+    return str(lock_dir({"TMPDIR": tmpdir} if tmpdir else {}))
 
 
 def assemble(

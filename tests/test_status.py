@@ -276,6 +276,40 @@ Envs = {{ TMPDIR = "{gpu_tmp}" }}
             assert await run.wait() == 0, log.text()
 
 
+async def test_lock_files_are_probed_where_the_child_looks_not_in_the_supervisors_tmpdir(
+    tmp_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A child with InheritEnvs = false, or an empty TMPDIR, keeps its lock files in /tmp; status
+    # probed the supervisor's TMPDIR instead, and said "not held" of files nobody uses.
+    ours = tmp_path / "supervisor-tmp"
+    ours.mkdir()
+    monkeypatch.setenv("TMPDIR", str(ours))
+    cfg = write_config(tmp_path, """
+[[WdPost]]
+Plugin = "echo"
+InheritEnvs = false
+
+[[WdPost]]
+Plugin = "echo"
+Envs = { TMPDIR = "" }
+
+[[WdPost]]
+Plugin = "echo"
+""")  # fmt: skip
+    path = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path) as (run, log),
+    ):
+        with trio.fail_after(30):
+            names = ["window_post#0", "window_post#1", "window_post#2"]
+            await wait_ready(log, names)
+            children = _by_name(await _status(path))
+            assert [children[n]["lock_files"]["dir"] for n in names] == ["/tmp", "/tmp", str(ours)]
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
 async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Path):
     missing = sock_dir / "nothing.sock"
     done = await dext_run_async("status", "--socket", str(missing))

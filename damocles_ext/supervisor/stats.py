@@ -7,6 +7,7 @@ process and the scheduler's own statistics turn into them.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -42,7 +43,9 @@ class ChildStats(msgspec.Struct, frozen=True):
     protocol: str | None
     locks: tuple[str, ...] = ()  # the locks it needs to run a request (config: Locks, GpuLock)
     locks_held: tuple[str, ...] = ()  # those the scheduler holds for its running requests now
-    tmpdir: str | None = None  # TMPDIR from its Envs (where bellperson keeps its lock files)
+    # The TMPDIR it runs with (its Envs', else ours unless InheritEnvs = false), None without
+    # one: where bellperson keeps its lock files (/tmp without one).
+    tmpdir: str | None = None
     start_refused: bool = False  # its last start ended in exit code 2: its prover cannot load
     benched_for: float | None = None  # seconds left of its bench (scheduling/breaker.py)
     on_probation: bool = False  # benched before, one request at a time until a proof
@@ -72,6 +75,13 @@ def _bench(book: RequestBook, name: str, now: float) -> tuple[float | None, bool
     if streak.benched_until > now:
         return streak.benched_until - now, False
     return None, streak.benches > 0
+
+
+def _tmpdir(envs: dict[str, str], inherit: bool) -> str | None:
+    """The TMPDIR a child with these Envs and InheritEnvs runs with (see build_env)."""
+    if "TMPDIR" in envs:
+        return envs["TMPDIR"]
+    return os.environ.get("TMPDIR") if inherit else None
 
 
 def build_statistics(
@@ -118,7 +128,7 @@ def build_statistics(
                 protocol=c.protocol,
                 locks=tuple(c.spec.locks),
                 locks_held=tuple(sorted(held_by.get(c.name, ()))),
-                tmpdir=c.spec.envs.get("TMPDIR"),
+                tmpdir=_tmpdir(c.spec.envs, c.spec.inherit_envs),
                 start_refused=c.start_refused,
                 benched_for=benched_for,
                 on_probation=on_probation,
