@@ -7,6 +7,7 @@ one malformed config per file with the message it must produce (BAD_CONFIGS belo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -396,16 +397,39 @@ def test_a_winning_post_table_sharing_a_gpu_lock_with_window_post_is_warned_abou
     # With both GPUs busy proving WindowPoSt, a WinningPoSt waited for a GPU past its ~20 s
     # budget, and check-config said nothing; the advice (GpuLock = false) was only in the docs.
     text = '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n[[WinPost]]\nBin = "sh"\nGpus = [1, 2]\n'
-    assert parse(text).warnings == [
+    # The lock is the supervisor's: said for `run`, which runs both stages in one supervisor.
+    assert parse(text).run_warnings == [
         (
-            "WinPost[0]: winning_post#0 shares the lock gpu:1 with window_post#1, so a WinningPoSt"
-            " waits for the WindowPoSt requests on that GPU, past its ~20 s budget when they are"
-            " long; set GpuLock = false in this table if the GPU's memory holds both proofs, or give"
+            "WinPost[0]: winning_post#0 shares the lock gpu:1 with window_post#1 in `run` (one"
+            " supervisor for both stages; each `serve` has its own locks), so a WinningPoSt waits"
+            " for the WindowPoSt requests on that GPU, past its ~20 s budget when they are long;"
+            " set GpuLock = false in this table if the GPU's memory holds both proofs, or give"
             " WinningPoSt a GPU of its own"
         )
     ]
-    assert parse(text + "GpuLock = false\n").warnings == []
-    assert parse(text.replace("[1, 2]", "[2, 3]")).warnings == []
+    assert parse(text).warnings == []
+    assert parse(text + "GpuLock = false\n").run_warnings == []
+    assert parse(text.replace("[1, 2]", "[2, 3]")).run_warnings == []
+
+
+def test_the_gpu_lock_warning_is_logged_by_run_not_by_a_serve_of_one_stage(tmp_path, caplog):
+    # damocles-manager starts one `serve` per stage: each has a scheduler (and its locks) of its
+    # own, and each logged this warning at every start, though it could not happen there.
+    import argparse
+
+    from damocles_ext.commands.common import load_config_from_args
+
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(
+        '[[WdPost]]\nPlugin = "echo"\nGpus = [0]\n[[WinPost]]\nPlugin = "echo"\nGpus = [0]\n'
+    )
+    args = argparse.Namespace(config=str(path), conf_dir=None)
+    caplog.set_level(logging.WARNING)
+    for stage in ("window_post", "winning_post"):
+        load_config_from_args(args, stage)
+    assert "shares the lock gpu:0" not in caplog.text
+    load_config_from_args(args)  # run: every stage in one supervisor
+    assert "winning_post#0 shares the lock gpu:0 with window_post#0 in `run`" in caplog.text
 
 
 def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_warned_about(

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.config if args.config is not None else args.file
     config = load_config(path) if path is not None else load_conf_dir(args.conf_dir)
     # The same checks as serve and run make before they report ready: what passes here starts.
-    for warning in config.warnings:  # shown also when a start-up check fails below
+    for warning in config.warnings + config.run_warnings:  # also when a check fails below
         print(f"warning: {warning}", file=sys.stderr)
     with stdout_to_stderr():  # what plugins print as they load and check options is not ours
         check_startable(config)

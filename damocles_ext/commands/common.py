@@ -188,12 +188,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def load_config_from_args(args: argparse.Namespace) -> Config:
-    """The config named by -c/--conf-dir; its warnings are logged."""
+def load_config_from_args(args: argparse.Namespace, stage: str | None = None) -> Config:
+    """The config named by -c/--conf-dir; its warnings are logged (for the children of `stage`
+    only: not those that hold where one supervisor runs every stage)."""
     from damocles_ext.config import load_conf_dir, load_config
 
     config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
-    for warning in config.warnings:
+    for warning in config.warnings + (config.run_warnings if stage is None else []):
         log.warning("%s: %s", config.source, warning)
     return config
 

@@ -204,7 +204,7 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             from damocles_ext.config import check_startable
             from damocles_ext.plugins import get_plugin_manager
 
-            config = load_config_from_args(args)
+            config = load_config_from_args(args, args.stage)
             children = children_of(config, args.stage)
             # A child that cannot start would fail the proof only after its restarts' backoff.
             plugin_manager = get_plugin_manager()

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         return serve_connected(
             args.stage, socket, args.shutdown_grace, args.deadline_after, fds=fds
         )
-    config = load_config_from_args(args)
+    config = load_config_from_args(args, args.stage)
     children = children_of(config, args.stage)
     if any(c.kind == "bin" for c in children):  # (a `damocles-ext serve` child is one)
         from damocles_ext.errors import UsageError

@@ -389,7 +389,7 @@ def _settings(
             "source": file.source,
         }
     else:
-        config = load_config_from_args(args)
+        config = load_config_from_args(args, "window_post")
         children = children_of(config, "window_post")
         ignored = [c for c in config.children if c not in children]
         if ignored:

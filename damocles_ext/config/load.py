@@ -203,14 +203,20 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         )
     if errors:
         raise ConfigError(source, errors)
-    warnings = builder.warnings + _winning_waits_for_window(builder.children)
-    warnings += _winning_shares_lock_dir(builder.children)
-    return Config(source=source, children=builder.children, warnings=warnings, tmp_root=tmp_root)
+    warnings = builder.warnings + _winning_shares_lock_dir(builder.children)
+    return Config(
+        source=source,
+        children=builder.children,
+        warnings=warnings,
+        tmp_root=tmp_root,
+        run_warnings=_winning_waits_for_window(builder.children),
+    )
 
 
 def _winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
     """A WinningPoSt child holding a GPU's lock that WindowPoSt children hold too waits for their
-    requests on that GPU (long ones: minutes), past its ~20 s budget: said once per table."""
+    requests on that GPU (long ones: minutes), past its ~20 s budget: said once per table. The
+    lock is the supervisor's own: only where one runs both stages (`run`)."""
     window = {
         lock: child.name
         for child in children
@@ -228,7 +234,8 @@ def _winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
             said.add(child.block)
             out.append(
                 f"WinPost[{child.block}]: {child.name} shares the lock {shared[0]} with"
-                f" {window[shared[0]]}, so a WinningPoSt waits for the WindowPoSt requests on"
+                f" {window[shared[0]]} in `run` (one supervisor for both stages; each `serve`"
+                " has its own locks), so a WinningPoSt waits for the WindowPoSt requests on"
                 " that GPU, past its ~20 s budget when they are long; set GpuLock = false in"
                 " this table if the GPU's memory holds both proofs, or give WinningPoSt a GPU"
                 " of its own"

@@ -135,12 +135,15 @@ def effective_timeouts(child: ChildSpec) -> tuple[float, float]:
 
 
 class Config(msgspec.Struct):
-    """A parsed ext-prover.cfg: the children to start, in file order, and non-fatal warnings."""
+    """A parsed ext-prover.cfg: the children to start, in file order, and non-fatal warnings.
+    `run_warnings` hold only where one supervisor runs every stage's children (`run`), not
+    where each process serves one stage (`serve <stage>`, `prove -c`, `worker`)."""
 
     source: str
     children: list[ChildSpec]
     warnings: list[str]
     tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
+    run_warnings: list[str] = msgspec.field(default_factory=list)
 
 
 def _option_text(value: OptionValue) -> str:
