@@ -306,6 +306,63 @@ async def test_a_source_that_does_not_answer_is_asked_by_one_lookup_at_a_time_un
     assert found.found and node.down is None
 
 
+class GatedSource(DamoclesSource):
+    """A source node that answers each sector only once the test opens its gate (a slow one);
+    `asked[n]` is set when sector n's call has come."""
+
+    def __init__(self, numbers):
+        super().__init__()
+        self.asked = {n: threading.Event() for n in numbers}
+        self.gates = {n: threading.Event() for n in numbers}
+
+    def _find(self, index_type, sid):
+        number = sid.get("Number") if isinstance(sid, dict) else None
+        if number in self.gates:
+            self.asked[number].set()
+            self.gates[number].wait()
+        return super()._find(index_type, sid)
+
+
+async def test_a_slow_source_that_answers_other_calls_meanwhile_is_not_marked_down(
+    stores, mock_clock
+):
+    """A lookup cut after a second without its answer marked the source down even when the
+    source answered other calls in that time: a slow but working source (a loaded machine, a
+    large batch) was not asked again for down_for, then by one lookup at a time."""
+    with GatedSource([1, 2]) as source:
+        for n in (1, 2):
+            source.put(MINER, n, "a")
+            put_files(stores, n)
+        node = SourceNode(source.url, stores, connections=2, down_for=2)
+        first_answered = trio.Event()
+        cut = []
+
+        async def first() -> None:
+            assert await node.find(refs(1)[0]) is not None
+            first_answered.set()
+
+        async def second() -> None:
+            with trio.move_on_after(3):
+                await node.find(refs(2)[0])
+            cut.append(True)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                nursery.start_soon(second)
+                for n in (1, 2):
+                    await trio.to_thread.run_sync(source.asked[n].wait)
+                mock_clock.jump(1.5)
+                source.gates[1].set()  # the source answers the first call, slowly
+                await first_answered.wait()
+                mock_clock.jump(2)  # the second is cut 3.5 s after it was asked
+        finally:
+            for gate in source.gates.values():
+                gate.set()
+            await node.aclose()
+    assert cut and node.down is None
+
+
 # --- time bounds ----------------------------------------------------------------------------
 
 

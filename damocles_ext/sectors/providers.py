@@ -93,6 +93,8 @@ class SourceNode:
         self.down: tuple[float, str] | None = None
         #: A lookup is asking the source again after it was down (the others fail at once).
         self._probing = False
+        #: When the source last answered a call (with a location or an error).
+        self._answered_at = float("-inf")
         self._clients = [
             RpcClient(
                 self.endpoint,
@@ -139,17 +141,21 @@ class SourceNode:
             self.down = (trio.current_time(), str(exc))
             raise SectorProviderError(f"{sector}: {exc}") from None
         except RpcClientError as exc:
+            self._answered_at = trio.current_time()
             raise SectorProviderError(f"{sector}: {exc}") from None
         except trio.Cancelled:
-            # Its time was up (the locator's bound) with no answer: after this long, the source
-            # is not answering, as good as unreachable (a real answer takes milliseconds).
+            # Its time was up (the locator's bound) with no answer: after this long, and with
+            # no other call answered meanwhile, the source is not answering, as good as
+            # unreachable (a real answer takes milliseconds). One that answered other calls is
+            # slow (loaded, or a large batch), not down: its other lookups still get answers.
             waited = trio.current_time() - asked
-            if waited >= NO_ANSWER_AFTER:
+            if waited >= NO_ANSWER_AFTER and self._answered_at < asked:
                 self.down = (trio.current_time(), f"no answer within {waited:.1f} s")
             raise
         finally:
             if down is not None:
                 self._probing = False
+        self._answered_at = trio.current_time()
         self.down = None
         if not found.Found:
             return None
