@@ -466,6 +466,30 @@ def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_w
     assert parse(text.replace('Bin = "sh"', native)).warnings == []
 
 
+def test_a_winning_post_sharing_the_lock_dir_and_a_gpu_is_not_told_a_tmpdir_of_its_own_suffices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On one GPU (the same CUDA_VISIBLE_DEVICES, or none: every GPU), a TMPDIR of its own lets a
+    # WinningPoSt run at the same time as the WindowPoSt on that GPU: both proofs' GPU memory at
+    # once, which a card may not have (a failed WindowPoSt). The warning advised it anyway.
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    same_gpu = (
+        '[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0" }\n'
+        '[[WinPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0" }\nGpuLock = false\n'
+    )
+    every_gpu = '[[WdPost]]\nPlugin = "native"\n[[WinPost]]\nPlugin = "native"\n'  # README's
+    for text in (same_gpu, every_gpu):
+        [warning] = parse(text).warnings
+        assert "bellman.priority.lock" in warning
+        assert "give this table a TMPDIR of its own in Envs" not in warning
+        assert "a GPU of its own" in warning and "memory" in warning
+    # The supervisor's CUDA_VISIBLE_DEVICES, inherited by both, is one GPU too.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    inherited = '[[WdPost]]\nBin = "sh"\n[[WinPost]]\nBin = "sh"\nGpuLock = false\n'
+    assert "a GPU of its own" in parse(inherited).warnings[0]
+
+
 def test_expansion_indices_continue_across_tables() -> None:
     cfg = parse(
         '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n[[WdPost]]\nBin = "sh"\n'

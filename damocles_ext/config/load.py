@@ -266,16 +266,27 @@ def _bellperson_lock_dir(child: ChildSpec) -> tuple[str, str] | None:
     return os.path.normpath(tmpdir or "/tmp"), said
 
 
+def _devices(child: ChildSpec) -> frozenset[str] | None:
+    """The GPUs `child` sees (its CUDA_VISIBLE_DEVICES, from Envs or inherited); None: all."""
+    value = child.envs.get("CUDA_VISIBLE_DEVICES")
+    if value is None and child.inherit_envs:
+        value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return frozenset(d.strip() for d in value.split(",") if d.strip())
+
+
 def _winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
     """A WinningPoSt child whose prover keeps bellperson's lock files where a WindowPoSt child's
     does waits for each running WindowPoSt to end: both are priority proofs, and each holds
     bellman.priority.lock for its whole proof. That is a file lock: it acts across processes
-    (one `serve` per stage) and whatever GpuLock says. Said once per table."""
-    window: dict[str, str] = {}
+    (one `serve` per stage) and whatever GpuLock says. Said once per table. A TMPDIR of its own
+    is the cure only on a GPU of its own: on a GPU both see, it runs both proofs there at once."""
+    window: dict[str, list[ChildSpec]] = {}
     for child in children:
         found = _bellperson_lock_dir(child)
         if child.stage in ("window_post", "window_post_snark") and found is not None:
-            window.setdefault(found[0], child.name)
+            window.setdefault(found[0], []).append(child)
     said: set[int] = set()
     out = []
     for child in children:
@@ -285,12 +296,24 @@ def _winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
         if found is None or found[0] not in window:
             continue
         said.add(child.block)
+        mine = _devices(child)
+        shared = [
+            w for w in window[found[0]] if mine is None or (d := _devices(w)) is None or mine & d
+        ]
+        other = (shared or window[found[0]])[0].name
+        if shared:
+            cure = (
+                f"; it also runs on a GPU that {other} uses: give this table a GPU of its own"
+                " (CUDA_VISIBLE_DEVICES, or Gpus) and a TMPDIR of its own; a TMPDIR of its own"
+                " alone would run both proofs on that GPU at once, which needs its memory for both"
+            )
+        else:
+            cure = "; give this table a TMPDIR of its own in Envs (Gpus gives each child one)"
         out.append(
-            f"WinPost[{child.block}]: {child.name} and {window[found[0]]} keep bellperson's GPU"
+            f"WinPost[{child.block}]: {child.name} and {other} keep bellperson's GPU"
             f" lock files in the same {found[1]}, so a WinningPoSt waits for a running WindowPoSt"
             " to end (both hold bellman.priority.lock for the whole proof), past its ~20 s"
-            " budget, even with one `serve` per stage and with GpuLock = false; give this table"
-            " a TMPDIR of its own in Envs (Gpus gives each child one)"
+            f" budget, even with one `serve` per stage and with GpuLock = false{cure}"
         )
     return out
 
