@@ -153,6 +153,22 @@ def test_keys_are_read_whatever_their_case_as_damocles_toml_reader_matches_them(
         parse_manager_config("[Common.Proving.WorkerProver]\nJobMaxTry=3\njobmaxtry=4\n", "x")
 
 
+def test_one_table_written_in_two_cases_is_read_as_one_as_damocles_merges_them():
+    """BurntSushi/toml decodes `[Common]` and `[common.proving.workerprover]` into the one
+    Common field, each setting its own keys: damocles-manager reads both. We refused such a
+    file ('Common' written twice: keep one), and keeping one would drop the other's keys."""
+    text = (
+        "[Common]\n[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\n"
+        "[common.proving.workerprover]\njobmaxtry = 5\n"
+    )
+    cfg = parse_manager_config(text, "sm.cfg")
+    assert cfg.stores == {"a": "/a"} and cfg.limits.max_try == 5 and cfg.warnings == ()
+    # One value written twice is still an error: damocles would keep either.
+    twice = "[Common.Proving.WorkerProver]\nJobMaxTry = 3\n[common.proving.workerprover]\nJobMaxTry = 4\n"
+    with pytest.raises(ManagerConfigError, match="'JobMaxTry' written twice"):
+        parse_manager_config(twice, "sm.cfg")
+
+
 def test_a_conf_dir_without_the_file_keeps_the_defaults_and_says_so(tmp_path):
     assert load_manager_conf_dir(tmp_path) is None
     settings = read_settings(str(tmp_path), [("s", "/s")])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..config.load import _fold_case, read_config_text
+from ..config.load import read_config_text
 from ..config.spec import ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
@@ -167,11 +167,39 @@ def parse_manager_config(text: str, source: str) -> ManagerConfig:
 
 def _folded(table: Mapping[str, Any], names: Iterable[str], where: str) -> dict[str, Any]:
     """`table` with its keys among `names` but for their case spelt as those names: damocles'
-    TOML reader (BurntSushi's) matches a key to a field whatever its case."""
-    folded, errors = _fold_case(dict(table), names, where)
-    if errors:
-        raise ManagerConfigError(errors[0])
+    TOML reader (BurntSushi's) matches a key to a field whatever its case. Two spellings of one
+    table are one table, as that reader fills one field from both; a value given twice is an
+    error (damocles would keep either)."""
+    canonical = {name.lower(): name for name in names}
+    folded: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in table.items():
+        name = key if key in canonical.values() else canonical.get(key.lower(), key)
+        if name not in folded:
+            folded[name], spelt[name] = value, key
+        elif isinstance(folded[name], dict) and isinstance(value, dict):
+            folded[name] = _merged(folded[name], value, f"{where}: [{name}]")
+        else:
+            raise ManagerConfigError(
+                f"{where}: '{name}' written twice, as '{spelt[name]}' and '{key}' (key names do"
+                " not depend on case, as damocles reads them): keep one"
+            )
     return folded
+
+
+def _merged(first: dict[str, Any], second: dict[str, Any], where: str) -> dict[str, Any]:
+    """One table written twice (in two cases): its keys from both, their tables merged too."""
+    merged = dict(first)
+    for key, value in second.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(merged[key], dict) and isinstance(value, dict):
+            merged[key] = _merged(merged[key], value, f"{where}.{key}")
+        else:
+            raise ManagerConfigError(
+                f"{where}: '{key}' written twice (in two spellings of the table): keep one"
+            )
+    return merged
 
 
 def _table(value: Any, source: str, name: str) -> Mapping[str, Any]:
