@@ -88,6 +88,22 @@ def test_symlinked_socket_path_is_refused(sock_dir: Path):
         bind_control_socket(sock_dir / "control.sock")
 
 
+def test_a_file_above_the_socket_directory_is_a_usage_error_naming_it(sock_dir: Path):
+    (sock_dir / "afile").write_text("")
+    with pytest.raises(UsageError, match=r"afile is a file, not a directory; choose another"):
+        bind_control_socket(sock_dir / "afile" / "sub" / "control.sock")
+
+
+def test_run_with_xdg_runtime_dir_a_file_exits_2_naming_it(sock_dir: Path, monkeypatch):
+    (sock_dir / "runtime").write_text("")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(sock_dir / "runtime"))
+    config = write_config(sock_dir, plugin_block("WdPost", "echo"))
+    result = dext_run("run", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert f"{sock_dir / 'runtime'} is a file, not a directory".encode() in result.stderr
+
+
 def test_group_readable_directory_is_refused_with_the_fix(sock_dir: Path):
     d = sock_dir / "open"
     d.mkdir()

@@ -147,6 +147,13 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
     uid = os.geteuid()
     try:
         st = os.lstat(directory)
+    except NotADirectoryError:
+        # A file where a directory above it should be ($XDG_RUNTIME_DIR, or --socket's path).
+        blocker = next(p for p in reversed(directory.parents) if p.exists() and not p.is_dir())
+        raise UsageError(
+            f"cannot create control socket directory {directory}: {blocker} is a file, not a"
+            " directory; choose another path with --socket"
+        ) from None
     except FileNotFoundError:
         if not create:
             raise UsageError(f"control socket directory {directory} does not exist") from None
