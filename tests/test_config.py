@@ -154,6 +154,16 @@ def test_zero_means_damocles_default_for_concurrent_weight_and_ready_timeout() -
     assert (child.concurrent, child.weight, child.ready_timeout) == (1, 1, 5.0)
 
 
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_it(
+    tmp_path: Path,
+) -> None:
+    # An editor that writes a BOM: damocles-manager's TOML reader skips it, so must we.
+    path = tmp_path / "ext-prover.cfg"
+    path.write_bytes(b'\xef\xbb\xbf[[WdPost]]\nBin = "/bin/true"\nConcurrent = 2\n')
+    (child,) = load_config(path).children
+    assert (child.argv, child.concurrent) == (("/bin/true",), 2)
+
+
 def test_damocles_keys_take_their_values() -> None:
     (child,) = parse(
         '[[WinPost]]\nBin = "/bin/true"\nArgs = ["a", "b c"]\nConcurrent = 3\nWeight = 7\n'

@@ -54,6 +54,12 @@ def test_a_good_file_gives_the_stores_and_the_worker_prover_limits():
     assert cfg.warnings == ()
 
 
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_it():
+    cfg = parse_manager_config("\ufeff" + GOOD, "sector-manager.cfg")
+    assert cfg.stores == {"store-a": "/mnt/a", "/mnt/b/": "/mnt/b/"}
+    assert cfg.limits.max_try == 3
+
+
 def test_a_heartbeat_timeout_shorter_than_damocles_sweep_makes_the_sweep_as_frequent():
     def limits(timeout: str) -> rules.JobLimits:
         text = f'[Common.Proving.WorkerProver]\nHeartbeatTimeout = "{timeout}"\n'

@@ -110,11 +110,18 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
+def strip_bom(text: str) -> str:
+    """`text` without a leading UTF-8 byte order mark, which an editor may put there: damocles'
+    TOML readers (BurntSushi's in damocles-manager, toml_edit in damocles-worker) skip it, while
+    tomllib would refuse the file on its first character."""
+    return text.removeprefix("\ufeff")
+
+
 def parse_toml(text: str, source: str, *, nested_hint: str = "") -> dict[str, Any]:
     """A config file's TOML document; ConfigError saying where it is not TOML, or what cannot be
     read (`nested_hint` follows the message about arrays nested too deep)."""
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(strip_bom(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [_syntax_error(text, source, exc)]) from None
     except RecursionError:

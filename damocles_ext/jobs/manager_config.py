@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..config.load import read_config_text
+from ..config.load import read_config_text, strip_bom
 from ..config.spec import ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
@@ -142,7 +142,7 @@ def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
 def parse_manager_config(text: str, source: str) -> ManagerConfig:
     """The stores and limits in sector-manager.cfg text; `source` names it in messages."""
     try:
-        doc = tomllib.loads(text)
+        doc = tomllib.loads(strip_bom(text))
     except tomllib.TOMLDecodeError as exc:
         raise ManagerConfigError(f"{source}: not valid TOML: {exc}") from None
     except (RecursionError, ValueError) as exc:
