@@ -246,6 +246,14 @@ def test_a_store_in_a_directory_that_does_not_exist_is_a_mistake_in_the_url(tmp_
     assert f"its directory '{tmp_path}/nodir' does not exist: create it" in capsys.readouterr().err
 
 
+def test_a_store_url_naming_a_directory_is_a_mistake_in_the_url_that_says_so(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}"
+    assert cli.main(["coordinator", "--jobs", url]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path}' is a directory: give the path of a file in it" in err
+    assert "writable" not in err
+
+
 def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, capsys):
     assert cli.main(["wdpost", "list", "--jobs", postgres_url]) == 2
     assert "the database has no job tables; check the URL" in capsys.readouterr().err

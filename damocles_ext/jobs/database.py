@@ -405,7 +405,8 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
     if url.get_backend_name() != "sqlite" or not isinstance(error, exc.DBAPIError):
         return False
     code = getattr(error.orig, "sqlite_errorname", "")
-    return code == "SQLITE_NOTADB" or not sqlite_file(url).parent.is_dir()
+    path = sqlite_file(url)
+    return code == "SQLITE_NOTADB" or path.is_dir() or not path.parent.is_dir()
 
 
 def sqlite_store_problem(path: Path, where: str) -> str | None:
@@ -506,8 +507,13 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
             " full: free some space there"
         )
-    parent = sqlite_file(url).parent
-    if not parent.is_dir():
+    path = sqlite_file(url)
+    parent = path.parent
+    if path.is_dir():
+        hint = (
+            f"{str(path)!r} is a directory: give the path of a file in it (e.g. {path / 'jobs.db'})"
+        )
+    elif not parent.is_dir():
         hint = f"its directory {str(parent)!r} does not exist: create it"
     else:
         hint = "check that the file and its directory are writable by this user"
