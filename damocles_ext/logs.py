@@ -144,7 +144,10 @@ def setup_from_args(args: argparse.Namespace) -> None:
     )
     setup_logging(level, fmt)
     if hasattr(args, "dump_dir"):
-        set_dump_dir(args.dump_dir or os.environ.get(DUMP_DIR_ENV) or None)
+        if args.dump_dir:
+            set_dump_dir(args.dump_dir)
+        else:
+            set_dump_dir(os.environ.get(DUMP_DIR_ENV) or None, given_by=DUMP_DIR_ENV)
 
 
 # -- undecodable child output -----------------------------------------------------------------
@@ -153,8 +156,9 @@ _dump_dir: Path | None = None
 _dump_seq = itertools.count(1)
 
 
-def set_dump_dir(directory: str | os.PathLike[str] | None) -> None:
+def set_dump_dir(directory: str | os.PathLike[str] | None, *, given_by: str = "--dump-dir") -> None:
     """Where report_bad_output() writes dumps (None: log a preview only); created 0700 if missing.
+    `given_by` names where the directory came from (the option, or DUMP_DIR_ENV) in errors.
 
     Raises UsageError when the directory cannot be used, so a command can fail before it starts.
     """
@@ -163,14 +167,16 @@ def set_dump_dir(directory: str | os.PathLike[str] | None) -> None:
         _dump_dir = None
         return
     path = Path(directory).absolute()
+    where = f"{given_by} {directory}" if given_by.startswith("-") else f"{given_by}={directory}"
+    fix = "choose another directory" if given_by.startswith("-") else "fix or unset it"
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
-        raise UsageError(f"--dump-dir {directory}: exists and is not a directory") from None
+        raise UsageError(f"{where}: exists and is not a directory; {fix}") from None
     except OSError as exc:
-        raise UsageError(f"--dump-dir {directory}: cannot create it: {exc.strerror}") from None
+        raise UsageError(f"{where}: cannot create it: {exc.strerror}; {fix}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--dump-dir {directory}: not writable by us; choose another directory")
+        raise UsageError(f"{where}: not writable by us; {fix}")
     _dump_dir = path
 
 

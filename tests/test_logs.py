@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -95,6 +96,28 @@ def test_dump_dir_gets_the_whole_output_in_a_new_file(tmp_path: Path, restore_lo
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="exists and is not a directory"):
         logs.set_dump_dir(tmp_path / "file")
+
+
+def test_a_bad_dump_dir_from_the_environment_is_named_as_the_variable_not_the_option(
+    tmp_path: Path,
+):
+    (tmp_path / "file").write_text("")
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text('[[WdPost]]\nPlugin = "echo"\n')
+    env = dict(os.environ, **{logs.DUMP_DIR_ENV: str(tmp_path / "file")})
+    done = subprocess.run(
+        [*DEXT, "serve", "window_post", "-c", str(cfg)],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert (
+        f"{logs.DUMP_DIR_ENV}={tmp_path / 'file'}: exists and is not a directory; fix or unset it"
+    ) in done.stderr.decode()
+    assert "--dump-dir" not in done.stderr.decode()
 
 
 # -- through the commands, with real children ------------------------------------------------------
