@@ -660,3 +660,17 @@ def test_a_child_with_a_log_level_it_does_not_know_starts_at_info_and_says_so():
             f"DAMOCLES_EXT_LOG_LEVEL={level!r} is not one of debug, info, warning, error; fix"
             " or unset it (logging at info)"
         ) in stderr
+
+
+def test_a_capacity_beyond_a_configs_largest_concurrent_is_refused_before_any_thread_starts():
+    # 10**8 worker threads were started one by one: the child hung instead of answering.
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "child", "window_post", "--plugin", "echo",
+         "--capacity", "100000000"],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert b"argument --capacity: must be at most 1024" in done.stderr

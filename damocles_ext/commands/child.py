@@ -21,6 +21,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _capacity(text: str) -> int:
+    """--capacity: 1 to the most a config's Concurrent may be (a worker thread per slot)."""
+    from damocles_ext.config.spec import MAX_CONCURRENT
+
+    value = positive_int(text)
+    if value > MAX_CONCURRENT:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_CONCURRENT} (a config's largest Concurrent), got {value}"
+        )
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `child` and its options."""
     parser = subparsers.add_parser(
@@ -55,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--capacity",
-        type=positive_int,
+        type=_capacity,
         default=1,
         metavar="N",
         help="requests proved at once on worker threads (default: 1)",
