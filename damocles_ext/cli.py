@@ -37,10 +37,27 @@ COMMANDS = (
 )
 
 
+#: The metavars of the options and arguments that name a file or a directory.
+PATH_METAVARS = frozenset({"FILE", "DIR", "PATH", "TASK.json", "OUT.json", "MANIFEST.json"})
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(  # type: ignore[override]  # the same arguments, passed on
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # An empty path would be the current directory (Path("") is "."): a config "that is a
+        # directory", fixtures written where the command ran. Refused for every path option.
+        parsed, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.metavar in PATH_METAVARS and getattr(parsed, action.dest, None) == "":
+                name = "/".join(action.option_strings) or str(action.metavar)
+                what = "a directory" if action.metavar == "DIR" else "a file"
+                self.error(f"argument {name}: empty; give the path of {what}")
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

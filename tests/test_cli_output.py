@@ -362,3 +362,41 @@ def test_stdout_stays_unbuffered_under_python_u_and_buffered_without(unbuffered:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("written" if unbuffered else "")
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "what"),
+    [
+        (["check-config", ""], "FILE", "a file"),
+        (["check-config", "-c", ""], "-c/--config", "a file"),
+        (["run", "--conf-dir", ""], "--conf-dir", "a directory"),
+        (
+            ["prove", "window_post", "--request", "t.json", "-c", EXAMPLE, "--dump-dir", ""],
+            "--dump-dir",
+            "a directory",
+        ),
+        (["prove", "window_post", "--request", ""], "--request", "a file"),
+        (["verify", "window_post", "--request", "t.json", "--output", ""], "--output", "a file"),
+        (["wdpost", "list", "--jobs", "sqlite:///j.db", "--conf-dir", ""], "--conf-dir", "a directory"),
+        (["worker", "--worker-config", ""], "--worker-config", "a file"),
+        (
+            ["sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", "1",
+             "--miner", "1", "--out", ""],
+            "--out",
+            "a directory",
+        ),
+    ],
+    ids=["check-config", "config", "conf-dir", "dump-dir", "request", "output", "wdpost",
+         "worker-config", "sectors-out"],
+)  # fmt: skip
+def test_an_empty_path_is_refused_naming_the_option_not_taken_for_the_current_directory(
+    args: list[str], option: str, what: str, tmp_path: Path, monkeypatch, capsys
+):
+    from damocles_ext import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == 2
+    assert f"argument {option}: empty; give the path of {what}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written where the command ran
