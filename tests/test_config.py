@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers.kept_out import a_closed_directory, said_when_kept_out
 
 from damocles_ext import cli, config
 from damocles_ext.config import (
@@ -162,6 +163,20 @@ def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_i
     path.write_bytes(b'\xef\xbb\xbf[[WdPost]]\nBin = "/bin/true"\nConcurrent = 2\n')
     (child,) = load_config(path).children
     assert (child.argv, child.concurrent) == (("/bin/true",), 2)
+
+
+def test_a_conf_dir_this_user_may_not_enter_is_a_config_error_not_a_traceback() -> None:
+    with a_closed_directory() as closed:
+        inside = said_when_kept_out(lambda: config.load_conf_dir(closed))
+        below = said_when_kept_out(lambda: config.load_conf_dir(closed / "sub"))
+    assert inside == (
+        f"ConfigError: {closed}/ext-prover.cfg: cannot read the config file: permission denied"
+        " (check the mode and owner of its directories)"
+    )
+    assert below == (
+        f"ConfigError: {closed}/sub: cannot look at the config directory: permission denied"
+        " (check the mode and owner of its directories)"
+    )
 
 
 def test_damocles_keys_take_their_values() -> None:

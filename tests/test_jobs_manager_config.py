@@ -7,6 +7,7 @@ import time
 
 import pytest
 from helpers.frontend import dext_run
+from helpers.kept_out import a_closed_directory, said_when_kept_out
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
@@ -58,6 +59,17 @@ def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_i
     cfg = parse_manager_config("\ufeff" + GOOD, "sector-manager.cfg")
     assert cfg.stores == {"store-a": "/mnt/a", "/mnt/b/": "/mnt/b/"}
     assert cfg.limits.max_try == 3
+
+
+def test_a_conf_dir_this_user_may_not_enter_is_a_config_error_not_a_traceback():
+    with a_closed_directory() as closed:
+        for directory in (closed, closed / "sub"):
+            said = said_when_kept_out(lambda d=directory: load_manager_conf_dir(d))
+            assert said == (
+                f"ManagerConfigError: --conf-dir {directory}: permission denied (check the mode"
+                " and owner of it and of the directories above); give damocles-manager's config"
+                " directory (the one its --conf-dir names, or its home)"
+            )
 
 
 def test_a_heartbeat_timeout_shorter_than_damocles_sweep_makes_the_sweep_as_frequent():

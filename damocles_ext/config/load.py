@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tomllib
 from collections.abc import Iterable
@@ -89,15 +90,24 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
 def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
     """Read DIR/ext-prover.cfg, as damocles-manager does with `--conf-dir DIR`."""
     source = os.fspath(directory)
-    d = Path(source)
-    if not d.exists():
-        raise ConfigError(source, [f"{source}: config directory does not exist (check the path)"])
-    if not d.is_dir():
+    path = Path(source) / CONF_FILE_NAME
+    try:
+        is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+    except FileNotFoundError:
+        raise ConfigError(
+            source, [f"{source}: config directory does not exist (check the path)"]
+        ) from None
+    except OSError as exc:  # a directory above it this user may not enter
+        raise ConfigError(
+            source, [f"{source}: cannot look at the config directory: {_unusable(exc)}"]
+        ) from None
+    if not is_dir:
         raise ConfigError(
             source, [f"{source}: is a file, not a directory; to read this file use -c {source}"]
         )
-    path = d / CONF_FILE_NAME
-    if not path.exists():
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         raise ConfigError(
             str(path),
             [
@@ -106,8 +116,18 @@ def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
                     f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
                 )
             ],
-        )
+        ) from None
+    except OSError as exc:  # the directory is not this user's to enter
+        raise ConfigError(
+            str(path), [f"{path}: cannot read the config file: {_unusable(exc)}"]
+        ) from None
     return load_config(path)
+
+
+def _unusable(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied (check the mode and owner of its directories)"
+    return exc.strerror or str(exc)
 
 
 def strip_bom(text: str) -> str:

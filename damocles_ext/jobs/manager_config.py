@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,16 +117,26 @@ def parse_go_duration(text: str) -> float:
 
 def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | None:
     """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist)."""
-    d = Path(directory)
-    if not d.is_dir():
-        what = "does not exist" if not d.exists() else "is not a directory"
+    path = Path(directory) / MANAGER_CONF_FILE
+    what = None
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            what = "is not a directory"
+        else:
+            os.stat(path)
+    except FileNotFoundError as exc:
+        if exc.filename == os.fspath(path):
+            return None
+        what = "does not exist"
+    except PermissionError:  # DIR, or a directory above it, this user may not enter
+        what = "permission denied (check the mode and owner of it and of the directories above)"
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+    if what is not None:
         raise ManagerConfigError(
             f"--conf-dir {os.fspath(directory)}: {what}; give damocles-manager's config"
             " directory (the one its --conf-dir names, or its home)"
         )
-    path = d / MANAGER_CONF_FILE
-    if not path.exists():
-        return None
     return load_manager_config(path)
 
 
