@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 import trio
+from helpers.kept_out import a_closed_directory, said_when_kept_out
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import model, rules, store
@@ -425,6 +426,16 @@ def test_a_sqlite_store_in_a_missing_directory_says_to_create_it(tmp_path):
     with pytest.raises(StoreError) as raised:
         JobStore.open(f"sqlite:///{tmp_path}/nowhere/jobs.db")
     assert f"its directory '{tmp_path}/nowhere' does not exist: create it" in str(raised.value)
+
+
+def test_a_sqlite_store_in_a_directory_this_user_may_not_enter_is_a_config_error(tmp_path):
+    with a_closed_directory() as closed:
+        said = said_when_kept_out(lambda: JobStore.open(f"sqlite:///{closed}/sub/jobs.db"))
+    assert said.startswith(f"StoreConfigError: cannot open the job store sqlite:///{closed}/sub/")
+    assert said.endswith(
+        f"this user may not enter its directory '{closed}/sub' (or one above it): check their"
+        " mode and owner"
+    )
 
 
 def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sqlite3
 import stat
@@ -406,7 +407,18 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
         return False
     code = getattr(error.orig, "sqlite_errorname", "")
     path = sqlite_file(url)
-    return code == "SQLITE_NOTADB" or path.is_dir() or not path.parent.is_dir()
+    return code == "SQLITE_NOTADB" or _is_dir(path) is not False or not _is_dir(path.parent)
+
+
+def _is_dir(path: Path) -> bool | None:
+    """Whether `path` is a directory; None when this user may not look (a directory on the way
+    it may not enter), where Path.is_dir() would raise."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
 
 
 def sqlite_store_problem(path: Path, where: str) -> str | None:
@@ -509,11 +521,16 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         )
     path = sqlite_file(url)
     parent = path.parent
-    if path.is_dir():
+    if _is_dir(path):
         hint = (
             f"{str(path)!r} is a directory: give the path of a file in it (e.g. {path / 'jobs.db'})"
         )
-    elif not parent.is_dir():
+    elif _is_dir(path.parent) is None or _is_dir(path) is None:
+        hint = (
+            f"this user may not enter its directory {str(parent)!r} (or one above it): check"
+            " their mode and owner"
+        )
+    elif not _is_dir(parent):
         hint = f"its directory {str(parent)!r} does not exist: create it"
     else:
         hint = "check that the file and its directory are writable by this user"
