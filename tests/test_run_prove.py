@@ -32,6 +32,7 @@ from helpers.frontend import (
     start_run,
     write_config,
 )
+from helpers.kept_out import a_closed_directory, said_when_kept_out
 
 from damocles_ext.client import NoSupervisorError, connect, open_stream, submit_sync
 from damocles_ext.errors import ProverError, UsageError
@@ -92,6 +93,15 @@ def test_a_file_above_the_socket_directory_is_a_usage_error_naming_it(sock_dir: 
     (sock_dir / "afile").write_text("")
     with pytest.raises(UsageError, match=r"afile is a file, not a directory; choose another"):
         bind_control_socket(sock_dir / "afile" / "sub" / "control.sock")
+
+
+def test_a_socket_directory_under_one_this_user_may_not_enter_is_a_usage_error():
+    with a_closed_directory() as closed:
+        said = said_when_kept_out(lambda: bind_control_socket(closed / "s" / "control.sock"))
+    assert said == (
+        f"UsageError: cannot look at control socket directory {closed}/s: permission denied (a"
+        " directory above it is closed to this user); choose a path you own with --socket"
+    )
 
 
 def test_run_with_xdg_runtime_dir_a_file_exits_2_naming_it(sock_dir: Path, monkeypatch):

@@ -154,6 +154,11 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
             f"cannot create control socket directory {directory}: {blocker} is a file, not a"
             " directory; choose another path with --socket"
         ) from None
+    except PermissionError:  # a directory above it this user may not enter
+        raise UsageError(
+            f"cannot look at control socket directory {directory}: permission denied (a"
+            " directory above it is closed to this user); choose a path you own with --socket"
+        ) from None
     except FileNotFoundError:
         if not create:
             raise UsageError(f"control socket directory {directory} does not exist") from None
