@@ -1004,6 +1004,17 @@ def test_prove_output_into_a_missing_directory_is_refused_before_proving(tmp_pat
     assert r.returncode == 2 and b"does not exist" in r.stderr
 
 
+def test_prove_output_under_a_directory_this_user_may_not_enter_is_refused_before_proving():
+    from damocles_ext.commands.prove import _check_output_path
+
+    with a_closed_directory() as closed:
+        said = said_when_kept_out(lambda: _check_output_path(f"{closed}/out.json"))
+    assert said == (
+        f"UsageError: --output {closed}/out.json: permission denied (its directory, or one above"
+        " it, is closed to this user); give a file you may write"
+    )
+
+
 def test_prove_output_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path):
     # Stands in for `-o /dev/null` (not used itself: as root a regression would replace it).
     fifo = tmp_path / "out.fifo"

@@ -501,8 +501,14 @@ def _check_output_path(text: str) -> Path:
     from damocles_ext.errors import UsageError
 
     path = Path(text)
-    if path.is_dir():
-        raise UsageError(f"--output {text} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise UsageError(f"--output {text}: directory {path.parent} does not exist")
+    try:
+        if path.is_dir():
+            raise UsageError(f"--output {text} is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise UsageError(f"--output {text}: directory {path.parent} does not exist")
+    except PermissionError:  # a directory on the way this user may not enter
+        raise UsageError(
+            f"--output {text}: permission denied (its directory, or one above it, is closed to"
+            " this user); give a file you may write"
+        ) from None
     return path
