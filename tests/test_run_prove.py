@@ -57,6 +57,13 @@ def test_default_socket_path_prefers_xdg_runtime_dir():
     assert default_socket_path({}) == Path("/run/damocles-ext/control.sock")
 
 
+def test_a_relative_xdg_runtime_dir_is_ignored_as_the_xdg_spec_says():
+    # Taken as is, `run` and `prove` started in different directories missed each other.
+    assert default_socket_path({"XDG_RUNTIME_DIR": "run/user"}) == Path(
+        "/run/damocles-ext/control.sock"
+    )
+
+
 def test_socket_is_0600_inside_a_created_0700_directory(sock_dir: Path):
     path = sock_dir / "sub" / "control.sock"
     old = os.umask(0o022)

@@ -37,9 +37,12 @@ _MAX_SUN_PATH = 107
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
-    """`$XDG_RUNTIME_DIR/damocles-ext/control.sock`, else `/run/damocles-ext/control.sock`."""
+    """`$XDG_RUNTIME_DIR/damocles-ext/control.sock`, else `/run/damocles-ext/control.sock`. A
+    relative XDG_RUNTIME_DIR is ignored, as the XDG spec says: `run` and its clients would each
+    take it from the directory they run in, and miss each other."""
     env = os.environ if env is None else env
-    base = env.get("XDG_RUNTIME_DIR") or "/run"
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    base = xdg if os.path.isabs(xdg) else "/run"
     return Path(base) / SOCKET_DIR_NAME / SOCKET_NAME
 
 
