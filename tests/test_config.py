@@ -1370,6 +1370,22 @@ def test_a_tmp_root_the_gpu_children_could_not_use_cannot_start(
         assert problems == [expected]
 
 
+def test_a_tmp_root_under_a_directory_this_user_may_not_write_cannot_start() -> None:
+    # Before, serve reported ready and then restarted each GPU child in a loop, each spawn
+    # failing to make the tmp root.
+    from damocles_ext.config.startup import tmp_root_problem
+
+    with a_closed_directory() as closed:
+        closed.chmod(0o555)  # may enter and list, not create
+        problem = said_when_kept_out(lambda: _raise_if(tmp_root_problem(f"{closed}/tmp/root")))
+    assert problem == f"ValueError: cannot be made: this user may not create anything in {closed}"
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def test_a_gpus_table_is_checked_once_for_all_its_children(tmp_path: Path) -> None:
     problems = _bin_problem(tmp_path, '[[WdPost]]\nBin = "/nonexistent"\nGpus = [0, 1, 2]\n')
     assert len(problems) == 1

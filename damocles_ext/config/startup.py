@@ -344,6 +344,8 @@ def _made_later(root: str) -> str | None:
         return (
             "is not a directory" if path == root else f"cannot be made: {path} is not a directory"
         )
+    if path != root and not os.access(path, os.W_OK | os.X_OK):
+        return f"cannot be made: this user may not create anything in {path}"
     return None if path != root else untrusted_problem(st, os.geteuid())
 
 
