@@ -179,6 +179,16 @@ def test_a_conf_dir_this_user_may_not_enter_is_a_config_error_not_a_traceback() 
     )
 
 
+def test_a_sub_table_without_its_array_table_line_says_that_line_is_missing() -> None:
+    # Before: "written as a single table [WdPost]", a table the file does not hold.
+    assert errors_of('[WdPost.Envs]\nA = "1"\n[[WinPost]]\nPlugin = "echo"\n') == [
+        (
+            "WdPost: [WdPost.Envs] with no [[WdPost]] before it; a sub-table belongs to the"
+            " [[WdPost]] table above it: add that line"
+        )
+    ]
+
+
 def test_damocles_keys_take_their_values() -> None:
     (child,) = parse(
         '[[WinPost]]\nBin = "/bin/true"\nArgs = ["a", "b c"]\nConcurrent = 3\nWeight = 7\n'

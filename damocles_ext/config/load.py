@@ -200,6 +200,15 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             continue
         blocks = doc[table]
         if isinstance(blocks, dict):
+            if blocks and all(isinstance(v, dict) for v in blocks.values()):
+                # Only [WdPost.Envs]-like sub-tables: their [[WdPost]] line is missing, and
+                # TOML made [WdPost] of them.
+                names = ", ".join(f"[{table}.{key}]" for key in blocks)
+                errors.append(
+                    f"{table}: {names} with no [[{table}]] before it; a sub-table belongs to"
+                    f" the [[{table}]] table above it: add that line"
+                )
+                continue
             errors.append(
                 f"{table}: written as a single table [{table}]; write [[{table}]] "
                 f"(double brackets), one per child"
