@@ -834,6 +834,12 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
     )
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"expected NAME=PATH" in done.stderr
+    with trio.fail_after(30):  # (taken, it would serve until stopped)
+        done = await dext_run_async(
+            "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--store", "store-a=mnt/a"
+        )
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"'store-a=mnt/a': PATH must be absolute, where the store is mounted" in done.stderr
 
 
 TOKEN = "s3cret-token-0123456789"

@@ -272,6 +272,8 @@ async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_
         (["window_post", "--jobs", "postgresql://u@h:abc/db"], "is not a valid URL"),
         (["window_post", "--jobs", "{url}?timeout=abc"], "check its query parameters"),
         (["window_post", "--jobs", "{url}", "--store", "a"], "expected NAME=PATH"),
+        # Relative, a store names another place in each process (and none under systemd's /).
+        (["window_post", "--jobs", "{url}", "--store", "a=mnt/a"], "PATH must be absolute"),
         (["window_post", "--jobs", "{url}", "--store", "a=/x", "--store", "a=/y"],
          "store 'a' is given twice"),
         (["window_post", "--jobs", "{url}", "-c", "x.cfg"], "does not apply to serve --jobs"),

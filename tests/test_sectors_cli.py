@@ -121,6 +121,7 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
         (["1000", "5", "--proxy", "127.0.0.1:1"], "no store is known here"),
         (["1000", "5", "--proxy", "ftp://x", "--attached", "a=/x"], "only http://"),
         (["1000", "5", "--attached", "nonsense"], "expected NAME=PATH"),
+        (["1000", "5", "--attached", "a=./x"], "'a=./x': PATH must be absolute"),
         (["1000", "5", "--attached", "a=/x", "--attached", "a=/y"], "given twice"),
         (["1000", "5", "--conf-dir", "/nonexistent/conf"], "does not exist"),
         # Headers the HTTP client sets itself: before, every call failed and the exit was 0.

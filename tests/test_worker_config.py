@@ -165,6 +165,7 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
         (["--allowed-miners", str(2**63)], f"miner id {2**63} is over 2**63 - 1"),
         (["--allowed-miners", "1²"], "miner ids are numbers separated by commas"),
         (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),
+        (["--attached", "a=mnt/a"], "argument --attached: 'a=mnt/a': PATH must be absolute"),
         (["--name", " "], "argument --name: empty; give the worker a name"),
     ],
 )

@@ -342,6 +342,19 @@ def add_sector_source_args(
         )  # fmt: skip
 
 
+def store_pair(text: str, what: str) -> tuple[str, str]:
+    """NAME=PATH of a store (`what` says what it is, for the error); PATH must be absolute: it is
+    where the store is mounted, and a relative one would name another place in each process."""
+    name, sep, path = (part.strip() for part in text.partition("="))
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH ({what}), got {text!r}")
+    if not path.startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: PATH must be absolute, where the store is mounted (e.g. /mnt/{name})"
+        )
+    return name, path
+
+
 def add_header_arg(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     """A repeatable 'NAME: VALUE' HTTP header option (a list of (name, value))."""
     from .worker import _header

@@ -94,12 +94,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _store(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=PATH (a store as the workers' [[attached]] name it), got {text!r}"
-        )
-    return name.strip(), path.strip()
+    from .common import store_pair
+
+    return store_pair(text, "a store as the workers' [[attached]] name it")
 
 
 def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorIndex:

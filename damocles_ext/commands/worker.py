@@ -155,13 +155,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _store(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=PATH (a store's name as the manager names it, and its local path),"
-            f" got {text!r}"
-        )
-    return name.strip(), path.strip()
+    from .common import store_pair
+
+    return store_pair(text, "a store's name as the manager names it, and its local path")
 
 
 def _listen_address(text: str) -> tuple[str, int]:
