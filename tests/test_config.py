@@ -1391,6 +1391,29 @@ def test_a_tmp_root_under_a_directory_this_user_may_not_write_cannot_start() -> 
     assert problem == f"ValueError: cannot be made: this user may not create anything in {closed}"
 
 
+def test_a_tmp_root_linked_from_a_directory_this_user_may_not_write_starts_where_it_leads() -> None:
+    # An operator's link (DAMOCLES_EXT_TMP_ROOT=/srv/tmp-root -> /scratch/dext, not made yet):
+    # the spawn makes the link's target, so only where it leads must let this user create.
+    from damocles_ext.config.startup import tmp_root_problem
+    from damocles_ext.supervisor.process import _open_tmp_root
+
+    def check_then_make(root: str) -> None:
+        _raise_if(tmp_root_problem(root))
+        os.close(_open_tmp_root(root))  # as the spawn makes it
+
+    with a_closed_directory() as closed:
+        scratch = closed.parent / "scratch"
+        scratch.mkdir(mode=0o1777)
+        scratch.chmod(0o1777)  # anyone may create there, as in /tmp
+        closed.chmod(0o755)
+        (closed / "tmp-root").symlink_to(scratch / "dext")
+        closed.chmod(0o555)  # may enter and list, not create
+        said = said_when_kept_out(lambda: check_then_make(f"{closed}/tmp-root"))
+        made = (scratch / "dext").is_dir()
+    assert said == ""
+    assert made
+
+
 def _raise_if(problem: str | None) -> None:
     if problem is not None:
         raise ValueError(problem)

@@ -320,7 +320,10 @@ def tmp_root_problem(root: str) -> str | None:
     except OSError:
         link = None
     if link is not None and stat.S_ISLNK(link.st_mode):
-        return untrusted_problem(link, os.geteuid(), link=True) or _made_later(root)
+        # The spawn makes the link's target, missing parents and all, not the link's parents.
+        return untrusted_problem(link, os.geteuid(), link=True) or _made_later(
+            os.path.realpath(root)
+        )
     return _made_later(root)
 
 
