@@ -225,11 +225,29 @@ async def test_a_call_with_no_answer_times_out_and_drops_its_connection(autojump
         [listener] = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
         port = listener.socket.getsockname()[1]
         async with RpcClient(f"127.0.0.1:{port}", timeout=30) as client:
-            with pytest.raises(RpcTimeout, match=r"no answer from .* within 5 s"):
+            with pytest.raises(RpcTimeout, match=r"no answer from .* within 5 s") as caught:
                 await client.call("Venus.WdPoStAllJobs", timeout=5)
             assert got_request.is_set()
+            assert caught.value.sent  # the server read the call: it may have done it
             assert client._stream is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_call_that_found_no_connection_in_its_time_says_it_was_not_sent(autojump_clock):
+    # A host that drops the packets (here: a listener whose backlog is full) never took the
+    # call: a later refusal of the result must not say this attempt may have delivered it.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepts
+    filler = socket.create_connection(listener.getsockname())  # the backlog is full now
+    try:
+        async with RpcClient(f"127.0.0.1:{listener.getsockname()[1]}") as client:
+            with pytest.raises(RpcTimeout, match=r"no connection to .* within 5 s") as caught:
+                await client.call("Venus.WdPoStAllJobs", timeout=5)
+        assert not caught.value.sent
+    finally:
+        filler.close()
+        listener.close()
 
 
 @pytest.mark.parametrize("where", ["result", "envelope"])

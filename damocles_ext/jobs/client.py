@@ -147,6 +147,7 @@ class RpcClient:
         self._lock = trio.Lock()
         self._stream: trio.SocketStream | None = None
         self._h11: h11.Connection | None = None
+        self._connected = False  # the call under the lock has a connection to send on
         #: Connections opened so far (a test sees the reconnects).
         self.connections_opened = 0
         #: The headers of the last answer (its Date is read only when asked: `server_date`).
@@ -186,21 +187,26 @@ class RpcClient:
         )
         limit = self.timeout if timeout is None else timeout
         async with self._lock:
-            done = False
+            done = self._connected = False
             try:
                 with trio.move_on_after(limit):
                     status, answer = await self._exchange(method, body)
                     done = True
             finally:
+                connected = self._connected
                 if not done:
                     # Cancelled or failed half-way: what the connection holds is unknown.
                     await self.aclose()
         if not done:
             raise RpcTimeout(
                 f"no answer from {self.url} to {method} within {limit:g} s; check that the "
-                "server is not overloaded or stuck",
+                "server is not overloaded or stuck"
+                if connected
+                else f"no connection to {self.url} (for {method}) within {limit:g} s; check that"
+                f" {self.serves} runs there, the address, and that no firewall drops the packets",
                 url=self.url,
                 method=method,
+                sent=connected,  # (not when the time ran out connecting)
             )
         return self._result(method, request_id, status, answer, result_type)
 
@@ -274,6 +280,7 @@ class RpcClient:
 
     async def _exchange(self, method: str, body: bytes) -> tuple[int, bytes]:
         stream, conn = await self._connect(method)
+        self._connected = True
         headers = [*self._headers, ("Content-Length", str(len(body)))]
         data = conn.send(h11.Request(method="POST", target=self.endpoint.path, headers=headers))
         data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
