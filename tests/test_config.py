@@ -189,6 +189,19 @@ def test_a_sub_table_without_its_array_table_line_says_that_line_is_missing() ->
     ]
 
 
+@pytest.mark.parametrize(
+    "text", ['[WdPost]\n[WdPost.Envs]\nA = "1"\n', '[WdPost]\nEnvs = { A = "1" }\n']
+)
+def test_a_single_table_holding_only_envs_is_told_to_use_double_brackets(text: str) -> None:
+    # Its [WdPost] line is there: "add a [[WdPost]] line" would give a file TOML refuses.
+    assert errors_of(text) == [
+        (
+            "WdPost: written as a single table [WdPost]; write [[WdPost]] (double brackets), one"
+            " per child"
+        )
+    ]
+
+
 def test_damocles_keys_take_their_values() -> None:
     (child,) = parse(
         '[[WinPost]]\nBin = "/bin/true"\nArgs = ["a", "b c"]\nConcurrent = 3\nWeight = 7\n'

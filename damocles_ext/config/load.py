@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import tomllib
@@ -200,7 +201,11 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             continue
         blocks = doc[table]
         if isinstance(blocks, dict):
-            if blocks and all(isinstance(v, dict) for v in blocks.values()):
+            if (
+                blocks
+                and all(isinstance(v, dict) for v in blocks.values())
+                and not _has_header(text, table)  # ([WdPost] then [WdPost.Envs]: single table)
+            ):
                 # Only [WdPost.Envs]-like sub-tables: their [[WdPost]] line is missing, and
                 # TOML made [WdPost] of them.
                 names = ", ".join(f"[{table}.{key}]" for key in blocks)
@@ -247,6 +252,12 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         tmp_root=tmp_root,
         run_warnings=_winning_waits_for_window(builder.children),
     )
+
+
+def _has_header(text: str, table: str) -> bool:
+    """Whether `text` has a [table] header line (single brackets), in any case."""
+    header = rf"^[ \t]*\[[ \t]*{re.escape(table)}[ \t]*\]"
+    return re.search(header, strip_bom(text), re.MULTILINE | re.IGNORECASE) is not None
 
 
 def _winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
