@@ -164,6 +164,30 @@ Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
     ]
 
 
+def test_an_entry_whose_serve_has_an_empty_path_is_said_to_be_refused_by_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # serve refuses an empty --conf-dir or -c: the check must say so, not read the current
+    # directory as its config.
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(
+        '[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--conf-dir", ""]\n'
+        '[[WinPost]]\nBin = "damocles-ext"\nArgs = ["serve", "winning_post", "-c", ""]\n'
+    )
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
+    assert warnings == [
+        (
+            f"{manager}: WdPost[0] runs `damocles-ext serve window_post --conf-dir ''`, which"
+            " serve refuses (argument --conf-dir: empty; give the path of a directory); fix its"
+            " Args"
+        ),
+        (
+            f"{manager}: WinPost[0] runs `damocles-ext serve winning_post -c ''`, which serve"
+            " refuses (argument -c/--config: empty; give the path of a file); fix its Args"
+        ),
+    ]
+
+
 def test_our_own_config_gets_no_such_warning(capsys: pytest.CaptureFixture[str]):
     warnings = _check(capsys, "-c", str(ROOT / "ext-prover.cfg.example"))
     assert not [w for w in warnings if "serve" in w]

@@ -8,6 +8,8 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
+from damocles_ext.cli import _Parser
+
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
 
@@ -122,7 +124,7 @@ class _Refused(Exception):
     """Arguments `damocles-ext serve` would refuse (argparse's message)."""
 
 
-class _QuietParser(argparse.ArgumentParser):
+class _QuietParser(_Parser):  # (refusing what serve's parser refuses, an empty path too)
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _Refused(message)
 
