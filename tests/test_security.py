@@ -642,3 +642,14 @@ async def test_another_users_directory_at_the_old_tmp_root_does_not_block_gpus_c
             OLD_TMP_ROOT.rmdir()
         if saved is not None:
             saved.rename(OLD_TMP_ROOT)
+
+
+def test_the_kept_out_user_of_the_tests_holds_none_of_our_groups():
+    # tests/helpers/kept_out.py stands for another user (nobody, when we are root): with root's
+    # groups kept, a directory's group bits would let it in where that user is kept out.
+    from helpers.kept_out import a_closed_directory, said_when_kept_out
+
+    with a_closed_directory() as closed:
+        closed.chmod(0o070)  # our group (root's, as root) may enter; nobody else
+        said = said_when_kept_out(lambda: os.listdir(closed))
+    assert said.startswith("PermissionError: "), said

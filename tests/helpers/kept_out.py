@@ -47,9 +47,14 @@ def said_when_kept_out(call: Callable[[], object]) -> str:
     read, write = os.pipe()
     if (pid := os.fork()) == 0:
         try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.write(write, b"=" + said().encode())  # "=": it answered, if only ""
+            try:
+                os.setgroups([])  # not root's groups: a directory's group bits would let it in
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            except OSError as exc:
+                os.write(write, f"!could not become uid {NOBODY}: {exc}".encode())
+            else:
+                os.write(write, b"=" + said().encode())  # "=": it answered, if only ""
         finally:
             os._exit(0)
     os.close(write)
@@ -60,4 +65,5 @@ def said_when_kept_out(call: Callable[[], object]) -> str:
     with os.fdopen(read, "rb") as answer:
         text = answer.read().decode()
     assert text, f"the call gave no answer within {HANG_AFTER} s in the forked process"
+    assert text[0] == "=", text[1:]
     return text[1:]
