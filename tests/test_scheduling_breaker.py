@@ -121,6 +121,29 @@ def test_a_sibling_proof_benches_a_child_past_its_errors_and_benches_double_to_t
     assert s.breaker.news == ["a"] * 4
 
 
+def test_a_child_benched_over_a_thousand_times_in_a_row_stays_benched_for_the_longest():
+    # A GPU broken for a week beside a working sibling: an error on probation every 10 min
+    # benches it again, over a thousand times; the doubling must stop at the longest bench
+    # (2**1024 seconds is no float: the answer that benched it raised, and its request was lost).
+    s = two(breaker=ChildBreaker(errors=1, first=1.0, longest=600.0))
+    for rid in (1, 2):
+        s.submit(Job(rid, WD, 0.0), 0.0)
+    assert sorted(d.child_id for d in s.decide(0.0) if isinstance(d, Start)) == ["a", "b"]
+    s.finished(1, 1.0, failed=True)
+    s.finished(2, 2.0, failed=False)  # b proves: a is benched
+    s.submit(Job(3, WD, 2.0), 2.0)  # b busy from now on
+    assert [d.child_id for d in s.decide(2.0) if isinstance(d, Start)] == ["b"]
+    now = s.breaker.streak("a").benched_until
+    for rid in range(4, 1204):
+        s.submit(Job(rid, WD, now), now)
+        assert [d.child_id for d in s.decide(now) if isinstance(d, Start)] == ["a"]  # probation
+        assert s.finished(rid, now, failed=True)
+        benches = s.breaker.streak("a").benches
+        assert s.breaker.streak("a").benched_until - now == min(600.0, 2.0 ** min(benches - 1, 10))
+        now = s.breaker.streak("a").benched_until
+    assert s.breaker.streak("a").benches == 1201
+
+
 def test_errors_that_every_child_makes_bench_nobody():
     # The tasks are at fault (a miner's sector files gone), not a child: no sibling proves.
     d = Driver(two(), fails={"a", "b"})

@@ -198,7 +198,10 @@ class ChildBreaker:
 
     def _bench(self, child: _Child, now: float) -> None:
         streak, cid = child.streak, child.info.child_id
-        until = streak.benched_until = now + min(self.longest, self.first * 2**streak.benches)
+        # (The doubling stops at 2**64: a child benched a thousand times, a week of errors on
+        # probation, would otherwise make a number no float holds.)
+        doubled = self.first * 2.0 ** min(streak.benches, 64)
+        until = streak.benched_until = now + min(self.longest, doubled)
         streak.benches += 1
         self.suspects.add(cid)
         self.unproven.discard(cid)
