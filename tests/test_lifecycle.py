@@ -327,6 +327,20 @@ def test_answers_written_before_a_child_went_down_are_still_taken():
     assert book.child_lost("a", 1.2, "exited (code 0)") == []
 
 
+def test_a_child_going_down_is_sent_nothing_by_the_alarms_it_catches_up_with():
+    # The driver learns that "a" exits before it tells the book that a request timeout fell
+    # due (both in one pass of trio's loop, or after a stall): the retry the timeout makes must
+    # not go to the exiting process, where it would be lost and charged a second attempt.
+    book = book_with(("a", ChildLimits(max_attempts=2, request_timeout=5.0)), capacity=2)
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    out = book.child_down("a", 7.0)
+    assert not [e for e in out if isinstance(e, Send)]
+    assert kinds(book.child_lost("a", 7.5, "exited (code 3)")) == ["Retry"]
+    assert ready(book, "a", now=8.0) == [Send(req, "a", 1)]
+    assert book.answered("a", 1, 9.0, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
 def test_a_child_that_gave_up_fails_the_queue_with_why():
     book = book_with(("a", ChildLimits()))
     book.submit(1, window_task(), 0.0)

@@ -22,7 +22,8 @@ rules around it:
   deadlines and pipelining are the scheduler's. `next_wakeup()` is the earliest of them all;
   every event first catches up with what fell due before `now` (an answer that arrives after its
   request's deadline finds the request already answered with the timeout), except that a child
-  that speaks is alive: its activity counts before its heartbeat is judged.
+  that speaks is alive: its activity counts before its heartbeat is judged, and a child going
+  down is taken down first: a retry those alarms make is not sent to it.
 * Answers. A request is answered exactly once (`Resolve`); whatever comes for it later (a late
   answer, a second answer, a loss) only frees the slot it held.
 * Effects. Every event returns its effects in order; given `out`, it appends them to that list
@@ -172,9 +173,13 @@ class RequestBook(BookRules):
         to it. Its requests stay on it until `child_lost`: answers it wrote before it went are
         still taken. `charge_all`: its loss costs each of its requests an attempt."""
         c = self._child(child)
-        out = self._catch_up(now, out)
-        if c.process is not None and not c.process.down:
-            self._take_down(c.process, now, charge_all)
+        out = [] if out is None else out
+        process = c.process
+        going = process is not None and not process.down
+        if process is not None and going:  # first: what alarms due now retry goes to no
+            self._take_down(process, now, charge_all)  # process going away
+        self._catch_up(now, out)
+        if going:
             self._dispatch(now, out)
         return out
 
