@@ -753,6 +753,8 @@ BAD_CONFIGS: dict[str, list[str]] = {
     "wdpost-not-a-table.cfg": ["WdPost: expected an array of tables written [[WdPost]], found 3"],
     "envs-non-string.cfg": ["WdPost[0].Envs.CUDA_VISIBLE_DEVICES: expected a string, found 0"],
     "envs-name-with-equals.cfg": ['WdPost[0].Envs: environment variable name "A=B"'],
+    # bellperson would keep its GPU lock files in the working directory, we in /tmp.
+    "envs-tmpdir-empty.cfg": ["WdPost[0].Envs.TMPDIR: empty; give a directory"],
     "args-non-string.cfg": ["WdPost[0].Args[1]: expected a string, found 3"],
     "max-attempts-zero.cfg": ["WdPost[0].MaxAttempts: expected a positive integer, found 0"],
     "request-timeout-zero.cfg": [

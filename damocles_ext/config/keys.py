@@ -189,6 +189,13 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
                 f"{where}.Envs: environment variable name {_show(name)} must be non-empty and "
                 f"contain no '='"
             )
+    if "TMPDIR" in b.envs and not b.envs["TMPDIR"].strip():
+        # bellperson's Rust would then keep its GPU lock files in the prover's working
+        # directory, our native prover and status in /tmp: the locks would guard nothing.
+        errors.append(
+            f"{where}.Envs.TMPDIR: empty; give a directory (each GPU's own, for bellperson's GPU"
+            f" lock files) or leave TMPDIR out"
+        )
     for key, seconds in (
         ("RequestTimeoutSecs", b.request_timeout_secs),
         ("HeartbeatTimeoutSecs", b.heartbeat_timeout_secs),
