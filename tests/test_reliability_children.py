@@ -71,32 +71,33 @@ async def test_a_child_exiting_with_an_error_after_ready_has_its_last_stderr_lin
         sys.exit(3)
         """
     )
-    sup = Supervisor([spec(crash, max_attempts=1)], backoff=FAST)
+    said, _ = await the_one_failure(crash)
+    assert "exit code 3" in said
+    assert "the GPU fell off the bus" in said
+
+
+async def the_one_failure(argv: list[str]) -> tuple[str, Supervisor]:
+    """What a request to a lone child running `argv` fails with (MaxAttempts = 1), and the
+    supervisor after it."""
+    sup = Supervisor([spec(argv, max_attempts=1)], backoff=FAST)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await sup.wait_ready()
         with pytest.raises(ProverError) as info:
             await sup.submit(window_task())
         sup.request_shutdown()
-    assert "exit code 3" in str(info.value)
-    assert "the GPU fell off the bus" in str(info.value)
+    return str(info.value), sup
 
 
 @pytest.mark.parametrize("crash", ["SIGSEGV", "SIGABRT"])
 async def test_a_child_that_crashes_on_a_request_names_what_it_runs_in_the_error(crash):
     # What a native library's bad pointer (or its abort()) does to the child running it.
     faulty = dext_child(f"os.kill(os.getpid(), signal.{crash})", setup="import os, signal")
-    sup = Supervisor([spec(faulty, max_attempts=1)], backoff=FAST)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sup.run)
-        await sup.wait_ready()
-        with pytest.raises(ProverError) as info:
-            await sup.submit(window_task())
-        sup.request_shutdown()
+    error, sup = await the_one_failure(faulty)
     # ("exited (killed by ...)" or "closed its stdout; killed by ...": whichever is seen first.)
     said = rf"killed by {crash}\)?; a crash of {re.escape(shlex.join(faulty)[:200])}"
     assert re.search(said, child_stats(sup).last_exit)
-    assert re.search(rf"killed by {crash}\)?; a crash of /", str(info.value))  # shortened there
+    assert re.search(rf"killed by {crash}\)?; a crash of /", error)  # shortened there
 
 
 async def test_a_child_killed_from_outside_is_not_called_a_crash():

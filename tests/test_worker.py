@@ -333,40 +333,43 @@ async def test_a_result_the_coordinator_can_never_take_is_given_up_at_once_sayin
     assert "HTTP 413" in caplog.text
 
 
+async def coordinator_down_at_a_finish(rig, worker, job, meanwhile, until) -> None:
+    """The rig's coordinator goes away while `job` is proved; once two finish calls found it
+    down, `meanwhile()` runs, the coordinator comes back on its port, and the worker runs
+    until `until()`."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            rig.server.stop()
+            await rig.server.stopped.wait()
+            rig.server.close()
+            # Two failed finish calls: the second one is a retry after a backoff.
+            await worker.wait_for(
+                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
+            )
+            await meanwhile()
+            rig.server = CoordinatorServer(rig.coordinator, "127.0.0.1", rig.port)
+            await nursery.start(rig.server.serve)
+            await worker.wait_for(until)
+            await running.stop()
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_after_its_restart(
     rig, tmp_path
 ):
     job, _ = await rig.jobs.create(job_input())
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
     worker = Worker(rig.settings(kids))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            serving = trio.CancelScope()
 
-            async def serve(server, task_status=trio.TASK_STATUS_IGNORED):
-                with serving:
-                    await server.serve(task_status=task_status)
+    async def still_running() -> None:  # its finish is kept for a retry meanwhile
+        assert (await rig.jobs.get(job.Id)).State == "running"
 
-            await nursery.start(serve, rig.server)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: job.Id in worker.held)
-            # The coordinator goes away while the proof runs.
-            rig.server.stop()
-            await rig.server.stopped.wait()
-            rig.server.close()
-            # The proof ends, its finish finds no coordinator and is kept for a retry.
-            # Two failed finish calls: the second one is a retry after a backoff.
-            await worker.wait_for(
-                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
-            )
-            assert (await rig.jobs.get(job.Id)).State == "running"
-            # The coordinator comes back on the same port: the retry delivers the result.
-            rig.server = CoordinatorServer(rig.coordinator, "127.0.0.1", rig.port)
-            serving = trio.CancelScope()
-            await nursery.start(serve, rig.server)
-            await worker.wait_for(lambda: worker.counters.delivered == 1)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+    await coordinator_down_at_a_finish(
+        rig, worker, job, still_running, lambda: worker.counters.delivered == 1
+    )
     done = await rig.jobs.get(job.Id)
     assert done.succeeded and done.TryNum == 1 and done.Output.proofs
     assert rig.allocations_of(job.Id) == 1 and worker.counters.given_up == 0
@@ -381,23 +384,13 @@ async def test_a_result_refused_after_the_coordinator_was_unreachable_is_not_sai
     job, _ = await rig.jobs.create(job_input())
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
     worker = Worker(rig.settings(kids, heartbeat_interval=600.0))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.server.serve)
-            running = await start_worker(nursery, worker)
-            await worker.wait_for(lambda: job.Id in worker.held)
-            rig.server.stop()
-            await rig.server.stopped.wait()
-            rig.server.close()
-            await worker.wait_for(
-                lambda: job.Id in worker.held and worker.held[job.Id].delivery_failures >= 2
-            )
-            await rig.jobs.remove(job.Id)
-            rig.server = CoordinatorServer(rig.coordinator, "127.0.0.1", rig.port)
-            await nursery.start(rig.server.serve)
-            await worker.wait_for(lambda: worker.counters.given_up == 1)
-            await running.stop()
-            nursery.cancel_scope.cancel()
+
+    async def removed() -> None:
+        await rig.jobs.remove(job.Id)
+
+    await coordinator_down_at_a_finish(
+        rig, worker, job, removed, lambda: worker.counters.given_up == 1
+    )
     assert f"job {job.Id}: its result (1 proofs) is given up after" in caplog.text
     assert "the manager refused it" in caplog.text
     assert "may have delivered it" not in caplog.text
