@@ -96,6 +96,20 @@ def test_runs_stop_timeout_outlasts_its_graceful_stop():
     assert seconds(service["TimeoutStopSec"][0]) > grace + 2 * stop + REAP_TIMEOUT
 
 
+def test_the_workers_proofs_get_minutes_to_finish_and_its_stop_timeout_outlasts_that():
+    service = unit(SYSTEMD / "damocles-ext-worker.service")["Service"]
+    argv = shlex.split(service["ExecStart"][0])
+    # Without --shutdown-grace the worker cancels its proofs after the default 30 s, however
+    # long systemd would wait: a 32GiB partition takes minutes on a GPU.
+    assert "--shutdown-grace" in argv
+    grace = float(argv[argv.index("--shutdown-grace") + 1])
+    assert grace >= 120
+    stop = inspect.signature(Supervisor).parameters["stop_timeout"].default
+    # The proofs' grace, the grace again to report them, the grace once more for the proofs
+    # cancelled then, then each child's Shutdown -> SIGTERM -> SIGKILL and its reap.
+    assert seconds(service["TimeoutStopSec"][0]) > 3 * grace + 2 * stop + REAP_TIMEOUT
+
+
 def test_the_coordinators_stop_timeout_outlasts_its_graceful_stop():
     service = unit(SYSTEMD / "damocles-ext-coordinator.service")["Service"]
     assert seconds(service["TimeoutStopSec"][0]) > STOP_GRACE
