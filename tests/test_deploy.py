@@ -316,6 +316,24 @@ async def test_the_dashboard_names_only_metrics_that_exist(tmp_path):
             "damocles_ext_worker_leases_lost_total"} <= used  # fmt: skip
 
 
+def test_each_unit_serves_the_metrics_of_its_dashboard_row_on_a_port_of_its_own():
+    # The dashboard has a row, and an instance variable, for each kind: a unit that serves no
+    # metrics leaves its row empty. Loopback, as DEPLOY.md says; distinct ports, so that a run
+    # and a worker (or a coordinator) on one machine do not collide.
+    variables = {v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    ports = {}
+    for kind in ("run", "coordinator", "worker"):
+        assert kind in variables
+        argv = shlex.split(
+            unit(SYSTEMD / f"damocles-ext-{kind}.service")["Service"]["ExecStart"][0]
+        )
+        assert "--metrics" in argv, kind
+        host, _, port = argv[argv.index("--metrics") + 1].rpartition(":")
+        assert host == "127.0.0.1", kind
+        ports[kind] = port
+    assert len(set(ports.values())) == 3, ports
+
+
 def test_the_query_reader_finds_the_metric_names_and_nothing_else():
     expr = (
         "histogram_quantile(0.95, sum by (le, stage) (rate(damocles_ext_request_duration_seconds"
