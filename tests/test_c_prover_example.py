@@ -14,6 +14,7 @@ import pytest
 from helpers.post import sectors, sectors_with_a_short_one
 
 from damocles_ext.api import open_supervisor
+from damocles_ext.config.spec import default_heartbeat_timeout
 from damocles_ext.post.fixtures import window_task, winning_task
 from damocles_ext.post.verify import verify
 from damocles_ext.protocol import dext
@@ -125,3 +126,12 @@ def test_the_c_example_exits_1_on_a_protocol_error(binary, stdin):
     assert b"protocol error" in done.stderr
     [hello] = _frames(done.stdout)
     assert isinstance(hello, dext.Hello)
+
+
+def test_the_readme_says_the_heartbeat_check_is_on_by_default_and_for_how_long():
+    # The child sends no heartbeat of its own: a README that let an operator think the check is
+    # off unless set would get a vendor's prover behind this loop killed mid-proof.
+    readme = " ".join((SOURCE.parent / "README.md").read_text().split())
+    assert "heartbeat check is on by default" in readme
+    for stage, table in (("window_post", "[[WdPost]]"), ("winning_post", "[[WinPost]]")):
+        assert f"{default_heartbeat_timeout(stage):g} s in `{table}`" in readme, stage
