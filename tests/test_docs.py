@@ -1,7 +1,7 @@
 """The documents stay navigable and true: the README links every document under docs/, every
 relative link in the Markdown files leads to a file and heading that exist, no text refers to
-issue numbers (a reader must not need the tracker), and docs/RELIABILITY.md names tests that exist
-and quotes the chaos run's saved figures."""
+issue numbers (a reader must not need the tracker), an SQLite URL of a system directory is
+absolute, and docs/RELIABILITY.md names tests that exist and quotes the chaos run's saved figures."""
 
 from __future__ import annotations
 
@@ -92,6 +92,23 @@ def test_no_text_refers_to_issue_numbers():
             if ISSUE_REF.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert found == [], "say what the issue asked for instead:\n" + "\n".join(found)
+
+
+# sqlite:/// then a path is relative to the current directory: sqlite:///var/lib/x.db is
+# ./var/lib/x.db, so `status --jobs` finds no store there and `coordinator --jobs` would make one.
+RELATIVE_SYSTEM_PATH = re.compile(r"sqlite:///(?:var|srv|opt|etc|home|root|mnt|data|run|tmp)/")
+
+
+def test_sqlite_urls_of_system_directories_are_written_absolute():
+    found = []
+    for path in [*_markdown_files(), *sorted((ROOT / "deploy").rglob("*.service")),
+                 ROOT / "ext-prover.cfg.example"]:  # fmt: skip
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if RELATIVE_SYSTEM_PATH.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert found == [], "an absolute path takes four slashes, sqlite:////var/…:\n" + "\n".join(
+        found
+    )
 
 
 # -- the reliability evidence -----------------------------------------------------------------
