@@ -156,6 +156,12 @@ def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
     assert cli.main(["wdpost", "list", "--jobs", url]) == 2
     assert f"there is no job store at {url}: no such file; check the URL" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+    # Three slashes and a path meant from the root: relative, and the message says so.
+    assert cli.main(["wdpost", "list", "--jobs", "sqlite:///var/lib/nope/jobs.db"]) == 2
+    assert (
+        "no such file (var/lib/nope/jobs.db is relative to the current directory: sqlite:/// then"
+        " a relative path; an absolute one takes four slashes, sqlite:////var/lib/...)"
+    ) in capsys.readouterr().err
 
 
 def test_a_file_that_is_no_store_is_said_so_and_left_as_it_was(tmp_path, capsys):

@@ -427,7 +427,15 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        return f"there is no job store at {where}: no such file; check the URL"
+        relative = (
+            ""
+            if path.is_absolute()
+            else (
+                f" ({path} is relative to the current directory: sqlite:/// then a relative path;"
+                f" an absolute one takes four slashes, sqlite:////var/lib/...)"
+            )
+        )
+        return f"there is no job store at {where}: no such file{relative}; check the URL"
     except OSError as error:  # a directory on the way this user may not enter
         return f"cannot read the job store at {where} ({error.strerror}): {READ_FIX}"
     if not stat.S_ISREG(st.st_mode):
