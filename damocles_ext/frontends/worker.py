@@ -654,11 +654,13 @@ class Worker:
     def _unreachable(self, what: str, outage: Outage | None = None) -> None:
         if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:
             log.warning("%s", line)
+            self._touch()  # (manager_reachable may have changed)
 
     def _answered(self, *outages: Outage) -> None:
         for outage in outages or (self._outage,):
             if (line := outage.answered(trio.current_time())) is not None:
                 log.info("%s", line)
+                self._touch()
 
     # -- shutdown -----------------------------------------------------------------------------
 

@@ -167,15 +167,19 @@ async def run_worker(
             done.set()
 
     async with trio.open_nursery() as nursery:
+        if metrics_server is not None:
+            # Served from the start: a worker waiting for its manager shows it (the worker's
+            # gauges); the supervisor's come once it runs.
+            await nursery.start(metrics_server.serve)
+            log.info("metrics on %s", metrics_server.url)
         await nursery.start(run)
         if done.is_set():  # stopped before it started (while waiting for its manager)
+            nursery.cancel_scope.cancel()
             return
         sup = worker.supervisor
         server = None
         if metrics is not None and metrics_server is not None:
             metrics.attach(sup, trio.lowlevel.current_trio_token())
-            await nursery.start(metrics_server.serve)
-            log.info("metrics on %s", metrics_server.url)
         if sock is not None:
             source = StatusSource(
                 sup,
