@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
 
+from .errors import check_trio_run
 from .supervisor.core import Supervisor
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ async def open_supervisor(config_or_path: ConfigSource, **kwargs: Any) -> AsyncI
     Keyword arguments go to `Supervisor` (plugin_manager, stages, shutdown_grace, ...). The
     children have been launched (not necessarily ready) when the block starts.
     """
+    check_trio_run("open_supervisor()")
     sup = Supervisor(_load(config_or_path), **kwargs)
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:

@@ -33,3 +33,31 @@ class ProverError(DextError):
     """A proof could not be produced (prover failed, child died, deadline passed): exit code 1."""
 
     exit_code = EXIT_PROVER_ERROR
+
+
+def check_trio_run(what: str, token: object = None) -> None:
+    """UsageError unless called within a trio run, and within the run of `token` (a
+    trio.lowlevel.TrioToken) when given: what damocles-ext's API keeps (events, nurseries, a
+    supervisor's request book) belongs to the one trio run that made it. Called from asyncio, a
+    plain thread or another thread's trio.run, it failed deep inside trio, after a supervisor
+    had booked the request (its proof ran, no caller heard of it) or set an event no task woke
+    from (a shutdown that never came)."""
+    import trio
+
+    try:
+        current = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        current = None
+    if current is not None and (token is None or current is token):
+        return
+    where = (
+        "outside any trio run (from asyncio, or a plain thread?)"
+        if current is None
+        else "from another trio run than the one it runs in (another thread's trio.run?)"
+    )
+    raise UsageError(
+        f"{what} was called {where}: damocles-ext's API runs on trio (trio.run), and an object"
+        " of it only in the trio run that made it; call it there, or from another thread with"
+        " trio.from_thread.run(...) (or run_sync), passing that run's"
+        " trio.lowlevel.current_trio_token() as trio_token"
+    )

@@ -35,7 +35,7 @@ import trio
 
 from ..config import effective_timeouts
 from ..config.machine import per_run_tmp_root
-from ..errors import ProverError, UsageError
+from ..errors import ProverError, UsageError, check_trio_run
 from ..lifecycle import (
     ChildLimits,
     Effect,
@@ -142,8 +142,7 @@ class Supervisor:
         self._pending: dict[str, tuple[Child, Process, list[bytes]]] = {}  # see _write
         self._wake = trio.Event()  # the driver looks at the book's next_wakeup again
         self._armed = math.inf  # when the driver wakes up next
-        # trio.current_time, or the run's clock read directly once run() began (two calls
-        # fewer each time the hot path asks).
+        # trio.current_time, or the run's clock read directly once run() began (calls fewer).
         self._now: Callable[[], float] = trio.current_time
         self._wall = WallClock()
         self._shutting_down = False
@@ -151,7 +150,7 @@ class Supervisor:
         self._grace_left: float | None = None  # request_shutdown's, when given
         self._state_changed = trio.Event()  # readiness, request completion
         self._changed_waiting = 0  # tasks in _wait_changed (only then is it set)
-        self._started = False
+        self._token: trio.lowlevel.TrioToken | None = None  # of the trio run of run()
         self._finished = False
         self._observers = Observers(plugin_manager, inline_observers)
         self._guardian: GroupGuardian | None = None
@@ -178,9 +177,9 @@ class Supervisor:
         `task_status.started()` is called once every child has been launched (not necessarily
         ready).
         """
-        if self._started:
+        if self._token is not None:
             raise RuntimeError("Supervisor.run() may be called only once")
-        self._started = True
+        self._token = trio.lowlevel.current_trio_token()
         self._now = trio.lowlevel.current_clock().current_time
         observing = self._observers.open()
         try:
@@ -286,8 +285,8 @@ class Supervisor:
         """Submit `task` and wait for its answer: its waiter, answered (split.py reads which
         child answered; `avoid`: children not to send it to while another can serve;
         `judged_later`: a vanilla step, see TrackedRequest)."""
-        # A caller already cancelled gets Cancelled before anything reaches a child (trio's
-        # rule that an async call is a cancel point even when it would not need to block).
+        check_trio_run("Supervisor.submit()", None if self._finished else self._token)
+        # A caller already cancelled gets Cancelled before anything reaches a child (trio's rule).
         await trio.lowlevel.checkpoint_if_cancelled()
         waiter = self._begin(
             task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid
@@ -317,6 +316,7 @@ class Supervisor:
         raised here. None (nothing started) for a split WindowPoSt: `submit` it instead."""
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
+        check_trio_run("Supervisor.start_nowait()", None if self._finished else self._token)
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False, None)
         return Started(self, waiter)
 
@@ -407,6 +407,7 @@ class Supervisor:
         await self._wait_changed()
 
     async def _wait_changed(self) -> None:
+        check_trio_run("Supervisor.wait_ready()", None if self._finished else self._token)
         self._changed_waiting += 1
         try:
             await self._state_changed.wait()
@@ -416,6 +417,8 @@ class Supervisor:
     def request_shutdown(self, grace_left: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish (shutdown_grace, or `grace_left` of
         it when the caller waited the rest already), stop the children."""
+        if self._token is not None and not self._finished:  # else no task waits on its events
+            check_trio_run("Supervisor.request_shutdown()", self._token)
         if grace_left is not None:
             self._grace_left = max(0.0, grace_left)
         self._book.shutting_down = True  # nothing lost from now on is retried

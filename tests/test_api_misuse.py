@@ -1,0 +1,54 @@
+"""The Python API used the ways an integrator gets it wrong: each is a UsageError that says what
+to do, and the supervisor goes on as if nothing had been called."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers.supervisor import builtin_child, spec, window_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+async def test_a_supervisor_called_from_another_thread_refuses_and_books_nothing():
+    async with open_supervisor([spec(builtin_child("window_post", "echo"))]) as sup:
+        await sup.wait_ready()
+
+        def from_another_thread() -> None:
+            # trio.run in a thread of its own: once, the request went to a child and its proof
+            # ran while its caller got trio's AssertionError.
+            with pytest.raises(UsageError, match=r"another trio run.*trio\.from_thread\.run"):
+                trio.run(sup.submit, window_task())
+            with pytest.raises(UsageError, match="another trio run"):
+                trio.run(sup.wait_changed)
+            # Once, this set the shutdown event without waking run(): leaving the block hung.
+            with pytest.raises(UsageError, match="outside any trio run"):
+                sup.request_shutdown()
+
+        await trio.to_thread.run_sync(from_another_thread)
+        stats = sup.statistics()
+        assert stats.requests == 0 and not stats.shutting_down
+        assert [c.done for c in stats.children] == [0]
+        assert await sup.submit(window_task()) == echo_output(window_task())
+        # What trio.from_thread.run sends to the supervisor's own run works.
+        token = trio.lowlevel.current_trio_token()
+        output = await trio.to_thread.run_sync(
+            lambda: trio.from_thread.run(sup.submit, window_task(), trio_token=token)
+        )
+        assert output == echo_output(window_task())
+    assert sup.shutting_down
+
+
+def test_open_supervisor_from_asyncio_says_the_api_runs_on_trio():
+    async def main() -> None:
+        async with open_supervisor([spec(builtin_child("window_post", "echo"))]):
+            pass  # pragma: no cover - never reached
+
+    with pytest.raises(UsageError, match=r"outside any trio run.*trio\.run"):
+        asyncio.run(main())
