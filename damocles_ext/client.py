@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from .errors import ProverError, UsageError
+from .errors import ProverError, UsageError, check_trio_run
 from .frontends.control_socket import (
     UntrustedPathError,
     default_socket_path,
@@ -95,6 +95,7 @@ class Client:
         self._status_unsent: dict[int, str] = {}
         self._lost: str | None = None
         self._refused: str | None = None  # why the supervisor is closing this connection
+        self._token = trio.lowlevel.current_trio_token()  # its reader's trio run
 
     async def submit(
         self,
@@ -105,6 +106,7 @@ class Client:
         on_progress: ProgressCallback | None = None,
     ) -> Output:
         """Prove `task` (deadline: unix time); returns the output or raises ProverError."""
+        check_trio_run("Client.submit()", self._token)
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
@@ -176,6 +178,7 @@ class Client:
         """
         from .status import StatusError, parse_document
 
+        check_trio_run("Client.status()", self._token)
         if self._lost is not None:
             raise ProverError(self._lost)
         request_id = next(self._ids)
@@ -400,6 +403,7 @@ async def _open_unix(path: Path, hint: str) -> trio.SocketStream:
 @asynccontextmanager
 async def connect(socket_path: str | os.PathLike[str] | None = None) -> AsyncIterator[Client]:
     """Connect to a running `damocles-ext run` (default socket path if None)."""
+    check_trio_run("damocles_ext.client.connect()")
     path = Path(socket_path) if socket_path is not None else default_socket_path()
     stream = await open_stream(path)
     client = Client(stream, path)
@@ -454,9 +458,11 @@ class ReconnectingClient:
         self._connected = trio.Event()
         self._lock = trio.Lock()
         self.connections = 0  # made so far, the first one included
+        self._token: trio.lowlevel.TrioToken | None = None  # the trio run of the first connect
 
     async def connect(self) -> None:
         """Connect now; NoSupervisorError says why nothing could be reached."""
+        check_trio_run("ReconnectingClient.connect()", self._token)
         try:
             with trio.fail_after(self.CONNECT_TIMEOUT):
                 stream = await open_stream(self.path, self._hint)
@@ -466,6 +472,7 @@ class ReconnectingClient:
                 f" {self.CONNECT_TIMEOUT:g} s (overloaded or hung?); {self._hint}"
             ) from None
         self._client = Client(stream, self.path)
+        self._token = self._client._token
         self.connections += 1
         if self.connections > 1:
             log.info("connected to the supervisor at %s again", self.path)
@@ -504,6 +511,7 @@ class ReconnectingClient:
         or to make room, and the supervisor said so; or it could not even be written) is sent
         once more on a new connection.
         """
+        check_trio_run("ReconnectingClient.submit()", self._token)
         for attempt in (1, 2):
             client = await self._current()
             try:
@@ -581,7 +589,18 @@ def submit_sync(
     priority: int = 0,
     on_progress: ProgressCallback | None = None,
 ) -> Output:
-    """Blocking one-shot `submit` for scripts: connect, prove `task`, disconnect."""
+    """Blocking one-shot `submit` for scripts: connect, prove `task`, disconnect. Not from
+    within a trio run (it would block it): there, `async with connect() as client`."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        pass
+    else:
+        raise UsageError(
+            "submit_sync() was called from within a trio run, which it would block until the"
+            " proof came: in a trio program use `async with damocles_ext.client.connect() as"
+            " client: output = await client.submit(task)`"
+        )
 
     async def one() -> Output:
         async with connect(socket_path) as client:

@@ -11,7 +11,9 @@ from damocles_ext_plugins.testing import echo_output
 from helpers.supervisor import builtin_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
+from damocles_ext.client import ReconnectingClient, connect, submit_sync
 from damocles_ext.errors import UsageError
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -52,3 +54,45 @@ def test_open_supervisor_from_asyncio_says_the_api_runs_on_trio():
 
     with pytest.raises(UsageError, match=r"outside any trio run.*trio\.run"):
         asyncio.run(main())
+
+
+async def echo_submit(task, *, deadline=None, priority=0, on_progress=None):
+    return echo_output(task)
+
+
+async def test_a_client_called_from_another_thread_refuses_instead_of_hanging(sock_dir, nursery):
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), echo_submit)
+    await nursery.start(server.serve)
+    remote = ReconnectingClient(server.path)
+    await remote.connect()
+    nursery.start_soon(remote.run)
+    async with connect(server.path) as client:
+
+        def from_another_thread() -> None:
+            # Once, this waited for ever: the answer came to the connection's own trio run.
+            with pytest.raises(UsageError, match=r"Client\.submit\(\).*another trio run"):
+                trio.run(client.submit, window_task())
+            with pytest.raises(UsageError, match="another trio run"):
+                trio.run(client.status)
+            with pytest.raises(UsageError, match=r"ReconnectingClient\.submit\(\)"):
+                trio.run(remote.submit, window_task())
+
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(from_another_thread)
+            assert await client.submit(window_task()) == echo_output(window_task())
+            assert await remote.submit(window_task()) == echo_output(window_task())
+    await remote.aclose()
+
+
+def test_connect_from_asyncio_says_the_api_runs_on_trio(sock_dir):
+    async def main() -> None:
+        async with connect(sock_dir / "control.sock"):
+            pass  # pragma: no cover - never reached
+
+    with pytest.raises(UsageError, match=r"connect\(\) was called outside any trio run"):
+        asyncio.run(main())
+
+
+async def test_submit_sync_within_a_trio_run_says_to_use_connect(sock_dir):
+    with pytest.raises(UsageError, match=r"within a trio run.*async with .*connect\(\)"):
+        submit_sync(window_task(), socket_path=sock_dir / "control.sock")
