@@ -282,16 +282,21 @@ def task_problem(task: Task) -> str | None:
     """Why a caller's task cannot be sent (after "request N "): what in it, a Struct the caller
     built, its child could not read (msgspec checks a Struct's fields when it decodes one, not
     when it is built: a 31-byte seed, a negative miner id or an unknown proof type killed every
-    child it was sent to), or None. The check is the child's: the task encoded and decoded as
-    its type."""
+    child it was sent to) or what cannot be encoded at all (an id over 64 bits), or None. The
+    check is the child's: the task encoded and decoded as its type."""
     kind = type(task)
     decoder = _task_decoders.get(kind)
     if decoder is None:
         decoder = _task_decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         encoded = _task_encoder.encode(task)
-    except (msgspec.MsgspecError, TypeError, OverflowError, UnicodeEncodeError):
-        return None  # what cannot be encoded at all is said where the frame is made
+    except (msgspec.MsgspecError, TypeError, OverflowError, UnicodeEncodeError) as exc:
+        # Said here, not where a child's frame is made: the supervisor made it only once a
+        # child was free, and failed the request then as the prover's error.
+        return (
+            f"cannot be sent: {exc}; ids go from 0 to 2**64 - 1 and paths must be text (no lone"
+            " surrogates): build the task with valid fields"
+        )
     try:
         decoder.decode(encoded)
     except msgspec.ValidationError as exc:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
-from helpers.supervisor import builtin_child, spec, window_task
+from helpers.supervisor import builtin_child, python_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import ReconnectingClient, connect, submit_sync
 from damocles_ext.errors import UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.tasks import PoStReplicaInfo
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -96,3 +98,25 @@ def test_connect_from_asyncio_says_the_api_runs_on_trio(sock_dir):
 async def test_submit_sync_within_a_trio_run_says_to_use_connect(sock_dir):
     with pytest.raises(UsageError, match=r"within a trio run.*async with .*connect\(\)"):
         submit_sync(window_task(), socket_path=sock_dir / "control.sock")
+
+
+@pytest.mark.parametrize(
+    ("replica", "problem"),
+    [
+        (PoStReplicaInfo(2**64, bytes(32), "/c", "/s"), "serialize ints"),
+        (PoStReplicaInfo(1, bytes(32), "/c\udcff", "/s"), "surrogates not allowed"),
+    ],
+)
+async def test_a_task_no_child_could_be_sent_is_refused_at_once_not_when_a_child_is_free(
+    replica, problem
+):
+    # Once, it waited in the queue for a free child (here: one never ready) and then failed as
+    # a prover's error.
+    never_ready = spec(python_child("import time; time.sleep(60)"), ready_timeout=60.0)
+    async with open_supervisor([never_ready]) as sup:
+        task = msgspec.structs.replace(window_task(), replicas=[replica])
+        with trio.fail_after(10):
+            with pytest.raises(UsageError, match=f"request 1 cannot be sent: .*{problem}.*valid"):
+                await sup.submit(task)
+        assert sup.statistics().requests == 0
+        sup.request_shutdown()
