@@ -13,7 +13,7 @@ from helpers.supervisor import builtin_child, python_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import ReconnectingClient, connect, submit_sync
-from damocles_ext.errors import UsageError
+from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.tasks import PoStReplicaInfo
 
@@ -120,3 +120,12 @@ async def test_a_task_no_child_could_be_sent_is_refused_at_once_not_when_a_child
                 await sup.submit(task)
         assert sup.statistics().requests == 0
         sup.request_shutdown()
+
+
+async def test_waiting_for_more_ready_children_than_configured_says_how_many_there_are():
+    async with open_supervisor([spec(builtin_child("window_post", "echo"))]) as sup:
+        # Once, it said "none configured" of a stage that had its one child.
+        with pytest.raises(ProverError, match=r"only 1 of 1 can still start \(the config has 1\)"):
+            await sup.wait_ready("window_post", 2)
+        with pytest.raises(ProverError, match=r"only 0 of 0 .*\(none configured\)"):
+            await sup.wait_ready("winning_post")

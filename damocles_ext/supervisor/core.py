@@ -395,7 +395,7 @@ class Supervisor:
                             for c in pool
                             if c not in alive
                         )
-                        or "none configured"
+                        or (f"the config has {len(pool)}" if pool else "none configured")
                     )
                     + ")"
                 )
