@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
-from . import rules
+from . import migration, rules
 from . import statements as stmts
 from . import summary as jobs_summary
 from . import workers as worker_rows
@@ -44,7 +44,6 @@ from .database import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PASS_LIMIT,
-    OLD_READY_INDEX,
     SCHEMA_VERSION,
     URL_HELP,
     InvalidJob,
@@ -59,7 +58,6 @@ from .database import (
     job_of_row,
     jobs,
     make_engine,
-    metadata,
     parse_url,
     row_values,
     schema_version,
@@ -195,47 +193,28 @@ class JobStore:
         """Create the schema, or bring an older one up to SCHEMA_VERSION; returns the version
         found (0 for a new store). Refuses a newer one with a StoreConfigError. `lock_timeout`:
         on PostgreSQL, how long to wait for the schema lock another session holds (StoreError
-        after it; SQLite's wait is its busy timeout)."""
-        with self._transaction() as conn:
-            if self.is_postgresql:
-                if lock_timeout is not None:
-                    ms = max(1, int(lock_timeout * 1000))
-                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
-                # Two coordinators starting at once must not both create the tables.
-                try:
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7426385010214)"))
-                except exc.OperationalError as e:
-                    if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
-                        raise
-                    waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
-                    raise StoreUnavailable(
-                        f"the job store {self.where}: another session held its schema lock"
-                        f"{waited} (a damocles-ext opening or upgrading it, or stuck; or the"
-                        " server's own lock_timeout ran out): find it in pg_stat_activity, or"
-                        " try again"
-                    ) from None
-            found = self._version(conn)
-            if found > SCHEMA_VERSION:
-                raise StoreConfigError(
-                    f"the job store {self.where} has schema version {found}, newer than this "
-                    f"damocles-ext knows ({SCHEMA_VERSION}): a newer damocles-ext made it; "
-                    "upgrade this one, or give another store URL"
-                )
-            if found == 0:
-                metadata.create_all(conn)
-            if 0 < found < 3:
-                conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
-                for index in jobs.indexes:
-                    index.create(conn, checkfirst=True)
-            if 0 < found < 4:
-                worker_rows.create_and_carry_over(conn)
-            # Later versions' steps go here, each from `found` up; the version is recorded below.
-            if found < SCHEMA_VERSION:
-                conn.execute(schema_version.delete())
-                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-            elif writable:  # a write that changes nothing, refused by a read-only store
-                conn.execute(schema_version.update().values(version=schema_version.c.version))
-            return found
+        after it; SQLite's wait is its busy timeout); an upgrade waits for table locks at most
+        migration.UPGRADE_LOCK_TIMEOUT."""
+        found = 0
+        try:
+            with self._transaction() as conn:
+                if self.is_postgresql:
+                    migration.take_schema_lock(conn, self.where, lock_timeout)
+                found = self._version(conn)
+                if found > SCHEMA_VERSION:
+                    raise StoreConfigError(
+                        f"the job store {self.where} has schema version {found}, newer than this "
+                        f"damocles-ext knows ({SCHEMA_VERSION}): a newer damocles-ext made it; "
+                        "upgrade this one, or give another store URL"
+                    )
+                migration.bring_up(conn, found, lock_timeout=lock_timeout)
+                if found == SCHEMA_VERSION and writable:  # a no-op write a read-only store refuses
+                    conn.execute(schema_version.update().values(version=schema_version.c.version))
+                return found
+        except exc.DBAPIError as e:
+            if why := migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout):
+                raise why from e
+            raise
 
     def _version(self, conn: Connection) -> int:
         if not sa.inspect(conn).has_table(schema_version.name):

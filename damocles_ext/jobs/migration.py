@@ -1,0 +1,120 @@
+"""The job store's schema, on the opening transaction of store.JobStore.migrate: its lock on
+PostgreSQL, its creation, and the steps from each older version to SCHEMA_VERSION.
+
+An upgrade on PostgreSQL changes the jobs table's indexes, which takes a lock on the table that
+waits for every session with a transaction open on it, and that every later reader waits
+behind: a session left idle in a transaction (an operator's psql) would hold the upgrade, and
+with it every process on the store, for as long as it stays open. So the upgrade waits at most
+UPGRADE_LOCK_TIMEOUT for its locks, then gives up, leaving the store as it was, and names the
+sessions that held them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, Engine
+
+from . import workers as worker_rows
+from .database import (
+    OLD_READY_INDEX,
+    SCHEMA_VERSION,
+    StoreUnavailable,
+    jobs,
+    metadata,
+    schema_version,
+)
+
+#: The key of the advisory lock that makes one session at a time create or upgrade the schema.
+SCHEMA_LOCK = 7426385010214
+#: The longest an upgrade on PostgreSQL waits for a lock on a table another session holds.
+UPGRADE_LOCK_TIMEOUT = 5.0
+
+
+def take_schema_lock(conn: Connection, where: str, lock_timeout: float | None) -> None:
+    """PostgreSQL: hold the schema lock for this transaction: two coordinators starting at once
+    must not both create the tables. Waits `lock_timeout` s (None: as long as the server's own
+    lock_timeout, if any), then raises StoreUnavailable."""
+    if lock_timeout is not None:
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000))}"))
+    try:
+        conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
+    except exc.OperationalError as e:
+        if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
+        raise StoreUnavailable(
+            f"the job store {where}: another session held its schema lock{waited} (a"
+            " damocles-ext opening or upgrading it, or stuck; or the server's own lock_timeout"
+            " ran out): find it in pg_stat_activity, or try again"
+        ) from None
+
+
+def upgrade_lock_timeout(lock_timeout: float | None) -> float:
+    """How long the upgrade's statements wait for a table lock (at most UPGRADE_LOCK_TIMEOUT)."""
+    return UPGRADE_LOCK_TIMEOUT if lock_timeout is None else min(lock_timeout, UPGRADE_LOCK_TIMEOUT)
+
+
+def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> None:
+    """The schema at version `found` (0: none) made SCHEMA_VERSION, and recorded so; on
+    PostgreSQL an older one's steps wait for table locks `upgrade_lock_timeout(lock_timeout)`."""
+    if found >= SCHEMA_VERSION:
+        return
+    if found > 0 and conn.dialect.name == "postgresql":
+        ms = max(1, int(upgrade_lock_timeout(lock_timeout) * 1000))
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
+    if found == 0:
+        metadata.create_all(conn)
+    if 0 < found < 3:
+        conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
+        for index in jobs.indexes:
+            index.create(conn, checkfirst=True)
+    if 0 < found < 4:
+        worker_rows.create_and_carry_over(conn)
+    # Later versions' steps go here, each from `found` up.
+    conn.execute(schema_version.delete())
+    conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+
+
+def lock_waited_out(
+    error: exc.DBAPIError, engine: Engine, where: str, found: int, lock_timeout: float | None
+) -> StoreUnavailable | None:
+    """The StoreUnavailable for an upgrade from `found` that gave up waiting for a table lock
+    (`error`), naming the sessions that hold locks on the store's tables; None for another
+    error."""
+    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != "55P03":
+        return None
+    holders = _lock_holders(engine)
+    return StoreUnavailable(
+        f"cannot upgrade the job store {where} from schema version {found} to"
+        f" {SCHEMA_VERSION}: another session held a lock on its tables for over"
+        f" {upgrade_lock_timeout(lock_timeout):g} s ({holders or 'gone since'}); it is left at"
+        f" version {found}, unchanged, and every process on it waited only that long: end that"
+        " session, or let it finish its transaction (an idle one: commit or roll back;"
+        " SELECT pg_terminate_backend(PID) ends it), then start again"
+    )
+
+
+def _lock_holders(engine: Engine) -> str:
+    """The other sessions holding locks on the store's tables ('pid 12 (user u, psql, idle in
+    transaction since ...)', ...); '' when there are none now or they cannot be read."""
+    names = [t.name for t in metadata.sorted_tables]
+    query = sa.text(
+        "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, a.xact_start"
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " JOIN pg_class c ON c.oid = l.relation"
+        " WHERE c.relname IN :names AND l.granted AND a.pid <> pg_backend_pid() ORDER BY a.pid"
+    ).bindparams(sa.bindparam("names", expanding=True))
+    try:
+        with engine.connect() as conn:
+            rows: list[Any] = list(conn.execute(query, {"names": names}))
+    except exc.DBAPIError:
+        return ""
+    return ", ".join(
+        f"pid {r.pid} (user {r.usename}, {r.application_name or 'no application name'}, "
+        f"{r.state or 'state hidden'}"
+        + ("" if r.xact_start is None else f" since {r.xact_start:%Y-%m-%d %H:%M:%S %Z}")
+        + ")"
+        for r in rows
+    )
