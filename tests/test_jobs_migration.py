@@ -4,13 +4,21 @@ made with the SQL of their versions (test_jobs_summary.make_old_store)."""
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import psycopg
 import pytest
 from test_jobs_rules import make_input
 from test_jobs_summary import T0, make_old_store
 
 from damocles_ext.jobs import rules, store
-from damocles_ext.jobs.store import JobStore, StoreUnavailable
+from damocles_ext.jobs.store import (
+    JobStore,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+)
 
 
 def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(postgres_url):
@@ -33,3 +41,59 @@ def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(pos
     assert "it is left at version 2, unchanged" in message and "pg_terminate_backend" in message
     with JobStore.open(postgres_url) as s:  # that session gone, the upgrade goes through
         assert s.schema_version() == store.SCHEMA_VERSION and s.get(job.Id) == job
+
+
+_roles = itertools.count()
+
+
+def a_role(postgres_url: str, grant: str = "") -> tuple[str, str]:
+    """The URL of a new login role (not the database's owner) on the store's database, and its
+    name; given `grant` ('SELECT ON ALL TABLES IN SCHEMA public', ...) when not empty."""
+    role = f"r{os.getpid()}_{next(_roles)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        if grant:
+            conn.execute(f"GRANT {grant} TO {role}")
+    return postgres_url.replace("postgres@", f"{role}@", 1), role
+
+
+def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_needs(
+    postgres_url,
+):
+    # Before: "migrate failed: permission denied for schema public", exit code 1, nothing said
+    # about what the role lacks or what to do.
+    url, role = a_role(postgres_url)
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url)
+    assert str(raised.value).startswith("cannot create the job store at ")
+    assert f"the PostgreSQL role {role!r} may not create tables in its database" in str(
+        raised.value
+    )
+    assert f"GRANT CREATE ON SCHEMA public TO {role}" in str(raised.value)
+    assert raised.value.exit_code == 2
+
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(postgres_url, 3, job)
+    url, role = a_role(
+        postgres_url, "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+    )
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url)
+    assert "has schema version 3, older than this damocles-ext's (4)" in str(raised.value)
+    assert f" role {role!r} may not upgrade it (permission denied" in str(raised.value)
+    assert "run this damocles-ext once with the owner's URL" in str(raised.value)
+
+    with JobStore.open(postgres_url) as s:  # upgraded by the owner
+        assert s.get(job.Id) == job
+    url, role = a_role(postgres_url, "SELECT ON ALL TABLES IN SCHEMA public")
+    with JobStore.open(url) as s:  # an operator's read-only role reads it
+        assert s.get(job.Id) == job
+        with pytest.raises(StoreError) as refused:  # and a write says what it lacks
+            s.create(make_input(seed=10), T0)
+    assert f"the PostgreSQL role {role!r} lacks a privilege on the store's tables: GRANT" in str(
+        refused.value
+    )
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url, writable=True)  # a coordinator's does not get far
+    assert f"the PostgreSQL role {role!r} may not write the job store " in str(raised.value)
+    assert f"dext_job_workers TO {role}, or give the URL of a role" in str(raised.value)

@@ -7,6 +7,7 @@ on it. Every name here is importable from `damocles_ext.jobs.store` as well.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import math
 import os
 import re
@@ -466,6 +467,15 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
     return None
 
 
+#: PostgreSQL's SQLSTATE insufficient_privilege ("permission denied for ...").
+PG_NO_PRIVILEGE: Final = "42501"
+
+
+def pg_role(url: URL) -> str:
+    """The PostgreSQL role a URL logs in as (libpq's default: $PGUSER, else this user's name)."""
+    return url.username or os.environ.get("PGUSER") or getpass.getuser()
+
+
 def first_line(error: Exception) -> str:
     """The first line of a database error's text (the driver's own, under SQLAlchemy's), or its
     type when it has none."""
@@ -485,6 +495,12 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             hint = (
                 "; the store's tables are gone (its database dropped or emptied?): restart"
                 " damocles-ext to make them again, or give the URL of the store"
+            )
+        elif getattr(error.orig, "sqlstate", None) == PG_NO_PRIVILEGE:
+            hint = (
+                f"; the PostgreSQL role {pg_role(url)!r} lacks a privilege on the store's tables:"
+                f" GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(metadata.tables)} TO it,"
+                " or give the URL of a role that has them"
             )
         return StoreError(f"job store {where}: {operation} failed: {what}{hint}")
     if url.get_backend_name() == "postgresql" and login_refused(error):

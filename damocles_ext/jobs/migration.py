@@ -14,15 +14,20 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 
 from . import workers as worker_rows
 from .database import (
     OLD_READY_INDEX,
+    PG_NO_PRIVILEGE,
     SCHEMA_VERSION,
+    StoreConfigError,
+    StoreError,
     StoreUnavailable,
+    first_line,
     jobs,
     metadata,
+    pg_role,
     schema_version,
 )
 
@@ -79,7 +84,7 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
 
 def lock_waited_out(
     error: exc.DBAPIError, engine: Engine, where: str, found: int, lock_timeout: float | None
-) -> StoreUnavailable | None:
+) -> StoreError | None:
     """The StoreUnavailable for an upgrade from `found` that gave up waiting for a table lock
     (`error`), naming the sessions that hold locks on the store's tables; None for another
     error."""
@@ -117,4 +122,33 @@ def _lock_holders(engine: Engine) -> str:
         + ("" if r.xact_start is None else f" since {r.xact_start:%Y-%m-%d %H:%M:%S %Z}")
         + ")"
         for r in rows
+    )
+
+
+def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> StoreError | None:
+    """The StoreConfigError for a PostgreSQL role that may not create, upgrade or write the store
+    at version `found` (`error`: permission denied), saying what it needs; None for another
+    error."""
+    if getattr(error.orig, "sqlstate", None) != PG_NO_PRIVILEGE:
+        return None
+    role, what = pg_role(url), first_line(error)
+    if found == 0:
+        return StoreConfigError(
+            f"cannot create the job store at {where}: the PostgreSQL role {role!r} may not create"
+            f" tables in its database ({what}): create the store once with the URL of a role"
+            f" that may (its owner's), or GRANT CREATE ON SCHEMA public TO {role} (or the schema"
+            " first on its search_path)"
+        )
+    if found < SCHEMA_VERSION:
+        return StoreConfigError(
+            f"the job store {where} has schema version {found}, older than this damocles-ext's"
+            f" ({SCHEMA_VERSION}), and the PostgreSQL role {role!r} may not upgrade it ({what}):"
+            " only the owner of its tables may; run this damocles-ext once with the owner's URL"
+            " (`damocles-ext status --jobs URL` upgrades it), then start this one again"
+        )
+    return StoreConfigError(
+        f"the PostgreSQL role {role!r} may not write the job store {where} ({what}): a"
+        " coordinator and serve --jobs need SELECT, INSERT, UPDATE and DELETE on its tables:"
+        f" GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(metadata.tables)} TO {role}, or"
+        " give the URL of a role that has them"
     )

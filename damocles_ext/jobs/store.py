@@ -212,7 +212,10 @@ class JobStore:
                     conn.execute(schema_version.update().values(version=schema_version.c.version))
                 return found
         except exc.DBAPIError as e:
-            if why := migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout):
+            why = migration.not_permitted(e, self.url, self.where, found) or (
+                migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout)
+            )
+            if why is not None:
                 raise why from e
             raise
 
