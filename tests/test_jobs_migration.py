@@ -97,3 +97,25 @@ def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_n
         JobStore.open(url, writable=True)  # a coordinator's does not get far
     assert f"the PostgreSQL role {role!r} may not write the job store " in str(raised.value)
     assert f"dext_job_workers TO {role}, or give the URL of a role" in str(raised.value)
+
+
+def test_a_coordinators_role_granted_the_tables_before_an_upgrade_is_refused_until_granted_the_new(
+    postgres_url,
+):
+    # The table version 4 makes is its owner's alone: a coordinator logging in as a role granted
+    # the tables of version 3 started, and every allocation was refused (workers got no job).
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(postgres_url, 3, job)
+    url, role = a_role(
+        postgres_url, "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+    )
+    JobStore.open(postgres_url).close()  # upgraded by the owner
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url, writable=True)
+    assert f"the PostgreSQL role {role!r} may not write the job store " in str(raised.value)
+    assert "(it lacks SELECT, INSERT, UPDATE, DELETE on dext_job_workers)" in str(raised.value)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON dext_job_workers TO {role}")
+    with JobStore.open(url, writable=True) as s:
+        [taken] = s.allocate(rules.AllocationSpec(), 1, "w", T0 + 1)
+        assert taken.Id == job.Id

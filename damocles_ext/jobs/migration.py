@@ -146,9 +146,38 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             " only the owner of its tables may; run this damocles-ext once with the owner's URL"
             " (`damocles-ext status --jobs URL` upgrades it), then start this one again"
         )
+    return _write_refused(role, where, what)
+
+
+def _write_refused(role: str, where: str, what: str) -> StoreConfigError:
     return StoreConfigError(
         f"the PostgreSQL role {role!r} may not write the job store {where} ({what}): a"
         " coordinator and serve --jobs need SELECT, INSERT, UPDATE and DELETE on its tables:"
         f" GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(metadata.tables)} TO {role}, or"
         " give the URL of a role that has them"
     )
+
+
+_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+_MISSING = sa.text(
+    "SELECT t.name, p.privilege FROM unnest(CAST(:tables AS text[])) AS t(name),"
+    " unnest(CAST(:privileges AS text[])) AS p(privilege)"
+    " WHERE NOT has_table_privilege(t.name, p.privilege)"
+)
+
+
+def check_writable(conn: Connection, url: URL, where: str) -> None:
+    """That the store takes writes: a write that changes nothing (refused by a read-only file
+    or replica), and on PostgreSQL every privilege a coordinator uses on each table (a table an
+    upgrade made is its owner's alone until granted: a role granted the others before would
+    start, and have every allocation refused). StoreConfigError naming what is missing."""
+    conn.execute(schema_version.update().values(version=schema_version.c.version))
+    if conn.dialect.name != "postgresql":
+        return
+    params = {"tables": list(metadata.tables), "privileges": list(_PRIVILEGES)}
+    missing: dict[str, list[str]] = {}
+    for table, privilege in conn.execute(_MISSING, params):
+        missing.setdefault(table, []).append(privilege)
+    if missing:
+        lacks = "; ".join(f"{', '.join(p)} on {t}" for t, p in missing.items())
+        raise _write_refused(pg_role(url), where, f"it lacks {lacks}")

@@ -208,8 +208,8 @@ class JobStore:
                         "upgrade this one, or give another store URL"
                     )
                 migration.bring_up(conn, found, lock_timeout=lock_timeout)
-                if found == SCHEMA_VERSION and writable:  # a no-op write a read-only store refuses
-                    conn.execute(schema_version.update().values(version=schema_version.c.version))
+                if writable:
+                    migration.check_writable(conn, self.url, self.where)
                 return found
         except exc.DBAPIError as e:
             why = migration.not_permitted(e, self.url, self.where, found) or (
