@@ -22,6 +22,7 @@ Every wait is on something observed (the store, a log line, a metric), each boun
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -403,9 +404,14 @@ async def test_two_hundred_requests_are_each_proved_once_through_a_killed_worker
     assert final[late_id].WorkerName == accepted.WorkerName != STOPPED
     assert final[late_id].Output == accepted.Output and final[late_id].TryNum == accepted.TryNum
     # The coordinator's restart took no job back: those running at its kill ended where they ran,
-    # in the same try.
+    # in the same try. But for jobs the kill gave in an allocation whose answer it cut short: the
+    # worker never held them ("may have done the call"), so they time out and run again, later.
     assert at_kill
+    fast_log = workers[FAST].log.text()
     for i, (worker, try_num) in at_kill.items():
+        if not re.search(rf"job {i}: pulled \(.*, try {try_num}\)", fast_log):
+            assert final[i].TryNum > try_num, i
+            continue
         assert (final[i].WorkerName, final[i].TryNum) == (worker, try_num), i
     for text in [serve.log and "\n".join(serve.log), coordinator.stderr.decode()] + [
         w.log.text() for w in workers.values()
