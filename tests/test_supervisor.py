@@ -45,6 +45,7 @@ from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.protocol import dext
+from damocles_ext.scheduling.children import TAKE_BACK_AFTER
 from damocles_ext.supervisor import Supervisor, child_loop
 from damocles_ext.supervisor.process import SpawnError, prepare_spawn
 from damocles_ext.supervisor.restart import BackoffPolicy, GiveUp, RestartTracker
@@ -174,10 +175,14 @@ async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path,
     assert [sorted(miners) for miners in sent if miners] == [[1, 2, 3, 4]]
 
 
-async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_once(tmp_path):
+async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_once(
+    tmp_path, mock_clock
+):
     # A child that offers a queue and runs its requests in turn: miner 999's proof lasts until the
-    # request queued behind it is cancelled. That request is taken back after 50 ms, and sent
-    # again (a new id) once the child is free.
+    # request queued behind it is cancelled. That request is taken back after TAKE_BACK_AFTER, and
+    # sent again (a new id) once the child is free. The clock stands still until the test moves
+    # it: so the 20 answers first are quick, as the child must be to take a queue, however loaded
+    # the machine (one over QUICK_ANSWER in real time, and 7 waited, untaken, behind 999).
     seen = tmp_path / "seen"
     child = python_child(
         f"""
@@ -224,11 +229,13 @@ async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_onc
         async def one(miner: int) -> None:
             results[miner] = int((await sup.submit(window_task(miner=miner))).proofs[0])
 
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(one, 999)
-                await wait_until(lambda: child_stats(sup).in_flight == 1)
-                nursery.start_soon(one, 7)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 999)
+            await wait_until_real(lambda: child_stats(sup).in_flight == 1)
+            nursery.start_soon(one, 7)
+            await wait_until_real(lambda: seen.read_text().endswith("request 22 7\n"))
+            mock_clock.jump(2 * TAKE_BACK_AFTER)
+            await wait_until_real(lambda: len(results) == 2, what="both answers")
         assert results == {999: 999, 7: 7}
         stats = child_stats(sup)
         assert (stats.done, stats.failed) == (22, 0)
