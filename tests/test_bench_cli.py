@@ -155,9 +155,14 @@ def test_a_tiny_supervisor_benchmark_prints_every_goal_against_its_baseline_and_
         assert f"{peer} (1 in flight)" in out and f"{peer} (2 workers)" in out, peer
     # The C-to-C pipe is measured, or says why not.
     assert "C parent, C child, same frame sizes" in out
+    # Every goal gets a verdict; whether it is met depends on the machine's load, not on the code
+    # (a loaded 2-core machine misses the 50 ms redispatch, say), so either verdict will do.
     for goal in ("<= 3x", "<= 25 us", "<= 2x", ">= 1x", ">= 3x", "<= 50 ms", "< 60 MB"):
         line = next(line for line in out.splitlines() if f"| {goal} " in line)
-        assert "met (every run)" in line or "NOT met (1 of 1 runs" in line or "| met" in line, line
+        verdict = line.rstrip(" |").rsplit("| ", 1)[1].rstrip()
+        assert verdict in ("met", "met (every run)", "NOT met") or verdict.startswith(
+            "NOT met (1 of 1 runs missed: "
+        ), line
     # The child goal compares like with like: both children under the same blocking parent.
     assert (
         "our child CPU/req, blocking parent:" in out and "floor child CPU/req, same parent:" in out
