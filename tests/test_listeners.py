@@ -720,9 +720,9 @@ async def test_a_connection_closed_for_the_buffer_cap_refuses_its_whole_frames_a
     other.close()
 
 
-async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(sock_dir, nursery):
-    # `run` stopping waits (wait_idle) for what its clients asked before it closes their
-    # connections: a `status` asked as it stops is answered, not cut off.
+async def a_status_asked(nursery, sock_dir):
+    """A server whose status answer waits for the test, and a raw client whose status request
+    7 it is answering: (server, the gated status, the client's socket)."""
     from damocles_ext.protocol import control as control_protocol
 
     server, status = await serve_gated_status(nursery, sock_dir)
@@ -730,6 +730,15 @@ async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(soc
     await s.send(control_protocol.encode(control_protocol.StatusRequest(7)))
     await trio.testing.wait_all_tasks_blocked()
     assert status.calls == 1
+    return server, status, s
+
+
+async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(sock_dir, nursery):
+    # `run` stopping waits (wait_idle) for what its clients asked before it closes their
+    # connections: a `status` asked as it stops is answered, not cut off.
+    from damocles_ext.protocol import control as control_protocol
+
+    server, status, s = await a_status_asked(nursery, sock_dir)
     server.stop_accepting()
     idle = trio.Event()
 
@@ -749,15 +758,11 @@ async def test_a_stopping_server_waits_for_the_status_requests_in_flight_too(soc
 
 
 async def test_a_client_that_shuts_only_its_sending_side_gets_its_status_replies(sock_dir, nursery):
-    # As its requests' answers (70743e6): the status replies it asked for before its
-    # shutdown(SHUT_WR) are written, then the connection is closed; before, they were dropped.
+    # As its requests' answers: the status replies it asked for before its shutdown(SHUT_WR)
+    # are written, then the connection is closed; before, they were dropped.
     from damocles_ext.protocol import control as control_protocol
 
-    server, status = await serve_gated_status(nursery, sock_dir)
-    s = await raw_connection(server)
-    await s.send(control_protocol.encode(control_protocol.StatusRequest(7)))
-    await trio.testing.wait_all_tasks_blocked()
-    assert status.calls == 1
+    _, status, s = await a_status_asked(nursery, sock_dir)
     s.shutdown(socket.SHUT_WR)
     await trio.testing.wait_all_tasks_blocked()
     status.release.set()

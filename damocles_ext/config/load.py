@@ -32,6 +32,7 @@ from .spec import (
     Config,
     ConfigError,
 )
+from .startup import env_value
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -302,22 +303,19 @@ def _bellperson_lock_dir(child: ChildSpec) -> tuple[str, str] | None:
         or (child.plugin == "native" and child.plugin_options.get("gpu_lock") is False)
     ):
         return None
+    tmpdir = env_value(child.inherit_envs, child.envs, "TMPDIR") or "/tmp"
     if "TMPDIR" in child.envs:
-        tmpdir = child.envs["TMPDIR"]
         said = f"TMPDIR {tmpdir}"
     elif child.inherit_envs:
-        tmpdir = os.environ.get("TMPDIR") or "/tmp"
         said = f"TMPDIR {tmpdir} (not in its Envs: the one damocles-ext runs with, or /tmp)"
     else:
-        tmpdir, said = "/tmp", "TMPDIR /tmp (not in its Envs, and InheritEnvs = false)"
-    return os.path.normpath(tmpdir or "/tmp"), said
+        said = "TMPDIR /tmp (not in its Envs, and InheritEnvs = false)"
+    return os.path.normpath(tmpdir), said
 
 
 def _devices(child: ChildSpec) -> frozenset[str] | None:
     """The GPUs `child` sees (its CUDA_VISIBLE_DEVICES, from Envs or inherited); None: all."""
-    value = child.envs.get("CUDA_VISIBLE_DEVICES")
-    if value is None and child.inherit_envs:
-        value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    value = env_value(child.inherit_envs, child.envs, "CUDA_VISIBLE_DEVICES")
     if value is None:
         return None
     return frozenset(d.strip() for d in value.split(",") if d.strip())

@@ -213,6 +213,13 @@ def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def env_value(inherit: bool, envs: Mapping[str, str], name: str) -> str | None:
+    """The value of `name` in the environment build_env makes (None: unset), without it."""
+    if name in envs:
+        return envs[name]
+    return os.environ.get(name) if inherit else None
+
+
 def _search_path(env: Mapping[str, str]) -> str:
     """The PATH the child's program is looked up in, as exec does."""
     return env.get("PATH", os.defpath)

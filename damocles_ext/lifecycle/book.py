@@ -175,12 +175,13 @@ class RequestBook(BookRules):
         c = self._child(child)
         out = [] if out is None else out
         process = c.process
-        going = process is not None and not process.down
-        if process is not None and going:  # first: what alarms due now retry goes to no
-            self._take_down(process, now, charge_all)  # process going away
+        if process is None or process.down:
+            self._catch_up(now, out)
+            return out
+        # First: what the alarms due now retry goes to no process going away.
+        self._take_down(process, now, charge_all)
         self._catch_up(now, out)
-        if going:
-            self._dispatch(now, out)
+        self._dispatch(now, out)
         return out
 
     def child_lost(

@@ -7,13 +7,14 @@ process and the scheduler's own statistics turn into them.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
+
+from ..config.startup import env_value
 
 if TYPE_CHECKING:
     from ..lifecycle import RequestBook
@@ -77,13 +78,6 @@ def _bench(book: RequestBook, name: str, now: float) -> tuple[float | None, bool
     return None, streak.benches > 0
 
 
-def _tmpdir(envs: dict[str, str], inherit: bool) -> str | None:
-    """The TMPDIR a child with these Envs and InheritEnvs runs with (see build_env)."""
-    if "TMPDIR" in envs:
-        return envs["TMPDIR"]
-    return os.environ.get("TMPDIR") if inherit else None
-
-
 def build_statistics(
     children: Iterable[Child], book: RequestBook, shutting_down: bool
 ) -> SupervisorStats:
@@ -128,7 +122,7 @@ def build_statistics(
                 protocol=c.protocol,
                 locks=tuple(c.spec.locks),
                 locks_held=tuple(sorted(held_by.get(c.name, ()))),
-                tmpdir=_tmpdir(c.spec.envs, c.spec.inherit_envs),
+                tmpdir=env_value(c.spec.inherit_envs, c.spec.envs, "TMPDIR"),
                 start_refused=c.start_refused,
                 benched_for=benched_for,
                 on_probation=on_probation,
