@@ -165,7 +165,8 @@ def _guard_stdio() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; its exit code (0, 1 when it failed, 2 for usage or input errors)."""
+    """Run one command; its exit code (0, 1 when it failed, 2 for usage or input errors, 75 when
+    the GPU driver does not answer yet: see errors.EXIT_TEMPFAIL)."""
     _guard_stdio()
     try:
         try:

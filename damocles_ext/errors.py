@@ -5,6 +5,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_PROVER_ERROR = 1
 EXIT_USAGE = 2
+#: sysexits' EX_TEMPFAIL: something this machine must provide did not answer yet (the GPU driver,
+#: right after a boot), so a later start may succeed. systemd's Restart=on-failure retries it,
+#: where RestartPreventExitStatus=2 keeps a usage error from looping.
+EXIT_TEMPFAIL = 75
 
 #: What a plugin's code (a hook, a sector provider) may raise that is reported and survived: any
 #: Exception, and SystemExit too, since a `sys.exit()` in a plugin or in a library it calls must

@@ -40,7 +40,8 @@ EXAMPLE = Path(__file__).parent.parent / "ext-prover.cfg.example"
 @pytest.fixture(autouse=True)
 def _no_gpus_and_default_tmp_root(monkeypatch: pytest.MonkeyPatch) -> None:
     # GPU detection is the one thing replaced: the machine's GPUs must not change the results.
-    monkeypatch.setattr(config.machine, "detect_gpus", list)  # always []
+    no_gpu = config.GpuProbe([], [], answered=True)
+    monkeypatch.setattr(config.machine, "probe_gpus", lambda: no_gpu)
     monkeypatch.delenv(config.TMP_ROOT_ENV, raising=False)
 
 
@@ -556,11 +557,11 @@ def test_expansion_indices_continue_across_tables() -> None:
 def test_gpus_all_uses_detected_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def two_gpus(why: list[str] | None = None) -> list[int]:
+    def two_gpus() -> config.GpuProbe:
         calls.append(1)
-        return [0, 2]
+        return config.GpuProbe([0, 2], [], answered=True)
 
-    monkeypatch.setattr(config.machine, "detect_gpus", two_gpus)
+    monkeypatch.setattr(config.machine, "probe_gpus", two_gpus)
     cfg = parse('[[WdPost]]\nBin = "sh"\nGpus = "all"\n[[WinPost]]\nBin = "sh"\nGpus = "all"\n')
     assert [(c.name, c.envs["CUDA_VISIBLE_DEVICES"]) for c in cfg.children] == [
         ("window_post#0", "0"),

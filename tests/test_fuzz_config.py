@@ -30,8 +30,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def parse_or_refuse(text: str) -> None:
     """Parse `text`; a returned config must be usable, a refusal must be a clear ConfigError."""
     with pytest.MonkeyPatch.context() as mp:
+        two_gpus = config_mod.GpuProbe([0, 1], [], answered=True)
         mp.setattr(
-            config_mod.machine, "detect_gpus", lambda why=None: [0, 1]
+            config_mod.machine, "probe_gpus", lambda: two_gpus
         )  # Gpus = "all", no nvidia-smi
         try:
             cfg = parse_config(text, SOURCE, tmp_root="/tmp/damocles-ext")

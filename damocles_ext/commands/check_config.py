@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " whatever would keep a child from starting on this machine (a Bin that is missing or"
             " not executable, a Plugin not installed or refusing its PluginOptions, a Cpuset"
             " beyond the CPUs this process may use), as serve and run check before they report"
-            " ready; the exit code is 2 when there is any."
+            " ready; the exit code is 2 when there is any, and 75 (EX_TEMPFAIL) when the only"
+            ' problem is that Gpus = "all" got no answer from the GPU driver (not loaded yet).'
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)

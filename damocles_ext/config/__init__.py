@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .keys import VALID_KEYS, NonNegFloat, NonNegInt, PosFloat, PosInt
 from .load import load_conf_dir, load_config, parse_config
-from .machine import default_tmp_root, detect_gpus
+from .machine import GpuProbe, default_tmp_root, detect_gpus, probe_gpus
 from .spec import (
     CONF_FILE_NAME,
     DAMOCLES_WORKER,
@@ -47,6 +47,7 @@ from .spec import (
     ChildSpec,
     Config,
     ConfigError,
+    GpuDriverNotReady,
     OptionValue,
     default_heartbeat_timeout,
     describe_argv,
@@ -114,6 +115,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DamoclesWorkerConfig",
+    "GpuDriverNotReady",
+    "GpuProbe",
     "NonNegFloat",
     "NonNegInt",
     "OptionValue",
@@ -133,6 +136,7 @@ __all__ = [
     "load_damocles_worker_config",
     "parse_config",
     "parse_damocles_worker_config",
+    "probe_gpus",
     "program_problem",
     "startup_problems",
 ]

@@ -31,6 +31,7 @@ from .spec import (
     ChildSpec,
     Config,
     ConfigError,
+    GpuDriverNotReady,
 )
 from .startup import env_value
 
@@ -243,6 +244,8 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
             "no [[WdPost]] or [[WinPost]] table, so there is no child to start; "
             "add at least one (see ext-prover.cfg.example)"
         )
+    if errors and all(e in builder.not_ready for e in errors):
+        raise GpuDriverNotReady(source, errors)  # nothing to fix in the file: exit 75, not 2
     if errors:
         raise ConfigError(source, errors)
     warnings = builder.warnings + _winning_shares_lock_dir(builder.children)
@@ -417,12 +420,13 @@ class _Builder:
         self.children: list[ChildSpec] = []
         self.warnings: list[str] = []
         self._next_index = dict.fromkeys(STAGE_OF_TABLE.values(), 0)
-        self._gpus: list[int] | None = None
-        self._gpu_problems: list[str] = []  # why detect_gpus found none
+        self._gpus: machine.GpuProbe | None = None
+        # The errors that only say the GPU driver did not answer (yet): a later start may pass.
+        self.not_ready: list[str] = []
 
-    def _detected_gpus(self) -> list[int]:
+    def _detected_gpus(self) -> machine.GpuProbe:
         if self._gpus is None:  # once per file: nvidia-smi is slow
-            self._gpus = machine.detect_gpus(self._gpu_problems)
+            self._gpus = machine.probe_gpus()
         return self._gpus
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
@@ -466,16 +470,26 @@ class _Builder:
         argv, kind = self._program(where, stage, block)
         gpus: list[int | None] = [None]
         if block.gpus == "all":
-            found = self._detected_gpus()
-            if not found:
+            probe = self._detected_gpus()
+            asked = "".join("; " + r for r in probe.reasons)
+            if not probe.gpus and probe.answered:
                 return [
                     (
-                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`'
-                        f"{''.join('; ' + r for r in self._gpu_problems)}); "
-                        f"list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
+                        f'{where}.Gpus: "all" found no GPU (asked NVML and `nvidia-smi -L`{asked});'
+                        f" list the GPUs, e.g. Gpus = [0, 1], or remove Gpus"
                     )
                 ]
-            gpus = list(found)
+            if not probe.gpus:
+                self.not_ready.append(
+                    f'{where}.Gpus: "all" cannot list the GPUs: the NVIDIA driver does not answer'
+                    f" (asked NVML and `nvidia-smi -L`{asked}). Right after a boot it may not be"
+                    " loaded yet: the exit code is 75 (EX_TEMPFAIL), not 2, so that a restart"
+                    " (Restart=on-failure in the systemd units) tries again until it answers."
+                    " If this machine has no NVIDIA driver or GPU, list the GPUs, e.g."
+                    " Gpus = [0, 1], or remove Gpus"
+                )
+                return self.not_ready[-1:]
+            gpus = list(probe.gpus)
         elif block.gpus is not None:
             gpus = list(block.gpus)
         if block.gpus is not None and "CUDA_VISIBLE_DEVICES" in block.envs:

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from .spec import TMP_ROOT_NAME
 
@@ -100,12 +101,21 @@ def _remove_per_run_root() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def detect_gpus(why: list[str] | None = None) -> list[int]:
-    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found.
+class GpuProbe(NamedTuple):
+    """What asking this machine for its GPUs gave."""
 
-    When none are found, `why` (if given) gets one line per way tried, saying what it answered.
-    """
+    gpus: list[int]  # their indices; [] when none was found
+    reasons: list[str]  # when none was found: one line per way tried, saying what it answered
+    # Whether the driver answered one of the ways (NVML initialised, or `nvidia-smi -L` exited
+    # 0): then no GPU means this machine has none. When none answered (the driver not loaded
+    # yet after a boot, nvidia-smi failing, missing or hanging), a later ask may find them.
+    answered: bool
+
+
+def probe_gpus() -> GpuProbe:
+    """The GPUs of this machine, via NVML or `nvidia-smi -L`, and whether the driver answered."""
     reasons: list[str] = []
+    answered = False
     try:
         import pynvml  # nvidia-ml-py, optional
     except ImportError:
@@ -119,10 +129,11 @@ def detect_gpus(why: list[str] | None = None) -> list[int]:
             finally:
                 pynvml.nvmlShutdown()
             if found:
-                return found
+                return GpuProbe(found, [], answered=True)
+            answered = True
             reasons.append("NVML: 0 devices")
         except (pynvml.NVMLError, OSError) as exc:
-            # No driver or library: nvidia-smi may still answer, or say why not.
+            # No driver or library (yet): nvidia-smi may still answer, or say why not.
             reasons.append(f"NVML: {exc}")
     try:
         out = subprocess.run(
@@ -141,13 +152,26 @@ def detect_gpus(why: list[str] | None = None) -> list[int]:
     else:
         found = [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
         if out.returncode == 0 and found:
-            return found
+            return GpuProbe(found, [], answered=True)
         said = (out.stderr.strip() or out.stdout.strip()).splitlines()
         what = f": {said[0][:200]}" if said else ""
         if out.returncode != 0:
+            # 9 is "could not communicate with the NVIDIA driver"; whatever the status, the
+            # driver gave no list: asking again later may get one.
             reasons.append(f"nvidia-smi -L: exit status {out.returncode}{what}")
         else:
+            answered = True
             reasons.append(f"nvidia-smi -L: listed no GPU{what}")
-    if why is not None:
-        why.extend(reasons)
-    return []
+    return GpuProbe([], reasons, answered)
+
+
+def detect_gpus(why: list[str] | None = None) -> list[int]:
+    """Indices of the GPUs on this machine, via NVML or `nvidia-smi -L`; [] when none are found.
+
+    When none are found, `why` (if given) gets one line per way tried, saying what it answered.
+    probe_gpus also says whether the driver answered at all.
+    """
+    probe = probe_gpus()
+    if why is not None and not probe.gpus:
+        why.extend(probe.reasons)
+    return probe.gpus

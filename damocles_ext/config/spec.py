@@ -8,7 +8,7 @@ import shlex
 
 import msgspec
 
-from ..errors import UsageError
+from ..errors import EXIT_TEMPFAIL, UsageError
 
 #: The file damocles-manager reads from its home or `--conf-dir` directory.
 CONF_FILE_NAME = "ext-prover.cfg"
@@ -81,6 +81,14 @@ class ConfigError(UsageError):
             return only if only.startswith(self.source) else f"{self.source}: {only}"
         lines = "\n".join(f"  {e}" for e in self.errors)
         return f"{self.source} has {len(self.errors)} errors:\n{lines}"
+
+
+class GpuDriverNotReady(ConfigError):
+    """A config whose only problem is that `Gpus = "all"` got no answer from the GPU driver (not
+    loaded yet after a boot, nvidia-smi failing or hanging): exit code 75, EX_TEMPFAIL, since a
+    later start may find the GPUs, where a genuine mistake in the file is exit code 2."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class ChildSpec(msgspec.Struct, frozen=True):

@@ -1,0 +1,200 @@
+"""`Gpus = "all"` when the GPU driver does not answer (yet), against a real (fake) `nvidia-smi` and
+`pynvml` in real damocles-ext processes: exit code 75 (EX_TEMPFAIL), which the systemd units
+restart, rather than 2, which they never restart (a prover started before the driver after a
+boot would stay down); a machine whose driver answers that it has no GPU stays exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from damocles_ext import config
+from damocles_ext.config import machine
+from damocles_ext.errors import EXIT_TEMPFAIL, EXIT_USAGE
+
+DRIVER_DOWN = (
+    "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that"
+    " the latest NVIDIA driver is installed and running."
+)
+NOT_READY = "the NVIDIA driver does not answer"
+RESTART = "the exit code is 75 (EX_TEMPFAIL), not 2, so that a restart"
+
+# pynvml as nvidia-ml-py has it, as far as probe_gpus uses it.
+NVML_DRIVER_NOT_LOADED = """
+class NVMLError(Exception):
+    pass
+def nvmlInit():
+    raise NVMLError("Driver Not Loaded")
+"""
+NVML_NO_DEVICE = """
+class NVMLError(Exception):
+    pass
+def nvmlInit():
+    pass
+def nvmlDeviceGetCount():
+    return 0
+def nvmlShutdown():
+    pass
+"""
+NO_NVML = "raise ImportError('nvidia-ml-py is not installed')\n"
+
+
+def machine_with(tmp_path: Path, nvidia_smi: str | None, pynvml: str = NO_NVML) -> dict[str, str]:
+    """The environment of a process on a machine whose `nvidia-smi` runs `nvidia_smi` (a shell
+    script's body; None: there is none) and whose pynvml module is `pynvml`'s text."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if nvidia_smi is not None:
+        program = bin_dir / "nvidia-smi"
+        program.write_text("#!/bin/sh\n" + nvidia_smi)
+        program.chmod(0o755)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "pynvml.py").write_text(pynvml)
+    env = dict(os.environ)
+    env["PATH"] = str(bin_dir)  # no other nvidia-smi than this one
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(modules), env.get("PYTHONPATH")]))
+    return env
+
+
+def commands(tmp_path: Path, cfg: Path) -> dict[str, list[str]]:
+    """Each command that reads the config, as an operator or damocles-manager starts it."""
+    return {
+        "check-config": ["check-config", "-c", str(cfg)],
+        "run": ["run", "-c", str(cfg), "--socket", str(tmp_path / "run.sock")],
+        "worker": [
+            "worker", "-c", str(cfg), "--manager", "127.0.0.1:9",
+            "--socket", str(tmp_path / "worker.sock"),
+        ],
+        "serve": ["serve", "window_post", "-c", str(cfg)],
+    }  # fmt: skip
+
+
+def damocles_ext(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(text)
+    return cfg
+
+
+GPUS_ALL = '[[WdPost]]\nBin = "/bin/sh"\nGpus = "all"\n'
+
+
+@pytest.mark.parametrize(
+    ("nvidia_smi", "pynvml", "said"),
+    [
+        (
+            f'echo "{DRIVER_DOWN}" >&2\nexit 9\n',
+            NO_NVML,
+            f"nvidia-smi -L: exit status 9: {DRIVER_DOWN}",
+        ),
+        (
+            f'echo "{DRIVER_DOWN}" >&2\nexit 9\n',
+            NVML_DRIVER_NOT_LOADED,
+            "NVML: Driver Not Loaded; nvidia-smi -L: exit status 9",
+        ),
+        (None, NO_NVML, "nvidia-smi: not found on PATH"),
+    ],
+    ids=["nvidia-smi-fails", "nvml-and-nvidia-smi-fail", "no-nvidia-smi"],
+)
+def test_a_gpu_driver_that_does_not_answer_yet_exits_75_from_every_command_saying_so(
+    tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
+) -> None:
+    env = machine_with(tmp_path, nvidia_smi, pynvml)
+    cfg = write_config(tmp_path, GPUS_ALL)
+    for name, args in commands(tmp_path, cfg).items():
+        proc = damocles_ext(args, env)
+        assert proc.returncode == EXIT_TEMPFAIL, (name, proc.stderr)
+        assert proc.stderr.startswith(
+            f'damocles-ext {name}: error: {cfg}: WdPost[0].Gpus: "all" cannot list the GPUs:'
+            f" {NOT_READY}"
+        ), proc.stderr
+        assert said in proc.stderr and RESTART in proc.stderr, proc.stderr
+        assert "list the GPUs, e.g. Gpus = [0, 1], or remove Gpus" in proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""  # serve: no ready line
+    assert not (tmp_path / "run.sock").exists() and not (tmp_path / "worker.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("nvidia_smi", "pynvml", "said"),
+    [
+        ("echo 'No devices were found'\n", NO_NVML, "nvidia-smi -L: listed no GPU"),
+        (None, NVML_NO_DEVICE, "NVML: 0 devices; nvidia-smi: not found on PATH"),
+    ],
+    ids=["nvidia-smi-lists-none", "nvml-counts-none"],
+)
+def test_a_driver_that_answers_no_gpu_is_still_exit_2_from_every_command(
+    tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
+) -> None:
+    env = machine_with(tmp_path, nvidia_smi, pynvml)
+    cfg = write_config(tmp_path, GPUS_ALL)
+    for name, args in commands(tmp_path, cfg).items():
+        proc = damocles_ext(args, env)
+        assert proc.returncode == EXIT_USAGE, (name, proc.stderr)
+        assert 'WdPost[0].Gpus: "all" found no GPU (asked NVML' in proc.stderr, proc.stderr
+        assert said in proc.stderr and NOT_READY not in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_mistake_in_the_file_is_exit_2_even_while_the_driver_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    # A restart cannot fix the mistake: it is reported with the driver's silence, and exit 2.
+    env = machine_with(tmp_path, f'echo "{DRIVER_DOWN}" >&2\nexit 9\n')
+    cfg = write_config(tmp_path, GPUS_ALL + '[[WinPost]]\nBin = "/bin/sh"\nConcurent = 2\n')
+    for name in ("check-config", "run"):
+        proc = damocles_ext(commands(tmp_path, cfg)[name], env)
+        assert proc.returncode == EXIT_USAGE, (name, proc.stderr)
+        assert f"{cfg} has 2 errors:" in proc.stderr, proc.stderr
+        assert "WinPost[0]: unknown key 'Concurent' (did you mean 'Concurrent'?)" in proc.stderr
+        assert NOT_READY in proc.stderr
+
+
+def test_the_driver_answering_later_lets_the_same_command_start(tmp_path: Path) -> None:
+    env = machine_with(tmp_path, f'echo "{DRIVER_DOWN}" >&2\nexit 9\n')
+    cfg = write_config(tmp_path, GPUS_ALL)
+    args = commands(tmp_path, cfg)["check-config"]
+    assert damocles_ext(args, env).returncode == EXIT_TEMPFAIL
+    # The driver is loaded: the restart finds both GPUs.
+    (tmp_path / "bin" / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+        "echo 'GPU 1: NVIDIA GeForce RTX 3090 (UUID: GPU-b)'\n"
+    )
+    proc = damocles_ext(args, env)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == [
+        "window_post#0",
+        "window_post#1",
+    ]
+
+
+def test_nvidia_smi_that_does_not_answer_in_time_is_the_driver_not_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As nvidia-smi can hang while the driver loads; the timeout is shortened, the hang is real.
+    env = machine_with(tmp_path, "exec sleep 60\n")
+    monkeypatch.setenv("PATH", env["PATH"] + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    monkeypatch.setattr(machine, "_GPU_DETECT_TIMEOUT", 0.5)
+    probe = machine.probe_gpus()
+    assert probe == config.GpuProbe(
+        [],
+        ["NVML: nvidia-ml-py is not installed", "nvidia-smi -L: no answer within 0.5s"],
+        answered=False,
+    )
