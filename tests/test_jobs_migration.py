@@ -9,9 +9,11 @@ import os
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from test_jobs_rules import make_input
 from test_jobs_summary import T0, make_old_store
 
+from damocles_ext import cli
 from damocles_ext.jobs import rules, store
 from damocles_ext.jobs.store import (
     JobStore,
@@ -19,6 +21,62 @@ from damocles_ext.jobs.store import (
     StoreError,
     StoreUnavailable,
 )
+
+
+def schema_of(url: str) -> tuple[int, list[str]]:
+    """The store's schema version and its tables, read without damocles-ext."""
+    engine = store.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(sa.text("SELECT version FROM dext_schema_version")).scalar_one()
+            return version, sorted(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_the_commands_that_only_read_leave_an_older_stores_schema_as_it_is(
+    store_url, version, capsys
+):
+    # An older coordinator may be running on the store: `wdpost list` and `status --jobs` of a
+    # newer damocles-ext upgraded its schema under it.
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(store_url, version, job)
+    before = schema_of(store_url)
+    assert cli.main(["wdpost", "list", "--jobs", store_url]) == 0
+    assert job.Id in capsys.readouterr().out
+    if version >= 2:  # the workers seen are in the old table: read from there
+        assert cli.main(["status", "--jobs", store_url, "--json"]) == 0
+        assert '"ready2run": 1' in capsys.readouterr().out
+    else:  # none kept: the summary cannot be told, and the message says what to do
+        assert cli.main(["status", "--jobs", store_url]) == 2
+        err = capsys.readouterr().err
+        assert "has schema version 1, older than this damocles-ext's (4), and the summary of" in err
+        assert "`serve --jobs` starts on the store" in err and "status --jobs URL --upgrade" in err
+    with JobStore.open(store_url, read_only=True) as s:
+        assert s.version == version and s.list_jobs() == [job]
+        if version >= 2:  # the worker a coordinator of that version saw
+            assert [w.worker for w in s.summary(T0).workers] == ["old"]
+    assert schema_of(store_url) == before
+    assert cli.main(["status", "--jobs", store_url, "--upgrade", "--json"]) == 0
+    assert '"ready2run": 1' in capsys.readouterr().out
+    assert schema_of(store_url)[0] == store.SCHEMA_VERSION
+
+
+def test_the_commands_that_only_read_refuse_a_store_a_newer_damocles_ext_made(store_url, capsys):
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(store_url, 3, job)
+    engine = store.make_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(store.schema_version.update().values(version=store.SCHEMA_VERSION + 1))
+    engine.dispose()
+    for command in (["wdpost", "list"], ["status"], ["wdpost", "reset", job.Id]):
+        assert cli.main([*command, "--jobs", store_url]) == 2
+        assert (
+            "has schema version 5, newer than this damocles-ext knows (4): a newer damocles-ext"
+            " made it; upgrade this one"
+        ) in capsys.readouterr().err
+    assert schema_of(store_url)[0] == 5
 
 
 def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(postgres_url):

@@ -2,7 +2,8 @@
 `--jobs URL`, the WindowPoSt job store's summary (read from the store: no supervisor needed).
 
 Exit codes: 0 the status was printed, 1 the supervisor could not send it or the store failed,
-2 no supervisor at the socket, no job store at the URL (or bad arguments).
+2 no supervisor at the socket, no job store at the URL, a store of a schema this damocles-ext
+cannot read without upgrading it (or bad arguments).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " coordinator sees it; asks no supervisor unless --socket is given too",
     )
     parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="with --jobs: upgrade the store's schema to this damocles-ext's first, when it is"
+        " older (without it, status only reads, and refuses what an older schema cannot answer)",
+    )
+    parser.add_argument(
         "--timeout",
         metavar="DURATION",
         type=positive_duration,
@@ -71,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs is not None:
         return _jobs(args)
+    if args.upgrade:
+        from damocles_ext.errors import UsageError
+
+        raise UsageError("--upgrade goes with --jobs URL (it upgrades that job store's schema)")
     doc = trio.run(_fetch, args.socket, args.timeout)
     if args.json:
         sys.stdout.buffer.write(to_json(doc))
@@ -91,7 +102,8 @@ def _jobs(args: argparse.Namespace) -> int:
     from damocles_ext.status import render_table, to_json
 
     # create=False: a mistyped URL must be an error, not an empty store made on the spot.
-    with JobStore.open(args.jobs, create=False, pool_size=1) as store:
+    # read_only: the schema of a store an older coordinator runs on is left as it is.
+    with JobStore.open(args.jobs, create=False, read_only=not args.upgrade, pool_size=1) as store:
         summary = store.summary(time.time())
     doc = None if args.socket is None else trio.run(_fetch, args.socket, args.timeout)
     if args.json:

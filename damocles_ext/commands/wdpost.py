@@ -137,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_rpc(args, max_try)
     if args.token_file is not None:
         raise UsageError("--token-file goes with --manager (the store URL carries its own login)")
-    with JobStore.open(args.jobs, create=False) as store:
+    # `list` only reads: the schema of a store an older coordinator runs on is left as it is.
+    reads_only = args.wdpost_command == "list"
+    with JobStore.open(args.jobs, create=False, read_only=reads_only) as store:
         if args.wdpost_command == "list":
             _print_list(args, store.list_jobs(), max_try)
         elif args.wdpost_command == "reset":

@@ -82,6 +82,34 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
     conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
 
 
+#: How a store of an older version gets upgraded, for the messages that refuse one.
+HOW_TO_UPGRADE = (
+    "this damocles-ext upgrades it when its coordinator or `serve --jobs` starts on the store, when"
+    " one of its commands writes to it (`wdpost reset`, `remove`), or with `damocles-ext status"
+    " --jobs URL --upgrade` (on PostgreSQL as the owner of its tables)"
+)
+
+
+def too_new(where: str, found: int) -> StoreConfigError:
+    """The refusal of a store at schema version `found`, made by a newer damocles-ext."""
+    return StoreConfigError(
+        f"the job store {where} has schema version {found}, newer than this damocles-ext knows"
+        f" ({SCHEMA_VERSION}): a newer damocles-ext made it; upgrade this one, or give another"
+        " store URL"
+    )
+
+
+def too_old(where: str, found: int, what: str, needed: int) -> StoreConfigError:
+    """The refusal of a read that a store opened read-only at the older schema version `found`
+    cannot answer: `what` needs version `needed`."""
+    return StoreConfigError(
+        f"the job store {where} has schema version {found}, older than this damocles-ext's"
+        f" ({SCHEMA_VERSION}), and {what} needs version {needed} or later; a command that only"
+        " reads leaves the schema as it is (a coordinator of an older damocles-ext may be"
+        f" running on it): use that damocles-ext's commands, or upgrade the store: {HOW_TO_UPGRADE}"
+    )
+
+
 def lock_waited_out(
     error: exc.DBAPIError, engine: Engine, where: str, found: int, lock_timeout: float | None
 ) -> StoreError | None:
@@ -144,7 +172,7 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             f"the job store {where} has schema version {found}, older than this damocles-ext's"
             f" ({SCHEMA_VERSION}), and the PostgreSQL role {role!r} may not upgrade it ({what}):"
             " only the owner of its tables may; run this damocles-ext once with the owner's URL"
-            " (`damocles-ext status --jobs URL` upgrades it), then start this one again"
+            " (`damocles-ext status --jobs URL --upgrade` upgrades it), then start this one again"
         )
     return _write_refused(role, where, what)
 

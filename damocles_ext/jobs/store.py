@@ -116,6 +116,8 @@ class JobStore:
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._insert = pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
+        #: The schema version the store is read at: SCHEMA_VERSION, unless opened read-only.
+        self.version = SCHEMA_VERSION
 
     @classmethod
     def open(
@@ -125,6 +127,7 @@ class JobStore:
         create: bool = True,
         open_timeout: float | None = None,
         writable: bool = False,
+        read_only: bool = False,
         **kwargs: Any,
     ) -> JobStore:
         """A store ready for use: connected, its schema created or migrated.
@@ -136,16 +139,26 @@ class JobStore:
         write lock, PostgreSQL's schema lock) before it fails, saying so, instead of the busy
         timeout (a start that must be quick: `serve`'s ready line). The store returned waits as
         long as `kwargs` say. `writable`: check that it takes writes (a read-only file or
-        replica fails the opening, rather than every job later)."""
+        replica fails the opening, rather than every job later).
+
+        `read_only` (a command that only reads, implies `create=False`): the schema is never
+        changed, so that a newer damocles-ext's command does not upgrade it under a running
+        older coordinator: an older store is read as it is (`version`), and a read it cannot
+        answer is refused saying so (StoreConfigError); the store is for reading only."""
         opening = kwargs
         if open_timeout is not None:
             busy = min(open_timeout, kwargs.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
             opening = dict(kwargs, busy_timeout=busy)
         store = cls(url, **opening)
         try:
-            if not create:
+            if not create or read_only:
                 store.check_exists()
-            store.migrate(lock_timeout=open_timeout, writable=writable)
+            if read_only and (found := store.schema_version()) > SCHEMA_VERSION:
+                raise migration.too_new(store.where, found)
+            if read_only:
+                store.version = found
+            else:
+                store.migrate(lock_timeout=open_timeout, writable=writable)
         except BaseException as e:
             store.close()
             if isinstance(e, StoreUnavailable) and a_mistake_at_open(e.__cause__, store.url):
@@ -202,11 +215,7 @@ class JobStore:
                     migration.take_schema_lock(conn, self.where, lock_timeout)
                 found = self._version(conn)
                 if found > SCHEMA_VERSION:
-                    raise StoreConfigError(
-                        f"the job store {self.where} has schema version {found}, newer than this "
-                        f"damocles-ext knows ({SCHEMA_VERSION}): a newer damocles-ext made it; "
-                        "upgrade this one, or give another store URL"
-                    )
+                    raise migration.too_new(self.where, found)
                 migration.bring_up(conn, found, lock_timeout=lock_timeout)
                 if writable:
                     migration.check_writable(conn, self.url, self.where)
@@ -392,8 +401,11 @@ class JobStore:
     ) -> jobs_summary.JobsSummary:
         """The jobs by kind, the oldest ready job, the live workers and the ready jobs none of
         them may take (see jobs/summary.py), read in one transaction."""
+        seen = worker_rows.seen_table(self.version)
+        if seen is None:
+            raise migration.too_old(self.where, self.version, "the summary of its workers", 2)
         with self._transaction() as conn:
-            return worker_rows.read_summary(conn, now, live_window, self.where)
+            return worker_rows.read_summary(conn, now, live_window, self.where, seen)
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
               event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip

@@ -99,10 +99,21 @@ def forget(conn: Connection, before: float) -> int:
     return int(conn.execute(workers.delete().where(workers.c.last_seen < before)).rowcount)
 
 
+#: The workers seen as schema versions 2 and 3 kept them (keyed by the spec itself), which a
+#: read-only open of such a store reads.
+_OLD_SEEN = sa.table(OLD_WORKERS, sa.column("worker"), sa.column("spec"), sa.column("last_seen"))
+
+
+def seen_table(version: int) -> Any:
+    """The table of the workers seen at schema `version`; None before version 2 (none kept)."""
+    return workers if version >= 4 else _OLD_SEEN if version >= 2 else None
+
+
 def read_summary(
-    conn: Connection, now: float, live_window: float, where: str
+    conn: Connection, now: float, live_window: float, where: str, seen_in: Any = workers
 ) -> summary.JobsSummary:
-    """The summary from a few aggregate queries (see summary.summarize)."""
+    """The summary from a few aggregate queries (see summary.summarize); the workers seen read
+    from `seen_in` (seen_table)."""
     c = jobs.c
     kind = sa.case(
         (c.state == READY, "ready2run"),
@@ -137,7 +148,11 @@ def read_summary(
     ).first()
     seen = [
         summary.WorkerSeen(row.worker, summary.spec_of_key(row.spec), float(row.last_seen))
-        for row in conn.execute(sa.select(workers).where(workers.c.last_seen >= now - live_window))
+        for row in conn.execute(
+            sa.select(seen_in.c.worker, seen_in.c.spec, seen_in.c.last_seen).where(
+                seen_in.c.last_seen >= now - live_window
+            )
+        )
     ]
     return summary.summarize(
         counts=counts,
