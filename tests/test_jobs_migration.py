@@ -157,23 +157,46 @@ def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_n
     assert f"dext_job_workers TO {role}, or give the URL of a role" in str(raised.value)
 
 
-def test_a_coordinators_role_granted_the_tables_before_an_upgrade_is_refused_until_granted_the_new(
-    postgres_url,
+def test_an_upgrade_grants_the_table_it_makes_to_the_roles_granted_the_jobs_table(
+    postgres_url, caplog
 ):
-    # The table version 4 makes is its owner's alone: a coordinator logging in as a role granted
-    # the tables of version 3 started, and every allocation was refused (workers got no job).
+    # The table version 4 makes was its owner's alone: a coordinator logging in as a role
+    # granted the tables of version 3 was refused at open (before that check: it started, and
+    # every allocation was refused), until someone granted it the new table by hand.
     job = rules.new_job(make_input(seed=9, miner=1234), T0)
     make_old_store(postgres_url, 3, job)
     url, role = a_role(
         postgres_url, "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
     )
-    JobStore.open(postgres_url).close()  # upgraded by the owner
-    with pytest.raises(StoreConfigError) as raised:
-        JobStore.open(url, writable=True)
-    assert f"the PostgreSQL role {role!r} may not write the job store " in str(raised.value)
-    assert "(it lacks SELECT, INSERT, UPDATE, DELETE on dext_job_workers)" in str(raised.value)
+    reader_url, reader = a_role(postgres_url, "SELECT ON ALL TABLES IN SCHEMA public")
+    _, granting = a_role(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON dext_job_workers TO {role}")
+        conn.execute(f"GRANT SELECT ON dext_wdpost_jobs TO {granting} WITH GRANT OPTION")
+        conn.execute("GRANT TRUNCATE ON dext_wdpost_jobs TO PUBLIC")
+    caplog.set_level("INFO", "damocles_ext.jobs")
+    JobStore.open(postgres_url).close()  # upgraded by the owner
+    assert (
+        f"GRANT DELETE, INSERT, SELECT, UPDATE ON dext_job_workers TO {role}, as on"
+        " dext_wdpost_jobs (the upgrade made dext_job_workers)"
+    ) in caplog.text
     with JobStore.open(url, writable=True) as s:
-        [taken] = s.allocate(rules.AllocationSpec(), 1, "w", T0 + 1)
+        [taken] = s.allocate(rules.AllocationSpec((1234,)), 1, "w", T0 + 1)
         assert taken.Id == job.Id
+        assert [w.worker for w in s.summary(T0 + 1).workers] == ["old", "w"]  # the new row written
+    with psycopg.connect(postgres_url) as conn:
+        held = conn.execute(
+            "SELECT a.grantee::regrole::text, a.privilege_type, a.is_grantable"
+            " FROM pg_class c, aclexplode(c.relacl) a"
+            " WHERE c.oid = 'dext_job_workers'::regclass AND a.grantee <> c.relowner"
+            " ORDER BY 1, 2"
+        ).fetchall()
+    assert held == sorted(
+        [
+            ("-", "TRUNCATE", False),  # PUBLIC
+            *[(role, p, False) for p in ("DELETE", "INSERT", "SELECT", "UPDATE")],
+            (reader, "SELECT", False),
+            (granting, "SELECT", True),
+        ]
+    )
+    with JobStore.open(reader_url, read_only=True) as s:  # an operator's reading role reads
+        assert s.summary(T0 + 1).live_workers == 2

@@ -10,6 +10,7 @@ sessions that held them."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +31,8 @@ from .database import (
     pg_role,
     schema_version,
 )
+
+log = logging.getLogger("damocles_ext.jobs")
 
 #: The key of the advisory lock that makes one session at a time create or upgrade the schema.
 SCHEMA_LOCK = 7426385010214
@@ -71,6 +74,7 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
     if found == 0:
         metadata.create_all(conn)
+    had = set(sa.inspect(conn).get_table_names())
     if 0 < found < 3:
         conn.execute(sa.text(f"DROP INDEX IF EXISTS {OLD_READY_INDEX}"))
         for index in jobs.indexes:
@@ -78,6 +82,8 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
     if 0 < found < 4:
         worker_rows.create_and_carry_over(conn)
     # Later versions' steps go here, each from `found` up.
+    if found > 0 and conn.dialect.name == "postgresql":
+        grant_like_jobs(conn, [t.name for t in metadata.sorted_tables if t.name not in had])
     conn.execute(schema_version.delete())
     conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
 
@@ -108,6 +114,32 @@ def too_old(where: str, found: int, what: str, needed: int) -> StoreConfigError:
         " reads leaves the schema as it is (a coordinator of an older damocles-ext may be"
         f" running on it): use that damocles-ext's commands, or upgrade the store: {HOW_TO_UPGRADE}"
     )
+
+
+#: The privileges other roles (grantee 0: PUBLIC) hold on a table, as GRANT takes them.
+_GRANTS = sa.text(
+    "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee))"
+    " END AS grantee, a.privilege_type, a.is_grantable"
+    " FROM pg_class c, aclexplode(c.relacl) a"
+    " WHERE c.oid = to_regclass(:table) AND a.grantee <> c.relowner"
+    " ORDER BY 1, 2"
+)
+
+
+def grant_like_jobs(conn: Connection, tables: list[str]) -> None:
+    """PostgreSQL: give each of `tables` (made by an upgrade) the privileges other roles and
+    PUBLIC hold on the jobs table. A new table is its owner's alone: a coordinator's role granted
+    the tables before would be refused on it, and the upgrade is run by a role that owns it."""
+    if not tables:
+        return
+    held: dict[tuple[str, bool], list[str]] = {}
+    for row in conn.execute(_GRANTS, {"table": jobs.name}):
+        held.setdefault((row.grantee, bool(row.is_grantable)), []).append(row.privilege_type)
+    for table in tables:
+        for (grantee, grantable), privileges in held.items():
+            grant = f"GRANT {', '.join(privileges)} ON {table} TO {grantee}"
+            conn.execute(sa.text(grant + (" WITH GRANT OPTION" if grantable else "")))
+            log.info("%s, as on %s (the upgrade made %s)", grant, jobs.name, table)
 
 
 def lock_waited_out(
@@ -196,9 +228,9 @@ _MISSING = sa.text(
 
 def check_writable(conn: Connection, url: URL, where: str) -> None:
     """That the store takes writes: a write that changes nothing (refused by a read-only file
-    or replica), and on PostgreSQL every privilege a coordinator uses on each table (a table an
-    upgrade made is its owner's alone until granted: a role granted the others before would
-    start, and have every allocation refused). StoreConfigError naming what is missing."""
+    or replica), and on PostgreSQL every privilege a coordinator uses on each table (a role
+    granted some tables by hand and not the others would start, and have every allocation
+    refused). StoreConfigError naming what is missing."""
     conn.execute(schema_version.update().values(version=schema_version.c.version))
     if conn.dialect.name != "postgresql":
         return
