@@ -67,6 +67,7 @@ from .database import (
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
+from .sqlite_file import FileWatch, StoreLost
 
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
@@ -118,6 +119,11 @@ class JobStore:
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
         #: The schema version the store is read at: SCHEMA_VERSION, unless opened read-only.
         self.version = SCHEMA_VERSION
+        #: A SQLite store's file, which must stay the one at its path (sqlite_file.py).
+        self.file_watch: FileWatch | None = None
+        if not self.is_postgresql:
+            self.file_watch = FileWatch(sqlite_file(self.url), self.where)
+            self.file_watch.install(self.engine)
 
     @classmethod
     def open(
@@ -191,6 +197,8 @@ class JobStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
+        if self.file_watch is not None:
+            self.file_watch.check(self.engine)  # StoreLost once its file is not at its path
         with self.engine.begin() as conn:
             yield conn
 
@@ -686,6 +694,7 @@ __all__ = [
     "StoreConfigError",
     "StoreConflict",
     "StoreError",
+    "StoreLost",
     "StoreUnavailable",
     "TrioJobStore",
     "describe_url",

@@ -1,0 +1,140 @@
+"""A SQLite store's file, watched: the file a process opened must stay the one at its path.
+
+An operator's `rm`, a restore from a backup with `mv`, a cleanup script: the process goes on
+with the file it opened, which no longer has that name. Whatever it stored from then on would be
+in a file no command and no other process sees, and lost when it stops; and the `-wal` and
+`-shm` files beside the path are still its own, so a process that opens the new file reads the
+old store's last writes as if they were the new file's (SQLite's "how to corrupt": a restored
+backup silently overwritten by them).
+
+So each operation first compares the file at the path (device and inode) with the one the first
+connection opened; once they differ (or the path is gone), the store is lost for this process
+for good: an ERROR says so once, the old store's write-ahead log is copied into the old file and
+emptied (so the file now at the path is read as it is), the connections are closed, and every
+operation from then on raises StoreLost. A connection is never opened on another file than the
+first one. What the process does about it is its own (JOBS.md: the producer answers its
+requests at once, the coordinator command stops).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from .database import StoreUnavailable
+
+log = logging.getLogger("damocles_ext.jobs.store")
+
+
+class StoreLost(StoreUnavailable):
+    """The SQLite file this process opened was deleted or replaced at its path: the process no
+    longer uses the store (exit code 1)."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class FileWatch:
+    """The file of a SQLite store's engine: `check()` before each operation."""
+
+    def __init__(self, path: Path, where: str) -> None:
+        self.path = path
+        self.where = where
+        #: (device, inode) of the file the first connection opened; None before it.
+        self.identity: tuple[int, int] | None = None
+        #: Why the store is lost to this process (said in every StoreLost), or None.
+        self.lost: str | None = None
+        self._lock = threading.Lock()
+
+    def install(self, engine: Engine) -> None:
+        @event.listens_for(engine, "do_connect")
+        def _before_connect(*_args: Any) -> None:
+            # A pool that grows, or replaces a connection, must not open the file now at the
+            # path beside the old one's: they would share the old one's -wal and -shm.
+            if self.identity is not None:
+                self.check(engine)
+
+        @event.listens_for(engine, "connect")
+        def _connected(*_args: Any) -> None:
+            with self._lock:
+                if self.identity is None:
+                    self.identity = _identity(self.path)
+
+    def _what_happened(self) -> str | None:
+        if self.identity is None:
+            return None
+        try:
+            now = _identity(self.path)
+        except OSError:  # a directory on the way this user may no longer enter: SQLite says it
+            return None
+        if now is None:
+            return "was deleted"
+        if now != self.identity:
+            was, is_now = self.identity[1], now[1]
+            return f"was replaced by another file (inode {was} when opened, now {is_now})"
+        return None
+
+    def check(self, engine: Engine) -> None:
+        """StoreLost when the file at the path is no longer the one opened (said once at ERROR,
+        the first time); returns otherwise."""
+        with self._lock:
+            if self.lost is None:
+                happened = self._what_happened()
+                if happened is None:
+                    return
+                self.lost = (
+                    f"its file {str(self.path)!r} {happened} at"
+                    f" {time.strftime('%Y-%m-%d %H:%M:%S')} while this process had it open"
+                )
+                newly = True
+            else:
+                newly = False
+        if newly:
+            log.error(
+                "job store %s: %s. What this process would store from now on would go into the"
+                " old file, which no command and no other process sees, and be lost when it"
+                " stops: it no longer uses the store (no job is made, taken or finished through"
+                " it; serve answers each request with this error, the coordinator stops). To"
+                " put a store back: stop every damocles-ext process that uses it, remove %s-wal"
+                " and %s-shm if the old file left them, put the file in place, and start them"
+                " again",
+                self.where, self.lost, self.path, self.path,
+            )  # fmt: skip
+            self._release(engine)
+        raise StoreLost(
+            f"job store {self.where}: {self.lost}; this process no longer uses it: restart it"
+            " to open the file now at that path (see its ERROR line)"
+        )
+
+    def _release(self, engine: Engine) -> None:
+        """Copy the old store's write-ahead log into the old file and empty it (so that a
+        process opening the file now at the path does not read it as its own), then close the
+        connections; best effort: a connection busy elsewhere may keep part of it."""
+        try:
+            raw = engine.pool.connect()  # a pooled one: a new one would be refused
+        except Exception as exc:  # noqa: BLE001 - best effort, said below
+            log.debug("no idle connection to empty the old store's log with: %s", exc)
+        else:
+            try:
+                sqlite = raw.driver_connection
+                assert sqlite is not None  # a pooled connection, open
+                row = sqlite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                log.debug("the old store's log emptied: %s (busy, log frames, copied)", row)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                log.warning("could not empty the old store's write-ahead log: %s", exc)
+            finally:
+                raw.close()
+        engine.dispose()
