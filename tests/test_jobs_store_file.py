@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import rules
@@ -89,3 +90,34 @@ def test_a_store_whose_file_stays_goes_on_and_no_connection_opens_another_file(t
         with pytest.raises(StoreLost, match="was deleted"):
             store.engine.connect()
         assert not path.exists()
+
+
+# --- serve --jobs ---------------------------------------------------------------------------------
+
+
+async def test_serve_answers_its_waiting_and_its_new_requests_at_once_once_its_file_is_deleted(
+    tmp_path,
+):
+    from test_producer import send_until_created, start_serve, stop, task_in_store_a, window_task
+
+    path = tmp_path / "jobs.db"
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url_of(path), "--store", f"a={root}",
+                              "--poll-interval", "0.2")  # fmt: skip
+        waiting = await send_until_created(m, task, job_id)
+        os.unlink(path)
+        # Before: its job was looked at in the unlinked file until a worker finished it there,
+        # which no worker could (a coordinator opening the path finds no such job).
+        with trio.fail_after(30):
+            answer = await m.wait(waiting)
+        said = f"job store {url_of(path)}: its file {str(path)!r} was deleted"
+        assert f"job {job_id}: not proved: {said}" in answer.err_msg
+        # A new request is answered at once too, and no job is made for it anywhere.
+        with trio.fail_after(30):
+            answer = await m.request(window_task(root, miner=1001))
+        assert said in answer.err_msg
+        assert not path.exists()
+        errors = [line for line in m.log if " ERROR damocles_ext.jobs.store: " in line]
+        assert len(errors) == 1 and said in errors[0], "\n".join(m.log)
+        await stop(m)

@@ -31,7 +31,7 @@ from ..errors import ProverError, UsageError
 from ..jobs import model, rules
 from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
-from ..jobs.store import JobStore, StoreError, TrioJobStore
+from ..jobs.store import JobStore, StoreError, StoreLost, TrioJobStore
 from ..jobs.worker_rules import Outage
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
@@ -243,6 +243,10 @@ class JobProducer:
                     if bounded.cancelled_caught:
                         raise self._no_answer(job_id)
                     continue
+            except StoreLost as exc:
+                # Its file was deleted or replaced: no look will ever find the job again, and
+                # a wait would only hold the request until its deadline.
+                raise ProverError(f"job {job_id}: not proved: {exc}") from None
             except StoreError as exc:
                 if due is not None and self.clock() >= due:
                     raise ProverError(
