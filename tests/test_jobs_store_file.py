@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import rules
-from damocles_ext.jobs.store import JobStore, StoreLost, StoreUnavailable
+from damocles_ext.jobs.store import JobStore, StoreLost, StoreUnavailable, TrioJobStore
 
 T0 = 1_700_000_000.0
 
@@ -121,3 +122,83 @@ async def test_serve_answers_its_waiting_and_its_new_requests_at_once_once_its_f
         errors = [line for line in m.log if " ERROR damocles_ext.jobs.store: " in line]
         assert len(errors) == 1 and said in errors[0], "\n".join(m.log)
         await stop(m)
+
+
+# --- the coordinator --------------------------------------------------------------------------------
+
+
+async def test_the_coordinator_stops_with_exit_1_saying_why_once_its_store_file_is_replaced(
+    tmp_path,
+):
+    from helpers.frontend import CoordinatorProcess
+    from test_coordinator import Client
+
+    path = tmp_path / "jobs.db"
+    with JobStore.open(url_of(tmp_path / "backup.db")) as backup:
+        backup.create(make_input(seed=9, proof_type="StackedDrgWindow2KiBV1_2"), T0)
+    coordinator = CoordinatorProcess(url_of(path))
+    async with trio.open_nursery() as nursery:
+        await coordinator.start(nursery)
+        assert coordinator.proc is not None
+        client = Client(await trio.open_tcp_stream("127.0.0.1", coordinator.port))
+        spec = {"AllowedMiners": None, "AllowedProofTypes": None}
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, "w1")
+        assert status == 200 and answer["result"] == []
+        os.replace(tmp_path / "backup.db", path)  # a restore while it runs
+        # Before: it went on giving jobs from the old file (none), never the backup's.
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, "w1")
+        said = f"its file {str(path)!r} was replaced by another file"
+        assert status == 200 and said in answer["error"]["message"], answer
+        with trio.fail_after(30):
+            assert await coordinator.proc.wait() == 1
+    stderr = coordinator.stderr.decode()
+    assert f"damocles-ext coordinator: error: job store {url_of(path)}: {said}" in stderr, stderr
+    assert "Traceback" not in stderr
+    # Started again (as systemd does), it serves the backup as it was restored.
+    async with trio.open_nursery() as nursery:
+        await coordinator.start(nursery)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", coordinator.port))
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, "w1")
+        assert status == 200 and len(answer["result"]) == 1, answer
+        coordinator.stop()
+
+
+async def test_a_coordinator_notices_a_deleted_store_file_at_its_next_sweep_without_a_call(
+    tmp_path, mock_clock
+):
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    path = tmp_path / "jobs.db"
+    told, said = threading.Event(), []
+
+    def lost(exc: StoreLost) -> None:
+        said.append(str(exc))
+        told.set()
+
+    with JobStore.open(url_of(path)) as store:
+        coordinator = Coordinator(TrioJobStore(store), watch_clocks=False)
+        coordinator.on_store_lost = lost
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.sweep_forever)  # its first pass is done
+            os.unlink(path)
+            mock_clock.jump(rules.sweep_every(store.limits))  # the next pass
+            # In real time (the clock stands still): the pass runs in a thread.
+            assert await trio.to_thread.run_sync(told.wait, 30)
+            nursery.cancel_scope.cancel()
+    assert len(said) == 1 and f"its file {str(path)!r} was deleted" in said[0]
+
+
+def test_the_metrics_of_a_store_whose_file_was_deleted_say_the_store_is_down(tmp_path, caplog):
+    from prometheus_client import generate_latest
+
+    from damocles_ext.jobs.metrics import JobMetrics
+
+    path = tmp_path / "jobs.db"
+    with JobStore.open(url_of(path)) as store:
+        metrics = JobMetrics(store, process_metrics=False)
+        assert b"damocles_ext_jobs_store_up 1.0" in generate_latest(metrics.registry)
+        os.unlink(path)
+        scraped = generate_latest(metrics.registry).decode()
+    assert "damocles_ext_jobs_store_up 0.0" in scraped and "damocles_ext_jobs{" not in scraped
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"its file {str(path)!r} was deleted" in w for w in warned), warned

@@ -2,8 +2,8 @@
 damocles' worker-prover RPC (POST /rpc/v0) from a job store, for damocles-workers with
 `plan = "wdpost"`, and optionally the job store's Prometheus metrics (jobs/metrics.py).
 
-Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the store failed; 2 a bad URL or address, a port
-that cannot be listened on.
+Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the store failed (at start, or its SQLite file
+deleted or replaced while it ran); 2 a bad URL or address, a port that cannot be listened on.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import stop_signals, watch_signals
     from damocles_ext.jobs.manager_config import read_settings
-    from damocles_ext.jobs.store import JobStore, TrioJobStore
+    from damocles_ext.jobs.store import JobStore, StoreLost, TrioJobStore
 
     log = logging.getLogger("damocles_ext.coordinator")
     setup_from_args(args)
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             token=args.token_file,
             index_without_token=args.index_without_token,
         )
+        lost: list[StoreLost] = []
         try:
             if metrics is not None:
                 metrics_server = MetricsServer(metrics, *args.metrics)
@@ -191,6 +192,16 @@ def run(args: argparse.Namespace) -> int:
                             server.stop()
                             nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
 
+                        def store_lost(exc: StoreLost) -> None:
+                            # Its file deleted or replaced: every call would fail from now on.
+                            # Started again (systemd's Restart=on-failure), it opens the file now
+                            # at the path; what the old file held is not this process's to keep.
+                            if not lost:
+                                lost.append(exc)
+                                log.error("stopping: %s", exc)
+                                shut_down()
+
+                        coordinator.on_store_lost = store_lost
                         await coordinator.learn_sectors()
                         locator = coordinator.sector_index.locator
                         if locator is not None:
@@ -225,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
                         watcher.cancel()
 
             trio.run(main)
+            if lost:
+                raise lost[0]  # exit code 1, saying why
         finally:
             server.close()
             if metrics_server is not None:

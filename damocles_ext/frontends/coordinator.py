@@ -23,7 +23,7 @@ from ..jobs import rpc, rules
 from ..jobs.database import clock_skew
 from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
-from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, TrioJobStore
+from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
 from ..jobs.worker_rules import Outage
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
@@ -111,6 +111,13 @@ class Coordinator:
         if store.hearing is None:
             store.hearing = Hearing(store.clock())
         self.hearing: Hearing = store.hearing
+        #: Called when its SQLite store's file was deleted or replaced (StoreLost), by a call or
+        #: a sweep: the coordinator command stops; serve --listen goes on (its calls fail).
+        self.on_store_lost: Callable[[StoreLost], None] | None = None
+
+    def _store_failed(self, exc: StoreError) -> None:
+        if isinstance(exc, StoreLost) and self.on_store_lost is not None:
+            self.on_store_lost(exc)
 
     def _observed(self, effects: Iterable[rules.Effect]) -> None:
         if self.observe is None:
@@ -130,6 +137,7 @@ class Coordinator:
             exc.request_id = call.request_id  # its message already as it goes out
             raise
         except StoreError as exc:
+            self._store_failed(exc)
             # damocles' own text (e.g. "job 'X' does not exist") is what its clients print.
             raise rpc.RpcError(rpc.METHOD_ERROR, str(exc), call.request_id) from None
 
@@ -260,6 +268,7 @@ class Coordinator:
                     pause = cleanup_interval or self.store.store.limits.cleanup_interval
                     next_cleanup = trio.current_time() + (0 if more else pause)
             except StoreError as exc:
+                self._store_failed(exc)
                 if (line := self._sweep_outage.failed(trio.current_time(), str(exc))) is not None:
                     log.warning("%s", line)
             if not started:
