@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 
-from .database import StoreUnavailable
+from .database import StoreUnavailable, sqlite_file
 
 log = logging.getLogger("damocles_ext.jobs.store")
 
@@ -58,6 +58,15 @@ class FileWatch:
         #: Why the store is lost to this process (said in every StoreLost), or None.
         self.lost: str | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def on(cls, engine: Engine, url: URL, where: str) -> FileWatch | None:
+        """The watch of the file of `engine`, at `url`, installed; None for PostgreSQL."""
+        if engine.dialect.name != "sqlite":
+            return None
+        watch = cls(sqlite_file(url), where)
+        watch.install(engine)
+        return watch
 
     def install(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")

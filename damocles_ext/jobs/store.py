@@ -120,10 +120,7 @@ class JobStore:
         #: The schema version the store is read at: SCHEMA_VERSION, unless opened read-only.
         self.version = SCHEMA_VERSION
         #: A SQLite store's file, which must stay the one at its path (sqlite_file.py).
-        self.file_watch: FileWatch | None = None
-        if not self.is_postgresql:
-            self.file_watch = FileWatch(sqlite_file(self.url), self.where)
-            self.file_watch.install(self.engine)
+        self.file_watch = FileWatch.on(self.engine, self.url, self.where)
 
     @classmethod
     def open(
