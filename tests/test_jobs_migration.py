@@ -200,3 +200,21 @@ def test_an_upgrade_grants_the_table_it_makes_to_the_roles_granted_the_jobs_tabl
     )
     with JobStore.open(reader_url, read_only=True) as s:  # an operator's reading role reads
         assert s.summary(T0 + 1).live_workers == 2
+
+
+def test_an_upgrade_run_by_a_superuser_grants_the_new_table_to_the_owner_of_the_others(
+    postgres_url, caplog
+):
+    # The tables belong to a role of their own, whose coordinator never granted them (their
+    # ACL empty: the owner's privileges implicit); a superuser (the DBA) ran the upgrade, and
+    # the table it made was the superuser's alone: the owner's coordinator was refused at open.
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    owner_url, owner = a_role(postgres_url, "CREATE ON SCHEMA public")
+    make_old_store(owner_url, 3, job)
+    caplog.set_level("INFO", "damocles_ext.jobs")
+    JobStore.open(postgres_url).close()  # upgraded by the superuser
+    assert f"ON dext_job_workers TO {owner}, as on dext_wdpost_jobs" in caplog.text
+    with JobStore.open(owner_url, writable=True) as s:
+        [taken] = s.allocate(rules.AllocationSpec((1234,)), 1, "w", T0 + 1)
+        assert taken.Id == job.Id
+        assert [w.worker for w in s.summary(T0 + 1).workers] == ["old", "w"]

@@ -116,20 +116,26 @@ def too_old(where: str, found: int, what: str, needed: int) -> StoreConfigError:
     )
 
 
-#: The privileges other roles (grantee 0: PUBLIC) hold on a table, as GRANT takes them.
+#: The privileges the roles other than this session's (which owns what it creates) and PUBLIC
+#: (grantee 0) hold on a table, as GRANT takes them: its owner's too (its implicit ones when the
+#: table was never granted), for an upgrade run by another role (a superuser, or a role that may
+#: create tables) leaves the new table that role's.
 _GRANTS = sa.text(
-    "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee))"
-    " END AS grantee, a.privilege_type, a.is_grantable"
-    " FROM pg_class c, aclexplode(c.relacl) a"
-    " WHERE c.oid = to_regclass(:table) AND a.grantee <> c.relowner"
+    "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
+    " ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS grantee,"
+    " a.privilege_type, a.is_grantable"
+    " FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a"
+    " WHERE c.oid = to_regclass(:table)"
+    " AND a.grantee <> (SELECT oid FROM pg_roles WHERE rolname = current_user)"
     " ORDER BY 1, 2"
 )
 
 
 def grant_like_jobs(conn: Connection, tables: list[str]) -> None:
     """PostgreSQL: give each of `tables` (made by an upgrade) the privileges other roles and
-    PUBLIC hold on the jobs table. A new table is its owner's alone: a coordinator's role granted
-    the tables before would be refused on it, and the upgrade is run by a role that owns it."""
+    PUBLIC hold on the jobs table, its owner included when another role runs the upgrade. A new
+    table is its creator's alone: a coordinator's role granted the tables before, or the owner of
+    the others, would be refused on it."""
     if not tables:
         return
     held: dict[tuple[str, bool], list[str]] = {}
