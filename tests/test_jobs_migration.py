@@ -218,3 +218,15 @@ def test_an_upgrade_run_by_a_superuser_grants_the_new_table_to_the_owner_of_the_
         [taken] = s.allocate(rules.AllocationSpec((1234,)), 1, "w", T0 + 1)
         assert taken.Id == job.Id
         assert [w.worker for w in s.summary(T0 + 1).workers] == ["old", "w"]
+
+
+def test_a_read_only_open_with_an_open_timeout_still_reads_an_older_store_as_it_is(store_url):
+    # The opening waits for locks open_timeout long, then hands back a store of its own: that
+    # one took the schema to be this damocles-ext's, and read the workers from a table the
+    # older store does not have.
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(store_url, 3, job)
+    with JobStore.open(store_url, read_only=True, open_timeout=2.0) as s:
+        assert s.version == 3
+        assert [w.worker for w in s.summary(T0).workers] == ["old"]
+    assert schema_of(store_url)[0] == 3

@@ -170,7 +170,9 @@ class JobStore:
         if opening is kwargs:
             return store
         store.close()  # its connections wait for locks only open_timeout long
-        return cls(url, **kwargs)
+        waiting = cls(url, **kwargs)
+        waiting.version = store.version  # read-only: the schema found, not this damocles-ext's
+        return waiting
 
     def check_exists(self) -> None:
         """Raises StoreConfigError when there is no job store at the URL."""
