@@ -105,6 +105,13 @@ def too_new(where: str, found: int) -> StoreConfigError:
     )
 
 
+def readable(where: str, found: int) -> int:
+    """`found`, the schema version of a store opened read-only; too_new's refusal if newer."""
+    if found > SCHEMA_VERSION:
+        raise too_new(where, found)
+    return found
+
+
 def too_old(where: str, found: int, what: str, needed: int) -> StoreConfigError:
     """The refusal of a read that a store opened read-only at the older schema version `found`
     cannot answer: `what` needs version `needed`."""

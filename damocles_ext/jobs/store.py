@@ -156,10 +156,8 @@ class JobStore:
         try:
             if not create or read_only:
                 store.check_exists()
-            if read_only and (found := store.schema_version()) > SCHEMA_VERSION:
-                raise migration.too_new(store.where, found)
             if read_only:
-                store.version = found
+                store.version = migration.readable(store.where, store.schema_version())
             else:
                 store.migrate(lock_timeout=open_timeout, writable=writable)
         except BaseException as e:
