@@ -46,6 +46,15 @@ class LockFiles(msgspec.Struct, frozen=True):
     problems: list[str] = []
 
 
+class Exiting(msgspec.Struct, frozen=True):
+    """A process of a child killed and not exited yet, and the locks held for it until it is."""
+
+    pid: int | None
+    locks: list[str]
+    since: float  # unix seconds: when it went down
+    since_in: float  # `since - time` (negative)
+
+
 class ChildStatus(msgspec.Struct, frozen=True):
     """One child (see docs/STATUS.md for every field)."""
 
@@ -73,6 +82,7 @@ class ChildStatus(msgspec.Struct, frozen=True):
     lock_files: LockFiles | None
     benched_for: float | None = None  # absent from a supervisor older than the breaker
     on_probation: bool = False  # (idem)
+    exiting: list[Exiting] = []  # absent from a supervisor older than it
 
 
 class StageStatus(msgspec.Struct, frozen=True):
@@ -347,6 +357,10 @@ def assemble(
                 lock_files=lock_files.get(c.name),
                 benched_for=None if c.benched_for is None else round(c.benched_for, 3),
                 on_probation=c.on_probation,
+                exiting=[
+                    Exiting(e.pid, list(e.locks), e.since, round(e.since - now, 3))
+                    for e in getattr(c, "exiting", ())
+                ],
             )
         )
         per_stage.setdefault(c.stage, []).append(c)
@@ -485,6 +499,10 @@ def _state(c: ChildStatus) -> str:
 
 def _locks(c: ChildStatus) -> str:
     parts = list(c.locks_held)
+    for e in c.exiting:  # killed, not exited yet: the locks wait for it
+        parts.append(
+            f"{'+'.join(e.locks)} held for pid {e.pid} (down {format_duration(-e.since_in)}, not exited)"
+        )
     lf = c.lock_files
     if lf is not None:
         held = [n for n, v in (("gpu", lf.gpu), ("priority", lf.priority)) if v]

@@ -110,6 +110,9 @@ class Run:
         self.now = 0.0
         self.rid = 1
         self.up: dict[str, str] = {}
+        self.pid = 0
+        self.pids: dict[str, int] = {}  # each child's current process
+        self.exiting: list[tuple[str, int]] = []  # processes killed or down, not reported exited
         self.protocol: dict[str, str] = {}
         self.sent: dict[str, list[int]] = {}
         self.resolved: dict[int, Resolve] = {}
@@ -161,15 +164,18 @@ class Run:
                 self.sent.setdefault(e.child, []).append(e.child_rid)
                 sends.append(e)
             elif isinstance(e, Kill):
+                if self.up.get(e.child) == "ready":
+                    self.exiting.append((e.child, self.pids[e.child]))
                 self.up[e.child] = "down"
         self.check(sends, method)
 
     def check(self, sends, method):
         book = self.book
         sched = book.scheduler
-        # locks never double-held among live processes
+        # locks never double-held among live processes, nor with one killed and not yet exited
+        kept = sched.holds.by_name
         for lock in {lock for locks in self.locks_of.values() for lock in locks}:
-            holders = set()
+            holders = {hold for hold, h in kept.items() if lock in h.locks}
             for name, ls in self.locks_of.items():
                 if lock in ls and self.up.get(name) == "ready" and book.in_flight(name):
                     holders.add(name)
@@ -218,7 +224,7 @@ class Run:
                 for other in self.locks_of
             ):
                 continue
-            # held by a process going down
+            # held by a process going down, or gone down and not exited yet
             if any(
                 other != name
                 and lock in self.locks_of[other]
@@ -226,7 +232,7 @@ class Run:
                 and sched._children[other].running
                 for lock in locks
                 for other in self.locks_of
-            ):
+            ) or any(lock in h.locks for h in kept.values() for lock in locks):
                 continue
             if locks and stage != WIN and win_waiting:
                 continue
@@ -259,13 +265,21 @@ class Run:
                 proto = rng.choice(["dext", "jsonl"])
                 self.protocol[n] = proto
                 q = rng.choice([0, 0, 2])
-                self.tell("child_ready", n, self.now, protocol=proto, pid=1, queue=q)
+                self.pid += 1
+                self.pids[n] = self.pid
+                self.tell("child_ready", n, self.now, protocol=proto, pid=self.pid, queue=q)
         elif r < 0.39:
             live = sorted(n for n, s in self.up.items() if s == "ready")
             if live:
                 n = rng.choice(live)
                 self.up[n] = "down"
-                self.tell("child_down", n, self.now, charge_all=rng.random() < 0.5)
+                exited = rng.random() < 0.3  # seen exited (reaped) first: nothing is kept
+                if not exited:
+                    self.exiting.append((n, self.pids[n]))
+                self.tell("child_down", n, self.now, charge_all=rng.random() < 0.5, exited=exited)
+        elif r < 0.41 and self.exiting:
+            n, pid = self.exiting.pop(rng.randrange(len(self.exiting)))
+            self.tell("child_exited", n, self.now, pid=pid)
         elif r < 0.44:
             if self.up:
                 n = rng.choice(sorted(self.up))
@@ -317,6 +331,10 @@ class Run:
         for n in sorted(self.up):
             self.tell("child_lost", n, self.now, "stopped")
         self.up.clear()
+        while self.exiting:  # every lock kept for a process is freed when it exits
+            n, pid = self.exiting.pop()
+            self.tell("child_exited", n, self.now, pid=pid)
+        assert not self.book.scheduler.holds, self.book.scheduler.holds.by_name
         self.tell("grace_over", self.now + 30, 30.0)
         assert sorted(self.resolved) == list(range(1, self.rid)), set(range(1, self.rid)) - set(
             self.resolved

@@ -167,11 +167,18 @@ class RequestBook(BookRules):
         return out
 
     def child_down(
-        self, child: str, now: float, *, charge_all: bool = True, out: list[Effect] | None = None
+        self,
+        child: str,
+        now: float,
+        *,
+        charge_all: bool = True,
+        exited: bool = False,
+        out: list[Effect] | None = None,
     ) -> list[Effect]:
         """`child`'s process is going away (exited, broke, killed, stopping): no more requests go
         to it. Its requests stay on it until `child_lost`: answers it wrote before it went are
-        still taken. `charge_all`: its loss costs each of its requests an attempt."""
+        still taken. `charge_all`: its loss costs each of its requests an attempt. Unless it
+        `exited` (was reaped), the locks its requests hold stay held until `child_exited`."""
         c = self._child(child)
         out = [] if out is None else out
         process = c.process
@@ -179,7 +186,7 @@ class RequestBook(BookRules):
             self._catch_up(now, out)
             return out
         # First: what the alarms due now retry goes to no process going away.
-        self._take_down(process, now, charge_all)
+        self._take_down(process, now, charge_all, exited=exited)
         self._catch_up(now, out)
         self._dispatch(now, out)
         return out
@@ -191,8 +198,8 @@ class RequestBook(BookRules):
         c = self._child(child)
         out = [] if out is None else out
         process = c.process
-        if process is not None and not process.down:
-            self._take_down(process, now, True)  # first: no alarm of it kills what is gone
+        if process is not None and not process.down:  # first: no alarm of it kills what is gone
+            self._take_down(process, now, True, exited=True)
         self._catch_up(now, out)
         if process is None:
             return out
@@ -220,6 +227,27 @@ class RequestBook(BookRules):
             )
         self._dispatch(now, out)
         return out
+
+    def child_exited(
+        self, child: str, now: float, *, pid: int | None, out: list[Effect] | None = None
+    ) -> list[Effect]:
+        """`child`'s process `pid` exited (was reaped): the locks kept for it since it went down
+        alive (`child_down`) are free. Said of every process reaped; once more is harmless."""
+        c = self._child(child)
+        out = self._catch_up(now, out)
+        gone = [p for p in c.exiting if p.pid == pid]
+        if gone:
+            c.exiting = [p for p in c.exiting if p.pid != pid]
+            if self.scheduler.exited(gone[0].who, now):
+                self._dispatch(now, out)
+        return out
+
+    def exiting(self, child: str) -> list[tuple[int | None, frozenset[str], float]]:
+        """`child`'s processes that went down alive and have not exited yet: (pid, the locks
+        kept for it, when it went down), oldest first."""
+        holds = self.scheduler.holds.by_name
+        exiting = self._child(child).exiting
+        return [(p.pid, h.locks, h.since) for p in exiting if (h := holds.get(p.who)) is not None]
 
     def child_gave_up(
         self,

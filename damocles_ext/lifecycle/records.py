@@ -116,6 +116,8 @@ class ChildRecord:
     done: int = 0  # requests answered with an output
     failed: int = 0  # requests answered with an error, or lost with the child
     served: bool = False  # its current (or last) process answered something
+    # Its processes that went down still alive and hold locks until they exit (child_exited).
+    exiting: list[ProcessRecord] = field(default_factory=list)
 
 
 # What an alarm is for; each is checked, when due, against what happened since.

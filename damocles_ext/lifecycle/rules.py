@@ -177,14 +177,22 @@ class BookRules:
             self._alarms.cancel(attempt.deadline)
             attempt.timeout = attempt.grace = attempt.deadline = None
 
-    def _take_down(self, process: ProcessRecord, now: float, charge_all: bool) -> None:
+    def _take_down(
+        self, process: ProcessRecord, now: float, charge_all: bool, *, exited: bool = False
+    ) -> None:
         process.down = True
         process.charge_all = charge_all
         process.stdin_waiting = False
         self._alarms.cancel(process.heartbeat)
         self._alarms.cancel(process.stdin_watch)
         process.heartbeat = process.stdin_watch = None
-        self.scheduler.child_down(process.child.name, now)
+        # Unless it has exited, the process may still be alive (killed: one stuck in a GPU
+        # driver call takes seconds to die) and hold its GPU: the locks its requests held stay
+        # held until the supervisor says it exited (child_exited).
+        hold = None if exited else process.who
+        self.scheduler.child_down(process.child.name, now, hold=hold)
+        if hold is not None and hold in self.scheduler.holds.by_name:
+            process.child.exiting.append(process)
         # The scheduler forgets what ran on it, deadlines included, but its requests stay on it
         # until it is lost (answers it wrote before it went still count): watch their deadlines.
         for attempt in process.attempts.values():

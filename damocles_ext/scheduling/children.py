@@ -212,3 +212,28 @@ def take_back_due(
         set_slots(child, quick_run)
         out += take_back(child, f"queued behind work running over {after:g}s")
     return due
+
+
+def take_back_at(children: dict[str, _Child], queueing: set[str], after: float) -> float:
+    """When jobs behind are next taken back: once the latest job to get a slot ahead of them on
+    their child (one of `queueing`) has had it for `after` seconds (inf: no such child)."""
+    first = math.inf
+    for cid in queueing:  # a loop, not min(): once or twice per request
+        turn = children[cid].ahead_turn
+        if turn < first:
+            first = turn
+    return first + after
+
+
+def drop_running(
+    child: _Child, running: dict[int, _Running], release: Callable[[_Running], None]
+) -> list[Job]:
+    """Forget the jobs running on `child` (`release` frees each one's slot and locks); they are
+    returned by arrival."""
+    child.behind.clear()
+    jobs = []
+    for rid in sorted(child.running, key=lambda r: (running[r].job.arrival, r)):
+        run = running.pop(rid)
+        release(run)
+        jobs.append(run.job)
+    return jobs

@@ -74,12 +74,14 @@ from .children import (
     TAKE_BACK_AFTER,
     _Child,
     _Running,
+    drop_running,
     gpu_free_at,
     gpu_phase_ended,
     live_deadline,
     passed_deadlines,
     promote,
     set_slots,
+    take_back_at,
     take_back_due,
 )
 from .decisions import (
@@ -93,6 +95,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
+from .holds import LockHolds
 from .queues import FRESH, RETRY, JobQueues
 
 #: Stages served first at every decision; other stages follow in name order.
@@ -156,6 +159,7 @@ class Scheduler:
         self._queue_len = self._queues.length  # live jobs per stage
         self._running: dict[int, _Running] = {}
         self._lock_holders: dict[str, dict[str, int]] = {}  # lock -> child_id -> jobs running
+        self.holds = LockHolds(self._lock_holders)  # ... or a process gone down: holds.py
         self._set_aside: dict[str, bool] = {}  # per stage: its last decision set retries aside
         self._reserving: dict[str, list[frozenset[str] | None]] = {}  # stage: avoid of each waiting
         self.breaker = breaker or ChildBreaker()  # failing children (breaker.py)
@@ -188,15 +192,24 @@ class Scheduler:
         self.breaker.fresh_process(child)  # its next answer decides
         self._touch(child.info.stage)
 
-    def child_down(self, child_id: str, now: float) -> list[Job]:
+    def child_down(self, child_id: str, now: float, *, hold: str | None = None) -> list[Job]:
         """The child exited or broke: it takes nothing more; returns the jobs it was running
-        (their slots and locks freed: the caller retries them with `requeue` or fails them)."""
+        (their slots and locks freed: the caller retries them with `requeue` or fails them; but
+        `hold`, naming its process, which may still be alive, keeps the locks: holds.py)."""
         child = self._child(child_id)
         child.ready = False
         child.quick = 0
         set_slots(child, self._quick_run)
         self._touch(child.info.stage)
+        self.holds.take(hold, child_id, child.info.locks, now)  # (None: nothing is kept)
         return self._drop_running(child)
+
+    def exited(self, hold: str, now: float) -> bool:
+        """The process `child_down` named `hold` exited: its locks are free (False: it had none)."""
+        freed = self.holds.release(hold) is not None
+        self._all_dirty |= freed  # a lock freed: a child of any stage may take work now
+        self._gen += freed
+        return freed
 
     def child_fatal(self, child_id: str, now: float) -> list[Job]:
         """The child will not be restarted: it no longer counts as able to serve its stage.
@@ -413,9 +426,6 @@ class Scheduler:
             return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
         return passed_deadlines(self._deadlines, self._running, now)
 
-    def _live_deadline(self, entry: tuple[float, int, int]) -> bool:
-        return live_deadline(entry, self._running)
-
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, or a pipelined child
         becomes able to take the next queued job; None if there is no such time."""
@@ -428,7 +438,7 @@ class Scheduler:
             return cached[2]
         if self._incremental:
             heap = self._deadlines
-            while heap and not self._live_deadline(heap[0]):
+            while heap and not live_deadline(heap[0], self._running):
                 heapq.heappop(heap)
             times = [heap[0][0]] if heap else []  # the earliest of a running job not cancelled
         else:
@@ -629,7 +639,7 @@ class Scheduler:
             heap = self._deadlines
             heapq.heappush(heap, (job.deadline, seq, job.request_id))
             if len(heap) > 64 + 2 * len(self._running):  # mostly finished ones: drop them
-                self._deadlines = [e for e in heap if self._live_deadline(e)]
+                self._deadlines = [e for e in heap if live_deadline(e, self._running)]
                 heapq.heapify(self._deadlines)
         for lock in child.info.locks:
             holders = self._lock_holders.setdefault(lock, {})
@@ -652,15 +662,11 @@ class Scheduler:
     # -- quick requests queued in their child ------------------------------------------------
 
     def _next_take_back(self) -> float:
-        """When jobs behind are next taken back: once the latest job to get a slot ahead of
-        them on their child has had it for TAKE_BACK_AFTER."""
+        """When jobs behind are next taken back (children.take_back_at), cached."""
         if self._take_back_cache is None:
-            first = math.inf
-            for cid in self._queueing:  # a loop, not min(): once or twice per request
-                turn = self._children[cid].ahead_turn
-                if turn < first:
-                    first = turn
-            self._take_back_cache = first + self._take_back_after
+            self._take_back_cache = take_back_at(
+                self._children, self._queueing, self._take_back_after
+            )
         return self._take_back_cache
 
     def _take_back(self, now: float, out: list[Decision]) -> None:
@@ -671,14 +677,8 @@ class Scheduler:
 
     def _drop_running(self, child: _Child) -> list[Job]:
         self._queueing.discard(child.info.child_id)
-        child.behind.clear()
         self._take_back_cache = None
-        jobs = []
-        for rid in sorted(child.running, key=lambda r: (self._running[r].job.arrival, r)):
-            run = self._running.pop(rid)
-            self._release(run)
-            jobs.append(run.job)
-        return jobs
+        return drop_running(child, self._running, self._release)
 
 
 __all__ = [

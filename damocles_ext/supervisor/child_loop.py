@@ -244,8 +244,15 @@ def mark_down(
         if child.state in (ChildState.READY, ChildState.STARTING):
             child.change_state(ChildState.STOPPING)
             host.changed()
-        host.tell(host.book.child_down, child.name, trio.current_time(), charge_all=charge_all)
+        exited = p.proc.exit is not None  # else its locks are held until it is (_exited)
+        now = trio.current_time()
+        host.tell(host.book.child_down, child.name, now, charge_all=charge_all, exited=exited)
     p.interrupt()
+
+
+def _exited(host: ChildHost, child: Child, proc: ChildProcess) -> None:
+    """`proc` was reaped: the locks held for it since it went down alive (killed) are free."""
+    host.tell(host.book.child_exited, child.name, trio.current_time(), pid=proc.pid)
 
 
 async def child_loop(
@@ -384,8 +391,11 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
                 proc.kill_tree()
                 with trio.move_on_after(REAP_TIMEOUT):
                     await proc.wait()
-                if proc.exit is None:
-                    host.reaper.unreaped.append(proc)
+                if proc.exit is None:  # its locks stay held until it exits: the reaper says so
+                    held = host.book.exiting(child.name)
+                    host.reaper.keep(proc, child.name, held, lambda: _exited(host, child, proc))
+            if proc.exit is not None:
+                _exited(host, child, proc)
             if proc.exit is not None and guardian is not None:
                 guardian.remove(proc.pid)
             await proc.aclose()
@@ -412,14 +422,13 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         with p.handshake_scope:
             p.handshake_scope.deadline = trio.current_time() + timeout
             while not p.conn.ready:
-                data = await _receive(p.proc.stdout)
+                data = await p.proc.receive_stdout()
                 events = p.conn.receive_data(data)
         exited = not child.stop.is_set() and (p.down_reason or "").startswith("exited")
         if exited:
             # The exit can be seen before what the child wrote just before it. It is reaped,
             # so all it wrote is in the pipe: read what is there, without waiting for more.
-            fd = p.proc.stdout.fileno()
-            while not p.conn.ready and (data := _read_now(fd)):
+            while not p.conn.ready and (data := p.proc.stdout_now()):
                 events = p.conn.receive_data(data)
     except ChildProtocolError as exc:
         if p.conn.ready:  # a valid Hello, then bad bytes in the same read: ready, then broke
@@ -587,6 +596,7 @@ async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> 
 async def _watch_exit(host: ChildHost, child: Child, p: Process) -> None:
     info = await p.proc.wait()
     mark_down(host, child, p, f"exited ({info.describe()})")
+    _exited(host, child, p.proc)
 
 
 async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
@@ -678,23 +688,8 @@ def _short_argv(spec: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _read_now(fd: int) -> bytes:
-    """What a non-blocking pipe holds now: b"" when it is empty, at EOF, or broken."""
-    try:
-        return os.read(fd, _READ_SIZE)
-    except OSError:  # BlockingIOError (empty) among them
-        return b""
-
-
 def _describe_error(exc: BaseException) -> str:
     """`Type: message` of an exception, of each one in a (nursery's) exception group."""
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe_error(e) for e in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
-
-
-async def _receive(stream: trio.lowlevel.FdStream) -> bytes:
-    try:
-        return await stream.receive_some(65536)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return b""

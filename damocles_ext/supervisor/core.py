@@ -204,8 +204,8 @@ class Supervisor:
                 driver_scope = trio.CancelScope()
                 nursery.start_soon(self._driver, driver_scope)
                 sweeper_scope = trio.CancelScope()
-                if self._adopt_orphans and self._reaper.adopter.enable():
-                    nursery.start_soon(self._reaper.sweeper, sweeper_scope)
+                sweep = self._adopt_orphans and self._reaper.adopter.enable()
+                nursery.start_soon(self._reaper.run, sweeper_scope, sweep)  # (and late exits)
                 if observing:
                     nursery.start_soon(self._observers.run)
                 async with trio.open_nursery() as children_nursery:

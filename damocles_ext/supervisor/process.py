@@ -360,6 +360,20 @@ class ChildProcess:
             except psutil.Error:
                 pass
 
+    def stdout_now(self) -> bytes:
+        """What the (non-blocking) stdout pipe holds now: b"" when empty, at EOF, or broken."""
+        try:
+            return os.read(self.stdout.fileno(), 1 << 16)
+        except OSError:  # BlockingIOError (empty) among them
+            return b""
+
+    async def receive_stdout(self) -> bytes:
+        """The next bytes of stdout; b"" at EOF, or when the pipe broke or was closed."""
+        try:
+            return await self.stdout.receive_some(1 << 16)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
     async def aclose(self) -> None:
         """Close our ends of the pipes."""
         for stream in (self.stdin, self.stdout, self.stderr):

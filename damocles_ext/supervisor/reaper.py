@@ -6,11 +6,16 @@ Two jobs, both about processes no child task owns any more:
   and reaped at each child's end and every `ORPHAN_SWEEP_INTERVAL` seconds;
 * the last kill: when the supervisor stops, every child's tree still alive (and every process
   that did not die after SIGKILL, kept in `unreaped`) is killed and waited for.
+
+A process that did not die after SIGKILL (`keep`: stuck in the kernel, a GPU driver call say)
+keeps the scheduler locks it held when it went down (its GPU): the reaper logs which, waits for
+it (`run`) and says when it exits, so that they are freed then.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import psutil
@@ -24,6 +29,8 @@ log = logging.getLogger("damocles_ext.supervisor")
 ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on their own
 REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 
+_Kept = tuple[ChildProcess, str, list[str], Callable[[], None]]  # see Reaper.keep
+
 
 class Reaper:
     """Kills and reaps what is left; `running()` lists the live children's (process, mark)."""
@@ -33,21 +40,69 @@ class Reaper:
         self.adopter = OrphanAdopter()
         self.unreaped: list[ChildProcess] = []  # SIGKILLed and still not dead (D state)
         self._sweep_wanted = trio.Event()
+        self._kept, self._to_watch = trio.open_memory_channel[_Kept](math.inf)
+
+    def keep(
+        self,
+        proc: ChildProcess,
+        child: str,
+        exiting: Iterable[tuple[int | None, frozenset[str], float]],
+        on_exit: Callable[[], None],
+    ) -> None:
+        """`proc` of `child` did not die after SIGKILL: kept in `unreaped`, and watched (`run`)
+        for its exit, which `on_exit()` reports; `exiting`: its child's processes that hold
+        locks until they exit (`RequestBook.exiting`), to say which this one holds."""
+        self.unreaped.append(proc)
+        locks = sorted({lock for pid, held, _ in exiting if pid == proc.pid for lock in held})
+        if locks:
+            log.error(
+                "%s (pid %d): still not dead %gs after SIGKILL (stuck in the kernel: a GPU"
+                " driver call?); %s stay held for it until it exits, so nothing else runs on"
+                " them meanwhile (status: `exiting`)",
+                child,
+                proc.pid,
+                2 * REAP_TIMEOUT,
+                ", ".join(locks),
+            )
+        # Watched while run() runs; one kept after it ends is the last kill's to reap.
+        self._kept.send_nowait((proc, child, locks, on_exit))
+
+    async def run(self, scope: trio.CancelScope, sweep: bool) -> None:
+        """Watch the kept processes (and, with `sweep`, sweep for orphans) until `scope` is
+        cancelled."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if sweep:
+                    nursery.start_soon(self.sweeper)
+                async for kept in self._to_watch:
+                    nursery.start_soon(self._await_exit, *kept)
+
+    async def _await_exit(
+        self, proc: ChildProcess, child: str, locks: list[str], on_exit: Callable[[], None]
+    ) -> None:
+        await proc.wait()
+        if proc in self.unreaped:
+            self.unreaped.remove(proc)
+        if locks:
+            log.warning("%s (pid %d): exited at last; %s free", child, proc.pid, ", ".join(locks))
+        try:
+            on_exit()
+        except Exception:  # a bug of ours must not end the supervisor
+            log.exception("%s (pid %d): internal error on its late exit; going on", child, proc.pid)
 
     def sweep_soon(self) -> None:
         """A child ended: what it left outside its group is ours now (when a subreaper)."""
         self._sweep_wanted.set()
 
-    async def sweeper(self, scope: trio.CancelScope) -> None:
-        """Sweep for orphans at each child's end and now and then, until `scope` is cancelled."""
-        with scope:
-            while True:
-                # At each child's end, and now and then for orphans that exit on their own.
-                with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
-                    await self._sweep_wanted.wait()
-                self._sweep_wanted = trio.Event()
-                with trio.move_on_after(REAP_TIMEOUT):  # an unkillable orphan (D state)
-                    await self.sweep_orphans()
+    async def sweeper(self) -> None:
+        """Sweep for orphans at each child's end and now and then, until cancelled."""
+        while True:
+            # At each child's end, and now and then for orphans that exit on their own.
+            with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
+                await self._sweep_wanted.wait()
+            self._sweep_wanted = trio.Event()
+            with trio.move_on_after(REAP_TIMEOUT):  # an unkillable orphan (D state)
+                await self.sweep_orphans()
 
     async def sweep_orphans(self) -> None:
         """Kill and reap the orphans of our tree (orphans.OrphanAdopter), until none are left:

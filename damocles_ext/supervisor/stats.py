@@ -24,6 +24,15 @@ if TYPE_CHECKING:
 CHILD_STATES = ("starting", "ready", "busy", "backoff", "fatal", "stopping", "stopped")
 
 
+class ExitingProcess(msgspec.Struct, frozen=True):
+    """A process of a child that went down still alive (killed) and has not exited yet: the
+    scheduler locks it held (its GPU) stay held until it does (scheduling/holds.py)."""
+
+    pid: int | None
+    locks: tuple[str, ...]
+    since: float  # unix seconds: when it went down
+
+
 class ChildStats(msgspec.Struct, frozen=True):
     """One child as `statistics()` sees it (times: unix seconds; durations: seconds)."""
 
@@ -50,6 +59,7 @@ class ChildStats(msgspec.Struct, frozen=True):
     start_refused: bool = False  # its last start ended in exit code 2: its prover cannot load
     benched_for: float | None = None  # seconds left of its bench (scheduling/breaker.py)
     on_probation: bool = False  # benched before, one request at a time until a proof
+    exiting: tuple[ExitingProcess, ...] = ()  # its processes killed and not exited yet
 
 
 class StageStats(msgspec.Struct, frozen=True):
@@ -126,6 +136,10 @@ def build_statistics(
                 start_refused=c.start_refused,
                 benched_for=benched_for,
                 on_probation=on_probation,
+                exiting=tuple(
+                    ExitingProcess(pid, tuple(sorted(locks)), since + to_unix)
+                    for pid, locks, since in book.exiting(c.name)
+                ),
             )
         )
     stage_names = sorted({c.spec.stage for c in children} | set(sched.queued))

@@ -1,0 +1,219 @@
+"""A killed child's GPU lock is freed when its process exits, not when it is marked down.
+
+A process stuck in a GPU driver call can take seconds to die after SIGKILL, and holds the GPU's
+memory until it does: a sibling on the same GPU (or the child's own next process) must not
+start a proof there meanwhile. The request book keeps the locks (scheduling/holds.py) until
+the supervisor says the process was reaped (`child_exited`); what the killed child ran goes on
+elsewhere as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgspec
+import pytest
+import trio
+from helpers.scheduling import Gate, gated
+from helpers.supervisor import python_child, spec, window_task, winning_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.lifecycle import ChildLimits, Kill, RequestBook, Resolve, Send
+from damocles_ext.status import assemble, render_table
+from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.process import spawn
+from damocles_ext.supervisor.reaper import Reaper
+from damocles_ext.supervisor.restart import BackoffPolicy
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+WD, WIN = "window_post", "winning_post"
+GPU0 = frozenset({"gpu:0"})
+HUNG = ChildLimits(heartbeat_timeout=60.0)
+
+
+def gpu_book(*children: tuple[str, str, str, ChildLimits]) -> RequestBook:
+    book = RequestBook()
+    for name, stage, lock, limits in children:
+        book.add_child(name, stage, locks=(lock,), limits=limits)
+    return book
+
+
+def sends(effects) -> list[Send]:
+    return [e for e in effects if isinstance(e, Send)]
+
+
+# -- the request book, sans-IO -----------------------------------------------------------------
+
+
+def test_a_killed_childs_gpu_lock_stays_held_until_its_process_exits():
+    book = gpu_book(("a", WD, "gpu:0", HUNG), ("w", WIN, "gpu:0", ChildLimits()))
+    book.child_ready("a", 0.0, protocol="dext", pid=100)
+    book.child_ready("w", 0.0, protocol="dext", pid=101)
+    _, out = book.submit(1, window_task(), 0.0)
+    assert [s.child for s in sends(out)] == ["a"]
+    win, out = book.submit(2, winning_task(), 1.0)
+    assert out == []  # gpu:0 is a's
+    out = book.advance(60.0)  # a is hung: killed
+    assert [type(e) for e in out] == [Kill]
+    # Killed, not exited: the WinningPoSt waits for gpu:0, and everyone can see why.
+    assert book.exiting("a") == [(100, GPU0, 60.0)]
+    assert book.scheduler.statistics().waiting_for_lock == {WIN: ("gpu:0",)}
+    out = book.child_lost("a", 60.5, "hung; did not die after SIGKILL")
+    assert [type(e) for e in out] == [Resolve]  # answered at once, as before
+    assert book.child_exited("w", 61.0, pid=101) == []  # not the process held for
+    assert sends(book.child_exited("a", 70.0, pid=100)) == [Send(win, "w", 1)]
+    assert book.exiting("a") == []
+    assert book.child_exited("a", 70.0, pid=100) == []  # said twice: nothing more
+
+
+def test_the_killed_childs_next_process_waits_for_the_old_one_too():
+    book = gpu_book(("a", WD, "gpu:0", HUNG))
+    book.child_ready("a", 0.0, protocol="dext", pid=100)
+    book.submit(1, window_task(), 0.0)
+    book.advance(60.0)
+    book.child_lost("a", 61.0, "hung; did not die after SIGKILL")
+    _, out = book.submit(2, window_task(), 62.0)
+    assert sends(book.child_ready("a", 63.0, protocol="dext", pid=200)) == []
+    assert sends(out) == []
+    (send,) = sends(book.child_exited("a", 64.0, pid=100))
+    assert send.child == "a" and send.request.rid in (1, 2)
+
+
+def test_a_killed_childs_request_runs_at_once_on_another_gpu():
+    limits = ChildLimits(max_attempts=2, heartbeat_timeout=60.0)
+    book = gpu_book(("a", WD, "gpu:0", limits), ("b", WD, "gpu:1", limits))
+    book.child_ready("a", 0.0, protocol="dext", pid=100)
+    req, _ = book.submit(1, window_task(), 0.0)
+    book.child_ready("b", 0.0, protocol="dext", pid=101)
+    book.advance(60.0)  # a killed; its process still exists
+    out = book.child_lost("a", 60.5, "hung; killed by SIGKILL")
+    assert sends(out) == [Send(req, "b", 1)]
+    assert book.exiting("a") == [(100, GPU0, 60.0)]
+
+
+def test_a_process_seen_exited_before_it_went_down_holds_nothing():
+    book = gpu_book(("a", WD, "gpu:0", ChildLimits()), ("w", WIN, "gpu:0", ChildLimits()))
+    book.child_ready("a", 0.0, protocol="dext", pid=100)
+    book.child_ready("w", 0.0, protocol="dext", pid=101)
+    book.submit(1, window_task(), 0.0)
+    win, _ = book.submit(2, winning_task(), 0.0)
+    assert sends(book.child_down("a", 1.0, exited=True)) == [Send(win, "w", 1)]
+    assert book.exiting("a") == []
+
+
+# -- the supervisor, with real children ---------------------------------------------------------
+
+
+class ProcessAtDispatch:
+    """Inline observer: for each request written to a child (the supervisor calls it as it
+    writes it), which child, and whether the process `pid` still existed (not reaped) then."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.seen: list[tuple[str, bool]] = []
+        self.send, self.starts = trio.open_memory_channel[str](10)
+
+    def dext_request_started(self, request) -> None:
+        assert self.pid is not None
+        self.seen.append((request.child, os.path.exists(f"/proc/{self.pid}")))
+        self.send.send_nowait(request.child)
+
+
+async def test_a_killed_childs_gpu_goes_to_a_sibling_only_once_its_process_is_reaped(tmp_path):
+    log = tmp_path / "log"
+    log.touch()
+    hog_gate, probe_gate = Gate(tmp_path / "hog"), Gate(tmp_path / "probe")
+    # The hog's request blocks on its gate without a word: hung, killed after 0.3 s.
+    hog = gated(
+        tmp_path, WD, 0, hog_gate, log, locks=("gpu:0",), heartbeat_timeout=0.3, max_attempts=1
+    )
+    probe = gated(tmp_path, WIN, 0, probe_gate, log, locks=("gpu:0",))
+    watch = ProcessAtDispatch()
+    backoff = BackoffPolicy(base=0.05, cap=0.2)
+    answers: dict[str, object] = {}
+
+    async def submit(name: str, task) -> None:
+        try:
+            answers[name] = await sup.submit(task)
+        except ProverError as exc:
+            answers[name] = exc
+
+    try:
+        async with open_supervisor(
+            [hog, probe], stop_timeout=2.0, backoff=backoff, inline_observers=[watch]
+        ) as sup:
+            await sup.wait_ready(WD)
+            await sup.wait_ready(WIN)
+            (stats,) = [c for c in sup.statistics().children if c.name == f"{WD}#0"]
+            watch.pid = stats.pid
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit, WD, window_task())
+                with trio.fail_after(10):
+                    assert await watch.starts.receive() == f"{WD}#0"
+                nursery.start_soon(submit, WIN, winning_task())  # waits for gpu:0
+                with trio.fail_after(10):  # the hog is killed, then the WinningPoSt starts
+                    assert await watch.starts.receive() == f"{WIN}#0"
+                assert [c.exiting for c in sup.statistics().children] == [(), ()]  # nothing kept
+                probe_gate.release()
+    finally:
+        hog_gate.close()
+        probe_gate.close()
+    # The WinningPoSt was written to the probe only once the hog's process was gone.
+    assert watch.seen == [(f"{WD}#0", True), (f"{WIN}#0", False)]
+    assert isinstance(answers[WD], ProverError) and "hung" in str(answers[WD])
+    assert not isinstance(answers[WIN], ProverError)
+
+
+async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_exits(caplog):
+    # No test can make a process survive SIGKILL (a driver call in state D): this one is simply
+    # not killed, and handed to the reaper as the child task does with one still there after it.
+    caplog.set_level(logging.INFO, logger="damocles_ext")
+    proc = spawn(f"{WD}#0", python_child("import sys; sys.stdin.read()"), dict(os.environ))
+    reaper = Reaper(list)
+    exited = trio.Event()
+    exiting = [(proc.pid, GPU0, 0.0), (proc.pid + 1, frozenset({"gpu:1"}), 0.0)]
+    try:
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            nursery.start_soon(reaper.run, scope, False)
+            reaper.keep(proc, f"{WD}#0", exiting, exited.set)
+            held = [r.getMessage() for r in caplog.records if "stay held" in r.getMessage()]
+            said = (
+                f"{WD}#0 (pid {proc.pid}): still not dead 10s after SIGKILL (stuck in the kernel:"
+                " a GPU driver call?); gpu:0 stay held for it until it exits, so nothing else runs"
+                " on them meanwhile (status: `exiting`)"
+            )
+            assert held == [said]
+            assert reaper.unreaped == [proc]
+            await proc.stdin.aclose()  # it exits
+            with trio.fail_after(10):
+                await exited.wait()
+            assert reaper.unreaped == []
+            assert f"{WD}#0 (pid {proc.pid}): exited at last; gpu:0 free" in caplog.text
+            scope.cancel()
+    finally:
+        proc.kill_tree()
+        await proc.wait()
+        await proc.aclose()
+
+
+async def test_status_shows_the_locks_held_for_a_killed_process_not_exited_yet():
+    sup = Supervisor([spec(["true"], locks=("gpu:0",), heartbeat_timeout=60.0)])
+    book, now, name = sup._book, trio.current_time(), f"{WD}#0"
+    book.child_ready(name, now - 70, protocol="dext", pid=4242)
+    book.submit(1, window_task(), now - 70)
+    assert [type(e) for e in book.advance(now)] == [Kill]  # hung: killed, its locks kept
+    stats = sup.statistics()
+    (held,) = stats.children[0].exiting
+    since = held.since
+    assert (held.pid, held.locks) == (4242, ("gpu:0",)) and abs(since - time.time()) < 5
+    doc = assemble(stats, {}, {}, {}, now=since + 125, supervisor_started=since)
+    (exiting,) = msgspec.to_builtins(doc)["children"][0]["exiting"]
+    assert exiting == {"pid": 4242, "locks": ["gpu:0"], "since": since, "since_in": -125.0}
+    assert "gpu:0 held for pid 4242 (down 2m05s, not exited)" in render_table(doc)
+    book.child_exited(name, now + 1, pid=4242)
+    assert sup.statistics().children[0].exiting == ()
