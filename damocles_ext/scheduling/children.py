@@ -237,3 +237,15 @@ def drop_running(
         release(run)
         jobs.append(run.job)
     return jobs
+
+
+def cannot_serve(stage: str, children: list[_Child]) -> str | None:
+    """Why no child of `stage` (its `children`) can serve it, or None."""
+    if not children:
+        return f"no {stage} children are configured"
+    for c in children:
+        if not c.fatal:
+            return None
+    n = len(children)
+    which = "the only child is" if n == 1 else f"all {n} children are"
+    return f"no {stage} child can serve: {which} FATAL"

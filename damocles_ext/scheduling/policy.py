@@ -74,6 +74,7 @@ from .children import (
     TAKE_BACK_AFTER,
     _Child,
     _Running,
+    cannot_serve,
     drop_running,
     gpu_free_at,
     gpu_phase_ended,
@@ -121,6 +122,17 @@ class Scheduler:
     behind others in a child and no deadline, `decide` returns at once, `next_wakeup` is None.
     `incremental=False` recomputes everything, with the same results (the property tests say so).
     """
+
+    # Slots: CPython 3.11 keeps over 29 attributes in a dict of their own, slower to read.
+    # fmt: off
+    __slots__ = (
+        "_all_dirty", "_any_locks", "_by_stage", "_children", "_deadlines", "_decided_at", "_dirty",
+        "_gen", "_gpu_phases", "_incremental", "_last_reserved", "_lock_holders", "_order",
+        "_pipelined_stages", "_queue_len", "_queued", "_queueing", "_queues", "_quick_answer",
+        "_quick_run", "_reserving", "_running", "_seq", "_set_aside", "_take_back_after",
+        "_take_back_cache", "_vanilla_times", "_wakeup_cache", "breaker", "holds",
+    )
+    # fmt: on
 
     def __init__(
         self,
@@ -193,9 +205,8 @@ class Scheduler:
         self._touch(child.info.stage)
 
     def child_down(self, child_id: str, now: float, *, hold: str | None = None) -> list[Job]:
-        """The child exited or broke: it takes nothing more; returns the jobs it was running
-        (their slots and locks freed: the caller retries them with `requeue` or fails them; but
-        `hold`, naming its process, which may still be alive, keeps the locks: holds.py)."""
+        """The child exited or broke: it takes nothing more. Returns its running jobs, to
+        `requeue` or fail, their slots and locks freed; but `hold` (its process) keeps the locks."""
         child = self._child(child_id)
         child.ready = False
         child.quick = 0
@@ -369,7 +380,7 @@ class Scheduler:
                 continue
             if self._any_locks:
                 self._last_reserved[stage] = frozenset(reserved)
-            reason = self._cannot_serve(stage) if job is not None else None
+            reason = cannot_serve(stage, self._by_stage.get(stage, [])) if job is not None else None
             # Set once a start left no child of the stage able to take more: nothing in this
             # loop frees a slot, so the next _pick would find none (a job at its deadline or
             # unservable is still failed first, as without it).
@@ -512,17 +523,6 @@ class Scheduler:
             first = [s for s in STAGE_PRIORITY if s in stages]
             self._order = first + sorted(s for s in stages if s not in STAGE_PRIORITY)
         return self._order
-
-    def _cannot_serve(self, stage: str) -> str | None:
-        children = self._by_stage.get(stage, [])
-        if not children:
-            return f"no {stage} children are configured"
-        for c in children:
-            if not c.fatal:
-                return None
-        n = len(children)
-        which = "the only child is" if n == 1 else f"all {n} children are"
-        return f"no {stage} child can serve: {which} FATAL"
 
     def _held_elsewhere(self, child: _Child) -> set[str]:
         cid = child.info.child_id
