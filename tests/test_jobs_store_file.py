@@ -79,6 +79,30 @@ def test_a_store_file_replaced_by_a_backup_is_noticed_and_the_backup_is_read_as_
     assert len(store_errors(caplog)) == 1
 
 
+def test_a_write_in_progress_when_the_file_is_replaced_does_not_overwrite_the_backup(tmp_path):
+    from damocles_ext.jobs import statements
+    from damocles_ext.jobs.database import row_values
+
+    path = tmp_path / "jobs.db"
+    with JobStore.open(url_of(tmp_path / "backup.db")) as backup:
+        kept, _ = backup.create(make_input(seed=9), T0)
+    with JobStore.open(url_of(path), busy_timeout=0.2) as store:
+        store.create(make_input(seed=1), T0)
+        # Another thread's call, in its transaction when the store is found lost.
+        with store.engine.connect() as busy:
+            busy.begin()
+            made = rules.new_job(make_input(seed=2), T0)
+            busy.execute(statements.INSERT_JOB, row_values(made))
+            os.replace(tmp_path / "backup.db", path)
+            with pytest.raises(StoreLost, match="was replaced by another file"):
+                store.list_jobs()
+            busy.commit()
+        # Before: that connection stayed open (in a pool no longer used) with the -wal beside
+        # the path, and its commit in it: the backup was read as the old store.
+        with JobStore.open(url_of(path), create=False) as reopened:
+            assert reopened.list_jobs() == [kept]
+
+
 def test_a_store_whose_file_stays_goes_on_and_no_connection_opens_another_file(tmp_path):
     path = tmp_path / "jobs.db"
     with JobStore.open(url_of(path), pool_size=1) as store:

@@ -82,6 +82,16 @@ class FileWatch:
                 if self.identity is None:
                     self.identity = _identity(self.path)
 
+        @event.listens_for(engine, "checkin")
+        def _returned(dbapi_connection: Any, record: Any) -> None:
+            # Once lost, each connection given back has the old store's log emptied and is
+            # closed: SQLite's own close leaves the log of a moved file where it is, and one in
+            # use (another thread's call) when the loss was found would keep it and what it
+            # committed since beside the path, in a pool no longer used.
+            if self.lost is not None and dbapi_connection is not None:
+                self._empty_log(dbapi_connection)
+                record.invalidate()
+
     def _what_happened(self) -> str | None:
         if self.identity is None:
             return None
@@ -131,19 +141,20 @@ class FileWatch:
     def _release(self, engine: Engine) -> None:
         """Copy the old store's write-ahead log into the old file and empty it (so that a
         process opening the file now at the path does not read it as its own), then close the
-        connections; best effort: a connection busy elsewhere may keep part of it."""
+        connections; a connection in use is emptied and closed when given back (_returned)."""
         try:
-            raw = engine.pool.connect()  # a pooled one: a new one would be refused
-        except Exception as exc:  # noqa: BLE001 - best effort, said below
+            # A pooled one (a new one would be refused), given back at once: _returned empties
+            # the log through it.
+            engine.pool.connect().close()
+        except Exception as exc:  # noqa: BLE001 - best effort, said
             log.debug("no idle connection to empty the old store's log with: %s", exc)
-        else:
-            try:
-                sqlite = raw.driver_connection
-                assert sqlite is not None  # a pooled connection, open
-                row = sqlite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                log.debug("the old store's log emptied: %s (busy, log frames, copied)", row)
-            except Exception as exc:  # noqa: BLE001 - best effort
-                log.warning("could not empty the old store's write-ahead log: %s", exc)
-            finally:
-                raw.close()
         engine.dispose()
+
+    @staticmethod
+    def _empty_log(sqlite: Any) -> None:
+        """wal_checkpoint(TRUNCATE) on a connection of the old file; best effort."""
+        try:
+            row = sqlite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            log.debug("the old store's log emptied: %s (busy, log frames, copied)", row)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("could not empty the old store's write-ahead log: %s", exc)
