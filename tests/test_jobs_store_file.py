@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import rules
@@ -145,6 +146,60 @@ async def test_serve_answers_its_waiting_and_its_new_requests_at_once_once_its_f
         assert not path.exists()
         errors = [line for line in m.log if " ERROR damocles_ext.jobs.store: " in line]
         assert len(errors) == 1 and said in errors[0], "\n".join(m.log)
+        await stop(m)
+
+
+async def test_an_idle_producer_notices_a_deleted_store_file_and_empties_its_log_within_its_check(
+    tmp_path, mock_clock, caplog
+):
+    from damocles_ext.frontends.producer import FILE_CHECK_EVERY, JobProducer
+    from damocles_ext.jobs.paths import StoreMap
+
+    path = tmp_path / "jobs.db"
+    with JobStore.open(url_of(path)) as store:
+        store.create(make_input(seed=1), T0)  # a request answered before: its log beside the path
+        assert (tmp_path / "jobs.db-wal").stat().st_size > 0
+        producer = JobProducer(TrioJobStore(store), StoreMap({}))
+        done = threading.Event()
+
+        async def watch() -> None:
+            await producer.watch_store_file()
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()
+            os.unlink(path)
+            # Before: nothing until the next request, however long serve stayed idle.
+            mock_clock.jump(FILE_CHECK_EVERY)
+            # In real time (the clock stands still): the check runs in a thread.
+            assert await trio.to_thread.run_sync(done.wait, 30)
+    [error] = store_errors(caplog)
+    assert f"its file {str(path)!r} was deleted" in error
+    assert (tmp_path / "jobs.db-wal").stat().st_size == 0
+
+
+async def test_an_idle_serve_says_its_store_file_was_deleted_without_a_request(tmp_path):
+    from test_producer import (
+        finish_and_expect_proofs,
+        send_until_created,
+        start_serve,
+        stop,
+        task_in_store_a,
+    )
+
+    path = tmp_path / "jobs.db"
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url_of(path), "--store", f"a={root}",
+                              "--poll-interval", "0.2")  # fmt: skip
+        request = await send_until_created(m, task, job_id)
+        await finish_and_expect_proofs(m, url_of(path), job_id, request)
+        os.unlink(path)  # serve idle: no request in flight
+        with trio.fail_after(30):
+            await m.wait_log(f"its file {str(path)!r} was deleted")
+            await m.wait_log("the old store's log emptied")
+        assert (tmp_path / "jobs.db-wal").stat().st_size == 0
         await stop(m)
 
 

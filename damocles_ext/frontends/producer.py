@@ -50,6 +50,11 @@ MAX_BACKOFF = 30.0
 #: may take before the request is answered without it (a store that hangs).
 LATE_LOOK = 5.0
 
+#: How often (trio's clock) serve --jobs looks whether its SQLite store's file is still the one at
+#: its path, with no request to notice it: a file deleted or replaced is said, and the old file's
+#: write-ahead log emptied, within this, not at the next request (jobs/sqlite_file.py).
+FILE_CHECK_EVERY = 10.0
+
 #: The effects after which a job may be done: a producer's wait looks at it again.
 _MAY_BE_DONE = (rules.Finished, rules.JobCancelled, rules.TimedOut, rules.Removed)
 
@@ -170,6 +175,19 @@ class JobProducer:
         from ..jobs.notify import JobListener
 
         return JobListener.of_store(self.store.store, self.wake, self.wake_all)
+
+    async def watch_store_file(self, every: float = FILE_CHECK_EVERY) -> None:
+        """Until cancelled, or its SQLite store is lost: whether the store's file is still the
+        one at its path, every `every` seconds (nothing on PostgreSQL, nor before the store's
+        first connection); one found deleted or replaced is said at ERROR by the check."""
+        watch, engine = self.store.store.file_watch, self.store.store.engine
+        one_at_a_time = trio.CapacityLimiter(1)  # a stat that hangs (NFS) holds one thread
+        while watch is not None and watch.lost is None:
+            await trio.sleep(every)
+            with contextlib.suppress(StoreError):  # StoreLost: said by the check itself
+                await trio.to_thread.run_sync(
+                    watch.check, engine, limiter=one_at_a_time, abandon_on_cancel=True
+                )
 
     def abandon(self, reason: str) -> None:
         self.in_flight.abandon(reason)
@@ -365,6 +383,7 @@ async def run_producer(
                 listener = producer.listener()
                 if listener is not None:
                     nursery.start_soon(listener.run)
+                nursery.start_soon(producer.watch_store_file)
                 if coordinator is not None:
                     rpc, server = coordinator
                     await nursery.start(server.serve)
