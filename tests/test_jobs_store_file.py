@@ -80,6 +80,22 @@ def test_a_store_file_replaced_by_a_backup_is_noticed_and_the_backup_is_read_as_
     assert len(store_errors(caplog)) == 1
 
 
+def test_a_store_given_through_a_symlink_names_the_log_files_beside_its_target(tmp_path, caplog):
+    target, link = tmp_path / "data" / "jobs.db", tmp_path / "jobs.db"
+    target.parent.mkdir()
+    link.symlink_to(target)
+    with JobStore.open(url_of(link)) as store:
+        store.create(make_input(seed=1), T0)
+        assert (tmp_path / "data" / "jobs.db-wal").exists()  # SQLite's, beside the target
+        store.list_jobs()  # the file at the path is the one opened: no false alarm
+        os.unlink(target)
+        with pytest.raises(StoreLost, match="was deleted"):
+            store.list_jobs()
+    [error] = store_errors(caplog)
+    # Before: it named {link}-wal and {link}-shm, which never existed.
+    assert f"remove {target}-wal and {target}-shm if the old file left them" in error
+
+
 def test_a_write_in_progress_when_the_file_is_replaced_does_not_overwrite_the_backup(tmp_path):
     from damocles_ext.jobs import statements
     from damocles_ext.jobs.database import row_values

@@ -55,6 +55,8 @@ class FileWatch:
         self.where = where
         #: (device, inode) of the file the first connection opened; None before it.
         self.identity: tuple[int, int] | None = None
+        #: The file opened, symlinks resolved: SQLite's -wal and -shm are named after it.
+        self.opened = path
         #: Why the store is lost to this process (said in every StoreLost), or None.
         self.lost: str | None = None
         self._lock = threading.Lock()
@@ -81,6 +83,7 @@ class FileWatch:
             with self._lock:
                 if self.identity is None:
                     self.identity = _identity(self.path)
+                    self.opened = Path(os.path.realpath(self.path))
 
         @event.listens_for(engine, "checkin")
         def _returned(dbapi_connection: Any, record: Any) -> None:
@@ -130,7 +133,7 @@ class FileWatch:
                 " put a store back: stop every damocles-ext process that uses it, remove %s-wal"
                 " and %s-shm if the old file left them, put the file in place, and start them"
                 " again",
-                self.where, self.lost, self.path, self.path,
+                self.where, self.lost, self.opened, self.opened,
             )  # fmt: skip
             self._release(engine)
         raise StoreLost(
