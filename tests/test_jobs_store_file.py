@@ -96,6 +96,18 @@ def test_a_store_given_through_a_symlink_names_the_log_files_beside_its_target(t
     assert f"remove {target}-wal and {target}-shm if the old file left them" in error
 
 
+def test_a_store_whose_directory_was_moved_and_replaced_by_a_file_is_noticed(tmp_path):
+    path = tmp_path / "store" / "jobs.db"
+    path.parent.mkdir()
+    with JobStore.open(url_of(path)) as store:
+        store.create(make_input(seed=1), T0)
+        os.rename(tmp_path / "store", tmp_path / "moved")
+        (tmp_path / "store").write_text("not a directory")
+        # Before: taken for a directory this user may not enter, and the old file used on.
+        with pytest.raises(StoreLost, match="was deleted"):
+            store.list_jobs()
+
+
 def test_a_write_in_progress_when_the_file_is_replaced_does_not_overwrite_the_backup(tmp_path):
     from damocles_ext.jobs import statements
     from damocles_ext.jobs.database import row_values

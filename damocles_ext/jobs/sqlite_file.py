@@ -42,7 +42,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file at `path`; None when there is none."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # its directory gone, or now a file
         return None
     return (st.st_dev, st.st_ino)
 
