@@ -12,21 +12,26 @@ from __future__ import annotations
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 from helpers.scheduling import Gate, gated
-from helpers.supervisor import python_child, spec, window_task, winning_task
+from helpers.supervisor import dext_child, python_child, spec, window_task, winning_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
+from damocles_ext.jobs.worker_rules import ready_slots_of
 from damocles_ext.lifecycle import ChildLimits, Kill, RequestBook, Resolve, Send
 from damocles_ext.status import assemble, render_table
 from damocles_ext.supervisor import Supervisor
+from damocles_ext.supervisor.child_loop import _exited
 from damocles_ext.supervisor.process import spawn
 from damocles_ext.supervisor.reaper import Reaper
 from damocles_ext.supervisor.restart import BackoffPolicy
+from damocles_ext.supervisor.stats import ChildStats, ExitingProcess
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -217,3 +222,45 @@ async def test_status_shows_the_locks_held_for_a_killed_process_not_exited_yet()
     assert "gpu:0 held for pid 4242 (down 2m05s, not exited)" in render_table(doc)
     book.child_exited(name, now + 1, pid=4242)
     assert sup.statistics().children[0].exiting == ()
+
+
+# -- the worker: no job pulled for a child that would wait for a killed process ---------------
+
+
+def child_stats(name: str, lock: str, exiting: tuple[ExitingProcess, ...] = ()) -> ChildStats:
+    return ChildStats(
+        name, WD, 0, 1, None, "ready", None, 0, 1, 0, 0, 0, None, None, "dext",
+        locks=(lock,), exiting=exiting,
+    )  # fmt: skip
+
+
+def test_a_worker_counts_no_slot_of_a_child_whose_gpu_is_kept_for_a_killed_process():
+    stuck = (ExitingProcess(4242, ("gpu:0",), time.time()),)
+    # a's killed process holds gpu:0: a's next process, and b on the same GPU, would only wait.
+    children = [
+        child_stats(f"{WD}#0", "gpu:0", stuck),
+        child_stats(f"{WD}#1", "gpu:0"),
+        child_stats(f"{WD}#2", "gpu:1"),
+    ]
+    assert ready_slots_of(children) == 1
+    assert ready_slots_of([child_stats(c.name, c.locks[0]) for c in children]) == 3
+
+
+async def test_a_late_exit_wakes_whoever_waits_for_the_children_to_change():
+    # What the reaper reports of a process that outlived SIGKILL frees its locks: a worker
+    # waiting for a slot must look again.
+    async with open_supervisor([spec(dext_child(), locks=("gpu:0",))]) as sup:
+        await sup.wait_ready(WD, 1)
+        woken = trio.Event()
+
+        async def waiter() -> None:
+            await sup.wait_changed()
+            woken.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            (child,) = sup._children.values()
+            _exited(sup._host, child, SimpleNamespace(pid=4242))
+            with trio.fail_after(5):
+                await woken.wait()

@@ -60,7 +60,7 @@ from ..jobs.worker_rules import (
     job_output,
     jobs_to_ask,
     no_child_can_prove,
-    ready_slots,
+    ready_slots_of,
     window_post_task,
 )
 from ..stages import child_stages
@@ -302,7 +302,7 @@ class Worker:
                 log.error("%s; the worker stops", dead)
                 self.stop()
                 break
-            ready = ready_slots([(c.stage, c.state, c.capacity) for c in children])
+            ready = ready_slots_of(children)
             free = free_slots(ready, len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
             until = max(self._idle_until, self._breaker.paused_until)

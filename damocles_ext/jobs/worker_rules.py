@@ -14,6 +14,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -366,6 +367,16 @@ def ready_slots(children: Sequence[tuple[str, str, int]]) -> int:
         return 0
     return sum(
         capacity for stage, capacity in up if stage in ("window_post", "window_post_vanilla")
+    )
+
+
+def ready_slots_of(children: Sequence[Any]) -> int:
+    """ready_slots of the supervisor's children (its ChildStats): one that needs a lock kept for
+    a killed process not exited yet (`exiting`: stuck in a GPU driver call, its GPU may still be
+    taken) counts as not up, so no job is pulled that would wait there for that process."""
+    kept = {lock for c in children for gone in c.exiting for lock in gone.locks}
+    return ready_slots(
+        [(c.stage, "held" if kept.intersection(c.locks) else c.state, c.capacity) for c in children]
     )
 
 

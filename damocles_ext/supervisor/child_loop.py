@@ -253,6 +253,7 @@ def mark_down(
 def _exited(host: ChildHost, child: Child, proc: ChildProcess) -> None:
     """`proc` was reaped: the locks held for it since it went down alive (killed) are free."""
     host.tell(host.book.child_exited, child.name, trio.current_time(), pid=proc.pid)
+    host.changed()  # a worker counts no slot of a child whose lock was kept for it
 
 
 async def child_loop(
