@@ -251,3 +251,40 @@ def test_two_coordinators_on_one_postgresql_see_each_others_workers(postgres_url
         two.worker_seen("b", T0 + 100)
         got = one.summary(T0 + 200)
         assert [w.worker for w in got.workers] == ["b"] and got.unallocatable == 2
+
+
+def test_the_workers_a_coordinator_of_version_3_still_records_are_live_in_the_upgraded_store(
+    store_url,
+):
+    # A rolling upgrade: a newer coordinator upgraded the store to version 4 while one of version
+    # 3 goes on, recording the workers it serves in its own table, as its workers.record did:
+    # an upsert keyed by (worker, spec). The newer one's summary (its metrics, status --jobs) saw
+    # none of them once the carried-over rows aged out: "no worker is live", every ready job
+    # unallocatable, while those workers took the jobs.
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(store_url, 3, job)  # worker "old" seen at T0, spec (1234,)
+    later = T0 + 1000
+    with JobStore.open(store_url) as s:
+        s.allocate(AllocationSpec((5,)), 0, "new", later)  # a worker of the newer coordinator
+        with s.engine.begin() as conn:  # the version-3 coordinator sees "old" again, and "old-2"
+            for worker, spec in (("old", (1234,)), ("old-2", ())):
+                key = summary.spec_key(AllocationSpec(spec))
+                updated = conn.execute(
+                    OLD_WORKERS.update()
+                    .where(OLD_WORKERS.c.worker == worker, OLD_WORKERS.c.spec == key)
+                    .values(last_seen=later)
+                ).rowcount
+                if not updated:
+                    conn.execute(
+                        OLD_WORKERS.insert().values(worker=worker, spec=key, last_seen=later)
+                    )
+        got = s.summary(later + 1)
+        # One row per worker and spec: "old" is in both tables, carried over and seen again.
+        assert [(w.worker, w.allowed_miners, w.last_seen) for w in got.workers] == [
+            ("new", [5], later),
+            ("old", [1234], later),
+            ("old-2", [], later),
+        ]
+        assert (got.live_workers, got.unallocatable) == (3, 0)
+        # Once that coordinator is gone, its workers age out like any other.
+        assert [w.worker for w in s.summary(later + 1000).workers] == []

@@ -10,6 +10,7 @@ types, not with the number of jobs sent back to Python.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -100,7 +101,7 @@ def forget(conn: Connection, before: float) -> int:
 
 
 #: The workers seen as schema versions 2 and 3 kept them (keyed by the spec itself), which a
-#: read-only open of such a store reads.
+#: read-only open of such a store reads, and an upgraded store's summary reads beside its own.
 _OLD_SEEN = sa.table(OLD_WORKERS, sa.column("worker"), sa.column("spec"), sa.column("last_seen"))
 
 
@@ -109,11 +110,26 @@ def seen_table(version: int) -> Any:
     return workers if version >= 4 else _OLD_SEEN if version >= 2 else None
 
 
+_OLD_SEEN_READABLE = sa.text(
+    "SELECT CASE WHEN to_regclass(:table) IS NULL THEN false"
+    " ELSE has_table_privilege(:table, 'SELECT') END"
+)
+
+
+def _old_seen_readable(conn: Connection) -> bool:
+    """Whether the table of versions 2 and 3 is there, and (PostgreSQL) this role may read it:
+    a role granted only the tables of version 4 (what our GRANT hints list) reads those alone."""
+    if conn.dialect.name != "postgresql":
+        return sa.inspect(conn).has_table(OLD_WORKERS)
+    return bool(conn.execute(_OLD_SEEN_READABLE, {"table": OLD_WORKERS}).scalar())
+
+
 def read_summary(
     conn: Connection, now: float, live_window: float, where: str, seen_in: Any = workers
 ) -> summary.JobsSummary:
     """The summary from a few aggregate queries (see summary.summarize); the workers seen read
-    from `seen_in` (seen_table)."""
+    from `seen_in` (seen_table), and at version 4 from the table of versions 2 and 3 too while
+    it is there."""
     c = jobs.c
     kind = sa.case(
         (c.state == READY, "ready2run"),
@@ -146,13 +162,23 @@ def read_summary(
     first = conn.execute(
         sa.select(c.id, c.created_at).where(c.state == READY).order_by(c.created_at, c.id).limit(1)
     ).first()
-    seen = [
-        summary.WorkerSeen(row.worker, summary.spec_of_key(row.spec), float(row.last_seen))
+    tables = [seen_in]
+    if seen_in is workers and _old_seen_readable(conn):
+        # Upgraded from version 2 or 3: a coordinator of that version may still run on the
+        # store (a rolling upgrade), recording the workers it serves in its own table.
+        tables.append(_OLD_SEEN)
+    latest: dict[tuple[str, str], float] = {}  # a worker and spec in both: its last sighting
+    for table in tables:
         for row in conn.execute(
-            sa.select(seen_in.c.worker, seen_in.c.spec, seen_in.c.last_seen).where(
-                seen_in.c.last_seen >= now - live_window
+            sa.select(table.c.worker, table.c.spec, table.c.last_seen).where(
+                table.c.last_seen >= now - live_window
             )
-        )
+        ):
+            key = (row.worker, row.spec)
+            latest[key] = max(latest.get(key, -math.inf), float(row.last_seen))
+    seen = [
+        summary.WorkerSeen(worker, summary.spec_of_key(spec), last_seen)
+        for (worker, spec), last_seen in latest.items()
     ]
     return summary.summarize(
         counts=counts,
