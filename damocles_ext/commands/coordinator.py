@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
 
             async def main() -> None:
                 with trio.open_signal_receiver(*stop_signals()) as signals:
+                    # Outside the nursery: a store that fails already (no thread for its calls,
+                    # at the limit of tasks) is the command's error, not a traceback.
+                    await coordinator.learn_sectors()
                     async with trio.open_nursery() as nursery:
                         sweeping = trio.CancelScope()
                         scraping = trio.CancelScope()
@@ -202,7 +205,6 @@ def run(args: argparse.Namespace) -> int:
                                 shut_down()
 
                         coordinator.on_store_lost = store_lost
-                        await coordinator.learn_sectors()
                         locator = coordinator.sector_index.locator
                         if locator is not None:
 

@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
+from ..threads import NoThreadError, run_in_thread
 from . import migration, rules
 from . import statements as stmts
 from . import summary as jobs_summary
@@ -276,8 +277,7 @@ class JobStore:
                 "another process wrote it at the same moment; retry"
             )
         if self.is_postgresql and _wakes_producers(old, new):
-            # Delivered at commit, to the producers that LISTEN (notify.py): they look at the
-            # job now instead of at their next poll.
+            # Delivered at commit to the producers that LISTEN (notify.py): they look now.
             conn.execute(_NOTIFY, {"job_id": old.Id})
 
     def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float) -> rules.Step:
@@ -568,15 +568,15 @@ class TrioJobStore:
     """The store for trio code: each call runs in a worker thread under a small limiter, with
     `now` read from `clock` (wall-clock unix seconds by default).
 
-    A call that gets no answer within `call_timeout` seconds (a database that hangs rather than
-    refuses: its host frozen, the network stalled) raises StoreError, as does one waiting for
-    the limiter that long; and a cancelled call (a deadline, a shutdown) returns at once. Either
-    way its thread is left to finish or fail on its own, holding its limiter slot until then, so
-    a stuck database holds a few threads, never the caller. Every write is guarded (see the
-    module's docstring), so one that lands after it was given up on breaks no rule; but it may
-    still land: an allocation then leaves a job running on a worker that never heard of it,
-    taken back after HeartbeatTimeout at the cost of a try (as when a worker's own call times
-    out), and a late heartbeat never moves a job's HeartbeatAt back."""
+    A call no thread can be started for (at the limit of tasks), that gets no answer within
+    `call_timeout` seconds (a database that hangs rather than refuses: its host frozen, the
+    network stalled) or waits that long for the limiter raises StoreUnavailable; a cancelled
+    call (a deadline, a shutdown) returns at once. Its thread is left to finish or fail on its
+    own, holding its limiter slot until then, so a stuck database holds a few threads, never the
+    caller. Every write is guarded (see the module's docstring), so one that lands after it was
+    given up on breaks no rule; but it may still land: an allocation then leaves a job running
+    on a worker that never heard of it, taken back after HeartbeatTimeout at the cost of a try
+    (as when a worker's own call times out); a late heartbeat never moves HeartbeatAt back."""
 
     def __init__(self, store: JobStore, *, threads: int = 4,
                  clock: Callable[[], float] = time.time,
@@ -611,16 +611,16 @@ class TrioJobStore:
 
     async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
+        call = functools.partial(fn, *args, **kwargs)
         with trio.move_on_after(self.call_timeout):
-            return await trio.to_thread.run_sync(
-                functools.partial(fn, *args, **kwargs),
-                limiter=self._limiter,
-                abandon_on_cancel=True,
-            )
+            try:
+                return await run_in_thread(call, limiter=self._limiter, abandon_on_cancel=True)
+            except NoThreadError as exc:  # the store was not asked
+                raise StoreUnavailable(f"job store {self.store.where}: {exc}") from None
         raise StoreUnavailable(
-            f"job store {self.store.where}: no answer to {fn.__name__} within"
-            f" {self.call_timeout:g} s; the database hangs (its host frozen or the network"
-            " stalled?): check it; the call is not waited for"
+            f"job store {self.store.where}: no answer to {fn.__name__} within {self.call_timeout:g}"
+            " s; the database hangs (its host frozen or the network stalled?): check it; the call"
+            " is not waited for"
         )
 
     async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:

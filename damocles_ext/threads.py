@@ -1,0 +1,50 @@
+"""Running blocking calls on trio's worker threads when the process may not get one.
+
+A thread, like a process, counts against the user's limit of tasks (`ulimit -u`, RLIMIT_NPROC)
+and the service's (systemd's TasksMax, the cgroup's pids.max): on a busy machine at that limit,
+starting a thread fails with a RuntimeError ("can't start new thread") that says neither what
+ran out nor what to do, and that the callers of a job store or of a metrics exposition took for
+a bug of ours (a traceback; a coordinator that stopped). `run_sync` raises `NoThreadError`
+instead, which says both; a failure of the called function itself passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from .errors import DextError
+
+R = TypeVar("R")
+
+#: What to do when a process or thread cannot be started for lack of tasks (EAGAIN from fork or
+#: clone): the limits that count them.
+TASKS_ADVICE = (
+    "this user or service has as many processes and threads as its limit allows (ulimit -u,"
+    " i.e. RLIMIT_NPROC, systemd's TasksMax or LimitNPROC, the cgroup's pids.max,"
+    " kernel.threads-max): raise that limit or stop what holds them"
+)
+
+
+class NoThreadError(DextError):
+    """A worker thread could not be started (the process is at its limit of tasks)."""
+
+
+async def run_in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`trio.to_thread.run_sync(fn, *args, **kwargs)`, but NoThreadError when no thread could be
+    started for it (keyword arguments are trio's: limiter, abandon_on_cancel)."""
+    started = False
+
+    def call() -> R:
+        nonlocal started
+        started = True
+        return fn(*args)
+
+    try:
+        return await trio.to_thread.run_sync(call, **kwargs)
+    except RuntimeError as exc:
+        if started:  # raised by `fn` itself
+            raise
+        raise NoThreadError(f"cannot start a thread ({exc}): {TASKS_ADVICE}") from None
