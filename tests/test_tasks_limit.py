@@ -4,13 +4,27 @@ processes run as a uid whose processes and threads are all held but a few (helpe
 
 from __future__ import annotations
 
+import signal
+import socket as pysocket
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
-from helpers.frontend import DEXT, ManagerLike, dext_env
+from damocles_ext_plugins.testing import echo_output
+from helpers.frontend import (
+    DEXT,
+    LogWatcher,
+    ManagerLike,
+    dext_env,
+    make_task,
+    plugin_block,
+    write_config,
+)
 from helpers.tasks_limit import a_uid_of_its_own, as_user, own_dir, skip_unless_possible, tasks_held
 from test_producer import finish_and_expect_proofs, job_id_of, window_task
+
+from damocles_ext.protocol import dext
 
 
 @pytest.fixture
@@ -62,3 +76,56 @@ async def test_serve_jobs_without_a_thread_for_its_store_waits_saying_why_then_p
         with trio.fail_after(30):
             assert await m.process.wait() == 0
     assert not any("Traceback" in line for line in m.log), "\n".join(m.log)
+
+
+async def start_run_as(
+    nursery, uid: int, cfg: Path, socket: Path
+) -> tuple[trio.Process, LogWatcher]:
+    """`damocles-ext run` as `uid` (under the tasks limit), once its socket listens."""
+    run = await trio.lowlevel.open_process(
+        as_user(uid, [*DEXT, "run", "-c", str(cfg), "--socket", str(socket)]),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dext_env(),
+    )  # fmt: skip
+    log = LogWatcher(run.stderr)
+    nursery.start_soon(log.run)
+    with trio.fail_after(30):
+        await log.wait_for("control socket listening")
+    return run, log
+
+
+async def prove_through(socket: Path, task):
+    """The output of `task` sent to `run`'s socket (as root: damocles_ext.client refuses a
+    socket in a directory of another user's, which the server takes root's connections to)."""
+    with trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as s:
+        await s.connect(str(socket))
+        await s.send(dext.encode(dext.Request(1, task)))
+        decoder, answers = dext.FrameDecoder(), []
+        with trio.fail_after(30):
+            while not answers:
+                answers = decoder.receive_data(await s.recv(65536))
+    return answers[0].output
+
+
+def ours(log: LogWatcher) -> str:
+    """The supervisor's own lines (not its children's stderr, which it relogs)."""
+    return "\n".join(line for line in log.lines if "damocles_ext.child: [" not in line)
+
+
+async def test_run_started_with_no_thread_to_be_had_serves_once_tasks_free(uid, tmp_path, sock_dir):
+    cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
+    socket = own_dir(sock_dir / "run", uid) / "control.sock"  # in a directory only root writes
+    async with trio.open_nursery() as nursery:
+        # Its process and its guardian's: no thread for reaping the guardian's double fork
+        # (which took run down at its start), none for a child's runtime either.
+        with tasks_held(uid, leave=2):
+            run, log = await start_run_as(nursery, uid, cfg, socket)
+            with trio.fail_after(30):
+                await log.wait_for("failed start")
+        with trio.fail_after(60):
+            await log.wait_for("ready (dext)")
+        assert await prove_through(socket, make_task(7)) == echo_output(make_task(7))
+        run.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await run.wait() == 0, ours(log)
+    assert "Traceback" not in ours(log), ours(log)

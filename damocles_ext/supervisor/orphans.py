@@ -270,10 +270,25 @@ class GroupGuardian:
         self._broken = False
 
     async def started(self) -> None:
-        """Reap the intermediate process of the double fork (it exits at once)."""
+        """Reap the intermediate process of the double fork (it exits at once).
+
+        Its exit is watched through a pidfd, not waited for on a thread: at the limit of tasks
+        (ulimit -u, TasksMax) no thread can be started, which took the supervisor down at its
+        start. Without a descriptor for the pidfd, it is waited for here (a few milliseconds)."""
         helper, self._helper = self._helper, None
-        if helper is not None:
-            await trio.to_thread.run_sync(helper.wait)
+        if helper is None:
+            return
+        try:
+            pidfd = os.pidfd_open(helper.pid)
+        except OSError:
+            helper.wait()
+            return
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+        helper.wait()
 
     def add(self, pgid: int) -> None:
         """A child's process group to kill if we die."""

@@ -75,7 +75,7 @@ def as_user(uid: int, argv: Sequence[str], nproc: int = NPROC) -> list[str]:
 
 def own_dir(path: Path, uid: int) -> Path:
     """`path`, made and given to `uid` (the directories above need only be searched)."""
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chown(path, uid, uid)
     return path
 
