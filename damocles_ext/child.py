@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
+from .errors import TASKS_ADVICE
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -440,7 +441,11 @@ class ChildRuntime:
     def run(self) -> int:
         """Send the ready message, then serve until Shutdown (0), stdin EOF (0) or a fatal error."""
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self._start_threads()
+        try:
+            self._start_threads()
+        except RuntimeError as exc:  # "can't start new thread": at the limit of tasks
+            log.error("cannot start its threads (%s): %s", exc, TASKS_ADVICE)
+            return 1
         hello = self.codec.hello(self.stage, self.prover_name, self.version, self.capacity)
         if not self._write(hello):
             return 1

@@ -17,6 +17,20 @@ EXIT_TEMPFAIL = 75
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 
 
+#: What to do when a process or a thread cannot be started for lack of tasks (EAGAIN from fork or
+#: clone, "can't start new thread"): the limits that count them.
+TASKS_ADVICE = (
+    "this user or service has as many processes and threads as its limit allows (ulimit -u,"
+    " i.e. RLIMIT_NPROC, systemd's TasksMax or LimitNPROC, the cgroup's pids.max,"
+    " kernel.threads-max): raise that limit or stop what holds them"
+)
+#: What to do when this process has no file descriptor left (EMFILE).
+FILES_ADVICE = (
+    "this process has as many files open as its limit allows (ulimit -n, i.e. RLIMIT_NOFILE,"
+    " systemd's LimitNOFILE): raise it"
+)
+
+
 class DextError(Exception):
     """Base class of damocles-ext's own errors; the message is written for a person."""
 

@@ -15,17 +15,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from .errors import DextError
+from .errors import TASKS_ADVICE, DextError
 
 R = TypeVar("R")
-
-#: What to do when a process or thread cannot be started for lack of tasks (EAGAIN from fork or
-#: clone): the limits that count them.
-TASKS_ADVICE = (
-    "this user or service has as many processes and threads as its limit allows (ulimit -u,"
-    " i.e. RLIMIT_NPROC, systemd's TasksMax or LimitNPROC, the cgroup's pids.max,"
-    " kernel.threads-max): raise that limit or stop what holds them"
-)
 
 
 class NoThreadError(DextError):

@@ -121,11 +121,37 @@ async def test_run_started_with_no_thread_to_be_had_serves_once_tasks_free(uid, 
         with tasks_held(uid, leave=2):
             run, log = await start_run_as(nursery, uid, cfg, socket)
             with trio.fail_after(30):
-                await log.wait_for("failed start")
+                line = await log.wait_for("failed start")
+            # The child's own words, not a traceback of its runtime.
+            assert "cannot start its threads (can't start new thread): this user" in line, line
         with trio.fail_after(60):
             await log.wait_for("ready (dext)")
         assert await prove_through(socket, make_task(7)) == echo_output(make_task(7))
         run.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await run.wait() == 0, ours(log)
-    assert "Traceback" not in ours(log), ours(log)
+    assert "Traceback" not in log.text(), log.text()
+
+
+async def test_run_that_cannot_fork_says_which_limit_ran_out_then_proves_once_tasks_free(
+    uid, tmp_path, sock_dir
+):
+    cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
+    socket = own_dir(sock_dir / "run", uid) / "control.sock"
+    async with trio.open_nursery() as nursery:
+        with tasks_held(uid, leave=1):  # its own process only: no guardian, no child
+            run, log = await start_run_as(nursery, uid, cfg, socket)
+            with trio.fail_after(30):
+                guardian = await log.wait_for("cannot start the process-group guardian")
+                spawn = await log.wait_for("window_post#0: cannot start")
+                await log.wait_for("window_post#0: restarting in")
+        for line in guardian, spawn:
+            assert "(errno EAGAIN): this user or service has as many processes" in line, line
+            assert "ulimit -u" in line and "TasksMax" in line, line
+        with trio.fail_after(60):
+            await log.wait_for("ready (dext)")
+        assert await prove_through(socket, make_task(8)) == echo_output(make_task(8))
+        run.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await run.wait() == 0, log.text()
+    assert "Traceback" not in log.text(), log.text()

@@ -19,7 +19,7 @@ import sys
 import psutil
 import trio
 
-from .process import pgid_of, prctl
+from .process import os_reason, pgid_of, prctl
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -260,9 +260,9 @@ class GroupGuardian:
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError:
+        except OSError as exc:  # the caller says so, and goes on without it
             os.close(self._fd)
-            raise
+            raise OSError(exc.errno, os_reason(exc)) from None
         finally:
             os.close(read_end)
         self._helper: subprocess.Popen[bytes] | None = helper

@@ -37,6 +37,7 @@ from ..config import (
 )
 from ..config.machine import untrusted_problem
 from ..config.startup import file_kind, interpreter_problem
+from ..errors import FILES_ADVICE, TASKS_ADVICE
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -443,7 +444,7 @@ def spawn(
     except OSError as exc:
         for fd in made:
             os.close(fd)
-        raise SpawnError(f"{name}: cannot create its pipes: {_os_reason(exc)}") from None
+        raise SpawnError(f"{name}: cannot create its pipes: {os_reason(exc)}") from None
     stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = made
     ours = (stdin_w, stdout_r, stderr_r)
     _grow_pipe(stdin_w)  # answers are small; only requests need the room
@@ -467,7 +468,7 @@ def spawn(
         except ValueError as exc:  # a NUL in argv or env, which exec cannot carry
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
         except OSError as exc:
-            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {_os_reason(exc)}") from None
+            raise SpawnError(f"{name}: cannot start {argv[0]!r}: {os_reason(exc)}") from None
         except subprocess.SubprocessError as exc:
             raise SpawnError(f"{name}: cannot start {argv[0]!r}: {exc}") from None
     except BaseException:
@@ -484,13 +485,16 @@ def spawn(
         popen.wait()
         for fd in ours:
             os.close(fd)
-        raise SpawnError(f"{name}: started, but cannot watch it: {_os_reason(exc)}") from None
+        raise SpawnError(f"{name}: started, but cannot watch it: {os_reason(exc)}") from None
 
 
-def _os_reason(exc: OSError) -> str:
-    """'Too many open files (errno EMFILE)': the words and the name to search for."""
+def os_reason(exc: OSError) -> str:
+    """'Too many open files (errno EMFILE): …': the words, the name to search for, and, when
+    the process ran out of tasks or descriptors, which limit to raise."""
     code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-    return f"{exc.strerror or exc}{f' (errno {code})' if code else ''}"
+    advice = {errno.EAGAIN: TASKS_ADVICE, errno.EMFILE: FILES_ADVICE}.get(exc.errno or 0)
+    said = f"{exc.strerror or exc}" + (f" (errno {code})" if code else "")
+    return f"{said}: {advice}" if advice else said
 
 
 #: A child's stderr lines logged at most this many a second, past a burst of STDERR_BURST.
