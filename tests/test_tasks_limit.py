@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 import socket as pysocket
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -57,41 +59,60 @@ async def test_serve_jobs_without_a_thread_for_its_store_waits_saying_why_then_p
     job_id = job_id_of(task, {"a": root})
     url = f"sqlite:///{own_dir(tmp_path / 'svc', uid)}/jobs.db"
     argv = [*DEXT, "serve", "window_post", "--jobs", url, "--store", f"a={root}"]
-    async with trio.open_nursery() as nursery:
-        with tasks_held(uid, leave=1):  # its process; no thread for its store's calls
+    with tasks_held(uid, leave=1) as release:  # its process; no thread for its store's calls
+        async with trio.open_nursery() as nursery:
             m = await ManagerLike.start(
                 nursery, as_user(uid, [*argv, "--poll-interval", "0.1"]), "window_post",
                 stderr=subprocess.PIPE, ready_timeout=30,
             )  # fmt: skip
-            request_id = await m.send(task)
-            with trio.fail_after(30):
-                line = await m.wait_log("the job store failed")
-            assert "cannot start a thread" in line and "ulimit -u" in line, line
-            assert request_id not in m.responses  # not answered with the error: it waits
-        # Threads to be had again: the job is made, and its proof is the answer.
-        with trio.fail_after(60):
-            await m.wait_log(f"job {job_id}: created")
-        await finish_and_expect_proofs(m, url, job_id, request_id)
-        await m.close_stdin()
-        with trio.fail_after(30):
-            assert await m.process.wait() == 0
+            try:
+                request_id = await m.send(task)
+                with trio.fail_after(30):
+                    line = await m.wait_log("the job store failed")
+                assert "cannot start a thread" in line and "ulimit -u" in line, line
+                assert request_id not in m.responses  # not answered with the error: it waits
+                # Threads to be had again: the job is made, and its proof is the answer.
+                release()
+                with trio.fail_after(60):
+                    await m.wait_log(f"job {job_id}: created")
+                await finish_and_expect_proofs(m, url, job_id, request_id)
+                await m.close_stdin()
+                with trio.fail_after(30):
+                    assert await m.process.wait() == 0
+            finally:
+                if m.process.returncode is None:
+                    m.process.kill()
     assert not any("Traceback" in line for line in m.log), "\n".join(m.log)
 
 
-async def start_run_as(
-    nursery, uid: int, cfg: Path, socket: Path
-) -> tuple[trio.Process, LogWatcher]:
-    """`damocles-ext run` as `uid` (under the tasks limit), once its socket listens."""
+@asynccontextmanager
+async def running_as(
+    uid: int, cfg: Path, socket: Path
+) -> AsyncIterator[tuple[trio.Process, LogWatcher]]:
+    """`damocles-ext run` as `uid` (under the tasks limit), once its socket listens; killed at
+    the end if the test did not stop it (its children die with it: PDEATHSIG)."""
     run = await trio.lowlevel.open_process(
         as_user(uid, [*DEXT, "run", "-c", str(cfg), "--socket", str(socket)]),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=dext_env(),
     )  # fmt: skip
-    log = LogWatcher(run.stderr)
-    nursery.start_soon(log.run)
+    try:
+        async with trio.open_nursery() as nursery:
+            log = LogWatcher(run.stderr)
+            nursery.start_soon(log.run)
+            with trio.fail_after(30):
+                await log.wait_for("control socket listening")
+            yield run, log
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
+
+
+async def stop(run: trio.Process, log: LogWatcher) -> None:
+    run.send_signal(signal.SIGTERM)
     with trio.fail_after(30):
-        await log.wait_for("control socket listening")
-    return run, log
+        assert await run.wait() == 0, log.text()
 
 
 async def prove_through(socket: Path, task):
@@ -107,29 +128,22 @@ async def prove_through(socket: Path, task):
     return answers[0].output
 
 
-def ours(log: LogWatcher) -> str:
-    """The supervisor's own lines (not its children's stderr, which it relogs)."""
-    return "\n".join(line for line in log.lines if "damocles_ext.child: [" not in line)
-
-
 async def test_run_started_with_no_thread_to_be_had_serves_once_tasks_free(uid, tmp_path, sock_dir):
     cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
     socket = own_dir(sock_dir / "run", uid) / "control.sock"  # in a directory only root writes
-    async with trio.open_nursery() as nursery:
-        # Its process and its guardian's: no thread for reaping the guardian's double fork
-        # (which took run down at its start), none for a child's runtime either.
-        with tasks_held(uid, leave=2):
-            run, log = await start_run_as(nursery, uid, cfg, socket)
+    # Its process and its guardian's: no thread for reaping the guardian's double fork (which
+    # took run down at its start), none for a child's runtime either.
+    with tasks_held(uid, leave=2) as release:
+        async with running_as(uid, cfg, socket) as (run, log):
             with trio.fail_after(30):
                 line = await log.wait_for("failed start")
             # The child's own words, not a traceback of its runtime.
             assert "cannot start its threads (can't start new thread): this user" in line, line
-        with trio.fail_after(60):
-            await log.wait_for("ready (dext)")
-        assert await prove_through(socket, make_task(7)) == echo_output(make_task(7))
-        run.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            assert await run.wait() == 0, ours(log)
+            release()
+            with trio.fail_after(60):
+                await log.wait_for("ready (dext)")
+            assert await prove_through(socket, make_task(7)) == echo_output(make_task(7))
+            await stop(run, log)
     assert "Traceback" not in log.text(), log.text()
 
 
@@ -138,20 +152,18 @@ async def test_run_that_cannot_fork_says_which_limit_ran_out_then_proves_once_ta
 ):
     cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
     socket = own_dir(sock_dir / "run", uid) / "control.sock"
-    async with trio.open_nursery() as nursery:
-        with tasks_held(uid, leave=1):  # its own process only: no guardian, no child
-            run, log = await start_run_as(nursery, uid, cfg, socket)
+    with tasks_held(uid, leave=1) as release:  # its own process only: no guardian, no child
+        async with running_as(uid, cfg, socket) as (run, log):
             with trio.fail_after(30):
                 guardian = await log.wait_for("cannot start the process-group guardian")
                 spawn = await log.wait_for("window_post#0: cannot start")
                 await log.wait_for("window_post#0: restarting in")
-        for line in guardian, spawn:
-            assert "(errno EAGAIN): this user or service has as many processes" in line, line
-            assert "ulimit -u" in line and "TasksMax" in line, line
-        with trio.fail_after(60):
-            await log.wait_for("ready (dext)")
-        assert await prove_through(socket, make_task(8)) == echo_output(make_task(8))
-        run.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            assert await run.wait() == 0, log.text()
+            release()
+            for line in guardian, spawn:
+                assert "(errno EAGAIN): this user or service has as many processes" in line, line
+                assert "ulimit -u" in line and "TasksMax" in line, line
+            with trio.fail_after(60):
+                await log.wait_for("ready (dext)")
+            assert await prove_through(socket, make_task(8)) == echo_output(make_task(8))
+            await stop(run, log)
     assert "Traceback" not in log.text(), log.text()

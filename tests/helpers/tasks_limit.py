@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -81,23 +81,28 @@ def own_dir(path: Path, uid: int) -> Path:
 
 
 @contextlib.contextmanager
-def tasks_held(uid: int, leave: int) -> Iterator[None]:
-    """All tasks `uid` may have but `leave` are held until the block ends."""
+def tasks_held(uid: int, leave: int) -> Iterator[Callable[[], None]]:
+    """All tasks `uid` may have but `leave` are held until the block ends, or until the function
+    it gives is called."""
     filler = subprocess.Popen(
         as_user(uid, [sys.executable, "-I", "-c", _FILLER, str(leave)]),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    try:
-        assert filler.stdout is not None
-        held = filler.stdout.readline()
-        assert int(held) > 0, held
-        yield
-    finally:
-        if filler.stdin is not None:
+
+    def release() -> None:
+        if filler.stdin is not None and not filler.stdin.closed:
             filler.stdin.close()
         try:
             filler.wait(timeout=30)
         except subprocess.TimeoutExpired:
             filler.send_signal(signal.SIGKILL)
             filler.wait()
+
+    try:
+        assert filler.stdout is not None
+        held = filler.stdout.readline()
+        assert int(held) > 0, held
+        yield release
+    finally:
+        release()
