@@ -284,11 +284,14 @@ class GroupGuardian:
             helper.wait()
             return
         try:
-            await trio.lowlevel.wait_readable(pidfd)
+            # Shielded, as the thread's wait was: a supervisor stopped at once must still reap
+            # it (it exits at once); bounded, in case its fork hangs.
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                await trio.lowlevel.wait_readable(pidfd)
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
-        helper.wait()
+        helper.poll()
 
     def add(self, pgid: int) -> None:
         """A child's process group to kill if we die."""
