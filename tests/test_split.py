@@ -331,7 +331,8 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
             out = WindowPoStVanillaOutput([b"x"], [])
             return SimpleNamespace(error=None, output=out, tracked=SimpleNamespace(child="A"))
         error = ProverError(f"request {rounds} ({SNARK}) failed on S0 and S1: bad")
-        return SimpleNamespace(error=error, tracked=SimpleNamespace(avoid={"S0", "S1"}))
+        tracked = SimpleNamespace(avoid={"S0", "S1"}, lost_on=frozenset())
+        return SimpleNamespace(error=error, tracked=tracked)
 
     def child(name, stage):
         return SimpleNamespace(name=name, spec=SimpleNamespace(stage=stage, max_attempts=2))

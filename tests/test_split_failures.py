@@ -397,3 +397,44 @@ async def test_a_vanilla_child_whose_proofs_the_only_snark_child_refuses_is_benc
         benched = set(sup._book.scheduler.breaker.suspects)
     assert benched == {f"{VAN}#0"}
     assert bad.done == 3
+
+
+# A vanilla child whose proofs make the SNARK prover abort (a native library that cannot read
+# them), and SNARK children that do.
+POISON_VANILLA = dext_child(
+    "send(dext.Response(msg.id, output=WindowPoStVanillaOutput([b'poison'], [])))",
+    setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
+    stage=VAN,
+)
+SNARK_ABORTING_ON_POISON = dext_child(
+    """
+if list(msg.task.vanilla_proofs) == [b'poison']:
+    os.abort()
+send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
+""",
+    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+    "from damocles_ext_plugins.testing import echo_proof",
+    stage=SNARK,
+)
+
+
+async def test_vanilla_proofs_that_crash_both_snark_children_are_made_again_and_their_child_benched():
+    # Two SNARK children crashing on a step's proofs say as much of them as two errors: the
+    # proofs are made again by the other vanilla child, and the child that made them is benched
+    # after its third. Before, a crash said nothing: every request the bad vanilla child took
+    # failed, for ever, and it was never benched.
+    children = [
+        spec(POISON_VANILLA, stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(SNARK_ABORTING_ON_POISON, stage=SNARK),
+        spec(SNARK_ABORTING_ON_POISON, stage=SNARK, index=1),
+    ]
+    async with open_supervisor(children, backoff=BackoffPolicy(base=0.02, cap=0.08)) as sup:
+        await sup.wait_ready(VAN, 2)
+        await sup.wait_ready(SNARK, 2)
+        for _ in range(8):
+            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        bad = child_stats(sup, f"{VAN}#0")
+        benched = set(sup._book.scheduler.breaker.suspects)
+    assert benched == {f"{VAN}#0"}
+    assert bad.done == 3

@@ -216,6 +216,8 @@ class RequestBook(BookRules):
             c.failed += 1
             req.current = None
             req.history.append(f"attempt {req.attempts} on {c.name}: {what}")
+            if process.charge_all and not self.shutting_down:  # its own fault, not a stop
+                req.lost_on |= {c.name}
             self._retry_or_fail(
                 req,
                 c,

@@ -43,6 +43,9 @@ class TrackedRequest(msgspec.Struct, eq=False):
     child: str | None = None  # child of the current or last attempt
     history: list[str] = msgspec.field(default_factory=list)
     avoid: frozenset[str] | None = None  # children that answered it with an error
+    #: Children whose process went down of its own fault (a crash, a hang) while running it: a
+    #: split WindowPoSt counts them as it counts a SNARK step's errors (supervisor/split.py).
+    lost_on: frozenset[str] = frozenset()
     back: bool = True  # may go back to one of them (WinningPoSt; not after one failed it twice)
     done: bool = False
     #: A split WindowPoSt's SNARK step: its caller's request is in flight, so shutdown lets it

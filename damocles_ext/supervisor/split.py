@@ -11,15 +11,19 @@ which has its own attempts. One SNARK child's error is no such evidence while an
 child can serve (a GPU's own fault is far more common, and running the vanilla step again would
 read every challenged sector again for nothing); with no other SNARK child to ask (none, or all
 benched or stopped for good), one is enough: the proofs made again are the only chance of a
-proof. A SNARK step a SNARK child answered with an error names the vanilla child whose proofs it
-had; the answer after several rounds says what each said.
+proof. A SNARK child that went down of its own fault while running the step (a crash, a hang:
+a native prover aborting on proofs it cannot read) counts here as one that answered it with an
+error: otherwise a vanilla child whose proofs crash the SNARK prover would never be blamed, and
+every request it made proofs for would fail. A SNARK step a SNARK child answered with an error
+(or went down on) names the vanilla child whose proofs it had; the answer after several rounds
+says what each said.
 
 For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
 among their child's answers: as an error when two SNARK children or more refused them, or when
 one alone did and another vanilla child's proofs of the same request were then proved (that
 SNARK child works: a broken lone SNARK GPU refusing every child's proofs blames none), as a
 proof when it proved them, and not at all when it ended with nothing said of them (one SNARK
-child's error otherwise, its deadline, a cancel, a shutdown, its SNARK children lost). A vanilla
+child's error otherwise, its deadline, a cancel, a shutdown). A vanilla
 child whose proofs prove nothing is benched as one that answers errors is, while a sibling's
 proofs for the same miner are taken. The SNARK children are not blamed for them (see the
 breaker's key for the SNARK step in lifecycle/records.py): a SNARK child's error counts for the
@@ -78,13 +82,16 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             if rounds == 1 and made_by in sup._children:
                 budget = sup._children[made_by].spec.max_attempts
             sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
-            refused_by: frozenset[str] = frozenset()  # the SNARK children that said an error
+            # The SNARK children that said an error, or went down of their own fault (a crash,
+            # a hang) while running it: a SNARK prover aborting on the proofs it is given is as
+            # much evidence against them as an error.
+            refused_by: frozenset[str] = frozenset()
             judged: bool | None = None  # refused, proved, or nothing said (see module docstring)
             enough = False
             try:
                 snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
                 if snark.error is not None:
-                    refused_by = snark.tracked.avoid or frozenset()
+                    refused_by = (snark.tracked.avoid or frozenset()) | snark.tracked.lost_on
                     enough = len(refused_by) >= _opinions(sup, refused_by)
                     judged = True if len(refused_by) >= 2 else None
                 else:
@@ -99,7 +106,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             if snark.error is None:
                 assert isinstance(snark.output, WindowPoStSnarkOutput)
                 return join_window_post(vanilla, snark.output)
-            if not refused_by:  # a timeout, a crash, the shutdown: nothing said of the proofs
+            if not refused_by:  # a timeout, a deadline, the shutdown: nothing said of the proofs
                 raise _with_earlier(snark.error, earlier)
             error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
             avoid |= {made_by}
