@@ -438,3 +438,39 @@ async def test_vanilla_proofs_that_crash_both_snark_children_are_made_again_and_
         benched = set(sup._book.scheduler.breaker.suspects)
     assert benched == {f"{VAN}#0"}
     assert bad.done == 3
+
+
+SNARK_ABORTING_ON_MINER_7 = dext_child(
+    """
+if msg.task.miner_id == 7:
+    os.abort()
+send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
+""",
+    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+    "from damocles_ext_plugins.testing import echo_proof",
+    stage=SNARK,
+)
+
+
+async def test_a_request_that_crashes_every_snark_child_fails_alone_and_leaves_none_fatal():
+    # A poison request (its SNARK prover aborts on it, wherever it runs), sent again and again:
+    # each fails after its attempts, saying so, and the SNARK children go on proving the others.
+    # Before, each crash counted as an exit after ready without answering: after 5 of them in a
+    # row every SNARK child was FATAL, and every WindowPoSt failed at once.
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(SNARK_ABORTING_ON_MINER_7, stage=SNARK),
+        spec(SNARK_ABORTING_ON_MINER_7, stage=SNARK, index=1),
+    ]
+    async with open_supervisor(children, backoff=BackoffPolicy(base=0.02, cap=0.08)) as sup:
+        await sup.wait_ready(SNARK, 2)
+        await sup.wait_ready(VAN)
+        for _ in range(6):
+            with pytest.raises(ProverError) as excinfo:
+                await sup.submit(window_task(miner=7))
+            message = str(excinfo.value)
+            assert "killed by SIGABRT" in message, message
+            assert "giving up (MaxAttempts = 2" in message, message
+        assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+        states = {c.name: c.state for c in sup.statistics().children}
+    assert "fatal" not in states.values(), states

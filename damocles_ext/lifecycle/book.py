@@ -105,6 +105,10 @@ class RequestBook(BookRules):
         """Whether `child`'s current (or last) process answered anything (the restart rules)."""
         return self._child(child).served
 
+    def sent(self, child: str) -> bool:
+        """Whether `child`'s current (or last) process was sent a request (the restart rules)."""
+        return self._child(child).sent
+
     def sizes(self) -> dict[str, int]:
         """How much the book holds (for leak checks): everything is 0 when it is idle."""
         return {
@@ -160,7 +164,7 @@ class RequestBook(BookRules):
         if c.process is not None:  # the last one was never reported lost: it is now
             self.child_lost(child, now, "replaced by a new process", out=out)
         c.process = ProcessRecord(c, protocol, pid, last_activity=now)
-        c.served = False
+        c.served = c.sent = False
         c.gave_up = False
         self.scheduler.child_ready(child, now, queue=queue)
         self._dispatch(now, out)

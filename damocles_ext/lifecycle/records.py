@@ -119,6 +119,7 @@ class ChildRecord:
     done: int = 0  # requests answered with an output
     failed: int = 0  # requests answered with an error, or lost with the child
     served: bool = False  # its current (or last) process answered something
+    sent: bool = False  # its current (or last) process was sent a request
     # Its processes that went down still alive and hold locks until they exit (child_exited).
     exiting: list[ProcessRecord] = field(default_factory=list)
 

@@ -155,6 +155,7 @@ class BookRules:
         process.attempts[child_rid] = attempt
         self._running[aid] = attempt
         req.attempts += 1
+        c.sent = True
         req.child = child
         req.current = attempt
         out.append(Send(req, child, child_rid))

@@ -274,8 +274,9 @@ async def child_loop(
             if child.stop.is_set():
                 break
             now = trio.current_time()
+            name, book = child.name, host.book
             decision = (
-                child.tracker.exited(now, reason, served=host.book.served(child.name))
+                child.tracker.exited(now, reason, served=book.served(name), sent=book.sent(name))
                 if was_ready
                 else child.tracker.start_failed(reason, refused=child.start_refused)
             )

@@ -11,8 +11,12 @@ start fails `max_failed_starts` times in a row is FATAL: it is not started
 again, so a broken binary or config costs a few log lines, not a restart storm. The same holds for
 a child that says it is ready and then exits before answering a single request, again and again
 (`max_failed_starts` such exits in a row, none of them after `stable_after` seconds of ready): it
-backs off like any crash, then is FATAL instead of crash-looping forever. A child with AutoRestart
-off is never restarted.
+backs off like any crash, then is FATAL instead of crash-looping forever. A run that was sent a
+request and went down before answering (a crash on that request) is no such exit: it backs off
+like any crash, never to FATAL, and leaves the count as it was. Each request's MaxAttempts bounds
+what a child crashing on requests costs, and a request that crashes every prover it is sent to
+(vanilla proofs a native SNARK prover aborts on, resubmitted) would otherwise make every child of
+its stage FATAL in turn. A child with AutoRestart off is never restarted.
 
 What FATAL means next is the policy's `retry_fatal`. Off (the default, and `prove -c`'s, a
 one-shot command): FATAL is final, the child is not started again, and a caller waiting for it
@@ -116,10 +120,12 @@ class RestartTracker:
             return self._fatal(f"{self.failed_starts} failed starts in a row (last: {reason})")
         return self._restart(reason)
 
-    def exited(self, now: float, reason: str, *, served: bool) -> Decision:
+    def exited(self, now: float, reason: str, *, served: bool, sent: bool = False) -> Decision:
         """The child stopped after it had been ready (crash, kill after a hang, broken protocol).
 
-        `served`: it answered at least one request in that run (then it restarts after `base`).
+        `served`: it answered at least one request in that run (then it restarts after `base`);
+        `sent`: it was sent one (a crash on a request it was given is no idle exit: see the
+        module's docstring).
         """
         stable = (
             self._ready_since is not None and now - self._ready_since >= self.policy.stable_after
@@ -129,7 +135,7 @@ class RestartTracker:
         self._ready_since = None
         if served or stable:
             self.idle_exits = 0
-        else:
+        elif not sent:
             self.idle_exits += 1
             if self.idle_exits >= self.policy.max_failed_starts:
                 return self._fatal(
