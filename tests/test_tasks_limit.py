@@ -4,9 +4,13 @@ processes run as a uid whose processes and threads are all held but a few (helpe
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import socket as pysocket
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +30,7 @@ from helpers.frontend import (
 from helpers.tasks_limit import a_uid_of_its_own, as_user, own_dir, skip_unless_possible, tasks_held
 from test_producer import finish_and_expect_proofs, job_id_of, window_task
 
+from damocles_ext.frontends.coordinator import PARSE_ON_A_THREAD
 from damocles_ext.protocol import dext
 
 
@@ -167,3 +172,56 @@ async def test_run_that_cannot_fork_says_which_limit_ran_out_then_proves_once_ta
             assert await prove_through(socket, make_task(8)) == echo_output(make_task(8))
             await stop(run, log)
     assert "Traceback" not in log.text(), log.text()
+
+
+async def http_call(url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """The status and body of a GET (a POST of `body` when given) of `url` (from this process,
+    root's: not under the limit)."""
+
+    def call() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(url, data=body, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    return await trio.to_thread.run_sync(call)
+
+
+async def test_a_coordinator_that_cannot_start_a_thread_for_a_large_body_answers_why_and_serves_on(
+    uid, tmp_path
+):
+    url = f"sqlite:///{own_dir(tmp_path / 'svc', uid)}/jobs.db"
+    argv = [*DEXT, "serve", "window_post", "--jobs", url, "--listen", "127.0.0.1:0"]
+    name = "w" * (PARSE_ON_A_THREAD + 1)  # parsed on a thread of its own
+    ping = b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[{"Name":"%s"}],"id":3}' % (
+        name.encode()
+    )
+    with tasks_held(uid, leave=1) as release:  # serve's process: no thread to parse a body on
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(nursery, as_user(uid, argv), "window_post",
+                                        stderr=subprocess.PIPE, ready_timeout=30)  # fmt: skip
+            try:
+                with trio.fail_after(30):
+                    line = await m.wait_log("serving the worker-prover RPC at")
+                rpc_url = re.search(r"http://\S+", line).group(0)
+                status, answer = await http_call(rpc_url, ping)
+                assert status == 500, answer
+                error = json.loads(answer)["error"]["message"]
+                assert "cannot read this request body of" in error, error
+                assert "cannot start a thread" in error and "ulimit -u" in error, error
+                with trio.fail_after(30):
+                    said = await m.wait_log("cannot read this request body")
+                assert "TasksMax" in said, said
+                release()  # threads to be had again: the same request is answered
+                status, answer = await http_call(rpc_url, ping)
+                assert (status, json.loads(answer)) == (
+                    200, {"jsonrpc": "2.0", "id": 3, "result": None}
+                ), answer  # fmt: skip
+                await m.close_stdin()
+                with trio.fail_after(30):
+                    assert await m.process.wait() == 0
+            finally:
+                if m.process.returncode is None:
+                    m.process.kill()
+    assert not any("Traceback" in line for line in m.log), "\n".join(m.log)

@@ -25,6 +25,7 @@ from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
 from ..jobs.worker_rules import Outage
+from ..threads import NoThreadError, run_in_thread
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
@@ -183,7 +184,10 @@ class Coordinator:
         async with self._listing:
             jobs = await self.store.list_jobs()
             max_try = self.store.store.limits.max_try
-            return await trio.to_thread.run_sync(rpc.all_jobs_result, jobs, max_try)
+            try:
+                return await run_in_thread(rpc.all_jobs_result, jobs, max_try)
+            except NoThreadError as exc:
+                raise _no_thread("list the jobs", exc) from None
 
     async def _StoreBasicInfo(self, name: str) -> dict[str, Any] | None:
         path = self.stores.get(name)
@@ -369,7 +373,12 @@ class Coordinator:
         try:
             if len(body) > PARSE_ON_A_THREAD:
                 async with self._parsing:
-                    call = await trio.to_thread.run_sync(rpc.parse_request, body)
+                    try:
+                        call = await run_in_thread(rpc.parse_request, body)
+                    except NoThreadError as exc:
+                        raise _no_thread(
+                            f"read this request body of {len(body)} bytes", exc
+                        ) from None
             else:
                 call = rpc.parse_request(body)
             result = await self.handle(call)
@@ -380,6 +389,15 @@ class Coordinator:
             log.exception("internal error answering an RPC request")
             error = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return error.http_status, rpc.encode_error(error)
+
+
+def _no_thread(doing: str, exc: NoThreadError) -> rpc.RpcError:
+    """The answer to a request that needed a thread this process could not start (logged: the
+    operator must hear of the limit, not only the client)."""
+    log.warning("cannot %s: %s", doing, exc)
+    return rpc.RpcError(
+        rpc.INTERNAL_ERROR, f"the coordinator cannot {doing} now: {exc}; try again later"
+    )
 
 
 def _raise_refusals(effects: Iterable[rules.Effect]) -> None:
