@@ -92,12 +92,12 @@ async def test_serve_jobs_without_a_thread_for_its_store_waits_saying_why_then_p
 
 @asynccontextmanager
 async def running_as(
-    uid: int, cfg: Path, socket: Path
+    uid: int, cfg: Path, socket: Path, *extra: str
 ) -> AsyncIterator[tuple[trio.Process, LogWatcher]]:
     """`damocles-ext run` as `uid` (under the tasks limit), once its socket listens; killed at
     the end if the test did not stop it (its children die with it: PDEATHSIG)."""
     run = await trio.lowlevel.open_process(
-        as_user(uid, [*DEXT, "run", "-c", str(cfg), "--socket", str(socket)]),
+        as_user(uid, [*DEXT, "run", "-c", str(cfg), "--socket", str(socket), *extra]),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=dext_env(),
     )  # fmt: skip
@@ -225,3 +225,27 @@ async def test_a_coordinator_that_cannot_start_a_thread_for_a_large_body_answers
                 if m.process.returncode is None:
                     m.process.kill()
     assert not any("Traceback" in line for line in m.log), "\n".join(m.log)
+
+
+async def test_a_metrics_page_without_a_thread_to_build_it_is_a_503_saying_why_then_served(
+    uid, tmp_path, sock_dir
+):
+    cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
+    socket = own_dir(sock_dir / "run", uid) / "control.sock"
+    with tasks_held(uid, leave=1) as release:  # run's process only: no thread for a scrape
+        async with running_as(uid, cfg, socket, "--metrics", "127.0.0.1:0") as (run, log):
+            with trio.fail_after(30):
+                line = await log.wait_for("metrics on ")
+            url = re.search(r"http://\S+", line).group(0)
+            status, page = await http_call(url)
+            assert status == 503, page
+            assert b"cannot build the metrics exposition: cannot start a thread" in page, page
+            assert b"ulimit -u" in page, page
+            with trio.fail_after(30):
+                said = await log.wait_for("cannot build the metrics exposition")
+            assert "TasksMax" in said, said
+            release()
+            status, page = await http_call(url)
+            assert status == 200 and b"damocles_ext_" in page, page
+            await stop(run, log)
+    assert "Traceback" not in log.text(), log.text()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from ..threads import NoThreadError, run_in_thread
 from .http import HttpConnection, Refuse
 
 if TYPE_CHECKING:
@@ -40,12 +41,19 @@ class ScrapeConnection(HttpConnection):
                             extra=[("Allow", "GET, HEAD")])  # fmt: skip
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        text, content_type, gzipped = await trio.to_thread.run_sync(
-            self._server._render,
-            request.target.decode("latin-1"),
-            headers.get("accept", ""),
-            headers.get("accept-encoding", ""),
-            limiter=self._server._limiter,
-        )
+        try:
+            text, content_type, gzipped = await run_in_thread(
+                self._server._render,
+                request.target.decode("latin-1"),
+                headers.get("accept", ""),
+                headers.get("accept-encoding", ""),
+                limiter=self._server._limiter,
+            )
+        except NoThreadError as exc:
+            # The scraper sees the target down (a 503), and says so; the log says why.
+            why = f"cannot build the metrics exposition: {exc}"
+            log.warning("%s", why)
+            await self.send(503, f"{why}\n".encode(), head=method == "HEAD", close=True)
+            return
         await self.send(200, text, content_type=content_type, head=method == "HEAD",
                         extra=[("Content-Encoding", "gzip")] if gzipped else None)  # fmt: skip
