@@ -424,13 +424,14 @@ class ObserverCall:
     alert), so these fields are written by that thread and read by the trio side; each is one
     attribute store, and a stale read only names the plugin that ran a moment earlier."""
 
-    __slots__ = ("abandoned", "hook", "no_thread", "pending", "running", "started")
+    __slots__ = ("abandoned", "hook", "no_thread", "pending", "running", "started", "thread_error")
 
     def __init__(self, hook: str) -> None:
         self.hook = hook
         self.running: str | None = None  # the plugin whose observer runs now
         self.started = False  # the synchronous hook call began (it had its thread)
-        self.no_thread = False  # not called: every observer thread was held
+        self.no_thread = False  # not called: every observer thread was held, or none started
+        self.thread_error: str | None = None  # not called: why no thread could be started
         self.abandoned = False  # cut off: what it still returns is discarded, not awaited
         # What its implementations returned that is still to be awaited, in the order they ran:
         # taken from here rather than from the hook's results, which a wrapper may replace or
@@ -582,7 +583,10 @@ async def call_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any
     caller abandons that thread, whose work is then ignored. Only `async def` implementations:
     the call is made here, as it only makes their coroutines.
     """
-    await deliver_observers(pm, hook_name, kwargs, ObserverCall(hook_name))
+    call = ObserverCall(hook_name)
+    await deliver_observers(pm, hook_name, kwargs, call)
+    if call.thread_error is not None:
+        log.warning("observer hook %s: not called: %s", hook_name, call.thread_error)
 
 
 async def deliver_observers(
@@ -595,7 +599,8 @@ async def deliver_observers(
     """`call_observers`, with `call` to follow it by and `limiter` bounding the worker threads
     (None: trio's default): when the limiter has no thread free, the hook is not called and
     `call.no_thread` says so (a stuck observer holds its thread until it returns)."""
-    import trio  # here: the child runtime imports this module, and has no use for trio
+    # here: the child runtime imports this module, and has no use for trio
+    from .threads import NoThreadError, run_in_thread
 
     caller = getattr(pm.hook, hook_name, None)
     if caller is None:
@@ -609,9 +614,13 @@ async def deliver_observers(
             call.no_thread = True
             return
         else:
-            called = await trio.to_thread.run_sync(
-                _call_hook, caller, kwargs, call, abandon_on_cancel=True, limiter=limiter
-            )
+            try:
+                called = await run_in_thread(
+                    _call_hook, caller, kwargs, call, abandon_on_cancel=True, limiter=limiter
+                )
+            except NoThreadError as exc:  # at the limit of tasks: this event is not delivered
+                call.no_thread, call.thread_error = True, str(exc)
+                return
         if not called:
             return
         for item in call.pending:

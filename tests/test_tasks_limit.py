@@ -27,7 +27,14 @@ from helpers.frontend import (
     plugin_block,
     write_config,
 )
-from helpers.tasks_limit import a_uid_of_its_own, as_user, own_dir, skip_unless_possible, tasks_held
+from helpers.tasks_limit import (
+    a_uid_of_its_own,
+    as_user,
+    own_dir,
+    run_at_the_limit,
+    skip_unless_possible,
+    tasks_held,
+)
 from test_producer import finish_and_expect_proofs, job_id_of, window_task
 
 from damocles_ext.frontends.coordinator import PARSE_ON_A_THREAD
@@ -249,3 +256,45 @@ async def test_a_metrics_page_without_a_thread_to_build_it_is_a_503_saying_why_t
             assert status == 200 and b"damocles_ext_" in page, page
             await stop(run, log)
     assert "Traceback" not in log.text(), log.text()
+
+
+OBSERVED = """
+import logging, trio
+from damocles_ext.hookspecs import ChildInfo, hookimpl
+from damocles_ext.plugins import call_observers, get_plugin_manager
+from damocles_ext.supervisor.observers import Observers
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+class Plain:  # a plain function: called on a worker thread
+    @hookimpl
+    def dext_child_started(self, child):
+        print("called")
+
+pm = get_plugin_manager(entry_points=False)
+pm.register(Plain())
+child = ChildInfo("window_post", 0, "window_post#0", 1234, "0")
+
+async def main():
+    observers = Observers(pm)
+    observers.open()
+    observers.observe("dext_child_started", child=child)
+    observers.close()
+    await observers.run()  # the supervisor's observer task
+    await call_observers(pm, "dext_child_started", child=child)
+    print("dropped", observers.dropped)
+
+trio.run(main)
+"""
+
+
+def test_an_observer_without_a_thread_misses_its_event_saying_why_and_the_supervisor_goes_on(uid):
+    done = run_at_the_limit(uid, OBSERVED)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["dropped 1"], done.stdout
+    said = [line for line in done.stderr.splitlines() if "observer hook dext_child_started" in line]
+    assert len(said) == 2, done.stderr  # the supervisor's task, and call_observers
+    for line in said:
+        assert line.startswith("WARNING"), line
+        assert "cannot start a thread" in line and "ulimit -u" in line, line

@@ -158,11 +158,14 @@ class Observers:
         self.dropped += 1
         self.no_thread += 1
         if self.no_thread % 1000 == 1:
+            why = call.thread_error or (
+                f"all {OBSERVER_THREADS} observer threads are held by plain observers that have"
+                " not returned"
+            )
             log.warning(
-                "observer hook %s: event dropped, all %d observer threads are held by plain"
-                " observers that have not returned (%d events dropped so far for this)",
+                "observer hook %s: event dropped, %s (%d events dropped so far for this)",
                 call.hook,
-                OBSERVER_THREADS,
+                why,
                 self.no_thread,
             )
 

@@ -106,3 +106,14 @@ def tasks_held(uid: int, leave: int) -> Iterator[Callable[[], None]]:
         yield release
     finally:
         release()
+
+
+def run_at_the_limit(uid: int, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Python `code` run as `uid` with no task to spare (its own process only: no thread can be
+    started), its output captured; it must end within `timeout` seconds."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tasks_held(uid, leave=1):
+        return subprocess.run(
+            as_user(uid, [sys.executable, "-c", code]),
+            capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        )  # fmt: skip
