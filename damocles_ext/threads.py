@@ -6,6 +6,8 @@ starting a thread fails with a RuntimeError ("can't start new thread") that says
 ran out nor what to do, and that the callers of a job store or of a metrics exposition took for
 a bug of ours (a traceback; a coordinator that stopped). `run_sync` raises `NoThreadError`
 instead, which says both; a failure of the called function itself passes through unchanged.
+Where trio starts the thread itself (a host name's lookup), `no_thread` tells its RuntimeError
+from another.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ from .errors import TASKS_ADVICE, DextError
 
 R = TypeVar("R")
 
+#: CPython's words when a thread cannot be started (threading.Thread.start).
+_CANNOT_START = "can't start new thread"
+
 
 class NoThreadError(DextError):
     """A worker thread could not be started (the process is at its limit of tasks)."""
+
+
+def no_thread(exc: BaseException) -> NoThreadError | None:
+    """The NoThreadError that `exc` means, when it is the failure to start a thread (raised by
+    trio, or by threading.Thread.start); None for anything else."""
+    if isinstance(exc, RuntimeError) and _CANNOT_START in str(exc):
+        return NoThreadError(f"cannot start a thread ({exc}): {TASKS_ADVICE}")
+    return None
 
 
 async def run_in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:

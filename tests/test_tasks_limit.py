@@ -298,3 +298,36 @@ def test_an_observer_without_a_thread_misses_its_event_saying_why_and_the_superv
     for line in said:
         assert line.startswith("WARNING"), line
         assert "cannot start a thread" in line and "ulimit -u" in line, line
+
+
+LOOKED_UP = """
+import trio
+from damocles_ext.jobs.client import RpcClient, RpcConnectionError, local_address_towards
+from damocles_ext.jobs.endpoint import parse_endpoint
+
+async def main():
+    manager = parse_endpoint("http://localhost:1789/rpc/v0")  # a name: looked up on a thread
+    try:
+        await local_address_towards(manager)  # a worker without --name
+    except OSError as exc:
+        print("name:", exc)
+    try:
+        await RpcClient(manager).call("Venus.WorkerPing", {})
+    except RpcConnectionError as exc:
+        print("call:", exc.sent, exc)
+
+trio.run(main)
+"""
+
+
+def test_a_worker_that_cannot_look_its_manager_up_for_lack_of_a_thread_says_why(uid):
+    done = run_at_the_limit(uid, LOOKED_UP)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    name, call = done.stdout.splitlines()
+    assert name.startswith("name: [Errno 11] cannot look localhost up: cannot start a"), name
+    assert call.startswith(
+        "call: False cannot connect to http://localhost:1789/rpc/v0 (for Venus.WorkerPing):"
+        " cannot look localhost up: cannot start a thread"
+    ), call
+    for line in name, call:
+        assert "ulimit -u" in line and "TasksMax" in line, line

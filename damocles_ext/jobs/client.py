@@ -19,6 +19,7 @@ Calls made from several tasks at once take turns on the one connection.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
@@ -29,6 +30,7 @@ import msgspec
 import trio
 
 from ..errors import DextError
+from ..threads import no_thread
 from .endpoint import Endpoint, parse_endpoint
 
 DEFAULT_TIMEOUT = 30.0
@@ -259,16 +261,21 @@ class RpcClient:
             stream = await trio.open_tcp_stream(self.endpoint.host, self.endpoint.port)
         except OSError as exc:
             why = _why(exc)
-            raise RpcConnectionError(
-                f"cannot connect to {self.url} (for {method}): {why}; check that"
-                f" {self.serves} runs there, and the address",
-                url=self.url,
-                method=method,
-                sent=False,
-            ) from None
-        self.connections_opened += 1
-        self._stream, self._h11 = stream, h11.Connection(h11.CLIENT)
-        return stream, self._h11
+        except RuntimeError as exc:  # a host name is looked up on a thread: none could start
+            if (failed := no_thread(exc)) is None:
+                raise
+            why = f"cannot look {self.endpoint.host} up: {failed}"
+        else:
+            self.connections_opened += 1
+            self._stream, self._h11 = stream, h11.Connection(h11.CLIENT)
+            return stream, self._h11
+        raise RpcConnectionError(
+            f"cannot connect to {self.url} (for {method}): {why}; check that"
+            f" {self.serves} runs there, and the address",
+            url=self.url,
+            method=method,
+            sent=False,
+        ) from None
 
     def _lost(self, method: str, what: str) -> RpcConnectionError:
         return RpcConnectionError(
@@ -351,7 +358,14 @@ def _http_date(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
 async def local_address_towards(endpoint: Endpoint) -> str:
     """The address of the local interface that reaches `endpoint` (damocles-worker's default
     worker name): a UDP socket is connected to it, which picks a route and sends nothing."""
-    infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=trio.socket.SOCK_DGRAM)
+    try:
+        infos = await trio.socket.getaddrinfo(
+            endpoint.host, endpoint.port, type=trio.socket.SOCK_DGRAM
+        )
+    except RuntimeError as exc:  # the lookup's thread could not be started
+        if (failed := no_thread(exc)) is None:
+            raise
+        raise OSError(errno.EAGAIN, f"cannot look {endpoint.host} up: {failed}") from None
     if not infos:
         raise OSError(f"{endpoint.host} has no address")
     family, kind, proto, _, address = infos[0]
