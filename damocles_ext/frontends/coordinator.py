@@ -28,7 +28,13 @@ from ..jobs.worker_rules import Outage
 from ..threads import NoThreadError, run_in_thread
 from .dext_rpc import DextMethods
 from .http import HttpConnection, Refuse, serve_http_connection
-from .listeners import ConnectionSlots, bind_tcp, join_host_port, serve_connections
+from .listeners import (
+    ConnectionSlots,
+    ThrottledLog,
+    bind_tcp,
+    join_host_port,
+    serve_connections,
+)
 from .sector_index import SectorIndex
 
 log = logging.getLogger("damocles_ext.coordinator")
@@ -43,6 +49,12 @@ MAX_BODY = 16 * 1024 * 1024
 PARSE_ON_A_THREAD = 256 * 1024
 MAX_HEAD = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
+#: Bytes of request bodies all connections together may hold (read, or being answered): a
+#: worker's call is a few KiB, a finish with its proofs some tens; 64 MiB is a few hundred
+#: workers' calls at once many times over, and 4 bodies of MAX_BODY, where 64 connections of
+#: MAX_BODY each held a GiB. Over it, the connection whose unfinished body holds the most is
+#: closed.
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 # A worker heartbeats every 3 s and pings every 30 s over a kept-alive connection.
 DEFAULT_IDLE_TIMEOUT = 120.0
 # damocles-manager sweeps every 10 s (and once at start): rules.sweep_every here, never more than
@@ -430,9 +442,12 @@ class CoordinatorServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_body: int = MAX_BODY,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
         token: str | None = None,
         index_without_token: bool = False,
     ) -> None:
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be at least 1 byte, got {max_buffered}")
         self.coordinator = coordinator
         #: When set, every request must carry `Authorization: Bearer <token>`.
         self.token = None if token is None else token.encode()
@@ -442,6 +457,12 @@ class CoordinatorServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_body = max_body
+        self.max_buffered = max_buffered
+        #: Bytes of request bodies held now, all connections together, and the most ever held.
+        self.buffered = self.peak_buffered = 0
+        self.over_buffer = 0  # connections closed for holding the most when over max_buffered
+        self._holding: set[_Connection] = set()  # the connections with a body held
+        self._over_buffer_log = ThrottledLog(log)
         self._sock = bind_tcp(host, port, doing="listen", option="--listen")
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://{join_host_port(host, self.port)}/rpc/v0"
@@ -476,6 +497,37 @@ class CoordinatorServer:
         if self._slots is not None:
             self._slots.evict_idle("the coordinator is stopping")
 
+    def _buffer_changed(self, conn: _Connection, held: int) -> bool:
+        """Account the `held` bytes of `conn`'s body; False if `conn` itself must go (over the
+        cap, its unfinished body the largest). Only a body still being read is closed: one
+        being answered gets its answer, and frees its bytes then."""
+        self.buffered += held - conn.buffered
+        conn.buffered = held
+        (self._holding.add if held else self._holding.discard)(conn)
+        keep = True
+        while self.buffered > self.max_buffered:
+            reading = [c for c in self._holding if c.reading_body]
+            if not reading:
+                break
+            hog = max(reading, key=lambda c: c.buffered)
+            self.over_buffer += 1
+            reason = (
+                f"its unfinished request body holds {hog.buffered / 2**20:.1f} MiB, the most of"
+                f" any connection, and all of them together hold {self.buffered / 2**20:.1f} MiB,"
+                f" over the limit of {self.max_buffered / 2**20:g} MiB"
+            )
+            self._over_buffer_log("closing a coordinator connection: %s", reason)
+            # Its bytes go with it: counted out now, so one read over the cap closes one.
+            self.buffered -= hog.buffered
+            hog.buffered = 0
+            self._holding.discard(hog)
+            if hog is conn:
+                keep = False
+            else:
+                hog.evict(reason)
+        self.peak_buffered = max(self.peak_buffered, self.buffered)
+        return keep
+
     async def _connection(self, stream: trio.SocketStream) -> None:
         assert self._slots is not None
         conn = _Connection(self, stream)
@@ -492,8 +544,17 @@ class _Connection(HttpConnection):
                          what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
+        self.buffered = 0  # bytes of the request body kept, as the server accounts them
+        self.reading_body = False  # the body is being read (not answered yet)
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self._server._buffer_changed(self, 0)
 
     def on_head(self, request: h11.Request) -> None:
+        self.reading_body = True
         self._refused = self._check_token(request)
         # Refused before reading it, when the client says how long it is (h11 checked the
         # header's digits; a chunked body has none and is counted as it comes).
@@ -508,10 +569,14 @@ class _Connection(HttpConnection):
             if size > UNAUTHORIZED_BODY:
                 raise _unauthorized(self._refused)
             # Read to keep the connection usable; kept only to see if it asks the open index.
-            return self._server.index_without_token
-        if size > self._server.max_body:
+            keep = self._server.index_without_token
+        elif size > self._server.max_body:
             raise self._too_large()
-        return True
+        else:
+            keep = True
+        if keep and not self._server._buffer_changed(self, size):
+            raise Refuse(503, b"the coordinator holds too many request bodies; try again\n")
+        return keep
 
     def _too_large(self) -> Refuse:
         return Refuse(413, f"a request body is at most {self._server.max_body} bytes\n".encode())
@@ -524,6 +589,13 @@ class _Connection(HttpConnection):
         return rpc.check_bearer(given, token)
 
     async def answer(self, request: h11.Request, body: bytes) -> None:
+        self.reading_body = False
+        try:
+            await self._answer(request, body)
+        finally:
+            self._server._buffer_changed(self, 0)  # the body is let go of once answered
+
+    async def _answer(self, request: h11.Request, body: bytes) -> None:
         if self._refused is not None and not self._asks_open_index(body):
             # The connection stays open: a client that fixes its header may go on using it.
             refusal = _unauthorized(self._refused)
