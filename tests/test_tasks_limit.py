@@ -331,3 +331,60 @@ def test_a_worker_that_cannot_look_its_manager_up_for_lack_of_a_thread_says_why(
     ), call
     for line in name, call:
         assert "ulimit -u" in line and "TasksMax" in line, line
+
+
+WATCHED = """
+import sys, trio
+from damocles_ext.frontends.producer import JobProducer
+from damocles_ext.jobs.paths import StoreMap
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+
+store = JobStore.open(sys.argv[1])
+store.list_jobs()  # its first connection: its file is watched from now on
+producer = JobProducer(TrioJobStore(store), StoreMap({}), deadline_after=None)
+
+async def main():
+    with trio.move_on_after(0.5):  # checks every 10 ms: a few dozen without a thread
+        await producer.watch_store_file(every=0.01)
+    print("watching on")
+
+trio.run(main)
+"""
+
+
+def test_an_idle_serves_store_file_check_without_a_thread_skips_that_check(uid, tmp_path):
+    # serve --jobs checks its SQLite file every 10 s on a thread: without one, the check is
+    # skipped (the next one looks), not an error that ends serve.
+    store = own_dir(tmp_path / "svc", uid) / "jobs.db"
+    done = run_at_the_limit(uid, WATCHED.replace("sys.argv[1]", repr(f"sqlite:///{store}")))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["watching on"], done.stdout
+
+
+LISTENED = """
+import trio
+from damocles_ext.jobs.notify import JobListener
+
+listener = JobListener("postgresql://127.0.0.1:1/jobs", lambda job: None)
+
+async def main():
+    with trio.move_on_after(2):  # tries again after 0.5 s, then 1 s: still no thread
+        await listener.run()
+    print("polling on")
+
+trio.run(main)
+"""
+
+
+def test_a_notification_listener_without_a_thread_says_why_and_polling_goes_on(uid):
+    # serve --jobs on PostgreSQL listens for job changes on a thread of its own: without one,
+    # it says so and tries again later (polling finds the results meanwhile), not an error that
+    # ends serve.
+    done = run_at_the_limit(uid, LISTENED)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["polling on"], done.stdout
+    said = [line for line in done.stderr.splitlines() if "notification listener" in line]
+    assert len(said) >= 2 and all("cannot start a thread" in line for line in said), said
+    assert "ulimit -u" in said[0] and "polling goes on, trying again in 0.5s" in said[0], said

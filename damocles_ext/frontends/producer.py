@@ -34,6 +34,7 @@ from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, TrioJobStore
 from ..jobs.worker_rules import Outage
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
+from ..threads import NoThreadError, run_in_thread
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
 
@@ -184,8 +185,10 @@ class JobProducer:
         one_at_a_time = trio.CapacityLimiter(1)  # a stat that hangs (NFS) holds one thread
         while watch is not None and watch.lost is None:
             await trio.sleep(every)
-            with contextlib.suppress(StoreError):  # StoreLost: said by the check itself
-                await trio.to_thread.run_sync(
+            # StoreLost: said by the check itself; no thread for it (at the limit of tasks):
+            # the next one looks, and the store's own calls say what ran out.
+            with contextlib.suppress(StoreError, NoThreadError):
+                await run_in_thread(
                     watch.check, engine, limiter=one_at_a_time, abandon_on_cancel=True
                 )
 

@@ -20,6 +20,7 @@ import psycopg
 import trio
 from psycopg import sql
 
+from ..threads import NoThreadError, run_in_thread
 from .database import describe_url, first_line, pg_tcp_settings
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
@@ -72,10 +73,21 @@ class JobListener:
     async def run(self) -> None:
         """Listen until cancelled (the thread stops within CHECK_INTERVAL after)."""
         token = trio.lowlevel.current_trio_token()
+        backoff = FIRST_BACKOFF
         try:
-            await trio.to_thread.run_sync(
-                self._listen, token, abandon_on_cancel=True, limiter=self._limiter
-            )
+            while True:
+                try:
+                    await run_in_thread(
+                        self._listen, token, abandon_on_cancel=True, limiter=self._limiter
+                    )
+                    return
+                except NoThreadError as exc:  # at the limit of tasks: polling goes on
+                    log.warning(
+                        "the job store's notification listener for %s: %s; polling goes on,"
+                        " trying again in %gs", self.where, exc, backoff,
+                    )  # fmt: skip
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             self._stop.set()
 
