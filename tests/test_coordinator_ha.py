@@ -200,3 +200,59 @@ async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
         await coordinator._check_skew()
     assert coordinator.clock_skew is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_other_lose_their_jobs(
+    postgres_url, tmp_path
+):
+    # Silence is judged by each coordinator from what it hears: while A is down, B hears the
+    # worker that reaches B too and keeps its job, and takes back, after HeartbeatTimeout, the
+    # job of the worker that reaches A alone (a damocles-worker has one rpc_client.addr), which
+    # a single coordinator restarted would have left it (it counts silence from its start).
+    from helpers.supervisor import wait_until_real
+
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "2s"\n'
+    )
+    with JobStore.open(postgres_url) as store:
+        for seed in range(2):
+            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
+    conf = ("--conf-dir", str(tmp_path))
+    a, b = CoordinatorProcess(postgres_url, *conf), CoordinatorProcess(postgres_url, *conf)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await a.start(nursery)
+                await b.start(nursery)
+                to_a = RpcClient(f"127.0.0.1:{a.port}", timeout=30)
+                to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
+                (only_a,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-a-only")
+                (both,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-both")
+                await a.kill()
+                held = [{"Id": both["Id"], "Lease": both["Lease"]}]
+
+                def taken_back() -> bool:
+                    with JobStore.open(postgres_url, create=False) as store:
+                        return store.get(only_a["Id"]).State != "running"
+
+                async def heartbeat_through_b() -> None:
+                    while True:
+                        assert await to_b.call("Dext.HeartbeatJobs", held, "reaches-both") == []
+                        await trio.sleep(0.5)  # the worker's heartbeat period, not a wait
+
+                nursery.start_soon(heartbeat_through_b)
+                await wait_until_real(taken_back, what="the silent worker's job taken back")
+                await a.start(nursery, port=a.port)
+                mine = [{"Id": only_a["Id"], "Lease": only_a["Lease"]}]
+                (stop,) = await to_a.call("Dext.HeartbeatJobs", mine, "reaches-a-only")
+                assert stop["Reason"] == "timed_out"
+                with JobStore.open(postgres_url, create=False) as store:
+                    kept = store.get(both["Id"])
+                assert (kept.State, kept.lease, kept.TryNum) == ("running", both["Lease"], 1)
+                for client in (to_a, to_b):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        a.stop()
+        b.stop()
+    assert b"Traceback" not in a.stderr + b.stderr
