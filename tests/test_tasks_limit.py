@@ -388,3 +388,36 @@ def test_a_notification_listener_without_a_thread_says_why_and_polling_goes_on(u
     said = [line for line in done.stderr.splitlines() if "notification listener" in line]
     assert len(said) >= 2 and all("cannot start a thread" in line for line in said), said
     assert "ulimit -u" in said[0] and "polling goes on, trying again in 0.5s" in said[0], said
+
+
+LOOKED_AT = """
+import trio
+from damocles_ext.sectors.files import check_locations
+from damocles_ext.sectors.model import SectorLocation, SectorProviderError, SectorRef
+from damocles_ext.sectors.providers import StoreScan
+
+async def main():
+    limiter = trio.CapacityLimiter(1)
+    location = SectorLocation("/mnt/a/sealed/s-t01000-5", "/mnt/a/cache/s-t01000-5")
+    print("check:", (await check_locations([location], limiter=limiter, timeout=5))[0])
+    try:
+        await StoreScan({"a": "/mnt/a"}).find(SectorRef(1000, 5))
+    except SectorProviderError as exc:
+        print("scan:", exc)
+
+trio.run(main)
+"""
+
+
+def test_sector_file_checks_and_the_store_scan_without_a_thread_say_why(uid):
+    # A worker's sector checks and a scan of the stores run on threads: without one, each says
+    # what ran out, as a storage that did not answer does (before: a RuntimeError escaped).
+    done = run_at_the_limit(uid, LOOKED_AT)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    check, scan = done.stdout.splitlines()
+    assert check.startswith("check: /mnt/a/sealed/s-t01000-5: cannot start a thread"), check
+    assert scan.startswith("scan: sector 5 of miner 1000: scanning the stores: cannot start a"), (
+        scan
+    )
+    assert "ulimit -u" in check and "ulimit -u" in scan

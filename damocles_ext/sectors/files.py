@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import trio
 
+from ..threads import NoThreadError, run_in_thread
 from .model import SectorLocation
 
 T = TypeVar("T")
@@ -61,11 +62,10 @@ async def in_thread(
     timeout: float,  # noqa: ASYNC109 - on timeout the thread is abandoned, not cancelled
 ) -> T:
     """`function(*args)` in a worker thread; raises TimeoutError when it took over `timeout`
-    (the thread is left to finish on its own)."""
+    (the thread is left to finish on its own), NoThreadError when no thread could be started
+    (at the limit of tasks)."""
     with trio.move_on_after(timeout) as scope:
-        return await trio.to_thread.run_sync(
-            function, *args, limiter=limiter, abandon_on_cancel=True
-        )
+        return await run_in_thread(function, *args, limiter=limiter, abandon_on_cancel=True)
     assert scope.cancelled_caught
     raise TimeoutError(f"the storage did not answer within {timeout:g} s")
 
@@ -85,5 +85,5 @@ async def check_locations(
     answer."""
     try:
         return await in_thread(_problems, locations, limiter=limiter, timeout=timeout)
-    except TimeoutError as exc:
+    except (TimeoutError, NoThreadError) as exc:
         return [f"{location.sealed_file}: {exc}" for location in locations]

@@ -28,6 +28,7 @@ from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError
 from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
+from ..threads import NoThreadError
 from .files import DEFAULT_THREADS, first_present, in_thread
 from .model import SectorLocation, SectorProviderError, SectorRef, SectorSettings
 
@@ -232,7 +233,7 @@ class StoreScan:
         """The sectors' locations, one worker thread for the batch."""
         try:
             return await in_thread(self._look, sectors, limiter=self.limiter, timeout=self.timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, NoThreadError) as exc:
             what = str(sectors[0]) if len(sectors) == 1 else f"{len(sectors)} sectors"
             raise SectorProviderError(f"{what}: scanning the stores: {exc}") from None
 
