@@ -406,16 +406,23 @@ POISON_VANILLA = dext_child(
     setup="from damocles_ext.tasks import WindowPoStVanillaOutput",
     stage=VAN,
 )
-SNARK_ABORTING_ON_POISON = dext_child(
-    """
-if list(msg.task.vanilla_proofs) == [b'poison']:
+
+
+def snark_aborting_when(condition: str) -> list[str]:
+    """A SNARK child that aborts (SIGABRT) on a step for which `condition` holds (of `msg`)."""
+    return dext_child(
+        f"""
+if {condition}:
     os.abort()
 send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
 """,
-    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
-    "from damocles_ext_plugins.testing import echo_proof",
-    stage=SNARK,
-)
+        setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
+        "from damocles_ext_plugins.testing import echo_proof",
+        stage=SNARK,
+    )
+
+
+SNARK_ABORTING_ON_POISON = snark_aborting_when("list(msg.task.vanilla_proofs) == [b'poison']")
 
 
 async def test_vanilla_proofs_that_crash_both_snark_children_are_made_again_and_their_child_benched():
@@ -440,16 +447,7 @@ async def test_vanilla_proofs_that_crash_both_snark_children_are_made_again_and_
     assert bad.done == 3
 
 
-SNARK_ABORTING_ON_MINER_7 = dext_child(
-    """
-if msg.task.miner_id == 7:
-    os.abort()
-send(dext.Response(msg.id, output=WindowPoStSnarkOutput([echo_proof(msg.task)])))
-""",
-    setup="from damocles_ext.tasks import WindowPoStSnarkOutput\n"
-    "from damocles_ext_plugins.testing import echo_proof",
-    stage=SNARK,
-)
+SNARK_ABORTING_ON_MINER_7 = snark_aborting_when("msg.task.miner_id == 7")
 
 
 async def test_a_request_that_crashes_every_snark_child_fails_alone_and_leaves_none_fatal():

@@ -31,7 +31,7 @@ from helpers.tasks_limit import (
     a_uid_of_its_own,
     as_user,
     own_dir,
-    run_at_the_limit,
+    run_cleanly_at_the_limit,
     skip_unless_possible,
     tasks_held,
 )
@@ -289,12 +289,10 @@ trio.run(main)
 
 
 def test_an_observer_without_a_thread_misses_its_event_saying_why_and_the_supervisor_goes_on(uid):
-    done = run_at_the_limit(uid, OBSERVED)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.splitlines() == ["dropped 1"], done.stdout
-    said = [line for line in done.stderr.splitlines() if "observer hook dext_child_started" in line]
-    assert len(said) == 2, done.stderr  # the supervisor's task, and call_observers
+    out, err = run_cleanly_at_the_limit(uid, OBSERVED)
+    assert out == ["dropped 1"], out
+    said = [line for line in err.splitlines() if "observer hook dext_child_started" in line]
+    assert len(said) == 2, err  # the supervisor's task, and call_observers
     for line in said:
         assert line.startswith("WARNING"), line
         assert "cannot start a thread" in line and "ulimit -u" in line, line
@@ -321,9 +319,7 @@ trio.run(main)
 
 
 def test_a_worker_that_cannot_look_its_manager_up_for_lack_of_a_thread_says_why(uid):
-    done = run_at_the_limit(uid, LOOKED_UP)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    name, call = done.stdout.splitlines()
+    name, call = run_cleanly_at_the_limit(uid, LOOKED_UP)[0]
     assert name.startswith("name: [Errno 11] cannot look localhost up: cannot start a"), name
     assert call.startswith(
         "call: False cannot connect to http://localhost:1789/rpc/v0 (for Venus.WorkerPing):"
@@ -356,10 +352,9 @@ def test_an_idle_serves_store_file_check_without_a_thread_skips_that_check(uid, 
     # serve --jobs checks its SQLite file every 10 s on a thread: without one, the check is
     # skipped (the next one looks), not an error that ends serve.
     store = own_dir(tmp_path / "svc", uid) / "jobs.db"
-    done = run_at_the_limit(uid, WATCHED.replace("sys.argv[1]", repr(f"sqlite:///{store}")))
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.splitlines() == ["watching on"], done.stdout
+    url = repr(f"sqlite:///{store}")
+    out, _ = run_cleanly_at_the_limit(uid, WATCHED.replace("sys.argv[1]", url))
+    assert out == ["watching on"], out
 
 
 LISTENED = """
@@ -381,11 +376,9 @@ def test_a_notification_listener_without_a_thread_says_why_and_polling_goes_on(u
     # serve --jobs on PostgreSQL listens for job changes on a thread of its own: without one,
     # it says so and tries again later (polling finds the results meanwhile), not an error that
     # ends serve.
-    done = run_at_the_limit(uid, LISTENED)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.splitlines() == ["polling on"], done.stdout
-    said = [line for line in done.stderr.splitlines() if "notification listener" in line]
+    out, err = run_cleanly_at_the_limit(uid, LISTENED)
+    assert out == ["polling on"], out
+    said = [line for line in err.splitlines() if "notification listener" in line]
     assert len(said) >= 2 and all("cannot start a thread" in line for line in said), said
     assert "ulimit -u" in said[0] and "polling goes on, trying again in 0.5s" in said[0], said
 
@@ -412,10 +405,7 @@ trio.run(main)
 def test_sector_file_checks_and_the_store_scan_without_a_thread_say_why(uid):
     # A worker's sector checks and a scan of the stores run on threads: without one, each says
     # what ran out, as a storage that did not answer does (before: a RuntimeError escaped).
-    done = run_at_the_limit(uid, LOOKED_AT)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    check, scan = done.stdout.splitlines()
+    check, scan = run_cleanly_at_the_limit(uid, LOOKED_AT)[0]
     assert check.startswith("check: /mnt/a/sealed/s-t01000-5: cannot start a thread"), check
     assert scan.startswith("scan: sector 5 of miner 1000: scanning the stores: cannot start a"), (
         scan

@@ -117,3 +117,12 @@ def run_at_the_limit(uid: int, code: str, timeout: float = 60) -> subprocess.Com
             as_user(uid, [sys.executable, "-c", code]),
             capture_output=True, text=True, timeout=timeout, env=env, check=False,
         )  # fmt: skip
+
+
+def run_cleanly_at_the_limit(uid: int, code: str) -> tuple[list[str], str]:
+    """run_at_the_limit, which must end with exit code 0 and no traceback: (the lines of its
+    stdout, its stderr)."""
+    done = run_at_the_limit(uid, code)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stdout.splitlines(), done.stderr
