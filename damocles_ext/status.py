@@ -423,15 +423,19 @@ class StatusSource:
         self.started_at = psutil.Process().create_time()
 
     async def document(self) -> StatusDocument:
-        """A fresh document; takes about `cpu_interval` seconds (the CPU% window)."""
-        import trio
+        """A fresh document; takes about `cpu_interval` seconds (the CPU% window).
+        NoThreadError when no thread can be started to measure the children."""
+        from .threads import NoThreadError, run_in_thread
 
         stats = self.supervisor.statistics()
         roots = {c.name: c.pid for c in stats.children if c.pid is not None}
         lock_dirs = {c.name: child_lock_dir(getattr(c, "tmpdir", None)) for c in stats.children}
-        trees, cpu, lock_files = await trio.to_thread.run_sync(
-            measure, roots, lock_dirs, self.cpu_interval, os.getpid()
-        )
+        try:
+            trees, cpu, lock_files = await run_in_thread(
+                measure, roots, lock_dirs, self.cpu_interval, os.getpid()
+            )
+        except NoThreadError as exc:  # at the limit of tasks: the caller says what ran out
+            raise NoThreadError(f"cannot measure the children for the status: {exc}") from None
         # Counters and states as they are at the end of the CPU window, not its start.
         stats = self.supervisor.statistics()
         return assemble(

@@ -181,6 +181,41 @@ async def test_run_that_cannot_fork_says_which_limit_ran_out_then_proves_once_ta
     assert "Traceback" not in log.text(), log.text()
 
 
+async def status_through(socket: Path):
+    """The StatusReply of `run` at `socket` (as root, as prove_through)."""
+    from damocles_ext.protocol import control as control_protocol
+
+    with trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as s:
+        await s.connect(str(socket))
+        await s.send(control_protocol.encode(control_protocol.StatusRequest(1)))
+        decoder, replies = control_protocol.frame_decoder(), []
+        with trio.fail_after(30):
+            while not replies:
+                replies = decoder.receive_data(await s.recv(65536))
+    return replies[0]
+
+
+async def test_a_status_without_a_thread_to_measure_the_children_says_why_then_is_answered(
+    uid, tmp_path, sock_dir
+):
+    cfg = write_config(own_dir(tmp_path / "cfg", uid), plugin_block("WdPost", "echo"))
+    socket = own_dir(sock_dir / "run", uid) / "control.sock"
+    with tasks_held(uid, leave=1) as release:  # run's process only: no thread for a status
+        async with running_as(uid, cfg, socket) as (run, log):
+            reply = await status_through(socket)
+            assert reply.status is None, reply
+            assert reply.error.startswith("cannot measure the children for the status: cannot"
+                                          " start a thread"), reply.error  # fmt: skip
+            assert "ulimit -u" in reply.error and "TasksMax" in reply.error, reply.error
+            with trio.fail_after(30):
+                await log.wait_for("cannot measure the children for the status")
+            release()
+            reply = await status_through(socket)
+            assert reply.error is None and reply.status["schema"] == "damocles-ext/status/1"
+            await stop(run, log)
+    assert "Traceback" not in log.text(), log.text()
+
+
 async def http_call(url: str, body: bytes | None = None) -> tuple[int, bytes]:
     """The status and body of a GET (a POST of `body` when given) of `url` (from this process,
     root's: not under the limit)."""

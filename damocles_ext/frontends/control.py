@@ -41,6 +41,7 @@ from ..errors import DextError
 from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..tasks import Output, Task
+from ..threads import NoThreadError
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
     SOCKET_NAME,
@@ -616,6 +617,9 @@ class _Connection:
         else:
             try:
                 reply = control_protocol.StatusReply(request_id, status=await status())
+            except NoThreadError as exc:  # at the limit of tasks: said, no traceback
+                log.warning("status request %d: %s", request_id, exc)
+                reply = control_protocol.StatusReply(request_id, error=str(exc))
             except Exception as exc:  # a bug of ours must still answer, and not kill `run`
                 log.exception("status request %d: internal error", request_id)
                 reply = control_protocol.StatusReply(request_id, error=internal_error(exc))
