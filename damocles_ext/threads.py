@@ -4,7 +4,7 @@ A thread, like a process, counts against the user's limit of tasks (`ulimit -u`,
 and the service's (systemd's TasksMax, the cgroup's pids.max): on a busy machine at that limit,
 starting a thread fails with a RuntimeError ("can't start new thread") that says neither what
 ran out nor what to do, and that the callers of a job store or of a metrics exposition took for
-a bug of ours (a traceback; a coordinator that stopped). `run_sync` raises `NoThreadError`
+a bug of ours (a traceback; a coordinator that stopped). `run_in_thread` raises `NoThreadError`
 instead, which says both; a failure of the called function itself passes through unchanged.
 Where trio starts the thread itself (a host name's lookup), `no_thread` tells its RuntimeError
 from another.
