@@ -188,9 +188,9 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
             reaper.keep(proc, f"{WD}#0", exiting, exited.set)
             held = [r.getMessage() for r in caplog.records if "stay held" in r.getMessage()]
             said = (
-                f"{WD}#0 (pid {proc.pid}): still not dead 10s after SIGKILL (stuck in the kernel:"
-                " a GPU driver call?); gpu:0 stay held for it until it exits, so nothing else runs"
-                " on them meanwhile (status: `exiting`)"
+                f"{WD}#0 (pid {proc.pid}): still not dead 5s or more after SIGKILL (stuck in the"
+                " kernel: a GPU driver call?); gpu:0 stay held for it until it exits, so nothing"
+                " else runs on them meanwhile (status: `exiting`)"
             )
             assert held == [said]
             assert reaper.unreaped == [proc]

@@ -56,12 +56,12 @@ class Reaper:
         locks = sorted({lock for pid, held, _ in exiting if pid == proc.pid for lock in held})
         if locks:
             log.error(
-                "%s (pid %d): still not dead %gs after SIGKILL (stuck in the kernel: a GPU"
-                " driver call?); %s stay held for it until it exits, so nothing else runs on"
+                "%s (pid %d): still not dead %gs or more after SIGKILL (stuck in the kernel: a"
+                " GPU driver call?); %s stay held for it until it exits, so nothing else runs on"
                 " them meanwhile (status: `exiting`)",
                 child,
                 proc.pid,
-                2 * REAP_TIMEOUT,
+                REAP_TIMEOUT,  # waited once at least (a process torn down: up to three times)
                 ", ".join(locks),
             )
         # Watched while run() runs; one kept after it ends is the last kill's to reap.
