@@ -446,3 +446,26 @@ def test_sector_file_checks_and_the_store_scan_without_a_thread_say_why(uid):
         scan
     )
     assert "ulimit -u" in check and "ulimit -u" in scan
+
+
+SUMMED = """
+import logging, sys
+from prometheus_client import generate_latest
+from damocles_ext.jobs.metrics import JobMetrics
+from damocles_ext.jobs.store import JobStore
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+metrics = JobMetrics(JobStore.open(sys.argv[1]))
+page = generate_latest(metrics.registry).decode()  # on this thread: only the query needs one
+print([line for line in page.splitlines() if line.startswith("damocles_ext_jobs_store_up")])
+"""
+
+
+def test_the_job_store_gauges_without_a_thread_for_their_query_say_what_ran_out(uid, tmp_path):
+    store = own_dir(tmp_path / "svc", uid) / "jobs.db"
+    url = repr(f"sqlite:///{store}")
+    out, err = run_cleanly_at_the_limit(uid, SUMMED.replace("sys.argv[1]", url))
+    assert out == ["['damocles_ext_jobs_store_up 0.0']"], out
+    (said,) = [line for line in err.splitlines() if "summary for the metrics failed" in line]
+    assert said.startswith("WARNING"), said
+    assert "cannot start a thread" in said and "ulimit -u" in said and "TasksMax" in said, said

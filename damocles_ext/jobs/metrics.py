@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..metrics import PREFIX
+from ..threads import no_thread
 from . import rules, summary
 from .store import JobStore
 
@@ -199,7 +200,12 @@ class _SummaryCollector:
                 raise TimeoutError("the previous summary query is still waiting for the store")
             thread = threading.Thread(target=run, name="dext-jobs-summary", daemon=True)
             self._pending = thread
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # at the limit of tasks: say what ran out
+                if (failed := no_thread(exc)) is None:
+                    raise
+                raise failed from None
         thread.join(self._timeout)
         if thread.is_alive():
             raise TimeoutError(f"the job store did not answer within {self._timeout:g}s")
