@@ -92,15 +92,17 @@ async def open_job_producer(
     `stores` (name -> path) and, with `conf_dir`, the [[Common.PersistStores]] of
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
     [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config
-    and StoreError when the store cannot be reached."""
+    and StoreError when the store cannot be reached (or no thread can be started to open it)."""
     from .frontends.producer import JobProducer, producer_settings
-    from .jobs.store import JobStore
+    from .jobs.store import JobStore, StoreUnavailable, describe_url
+    from .threads import NoThreadError, run_in_thread
 
     given = list(stores.items()) if isinstance(stores, Mapping) else list(stores)
     settings = producer_settings(conf_dir, given, poll_interval)
-    store = await trio.to_thread.run_sync(
-        functools.partial(JobStore.open, url, limits=settings.limits)
-    )
+    try:
+        store = await run_in_thread(functools.partial(JobStore.open, url, limits=settings.limits))
+    except NoThreadError as exc:  # at the limit of tasks: the store was not asked
+        raise StoreUnavailable(f"job store {describe_url(url)}: {exc}") from None
     error: BaseException | None = None
     try:
         producer = JobProducer.on(store, settings, deadline_after=deadline_after)

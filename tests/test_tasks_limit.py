@@ -469,3 +469,27 @@ def test_the_job_store_gauges_without_a_thread_for_their_query_say_what_ran_out(
     (said,) = [line for line in err.splitlines() if "summary for the metrics failed" in line]
     assert said.startswith("WARNING"), said
     assert "cannot start a thread" in said and "ulimit -u" in said and "TasksMax" in said, said
+
+
+PRODUCED = """
+import trio
+from damocles_ext.api import open_job_producer
+from damocles_ext.jobs.store import StoreUnavailable
+
+async def main():
+    try:
+        async with open_job_producer(sys.argv[1]):
+            print("opened")
+    except StoreUnavailable as exc:
+        print("store:", exc)
+
+trio.run(main)
+"""
+
+
+def test_the_python_apis_job_producer_without_a_thread_to_open_its_store_says_why(uid, tmp_path):
+    store = own_dir(tmp_path / "svc", uid) / "jobs.db"
+    url = f"sqlite:///{store}"
+    ((said,), _) = run_cleanly_at_the_limit(uid, PRODUCED.replace("sys.argv[1]", repr(url)))
+    assert said.startswith(f"store: job store {url}: cannot start a thread"), said
+    assert "ulimit -u" in said and "TasksMax" in said, said
