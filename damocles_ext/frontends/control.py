@@ -609,21 +609,17 @@ class _Connection:
         self._wake.set()
 
     async def _status_reply(self, request_id: int) -> control_protocol.StatusReply:
-        status = self._server._status
-        if status is None:
-            reply = control_protocol.StatusReply(
-                request_id, error="this supervisor does not report its status"
-            )
-        else:
-            try:
-                reply = control_protocol.StatusReply(request_id, status=await status())
-            except NoThreadError as exc:  # at the limit of tasks: said, no traceback
-                log.warning("status request %d: %s", request_id, exc)
-                reply = control_protocol.StatusReply(request_id, error=str(exc))
-            except Exception as exc:  # a bug of ours must still answer, and not kill `run`
-                log.exception("status request %d: internal error", request_id)
-                reply = control_protocol.StatusReply(request_id, error=internal_error(exc))
-        return reply
+        reply = control_protocol.StatusReply
+        if (status := self._server._status) is None:
+            return reply(request_id, error="this supervisor does not report its status")
+        try:
+            return reply(request_id, status=await status())
+        except NoThreadError as exc:  # at the limit of tasks: said, no traceback
+            log.warning("status request %d: %s", request_id, exc)
+            return reply(request_id, error=str(exc))
+        except Exception as exc:  # a bug of ours must still answer, and not kill `run`
+            log.exception("status request %d: internal error", request_id)
+            return reply(request_id, error=internal_error(exc))
 
     def _queue_response(self, response: dext.Response) -> None:
         # A progress still waiting goes first, with it (the writer sends progress before
