@@ -10,6 +10,7 @@ elsewhere as before.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from damocles_ext.status import assemble, render_table
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.child_loop import _exited
 from damocles_ext.supervisor.process import spawn
-from damocles_ext.supervisor.reaper import Reaper
+from damocles_ext.supervisor.reaper import KEEP_LOCKS_FOR, Reaper
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.supervisor.stats import ChildStats, ExitingProcess
 
@@ -190,7 +191,7 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
             said = (
                 f"{WD}#0 (pid {proc.pid}): still not dead 5s or more after SIGKILL (stuck in the"
                 " kernel: a GPU driver call?); gpu:0 stay held for it until it exits, so nothing"
-                " else runs on them meanwhile (status: `exiting`)"
+                " else runs on them meanwhile (status: `exiting`), for 25s at most"
             )
             assert held == [said]
             assert reaper.unreaped == [proc]
@@ -199,6 +200,52 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
                 await exited.wait()
             assert reaper.unreaped == []
             assert f"{WD}#0 (pid {proc.pid}): exited at last; gpu:0 free" in caplog.text
+            scope.cancel()
+    finally:
+        proc.kill_tree()
+        await proc.wait()
+        await proc.aclose()
+
+
+async def test_the_locks_of_a_process_stuck_for_good_are_freed_after_a_bound_saying_so(
+    caplog, mock_clock
+):
+    # A process stuck for good (a driver that hangs, a network file system that never answers)
+    # must not keep its GPU's other work (its child's next process, a WinningPoSt sharing the
+    # lock) waiting until each request's deadline: its locks are freed 25 s on, and it is still
+    # waited for.
+    mock_clock.autojump_threshold = 0.01  # the real process below exits only when told
+    caplog.set_level(logging.INFO, logger="damocles_ext")
+    proc = spawn(f"{WD}#0", python_child("import sys; sys.stdin.read()"), dict(os.environ))
+    reaper = Reaper(list)
+    freed: list[float] = []
+    told = [trio.Event(), trio.Event()]
+
+    def on_exit() -> None:
+        freed.append(trio.current_time())
+        told[len(freed) - 1].set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            nursery.start_soon(reaper.run, scope, False)
+            kept_at = trio.current_time()
+            reaper.keep(proc, f"{WD}#0", [(proc.pid, GPU0, 0.0)], on_exit)
+            with trio.fail_after(KEEP_LOCKS_FOR + 30):  # on the mock clock: the bound's
+                await told[0].wait()
+            assert freed[0] - kept_at == pytest.approx(KEEP_LOCKS_FOR, abs=1.5)
+            assert reaper.unreaped == [proc]  # still waited for
+            said = [r for r in caplog.records if "stuck for good" in r.getMessage()]
+            assert len(said) == 1 and said[0].levelname == "ERROR"
+            assert "gpu:0 free now" in said[0].getMessage()
+            # It exits at last (said again, harmless), in real time: the clock runs as a wall's.
+            mock_clock.autojump_threshold, mock_clock.rate = math.inf, 1.0
+            await proc.stdin.aclose()
+            with trio.fail_after(30):
+                await told[1].wait()
+            assert reaper.unreaped == []
+            assert f"{WD}#0 (pid {proc.pid}): exited at last" in caplog.text
+            assert "exited at last; gpu:0 free" not in caplog.text  # freed already
             scope.cancel()
     finally:
         proc.kill_tree()

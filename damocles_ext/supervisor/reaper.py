@@ -9,7 +9,11 @@ Two jobs, both about processes no child task owns any more:
 
 A process that did not die after SIGKILL (`keep`: stuck in the kernel, a GPU driver call say)
 keeps the scheduler locks it held when it went down (its GPU): the reaper logs which, waits for
-it (`run`) and says when it exits, so that they are freed then.
+it (`run`) and says when it exits, so that they are freed then; but for `KEEP_LOCKS_FOR` seconds
+at most. Past that it is stuck for good (a GPU driver that hangs, a network file system that
+does not answer a read), and the GPU's other work (the child's next process, a WinningPoSt
+sharing its lock) would otherwise wait for it until each request's deadline: the locks are
+freed then, saying so, and the process is still waited for.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ log = logging.getLogger("damocles_ext.supervisor")
 
 ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on their own
 REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
+#: How long, past its `keep`, the locks of a process not dead after SIGKILL stay held for it.
+KEEP_LOCKS_FOR = 25.0
 
 _Kept = tuple[ChildProcess, str, list[str], Callable[[], None]]  # see Reaper.keep
 
@@ -58,11 +64,12 @@ class Reaper:
             log.error(
                 "%s (pid %d): still not dead %gs or more after SIGKILL (stuck in the kernel: a"
                 " GPU driver call?); %s stay held for it until it exits, so nothing else runs on"
-                " them meanwhile (status: `exiting`)",
+                " them meanwhile (status: `exiting`), for %gs at most",
                 child,
                 proc.pid,
                 REAP_TIMEOUT,  # waited once at least (a process torn down: up to three times)
                 ", ".join(locks),
+                KEEP_LOCKS_FOR,
             )
         # Watched while run() runs; one kept after it ends is the last kill's to reap.
         self._kept.send_nowait((proc, child, locks, on_exit))
@@ -80,11 +87,27 @@ class Reaper:
     async def _await_exit(
         self, proc: ChildProcess, child: str, locks: list[str], on_exit: Callable[[], None]
     ) -> None:
+        with trio.move_on_after(KEEP_LOCKS_FOR):
+            await proc.wait()
+        if proc.exit is None and locks:
+            log.error(
+                "%s (pid %d): still not dead %gs more after SIGKILL: stuck for good (a GPU"
+                " driver that hangs, a network file system that does not answer?); %s free now,"
+                " so that the GPU's other work goes on (a proof there may fail if it still"
+                " holds the GPU's memory); check the machine (dmesg), a reboot may be needed",
+                child, proc.pid, KEEP_LOCKS_FOR, ", ".join(locks),
+            )  # fmt: skip
+            self._exited(proc, child, on_exit)  # said again at its exit: harmless
+            locks = []
         await proc.wait()
         if proc in self.unreaped:
             self.unreaped.remove(proc)
-        if locks:
-            log.warning("%s (pid %d): exited at last; %s free", child, proc.pid, ", ".join(locks))
+        held = f"; {', '.join(locks)} free" if locks else ""
+        log.warning("%s (pid %d): exited at last%s", child, proc.pid, held)
+        self._exited(proc, child, on_exit)
+
+    @staticmethod
+    def _exited(proc: ChildProcess, child: str, on_exit: Callable[[], None]) -> None:
         try:
             on_exit()
         except Exception:  # a bug of ours must not end the supervisor
