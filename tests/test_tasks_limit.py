@@ -11,7 +11,7 @@ import socket as pysocket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -71,23 +71,32 @@ async def test_serve_jobs_without_a_thread_for_its_store_waits_saying_why_then_p
     job_id = job_id_of(task, {"a": root})
     url = f"sqlite:///{own_dir(tmp_path / 'svc', uid)}/jobs.db"
     argv = [*DEXT, "serve", "window_post", "--jobs", url, "--store", f"a={root}"]
-    with tasks_held(uid, leave=1) as release:  # its process; no thread for its store's calls
+    # Its process; no thread for its store's calls.
+    async with serve_at_the_limit(uid, [*argv, "--poll-interval", "0.1"]) as (m, release):
+        request_id = await m.send(task)
+        with trio.fail_after(30):
+            line = await m.wait_log("the job store failed")
+        assert "cannot start a thread" in line and "ulimit -u" in line, line
+        assert request_id not in m.responses  # not answered with the error: it waits
+        # Threads to be had again: the job is made, and its proof is the answer.
+        release()
+        with trio.fail_after(60):
+            await m.wait_log(f"job {job_id}: created")
+        await finish_and_expect_proofs(m, url, job_id, request_id)
+
+
+@asynccontextmanager
+async def serve_at_the_limit(
+    uid: int, argv: list[str]
+) -> AsyncIterator[tuple[ManagerLike, Callable[[], None]]]:
+    """`serve` (argv) as `uid` with no task to spare but its process, once ready: (it, the
+    function that frees the tasks). After the block: stdin closed, exit code 0, no traceback."""
+    with tasks_held(uid, leave=1) as release:
         async with trio.open_nursery() as nursery:
-            m = await ManagerLike.start(
-                nursery, as_user(uid, [*argv, "--poll-interval", "0.1"]), "window_post",
-                stderr=subprocess.PIPE, ready_timeout=30,
-            )  # fmt: skip
+            m = await ManagerLike.start(nursery, as_user(uid, argv), "window_post",
+                                        stderr=subprocess.PIPE, ready_timeout=30)  # fmt: skip
             try:
-                request_id = await m.send(task)
-                with trio.fail_after(30):
-                    line = await m.wait_log("the job store failed")
-                assert "cannot start a thread" in line and "ulimit -u" in line, line
-                assert request_id not in m.responses  # not answered with the error: it waits
-                # Threads to be had again: the job is made, and its proof is the answer.
-                release()
-                with trio.fail_after(60):
-                    await m.wait_log(f"job {job_id}: created")
-                await finish_and_expect_proofs(m, url, job_id, request_id)
+                yield m, release
                 await m.close_stdin()
                 with trio.fail_after(30):
                     assert await m.process.wait() == 0
@@ -239,34 +248,23 @@ async def test_a_coordinator_that_cannot_start_a_thread_for_a_large_body_answers
     ping = b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[{"Name":"%s"}],"id":3}' % (
         name.encode()
     )
-    with tasks_held(uid, leave=1) as release:  # serve's process: no thread to parse a body on
-        async with trio.open_nursery() as nursery:
-            m = await ManagerLike.start(nursery, as_user(uid, argv), "window_post",
-                                        stderr=subprocess.PIPE, ready_timeout=30)  # fmt: skip
-            try:
-                with trio.fail_after(30):
-                    line = await m.wait_log("serving the worker-prover RPC at")
-                rpc_url = re.search(r"http://\S+", line).group(0)
-                status, answer = await http_call(rpc_url, ping)
-                assert status == 500, answer
-                error = json.loads(answer)["error"]["message"]
-                assert "cannot read this request body of" in error, error
-                assert "cannot start a thread" in error and "ulimit -u" in error, error
-                with trio.fail_after(30):
-                    said = await m.wait_log("cannot read this request body")
-                assert "TasksMax" in said, said
-                release()  # threads to be had again: the same request is answered
-                status, answer = await http_call(rpc_url, ping)
-                assert (status, json.loads(answer)) == (
-                    200, {"jsonrpc": "2.0", "id": 3, "result": None}
-                ), answer  # fmt: skip
-                await m.close_stdin()
-                with trio.fail_after(30):
-                    assert await m.process.wait() == 0
-            finally:
-                if m.process.returncode is None:
-                    m.process.kill()
-    assert not any("Traceback" in line for line in m.log), "\n".join(m.log)
+    async with serve_at_the_limit(uid, argv) as (m, release):  # no thread to parse a body on
+        with trio.fail_after(30):
+            line = await m.wait_log("serving the worker-prover RPC at")
+        rpc_url = re.search(r"http://\S+", line).group(0)
+        status, answer = await http_call(rpc_url, ping)
+        assert status == 500, answer
+        error = json.loads(answer)["error"]["message"]
+        assert "cannot read this request body of" in error, error
+        assert "cannot start a thread" in error and "ulimit -u" in error, error
+        with trio.fail_after(30):
+            said = await m.wait_log("cannot read this request body")
+        assert "TasksMax" in said, said
+        release()  # threads to be had again: the same request is answered
+        status, answer = await http_call(rpc_url, ping)
+        assert (status, json.loads(answer)) == (
+            200, {"jsonrpc": "2.0", "id": 3, "result": None}
+        ), answer  # fmt: skip
 
 
 async def test_a_metrics_page_without_a_thread_to_build_it_is_a_503_saying_why_then_served(
