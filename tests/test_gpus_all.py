@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,17 @@ def commands(tmp_path: Path, cfg: Path) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def each_command(
+    tmp_path: Path, cfg: Path, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.CompletedProcess[str]]]:
+    """Each of `commands` run with `env`: (its name, how it ended), none with a traceback or
+    anything on stdout (serve: no ready line)."""
+    for name, args in commands(tmp_path, cfg).items():
+        proc = damocles_ext(args, env)
+        assert "Traceback" not in proc.stderr and proc.stdout == "", (name, proc.stderr)
+        yield name, proc
+
+
 def damocles_ext(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "damocles_ext", *args],
@@ -116,10 +128,8 @@ GPUS_ALL = '[[WdPost]]\nBin = "/bin/sh"\nGpus = "all"\n'
 def test_a_gpu_driver_that_does_not_answer_yet_exits_75_from_every_command_saying_so(
     tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
 ) -> None:
-    env = machine_with(tmp_path, nvidia_smi, pynvml)
     cfg = write_config(tmp_path, GPUS_ALL)
-    for name, args in commands(tmp_path, cfg).items():
-        proc = damocles_ext(args, env)
+    for name, proc in each_command(tmp_path, cfg, machine_with(tmp_path, nvidia_smi, pynvml)):
         assert proc.returncode == EXIT_TEMPFAIL, (name, proc.stderr)
         assert proc.stderr.startswith(
             f'damocles-ext {name}: error: {cfg}: WdPost[0].Gpus: "all" cannot list the GPUs:'
@@ -127,7 +137,6 @@ def test_a_gpu_driver_that_does_not_answer_yet_exits_75_from_every_command_sayin
         ), proc.stderr
         assert said in proc.stderr and RESTART in proc.stderr, proc.stderr
         assert "list the GPUs, e.g. Gpus = [0, 1], or remove Gpus" in proc.stderr
-        assert "Traceback" not in proc.stderr and proc.stdout == ""  # serve: no ready line
     assert not (tmp_path / "run.sock").exists() and not (tmp_path / "worker.sock").exists()
 
 
@@ -142,14 +151,11 @@ def test_a_gpu_driver_that_does_not_answer_yet_exits_75_from_every_command_sayin
 def test_a_driver_that_answers_no_gpu_is_still_exit_2_from_every_command(
     tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
 ) -> None:
-    env = machine_with(tmp_path, nvidia_smi, pynvml)
     cfg = write_config(tmp_path, GPUS_ALL)
-    for name, args in commands(tmp_path, cfg).items():
-        proc = damocles_ext(args, env)
+    for name, proc in each_command(tmp_path, cfg, machine_with(tmp_path, nvidia_smi, pynvml)):
         assert proc.returncode == EXIT_USAGE, (name, proc.stderr)
         assert 'WdPost[0].Gpus: "all" found no GPU (asked NVML' in proc.stderr, proc.stderr
         assert said in proc.stderr and NOT_READY not in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_a_mistake_in_the_file_is_exit_2_even_while_the_driver_does_not_answer(
