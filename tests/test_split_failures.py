@@ -381,6 +381,15 @@ async def test_the_only_snark_childs_outage_blames_no_vanilla_child(tmp_path):
     assert done[f"{VAN}#0"] >= 2 and done[f"{VAN}#1"] >= 2  # both took work after it
 
 
+async def eight_requests_bench_the_first_vanilla_child(sup) -> None:
+    """8 requests, all proved though the first vanilla child's proofs are refused: that child,
+    and no other, is benched, having had 3 of them proved."""
+    for _ in range(8):
+        assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
+    assert set(sup._book.scheduler.breaker.suspects) == {f"{VAN}#0"}
+    assert child_stats(sup, f"{VAN}#0").done == 3
+
+
 async def test_a_vanilla_child_whose_proofs_the_only_snark_child_refuses_is_benched():
     # Its refusal alone judges nothing, but the same SNARK child proving the proofs made again by
     # the other vanilla child does: the bad vanilla child is benched after its third.
@@ -391,12 +400,7 @@ async def test_a_vanilla_child_whose_proofs_the_only_snark_child_refuses_is_benc
     ]
     async with open_supervisor(children) as sup:
         await sup.wait_ready("window_post", 1)
-        for _ in range(8):
-            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
-        bad = child_stats(sup, f"{VAN}#0")
-        benched = set(sup._book.scheduler.breaker.suspects)
-    assert benched == {f"{VAN}#0"}
-    assert bad.done == 3
+        await eight_requests_bench_the_first_vanilla_child(sup)
 
 
 # A vanilla child whose proofs make the SNARK prover abort (a native library that cannot read
@@ -439,12 +443,7 @@ async def test_vanilla_proofs_that_crash_both_snark_children_are_made_again_and_
     async with open_supervisor(children, backoff=BackoffPolicy(base=0.02, cap=0.08)) as sup:
         await sup.wait_ready(VAN, 2)
         await sup.wait_ready(SNARK, 2)
-        for _ in range(8):
-            assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
-        bad = child_stats(sup, f"{VAN}#0")
-        benched = set(sup._book.scheduler.breaker.suspects)
-    assert benched == {f"{VAN}#0"}
-    assert bad.done == 3
+        await eight_requests_bench_the_first_vanilla_child(sup)
 
 
 SNARK_ABORTING_ON_MINER_7 = snark_aborting_when("msg.task.miner_id == 7")
