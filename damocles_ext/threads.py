@@ -33,8 +33,12 @@ def no_thread(exc: BaseException) -> NoThreadError | None:
     """The NoThreadError that `exc` means, when it is the failure to start a thread (raised by
     trio, or by threading.Thread.start); None for anything else."""
     if isinstance(exc, RuntimeError) and _CANNOT_START in str(exc):
-        return NoThreadError(f"cannot start a thread ({exc}): {TASKS_ADVICE}")
+        return _no_thread_error(exc)
     return None
+
+
+def _no_thread_error(exc: RuntimeError) -> NoThreadError:
+    return NoThreadError(f"cannot start a thread ({exc}): {TASKS_ADVICE}")
 
 
 async def run_in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
@@ -52,4 +56,4 @@ async def run_in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     except RuntimeError as exc:
         if started:  # raised by `fn` itself
             raise
-        raise NoThreadError(f"cannot start a thread ({exc}): {TASKS_ADVICE}") from None
+        raise _no_thread_error(exc) from None
