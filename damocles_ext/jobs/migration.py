@@ -40,16 +40,25 @@ SCHEMA_LOCK = 7426385010214
 UPGRADE_LOCK_TIMEOUT = 5.0
 
 
+#: PostgreSQL's SQLSTATE lock_not_available (a lock waited for over lock_timeout).
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _set_lock_timeout(conn: Connection, seconds: float) -> None:
+    """PostgreSQL: this transaction's statements wait `seconds` at most for a lock."""
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}"))
+
+
 def take_schema_lock(conn: Connection, where: str, lock_timeout: float | None) -> None:
     """PostgreSQL: hold the schema lock for this transaction: two coordinators starting at once
     must not both create the tables. Waits `lock_timeout` s (None: as long as the server's own
     lock_timeout, if any), then raises StoreUnavailable."""
     if lock_timeout is not None:
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000))}"))
+        _set_lock_timeout(conn, lock_timeout)
     try:
         conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
     except exc.OperationalError as e:
-        if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+        if getattr(e.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
             raise
         waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
         raise StoreUnavailable(
@@ -70,8 +79,7 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
     if found >= SCHEMA_VERSION:
         return
     if found > 0 and conn.dialect.name == "postgresql":
-        ms = max(1, int(upgrade_lock_timeout(lock_timeout) * 1000))
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
+        _set_lock_timeout(conn, upgrade_lock_timeout(lock_timeout))
     if found == 0:
         metadata.create_all(conn)
     had = set(sa.inspect(conn).get_table_names())
@@ -161,7 +169,7 @@ def lock_waited_out(
     """The StoreUnavailable for an upgrade from `found` that gave up waiting for a table lock
     (`error`), naming the sessions that hold locks on the store's tables; None for another
     error."""
-    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != "55P03":
+    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
         return None
     holders = _lock_holders(engine)
     return StoreUnavailable(
