@@ -471,6 +471,15 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
 PG_NO_PRIVILEGE: Final = "42501"
 
 
+#: The privileges a coordinator and serve --jobs use on each of the store's tables.
+PG_PRIVILEGES: Final = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def grant_hint(grantee: str) -> str:
+    """The GRANT that gives `grantee` every privilege of PG_PRIVILEGES on the store's tables."""
+    return f"GRANT {', '.join(PG_PRIVILEGES)} ON {', '.join(metadata.tables)} TO {grantee}"
+
+
 def pg_role(url: URL) -> str:
     """The PostgreSQL role a URL logs in as (libpq's default: $PGUSER, else this user's name)."""
     return url.username or os.environ.get("PGUSER") or getpass.getuser()
@@ -499,8 +508,7 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         elif getattr(error.orig, "sqlstate", None) == PG_NO_PRIVILEGE:
             hint = (
                 f"; the PostgreSQL role {pg_role(url)!r} lacks a privilege on the store's tables:"
-                f" GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(metadata.tables)} TO it,"
-                " or give the URL of a role that has them"
+                f" {grant_hint('it')}, or give the URL of a role that has them"
             )
         return StoreError(f"job store {where}: {operation} failed: {what}{hint}")
     if url.get_backend_name() == "postgresql" and login_refused(error):

@@ -21,11 +21,13 @@ from . import workers as worker_rows
 from .database import (
     OLD_READY_INDEX,
     PG_NO_PRIVILEGE,
+    PG_PRIVILEGES,
     SCHEMA_VERSION,
     StoreConfigError,
     StoreError,
     StoreUnavailable,
     first_line,
+    grant_hint,
     jobs,
     metadata,
     pg_role,
@@ -234,12 +236,10 @@ def _write_refused(role: str, where: str, what: str) -> StoreConfigError:
     return StoreConfigError(
         f"the PostgreSQL role {role!r} may not write the job store {where} ({what}): a"
         " coordinator and serve --jobs need SELECT, INSERT, UPDATE and DELETE on its tables:"
-        f" GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(metadata.tables)} TO {role}, or"
-        " give the URL of a role that has them"
+        f" {grant_hint(role)}, or give the URL of a role that has them"
     )
 
 
-_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _MISSING = sa.text(
     "SELECT t.name, p.privilege FROM unnest(CAST(:tables AS text[])) AS t(name),"
     " unnest(CAST(:privileges AS text[])) AS p(privilege)"
@@ -255,7 +255,7 @@ def check_writable(conn: Connection, url: URL, where: str) -> None:
     conn.execute(schema_version.update().values(version=schema_version.c.version))
     if conn.dialect.name != "postgresql":
         return
-    params = {"tables": list(metadata.tables), "privileges": list(_PRIVILEGES)}
+    params = {"tables": list(metadata.tables), "privileges": list(PG_PRIVILEGES)}
     missing: dict[str, list[str]] = {}
     for table, privilege in conn.execute(_MISSING, params):
         missing.setdefault(table, []).append(privilege)
