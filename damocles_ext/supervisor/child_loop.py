@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("damocles_ext.supervisor")
 child_log = logging.getLogger("damocles_ext.child")
 
-_READ_SIZE = 1 << 16
+_READ_SIZE = ChildProcess.READ_SIZE  # (a global: read() reads it at each read)
 _GROUP_TERM_WAIT = 1.0  # grandchildren's time to leave after SIGTERM once their parent exited
 _PIPE_DRAIN_TIMEOUT = 0.5  # after the reap: what the child wrote is read within a few ticks
 _SLOW_PLUGINS = (

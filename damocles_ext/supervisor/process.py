@@ -265,6 +265,8 @@ def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
 class ChildProcess:
     """A spawned child: its pipes as trio streams, its exit status, its process group."""
 
+    READ_SIZE = 1 << 16  # bytes read from its pipes at once
+
     def __init__(self, popen: subprocess.Popen[bytes], stdin: int, stdout: int, stderr: int):
         self._popen = popen
         self.pid: int = popen.pid
@@ -364,14 +366,14 @@ class ChildProcess:
     def stdout_now(self) -> bytes:
         """What the (non-blocking) stdout pipe holds now: b"" when empty, at EOF, or broken."""
         try:
-            return os.read(self.stdout.fileno(), 1 << 16)
+            return os.read(self.stdout.fileno(), self.READ_SIZE)
         except OSError:  # BlockingIOError (empty) among them
             return b""
 
     async def receive_stdout(self) -> bytes:
         """The next bytes of stdout; b"" at EOF, or when the pipe broke or was closed."""
         try:
-            return await self.stdout.receive_some(1 << 16)
+            return await self.stdout.receive_some(self.READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
