@@ -355,7 +355,7 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
 
     def without_tmpdir_and_block(c: ChildSpec) -> dict:
         d = {f: getattr(c, f) for f in c.__struct_fields__ if f not in ("block", "private_tmpdir")}
-        d["envs"] = {k: v for k, v in c.envs.items() if k != "TMPDIR"}
+        d["envs"] = {k: v for k, v in c.envs.items() if k not in ("TMPDIR", "CUDA_DEVICE_ORDER")}
         return d
 
     assert [without_tmpdir_and_block(c) for c in short] == [
@@ -365,6 +365,9 @@ def test_gpus_in_three_lines_expands_like_the_seed_8gpu_deployment() -> None:
         f"{config.default_tmp_root()}/window_post-gpu{i}/" for i in range(8)
     ]
     assert {c.block for c in short} == {0}
+    # Gpus number the GPUs as nvidia-smi does; the seed's Envs leave CUDA's order, as damocles.
+    assert [c.envs.get("CUDA_DEVICE_ORDER") for c in short] == ["PCI_BUS_ID"] * 8
+    assert [c.envs.get("CUDA_DEVICE_ORDER") for c in seed] == [None] * 8
     # The TMPDIRs Gpus made are the supervisor's to keep private; the seed's, from Envs, are not.
     assert [c.private_tmpdir for c in short] == [True] * 8
     assert [c.private_tmpdir for c in seed] == [False] * 8
@@ -428,12 +431,61 @@ def test_gpus_keep_envs_values_when_envs_sets_them() -> None:
         '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n'
         '[WdPost.Envs]\nTMPDIR = "/scratch/shared/"\nRUST_LOG = "info"\n'
     )
+    kept = {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert [c.envs for c in cfg.children] == [
-        {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "0"},
-        {"TMPDIR": "/scratch/shared/", "RUST_LOG": "info", "CUDA_VISIBLE_DEVICES": "1"},
+        {**kept, "CUDA_VISIBLE_DEVICES": "0"},
+        {**kept, "CUDA_VISIBLE_DEVICES": "1"},
     ]
     assert not any(c.private_tmpdir for c in cfg.children)  # shared on purpose: left as it is
     assert cfg.warnings == []
+
+
+def test_gpus_number_the_gpus_as_nvidia_smi_does_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CUDA numbers GPUs fastest first unless CUDA_DEVICE_ORDER says PCI_BUS_ID; nvidia-smi and
+    # NVML (where Gpus = "all" and an operator's list come from) number them by PCI bus. On a
+    # machine with two GPU models, Gpus = [1] would otherwise run on nvidia-smi's GPU 0.
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+
+    def orders(text: str) -> list[str | None]:
+        return [c.envs.get("CUDA_DEVICE_ORDER") for c in parse(text).children]
+
+    assert orders('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n') == ["PCI_BUS_ID"] * 2
+    # The operator's own order, in Envs or in the environment damocles-ext runs with, is kept.
+    assert orders(
+        '[[WdPost]]\nBin = "sh"\nGpus = [0]\nEnvs = { CUDA_DEVICE_ORDER = "FASTEST_FIRST" }\n'
+    ) == ["FASTEST_FIRST"]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert orders('[[WdPost]]\nBin = "sh"\nGpus = [0]\n') == [None]  # inherited
+    assert orders('[[WdPost]]\nBin = "sh"\nGpus = [0]\nInheritEnvs = false\n') == ["PCI_BUS_ID"]
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    # damocles' own way (an index in Envs) runs as damocles runs it; so does no GPU at all.
+    assert orders('[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "1" }\n') == [None]
+    assert orders('[[WdPost]]\nBin = "sh"\n') == [None]
+
+
+def test_an_index_in_envs_beside_gpus_is_warned_to_number_the_gpus_the_same_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    text = (
+        '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n'
+        '[[WinPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "1" }\n'
+    )
+    (warning,) = [w for w in parse(text).warnings if "CUDA_DEVICE_ORDER" in w]
+    assert warning.startswith("winning_post#0: its CUDA_VISIBLE_DEVICES=1 counts the GPUs in")
+    assert "window_post#0's Gpus count them as nvidia-smi does" in warning
+    assert 'add CUDA_DEVICE_ORDER = "PCI_BUS_ID" to its Envs, or give it Gpus instead' in warning
+    # Numbered the same way (in Envs or inherited), by UUID, or without Gpus beside: nothing said.
+    for quiet in (
+        text.replace('"1" }', '"1", CUDA_DEVICE_ORDER = "PCI_BUS_ID" }'),
+        text.replace('"1" }', '"GPU-8932f937" }'),
+        text.replace("Gpus = [0, 1]", 'Envs = { CUDA_VISIBLE_DEVICES = "0" }'),
+    ):
+        assert not [w for w in parse(quiet).warnings if "CUDA_DEVICE_ORDER" in w], quiet
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert not [w for w in parse(text).warnings if "CUDA_DEVICE_ORDER" in w]
 
 
 def test_gpus_with_cuda_visible_devices_in_envs_warns_that_envs_wins() -> None:
@@ -510,7 +562,8 @@ def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_w
     assert "the same TMPDIR /scratch//gpu, so" in parse(same).warnings[0]
     # A TMPDIR of its own, Gpus' private ones, or a prover that takes no such lock: nothing said.
     assert parse(text.replace('"1" }', '"1", TMPDIR = "/scratch/win/" }')).warnings == []
-    assert parse(text.replace('Envs = { CUDA_VISIBLE_DEVICES = "1" }', "Gpus = [1]")).warnings == []
+    with_gpus = parse(text.replace('Envs = { CUDA_VISIBLE_DEVICES = "1" }', "Gpus = [1]"))
+    assert [w for w in with_gpus.warnings if "bellperson" in w] == []
     native = 'Plugin = "native"\nPluginOptions = { gpu_lock = false }'
     assert parse(text.replace('Bin = "sh"', native)).warnings == []
 
@@ -1120,7 +1173,7 @@ def test_check_config_line_shows_env_locks_cpuset_and_non_defaults(
     (line,) = capsys.readouterr().out.splitlines()
     assert line == (
         "window_post#0  (WdPost[0])  run: sh -c 'exec my prover'  concurrent=1  weight=1  "
-        "env: 'NOTE=two words' CUDA_VISIBLE_DEVICES=1"
+        "env: 'NOTE=two words' CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1"
         f" TMPDIR={config.default_tmp_root()}/window_post-gpu1/"
         "  locks: nvme0,gpu:1  cpuset: 0  protocol=jsonl max_attempts=3 request_timeout=90s"
     )

@@ -249,6 +249,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
     if errors:
         raise ConfigError(source, errors)
     warnings = builder.warnings + _winning_shares_lock_dir(builder.children)
+    warnings += _gpu_numbered_two_ways(builder.children)
     return Config(
         source=source,
         children=builder.children,
@@ -322,6 +323,41 @@ def _devices(child: ChildSpec) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset(d.strip() for d in value.split(",") if d.strip())
+
+
+#: How CUDA numbers the GPUs that CUDA_VISIBLE_DEVICES names by index.
+ORDER = "CUDA_DEVICE_ORDER"
+
+
+def _gpu_numbered_two_ways(children: list[ChildSpec]) -> list[str]:
+    """Children pinned to GPUs by number in CUDA's default order (fastest first) beside children
+    of Gpus, which number them by PCI bus as nvidia-smi does: on a machine with GPUs of different
+    models one number names two GPUs, and the lock gpu:<i> does not keep their proofs apart.
+    Said once per table."""
+    by_bus = [c for c in children if c.gpu is not None and c.envs.get(ORDER) == "PCI_BUS_ID"]
+    if not by_bus:
+        return []
+    said: set[tuple[str, int]] = set()
+    out = []
+    for child in children:
+        devices = _devices(child)
+        if (
+            not devices
+            or not all(d.isdigit() for d in devices)
+            or (child.stage, child.block) in said
+        ):
+            continue
+        if env_value(child.inherit_envs, child.envs, ORDER) == "PCI_BUS_ID":
+            continue
+        said.add((child.stage, child.block))
+        out.append(
+            f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(sorted(devices))} counts the GPUs"
+            f" in CUDA's default order (fastest first), while {by_bus[0].name}'s Gpus count them"
+            " as nvidia-smi does (by PCI bus): on a machine with different GPU models one number"
+            " may name two GPUs, and their GPU lock then does not keep the proofs apart; add"
+            f' {ORDER} = "PCI_BUS_ID" to its Envs, or give it Gpus instead'
+        )
+    return out
 
 
 def _winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
@@ -508,6 +544,12 @@ class _Builder:
             envs = dict(block.envs)
             private_tmpdir = gpu is not None and "TMPDIR" not in envs
             if gpu is not None:
+                if "CUDA_VISIBLE_DEVICES" not in envs and (
+                    env_value(block.inherit_envs, envs, ORDER) is None
+                ):
+                    # Gpus numbers the GPUs as nvidia-smi and NVML do, by PCI bus; CUDA's own
+                    # default numbers them fastest first, another GPU on a mixed machine.
+                    envs[ORDER] = "PCI_BUS_ID"
                 envs.setdefault("CUDA_VISIBLE_DEVICES", str(gpu))
                 envs.setdefault("TMPDIR", os.path.join(self.tmp_root, f"{stage}-gpu{gpu}") + "/")
             child = self._child(stage, block_index, block, argv, kind, envs, cpuset)
