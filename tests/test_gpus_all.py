@@ -204,3 +204,21 @@ def test_nvidia_smi_that_does_not_answer_in_time_is_the_driver_not_answering(
         ["NVML: nvidia-ml-py is not installed", "nvidia-smi -L: no answer within 0.5s"],
         answered=False,
     )
+
+
+def test_a_slow_search_for_the_gpus_says_how_to_make_it_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the driver's persistence mode, NVML or nvidia-smi brings the GPUs up each time it
+    # starts: seconds, all before serve's ready line, which damocles-manager awaits 5 s.
+    env = machine_with(tmp_path, "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n")
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    quick = config.parse_config(GPUS_ALL, "x.cfg")
+    assert [c.gpu for c in quick.children] == ["0"]
+    assert not [w for w in quick.warnings if "to find the GPUs" in w]
+    monkeypatch.setattr(machine, "SLOW_GPU_PROBE", 0.0)  # every search is slow now
+    (warning,) = [w for w in config.parse_config(GPUS_ALL, "x.cfg").warnings if "GPUs," in w]
+    assert warning.startswith('WdPost[0].Gpus: "all" took ')
+    assert "damocles-manager waits 5 s (its ReadyTimeoutSecs)" in warning
+    assert "persistence mode (nvidia-persistenced, or nvidia-smi -pm 1)" in warning

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import sys
+import time
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -460,9 +461,21 @@ class _Builder:
         # The errors that only say the GPU driver did not answer (yet): a later start may pass.
         self.not_ready: list[str] = []
 
-    def _detected_gpus(self) -> machine.GpuProbe:
+    def _detected_gpus(self, where: str) -> machine.GpuProbe:
         if self._gpus is None:  # once per file: nvidia-smi is slow
+            started = time.monotonic()
             self._gpus = machine.probe_gpus()
+            took = time.monotonic() - started
+            if took > machine.SLOW_GPU_PROBE:
+                # Without the driver's persistence mode, each start of NVML or nvidia-smi brings
+                # the GPUs up: seconds per machine, before `serve`'s ready line.
+                self.warnings.append(
+                    f'{where}.Gpus: "all" took {took:.1f} s to find the GPUs, and `serve` says'
+                    " ready only after it: damocles-manager waits 5 s (its ReadyTimeoutSecs) and"
+                    " fails its start past that. Turn on the driver's persistence mode"
+                    " (nvidia-persistenced, or nvidia-smi -pm 1), which makes it quick, or list"
+                    " the GPUs, e.g. Gpus = [0, 1]"
+                )
         return self._gpus
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
@@ -506,7 +519,7 @@ class _Builder:
         argv, kind = self._program(where, stage, block)
         gpus: list[int | None] = [None]
         if block.gpus == "all":
-            probe = self._detected_gpus()
+            probe = self._detected_gpus(where)
             asked = "".join("; " + r for r in probe.reasons)
             if not probe.gpus and probe.answered:
                 return [

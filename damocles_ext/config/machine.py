@@ -19,6 +19,9 @@ from typing import NamedTuple
 from .spec import TMP_ROOT_NAME
 
 _GPU_DETECT_TIMEOUT = 10.0
+#: Seconds of finding the GPUs past which a config says how to make it quick: damocles-manager
+#: gives `serve` 5 s for its ready line, and `Gpus = "all"` is found before it.
+SLOW_GPU_PROBE = 2.0
 
 _per_run_tmp_root: str | None = None
 _per_run_owner: int | None = None  # the process that chose it (a forked copy is not it)
