@@ -87,6 +87,14 @@ def test_each_unit_restarts_with_backoff_as_a_dedicated_user_with_its_directorie
     assert re.search(r"^u damocles-ext ", sysusers, re.MULTILINE)
 
 
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.stem)
+def test_each_unit_has_systemd_restart_a_hung_damocles_ext(path):
+    # The command pings from its loop (test_watchdog.py) a third of the time systemd waits.
+    service = unit(path)["Service"]
+    assert service["NotifyAccess"] == ["main"]
+    assert 30 <= seconds(service["WatchdogSec"][0]) <= 120
+
+
 def test_runs_stop_timeout_outlasts_its_graceful_stop():
     service = unit(SYSTEMD / "damocles-ext-run.service")["Service"]
     argv = shlex.split(service["ExecStart"][0])

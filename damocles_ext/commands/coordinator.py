@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import stop_signals, watch_signals
+    from damocles_ext.frontends.watchdog import start_watchdog
     from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, StoreLost, TrioJobStore
 
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics_server = MetricsServer(metrics, *args.metrics)
 
             async def main() -> None:
+                start_watchdog()
                 with trio.open_signal_receiver(*stop_signals()) as signals:
                     # Outside the nursery: a store that fails already (no thread for its calls,
                     # at the limit of tasks) is the command's error, not a traceback.

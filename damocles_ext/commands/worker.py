@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.frontends.control_socket import bind_control_socket
     from damocles_ext.frontends.run import _discard
     from damocles_ext.frontends.signals import stop_signals, watch_signals
+    from damocles_ext.frontends.watchdog import start_watchdog
     from damocles_ext.frontends.worker import Worker
     from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 
@@ -265,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
             raise
 
     async def main() -> None:
+        start_watchdog()
         with trio.open_signal_receiver(*stop_signals()) as signals:
             async with trio.open_nursery() as nursery:
 

@@ -22,6 +22,7 @@ from .control import ControlServer
 from .control_socket import bind_control_socket
 from .serve_jsonl import with_default_deadline
 from .signals import end_soon, stop_signals, watch_signals
+from .watchdog import start_watchdog
 
 if TYPE_CHECKING:
     from ..commands.common import SupervisorOptions
@@ -96,6 +97,7 @@ async def _run(
 ) -> int:
     from ..status import StatusSource
 
+    start_watchdog()
     with trio.open_signal_receiver(*stop_signals()) as signals:
         status = StatusSource(
             supervisor,
