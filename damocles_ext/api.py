@@ -87,7 +87,8 @@ async def open_job_producer(
     poll_interval: float | None = None,
 ) -> AsyncIterator[JobProducer]:
     """A JobProducer on the job store at `url` (created if missing) whose `submit(task)` proves
-    a WindowPoSt through the workers; on PostgreSQL its LISTEN/NOTIFY listener runs meanwhile.
+    a WindowPoSt through the workers; on PostgreSQL its LISTEN/NOTIFY listener runs meanwhile, on
+    SQLite serve's check of its file every 10 s (one deleted or replaced is said within it).
 
     `stores` (name -> path) and, with `conf_dir`, the [[Common.PersistStores]] of
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
@@ -107,9 +108,7 @@ async def open_job_producer(
     try:
         producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         async with trio.open_nursery() as nursery:
-            listener = producer.listener()
-            if listener is not None:
-                nursery.start_soon(listener.run)
+            producer.start_watches(nursery)
             try:
                 yield producer
             except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery

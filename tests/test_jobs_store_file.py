@@ -231,6 +231,41 @@ async def test_an_idle_serve_says_its_store_file_was_deleted_without_a_request(t
         await stop(m)
 
 
+class StoreErrorSaid(logging.Handler):
+    """Sets `said` (a threading.Event: the check logs from its thread) at the store's ERROR."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.said = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.set()
+
+
+async def test_an_idle_api_job_producer_says_its_store_file_was_deleted_within_its_check(
+    tmp_path, mock_clock, caplog
+):
+    from damocles_ext.api import open_job_producer
+    from damocles_ext.frontends.producer import FILE_CHECK_EVERY
+
+    path = tmp_path / "jobs.db"
+    handler = StoreErrorSaid()
+    logging.getLogger("damocles_ext.jobs.store").addHandler(handler)
+    try:
+        async with open_job_producer(url_of(path)):
+            await trio.testing.wait_all_tasks_blocked()
+            os.unlink(path)  # the producer idle: no submit in flight
+            # Before: nothing until its next submit, however long it stayed idle (serve --jobs
+            # said it within its check).
+            mock_clock.jump(FILE_CHECK_EVERY)
+            # In real time (the clock stands still): the check runs in a thread.
+            assert await trio.to_thread.run_sync(handler.said.wait, 30)
+    finally:
+        logging.getLogger("damocles_ext.jobs.store").removeHandler(handler)
+    [error] = store_errors(caplog)
+    assert f"its file {str(path)!r} was deleted" in error
+
+
 # --- the coordinator --------------------------------------------------------------------------------
 
 

@@ -51,9 +51,10 @@ MAX_BACKOFF = 30.0
 #: may take before the request is answered without it (a store that hangs).
 LATE_LOOK = 5.0
 
-#: How often (trio's clock) serve --jobs looks whether its SQLite store's file is still the one at
-#: its path, with no request to notice it: a file deleted or replaced is said, and the old file's
-#: write-ahead log emptied, within this, not at the next request (jobs/sqlite_file.py).
+#: How often (trio's clock) serve --jobs and the API's producer look whether their SQLite store's
+#: file is still the one at its path, with no request to notice it: a file deleted or replaced is
+#: said, and the old file's write-ahead log emptied, within this, not at the next request
+#: (jobs/sqlite_file.py).
 FILE_CHECK_EVERY = 10.0
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
@@ -176,6 +177,14 @@ class JobProducer:
         from ..jobs.notify import JobListener
 
         return JobListener.of_store(self.store.store, self.wake, self.wake_all)
+
+    def start_watches(self, nursery: trio.Nursery) -> None:
+        """Start in `nursery` what tells this producer of its store with no request in flight:
+        the LISTEN/NOTIFY listener (PostgreSQL) and the check of its file (SQLite)."""
+        listener = self.listener()
+        if listener is not None:
+            nursery.start_soon(listener.run)
+        nursery.start_soon(self.watch_store_file)
 
     async def watch_store_file(self, every: float = FILE_CHECK_EVERY) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the
@@ -383,10 +392,7 @@ async def run_producer(
         send = trio.lowlevel.FdStream(protocol_out)
         try:
             async with trio.open_nursery() as nursery:
-                listener = producer.listener()
-                if listener is not None:
-                    nursery.start_soon(listener.run)
-                nursery.start_soon(producer.watch_store_file)
+                producer.start_watches(nursery)
                 if coordinator is not None:
                     rpc, server = coordinator
                     await nursery.start(server.serve)
