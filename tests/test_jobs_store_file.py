@@ -330,6 +330,74 @@ async def test_a_coordinator_notices_a_deleted_store_file_at_its_next_sweep_with
     assert len(said) == 1 and f"its file {str(path)!r} was deleted" in said[0]
 
 
+@pytest.mark.parametrize("extra", [[], ["--metrics", "127.0.0.1:0"]], ids=["rpc", "metrics"])
+def test_a_coordinator_whose_store_file_is_deleted_as_it_starts_stops_with_exit_1_saying_why(
+    extra, tmp_path, monkeypatch, capsys, caplog
+):
+    import http.client
+    import json
+
+    from damocles_ext import cli
+    from damocles_ext.commands import coordinator as command
+    from damocles_ext.frontends import coordinator as frontend
+
+    path = tmp_path / "jobs.db"
+    servers: list[frontend.CoordinatorServer] = []
+
+    class Server(frontend.CoordinatorServer):  # the port it bound, for the worker's call
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    # Its first sweep pass (in its thread) held until a worker's call was answered: the call
+    # finds the store lost while the command still starts its sweep.
+    first_pass, call_answered = threading.Event(), threading.Event()
+    sweep = JobStore.sweep
+
+    def held_first_sweep(self, *args, **kwargs):
+        if not first_pass.is_set():
+            first_pass.set()
+            call_answered.wait(30)
+        return sweep(self, *args, **kwargs)
+
+    monkeypatch.setattr(frontend, "CoordinatorServer", Server)
+    monkeypatch.setattr(JobStore, "sweep", held_first_sweep)
+    monkeypatch.setattr(command, "setup_from_args", lambda args: None)  # caplog keeps the logs
+    answers: list[dict] = []
+
+    def worker() -> None:
+        try:
+            assert first_pass.wait(30)
+            os.unlink(path)
+            rpc = http.client.HTTPConnection("127.0.0.1", servers[0].port, timeout=30)
+            body = {"jsonrpc": "2.0", "method": "Venus.WdPoStAllocateJobs", "id": 1,
+                    "params": [{"AllowedMiners": None, "AllowedProofTypes": None}, 1, "w1"]}  # fmt: skip
+            rpc.request("POST", "/rpc/v0", json.dumps(body), {"Content-Type": "application/json"})
+            answers.append(json.loads(rpc.getresponse().read()))
+            rpc.close()
+        finally:
+            call_answered.set()
+
+    calling = threading.Thread(target=worker)
+    calling.start()
+    try:
+        # Before: trio's "child exited without calling task_status.started()" (the sweep
+        # cancelled in its first pass), a traceback and no word of the store.
+        code = cli.main(["coordinator", "--jobs", url_of(path), "--listen", "127.0.0.1:0", *extra])
+    finally:
+        call_answered.set()
+        calling.join(30)
+    said = f"its file {str(path)!r} was deleted"
+    assert said in answers[0]["error"]["message"], answers
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"damocles-ext coordinator: error: job store {url_of(path)}: {said}" in err, err
+    stopping = [r.getMessage() for r in caplog.records if r.name == "damocles_ext.coordinator"
+                and r.levelno == logging.ERROR]  # fmt: skip
+    assert len(stopping) == 1 and stopping[0].startswith("stopping: ") and said in stopping[0]
+    assert len(store_errors(caplog)) == 1
+
+
 def test_the_metrics_of_a_store_whose_file_was_deleted_say_the_store_is_down(tmp_path, caplog):
     from prometheus_client import generate_latest
 

@@ -204,7 +204,13 @@ def run(args: argparse.Namespace) -> int:
                             if not lost:
                                 lost.append(exc)
                                 log.error("stopping: %s", exc)
-                                shut_down()
+                                if not starting:
+                                    shut_down()
+
+                        # While its tasks start, a loss (found by a worker's call during the
+                        # first sweep) stops it once they have: a task cancelled before it said
+                        # it started would end the start with trio's RuntimeError.
+                        starting = True
 
                         coordinator.on_store_lost = store_lost
                         locator = coordinator.sector_index.locator
@@ -236,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
                                 await watch_signals(signals, nursery.cancel_scope, shut_down, log)
 
                         await nursery.start(watch)
+                        starting = False
+                        if lost:
+                            shut_down()
                         await server.stopped.wait()
                         watcher.cancel()
 
