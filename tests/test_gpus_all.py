@@ -222,3 +222,51 @@ def test_a_slow_search_for_the_gpus_says_how_to_make_it_quick(
     assert warning.startswith('WdPost[0].Gpus: "all" took ')
     assert "damocles-manager waits 5 s (its ReadyTimeoutSecs)" in warning
     assert "persistence mode (nvidia-persistenced, or nvidia-smi -pm 1)" in warning
+
+
+def test_a_gpu_number_the_machine_does_not_have_is_warned_about_by_each_command(
+    tmp_path: Path,
+) -> None:
+    # A config written for a machine of more GPUs: CUDA_VISIBLE_DEVICES=2 on a 2-GPU machine
+    # hides every GPU from the child, and bellperson proves on the CPU, hours too late.
+    env = machine_with(
+        tmp_path,
+        "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+        "echo 'GPU 1: NVIDIA GeForce RTX 3090 (UUID: GPU-b)'\n",
+    )
+    cfg = write_config(
+        tmp_path,
+        '[[WdPost]]\nBin = "/bin/sh"\nGpus = [0, 1, 2, 3]\n'
+        '[[WinPost]]\nBin = "/bin/sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "1,4" }\n'
+        '[[WinPost]]\nBin = "/bin/sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "GPU-8932f937" }\n',
+    )
+    said = [
+        (
+            "window_post#2: its CUDA_VISIBLE_DEVICES=2 names GPU 2, which this machine does not"
+            " have (it has GPUs 0 to 1, as NVML or nvidia-smi -L count them): CUDA hides it, and"
+            " every GPU listed after it, from the child, which with no GPU left proves on the"
+            " CPU, far too slowly for a deadline; remove it from WdPost[0]'s Gpus or Envs"
+        ),
+        "window_post#3: its CUDA_VISIBLE_DEVICES=3 names GPU 3,",
+        "winning_post#0: its CUDA_VISIBLE_DEVICES=1,4 names GPU 4,",
+    ]
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "names GPU" in line]
+    # Only these: the GPUs it has, and a GPU named by UUID, are not warned about.
+    assert len(warned) == 3, warned
+    assert [
+        w.removeprefix("warning: ")[: len(s)] for w, s in zip(warned, said, strict=True)
+    ] == said
+    # run and worker say it in their log before they start (here they stop at once after it:
+    # their control socket's directory is not private, a usage error).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    for args in (
+        ["run", "-c", str(cfg), "--socket", str(shared / "run.sock")],
+        ["worker", "-c", str(cfg), "--manager", "127.0.0.1:9", "--socket", str(shared / "w.sock")],
+    ):
+        proc = damocles_ext(args, env)
+        assert proc.returncode == EXIT_USAGE and "not private" in proc.stderr, proc.stderr
+        assert "window_post#3: its CUDA_VISIBLE_DEVICES=3 names GPU 3" in proc.stderr, args

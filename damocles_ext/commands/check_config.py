@@ -49,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the config, check it can start here (ConfigError), print its children."""
     import msgspec
 
-    from damocles_ext.config import check_startable, load_conf_dir, load_config
+    from damocles_ext.config import (
+        absent_gpu_warnings,
+        check_startable,
+        load_conf_dir,
+        load_config,
+    )
 
     from .common import stdout_to_stderr
 
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from damocles_ext.errors import UsageError
 
         raise UsageError(loop)
-    for warning in manager_entry_warnings(config):
+    for warning in manager_entry_warnings(config) + absent_gpu_warnings(config.children):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")

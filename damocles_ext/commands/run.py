@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
@@ -168,7 +169,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Check the config and the socket place (exit 2 on problems), then serve until a signal."""
-    from damocles_ext.config import check_startable
+    from damocles_ext.config import absent_gpu_warnings, check_startable
     from damocles_ext.frontends.control_socket import default_socket_path
     from damocles_ext.frontends.run import serve_control_socket
     from damocles_ext.plugins import get_plugin_manager
@@ -178,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     # Before the socket exists: a client must not find a supervisor whose children cannot start.
     plugin_manager = get_plugin_manager()
     check_startable(config, plugin_manager=plugin_manager)
+    for warning in absent_gpu_warnings(config.children):
+        logging.getLogger("damocles_ext.run").warning("%s", warning)
     path = args.socket if args.socket is not None else default_socket_path()
     return serve_control_socket(
         config,

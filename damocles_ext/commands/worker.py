@@ -337,7 +337,7 @@ def _settings(
     it overriding the file's values."""
     import os
 
-    from damocles_ext.config import check_startable
+    from damocles_ext.config import absent_gpu_warnings, check_startable
     from damocles_ext.errors import UsageError
     from damocles_ext.jobs.worker_settings import DEFAULT_IDLE_POLL, WorkerSettings
 
@@ -402,6 +402,8 @@ def _settings(
                 ", ".join(c.name for c in ignored),
             )
     check_startable(config, children, plugin_manager=options["plugin_manager"])
+    for warning in absent_gpu_warnings(children):
+        log.warning("%s", warning)
     given = {
         "manager": args.manager,
         "name": args.name,

@@ -54,7 +54,13 @@ from .spec import (
     effective_timeouts,
     format_cpuset,
 )
-from .startup import build_env, check_startable, program_problem, startup_problems
+from .startup import (
+    absent_gpu_warnings,
+    build_env,
+    check_startable,
+    program_problem,
+    startup_problems,
+)
 
 if TYPE_CHECKING:
     from .damocles_worker import (
@@ -123,6 +129,7 @@ __all__ = [
     "PosFloat",
     "PosInt",
     "WdPostThread",
+    "absent_gpu_warnings",
     "build_env",
     "check_startable",
     "default_heartbeat_timeout",

@@ -8,9 +8,10 @@ import functools
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from . import machine
 from .machine import untrusted_problem
 from .messages import _show, _toml_key
 from .spec import (
@@ -357,6 +358,39 @@ def _made_later(root: str) -> str | None:
     if path != root and not os.access(path, os.W_OK | os.X_OK):
         return f"cannot be made: this user may not create anything in {path}"
     return None if path != root else untrusted_problem(st, os.geteuid())
+
+
+def absent_gpu_warnings(children: Sequence[ChildSpec]) -> list[str]:
+    """Children pinned to a GPU number this machine does not have (a config written for a
+    machine of more GPUs): CUDA hides that GPU and every one listed after it, and a child left
+    with none proves on the CPU (bellperson's fallback), far too slowly for any deadline, while
+    taking the CPU from the others. Asks the driver only when a child names a GPU by number;
+    nothing is said when it gives no list (not loaded yet, no NVML nor nvidia-smi)."""
+    pinned: list[tuple[ChildSpec, list[int]]] = []
+    for child in children:
+        value = env_value(child.inherit_envs, child.envs, "CUDA_VISIBLE_DEVICES") or ""
+        devices = [d.strip() for d in value.split(",") if d.strip()]
+        if devices and all(d.isascii() and d.isdigit() for d in devices):  # not UUIDs nor MIG
+            pinned.append((child, [int(d) for d in devices]))
+    if not pinned:
+        return []
+    count = len(machine.probe_gpus().gpus)
+    if not count:
+        return []
+    has = "GPU 0" if count == 1 else f"GPUs 0 to {count - 1}"
+    out = []
+    for child, numbers in pinned:
+        absent = [n for n in numbers if n >= count]
+        if absent:
+            table = f"{TABLE_OF_STAGE.get(child.stage, child.stage)}[{child.block}]"
+            out.append(
+                f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(map(str, numbers))} names"
+                f" GPU {', '.join(map(str, absent))}, which this machine does not have (it has"
+                f" {has}, as NVML or nvidia-smi -L count them): CUDA hides it, and every GPU"
+                " listed after it, from the child, which with no GPU left proves on the CPU, far"
+                f" too slowly for a deadline; remove it from {table}'s Gpus or Envs"
+            )
+    return out
 
 
 def check_startable(
