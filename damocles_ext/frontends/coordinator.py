@@ -238,8 +238,8 @@ class Coordinator:
         log.debug("worker ping: %.200r", info)
         # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
         # alive (what `status --jobs` and the metrics count as a live worker).
-        name = info.get("Name") if isinstance(info, dict) else None
-        if isinstance(name, str) and name and "\0" not in name:
+        name = rpc.worker_name_of(info)
+        if name and "\0" not in name:
             await self.store.worker_seen(name)
 
     async def sweep_forever(

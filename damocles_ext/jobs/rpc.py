@@ -23,6 +23,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from ..protocol.dext import NESTED_TOO_DEEPLY
+from .gojson import go_shaped
 from .model import I64, U64, JobOutput, JobRecord, Text
 
 PARSE_ERROR: Final = -32700
@@ -73,8 +74,9 @@ class JobLease(msgspec.Struct, frozen=True):
     Lease: Text
 
 
-# The positional params of each method, by Go type. WorkerPing's workerInfo is taken as any
-# object: we keep nothing from it, and a newer worker adding a field must not be refused.
+# The positional params of each method, by Go type; each is read as Go's json.Unmarshal reads
+# it (gojson.py: keys in any case). WorkerPing's workerInfo is taken as any value: we keep only
+# its name (`worker_name_of`), and a newer worker adding a field must not be refused.
 class SectorId(msgspec.Struct, frozen=True):
     """damocles' abi.SectorID as Go decodes it: a missing field is 0, unknown fields ignored."""
 
@@ -175,7 +177,7 @@ def parse_request(body: bytes) -> Call:
     for index, (value, kind) in enumerate(zip(params, types, strict=True)):
         try:
             _go_ints(value, "$")
-            converted.append(msgspec.convert(value, kind))
+            converted.append(msgspec.convert(go_shaped(value, kind), kind))
         except msgspec.ValidationError as exc:
             hint = "; send at most that many in one call" if "length <=" in str(exc) else ""
             raise RpcError(
@@ -201,6 +203,19 @@ def _go_ints(value: Any, where: str) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             _go_ints(item, f"{where}.{key}")
+
+
+def worker_name_of(info: Any) -> str:
+    """The `Name` of a Venus.WorkerPing's workerInfo (damocles' WorkerInfo), its key in any
+    case, as Go reads it; "" when it has none that is a string."""
+    if not isinstance(info, dict):
+        return ""
+    name = go_shaped(info, _WorkerName).get("Name")
+    return name if isinstance(name, str) else ""
+
+
+class _WorkerName(msgspec.Struct):
+    Name: str = ""
 
 
 def worker_name_problem(worker: str) -> str | None:

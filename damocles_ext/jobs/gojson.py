@@ -1,0 +1,62 @@
+"""What Go's encoding/json lets through, for the params go-jsonrpc hands to damocles-manager.
+
+go-jsonrpc decodes each positional param with `json.Unmarshal` into the method's Go type, and
+Go is lenient where msgspec is strict. `go_shaped(value, kind)` rewrites a decoded JSON value so
+that `msgspec.convert(shaped, kind)` reads it as Go would read it into the matching Go type:
+
+**Keys of an object match a struct's fields without regard to case**: the field named exactly
+by the key, else the one equal to it under Go's case folding (ASCII letters, plus U+017F, the
+long s, for S and U+212A, the Kelvin sign, for K, which Go folds with them), so `allowedminers`
+fills `AllowedMiners`. Keys matching no field are dropped (Go ignores them), unless the struct
+forbids unknown fields. A field named by several keys (`"AllowedMiners":[1],
+"allowedMiners":[2]`) takes them in order, so the last one wins, as in Go.
+
+Everything else (a wrong type, a number out of range, an unknown field a strict struct forbids)
+is left as it is, for msgspec to refuse with its own message. Sans-IO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec.inspect as mi
+
+#: The two non-ASCII letters Go's case folding (unicode.SimpleFold) puts with ASCII ones.
+_GO_FOLDS = {"\u017f": "S", "\u212a": "K"}
+
+
+def go_fold(key: str) -> str:
+    """`key` as Go's encoding/json compares it with an ASCII field name (its `foldName`):
+    equal for two keys it takes for the same field."""
+    return "".join(ch.upper() if ch.isascii() else _GO_FOLDS.get(ch, ch) for ch in key)
+
+
+def go_shaped(value: Any, kind: Any) -> Any:
+    """`value` (decoded JSON) as msgspec must see it to convert it to `kind` the way Go's
+    json.Unmarshal would read it (module docstring)."""
+    return _shaped(value, mi.type_info(kind))
+
+
+def _shaped(value: Any, info: mi.Type) -> Any:
+    if isinstance(info, mi.UnionType):
+        others = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        return _shaped(value, others[0]) if len(others) == 1 else value
+    if isinstance(info, mi.StructType) and isinstance(value, dict):
+        return _struct(value, info)
+    if isinstance(info, mi.ListType | mi.VarTupleType) and isinstance(value, list):
+        return [_shaped(item, info.item_type) for item in value]
+    return value
+
+
+def _struct(value: dict[str, Any], info: mi.StructType) -> dict[str, Any]:
+    exact = {f.encode_name: f for f in info.fields}
+    folded = {go_fold(f.encode_name): f for f in info.fields}
+    shaped: dict[str, Any] = {}
+    for key, item in value.items():
+        field = exact.get(key) or folded.get(go_fold(key))
+        if field is None:
+            if info.forbid_unknown_fields:
+                shaped[key] = item  # for msgspec to name
+            continue
+        shaped[field.encode_name] = _shaped(item, field.type)
+    return shaped

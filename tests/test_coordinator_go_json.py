@@ -1,0 +1,140 @@
+"""The coordinator reads RPC params as damocles-manager does: go-jsonrpc hands each one to Go's
+encoding/json, which matches an object's keys to the fields in any case, ignores unknown keys and
+takes `null` as Go's nil. Real HTTP calls to a real coordinator (SQLite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from test_coordinator import PROOF, WORKER, Client
+from test_jobs_rules import make_input
+
+from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs import rpc
+from damocles_ext.jobs.gojson import go_fold
+from damocles_ext.jobs.model import FINISHED, JobOutput
+from damocles_ext.jobs.store import JobStore, TrioJobStore
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        yield TrioJobStore(store)
+
+
+async def post(port: int, method: str, params: str) -> tuple[int, dict]:
+    """One call whose params are given as raw JSON text (keys twice, nulls)."""
+    client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    body = f'{{"jsonrpc":"2.0","method":"{method}","params":{params},"id":1}}'
+    status, answer = await client.post(body.encode())
+    await client.stream.aclose()
+    return status, json.loads(answer)
+
+
+async def serve(nursery: trio.Nursery, jobs: TrioJobStore) -> int:
+    server = CoordinatorServer(Coordinator(jobs), "127.0.0.1", 0)
+    await nursery.start(server.serve)
+    return server.port
+
+
+async def test_an_allocation_filter_in_any_case_is_applied_not_dropped(jobs):
+    # Before, a key not spelled exactly as Go's field was skipped as unknown: the filter meant
+    # "any", and a worker of miner 2000 was given miner 1000's job.
+    ours, theirs = make_input(miner=2000, proof_type=PROOF), make_input(miner=1000)
+    mine, _ = await jobs.create(ours)
+    await jobs.create(theirs)
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        spec = f'{{"allowedminers":[2000],"ALLOWEDPROOFTYPES":["{PROOF}"],"Unknown":1}}'
+        status, answer = await post(port, "Venus.WdPoStAllocateJobs", f'[{spec},2,"{WORKER}"]')
+        assert status == 200, answer
+        assert [job["Id"] for job in answer["result"]] == [mine.Id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_key_given_twice_in_two_cases_takes_the_last_as_go_does(jobs):
+    first, _ = await jobs.create(make_input(miner=1000))
+    second, _ = await jobs.create(make_input(miner=2000))
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        spec = '{"AllowedMiners":[1000],"allowedMiners":[2000]}'
+        _, answer = await post(port, "Venus.WdPoStAllocateJobs", f'[{spec},2,"w"]')
+        assert [job["Id"] for job in answer["result"]] == [second.Id]
+        # A later null is Go's nil slice: any miner.
+        spec = '{"AllowedMiners":[3000],"allowedminers":null}'
+        _, answer = await post(port, "Venus.WdPoStAllocateJobs", f'[{spec},2,"w"]')
+        assert [job["Id"] for job in answer["result"]] == [first.Id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_finish_whose_output_keys_are_in_another_case_keeps_its_proofs(jobs):
+    # Before, {"Proofs": ...} was skipped: the job was finished as a success with no proof.
+    job, _ = await jobs.create(make_input(miner=1000))
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        _, answer = await post(port, "Venus.WdPoStAllocateJobs", '[{},1,"w"]')
+        assert [j["Id"] for j in answer["result"]] == [job.Id]
+        output = '{"Proofs":["AAEC"],"FAULTS":[3]}'
+        status, answer = await post(port, "Venus.WdPoStFinishJob", f'["{job.Id}",{output},""]')
+        assert (status, answer["result"]) == (200, None)
+        nursery.cancel_scope.cancel()
+    stored = await jobs.get(job.Id)
+    assert stored is not None and stored.State == FINISHED
+    assert stored.Output == JobOutput(proofs=(b"\0\1\2",), faults=(3,))
+
+
+async def test_a_sector_id_in_any_case_finds_the_sector(jobs):
+    await jobs.create(make_input(miner=1000, sectors=1))
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        await post(port, "Venus.WdPoStAllocateJobs", '[{},1,"w"]')  # the index learns it
+        for sid in ('{"miner":1000,"NUMBER":0}', '{"Miner":1000,"number":0,"Extra":{}}'):
+            status, answer = await post(port, "Venus.SectorIndexerFind", f'["normal",{sid}]')
+            assert status == 200, answer
+            assert answer["result"] == {
+                "Found": True,
+                "Instance": {"SealedFile": "store-a", "CacheDir": "store-b"},
+            }, sid
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_value_under_a_key_in_another_case_is_a_clear_error(jobs):
+    # Before, the key was skipped and the call made without it: no error at all.
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        for method, params, where in [
+            ("Venus.WdPoStAllocateJobs", '[{"allowedMiners":["x"]},1,"w"]',
+             "(param: 0): Expected `int`, got `str` - at `$.AllowedMiners[0]`"),
+            ("Venus.WdPoStFinishJob", '["j",{"Faults":[-1]},""]',
+             "(param: 1): Expected `int` >= 0 - at `$.faults[0]`"),
+            ("Venus.SectorIndexerFind", '["normal",{"miner":"1000"}]',
+             "(param: 1): Expected `int`, got `str` - at `$.Miner`"),
+        ]:  # fmt: skip
+            status, answer = await post(port, method, params)
+            assert (status, answer["error"]["code"]) == (500, rpc.PARSE_ERROR), answer
+            message = answer["error"]["message"]
+            assert f"unmarshaling params for '{method}' {where}" in message, message
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_ping_whose_name_key_is_in_another_case_keeps_the_worker_live(jobs):
+    now = [1000.0]
+    jobs.clock = lambda: now[0]
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        await post(port, "Venus.WdPoStAllocateJobs", f'[{{}},1,"{WORKER}"]')
+        now[0] = 5000.0
+        status, answer = await post(port, "Venus.WorkerPing", f'[{{"name":"{WORKER}"}}]')
+        assert (status, answer["result"]) == (200, None)
+        nursery.cancel_scope.cancel()
+    [seen] = (await jobs.summary()).workers
+    assert (seen.worker, seen.last_seen) == (WORKER, 5000.0)
+
+
+def test_go_folds_the_long_s_and_the_kelvin_sign_with_ascii_letters():
+    assert go_fold("allowedMiners") == go_fold("ALLOWEDMINERS") == "ALLOWEDMINERS"
+    assert go_fold("allowedMiner\u017f") == "ALLOWEDMINERS"  # U+017F: Go folds it with s
+    assert go_fold("\u212aey") == "KEY"  # the Kelvin sign: with k
+    assert go_fold("\u0130d") != "ID"  # not İ: Go's simple folding keeps it apart from I
