@@ -1,6 +1,6 @@
 """The coordinator reads RPC params as damocles-manager does: go-jsonrpc hands each one to Go's
 encoding/json, which matches an object's keys to the fields in any case, ignores unknown keys and
-takes `null` as Go's nil. Real HTTP calls to a real coordinator (SQLite)."""
+takes `null` as Go's nil or as no value. Real HTTP calls to a real coordinator (SQLite)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,12 @@ async def test_a_sector_id_in_any_case_finds_the_sector(jobs):
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, jobs)
         await post(port, "Venus.WdPoStAllocateJobs", '[{},1,"w"]')  # the index learns it
-        for sid in ('{"miner":1000,"NUMBER":0}', '{"Miner":1000,"number":0,"Extra":{}}'):
+        for sid in (
+            '{"miner":1000,"NUMBER":0}',
+            '{"Miner":1000,"number":0,"Extra":{}}',
+            '{"Miner":1000,"Number":null}',  # Go: null leaves a number at 0
+            '{"Miner":1000,"miner":null,"Number":0}',  # ... or as it was
+        ):
             status, answer = await post(port, "Venus.SectorIndexerFind", f'["normal",{sid}]')
             assert status == 200, answer
             assert answer["result"] == {
@@ -98,6 +103,28 @@ async def test_a_sector_id_in_any_case_finds_the_sector(jobs):
                 "Instance": {"SealedFile": "store-a", "CacheDir": "store-b"},
             }, sid
         nursery.cancel_scope.cancel()
+
+
+async def test_null_params_are_go_zero_values(jobs):
+    # go-jsonrpc unmarshals `null` into a struct, a number or a string as their zero value: a
+    # null spec is "any miner", and a null error reason is a success.
+    job, _ = await jobs.create(make_input(miner=1000))
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        status, answer = await post(port, "Venus.WdPoStAllocateJobs", '[null,1,"w"]')
+        assert [j["Id"] for j in answer["result"]] == [job.Id], answer
+        status, answer = await post(port, "Venus.WdPoStHeartbeatJobs", f'[["{job.Id}",null],"w"]')
+        assert status == 200 and "job : key not found" in answer["error"]["message"], answer
+        status, answer = await post(port, "Venus.WdPoStHeartbeatJobs", '[null,"w"]')
+        assert (status, answer["result"]) == (200, None), answer
+        output = '{"proofs":["AAEC"],"faults":null}'
+        status, answer = await post(port, "Venus.WdPoStFinishJob", f'["{job.Id}",{output},null]')
+        assert (status, answer["result"]) == (200, None), answer
+        status, answer = await post(port, "Venus.WdPoStAllocateJobs", '[{},null,"w"]')
+        assert (status, answer["result"]) == (200, [])  # none asked for
+        nursery.cancel_scope.cancel()
+    stored = await jobs.get(job.Id)
+    assert stored is not None and stored.succeeded and stored.Output is not None
 
 
 async def test_a_bad_value_under_a_key_in_another_case_is_a_clear_error(jobs):

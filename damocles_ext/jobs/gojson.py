@@ -4,12 +4,17 @@ go-jsonrpc decodes each positional param with `json.Unmarshal` into the method's
 Go is lenient where msgspec is strict. `go_shaped(value, kind)` rewrites a decoded JSON value so
 that `msgspec.convert(shaped, kind)` reads it as Go would read it into the matching Go type:
 
-**Keys of an object match a struct's fields without regard to case**: the field named exactly
-by the key, else the one equal to it under Go's case folding (ASCII letters, plus U+017F, the
-long s, for S and U+212A, the Kelvin sign, for K, which Go folds with them), so `allowedminers`
-fills `AllowedMiners`. Keys matching no field are dropped (Go ignores them), unless the struct
-forbids unknown fields. A field named by several keys (`"AllowedMiners":[1],
-"allowedMiners":[2]`) takes them in order, so the last one wins, as in Go.
+- **Keys of an object match a struct's fields without regard to case**: the field named exactly
+  by the key, else the one equal to it under Go's case folding (ASCII letters, plus U+017F, the
+  long s, for S and U+212A, the Kelvin sign, for K, which Go folds with them), so
+  `allowedminers` fills `AllowedMiners`. Keys matching no field are dropped (Go ignores them),
+  unless the struct forbids unknown fields. A field named by several keys (`"AllowedMiners":[1],
+  "allowedMiners":[2]`) takes them in order, so the last one wins, as in Go; a `null` among
+  them leaves the one before it, unless the field may be nil.
+- **`null`** is Go's nil where the type may be nil (a slice, a pointer: `X | None` here, or a
+  list). Anywhere else Go leaves the value as it was: its zero value for a param or an element
+  of a list (`""`, `0`, `false`, a struct with every field at its default); for a field, as if
+  the key were absent (its default, or msgspec's "missing required field").
 
 Everything else (a wrong type, a number out of range, an unknown field a strict struct forbids)
 is left as it is, for msgspec to refuse with its own message. Sans-IO.
@@ -37,7 +42,15 @@ def go_shaped(value: Any, kind: Any) -> Any:
     return _shaped(value, mi.type_info(kind))
 
 
+def _nilable(info: mi.Type) -> bool:
+    return isinstance(info, mi.NoneType | mi.AnyType) or (
+        isinstance(info, mi.UnionType) and any(isinstance(t, mi.NoneType) for t in info.types)
+    )
+
+
 def _shaped(value: Any, info: mi.Type) -> Any:
+    if value is None:
+        return None if _nilable(info) else _zero(info)
     if isinstance(info, mi.UnionType):
         others = [t for t in info.types if not isinstance(t, mi.NoneType)]
         return _shaped(value, others[0]) if len(others) == 1 else value
@@ -58,5 +71,25 @@ def _struct(value: dict[str, Any], info: mi.StructType) -> dict[str, Any]:
             if info.forbid_unknown_fields:
                 shaped[key] = item  # for msgspec to name
             continue
+        if item is None and not _nilable(field.type):
+            continue  # Go: no effect on the field
         shaped[field.encode_name] = _shaped(item, field.type)
     return shaped
+
+
+def _zero(info: mi.Type) -> Any:
+    """Go's zero value of a type that cannot be nil, as msgspec reads it (None where there is
+    none to give: msgspec then says what it expected)."""
+    if isinstance(info, mi.StrType | mi.BytesType):
+        return ""
+    if isinstance(info, mi.IntType):
+        return 0
+    if isinstance(info, mi.FloatType):
+        return 0.0
+    if isinstance(info, mi.BoolType):
+        return False
+    if isinstance(info, mi.ListType | mi.VarTupleType):
+        return []
+    if isinstance(info, mi.StructType):
+        return {}
+    return None
