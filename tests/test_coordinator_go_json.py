@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 import trio
 from test_coordinator import PROOF, WORKER, Client
@@ -165,3 +166,21 @@ def test_go_folds_the_long_s_and_the_kelvin_sign_with_ascii_letters():
     assert go_fold("allowedMiner\u017f") == "ALLOWEDMINERS"  # U+017F: Go folds it with s
     assert go_fold("\u212aey") == "KEY"  # the Kelvin sign: with k
     assert go_fold("\u0130d") != "ID"  # not İ: Go's simple folding keeps it apart from I
+
+
+async def test_a_request_whose_envelope_keys_are_in_another_case_is_served(jobs):
+    # go-jsonrpc decodes the request itself with encoding/json too: `"Method"` is its method.
+    # Before, it was skipped, and the call answered "method '' not found".
+    job, _ = await jobs.create(make_input(miner=1000))
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        body = b'{"JSONRPC":"2.0","Method":"Venus.WdPoStAllocateJobs","PARAMS":[{},1,"w"],"Id":7}'
+        status, answer = await client.post(body)
+        assert status == 200, answer
+        assert json.loads(answer) == {
+            "jsonrpc": "2.0",
+            "result": [{"Id": job.Id, "Input": json.loads(msgspec.json.encode(job.Input))}],
+            "id": 7,
+        }
+        nursery.cancel_scope.cancel()

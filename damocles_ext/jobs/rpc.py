@@ -6,7 +6,8 @@ positional params; the answer carries `result` (`null` for a method that returns
 it cannot read with HTTP 500 and code -32700, an unknown method with -32601, a wrong number of
 params with -32602, each message led by `(error code N) `; an error a method returns with HTTP
 200, code 1 and the method's own text. damocles-worker reads the JSON body of a 500, so the
-status and the body must both be right. It does not check "jsonrpc"; neither do we. Beside it:
+status and the body must both be right. It does not check "jsonrpc"; neither do we. The
+request and its params are read as Go's encoding/json reads them (gojson.py). Beside it:
 where go-jsonrpc answers a request without an id (a notification) with an empty body, we answer
 with `"id":null`, and a body it cannot read with our reason.
 
@@ -146,14 +147,17 @@ class _Envelope(msgspec.Struct):
     id: int | str | None = None
 
 
-_decoder = msgspec.json.Decoder(_Envelope | None)  # Go reads `null` as an empty request
+# Go reads `null` as an empty request, and the envelope's keys in any case (`"Method"`), as
+# go-jsonrpc decodes it with encoding/json: read as any JSON, then shaped as Go reads it.
+_Request = _Envelope | None
+_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
 def parse_request(body: bytes) -> Call:
     """The call in a POST body; raises RpcError saying what is wrong (never anything else)."""
     try:
-        envelope = _decoder.decode(body)
+        envelope = msgspec.convert(go_shaped(_decoder.decode(body), _Request), _Request)
     except msgspec.ValidationError as exc:
         raise RpcError(PARSE_ERROR, f"unmarshaling request: {exc}") from None
     except msgspec.DecodeError as exc:
