@@ -139,6 +139,19 @@ async def test_a_failed_proof_is_finished_with_its_error_text_and_no_output(mana
     assert spec == {"AllowedMiners": [], "AllowedProofTypes": []}
 
 
+async def test_a_job_with_fields_a_newer_damocles_added_is_proved_not_failed(manager, tmp_path):
+    # damocles-worker (serde) skips the fields it does not know. Before, our worker refused such
+    # an input as unreadable and failed the job at once, on every try.
+    manager.added_fields = True
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0))
+    worker = Worker(worker_settings(manager.url, kids))
+    async with pulling(manager, worker):
+        await until(manager, lambda m: m.job(jid).State == "finished")
+    done = manager.job(jid)
+    assert (done.ErrorReason, done.TryNum) == ("", 1) and done.Output.proofs
+
+
 async def test_a_removed_job_is_found_by_heartbeating_one_by_one_and_cancelled(
     manager, tmp_path, recorder
 ):

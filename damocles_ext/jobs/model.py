@@ -46,21 +46,24 @@ _NO_NUL: Final = "^[^\\x00]*$"
 Text = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 
 
-class SectorAccessStores(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# A field these do not know is skipped, as damocles-worker (serde) and Go skip it: a newer
+# damocles-manager may add one, and its jobs must still be read (the id is the manager's, never
+# computed again from what was read).
+class SectorAccessStores(msgspec.Struct, frozen=True):
     """Where a sector's files are: damocles store *names*, not paths."""
 
     SealedFile: Text
     CacheDir: Text
 
 
-class WdPoStSectorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class WdPoStSectorInfo(msgspec.Struct, frozen=True):
     SectorId: U64
     CommR: Bytes32
     Upgrade: bool
     Accesses: SectorAccessStores
 
 
-class WdPoStInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class WdPoStInput(msgspec.Struct, frozen=True):
     """One job's input; `Sectors` None is Go's nil slice (JSON `null`), `()` an empty one."""
 
     Sectors: tuple[WdPoStSectorInfo, ...] | None

@@ -48,9 +48,9 @@ DEFAULT_SCAN_TIMEOUT = 10.0
 
 
 class IndexInstance(msgspec.Struct, frozen=True):
-    """damocles' `SectorAccessStores` as a source node sends it. Unlike a job's input (whose
-    fields make its id), fields a newer damocles adds here are ignored, as Go's client does:
-    an answer with one is still a location, not a failed lookup of every sector."""
+    """damocles' `SectorAccessStores` as a source node sends it. As in a job's input, fields a
+    newer damocles adds here are ignored, as Go's client does: an answer with one is still a
+    location, not a failed lookup of every sector."""
 
     SealedFile: Text
     CacheDir: Text

@@ -17,6 +17,9 @@ What it does as damocles does:
 - `Venus.StoreBasicInfo` answers null for a store it does not have; `Venus.WorkerPing` refuses
   an empty Name or Dest; any other method (our `Dext.*`) is go-jsonrpc's -32601 over HTTP 500.
 
+`added_fields`: allocations answer with fields a newer damocles might add (to the job, its input,
+each sector and its accesses), which a reader must skip as Go, serde and damocles-worker do.
+
 `calls` is the server's record of (method, params) in order; `wait_for(predicate)` waits (in a
 thread) until a call makes `predicate(self)` hold.
 """
@@ -61,6 +64,7 @@ class DamoclesManager(GoJsonRpcServer):
         self.clock = clock
         self.kv: dict[str, WdPoStJob] = {}
         self.pings: dict[str, dict[str, Any]] = {}  # WorkerPingInfo by worker name
+        self.added_fields = False
         self._changed = threading.Condition()
         methods = {
             "WdPoStAllocateJobs": self._allocate,
@@ -191,6 +195,8 @@ class DamoclesManager(GoJsonRpcServer):
             self._move(job, State=RUNNING, TryNum=job.TryNum + 1, StartedAt=now,
                        WorkerName=worker, HeartbeatAt=now, UpdatedAt=now)  # fmt: skip
             allocated.append({"Id": job.Id, "Input": msgspec.to_builtins(job.Input)})
+            if self.added_fields:
+                _add_fields(allocated[-1])
         return allocated
 
     def _heartbeat(self, ids: list[str], worker: str) -> None:
@@ -249,3 +255,11 @@ class DamoclesManager(GoJsonRpcServer):
         if not info.get("Dest"):
             raise MethodError("worker dest is required")
         self.pings[info["Name"]] = {"Info": info, "LastPing": self._now()}
+
+
+def _add_fields(job: dict[str, Any]) -> None:
+    job["Deadline"] = {"Index": 3}
+    job["Input"]["PartitionIndex"] = 0
+    for sector in job["Input"]["Sectors"] or ():
+        sector["SealProof"] = "StackedDrg2KiBV1_1"
+        sector["Accesses"]["UpdateFile"] = None
