@@ -184,3 +184,21 @@ async def test_a_request_whose_envelope_keys_are_in_another_case_is_served(jobs)
             "id": 7,
         }
         nursery.cancel_scope.cancel()
+
+
+async def test_a_param_error_says_what_to_send(jobs):
+    assert set(rpc.PARAM_FORMS) == set(rpc.METHODS)  # every method says its params
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, jobs)
+        for method, params, form in [
+            ("Venus.SectorIndexerFind", '["normal",{"Miner":"x"}]',
+             '["normal" or "upgrade", {"Miner":miner id,"Number":sector number}]'),
+            ("Venus.WdPoStFinishJob", '["j",5,""]',
+             '[job id, {"proofs":[base64],"faults":[sector numbers]} or null, error reason or ""]'),
+            ("Venus.WdPoStHeartbeatJobs", '[["j"]]', "[[job ids], worker name]"),
+        ]:  # fmt: skip
+            status, answer = await post(port, method, params)
+            assert status == 500, answer
+            message = answer["error"]["message"]
+            assert message.endswith(f"; send the params of '{method}' as {form}"), message
+        nursery.cancel_scope.cancel()

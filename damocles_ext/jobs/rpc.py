@@ -110,6 +110,30 @@ METHODS: Final[dict[str, tuple[Any, ...]]] = {
     "Dext.FinishJob": (Text, Text, JobOutput | None, str),
 }
 
+#: Each method's params as a client sends them, for the errors about them (what to send).
+_SPEC = '{"AllowedMiners":[miner ids],"AllowedProofTypes":[proof names]}'
+PARAM_FORMS: Final[dict[str, str]] = {
+    "Venus.WdPoStAllocateJobs": f"[{_SPEC}, number of jobs, worker name]",
+    "Venus.WdPoStHeartbeatJobs": "[[job ids], worker name]",
+    "Venus.WdPoStFinishJob": '[job id, {"proofs":[base64],"faults":[sector numbers]} or null,'
+    ' error reason or ""]',
+    "Venus.WdPoStResetJob": "[job id]",
+    "Venus.WdPoStRemoveJob": "[job id]",
+    "Venus.WdPoStAllJobs": "[]",
+    "Venus.StoreBasicInfo": "[store name]",
+    "Venus.WorkerPing": '[{"Name":worker name,...}]',
+    "Venus.SectorIndexerFind": '["normal" or "upgrade", {"Miner":miner id,"Number":sector number}]',
+    "Dext.AllocateJobs": f"[{_SPEC}, free slots, worker name]",
+    "Dext.HeartbeatJobs": '[[{"Id":job id,"Lease":lease}], worker name]',
+    "Dext.FinishJob": '[job id, lease, {"proofs":[base64],"faults":[sector numbers]} or null,'
+    ' error reason or ""]',
+}
+
+
+def _send(method: str) -> str:
+    return f"; send the params of '{method}' as {PARAM_FORMS[method]}"
+
+
 _HTTP_STATUS = {METHOD_ERROR: 200, REFUSED: 200, ABORT: 200, UNAUTHORIZED: 401}
 
 
@@ -175,7 +199,7 @@ def parse_request(body: bytes) -> Call:
     if len(params) != len(types):
         raise RpcError(
             INVALID_PARAMS,
-            f"wrong param count (method '{method}'): {len(params)} != {len(types)}",
+            f"wrong param count (method '{method}'): {len(params)} != {len(types)}" + _send(method),
             rid,
         )
     converted = []
@@ -184,7 +208,8 @@ def parse_request(body: bytes) -> Call:
             _go_ints(value, "$")
             converted.append(msgspec.convert(go_shaped(value, kind), kind))
         except msgspec.ValidationError as exc:
-            hint = "; send at most that many in one call" if "length <=" in str(exc) else ""
+            many = "length <=" in str(exc)
+            hint = "; send at most that many in one call" if many else _send(method)
             raise RpcError(
                 PARSE_ERROR,
                 f"unmarshaling params for '{method}' (param: {index}): {exc}{hint}",
