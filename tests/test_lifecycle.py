@@ -286,6 +286,26 @@ def test_an_unsendable_task_frees_the_slot_and_answers_the_request():
     assert r1.attempts == 0
 
 
+def test_an_unsendable_attempt_the_request_moved_on_from_frees_its_slot_and_nothing_else():
+    # Found by the property test: a request timed out on a, was retried on b, and then a's
+    # write of it failed. That answered the request with a's error while it ran on b, and b's
+    # answer started it once more, to be sent after its answer and never leave the book.
+    book = book_with(
+        ("a", ChildLimits(max_attempts=2, request_timeout=5.0)), ("b", ChildLimits(max_attempts=2))
+    )
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert kinds(book.advance(5.0)) == ["Retry", "SendCancel"]
+    assert kinds(ready(book, "b", now=5.0)) == ["Send"]  # the retry, on b
+    assert book.unsendable("a", 1, 5.0, "request 1 (window_post): too big") == []
+    assert not req.done and book.is_running("b", 1)
+    out = book.answered("b", 1, 6.0, output=OK)
+    assert out == [Resolve(req, OK, None, "ok")]
+    book.child_lost("a", 7.0, "exited (killed by SIGKILL)")
+    sizes = book.sizes()
+    assert sizes["requests"] == sizes["attempts"] == sizes["running"] == sizes["queued"] == 0
+
+
 # -- child loss and retry ------------------------------------------------------------------------
 
 

@@ -491,6 +491,12 @@ class RequestBook(BookRules):
             return out
         self._forget(attempt)
         self.scheduler.remove(attempt.attempt_id)  # nothing ran: no answer of the child's
+        if attempt.abandoned:
+            # Its request was answered or moved on (retried elsewhere after a timeout): only
+            # the slot was this attempt's. Answering the request here would answer it while its
+            # attempt on the other child runs, whose answer would then start it once more.
+            self._dispatch(now, out)
+            return out
         req = attempt.request
         req.attempts -= 1
         req.current = None
