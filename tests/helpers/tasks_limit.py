@@ -57,7 +57,9 @@ def a_uid_of_its_own() -> int:
     """A uid no process and no account uses (the limit counts every task of the uid)."""
     import psutil
 
-    used = {p.uids().real for p in psutil.process_iter()}
+    # With attrs, process_iter skips a process that exits while it is read (another test's).
+    procs = psutil.process_iter(["uids"])
+    used = {p.info["uids"].real for p in procs if p.info["uids"] is not None}
     for uid in range(200_000 + os.getpid() % 50_000, 300_000):
         if uid not in used:
             return uid
