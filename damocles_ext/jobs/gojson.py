@@ -22,6 +22,8 @@ is left as it is, for msgspec to refuse with its own message. Sans-IO.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import msgspec.inspect as mi
@@ -39,7 +41,17 @@ def go_fold(key: str) -> str:
 def go_shaped(value: Any, kind: Any) -> Any:
     """`value` (decoded JSON) as msgspec must see it to convert it to `kind` the way Go's
     json.Unmarshal would read it (module docstring)."""
-    return _shaped(value, mi.type_info(kind))
+    return _shaper_of(kind)(value)
+
+
+Shaper = Callable[[Any], Any]
+
+
+@functools.cache
+def _shaper_of(kind: Any) -> Shaper:
+    # Made once per type: msgspec's description of a type takes hundreds of microseconds to
+    # make, and the maps of a struct's keys are made once with it, not at every call.
+    return _compile(mi.type_info(kind))
 
 
 def _nilable(info: mi.Type) -> bool:
@@ -48,33 +60,73 @@ def _nilable(info: mi.Type) -> bool:
     )
 
 
-def _shaped(value: Any, info: mi.Type) -> Any:
-    if value is None:
-        return None if _nilable(info) else _zero(info)
+def _compile(info: mi.Type) -> Shaper:
+    """The shaper of values of `info`: `null` as Go takes it there, the keys of a struct
+    matched as Go matches them, lists item by item; anything else left as it is."""
+    none = None if _nilable(info) else _zero(info)
     if isinstance(info, mi.UnionType):
         others = [t for t in info.types if not isinstance(t, mi.NoneType)]
-        return _shaped(value, others[0]) if len(others) == 1 else value
-    if isinstance(info, mi.StructType) and isinstance(value, dict):
-        return _struct(value, info)
-    if isinstance(info, mi.ListType | mi.VarTupleType) and isinstance(value, list):
-        return [_shaped(item, info.item_type) for item in value]
+        inner = _compile(others[0]) if len(others) == 1 else _as_is
+        return lambda value: none if value is None else inner(value)
+    if isinstance(info, mi.StructType):
+        return _struct_shaper(info, none)
+    if isinstance(info, mi.ListType | mi.VarTupleType):
+        item_info = info.item_type
+        item = _compile(item_info)
+        if not isinstance(item_info, _NESTED):  # items change only where one is null
+
+            def scalars(value: Any) -> Any:
+                if value is None:
+                    return none
+                if not isinstance(value, list) or None not in value:
+                    return value
+                return [item(v) for v in value]
+
+            return scalars
+
+        def items(value: Any) -> Any:
+            if value is None:
+                return none
+            return [item(v) for v in value] if isinstance(value, list) else value
+
+        return items
+    return lambda value: none if value is None else value
+
+
+_NESTED = (mi.StructType, mi.ListType, mi.VarTupleType, mi.UnionType)
+
+
+def _as_is(value: Any) -> Any:
     return value
 
 
-def _struct(value: dict[str, Any], info: mi.StructType) -> dict[str, Any]:
-    exact = {f.encode_name: f for f in info.fields}
-    folded = {go_fold(f.encode_name): f for f in info.fields}
-    shaped: dict[str, Any] = {}
-    for key, item in value.items():
-        field = exact.get(key) or folded.get(go_fold(key))
-        if field is None:
-            if info.forbid_unknown_fields:
-                shaped[key] = item  # for msgspec to name
-            continue
-        if item is None and not _nilable(field.type):
-            continue  # Go: no effect on the field
-        shaped[field.encode_name] = _shaped(item, field.type)
-    return shaped
+def _struct_shaper(info: mi.StructType, none: Any) -> Shaper:
+    # key -> (the field's name, its shaper, whether it may be nil), by exact name and folded
+    exact = {
+        f.encode_name: (f.encode_name, _compile(f.type), _nilable(f.type)) for f in info.fields
+    }
+    folded = {go_fold(name): entry for name, entry in exact.items()}
+    forbid = info.forbid_unknown_fields
+
+    def struct(value: Any) -> Any:
+        if value is None:
+            return none
+        if not isinstance(value, dict):
+            return value
+        shaped: dict[str, Any] = {}
+        for key, item in value.items():
+            entry = exact.get(key) or folded.get(go_fold(key))
+            if entry is None:
+                if forbid:
+                    shaped[key] = item  # for msgspec to name
+                continue
+            name, shape, nilable = entry
+            if item is None and not nilable:
+                continue  # Go: no effect on the field
+            shaped[name] = shape(item)
+        return shaped
+
+    return struct
 
 
 def _zero(info: mi.Type) -> Any:
