@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC
@@ -304,3 +306,24 @@ def test_remove_all_prints_a_servers_job_id_without_its_control_characters():
     from damocles_ext.jobs.listing import removed_line
 
     assert removed_line("3Fgf\x1b[2J\nx") == "wdpost job 3Fgf [2J x removed"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["wdpost", "list"], ["status"], ["coordinator"], ["serve", "window_post"]],
+    ids=["wdpost", "status", "coordinator", "serve"],
+)
+def test_a_store_url_with_bytes_that_are_not_utf8_is_refused_saying_which(tmp_path, command):
+    # A file name in another encoding, as the shell passes it: os.fsdecode's surrogates.
+    url = b"sqlite:///" + os.fsencode(tmp_path) + b"/jobs-\xff.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", *command, "--jobs", url],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert b"the job store URL is not UTF-8 text: byte \\xff (character" in done.stderr
+    assert b"rename the file, or give sqlite:///PATH" in done.stderr

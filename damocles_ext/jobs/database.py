@@ -153,10 +153,28 @@ def describe_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
+def not_utf8(text: str) -> str | None:
+    """Where `text` is not UTF-8 (os.fsdecode made such bytes lone surrogates): its first such
+    byte as \\xNN and the character it is; None when it is all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"byte \\x{ord(text[e.start]) & 0xFF:02x} (character {e.start + 1})"
+    return None
+
+
 def parse_url(url: str) -> URL:
     """A store URL as SQLAlchemy takes it: `postgresql://` means psycopg 3; only the two engines.
 
     Raises StoreConfigError saying what is wrong with the URL and what to give instead."""
+    if (bad := not_utf8(url)) is not None:
+        # An argument with bytes that are not UTF-8 (a file name in another encoding): neither
+        # SQLite nor PostgreSQL takes it, and quoting it into a message fails as well.
+        # Not quoted: the URL may hold a password, and it cannot be parsed to hide it.
+        raise StoreConfigError(
+            f"the job store URL is not UTF-8 text: {bad} is not, and a store's file name,"
+            f" database, user and password must be; rename the file, or {URL_HELP}"
+        )
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
