@@ -327,3 +327,28 @@ def test_a_store_url_with_bytes_that_are_not_utf8_is_refused_saying_which(tmp_pa
     assert b"Traceback" not in done.stderr
     assert b"the job store URL is not UTF-8 text: byte \\xff (character" in done.stderr
     assert b"rename the file, or give sqlite:///PATH" in done.stderr
+
+
+@pytest.mark.parametrize("subcommand", ["reset", "remove"])
+@pytest.mark.parametrize("where", ["--jobs", "--manager"])
+def test_a_job_id_with_bytes_that_are_not_utf8_is_refused_before_any_job_changes(
+    tmp_path, subcommand, where
+):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with JobStore.open(url) as store:
+        job, _ = store.create(make_input(), T0)
+    # --manager: a closed port, as nothing is to be sent.
+    target = url if where == "--jobs" else "127.0.0.1:1"
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "wdpost", subcommand, where, target,
+         job.Id, b"3Fgf\xffnrub1"],
+        check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert (
+        b"argument ID: '3Fgf?nrub1' is not UTF-8 text: byte \\xff (character 5) is not, so no job"
+        b" has it; copy the id from `wdpost list --all`"
+    ) in done.stderr
+    with JobStore.open(url) as store:
+        assert store.get(job.Id) == job

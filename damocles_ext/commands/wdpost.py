@@ -32,6 +32,18 @@ CONF_DIR_HELP = (
 )
 
 
+def job_id(text: str) -> str:
+    """A job id argument (an argparse type): text a store or an RPC can carry."""
+    from damocles_ext.jobs.database import not_utf8
+
+    if (bad := not_utf8(text)) is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'replace').decode()!r} is not UTF-8 text: {bad} is not, so"
+            " no job has it; copy the id from `wdpost list --all`"
+        )
+    return text
+
+
 MANAGER_HELP = (
     "the worker-prover RPC: a damocles-ext coordinator, or a damocles-manager"
     " run with --worker-prover; a multiaddr as damocles-worker's rpc_client.addr"
@@ -94,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Reset each job in turn; stop at the first id that does not exist.",
     )
     common(reset)
-    reset.add_argument("ids", nargs="+", metavar="ID", help="job ids")
+    reset.add_argument("ids", nargs="+", metavar="ID", type=job_id, help="job ids")
     remove = sub.add_parser(
         "remove",
         help="remove jobs (an unknown id is not an error)",
@@ -103,7 +115,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     common(remove)
-    remove.add_argument("ids", nargs="+", metavar="ID", help="job ids")
+    remove.add_argument("ids", nargs="+", metavar="ID", type=job_id, help="job ids")
     remove_all = sub.add_parser(
         "remove-all",
         help="remove every job (only with --really-do-it)",
