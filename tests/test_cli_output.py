@@ -400,3 +400,20 @@ def test_an_empty_path_is_refused_naming_the_option_not_taken_for_the_current_di
     assert exited.value.code == 2
     assert f"argument {option}: empty; give the path of {what}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written where the command ran
+
+
+def test_check_config_json_of_a_file_whose_name_is_not_utf8_writes_it_as_json_escapes(
+    tmp_path: Path,
+):
+    path = os.fsencode(tmp_path) + b"/ext-prover-\xff.cfg"
+    with open(path, "w") as f:
+        f.write('[[WdPost]]\nPlugin = "echo"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "check-config", "--json", path],
+        capture_output=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert b"\\udcff" in done.stdout
+    data = json.loads(done.stdout)
+    assert os.fsencode(data["source"]) == path  # the same bytes back
+    assert data["children"][0]["plugin"] == "echo"

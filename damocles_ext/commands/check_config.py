@@ -72,7 +72,16 @@ def run(args: argparse.Namespace) -> int:
     for warning in manager_entry_warnings(config) + absent_gpu_warnings(config.children):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(config).decode()) + "\n")
+        try:
+            text = msgspec.json.format(msgspec.json.encode(config).decode())
+        except UnicodeEncodeError:
+            # A path or an environment value with bytes that are not UTF-8 (os.fsdecode's lone
+            # surrogates), which msgspec cannot write: JSON escapes (\udcff) say them, and give
+            # the same bytes back through os.fsencode.
+            import json
+
+            text = json.dumps(msgspec.to_builtins(config), indent=2)
+        sys.stdout.write(text + "\n")
         return 0
     width = max(len(child.name) for child in config.children)
     for child in config.children:
