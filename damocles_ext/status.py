@@ -450,8 +450,26 @@ class StatusSource:
         )
 
     async def as_data(self) -> dict[str, Any]:
-        """The document as plain data, for a StatusReply."""
-        return msgspec.to_builtins(await self.document())
+        """The document as plain data, for a StatusReply: paths whose bytes are not UTF-8 (a
+        --socket, a TMPDIR) with those bytes as escapes (\\udcff), since the reply can only
+        carry UTF-8 text."""
+        data: dict[str, Any] = utf8_text(msgspec.to_builtins(await self.document()))
+        return data
+
+
+def utf8_text(value: Any) -> Any:
+    """`value` (plain data) with each lone surrogate of its strings written as an escape."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+        return value
+    if isinstance(value, dict):
+        return {utf8_text(k): utf8_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [utf8_text(v) for v in value]
+    return value
 
 
 # -- the table ----------------------------------------------------------------------------------

@@ -307,6 +307,29 @@ Plugin = "echo"
             assert await run.wait() == 0, log.text()
 
 
+async def test_status_of_a_run_whose_socket_path_is_not_utf8_shows_the_byte_as_an_escape(
+    tmp_path: Path, sock_dir: Path
+):
+    # The document carries the socket's path, and the reply only UTF-8 text: the supervisor
+    # closed every status connection ("internal error"), so status never worked there.
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    path = sock_dir / os.fsdecode(b"control-\xff.sock")
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path) as (run, log),
+    ):
+        with trio.fail_after(30):
+            await wait_ready(log, ["window_post#0"])
+            doc = await _status(path)
+            assert doc["supervisor"]["socket"] == f"{sock_dir}/control-\\udcff.sock"
+            done = await dext_run_async("status", "--socket", str(path))
+            assert done.returncode == 0, done.stderr.decode()
+            assert b"window_post#0" in done.stdout
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+            assert "internal error" not in log.text()
+
+
 async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Path):
     missing = sock_dir / "nothing.sock"
     done = await dext_run_async("status", "--socket", str(missing))

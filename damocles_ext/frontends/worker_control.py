@@ -155,7 +155,7 @@ async def run_worker(
     on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `worker` until it ends, serving its control socket and metrics while it runs."""
-    from ..status import StatusSource
+    from ..status import StatusSource, utf8_text
     from .control import ControlServer
 
     done = trio.Event()
@@ -189,7 +189,8 @@ async def run_worker(
 
             async def status() -> dict[str, object]:
                 doc = await source.document()
-                return msgspec.to_builtins(msgspec.structs.replace(doc, worker=worker_part(worker)))
+                data = msgspec.structs.replace(doc, worker=worker_part(worker))
+                return utf8_text(msgspec.to_builtins(data))
 
             server = ControlServer(sock, _no_proofs, status=status, **limits)
             await nursery.start(server.serve)
