@@ -53,6 +53,16 @@ class ProverError(DextError):
     exit_code = EXIT_PROVER_ERROR
 
 
+def not_utf8(text: str) -> str | None:
+    """Where `text` is not UTF-8 (os.fsdecode made such bytes lone surrogates): its first such
+    byte as \\xNN and the character it is; None when it is all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"byte \\x{ord(text[e.start]) & 0xFF:02x} (character {e.start + 1})"
+    return None
+
+
 def check_trio_run(what: str, token: object = None) -> None:
     """UsageError unless called within a trio run, and within the run of `token` (a
     trio.lowlevel.TrioToken) when given: what damocles-ext's API keeps (events, nurseries, a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -840,6 +841,14 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
         )
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"'store-a=mnt/a': PATH must be absolute, where the store is mounted" in done.stderr
+    # A name whose bytes are not UTF-8 (no worker could ever name it): refused, not served.
+    with trio.fail_after(30):
+        done = await dext_run_async(
+            "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db",
+            "--store", os.fsdecode(b"store-\xff=/mnt/a"),
+        )  # fmt: skip
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"argument --store: 'store-?' is not UTF-8 text: byte \\xff" in done.stderr
 
 
 TOKEN = "s3cret-token-0123456789"

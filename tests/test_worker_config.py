@@ -5,6 +5,7 @@ HTTP, on SQLite) and proves them on the file's [[processors.window_post]] childr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -167,6 +168,16 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
         (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),
         (["--attached", "a=mnt/a"], "argument --attached: 'a=mnt/a': PATH must be absolute"),
         (["--name", " "], "argument --name: empty; give the worker a name"),
+        # Bytes that are not UTF-8: before, an encoding error naming no option (--name) or a
+        # traceback (--attached) at the first call to the manager.
+        (
+            ["--name", os.fsdecode(b"gpu-\xff")],
+            "argument --name: 'gpu-?' is not UTF-8 text: byte \\xff (character 5) is not",
+        ),
+        (
+            ["--attached", os.fsdecode(b"st\xff=/mnt/a")],
+            "argument --attached: 'st?' is not UTF-8 text: byte \\xff (character 3) is not",
+        ),
     ],
 )
 def test_a_bad_worker_option_exits_2_saying_what_is_wrong(tmp_path, args, words):

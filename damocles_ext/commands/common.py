@@ -157,6 +157,17 @@ def not_empty(fix: str) -> Callable[[str], str]:
     return check
 
 
+def utf8_text(text: str, why: str) -> str:
+    """`text`, an argument sent as text (a name, an id); ArgumentTypeError saying `why` it must
+    be UTF-8 when it has bytes that are not (os.fsdecode made them lone surrogates)."""
+    from damocles_ext.errors import not_utf8
+
+    if (bad := not_utf8(text)) is not None:
+        shown = text.encode("utf-8", "replace").decode()
+        raise argparse.ArgumentTypeError(f"{shown!r} is not UTF-8 text: {bad} is not, {why}")
+    return text
+
+
 #: A --socket PATH: an empty one would be the current directory.
 socket_path = not_empty("give the control socket's path")
 
@@ -348,6 +359,11 @@ def store_pair(text: str, what: str) -> tuple[str, str]:
     name, sep, path = (part.strip() for part in text.partition("="))
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH ({what}), got {text!r}")
+    # The name is damocles' (its configs are UTF-8), sent and matched as text; PATH is a local
+    # file name, whatever its bytes.
+    utf8_text(
+        name, "and damocles' store names are text: give the name as damocles' config writes it"
+    )
     if not path.startswith("/"):
         raise argparse.ArgumentTypeError(
             f"{text!r}: PATH must be absolute, where the store is mounted (e.g. /mnt/{name})"

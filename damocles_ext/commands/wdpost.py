@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .common import positive_int, token_file
+from .common import positive_int, token_file, utf8_text
 
 if TYPE_CHECKING:
     from damocles_ext.errors import UsageError
@@ -34,14 +34,7 @@ CONF_DIR_HELP = (
 
 def job_id(text: str) -> str:
     """A job id argument (an argparse type): text a store or an RPC can carry."""
-    from damocles_ext.jobs.database import not_utf8
-
-    if (bad := not_utf8(text)) is not None:
-        raise argparse.ArgumentTypeError(
-            f"{text.encode('utf-8', 'replace').decode()!r} is not UTF-8 text: {bad} is not, so"
-            " no job has it; copy the id from `wdpost list --all`"
-        )
-    return text
+    return utf8_text(text, "so no job has it; copy the id from `wdpost list --all`")
 
 
 MANAGER_HELP = (

@@ -24,6 +24,7 @@ from .common import (
     positive_duration,
     socket_path,
     token_file,
+    utf8_text,
 )
 from .wdpost import MANAGER_HELP
 
@@ -64,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_args(parser, required=False)
     parser.add_argument(
         "--name",
-        type=not_empty("give the worker a name, or leave --name out"),  # else no one, never live
+        type=_name,
         help="the worker's name, as the manager shows it (default: the address of the local"
         " interface that reaches the manager, as damocles-worker names itself)",
     )
@@ -152,6 +153,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_restart_arg(parser)
     add_logging_args(parser, "info")
     return parser
+
+
+_named = not_empty("give the worker a name, or leave --name out")  # else no one, never live
+
+
+def _name(text: str) -> str:
+    """--name: sent to the manager as text, and shown by `wdpost list`."""
+    return utf8_text(_named(text), "and the manager takes names as text: give a UTF-8 one")
 
 
 def _store(text: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.util import asbool
 
-from ..errors import DextError, UsageError
+from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
 
@@ -151,16 +151,6 @@ def describe_url(url: str | URL) -> str:
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparsable URL>"
     return parsed.render_as_string(hide_password=True)
-
-
-def not_utf8(text: str) -> str | None:
-    """Where `text` is not UTF-8 (os.fsdecode made such bytes lone surrogates): its first such
-    byte as \\xNN and the character it is; None when it is all UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"byte \\x{ord(text[e.start]) & 0xFF:02x} (character {e.start + 1})"
-    return None
 
 
 def parse_url(url: str) -> URL:
