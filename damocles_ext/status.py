@@ -15,6 +15,7 @@ are `cpu_interval` seconds apart (0.25 s by default), so a status request takes 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -434,8 +435,10 @@ class StatusSource:
             trees, cpu, lock_files = await run_in_thread(
                 measure, roots, lock_dirs, self.cpu_interval, os.getpid()
             )
-        except NoThreadError as exc:  # at the limit of tasks: the caller says what ran out
-            raise NoThreadError(f"cannot measure the children for the status: {exc}") from None
+        except NoThreadError as exc:  # at the limit of tasks: said here and to the asker
+            error = NoThreadError(f"cannot measure the children for the status: {exc}")
+            logging.getLogger("damocles_ext.control").warning("%s", error)
+            raise error from None
         # Counters and states as they are at the end of the CPU window, not its start.
         stats = self.supervisor.statistics()
         return assemble(

@@ -232,3 +232,30 @@ async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_its_
     assert "damocles_ext_worker_manager_reachable 0.0" in scraped
     assert "damocles_ext_child_state" not in scraped  # no supervisor yet: no children
     assert not served.started.is_set()
+
+
+async def test_a_worker_waiting_for_its_unreachable_manager_at_start_answers_status_saying_so(
+    rig, tmp_path
+):
+    # Its socket was bound at start but answered only once the manager had: `status` waited
+    # out its timeout, then said the worker might be stopped (SIGSTOP) or stuck.
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    rig.server.close()  # nothing answers at the worker's manager address
+    served = Served(rig, tmp_path, kids)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(served.run)
+            await served.worker.wait_for(lambda: not served.worker.manager_reachable)
+            done = await trio.run_process(
+                [*DEXT, "status", "--socket", served.path, "--timeout", "5s"],
+                capture_stdout=True, capture_stderr=True, env=dext_env(), check=False,
+            )  # fmt: skip
+            await served.stop()
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"", err
+    assert (
+        "the worker has not started its children yet: it waits for its manager at"
+        f" http://127.0.0.1:{rig.port}/rpc/v0, which has not answered so far (its log says why)"
+    ) in err, err
+    assert "did not answer within" not in err and "Traceback" not in err, err
+    assert not served.started.is_set()

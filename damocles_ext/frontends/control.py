@@ -41,7 +41,6 @@ from ..errors import DextError
 from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..tasks import Output, Task
-from ..threads import NoThreadError
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
     SOCKET_NAME,
@@ -614,8 +613,7 @@ class _Connection:
             return reply(request_id, error="this supervisor does not report its status")
         try:
             return reply(request_id, status=await status())
-        except NoThreadError as exc:  # at the limit of tasks: said, no traceback
-            log.warning("status request %d: %s", request_id, exc)
+        except DextError as exc:  # said to the asker (a source logs what its operator must see)
             return reply(request_id, error=str(exc))
         except Exception as exc:  # a bug of ours must still answer, and not kill `run`
             log.exception("status request %d: internal error", request_id)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from ..errors import UsageError
+from ..errors import DextError, UsageError
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
 from .worker_state import LOST_REASONS, NOT_RUNNING
@@ -33,6 +33,16 @@ PREFIX = "damocles_ext_worker"
 #: Heartbeat round trips: a call of a few ms on a LAN, seconds when the manager's store is slow;
 #: past 15 s (damocles' HeartbeatTimeout) the jobs are lost anyway.
 RTT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, math.inf)
+
+
+def not_started(worker: Worker) -> str:
+    """What `status` is told before the worker has started its children."""
+    why = "" if worker.manager_reachable else ", which has not answered so far (its log says why)"
+    return (
+        f"the worker has not started its children yet: it waits for its manager at"
+        f" {worker.manager_url}{why}, to name itself and check its --attached stores; they start"
+        " once the manager answers"
+    )
 
 
 def worker_part(worker: Worker, now: float | None = None) -> WorkerPart:
@@ -172,12 +182,27 @@ async def run_worker(
             # gauges); the supervisor's come once it runs.
             await nursery.start(metrics_server.serve)
             log.info("metrics on %s", metrics_server.url)
+        source: StatusSource | None = None
+        server = None
+        if sock is not None:
+
+            async def status() -> dict[str, object]:
+                if source is None:  # the socket is served while the worker waits to start
+                    raise DextError(not_started(worker))
+                doc = await source.document()
+                data = msgspec.structs.replace(doc, worker=worker_part(worker))
+                return utf8_text(msgspec.to_builtins(data))
+
+            # Answered from the start: else `status` met a socket nobody answered, and said the
+            # worker may be stopped (SIGSTOP) or stuck while it waited for its manager.
+            server = ControlServer(sock, _no_proofs, status=status, **limits)
+            await nursery.start(server.serve)
+            log.info("control socket listening on %s", server.path)
         await nursery.start(run)
         if done.is_set():  # stopped before it started (while waiting for its manager)
             nursery.cancel_scope.cancel()
             return
         sup = worker.supervisor
-        server = None
         if metrics is not None and metrics_server is not None:
             metrics.attach(sup, trio.lowlevel.current_trio_token())
         if sock is not None:
@@ -186,15 +211,6 @@ async def run_worker(
                 socket=str(sock.getsockname()),
                 metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
             )
-
-            async def status() -> dict[str, object]:
-                doc = await source.document()
-                data = msgspec.structs.replace(doc, worker=worker_part(worker))
-                return utf8_text(msgspec.to_builtins(data))
-
-            server = ControlServer(sock, _no_proofs, status=status, **limits)
-            await nursery.start(server.serve)
-            log.info("control socket listening on %s", server.path)
         on_started()
         await done.wait()
         if server is not None:
