@@ -77,6 +77,10 @@ def test_no_sector_located_is_every_sector_a_fault_and_no_prover_is_asked(store,
             check=0,
         )  # fmt: skip
     assert json.loads(proc.stdout) == {"proofs": [], "faults": [1, 2]}
+    # What to do says --comm-r's way: it used to say "--sectors with --manifest".
+    assert proc.stderr.endswith(
+        "2 faulty sectors: 1, 2; no proof: prove again without them (leave them out of --sectors)\n"
+    ), proc.stderr
 
 
 @pytest.mark.parametrize(

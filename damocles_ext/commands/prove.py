@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     # prove, observers called as a request ends).
     with stdout_to_stderr():
         output, output_path = _prove(args)
-    _emit(output, output_path)
+    _emit(output, output_path, args)
     return 0
 
 
@@ -257,7 +257,7 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
         )
 
 
-def _emit(output: Output, path: Path | None) -> None:
+def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     import stat
 
     from damocles_ext.protocol.jsonl import output_to_json
@@ -270,7 +270,14 @@ def _emit(output: Output, path: Path | None) -> None:
         if not getattr(output, "proofs", True):
             # Exit 0 all the same: the prover answered, as damocles' processor does with faults;
             # damocles-manager then proves again without them, and so must the user.
-            listed += "; no proof: prove again without them (--sectors with --manifest)"
+            how = (
+                "--sectors with --manifest"
+                if args.manifest is not None
+                else "leave them out of --sectors"
+                if args.comm_r is not None
+                else "leave them out of the task's replicas"
+            )
+            listed += f"; no proof: prove again without them ({how})"
         print(f"{len(faults)} {noun}: {listed}", file=sys.stderr)
     if path is None:
         sys.stdout.buffer.write(data)
