@@ -111,6 +111,29 @@ def test_run_refuses_a_directory_owned_by_another_user_before_spawning(tmp_path,
     assert not (theirs / "control.sock").exists()
 
 
+def test_run_given_a_directory_as_its_socket_says_so_and_advises_no_chmod_of_its_parent(
+    tmp_path, sock_dir
+):
+    # As --socket /run/damocles-ext (the default's directory): the checks of its parent, /run
+    # (0755), advised `chmod 700 /run`.
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    parent = sock_dir / "run"
+    parent.mkdir()
+    parent.chmod(0o755)
+    given = parent / "damocles-ext"
+    given.mkdir(mode=0o700)
+    for command in (["run", "-c", str(cfg)], ["worker", "-c", str(cfg), "--manager", "h:1"]):
+        result = dext_run(*command, "--socket", str(given))
+        err = result.stderr.decode()
+        assert result.returncode == 2, err
+        assert (
+            f"control socket path {given} is a directory; --socket takes the socket's own path,"
+            f" e.g. --socket {given}/control.sock"
+        ) in err, err
+        assert "chmod" not in err and "remove it" not in err and "Traceback" not in err, err
+    assert stat.S_IMODE(parent.stat().st_mode) == 0o755 and given.is_dir()
+
+
 # -- no shell, anywhere -------------------------------------------------------------------------
 
 ARGV_CHILD = r"""

@@ -286,6 +286,17 @@ def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True
             f"control socket path {path} is {len(os.fsencode(path))} bytes long; unix sockets"
             f" allow at most {_MAX_SUN_PATH}. Choose a shorter path with --socket."
         )
+    try:
+        given_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:  # missing, or under a directory closed to us: the checks below say which
+        given_dir = False
+    if given_dir:
+        # A directory given for the socket (its default's, /run/damocles-ext): the checks of
+        # its parent would advise a chmod 700 of /run, or removing the directory.
+        raise UsageError(
+            f"control socket path {path} is a directory; --socket takes the socket's own path,"
+            f" e.g. --socket {path / 'control.sock'}"
+        )
     _check_ancestors(path)
     _check_private_dir(path.parent, create=create_dir)
     _clear_old_socket(path)
