@@ -320,6 +320,11 @@ def _check_socket_place(path: Path, hint: str) -> None:
         dir_st = os.lstat(real.parent)
     except OSError:
         return  # gone meanwhile: connecting says so
+    if stat.S_ISDIR(st.st_mode):  # its directory given (/run/damocles-ext), not the socket
+        raise NoSupervisorError(
+            f"no supervisor at {path}: it is a directory, not the socket; give the socket's own"
+            f" path, e.g. {path / 'control.sock'}"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         raise NoSupervisorError(
             f"no supervisor at {path}: {real if real != path else 'it'} is not a socket; {hint}"

@@ -330,6 +330,26 @@ async def test_status_of_a_run_whose_socket_path_is_not_utf8_shows_the_byte_as_a
             assert "internal error" not in log.text()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["status", "--socket"], ["serve", "window_post", "--connect"]],
+    ids=["status", "serve"],
+)
+async def test_a_socket_option_given_the_sockets_directory_says_to_give_the_socket_in_it(
+    sock_dir: Path, command: list[str]
+):
+    # It said "it is not a socket; start one with `damocles-ext run`" of a directory whose run
+    # may well be listening on the control.sock in it.
+    done = await dext_run_async(*command, str(sock_dir))
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"", err
+    assert (
+        f"no supervisor at {sock_dir}: it is a directory, not the socket; give the socket's own"
+        f" path, e.g. {sock_dir}/control.sock"
+    ) in err, err
+    assert "start one" not in err and "Traceback" not in err, err
+
+
 async def test_status_with_nothing_listening_exits_2_with_a_message(sock_dir: Path):
     missing = sock_dir / "nothing.sock"
     done = await dext_run_async("status", "--socket", str(missing))
