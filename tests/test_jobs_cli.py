@@ -352,3 +352,19 @@ def test_a_job_id_with_bytes_that_are_not_utf8_is_refused_before_any_job_changes
     ) in done.stderr
     with JobStore.open(url) as store:
         assert store.get(job.Id) == job
+
+
+def test_wdpost_list_and_status_write_no_c1_or_bidirectional_control_of_a_worker_name(
+    tmp_path, capsys
+):
+    # U+009B is CSI (as ESC [), U+202E turns the rest of the line around: they reached the
+    # operator's terminal from any client's worker name.
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with JobStore.open(url) as store:
+        store.create(make_input(), time.time())
+        [job] = store.allocate(rules.AllocationSpec((), ()), 1, "gpu\x9b2J\u202eevil", time.time())
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 0
+    assert cli.main(["status", "--jobs", url]) == 0
+    out = capsys.readouterr().out
+    assert f"{job.Id}  1000" in out and out.count("gpu 2J evil") == 2, out
+    assert "\x9b" not in out and "\u202e" not in out

@@ -92,13 +92,16 @@ def _counts(job: WdPoStJob | JobBrief) -> tuple[str, str, int]:
 
 
 # Cells come from clients (a worker's name and error text, a server's briefs): a tab or newline
-# would break the table, and a terminal escape sequence has no business on the operator's screen.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# would break the table, and a terminal escape sequence has no business on the operator's screen:
+# C0 and C1 controls (U+009B is CSI, as ESC [ is) and the bidirectional controls, which turn the
+# rest of a line around (U+202E) and would make it say something else.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
     """`text` from a client (a worker's name, a job id from a server) with each control
-    character written as a space, so it cannot move the cursor or send escapes to a terminal."""
+    character (C0, C1, bidirectional) written as a space, so it cannot move the cursor, send
+    escapes to a terminal, or reorder what the line shows."""
     return _CONTROL.sub(" ", text)
 
 
