@@ -179,3 +179,20 @@ def test_a_sector_found_where_its_files_are_not_says_so_and_is_exit_1(source, st
     five, six = map(json.loads, find(f"f0{MINER}", "5", "6", "--json", *where).stdout.splitlines())
     assert five["status"] == "found" and "does not exist" in five["detail"]
     assert six["status"] == "found" and six["detail"] == ""
+
+
+def test_a_store_not_mounted_is_named_when_sectors_are_not_found(store, tmp_path):
+    # It said only "not known to any provider (asked: scan of 2 stores)": not that one of the
+    # stores it scanned is not there at all.
+    gone = tmp_path / "not-mounted"
+    result = find(str(MINER), "5", "7", "--attached", f"a={store}", "--attached", f"b={gone}")
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"damocles-ext sectors find: warning: store 'b': {gone} does not exist: is the store"
+        " mounted, and given at the right path (--attached, or --conf-dir's"
+        " [[Common.PersistStores]])? No sector is found in it\n"
+    ) in result.stderr
+    assert "store 'a'" not in result.stderr and "Traceback" not in result.stderr
+    # Every sector found: nothing to explain.
+    result = find(str(MINER), "5", "--attached", f"a={store}", "--attached", f"b={gone}")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

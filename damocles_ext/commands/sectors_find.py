@@ -121,15 +121,19 @@ def run_find(args: argparse.Namespace) -> int:
     settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
     bounds = Bounds(batch_timeout=args.timeout, lookup_timeout=min(5.0, args.timeout))
 
-    async def main() -> tuple[list[SectorAnswer], dict[SectorRef, str]]:
+    async def main() -> tuple[list[SectorAnswer], dict[SectorRef, str], list[str]]:
         end = trio.current_time() + args.timeout
         locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
         async with locator:
             answers = await locator.locate(sectors)
-        return answers, await files_not_there(answers, max(1.0, end - trio.current_time()))
+        left = max(1.0, end - trio.current_time())
+        missing = [] if all(a.found for a in answers) else await stores_not_there(stores, left)
+        return answers, await files_not_there(answers, left), missing
 
     with stdout_to_stderr():  # what plugins print as they load and find is not the answer
-        answers, absent = trio.run(main)
+        answers, absent, missing = trio.run(main)
+    for problem in missing:  # the likeliest cause of "not known to any provider"
+        print(f"damocles-ext sectors find: warning: {problem}", file=sys.stderr)
     details = [
         "; ".join(filter(None, (answer.detail, absent.get(answer.sector, ""))))
         for answer in answers
@@ -145,6 +149,37 @@ def run_find(args: argparse.Namespace) -> int:
             if detail:
                 print(detail, file=sys.stderr)
     return 0 if all(a.found for a in answers) and not absent else 1
+
+
+async def stores_not_there(
+    stores: dict[str, str],
+    timeout: float,  # noqa: ASYNC109 - the threads are abandoned at it, not cancelled
+) -> list[str]:
+    """What is wrong with each store directory that is not one here (not mounted, a typo in its
+    path), looked at in worker threads within `timeout`: the scan finds nothing in it."""
+    import trio
+
+    from damocles_ext.sectors.files import DEFAULT_THREADS, in_thread, path_problem
+    from damocles_ext.threads import NoThreadError
+
+    limiter = trio.CapacityLimiter(DEFAULT_THREADS)
+    problems: dict[str, str] = {}
+
+    async def check(name: str, path: str) -> None:
+        try:
+            problem = await in_thread(path_problem, path, True, limiter=limiter, timeout=timeout)
+        except (TimeoutError, NoThreadError) as exc:
+            problem = f"{path}: {exc}"
+        if problem:
+            problems[name] = (
+                f"store {name!r}: {problem}: is the store mounted, and given at the right path"
+                " (--attached, or --conf-dir's [[Common.PersistStores]])? No sector is found in it"
+            )
+
+    async with trio.open_nursery() as nursery:
+        for name, path in stores.items():
+            nursery.start_soon(check, name, path)
+    return [problems[name] for name in sorted(problems)]
 
 
 async def files_not_there(

@@ -24,7 +24,7 @@ T = TypeVar("T")
 DEFAULT_THREADS = 16
 
 
-def _is(path: str, want_dir: bool) -> str:
+def path_problem(path: str, want_dir: bool) -> str:
     """'' when `path` is a regular file (a directory when `want_dir`), else why not."""
     try:
         mode = os.stat(path).st_mode
@@ -44,13 +44,13 @@ def _is(path: str, want_dir: bool) -> str:
 def location_problem(location: SectorLocation) -> str:
     """'' when the sealed file and the cache directory are there, else what is wrong
     (blocking)."""
-    return _is(location.sealed_file, False) or _is(location.cache_dir, True)
+    return path_problem(location.sealed_file, False) or path_problem(location.cache_dir, True)
 
 
 def first_present(paths: list[tuple[str, str]], want_dir: bool) -> tuple[str, str] | None:
     """The first (store, path) whose path is there (blocking)."""
     for store, path in paths:
-        if not _is(path, want_dir):
+        if not path_problem(path, want_dir):
             return store, path
     return None
 
