@@ -157,7 +157,8 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
         assert response.output is None
         assert response.err_msg == (
             f"request {request_id} (window_post): job {job_id} failed on worker 'gpu-7' (try 1 of"
-            " JobMaxTry 1): cuda: out of memory"
+            " JobMaxTry 1): cuda: out of memory; the same task gets this answer until its job is"
+            f" reset (`damocles-ext wdpost reset --jobs URL {job_id}`)"
         )
         await stop(m)
 
@@ -563,6 +564,30 @@ async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_outpu
     assert b"1 faulty sector: 1" in seen and b"Traceback" not in seen
 
 
+def test_prove_jobs_of_a_task_whose_job_was_cancelled_says_how_to_prove_it_again(tmp_path):
+    # Proving the same task again (a new --deadline, workers back) answered the old
+    # cancellation at once, a deadline long past, and nothing said what to do.
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
+    (tmp_path / "task.json").write_bytes(task_to_json(task))
+    prove = ["prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs", url,
+             "--store", f"a={root}", "--no-progress", "--log-level", "info"]  # fmt: skip
+    first = dext_run(*prove, "--deadline", "1")  # no worker: cancelled at its deadline
+    assert first.returncode == 1 and f"job {job_id} was cancelled".encode() in first.stderr
+    again = dext_run(*prove, "--deadline", "600")
+    assert again.returncode == 1 and f"job {job_id}: created".encode() not in again.stderr
+    assert (
+        f"the same task gets this answer until its job is removed (`damocles-ext wdpost remove"
+        f" --jobs URL {job_id}`)"
+    ).encode() in again.stderr, again.stderr
+    # What it says to do works: a new job, with the new deadline.
+    assert dext_run("wdpost", "remove", "--jobs", url, job_id).returncode == 0
+    third = dext_run(*prove, "--deadline", "1")
+    assert f"job {job_id}: created".encode() in third.stderr, third.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
@@ -606,7 +631,9 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
         with trio.fail_after(30), pytest.raises(ProverError) as caught:
             await producer.submit(failed_task)
         assert str(caught.value) == (
-            f"job {failed_id} failed on worker 'w9' (try 1 of JobMaxTry 1): disk gone"
+            f"job {failed_id} failed on worker 'w9' (try 1 of JobMaxTry 1): disk gone; the same"
+            f" task gets this answer until its job is reset (`damocles-ext wdpost reset --jobs"
+            f" URL {failed_id}`)"
         )
         with pytest.raises(UsageError, match="WinningPoSt must stay local"):
             await producer.submit(make_task(stage="winning_post"))

@@ -60,7 +60,8 @@ async def test_a_job_gets_the_tries_of_serves_job_max_try_under_a_coordinator_wi
             assert response.output is None
             assert response.err_msg == (
                 f"request {request_id} (window_post): job {job_id} failed on worker 'gpu-1'"
-                " (try 3 of JobMaxTry 3): gpu fault 3"
+                " (try 3 of JobMaxTry 3): gpu fault 3; the same task gets this answer until its job"
+                f" is reset (`damocles-ext wdpost reset --jobs URL {job_id}`)"
             )
             await stop(m)
             assert coordinator.proc is not None

@@ -362,18 +362,31 @@ class JobProducer:
             if job.Output is None:
                 raise ProverError(
                     f"job {job.Id} finished without an error but with no output (worker"
-                    f" {worker}): not a proof; reset it with `damocles-ext wdpost reset {job.Id}`"
+                    f" {worker}): not a proof; {_again(job.Id, 'reset')}"
                 )
             log.info("job %s: done on worker %s", job.Id, worker)
             return WindowPoStOutput(
                 proofs=list(job.Output.proofs or ()), faults=list(job.Output.faults or ())
             )
-        if job.cancelled:
-            raise ProverError(f"job {job.Id} was {job.ErrorReason}; last worker: {worker}")
+        if job.cancelled:  # a reset job keeps its deadline, which has passed: only a new one
+            raise ProverError(
+                f"job {job.Id} was {job.ErrorReason}; last worker: {worker};"
+                f" {_again(job.Id, 'remove')}"
+            )
         raise ProverError(
             f"job {job.Id} failed on worker {worker} (try {job.TryNum} of JobMaxTry"
-            f" {self.limits.max_try}): {job.ErrorReason}"
+            f" {self.limits.max_try}): {job.ErrorReason}; {_again(job.Id, 'reset')}"
         )
+
+
+def _again(job_id: str, how: str) -> str:
+    """What to do to prove a task whose job answered with an error: the same task is the same
+    job (its id is its input's hash), which gives the same answer until it is reset or removed."""
+    done = "reset" if how == "reset" else "removed"
+    return (
+        f"the same task gets this answer until its job is {done}"
+        f" (`damocles-ext wdpost {how} --jobs URL {job_id}`)"
+    )
 
 
 async def run_producer(
