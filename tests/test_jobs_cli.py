@@ -368,3 +368,23 @@ def test_wdpost_list_and_status_write_no_c1_or_bidirectional_control_of_a_worker
     out = capsys.readouterr().out
     assert f"{job.Id}  1000" in out and out.count("gpu 2J evil") == 2, out
     assert "\x9b" not in out and "\u202e" not in out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:s3cr3t@db.example:5432x/jobs", "postgresql://u:***@db.example:5432x/jobs"),
+        ("postgresql://u:s3cr3t@[::1/jobs", "postgresql://u:***@[::1/jobs"),
+        ("postgresql//u:s3/cr@3t@db/jobs", "postgresql//u:***@db/jobs"),
+        (
+            "postgresql://u@db:x/jobs?password=s3cr3t&a=1",
+            "postgresql://u@db:x/jobs?password=***&a=1",
+        ),
+    ],
+)
+def test_a_store_url_that_cannot_be_parsed_is_quoted_without_its_password(capsys, url, shown):
+    # Quoted as given, it put the password in the terminal and in a service's journal.
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 2
+    err = capsys.readouterr().err
+    assert f"job store URL {shown!r} is not a" in err, err
+    assert "s3" not in err

@@ -153,6 +153,22 @@ def describe_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
+_PASSWORD_PARAMETER = re.compile(r"(?i)(\bpassword=)[^&]*")
+
+
+def _password_hidden(url: str) -> str:
+    """`url`, which SQLAlchemy cannot parse, for a message: what may be its password written ***
+    (from the first ':' of the user info to its last '@', and a password= parameter)."""
+    head, mark, query = url.partition("?")
+    scheme, sep, rest = head.rpartition("://") if "://" in head else ("", "", head)
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon:
+        rest = f"{user}:***@{host}"
+    query = _PASSWORD_PARAMETER.sub(r"\1***", query)
+    return f"{scheme}{sep}{rest}{mark}{query}"
+
+
 def parse_url(url: str) -> URL:
     """A store URL as SQLAlchemy takes it: `postgresql://` means psycopg 3; only the two engines.
 
@@ -168,10 +184,11 @@ def parse_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
-        raise StoreConfigError(f"job store URL {url!r} is not a URL: {URL_HELP}") from None
+        shown = _password_hidden(url)
+        raise StoreConfigError(f"job store URL {shown!r} is not a URL: {URL_HELP}") from None
     except ValueError as why:  # a port that is not a number, an unclosed [IPv6 address]
         raise StoreConfigError(
-            f"job store URL {url!r} is not a valid URL ({why}): {URL_HELP}"
+            f"job store URL {_password_hidden(url)!r} is not a valid URL ({why}): {URL_HELP}"
         ) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
