@@ -388,3 +388,25 @@ def test_a_store_url_that_cannot_be_parsed_is_quoted_without_its_password(capsys
     err = capsys.readouterr().err
     assert f"job store URL {shown!r} is not a" in err, err
     assert "s3" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        # Refused only at the first connection: "schema_version failed", exit code 1.
+        ("&sslmod=require", ("PostgreSQL takes no 'sslmod' parameter; the query parameters are"
+         " libpq's connection options (sslmode, connect_timeout, application_name, ...): check"
+         " its spelling")),
+        # Read as an outage: "cannot reach ... check that the PostgreSQL server is running".
+        ("&sslmode=requir", ('has a value libpq refuses (connection is bad: invalid sslmode value:'
+         ' "requir"): check its port and query parameters against libpq\'s connection options')),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("command", [["wdpost", "list"], ["coordinator"]])
+def test_a_postgresql_url_parameter_libpq_refuses_is_a_mistake_in_the_url(
+    postgres_url, capsys, extra, said, command
+):
+    assert cli.main([*command, "--jobs", postgres_url + extra]) == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+    assert "is running" not in err and "failed:" not in err, err

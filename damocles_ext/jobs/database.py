@@ -192,6 +192,17 @@ def parse_url(url: str) -> URL:
         ) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        from psycopg.pq import Conninfo
+
+        # libpq refuses another name only as the first connection is made, in words that read as
+        # an outage (exit code 1).
+        options = {d.keyword.decode() for d in Conninfo.get_defaults()}
+        if unknown := sorted(set(parsed.query) - options):
+            raise StoreConfigError(
+                f"job store URL {describe_url(parsed)!r}: PostgreSQL takes no {unknown[0]!r}"
+                " parameter; the query parameters are libpq's connection options (sslmode,"
+                f" connect_timeout, application_name, ...): check its spelling ({URL_HELP})"
+            )
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite" and driver in ("", "pysqlite"):
         if parsed.database in (None, "", ":memory:"):
@@ -388,6 +399,16 @@ _LOGIN_REFUSED = re.compile(
 _NO_SLOT_LEFT = re.compile(r"too many clients|remaining connection slots are reserved")
 
 
+#: libpq refusing the value of one of the URL's parameters (sslmode=bogus, port=99999).
+_BAD_PARAMETER = re.compile(r"\binvalid (?:[a-z_]+ value|port number): ")
+
+
+def bad_parameter(error: BaseException | None) -> bool:
+    """Whether `error` (a database error) is libpq refusing the value of a URL parameter."""
+    orig = error.orig if isinstance(error, exc.DBAPIError) else None
+    return orig is not None and bool(_BAD_PARAMETER.search(str(orig)))
+
+
 def login_refused(error: BaseException | None) -> bool:
     """Whether `error` (a database error) is a PostgreSQL server refusing the URL's login."""
     orig = error.orig if isinstance(error, exc.DBAPIError) else None
@@ -427,7 +448,7 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
     """Whether `error`, met opening the store at `url`, is a mistake in the URL rather than an
     outage: a login the PostgreSQL server refuses, a file that is not an SQLite database, a
     directory that does not exist."""
-    if login_refused(error):
+    if login_refused(error) or bad_parameter(error):
         return True
     if url.get_backend_name() != "sqlite" or not isinstance(error, exc.DBAPIError):
         return False
@@ -540,6 +561,11 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         return StoreUnavailable(
             f"the PostgreSQL server of the job store {where} refused the login: {what}; check"
             " the user, the password (or the pgpass file) and the database in the URL"
+        )
+    if url.get_backend_name() == "postgresql" and bad_parameter(error):
+        return StoreUnavailable(
+            f"the job store URL {where} has a value libpq refuses ({what}): check its port and"
+            " query parameters against libpq's connection options"
         )
     if url.get_backend_name() == "postgresql" and _NO_SLOT_LEFT.search(what):
         return StoreUnavailable(
