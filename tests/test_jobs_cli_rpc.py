@@ -178,3 +178,17 @@ async def test_the_rpc_commands_say_what_is_wrong_without_a_traceback(store_url,
         cli.main(["wdpost", "remove", "x"])
     assert exited.value.code == 2
     assert "one of the arguments --jobs --manager is required" in capsys.readouterr().err
+
+
+async def test_a_manager_url_ending_in_a_slash_reaches_the_rpc(store_url, capsys):
+    # http://HOST:PORT/ (as a browser writes it) was POSTed to "/": HTTP 404, exit code 1.
+    with JobStore.open(store_url) as store:
+        made = fill(store)
+        async with trio.open_nursery() as nursery:
+            server = await serving(nursery, store)
+            assert (
+                await dext("wdpost", "list", "--manager", f"http://127.0.0.1:{server.port}/") == 0
+            )
+            nursery.cancel_scope.cancel()
+    captured = capsys.readouterr()
+    assert made["busy"].Id in captured.out and captured.err == "", captured.err

@@ -3,8 +3,8 @@ operator's `--manager` take, turned into one host, port and path.
 
 - a multiaddr, as damocles-worker's config writes it: `/ip4/1.2.3.4/tcp/1789`, `/ip6/::1/tcp/1789`,
   `/dns/host/tcp/1789` (also `/dns4/`, `/dns6/`), optionally ending in `/http`;
-- a URL: `http://host:1789` (the path defaults to damocles-manager's `/rpc/v0`; no port is 80, as
-  for any http URL);
+- a URL: `http://host:1789` (the path defaults to damocles-manager's `/rpc/v0`, also for `/`; no
+  port is 80, as for any http URL);
 - `host:port`, as `--listen` takes it.
 
 Only these few multiaddr protocols mean anything for an HTTP RPC, so they are read here rather
@@ -106,7 +106,9 @@ def _url(text: str) -> Endpoint:
         port = 0  # out of range
     if port == 0:  # urlsplit reads ":0" as 0, and no port as None
         raise ValueError(f"the port in {text!r} must be a number from 1 to 65535")
-    return Endpoint(parts.hostname, 80 if port is None else port, parts.path or DEFAULT_PATH)
+    # A bare "/" (http://HOST:PORT/, as a browser writes it) is no RPC path: the default.
+    path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+    return Endpoint(parts.hostname, 80 if port is None else port, path)
 
 
 def parse_endpoint(text: str) -> Endpoint:
