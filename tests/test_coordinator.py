@@ -851,6 +851,18 @@ async def test_a_store_option_without_a_path_exits_2(tmp_path):
     assert b"argument --store: 'store-?' is not UTF-8 text: byte \\xff" in done.stderr
 
 
+async def test_a_source_node_header_without_proxy_exits_2_before_serving(tmp_path):
+    # There is no source node to send it to: it was ignored, silently, and the coordinator served.
+    with trio.fail_after(30):
+        done = await dext_run_async(
+            "coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--listen", "127.0.0.1:0",
+            "--header", "Authorization: Bearer t",
+        )  # fmt: skip
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"--header goes with --proxy ADDR: it is sent to that source node" in done.stderr
+    assert b"serving" not in done.stderr
+
+
 TOKEN = "s3cret-token-0123456789"
 
 

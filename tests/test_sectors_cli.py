@@ -124,6 +124,11 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
         (["1000", "5", "--attached", "a=./x"], "'a=./x': PATH must be absolute"),
         (["1000", "5", "--attached", "a=/x", "--attached", "a=/y"], "given twice"),
         (["1000", "5", "--conf-dir", "/nonexistent/conf"], "does not exist"),
+        # Without --proxy there is no source node to send it to: it was ignored, silently.
+        (
+            ["1000", "5", "--attached", "a=/x", "--header", "Authorization: Bearer t"],
+            "--header goes with --proxy ADDR: it is sent to that source node",
+        ),
         # Headers the HTTP client sets itself: before, every call failed and the exit was 0.
         *(
             (

@@ -163,6 +163,8 @@ def test_worker_config_and_an_ext_prover_cfg_together_exit_2(tmp_path):
         # The client sets it: before, every call failed (h11 refused the request).
         (["--header", "Host: x"], "argument --header: Host is a header the HTTP client sets"),
         (["--proxy-header", "Content-Length: 0"], "argument --proxy-header: Content-Length is"),
+        # Without --proxy there is no source node to send it to: it was ignored, silently.
+        (["--proxy-header", "Authorization: Bearer t"], "--proxy-header goes with --proxy ADDR"),
         (["--allowed-miners", str(2**63)], f"miner id {2**63} is over 2**63 - 1"),
         (["--allowed-miners", "1²"], "miner ids are numbers separated by commas"),
         (["--attached", "a=/tmp", "--attached", "a=/var"], "store 'a' is given twice"),

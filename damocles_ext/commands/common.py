@@ -420,6 +420,18 @@ STORES_HINT = (
 )
 
 
+def check_proxy_headers(proxy: str | None, headers: list[tuple[str, str]], flag: str) -> None:
+    """UsageError for headers of the source node (`flag`) given without --proxy: there is no
+    source node to send them to, and an operator would believe them sent."""
+    from damocles_ext.errors import UsageError
+
+    if headers and proxy is None:
+        raise UsageError(
+            f"{flag} goes with --proxy ADDR: it is sent to that source node, and without --proxy"
+            " no source node is asked"
+        )
+
+
 def check_sector_sources(
     proxy: str | None, stores: dict[str, str], stores_hint: str = STORES_HINT
 ) -> None:

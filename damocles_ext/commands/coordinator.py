@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from damocles_ext.logs import add_logging_args, setup_from_args
 
-from .common import add_sector_source_args, token_file
+from .common import add_sector_source_args, check_proxy_headers, token_file
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             "--index-without-token goes with --token-file: without a token every method is"
             " answered without one already"
         )
+    check_proxy_headers(args.proxy, args.header, "--header")
     settings = read_settings(args.conf_dir, args.store)
     for warning in settings.warnings:
         log.warning("%s", warning)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
 
-from .common import check_sector_sources, sector_stores
+from .common import check_proxy_headers, check_sector_sources, sector_stores
 
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
@@ -76,6 +76,7 @@ def task_from_sectors(
             f' entry "MINER:NUMBER": "COMM_R" for each sector of --sectors'
         )
     stores = sector_stores(args, conf_dir_needs_file=False)
+    check_proxy_headers(args.proxy, args.header, "--header")
     check_sector_sources(args.proxy, stores)
     time_left = None if deadline is None else max(0.0, deadline - time.time())
     answers = locate(args, stores, sectors, time_left)

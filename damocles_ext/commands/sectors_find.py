@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .common import (
     add_sector_source_args,
+    check_proxy_headers,
     check_sector_sources,
     positive_duration,
     sector_stores,
@@ -113,6 +114,7 @@ def run_find(args: argparse.Namespace) -> int:
     from damocles_ext.sectors.locator import open_locator
 
     stores = sector_stores(args)
+    check_proxy_headers(args.proxy, args.header, "--header")
     check_sector_sources(args.proxy, stores)
     numbers = [n for r in args.numbers for n in r]
     if len(numbers) > MAX_SECTORS:

@@ -20,6 +20,7 @@ from .common import (
     add_header_arg,
     add_restart_arg,
     add_shutdown_arg,
+    check_proxy_headers,
     not_empty,
     positive_duration,
     socket_path,
@@ -324,6 +325,7 @@ def _locator(
 ) -> SectorLocator | None:
     """The sector-location service over --proxy and the attached stores (None without
     --proxy); UsageError for a bad address or no attached store to turn names into paths."""
+    check_proxy_headers(args.proxy, args.proxy_header, "--proxy-header")
     if args.proxy is None:
         return None
     from damocles_ext.sectors import SectorSettings
