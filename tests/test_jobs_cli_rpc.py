@@ -192,3 +192,23 @@ async def test_a_manager_url_ending_in_a_slash_reaches_the_rpc(store_url, capsys
             nursery.cancel_scope.cancel()
     captured = capsys.readouterr()
     assert made["busy"].Id in captured.out and captured.err == "", captured.err
+
+
+def test_list_of_a_server_whose_times_are_past_year_9999_shows_them_as_numbers(capsys):
+    # Go's uint64 seconds: past what Python's dates hold it was an OverflowError traceback.
+    from helpers.gojsonrpc import GoJsonRpcServer
+
+    far = 2**64 - 1
+    brief = {
+        "Id": "3FgfEnvrub1", "State": "running", "DeadlineIdx": 9, "Partitions": [0],
+        "Input": {"MinerId": 1000}, "Output": None, "TryNum": 1, "ErrorReason": "",
+        "WorkerName": "10.0.0.5", "StartedAt": far, "HeartbeatAt": far, "FinishedAt": 0,
+        "CreatedAt": 253402300800, "UpdatedAt": far, "Sectors": 2, "Faults": 0,
+    }  # fmt: skip
+    server = GoJsonRpcServer({"Venus.WdPoStAllJobs": lambda: {"Jobs": [brief], "MaxTry": 2}})
+    with server:
+        for flags in ([], ["--detail"]):
+            assert cli.main(["wdpost", "list", "--manager", server.multiaddr, *flags]) == 0
+            out = capsys.readouterr().out
+            assert "253402300800" in out, out
+            assert ("18446744073709551615" in out) == ("--detail" in flags), out

@@ -148,7 +148,10 @@ def go_duration(seconds: float) -> str:
 def format_time(unix_seconds: int, tz: tzinfo | None = None) -> str:
     if unix_seconds == 0:
         return "-"
-    return datetime.fromtimestamp(unix_seconds, tz).strftime("%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(unix_seconds, tz).strftime("%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):  # a server's uint64 past year 9999: as it is
+        return str(unix_seconds)
 
 
 def format_partitions(partitions: Sequence[int] | None) -> str:
