@@ -98,7 +98,10 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--seed", "zz"], "is not hexadecimal"),
+        (["--seed", "zz"], "'z' is not a hex digit; give the 32-byte randomness as 64 hex"),
+        # Both were "is not hexadecimal", which they are.
+        (["--seed", "0x" + SEED], "leave out the 0x; give the 32-byte randomness as 64 hex"),
+        (["--seed", SEED[1:]], "63 hex digits, an odd number; give the 32-byte randomness"),
         (["--seed", "ab"], "must be 32 bytes"),
         ([], "--manifest needs --seed"),
         (["--seed", SEED, "--sectors", "1,x"], "expected ids like 1,2,3"),

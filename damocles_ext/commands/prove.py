@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import string
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -342,7 +343,17 @@ def parse_seed(text: str | None, needed_by: str) -> bytes:
     try:
         seed = bytearray(bytes.fromhex(text))
     except ValueError:
-        raise UsageError(f"--seed {text!r} is not hexadecimal") from None
+        # It said "is not hexadecimal" of 63 hex digits, and of 0x and 64 of them.
+        bad = next((c for c in text if c not in string.hexdigits + " "), None)
+        if text.strip()[:2].lower() == "0x":
+            why = "leave out the 0x"
+        elif bad is not None:
+            why = f"{bad!r} is not a hex digit"
+        else:
+            why = f"{len(text.replace(' ', ''))} hex digits, an odd number"
+        raise UsageError(
+            f"--seed {text[:80]!r}: {why}; give the 32-byte randomness as 64 hex digits"
+        ) from None
     if len(seed) != 32:
         raise UsageError(f"--seed must be 32 bytes (64 hex digits), got {len(seed)} bytes")
     seed[31] &= 0x3F
