@@ -201,3 +201,17 @@ def test_a_store_not_mounted_is_named_when_sectors_are_not_found(store, tmp_path
     # Every sector found: nothing to explain.
     result = find(str(MINER), "5", "--attached", f"a={store}", "--attached", f"b={gone}")
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
+def test_a_relative_store_path_in_sector_manager_cfg_is_warned_of(tmp_path):
+    # damocles-manager makes it absolute from its own working directory; it was read from this
+    # process's one, silently.
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[[Common.PersistStores]]\nName = "a"\nPath = "stores/a"\n'
+    )
+    result = find(str(MINER), "5", "--conf-dir", str(tmp_path))
+    assert (
+        "[[Common.PersistStores]] #1: Path 'stores/a' is relative: damocles-manager reads it from"
+        " its own working directory, and damocles-ext from this one ("
+    ) in result.stderr, result.stderr
+    assert "write it absolute" in result.stderr and "Traceback" not in result.stderr

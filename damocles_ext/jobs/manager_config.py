@@ -245,6 +245,13 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
                 f"{where}: Path must be the store's directory (a non-empty string), not"
                 f" {_kind(path) if path is not None else 'missing'}"
             )
+        if not os.path.isabs(path):
+            # damocles-manager makes it absolute from its own working directory, unknown here.
+            warnings.append(
+                f"{where}: Path {path!r} is relative: damocles-manager reads it from its own"
+                f" working directory, and damocles-ext from this one ({os.getcwd()}), which may"
+                " be another place; write it absolute"
+            )
         name = entry.get("Name", "")
         if not isinstance(name, str):
             raise ManagerConfigError(f"{where}: Name must be a string, not {_kind(name)}")
