@@ -308,6 +308,29 @@ async def test_a_late_exit_wakes_whoever_waits_for_the_children_to_change():
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             (child,) = sup._children.values()
-            _exited(sup._host, child, SimpleNamespace(pid=4242))
+            _exited(sup._host, child, SimpleNamespace(pid=4242, exit=-9))
             with trio.fail_after(5):
                 await woken.wait()
+
+
+async def test_a_process_reaped_late_is_struck_off_the_groups_the_guardian_kills():
+    # The guardian SIGKILLs every process group still listed when the supervisor dies. A process
+    # that outlived SIGKILL and exited later (the reaper's report) must be struck off then, as
+    # one reaped at once is: months later its pid, so its group id, may be someone else's.
+    async with open_supervisor([spec(dext_child())]) as sup:
+        await sup.wait_ready(WD, 1)
+        guardian = sup._host.guardian
+        assert guardian is not None
+        told: list[int] = []
+        remove = guardian.remove
+
+        def recorded(pgid: int) -> None:
+            told.append(pgid)
+            remove(pgid)
+
+        guardian.remove = recorded  # type: ignore[method-assign]
+        (child,) = sup._children.values()
+        _exited(sup._host, child, SimpleNamespace(pid=4242, exit=None))  # stuck: locks freed
+        assert told == []  # still there: its group is still the guardian's to kill
+        _exited(sup._host, child, SimpleNamespace(pid=4242, exit=-9))  # reaped at last
+        assert told == [4242]

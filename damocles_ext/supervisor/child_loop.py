@@ -251,9 +251,13 @@ def mark_down(
 
 
 def _exited(host: ChildHost, child: Child, proc: ChildProcess) -> None:
-    """`proc` was reaped: the locks held for it since it went down alive (killed) are free."""
+    """`proc` was reaped: the locks held for it since it went down alive (killed) are free, and
+    its group is struck off the guardian's (reaped late too: its pid may be reused by then)."""
     host.tell(host.book.child_exited, child.name, trio.current_time(), pid=proc.pid)
     host.changed()  # a worker counts no slot of a child whose lock was kept for it
+    # (The reaper also says so of one stuck for good, still there, to free its locks.)
+    if proc.exit is not None and host.guardian is not None:
+        host.guardian.remove(proc.pid)
 
 
 async def child_loop(
@@ -398,8 +402,6 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
                     host.reaper.keep(proc, child.name, held, lambda: _exited(host, child, proc))
             if proc.exit is not None:
                 _exited(host, child, proc)
-            if proc.exit is not None and guardian is not None:
-                guardian.remove(proc.pid)
             await proc.aclose()
         child.p = None
     return ready, reason
