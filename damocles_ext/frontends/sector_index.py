@@ -39,25 +39,35 @@ MAX_LEARNED = 2_000_000
 NOT_FOUND: dict[str, Any] = {"Found": False, "Instance": {"SealedFile": "", "CacheDir": ""}}
 
 
+#: Distinct store-name pairs and miners kept shared at most (a bound for odd inputs only).
+MAX_SHARED = 4096
+
+
 class SectorIndex:
     def __init__(self, locator: SectorLocator | None = None) -> None:
         self.locator = locator
         #: (index type, miner, number) -> (sealed store, cache store), learned from job inputs.
         self.learned: dict[tuple[str, int, int], tuple[str, str]] = {}
+        # One copy of each pair of store names and of each miner id, shared by their sectors:
+        # a deadline's thousands of sectors sit on a few stores of one miner, and each decoded
+        # input brings copies of its own (MAX_LEARNED sectors took 650 MiB, half of it copies).
+        self._miners: dict[int, int] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self.answered = {"learned": 0, "service": 0, "not_found": 0, "errors": 0}
 
     def learn(self, inputs: Iterable[WdPoStInput]) -> None:
         """The store names of each sector of these job inputs (a newer input wins)."""
-        learned = self.learned
+        learned, miners, pairs = self.learned, self._miners, self._pairs
         for job_input in inputs:
+            if len(pairs) + len(miners) > MAX_SHARED:  # stores by the thousand: copies again
+                pairs.clear()
+                miners.clear()
+            miner = miners.setdefault(job_input.MinerId, job_input.MinerId)
             for sector in job_input.Sectors or ():
-                key = (
-                    "upgrade" if sector.Upgrade else "normal",
-                    job_input.MinerId,
-                    sector.SectorId,
-                )
+                key = ("upgrade" if sector.Upgrade else "normal", miner, sector.SectorId)
+                names = (sector.Accesses.SealedFile, sector.Accesses.CacheDir)
                 learned.pop(key, None)  # re-inserted last: the newest is kept longest
-                learned[key] = (sector.Accesses.SealedFile, sector.Accesses.CacheDir)
+                learned[key] = pairs.setdefault(names, names)
         while len(learned) > MAX_LEARNED:
             del learned[next(iter(learned))]
 
