@@ -226,3 +226,30 @@ def test_a_taken_metrics_port_exits_2_before_anything_starts_and_leaves_no_socke
     assert result.returncode == 2, err
     assert str(port) in err and "Traceback" not in err
     assert not sock_path.exists()
+
+
+def test_a_heartbeat_interval_near_the_managers_timeout_is_warned_about(tmp_path):
+    # damocles-manager takes a job back after 15 s without its heartbeat: at 20 s every job
+    # was lost, at 8 s one late heartbeat cost it, and the worker said nothing. Here the worker
+    # stops at once after the warning: its socket's directory is not private (a usage error).
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+
+    def warned(interval: str) -> str:
+        result = dext_run(
+            "worker", "--manager", "127.0.0.1:1", "-c", str(cfg), "--heartbeat-interval",
+            interval, "--socket", str(shared / "w.sock"),
+        )  # fmt: skip
+        err = result.stderr.decode()
+        assert result.returncode == 2 and "not private" in err and "Traceback" not in err, err
+        return err
+
+    assert "every job is taken back before its first heartbeat" in warned("20s")
+    err = warned("8s")
+    assert "--heartbeat-interval 8s: damocles-manager gives a job to another worker" in err
+    assert "one late or lost heartbeat costs the job" in err
+    assert "keep it at most a third of the manager's HeartbeatTimeout" in err
+    assert "--heartbeat-interval" not in warned("3s")

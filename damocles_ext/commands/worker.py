@@ -350,6 +350,7 @@ def _settings(
 
     from damocles_ext.config import absent_gpu_warnings, check_startable
     from damocles_ext.errors import UsageError
+    from damocles_ext.jobs.rules import DEFAULT_HEARTBEAT_TIMEOUT
     from damocles_ext.jobs.worker_settings import DEFAULT_IDLE_POLL, WorkerSettings
 
     from .common import children_of, load_config_from_args
@@ -440,6 +441,18 @@ def _settings(
         settings.endpoint  # noqa: B018 - a bad address is a usage error before anything starts
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if settings.heartbeat_interval > DEFAULT_HEARTBEAT_TIMEOUT / 3:
+        # damocles-worker heartbeats every 3 s against the manager's 15 s: four may go astray.
+        log.warning(
+            "--heartbeat-interval %gs: damocles-manager gives a job to another worker once its"
+            " heartbeats stop for HeartbeatTimeout, 15s by default, so at this interval %s;"
+            " keep it at most a third of the manager's HeartbeatTimeout (its"
+            " [Common.Proving.WorkerProver]), e.g. the default 3s",
+            settings.heartbeat_interval,
+            "every job is taken back before its first heartbeat"
+            if settings.heartbeat_interval >= DEFAULT_HEARTBEAT_TIMEOUT
+            else "one late or lost heartbeat costs the job",
+        )
     return settings
 
 
