@@ -156,6 +156,22 @@ async def test_a_store_that_does_not_answer_in_time_is_up_0_without_holding_the_
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("metrics_host", ["127.0.0.1", "0.0.0.0"])
+async def test_metrics_on_the_rpcs_own_port_say_so_not_that_the_address_is_in_use(
+    tmp_path, metrics_host
+):
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with socket.socket() as probe:  # a port free now, for both options
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = await dext_run_async("coordinator", "--jobs", url, "--listen", f"127.0.0.1:{port}",
+                                "--metrics", f"{metrics_host}:{port}")  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert f"--metrics {metrics_host}:{port} is where --listen serves the RPC" in err, err
+    assert "give the metrics a port of their own" in err
+
+
 async def test_the_command_serves_metrics_and_refuses_a_busy_metrics_port(tmp_path):
     url = f"sqlite:///{tmp_path}/jobs.db"
     with socket.socket() as busy:

@@ -141,6 +141,15 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
+    if args.metrics is not None and port and args.metrics[1] == port:
+        wildcard = ("", "0.0.0.0", "::")
+        if args.metrics[0] == host or host in wildcard or args.metrics[0] in wildcard:
+            from damocles_ext.errors import UsageError
+
+            raise UsageError(
+                f"--metrics {args.metrics[0]}:{port} is where --listen serves the RPC: give the"
+                " metrics a port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
+            )
     # With --proxy no store is needed here: the source's store names are passed on as they are
     # (relay_names), as a damocles proxy node does.
     with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
