@@ -127,6 +127,8 @@ def test_the_variables_are_taken_and_the_watchdog_kept_only_when_meant_for_this_
     assert "WATCHDOG_USEC='1m' is not a number of microseconds" in caplog.text
     assert "NOTIFY_SOCKET='vsock:2:1' is not a unix socket" in caplog.text
     assert "remove WatchdogSec from its unit" in caplog.text
+    # Pinged every third of its time, but not in a busy loop for a WatchdogSec of 1 ms.
+    assert (wd.Watchdog("/run/n", 60.0).every, wd.Watchdog("/run/n", 0.001).every) == (20.0, 0.05)
 
 
 def test_a_missing_notify_socket_is_said_once_and_pinged_again_when_back(
