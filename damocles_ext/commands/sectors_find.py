@@ -70,7 +70,8 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="DURATION",
         type=positive_duration,
         default=DEFAULT_TIMEOUT,
-        help=f"the whole lookup takes at most this (default: {DEFAULT_TIMEOUT:g}s)",
+        help=f"the providers' lookups take at most this (default: {DEFAULT_TIMEOUT:g}s); the"
+        " bookkeeping and table of hundreds of thousands of sectors add to it",
     )
     find.add_argument("--json", action="store_true", help="print one JSON object per line")
     return find
