@@ -270,3 +270,35 @@ def test_a_gpu_number_the_machine_does_not_have_is_warned_about_by_each_command(
         proc = damocles_ext(args, env)
         assert proc.returncode == EXIT_USAGE and "not private" in proc.stderr, proc.stderr
         assert "window_post#3: its CUDA_VISIBLE_DEVICES=3 names GPU 3" in proc.stderr, args
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "advice"),
+    [
+        (
+            4,
+            "Failed to initialize NVML: Insufficient Permissions",
+            "this user may not use the GPUs: give it the group that owns /dev/nvidia*",
+        ),
+        (
+            15,
+            "Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.",
+            "a GPU is faulty or lost (see `nvidia-smi` and the kernel log",
+        ),
+    ],
+    ids=["no-permission", "gpu-lost"],
+)
+def test_nvidia_smi_statuses_a_restart_does_not_cure_say_what_to_do_instead_of_wait(
+    tmp_path: Path, status: int, said: str, advice: str
+) -> None:
+    # nvidia-smi's documented exit statuses: 4, this user may not use the GPUs (a unit without
+    # the group of /dev/nvidia*); 8, 10, 14, 15, a faulty GPU. Each was told "the driver may
+    # not be loaded yet, right after a boot", while systemd restarted it for ever. Still 75:
+    # a restart is how the fix (the group, a reboot) is picked up, and it costs nothing.
+    env = machine_with(tmp_path, f'echo "{said}" >&2\nexit {status}\n')
+    cfg = write_config(tmp_path, GPUS_ALL)
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == EXIT_TEMPFAIL, proc.stderr
+    assert f"nvidia-smi -L: exit status {status}: {said}" in proc.stderr, proc.stderr
+    assert advice in proc.stderr and NOT_READY not in proc.stderr, proc.stderr
+    assert "Right after a boot" not in proc.stderr

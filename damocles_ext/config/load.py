@@ -529,6 +529,13 @@ class _Builder:
                     )
                 ]
             if not probe.gpus:
+                if probe.advice is not None:  # not a driver still loading: say what is
+                    self.not_ready.append(
+                        f'{where}.Gpus: "all" cannot list the GPUs (asked NVML and `nvidia-smi'
+                        f" -L`{asked}): {probe.advice}. The exit code is 75 (EX_TEMPFAIL), so"
+                        " that a restart (Restart=on-failure in the systemd units) tries again"
+                    )
+                    return self.not_ready[-1:]
                 self.not_ready.append(
                     f'{where}.Gpus: "all" cannot list the GPUs: the NVIDIA driver does not answer'
                     f" (asked NVML and `nvidia-smi -L`{asked}). Right after a boot it may not be"

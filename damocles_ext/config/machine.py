@@ -113,12 +113,29 @@ class GpuProbe(NamedTuple):
     # 0): then no GPU means this machine has none. When none answered (the driver not loaded
     # yet after a boot, nvidia-smi failing, missing or hanging), a later ask may find them.
     answered: bool
+    # What to do, when nvidia-smi's exit status says the cause is not a driver still loading:
+    # this user may not use the GPUs, or a GPU is faulty (its documented statuses 4, 8, 10, 14,
+    # 15). None otherwise.
+    advice: str | None = None
+
+
+#: nvidia-smi's documented exit statuses whose cause a restart does not fix, and what to do.
+_NO_PERMISSION = (
+    "this user may not use the GPUs: give it the group that owns /dev/nvidia* (`ls -l"
+    " /dev/nvidia*`; SupplementaryGroups= in its systemd unit)"
+)
+_FAULTY = (
+    "a GPU is faulty or lost (see `nvidia-smi` and the kernel log, `dmesg | grep -i xid`):"
+    " until it is repaired, list the GPUs that work, e.g. Gpus = [0, 2]"
+)
+_ADVICE = {4: _NO_PERMISSION, 8: _FAULTY, 10: _FAULTY, 14: _FAULTY, 15: _FAULTY}
 
 
 def probe_gpus() -> GpuProbe:
     """The GPUs of this machine, via NVML or `nvidia-smi -L`, and whether the driver answered."""
     reasons: list[str] = []
     answered = False
+    advice = None
     try:
         import pynvml  # nvidia-ml-py, optional
     except ImportError:
@@ -162,10 +179,11 @@ def probe_gpus() -> GpuProbe:
             # 9 is "could not communicate with the NVIDIA driver"; whatever the status, the
             # driver gave no list: asking again later may get one.
             reasons.append(f"nvidia-smi -L: exit status {out.returncode}{what}")
+            advice = _ADVICE.get(out.returncode)
         else:
             answered = True
             reasons.append(f"nvidia-smi -L: listed no GPU{what}")
-    return GpuProbe([], reasons, answered)
+    return GpuProbe([], reasons, answered, advice)
 
 
 def detect_gpus(why: list[str] | None = None) -> list[int]:
