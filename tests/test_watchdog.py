@@ -90,9 +90,14 @@ def test_a_sigabrt_from_systemds_watchdog_says_where_every_thread_was(tmp_path: 
             text=True,
             env=env,
         )
-        assert systemd.recv(64) == wd.PING  # the watchdog is kept
-        proc.send_signal(signal.SIGABRT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            assert systemd.recv(64) == wd.PING  # the watchdog is kept
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # failed before its abort: nothing left behind
+                proc.kill()
+                proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGABRT
     assert "Fatal Python error: Aborted" in err
     assert "trio/_core/_run.py" in err  # the main thread's stack, in trio's loop
