@@ -302,3 +302,19 @@ def test_nvidia_smi_statuses_a_restart_does_not_cure_say_what_to_do_instead_of_w
     assert f"nvidia-smi -L: exit status {status}: {said}" in proc.stderr, proc.stderr
     assert advice in proc.stderr and NOT_READY not in proc.stderr, proc.stderr
     assert "Right after a boot" not in proc.stderr
+
+
+def test_an_absent_gpu_number_inherited_from_damocles_exts_environment_says_it_is_inherited(
+    tmp_path: Path,
+) -> None:
+    # Neither Gpus nor Envs names the GPU: the child inherits CUDA_VISIBLE_DEVICES from
+    # damocles-ext's own environment, so 'remove it from WdPost[0]'s Gpus or Envs' sent the
+    # operator to look where it is not.
+    env = machine_with(tmp_path, "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n")
+    env["CUDA_VISIBLE_DEVICES"] = "3"
+    cfg = write_config(tmp_path, '[[WdPost]]\nBin = "/bin/sh"\n')
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "window_post#0: its CUDA_VISIBLE_DEVICES=3 names GPU 3" in proc.stderr, proc.stderr
+    assert "inherited from damocles-ext's own environment" in proc.stderr, proc.stderr
+    assert "remove it from WdPost[0]'s Gpus or Envs" not in proc.stderr

@@ -383,12 +383,18 @@ def absent_gpu_warnings(children: Sequence[ChildSpec]) -> list[str]:
         absent = [n for n in numbers if n >= count]
         if absent:
             table = f"{TABLE_OF_STAGE.get(child.stage, child.stage)}[{child.block}]"
+            where = (
+                f"remove it from {table}'s Gpus or Envs"
+                if "CUDA_VISIBLE_DEVICES" in child.envs
+                else "it is inherited from damocles-ext's own environment (e.g. its unit's"
+                f" Environment=): remove it there, or give {table} Gpus or an Envs of its own"
+            )
             out.append(
                 f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(map(str, numbers))} names"
                 f" GPU {', '.join(map(str, absent))}, which this machine does not have (it has"
                 f" {has}, as NVML or nvidia-smi -L count them): CUDA hides it, and every GPU"
                 " listed after it, from the child, which with no GPU left proves on the CPU, far"
-                f" too slowly for a deadline; remove it from {table}'s Gpus or Envs"
+                f" too slowly for a deadline; {where}"
             )
     return out
 
