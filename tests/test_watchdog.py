@@ -5,6 +5,7 @@ notify socket that is missing is said once and pinged again when it is back."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -157,4 +158,34 @@ def test_a_missing_notify_socket_is_said_once_and_pinged_again_when_back(
     said = [r.getMessage() for r in caplog.records]
     (lost,) = [m for m in said if m.startswith("cannot ping")]  # said once, not every second
     assert "No such file or directory; systemd restarts this service once 3 s pass" in lost
+    assert said[-1] == "systemd's watchdog is pinged again"
+
+
+def test_no_socket_for_the_pings_is_said_and_tried_again_not_the_end_of_the_run(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pings run as a trio system task: a socket it could not make (at the limit of open
+    # files) raised out of it and ended the whole run with TrioInternalError. The fault is
+    # injected once: the first socket is refused as the kernel refuses it (EMFILE).
+    made = wd._notify_socket
+    refused = [OSError(errno.EMFILE, "Too many open files")]
+
+    def notify_socket_once_refused() -> socket.socket:
+        if refused:
+            raise refused.pop()
+        return made()
+
+    monkeypatch.setattr(wd, "_notify_socket", notify_socket_once_refused)
+
+    async def main() -> None:
+        with notify_socket("nofile") as (systemd, path):
+            systemd.setblocking(False)
+            wd.start_watchdog({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "3000000"})
+            await trio.sleep(1.5)  # virtual: the first ping failed, the second went out
+            assert systemd.recv(64) == wd.PING
+
+    with caplog.at_level(logging.INFO, logger=wd.__name__):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("cannot ping systemd's watchdog" in m and "Too many open files" in m for m in said)
     assert said[-1] == "systemd's watchdog is pinged again"

@@ -83,13 +83,23 @@ def start_watchdog(environ: MutableMapping[str, str] | None = None) -> Watchdog 
     return watchdog
 
 
+def _notify_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock
+
+
 async def keep_watchdog(watchdog: Watchdog) -> None:
-    """Ping systemd every third of its time, until cancelled."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        failing = False
+    """Ping systemd every third of its time, until cancelled. Nothing here raises: it runs as
+    a system task, whose exception would end the whole run (no socket for it, at the limit of
+    open files, is said and tried again at the next ping)."""
+    sock: socket.socket | None = None
+    failing = False
+    try:
         while True:
             try:
+                if sock is None:
+                    sock = _notify_socket()
                 sock.sendto(PING, watchdog.address)
             except OSError as exc:
                 if not failing:
@@ -106,3 +116,6 @@ async def keep_watchdog(watchdog: Watchdog) -> None:
                     log.info("systemd's watchdog is pinged again")
                 failing = False
             await trio.sleep(watchdog.every)
+    finally:
+        if sock is not None:
+            sock.close()
