@@ -172,6 +172,37 @@ async def test_metrics_on_the_rpcs_own_port_say_so_not_that_the_address_is_in_us
     assert "give the metrics a port of their own" in err
 
 
+async def test_metrics_on_the_same_port_of_another_address_family_are_served(tmp_path):
+    # 0.0.0.0 takes IPv4's addresses only: the IPv6 loopback's same port is another address.
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    proc = await trio.lowlevel.open_process(
+        [*DEXT, "coordinator", "--jobs", url, "--listen", f"0.0.0.0:{port}",
+         "--metrics", f"[::1]:{port}"],
+        stderr=subprocess.PIPE, env=dext_env(),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    try:
+        with trio.fail_after(60):
+            while b"serving the worker-prover RPC at" not in seen:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen
+                seen += chunk
+            got = await scrape(f"http://[::1]:{port}/metrics")
+            assert value(got, P + "jobs_store_up") == 1
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 async def test_the_command_serves_metrics_and_refuses_a_busy_metrics_port(tmp_path):
     url = f"sqlite:///{tmp_path}/jobs.db"
     with socket.socket() as busy:

@@ -115,6 +115,22 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     return SectorIndex(SectorLocator(build_providers(settings, get_plugin_manager())))
 
 
+def _one_address(a: str, b: str) -> bool:
+    """Whether two listening hosts of one port take the same address: the same host, or a
+    wildcard and a host it covers (0.0.0.0: IPv4's; "::", dual-stack: any)."""
+    import ipaddress
+
+    if a == b or "" in (a, b) or "::" in (a, b):
+        return True
+    for wildcard, other in ((a, b), (b, a)):
+        if wildcard == "0.0.0.0":
+            try:
+                return ipaddress.ip_address(other).version == 4
+            except ValueError:
+                return False  # a name: the system says whether it clashes
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     """Open the store (creating it when missing), listen, serve until a signal."""
     import logging
@@ -141,15 +157,14 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
-    if args.metrics is not None and port and args.metrics[1] == port:
-        wildcard = ("", "0.0.0.0", "::")
-        if args.metrics[0] == host or host in wildcard or args.metrics[0] in wildcard:
-            from damocles_ext.errors import UsageError
+    at = args.metrics  # the metrics' (host, port)
+    if at is not None and port and at[1] == port and _one_address(host, at[0]):
+        from damocles_ext.errors import UsageError
 
-            raise UsageError(
-                f"--metrics {args.metrics[0]}:{port} is where --listen serves the RPC: give the"
-                " metrics a port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
-            )
+        raise UsageError(
+            f"--metrics {at[0]}:{port} is where --listen serves the RPC: give the"
+            " metrics a port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
+        )
     # With --proxy no store is needed here: the source's store names are passed on as they are
     # (relay_names), as a damocles proxy node does.
     with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
