@@ -12,7 +12,7 @@ import subprocess
 import psycopg
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run_async
+from helpers.frontend import DEXT, CoordinatorProcess, dext_env, dext_run_async
 from sqlalchemy import make_url
 from test_coordinator import Client
 from test_jobs_rules import make_input
@@ -182,25 +182,15 @@ async def test_metrics_on_the_same_port_of_another_address_family_are_served(tmp
             port = probe.getsockname()[1]
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    url = f"sqlite:///{tmp_path}/jobs.db"
-    proc = await trio.lowlevel.open_process(
-        [*DEXT, "coordinator", "--jobs", url, "--listen", f"0.0.0.0:{port}",
-         "--metrics", f"[::1]:{port}"],
-        stderr=subprocess.PIPE, env=dext_env(),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    seen = b""
-    try:
-        with trio.fail_after(60):
-            while b"serving the worker-prover RPC at" not in seen:
-                chunk = await proc.stderr.receive_some(4096)
-                assert chunk, seen
-                seen += chunk
-            got = await scrape(f"http://[::1]:{port}/metrics")
-            assert value(got, P + "jobs_store_up") == 1
-    finally:
-        proc.kill()
-        await proc.wait()
+    coordinator = CoordinatorProcess(f"sqlite:///{tmp_path}/jobs.db", "--metrics", f"[::1]:{port}")
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(60):
+                await coordinator.start(nursery, port, host="0.0.0.0")
+                got = await scrape(f"http://[::1]:{port}/metrics")
+                assert value(got, P + "jobs_store_up") == 1
+        finally:
+            coordinator.stop()
 
 
 async def test_the_command_serves_metrics_and_refuses_a_busy_metrics_port(tmp_path):

@@ -359,7 +359,7 @@ async def dext_run_async(*args: str, input: bytes = b"") -> subprocess.Completed
     )
 
 
-_SERVING = re.compile(rb"serving the worker-prover RPC at http://127\.0\.0\.1:(\d+)/rpc/v0")
+_SERVING = re.compile(rb"serving the worker-prover RPC at http://[^/]+:(\d+)/rpc/v0")
 _METRICS = re.compile(rb"metrics on (http://\S+)")
 
 
@@ -375,10 +375,10 @@ class CoordinatorProcess:
         self.port = 0
         self.metrics_url: str | None = None  # with --metrics in EXTRA
 
-    async def start(self, nursery: trio.Nursery, port: int = 0) -> None:
+    async def start(self, nursery: trio.Nursery, port: int = 0, host: str = "127.0.0.1") -> None:
         """Start it; returns once this process (not an earlier one) serves."""
         self.proc = await trio.lowlevel.open_process(
-            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"127.0.0.1:{port}",
+            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"{host}:{port}",
              *self.extra],
             stderr=subprocess.PIPE,
             env=dext_env(),
