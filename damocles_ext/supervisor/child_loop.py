@@ -250,12 +250,16 @@ def mark_down(
     p.interrupt()
 
 
-def _exited(host: ChildHost, child: Child, proc: ChildProcess) -> None:
-    """`proc` was reaped: the locks held for it since it went down alive (killed) are free, and
-    its group is struck off the guardian's (reaped late too: its pid may be reused by then)."""
+def _locks_freed(host: ChildHost, child: Child, proc: ChildProcess) -> None:
+    """`proc` was reaped: the locks held for it since it went down alive (killed) are free."""
     host.tell(host.book.child_exited, child.name, trio.current_time(), pid=proc.pid)
     host.changed()  # a worker counts no slot of a child whose lock was kept for it
-    # (The reaper also says so of one stuck for good, still there, to free its locks.)
+
+
+def _exited(host: ChildHost, child: Child, proc: ChildProcess) -> None:
+    """`proc` was reaped, the rest of its group killed (or it is stuck for good: the reaper):
+    its locks are free, and its group, once it exited, is no longer the guardian's to kill."""
+    _locks_freed(host, child, proc)
     if proc.exit is not None and host.guardian is not None:
         host.guardian.remove(proc.pid)
 
@@ -456,10 +460,8 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
             p.down_reason = f"failed start: {p.down_reason} before its ready message ({wrote})"
         return False
     if exited:
-        # It wrote its ready message and exited before it was acted on: its start succeeded
-        # and the run after it failed, which the restart rules count as an exit after ready
-        # (not as a failed start). It never takes a request: not ready for the scheduler,
-        # status or observers (no dext_child_ready).
+        # Ready, then exited before it was acted on: to the restart rules an exit after ready
+        # (not a failed start); it takes no request (no dext_child_ready, not in status).
         child.tracker.ready(trio.current_time())
         log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
         return True
@@ -600,7 +602,7 @@ async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> 
 async def _watch_exit(host: ChildHost, child: Child, p: Process) -> None:
     info = await p.proc.wait()
     mark_down(host, child, p, f"exited ({info.describe()})")
-    _exited(host, child, p.proc)
+    _locks_freed(host, child, p.proc)  # its group stays the guardian's until torn down
 
 
 async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
@@ -638,10 +640,9 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.wait()
     host.reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
-    # Answers written just before the exit may still sit in the pipe: take them first. And
-    # the last stderr lines (a traceback, typically) are the ones an operator needs. Once the
-    # process is reaped all it wrote is in the pipes, so EOF is waited for only briefly: a
-    # grandchild that left the process group (setsid) may hold the pipes open for ever.
+    # Answers written just before the exit may sit in the pipe, and the last stderr lines (a
+    # traceback) are what an operator needs: taken first. Once it is reaped EOF is waited for
+    # briefly: a grandchild that left the group (setsid) may hold the pipes open for ever.
     drain = _PIPE_DRAIN_TIMEOUT if p.proc.exit is not None else REAP_TIMEOUT
     with trio.move_on_after(drain) as drain_scope:
         if p.reader_done is not None:
