@@ -157,7 +157,7 @@ def not_empty(fix: str) -> Callable[[str], str]:
     return check
 
 
-def utf8_text(text: str, why: str) -> str:
+def utf8_argument(text: str, why: str) -> str:
     """`text`, an argument sent as text (a name, an id); ArgumentTypeError saying `why` it must
     be UTF-8 when it has bytes that are not (os.fsdecode made them lone surrogates)."""
     from damocles_ext.errors import not_utf8
@@ -361,7 +361,7 @@ def store_pair(text: str, what: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH ({what}), got {text!r}")
     # The name is damocles' (its configs are UTF-8), sent and matched as text; PATH is a local
     # file name, whatever its bytes.
-    utf8_text(
+    utf8_argument(
         name, "and damocles' store names are text: give the name as damocles' config writes it"
     )
     if not path.startswith("/"):

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .common import positive_int, token_file, utf8_text
+from .common import positive_int, token_file, utf8_argument
 
 if TYPE_CHECKING:
     from damocles_ext.errors import UsageError
@@ -34,7 +34,7 @@ CONF_DIR_HELP = (
 
 def job_id(text: str) -> str:
     """A job id argument (an argparse type): text a store or an RPC can carry."""
-    return utf8_text(text, "so no job has it; copy the id from `wdpost list --all`")
+    return utf8_argument(text, "so no job has it; copy the id from `wdpost list --all`")
 
 
 MANAGER_HELP = (

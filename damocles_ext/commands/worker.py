@@ -25,7 +25,7 @@ from .common import (
     positive_duration,
     socket_path,
     token_file,
-    utf8_text,
+    utf8_argument,
 )
 from .wdpost import MANAGER_HELP
 
@@ -161,7 +161,7 @@ _named = not_empty("give the worker a name, or leave --name out")  # else no one
 
 def _name(text: str) -> str:
     """--name: sent to the manager as text, and shown by `wdpost list`."""
-    return utf8_text(_named(text), "and the manager takes names as text: give a UTF-8 one")
+    return utf8_argument(_named(text), "and the manager takes names as text: give a UTF-8 one")
 
 
 def _store(text: str) -> tuple[str, str]:

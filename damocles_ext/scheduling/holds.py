@@ -6,8 +6,9 @@ while, though: one stuck in a GPU driver call can take seconds to die after SIGK
 its GPU's memory until it does. So the locks its running jobs held (`gpu:0`) are not freed with
 them: `Scheduler.child_down(..., hold=name)` keeps them under the process's own name, which no
 child is (the child's own next process included), until `Scheduler.exited(name)`, which the
-supervisor says once the process is reaped. A process that never exits keeps them for good; the
-supervisor logs it, and `status` shows it (`exiting`).
+supervisor says once the process is reaped. A process still there long after SIGKILL is logged
+and shown in `status` (`exiting`); the supervisor's reaper frees its locks after a bound
+(`KEEP_LOCKS_FOR`), as if it had exited, so that a process stuck for good holds no GPU for ever.
 """
 
 from __future__ import annotations
