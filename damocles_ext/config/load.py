@@ -34,7 +34,7 @@ from .spec import (
     ConfigError,
     GpuDriverNotReady,
 )
-from .startup import env_value
+from .startup import env_value, gpu_numbers
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -341,18 +341,14 @@ def _gpu_numbered_two_ways(children: list[ChildSpec]) -> list[str]:
     said: set[tuple[str, int]] = set()
     out = []
     for child in children:
-        devices = _devices(child)
-        if (
-            not devices
-            or not all(d.isdigit() for d in devices)
-            or (child.stage, child.block) in said
-        ):
+        numbers = gpu_numbers(child)
+        if not numbers or (child.stage, child.block) in said:
             continue
         if env_value(child.inherit_envs, child.envs, ORDER) == "PCI_BUS_ID":
             continue
         said.add((child.stage, child.block))
         out.append(
-            f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(sorted(devices))} counts the GPUs"
+            f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(map(str, numbers))} counts the GPUs"
             f" in CUDA's default order (fastest first), while {by_bus[0].name}'s Gpus count them"
             " as nvidia-smi does (by PCI bus): on a machine with different GPU models one number"
             " may name two GPUs, and their GPU lock then does not keep the proofs apart; add"

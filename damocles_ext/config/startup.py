@@ -360,18 +360,23 @@ def _made_later(root: str) -> str | None:
     return None if path != root else untrusted_problem(st, os.geteuid())
 
 
+def gpu_numbers(child: ChildSpec) -> list[int]:
+    """The GPUs `child` is given by number (its CUDA_VISIBLE_DEVICES, from Envs or inherited),
+    in order; [] when it names none by number (unset, empty, UUIDs or MIG instances)."""
+    value = env_value(child.inherit_envs, child.envs, "CUDA_VISIBLE_DEVICES") or ""
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    if devices and all(d.isascii() and d.isdigit() for d in devices):
+        return [int(d) for d in devices]
+    return []
+
+
 def absent_gpu_warnings(children: Sequence[ChildSpec]) -> list[str]:
     """Children pinned to a GPU number this machine does not have (a config written for a
     machine of more GPUs): CUDA hides that GPU and every one listed after it, and a child left
     with none proves on the CPU (bellperson's fallback), far too slowly for any deadline, while
     taking the CPU from the others. Asks the driver only when a child names a GPU by number;
     nothing is said when it gives no list (not loaded yet, no NVML nor nvidia-smi)."""
-    pinned: list[tuple[ChildSpec, list[int]]] = []
-    for child in children:
-        value = env_value(child.inherit_envs, child.envs, "CUDA_VISIBLE_DEVICES") or ""
-        devices = [d.strip() for d in value.split(",") if d.strip()]
-        if devices and all(d.isascii() and d.isdigit() for d in devices):  # not UUIDs nor MIG
-            pinned.append((child, [int(d) for d in devices]))
+    pinned = [(c, numbers) for c in children if (numbers := gpu_numbers(c))]
     if not pinned:
         return []
     count = len(machine.probe_gpus().gpus)
