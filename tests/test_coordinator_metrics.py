@@ -168,8 +168,8 @@ async def test_metrics_on_the_rpcs_own_port_say_so_not_that_the_address_is_in_us
                                 "--metrics", f"{metrics_host}:{port}")  # fmt: skip
     err = done.stderr.decode()
     assert done.returncode == 2 and "Traceback" not in err, err
-    assert f"--metrics {metrics_host}:{port} is where --listen serves the RPC" in err, err
-    assert "give the metrics a port of their own" in err
+    assert f"cannot serve metrics on {metrics_host}:{port}: Address already in use" in err, err
+    assert "it is the port --listen serves the RPC on; give the metrics a port of their own" in err
 
 
 async def test_metrics_on_the_same_port_of_another_address_family_are_served(tmp_path):

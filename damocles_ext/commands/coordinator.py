@@ -115,28 +115,13 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     return SectorIndex(SectorLocator(build_providers(settings, get_plugin_manager())))
 
 
-def _one_address(a: str, b: str) -> bool:
-    """Whether two listening hosts of one port take the same address: the same host, or a
-    wildcard and a host it covers (0.0.0.0: IPv4's; "::", dual-stack: any)."""
-    import ipaddress
-
-    if a == b or "" in (a, b) or "::" in (a, b):
-        return True
-    for wildcard, other in ((a, b), (b, a)):
-        if wildcard == "0.0.0.0":
-            try:
-                return ipaddress.ip_address(other).version == 4
-            except ValueError:
-                return False  # a name: the system says whether it clashes
-    return False
-
-
 def run(args: argparse.Namespace) -> int:
     """Open the store (creating it when missing), listen, serve until a signal."""
     import logging
 
     import trio
 
+    from damocles_ext.errors import UsageError
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
     from damocles_ext.frontends.signals import stop_signals, watch_signals
     from damocles_ext.frontends.watchdog import start_watchdog
@@ -146,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("damocles_ext.coordinator")
     setup_from_args(args)
     if args.index_without_token and args.token_file is None:
-        from damocles_ext.errors import UsageError
-
         raise UsageError(
             "--index-without-token goes with --token-file: without a token every method is"
             " answered without one already"
@@ -157,14 +140,6 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
-    at = args.metrics  # the metrics' (host, port)
-    if at is not None and port and at[1] == port and _one_address(host, at[0]):
-        from damocles_ext.errors import UsageError
-
-        raise UsageError(
-            f"--metrics {at[0]}:{port} is where --listen serves the RPC: give the"
-            " metrics a port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
-        )
     # With --proxy no store is needed here: the source's store names are passed on as they are
     # (relay_names), as a damocles proxy node does.
     with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
@@ -196,7 +171,16 @@ def run(args: argparse.Namespace) -> int:
         lost: list[StoreLost] = []
         try:
             if metrics is not None:
-                metrics_server = MetricsServer(metrics, *args.metrics)
+                try:
+                    metrics_server = MetricsServer(metrics, *args.metrics)
+                except UsageError as exc:
+                    if args.metrics[1] != port:
+                        raise
+                    # The port the system refused is --listen's own, bound just above.
+                    raise UsageError(
+                        f"{exc}: it is the port --listen serves the RPC on; give the metrics a"
+                        " port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
+                    ) from None
 
             async def main() -> None:
                 start_watchdog()
