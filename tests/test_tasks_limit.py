@@ -417,7 +417,9 @@ def test_a_notification_listener_without_a_thread_says_why_and_polling_goes_on(u
 
 
 LOOKED_AT = """
+from types import SimpleNamespace
 import trio
+from damocles_ext.frontends.worker_sectors import store_problem
 from damocles_ext.sectors.files import check_locations
 from damocles_ext.sectors.model import SectorLocation, SectorProviderError, SectorRef
 from damocles_ext.sectors.providers import StoreScan
@@ -426,6 +428,8 @@ async def main():
     limiter = trio.CapacityLimiter(1)
     location = SectorLocation("/mnt/a/sealed/s-t01000-5", "/mnt/a/cache/s-t01000-5")
     print("check:", (await check_locations([location], limiter=limiter, timeout=5))[0])
+    job = SimpleNamespace(Id="j1")
+    print("store:", await store_problem(job, [(location.sealed_file, location.cache_dir)], {}))
     try:
         await StoreScan({"a": "/mnt/a"}).find(SectorRef(1000, 5))
     except SectorProviderError as exc:
@@ -438,7 +442,10 @@ trio.run(main)
 def test_sector_file_checks_and_the_store_scan_without_a_thread_say_why(uid):
     # A worker's sector checks and a scan of the stores run on threads: without one, each says
     # what ran out, as a storage that did not answer does (before: a RuntimeError escaped).
-    check, scan = run_cleanly_at_the_limit(uid, LOOKED_AT)[0]
+    check, store, scan = run_cleanly_at_the_limit(uid, LOOKED_AT)[0]
+    # A worker's look at a job's store directories: the job is not proved here (before, the
+    # error ended the worker's job task, and with it the worker).
+    assert store.startswith("store: job j1: cannot look at /mnt/a/cache: cannot start a"), store
     assert check.startswith("check: /mnt/a/sealed/s-t01000-5: cannot start a thread"), check
     assert scan.startswith("scan: sector 5 of miner 1000: scanning the stores: cannot start a"), (
         scan

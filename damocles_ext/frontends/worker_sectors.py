@@ -21,6 +21,7 @@ import trio
 
 from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
 from ..sectors.files import in_thread
+from ..threads import NoThreadError
 
 if TYPE_CHECKING:
     import pluggy
@@ -113,6 +114,8 @@ async def store_problem(
                 f"job {job.Id}: {directory} did not answer within {STORE_LOOK_TIMEOUT:g} s (a"
                 f" stalled mount?); {_WHAT_NOW}"
             )
+        except NoThreadError as exc:  # at the limit of tasks: the job's, not the worker's end
+            return f"job {job.Id}: cannot look at {directory}: {exc}; {_WHAT_NOW}"
         if not there:
             return (
                 f"job {job.Id}: {directory} is not a directory here: is the store mounted, and"
