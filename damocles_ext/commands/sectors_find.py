@@ -130,8 +130,20 @@ def run_find(args: argparse.Namespace) -> int:
         async with locator:
             answers = await locator.locate(sectors)
         left = max(1.0, end - trio.current_time())
-        missing = [] if all(a.found for a in answers) else await stores_not_there(stores, left)
-        return answers, await files_not_there(answers, left), missing
+        missing: list[str] = []
+        absent: dict[SectorRef, str] = {}
+
+        async def look_at_stores() -> None:
+            missing.extend(await stores_not_there(stores, left))
+
+        async def look_at_files() -> None:
+            absent.update(await files_not_there(answers, left))
+
+        async with trio.open_nursery() as nursery:  # both within what is left, not one after
+            if not all(a.found for a in answers):
+                nursery.start_soon(look_at_stores)
+            nursery.start_soon(look_at_files)
+        return answers, absent, missing
 
     with stdout_to_stderr():  # what plugins print as they load and find is not the answer
         answers, absent, missing = trio.run(main)
