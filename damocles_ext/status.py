@@ -452,11 +452,14 @@ class StatusSource:
             metrics=self._metrics() if self._metrics else None,
         )
 
-    async def as_data(self) -> dict[str, Any]:
+    async def as_data(self, **parts: Any) -> dict[str, Any]:
         """The document as plain data, for a StatusReply: paths whose bytes are not UTF-8 (a
         --socket, a TMPDIR) with those bytes as escapes (\\udcff), since the reply can only
-        carry UTF-8 text."""
-        data: dict[str, Any] = utf8_text(msgspec.to_builtins(await self.document()))
+        carry UTF-8 text. `parts` replace fields of the document (a worker's `worker`)."""
+        doc = await self.document()
+        if parts:
+            doc = msgspec.structs.replace(doc, **parts)
+        data: dict[str, Any] = utf8_text(msgspec.to_builtins(doc))
         return data
 
 

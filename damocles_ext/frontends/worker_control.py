@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from ..errors import DextError, UsageError
@@ -165,7 +164,7 @@ async def run_worker(
     on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `worker` until it ends, serving its control socket and metrics while it runs."""
-    from ..status import StatusSource, utf8_text
+    from ..status import StatusSource
     from .control import ControlServer
 
     done = trio.Event()
@@ -189,9 +188,7 @@ async def run_worker(
             async def status() -> dict[str, object]:
                 if source is None:  # the socket is served while the worker waits to start
                     raise DextError(not_started(worker))
-                doc = await source.document()
-                data = msgspec.structs.replace(doc, worker=worker_part(worker))
-                return utf8_text(msgspec.to_builtins(data))
+                return await source.as_data(worker=worker_part(worker))
 
             # Answered from the start: else `status` met a socket nobody answered, and said the
             # worker may be stopped (SIGSTOP) or stuck while it waited for its manager.
