@@ -212,7 +212,7 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
     from helpers.supervisor import wait_until_real
 
     (tmp_path / "sector-manager.cfg").write_text(
-        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "2s"\n'
+        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
     )
     with JobStore.open(postgres_url) as store:
         for seed in range(2):
@@ -228,7 +228,6 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
                 to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
                 (only_a,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-a-only")
                 (both,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-both")
-                await a.kill()
                 held = [{"Id": both["Id"], "Lease": both["Lease"]}]
 
                 def taken_back() -> bool:
@@ -238,9 +237,13 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
                 async def heartbeat_through_b() -> None:
                     while True:
                         assert await to_b.call("Dext.HeartbeatJobs", held, "reaches-both") == []
-                        await trio.sleep(0.5)  # the worker's heartbeat period, not a wait
+                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
 
+                # Heard through B from the start: a job's HeartbeatAt is in whole seconds, so a
+                # first heartbeat only after A's kill, or a slow one, could come a timeout late
+                # on a loaded machine.
                 nursery.start_soon(heartbeat_through_b)
+                await a.kill()
                 await wait_until_real(taken_back, what="the silent worker's job taken back")
                 await a.start(nursery, port=a.port)
                 mine = [{"Id": only_a["Id"], "Lease": only_a["Lease"]}]
