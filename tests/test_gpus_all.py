@@ -272,6 +272,38 @@ def test_a_gpu_number_the_machine_does_not_have_is_warned_about_by_each_command(
         assert "window_post#3: its CUDA_VISIBLE_DEVICES=3 names GPU 3" in proc.stderr, args
 
 
+def test_with_gpus_all_each_command_asks_the_driver_once_not_again_for_the_gpu_number_check(
+    tmp_path: Path,
+) -> None:
+    # Without persistence mode each asking takes seconds, before serve's ready line or a
+    # worker's first job: the check of the numbers the children were given takes the parse's
+    # list instead of asking again.
+    asked = tmp_path / "asked"
+    env = machine_with(
+        tmp_path,
+        f"echo asked >> {asked}\n"
+        "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+        "echo 'GPU 1: NVIDIA GeForce RTX 3090 (UUID: GPU-b)'\n",
+    )
+    cfg = write_config(
+        tmp_path, GPUS_ALL + '[[WinPost]]\nBin = "/bin/sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "2" }\n'
+    )
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    for args in (
+        ["check-config", "-c", str(cfg)],
+        ["run", "-c", str(cfg), "--socket", str(shared / "run.sock")],
+        ["worker", "-c", str(cfg), "--manager", "127.0.0.1:9", "--socket", str(shared / "w.sock")],
+    ):
+        asked.unlink(missing_ok=True)
+        proc = damocles_ext(args, env)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert asked.read_text() == "asked\n", args
+        if args[0] != "worker":  # (its WinningPoSt children are not its to start)
+            assert "winning_post#0: its CUDA_VISIBLE_DEVICES=2 names GPU 2" in proc.stderr, args
+
+
 @pytest.mark.parametrize(
     ("status", "said", "advice"),
     [

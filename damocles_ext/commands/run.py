@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     # Before the socket exists: a client must not find a supervisor whose children cannot start.
     plugin_manager = get_plugin_manager()
     check_startable(config, plugin_manager=plugin_manager)
-    for warning in absent_gpu_warnings(config.children):
+    for warning in absent_gpu_warnings(config.children, config.gpus_found):
         logging.getLogger("damocles_ext.run").warning("%s", warning)
     path = args.socket if args.socket is not None else default_socket_path()
     return serve_control_socket(

@@ -257,6 +257,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         warnings=warnings,
         tmp_root=tmp_root,
         run_warnings=_winning_waits_for_window(builder.children),
+        gpus_found=None if builder.gpus is None else list(builder.gpus.gpus),
     )
 
 
@@ -453,14 +454,14 @@ class _Builder:
         self.children: list[ChildSpec] = []
         self.warnings: list[str] = []
         self._next_index = dict.fromkeys(STAGE_OF_TABLE.values(), 0)
-        self._gpus: machine.GpuProbe | None = None
+        self.gpus: machine.GpuProbe | None = None
         # The errors that only say the GPU driver did not answer (yet): a later start may pass.
         self.not_ready: list[str] = []
 
     def _detected_gpus(self, where: str) -> machine.GpuProbe:
-        if self._gpus is None:  # once per file: nvidia-smi is slow
+        if self.gpus is None:  # once per file: nvidia-smi is slow
             started = time.monotonic()
-            self._gpus = machine.probe_gpus()
+            self.gpus = machine.probe_gpus()
             took = time.monotonic() - started
             if took > machine.SLOW_GPU_PROBE:
                 # Without the driver's persistence mode, each start of NVML or nvidia-smi brings
@@ -472,7 +473,7 @@ class _Builder:
                     " (nvidia-persistenced, or nvidia-smi -pm 1), which makes it quick, or list"
                     " the GPUs, e.g. Gpus = [0, 1]"
                 )
-        return self._gpus
+        return self.gpus
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
         where = f"{table}[{block_index}]"

@@ -152,6 +152,9 @@ class Config(msgspec.Struct):
     warnings: list[str]
     tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
     run_warnings: list[str] = msgspec.field(default_factory=list)
+    #: The GPUs found for `Gpus = "all"` (NVML or nvidia-smi -L), as the children were given
+    #: them; None when no table asked.
+    gpus_found: list[int] | None = None
 
 
 def _option_text(value: OptionValue) -> str:

@@ -370,16 +370,20 @@ def gpu_numbers(child: ChildSpec) -> list[int]:
     return []
 
 
-def absent_gpu_warnings(children: Sequence[ChildSpec]) -> list[str]:
+def absent_gpu_warnings(
+    children: Sequence[ChildSpec], found: Sequence[int] | None = None
+) -> list[str]:
     """Children pinned to a GPU number this machine does not have (a config written for a
     machine of more GPUs): CUDA hides that GPU and every one listed after it, and a child left
     with none proves on the CPU (bellperson's fallback), far too slowly for any deadline, while
-    taking the CPU from the others. Asks the driver only when a child names a GPU by number;
-    nothing is said when it gives no list (not loaded yet, no NVML nor nvidia-smi)."""
+    taking the CPU from the others. `found`: the GPUs the config's parse found already
+    (`Config.gpus_found`); else the driver is asked, only when a child names a GPU by number
+    (without persistence mode each asking takes seconds). Nothing is said when it gives no
+    list (not loaded yet, no NVML nor nvidia-smi)."""
     pinned = [(c, numbers) for c in children if (numbers := gpu_numbers(c))]
     if not pinned:
         return []
-    count = len(machine.probe_gpus().gpus)
+    count = len(machine.probe_gpus().gpus if found is None else found)
     if not count:
         return []
     has = "GPU 0" if count == 1 else f"GPUs 0 to {count - 1}"
