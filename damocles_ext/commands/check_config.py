@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         from damocles_ext.errors import UsageError
 
         raise UsageError(loop)
-    for warning in manager_entry_warnings(config) + absent_gpu_warnings(config.children, config.gpus_found):
+    for warning in manager_entry_warnings(config) + absent_gpu_warnings(
+        config.children, config.gpus_found
+    ):
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         try:
