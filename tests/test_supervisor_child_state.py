@@ -1,4 +1,4 @@
-"""A child's states (supervisor/child_loop.py): one enum, one table, one place that moves them."""
+"""A child's states (supervisor/states.py): one enum, one table, one place that moves them."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ import trio
 from helpers.supervisor import dext_child, python_child, spec, window_task
 
 from damocles_ext.supervisor import Supervisor
-from damocles_ext.supervisor.child_loop import (
-    TRANSITIONS,
-    Child,
-    ChildState,
-    IllegalTransition,
-)
+from damocles_ext.supervisor.child_loop import Child
 from damocles_ext.supervisor.restart import BackoffPolicy, RestartTracker
+from damocles_ext.supervisor.states import TRANSITIONS, ChildState, IllegalTransition
 from damocles_ext.supervisor.stats import CHILD_STATES
 
 S = ChildState
