@@ -20,7 +20,14 @@ import pytest
 import trio
 import trio.testing
 from helpers.scheduling import Gate, gated
-from helpers.supervisor import dext_child, python_child, spec, window_task, winning_task
+from helpers.supervisor import (
+    builtin_child,
+    dext_child,
+    python_child,
+    spec,
+    window_task,
+    winning_task,
+)
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
@@ -171,6 +178,60 @@ async def test_a_killed_childs_gpu_goes_to_a_sibling_only_once_its_process_is_re
     # The WinningPoSt was written to the probe only once the hog's process was gone.
     assert watch.seen == [(f"{WD}#0", True), (f"{WIN}#0", False)]
     assert isinstance(answers[WD], ProverError) and "hung" in str(answers[WD])
+    assert not isinstance(answers[WIN], ProverError)
+
+
+async def test_a_gpu_held_by_a_wrapper_scripts_prover_goes_to_a_sibling_only_once_it_is_gone(
+    tmp_path,
+):
+    # `Bin` a script that runs the prover without exec: the prover, in the child's process
+    # group, holds the GPU. Here the script dies first (killed at the gate's word) while its
+    # prover lives on: the GPU was handed to the sibling at the script's reap, before the tear
+    # -down even killed the prover; it now waits until the whole group is gone.
+    gate, pid_file = Gate(tmp_path / "gate"), tmp_path / "prover.pid"
+    prover = dext_child(
+        "os.read(gate, 1); os.kill(os.getppid(), signal.SIGKILL); time.sleep(3600)",
+        setup=f"""
+            import signal, time
+            gate = os.open({str(gate.path)!r}, os.O_RDWR)
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        """,
+    )
+    argv = ["/bin/sh", "-c", '"$@"; exit 0', "sh", *prover]
+    script = spec(argv, locks=("gpu:0",), max_attempts=1)
+    probe = spec(builtin_child(WIN, "echo"), stage=WIN, locks=("gpu:0",))
+    watch = ProcessAtDispatch()
+    answers: dict[str, object] = {}
+
+    async def submit(name: str, task) -> None:
+        try:
+            answers[name] = await sup.submit(task)
+        except ProverError as exc:
+            answers[name] = exc
+
+    try:
+        async with open_supervisor(
+            [script, probe], stop_timeout=2.0, backoff=BackoffPolicy(base=0.05, cap=0.2),
+            inline_observers=[watch],
+        ) as sup:  # fmt: skip
+            await sup.wait_ready(WD)
+            await sup.wait_ready(WIN)
+            watch.pid = int(pid_file.read_text())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit, WD, window_task())
+                with trio.fail_after(10):
+                    assert await watch.starts.receive() == f"{WD}#0"
+                nursery.start_soon(submit, WIN, winning_task())  # waits for gpu:0
+                await trio.testing.wait_all_tasks_blocked()
+                assert watch.seen == [(f"{WD}#0", True)]
+                gate.release()  # the prover kills its script
+                with trio.fail_after(10):
+                    assert await watch.starts.receive() == f"{WIN}#0"
+    finally:
+        gate.close()
+    # The WinningPoSt was written to the sibling only once the prover was gone (and reaped).
+    assert watch.seen == [(f"{WD}#0", True), (f"{WIN}#0", False)]
+    assert isinstance(answers[WD], ProverError) and "SIGKILL" in str(answers[WD])
     assert not isinstance(answers[WIN], ProverError)
 
 

@@ -204,7 +204,9 @@ def mark_down(
         if child.state in (ChildState.READY, ChildState.STARTING):
             child.change_state(ChildState.STOPPING)
             host.changed()
-        exited = p.proc.exit is not None  # else its locks are held until it is (_exited)
+        # Else its locks are held until it and the rest of its group are gone (_locks_freed):
+        # a wrapper script's prover, in its group, may hold the GPU after the script exited.
+        exited = p.proc.group_gone()
         now = trio.current_time()
         host.tell(host.book.child_down, child.name, now, charge_all=charge_all, exited=exited)
     p.interrupt()
@@ -562,7 +564,8 @@ async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> 
 async def _watch_exit(host: ChildHost, child: Child, p: Process) -> None:
     info = await p.proc.wait()
     mark_down(host, child, p, f"exited ({info.describe()})")
-    _locks_freed(host, child, p.proc)  # its group stays the guardian's until torn down
+    if p.proc.group_gone():  # else once the tear-down killed the rest (_tear_down)
+        _locks_freed(host, child, p.proc)  # its group stays the guardian's until torn down
 
 
 async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
@@ -588,9 +591,7 @@ async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
     elif p.proc.signal_group(signal.SIGTERM):
         # The child left something behind in its group: a polite signal first.
         with trio.move_on_after(_GROUP_TERM_WAIT):
-            # No event tells when a process group empties: poll it.
-            while p.proc.signal_group(0):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await p.proc.until_group_gone()
 
 
 async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool) -> str:
@@ -600,6 +601,8 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.wait()
     host.reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
+    if p.proc.exit is not None:  # (else the reaper frees its locks once it exits)
+        await _until_group_gone(host, child, p)
     # Answers written just before the exit may sit in the pipe, and the last stderr lines (a
     # traceback) are what an operator needs: taken first. Once it is reaped EOF is waited for
     # briefly: a grandchild that left the group (setsid) may hold the pipes open for ever.
@@ -639,6 +642,20 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
         status=exit_status(exit_info, reason),
     )
     return what
+
+
+async def _until_group_gone(host: ChildHost, child: Child, p: Process) -> None:
+    """The child was reaped and the rest of its group SIGKILLed: its locks are free once that
+    is gone too (a prover its script started holds the GPU's memory until it is), or after
+    REAP_TIMEOUT, said (stuck in the kernel)."""
+    with trio.move_on_after(REAP_TIMEOUT):
+        await p.proc.until_group_gone()
+    if not p.proc.group_gone():
+        log.error("%s (pid %d): a process of its group is still not dead %gs after SIGKILL (stuck"
+                  " in the kernel: a GPU driver call?); its locks are freed, and a proof on its"
+                  " GPU may fail while that holds the GPU's memory: check the machine (dmesg)",
+                  child.name, p.proc.pid, REAP_TIMEOUT)  # fmt: skip
+    _locks_freed(host, child, p.proc)
 
 
 def _stderr_summary(lines: Iterable[str]) -> str:

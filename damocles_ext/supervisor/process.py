@@ -42,6 +42,7 @@ from ..errors import FILES_ADVICE, TASKS_ADVICE
 log = logging.getLogger("damocles_ext.supervisor")
 
 _PR_SET_PDEATHSIG = 1
+_GROUP_POLL = 0.01  # seconds between looks at whether a process group is empty
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl = _libc.prctl
 prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -345,6 +346,25 @@ class ChildProcess:
                 except ProcessLookupError:
                     return False
             return True
+
+    def group_gone(self) -> bool:
+        """The child was reaped and no process is left in its group: what the group held, a
+        GPU's memory say, is free. A zombie counts until it is reaped: those that are ours to
+        reap (orphans of its tree, with the supervisor a subreaper) are reaped here."""
+        if self.exit is None:
+            return False
+        try:  # (the group's leader is reaped: nothing else of ours waits for these)
+            while os.waitid(os.P_PGID, self.pid, os.WEXITED | os.WNOHANG) is not None:
+                pass
+        except ChildProcessError:
+            pass
+        return not self.signal_group(0)
+
+    async def until_group_gone(self) -> None:
+        """Return once `group_gone` (the caller bounds the wait)."""
+        # No event tells when a process group empties: poll it.
+        while not self.group_gone():  # noqa: ASYNC110
+            await trio.sleep(_GROUP_POLL)
 
     def remember_descendants(self) -> None:
         """Note the child's descendants now, so that ones that left its process group (setsid)
