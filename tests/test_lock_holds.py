@@ -136,6 +136,20 @@ class ProcessAtDispatch:
         self.send.send_nowait(request.child)
 
 
+def gpu_siblings(children, watch: ProcessAtDispatch):
+    """A supervisor of `children` (sharing a GPU), quick to restart them, `watch`ing dispatch."""
+    backoff = BackoffPolicy(base=0.05, cap=0.2)
+    return open_supervisor(children, stop_timeout=2.0, backoff=backoff, inline_observers=[watch])
+
+
+async def noted(answers: dict[str, object], sup, name: str, task) -> None:
+    """Submit `task` to `sup`: its output, or its ProverError, in answers[name]."""
+    try:
+        answers[name] = await sup.submit(task)
+    except ProverError as exc:
+        answers[name] = exc
+
+
 async def test_a_killed_childs_gpu_goes_to_a_sibling_only_once_its_process_is_reaped(tmp_path):
     log = tmp_path / "log"
     log.touch()
@@ -146,28 +160,19 @@ async def test_a_killed_childs_gpu_goes_to_a_sibling_only_once_its_process_is_re
     )
     probe = gated(tmp_path, WIN, 0, probe_gate, log, locks=("gpu:0",))
     watch = ProcessAtDispatch()
-    backoff = BackoffPolicy(base=0.05, cap=0.2)
     answers: dict[str, object] = {}
 
-    async def submit(name: str, task) -> None:
-        try:
-            answers[name] = await sup.submit(task)
-        except ProverError as exc:
-            answers[name] = exc
-
     try:
-        async with open_supervisor(
-            [hog, probe], stop_timeout=2.0, backoff=backoff, inline_observers=[watch]
-        ) as sup:
+        async with gpu_siblings([hog, probe], watch) as sup:
             await sup.wait_ready(WD)
             await sup.wait_ready(WIN)
             (stats,) = [c for c in sup.statistics().children if c.name == f"{WD}#0"]
             watch.pid = stats.pid
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(submit, WD, window_task())
+                nursery.start_soon(noted, answers, sup, WD, window_task())
                 with trio.fail_after(10):
                     assert await watch.starts.receive() == f"{WD}#0"
-                nursery.start_soon(submit, WIN, winning_task())  # waits for gpu:0
+                nursery.start_soon(noted, answers, sup, WIN, winning_task())  # waits for gpu:0
                 with trio.fail_after(10):  # the hog is killed, then the WinningPoSt starts
                     assert await watch.starts.receive() == f"{WIN}#0"
                 assert [c.exiting for c in sup.statistics().children] == [(), ()]  # nothing kept
@@ -203,25 +208,16 @@ async def test_a_gpu_held_by_a_wrapper_scripts_prover_goes_to_a_sibling_only_onc
     watch = ProcessAtDispatch()
     answers: dict[str, object] = {}
 
-    async def submit(name: str, task) -> None:
-        try:
-            answers[name] = await sup.submit(task)
-        except ProverError as exc:
-            answers[name] = exc
-
     try:
-        async with open_supervisor(
-            [script, probe], stop_timeout=2.0, backoff=BackoffPolicy(base=0.05, cap=0.2),
-            inline_observers=[watch],
-        ) as sup:  # fmt: skip
+        async with gpu_siblings([script, probe], watch) as sup:
             await sup.wait_ready(WD)
             await sup.wait_ready(WIN)
             watch.pid = int(pid_file.read_text())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(submit, WD, window_task())
+                nursery.start_soon(noted, answers, sup, WD, window_task())
                 with trio.fail_after(10):
                     assert await watch.starts.receive() == f"{WD}#0"
-                nursery.start_soon(submit, WIN, winning_task())  # waits for gpu:0
+                nursery.start_soon(noted, answers, sup, WIN, winning_task())  # waits for gpu:0
                 await trio.testing.wait_all_tasks_blocked()
                 assert watch.seen == [(f"{WD}#0", True)]
                 gate.release()  # the prover kills its script
