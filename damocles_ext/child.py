@@ -568,17 +568,25 @@ def _output_check(output_type: type) -> Callable[[Output], object]:
     return lambda output: decoder.decode(encode(output))
 
 
-def protect_stdout() -> int:
-    """Move the protocol's stdout to a private fd and point fd 1 (and sys.stdout) at stderr.
+def protect_stdio() -> tuple[int, int]:
+    """Move the protocol's stdin and stdout to private fds; point fd 0 at /dev/null and fd 1 (and
+    sys.stdout) at stderr.
 
     Stray prints, from Python or from C code in a prover, then land in the log instead of
-    corrupting the frames. Returns the fd to write the protocol to.
+    corrupting the frames, and nothing a prover runs (a vendor tool it starts without
+    stdin=DEVNULL, an `input()`) reads requests meant for the runtime. The private fds are not
+    inherited (os.dup's copies are non-inheritable). Returns (the fd to read the protocol from,
+    the fd to write it to).
     """
     sys.stdout.flush()
-    out_fd = os.dup(1)  # non-inheritable: a prover's own subprocesses do not get the pipe
+    in_fd = os.dup(0)
+    out_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return out_fd
+    return in_fd, out_fd
 
 
 def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> str:
@@ -617,7 +625,7 @@ def main(
         global _sigint
         _sigint = False
         signal.signal(signal.SIGINT, _on_sigint)
-    out_fd = protect_stdout()
+    in_fd, out_fd = protect_stdio()
     try:
         options: Options = parse_options(option_items)
     except ValueError as exc:
@@ -633,6 +641,7 @@ def main(
         version=prover_version(pm, prover, plugin),
         capacity=capacity,
         protocol=protocol,
+        in_fd=in_fd,
         out_fd=out_fd,
         heartbeat=heartbeat,
     )

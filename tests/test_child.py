@@ -472,6 +472,49 @@ def test_stray_prints_from_a_prover_go_to_stderr_not_into_the_protocol(tmp_path)
         assert b"noise" not in child.raw
 
 
+READER_PLUGIN = textwrap.dedent(
+    """
+    import subprocess, sys
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    class Reader:
+        name = "reader"
+        stages = ("window_post",)
+
+        def prove(self, task, progress, cancel):
+            if task.miner_id != 1000:  # request 1 (window_task()) runs the tool
+                return echo_output(task)
+            progress("running a tool", 0, 1)  # the test sends request 2 once it sees this
+            # A vendor tool started without stdin=DEVNULL that reads its stdin (as ssh does).
+            tool = "import os, sys; sys.stderr.write(str(len(os.read(0, 65536))))"
+            done = subprocess.run(
+                [sys.executable, "-c", tool], capture_output=True, text=True, timeout=30
+            )
+            if done.stderr != "0":
+                raise RuntimeError(f"the tool read {done.stderr} bytes of the protocol")
+            return echo_output(task)
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("reader", ("window_post",), lambda options: Reader())]
+    """
+)
+
+
+def test_a_tool_a_prover_runs_reads_no_request_from_the_childs_stdin(tmp_path):
+    with _asked_once(tmp_path, "reader", READER_PLUGIN) as child:
+        child.next_of(dext.Progress)
+        child.send_msg(dext.Request(2, window_task(miner=2)))
+        answers = {}
+        while len(answers) < 2:
+            response, _ = child.next_of(dext.Response)
+            answers[response.id] = response
+        assert answers[1].error is None, answers[1].error
+        assert answers[1].output == echo_output(window_task())
+        assert answers[2].output == echo_output(window_task(miner=2))
+
+
 GARBLED_PLUGIN = textwrap.dedent(
     """
     import os
