@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
-from .errors import TASKS_ADVICE
+from .errors import TASKS_ADVICE, text_of
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -96,7 +96,7 @@ class _Job:
         request). A sloppy call must not fail a proof, nor stop the heartbeat that re-sends it:
         a phase a frame cannot carry is made one it can, counts it cannot are left out."""
         if type(phase) is not str or not phase.isascii():
-            phase = _utf8(_text_of(phase))
+            phase = _utf8(text_of(phase))
         try:
             counts = (int(done), int(total))
         except (TypeError, ValueError, OverflowError):
@@ -108,14 +108,6 @@ class _Job:
 
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-
-
-def _text_of(value: object) -> str:
-    """str(value), or what it is when its __str__ fails."""
-    try:
-        return str(value)
-    except Exception:  # noqa: BLE001 - a prover's object; its type is all there is to say
-        return f"<{type(value).__name__} whose text could not be read>"
 
 
 def _utf8(text: str) -> str:
@@ -323,7 +315,7 @@ class ChildRuntime:
         except Cancelled as exc:
             log.info("request %d cancelled after %.3f s", job.id, time.monotonic() - started)
             self._respond(
-                job, error="cancelled" if token.cancelled else f"Cancelled: {_text_of(exc)}"
+                job, error="cancelled" if token.cancelled else f"Cancelled: {text_of(exc)}"
             )
             return
         except BaseException as exc:  # SystemExit in a worker would silently lose the request
@@ -337,10 +329,10 @@ class ChildRuntime:
                 "request %d failed: %s: %s",
                 job.id,
                 type(exc).__name__,
-                _text_of(exc),
+                text_of(exc),
                 exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG),
             )
-            self._respond(job, error=f"{type(exc).__name__}: {_text_of(exc)}")
+            self._respond(job, error=f"{type(exc).__name__}: {text_of(exc)}")
             return
         expected = self._output_type
         if not isinstance(output, expected):

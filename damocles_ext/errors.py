@@ -63,6 +63,20 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
+def text_of(value: object) -> str:
+    """str(value), or what it is when its __str__ fails (a plugin's exception may have a broken
+    one): for messages about third-party objects, which must not fail themselves."""
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a third party's object; its type is all there is to say
+        return f"<{type(value).__name__} whose text could not be read>"
+
+
+def describe(exc: BaseException) -> str:
+    """'<Type>: message' of a third party's exception, even when its __str__ fails."""
+    return f"{type(exc).__name__}: {text_of(exc)}"
+
+
 def check_trio_run(what: str, token: object = None) -> None:
     """UsageError unless called within a trio run, and within the run of `token` (a
     trio.lowlevel.TrioToken) when given: what damocles-ext's API keeps (events, nurseries, a

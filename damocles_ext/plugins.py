@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .errors import PLUGIN_FAILURES, UsageError
+from .errors import PLUGIN_FAILURES, UsageError, describe, text_of
 from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API lives here too)
     OUTCOMES,
     Cancelled,
@@ -154,7 +154,7 @@ def register_plugin(
     try:
         pm.register(plugin, name=name)
     except Exception as exc:  # noqa: BLE001 - pluggy raises ValueError / PluginValidationError
-        pm.load_errors.append(PluginLoadError(name, origin, f"{type(exc).__name__}: {exc}"))
+        pm.load_errors.append(PluginLoadError(name, origin, describe(exc)))
         return False
     problems = _unknown_hooks(pm, plugin)
     if problems:
@@ -188,7 +188,7 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
             plugin = ep.load()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded, not fatal
             origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe(exc)
             log.warning("plugin %r (%s) failed to load: %s", ep.name, origin, error)
             pm.load_errors.append(PluginLoadError(ep.name, origin, error))
             continue
@@ -232,7 +232,7 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
         except PLUGIN_FAILURES as exc:  # a third-party hook must not stop the others
-            error = f"dext_provers raised {type(exc).__name__}: {exc}"
+            error = f"dext_provers raised {describe(exc)}"
             log.warning("plugin %r: %s", plugin_name, error)
             origin = pm.origins.get(plugin_name, _origin_of(impl.plugin, None, ""))
             pm.load_errors.append(PluginLoadError(plugin_name, origin, error))
@@ -304,7 +304,7 @@ def validate_prover_options(
     try:
         problems.extend(_as_list(_call_validate(spec.validate_options, options, stage)))
     except PLUGIN_FAILURES as exc:  # reported as a problem with the options
-        problems.append(f"validate_options raised {type(exc).__name__}: {exc}")
+        problems.append(f"validate_options raised {describe(exc)}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
         try:
             result: Any = impl.function(  # a plugin's answer, not trusted to be a list
@@ -313,10 +313,9 @@ def validate_prover_options(
             problems.extend(_as_list(result))
         except PLUGIN_FAILURES as exc:  # reported as a problem with the options
             problems.append(
-                f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised {describe(exc)}"
             )
-    return [str(p) for p in problems]
+    return [text_of(p) for p in problems]
 
 
 def _call_validate(validate: Any, options: Options, stage: str | None) -> Any:
@@ -361,8 +360,7 @@ def load_prover(
         raise  # Ctrl-C (a signal) while the prover loads: the child stops, as ever
     except BaseException as exc:  # a sys.exit() or a BaseException of the plugin's own too
         raise PluginError(
-            f"prover {name!r} (plugin {prover_plugin(pm, name)}) failed to start: "
-            f"{type(exc).__name__}: {exc}"
+            f"prover {name!r} (plugin {prover_plugin(pm, name)}) failed to start: {describe(exc)}"
         ) from exc
     if not callable(getattr(prover, "prove", None)):
         raise PluginError(

@@ -349,6 +349,63 @@ def test_factory_failures_and_non_provers_become_plugin_errors():
         plugins.load_prover(pm, "nothing", {})
 
 
+class Unreadable(Exception):
+    def __str__(self):
+        raise ValueError("no text")
+
+
+UNREADABLE_PLUGIN = """
+class Unreadable(Exception):
+    def __str__(self):
+        raise ValueError("no text")
+
+raise Unreadable()
+"""
+
+
+class UnreadablePolicy:
+    @hookimpl
+    def dext_validate_plugin_options(self, prover_name, options):
+        raise Unreadable()
+
+
+def test_plugin_exceptions_whose_text_cannot_be_read_are_reported_not_raised(tmp_path):
+    unreadable = Unreadable()
+    what = "Unreadable: <Unreadable whose text could not be read>"
+    # Its import fails with one: recorded, and the other plugins still load.
+    module = _unique("unreadable")
+    make_plugin_dist(tmp_path, dist="unreadable", module=module, source=UNREADABLE_PLUGIN)
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "plugins"],
+        env=child_env([tmp_path]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{module}: FAILED TO LOAD: {what}" in done.stdout
+    assert "testing: 2 prover(s)" in done.stdout
+    # Its dext_provers, a validator and a factory raise one.
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(raises=unreadable), "bad")
+
+    def explode(options):
+        raise unreadable
+
+    plugins.register_plugin(pm, Provides(_spec("boom", factory=explode)), "p")
+    assert plugins.find_prover(pm, "boom").name == "boom"
+    assert [(e.name, e.error) for e in pm.load_errors] == [("bad", f"dext_provers raised {what}")]
+    with pytest.raises(plugins.PluginError, match=f"'boom' .plugin p. failed to start: {what}"):
+        plugins.load_prover(pm, "boom", {})
+    plugins.register_plugin(pm, Provides(_spec("picky", validate_options=explode)), "q")
+    plugins.register_plugin(pm, UnreadablePolicy(), "policy")
+    assert plugins.prover_problems(pm, "picky", {}) == [
+        f"prover 'picky': validate_options raised {what}",
+        f"prover 'picky': plugin 'policy' dext_validate_plugin_options raised {what}",
+    ]
+
+
 def test_trace_env_var_logs_hook_calls(monkeypatch, caplog):
     monkeypatch.setenv(plugins.TRACE_ENV, "1")
     pm = plugins.get_plugin_manager(entry_points=False)
