@@ -2,7 +2,10 @@
 
 Discovery mirrors ``pm.load_setuptools_entrypoints("damocles_ext")`` but loads each entry point on
 its own, so a plugin that fails to import (or registers a misspelt hook) is recorded with its name
-and error while every other plugin still loads. Observer hooks go through pluggy's hook caller
+and error while every other plugin still loads. What a plugin's synchronous code (its import, its
+contribution hooks, validators and factories) raises is recorded whatever it is but Ctrl-C: a
+BaseException of its own, an asyncio.CancelledError, a sys.exit() (no trio cancellation can come
+out of code that never awaits). Observer hooks go through pluggy's hook caller
 (order, wrappers, tracing), with each implementation guarded for the same reason: one failing
 observer must not hide the others from the supervisor.
 """
@@ -186,7 +189,9 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
             continue  # a shadowed copy of a plugin that already failed
         try:
             plugin = ep.load()
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded, not fatal
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - recorded, not fatal
             origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
             error = describe(exc)
             log.warning("plugin %r (%s) failed to load: %s", ep.name, origin, error)
@@ -231,7 +236,9 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
             bad = [s for s in specs if not isinstance(s, ProverSpec)]
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
-        except PLUGIN_FAILURES as exc:  # a third-party hook must not stop the others
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a third-party hook must not stop the others
             error = f"dext_provers raised {describe(exc)}"
             log.warning("plugin %r: %s", plugin_name, error)
             origin = pm.origins.get(plugin_name, _origin_of(impl.plugin, None, ""))
@@ -303,7 +310,9 @@ def validate_prover_options(
     problems: list[str] = []
     try:
         problems.extend(_as_list(_call_validate(spec.validate_options, options, stage)))
-    except PLUGIN_FAILURES as exc:  # reported as a problem with the options
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - reported as a problem with the options
         problems.append(f"validate_options raised {describe(exc)}")
     for impl in pm.hook.dext_validate_plugin_options.get_hookimpls():
         try:
@@ -311,7 +320,9 @@ def validate_prover_options(
                 **_select_args(impl, {"prover_name": spec.name, "options": options})
             )
             problems.extend(_as_list(result))
-        except PLUGIN_FAILURES as exc:  # reported as a problem with the options
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported as a problem with the options
             problems.append(
                 f"plugin {impl.plugin_name!r} dext_validate_plugin_options raised {describe(exc)}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
 import inspect
@@ -403,6 +404,50 @@ def test_plugin_exceptions_whose_text_cannot_be_read_are_reported_not_raised(tmp
     assert plugins.prover_problems(pm, "picky", {}) == [
         f"prover 'picky': validate_options raised {what}",
         f"prover 'picky': plugin 'policy' dext_validate_plugin_options raised {what}",
+    ]
+
+
+class Halt(BaseException):
+    """A BaseException of a plugin's own (as gevent's GreenletExit, asyncio's CancelledError)."""
+
+
+HALTING_PLUGIN = """
+class Halt(BaseException):
+    pass
+
+raise Halt("the plugin stops its import")
+"""
+
+
+def test_base_exceptions_out_of_a_plugins_import_hooks_and_validators_are_recorded(tmp_path):
+    module = _unique("halting")
+    make_plugin_dist(tmp_path, dist="halting", module=module, source=HALTING_PLUGIN)
+    with Child("window_post", "echo", pythonpath=[tmp_path]) as child:
+        assert isinstance(child.next(), dext.Hello), child.stderr
+        child.close_stdin()
+        assert child.wait() == 0
+    assert f"plugin '{module}'" in child.stderr
+    assert "failed to load: Halt: the plugin stops its import" in child.stderr
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(raises=asyncio.CancelledError("loop gone")), "bad")
+
+    def halt(options):
+        raise Halt("no options today")
+
+    class Halts:
+        @hookimpl
+        def dext_validate_plugin_options(self, prover_name, options):
+            raise Halt("policy")
+
+    plugins.register_plugin(pm, Provides(_spec("picky", validate_options=halt)), "p")
+    plugins.register_plugin(pm, Halts(), "policy")
+    assert [(e.name, e.error) for e in pm.load_errors] == []
+    assert plugins.prover_problems(pm, "picky", {}) == [
+        "prover 'picky': validate_options raised Halt: no options today",
+        "prover 'picky': plugin 'policy' dext_validate_plugin_options raised Halt: policy",
+    ]
+    assert [(e.name, e.error) for e in pm.load_errors] == [
+        ("bad", "dext_provers raised CancelledError: loop gone")
     ]
 
 
