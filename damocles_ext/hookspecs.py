@@ -19,7 +19,8 @@ Two kinds of hooks:
   functions (called in a worker thread, off the supervisor's trio loop: they may block, but
   cannot call trio directly) or ``async def`` (awaited under the supervisor's trio loop, after
   the hook call), must return quickly (cut off after 10 s), and an exception they raise (a
-  `sys.exit()` too) is logged with the plugin's name and otherwise ignored.
+  `sys.exit()`, an asyncio.CancelledError or any BaseException but Ctrl-C too) is logged with
+  the plugin's name and otherwise ignored.
 
 The small value types the hooks pass around (:class:`ProverSpec`, :class:`ChildInfo`,
 :class:`ExitStatus`, :class:`RequestInfo`, :class:`CancelToken`) live here too so that a plugin

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .errors import PLUGIN_FAILURES, UsageError, describe, text_of
+from .errors import UsageError, describe, text_of
 from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API lives here too)
     OUTCOMES,
     Cancelled,
@@ -454,6 +454,18 @@ class ObserverCall:
             item.discard()
 
 
+def _ours(exc: BaseException) -> bool:
+    """Whether `exc`, out of an observer, is Ctrl-C or trio's cancellation of the caller (alone
+    or in a group), which pass through; anything else is the plugin's failure, logged and
+    survived: an Exception, a sys.exit(), and a BaseException such as asyncio.CancelledError or
+    one of the plugin's own, which would otherwise take the supervisor down."""
+    import trio  # here: observers run under trio, and the child runtime does not import it
+
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_ours(e) for e in exc.exceptions)
+    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled))
+
+
 class _Pending:
     """What an observer returned that is still to be done: an awaitable, or a callable that
     returns one (datasette's await_me_maybe). The hook call itself is synchronous (pluggy), so
@@ -471,7 +483,9 @@ class _Pending:
                 result = result()
             if inspect.isawaitable(result):
                 await result
-        except PLUGIN_FAILURES:
+        except BaseException as exc:
+            if _ours(exc):
+                raise
             log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
 
     def discard(self) -> None:
@@ -495,7 +509,9 @@ def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
             call.running = plugin_name
         try:
             result = function(*args, **kwargs)
-        except PLUGIN_FAILURES:
+        except BaseException as exc:
+            if _ours(exc):
+                raise
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
         finally:
@@ -559,7 +575,9 @@ def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: Observer
     token = _current_call.set(call)
     try:
         caller(**kwargs)
-    except PLUGIN_FAILURES as exc:
+    except BaseException as exc:
+        if _ours(exc):
+            raise
         plugin = _raising_wrapper(caller, exc)
         log.exception(
             "observer %s: a wrapper of plugin %r raised; the observers it wrapped that had not"

@@ -810,6 +810,43 @@ async def test_observers_that_call_sys_exit_are_logged_and_the_supervisor_answer
     }
 
 
+class HaltsObserving:
+    """Observers that raise BaseExceptions that are not Exceptions."""
+
+    @hookimpl
+    def dext_child_started(self, child):
+        raise Halt("sync observer")
+
+    @hookimpl
+    async def dext_request_finished(self, request, outcome):
+        await trio.lowlevel.checkpoint()
+        raise asyncio.CancelledError("async observer")
+
+    @hookimpl(wrapper=True)
+    def dext_child_ready(self, child):
+        yield
+        raise Halt("wrapper")
+
+
+async def test_observers_raising_base_exceptions_are_logged_and_the_supervisor_answers(caplog):
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    assert plugins.register_plugin(pm, HaltsObserving(), "halts")
+    assert await prove_once(pm) == testing.echo_output(window_task())
+    assert ("request_finished", "window_post#0", "ok") in journal.calls
+    logged = {
+        r.getMessage().split()[1]: type(r.exc_info[1])
+        for r in caplog.records
+        if "plugin 'halts'" in r.getMessage()
+    }
+    assert logged == {
+        "dext_child_started": Halt,
+        "dext_child_ready:": Halt,
+        "dext_request_finished": asyncio.CancelledError,
+    }
+
+
 async def test_an_observer_registered_while_the_supervisor_runs_sees_the_next_request():
     """The supervisor remembers which observer hooks have an implementation (it builds no event
     for the others); a plugin registered, or unregistered, while it runs changes that at once."""
