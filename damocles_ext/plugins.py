@@ -170,19 +170,47 @@ def register_plugin(
     return True
 
 
-def _entry_points(group: str) -> Iterable[tuple[importlib.metadata.EntryPoint, Any]]:
+def _entry_points(
+    pm: DextPluginManager, group: str
+) -> Iterable[tuple[importlib.metadata.EntryPoint, Any]]:
     # Walk distributions (not entry_points()) to know which distribution each one comes from;
     # sys.path order decides when two copies of a distribution are visible.
     for dist in importlib.metadata.distributions():
-        for ep in dist.entry_points:
+        try:
+            entry_points = list(dist.entry_points)
+        except Exception as exc:  # noqa: BLE001 - a hand-edited or corrupt entry_points.txt
+            _unreadable_entry_points(pm, dist, group, exc)
+            continue
+        for ep in entry_points:
             if ep.group == group:
                 yield ep, dist
+
+
+def _unreadable_entry_points(
+    pm: DextPluginManager, dist: importlib.metadata.Distribution, group: str, exc: Exception
+) -> None:
+    """A distribution whose entry_points.txt importlib cannot parse (a line without `=`):
+    recorded when it names our group, skipped otherwise (another program's problem)."""
+    try:
+        text = dist.read_text("entry_points.txt") or ""
+    except Exception:  # noqa: BLE001 - unreadable as well: nothing to tell about it
+        text = ""
+    name = dist.metadata["Name"] or "?"
+    if f"[{group}]" not in text:
+        log.debug("distribution %s: entry_points.txt cannot be read: %s", name, describe(exc))
+        return
+    error = (
+        f"its entry_points.txt cannot be read ({describe(exc)}): each line under [{group}] is"
+        " NAME = module or NAME = module:object; reinstall the distribution"
+    )
+    log.warning("plugin distribution %r failed to load: %s", name, error)
+    pm.load_errors.append(PluginLoadError(name, f"{name} {dist.version}", error))
 
 
 def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> int:
     """Load every plugin of the entry-point group; failures are recorded, not raised."""
     count = 0
-    for ep, dist in _entry_points(group):
+    for ep, dist in _entry_points(pm, group):
         if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
             continue
         if any(e.name == ep.name for e in pm.load_errors):

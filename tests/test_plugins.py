@@ -151,6 +151,24 @@ def test_broken_plugin_is_named_in_errors_and_the_others_still_load(tmp_path, mo
     assert rows["broken"].error == failure.error and rows["broken"].provers == ()
 
 
+def test_a_distribution_whose_entry_points_file_is_corrupt_fails_alone(tmp_path, monkeypatch):
+    for dist, text in [
+        ("ours-broken", "[damocles_ext]\nthis line has no equals sign\n"),
+        ("theirs-broken", "[console_scripts]\nthis line has none either\n"),
+    ]:
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = plugins.get_plugin_manager()
+    assert plugins.find_prover(pm, "echo").name == "echo"  # the others still load
+    [failure] = pm.load_errors
+    assert (failure.name, failure.origin) == ("ours-broken", "ours-broken 1.0")
+    assert failure.error.startswith("its entry_points.txt cannot be read (TypeError: ")
+    assert "each line under [damocles_ext] is NAME = module" in failure.error
+
+
 def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
     make_plugin_dist(
         tmp_path,
