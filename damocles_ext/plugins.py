@@ -264,6 +264,14 @@ def _catalog(pm: DextPluginManager) -> _Catalog:
             bad = [s for s in specs if not isinstance(s, ProverSpec)]
             if bad:
                 raise TypeError(f"dext_provers returned {type(bad[0]).__name__}, not ProverSpec")
+            for spec in specs:  # listings and errors join them: one of another type broke those
+                odd = [v for v in (spec.name, *spec.stages) if not isinstance(v, str)]
+                if odd or not isinstance(spec.description, str):
+                    raise TypeError(
+                        f"ProverSpec {text_of(spec.name)!r}: its name, stages and description"
+                        f" must be str (a stage such as 'window_post'), got"
+                        f" {type(odd[0] if odd else spec.description).__name__}"
+                    )
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - a third-party hook must not stop the others

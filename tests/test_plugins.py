@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import importlib.metadata
 import inspect
@@ -301,6 +302,26 @@ def test_plugin_returning_something_else_than_prover_specs_is_recorded():
     plugins.register_plugin(pm, Provides({"name": "x"}), "dicty")
     assert plugins.available_provers(pm) == {}
     assert "returned dict, not ProverSpec" in pm.load_errors[0].error
+
+
+def test_a_prover_spec_whose_stages_are_not_str_is_recorded_and_the_listings_still_work():
+    class Stage(enum.Enum):  # a vendor's own stage type, not a str
+        WINDOW = "window_post"
+
+    pm = plugins.get_plugin_manager(entry_points=False)
+    plugins.register_plugin(pm, Provides(_spec("enumy", [Stage.WINDOW])), "vendor")
+    plugins.register_plugin(pm, Provides(_spec("good")), "good")
+    with pytest.raises(plugins.PluginError, match=r"unknown prover 'nosuch'.* good \(good: window"):
+        plugins.find_prover(pm, "nosuch")
+    with pytest.raises(plugins.PluginError, match="unknown prover 'enumy'"):
+        plugins.find_prover(pm, "enumy", "window_post")
+    error = (
+        "dext_provers raised TypeError: ProverSpec 'enumy': its name, stages and description"
+        " must be str (a stage such as 'window_post'), got Stage"
+    )
+    assert [(e.name, e.error) for e in pm.load_errors] == [("vendor", error)]
+    rows = {r.name: r for r in plugins.list_plugins(pm)}
+    assert rows["vendor"].provers == () and rows["good"].provers[0].name == "good"
 
 
 def test_prover_offered_by_two_plugins_is_an_error_naming_both():
