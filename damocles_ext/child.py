@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
-from .errors import TASKS_ADVICE, text_of
+from .errors import TASKS_ADVICE, describe, text_of
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -583,9 +583,16 @@ def protect_stdio() -> tuple[int, int]:
 
 def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> str:
     """The version a Hello reports: the prover's own, else its plugin distribution's, else ours."""
-    version = getattr(prover, "version", None)
-    if version:
-        return str(version)
+    try:  # a prover's attribute (a property may read a file): informative only, never fatal
+        version = getattr(prover, "version", None)
+        if version:
+            return str(version)
+    except Exception as exc:  # noqa: BLE001 - reported, then the plugin's version is told
+        log.warning(
+            "prover %s: its version cannot be read (%s); the Hello gives its plugin's",
+            prover_name,
+            describe(exc),
+        )
     from .plugins import prover_plugin
 
     plugin = prover_plugin(pm, prover_name)

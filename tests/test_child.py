@@ -515,6 +515,45 @@ def test_a_tool_a_prover_runs_reads_no_request_from_the_childs_stdin(tmp_path):
         assert answers[2].output == echo_output(window_task(miner=2))
 
 
+UNVERSIONED_PLUGIN = textwrap.dedent(
+    """
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    class Unversioned:
+        name = "unversioned"
+        stages = ("window_post",)
+
+        @property
+        def version(self):
+            raise FileNotFoundError("VERSION")
+
+        def prove(self, task, progress, cancel):
+            return echo_output(task)
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec("unversioned", ("window_post",), lambda options: Unversioned())]
+    """
+)
+
+
+def test_a_prover_whose_version_cannot_be_read_starts_with_its_plugins_version(tmp_path):
+    root = make_plugin_dist(
+        tmp_path, dist="unversioned", module="unversioned_plugin", source=UNVERSIONED_PLUGIN
+    )
+    with Child("window_post", "unversioned", pythonpath=[root]) as child:
+        hello = child.next()
+        assert isinstance(hello, dext.Hello), child.stderr
+        assert hello.version == "0.1"
+        child.send_msg(dext.Request(1, window_task()))
+        response, _ = child.next_of(dext.Response)
+        assert response.output == echo_output(window_task())
+        child.close_stdin()
+        assert child.wait() == 0
+    assert "its version cannot be read (FileNotFoundError: VERSION)" in child.stderr
+
+
 GARBLED_PLUGIN = textwrap.dedent(
     """
     import os
