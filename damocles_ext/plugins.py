@@ -491,15 +491,16 @@ class ObserverCall:
 
 
 def _ours(exc: BaseException) -> bool:
-    """Whether `exc`, out of an observer, is Ctrl-C or trio's cancellation of the caller (alone
-    or in a group), which pass through; anything else is the plugin's failure, logged and
-    survived: an Exception, a sys.exit(), and a BaseException such as asyncio.CancelledError or
-    one of the plugin's own, which would otherwise take the supervisor down."""
+    """Whether `exc`, out of an observer, is Ctrl-C, trio's cancellation of the caller or the
+    close of its coroutine (alone or in a group), which pass through; anything else is the
+    plugin's failure, logged and survived: an Exception, a sys.exit(), and a BaseException such
+    as asyncio.CancelledError or one of the plugin's own, which would otherwise take the
+    supervisor down."""
     import trio  # here: observers run under trio, and the child runtime does not import it
 
     if isinstance(exc, BaseExceptionGroup):
         return any(_ours(e) for e in exc.exceptions)
-    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled))
+    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled, GeneratorExit))
 
 
 class _Pending:
