@@ -592,6 +592,33 @@ def test_a_winning_post_sharing_the_lock_dir_and_a_gpu_is_not_told_a_tmpdir_of_i
     assert "a GPU of its own" in parse(inherited).warnings[0]
 
 
+@pytest.mark.parametrize("program", ["damocles-ext", "/opt/damocles-ext/bin/damocles-ext"])
+def test_damocles_managers_entries_that_run_serve_are_not_told_they_share_bellpersons_lock_dir(
+    monkeypatch: pytest.MonkeyPatch, program: str
+) -> None:
+    # damocles-manager's file as the README writes it: each entry runs `damocles-ext serve`, a
+    # supervisor whose provers are the children of its own config, with their own TMPDIRs.
+    # check-config and serve warned that the two serves share bellperson's lock files in /tmp
+    # and should each get a GPU and a TMPDIR of their own.
+    monkeypatch.delenv("TMPDIR", raising=False)
+    text = (
+        f'[[WdPost]]\nBin = "{program}"\n'
+        'Args = ["serve", "window_post", "--conf-dir", "/etc/damocles-ext"]\nConcurrent = 8\n'
+        f'[[WinPost]]\nBin = "{program}"\n'
+        'Args = ["serve", "winning_post", "--conf-dir", "/etc/damocles-ext"]\n'
+    )
+    assert parse(text).warnings == []
+    # A prover of another name beside a serve is still warned about.
+    other = text.replace(
+        f'Bin = "{program}"\nArgs = ["serve", "winning_post"', 'Bin = "sh"\nArgs = ["x"'
+    )
+    assert parse(other).warnings == []  # its WindowPoSt is a serve: no prover of its own here
+    both = other.replace(
+        f'Bin = "{program}"\nArgs = ["serve", "window_post"', 'Bin = "sh"\nArgs = ["y"'
+    )
+    assert "bellman.priority.lock" in parse(both).warnings[0]
+
+
 def test_expansion_indices_continue_across_tables() -> None:
     cfg = parse(
         '[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n[[WdPost]]\nBin = "sh"\n'

@@ -152,18 +152,6 @@ class _QuietParser(_Parser):  # (refusing what serve's parser refuses, an empty 
         pass
 
 
-def _serve_args(argv: tuple[str, ...]) -> list[str] | None:
-    """The arguments after `serve` when `argv` runs `damocles-ext serve`, else None."""
-    program = os.path.basename(argv[0]) if argv else ""
-    if program == "damocles-ext":
-        rest = list(argv[1:])
-    elif len(argv) >= 3 and argv[1:3] == ("-m", "damocles_ext"):
-        rest = list(argv[3:])
-    else:
-        return None
-    return rest[1:] if rest[:1] == ["serve"] else None
-
-
 def _parse_serve(args: list[str]) -> argparse.Namespace:
     """`damocles-ext serve ARGS` as serve parses them; _Refused with argparse's message."""
     from damocles_ext.commands import serve
@@ -178,11 +166,11 @@ def serves_itself(config: Config, stage: str | None = None) -> str | None:
     serve` of its own stage on this same file (as damocles-manager's file does when the serve it
     names reads it back), which would start another such serve, and so on without end; or None.
     serve refuses such a config before its ready line, check-config with exit code 2."""
-    from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE
+    from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE, serve_args
 
     here = os.path.realpath(config.source)
     for child in config.children:
-        args = _serve_args(child.argv) if child.kind == "bin" else None
+        args = serve_args(child.argv) if child.kind == "bin" else None
         if args is None or (stage is not None and child.stage != stage):
             continue
         try:
@@ -216,7 +204,13 @@ def manager_entry_warnings(config: Config) -> list[str]:
     said: the service may not be started yet, or be another user's).
     """
     from damocles_ext.commands import common, serve
-    from damocles_ext.config import TABLE_OF_STAGE, ConfigError, load_conf_dir, load_config
+    from damocles_ext.config import (
+        TABLE_OF_STAGE,
+        ConfigError,
+        load_conf_dir,
+        load_config,
+        serve_args,
+    )
     from damocles_ext.errors import UsageError
 
     warnings: list[str] = []
@@ -224,7 +218,7 @@ def manager_entry_warnings(config: Config) -> list[str]:
     # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
     served: dict[tuple[str, str, str | None], str] = {}
     for entry in config.children:
-        args = _serve_args(entry.argv) if entry.kind == "bin" else None
+        args = serve_args(entry.argv) if entry.kind == "bin" else None
         if args is None or (entry.stage, entry.block) in seen:
             continue
         seen.add((entry.stage, entry.block))

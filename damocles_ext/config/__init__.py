@@ -53,6 +53,7 @@ from .spec import (
     describe_argv,
     effective_timeouts,
     format_cpuset,
+    serve_args,
 )
 from .startup import (
     absent_gpu_warnings,
@@ -145,5 +146,6 @@ __all__ = [
     "parse_damocles_worker_config",
     "probe_gpus",
     "program_problem",
+    "serve_args",
     "startup_problems",
 ]

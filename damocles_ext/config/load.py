@@ -33,6 +33,7 @@ from .spec import (
     Config,
     ConfigError,
     GpuDriverNotReady,
+    serve_args,
 )
 from .startup import env_value, gpu_numbers
 
@@ -303,7 +304,11 @@ _LOCKLESS_PLUGINS = frozenset({"echo", "sleep", "python-ref"})
 
 def _bellperson_lock_dir(child: ChildSpec) -> tuple[str, str] | None:
     """(directory, how it is said) where `child`'s prover keeps bellperson's GPU lock files, as
-    bellperson finds it (TMPDIR, else /tmp); None for a prover known to take no such lock."""
+    bellperson finds it (TMPDIR, else /tmp); None for a prover known to take no such lock, and
+    for a `damocles-ext serve` (damocles-manager's entry for us: its provers, the children of
+    the config it reads, are checked there, with their own TMPDIR)."""
+    if child.kind == "bin" and serve_args(child.argv) is not None:
+        return None
     if child.kind == "plugin" and (
         child.plugin in _LOCKLESS_PLUGINS
         or (child.plugin == "native" and child.plugin_options.get("gpu_lock") is False)

@@ -4,6 +4,7 @@ damocles' defaults and our upper bounds; how a child is shown to people.
 
 from __future__ import annotations
 
+import os
 import shlex
 
 import msgspec
@@ -155,6 +156,20 @@ class Config(msgspec.Struct):
     #: The GPUs found for `Gpus = "all"` (NVML or nvidia-smi -L), as the children were given
     #: them; None when no table asked.
     gpus_found: list[int] | None = None
+
+
+def serve_args(argv: tuple[str, ...]) -> list[str] | None:
+    """The arguments after `serve` when `argv` runs `damocles-ext serve` (damocles-manager's
+    entry for us), else None. Such a child is a supervisor: its provers are the children of the
+    config it reads, with their own environment."""
+    program = os.path.basename(argv[0]) if argv else ""
+    if program == "damocles-ext":
+        rest = list(argv[1:])
+    elif len(argv) >= 3 and argv[1:3] == ("-m", "damocles_ext"):
+        rest = list(argv[3:])
+    else:
+        return None
+    return rest[1:] if rest[:1] == ["serve"] else None
 
 
 def _option_text(value: OptionValue) -> str:
