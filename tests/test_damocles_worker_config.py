@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from damocles_ext.api import open_supervisor
-from damocles_ext.config import ConfigError
+from damocles_ext.config import ConfigError, check_startable
 from damocles_ext.config.damocles_worker import (
     ENV_CGROUP_CPUSET,
     ENV_CGROUP_NAME,
@@ -436,6 +436,25 @@ def test_every_bad_value_in_a_file_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse(text, tmp_path)
     assert len(info.value.errors) == 3, info.value.errors
+
+
+def test_what_keeps_a_processor_from_starting_is_named_by_its_table_and_key_in_the_file(
+    tmp_path, monkeypatch
+):
+    # `worker --worker-config` checks the children can start, as run does; the messages named
+    # ext-prover.cfg's WdPost[0].Bin, .Cpuset and "set Bin or Plugin", none of which is in a
+    # damocles-worker.toml.
+    monkeypatch.setenv("PATH", str(tmp_path))  # no damocles-worker here
+    missing = base(tmp_path, '[[processors.window_post]]\nbin = "/nonexistent/prover"\n'
+                   'cgroup.cpuset = "0-1023"\n[[processors.window_post]]\n')  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        check_startable(parse(missing, tmp_path).to_config())
+    bin_, cpuset, default = info.value.errors
+    assert bin_.startswith("processors.window_post[0].bin: ")
+    assert cpuset.startswith("processors.window_post[0].cgroup.cpuset: CPUs ")
+    assert default.startswith("processors.window_post[1]: no bin, so the child runs ")
+    assert default.endswith("; set bin, or put damocles-worker on PATH")
+    assert not [e for e in info.value.errors if "WdPost" in e or "Bin" in e or "Cpuset" in e]
 
 
 def test_a_missing_file_is_a_usage_error_naming_it(tmp_path):

@@ -414,7 +414,7 @@ def _settings(
                 ", ".join(c.name for c in ignored),
             )
     check_startable(config, children, plugin_manager=options["plugin_manager"])
-    for warning in absent_gpu_warnings(children, config.gpus_found):
+    for warning in absent_gpu_warnings(children, config.gpus_found, dialect=config.dialect):
         log.warning("%s", warning)
     given = {
         "manager": args.manager,

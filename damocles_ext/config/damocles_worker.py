@@ -167,6 +167,7 @@ class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
             children=list(self.children),
             warnings=list(self.warnings),
             tmp_root=self.tmp_root,
+            dialect="damocles-worker.toml",
         )
 
 

@@ -156,6 +156,9 @@ class Config(msgspec.Struct):
     #: The GPUs found for `Gpus = "all"` (NVML or nvidia-smi -L), as the children were given
     #: them; None when no table asked.
     gpus_found: list[int] | None = None
+    #: The file's format, whose table and key names the messages use: "ext-prover.cfg", or
+    #: "damocles-worker.toml" (`worker --worker-config`: [[processors.window_post]], bin, ...).
+    dialect: str = "ext-prover.cfg"
 
 
 def serve_args(argv: tuple[str, ...]) -> list[str] | None:

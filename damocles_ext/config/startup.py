@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from . import machine
 from .machine import untrusted_problem
@@ -226,7 +226,40 @@ def _search_path(env: Mapping[str, str]) -> str:
     return env.get("PATH", os.defpath)
 
 
-def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
+class _Names(NamedTuple):
+    """How a config format names a child's table and keys, for the messages about them."""
+
+    table: str  # formatted with the stage's table name and the child's block
+    bin: str
+    args: str
+    envs: str
+    cpuset: str
+    no_program: str  # what runs when the table names no program
+    set_program: str
+    gpus: str  # where a child's GPUs are given
+    own_gpus: str  # what gives a child GPUs of its own
+
+
+_NAMES = {
+    "ext-prover.cfg": _Names(
+        "{table}[{block}]", "Bin", "Args", "Envs", "Cpuset",
+        "no Bin or Plugin, so the child runs damocles' default", "set Bin or Plugin",
+        "Gpus or Envs", "Gpus or an Envs",
+    ),
+    "damocles-worker.toml": _Names(
+        "processors.window_post[{block}]", "bin", "args", "envs", "cgroup.cpuset",
+        "no bin, so the child runs damocles-worker's own processor", "set bin", "envs",
+        "envs",
+    ),
+}  # fmt: skip
+
+
+def _table(child: ChildSpec, names: _Names) -> str:
+    """The child's table as its file names it: WdPost[0], processors.window_post[0]."""
+    return names.table.format(table=TABLE_OF_STAGE.get(child.stage, child.stage), block=child.block)
+
+
+def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str]:
     """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
     # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
     most = 32 * os.sysconf("SC_PAGESIZE")
@@ -234,8 +267,8 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
     if child.kind == "plugin":  # the options are the only long arguments of a plugin child
         named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
     else:
-        named = [(f"{where}.Args[{i}]", a) for i, a in enumerate(child.argv[1:])]
-    named += [(f"{where}.Envs.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
+        named = [(f"{where}.{names.args}[{i}]", a) for i, a in enumerate(child.argv[1:])]
+    named += [(f"{where}.{names.envs}.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
     for name, text in named:
         size = len(os.fsencode(text)) + 1
         if size > most:
@@ -259,7 +292,10 @@ def _exec_size_problems(where: str, child: ChildSpec) -> list[str]:
 
 
 def startup_problems(
-    children: list[ChildSpec], *, plugin_manager: DextPluginManager | None = None
+    children: list[ChildSpec],
+    *,
+    plugin_manager: DextPluginManager | None = None,
+    dialect: str = "ext-prover.cfg",
 ) -> list[str]:
     """Why some of `children` could not start on this machine, each naming its table and key.
 
@@ -267,8 +303,9 @@ def startup_problems(
     executable, the command line and environment fit exec's limits, the Cpuset's CPUs are ours
     to use, and a Plugin is installed and accepts its PluginOptions (its validate_options and the
     dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
-    is checked once.
+    is checked once. `dialect` is the file's format (Config.dialect), whose names are used.
     """
+    names = _NAMES[dialect]
     problems: list[str] = []
     blocks: dict[tuple[str, int], ChildSpec] = {}
     for child in children:
@@ -277,24 +314,24 @@ def startup_problems(
         usable = os.sched_getaffinity(0)
     except (AttributeError, OSError):  # not Linux: prepare_spawn's check is the only one
         usable = None
-    for (stage, block), child in blocks.items():
-        where = f"{TABLE_OF_STAGE[stage]}[{block}]"
+    for (stage, _block), child in blocks.items():
+        where = _table(child, names)
         if child.kind != "plugin":
             search_path = _search_path(build_env(child.inherit_envs, child.envs))
             problem = program_problem(child.argv[0], search_path)
             if problem is not None and child.kind == "bin":
-                problems.append(f"{where}.Bin: {problem}")
+                problems.append(f"{where}.{names.bin}: {problem}")
             elif problem is not None:
                 problems.append(
-                    f"{where}: no Bin or Plugin, so the child runs damocles' default "
-                    f"`{DAMOCLES_WORKER} processor {stage}`, but {DAMOCLES_WORKER} is not found "
-                    f"on PATH ({search_path}); set Bin or Plugin, or put {DAMOCLES_WORKER} on PATH"
+                    f"{where}: {names.no_program} `{DAMOCLES_WORKER} processor {stage}`, but"
+                    f" {DAMOCLES_WORKER} is not found on PATH ({search_path});"
+                    f" {names.set_program}, or put {DAMOCLES_WORKER} on PATH"
                 )
-        problems.extend(_exec_size_problems(where, child))
+        problems.extend(_exec_size_problems(where, child, names))
         if child.cpuset and usable is not None and not child.cpuset <= usable:
             missing = format_cpuset(child.cpuset - usable)
             problems.append(
-                f"{where}.Cpuset: CPUs {missing} are not ones this process may use (this "
+                f"{where}.{names.cpuset}: CPUs {missing} are not ones this process may use (this "
                 f"machine gives it {format_cpuset(frozenset(usable))}); use those"
             )
     roots = {os.path.dirname(os.path.normpath(c.envs["TMPDIR"])) for c in children
@@ -371,7 +408,10 @@ def gpu_numbers(child: ChildSpec) -> list[int]:
 
 
 def absent_gpu_warnings(
-    children: Sequence[ChildSpec], found: Sequence[int] | None = None
+    children: Sequence[ChildSpec],
+    found: Sequence[int] | None = None,
+    *,
+    dialect: str = "ext-prover.cfg",
 ) -> list[str]:
     """Children pinned to a GPU number this machine does not have (a config written for a
     machine of more GPUs): CUDA hides that GPU and every one listed after it, and a child left
@@ -379,7 +419,7 @@ def absent_gpu_warnings(
     taking the CPU from the others. `found`: the GPUs the config's parse found already
     (`Config.gpus_found`); else the driver is asked, only when a child names a GPU by number
     (without persistence mode each asking takes seconds). Nothing is said when it gives no
-    list (not loaded yet, no NVML nor nvidia-smi)."""
+    list (not loaded yet, no NVML nor nvidia-smi). `dialect`: as for startup_problems."""
     pinned = [(c, numbers) for c in children if (numbers := gpu_numbers(c))]
     if not pinned:
         return []
@@ -391,12 +431,13 @@ def absent_gpu_warnings(
     for child, numbers in pinned:
         absent = [n for n in numbers if n >= count]
         if absent:
-            table = f"{TABLE_OF_STAGE.get(child.stage, child.stage)}[{child.block}]"
+            names = _NAMES[dialect]
+            table = _table(child, names)
             where = (
-                f"remove it from {table}'s Gpus or Envs"
+                f"remove it from {table}'s {names.gpus}"
                 if "CUDA_VISIBLE_DEVICES" in child.envs
                 else "it is inherited from damocles-ext's own environment (e.g. its unit's"
-                f" Environment=): remove it there, or give {table} Gpus or an Envs of its own"
+                f" Environment=): remove it there, or give {table} {names.own_gpus} of its own"
             )
             out.append(
                 f"{child.name}: its CUDA_VISIBLE_DEVICES={','.join(map(str, numbers))} names"
@@ -420,7 +461,9 @@ def check_startable(
     never start fails the start, as damocles' own processor does, instead of each request.
     """
     problems = startup_problems(
-        config.children if children is None else children, plugin_manager=plugin_manager
+        config.children if children is None else children,
+        plugin_manager=plugin_manager,
+        dialect=config.dialect,
     )
     if problems:
         raise ConfigError(config.source, problems)
