@@ -1,10 +1,12 @@
 """The documents stay navigable and true: the README links every document under docs/, every
 relative link in the Markdown files leads to a file and heading that exist, no text refers to
 issue numbers (a reader must not need the tracker), an SQLite URL of a system directory is
-absolute, and docs/RELIABILITY.md names tests that exist and quotes the chaos run's saved figures."""
+absolute, docs/RELIABILITY.md names tests that exist and quotes the chaos run's saved figures,
+every option shown with a command exists in its parser, and every ext-prover.cfg shown parses."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import functools
 import json
@@ -196,3 +198,89 @@ def test_the_last_chaos_runs_figures_are_those_of_its_saved_results():
         if len(shown) != len(values) or as_saved != shown:
             wrong.append(f"{label}: the table says {shown}, chaos.json {as_saved or values}")
     assert wrong == [], "bench/results/chaos.json and the table disagree:\n" + "\n".join(wrong)
+
+
+# -- commands shown in the documents -----------------------------------------------------------
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _shown_commands(text: str) -> list[tuple[int, str]]:
+    """(line, command) for each command line of a fenced block (continuations joined) and each
+    inline code span of the prose: what a reader would type or look up."""
+    shown = []
+    for m in re.finditer(r"^```[^\n]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL):
+        first = text.count("\n", 0, m.start()) + 2
+        for offset, line in enumerate(m.group(1).replace("\\\n", " ").splitlines()):
+            shown.append((first + offset, line.split(" # ", 1)[0]))
+    prose = FENCE.sub(lambda m: "\n" * m.group().count("\n"), text)
+    for m in re.finditer(r"`([^`]+)`", prose):
+        shown.append((prose.count("\n", 0, m.start()) + 1, m.group(1)))
+    return shown
+
+
+def test_every_option_a_document_shows_a_command_with_exists_in_its_parser():
+    # `damocles-ext <command> [<subcommand>] --option`, or the same without the program's name
+    # (`run --deadline-after`), in a fenced block or in the prose. A renamed or dropped option
+    # left in a document sends an operator to a usage error.
+    from damocles_ext import cli
+
+    commands = _subcommands(cli.build_parser())
+    wrong = []
+    for doc in _markdown_files():
+        for line, shown in _shown_commands(doc.read_text()):
+            words = shown.split()
+            if words[:1] == ["$"]:
+                words = words[1:]
+            if words[:1] == ["damocles-ext"]:
+                words = words[1:]
+            if not words or words[0] not in commands:
+                continue
+            parsers = [commands[words[0]]]
+            subcommands = _subcommands(parsers[0])
+            if subcommands:  # `wdpost list`, or `wdpost list/reset --manager`: each named
+                named = (
+                    [s for s in re.split(r"[/|]", words[1]) if s in subcommands]
+                    if len(words) > 1
+                    else []
+                )
+                parsers = [subcommands[s] for s in named] or list(subcommands.values())
+            for word in words[1:]:
+                option = re.match(r"--[\w-]+", word.strip("[](),.;:`'\""))
+                if option is None:
+                    continue
+                for parser in parsers:
+                    if option.group() not in parser._option_string_actions:
+                        wrong.append(
+                            f"{doc.relative_to(ROOT)}:{line}: `{shown.strip()[:80]}`:"
+                            f" {parser.prog} has no {option.group()}"
+                        )
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_every_ext_prover_cfg_a_document_shows_parses():
+    # A ```toml block of [[WdPost]]/[[WinPost]]/... tables is an ext-prover.cfg a reader copies:
+    # a key renamed or a value tightened since must not leave one the parser refuses.
+    from damocles_ext.config import STAGE_OF_TABLE, ConfigError, parse_config
+
+    wrong, seen = [], 0
+    for doc in _markdown_files():
+        text = doc.read_text()
+        for m in re.finditer(r"^```toml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL):
+            tables = set(re.findall(r"^\[\[?([\w.]+)", m.group(1), flags=re.MULTILINE))
+            if not tables or not tables <= set(STAGE_OF_TABLE) | {
+                f"{t}.{sub}" for t in STAGE_OF_TABLE for sub in ("Envs", "PluginOptions")
+            }:
+                continue  # damocles-worker.toml, sector-manager.cfg, pyproject.toml
+            seen += 1
+            where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            try:
+                parse_config(m.group(1), where, tmp_root="/run/damocles-ext")
+            except ConfigError as exc:
+                wrong.append(str(exc))
+    assert seen >= 5 and wrong == [], "\n".join(wrong)
