@@ -285,3 +285,11 @@ async def test_a_server_that_closes_before_its_answer_ends_is_a_lost_connection(
             assert not isinstance(caught.value, RpcTimeout)
             assert caught.value.sent  # the server read the call: it may have done it
         nursery.cancel_scope.cancel()
+
+
+async def test_a_result_that_is_not_utf_8_is_a_protocol_error_naming_the_server():
+    # The envelope decodes with the result left raw: its strings were not checked as UTF-8
+    # until the result's own decode, whose DecodeError escaped the callers' RpcClientError.
+    body = b'{"jsonrpc":"2.0","id":1,"result":{"Jobs":["\xff\xfe"]}}'
+    with pytest.raises(RpcProtocolError, match=r"127\.0\.0\.1.* Venus\.WdPoStAllJobs .*UTF-8"):
+        await _call_a_server_answering(200, body)

@@ -244,7 +244,8 @@ class RpcClient:
             )
         try:
             return msgspec.json.decode(answer.result, type=result_type)
-        except (msgspec.ValidationError, RecursionError) as exc:
+        # DecodeError too: the envelope's decode leaves the result raw, its UTF-8 unchecked.
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise RpcProtocolError(
                 f"{self.url} answered {method} with an unexpected result: {exc}",
                 url=self.url,
