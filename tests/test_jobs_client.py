@@ -204,6 +204,23 @@ async def test_a_token_refused_in_plain_text_says_so(status):
         await _call_a_server_answering(status, b"Unauthorized\n")
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "check"),
+    [
+        (401, b'{"message": "Unauthorized"}', "the token was refused"),
+        (502, b"{}", "check that the address is a worker-prover RPC"),
+        (200, b'{"status": "ok"}', "check that the address is a worker-prover RPC"),
+    ],
+    ids=["gateway-401", "gateway-502", "another-json-api"],
+)
+async def test_a_json_body_that_is_no_json_rpc_answer_says_the_status_and_what_to_check(
+    status, body, check
+):
+    # It said "answered with the id None, not 1", hiding the refused token or the wrong address.
+    with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*not a JSON-RPC answer.*{check}"):
+        await _call_a_server_answering(status, body)
+
+
 async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(job_store):
     async with trio.open_nursery() as nursery:
         server = await serving(nursery, job_store)

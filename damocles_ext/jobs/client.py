@@ -218,24 +218,14 @@ class RpcClient:
         try:
             answer = _answer_decoder.decode(body)
         except (msgspec.DecodeError, RecursionError):  # msgspec nests up to the recursion limit
-            text = body[:200].decode("utf-8", "replace").strip()
-            check = (
-                "the token was refused: give the one the server takes (an 'Authorization:"
-                " Bearer TOKEN' header, or --token-file)"
-                if status in (401, 403)
-                else f"check that the address is {self.serves}"
-            )
-            raise RpcProtocolError(
-                f"{self.url} answered {method} with HTTP {status} and a body that is not a "
-                f"JSON-RPC answer ({text!r}); {check}",
-                url=self.url,
-                method=method,
-                status=status,
-            ) from None
+            raise self._not_rpc(method, status, body) from None
         if answer.error is not None:
             raise RpcCallError(
                 answer.error.code, answer.error.message, url=self.url, method=method, status=status
             )
+        if answer.id is None or not 200 <= status < 300:
+            # JSON, but no JSON-RPC answer: a gateway's `{"message": "Unauthorized"}`, `{}`.
+            raise self._not_rpc(method, status, body)
         if answer.id != request_id:
             raise RpcProtocolError(
                 f"{self.url} answered {method} with the id {answer.id!r}, not {request_id}",
@@ -251,6 +241,22 @@ class RpcClient:
                 url=self.url,
                 method=method,
             ) from None
+
+    def _not_rpc(self, method: str, status: int, body: bytes) -> RpcProtocolError:
+        text = body[:200].decode("utf-8", "replace").strip()
+        check = (
+            "the token was refused: give the one the server takes (an 'Authorization:"
+            " Bearer TOKEN' header, or --token-file)"
+            if status in (401, 403)
+            else f"check that the address is {self.serves}"
+        )
+        return RpcProtocolError(
+            f"{self.url} answered {method} with HTTP {status} and a body that is not a "
+            f"JSON-RPC answer ({text!r}); {check}",
+            url=self.url,
+            method=method,
+            status=status,
+        )
 
     async def _connect(self, method: str) -> tuple[trio.SocketStream, h11.Connection]:
         if self._stream is not None and self._h11 is not None:
