@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from helpers.damocles_source import METHOD, DamoclesSource
+from helpers.gojsonrpc import MethodError
 
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs.client import RpcCallError, RpcClient
@@ -273,6 +274,40 @@ async def test_an_unreachable_source_is_not_asked_again_for_down_for_seconds(
     assert refused.status == skipped.status == "error" and "cannot connect" in refused.detail
     assert "not asked, the source node could not be reached" in skipped.detail
     assert found.found and source.finds() == 1 and node.down is None
+
+
+class ErringSource(DamoclesSource):
+    """A source node whose index answers sector 9 with the method's error (a coordinator whose
+    own source is down, and which knows nothing of the sector)."""
+
+    def _find(self, index_type, sid):
+        if isinstance(sid, dict) and sid.get("Number") == 9:
+            raise MethodError("finding sector 9 of miner 1000: no location of it is known")
+        return super()._find(index_type, sid)
+
+
+async def test_a_source_back_whose_first_answer_is_an_error_is_no_longer_taken_for_down(
+    stores, mock_clock
+):
+    """The lookup asking the source again after an outage got the method's error for its
+    sector: the source answered, yet it stayed marked down, so the next lookups went on asking
+    it one at a time, the others failing at once with 'could not be reached'."""
+    with ErringSource() as source:
+        for n in (1, 2):
+            source.put(MINER, n, "a")
+            put_files(stores, n)
+        node = SourceNode(source.url, stores, down_for=2)
+        rules = CacheRules(fresh_for=0, refresh_lead=0)
+        async with SectorLocator([node], rules=rules) as locator:
+            source.stop()
+            [refused] = await locator.locate(refs(1))
+            source.start()
+            mock_clock.jump(2)
+            [erred] = await locator.locate(refs(9))
+            both = await locator.locate(refs(1, 2))
+    assert refused.status == "error" and node.down is None
+    assert erred.status == "error" and "no location of it is known" in erred.detail
+    assert [a.status for a in both] == ["found", "found"], [a.detail for a in both]
 
 
 async def test_a_source_that_does_not_answer_is_asked_by_one_lookup_at_a_time_until_it_does(

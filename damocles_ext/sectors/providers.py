@@ -141,8 +141,9 @@ class SourceNode:
         except RpcConnectionError as exc:  # also RpcTimeout
             self.down = (trio.current_time(), str(exc))
             raise SectorProviderError(f"{sector}: {exc}") from None
-        except RpcClientError as exc:
+        except RpcClientError as exc:  # it answered (with an error): it is not down
             self._answered_at = trio.current_time()
+            self.down = None
             raise SectorProviderError(f"{sector}: {exc}") from None
         except trio.Cancelled:
             # Its time was up (the locator's bound) with no answer: after this long, and with
