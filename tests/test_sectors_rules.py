@@ -70,6 +70,21 @@ def test_a_refresh_without_answer_waits_retry_after():
     assert c.due(990) == [] and c.next_wakeup(990) == 1010
 
 
+def test_a_refresh_ahead_without_answer_is_retried_only_while_the_sector_is_still_used():
+    # It was retried every retry_after for as long as the entry was kept (a week): a sector
+    # looked up once, with its source down, was asked again and again though nobody used it.
+    c = cache(refresh_ahead=0.8, retry_after=15)
+    c.learn(S1, HERE, "source", now=0)
+    c.fresh(S1, 10)  # used at 10: hot until 110
+    assert c.due(80) == [S1]
+    c.tried([S1], now=80)
+    assert c.next_wakeup(80) == 95 and c.due(95) == [S1]
+    c.tried([S1], now=95)  # the next retry, at 110, is past its last use's fresh_for
+    assert c.next_wakeup(95) is None and c.due(10_000) == []
+    c.last_known(S1, 10_001)  # used again (the providers failed, its last location given)
+    assert c.due(10_001) == [S1]
+
+
 def test_the_least_recently_used_entry_goes_first_past_max_entries():
     c = cache(max_entries=2)
     c.learn(S1, HERE, "p", now=0)

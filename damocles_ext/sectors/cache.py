@@ -180,17 +180,15 @@ class SectorCache:
         wanted = self._wanted.get(sector)
         if wanted is not None and (entry is None or entry.learned_at + rules.fresh_for <= wanted):
             times.append(wanted - rules.refresh_lead)
+        tried = self._tried.get(sector)
+        retry = -float("inf") if tried is None else tried + rules.retry_after
         if entry is not None and entry.used_at is not None:
-            ahead = entry.learned_at + rules.refresh_ahead * rules.fresh_for
-            if ahead < entry.used_at + rules.fresh_for:  # still hot then
+            ahead = max(entry.learned_at + rules.refresh_ahead * rules.fresh_for, retry)
+            if ahead < entry.used_at + rules.fresh_for:  # still hot then (a retry too)
                 times.append(ahead)
         if not times:
             return None
-        when = min(times)
-        tried = self._tried.get(sector)
-        if tried is not None:
-            when = max(when, tried + rules.retry_after)
-        return when
+        return max(min(times), retry)
 
     def _replan(self, sector: SectorRef) -> None:
         """Work out the sector's refresh time again after a change of its entry, want or try."""
