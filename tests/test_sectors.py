@@ -729,6 +729,32 @@ async def test_a_plugin_provider_is_asked_before_the_built_in_ones(source, store
     assert source.calls == [(METHOD, ["normal", {"Miner": MINER, "Number": 5}])]
 
 
+@pytest.mark.parametrize("answered", [None, [], "sealed"], ids=["none", "list", "str"])
+async def test_a_provider_batch_answer_that_is_not_a_mapping_fails_its_lookup_not_the_locator(
+    stores, answered
+):
+    """A provider's find_batch answering None (a forgotten return) or a list escaped the
+    locator as an AttributeError: the lookup raised, and the background refresh, which asks
+    it again, took the worker or the coordinator down with it."""
+    sealed, _ = put_files(stores, 5)
+
+    class Forgetful:
+        name = "site-db"
+
+        async def find(self, sector):
+            return None
+
+        async def find_batch(self, sectors):
+            return answered
+
+    async with SectorLocator([Forgetful(), StoreScan(stores)]) as locator:
+        [answer] = await locator.locate(refs(5))
+        await locator.refresh(refs(5))
+    assert answer.found and answer.location.sealed_file == sealed
+    assert "site-db: sector 5 of miner 1000: find_batch answered" in answer.detail
+    assert "not a mapping of sectors to locations" in answer.detail
+
+
 async def test_a_plugin_provider_that_calls_sys_exit_fails_its_lookup_and_the_next_answers(
     source, stores
 ):

@@ -37,7 +37,7 @@ import contextlib
 import logging
 import math
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
@@ -339,6 +339,15 @@ class SectorLocator:
                         self._source_error(provider.name, outcomes[sector], message)
                         done.add(sector)
                 else:
+                    if not isinstance(found, Mapping):  # a plugin's find_batch: not to raise
+                        for sector in chunk:
+                            message = (
+                                f"{sector}: find_batch answered {found!r:.100}, not a mapping of"
+                                " sectors to locations"
+                            )
+                            self._source_error(provider.name, outcomes[sector], message)
+                            done.add(sector)
+                        return
                     for sector in chunk:
                         record(sector, found.get(sector))
 
