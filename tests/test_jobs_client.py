@@ -175,12 +175,13 @@ async def test_a_refused_connection_is_a_clear_error_naming_the_url():
             await client.call("Venus.SectorIndexerFind")
 
 
-async def _call_a_server_answering(status: int, body: bytes) -> None:
-    """Venus.WdPoStAllJobs to a server that answers every request with `status` and `body`."""
+async def _call_a_server_answering(status: int, body: bytes, headers: str = "") -> None:
+    """Venus.WdPoStAllJobs to a server that answers every request with `status`, `headers`
+    (lines ending in CRLF) and `body`."""
 
     async def answer(stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
-        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        head = f"HTTP/1.1 {status} X\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode()
         await stream.send_all(head + body)
 
     error: RpcClientError | None = None
@@ -202,6 +203,13 @@ async def test_a_token_refused_in_plain_text_says_so(status):
     # A proxy's plain "Unauthorized": it said to check that the address is the RPC's.
     with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*the token was refused"):
         await _call_a_server_answering(status, b"Unauthorized\n")
+
+
+async def test_a_redirect_says_where_it_points_as_it_is_not_followed():
+    # It said only "HTTP 307 ... check that the address is ...", not the address to give.
+    moved = "Location: http://10.0.0.2:1789/rpc/v1\r\n"
+    with pytest.raises(RpcProtocolError, match=r"HTTP 307 .*redirects to 'http://10\.0\.0\.2"):
+        await _call_a_server_answering(307, b"", moved)
 
 
 @pytest.mark.parametrize(

@@ -244,12 +244,16 @@ class RpcClient:
 
     def _not_rpc(self, method: str, status: int, body: bytes) -> RpcProtocolError:
         text = body[:200].decode("utf-8", "replace").strip()
-        check = (
-            "the token was refused: give the one the server takes (an 'Authorization:"
-            " Bearer TOKEN' header, or --token-file)"
-            if status in (401, 403)
-            else f"check that the address is {self.serves}"
-        )
+        moved = _header(self._last_headers, b"location") if 300 <= status < 400 else None
+        if status in (401, 403):
+            check = (
+                "the token was refused: give the one the server takes (an 'Authorization:"
+                " Bearer TOKEN' header, or --token-file)"
+            )
+        elif moved is not None:  # not followed: a POST is not sent on to another address
+            check = f"it redirects to {moved[:200]!r}: give the address of {self.serves} there"
+        else:
+            check = f"check that the address is {self.serves}"
         return RpcProtocolError(
             f"{self.url} answered {method} with HTTP {status} and a body that is not a "
             f"JSON-RPC answer ({text!r}); {check}",
@@ -351,15 +355,23 @@ class RpcClient:
         return status, b"".join(chunks)
 
 
+def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """The value of a response's header (h11 gives names in lower case), or None."""
+    for name, value in headers:
+        if name == wanted:
+            return value.decode("latin-1")
+    return None
+
+
 def _http_date(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
     """The unix time of a response's Date header (to the second), if it has a readable one."""
-    for name, value in headers:
-        if name == b"date":
-            try:
-                return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                return None
-    return None
+    date = _header(headers, b"date")
+    if date is None:
+        return None
+    try:
+        return parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 async def local_address_towards(endpoint: Endpoint) -> str:
