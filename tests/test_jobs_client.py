@@ -73,11 +73,15 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("http://a..b:1789", "not a host name"),
         ("/dns/a..b/tcp/1789", "not a host name"),
         ("a..b:1789", "not a host name"),
+        # Dropped silently before, and the calls were refused for want of the token.
+        ("http://manager:1789/rpc/v0?token=SECRET", "query .*not sent.*Authorization: Bearer"),
+        ("http://user:SECRET@manager:1789", "credentials .*not sent.*Authorization: Bearer"),
     ],
 )
 def test_a_bad_address_says_what_is_wrong(text, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match=words) as caught:
         parse_endpoint(text)
+    assert "SECRET" not in str(caught.value)  # a token is not echoed
 
 
 @pytest.fixture

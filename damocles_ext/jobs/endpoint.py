@@ -108,6 +108,14 @@ def _url(text: str) -> Endpoint:
         raise ValueError(f"the port in {text!r} must be a number from 1 to 65535")
     # A bare "/" (http://HOST:PORT/, as a browser writes it) is no RPC path: the default.
     path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+    if parts.query or "@" in parts.netloc:
+        # Lotus' ?token=… or user:password@: not sent, and not echoed (it may be a secret).
+        what = "a query (?…)" if parts.query else "credentials (…@)"
+        raise ValueError(
+            f"the address http://{parts.hostname}:{port or 80}{path} is given with {what}, which"
+            " is not sent; give the token in an 'Authorization: Bearer TOKEN' header (--header,"
+            " --proxy-header) or with --token-file, and the address without it"
+        )
     return Endpoint(parts.hostname, 80 if port is None else port, path)
 
 
