@@ -158,6 +158,32 @@ async def test_a_sector_split_over_two_stores_gets_each_path_from_its_own_store(
     assert sealed.startswith(stores["a"]) and cache.startswith(stores["b"])
 
 
+class WordySource(DamoclesSource):
+    """A source node whose error for sector 9 is 60,000 characters long."""
+
+    def _find(self, index_type, sid):
+        if isinstance(sid, dict) and sid.get("Number") == 9:
+            raise MethodError("sector indexer failed: " + "x" * 60_000)
+        return super()._find(index_type, sid)
+
+
+async def test_a_source_error_or_store_name_of_60_kb_gives_each_sector_a_reason_of_a_few_lines(
+    stores,
+):
+    """The source's words went whole into each sector's reason: a source answering 60 KB errors
+    (within the 64 KiB an answer may take) made a worker log 60 KB per sector of a job, a
+    coordinator relay it to each proxy node's call, `sectors find` print it per sector."""
+    with WordySource() as source:
+        source.put(MINER, 8, "s" * 30_000)  # sealed and cache: 60 KB
+        async with SectorLocator([SourceNode(source.url, stores)]) as locator:
+            erred, named = await locator.locate(refs(9, 8))
+    assert erred.status == named.status == "error"
+    assert "sector indexer failed: xxx" in erred.detail and "(cut; " in erred.detail
+    assert "store 'sss" in named.detail and "(30000 chars)" in named.detail
+    assert "add the store that holds it" in named.detail
+    assert len(erred.detail) < 1500 and len(named.detail) < 1500
+
+
 async def test_an_unknown_store_name_is_an_error_naming_the_store_and_the_sector(source, stores):
     source.put(MINER, 8, "elsewhere")
     async with SectorLocator([SourceNode(source.url, stores)]) as locator:

@@ -142,7 +142,9 @@ class StoreMap:
         root = self.stores.get(store)
         if root is None:
             known = ", ".join(sorted(self.stores)) or "none"
-            raise KeyError(f"store {store!r} is not known here (known: {known}); {STORE_FIX}")
+            # A source node's answer names it: at most a line of it (an answer may be 64 KiB).
+            shown = repr(store) if len(store) <= 100 else f"{store[:100]!r}… ({len(store)} chars)"
+            raise KeyError(f"store {shown} is not known here (known: {known}); {STORE_FIX}")
         if kind == "sealed":
             directory = UPDATE if upgrade else SEALED
         elif kind == "cache":

@@ -45,6 +45,16 @@ DEFAULT_DOWN_FOR = 2.0
 NO_ANSWER_AFTER = 1.0
 #: One store look bounded on its own too, for a scan used without a locator.
 DEFAULT_SCAN_TIMEOUT = 10.0
+#: What of the source's own error a lookup's reason shows: it is in every sector's answer and
+#: log line, and an answer may be 64 KiB (a chain of proxies' reasons take a few hundred).
+MAX_SHOWN = 1000
+
+
+def _shown(text: str) -> str:
+    """`text`, cut to MAX_SHOWN characters (saying so)."""
+    if len(text) <= MAX_SHOWN:
+        return text
+    return f"{text[:MAX_SHOWN]}… (cut; {len(text)} characters)"
 
 
 class IndexInstance(msgspec.Struct, frozen=True):
@@ -144,7 +154,7 @@ class SourceNode:
         except RpcClientError as exc:  # it answered (with an error): it is not down
             self._answered_at = trio.current_time()
             self.down = None
-            raise SectorProviderError(f"{sector}: {exc}") from None
+            raise SectorProviderError(f"{sector}: {_shown(str(exc))}") from None
         except trio.Cancelled:
             # Its time was up (the locator's bound) with no answer: after this long, and with
             # no other call answered meanwhile, the source is not answering, as good as
