@@ -781,6 +781,30 @@ async def test_a_provider_batch_answer_that_is_not_a_mapping_fails_its_lookup_no
     assert "not a mapping of sectors to locations" in answer.detail
 
 
+async def test_a_provider_location_of_pathlib_paths_fails_its_lookup_and_the_next_answers(
+    stores,
+):
+    """A provider's SectorLocation of pathlib.Path objects was taken as found: `sectors find`
+    then died on it with a traceback (its table and its --json take text)."""
+    import json
+
+    sealed, cache = put_files(stores, 5)
+
+    class Pathlib:
+        name = "site-db"
+
+        async def find(self, sector):
+            return SectorLocation(Path(sealed), Path(cache))
+
+    async with SectorLocator([Pathlib(), StoreScan(stores)]) as locator:
+        [answer] = await locator.locate(refs(5))
+    assert answer.found and answer.provider == "scan of 2 stores"
+    assert answer.location == SectorLocation(sealed, cache, "a", "a")
+    assert "site-db: sector 5 of miner 1000: answered SectorLocation(" in answer.detail
+    assert "not a SectorLocation of str paths" in answer.detail
+    json.dumps(answer.to_dict())
+
+
 async def test_a_plugin_provider_that_calls_sys_exit_fails_its_lookup_and_the_next_answers(
     source, stores
 ):

@@ -300,11 +300,13 @@ class SectorLocator:
             if location is None:
                 outcome.not_known.append(provider.name)
                 self._answered(provider.name)
-            elif isinstance(location, SectorLocation):
+            elif isinstance(location, SectorLocation) and _textual(location):
                 outcome.found = (location, provider.name)
                 self._answered(provider.name)
             else:
-                message = f"{sector}: answered {location!r}, not a SectorLocation"
+                message = f"{sector}: answered {location!r:.300}, not a SectorLocation"
+                if isinstance(location, SectorLocation):  # a pathlib.Path, say
+                    message += " of str paths (and str or None store names)"
                 self._source_error(provider.name, outcome, message)
             done.add(sector)
 
@@ -486,6 +488,16 @@ class SectorLocator:
             "fresh_for": self.rules.fresh_for,
             "keep_for": self.rules.keep_for,
         }
+
+
+def _textual(location: SectorLocation) -> bool:
+    """The location's paths are str, its store names str or None (what answers are made of)."""
+    return (
+        isinstance(location.sealed_file, str)
+        and isinstance(location.cache_dir, str)
+        and isinstance(location.sealed_store, str | None)
+        and isinstance(location.cache_store, str | None)
+    )
 
 
 def build_providers(
