@@ -97,6 +97,7 @@ class _Job:
         a phase a frame cannot carry is made one it can, counts it cannot are left out."""
         if type(phase) is not str or not phase.isascii():
             phase = _utf8(text_of(phase))
+        phase = dext.short_phase(phase)
         try:
             counts = (int(done), int(total))
         except (TypeError, ValueError, OverflowError):

@@ -574,6 +574,7 @@ GARBLED_PLUGIN = textwrap.dedent(
             if task.miner_id == 2:
                 raise Unreadable()
             progress("reading " + os.fsdecode(b"\\xff"), 0, 1)
+            progress("log " * 500_000, 0, 1)  # a whole log as the phase: re-sent every 2 s
             progress("proving", 2**70, -1)
             cancel.wait(3.3)  # a heartbeat (2 s, looked at every 1 s) re-sends the last progress
             return echo_output(task)
@@ -608,6 +609,7 @@ def test_error_and_progress_texts_no_frame_can_carry_fail_nothing_but_their_requ
         assert answers[3].output == echo_output(window_task(miner=3))
         progress = [(m.phase, m.done, m.total) for m in skipped if isinstance(m, dext.Progress)]
         assert ("reading \\udcff", 0, 1) in progress
+        assert ("log " * 64 + "...", 0, 1) in progress  # cut to 256 characters
         # The heartbeat re-sent the last one, its counts left out.
         assert progress[-2:] == [("proving", 0, 0)] * 2, progress
         child.close_stdin()

@@ -140,6 +140,14 @@ def test_dext_responses_and_progress_become_events():
     assert events[1:] == [ProgressEvent(1, "sleep", 1, 4), Answer(1, out, None)]
 
 
+def test_a_progress_phase_of_a_whole_log_is_cut_to_a_short_name():
+    # A custom binary's phase is kept for status and sent on to control clients, and comes
+    # again with each heartbeat: a megabyte of it is cut, not carried.
+    conn = ChildConnection("window_post", "dext")
+    events = conn.receive_data(hello() + dext.encode(dext.Progress(1, "x" * 1_000_000, 0, 1)))
+    assert events[1:] == [ProgressEvent(1, "x" * dext.MAX_PHASE_CHARS + "...", 0, 1)]
+
+
 def test_a_bad_json_line_is_skipped_and_reading_goes_on():
     conn = ChildConnection("window_post")
     conn.receive_data(jsonl.ready_line("window_post"))

@@ -23,6 +23,9 @@ from ..tasks import Output, Task
 
 PROTOCOL_VERSION = "dext/1"
 HEADER_SIZE = 4
+#: A Progress phase longer than this is cut (with "..."), by the runtime as it sends it and by
+#: the supervisor as it reads it: it is re-sent with every heartbeat and shown in `status`.
+MAX_PHASE_CHARS = 256
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 _MAX_LENGTH_FIELD = 2**32 - 1
 #: The length prefix of the frame at an offset of a buffer (a tuple of one int).
@@ -32,6 +35,11 @@ _COPY_BELOW = 64 * 1024
 #: What a decoder says of a message whose containers nest deeper than it can follow (no message
 #: of ours nests more than a handful of levels).
 NESTED_TOO_DEEPLY = "its values are nested too deeply to decode (hundreds of levels)"
+
+
+def short_phase(phase: str) -> str:
+    """`phase` cut to MAX_PHASE_CHARS (a prover that puts a whole log in it)."""
+    return phase if len(phase) <= MAX_PHASE_CHARS else phase[:MAX_PHASE_CHARS] + "..."
 
 
 class ProtocolError(Exception):

@@ -172,7 +172,8 @@ class ChildConnection:
             elif isinstance(msg, dext.Response):
                 events.append(Answer(msg.id, msg.output, msg.error))
             elif isinstance(msg, dext.Progress):
-                events.append(ProgressEvent(msg.id, msg.phase, msg.done, msg.total))
+                phase = dext.short_phase(msg.phase)
+                events.append(ProgressEvent(msg.id, phase, msg.done, msg.total))
             elif isinstance(msg, dext.Hello):
                 raise ChildProtocolError(
                     f"sent a second Hello frame (pid {msg.pid}, prover {msg.prover!r}) after it"
