@@ -100,8 +100,9 @@ def test_runs_stop_timeout_outlasts_its_graceful_stop():
     argv = shlex.split(service["ExecStart"][0])
     grace = float(argv[argv.index("--shutdown-grace") + 1])
     stop = inspect.signature(Supervisor).parameters["stop_timeout"].default
-    # The proofs' grace, then each child's Shutdown -> SIGTERM -> SIGKILL, then its reap.
-    assert seconds(service["TimeoutStopSec"][0]) > grace + 2 * stop + REAP_TIMEOUT
+    # The proofs' grace, then each child's Shutdown -> SIGTERM -> SIGKILL, then its reap and
+    # the end of the rest of its process group.
+    assert seconds(service["TimeoutStopSec"][0]) > grace + 2 * stop + 2 * REAP_TIMEOUT
 
 
 def test_the_workers_proofs_get_minutes_to_finish_and_its_stop_timeout_outlasts_that():
@@ -114,8 +115,8 @@ def test_the_workers_proofs_get_minutes_to_finish_and_its_stop_timeout_outlasts_
     assert grace >= 120
     stop = inspect.signature(Supervisor).parameters["stop_timeout"].default
     # The proofs' grace, the grace again to report them, the grace once more for the proofs
-    # cancelled then, then each child's Shutdown -> SIGTERM -> SIGKILL and its reap.
-    assert seconds(service["TimeoutStopSec"][0]) > 3 * grace + 2 * stop + REAP_TIMEOUT
+    # cancelled then, then each child's Shutdown -> SIGTERM -> SIGKILL, its reap and its group's.
+    assert seconds(service["TimeoutStopSec"][0]) > 3 * grace + 2 * stop + 2 * REAP_TIMEOUT
 
 
 def test_the_coordinators_stop_timeout_outlasts_its_graceful_stop():

@@ -9,9 +9,13 @@ elsewhere as before.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -21,6 +25,7 @@ import trio
 import trio.testing
 from helpers.scheduling import Gate, gated
 from helpers.supervisor import (
+    alive,
     builtin_child,
     dext_child,
     python_child,
@@ -123,16 +128,19 @@ def test_a_process_seen_exited_before_it_went_down_holds_nothing():
 
 class ProcessAtDispatch:
     """Inline observer: for each request written to a child (the supervisor calls it as it
-    writes it), which child, and whether the process `pid` still existed (not reaped) then."""
+    writes it), which child, and whether the process `pid` still existed (not reaped) then;
+    `running` instead: whether it still ran (a zombie has freed the GPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, running: bool = False) -> None:
         self.pid: int | None = None
         self.seen: list[tuple[str, bool]] = []
         self.send, self.starts = trio.open_memory_channel[str](10)
+        self._running = running
 
     def dext_request_started(self, request) -> None:
         assert self.pid is not None
-        self.seen.append((request.child, os.path.exists(f"/proc/{self.pid}")))
+        there = alive(self.pid) if self._running else os.path.exists(f"/proc/{self.pid}")
+        self.seen.append((request.child, there))
         self.send.send_nowait(request.child)
 
 
@@ -193,6 +201,14 @@ async def test_a_gpu_held_by_a_wrapper_scripts_prover_goes_to_a_sibling_only_onc
     # group, holds the GPU. Here the script dies first (killed at the gate's word) while its
     # prover lives on: the GPU was handed to the sibling at the script's reap, before the tear
     # -down even killed the prover; it now waits until the whole group is gone.
+    seen = await wrapper_scripts_prover_then_sibling(tmp_path)
+    # The WinningPoSt was written to the sibling only once the prover was gone.
+    assert seen == [(f"{WD}#0", True), (f"{WIN}#0", False)]
+
+
+async def wrapper_scripts_prover_then_sibling(tmp_path) -> list[tuple[str, bool]]:
+    """The script's prover takes a WindowPoSt on gpu:0 and kills its script; a WinningPoSt on
+    gpu:0 waits meanwhile: for each dispatch, (child, whether the prover still ran)."""
     gate, pid_file = Gate(tmp_path / "gate"), tmp_path / "prover.pid"
     prover = dext_child(
         "os.read(gate, 1); os.kill(os.getppid(), signal.SIGKILL); time.sleep(3600)",
@@ -205,9 +221,8 @@ async def test_a_gpu_held_by_a_wrapper_scripts_prover_goes_to_a_sibling_only_onc
     argv = ["/bin/sh", "-c", '"$@"; exit 0', "sh", *prover]
     script = spec(argv, locks=("gpu:0",), max_attempts=1)
     probe = spec(builtin_child(WIN, "echo"), stage=WIN, locks=("gpu:0",))
-    watch = ProcessAtDispatch()
+    watch = ProcessAtDispatch(running=True)
     answers: dict[str, object] = {}
-
     try:
         async with gpu_siblings([script, probe], watch) as sup:
             await sup.wait_ready(WD)
@@ -225,10 +240,50 @@ async def test_a_gpu_held_by_a_wrapper_scripts_prover_goes_to_a_sibling_only_onc
                     assert await watch.starts.receive() == f"{WIN}#0"
     finally:
         gate.close()
-    # The WinningPoSt was written to the sibling only once the prover was gone (and reaped).
-    assert watch.seen == [(f"{WD}#0", True), (f"{WIN}#0", False)]
     assert isinstance(answers[WD], ProverError) and "SIGKILL" in str(answers[WD])
     assert not isinstance(answers[WIN], ProverError)
+    return watch.seen
+
+
+# The script test above, run by a program whose parent adopts orphans and never reaps them (a
+# container's PID 1 that does not reap, an embedding program that is a subreaper): the dead
+# prover stays a zombie, which holds nothing, and must not keep the GPU's lock.
+NO_REAPER = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER; adopted orphans never reaped
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+SCRIPT_UNDER_NO_REAPER = """
+import json, logging, pathlib, sys, trio
+sys.path.insert(0, sys.argv[1])
+import test_lock_holds as t
+logging.basicConfig(level=logging.ERROR)
+records = []
+logging.getLogger().addHandler(h := logging.Handler())
+h.emit = records.append
+seen = trio.run(t.wrapper_scripts_prover_then_sibling, pathlib.Path(sys.argv[2]))
+print(json.dumps({"seen": seen, "errors": [r.getMessage() for r in records]}))
+"""
+
+
+def test_a_dead_prover_that_nobody_reaps_does_not_keep_the_gpu(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, "-c", NO_REAPER, "-c", SCRIPT_UNDER_NO_REAPER, tests, str(tmp_path)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        if (pid_file := tmp_path / "prover.pid").exists():  # its zombie, if it is ours now
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(pid_file.read_text()), os.WNOHANG)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said["seen"] == [[f"{WD}#0", True], [f"{WIN}#0", False]]
+    # Not held until the tear-down's bound, taken for a process stuck in the kernel.
+    assert not [e for e in said["errors"] if "still not dead" in e], said["errors"]
 
 
 async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_exits(caplog):

@@ -601,8 +601,6 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.wait()
     host.reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
-    if p.proc.exit is not None:  # (else the reaper frees its locks once it exits)
-        await _until_group_gone(host, child, p)
     # Answers written just before the exit may sit in the pipe, and the last stderr lines (a
     # traceback) are what an operator needs: taken first. Once it is reaped EOF is waited for
     # briefly: a grandchild that left the group (setsid) may hold the pipes open for ever.
@@ -641,6 +639,8 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
         child=child_info(child),
         status=exit_status(exit_info, reason),
     )
+    if exit_info is not None:  # (else the reaper frees its locks once it exits)
+        await _until_group_gone(host, child, p)
     return what
 
 
@@ -650,11 +650,11 @@ async def _until_group_gone(host: ChildHost, child: Child, p: Process) -> None:
     REAP_TIMEOUT, said (stuck in the kernel)."""
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.until_group_gone()
-    if not p.proc.group_gone():
-        log.error("%s (pid %d): a process of its group is still not dead %gs after SIGKILL (stuck"
-                  " in the kernel: a GPU driver call?); its locks are freed, and a proof on its"
-                  " GPU may fail while that holds the GPU's memory: check the machine (dmesg)",
-                  child.name, p.proc.pid, REAP_TIMEOUT)  # fmt: skip
+    if left := p.proc.group_left():
+        log.error("%s (pid %d): pid %s of its group still not dead %gs after SIGKILL (stuck in"
+                  " the kernel: a GPU driver call?); its locks are freed, and a proof on its GPU"
+                  " may fail while that holds the GPU's memory: check the machine (dmesg)",
+                  child.name, p.proc.pid, ", ".join(map(str, left)), REAP_TIMEOUT)  # fmt: skip
     _locks_freed(host, child, p.proc)
 
 

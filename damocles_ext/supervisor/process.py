@@ -345,26 +345,33 @@ class ChildProcess:
                     os.kill(self.pid, sig)
                 except ProcessLookupError:
                     return False
+                except PermissionError:  # (a Bin that is another user's: sudo, setpriv)
+                    pass
             return True
 
-    def group_gone(self) -> bool:
-        """The child was reaped and no process is left in its group: what the group held, a
-        GPU's memory say, is free. A zombie counts until it is reaped: those that are ours to
-        reap (orphans of its tree, with the supervisor a subreaper) are reaped here."""
+    def group_left(self) -> list[int]:
+        """The processes still running in the child's group once the child itself was reaped
+        (a prover its script started, holding the GPU), and that we may kill; [] when there
+        is none. A zombie has freed what it held, and one we may not signal (another user's)
+        we cannot wait out: neither counts."""
         if self.exit is None:
-            return False
-        try:  # (the group's leader is reaped: nothing else of ours waits for these)
-            while os.waitid(os.P_PGID, self.pid, os.WEXITED | os.WNOHANG) is not None:
-                pass
-        except ChildProcessError:
-            pass
-        return not self.signal_group(0)
+            return [self.pid]
+        try:
+            os.killpg(self.pid, 0)
+        except OSError:  # none left (ESRCH), or none of them ours to signal (EPERM)
+            return []
+        return [pid for pid in running_in_group(self.pid) if _may_signal(pid)]
+
+    def group_gone(self) -> bool:
+        """The child was reaped and nothing of `group_left` is left: what the group held, a
+        GPU's memory say, is free."""
+        return not self.group_left()
 
     async def until_group_gone(self) -> None:
         """Return once `group_gone` (the caller bounds the wait)."""
-        # No event tells when a process group empties: poll it.
-        while not self.group_gone():  # noqa: ASYNC110
-            await trio.sleep(_GROUP_POLL)
+        while left := self.group_left():
+            for pid in left:
+                await _until_exited(pid)
 
     def remember_descendants(self) -> None:
         """Note the child's descendants now, so that ones that left its process group (setsid)
@@ -401,6 +408,59 @@ class ChildProcess:
         """Close our ends of the pipes."""
         for stream in (self.stdin, self.stdout, self.stderr):
             await stream.aclose()
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat's fields after the command's name (state, ppid, pgrp, ...); None once
+    the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    return text[text.rfind(b")") + 2 :].split()  # the name may hold spaces and parentheses
+
+
+def _state(pid: int) -> bytes | None:
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def running_in_group(pgid: int) -> list[int]:
+    """The pids of the processes of group `pgid` that have not exited (zombies excluded), from
+    /proc: no system call lists a group's members."""
+    group = b"%d" % pgid
+    found = []
+    for name in os.listdir("/proc"):
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and len(fields) > 2 and fields[0] not in (b"Z", b"X") and fields[2] == group:
+            found.append(int(name))
+    return found
+
+
+def _may_signal(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:  # gone, or another user's
+        return False
+    return True
+
+
+async def _until_exited(pid: int) -> None:
+    """Return once process `pid` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfds (Linux before 5.3): no event tells, look every few ms
+        while _state(pid) not in (None, b"Z", b"X"):  # noqa: ASYNC110
+            await trio.sleep(_GROUP_POLL)
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)  # readable once it has exited
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
 
 
 def pgid_of(pid: int) -> int | None:
