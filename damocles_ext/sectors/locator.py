@@ -132,6 +132,19 @@ class SectorLocator:
         self._warned_at: dict[str, float] = {}
 
     @property
+    def metrics(self) -> SectorMetrics | None:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: SectorMetrics | None) -> None:
+        # Each provider's error series is there (at 0) from the first scrape: one that appeared
+        # at its first failures would show no increase() for them.
+        if metrics is not None:
+            for provider in self.providers:
+                metrics.source_errors.labels(provider=provider.name)
+        self._metrics = metrics
+
+    @property
     def rules(self) -> CacheRules:
         return self.cache.rules
 
