@@ -534,3 +534,85 @@ async def test_an_inline_observer_that_raises_reaches_no_caller():
     assert observers.open()
     observers.observe("dext_child_exited", child="c", status="s")  # does not raise
     assert seen == [{"child": "c", "status": "s"}]
+
+
+async def test_example_alerts_plugin_stuck_on_a_trickling_webhook_lets_the_next_alert_go(
+    monkeypatch, caplog
+):
+    # A webhook that answers one byte at a time, each within the plugin's 5 s socket timeout,
+    # holds its POST for as long as it trickles. The supervisor cuts the hook off after its
+    # observer timeout; the alert after it must still be posted (before, the call could not be
+    # cut off, and it held every later event of every observer).
+    import importlib
+    import json as json_module
+    import socket as socket_module
+    import sys
+    import threading
+
+    from damocles_ext.supervisor import observers
+
+    monkeypatch.setattr(observers, "OBSERVER_TIMEOUT", 0.5)
+    listener = socket_module.create_server(("127.0.0.1", 0))
+    stop, posted, posts = threading.Event(), threading.Event(), []
+
+    def read_request(conn) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))  # fmt: skip
+        while len(body) < length:
+            body += conn.recv(65536)
+        return body
+
+    def serve() -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            body = read_request(conn)
+            if first:  # the first alert's answer trickles until the test ends
+                first = False
+                threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+                continue
+            posts.append(json_module.loads(body))
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            posted.set()
+
+    def trickle(conn) -> None:
+        while not stop.wait(0.2):
+            try:
+                conn.sendall(b"H")
+            except OSError:
+                return
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    alerts = importlib.import_module("dext_alerts")
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(alerts, name="alerts")
+    child = builtin_child("window_post", "sleep", "seconds=0.2", "fail=crash")
+    try:
+        async with open_supervisor([spec(child, max_attempts=1)], plugin_manager=pm) as sup:
+            try:
+                await sup.wait_ready()
+                with pytest.raises(ProverError, match="exit code 3"):
+                    await sup.submit(window_task(), deadline=time.time() + 60)
+                # Two alerts: the first trickles; the second is posted once the first is cut off.
+                sent = await trio.to_thread.run_sync(posted.wait, 20)
+            finally:
+                stop.set()  # the trickle ends: the supervisor's shutdown need not wait for it
+        assert sent
+    finally:
+        stop.set()
+        listener.close()
+        sys.modules.pop("dext_alerts", None)
+    assert len(posts) == 1 and posts[0]["alert"] in ("ProverChildDown", "ProofFailed")
+    assert "did not return within 0.5s; cut off" in caplog.text

@@ -5,7 +5,11 @@ DEXT_ALERT_WEBHOOK to a URL that takes a JSON POST (Alertmanager's webhook recei
 incoming webhook, ...). `damocles-ext run` and `serve` then call these hooks on their event loop.
 
 Observer hooks must return quickly: the supervisor cuts one off after 10 s and logs it. So the
-HTTP call runs in a worker thread, and an unreachable webhook costs a log line, not a proof.
+HTTP call runs in a worker thread, and an unreachable webhook costs a log line, not a proof. The
+thread is left to itself when the hook is cut off: a webhook that trickles its answer (each read
+within the 5 s timeout) would otherwise hold this alert and every later event of every observer.
+At most THREADS such threads at once (not trio's, which the supervisor needs): with all of them
+held, an alert is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import urllib.request
 from damocles_ext.hookspecs import hookimpl
 
 log = logging.getLogger("dext_alerts")
+
+THREADS = 4  # POSTs under way at once (each stuck one keeps its thread until it returns)
+_limiters = None  # trio.lowlevel.RunVar of this run's CapacityLimiter, made at the first alert
 
 
 def _post(url: str, alert: dict) -> None:
@@ -34,10 +41,27 @@ async def _send(alert: dict) -> None:
         return
     import trio  # imported here: every prover child imports plugin modules at start
 
+    limiter = _limiter(trio)
+    if limiter.available_tokens < 1:
+        log.warning("alert %s dropped: %d posts to %s have not returned", alert["alert"],
+                    THREADS, url)  # fmt: skip
+        return
     try:
-        await trio.to_thread.run_sync(_post, url, alert)
+        await trio.to_thread.run_sync(_post, url, alert, limiter=limiter, abandon_on_cancel=True)
     except OSError as exc:
         log.warning("could not post alert %s to %s: %s", alert["alert"], url, exc)
+
+
+def _limiter(trio):
+    global _limiters
+    if _limiters is None:
+        _limiters = trio.lowlevel.RunVar("dext_alerts_threads")
+    try:
+        return _limiters.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(THREADS)
+        _limiters.set(limiter)
+        return limiter
 
 
 @hookimpl
