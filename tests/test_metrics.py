@@ -616,3 +616,44 @@ async def test_example_alerts_plugin_stuck_on_a_trickling_webhook_lets_the_next_
         sys.modules.pop("dext_alerts", None)
     assert len(posts) == 1 and posts[0]["alert"] in ("ProverChildDown", "ProofFailed")
     assert "did not return within 0.5s; cut off" in caplog.text
+
+
+async def test_example_alerts_plugin_says_a_webhook_that_is_no_http_server_in_one_warning(
+    monkeypatch, caplog
+):
+    # DEXT_ALERT_WEBHOOK at a port where something else listens (it answers, but not HTTP): a
+    # warning naming the alert and the URL, as for a webhook that cannot be reached, and no
+    # observer traceback (before: http.client's BadStatusLine escaped the hook).
+    import importlib
+    import socket as socket_module
+    import sys
+    import threading
+
+    listener = socket_module.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            conn.recv(65536)
+            conn.sendall(b"-ERR unknown command\r\n")  # e.g. a redis
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", url)
+    alerts = importlib.import_module("dext_alerts")
+    try:
+        from damocles_ext.hookspecs import RequestInfo
+
+        request = RequestInfo(id=1, stage="window_post", child="window_post#0", deadline=None)
+        await alerts.dext_request_finished(request, "error", 1.0, None)
+    finally:
+        listener.close()
+        sys.modules.pop("dext_alerts", None)
+    [warning] = [r for r in caplog.records if r.name == "dext_alerts"]
+    assert warning.getMessage().startswith(f"could not post alert ProofFailed to {url}: ")

@@ -14,6 +14,7 @@ held, an alert is dropped with a warning.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ async def _send(alert: dict) -> None:
         return
     try:
         await trio.to_thread.run_sync(_post, url, alert, limiter=limiter, abandon_on_cancel=True)
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # unreachable, refused, or not HTTP
         log.warning("could not post alert %s to %s: %s", alert["alert"], url, exc)
 
 
