@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_PROVER_ERROR = 1
 EXIT_USAGE = 2
@@ -10,11 +12,18 @@ EXIT_USAGE = 2
 #: where RestartPreventExitStatus=2 keeps a usage error from looping.
 EXIT_TEMPFAIL = 75
 
-#: What a plugin's code (a hook, a sector provider) may raise that is reported and survived: any
-#: Exception, and SystemExit too, since a `sys.exit()` in a plugin or in a library it calls must
-#: not end the supervisor, a worker or a coordinator. KeyboardInterrupt and trio's cancellation
-#: pass through.
-PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+def passes_through(exc: BaseException) -> bool:
+    """Whether `exc`, out of a plugin's code (a hook, an observer, a sector provider), is Ctrl-C,
+    trio's cancellation of the caller or the close of its coroutine (alone or in a group), which
+    pass through; anything else is the plugin's failure, reported and survived: an Exception, a
+    sys.exit(), and a BaseException such as asyncio.CancelledError or one of the plugin's own,
+    which would otherwise take the supervisor, a worker or a coordinator down."""
+    import trio  # here: the child runtime imports this module, and has no use for trio
+
+    if isinstance(exc, BaseExceptionGroup):
+        return any(passes_through(e) for e in exc.exceptions)
+    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled, GeneratorExit))
 
 
 #: What to do when a process or a thread cannot be started for lack of tasks (EAGAIN from fork or
@@ -63,11 +72,12 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
-def text_of(value: object) -> str:
-    """str(value), or what it is when its __str__ fails (a plugin's exception may have a broken
-    one): for messages about third-party objects, which must not fail themselves."""
+def text_of(value: object, how: Callable[[object], str] = str) -> str:
+    """str(value) (or `how`, repr say), or what it is when its __str__ (__repr__) fails (a
+    plugin's exception may have a broken one): for messages about third-party objects, which
+    must not fail themselves."""
     try:
-        return str(value)
+        return how(value)
     except Exception:  # noqa: BLE001 - a third party's object; its type is all there is to say
         return f"<{type(value).__name__} whose text could not be read>"
 

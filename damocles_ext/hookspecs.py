@@ -359,7 +359,9 @@ def dext_sector_providers(settings: SectorSettings) -> list[SectorProvider] | No
     exception when it cannot answer), or None for none. The locator asks the plugins' providers
     first (pluggy's order: `tryfirst`/`trylast` apply), then the built-in ones: the damocles
     source node (`--proxy`), then the scan of the stores in damocles' layout. The first
-    location given wins; a provider that raises counts as a source error and the next is asked.
+    location given wins; a provider that raises (anything but Ctrl-C and trio's cancellation:
+    a `sys.exit()`, an asyncio.CancelledError, an exception whose str() fails) counts as a
+    source error and the next is asked.
 
     Called: once, when a locator is built (`sectors find`, and the worker and coordinator that
     locate sectors); the providers are then used for the locator's life.

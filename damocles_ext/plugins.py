@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .errors import UsageError, describe, text_of
+from .errors import UsageError, describe, passes_through, text_of
 from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API lives here too)
     OUTCOMES,
     Cancelled,
@@ -490,19 +490,6 @@ class ObserverCall:
             item.discard()
 
 
-def _ours(exc: BaseException) -> bool:
-    """Whether `exc`, out of an observer, is Ctrl-C, trio's cancellation of the caller or the
-    close of its coroutine (alone or in a group), which pass through; anything else is the
-    plugin's failure, logged and survived: an Exception, a sys.exit(), and a BaseException such
-    as asyncio.CancelledError or one of the plugin's own, which would otherwise take the
-    supervisor down."""
-    import trio  # here: observers run under trio, and the child runtime does not import it
-
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_ours(e) for e in exc.exceptions)
-    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled, GeneratorExit))
-
-
 class _Pending:
     """What an observer returned that is still to be done: an awaitable, or a callable that
     returns one (datasette's await_me_maybe). The hook call itself is synchronous (pluggy), so
@@ -521,7 +508,7 @@ class _Pending:
             if inspect.isawaitable(result):
                 await result
         except BaseException as exc:
-            if _ours(exc):
+            if passes_through(exc):
                 raise
             log.exception("observer %s of plugin %r raised; ignored", self.hook, self.plugin)
 
@@ -547,7 +534,7 @@ def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
         try:
             result = function(*args, **kwargs)
         except BaseException as exc:
-            if _ours(exc):
+            if passes_through(exc):
                 raise
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
@@ -613,7 +600,7 @@ def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: Observer
     try:
         caller(**kwargs)
     except BaseException as exc:
-        if _ours(exc):
+        if passes_through(exc):
             raise
         plugin = _raising_wrapper(caller, exc)
         log.exception(

@@ -5,6 +5,7 @@ third party's provider through the hook."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import threading
@@ -19,7 +20,13 @@ from helpers.gojsonrpc import MethodError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs.client import RpcCallError, RpcClient
 from damocles_ext.plugins import get_plugin_manager
-from damocles_ext.sectors import Bounds, SectorLocation, SectorRef, SectorSettings
+from damocles_ext.sectors import (
+    Bounds,
+    SectorLocation,
+    SectorProviderError,
+    SectorRef,
+    SectorSettings,
+)
 from damocles_ext.sectors.cache import CacheRules
 from damocles_ext.sectors.locator import SectorLocator, open_locator
 from damocles_ext.sectors.metrics import SectorMetrics
@@ -831,6 +838,90 @@ async def test_a_plugin_provider_that_calls_sys_exit_fails_its_lookup_and_the_ne
     ) as locator:
         [answer] = await locator.locate(refs(5))
     assert answer.found and answer.provider.startswith("source")
+
+
+class PluginStop(BaseException):
+    """A plugin's own BaseException (as gevent's GreenletExit is one)."""
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+class UnprintableProviderError(SectorProviderError):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+HOSTILE = {
+    "asyncio-cancelled": asyncio.CancelledError,
+    "own-base-exception": PluginStop,
+    "unprintable": Unprintable,
+    "unprintable-provider-error": UnprintableProviderError,
+}
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["find", "find_batch"])
+@pytest.mark.parametrize("raised", list(HOSTILE), ids=list(HOSTILE))
+async def test_a_provider_raising_a_base_exception_or_an_unprintable_one_fails_its_lookup_only(
+    stores, raised, batch
+):
+    """A provider's asyncio.CancelledError or BaseException of its own escaped the locator (the
+    worker's job, the coordinator's index, `sectors find` died of it), and one whose str()
+    raised escaped as that error: each is now that provider's error for its sectors, and the
+    next provider answers, in a lookup and in the background refresh."""
+    sealed, _ = put_files(stores, 5)
+    closed = []
+
+    class Hostile:
+        name = "hostile"
+
+        async def find(self, sector):
+            raise HOSTILE[raised]()
+
+        async def aclose(self):
+            raise HOSTILE[raised]()
+
+    if batch:
+
+        async def find_batch(self, sectors):
+            raise HOSTILE[raised]()
+
+        Hostile.find_batch = find_batch
+
+    class Closes(StoreScan):
+        async def aclose(self):
+            closed.append(True)
+
+    async with SectorLocator([Hostile(), Closes(stores)]) as locator:
+        [answer] = await locator.locate(refs(5))
+        await locator.refresh(refs(5))
+    assert answer.found and answer.location.sealed_file == sealed
+    assert answer.provider == "scan of 2 stores"
+    name = HOSTILE[raised].__name__
+    assert f"hostile: sector 5 of miner 1000: {name}" in answer.detail or (
+        raised == "unprintable-provider-error" and f"hostile: <{name} whose text" in answer.detail
+    ), answer.detail
+    assert closed == [True]  # the next provider's close still ran
+
+
+@pytest.mark.parametrize("raised", ["asyncio-cancelled", "own-base-exception", "unprintable"])
+async def test_a_dext_sector_providers_raising_a_base_exception_or_an_unprintable_one_is_a_clear_error(
+    raised,
+):
+    from damocles_ext.errors import UsageError
+
+    class Broken:
+        @hookimpl
+        def dext_sector_providers(self, settings):
+            raise HOSTILE[raised]()
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Broken(), name="broken")
+    with pytest.raises(UsageError, match="dext_sector_providers failed") as caught:
+        await open_locator(SectorSettings(), plugin_manager=pm)
+    assert HOSTILE[raised].__name__ in str(caught.value)
 
 
 async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_error():

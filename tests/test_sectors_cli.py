@@ -215,3 +215,67 @@ def test_a_relative_store_path_in_sector_manager_cfg_is_warned_of(tmp_path):
         " its own working directory, and damocles-ext from this one ("
     ) in result.stderr, result.stderr
     assert "write it absolute" in result.stderr and "Traceback" not in result.stderr
+
+
+HOSTILE_PLUGIN = """
+import asyncio, os
+from damocles_ext.hookspecs import hookimpl
+
+class PluginStop(BaseException):
+    pass
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+RAISED = {"asyncio-cancelled": asyncio.CancelledError, "own-base-exception": PluginStop,
+          "unprintable": Unprintable}[os.environ["HOSTILE_RAISES"]]
+
+class Provider:
+    name = "hostile"
+
+    async def find(self, sector):
+        raise RAISED()
+
+    async def find_batch(self, sectors):
+        raise RAISED()
+
+@hookimpl
+def dext_sector_providers(settings):
+    if os.environ.get("HOSTILE_IN") == "hook":
+        raise RAISED()
+    return [Provider()]
+"""
+
+
+@pytest.mark.parametrize("raised", ["asyncio-cancelled", "own-base-exception", "unprintable"])
+def test_a_plugin_provider_raising_a_base_exception_or_an_unprintable_one_is_asked_past(
+    store, tmp_path, raised
+):
+    """A plugin provider's asyncio.CancelledError, BaseException of its own or exception whose
+    str() raises ended `sectors find` with a traceback: the next provider answers instead; out
+    of the hook itself, it is exit 2 naming it."""
+    from helpers.child import make_plugin_dist
+
+    plugins = make_plugin_dist(
+        tmp_path / "plugins", dist="hostile-sectors", module="hostile_sectors",
+        source=HOSTILE_PLUGIN,
+    )  # fmt: skip
+    env = {**dext_env(), "PYTHONPATH": str(plugins), "HOSTILE_RAISES": raised}
+    command = [*DEXT, "sectors", "find", str(MINER), "5", "--attached", f"a={store}", "--json"]
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=60, env=env
+        )
+
+    result = run(env)
+    assert result.returncode == 0, result.stderr
+    [row] = map(json.loads, result.stdout.splitlines())
+    assert row["status"] == "found" and row["provider"] == "scan of 1 store"
+    assert "hostile: sector 5 of miner 1000:" in row["detail"], row["detail"]
+    assert "Traceback" not in result.stderr
+    result = run({**env, "HOSTILE_IN": "hook"})
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "a plugin's dext_sector_providers failed" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ heartbeats them, delivers the results; and its sans-IO rules (jobs/worker_rules.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -462,6 +463,40 @@ async def test_a_plugin_whose_sector_paths_call_sys_exit_fails_the_job_not_the_w
     assert worker.counters.failed == 1
     done = await rig.jobs.get(job.Id)
     assert done.ErrorReason and job.Id in done.ErrorReason
+
+
+class PluginStop(BaseException):
+    """A plugin's own BaseException (as gevent's GreenletExit is one)."""
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, PluginStop, Unprintable])
+async def test_a_plugin_whose_sector_paths_raise_a_base_exception_or_an_unprintable_one_fails_the_job(
+    rig, tmp_path, raised
+):
+    """An asyncio.CancelledError or a BaseException of the plugin's own out of
+    dext_sector_paths ended the worker, and an exception whose str() raises did too (the
+    worker formats the job's error with it): each fails that job only, naming the hook."""
+
+    class Raises:
+        @hookimpl
+        def dext_sector_paths(self, job, sector, attached):
+            raise raised()
+
+    job, _ = await rig.jobs.create(job_input())
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Raises(), name="raises")
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids), plugin_manager=pm)
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    assert worker.counters.failed == 1
+    done = await rig.jobs.get(job.Id)
+    assert job.Id in done.ErrorReason and "dext_sector_paths" in done.ErrorReason
+    assert raised.__name__ in done.ErrorReason
 
 
 async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig, tmp_path):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..errors import describe, passes_through, text_of
 from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
 from ..sectors.files import in_thread
 from ..threads import NoThreadError
@@ -41,8 +42,8 @@ async def job_sector_paths(
     now: float,
 ) -> tuple[list[tuple[str, str]], list[int]]:
     """(each sector's (sealed_file, cache_dir), the sector numbers not located: faults).
-    MissingStore when a store is not attached and there is no locator; a plugin's exception
-    passes through (it fails the job)."""
+    MissingStore when a store is not attached and there is no locator; a RuntimeError naming
+    the hook for what a plugin's dext_sector_paths raises (it fails the job)."""
     from ..sectors import SectorRef
 
     paths: list[tuple[str, str]] = []
@@ -54,10 +55,16 @@ async def job_sector_paths(
                 found = plugin_manager.hook.dext_sector_paths(
                     job=job, sector=sector, attached=attached
                 )
-            except SystemExit as exc:  # fails this job, as any exception of a plugin's does
+            except BaseException as exc:  # a plugin's bug fails this job, not the worker
+                if passes_through(exc):
+                    raise
+                what = (
+                    f"called sys.exit({text_of(exc.code, repr)})"
+                    if isinstance(exc, SystemExit)
+                    else f"raised {describe(exc)}"
+                )
                 raise RuntimeError(
-                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths"
-                    f" called sys.exit({exc.code!r})"
+                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths {what}"
                 ) from None
         if found is None:
             try:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
-from ..errors import PLUGIN_FAILURES
+from ..errors import describe, passes_through, text_of
 from .cache import CacheEntry, CacheRules, SectorCache
 from .files import DEFAULT_THREADS, check_locations
 from .model import (
@@ -160,8 +160,10 @@ class SectorLocator:
             if close is not None:
                 try:
                     await close()
-                except PLUGIN_FAILURES as exc:  # one provider's close must not stop the others'
-                    log.warning("closing the sector provider %s: %s", provider.name, exc)
+                except BaseException as exc:  # one provider's close must not stop the others'
+                    if passes_through(exc):
+                        raise
+                    log.warning("closing the sector provider %s: %s", provider.name, describe(exc))
 
     # --- one batch -------------------------------------------------------------------------
 
@@ -317,7 +319,7 @@ class SectorLocator:
                 outcome.found = (location, provider.name)
                 self._answered(provider.name)
             else:
-                message = f"{sector}: answered {location!r:.300}, not a SectorLocation"
+                message = f"{sector}: answered {text_of(location, repr):.300}, not a SectorLocation"
                 if isinstance(location, SectorLocation):  # a pathlib.Path, say
                     message += " of str paths (and str or None store names)"
                 self._source_error(provider.name, outcome, message)
@@ -344,20 +346,19 @@ class SectorLocator:
                         found = {sector: await provider.find(sector)}
                     else:
                         found = await find_batch(chunk)
-                except SectorProviderError as exc:
+                except BaseException as exc:  # a provider's bug fails that lookup only
+                    if passes_through(exc):
+                        raise
+                    said = isinstance(exc, SectorProviderError)  # its message names the sector
                     for sector in chunk:
-                        self._source_error(provider.name, outcomes[sector], str(exc))
-                        done.add(sector)
-                except PLUGIN_FAILURES as exc:  # a provider's bug fails that lookup only
-                    for sector in chunk:
-                        message = f"{sector}: {type(exc).__name__}: {exc}"
+                        message = text_of(exc) if said else f"{sector}: {describe(exc)}"
                         self._source_error(provider.name, outcomes[sector], message)
                         done.add(sector)
                 else:
                     if not isinstance(found, Mapping):  # a plugin's find_batch: not to raise
                         for sector in chunk:
                             message = (
-                                f"{sector}: find_batch answered {found!r:.100}, not a mapping of"
+                                f"{sector}: find_batch answered {text_of(found, repr):.100}, not a mapping of"
                                 " sectors to locations"
                             )
                             self._source_error(provider.name, outcomes[sector], message)
@@ -525,13 +526,15 @@ def build_providers(
     if plugin_manager is not None:
         try:
             results = plugin_manager.hook.dext_sector_providers(settings=settings)
-        except PLUGIN_FAILURES as exc:  # a plugin's bug is reported, not a traceback
-            raise UsageError(f"a plugin's dext_sector_providers failed: {exc}") from None
+        except BaseException as exc:  # a plugin's bug is reported, not a traceback
+            if passes_through(exc):
+                raise
+            raise UsageError(f"a plugin's dext_sector_providers failed: {describe(exc)}") from None
         for result in results:
             for provider in result or ():
                 if not isinstance(provider, SectorProvider):
                     raise UsageError(
-                        f"a plugin's dext_sector_providers returned {provider!r}, which is not a"
+                        f"a plugin's dext_sector_providers returned {text_of(provider, repr)}, which is not a"
                         " sector provider (it needs a `name` and `async find(sector)`)"
                     )
                 providers.append(provider)
