@@ -28,7 +28,9 @@ thread with a time bound, in the reserve `bounds.phases` keeps), marked cached w
 if they are not, it is `missing` (a fault for the prover). A sector every provider said it does
 not know is `not_found`, and forgotten. A provider's failures are logged (a warning at most
 every `FAILURE_LOG_EVERY` seconds while it fails, an info line when it answers again), so an
-outage hidden by the next provider or the cache is still said.
+outage hidden by the next provider or the cache is still said. An outage that begins and ends
+within `FAILURE_LOG_EVERY` of the last warning (a flapping source) is counted, and said by the
+next warning, else by one line once that time is over (or at close): summed up, never lost.
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ class _Trouble:
     failures: int = 0
     #: A warning said this trouble: its end is said too.
     said: bool = False
+    message: str = ""  # the last failure's
+
+
+@dataclass(slots=True)
+class _Unsaid:
+    """A provider's troubles that began and ended within a minute of its last warning (a
+    flapping source): said, summed up, by its next warning, else once that minute is over."""
+
+    outages: int = 0
+    failures: int = 0
+    message: str = ""  # the last failure's
 
 
 @dataclass(slots=True)
@@ -127,9 +140,11 @@ class SectorLocator:
         self._refresh_limiters = [trio.CapacityLimiter(background) for _ in self.providers]
         self._threads = trio.CapacityLimiter(threads)
         self._changed = trio.Event()
-        #: Provider name -> its failures since it last answered; when it was last warned of.
+        #: Provider name -> its failures since it last answered; when it was last warned of;
+        #: its troubles since then that no line said.
         self._trouble: dict[str, _Trouble] = {}
         self._warned_at: dict[str, float] = {}
+        self._unsaid: dict[str, _Unsaid] = {}
 
     @property
     def metrics(self) -> SectorMetrics | None:
@@ -155,6 +170,8 @@ class SectorLocator:
         await self.aclose()
 
     async def aclose(self) -> None:
+        for name in list(self._unsaid):  # what a flapping provider did lately: said now
+            self._say_unsaid(name, trio.current_time())
         for provider in self.providers:
             close = getattr(provider, "aclose", None)
             if close is not None:
@@ -393,11 +410,15 @@ class SectorLocator:
         if trouble is None:
             trouble = self._trouble[provider] = _Trouble(now)
         trouble.failures += 1
+        trouble.message = message
         warned = self._warned_at.get(provider)
         if warned is not None and now - warned < FAILURE_LOG_EVERY:
             return  # said not long ago: the next warning counts these too
         self._warned_at[provider] = now
         trouble.said = True
+        unsaid = self._unsaid.pop(provider, None)
+        if unsaid is not None:
+            message += f" (and {_outages(unsaid)} since the last warning)"
         names = [p.name for p in self.providers]
         after = names[names.index(provider) + 1 :] if provider in names else []
         meanwhile = f"the sectors are asked of {', '.join(after)}, else " if after else ""
@@ -410,14 +431,39 @@ class SectorLocator:
         )  # fmt: skip
 
     def _answered(self, provider: str) -> None:
-        """The provider answered a lookup: the end of its trouble is said, if it was."""
+        """The provider answered a lookup: the end of its trouble is said, if it was; one
+        that began within a minute of the last warning is added to what is still to say,
+        which is said once that minute is over."""
         trouble = self._trouble.pop(provider, None)
+        if trouble is None and provider not in self._unsaid:
+            return
+        now = trio.current_time()
         if trouble is not None and trouble.said:
-            took = trio.current_time() - trouble.since
+            took = now - trouble.since
             log.info(
                 "sector provider %s answers again, after %d lookups it could not answer in %.0f s",
                 provider, trouble.failures, took,
             )  # fmt: skip
+            return
+        if trouble is not None:
+            unsaid = self._unsaid.setdefault(provider, _Unsaid())
+            unsaid.outages += 1
+            unsaid.failures += trouble.failures
+            unsaid.message = trouble.message
+        if now - self._warned_at.get(provider, -math.inf) >= FAILURE_LOG_EVERY:
+            self._say_unsaid(provider, now)
+
+    def _say_unsaid(self, provider: str, now: float) -> None:
+        """Say the troubles of the provider no line said yet (each over: it answers again)."""
+        unsaid = self._unsaid.pop(provider, None)
+        if unsaid is None:
+            return
+        self._warned_at[provider] = now
+        log.warning(
+            "sector provider %s could not answer in %s since its last warning, each time for a"
+            " while only: it answers again",
+            provider, _outages(unsaid),
+        )  # fmt: skip
 
     def _count(self, what: str, n: int = 1) -> None:
         setattr(self.counts, what, getattr(self.counts, what) + n)
@@ -502,6 +548,15 @@ class SectorLocator:
             "fresh_for": self.rules.fresh_for,
             "keep_for": self.rules.keep_for,
         }
+
+
+def _outages(unsaid: _Unsaid) -> str:
+    """'N outages (M lookups failed; the last: why)'."""
+    n, failed = unsaid.outages, unsaid.failures
+    return (
+        f"{n} outage{'' if n == 1 else 's'} ({failed} lookup{'' if failed == 1 else 's'} failed;"
+        f" the last: {unsaid.message})"
+    )
 
 
 def _textual(location: SectorLocation) -> bool:
