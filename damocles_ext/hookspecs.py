@@ -123,7 +123,8 @@ class Prover(Protocol):
     :class:`Cancelled` (directly or via ``cancel.check()``) when cancelled, and raises any other
     exception to fail the request (the message reaches the caller as ``"<Type>: message"``).
     An optional ``version`` attribute is reported in the dext Hello; an optional ``close()`` is
-    called when the child shuts down.
+    called when the child shuts down. A ``prove`` that cannot take these three arguments, or an
+    ``async def`` one, is refused when the child starts (:func:`prover_mismatch`).
     """
 
     # Read-only properties, not plain attributes: a protocol attribute is mutable and invariant,
@@ -135,6 +136,39 @@ class Prover(Protocol):
     def stages(self) -> tuple[str, ...]: ...
 
     def prove(self, task: Task, progress: ProgressCallback, cancel: CancelToken) -> Output: ...
+
+
+#: How the child calls a prover (on a worker thread, taking what it returns as the output).
+PROVE_SIGNATURE = "prove(task, progress, cancel)"
+
+
+def prover_mismatch(prover: object) -> str | None:
+    """Why `prover` (what a factory returned) cannot be called as a :class:`Prover`: no
+    callable ``prove``, an ``async def`` one (the child would get a coroutine, not an output),
+    or one that cannot take the three arguments; None when it can, or when its signature
+    cannot be read (a C function): then it is trusted."""
+    import inspect  # here: hookspecs stays light for the children that only import it
+
+    prove = getattr(prover, "prove", None)
+    if not callable(prove):
+        return (
+            f"its factory returned {type(prover).__name__}, which has no {PROVE_SIGNATURE} method"
+        )
+    if inspect.iscoroutinefunction(prove):
+        return (
+            f"its prove is async def, where the child calls a plain {PROVE_SIGNATURE} on a worker"
+            " thread and takes what it returns: make it a plain def (with asyncio.run inside, if"
+            " need be)"
+        )
+    try:
+        signature = inspect.signature(prove)
+    except Exception:  # noqa: BLE001 - no signature to read (a C function): trusted
+        return None
+    try:
+        signature.bind(None, None, None)
+    except TypeError as exc:
+        return f"its prove{signature} cannot be called as {PROVE_SIGNATURE}: {exc}"
+    return None
 
 
 def _no_problems(options: Options) -> list[str]:

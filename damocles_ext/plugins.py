@@ -40,6 +40,7 @@ from .hookspecs import (  # noqa: F401  (re-exported: the public plugin API live
     ProverSpec,
     RequestInfo,
     hookimpl,
+    prover_mismatch,
 )
 
 if TYPE_CHECKING:
@@ -409,11 +410,9 @@ def load_prover(
         raise PluginError(
             f"prover {name!r} (plugin {prover_plugin(pm, name)}) failed to start: {describe(exc)}"
         ) from exc
-    if not callable(getattr(prover, "prove", None)):
-        raise PluginError(
-            f"prover {name!r}: its factory returned {type(prover).__name__}, which has no "
-            "prove(task, progress, cancel) method"
-        )
+    mismatch = prover_mismatch(prover)
+    if mismatch is not None:  # it would fail every request, naming neither prover nor plugin
+        raise PluginError(f"prover {name!r} (plugin {prover_plugin(pm, name)}): {mismatch}")
     return prover
 
 

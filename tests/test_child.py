@@ -376,6 +376,85 @@ def test_a_factory_that_exits_or_raises_a_base_exception_exits_2_naming_the_prov
         assert f"prover {prover!r} (plugin quitting) failed to start: {reason}" in err
 
 
+SIGNATURES_PLUGIN = textwrap.dedent(
+    """
+    import functools
+    from damocles_ext.hookspecs import hookimpl, ProverSpec
+    from damocles_ext_plugins.testing import echo_output
+
+    class Base:
+        name = "p"
+        stages = ("window_post",)
+
+    class TaskOnly(Base):
+        def prove(self, task):
+            return echo_output(task)
+
+    class Extra(Base):
+        def prove(self, task, progress, cancel, device):
+            return echo_output(task)
+
+    class Async(Base):
+        async def prove(self, task, progress, cancel):
+            return echo_output(task)
+
+    class Flexible(Base):
+        def prove(self, task, *rest, device=None):
+            return echo_output(task)
+
+    class Proves:
+        def __call__(self, task, progress, cancel):
+            return echo_output(task)
+
+    class CallableObject(Base):
+        prove = Proves()
+
+    class Builtin(Base):  # a C function: no signature to read
+        prove = staticmethod(functools.partial(max, key=id))
+
+    KINDS = {"task-only": TaskOnly, "extra": Extra, "async": Async, "flexible": Flexible,
+             "callable-object": CallableObject, "builtin": Builtin}
+
+    @hookimpl
+    def dext_provers():
+        return [ProverSpec(name, ("window_post",), lambda options, kind=kind: kind())
+                for name, kind in KINDS.items()]
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("prover", "why"),
+    [
+        ("task-only", "prove(task) cannot be called as prove(task, progress, cancel)"),
+        ("extra", "missing a required argument: 'device'"),
+        ("async", "is async def"),
+    ],
+)
+def test_a_prover_whose_prove_takes_other_arguments_exits_2_naming_it_and_the_signature(
+    tmp_path, prover, why
+):
+    """`def prove(self, task)` started, then failed every request with "TypeError: prove()
+    takes 2 positional arguments but 4 were given", naming no plugin (an `async def` one with
+    "returned coroutine"): it is refused at start, before the ready message."""
+    root = make_plugin_dist(tmp_path, dist="sigs", module="sigs", source=SIGNATURES_PLUGIN)
+    with Child("window_post", prover, pythonpath=[root]) as child:
+        err = _assert_failed_start(child)
+        assert f"prover {prover!r} (plugin sigs)" in err and why in err, err
+        assert "prove(task, progress, cancel)" in err
+
+
+@pytest.mark.parametrize("prover", ["flexible", "callable-object", "builtin"])
+def test_a_prover_whose_prove_takes_the_three_arguments_or_cannot_be_inspected_starts(
+    tmp_path, prover
+):
+    root = make_plugin_dist(tmp_path, dist="sigs", module="sigs", source=SIGNATURES_PLUGIN)
+    with Child("window_post", prover, pythonpath=[root]) as child:
+        child.next_of(dext.Hello)
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr
+
+
 INTERRUPTING_PLUGIN = textwrap.dedent(
     """
     from damocles_ext.hookspecs import hookimpl, ProverSpec
