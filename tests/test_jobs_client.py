@@ -76,6 +76,12 @@ def test_an_endpoint_writes_its_url_and_host_header():
         # Dropped silently before, and the calls were refused for want of the token.
         ("http://manager:1789/rpc/v0?token=SECRET", "query .*not sent.*Authorization: Bearer"),
         ("http://user:SECRET@manager:1789", "credentials .*not sent.*Authorization: Bearer"),
+        # With a second mistake, the message of that one does not quote the secret either.
+        ("http://user:SECRET@manager:0", "must be a number"),
+        ("http://manager:abc/?token=SECRET", "must be a number"),
+        ("https://manager:1789/rpc?token=SECRET", "only http://"),
+        ("http://user:SECRET@:1789/", "has no host"),
+        ("http://[::1]:1789/rpc/v0?token=SECRET", r"address http://\[::1\]:1789/rpc/v0 is given"),
     ],
 )
 def test_a_bad_address_says_what_is_wrong(text, words):

@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PATH: Final = "/rpc/v0"
 DEFAULT_PORT: Final = 1789  # damocles-manager's
@@ -93,28 +93,31 @@ def _multiaddr(text: str) -> Endpoint:
 
 def _url(text: str) -> Endpoint:
     parts = urlsplit(text)
+    # Lotus' ?token=… or user:password@ are never echoed (they may be a secret): the messages
+    # quote the address without them.
+    shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     if parts.scheme != "http":
         raise ValueError(
-            f"{text!r}: only http:// is spoken here (no TLS); put a TLS-terminating proxy in "
+            f"{shown!r}: only http:// is spoken here (no TLS); put a TLS-terminating proxy in "
             "front of the coordinator if the network needs one"
         )
     if not parts.hostname:
-        raise ValueError(f"{text!r} has no host")
+        raise ValueError(f"{shown!r} has no host")
     try:
         port = parts.port
     except ValueError:
         port = 0  # out of range
     if port == 0:  # urlsplit reads ":0" as 0, and no port as None
-        raise ValueError(f"the port in {text!r} must be a number from 1 to 65535")
+        raise ValueError(f"the port in {shown!r} must be a number from 1 to 65535")
     # A bare "/" (http://HOST:PORT/, as a browser writes it) is no RPC path: the default.
     path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
     if parts.query or "@" in parts.netloc:
-        # Lotus' ?token=… or user:password@: not sent, and not echoed (it may be a secret).
         what = "a query (?…)" if parts.query else "credentials (…@)"
+        address = Endpoint(parts.hostname, port or 80, path).url
         raise ValueError(
-            f"the address http://{parts.hostname}:{port or 80}{path} is given with {what}, which"
-            " is not sent; give the token in an 'Authorization: Bearer TOKEN' header (--header,"
-            " --proxy-header) or with --token-file, and the address without it"
+            f"the address {address} is given with {what}, which is not sent; give the token in"
+            " an 'Authorization: Bearer TOKEN' header (--header, --proxy-header) or with"
+            " --token-file, and the address without it"
         )
     return Endpoint(parts.hostname, 80 if port is None else port, path)
 
