@@ -333,7 +333,7 @@ class ChildRuntime:
                 text_of(exc),
                 exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG),
             )
-            self._respond(job, error=f"{type(exc).__name__}: {text_of(exc)}")
+            self._respond(job, error=describe(exc))
             return
         expected = self._output_type
         if not isinstance(output, expected):

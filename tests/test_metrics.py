@@ -5,11 +5,16 @@ crash; the metrics plugin fed by the same observer hooks a third-party plugin ge
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import signal
 import socket
+import sys
 import time
+import types
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -465,11 +470,34 @@ async def test_missed_deadlines_land_in_the_negative_slack_buckets():
     assert value(m, "damocles_ext_requests_queued", stage="winning_post") is None
 
 
+@contextlib.contextmanager
+def example_alerts(monkeypatch, url: str) -> Iterator[types.ModuleType]:
+    """examples/dext-alerts-plugin imported to post to the webhook `url`: its module."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", url)
+    try:
+        yield importlib.import_module("dext_alerts")
+    finally:
+        sys.modules.pop("dext_alerts", None)
+
+
+async def crash_under_alerts(alerts: types.ModuleType, wait: Callable[[], bool]) -> bool:
+    """A supervisor with `alerts` registered, whose child crashes on its one request; then
+    `wait()` in a thread (True: what the test waits for came), before the supervisor stops."""
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(alerts, name="alerts")
+    child = builtin_child("window_post", "sleep", "seconds=0.2", "fail=crash")
+    async with open_supervisor([spec(child, max_attempts=1)], plugin_manager=pm) as sup:
+        await sup.wait_ready()
+        with pytest.raises(ProverError, match="exit code 3"):
+            await sup.submit(window_task(), deadline=time.time() + 60)
+        return await trio.to_thread.run_sync(wait)
+
+
 async def test_example_alerts_plugin_posts_when_a_child_crashes(monkeypatch):
     import http.server
-    import importlib
     import json as json_module
-    import sys
     import threading
 
     posts: list[dict] = []
@@ -489,23 +517,12 @@ async def test_example_alerts_plugin_posts_when_a_child_crashes(monkeypatch):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
-    monkeypatch.syspath_prepend(str(example))
-    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", f"http://127.0.0.1:{server.server_port}/")
-    alerts = importlib.import_module("dext_alerts")
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(alerts, name="alerts")
-    child = builtin_child("window_post", "sleep", "seconds=0.2", "fail=crash")
     try:
-        async with open_supervisor([spec(child, max_attempts=1)], plugin_manager=pm) as sup:
-            await sup.wait_ready()
-            with pytest.raises(ProverError, match="exit code 3"):
-                await sup.submit(window_task(), deadline=time.time() + 60)
-            assert await trio.to_thread.run_sync(two.wait, 20)
+        with example_alerts(monkeypatch, f"http://127.0.0.1:{server.server_port}/") as alerts:
+            assert await crash_under_alerts(alerts, lambda: two.wait(20))
     finally:
         server.shutdown()
         server.server_close()
-        sys.modules.pop("dext_alerts", None)
     by_kind = {p["alert"]: p for p in posts}
     assert set(by_kind) == {"ProverChildDown", "ProofFailed"}  # not the shutdown at the end
     down = by_kind["ProverChildDown"]
@@ -543,10 +560,8 @@ async def test_example_alerts_plugin_stuck_on_a_trickling_webhook_lets_the_next_
     # holds its POST for as long as it trickles. The supervisor cuts the hook off after its
     # observer timeout; the alert after it must still be posted (before, the call could not be
     # cut off, and it held every later event of every observer).
-    import importlib
     import json as json_module
     import socket as socket_module
-    import sys
     import threading
 
     from damocles_ext.supervisor import observers
@@ -591,29 +606,21 @@ async def test_example_alerts_plugin_stuck_on_a_trickling_webhook_lets_the_next_
                 return
         conn.close()
 
+    def second_posted() -> bool:
+        # Two alerts: the first trickles; the second is posted once the first is cut off.
+        try:
+            return posted.wait(20)
+        finally:
+            stop.set()  # the trickle ends: the supervisor's shutdown need not wait for it
+
     threading.Thread(target=serve, daemon=True).start()
-    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
-    monkeypatch.syspath_prepend(str(example))
-    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", f"http://127.0.0.1:{listener.getsockname()[1]}/")
-    alerts = importlib.import_module("dext_alerts")
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(alerts, name="alerts")
-    child = builtin_child("window_post", "sleep", "seconds=0.2", "fail=crash")
     try:
-        async with open_supervisor([spec(child, max_attempts=1)], plugin_manager=pm) as sup:
-            try:
-                await sup.wait_ready()
-                with pytest.raises(ProverError, match="exit code 3"):
-                    await sup.submit(window_task(), deadline=time.time() + 60)
-                # Two alerts: the first trickles; the second is posted once the first is cut off.
-                sent = await trio.to_thread.run_sync(posted.wait, 20)
-            finally:
-                stop.set()  # the trickle ends: the supervisor's shutdown need not wait for it
-        assert sent
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+        with example_alerts(monkeypatch, url) as alerts:
+            assert await crash_under_alerts(alerts, second_posted)
     finally:
         stop.set()
         listener.close()
-        sys.modules.pop("dext_alerts", None)
     assert len(posts) == 1 and posts[0]["alert"] in ("ProverChildDown", "ProofFailed")
     assert "did not return within 0.5s; cut off" in caplog.text
 
@@ -624,9 +631,7 @@ async def test_example_alerts_plugin_says_a_webhook_that_is_no_http_server_in_on
     # DEXT_ALERT_WEBHOOK at a port where something else listens (it answers, but not HTTP): a
     # warning naming the alert and the URL, as for a webhook that cannot be reached, and no
     # observer traceback (before: http.client's BadStatusLine escaped the hook).
-    import importlib
     import socket as socket_module
-    import sys
     import threading
 
     listener = socket_module.create_server(("127.0.0.1", 0))
@@ -643,17 +648,13 @@ async def test_example_alerts_plugin_says_a_webhook_that_is_no_http_server_in_on
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
-    example = Path(__file__).resolve().parent.parent / "examples" / "dext-alerts-plugin"
-    monkeypatch.syspath_prepend(str(example))
-    monkeypatch.setenv("DEXT_ALERT_WEBHOOK", url)
-    alerts = importlib.import_module("dext_alerts")
     try:
-        from damocles_ext.hookspecs import RequestInfo
+        with example_alerts(monkeypatch, url) as alerts:
+            from damocles_ext.hookspecs import RequestInfo
 
-        request = RequestInfo(id=1, stage="window_post", child="window_post#0", deadline=None)
-        await alerts.dext_request_finished(request, "error", 1.0, None)
+            request = RequestInfo(id=1, stage="window_post", child="window_post#0", deadline=None)
+            await alerts.dext_request_finished(request, "error", 1.0, None)
     finally:
         listener.close()
-        sys.modules.pop("dext_alerts", None)
     [warning] = [r for r in caplog.records if r.name == "dext_alerts"]
     assert warning.getMessage().startswith(f"could not post alert ProofFailed to {url}: ")
