@@ -1121,3 +1121,25 @@ async def test_serve_follows_damocles_id_rules(tmp_path, sock_path, mode):
                 assert await m.process.wait() == 0, "\n".join(m.log)
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
     assert "Traceback" not in "\n".join(m.log)
+
+
+async def test_a_signal_right_after_the_ready_line_still_answers_the_request_sent_before_it(
+    tmp_path,
+):
+    # serve says ready before it imports trio and the supervisor (damocles-manager gives it 5 s),
+    # and the manager writes its requests at once. A SIGTERM in the ~0.2 s before trio watched
+    # the signals killed serve outright: the request was never answered, and its caller in the
+    # manager waited for it until it gave up.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg)]
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+            rid = await m.send(make_task(1))
+            m.process.send_signal(signal.SIGTERM)
+            assert await m.process.wait() == 0, "\n".join(m.log)
+            await m.eof.wait()
+            await m.wait_log("SIGTERM: shutting down gracefully")
+    response = m.responses[rid]
+    assert (response.output == echo_output(make_task(1))) != (response.err_msg is not None)
+    assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])

@@ -35,6 +35,7 @@ from ..jobs.store import JobStore, StoreError, StoreLost, TrioJobStore
 from ..jobs.worker_rules import Outage
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from ..threads import NoThreadError, run_in_thread
+from .serve import replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
 
@@ -401,6 +402,7 @@ async def run_producer(
     coordinator's RPC and its sweeps beside it when given; stops on stdin EOF or a signal."""
     where = producer.store.store.where
     with trio.open_signal_receiver(*stop_signals()) as signals:
+        replay_held_signals()  # those that came since the ready line
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         try:

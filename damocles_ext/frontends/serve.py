@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from damocles_ext.commands.common import SupervisorOptions
@@ -42,6 +43,7 @@ def serve_children(
 
     # The config is good: say ready now, before the heavier imports, so that a loaded machine
     # still makes damocles-manager's 5 s limit. Requests wait in the pipe, then in the queue.
+    hold_stop_signals()
     say_ready(protocol_out, stage)
 
     import trio
@@ -119,6 +121,46 @@ def say_ready(fd: int, stage: str) -> None:
         ) from None
 
 
+#: The handlers of the stop signals before hold_stop_signals, and those it kept since.
+_before_hold: dict[int, Any] = {}
+_held: list[int] = []
+_holding = False
+
+
+def hold_stop_signals() -> None:
+    """Keep each stop signal (SIGTERM, SIGINT, SIGHUP; not one that is ignored) that comes from
+    now until `replay_held_signals`. damocles-manager writes its requests as soon as the ready
+    line comes, and trio watches the signals only once it and the supervisor are imported: a
+    signal in between would kill serve (or raise KeyboardInterrupt) with its requests
+    unanswered, instead of stopping it gracefully."""
+    global _holding
+    _holding = True
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN:  # one that is ignored (nohup's SIGHUP) stays so
+            _before_hold[signum] = handler
+            signal.signal(signum, _hold)
+
+
+def _hold(signum: int, frame: object) -> None:
+    if _holding:
+        _held.append(signum)
+    else:  # trio's watch is over (its receiver put this handler back): do what it did before
+        signal.signal(signum, _before_hold[signum])
+        signal.raise_signal(signum)
+
+
+def replay_held_signals() -> None:
+    """Deliver the signals `hold_stop_signals` kept, once trio's signal receiver is open (it is
+    their handler now): serve then stops as for a signal that came later."""
+    global _holding
+    _holding = False
+    held = list(_held)
+    _held.clear()
+    for signum in held:
+        signal.raise_signal(signum)
+
+
 def reader_gone(fd: int) -> bool:
     """True when the read end of the pipe `fd` writes to is closed (poll reports POLLERR)."""
     import select
@@ -179,6 +221,7 @@ def serve_jobs(
             # Bound before the ready line: a busy port fails the start (exit 2).
             coordinator = (rpc, CoordinatorServer(rpc, *listen))
         protocol_in, protocol_out = fds
+        hold_stop_signals()
         say_ready(protocol_out, stage)
 
         import trio

@@ -32,7 +32,7 @@ from ..protocol import jsonl
 from ..stages import post_stage
 from ..tasks import Output, Task, stage_of
 from .outbox import Outbox
-from .serve import reader_gone
+from .serve import reader_gone, replay_held_signals
 from .signals import end_soon, stop_signals, watch_signals
 from .started import Batch, CancelHandle, Start, internal_error, own_label, start_or_decline
 
@@ -355,6 +355,7 @@ async def serve_supervised(
     `supervisor` runs; the ready line is already out. Stops on stdin EOF (after the requests
     read) or on a signal."""
     with trio.open_signal_receiver(*stop_signals()) as signals:
+        replay_held_signals()  # those that came since the ready line
         receive = trio.lowlevel.FdStream(protocol_in)
         send = trio.lowlevel.FdStream(protocol_out)
         async with trio.open_nursery() as nursery:
