@@ -1,0 +1,143 @@
+"""The job store for trio code: `TrioJobStore` runs each blocking call of a `store.JobStore` in
+a worker thread under a small limiter, within a timeout, and tells a coordinator's
+`silence.Hearing` when the store was unavailable to a call. Importable from
+`damocles_ext.jobs.store` as well."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ..threads import NoThreadError, run_in_thread
+from . import rules
+from . import summary as jobs_summary
+from .database import DEFAULT_PASS_LIMIT, StoreError, StoreUnavailable
+from .model import JobOutput, JobRecord, WdPoStInput
+from .silence import Hearing
+
+if TYPE_CHECKING:
+    from .store import JobStore, Outcome
+
+R = TypeVar("R")
+
+
+#: How long a call of TrioJobStore waits for the database (beyond SQLite's busy timeout).
+DEFAULT_CALL_TIMEOUT = 60.0
+
+
+class TrioJobStore:
+    """The store for trio code: each call runs in a worker thread under a small limiter, with
+    `now` read from `clock` (wall-clock unix seconds by default).
+
+    A call no thread can be started for (at the limit of tasks), that gets no answer within
+    `call_timeout` seconds (a database that hangs rather than refuses: its host frozen, the
+    network stalled) or waits that long for the limiter raises StoreUnavailable; a cancelled
+    call (a deadline, a shutdown) returns at once. Its thread is left to finish or fail on its
+    own, holding its limiter slot until then, so a stuck database holds a few threads, never the
+    caller. Every write is guarded (see the module's docstring), so one that lands after it was
+    given up on breaks no rule; but it may still land: an allocation then leaves a job running
+    on a worker that never heard of it, taken back after HeartbeatTimeout at the cost of a try
+    (as when a worker's own call times out); a late heartbeat never moves HeartbeatAt back."""
+
+    def __init__(self, store: JobStore, *, threads: int = 4,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = trio.current_time,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
+        self.store = store
+        self.clock = clock
+        self.monotonic = monotonic  # how long a call took (a step of `clock` is not a slow call)
+        self.call_timeout = call_timeout
+        self._limiter = trio.CapacityLimiter(threads)
+        #: Told when the store is unavailable to a call, answers again, or answers slowly (a
+        #: coordinator's sweeps count a job's silence by it); None: nothing is told.
+        self.hearing: Hearing | None = None
+
+    async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        started, began = self.clock(), self.monotonic()
+        try:
+            result = await self.in_thread(fn, *args, **kwargs)
+        except StoreUnavailable:
+            if self.hearing is not None:
+                self.hearing.call_failed(started)
+            raise
+        except StoreError:  # answered, with a refusal or an error of the statement
+            self._answered(started, began)
+            raise
+        self._answered(started, began)
+        return result
+
+    def _answered(self, started: float, began: float) -> None:
+        if self.hearing is not None:
+            self.hearing.call_answered(started, self.clock(), self.monotonic() - began)
+
+    async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
+        call = functools.partial(fn, *args, **kwargs)
+        with trio.move_on_after(self.call_timeout):
+            try:
+                return await run_in_thread(call, limiter=self._limiter, abandon_on_cancel=True)
+            except NoThreadError as exc:  # the store was not asked
+                raise StoreUnavailable(f"job store {self.store.where}: {exc}") from None
+        raise StoreUnavailable(
+            f"job store {self.store.where}: no answer to {fn.__name__} within {self.call_timeout:g}"
+            " s; the database hangs (its host frozen or the network stalled?): check it; the call"
+            " is not waited for"
+        )
+
+    async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:
+        return await self._run(self.store.create, job_input, self.clock(), **kwargs)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self._run(self.store.get, job_id)
+
+    async def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
+        return await self._run(self.store.get_many, list(job_ids))
+
+    async def list_jobs(self) -> list[JobRecord]:
+        return await self._run(self.store.list_jobs)
+
+    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[JobRecord]:
+        return await self._run(self.store.allocate, spec, n, worker, self.clock())
+
+    async def heartbeat(self, job_ids: Sequence[str], worker: str, **kwargs: Any) -> Outcome:
+        return await self._run(self.store.heartbeat, list(job_ids), worker, self.clock(), **kwargs)
+
+    async def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
+                     **kwargs: Any) -> Outcome:  # fmt: skip
+        return await self._run(
+            self.store.finish, job_id, output, error_reason, self.clock(), **kwargs
+        )
+
+    async def reset(self, job_id: str) -> JobRecord:
+        return await self._run(self.store.reset, job_id, self.clock())
+
+    async def remove(self, job_id: str) -> bool:
+        return await self._run(self.store.remove, job_id, self.clock())
+
+    async def worker_seen(self, worker: str) -> None:
+        await self._run(self.store.worker_seen, worker, self.clock())
+
+    async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
+        return await self._run(self.store.summary, self.clock(), **kwargs)
+
+    async def sweep(
+        self,
+        job_ids: Sequence[str] | None = None,
+        *,
+        heard_since: float = 0.0,
+        silent_before: float | None = None,
+    ) -> Outcome:
+        return await self._run(
+            self.store.sweep,
+            self.clock(),
+            job_ids=job_ids,
+            heard_since=heard_since,
+            silent_before=silent_before,
+        )
+
+    async def cleanup(self, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
+        return await self._run(self.store.cleanup, self.clock(), limit=limit)
