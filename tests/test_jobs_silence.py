@@ -52,6 +52,27 @@ def test_a_call_is_slow_by_the_clock_that_does_not_step():
     assert hearing.silent_before(T0 + 215, 15) == T0 + 199  # 14 s after it, 1 s before
 
 
+def test_a_write_refused_is_an_outage_that_only_an_answered_write_ends():
+    # A full disk: heartbeats are refused, reads (a sweep with nothing to change) answered.
+    hearing = Hearing(T0)
+    hearing.call_failed(T0 + 100, write_refused=True)
+    for k in range(1, 10):
+        hearing.call_answered(T0 + 100 + 5 * k, T0 + 100 + 5 * k, wrote=False)
+        hearing.call_failed(T0 + 102 + 5 * k, write_refused=True)
+    assert hearing.writes_down
+    assert hearing.silent_before(T0 + 160, 15) == T0 + 85  # unheard since the first refusal
+    hearing.call_answered(T0 + 170, T0 + 170.1)  # a write landed: heard from then on
+    assert not hearing.writes_down
+    assert hearing.silent_before(T0 + 175, 15) == T0 + 90
+
+
+def test_a_read_answered_ends_an_outage_in_which_no_write_was_refused():
+    hearing = Hearing(T0)
+    hearing.call_failed(T0 + 100)  # unreachable, locked: reads fail as well
+    hearing.call_answered(T0 + 110, T0 + 110.1, wrote=False)
+    assert hearing.silent_before(T0 + 120, 15) == T0 + 95
+
+
 def test_failures_that_keep_coming_delay_a_silent_job_by_their_length_only():
     # A store that fails a moment every 10 s, for ever: a dead worker's job is still silent
     # once 15 s were heard since its last heartbeat.

@@ -343,7 +343,10 @@ class Coordinator:
         that time: its worker gets a timeout's time, heard, to reach it."""
         timeout = self.store.store.limits.heartbeat_timeout
         silent_before = self.hearing.silent_before(self.store.clock(), timeout)
-        return await self.store.sweep(silent_before=silent_before)
+        # Writes refused (a full disk) while reads are answered: this pass writes, so that its
+        # answer tells the store takes writes again even with no worker's call to tell it.
+        probe = self.hearing.writes_down
+        return await self.store.sweep(silent_before=silent_before, probe_write=probe)
 
     def _watch_clock(
         self, last: tuple[float, float] | None, every: float, paused_at: float | None = None

@@ -69,6 +69,11 @@ class StoreUnavailable(StoreError):
     caller heard of (what the caller was told by others in the meantime may have been lost)."""
 
 
+class StoreTakesNoWrites(StoreUnavailable):
+    """The store refused a write (its file system full, or the file read-only) and may still
+    answer reads: only a write that lands says it is available again."""
+
+
 class StoreConfigError(StoreError, UsageError):
     """A bad store URL, or a store this version cannot use: exit code 2."""
 
@@ -539,11 +544,22 @@ def first_line(error: Exception) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
+#: PostgreSQL's SQLSTATEs of a write refused by a server that still answers reads: disk_full,
+#: read_only_sql_transaction; and what to do.
+_PG_WRITES_REFUSED: Final = {
+    "53100": "the PostgreSQL server's disk is full: free some space there",
+    "25006": "the PostgreSQL server takes no writes (a standby, or default_transaction_read_only"
+    " set): give the URL of the primary",
+}
+
+
 def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -> StoreError:
     """The StoreError for a database failure of `operation` on the store at `where` (its URL
     `url`): what went wrong and what to do about it; StoreUnavailable when the database could
     not be reached or opened, as opposed to an error of one statement."""
     what = first_line(error)
+    if (fix := _PG_WRITES_REFUSED.get(getattr(error.orig, "sqlstate", None) or "")) is not None:
+        return StoreTakesNoWrites(f"cannot write to the job store {where}: {what}; {fix}")
     if not is_unreachable(error):
         hint = ""
         if getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in str(error.orig):
@@ -591,14 +607,14 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             " give the URL of a job store, or of a file that does not exist yet"
         )
     if code.startswith("SQLITE_READONLY"):
-        return StoreUnavailable(
+        return StoreTakesNoWrites(
             f"cannot write to the job store {where}: {what}; it is read-only here: make the file"
             " and its directory writable by this user (and no mode=ro in the URL)"
         )
     if code.startswith("SQLITE_CORRUPT"):
         return StoreUnavailable(f"the job store {where} is damaged ({what}): {DAMAGED_FIX}")
     if code == "SQLITE_FULL":
-        return StoreUnavailable(
+        return StoreTakesNoWrites(
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
             " full: free some space there"
         )

@@ -7,7 +7,8 @@ answering), nor in the wall-clock time a step of the clock skipped. `Hearing` ke
 stretches of wall time and counts only the rest: a job is silent when the time it could have
 been heard since its last heartbeat reaches the timeout (`silent_before`). A store that fails
 now and then delays a dead worker's job by the failures' length only; an outage longer than the
-timeout costs no job a try.
+timeout costs no job a try. A store that refuses writes (its disk full) still answers reads: a
+heartbeat cannot land until a write does, so such an outage ends at the first write answered.
 """
 
 from __future__ import annotations
@@ -29,20 +30,28 @@ class Hearing:
         self.since = since
         self._deaf: list[tuple[float, float]] = []  # (start, end), sorted, not overlapping
         self._down_since: float | None = None  # the store unavailable since, until answered
+        #: The outage began with (or met) a write refused: only an answered write ends it.
+        self.writes_down = False
 
-    def call_failed(self, started: float) -> None:
-        """A call begun at `started` found the store unavailable (refused, or no answer)."""
+    def call_failed(self, started: float, *, write_refused: bool = False) -> None:
+        """A call begun at `started` found the store unavailable (refused, or no answer);
+        `write_refused`: it refused a write (a full disk) and may answer reads meanwhile."""
         if self._down_since is None or started < self._down_since:
             self._down_since = started
+        self.writes_down = self.writes_down or write_refused
 
-    def call_answered(self, started: float, ended: float, took: float | None = None) -> None:
+    def call_answered(
+        self, started: float, ended: float, took: float | None = None, *, wrote: bool = True
+    ) -> None:
         """A call begun at `started` was answered at `ended`: the store was available again by
-        then; a slow answer (a stalled store) was unheard time. `took`: how long it took on a
-        clock that does not step (a step of the wall clock is not a slow call; the clock's
-        watch tells of it), else `ended - started`."""
-        if self._down_since is not None and started >= self._down_since:
+        then, unless writes were refused and this call `wrote` nothing (a read); a slow answer
+        (a stalled store) was unheard time. `took`: how long it took on a clock that does not
+        step (a step of the wall clock is not a slow call; the clock's watch tells of it), else
+        `ended - started`."""
+        back = wrote or not self.writes_down
+        if self._down_since is not None and started >= self._down_since and back:
             self.deaf(self._down_since, started)
-            self._down_since = None
+            self._down_since, self.writes_down = None, False
         if (ended - started if took is None else took) > SLOW_CALL:
             self.deaf(started, ended)
 

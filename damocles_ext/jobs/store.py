@@ -49,6 +49,7 @@ from .database import (
     StoreConfigError,
     StoreConflict,
     StoreError,
+    StoreTakesNoWrites,
     StoreUnavailable,
     a_mistake_at_open,
     check_create,
@@ -496,12 +497,14 @@ class JobStore:
         job_ids: Sequence[str] | None = None,
         heard_since: float = 0.0,
         silent_before: float | None = None,
+        probe_write: bool = False,
     ) -> Outcome:
         """damocles' MakeJobsDie + RetryFailedJobs, and our deadline cancellation: one pass over
         the jobs the rules may change now (only `job_ids` when given: a producer settling its
         own job at its deadline). A running job's silence counts from `heard_since` at the
         earliest, and it is silent when last heard from before `silent_before` (rules.Sweep).
-        Safe to run in several processes at once."""
+        `probe_write`: with a write that changes nothing but must land (StoreTakesNoWrites when
+        it cannot: a full disk). Safe to run in several processes at once."""
         c = jobs.c
         event = rules.Sweep(heard_since=heard_since, silent_before=silent_before)
         silent_before = rules.silent_before(event, now, self.limits)
@@ -521,7 +524,7 @@ class JobStore:
         statement = sa.select(jobs).where(sa.or_(*due))
         if job_ids is not None:
             statement = statement.where(c.id.in_(job_ids))
-        return self._pass(statement.order_by(c.id).limit(limit), event, now)
+        return self._pass(statement.order_by(c.id).limit(limit), event, now, probe=probe_write)
 
     @database_errors
     def cleanup(self, now: float, *, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
@@ -534,10 +537,16 @@ class JobStore:
             worker_rows.forget(conn, now - self.limits.job_lifetime)
         return self._pass(statement.order_by(jobs.c.id).limit(limit), rules.Cleanup(), now)
 
-    def _pass(self, statement: Any, event: rules.Event, now: float) -> Outcome:
+    def _pass(self, statement: Any, event: rules.Event, now: float, *,
+              probe: bool = False) -> Outcome:  # fmt: skip
         stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
         with self._transaction() as conn:
+            if probe:
+                # Negated twice: SQLite writes nothing for a row set to what it holds.
+                flip = schema_version.update().values(version=-schema_version.c.version)
+                conn.execute(flip)
+                conn.execute(flip)
             for row in conn.execute(self._locked(statement, skip_locked=True)).all():
                 old = job_of_row(row)
                 step = rules.apply(old, event, now, self.limits)
@@ -571,6 +580,7 @@ __all__ = [
     "StoreConflict",
     "StoreError",
     "StoreLost",
+    "StoreTakesNoWrites",
     "StoreUnavailable",
     "TrioJobStore",
     "describe_url",

@@ -15,7 +15,7 @@ import trio
 from ..threads import NoThreadError, run_in_thread
 from . import rules
 from . import summary as jobs_summary
-from .database import DEFAULT_PASS_LIMIT, StoreError, StoreUnavailable
+from .database import DEFAULT_PASS_LIMIT, StoreError, StoreTakesNoWrites, StoreUnavailable
 from .model import JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
 
@@ -56,23 +56,28 @@ class TrioJobStore:
         #: coordinator's sweeps count a job's silence by it); None: nothing is told.
         self.hearing: Hearing | None = None
 
-    async def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    async def _run(self, fn: Callable[..., R], *args: Any,
+                   wrote: Callable[[R], bool] = lambda _: True, **kwargs: Any) -> R:  # fmt: skip
+        """`fn(*args, **kwargs)` in a thread, told to the hearing; `wrote(result)`: whether the
+        call's answer shows a write landed (a read's does not: a full disk still answers it)."""
         started, began = self.clock(), self.monotonic()
         try:
             result = await self.in_thread(fn, *args, **kwargs)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             if self.hearing is not None:
-                self.hearing.call_failed(started)
+                refused = isinstance(exc, StoreTakesNoWrites)
+                self.hearing.call_failed(started, write_refused=refused)
             raise
         except StoreError:  # answered, with a refusal or an error of the statement
-            self._answered(started, began)
+            self._answered(started, began, wrote=False)
             raise
-        self._answered(started, began)
+        self._answered(started, began, wrote=wrote(result))
         return result
 
-    def _answered(self, started: float, began: float) -> None:
+    def _answered(self, started: float, began: float, *, wrote: bool) -> None:
         if self.hearing is not None:
-            self.hearing.call_answered(started, self.clock(), self.monotonic() - began)
+            took = self.monotonic() - began
+            self.hearing.call_answered(started, self.clock(), took, wrote=wrote)
 
     async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
@@ -89,40 +94,44 @@ class TrioJobStore:
         )
 
     async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:
-        return await self._run(self.store.create, job_input, self.clock(), **kwargs)
+        return await self._run(
+            self.store.create, job_input, self.clock(), wrote=lambda r: r[1], **kwargs
+        )
 
     async def get(self, job_id: str) -> JobRecord | None:
-        return await self._run(self.store.get, job_id)
+        return await self._run(self.store.get, job_id, wrote=_read)
 
     async def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
-        return await self._run(self.store.get_many, list(job_ids))
+        return await self._run(self.store.get_many, list(job_ids), wrote=_read)
 
     async def list_jobs(self) -> list[JobRecord]:
-        return await self._run(self.store.list_jobs)
+        return await self._run(self.store.list_jobs, wrote=_read)
 
     async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[JobRecord]:
-        return await self._run(self.store.allocate, spec, n, worker, self.clock())
+        return await self._run(self.store.allocate, spec, n, worker, self.clock(), wrote=bool)
 
     async def heartbeat(self, job_ids: Sequence[str], worker: str, **kwargs: Any) -> Outcome:
-        return await self._run(self.store.heartbeat, list(job_ids), worker, self.clock(), **kwargs)
+        return await self._run(
+            self.store.heartbeat, list(job_ids), worker, self.clock(), wrote=_stored, **kwargs
+        )
 
     async def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
                      **kwargs: Any) -> Outcome:  # fmt: skip
         return await self._run(
-            self.store.finish, job_id, output, error_reason, self.clock(), **kwargs
+            self.store.finish, job_id, output, error_reason, self.clock(), wrote=_stored, **kwargs
         )
 
     async def reset(self, job_id: str) -> JobRecord:
         return await self._run(self.store.reset, job_id, self.clock())
 
     async def remove(self, job_id: str) -> bool:
-        return await self._run(self.store.remove, job_id, self.clock())
+        return await self._run(self.store.remove, job_id, self.clock(), wrote=bool)
 
     async def worker_seen(self, worker: str) -> None:
-        await self._run(self.store.worker_seen, worker, self.clock())
+        await self._run(self.store.worker_seen, worker, self.clock(), wrote=_read)
 
     async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
-        return await self._run(self.store.summary, self.clock(), **kwargs)
+        return await self._run(self.store.summary, self.clock(), wrote=_read, **kwargs)
 
     async def sweep(
         self,
@@ -130,6 +139,7 @@ class TrioJobStore:
         *,
         heard_since: float = 0.0,
         silent_before: float | None = None,
+        probe_write: bool = False,
     ) -> Outcome:
         return await self._run(
             self.store.sweep,
@@ -137,7 +147,19 @@ class TrioJobStore:
             job_ids=job_ids,
             heard_since=heard_since,
             silent_before=silent_before,
+            probe_write=probe_write,
+            wrote=lambda outcome: probe_write or _stored(outcome),
         )
 
     async def cleanup(self, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
-        return await self._run(self.store.cleanup, self.clock(), limit=limit)
+        return await self._run(self.store.cleanup, self.clock(), limit=limit, wrote=_stored)
+
+
+def _read(_result: object) -> bool:
+    """A call that writes nothing, or may not (a worker seen within TOUCH_EVERY is not)."""
+    return False
+
+
+def _stored(outcome: Outcome) -> bool:
+    """Whether a write stored a job (a heartbeat, a finish, a sweep that changed one)."""
+    return bool(outcome.jobs)

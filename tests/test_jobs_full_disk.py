@@ -1,0 +1,133 @@
+"""The job store on a file system that fills up (the case a storage provider meets most): a real
+tmpfs of 512 KiB, filled by a file and freed by removing it. Needs root (mount); skipped
+without."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_coordinator import PROOF, heartbeat_body
+from test_jobs_rules import make_input
+
+from damocles_ext.frontends.coordinator import Coordinator
+from damocles_ext.jobs import rules
+from damocles_ext.jobs.store import JobStore, StoreUnavailable, TrioJobStore
+
+
+class SmallDisk:
+    """A mounted tmpfs: `fill()` takes its last byte, `free()` gives the room back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while True:
+                os.write(fd, b"x" * 512)
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    path = tmp_path / "disk"
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(path)]
+    if os.geteuid() != 0 or subprocess.run(mount, check=False, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and CAP_SYS_ADMIN)")
+    try:
+        yield SmallDisk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _empty_log(db: Path) -> None:
+    """The store's write-ahead log emptied (as after a checkpoint): its next write must grow it."""
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    conn.close()
+    assert busy == 0 and Path(f"{db}-wal").stat().st_size == 0
+
+
+async def test_heartbeats_refused_by_a_full_disk_take_back_no_job_once_it_has_room(small_disk):
+    # Before, a sweep that read the store (the disk full refuses writes, not reads) ended the
+    # outage the refused heartbeats began: after 15 s of heartbeats refused, worker-a's job was
+    # taken back at the first sweep once the disk had room, at the cost of a try.
+    now = [1_700_000_000.0]
+    db = small_disk.path / "jobs.db"
+    with JobStore.open(f"sqlite:///{db}") as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        await jobs.create(make_input(proof_type=PROOF))
+        [job] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        _empty_log(db)
+        small_disk.fill()
+        beat = heartbeat_body([job.Id], "worker-a")
+        for _ in range(8):  # 40 s of heartbeats refused, a sweep after each
+            now[0] += 5
+            status, answer = await coordinator.answer(beat)
+            assert status == 200 and b"the file system that holds it is full" in answer, answer
+            try:
+                await coordinator.sweep_once()
+            except StoreUnavailable:  # the disk full
+                pass
+        small_disk.free()
+        now[0] += 1
+        outcome = await coordinator.sweep_once()
+        assert not any(isinstance(e, rules.TimedOut) for e in outcome.effects), outcome
+        assert (await jobs.get(job.Id)).State == "running"
+        # worker-a died with the disk full: its job is taken back a timeout after the disk had
+        # room, though no worker's call wrote meanwhile (the sweep's own write said so).
+        now[0] += 16
+        outcome = await coordinator.sweep_once()
+        assert rules.TimedOut(job.Id, "worker-a") in outcome.effects
+
+
+async def test_heartbeats_a_read_only_postgresql_refuses_take_back_no_job_once_it_writes(
+    postgres_url,
+):
+    # The same on PostgreSQL: a server that answers reads and refuses writes (a standby after a
+    # failover, default_transaction_read_only; a full disk is SQLSTATE 53100 likewise). Before,
+    # its refusals were errors of a statement, heard as answers.
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    database = make_url(postgres_url).database
+    now = [1_700_000_000.0]
+    with (
+        JobStore.open(postgres_url) as store,
+        psycopg.connect(postgres_url, autocommit=True) as admin,
+    ):
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        await jobs.create(make_input(proof_type=PROOF))
+        [job] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        store.engine.dispose()  # new sessions take it
+        beat = heartbeat_body([job.Id], "worker-a")
+        for _ in range(8):
+            now[0] += 5
+            status, answer = await coordinator.answer(beat)
+            assert status == 200 and b"give the URL of the primary" in answer, answer
+            try:
+                await coordinator.sweep_once()
+            except StoreUnavailable:
+                pass
+        admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        store.engine.dispose()
+        now[0] += 1
+        outcome = await coordinator.sweep_once()
+        assert not any(isinstance(e, rules.TimedOut) for e in outcome.effects), outcome
+        assert (await jobs.get(job.Id)).State == "running"
