@@ -4,13 +4,12 @@ without."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.small_disk import SmallDisk, mounted_tmpfs
 from test_coordinator import PROOF, heartbeat_body
 from test_jobs_rules import make_input
 
@@ -19,38 +18,10 @@ from damocles_ext.jobs import rules
 from damocles_ext.jobs.store import JobStore, StoreUnavailable, TrioJobStore
 
 
-class SmallDisk:
-    """A mounted tmpfs: `fill()` takes its last byte, `free()` gives the room back."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.filler = path / "filler"
-
-    def fill(self) -> None:
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            while True:
-                os.write(fd, b"x" * 512)
-        except OSError as exc:
-            assert exc.errno == 28, exc  # ENOSPC
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        self.filler.unlink()
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    path = tmp_path / "disk"
-    path.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(path)]
-    if os.geteuid() != 0 or subprocess.run(mount, check=False, capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (and CAP_SYS_ADMIN)")
-    try:
-        yield SmallDisk(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
+    with mounted_tmpfs(tmp_path / "disk") as disk:
+        yield disk
 
 
 def _empty_log(db: Path) -> None:

@@ -33,6 +33,7 @@ from helpers.frontend import (
     write_config,
 )
 from helpers.kept_out import a_closed_directory, said_when_kept_out
+from helpers.small_disk import mounted_tmpfs
 
 from damocles_ext.client import NoSupervisorError, connect, open_stream, submit_sync
 from damocles_ext.errors import ProverError, UsageError
@@ -108,6 +109,31 @@ def test_a_socket_directory_under_one_this_user_may_not_enter_is_a_usage_error()
     assert said == (
         f"UsageError: cannot look at control socket directory {closed}/s: permission denied (a"
         " directory above it is closed to this user); choose a path you own with --socket"
+    )
+
+
+def test_a_socket_directory_on_a_read_only_file_system_exits_2_saying_so(sock_dir: Path):
+    # Before: mkdir's EROFS (or ENOSPC) escaped as a traceback, exit 1.
+    config = write_config(sock_dir, plugin_block("WdPost", "echo"))
+    with mounted_tmpfs(sock_dir / "ro", "ro,size=64k"):
+        result = dext_run("run", "-c", str(config), "--socket", str(sock_dir / "ro/s/control.sock"))
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert (
+        f"cannot create control socket directory {sock_dir}/ro/s: Read-only file system; choose"
+        " another path with --socket"
+    ).encode() in result.stderr
+
+
+def test_a_socket_directory_on_a_full_file_system_says_to_free_space(sock_dir: Path):
+    with (
+        mounted_tmpfs(sock_dir / "full", "size=64k,nr_inodes=1"),  # no inode for anything
+        pytest.raises(UsageError) as raised,
+    ):
+        bind_control_socket(sock_dir / "full" / "s" / "control.sock")
+    assert str(raised.value) == (
+        f"cannot create control socket directory {sock_dir}/full/s: No space left on device:"
+        " free some space there, or choose another path with --socket"
     )
 
 

@@ -179,6 +179,10 @@ def _check_private_dir(directory: Path, *, create: bool) -> None:
             ) from None
         except FileExistsError:
             pass  # someone raced us; the checks below decide whether it is usable
+        except OSError as exc:  # its file system full or read-only, say
+            raise UsageError(
+                f"cannot create control socket directory {directory}: {_what_to_do(exc)}"
+            ) from None
         else:
             os.chmod(directory, 0o700)  # mkdir's mode is filtered through the umask
         st = os.lstat(directory)
@@ -251,7 +255,19 @@ def _clear_old_socket(path: Path) -> None:
             " choose another path with --socket"
         )
     log.info("removing stale control socket %s (nobody is listening on it)", path)
-    os.unlink(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # removed meanwhile
+    except OSError as exc:
+        raise UsageError(f"cannot remove stale control socket {path}: {_what_to_do(exc)}") from None
+
+
+def _what_to_do(exc: OSError) -> str:
+    """Why a file could not be made or removed where the socket goes, and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror}: free some space there, or choose another path with --socket"
+    return f"{exc.strerror}; choose another path with --socket"
 
 
 def _check_ancestors(path: Path) -> None:
@@ -308,7 +324,7 @@ def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on control socket {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot listen on control socket {path}: {_what_to_do(exc)}") from None
     return sock
 
 
