@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.frontend import dext_run
 from helpers.small_disk import SmallDisk, mounted_tmpfs
 from test_coordinator import PROOF, heartbeat_body
 from test_jobs_rules import make_input
@@ -102,3 +103,24 @@ async def test_heartbeats_a_read_only_postgresql_refuses_take_back_no_job_once_i
         outcome = await coordinator.sweep_once()
         assert not any(isinstance(e, rules.TimedOut) for e in outcome.effects), outcome
         assert (await jobs.get(job.Id)).State == "running"
+
+
+def test_commands_on_a_store_whose_disk_is_full_say_so_rather_than_blame_permissions(small_disk):
+    # SQLite opens a WAL store by making its -shm file beside it, even to read: on a full disk
+    # that is an I/O error. Before, `wdpost list` and `status --jobs` told to check that the
+    # user may read the file, and a coordinator's start that its directory be writable.
+    url = f"sqlite:///{small_disk.path}/jobs.db"
+    with JobStore.open(url) as store:
+        store.create(make_input(proof_type=PROOF), 1_700_000_000.0)
+    small_disk.fill()
+    for command in (["wdpost", "list"], ["status"], ["coordinator", "--listen", "127.0.0.1:0"]):
+        result = dext_run(*command, "--jobs", url, timeout=30)
+        said = result.stderr.decode()
+        assert result.returncode in (1, 2), (command, said)
+        assert "Traceback" not in said and "by this user" not in said, said
+        assert "the file system that holds it is full" in said, said
+        assert "free some space there" in said, said
+    small_disk.free()
+    result = dext_run("wdpost", "list", "--jobs", url)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2  # the header and the job

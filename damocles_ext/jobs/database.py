@@ -425,6 +425,22 @@ READ_FIX = (
     "check that this user may read the file and write its directory (a store in WAL mode needs"
     " its -wal and -shm files)"
 )
+#: What to do about a SQLite store on a full file system, when even reading it failed.
+FULL_FIX_READING = (
+    "the file system that holds it is full, and SQLite needs room beside the file for its -shm"
+    " file even to read it: free some space there"
+)
+
+
+def no_space_left(path: Path) -> bool:
+    """Whether the file system of the file `path` has no block or no inode left for this user."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
+
+
 #: What to do about a SQLite store whose file is damaged (cut short, overwritten).
 DAMAGED_FIX = "restore it from a backup, or move it away to start a new store (its jobs are lost)"
 
@@ -511,6 +527,8 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
             )
         if code == "SQLITE_NOTADB":
             return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
+        if code.startswith("SQLITE_IOERR") and no_space_left(path):
+            return f"cannot read the job store at {where} ({error}): {FULL_FIX_READING}"
         # Another user's store (0600), or a WAL store whose -shm this user cannot make.
         return f"cannot read the job store at {where} ({error}): {READ_FIX}"
     if found is None:
@@ -613,7 +631,10 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         )
     if code.startswith("SQLITE_CORRUPT"):
         return StoreUnavailable(f"the job store {where} is damaged ({what}): {DAMAGED_FIX}")
-    if code == "SQLITE_FULL":
+    # A full disk is SQLITE_FULL, or an I/O error where SQLite grew its -shm file (or fsync'd).
+    if code == "SQLITE_FULL" or (
+        code.startswith("SQLITE_IOERR") and no_space_left(sqlite_file(url))
+    ):
         return StoreTakesNoWrites(
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
             " full: free some space there"
