@@ -4,18 +4,25 @@ without."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.lowlevel
 from helpers.frontend import dext_run
 from helpers.small_disk import SmallDisk, mounted_tmpfs
 from test_coordinator import PROOF, heartbeat_body
 from test_jobs_rules import make_input
+from test_producer_outage import task
 
+from damocles_ext.frontends import producer as producer_module
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.jobs import rules
+from damocles_ext.jobs.paths import StoreMap
+from damocles_ext.jobs.rules import JobLimits
 from damocles_ext.jobs.store import JobStore, StoreUnavailable, TrioJobStore
 
 
@@ -124,3 +131,54 @@ def test_commands_on_a_store_whose_disk_is_full_say_so_rather_than_blame_permiss
     result = dext_run("wdpost", "list", "--jobs", url)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2  # the header and the job
+
+
+async def test_serve_says_a_full_disk_once_while_its_waiting_requests_reads_are_answered(
+    small_disk, monkeypatch, caplog
+):
+    # Before, each look of a waiting request (a read, answered on a full disk) ended the outage
+    # that the refused creations of the new requests began: a warning and an "answers again"
+    # line for every refused creation, for as long as the disk stayed full.
+    caplog.set_level(logging.INFO, logger="damocles_ext.producer")
+    monkeypatch.setattr(producer_module, "FIRST_BACKOFF", 0.01)
+    monkeypatch.setattr(producer_module, "MAX_BACKOFF", 0.05)
+    root = str(small_disk.path / "sectors")
+    url = f"sqlite:///{small_disk.path}/jobs.db"
+    with JobStore.open(url, limits=JobLimits(poll_interval=0.01)) as store:
+        jobs = TrioJobStore(store)
+        producer = producer_module.JobProducer(jobs, StoreMap({"a": root}))
+        create, refused, made = jobs.create, [0], [0]
+        one_made, many_refused, three_made = trio.Event(), trio.Event(), trio.Event()
+
+        async def counted(*args, **kwargs):  # the real creation, counted
+            try:
+                job, new = await create(*args, **kwargs)
+            except StoreUnavailable:
+                refused[0] += 1
+                if refused[0] == 30:
+                    many_refused.set()
+                raise
+            made[0] += new
+            if made[0] == 1:
+                one_made.set()
+            if made[0] == 4:
+                three_made.set()  # (and the one made before the disk was full)
+            return job, new
+
+        jobs.create = counted
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(producer.submit, task(root, 1000))
+                await one_made.wait()
+                _empty_log(small_disk.path / "jobs.db")
+                small_disk.fill()
+                for miner in (1001, 1002, 1003):  # new: refused while the disk is full
+                    nursery.start_soon(producer.submit, task(root, miner))
+                await many_refused.wait()
+                small_disk.free()
+                await three_made.wait()
+                nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "the job store" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("the job store failed (job ") and "is full" in said[0], said
+    assert said[1].startswith("the job store answers again, after "), said

@@ -31,7 +31,7 @@ from ..errors import ProverError, UsageError
 from ..jobs import model, rules
 from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
-from ..jobs.store import JobStore, StoreError, StoreLost, TrioJobStore
+from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
 from ..jobs.worker_rules import Outage
 from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
 from ..threads import NoThreadError, run_in_thread
@@ -113,6 +113,9 @@ class JobProducer:
             " proof before its job's deadline; a line says when the store answers again",
             ends="the job store answers again, after {failures} failed looks in {lasted:.0f} s",
         )
+        # The outage met a write refused (a full disk): only a look that wrote ends it, as the
+        # reads of the other requests are still answered.
+        self._writes_refused = False
 
     @classmethod
     def on(
@@ -236,10 +239,12 @@ class JobProducer:
                 # A store that hangs is given up on LATE_LOOK after the job's deadline (the calls
                 # return when cancelled): the request is answered then, not when it comes back.
                 with trio.move_on_at(self._give_up_at(due)) as bounded:
-                    found = await self._look(job_id, job_input, not_after, create)
+                    found, wrote = await self._look(job_id, job_input, not_after, create)
                 if bounded.cancelled_caught:
                     raise self._no_answer(job_id)
-                if (line := self._store_outage.answered(self.clock())) is not None:
+                back = wrote or not self._writes_refused
+                if back and (line := self._store_outage.answered(self.clock())) is not None:
+                    self._writes_refused = False
                     log.info("%s", line)
                     for waited in list(self._backing_off):  # they look now too
                         self.wake(waited)
@@ -285,6 +290,7 @@ class JobProducer:
                     ) from None
                 if line := self._store_outage.failed(self.clock(), f"job {job_id}: {exc}"):
                     log.warning("%s", line)
+                self._writes_refused |= isinstance(exc, StoreTakesNoWrites)
                 # Not past the deadline: the last try is at it.
                 pause = backoff if due is None else min(backoff, max(0.0, due - self.clock()))
                 with self._in_backoff(job_id, wakeable=not cut_short):
@@ -321,8 +327,9 @@ class JobProducer:
         job_input: model.WdPoStInput,
         not_after: float | None,
         create: bool,
-    ) -> model.JobRecord | None:
-        """The job as stored now, made first when `create`; None when it is gone."""
+    ) -> tuple[model.JobRecord | None, bool]:
+        """The job as stored now, made first when `create` (None when it is gone), and whether
+        this look wrote (made it)."""
         if create:
             job, made = await self.store.create(job_input, not_after=not_after)
             if made:
@@ -332,14 +339,14 @@ class JobProducer:
                     "job %s: re-attached to the existing job (%s, try %d)",
                     job_id, model.display_state(job), job.TryNum,
                 )  # fmt: skip
-            return job
+            return job, made
         stored = await self.store.get(job_id)
         if stored is None:
             # damocles' producer does the same: the request still wants its proof.
             log.warning(
                 "job %s was removed from the store while waited for; creating it again", job_id
             )
-        return stored
+        return stored, False
 
     def _give_up_at(self, due: float | None) -> float:
         """When (trio's clock) a look at the store begun now is given up on: LATE_LOOK after the
