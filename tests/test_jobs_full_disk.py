@@ -1,18 +1,20 @@
 """The job store on a file system that fills up (the case a storage provider meets most): a real
-tmpfs of 512 KiB, filled by a file and freed by removing it. Needs root (mount); skipped
-without."""
+tmpfs of 512 KiB, filled by a file and freed by removing it (root only: skipped without); and a
+process over its file size limit."""
 
 from __future__ import annotations
 
 import logging
+import resource
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
-from helpers.frontend import dext_run
+from helpers.frontend import DEXT, dext_env, dext_run
 from helpers.small_disk import SmallDisk, mounted_tmpfs
 from test_coordinator import PROOF, heartbeat_body
 from test_jobs_rules import make_input
@@ -182,3 +184,26 @@ async def test_serve_says_a_full_disk_once_while_its_waiting_requests_reads_are_
     assert len(said) == 2, said
     assert said[0].startswith("the job store failed (job ") and "is full" in said[0], said
     assert said[1].startswith("the job store answers again, after "), said
+
+
+def test_a_write_past_the_file_size_limit_says_what_may_be_wrong_not_permissions(tmp_path):
+    # A real `wdpost remove` under RLIMIT_FSIZE 0 (systemd's LimitFSIZE; a quota is the same
+    # I/O error to SQLite): before, "cannot open the job store ...; check that the file and its
+    # directory are writable by this user".
+    url = f"sqlite:///{tmp_path}/jobs.db"
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+    with JobStore.open(url) as store:  # held open: its -shm file stays, as under a coordinator
+        job, _ = store.create(make_input(proof_type=PROOF), 1_700_000_000.0)
+        result = subprocess.run(
+            [*DEXT, "wdpost", "remove", "--jobs", url, job.Id],
+            env=dext_env(), preexec_fn=limited, capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert store.get(job.Id) is not None
+    said = result.stderr.decode()
+    assert result.returncode == 1, said
+    assert "Traceback" not in said and "writable by this user" not in said, said
+    assert f"the job store {url} met an I/O error (disk I/O error, SQLITE_IOERR_WRITE)" in said
+    assert "over its file size limit (ulimit -f, systemd's LimitFSIZE)" in said, said

@@ -432,6 +432,18 @@ FULL_FIX_READING = (
 )
 
 
+#: What to do about an I/O error of a SQLite store on a file system that is not full.
+IO_ERROR_FIX = (
+    "its file system may be over a quota or failing, or this process over its file size limit"
+    " (ulimit -f, systemd's LimitFSIZE): check the quota, the limits and the kernel log"
+)
+#: SQLite's I/O errors of a write: the store may still answer reads.
+_IOERR_OF_WRITES: Final = frozenset(
+    {"SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC",
+     "SQLITE_IOERR_TRUNCATE", "SQLITE_IOERR_SHMSIZE"}
+)  # fmt: skip
+
+
 def no_space_left(path: Path) -> bool:
     """Whether the file system of the file `path` has no block or no inode left for this user."""
     try:
@@ -529,6 +541,11 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
             return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
         if code.startswith("SQLITE_IOERR") and no_space_left(path):
             return f"cannot read the job store at {where} ({error}): {FULL_FIX_READING}"
+        if code.startswith("SQLITE_IOERR"):
+            return (
+                f"cannot read the job store at {where} ({error}, {code}): SQLite could not make"
+                f" or use the -shm file beside it: {IO_ERROR_FIX}"
+            )
         # Another user's store (0600), or a WAL store whose -shm this user cannot make.
         return f"cannot read the job store at {where} ({error}): {READ_FIX}"
     if found is None:
@@ -639,6 +656,9 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"cannot write to the job store {where}: {what}; the file system that holds it is"
             " full: free some space there"
         )
+    if code.startswith("SQLITE_IOERR"):  # not a permission: the file was opened, or the -shm made
+        kind = StoreTakesNoWrites if code in _IOERR_OF_WRITES else StoreUnavailable
+        return kind(f"the job store {where} met an I/O error ({what}, {code}): {IO_ERROR_FIX}")
     path = sqlite_file(url)
     parent = path.parent
     if _is_dir(path):
