@@ -19,6 +19,7 @@ instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -210,13 +211,18 @@ def report_bad_output(
     directory = dump_dir_for(pid)
     if directory is not None and data:
         path = directory / f"dext-bad-output-{pid}-{os.getpid()}-{next(_dump_seq)}.bin"
+        made = False
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Exclusive create: never follow a symlink someone planted under our name.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            made = True
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
         except OSError as exc:
+            if made:  # a full disk: what was written would pass for the whole output
+                with contextlib.suppress(OSError):
+                    path.unlink()
             logger.log(
                 level,
                 "%s (pid %s): %s; %d bytes not dumped to %s (%s): %s",

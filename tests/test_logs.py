@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers.frontend import DEXT, dext_env, make_task, write_config
+from helpers.small_disk import mounted_tmpfs
 
 from damocles_ext import logs
 from damocles_ext.errors import UsageError
@@ -96,6 +97,23 @@ def test_dump_dir_gets_the_whole_output_in_a_new_file(tmp_path: Path, restore_lo
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="exists and is not a directory"):
         logs.set_dump_dir(tmp_path / "file")
+
+
+def test_a_dump_the_full_disk_cuts_short_is_removed_and_the_output_logged(
+    tmp_path, restore_logging
+):
+    # Before, the dump file stayed with what fitted (here: nothing), to be read later as the
+    # child's whole output.
+    out = io.StringIO()
+    logs.setup_logging("info", "text", stream=out)
+    with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:
+        logs.set_dump_dir(disk.path / "dumps")
+        disk.fill()
+        assert logs.report_bad_output("c", 7, b"garbage" * 10_000, "undecodable output") is None
+        assert list((disk.path / "dumps").iterdir()) == []
+    said = out.getvalue()
+    assert "c (pid 7): undecodable output; 70000 bytes not dumped to " in said, said
+    assert "(No space left on device): 'garbagegarbage" in said, said
 
 
 def test_a_bad_dump_dir_from_the_environment_is_named_as_the_variable_not_the_option(
