@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
@@ -74,6 +75,37 @@ async def test_heartbeats_refused_by_a_full_disk_take_back_no_job_once_it_has_ro
         now[0] += 16
         outcome = await coordinator.sweep_once()
         assert rules.TimedOut(job.Id, "worker-a") in outcome.effects
+
+
+async def test_calls_answered_without_a_write_do_not_end_a_full_disks_outage(small_disk):
+    # A finish sent again for a job already finished (a worker retrying after a lost answer) is
+    # answered on a full disk, and writes nothing: it ended the outage the refused heartbeats
+    # began, and worker-a's job was taken back once the disk had room, at the cost of a try.
+    now = [1_700_000_000.0]
+    db = small_disk.path / "jobs.db"
+    with JobStore.open(f"sqlite:///{db}") as store:
+        jobs = TrioJobStore(store, clock=lambda: now[0])
+        for seed in range(2):
+            await jobs.create(make_input(proof_type=PROOF, seed=seed))
+        [job] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        [done] = await jobs.allocate(rules.AllocationSpec(), 1, "worker-b")
+        await jobs.finish(done.Id, None, "no proof")
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        _empty_log(db)
+        small_disk.fill()
+        again = msgspec.json.encode({"jsonrpc": "2.0", "method": "Venus.WdPoStFinishJob",
+                                     "params": [done.Id, None, "no proof"], "id": 2})  # fmt: skip
+        for _ in range(8):  # 40 s of heartbeats refused, each followed by a finish sent again
+            now[0] += 5
+            status, answer = await coordinator.answer(heartbeat_body([job.Id], "worker-a"))
+            assert b"the file system that holds it is full" in answer, answer
+            status, answer = await coordinator.answer(again)
+            assert status == 200 and b'"result":null' in answer, answer  # answered, not written
+        small_disk.free()
+        now[0] += 1
+        outcome = await coordinator.sweep_once()
+        assert not any(isinstance(e, rules.TimedOut) for e in outcome.effects), outcome
+        assert (await jobs.get(job.Id)).State == "running"
 
 
 async def test_heartbeats_a_read_only_postgresql_refuses_take_back_no_job_once_it_writes(

@@ -25,7 +25,7 @@ import functools
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
@@ -97,6 +97,9 @@ class Outcome:
 
     jobs: tuple[JobRecord, ...]
     effects: tuple[rules.Effect, ...]
+    #: Whether it wrote a row (a refused or repeated heartbeat or finish writes none): what a
+    #: store refusing writes (a full disk) cannot answer.
+    wrote: bool = False
 
 
 class JobStore:
@@ -256,17 +259,18 @@ class JobStore:
         row = conn.execute(statement, {"job_id": job_id}).first()
         return None if row is None else job_of_row(row)
 
-    def _write(self, conn: Connection, old: JobRecord | None, new: JobRecord | None) -> None:
+    def _write(self, conn: Connection, old: JobRecord | None, new: JobRecord | None) -> bool:
+        """Store `new` in place of `old`; whether that wrote a row (not when they are equal)."""
         if old is None and new is None:
-            return
+            return False
         if old is None:
             assert new is not None
             conn.execute(stmts.INSERT_JOB, row_values(new))
-            return
+            return True
         if new is None:
             done = conn.execute(stmts.DELETE_JOB, stmts.guard_params(old))
         elif new == old:
-            return
+            return False
         else:
             done = conn.execute(stmts.UPDATE_JOB, stmts.update_params(old, new))
         if done.rowcount != 1:
@@ -277,12 +281,15 @@ class JobStore:
         if self.is_postgresql and _wakes_producers(old, new):
             # Delivered at commit to the producers that LISTEN (notify.py): they look now.
             conn.execute(_NOTIFY, {"job_id": old.Id})
+        return True
 
-    def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float) -> rules.Step:
+    def _apply(
+        self, conn: Connection, job_id: str, event: rules.Event, now: float
+    ) -> tuple[rules.Step, bool]:
+        """The rules' step for `event` on job `job_id`, stored; whether it wrote a row."""
         old = self._read(conn, job_id)
         step = rules.apply(old, event, now, self.limits, job_id=job_id)
-        self._write(conn, old, step.job)
-        return step
+        return step, self._write(conn, old, step.job)
 
     @database_errors
     def create(self, job_input: WdPoStInput, now: float, *, deadline_idx: int = 0,
@@ -388,9 +395,10 @@ class JobStore:
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
         the others' heartbeats are stored."""
         with self._transaction() as conn:
-            worker_rows.touch(conn, [worker], now)
-            return self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
+            touched = worker_rows.touch(conn, [worker], now)
+            outcome = self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
                 worker, None if leases is None else leases.get(job_id)))  # fmt: skip
+        return replace(outcome, wrote=True) if touched else outcome
 
     @database_errors
     def worker_seen(self, worker: str, now: float) -> None:
@@ -414,13 +422,15 @@ class JobStore:
               event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip
         stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
+        wrote = False
         # Sorted: two callers locking the same rows in the same order cannot deadlock.
         for job_id in sorted(set(job_ids)):
-            step = self._apply(conn, job_id, event_for(job_id), now)
+            step, written = self._apply(conn, job_id, event_for(job_id), now)
+            wrote |= written
             effects += step.effects
             if step.job is not None:
                 stored.append(step.job)
-        return Outcome(tuple(stored), tuple(effects))
+        return Outcome(tuple(stored), tuple(effects), wrote)
 
     @database_errors
     def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
@@ -434,7 +444,7 @@ class JobStore:
     def reset(self, job_id: str, now: float) -> JobRecord:
         """damocles' Reset; raises JobNotFound for an unknown id (damocles' message)."""
         with self._transaction() as conn:
-            step = self._apply(conn, job_id, rules.Reset(), now)
+            step, _ = self._apply(conn, job_id, rules.Reset(), now)
         if step.job is None:
             raise JobNotFound(job_id)
         return step.job
@@ -443,7 +453,7 @@ class JobStore:
     def remove(self, job_id: str, now: float) -> bool:
         """damocles' Remove: an unknown id is a silent success; returns whether one was removed."""
         with self._transaction() as conn:
-            step = self._apply(conn, job_id, rules.Remove(), now)
+            step, _ = self._apply(conn, job_id, rules.Remove(), now)
         return any(isinstance(e, rules.Removed) for e in step.effects)
 
     @database_errors
@@ -541,6 +551,7 @@ class JobStore:
               probe: bool = False) -> Outcome:  # fmt: skip
         stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
+        wrote = probe
         with self._transaction() as conn:
             if probe:
                 # Negated twice: SQLite writes nothing for a row set to what it holds.
@@ -550,11 +561,11 @@ class JobStore:
             for row in conn.execute(self._locked(statement, skip_locked=True)).all():
                 old = job_of_row(row)
                 step = rules.apply(old, event, now, self.limits)
-                self._write(conn, old, step.job)
+                wrote |= self._write(conn, old, step.job)
                 effects += step.effects
                 if step.job is not None and step.effects:
                     stored.append(step.job)
-        return Outcome(tuple(stored), tuple(effects))
+        return Outcome(tuple(stored), tuple(effects), wrote)
 
 
 def _wakes_producers(old: JobRecord, new: JobRecord | None) -> bool:

@@ -161,5 +161,6 @@ def _read(_result: object) -> bool:
 
 
 def _stored(outcome: Outcome) -> bool:
-    """Whether a write stored a job (a heartbeat, a finish, a sweep that changed one)."""
-    return bool(outcome.jobs)
+    """Whether a write stored a row (a heartbeat, a finish, a sweep that changed a job): a
+    refused or repeated one writes none, and a full disk answers it all the same."""
+    return outcome.wrote

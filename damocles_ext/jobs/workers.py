@@ -85,14 +85,17 @@ def create_and_carry_over(conn: Connection) -> None:
         )
 
 
-def touch(conn: Connection, names: Iterable[str], now: float) -> None:
-    """These workers were seen now (a heartbeat, a ping): refresh the specs they are known by.
+def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
+    """These workers were seen now (a heartbeat, a ping): refresh the specs they are known by;
+    whether a row was written (not within TOUCH_EVERY of the last time).
 
     A name that never asked for jobs stays unknown: a sealing worker pings too, and must not
     count as a worker that would take WindowPoSt jobs."""
     names = sorted(set(names))
-    if names:
-        conn.execute(_TOUCH, {"names": names, "before": now - TOUCH_EVERY, "w_at": now})
+    if not names:
+        return False
+    done = conn.execute(_TOUCH, {"names": names, "before": now - TOUCH_EVERY, "w_at": now})
+    return bool(done.rowcount)
 
 
 def forget(conn: Connection, before: float) -> int:
