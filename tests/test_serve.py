@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
+from helpers.child import make_plugin_dist
 from helpers.frontend import (
     DEXT,
     ManagerLike,
@@ -31,6 +32,7 @@ from helpers.frontend import (
     running,
     write_config,
 )
+from helpers.scheduling import Gate
 
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
@@ -1121,6 +1123,38 @@ async def test_serve_follows_damocles_id_rules(tmp_path, sock_path, mode):
                 assert await m.process.wait() == 0, "\n".join(m.log)
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
     assert "Traceback" not in "\n".join(m.log)
+
+
+async def test_a_second_signal_stops_serve_at_once_while_its_start_after_the_ready_line_hangs(
+    tmp_path, monkeypatch
+):
+    # The first signal after the ready line is held until trio watches the signals; an
+    # observer plugin whose import never returns (a network mount) kept serve from that, and
+    # a second signal, which stops serve at once later on, was held too: nothing but SIGKILL
+    # stopped it.
+    gate = Gate(tmp_path / "gate")
+    source = f"import os\nos.read(os.open({str(gate.path)!r}, os.O_RDWR), 1)\n"
+    root = make_plugin_dist(
+        tmp_path / "plugins", dist="stuck", module="stuck_import", source=source
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    cfg = write_config(tmp_path, '[[WdPost]]\nBin = "/bin/cat"\n')
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg)]
+    process = None
+    try:
+        async with trio.open_nursery() as nursery:
+            m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.DEVNULL)
+            process = m.process
+            # Two kinds: a second SIGTERM sent before the first is taken merges with it.
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(20):
+                assert await process.wait() in (-signal.SIGTERM, -signal.SIGINT, 130)
+            nursery.cancel_scope.cancel()
+    finally:
+        gate.close()
+        if process is not None and process.returncode is None:
+            process.kill()
 
 
 async def test_a_signal_right_after_the_ready_line_still_answers_the_request_sent_before_it(

@@ -128,11 +128,12 @@ _holding = False
 
 
 def hold_stop_signals() -> None:
-    """Keep each stop signal (SIGTERM, SIGINT, SIGHUP; not one that is ignored) that comes from
-    now until `replay_held_signals`. damocles-manager writes its requests as soon as the ready
-    line comes, and trio watches the signals only once it and the supervisor are imported: a
-    signal in between would kill serve (or raise KeyboardInterrupt) with its requests
-    unanswered, instead of stopping it gracefully."""
+    """Keep the first stop signal (SIGTERM, SIGINT, SIGHUP; not one that is ignored) that comes
+    from now until `replay_held_signals` (a second one has its own action at once).
+    damocles-manager writes its requests as soon as the ready line comes, and trio watches the
+    signals only once it and the supervisor are imported: a signal in between would kill serve
+    (or raise KeyboardInterrupt) with its requests unanswered, instead of stopping it
+    gracefully."""
     global _holding
     _holding = True
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -143,9 +144,13 @@ def hold_stop_signals() -> None:
 
 
 def _hold(signum: int, frame: object) -> None:
-    if _holding:
+    if _holding and not _held:
         _held.append(signum)
-    else:  # trio's watch is over (its receiver put this handler back): do what it did before
+    else:
+        # A second one while the first is held (the start after the ready line is slow or
+        # stuck: a plugin's import, say): the signal's own action, as a second signal stops
+        # serve at once later. Or trio's watch is over (its receiver put this handler back):
+        # what it did before.
         signal.signal(signum, _before_hold[signum])
         signal.raise_signal(signum)
 
