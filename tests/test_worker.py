@@ -760,9 +760,11 @@ def test_what_a_failed_call_means():
     assert failure_of(Api.DEXT, None) is Failure.UNREACHABLE
     assert failure_of(Api.DEXT, rpc.METHOD_NOT_FOUND) is Failure.NO_METHOD
     assert failure_of(Api.DEXT, rpc.REFUSED) is Failure.REFUSED
-    # Our coordinator's code 1 is its store failing for a while; damocles-manager's is a refusal.
+    # Our coordinator's code 1 is its store failing for a while; damocles-manager's too, but for
+    # its kv store's `key not found`: the job is gone.
     assert failure_of(Api.DEXT, rpc.METHOD_ERROR) is Failure.ERROR
-    assert failure_of(Api.VENUS, rpc.METHOD_ERROR) is Failure.REFUSED
+    assert failure_of(Api.VENUS, rpc.METHOD_ERROR, "key not found") is Failure.REFUSED
+    assert failure_of(Api.VENUS, rpc.METHOD_ERROR, "DB Closed") is Failure.ERROR
     # A call the server cannot read is refused again as it is (a NUL in a text, say).
     for code in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST, rpc.INVALID_PARAMS):
         assert failure_of(Api.DEXT, code) is failure_of(Api.VENUS, code) is Failure.REFUSED

@@ -278,3 +278,41 @@ def test_wdpost_list_reset_and_remove_work_against_damocles_manager(manager):
     )
     assert manager.kv == {}
     assert wdpost("list", "--all").stdout.split() == listed.stdout.splitlines()[0].split()
+
+
+# What a damocles-manager on a MongoDB kv answers while it cannot reach its database (badger's is
+# `DB Closed`, while its shutdown has closed the store and the HTTP server still answers).
+KV_DOWN = "server selection error: context deadline exceeded, current topology: ReplicaSetNoPrimary"
+
+
+async def test_a_job_store_failing_for_a_while_neither_cancels_the_proof_nor_loses_its_result(
+    manager, tmp_path, caplog
+):
+    # Before, any error of a heartbeat was read as "the job is no longer running" and any error
+    # of a finish as a refusal: the proof was cancelled, or its result given up, though only
+    # `key not found` says that the manager no longer has the job.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.5, progress_interval=0.05))
+    worker = Worker(worker_settings(manager.url, kids))
+    async with pulling(manager, worker):
+        await worker.wait_for(lambda: jid in worker.held)
+        manager.kv_down = KV_DOWN
+        before = len(venus_calls(manager, "WdPoStHeartbeatJobs"))
+        # The heartbeats fail while it proves; its finish fails too, and is sent again.
+        await worker.wait_for(
+            lambda: (
+                worker.counters.stopped > 0
+                or worker.counters.given_up > 0
+                or (jid in worker.held and worker.held[jid].delivery_failures >= 2)
+            )
+        )
+        assert (worker.counters.stopped, worker.counters.given_up) == (0, 0)
+        assert len(venus_calls(manager, "WdPoStHeartbeatJobs")) >= before + 2
+        manager.kv_down = None
+        await worker.wait_for(lambda: worker.counters.delivered == 1)
+    done = manager.job(jid)
+    assert done.State == "finished" and done.ErrorReason == "" and done.Output.proofs
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "the heartbeats of the jobs held here fail" in m]) == 1, lines
+    assert any("heartbeats are answered again" in m for m in lines), lines

@@ -57,6 +57,7 @@ from ..jobs.worker_rules import (
     finish_verdict,
     free_slots,
     heartbeats_outage,
+    job_gone,
     job_output,
     jobs_to_ask,
     no_child_can_prove,
@@ -614,6 +615,9 @@ class Worker:
             self._refused_token(exc)
             if self._refused is not None:
                 return
+            if not job_gone(exc.code, exc.message):  # its store fails: the jobs are still there
+                self._unreachable(str(exc), self._beats_failing)
+                return
         except RpcClientError as exc:
             self._unreachable(str(exc), self._beats_failing)
             return
@@ -628,14 +632,12 @@ class Worker:
                 self._unreachable(str(exc))
                 return
             except RpcCallError as exc:
-                # damocles-manager takes a late finish whatever the job's state: only a proof
-                # still running is stopped.
-                if h.state == "proving":
-                    self._stop_job(
-                        h.job.Id,
-                        NOT_RUNNING,
-                        f"the manager no longer has it running: {exc.message}",
-                    )
+                if not job_gone(exc.code, exc.message):
+                    self._unreachable(str(exc), self._beats_failing)
+                    return
+                if h.state == "proving":  # (a late finish is taken, whatever the job's state)
+                    why = f"the manager no longer has it running: {exc.message}"
+                    self._stop_job(h.job.Id, NOT_RUNNING, why)
             except RpcClientError as exc:
                 log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
 

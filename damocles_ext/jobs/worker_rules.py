@@ -71,14 +71,15 @@ def failure_of(api: Api, code: int | None, message: str = "") -> Failure:
 
     From our coordinator, code 2 (rpc.REFUSED) says the job is no longer ours and code 1 that its
     store failed for a while; its Venus.WdPoStFinishJob refused is code 11001 (rpc.ABORT).
-    damocles-manager answers every method's error with code 1, and its finish and heartbeat fail
-    only for a job it no longer has: that is a refusal."""
+    damocles-manager answers every method's error with code 1: its finish and heartbeat refuse a
+    job it no longer has with its kv store's `key not found` (`job_gone`); any other text is its
+    store failing (a MongoDB out of reach, badger closed while it shuts down), for a while."""
     if code is None:
         return Failure.UNREACHABLE
     if code == rpc.METHOD_NOT_FOUND:
         return Failure.NO_METHOD
     if code in (rpc.REFUSED, rpc.ABORT, rpc.UNAUTHORIZED) or (
-        api is Api.VENUS and code == rpc.METHOD_ERROR
+        api is Api.VENUS and job_gone(code, message)
     ):
         return Failure.REFUSED  # (a refused token: no call will get through, the worker stops)
     if code in (rpc.INVALID_REQUEST, rpc.INVALID_PARAMS) or (
@@ -87,6 +88,17 @@ def failure_of(api: Api, code: int | None, message: str = "") -> Failure:
     ):
         return Failure.REFUSED  # the call itself is wrong: the same call is refused again
     return Failure.ERROR
+
+
+#: The text of damocles' kvstore.ErrKeyNotFound, which its heartbeat and finish return for a job
+#: it does not have (removed, cleaned up, or, for a heartbeat, finished).
+KEY_NOT_FOUND = "key not found"
+
+
+def job_gone(code: int, message: str) -> bool:
+    """Whether damocles-manager's error says that it no longer has the job (rather than that its
+    store failed: then the job is still there, and the call may pass later)."""
+    return code == rpc.METHOD_ERROR and KEY_NOT_FOUND in message
 
 
 def failure_of_answer(status: int | None) -> Failure:

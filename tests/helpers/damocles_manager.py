@@ -17,6 +17,11 @@ What it does as damocles does:
 - `Venus.StoreBasicInfo` answers null for a store it does not have; `Venus.WorkerPing` refuses
   an empty Name or Dest; any other method (our `Dext.*`) is go-jsonrpc's -32601 over HTTP 500.
 
+`kv_down`: a text, while set, is the error of every call that reads or writes the kv store (the
+job methods, `Venus.WorkerPing`), as damocles answers while its store fails: a MongoDB kv out of
+reach or electing a primary, or badger's `DB Closed` in the moment its shutdown closes the store
+before the HTTP server. go-jsonrpc sends it as any method error: HTTP 200, code 1, its text.
+
 `added_fields`: allocations answer with fields a newer damocles might add (to the job, its input,
 each sector and its accesses), which a reader must skip as Go, serde and damocles-worker do.
 
@@ -65,6 +70,7 @@ class DamoclesManager(GoJsonRpcServer):
         self.kv: dict[str, WdPoStJob] = {}
         self.pings: dict[str, dict[str, Any]] = {}  # WorkerPingInfo by worker name
         self.added_fields = False
+        self.kv_down: str | None = None
         self._changed = threading.Condition()
         methods = {
             "WdPoStAllocateJobs": self._allocate,
@@ -76,7 +82,9 @@ class DamoclesManager(GoJsonRpcServer):
             "StoreBasicInfo": self._store_basic_info,
             "WorkerPing": self._worker_ping,
         }
-        super().__init__({f"Venus.{m}": self._txn(f) for m, f in methods.items()})
+        methods = {m: self._txn(f) for m, f in methods.items()}
+        methods["StoreBasicInfo"] = self._store_basic_info  # the stores' config, no kv
+        super().__init__({f"Venus.{m}": f for m, f in methods.items()})
 
     # --- for tests -----------------------------------------------------------------------------
 
@@ -105,6 +113,8 @@ class DamoclesManager(GoJsonRpcServer):
 
         def call(*params: Any) -> Any:
             with self._changed:
+                if self.kv_down is not None:
+                    raise MethodError(self.kv_down)
                 saved = dict(self.kv)
                 try:
                     return method(*params)
