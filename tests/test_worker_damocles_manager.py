@@ -316,3 +316,20 @@ async def test_a_job_store_failing_for_a_while_neither_cancels_the_proof_nor_los
     lines = [r.getMessage() for r in caplog.records]
     assert len([m for m in lines if "the heartbeats of the jobs held here fail" in m]) == 1, lines
     assert any("heartbeats are answered again" in m for m in lines), lines
+
+
+async def test_two_store_names_attached_at_one_location_are_both_proved_from(tmp_path):
+    # damocles-worker takes two [[attached]] names at one location (a store scanned by its
+    # sectorstore.json name and listed by another, say). Before, the worker started with them
+    # and then failed every job: "stores 'alias' and 'store-a' have the same path".
+    store = empty_store()
+    with DamoclesManager({"store-a": "/mnt/a", "alias": "/mnt/a"}) as manager:
+        jids = [manager.create(job_input(store=name)) for name in ("store-a", "alias")]
+        kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0))
+        attached = {"store-a": store, "alias": store}
+        worker = Worker(worker_settings(manager.url, kids, attached=attached))
+        async with pulling(manager, worker):
+            await until(manager, lambda m: all(m.job(j).State == "finished" for j in jids))
+        for jid in jids:
+            done = manager.job(jid)
+            assert (done.ErrorReason, done.TryNum) == ("", 1) and done.Output.proofs

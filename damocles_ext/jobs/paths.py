@@ -145,13 +145,19 @@ class StoreMap:
             # A source node's answer names it: at most a line of it (an answer may be 64 KiB).
             shown = repr(store) if len(store) <= 100 else f"{store[:100]!r}… ({len(store)} chars)"
             raise KeyError(f"store {shown} is not known here (known: {known}); {STORE_FIX}")
-        if kind == "sealed":
-            directory = UPDATE if upgrade else SEALED
-        elif kind == "cache":
-            directory = UPDATE_CACHE if upgrade else CACHE
-        else:
-            raise ValueError(f"kind must be 'sealed' or 'cache', not {kind!r}")
-        return posixpath.join(_normal(root), directory, sector_file_name(miner, number))
+        return sector_path(root, kind, miner, number, upgrade)
+
+
+def sector_path(root: str, kind: str, miner: int, number: int, upgrade: bool) -> str:
+    """The path of a sector's sealed file (`kind` "sealed") or cache directory ("cache") in the
+    store whose directory is `root`, in damocles' layout."""
+    if kind == "sealed":
+        directory = UPDATE if upgrade else SEALED
+    elif kind == "cache":
+        directory = UPDATE_CACHE if upgrade else CACHE
+    else:
+        raise ValueError(f"kind must be 'sealed' or 'cache', not {kind!r}")
+    return posixpath.join(_normal(root), directory, sector_file_name(miner, number))
 
 
 def job_input(task: WindowPoSt, stores: StoreMap) -> WdPoStInput:

@@ -25,7 +25,7 @@ from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 from ..tasks import proof_types_for_sizes as proof_types_for_sizes
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
-from .paths import StoreMap
+from .paths import sector_path
 
 # --- which RPC the manager speaks ---------------------------------------------------------------
 
@@ -313,8 +313,8 @@ def default_sector_paths(
     job: PulledJob, sector: WdPoStSectorInfo, attached: Mapping[str, str]
 ) -> tuple[str, str]:
     """(sealed_file, cache_dir) of `sector` in damocles' layout under the attached stores
-    (`sealed/s-t0<miner>-<num>`, `cache/…`; `update/`, `update-cache/` when upgraded)."""
-    stores = StoreMap(attached)
+    (`sealed/s-t0<miner>-<num>`, `cache/…`; `update/`, `update-cache/` when upgraded). Two
+    names may share a directory, as damocles-worker allows."""
     miner, number = job.Input.MinerId, sector.SectorId
     paths = []
     for kind, store in (("sealed", sector.Accesses.SealedFile),
@@ -327,7 +327,7 @@ def default_sector_paths(
                 f" --attached {store}=PATH, or keep this miner's jobs off this worker"
                 " (--allowed-miners)"
             )
-        paths.append(stores.path_of(store, kind, miner, number, sector.Upgrade))
+        paths.append(sector_path(attached[store], kind, miner, number, sector.Upgrade))
     return paths[0], paths[1]
 
 
