@@ -333,3 +333,23 @@ async def test_two_store_names_attached_at_one_location_are_both_proved_from(tmp
         for jid in jids:
             done = manager.job(jid)
             assert (done.ErrorReason, done.TryNum) == ("", 1) and done.Output.proofs
+
+
+async def test_a_damocles_manager_without_worker_prover_is_said_with_what_to_do_and_waited_for(
+    manager, tmp_path, caplog
+):
+    # Before, the worker said only that the manager "refuses the allocation (method not found)",
+    # as though its store were down; damocles-worker says to enable the worker-prover module.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    jobs_api = {m: manager.methods.pop(m) for m in list(manager.methods) if "WdPoSt" in m}
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0))
+    worker = Worker(worker_settings(manager.url, kids, idle_poll=0.2))
+    async with pulling(manager, worker):
+        await worker.wait_for(lambda: worker._refusals.down_since is not None)  # said
+        manager.methods.update(jobs_api)  # restarted with --worker-prover
+        await until(manager, lambda m: m.job(jid).State == "finished")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    [said] = [m for m in lines if "method 'Venus.WdPoStAllocateJobs' not found" in m]
+    assert "started without --worker-prover" in said and "daemon run --worker-prover" in said
+    assert any("the manager allocates again" in r.getMessage() for r in caplog.records)

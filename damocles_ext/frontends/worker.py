@@ -39,6 +39,7 @@ from ..jobs.client import (
 )
 from ..jobs.model import JobOutput, WdPoStInput
 from ..jobs.worker_rules import (
+    NO_WORKER_PROVER,
     SLOT_STAGES,
     UP,
     Api,
@@ -333,14 +334,15 @@ class Worker:
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)
-                if failure_of(self.api, exc.code) is Failure.NO_METHOD and self.api is Api.DEXT:
-                    log.info(
-                        "the manager has no Dext.* methods (a damocles-manager): asking for one"
-                        " job per call with Venus.WdPoStAllocateJobs, without leases"
-                    )
-                    self.api = Api.VENUS
-                    continue
-                self._unreachable(str(exc), self._refusals)
+                why = str(exc)
+                if failure_of(self.api, exc.code) is Failure.NO_METHOD:
+                    if self.api is Api.DEXT:
+                        log.info("the manager has no Dext.* methods (a damocles-manager): one job"
+                                 " per call with Venus.WdPoStAllocateJobs, no leases")  # fmt: skip
+                        self.api = Api.VENUS
+                        continue
+                    why += f": {NO_WORKER_PROVER}"
+                self._unreachable(why, self._refusals)
                 self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
             except RpcClientError as exc:

@@ -101,6 +101,13 @@ def job_gone(code: int, message: str) -> bool:
     return code == rpc.METHOD_ERROR and KEY_NOT_FOUND in message
 
 
+#: Why a damocles-manager has no Venus.WdPoStAllocateJobs (-32601), and what to do.
+NO_WORKER_PROVER = (
+    "a damocles-manager started without --worker-prover (or with --ext-prover) has no job for"
+    " a worker; start it with `damocles-manager daemon run --worker-prover`"
+)
+
+
 def failure_of_answer(status: int | None) -> Failure:
     """What an answer that is no JSON-RPC answer means (`status`: its HTTP status, None when it
     was not HTTP): a request refused as sent (413: too large, say) is refused again; anything
