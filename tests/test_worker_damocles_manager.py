@@ -353,3 +353,36 @@ async def test_a_damocles_manager_without_worker_prover_is_said_with_what_to_do_
     [said] = [m for m in lines if "method 'Venus.WdPoStAllocateJobs' not found" in m]
     assert "started without --worker-prover" in said and "daemon run --worker-prover" in said
     assert any("the manager allocates again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_proxy_answering_502_while_the_manager_restarts_is_waited_out_not_fatal(
+    manager, tmp_path, caplog
+):
+    # A TLS-terminating proxy in front of the manager (as the docs advise) answers 502 while the
+    # manager restarts. Before, a worker starting then exited 2 (which its unit never restarts),
+    # and a running one logged an error at every allocation it tried again.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+
+    def tried(m: DamoclesManager) -> int:
+        return sum(method.endswith("(gateway 502)") for method in m.methods_called())
+
+    manager.gateway = 502
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0))
+    worker = Worker(worker_settings(manager.url, kids, idle_poll=0.1))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)  # (it starts only once the stores are checked)
+            await until(manager, lambda m: tried(m) >= 2)
+            manager.gateway = None
+            await until(manager, lambda m: m.job(jid).State == "finished")
+            await worker.wait_for(lambda: not worker.held)
+            manager.gateway = 502  # again, while it runs and asks for jobs
+            seen = tried(manager)
+            await until(manager, lambda m: tried(m) >= seen + 4)
+            manager.gateway = None
+            await worker.wait_for(lambda: worker.manager_reachable)
+            worker.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    gateway = [m for m in lines if "HTTP 502" in m]
+    assert len(gateway) == 2 and all("the manager is unreachable" in m for m in gateway), lines

@@ -62,6 +62,7 @@ from ..jobs.worker_rules import (
     job_output,
     jobs_to_ask,
     no_child_can_prove,
+    passing_answer,
     ready_slots_of,
     window_post_task,
 )
@@ -241,9 +242,6 @@ class Worker:
             while True:
                 try:
                     info = await self._calls.call("Venus.StoreBasicInfo", name)
-                except RpcConnectionError as exc:
-                    await self._wait_out(str(exc), backoff, "while waiting for the manager")
-                    continue
                 except RpcCallError as exc:
                     self._refused_token(exc)
                     raise UsageError(
@@ -251,8 +249,13 @@ class Worker:
                         f" {name!r} ({exc.message}); attach only the stores the manager has"
                         f" (as it names them), or add {name!r} to the manager's stores"
                     ) from None
-                except RpcClientError as exc:
-                    raise UsageError(str(exc)) from None
+                except RpcClientError as exc:  # no answer, or a proxy's while the manager is away
+                    if not isinstance(exc, RpcConnectionError) and not passing_answer(
+                        getattr(exc, "status", None)
+                    ):
+                        raise UsageError(str(exc)) from None
+                    await self._wait_out(str(exc), backoff, "while waiting for the manager")
+                    continue
                 self._answered()
                 if info is None:
                     raise UsageError(
@@ -327,10 +330,6 @@ class Worker:
             # may have given us jobs in a call whose answer was lost (they time out there).
             try:
                 got = await self._calls.call(method, *params, result_type=list[dict[str, Any]])
-            except RpcConnectionError as exc:
-                self._unreachable(str(exc))
-                await self._pause(backoff.next_delay())
-                continue
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)
@@ -345,8 +344,8 @@ class Worker:
                 self._unreachable(why, self._refusals)
                 self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
-            except RpcClientError as exc:
-                log.error("%s", exc)
+            except RpcClientError as exc:  # no answer, or not JSON-RPC (a proxy's 502): said once
+                self._unreachable(str(exc))
                 await self._pause(backoff.next_delay())
                 continue
             self._answered(self._outage, self._refusals)

@@ -117,6 +117,13 @@ def failure_of_answer(status: int | None) -> Failure:
     return Failure.ERROR
 
 
+def passing_answer(status: int | None) -> bool:
+    """Whether an answer that is no JSON-RPC answer says the server is away for a while: a 5xx
+    (go-jsonrpc's own carry a JSON-RPC error), 408 or 429 from a proxy in front (nginx's 502
+    while the manager restarts): waited out, where a 401, 403 or 404 is the operator's to fix."""
+    return status is not None and (status >= 500 or status in (408, 429))
+
+
 #: The HTTP statuses that refuse a request for what it is (malformed, too large), whoever sends
 #: them; a 401, 403 or 404 that is no JSON-RPC answer may be a proxy in front, in maintenance.
 REFUSED_AS_SENT = frozenset({400, 413, 414, 431})

@@ -108,6 +108,10 @@ class DamoclesManager(GoJsonRpcServer):
                     f"not reached within {timeout} s; calls: {self.methods_called()}"
                 )
 
+    def recorded(self) -> None:  # a call the proxy in front answered (`gateway`)
+        with self._changed:
+            self._changed.notify_all()
+
     def _txn(self, method: Callable[..., Any]) -> Callable[..., Any]:
         """One call as one transaction: all of it or (on an error) nothing."""
 

@@ -12,7 +12,9 @@ a thread of the test's process, HTTP/1.1 with keep-alive.
 
 `stop()` closes the port and cuts the connections open on it, and `start()` opens the same port
 again (a source node that goes down and comes back); `hold()` makes every call wait until `release()` (a source that hangs), and
-`calls` records (method, params) in order."""
+`calls` records (method, params) in order. `gateway` set to an HTTP status (502, 503) answers
+every call with it and an HTML page, as a reverse proxy in front (nginx) does while the server
+behind it is down or restarting; None (the default) lets the calls through."""
 
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class GoJsonRpcServer:
         self._connections: set[socket.socket] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.gateway: int | None = None
 
     # --- life -------------------------------------------------------------------------------
 
@@ -92,6 +95,15 @@ class GoJsonRpcServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                if (status := server_self.gateway) is not None:
+                    server_self._record_passing(body)
+                    page = f"<html><head><title>{status}</title></head></html>\r\n".encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 for name, value in server_self.required_headers.items():
                     if self.headers.get(name) != value:
                         self._send(401, {"error": "unauthorized"})
@@ -164,6 +176,19 @@ class GoJsonRpcServer:
             return [m for m, _ in self.calls]
 
     # --- one call ---------------------------------------------------------------------------
+
+    def _record_passing(self, body: bytes) -> None:
+        """A call the proxy answered (`gateway`): recorded as tried, not served."""
+        try:
+            method = json.loads(body).get("method")
+        except (ValueError, AttributeError):
+            method = None
+        with self._lock:
+            self.calls.append((f"{method} (gateway {self.gateway})", []))
+        self.recorded()
+
+    def recorded(self) -> None:
+        """Called after a call is recorded (a subclass wakes its waiters)."""
 
     def _answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         try:
