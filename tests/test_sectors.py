@@ -788,6 +788,46 @@ async def test_a_provider_batch_answer_that_is_not_a_mapping_fails_its_lookup_no
     assert "not a mapping of sectors to locations" in answer.detail
 
 
+async def test_a_provider_batch_answer_whose_lookups_raise_fails_its_lookup_not_the_locator(
+    stores,
+):
+    """A find_batch answering a mapping of its own (a lazy view of its database) whose `get`
+    raises: that raised out of the locator, outside the guard around the provider's call."""
+    from collections.abc import Mapping
+
+    sealed, _ = put_files(stores, 5)
+
+    class Lazy(Mapping):
+        def __getitem__(self, key):
+            raise ConnectionError("the site database went away")
+
+        def __iter__(self):
+            return iter(())
+
+        def __len__(self):
+            return 0
+
+        def get(self, key, default=None):
+            return self[key]
+
+    class Site:
+        name = "site-db"
+
+        async def find(self, sector):
+            return None
+
+        async def find_batch(self, sectors):
+            return Lazy()
+
+    async with SectorLocator([Site(), StoreScan(stores)]) as locator:
+        [answer] = await locator.locate(refs(5))
+        await locator.refresh(refs(5))
+    assert answer.found and answer.location.sealed_file == sealed
+    assert "site-db: sector 5 of miner 1000: ConnectionError: the site database went away" in (
+        answer.detail
+    )
+
+
 async def test_a_provider_location_of_pathlib_paths_fails_its_lookup_and_the_next_answers(
     stores,
 ):

@@ -363,6 +363,8 @@ class SectorLocator:
                         found = {sector: await provider.find(sector)}
                     else:
                         found = await find_batch(chunk)
+                        if isinstance(found, Mapping):  # a plugin's own, whose get may raise
+                            found = {sector: found.get(sector) for sector in chunk}
                 except BaseException as exc:  # a provider's bug fails that lookup only
                     if passes_through(exc):
                         raise
