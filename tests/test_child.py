@@ -599,13 +599,16 @@ UNVERSIONED_PLUGIN = textwrap.dedent(
     from damocles_ext.hookspecs import hookimpl, ProverSpec
     from damocles_ext_plugins.testing import echo_output
 
+    class Stop(BaseException):  # a plugin's own, as gevent's GreenletExit is one
+        pass
+
     class Unversioned:
         name = "unversioned"
         stages = ("window_post",)
 
         @property
         def version(self):
-            raise FileNotFoundError("VERSION")
+            raise {raised}
 
         def prove(self, task, progress, cancel):
             return echo_output(task)
@@ -617,9 +620,17 @@ UNVERSIONED_PLUGIN = textwrap.dedent(
 )
 
 
-def test_a_prover_whose_version_cannot_be_read_starts_with_its_plugins_version(tmp_path):
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [('FileNotFoundError("VERSION")', "FileNotFoundError: VERSION"), ('Stop("no")', "Stop: no")],
+    ids=["exception", "base-exception"],
+)
+def test_a_prover_whose_version_cannot_be_read_starts_with_its_plugins_version(
+    tmp_path, raised, said
+):
+    source = UNVERSIONED_PLUGIN.replace("{raised}", raised)
     root = make_plugin_dist(
-        tmp_path, dist="unversioned", module="unversioned_plugin", source=UNVERSIONED_PLUGIN
+        tmp_path, dist="unversioned", module="unversioned_plugin", source=source
     )
     with Child("window_post", "unversioned", pythonpath=[root]) as child:
         hello = child.next()
@@ -630,7 +641,7 @@ def test_a_prover_whose_version_cannot_be_read_starts_with_its_plugins_version(t
         assert response.output == echo_output(window_task())
         child.close_stdin()
         assert child.wait() == 0
-    assert "its version cannot be read (FileNotFoundError: VERSION)" in child.stderr
+    assert f"its version cannot be read ({said})" in child.stderr
 
 
 GARBLED_PLUGIN = textwrap.dedent(
