@@ -147,6 +147,8 @@ def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplo
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "about 10 s behind the manager's" in messages[0] and "late, past" in messages[0]
+    # Against damocles-manager, whose jobs have no NotAfter, proofs are not cut short: said.
+    assert "damocles-manager's do not" in messages[0]
     assert messages[1] == "this machine's clock agrees with the manager's again"
 
 

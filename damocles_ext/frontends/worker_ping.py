@@ -78,8 +78,9 @@ def check_skew(server_date: float | None, now: float, skewed: bool) -> bool:
             way = "ahead of" if skew > 0 else "behind"
             log.warning(
                 "this machine's clock is about %.0f s %s the manager's (the Date of its answers):"
-                " a job's deadline (NotAfter) is read on this clock, so proofs are cut short"
-                " %s; keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
+                " a job's deadline (NotAfter: a damocles-ext coordinator's jobs carry one,"
+                " damocles-manager's do not) is read on this clock, so proofs are cut short %s;"
+                " keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
                 abs(skew),
                 way,
                 "early by as much" if skew > 0 else "late, past the manager's deadline",
