@@ -55,6 +55,64 @@ def test_a_good_file_gives_the_stores_and_the_worker_prover_limits():
     assert cfg.warnings == ()
 
 
+# The [Common] part of the sector-manager.cfg `damocles-manager daemon init` writes, as damocles'
+# docs show it (docs/en/04.damocles-manager-config.md): each table's keys commented out, its
+# headers not, so [[Common.PersistStores]] is an entry with no Name and no Path.
+DAEMON_INIT = """# Default config:
+[Common]
+#ScanPersistStores = []
+[Common.API]
+#Gateway = ["/ip4/{api_host}/tcp/{api_port}"]
+#Token = "{some token}"
+#ChainEventInterval = "1m0s"
+#
+[[Common.PieceStores]]
+#Name = "{store_name}"
+#Path = "{store_path}"
+#Plugin = ""
+#PluginName = "s3store"
+[Common.PieceStores.Meta]
+#SomeKey = "SomeValue"
+#
+[[Common.PersistStores]]
+#Name = "{store_name}"
+#Path = "{store_path}"
+#Strict = false
+#ReadOnly = false
+#Weight = 0
+#AllowMiners = [1, 2]
+#DenyMiners = [3, 4]
+#Plugin = ""
+#PluginName = "s3store"
+[Common.PersistStores.Meta]
+#SomeKey = "SomeValue"
+[Common.DB]
+#Driver = "badger"
+[Common.Proving]
+#ParallelCheckLimit = 128
+[Common.Proving.WorkerProver]
+JobMaxTry = 2
+HeartbeatTimeout = "15s"
+JobLifetime = "25h0m0s"
+"""
+
+
+def test_the_daemon_init_template_store_is_skipped_with_a_warning_not_refused():
+    """damocles-manager starts on the file its `daemon init` writes, opening its own working
+    directory as the template's store (filepath.Abs of an empty Path); we refused that file
+    ('Path must be the store's directory'), so serve --jobs, the coordinator and sectors find
+    failed on damocles' own default config, also once the operator added stores after it."""
+    added = '\n[[Common.PersistStores]]\nName = "s1"\nPath = "/mnt/s1"\n'
+    cfg = parse_manager_config(DAEMON_INIT + added, "sm.cfg")
+    assert cfg.stores == {"s1": "/mnt/s1"} and cfg.limits == rules.JobLimits()
+    [warning] = cfg.warnings
+    assert warning.startswith("sm.cfg: [[Common.PersistStores]] #1 has no Path and no Name")
+    assert "its own working directory" in warning and "remove that entry" in warning
+    # A store that has a Name still needs its Path: jobs may name it.
+    with pytest.raises(ManagerConfigError, match="Path must be the store's directory"):
+        parse_manager_config("[[Common.PersistStores]]\nName = 'a'\n", "sm.cfg")
+
+
 def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_it():
     cfg = parse_manager_config("\ufeff" + GOOD, "sector-manager.cfg")
     assert cfg.stores == {"store-a": "/mnt/a", "/mnt/b/": "/mnt/b/"}

@@ -4,9 +4,10 @@ damocles-manager reads its config files from `--conf-dir DIR` (a source node and
 share one such directory); reading the same file here keeps one place for two facts:
 
 - `[[Common.PersistStores]]`: the stores, `Name` and `Path`. A store without `Name` is named by
-  its `Path` as written (damocles' `GetPersistStores`). Jobs name stores, not paths, so a
-  producer maps the paths damocles-manager sends to these names, and a coordinator answers
-  `Venus.StoreBasicInfo` for them.
+  its `Path` as written (damocles' `GetPersistStores`); one with neither, the template that
+  `damocles-manager daemon init` writes, is skipped with a warning. Jobs name stores, not
+  paths, so a producer maps the paths damocles-manager sends to these names, and a coordinator
+  answers `Venus.StoreBasicInfo` for them.
 - `[Common.Proving.WorkerProver]`: `JobMaxTry`, `HeartbeatTimeout`, `JobLifetime`, with
   damocles' defaults (2, "15s", "25h0m0s"). damocles declares the two durations as Go's
   `time.Duration`, which its TOML reader takes as a Go duration string; a bare number would be
@@ -240,6 +241,16 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             warnings.append(f"{where}: unknown key {key!r} ignored (damocles knows "
                             f"{', '.join(sorted(PERSIST_STORE_KEYS))})")  # fmt: skip
         path = entry.get("Path")
+        if path in (None, "") and entry.get("Name") in (None, ""):
+            # `damocles-manager daemon init` writes one such entry (its keys commented out);
+            # damocles-manager opens its own working directory as that store.
+            warnings.append(
+                f"{where} has no Path and no Name (the template `damocles-manager daemon init`"
+                " writes, its keys commented out): damocles-manager opens its own working"
+                " directory as that store, which damocles-ext cannot know, so it is skipped;"
+                " remove that entry, or give it Path"
+            )
+            continue
         if not isinstance(path, str) or not path.strip():
             raise ManagerConfigError(
                 f"{where}: Path must be the store's directory (a non-empty string), not"
