@@ -296,6 +296,48 @@ def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_
     )
 
 
+def test_an_entry_that_runs_serve_jobs_is_warned_about_when_serve_will_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """serve --jobs reads its --conf-dir's sector-manager.cfg, and refuses winning_post, before
+    its ready line (so damocles-manager's start fails): check-config passed such entries."""
+    manager = tmp_path / "manager" / "ext-prover.cfg"
+    manager.parent.mkdir()
+    # damocles' docs (09.poster-node.md) with a JobLifetime missing its unit, which
+    # damocles-manager refuses too ("missing unit in duration").
+    (manager.parent / "sector-manager.cfg").write_text(
+        "[Common.Proving.WorkerProver]\n"
+        "# The maximum number of attempts of the WindowPoSt task, optional, number type\n"
+        "JobMaxTry = 2\n"
+        "# WindowPoSt task heartbeat timeout, optional, time string type\n"
+        'HeartbeatTimeout = "15s"\n'
+        "# WindowPoSt task timeout, optional, time string type\n"
+        'JobLifetime = "25"\n'
+    )
+    jobs = f"sqlite:///{tmp_path}/j.db"
+    manager.write_text(
+        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs", "{jobs}",'
+        f' "--conf-dir", "{manager.parent}"]\n'
+        f'[[WinPost]]\nBin = "damocles-ext"\nArgs = ["serve", "winning_post", "--jobs", "{jobs}"]\n'
+    )
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "--jobs" in w]
+    assert warnings == [
+        (
+            f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs {jobs} --conf-dir"
+            f" {manager.parent}`, which will exit 2: {manager.parent}/sector-manager.cfg:"
+            " [Common.Proving.WorkerProver] JobLifetime: '25' is not a Go duration: each number"
+            ' needs a unit (ns, us, ms, s, m, h), e.g. "15s" or "25h0m0s"'
+        ),
+        (
+            f"{manager}: WinPost[0] runs `damocles-ext serve winning_post --jobs {jobs}`, which"
+            " will exit 2: serve winning_post --jobs: WinningPoSt must stay local: a block's"
+            " proof has about 20 s, too little to wait for a job store and a remote worker;"
+            " serve winning_post with children of its own (-c or --conf-dir with an"
+            " ext-prover.cfg) or --connect"
+        ),
+    ]
+
+
 def test_two_entries_serving_one_config_are_warned_about_as_children_started_twice(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -241,7 +241,10 @@ def manager_entry_warnings(config: Config) -> list[str]:
             warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}; fix its Args")
             continue
         if getattr(parsed, "jobs", None) is not None:
-            # Its requests wait on a job store, not on slots of its own: nothing to compare.
+            # Its requests wait on a job store, not on slots of its own: nothing to compare; what
+            # it reads before its ready line (damocles-manager's sector-manager.cfg) is checked.
+            if (problem := _serve_jobs_problem(parsed)) is not None:
+                warnings.append(f"{where} runs `{command}`, which will exit 2: {problem}")
             continue
         if parsed.connect is not None:
             socket = None if parsed.connect is True else parsed.connect
@@ -300,6 +303,29 @@ def manager_entry_warnings(config: Config) -> list[str]:
                             f" ({ours.source})")
             )  # fmt: skip
     return warnings
+
+
+def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
+    """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
+    as this machine tells: a stage other than window_post, or its --conf-dir's sector-manager.cfg
+    (and --store) that it cannot use; None when neither."""
+    from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
+
+    if parsed.stage != "window_post":
+        from damocles_ext.frontends.producer import WINNING_REFUSED
+
+        return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}"
+    try:
+        read_settings(parsed.conf_dir, parsed.store or ())
+    except ManagerConfigError as exc:
+        relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
+        return f"{exc}" + (
+            " (a relative --conf-dir is read from the directory damocles-manager runs in;"
+            " check-config read it from the current directory)"
+            if relative
+            else ""
+        )
+    return None
 
 
 def _idle_slots(where: str, concurrent: int, slots: int, stage: str, supervisor: str) -> str:
