@@ -155,7 +155,8 @@ def test_an_empty_file_keeps_damocles_defaults():
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("15s", 15.0), ("25h0m0s", 90000.0), ("1.5h", 5400.0), ("300ms", 0.3), ("2m3s", 123.0),
-     ("1h30m", 5400.0), ("0", 0.0), ("-1s", -1.0), ("10us", 1e-5), ("7µs", 7e-6)],
+     ("1h30m", 5400.0), ("0", 0.0), ("-1s", -1.0), ("10us", 1e-5), ("7µs", 7e-6),
+     ("2562047h47m16.854775807s", 9223372036.854775807)],  # Go's longest
 )  # fmt: skip
 def test_go_durations_read_as_go_reads_them(text, seconds):
     assert parse_go_duration(text) == pytest.approx(seconds)
@@ -169,6 +170,10 @@ def test_go_durations_read_as_go_reads_them(text, seconds):
         ('""', "not a Go duration"),
         ("15", "nanoseconds"),
         ('"0s"', "must be longer than 0"),
+        # Past an int64 of nanoseconds: Go's time.ParseDuration refuses it, and so damocles;
+        # we read it as 292 years and more.
+        ('"2562048h"', "longer than a Go duration can be"),
+        ('"99999999999999999999h"', "damocles-manager refuses too"),
     ],
 )
 def test_a_bad_duration_names_file_table_key_and_what_to_write(value, words):

@@ -82,6 +82,8 @@ _GO_UNITS: Final = {
     "ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
     "m": 60.0, "h": 3600.0,
 }  # fmt: skip
+#: The longest Go duration (an int64 of nanoseconds), in seconds.
+_GO_MAX_SECONDS: Final = (2**63 - 1) / 1e9
 _GO_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 
 
@@ -108,8 +110,12 @@ def parse_go_duration(text: str) -> float:
             )
         seconds += float(match.group(1)) * _GO_UNITS[match.group(2)]
         pos = match.end()
-    if not math.isfinite(seconds):
-        raise ValueError(f"{text!r} is too long a duration")
+    if not math.isfinite(seconds) or seconds > _GO_MAX_SECONDS:
+        # Go's time.ParseDuration refuses what an int64 of nanoseconds cannot hold.
+        raise ValueError(
+            f"{text!r} is longer than a Go duration can be (at most 2562047h47m16s, about 292"
+            " years), which damocles-manager refuses too"
+        )
     return sign * seconds
 
 
