@@ -457,6 +457,27 @@ def test_what_keeps_a_processor_from_starting_is_named_by_its_table_and_key_in_t
     assert not [e for e in info.value.errors if "WdPost" in e or "Bin" in e or "Cpuset" in e]
 
 
+def test_a_bin_written_with_a_tilde_as_damocles_docs_write_it_says_no_shell_expands_it(
+    tmp_path, monkeypatch
+):
+    # damocles' docs (09.poster-node.md) write `bin="~/my_algorithm"`: neither damocles-worker
+    # nor we run a shell, so it is a file named "~" there; "does not exist" left the operator,
+    # whose ~/my_algorithm exists, to guess why.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prover = tmp_path / "my_algorithm"
+    prover.write_text("#!/bin/sh\n")
+    prover.chmod(0o755)
+    text = base(tmp_path, '[[processors.window_post]]\nbin="~/my_algorithm"\nconcurrent = 1\n')
+    with pytest.raises(ConfigError) as info:
+        check_startable(parse(text, tmp_path).to_config())
+    [error] = info.value.errors
+    assert error == (
+        "processors.window_post[0].bin: \"~/my_algorithm\" does not exist: '~' is a shell's"
+        " shorthand, and no shell runs the program (nor in damocles); write the full path, e.g."
+        f' "{prover}"'
+    )
+
+
 def test_a_missing_file_is_a_usage_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_damocles_worker_config(tmp_path / "damocles-worker.toml")

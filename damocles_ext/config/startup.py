@@ -188,6 +188,12 @@ def program_problem(program: str, search_path: str | None = None) -> str | None:
     try:
         st = os.stat(program)
     except FileNotFoundError:
+        if program.startswith("~") and (home := os.path.expanduser(program)) != program:
+            # damocles' own docs write `bin = "~/my_algorithm"`; no shell expands it, there or here.
+            return (
+                f"{shown} does not exist: '~' is a shell's shorthand, and no shell runs the"
+                f" program (nor in damocles); write the full path, e.g. {_show(home, limit=1000)}"
+            )
         return f"{shown} does not exist; {fix}"
     except OSError as exc:  # a path component that is a file, or a directory we may not enter
         return f"{shown} cannot be reached: {exc.strerror or exc}; {fix}"
