@@ -478,6 +478,34 @@ def test_a_bin_written_with_a_tilde_as_damocles_docs_write_it_says_no_shell_expa
     )
 
 
+def test_a_table_written_in_another_case_as_damocles_docs_write_it_is_named_in_the_error(
+    tmp_path,
+):
+    # damocles' docs (zh/19, the sector store configuration) attach a store with [[Attached]],
+    # which damocles-worker does not read (serde matches "attached" only, and ignores the rest):
+    # the error said to add [[attached]] to a file that seemed to have it.
+    store = tmp_path / "fil-storage2"
+    store.mkdir()
+    text = base(tmp_path).split("[[attached]]")[0] + (
+        "# /path/to/damocles-worker.toml\n"
+        "# ...\n"
+        "[[Attached]]\n"
+        'name = "storage2" # 必须与 damocles-manager 配置中的 PersistStore 名称一致\n'
+        f'location = "{store}"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse(text, tmp_path)
+    [error] = info.value.errors
+    assert error.startswith("no [[attached]] store: ")
+    assert error.endswith(
+        " (the file's [[Attached]] is not read: key names are lower-case, and damocles-worker"
+        " ignores [[Attached]] too; write [[attached]])"
+    )
+    manager = text.replace("[sector_manager]", "[Sector_Manager]")
+    with pytest.raises(ConfigError, match=r"the file's \[Sector_Manager\] is not read"):
+        parse(manager, tmp_path)
+
+
 def test_a_missing_file_is_a_usage_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_damocles_worker_config(tmp_path / "damocles-worker.toml")

@@ -187,6 +187,18 @@ def parse_damocles_worker_config(
     return reader.read(doc, tmp_root)
 
 
+def _miscased(doc: Mapping[str, Any], name: str, form: str) -> str:
+    """A note for the error that `name` is missing when the file has it in another case (damocles'
+    docs write [[Attached]]): damocles-worker's keys are case-sensitive, and it ignores that."""
+    others = [key for key in doc if key.lower() == name and key != name]
+    if not others:
+        return ""
+    return (
+        f" (the file's {form.format(others[0])} is not read: key names are lower-case, and"
+        f" damocles-worker ignores {form.format(others[0])} too; write {form.format(name)})"
+    )
+
+
 class _Reader:
     def __init__(self, source: str, pid: int) -> None:
         self.source = source
@@ -240,6 +252,7 @@ class _Reader:
             self.errors.append(
                 "no [sector_manager] table: the worker needs the manager's address; add "
                 '[sector_manager] with rpc_client.addr = "/ip4/HOST/tcp/1789"'
+                + _miscased(doc, "sector_manager", "[{}]")
             )
             return "", {}, None
         client = TypedTable.of(
@@ -301,6 +314,7 @@ class _Reader:
             self.errors.append(
                 'no [[sealing_thread]] with plan = "wdpost", so there is no WindowPoSt work to '
                 'pull; add one: [[sealing_thread]] with plan = "wdpost"'
+                + _miscased(doc, "sealing_thread", "[[{}]]")
             )
         return threads, others
 
@@ -378,7 +392,7 @@ class _Reader:
             self.errors.append(
                 "no [[attached]] store: the worker finds each job's sectors through the stores "
                 'it attaches; add [[attached]] with name = "…" (as the manager names it) and '
-                'location = "/path/to/store"'
+                'location = "/path/to/store"' + _miscased(top.raw, "attached", "[[{}]]")
             )
         return [store for _, store in stores]
 
