@@ -226,6 +226,18 @@ def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
     assert [s.name for s in cfg.attached] == ["s1", "123", "456"]  # c has no sectorstore.json
 
 
+def test_scan_persist_stores_matches_a_hidden_directory_as_damocles_worker_globs(tmp_path):
+    # damocles-worker globs with the glob crate's defaults (MatchOptions::new():
+    # require_literal_leading_dot false), so "*" matches ".store2"; Python's glob skipped it, and
+    # the worker lacked a store damocles-worker attaches.
+    for d, name in [(".store2", "storage2"), ("store3", "storage3")]:
+        (tmp_path / "fil" / d).mkdir(parents=True)
+        (tmp_path / "fil" / d / "sectorstore.json").write_text(json.dumps({"Name": name}))
+    text = base(tmp_path, f'[worker]\nScanPersistStores = ["{tmp_path}/fil/*"]\n')
+    cfg = parse(text, tmp_path)
+    assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
+
+
 def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
     cfg = parse(base(tmp_path), tmp_path)
     [child] = cfg.children
