@@ -1139,7 +1139,15 @@ async def test_a_second_signal_stops_serve_at_once_while_its_start_after_the_rea
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     cfg = write_config(tmp_path, '[[WdPost]]\nBin = "/bin/cat"\n')
-    argv = [*DEXT, "serve", "window_post", "-c", str(cfg)]
+    # Started with the stop signals at their default: a shell's background job (as a test run
+    # may be) has SIGINT ignored, and serve keeps an ignored signal ignored.
+    reset = (
+        "import os, signal, sys\n"
+        "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_DFL)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    argv = [sys.executable, "-c", reset, *DEXT, "serve", "window_post", "-c", str(cfg)]
     process = None
     try:
         async with trio.open_nursery() as nursery:
