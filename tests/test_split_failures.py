@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -255,6 +256,33 @@ async def test_serve_answers_each_request_read_once_with_a_proof_when_stdin_ends
         await log.aclose()
     assert [(a.err_msg, a.output) for a in answers] == [(None, SNARK_OK)] * len(tasks)
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
+
+
+async def test_serve_says_which_step_of_a_split_window_post_missed_its_deadline(
+    tmp_path, stderr_file
+):
+    # Two WindowPoSts; the first's SNARK step holds the one GPU past both deadlines, so the
+    # second's SNARK step never starts. damocles-manager must read that it was the SNARK step
+    # that was never sent (the vanilla step ran): before, it read "request 1 (window_post):
+    # ... it was not sent to a prover", as if the WindowPoSt had never reached a prover.
+    cfg = write_config(
+        tmp_path,
+        plugin_block("WdPostVanilla", "echo", concurrent=2)
+        + plugin_block("WdPostSnark", "sleep", seconds=60),
+    )
+    argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "3"]
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+        with trio.fail_after(30):
+            await m.wait_log_times("ready: stage window_post_", 2)
+            ids = [await m.send(make_task(4000 + i)) for i in range(2)]
+            answers = [(await m.wait(i)).err_msg for i in ids]
+            await m.close_stdin()
+            assert await m.process.wait() == 0
+    unsent = [a for a in answers if a is not None and "before the request could start" in a]
+    assert len(unsent) == 1, answers
+    assert unsent[0].startswith(f"({SNARK}): deadline passed", len("request 1 ")), answers
+    assert all(a is not None and "(window_post)" not in a for a in answers), answers
 
 
 def checking_snark_child(miner: int, then: str) -> list[str]:

@@ -29,7 +29,7 @@ import trio
 
 from ..errors import DextError, ProverError
 from ..protocol import jsonl
-from ..stages import post_stage
+from ..stages import WINDOW_POST_SPLIT, post_stage
 from ..tasks import Output, Task, stage_of
 from .outbox import Outbox
 from .serve import reader_gone, replay_held_signals
@@ -290,8 +290,10 @@ class JsonLineServer:
         """`message` as damocles' caller should read it: about request `id` (its wire id) of
         this stage, named once. The supervisor (ours, or the `run` that serve --connect
         forwards to) numbers requests its own way; that number is replaced by the wire id."""
-        number, _, rest = own_label(message)
+        number, named, rest = own_label(message)
         rest = rest if number is not None else ": " + message
+        if named in WINDOW_POST_SPLIT:  # a split WindowPoSt's step: say which one failed
+            return f"request {id} ({named}){rest}"
         if self.stage in rest:  # e.g. "failed on window_post#0": the child names the stage
             return f"request {id}{rest}"
         return f"request {id} ({self.stage}){rest}"
