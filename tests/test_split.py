@@ -341,7 +341,11 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
     sup = SimpleNamespace(
         _submit_waiter=submit_waiter,
         _children={"A": child("A", VAN), "B": child("B", VAN), "S0": child("S0", SNARK)},
-        _book=SimpleNamespace(scheduler=SimpleNamespace(breaker=breaker), judge_vanilla=None),
+        _book=SimpleNamespace(
+            scheduler=SimpleNamespace(breaker=breaker),
+            judge_vanilla=None,
+            cannot_serve=lambda stage: None,
+        ),
         _now=lambda: 0.0,
         _dispatched=lambda waiter, child: None,
         _tell=lambda event, *args: None,

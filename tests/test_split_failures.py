@@ -258,6 +258,30 @@ async def test_serve_answers_each_request_read_once_with_a_proof_when_stdin_ends
     assert (m.duplicates, m.unknown, m.bad_lines) == ([], [], [])
 
 
+async def test_a_window_post_no_snark_child_can_prove_fails_at_once_without_a_vanilla_step(
+    recorder,
+):
+    # The only SNARK child is FATAL (its start fails): a WindowPoSt fails at once, saying why,
+    # as a request of a stage no child can serve does. Before, its vanilla step ran first
+    # (every challenged sector read, a vanilla slot taken) for proofs nothing could prove.
+    rec, pm = recorder
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec([sys.executable, "-c", "raise SystemExit(1)"], stage=SNARK),
+    ]
+    backoff = BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=2)
+    async with open_supervisor(children, plugin_manager=pm, backoff=backoff) as sup:
+        await sup.wait_ready(VAN)
+        await wait_until(lambda: child_stats(sup, f"{SNARK}#0").state == "fatal", 10)
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())
+        vanilla = child_stats(sup, f"{VAN}#0")
+    assert (vanilla.done, vanilla.failed, rec.log) == (0, 0, [])
+    message = str(excinfo.value)
+    assert f"({SNARK}): no {SNARK} child can serve: the only child is FATAL" in message, message
+    assert f"({SNARK}#0: failed start" in message and "its vanilla step was not run" in message
+
+
 async def test_serve_says_which_step_of_a_split_window_post_missed_its_deadline(
     tmp_path, stderr_file
 ):

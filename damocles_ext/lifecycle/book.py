@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..scheduling.children import cannot_serve
 from ..scheduling.policy import ChildSlots
 from ..tasks import Output, Task, output_problem, stage_of
 from ..tasks import WindowPoStVanillaOutput as VanillaOutput
@@ -95,6 +96,12 @@ class RequestBook(BookRules):
         """Whether `child`'s current process runs an attempt under `child_rid`."""
         process = self._child(child).process
         return process is not None and child_rid in process.attempts
+
+    def cannot_serve(self, stage: str) -> str | None:
+        """Why a request of `stage` would fail at once (no child of it configured, or all FATAL:
+        the policy's "No server"), as its answer would say, or None."""
+        why = cannot_serve(stage, self.scheduler.breaker.children_of(stage))
+        return None if why is None else why + self._last_exits(stage)
 
     def counters(self, child: str) -> tuple[int, int]:
         """(done, failed) requests of `child` over its whole life."""

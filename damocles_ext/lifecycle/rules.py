@@ -383,10 +383,7 @@ class BookRules:
         expired = req.deadline is not None and now >= req.deadline
         if req.attempts and reason.endswith(NOT_SENT):  # a retry: it was sent before
             reason = reason.removesuffix(NOT_SENT) + "; it was not sent again"
-        pool = self._by_stage.get(req.stage, [])
-        if pool and all(c.gave_up for c in pool):
-            # Say why no child can serve: the caller may not see the supervisor's log.
-            reason += " (" + "; ".join(f"{c.name}: {c.last_exit}" for c in pool) + ")"
+        reason += self._last_exits(req.stage)
         self._resolve(
             req,
             out,
@@ -394,6 +391,14 @@ class BookRules:
             error=self._describe_failure(req, reason),
             outcome="timeout" if expired else "error",
         )
+
+    def _last_exits(self, stage: str) -> str:
+        """Why no child of `stage` can serve, when every one gave up: each one's last exit, in
+        parentheses after a space (the caller may not see the supervisor's log); else ""."""
+        pool = self._by_stage.get(stage, [])
+        if pool and all(c.gave_up for c in pool):
+            return " (" + "; ".join(f"{c.name}: {c.last_exit}" for c in pool) + ")"
+        return ""
 
     def _on_deadline(self, aid: int, reason: str, now: float, out: list[Effect]) -> None:
         attempt = self._running.get(aid)

@@ -92,6 +92,10 @@ class ChildBreaker:
         choices may change."""
         self._children, self._by_stage, self._touch = children, by_stage, touch
 
+    def children_of(self, stage: str) -> list[_Child]:
+        """The scheduler's children of `stage` (read only)."""
+        return self._by_stage.get(stage, [])
+
     def streak(self, child_id: str) -> Streak:
         """The child's answers as counted here (read only)."""
         return self._children[child_id].streak

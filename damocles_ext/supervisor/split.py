@@ -68,6 +68,13 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
     held: list[TrackedRequest] = []  # vanilla steps one lone SNARK child refused (see _judge)
     try:
         while True:
+            if (why := sup._book.cannot_serve(SNARK)) is not None:
+                # Its SNARK step would fail at once: no vanilla step (every challenged sector
+                # read, a vanilla slot taken) for proofs no SNARK child can prove.
+                error = ProverError(
+                    f"request {next(sup._rids)} ({SNARK}): {why}; its vanilla step was not run"
+                )
+                raise _with_earlier(error, earlier)
             waiter = await sup._submit_waiter(
                 split_window_post(task), *how, avoid=avoid or None, judged_later=True
             )
