@@ -549,3 +549,32 @@ async def test_a_request_between_its_steps_is_dispatched_to_no_child_until_its_s
     waiting = [m for m in (1, 2) if seen[m][-1] != f"{SNARK}#0"]
     assert len(waiting) == 1, seen
     assert seen[waiting[0]] == [f"{VAN}#0", None], seen
+
+
+async def test_a_stop_at_once_between_the_steps_runs_no_snark_step(recorder):
+    """A second signal (stop_at_once) as a request's vanilla step has just been answered, before
+    its SNARK step is submitted: it fails at once. Before, its SNARK step was still taken, as
+    within the grace there is none of (serve and run exit soon after, leaving it unanswered)."""
+    rec, pm = recorder
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    dispatched: list[str | None] = []
+
+    def on_dispatch(child: str | None) -> None:
+        dispatched.append(child)
+        if child is None:  # between the steps
+            sup.stop_at_once("stopped at once")
+
+    async with open_supervisor(children, plugin_manager=pm, shutdown_grace=60) as sup:
+        await sup.wait_ready("window_post")
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task(), on_dispatch=on_dispatch)
+        snark = {c.name: c for c in sup.statistics().children}[f"{SNARK}#0"]
+    assert dispatched == [f"{VAN}#0", None]
+    assert (snark.done, [e for e in rec.log if e[0] == "started"]) == (
+        0,
+        [("started", 1, f"{VAN}#0")],
+    )
+    assert str(excinfo.value) == f"request 2 ({SNARK}) refused: the supervisor is shutting down"

@@ -345,7 +345,7 @@ class Supervisor:
         rid = next(self._rids)
         if (problem := request_problem(task, deadline, priority)) is not None:
             raise UsageError(f"request {rid} {problem}")
-        if self._shutting_down and not (in_flight and not self._finished):
+        if self._shutting_down and not (in_flight and not self._finished and self._grace_left != 0):
             state = "has stopped" if self._finished else "is shutting down"
             raise ProverError(f"request {rid} ({stage_of(task)}) refused: the supervisor {state}")
         now = self._now()
@@ -428,8 +428,8 @@ class Supervisor:
 
     def stop_at_once(self, why: str) -> None:
         """Stop without the grace (a second signal): every request still open is answered with
-        `why` now; then the supervisor stops as after request_shutdown()."""
-        self.request_shutdown()
+        `why` now, and no split WindowPoSt takes its SNARK step (no grace is left for it)."""
+        self.request_shutdown(grace_left=0.0)
         self._tell(self._book.fail_all, trio.current_time(), why)
 
     @property
