@@ -111,6 +111,9 @@ def test_the_daemon_init_template_store_is_skipped_with_a_warning_not_refused():
     # A store that has a Name still needs its Path: jobs may name it.
     with pytest.raises(ManagerConfigError, match="Path must be the store's directory"):
         parse_manager_config("[[Common.PersistStores]]\nName = 'a'\n", "sm.cfg")
+    # Two such entries are both named "" by damocles-manager, which refuses the file.
+    with pytest.raises(ManagerConfigError, match="#2: a second entry with no Path and no Name"):
+        parse_manager_config("[[Common.PersistStores]]\n" * 2, "sm.cfg")
 
 
 def test_a_file_starting_with_a_utf8_byte_order_mark_is_read_as_damocles_reads_it():

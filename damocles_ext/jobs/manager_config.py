@@ -238,6 +238,7 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             f" not {_kind(entries)}"
         )
     stores: dict[str, str] = {}
+    template = False  # an entry with no Path and no Name was skipped
     for i, raw in enumerate(entries):
         where = f"{source}: [[Common.PersistStores]] #{i + 1}"
         if not isinstance(raw, dict):
@@ -249,12 +250,22 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
         path = entry.get("Path")
         if path in (None, "") and entry.get("Name") in (None, ""):
             # `damocles-manager daemon init` writes one such entry (its keys commented out);
-            # damocles-manager opens its own working directory as that store.
+            # damocles-manager opens its own working directory as that store (or its plugin's).
+            if template:  # both named "" by damocles' GetPersistStores
+                raise ManagerConfigError(
+                    f"{where}: a second entry with no Path and no Name: a duplicate persist store"
+                    " name '' (damocles-manager refuses it too); remove it, or give it Path"
+                )
+            template = True
+            opened = (
+                "a store of its plugin, which damocles-ext cannot read"
+                if entry.get("PluginName")
+                else "its own working directory as that store, which damocles-ext cannot know"
+            )
             warnings.append(
                 f"{where} has no Path and no Name (the template `damocles-manager daemon init`"
-                " writes, its keys commented out): damocles-manager opens its own working"
-                " directory as that store, which damocles-ext cannot know, so it is skipped;"
-                " remove that entry, or give it Path"
+                f" writes, its keys commented out): damocles-manager opens {opened}, so it is"
+                " skipped; remove that entry, or give it Path"
             )
             continue
         if not isinstance(path, str) or not path.strip():
