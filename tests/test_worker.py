@@ -40,7 +40,9 @@ from damocles_ext.jobs.worker_rules import (
     finish_verdict,
     free_slots,
     heartbeats_outage,
+    job_gone,
     jobs_to_ask,
+    passing_answer,
     proof_types_for_sizes,
     ready_slots,
     window_post_task,
@@ -777,6 +779,29 @@ def test_what_a_failed_call_means():
         assert failure_of_answer(status) is Failure.REFUSED
     for status in (401, 403, 404, 408, 421, 429, 500, 502, 503, None):
         assert failure_of_answer(status) is Failure.ERROR
+    # At the start: a proxy's 5xx, 408 or 429 while the manager is away is waited out; a 501 or
+    # 505 (a server that takes no POST: another program at that port) is the operator's to fix.
+    assert [s for s in (401, 404, 408, 429, 500, 501, 502, 503, 505, None) if passing_answer(s)] == [
+        408, 429, 500, 502, 503,
+    ]  # fmt: skip
+
+
+async def test_our_coordinators_venus_refusal_of_a_heartbeat_says_the_job_is_gone(tmp_path):
+    # A worker that found a damocles-manager speaks Venus.* to whatever serves that address
+    # later: our coordinator refuses a job that is no longer this worker's with code 1 and
+    # "job ID: why", not damocles' `key not found`. Taken for a store failing, the worker went
+    # on proving a job another worker held, and its unfenced finish then overrode that one's.
+    from test_coordinator import heartbeat_body
+
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        jobs = TrioJobStore(store)
+        job, _ = await jobs.create(job_input())
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-b")  # reset, then given to b
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        _, answer = await coordinator.answer(heartbeat_body([job.Id], "worker-a"))
+    error = json.loads(answer)["error"]
+    assert job_gone(error["code"], error["message"], [job.Id]), error
+    assert not job_gone(error["code"], error["message"], ["another-job"])
 
 
 def test_a_finish_is_retried_while_unreachable_until_the_deadline_or_the_lifetime():

@@ -616,7 +616,8 @@ class Worker:
             self._refused_token(exc)
             if self._refused is not None:
                 return
-            if not job_gone(exc.code, exc.message):  # its store fails: the jobs are still there
+            ids = [h.job.Id for h in held]
+            if not job_gone(exc.code, exc.message, ids):  # its store fails: the jobs are there
                 self._unreachable(str(exc), self._beats_failing)
                 return
         except RpcClientError as exc:
@@ -633,7 +634,7 @@ class Worker:
                 self._unreachable(str(exc))
                 return
             except RpcCallError as exc:
-                if not job_gone(exc.code, exc.message):
+                if not job_gone(exc.code, exc.message, [h.job.Id]):
                     self._unreachable(str(exc), self._beats_failing)
                     return
                 if h.state == "proving":  # (a late finish is taken, whatever the job's state)

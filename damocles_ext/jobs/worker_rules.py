@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,10 +95,15 @@ def failure_of(api: Api, code: int | None, message: str = "") -> Failure:
 KEY_NOT_FOUND = "key not found"
 
 
-def job_gone(code: int, message: str) -> bool:
-    """Whether damocles-manager's error says that it no longer has the job (rather than that its
-    store failed: then the job is still there, and the call may pass later)."""
-    return code == rpc.METHOD_ERROR and KEY_NOT_FOUND in message
+def job_gone(code: int, message: str, job_ids: Iterable[str] = ()) -> bool:
+    """Whether a Venus.* error says that the manager no longer has the job running (rather than
+    that its store failed: then the job is still there, and the call may pass later):
+    damocles-manager's `key not found`, or our coordinator's refusal of one of `job_ids` (its
+    Venus.* errors name each refused job, "job ID: why"; a worker that found a damocles-manager
+    speaks Venus.* to whatever later serves that address)."""
+    if code != rpc.METHOD_ERROR:
+        return False
+    return KEY_NOT_FOUND in message or any(f"job {job_id}: " in message for job_id in job_ids)
 
 
 #: Why a damocles-manager has no Venus.WdPoStAllocateJobs (-32601), and what to do.
@@ -120,8 +125,11 @@ def failure_of_answer(status: int | None) -> Failure:
 def passing_answer(status: int | None) -> bool:
     """Whether an answer that is no JSON-RPC answer says the server is away for a while: a 5xx
     (go-jsonrpc's own carry a JSON-RPC error), 408 or 429 from a proxy in front (nginx's 502
-    while the manager restarts): waited out, where a 401, 403 or 404 is the operator's to fix."""
-    return status is not None and (status >= 500 or status in (408, 429))
+    while the manager restarts): waited out, where a 401, 403 or 404 is the operator's to fix,
+    and a 501 or 505 (a server that does not take the RPC's POST at all) too."""
+    if status is None:
+        return False
+    return (status >= 500 and status not in (501, 505)) or status in (408, 429)
 
 
 #: The HTTP statuses that refuse a request for what it is (malformed, too large), whoever sends
