@@ -238,6 +238,17 @@ def test_scan_persist_stores_matches_a_hidden_directory_as_damocles_worker_globs
     assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
 
 
+def test_scan_persist_stores_matches_any_depth_with_two_stars_as_damocles_worker_globs(tmp_path):
+    # The glob crate reads "**" as any depth of directories; Python's glob, unless recursive, as
+    # "*": a store two levels down was attached by damocles-worker and not by our worker.
+    for d, name in [("a/deep", "storage2"), ("store3", "storage3")]:
+        (tmp_path / "fil" / d).mkdir(parents=True)
+        (tmp_path / "fil" / d / "sectorstore.json").write_text(json.dumps({"Name": name}))
+    text = base(tmp_path, f'[worker]\nScanPersistStores = ["{tmp_path}/fil/**"]\n')
+    cfg = parse(text, tmp_path)
+    assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
+
+
 def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
     cfg = parse(base(tmp_path), tmp_path)
     [child] = cfg.children

@@ -417,8 +417,9 @@ class _Reader:
         key = "ScanPersistStores" if "ScanPersistStores" in worker.raw else "scan_persist_stores"
         found: list[tuple[str, AttachedStore]] = []
         for i, pattern in enumerate(worker.string_list(key) or []):
-            # As the glob crate damocles-worker uses: "*" also matches a name starting with ".".
-            for path in sorted(glob.glob(pattern, include_hidden=True)):
+            # As the glob crate damocles-worker uses: "*" also matches a name starting with ".",
+            # and "**" any depth of directories.
+            for path in sorted(glob.glob(pattern, recursive=True, include_hidden=True)):
                 store = self._sector_store(f"worker.{key}[{i}]", path)
                 if store is not None:
                     found.append((f"worker.{key}[{i}] ({path})", store))
