@@ -226,25 +226,20 @@ def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
     assert [s.name for s in cfg.attached] == ["s1", "123", "456"]  # c has no sectorstore.json
 
 
-def test_scan_persist_stores_matches_a_hidden_directory_as_damocles_worker_globs(tmp_path):
+@pytest.mark.parametrize(
+    ("store", "pattern"),
+    [(".store2", "*"), ("a/deep", "**")],
+    ids=["hidden", "any-depth"],
+)
+def test_scan_persist_stores_matches_as_damocles_workers_glob_crate(tmp_path, store, pattern):
     # damocles-worker globs with the glob crate's defaults (MatchOptions::new():
-    # require_literal_leading_dot false), so "*" matches ".store2"; Python's glob skipped it, and
-    # the worker lacked a store damocles-worker attaches.
-    for d, name in [(".store2", "storage2"), ("store3", "storage3")]:
+    # require_literal_leading_dot false), so "*" matches ".store2", and "**" is any depth of
+    # directories; Python's glob skipped the first and read "**" as "*": the worker lacked a
+    # store damocles-worker attaches.
+    for d, name in [(store, "storage2"), ("store3", "storage3")]:
         (tmp_path / "fil" / d).mkdir(parents=True)
         (tmp_path / "fil" / d / "sectorstore.json").write_text(json.dumps({"Name": name}))
-    text = base(tmp_path, f'[worker]\nScanPersistStores = ["{tmp_path}/fil/*"]\n')
-    cfg = parse(text, tmp_path)
-    assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
-
-
-def test_scan_persist_stores_matches_any_depth_with_two_stars_as_damocles_worker_globs(tmp_path):
-    # The glob crate reads "**" as any depth of directories; Python's glob, unless recursive, as
-    # "*": a store two levels down was attached by damocles-worker and not by our worker.
-    for d, name in [("a/deep", "storage2"), ("store3", "storage3")]:
-        (tmp_path / "fil" / d).mkdir(parents=True)
-        (tmp_path / "fil" / d / "sectorstore.json").write_text(json.dumps({"Name": name}))
-    text = base(tmp_path, f'[worker]\nScanPersistStores = ["{tmp_path}/fil/**"]\n')
+    text = base(tmp_path, f'[worker]\nScanPersistStores = ["{tmp_path}/fil/{pattern}"]\n')
     cfg = parse(text, tmp_path)
     assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
 

@@ -215,11 +215,13 @@ async def test_serve_connect_to_a_workers_socket_exits_2_before_the_ready_line(r
     assert "--socket path of a `damocles-ext run`" in err and "Traceback" not in err, err
 
 
-async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_its_metrics(
+async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_metrics_and_status(
     rig, tmp_path
 ):
     # Its metrics used to start only once the manager had answered: a worker stuck at start
-    # showed nothing on the dashboard, not even that its manager was unreachable.
+    # showed nothing on the dashboard, not even that its manager was unreachable. And its socket
+    # was bound at start but answered only once the manager had: `status` waited out its
+    # timeout, then said the worker might be stopped (SIGSTOP) or stuck.
     kids = children(tmp_path, plugin_block("WdPost", "echo"))
     rig.server.close()  # nothing answers at the worker's manager address
     served = Served(rig, tmp_path, kids)
@@ -228,29 +230,13 @@ async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_its_
             nursery.start_soon(served.run)
             await served.worker.wait_for(lambda: not served.worker.manager_reachable)
             scraped = await served.scrape()
-            await served.stop()
-    assert "damocles_ext_worker_manager_reachable 0.0" in scraped
-    assert "damocles_ext_child_state" not in scraped  # no supervisor yet: no children
-    assert not served.started.is_set()
-
-
-async def test_a_worker_waiting_for_its_unreachable_manager_at_start_answers_status_saying_so(
-    rig, tmp_path
-):
-    # Its socket was bound at start but answered only once the manager had: `status` waited
-    # out its timeout, then said the worker might be stopped (SIGSTOP) or stuck.
-    kids = children(tmp_path, plugin_block("WdPost", "echo"))
-    rig.server.close()  # nothing answers at the worker's manager address
-    served = Served(rig, tmp_path, kids)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(served.run)
-            await served.worker.wait_for(lambda: not served.worker.manager_reachable)
             done = await trio.run_process(
                 [*DEXT, "status", "--socket", served.path, "--timeout", "5s"],
                 capture_stdout=True, capture_stderr=True, env=dext_env(), check=False,
             )  # fmt: skip
             await served.stop()
+    assert "damocles_ext_worker_manager_reachable 0.0" in scraped
+    assert "damocles_ext_child_state" not in scraped  # no supervisor yet: no children
     err = done.stderr.decode()
     assert done.returncode == 1 and done.stdout == b"", err
     assert (
