@@ -964,13 +964,27 @@ async def test_a_dext_sector_providers_raising_a_base_exception_or_an_unprintabl
     assert HOSTILE[raised].__name__ in str(caught.value)
 
 
-async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_error():
+class _Unnamed:
+    """A provider but for its name: a tuple, which the locator keys its logs and counts by."""
+
+    name = ("site-db",)
+
+    async def find(self, sector):
+        return None
+
+
+@pytest.mark.parametrize(
+    "returned", [["not a provider"], [_Unnamed()], 42], ids=["str", "name-not-str", "no-list"]
+)
+async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_error(returned):
+    # A provider whose name is no str was taken, and raised TypeError out of every lookup of a
+    # running worker or coordinator; a hook's answer that is no list, a TypeError at start.
     from damocles_ext.errors import UsageError
 
     class Broken:
         @hookimpl
         def dext_sector_providers(self, settings):
-            return ["not a provider"]
+            return returned
 
     pm = get_plugin_manager(entry_points=False)
     pm.register(Broken(), name="broken")

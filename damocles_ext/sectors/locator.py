@@ -588,11 +588,22 @@ def build_providers(
                 raise
             raise UsageError(f"a plugin's dext_sector_providers failed: {describe(exc)}") from None
         for result in results:
-            for provider in result or ():
-                if not isinstance(provider, SectorProvider):
+            try:
+                given = list(result or ())
+            except TypeError:
+                given = [result]  # not a list of providers: said below
+            for provider in given:
+                try:
+                    named = isinstance(provider.name, str) and bool(provider.name)
+                except BaseException as exc:  # a property of the plugin's that raises
+                    if passes_through(exc):
+                        raise
+                    named = False
+                if not (isinstance(provider, SectorProvider) and named):
                     raise UsageError(
                         f"a plugin's dext_sector_providers returned {text_of(provider, repr)}, which is not a"
-                        " sector provider (it needs a `name` and `async find(sector)`)"
+                        " sector provider (it needs a `name`, a non-empty str, and"
+                        " `async find(sector)`)"
                     )
                 providers.append(provider)
     try:
