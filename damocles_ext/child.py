@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
-from .errors import TASKS_ADVICE, describe, passes_through, text_of
+from .errors import TASKS_ADVICE, describe, text_of
 from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import parse_options
 from .protocol import dext, jsonl
@@ -588,9 +588,9 @@ def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> s
         version = getattr(prover, "version", None)
         if version:
             return str(version)
-    except BaseException as exc:  # reported, then the plugin's version is told
-        if passes_through(exc):
-            raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - reported; the plugin's version is told
         log.warning(
             "prover %s: its version cannot be read (%s); the Hello gives its plugin's",
             prover_name,

@@ -195,10 +195,18 @@ def kill(
 
 
 def mark_down(
-    host: ChildHost, child: Child, p: Process, reason: str, *, charge_all: bool = True
+    host: ChildHost,
+    child: Child,
+    p: Process,
+    reason: str,
+    *,
+    charge_all: bool = True,
+    gone: bool | None = None,
 ) -> None:
-    """The process is going away: no more dispatch to it; its task tears it down."""
-    if p.down_reason is None:
+    """The process is going away: no more dispatch to it; its task tears it down. `gone`: the
+    caller's `p.proc.group_gone()`, if it has it."""
+    first = p.down_reason is None
+    if first:
         p.down_reason = reason
     if child.p is p:
         if child.state in (ChildState.READY, ChildState.STARTING):
@@ -206,7 +214,8 @@ def mark_down(
             host.changed()
         # Else its locks are held until it and the rest of its group are gone (_locks_freed):
         # a wrapper script's prover, in its group, may hold the GPU after the script exited.
-        exited = p.proc.group_gone()
+        # (Only the first word counts for the book: no /proc scan for the later ones.)
+        exited = first and (p.proc.group_gone() if gone is None else gone)
         now = trio.current_time()
         host.tell(host.book.child_down, child.name, now, charge_all=charge_all, exited=exited)
     p.interrupt()
@@ -563,8 +572,9 @@ async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> 
 
 async def _watch_exit(host: ChildHost, child: Child, p: Process) -> None:
     info = await p.proc.wait()
-    mark_down(host, child, p, f"exited ({info.describe()})")
-    if p.proc.group_gone():  # else once the tear-down killed the rest (_tear_down)
+    gone = p.proc.group_gone()
+    mark_down(host, child, p, f"exited ({info.describe()})", gone=gone)
+    if gone:  # else once the tear-down killed the rest (_tear_down)
         _locks_freed(host, child, p.proc)  # its group stays the guardian's until torn down
 
 

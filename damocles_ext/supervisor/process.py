@@ -355,7 +355,7 @@ class ChildProcess:
         is none. A zombie has freed what it held, and one we may not signal (another user's)
         we cannot wait out: neither counts."""
         if self.exit is None:
-            return [self.pid]
+            return []  # (group_gone says it is not gone: the child itself runs)
         try:
             os.killpg(self.pid, 0)
         except OSError:  # none left (ESRCH), or none of them ours to signal (EPERM)
@@ -365,7 +365,7 @@ class ChildProcess:
     def group_gone(self) -> bool:
         """The child was reaped and nothing of `group_left` is left: what the group held, a
         GPU's memory say, is free."""
-        return not self.group_left()
+        return self.exit is not None and not self.group_left()
 
     async def until_group_gone(self) -> None:
         """Return once `group_gone` (the caller bounds the wait)."""
