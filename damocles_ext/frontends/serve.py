@@ -144,8 +144,11 @@ def hold_stop_signals() -> None:
 
 
 def _hold(signum: int, frame: object) -> None:
-    if _holding and not _held:
-        _held.append(signum)
+    if _holding and (not _held or signum == signal.SIGHUP):
+        # A second SIGHUP changes nothing, as later (signals.watch_signals): a closing
+        # terminal may send two.
+        if not _held:
+            _held.append(signum)
     else:
         # A second one while the first is held (the start after the ready line is slow or
         # stuck: a plugin's import, say): the signal's own action, as a second signal stops

@@ -275,10 +275,14 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             )
         if not os.path.isabs(path):
             # damocles-manager makes it absolute from its own working directory, unknown here.
+            try:
+                here = f" ({os.getcwd()})"
+            except OSError:  # this process's own working directory was removed
+                here = ""
             warnings.append(
                 f"{where}: Path {path!r} is relative: damocles-manager reads it from its own"
-                f" working directory, and damocles-ext from this one ({os.getcwd()}), which may"
-                " be another place; write it absolute"
+                f" working directory, and damocles-ext from this one{here}, which may be another"
+                " place; write it absolute"
             )
         name = entry.get("Name", "")
         if not isinstance(name, str):
