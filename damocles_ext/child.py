@@ -623,9 +623,11 @@ def main(
     faulthandler.enable()
     # A KeyboardInterrupt a prover raises itself fails its request; one from a SIGINT stops the
     # child (the supervisor starts it in a session of its own: no terminal's Ctrl-C reaches it).
+    # With SIGINT ignored (a supervisor started by `nohup ... &` passes that on), none can come:
+    # every KeyboardInterrupt is then a prover's own.
+    global _sigint
+    _sigint = False
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
-        global _sigint
-        _sigint = False
         signal.signal(signal.SIGINT, _on_sigint)
     in_fd, out_fd = protect_stdio()
     try:

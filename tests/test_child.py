@@ -488,6 +488,22 @@ def test_a_keyboard_interrupt_a_prover_raises_fails_its_request_not_the_inline_c
         assert child.wait() == 0, child.stderr
 
 
+def test_a_keyboard_interrupt_a_prover_raises_fails_its_request_also_with_sigint_ignored(tmp_path):
+    # `nohup damocles-ext run &` starts the supervisor, and so its children, with SIGINT ignored:
+    # no KeyboardInterrupt can then come from a signal. The child took every one for a SIGINT and
+    # exited, failing the request only by its exit.
+    root = make_plugin_dist(
+        tmp_path, dist="interrupting", module="interrupting", source=INTERRUPTING_PLUGIN
+    )
+    with Child("window_post", "interrupting", pythonpath=[root], sigint_ignored=True) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, window_task(miner=1)))
+        response, _ = child.next_of(dext.Response)
+        assert response.error == "KeyboardInterrupt: raised by the prover, not a Ctrl-C"
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr
+
+
 def test_a_sigint_still_stops_the_inline_child_while_it_proves():
     import signal
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -57,20 +58,28 @@ class Child:
         protocol: str = "dext",
         extra: list[str] = (),
         pythonpath: list[str | Path] = (),
+        sigint_ignored: bool = False,
     ) -> None:
+        """`sigint_ignored`: start it with SIGINT ignored, as `nohup ... &` starts a program."""
         argv = [sys.executable, "-m", "damocles_ext", "child", stage, "--plugin", plugin]
         for option in options:
             argv += ["--option", option]
         argv += ["--protocol", protocol, *extra]
         self.stage = stage
         self.protocol = protocol
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env(pythonpath),
-        )
+        # What a child inherits: ignored stays ignored across exec (a handler does not).
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=child_env(pythonpath),
+            )
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
         self.messages: queue.Queue[Any] = queue.Queue()
         self.raw = bytearray()
         self._stderr: list[bytes] = []
