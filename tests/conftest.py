@@ -4,6 +4,8 @@ in the `helpers` package beside this file."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -18,6 +20,25 @@ from damocles_ext.plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     from damocles_ext.jobs.store import JobStore
+
+# A shell's background job (`pytest ... &`) starts with SIGINT ignored, and every process a test
+# spawns would inherit that: the tests of what a SIGINT does would fail. Ctrl-C works as in a
+# terminal's run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def root_logging_kept() -> Iterator[None]:
+    """Puts the root logger's handlers and level back after each test: a command run in-process
+    sets its own, on pytest's capture stream of that test, which is closed by the next one (a
+    record logged there then is a "Logging error" on stderr, and the level hides records from
+    caplog)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
