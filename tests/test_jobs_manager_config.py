@@ -188,13 +188,20 @@ def test_a_bad_duration_names_file_table_key_and_what_to_write(value, words):
     assert "HeartbeatTimeout" in message and words in message
 
 
+def test_job_max_try_0_retries_no_job_as_damocles_manager_reads_it():
+    # damocles-manager takes 0 (`TryNum < 0` never holds: a failed job is final at once); we
+    # refused the file, so a coordinator or serve --jobs could not start beside such a manager.
+    config = parse_manager_config("[Common.Proving.WorkerProver]\nJobMaxTry = 0\n", "<cfg>")
+    assert config.limits.max_try == 1
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("[Common.Proving.WorkerProver]\nJobMaxTry = 0\n", "JobMaxTry must be a whole number from 1"),
+        ("[Common.Proving.WorkerProver]\nJobMaxTry = -1\n", "JobMaxTry must be a whole number from 0"),
         # damocles' uint32 (a larger one reached the store, and a traceback, at the first sweep)
         ("[Common.Proving.WorkerProver]\nJobMaxTry = 9223372036854775807\n",
-         "JobMaxTry must be a whole number from 1 to 4294967295"),
+         "JobMaxTry must be a whole number from 0 to 4294967295"),
         ("[[Common.PersistStores]]\nName = 'a'\n", "Path must be the store's directory"),
         (("[[Common.PersistStores]]\nName='a'\nPath='/x'\n[[Common.PersistStores]]\nName='a'\n"
          "Path='/y'\n"), "duplicate persist store name 'a'"),

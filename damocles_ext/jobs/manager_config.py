@@ -308,13 +308,16 @@ def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, fr
     if (
         isinstance(max_try, bool)
         or not isinstance(max_try, int)
-        or not (1 <= max_try <= MAX_JOB_MAX_TRY)
+        or not (0 <= max_try <= MAX_JOB_MAX_TRY)
     ):
         raise ManagerConfigError(
-            f"{source}: {_WORKER_PROVER} JobMaxTry must be a whole number from 1 to"
+            f"{source}: {_WORKER_PROVER} JobMaxTry must be a whole number from 0 to"
             f" {MAX_JOB_MAX_TRY} (the allocations a job may have in all; damocles' default is 2),"
             f" not {max_try!r}"
         )
+    # damocles-manager takes 0 and retries no job (a failed one is final at its first try, as
+    # with 1: `TryNum < JobMaxTry` never holds): so do we.
+    max_try = max(max_try, 1)
     heartbeat = _duration(table, "HeartbeatTimeout", DEFAULT_HEARTBEAT_TIMEOUT, source)
     if heartbeat < WORKER_HEARTBEAT_EVERY:
         warnings.append(
