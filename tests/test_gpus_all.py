@@ -350,3 +350,28 @@ def test_an_absent_gpu_number_inherited_from_damocles_exts_environment_says_it_i
     assert "window_post#0: its CUDA_VISIBLE_DEVICES=3 names GPU 3" in proc.stderr, proc.stderr
     assert "inherited from damocles-ext's own environment" in proc.stderr, proc.stderr
     assert "remove it from WdPost[0]'s Gpus or Envs" not in proc.stderr
+
+
+def test_nvidia_smi_listing_gpus_around_a_lost_one_proves_on_those_it_listed(
+    tmp_path: Path,
+) -> None:
+    # One GPU fallen off the bus among working ones: nvidia-smi lists the others and exits 15.
+    # Every command gave up on all of them (exit 75, restarted for ever: no proof at all).
+    env = machine_with(
+        tmp_path,
+        "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+        "echo 'Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.' >&2\n"
+        "echo 'GPU 2: NVIDIA GeForce RTX 3090 (UUID: GPU-c)'\n"
+        "exit 15\n",
+    )
+    cfg = write_config(tmp_path, GPUS_ALL)
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        'Gpus: "all" takes only the GPUs `nvidia-smi -L` listed, 0, 2, as it failed'
+        " (nvidia-smi -L: exit status 15: Unable to determine the device handle for GPU"
+        " 0000:3B:00.0: GPU is lost.; a GPU is faulty or lost"
+    ) in proc.stderr, proc.stderr
+    assert proc.stderr.count("takes only the GPUs") == 1, proc.stderr
+    assert "CUDA_VISIBLE_DEVICES=0" in proc.stdout and "CUDA_VISIBLE_DEVICES=2" in proc.stdout
+    assert "CUDA_VISIBLE_DEVICES=1" not in proc.stdout

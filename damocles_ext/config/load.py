@@ -460,6 +460,7 @@ class _Builder:
         self.warnings: list[str] = []
         self._next_index = dict.fromkeys(STAGE_OF_TABLE.values(), 0)
         self.gpus: machine.GpuProbe | None = None
+        self.partial_said = False  # a GPU listing cut short by an error, warned once
         # The errors that only say the GPU driver did not answer (yet): a later start may pass.
         self.not_ready: list[str] = []
 
@@ -548,6 +549,12 @@ class _Builder:
                 )
                 return self.not_ready[-1:]
             gpus = list(probe.gpus)
+            if probe.partial is not None and not self.partial_said:
+                self.partial_said = True
+                self.warnings.append(
+                    f'{where}.Gpus: "all" takes only the GPUs `nvidia-smi -L` listed,'
+                    f" {', '.join(map(str, gpus))}, as it failed ({probe.partial})"
+                )
         elif block.gpus is not None:
             gpus = list(block.gpus)
         if block.gpus is not None and "CUDA_VISIBLE_DEVICES" in block.envs:

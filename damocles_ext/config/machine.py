@@ -117,6 +117,9 @@ class GpuProbe(NamedTuple):
     # this user may not use the GPUs, or a GPU is faulty (its documented statuses 4, 8, 10, 14,
     # 15). None otherwise.
     advice: str | None = None
+    # When `nvidia-smi -L` listed GPUs but exited with an error (a GPU fallen off the bus among
+    # working ones): what it said, and what to do. The GPUs it listed are in `gpus`.
+    partial: str | None = None
 
 
 #: nvidia-smi's documented exit statuses whose cause a restart does not fix, and what to do.
@@ -174,6 +177,16 @@ def probe_gpus() -> GpuProbe:
         if out.returncode == 0 and found:
             return GpuProbe(found, [], answered=True)
         said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        if found:
+            # One GPU lost among working ones: proving on those listed beats proving on none
+            # (a restart would find the same) until the lost one is repaired.
+            said = [line for line in said if not line.startswith("GPU ")]
+            what = f": {said[0][:200]}" if said else ""
+            partial = f"nvidia-smi -L: exit status {out.returncode}{what}"
+            advice = _ADVICE.get(out.returncode)
+            if advice is not None:
+                partial += f"; {advice}"
+            return GpuProbe(found, [], answered=True, partial=partial)
         what = f": {said[0][:200]}" if said else ""
         if out.returncode != 0:
             # 9 is "could not communicate with the NVIDIA driver"; whatever the status, the
