@@ -1018,3 +1018,32 @@ async def test_the_sweep_says_what_it_did_to_a_job_in_words(tmp_path, caplog):
         ),
         f"sweep: job {taken.Id} is given to the workers again (tries so far: 1)",
     ]
+
+
+async def test_a_wall_clock_stepping_back_still_takes_back_a_job_silent_after_the_step(
+    sqlite_store,
+):
+    # NTP steps the clock an hour back (it was ahead). A job given out after the step, whose
+    # worker then dies, is taken back a timeout later, not once the clock has regained the hour.
+    now = [1_700_000_000.0]
+    steady = [0.0]  # the monotonic clock: the step moves the wall clock only
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    coordinator = Coordinator(jobs, monotonic=lambda: steady[0])
+    stepped = Logged("the wall clock stepped back by 3600 s")
+    logging.getLogger("damocles_ext.coordinator").addHandler(stepped)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            now[0] -= 3600
+            with trio.fail_after(10):
+                await stepped.seen.wait()
+            nursery.cancel_scope.cancel()  # (the passes below are made one by one)
+    finally:
+        logging.getLogger("damocles_ext.coordinator").removeHandler(stepped)
+    job, _ = await jobs.create(make_input(proof_type=PROOF))
+    await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    now[0] += 10
+    await coordinator.sweep_once()
+    assert (await jobs.get(job.Id)).State == "running"
+    now[0] += 6  # silent for a timeout (15 s) after it was given out: taken back
+    assert rules.TimedOut(job.Id, "worker-a") in (await coordinator.sweep_once()).effects

@@ -373,10 +373,12 @@ class Coordinator:
                 )
             elif step < -CLOCK_STEP:
                 log.warning(
-                    "the wall clock stepped back by %.0f s since the last sweep: a silent worker's"
-                    " job is taken back that much later",
+                    "the wall clock stepped back by %.0f s since the last sweep: a job last"
+                    " heard from before the step is taken back up to that much later (its"
+                    " heartbeat was stamped on the clock before it)",
                     -step,
                 )
+                self.hearing.stepped_back(-step)
         return now
 
     def _unheard(self, seconds: float, now: float, what: str) -> None:

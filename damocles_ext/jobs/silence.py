@@ -60,6 +60,16 @@ class Hearing:
         if end > start:
             self._deaf = _merged([*self._deaf, (start, end)])[-MAX_STRETCHES:]
 
+    def stepped_back(self, seconds: float) -> None:
+        """The wall clock stepped back by `seconds`: what was kept was read on the clock before
+        the step, and is moved onto the clock after it. Else the coordinator's start would lie
+        ahead of the clock, and no job, not even one given out after the step, would be silent
+        until the clock had regained the step."""
+        self.since -= seconds
+        self._deaf = [(start - seconds, end - seconds) for start, end in self._deaf]
+        if self._down_since is not None:
+            self._down_since -= seconds
+
     def silent_before(self, now: float, timeout: float) -> float:
         """A running job whose last heartbeat is before this time has been silent for `timeout`
         of the time it could have been heard (-inf: none has yet)."""
