@@ -1031,6 +1031,42 @@ def test_prove_bad_deadline(tmp_path, deadline, message):
     assert b"Traceback" not in r.stderr
 
 
+@pytest.mark.skipif(
+    not Path("/usr/share/zoneinfo/America/New_York").exists(), reason="no time zone database"
+)
+@pytest.mark.parametrize(
+    ("deadline", "message"),
+    [
+        (
+            "2099-03-08T02:30:00",
+            (
+                "--deadline 2099-03-08T02:30:00 is skipped by this machine's local time (its clocks go"
+                " forward then): give it with its UTC offset, e.g. 2099-03-08T02:30:00-05:00 or"
+                " 2099-03-08T02:30:00-04:00"
+            ),
+        ),
+        (
+            "2099-11-01T01:30:00",
+            (
+                "--deadline 2099-11-01T01:30:00 comes twice in this machine's local time (its clocks"
+                " go back then): give it with its UTC offset, e.g. 2099-11-01T01:30:00-04:00 or"
+                " 2099-11-01T01:30:00-05:00"
+            ),
+        ),
+    ],
+)
+def test_prove_refuses_a_local_deadline_that_daylight_saving_time_skips_or_repeats(
+    tmp_path, monkeypatch, deadline, message
+):
+    # Read silently as one of two times an hour apart, before.
+    monkeypatch.setenv("TZ", "America/New_York")
+    task = _task_file(tmp_path, make_task())
+    r = _prove(tmp_path, "--request", str(task), f"--deadline={deadline}")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr.decode()
+    assert b"Traceback" not in r.stderr
+
+
 def test_prove_output_into_a_missing_directory_is_refused_before_proving(tmp_path):
     task = _task_file(tmp_path, make_task())
     r = _prove(tmp_path, "--request", str(task), "--output", str(tmp_path / "no" / "out.json"))

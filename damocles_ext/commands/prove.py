@@ -23,6 +23,8 @@ from damocles_ext.stages import POST_STAGES
 from .common import add_sector_source_args, int64, socket_path, stdout_to_stderr
 
 if TYPE_CHECKING:
+    import datetime
+
     from damocles_ext.tasks import Output, PoStTask, Task
 
 log = logging.getLogger("damocles_ext.prove")
@@ -122,7 +124,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--deadline",
         metavar="SECONDS|ISO-TIME",
         help="give up after this many seconds from now, or at this time (ISO 8601; without a"
-        " zone it is local time). The supervisor answers by then; through --socket, one that is"
+        " zone it is local time; one that daylight saving time skips or repeats is refused). The"
+        " supervisor answers by then; through --socket, one that is"
         " stopped or hung is given up on 15 s after it",
     )
     parser.add_argument(
@@ -494,6 +497,8 @@ def parse_deadline(text: str, now: float | None = None) -> float:
         try:
             # A local time near the ends of the calendar may not exist in UTC (year 0 or 10000).
             deadline = when.astimezone().timestamp() if when.tzinfo is None else when.timestamp()
+            if when.tzinfo is None:
+                _check_local_time(text, when)
         except (ValueError, OverflowError, OSError) as exc:
             raise UsageError(
                 f"--deadline {text!r} cannot be turned into a time ({exc}); {_DEADLINE_FORMS}"
@@ -513,6 +518,23 @@ def parse_deadline(text: str, now: float | None = None) -> float:
             f" 9999-12-31T00:00:00+00:00; {_DEADLINE_FORMS}"
         )
     return deadline
+
+
+def _check_local_time(text: str, when: datetime.datetime) -> None:
+    """Refuse a local time (no zone) that this machine's clocks skip or show twice (daylight
+    saving time begins or ends): it would be read as one of two times an hour apart, silently."""
+    try:
+        first, second = when.replace(fold=0).astimezone(), when.replace(fold=1).astimezone()
+    except (ValueError, OverflowError, OSError):  # at the ends of the calendar: no such change
+        return
+    if first.utcoffset() == second.utcoffset():
+        return
+    if first.replace(tzinfo=None) != when:
+        what = "is skipped by this machine's local time (its clocks go forward then)"
+    else:
+        what = "comes twice in this machine's local time (its clocks go back then)"
+    offsets = " or ".join(when.replace(tzinfo=at.tzinfo).isoformat() for at in (first, second))
+    raise UsageError(f"--deadline {text} {what}: give it with its UTC offset, e.g. {offsets}")
 
 
 def _check_output_path(text: str) -> Path:
