@@ -145,6 +145,27 @@ def test_a_dead_worker_no_longer_counts_and_heartbeats_and_pings_keep_one_alive(
     assert js.summary(T0 + 3 * window, live_window=10 * window).live_workers == 3
 
 
+def test_after_the_wall_clock_steps_back_a_dead_worker_no_longer_counts_and_a_live_one_does(js):
+    # Before, every worker seen before an hour's step back counted as live for that hour,
+    # dead or not: its row lay ahead of the clock, and heartbeats did not write it again.
+    js.create(make_input(seed=1, miner=1000), T0)
+    js.create(make_input(seed=2, miner=1000), T0)
+    [taken] = js.allocate(AllocationSpec((1000,)), 1, "busy", T0)
+    js.allocate(AllocationSpec((1000,)), 0, "pinging", T0)
+    js.allocate(AllocationSpec((2000,)), 0, "dead", T0)
+    back = T0 - 3600  # NTP steps the clock an hour back
+    window = summary.DEFAULT_LIVE_WINDOW
+    for t in range(15, int(window) + 60, 15):
+        js.heartbeat([taken.Id], "busy", back + t)
+        js.worker_seen("pinging", back + t)
+    s = js.summary(back + window + 60)
+    assert {w.worker for w in s.workers} == {"busy", "pinging"}
+    assert all(w.last_seen <= back + window + 60 for w in s.workers)
+    assert s.unallocatable == 0  # the jobs of miner 1000; none of miner 2000 to miss "dead"
+    # Silent for longer than the window after the step: no longer live.
+    assert js.summary(back + 3 * window).live_workers == 0
+
+
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     js.allocate(AllocationSpec(), 0, "old", T0)
     js.allocate(AllocationSpec(), 0, "new", T0 + js.limits.job_lifetime)

@@ -123,8 +123,10 @@ class JobsSummary(msgspec.Struct, frozen=True):
 
 
 def live(workers: Iterable[WorkerSeen], now: float, window: float) -> list[WorkerSeen]:
-    """The workers seen within `window` seconds before `now`."""
-    return [w for w in workers if w.last_seen >= now - window]
+    """The workers seen within `window` seconds before `now`. One seen more than `window` after
+    `now` was seen before the wall clock stepped back, and not since: it is not counted (a live
+    one is seen again, and stamped with the new time, within the window)."""
+    return [w for w in workers if now - window <= w.last_seen <= now + window]
 
 
 def admitted(group: ReadyGroup, specs: Iterable[AllocationSpec]) -> bool:

@@ -46,7 +46,11 @@ _TOUCH = (
     workers.update()
     .where(
         workers.c.worker.in_(sa.bindparam("names", expanding=True)),
-        workers.c.last_seen < sa.bindparam("before"),
+        # Or ahead of now by as much: stamped before the wall clock stepped back.
+        sa.or_(
+            workers.c.last_seen < sa.bindparam("before"),
+            workers.c.last_seen > sa.bindparam("after"),
+        ),
     )
     .values(last_seen=sa.bindparam("w_at"))
 )
@@ -87,14 +91,20 @@ def create_and_carry_over(conn: Connection) -> None:
 
 def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
     """These workers were seen now (a heartbeat, a ping): refresh the specs they are known by;
-    whether a row was written (not within TOUCH_EVERY of the last time).
+    whether a row was written (not within TOUCH_EVERY of the last time, nor that far ahead of
+    it: a row stamped before the wall clock stepped back is written again with the new time,
+    else it would stay ahead, and the worker live by it after it died, until the clock regained
+    the step).
 
     A name that never asked for jobs stays unknown: a sealing worker pings too, and must not
     count as a worker that would take WindowPoSt jobs."""
     names = sorted(set(names))
     if not names:
         return False
-    done = conn.execute(_TOUCH, {"names": names, "before": now - TOUCH_EVERY, "w_at": now})
+    done = conn.execute(
+        _TOUCH,
+        {"names": names, "before": now - TOUCH_EVERY, "after": now + TOUCH_EVERY, "w_at": now},
+    )
     return bool(done.rowcount)
 
 
