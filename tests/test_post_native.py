@@ -116,6 +116,28 @@ def test_a_library_loaded_by_path_proves_the_same_bytes(reference_so, manifest, 
         )
 
 
+def test_the_build_command_of_the_native_readme_makes_a_library_the_plugin_loads(
+    manifest, tmp_path
+):
+    import re
+
+    readme = (NATIVE / "README.md").read_text()
+    (command,) = re.findall(r"^cc .* -o libdext_ref\.so$", readme, re.MULTILINE)
+    # The doc's line as a shell runs it; its paths are relative to the checkout.
+    (tmp_path / "native").symlink_to(NATIVE)
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    lib = tmp_path / "libdext_ref.so"
+    task = window_task(manifest, SEED)
+    with NativeProver() as builtin, NativeProver(lib) as vendor:
+        assert vendor.window_post(task) == builtin.window_post(task)
+    # Built as the doc said before, every symbol hidden: the error says why, not only what.
+    hidden = command.replace("-o libdext_ref.so", "-fvisibility=hidden -o libhidden.so")
+    subprocess.run(hidden, shell=True, cwd=tmp_path, check=True)
+    said = r"exports none of the functions of .* built with -fvisibility=hidden, mark them"
+    with pytest.raises(NativeLoadError, match=said):
+        NativeProver(tmp_path / "libhidden.so")
+
+
 def test_a_relative_library_path_means_that_file_not_a_system_search(reference_so, monkeypatch):
     monkeypatch.chdir(reference_so.parent)
     with NativeProver(reference_so.name) as prover:

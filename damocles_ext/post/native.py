@@ -239,6 +239,13 @@ class NativeProver:
         except OSError as exc:
             raise NativeLoadError(f"cannot load native prover library {path}: {exc}") from None
         missing = [name for name in REQUIRED_SYMBOLS if not _has_symbol(lib, name)]
+        if len(missing) == len(REQUIRED_SYMBOLS):
+            raise NativeLoadError(
+                f"{path} is not a dext prover: it exports none of the functions of "
+                f"native/include/dext_prover.h ({', '.join(missing)}); if it was built with "
+                '-fvisibility=hidden, mark them __attribute__((visibility("default"))) (see '
+                "native/README.md)"
+            )
         if missing:
             raise NativeLoadError(
                 f"{path} is not a dext prover: missing symbol{'s' if len(missing) > 1 else ''} "
