@@ -364,6 +364,7 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     case 6: *out = result(1, 0); return DEXT_OK;  /* one blob for all partitions */
     case 7: return DEXT_ERR_IO;  /* and no message */
     case 8: return DEXT_ERR_INVALID_PROOF;  /* dext_verify's status, from a proving call */
+    case 9: *out = result(2, 0); (*out)->proofs[1].len = 0; return DEXT_OK;  /* an empty one */
     default:
         p(c, "\xff\xfe not utf-8", 0, 1);
         p(c, NULL, 1, 1);
@@ -375,6 +376,7 @@ int32_t dext_winning_post(dext_handle *h, const dext_post_task *t, dext_progress
                           const volatile int32_t *x, dext_result **out) {
     (void)h; (void)p; (void)c; (void)x;
     *out = result(t->miner_id == 1 ? 2 : 1, 0);
+    if (t->miner_id == 2) (*out)->proofs[0].len = 0;
     return DEXT_OK;
 }
 void dext_result_free(dext_result *r) {
@@ -396,6 +398,7 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
         2: "returned DEXT_OK with neither proofs nor faults",
         3: "returned DEXT_OK with 1 proofs beside its faults",
         4: "returned DEXT_OK with faults for sectors not in the task: [999999]",
+        9: "returned DEXT_OK with proof 1 of 0 bytes",
     }
     seen = []
     with NativeProver(lib) as prover:
@@ -428,6 +431,10 @@ def test_a_result_that_breaks_the_abi_contract_is_an_error_naming_the_library(tm
         assert seen == [("\ufffd\ufffd not utf-8", 0, 1)]
         with pytest.raises(ProverError, match=r"winning_post: .* returned DEXT_OK with 2 proofs"):
             prover.winning_post(msgspec.structs.replace(winning_task(manifest, SEED), miner_id=1))
+        with pytest.raises(
+            ProverError, match=r"winning_post: .* returned DEXT_OK with proof 0 of 0"
+        ):
+            prover.winning_post(msgspec.structs.replace(winning_task(manifest, SEED), miner_id=2))
         assert len(prover.winning_post(winning_task(manifest, SEED)).proofs) == 1
 
 

@@ -555,6 +555,10 @@ def _broken_result(
     """How a library's DEXT_OK result breaks the ABI's contract, or None when it keeps it."""
     if not got_result:
         return "without a result"
+    # No proof system has an empty proof: passed on, it would be sent to the chain as one.
+    empty = next((i for i, proof in enumerate(proofs) if not proof), None)
+    if empty is not None:
+        return f"with proof {empty} of 0 bytes"
     if fn_name == "dext_winning_post":
         return None if len(proofs) == 1 else f"with {len(proofs)} proofs"
     if faults:
