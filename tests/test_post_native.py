@@ -607,3 +607,65 @@ def test_progress_reported_after_its_call_returned_is_ignored_with_a_warning(tmp
         child.close_stdin()
         assert child.wait() == 0, child.stderr
     assert child.stderr.count("reported progress (phase 'late') for a call that had returned") == 1
+
+
+# A vendor library whose every failure comes with a message of 4 MiB, and whose progress phase
+# is 1 MiB long (a log put in each, say).
+VERBOSE_VENDOR = (
+    r"""
+#include <stdlib.h>
+#include <string.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+static char *said;
+static char *text(size_t n, char c) {
+    char *s = malloc(n + 1);
+    memset(s, c, n);
+    s[n] = 0;
+    return s;
+}
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return said ? said : ""; }
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)x;
+    char *phase = text((size_t)1 << 20, 'P');
+    p(c, phase, 0, 1);
+    free(phase);
+    if (!said) said = text((size_t)4 << 20, 'E');
+    *out = NULL;
+    return DEXT_ERR_INTERNAL;
+}
+void dext_result_free(dext_result *r) { free(r); }
+"""
+    + NO_WINNING_POST
+)
+
+
+def test_a_huge_library_message_is_cut_before_it_reaches_the_log_or_the_answer(tmp_path):
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "verbose.c"
+    src.write_text(VERBOSE_VENDOR)
+    lib = compile_library(tmp_path / "libverbose.so", [src])
+    with Child("window_post", "native", f"library={lib}", "gpu_lock=false") as child:
+        child.next_of(dext.Hello)
+        for request in (1, 2):
+            child.send_msg(dext.Request(request, bare_task()))
+            response, frames = child.next_of(dext.Response)
+            assert response.id == request and response.output is None
+            error = response.error or ""
+            assert error.startswith("ProverError: window_post: EEEE"), error[:200]
+            assert "EEEE... (cut: the library's message is longer than 16384 bytes)" in error
+            assert len(error) < 17_000
+            phases = {f.phase for f in frames if isinstance(f, dext.Progress)}
+            assert phases <= {"P" * dext.MAX_PHASE_CHARS + "..."}, phases
+        child.close_stdin()
+        assert child.wait() == 0
+    # Each failure is logged once, cut as the answer is: not 4 MiB of it.
+    assert len(child.stderr) < 2 * 17_000 + 2_000, len(child.stderr)

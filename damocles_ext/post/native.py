@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import ProverError, UsageError
+from ..protocol.dext import MAX_PHASE_CHARS
 from ..tasks import (
     Output,
     Task,
@@ -124,12 +125,28 @@ _calls: dict[int, _CallState] = {}
 _call_numbers = itertools.count(1)
 _stale_reported = False
 
+#: The most of a library's message (dext_last_error) read, and of a progress phase (a phase is
+#: cut to dext.MAX_PHASE_CHARS later): a runaway or unterminated string is not read further.
+MAX_MESSAGE_BYTES = 16 * 1024
+MAX_PHASE_BYTES = 4 * MAX_PHASE_CHARS + 1
+
+
+def _text(ffi: Any, ptr: Any, most: int) -> str:
+    """The NUL-terminated string at `ptr` (not NULL), read up to `most` bytes."""
+    raw = ffi.string(ptr, most + 1)
+    if len(raw) <= most:
+        return raw.decode(errors="replace")
+    return (
+        f"{raw[:most].decode(errors='replace')}... (cut: the library's message is longer than"
+        f" {most} bytes)"
+    )
+
 
 def _stale_progress(ffi: Any, phase: Any) -> None:
     global _stale_reported
     if not _stale_reported:
         _stale_reported = True
-        phase = ffi.string(phase).decode(errors="replace") if phase else ""
+        phase = ffi.string(phase, MAX_PHASE_BYTES).decode(errors="replace") if phase else ""
         log.warning(
             "a native prover library reported progress (phase %r) for a call that had returned;"
             " ignored, and not said again (dext_prover.h: progress is called on the calling"
@@ -170,7 +187,8 @@ def _install_trampoline(native: Any) -> None:
         try:
             if state.progress is not None and phase != ffi.NULL:
                 # A sloppy phase text must not fail a proof (the child's report is as lenient).
-                state.progress(ffi.string(phase).decode(errors="replace"), int(done), int(total))
+                text = ffi.string(phase, MAX_PHASE_BYTES).decode(errors="replace")
+                state.progress(text, int(done), int(total))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller after the C call
             state.error = exc
             state.set_cancelled()
@@ -278,7 +296,7 @@ class NativeProver:
 
     def _last_error(self, handle: Any) -> str:
         msg = self._lib.dext_last_error(handle if handle is not None else self._ffi.NULL)
-        return self._ffi.string(msg).decode(errors="replace") if msg != self._ffi.NULL else ""
+        return _text(self._ffi, msg, MAX_MESSAGE_BYTES) if msg != self._ffi.NULL else ""
 
     def _check(self, status: int, state: _CallState | None, what: str) -> None:
         if state is not None and state.error is not None:
