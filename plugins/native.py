@@ -187,6 +187,7 @@ class NativePoStProver:
         first = self._open()
         self.version = f"dext-abi-{first.abi_version} ({first.library})"
         self._idle = [first]
+        self._opened = 1  # handles opened
 
     def _open(self) -> NativeProver:
         return self._factory(self._library, self._open_options)
@@ -195,8 +196,21 @@ class NativePoStProver:
     def _handle(self) -> Iterator[NativeProver]:
         with self._lock:
             prover = self._idle.pop() if self._idle else None
+            opened = self._opened
         if prover is None:
-            prover = self._open()
+            from damocles_ext.post.native import NativeLoadError
+
+            try:
+                prover = self._open()
+            except NativeLoadError as exc:
+                # The first one opened at start: this is a request beside another one's.
+                raise NativeLoadError(
+                    f"{exc}; it was opening handle {opened + 1} of this child (one per request"
+                    " proved at once): if the library allows only one handle per process, set"
+                    " Concurrent = 1 on this child's table"
+                ) from None
+            with self._lock:
+                self._opened += 1
         try:
             yield prover
         finally:

@@ -669,3 +669,66 @@ def test_a_huge_library_message_is_cut_before_it_reaches_the_log_or_the_answer(t
         assert child.wait() == 0
     # Each failure is logged once, cut as the answer is: not 4 MiB of it.
     assert len(child.stderr) < 2 * 17_000 + 2_000, len(child.stderr)
+
+
+# A vendor library that opens one handle per process (one GPU context, say) and refuses a
+# second; its proofs take until the test lets them end.
+ONE_HANDLE_VENDOR = (
+    r"""
+#include <stdlib.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+static int opened;
+static const char *said = "";
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) {
+    (void)o;
+    if (__atomic_fetch_add(&opened, 1, __ATOMIC_SEQ_CST)) {
+        said = "cuCtxCreate: out of memory";
+        return NULL;
+    }
+    return calloc(1, sizeof(dext_handle));
+}
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return said; }
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t;
+    *out = NULL;
+    p(c, "spin", 0, 1);
+    while (!dext_cancel_requested(x)) {}
+    return DEXT_ERR_CANCELLED;
+}
+void dext_result_free(dext_result *r) { free(r); }
+"""
+    + NO_WINNING_POST
+)
+
+
+def test_a_library_refusing_a_second_handle_is_told_to_serve_one_request_at_a_time(tmp_path):
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "one.c"
+    src.write_text(ONE_HANDLE_VENDOR)
+    lib = compile_library(tmp_path / "libone.so", [src])
+    args = ("window_post", "native", f"library={lib}", "gpu_lock=false")
+    with Child(*args, extra=["--capacity", "2"]) as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, bare_task()))
+        child.next_of(dext.Progress)  # request 1 has the one handle
+        child.send_msg(dext.Request(2, bare_task()))
+        response, _ = child.next_of(dext.Response)
+        assert response.id == 2 and response.output is None
+        assert response.error == (
+            f"NativeLoadError: {lib}: dext_open failed: cuCtxCreate: out of memory; it was"
+            " opening handle 2 of this child (one per request proved at once): if the library"
+            " allows only one handle per process, set Concurrent = 1 on this child's table"
+        )
+        child.send_msg(dext.Cancel(1))
+        response, _ = child.next_of(dext.Response)
+        assert response.id == 1 and response.error == "cancelled"
+        child.close_stdin()
+        assert child.wait() == 0, child.stderr
