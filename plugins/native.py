@@ -72,6 +72,11 @@ def _library_problem(path: str) -> str | None:
         return "is an ELF file but not a shared library (an executable or an object file?)"
     if _is_pie(path, header):
         return "is a program (a position-independent executable), not a shared library"
+    if _noexec(path):
+        return (
+            f"is on a filesystem mounted noexec ({_mount_point(path)}), from which dlopen cannot"
+            " map a library; put it on another one, or remount that one without noexec"
+        )
     try:
         with open("/proc/self/exe", "rb") as f:
             ours = f.read(20)
@@ -85,6 +90,22 @@ def _library_problem(path: str) -> str | None:
             f"{machine}; this Python is {_ELF_CLASS.get(ours[4], '?')}, ELF machine {our_machine})"
         )
     return None
+
+
+def _noexec(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return False  # dlopen will tell
+
+
+def _mount_point(path: str) -> str:
+    """The directory `path` is mounted under: the highest of its parents on its device."""
+    path = os.path.realpath(path)
+    device = os.stat(path).st_dev
+    while (parent := os.path.dirname(path)) != path and os.stat(parent).st_dev == device:
+        path = parent
+    return path
 
 
 def _is_pie(path: str, ident: bytes) -> bool:

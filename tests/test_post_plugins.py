@@ -106,6 +106,43 @@ def test_a_real_shared_library_passes_the_header_check():
     assert native_problems({"library": str(built)}) == []
 
 
+@pytest.fixture
+def noexec_dir(tmp_path):
+    """A directory on a filesystem mounted noexec (as /tmp is on hardened machines)."""
+    import subprocess
+
+    mount = tmp_path / "noexec"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a noexec tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_vendor_library_on_a_noexec_mount_is_named_as_such(noexec_dir):
+    import shutil
+
+    import damocles_ext
+
+    built = next(Path(damocles_ext.__file__).parent.glob("_native*.so"))
+    library = noexec_dir / "libvendor.so"
+    shutil.copy(built, library)  # a real shared library, which dlopen cannot map from there
+    (message,) = native_problems({"library": str(library)})
+    assert message.startswith(
+        f"native: option 'library' = {str(library)!r}: is on a filesystem mounted noexec"
+        f" ({noexec_dir}), from which dlopen cannot map a library; put it on another one, or"
+        " remount that one without noexec"
+    )
+
+
 def test_a_cancelled_request_raises_the_plugin_contracts_cancelled(manifest):
     prover = NativePoStProver({})
     token = CancelToken()
