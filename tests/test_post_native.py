@@ -157,6 +157,30 @@ def test_a_file_that_is_not_a_shared_library_cannot_load(tmp_path):
         NativeProver(path)
 
 
+def test_a_library_whose_dependency_is_not_found_says_which_and_where_to_give_it(
+    tmp_path, stub_source
+):
+    dep = tmp_path / "dep" / "dep.c"
+    dep.parent.mkdir()
+    dep.write_text("int dext_test_dep(void) { return 1; }\n")
+    compile_library(dep.parent / "libdextdep.so", [dep])
+    lib = compile_library(
+        tmp_path / "libneeds.so",
+        [stub_source],
+        "-DSTUB_ABI=1",
+        "-Wl,--no-as-needed",
+        f"-L{dep.parent}",
+        "-ldextdep",
+    )
+    with pytest.raises(NativeLoadError) as raised:
+        NativeProver(lib)  # the dependency's directory is on no search path
+    assert str(raised.value) == (
+        f"cannot load native prover library {lib}: libdextdep.so: cannot open shared object"
+        " file: No such file or directory; a library it needs is not found: install it, or"
+        " give its directory in LD_LIBRARY_PATH (the Envs of the child's table)"
+    )
+
+
 def test_missing_symbols_are_listed_by_name(tmp_path):
     src = tmp_path / "partial.c"
     src.write_text(

@@ -255,7 +255,9 @@ class NativeProver:
             # RTLD_LOCAL: two vendor libraries (or ours) never resolve each other's symbols.
             lib = self._ffi.dlopen(path, self._ffi.RTLD_NOW | self._ffi.RTLD_LOCAL)
         except OSError as exc:
-            raise NativeLoadError(f"cannot load native prover library {path}: {exc}") from None
+            raise NativeLoadError(
+                f"cannot load native prover library {path}: {_dlopen_error(str(exc), path)}"
+            ) from None
         missing = [name for name in REQUIRED_SYMBOLS if not _has_symbol(lib, name)]
         if len(missing) == len(REQUIRED_SYMBOLS):
             raise NativeLoadError(
@@ -587,6 +589,21 @@ def _broken_result(
     # Not counted against the partitions: filecoin-proofs (and so damocles' own processor)
     # answers one blob holding every partition's proof, the reference one per partition.
     return None if proofs or not task.replicas else "with neither proofs nor faults"
+
+
+def _dlopen_error(said: str, path: str) -> str:
+    """dlerror's text in cffi's OSError, without cffi's frame around it (its note on
+    ctypes.util.find_library, about a search for `path` that is not ours), and what to do when
+    it is a library `path` needs that the loader does not find."""
+    said = said.split(".  Additionally, ctypes.util.find_library()", 1)[0]
+    said = said.removeprefix(f"cannot load library '{path}': ")
+    needed, _, why = said.partition(": cannot open shared object file")
+    if why and needed != path:
+        said += (
+            "; a library it needs is not found: install it, or give its directory in"
+            " LD_LIBRARY_PATH (the Envs of the child's table)"
+        )
+    return said
 
 
 def _has_symbol(lib: Any, name: str) -> bool:
