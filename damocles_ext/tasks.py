@@ -308,7 +308,8 @@ def task_problem(task: Task) -> str | None:
 
 def output_problem(task: Task, output: Output) -> str | None:
     """How `output`, of `task`'s stage, cannot be its answer, or None: a proof with nothing in
-    it (neither proofs nor faults: every task has a sector or a vanilla proof), faults for
+    it (neither proofs nor faults: every task has a sector or a vanilla proof; an empty proof),
+    faults for
     sectors the task does not have (damocles-manager would declare them faulty). The native
     prover's ABI says the same of a library's result; this holds every child to it."""
     faults: Sequence[int] = getattr(output, "faults", ())
@@ -320,7 +321,12 @@ def output_problem(task: Task, output: Output) -> str | None:
             return f"faults for sectors not in the task: {unknown[:10]}{more}"
         return None
     proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
-    return None if proofs else "neither proofs nor faults"
+    if not proofs:
+        return "neither proofs nor faults"
+    for i, proof in enumerate(proofs):
+        if not proof:  # no proof system's proof is empty: damocles-manager would submit it
+            return f"proof {i} of 0 bytes"
+    return None
 
 
 def stage_of(obj: Task | Output) -> str:

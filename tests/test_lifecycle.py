@@ -86,11 +86,12 @@ def test_faults_are_an_outcome_of_their_own_and_a_wrong_stage_is_an_error():
     for rid, output, said in [
         (3, WindowPoStOutput([], [1, 7, 9]), "faults for sectors not in the task: [7, 9]"),
         (4, WindowPoStOutput([], []), "neither proofs nor faults"),
+        (5, WindowPoStOutput([b"p", b""], []), "proof 1 of 0 bytes"),
     ]:
         book.submit(rid, window_task(), 3.0)
         (res,) = resolved(book.answered("a", rid, 4.0, output=output))
         assert res.error == f"request {rid} (window_post): a (pid 100) answered with {said}"
-    assert book.counters("a") == (1, 3)
+    assert book.counters("a") == (1, 4)
 
 
 def test_an_error_answer_with_no_other_child_is_the_answer():

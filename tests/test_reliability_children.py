@@ -243,7 +243,7 @@ async def test_an_output_of_the_wrong_stage_is_an_error_for_that_request_only():
         assert child_stats(sup).restarts == 0
 
 
-async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_request_only():
+async def test_an_output_with_neither_proofs_nor_faults_or_an_empty_proof_is_an_error_for_that_request_only():
     # It was passed on as a success (damocles-manager got no proof and no fault); the native
     # prover's ABI already refused it of a library.
     handle = """
@@ -252,6 +252,8 @@ async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_req
         send(dext.Response(msg.id, output=WindowPoStOutput([], [])))
     elif msg.task.miner_id == 2:
         send(dext.Response(msg.id, output=WinningPoStOutput([])))
+    elif msg.task.miner_id == 4:
+        send(dext.Response(msg.id, output=WinningPoStOutput([b""])))
     else:
         answer(msg)
     """
@@ -265,6 +267,9 @@ async def test_an_output_with_neither_proofs_nor_faults_is_an_error_for_that_req
             await sup.submit(window_task(miner=1))
         with pytest.raises(ProverError, match="answered with neither proofs nor faults"):
             await sup.submit(winning_task(miner=2))
+        # An empty proof, which damocles-manager would submit to the chain.
+        with pytest.raises(ProverError, match="answered with proof 0 of 0 bytes"):
+            await sup.submit(winning_task(miner=4))
         assert who(await sup.submit(window_task(miner=3)))[0] == 3
         assert child_stats(sup).restarts == 0
 
