@@ -267,6 +267,23 @@ def test_a_postgresql_database_without_job_tables_is_no_store(postgres_url, caps
     assert "the database has no job tables; check the URL" in capsys.readouterr().err
 
 
+def test_a_password_given_as_a_query_parameter_is_hidden_in_messages_and_the_summary(
+    postgres_url, capsys
+):
+    # libpq takes password= (and sslpassword=, a client key's passphrase) in the query string;
+    # only the user info's password was hidden, so these reached the terminal, the journal and
+    # `status --json`'s "store". (The test server trusts its socket: the login takes any.)
+    url = f"{postgres_url}&password=s3cr3tPW&sslpassword=k3yPW"
+    assert cli.main(["wdpost", "list", "--jobs", url]) == 2  # no store yet: the URL is quoted
+    JobStore.open(url).close()
+    assert cli.main(["status", "--jobs", url, "--json"]) == 0
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "there is no job store at" in said.err and '"store":' in said.out
+    assert text.count("&password=***") == 2 and text.count("&sslpassword=***") == 2, text
+    assert "s3cr3tPW" not in text and "k3yPW" not in text
+
+
 @pytest.mark.parametrize("mistake", ["database", "user"])
 def test_a_login_the_postgresql_server_refuses_is_a_mistake_in_the_url(
     postgres_server, mistake, capsys

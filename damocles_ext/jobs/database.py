@@ -155,10 +155,13 @@ def describe_url(url: str | URL) -> str:
         parsed = make_url(url) if isinstance(url, str) else url
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparsable URL>"
-    return parsed.render_as_string(hide_password=True)
+    # libpq takes the password (and a client key's passphrase) as query parameters too.
+    head, mark, query = parsed.render_as_string(hide_password=True).partition("?")
+    return head + mark + _PASSWORD_PARAMETER.sub(r"\1***", query)
 
 
-_PASSWORD_PARAMETER = re.compile(r"(?i)(\bpassword=)[^&]*")
+#: A password in a URL's query string (after the '?'): libpq's password= and sslpassword=.
+_PASSWORD_PARAMETER = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&]*")
 
 
 def _password_hidden(url: str) -> str:
