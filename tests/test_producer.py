@@ -506,6 +506,22 @@ async def test_a_notification_wakes_the_producer_long_before_its_poll_interval(
         await stop(m)
 
 
+async def test_the_listener_tries_every_host_of_the_url_as_the_store_does(postgres_url, tmp_path):
+    # A URL may name several hosts (`?host=a&host=b`, an HA pair): the store tries each in turn,
+    # but the listener's URL, rendered again for libpq, kept the last alone, and listened nowhere.
+    url = f"{postgres_url}&host={tmp_path}/no-server-here"
+    root, task, job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, url, "--store", f"a={root}",
+                              "--poll-interval", "60")  # fmt: skip
+        with trio.fail_after(30):
+            await m.wait_log("listening for job changes on")
+        request_id = await send_until_created(m, task, job_id)
+        await finish_and_expect_proofs(m, url, job_id, request_id)
+        await stop(m)
+    assert not any("listener lost its connection" in line for line in m.log), m.log
+
+
 async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_url, tmp_path):
     import psycopg
 

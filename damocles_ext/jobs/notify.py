@@ -19,6 +19,8 @@ from typing import Any, Final
 import psycopg
 import trio
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.pq import Conninfo
 
 from ..threads import NoThreadError, run_in_thread
 from .database import describe_url, first_line, pg_tcp_settings
@@ -46,12 +48,14 @@ class JobListener:
         *,
         connect_timeout: int = 10,
         tcp: Mapping[str, Any] | None = None,
+        where: str | None = None,
     ) -> None:
         self.conninfo = conninfo
         #: libpq's TCP settings (database.PG_TCP_SETTINGS less the URL's own): a listener that
         #: only receives learns that its server's host died from the keepalives alone.
         self.tcp: dict[str, Any] = dict(tcp or {})
-        self.where = describe_url(conninfo)
+        #: The store for messages (a conninfo that is a URL: itself, its password hidden).
+        self.where = describe_url(conninfo) if where is None else where
         self.on_job = on_job
         self.on_connect = on_connect
         self.connect_timeout = connect_timeout
@@ -66,9 +70,16 @@ class JobListener:
         """The listener of a PostgreSQL store, or None for SQLite (which has no LISTEN)."""
         if not store.is_postgresql:
             return None
-        # libpq's own URI: the same server, user and database as the store's engine.
-        conninfo = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return cls(conninfo, on_job, on_connect, tcp=pg_tcp_settings(store.url))
+        # The connection parameters the store's engine gives psycopg: the same servers, user and
+        # database. (The URL rendered again for libpq would keep only the last of several
+        # `host=` parameters, which SQLAlchemy joins into one list of hosts to try.)
+        _, params = store.engine.dialect.create_connect_args(store.url)
+        libpq = {d.keyword.decode() for d in Conninfo.get_defaults()}  # not psycopg's `context`
+        conninfo = make_conninfo(**{k: v for k, v in params.items() if k in libpq})
+        return cls(
+            conninfo, on_job, on_connect, tcp=pg_tcp_settings(store.url),
+            where=store.where,
+        )  # fmt: skip
 
     async def run(self) -> None:
         """Listen until cancelled (the thread stops within CHECK_INTERVAL after)."""
