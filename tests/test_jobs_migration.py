@@ -101,6 +101,21 @@ def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(pos
         assert s.schema_version() == store.SCHEMA_VERSION and s.get(job.Id) == job
 
 
+def test_a_search_path_that_names_no_existing_schema_is_a_mistake_that_says_what_to_do(
+    postgres_url,
+):
+    # Before: "migrate failed: no schema has been selected to create in", exit code 1, as if
+    # the store were broken, with nothing said of the search_path or what to do.
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(f"{postgres_url}&options=-csearch_path%3Ddext_nosuch")
+    message = str(raised.value)
+    assert message.startswith("cannot create the job store at ")
+    assert "none of the schemas on the search_path of the PostgreSQL role 'postgres'" in message
+    assert "(search_path: dext_nosuch; " in message
+    assert "CREATE SCHEMA name AUTHORIZATION postgres" in message
+    assert raised.value.exit_code == 2
+
+
 _roles = itertools.count()
 
 

@@ -208,6 +208,30 @@ def _lock_holders(engine: Engine) -> str:
     )
 
 
+#: PostgreSQL's SQLSTATE invalid_schema_name: "no schema has been selected to create in".
+_NO_SCHEMA = "3F000"
+
+
+def no_schema(error: exc.DBAPIError, engine: Engine, url: URL, where: str) -> StoreError | None:
+    """The StoreConfigError for a store that cannot be created because no schema on the
+    search_path exists (`error`), naming that search_path; None for another error."""
+    if getattr(error.orig, "sqlstate", None) != _NO_SCHEMA:
+        return None
+    try:
+        with engine.connect() as conn:
+            path = str(conn.execute(sa.text("SHOW search_path")).scalar_one())
+    except exc.DBAPIError:
+        path = "unknown"
+    role = pg_role(url)
+    return StoreConfigError(
+        f"cannot create the job store at {where}: none of the schemas on the search_path of the"
+        f" PostgreSQL role {role!r} exists (search_path: {path}; set by the URL's"
+        " options=-csearch_path=..., ALTER ROLE or ALTER DATABASE): create the first one"
+        f" (CREATE SCHEMA name AUTHORIZATION {role}), or give a search_path that names an"
+        " existing schema"
+    )
+
+
 def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> StoreError | None:
     """The StoreConfigError for a PostgreSQL role that may not create, upgrade or write the store
     at version `found` (`error`: permission denied), saying what it needs; None for another

@@ -228,8 +228,10 @@ class JobStore:
                     migration.check_writable(conn, self.url, self.where)
                 return found
         except exc.DBAPIError as e:
-            why = migration.not_permitted(e, self.url, self.where, found) or (
-                migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout)
+            why = (
+                migration.not_permitted(e, self.url, self.where, found)
+                or migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout)
+                or migration.no_schema(e, self.engine, self.url, self.where)
             )
             if why is not None:
                 raise why from e
