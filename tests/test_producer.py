@@ -522,6 +522,40 @@ async def test_the_listener_tries_every_host_of_the_url_as_the_store_does(postgr
     assert not any("listener lost its connection" in line for line in m.log), m.log
 
 
+async def test_the_listener_outlives_an_idle_session_timeout_the_dba_set(postgres_url, caplog):
+    # A listening session is idle by design: with idle_session_timeout set on the database (or
+    # the role), the server ended it at every timeout, a WARNING each time and the notifications
+    # of each gap lost. The server's clock must pass the timeout: pg_sleep, on the server.
+    import psycopg
+
+    from damocles_ext.jobs.notify import CHANNEL, JobListener
+
+    database = postgres_url.split("?")[0].rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" SET idle_session_timeout = 500')
+    connects: list[int] = []
+    connected, heard = trio.Event(), trio.Event()
+
+    def on_connect() -> None:
+        connects.append(1)
+        connected.set()
+
+    with JobStore.open(postgres_url) as s:
+        listener = JobListener.of_store(s, lambda job_id: heard.set(), on_connect)
+    assert listener is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listener.run)
+        with trio.fail_after(30):
+            await connected.wait()
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                await trio.to_thread.run_sync(admin.execute, "SELECT pg_sleep(1.5)")
+                admin.execute(f"NOTIFY {CHANNEL}, 'job'")
+            await heard.wait()
+        nursery.cancel_scope.cancel()
+    assert connects == [1]
+    assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]
+
+
 async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_url, tmp_path):
     import psycopg
 

@@ -36,6 +36,17 @@ MAX_BACKOFF: Final = 30.0
 APPLICATION_NAME: Final = "damocles-ext listen"
 
 
+def _keep_when_idle(conn: psycopg.Connection[Any]) -> None:
+    """Exempt this session from an idle_session_timeout a DBA set (on the role, the database or
+    the server): a listening session is idle by design, and the server would end it at every
+    timeout (a warning each time, and the notifications of the gap lost). A server older than
+    PostgreSQL 14 has no such timeout."""
+    try:
+        conn.execute("SET idle_session_timeout = 0")
+    except psycopg.errors.UndefinedObject:
+        pass
+
+
 class JobListener:
     """LISTEN on the store's channel: `on_job(job_id)` for each notification and `on_connect()`
     each time the listening connection is (re)established, both called in trio."""
@@ -113,6 +124,7 @@ class JobListener:
                     application_name=APPLICATION_NAME,
                     **self.tcp,
                 ) as conn:
+                    _keep_when_idle(conn)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     log.info("listening for job changes on %s", self.where)
                     backoff = FIRST_BACKOFF
