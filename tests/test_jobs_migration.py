@@ -116,6 +116,45 @@ def test_a_search_path_that_names_no_existing_schema_is_a_mistake_that_says_what
     assert raised.value.exit_code == 2
 
 
+def test_a_store_in_a_schema_off_the_search_path_is_neither_made_again_nor_called_missing(
+    postgres_url, capsys
+):
+    # The store's tables land in the first schema of its maker's search_path ("$user" first by
+    # default: a role with a schema of its name). Another role, or a URL without that
+    # search_path, saw no tables: its coordinator made a second, empty store in public (the
+    # producers' jobs never reached its workers) and `wdpost list` said there was no store.
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA dext")
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    with JobStore.open(f"{postgres_url}&options=-csearch_path%3Ddext") as s:
+        s.create_many([rules.Create(job.Input, job.DeadlineIdx, job.Partitions)], T0)
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(postgres_url)
+    assert raised.value.exit_code == 2
+    message = str(raised.value)
+    assert (
+        "the database has its tables in schema dext, which is not on the search_path of the"
+        " PostgreSQL role 'postgres' (\"$user\", public)"
+    ) in message
+    assert "add options=-csearch_path%3Ddext to the URL" in message
+    assert cli.main(["wdpost", "list", "--jobs", postgres_url]) == 2
+    assert "its tables in schema dext" in capsys.readouterr().err
+    with psycopg.connect(postgres_url) as conn:  # nothing made in public
+        assert conn.execute("SELECT to_regclass('public.dext_wdpost_jobs')").fetchone() == (None,)
+    assert (
+        cli.main(
+            ["wdpost", "list", "--all", "--jobs", f"{postgres_url}&options=-csearch_path%3Ddext"]
+        )
+        == 0
+    )
+    assert job.Id in capsys.readouterr().out
+    # A URL that names the search_path itself makes a store of its own there, as it did.
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA other")
+    with JobStore.open(f"{postgres_url}&options=-csearch_path%3Dother") as s:
+        assert s.list_jobs() == []
+
+
 _roles = itertools.count()
 
 

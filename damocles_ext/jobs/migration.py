@@ -208,6 +208,36 @@ def _lock_holders(engine: Engine) -> str:
     )
 
 
+_ELSEWHERE = sa.text(
+    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relname = :name AND c.relkind IN ('r', 'p') AND NOT pg_table_is_visible(c.oid)"
+    " ORDER BY 1"
+)
+
+
+def check_not_elsewhere(conn: Connection, url: URL, where: str, *, creating: bool) -> None:
+    """PostgreSQL, where no store is on the search_path: StoreConfigError when the database has
+    one in a schema off it (its tables in the schema of the role that made them, "$user" on
+    the default search_path): another role would make a second, empty store, or read none.
+    A store made where the URL names its search_path itself is one of its own, and allowed."""
+    if conn.dialect.name != "postgresql":
+        return
+    if creating and "search_path" in str(url.query.get("options", "")):
+        return
+    schemas = list(conn.execute(_ELSEWHERE, {"name": schema_version.name}).scalars())
+    if not schemas:
+        return
+    path = conn.execute(sa.text("SHOW search_path")).scalar_one()
+    role = pg_role(url)
+    raise StoreConfigError(
+        f"the job store {where}: the database has its tables in schema {', '.join(schemas)},"
+        f" which is not on the search_path of the PostgreSQL role {role!r} ({path}), so it would"
+        f" use another, empty store: add options=-csearch_path%3D{schemas[0]} to the URL (or"
+        f" ALTER ROLE {role} SET search_path = {schemas[0]}); a second store of its own in"
+        " another schema is made only by a URL that names that schema so"
+    )
+
+
 #: PostgreSQL's SQLSTATE invalid_schema_name: "no schema has been selected to create in".
 _NO_SCHEMA = "3F000"
 

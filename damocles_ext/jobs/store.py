@@ -179,7 +179,7 @@ class JobStore:
         if not self.is_postgresql:
             if problem := sqlite_store_problem(sqlite_file(self.url), self.where):
                 raise StoreConfigError(problem)
-        elif self.schema_version() == 0:
+        elif self._existing_version() == 0:
             raise StoreConfigError(
                 f"there is no job store at {self.where}: the database has no job tables; check "
                 "the URL"
@@ -221,6 +221,8 @@ class JobStore:
                 if self.is_postgresql:
                     migration.take_schema_lock(conn, self.where, lock_timeout)
                 found = self._version(conn)
+                if found == 0:
+                    migration.check_not_elsewhere(conn, self.url, self.where, creating=True)
                 if found > SCHEMA_VERSION:
                     raise migration.too_new(self.where, found)
                 migration.bring_up(conn, found, lock_timeout=lock_timeout)
@@ -248,6 +250,14 @@ class JobStore:
                 "give another store URL"
             )
         return int(versions[0])
+
+    @database_errors
+    def _existing_version(self) -> int:
+        """The schema version, after check_not_elsewhere when there is no store."""
+        with self._transaction() as conn:
+            if (found := self._version(conn)) == 0:
+                migration.check_not_elsewhere(conn, self.url, self.where, creating=False)
+            return found
 
     @database_errors
     def schema_version(self) -> int:
