@@ -409,6 +409,34 @@ def test_postgresql_connections_give_up_on_a_silent_server_unless_the_url_says_o
             )
 
 
+def test_a_latin1_database_stores_what_it_can_hold_and_refuses_the_rest_as_a_store_error(
+    postgres_server,
+):
+    # libpq's client encoding defaults to the database's: psycopg itself then failed to encode
+    # a worker's name outside LATIN1, a UnicodeEncodeError out of the store (a traceback and an
+    # "internal error" in the coordinator) rather than a StoreError saying what to do.
+    import psycopg
+
+    url = postgres_server.create_database()
+    name = url.split("?")[0].rsplit("/", 1)[1] + "_latin1"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+            " TEMPLATE template0"
+        )
+    spec = rules.AllocationSpec((), ())
+    with JobStore.open(postgres_server.url(name)) as s:
+        s.create(make_input(seed=1), 1000)
+        s.create(make_input(seed=2), 1000)
+        with pytest.raises(StoreError) as raised:
+            s.allocate(spec, 1, "гпу-1", 1001)
+        assert type(raised.value) is StoreError
+        assert "allocate failed: character with byte sequence" in str(raised.value)
+        assert "give the URL of a database created WITH ENCODING 'UTF8'" in str(raised.value)
+        [job] = s.allocate(spec, 1, "gpü-1", 1001)
+        assert s.get(job.Id).WorkerName == "gpü-1"
+
+
 def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
     with socket.socket() as probe:  # a loopback port with nobody listening on it
         probe.bind(("127.0.0.1", 0))

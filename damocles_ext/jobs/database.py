@@ -275,6 +275,10 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             connect_args={
                 "connect_timeout": connect_timeout,
                 "application_name": "damocles-ext",
+                # libpq's default is the database's encoding: in a LATIN1 database, psycopg
+                # itself failed to encode other text (UnicodeEncodeError, no StoreError). The
+                # server converts, and refuses what its encoding cannot hold (22P05).
+                "client_encoding": "UTF8",
                 **tcp,
             },
             pool_size=pool_size,
@@ -604,6 +608,11 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             hint = (
                 "; the store's tables are gone (its database dropped or emptied?): restart"
                 " damocles-ext to make them again, or give the URL of the store"
+            )
+        elif getattr(error.orig, "sqlstate", None) == "22P05":  # untranslatable_character
+            hint = (
+                "; the PostgreSQL database's encoding cannot hold that text: give the URL of a"
+                " database created WITH ENCODING 'UTF8'"
             )
         elif getattr(error.orig, "sqlstate", None) == PG_NO_PRIVILEGE:
             hint = (
