@@ -307,20 +307,26 @@ def task_problem(task: Task) -> str | None:
 
 
 def output_problem(task: Task, output: Output) -> str | None:
-    """How `output`, of `task`'s stage, cannot be its answer, or None: a proof with nothing in
-    it (neither proofs nor faults: every task has a sector or a vanilla proof; an empty proof),
-    faults for
-    sectors the task does not have (damocles-manager would declare them faulty). The native
-    prover's ABI says the same of a library's result; this holds every child to it."""
+    """How `output`, of `task`'s stage, cannot be its answer, or None (`result_problem`). The
+    native prover's ABI says the same of a library's result; this holds every child to it."""
+    proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
     faults: Sequence[int] = getattr(output, "faults", ())
+    return result_problem(proofs, faults, (r.sector_id for r in getattr(task, "replicas", ())))
+
+
+def result_problem(
+    proofs: Sequence[bytes], faults: Sequence[int], sectors: Iterable[int]
+) -> str | None:
+    """How a result cannot be a task's answer, or None: nothing in it (neither proofs nor
+    faults: every task has a sector or a vanilla proof), an empty proof, faults for sectors the
+    task (of `sectors`, read only when there are faults) does not have (damocles-manager would
+    declare them faulty)."""
     if faults:
-        sectors = {r.sector_id for r in getattr(task, "replicas", ())}
-        unknown = sorted(set(faults) - sectors)
+        unknown = sorted(set(faults).difference(sectors))
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             return f"faults for sectors not in the task: {unknown[:10]}{more}"
         return None
-    proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
     if not proofs:
         return "neither proofs nor faults"
     for i, proof in enumerate(proofs):

@@ -689,6 +689,38 @@ async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):
             await producer.submit(make_task(stage="winning_post"))
 
 
+@pytest.mark.parametrize(
+    ("proofs", "faults", "said"),
+    [
+        ((b"",), (), "proof 0 of 0 bytes"),
+        ((), (), "neither proofs nor faults"),
+        ((), (7,), "faults for sectors not in the task: [7]"),
+    ],
+    ids=["empty-proof", "nothing", "foreign-fault"],
+)
+async def test_a_job_a_worker_finished_with_a_result_no_child_may_give_is_an_error(
+    tmp_path, proofs, faults, said
+):
+    # A worker's result was passed on as it came: an empty proof went to damocles-manager, which
+    # submits it; faults for sectors not in the job would be declared. Our children's answers
+    # were held to this already.
+    from damocles_ext.api import submit_job
+    from damocles_ext.errors import ProverError
+
+    url = sqlite_url(tmp_path)
+    root = str(tmp_path / "s")
+    task = window_task(root, miner=1000)
+    with JobStore.open(url) as store:
+        job, _ = store.create(job_input(task, StoreMap({"a": root})), 0)
+        [taken] = store.allocate(rules.AllocationSpec(), 1, "w9", 0)
+        store.finish(job.Id, model.JobOutput(proofs, faults), "", 0, lease=taken.lease)
+    with trio.fail_after(30), pytest.raises(ProverError) as caught:
+        await submit_job(url, task, stores={"a": root})
+    assert str(caught.value).startswith(
+        f"job {job.Id} finished without an error but with {said} (worker 'w9'): not a proof;"
+    )
+
+
 async def test_the_python_api_logs_the_warnings_of_damocles_managers_config(tmp_path, caplog):
     from damocles_ext.api import open_job_producer
 

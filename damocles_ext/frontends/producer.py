@@ -33,7 +33,7 @@ from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
 from ..jobs.worker_rules import Outage
-from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput
+from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput, result_problem
 from ..threads import NoThreadError, run_in_thread
 from .serve import replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
@@ -372,10 +372,19 @@ class JobProducer:
                     f"job {job.Id} finished without an error but with no output (worker"
                     f" {worker}): not a proof; {_again(job.Id, 'reset')}"
                 )
-            log.info("job %s: done on worker %s", job.Id, worker)
-            return WindowPoStOutput(
+            output = WindowPoStOutput(
                 proofs=list(job.Output.proofs or ()), faults=list(job.Output.faults or ())
             )
+            sectors = (s.SectorId for s in job.Input.Sectors or ())
+            if (problem := result_problem(output.proofs, output.faults, sectors)) is not None:
+                # A worker's result as our children's are held to: an empty proof would be
+                # submitted to the chain, faults not in the job declared.
+                raise ProverError(
+                    f"job {job.Id} finished without an error but with {problem} (worker"
+                    f" {worker}): not a proof; {_again(job.Id, 'reset')}"
+                )
+            log.info("job %s: done on worker %s", job.Id, worker)
+            return output
         if job.cancelled:  # a reset job keeps its deadline, which has passed: only a new one
             raise ProverError(
                 f"job {job.Id} was {job.ErrorReason}; last worker: {worker};"
