@@ -8,6 +8,7 @@ import email.parser
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -86,3 +87,60 @@ def test_the_sdists_own_tests_run_with_their_helpers_and_configs(sdist: Path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout and "error" not in done.stdout.lower(), done.stdout
+
+
+# A user's script written from the README's and the modules' examples of the API.
+USER_SCRIPT = """
+import time
+
+import trio
+
+from damocles_ext.api import open_job_producer, open_supervisor
+from damocles_ext.client import connect, submit_sync
+from damocles_ext.errors import ProverError
+from damocles_ext.tasks import Output, PoStReplicaInfo, WindowPoSt
+
+
+async def main(task: WindowPoSt) -> Output:
+    async with open_supervisor("ext-prover.cfg") as sup:
+        await sup.wait_ready("window_post")
+        try:
+            output = await sup.submit(task, deadline=None, on_progress=print)
+        except ProverError as exc:
+            print("no proof:", exc)
+        print(sup.statistics().children[0].state)
+    async with connect() as client:
+        output = await client.submit(task, deadline=time.time() + 600)
+    async with open_job_producer("sqlite:///jobs.db", stores={"nfs-1": "/mnt/nfs-1"}) as jobs:
+        output = await jobs.submit(task, deadline=None)
+    return output
+
+
+task = WindowPoSt(1000, "StackedDrgWindow2KiBV1_2", [PoStReplicaInfo(1, bytes(32), "/c", "/s")],
+                  bytes(32))
+print(trio.run(main, task), submit_sync(task))
+"""
+
+
+def test_a_users_script_is_type_checked_against_the_installed_package(
+    sdist: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("mypy", reason="mypy is in the lint extra: pip install -e '.[lint]'")
+    # The package as a wheel installs it: in a site-packages, where mypy reads a package only
+    # if it has a py.typed (PEP 561); once, it had none, so every import of it was an error.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    site = Path(subprocess.run(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip())  # fmt: skip
+    (site / "damocles_ext").symlink_to(sdist / "damocles_ext", target_is_directory=True)
+    # Its dependencies (trio, msgspec, ...) are this environment's.
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (tmp_path / "user.py").write_text(USER_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--config-file=/dev/null",
+         f"--python-executable={venv / 'bin' / 'python'}", "user.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
