@@ -45,6 +45,21 @@ class DextError(Exception):
 
     exit_code = EXIT_PROVER_ERROR
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled (multiprocessing, concurrent.futures) or copied, an exception is made again
+        # as cls(*args), which failed for those whose __init__ takes other arguments than the
+        # message (ConfigError's file and errors, the RPC errors' url and method): rebuilt
+        # without calling __init__, with the same args and fields.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[DextError], args: tuple[object, ...], fields: dict[str, object]
+) -> DextError:
+    exc = cls.__new__(cls, *args)  # BaseException.__new__ sets args
+    exc.__dict__.update(fields)
+    return exc
+
 
 class UsageError(DextError):
     """Bad input from the user (arguments, files, config, task JSON): exit code 2."""

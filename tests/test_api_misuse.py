@@ -4,6 +4,8 @@ to do, and the supervisor goes on as if nothing had been called."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 
 import msgspec
 import pytest
@@ -13,8 +15,11 @@ from helpers.supervisor import builtin_child, python_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import ReconnectingClient, connect, submit_sync
+from damocles_ext.config import ConfigError
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.jobs.client import RpcCallError, RpcConnectionError
+from damocles_ext.jobs.store import JobNotFound
 from damocles_ext.tasks import PoStReplicaInfo
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -129,3 +134,25 @@ async def test_waiting_for_more_ready_children_than_configured_says_how_many_the
             await sup.wait_ready("window_post", 2)
         with pytest.raises(ProverError, match=r"only 0 of 0 .*\(none configured\)"):
             await sup.wait_ready("winning_post")
+
+
+async def test_the_apis_errors_survive_pickling_with_their_message_and_fields(tmp_path):
+    # Pickled (a multiprocessing pool, concurrent.futures) or copied, an error is made again as
+    # cls(*args): once, that raised TypeError for those whose __init__ takes more than the
+    # message, and JobNotFound's message was wrapped in itself.
+    bad = tmp_path / "ext-prover.cfg"
+    bad.write_text("[[WdPost]]\nConcurent = 2\n")
+    with pytest.raises(ConfigError) as raised:
+        async with open_supervisor(bad):
+            pass  # pragma: no cover - never reached
+    errors = [
+        raised.value,
+        JobNotFound("3VsCrq5syFF"),
+        RpcConnectionError("refused", url="http://h:1/rpc/v0", method="Venus.X", sent=False),
+        RpcCallError(1, "no such job", url="http://h:1/rpc/v0", method="Venus.X", status=200),
+    ]
+    for error in errors:
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+            assert type(again) is type(error)
+            assert str(again) == str(error) and vars(again) == vars(error)
+    assert pickle.loads(pickle.dumps(raised.value)).errors == raised.value.errors
