@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
+import math
 import pickle
+import time
 
 import msgspec
 import pytest
@@ -13,14 +16,14 @@ import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.supervisor import builtin_child, python_child, spec, window_task
 
-from damocles_ext.api import open_supervisor
+from damocles_ext.api import open_job_producer, open_supervisor
 from damocles_ext.client import ReconnectingClient, connect, submit_sync
 from damocles_ext.config import ConfigError
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.jobs.client import RpcCallError, RpcConnectionError
-from damocles_ext.jobs.store import JobNotFound
-from damocles_ext.tasks import PoStReplicaInfo
+from damocles_ext.jobs.store import JobNotFound, JobStore
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -156,3 +159,40 @@ async def test_the_apis_errors_survive_pickling_with_their_message_and_fields(tm
             assert type(again) is type(error)
             assert str(again) == str(error) and vars(again) == vars(error)
     assert pickle.loads(pickle.dumps(raised.value)).errors == raised.value.errors
+
+
+def job_task(root: str, **fields: object) -> WindowPoSt:
+    """A WindowPoSt whose sector is in damocles' layout under the store at `root`."""
+    task = WindowPoSt(
+        1000,
+        "StackedDrgWindow2KiBV1_2",
+        [PoStReplicaInfo(1, bytes(32), f"{root}/cache/s-t01000-1", f"{root}/sealed/s-t01000-1")],
+        bytes(32),
+    )
+    return msgspec.structs.replace(task, **fields)
+
+
+async def test_the_job_producer_refuses_a_bad_task_or_deadline_before_making_a_job(tmp_path):
+    # Once, a proof type no prover knows or a deadline in milliseconds became a job waited for
+    # until its deadline (the year 58000), a datetime deadline raised TypeError, and a dict was
+    # refused as a WinningPoSt.
+    url, root = f"sqlite:///{tmp_path}/jobs.db", str(tmp_path / "a")
+    now = time.time()
+    bad: list[tuple[object, object, str]] = [
+        (job_task(root, proof_type="StackedDrgWindow2KiBV9"), None, "Invalid enum value"),
+        (job_task(root, seed=b"short"), None, r"length >= 32 - at `\$\.seed`"),
+        (job_task(root), now * 1000, "not a time between the years 0001 and 9999"),
+        (
+            job_task(root),
+            datetime.datetime.now(datetime.UTC),
+            "is a datetime, not a number of seconds",
+        ),
+        (job_task(root), math.nan, "is not a finite number"),
+        ({"miner_id": 1000}, None, "dict is not a task of a job; give a WindowPoSt"),
+    ]
+    async with open_job_producer(url, stores={"a": root}) as jobs:
+        for task, deadline, words in bad:
+            with trio.fail_after(10), pytest.raises(UsageError, match=words):
+                await jobs.submit(task, deadline=deadline)  # type: ignore[arg-type]
+    with JobStore.open(url) as store:
+        assert store.list_jobs() == []

@@ -33,7 +33,16 @@ from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
 from ..jobs.worker_rules import Outage
-from ..tasks import Output, Task, WindowPoSt, WindowPoStOutput, result_problem
+from ..tasks import (
+    Output,
+    Task,
+    WindowPoSt,
+    WindowPoStOutput,
+    WinningPoSt,
+    deadline_problem,
+    result_problem,
+    task_problem,
+)
 from ..threads import NoThreadError, run_in_thread
 from .serve import replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
@@ -131,8 +140,17 @@ class JobProducer:
 
     def job_input(self, task: Task) -> model.WdPoStInput:
         """The job input of `task`; UsageError (answered to that request) when it cannot be one."""
-        if not isinstance(task, WindowPoSt):
+        if isinstance(task, WinningPoSt):
             raise UsageError(WINNING_REFUSED)
+        if not isinstance(task, WindowPoSt):
+            raise UsageError(
+                f"request refused: {type(task).__name__} is not a task of a job; give a"
+                " WindowPoSt (damocles_ext.tasks)"
+            )
+        if (problem := task_problem(task)) is not None:
+            # A Struct the caller built is not checked: a proof type no prover knows, say,
+            # became a job that waited until its deadline.
+            raise UsageError(f"request {problem}")
         try:
             return job_input(task, self.stores)
         except ValueError as exc:  # SectorPathError too
@@ -143,7 +161,14 @@ class JobProducer:
         ProverError naming the job, the worker, the tries and why when there is no proof.
 
         The job's deadline (`not_after`, unix seconds) is `deadline` when given, else
-        `deadline_after` seconds from now, else none. A job that exists keeps its own."""
+        `deadline_after` seconds from now, else none. A job that exists keeps its own.
+        UsageError for a task that cannot be a job or a deadline that is no unix time."""
+        if deadline is not None and (problem := deadline_problem(deadline)) is not None:
+            # In milliseconds, it was a job of the year 58000; a datetime raised TypeError.
+            raise UsageError(
+                f"request refused: its deadline {deadline!r} {problem}; give a unix time in"
+                " seconds (e.g. time.time() + 600), or no deadline"
+            )
         job_input = self.job_input(task)
         job_id = model.job_id(job_input)
         not_after = deadline
