@@ -94,6 +94,8 @@ async def open_job_producer(
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
     [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config
     and StoreError when the store cannot be reached (or no thread can be started to open it)."""
+    # Else, from asyncio, trio's refusal of the thread read as this user's limit of tasks.
+    check_trio_run("open_job_producer()")
     from .frontends.producer import JobProducer, producer_settings
     from .jobs.store import JobStore, StoreUnavailable, describe_url
     from .threads import NoThreadError, run_in_thread

@@ -66,6 +66,17 @@ def test_open_supervisor_from_asyncio_says_the_api_runs_on_trio():
         asyncio.run(main())
 
 
+def test_open_job_producer_from_asyncio_says_the_api_runs_on_trio(tmp_path):
+    # Once, it said no thread could be started and to raise this user's limit of tasks.
+    async def main() -> None:
+        async with open_job_producer(f"sqlite:///{tmp_path}/jobs.db"):
+            pass  # pragma: no cover - never reached
+
+    with pytest.raises(UsageError, match=r"open_job_producer\(\) was called outside any trio run"):
+        asyncio.run(main())
+    assert not (tmp_path / "jobs.db").exists()
+
+
 async def echo_submit(task, *, deadline=None, priority=0, on_progress=None):
     return echo_output(task)
 
