@@ -283,7 +283,9 @@ def task_problem(task: Task) -> str | None:
     built, its child could not read (msgspec checks a Struct's fields when it decodes one, not
     when it is built: a 31-byte seed, a negative miner id or an unknown proof type killed every
     child it was sent to) or what cannot be encoded at all (an id over 64 bits), or None. The
-    check is the child's: the task encoded and decoded as its type."""
+    check is the child's: the task encoded and decoded as its type. Then what no prover can
+    prove (replicas_problem: no replicas, a sector twice), which every child refused in turn,
+    each refusal counted as the child's failure."""
     kind = type(task)
     decoder = _task_decoders.get(kind)
     if decoder is None:
@@ -303,6 +305,8 @@ def task_problem(task: Task) -> str | None:
         return (
             f"({stage_of(task)}) refused: its task is not valid: {exc}; build it with valid fields"
         )
+    if (problem := replicas_problem(task)) is not None:
+        return f"({stage_of(task)}) refused: {problem}"
     return None
 
 

@@ -207,3 +207,17 @@ async def test_the_job_producer_refuses_a_bad_task_or_deadline_before_making_a_j
                 await jobs.submit(task, deadline=deadline)  # type: ignore[arg-type]
     with JobStore.open(url) as store:
         assert store.list_jobs() == []
+
+
+async def test_a_task_no_prover_can_prove_is_refused_at_once_not_failed_on_every_child():
+    # Once, a task built with no replicas or a sector twice went to a child, which refused it,
+    # then to its sibling (MaxAttempts), and the caller got a ProverError: each child counted a
+    # failure for the caller's mistake.
+    children = [spec(builtin_child("window_post", "native"), index=i) for i in range(2)]
+    task = window_task()
+    async with open_supervisor(children) as sup:
+        for replicas, words in ((task.replicas * 2, "sector 1 appears twice"), ([], "no replicas")):
+            with trio.fail_after(10), pytest.raises(UsageError, match=f"refused: .*{words}"):
+                await sup.submit(msgspec.structs.replace(task, replicas=replicas))
+        stats = sup.statistics()
+        assert stats.requests == 0 and [c.failed for c in stats.children] == [0, 0]

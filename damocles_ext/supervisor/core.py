@@ -249,8 +249,8 @@ class Supervisor:
         for another child; the `dext_request_started` observers see the same dispatches.
 
         A deadline that is not a time (NaN, inf, beyond the year 9999), a priority that is not a
-        signed 64-bit whole number, or a task that is none or has a field its child could not
-        read (tasks.task_problem), is a UsageError at once.
+        signed 64-bit whole number, or a task that is none, has a field its child could not read
+        or that no prover can prove (tasks.task_problem), is a UsageError at once.
 
         With the split WindowPoSt tables, a WindowPoSt runs as two requests, its vanilla step
         and then its SNARK step, both with its deadline and priority (`split.prove_split`).
