@@ -221,3 +221,11 @@ async def test_a_task_no_prover_can_prove_is_refused_at_once_not_failed_on_every
                 await sup.submit(msgspec.structs.replace(task, replicas=replicas))
         stats = sup.statistics()
         assert stats.requests == 0 and [c.failed for c in stats.children] == [0, 0]
+
+
+@pytest.mark.parametrize("children", [["ext-prover.cfg"], ({"Plugin": "echo"},)])
+async def test_a_list_of_what_is_no_child_spec_is_a_type_error_that_says_so(children):
+    # Once, an AttributeError from deep inside: 'str' object has no attribute 'name'.
+    with pytest.raises(TypeError, match=r"list of ChildSpec, got a (list|tuple) holding"):
+        async with open_supervisor(children):
+            pass  # pragma: no cover - never reached

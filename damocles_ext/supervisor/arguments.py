@@ -13,6 +13,14 @@ from ..stages import STAGES
 def coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
     """The children of a Config, or the list of ChildSpec given."""
     if isinstance(config, (list, tuple)):
+        for item in config:
+            if not isinstance(item, ChildSpec):
+                # Else an AttributeError ('str' object has no attribute 'name') from deep inside.
+                hint = " (give a config file's path itself, not in a list)"
+                raise TypeError(
+                    f"expected a Config or a list of ChildSpec, got a {type(config).__name__}"
+                    f" holding {item!r:.80}{hint if isinstance(item, str) else ''}"
+                )
         return list(config)
     children = getattr(config, "children", None)
     if children is None:
