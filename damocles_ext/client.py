@@ -442,7 +442,7 @@ class ReconnectingClient:
         remote = ReconnectingClient(path)
         await remote.connect()                       # NoSupervisorError if nobody listens
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(remote.run)           # reads the answers
+            nursery.start_soon(remote.run)           # writes the requests, reads the answers
             output = await remote.submit(task)
 
     When the connection is lost (the supervisor stopped or restarted), the requests in flight on
@@ -464,6 +464,8 @@ class ReconnectingClient:
         self._lock = trio.Lock()
         self.connections = 0  # made so far, the first one included
         self._token: trio.lowlevel.TrioToken | None = None  # the trio run of the first connect
+        self._runs = 0  # run() tasks going: without one, nothing is written nor read
+        self._run_began = trio.Event()
 
     async def connect(self) -> None:
         """Connect now; NoSupervisorError says why nothing could be reached."""
@@ -485,6 +487,14 @@ class ReconnectingClient:
 
     async def run(self) -> None:
         """Read the answers of the current connection, and of each new one; until cancelled."""
+        self._runs += 1
+        self._run_began.set()
+        try:
+            await self._read_connections()
+        finally:
+            self._runs -= 1
+
+    async def _read_connections(self) -> None:
         while True:
             client = self._client
             if client is None or client._lost is not None:
@@ -562,6 +572,17 @@ class ReconnectingClient:
             await client._stream.aclose()
 
     async def _current(self) -> Client:
+        if not self._runs:
+            # Without run(), a request waited for ever, never even written. One started just
+            # before (nursery.start_soon) may not have begun yet.
+            with trio.move_on_after(self.CONNECT_TIMEOUT):
+                await self._run_began.wait()
+            if not self._runs:
+                raise UsageError(
+                    f"ReconnectingClient({os.fspath(self.path)!r}): no run() is going, which"
+                    " writes the requests and reads the answers: start it beside the requests,"
+                    " nursery.start_soon(remote.run)"
+                )
         client = self._client
         if client is not None and client._lost is None:
             return client

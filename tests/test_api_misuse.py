@@ -105,6 +105,26 @@ async def test_a_client_called_from_another_thread_refuses_instead_of_hanging(so
     await remote.aclose()
 
 
+async def test_a_reconnecting_client_with_no_run_going_says_so_instead_of_hanging(
+    sock_dir, nursery, autojump_clock
+):
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), echo_submit)
+    await nursery.start(server.serve)
+    remote = ReconnectingClient(server.path)
+    await remote.connect()
+    with trio.fail_after(60):  # on the mock clock
+        # Once, the request waited for ever, never written: run() writes and reads.
+        with pytest.raises(UsageError, match=r"no run\(\) is going.*start_soon\(remote\.run\)"):
+            await remote.submit(window_task())
+        async with trio.open_nursery() as readers:
+            readers.start_soon(remote.run)  # not begun yet when submit is called: waited for
+            assert await remote.submit(window_task()) == echo_output(window_task())
+            readers.cancel_scope.cancel()
+        with pytest.raises(UsageError, match=r"no run\(\) is going"):
+            await remote.status()
+    await remote.aclose()
+
+
 def test_connect_from_asyncio_says_the_api_runs_on_trio(sock_dir):
     async def main() -> None:
         async with connect(sock_dir / "control.sock"):
