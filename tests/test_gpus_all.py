@@ -352,26 +352,58 @@ def test_an_absent_gpu_number_inherited_from_damocles_exts_environment_says_it_i
     assert "remove it from WdPost[0]'s Gpus or Envs" not in proc.stderr
 
 
-def test_nvidia_smi_listing_gpus_around_a_lost_one_proves_on_those_it_listed(
-    tmp_path: Path,
+NVML_GPU_1_LOST = """
+class NVMLError(Exception):
+    pass
+def nvmlInit():
+    pass
+def nvmlDeviceGetCount():
+    return 3
+def nvmlDeviceGetHandleByIndex(i):
+    if i == 1:
+        raise NVMLError("GPU is lost")
+    return i
+def nvmlShutdown():
+    pass
+"""
+NVIDIA_SMI_GPU_1_LOST = (
+    "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+    "echo 'Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.' >&2\n"
+    "echo 'GPU 2: NVIDIA GeForce RTX 3090 (UUID: GPU-c)'\n"
+    "exit 15\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("nvidia_smi", "pynvml", "said"),
+    [
+        (
+            NVIDIA_SMI_GPU_1_LOST,
+            NO_NVML,
+            (
+                "nvidia-smi -L: exit status 15: Unable to determine the device handle for GPU"
+                " 0000:3B:00.0: GPU is lost.; a GPU is faulty or lost"
+            ),
+        ),
+        # NVML counts the lost GPU: only asking for its handle fails.
+        (None, NVML_GPU_1_LOST, "NVML: GPU 1: GPU is lost; a GPU is faulty or lost"),
+    ],
+    ids=["nvidia-smi", "nvml"],
+)
+def test_gpus_listed_around_a_lost_one_get_children_and_a_warning_but_no_absent_gpu_one(
+    tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
 ) -> None:
-    # One GPU fallen off the bus among working ones: nvidia-smi lists the others and exits 15.
-    # Every command gave up on all of them (exit 75, restarted for ever: no proof at all).
-    env = machine_with(
-        tmp_path,
-        "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
-        "echo 'Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.' >&2\n"
-        "echo 'GPU 2: NVIDIA GeForce RTX 3090 (UUID: GPU-c)'\n"
-        "exit 15\n",
-    )
+    # One GPU fallen off the bus among working ones: every command gave up on all of them (exit
+    # 75, restarted for ever: no proof at all), or, with NVML, put a child on the lost one.
+    env = machine_with(tmp_path, nvidia_smi, pynvml)
     cfg = write_config(tmp_path, GPUS_ALL)
     proc = damocles_ext(["check-config", "-c", str(cfg)], env)
     assert proc.returncode == 0, proc.stderr
-    assert (
-        'Gpus: "all" takes only the GPUs `nvidia-smi -L` listed, 0, 2, as it failed'
-        " (nvidia-smi -L: exit status 15: Unable to determine the device handle for GPU"
-        " 0000:3B:00.0: GPU is lost.; a GPU is faulty or lost"
-    ) in proc.stderr, proc.stderr
+    assert f"takes only the GPUs listed, 0, 2, as the driver said ({said}" in proc.stderr, (
+        proc.stderr
+    )
     assert proc.stderr.count("takes only the GPUs") == 1, proc.stderr
     assert "CUDA_VISIBLE_DEVICES=0" in proc.stdout and "CUDA_VISIBLE_DEVICES=2" in proc.stdout
     assert "CUDA_VISIBLE_DEVICES=1" not in proc.stdout
+    # GPU 2 is there: the child on it is not told it names a GPU this machine does not have.
+    assert "which this machine does not have" not in proc.stderr, proc.stderr

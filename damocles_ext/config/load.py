@@ -552,8 +552,8 @@ class _Builder:
             if probe.partial is not None and not self.partial_said:
                 self.partial_said = True
                 self.warnings.append(
-                    f'{where}.Gpus: "all" takes only the GPUs `nvidia-smi -L` listed,'
-                    f" {', '.join(map(str, gpus))}, as it failed ({probe.partial})"
+                    f'{where}.Gpus: "all" takes only the GPUs listed,'
+                    f" {', '.join(map(str, gpus))}, as the driver said ({probe.partial})"
                 )
         elif block.gpus is not None:
             gpus = list(block.gpus)

@@ -148,11 +148,22 @@ def probe_gpus() -> GpuProbe:
         try:
             pynvml.nvmlInit()
             try:
-                found = list(range(pynvml.nvmlDeviceGetCount()))
+                found, lost = [], []
+                for i in range(pynvml.nvmlDeviceGetCount()):  # a lost GPU is counted too
+                    try:
+                        pynvml.nvmlDeviceGetHandleByIndex(i)
+                        found.append(i)
+                    except pynvml.NVMLError as exc:
+                        lost.append(f"GPU {i}: {exc}")
             finally:
                 pynvml.nvmlShutdown()
+            if found and lost:
+                partial = f"NVML: {'; '.join(lost)}; {_FAULTY}"
+                return GpuProbe(found, [], answered=True, partial=partial)
             if found:
                 return GpuProbe(found, [], answered=True)
+            if lost:
+                reasons.append(f"NVML: {'; '.join(lost)}")
             answered = True
             reasons.append("NVML: 0 devices")
         except (pynvml.NVMLError, OSError) as exc:

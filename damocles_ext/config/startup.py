@@ -429,13 +429,17 @@ def absent_gpu_warnings(
     pinned = [(c, numbers) for c in children if (numbers := gpu_numbers(c))]
     if not pinned:
         return []
-    count = len(machine.probe_gpus().gpus if found is None else found)
-    if not count:
+    listed = machine.probe_gpus().gpus if found is None else found
+    if not listed:
         return []
-    has = "GPU 0" if count == 1 else f"GPUs 0 to {count - 1}"
+    count = len(listed)
+    if list(listed) != list(range(count)):  # one lost among them: not 0 to count - 1
+        has = f"GPUs {', '.join(map(str, listed))}"
+    else:
+        has = "GPU 0" if count == 1 else f"GPUs 0 to {count - 1}"
     out = []
     for child, numbers in pinned:
-        absent = [n for n in numbers if n >= count]
+        absent = [n for n in numbers if n not in listed]
         if absent:
             names = _NAMES[dialect]
             table = _table(child, names)
