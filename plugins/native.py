@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -100,12 +101,23 @@ def _noexec(path: str) -> bool:
 
 
 def _mount_point(path: str) -> str:
-    """The directory `path` is mounted under: the highest of its parents on its device."""
+    """The mount point `path` is under (the longest one in /proc/self/mountinfo that holds it:
+    a bind mount remounted noexec has the device of the file system below it)."""
     path = os.path.realpath(path)
-    device = os.stat(path).st_dev
-    while (parent := os.path.dirname(path)) != path and os.stat(parent).st_dev == device:
-        path = parent
-    return path
+    best = "/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best):
+                    best = point
+    except OSError:
+        pass
+    return best
 
 
 def _is_pie(path: str, ident: bytes) -> bool:

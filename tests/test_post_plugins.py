@@ -106,25 +106,34 @@ def test_a_real_shared_library_passes_the_header_check():
     assert native_problems({"library": str(built)}) == []
 
 
-@pytest.fixture
-def noexec_dir(tmp_path):
-    """A directory on a filesystem mounted noexec (as /tmp is on hardened machines)."""
+@pytest.fixture(params=["tmpfs", "bind"])
+def noexec_dir(tmp_path, request):
+    """A directory on a filesystem mounted noexec (as /tmp is on hardened machines): a tmpfs, or
+    a bind mount remounted noexec (systemd's NoExecPaths=), whose device is the one below it."""
+    import shutil
     import subprocess
 
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
     mount = tmp_path / "noexec"
     mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a noexec tmpfs here (needs root): {made.stderr.strip()}")
+    if request.param == "tmpfs":
+        steps = [["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(mount)]]
+    else:
+        steps = [["mount", "--bind", str(mount), str(mount)],
+                 ["mount", "-o", "remount,bind,noexec", str(mount)]]  # fmt: skip
+    mounted = False
     try:
+        for step in steps:
+            made = subprocess.run(step, capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                pytest.skip(f"cannot mount a noexec {request.param} here (needs root):"
+                            f" {made.stderr.strip()}")  # fmt: skip
+            mounted = True
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        if mounted:
+            subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_vendor_library_on_a_noexec_mount_is_named_as_such(noexec_dir):
