@@ -1020,15 +1020,36 @@ async def test_the_sweep_says_what_it_did_to_a_job_in_words(tmp_path, caplog):
     ]
 
 
+async def test_a_pause_and_a_step_back_seen_by_one_pass_keep_the_pause_where_it_was(sqlite_store):
+    # The pass after a 60 s pause (SIGSTOP) finds the wall clock an hour back as well: the
+    # pause, read on the clock after the step, was moved back an hour with what came before it,
+    # and a job heard before the pause counted it as silence.
+    now = [1_700_000_000.0]
+    steady = [0.0]
+    jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
+    coordinator = Coordinator(jobs, monotonic=lambda: steady[0])
+    steady[0] += 1000
+    now[0] += 1000
+    last = (steady[0], now[0])
+    steady[0] += 61  # a pass every 1 s, 60 s late
+    now[0] += 61 - 3600
+    coordinator._watch_clock(last, 1.0)
+    # The 60 s before now could not be heard: silent for 15 s means heard before now - 75.
+    assert coordinator.hearing.silent_before(now[0], 15) == now[0] - 75
+
+
 async def test_a_wall_clock_stepping_back_still_takes_back_a_job_silent_after_the_step(
     sqlite_store,
 ):
-    # NTP steps the clock an hour back (it was ahead). A job given out after the step, whose
-    # worker then dies, is taken back a timeout later, not once the clock has regained the hour.
+    # NTP steps the clock an hour back (it was ahead). A job given out after the step, or heard
+    # from after it, whose worker then dies, is taken back a timeout later, not once the clock
+    # has regained the hour.
     now = [1_700_000_000.0]
     steady = [0.0]  # the monotonic clock: the step moves the wall clock only
     jobs = TrioJobStore(sqlite_store, clock=lambda: now[0])
     coordinator = Coordinator(jobs, monotonic=lambda: steady[0])
+    before, _ = await jobs.create(make_input(seed=2, proof_type=PROOF))
+    await jobs.allocate(rules.AllocationSpec(), 1, "worker-b")
     stepped = Logged("the wall clock stepped back by 3600 s")
     logging.getLogger("damocles_ext.coordinator").addHandler(stepped)
     try:
@@ -1040,10 +1061,13 @@ async def test_a_wall_clock_stepping_back_still_takes_back_a_job_silent_after_th
             nursery.cancel_scope.cancel()  # (the passes below are made one by one)
     finally:
         logging.getLogger("damocles_ext.coordinator").removeHandler(stepped)
+    await jobs.heartbeat([before.Id], "worker-b")  # its last word: the stamp is reset
     job, _ = await jobs.create(make_input(proof_type=PROOF))
     await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
     now[0] += 10
     await coordinator.sweep_once()
     assert (await jobs.get(job.Id)).State == "running"
-    now[0] += 6  # silent for a timeout (15 s) after it was given out: taken back
-    assert rules.TimedOut(job.Id, "worker-a") in (await coordinator.sweep_once()).effects
+    now[0] += 6  # silent for a timeout (15 s) after it was given out or heard: taken back
+    effects = (await coordinator.sweep_once()).effects
+    assert rules.TimedOut(job.Id, "worker-a") in effects
+    assert rules.TimedOut(before.Id, "worker-b") in effects

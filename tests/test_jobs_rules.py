@@ -208,6 +208,16 @@ def test_heartbeat_from_the_lease_holder_or_the_tokenless_worker_is_accepted():
         assert step.job.HeartbeatAt == step.job.UpdatedAt == int(T0) + 3
 
 
+def test_a_heartbeat_keeps_a_later_stamp_unless_it_was_made_before_the_clock_stepped_back():
+    heard = apply(running(), Heartbeat("w1", "L1"), T0 + 100, LIMITS).job
+    # One that waited through a stalled store says nothing newer.
+    assert apply(heard, Heartbeat("w1", "L1"), T0 + 40, LIMITS).job.HeartbeatAt == int(T0) + 100
+    # The wall clock stepped an hour back: the stamp would hide every later heartbeat for the
+    # hour, and a worker dying now would keep its job that long.
+    step = apply(heard, Heartbeat("w1", "L1"), T0 + 100 - 3600, LIMITS)
+    assert step.job.HeartbeatAt == int(T0) + 100 - 3600
+
+
 @pytest.mark.parametrize(
     ("event", "why"),
     [

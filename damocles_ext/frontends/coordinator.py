@@ -359,26 +359,28 @@ class Coordinator:
         time the pass spent waiting for the store is the store's (`Hearing` counts it)."""
         now = (self._monotonic(), self.store.clock())
         if last is not None and self._watch_clocks:
+            step = (now[1] - last[1]) - (now[0] - last[0])
+            if step < -CLOCK_STEP:
+                log.warning(
+                    "the wall clock stepped back by %.0f s since the last sweep: a job is taken"
+                    " back up to %.0f s late if its worker falls silent now (its heartbeat was"
+                    " stamped on the clock before the step until its next one)",
+                    -step,
+                    min(-step, rules.STAMP_AHEAD_MAX),
+                )
+                # First: what is marked below is on the clock after the step already.
+                self.hearing.stepped_back(-step)
             late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
             if late > SLOW_CALL:
                 why = "the machine paused or overloaded?"
                 self._unheard(
                     late, now[1], f"this coordinator did not run for {late:.0f} s ({why})"
                 )
-            step = (now[1] - last[1]) - (now[0] - last[0])
             if step > CLOCK_STEP:
                 why = "set by NTP, or the machine was suspended?"
                 self._unheard(
                     step, now[1], f"the wall clock stepped forward by {step:.0f} s ({why})"
                 )
-            elif step < -CLOCK_STEP:
-                log.warning(
-                    "the wall clock stepped back by %.0f s since the last sweep: a job last"
-                    " heard from before the step is taken back up to that much later (its"
-                    " heartbeat was stamped on the clock before it)",
-                    -step,
-                )
-                self.hearing.stepped_back(-step)
         return now
 
     def _unheard(self, seconds: float, now: float, what: str) -> None:

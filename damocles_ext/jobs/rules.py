@@ -77,6 +77,11 @@ DEFAULT_CLEANUP_INTERVAL: Final = 30 * 60.0
 DEFAULT_POLL_INTERVAL: Final = 3.0
 #: damocles' JobMaxTry and TryNum are uint32s.
 MAX_JOB_MAX_TRY: Final = 2**32 - 1
+#: A stored HeartbeatAt more than this ahead of a heartbeat's time was stamped before the wall
+#: clock stepped back: the heartbeat replaces it. A heartbeat delayed by a stalled store is
+#: never this late (a store call gives up after 60 s), nor are coordinators this far apart
+#: (they warn at 2 s).
+STAMP_AHEAD_MAX: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,9 +420,10 @@ def _heartbeat(job: JobRecord, event: Heartbeat, now: float, limits: JobLimits) 
     if why is not None:
         return Step(job, (Refused(job.Id, "heartbeat", why),))
     t = _seconds(now)
-    # Never back: a heartbeat stamped before one already stored (it waited through a stall, or
-    # the clock stepped back) says nothing newer.
-    heard = max(job.HeartbeatAt, t)
+    # Never back: a heartbeat stamped before one already stored (it waited through a stall)
+    # says nothing newer. One stored far ahead of now was stamped before the wall clock
+    # stepped back: kept, it would hide every later heartbeat until the clock regained the step.
+    heard = t if job.HeartbeatAt > t + STAMP_AHEAD_MAX else max(job.HeartbeatAt, t)
     return Step(_replace(job, HeartbeatAt=heard, UpdatedAt=t), (HeartbeatAccepted(job.Id),))
 
 
