@@ -153,6 +153,12 @@ def test_a_store_in_a_schema_off_the_search_path_is_neither_made_again_nor_calle
         admin.execute("CREATE SCHEMA other")
     with JobStore.open(f"{postgres_url}&options=-csearch_path%3Dother") as s:
         assert s.list_jobs() == []
+    # One whose first schema does not exist (a typo) would make it in the next one, public: a
+    # second store beside dext's, which the exception for a named search_path let through.
+    with pytest.raises(StoreConfigError, match="its tables in schema dext, other"):
+        JobStore.open(f"{postgres_url}&options=-csearch_path%3Ddxet,public")
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('public.dext_wdpost_jobs')").fetchone() == (None,)
 
 
 _roles = itertools.count()

@@ -11,6 +11,7 @@ sessions that held them."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -222,7 +223,11 @@ def check_not_elsewhere(conn: Connection, url: URL, where: str, *, creating: boo
     A store made where the URL names its search_path itself is one of its own, and allowed."""
     if conn.dialect.name != "postgresql":
         return
-    if creating and "search_path" in str(url.query.get("options", "")):
+    named = re.search(r"search_path\s*=\s*([^\s,']+)", str(url.query.get("options", "")))
+    # Only where the store would land is the first schema the URL names: one that does not
+    # exist (a typo) leaves the next on the path, public say, a second store of its own.
+    here = sa.text("SELECT current_schema()")
+    if creating and named is not None and conn.execute(here).scalar() == named[1].strip('"'):
         return
     schemas = list(conn.execute(_ELSEWHERE, {"name": schema_version.name}).scalars())
     if not schemas:
