@@ -493,6 +493,8 @@ class ReconnectingClient:
             await self._read_connections()
         finally:
             self._runs -= 1
+            if not self._runs:  # a run() started later is waited for again
+                self._run_began = trio.Event()
 
     async def _read_connections(self) -> None:
         while True:

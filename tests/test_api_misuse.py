@@ -122,6 +122,18 @@ async def test_a_reconnecting_client_with_no_run_going_says_so_instead_of_hangin
             readers.cancel_scope.cancel()
         with pytest.raises(UsageError, match=r"no run\(\) is going"):
             await remote.status()
+        # The run() after one that ended is waited for too (once, it was taken as begun).
+        async with trio.open_nursery() as asking:
+            answers = []
+
+            async def ask() -> None:
+                answers.append(await remote.submit(window_task()))
+                asking.cancel_scope.cancel()
+
+            asking.start_soon(ask)
+            await trio.sleep(1)  # on the mock clock: within CONNECT_TIMEOUT
+            asking.start_soon(remote.run)
+        assert answers == [echo_output(window_task())]
     await remote.aclose()
 
 
@@ -249,3 +261,14 @@ async def test_a_list_of_what_is_no_child_spec_is_a_type_error_that_says_so(chil
     with pytest.raises(TypeError, match=r"list of ChildSpec, got a (list|tuple) holding"):
         async with open_supervisor(children):
             pass  # pragma: no cover - never reached
+
+
+def test_a_thread_asked_for_outside_trio_is_not_called_the_limit_of_tasks():
+    # From asyncio (a JobProducer used there), trio's "must be called from async context" was
+    # reported as a thread refused for the user's limit of tasks, with advice to raise it.
+    from damocles_ext.threads import NoThreadError, run_in_thread
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(run_in_thread(int))
+    assert not isinstance(raised.value, NoThreadError)
+    assert "ulimit" not in str(raised.value)
