@@ -54,6 +54,8 @@ async def run_in_thread(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     try:
         return await trio.to_thread.run_sync(call, **kwargs)
     except RuntimeError as exc:
-        if started:  # raised by `fn` itself
+        # Raised by `fn` itself, or not a thread refused (trio's "must be called from async
+        # context", outside trio: not the limit of tasks).
+        if started or (refused := no_thread(exc)) is None:
             raise
-        raise _no_thread_error(exc) from None
+        raise refused from None
