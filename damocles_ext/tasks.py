@@ -224,18 +224,23 @@ def replicas_problem(task: Task) -> str | None:
     """What makes `task`'s replicas unprovable by any prover, known before one is asked (none;
     a sector twice; a path with a NUL byte, which no file system names), or None."""
     replicas = getattr(task, "replicas", None)
-    if replicas is None:  # a SNARK step: its vanilla proofs, no replicas
+    if replicas is None:
         return None
     if not replicas:
         return "the task has no replicas: give at least one sector"
-    seen: set[int] = set()
-    for r in replicas:
-        if r.sector_id in seen:
-            return f"sector {r.sector_id} appears twice in the task: give each sector once"
-        seen.add(r.sector_id)
-        for name in ("cache_dir", "sealed_file"):
-            if "\0" in getattr(r, name):
-                return f"sector {r.sector_id}'s {name} holds a NUL byte: no file has that name"
+    # Run per request (Supervisor.submit): the common case at C speed, then the slow walk.
+    ids = [r.sector_id for r in replicas]
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        for sector in ids:
+            if sector in seen:
+                return f"sector {sector} appears twice in the task: give each sector once"
+            seen.add(sector)
+    if any("\0" in r.cache_dir or "\0" in r.sealed_file for r in replicas):
+        for r in replicas:
+            for name in ("cache_dir", "sealed_file"):
+                if "\0" in getattr(r, name):
+                    return f"sector {r.sector_id}'s {name} holds a NUL byte: no file has that name"
     return None
 
 
