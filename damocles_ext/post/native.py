@@ -598,7 +598,7 @@ def _dlopen_error(said: str, path: str) -> str:
     said = said.split(".  Additionally, ctypes.util.find_library()", 1)[0]
     said = said.removeprefix(f"cannot load library '{path}': ")
     needed, _, why = said.partition(": cannot open shared object file")
-    if why and needed != path:
+    if needed != path and "No such file or directory" in why:  # not one it may not read
         said += (
             "; a library it needs is not found: install it, or give its directory in"
             " LD_LIBRARY_PATH (the Envs of the child's table)"
