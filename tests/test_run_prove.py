@@ -1115,6 +1115,28 @@ def test_prove_output_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_prove_output_is_never_written_through_a_file_planted_beside_it(tmp_path):
+    # --output in a directory others write to (/tmp): the temporary file the output is first
+    # written to must not be one someone planted under a name they could guess, a symlink to a
+    # file of ours (the proof would overwrite it) or a file of theirs (renamed into place, theirs
+    # to change).
+    import argparse
+
+    from damocles_ext.commands.prove import _emit
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me\n")
+    out = tmp_path / "out.json"
+    planted = tmp_path / f".out.json.{os.getpid()}.tmp"  # the name it had
+    planted.symlink_to(victim)
+    output = echo_output(make_task(57))
+    _emit(output, out, argparse.Namespace())
+    assert victim.read_bytes() == b"keep me\n"
+    assert not out.is_symlink()
+    assert out.read_bytes() == jsonl.output_to_json(output) + b"\n"
+    assert planted.is_symlink()  # left alone, not ours
+
+
 def test_parse_deadline_accepts_seconds_and_iso_times():
     from damocles_ext.commands.prove import parse_deadline
 

@@ -262,6 +262,7 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
 
 
 def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
+    import secrets
     import stat
 
     from damocles_ext.protocol.jsonl import output_to_json
@@ -300,9 +301,16 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
                 out.write(data)
             return
         # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # The directory may be one others write to (/tmp): the temporary name is random and
+        # made afresh (O_EXCL, no symlink followed), so that nobody can plant a symlink or a
+        # file of theirs under it for the proof to be written through.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
+        )
         try:
-            tmp.write_bytes(data)
+            with open(fd, "wb") as out:
+                out.write(data)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
