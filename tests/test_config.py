@@ -1476,6 +1476,27 @@ def test_a_tmp_root_the_gpu_children_could_not_use_cannot_start(
         assert problems == [expected]
 
 
+def test_a_tmp_root_under_a_directory_another_user_owns_cannot_start(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Its owner could swap our root for theirs once it is made: the spawn refuses it, and so
+    # does the check before the ready line.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv(config.TMP_ROOT_ENV, f"{theirs}/root")
+    problems = config.startup_problems(parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').children)
+    expected = (
+        f"the tmp root {theirs}/root, where Gpus puts each child's TMPDIR, is under a directory"
+        f" another user could change: directory {theirs} is owned by uid 65534, not by us or"
+        " root, so its owner could replace what is in it; set DAMOCLES_EXT_TMP_ROOT to a"
+        " directory of your own (or unset it for the default)"
+    )
+    assert problems == [expected]
+
+
 def test_a_tmp_root_under_a_directory_this_user_may_not_write_cannot_start() -> None:
     # Before, serve reported ready and then restarted each GPU child in a loop, each spawn
     # failing to make the tmp root.

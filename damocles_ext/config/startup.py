@@ -11,6 +11,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from ..trusted_path import UntrustedPathError, resolve_trusted
 from . import machine
 from .machine import untrusted_problem
 from .messages import _show, _toml_key
@@ -400,7 +401,15 @@ def _made_later(root: str) -> str | None:
         )
     if path != root and not os.access(path, os.W_OK | os.X_OK):
         return f"cannot be made: this user may not create anything in {path}"
-    return None if path != root else untrusted_problem(st, os.geteuid())
+    if path == root and (problem := untrusted_problem(st, os.geteuid())) is not None:
+        return problem
+    try:
+        resolve_trusted(path)  # as the spawn checks it: the directories above it too
+    except UntrustedPathError as exc:
+        return f"is under a directory another user could change: {exc}"
+    except OSError:
+        pass  # the spawn says what it finds
+    return None
 
 
 def gpu_numbers(child: ChildSpec) -> list[int]:

@@ -26,6 +26,12 @@ from pathlib import Path
 import trio
 
 from ..errors import UsageError
+from ..trusted_path import (  # noqa: F401 - importable from here, as before
+    UntrustedPathError,
+    describe_mode,
+    resolve_trusted,
+    trusted_uids,
+)
 
 # The logger these messages have always had, as part of the control socket.
 log = logging.getLogger("damocles_ext.control")
@@ -46,104 +52,12 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(base) / SOCKET_DIR_NAME / SOCKET_NAME
 
 
-def _describe_mode(mode: int) -> str:
-    return f"{stat.S_IMODE(mode):04o}"
-
-
 def not_private(directory: Path, st: os.stat_result) -> str | None:
     """Why the socket's directory (`st`: its lstat) lets others reach the socket, or None: `run`
     keeps its socket in a directory of mode 0700, and the client refuses one that is not."""
     if stat.S_IMODE(st.st_mode) & 0o077:
-        return f"{directory} has mode {_describe_mode(st.st_mode)}, not private (0700)"
+        return f"{directory} has mode {describe_mode(st.st_mode)}, not private (0700)"
     return None
-
-
-class UntrustedPathError(UsageError):
-    """A path that another user could redirect; the message says which part and why."""
-
-
-#: Symlinks followed while resolving one path, as the kernel's own limit (ELOOP).
-_MAX_SYMLINKS = 40
-
-
-def trusted_uids(uid: int | None = None) -> frozenset[int]:
-    """The users whose files and processes we rely on: ourselves and root (root: root only)."""
-    return frozenset({os.geteuid() if uid is None else uid, 0})
-
-
-def _check_container(directory: str, st: os.stat_result, trusted: frozenset[int]) -> None:
-    # Whoever owns a directory, or may write to it, can rename what is in it away and put their
-    # own in its place; a sticky directory (like /tmp) stops them only for entries they do not
-    # own, which _check_entry sees to.
-    if st.st_uid not in trusted:
-        raise UntrustedPathError(
-            f"directory {directory} is owned by uid {st.st_uid}, not by us or root, so its owner"
-            " could replace what is in it"
-        )
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise UntrustedPathError(
-            f"directory {directory} (mode {_describe_mode(st.st_mode)}) may be written by other"
-            " users and has no sticky bit, so they could replace what is in it"
-        )
-
-
-def _check_entry(
-    directory: str, dir_st: os.stat_result, entry: str, st: os.stat_result, trusted: frozenset[int]
-) -> None:
-    if dir_st.st_mode & 0o022 and st.st_uid not in trusted:
-        raise UntrustedPathError(
-            f"{entry} is owned by uid {st.st_uid}, not by us or root, in {directory}, which other"
-            " users may write to"
-        )
-    if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
-        raise UntrustedPathError(
-            f"{entry} is a symlink owned by uid {st.st_uid}, not by us or root"
-        )
-
-
-def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> Path:
-    """`path` with its symlinks resolved, walked from / so that no other user can change where
-    it leads: every directory on the way (the last one too, when `path` is one) is owned by us
-    or root and not writable by others, unless it is sticky (like /tmp) and the entry we take
-    in it is ours or root's; every symlink on the way is ours or root's.
-
-    Raises UntrustedPathError saying which part fails, or the OSError of a part that is missing
-    (FileNotFoundError) or cannot be examined.
-    """
-    trusted = trusted_uids(uid)
-    todo = list(reversed(Path(path).absolute().parts[1:]))
-    current = "/"
-    current_st = os.lstat(current)
-    followed = 0
-    while todo:
-        name = todo.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            # `current` holds no symlink, so its parent is the kernel's ".." too (and checked).
-            current = os.path.dirname(current)
-            current_st = os.lstat(current)
-            continue
-        if not stat.S_ISDIR(current_st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current)
-        _check_container(current, current_st, trusted)
-        entry = os.path.join(current, name)
-        st = os.lstat(entry)
-        _check_entry(current, current_st, entry, st, trusted)
-        if stat.S_ISLNK(st.st_mode):
-            followed += 1
-            if followed > _MAX_SYMLINKS:
-                raise UntrustedPathError(f"{path}: more than {_MAX_SYMLINKS} symlinks (a loop?)")
-            target = Path(os.readlink(entry))
-            if target.is_absolute():
-                current = "/"
-                current_st = os.lstat(current)
-            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
-            continue
-        current, current_st = entry, st
-    if stat.S_ISDIR(current_st.st_mode):
-        _check_container(current, current_st, trusted)
-    return Path(current)
 
 
 def _check_private_dir(directory: Path, *, create: bool) -> None:

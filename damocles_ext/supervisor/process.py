@@ -38,6 +38,7 @@ from ..config import (
 from ..config.machine import untrusted_problem
 from ..config.startup import file_kind, interpreter_problem
 from ..errors import FILES_ADVICE, TASKS_ADVICE
+from ..trusted_path import UntrustedPathError, resolve_trusted
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -209,6 +210,16 @@ def _open_tmp_root(root: str) -> int:
     if (problem := untrusted_problem(os.fstat(fd), euid)) is not None:
         os.close(fd)
         raise _Unusable(("" if path == root else f"({path}) ") + problem)
+    try:
+        # The children get the TMPDIR as a path: a directory above the root that another user
+        # owns (or may write to) lets them swap the root for one of theirs after these checks.
+        resolve_trusted(path)
+    except UntrustedPathError as exc:
+        os.close(fd)
+        raise _Unusable(f"is under a directory another user could change: {exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
