@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import UsageError
+from .trusted_path import UntrustedPathError, resolve_trusted
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -178,6 +179,17 @@ def set_dump_dir(directory: str | os.PathLike[str] | None, *, given_by: str = "-
         raise UsageError(f"{where}: cannot create it: {exc.strerror}; {fix}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{where}: not writable by us; {fix}")
+    try:
+        # A directory of another user's on the way (their symlink or directory at the name in
+        # /tmp, say) would send the dumps wherever they choose, into a directory of ours too.
+        resolve_trusted(path)
+    except UntrustedPathError as exc:
+        raise UsageError(
+            f"{where}: {exc}, so the dumps could be sent elsewhere; {fix} (one only you or root"
+            " can change)"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot check it: {exc.strerror or exc}; {fix}") from None
     _dump_dir = path
 
 

@@ -99,6 +99,37 @@ def test_dump_dir_gets_the_whole_output_in_a_new_file(tmp_path: Path, restore_lo
         logs.set_dump_dir(tmp_path / "file")
 
 
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_a_dump_dir_another_user_planted_in_a_shared_directory_is_refused(
+    tmp_path: Path, restore_logging, planted
+):
+    # --dump-dir /tmp/dumps, made first by another user: as their symlink, it sent the dumps
+    # (a child's output, written as root) into any directory they chose; as their directory,
+    # they could swap it for such a symlink later.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    dumps = shared / "dumps"
+    if planted == "symlink":
+        dumps.symlink_to(ours)
+    else:
+        dumps.mkdir(mode=0o777)
+    os.lchown(dumps, 65534, 65534)
+    with pytest.raises(UsageError) as refused:
+        logs.set_dump_dir(dumps)
+    assert str(refused.value) == (
+        f"--dump-dir {dumps}: {dumps} is owned by uid 65534, not by us or root, in {shared},"
+        " which other users may write to, so the dumps could be sent elsewhere; choose another"
+        " directory (one only you or root can change)"
+    )
+    assert logs.dump_dir_for(7) is None
+    assert list(ours.iterdir()) == []
+
+
 def test_a_dump_the_full_disk_cuts_short_is_removed_and_the_output_logged(
     tmp_path, restore_logging
 ):
