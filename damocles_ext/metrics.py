@@ -28,11 +28,12 @@ import gzip
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .hookspecs import OUTCOMES, hookimpl
+from .stages import POST_STAGES, can_serve
 
 if TYPE_CHECKING:
     import trio
@@ -154,10 +155,19 @@ class SupervisorMetrics:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def attach(self, supervisor: Any, trio_token: Any) -> None:
-        """Read gauges from `supervisor` at scrape time (call from its trio thread)."""
+    def attach(
+        self, supervisor: Any, trio_token: Any, *, requested: Iterable[str] = POST_STAGES
+    ) -> None:
+        """Read gauges from `supervisor` at scrape time (call from its trio thread).
+
+        `requested`: the stages requests may come for (`run`: both; a worker: window_post). One
+        that no child serves is refused, each request counted under that stage: its series are
+        there (at 0) from the start too, so that increase() sees the first refusal.
+        """
         stats = supervisor.statistics()
-        for stage in sorted({c.stage for c in stats.children}):
+        served = {c.stage for c in stats.children}
+        refused = {stage for stage in requested if not can_serve(stage, served)}
+        for stage in sorted(served | refused):
             for outcome in OUTCOMES:
                 self.requests.labels(stage, outcome)  # present (0) before the first answer
             self.duration.labels(stage)

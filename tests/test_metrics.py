@@ -321,6 +321,41 @@ PluginOptions = { seconds = 0 }
             await log.wait_for("answered its last 3 requests with an error")
 
 
+async def test_a_stage_without_children_has_its_series_at_0_before_its_first_refusal(
+    tmp_path: Path, sock_dir: Path
+):
+    # A run with no [[WinPost]]: a WinningPoSt sent to it anyway (a damocles-manager whose
+    # `serve --connect` checked an earlier config) is refused, counted under winning_post. Its
+    # series must be there before it, or increase() never sees that first refusal.
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
+    path = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path, "--metrics", "127.0.0.1:0") as (run, log),
+    ):
+        with trio.fail_after(40):
+            line = await log.wait_for("metrics on http://127.0.0.1:")
+            url = line.split("metrics on ", 1)[1].strip()
+            await log.wait_for("window_post#0 (pid")
+            m = await scrape(url)
+            for outcome in OUTCOMES:
+                assert value(m, "damocles_ext_requests_total", stage="winning_post",
+                             outcome=outcome) == 0  # fmt: skip
+            for series in ("request_duration_seconds", "request_deadline_slack_seconds"):
+                assert value(m, f"damocles_ext_{series}_count", stage="winning_post") == 0
+            assert (
+                value(m, "damocles_ext_request_deadlines_missed_total", stage="winning_post") == 0
+            )
+            async with connect(path) as client:
+                with pytest.raises(ProverError, match="no winning_post children are configured"):
+                    await client.submit(make_task(20, stage="winning_post"))
+            m = await scrape(url)
+            assert value(m, "damocles_ext_requests_total", stage="winning_post",
+                         outcome="error") == 1  # fmt: skip
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+
+
 async def test_bad_metrics_address_exits_2_before_anything_starts(tmp_path: Path, sock_dir: Path):
     cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "echo"\n')
     done = await dext_run_async("run", "-c", str(cfg), "--socket", str(sock_dir / "c.sock"),

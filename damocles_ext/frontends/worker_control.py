@@ -201,7 +201,8 @@ async def run_worker(
             return
         sup = worker.supervisor
         if metrics is not None and metrics_server is not None:
-            metrics.attach(sup, trio.lowlevel.current_trio_token())
+            # Its supervisor proves the jobs it pulls: WindowPoSts only.
+            metrics.attach(sup, trio.lowlevel.current_trio_token(), requested=("window_post",))
         if sock is not None:
             source = StatusSource(
                 sup,
