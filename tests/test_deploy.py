@@ -15,20 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
-from helpers.supervisor import builtin_child, spec
-from prometheus_client import CollectorRegistry
+from helpers.promql import live_families, metric_names, query_problems, series_names
 
 from damocles_ext import cli
-from damocles_ext.api import open_supervisor
 from damocles_ext.frontends.coordinator import STOP_GRACE
-from damocles_ext.frontends.worker import Worker
-from damocles_ext.frontends.worker_control import WorkerMetrics
-from damocles_ext.jobs.metrics import JobMetrics
-from damocles_ext.jobs.store import JobStore
-from damocles_ext.jobs.worker_settings import WorkerSettings
-from damocles_ext.metrics import SupervisorMetrics
-from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.supervisor.core import Supervisor
 from damocles_ext.supervisor.reaper import REAP_TIMEOUT
 
@@ -226,27 +216,6 @@ def test_the_sysusers_file_parses(tmp_path):
 
 # -- the dashboard ---------------------------------------------------------------------------------
 
-# PromQL's words that are not metric names (functions are told apart by their "(").
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-                "unless", "bool", "offset", "inf", "nan"}  # fmt: skip
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression reads."""
-    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # strings (label values)
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range and subquery durations
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana's variables
-    expr = re.sub(r"\boffset\s+-?\w+", "", expr)
-    expr = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:e[+-]?\d+)?[A-Za-z]*", "", expr)  # numbers, 5m
-    names = set()
-    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        if expr[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_WORDS:
-            continue
-        names.add(m.group())
-    return names
-
 
 def dashboard_metric_names() -> set[str]:
     dashboard = json.loads(DASHBOARD.read_text())
@@ -282,44 +251,18 @@ def test_each_instance_variable_lists_only_its_kind_and_all_is_what_it_lists():
         assert variables[name]["includeAll"] and variables[name]["allValue"] is None, name
 
 
-def series_names(families) -> set[str]:
-    """Every series name a registry's families give PromQL (a counter's _total, a histogram's
-    _bucket, _sum and _count), whether or not they have samples yet."""
-    names = set()
-    for family in families:
-        names |= {s.name for s in family.samples}
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
-        elif family.type == "histogram":
-            names |= {f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count")}
-        else:
-            names.add(family.name)
-    return names
-
-
 async def test_the_dashboard_names_only_metrics_that_exist(tmp_path):
-    # A live supervisor with a child, and a live job store, as `run` and `coordinator` serve them.
-    metrics = SupervisorMetrics()
-    pm = get_plugin_manager(entry_points=False)
-    pm.register(metrics, name="damocles_ext.metrics")
-    async with open_supervisor(
-        [spec(builtin_child("window_post", "echo"))], plugin_manager=pm
-    ) as sup:
-        metrics.attach(sup, trio.lowlevel.current_trio_token())
-        await sup.wait_ready()
-        # Collected where Prometheus' HTTP thread would: off the trio thread.
-        families = await trio.to_thread.run_sync(lambda: list(metrics.registry.collect()))
-    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
-    try:
-        families += list(JobMetrics(store).registry.collect())
-    finally:
-        store.close()
-    # The worker's metrics, as `worker --metrics` registers them beside its supervisor's.
-    worker = Worker(WorkerSettings("127.0.0.1:1", (spec(builtin_child("window_post", "echo")),)))
-    families += list(WorkerMetrics(worker, CollectorRegistry()).registry.collect())
+    # A live supervisor with a child, a live job store, a worker, as their commands serve them.
+    families = await live_families(tmp_path)
     exist = series_names(families)
     used = dashboard_metric_names()
     assert used - exist == set()
+    # Each query's labels, label values and functions fit its metrics (rate() of no gauge).
+    wrong = [f"{panel['title']}: {problem}"
+             for panel in json.loads(DASHBOARD.read_text())["panels"]
+             for target in panel.get("targets", [])
+             for problem in query_problems(target["expr"], families)]  # fmt: skip
+    assert wrong == [], "\n".join(wrong)
     # Both halves are on it, so the check above is not vacuous.
     assert {"damocles_ext_requests_total", "damocles_ext_child_state", "damocles_ext_jobs",
             "damocles_ext_worker_leases_lost_total"} <= used  # fmt: skip

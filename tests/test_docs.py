@@ -2,7 +2,10 @@
 relative link in the Markdown files leads to a file and heading that exist, no text refers to
 issue numbers (a reader must not need the tracker), an SQLite URL of a system directory is
 absolute, docs/RELIABILITY.md names tests that exist and quotes the chaos run's saved figures,
-every option shown with a command exists in its parser, and every ext-prover.cfg shown parses."""
+every option shown with a command exists in its parser, and every ext-prover.cfg shown parses.
+The observability contract: the metric tables list every metric exported, with its type and
+labels, and no other; the PromQL examples read metrics, labels and label values that exist
+(rate() of no gauge); the status document's tables list every field it has, and no other."""
 
 from __future__ import annotations
 
@@ -284,3 +287,141 @@ def test_every_ext_prover_cfg_a_document_shows_parses():
             except ConfigError as exc:
                 wrong.append(str(exc))
     assert seen >= 5 and wrong == [], "\n".join(wrong)
+
+
+# -- the observability contract: what dashboards and alerts are built on --------------------------
+
+METRIC_DOCS = ("OBSERVABILITY.md", "SECTORS.md")
+# | `damocles_ext_name` | type | label, label | meaning |
+METRIC_ROW = re.compile(r"^\| `(damocles_ext_\w+)` \| (\w+) \| ?([\w, ]*?) ?\|", re.MULTILINE)
+
+
+def _documented_metrics() -> dict[str, tuple[str, set[str]]]:
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for name in METRIC_DOCS:
+        for m in METRIC_ROW.finditer((ROOT / "docs" / name).read_text()):
+            labels = {label.strip() for label in m.group(3).split(",") if label.strip()}
+            assert rows.setdefault(m.group(1), (m.group(2), labels)) == (m.group(2), labels)
+    return rows
+
+
+async def test_every_metric_exported_is_in_a_table_with_its_type_and_labels_and_no_other(
+    tmp_path,
+):
+    # The tables are what an operator builds dashboards and alerts on: a metric renamed, a label
+    # added or a type changed must change them too, and a table row must name a real metric.
+    from helpers.promql import exported, live_families
+
+    real = {
+        name: e
+        for name, e in exported(await live_families(tmp_path)).items()
+        if name.startswith("damocles_ext_")
+    }
+    documented = _documented_metrics()
+    wrong = [f"{name} ({e.type}) is in no table of {METRIC_DOCS}"
+             for name, e in real.items() if name not in documented]  # fmt: skip
+    wrong += [f"{name} is in a table but not exported" for name in documented if name not in real]
+    for name, e in real.items():
+        if name in documented and documented[name] != (e.type, e.labels):
+            wrong.append(f"{name}: documented {documented[name]}, exported {(e.type, e.labels)}")
+        # Prometheus' naming: a counter ends in _total, nothing else does; a unit is a suffix.
+        if (e.type == "counter") != name.endswith("_total"):
+            wrong.append(f"{name}: a {e.type}")
+        unit = name.removesuffix("_total")
+        for word in ("seconds", "bytes"):
+            if word in name.split("_") and not unit.endswith(f"_{word}"):
+                wrong.append(f"{name}: its unit ({word}) is not its suffix")
+    assert len(real) >= 40 and wrong == [], "\n".join(wrong)
+
+
+async def test_every_query_the_documents_show_reads_metrics_labels_and_values_that_exist(tmp_path):
+    # The ```promql examples are copied into alert rules: a metric, a label or a label value
+    # that does not exist makes an alert that never fires, and rate() of a gauge means nothing.
+    from helpers.promql import live_families, query_problems
+
+    families = await live_families(tmp_path)
+    wrong, seen = [], 0
+    for doc in _markdown_files():
+        text = doc.read_text()
+        for block in re.finditer(r"^```promql\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+            first = text.count("\n", 0, block.start()) + 2
+            for i, line in enumerate(block.group(1).splitlines()):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    seen += 1
+                    where = f"{doc.relative_to(ROOT)}:{first + i}"
+                    wrong += [f"{where}: {p}" for p in query_problems(line, families)]
+    assert seen >= 10 and wrong == [], "\n".join(wrong)
+
+
+def test_the_query_checker_finds_a_wrong_label_value_and_rate_of_a_gauge():
+    from helpers.promql import Exported, query_problems
+
+    class Family:  # as prometheus_client gives them
+        def __init__(self, name, type, samples):
+            self.name, self.type, self.samples = name, type, samples
+
+    class Sample:
+        def __init__(self, name, labels):
+            self.name, self.labels = name, labels
+
+    families = [
+        Family("dext_a", "counter", [Sample("dext_a_total", {"outcome": "ok"})]),
+        Family("dext_b", "gauge", [Sample("dext_b", {})]),
+    ]
+    assert query_problems('increase(dext_a_total{outcome="ok"}[1h])', families) == []
+    assert query_problems('sum by (outcome) (rate(dext_a_total{outcome=~"ok|eror"}[5m]))',
+                          families) == ["dext_a_total{outcome} is never 'eror' (only ['ok'])"]  # fmt: skip
+    assert query_problems("rate(dext_b[5m])", families) == ["rate() of dext_b, a gauge"]
+    assert query_problems('dext_b{stage="x"}', families) == [
+        "dext_b has no label 'stage' (it has ['instance', 'job'])"
+    ]
+    assert query_problems("sum by (stage) (dext_b) + dext_c", families) == [
+        "dext_c: no such metric",
+        "by (stage): no metric of the query has that label",
+    ]
+    assert Exported("gauge").labels == set()
+
+
+def _status_fields(section: str) -> list[str]:
+    """The field names of a STATUS.md table: the first cell's `names` of each row."""
+    return [
+        f
+        for row in re.findall(r"^\| (`[^|]*`) \|", section, re.MULTILINE)
+        for f in re.findall(r"`([a-z_]+)`", row)
+    ]
+
+
+async def test_every_field_of_the_status_document_is_in_its_table_and_no_other():
+    # `status --json` is a versioned contract (fields may be added, never renamed or removed):
+    # each field a reader gets is described, under its object's heading, and each described
+    # field is one the document has.
+    import msgspec
+
+    from damocles_ext.jobs.worker_status import WorkerJobStatus, WorkerPart
+    from damocles_ext.sectors.locator import SectorLocator
+    from damocles_ext.status import ChildStatus, StageStatus, StatusDocument, SupervisorStatus
+
+    text = (ROOT / "docs" / "STATUS.md").read_text()
+    sections = dict(re.findall(r"^## ([^\n]*)\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL))
+    worker, jobs = sections["`worker`"].split("Each of `jobs[]`")
+    tables = {
+        StatusDocument: text.split("\n## ", 1)[0],
+        SupervisorStatus: sections["`supervisor`"],
+        ChildStatus: sections["`children[]`"].split("`lock_files`: ", 1)[0],
+        StageStatus: sections["`stages[]`"],
+        WorkerPart: worker,
+        WorkerJobStatus: jobs,
+    }
+    fields = {
+        struct.__name__: [f.name for f in msgspec.structs.fields(struct)] for struct in tables
+    }
+    sections_of = {struct.__name__: section for struct, section in tables.items()}
+    async with SectorLocator([]) as locator:  # `worker --proxy`'s `sectors`
+        fields["SectorLocator.status()"] = list(locator.status())
+    sections_of["SectorLocator.status()"] = sections["`sectors`"]
+    wrong = []
+    for name, real in fields.items():
+        documented = _status_fields(sections_of[name])
+        wrong += [f"{name}.{f} is not documented" for f in real if f not in documented]
+        wrong += [f"{name} has no {f}" for f in documented if f not in real]
+    assert len(fields) == 7 and wrong == [], "\n".join(wrong)
