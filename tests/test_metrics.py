@@ -349,6 +349,9 @@ async def test_a_stage_without_children_has_its_series_at_0_before_its_first_ref
             async with connect(path) as client:
                 with pytest.raises(ProverError, match="no winning_post children are configured"):
                     await client.submit(make_task(20, stage="winning_post"))
+                # status lists the stage from then on (docs/STATUS.md), with no child.
+                stages = {s.stage: s for s in (await client.status()).stages}
+                assert (stages["winning_post"].children, stages["winning_post"].queued) == (0, 0)
             m = await scrape(url)
             assert value(m, "damocles_ext_requests_total", stage="winning_post",
                          outcome="error") == 1  # fmt: skip
