@@ -362,11 +362,11 @@ class Coordinator:
             step = (now[1] - last[1]) - (now[0] - last[0])
             if step < -CLOCK_STEP:
                 log.warning(
-                    "the wall clock stepped back by %.0f s since the last sweep: a job is taken"
-                    " back up to %.0f s late if its worker falls silent now (its heartbeat was"
-                    " stamped on the clock before the step until its next one)",
+                    "the wall clock stepped back by %.0f s since the last sweep: a job whose"
+                    " worker falls silent before its next heartbeat is taken back up to that"
+                    " much late (its last heartbeat was stamped on the clock before the step;"
+                    " the next one replaces that stamp)",
                     -step,
-                    min(-step, rules.STAMP_AHEAD_MAX),
                 )
                 # First: what is marked below is on the clock after the step already.
                 self.hearing.stepped_back(-step)

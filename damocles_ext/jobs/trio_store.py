@@ -41,7 +41,8 @@ class TrioJobStore:
     caller. Every write is guarded (see the module's docstring), so one that lands after it was
     given up on breaks no rule; but it may still land: an allocation then leaves a job running
     on a worker that never heard of it, taken back after HeartbeatTimeout at the cost of a try
-    (as when a worker's own call times out); a late heartbeat never moves HeartbeatAt back."""
+    (as when a worker's own call times out); a late heartbeat moves HeartbeatAt back only from
+    a stamp over rules.STAMP_AHEAD_MAX ahead of its own (one made before the clock stepped back)."""
 
     def __init__(self, store: JobStore, *, threads: int = 4,
                  clock: Callable[[], float] = time.time,
