@@ -223,12 +223,12 @@ def check_not_elsewhere(conn: Connection, url: URL, where: str, *, creating: boo
     A store made where the URL names its search_path itself is one of its own, and allowed."""
     if conn.dialect.name != "postgresql":
         return
-    named = re.search(r"search_path\s*=\s*([^\s,']+)", str(url.query.get("options", "")))
     # Only where the store would land is the first schema the URL names: one that does not
     # exist (a typo) leaves the next on the path, public say, a second store of its own.
-    here = sa.text("SELECT current_schema()")
-    if creating and named is not None and conn.execute(here).scalar() == named[1].strip('"'):
-        return
+    if creating and "search_path" in str(url.query.get("options", "")):
+        here = conn.execute(sa.text("SELECT current_schema()")).scalar()
+        if here is not None and here == _first_on_path(conn):
+            return
     schemas = list(conn.execute(_ELSEWHERE, {"name": schema_version.name}).scalars())
     if not schemas:
         return
@@ -241,6 +241,20 @@ def check_not_elsewhere(conn: Connection, url: URL, where: str, *, creating: boo
         f" ALTER ROLE {role} SET search_path = {schemas[0]}); a second store of its own in"
         " another schema is made only by a URL that names that schema so"
     )
+
+
+def _first_on_path(conn: Connection) -> str:
+    """The first schema of the session's search_path as the server reads its text: a quoted
+    name as written ("" a quote), another lowercased, $user the role's own."""
+    text = str(conn.execute(sa.text("SHOW search_path")).scalar_one()).strip()
+    if text.startswith('"'):
+        end = re.match(r'"((?:[^"]|"")*)"', text)
+        first = text[1:] if end is None else end[1].replace('""', '"')
+    else:
+        first = text.split(",", 1)[0].strip().lower()
+    if first == "$user":
+        first = str(conn.execute(sa.text("SELECT current_user")).scalar_one())
+    return first
 
 
 #: PostgreSQL's SQLSTATE invalid_schema_name: "no schema has been selected to create in".
