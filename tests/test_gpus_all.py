@@ -366,6 +366,10 @@ def nvmlDeviceGetHandleByIndex(i):
 def nvmlShutdown():
     pass
 """
+NVML_GPU_1_DENIED = NVML_GPU_1_LOST.replace(
+    'raise NVMLError("GPU is lost")', 'e = NVMLError("Insufficient Permissions"); e.value = 4; raise e'
+)
+NVML_ALL_LOST = NVML_GPU_1_LOST.replace("if i == 1:", "if True:")
 NVIDIA_SMI_GPU_1_LOST = (
     "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
     "echo 'Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.' >&2\n"
@@ -387,8 +391,14 @@ NVIDIA_SMI_GPU_1_LOST = (
         ),
         # NVML counts the lost GPU: only asking for its handle fails.
         (None, NVML_GPU_1_LOST, "NVML: GPU 1: GPU is lost; a GPU is faulty or lost"),
+        # A device node this user may not open: permissions, not a faulty GPU.
+        (
+            None,
+            NVML_GPU_1_DENIED,
+            "NVML: GPU 1: Insufficient Permissions; this user may not use the GPUs",
+        ),
     ],
-    ids=["nvidia-smi", "nvml"],
+    ids=["nvidia-smi", "nvml", "nvml-denied"],
 )
 def test_gpus_listed_around_a_lost_one_get_children_and_a_warning_but_no_absent_gpu_one(
     tmp_path: Path, nvidia_smi: str | None, pynvml: str, said: str
@@ -407,3 +417,14 @@ def test_gpus_listed_around_a_lost_one_get_children_and_a_warning_but_no_absent_
     assert "CUDA_VISIBLE_DEVICES=1" not in proc.stdout
     # GPU 2 is there: the child on it is not told it names a GPU this machine does not have.
     assert "which this machine does not have" not in proc.stderr, proc.stderr
+
+
+def test_nvml_counting_gpus_it_can_give_no_handle_for_says_so_not_zero_devices(
+    tmp_path: Path,
+) -> None:
+    env = machine_with(tmp_path, None, NVML_ALL_LOST)
+    cfg = write_config(tmp_path, GPUS_ALL)
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == EXIT_TEMPFAIL, proc.stderr
+    assert "NVML: GPU 0: GPU is lost; GPU 1: GPU is lost; GPU 2: GPU is lost" in proc.stderr
+    assert "a GPU is faulty or lost" in proc.stderr and "0 devices" not in proc.stderr

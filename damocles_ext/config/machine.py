@@ -131,6 +131,8 @@ _FAULTY = (
     "a GPU is faulty or lost (see `nvidia-smi` and the kernel log, `dmesg | grep -i xid`):"
     " until it is repaired, list the GPUs that work, e.g. Gpus = [0, 2]"
 )
+#: NVML's NVML_ERROR_NO_PERMISSION.
+_NVML_NO_PERMISSION = 4
 _ADVICE = {4: _NO_PERMISSION, 8: _FAULTY, 10: _FAULTY, 14: _FAULTY, 15: _FAULTY}
 
 
@@ -148,24 +150,29 @@ def probe_gpus() -> GpuProbe:
         try:
             pynvml.nvmlInit()
             try:
-                found, lost = [], []
+                found, lost, denied = [], [], False
                 for i in range(pynvml.nvmlDeviceGetCount()):  # a lost GPU is counted too
                     try:
                         pynvml.nvmlDeviceGetHandleByIndex(i)
                         found.append(i)
                     except pynvml.NVMLError as exc:
                         lost.append(f"GPU {i}: {exc}")
+                        denied = denied or getattr(exc, "value", None) == _NVML_NO_PERMISSION
             finally:
                 pynvml.nvmlShutdown()
-            if found and lost:
-                partial = f"NVML: {'; '.join(lost)}; {_FAULTY}"
-                return GpuProbe(found, [], answered=True, partial=partial)
-            if found:
-                return GpuProbe(found, [], answered=True)
             if lost:
+                # A device node this user may not open (or a container's cgroup denies) is a
+                # matter of permissions, not a faulty GPU.
+                advice = _NO_PERMISSION if denied else _FAULTY
+                if found:
+                    partial = f"NVML: {'; '.join(lost)}; {advice}"
+                    return GpuProbe(found, [], answered=True, partial=partial)
                 reasons.append(f"NVML: {'; '.join(lost)}")
-            answered = True
-            reasons.append("NVML: 0 devices")
+            elif found:
+                return GpuProbe(found, [], answered=True)
+            else:
+                answered = True
+                reasons.append("NVML: 0 devices")
         except (pynvml.NVMLError, OSError) as exc:
             # No driver or library (yet): nvidia-smi may still answer, or say why not.
             reasons.append(f"NVML: {exc}")
@@ -203,7 +210,7 @@ def probe_gpus() -> GpuProbe:
             # 9 is "could not communicate with the NVIDIA driver"; whatever the status, the
             # driver gave no list: asking again later may get one.
             reasons.append(f"nvidia-smi -L: exit status {out.returncode}{what}")
-            advice = _ADVICE.get(out.returncode)
+            advice = _ADVICE.get(out.returncode, advice)
         else:
             answered = True
             reasons.append(f"nvidia-smi -L: listed no GPU{what}")
