@@ -397,6 +397,16 @@ def test_a_span_simulated_as_whole_deadlines_says_so(capsys):
     assert ", 1 h, seed " in capsys.readouterr().out
 
 
+def test_a_day_without_window_post_shows_no_slack_rather_than_abandoned_partitions(capsys):
+    # --partitions 0 (WinningPoSt only) showed "abandoned" as the WindowPoSt slack: a partition
+    # that never ran, when there was none to run.
+    argv = ["simulate", "--miners", "1", "--gpus", "1", "--hours", "1", "--policies", "c"]
+    assert main([*argv, "--partitions", "0"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["damocles-ext", "0/0"] and row[5:7] == ["-", "-"], row
+    assert "abandoned" not in " ".join(row)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

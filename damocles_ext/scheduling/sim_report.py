@@ -135,8 +135,10 @@ def format_table(results: dict[str, PolicyResult]) -> str:
     )
     rows = [head]
 
-    def secs(x: float | None) -> str:
-        return "abandoned" if x is None else f"{x:.0f}s"
+    def secs(x: float | None, r: PolicyResult) -> str:
+        if x is None:  # no completion time: a partition never ran, or there was none
+            return "abandoned" if r.wdpost_deadlines else "-"
+        return f"{x:.0f}s"
 
     for name, r in results.items():
         rows.append(
@@ -146,8 +148,8 @@ def format_table(results: dict[str, PolicyResult]) -> str:
                 f"{r.wdpost_partitions_late + r.wdpost_partitions_abandoned}/{r.wdpost_partitions}",
                 f"{r.winning_missed}/{r.winning}",
                 f"{r.gpu_busy_fraction:.1%}",
-                secs(r.min_slack),
-                secs(r.p1_slack),
+                secs(r.min_slack, r),
+                secs(r.p1_slack, r),
                 "-" if r.winning_p99_latency is None else f"{r.winning_p99_latency:.1f}s",
             )
         )
