@@ -367,7 +367,8 @@ def nvmlShutdown():
     pass
 """
 NVML_GPU_1_DENIED = NVML_GPU_1_LOST.replace(
-    'raise NVMLError("GPU is lost")', 'e = NVMLError("Insufficient Permissions"); e.value = 4; raise e'
+    'raise NVMLError("GPU is lost")',
+    'e = NVMLError("Insufficient Permissions"); e.value = 4; raise e',
 )
 NVML_ALL_LOST = NVML_GPU_1_LOST.replace("if i == 1:", "if True:")
 NVIDIA_SMI_GPU_1_LOST = (
