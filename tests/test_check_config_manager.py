@@ -400,3 +400,26 @@ def test_an_entry_whose_serve_reads_the_managers_own_file_is_an_error(
     # As `serve --jobs` it reads damocles-manager's directory for its sector-manager.cfg: fine.
     manager.write_text(manager.read_text().replace('"--conf-dir"', '"--jobs", "sqlite:///j.db", "--conf-dir"'))  # fmt: skip
     assert not [w for w in _check(capsys, "-c", str(manager)) if "same file" in w]
+
+
+def test_two_serve_jobs_entries_listening_on_one_port_are_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """damocles-manager starts a processor per table: a second `serve --jobs --listen` on the
+    port of the first cannot listen and exits 2 before its ready line, failing the start."""
+    manager = tmp_path / "manager" / "ext-prover.cfg"
+    manager.parent.mkdir()
+    jobs = f"sqlite:///{tmp_path}/j.db"
+
+    def entry(listen: str) -> str:
+        return (
+            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs", "{jobs}",'
+            f' "--store", "a={tmp_path}", "--listen", "{listen}"]\nConcurrent = 8\n'
+        )
+
+    manager.write_text(entry("127.0.0.1:1790") + entry("0.0.0.0:1790") + entry("127.0.0.1:1791"))
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "--listen" in w]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{manager}: WdPost[1] runs `damocles-ext serve window_post")
+    assert "which will exit 2: WdPost[0] listens on the same port (1790)" in warnings[0]
+    assert "keep one table and raise its Concurrent" in warnings[0]

@@ -217,6 +217,8 @@ def manager_entry_warnings(config: Config) -> list[str]:
     seen: set[tuple[str, int]] = set()
     # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
     served: dict[tuple[str, str, str | None], str] = {}
+    # The ports the `serve --jobs --listen` of earlier tables take: (host, port, table).
+    listening: list[tuple[str, int, str]] = []
     for entry in config.children:
         args = serve_args(entry.argv) if entry.kind == "bin" else None
         if args is None or (entry.stage, entry.block) in seen:
@@ -245,6 +247,17 @@ def manager_entry_warnings(config: Config) -> list[str]:
             # it reads before its ready line (damocles-manager's sector-manager.cfg) is checked.
             if (problem := _serve_jobs_problem(parsed)) is not None:
                 warnings.append(f"{where} runs `{command}`, which will exit 2: {problem}")
+            elif parsed.listen is not None:
+                table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
+                if (taken := _port_taken(parsed.listen, listening)) is not None:
+                    warnings.append(
+                        f"{where} runs `{command}`, which will exit 2: {taken} listens on the"
+                        f" same port ({parsed.listen[1]}), and damocles-manager starts a processor"
+                        " for each table, so this one cannot listen there and fails to start;"
+                        f" keep one table and raise its Concurrent, or give this one another"
+                        " --listen port (or none: one coordinator serves the store's workers)"
+                    )
+                listening.append((*parsed.listen, table))
             continue
         if parsed.connect is not None:
             socket = None if parsed.connect is True else parsed.connect
@@ -303,6 +316,18 @@ def manager_entry_warnings(config: Config) -> list[str]:
                             f" ({ours.source})")
             )  # fmt: skip
     return warnings
+
+
+def _port_taken(address: tuple[str, int], taken: list[tuple[str, int, str]]) -> str | None:
+    """The table of `taken` whose listening address collides with `address` (the same port on
+    the same host, or either host a wildcard that takes every address), or None."""
+    host, port = address
+    wildcards = ("0.0.0.0", "::", "")
+    for other_host, other_port, table in taken:
+        same_host = host == other_host or host in wildcards or other_host in wildcards
+        if port != 0 and port == other_port and same_host:
+            return table
+    return None
 
 
 def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
