@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,50 @@ def systemd_version() -> int:
 
 # Keys of newer systemds than some we support: an older one ignores them, with this warning.
 NEWER_KEYS = {"RestartSteps": 254, "RestartMaxDelaySec": 254}
+
+
+def drop_ins(doc: Path) -> dict[str, str]:
+    """The drop-ins a doc shows (```ini blocks whose first line names `systemctl edit UNIT`):
+    each unit's name and the drop-in's text."""
+    found = {}
+    for block in re.findall(r"```ini\n(.*?)```", doc.read_text(), re.DOTALL):
+        text = textwrap.dedent(block)
+        if m := re.match(r"# systemctl edit (\S+?):", text):
+            found[m.group(1)] = text
+    return found
+
+
+def with_drop_in(path: Path, drop_in: str, tmp_path: Path) -> dict[str, dict[str, list[str]]]:
+    """The unit as systemd reads it with the drop-in: an empty assignment clears a key's list."""
+    merged = unit(path)
+    extra = tmp_path / "drop-in.conf"
+    extra.write_text(drop_in)
+    for section, keys in unit(extra).items():
+        target = merged.setdefault(section, {})
+        for key, values in keys.items():
+            for value in values:
+                target[key] = [] if value == "" else [*target.get(key, []), value]
+    return merged
+
+
+def test_the_coordinators_drop_in_for_damocles_workers_starts_without_a_token_file(tmp_path):
+    # A damocles-worker sends no token. A coordinator without --token-file that still loads
+    # the credential fails to start when its file is missing: systemd's 243/CREDENTIALS.
+    path = SYSTEMD / "damocles-ext-coordinator.service"
+    drop_in = drop_ins(ROOT / "docs" / "DEPLOY.md")[path.stem]
+    service = with_drop_in(path, drop_in, tmp_path)["Service"]
+    [exec_start] = service["ExecStart"]
+    program, command, *args = shlex.split(exec_start)
+    assert program == INSTALLED and command == "coordinator"
+    values = {"%S": "/var/lib", "%%": "%"}
+    args = [re.sub(r"%[S%]", lambda m: values[m.group()], a) for a in args]
+    parsed = cli.build_parser().parse_args([command, *args])
+    assert parsed.token_file is None
+    assert service.get("LoadCredential", []) == []
+    # The rest of the unit's command is kept.
+    assert exec_start == unit(path)["Service"]["ExecStart"][0].replace(
+        " --token-file %d/coordinator-token", ""
+    )
 
 
 @pytest.mark.skipif(
