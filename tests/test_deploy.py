@@ -110,6 +110,20 @@ def test_the_workers_proofs_get_minutes_to_finish_and_its_stop_timeout_outlasts_
     assert seconds(service["TimeoutStopSec"][0]) > 3 * grace + 2 * stop + 2 * REAP_TIMEOUT
 
 
+def test_the_coordinator_on_sqlite_does_not_take_damocles_managers_port(tmp_path):
+    # A SQLite store is shared with damocles-manager's `serve --jobs`, so the coordinator runs on
+    # damocles-manager's machine, whose own RPC listens on 1789: a coordinator there on 1789
+    # exits 2 (a busy port), which its unit does not restart.
+    path = SYSTEMD / "damocles-ext-coordinator.service"
+    drop_in = drop_ins(ROOT / "docs" / "DEPLOY.md")[path.stem]
+    for service in [unit(path)["Service"], with_drop_in(path, drop_in, tmp_path)["Service"]]:
+        argv = shlex.split(service["ExecStart"][0])
+        jobs = argv[argv.index("--jobs") + 1]
+        listen = argv[argv.index("--listen") + 1]
+        assert jobs.startswith("sqlite:")
+        assert not listen.endswith(":1789"), listen
+
+
 def test_the_coordinators_stop_timeout_outlasts_its_graceful_stop():
     service = unit(SYSTEMD / "damocles-ext-coordinator.service")["Service"]
     assert seconds(service["TimeoutStopSec"][0]) > STOP_GRACE
