@@ -1497,6 +1497,30 @@ def test_a_tmp_root_under_a_directory_another_user_owns_cannot_start(
     assert problems == [expected]
 
 
+def test_a_tmp_root_linked_from_a_directory_another_user_owns_cannot_start(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Our link to our own directory, in theirs: its owner could swap the link, through which
+    # the children reach their TMPDIRs. Before, only where it leads was checked: OK.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    (theirs / "root").symlink_to(ours)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv(config.TMP_ROOT_ENV, f"{theirs}/root")
+    problems = config.startup_problems(parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').children)
+    expected = (
+        f"the tmp root {theirs}/root, where Gpus puts each child's TMPDIR, is under a directory"
+        f" another user could change: directory {theirs} is owned by uid 65534, not by us or"
+        " root, so its owner could replace what is in it; set DAMOCLES_EXT_TMP_ROOT to a"
+        " directory of your own (or unset it for the default)"
+    )
+    assert problems == [expected]
+
+
 def test_a_tmp_root_under_a_directory_this_user_may_not_write_cannot_start() -> None:
     # Before, serve reported ready and then restarted each GPU child in a loop, each spawn
     # failing to make the tmp root.

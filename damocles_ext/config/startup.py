@@ -374,13 +374,14 @@ def tmp_root_problem(root: str) -> str | None:
     if link is not None and stat.S_ISLNK(link.st_mode):
         # The spawn makes the link's target, missing parents and all, not the link's parents.
         return untrusted_problem(link, os.geteuid(), link=True) or _made_later(
-            os.path.realpath(root)
+            os.path.realpath(root), root
         )
-    return _made_later(root)
+    return _made_later(root, root)
 
 
-def _made_later(root: str) -> str | None:
-    """tmp_root_problem of `root` as the spawn will find it, a symlink followed."""
+def _made_later(root: str, given: str) -> str | None:
+    """tmp_root_problem of `root` as the spawn will find it, a symlink followed: `given`, the
+    path the children get, leads to it."""
     path = root
     while True:
         try:
@@ -404,7 +405,9 @@ def _made_later(root: str) -> str | None:
     if path == root and (problem := untrusted_problem(st, os.geteuid())) is not None:
         return problem
     try:
-        resolve_trusted(path)  # as the spawn checks it: the directories above it too
+        # As the spawn checks it: the directories above it too, and, when it is reached through
+        # a link, the link's own directories (the children go through it).
+        resolve_trusted(given)
     except UntrustedPathError as exc:
         return f"is under a directory another user could change: {exc}"
     except OSError:

@@ -213,7 +213,9 @@ def _open_tmp_root(root: str) -> int:
     try:
         # The children get the TMPDIR as a path: a directory above the root that another user
         # owns (or may write to) lets them swap the root for one of theirs after these checks.
-        resolve_trusted(path)
+        # The path as given, not where it leads: the children go through our link and the
+        # directories above it too.
+        resolve_trusted(root)
     except UntrustedPathError as exc:
         os.close(fd)
         raise _Unusable(f"is under a directory another user could change: {exc}") from None
