@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import UsageError
-from .trusted_path import UntrustedPathError, resolve_trusted
+from .trusted_path import UntrustedPathError, make_trusted_dirs
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -172,24 +172,25 @@ def set_dump_dir(directory: str | os.PathLike[str] | None, *, given_by: str = "-
     where = f"{given_by} {directory}" if given_by.startswith("-") else f"{given_by}={directory}"
     fix = "choose another directory" if given_by.startswith("-") else "fix or unset it"
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"{where}: exists and is not a directory; {fix}") from None
-    except OSError as exc:
-        raise UsageError(f"{where}: cannot create it: {exc.strerror}; {fix}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{where}: not writable by us; {fix}")
-    try:
         # A directory of another user's on the way (their symlink or directory at the name in
-        # /tmp, say) would send the dumps wherever they choose, into a directory of ours too.
-        resolve_trusted(path)
+        # /tmp, say) would send the dumps wherever they choose, into a directory of ours too:
+        # checked before anything is made through it.
+        make_trusted_dirs(path)
     except UntrustedPathError as exc:
         raise UsageError(
             f"{where}: {exc}, so the dumps could be sent elsewhere; {fix} (one only you or root"
             " can change)"
         ) from None
+    except NotADirectoryError as exc:
+        what = "exists" if exc.filename == str(path) else f"{exc.filename}, on its way, exists"
+        raise UsageError(f"{where}: {what} and is not a directory; {fix}") from None
     except OSError as exc:
-        raise UsageError(f"{where}: cannot check it: {exc.strerror or exc}; {fix}") from None
+        part = f"{exc.filename}: " if exc.filename else ""
+        raise UsageError(
+            f"{where}: cannot create or check it: {part}{exc.strerror or exc}; {fix}"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{where}: not writable by us; {fix}")
     _dump_dir = path
 
 
@@ -225,13 +226,15 @@ def report_bad_output(
         path = directory / f"dext-bad-output-{pid}-{os.getpid()}-{next(_dump_seq)}.bin"
         made = False
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Checked again (dumps are rare): it may have gone since (a tmpfiles cleanup), and
+            # another user put their own directory, or their symlink, at its name.
+            make_trusted_dirs(directory)
             # Exclusive create: never follow a symlink someone planted under our name.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             made = True
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-        except OSError as exc:
+        except (OSError, UntrustedPathError) as exc:
             if made:  # a full disk: what was written would pass for the whole output
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -243,7 +246,7 @@ def report_bad_output(
                 what,
                 len(data),
                 directory,
-                exc.strerror or exc,
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
                 truncate(data),
                 extra=fields,
             )

@@ -1,12 +1,14 @@
 """Paths no other user can redirect: walked from /, every directory on the way ours or root's
 and closed to others' writes (or sticky, with our entry in it), every symlink ours or root's.
 
-The control socket's place (frontends/control_socket.py, and its client) and the tmp root of
-Gpus' TMPDIRs (supervisor/process.py, config/startup.py) are checked with it.
+The control socket's place (frontends/control_socket.py, and its client), the tmp root of
+Gpus' TMPDIRs (supervisor/process.py, config/startup.py) and --dump-dir (logs.py, at the start
+and before each dump) are checked with it; make_trusted_dirs makes what is missing of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -72,7 +74,25 @@ def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> 
     Raises UntrustedPathError saying which part fails, or the OSError of a part that is missing
     (FileNotFoundError) or cannot be examined.
     """
-    trusted = trusted_uids(uid)
+    return _walk(path, trusted_uids(uid), None)
+
+
+def make_trusted_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
+    """resolve_trusted(path) of a directory, made with what is missing of it: each part only
+    once the directories it goes in have passed, so that nothing is made where another user
+    leads. The last part is made `mode`, the ones above it 0755 whatever the umask (a umask
+    only removes bits; os.makedirs gives them 0777 less the umask: 0775 under a umask of 002,
+    which resolve_trusted would then refuse as writable by others).
+
+    Raises as resolve_trusted does, and NotADirectoryError when `path` is not a directory.
+    """
+    resolved = _walk(path, trusted_uids(), mode)
+    if not stat.S_ISDIR(os.stat(resolved).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path))
+    return resolved
+
+
+def _walk(path: str | os.PathLike[str], trusted: frozenset[int], make_mode: int | None) -> Path:
     todo = list(reversed(Path(path).absolute().parts[1:]))
     current = "/"
     current_st = os.lstat(current)
@@ -90,7 +110,14 @@ def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> 
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current)
         _check_container(current, current_st, trusted)
         entry = os.path.join(current, name)
-        st = os.lstat(entry)
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            if make_mode is None:
+                raise
+            with contextlib.suppress(FileExistsError):  # made meanwhile: checked as it is
+                os.mkdir(entry, 0o755 if todo else make_mode)
+            st = os.lstat(entry)
         _check_entry(current, current_st, entry, st, trusted)
         if stat.S_ISLNK(st.st_mode):
             followed += 1

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -128,6 +129,84 @@ def test_a_dump_dir_another_user_planted_in_a_shared_directory_is_refused(
     )
     assert logs.dump_dir_for(7) is None
     assert list(ours.iterdir()) == []
+
+
+def test_a_dump_dir_under_another_users_symlink_is_refused_before_anything_is_made(
+    tmp_path: Path, restore_logging
+):
+    # --dump-dir /tmp/dumps/new, /tmp/dumps their symlink to a directory they chose: before,
+    # `new` was made there (as root) before the path was checked.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (shared / "dumps").symlink_to(elsewhere)
+    os.lchown(shared / "dumps", 65534, 65534)
+    with pytest.raises(UsageError, match="is owned by uid 65534, not by us or root, in "):
+        logs.set_dump_dir(shared / "dumps" / "new")
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_a_dump_dir_replaced_by_another_user_after_it_was_checked_gets_no_dump(
+    tmp_path: Path, restore_logging, planted
+):
+    # A tmpfiles cleanup removes /tmp/dumps after the start; another user makes their own at
+    # its name. Before, the dump went through their symlink (or into their directory).
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    out = io.StringIO()
+    logs.setup_logging("info", "text", stream=out)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    dumps = shared / "dumps"
+    logs.set_dump_dir(dumps)
+    dumps.rmdir()  # the cleanup
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    if planted == "symlink":
+        dumps.symlink_to(theirs)
+    else:
+        dumps.mkdir(mode=0o777)
+    os.lchown(dumps, 65534, 65534)
+    assert logs.report_bad_output("c", 7, b"secret", "undecodable output") is None
+    assert list(theirs.iterdir()) == []
+    if planted == "directory":
+        assert list(dumps.iterdir()) == []
+    said = out.getvalue()
+    assert (
+        f"c (pid 7): undecodable output; 6 bytes not dumped to {dumps} ({dumps} is owned by uid"
+        f" 65534, not by us or root, in {shared}, which other users may write to): 'secret'"
+    ) in said, said
+
+
+def test_a_dump_dir_removed_after_the_start_is_made_again_private(tmp_path: Path, restore_logging):
+    dumps = tmp_path / "a" / "dumps"
+    logs.set_dump_dir(dumps)
+    dumps.rmdir()
+    (tmp_path / "a").rmdir()
+    assert logs.report_bad_output("c", 7, b"garbage", "undecodable output") is not None
+    assert stat.S_IMODE(dumps.stat().st_mode) == 0o700
+
+
+def test_a_dump_dir_and_its_missing_parents_are_made_usable_under_a_group_writable_umask(
+    tmp_path: Path, restore_logging
+):
+    # RHEL's user private groups (umask 002): os.makedirs made the parents 0775, which the
+    # check then refused as writable by others: a usable --dump-dir was an exit 2.
+    dumps = tmp_path / "a" / "b" / "dumps"
+    old_umask = os.umask(0o002)
+    try:
+        logs.set_dump_dir(dumps)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(dumps.stat().st_mode) == 0o700
+    for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(parent.stat().st_mode) == 0o755, parent
 
 
 def test_a_dump_the_full_disk_cuts_short_is_removed_and_the_output_logged(
