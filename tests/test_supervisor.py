@@ -937,6 +937,28 @@ def test_a_new_per_gpu_tmpdir_and_its_tmp_root_are_created_private(tmp_root):
         assert stat.S_IMODE(st.st_mode) == 0o700, d
 
 
+def test_a_tmp_root_with_missing_parents_starts_under_a_group_writable_umask(tmp_path, monkeypatch):
+    # RHEL's user private groups (umask 002): os.makedirs made the missing parents 0775, which
+    # the check after it refused as writable by others, so check-config said OK and then every
+    # spawn failed. Both now say it can start, and the spawn makes them 0755.
+    root = tmp_path / "a" / "b" / "root"
+    monkeypatch.setenv(config.TMP_ROOT_ENV, str(root))
+    old_umask = os.umask(0o002)
+    try:
+        assert (
+            config.startup_problems(
+                config.parse_config('[[WdPost]]\nBin = "sh"\nGpus = [0]\n', "t.cfg").children
+            )
+            == []
+        )
+        prepare_gpu_tmpdir(root / "window_post-gpu0")
+    finally:
+        os.umask(old_umask)
+    for made, mode in ((tmp_path / "a", 0o755), (tmp_path / "a" / "b", 0o755), (root, 0o700)):
+        assert stat.S_IMODE(os.lstat(made).st_mode) == mode, made
+    assert stat.S_IMODE(os.lstat(root / "window_post-gpu0").st_mode) == 0o700
+
+
 def test_a_loose_per_gpu_tmpdir_of_ours_is_tightened_in_a_shared_sticky_root(tmp_root):
     # The root may be /tmp itself (DAMOCLES_EXT_TMP_ROOT=/tmp): mode 1777, left as it is; the
     # sticky bit keeps others from replacing the per-GPU directory, which is made 0700.

@@ -391,7 +391,9 @@ def _made_later(root: str, given: str) -> str | None:
             parent = os.path.dirname(path)
             if parent == path:
                 return "cannot be made"
-            path = parent  # made with its missing parents at the first spawn
+            # Made with its missing parents at the first spawn, those 0755 whatever the umask:
+            # they pass the check of the directories above the root, as this one does.
+            path = parent
         except NotADirectoryError:
             return "cannot be made: a part of its path is not a directory"
         except OSError as exc:

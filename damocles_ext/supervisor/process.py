@@ -38,7 +38,7 @@ from ..config import (
 from ..config.machine import untrusted_problem
 from ..config.startup import file_kind, interpreter_problem
 from ..errors import FILES_ADVICE, TASKS_ADVICE
-from ..trusted_path import UntrustedPathError, resolve_trusted
+from ..trusted_path import UntrustedPathError, make_trusted_dirs, resolve_trusted
 
 log = logging.getLogger("damocles_ext.supervisor")
 
@@ -187,8 +187,8 @@ def _open_dir(path: str, dir_fd: int | None, make: Callable[[], None]) -> int:
 
 
 def _open_tmp_root(root: str) -> int:
-    """An fd of the tmp root (created mode 0700 if missing) in which no other user can replace
-    our entries; raises _Unusable saying what it is otherwise.
+    """An fd of the tmp root (created mode 0700 if missing, its missing parents 0755) in which
+    no other user can replace our entries; raises _Unusable saying what it is otherwise.
 
     Accepted: a directory owned by us or by root, that others cannot write to, or that has the
     sticky bit (as /tmp has: others cannot rename or remove what we put there). A symlink is
@@ -206,7 +206,7 @@ def _open_tmp_root(root: str) -> int:
         if (problem := untrusted_problem(link, euid, link=True)) is not None:
             raise _Unusable(problem)
         path = os.path.realpath(root)
-    fd = _open_dir(path, None, lambda: os.makedirs(path, mode=0o700))
+    fd = _open_dir(path, None, lambda: _make_tmp_root(root))
     if (problem := untrusted_problem(os.fstat(fd), euid)) is not None:
         os.close(fd)
         raise _Unusable(("" if path == root else f"({path}) ") + problem)
@@ -223,6 +223,16 @@ def _open_tmp_root(root: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _make_tmp_root(root: str) -> None:
+    # Its missing parents 0755 whatever the umask (os.makedirs made them 0775 under umask 002,
+    # which the check of the directories above the root then refused), each made only once the
+    # directories it goes in have passed.
+    try:
+        make_trusted_dirs(root, 0o700)
+    except UntrustedPathError as exc:
+        raise _Unusable(f"is under a directory another user could change: {exc}") from None
 
 
 def _private_gpu_tmpdir(name: str, where: str, tmpdir: str, root: str) -> None:
