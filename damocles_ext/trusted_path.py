@@ -4,6 +4,7 @@ and closed to others' writes (or sticky, with our entry in it), every symlink ou
 The control socket's place (frontends/control_socket.py, and its client), the tmp root of
 Gpus' TMPDIRs (supervisor/process.py, config/startup.py) and --dump-dir (logs.py, at the start
 and before each dump) are checked with it; make_trusted_dirs makes what is missing of one.
+foreign_symlink is the lighter rule for a file the user names anywhere (prove --output).
 """
 
 from __future__ import annotations
@@ -133,3 +134,49 @@ def _walk(path: str | os.PathLike[str], trusted: frozenset[int], make_mode: int 
     if stat.S_ISDIR(current_st.st_mode):
         _check_container(current, current_st, trusted)
     return Path(current)
+
+
+def foreign_symlink(path: str | os.PathLike[str], *, uid: int | None = None) -> str | None:
+    """The first symlink on the way to `path` owned by neither us, root, nor the owner of the
+    directory it is in, said as "<link> is a symlink owned by uid N in <directory> (owned by
+    uid M)"; None when there is none. The kernel's protected_symlinks rule, for any directory:
+    in one others may write to (/tmp), a symlink someone planted at a name we are given could
+    send what we write to a device or a FIFO of their choosing.
+
+    Nothing else is checked (a directory on the way may be anyone's), and the walk ends where
+    a part cannot be examined: the open that follows says what it finds (past /proc's links to
+    open files, as /dev/stdout leads to, lies no path).
+    """
+    trusted = trusted_uids(uid)
+    todo = list(reversed(Path(path).absolute().parts[1:]))
+    current = "/"
+    followed = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)  # holds no symlink: the kernel's ".." too
+            continue
+        entry = os.path.join(current, name)
+        try:
+            st = os.lstat(entry)
+            if not stat.S_ISLNK(st.st_mode):
+                current = entry
+                continue
+            owner = os.stat(current).st_uid
+            if st.st_uid not in trusted and st.st_uid != owner:
+                return (
+                    f"{entry} is a symlink owned by uid {st.st_uid} in {current} (owned by uid"
+                    f" {owner})"
+                )
+            target = Path(os.readlink(entry))
+        except OSError:
+            return None
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            return None  # the kernel's ELOOP
+        if target.is_absolute():
+            current = "/"
+        todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return None

@@ -1137,6 +1137,74 @@ def test_prove_output_is_never_written_through_a_file_planted_beside_it(tmp_path
     assert planted.is_symlink()  # left alone, not ours
 
 
+def _a_shared_dir_with_their_symlink_to_a_fifo(tmp_path: Path) -> tuple[Path, Path]:
+    # /tmp with another user's symlink at the output's name, to a FIFO (for a block device:
+    # as root, a regression would write into it).
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    fifo = tmp_path / "device"
+    os.mkfifo(fifo)
+    out = shared / "out.json"
+    out.symlink_to(fifo)
+    os.lchown(out, 65534, 65534)
+    return out, fifo
+
+
+def test_prove_output_is_never_written_through_another_users_symlink(tmp_path):
+    # Before, prove followed it and wrote the proof into whatever it led to (unless the kernel's
+    # fs.protected_symlinks was on): refused now, exit 2, before proving.
+    out, fifo = _a_shared_dir_with_their_symlink_to_a_fifo(tmp_path)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that a write would not block
+    try:
+        cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+        task_file = _task_file(tmp_path, make_task(58))
+        result = dext_run("prove", "window_post", "--request", str(task_file), "-c", str(cfg),
+                          "-o", str(out))  # fmt: skip
+        assert os.read(reader, 65536) == b""
+    finally:
+        os.close(reader)
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stderr.decode() == (
+        f"damocles-ext prove: error: --output {out}: {out} is a symlink owned by uid 65534 in {out.parent}"
+        " (owned by uid 0), neither ours, root's nor the directory owner's: refusing to write"
+        " through it (it could lead to a device or a FIFO of its owner's choosing); remove it,"
+        " or give another file\n"
+    )
+
+
+@pytest.mark.parametrize("reached", ["directly", "through our symlink"])
+def test_prove_output_refuses_another_users_symlink_planted_while_proving(tmp_path, reached):
+    import argparse
+
+    from damocles_ext.commands.prove import _emit
+
+    out, fifo = _a_shared_dir_with_their_symlink_to_a_fifo(tmp_path)
+    if reached == "through our symlink":
+        ours = tmp_path / "ours.json"
+        ours.symlink_to(out)
+        out = ours
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(UsageError, match="the proof was made but is lost"):
+            _emit(echo_output(make_task(59)), out, argparse.Namespace())
+        assert os.read(reader, 65536) == b""
+    finally:
+        os.close(reader)
+
+
+def test_prove_output_to_dev_stdout_writes_to_stdout(tmp_path):
+    # /dev/stdout is root's symlink, to /proc/self/fd/1 (ours), to a pipe here: followed.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    task = make_task(60)
+    result = dext_run("prove", "window_post", "--request", str(_task_file(tmp_path, task)),
+                      "-c", str(cfg), "-o", "/dev/stdout")  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"
+
+
 def test_parse_deadline_accepts_seconds_and_iso_times():
     from damocles_ext.commands.prove import parse_deadline
 

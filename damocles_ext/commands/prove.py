@@ -288,6 +288,8 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
+    # Checked again: the file may have been missing at the start, and a symlink planted since.
+    _refuse_foreign_symlink(path, "; the proof was made but is lost")
     try:
         try:
             special = not stat.S_ISREG(path.stat().st_mode)
@@ -559,4 +561,19 @@ def _check_output_path(text: str) -> Path:
             f"--output {text}: permission denied (its directory, or one above it, is closed to"
             " this user); give a file you may write"
         ) from None
+    _refuse_foreign_symlink(path, "")
     return path
+
+
+def _refuse_foreign_symlink(path: Path, lost: str) -> None:
+    """UsageError if writing to `path` would follow another user's symlink (see
+    trusted_path.foreign_symlink); `lost`: what it means for the proof, if anything."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.trusted_path import foreign_symlink
+
+    if (problem := foreign_symlink(path)) is not None:
+        raise UsageError(
+            f"--output {path}: {problem}, neither ours, root's nor the directory owner's:"
+            f" refusing to write through it (it could lead to a device or a FIFO of its owner's"
+            f" choosing){lost}; remove it, or give another file"
+        )
