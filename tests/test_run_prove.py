@@ -1205,6 +1205,31 @@ def test_prove_output_to_dev_stdout_writes_to_stdout(tmp_path):
     assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"
 
 
+@pytest.mark.parametrize("append", [False, True], ids=["truncated", "appended"])
+def test_prove_output_to_a_link_to_its_own_stdout_writes_into_the_file_the_shell_opened(
+    tmp_path, append
+):
+    # `prove -o /dev/stdout > out.json`: the path led to a regular file, so the proof was
+    # written beside it and renamed over the link, replacing it (as root, the system's own
+    # /dev/stdout), and out.json stayed empty. A stand-in link here, to spare the system's.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    task = make_task(60)
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    out = tmp_path / "out.json"
+    out.write_bytes(b"before\n" if append else b"")
+    with open(out, "ab" if append else "wb") as stdout:
+        result = subprocess.run(
+            [*DEXT, "prove", "window_post", "--request", str(_task_file(tmp_path, task)),
+             "-c", str(cfg), "-o", str(link)],
+            stdout=stdout, stderr=subprocess.PIPE, env=dext_env(), timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+    before = b"before\n" if append else b""
+    assert out.read_bytes() == before + jsonl.output_to_json(echo_output(task)) + b"\n"
+
+
 def test_parse_deadline_accepts_seconds_and_iso_times():
     from damocles_ext.commands.prove import parse_deadline
 

@@ -291,6 +291,14 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     # Checked again: the file may have been missing at the start, and a symlink planted since.
     _refuse_foreign_symlink(path, "; the proof was made but is lost")
     try:
+        own_fd = _own_open_file(path)
+        if own_fd is not None:
+            # /dev/stdout, /dev/fd/1: one of our open files, written where it stands (a file
+            # the shell opened, appended to or not, a pipe, a terminal). Renaming over the path
+            # replaced the link itself (as root, the system's /dev/stdout) and wrote nothing.
+            with open(os.dup(own_fd), "wb") as out:
+                out.write(data)
+            return
         try:
             special = not stat.S_ISREG(path.stat().st_mode)
         except FileNotFoundError:
@@ -322,6 +330,26 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
             f"--output {path}: cannot write the output there: {exc.strerror or exc}; the proof"
             " was made but is lost: give a writable file and prove again"
         ) from None
+
+
+def _own_open_file(path: Path) -> int | None:
+    """The descriptor of this process that `path` leads to through /proc/self/fd/N or
+    /proc/<our pid>/fd/N (as /dev/stdout and /dev/fd/1 do), or None."""
+    import re
+
+    here = str(path.absolute())
+    for _ in range(40):  # the kernel's own limit of links followed
+        head, name = os.path.split(here)
+        here = os.path.join(os.path.realpath(head), name)
+        found = re.fullmatch(r"/proc/(self|\d+)/fd/(\d+)", here)
+        if found is not None:
+            return int(found[2]) if found[1] in ("self", str(os.getpid())) else None
+        try:
+            target = os.readlink(here)
+        except OSError:  # not a link (or not there): no open file of ours
+            return None
+        here = os.path.join(head if not os.path.isabs(target) else "/", target)
+    return None
 
 
 def task_from_manifest(args: argparse.Namespace) -> PoStTask:
