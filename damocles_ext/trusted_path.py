@@ -81,9 +81,9 @@ def resolve_trusted(path: str | os.PathLike[str], *, uid: int | None = None) -> 
 def make_trusted_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
     """resolve_trusted(path) of a directory, made with what is missing of it: each part only
     once the directories it goes in have passed, so that nothing is made where another user
-    leads. The last part is made `mode`, the ones above it 0755 whatever the umask (a umask
-    only removes bits; os.makedirs gives them 0777 less the umask: 0775 under a umask of 002,
-    which resolve_trusted would then refuse as writable by others).
+    leads. The last part is made `mode`, the ones above it 0755 less the umask, never writable
+    by others (os.makedirs gives them 0777 less the umask: 0775 under a umask of 002, which
+    resolve_trusted would then refuse as writable by others).
 
     Raises as resolve_trusted does, and NotADirectoryError when `path` is not a directory.
     """
