@@ -423,3 +423,23 @@ def test_two_serve_jobs_entries_listening_on_one_port_are_warned_about(
     assert warnings[0].startswith(f"{manager}: WdPost[1] runs `damocles-ext serve window_post")
     assert "which will exit 2: WdPost[0] listens on the same port (1790)" in warnings[0]
     assert "keep one table and raise its Concurrent" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "collide"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "10.0.0.5", False),
+        ("0.0.0.0", "127.0.0.1", True),
+        ("0.0.0.0", "::1", False),  # an IPv4 wildcard leaves IPv6 addresses free (Linux binds both)
+        ("::", "127.0.0.1", True),
+        ("0.0.0.0", "::", True),
+        ("::0", "10.0.0.5", True),  # '::' written otherwise is still the wildcard
+        ("[::1]", "::1", True),
+    ],
+)
+def test_listening_hosts_collide_as_linux_binds_them(a: str, b: str, collide: bool):
+    from damocles_ext.commands.check_config import _hosts_collide
+
+    assert _hosts_collide(a, b) is collide
+    assert _hosts_collide(b, a) is collide

@@ -322,12 +322,32 @@ def _port_taken(address: tuple[str, int], taken: list[tuple[str, int, str]]) -> 
     """The table of `taken` whose listening address collides with `address` (the same port on
     the same host, or either host a wildcard that takes every address), or None."""
     host, port = address
-    wildcards = ("0.0.0.0", "::", "")
     for other_host, other_port, table in taken:
-        same_host = host == other_host or host in wildcards or other_host in wildcards
-        if port != 0 and port == other_port and same_host:
+        if port != 0 and port == other_port and _hosts_collide(host, other_host):
             return table
     return None
+
+
+def _hosts_collide(a: str, b: str) -> bool:
+    """Whether listening on one port at hosts `a` and `b` collides, as Linux binds: the same
+    address, or a wildcard of the other's family (0.0.0.0 takes IPv4 addresses, :: every one)."""
+    import ipaddress
+
+    def parsed(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return None  # a name: compared as written
+
+    x, y = parsed(a), parsed(b)
+    if x is None or y is None:
+        return a == b
+    if x == y:
+        return True
+    for w, other in ((x, y), (y, x)):
+        if w.is_unspecified and (w.version == 6 or other.version == 4):
+            return True
+    return False
 
 
 def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
