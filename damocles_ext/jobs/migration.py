@@ -250,11 +250,15 @@ def _first_on_path(conn: Connection) -> str:
     if text.startswith('"'):
         end = re.match(r'"((?:[^"]|"")*)"', text)
         first = text[1:] if end is None else end[1].replace('""', '"')
-    else:
-        first = text.split(",", 1)[0].strip().lower()
+    else:  # the server lowercases ASCII letters only
+        first = text.split(",", 1)[0].strip().translate(_ASCII_LOWER)
     if first == "$user":
         first = str(conn.execute(sa.text("SELECT current_user")).scalar_one())
-    return first
+    # Names are cut to NAMEDATALEN - 1 bytes (a character is not split).
+    return first.encode()[:63].decode(errors="ignore")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 #: PostgreSQL's SQLSTATE invalid_schema_name: "no schema has been selected to create in".
