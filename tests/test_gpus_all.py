@@ -370,6 +370,9 @@ NVML_GPU_1_DENIED = NVML_GPU_1_LOST.replace(
     'raise NVMLError("GPU is lost")',
     'e = NVMLError("Insufficient Permissions"); e.value = 4; raise e',
 )
+NVML_GPU_1_DENIED_2_LOST = NVML_GPU_1_DENIED.replace(
+    "    return i\n", '    if i == 2:\n        raise NVMLError("GPU is lost")\n    return i\n'
+)
 NVML_ALL_LOST = NVML_GPU_1_LOST.replace("if i == 1:", "if True:")
 NVIDIA_SMI_GPU_1_LOST = (
     "echo 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
@@ -429,3 +432,15 @@ def test_nvml_counting_gpus_it_can_give_no_handle_for_says_so_not_zero_devices(
     assert proc.returncode == EXIT_TEMPFAIL, proc.stderr
     assert "NVML: GPU 0: GPU is lost; GPU 1: GPU is lost; GPU 2: GPU is lost" in proc.stderr
     assert "a GPU is faulty or lost" in proc.stderr and "0 devices" not in proc.stderr
+
+
+def test_nvml_refusing_one_gpu_for_permissions_and_losing_another_gives_both_advices(
+    tmp_path: Path,
+) -> None:
+    env = machine_with(tmp_path, None, NVML_GPU_1_DENIED_2_LOST)
+    cfg = write_config(tmp_path, GPUS_ALL)
+    proc = damocles_ext(["check-config", "-c", str(cfg)], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "takes only the GPUs listed, 0, as the driver said" in proc.stderr, proc.stderr
+    assert "a GPU is faulty or lost" in proc.stderr
+    assert "this user may not use the GPUs" in proc.stderr

@@ -150,20 +150,21 @@ def probe_gpus() -> GpuProbe:
         try:
             pynvml.nvmlInit()
             try:
-                found, lost, denied = [], [], False
+                found, lost, why = [], [], set()
                 for i in range(pynvml.nvmlDeviceGetCount()):  # a lost GPU is counted too
                     try:
                         pynvml.nvmlDeviceGetHandleByIndex(i)
                         found.append(i)
                     except pynvml.NVMLError as exc:
                         lost.append(f"GPU {i}: {exc}")
-                        denied = denied or getattr(exc, "value", None) == _NVML_NO_PERMISSION
+                        # A device node this user may not open (or a container's cgroup
+                        # denies) is a matter of permissions, not a faulty GPU.
+                        denied = getattr(exc, "value", None) == _NVML_NO_PERMISSION
+                        why.add(_NO_PERMISSION if denied else _FAULTY)
             finally:
                 pynvml.nvmlShutdown()
             if lost:
-                # A device node this user may not open (or a container's cgroup denies) is a
-                # matter of permissions, not a faulty GPU.
-                advice = _NO_PERMISSION if denied else _FAULTY
+                advice = "; and ".join(sorted(why))
                 if found:
                     partial = f"NVML: {'; '.join(lost)}; {advice}"
                     return GpuProbe(found, [], answered=True, partial=partial)
