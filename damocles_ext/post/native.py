@@ -340,7 +340,9 @@ class NativeProver:
         for i, rep in enumerate(task.replicas):
             c = replicas[i]
             c.sector_id = rep.sector_id
-            ffi.memmove(c.comm_r, rep.comm_r, 32)
+            ffi.memmove(
+                c.comm_r, _bytes32(rep.comm_r, f"replica {i} (sector {rep.sector_id}): comm_r"), 32
+            )
             for field in ("cache_dir", "sealed_file"):
                 path = os.fsencode(getattr(rep, field))
                 if b"\0" in path:
@@ -355,7 +357,7 @@ class NativeProver:
         ctask = ffi.new("dext_post_task *")
         ctask.miner_id = task.miner_id
         ctask.proof_type = ptype
-        ffi.memmove(ctask.seed, task.seed, 32)
+        ffi.memmove(ctask.seed, _bytes32(task.seed, "seed"), 32)
         ctask.replicas = replicas
         ctask.replica_count = len(task.replicas)
         return ctask, keep
@@ -526,6 +528,19 @@ def _cancel_watcher(cancel: CancelToken | None, state: _CallState) -> Iterator[N
     finally:
         done.set()
         thread.join()
+
+
+def _bytes32(value: object, what: str) -> bytes:
+    """`value`, when it is 32 bytes; InvalidTaskError otherwise. A Struct built in Python is not
+    checked by msgspec, and ffi.memmove copies 32 bytes whatever the source's length: a short
+    seed or comm_r would be padded with whatever memory follows it (a proof for another seed, a
+    good sector reported faulty)."""
+    if not isinstance(value, bytes | bytearray) or len(value) != 32:
+        got = (
+            f"{len(value)} bytes" if isinstance(value, bytes | bytearray) else type(value).__name__
+        )
+        raise InvalidTaskError(f"{what} must be 32 bytes, got {got}")
+    return bytes(value)
 
 
 def _status_name(lib: Any, status: int) -> str:
