@@ -4,11 +4,14 @@ regular files, cache dirs in the way of the files it writes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from helpers.post import sectors
 
 from damocles_ext.post import InvalidTaskError
-from damocles_ext.post.fixtures import window_task, winning_task
+from damocles_ext.post.fixtures import create_sectors, window_task, winning_task
 from damocles_ext.post.native import NativeProver
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
 
@@ -46,3 +49,59 @@ def test_a_seed_or_comm_r_not_32_bytes_is_a_bad_task_not_memory_read_past_it(man
                 prover.verify(task, good)
         with pytest.raises(InvalidTaskError, match="seed must be 32 bytes, got str"):
             prover.prove(WindowPoSt(window.miner_id, window.proof_type, window.replicas, "x" * 32))
+
+
+# Run in a child: before the fix the prover blocked in open() for ever, and a test in this
+# process would have hung with it.
+FIFO_PROOFS = r"""
+import os, sys
+from damocles_ext.post import SectorFaultError
+from damocles_ext.post.fixtures import load_manifest, window_task, winning_task
+from damocles_ext.post.native import NativeProver
+
+manifest = load_manifest(sys.argv[1])
+target = sys.argv[2]
+seed = bytes(range(32))
+for rep in manifest.replicas:
+    path = {"sealed": rep.sealed_file, "p_aux": os.path.join(rep.cache_dir, "p_aux"),
+            "tree": os.path.join(rep.cache_dir, "sc-02-data-tree-r-last.dat")}[target]
+    os.unlink(path)
+    os.mkfifo(path)
+with NativeProver() as prover:
+    out = prover.window_post(window_task(manifest, seed))
+    print("window faults", out.faults, "proofs", len(out.proofs))
+    try:
+        prover.winning_post(winning_task(manifest, seed))
+    except SectorFaultError as exc:
+        print("winning", exc)
+    if target == "sealed":
+        try:
+            prover.build_tree(manifest.proof_type, manifest.replicas[0].sealed_file,
+                              sys.argv[3], bytes(32))
+        except SectorFaultError as exc:
+            print("build_tree", exc)
+"""
+
+
+@pytest.mark.parametrize("target", ["sealed", "p_aux", "tree"])
+def test_a_fifo_in_place_of_a_sectors_file_is_a_fault_not_a_prover_blocked_for_ever(
+    tmp_path, target
+):
+    # A FIFO with no writer blocks open() until one comes: the prover was stuck before reading
+    # any cancel flag, for ever, and the whole partition's proof was lost with it.
+    manifest = create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1", 3, 1000, random_seed=5)
+    run = subprocess.run(
+        [sys.executable, "-c", FIFO_PROOFS, str(manifest), target, str(tmp_path / "built")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "window faults [1, 2, 3] proofs 0", run.stdout
+    assert lines[1].startswith("winning winning_post: sector "), run.stdout
+    if target == "sealed":
+        assert "is not a regular file" in lines[1], run.stdout
+        assert lines[2].startswith("build_tree build_tree: sealed file "), run.stdout
+        assert lines[2].endswith("is not a regular file"), run.stdout

@@ -19,6 +19,10 @@
 #define BUILD_CHUNK_NODES ((uint64_t)1 << 15)
 /* Tree files up to this size are read whole instead of node by node. */
 #define SMALL_TREE_FILE (1u << 20)
+/* How every input file is opened. O_NONBLOCK: a FIFO where a file should be (no writer) would
+ * block open() for ever, where no cancel flag is read; opened at once, it is then refused as not
+ * a regular file or as one of the wrong size. Reads of regular files ignore the flag. */
+#define READ_FLAGS (O_RDONLY | O_CLOEXEC | O_NONBLOCK)
 
 /* Offset, in nodes, of `level` inside a tree file that starts at level rows+1. */
 static uint64_t level_offset(uint64_t nodes, unsigned rows, unsigned level)
@@ -139,14 +143,19 @@ int32_t dext_build_tree(dext_handle *handle, const char *proof_type, const char 
     }
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", tree_path);
 
-    sealed = open(sealed_file, O_RDONLY | O_CLOEXEC);
+    sealed = open(sealed_file, READ_FLAGS);
     struct stat st;
     if (sealed < 0 || fstat(sealed, &st) != 0) {
         set_error("cannot open sealed file %s: %s", sealed_file, strerror(errno));
         status = DEXT_ERR_SECTOR;
         goto out;
     }
-    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != p.nodes * NODE_SIZE) {
+    if (!S_ISREG(st.st_mode)) {
+        set_error("sealed file %s is not a regular file", sealed_file);
+        status = DEXT_ERR_SECTOR;
+        goto out;
+    }
+    if ((uint64_t)st.st_size != p.nodes * NODE_SIZE) {
         set_error("sealed file %s is %lld bytes; %s needs exactly %llu", sealed_file,
                   (long long)st.st_size, proof_type,
                   (unsigned long long)(p.nodes * NODE_SIZE));
@@ -280,7 +289,7 @@ static int tree_node(const tree_reader *t, unsigned level, uint64_t index, uint8
 
 static int read_small_file(const char *path, uint8_t *buf, size_t want, size_t *got)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, READ_FLAGS);
     if (fd < 0)
         return -1;
     size_t n = 0;
@@ -332,7 +341,7 @@ int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
     struct stat st;
     const uint8_t *comm_c = paux, *comm_r_last = paux + 32;
 
-    sealed = open(replica->sealed_file, O_RDONLY | O_CLOEXEC);
+    sealed = open(replica->sealed_file, READ_FLAGS);
     if (sealed < 0)
         FAULT("cannot open sealed file %s: %s", replica->sealed_file, strerror(errno));
     if (fstat(sealed, &st) != 0 || !S_ISREG(st.st_mode))
@@ -355,7 +364,7 @@ int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
 
     if (join_path(path, sizeof(path), replica->cache_dir, TREE_FILE_NAME) != 0)
         FAULT("cache dir path is too long: %.200s...", replica->cache_dir);
-    tree.fd = open(path, O_RDONLY | O_CLOEXEC);
+    tree.fd = open(path, READ_FLAGS);
     if (tree.fd < 0 || fstat(tree.fd, &st) != 0)
         FAULT("cannot open tree file %s: %s", path, strerror(errno));
     /* The file size says how many rows were discarded when it was written. */
