@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers.post import sectors
 
+from damocles_ext.errors import ProverError
 from damocles_ext.post import InvalidTaskError
 from damocles_ext.post.fixtures import create_sectors, window_task, winning_task
 from damocles_ext.post.native import NativeProver
@@ -105,3 +106,17 @@ def test_a_fifo_in_place_of_a_sectors_file_is_a_fault_not_a_prover_blocked_for_e
         assert "is not a regular file" in lines[1], run.stdout
         assert lines[2].startswith("build_tree build_tree: sealed file "), run.stdout
         assert lines[2].endswith("is not a regular file"), run.stdout
+
+
+@pytest.mark.parametrize("name", ["sc-02-data-tree-r-last.dat", "p_aux"])
+def test_build_tree_whose_file_cannot_take_its_place_leaves_no_temporary_file(
+    manifest, tmp_path, name
+):
+    # A directory in the way: the rename of the finished file fails. The tree file's temporary
+    # was left behind (the p_aux one never was), in a cache dir the next build or a person reads.
+    cache = tmp_path / "cache"
+    (cache / name).mkdir(parents=True)
+    (cache / name / "keep").write_bytes(b"")
+    with NativeProver() as prover, pytest.raises(ProverError, match=f"cannot write .*{name}"):
+        prover.build_tree(manifest.proof_type, manifest.replicas[0].sealed_file, cache, bytes(32))
+    assert not [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]

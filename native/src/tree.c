@@ -240,6 +240,7 @@ int32_t dext_build_tree(dext_handle *handle, const char *proof_type, const char 
     tree = -1;
     if (rc != 0 || rename(tmp_path, tree_path) != 0) {
         set_error("cannot write %s: %s", tree_path, strerror(errno));
+        unlink(tmp_path); /* closed above, so the clean-up at `out` no longer removes it */
         status = DEXT_ERR_IO;
         goto out;
     }
