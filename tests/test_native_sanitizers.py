@@ -38,7 +38,7 @@ WARNINGS = [
 COMMON = ["-std=gnu11", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread"]
 ASAN_UBSAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 TSAN = ["-fsanitize=thread"]
-WRAP = ["-Wl,--wrap=malloc", "-Wl,--wrap=calloc"]
+WRAP = ["-Wl,--wrap=malloc", "-Wl,--wrap=calloc", "-Wl,--wrap=pread"]
 
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
@@ -161,6 +161,16 @@ def test_a_failed_write_on_a_full_disk_leaves_no_descriptor_open(
     if not Path("/dev/full").is_char_device():
         pytest.skip("no /dev/full here to stand in for a full disk")
     run_driver(asan_driver, "write-failure", fixture_args, tmp_path)
+
+
+def test_a_read_that_finds_its_file_ended_early_says_so_not_a_stale_errno(
+    asan_driver, fixture_args, tmp_path
+):
+    # A file that shrinks between the prover's fstat and its read (replaced, truncated): pread
+    # returns 0 and sets no errno, and the message gave whatever an earlier call had left.
+    out = run_driver(asan_driver, "short-read", fixture_args, tmp_path)
+    for name in ("dext_window_post", "dext_winning_post", "dext_build_tree"):
+        assert f"{name}: " in out
 
 
 def test_cancel_flag_set_before_or_during_a_call_stops_it(asan_driver, fixture_args, tmp_path):

@@ -42,6 +42,9 @@ static int read_full(int fd, void *buf, size_t len, off_t offset)
         ssize_t n = pread(fd, p, len, offset);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n == 0)
+            errno = ENODATA; /* the file ended early (it shrank since its fstat): no errno is
+                              * set, and the caller's message would give a stale one */
         if (n <= 0)
             return -1;
         p += n;

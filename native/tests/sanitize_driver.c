@@ -8,11 +8,12 @@
  *
  * It is linked with -Wl,--wrap=malloc,--wrap=calloc: only the prover's own allocations (and this
  * file's) go through the wrappers below, which fail the n-th one on request. OpenSSL's
- * allocations happen inside libcrypto and are not affected.
+ * allocations happen inside libcrypto and are not affected. And with -Wl,--wrap=pread, to make
+ * the prover's n-th read find the end of its file.
  *
  *   sanitize_driver SCENARIO WORKDIR MINER WINDOW_TYPE WINNING_TYPE (ID COMM_R_HEX CACHE SEALED)...
  *
- * Scenarios: prove, nomem, nomem-openssl, write-failure, cancel, cancel-race. Exit 0 when every check holds;
+ * Scenarios: prove, nomem, nomem-openssl, write-failure, short-read, cancel, cancel-race. Exit 0 when every check holds;
  * otherwise "FAIL: ..." on stderr and exit 1 (a sanitizer report exits non-zero by itself).
  */
 #include <dirent.h>
@@ -95,6 +96,28 @@ static void crypto_free(void *ptr, const char *file, int line)
     (void)file;
     (void)line;
     free(ptr);
+}
+
+/* ---- short read injection ---------------------------------------------------------------- */
+
+/* Linked with -Wl,--wrap=pread too: the prover's reads can be made to find the end of the file
+ * early, as when a file shrinks between the prover's fstat and its read, with a stale errno
+ * left from an earlier call. */
+ssize_t __real_pread(int fd, void *buf, size_t count, off_t offset);
+ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset);
+
+static long eof_at = -1; /* index of the pread to answer with end of file; -1: none */
+static long preads;
+static int eof_given;
+
+ssize_t __wrap_pread(int fd, void *buf, size_t count, off_t offset)
+{
+    if (eof_at >= 0 && preads++ == eof_at) {
+        eof_given = 1;
+        errno = ENOENT; /* stale: what an earlier call left, which says nothing of this read */
+        return 0;
+    }
+    return __real_pread(fd, buf, count, offset);
 }
 
 /* ---- helpers ------------------------------------------------------------------------------ */
@@ -387,6 +410,71 @@ static void scenario_write_failure(const fixture *fx)
     dext_close(h);
 }
 
+/* Every read of the prover finding the end of its file early, in turn: a fault of that sector
+ * (window_post) or DEXT_ERR_SECTOR (winning_post, build_tree), with a message that says the
+ * file ended, not the errno some earlier call left; no descriptor left open. */
+static void scenario_short_read(const fixture *fx)
+{
+    dext_handle *h = dext_open(NULL);
+    if (!h) {
+        fail("dext_open: %s", dext_last_error(NULL));
+        return;
+    }
+    static const char *const names[] = {"dext_window_post", "dext_winning_post",
+                                        "dext_build_tree"};
+    char ended[128];
+    snprintf(ended, sizeof(ended), ": %s", strerror(ENODATA));
+    for (int op = 0; op < 3; op++) {
+        long points = 0;
+        for (long k = 0;; k++) {
+            char cache[4200];
+            uint8_t comm_r[32];
+            dext_result *result = NULL;
+            int before = open_descriptors();
+            int32_t status;
+            snprintf(cache, sizeof(cache), "%s/short-read", fx->workdir);
+            eof_at = k;
+            preads = 0;
+            eof_given = 0;
+            if (op == 0)
+                status = dext_window_post(h, &fx->window, NULL, NULL, NULL, &result);
+            else if (op == 1)
+                status = dext_winning_post(h, &fx->winning, NULL, NULL, NULL, &result);
+            else
+                status = dext_build_tree(h, fx->window.proof_type, fx->replicas[0].sealed_file,
+                                         cache, fx->comm_c, comm_r, NULL, NULL, NULL);
+            eof_at = -1;
+            if (open_descriptors() != before)
+                fail("%s with read %ld ending early left %d descriptors open", names[op], k,
+                     open_descriptors() - before);
+            if (!eof_given) {
+                expect_status(names[op], status, DEXT_OK);
+                dext_result_free(result);
+                break;
+            }
+            points++;
+            if (op == 0) {
+                expect_status(names[op], status, DEXT_OK);
+                if (result && (result->fault_count != 1 || result->proof_count != 0))
+                    fail("%s with read %ld ending early: %zu faults and %zu proofs, expected "
+                         "the one sector read as a fault", names[op], k, result->fault_count,
+                         result->proof_count);
+                dext_result_free(result);
+                continue;
+            }
+            expect_status(names[op], status, DEXT_ERR_SECTOR);
+            const char *msg = dext_last_error(NULL);
+            if (status == DEXT_ERR_SECTOR && (!strstr(msg, ended) || strstr(msg, strerror(ENOENT))))
+                fail("%s with read %ld ending early: the message does not say so: %s", names[op],
+                     k, msg);
+        }
+        if (points == 0)
+            fail("%s made no read to cut short", names[op]);
+        printf("%s: %ld reads, each cut short in turn\n", names[op], points);
+    }
+    dext_close(h);
+}
+
 /* Sets the flag from another thread while the prover runs, then lets the prover go on: the
  * prover must see it at its next check. */
 typedef struct setter {
@@ -544,6 +632,8 @@ int main(int argc, char **argv)
         scenario_nomem(&fx, 1);
     else if (strcmp(scenario, "write-failure") == 0)
         scenario_write_failure(&fx);
+    else if (strcmp(scenario, "short-read") == 0)
+        scenario_short_read(&fx);
     else if (strcmp(scenario, "cancel") == 0)
         scenario_cancel(&fx);
     else if (strcmp(scenario, "cancel-race") == 0)
