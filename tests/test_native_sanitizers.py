@@ -173,6 +173,15 @@ def test_a_read_that_finds_its_file_ended_early_says_so_not_a_stale_errno(
         assert f"{name}: " in out
 
 
+@pytest.mark.parametrize("sanitizer", ["asan", "tsan"])
+def test_handles_used_by_several_threads_at_once_share_nothing(
+    sanitizer, request, fixture_args, tmp_path
+):
+    # The host opens one handle per concurrent request and calls them from as many threads.
+    driver = request.getfixturevalue(f"{sanitizer}_driver")
+    run_driver(driver, "threads", fixture_args, tmp_path)
+
+
 def test_cancel_flag_set_before_or_during_a_call_stops_it(asan_driver, fixture_args, tmp_path):
     run_driver(asan_driver, "cancel", fixture_args, tmp_path)
 

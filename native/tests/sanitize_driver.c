@@ -13,8 +13,9 @@
  *
  *   sanitize_driver SCENARIO WORKDIR MINER WINDOW_TYPE WINNING_TYPE (ID COMM_R_HEX CACHE SEALED)...
  *
- * Scenarios: prove, nomem, nomem-openssl, write-failure, short-read, cancel, cancel-race. Exit 0 when every check holds;
- * otherwise "FAIL: ..." on stderr and exit 1 (a sanitizer report exits non-zero by itself).
+ * Scenarios: prove, nomem, nomem-openssl, write-failure, short-read, threads, cancel,
+ * cancel-race. Exit 0 when every check holds; otherwise "FAIL: ..." on stderr and exit 1 (a
+ * sanitizer report exits non-zero by itself).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -475,6 +476,80 @@ static void scenario_short_read(const fixture *fx)
     dext_close(h);
 }
 
+/* Handles used by several threads at once, as the host does (one handle per concurrent
+ * request): the library must keep no shared state but the thread-local error message. Each
+ * thread proves, verifies, builds a tree into its own cache dir and fails a call, whose
+ * message must be its own; results are freed on another thread than the one they came from. */
+#define THREADS 4
+
+typedef struct worker {
+    const fixture *fx;
+    int index;
+    dext_result *result; /* freed by main */
+    char problem[256];
+} worker;
+
+static void *work(void *arg)
+{
+    worker *w = arg;
+    const fixture *fx = w->fx;
+    dext_handle *h = dext_open(NULL);
+    if (!h) {
+        snprintf(w->problem, sizeof(w->problem), "dext_open: %s", dext_last_error(NULL));
+        return NULL;
+    }
+    for (int round = 0; round < 3 && !w->problem[0]; round++) {
+        dext_result *window = NULL, *winning = NULL;
+        char cache[4200], bad_type[64];
+        uint8_t comm_r[32];
+        if (dext_window_post(h, &fx->window, progress_ignored, NULL, NULL, &window) != DEXT_OK ||
+            dext_verify(h, &fx->window, window->proofs, window->proof_count) != DEXT_OK ||
+            dext_winning_post(h, &fx->winning, progress_ignored, NULL, NULL, &winning) != DEXT_OK)
+            snprintf(w->problem, sizeof(w->problem), "proving: %s", dext_last_error(NULL));
+        snprintf(cache, sizeof(cache), "%s/thread-%d", fx->workdir, w->index);
+        if (!w->problem[0] &&
+            (dext_build_tree(h, fx->window.proof_type, fx->replicas[0].sealed_file, cache,
+                             fx->comm_c, comm_r, progress_ignored, NULL, NULL) != DEXT_OK ||
+             memcmp(comm_r, fx->replicas[0].comm_r, 32) != 0))
+            snprintf(w->problem, sizeof(w->problem), "build_tree: %s", dext_last_error(NULL));
+        dext_post_task bad = fx->window;
+        snprintf(bad_type, sizeof(bad_type), "NoSuchType%d", w->index);
+        bad.proof_type = bad_type;
+        dext_result *none = NULL;
+        if (!w->problem[0] &&
+            (dext_window_post(h, &bad, NULL, NULL, NULL, &none) != DEXT_ERR_INVALID_ARGUMENT ||
+             !strstr(dext_last_error(h), bad_type)))
+            snprintf(w->problem, sizeof(w->problem), "another thread's message: %s",
+                     dext_last_error(h));
+        dext_result_free(window);
+        if (w->result)
+            dext_result_free(winning);
+        else
+            w->result = winning;
+    }
+    dext_close(h);
+    return NULL;
+}
+
+static void scenario_threads(const fixture *fx)
+{
+    worker workers[THREADS];
+    pthread_t threads[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        workers[i] = (worker){.fx = fx, .index = i};
+        if (pthread_create(&threads[i], NULL, work, &workers[i]) != 0) {
+            perror("pthread_create");
+            exit(2);
+        }
+    }
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(threads[i], NULL);
+        if (workers[i].problem[0])
+            fail("thread %d: %s", i, workers[i].problem);
+        dext_result_free(workers[i].result);
+    }
+}
+
 /* Sets the flag from another thread while the prover runs, then lets the prover go on: the
  * prover must see it at its next check. */
 typedef struct setter {
@@ -634,6 +709,8 @@ int main(int argc, char **argv)
         scenario_write_failure(&fx);
     else if (strcmp(scenario, "short-read") == 0)
         scenario_short_read(&fx);
+    else if (strcmp(scenario, "threads") == 0)
+        scenario_threads(&fx);
     else if (strcmp(scenario, "cancel") == 0)
         scenario_cancel(&fx);
     else if (strcmp(scenario, "cancel-race") == 0)
