@@ -4,6 +4,7 @@ regular files, cache dirs in the way of the files it writes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,11 @@ for rep in manifest.replicas:
             "tree": os.path.join(rep.cache_dir, "sc-02-data-tree-r-last.dat")}[target]
     os.unlink(path)
     os.mkfifo(path)
+if len(sys.argv) > 4:  # the Python reference prover
+    from damocles_ext.post import reference
+    out = reference.window_post(window_task(manifest, seed))
+    print("window faults", out.faults, "proofs", len(out.proofs))
+    sys.exit(0)
 with NativeProver() as prover:
     out = prover.window_post(window_task(manifest, seed))
     print("window faults", out.faults, "proofs", len(out.proofs))
@@ -84,15 +90,17 @@ with NativeProver() as prover:
 """
 
 
+@pytest.mark.parametrize("prover", ["native", "python"])
 @pytest.mark.parametrize("target", ["sealed", "p_aux", "tree"])
 def test_a_fifo_in_place_of_a_sectors_file_is_a_fault_not_a_prover_blocked_for_ever(
-    tmp_path, target
+    tmp_path, target, prover
 ):
     # A FIFO with no writer blocks open() until one comes: the prover was stuck before reading
     # any cancel flag, for ever, and the whole partition's proof was lost with it.
     manifest = create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1", 3, 1000, random_seed=5)
+    argv = [sys.executable, "-c", FIFO_PROOFS, str(manifest), target, str(tmp_path / "built")]
     run = subprocess.run(
-        [sys.executable, "-c", FIFO_PROOFS, str(manifest), target, str(tmp_path / "built")],
+        argv + (["python"] if prover == "python" else []),
         check=False,
         capture_output=True,
         text=True,
@@ -101,6 +109,8 @@ def test_a_fifo_in_place_of_a_sectors_file_is_a_fault_not_a_prover_blocked_for_e
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "window faults [1, 2, 3] proofs 0", run.stdout
+    if prover == "python":
+        return
     assert lines[1].startswith("winning winning_post: sector "), run.stdout
     if target == "sealed":
         assert "is not a regular file" in lines[1], run.stdout
@@ -120,3 +130,42 @@ def test_build_tree_whose_file_cannot_take_its_place_leaves_no_temporary_file(
     with NativeProver() as prover, pytest.raises(ProverError, match=f"cannot write .*{name}"):
         prover.build_tree(manifest.proof_type, manifest.replicas[0].sealed_file, cache, bytes(32))
     assert not [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_sealed_file_under_a_lease_is_proved_once_the_lease_breaks_not_a_fault(tmp_path):
+    # Samba's kernel oplocks and NFS delegations hold leases: a plain open() waits for the lease
+    # to break. Opened with O_NONBLOCK (for FIFOs), it failed at once with EWOULDBLOCK, and the
+    # sector was a fault, which damocles-manager declares on chain.
+    import fcntl
+    import signal
+    import threading
+
+    from damocles_ext.post.fixtures import load_manifest
+
+    made = create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1", 1, 1000, random_seed=5)
+    task = window_task(load_manifest(made), SEED)
+    holder = os.open(task.replicas[0].sealed_file, os.O_WRONLY)
+    broken = threading.Event()
+
+    def lease_break(signum, frame):  # the kernel asks the holder to give its lease up
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        broken.set()
+
+    before = signal.signal(signal.SIGIO, lease_break)
+    try:
+        try:
+            fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            pytest.skip(f"no lease can be taken here: {exc}")
+        answers = []
+        with NativeProver() as prover:
+            proving = threading.Thread(target=lambda: answers.append(prover.window_post(task)))
+            proving.start()
+            # The main thread takes the signal; the prover waits in open() meanwhile.
+            assert broken.wait(60)
+            proving.join(60)
+        [output] = answers
+        assert output.faults == [] and len(output.proofs) == 1
+    finally:
+        signal.signal(signal.SIGIO, before)
+        os.close(holder)

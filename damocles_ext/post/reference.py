@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, WinningPoSt, WinningPoStOutput
 from . import challenges as ch
@@ -137,20 +137,39 @@ def prove_sector(
         raise _Fault(f"sector {replica.sector_id}: {exc}") from None
 
 
+def _open_input(path: str, what: str) -> BinaryIO:
+    """`path` opened for reading, unbuffered, as the C prover opens its input files: a FIFO
+    where a file should be (no writer) would block open() for ever, so it is opened at once
+    (O_NONBLOCK) and then refused; a regular file loses the flag, and one that a lease holds
+    is opened again, waiting for the lease to break, as a plain open() does."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except BlockingIOError:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Fault(f"{what} {path} is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _prove_sector(
     params: ProofParams, replica: PoStReplicaInfo, rand: bytes, sector_index: int
 ) -> SectorProof:
     sid = replica.sector_id
-    with open(replica.sealed_file, "rb", buffering=0) as sealed:
+    with _open_input(replica.sealed_file, "sealed file") as sealed:
         st = os.fstat(sealed.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise _Fault(f"sealed file {replica.sealed_file} is not a regular file")
         if st.st_size != params.sector_size:
             raise _Fault(
                 f"sealed file {replica.sealed_file} is {st.st_size} bytes, "
                 f"expected {params.sector_size}"
             )
-        with open(os.path.join(replica.cache_dir, P_AUX_NAME), "rb") as f:
+        with _open_input(os.path.join(replica.cache_dir, P_AUX_NAME), "p_aux") as f:
             paux = f.read(65)
         if len(paux) != 64:
             raise _Fault(f"p_aux of sector {sid} is {len(paux)} bytes, expected 64")
@@ -159,7 +178,7 @@ def _prove_sector(
             raise _Fault(f"comm_r of sector {sid} does not match H(comm_c, comm_r_last)")
 
         tree_path = os.path.join(replica.cache_dir, TREE_FILE_NAME)
-        with open(tree_path, "rb", buffering=0) as tree:
+        with _open_input(tree_path, "tree file") as tree:
             size = os.fstat(tree.fileno()).st_size
             rows = next(
                 (

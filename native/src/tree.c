@@ -19,10 +19,30 @@
 #define BUILD_CHUNK_NODES ((uint64_t)1 << 15)
 /* Tree files up to this size are read whole instead of node by node. */
 #define SMALL_TREE_FILE (1u << 20)
-/* How every input file is opened. O_NONBLOCK: a FIFO where a file should be (no writer) would
- * block open() for ever, where no cancel flag is read; opened at once, it is then refused as not
- * a regular file or as one of the wrong size. Reads of regular files ignore the flag. */
-#define READ_FLAGS (O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+/* Opens an input file for reading. With O_NONBLOCK: a FIFO where a file should be (no writer)
+ * would block open() for ever, where no cancel flag is read; opened at once, it is then refused
+ * as not a regular file or as one of the wrong size. A regular file's descriptor loses the flag
+ * (a FUSE daemon sees it on every read, and may answer EAGAIN), and one that a lease holds
+ * (Samba's oplocks, an NFS delegation: EWOULDBLOCK at once) is opened again, waiting for the
+ * lease to break, as a plain open() does. */
+static int open_input(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    struct stat st;
+    if (fd < 0) {
+        int e = errno;
+        if (e == EWOULDBLOCK && stat(path, &st) == 0 && S_ISREG(st.st_mode))
+            return open(path, O_RDONLY | O_CLOEXEC);
+        errno = e;
+        return -1;
+    }
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0)
+            (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    }
+    return fd;
+}
 
 /* Offset, in nodes, of `level` inside a tree file that starts at level rows+1. */
 static uint64_t level_offset(uint64_t nodes, unsigned rows, unsigned level)
@@ -146,7 +166,7 @@ int32_t dext_build_tree(dext_handle *handle, const char *proof_type, const char 
     }
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", tree_path);
 
-    sealed = open(sealed_file, READ_FLAGS);
+    sealed = open_input(sealed_file);
     struct stat st;
     if (sealed < 0 || fstat(sealed, &st) != 0) {
         set_error("cannot open sealed file %s: %s", sealed_file, strerror(errno));
@@ -293,7 +313,7 @@ static int tree_node(const tree_reader *t, unsigned level, uint64_t index, uint8
 
 static int read_small_file(const char *path, uint8_t *buf, size_t want, size_t *got)
 {
-    int fd = open(path, READ_FLAGS);
+    int fd = open_input(path);
     if (fd < 0)
         return -1;
     size_t n = 0;
@@ -345,7 +365,7 @@ int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
     struct stat st;
     const uint8_t *comm_c = paux, *comm_r_last = paux + 32;
 
-    sealed = open(replica->sealed_file, READ_FLAGS);
+    sealed = open_input(replica->sealed_file);
     if (sealed < 0)
         FAULT("cannot open sealed file %s: %s", replica->sealed_file, strerror(errno));
     if (fstat(sealed, &st) != 0 || !S_ISREG(st.st_mode))
@@ -368,7 +388,7 @@ int prove_sector(hasher *h, const proof_params *p, const dext_replica *replica,
 
     if (join_path(path, sizeof(path), replica->cache_dir, TREE_FILE_NAME) != 0)
         FAULT("cache dir path is too long: %.200s...", replica->cache_dir);
-    tree.fd = open(path, READ_FLAGS);
+    tree.fd = open_input(path);
     if (tree.fd < 0 || fstat(tree.fd, &st) != 0)
         FAULT("cannot open tree file %s: %s", path, strerror(errno));
     /* The file size says how many rows were discarded when it was written. */
