@@ -535,12 +535,15 @@ def _bytes32(value: object, what: str) -> bytes:
     checked by msgspec, and ffi.memmove copies 32 bytes whatever the source's length: a short
     seed or comm_r would be padded with whatever memory follows it (a proof for another seed, a
     good sector reported faulty)."""
-    if not isinstance(value, bytes | bytearray) or len(value) != 32:
-        got = (
-            f"{len(value)} bytes" if isinstance(value, bytes | bytearray) else type(value).__name__
-        )
-        raise InvalidTaskError(f"{what} must be 32 bytes, got {got}")
-    return bytes(value)
+    if isinstance(value, str):  # (memoryview() refuses it too, but say what it is)
+        raise InvalidTaskError(f"{what} must be 32 bytes, got str")
+    try:
+        data = bytes(memoryview(value))  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidTaskError(f"{what} must be 32 bytes, got {type(value).__name__}") from None
+    if len(data) != 32:
+        raise InvalidTaskError(f"{what} must be 32 bytes, got {len(data)} bytes")
+    return data
 
 
 def _status_name(lib: Any, status: int) -> str:
