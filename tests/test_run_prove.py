@@ -1205,27 +1205,42 @@ def test_prove_output_to_dev_stdout_writes_to_stdout(tmp_path):
     assert result.stdout == jsonl.output_to_json(echo_output(task)) + b"\n"
 
 
-@pytest.mark.parametrize("append", [False, True], ids=["truncated", "appended"])
-def test_prove_output_to_a_link_to_its_own_stdout_writes_into_the_file_the_shell_opened(
-    tmp_path, append
-):
+@pytest.mark.parametrize(
+    ("link_to", "append"),
+    [("self", False), ("self", True), ("thread-self", False), ("another", False)],
+    ids=["truncated", "appended", "thread-self", "another-process"],
+)
+def test_prove_output_to_a_link_to_an_open_file_writes_into_that_file(tmp_path, link_to, append):
     # `prove -o /dev/stdout > out.json`: the path led to a regular file, so the proof was
     # written beside it and renamed over the link, replacing it (as root, the system's own
-    # /dev/stdout), and out.json stayed empty. A stand-in link here, to spare the system's.
+    # /dev/stdout), and out.json stayed empty. A stand-in link here, to spare the system's; also
+    # one to another process's open file, which is written through, not renamed over.
     cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
     task = make_task(60)
-    link = tmp_path / "stdout"
-    link.symlink_to("/proc/self/fd/1")
     out = tmp_path / "out.json"
     out.write_bytes(b"before\n" if append else b"")
     with open(out, "ab" if append else "wb") as stdout:
-        result = subprocess.run(
-            [*DEXT, "prove", "window_post", "--request", str(_task_file(tmp_path, task)),
-             "-c", str(cfg), "-o", str(link)],
-            stdout=stdout, stderr=subprocess.PIPE, env=dext_env(), timeout=60, check=False,
-        )  # fmt: skip
+        holder = None
+        if link_to == "another":  # a process holding out.json as its stdout, as a shell would
+            holder = subprocess.Popen(["sleep", "60"], stdout=stdout)
+            target = f"/proc/{holder.pid}/fd/1"
+        else:
+            target = f"/proc/{link_to}/fd/1"
+        link = tmp_path / "stdout"
+        link.symlink_to(target)
+        try:
+            result = subprocess.run(
+                [*DEXT, "prove", "window_post", "--request", str(_task_file(tmp_path, task)),
+                 "-c", str(cfg), "-o", str(link)],
+                stdout=stdout if holder is None else subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=dext_env(), timeout=60, check=False,
+            )  # fmt: skip
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
     assert result.returncode == 0, result.stderr.decode()
-    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+    assert link.is_symlink() and os.readlink(link) == target
     before = b"before\n" if append else b""
     assert out.read_bytes() == before + jsonl.output_to_json(echo_output(task)) + b"\n"
 

@@ -291,16 +291,18 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     # Checked again: the file may have been missing at the start, and a symlink planted since.
     _refuse_foreign_symlink(path, "; the proof was made but is lost")
     try:
-        own_fd = _own_open_file(path)
-        if own_fd is not None:
+        open_file = _open_file_link(path)
+        if open_file is not None and open_file >= 0:
             # /dev/stdout, /dev/fd/1: one of our open files, written where it stands (a file
             # the shell opened, appended to or not, a pipe, a terminal). Renaming over the path
             # replaced the link itself (as root, the system's /dev/stdout) and wrote nothing.
-            with open(os.dup(own_fd), "wb") as out:
+            with open(os.dup(open_file), "wb") as out:
                 out.write(data)
             return
         try:
-            special = not stat.S_ISREG(path.stat().st_mode)
+            # Another process's open file (/proc/<pid>/fd/N): written through, never renamed
+            # over.
+            special = open_file is not None or not stat.S_ISREG(path.stat().st_mode)
         except FileNotFoundError:
             special = False
         if special:
@@ -332,21 +334,22 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
         ) from None
 
 
-def _own_open_file(path: Path) -> int | None:
-    """The descriptor of this process that `path` leads to through /proc/self/fd/N or
-    /proc/<our pid>/fd/N (as /dev/stdout and /dev/fd/1 do), or None."""
+def _open_file_link(path: Path) -> int | None:
+    """Whether `path` leads through /proc/.../fd/N (as /dev/stdout and /dev/fd/1 do): N when it
+    is an open file of this process, -1 when of another, None when it does not."""
     import re
 
+    me = os.readlink("/proc/self")  # our pid as this /proc knows it (another pid namespace's)
     here = str(path.absolute())
     for _ in range(40):  # the kernel's own limit of links followed
         head, name = os.path.split(here)
         here = os.path.join(os.path.realpath(head), name)
-        found = re.fullmatch(r"/proc/(self|\d+)/fd/(\d+)", here)
+        found = re.fullmatch(r"/proc/(self|thread-self|\d+)(?:/task/\d+)?/fd/(\d+)", here)
         if found is not None:
-            return int(found[2]) if found[1] in ("self", str(os.getpid())) else None
+            return int(found[2]) if found[1] in ("self", "thread-self", me) else -1
         try:
             target = os.readlink(here)
-        except OSError:  # not a link (or not there): no open file of ours
+        except OSError:  # not a link (or not there): no open file
             return None
         here = os.path.join(head if not os.path.isabs(target) else "/", target)
     return None
