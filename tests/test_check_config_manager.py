@@ -436,6 +436,9 @@ def test_two_serve_jobs_entries_listening_on_one_port_are_warned_about(
         ("0.0.0.0", "::", True),
         ("::0", "10.0.0.5", True),  # '::' written otherwise is still the wildcard
         ("[::1]", "::1", True),
+        ("::", "localhost", True),  # a name: as it resolves (from /etc/hosts, no DNS)
+        ("localhost", "LOCALHOST", True),
+        ("127.0.0.1", "::ffff:127.0.0.1", True),  # IPv4-mapped: the IPv4 address
     ],
 )
 def test_listening_hosts_collide_as_linux_binds_them(a: str, b: str, collide: bool):

@@ -330,24 +330,36 @@ def _port_taken(address: tuple[str, int], taken: list[tuple[str, int, str]]) -> 
 
 def _hosts_collide(a: str, b: str) -> bool:
     """Whether listening on one port at hosts `a` and `b` collides, as Linux binds: the same
-    address, or a wildcard of the other's family (0.0.0.0 takes IPv4 addresses, :: every one)."""
+    address (a name as it resolves, an IPv4-mapped IPv6 address as its IPv4 one), or a
+    wildcard of the other's family (0.0.0.0 takes IPv4 addresses, :: every one). A name that
+    does not resolve collides with a wildcard and with itself."""
     import ipaddress
+    import socket
 
     def parsed(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        host = host.strip("[]")
         try:
-            return ipaddress.ip_address(host.strip("[]"))
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            return None  # a name: compared as written
+            try:  # a name: as serve binds it
+                info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+                ip = ipaddress.ip_address(str(info[0][4][0]).split("%", 1)[0])
+            except (OSError, ValueError, IndexError):
+                return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        return ip
 
     x, y = parsed(a), parsed(b)
     if x is None or y is None:
-        return a == b
+        known = x if y is None else y
+        return a.lower() == b.lower() or (known is not None and known.is_unspecified)
     if x == y:
         return True
-    for w, other in ((x, y), (y, x)):
-        if w.is_unspecified and (w.version == 6 or other.version == 4):
-            return True
-    return False
+    return any(
+        w.is_unspecified and (w.version == 6 or other.version == 4)
+        for w, other in ((x, y), (y, x))
+    )
 
 
 def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
