@@ -357,8 +357,7 @@ def _hosts_collide(a: str, b: str) -> bool:
     if x == y:
         return True
     return any(
-        w.is_unspecified and (w.version == 6 or other.version == 4)
-        for w, other in ((x, y), (y, x))
+        w.is_unspecified and (w.version == 6 or other.version == 4) for w, other in ((x, y), (y, x))
     )
 
 
