@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +51,41 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 
 log = logging.getLogger("damocles_ext.supervisor")
 
+# What a log line never carries raw, since much of what is logged comes from children (their
+# stderr lines, their error answers): line breaks (a child's "\n" would start a record of its
+# own, in our format), the controls that move a terminal's cursor or start an escape sequence
+# (a "\r" or an ANSI sequence would overwrite the line's own start with a forged one), DEL, the
+# C1 controls, the Unicode line and paragraph separators, and lone surrogates (undecodable
+# bytes of a file name). Tabs stay.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# The same, less what json.dumps escapes itself: what is left could break a line for a reader
+# splitting on Unicode line boundaries, or reach a terminal raw.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks and control characters escaped (\\n, \\r, \\x1b, \\u2028)."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, each record's line kept to one line whatever its message holds (a traceback
+    still follows it on lines of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line, its message escaped by one_line()."""
+        return one_line(super().formatMessage(record))
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time (UTC, ISO 8601), level, logger, message, extra fields."""
@@ -73,7 +109,9 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, ensure_ascii=False)
+        return _JSON_UNSAFE.sub(
+            lambda m: f"\\u{ord(m.group()):04x}", json.dumps(doc, ensure_ascii=False)
+        )
 
 
 def add_logging_args(parser: argparse.ArgumentParser, default_level: str) -> None:
@@ -131,7 +169,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     if fmt not in LOG_FORMATS:
         raise UsageError(f"unknown log format {fmt!r}; use one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

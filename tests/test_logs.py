@@ -345,3 +345,61 @@ def test_broken_dext_frame_is_dumped_from_the_environment_setting(tmp_path: Path
     assert dump.read_bytes() == b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1"
     err = done.stderr.decode()
     assert "undecodable output: dext framing error" in err and str(dump) in err
+
+
+FORGING_CHILD = r"""
+import json, sys
+sys.stdout.write("window_post processor ready\n"); sys.stdout.flush()
+err = sys.stderr.buffer
+err.write(b"abc\r2026-01-01 00:00:00,000 ERROR damocles_ext.supervisor: forged by a carriage return\n")
+err.write(b"\x1b[2K\x1b[1G2026-01-01 00:00:00,000 ERROR damocles_ext.supervisor: forged by ANSI\n")
+err.write("split \u2028 here \x85 and \x0b there\n".encode())
+err.flush()
+request = json.loads(sys.stdin.readline())
+forged = "\n2026-01-01 00:00:00,000 ERROR damocles_ext.supervisor: forged by an error answer"
+sys.stdout.write(json.dumps({"id": request["id"], "err_msg": "gave up" + forged}) + "\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def _serve_one(tmp_path: Path, fmt: str) -> list[str]:
+    """serve window_post with FORGING_CHILD, one request; its stderr's lines."""
+    write_config(tmp_path, _bin_child(tmp_path, FORGING_CHILD, "MaxAttempts = 1\n"))
+    line = b'{"id": 1, "task": ' + task_to_json(make_task(3)) + b"}\n"
+    done = subprocess.run(
+        [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path), "--log-format", fmt],
+        input=line,
+        capture_output=True,
+        env=dext_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"forged by an error answer" in done.stdout  # the answer itself is damocles' to read
+    return done.stderr.decode().splitlines()
+
+
+def test_a_childs_line_breaks_and_terminal_controls_are_escaped_in_text_logs(tmp_path: Path):
+    lines = _serve_one(tmp_path, "text")
+    assert all(line[:4].isdigit() and " damocles_ext." in line for line in lines), lines
+    for line in lines:
+        assert not any(c in line for c in "\r\x1b\x0b\x85\u2028"), line
+    (cr,) = (x for x in lines if "by a carriage return" in x)
+    assert " INFO damocles_ext.child: [window_post#0 pid=" in cr and "] abc\\r2026-01-01" in cr
+    (ansi,) = (x for x in lines if "forged by ANSI" in x)
+    assert "] \\x1b[2K\\x1b[1G2026-01-01" in ansi
+    assert any("split \\u2028 here \\x85 and \\x0b there" in x for x in lines)
+    (answer,) = (x for x in lines if "forged by an error answer" in x)
+    assert " WARNING damocles_ext.serve: request 1 failed on window_post#0 " in answer
+    assert "gave up\\n2026-01-01" in answer
+
+
+def test_json_logs_are_one_object_a_line_whatever_a_child_writes(tmp_path: Path):
+    lines = _serve_one(tmp_path, "json")
+    records = [json.loads(line) for line in lines]  # splitlines() also cuts at \u2028 and \x85
+    (split,) = (r for r in records if "split" in r["message"])
+    assert split["message"].endswith("split \u2028 here \x85 and \x0b there")
+    assert split["child"] == "window_post#0"
+    (answer,) = (r for r in records if "forged by an error answer" in r["message"])
+    assert answer["level"] == "warning" and "gave up\n2026-01-01" in answer["message"]
