@@ -41,6 +41,11 @@ FORMAT_ENV = "DAMOCLES_EXT_LOG_FORMAT"
 DUMP_DIR_ENV = "DAMOCLES_EXT_DUMP_DIR"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PREVIEW_BYTES = 100  # as vc-processors truncates an unparsable response in its log
+#: A message longer than this many characters is logged cut (a child's error answer may be
+#: megabytes; it still goes whole to the caller): journald splits a line past its LineMax
+#: (48 KiB), Loki refuses one past its max_line_size (256 KiB) by default. A child's stderr
+#: line is cut into pieces of 8 KiB before it gets here.
+MESSAGE_LIMIT = 16384
 
 # Attributes every LogRecord has; anything else on a record came through `extra`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -70,6 +75,13 @@ def _escaped(match: re.Match[str]) -> str:
     return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
+def capped(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, or its first `limit` characters and how many more were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters not logged)"
+
+
 def one_line(text: str) -> str:
     """`text` with its line breaks and control characters escaped (\\n, \\r, \\x1b, \\u2028)."""
     return _UNSAFE.sub(_escaped, text)
@@ -77,18 +89,19 @@ def one_line(text: str) -> str:
 
 class TextFormatter(logging.Formatter):
     """TEXT_FORMAT, each record's line kept to one line whatever its message holds (a traceback
-    still follows it on lines of its own)."""
+    still follows it on lines of its own), and to MESSAGE_LIMIT characters or so."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """The record's line, its message escaped by one_line()."""
-        return one_line(super().formatMessage(record))
+        """The record's line, its message escaped by one_line() and capped()."""
+        return one_line(capped(super().formatMessage(record)))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, extra fields."""
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message (capped()),
+    extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON."""
@@ -98,7 +111,7 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": capped(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

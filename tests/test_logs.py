@@ -363,9 +363,9 @@ sys.stdin.read()
 """
 
 
-def _serve_one(tmp_path: Path, fmt: str) -> list[str]:
-    """serve window_post with FORGING_CHILD, one request; its stderr's lines."""
-    write_config(tmp_path, _bin_child(tmp_path, FORGING_CHILD, "MaxAttempts = 1\n"))
+def _serve_one(tmp_path: Path, fmt: str, child: str = FORGING_CHILD) -> tuple[str, list[str]]:
+    """serve window_post with `child`, one request: the answer's err_msg, stderr's lines."""
+    write_config(tmp_path, _bin_child(tmp_path, child, "MaxAttempts = 1\n"))
     line = b'{"id": 1, "task": ' + task_to_json(make_task(3)) + b"}\n"
     done = subprocess.run(
         [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path), "--log-format", fmt],
@@ -376,12 +376,13 @@ def _serve_one(tmp_path: Path, fmt: str) -> list[str]:
         check=False,
     )
     assert done.returncode == 0, done.stderr.decode()
-    assert b"forged by an error answer" in done.stdout  # the answer itself is damocles' to read
-    return done.stderr.decode().splitlines()
+    (answer,) = done.stdout.splitlines()[1:]  # after the ready line
+    return json.loads(answer)["err_msg"], done.stderr.decode().splitlines()
 
 
 def test_a_childs_line_breaks_and_terminal_controls_are_escaped_in_text_logs(tmp_path: Path):
-    lines = _serve_one(tmp_path, "text")
+    err_msg, lines = _serve_one(tmp_path, "text")
+    assert err_msg.endswith("forged by an error answer")  # the answer is damocles' to read
     assert all(line[:4].isdigit() and " damocles_ext." in line for line in lines), lines
     for line in lines:
         assert not any(c in line for c in "\r\x1b\x0b\x85\u2028"), line
@@ -396,10 +397,31 @@ def test_a_childs_line_breaks_and_terminal_controls_are_escaped_in_text_logs(tmp
 
 
 def test_json_logs_are_one_object_a_line_whatever_a_child_writes(tmp_path: Path):
-    lines = _serve_one(tmp_path, "json")
+    _, lines = _serve_one(tmp_path, "json")
     records = [json.loads(line) for line in lines]  # splitlines() also cuts at \u2028 and \x85
     (split,) = (r for r in records if "split" in r["message"])
     assert split["message"].endswith("split \u2028 here \x85 and \x0b there")
     assert split["child"] == "window_post#0"
     (answer,) = (r for r in records if "forged by an error answer" in r["message"])
     assert answer["level"] == "warning" and "gave up\n2026-01-01" in answer["message"]
+
+
+HUGE_ERROR_CHILD = """
+import json, sys
+sys.stdout.write("window_post processor ready\\n"); sys.stdout.flush()
+request = json.loads(sys.stdin.readline())
+sys.stdout.write(json.dumps({"id": request["id"], "err_msg": "E" * 1000000}) + "\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_childs_megabyte_error_answer_is_logged_cut_and_answered_whole(tmp_path: Path, fmt):
+    err_msg, lines = _serve_one(tmp_path, fmt, HUGE_ERROR_CHILD)
+    assert err_msg.endswith(": " + "E" * 1000000)
+    (logged,) = (x for x in lines if "EEEE" in x)
+    assert len(logged) < logs.MESSAGE_LIMIT + 1000
+    message = json.loads(logged)["message"] if fmt == "json" else logged
+    assert "request 1 failed on window_post#0" in message
+    assert message.endswith(" more characters not logged)")
