@@ -203,6 +203,18 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
+def _say_error(args: argparse.Namespace, text: str, exit_code: int) -> None:
+    """Why the command failed, on stderr: a line of text, or, when the command logs JSON lines,
+    one more record (a log pipeline parsing JSON would miss a line of text, the one that says
+    why the service stopped)."""
+    from . import logs  # here: the commands' start imports no more than they need
+
+    if hasattr(args, "log_format") and logs.json_logging():
+        logging.getLogger("damocles_ext.cli").error("%s", text, extra={"exit_code": exit_code})
+    else:
+        print(text, file=sys.stderr)
+
+
 def _main(argv: list[str] | None) -> int:
     args = None
     try:
@@ -212,7 +224,7 @@ def _main(argv: list[str] | None) -> int:
     except DextError as exc:
         if args is None:  # stdout failed as the parser wrote --help: main() says so
             raise
-        print(f"damocles-ext {args.command}: error: {exc}", file=sys.stderr)
+        _say_error(args, f"damocles-ext {args.command}: error: {exc}", exc.exit_code)
         return exc.exit_code
     except BaseException as exc:
         # Ctrl-C, also when trio raises it out of a nursery, inside a group.

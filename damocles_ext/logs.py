@@ -188,6 +188,11 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     root.setLevel(level.upper())
 
 
+def json_logging() -> bool:
+    """Whether setup_logging() last sent the records to JSON lines."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def setup_from_args(args: argparse.Namespace) -> None:
     """setup_logging() as the command's flags and the environment say; --dump-dir too."""
     level, fmt = resolve(
