@@ -441,3 +441,29 @@ def test_a_command_that_logs_json_says_why_it_stopped_as_a_json_record(tmp_path:
     assert (last["level"], last["logger"], last["exit_code"]) == ("error", "damocles_ext.cli", 2)
     assert last["message"].startswith(f"damocles-ext {command}: error: ")
     assert '"/nonexistent/prover" does not exist' in last["message"]
+
+
+CRASHING_CHILD = """
+import sys
+sys.stdout.write("window_post processor ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+sys.stderr.write("out of GPU memory\\n")
+sys.exit(3)
+"""
+
+
+def test_the_supervisors_records_about_a_child_carry_its_fields_as_its_stderr_lines_do(
+    tmp_path: Path,
+):
+    cfg = _bin_child(tmp_path, CRASHING_CHILD, "MaxAttempts = 1\n")
+    done = _prove(tmp_path, cfg, "--no-progress", "--log-level", "info", "--log-format", "json")
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.decode().splitlines()]
+    (said,) = (r for r in records if r["message"].endswith("] out of GPU memory"))
+    fields = {k: said[k] for k in ("child", "stage", "index", "pid")}
+    assert fields["child"] == "window_post#0" and fields["index"] == 0
+    about = [r for r in records if r["logger"] == "damocles_ext.supervisor"]
+    started = next(r for r in about if "started pid" in r["message"])
+    exited = next(r for r in about if r["level"] == "error" and "exit code 3" in r["message"])
+    for record in (started, exited):
+        assert {k: record.get(k) for k in fields} == fields, record

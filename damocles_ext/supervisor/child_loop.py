@@ -91,6 +91,9 @@ class Child:
         self._state = ChildState.STARTING
         self.p: Process | None = None
         self.pid: int | None = None
+        # What the records about it carry as fields (JSON logs), as its stderr lines do.
+        self.fields: dict[str, Any] = {"child": spec.name, "stage": spec.stage, "index": spec.index}
+        self.log = logging.LoggerAdapter(log, self.fields)
         self.protocol: str | None = None
         self.next_start_at: float | None = None
         self.started_at: float | None = None
@@ -112,7 +115,7 @@ class Child:
             raise IllegalTransition(
                 f"{self.name}: no transition from {self._state.value} to {new.value}"
             )
-        log.debug("%s: %s -> %s", self.name, self._state.value, new.value)
+        self.log.debug("%s: %s -> %s", self.name, self._state.value, new.value)
         self._state = new
 
 
@@ -187,7 +190,7 @@ def kill(
     `charge_all`: its loss costs each of its requests an attempt (the book's own kills have
     said already whether it does)."""
     if p.down_reason is None:
-        log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
+        child.log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
     try:
         mark_down(host, child, p, reason, charge_all=charge_all)
     finally:  # killed even after a bug of ours in telling the book
@@ -246,7 +249,7 @@ async def child_loop(
             except Exception as exc:
                 # The same wall as in _run_process, for a bug outside its process's nursery.
                 reason = f"internal error in damocles-ext: {_describe_error(exc)}"
-                log.exception("%s: %s", child.name, reason)
+                child.log.exception("%s: %s", child.name, reason)
                 was_ready = False
                 _launched(child, task_status)
                 host.task_failed(child, reason)
@@ -263,7 +266,7 @@ async def child_loop(
                 child.change_state(ChildState.FATAL if decision.fatal else ChildState.STOPPED)
                 retry = decision.retry_in
                 child.next_start_at = None if retry is None else now + retry
-                log.error("%s: %s", child.name, decision.reason)
+                child.log.error("%s: %s", child.name, decision.reason)
                 host.changed()
                 host.tell(
                     host.book.child_gave_up,
@@ -275,11 +278,11 @@ async def child_loop(
                 if retry is None:
                     break
                 # Still FATAL for its stage until a start succeeds (the book's child_ready).
-                log.info("%s: trying to start it again in %.2fs", child.name, retry)
+                child.log.info("%s: trying to start it again in %.2fs", child.name, retry)
             else:
                 child.change_state(ChildState.BACKOFF)
                 child.next_start_at = now + decision.delay
-                log.warning("%s: restarting in %.2fs", child.name, decision.delay)
+                child.log.warning("%s: restarting in %.2fs", child.name, decision.delay)
                 host.changed()
             assert child.next_start_at is not None
             with trio.move_on_at(child.next_start_at):
@@ -304,6 +307,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     if child.state is not ChildState.STARTING:  # the first start begins in it
         child.change_state(ChildState.STARTING)
     child.start_refused = False  # of this process only: said again if it refuses too
+    child.fields.pop("pid", None)  # the last process's; the next one's once it is spawned
     host.changed()
     env = build_env(spec.inherit_envs, spec.envs)
     mark = host.reaper.adopter.mark(env)
@@ -326,27 +330,26 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
         why = str(exc) if isinstance(exc, SpawnError) else f"{spec.name}: cannot start: {exc}"
         _launched(child, task_status)
         child.last_exit = f"failed to start: {why}"
-        log.error("%s", why)
+        child.log.error("%s", why)
         return False, why
     guardian = host.guardian
     if guardian is not None:
         guardian.add(proc.pid)  # its process group, for if we are killed
-    child.pid = proc.pid
+    child.pid = child.fields["pid"] = proc.pid
     child.started_at = time.time()
     child.protocol = None
     p = Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
     p.tree_mark = mark
     child.p = p
     _launched(child, task_status)
-    log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))
+    child.log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))
     host.observers.observe("dext_child_started", child=child_info(child))
     prefix = f"[{spec.stage}#{spec.index} pid={proc.pid}]"
     ready = False
     reason = "?"
     try:
         async with trio.open_nursery() as nursery:
-            fields = {"child": spec.name, "stage": spec.stage, "index": spec.index}
-            nursery.start_soon(_relay_stderr, p, prefix, {**fields, "pid": proc.pid})
+            nursery.start_soon(_relay_stderr, p, prefix, dict(child.fields))
             nursery.start_soon(_watch_exit, host, child, p)
             ready = await _handshake(host, child, p)
             if ready:
@@ -364,7 +367,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
         # A bug of ours while serving this process ends it (killed and reaped just below),
         # never the supervisor; marked down first, so no submitter reads its closed pipe.
         reason = f"internal error in damocles-ext: {_describe_error(exc)}"
-        log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
+        child.log.exception("%s (pid %d): %s; killing it", child.name, proc.pid, reason)
         host.task_failed(child, reason, p)
     finally:
         with trio.CancelScope(shield=True):
@@ -434,7 +437,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
         # Ready, then exited before it was acted on: to the restart rules an exit after ready
         # (not a failed start); it takes no request (no dext_child_ready, not in status).
         child.tracker.ready(trio.current_time())
-        log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
+        child.log.info("%s (pid %d): ready, and exited at once", child.name, p.proc.pid)
         return True
     if broke is not None:  # a Hello, then bad bytes in one read: a start, then a run that
         child.tracker.ready(trio.current_time())  # broke at once, killed before the book is
@@ -446,7 +449,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     ready = next(ev for ev in events if isinstance(ev, Ready))
     child.protocol = ready.protocol
     if ready.hello is not None and ready.hello.capacity < child.capacity:
-        log.warning(
+        child.log.warning(
             "%s: its Hello says capacity %d, but Concurrent is %d; sending up to %d at once",
             child.name,
             ready.hello.capacity,
@@ -456,7 +459,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     now = trio.current_time()
     child.change_state(ChildState.READY)
     child.tracker.ready(now)
-    log.info("%s (pid %d): ready (%s)", child.name, p.proc.pid, ready.protocol)
+    child.log.info("%s (pid %d): ready (%s)", child.name, p.proc.pid, ready.protocol)
     host.changed()
     host.observers.observe("dext_child_ready", child=child_info(child))
     # A queue offered in the Hello (bounded: it is the child's word) is taken for quick requests.
@@ -486,7 +489,7 @@ def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
         # A bug of ours on what this child wrote (read here by the reader task or by a
         # submitter, see read) ends this child, not the supervisor or the submitter.
         p.read_ended = True
-        log.exception("%s (pid %s): internal error on its output", child.name, child.pid)
+        child.log.exception("%s (pid %s): internal error on its output", child.name, child.pid)
         kill(
             host,
             child,
@@ -589,7 +592,7 @@ async def _stop_gracefully(host: ChildHost, child: Child, p: Process) -> None:
     with trio.move_on_after(host.stop_timeout):
         await p.proc.wait()
     if p.proc.exit is None:
-        log.warning(
+        child.log.warning(
             "%s (pid %d): still running %gs after it was asked to stop; SIGTERM",
             child.name,
             p.proc.pid,
@@ -620,7 +623,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
             await p.reader_done.wait()
         await p.stderr_done.wait()
     if drain_scope.cancelled_caught and p.proc.exit is not None:
-        log.warning(
+        child.log.warning(
             "%s (pid %d): exited, but its stdout/stderr are still open: a process it started"
             " outside its process group (setsid) holds them and may outlive it",
             child.name,
@@ -640,9 +643,9 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     child.start_refused = not was_ready and exit_info is not None and exit_info.returncode == 2
     host.tell(host.book.child_lost, child.name, trio.current_time(), what)
     if child.stop.is_set():
-        log.info("%s (pid %d): %s", child.name, p.proc.pid, what)
+        child.log.info("%s (pid %d): %s", child.name, p.proc.pid, what)
     else:
-        log.error("%s (pid %d): %s", child.name, p.proc.pid, what)
+        child.log.error("%s (pid %d): %s", child.name, p.proc.pid, what)
     host.changed()
     host.observers.observe(
         "dext_child_exited",
@@ -661,7 +664,7 @@ async def _until_group_gone(host: ChildHost, child: Child, p: Process) -> None:
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.until_group_gone()
     if left := p.proc.group_left():
-        log.error("%s (pid %d): pid %s of its group still not dead %gs after SIGKILL (stuck in"
+        child.log.error("%s (pid %d): pid %s of its group still not dead %gs after SIGKILL (stuck in"
                   " the kernel: a GPU driver call?); its locks are freed, and a proof on its GPU"
                   " may fail while that holds the GPU's memory: check the machine (dmesg)",
                   child.name, p.proc.pid, ", ".join(map(str, left)), REAP_TIMEOUT)  # fmt: skip

@@ -526,7 +526,7 @@ class Supervisor:
         child = self._children[effect.child]
         p = child.p
         if p is None:  # the book and the child's task disagree: a bug of ours; retry elsewhere
-            log.error("%s: no process to send request %d to", child.name, req.rid)
+            child.log.error("%s: no process to send request %d to", child.name, req.rid)
             now = trio.current_time()
             self._tell(self._book.child_lost, child.name, now, "its process was gone")
             return
@@ -626,7 +626,7 @@ class Supervisor:
                 if ev.raw:
                     report_bad_output(child.name, child.pid, ev.raw, ev.what, level=logging.WARNING)
                 else:
-                    log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
+                    child.log.warning("%s (pid %s): %s", child.name, child.pid, ev.what)
                 rid = ev.child_rid
                 if rid is None and ev.response_like:  # its id mangled: the only one it can be
                     rid = book.only_attempt(child.name, sent)
@@ -637,7 +637,7 @@ class Supervisor:
                 else:
                     self._tell(book.heard_from, child.name, now)
             elif isinstance(ev, Ready):
-                log.warning("%s: a second ready message ignored", child.name)
+                child.log.warning("%s: a second ready message ignored", child.name)
                 self._tell(book.heard_from, child.name, now)
 
     # -- the driver -------------------------------------------------------------------------
