@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,10 +41,10 @@ FORMAT_ENV = "DAMOCLES_EXT_LOG_FORMAT"
 DUMP_DIR_ENV = "DAMOCLES_EXT_DUMP_DIR"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PREVIEW_BYTES = 100  # as vc-processors truncates an unparsable response in its log
-#: A message longer than this many characters is logged cut (a child's error answer may be
-#: megabytes; it still goes whole to the caller): journald splits a line past its LineMax
-#: (48 KiB), Loki refuses one past its max_line_size (256 KiB) by default. A child's stderr
-#: line is cut into pieces of 8 KiB before it gets here.
+#: A message whose logged form (escaped, in UTF-8) is longer than this many bytes is logged cut
+#: (a child's error answer may be megabytes; it still goes whole to the caller): journald
+#: splits a line past its LineMax (48 KiB), Loki refuses one past its max_line_size (256 KiB)
+#: by default. A child's stderr line is cut into pieces of 8 KiB before it gets here.
 MESSAGE_LIMIT = 16384
 
 # Attributes every LogRecord has; anything else on a record came through `extra`.
@@ -75,11 +75,27 @@ def _escaped(match: re.Match[str]) -> str:
     return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
-def capped(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    """`text`, or its first `limit` characters and how many more were cut."""
-    if len(text) <= limit:
+def capped(text: str, shown: Callable[[str], str], limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, or as much of its start as `shown` (how it is written: escaped) makes at most
+    `limit` bytes of UTF-8, and how many more characters were cut. Measured after the escaping:
+    a character is written as at most six bytes (a control escaped as \\u2028)."""
+    if len(text) <= limit // 6 or len(shown(text).encode()) <= limit:  # (the common case)
         return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters not logged)"
+    # The most kept so far, and the least found too long (a character is a byte at least).
+    keep, over = 0, min(len(text), limit + 1)
+    while over - keep > 1:
+        mid = (keep + over) // 2
+        if len(shown(text[:mid]).encode()) <= limit:
+            keep = mid
+        else:
+            over = mid
+    return f"{text[:keep]}... ({len(text) - keep} more characters not logged)"
+
+
+def _json_shown(text: str) -> str:
+    return _JSON_UNSAFE.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False)
+    )
 
 
 def one_line(text: str) -> str:
@@ -96,7 +112,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's line, its message escaped by one_line() and capped()."""
-        return one_line(capped(super().formatMessage(record)))
+        return one_line(capped(super().formatMessage(record), one_line))
 
 
 class JsonFormatter(logging.Formatter):
@@ -111,7 +127,7 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": capped(record.getMessage()),
+            "message": capped(record.getMessage(), _json_shown),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

@@ -467,3 +467,19 @@ def test_the_supervisors_records_about_a_child_carry_its_fields_as_its_stderr_li
     exited = next(r for r in about if r["level"] == "error" and "exit code 3" in r["message"])
     for record in (started, exited):
         assert {k: record.get(k) for k in fields} == fields, record
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("char", ["E", "\x00", "\u2028", "\ufffd"])
+def test_a_logged_line_stays_within_the_limit_in_bytes_whatever_its_characters(fmt, char):
+    # The cut was of characters before the escaping: 20,000 NULs became a 65,000-character
+    # line (98,000 in JSON), past journald's 48 KiB LineMax it was meant to stay under.
+    formatter = logs.JsonFormatter() if fmt == "json" else logs.TextFormatter()
+    record = logging.LogRecord(
+        "damocles_ext.x", logging.WARNING, "", 0, "%s", (char * 20000,), None
+    )
+    line = formatter.format(record)
+    assert logs.MESSAGE_LIMIT < len(line.encode()) < logs.MESSAGE_LIMIT + 200
+    shown = json.loads(line)["message"] if fmt == "json" else line
+    assert shown.endswith(" more characters not logged)")
+    assert "\n" not in line and "\u2028" not in line
