@@ -1222,6 +1222,8 @@ def test_prove_output_to_a_link_to_an_open_file_writes_into_that_file(tmp_path, 
     with open(out, "ab" if append else "wb") as stdout:
         holder = None
         if link_to == "another":  # a process holding out.json as its stdout, as a shell would
+            stdout.write(b"an older and longer output, left from another run\n" * 20)
+            stdout.flush()
             holder = subprocess.Popen(["sleep", "60"], stdout=stdout)
             target = f"/proc/{holder.pid}/fd/1"
         else:

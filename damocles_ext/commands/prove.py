@@ -306,9 +306,12 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
         except FileNotFoundError:
             special = False
         if special:
-            # A device or a FIFO (-o /dev/null, a pipe to a reader): renaming over it would
-            # replace it with a regular file, so write into it.
+            # A device or a FIFO (-o /dev/null, a pipe to a reader), another process's open file:
+            # renaming over it would replace it with a regular file, so write into it (a regular
+            # file emptied first, as a shell's > does).
             fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
             with open(fd, "wb") as out:
                 out.write(data)
             return
@@ -339,13 +342,16 @@ def _open_file_link(path: Path) -> int | None:
     is an open file of this process, -1 when of another, None when it does not."""
     import re
 
-    me = os.readlink("/proc/self")  # our pid as this /proc knows it (another pid namespace's)
     here = str(path.absolute())
     for _ in range(40):  # the kernel's own limit of links followed
         head, name = os.path.split(here)
         here = os.path.join(os.path.realpath(head), name)
         found = re.fullmatch(r"/proc/(self|thread-self|\d+)(?:/task/\d+)?/fd/(\d+)", here)
         if found is not None:
+            try:  # our pid as this /proc knows it (another pid namespace's)
+                me = os.readlink("/proc/self")
+            except OSError:
+                me = str(os.getpid())
             return int(found[2]) if found[1] in ("self", "thread-self", me) else -1
         try:
             target = os.readlink(here)
