@@ -427,20 +427,33 @@ def test_a_childs_megabyte_error_answer_is_logged_cut_and_answered_whole(tmp_pat
     assert message.endswith(" more characters not logged)")
 
 
-@pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.parametrize("command", ["run", "serve", "serve-options"])
 def test_a_command_that_logs_json_says_why_it_stopped_as_a_json_record(tmp_path: Path, command):
     write_config(tmp_path, '[[WdPost]]\nBin = "/nonexistent/prover"\n')
     argv = {
         "run": [*DEXT, "run", "-c", str(tmp_path / "ext-prover.cfg")],
         "serve": [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path)],
+        # An option that does not go with the others, found before the config is read.
+        "serve-options": [
+            *DEXT,
+            "serve",
+            "window_post",
+            "--conf-dir",
+            str(tmp_path),
+            "--store",
+            "a=/x",
+        ],
     }[command]
     env = {**dext_env(), logs.FORMAT_ENV: "json"}
     done = subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
     assert done.returncode == 2 and done.stdout == b""
     *_, last = (json.loads(line) for line in done.stderr.decode().splitlines())
     assert (last["level"], last["logger"], last["exit_code"]) == ("error", "damocles_ext.cli", 2)
-    assert last["message"].startswith(f"damocles-ext {command}: error: ")
-    assert '"/nonexistent/prover" does not exist' in last["message"]
+    assert last["message"].startswith(f"damocles-ext {command.split('-')[0]}: error: ")
+    if command == "serve-options":
+        assert "--store goes with --jobs URL" in last["message"]
+    else:
+        assert '"/nonexistent/prover" does not exist' in last["message"]
 
 
 CRASHING_CHILD = """

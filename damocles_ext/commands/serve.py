@@ -213,8 +213,8 @@ def check_supervising_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (exit 2 on errors), then serve until stdin closes or a signal arrives."""
+    setup_from_args(args)  # first: a mistake below is a JSON record with --log-format json
     check_supervising_options(args)
-    setup_from_args(args)
     from damocles_ext.frontends.serve import take_protocol_fds
 
     # Before any plugin is imported: one that prints would put its line before the ready line.
