@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import errno
 import itertools
 import json
 import logging
@@ -301,8 +302,19 @@ def report_bad_output(
             # Checked again (dumps are rare): it may have gone since (a tmpfiles cleanup), and
             # another user put their own directory, or their symlink, at its name.
             make_trusted_dirs(directory)
-            # Exclusive create: never follow a symlink someone planted under our name.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            # Exclusive create: never follow a symlink someone planted under our name. A name
+            # taken already (the same pids in an earlier run: a container's pids repeat, the
+            # directory stays) is passed over for the next one.
+            for _ in range(1000):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    break
+                except FileExistsError:
+                    path = path.with_name(
+                        f"dext-bad-output-{pid}-{os.getpid()}-{next(_dump_seq)}.bin"
+                    )
+            else:
+                raise FileExistsError(errno.EEXIST, "1,000 names in a row taken", str(path))
             made = True
             with os.fdopen(fd, "wb") as out:
                 out.write(data)

@@ -95,6 +95,13 @@ def test_dump_dir_gets_the_whole_output_in_a_new_file(tmp_path: Path, restore_lo
     assert first.read_bytes() == b"\x00garbage" * 100 and second.read_bytes() == b"more"
     assert first.stat().st_mode & 0o777 == 0o600
     assert f"its 800 bytes were dumped to {first}" in out.getvalue()
+    # Names taken already (the same pids in an earlier run: a container's pids repeat and the
+    # directory stays): passed over, not a dump lost to "File exists".
+    n = int(second.stem.rsplit("-", 1)[1])
+    for taken in range(n + 1, n + 4):
+        (tmp_path / "dumps" / f"dext-bad-output-7-{os.getpid()}-{taken}.bin").write_bytes(b"old")
+    third = logs.report_bad_output("c", 7, b"third", "undecodable output")
+    assert third is not None and third.read_bytes() == b"third"
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="exists and is not a directory"):
         logs.set_dump_dir(tmp_path / "file")
