@@ -244,6 +244,19 @@ def test_scan_persist_stores_matches_as_damocles_workers_glob_crate(tmp_path, st
     assert [s.name for s in cfg.attached] == ["s1", "storage2", "storage3"]
 
 
+def test_a_negative_numa_preferred_is_passed_on_as_libnuma_reads_it_no_preferred_node(tmp_path):
+    # damocles-worker takes any C int and its child hands it to numa_set_preferred, for which a
+    # negative node means local allocation: a config that writes -1 for "none" must start.
+    cfg = parse(base(tmp_path, "[[processors.window_post]]\nnuma_preferred = -1\n"), tmp_path)
+    assert cfg.children[0].envs[ENV_NUMA_PREFERRED] == "-1"
+    with pytest.raises(ConfigError) as info:
+        parse(base(tmp_path, "[[processors.window_post]]\nnuma_preferred = 2000\n"), tmp_path)
+    assert (
+        "processors.window_post[0].numa_preferred: expected a NUMA node number from 0 to 1023,"
+        " or -1 for none" in str(info.value)
+    )
+
+
 def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
     cfg = parse(base(tmp_path), tmp_path)
     [child] = cfg.children

@@ -75,6 +75,8 @@ DEFAULT_CGROUP_GROUP = "vc-worker"
 HOT_CONFIG_NAME = "config.toml"  # a sealing thread's own overrides, in its location
 SECTORSTORE_JSON = "sectorstore.json"  # what scan_persist_stores looks for
 MAX_NUMA_NODE = 1023
+# numa_preferred is a C int; a negative one is libnuma's "no preferred node" (local allocation).
+MIN_NUMA_PREFERRED = -(2**31)
 
 
 class AttachedStore(msgspec.Struct, frozen=True):
@@ -506,7 +508,15 @@ class _Reader:
         cpuset_text = cgroup.string("cpuset")
         cpuset, cpu_errors = _parse_cpuset(t.at("cgroup"), cpuset_text, "cpuset")
         self.errors.extend(cpu_errors)
-        numa = t.integer("numa_preferred", low=0, high=MAX_NUMA_NODE)
+        numa = t.integer(
+            "numa_preferred",
+            low=MIN_NUMA_PREFERRED,
+            high=MAX_NUMA_NODE,
+            expected=(
+                f"a NUMA node number from 0 to {MAX_NUMA_NODE}, or -1 for none (libnuma then"
+                " allocates on the local node)"
+            ),
+        )
         concurrent = t.integer("concurrent", low=1, high=MAX_CONCURRENT)
         user_envs = t.envs("envs")
         locks = t.string_list("locks") or []

@@ -62,12 +62,14 @@ class TypedTable:
             return None
         return value
 
-    def integer(self, key: str, *, low: int, high: int) -> int | None:
+    def integer(self, key: str, *, low: int, high: int, expected: str = "") -> int | None:
+        """A whole number from `low` to `high`; `expected` says so in words when the bare
+        range would not."""
         value = self.raw.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self._bad(key, f"a whole number from {low} to {high}")
+            self._bad(key, expected or f"a whole number from {low} to {high}")
             return None
         return value
 
