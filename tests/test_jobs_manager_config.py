@@ -3,6 +3,7 @@ sector's paths to damocles' store names and back."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -363,3 +364,46 @@ def test_the_coordinator_refuses_a_bad_manager_config_with_exit_2(tmp_path):
     err = done.stderr.decode()
     assert "Traceback" not in err
     assert f"{tmp_path}/sector-manager.cfg: [Common.Proving.WorkerProver] JobLifetime" in err
+
+
+def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_them(tmp_path):
+    """damocles-manager's GetPersistStores adds to [[Common.PersistStores]] each directory a
+    Common.ScanPersistStores pattern matches that holds a sectorstore.json, named by its Name,
+    else its ID, else its path (modules/config_util.go ScanPersistStores, Go's encoding/json:
+    keys whatever their case). We warned and left them out: a coordinator then answered
+    StoreBasicInfo for none of them, and a damocles-worker attaching one refused to start."""
+    for store, meta in (
+        ("a", {"Name": "store-a", "ID": "id-a"}),
+        ("b", {"ID": "id-b"}),
+        (".c", {"name": "store-c"}),  # Go's glob "*" matches a hidden name too
+        ("d", {"Name": "", "ID": ""}),
+    ):
+        (tmp_path / store).mkdir()
+        (tmp_path / store / "sectorstore.json").write_text(json.dumps(meta))
+    (tmp_path / "no-json").mkdir()  # skipped, as damocles skips it
+    (tmp_path / "a-file").write_text("")  # no directory: skipped
+    text = (
+        "[Common]\n"
+        f"ScanPersistStores = ['{tmp_path}/*']\n"
+        "[[Common.PersistStores]]\nName = 'listed'\nPath = '/mnt/listed'\n"
+    )
+    cfg = parse_manager_config(text, "sm.cfg")
+    assert cfg.stores == {
+        "listed": "/mnt/listed",
+        "store-c": f"{tmp_path}/.c",
+        "store-a": f"{tmp_path}/a",
+        "id-b": f"{tmp_path}/b",
+        f"{tmp_path}/d": f"{tmp_path}/d",
+    }
+    assert cfg.warnings == ()
+    # A scanned store named as a listed one is refused, as damocles-manager refuses it.
+    clash = text.replace("'listed'", "'store-a'")
+    with pytest.raises(
+        ManagerConfigError, match="named 'store-a' like the store at '/mnt/listed': a duplicate"
+    ):
+        parse_manager_config(clash, "sm.cfg")
+    (tmp_path / "b" / "sectorstore.json").write_text("{")
+    with pytest.raises(ManagerConfigError, match=r"ScanPersistStores\[0\].*is not JSON"):
+        parse_manager_config(text, "sm.cfg")
+    with pytest.raises(ManagerConfigError, match="must be a list of glob patterns"):
+        parse_manager_config("[Common]\nScanPersistStores = '/mnt/*'\n", "sm.cfg")

@@ -5,9 +5,11 @@ share one such directory); reading the same file here keeps one place for two fa
 
 - `[[Common.PersistStores]]`: the stores, `Name` and `Path`. A store without `Name` is named by
   its `Path` as written (damocles' `GetPersistStores`); one with neither, the template that
-  `damocles-manager daemon init` writes, is skipped with a warning. Jobs name stores, not
-  paths, so a producer maps the paths damocles-manager sends to these names, and a coordinator
-  answers `Venus.StoreBasicInfo` for them.
+  `damocles-manager daemon init` writes, is skipped with a warning. `Common.ScanPersistStores`
+  adds each directory its glob patterns match that holds a sectorstore.json, named by its
+  `Name`, else its `ID`, else its path, as damocles-manager scans them at start. Jobs name
+  stores, not paths, so a producer maps the paths damocles-manager sends to these names, and a
+  coordinator answers `Venus.StoreBasicInfo` for them.
 - `[Common.Proving.WorkerProver]`: `JobMaxTry`, `HeartbeatTimeout`, `JobLifetime`, with
   damocles' defaults (2, "15s", "25h0m0s"). damocles declares the two durations as Go's
   `time.Duration`, which its TOML reader takes as a Go duration string; a bare number would be
@@ -21,6 +23,8 @@ not be dropped silently).
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 import re
@@ -45,6 +49,7 @@ from .rules import (
 from .worker_settings import DEFAULT_HEARTBEAT_INTERVAL as WORKER_HEARTBEAT_EVERY
 
 MANAGER_CONF_FILE: Final = "sector-manager.cfg"
+SECTORSTORE_JSON: Final = "sectorstore.json"  # what Common.ScanPersistStores looks for
 #: damocles' own config files are small; a device or a runaway file must not fill the memory.
 MAX_MANAGER_CONF_BYTES: Final = 16 * 1024 * 1024
 
@@ -172,11 +177,7 @@ def parse_manager_config(text: str, source: str) -> ManagerConfig:
         common, ("PersistStores", "ScanPersistStores", "Proving"), f"{source}: [Common]"
     )
     stores = _stores(common.get("PersistStores", []), source, warnings)
-    if common.get("ScanPersistStores"):
-        warnings.append(
-            f"{source}: Common.ScanPersistStores is not read by damocles-ext (it would scan"
-            " directories for sectorstore.json); give those stores with --store NAME=PATH"
-        )
+    _scanned(common.get("ScanPersistStores", []), source, stores, warnings)
     proving = _table(common.get("Proving", {}), source, "[Common.Proving]")
     proving = _folded(proving, ("WorkerProver",), f"{source}: [Common.Proving]")
     limits, given = _limits(proving.get("WorkerProver", {}), source, warnings)
@@ -296,6 +297,76 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             )
         stores[name] = path
     return stores
+
+
+def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[str]) -> None:
+    """Add to `stores` the ones `Common.ScanPersistStores` finds, as damocles-manager's
+    ScanPersistStores does at start: each directory a glob pattern matches that holds a
+    sectorstore.json is a store named by its Name, else its ID, else its path."""
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ManagerConfigError(
+            f"{source}: Common.ScanPersistStores must be a list of glob patterns, e.g."
+            f' ["/mnt/*/store"], not {_kind(patterns)}'
+        )
+    for i, pattern in enumerate(patterns):
+        where = f"{source}: Common.ScanPersistStores[{i}] {pattern!r}"
+        if pattern and not os.path.isabs(pattern):
+            warnings.append(
+                f"{where} is relative: damocles-manager matches it from its own working"
+                " directory, and damocles-ext from this one, which may be another place; write"
+                " it absolute"
+            )
+        # Go's filepath.Glob: "*" also matches a name starting with "." and "**" is "*"; its
+        # negated class is [^...], Python's [!...].
+        for path in sorted(glob.glob(pattern.replace("[^", "[!"), include_hidden=True)):
+            name = _sector_store_name(os.path.join(path, SECTORSTORE_JSON), where)
+            if name is None:
+                continue
+            name = name or path  # GetPersistStores: no name, named by its path
+            if name in stores:
+                raise ManagerConfigError(
+                    f"{where}: found {path!r}, named {name!r} like the store at"
+                    f" {stores[name]!r}: a duplicate persist store name (damocles-manager refuses"
+                    " it too); give each store its own Name"
+                )
+            stores[name] = path
+
+
+def _sector_store_name(meta_path: str, where: str) -> str | None:
+    """The Name (else ID, else "") in a store's sectorstore.json, read as Go's encoding/json
+    fills damocles' struct (keys whatever their case, the last one written wins); None when
+    there is no such file, as damocles skips the directory."""
+    try:
+        os.stat(meta_path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ManagerConfigError(
+            f"{where}: cannot read {meta_path}: {exc.strerror or exc} (damocles-manager cannot"
+            " either, and refuses to start)"
+        ) from None
+    try:
+        meta = json.loads(read_config_text(meta_path, SECTORSTORE_JSON))
+    except ConfigError as exc:
+        raise ManagerConfigError(f"{where}: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ManagerConfigError(
+            f"{where}: {meta_path} is not JSON ({exc}); damocles-manager refuses it too: fix or"
+            " remove it"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ManagerConfigError(f"{where}: {meta_path} is not a JSON object; fix or remove it")
+    found = {"name": "", "id": ""}
+    for key, value in meta.items():
+        if key.lower() not in found or value is None:
+            continue
+        if not isinstance(value, str):
+            raise ManagerConfigError(
+                f"{where}: {meta_path}: {key} must be a string, not {_kind(value)}"
+                " (damocles-manager refuses it too)"
+            )
+        found[key.lower()] = value
+    return found["name"] or found["id"]
 
 
 def _limits(table: Any, source: str, warnings: list[str]) -> tuple[JobLimits, frozenset[str]]:
