@@ -170,6 +170,9 @@ def test_go_durations_read_as_go_reads_them(text, seconds):
     ("value", "words"),
     [
         ('"15"', "each number needs a unit"),
+        ('"1d"', "unknown unit 'd' (Go's units: ns, us, ms, s, m, h; write \"24h\" for a day)"),
+        ('"15S"', "unknown unit 'S'"),
+        ("00:00:15", 'such as "15s", not 00:00:15 (a date/time)'),
         ('"fifteen"', "not a Go duration"),
         ('""', "not a Go duration"),
         ("15", "nanoseconds"),

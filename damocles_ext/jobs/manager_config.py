@@ -23,6 +23,7 @@ not be dropped silently).
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import math
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..config.load import read_config_text, strip_bom
+from ..config.messages import _show
 from ..config.spec import ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
@@ -90,6 +92,8 @@ _GO_UNITS: Final = {
 #: The longest Go duration (an int64 of nanoseconds), in seconds.
 _GO_MAX_SECONDS: Final = (2**63 - 1) / 1e9
 _GO_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+# A number and what Go takes as its unit: everything up to the next digit or ".".
+_GO_UNIT_WRITTEN = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)([^0-9.]*)")
 
 
 def parse_go_duration(text: str) -> float:
@@ -109,6 +113,12 @@ def parse_go_duration(text: str) -> float:
     while pos < len(body):
         match = _GO_PART.match(body, pos)
         if match is None:
+            unit = _GO_UNIT_WRITTEN.match(body, pos)
+            if unit is not None and unit.group(1):  # as Go says it: unknown unit "d"
+                raise ValueError(
+                    f"{text!r} is not a Go duration: unknown unit {unit.group(1)!r} (Go's units:"
+                    ' ns, us, ms, s, m, h; write "24h" for a day), e.g. "15s" or "25h0m0s"'
+                )
             raise ValueError(
                 f"{text!r} is not a Go duration: each number needs a unit (ns, us, ms, s, m, h),"
                 ' e.g. "15s" or "25h0m0s"'
@@ -228,6 +238,8 @@ def _table(value: Any, source: str, name: str) -> Mapping[str, Any]:
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, datetime.date | datetime.time):  # TOML's dates and times
+        return "a date or time"
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean",
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)  # fmt: skip
 
@@ -410,9 +422,12 @@ def _duration(table: Mapping[str, Any], key: str, default: float, source: str) -
     example = '"15s"' if key == "HeartbeatTimeout" else '"25h0m0s"'
     if not isinstance(value, str):
         nanoseconds = " (damocles-manager would read a bare number as nanoseconds)"
+        found = _show(value)  # a date or time says so itself: 00:00:15 (a date/time)
+        if not isinstance(value, datetime.date | datetime.time):
+            found = f"{_kind(value)} {found}"
         raise ManagerConfigError(
-            f"{where} must be a Go duration string such as {example}, not {_kind(value)}"
-            f" {value!r}{nanoseconds if isinstance(value, int) else ''}"
+            f"{where} must be a Go duration string such as {example}, not {found}"
+            f"{nanoseconds if isinstance(value, int) else ''}"
         )
     try:
         seconds = parse_go_duration(value)
