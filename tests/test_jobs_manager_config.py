@@ -410,3 +410,24 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
         parse_manager_config(text, "sm.cfg")
     with pytest.raises(ManagerConfigError, match="must be a list of glob patterns"):
         parse_manager_config("[Common]\nScanPersistStores = '/mnt/*'\n", "sm.cfg")
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('ReadOnly = "yes"', 'ReadOnly must be true or false, not "yes"'),
+        ("strict = 1", "Strict must be true or false, not 1"),
+        ("Weight = 2.0", "Weight must be a whole number >= 0, not 2.0"),
+        ("Meta = { a = 1 }", "Meta must be a table of strings"),
+        ("AllowMiners = ['t01000']", "AllowMiners must be a list of miner actor ids"),
+    ],
+)
+def test_a_store_key_of_a_type_damocles_manager_cannot_read_is_an_error_not_ignored(line, words):
+    """BurntSushi/toml refuses to decode `ReadOnly = "yes"` into damocles' bool, and with it the
+    whole file: damocles-manager does not start. We took such a file without a word."""
+    text = f"[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\n{line}\n"
+    with pytest.raises(ManagerConfigError) as caught:
+        parse_manager_config(text, "sm.cfg")
+    message = str(caught.value)
+    assert message.startswith("sm.cfg: [[Common.PersistStores]] #1: ") and words in message
+    assert "damocles-manager refuses this file too" in message

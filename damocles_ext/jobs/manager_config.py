@@ -260,6 +260,7 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
         for key in sorted(set(entry) - PERSIST_STORE_KEYS):
             warnings.append(f"{where}: unknown key {key!r} ignored (damocles knows "
                             f"{', '.join(sorted(PERSIST_STORE_KEYS))})")  # fmt: skip
+        _check_store_types(entry, where)
         path = entry.get("Path")
         if path in (None, "") and entry.get("Name") in (None, ""):
             # `damocles-manager daemon init` writes one such entry (its keys commented out);
@@ -309,6 +310,44 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
             )
         stores[name] = path
     return stores
+
+
+def _is_u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+# The types damocles' store config gives its keys (objstore.Config, StoreSelectPolicy), as
+# (check, what to write): a value of another type makes damocles-manager refuse the file.
+_STORE_KEY_TYPES: Final = {
+    "Strict": (lambda v: isinstance(v, bool), "true or false"),
+    "ReadOnly": (lambda v: isinstance(v, bool), "true or false"),
+    "Weight": (_is_u64, "a whole number >= 0"),
+    "Meta": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        'a table of strings, e.g. { Key = "value" }',
+    ),
+    "AllowMiners": (
+        lambda v: isinstance(v, list) and all(_is_u64(x) for x in v),
+        "a list of miner actor ids, e.g. [1000, 1001]",
+    ),
+    "DenyMiners": (
+        lambda v: isinstance(v, list) and all(_is_u64(x) for x in v),
+        "a list of miner actor ids, e.g. [1000, 1001]",
+    ),
+    "Plugin": (lambda v: isinstance(v, str), "a string"),
+    "PluginName": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_store_types(entry: Mapping[str, Any], where: str) -> None:
+    """A store key damocles-manager knows, of a type it cannot read, is an error: damocles-manager
+    refuses the whole file (ReadOnly = "yes"), so it is no config it runs with."""
+    for key, (fits, expected) in _STORE_KEY_TYPES.items():
+        if key in entry and not fits(entry[key]):
+            raise ManagerConfigError(
+                f"{where}: {key} must be {expected}, not {_show(entry[key])}; damocles-manager"
+                " refuses this file too"
+            )
 
 
 def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[str]) -> None:
