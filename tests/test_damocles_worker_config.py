@@ -348,6 +348,24 @@ BAD = [
     ),
     pytest.param(
         {},
+        "[sealing]\nseal_interval = 30\n",
+        'sealing.seal_interval: expected a duration string such as "15s" or "1m" (write "30s"',
+        id="unused-duration-number",  # not ours, but damocles-worker refuses the file
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nsealing.enable_deals = "yes"'},
+        "",
+        'sealing_thread[0].sealing.enable_deals: expected true or false, found "yes"',
+        id="unused-bool",
+    ),
+    pytest.param(
+        {},
+        "[sealing]\nmax_retries = -1\n",
+        "sealing.max_retries: expected a whole number from 0 to 4294967295, found -1",
+        id="unused-u32",
+    ),
+    pytest.param(
+        {},
         '[sealing]\nrecover_interval = "0s"\n',
         'sealing.recover_interval: must be longer than 0, e.g. "60s"',
         id="duration-zero",

@@ -343,6 +343,7 @@ class _Reader:
         sizes: tuple[str, ...] = ()
         recover = DEFAULT_RECOVER_INTERVAL
         for layer in layers:  # later layers override, key by key, as damocles merges them
+            self._sealing_types(layer)
             if (m := layer.u64_list("allowed_miners")) is not None:
                 miners = tuple(dict.fromkeys(m))
             if (raw_sizes := layer.string_list("allowed_sizes")) is not None:
@@ -355,6 +356,18 @@ class _Reader:
                         f'{layer.at("recover_interval")}: must be longer than 0, e.g. "60s"'
                     )
         return WdPostThread(index, miners, sizes, recover)
+
+    @staticmethod
+    def _sealing_types(layer: TypedTable) -> None:
+        """damocles-worker's sealing keys the worker does not use: one of a type damocles-worker
+        cannot read (seal_interval = 30) makes it refuse the whole file, so it is an error."""
+        for key in ("enable_deals", "disable_cc", "ignore_proof_check", "verify_after_pc2"):
+            layer.boolean(key)
+        for key in ("max_retries", "request_task_max_retries"):
+            layer.integer(key, low=0, high=2**32 - 1)
+        layer.integer("max_deals", low=0, high=2**64 - 1)
+        for key in ("seal_interval", "rpc_polling_interval"):
+            layer.duration(key)
 
     def _sizes(self, where: str, raw: list[str]) -> list[str]:
         sizes = []
