@@ -284,6 +284,11 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
+            # The store's rules hold at READ COMMITTED (a row read FOR UPDATE after a wait is
+            # the row as committed, an insert that met another's reads it): a database or role
+            # whose default_transaction_isolation is higher failed ordinary races (a finish
+            # beside a heartbeat, two producers making one job) with serialization errors.
+            isolation_level="READ COMMITTED",
         )
     except (exc.ArgumentError, ValueError, TypeError) as why:  # e.g. ?timeout=abc
         raise StoreConfigError(

@@ -1,0 +1,123 @@
+"""Races between the users of one PostgreSQL job store, each interleaving forced step by step:
+a second store (or a raw session) holds a row mid-transaction, a store call runs into it in a
+thread, and the test goes on only once the server shows that call waiting for the lock
+(pg_stat_activity), so the events happen in the order named whatever the machine's speed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs import rules
+from damocles_ext.jobs.store import JobStore
+
+T0 = 1_700_000_000.0
+ANY = rules.AllocationSpec()
+
+
+def _session(url: str, dbname: str | None = None) -> psycopg.Connection:
+    parsed = sa.engine.make_url(url)
+    return psycopg.connect(
+        host=str(parsed.query["host"]), user=parsed.username,
+        dbname=dbname or parsed.database, autocommit=True,
+    )  # fmt: skip
+
+
+def _with_settings(url: str, **settings: str) -> str:
+    """`url`'s database with these defaults for every new session (ALTER DATABASE ... SET);
+    its deadlock_timeout short, so that a deadlock fails a test at once."""
+    name = sa.engine.make_url(url).database
+    with _session(url) as admin:
+        for key, value in {"deadlock_timeout": "100ms", **settings}.items():
+            admin.execute(f"ALTER DATABASE \"{name}\" SET {key} = '{value}'")
+    return url
+
+
+def _wait_for_lock_waits(url: str, count: int = 1) -> None:
+    """Until `count` sessions of the database wait for a lock another holds: a look at the
+    server's own state (the step of the race the test needs), not a guess at a time."""
+    name = sa.engine.make_url(url).database
+    deadline = time.monotonic() + 30
+    with _session(url) as watch:
+        while True:
+            (waiting,) = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND wait_event_type = 'Lock'",
+                (name,),
+            ).fetchone() or (0,)
+            if waiting >= count:
+                return
+            assert time.monotonic() < deadline, "the store call never waited for the lock"
+            time.sleep(0.005)  # polling the server's state; the order does not depend on it
+
+
+class _Call:
+    """`fn()` run in a thread: its result or exception once joined."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,))
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test by join()
+            self.error = e
+
+    def join(self) -> Any:
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@contextmanager
+def _mid_transaction(url: str) -> Iterator[tuple[JobStore, sa.Connection]]:
+    """Another process's store with a transaction open: what it does on the connection holds
+    its rows' locks until the block ends (committed)."""
+    with JobStore(url, pool_size=1) as other, other.engine.connect() as conn, conn.begin():
+        yield other, conn
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_database_whose_default_isolation_is_higher_still_takes_the_ordinary_races(
+    postgres_url, isolation
+):
+    # The store's rules hold at READ COMMITTED; a database (or role) set to a higher default
+    # made a finish that waited for another coordinator's heartbeat, and a producer's create
+    # that met another's insert of the same job, fail with "could not serialize access".
+    url = _with_settings(postgres_url, default_transaction_isolation=isolation)
+    with JobStore.open(url) as js:
+        job, _ = js.create(make_input(), T0)
+        [running] = js.allocate(ANY, 1, "w1", T0 + 1)
+        with _mid_transaction(url) as (other, conn):
+            beat = other._each(conn, [job.Id], T0 + 2,
+                               lambda _id: rules.Heartbeat("w1", running.lease))  # fmt: skip
+            assert beat.wrote
+            finish = _Call(lambda: js.finish(job.Id, None, "boom", T0 + 3, lease=running.lease))
+            _wait_for_lock_waits(url)
+        [finished] = finish.join().jobs
+        assert (finished.State, finished.ErrorReason, finished.HeartbeatAt) == (
+            "finished",
+            "boom",
+            T0 + 2,
+        )
+
+        second = make_input(seed=8)
+        with _mid_transaction(url) as (other, conn):
+            made, created = other._create(conn, rules.Create(second), T0 + 4)
+            assert created
+            create = _Call(lambda: js.create(second, T0 + 5))
+            _wait_for_lock_waits(url)
+        assert create.join() == (made, False)
