@@ -121,3 +121,63 @@ def test_a_database_whose_default_isolation_is_higher_still_takes_the_ordinary_r
             create = _Call(lambda: js.create(second, T0 + 5))
             _wait_for_lock_waits(url)
         assert create.join() == (made, False)
+
+
+def _icu_database(url: str) -> str:
+    """A new database beside `url`'s that orders text as people read it (ICU's en-US: `a` before
+    `B`), as a database made with a locale such as en_US.UTF-8 does: not as Python sorts it."""
+    name = sa.engine.make_url(url).database + "_icu"
+    with _session(url) as admin:
+        try:
+            admin.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu'
+                " ICU_LOCALE 'en-US' LOCALE 'C'"
+            )
+        except psycopg.Error as e:  # before PostgreSQL 15, or built without ICU
+            pytest.skip(f"this PostgreSQL server makes no ICU database: {e}")
+    return _with_settings(str(sa.engine.make_url(url).set(database=name)))
+
+
+def test_remove_all_beside_a_heartbeat_of_the_same_jobs_does_not_deadlock(postgres_url):
+    # A heartbeat locks its jobs in Python's order of their ids; remove_all locked them all
+    # first in the database's order (ORDER BY id), which a locale other than C makes another:
+    # each held one job and waited for the other's, and PostgreSQL ended one of them with
+    # "deadlock detected" (the heartbeat's worker told the store failed, or the command).
+    url = _icu_database(postgres_url)
+    with JobStore.open(url) as js:
+        for seed in range(64):
+            js.create(make_input(seed=seed), T0)
+        ids = [job.Id for job in js.list_jobs()]
+        with js.engine.connect() as conn:
+            in_db = list(conn.execute(sa.text("SELECT unnest(CAST(:ids AS text[])) ORDER BY 1"),
+                                      {"ids": ids}).scalars())  # fmt: skip
+        # Two jobs the database orders the other way round from Python.
+        first, second = next(
+            (a, b) for a in ids for b in ids if a < b and in_db.index(b) < in_db.index(a)
+        )
+        for job_id in ids:
+            if job_id not in (first, second):
+                js.remove(job_id, T0)
+        running = js.allocate(ANY, 2, "w1", T0 + 1)
+        assert sorted(job.Id for job in running) == [first, second]
+
+        # The heartbeat holds `first` and is about to read `second` when remove_all starts.
+        reached, go = threading.Event(), threading.Event()
+
+        def pause_before_second(_conn, _cursor, statement, parameters, *_args):
+            if "FOR UPDATE" in statement and (parameters or {}).get("job_id") == second:
+                reached.set()
+                assert go.wait(timeout=60)
+
+        with JobStore(url) as beating, JobStore(url) as removing:
+            sa.event.listen(beating.engine, "before_cursor_execute", pause_before_second)
+            heartbeat = _Call(lambda: beating.heartbeat([first, second], "w1", T0 + 2))
+            assert reached.wait(timeout=60)
+            remove_all = _Call(lambda: removing.remove_all(T0 + 2))
+            _wait_for_lock_waits(url)  # remove_all waits for a job the heartbeat holds
+            go.set()
+            beat = heartbeat.join()
+            removed = remove_all.join()
+        assert [type(e) for e in beat.effects] == [rules.HeartbeatAccepted] * 2
+        assert sorted(removed) == [first, second]
+        assert js.list_jobs() == []

@@ -472,7 +472,9 @@ class JobStore:
     def remove_all(self, now: float) -> list[str]:
         """Every job removed; their ids."""
         with self._transaction() as conn:
-            ids = conn.execute(self._locked(sa.select(jobs.c.id).order_by(jobs.c.id)))
+            # Not locked here: _each locks them one at a time in its order, which a heartbeat's
+            # shares; the database's own (ORDER BY id, by its collation) may be another.
+            ids = conn.execute(sa.select(jobs.c.id))
             outcome = self._each(conn, ids.scalars().all(), now, lambda _id: rules.Remove())
         return [e.job_id for e in outcome.effects if isinstance(e, rules.Removed)]
 
