@@ -181,3 +181,26 @@ def test_remove_all_beside_a_heartbeat_of_the_same_jobs_does_not_deadlock(postgr
         assert [type(e) for e in beat.effects] == [rules.HeartbeatAccepted] * 2
         assert sorted(removed) == [first, second]
         assert js.list_jobs() == []
+
+
+def test_two_producers_making_the_same_jobs_in_other_orders_do_not_deadlock(postgres_url):
+    # create_many inserted its jobs in the order given: a producer inserting [B, A] beside one
+    # inserting [A, B] held B and waited for A while the other held A and waited for B, and
+    # PostgreSQL ended one with "deadlock detected". Both now insert in the order of the ids.
+    url = _with_settings(postgres_url)
+    low, high = sorted(
+        (make_input(seed=1), make_input(seed=2)), key=lambda i: rules.new_job(i, T0).Id
+    )
+    with JobStore.open(url) as js:
+        with _mid_transaction(url) as (other, conn):
+            # The other producer has inserted the first of the two, in the order of the ids.
+            made_low, created = other._create(conn, rules.Create(low), T0)
+            assert created
+            creating = _Call(
+                lambda: js.create_many([rules.Create(high), rules.Create(low)], T0 + 1)
+            )
+            _wait_for_lock_waits(url)  # for the other's uncommitted job
+            made_high, created = other._create(conn, rules.Create(high), T0)
+            assert created
+        assert creating.join() == [(made_high, False), (made_low, False)]
+        assert sorted(j.Id for j in js.list_jobs()) == sorted((made_low.Id, made_high.Id))

@@ -338,7 +338,10 @@ class JobStore:
             inserted: set[str] = set()
             if fresh:
                 statement = stmts.insert_new(self._insert)
-                rows = conn.execute(statement, [row_values(j) for j in fresh.values()])
+                # In the order of the ids, as every producer's: one inserting B then A beside
+                # one inserting A then B would each wait for the other's uncommitted job.
+                ordered = [row_values(fresh[job_id]) for job_id in sorted(fresh)]
+                rows = conn.execute(statement, ordered)
                 inserted = set(rows.scalars().all())
             if len(inserted) < len(fresh):
                 # Other producers made some of them between our read and our insert.
