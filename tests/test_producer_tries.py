@@ -148,3 +148,43 @@ async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
                 else:
                     finish(store, job, error)
     assert tries == [1, 2, 1, 2]
+
+
+async def test_a_retry_whose_sweep_found_the_job_held_by_another_is_made_at_the_next_look(
+    tmp_path, postgres_url
+):
+    # serve's one-job sweep passes over a row another session holds (SKIP LOCKED: a late
+    # heartbeat or finish of it being stored at that moment), and then did nothing; serve took
+    # the retry as made, so the job stayed failed with a try left (a coordinator with a lower
+    # JobMaxTry never retries it) until its deadline. The next look must make it.
+    _, root = serves_conf(tmp_path)
+    task = window_task(root)
+    job_id = job_id_of(task, {"a": root})
+    async with open_job_producer(
+        postgres_url, conf_dir=str(tmp_path), poll_interval=0.05
+    ) as producer:
+        sweep, sweeps = producer.store.sweep, []
+
+        async def sweep_beside_a_lock_holder_once(*args, **kwargs):
+            sweeps.append(args)
+            if len(sweeps) > 1:
+                return await sweep(*args, **kwargs)
+            with JobStore(postgres_url) as other, other.engine.begin() as conn:
+                held = other._read(conn, job_id)  # FOR UPDATE, until the block ends
+                assert held is not None and held.State == model.FINISHED
+                outcome = await sweep(*args, **kwargs)
+                assert outcome.effects == ()  # passed over: the row was held
+                return outcome
+
+        producer.store.sweep = sweep_beside_a_lock_holder_once  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer.submit, task)
+            with JobStore.open(postgres_url) as store, trio.fail_after(10):
+                tries = []
+                for error in ("gpu fault 1", ""):
+                    job = await take(store)
+                    assert job.Id == job_id
+                    tries.append(job.TryNum)
+                    finish(store, job, error)
+    assert tries == [1, 2]
+    assert len(sweeps) == 2

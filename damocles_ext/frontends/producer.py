@@ -289,12 +289,17 @@ class JobProducer:
                         outcome = await self.store.sweep([job_id], heard_since=math.inf)
                     if bounded.cancelled_caught:
                         raise self._no_answer(job_id)
-                    # Only once the sweep was made: one the store failed is made again.
-                    retried = job.TryNum
-                    if any(isinstance(e, rules.Retried) for e in outcome.effects):
-                        log.info("job %s: try %d of JobMaxTry %d failed; given to the workers"
-                                 " again", job_id, job.TryNum, self.limits.max_try)  # fmt: skip
-                    continue
+                    # Only once the sweep was made: one the store failed is made again, and
+                    # so, after the pause, is one that did nothing: it passed over the row
+                    # while another session held it (SKIP LOCKED: a heartbeat or a finish of
+                    # the job being stored).
+                    if outcome.effects:
+                        retried = job.TryNum
+                        if any(isinstance(e, rules.Retried) for e in outcome.effects):
+                            log.info("job %s: try %d of JobMaxTry %d failed; given to the"
+                                     " workers again", job_id, job.TryNum,
+                                     self.limits.max_try)  # fmt: skip
+                        continue
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
                     # none running): a sweep of this job alone, safe beside the others.
