@@ -172,6 +172,8 @@ def test_go_durations_read_as_go_reads_them(text, seconds):
         ('"15"', "each number needs a unit"),
         ('"1d"', "unknown unit 'd' (Go's units: ns, us, ms, s, m, h; write \"24h\" for a day)"),
         ('"15S"', "unknown unit 'S'"),
+        ('"1hr"', "unknown unit 'hr' (Go's units: ns, us, ms, s, m, h),"),  # not "h", then "r"
+        ('"5sec"', "unknown unit 'sec'"),
         ("00:00:15", 'such as "15s", not 00:00:15 (a date/time)'),
         ('"fifteen"', "not a Go duration"),
         ('""', "not a Go duration"),
@@ -380,6 +382,7 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
         ("b", {"ID": "id-b"}),
         (".c", {"name": "store-c"}),  # Go's glob "*" matches a hidden name too
         ("d", {"Name": "", "ID": ""}),
+        ("e", None),  # Go's json.Unmarshal of null: an empty struct, named by its path
     ):
         (tmp_path / store).mkdir()
         (tmp_path / store / "sectorstore.json").write_text(json.dumps(meta))
@@ -397,8 +400,14 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
         "store-a": f"{tmp_path}/a",
         "id-b": f"{tmp_path}/b",
         f"{tmp_path}/d": f"{tmp_path}/d",
+        f"{tmp_path}/e": f"{tmp_path}/e",
     }
     assert cfg.warnings == ()
+    # A pattern that finds nothing here (the stores not mounted on this machine) is said.
+    empty = parse_manager_config(f"[Common]\nScanPersistStores = ['{tmp_path}/none/*']\n", "x")
+    assert len(empty.warnings) == 1 and "finds no directory with a sectorstore.json" in (
+        empty.warnings[0]
+    )
     # A scanned store named as a listed one is refused, as damocles-manager refuses it.
     clash = text.replace("'listed'", "'store-a'")
     with pytest.raises(
@@ -417,7 +426,7 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
     [
         ('ReadOnly = "yes"', 'ReadOnly must be true or false, not "yes"'),
         ("strict = 1", "Strict must be true or false, not 1"),
-        ("Weight = 2.0", "Weight must be a whole number >= 0, not 2.0"),
+        ("Weight = 2.0", "Weight must be a whole number, not 2.0"),
         ("Meta = { a = 1 }", "Meta must be a table of strings"),
         ("AllowMiners = ['t01000']", "AllowMiners must be a list of miner actor ids"),
     ],
@@ -431,3 +440,10 @@ def test_a_store_key_of_a_type_damocles_manager_cannot_read_is_an_error_not_igno
     message = str(caught.value)
     assert message.startswith("sm.cfg: [[Common.PersistStores]] #1: ") and words in message
     assert "damocles-manager refuses this file too" in message
+
+
+def test_a_negative_weight_or_miner_is_taken_as_damocles_managers_toml_reader_takes_it():
+    # BurntSushi/toml checks the range of uint8/16/32 only: a negative number in a uint or uint64
+    # (Weight, AllowMiners, DenyMiners) wraps, and damocles-manager starts. We refused the file.
+    text = "[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\nWeight = -1\nAllowMiners = [-1]\n"
+    assert parse_manager_config(text, "sm.cfg").stores == {"a": "/a"}

@@ -91,7 +91,6 @@ _GO_UNITS: Final = {
 }  # fmt: skip
 #: The longest Go duration (an int64 of nanoseconds), in seconds.
 _GO_MAX_SECONDS: Final = (2**63 - 1) / 1e9
-_GO_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 # A number and what Go takes as its unit: everything up to the next digit or ".".
 _GO_UNIT_WRITTEN = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)([^0-9.]*)")
 
@@ -111,19 +110,22 @@ def parse_go_duration(text: str) -> float:
     seconds = 0.0
     pos = 0
     while pos < len(body):
-        match = _GO_PART.match(body, pos)
-        if match is None:
-            unit = _GO_UNIT_WRITTEN.match(body, pos)
-            if unit is not None and unit.group(1):  # as Go says it: unknown unit "d"
-                raise ValueError(
-                    f"{text!r} is not a Go duration: unknown unit {unit.group(1)!r} (Go's units:"
-                    ' ns, us, ms, s, m, h; write "24h" for a day), e.g. "15s" or "25h0m0s"'
-                )
+        # A number, then its unit: everything up to the next digit or ".", as Go reads it
+        # ("1hr" has the unit "hr", not "h" and then "r").
+        match = _GO_UNIT_WRITTEN.match(body, pos)
+        if match is None or not match.group(1):
             raise ValueError(
                 f"{text!r} is not a Go duration: each number needs a unit (ns, us, ms, s, m, h),"
                 ' e.g. "15s" or "25h0m0s"'
             )
-        seconds += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        unit = match.group(1)
+        if unit not in _GO_UNITS:  # as Go says it: unknown unit "d"
+            day = '; write "24h" for a day' if unit.lower() in ("d", "day", "days") else ""
+            raise ValueError(
+                f"{text!r} is not a Go duration: unknown unit {unit!r} (Go's units: ns, us, ms,"
+                f' s, m, h{day}), e.g. "15s" or "25h0m0s"'
+            )
+        seconds += float(match.group(0)[: -len(unit)]) * _GO_UNITS[unit]
         pos = match.end()
     if not math.isfinite(seconds) or seconds > _GO_MAX_SECONDS:
         # Go's time.ParseDuration refuses what an int64 of nanoseconds cannot hold.
@@ -313,7 +315,8 @@ def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
 
 
 def _is_u64(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+    # BurntSushi's toml takes any int64 into a uint or uint64 (a negative one wraps): so do we.
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 # The types damocles' store config gives its keys (objstore.Config, StoreSelectPolicy), as
@@ -321,7 +324,7 @@ def _is_u64(value: Any) -> bool:
 _STORE_KEY_TYPES: Final = {
     "Strict": (lambda v: isinstance(v, bool), "true or false"),
     "ReadOnly": (lambda v: isinstance(v, bool), "true or false"),
-    "Weight": (_is_u64, "a whole number >= 0"),
+    "Weight": (_is_u64, "a whole number"),
     "Meta": (
         lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
         'a table of strings, e.g. { Key = "value" }',
@@ -369,10 +372,12 @@ def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[
             )
         # Go's filepath.Glob: "*" also matches a name starting with "." and "**" is "*"; its
         # negated class is [^...], Python's [!...].
+        found = 0
         for path in sorted(glob.glob(pattern.replace("[^", "[!"), include_hidden=True)):
             name = _sector_store_name(os.path.join(path, SECTORSTORE_JSON), where)
             if name is None:
                 continue
+            found += 1
             name = name or path  # GetPersistStores: no name, named by its path
             if name in stores:
                 raise ManagerConfigError(
@@ -381,6 +386,12 @@ def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[
                     " it too); give each store its own Name"
                 )
             stores[name] = path
+        if not found:
+            # Its stores are not known here: each job naming one fails ("store not known").
+            warnings.append(
+                f"{where} finds no directory with a {SECTORSTORE_JSON} on this machine (are its"
+                " stores mounted here?)"
+            )
 
 
 def _sector_store_name(meta_path: str, where: str) -> str | None:
@@ -405,6 +416,8 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
             f"{where}: {meta_path} is not JSON ({exc}); damocles-manager refuses it too: fix or"
             " remove it"
         ) from None
+    if meta is None:  # Go's json.Unmarshal of null leaves the struct empty: named by its path
+        return ""
     if not isinstance(meta, dict):
         raise ManagerConfigError(f"{where}: {meta_path} is not a JSON object; fix or remove it")
     found = {"name": "", "id": ""}
