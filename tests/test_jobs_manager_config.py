@@ -405,8 +405,9 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
     assert cfg.warnings == ()
     # A pattern that finds nothing here (the stores not mounted on this machine) is said.
     empty = parse_manager_config(f"[Common]\nScanPersistStores = ['{tmp_path}/none/*']\n", "x")
-    assert len(empty.warnings) == 1 and "finds no directory with a sectorstore.json" in (
-        empty.warnings[0]
+    assert (
+        len(empty.warnings) == 1
+        and "finds no directory with a sectorstore.json" in (empty.warnings[0])
     )
     # A scanned store named as a listed one is refused, as damocles-manager refuses it.
     clash = text.replace("'listed'", "'store-a'")
