@@ -101,8 +101,12 @@ async def open_job_producer(
     from .threads import NoThreadError, run_in_thread
 
     given = list(stores.items()) if isinstance(stores, Mapping) else list(stores)
-    settings = producer_settings(conf_dir, given, poll_interval)
     try:
+        # In a thread: sector-manager.cfg's ScanPersistStores globs the stores' mounts (an NFS
+        # server down would hold the caller's whole trio run).
+        settings = await run_in_thread(
+            functools.partial(producer_settings, conf_dir, given, poll_interval)
+        )
         store = await run_in_thread(functools.partial(JobStore.open, url, limits=settings.limits))
     except NoThreadError as exc:  # at the limit of tasks: the store was not asked
         raise StoreUnavailable(f"job store {describe_url(url)}: {exc}") from None
