@@ -102,6 +102,18 @@ def test_an_unknown_store_from_the_source_is_reported_with_the_store_and_the_sec
     assert "store 'other' is not known here" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_source_refusing_the_token_is_said_once_with_exit_code_2(store):
+    with DamoclesSource(headers={"Authorization": "Bearer right"}) as source:
+        result = find(str(MINER), "5-7", "--proxy", source.url, "--attached", f"a={store}",
+                      "--header", "Authorization: Bearer wrong")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "HTTP 401" in error and "the token was refused" in error
+    # Not once per sector (each one's detail line), and no table of sectors in error.
+    assert "no location of it is known" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

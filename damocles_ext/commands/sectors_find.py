@@ -4,7 +4,8 @@ plugins' providers, through the sector-location service (damocles_ext/sectors).
 
 Exit codes: 0 every sector was found, its files there, 1 some were not (each says why: not
 found, its files not where it was found or last known, no provider could answer), 2 bad input
-(arguments, the store config, nothing to ask).
+(arguments, the store config, nothing to ask, a source node that refuses the token: said once,
+not once per sector).
 """
 
 from __future__ import annotations
@@ -124,11 +125,16 @@ def run_find(args: argparse.Namespace) -> int:
     settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
     bounds = Bounds(batch_timeout=args.timeout, lookup_timeout=min(5.0, args.timeout))
 
+    refused: dict[str, str] = {}
+
     async def main() -> tuple[list[SectorAnswer], dict[SectorRef, str], list[str]]:
         end = trio.current_time() + args.timeout
         locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
         async with locator:
             answers = await locator.locate(sectors)
+        refused.update(locator.refused)
+        if refused:  # the same for every sector: said once, below
+            return answers, {}, []
         left = max(1.0, end - trio.current_time())
         missing: list[str] = []
         absent: dict[SectorRef, str] = {}
@@ -147,6 +153,8 @@ def run_find(args: argparse.Namespace) -> int:
 
     with stdout_to_stderr():  # what plugins print as they load and find is not the answer
         answers, absent, missing = trio.run(main)
+    if refused:  # our token, not the sectors: the operator's configuration
+        raise UsageError("; ".join(f"{name}: {why}" for name, why in refused.items()))
     for problem in missing:  # the likeliest cause of "not known to any provider"
         print(f"damocles-ext sectors find: warning: {problem}", file=sys.stderr)
     details = [

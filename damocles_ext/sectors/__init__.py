@@ -5,7 +5,8 @@ Public API (stable; documented in docs/SECTORS.md):
 
 - `damocles_ext.sectors.model` (sans-IO, re-exported here): `SectorRef`, `SectorLocation`,
   `SectorAnswer` (`status` found / not_found / missing / error, `provider`, `cached`, `age`,
-  `detail`), `SectorProvider` (what `dext_sector_providers` returns), `SectorProviderError`,
+  `detail`), `SectorProvider` (what `dext_sector_providers` returns), `SectorProviderError`
+  (`SectorAccessRefused`: its source refused our token),
   `SectorSettings`, `Bounds`;
 - `damocles_ext.sectors.cache` (sans-IO): `CacheRules`, `SectorCache`;
 - `damocles_ext.sectors.locator` (trio): `SectorLocator`, `open_locator`, `build_providers`;
@@ -24,6 +25,7 @@ from .model import (
     STATUSES,
     Bounds,
     IndexType,
+    SectorAccessRefused,
     SectorAnswer,
     SectorLocation,
     SectorProvider,
@@ -38,6 +40,7 @@ __all__ = [
     "STATUSES",
     "Bounds",
     "IndexType",
+    "SectorAccessRefused",
     "SectorAnswer",
     "SectorLocation",
     "SectorProvider",

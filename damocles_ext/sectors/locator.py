@@ -50,6 +50,7 @@ from .cache import CacheEntry, CacheRules, SectorCache
 from .files import DEFAULT_THREADS, check_locations
 from .model import (
     Bounds,
+    SectorAccessRefused,
     SectorAnswer,
     SectorLocation,
     SectorProvider,
@@ -145,6 +146,9 @@ class SectorLocator:
         self._trouble: dict[str, _Trouble] = {}
         self._warned_at: dict[str, float] = {}
         self._unsaid: dict[str, _Unsaid] = {}
+        #: Provider name -> why, for each provider whose source refused our credentials in a
+        #: lookup (`SectorAccessRefused`): a configuration mistake a command may say once.
+        self.refused: dict[str, str] = {}
 
     @property
     def metrics(self) -> SectorMetrics | None:
@@ -369,6 +373,9 @@ class SectorLocator:
                     if passes_through(exc):
                         raise
                     said = isinstance(exc, SectorProviderError)  # its message names the sector
+                    if isinstance(exc, SectorAccessRefused):
+                        why = exc.reason if isinstance(exc.reason, str) else text_of(exc)
+                        self.refused[provider.name] = why
                     for sector in chunk:
                         message = text_of(exc) if said else f"{sector}: {describe(exc)}"
                         self._source_error(provider.name, outcomes[sector], message)

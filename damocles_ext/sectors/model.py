@@ -130,6 +130,16 @@ class SectorProviderError(Exception):
     """A provider could not answer for a sector; the message names the sector and what to do."""
 
 
+class SectorAccessRefused(SectorProviderError):
+    """The provider's source refused our credentials (a source node answering HTTP 401 or 403
+    to the token sent): a configuration mistake, the same for every sector. `reason` says it
+    without naming a sector."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class SectorSettings:
     """What the providers are built from (`dext_sector_providers(settings)`).

@@ -24,13 +24,19 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import trio
 
-from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError
+from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcProtocolError
 from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
 from ..threads import NoThreadError
 from .files import DEFAULT_THREADS, first_present, in_thread
-from .model import SectorLocation, SectorProviderError, SectorRef, SectorSettings
+from .model import (
+    SectorAccessRefused,
+    SectorLocation,
+    SectorProviderError,
+    SectorRef,
+    SectorSettings,
+)
 
 METHOD = "Venus.SectorIndexerFind"
 #: A source call bounded on its own too, for a provider used without a locator.
@@ -154,7 +160,10 @@ class SourceNode:
         except RpcClientError as exc:  # it answered (with an error): it is not down
             self._answered_at = trio.current_time()
             self.down = None
-            raise SectorProviderError(f"{sector}: {_shown(str(exc))}") from None
+            reason = _shown(str(exc))
+            if isinstance(exc, RpcProtocolError) and exc.status in (401, 403):
+                raise SectorAccessRefused(f"{sector}: {reason}", reason=reason) from None
+            raise SectorProviderError(f"{sector}: {reason}") from None
         except trio.Cancelled:
             # Its time was up (the locator's bound) with no answer: after this long, and with
             # no other call answered meanwhile, the source is not answering, as good as
