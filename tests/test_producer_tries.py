@@ -6,6 +6,7 @@ retries the jobs it waits for itself, by its own JobMaxTry; so does serve."""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import trio
@@ -13,6 +14,7 @@ from helpers.frontend import CoordinatorProcess
 from test_producer import job_id_of, send_until_created, start_serve, stop, window_task
 
 from damocles_ext.api import open_job_producer
+from damocles_ext.errors import ProverError
 from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.client import RpcClient
 from damocles_ext.jobs.store import JobStore, StoreUnavailable
@@ -187,4 +189,37 @@ async def test_a_retry_whose_sweep_found_the_job_held_by_another_is_made_at_the_
                     tries.append(job.TryNum)
                     finish(store, job, error)
     assert tries == [1, 2]
+    assert len(sweeps) == 2
+
+
+async def test_a_deadline_sweep_that_found_the_job_held_by_another_is_made_at_the_next_look(
+    tmp_path, postgres_url
+):
+    # serve's one-job sweep at the job's deadline passes over a row another session holds
+    # (SKIP LOCKED: a late heartbeat of it being stored at that moment), and then did nothing;
+    # serve took the cancellation as made, so the job was not cancelled at its deadline (only
+    # by a coordinator's sweep, if one runs) and the request waited on. The next look must make
+    # it, after the pause.
+    _, root = serves_conf(tmp_path)
+    task = window_task(root)
+    async with open_job_producer(
+        postgres_url, conf_dir=str(tmp_path), poll_interval=0.05
+    ) as producer:
+        sweep, sweeps = producer.store.sweep, []
+
+        async def sweep_beside_a_lock_holder_once(*args, **kwargs):
+            sweeps.append(args)
+            if len(sweeps) > 1:
+                return await sweep(*args, **kwargs)
+            [job_id] = args[0]
+            with JobStore(postgres_url) as other, other.engine.begin() as conn:
+                held = other._read(conn, job_id)  # FOR UPDATE, until the block ends
+                assert held is not None and held.State == model.READY
+                outcome = await sweep(*args, **kwargs)
+                assert outcome.effects == ()  # passed over: the row was held
+                return outcome
+
+        producer.store.sweep = sweep_beside_a_lock_holder_once  # type: ignore[method-assign]
+        with trio.fail_after(10), pytest.raises(ProverError, match="its deadline passed"):
+            await producer.submit(task, deadline=time.time() - 1)  # nobody takes it
     assert len(sweeps) == 2

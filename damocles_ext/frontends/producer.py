@@ -302,13 +302,15 @@ class JobProducer:
                         continue
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
-                    # none running): a sweep of this job alone, safe beside the others.
-                    swept = True
+                    # none running): a sweep of this job alone, safe beside the others. Made
+                    # again after the pause when it did nothing, as the retry's sweep is.
                     with trio.move_on_at(self._give_up_at(job.not_after)) as bounded:
-                        await self.store.sweep([job_id])
+                        outcome = await self.store.sweep([job_id])
                     if bounded.cancelled_caught:
                         raise self._no_answer(job_id)
-                    continue
+                    if outcome.effects:
+                        swept = True
+                        continue
             except StoreLost as exc:
                 # Its file was deleted or replaced: no look will ever find the job again, and
                 # a wait would only hold the request until its deadline.
@@ -331,8 +333,9 @@ class JobProducer:
                 continue
             backoff, cut_short = FIRST_BACKOFF, False
             pause = self.limits.poll_interval
-            if job.not_after is not None and not swept:
-                pause = max(0.0, min(pause, job.not_after - self.clock()))
+            now = self.clock()
+            if job.not_after is not None and not rules.deadline_passed(job, now):
+                pause = min(pause, job.not_after - now)  # the sweep is made at the deadline
             with trio.move_on_after(pause):
                 await woken.wait()
 
