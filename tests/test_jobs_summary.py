@@ -166,6 +166,25 @@ def test_after_the_wall_clock_steps_back_a_dead_worker_no_longer_counts_and_a_li
     assert js.summary(back + 3 * window).live_workers == 0
 
 
+def test_a_late_allocation_call_keeps_a_workers_later_last_seen_unless_the_clock_stepped_back(js):
+    # An allocation call stored late (up to the 60 s a store call may take) or abandoned and
+    # stored after the worker's next one set its stamp back, as if the worker was last seen then.
+    spec = AllocationSpec((1000,))
+
+    def last_seen(now: float) -> float:
+        [seen] = js.summary(now, live_window=10 * 3600).workers
+        return seen.last_seen
+
+    js.allocate(spec, 0, "w", T0 + 100)
+    js.allocate(spec, 0, "w", T0 + 40)  # the late one
+    assert last_seen(T0 + 100) == T0 + 100
+    js.allocate(spec, 0, "w", T0 + 130)  # a later one is taken
+    assert last_seen(T0 + 130) == T0 + 130
+    back = T0 - 3600  # the wall clock stepped an hour back: the stamp ahead is replaced
+    js.allocate(spec, 0, "w", back)
+    assert last_seen(back) == back
+
+
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     js.allocate(AllocationSpec(), 0, "old", T0)
     js.allocate(AllocationSpec(), 0, "new", T0 + js.limits.job_lifetime)

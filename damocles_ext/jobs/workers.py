@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from . import summary
 from .database import OLD_WORKERS, jobs, workers
 from .model import FINISHED, READY, RUNNING
-from .rules import AllocationSpec
+from .rules import STAMP_AHEAD_MAX, AllocationSpec
 
 # Touching a worker on every heartbeat (every 3 s per running job) would write its row as often:
 # once in this many seconds is enough for a live window of minutes.
@@ -36,9 +36,18 @@ def _upsert(insert: Callable[[Any], Any]) -> Any:
         spec=sa.bindparam("w_spec"),
         last_seen=sa.bindparam("w_at"),
     )
+    stored, given = workers.c.last_seen, statement.excluded.last_seen
     return statement.on_conflict_do_update(
         index_elements=[workers.c.worker, workers.c.spec_digest],
-        set_={"last_seen": statement.excluded.last_seen},
+        # The later stamp: a late call (a store call gives up after 60 s) never moves it back;
+        # one stored further ahead than a call is ever late was stamped before the wall clock
+        # stepped back, and is replaced (as touch does). A CASE: the same SQL on both engines.
+        set_={
+            "last_seen": sa.case(
+                (sa.and_(stored > given, stored <= given + STAMP_AHEAD_MAX), stored),
+                else_=given,
+            )
+        },
     )
 
 
@@ -58,7 +67,8 @@ _TOUCH = (
 
 def record(conn: Connection, insert: Callable[[Any], Any], worker: str, spec: AllocationSpec,
            now: float) -> None:  # fmt: skip
-    """The worker asked for jobs with this spec now (an upsert: one row per worker and spec)."""
+    """The worker asked for jobs with this spec now (an upsert: one row per worker and spec);
+    a row stamped later is kept, unless it is more than STAMP_AHEAD_MAX ahead of `now`."""
     key = summary.spec_key(spec)
     conn.execute(
         _upsert(insert),
