@@ -4,8 +4,8 @@ plugins' providers, through the sector-location service (damocles_ext/sectors).
 
 Exit codes: 0 every sector was found, its files there, 1 some were not (each says why: not
 found, its files not where it was found or last known, no provider could answer), 2 bad input
-(arguments, the store config, nothing to ask, a source node that refuses the token: said once,
-not once per sector).
+(arguments, the store config, nothing to ask, a source node that refuses the token and so leaves
+sectors unanswered: said once, not once per sector; the answers found are still printed).
 """
 
 from __future__ import annotations
@@ -133,8 +133,6 @@ def run_find(args: argparse.Namespace) -> int:
         async with locator:
             answers = await locator.locate(sectors)
         refused.update(locator.refused)
-        if refused:  # the same for every sector: said once, below
-            return answers, {}, []
         left = max(1.0, end - trio.current_time())
         missing: list[str] = []
         absent: dict[SectorRef, str] = {}
@@ -153,14 +151,17 @@ def run_find(args: argparse.Namespace) -> int:
 
     with stdout_to_stderr():  # what plugins print as they load and find is not the answer
         answers, absent, missing = trio.run(main)
-    if refused:  # our token, not the sectors: the operator's configuration
-        raise UsageError("; ".join(f"{name}: {why}" for name, why in refused.items()))
     for problem in missing:  # the likeliest cause of "not known to any provider"
         print(f"damocles-ext sectors find: warning: {problem}", file=sys.stderr)
     details = [
         "; ".join(filter(None, (answer.detail, absent.get(answer.sector, ""))))
         for answer in answers
     ]
+    unanswered = not all(a.found for a in answers)
+    for name, why in refused.items():  # the same for every sector it was asked: said once
+        kind = "error" if unanswered else "warning"  # (another provider found them all)
+        print(f"damocles-ext sectors find: {kind}: {name}: {why}", file=sys.stderr)
+        details = [d.replace(why, f"{name} refused us (said above)") for d in details]
     if args.json:
         import json
 
@@ -171,6 +172,8 @@ def run_find(args: argparse.Namespace) -> int:
         for detail in details:
             if detail:
                 print(detail, file=sys.stderr)
+    if refused and unanswered:
+        return 2  # our access, the operator's configuration, left sectors unanswered
     return 0 if all(a.found for a in answers) and not absent else 1
 
 
