@@ -183,6 +183,11 @@ def test_a_late_allocation_call_keeps_a_workers_later_last_seen_unless_the_clock
     back = T0 - 3600  # the wall clock stepped an hour back: the stamp ahead is replaced
     js.allocate(spec, 0, "w", back)
     assert last_seen(back) == back
+    # A heartbeat's or ping's sighting stored late does not set it back either.
+    js.worker_seen("w", back + 100)
+    assert last_seen(back + 100) == back + 100
+    js.worker_seen("w", back + 40)  # the late one
+    assert last_seen(back + 100) == back + 100
 
 
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):

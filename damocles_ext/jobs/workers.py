@@ -55,7 +55,8 @@ _TOUCH = (
     workers.update()
     .where(
         workers.c.worker.in_(sa.bindparam("names", expanding=True)),
-        # Or ahead of now by as much: stamped before the wall clock stepped back.
+        # Or further ahead of now than a call is ever late: stamped before the wall clock
+        # stepped back (a late heartbeat or ping never sets it back).
         sa.or_(
             workers.c.last_seen < sa.bindparam("before"),
             workers.c.last_seen > sa.bindparam("after"),
@@ -101,10 +102,10 @@ def create_and_carry_over(conn: Connection) -> None:
 
 def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
     """These workers were seen now (a heartbeat, a ping): refresh the specs they are known by;
-    whether a row was written (not within TOUCH_EVERY of the last time, nor that far ahead of
-    it: a row stamped before the wall clock stepped back is written again with the new time,
-    else it would stay ahead, and the worker live by it after it died, until the clock regained
-    the step).
+    whether a row was written (not within TOUCH_EVERY of the last time; one more than
+    STAMP_AHEAD_MAX ahead of it, stamped before the wall clock stepped back, is written again
+    with the new time, else it would stay ahead, and the worker live by it after it died, until
+    the clock regained the step; a late call never sets a later stamp back).
 
     A name that never asked for jobs stays unknown: a sealing worker pings too, and must not
     count as a worker that would take WindowPoSt jobs."""
@@ -113,7 +114,7 @@ def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
         return False
     done = conn.execute(
         _TOUCH,
-        {"names": names, "before": now - TOUCH_EVERY, "after": now + TOUCH_EVERY, "w_at": now},
+        {"names": names, "before": now - TOUCH_EVERY, "after": now + STAMP_AHEAD_MAX, "w_at": now},
     )
     return bool(done.rowcount)
 
