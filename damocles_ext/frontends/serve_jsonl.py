@@ -2,9 +2,9 @@
 
 damocles-manager starts us exactly like one of its processors: it waits for the ready line, then
 writes request lines with increasing ids and matches the response lines by id, in any order. We
-answer every request we could read exactly once; a line we cannot read is answered with an error
-when its id can be read and logged otherwise (damocles does the same with a bad line from a
-child). The codec is `protocol.jsonl`; JsonLineServer only moves bytes and runs one task per
+answer every request we could read exactly once, and those still waiting in stdin as we stop
+reading (with why); a line we cannot read is answered with an error when its id can be read and
+logged otherwise (damocles does the same with a bad line from a child). The codec is `protocol.jsonl`; JsonLineServer only moves bytes and runs one task per
 request, and `serve_supervised` at the end runs it against a supervisor of our own.
 
 damocles' id rules (docs: damocles-wire.md): an answer is routed to whoever waits for its id, so
@@ -31,7 +31,7 @@ from ..errors import DextError, ProverError
 from ..protocol import jsonl
 from ..stages import WINDOW_POST_SPLIT, post_stage
 from ..tasks import Output, Task, stage_of
-from .outbox import Outbox
+from .outbox import Outbox, stream_fd
 from .serve import reader_gone, replay_held_signals
 from .signals import end_soon, stop_signals, watch_signals
 from .started import Batch, CancelHandle, Start, internal_error, own_label, start_or_decline
@@ -45,6 +45,9 @@ log = logging.getLogger("damocles_ext.serve")
 Submit = Callable[[Task], Awaitable[Output]]
 
 _READ_SIZE = 256 * 1024
+#: At most this much of what waits in stdin is read when reading stops (a pipe holds 1 MiB at
+#: most unless root raised the limit); a writer that never stops cannot hold serve there.
+_UNREAD_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -63,9 +66,10 @@ class JsonLineServer:
     """Serve damocles JSON-lines requests read from `receive_stream` through `submit` (or
     `start`, tried first when given: a request it takes needs no task of its own).
 
-    `run()` writes the ready line first (unless the caller did: `ready_line_sent`), then reads requests until end of input or
-    `stop_reading()`, calls `on_input_closed` (the place to start a graceful shutdown), and
-    returns once every request it accepted has been answered.
+    `run()` writes the ready line first (unless the caller did: `ready_line_sent`), then reads
+    requests until end of input or `stop_reading()` (given a reason, it answers with it the
+    request lines still waiting in the input), calls `on_input_closed` (the place to start a
+    graceful shutdown), and returns once every request it accepted has been answered.
     """
 
     def __init__(
@@ -93,6 +97,9 @@ class JsonLineServer:
         self._reader = jsonl.LineReader(max_line)
         self._outbox = Outbox(send_stream)
         self._read_scope = trio.CancelScope()
+        self._input_ended = False
+        self._unread: str | None = None  # the error for what waits in stdin as reading stops
+        self._refusing: str | None = None  # while those lines are answered with it
         self._in_flight: set[int] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -112,8 +119,13 @@ class JsonLineServer:
         while not self._idle.is_set():
             await self._idle.wait()
 
-    def stop_reading(self) -> None:
-        """Take no more requests (e.g. on SIGTERM); those already read are still answered."""
+    def stop_reading(self, unread: str | None = None) -> None:
+        """Take no more requests (e.g. on SIGTERM); those already read are still answered. With
+        `unread`, each request line already waiting in the input (read without waiting) is
+        answered with that error, not left unanswered: damocles-manager's caller would wait
+        on its own context."""
+        if self._unread is None:
+            self._unread = unread
         self._read_scope.cancel()
 
     async def send_ready(self) -> None:
@@ -140,6 +152,8 @@ class JsonLineServer:
                 nursery.start_soon(self._outbox.run)
                 with self._read_scope:
                     await self._read_requests(nursery)
+                if self._unread is not None and not (self._input_ended or self._output_broken):
+                    self._answer_unread(self._unread, nursery)
                 if self._on_input_closed is not None:
                     self._on_input_closed()
                 # An id is in flight until its answer is written: then the writer may stop.
@@ -167,18 +181,54 @@ class JsonLineServer:
                 data = b""
             # A stream may hand back a bytearray; bytes() of bytes is the same object, no copy.
             with self._batch():
-                for item in self._reader.receive_data(bytes(data)):
-                    try:
-                        self._handle_line(item, nursery)
-                    except Exception:
-                        # A bug of ours on one line must not end serve, and every other request.
-                        self._stats.unreadable += 1
-                        log.exception("internal error on a request line; it is not answered")
+                self._handle_lines(bytes(data), nursery)
             if not data:
+                self._input_ended = True
                 log.info(
                     "stdin closed: taking no more requests, %d in flight", len(self._in_flight)
                 )
                 return
+
+    def _handle_lines(self, data: bytes, nursery: trio.Nursery) -> None:
+        for item in self._reader.receive_data(data):
+            try:
+                self._handle_line(item, nursery)
+            except Exception:
+                # A bug of ours on one line must not end serve, and every other request.
+                self._stats.unreadable += 1
+                log.exception("internal error on a request line; it is not answered")
+
+    def _answer_unread(self, why: str, nursery: trio.Nursery) -> None:
+        """Reading stopped: answer the request lines already waiting in the input with `why`,
+        read without waiting (the descriptor is non-blocking), and a last line only partly
+        there whose id can be read. Their answers are queued before run() waits for the
+        answers in flight, so they are written before it returns."""
+        fd = stream_fd(self._receive)
+        if fd is None:  # (trio's memory streams in tests)
+            return
+        self._refusing = why
+        answered = self._stats.failed
+        taken, ended = 0, False
+        while taken < _UNREAD_LIMIT and not ended:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("stdin broke (%s) while reading what was left in it", exc)
+                break
+            taken += len(data)
+            ended = not data
+            self._handle_lines(data, nursery)
+        partial = None if ended else jsonl.leading_id(self._reader.partial_head())
+        if partial is not None and self._take(partial, "a request line only partly written"):
+            self._answer_error(partial, why)
+        if answered != self._stats.failed:
+            log.warning(
+                "answered %d requests left unread in stdin as serve stopped reading: %s",
+                self._stats.failed - answered,
+                why,
+            )
 
     def _handle_line(self, item: bytes | jsonl.LineTooLong, nursery: trio.Nursery) -> None:
         if isinstance(item, jsonl.LineTooLong):
@@ -206,6 +256,9 @@ class JsonLineServer:
                 self._answer_error(exc.id, str(exc))
             return
         if not self._take(request.id, "a request"):
+            return
+        if self._refusing is not None:  # left in stdin as reading stopped
+            self._answer_error(request.id, self._refusing)
             return
         log.debug("request %d: submitted", request.id)
         id = request.id
@@ -376,7 +429,7 @@ async def serve_supervised(
             log.info("serving %s (pid %d)", stage, os.getpid())
 
             def at_once() -> None:
-                server.stop_reading()
+                server.stop_reading(STOPPED_AT_ONCE)
                 supervisor.stop_at_once(STOPPED_AT_ONCE)  # every open request answered now
                 end_soon(nursery.cancel_scope)
 
@@ -395,7 +448,7 @@ async def serve_supervised(
             nursery.start_soon(serve_requests)
             await supervisor.run()
             # The supervisor has answered everything it accepted; let the answers reach stdout.
-            server.stop_reading()
+            server.stop_reading(STOPPED_UNREAD)
             with trio.move_on_after(5):
                 await server_done.wait()
             if not server_done.is_set():
@@ -412,6 +465,13 @@ async def serve_supervised(
 STOPPED_AT_ONCE = (
     "damocles-ext serve stopped at once (second signal); the request was not proved: send it"
     " again to the prover that replaces it"
+)
+
+
+#: What a request left unread in stdin is told when serve stops after a signal.
+STOPPED_UNREAD = (
+    "damocles-ext serve stopped (signal) before it read the request, which was not proved: send"
+    " it again to the prover that replaces it"
 )
 
 
@@ -512,8 +572,8 @@ async def serve_draining(
     first, unless the caller wrote it), then wait for the answers in flight within
     `shutdown_grace`; `in_flight` answers what is left with an error. After the first signal,
     reading goes on while they are waited for: a request already in the pipe, or written
-    meanwhile, is answered with `reasons.refused`, not left unread. Returns the stopped
-    server."""
+    meanwhile, is answered with `reasons.refused`, not left unread; so is one still in the pipe
+    when reading stops (the drain's end, a second signal). Returns the stopped server."""
     async with trio.open_nursery() as nursery:
         draining = False
 
@@ -536,14 +596,16 @@ async def serve_draining(
 
         async def drain_then_stop() -> None:
             await drain()
-            server.stop_reading()  # (after stdin EOF: it has stopped already)
+            # (After stdin EOF: it has stopped already.) A line still in the pipe was sent on
+            # to nothing, as one read after the first signal.
+            server.stop_reading(reasons.refused)
 
         def shut_down() -> None:  # the first signal
             in_flight.refuse_new(reasons.refused)
             start_drain()
 
         def at_once() -> None:
-            server.stop_reading()
+            server.stop_reading(reasons.refused)  # what waits in the pipe: never sent on
             in_flight.abandon(reasons.at_once)
             end_soon(nursery.cancel_scope)
 

@@ -397,6 +397,10 @@ class LineReader:
         self._head = b""
         return marker
 
+    def partial_head(self) -> bytes:
+        """The first bytes of the line received in part (no newline yet), b"" when none."""
+        return self._head if self._skipping else bytes(self._buf[:LINE_HEAD])
+
     def receive_data(self, data: bytes) -> list[bytes | LineTooLong]:
         """Feed bytes; returns the complete lines and LineTooLong markers they finish."""
         out: list[bytes | LineTooLong] = []
