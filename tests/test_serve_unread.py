@@ -28,7 +28,14 @@ from damocles_ext.protocol import jsonl
 
 _READ = 256 * 1024  # what serve reads at once
 _REPLICAS = 100  # about 17 KB a line
-_PIPE_MAX = int(Path("/proc/sys/fs/pipe-max-size").read_text())  # what we may make a pipe hold
+
+
+def _pipe_max() -> int:
+    """What we may make a pipe hold (0 when this machine does not say)."""
+    try:
+        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 async def _lines_waiting_as_signals_come(
@@ -37,7 +44,10 @@ async def _lines_waiting_as_signals_come(
     """Stop serve, fill its stdin pipe with `blank` bytes of blank lines, then requests, send
     `signals`, let it go on; the requests' ids."""
     pid, fd = m.process.pid, m.process.stdin.fileno()
-    capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(1 << 20, _PIPE_MAX))
+    try:
+        capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(1 << 20, _pipe_max()))
+    except OSError as exc:  # over this user's pipe pages, say
+        pytest.skip(f"cannot make a pipe hold more: {exc}")
     per_line = len(jsonl.encode_request(10**6, make_task(1000, _REPLICAS)))
     count = (capacity * 7 // 8 - blank) // per_line  # all fit: no write waits for serve
     if blank + count * per_line < 3 * _READ + 2 * per_line:
@@ -85,7 +95,9 @@ async def test_a_second_signal_answers_the_requests_left_unread_in_stdin(tmp_pat
                 run.send_signal(signal.SIGTERM)
                 assert await run.wait() == 0
             nursery.cancel_scope.cancel()
-    assert "stopped at once" in m.responses[first].err_msg, m.responses[first]
+    # (Under load the child may not have taken it before the first signal: then refused.)
+    said = m.responses[first].err_msg
+    assert "stopped at once" in said or "still queued" in said, m.responses[first]
     # Read before the second signal: refused (by serve --connect, or by the stopping
     # supervisor); left in the pipe: what serve says as it stops reading.
     _check_answered(m, ids, ("shutting down", "stopped at once", "before it read the request"))
@@ -149,3 +161,37 @@ async def test_requests_in_stdin_as_the_drain_ends_are_answered_not_left_unread(
             assert r.output == echo_output(make_task(1)), r
         else:
             assert r.err_msg == f"request {r.id} (window_post): refused: not sent on", r
+
+
+async def test_with_its_reader_gone_serve_answers_nothing_left_in_stdin(monkeypatch, caplog):
+    # damocles-manager killed (stdout's reader closed): the drain stops at once, and the lines
+    # left in stdin were read and answered into a closed pipe, a log line per request dropped.
+    monkeypatch.setattr(serve_jsonl, "_READ_SIZE", 64)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # the reader is gone
+    receive, send = trio.lowlevel.FdStream(in_r), trio.lowlevel.FdStream(out_w)
+    signals_in, signals = trio.open_memory_channel[int](1)
+    in_flight = InFlight()
+
+    async def submit(task):
+        return await in_flight.run(trio.sleep_forever)
+
+    reasons = StopReasons("reader gone", "grace over", "at once", "refused: not sent on")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                await serve_draining(
+                    "window_post", submit, in_flight, receive, send, signals, 30, reasons,
+                    ready_line_sent=True,
+                )  # fmt: skip
+
+            nursery.start_soon(serve)
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(in_w, b"".join(jsonl.encode_request(i, make_task(i)) for i in range(1, 30)))
+            await signals_in.send(signal.SIGTERM)  # the drain finds the reader gone
+    os.close(in_w)
+    await receive.aclose()
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("left unread in stdin" in m or "answer dropped" in m for m in said), said

@@ -18,6 +18,7 @@ its wire id, never by the supervisor's own request number.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -153,7 +154,9 @@ class JsonLineServer:
                 with self._read_scope:
                     await self._read_requests(nursery)
                 if self._unread is not None and not (self._input_ended or self._output_broken):
-                    self._answer_unread(self._unread, nursery)
+                    out = stream_fd(self._send_stream)
+                    if out is None or not reader_gone(out):  # (else nobody reads an answer)
+                        self._answer_unread(self._unread, nursery)
                 if self._on_input_closed is not None:
                     self._on_input_closed()
                 # An id is in flight until its answer is written: then the writer may stop.
@@ -208,8 +211,13 @@ class JsonLineServer:
             return
         self._refusing = why
         answered = self._stats.failed
+        # What the pipe holds, not what a writer still writing could add meanwhile.
+        try:
+            limit = min(_UNREAD_LIMIT, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+        except OSError:  # not a pipe (a file, a tty)
+            limit = 1 << 20
         taken, ended = 0, False
-        while taken < _UNREAD_LIMIT and not ended:
+        while taken < limit and not ended:
             try:
                 data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
