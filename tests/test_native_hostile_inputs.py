@@ -4,7 +4,6 @@ regular files, cache dirs in the way of the files it writes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -137,38 +136,48 @@ def test_build_tree_whose_file_cannot_take_its_place_leaves_no_temporary_file(
     assert not [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
+# Run in a child of its own: no thread but the prover's, so the lease break's SIGIO, blocked in
+# every thread, is taken by the main one with sigtimedwait (in pytest's worker, a thread of
+# xdist's could take it).
+LEASE_PROOF = r"""
+import fcntl, os, signal, sys, threading
+from damocles_ext.post.fixtures import load_manifest, window_task
+from damocles_ext.post.native import NativeProver
+
+task = window_task(load_manifest(sys.argv[1]), bytes(range(32)))
+holder = os.open(task.replicas[0].sealed_file, os.O_WRONLY)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
+try:
+    fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+except OSError as exc:
+    print("no lease", exc)
+    sys.exit(0)
+answers = []
+with NativeProver() as prover:
+    proving = threading.Thread(target=lambda: answers.append(prover.window_post(task)))
+    proving.start()
+    # The prover's open() waits for the lease, and the kernel asks us to give it up.
+    asked = signal.sigtimedwait({signal.SIGIO}, 30)
+    fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    proving.join(60)
+[output] = answers
+print("asked", asked is not None, "faults", output.faults, "proofs", len(output.proofs))
+"""
+
+
 def test_a_sealed_file_under_a_lease_is_proved_once_the_lease_breaks_not_a_fault(tmp_path):
     # Samba's kernel oplocks and NFS delegations hold leases: a plain open() waits for the lease
     # to break. Opened with O_NONBLOCK (for FIFOs), it failed at once with EWOULDBLOCK, and the
     # sector was a fault, which damocles-manager declares on chain.
-    import fcntl
-    import signal
-    import threading
-
-    from damocles_ext.post.fixtures import load_manifest
-
     made = create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1", 1, 1000, random_seed=5)
-    task = window_task(load_manifest(made), SEED)
-    holder = os.open(task.replicas[0].sealed_file, os.O_WRONLY)
-    # The lease break is a SIGIO to the holder: blocked in every thread here (the prover's
-    # inherits the mask), and taken by the main thread with sigtimedwait, no handler involved.
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
-    try:
-        try:
-            fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-        except OSError as exc:
-            pytest.skip(f"no lease can be taken here: {exc}")
-        answers = []
-        with NativeProver() as prover:
-            proving = threading.Thread(target=lambda: answers.append(prover.window_post(task)))
-            proving.start()
-            # The prover's open() waits for the lease, and the kernel asks us to give it up.
-            asked = signal.sigtimedwait({signal.SIGIO}, 30)
-            fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            proving.join(60)
-        assert asked is not None and not proving.is_alive()
-        [output] = answers
-        assert output.faults == [] and len(output.proofs) == 1
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-        os.close(holder)
+    run = subprocess.run(
+        [sys.executable, "-c", LEASE_PROOF, str(made)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, run.stderr
+    if run.stdout.startswith("no lease"):
+        pytest.skip(f"no lease can be taken here: {run.stdout.strip()}")
+    assert run.stdout.strip() == "asked True faults [] proofs 1", run.stdout
