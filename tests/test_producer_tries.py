@@ -152,6 +152,28 @@ async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
     assert tries == [1, 2, 1, 2]
 
 
+def hold_the_row_at_the_first_sweep(producer, postgres_url: str, state: str) -> list:
+    """Wrap `producer`'s sweep: at its first call, another session holds the job's row (FOR
+    UPDATE, as a heartbeat or finish being stored does), which must be in `state`, and the sweep
+    must pass over it; the later calls sweep as usual. The calls' arguments, listed."""
+    sweep, sweeps = producer.store.sweep, []
+
+    async def sweep_beside_a_lock_holder_once(*args, **kwargs):
+        sweeps.append(args)
+        if len(sweeps) > 1:
+            return await sweep(*args, **kwargs)
+        [job_id] = args[0]
+        with JobStore(postgres_url) as other, other.engine.begin() as conn:
+            held = other._read(conn, job_id)  # FOR UPDATE, until the block ends
+            assert held is not None and held.State == state
+            outcome = await sweep(*args, **kwargs)
+            assert outcome.effects == ()  # passed over: the row was held
+            return outcome
+
+    producer.store.sweep = sweep_beside_a_lock_holder_once
+    return sweeps
+
+
 async def test_a_retry_whose_sweep_found_the_job_held_by_another_is_made_at_the_next_look(
     tmp_path, postgres_url
 ):
@@ -165,20 +187,7 @@ async def test_a_retry_whose_sweep_found_the_job_held_by_another_is_made_at_the_
     async with open_job_producer(
         postgres_url, conf_dir=str(tmp_path), poll_interval=0.05
     ) as producer:
-        sweep, sweeps = producer.store.sweep, []
-
-        async def sweep_beside_a_lock_holder_once(*args, **kwargs):
-            sweeps.append(args)
-            if len(sweeps) > 1:
-                return await sweep(*args, **kwargs)
-            with JobStore(postgres_url) as other, other.engine.begin() as conn:
-                held = other._read(conn, job_id)  # FOR UPDATE, until the block ends
-                assert held is not None and held.State == model.FINISHED
-                outcome = await sweep(*args, **kwargs)
-                assert outcome.effects == ()  # passed over: the row was held
-                return outcome
-
-        producer.store.sweep = sweep_beside_a_lock_holder_once  # type: ignore[method-assign]
+        sweeps = hold_the_row_at_the_first_sweep(producer, postgres_url, model.FINISHED)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(producer.submit, task)
             with JobStore.open(postgres_url) as store, trio.fail_after(10):
@@ -205,21 +214,7 @@ async def test_a_deadline_sweep_that_found_the_job_held_by_another_is_made_at_th
     async with open_job_producer(
         postgres_url, conf_dir=str(tmp_path), poll_interval=0.05
     ) as producer:
-        sweep, sweeps = producer.store.sweep, []
-
-        async def sweep_beside_a_lock_holder_once(*args, **kwargs):
-            sweeps.append(args)
-            if len(sweeps) > 1:
-                return await sweep(*args, **kwargs)
-            [job_id] = args[0]
-            with JobStore(postgres_url) as other, other.engine.begin() as conn:
-                held = other._read(conn, job_id)  # FOR UPDATE, until the block ends
-                assert held is not None and held.State == model.READY
-                outcome = await sweep(*args, **kwargs)
-                assert outcome.effects == ()  # passed over: the row was held
-                return outcome
-
-        producer.store.sweep = sweep_beside_a_lock_holder_once  # type: ignore[method-assign]
+        sweeps = hold_the_row_at_the_first_sweep(producer, postgres_url, model.READY)
         with trio.fail_after(10), pytest.raises(ProverError, match="its deadline passed"):
             await producer.submit(task, deadline=time.time() - 1)  # nobody takes it
     assert len(sweeps) == 2

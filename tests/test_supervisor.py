@@ -1035,35 +1035,18 @@ def test_a_tmp_root_owned_by_another_user_or_a_symlink_is_refused(tmp_root, tmp_
 
 
 @needs_root
-def test_a_tmp_root_under_a_directory_another_user_owns_is_refused(tmp_path):
+@pytest.mark.parametrize("linked", [False, True], ids=["made-there", "our-link-there"])
+def test_a_tmp_root_under_a_directory_another_user_owns_is_refused(tmp_path, linked):
     # Its owner could rename our root away and put one of theirs in its place after the checks:
-    # the children, given their TMPDIR as a path, would then use theirs.
-    theirs = tmp_path / "theirs"
-    theirs.mkdir(mode=0o755)
-    os.chown(theirs, OTHER_UID, OTHER_UID)
-    root = theirs / "root"
-    with pytest.raises(SpawnError) as caught:
-        prepare_gpu_tmpdir(root / "window_post-gpu0")
-    assert str(caught.value) == (
-        f"window_post#0: the tmp root {root}, where WdPost[0] gets its TMPDIR"
-        f" {root}/window_post-gpu0/, is under a directory another user could change: directory"
-        f" {theirs} is owned by uid {OTHER_UID}, not by us or root, so its owner could replace"
-        " what is in it; refusing to use it (another user could read or replace the prover's"
-        " temporary files and bellperson's GPU lock files there). Fix or remove it, or set"
-        " DAMOCLES_EXT_TMP_ROOT to a directory of your own"
-    )
-    assert not (root / "window_post-gpu0").exists()
-
-
-@needs_root
-def test_a_tmp_root_linked_from_a_directory_another_user_owns_is_refused(tmp_path):
-    # Our link to our own directory, but in theirs: the children get their TMPDIR through the
-    # link, which its owner can swap for one to a directory of theirs after these checks.
+    # the children, given their TMPDIR as a path, would then use theirs. The same of our link
+    # to our own directory, in theirs: the children get their TMPDIR through the link, which
+    # its owner can swap for one to a directory of theirs.
     ours = tmp_path / "ours"
     ours.mkdir(mode=0o700)
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o755)
-    (theirs / "root").symlink_to(ours)
+    if linked:
+        (theirs / "root").symlink_to(ours)
     os.chown(theirs, OTHER_UID, OTHER_UID)
     root = theirs / "root"
     with pytest.raises(SpawnError) as caught:
@@ -1076,7 +1059,7 @@ def test_a_tmp_root_linked_from_a_directory_another_user_owns_is_refused(tmp_pat
         " temporary files and bellperson's GPU lock files there). Fix or remove it, or set"
         " DAMOCLES_EXT_TMP_ROOT to a directory of your own"
     )
-    assert list(ours.iterdir()) == []
+    assert not (root / "window_post-gpu0").exists() and list(ours.iterdir()) == []
 
 
 @needs_root
