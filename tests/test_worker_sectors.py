@@ -12,7 +12,7 @@ import trio
 from helpers.damocles_source import DamoclesSource
 from helpers.frontend import plugin_block
 from helpers.post import sectors
-from test_worker import PROOF_TYPE, children, job_input, serving
+from test_worker import PROOF_TYPE, children, job_input, serving, start_worker
 
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_control import worker_part
@@ -21,6 +21,7 @@ from damocles_ext.post.verify import verify_window_post
 from damocles_ext.sectors.cache import CacheRules
 from damocles_ext.sectors.locator import SectorLocator
 from damocles_ext.sectors.providers import SourceNode
+from damocles_ext.sectors.snapshot import CacheSnapshot
 from damocles_ext.tasks import WindowPoStOutput
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -98,6 +99,41 @@ async def test_with_the_source_stopped_mid_run_proofs_go_on_from_cached_location
     verify(third, base, done[2].Output)
     assert status["stale_answers"] == 4 and status["missing"] == 1
     assert status["source_errors"] and status["last_source_error"] is not None
+
+
+async def test_a_worker_restarted_while_the_source_is_down_proves_from_the_locations_it_kept(
+    moved, tmp_path
+):
+    """The locator's snapshot (`worker --sector-cache`): a worker learns the sectors' locations,
+    stops; started again while the source node is down, it proves from them."""
+    base, comm_rs, rig = moved
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    path = str(tmp_path / "sectors.snapshot")
+    with DamoclesSource() as source, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.server.serve)
+            worker, locator = worker_on_source(rig, kids, source, base, comm_rs)
+            locator.snapshot = CacheSnapshot(path)
+            first, _ = await rig.jobs.create(make_job(comm_rs, (1, 2), seed=1))
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            await running.stop()
+            await locator.aclose()
+            source.stop()
+            worker, locator = worker_on_source(rig, kids, source, base, comm_rs)
+            locator.snapshot = CacheSnapshot(path)
+            second, _ = await rig.jobs.create(make_job(comm_rs, (1, 2), seed=2))
+            running = await start_worker(nursery, worker)
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+            status = worker_part(worker).sectors
+            await running.stop()
+            await locator.aclose()
+            nursery.cancel_scope.cancel()
+    done = [await rig.jobs.get(job.Id) for job in (first, second)]
+    assert [d.ErrorReason for d in done] == ["", ""]
+    assert done[1].Output.faults == () and done[1].Output.proofs
+    verify(second, base, done[1].Output)
+    assert status["stale_answers"] == 2 and status["snapshot"]["restored"] == 2
 
 
 async def test_a_hanging_source_does_not_delay_a_proof_past_its_deadline(moved, tmp_path):

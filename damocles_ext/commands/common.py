@@ -22,6 +22,7 @@ from damocles_ext.stages import child_stages
 if TYPE_CHECKING:
     from damocles_ext.config import ChildSpec, Config
     from damocles_ext.plugins import DextPluginManager
+    from damocles_ext.sectors.snapshot import CacheSnapshot
     from damocles_ext.supervisor.restart import BackoffPolicy
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
@@ -450,3 +451,79 @@ def check_sector_sources(
             f"--proxy {proxy}: the source node answers store names, and no store is known"
             f" here to turn them into paths; give {stores_hint}"
         )
+
+
+# --- the sector locator's cache kept across restarts (worker --proxy, coordinator --proxy) -------
+
+SECTOR_CACHE_HELP = (
+    "keep the sector locations learned through --proxy in FILE across restarts (a snapshot"
+    " written every 5 minutes and at a clean stop, read at start), so that started again while"
+    " the source node is down the last known locations still answer (default:"
+    " $STATE_DIRECTORY/sector-locations.snapshot when systemd gives a state directory, as the"
+    " units in deploy/ do; else in memory only)"
+)
+
+
+def add_sector_cache_args(parser: argparse.ArgumentParser) -> None:
+    """--sector-cache FILE and --no-sector-cache."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sector-cache", metavar="FILE", help=SECTOR_CACHE_HELP)
+    group.add_argument(
+        "--no-sector-cache",
+        action="store_true",
+        help="keep sector locations in memory only, also where a state directory is given",
+    )
+
+
+def check_sector_cache(args: argparse.Namespace) -> None:
+    """UsageError for --sector-cache without --proxy: only the locator of --proxy has a cache."""
+    from damocles_ext.errors import UsageError
+
+    if args.sector_cache is not None and args.proxy is None:
+        raise UsageError(
+            "--sector-cache goes with --proxy ADDR: it keeps the locations learned through"
+            " that source node, and without --proxy none is learned"
+        )
+
+
+def sector_snapshot(args: argparse.Namespace, log: logging.Logger) -> CacheSnapshot | None:
+    """The CacheSnapshot of --sector-cache FILE, else of the state directory systemd gives
+    ($STATE_DIRECTORY), else None. UsageError for a FILE whose directory is missing, not
+    writable here or open to other users; the same of the state directory is a warning (and
+    no snapshot): a cache must not keep a service from starting."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.sectors.snapshot import FILE_NAME, CacheSnapshot
+    from damocles_ext.trusted_path import resolve_trusted
+
+    if args.no_sector_cache:
+        return None
+    given = args.sector_cache
+    if given is not None:
+        path, what = os.path.abspath(given), f"--sector-cache {given}"
+    else:
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not os.path.isabs(state):
+            return None
+        path = os.path.join(state, FILE_NAME)
+        what = f"the sector-location snapshot {path} (in $STATE_DIRECTORY)"
+    directory = os.path.dirname(path)
+    try:
+        resolve_trusted(directory)
+        if not os.path.isdir(directory):
+            problem = f"{directory} is not a directory"
+        elif os.path.isdir(path):
+            problem = "it is a directory; give a file's path"
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            problem = f"its directory {directory} is not writable by this user"
+        else:
+            problem = ""
+    except FileNotFoundError:
+        problem = f"its directory {directory} does not exist (make it, mode 0700)"
+    except (OSError, UsageError) as exc:  # UntrustedPathError: which part, and why
+        problem = str(exc) if isinstance(exc, UsageError) else f"{directory}: {exc.strerror}"
+    if not problem:
+        return CacheSnapshot(path)
+    if given is not None:
+        raise UsageError(f"{what}: {problem}; give another path, or --no-sector-cache")
+    log.warning("%s is not used: %s; sector locations are kept in memory only", what, problem)
+    return None

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 
 from damocles_ext.logs import add_logging_args, setup_from_args
 
-from .common import add_sector_source_args, check_proxy_headers, token_file
+from .common import (
+    add_sector_cache_args,
+    add_sector_source_args,
+    check_proxy_headers,
+    check_sector_cache,
+    token_file,
+)
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 if TYPE_CHECKING:
@@ -89,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store
     # names become paths through --store and --conf-dir's stores).
     add_sector_source_args(parser, conf_dir=False, attached=False)
+    add_sector_cache_args(parser)
     add_logging_args(parser, "info")
     return parser
 
@@ -105,6 +112,8 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
 
     if args.proxy is None:
         return SectorIndex()
+    import logging
+
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.sectors import SectorSettings
     from damocles_ext.sectors.locator import SectorLocator, build_providers
@@ -112,7 +121,11 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     settings = SectorSettings(
         proxy=args.proxy, stores=stores, headers=tuple(args.header), relay_names=True
     )
-    return SectorIndex(SectorLocator(build_providers(settings, get_plugin_manager())))
+    from .common import sector_snapshot
+
+    snapshot = sector_snapshot(args, logging.getLogger("damocles_ext.coordinator"))
+    locator = SectorLocator(build_providers(settings, get_plugin_manager()), snapshot=snapshot)
+    return SectorIndex(locator)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             " answered without one already"
         )
     check_proxy_headers(args.proxy, args.header, "--header")
+    check_sector_cache(args)
     settings = read_settings(args.conf_dir, args.store)
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -256,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
                             shut_down()
                         await server.stopped.wait()
                         watcher.cancel()
+                    if locator is not None:  # its snapshot saved, its connections closed
+                        await locator.aclose()
 
             trio.run(main)
             if lost:

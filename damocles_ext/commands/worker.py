@@ -19,8 +19,10 @@ from .common import (
     add_config_args,
     add_header_arg,
     add_restart_arg,
+    add_sector_cache_args,
     add_shutdown_arg,
     check_proxy_headers,
+    check_sector_cache,
     not_empty,
     positive_duration,
     socket_path,
@@ -150,6 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_header_arg(
         parser, "--proxy-header", "an HTTP header sent to the --proxy source node; repeat for each"
     )
+    add_sector_cache_args(parser)
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_logging_args(parser, "info")
@@ -326,19 +329,23 @@ def _locator(
     """The sector-location service over --proxy and the attached stores (None without
     --proxy); UsageError for a bad address or no attached store to turn names into paths."""
     check_proxy_headers(args.proxy, args.proxy_header, "--proxy-header")
+    check_sector_cache(args)
     if args.proxy is None:
         return None
     from damocles_ext.sectors import SectorSettings
     from damocles_ext.sectors.locator import SectorLocator, build_providers
 
-    from .common import check_sector_sources
+    from .common import check_sector_sources, sector_snapshot
 
     stores = dict(settings.attached)
     check_sector_sources(args.proxy, stores, "--attached NAME=PATH for each store")
     sector_settings = SectorSettings(
         proxy=args.proxy, stores=stores, headers=tuple(args.proxy_header)
     )
-    return SectorLocator(build_providers(sector_settings, options["plugin_manager"]))
+    return SectorLocator(
+        build_providers(sector_settings, options["plugin_manager"]),
+        snapshot=sector_snapshot(args, logging.getLogger("damocles_ext.worker")),
+    )
 
 
 def _settings(

@@ -13,6 +13,7 @@ Public API (stable; documented in docs/SECTORS.md):
 - `damocles_ext.sectors.providers` (trio): the built-in `SourceNode` (a damocles source node,
   `Venus.SectorIndexerFind`) and `StoreScan`;
 - `damocles_ext.sectors.metrics`: `SectorMetrics` (Prometheus counters).
+- `damocles_ext.sectors.snapshot` (trio, files): `CacheSnapshot`, the cache kept across restarts.
 
 This package's `__init__` imports only the sans-IO model, so a plugin that offers a provider
 imports `from damocles_ext.sectors import SectorLocation, SectorRef` cheaply.

@@ -16,11 +16,16 @@
   they come up): `due` and `next_wakeup` cost what is due, not what is cached, so a lookup in a
   cache of a million hot sectors does not make the next plan scan them all.
 - At most `max_entries` entries: the least recently used go first.
+- Entries remembered from before (`restore`: a snapshot a restarted process read) keep the time
+  they were learned: one is fresh, or a last known location, for what is left of its time, never
+  more; one learned "after" now (the wall clock set back since it was saved) is taken as learned
+  `fresh_for` ago: asked again first, still a last known location.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -84,6 +89,9 @@ class SectorCache:
         self._plan: list[tuple[float, SectorRef]] = []
         #: (at, sector) for `_wanted`, to drop a want once its time passed (stale pairs too).
         self._want_ends: list[tuple[float, SectorRef]] = []
+        #: Counts the changes of entries (learned, forgotten, restored): a snapshot taken when
+        #: it has not moved since the last one would be the same.
+        self.changes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -137,6 +145,7 @@ class SectorCache:
         old = self._entries.pop(sector, None)
         used_at = None if old is None else old.used_at
         self._entries[sector] = CacheEntry(location, provider, now, used_at)
+        self.changes += 1
         self._tried.pop(sector, None)
         wanted = self._wanted.get(sector)
         if wanted is not None and now + self.rules.fresh_for > wanted:
@@ -149,10 +158,43 @@ class SectorCache:
     def forget(self, sector: SectorRef) -> None:
         """Every provider says it does not know the sector (or the entry is too old): its entry
         and any want of it go (a sector nobody knows is not refreshed again and again)."""
-        self._entries.pop(sector, None)
+        if self._entries.pop(sector, None) is not None:
+            self.changes += 1
         self._tried.pop(sector, None)
         self._wanted.pop(sector, None)
         self._replan(sector)
+
+    def restore(self, entries: Iterable[tuple[SectorRef, CacheEntry]], now: float) -> int:
+        """Take in entries remembered from before (a snapshot: least recently used first), each
+        with the time it was learned on this clock. One past `keep_for` is left out, as is one
+        whose sector has an entry here already (learned since: newer); one learned after `now`
+        is taken as learned `fresh_for` ago. None counts as used: the background refresh plans
+        them once they are looked up or wanted. They go before the entries here in the
+        least-recently-used order; past `max_entries` the least recently used go. Returns how
+        many were taken."""
+        live = self._entries
+        fresh_for, keep_for = self.rules.fresh_for, self.rules.keep_for
+        taken: dict[SectorRef, CacheEntry] = {}
+        for sector, entry in entries:  # taken as they are, their times set as said
+            if sector in live:
+                continue
+            if entry.learned_at > now:
+                entry.learned_at = now - fresh_for
+            if now - entry.learned_at >= keep_for:
+                continue
+            entry.used_at = None
+            taken.pop(sector, None)  # a later one is the more recently used
+            taken[sector] = entry
+        room = max(0, self.rules.max_entries - len(live))
+        if len(taken) > room:  # the least recently used left out
+            taken = dict(itertools.islice(taken.items(), len(taken) - room, None))
+        if not taken:
+            return 0
+        self._entries = {**taken, **live} if live else taken
+        self.changes += 1
+        for sector in self._wanted.keys() & taken.keys():
+            self._replan(sector)
+        return len(taken)
 
     def want(self, sectors: Iterable[SectorRef], at: float) -> None:
         """These sectors will be needed at `at`: refresh them before then."""

@@ -18,6 +18,10 @@ Public API (kept stable; the worker, the coordinator and `prove` use it):
 - `locator.cached(sector)`: what is remembered, without asking anyone (None if nothing).
 - `locator.status()`: a plain dict for a process's status document.
 - `await locator.aclose()` (or `async with locator`).
+- `snapshot=CacheSnapshot(path)` (snapshot.py): the cache kept across restarts; its entries are
+  taken in before the first lookup or refresh (`restore`), saved by `refresh_forever` now and
+  then and by `aclose` (only once they were taken in: a locator that never loaded does not
+  overwrite a snapshot with nothing).
 
 The rules of one batch: a sector whose entry is fresh is answered from the cache. The others go
 to the providers in order, each given an equal share of what is left of the providers' phase
@@ -63,6 +67,7 @@ from .model import (
 if TYPE_CHECKING:
     from ..plugins import DextPluginManager
     from .metrics import SectorMetrics
+    from .snapshot import CacheSnapshot
 
 log = logging.getLogger("damocles_ext.sectors")
 
@@ -130,8 +135,12 @@ class SectorLocator:
         bounds: Bounds | None = None,
         metrics: SectorMetrics | None = None,
         threads: int = DEFAULT_THREADS,
+        snapshot: CacheSnapshot | None = None,
     ) -> None:
         self.providers = list(providers)
+        self.snapshot = snapshot
+        self._restored = False
+        self._restoring: trio.Event | None = None
         self.cache = SectorCache(rules)
         self.bounds = bounds or Bounds()
         self.metrics = metrics
@@ -174,6 +183,8 @@ class SectorLocator:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.snapshot is not None and self._restored:
+            await self.snapshot.save(self.cache)
         for name in list(self._unsaid):  # what a flapping provider did lately: said now
             self._say_unsaid(name, trio.current_time())
         for provider in self.providers:
@@ -193,6 +204,7 @@ class SectorLocator:
     ) -> list[SectorAnswer]:
         """One answer per sector, in order; at most `bounds.budget(time_left)` seconds."""
         asked = list(sectors)
+        await self.restore()
         start = trio.current_time()
         phase_end, batch_end = self.bounds.phases(start, self.bounds.budget(time_left))
         answers: dict[SectorRef, SectorAnswer] = {}
@@ -517,9 +529,34 @@ class SectorLocator:
         self._count("refreshes", len(outcomes))
         return answered
 
+    async def restore(self) -> None:
+        """Take in the snapshot's entries, once (nothing without a snapshot); a caller while
+        they are being read waits for them."""
+        if self.snapshot is None or self._restored:
+            return
+        if self._restoring is not None:
+            await self._restoring.wait()
+            return
+        self._restoring = done = trio.Event()
+        try:
+            await self.snapshot.load(self.cache)
+            self._restored = True
+            self._changed.set()
+        finally:
+            self._restoring = None  # cut short: the next caller reads it
+            done.set()
+
     async def refresh_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-        """Refresh what `cache.due` says, when it says; run it in a nursery (`nursery.start`)."""
+        """Refresh what `cache.due` says, when it says; run it in a nursery (`nursery.start`).
+        With a snapshot: its entries are taken in first, and it is saved every `every`."""
+        await self.restore()
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self.snapshot is not None:
+                nursery.start_soon(self.snapshot.save_forever, self.cache)
+            await self._refresh_loop()
+
+    async def _refresh_loop(self) -> None:
         while True:
             now = trio.current_time()
             due = self.cache.due(now)
@@ -556,6 +593,7 @@ class SectorLocator:
             "last_source_error": last,
             "fresh_for": self.rules.fresh_for,
             "keep_for": self.rules.keep_for,
+            "snapshot": None if self.snapshot is None else self.snapshot.status(now),
         }
 
 
@@ -627,8 +665,9 @@ async def open_locator(
     rules: CacheRules | None = None,
     bounds: Bounds | None = None,
     metrics: SectorMetrics | None = None,
+    snapshot: CacheSnapshot | None = None,
 ) -> SectorLocator:
     """A locator over `build_providers(settings, plugin_manager)`."""
     providers = build_providers(settings, plugin_manager)
     await trio.lowlevel.checkpoint()
-    return SectorLocator(providers, rules=rules, bounds=bounds, metrics=metrics)
+    return SectorLocator(providers, rules=rules, bounds=bounds, metrics=metrics, snapshot=snapshot)

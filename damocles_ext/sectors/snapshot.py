@@ -1,0 +1,387 @@
+"""The locator's cache kept across restarts: a snapshot file of the locations it remembers, so
+that a process started again while its source node is down still has their last known
+locations (docs/SECTORS.md, "Kept across restarts").
+
+- The file: a magic line, then msgpack (msgspec) of a versioned `_Snapshot`: when it was
+  written (unix seconds), a table of strings (directories, store names, providers: a deadline's
+  thousands of sectors share a few) and one row per entry, least recently used first, each with
+  the wall-clock time it was learned. At most `max_entries` entries (the most recently used) and
+  `max_bytes` bytes.
+- Written in a worker thread (`trio.to_thread`), atomically: a new file beside it (0600,
+  O_EXCL), written, fsync'd, renamed over it, the directory fsync'd; a crash leaves the old
+  snapshot or the new one, never half of one. Every `every` seconds when the cache changed, and
+  when the locator closes (a clean stop); each write at most `SAVE_TIMEOUT`.
+- Read once, at start (`load`): the learned times go back onto the loop's clock, so an entry's
+  age is its real age, the time the process was down included (`SectorCache.restore` keeps the
+  rules). A file that is not there is a first start; one that is not ours, not a regular file,
+  too big, not a snapshot, of another format version or unreadable is said in a warning and
+  ignored (the next save replaces it): never fatal.
+
+The cache's rules stay sans-IO (cache.py); the files are here, and the locator calls this.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from ..errors import describe, passes_through
+from .cache import CacheEntry, SectorCache
+from .model import SectorLocation, SectorRef
+
+log = logging.getLogger("damocles_ext.sectors")
+
+#: The file's first bytes: what it is, before any msgpack.
+MAGIC: Final = b"damocles-ext sector locations\n"
+#: The format this version writes and reads; another is ignored (said in a warning).
+VERSION: Final = 1
+#: The default file's name in a state directory.
+FILE_NAME: Final = "sector-locations.snapshot"
+#: Seconds between saves (when the cache changed), and the bound of one save.
+SAVE_EVERY: Final = 300.0
+SAVE_TIMEOUT: Final = 10.0
+#: Entries kept at most (the most recently used) and the file's size at most: about 60 bytes an
+#: entry in damocles' layout, so a million is some 60 MB.
+MAX_ENTRIES: Final = 1_000_000
+MAX_BYTES: Final = 256 * 1024 * 1024
+
+# One write at a time, in the order the threads started: a save cut by its bound and abandoned
+# is done before the next one renames its file (an older snapshot never lands last).
+_writing = threading.Lock()
+
+
+class _Row(msgspec.Struct, array_like=True, frozen=True):
+    """One entry. Paths are split after their last "/": a directory (an index in `strings`)
+    and a name; a store name or the provider is an index in `strings`, -1 for None."""
+
+    miner: int
+    number: int
+    upgrade: bool
+    sealed_dir: int
+    sealed_name: str
+    cache_dir: int
+    cache_name: str
+    sealed_store: int
+    cache_store: int
+    provider: int
+    learned_at: float  # unix seconds
+
+
+class _Header(msgspec.Struct):
+    version: int
+
+
+class _Snapshot(msgspec.Struct):
+    version: int
+    written_at: float  # unix seconds
+    strings: list[str]
+    rows: list[_Row]
+
+
+class SnapshotUnusable(Exception):
+    """The file cannot be taken in (the message says why and what to do)."""
+
+
+def encode(
+    entries: Sequence[tuple[SectorRef, CacheEntry]], mono_now: float, wall_now: float
+) -> bytes:
+    """The snapshot of these entries (least recently used first), their learned times on the
+    wall clock: `wall_now` is the same moment as `mono_now` on the loop's clock."""
+    index: dict[str, int] = {}
+    strings: list[str] = []
+
+    def ref(text: str | None) -> int:
+        if text is None:
+            return -1
+        found = index.get(text)
+        if found is None:
+            found = index[text] = len(strings)
+            strings.append(text)
+        return found
+
+    def split(path: str) -> tuple[int, str]:
+        cut = path.rfind("/") + 1
+        return ref(path[:cut]), path[cut:]
+
+    rows = []
+    for sector, entry in entries:
+        where = entry.location
+        sealed_dir, sealed_name = split(where.sealed_file)
+        cache_dir, cache_name = split(where.cache_dir)
+        rows.append(
+            _Row(
+                sector.miner, sector.number, sector.upgrade, sealed_dir, sealed_name,
+                cache_dir, cache_name, ref(where.sealed_store), ref(where.cache_store),
+                ref(entry.provider), wall_now - (mono_now - entry.learned_at),
+            )
+        )  # fmt: skip
+    body = msgspec.msgpack.encode(_Snapshot(VERSION, wall_now, strings, rows))
+    return MAGIC + body
+
+
+def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[tuple[SectorRef, CacheEntry]]]:  # fmt: skip
+    """(when it was written, unix seconds; its entries, learned at their times on the loop's
+    clock: `mono_now` is the same moment as `wall_now`). SnapshotUnusable saying why."""
+    if not data.startswith(MAGIC):
+        raise SnapshotUnusable("it is not a sector-location snapshot (its first bytes are not)")
+    body = memoryview(data)[len(MAGIC) :]
+    try:
+        version = msgspec.msgpack.decode(body, type=_Header).version
+    except msgspec.DecodeError as exc:
+        raise SnapshotUnusable(f"it is damaged (cut short, or overwritten): {exc}") from None
+    if version != VERSION:
+        raise SnapshotUnusable(
+            f"it is in format version {version}, and this damocles-ext reads version {VERSION}"
+            " (written by another version of damocles-ext)"
+        )
+    try:
+        snapshot = msgspec.msgpack.decode(body, type=_Snapshot)
+        strings = snapshot.strings
+
+        def text(i: int) -> str | None:
+            if i == -1:
+                return None
+            if i < 0:
+                raise IndexError(i)
+            return strings[i]
+
+        entries = []
+        for row in snapshot.rows:
+            provider = text(row.provider)
+            if provider is None or not math.isfinite(row.learned_at):
+                raise ValueError(f"an entry of {row.miner}:{row.number} has no provider or time")
+            location = SectorLocation(
+                (text(row.sealed_dir) or "") + row.sealed_name,
+                (text(row.cache_dir) or "") + row.cache_name,
+                text(row.sealed_store),
+                text(row.cache_store),
+            )
+            learned_at = mono_now - (wall_now - row.learned_at)
+            sector = SectorRef(row.miner, row.number, row.upgrade)
+            entries.append((sector, CacheEntry(location, provider, learned_at)))
+    except (msgspec.DecodeError, ValueError, IndexError) as exc:
+        raise SnapshotUnusable(f"it is damaged (cut short, or overwritten): {exc}") from None
+    return snapshot.written_at, entries
+
+
+def read_file(path: str, max_bytes: int) -> bytes | None:
+    """The file's bytes (None: there is none); SnapshotUnusable when it is not ours to trust
+    (another user's, a symlink, not a regular file), too big, or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SnapshotUnusable("it is a symlink; a snapshot is a file of its own") from None
+        raise SnapshotUnusable(f"it cannot be opened: {describe(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotUnusable("it is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise SnapshotUnusable(
+                f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}), who"
+                " writes it: what another user put there is not taken"
+            )
+        chunks = []
+        size = 0
+        while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise SnapshotUnusable(f"it cannot be read: {describe(exc)}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise SnapshotUnusable(f"it is larger than a snapshot may be ({max_bytes} bytes)")
+    return data
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Replace the file with `data` atomically and durably (OSError when it cannot be)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    with _writing:
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with open(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _remove_leftovers(path: str) -> None:
+    """The new files of writes a killed process left half done (ours only)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for entry in names:
+        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+            full = os.path.join(directory, entry)
+            try:
+                if os.lstat(full).st_uid == os.geteuid():
+                    os.unlink(full)
+            except OSError:
+                pass
+
+
+class CacheSnapshot:
+    """The snapshot file of one locator's cache: `load` at start, `save` now and then and at
+    the end (SectorLocator does both when given one)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        every: float = SAVE_EVERY,
+        max_entries: int = MAX_ENTRIES,
+        max_bytes: int = MAX_BYTES,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._directory = os.path.dirname(os.path.abspath(path))
+        self.every = every
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.wall = wall
+        self._lock = trio.Lock()
+        self._saved_changes: int | None = None
+        self.restored = 0
+        #: When the file was last written (the loop's clock), by this process or the one before.
+        self.saved_at: float | None = None
+        self.error: str | None = None  # the last save's, or the load's, until a save works
+        self._failing = False  # the last save failed: its end is said
+
+    async def load(self, cache: SectorCache) -> int:
+        """Take the file's entries into the cache; how many were taken. A file that cannot be
+        used is said in a warning and ignored."""
+        mono_now, wall_now = trio.current_time(), self.wall()
+
+        def read() -> tuple[float, list[tuple[SectorRef, CacheEntry]]] | None:
+            _remove_leftovers(self.path)
+            data = read_file(self.path, self.max_bytes)
+            return None if data is None else decode(data, mono_now, wall_now)
+
+        try:
+            got = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        except BaseException as exc:  # SnapshotUnusable, or anything else: never fatal
+            if passes_through(exc):
+                raise
+            if not isinstance(exc, SnapshotUnusable):
+                exc = SnapshotUnusable(f"it could not be read: {describe(exc)}")
+            self.error = f"{self.path} was not taken: {exc}"
+            log.warning(
+                "the sector-location snapshot %s is ignored: %s. Locations are learned anew (and"
+                " the file replaced at the next save)",
+                self.path, exc,
+            )  # fmt: skip
+            return 0
+        if got is None:
+            log.info("no sector-location snapshot at %s yet: locations are learned anew", self.path)
+            return 0
+        written_at, entries = got
+        self.saved_at = mono_now - max(0.0, wall_now - written_at)
+        self.restored = cache.restore(entries, trio.current_time())
+        self._saved_changes = cache.changes
+        log.info(
+            "%d sector locations taken from %s (saved %.0f s ago; %d left out: past keep_for,"
+            " or learned since)",
+            self.restored, self.path, max(0.0, wall_now - written_at), len(entries) - self.restored,
+        )  # fmt: skip
+        return self.restored
+
+    async def save(self, cache: SectorCache) -> bool:
+        """Write the cache's entries (the most recently used `max_entries`) to the file, in a
+        thread, at most `SAVE_TIMEOUT` (shielded: a stop waits for it that long); True when
+        done."""
+        timeout = SAVE_TIMEOUT
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout) as bound:
+            async with self._lock:
+                changes = cache.changes
+                mono_now, wall_now = trio.current_time(), self.wall()
+                keep_for = cache.rules.keep_for
+                entries = list(cache.entries())[-self.max_entries :]  # a copy, in the loop
+
+                def write() -> tuple[int, int]:
+                    kept = [(s, e) for s, e in entries if mono_now - e.learned_at < keep_for]
+                    data = encode(kept, mono_now, wall_now)
+                    fitting = kept
+                    while len(data) > self.max_bytes and fitting:  # the least recently used go
+                        fitting = fitting[len(fitting) // 2 :] if len(fitting) > 1 else []
+                        data = encode(fitting, mono_now, wall_now)
+                    write_file(self.path, data)
+                    return len(fitting), len(kept)
+
+                try:
+                    written, kept = await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+                except BaseException as exc:  # said alike each time: the new file's name left out
+                    if passes_through(exc):
+                        raise
+                    why = (isinstance(exc, OSError) and exc.strerror) or describe(exc)
+                    self._failed(f"it could not be written in {self._directory}: {why}")
+                    return False
+                if written < kept:
+                    log.warning(
+                        "the sector-location snapshot %s holds the %d most recently used of %d"
+                        " locations: all of them take more than its %d bytes",
+                        self.path, written, kept, self.max_bytes,
+                    )  # fmt: skip
+                self._saved_changes = changes
+                self.saved_at = trio.current_time()
+                if self._failing:
+                    log.info("the sector-location snapshot %s is written again", self.path)
+                self.error, self._failing = None, False
+                return True
+        if bound.cancelled_caught:
+            self._failed(f"writing it took more than {timeout:g} s (a storage that hangs?)")
+        return False
+
+    def _failed(self, why: str) -> None:
+        message = f"the sector-location snapshot {self.path}: {why}"
+        if message != self.error:  # said once while it fails alike
+            log.warning(
+                "%s; the last known locations are kept in memory only until it can be", message
+            )
+        self.error, self._failing = message, True
+
+    async def save_forever(self, cache: SectorCache) -> None:
+        """Save every `every` seconds when the cache changed since the last save."""
+        while True:
+            await trio.sleep(self.every)
+            if cache.changes != self._saved_changes:
+                await self.save(cache)
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "restored": self.restored,
+            "saved_age": None if self.saved_at is None else round(now - self.saved_at, 3),
+            "error": self.error,
+        }

@@ -1,0 +1,523 @@
+"""The locator's cache kept across restarts (sectors/snapshot.py): a locator learns locations
+from a real HTTP source (the damocles look-alike) or the scan, stops, the source goes away, and
+a new locator loaded from the snapshot answers them, stale, with their real age; files that
+cannot be used (damaged, cut short, another user's, of another format) are said and ignored;
+the snapshot's size is bounded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+
+import msgspec
+import pytest
+import trio
+from helpers.damocles_source import DamoclesSource
+from test_sectors import MINER, put_files, refs, stores  # noqa: F401 - the fixture
+
+from damocles_ext.sectors import SectorLocation, SectorRef
+from damocles_ext.sectors.cache import CacheEntry, CacheRules, SectorCache
+from damocles_ext.sectors.locator import SectorLocator
+from damocles_ext.sectors.providers import SourceNode, StoreScan
+from damocles_ext.sectors.snapshot import (
+    MAGIC,
+    VERSION,
+    CacheSnapshot,
+    _Row,
+    _Snapshot,
+    decode,
+    encode,
+)
+
+WALL = 1_700_000_000.0  # the wall clock the snapshots are written at
+
+
+def wall_at(t: float):
+    return lambda: t
+
+
+def warnings(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "damocles_ext.sectors" and r.levelno == logging.WARNING
+    ]
+
+
+@pytest.fixture
+def source():
+    with DamoclesSource() as server:
+        yield server
+
+
+async def learn_then_stop(path, providers, sectors, *, wall=WALL, rules=None):
+    """A locator with a snapshot at `path` that locates `sectors` and stops (a clean stop)."""
+    async with SectorLocator(
+        providers, rules=rules, snapshot=CacheSnapshot(str(path), wall=wall_at(wall))
+    ) as locator:
+        answers = await locator.locate(sectors)
+    assert all(a.found and not a.cached for a in answers), answers
+    return answers
+
+
+async def test_a_restarted_locator_gives_the_last_known_locations_with_their_age_while_the_source_is_down(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    mock_clock,
+):
+    for n in (1, 2):
+        source.put(MINER, n, "a")
+        put_files(stores, n)
+    path = tmp_path / "sectors.snapshot"
+    node = SourceNode(source.url, stores)
+    async with SectorLocator(
+        [node], snapshot=CacheSnapshot(str(path), wall=wall_at(WALL))
+    ) as first:
+        before = await first.locate(refs(1, 2))
+        mock_clock.jump(3600)  # an hour later the process stops
+    source.stop()
+    # ... and is started again two hours after that, its source still down.
+    later = CacheSnapshot(str(path), wall=wall_at(WALL + 7200))
+    async with SectorLocator([SourceNode(source.url, stores)], snapshot=later) as second:
+        answers = await second.locate(refs(1, 2), time_left=1800)
+        status = second.status()
+    for answer, was in zip(answers, before, strict=True):
+        assert answer.found and answer.cached and answer.stale, answer.detail
+        assert answer.location == was.location and answer.provider == node.name
+        assert answer.age == pytest.approx(3 * 3600, abs=1)  # the time it was down included
+        assert "cannot connect" in answer.detail and "last known location" in answer.detail
+    assert status["stale_answers"] == 2
+    assert status["snapshot"] == {
+        "path": str(path), "restored": 2, "saved_age": pytest.approx(7200), "error": None,
+    }  # fmt: skip
+
+
+async def test_what_the_scan_found_is_remembered_across_a_restart_too(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+):
+    sealed, cache = put_files(stores, 7, "b")
+    path = tmp_path / "sectors.snapshot"
+    scan = StoreScan(stores)
+    await learn_then_stop(path, [scan], refs(7))
+    source.stop()
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 3600))
+    async with SectorLocator([SourceNode(source.url, stores)], snapshot=snapshot) as locator:
+        [answer] = await locator.locate(refs(7))
+    assert answer.stale and answer.provider == scan.name
+    assert answer.location == SectorLocation(sealed, cache, "b", "b")
+    assert answer.age == pytest.approx(3600, abs=1)
+
+
+async def test_a_restored_entry_is_fresh_only_for_what_is_left_of_its_fresh_for(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    mock_clock,
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    path = tmp_path / "sectors.snapshot"
+    rules = CacheRules(fresh_for=600, refresh_lead=60)
+    await learn_then_stop(path, [SourceNode(source.url, stores)], refs(1), rules=rules)
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 500))  # learned 500 s ago
+    async with SectorLocator(
+        [SourceNode(source.url, stores)], rules=rules, snapshot=snapshot
+    ) as locator:
+        [hit] = await locator.locate(refs(1))
+        assert hit.cached and not hit.stale and hit.age == pytest.approx(500, abs=1)
+        assert source.finds() == 1  # the first locator's only
+        mock_clock.jump(101)
+        [asked] = await locator.locate(refs(1))
+    assert not asked.cached and source.finds() == 2
+
+
+async def test_entries_past_keep_for_or_learned_in_the_future_are_not_taken_as_they_were(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    path = tmp_path / "sectors.snapshot"
+    rules = CacheRules(fresh_for=600, refresh_lead=60, keep_for=3600)
+    await learn_then_stop(path, [SourceNode(source.url, stores)], refs(1), rules=rules)
+    source.stop()
+    node = SourceNode(source.url, stores)
+    # The clock set back an hour since: not fresh (the source is asked), still a last known one.
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL - 3600))
+    async with SectorLocator([node], rules=rules, snapshot=snapshot) as locator:
+        [back] = await locator.locate(refs(1))
+    assert back.stale and back.age == pytest.approx(600, abs=1)
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 3600))  # past keep_for
+    async with SectorLocator([node], rules=rules, snapshot=snapshot) as locator:
+        [old] = await locator.locate(refs(1))
+    assert old.status == "error" and "no location of it is known" in old.detail
+
+
+def good_snapshot() -> bytes:
+    entry = CacheEntry(SectorLocation("/a/sealed/s-t01000-1", "/a/cache/s-t01000-1"), "p", 0.0)
+    return encode([(SectorRef(MINER, 1), entry)], 0.0, WALL)
+
+
+def make_unusable(path, how: str) -> str:
+    """Put a snapshot that cannot be used at `path`; what the warning says of it."""
+    if how == "cut short":
+        path.write_bytes(good_snapshot()[:-7])
+        return "damaged"
+    if how == "garbage":
+        path.write_bytes(MAGIC + os.urandom(64))
+        return "damaged"
+    if how == "not a snapshot":
+        path.write_text('{"some": "json"}')
+        return "not a sector-location snapshot"
+    if how == "another version":
+        body = msgspec.msgpack.encode({"version": VERSION + 1, "written_at": WALL, "stuff": []})
+        path.write_bytes(MAGIC + body)
+        return f"format version {VERSION + 1}"
+    if how in ("a negative sector", "a string not in the table"):  # decodes, but is wrong
+        row = _Row(MINER, -1, False, 0, "s", 0, "c", -1, -1, 0, WALL)
+        if how == "a string not in the table":
+            row = _Row(MINER, 1, False, 0, "s", 0, "c", 7, -1, 0, WALL)
+        path.write_bytes(MAGIC + msgspec.msgpack.encode(_Snapshot(VERSION, WALL, ["/"], [row])))
+        return "damaged"
+    if how == "another user's":
+        path.write_bytes(good_snapshot())
+        os.chown(path, 12345, 12345)
+        return "owned by uid 12345"
+    if how == "a symlink":
+        target = path.parent / "elsewhere"
+        target.write_bytes(good_snapshot())
+        path.symlink_to(target)
+        return "symlink"
+    if how == "a fifo":
+        os.mkfifo(path)
+        return "not a regular file"
+    if how == "a directory":
+        path.mkdir()
+        return "not a regular file"
+    raise AssertionError(how)
+
+
+UNUSABLE = [
+    "cut short", "garbage", "not a snapshot", "another version", "a negative sector",
+    "a string not in the table", "another user's",
+    "a symlink", "a fifo", "a directory",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", UNUSABLE)
+async def test_a_snapshot_that_cannot_be_used_is_said_and_ignored_and_replaced_at_the_next_save(
+    how,
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    caplog,
+):
+    if how == "another user's" and os.geteuid() != 0:
+        pytest.skip("making a file of another user takes root")
+    caplog.set_level(logging.INFO, "damocles_ext.sectors")
+    path = tmp_path / "sectors.snapshot"
+    why = make_unusable(path, how)
+    source.put(MINER, 5, "a")
+    put_files(stores, 5)
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL))
+    async with SectorLocator([SourceNode(source.url, stores)], snapshot=snapshot) as locator:
+        [answer] = await locator.locate(refs(5))  # the locator works on
+        status = locator.status()["snapshot"]
+    assert answer.found and not answer.cached
+    warning, *saving = warnings(caplog)
+    assert f"snapshot {path} is ignored" in warning and why in warning, warning
+    assert status["restored"] == 0 and why in status["error"]
+    if how == "a directory":  # nothing replaces a directory: its save is said instead
+        assert len(saving) == 1 and "could not be written" in saving[0]
+        return
+    assert saving == []
+    # Replaced by the stop's save, which a new locator reads.
+    assert path.is_file() and not path.is_symlink() and path.stat().st_uid == os.geteuid()
+    source.stop()
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 3600))
+    async with SectorLocator([SourceNode(source.url, stores)], snapshot=snapshot) as locator:
+        [again] = await locator.locate(refs(5))
+    assert again.stale and again.location == answer.location
+
+
+async def test_a_snapshot_is_written_atomically_private_and_leaves_no_new_file_behind(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    leftover = tmp_path / ".sectors.snapshot.999.abcd.tmp"  # a killed process's write
+    leftover.write_bytes(b"half")
+    path = tmp_path / "sectors.snapshot"
+    await learn_then_stop(path, [SourceNode(source.url, stores)], refs(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "sectors.snapshot"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    written_at, entries = decode(path.read_bytes(), 0.0, WALL)
+    assert written_at == WALL and [s for s, _ in entries] == refs(1)
+
+
+async def test_a_locator_closed_before_it_read_its_snapshot_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())
+    async with SectorLocator([], snapshot=CacheSnapshot(str(path))):
+        pass  # stopped before its first lookup or refresh: nothing is known, nothing written
+    assert path.read_bytes() == good_snapshot()
+
+
+async def test_the_snapshot_keeps_the_most_recently_used_entries_up_to_its_bounds(
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    caplog,
+):
+    for n in range(1, 6):
+        put_files(stores, n)
+    path = tmp_path / "sectors.snapshot"
+    snapshot = CacheSnapshot(str(path), max_entries=3, wall=wall_at(WALL))
+    async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
+        await locator.locate(refs(1, 2, 3, 4, 5))
+        await locator.locate(refs(1))  # used again: among the most recent
+    _, entries = decode(path.read_bytes(), 0.0, WALL)
+    assert sorted(s.number for s, _ in entries) == [1, 4, 5]
+    # In bytes too: past max_bytes the least recently used halves go, said in a warning.
+    two = tmp_path / "two.snapshot"
+    await learn_then_stop(two, [StoreScan(stores)], refs(3, 4))
+    size = len(two.read_bytes())
+    snapshot = CacheSnapshot(str(path), max_bytes=size, wall=wall_at(WALL))
+    async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
+        await locator.locate(refs(1, 2, 3, 4))
+    assert len(path.read_bytes()) == size
+    _, entries = decode(path.read_bytes(), 0.0, WALL)
+    assert [s.number for s, _ in entries] == [3, 4]
+    assert any("holds the 2 most recently used of 4" in w for w in warnings(caplog))
+    # And a file past max_bytes is not read.
+    small = CacheSnapshot(str(path), max_bytes=10)
+    async with SectorLocator([], snapshot=small) as locator:
+        await locator.restore()
+        assert small.restored == 0 and "larger than a snapshot may be (10 bytes)" in small.error
+
+
+class Watched(CacheSnapshot):
+    """A snapshot whose saves are seen: `saved` is set after each."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.saved = trio.Event()
+
+    async def save(self, cache):
+        done = await super().save(cache)
+        self.saved.set()
+        self.saved = trio.Event()
+        return done
+
+
+async def test_the_background_refresh_saves_every_few_minutes_only_what_changed_and_says_failures(
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    mock_clock,
+    caplog,
+):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    path = directory / "sectors.snapshot"
+    put_files(stores, 1)
+    snapshot = Watched(str(path), every=300, wall=wall_at(WALL))
+    rules = CacheRules(refresh_ahead=1.0)  # no background refresh: the cache changes by lookups
+    locator = SectorLocator([StoreScan(stores)], rules=rules, snapshot=snapshot)
+    async with locator, trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        await locator.locate(refs(1))
+        saved = snapshot.saved
+        mock_clock.jump(300)
+        await saved.wait()
+        assert [s for s, _ in decode(path.read_bytes(), 0.0, WALL)[1]] == refs(1)
+        # Nothing changed: no write (the file's own inode stays).
+        inode = path.stat().st_ino
+        for _ in range(3):
+            mock_clock.jump(300)
+            await trio.testing.wait_all_tasks_blocked()
+        assert path.stat().st_ino == inode and snapshot.saved_at == pytest.approx(300)
+        # A directory gone: said once, kept in memory, written again once it is back.
+        os.rename(directory, tmp_path / "gone")
+        caplog.set_level(logging.INFO, "damocles_ext.sectors")
+        for n in (2, 3):
+            put_files(stores, n)
+            await locator.locate(refs(n))
+            saved = snapshot.saved
+            mock_clock.jump(300)
+            await saved.wait()
+        assert len(warnings(caplog)) == 1 and "could not be written" in warnings(caplog)[0]
+        assert "could not be written" in locator.status()["snapshot"]["error"]
+        os.rename(tmp_path / "gone", directory)
+        saved = snapshot.saved
+        await locator.locate(refs(1, 2, 3))
+        mock_clock.jump(300)
+        await saved.wait()
+        assert locator.status()["snapshot"]["error"] is None
+        nursery.cancel_scope.cancel()
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    assert len(decode(path.read_bytes(), 0.0, WALL)[1]) == 3
+
+
+def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():
+    """SectorCache.restore, sans-IO: a sector learned since is not replaced; duplicates keep
+    the later; past max_entries the least recently used of the restored go."""
+    rules = CacheRules(fresh_for=60, refresh_lead=10, keep_for=1000, max_entries=3)
+    cache = SectorCache(rules)
+    cache.learn(SectorRef(MINER, 9), SectorLocation("/new", "/new"), "live", 500.0)
+
+    def entry(at: float) -> CacheEntry:
+        return CacheEntry(SectorLocation(f"/at{at:g}", "/c"), "old", at)
+
+    taken = cache.restore(
+        [
+            (SectorRef(MINER, 1), entry(100)), (SectorRef(MINER, 2), entry(-600)),
+            (SectorRef(MINER, 3), entry(200)), (SectorRef(MINER, 9), entry(400)),
+            (SectorRef(MINER, 4), entry(300)), (SectorRef(MINER, 1), entry(350)),
+        ],
+        now=500.0,
+    )  # fmt: skip
+    assert taken == 2
+    assert [s.number for s, _ in cache.entries()] == [4, 1, 9]  # 3 went: least recently used
+    assert cache.get(SectorRef(MINER, 9)).provider == "live"
+    assert cache.get(SectorRef(MINER, 1)).location.sealed_file == "/at350"
+    assert cache.fresh(SectorRef(MINER, 1), 500.0) is None  # 150 s old
+    assert cache.due(500.0) == []  # none used yet: nothing to refresh ahead
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+async def index_find(port: int, number: int) -> dict:
+    from test_coordinator_sectors import raw_answers
+
+    [(status, body)] = await raw_answers(
+        port, [b'["normal",{"Miner":%d,"Number":%d}]' % (MINER, number)]
+    )
+    assert status == 200, body
+    return json.loads(body)
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+async def test_a_coordinator_restarted_while_its_source_is_down_still_answers_what_it_learned(
+    tmp_path, monkeypatch
+):
+    """With the unit's state directory ($STATE_DIRECTORY): the snapshot is on by default."""
+    from helpers.frontend import CoordinatorProcess
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    with DamoclesSource() as source:
+        source.put(MINER, 5, "store-c")
+        args = (f"sqlite:///{tmp_path}/jobs.db", "--proxy", f"127.0.0.1:{source.port}")
+        first = CoordinatorProcess(*args)
+        async with trio.open_nursery() as nursery:
+            await first.start(nursery)
+            assert first.proc is not None
+            try:
+                assert (await index_find(first.port, 5))["result"]["Found"] is True
+                first.proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await first.proc.wait() == 0
+            finally:
+                first.stop()
+        assert (state / "sector-locations.snapshot").is_file()
+        source.stop()
+        second = CoordinatorProcess(*args)
+        async with trio.open_nursery() as nursery:
+            await second.start(nursery)
+            assert second.proc is not None
+            try:
+                found = await index_find(second.port, 5)
+                unknown = await index_find(second.port, 6)
+                second.proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await second.proc.wait() == 0
+            finally:
+                second.stop()
+    assert found["result"] == {
+        "Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"},
+    }  # fmt: skip
+    assert "cannot connect" in unknown["error"]["message"]  # nothing known of it: the reason
+    assert b"1 sector locations taken from" in second.stderr
+
+
+def worker_config(directory) -> str:
+    from helpers.frontend import plugin_block
+
+    cfg = directory / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    return str(cfg)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sector-cache", "/nonexistent/dir/file"], "its directory /nonexistent/dir does not"),
+        (["--sector-cache", "{tmp}"], "it is a directory"),
+        (["--no-sector-cache", "--sector-cache", "{tmp}/f"], "not allowed with argument"),
+    ],
+)
+@pytest.mark.parametrize("command", ["coordinator", "worker"])
+async def test_a_sector_cache_that_cannot_be_is_exit_2_saying_why(command, args, message, tmp_path):
+    from helpers.frontend import dext_run_async
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if command == "coordinator":
+        base = ["coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--listen", "127.0.0.1:0"]
+    else:
+        base = ["worker", "--manager", "127.0.0.1:1", "--attached", f"a={tmp_path}"]
+        base += ["-c", worker_config(tmp_path)]
+    done = await dext_run_async(*base, "--proxy", "127.0.0.1:1", *args)
+    assert done.returncode == 2, done.stderr.decode()
+    assert message in done.stderr.decode() and b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker"])
+async def test_sector_cache_without_proxy_is_exit_2(command, tmp_path):
+    from helpers.frontend import dext_run_async
+
+    if command == "coordinator":
+        base = ["coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db"]
+    else:
+        base = ["worker", "--manager", "127.0.0.1:1", "-c", worker_config(tmp_path)]
+    done = await dext_run_async(*base, "--sector-cache", str(tmp_path / "f"))
+    assert done.returncode == 2, done.stderr.decode()
+    assert "--sector-cache goes with --proxy" in done.stderr.decode()
+
+
+def test_a_state_directory_that_cannot_hold_the_snapshot_is_a_warning_not_a_failed_start(
+    tmp_path, monkeypatch, caplog
+):
+    """$STATE_DIRECTORY (systemd's) is the default's place: one missing or open to other users'
+    writes leaves the cache in memory, said; `--no-sector-cache` turns even a good one off."""
+    import argparse
+
+    from damocles_ext.commands.common import sector_snapshot
+
+    log = logging.getLogger("damocles_ext.worker")
+    args = argparse.Namespace(sector_cache=None, no_sector_cache=False)
+    good = tmp_path / "state"
+    good.mkdir(mode=0o700)
+    monkeypatch.setenv("STATE_DIRECTORY", f"{good}:{tmp_path / 'second'}")
+    snapshot = sector_snapshot(args, log)
+    assert snapshot is not None and snapshot.path == str(good / "sector-locations.snapshot")
+    assert sector_snapshot(argparse.Namespace(sector_cache=None, no_sector_cache=True), log) is None
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    for state, why in ((tmp_path / "missing", "does not exist"), (open_to_all, "other users")):
+        monkeypatch.setenv("STATE_DIRECTORY", str(state))
+        caplog.clear()
+        assert sector_snapshot(args, log) is None
+        [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert why in record.getMessage() and "in memory only" in record.getMessage()
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert sector_snapshot(args, log) is None
