@@ -12,10 +12,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from test_jobs_rules import make_input
-from test_jobs_summary import T0, V4_WORKERS, W2K, make_old_store
+from test_jobs_summary import T0, make_old_store
 
 from damocles_ext import cli
-from damocles_ext.jobs import database, rules, store, summary
+from damocles_ext.jobs import database, rules, store
 from damocles_ext.jobs.store import (
     JobStore,
     StoreConfigError,
@@ -35,7 +35,7 @@ def schema_of(url: str) -> tuple[int, list[str]]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_the_commands_that_only_read_leave_an_older_stores_schema_as_it_is(
     store_url, version, capsys
 ):
@@ -52,7 +52,7 @@ def test_the_commands_that_only_read_leave_an_older_stores_schema_as_it_is(
     else:  # none kept: the summary cannot be told, and the message says what to do
         assert cli.main(["status", "--jobs", store_url]) == 2
         err = capsys.readouterr().err
-        assert "has schema version 1, older than this damocles-ext's (5), and the summary of" in err
+        assert "has schema version 1, older than this damocles-ext's (4), and the summary of" in err
         assert "`serve --jobs` starts on the store" in err and "status --jobs URL --upgrade" in err
     with JobStore.open(store_url, read_only=True) as s:
         assert s.version == version and s.list_jobs() == [job]
@@ -74,10 +74,10 @@ def test_the_commands_that_only_read_refuse_a_store_a_newer_damocles_ext_made(st
     for command in (["wdpost", "list"], ["status"], ["wdpost", "reset", job.Id]):
         assert cli.main([*command, "--jobs", store_url]) == 2
         assert (
-            "has schema version 6, newer than this damocles-ext knows (5): a newer damocles-ext"
+            "has schema version 5, newer than this damocles-ext knows (4): a newer damocles-ext"
             " made it; upgrade this one"
         ) in capsys.readouterr().err
-    assert schema_of(store_url)[0] == 6
+    assert schema_of(store_url)[0] == 5
 
 
 def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(postgres_url):
@@ -94,7 +94,7 @@ def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(pos
             JobStore.open(postgres_url)
         pid = idle.info.backend_pid
     message = str(raised.value)
-    assert "cannot upgrade the job store" in message and "from schema version 2 to 5" in message
+    assert "cannot upgrade the job store" in message and "from schema version 2 to 4" in message
     assert f"for over 5 s (pid {pid} (user postgres, " in message
     assert "idle in transaction since" in message
     assert "it is left at version 2, unchanged" in message and "pg_terminate_backend" in message
@@ -206,7 +206,7 @@ def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_n
     )
     with pytest.raises(StoreConfigError) as raised:
         JobStore.open(url)
-    assert "has schema version 3, older than this damocles-ext's (5)" in str(raised.value)
+    assert "has schema version 3, older than this damocles-ext's (4)" in str(raised.value)
     assert f" role {role!r} may not upgrade it (permission denied" in str(raised.value)
     assert "run this damocles-ext once with the owner's URL" in str(raised.value)
 
@@ -316,44 +316,3 @@ def test_a_role_granted_only_the_tables_of_version_4_reads_the_summary_of_an_upg
         got = s.summary(T0)
         assert [w.worker for w in got.workers] == ["old"]  # carried over into dext_job_workers
         assert (got.jobs["ready2run"], got.unallocatable) == (1, 0)
-
-
-def test_a_store_of_version_4_upgraded_counts_a_spec_only_while_its_worker_asks_with_it(
-    store_url,
-):
-    # Version 4 refreshed every spec a worker had asked with on each heartbeat and ping: a
-    # worker restarted with narrower filters (as an upgrade's rollout restarts them) kept its
-    # wider spec live, and the jobs only that one admits were never unallocatable. The upgrade
-    # takes each row's last_seen for when it was last asked with, and pings no longer refresh it.
-    job = rules.new_job(make_input(seed=9, miner=1234), T0)
-    make_old_store(store_url, 4, job)  # worker "old" seen at T0 with spec (1234,)
-    with JobStore.open(store_url) as s:
-        assert s.schema_version() == store.SCHEMA_VERSION == 5
-        with s.engine.connect() as conn:
-            rows = conn.execute(
-                sa.text("SELECT worker, last_seen, last_asked FROM dext_job_workers")
-            )
-            assert [tuple(r) for r in rows] == [("old", T0, T0)]
-        got = s.summary(T0 + 10)
-        assert ([w.worker for w in got.workers], got.unallocatable) == (["old"], 0)
-        # Restarted for miner 5 only: it asks every minute with that spec, and pings.
-        window = summary.DEFAULT_ASKED_WINDOW
-        for t in range(int(T0) + 30, int(T0 + window) + 31, 30):
-            s.worker_seen("old", t)
-            if (t - T0) % 60 == 30:
-                assert s.allocate(rules.AllocationSpec((5,)), 1, "old", t) == []
-        got = s.summary(T0 + window + 30)
-        assert [w.allowed_miners for w in got.workers] == [[5]]
-        assert got.unallocatable_groups == [summary.UnallocatableGroup(1234, W2K, 1)]
-        # A coordinator of version 4 still running on the store records a worker as it did, with
-        # no last_asked: its last_seen stands in, as that version counted it.
-        with s.engine.begin() as conn:
-            key = summary.spec_key(rules.AllocationSpec((1234,)))
-            conn.execute(
-                V4_WORKERS.insert().values(
-                    worker="v4", spec_digest=summary.spec_digest(key), spec=key,
-                    last_seen=T0 + window + 30,
-                )
-            )  # fmt: skip
-        got = s.summary(T0 + window + 40)
-        assert ([w.worker for w in got.workers], got.unallocatable) == (["old", "v4"], 0)

@@ -51,51 +51,6 @@ def test_a_worker_not_seen_within_the_window_no_longer_counts():
     assert (gone.live_workers, gone.unallocatable, gone.workers) == (0, 1, [])
 
 
-def test_a_spec_its_worker_no_longer_asks_with_no_longer_counts_though_the_worker_is_seen():
-    ready = [group(1000), group(2000, jobs=2)]
-    wide, narrow = AllocationSpec((1000, 2000)), AllocationSpec((1000,))
-    window = summary.DEFAULT_ASKED_WINDOW
-    now = T0 + 2 * window
-
-    def summarize(*seen: summary.WorkerSeen) -> summary.JobsSummary:
-        return summary.summarize(counts={}, ready=ready, oldest_ready=None, workers=seen, now=now)
-
-    # Seen (heartbeats, pings) a moment ago; asked with the wider spec before its restart, then
-    # with the narrower one, for as long as the window: both count.
-    before = summary.WorkerSeen("a", wide, now, last_asked=T0)
-    s = summarize(before, summary.WorkerSeen("a", narrow, now, last_asked=T0 + window))
-    assert (s.live_workers, s.unallocatable, len(s.workers)) == (1, 0, 2)
-    # Longer: the wider one is one it no longer has.
-    s = summarize(before, summary.WorkerSeen("a", narrow, now, last_asked=T0 + window + 1))
-    assert (s.live_workers, s.unallocatable) == (1, 2)
-    assert [(w.allowed_miners, w.last_asked) for w in s.workers] == [([1000], T0 + window + 1)]
-    # Another worker's asks do not count: a's one spec, however long ago it asked with it (it
-    # pings in between), is the one it has.
-    s = summarize(before, summary.WorkerSeen("b", narrow, now, last_asked=now))
-    assert (s.live_workers, s.unallocatable) == (2, 0)
-    # An ask stamped further ahead than the window (before the clock stepped back) is no
-    # latest ask: the worker's specs asked with since count.
-    s = summarize(summary.WorkerSeen("a", wide, now, last_asked=now + 3600),
-                  summary.WorkerSeen("a", narrow, now, last_asked=now))  # fmt: skip
-    assert [w.allowed_miners for w in s.workers] == [[1000]] and s.unallocatable == 2
-    # A row that kept no asked time (schema version 4's) goes by when it was seen.
-    assert summary.WorkerSeen("a", wide, T0).asked == T0
-
-
-def test_a_heartbeat_keeps_the_specs_its_job_may_have_been_allocated_with_asked():
-    job = rules.new_job(make_input(seed=1, miner=1000), T0)
-    running = rules.apply(job, rules.Allocate("w", "l"), T0 + 100, rules.JobLimits()).job
-    assert running is not None and running.StartedAt == T0 + 100
-    specs = [
-        summary.Asked("wide", AllocationSpec((1000, 2000)), T0 + 99),  # before its restart
-        summary.Asked("narrow", AllocationSpec((1000,)), T0 + 100.5),  # its allocation's
-        summary.Asked("later", AllocationSpec(), T0 + 200),  # asked since: it may have been
-        summary.Asked("other", AllocationSpec((3000,)), T0 + 200),  # admits it not
-    ]
-    assert summary.kept_asking(specs, [running]) == ["later", "narrow"]
-    assert summary.kept_asking(specs, []) == []
-
-
 def test_with_no_live_worker_every_ready_job_is_unallocatable():
     s = summary.summarize(counts={"ready2run": 4}, ready=[group(1), group(2, jobs=3)],
                           oldest_ready=None, workers=[], now=T0)  # fmt: skip
@@ -235,67 +190,6 @@ def test_a_late_allocation_call_keeps_a_workers_later_last_seen_unless_the_clock
     assert last_seen(back + 100) == back + 100
 
 
-def test_a_worker_restarted_with_narrower_filters_stops_counting_its_wider_ones(js):
-    # Before, every heartbeat and ping refreshed each spec the worker ever asked with: its wider
-    # spec of before the restart went on admitting miner 2000's jobs, which nobody takes now,
-    # and the unallocatable gauge stayed 0.
-    js.create(make_input(seed=1, miner=1000), T0)
-    js.create(make_input(seed=2, miner=2000), T0)
-    js.create(make_input(seed=3, miner=2000), T0)
-    assert js.allocate(AllocationSpec((1000, 2000)), 0, "w", T0) == []
-    restart = T0 + 30  # now for miner 1000 only: it takes that job, and proves it at length
-    [taken] = js.allocate(AllocationSpec((1000,)), 1, "w", restart)
-    window = summary.DEFAULT_ASKED_WINDOW
-
-    def busy(since: float, until: float) -> None:
-        for t in range(int(since) + 3, int(until) + 1, 3):
-            js.heartbeat([taken.Id], "w", t)
-            if (t - restart) % 30 == 0:
-                js.worker_seen("w", t)
-
-    busy(restart, T0 + window)
-    s = js.summary(T0 + window)  # the wider spec was asked with within the window
-    assert (s.live_workers, s.unallocatable) == (1, 0)
-    busy(T0 + window, restart + 3 * window)
-    s = js.summary(restart + 3 * window)
-    assert (s.live_workers, s.unallocatable) == (1, 2)
-    assert s.unallocatable_groups == [summary.UnallocatableGroup(2000, W2K, 2)]
-    [seen] = s.workers  # the spec it proves with is kept: a busy worker does not ask
-    assert seen.allowed_miners == [1000] and seen.last_asked > restart + 3 * window - 10
-    # Idle again, it asks every minute: still the narrower spec only.
-    done = restart + 3 * window
-    js.finish(taken.Id, model.JobOutput(proofs=(b"p",), faults=()), "", done, lease=taken.lease)
-    for t in range(int(done) + 60, int(done + 3 * window), 60):
-        js.allocate(AllocationSpec((1000,)), 1, "w", t)
-        js.worker_seen("w", t)
-    assert js.summary(done + 3 * window - 1).unallocatable == 2
-
-
-def test_a_busy_workers_filters_stay_live_while_it_proves_without_asking(js):
-    # It asks only when a thread is free: while it proves long jobs, its heartbeats keep the
-    # specs they were allocated with, and the ready jobs those admit are not unallocatable.
-    for seed in range(1, 5):
-        js.create(make_input(seed=seed, miner=1000 if seed < 4 else 2000), T0)
-    [one] = js.allocate(AllocationSpec((1000,)), 1, "w", T0)
-    [two] = js.allocate(AllocationSpec((), (W2K,)), 1, "w", T0 + 1)  # another thread's filter
-    assert js.allocate(AllocationSpec((3000,)), 0, "w", T0 + 2) == []  # a third thread, idle
-    window = summary.DEFAULT_ASKED_WINDOW
-    for t in range(int(T0) + 3, int(T0 + 10 * window), 3):
-        js.heartbeat([one.Id, two.Id], "w", t)
-        if (t - T0) % 60 == 0:  # the idle one asks
-            js.allocate(AllocationSpec((3000,)), 0, "w", t)
-    s = js.summary(T0 + 10 * window)
-    assert (s.live_workers, s.unallocatable) == (1, 0)
-    assert {(tuple(w.allowed_miners), tuple(w.allowed_proof_types)) for w in s.workers} == {
-        ((1000,), ()),
-        ((), (W2K,)),
-        ((3000,), ()),
-    }
-    # Its proofs end and it goes silent: its specs age out like any worker's.
-    s = js.summary(T0 + 10 * window + window + 1)
-    assert (s.live_workers, s.unallocatable) == (0, 2)
-
-
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     js.allocate(AllocationSpec(), 0, "old", T0)
     js.allocate(AllocationSpec(), 0, "new", T0 + js.limits.job_lifetime)
@@ -313,22 +207,11 @@ OLD_WORKERS = sa.Table(
     sa.Column("last_seen", sa.Float, nullable=False),
 )
 
-#: The workers table of version 4, keyed by the spec's digest, without version 5's last_asked.
-V4_WORKERS = sa.Table(
-    database.workers.name,
-    sa.MetaData(),
-    sa.Column("worker", sa.Text, primary_key=True),
-    sa.Column("spec_digest", sa.Text, primary_key=True),
-    sa.Column("spec", sa.Text, nullable=False),
-    sa.Column("last_seen", sa.Float, nullable=False),
-)
-
 
 def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
     """A store as an older release made it: version 1 has the jobs table (with its index of
     ready jobs, which version 3 replaces) and no workers table; version 2 adds the workers
-    (keyed by their spec until version 4); version 3 has the index of today; version 4 the
-    workers keyed by the spec's digest, with no time they last asked (version 5)."""
+    (keyed by their spec until version 4); version 3 has the index of today."""
     engine = store.make_engine(url)
     try:
         with engine.begin() as conn:
@@ -343,16 +226,9 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
                         " (state, not_after, created_at)"
                     )
                 )
-            key = summary.spec_key(AllocationSpec((1234,)))  # as versions 2 to 4 kept it
-            if version == 4:
-                V4_WORKERS.create(conn)
-                conn.execute(
-                    V4_WORKERS.insert().values(
-                        worker="old", spec_digest=summary.spec_digest(key), spec=key, last_seen=T0
-                    )
-                )
-            elif version >= 2:
+            if version >= 2:
                 OLD_WORKERS.create(conn)
+                key = summary.spec_key(AllocationSpec((1234,)))  # as versions 2 and 3 kept it
                 conn.execute(OLD_WORKERS.insert().values(worker="old", spec=key, last_seen=T0))
             conn.execute(store.schema_version.insert().values(version=version))
             conn.execute(store.jobs.insert().values(database.row_values(job)))
@@ -360,12 +236,12 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url, version):
     job = rules.new_job(make_input(seed=9, miner=1234), T0)
     make_old_store(store_url, version, job)
     with JobStore.open(store_url) as s:
-        assert s.schema_version() == store.SCHEMA_VERSION == 5
+        assert s.schema_version() == store.SCHEMA_VERSION == 4
         assert s.get(job.Id) == job
         # The workers seen before are carried over (version 1 kept none): the job is one the
         # worker seen takes, so it is not unallocatable.
@@ -377,19 +253,17 @@ def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(sto
         with s.engine.begin() as conn:
             assert sa.inspect(conn).has_table("dext_job_workers")
             # A coordinator of the last version still running goes on with its own table.
-            assert sa.inspect(conn).has_table(database.OLD_WORKERS) == (2 <= version <= 3)
-            columns = [c["name"] for c in sa.inspect(conn).get_columns("dext_job_workers")]
+            assert sa.inspect(conn).has_table(database.OLD_WORKERS) == (version >= 2)
             indexes = {
                 i["name"]: i["column_names"]
                 for i in sa.inspect(conn).get_indexes("dext_wdpost_jobs")
             }
         # The index of ready jobs is the new one, the allocation order's, and only it.
         assert indexes == {"dext_wdpost_jobs_ready": ["state", "not_after", "created_at", "id"]}
-        assert columns == ["worker", "spec_digest", "spec", "last_seen", "last_asked"]
         [taken] = s.allocate(AllocationSpec(), 1, "w", T0 + 1)
         assert taken.Id == job.Id
     with JobStore.open(store_url) as s:  # and a second open finds nothing to do
-        assert s.migrate() == 5 and s.get(job.Id) == taken
+        assert s.migrate() == 4 and s.get(job.Id) == taken
 
 
 async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clock(store_url):

@@ -29,16 +29,14 @@ from .model import JobOutput, JobRecord, WdPoStInput
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 4
 # The versions, for the migration steps (store.JobStore.migrate):
 # 1: dext_wdpost_jobs;
 # 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`);
 # 3: the index of ready jobs ends with the id, as the allocation order does: the database reads
 #    the next job off the index instead of sorting every ready job created in the same second;
 # 4: the workers seen in dext_job_workers, keyed by the spec's digest, not the spec (a filter of
-#    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left;
-# 5: dext_job_workers.last_asked, when the worker last asked for jobs with that spec (NULL: a
-#    row a coordinator of version 4 inserted, its last_seen stands in).
+#    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -145,9 +143,7 @@ workers = sa.Table(
     sa.Column("worker", sa.Text, primary_key=True),
     sa.Column("spec_digest", sa.Text, primary_key=True),  # summary.spec_digest of the spec
     sa.Column("spec", sa.Text, nullable=False),  # summary.spec_key: canonical JSON
-    sa.Column("last_seen", sa.Float, nullable=False),  # asked, heartbeated or pinged
-    # Asked for jobs with this spec, or kept by a running job's heartbeat (workers.keep_asked).
-    sa.Column("last_asked", sa.Float, nullable=True),
+    sa.Column("last_seen", sa.Float, nullable=False),
 )
 
 # --- URLs and engines ---------------------------------------------------------------------------

@@ -91,9 +91,7 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
         for index in jobs.indexes:
             index.create(conn, checkfirst=True)
     if 0 < found < 4:
-        worker_rows.create_and_carry_over(conn)  # made as version 5 has it
-    if found == 4:
-        worker_rows.add_last_asked(conn)
+        worker_rows.create_and_carry_over(conn)
     # Later versions' steps go here, each from `found` up.
     if found > 0 and conn.dialect.name == "postgresql":
         grant_like_jobs(conn, [t.name for t in metadata.sorted_tables if t.name not in had])

@@ -408,15 +408,11 @@ class JobStore:
                   leases: Mapping[str, str] | None = None) -> Outcome:  # fmt: skip
         """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
-        the others' heartbeats are stored, and the worker's specs they may have been allocated
-        with count as asked with now (a busy worker does not ask)."""
+        the others' heartbeats are stored."""
         with self._transaction() as conn:
             touched = worker_rows.touch(conn, [worker], now)
             outcome = self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
                 worker, None if leases is None else leases.get(job_id)))  # fmt: skip
-            heard = {e.job_id for e in outcome.effects if isinstance(e, rules.HeartbeatAccepted)}
-            running = [job for job in outcome.jobs if job.Id in heard]
-            touched |= worker_rows.keep_asked(conn, worker, running, now)
         return replace(outcome, wrote=True) if touched else outcome
 
     @database_errors
@@ -427,11 +423,7 @@ class JobStore:
 
     @database_errors
     def summary(
-        self,
-        now: float,
-        *,
-        live_window: float = jobs_summary.DEFAULT_LIVE_WINDOW,
-        asked_window: float = jobs_summary.DEFAULT_ASKED_WINDOW,
+        self, now: float, *, live_window: float = jobs_summary.DEFAULT_LIVE_WINDOW
     ) -> jobs_summary.JobsSummary:
         """The jobs by kind, the oldest ready job, the live workers and the ready jobs none of
         them may take (see jobs/summary.py), read in one transaction."""
@@ -439,7 +431,7 @@ class JobStore:
         if seen is None:
             raise migration.too_old(self.where, self.version, "the summary of its workers", 2)
         with self._transaction() as conn:
-            return worker_rows.read_summary(conn, now, live_window, self.where, seen, asked_window)
+            return worker_rows.read_summary(conn, now, live_window, self.where, seen)
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
               event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip

@@ -12,14 +12,6 @@ seconds. The default is 2 minutes: an idle damocles-worker asks for a job every
 window of 2 minutes, and one that missed two polls in a row is taken for gone. Workers are kept
 in the store, not in a coordinator's memory, so several coordinators on one PostgreSQL see the
 same workers.
-
-A live worker's spec counts only while the worker asked with it within `asked_window` seconds
-(5 minutes by default) of its latest ask with any spec, a job that spec may have been allocated
-and that the worker is proving counting as an ask (`kept_asking`: a busy worker does not ask): a
-worker restarted with narrower filters goes on heartbeating and pinging, and its wider spec of
-before must stop admitting the jobs only that one takes. Measured from its own latest ask, not
-from now: an idle worker that asks rarely (a long `recover_interval`) and pings in between keeps
-its specs.
 """
 
 from __future__ import annotations
@@ -32,14 +24,10 @@ from typing import Final
 import msgspec
 
 from .listing import go_duration, tabwrite
-from .model import JobRecord
 from .rules import AllocationSpec
 
 SCHEMA: Final = "damocles-ext/jobs/1"
 DEFAULT_LIVE_WINDOW: Final = 120.0
-#: A spec its worker has not asked with for this long while asking with others no longer counts
-#: (several of its polls, at damocles-worker's default `recover_interval` of 60 s).
-DEFAULT_ASKED_WINDOW: Final = 300.0
 
 # The kinds a job is counted under: its state, with finished split by how it ended.
 KINDS: Final = ("ready2run", "running", "finished-ok", "finished-failed", "cancelled")
@@ -91,17 +79,11 @@ class ReadyGroup:
 @dataclass(frozen=True, slots=True)
 class WorkerSeen:
     """One worker's last allocation with one spec (a worker may run threads with different
-    filters: each spec is its own row), when the worker was last seen, and when it last asked
-    with that spec (None: not known, a row of schema version 4 or older: `last_seen`)."""
+    filters: each spec is its own row), and when the worker was last seen."""
 
     worker: str
     spec: AllocationSpec
     last_seen: float
-    last_asked: float | None = None
-
-    @property
-    def asked(self) -> float:
-        return self.last_seen if self.last_asked is None else self.last_asked
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -112,7 +94,6 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     allowed_proof_types: list[str]
     last_seen: float
     last_seen_ago: float
-    last_asked: float
 
 
 class UnallocatableGroup(msgspec.Struct, frozen=True):
@@ -137,49 +118,15 @@ class JobsSummary(msgspec.Struct, frozen=True):
     unallocatable: int
     unallocatable_groups: list[UnallocatableGroup]
     live_window: float
-    asked_window: float
     live_workers: int
     workers: list[WorkerStatus]
 
 
-def live(workers: Iterable[WorkerSeen], now: float, window: float,
-         asked_window: float = DEFAULT_ASKED_WINDOW) -> list[WorkerSeen]:  # fmt: skip
-    """The workers seen within `window` seconds before `now`, each with the specs it asked with
-    within `asked_window` of its latest ask with any of them: one it has not asked with for that
-    long while it asked with others is one it no longer has (restarted with other filters). A
-    worker that only pings between its asks keeps its specs. A stamp further after `now` than
-    that window was stamped before the wall clock stepped back, and not since: it is not
-    counted (a live worker is seen again, and asks again, and is stamped with the new time)."""
-    seen = [w for w in workers if now - window <= w.last_seen <= now + window]
-    asking = [w for w in seen if w.asked <= now + asked_window]
-    latest: dict[str, float] = {}
-    for w in asking:
-        latest[w.worker] = max(latest.get(w.worker, w.asked), w.asked)
-    return [w for w in asking if w.asked >= latest[w.worker] - asked_window]
-
-
-@dataclass(frozen=True, slots=True)
-class Asked:
-    """One of a worker's specs as stored: its digest, the spec, when the worker last asked."""
-
-    digest: str
-    spec: AllocationSpec
-    last_asked: float
-
-
-def kept_asking(specs: Iterable[Asked], running: Iterable[JobRecord]) -> list[str]:
-    """The digests of the worker's specs its heartbeat of these running jobs keeps as asked
-    with: each that admits one of them and that the worker asked with since that job was
-    allocated (its StartedAt; the allocation stamped the spec it was made with then). A busy
-    worker does not ask, and its filters must not expire while it proves; a wider spec it no
-    longer asks with (restarted with narrower filters) was last asked before the jobs it now
-    runs were allocated, and is not kept."""
-    jobs = list(running)
-    return sorted(
-        s.digest
-        for s in specs
-        if any(j.StartedAt <= s.last_asked and s.spec.admits(j) for j in jobs)
-    )
+def live(workers: Iterable[WorkerSeen], now: float, window: float) -> list[WorkerSeen]:
+    """The workers seen within `window` seconds before `now`. One seen more than `window` after
+    `now` was seen before the wall clock stepped back, and not since: it is not counted (a live
+    one is seen again, and stamped with the new time, within the window)."""
+    return [w for w in workers if now - window <= w.last_seen <= now + window]
 
 
 def admitted(group: ReadyGroup, specs: Iterable[AllocationSpec]) -> bool:
@@ -200,7 +147,6 @@ def summarize(
     workers: Iterable[WorkerSeen],
     now: float,
     live_window: float = DEFAULT_LIVE_WINDOW,
-    asked_window: float = DEFAULT_ASKED_WINDOW,
     store: str = "",
 ) -> JobsSummary:
     """The summary from the store's aggregate rows. `counts` is by KINDS (a missing kind is 0);
@@ -208,9 +154,7 @@ def summarize(
     unknown = set(counts) - set(KINDS)
     if unknown:
         raise ValueError(f"not a job kind: {sorted(unknown)} (kinds: {', '.join(KINDS)})")
-    alive = sorted(
-        live(workers, now, live_window, asked_window), key=lambda w: (w.worker, spec_key(w.spec))
-    )
+    alive = sorted(live(workers, now, live_window), key=lambda w: (w.worker, spec_key(w.spec)))
     specs = [w.spec for w in alive]
     lost = [g for g in ready if not admitted(g, specs)]
     jobs = {kind: counts.get(kind, 0) for kind in KINDS}
@@ -229,7 +173,6 @@ def summarize(
             for g in sorted(lost, key=lambda g: (g.miner, g.proof_type))
         ],
         live_window=live_window,
-        asked_window=asked_window,
         live_workers=len({w.worker for w in alive}),
         workers=[
             WorkerStatus(
@@ -238,7 +181,6 @@ def summarize(
                 allowed_proof_types=list(w.spec.allowed_proof_types),
                 last_seen=w.last_seen,
                 last_seen_ago=max(0.0, now - w.last_seen),
-                last_asked=w.asked,
             )
             for w in alive
         ],
@@ -272,10 +214,9 @@ def render(s: JobsSummary) -> str:
     out.append(f"live workers (seen in the last {window}): {s.live_workers}\n")
     if s.workers:
         out.append("\n")
-        rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN", "LAST ASKED"]]
+        rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN"]]
         rows += [[w.worker, _names(w.allowed_miners), _names(w.allowed_proof_types),
-                  _ago(w.last_seen_ago), _ago(max(0.0, s.time - w.last_asked))]
-                 for w in s.workers]  # fmt: skip
+                  _ago(w.last_seen_ago)] for w in s.workers]  # fmt: skip
         out.append(tabwrite(rows))
     out.append("\n")
     if not s.unallocatable:

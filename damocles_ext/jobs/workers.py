@@ -2,8 +2,7 @@
 inside its own transactions, on SQLite and PostgreSQL alike.
 
 A worker is recorded when it asks for jobs (with the spec it asked with) and touched when it
-heartbeats or pings; a heartbeat also keeps the specs its running jobs may have been allocated
-with as asked (keep_asked); the summary reads aggregates only (counts grouped by kind, ready jobs
+heartbeats or pings; the summary reads aggregates only (counts grouped by kind, ready jobs
 grouped by miner and proof type), so its cost grows with the number of distinct miners and proof
 types, not with the number of jobs sent back to Python.
 """
@@ -12,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from . import summary
 from .database import OLD_WORKERS, jobs, workers
-from .model import FINISHED, READY, RUNNING, JobRecord
+from .model import FINISHED, READY, RUNNING
 from .rules import STAMP_AHEAD_MAX, AllocationSpec
 
 # Touching a worker on every heartbeat (every 3 s per running job) would write its row as often:
@@ -36,24 +35,18 @@ def _upsert(insert: Callable[[Any], Any]) -> Any:
         spec_digest=sa.bindparam("w_digest"),
         spec=sa.bindparam("w_spec"),
         last_seen=sa.bindparam("w_at"),
-        last_asked=sa.bindparam("w_at"),
     )
-
-    def later(stored: Any, given: Any) -> Any:
-        # The later stamp: a late call (a store call gives up after 60 s) never moves it back;
-        # one stored further ahead than a call is ever late was stamped before the wall clock
-        # stepped back, and is replaced (as touch does). A CASE: the same SQL on both engines
-        # (a NULL stored, a row of version 4 that kept no asked time, is replaced too).
-        return sa.case(
-            (sa.and_(stored > given, stored <= given + STAMP_AHEAD_MAX), stored), else_=given
-        )
-
-    given = statement.excluded
+    stored, given = workers.c.last_seen, statement.excluded.last_seen
     return statement.on_conflict_do_update(
         index_elements=[workers.c.worker, workers.c.spec_digest],
+        # The later stamp: a late call (a store call gives up after 60 s) never moves it back;
+        # one stored further ahead than a call is ever late was stamped before the wall clock
+        # stepped back, and is replaced (as touch does). A CASE: the same SQL on both engines.
         set_={
-            "last_seen": later(workers.c.last_seen, given.last_seen),
-            "last_asked": later(workers.c.last_asked, given.last_asked),
+            "last_seen": sa.case(
+                (sa.and_(stored > given, stored <= given + STAMP_AHEAD_MAX), stored),
+                else_=given,
+            )
         },
     )
 
@@ -69,15 +62,7 @@ _TOUCH = (
             workers.c.last_seen > sa.bindparam("after"),
         ),
     )
-    .values(
-        last_seen=sa.bindparam("w_at"),
-        # Not an ask; but an ask stamped before the clock stepped back would leave the worker's
-        # specs asked with since behind it (summary.live) until the clock regained the step.
-        last_asked=sa.case(
-            (workers.c.last_asked > sa.bindparam("after"), sa.bindparam("w_at")),
-            else_=workers.c.last_asked,
-        ),
-    )
+    .values(last_seen=sa.bindparam("w_at"))
 )
 
 
@@ -109,22 +94,10 @@ def create_and_carry_over(conn: Connection) -> None:
                     "spec_digest": summary.spec_digest(row.spec),
                     "spec": row.spec,
                     "last_seen": float(row.last_seen),
-                    "last_asked": float(row.last_seen),
                 }
                 for row in rows
             ],
         )
-
-
-def add_last_asked(conn: Connection) -> None:
-    """Schema version 5: the workers table of version 4 gains last_asked, its rows' last_seen:
-    version 4 refreshed that on heartbeats and pings too, so it is the latest the worker may
-    have asked with each spec. NULL is left to the rows a coordinator of version 4 still running
-    on the store inserts (their last_seen stands in, as that version counted them)."""
-    column = workers.c.last_asked
-    kind = column.type.compile(dialect=conn.dialect)
-    conn.execute(sa.text(f"ALTER TABLE {workers.name} ADD COLUMN {column.name} {kind}"))
-    conn.execute(workers.update().values(last_asked=workers.c.last_seen))
 
 
 def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
@@ -146,44 +119,6 @@ def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
     return bool(done.rowcount)
 
 
-#: When a row was last asked with: a row a coordinator of version 4 inserted has no such time
-#: (its last_seen stands in).
-_asked_at = sa.func.coalesce(workers.c.last_asked, workers.c.last_seen)
-
-_ASKED_STALE = sa.select(workers.c.spec_digest, workers.c.spec, _asked_at.label("asked")).where(
-    workers.c.worker == sa.bindparam("w_worker"),
-    sa.or_(_asked_at < sa.bindparam("before"), _asked_at > sa.bindparam("after")),
-)
-
-_KEEP_ASKED = (
-    workers.update()
-    .where(
-        workers.c.worker == sa.bindparam("w_worker"),
-        workers.c.spec_digest.in_(sa.bindparam("digests", expanding=True)),
-    )
-    .values(last_asked=sa.bindparam("w_at"))
-)
-
-
-def keep_asked(conn: Connection, worker: str, running: Sequence[JobRecord], now: float) -> bool:
-    """The worker heartbeated these jobs, running on it: the specs they may have been allocated
-    with (summary.kept_asking) count as asked with now, as the worker does not ask while it
-    proves them; whether a row was written (as touch: at most once in TOUCH_EVERY, and a stamp
-    more than STAMP_AHEAD_MAX ahead of now written again)."""
-    if not running:
-        return False
-    params = {"w_worker": worker, "before": now - TOUCH_EVERY, "after": now + STAMP_AHEAD_MAX}
-    stale = [
-        summary.Asked(row.spec_digest, summary.spec_of_key(row.spec), float(row.asked))
-        for row in conn.execute(_ASKED_STALE, params)
-    ]
-    digests = summary.kept_asking(stale, running)
-    if not digests:
-        return False
-    conn.execute(_KEEP_ASKED, {"w_worker": worker, "digests": digests, "w_at": now})
-    return True
-
-
 def forget(conn: Connection, before: float) -> int:
     """Forget the workers not seen since `before`; how many rows went."""
     return int(conn.execute(workers.delete().where(workers.c.last_seen < before)).rowcount)
@@ -194,15 +129,9 @@ def forget(conn: Connection, before: float) -> int:
 _OLD_SEEN = sa.table(OLD_WORKERS, sa.column("worker"), sa.column("spec"), sa.column("last_seen"))
 
 
-#: The workers table as version 4 has it, without last_asked, which a read-only open reads.
-_V4_SEEN = sa.table(workers.name, sa.column("worker"), sa.column("spec"), sa.column("last_seen"))
-
-
 def seen_table(version: int) -> Any:
     """The table of the workers seen at schema `version`; None before version 2 (none kept)."""
-    if version >= 4:
-        return workers if version >= 5 else _V4_SEEN
-    return _OLD_SEEN if version >= 2 else None
+    return workers if version >= 4 else _OLD_SEEN if version >= 2 else None
 
 
 _OLD_SEEN_READABLE = sa.text(
@@ -220,15 +149,10 @@ def _old_seen_readable(conn: Connection) -> bool:
 
 
 def read_summary(
-    conn: Connection,
-    now: float,
-    live_window: float,
-    where: str,
-    seen_in: Any = workers,
-    asked_window: float = summary.DEFAULT_ASKED_WINDOW,
+    conn: Connection, now: float, live_window: float, where: str, seen_in: Any = workers
 ) -> summary.JobsSummary:
     """The summary from a few aggregate queries (see summary.summarize); the workers seen read
-    from `seen_in` (seen_table), and from version 4 on from the table of versions 2 and 3 too while
+    from `seen_in` (seen_table), and at version 4 from the table of versions 2 and 3 too while
     it is there."""
     c = jobs.c
     kind = sa.case(
@@ -263,26 +187,22 @@ def read_summary(
         sa.select(c.id, c.created_at).where(c.state == READY).order_by(c.created_at, c.id).limit(1)
     ).first()
     tables = [seen_in]
-    if seen_in is not _OLD_SEEN and _old_seen_readable(conn):
+    if seen_in is workers and _old_seen_readable(conn):
         # Upgraded from version 2 or 3: a coordinator of that version may still run on the
         # store (a rolling upgrade), recording the workers it serves in its own table.
         tables.append(_OLD_SEEN)
-    # A worker and spec in both: its last sighting, and the last time it asked with it.
-    latest: dict[tuple[str, str], tuple[float, float]] = {}
+    latest: dict[tuple[str, str], float] = {}  # a worker and spec in both: its last sighting
     for table in tables:
-        # The tables of versions 2 to 4 kept no asked time: their last_seen stands in.
-        asked = _asked_at if table is workers else table.c.last_seen
         for row in conn.execute(
-            sa.select(table.c.worker, table.c.spec, table.c.last_seen, asked.label("asked")).where(
+            sa.select(table.c.worker, table.c.spec, table.c.last_seen).where(
                 table.c.last_seen >= now - live_window
             )
         ):
             key = (row.worker, row.spec)
-            seen_at, asked_at = latest.get(key, (-math.inf, -math.inf))
-            latest[key] = (max(seen_at, float(row.last_seen)), max(asked_at, float(row.asked)))
+            latest[key] = max(latest.get(key, -math.inf), float(row.last_seen))
     seen = [
-        summary.WorkerSeen(worker, summary.spec_of_key(spec), last_seen, last_asked)
-        for (worker, spec), (last_seen, last_asked) in latest.items()
+        summary.WorkerSeen(worker, summary.spec_of_key(spec), last_seen)
+        for (worker, spec), last_seen in latest.items()
     ]
     return summary.summarize(
         counts=counts,
@@ -291,6 +211,5 @@ def read_summary(
         workers=seen,
         now=now,
         live_window=live_window,
-        asked_window=asked_window,
         store=where,
     )
