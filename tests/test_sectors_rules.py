@@ -70,6 +70,18 @@ def test_a_refresh_without_answer_waits_retry_after():
     assert c.due(990) == [] and c.next_wakeup(990) == 1010
 
 
+def test_a_failed_refresh_of_a_want_that_passed_leaves_nothing_behind():
+    # Each want whose refresh got no answer (its source down) left the try's time for ever.
+    c = cache(retry_after=30)
+    for n in range(1, 2001):
+        sector = SectorRef(1000, n)
+        c.want([sector], at=n + 1000)
+        assert c.due(n + 980) == [sector]
+        c.tried([sector], now=n + 980)
+    assert c.due(10_000) == [] and c.wanted == 0
+    assert len(c._tried) == len(c._planned) == len(c._entries) == 0
+
+
 def test_a_refresh_ahead_without_answer_is_retried_only_while_the_sector_is_still_used():
     # It was retried every retry_after for as long as the entry was kept (a week): a sector
     # looked up once, with its source down, was asked again and again though nobody used it.

@@ -235,6 +235,10 @@ class SectorCache:
     def _replan(self, sector: SectorRef) -> None:
         """Work out the sector's refresh time again after a change of its entry, want or try."""
         when = self._due_at(sector)
+        if sector not in self._entries and sector not in self._wanted:
+            # Neither known nor wanted: nothing is refreshed, so its failed try is not kept (a
+            # want that passed with its source down left one for each sector, for ever).
+            self._tried.pop(sector, None)
         if when is None:
             self._planned.pop(sector, None)
         elif self._planned.get(sector) != when:
