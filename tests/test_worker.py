@@ -867,3 +867,30 @@ def test_a_job_whose_sector_id_is_beyond_64_bits_is_no_task_and_says_which():
         window_post_task(PulledJob("J3", largest), [("/s", "/c")]).replicas[0].sector_id
         == 2**64 - 1
     )
+
+
+class OwnDirectories:
+    """A site's layout with a directory of its own for each sector (`<root>/<num>/sealed`)."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+
+    @hookimpl
+    def dext_sector_paths(self, job, sector, attached):
+        where = self.root / str(sector.SectorId)
+        (where / "cache").mkdir(parents=True, exist_ok=True)
+        return str(where / "sealed"), str(where / "cache")
+
+
+async def test_the_looks_at_a_directory_per_sector_leave_nothing_behind(rig, tmp_path):
+    # The worker kept a lock for each directory it had looked at, for ever: one per sector
+    # with such a layout, growing with every sector it ever proved.
+    for n in range(60):
+        await rig.jobs.create(job_input(seed=n, sector_ids=(3 * n + 1, 3 * n + 2, 3 * n + 3)))
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(OwnDirectories(tmp_path / "own"), name="own")
+    kids = children(tmp_path, plugin_block("WdPost", "echo", concurrent=4))
+    worker = Worker(rig.settings(kids, idle_poll=0.05), plugin_manager=pm)
+    await run_until(rig, worker, lambda: worker.counters.delivered == 60)
+    assert worker.counters.failed == 0
+    assert worker._look_limiters == {}

@@ -107,7 +107,9 @@ async def store_problem(
     has the store may prove it), and proves it on a later one (a store really lost: its sectors
     are faults, the others proved). A sector whose own file is missing stays a fault. Each
     directory is looked at in a thread of its own (`limiters`, one per directory), so a hung
-    mount holds the looks at its own directory only."""
+    mount holds the looks at its own directory only. A directory's limiter goes once nothing
+    holds or waits for it (a look timed out keeps it: its thread holds it until it returns): a
+    plugin's layout with a directory per sector must not leave one per sector for ever."""
     for directory in _directories(paths):
         limiter = limiters.get(directory)
         if limiter is None:
@@ -123,6 +125,10 @@ async def store_problem(
             )
         except NoThreadError as exc:  # at the limit of tasks: the job's, not the worker's end
             return f"job {job.Id}: cannot look at {directory}: {exc}; {_WHAT_NOW}"
+        finally:
+            idle = not (limiter.borrowed_tokens or limiter.statistics().tasks_waiting)
+            if idle and limiters.get(directory) is limiter:
+                del limiters[directory]
         if not there:
             return (
                 f"job {job.Id}: {directory} is not a directory here: is the store mounted, and"
