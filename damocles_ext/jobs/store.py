@@ -13,6 +13,8 @@ nothing here keeps state between calls, and every write is guarded:
   write that finds the row changed under it raises `StoreConflict` rather than overwrite it;
 - creation is `INSERT … ON CONFLICT DO NOTHING`: the id is the input's hash, so a duplicate is
   the same job.
+- on PostgreSQL, a transaction rolled back for a serialization failure or a deadlock, or whose
+  connection was lost before its COMMIT, is run again a few times (retry.py, `database_errors`).
 
 The calls are blocking (psycopg's sync driver, the sqlite3 module); `TrioJobStore` runs each in a
 worker thread under a small limiter. Every call takes `now` (unix seconds) from its caller: the
@@ -26,7 +28,7 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -34,7 +36,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
-from . import migration, rules
+from . import migration, retry, rules
 from . import statements as stmts
 from . import summary as jobs_summary
 from . import workers as worker_rows
@@ -62,7 +64,6 @@ from .database import (
     schema_version,
     sqlite_file,
     sqlite_store_problem,
-    store_failure,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .sqlite_file import FileWatch, StoreLost
@@ -76,19 +77,32 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def database_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn a database failure into a StoreError that names the store and says what to do."""
+@overload
+def database_errors(method: Callable[P, R]) -> Callable[P, R]: ...
+@overload
+def database_errors(*, replayable: bool) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def database_errors(
+    method: Callable[P, R] | None = None, *, replayable: bool = False
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the operation through retry.run: tried again after a transient PostgreSQL failure
+    that left nothing stored (`replayable`: also after a connection lost as its COMMIT was sent,
+    for an operation whose second run is the same as one), its last database failure turned
+    into a StoreError that names the store and says what to do."""
 
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        store = args[0]
-        assert isinstance(store, JobStore)
-        try:
-            return method(*args, **kwargs)
-        except exc.DBAPIError as e:
-            raise store_failure(store.where, store.url, method.__name__, e) from e
+    def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            store = args[0]
+            assert isinstance(store, JobStore)
+            return retry.run(
+                lambda: method(*args, **kwargs), name=method.__name__, where=store.where,
+                url=store.url, phase=store.phase, replayable=replayable,
+                attempts=store.attempts, first_pause=store.first_pause,
+            )  # fmt: skip
 
-    return wrapper
+        return wrapper
+
+    return wrap if method is None else wrap(method)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,9 @@ class JobStore:
         self.version = SCHEMA_VERSION
         #: A SQLite store's file, which must stay the one at its path (sqlite_file.py).
         self.file_watch = FileWatch.on(self.engine, self.url, self.where)
+        #: Where each thread's transaction is, and how often a transient failure is tried again.
+        self.phase = retry.Phase()
+        self.attempts, self.first_pause = retry.ATTEMPTS, retry.FIRST_PAUSE
 
     @classmethod
     def open(
@@ -198,8 +215,11 @@ class JobStore:
     def _transaction(self) -> Iterator[Connection]:
         if self.file_watch is not None:
             self.file_watch.check(self.engine)  # StoreLost once its file is not at its path
+        self.phase.name = "connect"
         with self.engine.begin() as conn:
+            self.phase.name = "work"
             yield conn
+            self.phase.name = "commit"  # whatever fails from here on may have been stored
 
     def _locked(self, statement: Any, *, skip_locked: bool = False) -> Any:
         # Renders FOR UPDATE [SKIP LOCKED] on PostgreSQL; SQLite has no row locks and needs none
@@ -251,7 +271,7 @@ class JobStore:
             )
         return int(versions[0])
 
-    @database_errors
+    @database_errors(replayable=True)
     def _existing_version(self) -> int:
         """The schema version, after check_not_elsewhere when there is no store."""
         with self._transaction() as conn:
@@ -259,7 +279,7 @@ class JobStore:
                 migration.check_not_elsewhere(conn, self.url, self.where, creating=False)
             return found
 
-    @database_errors
+    @database_errors(replayable=True)
     def schema_version(self) -> int:
         with self._transaction() as conn:
             return self._version(conn)
@@ -303,7 +323,7 @@ class JobStore:
         step = rules.apply(old, event, now, self.limits, job_id=job_id)
         return step, self._write(conn, old, step.job)
 
-    @database_errors
+    @database_errors(replayable=True)
     def create(self, job_input: WdPoStInput, now: float, *, deadline_idx: int = 0,
                partitions: Sequence[int] | None = None,
                not_after: float | None = None) -> tuple[JobRecord, bool]:  # fmt: skip
@@ -317,7 +337,7 @@ class JobStore:
         with self._transaction() as conn:
             return self._create(conn, event, now)
 
-    @database_errors
+    @database_errors(replayable=True)
     def create_many(
         self, events: Sequence[rules.Create], now: float
     ) -> list[tuple[JobRecord, bool]]:
@@ -385,25 +405,25 @@ class JobStore:
             raise StoreConflict(f"job {job_id} was created and removed at once; retry")
         return raced, False
 
-    @database_errors
+    @database_errors(replayable=True)
     def get(self, job_id: str) -> JobRecord | None:
         with self._transaction() as conn:
             return self._read(conn, job_id, lock=False)
 
-    @database_errors
+    @database_errors(replayable=True)
     def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
         """The jobs among these ids that exist (a producer's look for its results)."""
         with self._transaction() as conn:
             return self._read_many(conn, list(job_ids))
 
-    @database_errors
+    @database_errors(replayable=True)
     def list_jobs(self) -> list[JobRecord]:
         """Every job, newest CreatedAt first (damocles' order)."""
         with self._transaction() as conn:
             rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id)).all()
         return [job_of_row(row) for row in rows]
 
-    @database_errors
+    @database_errors(replayable=True)
     def heartbeat(self, job_ids: Sequence[str], worker: str, now: float, *,
                   leases: Mapping[str, str] | None = None) -> Outcome:  # fmt: skip
         """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
@@ -415,13 +435,13 @@ class JobStore:
                 worker, None if leases is None else leases.get(job_id)))  # fmt: skip
         return replace(outcome, wrote=True) if touched else outcome
 
-    @database_errors
+    @database_errors(replayable=True)
     def worker_seen(self, worker: str, now: float) -> None:
         """A worker that asked for jobs before is alive now (damocles' WorkerPing)."""
         with self._transaction() as conn:
             worker_rows.touch(conn, [worker], now)
 
-    @database_errors
+    @database_errors(replayable=True)
     def summary(
         self, now: float, *, live_window: float = jobs_summary.DEFAULT_LIVE_WINDOW
     ) -> jobs_summary.JobsSummary:
@@ -447,7 +467,7 @@ class JobStore:
                 stored.append(step.job)
         return Outcome(tuple(stored), tuple(effects), wrote)
 
-    @database_errors
+    @database_errors(replayable=True)
     def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
                now: float, *, lease: str | None = None, worker: str | None = None) -> Outcome:  # fmt: skip
         """damocles' Finish, fenced: see rules. A refusal is a `Refused` effect, not an error."""

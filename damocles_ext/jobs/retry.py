@@ -1,0 +1,117 @@
+"""Transient PostgreSQL failures, tried again in one place: `store.database_errors` runs every
+operation of a `JobStore` through `run`, which runs it again, a bounded number of times after a
+jittered pause, when its transaction failed in a way that left nothing written, and turns the
+last failure into the StoreError that names the store and says what to do.
+
+Tried again (PostgreSQL only: SQLite's writers wait for its one write lock up to the busy
+timeout, and it has no such failures):
+
+- a transaction the server rolled back to let another go on: a serialization failure (SQLSTATE
+  40001) or a deadlock (40P01), met at any statement or at COMMIT: the server answered, nothing
+  of the transaction was stored;
+- a transaction whose connection was lost before its COMMIT was sent (the server restarting or
+  failing over, `pg_terminate_backend`, the network cut): a session that ends rolls back;
+- a connection lost while its COMMIT was sent, when the transaction may have been stored and
+  its answer lost, only for an operation whose second run leaves the store, and answers, as one
+  run would (`replayable`: reads, create, heartbeat, finish, worker_seen; docs/JOBS.md says why
+  the others are not).
+
+Not tried again: a failure to connect (the server down, refusing, unreachable: each try could
+wait connect_timeout): an outage, which each caller meets in its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+from sqlalchemy import exc
+from sqlalchemy.engine import URL
+
+from .database import StoreError, is_unreachable, store_failure
+
+log = logging.getLogger("damocles_ext.jobs.store")
+
+#: Tries of one operation at most (the first and three more).
+ATTEMPTS: Final = 4
+#: The longest pause before the second try; each next one may be twice as long.
+FIRST_PAUSE: Final = 0.05
+MAX_PAUSE: Final = 1.0
+#: The SQLSTATEs of a transaction the server rolled back to let another go on.
+CONFLICTS: Final = {"40001": "a serialization failure", "40P01": "a deadlock"}
+
+R = TypeVar("R")
+
+
+class Phase(threading.local):
+    """Where the calling thread's transaction is: "connect" (a connection being checked out or
+    made), "work" (its statements), "commit" (its COMMIT sent). Each thread has its own."""
+
+    name = "connect"
+
+
+def why_again(error: exc.DBAPIError, phase: str, *, replayable: bool) -> str | None:
+    """Why a transaction that failed with `error` in `phase` may be run again, or None."""
+    sqlstate = getattr(error.orig, "sqlstate", None) or ""
+    if sqlstate in CONFLICTS:
+        return f"{CONFLICTS[sqlstate]} (SQLSTATE {sqlstate})"
+    if phase == "connect" or not is_unreachable(error):
+        return None
+    if phase == "work":
+        return "its connection lost before COMMIT"
+    return "its connection lost as COMMIT was sent" if replayable else None
+
+
+def pause(attempt: int, first: float = FIRST_PAUSE) -> float:
+    """The pause after try `attempt` failed: at random up to `first` doubled at each try, at
+    most MAX_PAUSE (sessions that deadlocked on each other then try again apart)."""
+    return random.uniform(0.0, min(MAX_PAUSE, first * 2 ** (attempt - 1)))
+
+
+def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
+        replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE) -> R:  # fmt: skip
+    """`call()` (the operation `name` of the store at `where`), tried up to `attempts` times
+    while it fails with a transient PostgreSQL failure; its last database failure is raised as a
+    StoreError (a StoreUnavailable when the store could not be reached)."""
+    attempt = 1
+    while True:
+        phase.name = "connect"
+        try:
+            return call()
+        except exc.DBAPIError as error:
+            postgresql = url.get_backend_name() == "postgresql"
+            why = why_again(error, phase.name, replayable=replayable) if postgresql else None
+            if why is None or attempt >= attempts:
+                raise _failure(name, where, url, error, phase.name, why, attempt) from error
+            log.info("job store %s: %s failed at try %d of %d, %s; trying again",
+                     where, name, attempt, attempts, why)  # fmt: skip
+        time.sleep(pause(attempt, first_pause))
+        attempt += 1
+
+
+def _failure(name: str, where: str, url: URL, error: exc.DBAPIError, phase: str,
+             why: str | None, tries: int) -> StoreError:  # fmt: skip
+    """The StoreError for the last failure of `name`, and why it was not tried again."""
+    failure = store_failure(where, url, name, error)
+    sqlstate = getattr(error.orig, "sqlstate", None) or ""
+    if sqlstate in CONFLICTS:
+        return type(failure)(
+            f"{failure} ({CONFLICTS[sqlstate]}, SQLSTATE {sqlstate}, at each of {tries} tries:"
+            " other sessions kept conflicting with it; it may work when tried later, else look"
+            " at what holds the store's rows: pg_stat_activity, the server's log)"
+        )
+    if why is None and phase == "commit" and is_unreachable(error):
+        return type(failure)(
+            f"{failure}; its connection was lost as the {name} was being committed, so it may"
+            f" have been stored: not tried again, as a second {name} is not the same as one"
+        )
+    if tries > 1:
+        return type(failure)(
+            f"{failure} (at try {tries}: the server rolled back the tries before, or their"
+            " connection was lost before COMMIT)"
+        )
+    return failure

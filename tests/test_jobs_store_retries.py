@@ -1,0 +1,241 @@
+"""Transient PostgreSQL failures that the job store tries again (jobs/retry.py), on the session's
+real server: a trigger on the jobs table makes the failure (a serialization failure or a
+deadlock raised, or the store's own session ended with pg_terminate_backend) the first `times`
+times it fires, counted in a sequence (nextval outlives the rollback of the try it failed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+from test_coordinator import PROOF, WORKER, connect, serving
+from test_jobs_rules import make_input
+
+from damocles_ext import cli
+from damocles_ext.jobs import retry, rules
+from damocles_ext.jobs.model import FINISHED, READY, RUNNING, JobOutput, JobRecord
+from damocles_ext.jobs.store import JobStore, StoreError, StoreUnavailable
+
+T0 = 1_700_000_000.0
+ANY = rules.AllocationSpec()
+OUTPUT = JobOutput(proofs=(b"\x01" * 192,), faults=())
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[JobStore]:
+    with JobStore.open(postgres_url) as s:
+        yield s
+
+
+def admin(store: JobStore, sql: str) -> list[tuple[Any, ...]]:
+    """`sql` on a connection of its own (not the store's), in autocommit."""
+    url = store.url
+    with psycopg.connect(host=url.query["host"], user=url.username, dbname=url.database,
+                         autocommit=True) as conn:  # fmt: skip
+        cursor = conn.execute(sql)  # type: ignore[arg-type]  # a test's literal SQL
+        return cursor.fetchall() if cursor.description else []
+
+
+def inject(store: JobStore, times: int, *, on: str, sqlstate: str | None = None,
+           at_commit: bool = False) -> None:  # fmt: skip
+    """The first `times` rows the jobs table's `on` (INSERT, UPDATE, DELETE) touches fail their
+    transaction: with `sqlstate` raised, else with the session terminated (pg_terminate_backend
+    of itself); at the row's statement, or as the transaction commits (`at_commit`)."""
+    if sqlstate is not None:
+        action = f"RAISE EXCEPTION 'injected failure' USING ERRCODE = '{sqlstate}'"
+    else:
+        action = "PERFORM pg_terminate_backend(pg_backend_pid())"
+    when = "DEFERRABLE INITIALLY DEFERRED" if at_commit else ""
+    admin(store, f"""
+        CREATE SEQUENCE injected;
+        CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            IF nextval('injected') <= {times} THEN {action}; END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER inject AFTER {on} ON dext_wdpost_jobs {when}
+            FOR EACH ROW EXECUTE FUNCTION inject();
+    """)  # fmt: skip
+
+
+def fired(store: JobStore) -> int:
+    """How often the injecting trigger fired: the tries that reached it."""
+    [(value, called)] = admin(store, "SELECT last_value, is_called FROM injected")
+    return int(value) if called else 0
+
+
+def ready(store: JobStore) -> JobRecord:
+    job, made = store.create(make_input(seed=1), T0)
+    assert made
+    return job
+
+
+def running(store: JobStore) -> JobRecord:
+    ready(store)
+    [job] = store.allocate(ANY, 1, "w1", T0 + 1)
+    return job
+
+
+#: Each write of the store: (the trigger's event, the job it needs, the write; what it checks).
+Write = tuple[str, Callable[[JobStore], Any], Callable[[JobStore, Any], None]]
+
+
+def _create(s: JobStore, _: Any) -> None:
+    job, made = s.create(make_input(seed=1), T0)
+    assert made and s.get(job.Id) == job
+
+
+def _allocate(s: JobStore, _: Any) -> None:
+    [job] = s.allocate(ANY, 1, "w1", T0 + 1)
+    assert s.get(job.Id) == job and job.State == RUNNING
+
+
+def _heartbeat(s: JobStore, job: JobRecord) -> None:
+    outcome = s.heartbeat([job.Id], "w1", T0 + 2, leases={job.Id: job.lease})
+    assert [type(e) for e in outcome.effects] == [rules.HeartbeatAccepted]
+    assert s.get(job.Id).HeartbeatAt == int(T0 + 2)
+
+
+def _finish(s: JobStore, job: JobRecord) -> None:
+    outcome = s.finish(job.Id, OUTPUT, "", T0 + 3, lease=job.lease)
+    assert [type(e) for e in outcome.effects] == [rules.Finished]
+    assert s.get(job.Id).State == FINISHED
+
+
+def _reset(s: JobStore, job: JobRecord) -> None:
+    assert s.reset(job.Id, T0 + 3).State == READY
+    assert s.get(job.Id).State == READY
+
+
+def _remove(s: JobStore, job: JobRecord) -> None:
+    assert s.remove(job.Id, T0 + 3)
+    assert s.get(job.Id) is None
+
+
+WRITES: dict[str, Write] = {
+    "create": ("INSERT", lambda s: None, _create),
+    "allocate": ("UPDATE", ready, _allocate),
+    "heartbeat": ("UPDATE", running, _heartbeat),
+    "finish": ("UPDATE", running, _finish),
+    "reset": ("UPDATE", running, _reset),
+    "remove": ("DELETE", ready, _remove),
+}
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_rolled_back_once_for_a_conflict_is_tried_again_and_lands(pg, write, sqlstate):
+    on, arrange, do = WRITES[write]
+    job = arrange(pg)
+    inject(pg, 1, on=on, sqlstate=sqlstate)
+    do(pg, job)
+    assert fired(pg) == 2  # the try rolled back, and the one that landed
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
+def test_a_conflict_at_every_try_ends_as_a_store_error_saying_so_after_the_bound(pg, sqlstate):
+    job = ready(pg)
+    inject(pg, 1000, on="UPDATE", sqlstate=sqlstate)
+    with pytest.raises(StoreError) as raised:
+        pg.allocate(ANY, 1, "w1", T0 + 1)
+    assert not isinstance(raised.value, StoreUnavailable)  # the server answered: no outage
+    message = str(raised.value)
+    assert f"allocate failed: injected failure ({retry.CONFLICTS[sqlstate]}" in message
+    assert f"SQLSTATE {sqlstate}, at each of {retry.ATTEMPTS} tries" in message
+    assert fired(pg) == retry.ATTEMPTS
+    assert pg.get(job.Id) == job  # nothing stored
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_whose_session_is_terminated_before_commit_is_tried_again_and_lands(pg, write):
+    on, arrange, do = WRITES[write]
+    job = arrange(pg)
+    inject(pg, 1, on=on)
+    do(pg, job)
+    assert fired(pg) == 2
+
+
+#: Whether a write whose COMMIT's outcome is unknown is made again (docs/JOBS.md says why).
+REPLAYED = {"create": True, "heartbeat": True, "finish": True,
+            "allocate": False, "reset": False, "remove": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_whose_session_ends_as_it_commits_is_made_again_only_when_that_is_the_same_as_once(
+    pg, write
+):
+    on, arrange, do = WRITES[write]
+    job = arrange(pg)
+    inject(pg, 1, on=on, at_commit=True)
+    if REPLAYED[write]:
+        do(pg, job)
+        assert fired(pg) == 2
+        return
+    with pytest.raises(StoreUnavailable) as raised:
+        do(pg, job)
+    said = (
+        f"its connection was lost as the {write} was being committed, so it may have been stored:"
+        f" not tried again, as a second {write} is not the same as one"
+    )
+    assert said in str(raised.value)
+    assert fired(pg) == 1
+
+
+def test_a_lost_connection_at_every_try_ends_as_the_store_unavailable_after_the_bound(pg):
+    job = ready(pg)
+    inject(pg, 1000, on="UPDATE")
+    with pytest.raises(StoreUnavailable) as raised:
+        pg.allocate(ANY, 1, "w1", T0 + 1)
+    assert "terminating connection due to administrator command" in str(raised.value)
+    assert f"(at try {retry.ATTEMPTS}: the server rolled back the tries before" in str(raised.value)
+    assert fired(pg) == retry.ATTEMPTS
+    assert pg.get(job.Id) == job
+
+
+def test_the_stores_sessions_terminated_or_the_server_restarted_between_calls_fail_no_call(
+    pg, postgres_server
+):
+    job = running(pg)
+    admin(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+              " WHERE application_name = 'damocles-ext' AND pid <> pg_backend_pid()")  # fmt: skip
+    _heartbeat(pg, job)
+    postgres_server.pause()  # pg_ctl stop -m fast: every session ended (57P01), then started
+    postgres_server.resume()
+    _finish(pg, job)
+
+
+# --- the callers --------------------------------------------------------------------------------
+
+
+async def test_a_workers_allocation_gets_its_job_past_a_deadlock_or_an_error_saying_why(pg):
+    for seed in (1, 2):
+        pg.create(make_input(seed=seed, proof_type=PROOF), T0)
+    inject(pg, 1, on="UPDATE", sqlstate="40P01")
+    spec = {"AllowedMiners": None, "AllowedProofTypes": None}
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, pg)
+        client = await connect(server)
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, WORKER)
+        assert status == 200 and len(answer["result"]) == 1
+        admin(pg, "CREATE OR REPLACE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$"
+                  " BEGIN RAISE EXCEPTION 'injected failure' USING ERRCODE = '40P01'; END $$")  # fmt: skip
+        status, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 1, WORKER)
+        assert status == 200 and "result" not in answer
+        message = answer["error"]["message"]
+        assert f"a deadlock, SQLSTATE 40P01, at each of {retry.ATTEMPTS} tries" in message
+        nursery.cancel_scope.cancel()
+
+
+def test_wdpost_reset_whose_commit_was_lost_says_it_may_have_been_stored(pg, postgres_url, capsys):
+    job = running(pg)
+    inject(pg, 1, on="UPDATE", at_commit=True)
+    assert cli.main(["wdpost", "reset", "--jobs", postgres_url, job.Id]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "its connection was lost as the reset was being committed, so it may have been stored"
+        in err
+    )
+    assert "Traceback" not in err
+    assert pg.get(job.Id).State == RUNNING  # here the server had not stored it
