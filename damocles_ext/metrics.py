@@ -333,7 +333,8 @@ class MetricsSource(Protocol):
 class MetricsServer:
     """The /metrics HTTP endpoint, served from the trio loop by `serve`; `url` is where.
 
-    The port is bound here (UsageError when that fails), before anything is spawned.
+    The port is bound here (UsageError when that fails), before anything is spawned, unless
+    `sock` is given: a socket bound already (`bind_metrics`), now the server's.
     """
 
     def __init__(
@@ -344,13 +345,14 @@ class MetricsServer:
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        sock: socket.socket | None = None,
     ) -> None:
         if not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
         self._metrics = metrics
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self._sock = _bind(host, port)
+        self._sock = bind_metrics(host, port) if sock is None else sock
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self.address = _join(host, self.port)
@@ -447,7 +449,8 @@ class _Only:
                 yield only
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_metrics(host: str, port: int) -> socket.socket:
+    """The metrics endpoint's listening socket, or a UsageError naming --metrics."""
     from .frontends.listeners import bind_tcp
 
     return bind_tcp(host, port, doing="serve metrics", option="--metrics")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -315,6 +316,20 @@ async def test_the_command_refuses_a_busy_port_and_a_bad_url(tmp_path):
     done = await dext_run_async("coordinator", "--jobs", "mysql://x/y")
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"coordinator: error:" in done.stderr
+
+
+@pytest.mark.parametrize("option", ["--listen", "--metrics"])
+async def test_a_busy_port_fails_the_start_and_leaves_no_new_store_file(tmp_path, option):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--metrics": "127.0.0.1:0", option: taken}
+        url = f"sqlite:///{tmp_path}/jobs.db"
+        done = await dext_run_async("coordinator", "--jobs", url, *itertools.chain(*ports.items()))
+    err = done.stderr.decode()
+    assert done.returncode == 2 and f"on {taken}" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # the ports are bound before the store is opened
 
 
 async def test_sigterm_stops_the_command_cleanly(tmp_path):

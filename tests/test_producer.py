@@ -297,6 +297,19 @@ def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, wo
     assert "no store is known" not in err
 
 
+def test_a_busy_listen_port_fails_the_start_and_leaves_no_new_store_file(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = dext_run("serve", "window_post", "--jobs", sqlite_url(tmp_path),
+                        "--listen", f"127.0.0.1:{port}", input=b"")  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"", err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # the port is bound before the store is opened
+
+
 def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_up_on_it():
     # A listener that never accepts: the TCP connection is made, PostgreSQL's greeting never
     # comes. damocles-manager waits 5 s for the ready line; the store gets 3 s of them

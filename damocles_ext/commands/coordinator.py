@@ -9,6 +9,8 @@ deleted or replaced while it ran); 2 a bad URL or address, a port that cannot be
 from __future__ import annotations
 
 import argparse
+import socket
+from contextlib import closing, nullcontext
 from typing import TYPE_CHECKING
 
 from damocles_ext.logs import add_logging_args, setup_from_args
@@ -128,6 +130,30 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     return SectorIndex(locator)
 
 
+def _bind_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socket | None]:
+    """--listen's socket and --metrics' (None without it), bound before the store is opened: a
+    port taken fails the start (exit 2) without leaving a new SQLite store behind."""
+    from damocles_ext.errors import UsageError
+    from damocles_ext.frontends.listeners import bind_tcp
+    from damocles_ext.metrics import bind_metrics
+
+    port = args.listen[1]
+    listening = bind_tcp(*args.listen, doing="listen", option="--listen")
+    if args.metrics is None:
+        return listening, None
+    try:
+        return listening, bind_metrics(*args.metrics)
+    except UsageError as exc:
+        listening.close()
+        if args.metrics[1] != port:
+            raise
+        # The port the system refused is --listen's own, bound just above.
+        raise UsageError(
+            f"{exc}: it is the port --listen serves the RPC on; give the metrics a"
+            " port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Open the store (creating it when missing), listen, serve until a signal."""
     import logging
@@ -154,9 +180,14 @@ def run(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     host, port = args.listen
+    listening, scraped = _bind_ports(args)
     # With --proxy no store is needed here: the source's store names are passed on as they are
     # (relay_names), as a damocles proxy node does.
-    with JobStore.open(args.jobs, limits=settings.limits, writable=True) as store:
+    with (
+        closing(listening),
+        nullcontext() if scraped is None else closing(scraped),
+        JobStore.open(args.jobs, limits=settings.limits, writable=True) as store,
+    ):
         metrics = metrics_server = None
         if args.metrics is not None:
             from damocles_ext.jobs.metrics import JobMetrics
@@ -181,20 +212,12 @@ def run(args: argparse.Namespace) -> int:
             port,
             token=args.token_file,
             index_without_token=args.index_without_token,
+            sock=listening,
         )
         lost: list[StoreLost] = []
         try:
             if metrics is not None:
-                try:
-                    metrics_server = MetricsServer(metrics, *args.metrics)
-                except UsageError as exc:
-                    if args.metrics[1] != port:
-                        raise
-                    # The port the system refused is --listen's own, bound just above.
-                    raise UsageError(
-                        f"{exc}: it is the port --listen serves the RPC on; give the metrics a"
-                        " port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
-                    ) from None
+                metrics_server = MetricsServer(metrics, *args.metrics, sock=scraped)
 
             async def main() -> None:
                 start_watchdog()

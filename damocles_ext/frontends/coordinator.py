@@ -12,6 +12,7 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -438,7 +439,9 @@ STOP_GRACE = 10.0
 
 
 class CoordinatorServer:
-    """POST /rpc/v0 over HTTP/1.1; the port is bound here (UsageError when it cannot be)."""
+    """POST /rpc/v0 over HTTP/1.1; the port is bound here (UsageError when it cannot be), unless
+    `sock` is given: a socket bind_tcp bound already (before the store was opened), now the
+    server's."""
 
     def __init__(
         self,
@@ -452,6 +455,7 @@ class CoordinatorServer:
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         token: str | None = None,
         index_without_token: bool = False,
+        sock: socket.socket | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be at least 1 byte, got {max_buffered}")
@@ -470,7 +474,9 @@ class CoordinatorServer:
         self.over_buffer = 0  # connections closed for holding the most when over max_buffered
         self._holding: set[_Connection] = set()  # the connections with a body held
         self._over_buffer_log = ThrottledLog(log)
-        self._sock = bind_tcp(host, port, doing="listen", option="--listen")
+        if sock is None:
+            sock = bind_tcp(host, port, doing="listen", option="--listen")
+        self._sock = sock
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://{join_host_port(host, self.port)}/rpc/v0"
         self._slots: ConnectionSlots | None = None

@@ -204,13 +204,25 @@ def serve_jobs(
     from .producer import JobProducer, producer_settings, run_producer
 
     settings = producer_settings(conf_dir, stores, poll_interval)
-    store = JobStore.open(
-        url,
-        limits=settings.limits,
-        connect_timeout=SERVE_CONNECT_TIMEOUT,
-        open_timeout=SERVE_CONNECT_TIMEOUT,  # a store another process keeps locked: the same
-        writable=True,
-    )
+    listening = None
+    if listen is not None:
+        from .listeners import bind_tcp
+
+        # Bound before the store is opened: a busy port fails the start (exit 2) without
+        # leaving a new SQLite store behind.
+        listening = bind_tcp(*listen, doing="listen", option="--listen")
+    try:
+        store = JobStore.open(
+            url,
+            limits=settings.limits,
+            connect_timeout=SERVE_CONNECT_TIMEOUT,
+            open_timeout=SERVE_CONNECT_TIMEOUT,  # a store another process keeps locked: the same
+            writable=True,
+        )
+    except BaseException:
+        if listening is not None:
+            listening.close()
+        raise
     if not settings.stores:  # said once it starts: a start that fails says only why
         log.warning(
             "no store is known (no --store NAME=PATH, no [[Common.PersistStores]] in --conf-dir's"
@@ -226,8 +238,7 @@ def serve_jobs(
 
             # A finish it takes wakes the request waiting for that job at once, not at its poll.
             rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
-            # Bound before the ready line: a busy port fails the start (exit 2).
-            coordinator = (rpc, CoordinatorServer(rpc, *listen))
+            coordinator = (rpc, CoordinatorServer(rpc, *listen, sock=listening))
         protocol_in, protocol_out = fds
         hold_stop_signals()
         say_ready(protocol_out, stage)
@@ -238,4 +249,6 @@ def serve_jobs(
             run_producer, stage, producer, protocol_in, protocol_out, shutdown_grace, coordinator
         )
     finally:
+        if listening is not None:
+            listening.close()  # the server's by now, if it was made: closed again, harmlessly
         store.close()
