@@ -377,6 +377,27 @@ def test_a_bad_store_url_says_what_is_wrong_and_what_to_give(url, says):
     assert raised.value.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:secret@h1:5432,h2:5433/db", "postgresql://u@h1:5432,h2/db",
+     "postgresql://u@[::1]:5432,[::2]:5432/db", "postgres://u@[fd00::1],h2/db?sslmode=require"],
+)  # fmt: skip
+def test_several_servers_with_ports_before_the_database_are_refused_saying_what_works(url):
+    # SQLAlchemy reads one HOST:PORT there: the first two failed with "invalid literal for
+    # int()", the last two were read as a garbled host and failed as an outage (exit code 1).
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url)
+    said = str(raised.value)
+    assert "names several servers" in said and "secret" not in said, said
+    assert "?host=h1:5432&host=h2:5433" in said and "@h1,h2:5432/DATABASE" in said, said
+    assert raised.value.exit_code == 2
+
+
+def test_several_servers_on_one_port_before_the_database_are_one_host_list_for_libpq():
+    engine_url = store.parse_url("postgresql://u@h1,h2:5432/db")
+    assert (engine_url.host, engine_url.port) == ("h1,h2", 5432)  # libpq tries h1, then h2
+
+
 def test_plain_postgresql_urls_mean_psycopg_3():
     assert store.parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert store.parse_url("postgres://u@h/db").drivername == "postgresql+psycopg"

@@ -26,6 +26,7 @@ from sqlalchemy.util import asbool
 from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
+from .pg_hosts import several_servers_problem
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
@@ -189,6 +190,8 @@ def parse_url(url: str) -> URL:
             f"the job store URL is not UTF-8 text: {bad} is not, and a store's file name,"
             f" database, user and password must be; rename the file, or {URL_HELP}"
         )
+    if url.startswith("postgres") and (problem := several_servers_problem(url)):
+        raise StoreConfigError(f"job store URL {_password_hidden(url)!r}: {problem}")
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
