@@ -57,6 +57,29 @@ def test_a_seed_or_comm_r_not_32_bytes_is_a_bad_task_not_memory_read_past_it(man
         assert prover.prove(task).proofs
 
 
+@pytest.mark.parametrize("value", [-1, 2**64, 2**70, "7"])
+def test_a_miner_or_sector_id_no_uint64_holds_is_a_bad_task_naming_it(manifest, value):
+    # cffi refused it with its own OverflowError ("int too big to convert"): no field named,
+    # and not an InvalidTaskError, so the caller could not tell a bad task from a broken prover.
+    window = window_task(manifest, SEED)
+    winning = winning_task(manifest, SEED)
+    r = window.replicas[0]
+    replicas = [PoStReplicaInfo(value, r.comm_r, r.cache_dir, r.sealed_file)]
+    bad = [
+        (WindowPoSt(value, window.proof_type, window.replicas, SEED), "miner_id"),
+        (WinningPoSt(value, winning.proof_type, winning.replicas, SEED), "miner_id"),
+        (WindowPoSt(window.miner_id, window.proof_type, replicas, SEED), "replica 0: sector_id"),
+    ]
+    with NativeProver() as prover:
+        good = prover.window_post(window)
+        for task, field in bad:
+            with pytest.raises(InvalidTaskError, match=f"^{field} "):
+                prover.prove(task)
+            with pytest.raises(InvalidTaskError, match=f"^{field} "):
+                prover.verify(task, good)
+        assert prover.window_post(window) == good  # the prover goes on
+
+
 # Run in a child: before the fix the prover blocked in open() for ever, and a test in this
 # process would have hung with it.
 FIFO_PROOFS = r"""

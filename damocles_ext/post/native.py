@@ -339,7 +339,7 @@ class NativeProver:
         keep.append(replicas)
         for i, rep in enumerate(task.replicas):
             c = replicas[i]
-            c.sector_id = rep.sector_id
+            c.sector_id = _u64(rep.sector_id, f"replica {i}: sector_id")
             ffi.memmove(
                 c.comm_r, _bytes32(rep.comm_r, f"replica {i} (sector {rep.sector_id}): comm_r"), 32
             )
@@ -355,7 +355,7 @@ class NativeProver:
         ptype = ffi.new("char[]", task.proof_type.encode())
         keep.append(ptype)
         ctask = ffi.new("dext_post_task *")
-        ctask.miner_id = task.miner_id
+        ctask.miner_id = _u64(task.miner_id, "miner_id")
         ctask.proof_type = ptype
         ffi.memmove(ctask.seed, _bytes32(task.seed, "seed"), 32)
         ctask.replicas = replicas
@@ -528,6 +528,17 @@ def _cancel_watcher(cancel: CancelToken | None, state: _CallState) -> Iterator[N
     finally:
         done.set()
         thread.join()
+
+
+def _u64(value: object, what: str) -> int:
+    """`value`, when it is an integer in 0..2**64 - 1 (a C uint64_t); InvalidTaskError otherwise.
+    A Struct built in Python is not checked by msgspec, and cffi's own refusal (OverflowError,
+    TypeError) says neither which field nor that the task is what is wrong."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidTaskError(f"{what} must be an integer, got {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise InvalidTaskError(f"{what} {value} is not in 0..{2**64 - 1} (a uint64)")
+    return value
 
 
 def _bytes32(value: object, what: str) -> bytes:
