@@ -43,6 +43,34 @@ def test_a_split_window_posts_step_sent_alone_gets_window_posts_deadline():
     assert given[2] == 12.5
 
 
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        (["10m", "20m"], "'10m' and '20m' both give every stage's deadline: give it once"),
+        (["window_post=10m", "winning_post=1m", "window_post=20m"],
+         "'window_post=10m' and 'window_post=20m' both give window_post's deadline"),
+        (["window_post=10m", "20m"], "'20m', for every stage, would override 'window_post=10m'"),
+    ],
+)  # fmt: skip
+def test_a_stages_deadline_given_twice_is_a_usage_error_naming_both(capsys, given, words):
+    # argparse kept them all and the last won: a value given by mistake went unnoticed.
+    argv = ["run", "-c", "x.cfg"]
+    for value in given:
+        argv += ["--deadline-after", value]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert f"argument --deadline-after: {words}" in capsys.readouterr().err
+
+
+def test_a_stages_own_deadline_after_the_one_for_every_stage_sets_that_stage():
+    from damocles_ext.cli import build_parser
+
+    argv = ["run", "-c", "x.cfg", "--deadline-after", "10m", "--deadline-after", "winning_post=1m"]
+    args = build_parser().parse_args(argv)
+    assert deadlines_after(args.deadline_after) == {"window_post": 600.0, "winning_post": 60.0}
+
+
 def test_a_deadline_for_a_stage_requests_do_not_come_for_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "-c", "x.cfg", "--deadline-after", "window_post_snark=1m"])

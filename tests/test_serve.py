@@ -588,6 +588,15 @@ def test_serve_deadline_after_refuses_what_is_not_a_duration(tmp_path, value):
     assert b"Traceback" not in result.stderr
 
 
+def test_serve_refuses_deadline_after_given_twice_naming_both(tmp_path):
+    # argparse kept the last one silently: a unit's 35m, overridden by an added 5m, took effect.
+    result = dext_run("serve", "window_post", "-c", str(tmp_path / "x.cfg"),
+                      "--deadline-after", "35m", "--deadline-after=5m", input=b"")  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b"", err
+    assert "argument --deadline-after: given twice, '35m' and '5m': give it once" in err, err
+
+
 async def test_serve_sigterm_answers_every_request_and_leaves_no_process(tmp_path, stderr_file):
     cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=0.3))
     async with trio.open_nursery() as nursery:

@@ -273,6 +273,56 @@ def deadline_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{exc}, or 0 or off for none") from None
 
 
+class DeadlineAfter(argparse.Action):
+    """--deadline-after: each text converted by `type` (a text is what `convert` takes: serve's
+    DURATION, run's [STAGE=]DURATION as (stage or None, seconds)), where argparse would keep the
+    last of a repeated option silently. A stage's deadline given twice, or one for every stage
+    given after a stage's own (which it would override), is refused (exit 2) naming both; a
+    stage's own after the one for every stage sets that stage's. `append`: the value is the
+    list of the conversions in order (run), else the one conversion (serve)."""
+
+    def __init__(
+        self, *args: object, convert: Callable[[str], object], append: bool, **kwargs: object
+    ) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]  # argparse's own keywords
+        self.convert = convert
+        self.append = append
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        text = str(values)
+        try:
+            value = self.convert(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        stage = value[0] if isinstance(value, tuple) else None
+        given: list[tuple[str, str | None]] = getattr(namespace, "_deadline_after_given", [])
+        for earlier, earlier_stage in given:
+            if earlier_stage == stage:
+                both = f"{earlier!r} and {text!r}"
+                if not self.append:  # serve: one stage, one value
+                    raise argparse.ArgumentError(self, f"given twice, {both}: give it once")
+                scope = "every stage" if stage is None else stage
+                raise argparse.ArgumentError(
+                    self, f"{both} both give {scope}'s deadline: give it once"
+                )
+            if stage is None:
+                raise argparse.ArgumentError(
+                    self,
+                    f"{text!r}, for every stage, would override {earlier!r} given before it:"
+                    " give the one for every stage first, then each stage's own",
+                )
+        namespace._deadline_after_given = [*given, (text, stage)]
+        if self.append:
+            value = [*(getattr(namespace, self.dest, None) or []), value]
+        setattr(namespace, self.dest, value)
+
+
 #: The longest first line a token file may have (a JWT with many claims is under 4 KiB).
 MAX_TOKEN_CHARS = 64 * 1024
 

@@ -9,6 +9,7 @@ import re
 from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
 
 from .common import (
+    DeadlineAfter,
     add_config_args,
     add_restart_arg,
     add_shutdown_arg,
@@ -44,11 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--deadline-after",
         metavar="[STAGE=]DURATION",
-        action="append",
-        type=_deadline_after,
+        action=DeadlineAfter,
+        convert=_deadline_after,
+        append=True,
         help="give each request that comes without a deadline the deadline DURATION after it"
         " arrives (seconds, or with a suffix s, m or h; 0 or off: none), for every stage or for"
-        " STAGE (window_post, winning_post); repeat for each. Default: 40m for window_post, 5m"
+        " STAGE (window_post, winning_post); repeat for each, once each (a STAGE's own after"
+        " the one for every stage sets that stage's). Default: 40m for window_post, 5m"
         " for winning_post, as serve gives: a prover stuck in a GPU call still sends Progress,"
         " and the deadline is what frees its child",
     )
@@ -151,7 +154,7 @@ def _deadline_after(text: str) -> tuple[str | None, float]:
 
 def deadlines_after(given: list[tuple[str | None, float]] | None) -> dict[str, float]:
     """Each stage's deadline after a request's arrival (absent: none), from the defaults and
-    the --deadline-after arguments in order (a later one wins)."""
+    the --deadline-after arguments in order (a stage's own after the one for every stage)."""
     from .serve import DEFAULT_DEADLINE_AFTER
 
     after = dict(DEFAULT_DEADLINE_AFTER)

@@ -29,6 +29,7 @@ from damocles_ext.stages import POST_STAGES
 
 from .common import (
     RESTART_DEFAULTS,
+    DeadlineAfter,
     add_config_args,
     add_restart_arg,
     add_shutdown_arg,
@@ -82,7 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--deadline-after",
-        type=deadline_duration,
+        action=DeadlineAfter,
+        convert=deadline_duration,
+        append=False,
         metavar="DURATION",
         help="give each request the deadline DURATION after it arrives (seconds, or with a suffix"
         " s, m or h; 0 or off: none), since damocles' JSON lines carry none: queues go earliest"
