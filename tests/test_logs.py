@@ -413,6 +413,34 @@ def test_json_logs_are_one_object_a_line_whatever_a_child_writes(tmp_path: Path)
     assert answer["level"] == "warning" and "gave up\n2026-01-01" in answer["message"]
 
 
+ANSI_ERROR_CHILD = r"""
+import json, sys
+sys.stdout.write("window_post processor ready\n"); sys.stdout.flush()
+request = json.loads(sys.stdin.readline())
+said = "gave up\r\x1b[2K\x1b[1Gall fine\n2026-01-01 00:00:00,000 INFO damocles_ext.cli: forged \u2028 here"
+sys.stdout.write(json.dumps({"id": request["id"], "err_msg": said}) + "\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def test_proves_final_error_escapes_a_childs_error_answer_as_the_text_logs_do(tmp_path: Path):
+    # The error line printed the child's text raw: its "\r" and ANSI sequence rewrote the line
+    # on a terminal, its "\n" started a forged one.
+    cfg = _bin_child(tmp_path, ANSI_ERROR_CHILD, "MaxAttempts = 1\n")
+    done = _prove(tmp_path, cfg, "--no-progress")
+    assert done.returncode == 1
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith("damocles-ext prove: error: request 1 (window_post) failed on "), line
+    said = "gave up\\r\\x1b[2K\\x1b[1Gall fine\\n2026-01-01 00:00:00,000 INFO"
+    assert said in line and line.endswith("forged \\u2028 here"), line
+    # JSON lines escape it themselves: the record holds the text as the child gave it.
+    done = _prove(tmp_path, cfg, "--no-progress", "--log-format", "json")
+    (record,) = (json.loads(x) for x in done.stderr.decode().splitlines())
+    assert record["message"].endswith("gave up\r\x1b[2K\x1b[1Gall fine\n2026-01-01 00:00:00,000"
+                                      " INFO damocles_ext.cli: forged \u2028 here"), record  # fmt: skip
+
+
 HUGE_ERROR_CHILD = """
 import json, sys
 sys.stdout.write("window_post processor ready\\n"); sys.stdout.flush()

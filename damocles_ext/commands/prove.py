@@ -8,16 +8,24 @@ supervisor at the socket).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import string
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from damocles_ext.errors import UsageError
-from damocles_ext.logs import add_dump_arg, add_logging_args, setup_from_args
+from damocles_ext.errors import DextError, UsageError
+from damocles_ext.logs import (
+    add_dump_arg,
+    add_logging_args,
+    json_logging,
+    one_line,
+    setup_from_args,
+)
 from damocles_ext.stages import POST_STAGES
 
 from .common import add_sector_source_args, int64, socket_path, stdout_to_stderr
@@ -201,9 +209,10 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             from damocles_ext.frontends.prove import prove_through_jobs
 
             _check_jobs_args(args)
-            output = prove_through_jobs(
-                args.jobs, task, stores=args.attached, conf_dir=args.conf_dir, deadline=deadline
-            )
+            with _one_line_errors():
+                output = prove_through_jobs(
+                    args.jobs, task, stores=args.attached, conf_dir=args.conf_dir, deadline=deadline
+                )
         elif args.config is not None or args.conf_dir is not None:
             from damocles_ext.config import check_startable
             from damocles_ext.plugins import get_plugin_manager
@@ -215,24 +224,26 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             check_startable(config, children, plugin_manager=plugin_manager)
             from damocles_ext.frontends.prove import prove_in_process
 
-            output = prove_in_process(
-                children,
-                task,
-                plugin_manager=plugin_manager,
-                deadline=deadline,
-                priority=args.priority,
-                on_progress=on_progress,
-            )
+            with _one_line_errors():
+                output = prove_in_process(
+                    children,
+                    task,
+                    plugin_manager=plugin_manager,
+                    deadline=deadline,
+                    priority=args.priority,
+                    on_progress=on_progress,
+                )
         else:
             from damocles_ext.frontends.prove import prove_through_socket
 
-            output = prove_through_socket(
-                args.socket,
-                task,
-                deadline=deadline,
-                priority=args.priority,
-                on_progress=on_progress,
-            )
+            with _one_line_errors():
+                output = prove_through_socket(
+                    args.socket,
+                    task,
+                    deadline=deadline,
+                    priority=args.priority,
+                    on_progress=on_progress,
+                )
     finally:
         if renderer is not None:
             renderer.close()
@@ -241,6 +252,23 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
 
         output = with_skipped(output, skipped)
     return output, output_path
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A proof's error with its line breaks and terminal controls escaped, as the logs escape a
+    message (one_line): it may hold a child's, a supervisor's or a worker's error answer, whose
+    "\n", "\r" or ANSI sequence would otherwise reach the terminal raw (a forged line, a line
+    rewritten). With --log-format json the error is a record whose JSON escapes it already."""
+    try:
+        yield
+    except DextError as exc:
+        said = str(exc)
+        if json_logging():
+            raise
+        if (escaped := one_line(said)) != said:
+            exc.args = (escaped,)  # its type, exit code and fields kept
+        raise
 
 
 def _check_jobs_args(args: argparse.Namespace) -> None:
