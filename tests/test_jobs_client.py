@@ -185,9 +185,11 @@ async def test_a_refused_connection_is_a_clear_error_naming_the_url():
             await client.call("Venus.SectorIndexerFind")
 
 
-async def _call_a_server_answering(status: int, body: bytes, headers: str = "") -> None:
+async def _call_a_server_answering(
+    status: int, body: bytes, headers: str = "", token: str | None = None
+) -> None:
     """Venus.WdPoStAllJobs to a server that answers every request with `status`, `headers`
-    (lines ending in CRLF) and `body`."""
+    (lines ending in CRLF) and `body`; the client sends `token`."""
 
     async def answer(stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
@@ -199,7 +201,7 @@ async def _call_a_server_answering(status: int, body: bytes, headers: str = "") 
         [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
         port = listener.socket.getsockname()[1]
         try:
-            async with RpcClient(f"127.0.0.1:{port}") as client:
+            async with RpcClient(f"127.0.0.1:{port}", token=token) as client:
                 await client.call("Venus.WdPoStAllJobs")
         except RpcClientError as exc:  # raised outside the nursery: not in an ExceptionGroup
             error = exc
@@ -211,8 +213,24 @@ async def _call_a_server_answering(status: int, body: bytes, headers: str = "") 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_token_refused_in_plain_text_says_so(status):
     # A proxy's plain "Unauthorized": it said to check that the address is the RPC's.
-    with pytest.raises(RpcProtocolError, match=rf"HTTP {status} .*the token was refused"):
-        await _call_a_server_answering(status, b"Unauthorized\n")
+    refused = rf"HTTP {status} .*'Unauthorized'.*it does not take the token sent"
+    with pytest.raises(RpcProtocolError, match=refused):
+        await _call_a_server_answering(status, b"Unauthorized\n", token="wrong")
+
+
+async def test_a_deny_page_says_what_came_and_the_token_only_as_one_possibility():
+    # A reverse proxy's deny page (no token sent): it said "the token was refused", which
+    # there was none of, and printed no more than the first 200 bytes, cut without saying so.
+    page = b"<html><title>403 Forbidden</title>\n\x1b[2J<h1>denied by nginx</h1>" + b" " * 300
+    with pytest.raises(RpcProtocolError) as raised:
+        await _call_a_server_answering(403, page + b"</html>")
+    said = str(raised.value)
+    assert "HTTP 403 and a body that is not a JSON-RPC answer ('<html><title>" in said, said
+    assert "Forbidden</title>\\n\\x1b[2J<h1>denied" in said and "\x1b" not in said, said
+    assert f"(the first 200 of {len(page) + 7} bytes)" in said, said
+    assert "if the server itself refused it, it wants a token and none was sent" in said, said
+    assert "if something in front of it did (a reverse proxy, a firewall rule)" in said, said
+    assert "the token was refused" not in said
 
 
 async def test_a_redirect_says_where_it_points_as_it_is_not_followed():
@@ -225,7 +243,7 @@ async def test_a_redirect_says_where_it_points_as_it_is_not_followed():
 @pytest.mark.parametrize(
     ("status", "body", "check"),
     [
-        (401, b'{"message": "Unauthorized"}', "the token was refused"),
+        (401, b'{"message": "Unauthorized"}', "it wants a token and none was sent"),
         (502, b"{}", "check that the address is a worker-prover RPC"),
         (200, b'{"status": "ok"}', "check that the address is a worker-prover RPC"),
     ],

@@ -108,10 +108,10 @@ def test_a_source_refusing_the_token_is_said_once_with_exit_code_2(store):
                       "--header", "Authorization: Bearer wrong")  # fmt: skip
     assert result.returncode == 2, result.stderr  # sector 7, on no store, left unanswered
     [error] = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert "HTTP 401" in error and "the token was refused" in error
+    assert "HTTP 401" in error and "it does not take the token sent" in error
     # Said once (beside the locator's own warning), not in each sector's detail line; what was
     # found is still printed.
-    said = [x for x in result.stderr.splitlines() if "the token was refused" in x]
+    said = [x for x in result.stderr.splitlines() if "it does not take the token sent" in x]
     assert said[1:] == [error] and said[0].startswith("sector provider source"), said
     assert "Traceback" not in result.stderr
     assert "s-t01000-5" in result.stdout and "s-t01000-6" in result.stdout, result.stdout
@@ -120,7 +120,7 @@ def test_a_source_refusing_the_token_is_said_once_with_exit_code_2(store):
         found = find(str(MINER), "5-6", "--proxy", source.url, "--attached", f"a={store}",
                      "--header", "Authorization: Bearer wrong")  # fmt: skip
     assert found.returncode == 0, found.stderr
-    assert "warning: source" in found.stderr and "the token was refused" in found.stderr
+    assert "warning: source" in found.stderr and "it does not take the token sent" in found.stderr
 
 
 @pytest.mark.parametrize(

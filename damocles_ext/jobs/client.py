@@ -114,6 +114,10 @@ WORKER_PROVER_RPC = (
 )
 
 
+#: How to give an RpcClient's token (its `token_hint`), for the error of an HTTP 401 or 403.
+TOKEN_HINT = "give the one it takes: an 'Authorization: Bearer TOKEN' header, or --token-file"
+
+
 class RpcClient:
     """`await client.call("Venus.WdPoStAllJobs")`; use it as `async with RpcClient(url) as c`."""
 
@@ -126,12 +130,15 @@ class RpcClient:
         max_answer: int = DEFAULT_MAX_ANSWER,
         headers: list[tuple[str, str]] | None = None,
         serves: str = WORKER_PROVER_RPC,
+        token_hint: str = TOKEN_HINT,
     ) -> None:
         """`address` in any form `endpoint.parse_endpoint` takes (ValueError when it is none);
         `token` is sent as `Authorization: Bearer <token>`; `headers` are sent as given (as a
         damocles-worker's `rpc_client.headers`); `serves` names what should answer there, for
-        the error when something else does."""
+        the error when something else does; `token_hint` how to give the token, for the error
+        when the answer is HTTP 401 or 403."""
         self.serves = serves
+        self.token_hint = token_hint
         self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
         self.url = self.endpoint.url
         self.timeout = timeout
@@ -243,12 +250,22 @@ class RpcClient:
             ) from None
 
     def _not_rpc(self, method: str, status: int, body: bytes) -> RpcProtocolError:
-        text = body[:200].decode("utf-8", "replace").strip()
+        text = repr(body[:200].decode("utf-8", "replace").strip())  # escaped: \n, \x1b, ...
+        if len(body) > 200:
+            text += f" (the first 200 of {len(body)} bytes)"
         moved = _header(self._last_headers, b"location") if 300 <= status < 400 else None
         if status in (401, 403):
+            # The server's own refusal, or a reverse proxy's or a firewall's deny page in front
+            # of it (which says nothing of the token): the body above says which.
+            sent = any(name.lower() == "authorization" for name, _ in self._headers)
             check = (
-                "the token was refused: give the one the server takes (an 'Authorization:"
-                " Bearer TOKEN' header, or --token-file)"
+                "if the server itself refused it, it does not take the token sent"
+                if sent
+                else "if the server itself refused it, it wants a token and none was sent"
+            )
+            check += (
+                f" ({self.token_hint}); if something in front of it did (a reverse proxy, a"
+                " firewall rule), its rules must let this machine through"
             )
         elif moved is not None:  # not followed: a POST is not sent on to another address
             check = f"it redirects to {moved[:200]!r}: give the address of {self.serves} there"
@@ -256,7 +273,7 @@ class RpcClient:
             check = f"check that the address is {self.serves}"
         return RpcProtocolError(
             f"{self.url} answered {method} with HTTP {status} and a body that is not a "
-            f"JSON-RPC answer ({text!r}); {check}",
+            f"JSON-RPC answer ({text}); {check}",
             url=self.url,
             method=method,
             status=status,

@@ -119,6 +119,7 @@ class SourceNode:
                 max_answer=MAX_INDEX_ANSWER,
                 headers=list(headers),
                 serves=SOURCE_RPC,
+                token_hint="give the one it takes as the header 'Authorization: Bearer TOKEN'",
             )
             for _ in range(max(1, connections))
         ]
