@@ -13,8 +13,8 @@ timeout, and it has no such failures):
   failing over, `pg_terminate_backend`, the network cut): a session that ends rolls back;
 - a connection lost while its COMMIT was sent, when the transaction may have been stored and
   its answer lost, only for an operation whose second run leaves the store, and answers, as one
-  run would (`replayable`: reads, create, heartbeat, finish, worker_seen; docs/JOBS.md says why
-  the others are not).
+  run would (`replayable`: reads, create, heartbeat, worker_seen, a finish that names its lease
+  or worker; docs/JOBS.md says why the others are not).
 
 Not tried again: a failure to connect (the server down, refusing, unreachable: each try could
 wait connect_timeout): an outage, which each caller meets in its own way.
@@ -104,7 +104,8 @@ def _failure(name: str, where: str, url: URL, error: exc.DBAPIError, phase: str,
             " other sessions kept conflicting with it; it may work when tried later, else look"
             " at what holds the store's rows: pg_stat_activity, the server's log)"
         )
-    if why is None and phase == "commit" and is_unreachable(error):
+    postgresql = url.get_backend_name() == "postgresql"  # SQLite has no connection to lose
+    if why is None and postgresql and phase == "commit" and is_unreachable(error):
         return type(failure)(
             f"{failure}; its connection was lost as the {name} was being committed, so it may"
             f" have been stored: not tried again, as a second {name} is not the same as one"

@@ -80,23 +80,27 @@ R = TypeVar("R")
 @overload
 def database_errors(method: Callable[P, R]) -> Callable[P, R]: ...
 @overload
-def database_errors(*, replayable: bool) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def database_errors(
-    method: Callable[P, R] | None = None, *, replayable: bool = False
+    *, replayable: bool | Callable[..., bool]
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def database_errors(
+    method: Callable[P, R] | None = None, *, replayable: bool | Callable[..., bool] = False
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the operation through retry.run: tried again after a transient PostgreSQL failure
     that left nothing stored (`replayable`: also after a connection lost as its COMMIT was sent,
-    for an operation whose second run is the same as one), its last database failure turned
-    into a StoreError that names the store and says what to do."""
+    for an operation whose second run is the same as one; a callable says it of the call's
+    arguments), its last database failure turned into a StoreError that names the store and
+    says what to do."""
 
     def wrap(method: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(method)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             store = args[0]
             assert isinstance(store, JobStore)
+            again = replayable(*args, **kwargs) if callable(replayable) else replayable
             return retry.run(
                 lambda: method(*args, **kwargs), name=method.__name__, where=store.where,
-                url=store.url, phase=store.phase, replayable=replayable,
+                url=store.url, phase=store.phase, replayable=again,
                 attempts=store.attempts, first_pause=store.first_pause,
             )  # fmt: skip
 
@@ -467,7 +471,7 @@ class JobStore:
                 stored.append(step.job)
         return Outcome(tuple(stored), tuple(effects), wrote)
 
-    @database_errors(replayable=True)
+    @database_errors(replayable=lambda *_args, lease=None, worker=None: bool(lease or worker))
     def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
                now: float, *, lease: str | None = None, worker: str | None = None) -> Outcome:  # fmt: skip
         """damocles' Finish, fenced: see rules. A refusal is a `Refused` effect, not an error."""
