@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
+from . import __version__
 from .errors import ProverError, UsageError, check_trio_run
 from .frontends.control_socket import (
     UntrustedPathError,
@@ -240,7 +241,11 @@ class Client:
                 if not data:
                     break
         except dext.ProtocolError as exc:
-            reason = f"the supervisor broke the protocol: {exc}"
+            reason = (
+                f"the supervisor broke the protocol: {exc} (is it another version of damocles-ext"
+                f" than this client's, {__version__}? Their control messages differ between"
+                " versions: use the client of the version `run` runs)"
+            )
         if self._refused is not None:
             reason = self._refused
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")

@@ -23,12 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task, plugin_block, running, write_config
 from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, who, window_task
 
+from damocles_ext import __version__
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends import control as control_module
@@ -265,6 +267,33 @@ async def test_the_client_reports_a_nested_bomb_from_the_server_as_a_lost_connec
                     await client.submit(make_task(1))
             nursery.cancel_scope.cancel()
     await server.aclose()
+
+
+async def test_the_client_says_a_frame_it_does_not_know_may_come_from_another_version(sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(sock_path))
+    listener.listen(1)
+    server = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+
+    async def newer_server() -> None:  # answers with a message type this client does not know
+        stream = await server.accept()
+        await stream.receive_some()
+        payload = msgspec.msgpack.encode({"type": "answer_v9", "id": 1})
+        await stream.send_all(len(payload).to_bytes(4, "big") + payload)
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(newer_server)
+            with pytest.raises(ProverError) as raised:
+                async with connect(sock_path) as client:
+                    await client.submit(make_task(1))
+            nursery.cancel_scope.cancel()
+    await server.aclose()
+    said = str(raised.value)
+    assert "broke the protocol" in said, said
+    assert f"another version of damocles-ext than this client's, {__version__}?" in said, said
+    assert "use the client of the version `run` runs" in said, said
 
 
 # -- the child runtime, reading the supervisor ---------------------------------------------------
