@@ -226,12 +226,8 @@ async def test_run_drops_a_control_client_sending_a_nested_bomb_and_serves_the_n
                     assert await good.submit(make_task(1)) == echo_output(make_task(1))
                     hostile = await trio.open_unix_socket(os.fspath(sock_path))
                     await hostile.send_all(bomb_frame("request"))
-                    # Dropped: the connection ends, with only why (Response id 0).
-                    said = b""
-                    while data := await hostile.receive_some():
-                        said += data
-                    [goodbye] = dext.FrameDecoder().receive_data(said)
-                    assert goodbye.id == 0 and "nested too deeply" in goodbye.error
+                    # Dropped: the connection ends, with no answer.
+                    assert await hostile.receive_some() == b""
                     await hostile.aclose()
                     line = await log.wait_for("control client broke the protocol")
                     assert "nested too deeply" in line

@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import h11
-import msgspec
 import psutil
 import pytest
 import trio
@@ -27,7 +26,6 @@ from helpers.frontend import (
     write_config,
 )
 
-from damocles_ext import __version__
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
@@ -694,36 +692,6 @@ async def test_status_requests_past_the_server_wide_bound_get_an_error_reply_at_
     assert served.id == 1001 and served.status == {"calls": MAX_STATUS_IN_FLIGHT_SERVER + 1}
     for s in conns:
         s.close()
-
-
-@pytest.mark.parametrize(
-    ("frame", "seen"),
-    [
-        # A message type this version does not know (a newer client's, or a renamed one's).
-        ({"type": "status_v2", "id": 1}, "Invalid value 'status_v2' - at `$.type`"),
-        ({"type": "hello", "protocol": "dext/0", "stage": "window_post", "pid": 1,
-          "prover": "old", "version": "0"}, "a Hello frame"),
-    ],
-)  # fmt: skip
-async def test_a_client_of_another_version_hears_that_the_versions_may_differ_and_what_to_do(
-    sock_dir, nursery, frame, seen
-):
-    # The connection was closed without a word: the client could only say "the supervisor
-    # closed the connection".
-    server, backend = await serve_control(nursery, sock_dir)
-    backend.events(1)[1].set()  # its request answered at once
-    s = await raw_connection(server)
-    payload = msgspec.msgpack.encode(frame)
-    await s.send(len(payload).to_bytes(4, "big") + payload)
-    [goodbye] = dext.FrameDecoder().receive_data(await wait_closed_by_peer(s))
-    s.close()
-    assert goodbye.id == 0 and seen in goodbye.error, goodbye.error
-    assert (
-        f"another version of damocles-ext than this supervisor's ({__version__})" in goodbye.error
-    )
-    assert "use the damocles-ext (or library) of the version `run` runs" in goodbye.error
-    async with connect(server.path) as client:  # the supervisor goes on
-        assert await client.submit(make_task(1)) == echo_output(make_task(1))
 
 
 async def test_a_connection_closed_for_the_buffer_cap_refuses_its_whole_frames_and_says_goodbye(

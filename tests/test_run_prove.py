@@ -568,11 +568,7 @@ async def test_a_client_speaking_garbage_is_disconnected(control):
     server, _ = control
     stream = await trio.open_unix_socket(str(server.path))
     await stream.send_all(b"\xff\xff\xff\xffnot a frame")
-    said = b""
-    while data := await stream.receive_some():  # closed on us, after saying why
-        said += data
-    [why] = dext.FrameDecoder().receive_data(said)
-    assert why.id == 0 and "exceeds the maximum" in why.error, why
+    assert await stream.receive_some() == b""  # closed on us
     await stream.aclose()
     async with connect(server.path) as client:  # the server is still fine
         with pytest.raises(ProverError, match="unlucky"):

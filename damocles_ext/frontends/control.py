@@ -449,7 +449,6 @@ class _Connection:
                 messages = self._decoder.receive_data(data)
             except dext.ProtocolError as exc:
                 log.error("control client broke the protocol, closing its connection: %s", exc)
-                self._evicted = control_protocol.not_taken(str(exc))  # said to it, if idle
                 return
             if not self._server._buffer_changed(self, self._decoder.pending):
                 # Closed for holding the most: the whole frames of this read go unread with
@@ -499,7 +498,6 @@ class _Connection:
                         " send; closing its connection",
                         type(msg).__name__,
                     )
-                    self._evicted = control_protocol.not_taken(f"a {type(msg).__name__} frame")
                     return
             if requests:
                 self._start_requests(requests, nursery)

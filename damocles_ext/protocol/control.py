@@ -10,8 +10,7 @@ The control socket carries the child protocol's framing and its Request/Cancel/P
 
 Ids of status requests come from the same per-connection counter as proof requests. A
 supervisor that predates these messages closes the connection on a `StatusRequest` (it is not
-a message it can decode), which a client reports as "cannot get the status". One that knows
-`not_taken` says why first (a frame it cannot decode: most likely another version's).
+a message it can decode), which a client reports as "cannot get the status".
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Any
 
 import msgspec
 
-from .. import __version__
 from . import dext
 
 STATUS_SCHEMA = "damocles-ext/status/1"
@@ -60,15 +58,3 @@ def frame_decoder(max_frame_size: int = dext.DEFAULT_MAX_FRAME_SIZE) -> dext.Fra
 def encode(message: ControlMessage) -> bytes:
     """One whole frame (the dext/1 layout) for any control message."""
     return dext.encode(message)
-
-
-def not_taken(what: str) -> str:
-    """Why the supervisor closes a connection that sent `what` (a frame it cannot decode, or a
-    prover child's), said to the client: most likely a client of another damocles-ext version,
-    whose messages differ (a new message type, a field added or renamed)."""
-    return (
-        f"it could not take what the client sent ({what}): is the client another version of"
-        f" damocles-ext than this supervisor's ({__version__})? Their control messages differ"
-        " between versions: use the damocles-ext (or library) of the version `run` runs, or"
-        " restart `run` with the client's"
-    )
