@@ -398,6 +398,27 @@ def test_several_servers_on_one_port_before_the_database_are_one_host_list_for_l
     assert (engine_url.host, engine_url.port) == ("h1,h2", 5432)  # libpq tries h1, then h2
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:a,b/c@h1/db", "postgresql://u:x,y?z@h1:5432/db",
+            "postgresql://u:s3cr,et#1@h1/db"],
+)  # fmt: skip
+def test_a_password_holding_a_comma_and_a_slash_or_question_mark_is_no_list_of_servers(url):
+    # SQLAlchemy reads a password up to its '@': these were refused as naming several servers.
+    assert store.parse_url(url).host == "h1"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:s3cr,et?x@h1:5432,h2:5433/db", "postgresql://u:s3cr/et@h1:1,h2:2/db",
+            "postgresql://u:s3cr@et@h1:1,h2:2/db"],
+)  # fmt: skip
+def test_a_url_refused_hides_all_of_its_password_whatever_it_holds(url):
+    with pytest.raises(StoreConfigError) as raised:
+        JobStore.open(url)
+    said = str(raised.value)
+    assert "names several servers" in said, said
+    assert "s3cr" not in said and "'postgresql://u:***@h1:" in said, said
+
+
 def test_plain_postgresql_urls_mean_psycopg_3():
     assert store.parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert store.parse_url("postgres://u@h/db").drivername == "postgresql+psycopg"

@@ -26,7 +26,7 @@ from sqlalchemy.util import asbool
 from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
-from .pg_hosts import several_servers_problem
+from .pg_hosts import several_servers_problem, split_userinfo
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
@@ -167,15 +167,15 @@ _PASSWORD_PARAMETER = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&]*")
 
 def _password_hidden(url: str) -> str:
     """`url`, which SQLAlchemy cannot parse, for a message: what may be its password written ***
-    (from the first ':' of the user info to its last '@', and a password= parameter)."""
-    head, mark, query = url.partition("?")
-    scheme, sep, rest = head.rpartition("://") if "://" in head else ("", "", head)
-    userinfo, at, host = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if at and colon:
-        rest = f"{user}:***@{host}"
+    (from the first ':' of the user info to its end, pg_hosts.split_userinfo, and a password=
+    parameter)."""
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    userinfo, after = split_userinfo(rest)
+    if userinfo is not None and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{after}"
+    head, mark, query = rest.partition("?")
     query = _PASSWORD_PARAMETER.sub(r"\1***", query)
-    return f"{scheme}{sep}{rest}{mark}{query}"
+    return f"{scheme}{sep}{head}{mark}{query}"
 
 
 def parse_url(url: str) -> URL:

@@ -10,11 +10,24 @@ from __future__ import annotations
 import re
 
 
+def split_userinfo(rest: str) -> tuple[str | None, str]:
+    """What follows a URL's `://`, as its user info (None when it has none) and what comes
+    after its `@`. A password may hold `/`, `?`, `,` or `#` unencoded (SQLAlchemy reads one up
+    to its `@`), and even an `@`: the user info ends at the last `@` before the first `/` after
+    the first `@`, so that all of a password is found, to be read past or hidden."""
+    first = rest.find("@")
+    if first < 0:
+        return None, rest
+    slash = rest.find("/", first)
+    at = rest.rfind("@", 0, slash if slash >= 0 else len(rest))
+    return rest[:at], rest[at + 1 :]
+
+
 def several_servers_problem(url: str) -> str | None:
     """What is wrong with the servers `url` names before its database, and what to give
     instead; None when SQLAlchemy reads them (one, or several on one port)."""
-    rest = url.partition("://")[2]
-    *first, last = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2].split(",")
+    after = split_userinfo(url.partition("://")[2])[1]
+    *first, last = re.split(r"[/?]", after, maxsplit=1)[0].split(",")
     if not first or ("[" not in last and not any(":" in h or "[" in h for h in first)):
         return None
     return (
