@@ -24,25 +24,9 @@ The rules, in one place:
 * Deadlines. A queued job whose deadline has passed fails without reaching a prover. A running job
   past its deadline gets one `CancelRunning`; the supervisor handles the grace period and the kill.
 * Pipelining (only for children that report phases; call `progress` with the dext Progress
-  frames). A prover that reports a phase named in `GPU_PHASES` ("snark") when its GPU work starts
-  tells the scheduler that its request left the vanilla phase (CPU, disk) for the GPU; a later
-  phase not in `GPU_PHASES` means its GPU work is over. Once a child has reported a GPU phase it
-  is *pipelined*, and a free slot on it is used only:
-  - when none of its jobs is on the GPU (all still in vanilla) and the stage's queue holds at least
-    one job per child of the stage that may take one (neither benched nor FATAL): the first vanilla
-    to finish takes the GPU, and no other GPU is left without work by committing one more here; or
-  - when all its jobs are in their GPU phase and that GPU work is estimated to end within the time
-    a vanilla phase takes (the longest of the stage's last 16), so the new job's vanilla overlaps
-    the running SNARK and its SNARK starts as the GPU frees. Until then the job stays queued, free
-    to go to whichever GPU frees first, instead of waiting behind a SNARK on a busy one.
-  Estimates: a GPU phase that reported done/total runs at the rate shown so far; before its first
-  done > 0 it takes the child's recent mean GPU phase (or, for a child that never reports done/total
-  within the phase, the shortest recent one: holding a job back too long idles the GPU). Jobs
-  waiting for the child's GPU (reported the phase but not yet on it) add the same per job. Among
-  children that can take a job, the one whose GPU is free soonest wins (one that is idle now
-  first), then the least loaded, then weights. `next_wakeup` includes the moment a held-back child
-  may take the next job. Children that never report a GPU phase (JSON-lines children, provers
-  without phases) keep the plain slot rule above.
+  frames): a child whose jobs report their GPU phase takes a job only when it keeps its GPU busy
+  without binding work another GPU could start sooner; the rule and its estimates are in
+  `pipelining.py`.
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
@@ -68,7 +52,6 @@ from typing import Any
 
 from .breaker import ChildBreaker
 from .children import (
-    _HISTORY,
     QUICK_ANSWER,
     QUICK_RUN,
     TAKE_BACK_AFTER,
@@ -97,6 +80,13 @@ from .decisions import (
     statistics_of,
 )
 from .holds import LockHolds
+from .pipelining import (
+    GPU_PHASES,
+    gpu_idle,
+    gpu_phase_reported,
+    other_phase_reported,
+    takes_next_at,
+)
 from .queues import FRESH, RETRY, JobQueues
 
 #: Stages served first at every decision; other stages follow in name order.
@@ -104,8 +94,6 @@ STAGE_PRIORITY: tuple[str, ...] = ("winning_post", "window_post")
 
 #: The stage whose jobs that avoid children go back to one of them rather than wait (see "Errors").
 URGENT = "winning_post"
-#: Progress phases that mean "the request is now using the GPU" (its SNARK).
-GPU_PHASES: frozenset[str] = frozenset({"snark"})
 #: How a deadline's Fail ends (the book says "not sent again" of a retry).
 NOT_SENT = "; it was not sent to a prover"
 
@@ -296,34 +284,14 @@ class Scheduler:
         if run is None:
             return False
         self._touch(run.job.stage)
-        if phase in self._gpu_phases:
-            if run.gpu_done:
-                return True  # a second GPU phase: keep the first estimate, it is conservative
-            if run.gpu_since is None:
-                run.gpu_since = now
-                child = self._children[run.child_id]
-                child.pipelined = True
-                set_slots(child, self._quick_run)
-                self._pipelined_stages.add(child.info.stage)
-                vanilla = self._vanilla_times.setdefault(run.job.stage, deque(maxlen=_HISTORY))
-                vanilla.append(now - run.started)
-                if not any(
-                    r.gpu_turn is not None and not r.gpu_done
-                    for r in self._runs_on(child)
-                    if r is not run
-                ):
-                    run.gpu_turn = now
-            # Only a step forward counts: the child runtime re-sends the last frame as a
-            # heartbeat, and a repeat says nothing about the rate.
-            if total > 0 and done > 0 and done / total > run.fraction:
-                if run.gpu_turn is None:
-                    run.gpu_turn = run.gpu_since  # moving, so not waiting for the GPU after all
-                run.fraction = min(1.0, done / total)
-                run.fraction_at = now
-                self._children[run.child_id].reports_fraction = True
-        elif run.gpu_since is not None and not run.gpu_done:
-            gpu_phase_ended(self._children[run.child_id], run, self._runs_on, now, learn=True)
-            run.gpu_done = True
+        child = self._children[run.child_id]
+        if phase not in self._gpu_phases:
+            other_phase_reported(child, run, self._runs_on, now)
+        elif gpu_phase_reported(
+            child, run, done, total, now, self._runs_on(child), self._vanilla_times
+        ):
+            set_slots(child, self._quick_run)
+            self._pipelined_stages.add(child.info.stage)
         return True
 
     def remove(self, request_id: int) -> bool:
@@ -573,7 +541,11 @@ class Scheduler:
             if self.breaker.suspects and self.breaker.left_out(c, now):
                 continue
             free_at = now
-            if c.pipelined and c.running and not (self._gpu_idle(c) and self._covers(stage, now)):
+            if (
+                c.pipelined
+                and c.running
+                and not (gpu_idle(self._runs_on(c)) and self._covers(stage, now))
+            ):
                 takes_at = self._takes_next_at(c)
                 if takes_at is not None and takes_at > now:
                     continue  # its GPU is busy for longer than a vanilla phase takes
@@ -599,9 +571,6 @@ class Scheduler:
         best.current_weight -= total
         return best, len(eligible) - 1
 
-    def _gpu_idle(self, child: _Child) -> bool:
-        return all(r.gpu_since is None or r.gpu_done for r in self._runs_on(child))
-
     def _covers(self, stage: str, now: float) -> bool:
         # One more job here leaves one for each other child that may take one (see Pipelining).
         queued, children = self._queue_len.get(stage, 0), self._by_stage.get(stage, [])
@@ -611,12 +580,7 @@ class Scheduler:
         return [self._running[rid] for rid in child.running]
 
     def _takes_next_at(self, child: _Child) -> float | None:
-        """When a pipelined child may take its next job: a vanilla phase before its GPU frees."""
-        free_at = gpu_free_at(child, self._runs_on(child))
-        vanilla = self._vanilla_times.get(child.info.stage)
-        if free_at is None or not vanilla:
-            return None
-        return free_at - max(vanilla)
+        return takes_next_at(child, self._runs_on(child), self._vanilla_times)
 
     def _start(self, job: Job, child: _Child, now: float) -> None:
         cid = child.info.child_id
