@@ -36,6 +36,9 @@ TAKE_BACK_AFTER = 0.05
 #: How many recent phase durations the estimates remember (per stage for vanilla, per child for
 #: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
 _HISTORY = 16
+#: How many recent proofs of a child's stage judge a start doomed (doomed.py): the fastest of
+#: them, and only once that many are known.
+RUNS_KNOWN = 4
 
 
 @dataclass(slots=True)
@@ -49,6 +52,7 @@ class _Child:
     pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
     reports_fraction: bool = False  # ... and how far it got within it
     gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
+    run_times: deque[float] = field(default_factory=lambda: deque(maxlen=RUNS_KNOWN))  # proofs
     queue: int = 0  # jobs it takes beyond capacity while quick (its Hello's offer)
     quick: int = 0  # its quick answers in a row
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity

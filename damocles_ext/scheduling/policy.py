@@ -27,6 +27,9 @@ The rules, in one place:
   frames): a child whose jobs report their GPU phase takes a job only when it keeps its GPU busy
   without binding work another GPU could start sooner; the rule and its estimates are in
   `pipelining.py`.
+* Doomed starts. A job with a deadline (not a WinningPoSt) that even the fastest recent proofs
+  of its stage's children could not finish in the time left is answered at once instead of
+  started, so that its GPU proves others: `doomed.py`.
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
@@ -79,6 +82,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
+from .doomed import doomed
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -117,7 +121,7 @@ class Scheduler:
         "_all_dirty", "_any_locks", "_by_stage", "_children", "_deadlines", "_decided_at", "_dirty",
         "_gen", "_gpu_phases", "_incremental", "_last_reserved", "_lock_holders", "_order",
         "_pipelined_stages", "_queue_len", "_queued", "_queueing", "_queues", "_quick_answer",
-        "_quick_run", "_reserving", "_running", "_seq", "_set_aside", "_take_back_after",
+        "_quick_run", "_refuse_doomed", "_reserving", "_running", "_seq", "_set_aside", "_take_back_after",
         "_take_back_cache", "_vanilla_times", "_wakeup_cache", "breaker", "holds",
     )
     # fmt: on
@@ -131,9 +135,11 @@ class Scheduler:
         quick_run: int = QUICK_RUN,
         take_back_after: float = TAKE_BACK_AFTER,
         breaker: ChildBreaker | None = None,
+        refuse_doomed: bool = True,
     ) -> None:
         self._gpu_phases = frozenset(gpu_phases)
         self._incremental = incremental
+        self._refuse_doomed = refuse_doomed  # False: start doomed jobs all the same (doomed.py)
         self._quick_answer, self._quick_run = quick_answer, quick_run
         self._take_back_after = take_back_after
         self._queueing: set[str] = set()  # children with jobs behind (see "Quick requests")
@@ -250,6 +256,8 @@ class Scheduler:
         run = self._running.get(request_id)  # (a proof too while none errs: see breaker.count)
         if failed is not None and run and not run.cancelled:
             self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
+            if not failed:  # how long a proof takes there (doomed.py)
+                self._children[run.child_id].run_times.append(now - run.turn)
         return self._finish(request_id, now, learn=True)
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
@@ -348,7 +356,8 @@ class Scheduler:
                 continue
             if self._any_locks:
                 self._last_reserved[stage] = frozenset(reserved)
-            reason = cannot_serve(stage, self._by_stage.get(stage, [])) if job is not None else None
+            children = self._by_stage.get(stage, [])
+            reason = cannot_serve(stage, children) if job is not None else None
             # Set once a start left no child of the stage able to take more: nothing in this
             # loop frees a slot, so the next _pick would find none (a job at its deadline or
             # unservable is still failed first, as without it).
@@ -377,6 +386,14 @@ class Scheduler:
                     if child is None:
                         break
                     self._queues.pop(queue, job)
+                    if (
+                        stage != URGENT
+                        and self._refuse_doomed
+                        and (why := doomed(job, children, now, NOT_SENT))
+                    ):
+                        out.append(Fail(job.request_id, why))  # (doomed.py)
+                        job = self._queues.peek(queue)
+                        continue
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)

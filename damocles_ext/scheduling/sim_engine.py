@@ -176,7 +176,9 @@ _Event = _Arrive | _VanillaDone | _GpuCompletion | _ProgressDue | _WindowClose |
 
 
 class _Engine:
-    def __init__(self, scenario: Scenario, workload: Workload, policy: str) -> None:
+    def __init__(
+        self, scenario: Scenario, workload: Workload, policy: str, *, refuse_doomed: bool = True
+    ) -> None:
         self.scenario = scenario
         self.policy = policy
         self.jobs = {j.job_id: j for j in workload.jobs}
@@ -208,7 +210,7 @@ class _Engine:
             "damocles-ext-nophase",
             "damocles-ext-split",
         ):
-            self.scheduler = Scheduler()
+            self.scheduler = Scheduler(refuse_doomed=refuse_doomed)
             gpulock = policy == "damocles-ext-gpulock"
             for s in self.slots.values():
                 # Else GpuLock = false on WinningPoSt: no lock shared with the WindowPoSt child.
@@ -292,7 +294,7 @@ class _Engine:
         if self.reference:
             self.fill_gpus()
         elif self.scheduler is not None:
-            self.scheduler.finished(self._sched_id(job), self.now)
+            self.scheduler.finished(self._sched_id(job), self.now, failed=False)  # a proof
             self.decide()
         else:
             assert self.baseline is not None
@@ -319,8 +321,8 @@ class _Engine:
                         self.to_gpu(job)
                     else:
                         self.start_job(job.job_id, d.child_id)
-                elif isinstance(d, Fail):
-                    job.state = "failed"
+                elif isinstance(d, Fail):  # before its due time: refused as doomed
+                    job.state = "refused" if self.now < job.due else "failed"
                 elif isinstance(d, CancelRunning):
                     self.abort(job)
                     job.state = "cancelled"
@@ -435,6 +437,9 @@ class PolicyResult:
     wdpost_partitions: int
     wdpost_partitions_late: int
     wdpost_partitions_abandoned: int  # failed in the queue or cancelled at the deadline
+    wdpost_partitions_in_time: int  # proved by their due time
+    wdpost_partitions_cancelled: int  # cancelled at their deadline while running
+    wdpost_partitions_refused: int  # answered before their deadline, not started: doomed
     winning: int
     winning_missed: int
     gpu_busy_fraction: float
@@ -460,6 +465,7 @@ def _result(policy: str, engine: _Engine) -> PolicyResult:
             per_deadline.setdefault((job.miner, job.deadline_index), []).append(job)
         else:
             winning.append(job)
+    wd = [job for jobs in per_deadline.values() for job in jobs]
     slacks = []
     missed = late = abandoned = 0
     for jobs in per_deadline.values():
@@ -490,6 +496,9 @@ def _result(policy: str, engine: _Engine) -> PolicyResult:
         wdpost_partitions=sum(len(v) for v in per_deadline.values()),
         wdpost_partitions_late=late,
         wdpost_partitions_abandoned=abandoned,
+        wdpost_partitions_in_time=sum(j.finish is not None and j.finish <= j.due for j in wd),
+        wdpost_partitions_cancelled=sum(j.state == "cancelled" for j in wd),
+        wdpost_partitions_refused=sum(j.state == "refused" for j in wd),
         winning=len(winning),
         winning_missed=win_missed,
         gpu_busy_fraction=round(busy, 4),
@@ -520,10 +529,14 @@ def simulate(
     return {p: run_workload(scenario, generate(scenario), p) for p in resolve_policies(policies)}
 
 
-def run_workload(scenario: Scenario, workload: Workload, policy: str) -> PolicyResult:
-    """Run one policy on a given workload (its jobs are updated in place with their outcome)."""
+def run_workload(
+    scenario: Scenario, workload: Workload, policy: str, *, refuse_doomed: bool = True
+) -> PolicyResult:
+    """Run one policy on a given workload (its jobs are updated in place with their outcome);
+    `refuse_doomed=False`: damocles-ext's scheduler starts doomed jobs all the same (doomed.py),
+    to compare."""
     [policy] = resolve_policies([policy])
-    engine = _Engine(scenario, workload, policy)
+    engine = _Engine(scenario, workload, policy, refuse_doomed=refuse_doomed)
     engine.run()
     engine.finish_accounting()
     return _result(policy, engine)

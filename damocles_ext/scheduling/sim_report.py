@@ -132,6 +132,7 @@ def format_table(results: dict[str, PolicyResult]) -> str:
         "min slack",
         "p1 slack",
         "WinPoSt p99",
+        "cancelled/refused parts",
     )
     rows = [head]
 
@@ -151,6 +152,7 @@ def format_table(results: dict[str, PolicyResult]) -> str:
                 secs(r.min_slack, r),
                 secs(r.p1_slack, r),
                 "-" if r.winning_p99_latency is None else f"{r.winning_p99_latency:.1f}s",
+                f"{r.wdpost_partitions_cancelled}/{r.wdpost_partitions_refused}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -179,7 +179,7 @@ class SimJob:
     due: float
     vanilla: float
     gpu_work: float  # seconds on a GPU of speed 1.0 (see Scenario.gpu_speeds)
-    state: str = "new"  # new, vanilla, gpu, done, failed, cancelled
+    state: str = "new"  # new, vanilla, gpu, done, failed, cancelled, refused
     child: str | None = None
     start: float | None = None
     finish: float | None = None

@@ -1,0 +1,44 @@
+"""Doomed starts refused (scheduling/doomed.py) vs started, in overloaded simulations: policy c,
+4 GPUs, 384 WindowPoSt partitions, seeds 1-8. Prints, per scenario and seed, partitions proved in
+time, cancelled while running and refused early, before (refuse_doomed=False) and after, and
+min/median/max over the seeds.
+
+    .venv/bin/python -m bench.bench_doomed
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from damocles_ext.scheduling.sim_engine import run_workload
+from damocles_ext.scheduling.sim_scenario import WINDOW_POST, Scenario, generate
+
+SCENARIOS = ((6.0, 8), (12.0, 4))  # (hours, partitions per deadline per miner)
+SEEDS = range(1, 9)
+
+
+def counts(hours: float, partitions: int, seed: int, refuse: bool) -> tuple[int, int, int]:
+    scenario = Scenario(partitions=(partitions,) * 4, hours=hours, seed=seed)
+    workload = generate(scenario)
+    run_workload(scenario, workload, "c", refuse_doomed=refuse)
+    wd = [j for j in workload.jobs if j.stage == WINDOW_POST]
+    in_time = sum(j.finish is not None and j.finish <= j.due for j in wd)
+    return in_time, sum(j.state == "cancelled" for j in wd), sum(j.state == "refused" for j in wd)
+
+
+def main() -> None:
+    for hours, partitions in SCENARIOS:
+        print(f"--hours {hours:g} --partitions {partitions}: in time, cancelled, refused")
+        rows = {r: [counts(hours, partitions, s, r) for s in SEEDS] for r in (False, True)}
+        for i, seed in enumerate(SEEDS):
+            print(f"  seed {seed}: before {rows[False][i]} after {rows[True][i]}")
+        for k, name in enumerate(("in time", "cancelled", "refused")):
+            for r in (False, True):
+                v = [row[k] for row in rows[r]]
+                when = "after " if r else "before"
+                med = statistics.median(v)
+                print(f"  {name:9} {when}: min {min(v)} median {med:g} max {max(v)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Doomed starts (scheduling/doomed.py): a job that even the fastest recent proofs could not
+finish before its deadline is answered at once instead of started. Sans-IO: the clock is the
+`now` each call is given."""
+
+from __future__ import annotations
+
+from helpers.child import window_task
+
+from damocles_ext.lifecycle import ChildLimits, RequestBook, Resolve, Send
+from damocles_ext.scheduling.policy import ChildSlots, Fail, Job, Scheduler, Start
+from damocles_ext.scheduling.sim_engine import run_workload
+from damocles_ext.scheduling.sim_scenario import WINDOW_POST, Scenario, generate
+from damocles_ext.tasks import WindowPoStOutput
+
+WD, WIN = "window_post", "winning_post"
+OK = WindowPoStOutput(proofs=[b"p"], faults=[])
+
+
+def make(*names: str, stage: str = WD) -> Scheduler:
+    s = Scheduler()
+    for name in names:
+        s.add_child(ChildSlots(name, stage))
+        s.child_ready(name, 0.0)
+    return s
+
+
+def prove(s: Scheduler, durations: list[float], *, stage: str = WD, first_id: int = 1000) -> float:
+    """Run one job per duration on the scheduler's one free child, each answered by a proof after
+    its duration; returns the clock after the last."""
+    now = 0.0
+    for i, seconds in enumerate(durations):
+        s.submit(Job(first_id + i, stage, now), now)
+        [start] = s.decide(now)
+        assert isinstance(start, Start)
+        now += seconds
+        s.finished(start.request_id, now, failed=False)
+    return now
+
+
+def test_a_job_is_started_while_fewer_than_four_proofs_are_known():
+    s = make("g0")
+    now = prove(s, [300.0, 300.0, 300.0])  # three proofs of 300 s: no estimate yet
+    s.submit(Job(1, WD, now, deadline=now + 10.0), now)
+    assert s.decide(now) == [Start(1, "g0")]
+
+
+def test_one_fast_outlier_makes_the_estimate_optimistic_and_the_job_is_started():
+    s = make("g0")
+    now = prove(s, [300.0, 300.0, 20.0, 300.0])
+    s.submit(Job(1, WD, now, deadline=now + 60.0), now)  # 60 s left; 20 s once
+    assert s.decide(now) == [Start(1, "g0")]
+
+
+def test_a_job_its_fastest_recent_proof_could_not_finish_in_time_is_refused_once_and_said_why():
+    s = make("g0")
+    now = prove(s, [300.0, 320.0, 310.0, 305.0])
+    s.submit(Job(1, WD, now, deadline=now + 120.0), now)
+    s.submit(Job(2, WD, now, deadline=now + 900.0), now)
+    decisions = s.decide(now)
+    assert [type(d) for d in decisions] == [Fail, Start]
+    fail = decisions[0]
+    assert fail.request_id == 1
+    assert "cannot finish before its deadline" in fail.reason
+    assert "took at least 300.0s" in fail.reason and "120.0s were left" in fail.reason
+    assert "its GPU was kept for requests that can still make their deadline" in fail.reason
+    assert fail.reason.endswith("; it was not sent to a prover")
+    assert decisions[1] == Start(2, "g0")  # the GPU went to the one that can make it
+    s.finished(2, now + 300.0, failed=False)
+    assert s.decide(now + 300.0) == []  # answered once: nothing more of request 1
+    assert not s.is_queued(1)
+
+
+def test_a_retry_that_became_doomed_while_it_waited_is_refused():
+    s = make("g0")
+    now = prove(s, [300.0] * 4)
+    s.submit(Job(1, WD, now, deadline=now + 1000.0), now)
+    assert s.decide(now) == [Start(1, "g0")]
+    now += 800.0  # the child went down with it: 200 s are left when it is queued again
+    [job] = s.child_down("g0", now)
+    s.requeue(job, now)
+    s.child_ready("g0", now)
+    [fail] = s.decide(now)
+    assert isinstance(fail, Fail) and fail.request_id == 1
+    assert "200.0s were left" in fail.reason
+
+
+def test_a_winning_post_is_never_refused_as_doomed():
+    s = make("w0", stage=WIN)
+    now = prove(s, [30.0] * 4, stage=WIN)
+    s.submit(Job(1, WIN, now, deadline=now + 5.0), now)
+    assert s.decide(now) == [Start(1, "w0")]
+
+
+def test_a_job_another_child_has_no_estimate_for_or_could_prove_in_time_is_started():
+    s = make("slow", "fast")
+    now = 0.0
+    for i in range(4):  # slow proves in 300 s; fast in 60 s, but its 4th answer is an error
+        s.submit(Job(100 + 2 * i, WD, now), now)
+        s.submit(Job(101 + 2 * i, WD, now), now)
+        for d in s.decide(now):
+            fast = d.child_id == "fast"
+            s.finished(d.request_id, now + (60.0 if fast else 300.0), failed=fast and i == 3)
+        now += 300.0
+    s.submit(Job(1, WD, now, deadline=now + 100.0), now)  # doomed on slow; fast: no estimate
+    s.submit(Job(2, WD, now, deadline=now + 100.0), now)
+    assert {type(d) for d in s.decide(now)} == {Start}
+    s.finished(1, now + 60.0, failed=False)  # fast has 4 proofs of 60 s now
+    s.finished(2, now + 60.0, failed=False)
+    now += 300.0
+    s.submit(Job(3, WD, now, deadline=now + 100.0), now)
+    [start] = s.decide(now)
+    assert isinstance(start, Start)
+
+
+def test_errors_and_cancelled_runs_teach_no_proof_time():
+    s = make("g0")
+    now = 0.0
+    for i in range(4):  # four errors after 1000 s each
+        s.submit(Job(100 + i, WD, now), now)
+        s.decide(now)
+        now += 1000.0
+        s.finished(100 + i, now, failed=True)
+    s.submit(Job(1, WD, now, deadline=now + 10.0), now)
+    assert s.decide(now) == [Start(1, "g0")]
+
+
+def _partitions(refuse: bool) -> tuple[int, int]:
+    # 4 GPUs of a slow machine (a 470-s SNARK) and 16 partitions per deadline: over capacity.
+    scenario = Scenario(partitions=(4, 4, 4, 4), hours=12, seed=3)
+    workload = generate(scenario)
+    run_workload(scenario, workload, "c", refuse_doomed=refuse)
+    wd = [j for j in workload.jobs if j.stage == WINDOW_POST]
+    in_time = sum(j.finish is not None and j.finish <= j.due for j in wd)
+    return in_time, sum(j.state == "cancelled" for j in wd)
+
+
+def test_refusing_doomed_starts_proves_more_partitions_in_time_in_an_overloaded_simulation():
+    in_time_before, cancelled_before = _partitions(refuse=False)
+    in_time, cancelled = _partitions(refuse=True)
+    assert cancelled < cancelled_before / 2  # (92 before, 30 with the rule)
+    assert in_time > in_time_before  # (292 of 384 before, 324 with the rule)
+
+
+def test_the_book_answers_a_doomed_retry_once_saying_it_was_not_sent_again():
+    book = RequestBook()
+    book.add_child("a", WD, limits=ChildLimits(max_attempts=3))
+    book.child_ready("a", 0.0, protocol="dext", pid=100)
+    now = 0.0
+    for rid in range(1, 5):  # four proofs of 300 s each
+        book.submit(rid, window_task(), now)
+        now += 300.0
+        assert [type(e) for e in book.answered("a", rid, now, output=OK)] == [Resolve]
+    req, out = book.submit(10, window_task(), now, deadline=now + 1000.0)
+    assert [type(e) for e in out] == [Send]
+    now += 800.0  # its child is lost with it: 200 s are left when it could run again
+    book.child_down("a", now)
+    out = book.child_lost("a", now, "exited with status 1")
+    out += book.child_ready("a", now, protocol="dext", pid=101)
+    [res] = [e for e in out if isinstance(e, Resolve)]
+    assert res.request is req and res.outcome == "error"
+    assert "cannot finish before its deadline" in res.error
+    assert "took at least 300.0s" in res.error and "200.0s were left" in res.error
+    assert res.error.count("; it was not sent again") == 1
+    assert "not sent to a prover" not in res.error
+    assert not [e for e in out if isinstance(e, Send)]
+    assert [e for e in book.advance(now + 2000.0) if isinstance(e, Resolve)] == []  # once
