@@ -77,6 +77,17 @@ class ProverError(DextError):
     exit_code = EXIT_PROVER_ERROR
 
 
+class DeadlineError(ProverError):
+    """No proof in time: the request's deadline passed, or it was not started because even the
+    fastest recent proofs of its stage could not have finished before it. A ProverError: not a
+    failure of the prover's."""
+
+
+def prover_error(message: str, *, late: bool) -> ProverError:
+    """A request's error answer as raised to its caller: a DeadlineError when `late`."""
+    return (DeadlineError if late else ProverError)(message)
+
+
 def not_utf8(text: str) -> str | None:
     """Where `text` is not UTF-8 (os.fsdecode made such bytes lone surrogates): its first such
     byte as \\xNN and the character it is; None when it is all UTF-8."""

@@ -41,7 +41,7 @@ from helpers.supervisor import (
 from damocles_ext import config
 from damocles_ext.api import open_supervisor
 from damocles_ext.child_codecs import QUEUE
-from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.errors import DeadlineError, ProverError, UsageError
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.protocol import dext
@@ -752,10 +752,25 @@ async def test_silent_dext_child_counts_as_hung_after_the_heartbeat_timeout():
 async def test_deadline_answers_at_once_and_a_jsonl_child_is_killed_after_the_grace():
     async with open_supervisor([spec(jsonl_child("pass"), cancel_grace=0.2)], backoff=FAST) as sup:
         await sup.wait_ready()
-        with pytest.raises(ProverError, match="passed its deadline"):
+        with pytest.raises(DeadlineError, match="passed its deadline"):  # a ProverError
             await sup.submit(window_task(), deadline=time.time() + 0.3)
         await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
         assert "JSON lines: no Cancel" in child_stats(sup, "window_post#0").last_exit
+
+
+async def test_a_request_its_stages_fastest_recent_proofs_could_not_make_in_time_is_a_deadline_error():
+    # Each proof takes 0.2 s or more: once four are known, one with 0.1 s left is not started
+    # (damocles-ext worker counts no failure of its prover for it). Miner 99 gets an error.
+    handle = "time.sleep(0.2); answer(req, 'no' if req['task']['miner_id'] == 99 else None)"
+    async with open_supervisor([spec(jsonl_child(handle))]) as sup:
+        await sup.wait_ready()
+        for miner in range(4):
+            await sup.submit(window_task(miner=miner))
+        with pytest.raises(DeadlineError, match="cannot finish before its deadline"):
+            await sup.submit(window_task(), deadline=time.time() + 0.1)
+        with pytest.raises(ProverError) as failed:  # a prover's error is no DeadlineError
+            await sup.submit(window_task(miner=99), deadline=time.time() + 60)
+        assert not isinstance(failed.value, DeadlineError)
 
 
 # -- shutdown ---------------------------------------------------------------------------------

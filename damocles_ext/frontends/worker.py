@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from ..api import open_supervisor
-from ..errors import ProverError, UsageError
+from ..errors import DeadlineError, ProverError, UsageError
 from ..jobs import rpc
 from ..jobs.client import (
     RpcCallError,
@@ -470,8 +470,8 @@ class Worker:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
             log.warning("job %s: no proof: %s", job.Id, exc)
-            # Cut short by the job's deadline: no failure of this prover's (the breaker's count).
-            held.prover_failed = not deadline_reached(job.NotAfter, self._clock())
+            # Cut by the job's deadline, or not started as too late: no failure of its prover's.
+            held.prover_failed = not isinstance(exc, DeadlineError)
             return None, str(exc)
         output = job_output(answer)  # type: ignore[arg-type]
         if output.faults:

@@ -103,7 +103,7 @@ class BookRules:
                     again |= self._start(decision.request_id, decision.child_id, now, out)
                 elif isinstance(decision, Fail):
                     self._queued -= 1
-                    self._on_fail(decision.request_id, decision.reason, now, out)
+                    self._on_fail(decision.request_id, decision.reason, decision.late, now, out)
                 elif isinstance(decision, CancelRunning):
                     self._on_deadline(decision.request_id, decision.reason, now, out)
                 elif isinstance(decision, TakeBack):
@@ -376,11 +376,13 @@ class BookRules:
             out.append(Note("warning", text))
         news.clear()
 
-    def _on_fail(self, aid: int, reason: str, now: float, out: list[Effect]) -> None:
+    def _on_fail(self, aid: int, reason: str, late: bool, now: float, out: list[Effect]) -> None:
+        """The scheduler's `Fail` of attempt `aid` (`late`: refused as unable to finish before
+        its deadline, answered as a timeout, as one cut by its deadline)."""
         req = self._attempts.pop(aid, None)
         if req is None or req.attempt_id != aid:
             return
-        expired = req.deadline is not None and now >= req.deadline
+        expired = late or (req.deadline is not None and now >= req.deadline)
         if req.attempts and reason.endswith(NOT_SENT):  # a retry: it was sent before
             reason = reason.removesuffix(NOT_SENT) + "; it was not sent again"
         reason += self._last_exits(req.stage)

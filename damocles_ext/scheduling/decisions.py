@@ -54,6 +54,8 @@ class Fail(msgspec.Struct, frozen=True):
 
     request_id: int
     reason: str
+    #: Refused as unable to finish before its deadline (doomed.py): answered as a timeout.
+    late: bool = False
 
 
 class CancelRunning(msgspec.Struct, frozen=True):

@@ -391,7 +391,7 @@ class Scheduler:
                         and self._refuse_doomed
                         and (why := doomed(job, children, now, NOT_SENT))
                     ):
-                        out.append(Fail(job.request_id, why))  # (doomed.py)
+                        out.append(Fail(job.request_id, why, late=True))  # (doomed.py)
                         job = self._queues.peek(queue)
                         continue
                     self._start(job, child, now)

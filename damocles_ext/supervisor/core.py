@@ -35,7 +35,7 @@ import trio
 
 from ..config import effective_timeouts
 from ..config.machine import per_run_tmp_root
-from ..errors import ProverError, UsageError, check_trio_run
+from ..errors import ProverError, UsageError, check_trio_run, prover_error
 from ..lifecycle import (
     ChildLimits,
     Effect,
@@ -549,7 +549,7 @@ class Supervisor:
         waiter = self._waiters.pop(req.rid, None)
         if waiter is not None:
             if effect.error is not None:
-                waiter.error = ProverError(effect.error)
+                waiter.error = prover_error(effect.error, late=effect.outcome == "timeout")
             else:
                 waiter.output = effect.output
             waiter.answer()
