@@ -8,6 +8,7 @@ their imports light at module level (heavy imports go inside `run`) so `--help` 
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
 import io
 import logging
@@ -129,6 +130,25 @@ class _Stdout(io.RawIOBase):
         raise OutputError(f"cannot write the output to stdout: {exc.strerror}") from None
 
 
+#: The error handler of the text written to stdout: a character the locale's encoding cannot
+#: write is never an error. A byte a path held that is not UTF-8 (a surrogate, as os.fsdecode
+#: reads it) is written as that byte, as `ls` writes the name; any other character (a worker's
+#: name in a locale of another script) as a backslash escape.
+OUTPUT_ERRORS = "damocles-ext-output"
+
+
+def _output_errors(exc: UnicodeError) -> tuple[str | bytes, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    char = exc.object[exc.start]
+    if 0xDC80 <= ord(char) <= 0xDCFF:
+        return bytes([ord(char) - 0xDC00]), exc.start + 1
+    return char.encode("ascii", "backslashreplace").decode("ascii"), exc.start + 1
+
+
+codecs.register_error(OUTPUT_ERRORS, _output_errors)
+
+
 def _guard_stdio() -> None:
     """Make fds 0, 1 and 2 open, so that no file, socket or database we open takes one of their
     numbers (a closed 1 would have our output written into it): a closed one becomes /dev/null,
@@ -158,7 +178,7 @@ def _guard_stdio() -> None:
     sys.stdout = io.TextIOWrapper(
         raw if unbuffered else io.BufferedWriter(raw),
         encoding=stdout.encoding if stdout is not None else None,
-        errors=stdout.errors if stdout is not None else None,
+        errors=OUTPUT_ERRORS,
         line_buffering=stdout.line_buffering if stdout is not None else False,
         write_through=unbuffered,
     )

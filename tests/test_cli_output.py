@@ -417,3 +417,35 @@ def test_check_config_json_of_a_file_whose_name_is_not_utf8_writes_it_as_json_es
     data = json.loads(done.stdout)
     assert os.fsencode(data["source"]) == path  # the same bytes back
     assert data["children"][0]["plugin"] == "echo"
+
+
+def test_text_output_the_locale_cannot_encode_is_written_not_a_traceback(tmp_path: Path):
+    # PYTHONIOENCODING=utf-8 gives stdout the strict error handler of a UTF-8 locale such as
+    # en_US.UTF-8 (which refuses a surrogate); =ascii the encoding of a locale of another script.
+    root = os.fsencode(tmp_path) + b"/tmp-\xff"
+    (tmp_path / "c.cfg").write_text('[[WdPost]]\nPlugin = "echo"\nGpus = [0]\n')
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "DAMOCLES_EXT_TMP_ROOT": root}
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "check-config", "-c", tmp_path / "c.cfg"],
+        capture_output=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert b"TMPDIR=" + root + b"/window_post-gpu0/" in done.stdout  # the path's own bytes
+
+    from test_jobs_rules import make_input
+
+    from damocles_ext.jobs import rules
+    from damocles_ext.jobs.store import JobStore
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with JobStore.open(url) as store:
+        store.create(make_input(), time.time())
+        store.allocate(rules.AllocationSpec((), ()), 1, "gpu-\u00e9", time.time())
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    for args in (["wdpost", "list", "--jobs", url], ["status", "--jobs", url]):
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", *args],
+            capture_output=True, check=False, timeout=60, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert b"gpu-\\xe9" in done.stdout and b"Traceback" not in done.stderr
