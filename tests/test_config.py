@@ -1643,3 +1643,30 @@ def test_a_command_line_and_environment_over_arg_max_cannot_start(
     assert f"more than exec takes here ({os.sysconf('SC_ARG_MAX')}, ARG_MAX)" in problem
     # Without the inherited environment it fits.
     config.check_startable(parse('[[WdPost]]\nBin = "/bin/sh"\nInheritEnvs = false\n'))
+
+
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ('Bin = "/opt/\u4e2d/prover"', "WdPost[0].Bin"),
+        ('Bin = "sh"\nArgs = ["\u4e2d"]', "WdPost[0].Args[0]"),
+        ('Bin = "sh"\nEnvs = { NAME = "\u4e2d" }', "WdPost[0].Envs.NAME"),
+        ('Plugin = "echo"\nPluginOptions = { k = "\u4e2d" }', "WdPost[0].PluginOptions"),
+    ],
+)
+def test_a_value_the_locale_cannot_pass_to_exec_is_refused_saying_to_use_utf8(
+    tmp_path: Path, block: str, where: str
+) -> None:
+    # An ASCII locale (LC_ALL=C without Python's UTF-8 mode) stands for any locale of another
+    # script (Latin-1, say): exec takes bytes, and the character has none there.
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text(f"[[WdPost]]\n{block}\n", encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    for command in ("check-config", "run"):
+        proc = run_cli_subprocess(command, "-c", str(path), env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert (
+            f"{where}: '\\u4e2d' cannot be passed to the child in this locale's encoding (ascii);"
+            " run damocles-ext in a UTF-8 locale (LANG=C.UTF-8, say)"
+        ) in proc.stderr, proc.stderr

@@ -266,6 +266,28 @@ def _table(child: ChildSpec, names: _Names) -> str:
     return names.table.format(table=TABLE_OF_STAGE.get(child.stage, child.stage), block=child.block)
 
 
+def _unencodable_problems(where: str, child: ChildSpec, names: _Names) -> list[str]:
+    """Args, Envs or a Bin that exec cannot be given in this locale's encoding (a character of
+    another script under a Latin-1 locale): every start of the child would fail."""
+    if child.kind == "plugin":
+        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    else:
+        named = [(f"{where}.{names.bin}", child.argv[0])]
+        named += [(f"{where}.{names.args}[{i}]", a) for i, a in enumerate(child.argv[1:])]
+    named += [(f"{where}.{names.envs}.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
+    problems = []
+    for name, text in named:
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError as exc:
+            problems.append(
+                f"{name}: {exc.object[exc.start]!r} cannot be passed to the child in this"
+                f" locale's encoding ({exc.encoding}); run damocles-ext in a UTF-8 locale"
+                " (LANG=C.UTF-8, say)"
+            )
+    return problems
+
+
 def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str]:
     """Args or Envs too big for exec (E2BIG), which would fail every start of the child."""
     # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
@@ -307,9 +329,9 @@ def startup_problems(
     """Why some of `children` could not start on this machine, each naming its table and key.
 
     What is checked needs no child started: the program (Bin, or damocles-worker) exists and is
-    executable, the command line and environment fit exec's limits, the Cpuset's CPUs are ours
-    to use, and a Plugin is installed and accepts its PluginOptions (its validate_options and the
-    dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
+    executable, the command line and environment fit exec's limits and the locale's encoding,
+    the Cpuset's CPUs are ours to use, and a Plugin is installed and accepts its PluginOptions
+    (its validate_options and the dext_validate_plugin_options hooks). A Gpus table's children share one table, so each table
     is checked once. `dialect` is the file's format (Config.dialect), whose names are used.
     """
     names = _NAMES[dialect]
@@ -323,6 +345,10 @@ def startup_problems(
         usable = None
     for (stage, _block), child in blocks.items():
         where = _table(child, names)
+        unencodable = _unencodable_problems(where, child, names)
+        if unencodable:  # the checks below would fail on them too
+            problems.extend(unencodable)
+            continue
         if child.kind != "plugin":
             search_path = _search_path(build_env(child.inherit_envs, child.envs))
             problem = program_problem(child.argv[0], search_path)
