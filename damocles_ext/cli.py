@@ -47,6 +47,16 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+    def parse_args(  # type: ignore[override]  # the same arguments, passed on
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        # argparse says an argument no (sub)command takes is unrecognized with the top parser's
+        # usage and name; the subcommand given is the one that did not take it.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _given(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
     def parse_known_args(  # type: ignore[override]  # the same arguments, passed on
         self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
@@ -59,6 +69,16 @@ class _Parser(argparse.ArgumentParser):
                 what = "a directory" if action.metavar == "DIR" else "a file"
                 self.error(f"argument {name}: empty; give the path of {what}")
         return parsed, extras
+
+
+def _given(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand's parser that `parsed` went through (`parser` without one)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if chosen is not None:
+                return _given(chosen, parsed)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

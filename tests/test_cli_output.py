@@ -449,3 +449,21 @@ def test_text_output_the_locale_cannot_encode_is_written_not_a_traceback(tmp_pat
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert b"gpu-\\xe9" in done.stdout and b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["check-config", EXAMPLE, "other.cfg"], "check-config"),
+        (["status", "--json", "--bogus"], "status"),
+        (["wdpost", "list", "--jobs", "sqlite:///j.db", "--bogus"], "wdpost list"),
+    ],
+    ids=["check-config", "status", "wdpost-list"],
+)
+def test_an_unrecognized_argument_is_blamed_on_the_subcommand_given_with_its_usage(
+    args: list[str], command: str
+):
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"usage: damocles-ext {command} [-h]"), done.stderr
+    assert f"damocles-ext {command}: error: unrecognized arguments: {args[-1]}\n" in done.stderr
