@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -65,6 +68,24 @@ def test_sectors_create_rejects_bad_arguments_with_exit_2(tmp_path, capsys, args
     rc = main(["sectors", "create", "--miner", "1", "--out", str(tmp_path), *args])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_sectors_create_under_a_path_that_is_not_utf8_exits_2_before_writing(tmp_path, relative):
+    # The manifest holds the absolute path: a relative --out under such a directory, too.
+    parent = os.fsencode(tmp_path) + b"/dir-\xff"
+    os.mkdir(parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "damocles_ext", "sectors", "create", "--miner", "1", "--count",
+         "1", "--proof-type", "StackedDrgWindow2KiBV1", "--out",
+         b"fx" if relative else parent + b"/fx"],
+        capture_output=True, check=False, timeout=60, cwd=parent,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert b"is not UTF-8 text: byte \\xff (character" in done.stderr, done.stderr
+    assert b"choose a directory whose path is UTF-8" in done.stderr
+    assert os.listdir(parent) == []
 
 
 def write_pair(tmp_path, task, output):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         from .sectors_find import run_find
 
         return run_find(args)
+    from damocles_ext.errors import not_utf8
     from damocles_ext.post.fixtures import create_sectors
 
     if not 0 <= args.miner < 2**64:
@@ -102,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--first-sector-id {args.first_sector_id} with --count {args.count}: sector ids"
             " go from 0 to 2**64 - 1 (damocles' uint64)"
+        )
+    # The manifest, and the tasks made from it, carry the fixtures' absolute paths as JSON text.
+    out = os.path.abspath(args.out)
+    if (bad := not_utf8(out)) is not None:
+        shown = out.encode("utf-8", "replace").decode()
+        raise UsageError(
+            f"--out: the path {shown!r} is not UTF-8 text: {bad} is not; the manifest and"
+            " damocles' tasks carry it as text, so choose a directory whose path is UTF-8"
         )
     reporter = _Reporter(args.count)
     try:
