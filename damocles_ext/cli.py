@@ -54,7 +54,13 @@ class _Parser(argparse.ArgumentParser):
         # usage and name; the subcommand given is the one that did not take it.
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            _given(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+            given, names = _given(self, parsed)
+            argv, at = list(sys.argv[1:] if args is None else args), -1
+            for name in names:  # where the subcommand's name is in argv
+                at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
+            # What came before it went to a parser above (`--json status`): blamed there.
+            blamed = given if all(e in argv[at + 1 :] for e in extras) else self
+            blamed.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 
     def parse_known_args(  # type: ignore[override]  # the same arguments, passed on
@@ -71,14 +77,19 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def _given(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
-    """The innermost subcommand's parser that `parsed` went through (`parser` without one)."""
+def _given(
+    parser: argparse.ArgumentParser, parsed: argparse.Namespace
+) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The innermost subcommand's parser that `parsed` went through (`parser` without one), and
+    the names of the subcommands on the way to it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+            name = getattr(parsed, action.dest, None) or ""
+            chosen = action.choices.get(name)
             if chosen is not None:
-                return _given(chosen, parsed)
-    return parser
+                inner, names = _given(chosen, parsed)
+                return inner, [name, *names]
+    return parser, []
 
 
 def build_parser() -> argparse.ArgumentParser:

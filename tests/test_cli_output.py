@@ -467,3 +467,30 @@ def test_an_unrecognized_argument_is_blamed_on_the_subcommand_given_with_its_usa
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"usage: damocles-ext {command} [-h]"), done.stderr
     assert f"damocles-ext {command}: error: unrecognized arguments: {args[-1]}\n" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--json", "status"], "--json"),
+     (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"], "--all")],
+)  # fmt: skip
+def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(args, option):
+    # The subcommand takes it (its usage lists it): it was only given in the wrong place.
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert f"damocles-ext: error: unrecognized arguments: {option}\n" in done.stderr, done.stderr
+
+
+def test_check_config_json_is_utf8_json_whatever_the_locales_encoding(tmp_path: Path):
+    (tmp_path / "c.cfg").write_text(
+        '[[WdPost]]\nPlugin = "echo"\nLocks = ["gpu-\u00e9", "x-\U0001f600"]\n', encoding="utf-8"
+    )
+    for encoding in ("ascii", "latin-1"):
+        done = subprocess.run(
+            [sys.executable, "-m", "damocles_ext", "check-config", "--json", "-c", tmp_path / "c.cfg"],
+            capture_output=True, check=False, timeout=60,
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout.decode("utf-8"))
+        assert "gpu-\u00e9" in json.dumps(doc, ensure_ascii=False), doc

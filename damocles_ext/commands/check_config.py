@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             import json
 
             text = json.dumps(msgspec.to_builtins(config), indent=2)
-        sys.stdout.write(text + "\n")
+        # As bytes: JSON is UTF-8 whatever the locale (whose encoding may lack a lock's name).
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode() + b"\n")
         return 0
     width = max(len(child.name) for child in config.children)
     for child in config.children:
