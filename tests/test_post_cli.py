@@ -88,6 +88,27 @@ def test_sectors_create_under_a_path_that_is_not_utf8_exits_2_before_writing(tmp
     assert os.listdir(parent) == []
 
 
+def test_sectors_create_judges_the_real_path_the_manifest_records(tmp_path):
+    def create(out: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "damocles_ext", "sectors", "create", "--miner", "1", "--count",
+             "1", "--proof-type", "StackedDrgWindow2KiBV1", "--out", out],
+            capture_output=True, check=False, timeout=60,
+        )  # fmt: skip
+
+    base = os.fsencode(tmp_path)
+    os.mkdir(base + b"/real-\xff")
+    os.symlink(base + b"/real-\xff", base + b"/link")
+    done = create(base + b"/link/fx")  # a UTF-8 link to a path that is not
+    assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr
+    assert os.listdir(base + b"/real-\xff") == []
+    os.mkdir(base + b"/ok")
+    os.symlink(base + b"/ok", base + b"/lnk-\xff")
+    done = create(base + b"/lnk-\xff/fx")  # the other way round: the manifest says ok/fx
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ok" / "fx" / "manifest.json").exists()
+
+
 def write_pair(tmp_path, task, output):
     req, out = tmp_path / "task.json", tmp_path / "out.json"
     req.write_bytes(task_to_json(task))

@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
             f"--first-sector-id {args.first_sector_id} with --count {args.count}: sector ids"
             " go from 0 to 2**64 - 1 (damocles' uint64)"
         )
-    # The manifest, and the tasks made from it, carry the fixtures' absolute paths as JSON text.
-    out = os.path.abspath(args.out)
+    # The manifest, and the tasks made from it, carry the fixtures' real paths as JSON text.
+    out = os.path.realpath(args.out)
     if (bad := not_utf8(out)) is not None:
         shown = out.encode("utf-8", "replace").decode()
         raise UsageError(
