@@ -53,6 +53,10 @@ log = logging.getLogger("damocles_ext.client")
 #: deadline; silent this long after it, it is stopped (SIGSTOP) or hung.
 LATE_ANSWER = 15.0
 
+#: How long a request whose write failed waits for the supervisor's Refusal that may explain it
+#: (the supervisor closed the connection on a frame it refused while the request was written).
+REFUSAL_WAIT = 2.0
+
 #: Called with each Progress of a request (its `id` is the client's request id).
 ProgressCallback = Callable[[dext.Progress], None]
 
@@ -96,6 +100,9 @@ class Client:
         self._status_unsent: dict[int, str] = {}
         self._lost: str | None = None
         self._refused: str | None = None  # why the supervisor is closing this connection
+        # Why the supervisor refused what we sent (a Refusal): nothing unanswered is sent again.
+        self._refusal: str | None = None
+        self._ended = trio.Event()  # the connection is lost (_lost is set)
         self._token = trio.lowlevel.current_trio_token()  # its reader's trio run
 
     async def submit(
@@ -159,6 +166,11 @@ class Client:
         finally:
             del self._pending[request_id]
         if pending.not_sent:
+            if self._refusal is None:  # it may be on its way: the write broke as it closed
+                with trio.move_on_after(REFUSAL_WAIT):
+                    await self._ended.wait()
+            if self._refusal is not None:  # refused, not unread: not to be sent again
+                raise ProverError(self._lost or self._refusal)
             raise _NotSent(pending.error or "")
         if pending.error is not None:
             raise ProverError(pending.error)
@@ -203,9 +215,10 @@ class Client:
         if unsent is not None:
             raise ProverError(unsent)
         if not box:
+            older = " (a supervisor older than the status command closes the connection)"
             raise ProverError(
                 f"cannot get the status from {self.path}: {self._lost or 'no reply'}"
-                " (a supervisor older than the status command closes the connection)"
+                f"{older if self._refusal is None else ''}"
             )
         reply = box[0]
         if reply.error is not None or reply.status is None:
@@ -248,12 +261,22 @@ class Client:
             )
         if self._refused is not None:
             reason = self._refused
+        if self._refusal is not None:
+            self._fail_all(
+                f"the supervisor at {self.path} refused what this client sent and closed the"
+                f" connection: {self._refusal}. What it had not answered on that connection was"
+                " not proved, and is not sent again"
+            )
+            return
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
 
     def _dispatch(self, msg: dext.Message) -> None:
         if isinstance(msg, dext.Response) and msg.id == 0:
             # Request ids count from 1: id 0 is the supervisor saying why it closes the connection.
             self._refused = msg.error or "the supervisor closed the connection"
+        elif isinstance(msg, control_protocol.Refusal):
+            # Its last frame: it fails what was not answered, and must not be taken for id 0.
+            self._refusal = msg.error
         elif isinstance(msg, dext.Response):
             pending = self._pending.get(msg.id)
             if pending is None:
@@ -278,6 +301,7 @@ class Client:
 
     def _fail_all(self, reason: str) -> None:
         self._lost = reason
+        self._ended.set()
         for done, _box in self._status_pending.values():
             done.set()
         for pending in self._pending.values():
@@ -555,6 +579,8 @@ class ReconnectingClient:
         except _NotSent:
             raise
         except ProverError as exc:
+            if client._refusal is not None:  # refused: said as it is, never sent again
+                raise
             if client._lost is not None and str(exc) == client._lost:
                 reason = client._lost.removeprefix(
                     f"lost the connection to the supervisor at {self.path}: "

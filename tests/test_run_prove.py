@@ -43,6 +43,7 @@ from damocles_ext.frontends.control import (
     default_socket_path,
     peer_uid,
 )
+from damocles_ext.protocol import control as control_protocol
 from damocles_ext.protocol import dext, jsonl
 
 IS_ROOT = os.geteuid() == 0
@@ -568,7 +569,13 @@ async def test_a_client_speaking_garbage_is_disconnected(control):
     server, _ = control
     stream = await trio.open_unix_socket(str(server.path))
     await stream.send_all(b"\xff\xff\xff\xffnot a frame")
-    assert await stream.receive_some() == b""  # closed on us
+    said = b""
+    while data := await stream.receive_some():  # closed on us, after saying why
+        said += data
+    [refusal] = control_protocol.frame_decoder().receive_data(said)
+    assert isinstance(refusal, control_protocol.Refusal), refusal
+    assert "a frame of 4294967295 bytes" in refusal.error
+    assert "is the client speaking dext/1?" in refusal.error
     await stream.aclose()
     async with connect(server.path) as client:  # the server is still fine
         with pytest.raises(ProverError, match="unlucky"):

@@ -18,6 +18,8 @@ runs for 30 minutes keeps its connection), and the unfinished frames of all conn
 together may hold at most `max_buffered` bytes (over it, the connection holding the most is
 closed, and the whole frames of the read that put it over are not acted on). A connection
 closed while idle first gets Response{id 0, error=why}: nothing it sent after that was read.
+One that sent a frame we cannot take gets Refusal{error=why} (protocol/control.py) after what
+was answered: it fails the rest (its requests in flight are cancelled), not to be sent again.
 Status requests are bounded per connection (MAX_STATUS_IN_FLIGHT: past it, the connection is
 not read) and server-wide (MAX_STATUS_IN_FLIGHT_SERVER: past it, an error reply at once).
 Running out of file descriptors at accept(2) is survived.
@@ -52,15 +54,15 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     resolve_trusted,
     trusted_uids,
 )
-from .inbox import Inbox
-from .listeners import ConnectionSlots, ThrottledLog, serve_connections
+from .inbox import Inbox, only_sending_closed
+from .listeners import ConnectionSlots, ThrottledLog, send_last, serve_connections
 from .outbox import stream_fd, write_now
 from .started import (
     Batch,
     CancelHandle,
     Start,
+    for_client,
     internal_error,
-    own_label,
     start_or_decline,
 )
 
@@ -314,12 +316,7 @@ async def _send_connection_error(stream: trio.abc.SendStream, message: str) -> N
     """Tell a client why its connection is closed: `Response{id 0, error=message}`, the one
     frame that is about the connection rather than a request. Given up after a second: a
     client that does not read must not hold the descriptor."""
-    frame = dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message))
-    with trio.move_on_after(1):
-        try:
-            await stream.send_all(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    await send_last(stream, dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message)))
 
 
 class _Connection:
@@ -357,6 +354,10 @@ class _Connection:
         # _idle_watch once the connection was idle for the server's idle_timeout).
         self._read_scope = trio.CancelScope()
         self._evicted: str | None = None
+        # Why the client's frame is refused: said in a Refusal, the connection's last frame,
+        # which fails what it had not answered (a client must not send that again).
+        self._refusal: str | None = None
+        self._refusal_written = trio.Event()  # (or could not be)
 
     @property
     def idle(self) -> bool:
@@ -407,15 +408,21 @@ class _Connection:
                 # Evicted: by another connection, or by the read that put this one over the
                 # buffer cap (which returns before any checkpoint, so the scope caught nothing).
                 goodbye = self._evicted
-                if goodbye is None and self._read_scope.cancelled_caught:
+                if self._refusal is not None:  # the one goodbye: not the id-0 "send again"
+                    goodbye = None
+                elif goodbye is None and self._read_scope.cancelled_caught:
                     self._server._stats.idle_closed += 1
                     goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
                     log.info("closing a control connection %s", goodbye)
                 # The client hung up (or broke the protocol): its requests go with it.
                 self._gone = True
-                nursery.cancel_scope.cancel()
                 for started in list(self._scopes.values()):
                     started.cancel()  # the task scopes are cancelled twice: harmless
+                if self._refusal is not None:  # written after what was (never inside a frame)
+                    self._wake.set()
+                    with trio.move_on_after(1):  # (a client that does not read)
+                        await self._refusal_written.wait()
+                nursery.cancel_scope.cancel()
             if goodbye is not None and self.idle:
                 await self._say_goodbye(goodbye)
         finally:
@@ -449,6 +456,8 @@ class _Connection:
                 messages = self._decoder.receive_data(data)
             except dext.ProtocolError as exc:
                 log.error("control client broke the protocol, closing its connection: %s", exc)
+                if data:  # (else it hung up inside a frame: nobody to tell)
+                    self._refusal = control_protocol.refusal_reason(exc)
                 return
             if not self._server._buffer_changed(self, self._decoder.pending):
                 # Closed for holding the most: the whole frames of this read go unread with
@@ -498,11 +507,12 @@ class _Connection:
                         " send; closing its connection",
                         type(msg).__name__,
                     )
+                    self._refusal = control_protocol.refusal_reason(type(msg).__name__)
                     return
             if requests:
                 self._start_requests(requests, nursery)
             if not data:
-                if not self.idle and self._fd is not None and _only_sending_closed(self._fd):
+                if not self.idle and self._fd is not None and only_sending_closed(self._fd):
                     # shutdown(SHUT_WR), as `nc -N` does: it still reads; answered, then closed.
                     log.info("control client closed its sending side: answering its %d requests"
                              " before closing", self._owned + self._status_owed)  # fmt: skip
@@ -571,7 +581,7 @@ class _Connection:
                 self._client_cancelled.discard(rid)
                 response = dext.Response(rid, error="cancelled at the client's request")
             elif error is not None:
-                response = dext.Response(rid, error=_for_client(rid, str(error) or repr(error)))
+                response = dext.Response(rid, error=for_client(rid, str(error) or repr(error)))
             else:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
@@ -659,7 +669,10 @@ class _Connection:
             replies = self._replies
             self._replies = []
             answered = len(responses) + self._head_responses
-            data = self._head + b"".join(dext.encode(m) for m in (*progress, *responses, *replies))
+            last = () if self._refusal is None else (control_protocol.Refusal(self._refusal),)
+            data = self._head + b"".join(
+                dext.encode(m) for m in (*progress, *responses, *replies, *last)
+            )
             self._head, self._head_responses = b"", 0
             self._writing = True
             try:
@@ -678,21 +691,7 @@ class _Connection:
             if replies:
                 self._server._closed(len(replies))
                 self._status_drained.set()
+            if last:
+                self._refusal_written.set()
+                return
             self._activity()
-
-
-def _for_client(rid: int, message: str) -> str:
-    """`message` about the client's request `rid`, named by its id; the supervisor's own number
-    for it, which `run`'s log uses, kept beside it."""
-    number, stage, rest = own_label(message)
-    if number is None:
-        return f"request {rid}: {message}"
-    return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"
-
-
-def _only_sending_closed(fd: int) -> bool:
-    """After EOF on `fd`: the peer shut down only its sending side (it still reads our
-    answers), not the whole connection (POLLHUP: both ways are shut)."""
-    events = select.poll()
-    events.register(fd, select.POLLIN)
-    return not any(event & select.POLLHUP for _, event in events.poll(0))

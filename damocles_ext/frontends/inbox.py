@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 
 import trio
 
@@ -69,3 +70,11 @@ class Inbox:
     def _check_open(self, fd: int) -> None:
         if stream_fd(self._stream) != fd:  # a closed trio socket's fileno() is -1
             raise trio.ClosedResourceError("the stream was closed")
+
+
+def only_sending_closed(fd: int) -> bool:
+    """After EOF on `fd`: the peer shut down only its sending side (it still reads our
+    answers), not the whole connection (POLLHUP: both ways are shut)."""
+    events = select.poll()
+    events.register(fd, select.POLLIN)
+    return not any(event & select.POLLHUP for _, event in events.poll(0))

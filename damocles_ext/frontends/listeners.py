@@ -183,6 +183,16 @@ async def serve_connections(
         nursery.start_soon(handle, stream)
 
 
+async def send_last(stream: trio.abc.SendStream, data: bytes) -> None:
+    """Write a connection's last words (why it is closed), given up after a second: a peer
+    that does not read must not hold the descriptor."""
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 def bind_tcp(host: str, port: int, *, doing: str, option: str) -> socket.socket:
     """A listening TCP socket at host:port, or a UsageError saying what could not be done
     (`doing`, e.g. "serve metrics") and which option to change (`option`, e.g. "--metrics")."""

@@ -96,3 +96,12 @@ def own_label(message: str) -> tuple[str | None, str | None, str]:
     if own is None:
         return None, None, message
     return own.group(1), own.group(2), message[own.end() :]
+
+
+def for_client(rid: int, message: str) -> str:
+    """`message` about the client's request `rid`, named by its id; the supervisor's own number
+    for it, which `run`'s log uses, kept beside it."""
+    number, stage, rest = own_label(message)
+    if number is None:
+        return f"request {rid}: {message}"
+    return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"

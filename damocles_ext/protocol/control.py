@@ -11,6 +11,13 @@ The control socket carries the child protocol's framing and its Request/Cancel/P
 Ids of status requests come from the same per-connection counter as proof requests. A
 supervisor that predates these messages closes the connection on a `StatusRequest` (it is not
 a message it can decode), which a client reports as "cannot get the status".
+
+* supervisor -> client: `Refusal{error}`, the last frame of a connection the supervisor closes
+  because of a frame it could not take from the client (`refusal_reason` words why). It answers
+  every request and status request of the connection that had no answer before it: failed, not
+  proved, and not to be sent again as they are. It is a message type of its own, not the id-0
+  Response (which says "nothing more was read: safe to send again"): a client older than it
+  cannot decode it and reports a protocol error, which it does not take for that goodbye either.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from .. import __version__
 from . import dext
 
 STATUS_SCHEMA = "damocles-ext/status/1"
@@ -38,6 +46,13 @@ class StatusReply(msgspec.Struct, tag="status_reply", frozen=True):
     error: str | None = None
 
 
+class Refusal(msgspec.Struct, tag="refusal", frozen=True):
+    """Supervisor -> client, its last frame: why it closes the connection over what the client
+    sent. What the connection had not answered before it is failed with `error`."""
+
+    error: str
+
+
 ControlMessage = (
     dext.Hello
     | dext.Request
@@ -47,6 +62,7 @@ ControlMessage = (
     | dext.Shutdown
     | StatusRequest
     | StatusReply
+    | Refusal
 )
 
 
@@ -58,3 +74,35 @@ def frame_decoder(max_frame_size: int = dext.DEFAULT_MAX_FRAME_SIZE) -> dext.Fra
 def encode(message: ControlMessage) -> bytes:
     """One whole frame (the dext/1 layout) for any control message."""
     return dext.encode(message)
+
+
+def refusal_reason(problem: dext.ProtocolError | str) -> str:
+    """Why the supervisor refuses a client that sent a frame it cannot take: `problem` is the
+    decoder's error, or the name of a message type clients do not send."""
+    if isinstance(problem, dext.FrameTooLarge):
+        length, limit, most = problem.length, problem.limit, dext.DEFAULT_MAX_FRAME_SIZE
+        said = f"the client sent a frame of {length} bytes, over this supervisor's limit of {limit}"
+        if length <= most:  # only a limit below dext's own: run's --max-buffer
+            return (
+                f"{said} (run's --max-buffer, {_size(limit)}): restart `run` with a"
+                f" --max-buffer of at least {-(-length // 2**20)} MiB, or send smaller requests"
+                " (fewer replicas per task)"
+            )
+        return (
+            f"{said} ({most / 2**20:g} MiB is the most a dext/1 frame may hold): is the client"
+            " speaking dext/1? A task that large must be split into requests of fewer replicas"
+        )
+    if isinstance(problem, str):
+        what = f"a {problem} frame, which no client sends"
+    else:
+        what = f"a frame it could not decode ({problem})"
+    return (
+        f"the client sent {what}: is it another version of damocles-ext than this supervisor's"
+        f" ({__version__})? Their control messages differ between versions (a new message type,"
+        " a field renamed or retyped): use the damocles-ext (or Python library) of the version"
+        " `run` runs, or restart `run` with the client's version"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"

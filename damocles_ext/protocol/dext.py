@@ -54,6 +54,19 @@ class ProtocolError(Exception):
         self.messages: list[Message] = messages if messages is not None else []
 
 
+class FrameTooLarge(ProtocolError):
+    """A frame whose length prefix says `length` bytes, over the decoder's `limit`."""
+
+    def __init__(self, length: int, limit: int, messages: list[Message] | None = None) -> None:
+        super().__init__(
+            f"frame length {length} exceeds the maximum of {limit} bytes (is the peer speaking"
+            " dext/1?)",
+            messages,
+        )
+        self.length = length
+        self.limit = limit
+
+
 class Hello(msgspec.Struct, tag="hello", frozen=True):
     """First frame a child writes: it is ready, which prover it runs and how many requests at once."""
 
@@ -202,11 +215,7 @@ class FrameDecoder:
                 (length,) = _unpack_length(data, pos)
                 if length > self.max_frame_size:
                     self._buf += memoryview(data)[pos:]  # as the buffered path leaves it
-                    raise ProtocolError(
-                        f"frame length {length} exceeds the maximum of {self.max_frame_size}"
-                        " bytes (is the peer speaking dext/1?)",
-                        messages,
-                    )
+                    raise FrameTooLarge(length, self.max_frame_size, messages)
                 start = pos + HEADER_SIZE
                 if end - start < length:
                     break

@@ -1,0 +1,191 @@
+"""A frame `run`'s control socket cannot take is refused in a message of its own (Refusal), after
+what was answered: it says why (another version; the frame limit and --max-buffer), fails what
+the connection had in flight, and clients neither take it for the id-0 "safe to send again"
+goodbye nor send the refused request again."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers.frontend import make_task
+
+from damocles_ext import __version__
+from damocles_ext.client import ReconnectingClient, connect
+from damocles_ext.errors import ProverError
+from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.protocol import control as control_protocol
+from damocles_ext.protocol import dext
+
+# The message set of a client older than Refusal.
+OLD_CONTROL_MESSAGES = (
+    dext.Hello
+    | dext.Request
+    | dext.Response
+    | dext.Progress
+    | dext.Cancel
+    | dext.Shutdown
+    | control_protocol.StatusRequest
+    | control_protocol.StatusReply
+)
+
+
+class Backend:
+    """`submit` whose requests run until the test releases them; it notes those cancelled."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, trio.Event] = {}
+        self.release: dict[int, trio.Event] = {}
+        self.cancelled: list[int] = []
+
+    def events(self, miner: int) -> tuple[trio.Event, trio.Event]:
+        return (
+            self.started.setdefault(miner, trio.Event()),
+            self.release.setdefault(miner, trio.Event()),
+        )
+
+    async def submit(self, task, *, deadline=None, priority=0, on_progress=None):
+        started, release = self.events(task.miner_id)
+        started.set()
+        try:
+            await release.wait()
+        except trio.Cancelled:
+            self.cancelled.append(task.miner_id)
+            raise
+        return echo_output(task)
+
+
+async def serve(nursery, sock_dir: Path, **limits) -> tuple[ControlServer, Backend]:
+    backend = Backend()
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), backend.submit, **limits)
+    await nursery.start(server.serve)
+    return server, backend
+
+
+async def raw_connection(server: ControlServer) -> trio.socket.SocketType:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await s.connect(str(server.path))
+    return s
+
+
+async def read_until_closed(sock: trio.socket.SocketType) -> bytes:
+    received = b""
+    while True:
+        try:
+            data = await sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+
+
+def raw_frame(message: dict) -> bytes:
+    payload = msgspec.msgpack.encode(message)
+    return len(payload).to_bytes(4, "big") + payload
+
+
+async def test_a_frame_of_an_unknown_type_is_refused_after_the_answers_naming_the_versions(
+    sock_dir, nursery
+):
+    server, backend = await serve(nursery, sock_dir)
+    s = await raw_connection(server)
+    decoder = control_protocol.frame_decoder()
+    await s.send(
+        dext.encode(dext.Request(1, make_task(1))) + dext.encode(dext.Request(2, make_task(2)))
+    )
+    await backend.events(1)[0].wait()
+    backend.events(2)[1].set()
+    [answered] = decoder.receive_data(await s.recv(65536))
+    assert answered == dext.Response(2, output=echo_output(make_task(2)))
+    # A newer client's message type, while request 1 is in flight.
+    await s.send(raw_frame({"type": "status_v2", "id": 3}))
+    said = await read_until_closed(s)
+    s.close()
+    # One Refusal, no Response (request 1 is failed by it, not answered twice), no id-0 goodbye.
+    [refusal] = decoder.receive_data(said)
+    assert isinstance(refusal, control_protocol.Refusal), refusal
+    assert "Invalid value 'status_v2' - at `$.type`" in refusal.error
+    assert (
+        f"another version of damocles-ext than this supervisor's ({__version__})" in refusal.error
+    )
+    assert "restart `run` with the client's version" in refusal.error
+    assert backend.cancelled == [1]  # its request in flight is cancelled
+    assert server.statistics().in_flight == 0
+    # A client older than Refusal cannot decode it: a protocol error, not id 0's "send again".
+    with pytest.raises(dext.ProtocolError, match="Invalid value 'refusal'"):
+        dext.FrameDecoder(message_type=OLD_CONTROL_MESSAGES).receive_data(said)
+    async with connect(server.path) as client:  # the supervisor goes on
+        backend.events(4)[1].set()
+        assert await client.submit(make_task(4)) == echo_output(make_task(4))
+
+
+async def test_a_client_frame_of_a_message_clients_do_not_send_is_refused_naming_it(
+    sock_dir, nursery
+):
+    server, _ = await serve(nursery, sock_dir)
+    s = await raw_connection(server)
+    await s.send(dext.encode(dext.Progress(1, "proving")))
+    [refusal] = control_protocol.frame_decoder().receive_data(await read_until_closed(s))
+    s.close()
+    assert isinstance(refusal, control_protocol.Refusal), refusal
+    assert "a Progress frame, which no client sends" in refusal.error
+    assert f"({__version__})" in refusal.error
+
+
+async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery):
+    server, _ = await serve(nursery, sock_dir)
+    s = await raw_connection(server)
+    frame = dext.encode(dext.Request(1, make_task(1)))
+    await s.send(frame[: len(frame) // 2])
+    s.shutdown(socket.SHUT_WR)
+    assert await read_until_closed(s) == b""  # nothing to say to a client that is gone
+    s.close()
+
+
+# 1000 replicas (50 KiB): the frame goes into the socket whole; 20000 (1 MiB): the supervisor closes
+# the connection while the client still writes it, and the write fails before the Refusal is read.
+@pytest.mark.parametrize("replicas", [1000, 20000])
+async def test_an_oversized_frame_is_refused_naming_max_buffer_and_fails_the_clients_requests(
+    sock_dir, nursery, replicas
+):
+    server, backend = await serve(nursery, sock_dir, max_buffered=16 * 1024)
+    async with connect(server.path) as client, trio.open_nursery() as inner:
+        errors: dict[int, str] = {}
+
+        async def prove(miner: int, replicas: int) -> None:
+            with pytest.raises(ProverError) as info:
+                await client.submit(make_task(miner, replicas=replicas))
+            errors[miner] = str(info.value)
+
+        inner.start_soon(prove, 1, 1)
+        await backend.events(1)[0].wait()
+        inner.start_soon(prove, 2, replicas)
+    assert errors[1] == errors[2], errors  # the one in flight is failed with the same reason
+    assert "refused what this client sent" in errors[2]
+    assert "over this supervisor's limit of 16384 (run's --max-buffer, 16 KiB)" in errors[2]
+    assert "restart `run` with a --max-buffer of at least" in errors[2]
+    assert "not proved" in errors[2]
+    assert backend.cancelled == [1]
+
+
+@pytest.mark.parametrize("replicas", [1000, 20000])
+async def test_reconnecting_client_does_not_send_a_refused_request_again(
+    sock_dir, nursery, replicas
+):
+    server, backend = await serve(nursery, sock_dir, max_buffered=16 * 1024)
+    remote = ReconnectingClient(server.path)
+    await remote.connect()
+    nursery.start_soon(remote.run)
+    with pytest.raises(ProverError, match=r"refused what this client sent.*--max-buffer"):
+        await remote.submit(make_task(1, replicas=replicas))
+    assert remote.connections == 1 and server.statistics().accepted == 1  # not sent again
+    assert 1 not in backend.started
+    backend.events(2)[1].set()  # the next request connects again
+    assert await remote.submit(make_task(2)) == echo_output(make_task(2))
+    assert remote.connections == 2
+    await remote.aclose()
