@@ -79,8 +79,8 @@ class ProverError(DextError):
 
 class DeadlineError(ProverError):
     """No proof in time: the request's deadline passed, or it was not started because even the
-    fastest recent proofs of its stage could not have finished before it. A ProverError: not a
-    failure of the prover's."""
+    fastest recent proofs like it could not have finished before it. A ProverError, but no
+    failure of a prover's (a prover that hangs until RequestTimeoutSecs is a plain one)."""
 
 
 def prover_error(message: str, *, late: bool) -> ProverError:

@@ -16,6 +16,12 @@ WD, WIN = "window_post", "winning_post"
 OK = WindowPoStOutput(proofs=[b"p"], faults=[])
 
 
+def job(rid: int, stage: str, arrival: float, *, deadline: float | None = None, size: int = 1,
+        kind: str = "StackedDrgWindow32GiBV1_1") -> Job:  # fmt: skip
+    """A whole WindowPoSt's job: `size` replicas of proof type `kind`."""
+    return Job(rid, stage, arrival, deadline=deadline, size=size, kind=kind)
+
+
 def make(*names: str, stage: str = WD) -> Scheduler:
     s = Scheduler()
     for name in names:
@@ -24,12 +30,12 @@ def make(*names: str, stage: str = WD) -> Scheduler:
     return s
 
 
-def prove(s: Scheduler, durations: list[float], *, stage: str = WD, first_id: int = 1000) -> float:
+def prove(s: Scheduler, durations: list[float], *, stage: str = WD, first_id: int = 1000,
+          size: int = 1, kind: str = "StackedDrgWindow32GiBV1_1", now: float = 0.0) -> float:  # fmt: skip
     """Run one job per duration on the scheduler's one free child, each answered by a proof after
     its duration; returns the clock after the last."""
-    now = 0.0
     for i, seconds in enumerate(durations):
-        s.submit(Job(first_id + i, stage, now), now)
+        s.submit(job(first_id + i, stage, now, size=size, kind=kind), now)
         [start] = s.decide(now)
         assert isinstance(start, Start)
         now += seconds
@@ -40,22 +46,22 @@ def prove(s: Scheduler, durations: list[float], *, stage: str = WD, first_id: in
 def test_a_job_is_started_while_fewer_than_four_proofs_are_known():
     s = make("g0")
     now = prove(s, [300.0, 300.0, 300.0])  # three proofs of 300 s: no estimate yet
-    s.submit(Job(1, WD, now, deadline=now + 10.0), now)
+    s.submit(job(1, WD, now, deadline=now + 10.0), now)
     assert s.decide(now) == [Start(1, "g0")]
 
 
 def test_one_fast_outlier_makes_the_estimate_optimistic_and_the_job_is_started():
     s = make("g0")
     now = prove(s, [300.0, 300.0, 20.0, 300.0])
-    s.submit(Job(1, WD, now, deadline=now + 60.0), now)  # 60 s left; 20 s once
+    s.submit(job(1, WD, now, deadline=now + 60.0), now)  # 60 s left; 20 s once
     assert s.decide(now) == [Start(1, "g0")]
 
 
 def test_a_job_its_fastest_recent_proof_could_not_finish_in_time_is_refused_once_and_said_why():
     s = make("g0")
     now = prove(s, [300.0, 320.0, 310.0, 305.0])
-    s.submit(Job(1, WD, now, deadline=now + 120.0), now)
-    s.submit(Job(2, WD, now, deadline=now + 900.0), now)
+    s.submit(job(1, WD, now, deadline=now + 120.0), now)
+    s.submit(job(2, WD, now, deadline=now + 900.0), now)
     decisions = s.decide(now)
     assert [type(d) for d in decisions] == [Fail, Start]
     fail = decisions[0]
@@ -73,11 +79,11 @@ def test_a_job_its_fastest_recent_proof_could_not_finish_in_time_is_refused_once
 def test_a_retry_that_became_doomed_while_it_waited_is_refused():
     s = make("g0")
     now = prove(s, [300.0] * 4)
-    s.submit(Job(1, WD, now, deadline=now + 1000.0), now)
+    s.submit(job(1, WD, now, deadline=now + 1000.0), now)
     assert s.decide(now) == [Start(1, "g0")]
     now += 800.0  # the child went down with it: 200 s are left when it is queued again
-    [job] = s.child_down("g0", now)
-    s.requeue(job, now)
+    [lost] = s.child_down("g0", now)
+    s.requeue(lost, now)
     s.child_ready("g0", now)
     [fail] = s.decide(now)
     assert isinstance(fail, Fail) and fail.request_id == 1
@@ -87,7 +93,7 @@ def test_a_retry_that_became_doomed_while_it_waited_is_refused():
 def test_a_winning_post_is_never_refused_as_doomed():
     s = make("w0", stage=WIN)
     now = prove(s, [30.0] * 4, stage=WIN)
-    s.submit(Job(1, WIN, now, deadline=now + 5.0), now)
+    s.submit(job(1, WIN, now, deadline=now + 5.0), now)
     assert s.decide(now) == [Start(1, "w0")]
 
 
@@ -95,19 +101,19 @@ def test_a_job_another_child_has_no_estimate_for_or_could_prove_in_time_is_start
     s = make("slow", "fast")
     now = 0.0
     for i in range(4):  # slow proves in 300 s; fast in 60 s, but its 4th answer is an error
-        s.submit(Job(100 + 2 * i, WD, now), now)
-        s.submit(Job(101 + 2 * i, WD, now), now)
+        s.submit(job(100 + 2 * i, WD, now), now)
+        s.submit(job(101 + 2 * i, WD, now), now)
         for d in s.decide(now):
             fast = d.child_id == "fast"
             s.finished(d.request_id, now + (60.0 if fast else 300.0), failed=fast and i == 3)
         now += 300.0
-    s.submit(Job(1, WD, now, deadline=now + 100.0), now)  # doomed on slow; fast: no estimate
-    s.submit(Job(2, WD, now, deadline=now + 100.0), now)
+    s.submit(job(1, WD, now, deadline=now + 100.0), now)  # doomed on slow; fast: no estimate
+    s.submit(job(2, WD, now, deadline=now + 100.0), now)
     assert {type(d) for d in s.decide(now)} == {Start}
     s.finished(1, now + 60.0, failed=False)  # fast has 4 proofs of 60 s now
     s.finished(2, now + 60.0, failed=False)
     now += 300.0
-    s.submit(Job(3, WD, now, deadline=now + 100.0), now)
+    s.submit(job(3, WD, now, deadline=now + 100.0), now)
     [start] = s.decide(now)
     assert isinstance(start, Start)
 
@@ -116,12 +122,38 @@ def test_errors_and_cancelled_runs_teach_no_proof_time():
     s = make("g0")
     now = 0.0
     for i in range(4):  # four errors after 1000 s each
-        s.submit(Job(100 + i, WD, now), now)
+        s.submit(job(100 + i, WD, now), now)
         s.decide(now)
         now += 1000.0
         s.finished(100 + i, now, failed=True)
-    s.submit(Job(1, WD, now, deadline=now + 10.0), now)
+    s.submit(job(1, WD, now, deadline=now + 10.0), now)
     assert s.decide(now) == [Start(1, "g0")]
+
+
+def test_a_small_job_is_not_judged_by_the_time_bigger_ones_took():
+    s = make("g0")
+    now = prove(s, [1000.0] * 4, size=10)  # ten replicas took 1000 s each time
+    s.submit(job(1, WD, now, deadline=now + 200.0, size=1), now)
+    assert s.decide(now) == [Start(1, "g0")]
+
+
+def test_a_bigger_job_is_judged_by_the_time_smaller_ones_took():
+    s = make("g0")
+    now = prove(s, [300.0] * 4, size=2)
+    s.submit(job(1, WD, now, deadline=now + 120.0, size=10), now)
+    [fail] = s.decide(now)
+    assert isinstance(fail, Fail)
+    assert "a window_post run of 10 replicas or fewer (StackedDrgWindow32GiBV1_1)" in fail.reason
+
+
+def test_a_job_is_not_judged_by_proofs_of_another_proof_type_nor_when_of_unknown_size():
+    s = make("g0")
+    now = prove(s, [300.0] * 4, kind="StackedDrgWindow64GiBV1_1")
+    s.submit(job(1, WD, now, deadline=now + 120.0), now)  # a 32 GiB one: no estimate
+    s.submit(job(2, WD, now, deadline=now + 120.0, kind="StackedDrgWindow64GiBV1_1", size=0), now)
+    assert s.decide(now) == [Start(1, "g0")]
+    s.finished(1, now + 1.0, failed=False)
+    assert s.decide(now + 1.0) == [Start(2, "g0")]  # size unknown (a split step's): started
 
 
 def _partitions(refuse: bool) -> tuple[int, int]:

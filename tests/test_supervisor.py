@@ -732,8 +732,9 @@ async def test_hung_child_is_cancelled_then_killed_and_restarted():
     ) as sup:
         await sup.wait_ready()
         first_pid = child_stats(sup, "window_post#0").pid
-        with pytest.raises(ProverError, match=r"timed out after 0.5s on window_post#0"):
+        with pytest.raises(ProverError, match=r"timed out after 0.5s on window_post#0") as hung:
             await sup.submit(window_task())
+        assert not isinstance(hung.value, DeadlineError)  # a prover's failure (the worker's count)
         await wait_until(lambda: child_stats(sup, "window_post#0").restarts == 1, 10)
         assert "still running 0.3s after a Cancel" in child_stats(sup, "window_post#0").last_exit
         assert not alive(first_pid)
@@ -1322,3 +1323,11 @@ async def test_plugin_child_with_a_quiet_prover_is_not_taken_for_hung(tmp_path):
         await sup.wait_ready()
         assert await sup.submit(window_task(miner=3)) == echo_output(window_task(miner=3))
         assert child_stats(sup, "window_post#0").restarts == 0
+
+
+def test_a_split_window_posts_error_keeps_its_class_when_earlier_rounds_are_added():
+    from damocles_ext.supervisor.split import _with_earlier
+
+    late = _with_earlier(DeadlineError("passed its deadline"), ["the SNARK step of ...: no"])
+    assert isinstance(late, DeadlineError) and "before that, the SNARK step" in str(late)
+    assert type(_with_earlier(ProverError("no"), ["x"])) is ProverError

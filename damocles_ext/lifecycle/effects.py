@@ -46,13 +46,16 @@ class Kill(msgspec.Struct, frozen=True):
 class Resolve(msgspec.Struct, frozen=True):
     """Answer `request`, once: with `output`, or with `error` (a whole sentence).
 
-    `outcome` is the observers' word: ok, fault, error, timeout or cancelled.
+    `outcome` is the observers' word: ok, fault, error, timeout or cancelled. `late`: no proof
+    in time (its deadline passed, or it was refused as unable to finish before it), not a
+    failure of a prover's (a request timeout is a `timeout` but not `late`).
     """
 
     request: TrackedRequest
     output: Output | None
     error: str | None
     outcome: str
+    late: bool = False
 
 
 class Retry(msgspec.Struct, frozen=True):

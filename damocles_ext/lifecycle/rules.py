@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
 from ..stages import WINDOW_POST_SPLIT
-from ..tasks import Output, WindowPoStOutput, WindowPoStSnark, WindowPoStVanillaOutput
+from ..tasks import Output, WindowPoSt, WindowPoStOutput, WindowPoStSnark, WindowPoStVanillaOutput
 from .deadlines import Alarms
 from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
 from .records import (
@@ -115,6 +115,8 @@ class BookRules:
         req.attempt_id = aid
         req.current = None
         self._attempts[aid] = req
+        task = req.task  # a whole WindowPoSt is sized for doomed starts (scheduling/doomed.py)
+        sized = isinstance(task, WindowPoSt)
         job = Job(
             aid,
             req.stage,
@@ -124,6 +126,8 @@ class BookRules:
             req.breaker_key,
             req.avoid,
             req.back,
+            len(task.replicas) if sized else 0,
+            str(task.proof_type) if sized else "",
         )
         self._queued += 1
         if retry:
@@ -223,6 +227,7 @@ class BookRules:
         output: Output | None = None,
         error: str | None = None,
         outcome: str | None = None,
+        late: bool = False,
     ) -> None:
         if req.done:
             return
@@ -240,7 +245,7 @@ class BookRules:
         elif outcome is None:
             faulty = isinstance(output, _WITH_FAULTS) and bool(output.faults)
             outcome = "fault" if faulty else "ok"
-        out.append(Resolve(req, output if error is None else None, error, outcome))
+        out.append(Resolve(req, output if error is None else None, error, outcome, late))
 
     def _describe_failure(self, req: TrackedRequest, reason: str) -> str:
         text = f"request {req.rid} ({req.stage}): {reason}"
@@ -276,7 +281,8 @@ class BookRules:
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
         elif req.deadline is not None and now >= req.deadline:
             why = f"{what}; its deadline has passed"
-            self._resolve(req, out, now, error=self._describe_failure(req, why), outcome="timeout")
+            error = self._describe_failure(req, why)
+            self._resolve(req, out, now, error=error, outcome="timeout", late=True)
         elif req.attempts < max_attempts:
             self._enqueue(req, now, retry=True)
             out.append(Retry(req, what, req.attempts + 1, max_attempts, level))
@@ -392,6 +398,7 @@ class BookRules:
             now,
             error=self._describe_failure(req, reason),
             outcome="timeout" if expired else "error",
+            late=expired,
         )
 
     def _last_exits(self, stage: str) -> str:
@@ -415,6 +422,7 @@ class BookRules:
             now,
             error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
             outcome="timeout",
+            late=True,
         )
         self._send_cancel(attempt, now, out, kill_after_grace=True)
 
@@ -451,6 +459,7 @@ class BookRules:
             error=f"request {req.rid} ({req.stage}): its deadline passed while {process.who},"
             f" which ran it, was going down (attempt {req.attempts})",
             outcome="timeout",
+            late=True,
         )
 
     def _on_request_timeout(self, attempt: Attempt, now: float, out: list[Effect]) -> None:

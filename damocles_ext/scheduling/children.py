@@ -36,9 +36,11 @@ TAKE_BACK_AFTER = 0.05
 #: How many recent phase durations the estimates remember (per stage for vanilla, per child for
 #: the GPU phase): enough to smooth noise, few enough to follow a GPU that slows down.
 _HISTORY = 16
-#: How many recent proofs of a child's stage judge a start doomed (doomed.py): the fastest of
-#: them, and only once that many are known.
+#: How many recent proofs of a child's stage, of a job's kind and no bigger than it, judge its
+#: start doomed (doomed.py): the fastest of the last that many, and only once that many are
+#: known, among the last RUNS_KEPT proofs (of any size) a child remembers.
 RUNS_KNOWN = 4
+RUNS_KEPT = 32
 
 
 @dataclass(slots=True)
@@ -52,7 +54,10 @@ class _Child:
     pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
     reports_fraction: bool = False  # ... and how far it got within it
     gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
-    run_times: deque[float] = field(default_factory=lambda: deque(maxlen=RUNS_KNOWN))  # proofs
+    #: Its last proofs of sized jobs: (kind, size, seconds from its slot to its proof).
+    run_times: deque[tuple[str, int, float]] = field(
+        default_factory=lambda: deque(maxlen=RUNS_KEPT)
+    )
     queue: int = 0  # jobs it takes beyond capacity while quick (its Hello's offer)
     quick: int = 0  # its quick answers in a row
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity

@@ -40,6 +40,10 @@ class Job(msgspec.Struct):
     key: int | None = None  # what the breaker compares across children (the book: the miner)
     avoid: frozenset[str] | None = None  # children not to send it to (policy.py's "Errors")
     back: bool = True  # an URGENT job may go back to a child it avoids (policy.py's "Errors")
+    #: How much proving it is (a whole WindowPoSt's replicas) and of what (its proof type):
+    #: doomed.py compares it with runs as big or smaller. 0: unknown, never refused as doomed.
+    size: int = 0
+    kind: str = ""
 
 
 class Start(msgspec.Struct, frozen=True):

@@ -256,8 +256,9 @@ class Scheduler:
         run = self._running.get(request_id)  # (a proof too while none errs: see breaker.count)
         if failed is not None and run and not run.cancelled:
             self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
-            if not failed:  # how long a proof takes there (doomed.py)
-                self._children[run.child_id].run_times.append(now - run.turn)
+            if not failed and run.job.size > 0:  # how long a proof takes there (doomed.py)
+                sized = (run.job.kind, run.job.size, now - run.turn)
+                self._children[run.child_id].run_times.append(sized)
         return self._finish(request_id, now, learn=True)
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:

@@ -284,7 +284,9 @@ class _Engine:
                 self.to_gpu(job)
         elif self.scheduler is not None:
             stage = VANILLA if self.split and job.stage == WINDOW_POST else job.stage
-            self.scheduler.submit(Job(job.job_id, stage, self.now, deadline=job.due), self.now)
+            size = 1 if stage == WINDOW_POST else 0  # one partition each (doomed.py)
+            job_ = Job(job.job_id, stage, self.now, deadline=job.due, size=size, kind="sim")
+            self.scheduler.submit(job_, self.now)
             self.decide()
         else:
             assert self.baseline is not None

@@ -549,7 +549,7 @@ class Supervisor:
         waiter = self._waiters.pop(req.rid, None)
         if waiter is not None:
             if effect.error is not None:
-                waiter.error = prover_error(effect.error, late=effect.outcome == "timeout")
+                waiter.error = prover_error(effect.error, late=effect.late)
             else:
                 waiter.output = effect.output
             waiter.answer()

@@ -115,7 +115,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
                 return join_window_post(vanilla, snark.output)
             if not refused_by:  # a timeout, a deadline, the shutdown: nothing said of the proofs
                 raise _with_earlier(snark.error, earlier)
-            error = ProverError(f"{snark.error}; its vanilla proofs came from {made_by}")
+            error = type(snark.error)(f"{snark.error}; its vanilla proofs came from {made_by}")
             avoid |= {made_by}
             if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
                 raise _with_earlier(error, earlier)
@@ -164,4 +164,5 @@ def _another_can_serve(sup: Supervisor, stage: str, besides: frozenset[str]) -> 
 def _with_earlier(error: ProverError, earlier: list[str]) -> ProverError:
     if not earlier:
         return error
-    return ProverError(f"{error}; before that, " + "; then ".join(earlier))
+    # The class kept: a DeadlineError stays one (no failure of a prover's).
+    return type(error)(f"{error}; before that, " + "; then ".join(earlier))
