@@ -466,7 +466,9 @@ def worker_config(directory) -> str:
     ],
 )
 @pytest.mark.parametrize("command", ["coordinator", "worker"])
-async def test_a_sector_cache_that_cannot_be_is_exit_2_saying_why(command, args, message, tmp_path):
+async def test_a_sector_cache_that_cannot_be_is_exit_2_saying_why_and_leaves_nothing_behind(
+    command, args, message, tmp_path
+):
     from helpers.frontend import dext_run_async
 
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -478,6 +480,7 @@ async def test_a_sector_cache_that_cannot_be_is_exit_2_saying_why(command, args,
     done = await dext_run_async(*base, "--proxy", "127.0.0.1:1", *args)
     assert done.returncode == 2, done.stderr.decode()
     assert message in done.stderr.decode() and b"Traceback" not in done.stderr
+    assert not (tmp_path / "jobs.db").exists()  # checked before the job store is made
 
 
 @pytest.mark.parametrize("command", ["coordinator", "worker"])

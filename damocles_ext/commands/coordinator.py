@@ -20,12 +20,14 @@ from .common import (
     add_sector_source_args,
     check_proxy_headers,
     check_sector_cache,
+    sector_snapshot,
     token_file,
 )
 from .wdpost import CONF_DIR_HELP, JOBS_HELP
 
 if TYPE_CHECKING:
     from damocles_ext.frontends.sector_index import SectorIndex
+    from damocles_ext.sectors.snapshot import CacheSnapshot
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -108,14 +110,14 @@ def _store(text: str) -> tuple[str, str]:
     return store_pair(text, "a store as the workers' [[attached]] name it")
 
 
-def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorIndex:
+def _sector_index(
+    args: argparse.Namespace, stores: dict[str, str], snapshot: CacheSnapshot | None
+) -> SectorIndex:
     """The coordinator's sector index, over a locator of --proxy when given."""
     from damocles_ext.frontends.sector_index import SectorIndex
 
     if args.proxy is None:
         return SectorIndex()
-    import logging
-
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.sectors import SectorSettings
     from damocles_ext.sectors.locator import SectorLocator, build_providers
@@ -123,9 +125,6 @@ def _sector_index(args: argparse.Namespace, stores: dict[str, str]) -> SectorInd
     settings = SectorSettings(
         proxy=args.proxy, stores=stores, headers=tuple(args.header), relay_names=True
     )
-    from .common import sector_snapshot
-
-    snapshot = sector_snapshot(args, logging.getLogger("damocles_ext.coordinator"))
     locator = SectorLocator(build_providers(settings, get_plugin_manager()), snapshot=snapshot)
     return SectorIndex(locator)
 
@@ -176,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         )
     check_proxy_headers(args.proxy, args.header, "--header")
     check_sector_cache(args)
+    # Before the store is opened (a new SQLite file): a bad --sector-cache leaves nothing behind.
+    snapshot = sector_snapshot(args, log) if args.proxy is not None else None
     settings = read_settings(args.conf_dir, args.store)
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             TrioJobStore(store),
             settings.stores,
             observe=None if metrics is None else metrics.observe,
-            sector_index=_sector_index(args, settings.stores),
+            sector_index=_sector_index(args, settings.stores, snapshot),
         )
         locator = coordinator.sector_index.locator
         if metrics is not None and locator is not None:
