@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import stat
 
 import msgspec
 import pytest
@@ -173,8 +174,11 @@ def make_unusable(path, how: str) -> str:
         path.write_bytes(MAGIC + os.urandom(64))
         return "damaged"
     if how == "not a snapshot":
-        path.write_text('{"some": "json"}')
-        return "not a sector-location snapshot"
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")  # a mistyped /etc/passwd
+        return "a file that is not a sector-location snapshot"
+    if how == "an empty file":
+        path.write_bytes(b"")
+        return "an empty file"
     if how == "another version":
         body = msgspec.msgpack.encode({"version": VERSION + 1, "written_at": WALL, "stuff": []})
         path.write_bytes(MAGIC + body)
@@ -193,21 +197,36 @@ def make_unusable(path, how: str) -> str:
         target = path.parent / "elsewhere"
         target.write_bytes(good_snapshot())
         path.symlink_to(target)
-        return "symlink"
+        return f"a symlink (to {target})"
     if how == "a fifo":
         os.mkfifo(path)
-        return "not a regular file"
+        return "a FIFO"
     if how == "a directory":
         path.mkdir()
-        return "not a regular file"
+        return "a directory"
+    if how == "a character device":  # as /dev/null is
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        return "a character device"
     raise AssertionError(how)
 
 
 UNUSABLE = [
-    "cut short", "garbage", "not a snapshot", "another version", "a negative sector",
-    "a string not in the table", "another user's",
-    "a symlink", "a fifo", "a directory",
+    "cut short", "garbage", "another version", "a negative sector", "a string not in the table",
+    "another user's",
 ]  # fmt: skip
+NOT_SNAPSHOTS = [
+    "not a snapshot", "an empty file", "a symlink", "a fifo", "a directory", "a character device",
+]  # fmt: skip
+
+
+def what_is_at(path) -> tuple:
+    """What is at `path`: its kind and its bytes (a symlink: where to, and the target's)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return ("symlink", os.readlink(path), path.read_bytes())
+    if stat.S_ISREG(st.st_mode):
+        return ("file", path.read_bytes())
+    return (stat.S_IFMT(st.st_mode), st.st_ino)
 
 
 @pytest.mark.parametrize("how", UNUSABLE)
@@ -233,9 +252,6 @@ async def test_a_snapshot_that_cannot_be_used_is_said_and_ignored_and_replaced_a
     warning, *saving = warnings(caplog)
     assert f"snapshot {path} is ignored" in warning and why in warning, warning
     assert status["restored"] == 0 and why in status["error"]
-    if how == "a directory":  # nothing replaces a directory: its save is said instead
-        assert len(saving) == 1 and "could not be written" in saving[0]
-        return
     assert saving == []
     # Replaced by the stop's save, which a new locator reads.
     assert path.is_file() and not path.is_symlink() and path.stat().st_uid == os.geteuid()
@@ -244,6 +260,34 @@ async def test_a_snapshot_that_cannot_be_used_is_said_and_ignored_and_replaced_a
     async with SectorLocator([SourceNode(source.url, stores)], snapshot=snapshot) as locator:
         [again] = await locator.locate(refs(5))
     assert again.stale and again.location == answer.location
+
+
+@pytest.mark.parametrize("how", NOT_SNAPSHOTS)
+async def test_what_is_not_a_snapshot_is_said_ignored_and_never_written_over(
+    how,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    caplog,
+):
+    """A path that became something else since the start (the commands refuse it at start):
+    a device, a FIFO, a symlink, a directory or someone's file is left exactly as it is."""
+    if how == "a character device" and os.geteuid() != 0:
+        pytest.skip("making a device takes root")
+    caplog.set_level(logging.INFO, "damocles_ext.sectors")
+    path = tmp_path / "sectors.snapshot"
+    why = make_unusable(path, how)
+    before = what_is_at(path)
+    put_files(stores, 5)
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL))
+    async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
+        [answer] = await locator.locate(refs(5))  # the locator works on
+    assert answer.found
+    loading, saving = warnings(caplog)
+    assert f"snapshot {path} is ignored" in loading and why in loading, loading
+    assert "never written over" in loading
+    assert "not written" in saving and why in saving and "never replaces" in saving, saving
+    assert what_is_at(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 async def test_a_snapshot_is_written_atomically_private_and_leaves_no_new_file_behind(
@@ -462,6 +506,8 @@ def worker_config(directory) -> str:
     [
         (["--sector-cache", "/nonexistent/dir/file"], "its directory /nonexistent/dir does not"),
         (["--sector-cache", "{tmp}"], "it is a directory"),
+        (["--sector-cache", "{tmp}/passwd"], "it is a file that is not a sector-location snap"),
+        (["--sector-cache", "{tmp}/fifo"], "it is a FIFO, not a sector-location snapshot"),
         (["--no-sector-cache", "--sector-cache", "{tmp}/f"], "not allowed with argument"),
     ],
 )
@@ -471,16 +517,36 @@ async def test_a_sector_cache_that_cannot_be_is_exit_2_saying_why_and_leaves_not
 ):
     from helpers.frontend import dext_run_async
 
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.mkfifo(tmp_path / "fifo")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if command == "coordinator":
         base = ["coordinator", "--jobs", f"sqlite:///{tmp_path}/jobs.db", "--listen", "127.0.0.1:0"]
     else:
         base = ["worker", "--manager", "127.0.0.1:1", "--attached", f"a={tmp_path}"]
         base += ["-c", worker_config(tmp_path)]
-    done = await dext_run_async(*base, "--proxy", "127.0.0.1:1", *args)
+    with trio.fail_after(60):  # a path taken would start the command, which runs on
+        done = await dext_run_async(*base, "--proxy", "127.0.0.1:1", *args)
     assert done.returncode == 2, done.stderr.decode()
     assert message in done.stderr.decode() and b"Traceback" not in done.stderr
     assert not (tmp_path / "jobs.db").exists()  # checked before the job store is made
+    assert (tmp_path / "passwd").read_text().startswith("root:x:")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device takes root")
+def test_a_device_as_sector_cache_is_refused_at_start_and_left_as_it_is(tmp_path):
+    """`--sector-cache /dev/null`, as root: refused (exit 2), not replaced by a regular file."""
+    import argparse
+
+    from damocles_ext.commands.common import sector_snapshot
+    from damocles_ext.errors import UsageError
+
+    path = tmp_path / "null"
+    make_unusable(path, "a character device")
+    args = argparse.Namespace(sector_cache=str(path), no_sector_cache=False)
+    with pytest.raises(UsageError, match="it is a character device, not a sector-location snap"):
+        sector_snapshot(args, logging.getLogger("damocles_ext.worker"))
+    assert stat.S_ISCHR(os.lstat(path).st_mode)
 
 
 @pytest.mark.parametrize("command", ["coordinator", "worker"])
@@ -516,7 +582,14 @@ def test_a_state_directory_that_cannot_hold_the_snapshot_is_a_warning_not_a_fail
     open_to_all = tmp_path / "open"
     open_to_all.mkdir()
     open_to_all.chmod(0o777)
-    for state, why in ((tmp_path / "missing", "does not exist"), (open_to_all, "other users")):
+    holding = tmp_path / "holding"
+    holding.mkdir(mode=0o700)
+    os.mkfifo(holding / "sector-locations.snapshot")
+    for state, why in (
+        (tmp_path / "missing", "does not exist"),
+        (open_to_all, "other users"),
+        (holding, "it is a FIFO, not a sector-location snapshot"),
+    ):
         monkeypatch.setenv("STATE_DIRECTORY", str(state))
         caplog.clear()
         assert sector_snapshot(args, log) is None

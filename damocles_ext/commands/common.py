@@ -539,10 +539,11 @@ def check_sector_cache(args: argparse.Namespace) -> None:
 def sector_snapshot(args: argparse.Namespace, log: logging.Logger) -> CacheSnapshot | None:
     """The CacheSnapshot of --sector-cache FILE, else of the state directory systemd gives
     ($STATE_DIRECTORY), else None. UsageError for a FILE whose directory is missing, not
-    writable here or open to other users; the same of the state directory is a warning (and
-    no snapshot): a cache must not keep a service from starting."""
+    writable here or open to other users, or that is there and not a snapshot (a device, a
+    FIFO, a symlink, someone's file: the snapshot would replace it); the same of the state
+    directory is a warning (and no snapshot): a cache must not keep a service from starting."""
     from damocles_ext.errors import UsageError
-    from damocles_ext.sectors.snapshot import FILE_NAME, CacheSnapshot
+    from damocles_ext.sectors.snapshot import FILE_NAME, CacheSnapshot, not_a_snapshot
     from damocles_ext.trusted_path import resolve_trusted
 
     if args.no_sector_cache:
@@ -565,6 +566,8 @@ def sector_snapshot(args: argparse.Namespace, log: logging.Logger) -> CacheSnaps
             problem = "it is a directory; give a file's path"
         elif not os.access(directory, os.W_OK | os.X_OK):
             problem = f"its directory {directory} is not writable by this user"
+        elif (there := not_a_snapshot(path)) is not None:
+            problem = f"it is {there}, which each save would replace"
         else:
             problem = ""
     except FileNotFoundError:

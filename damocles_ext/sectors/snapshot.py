@@ -14,8 +14,12 @@ locations (docs/SECTORS.md, "Kept across restarts").
 - Read once, at start (`load`): the learned times go back onto the loop's clock, so an entry's
   age is its real age, the time the process was down included (`SectorCache.restore` keeps the
   rules). A file that is not there is a first start; one that is not ours, not a regular file,
-  too big, not a snapshot, of another format version or unreadable is said in a warning and
-  ignored (the next save replaces it): never fatal.
+  too big, of another format version or unreadable is said in a warning and ignored (the next
+  save replaces it): never fatal.
+- Never written over what is not a snapshot (`not_a_snapshot`: a device, a FIFO, a symlink, a
+  directory, a file without the magic line; `--sector-cache /dev/null` or a mistyped path of
+  someone's file): refused at start (the commands), and checked again before each rename; such
+  a file is said and left as it is.
 
 The cache's rules stay sans-IO (cache.py); the files are here, and the locator calls this.
 """
@@ -91,6 +95,59 @@ class _Snapshot(msgspec.Struct):
 
 class SnapshotUnusable(Exception):
     """The file cannot be taken in (the message says why and what to do)."""
+
+
+class NotASnapshot(SnapshotUnusable):
+    """What is at the path is not a snapshot: it is neither taken in nor ever written over."""
+
+
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_snapshot(path: str) -> str | None:
+    """What is at `path` when it is not a sector-location snapshot, which a snapshot must then
+    never replace ("a character device, not a sector-location snapshot", ...); None when
+    nothing is there, or a file that starts as a snapshot does (damaged or not, it is one)."""
+    not_one = "not a sector-location snapshot"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"something that cannot be looked at ({describe(exc)}), so maybe {not_one}"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"a symlink (to {target}), {not_one}: a snapshot is a file of its own"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        return f"{kind}, {not_one}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
+    try:
+        head = os.read(fd, len(MAGIC))
+    except OSError as exc:
+        return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
+    finally:
+        os.close(fd)
+    if not head:
+        return f"an empty file, {not_one}"
+    if head != MAGIC:
+        first = MAGIC.decode().strip()
+        return f"a file that is {not_one} (its first line is not {first!r})"
+    return None
 
 
 def encode(
@@ -221,6 +278,12 @@ def write_file(path: str, data: bytes) -> None:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
+            what = not_a_snapshot(path)  # put there since it started, or since the last save
+            if what is not None:
+                raise NotASnapshot(
+                    f"{path} is {what}, and a snapshot never replaces that: move it away, or"
+                    " give another --sector-cache"
+                )
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -286,6 +349,9 @@ class CacheSnapshot:
 
         def read() -> tuple[float, list[tuple[SectorRef, CacheEntry]]] | None:
             _remove_leftovers(self.path)
+            what = not_a_snapshot(self.path)
+            if what is not None:
+                raise NotASnapshot(f"it is {what}")
             data = read_file(self.path, self.max_bytes)
             return None if data is None else decode(data, mono_now, wall_now)
 
@@ -297,10 +363,12 @@ class CacheSnapshot:
             if not isinstance(exc, SnapshotUnusable):
                 exc = SnapshotUnusable(f"it could not be read: {describe(exc)}")
             self.error = f"{self.path} was not taken: {exc}"
+            then = "the file replaced at the next save"
+            if isinstance(exc, NotASnapshot):
+                then = "no snapshot is written: what is there is never written over"
             log.warning(
-                "the sector-location snapshot %s is ignored: %s. Locations are learned anew (and"
-                " the file replaced at the next save)",
-                self.path, exc,
+                "the sector-location snapshot %s is ignored: %s. Locations are learned anew (%s)",
+                self.path, exc, then,
             )  # fmt: skip
             return 0
         if got is None:
@@ -344,6 +412,9 @@ class CacheSnapshot:
                 except BaseException as exc:  # said alike each time: the new file's name left out
                     if passes_through(exc):
                         raise
+                    if isinstance(exc, NotASnapshot):
+                        self._failed(f"not written: {exc}")
+                        return False
                     why = (isinstance(exc, OSError) and exc.strerror) or describe(exc)
                     self._failed(f"it could not be written in {self._directory}: {why}")
                     return False
