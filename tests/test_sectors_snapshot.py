@@ -160,6 +160,45 @@ async def test_entries_past_keep_for_or_learned_in_the_future_are_not_taken_as_t
     assert old.status == "error" and "no location of it is known" in old.detail
 
 
+async def test_a_clock_set_back_since_the_save_makes_no_entry_younger_than_it_was_nor_fresh(
+    source,
+    stores,  # noqa: F811 - the fixture
+    tmp_path,
+    mock_clock,
+    caplog,
+):
+    source.put(MINER, 1, "a")
+    put_files(stores, 1)
+    path = tmp_path / "sectors.snapshot"
+    rules = CacheRules(fresh_for=600, refresh_lead=60, keep_for=3600)
+    async with SectorLocator(
+        [SourceNode(source.url, stores)], rules=rules,
+        snapshot=CacheSnapshot(str(path), wall=wall_at(WALL)),
+    ) as first:  # fmt: skip
+        await first.locate(refs(1))
+        mock_clock.jump(3000)  # saved at WALL (by the wall clock), when the entry is 3000 s old
+    source.stop()
+    # Started again at once; meanwhile the wall clock was set back 400 s (NTP, an operator).
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL - 400))
+    async with SectorLocator([SourceNode(source.url, stores)], rules=rules, snapshot=snapshot) as second:  # fmt: skip
+        [answer] = await second.locate(refs(1))
+        assert answer.stale and answer.age == pytest.approx(3000, abs=1)  # not 2600
+        mock_clock.jump(601)  # past keep_for by its age when saved: not by the clock set back
+        [gone] = await second.locate(refs(1))
+    assert gone.status == "error" and "no location of it is known" in gone.detail
+    assert any("the clock set back since?" in w for w in warnings(caplog))
+    # One saved young is not fresh either: its age since the save is not known.
+    source2 = DamoclesSource()
+    with source2:
+        source2.put(MINER, 1, "a")
+        node = SourceNode(source2.url, stores)
+        await learn_then_stop(path, [node], refs(1), rules=rules)  # saved at WALL, 0 s old
+        snapshot = CacheSnapshot(str(path), wall=wall_at(WALL - 400))
+        async with SectorLocator([node], rules=rules, snapshot=snapshot) as third:
+            [asked] = await third.locate(refs(1))
+        assert not asked.cached and source2.finds() == 2
+
+
 def good_snapshot() -> bytes:
     entry = CacheEntry(SectorLocation("/a/sealed/s-t01000-1", "/a/cache/s-t01000-1"), "p", 0.0)
     return encode([(SectorRef(MINER, 1), entry)], 0.0, WALL)

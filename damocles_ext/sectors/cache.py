@@ -18,8 +18,8 @@
 - At most `max_entries` entries: the least recently used go first.
 - Entries remembered from before (`restore`: a snapshot a restarted process read) keep the time
   they were learned: one is fresh, or a last known location, for what is left of its time, never
-  more; one learned "after" now (the wall clock set back since it was saved) is taken as learned
-  `fresh_for` ago: asked again first, still a last known location.
+  more; one learned "after" now, or all of them when the wall clock was set back since they were
+  saved (`not_fresh`), at least `fresh_for` old: asked again first, still a last known location.
 """
 
 from __future__ import annotations
@@ -164,21 +164,29 @@ class SectorCache:
         self._wanted.pop(sector, None)
         self._replan(sector)
 
-    def restore(self, entries: Iterable[tuple[SectorRef, CacheEntry]], now: float) -> int:
+    def restore(
+        self,
+        entries: Iterable[tuple[SectorRef, CacheEntry]],
+        now: float,
+        *,
+        not_fresh: bool = False,
+    ) -> int:
         """Take in entries remembered from before (a snapshot: least recently used first), each
         with the time it was learned on this clock. One past `keep_for` is left out, as is one
-        whose sector has an entry here already (learned since: newer); one learned after `now`
-        is taken as learned `fresh_for` ago. None counts as used: the background refresh plans
+        whose sector has an entry here already (learned since: newer); one learned after `now`,
+        or any learned less than `fresh_for` ago when `not_fresh` (the clock they were saved by
+        was set back since: their ages are not known), is taken as learned `fresh_for` ago. None counts as used: the background refresh plans
         them once they are looked up or wanted. They go before the entries here in the
         least-recently-used order; past `max_entries` the least recently used go. Returns how
         many were taken."""
         live = self._entries
         fresh_for, keep_for = self.rules.fresh_for, self.rules.keep_for
+        not_after = now - fresh_for if not_fresh else now
         taken: dict[SectorRef, CacheEntry] = {}
         for sector, entry in entries:  # taken as they are, their times set as said
             if sector in live:
                 continue
-            if entry.learned_at > now:
+            if entry.learned_at > not_after:
                 entry.learned_at = now - fresh_for
             if now - entry.learned_at >= keep_for:
                 continue

@@ -189,7 +189,9 @@ def encode(
 
 def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[tuple[SectorRef, CacheEntry]]]:  # fmt: skip
     """(when it was written, unix seconds; its entries, learned at their times on the loop's
-    clock: `mono_now` is the same moment as `wall_now`). SnapshotUnusable saying why."""
+    clock: `mono_now` is the same moment as `wall_now`). A wall clock behind the time it was
+    written (set back since) cannot say how long ago that was: each entry is then taken as old
+    as it was when written, at least. SnapshotUnusable saying why."""
     if not data.startswith(MAGIC):
         raise SnapshotUnusable("it is not a sector-location snapshot (its first bytes are not)")
     body = memoryview(data)[len(MAGIC) :]
@@ -204,7 +206,9 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
         )
     try:
         snapshot = msgspec.msgpack.decode(body, type=_Snapshot)
-        strings = snapshot.strings
+        strings, written_at = snapshot.strings, snapshot.written_at
+        if not math.isfinite(written_at):
+            raise ValueError("its time of writing is not a time")
 
         def text(i: int) -> str | None:
             if i == -1:
@@ -224,7 +228,7 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
                 text(row.sealed_store),
                 text(row.cache_store),
             )
-            learned_at = mono_now - (wall_now - row.learned_at)
+            learned_at = mono_now - (max(wall_now, written_at) - row.learned_at)
             sector = SectorRef(row.miner, row.number, row.upgrade)
             entries.append((sector, CacheEntry(location, provider, learned_at)))
     except (msgspec.DecodeError, ValueError, IndexError) as exc:
@@ -376,7 +380,15 @@ class CacheSnapshot:
             return 0
         written_at, entries = got
         self.saved_at = mono_now - max(0.0, wall_now - written_at)
-        self.restored = cache.restore(entries, trio.current_time())
+        set_back = wall_now < written_at
+        if set_back:
+            log.warning(
+                "the sector-location snapshot %s was written %.0f s after now by the wall clock"
+                " (the clock set back since?): its locations are taken as not fresh (asked again"
+                " first), and as old as they were when written at least",
+                self.path, written_at - wall_now,
+            )  # fmt: skip
+        self.restored = cache.restore(entries, trio.current_time(), not_fresh=set_back)
         self._saved_changes = cache.changes
         log.info(
             "%d sector locations taken from %s (saved %.0f s ago; %d left out: past keep_for,"
