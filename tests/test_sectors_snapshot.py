@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 
 import msgspec
 import pytest
@@ -393,8 +394,8 @@ class Watched(CacheSnapshot):
         super().__init__(*args, **kwargs)
         self.saved = trio.Event()
 
-    async def save(self, cache):
-        done = await super().save(cache)
+    async def save(self, cache, *, final=False):
+        done = await super().save(cache, final=final)
         self.saved.set()
         self.saved = trio.Event()
         return done
@@ -446,6 +447,38 @@ async def test_the_background_refresh_saves_every_few_minutes_only_what_changed_
         nursery.cancel_scope.cancel()
     assert any("written again" in r.getMessage() for r in caplog.records)
     assert len(decode(path.read_bytes(), 0.0, WALL)[1]) == 3
+
+
+@pytest.fixture
+def hung_storage(monkeypatch):
+    """Writes of snapshots that hang (a dead NFS mount, a failing disk) until the test ends."""
+    import damocles_ext.sectors.snapshot as snapshot_module
+
+    hung = threading.Event()
+    monkeypatch.setattr(snapshot_module, "write_file", lambda path, data: hung.wait())
+    yield
+    hung.set()
+
+
+@pytest.mark.usefixtures("hung_storage")
+async def test_a_storage_that_hangs_costs_a_stop_one_save_bound_at_most(
+    tmp_path, autojump_clock, caplog
+):
+    from damocles_ext.sectors.snapshot import SAVE_TIMEOUT
+
+    snapshot = CacheSnapshot(str(tmp_path / "s.snapshot"), every=300, wall=wall_at(WALL))
+    locator = SectorLocator([], snapshot=snapshot)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(locator.refresh_forever)
+        locator.cache.learn(refs(1)[0], SectorLocation("/a/s", "/a/c"), "p", trio.current_time())
+        await trio.sleep(301)  # the periodic save has begun, and hangs
+        start = trio.current_time()
+        nursery.cancel_scope.cancel()  # SIGTERM: the refresh is cancelled
+    await locator.aclose()  # the coordinator's, the worker's stop
+    assert trio.current_time() - start <= SAVE_TIMEOUT
+    assert any(
+        "not written at this stop: a write is still in flight" in w for w in warnings(caplog)
+    )
 
 
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():

@@ -184,7 +184,7 @@ class SectorLocator:
 
     async def aclose(self) -> None:
         if self.snapshot is not None and self._restored:
-            await self.snapshot.save(self.cache)
+            await self.snapshot.save(self.cache, final=True)
         for name in list(self._unsaid):  # what a flapping provider did lately: said now
             self._say_unsaid(name, trio.current_time())
         for provider in self.providers:

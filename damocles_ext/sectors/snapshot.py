@@ -26,6 +26,7 @@ The cache's rules stay sans-IO (cache.py); the files are here, and the locator c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -339,6 +340,9 @@ class CacheSnapshot:
         self.max_bytes = max_bytes
         self.wall = wall
         self._lock = trio.Lock()
+        #: Writes whose thread has not ended (one outlives its bound on a storage that hangs):
+        #: counted in the loop before it starts, until the thread says it ended.
+        self._threads_writing = 0
         self._saved_changes: int | None = None
         self.restored = 0
         #: When the file was last written (the loop's clock), by this process or the one before.
@@ -397,10 +401,24 @@ class CacheSnapshot:
         )  # fmt: skip
         return self.restored
 
-    async def save(self, cache: SectorCache) -> bool:
+    @property
+    def writing(self) -> bool:
+        """A write is in flight: under way, or its thread still stuck past its bound."""
+        return self._lock.locked() or self._threads_writing > 0
+
+    async def save(self, cache: SectorCache, *, final: bool = False) -> bool:
         """Write the cache's entries (the most recently used `max_entries`) to the file, in a
         thread, at most `SAVE_TIMEOUT` (shielded: a stop waits for it that long); True when
-        done."""
+        done. `final` (the stop's): skipped while a write is in flight, said, so that a storage
+        that hangs costs a stop one bound at most, not one more behind the one in flight."""
+        if final and self.writing:
+            log.warning(
+                "the sector-location snapshot %s is not written at this stop: a write is still in"
+                " flight (a storage that hangs?); the file keeps what it held before that write,"
+                " or what that write puts there",
+                self.path,
+            )
+            return False
         timeout = SAVE_TIMEOUT
         with trio.CancelScope(shield=True), trio.move_on_after(timeout) as bound:
             async with self._lock:
@@ -409,7 +427,19 @@ class CacheSnapshot:
                 keep_for = cache.rules.keep_for
                 entries = list(cache.entries())[-self.max_entries :]  # a copy, in the loop
 
+                token = trio.lowlevel.current_trio_token()
+
+                def ended() -> None:
+                    self._threads_writing -= 1
+
                 def write() -> tuple[int, int]:
+                    try:
+                        return write_entries()
+                    finally:
+                        with contextlib.suppress(trio.RunFinishedError):
+                            token.run_sync_soon(ended)
+
+                def write_entries() -> tuple[int, int]:
                     kept = [(s, e) for s, e in entries if mono_now - e.learned_at < keep_for]
                     data = encode(kept, mono_now, wall_now)
                     fitting = kept
@@ -419,6 +449,7 @@ class CacheSnapshot:
                     write_file(self.path, data)
                     return len(fitting), len(kept)
 
+                self._threads_writing += 1
                 try:
                     written, kept = await trio.to_thread.run_sync(write, abandon_on_cancel=True)
                 except BaseException as exc:  # said alike each time: the new file's name left out
