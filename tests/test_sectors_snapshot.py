@@ -481,6 +481,23 @@ async def test_a_storage_that_hangs_costs_a_stop_one_save_bound_at_most(
     )
 
 
+@pytest.mark.usefixtures("hung_storage")
+async def test_a_storage_that_hangs_holds_one_thread_of_its_own_and_no_new_write_starts_behind_it(
+    tmp_path, autojump_clock, caplog
+):
+    snapshot = CacheSnapshot(str(tmp_path / "s.snapshot"), wall=wall_at(WALL))
+    locator = SectorLocator([], snapshot=snapshot)
+    locator.cache.learn(refs(1)[0], SectorLocation("/a/s", "/a/c"), "p", trio.current_time())
+    default = trio.to_thread.current_default_thread_limiter()
+    for _ in range(default.total_tokens + 1):  # over 3 hours of saves every 5 min
+        assert not await snapshot.save(locator.cache)
+    assert default.borrowed_tokens == 0  # the rest of the process has all of its threads
+    assert await trio.to_thread.run_sync(lambda: "a thread") == "a thread"
+    took, stuck = warnings(caplog)  # each said once
+    assert "took more than 10 s" in took and "no new one starts until it ends" in stuck
+    assert "stuck" in locator.status()["snapshot"]["error"]
+
+
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():
     """SectorCache.restore, sans-IO: a sector learned since is not replaced; duplicates keep
     the later; past max_entries the least recently used of the restored go."""

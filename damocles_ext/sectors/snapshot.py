@@ -26,7 +26,6 @@ The cache's rules stay sans-IO (cache.py); the files are here, and the locator c
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
@@ -340,9 +339,10 @@ class CacheSnapshot:
         self.max_bytes = max_bytes
         self.wall = wall
         self._lock = trio.Lock()
-        #: Writes whose thread has not ended (one outlives its bound on a storage that hangs):
-        #: counted in the loop before it starts, until the thread says it ended.
-        self._threads_writing = 0
+        #: Its own thread for its reads and writes, not trio's default limiter's: a storage that
+        #: hangs holds this one (a thread outlives its bound there), never the threads the rest
+        #: of the process needs (the coordinator parses its requests in those).
+        self._threads = trio.CapacityLimiter(1)
         self._saved_changes: int | None = None
         self.restored = 0
         #: When the file was last written (the loop's clock), by this process or the one before.
@@ -364,7 +364,7 @@ class CacheSnapshot:
             return None if data is None else decode(data, mono_now, wall_now)
 
         try:
-            got = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            got = await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._threads)
         except BaseException as exc:  # SnapshotUnusable, or anything else: never fatal
             if passes_through(exc):
                 raise
@@ -404,7 +404,7 @@ class CacheSnapshot:
     @property
     def writing(self) -> bool:
         """A write is in flight: under way, or its thread still stuck past its bound."""
-        return self._lock.locked() or self._threads_writing > 0
+        return self._lock.locked() or self._threads.borrowed_tokens > 0
 
     async def save(self, cache: SectorCache, *, final: bool = False) -> bool:
         """Write the cache's entries (the most recently used `max_entries`) to the file, in a
@@ -422,24 +422,18 @@ class CacheSnapshot:
         timeout = SAVE_TIMEOUT
         with trio.CancelScope(shield=True), trio.move_on_after(timeout) as bound:
             async with self._lock:
+                if self._threads.borrowed_tokens:  # stuck past its bound: a new one would wait
+                    self._failed(
+                        f"a write has been stuck for more than {timeout:g} s (a storage that"
+                        " hangs?), and no new one starts until it ends"
+                    )
+                    return False
                 changes = cache.changes
                 mono_now, wall_now = trio.current_time(), self.wall()
                 keep_for = cache.rules.keep_for
                 entries = list(cache.entries())[-self.max_entries :]  # a copy, in the loop
 
-                token = trio.lowlevel.current_trio_token()
-
-                def ended() -> None:
-                    self._threads_writing -= 1
-
                 def write() -> tuple[int, int]:
-                    try:
-                        return write_entries()
-                    finally:
-                        with contextlib.suppress(trio.RunFinishedError):
-                            token.run_sync_soon(ended)
-
-                def write_entries() -> tuple[int, int]:
                     kept = [(s, e) for s, e in entries if mono_now - e.learned_at < keep_for]
                     data = encode(kept, mono_now, wall_now)
                     fitting = kept
@@ -449,9 +443,10 @@ class CacheSnapshot:
                     write_file(self.path, data)
                     return len(fitting), len(kept)
 
-                self._threads_writing += 1
                 try:
-                    written, kept = await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+                    written, kept = await trio.to_thread.run_sync(
+                        write, abandon_on_cancel=True, limiter=self._threads
+                    )
                 except BaseException as exc:  # said alike each time: the new file's name left out
                     if passes_through(exc):
                         raise
