@@ -498,6 +498,37 @@ async def test_a_storage_that_hangs_holds_one_thread_of_its_own_and_no_new_write
     assert "stuck" in locator.status()["snapshot"]["error"]
 
 
+async def test_a_lookup_keeps_its_time_bound_while_the_snapshot_is_slow_to_read_and_gets_it_after(
+    tmp_path,
+    stores,  # noqa: F811 - the fixture
+    autojump_clock,
+    monkeypatch,
+):
+    """A huge snapshot on a slow disk must not eat a WinningPoSt's ~20 s: the lookup goes on
+    without it, and its entries are taken in when they arrive."""
+    import damocles_ext.sectors.snapshot as snapshot_module
+
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())
+    slow = threading.Event()
+    read_file = snapshot_module.read_file
+    monkeypatch.setattr(
+        snapshot_module, "read_file", lambda *args: slow.wait() and read_file(*args)
+    )
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 60))
+    try:
+        async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
+            with trio.fail_after(locator.bounds.budget(20) + 1):  # a WinningPoSt's ~20 s
+                [answer] = await locator.locate(refs(1), time_left=20)
+            assert not answer.found  # the scan finds no files, and nothing is known yet
+            slow.set()
+            await locator.restore()
+            assert locator.cached(SectorRef(MINER, 1)).provider == "p"
+            assert snapshot.restored == 1
+    finally:
+        slow.set()
+
+
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():
     """SectorCache.restore, sans-IO: a sector learned since is not replaced; duplicates keep
     the later; past max_entries the least recently used of the restored go."""

@@ -19,9 +19,11 @@ Public API (kept stable; the worker, the coordinator and `prove` use it):
 - `locator.status()`: a plain dict for a process's status document.
 - `await locator.aclose()` (or `async with locator`).
 - `snapshot=CacheSnapshot(path)` (snapshot.py): the cache kept across restarts; its entries are
-  taken in before the first lookup or refresh (`restore`), saved by `refresh_forever` now and
-  then and by `aclose` (only once they were taken in: a locator that never loaded does not
-  overwrite a snapshot with nothing).
+  read when the first lookup or refresh starts (`restore`), in a task of their own (a lookup
+  waits for them a provider's share of its time at most, and goes on without them: they are
+  taken in when they arrive), saved by `refresh_forever` now and then and by `aclose` (only
+  once they were taken in: a locator that never loaded does not overwrite a snapshot with
+  nothing).
 
 The rules of one batch: a sector whose entry is fresh is answered from the cache. The others go
 to the providers in order, each given an equal share of what is left of the providers' phase
@@ -141,6 +143,7 @@ class SectorLocator:
         self.snapshot = snapshot
         self._restored = False
         self._restoring: trio.Event | None = None
+        self._loading = trio.CancelScope()
         self.cache = SectorCache(rules)
         self.bounds = bounds or Bounds()
         self.metrics = metrics
@@ -183,6 +186,7 @@ class SectorLocator:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._loading.cancel()  # a read not done: the file is left as it is
         if self.snapshot is not None and self._restored:
             await self.snapshot.save(self.cache, final=True)
         for name in list(self._unsaid):  # what a flapping provider did lately: said now
@@ -204,9 +208,12 @@ class SectorLocator:
     ) -> list[SectorAnswer]:
         """One answer per sector, in order; at most `bounds.budget(time_left)` seconds."""
         asked = list(sectors)
-        await self.restore()
         start = trio.current_time()
         phase_end, batch_end = self.bounds.phases(start, self.bounds.budget(time_left))
+        if not self._restored:  # the snapshot still being read: a provider's share at most
+            with trio.move_on_at(provider_slice(start, phase_end, len(self.providers) + 1)):
+                await self.restore()
+            start = trio.current_time()
         answers: dict[SectorRef, SectorAnswer] = {}
         todo: list[SectorRef] = []
         for sector in dict.fromkeys(asked):
@@ -530,20 +537,23 @@ class SectorLocator:
         return answered
 
     async def restore(self) -> None:
-        """Take in the snapshot's entries, once (nothing without a snapshot); a caller while
-        they are being read waits for them."""
+        """Take in the snapshot's entries, once (nothing without a snapshot), and wait for them.
+        They are read in a task of their own: a caller that stops waiting (a lookup's time
+        bound) leaves them to be taken in when they arrive; `aclose` stops the read."""
         if self.snapshot is None or self._restored:
             return
-        if self._restoring is not None:
-            await self._restoring.wait()
-            return
-        self._restoring = done = trio.Event()
+        if self._restoring is None:
+            self._restoring = trio.Event()
+            trio.lowlevel.spawn_system_task(self._load, self.snapshot, self._restoring)
+        await self._restoring.wait()
+
+    async def _load(self, snapshot: CacheSnapshot, done: trio.Event) -> None:
         try:
-            await self.snapshot.load(self.cache)
-            self._restored = True
-            self._changed.set()
+            with self._loading:
+                await snapshot.load(self.cache)  # never raises but for the cancel
+                self._restored = True
+                self._changed.set()
         finally:
-            self._restoring = None  # cut short: the next caller reads it
             done.set()
 
     async def refresh_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
