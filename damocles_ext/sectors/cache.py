@@ -172,27 +172,18 @@ class SectorCache:
         not_fresh: bool = False,
     ) -> int:
         """Take in entries remembered from before (a snapshot: least recently used first), each
-        with the time it was learned on this clock. One past `keep_for` is left out, as is one
-        whose sector has an entry here already (learned since: newer); one learned after `now`,
-        or any learned less than `fresh_for` ago when `not_fresh` (the clock they were saved by
-        was set back since: their ages are not known), is taken as learned `fresh_for` ago. None counts as used: the background refresh plans
-        them once they are looked up or wanted. They go before the entries here in the
-        least-recently-used order; past `max_entries` the least recently used go. Returns how
-        many were taken."""
+        with the time it was learned on this clock: `take_restored(restorable(...))`."""
+        return self.take_restored(restorable(entries, now, self.rules, not_fresh=not_fresh))
+
+    def take_restored(self, taken: dict[SectorRef, CacheEntry]) -> int:
+        """Take in what `restorable` kept (it is taken over): one whose sector has an entry here
+        already (learned since: newer) is left out. They go before the entries here in the
+        least-recently-used order; past `max_entries` the least recently used go. None counts
+        as used: the background refresh plans them once they are looked up or wanted. Returns
+        how many were taken. O(entries here), and one copy of the dict."""
         live = self._entries
-        fresh_for, keep_for = self.rules.fresh_for, self.rules.keep_for
-        not_after = now - fresh_for if not_fresh else now
-        taken: dict[SectorRef, CacheEntry] = {}
-        for sector, entry in entries:  # taken as they are, their times set as said
-            if sector in live:
-                continue
-            if entry.learned_at > not_after:
-                entry.learned_at = now - fresh_for
-            if now - entry.learned_at >= keep_for:
-                continue
-            entry.used_at = None
-            taken.pop(sector, None)  # a later one is the more recently used
-            taken[sector] = entry
+        for sector in live:
+            taken.pop(sector, None)
         room = max(0, self.rules.max_entries - len(live))
         if len(taken) > room:  # the least recently used left out
             taken = dict(itertools.islice(taken.items(), len(taken) - room, None))
@@ -200,7 +191,7 @@ class SectorCache:
             return 0
         self._entries = {**taken, **live} if live else taken
         self.changes += 1
-        for sector in self._wanted.keys() & taken.keys():
+        for sector in [s for s in self._wanted if s in taken]:
             self._replan(sector)
         return len(taken)
 
@@ -291,3 +282,32 @@ class SectorCache:
         """The earliest time `due` will have something (None: nothing is planned)."""
         self._drop_stale_top()
         return self._plan[0][0] if self._plan else None
+
+
+def restorable(
+    entries: Iterable[tuple[SectorRef, CacheEntry]],
+    now: float,
+    rules: CacheRules,
+    *,
+    not_fresh: bool = False,
+) -> dict[SectorRef, CacheEntry]:
+    """Of entries remembered from before (least recently used first, each learned at its time
+    on this clock), those a cache with `rules` takes, in order: one past `keep_for` is left
+    out; one learned after `now`, or any learned less than `fresh_for` ago when `not_fresh`
+    (the clock they were saved by was set back since: their ages are not known), is taken as
+    learned `fresh_for` ago; of one sector's, the last; at most `max_entries` (the most
+    recently used). Touches no cache: a snapshot's read runs it in its thread."""
+    fresh_for, keep_for = rules.fresh_for, rules.keep_for
+    not_after = now - fresh_for if not_fresh else now
+    taken: dict[SectorRef, CacheEntry] = {}
+    for sector, entry in entries:  # taken as they are, their times set as said
+        if entry.learned_at > not_after:
+            entry.learned_at = now - fresh_for
+        if now - entry.learned_at >= keep_for:
+            continue
+        entry.used_at = None
+        taken.pop(sector, None)  # a later one is the more recently used
+        taken[sector] = entry
+    if len(taken) > rules.max_entries:
+        taken = dict(itertools.islice(taken.items(), len(taken) - rules.max_entries, None))
+    return taken

@@ -27,6 +27,7 @@ The cache's rules stay sans-IO (cache.py); the files are here, and the locator c
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import os
@@ -34,14 +35,14 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 import msgspec
 import trio
 
 from ..errors import describe, passes_through
-from .cache import CacheEntry, SectorCache
+from .cache import CacheEntry, SectorCache, restorable
 from .model import SectorLocation, SectorRef
 
 log = logging.getLogger("damocles_ext.sectors")
@@ -65,9 +66,10 @@ MAX_BYTES: Final = 256 * 1024 * 1024
 _writing = threading.Lock()
 
 
-class _Row(msgspec.Struct, array_like=True, frozen=True):
+class _Row(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One entry. Paths are split after their last "/": a directory (an index in `strings`)
-    and a name; a store name or the provider is an index in `strings`, -1 for None."""
+    and a name; a store name or the provider is an index in `strings`, -1 for None. Not
+    tracked by the garbage collector (scalars only): a million of them start no collection."""
 
     miner: int
     number: int
@@ -151,7 +153,7 @@ def not_a_snapshot(path: str) -> str | None:
 
 
 def encode(
-    entries: Sequence[tuple[SectorRef, CacheEntry]], mono_now: float, wall_now: float
+    entries: Iterable[tuple[SectorRef, CacheEntry]], mono_now: float, wall_now: float
 ) -> bytes:
     """The snapshot of these entries (least recently used first), their learned times on the
     wall clock: `wall_now` is the same moment as `mono_now` on the loop's clock."""
@@ -354,14 +356,25 @@ class CacheSnapshot:
         """Take the file's entries into the cache; how many were taken. A file that cannot be
         used is said in a warning and ignored."""
         mono_now, wall_now = trio.current_time(), self.wall()
+        rules = cache.rules
 
-        def read() -> tuple[float, list[tuple[SectorRef, CacheEntry]]] | None:
+        def read() -> tuple[float, int, dict[SectorRef, CacheEntry]] | None:
+            """(written_at, entries in the file, those the cache takes): all of the O(entries)
+            work here, in the thread; the loop only merges the dict."""
             _remove_leftovers(self.path)
             what = not_a_snapshot(self.path)
             if what is not None:
                 raise NotASnapshot(f"it is {what}")
             data = read_file(self.path, self.max_bytes)
-            return None if data is None else decode(data, mono_now, wall_now)
+            if data is None:
+                return None
+            written_at, entries = decode(data, mono_now, wall_now)
+            not_fresh = wall_now < written_at
+            return (
+                written_at,
+                len(entries),
+                restorable(entries, mono_now, rules, not_fresh=not_fresh),
+            )
 
         try:
             got = await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._threads)
@@ -382,7 +395,7 @@ class CacheSnapshot:
         if got is None:
             log.info("no sector-location snapshot at %s yet: locations are learned anew", self.path)
             return 0
-        written_at, entries = got
+        written_at, in_file, taken = got
         self.saved_at = mono_now - max(0.0, wall_now - written_at)
         set_back = wall_now < written_at
         if set_back:
@@ -392,12 +405,12 @@ class CacheSnapshot:
                 " first), and as old as they were when written at least",
                 self.path, written_at - wall_now,
             )  # fmt: skip
-        self.restored = cache.restore(entries, trio.current_time(), not_fresh=set_back)
+        self.restored = cache.take_restored(taken)
         self._saved_changes = cache.changes
         log.info(
             "%d sector locations taken from %s (saved %.0f s ago; %d left out: past keep_for,"
             " or learned since)",
-            self.restored, self.path, max(0.0, wall_now - written_at), len(entries) - self.restored,
+            self.restored, self.path, max(0.0, wall_now - written_at), in_file - self.restored,
         )  # fmt: skip
         return self.restored
 
@@ -431,17 +444,35 @@ class CacheSnapshot:
                 changes = cache.changes
                 mono_now, wall_now = trio.current_time(), self.wall()
                 keep_for = cache.rules.keep_for
-                entries = list(cache.entries())[-self.max_entries :]  # a copy, in the loop
+                # A copy, in the loop: one dict, no object per entry (those would start the
+                # garbage collector's full collections, which hold the loop too).
+                entries = dict(cache.entries())
+
+                def to_keep() -> Iterator[tuple[SectorRef, CacheEntry]]:
+                    """The most recently used `max_entries`, less those past keep_for."""
+                    items = iter(entries.items())
+                    if len(entries) > self.max_entries:
+                        items = itertools.islice(items, len(entries) - self.max_entries, None)
+                    return ((s, e) for s, e in items if mono_now - e.learned_at < keep_for)
 
                 def write() -> tuple[int, int]:
-                    kept = [(s, e) for s, e in entries if mono_now - e.learned_at < keep_for]
-                    data = encode(kept, mono_now, wall_now)
-                    fitting = kept
-                    while len(data) > self.max_bytes and fitting:  # the least recently used go
-                        fitting = fitting[len(fitting) // 2 :] if len(fitting) > 1 else []
-                        data = encode(fitting, mono_now, wall_now)
+                    counted = [0]
+
+                    def counting() -> Iterator[tuple[SectorRef, CacheEntry]]:
+                        for item in to_keep():
+                            counted[0] += 1
+                            yield item
+
+                    data = encode(counting(), mono_now, wall_now)
+                    written = counted[0]
+                    if len(data) > self.max_bytes:  # the least recently used halves go
+                        fitting = list(to_keep())
+                        while len(data) > self.max_bytes and fitting:
+                            fitting = fitting[len(fitting) // 2 :] if len(fitting) > 1 else []
+                            data = encode(fitting, mono_now, wall_now)
+                        written = len(fitting)
                     write_file(self.path, data)
-                    return len(fitting), len(kept)
+                    return written, counted[0]
 
                 try:
                     written, kept = await trio.to_thread.run_sync(
