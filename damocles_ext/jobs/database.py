@@ -26,6 +26,7 @@ from sqlalchemy.util import asbool
 from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
+from .mounts import no_space_left
 from .pg_hosts import several_servers_problem, split_userinfo
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
@@ -44,6 +45,11 @@ URL_HELP = (
     "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
 )
 DEFAULT_BUSY_TIMEOUT = 30.0
+#: The size a SQLite store's write-ahead log file is cut down to when it restarts (bytes). It
+#: is checkpointed every 1,000 pages (SQLite's default, about 4 MB), but grows past that for as
+#: long as another connection reads an old snapshot (a `sqlite3` shell left in a transaction, a
+#: backup) and, without a limit, keeps its largest size while any connection stays open.
+SQLITE_WAL_SIZE_LIMIT = 16 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10
 #: libpq's TCP settings for every connection (a URL's own query parameters win): a server that
 #: stops answering (its host down, the network cut) fails the call within about 30 s instead of
@@ -246,6 +252,7 @@ def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA journal_size_limit = {SQLITE_WAL_SIZE_LIMIT}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -457,15 +464,6 @@ _IOERR_OF_WRITES: Final = frozenset(
     {"SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC",
      "SQLITE_IOERR_TRUNCATE", "SQLITE_IOERR_SHMSIZE"}
 )  # fmt: skip
-
-
-def no_space_left(path: Path) -> bool:
-    """Whether the file system of the file `path` has no block or no inode left for this user."""
-    try:
-        st = os.statvfs(path.parent)
-    except OSError:
-        return False
-    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
 
 #: What to do about a SQLite store whose file is damaged (cut short, overwritten).
