@@ -4,9 +4,14 @@ the file system it is on (JOBS.md, The store)."""
 from __future__ import annotations
 
 import contextlib
+import shlex
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
+import pytest
+from helpers.frontend import DEXT
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import database, rules
@@ -41,3 +46,44 @@ def test_the_write_ahead_log_shrinks_back_once_a_reader_that_held_it_open_is_gon
         for seed in range(3):
             store.create(make_input(seed=seed), T0)
         assert wal_size(path) < database.SQLITE_WAL_SIZE_LIMIT + 1_000_000
+
+
+def in_read_only_mount(tmp_path: Path, store: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` run (STORE in it: the store's path) in a mount namespace of its own where `store`
+    was copied onto a tmpfs then mounted read-only; skips the test where no namespace may be
+    made (no unshare, no privilege)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a read-only file system with")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    command = " ".join(shlex.quote(a.replace("STORE", f"{mount}/jobs.db")) for a in argv)
+    script = (
+        f"mount -t tmpfs none {mount} && cp {store} {mount}/jobs.db"
+        f" && mount -o remount,ro {mount} || exit 99; exec {command}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "--propagation", "private", "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode == 99 or "unshare failed" in done.stderr:
+        pytest.skip(f"cannot mount a read-only file system here: {done.stderr.strip()}")
+    return done
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [(["wdpost", "list"], 2), (["status"], 2), (["coordinator", "--listen", "127.0.0.1:0"], 1)],
+)
+def test_a_store_on_a_read_only_mount_is_refused_saying_the_mount_is_read_only(
+    tmp_path, command, code
+):
+    # Before: "check that the file and its directory are writable by this user", which they
+    # were: only the mount was not.
+    store = tmp_path / "jobs.db"
+    with JobStore.open(f"sqlite:///{store}") as s:
+        s.create(make_input(), T0)
+    done = in_read_only_mount(tmp_path, store, [*DEXT, *command, "--jobs", "sqlite:///STORE"])
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"the file system that holds '{tmp_path}/ro' is mounted read-only" in done.stderr
+    assert "mount it read-write, or copy the store to a writable directory" in done.stderr

@@ -26,7 +26,7 @@ from sqlalchemy.util import asbool
 from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
-from .mounts import no_space_left
+from .mounts import FULL_FIX_READING, no_space_left, read_only_mount
 from .pg_hosts import several_servers_problem, split_userinfo
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
@@ -447,11 +447,6 @@ READ_FIX = (
     "check that this user may read the file and write its directory (a store in WAL mode needs"
     " its -wal and -shm files)"
 )
-#: What to do about a SQLite store on a full file system, when even reading it failed.
-FULL_FIX_READING = (
-    "the file system that holds it is full, and SQLite needs room beside the file for its -shm"
-    " file even to read it: free some space there"
-)
 
 
 #: What to do about an I/O error of a SQLite store on a file system that is not full.
@@ -552,6 +547,8 @@ def sqlite_store_problem(path: Path, where: str) -> str | None:
             )
         if code == "SQLITE_NOTADB":
             return f"there is no job store at {where}: the file is not an SQLite database ({error}); check the URL"
+        if mount := read_only_mount(path):
+            return f"cannot read the job store at {where} ({error}): {mount}"
         if code.startswith("SQLITE_IOERR") and no_space_left(path):
             return f"cannot read the job store at {where} ({error}): {FULL_FIX_READING}"
         if code.startswith("SQLITE_IOERR"):
@@ -660,10 +657,11 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             " give the URL of a job store, or of a file that does not exist yet"
         )
     if code.startswith("SQLITE_READONLY"):
-        return StoreTakesNoWrites(
-            f"cannot write to the job store {where}: {what}; it is read-only here: make the file"
-            " and its directory writable by this user (and no mode=ro in the URL)"
+        fix = read_only_mount(sqlite_file(url)) or (
+            "it is read-only here: make the file and its directory writable by this user (and no"
+            " mode=ro in the URL)"
         )
+        return StoreTakesNoWrites(f"cannot write to the job store {where}: {what}; {fix}")
     if code.startswith("SQLITE_CORRUPT"):
         return StoreUnavailable(f"the job store {where} is damaged ({what}): {DAMAGED_FIX}")
     # A full disk is SQLITE_FULL, or an I/O error where SQLite grew its -shm file (or fsync'd).
@@ -690,6 +688,8 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         )
     elif not _is_dir(parent):
         hint = f"its directory {str(parent)!r} does not exist: create it"
+    elif mount := read_only_mount(path):
+        hint = mount
     else:
         hint = "check that the file and its directory are writable by this user"
     return StoreUnavailable(f"cannot open the job store {where}: {what}; {hint}")
