@@ -4,6 +4,7 @@ the file system it is on (JOBS.md, The store)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import shutil
 import sqlite3
@@ -14,8 +15,8 @@ import pytest
 from helpers.frontend import DEXT
 from test_jobs_rules import make_input
 
-from damocles_ext.jobs import database, rules
-from damocles_ext.jobs.store import JobStore
+from damocles_ext.jobs import database, mounts, rules
+from damocles_ext.jobs.store import JobStore, StoreConfigError
 
 T0 = 1_700_000_000.0
 
@@ -87,3 +88,36 @@ def test_a_store_on_a_read_only_mount_is_refused_saying_the_mount_is_read_only(
     assert "Traceback" not in done.stderr
     assert f"the file system that holds '{tmp_path}/ro' is mounted read-only" in done.stderr
     assert "mount it read-write, or copy the store to a writable directory" in done.stderr
+
+
+def mount_table(tmp_path: Path, kind: str) -> Path:
+    """A mount table (as /proc/self/mountinfo) in which tmp_path's file system is of `kind`."""
+    device = tmp_path.stat().st_dev
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"41 27 {os.major(device)}:{os.minor(device)} / {tmp_path} rw,relatime shared:1"
+        f" - {kind} server:/export rw,vers=4.2\n"
+    )
+    return table
+
+
+def test_a_store_on_a_network_file_system_is_refused_with_exit_code_2(tmp_path, monkeypatch):
+    # Before: used as a local one; two processes (on two machines sharing the export, or even
+    # one) may both take the write lock there and damage the store.
+    monkeypatch.setattr(mounts, "MOUNTINFO", mount_table(tmp_path, "nfs4"))
+    for create in (True, False):
+        with pytest.raises(StoreConfigError) as raised:
+            JobStore.open(f"sqlite:///{tmp_path}/jobs.db", create=create)
+        assert raised.value.exit_code == 2
+        assert "is on a network file system (nfs4)" in str(raised.value)
+        assert "put the file on a local disk, or use PostgreSQL" in str(raised.value)
+    assert not (tmp_path / "jobs.db").exists()  # nothing made there
+
+
+def test_a_store_on_a_local_file_system_is_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(mounts, "MOUNTINFO", mount_table(tmp_path, "ext4"))
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        store.create(make_input(), T0)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:  # this machine's real table
+        assert len(store.list_jobs()) == 1

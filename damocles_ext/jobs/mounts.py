@@ -1,5 +1,6 @@
 """The file system that holds a SQLite store, as far as it explains a failure no file mode
-tells: no room left on it, a read-only mount."""
+tells (no room left on it, a read-only mount) or makes the store unsafe (a network file system,
+where SQLite's locks and write-ahead log do not hold)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,36 @@ def read_only_mount(path: Path) -> str | None:
         " WAL mode needs to write its -wal and -shm files beside the file even to be read:"
         " mount it read-write, or copy the store to a writable directory"
     )
+
+
+#: The kernel's table of this process's mounts (their device numbers and file system types).
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+#: File systems shared over a network (and FUSE ones that are): SQLite's locks and the shared
+#: memory of its write-ahead log do not hold there (sqlite.org: "WAL does not work over a
+#: network filesystem"), so two processes may both write and damage the store.
+NETWORK_FILE_SYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs",
+        "lustre", "beegfs", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs",
+        "fuse.rclone", "fuse.juicefs", "fuse.davfs", "davfs",
+    }
+)  # fmt: skip
+
+
+def network_file_system(path: Path) -> str | None:
+    """The type of the network file system that holds the SQLite file `path` (or would: its
+    directory), or None for a local one or one that cannot be told."""
+    try:
+        device = os.stat(path if path.exists() else path.parent).st_dev
+        mounts = MOUNTINFO.read_text(errors="replace")
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in mounts.splitlines():
+        # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [TAGS...] - TYPE SOURCE SUPEROPTIONS
+        fields, _, tail = line.partition(" - ")
+        if fields.split()[2:3] == [wanted] and tail:
+            kind = tail.split()[0]
+            return kind if kind in NETWORK_FILE_SYSTEMS else None
+    return None

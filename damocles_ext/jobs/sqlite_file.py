@@ -14,6 +14,10 @@ emptied (so the file now at the path is read as it is), the connections are clos
 operation from then on raises StoreLost. A connection is never opened on another file than the
 first one. What the process does about it is its own (JOBS.md: the producer answers its
 requests at once, the coordinator command stops).
+
+A file on a network file system is refused at open (`FileWatch.on_network`; the file system is
+told by `mounts.network_file_system`): SQLite's locks and the shared memory of its write-ahead
+log do not hold there.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
-from .database import StoreUnavailable, sqlite_file
+from .database import URL_HELP, StoreUnavailable, sqlite_file
+from .mounts import network_file_system
 
 log = logging.getLogger("damocles_ext.jobs.store")
 
@@ -69,6 +74,18 @@ class FileWatch:
         watch = cls(sqlite_file(url), where)
         watch.install(engine)
         return watch
+
+    def on_network(self) -> str | None:
+        """Why the store cannot be used where it is: on a network file system; or None."""
+        kind = network_file_system(self.path)
+        if kind is None:
+            return None
+        return (
+            f"the job store {self.where} is on a network file system ({kind}), where SQLite's"
+            " locks and write-ahead log do not hold: two processes (on two machines, or one) may"
+            " both write and damage it; put the file on a local disk, or use PostgreSQL"
+            f" ({URL_HELP})"
+        )
 
     def install(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")
