@@ -1,4 +1,4 @@
-"""Two `damocles-ext coordinator` processes on one PostgreSQL database serve the same workers,
+"""Two `damocles-ext coordinator` processes on one PostgreSQL database (or one SQLite file) serve the same workers,
 while one of them is SIGKILLed and started again on its port: no job is ever given to two
 workers, every job finishes, and the workers of the dead one carry on through the other."""
 
@@ -108,11 +108,25 @@ class Worker:
 async def test_two_coordinators_on_one_postgresql_serve_workers_while_one_is_killed_and_restarted(
     postgres_url,
 ):
-    with JobStore.open(postgres_url) as store:
+    await two_coordinators_serve_workers_while_one_is_killed_and_restarted(postgres_url)
+
+
+@pytest.mark.slow
+async def test_two_coordinators_on_one_sqlite_file_serve_workers_while_one_is_killed_and_restarted(
+    tmp_path,
+):
+    # One machine, one file: every transaction takes SQLite's one write lock (BEGIN IMMEDIATE).
+    await two_coordinators_serve_workers_while_one_is_killed_and_restarted(
+        f"sqlite:///{tmp_path / 'jobs.db'}"
+    )
+
+
+async def two_coordinators_serve_workers_while_one_is_killed_and_restarted(url: str):
+    with JobStore.open(url) as store:
         for seed in range(JOBS):
             # Created now: a coordinator's cleanup forgets finished jobs over a day old.
             store.create(make_input(miner=1000 + seed, seed=seed), time.time())
-    a, b = CoordinatorProcess(postgres_url), CoordinatorProcess(postgres_url)
+    a, b = CoordinatorProcess(url), CoordinatorProcess(url)
     phase = [1]
     holding, idle = Gate(WORKERS), Gate(WORKERS)
     try:
@@ -146,7 +160,7 @@ async def test_two_coordinators_on_one_postgresql_serve_workers_while_one_is_kil
     allocated = [job_id for w in workers for job_id in w.allocated]
     assert sorted(allocated) == sorted(set(allocated)) and len(allocated) == JOBS
     owner = {job_id: w.name for w in workers for job_id in w.allocated}
-    with JobStore.open(postgres_url, create=False) as store:
+    with JobStore.open(url, create=False) as store:
         jobs = store.list_jobs()
     assert len(jobs) == JOBS
     for job in jobs:
