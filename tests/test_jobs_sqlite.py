@@ -4,6 +4,7 @@ the file system it is on (JOBS.md, The store)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -12,11 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 from helpers.frontend import DEXT
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import database, mounts, rules
-from damocles_ext.jobs.store import JobStore, StoreConfigError
+from damocles_ext.jobs.store import JobStore, StoreConfigError, TrioJobStore
 
 T0 = 1_700_000_000.0
 
@@ -121,3 +123,39 @@ def test_a_store_on_a_local_file_system_is_used(tmp_path, monkeypatch):
         store.create(make_input(), T0)
     with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:  # this machine's real table
         assert len(store.list_jobs()) == 1
+
+
+async def test_a_coordinator_warns_once_while_the_write_ahead_log_grows_past_its_bound(
+    tmp_path, caplog
+):
+    # A reader that keeps one snapshot makes the log grow with every write, for as long as it
+    # stays: unbounded, and no process said so until the disk was full.
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    path = tmp_path / "jobs.db"
+    with JobStore.open(f"sqlite:///{path}") as store:
+        coordinator = Coordinator(TrioJobStore(store))
+        coordinator.log_warn_size = 20 * 1024 * 1024  # 64 MiB by default
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
+            for batch in range(3):
+                events = [rules.Create(make_input(sectors=200, seed=i, miner=batch))
+                          for i in range(100)]  # fmt: skip
+                store.create_many(events, T0)
+                store.remove_all(T0)
+            assert wal_size(path) > coordinator.log_warn_size
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.sweep_forever)  # the first pass looks
+                nursery.cancel_scope.cancel()
+            await coordinator._check_log()  # said once
+            reader.execute("COMMIT")
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"the write-ahead log of the job store sqlite:///{path} ({path}-wal) is" in warning
+        assert "a reader that stays inside one transaction" in warning
+        assert f"fuser -v {path}" in warning
+        for seed in range(3):  # checkpointed and cut back now that the reader is gone
+            store.create(make_input(seed=seed), T0)
+        await coordinator._check_log()
+        assert "is back to" in caplog.records[-1].getMessage()

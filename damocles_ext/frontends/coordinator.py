@@ -21,7 +21,7 @@ import msgspec
 import trio
 
 from ..jobs import rpc, rules
-from ..jobs.database import clock_skew
+from ..jobs.database import SQLITE_WAL_SIZE_LIMIT, clock_skew
 from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
@@ -69,6 +69,10 @@ CLOCK_STEP = 5.0
 # far from the server's is warned (checked at the first sweep, then every SKEW_CHECK_EVERY s).
 CLOCK_SKEW = 2.0
 SKEW_CHECK_EVERY = 600.0
+# A SQLite store's write-ahead log this large is warned (checked with the clock): it is cut back
+# to SQLITE_WAL_SIZE_LIMIT at each restart, so it grows past that only while a reader keeps an
+# old snapshot (or for one large transaction).
+LOG_WARN_SIZE = 4 * SQLITE_WAL_SIZE_LIMIT
 
 
 # A request without the right token is answered without its body being kept; a longer body than
@@ -103,6 +107,9 @@ class Coordinator:
         #: Seconds this machine's clock ran ahead of the PostgreSQL server's at the last check,
         #: when that was CLOCK_SKEW or more (None: in step, or SQLite).
         self.clock_skew: float | None = None
+        #: A SQLite store's log size that is warned (checked with the clock), and whether it was.
+        self.log_warn_size = LOG_WARN_SIZE
+        self._log_grown = False
         #: Venus.SectorIndexerFind's answers: the job inputs seen, then `coordinator --proxy`.
         self.sector_index = sector_index or SectorIndex()
         #: Store name -> path, for Venus.StoreBasicInfo: damocles-worker asks it for each of its
@@ -279,6 +286,7 @@ class Coordinator:
                 if trio.current_time() >= next_skew_check:
                     next_skew_check = trio.current_time() + SKEW_CHECK_EVERY
                     await self._check_skew()
+                    await self._check_log()
                 if trio.current_time() >= next_cleanup:
                     more = await self._cleanup()
                     # A backlog goes on at the next sweep: sweeps are not held behind it.
@@ -321,6 +329,34 @@ class Coordinator:
         elif self.clock_skew is not None:
             log.info("this machine's clock agrees with the job store's server again")
             self.clock_skew = None
+
+    async def _check_log(self) -> None:
+        """Warn once when a SQLite store's write-ahead log is log_warn_size or more (info when
+        it is back under): no checkpoint passes a snapshot another connection still reads."""
+        watch = self.store.store.file_watch
+        if watch is None:
+            return
+        size = watch.log_size()
+        mib = size / (1024 * 1024)
+        if size >= self.log_warn_size and not self._log_grown:
+            self._log_grown = True
+            log.warning(
+                "the write-ahead log of the job store %s (%s-wal) is %.0f MiB: it is copied into"
+                " the file only up to the oldest snapshot a connection still reads, so a reader"
+                " that stays inside one transaction (a `sqlite3` shell, a backup, a stopped"
+                " process) makes it grow with every write until the disk is full; find it"
+                " (`fuser -v %s %s-wal`) and end it: the log is then copied in and cut back to"
+                " %d MiB",
+                self.store.store.where, watch.path, mib, watch.path, watch.path,
+                SQLITE_WAL_SIZE_LIMIT // (1024 * 1024),
+            )  # fmt: skip
+        elif size < self.log_warn_size and self._log_grown:
+            self._log_grown = False
+            log.info(
+                "the write-ahead log of the job store %s is back to %.0f MiB",
+                self.store.store.where,
+                mib,
+            )
 
     async def _cleanup(self) -> bool:
         """Forget the finished jobs past JobLifetime: pass after pass while a pass was full (one

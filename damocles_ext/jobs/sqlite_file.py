@@ -87,6 +87,13 @@ class FileWatch:
             f" ({URL_HELP})"
         )
 
+    def log_size(self) -> int:
+        """The size of the store's write-ahead log file (bytes; 0 when there is none)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
+
     def install(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")
         def _before_connect(*_args: Any) -> None:
