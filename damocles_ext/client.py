@@ -115,8 +115,7 @@ class Client:
     ) -> Output:
         """Prove `task` (deadline: unix time); returns the output or raises ProverError."""
         check_trio_run("Client.submit()", self._token)
-        if self._lost is not None:
-            raise ProverError(self._lost)
+        self._check_open()
         request_id = next(self._ids)
         if (problem := request_problem(task, deadline, priority)) is None:
             problem = task_problem(task)
@@ -192,8 +191,7 @@ class Client:
         from .status import StatusError, parse_document
 
         check_trio_run("Client.status()", self._token)
-        if self._lost is not None:
-            raise ProverError(self._lost)
+        self._check_open()
         request_id = next(self._ids)
         done = trio.Event()
         box: list[control_protocol.StatusReply] = []
@@ -227,6 +225,20 @@ class Client:
             return parse_document(reply.status)
         except StatusError as exc:
             raise ProverError(str(exc)) from None
+
+    @property
+    def _open(self) -> bool:
+        """Neither lost nor refused: a request sent on it may be read."""
+        return self._lost is None and self._refusal is None
+
+    def _check_open(self) -> None:
+        if self._lost is not None:
+            raise ProverError(self._lost)
+        if self._refusal is not None:  # the close is on its way: nothing more is read
+            raise ProverError(
+                f"the supervisor at {self.path} refused an earlier frame of this connection and"
+                f" is closing it ({self._refusal}); nothing was sent on it"
+            )
 
     def _lost_text(self, error: BaseException) -> str:
         return f"lost the connection to the supervisor at {self.path}: {error}"
@@ -617,13 +629,13 @@ class ReconnectingClient:
                     " nursery.start_soon(remote.run)"
                 )
         client = self._client
-        if client is not None and client._lost is None:
+        if client is not None and client._open:
             return client
         # One attempt per request; a request that waited here for another's attempt takes the
         # connection that one made, or tries again itself.
         async with self._lock:
             client = self._client
-            if client is not None and client._lost is None:
+            if client is not None and client._open:
                 return client
             try:
                 await self.connect()

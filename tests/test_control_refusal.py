@@ -189,3 +189,54 @@ async def test_reconnecting_client_does_not_send_a_refused_request_again(
     assert await remote.submit(make_task(2)) == echo_output(make_task(2))
     assert remote.connections == 2
     await remote.aclose()
+
+
+async def test_a_request_made_once_a_refusal_arrived_goes_on_a_new_connection(sock_dir, nursery):
+    path = sock_dir / "c.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+    seen: list[tuple[int, int]] = []
+    refused = trio.Event()
+
+    async def supervisor_like() -> None:
+        # The first connection refuses its first request and closes only later (a supervisor
+        # still unwinding that connection's requests); the second answers.
+        for n in (1, 2):
+            conn, _ = await listener.accept()
+            with conn:
+                decoder = control_protocol.frame_decoder()
+                while not (msgs := decoder.receive_data(await conn.recv(65536))):
+                    pass
+                seen.append((n, msgs[0].task.miner_id))
+                if n == 1:
+                    await conn.send(control_protocol.encode(control_protocol.Refusal("too big")))
+                    await refused.wait()
+                else:
+                    answer = dext.Response(msgs[0].id, output=echo_output(msgs[0].task))
+                    await conn.send(dext.encode(answer))
+                    await conn.recv(1)
+
+    nursery.start_soon(supervisor_like)
+    remote = ReconnectingClient(path)
+    await remote.connect()
+    nursery.start_soon(remote.run)
+    first = remote._client
+    assert first is not None
+
+    async def refused_one() -> None:
+        with pytest.raises(ProverError, match="too big"):
+            await remote.submit(make_task(1))
+
+    nursery.start_soon(refused_one)
+    while first._refusal is None:  # until the client has read the Refusal (not its close)
+        await trio.lowlevel.checkpoint()
+    with trio.fail_after(10), pytest.raises(ProverError, match="refused an earlier frame"):
+        await first.submit(make_task(3))  # on that connection: at once, nothing sent
+    with trio.fail_after(10):  # (before: sent on the refused connection, never read)
+        answered = remote.submit(make_task(2))
+        refused.set()
+        assert await answered == echo_output(make_task(2))
+    assert seen == [(1, 1), (2, 2)]
+    await remote.aclose()
+    listener.close()
