@@ -10,6 +10,7 @@ import shlex
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,22 @@ def test_a_store_on_a_read_only_mount_is_refused_saying_the_mount_is_read_only(
     assert "mount it read-write, or copy the store to a writable directory" in done.stderr
 
 
+def test_the_read_only_mount_judged_is_the_one_of_a_symlinks_target(tmp_path):
+    # SQLite's files are beside the target: before, the link's own directory was judged.
+    store = tmp_path / "jobs.db"
+    with JobStore.open(f"sqlite:///{store}") as s:
+        s.create(make_input(), T0)
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "ro" / "jobs.db")  # the copy on the read-only mount
+    code = (
+        "import sys; from pathlib import Path; from damocles_ext.jobs.mounts import"
+        " read_only_mount; print(read_only_mount(Path(sys.argv[1])))"
+    )
+    done = in_read_only_mount(tmp_path, store, [sys.executable, "-c", code, str(link)])
+    assert done.returncode == 0, done.stderr
+    assert f"the file system that holds '{tmp_path}/ro' is mounted read-only" in done.stdout
+
+
 def mount_table(tmp_path: Path, kind: str) -> Path:
     """A mount table (as /proc/self/mountinfo) in which tmp_path's file system is of `kind`."""
     device = tmp_path.stat().st_dev
@@ -115,6 +132,15 @@ def test_a_store_on_a_network_file_system_is_refused_with_exit_code_2(tmp_path, 
         assert "is on a network file system (nfs4)" in str(raised.value)
         assert "put the file on a local disk, or use PostgreSQL" in str(raised.value)
     assert not (tmp_path / "jobs.db").exists()  # nothing made there
+
+
+def test_a_store_on_a_network_file_system_may_still_be_read(tmp_path, monkeypatch):
+    # A copy only read there is no danger (wdpost list, status): only a store written there.
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        store.create(make_input(), T0)
+    monkeypatch.setattr(mounts, "MOUNTINFO", mount_table(tmp_path, "nfs4"))
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db", read_only=True) as store:
+        assert len(store.list_jobs()) == 1
 
 
 def test_a_store_on_a_local_file_system_is_used(tmp_path, monkeypatch):
@@ -159,3 +185,41 @@ async def test_a_coordinator_warns_once_while_the_write_ahead_log_grows_past_its
             store.create(make_input(seed=seed), T0)
         await coordinator._check_log()
         assert "is back to" in caplog.records[-1].getMessage()
+
+
+async def _log_warnings(url: str, store_path: Path, caplog, *, reader: bool) -> list[str]:
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    with JobStore.open(url) as store:
+        coordinator = Coordinator(TrioJobStore(store))
+        coordinator.log_warn_size = 10 * 1024 * 1024
+        with contextlib.closing(sqlite3.connect(store_path, isolation_level=None)) as held:
+            if reader:
+                held.execute("BEGIN")
+                held.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
+            events = [
+                rules.Create(make_input(sectors=200, seed=i % 200, miner=i)) for i in range(300)
+            ]
+            store.create_many(events, T0)  # one big transaction
+            store.remove_all(T0)
+            assert wal_size(store_path) > coordinator.log_warn_size
+            await coordinator._check_log()
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_big_log_no_reader_holds_back_is_not_blamed_on_a_reader(tmp_path, caplog):
+    # One big transaction leaves a big log that the next write cuts back: no reader to find.
+    path = tmp_path / "jobs.db"
+    assert await _log_warnings(f"sqlite:///{path}", path, caplog, reader=False) == []
+
+
+async def test_the_log_warning_of_a_store_given_through_a_symlink_names_its_targets_log(
+    tmp_path, caplog
+):
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "jobs.db"
+    (tmp_path / "jobs.db").symlink_to(target)  # SQLite's -wal is beside the target
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    (warning,) = await _log_warnings(url, target, caplog, reader=True)
+    assert f"({target}-wal) is" in warning and f"fuser -v {target} {target}-wal" in warning

@@ -333,12 +333,20 @@ class Coordinator:
     async def _check_log(self) -> None:
         """Warn once when a SQLite store's write-ahead log is log_warn_size or more (info when
         it is back under): no checkpoint passes a snapshot another connection still reads."""
-        watch = self.store.store.file_watch
+        store = self.store.store
+        watch = store.file_watch
         if watch is None:
             return
-        size = watch.log_size()
+        try:
+            size, held = await self.store.in_thread(
+                watch.log_held, store.engine, self.log_warn_size
+            )
+        except Exception as exc:  # noqa: BLE001 (a check: never a reason for the sweep to stop)
+            log.debug("cannot look at the write-ahead log of the store %s: %s", store.where, exc)
+            return
         mib = size / (1024 * 1024)
-        if size >= self.log_warn_size and not self._log_grown:
+        # One big transaction leaves a big log nobody holds: cut back at the next write.
+        if size >= self.log_warn_size and held and not self._log_grown:
             self._log_grown = True
             log.warning(
                 "the write-ahead log of the job store %s (%s-wal) is %.0f MiB: it is copied into"
@@ -347,14 +355,14 @@ class Coordinator:
                 " process) makes it grow with every write until the disk is full; find it"
                 " (`fuser -v %s %s-wal`) and end it: the log is then copied in and cut back to"
                 " %d MiB",
-                self.store.store.where, watch.path, mib, watch.path, watch.path,
+                store.where, watch.opened, mib, watch.opened, watch.opened,
                 SQLITE_WAL_SIZE_LIMIT // (1024 * 1024),
             )  # fmt: skip
         elif size < self.log_warn_size and self._log_grown:
             self._log_grown = False
             log.info(
                 "the write-ahead log of the job store %s is back to %.0f MiB",
-                self.store.store.where,
+                store.where,
                 mib,
             )
 

@@ -17,7 +17,7 @@ FULL_FIX_READING = (
 def no_space_left(path: Path) -> bool:
     """Whether the file system of the file `path` has no block or no inode left for this user."""
     try:
-        st = os.statvfs(path.parent)
+        st = os.statvfs(Path(os.path.realpath(path)).parent)  # a symlink's target's
     except OSError:
         return False
     return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
@@ -26,6 +26,7 @@ def no_space_left(path: Path) -> bool:
 def read_only_mount(path: Path) -> str | None:
     """What to do about a SQLite store at `path` on a file system mounted read-only (which no
     file mode tells, and root's writes fail on too), or None when it is not."""
+    path = Path(os.path.realpath(path))  # where a symlink's target is, SQLite's files are
     try:
         read_only = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
     except OSError:
@@ -47,7 +48,7 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 #: network filesystem"), so two processes may both write and damage the store.
 NETWORK_FILE_SYSTEMS = frozenset(
     {
-        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs",
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs",
         "lustre", "beegfs", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs",
         "fuse.rclone", "fuse.juicefs", "fuse.davfs", "davfs",
     }
@@ -56,7 +57,9 @@ NETWORK_FILE_SYSTEMS = frozenset(
 
 def network_file_system(path: Path) -> str | None:
     """The type of the network file system that holds the SQLite file `path` (or would: its
-    directory), or None for a local one or one that cannot be told."""
+    directory), or None for a local one or one that cannot be told. (Not 9p: the root file
+    system of gVisor's containers and WSL2's Windows drives, one kernel's, where locks hold.)"""
+    path = Path(os.path.realpath(path))  # a symlink's target, made there if it is dangling
     try:
         device = os.stat(path if path.exists() else path.parent).st_dev
         mounts = MOUNTINFO.read_text(errors="replace")

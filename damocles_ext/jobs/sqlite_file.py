@@ -87,12 +87,22 @@ class FileWatch:
             f" ({URL_HELP})"
         )
 
-    def log_size(self) -> int:
-        """The size of the store's write-ahead log file (bytes; 0 when there is none)."""
+    def log_held(self, engine: Engine, at_least: int) -> tuple[int, bool]:
+        """The size of the store's write-ahead log file (bytes; 0 when there is none; beside the
+        file a symlink names) and, when it is `at_least`, whether a reader holds part of it
+        back: a passive checkpoint (which waits for no one) could not copy all of it into the
+        file. One that could is cut back at the next write. Blocking: run it in a thread."""
         try:
-            return os.stat(f"{self.path}-wal").st_size
+            size = os.stat(f"{self.opened}-wal").st_size
         except OSError:
-            return 0
+            return 0, False
+        if size < at_least:
+            return size, False
+        with engine.connect() as conn:  # on the driver's connection: outside any transaction
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            _busy, frames, copied = driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return size, frames > copied
 
     def install(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")

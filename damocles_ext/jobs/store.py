@@ -177,7 +177,8 @@ class JobStore:
             opening = dict(kwargs, busy_timeout=busy)
         store = cls(url, **opening)
         try:
-            if store.file_watch is not None and (why := store.file_watch.on_network()):
+            # (A copy read on a network file system is no danger: only a store written there.)
+            if store.file_watch and not read_only and (why := store.file_watch.on_network()):
                 raise StoreConfigError(why)
             if not create or read_only:
                 store.check_exists()
