@@ -3,13 +3,14 @@
 time, cancelled while running and refused early, before (refuse_doomed=False) and after, and
 min/median/max over the seeds.
 
-    .venv/bin/python -m bench.bench_doomed
+    .venv/bin/python -m bench.bench_doomed [--save]
 """
 
 from __future__ import annotations
 
 import statistics
 
+from bench.runner import bench_parser, finish
 from damocles_ext.scheduling.sim_engine import run_workload
 from damocles_ext.scheduling.sim_scenario import WINDOW_POST, Scenario, generate
 
@@ -26,10 +27,17 @@ def counts(hours: float, partitions: int, seed: int, refuse: bool) -> tuple[int,
     return in_time, sum(j.state == "cancelled" for j in wd), sum(j.state == "refused" for j in wd)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = bench_parser(__doc__, "doomed").parse_args(argv)
+    figures: dict[str, dict] = {}
     for hours, partitions in SCENARIOS:
         print(f"--hours {hours:g} --partitions {partitions}: in time, cancelled, refused")
         rows = {r: [counts(hours, partitions, s, r) for s in SEEDS] for r in (False, True)}
+        figures[f"--hours {hours:g} --partitions {partitions}"] = {
+            "seeds": list(SEEDS),
+            "before (in time, cancelled, refused)": rows[False],
+            "after (in time, cancelled, refused)": rows[True],
+        }
         for i, seed in enumerate(SEEDS):
             print(f"  seed {seed}: before {rows[False][i]} after {rows[True][i]}")
         for k, name in enumerate(("in time", "cancelled", "refused")):
@@ -38,6 +46,7 @@ def main() -> None:
                 when = "after " if r else "before"
                 med = statistics.median(v)
                 print(f"  {name:9} {when}: min {min(v)} median {med:g} max {max(v)}")
+    finish("doomed", {"config": {"policy": "c", "gpus": 4}, "scenarios": figures}, args.save)
 
 
 if __name__ == "__main__":
