@@ -388,11 +388,19 @@ async def test_the_snapshot_keeps_the_most_recently_used_entries_up_to_its_bound
 
 
 class Watched(CacheSnapshot):
-    """A snapshot whose saves are seen: `saved` is set after each."""
+    """A snapshot whose saves are seen: `saved` is set after each; `loaded` once its read ended
+    (a read given up included, once it ends after all)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.saved = trio.Event()
+        self.loaded = trio.Event()
+
+    async def load(self, cache, **kwargs):
+        try:
+            return await super().load(cache, **kwargs)
+        finally:
+            self.loaded.set()
 
     async def save(self, cache, *, final=False):
         done = await super().save(cache, final=final)
@@ -466,10 +474,11 @@ async def test_a_storage_that_hangs_costs_a_stop_one_save_bound_at_most(
 ):
     from damocles_ext.sectors.snapshot import SAVE_TIMEOUT
 
-    snapshot = CacheSnapshot(str(tmp_path / "s.snapshot"), every=300, wall=wall_at(WALL))
+    snapshot = Watched(str(tmp_path / "s.snapshot"), every=300, wall=wall_at(WALL))
     locator = SectorLocator([], snapshot=snapshot)
     async with trio.open_nursery() as nursery:
         await nursery.start(locator.refresh_forever)
+        await snapshot.loaded.wait()  # its thread may outlast a jump of the clock to its bound
         locator.cache.learn(refs(1)[0], SectorLocation("/a/s", "/a/c"), "p", trio.current_time())
         await trio.sleep(301)  # the periodic save has begun, and hangs
         start = trio.current_time()
@@ -515,18 +524,108 @@ async def test_a_lookup_keeps_its_time_bound_while_the_snapshot_is_slow_to_read_
     monkeypatch.setattr(
         snapshot_module, "read_file", lambda *args: slow.wait() and read_file(*args)
     )
-    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 60))
+    snapshot = Watched(str(path), wall=wall_at(WALL + 60))
     try:
         async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
             with trio.fail_after(locator.bounds.budget(20) + 1):  # a WinningPoSt's ~20 s
                 [answer] = await locator.locate(refs(1), time_left=20)
             assert not answer.found  # the scan finds no files, and nothing is known yet
             slow.set()
-            await locator.restore()
+            await snapshot.loaded.wait()
             assert locator.cached(SectorRef(MINER, 1)).provider == "p"
             assert snapshot.restored == 1
     finally:
         slow.set()
+
+
+class Known:
+    """A provider that knows every sector but 1 (at /x/...), at once."""
+
+    name = "known"
+
+    async def find(self, sector: SectorRef) -> SectorLocation | None:
+        await trio.lowlevel.checkpoint()
+        if sector.number == 1:
+            return None
+        return SectorLocation(f"/x/sealed/{sector.number}", f"/x/cache/{sector.number}")
+
+
+@pytest.fixture
+def hung_read(monkeypatch):
+    """Reads of snapshots that hang (a dead NFS mount) until the test sets the event."""
+    import damocles_ext.sectors.snapshot as snapshot_module
+
+    hung = threading.Event()
+    read_file = snapshot_module.read_file
+    monkeypatch.setattr(
+        snapshot_module, "read_file", lambda *args: hung.wait() and read_file(*args)
+    )
+    yield hung
+    hung.set()
+
+
+async def test_a_snapshot_read_that_hangs_is_given_up_after_its_bound_and_the_file_left_as_it_is(
+    tmp_path, autojump_clock, hung_read, caplog
+):
+    """The background refresh starts, lookups stop waiting for it, the status says it, and the
+    file (never read) is not written over by the periodic saves nor by the stop."""
+    from damocles_ext.sectors.snapshot import READ_TIMEOUT
+
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())
+    snapshot = Watched(str(path), every=300, wall=wall_at(WALL + 60))
+    locator = SectorLocator([Known()], snapshot=snapshot)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(READ_TIMEOUT + 1):
+            await nursery.start(locator.refresh_forever)
+        [learned] = await locator.locate(refs(2), time_left=20)
+        assert learned.found and not learned.cached
+        for _ in range(3):  # fresh: answered at once, the read not waited for again
+            start = trio.current_time()
+            [hit] = await locator.locate(refs(2), time_left=20)
+            assert hit.cached and trio.current_time() == start
+            await trio.sleep(60)
+        await trio.sleep(3600)  # a dozen periodic saves' times
+        error = locator.status()["snapshot"]["error"]
+        nursery.cancel_scope.cancel()
+    await locator.aclose()
+    assert f"reading it took more than {READ_TIMEOUT:g} s" in error and "not written over" in error
+    [said] = warnings(caplog)
+    assert "given up" in said and "taken in if the read ends" in said
+    assert path.read_bytes() == good_snapshot() and not snapshot.saved.is_set()
+
+
+async def test_a_snapshot_read_given_up_is_taken_in_when_it_ends_and_saved_again_after(
+    tmp_path, mock_clock, hung_read, caplog
+):
+    from damocles_ext.sectors.snapshot import READ_TIMEOUT
+
+    caplog.set_level(logging.INFO, "damocles_ext.sectors")
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())
+    snapshot = Watched(str(path), every=300, wall=wall_at(WALL + 60))
+    async with SectorLocator([Known()], snapshot=snapshot) as locator:
+        waited = trio.Event()
+
+        async def wait() -> None:
+            await locator.restore()
+            waited.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(READ_TIMEOUT)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waited.is_set(), "the read is waited for past its bound"
+        assert "given up" in locator.status()["snapshot"]["error"]
+        [learned] = await locator.locate(refs(2), time_left=20)
+        hung_read.set()
+        await snapshot.loaded.wait()
+        assert locator.cached(SectorRef(MINER, 1)).provider == "p"
+        assert locator.status()["snapshot"]["error"] is None
+    assert any("read after all" in r.getMessage() for r in caplog.records)
+    _, entries = decode(path.read_bytes(), 0.0, WALL + 60)  # the stop's save
+    assert sorted(s.number for s, _ in entries) == [1, 2] and learned.found
 
 
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():

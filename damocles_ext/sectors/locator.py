@@ -21,9 +21,9 @@ Public API (kept stable; the worker, the coordinator and `prove` use it):
 - `snapshot=CacheSnapshot(path)` (snapshot.py): the cache kept across restarts; its entries are
   read when the first lookup or refresh starts (`restore`), in a task of their own (a lookup
   waits for them a provider's share of its time at most, and goes on without them: they are
-  taken in when they arrive), saved by `refresh_forever` now and then and by `aclose` (only
-  once they were taken in: a locator that never loaded does not overwrite a snapshot with
-  nothing).
+  taken in when they arrive; past `READ_TIMEOUT` nothing waits for them), saved by
+  `refresh_forever` now and then and by `aclose` (only once they were taken in: a locator that
+  never loaded does not overwrite a snapshot with nothing).
 
 The rules of one batch: a sector whose entry is fresh is answered from the cache. The others go
 to the providers in order, each given an equal share of what is left of the providers' phase
@@ -539,7 +539,8 @@ class SectorLocator:
     async def restore(self) -> None:
         """Take in the snapshot's entries, once (nothing without a snapshot), and wait for them.
         They are read in a task of their own: a caller that stops waiting (a lookup's time
-        bound) leaves them to be taken in when they arrive; `aclose` stops the read."""
+        bound) leaves them to be taken in when they arrive; a read given up (`READ_TIMEOUT`)
+        is waited for no more, but taken in if it ends; `aclose` stops the read."""
         if self.snapshot is None or self._restored:
             return
         if self._restoring is None:
@@ -550,7 +551,7 @@ class SectorLocator:
     async def _load(self, snapshot: CacheSnapshot, done: trio.Event) -> None:
         try:
             with self._loading:
-                await snapshot.load(self.cache)  # never raises but for the cancel
+                await snapshot.load(self.cache, gave_up=done.set)  # raises only the cancel
                 self._restored = True
                 self._changed.set()
         finally:
@@ -558,7 +559,8 @@ class SectorLocator:
 
     async def refresh_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
         """Refresh what `cache.due` says, when it says; run it in a nursery (`nursery.start`).
-        With a snapshot: its entries are taken in first, and it is saved every `every`."""
+        With a snapshot: its entries are taken in first (or their read given up), and it is
+        saved every `every`."""
         await self.restore()
         task_status.started()
         async with trio.open_nursery() as nursery:

@@ -13,7 +13,9 @@ locations (docs/SECTORS.md, "Kept across restarts").
   when the locator closes (a clean stop); each write at most `SAVE_TIMEOUT`.
 - Read once, at start (`load`): the learned times go back onto the loop's clock, so an entry's
   age is its real age, the time the process was down included (`SectorCache.restore` keeps the
-  rules). A file that is not there is a first start; one that is not ours, not a regular file,
+  rules). A read that takes more than `READ_TIMEOUT` (a storage that hangs) is given up: said,
+  the waiters go on without it, and the file, not read, is not written over; should it end after
+  all, its entries are taken in then and the saves go on. A file that is not there is a first start; one that is not ours, not a regular file,
   too big, of another format version or unreadable is said in a warning and ignored (the next
   save replaces it): never fatal.
 - Never written over what is not a snapshot (`not_a_snapshot`: a device, a FIFO, a symlink, a
@@ -56,6 +58,8 @@ FILE_NAME: Final = "sector-locations.snapshot"
 #: Seconds between saves (when the cache changed), and the bound of one save.
 SAVE_EVERY: Final = 300.0
 SAVE_TIMEOUT: Final = 10.0
+#: Seconds the read at start is waited for (a million entries take some 10 s on a loaded machine).
+READ_TIMEOUT: Final = 60.0
 #: Entries kept at most (the most recently used) and the file's size at most: about 60 bytes an
 #: entry in damocles' layout, so a million is some 60 MB.
 MAX_ENTRIES: Final = 1_000_000
@@ -351,10 +355,16 @@ class CacheSnapshot:
         self.saved_at: float | None = None
         self.error: str | None = None  # the last save's, or the load's, until a save works
         self._failing = False  # the last save failed: its end is said
+        #: The file is not written over: its read was given up (until it ends after all).
+        self._keep_file = False
 
-    async def load(self, cache: SectorCache) -> int:
+    async def load(
+        self, cache: SectorCache, *, gave_up: Callable[[], object] = lambda: None
+    ) -> int:
         """Take the file's entries into the cache; how many were taken. A file that cannot be
-        used is said in a warning and ignored."""
+        used is said in a warning and ignored. Past `READ_TIMEOUT` the read is given up (said,
+        `gave_up` called: its waiters go on, and no save writes over the file) and still
+        awaited: its entries are taken in if it ends."""
         mono_now, wall_now = trio.current_time(), self.wall()
         rules = cache.rules
 
@@ -376,12 +386,41 @@ class CacheSnapshot:
                 restorable(entries, mono_now, rules, not_fresh=not_fresh),
             )
 
-        try:
-            got = await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._threads)
-        except BaseException as exc:  # SnapshotUnusable, or anything else: never fatal
-            if passes_through(exc):
-                raise
-            if not isinstance(exc, SnapshotUnusable):
+        async def bound() -> None:
+            await trio.sleep(READ_TIMEOUT)
+            self._keep_file = True
+            self.error = (
+                f"the sector-location snapshot {self.path}: reading it took more than"
+                f" {READ_TIMEOUT:g} s (a storage that hangs?); given up: not written over"
+                " until the read ends"
+            )
+            log.warning(
+                "%s. Locations are learned anew meanwhile; those of the file are taken in if the"
+                " read ends after all",
+                self.error,
+            )
+            gave_up()
+
+        failed: BaseException | None = None
+        got = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bound)
+            try:
+                got = await trio.to_thread.run_sync(
+                    read, abandon_on_cancel=True, limiter=self._threads
+                )
+            except BaseException as error:  # SnapshotUnusable, or anything else: never fatal
+                if passes_through(error):
+                    raise
+                failed = error
+            nursery.cancel_scope.cancel()
+        late, self._keep_file = self._keep_file, False
+        if late:
+            log.info("the sector-location snapshot %s is read after all", self.path)
+            self.error = None
+        if failed is not None:
+            exc = failed
+            if not isinstance(failed, SnapshotUnusable):
                 exc = SnapshotUnusable(f"it could not be read: {describe(exc)}")
             self.error = f"{self.path} was not taken: {exc}"
             then = "the file replaced at the next save"
@@ -423,7 +462,10 @@ class CacheSnapshot:
         """Write the cache's entries (the most recently used `max_entries`) to the file, in a
         thread, at most `SAVE_TIMEOUT` (shielded: a stop waits for it that long); True when
         done. `final` (the stop's): skipped while a write is in flight, said, so that a storage
-        that hangs costs a stop one bound at most, not one more behind the one in flight."""
+        that hangs costs a stop one bound at most, not one more behind the one in flight.
+        Never while the file is kept as it is (its read given up): False."""
+        if self._keep_file:
+            return False
         if final and self.writing:
             log.warning(
                 "the sector-location snapshot %s is not written at this stop: a write is still in"
