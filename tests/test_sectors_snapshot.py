@@ -19,7 +19,7 @@ import trio
 from helpers.damocles_source import DamoclesSource
 from test_sectors import MINER, put_files, refs, stores  # noqa: F401 - the fixture
 
-from damocles_ext.sectors import SectorLocation, SectorRef
+from damocles_ext.sectors import SectorLocation, SectorProviderError, SectorRef
 from damocles_ext.sectors.cache import CacheEntry, CacheRules, SectorCache
 from damocles_ext.sectors.locator import SectorLocator
 from damocles_ext.sectors.providers import SourceNode, StoreScan
@@ -507,14 +507,24 @@ async def test_a_storage_that_hangs_holds_one_thread_of_its_own_and_no_new_write
     assert "stuck" in locator.status()["snapshot"]["error"]
 
 
+class Down:
+    """A provider whose source is down."""
+
+    name = "down"
+
+    async def find(self, sector: SectorRef) -> SectorLocation | None:
+        await trio.lowlevel.checkpoint()
+        raise SectorProviderError(f"{sector}: cannot connect")
+
+
 async def test_a_lookup_keeps_its_time_bound_while_the_snapshot_is_slow_to_read_and_gets_it_after(
     tmp_path,
-    stores,  # noqa: F811 - the fixture
     autojump_clock,
     monkeypatch,
 ):
     """A huge snapshot on a slow disk must not eat a WinningPoSt's ~20 s: the lookup goes on
-    without it, and its entries are taken in when they arrive."""
+    without it, and its entries are taken in when they arrive (a source that cannot answer
+    forgets nothing: a provider that says it does not know the sector would, as it should)."""
     import damocles_ext.sectors.snapshot as snapshot_module
 
     path = tmp_path / "sectors.snapshot"
@@ -526,10 +536,10 @@ async def test_a_lookup_keeps_its_time_bound_while_the_snapshot_is_slow_to_read_
     )
     snapshot = Watched(str(path), wall=wall_at(WALL + 60))
     try:
-        async with SectorLocator([StoreScan(stores)], snapshot=snapshot) as locator:
+        async with SectorLocator([Down()], snapshot=snapshot) as locator:
             with trio.fail_after(locator.bounds.budget(20) + 1):  # a WinningPoSt's ~20 s
                 [answer] = await locator.locate(refs(1), time_left=20)
-            assert not answer.found  # the scan finds no files, and nothing is known yet
+            assert answer.status == "error"  # nothing is known yet
             slow.set()
             await snapshot.loaded.wait()
             assert locator.cached(SectorRef(MINER, 1)).provider == "p"
@@ -626,6 +636,22 @@ async def test_a_snapshot_read_given_up_is_taken_in_when_it_ends_and_saved_again
     assert any("read after all" in r.getMessage() for r in caplog.records)
     _, entries = decode(path.read_bytes(), 0.0, WALL + 60)  # the stop's save
     assert sorted(s.number for s, _ in entries) == [1, 2] and learned.found
+
+
+async def test_a_sector_no_provider_knows_while_the_snapshot_is_read_is_not_taken_back_from_it(
+    tmp_path, autojump_clock, hung_read
+):
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())  # sector 1, at /a/...
+    snapshot = Watched(str(path), wall=wall_at(WALL + 60))
+    async with SectorLocator([Known()], snapshot=snapshot) as locator:
+        [first] = await locator.locate(refs(1), time_left=20)  # the read still hangs
+        assert first.status == "not_found"
+        hung_read.set()
+        await snapshot.loaded.wait()
+        assert locator.cached(SectorRef(MINER, 1)) is None and snapshot.restored == 0
+        [again] = await locator.locate(refs(1), time_left=20)
+    assert again.status == "not_found", again  # not a fresh hit of the snapshot's location
 
 
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():

@@ -20,6 +20,7 @@
   they were learned: one is fresh, or a last known location, for what is left of its time, never
   more; one learned "after" now, or all of them when the wall clock was set back since they were
   saved (`not_fresh`), at least `fresh_for` old: asked again first, still a last known location.
+  One of a sector forgotten while they were being read (`begin_restore`) is left out.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class SectorCache:
         #: Counts the changes of entries (learned, forgotten, restored): a snapshot taken when
         #: it has not moved since the last one would be the same.
         self.changes = 0
+        #: The sectors forgotten since a restore began (`begin_restore`), which it leaves out.
+        self._forgotten: set[SectorRef] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -160,6 +163,8 @@ class SectorCache:
         and any want of it go (a sector nobody knows is not refreshed again and again)."""
         if self._entries.pop(sector, None) is not None:
             self.changes += 1
+        if self._forgotten is not None:
+            self._forgotten.add(sector)
         self._tried.pop(sector, None)
         self._wanted.pop(sector, None)
         self._replan(sector)
@@ -175,15 +180,26 @@ class SectorCache:
         with the time it was learned on this clock: `take_restored(restorable(...))`."""
         return self.take_restored(restorable(entries, now, self.rules, not_fresh=not_fresh))
 
+    def begin_restore(self) -> None:
+        """Entries remembered from before are being read (`take_restored` takes them): the
+        sectors forgotten meanwhile (every provider said it does not know them) are noted, and
+        left out of them."""
+        if self._forgotten is None:
+            self._forgotten = set()
+
     def take_restored(self, taken: dict[SectorRef, CacheEntry]) -> int:
         """Take in what `restorable` kept (it is taken over): one whose sector has an entry here
-        already (learned since: newer) is left out. They go before the entries here in the
-        least-recently-used order; past `max_entries` the least recently used go. None counts
-        as used: the background refresh plans them once they are looked up or wanted. Returns
-        how many were taken. O(entries here), and one copy of the dict."""
+        already (learned since: newer), or was forgotten since `begin_restore`, is left out.
+        They go before the entries here in the least-recently-used order; past `max_entries`
+        the least recently used go. None counts as used: the background refresh plans them
+        once they are looked up or wanted. Returns how many were taken. O(entries here), and
+        one copy of the dict."""
         live = self._entries
         for sector in live:
             taken.pop(sector, None)
+        for sector in self._forgotten or ():
+            taken.pop(sector, None)
+        self._forgotten = None
         room = max(0, self.rules.max_entries - len(live))
         if len(taken) > room:  # the least recently used left out
             taken = dict(itertools.islice(taken.items(), len(taken) - room, None))

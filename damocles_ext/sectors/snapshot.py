@@ -367,6 +367,7 @@ class CacheSnapshot:
         awaited: its entries are taken in if it ends."""
         mono_now, wall_now = trio.current_time(), self.wall()
         rules = cache.rules
+        cache.begin_restore()  # a sector forgotten meanwhile is not taken back
 
         def read() -> tuple[float, int, dict[SectorRef, CacheEntry]] | None:
             """(written_at, entries in the file, those the cache takes): all of the O(entries)
@@ -414,6 +415,8 @@ class CacheSnapshot:
                     raise
                 failed = error
             nursery.cancel_scope.cancel()
+        if failed is not None or got is None:
+            cache.take_restored({})  # nothing: the sectors forgotten are no longer noted
         late, self._keep_file = self._keep_file, False
         if late:
             log.info("the sector-location snapshot %s is read after all", self.path)
