@@ -654,6 +654,37 @@ async def test_a_sector_no_provider_knows_while_the_snapshot_is_read_is_not_take
     assert again.status == "not_found", again  # not a fresh hit of the snapshot's location
 
 
+async def test_a_sector_learned_while_the_snapshot_is_read_is_written_by_the_next_periodic_save(
+    tmp_path, mock_clock, hung_read
+):
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())  # sector 1
+    snapshot = Watched(str(path), every=300, wall=wall_at(WALL + 60))
+    locator = SectorLocator([Known()], snapshot=snapshot)
+    async with locator, trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(locator.refresh_forever)
+        nursery.start_soon(locator.locate, refs(2))
+        await trio.testing.wait_all_tasks_blocked()
+        phase_end, _ = locator.bounds.phases(start, locator.bounds.budget(None))
+        mock_clock.jump(
+            (phase_end - start) / 2
+        )  # the lookup waits for the read no more: asks, learns
+        await trio.testing.wait_all_tasks_blocked()
+        assert locator.cached(SectorRef(MINER, 2)) is not None
+        hung_read.set()
+        await snapshot.loaded.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the periodic saves begin
+        saved = snapshot.saved
+        mock_clock.jump(300)
+        await trio.testing.wait_all_tasks_blocked()
+        assert snapshot.writing or saved.is_set(), "sector 2 is not written, as if it had been"
+        await saved.wait()
+        nursery.cancel_scope.cancel()
+        _, entries = decode(path.read_bytes(), 0.0, WALL + 60)
+    assert sorted(s.number for s, _ in entries) == [1, 2]
+
+
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():
     """SectorCache.restore, sans-IO: a sector learned since is not replaced; duplicates keep
     the later; past max_entries the least recently used of the restored go."""

@@ -368,6 +368,7 @@ class CacheSnapshot:
         mono_now, wall_now = trio.current_time(), self.wall()
         rules = cache.rules
         cache.begin_restore()  # a sector forgotten meanwhile is not taken back
+        changes = cache.changes  # moved by the time they are taken in: not all in the file
 
         def read() -> tuple[float, int, dict[SectorRef, CacheEntry]] | None:
             """(written_at, entries in the file, those the cache takes): all of the O(entries)
@@ -447,8 +448,10 @@ class CacheSnapshot:
                 " first), and as old as they were when written at least",
                 self.path, written_at - wall_now,
             )  # fmt: skip
+        unsaved = cache.changes != changes  # learned or forgotten meanwhile: the next save's
         self.restored = cache.take_restored(taken)
-        self._saved_changes = cache.changes
+        if not unsaved:
+            self._saved_changes = cache.changes
         log.info(
             "%d sector locations taken from %s (saved %.0f s ago; %d left out: past keep_for,"
             " or learned since)",
