@@ -6,6 +6,7 @@ the snapshot's size is bounded."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -633,7 +634,7 @@ async def test_a_snapshot_read_given_up_is_taken_in_when_it_ends_and_saved_again
         await snapshot.loaded.wait()
         assert locator.cached(SectorRef(MINER, 1)).provider == "p"
         assert locator.status()["snapshot"]["error"] is None
-    assert any("read after all" in r.getMessage() for r in caplog.records)
+    assert any("ended after all" in r.getMessage() for r in caplog.records)
     _, entries = decode(path.read_bytes(), 0.0, WALL + 60)  # the stop's save
     assert sorted(s.number for s, _ in entries) == [1, 2] and learned.found
 
@@ -683,6 +684,76 @@ async def test_a_sector_learned_while_the_snapshot_is_read_is_written_by_the_nex
         nursery.cancel_scope.cancel()
         _, entries = decode(path.read_bytes(), 0.0, WALL + 60)
     assert sorted(s.number for s, _ in entries) == [1, 2]
+
+
+class FailingOs:
+    """The os module, whose call `name` fails with `errno` after its first `skip` calls while
+    `on` (the snapshot's module is given it: nothing else is touched)."""
+
+    def __init__(self, name: str, error: int, skip: int) -> None:
+        self.name, self.error, self.skip, self.on = name, error, skip, True
+
+    def __getattr__(self, name: str):
+        call = getattr(os, name)
+        if name != self.name:
+            return call
+
+        def failing(*args):
+            if self.on and self.skip <= 0:
+                raise OSError(self.error, os.strerror(self.error))
+            self.skip -= 1
+            return call(*args)
+
+        return failing
+
+
+@pytest.mark.parametrize(
+    ("failure", "why"),
+    [
+        (("lstat", errno.EIO, 0), "it cannot be looked at"),
+        (("open", errno.EMFILE, 0), "it cannot be opened"),  # looking at its first line
+        (("open", errno.EMFILE, 1), "it cannot be opened"),  # reading it
+        (("read", errno.EIO, 1), "it cannot be read"),
+        ("no memory", "it could not be read: MemoryError"),
+    ],
+)
+async def test_a_snapshot_that_could_not_be_read_is_left_as_it_is_for_the_next_start(
+    failure, why, tmp_path, mock_clock, monkeypatch, caplog
+):
+    """A failure to read the file says nothing of what it holds: replacing it (with what a
+    process started during an outage learned, nothing) would lose the good snapshot exactly
+    when it is needed. Only bad content is replaced."""
+    import damocles_ext.sectors.snapshot as snapshot_module
+
+    path = tmp_path / "sectors.snapshot"
+    path.write_bytes(good_snapshot())
+    if failure == "no memory":
+        failing = FailingOs("none", 0, 0)
+
+        def decode_failing(*args):
+            if failing.on:
+                raise MemoryError
+            return decode(*args)
+
+        monkeypatch.setattr(snapshot_module, "decode", decode_failing)
+    else:
+        failing = FailingOs(*failure)
+        monkeypatch.setattr(snapshot_module, "os", failing)
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 60))
+    async with SectorLocator([Known()], snapshot=snapshot) as locator:
+        await locator.restore()
+        failing.on = False  # it was for a while only
+        [learned] = await locator.locate(refs(2))
+        assert learned.found and not await snapshot.save(locator.cache)
+        error = locator.status()["snapshot"]["error"]
+    assert path.read_bytes() == good_snapshot()  # nor at the stop
+    [said] = warnings(caplog)
+    assert why in said and "not written over by this process" in said
+    assert why in error and "not written over until a restart" in error
+    again = CacheSnapshot(str(path), wall=wall_at(WALL + 120))
+    async with SectorLocator([], snapshot=again) as locator:
+        await locator.restore()
+    assert again.restored == 1
 
 
 def test_the_cache_restores_entries_least_recently_used_first_behind_newer_ones():

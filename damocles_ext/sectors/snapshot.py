@@ -15,9 +15,12 @@ locations (docs/SECTORS.md, "Kept across restarts").
   age is its real age, the time the process was down included (`SectorCache.restore` keeps the
   rules). A read that takes more than `READ_TIMEOUT` (a storage that hangs) is given up: said,
   the waiters go on without it, and the file, not read, is not written over; should it end after
-  all, its entries are taken in then and the saves go on. A file that is not there is a first start; one that is not ours, not a regular file,
-  too big, of another format version or unreadable is said in a warning and ignored (the next
-  save replaces it): never fatal.
+  all, its entries are taken in then and the saves go on. A file that is not there is a first
+  start; one that is not ours, not a regular file, too big, of another format version or
+  damaged is said in a warning and ignored (the next save replaces it): never fatal. One that
+  could not be read (an I/O error, no file descriptor, no memory, no thread:
+  `SnapshotUnreadable` or anything else) is said and ignored too, but left as it is: what it
+  holds is not known to be bad, so no save of this process replaces it.
 - Never written over what is not a snapshot (`not_a_snapshot`: a device, a FIFO, a symlink, a
   directory, a file without the magic line; `--sector-cache /dev/null` or a mistyped path of
   someone's file): refused at start (the commands), and checked again before each rename; such
@@ -107,6 +110,11 @@ class NotASnapshot(SnapshotUnusable):
     """What is at the path is not a snapshot: it is neither taken in nor ever written over."""
 
 
+class SnapshotUnreadable(Exception):
+    """The file could not be read (an I/O error, no file descriptor left): what it holds is not
+    known, so it is not written over either (the next start reads it again)."""
+
+
 _KINDS: Final = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISCHR, "a character device"),
@@ -116,16 +124,19 @@ _KINDS: Final = (
 )
 
 
-def not_a_snapshot(path: str) -> str | None:
+def not_a_snapshot(path: str, *, raising: bool = False) -> str | None:
     """What is at `path` when it is not a sector-location snapshot, which a snapshot must then
     never replace ("a character device, not a sector-location snapshot", ...); None when
-    nothing is there, or a file that starts as a snapshot does (damaged or not, it is one)."""
+    nothing is there, or a file that starts as a snapshot does (damaged or not, it is one).
+    `raising`: one that cannot be looked at or read is SnapshotUnreadable, not "maybe not one"."""
     not_one = "not a sector-location snapshot"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if raising:
+            raise SnapshotUnreadable(f"it cannot be looked at: {describe(exc)}") from None
         return f"something that cannot be looked at ({describe(exc)}), so maybe {not_one}"
     if stat.S_ISLNK(st.st_mode):
         try:
@@ -141,10 +152,14 @@ def not_a_snapshot(path: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if raising:
+            raise SnapshotUnreadable(f"it cannot be opened: {describe(exc)}") from None
         return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
     try:
         head = os.read(fd, len(MAGIC))
     except OSError as exc:
+        if raising:
+            raise SnapshotUnreadable(f"it cannot be read: {describe(exc)}") from None
         return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
     finally:
         os.close(fd)
@@ -244,7 +259,8 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
 
 def read_file(path: str, max_bytes: int) -> bytes | None:
     """The file's bytes (None: there is none); SnapshotUnusable when it is not ours to trust
-    (another user's, a symlink, not a regular file), too big, or cannot be read."""
+    (another user's, a symlink, not a regular file) or too big; SnapshotUnreadable when it
+    cannot be opened or read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -252,7 +268,7 @@ def read_file(path: str, max_bytes: int) -> bytes | None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise SnapshotUnusable("it is a symlink; a snapshot is a file of its own") from None
-        raise SnapshotUnusable(f"it cannot be opened: {describe(exc)}") from None
+        raise SnapshotUnreadable(f"it cannot be opened: {describe(exc)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -268,7 +284,7 @@ def read_file(path: str, max_bytes: int) -> bytes | None:
             chunks.append(chunk)
             size += len(chunk)
     except OSError as exc:
-        raise SnapshotUnusable(f"it cannot be read: {describe(exc)}") from None
+        raise SnapshotUnreadable(f"it cannot be read: {describe(exc)}") from None
     finally:
         os.close(fd)
     data = b"".join(chunks)
@@ -355,7 +371,8 @@ class CacheSnapshot:
         self.saved_at: float | None = None
         self.error: str | None = None  # the last save's, or the load's, until a save works
         self._failing = False  # the last save failed: its end is said
-        #: The file is not written over: its read was given up (until it ends after all).
+        #: The file is not written over: its read was given up (until it ends after all), or
+        #: failed for a reason other than what it holds.
         self._keep_file = False
 
     async def load(
@@ -374,7 +391,7 @@ class CacheSnapshot:
             """(written_at, entries in the file, those the cache takes): all of the O(entries)
             work here, in the thread; the loop only merges the dict."""
             _remove_leftovers(self.path)
-            what = not_a_snapshot(self.path)
+            what = not_a_snapshot(self.path, raising=True)
             if what is not None:
                 raise NotASnapshot(f"it is {what}")
             data = read_file(self.path, self.max_bytes)
@@ -420,19 +437,28 @@ class CacheSnapshot:
             cache.take_restored({})  # nothing: the sectors forgotten are no longer noted
         late, self._keep_file = self._keep_file, False
         if late:
-            log.info("the sector-location snapshot %s is read after all", self.path)
+            log.info("the read of the sector-location snapshot %s ended after all", self.path)
             self.error = None
         if failed is not None:
-            exc = failed
-            if not isinstance(failed, SnapshotUnusable):
-                exc = SnapshotUnusable(f"it could not be read: {describe(exc)}")
-            self.error = f"{self.path} was not taken: {exc}"
-            then = "the file replaced at the next save"
-            if isinstance(exc, NotASnapshot):
-                then = "no snapshot is written: what is there is never written over"
+            if isinstance(failed, SnapshotUnusable):  # what it holds is bad: replaced
+                why = str(failed)
+                self.error = f"{self.path} was not taken: {why}"
+                then = "the file replaced at the next save"
+                if isinstance(failed, NotASnapshot):
+                    then = "no snapshot is written: what is there is never written over"
+            else:  # not read (an I/O error, no memory, no thread, a bug): maybe a good one
+                why = str(failed)
+                if not isinstance(failed, SnapshotUnreadable):
+                    why = f"it could not be read: {describe(failed)}"
+                self.error = f"{self.path} was not read: {why}; not written over until a restart"
+                then = (
+                    "the file is left as it is, not written over by this process: what it holds"
+                    " is not known to be bad, and the next start reads it again"
+                )
+                self._keep_file = True
             log.warning(
                 "the sector-location snapshot %s is ignored: %s. Locations are learned anew (%s)",
-                self.path, exc, then,
+                self.path, why, then,
             )  # fmt: skip
             return 0
         if got is None:
