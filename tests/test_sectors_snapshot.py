@@ -348,6 +348,15 @@ async def test_a_snapshot_is_written_atomically_private_and_leaves_no_new_file_b
     assert written_at == WALL and [s for s, _ in entries] == refs(1)
 
 
+async def test_a_snapshot_whose_name_is_about_as_long_as_a_name_may_be_is_written(tmp_path):
+    """Its new file's name (the name, the process's id, a random part) still fits in 255 bytes:
+    a name the start accepts is one every save can write."""
+    path = tmp_path / ("x" + "é" * 124)  # 249 bytes: cut in the middle of a character
+    await learn_then_stop(path, [Known()], refs(2))
+    assert [s for s, _ in decode(path.read_bytes(), 0.0, WALL)[1]] == refs(2)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 async def test_a_locator_closed_before_it_read_its_snapshot_leaves_the_file_as_it_was(tmp_path):
     path = tmp_path / "sectors.snapshot"
     path.write_bytes(good_snapshot())

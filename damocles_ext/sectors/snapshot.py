@@ -293,11 +293,19 @@ def read_file(path: str, max_bytes: int) -> bytes | None:
     return data
 
 
+def _new_files(name: str) -> str:
+    """How the names of the new files written beside the file `name` begin: ".NAME.", NAME cut
+    to 200 bytes, so that with the process's id and a random part after it a name fits in
+    NAME_MAX (255 bytes) whenever the file's own does."""
+    return f".{os.fsdecode(os.fsencode(name)[:200])}."
+
+
 def write_file(path: str, data: bytes) -> None:
     """Replace the file with `data` atomically and durably (OSError when it cannot be)."""
     directory, name = os.path.split(os.path.abspath(path))
     with _writing:
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        new = f"{_new_files(name)}{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = os.path.join(directory, new)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with open(fd, "wb") as out:
@@ -332,7 +340,7 @@ def _remove_leftovers(path: str) -> None:
     except OSError:
         return
     for entry in names:
-        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+        if entry.startswith(_new_files(name)) and entry.endswith(".tmp"):
             full = os.path.join(directory, entry)
             try:
                 if os.lstat(full).st_uid == os.geteuid():
