@@ -209,7 +209,8 @@ def test_the_stores_sessions_terminated_or_the_server_restarted_between_calls_fa
 ):
     job = running(pg)
     admin(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-              " WHERE application_name = 'damocles-ext' AND pid <> pg_backend_pid()")  # fmt: skip
+              " WHERE application_name = 'damocles-ext' AND pid <> pg_backend_pid()"
+              " AND datname = current_database()")  # fmt: skip
     _heartbeat(pg, job)
     postgres_server.pause()  # pg_ctl stop -m fast: every session ended (57P01), then started
     postgres_server.resume()

@@ -583,7 +583,7 @@ async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_ur
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = %s",
+                " WHERE application_name = %s AND datname = current_database()",
                 (APPLICATION_NAME,),
             ).fetchall()
         assert killed == [(True,)]
