@@ -214,6 +214,9 @@ def make_unusable(path, how: str) -> str:
     if how == "garbage":
         path.write_bytes(MAGIC + os.urandom(64))
         return "damaged"
+    if how == "nested deeper than a decoder goes":  # msgspec's RecursionError: bad content too
+        path.write_bytes(MAGIC + b"\x82\xa7version\x01\xa1x" + b"\x91" * 100_000 + b"\x01")
+        return "damaged"
     if how == "not a snapshot":
         path.write_text("root:x:0:0:root:/root:/bin/bash\n")  # a mistyped /etc/passwd
         return "a file that is not a sector-location snapshot"
@@ -252,7 +255,7 @@ def make_unusable(path, how: str) -> str:
 
 
 UNUSABLE = [
-    "cut short", "garbage", "another version", "a negative sector", "a string not in the table",
+    "cut short", "garbage", "nested deeper than a decoder goes", "another version", "a negative sector", "a string not in the table",
     "another user's",
 ]  # fmt: skip
 NOT_SNAPSHOTS = [

@@ -218,7 +218,7 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
     body = memoryview(data)[len(MAGIC) :]
     try:
         version = msgspec.msgpack.decode(body, type=_Header).version
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # (nested deeper than msgspec goes)
         raise SnapshotUnusable(f"it is damaged (cut short, or overwritten): {exc}") from None
     if version != VERSION:
         raise SnapshotUnusable(
@@ -252,7 +252,7 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
             learned_at = mono_now - (max(wall_now, written_at) - row.learned_at)
             sector = SectorRef(row.miner, row.number, row.upgrade)
             entries.append((sector, CacheEntry(location, provider, learned_at)))
-    except (msgspec.DecodeError, ValueError, IndexError) as exc:
+    except (msgspec.DecodeError, ValueError, IndexError, RecursionError) as exc:
         raise SnapshotUnusable(f"it is damaged (cut short, or overwritten): {exc}") from None
     return snapshot.written_at, entries
 
