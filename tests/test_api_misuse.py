@@ -23,6 +23,7 @@ from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.jobs.client import RpcCallError, RpcConnectionError
 from damocles_ext.jobs.store import JobNotFound, JobStore
+from damocles_ext.protocol import dext
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -196,6 +197,7 @@ async def test_the_apis_errors_survive_pickling_with_their_message_and_fields(tm
         JobNotFound("3VsCrq5syFF"),
         RpcConnectionError("refused", url="http://h:1/rpc/v0", method="Venus.X", sent=False),
         RpcCallError(1, "no such job", url="http://h:1/rpc/v0", method="Venus.X", status=200),
+        dext.FrameTooLarge(70_000_000, 16 << 20),  # what a Refusal is made of
     ]
     for error in errors:
         for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):

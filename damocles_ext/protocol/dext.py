@@ -66,6 +66,10 @@ class FrameTooLarge(ProtocolError):
         self.length = length
         self.limit = limit
 
+    def __reduce__(self) -> tuple[type[FrameTooLarge], tuple[int, int, list[Message]]]:
+        # Its arguments are not its message: pickling and copying give them back.
+        return (type(self), (self.length, self.limit, self.messages))
+
 
 class Hello(msgspec.Struct, tag="hello", frozen=True):
     """First frame a child writes: it is ready, which prover it runs and how many requests at once."""
