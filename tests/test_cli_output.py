@@ -494,3 +494,14 @@ def test_check_config_json_is_utf8_json_whatever_the_locales_encoding(tmp_path: 
         assert done.returncode == 0, done.stderr
         doc = json.loads(done.stdout.decode("utf-8"))
         assert "gpu-\u00e9" in json.dumps(doc, ensure_ascii=False), doc
+
+
+def test_check_config_says_each_child_on_one_line_whatever_its_values_hold(tmp_path: Path):
+    # A line break or an ESC in an Envs or Args value split a child's line or drove the terminal.
+    (tmp_path / "c.cfg").write_text(
+        '[[WdPost]]\nBin = "/bin/true"\nArgs = ["a\\nb"]\nEnvs = { X = "\\u001b[2Jy" }\n'
+    )
+    done = _dext("check-config", "-c", str(tmp_path / "c.cfg"))
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    assert "\x1b" not in line and "\\x1b[2Jy" in line and "a\\nb" in line, line
