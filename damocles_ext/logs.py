@@ -67,6 +67,8 @@ _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # The same, less what json.dumps escapes itself: what is left could break a line for a reader
 # splitting on Unicode line boundaries, or reach a terminal raw.
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# The same, less the lone surrogates: what the CLI's text output escapes (controls_escaped).
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r"}
 
 
@@ -102,6 +104,12 @@ def _json_shown(text: str) -> str:
 def one_line(text: str) -> str:
     """`text` with its line breaks and control characters escaped (\\n, \\r, \\x1b, \\u2028)."""
     return _UNSAFE.sub(_escaped, text)
+
+
+def controls_escaped(text: str) -> str:
+    """As one_line, but a path's bytes that are not UTF-8 (os.fsdecode's lone surrogates) left
+    for stdout to write as those bytes (the CLI's text output, cli._guard_stdio)."""
+    return _CONTROLS.sub(_escaped, text)
 
 
 class TextFormatter(logging.Formatter):

@@ -87,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stdout.buffer.write(text.encode() + b"\n")
         return 0
-    from damocles_ext.logs import one_line
+    from damocles_ext.logs import controls_escaped
 
     width = max(len(child.name) for child in config.children)
     for child in config.children:  # one line each: a value's line break or ESC escaped
-        print(one_line(describe_child(child, width)))
+        print(controls_escaped(describe_child(child, width)))
     return 0
 
 
