@@ -229,3 +229,19 @@ def test_an_answer_says_itself_as_json_ready_data():
         "detail": "source down",
     }  # fmt: skip
     assert str(SectorRef(7, 9, upgrade=True)) == "sector 9 of miner 7 (upgraded)"
+
+
+def test_a_restore_forgotten_past_what_the_cache_holds_takes_nothing_in_and_notes_no_more():
+    # A snapshot read that never ends: the sectors forgotten meanwhile were noted for ever.
+    from damocles_ext.sectors.cache import CacheEntry
+
+    c = cache(max_entries=3)
+    c.begin_restore()
+    for number in range(10):
+        c.forget(SectorRef(1000, number))
+    assert len(c._forgotten or ()) <= 3
+    late = {SectorRef(1000, 99): CacheEntry(HERE, "source", 0.0)}
+    assert c.take_restored(late) == 0 and len(c) == 0  # which were forgotten is not known
+    c.begin_restore()  # a next restore notes again
+    c.forget(SectorRef(1000, 1))
+    assert c.take_restored({SectorRef(1000, 99): CacheEntry(HERE, "source", 0.0)}) == 1

@@ -93,8 +93,10 @@ class SectorCache:
         #: Counts the changes of entries (learned, forgotten, restored): a snapshot taken when
         #: it has not moved since the last one would be the same.
         self.changes = 0
-        #: The sectors forgotten since a restore began (`begin_restore`), which it leaves out.
+        #: The sectors forgotten since a restore began (`begin_restore`), which it leaves out;
+        #: past max_entries of them (a read that never ends), none is noted and none taken in.
         self._forgotten: set[SectorRef] | None = None
+        self._restore_void = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -163,8 +165,11 @@ class SectorCache:
         and any want of it go (a sector nobody knows is not refreshed again and again)."""
         if self._entries.pop(sector, None) is not None:
             self.changes += 1
-        if self._forgotten is not None:
-            self._forgotten.add(sector)
+        if self._forgotten is not None and not self._restore_void:
+            if len(self._forgotten) < self.rules.max_entries:
+                self._forgotten.add(sector)
+            else:  # as many as the cache holds: what is read that late is not taken in at all
+                self._forgotten, self._restore_void = set(), True
         self._tried.pop(sector, None)
         self._wanted.pop(sector, None)
         self._replan(sector)
@@ -195,6 +200,9 @@ class SectorCache:
         once they are looked up or wanted. Returns how many were taken. O(entries here), and
         one copy of the dict."""
         live = self._entries
+        if self._restore_void:  # more forgotten meanwhile than could be noted (forget)
+            self._forgotten, self._restore_void = None, False
+            return 0
         for sector in live:
             taken.pop(sector, None)
         for sector in self._forgotten or ():
