@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,29 @@ def wal_size(path: Path) -> int:
     return Path(f"{path}-wal").stat().st_size
 
 
+@contextlib.contextmanager
+def reader_holding(path: Path, *, holds: bool = True) -> Iterator[None]:
+    """A connection to the store at `path` keeping one snapshot while in the block (a `sqlite3`
+    shell left inside a transaction); `holds=False`: open, in no transaction."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        if holds:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
+        yield
+        if holds:
+            reader.execute("COMMIT")
+
+
+def make_and_remove(store: JobStore, batches: int, jobs: int = 100) -> None:
+    """`batches` transactions making `jobs` jobs of 200 sectors each, each followed by one
+    removing them all: the write-ahead log grows by about 4 MB per 100 jobs."""
+    for batch in range(batches):
+        events = [rules.Create(make_input(sectors=200, seed=i % 200, miner=batch * jobs + i))
+                  for i in range(jobs)]  # fmt: skip
+        store.create_many(events, T0)
+        store.remove_all(T0)
+
+
 def test_the_write_ahead_log_shrinks_back_once_a_reader_that_held_it_open_is_gone(tmp_path):
     # A reader that keeps one snapshot (a `sqlite3` shell left in a transaction, a backup)
     # stops every checkpoint: the log grows with each write. Once it is gone the log is copied
@@ -35,16 +59,9 @@ def test_the_write_ahead_log_shrinks_back_once_a_reader_that_held_it_open_is_gon
     # connection is open (a coordinator's: months) unless journal_size_limit says otherwise.
     path = tmp_path / "jobs.db"
     with JobStore.open(f"sqlite:///{path}") as store:
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
-            for batch in range(6):
-                events = [rules.Create(make_input(sectors=200, seed=i, miner=batch))
-                          for i in range(100)]  # fmt: skip
-                store.create_many(events, T0)
-                store.remove_all(T0)
+        with reader_holding(path):
+            make_and_remove(store, 6)
             assert wal_size(path) > 2 * database.SQLITE_WAL_SIZE_LIMIT  # it grew meanwhile
-            reader.execute("COMMIT")
         # The next commits checkpoint the whole log (nobody reads an old snapshot), restart it,
         # and cut its file down to the limit (what one small commit adds to it aside).
         for seed in range(3):
@@ -163,20 +180,13 @@ async def test_a_coordinator_warns_once_while_the_write_ahead_log_grows_past_its
     with JobStore.open(f"sqlite:///{path}") as store:
         coordinator = Coordinator(TrioJobStore(store))
         coordinator.log_warn_size = 20 * 1024 * 1024  # 64 MiB by default
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
-            for batch in range(3):
-                events = [rules.Create(make_input(sectors=200, seed=i, miner=batch))
-                          for i in range(100)]  # fmt: skip
-                store.create_many(events, T0)
-                store.remove_all(T0)
+        with reader_holding(path):
+            make_and_remove(store, 3)
             assert wal_size(path) > coordinator.log_warn_size
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.sweep_forever)  # the first pass looks
                 nursery.cancel_scope.cancel()
             await coordinator._check_log()  # said once
-            reader.execute("COMMIT")
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert f"the write-ahead log of the job store sqlite:///{path} ({path}-wal) is" in warning
         assert "a reader that stays inside one transaction" in warning
@@ -194,15 +204,8 @@ async def _log_warnings(url: str, store_path: Path, caplog, *, reader: bool) -> 
     with JobStore.open(url) as store:
         coordinator = Coordinator(TrioJobStore(store))
         coordinator.log_warn_size = 10 * 1024 * 1024
-        with contextlib.closing(sqlite3.connect(store_path, isolation_level=None)) as held:
-            if reader:
-                held.execute("BEGIN")
-                held.execute("SELECT count(*) FROM dext_wdpost_jobs").fetchone()
-            events = [
-                rules.Create(make_input(sectors=200, seed=i % 200, miner=i)) for i in range(300)
-            ]
-            store.create_many(events, T0)  # one big transaction
-            store.remove_all(T0)
+        with reader_holding(store_path, holds=reader):
+            make_and_remove(store, 1, jobs=300)  # one big transaction
             assert wal_size(store_path) > coordinator.log_warn_size
             await coordinator._check_log()
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
