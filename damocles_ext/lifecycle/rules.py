@@ -127,7 +127,7 @@ class BookRules:
             req.avoid,
             req.back,
             len(task.replicas) if sized else 0,
-            str(task.proof_type) if sized else "",
+            task.proof_type if sized else "",
         )
         self._queued += 1
         if retry:

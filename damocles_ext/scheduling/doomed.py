@@ -43,10 +43,15 @@ def doomed(job: Job, children: list[_Child], now: float, not_sent: str) -> str |
     for c in children:
         if c.fatal:
             continue
-        like = [s for kind, size, s in c.run_times if kind == job.kind and size <= job.size]
-        if len(like) < RUNS_KNOWN:
+        like = []  # the last ones like it: a GPU that slowed down is followed
+        for kind, size, seconds in reversed(c.run_times):
+            if kind == job.kind and size <= job.size:
+                like.append(seconds)
+                if len(like) == RUNS_KNOWN:
+                    break
+        else:
             return None  # no estimate for a child that may still serve it
-        run = min(like[-RUNS_KNOWN:])  # the last ones: a GPU that slowed down is followed
+        run = min(like)
         if fastest is None or run < fastest[0]:
             fastest = (run, c.info.child_id)
     if fastest is None:

@@ -42,10 +42,10 @@ def gpu_phase_reported(
     done: int,
     total: int,
     now: float,
-    runs: list[_Running],
+    runs_on: Callable[[_Child], list[_Running]],
     vanilla_times: dict[str, deque[float]],
 ) -> bool:
-    """`run` on `child` (whose running jobs are `runs`) reported a GPU phase, `done` of `total`:
+    """`run` on `child` (whose running jobs `runs_on` gives) reported a GPU phase, `done` of `total`:
     True if that was its first report of it (its vanilla phase, learnt in `vanilla_times`, is
     over, and `child` is pipelined now)."""
     if run.gpu_done:
@@ -56,6 +56,7 @@ def gpu_phase_reported(
         child.pipelined = True
         vanilla = vanilla_times.setdefault(run.job.stage, deque(maxlen=_HISTORY))
         vanilla.append(now - run.started)
+        runs = runs_on(child)  # (a first report only: not each heartbeat's frame)
         if not any(r.gpu_turn is not None and not r.gpu_done for r in runs if r is not run):
             run.gpu_turn = now
     # Only a step forward counts: the child runtime re-sends the last frame as a heartbeat, and

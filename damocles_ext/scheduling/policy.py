@@ -296,9 +296,7 @@ class Scheduler:
         child = self._children[run.child_id]
         if phase not in self._gpu_phases:
             other_phase_reported(child, run, self._runs_on, now)
-        elif gpu_phase_reported(
-            child, run, done, total, now, self._runs_on(child), self._vanilla_times
-        ):
+        elif gpu_phase_reported(child, run, done, total, now, self._runs_on, self._vanilla_times):
             set_slots(child, self._quick_run)
             self._pipelined_stages.add(child.info.stage)
         return True
