@@ -14,27 +14,30 @@ FULL_FIX_READING = (
 )
 
 
+def _file_system(path: Path) -> tuple[Path, os.statvfs_result | None]:
+    """The directory SQLite's files of `path` are in (a symlink's target's) and statvfs of it
+    (None when it cannot be had)."""
+    directory = Path(os.path.realpath(path)).parent
+    try:
+        return directory, os.statvfs(directory)
+    except OSError:
+        return directory, None
+
+
 def no_space_left(path: Path) -> bool:
     """Whether the file system of the file `path` has no block or no inode left for this user."""
-    try:
-        st = os.statvfs(Path(os.path.realpath(path)).parent)  # a symlink's target's
-    except OSError:
-        return False
-    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
+    st = _file_system(path)[1]
+    return st is not None and (st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0))
 
 
 def read_only_mount(path: Path) -> str | None:
     """What to do about a SQLite store at `path` on a file system mounted read-only (which no
     file mode tells, and root's writes fail on too), or None when it is not."""
-    path = Path(os.path.realpath(path))  # where a symlink's target is, SQLite's files are
-    try:
-        read_only = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
-    except OSError:
-        return None
-    if not read_only:
+    directory, st = _file_system(path)
+    if st is None or not st.f_flag & os.ST_RDONLY:
         return None
     return (
-        f"the file system that holds {str(path.parent)!r} is mounted read-only, and a store in"
+        f"the file system that holds {str(directory)!r} is mounted read-only, and a store in"
         " WAL mode needs to write its -wal and -shm files beside the file even to be read:"
         " mount it read-write, or copy the store to a writable directory"
     )
@@ -61,7 +64,10 @@ def network_file_system(path: Path) -> str | None:
     system of gVisor's containers and WSL2's Windows drives, one kernel's, where locks hold.)"""
     path = Path(os.path.realpath(path))  # a symlink's target, made there if it is dangling
     try:
-        device = os.stat(path if path.exists() else path.parent).st_dev
+        try:
+            device = os.stat(path).st_dev
+        except FileNotFoundError:  # not made yet: where it will be
+            device = os.stat(path.parent).st_dev
         mounts = MOUNTINFO.read_text(errors="replace")
     except OSError:
         return None
