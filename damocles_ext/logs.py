@@ -63,12 +63,13 @@ log = logging.getLogger("damocles_ext.supervisor")
 # (a "\r" or an ANSI sequence would overwrite the line's own start with a forged one), DEL, the
 # C1 controls, the Unicode line and paragraph separators, and lone surrogates (undecodable
 # bytes of a file name). Tabs stay.
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CONTROL_CLASS = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029"
+_UNSAFE = re.compile(f"[{_CONTROL_CLASS}\ud800-\udfff]")
 # The same, less what json.dumps escapes itself: what is left could break a line for a reader
 # splitting on Unicode line boundaries, or reach a terminal raw.
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # The same, less the lone surrogates: what the CLI's text output escapes (controls_escaped).
-_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROLS = re.compile(f"[{_CONTROL_CLASS}]")
 _NAMED = {"\n": "\\n", "\r": "\\r"}
 
 

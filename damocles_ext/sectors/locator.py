@@ -210,7 +210,7 @@ class SectorLocator:
         asked = list(sectors)
         start = trio.current_time()
         phase_end, batch_end = self.bounds.phases(start, self.bounds.budget(time_left))
-        if not self._restored:  # the snapshot still being read: a provider's share at most
+        if self.snapshot is not None and not self._restored:  # being read: a share at most
             with trio.move_on_at(provider_slice(start, phase_end, len(self.providers) + 1)):
                 await self.restore()
             start = trio.current_time()
