@@ -414,6 +414,44 @@ async def test_listen_runs_the_coordinator_in_the_same_process(tmp_path):
         await stop(m)
 
 
+async def test_listen_with_a_token_file_refuses_a_worker_without_the_token(tmp_path):
+    # Loopback is no boundary between local users: with --token-file the RPC served by serve
+    # --jobs --listen asks for the token, as the coordinator's does.
+    from test_coordinator import Client
+
+    token = tmp_path / "token"
+    token.write_text("s3cret-serve-token\n")
+    root, _task, _job_id = task_in_store_a(tmp_path)
+    async with trio.open_nursery() as nursery:
+        m = await start_serve(nursery, sqlite_url(tmp_path), "--store", f"a={root}",
+                              "--listen", "127.0.0.1:0", "--token-file", str(token))  # fmt: skip
+        line = await m.wait_log("serving the worker-prover RPC at http://")
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/rpc/v0", line).group(1))
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        status, answer = await client.call("Venus.StoreBasicInfo", "a")
+        assert status == 401 and "requires a bearer token" in answer["error"]["message"]
+        status, answer = await client.call(
+            "Venus.StoreBasicInfo", "a", headers=[("Authorization", "Bearer s3cret-serve-token")]
+        )
+        assert status == 200 and answer["result"]["Path"] == root
+        await client.stream.aclose()
+        await stop(m)
+
+
+def test_a_token_file_without_listen_exits_2_saying_what_it_goes_with(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    done = dext_run("serve", "window_post", "--jobs", sqlite_url(tmp_path), "--store", "a=/tmp",
+                    "--token-file", str(token), input=b"")  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"", err
+    assert "--token-file goes with --listen" in err and "Traceback" not in err
+    done = dext_run("serve", "window_post", "-c", "/nonexistent.toml",
+                    "--token-file", str(token), input=b"")  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "--token-file goes with --jobs URL" in err, err
+
+
 async def test_listen_lets_the_coordinator_answer_the_call_it_is_on_when_serve_stops(
     tmp_path, caplog
 ):

@@ -38,6 +38,7 @@ from .common import (
     load_config_from_args,
     positive_duration,
     supervisor_options,
+    token_file,
 )
 from .coordinator import _listen as listen_arg
 from .coordinator import _store as store_arg
@@ -136,6 +137,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="also serve the workers' RPC (as `damocles-ext coordinator` does) from this"
         " process, for a one-machine setup; default: not served here",
     )
+    jobs.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=token_file,
+        help="with --listen: require every RPC request to carry `Authorization: Bearer <token>`,"
+        " the token being the first line of FILE (as `damocles-ext coordinator --token-file`;"
+        " `damocles-ext worker` sends it with its own --token-file, a damocles-worker sends no"
+        " header). Without it, every local user can take and finish jobs on a loopback port",
+    )
     add_shutdown_arg(parser)
     add_restart_arg(parser)
     add_logging_args(parser, "info")
@@ -190,10 +200,15 @@ def check_supervising_options(args: argparse.Namespace) -> None:
                 " prove; with --jobs, --conf-dir DIR reads damocles-manager's DIR/sector-manager.cfg"
             )
     else:
-        for name in ("store", "poll_interval", "listen"):
+        for name in ("store", "poll_interval", "listen", "token_file"):
             if getattr(args, name, None):
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
+    if getattr(args, "token_file", None) is not None and args.listen is None:
+        raise UsageError(
+            "--token-file goes with --listen: it is the token the workers' RPC served there"
+            " requires"
+        )
     if args.deadline_after is None:
         args.deadline_after = DEFAULT_DEADLINE_AFTER[args.stage]
     elif args.deadline_after == 0:
@@ -233,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             deadline_after=args.deadline_after,
             poll_interval=args.poll_interval,
             listen=args.listen,
+            token=args.token_file,
             shutdown_grace=args.shutdown_grace,
             fds=fds,
         )

@@ -187,6 +187,7 @@ def serve_jobs(
     deadline_after: float | None,
     poll_interval: float | None,
     listen: tuple[str, int] | None,
+    token: str | None,
     shutdown_grace: float,
     fds: tuple[int, int],
 ) -> int:
@@ -238,7 +239,7 @@ def serve_jobs(
 
             # A finish it takes wakes the request waiting for that job at once, not at its poll.
             rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
-            coordinator = (rpc, CoordinatorServer(rpc, *listen, sock=listening))
+            coordinator = (rpc, CoordinatorServer(rpc, *listen, token=token, sock=listening))
         protocol_in, protocol_out = fds
         hold_stop_signals()
         say_ready(protocol_out, stage)
