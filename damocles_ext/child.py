@@ -39,7 +39,7 @@ import msgspec
 from .child_codecs import _Bad, _DextCodec, _In, _JsonlCodec
 from .errors import TASKS_ADVICE, describe, text_of
 from .hookspecs import Cancelled, CancelToken, Options, Prover
-from .options import parse_options
+from .options import child_options
 from .protocol import dext, jsonl
 from .tasks import OUTPUT_TYPES, TASK_TYPES, Output, Task, stage_of
 
@@ -631,7 +631,8 @@ def main(
         signal.signal(signal.SIGINT, _on_sigint)
     in_fd, out_fd = protect_stdio()
     try:
-        options: Options = parse_options(option_items)
+        # Taken out of the environment before the prover loads: what it starts inherits none.
+        options: Options = child_options(option_items, os.environ)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     pm = get_plugin_manager()

@@ -249,9 +249,12 @@ def test_plugin_child_runs_builtin_runtime_with_options_as_text() -> None:
     assert child.plugin_options == {"seconds": 0.5, "fail": "every:3", "load_fail": False, "n": 4}
     assert child.argv == (
         sys.executable, "-m", "damocles_ext", "child", "window_post", "--plugin", "sleep",
-        "--option", "seconds=0.5", "--option", "fail=every:3", "--option", "load_fail=false",
-        "--option", "n=4",
     )  # fmt: skip
+    # The options go in its environment: JSON, typed, ASCII whatever the locale.
+    from damocles_ext.config.startup import child_env
+    from damocles_ext.options import OPTIONS_ENV
+
+    assert json.loads(child_env(child)[OPTIONS_ENV]) == child.plugin_options
 
 
 def test_plugin_child_is_told_its_protocol_unless_auto() -> None:
@@ -1252,18 +1255,47 @@ def test_check_config_needs_exactly_one_of_file_or_conf_dir(
     assert "-c/--config" in err and "--conf-dir" in err
 
 
-def test_plugin_option_values_reach_the_child_with_their_types():
-    from damocles_ext.options import parse_option
+def test_plugin_option_values_reach_the_child_with_their_types(monkeypatch):
+    from damocles_ext.config.startup import child_env
+    from damocles_ext.options import OPTIONS_ENV, options_from_env
+
+    monkeypatch.setenv(OPTIONS_ENV, '{"inherited":"from the supervisor\'s own environment"}')
 
     config = parse_config(
         '[[WdPost]]\nPlugin = "sleep"\n'
         '[WdPost.PluginOptions]\ntag = "123"\nflag = "true"\nseconds = 1.5\nn = 3\non = true\n',
         "t.cfg",
     )
-    argv = config.children[0].argv
-    options = dict(parse_option(argv[i + 1]) for i, a in enumerate(argv) if a == "--option")
+    child = config.children[0]
+    # In the child's environment, not on its command line (which every local user can read).
+    assert "--option" not in child.argv and not any("123" in a for a in child.argv)
+    options = options_from_env(child_env(child)[OPTIONS_ENV])
     assert options == {"tag": "123", "flag": "true", "seconds": 1.5, "n": 3, "on": True}
     assert [type(v) for v in options.values()] == [str, str, float, int, bool]
+    # A child without options gets none, not what the supervisor's environment held.
+    bare = parse_config('[[WdPost]]\nPlugin = "sleep"\n', "t.cfg").children[0]
+    assert OPTIONS_ENV not in child_env(bare)
+
+
+def test_a_plugin_child_takes_its_options_out_of_its_environment_and_checks_them():
+    from damocles_ext.options import OPTIONS_ENV, child_options, options_env_value
+
+    env = {OPTIONS_ENV: '{"seconds":0.5,"fail":"never"}', "PATH": "/bin"}
+    assert child_options(["n=3"], env) == {"seconds": 0.5, "fail": "never", "n": 3}
+    assert env == {"PATH": "/bin"}  # what the prover starts does not inherit them
+    # ASCII JSON: a locale of another script passes any option to exec.
+    text = options_env_value({"k": "\u4e2d", "n": 1.5})
+    assert text.isascii() and child_options([], {OPTIONS_ENV: text}) == {"k": "\u4e2d", "n": 1.5}
+    for text, words in [
+        ("{", "is not JSON"),
+        ("[1]", "holds a JSON array, not an object"),
+        ('{"k":[1]}', "option 'k' is a JSON array"),
+        ('{"k":null}', "option 'k' is a JSON null"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            child_options([], {OPTIONS_ENV: text})
+    with pytest.raises(ValueError, match="given on the command line and in"):
+        child_options(["seconds=1"], {OPTIONS_ENV: '{"seconds":2}'})
 
 
 def test_check_config_names_an_unknown_plugin_and_refused_options(tmp_path, capsys):
@@ -1651,7 +1683,6 @@ def test_a_command_line_and_environment_over_arg_max_cannot_start(
         ('Bin = "/opt/\u4e2d/prover"', "WdPost[0].Bin"),
         ('Bin = "sh"\nArgs = ["\u4e2d"]', "WdPost[0].Args[0]"),
         ('Bin = "sh"\nEnvs = { NAME = "\u4e2d" }', "WdPost[0].Envs.NAME"),
-        ('Plugin = "echo"\nPluginOptions = { k = "\u4e2d" }', "WdPost[0].PluginOptions"),
     ],
 )
 def test_a_value_the_locale_cannot_pass_to_exec_is_refused_saying_to_use_utf8(

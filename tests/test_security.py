@@ -196,6 +196,41 @@ async def test_plugin_option_values_with_shell_metacharacters_reach_the_prover_l
     assert not Path(loose).exists() and not (tmp_path / loose).exists()
 
 
+async def test_plugin_options_are_not_on_the_childs_command_line_where_any_user_reads_them(
+    tmp_path,
+):
+    # /proc/<pid>/cmdline (`ps`) is every local user's to read, /proc/<pid>/environ only the
+    # process owner's and root's: an option may be a secret, so it travels in the environment.
+    secret = f"secret-{uuid.uuid4().hex}"
+    text = (
+        '[[WdPost]]\nPlugin = "sleep"\n'
+        f'PluginOptions = {{ seconds = 0, fail = "always", tag = "{secret}" }}\n'
+    )
+    config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
+    sup = Supervisor(config, backoff=BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with pytest.raises(ProverError) as info:
+            await sup.wait_ready()
+        sup.request_shutdown()
+    # The options reached the prover (its check names the unknown one, which it could only
+    # learn from them), and none of them was on the command line.
+    assert "sleep: unknown option 'tag'" in str(info.value), info.value
+    assert secret not in str(info.value)
+    text = text.replace(f', tag = "{secret}"', "")
+    config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
+    async with trio.open_nursery() as nursery:
+        sup = Supervisor(config)
+        await nursery.start(sup.run)
+        await sup.wait_ready()
+        (child,) = sup.statistics().children
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes()
+        assert b"--option" not in cmdline and b"always" not in cmdline, cmdline
+        with pytest.raises(ProverError, match="sleep"):  # fail = "always" reached the prover
+            await sup.submit(_nasty_task(tmp_path, tmp_path / "unused"))
+        sup.request_shutdown()
+
+
 def _nasty_task(tmp_path: Path, canary: Path) -> WindowPoSt:
     return WindowPoSt(
         miner_id=1000,

@@ -57,7 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[],
         metavar="KEY=VALUE",
         help="a prover option (repeatable); numbers and true/false are typed, "
-        "a value in double quotes stays a string",
+        "a value in double quotes stays a string. The supervisor passes a child's PluginOptions"
+        " in the environment variable DAMOCLES_EXT_PLUGIN_OPTIONS (a JSON object) instead, out"
+        " of the command line that every local user can read",
     )
     parser.add_argument(
         "--protocol",

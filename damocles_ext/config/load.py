@@ -14,7 +14,6 @@ from typing import Any
 
 import msgspec
 
-from ..options import format_option
 from . import machine
 from .keys import _RULES, VALID_KEYS, _Block, _check_block, _check_key, _parse_cpuset
 from .messages import _TABLE_ALIASES, _show, _suggest, _syntax_error
@@ -602,9 +601,8 @@ class _Builder:
             hb = block.heartbeat_timeout_secs
             if hb and hb < 6:  # its 2 s keep-alive would read as a hang
                 argv += ["--heartbeat", f"{hb / 3:g}"]
-            for key, value in (block.plugin_options or {}).items():
-                # format_option quotes values whose type would otherwise change ("123" stays text)
-                argv += ["--option", format_option(key, value)]
+            # PluginOptions go in the child's environment (options.OPTIONS_ENV, startup's
+            # child_env), not here: anyone may read a command line, and an option may be a secret.
             return tuple(argv), "plugin"
         # damocles' default. damocles looks next to its own binary; we have none, so PATH.
         if block.args is not None:

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from ..options import OPTIONS_ENV, options_env_value
 from ..trusted_path import UntrustedPathError, resolve_trusted
 from . import machine
 from .machine import untrusted_problem
@@ -221,6 +222,17 @@ def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def child_env(child: ChildSpec) -> dict[str, str]:
+    """The environment `child` is spawned with: build_env's, and a plugin child's PluginOptions
+    in OPTIONS_ENV (never one inherited: only the child's own options reach it)."""
+    env = build_env(child.inherit_envs, child.envs)
+    if child.kind == "plugin":
+        env.pop(OPTIONS_ENV, None)
+        if child.plugin_options:
+            env[OPTIONS_ENV] = options_env_value(child.plugin_options)
+    return env
+
+
 def env_value(inherit: bool, envs: Mapping[str, str], name: str) -> str | None:
     """The value of `name` in the environment build_env makes (None: unset), without it."""
     if name in envs:
@@ -269,8 +281,8 @@ def _table(child: ChildSpec, names: _Names) -> str:
 def _unencodable_problems(where: str, child: ChildSpec, names: _Names) -> list[str]:
     """Args, Envs or a Bin that exec cannot be given in this locale's encoding (a character of
     another script under a Latin-1 locale): every start of the child would fail."""
-    if child.kind == "plugin":
-        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    if child.kind == "plugin":  # its options travel as ASCII JSON (child_env)
+        named = [(f"{where}.Plugin", a) for a in child.argv[1:]]
     else:
         named = [(f"{where}.{names.bin}", child.argv[0])]
         named += [(f"{where}.{names.args}[{i}]", a) for i, a in enumerate(child.argv[1:])]
@@ -293,8 +305,11 @@ def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str
     # Linux's MAX_ARG_STRLEN: 32 pages for one argument or variable, its NUL included.
     most = 32 * os.sysconf("SC_PAGESIZE")
     problems: list[str] = []
-    if child.kind == "plugin":  # the options are the only long arguments of a plugin child
-        named = [(f"{where}.PluginOptions", a) for a in child.argv[1:]]
+    env = child_env(child)
+    if child.kind == "plugin":  # its options are its only long string, in one variable
+        named = []
+        if OPTIONS_ENV in env:
+            named.append((f"{where}.PluginOptions", f"{OPTIONS_ENV}={env[OPTIONS_ENV]}"))
     else:
         named = [(f"{where}.{names.args}[{i}]", a) for i, a in enumerate(child.argv[1:])]
     named += [(f"{where}.{names.envs}.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
@@ -305,7 +320,6 @@ def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str
                 f"{name}: {size} bytes, but exec takes at most {most} per argument or "
                 f"environment variable (Linux's MAX_ARG_STRLEN); pass it in a file instead"
             )
-    env = build_env(child.inherit_envs, child.envs)
     strings = [*child.argv, *(f"{k}={v}" for k, v in env.items())]
     total = sum(len(os.fsencode(t)) + 1 + 8 for t in strings)  # and a pointer to each
     try:

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ..config import describe_argv
+from ..config.startup import child_env
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
-from .process import ChildProcess, SpawnError, build_env, prepare_spawn, relay_stderr, spawn
+from .process import ChildProcess, SpawnError, prepare_spawn, relay_stderr, spawn
 from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
 from .states import TRANSITIONS, ChildState, IllegalTransition
@@ -309,7 +310,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     child.start_refused = False  # of this process only: said again if it refuses too
     child.fields.pop("pid", None)  # the last process's; the next one's once it is spawned
     host.changed()
-    env = build_env(spec.inherit_envs, spec.envs)
+    env = child_env(spec)
     mark = host.reaper.adopter.mark(env)
     try:
         prepare_spawn(

@@ -30,11 +30,7 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from ..config import (
-    TABLE_OF_STAGE,
-    TMP_ROOT_ENV,
-    build_env,  # noqa: F401 - child_loop takes it from here, with the spawn
-)
+from ..config import TABLE_OF_STAGE, TMP_ROOT_ENV
 from ..config.machine import untrusted_problem
 from ..config.startup import file_kind, interpreter_problem
 from ..errors import FILES_ADVICE, TASKS_ADVICE
