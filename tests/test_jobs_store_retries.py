@@ -1,7 +1,10 @@
 """Transient PostgreSQL failures that the job store tries again (jobs/retry.py), on the session's
 real server: a trigger on the jobs table makes the failure (a serialization failure or a
 deadlock raised, or the store's own session ended with pg_terminate_backend) the first `times`
-times it fires, counted in a sequence (nextval outlives the rollback of the try it failed)."""
+times it fires, counted in a sequence (nextval outlives the rollback of the try it failed).
+
+And the conflicts the store finds itself (`StoreConflict`), tried again on either engine: a hook
+on the store's statements makes another writer's change at the step of the race it needs."""
 
 from __future__ import annotations
 
@@ -10,14 +13,16 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 import trio
 from test_coordinator import PROOF, WORKER, connect, serving
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
 from damocles_ext.jobs import retry, rules
-from damocles_ext.jobs.model import FINISHED, READY, RUNNING, JobOutput, JobRecord
-from damocles_ext.jobs.store import JobStore, StoreError, StoreUnavailable
+from damocles_ext.jobs.database import jobs, row_values
+from damocles_ext.jobs.model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
+from damocles_ext.jobs.store import JobStore, StoreConflict, StoreError, StoreUnavailable
 
 T0 = 1_700_000_000.0
 ANY = rules.AllocationSpec()
@@ -250,3 +255,115 @@ def test_wdpost_reset_whose_commit_was_lost_says_it_may_have_been_stored(pg, pos
     )
     assert "Traceback" not in err
     assert pg.get(job.Id).State == RUNNING  # here the server had not stored it
+
+
+# --- conflicts the store finds itself -----------------------------------------------------------
+
+
+def race_creates(store: JobStore, job_input: WdPoStInput, times: int,
+                 other: JobStore | None) -> list[str]:  # fmt: skip
+    """The first `times` inserts of `job_input`'s job by `store` meet that job made by another
+    writer just before them and removed just after, before the store reads it back: by `other`
+    (another process's store, committed at once: PostgreSQL) or, when None, on the try's own
+    connection (SQLite, whose one writer at a time lets no other session in there, so this only
+    stands in for the race). Returns the races made, each "removed" once complete."""
+    job = rules.new_job(job_input, T0)
+    races: list[str] = []
+    inside = False  # the hook's own statements
+
+    def ours(statement: str) -> bool:
+        return not inside and statement.startswith(f"INSERT INTO {jobs.name}")
+
+    def before(conn, _cursor, statement, *_args):
+        nonlocal inside
+        if ours(statement) and len(races) < times:
+            inside = True
+            if other is not None:
+                other.create(job_input, T0)
+            else:
+                conn.execute(jobs.insert(), row_values(job))
+            inside = False
+            races.append("made")
+
+    def after(conn, _cursor, statement, *_args):
+        nonlocal inside
+        if ours(statement) and races and races[-1] == "made":
+            inside = True
+            if other is not None:
+                assert other.remove(job.Id, T0)
+            else:
+                conn.execute(jobs.delete().where(jobs.c.id == job.Id))
+            inside = False
+            races[-1] = "removed"
+
+    sa.event.listen(store.engine, "before_cursor_execute", before)
+    sa.event.listen(store.engine, "after_cursor_execute", after)
+    return races
+
+
+def other_writer(store: JobStore) -> JobStore | None:
+    return JobStore(str(store.url)) if store.is_postgresql else None
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["create", "create_many"])
+def test_a_create_that_met_its_job_made_and_removed_by_another_is_made_again_and_lands(js, many):
+    # Its insert found the job there (another producer's), its read then found it gone (an
+    # operator's remove): the call failed with StoreConflict, which the producer counted as a
+    # store failure and waited a backoff for. The transaction was rolled back: run again.
+    js.first_pause = 0.0
+    job_input = make_input(seed=3)
+    other = other_writer(js)
+    try:
+        races = race_creates(js, job_input, 1, other)
+        if many:
+            [(job, made)] = js.create_many([rules.Create(job_input)], T0 + 1)
+        else:
+            job, made = js.create(job_input, T0 + 1)
+    finally:
+        if other is not None:
+            other.close()
+    assert races == ["removed"]
+    assert made and js.get(job.Id) == job and job.CreatedAt == int(T0 + 1)
+
+
+def test_a_create_that_meets_the_race_at_every_try_says_so_after_the_bound(js):
+    js.first_pause = 0.0
+    job_input = make_input(seed=3)
+    other = other_writer(js)
+    try:
+        races = race_creates(js, job_input, 1000, other)
+        with pytest.raises(StoreConflict) as raised:
+            js.create(job_input, T0 + 1)
+    finally:
+        if other is not None:
+            other.close()
+    assert races == ["removed"] * retry.ATTEMPTS
+    job_id = rules.new_job(job_input, T0).Id
+    assert str(raised.value) == (
+        f"job store {js.where}: create failed: job {job_id} was made by another process and"
+        f" removed while this one made it, at each of {retry.ATTEMPTS} tries (other processes"
+        " kept writing the same job at that moment); it may work when tried again later"
+    )
+    assert js.list_jobs() == []
+
+
+@pytest.mark.parametrize("write", ["finish", "reset"])
+def test_a_write_whose_guard_found_the_row_changed_is_run_again_from_the_row_as_it_is(js, write):
+    # The guarded UPDATE found another's write (here on the try's own connection: the rows are
+    # locked, so no other session's write lands there): rolled back, and run again on the row
+    # as it is now; reset is not replayable, but nothing of its first try was stored.
+    js.first_pause = 0.0
+    job = running(js)
+    changed = []
+
+    def before(conn, _cursor, statement, *_args):
+        if statement.startswith(f"UPDATE {jobs.name}") and not changed:
+            changed.append(job.Id)
+            conn.execute(jobs.update().where(jobs.c.id == job.Id).values(updated_at=1))
+
+    sa.event.listen(js.engine, "before_cursor_execute", before)
+    if write == "finish":
+        _finish_unleased(js, job)
+    else:
+        _reset(js, job)
+    assert changed == [job.Id]

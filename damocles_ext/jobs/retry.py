@@ -16,6 +16,11 @@ timeout, and it has no such failures):
   run would (`replayable`: reads, create, heartbeat, worker_seen, a finish that names its lease
   or worker; docs/JOBS.md says why the others are not).
 
+Tried again on either engine: a `StoreConflict`, raised by the operation itself inside its
+transaction when a row it read changed or went before it wrote (a job another process made and
+removed while this one made it): the transaction is rolled back, so nothing of it was stored and
+every operation may be run again, replayable or not, as after a serialization failure.
+
 Not tried again: a failure to connect (the server down, refusing, unreachable: each try could
 wait connect_timeout): an outage, which each caller meets in its own way.
 """
@@ -32,7 +37,7 @@ from typing import Final, TypeVar
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
 
-from .database import StoreError, is_unreachable, store_failure
+from .database import StoreConflict, StoreError, is_unreachable, store_failure
 
 log = logging.getLogger("damocles_ext.jobs.store")
 
@@ -75,13 +80,23 @@ def pause(attempt: int, first: float = FIRST_PAUSE) -> float:
 def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
         replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE) -> R:  # fmt: skip
     """`call()` (the operation `name` of the store at `where`), tried up to `attempts` times
-    while it fails with a transient PostgreSQL failure; its last database failure is raised as a
-    StoreError (a StoreUnavailable when the store could not be reached)."""
+    while it fails with a transient PostgreSQL failure or a StoreConflict; its last database
+    failure is raised as a StoreError (a StoreUnavailable when the store could not be reached),
+    its last conflict as a StoreConflict that says it was met at each try."""
     attempt = 1
     while True:
         phase.name = "connect"
         try:
             return call()
+        except StoreConflict as conflict:  # rolled back before its COMMIT: nothing stored
+            if attempt >= attempts:
+                raise StoreConflict(
+                    f"job store {where}: {name} failed: {conflict}, at each of {attempt} tries"
+                    " (other processes kept writing the same job at that moment); it may work"
+                    " when tried again later"
+                ) from conflict
+            log.info("job store %s: %s failed at try %d of %d: %s; trying again",
+                     where, name, attempt, attempts, conflict)  # fmt: skip
         except exc.DBAPIError as error:
             postgresql = url.get_backend_name() == "postgresql"
             why = why_again(error, phase.name, replayable=replayable) if postgresql else None

@@ -10,7 +10,8 @@ nothing here keeps state between calls, and every write is guarded:
 - on SQLite every transaction starts with `BEGIN IMMEDIATE` (one writer at a time, the others
   wait up to the busy timeout), in WAL mode so readers never block;
 - each UPDATE and DELETE also names the row's previous state, try count and update time, and a
-  write that finds the row changed under it raises `StoreConflict` rather than overwrite it;
+  write that finds the row changed under it raises `StoreConflict` rather than overwrite it
+  (its transaction rolled back, the operation is run again from its start: retry.py);
 - creation is `INSERT … ON CONFLICT DO NOTHING`: the id is the input's hash, so a duplicate is
   the same job.
 - on PostgreSQL, a transaction rolled back for a serialization failure or a deadlock, or whose
@@ -314,8 +315,8 @@ class JobStore:
             done = conn.execute(stmts.UPDATE_JOB, stmts.update_params(old, new))
         if done.rowcount != 1:
             raise StoreConflict(
-                f"job {old.Id} changed in the store {self.where} while it was being updated: "
-                "another process wrote it at the same moment; retry"
+                f"job {old.Id} changed in the store while it was being updated: another process"
+                " wrote it at the same moment"
             )
         if self.is_postgresql and _wakes_producers(old, new):
             # Delivered at commit to the producers that LISTEN (notify.py): they look now.
@@ -374,16 +375,17 @@ class JobStore:
                 # Other producers made some of them between our read and our insert.
                 existing.update(self._read_many(conn, [i for i in fresh if i not in inserted]))
             made = []
+            ours = set(inserted)
             for job_id in ids:
                 if job_id in inserted:
                     made.append((fresh[job_id], True))
                     inserted.discard(job_id)  # a duplicate later in `events` is not new
                 elif job_id in existing:
                     made.append((existing[job_id], False))
-                elif job_id in fresh:
+                elif job_id in ours:  # a duplicate of one made here
                     made.append((fresh[job_id], False))
-                else:
-                    raise StoreConflict(f"job {job_id} was created and removed at once; retry")
+                else:  # neither made here nor there: another's, removed since
+                    raise self._created_and_removed(job_id)
             return made
 
     def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, JobRecord]:
@@ -409,8 +411,15 @@ class JobStore:
         # Another producer made the same job between our read and our insert.
         raced = self._read(conn, job_id, lock=False)
         if raced is None:
-            raise StoreConflict(f"job {job_id} was created and removed at once; retry")
+            raise self._created_and_removed(job_id)
         return raced, False
+
+    def _created_and_removed(self, job_id: str) -> StoreConflict:
+        """Our insert of `job_id` met another process's, whose job was removed before we read
+        it (PostgreSQL: SQLite's one writer at a time lets no other in between)."""
+        return StoreConflict(
+            f"job {job_id} was made by another process and removed while this one made it"
+        )
 
     @database_errors(replayable=True)
     def get(self, job_id: str) -> JobRecord | None:
