@@ -286,6 +286,47 @@ def test_reset_remove_and_cleanup(js):
     assert js.list_jobs() == []
 
 
+def test_remove_all_commits_each_batch_so_other_writers_get_in_and_says_each_batchs_jobs(js):
+    # All jobs in one transaction held SQLite's write lock for seconds at 20,000 jobs (every
+    # worker's heartbeat and the coordinator waited); on PostgreSQL each job's row until the end.
+    create_many(js, 7)
+    running = {job.Id: job for job in js.allocate(ANY, 7, "w1", T0 + 1)}
+    ids = sorted(running)
+    beating = [ids[4], ids[6]]  # one removed by the second transaction (3 each), one by the third
+    deleted: list[str] = []
+    between: list[tuple[int, list[type]]] = []  # jobs deleted before, the heartbeat's effects
+    made_meanwhile = []
+    # A writer that never waits for SQLite's lock: its write lands only where no one holds it.
+    other = JobStore(str(js.url), busy_timeout=0.0)
+
+    def counted(_conn, _cursor, statement, *_args):
+        if statement.startswith("DELETE FROM dext_wdpost_jobs"):
+            deleted.append(statement)
+
+    def other_writes(*_args):  # as a transaction of remove_all takes its connection, unlocked
+        if deleted:
+            leases = {job_id: running[job_id].lease for job_id in beating}
+            beat = other.heartbeat(beating, "w1", T0 + 2, leases=leases)
+            job, made = other.create(make_input(seed=200 + len(between)), T0 + 2)
+            assert made
+            made_meanwhile.append(job.Id)
+            between.append((len(deleted), [type(e) for e in beat.effects]))
+
+    sa.event.listen(js.engine, "after_cursor_execute", counted)
+    sa.event.listen(js.engine, "checkout", other_writes)
+    told: list[list[str]] = []
+    try:
+        removed = js.remove_all(T0 + 3, batch=3, pause=0.0, removed=told.append)
+    finally:
+        other.close()
+    assert sorted(removed) == ids and len(deleted) == 7
+    assert [sorted(batch) for batch in told] == [ids[0:3], ids[3:6], ids[6:]]
+    accepted, gone = rules.HeartbeatAccepted, rules.NotFound
+    assert between == [(3, [accepted, accepted]), (6, [gone, accepted])]
+    # The jobs made during the removal are not among those there at its start: left.
+    assert sorted(job.Id for job in js.list_jobs()) == sorted(made_meanwhile)
+
+
 def test_a_job_out_of_range_is_refused_with_the_field_not_by_the_database(js):
     too_big = msgspec.structs.replace(make_input(), MinerId=2**64 - 1)
     with pytest.raises(store.InvalidJob, match=r"bad job input: .* at `\$.MinerId`"):

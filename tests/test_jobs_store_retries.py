@@ -367,3 +367,32 @@ def test_a_write_whose_guard_found_the_row_changed_is_run_again_from_the_row_as_
     else:
         _reset(js, job)
     assert changed == [job.Id]
+
+
+def test_remove_all_failing_after_some_batches_says_how_many_it_removed_and_told_each(pg):
+    for seed in range(5):
+        pg.create(make_input(seed=seed), T0)
+    ids = sorted(job.Id for job in pg.list_jobs())
+    # The third job's delete fails (not a transient failure: not tried again), in the second
+    # transaction of two jobs each; the first was committed and told.
+    admin(pg, """
+        CREATE SEQUENCE deleted;
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            IF nextval('deleted') > 2 THEN RAISE EXCEPTION 'injected failure'; END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER refuse AFTER DELETE ON dext_wdpost_jobs
+            FOR EACH ROW EXECUTE FUNCTION refuse();
+    """)  # fmt: skip
+    told: list[list[str]] = []
+    with pytest.raises(StoreError) as raised:
+        pg.remove_all(T0 + 1, batch=2, removed=told.append)
+    assert told == [ids[:2]]
+    assert str(raised.value).startswith(
+        f"job store {pg.where}: remove_all failed: injected failure"
+    )
+    assert str(raised.value).endswith(
+        " (2 of the 5 jobs were removed before it, each transaction of them committed: run it"
+        " again to remove the rest)"
+    )
+    assert sorted(job.Id for job in pg.list_jobs()) == ids[2:]

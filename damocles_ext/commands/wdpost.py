@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from damocles_ext.errors import UsageError
-    from damocles_ext.jobs.listing import removed_line
     from damocles_ext.jobs.store import JobNotFound, JobStore
 
     if args.wdpost_command == "remove-all" and not args.really_do_it:
@@ -167,9 +166,17 @@ def run(args: argparse.Namespace) -> int:
             for job_id in args.ids:
                 store.remove(job_id, time.time())
         else:
-            for job_id in store.remove_all(time.time()):
-                print(removed_line(job_id))
+            # Printed as each transaction of them is committed: a failure later leaves the
+            # ones removed before it said.
+            store.remove_all(time.time(), removed=_print_removed)
     return 0
+
+
+def _print_removed(job_ids: list[str]) -> None:
+    from damocles_ext.jobs.listing import removed_line
+
+    sys.stdout.write("".join(f"{removed_line(job_id)}\n" for job_id in job_ids))
+    sys.stdout.flush()
 
 
 def _print_list(

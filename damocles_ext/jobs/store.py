@@ -1,7 +1,8 @@
 """The WindowPoSt job store: one SQLAlchemy Core code path over SQLite and PostgreSQL.
 
-Each operation is one transaction that reads the rows it concerns, asks the rules (rules.py) what
-they become, and writes that back: the rules decide, the store persists atomically. Two
+Each operation is one transaction (remove_all: one per batch of jobs) that reads the rows it
+concerns, asks the rules (rules.py) what they become, and writes that back: the rules decide,
+the store persists atomically. Two
 processes may share one PostgreSQL database (several coordinators and producers at once), so
 nothing here keeps state between calls, and every write is guarded:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -70,6 +72,14 @@ from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .sqlite_file import FileWatch, StoreLost
 from .trio_store import TrioJobStore
 
+#: Jobs one transaction of remove_all removes at most: other writers get the store in between
+#: (20,000 jobs in one held SQLite's write lock for seconds, every worker's heartbeat behind it).
+REMOVE_BATCH = 500
+#: How long remove_all leaves SQLite's write lock free between two transactions: a writer
+#: waiting for it looks again after a sleep that grows to 100 ms (SQLite's busy handler), and
+#: does not queue; taken again at once, it stayed with remove_all (measured: a heartbeat held
+#: up 1.7 s by 20,000 jobs removed 500 at a time). PostgreSQL's lock waiters queue.
+SQLITE_TURN = 0.1
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
 _NOTIFY = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("job_id", type_=sa.String)))
@@ -82,16 +92,19 @@ R = TypeVar("R")
 def database_errors(method: Callable[P, R]) -> Callable[P, R]: ...
 @overload
 def database_errors(
-    *, replayable: bool | Callable[..., bool]
+    *, replayable: bool | Callable[..., bool] = False, name: str | None = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def database_errors(
-    method: Callable[P, R] | None = None, *, replayable: bool | Callable[..., bool] = False
+    method: Callable[P, R] | None = None,
+    *,
+    replayable: bool | Callable[..., bool] = False,
+    name: str | None = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the operation through retry.run: tried again after a transient PostgreSQL failure
     that left nothing stored (`replayable`: also after a connection lost as its COMMIT was sent,
     for an operation whose second run is the same as one; a callable says it of the call's
     arguments), its last database failure turned into a StoreError that names the store and
-    says what to do."""
+    says what to do. `name`: the operation's in messages (a step of one: the method's own)."""
 
     def wrap(method: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(method)
@@ -100,7 +113,7 @@ def database_errors(
             assert isinstance(store, JobStore)
             again = replayable(*args, **kwargs) if callable(replayable) else replayable
             return retry.run(
-                lambda: method(*args, **kwargs), name=method.__name__, where=store.where,
+                lambda: method(*args, **kwargs), name=name or method.__name__, where=store.where,
                 url=store.url, phase=store.phase, replayable=again,
                 attempts=store.attempts, first_pause=store.first_pause,
             )  # fmt: skip
@@ -507,14 +520,48 @@ class JobStore:
             step, _ = self._apply(conn, job_id, rules.Remove(), now)
         return any(isinstance(e, rules.Removed) for e in step.effects)
 
-    @database_errors
-    def remove_all(self, now: float) -> list[str]:
-        """Every job removed; their ids."""
+    def remove_all(self, now: float, *, batch: int = REMOVE_BATCH, pause: float | None = None,
+                   removed: Callable[[list[str]], None] | None = None) -> list[str]:  # fmt: skip
+        """Every job there when it starts removed, `batch` at most per transaction, each
+        committed before the next begins, so that other writers (workers' heartbeats, the
+        coordinator) are not held up for all of them; their ids. A job made meanwhile is left.
+        `pause`: seconds between two transactions (default: SQLITE_TURN on SQLite, none on
+        PostgreSQL). `removed` is told each transaction's ids once committed (so a failure
+        later leaves none unsaid); the failure says how many were removed before it."""
+        # In Python's order, as each transaction locks its jobs (_each) and a heartbeat its own;
+        # the database's own (ORDER BY id, by its collation) may be another.
+        ids, batch = sorted(self._job_ids()), max(1, batch)
+        if pause is None:
+            pause = 0.0 if self.is_postgresql else SQLITE_TURN
+        gone: list[str] = []
+        for start in range(0, len(ids), batch):
+            if start and pause > 0:
+                time.sleep(pause)  # the others' turn at SQLite's write lock
+            try:
+                done = self._remove_batch(ids[start : start + batch], now)
+            except StoreError as e:
+                if not gone or isinstance(e, JobNotFound):
+                    raise
+                raise type(e)(
+                    f"{e} ({len(gone)} of the {len(ids)} jobs were removed before it, each"
+                    " transaction of them committed: run it again to remove the rest)"
+                ) from e
+            gone += done
+            if removed is not None:
+                removed(done)
+        return gone
+
+    @database_errors(replayable=True, name="remove_all")
+    def _job_ids(self) -> list[str]:
         with self._transaction() as conn:
-            # Not locked here: _each locks them one at a time in its order, which a heartbeat's
-            # shares; the database's own (ORDER BY id, by its collation) may be another.
-            ids = conn.execute(sa.select(jobs.c.id))
-            outcome = self._each(conn, ids.scalars().all(), now, lambda _id: rules.Remove())
+            return list(conn.execute(sa.select(jobs.c.id)).scalars())
+
+    @database_errors(name="remove_all")
+    def _remove_batch(self, job_ids: Sequence[str], now: float) -> list[str]:
+        """These jobs removed in one transaction, each locked in its turn (an id gone since is
+        passed over); the ids removed."""
+        with self._transaction() as conn:
+            outcome = self._each(conn, job_ids, now, lambda _id: rules.Remove())
         return [e.job_id for e in outcome.effects if isinstance(e, rules.Removed)]
 
     # --- many jobs at once --------------------------------------------------------------------
