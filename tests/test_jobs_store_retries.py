@@ -396,3 +396,19 @@ def test_remove_all_failing_after_some_batches_says_how_many_it_removed_and_told
         " again to remove the rest)"
     )
     assert sorted(job.Id for job in pg.list_jobs()) == ids[2:]
+
+
+def test_get_many_given_a_generator_reads_the_same_ids_when_tried_again(pg):
+    # The ids were listed inside the try: the try again after its session ended had an
+    # iterator already used up, and answered {}, as if none of the jobs were there.
+    made = [pg.create(make_input(seed=seed), T0)[0] for seed in (1, 2)]
+    ended: list[int] = []
+
+    def end_own_session(_conn, cursor, statement, *_args):
+        if statement.startswith("SELECT") and jobs.name in statement and not ended:
+            ended.append(cursor.connection.info.backend_pid)
+            admin(pg, f"SELECT pg_terminate_backend({ended[0]})")
+
+    sa.event.listen(pg.engine, "before_cursor_execute", end_own_session)
+    assert pg.get_many(job.Id for job in made) == {job.Id: job for job in made}
+    assert len(ended) == 1  # the first try's session ended: the answer is the second try's

@@ -80,6 +80,9 @@ REMOVE_BATCH = 500
 #: does not queue; taken again at once, it stayed with remove_all (measured: a heartbeat held
 #: up 1.7 s by 20,000 jobs removed 500 at a time). PostgreSQL's lock waiters queue.
 SQLITE_TURN = 0.1
+#: Our insert met another process's job, removed before we read it (PostgreSQL only: SQLite's
+#: one writer at a time lets no other in between).
+_CREATED_AND_REMOVED = "job {} was made by another process and removed while this one made it"
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
 _NOTIFY = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("job_id", type_=sa.String)))
@@ -398,7 +401,7 @@ class JobStore:
                 elif job_id in ours:  # a duplicate of one made here
                     made.append((fresh[job_id], False))
                 else:  # neither made here nor there: another's, removed since
-                    raise self._created_and_removed(job_id)
+                    raise StoreConflict(_CREATED_AND_REMOVED.format(job_id))
             return made
 
     def _read_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, JobRecord]:
@@ -424,26 +427,22 @@ class JobStore:
         # Another producer made the same job between our read and our insert.
         raced = self._read(conn, job_id, lock=False)
         if raced is None:
-            raise self._created_and_removed(job_id)
+            raise StoreConflict(_CREATED_AND_REMOVED.format(job_id))
         return raced, False
-
-    def _created_and_removed(self, job_id: str) -> StoreConflict:
-        """Our insert of `job_id` met another process's, whose job was removed before we read
-        it (PostgreSQL: SQLite's one writer at a time lets no other in between)."""
-        return StoreConflict(
-            f"job {job_id} was made by another process and removed while this one made it"
-        )
 
     @database_errors(replayable=True)
     def get(self, job_id: str) -> JobRecord | None:
         with self._transaction() as conn:
             return self._read(conn, job_id, lock=False)
 
-    @database_errors(replayable=True)
     def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
         """The jobs among these ids that exist (a producer's look for its results)."""
+        return self._get_many(list(job_ids))  # listed once: a try again reads the same ids
+
+    @database_errors(replayable=True, name="get_many")
+    def _get_many(self, job_ids: list[str]) -> dict[str, JobRecord]:
         with self._transaction() as conn:
-            return self._read_many(conn, list(job_ids))
+            return self._read_many(conn, job_ids)
 
     @database_errors(replayable=True)
     def list_jobs(self) -> list[JobRecord]:
