@@ -118,7 +118,8 @@ def test_an_error_answer_runs_again_on_a_child_that_has_not_failed_it():
     assert send == Send(req, "a", 1)
     out = book.answered("a", 1, 1.0, error="CUDA error: out of memory")
     assert out == [
-        Retry(req, "failed on a (pid 100): CUDA error: out of memory", 2, 2),
+        # Where the lost attempt ran, for the retry's record (the request is sent to b).
+        Retry(req, "failed on a (pid 100): CUDA error: out of memory", 2, 2, child="a", pid=100),
         Send(req, "b", 1),
     ]
     assert book.answered("b", 1, 2.0, output=OK) == [Resolve(req, OK, None, "ok")]
@@ -195,7 +196,8 @@ def test_second_and_unknown_answers_are_dropped_with_a_note():
     book.submit(1, window_task(), 0.0)
     book.answered("a", 1, 1.0, output=OK)
     (again,) = book.answered("a", 1, 2.0, output=OK)
-    assert again == Note("warning", "a (pid 100): a second response to its request 1 dropped")
+    said = "a (pid 100): a second response to its request 1 dropped"
+    assert again == Note("warning", said, child="a", pid=100)
     (unknown,) = book.answered("a", 9, 2.0, output=OK)
     assert isinstance(unknown, Note) and "unknown id 9" in unknown.message
     assert "1..1" in unknown.message
@@ -319,7 +321,8 @@ def test_a_request_lost_with_its_child_is_retried_on_a_sibling():
     out = book.child_lost("a", 1.0, "exited (code 3)")
     assert kinds(out) == ["Retry", "Send"]
     retry, send = out
-    assert retry == Retry(req, "a (pid 100) went down while running it: exited (code 3)", 2, 2)
+    what = "a (pid 100) went down while running it: exited (code 3)"
+    assert retry == Retry(req, what, 2, 2, child="a", pid=100)
     assert send == Send(req, "b", 1)
     assert req.history == ["attempt 1 on a: exited (code 3)"]
     assert book.answered("b", 1, 2.0, output=OK) == [Resolve(req, OK, None, "ok")]
@@ -385,7 +388,7 @@ def test_a_request_timeout_retries_elsewhere_cancels_and_kills_after_the_grace()
     assert req.history == ["attempt 1 timed out after 10s on a (pid 100)"]
     assert book.next_wakeup() == 15.0
     out = book.advance(15.0)
-    assert out == [Kill("a", "request 1 (child id 1) still running 5s after a Cancel")]
+    assert out == [Kill("a", "request 1 (child id 1) still running 5s after a Cancel", 1)]
     # The killed child's other work would be retried free: here there is none.
     assert book.child_lost("a", 15.1, "killed") == []
     assert book.answered("b", 1, 16.0, output=OK) == [Resolve(req, OK, None, "ok")]

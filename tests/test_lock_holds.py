@@ -298,7 +298,9 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
         async with trio.open_nursery() as nursery:
             scope = trio.CancelScope()
             nursery.start_soon(reaper.run, scope, False)
-            reaper.keep(proc, f"{WD}#0", exiting, exited.set)
+            # The child's fields (Child.fields), its pid one of an earlier process's.
+            fields = {"child": f"{WD}#0", "stage": WD, "index": 0, "pid": 1}
+            reaper.keep(proc, f"{WD}#0", exiting, exited.set, fields)
             held = [r.getMessage() for r in caplog.records if "stay held" in r.getMessage()]
             said = (
                 f"{WD}#0 (pid {proc.pid}): still not dead 5s or more after SIGKILL (stuck in the"
@@ -312,6 +314,11 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
                 await exited.wait()
             assert reaper.unreaped == []
             assert f"{WD}#0 (pid {proc.pid}): exited at last; gpu:0 free" in caplog.text
+            # Both records carry the child's fields (JSON logs), with this process's pid.
+            about = [r for r in caplog.records if f"(pid {proc.pid})" in r.getMessage()]
+            assert len(about) == 2
+            for record in about:
+                assert {k: vars(record).get(k) for k in fields} == {**fields, "pid": proc.pid}
             scope.cancel()
     finally:
         proc.kill_tree()

@@ -7,6 +7,7 @@ built-in child runtime. Waits are on events or bounded polling of process state,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from helpers.supervisor import (
 )
 
 from damocles_ext.errors import ProverError
+from damocles_ext.logs import JsonFormatter
 from damocles_ext.supervisor import Supervisor, process
 from damocles_ext.supervisor.restart import BackoffPolicy
 
@@ -309,10 +311,20 @@ async def test_a_child_that_fails_every_request_at_once_is_benched_and_its_sibli
         assert (broken.failed, broken.done, broken.restarts) == (3, 0, 0)
         assert 0 < broken.benched_for <= 30  # in status: "ready, benched 29s"
         assert child_stats(sup, "window_post#1").done == 30
-    (bench,) = [r.getMessage() for r in caplog.records if "takes no request" in r.getMessage()]
-    assert "answered its last 3 requests with an error" in bench
-    retried = [r.getMessage() for r in caplog.records if "CUDA error 999" in r.getMessage()]
-    assert len(retried) == 3 and all("retrying (attempt 2 of 2)" in m for m in retried)
+    (bench,) = [r for r in caplog.records if "takes no request" in r.getMessage()]
+    assert "answered its last 3 requests with an error" in bench.getMessage()
+    retried = [r for r in caplog.records if "CUDA error 999" in r.getMessage()]
+    assert len(retried) == 3
+    assert all("retrying (attempt 2 of 2)" in r.getMessage() for r in retried)
+    # In JSON logs, the bench and each retry carry the child's fields (its process that failed),
+    # and each retry the request's id, as its message names it.
+    about = {"child": "window_post#0", "stage": "window_post", "index": 0, "pid": broken.pid}
+    for record in (bench, *retried):
+        doc = json.loads(JsonFormatter().format(record))
+        assert {k: doc.get(k) for k in about} == about, doc
+    for record in retried:
+        rid = json.loads(JsonFormatter().format(record)).get("request_id")
+        assert record.getMessage().startswith(f"request {rid}: "), rid
 
 
 class _BrokenChildWatch:

@@ -1263,15 +1263,19 @@ async def test_open_supervisor_reads_a_config_file_with_a_plugin_child(tmp_path,
     assert "its Hello says capacity" not in caplog.text
 
 
-async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed(mock_clock):
+async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_killed(
+    mock_clock, caplog
+):
     # Time moves only when the test jumps it: the timeout of #0 passes when the test says, and
     # the sibling's answer, however slow on a loaded machine, comes before its own timeout.
+    caplog.set_level(logging.INFO, "damocles_ext")
     specs = [
         spec(jsonl_child("pass"), index=0, request_timeout=0.3, cancel_grace=0.2),
         spec(jsonl_child(), index=1, request_timeout=0.3),
     ]
     async with open_supervisor(specs, backoff=FAST) as sup:
         await sup.wait_ready(count=2)
+        pid0 = child_stats(sup, "window_post#0").pid
         pid1 = child_stats(sup, "window_post#1").pid
         outputs = []
 
@@ -1294,6 +1298,13 @@ async def test_timed_out_request_is_retried_on_a_sibling_and_the_silent_child_ki
             "request 1 (child id 1) still running 0.2s"
             in child_stats(sup, "window_post#0").last_exit
         )
+    # Both records carry the request's id and the fields of the child it timed out on (JSON
+    # logs), though the request went on to #1 at once.
+    (retried,) = (r for r in caplog.records if "retrying (attempt 2" in r.getMessage())
+    (killed,) = (r for r in caplog.records if "killing its process group" in r.getMessage())
+    for record in (retried, killed):
+        fields = tuple(vars(record).get(k) for k in ("request_id", "child", "stage", "pid"))
+        assert fields == (1, "window_post#0", "window_post", pid0), record.getMessage()
 
 
 async def test_a_request_retried_on_a_sibling_is_answered_without_waiting_for_the_first_to_die():

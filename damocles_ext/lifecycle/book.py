@@ -231,7 +231,7 @@ class RequestBook(BookRules):
                 req.lost_on |= {c.name}
             self._retry_or_fail(
                 req,
-                c,
+                process,
                 attempt.attempt_id,
                 f"{process.who} went down while running it: {what}",
                 now,
@@ -322,7 +322,7 @@ class RequestBook(BookRules):
                         f"response with unknown id {child_rid} dropped (ids sent so far:"
                         f" 1..{process.next_rid - 1})"
                     )
-                out.append(Note("warning", f"{process.who}: {text}"))
+                out.append(Note("warning", f"{process.who}: {text}", child, process.pid))
                 continue
             self._forget(attempt)
             c.served = True
@@ -382,7 +382,8 @@ class RequestBook(BookRules):
         out = self._catch_up(now, out)
         attempt = process.attempts.get(child_rid)
         if attempt is None:
-            out.append(Note("debug", f"{process.who}: progress for unknown request {child_rid}"))
+            text = f"{process.who}: progress for unknown request {child_rid}"
+            out.append(Note("debug", text, child, process.pid))
             return out
         # Phase changes (e.g. into the GPU's SNARK) let the policy pipeline the child.
         self.scheduler.progress(attempt.attempt_id, phase, done, total, now)

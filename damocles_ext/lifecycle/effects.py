@@ -36,11 +36,13 @@ class Kill(msgspec.Struct, frozen=True):
     """Kill the process of `child` now (its process group): it is hung or ignored a Cancel.
 
     The book already took it down (no more requests go to it); `reason` is for the log and the
-    child's last exit; its requests come back through `RequestBook.child_lost`.
+    child's last exit; its requests come back through `RequestBook.child_lost`. `request_id`:
+    the request it is killed over, if one (for the record's fields).
     """
 
     child: str
     reason: str
+    request_id: int | None = None
 
 
 class Resolve(msgspec.Struct, frozen=True):
@@ -60,13 +62,16 @@ class Resolve(msgspec.Struct, frozen=True):
 
 class Retry(msgspec.Struct, frozen=True):
     """`request`'s attempt was lost (`what`) and it is queued again (attempt `attempt` of
-    `max_attempts` comes next); a caller following it must stop reading the old child."""
+    `max_attempts` comes next); a caller following it must stop reading the old child.
+    `child` and `pid`: where the lost attempt ran (the request may be sent elsewhere already)."""
 
     request: TrackedRequest
     what: str
     attempt: int
     max_attempts: int
     level: str = "warning"  # for the log: "info" for a request taken back (nothing failed)
+    child: str | None = None
+    pid: int | None = None
 
 
 class ReportProgress(msgspec.Struct, frozen=True):
@@ -79,10 +84,14 @@ class ReportProgress(msgspec.Struct, frozen=True):
 
 
 class Note(msgspec.Struct, frozen=True):
-    """Something the operator should see in the log (`level`: a logging level name)."""
+    """Something the operator should see in the log (`level`: a logging level name); `child`,
+    `pid` and `request_id` name what it is about, for the record's fields (JSON logs)."""
 
     level: str
     message: str
+    child: str | None = None
+    pid: int | None = None
+    request_id: int | None = None
 
 
 Effect = Send | SendCancel | Kill | Resolve | Retry | ReportProgress | Note

@@ -213,10 +213,11 @@ class BookRules:
         out: list[Effect],
         *,
         charge_all: bool,
+        request_id: int | None = None,
     ) -> None:
         if not process.down:
             self._take_down(process, now, charge_all)
-        out.append(Kill(process.child.name, reason))
+        out.append(Kill(process.child.name, reason, request_id))
 
     def _resolve(
         self,
@@ -258,7 +259,7 @@ class BookRules:
     def _retry_or_fail(
         self,
         req: TrackedRequest,
-        c: ChildRecord,
+        process: ProcessRecord,
         aid: int,
         what: str,
         now: float,
@@ -268,8 +269,9 @@ class BookRules:
         outcome: str = "error",
         level: str = "warning",
     ) -> None:
-        """Attempt `aid` of `req` was lost (`what`): queue it again if it may, else answer it;
-        `level`: the retry's, for the log."""
+        """Attempt `aid` of `req` was lost (`what`) on `process`: queue it again if it may, else
+        answer it; `level`: the retry's, for the log."""
+        c = process.child
         self._attempts.pop(aid, None)
         if req.done or req.attempt_id != aid:
             return
@@ -285,7 +287,7 @@ class BookRules:
             self._resolve(req, out, now, error=error, outcome="timeout", late=True)
         elif req.attempts < max_attempts:
             self._enqueue(req, now, retry=True)
-            out.append(Retry(req, what, req.attempts + 1, max_attempts, level))
+            out.append(Retry(req, what, req.attempts + 1, max_attempts, level, c.name, process.pid))
         else:
             why = f"{what}; giving up (MaxAttempts = {max_attempts} on {c.name})"
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
@@ -327,7 +329,8 @@ class BookRules:
         ):
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._enqueue(req, now, retry=True)
-            out.append(Retry(req, what, req.attempts + 1, max_attempts))
+            pid = attempt.process.pid
+            out.append(Retry(req, what, req.attempts + 1, max_attempts, child=c.name, pid=pid))
         elif req.history:  # the last of several attempts: say what became of each
             self._resolve(req, out, now, error=self._describe_failure(req, what))
         else:
@@ -379,7 +382,8 @@ class BookRules:
                 f" no request {how_long} while another child can serve them, then one at a time"
                 " until it makes a proof"
             )
-            out.append(Note("warning", text))
+            pid = c.process.pid if c.process is not None else None
+            out.append(Note("warning", text, name, pid))
         news.clear()
 
     def _on_fail(self, aid: int, reason: str, late: bool, now: float, out: list[Effect]) -> None:
@@ -440,7 +444,7 @@ class BookRules:
         process = attempt.process
         self._send_cancel(attempt, now, out, kill_after_grace=True)
         what = f"taken back from {process.who}, where it was {reason}"
-        self._retry_or_fail(req, process.child, aid, what, now, out, charge=False, level="info")
+        self._retry_or_fail(req, process, aid, what, now, out, charge=False, level="info")
         return not req.done
 
     def _on_deadline_while_down(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
@@ -476,7 +480,7 @@ class BookRules:
         c.failed += 1
         what = f"timed out after {c.limits.request_timeout:g}s on {process.who}"
         req.history.append(f"attempt {req.attempts} {what}")
-        self._retry_or_fail(req, c, attempt.attempt_id, what, now, out, outcome="timeout")
+        self._retry_or_fail(req, process, attempt.attempt_id, what, now, out, outcome="timeout")
         self._send_cancel(attempt, now, out, kill_after_grace=True)
 
     def _send_cancel(
@@ -501,13 +505,14 @@ class BookRules:
         how = "a Cancel" if process.protocol == DEXT else "its timeout (JSON lines: no Cancel)"
         # The request that hung was dealt with already; the others on this child did nothing
         # wrong, so their retry is free.
+        rid = attempt.request.rid
         self._kill(
             process,
-            f"request {attempt.request.rid} (child id {attempt.child_rid}) still running"
-            f" {grace:g}s after {how}",
+            f"request {rid} (child id {attempt.child_rid}) still running {grace:g}s after {how}",
             now,
             out,
             charge_all=False,
+            request_id=rid,
         )
 
     def _on_heartbeat(self, process: ProcessRecord, now: float, out: list[Effect]) -> None:

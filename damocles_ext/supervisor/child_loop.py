@@ -184,14 +184,22 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
 
 
 def kill(
-    host: ChildHost, child: Child, p: Process, reason: str, *, charge_all: bool = True
+    host: ChildHost,
+    child: Child,
+    p: Process,
+    reason: str,
+    *,
+    charge_all: bool = True,
+    request_id: int | None = None,
 ) -> None:
     """Take a child down now: SIGKILL its process group; its task does the rest.
 
     `charge_all`: its loss costs each of its requests an attempt (the book's own kills have
-    said already whether it does)."""
+    said already whether it does). `request_id`: the request it is killed over, if one."""
     if p.down_reason is None:
-        child.log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason)
+        fields = child.fields if request_id is None else {**child.fields, "request_id": request_id}
+        log.error("%s (pid %s): %s; killing its process group", child.name, child.pid, reason,
+                  extra=fields)  # fmt: skip
     try:
         mark_down(host, child, p, reason, charge_all=charge_all)
     finally:  # killed even after a bug of ours in telling the book
@@ -378,7 +386,9 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
                     await proc.wait()
                 if proc.exit is None:  # its locks stay held until it exits: the reaper says so
                     held = host.book.exiting(child.name)
-                    host.reaper.keep(proc, child.name, held, lambda: _exited(host, child, proc))
+                    host.reaper.keep(
+                        proc, child.name, held, lambda: _exited(host, child, proc), child.fields
+                    )
             if proc.exit is not None:
                 _exited(host, child, proc)
             await proc.aclose()

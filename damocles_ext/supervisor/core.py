@@ -63,6 +63,7 @@ from . import child_loop
 from .arguments import check_arguments, coerce_children
 from .child_loop import Child, ChildState, Process, mark_down
 from .connection import Answer, ProgressEvent, Ready, Skipped
+from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
@@ -501,23 +502,18 @@ class Supervisor:
                     self._flush()
                     child = self._children[effect.child]
                     if child.p is not None:
-                        child_loop.kill(self._host, child, child.p, effect.reason)
+                        child_loop.kill(
+                            self._host, child, child.p, effect.reason, request_id=effect.request_id
+                        )
                 elif isinstance(effect, Retry):
-                    log.log(
-                        logging.getLevelName(effect.level.upper()),
-                        "request %d: %s; retrying (attempt %d of %d)",
-                        effect.request.rid,
-                        effect.what,
-                        effect.attempt,
-                        effect.max_attempts,
-                    )
+                    log_retry(effect, self._children)
                     waiter = self._waiters.get(effect.request.rid)
                     if waiter is not None:
                         self._dispatched(waiter, None)
                 elif isinstance(effect, ReportProgress):
                     self._report_progress(effect)
                 elif isinstance(effect, Note):
-                    log.log(logging.getLevelName(effect.level.upper()), "%s", effect.message)
+                    log_note(effect, self._children)
             except Exception:  # a bug of ours: the effects after it (answers too) still go
                 log.exception("internal error carrying out %s; going on", type(effect).__name__)
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import psutil
 import trio
@@ -35,7 +36,8 @@ REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck
 #: How long, past its `keep`, the locks of a process not dead after SIGKILL stay held for it.
 KEEP_LOCKS_FOR = 25.0
 
-_Kept = tuple[ChildProcess, str, list[str], Callable[[], None]]  # see Reaper.keep
+# See Reaper.keep; the last: the fields of its records (JSON logs).
+_Kept = tuple[ChildProcess, str, list[str], Callable[[], None], dict[str, Any]]
 
 
 class Reaper:
@@ -54,11 +56,14 @@ class Reaper:
         child: str,
         exiting: Iterable[tuple[int | None, frozenset[str], float]],
         on_exit: Callable[[], None],
+        fields: Mapping[str, Any] | None = None,
     ) -> None:
         """`proc` of `child` did not die after SIGKILL: kept in `unreaped`, and watched (`run`)
         for its exit, which `on_exit()` reports; `exiting`: its child's processes that hold
-        locks until they exit (`RequestBook.exiting`), to say which this one holds."""
+        locks until they exit (`RequestBook.exiting`), to say which this one holds; `fields`:
+        the child's (`Child.fields`), which the records about it carry, its `pid` this one's."""
         self.unreaped.append(proc)
+        extra = {**(fields if fields is not None else {"child": child}), "pid": proc.pid}
         locks = sorted({lock for pid, held, _ in exiting if pid == proc.pid for lock in held})
         if locks:
             log.error(
@@ -70,9 +75,10 @@ class Reaper:
                 REAP_TIMEOUT,  # waited once at least (a process torn down: up to three times)
                 ", ".join(locks),
                 KEEP_LOCKS_FOR,
+                extra=extra,
             )
         # Watched while run() runs; one kept after it ends is the last kill's to reap.
-        self._kept.send_nowait((proc, child, locks, on_exit))
+        self._kept.send_nowait((proc, child, locks, on_exit, extra))
 
     async def run(self, scope: trio.CancelScope, sweep: bool) -> None:
         """Watch the kept processes (and, with `sweep`, sweep for orphans) until `scope` is
@@ -85,7 +91,12 @@ class Reaper:
                     nursery.start_soon(self._await_exit, *kept)
 
     async def _await_exit(
-        self, proc: ChildProcess, child: str, locks: list[str], on_exit: Callable[[], None]
+        self,
+        proc: ChildProcess,
+        child: str,
+        locks: list[str],
+        on_exit: Callable[[], None],
+        extra: dict[str, Any],
     ) -> None:
         with trio.move_on_after(KEEP_LOCKS_FOR):
             await proc.wait()
@@ -95,23 +106,28 @@ class Reaper:
                 " driver that hangs, a network file system that does not answer?); %s free now,"
                 " so that the GPU's other work goes on (a proof there may fail if it still"
                 " holds the GPU's memory); check the machine (dmesg), a reboot may be needed",
-                child, proc.pid, KEEP_LOCKS_FOR, ", ".join(locks),
+                child, proc.pid, KEEP_LOCKS_FOR, ", ".join(locks), extra=extra,
             )  # fmt: skip
-            self._exited(proc, child, on_exit)  # said again at its exit: harmless
+            self._exited(proc, child, on_exit, extra)  # said again at its exit: harmless
             locks = []
         await proc.wait()
         if proc in self.unreaped:
             self.unreaped.remove(proc)
         held = f"; {', '.join(locks)} free" if locks else ""
-        log.warning("%s (pid %d): exited at last%s", child, proc.pid, held)
-        self._exited(proc, child, on_exit)
+        log.warning("%s (pid %d): exited at last%s", child, proc.pid, held, extra=extra)
+        self._exited(proc, child, on_exit, extra)
 
     @staticmethod
-    def _exited(proc: ChildProcess, child: str, on_exit: Callable[[], None]) -> None:
+    def _exited(
+        proc: ChildProcess, child: str, on_exit: Callable[[], None], extra: dict[str, Any]
+    ) -> None:
         try:
             on_exit()
         except Exception:  # a bug of ours must not end the supervisor
-            log.exception("%s (pid %d): internal error on its late exit; going on", child, proc.pid)
+            log.exception(
+                "%s (pid %d): internal error on its late exit; going on", child, proc.pid,
+                extra=extra,
+            )  # fmt: skip
 
     def sweep_soon(self) -> None:
         """A child ended: what it left outside its group is ours now (when a subreaper)."""
