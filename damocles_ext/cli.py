@@ -17,7 +17,7 @@ import sys
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_USAGE, DextError, OutputError
+from .errors import EXIT_USAGE, DextError, OutputError, ProverError
 
 # Order is the order shown in --help.
 COMMANDS = (
@@ -254,14 +254,20 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
-def _say_error(args: argparse.Namespace, text: str, exit_code: int) -> None:
+def _say_error(
+    args: argparse.Namespace, text: str, exit_code: int, request_id: int | None = None
+) -> None:
     """Why the command failed, on stderr: a line of text, or, when the command logs JSON lines,
     one more record (a log pipeline parsing JSON would miss a line of text, the one that says
-    why the service stopped)."""
+    why the service stopped), with `request_id`, the supervisor's number of the request whose
+    error answer it is (`prove`'s), if one."""
     from . import logs  # here: the commands' start imports no more than they need
 
     if hasattr(args, "log_format") and logs.json_logging():
-        logging.getLogger("damocles_ext.cli").error("%s", text, extra={"exit_code": exit_code})
+        fields: dict[str, int] = {"exit_code": exit_code}
+        if request_id is not None:
+            fields["request_id"] = request_id
+        logging.getLogger("damocles_ext.cli").error("%s", text, extra=fields)
     else:
         print(text, file=sys.stderr)
 
@@ -275,7 +281,8 @@ def _main(argv: list[str] | None) -> int:
     except DextError as exc:
         if args is None:  # stdout failed as the parser wrote --help: main() says so
             raise
-        _say_error(args, f"damocles-ext {args.command}: error: {exc}", exc.exit_code)
+        rid = exc.request_id if isinstance(exc, ProverError) else None
+        _say_error(args, f"damocles-ext {args.command}: error: {exc}", exc.exit_code, rid)
         return exc.exit_code
     except BaseException as exc:
         # Ctrl-C, also when trio raises it out of a nursery, inside a group.

@@ -72,9 +72,13 @@ class OutputError(DextError):
 
 
 class ProverError(DextError):
-    """A proof could not be produced (prover failed, child died, deadline passed): exit code 1."""
+    """A proof could not be produced (prover failed, child died, deadline passed): exit code 1.
+
+    `request_id`: the supervisor's number of the request it answers, when a supervisor of this
+    process answered it (a front end's record of the failure carries it as a field)."""
 
     exit_code = EXIT_PROVER_ERROR
+    request_id: int | None = None
 
 
 class DeadlineError(ProverError):
@@ -83,9 +87,11 @@ class DeadlineError(ProverError):
     failure of a prover's (a prover that hangs until RequestTimeoutSecs is a plain one)."""
 
 
-def prover_error(message: str, *, late: bool) -> ProverError:
+def prover_error(message: str, *, late: bool, request_id: int | None = None) -> ProverError:
     """A request's error answer as raised to its caller: a DeadlineError when `late`."""
-    return (DeadlineError if late else ProverError)(message)
+    error = (DeadlineError if late else ProverError)(message)
+    error.request_id = request_id
+    return error
 
 
 def not_utf8(text: str) -> str | None:

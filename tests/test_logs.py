@@ -19,7 +19,8 @@ from helpers.frontend import DEXT, dext_env, make_task, write_config
 from helpers.small_disk import mounted_tmpfs
 
 from damocles_ext import logs
-from damocles_ext.errors import UsageError
+from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.started import failure_fields, for_client
 from damocles_ext.protocol.jsonl import task_to_json
 
 
@@ -437,6 +438,7 @@ def test_proves_final_error_escapes_a_childs_error_answer_as_the_text_logs_do(tm
     # JSON lines escape it themselves: the record holds the text as the child gave it.
     done = _prove(tmp_path, cfg, "--no-progress", "--log-format", "json")
     (record,) = (json.loads(x) for x in done.stderr.decode().splitlines())
+    assert record["request_id"] == 1  # the request whose error answer it is
     assert record["message"].endswith("gave up\r\x1b[2K\x1b[1Gall fine\n2026-01-01 00:00:00,000"
                                       " INFO damocles_ext.cli: forged \u2028 here"), record  # fmt: skip
 
@@ -531,3 +533,59 @@ def test_a_logged_line_stays_within_the_limit_in_bytes_whatever_its_characters(f
     shown = json.loads(line)["message"] if fmt == "json" else line
     assert shown.endswith(" more characters not logged)")
     assert "\n" not in line and "\u2028" not in line
+
+
+CRASH_ON_REQUEST_CHILD = """
+import sys
+sys.stdout.write("window_post processor ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+sys.exit(3)
+"""
+
+
+def test_json_records_about_a_request_carry_its_id_and_those_about_a_crash_the_childs(
+    tmp_path: Path,
+):
+    # Two children that crash on any request: the request is retried once, then given up. The
+    # ids were in the messages only: no filtering on one request, nor on the process it was lost
+    # with; serve's damocles id (7) and the supervisor's (1) are two numbers.
+    block = _bin_child(tmp_path, CRASH_ON_REQUEST_CHILD, "MaxAttempts = 2\n")
+    write_config(tmp_path, block + "\n" + block)
+    line = b'{"id": 7, "task": ' + task_to_json(make_task(3)) + b"}\n"
+    done = subprocess.run(
+        [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path), "--log-format", "json"],
+        input=line,
+        capture_output=True,
+        env=dext_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    records = [json.loads(x) for x in done.stderr.decode().splitlines()]
+    (retry,) = (r for r in records if "retrying (attempt 2 of 2)" in r["message"])
+    assert retry["request_id"] == 1 and retry["message"].startswith("request 1: "), retry
+    # The child the attempt was lost with, and that process's pid (as its exit record says).
+    crashed = f"{retry['child']} (pid {retry['pid']})"
+    assert retry["message"].startswith(f"request 1: {crashed} went down while running it")
+    (exited,) = (
+        r for r in records if r["message"].startswith(crashed) and "exit code 3" in r["message"]
+    )
+    assert (exited["child"], exited["stage"], exited["pid"]) == (
+        retry["child"],
+        retry["stage"],
+        retry["pid"],
+    )
+    (gave_up,) = (r for r in records if "giving up" in r["message"])
+    assert gave_up["logger"] == "damocles_ext.serve" and gave_up["level"] == "warning"
+    assert (gave_up["caller_request_id"], gave_up["request_id"]) == (7, 1), gave_up
+    assert gave_up["message"].startswith("request 7: ")
+
+
+def test_serve_connects_error_record_names_the_request_by_its_number_in_runs_log():
+    # serve --connect has no supervisor of its own: the number in its records is run's, read
+    # from the answer as run's control socket words it for its client (its id there is 4).
+    said = for_client(4, "request 9 (window_post): failed on window_post#0 (pid 5): no GPU")
+    assert said.startswith("request 4 (window_post; request 9 in run's log): ")
+    assert failure_fields(7, ProverError(said)) == {"caller_request_id": 7, "request_id": 9}
+    # Nothing to go by: no request_id rather than a wrong one (the 4 is the socket's id).
+    assert failure_fields(7, ProverError(for_client(4, "no GPU"))) == {"caller_request_id": 7}

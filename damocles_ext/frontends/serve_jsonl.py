@@ -35,7 +35,15 @@ from ..tasks import Output, Task, stage_of
 from .outbox import Outbox, stream_fd
 from .serve import reader_gone, replay_held_signals
 from .signals import end_soon, stop_signals, watch_signals
-from .started import Batch, CancelHandle, Start, internal_error, own_label, start_or_decline
+from .started import (
+    Batch,
+    CancelHandle,
+    Start,
+    failure_fields,
+    internal_error,
+    own_label,
+    start_or_decline,
+)
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
@@ -337,7 +345,7 @@ class JsonLineServer:
             return
         if isinstance(error, DextError):
             message = self._error_text(id, str(error) or type(error).__name__)
-            log.warning("%s", message)
+            log.warning("%s", message, extra=failure_fields(id, error))
         else:
             message = self._error_text(id, internal_error(error))
         self._stats.failed += 1

@@ -84,7 +84,7 @@ def start_or_decline(
 # socket does, for its client (control.py).
 _OWN_LABEL = re.compile(
     r"request (\d+)"
-    r"(?: \((?:((?:window|winning)_post[a-z_]*)(?:; )?)?(?:request \d+ in run's log)?\))?"
+    r"(?: \((?:((?:window|winning)_post[a-z_]*)(?:; )?)?(?:request (\d+) in run's log)?\))?"
     r"(?=[ :;,])"
 )
 
@@ -105,3 +105,18 @@ def for_client(rid: int, message: str) -> str:
     if number is None:
         return f"request {rid}: {message}"
     return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"
+
+
+def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]:
+    """The fields of a front end's record of a request's error answer (JSON logs):
+    `caller_request_id`, the caller's own id for it (serve's damocles request id); and
+    `request_id`, the supervisor's number for it, as the supervisor's own records about it
+    (its retries, its kill) carry it: this process's supervisor's, or, for a request `run`
+    answered through its control socket (serve --connect), the number in run's log."""
+    fields: dict[str, Any] = {"caller_request_id": caller_id}
+    rid = getattr(error, "request_id", None)
+    if rid is None and (own := _OWN_LABEL.match(str(error))) is not None and own.group(3):
+        rid = int(own.group(3))
+    if rid is not None:
+        fields["request_id"] = rid
+    return fields

@@ -545,7 +545,7 @@ class Supervisor:
         waiter = self._waiters.pop(req.rid, None)
         if waiter is not None:
             if effect.error is not None:
-                waiter.error = prover_error(effect.error, late=effect.late)
+                waiter.error = prover_error(effect.error, late=effect.late, request_id=req.rid)
             else:
                 waiter.output = effect.output
             waiter.answer()
