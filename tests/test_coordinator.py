@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from damocles_ext.frontends.coordinator import CLEANUP_PASSES, Coordinator, Coor
 from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.model import READY, RUNNING, JobOutput
 from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.logs import JsonFormatter
 
 WORKER = "10.0.0.5"
 PROOF = "StackedDrgWindow2KiBV1_2"
@@ -1032,6 +1034,14 @@ async def test_the_sweep_says_what_it_did_to_a_job_in_words(tmp_path, caplog):
             " HeartbeatTimeout"
         ),
         f"sweep: job {taken.Id} is given to the workers again (tries so far: 1)",
+    ]
+    # In JSON logs, the job's id and the worker a timeout names are fields.
+    docs = [
+        json.loads(JsonFormatter().format(r)) for r in caplog.records if "sweep: " in r.getMessage()
+    ]
+    assert [(d["job_id"], d.get("worker")) for d in docs] == [
+        (taken.Id, "worker-a"),
+        (taken.Id, None),
     ]
 
 

@@ -7,6 +7,7 @@ coordinator's RPC itself when serve runs it (--listen)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -196,12 +197,17 @@ async def test_a_restarted_serve_reattaches_to_the_job_of_a_request_sent_again(s
         await finish_as_worker(store_url, job_id, output)
         # damocles-manager, started again, sends the same request (ids count from 1 again).
         second = await start_serve(nursery, store_url, "--store", f"a={root}",
-                                   "--poll-interval", "60")  # fmt: skip
+                                   "--poll-interval", "60", "--log-format", "json")  # fmt: skip
         with trio.fail_after(30):
             response = await second.request(task)
         assert response.err_msg is None and response.output.proofs == [b"done-while-away"]
         assert any(f"job {job_id}: re-attached to the existing job (Succeed" in line
                    for line in second.log)  # fmt: skip
+        # In JSON logs, the records about the job carry its id (and the worker that did it).
+        about = [json.loads(line) for line in second.log if f"job {job_id}: " in line]
+        assert [r.get("job_id") for r in about] == [job_id, job_id], about
+        assert about[-1]["message"] == f"job {job_id}: done on worker 'gpu-1'"
+        assert about[-1]["worker"] == "gpu-1"
         await stop(second)
     with JobStore.open(store_url) as store:
         assert [j.Id for j in store.list_jobs()] == [job_id]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -48,6 +49,7 @@ from damocles_ext.jobs.worker_rules import (
     window_post_task,
 )
 from damocles_ext.jobs.worker_settings import WorkerSettings
+from damocles_ext.logs import JsonFormatter
 from damocles_ext.plugins import get_plugin_manager
 from damocles_ext.post.verify import verify_window_post
 from damocles_ext.tasks import WindowPoStOutput
@@ -324,6 +326,7 @@ async def test_a_result_the_coordinator_can_never_take_is_given_up_at_once_sayin
 ):
     # Before, an HTTP 413 was retried for the result's whole lifetime (25 h) with nothing
     # logged, while the job's heartbeats kept it from another worker.
+    caplog.set_level(logging.INFO, "damocles_ext")
     script = tmp_path / "big.py"
     script.write_text(BIG_PROOF_CHILD)
     cfg = f"[[WdPost]]\nBin = {json.dumps(sys.executable)}\nArgs = {json.dumps([str(script)])}\n"
@@ -334,6 +337,10 @@ async def test_a_result_the_coordinator_can_never_take_is_given_up_at_once_sayin
     assert worker.counters.delivered == 0 and worker.counters.finish_retries == 1
     assert f"job {job.Id}: its result (1 proofs) is given up after 1 attempts" in caplog.text
     assert "HTTP 413" in caplog.text
+    # In JSON logs, each record about the job carries its id: filtering on it tells its story.
+    about = [r for r in caplog.records if f"job {job.Id}" in r.getMessage()]
+    assert [r.levelname for r in about] == ["INFO", "ERROR"]  # pulled, given up
+    assert all(json.loads(JsonFormatter().format(r))["job_id"] == job.Id for r in about)
 
 
 async def coordinator_down_at_a_finish(rig, worker, job, meanwhile, until) -> None:
@@ -635,9 +642,12 @@ async def test_a_store_not_there_on_a_later_try_is_proved_with_its_sectors_fault
     assert sorted(done.Output.faults) == sorted(s.SectorId for s in job.Input.Sectors)
 
 
-async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhere(rig, tmp_path):
+async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhere(
+    rig, tmp_path, caplog
+):
     # Its child answers every request with an error at once (a broken GPU, a lock file it
     # cannot take): without a pause it would take every job, and spend its tries, in seconds.
+    caplog.set_level(logging.INFO, "damocles_ext")
     ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(5)]
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
     worker = Worker(rig.settings(kids))
@@ -645,6 +655,17 @@ async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhe
     assert worker.counters.pulled == 3  # Breaker's limit, then no more
     states = [(await rig.jobs.get(i)).State for i in ids]
     assert states.count("ready2run") >= 2, states  # left for other workers
+    # Each "no proof" record carries the job's id and the supervisor's number of the request
+    # that failed it, as its message and the supervisor's own records name it (JSON logs).
+    failed = [
+        json.loads(JsonFormatter().format(r))
+        for r in caplog.records
+        if ": no proof: " in r.getMessage()
+    ]
+    assert len(failed) == 3
+    for doc in failed:
+        assert doc["job_id"] in ids and doc["message"].startswith(f"job {doc['job_id']}: ")
+        assert f": no proof: request {doc['request_id']} (window_post)" in doc["message"], doc
 
 
 def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():

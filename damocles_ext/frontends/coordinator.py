@@ -22,6 +22,7 @@ import trio
 
 from ..jobs import rpc, rules
 from ..jobs.database import SQLITE_WAL_SIZE_LIMIT, clock_skew
+from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
@@ -282,7 +283,7 @@ class Coordinator:
                     log.info("%s", line)
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
-                    log.info("sweep: %s", said_of(effect))
+                    log.info("sweep: %s", said_of(effect), extra=fields_of(effect))
                 if trio.current_time() >= next_skew_check:
                     next_skew_check = trio.current_time() + SKEW_CHECK_EVERY
                     await self._check_skew()
@@ -678,20 +679,3 @@ class _Connection(HttpConnection):
 def _unauthorized(error: rpc.RpcError) -> Refuse:
     return Refuse(error.http_status, rpc.encode_error(error), content_type="application/json",
                   extra=[("WWW-Authenticate", "Bearer")])  # fmt: skip
-
-
-def said_of(effect: rules.Effect) -> str:
-    """What a sweep did to a job, as its log line says it."""
-    match effect:
-        case rules.TimedOut(job_id, worker):
-            return (
-                f"job {job_id} timed out: worker {worker!r} sent no heartbeat for its"
-                " HeartbeatTimeout"
-            )
-        case rules.Retried(job_id, try_num):
-            return f"job {job_id} is given to the workers again (tries so far: {try_num})"
-        case rules.JobCancelled(job_id, reason):
-            return f"job {job_id} cancelled: {reason}"
-        case rules.CleanedUp(job_id):
-            return f"job {job_id} forgotten (finished longer ago than JobLifetime)"
-    return str(effect)

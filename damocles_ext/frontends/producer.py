@@ -29,6 +29,7 @@ import trio
 
 from ..errors import ProverError, UsageError
 from ..jobs import model, rules
+from ..jobs.log_lines import job_fields
 from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
@@ -298,7 +299,7 @@ class JobProducer:
                         if any(isinstance(e, rules.Retried) for e in outcome.effects):
                             log.info("job %s: try %d of JobMaxTry %d failed; given to the"
                                      " workers again", job_id, job.TryNum,
-                                     self.limits.max_try)  # fmt: skip
+                                     self.limits.max_try, extra=job_fields(job_id))  # fmt: skip
                         continue
                 if rules.deadline_passed(job, self.clock()) and not swept:
                     # Cancel it now rather than at a coordinator's next sweep (or never, with
@@ -366,18 +367,21 @@ class JobProducer:
         if create:
             job, made = await self.store.create(job_input, not_after=not_after)
             if made:
-                log.info("job %s: created (%d sectors)", job_id, len(job.Input.Sectors or ()))
+                sectors = len(job.Input.Sectors or ())
+                log.info("job %s: created (%d sectors)", job_id, sectors, extra=job_fields(job_id))
             else:
                 log.info(
                     "job %s: re-attached to the existing job (%s, try %d)",
-                    job_id, model.display_state(job), job.TryNum,
+                    job_id, model.display_state(job), job.TryNum, extra=job_fields(job_id),
                 )  # fmt: skip
             return job, made
         stored = await self.store.get(job_id)
         if stored is None:
             # damocles' producer does the same: the request still wants its proof.
             log.warning(
-                "job %s was removed from the store while waited for; creating it again", job_id
+                "job %s was removed from the store while waited for; creating it again",
+                job_id,
+                extra=job_fields(job_id),
             )
         return stored, False
 
@@ -416,7 +420,8 @@ class JobProducer:
                     f"job {job.Id} finished without an error but with {problem} (worker"
                     f" {worker}): not a proof; {_again(job.Id, 'reset')}"
                 )
-            log.info("job %s: done on worker %s", job.Id, worker)
+            fields = job_fields(job.Id, job.WorkerName or None)
+            log.info("job %s: done on worker %s", job.Id, worker, extra=fields)
             return output
         if job.cancelled:  # a reset job keeps its deadline, which has passed: only a new one
             raise ProverError(

@@ -37,7 +37,7 @@ from ..jobs.client import (
     RpcConnectionError,
     local_address_towards,
 )
-from ..jobs.model import JobOutput, WdPoStInput
+from ..jobs.model import JobOutput
 from ..jobs.worker_rules import (
     NO_WORKER_PROVER,
     SLOT_STAGES,
@@ -71,6 +71,7 @@ from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
     ADOPTED,
+    EMPTY_INPUT,
     NOT_RUNNING,
     SAME,
     HeldJob,
@@ -90,9 +91,6 @@ if TYPE_CHECKING:
     from ..supervisor.stats import ChildStats
 
 log = logging.getLogger("damocles_ext.worker")
-
-# Stands in for the input of a job whose own could not be read, so that it can still be failed.
-_EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32)
 
 
 class Worker:
@@ -375,7 +373,7 @@ class Worker:
                 log.error("the manager gave a job without an id (%s); it is left to time out", exc)
                 return
             job = PulledJob(
-                Id=job_id, Input=_EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
+                Id=job_id, Input=EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
             )
             problem: str | None = str(exc)
         else:
@@ -384,21 +382,21 @@ class Worker:
         if (had := self.held.get(job.Id)) is not None:
             how = given_again(had, job, now) if problem is None else SAME
             if how == ADOPTED:
-                log.warning("job %s: given again (try %d): its lease had lapsed; the work on it"
-                            " goes on under the new one", job.Id, job.TryNum)  # fmt: skip
+                had.log.warning("job %s: given again (try %d): its lease had lapsed; the work"
+                                " on it goes on under the new one", job.Id, job.TryNum)  # fmt: skip
                 self._touch()
                 return
             if how == SAME and had.stop_reason is None:
-                log.warning("job %s: given again while this worker holds it; ignored", job.Id)
+                had.log.warning("job %s: given again while this worker holds it; ignored", job.Id)
                 return
             self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
         if problem is not None:
-            log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
+            held.log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
             self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
             return
-        log.info(
+        held.log.info(
             "job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
             job.Id,
             job.Input.MinerId,
@@ -426,8 +424,8 @@ class Worker:
                 # Our coordinator refuses any finish after the deadline and cancels the job: a
                 # call to be refused, logged as a result given up, would only mislead.
                 self.counters.given_up += 1
-                log.warning("job %s: no proof before its deadline; nothing to deliver (the"
-                            " coordinator cancels the job)", job.Id)  # fmt: skip
+                held.log.warning("job %s: no proof before its deadline; nothing to deliver"
+                                 " (the coordinator cancels the job)", job.Id)  # fmt: skip
             else:
                 await self._deliver(held, output, error)
         self._release(held)
@@ -457,25 +455,25 @@ class Worker:
             task = window_post_task(job, paths)
         except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
             error = str(exc) or type(exc).__name__
-            log.error("job %s cannot be proved here: %s", job.Id, error)
+            held.log.error("job %s cannot be proved here: %s", job.Id, error)
             return None, error
         if faults:  # as a prover answers for sectors it cannot read: the manager drops them
             return JobOutput(proofs=(), faults=tuple(faults)), ""
         if (problem := await store_problem(job, paths, self._look_limiters)) is not None:
-            log.error("%s", problem)
+            held.log.error("%s", problem)
             if job.TryNum == 1:  # a later try may land on a worker that has the store
                 return None, problem
         assert self._sup is not None
         try:
             answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
         except (ProverError, UsageError) as exc:
-            log.warning("job %s: no proof: %s", job.Id, exc)
+            log.warning("job %s: no proof: %s", job.Id, exc, extra=held.fields(exc))
             # Cut by the job's deadline, or not started as too late: no failure of its prover's.
             held.prover_failed = not isinstance(exc, DeadlineError)
             return None, str(exc)
         output = job_output(answer)  # type: ignore[arg-type]
         if output.faults:
-            log.warning("%s", faults_text(job, output.faults))
+            held.log.warning("%s", faults_text(job, output.faults))
         return output, ""
 
     async def _deliver(self, held: HeldJob, output: JobOutput | None, error: str) -> None:
@@ -508,7 +506,7 @@ class Worker:
                 self._answered()
                 self.counters.delivered += 1
                 self.counters.failed += bool(error)
-                log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
+                held.log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
                 break
             held.delivery_failures += 1
             self.counters.finish_retries += 1
@@ -529,13 +527,14 @@ class Worker:
                     if maybe_done and failure is Failure.REFUSED
                     else ""
                 )
-                log.error("job %s: its result (%s) is given up after %d attempts: %s%s: %s",
-                          job.Id, what, attempts, why, maybe, reason)  # fmt: skip
+                held.log.error("job %s: its result (%s) is given up after %d attempts: %s%s:"
+                               " %s", job.Id, what, attempts, why, maybe, reason)  # fmt: skip
                 break
             delay = backoff.next_delay()
             if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
-                log.warning("job %s: result (%s) not delivered yet (attempt %d): %s; trying"
-                            " again in %.1f s", job.Id, what, attempts, reason, delay)  # fmt: skip
+                held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
+                                 " trying again in %.1f s", job.Id, what, attempts, reason,
+                                 delay)  # fmt: skip
             await trio.sleep(delay)
 
     def _release(self, held: HeldJob) -> None:
@@ -550,7 +549,8 @@ class Worker:
             return
         held.stop_reason = why
         self.counters.stopped_by[reason] = self.counters.stopped_by.get(reason, 0) + 1
-        log.warning("job %s: the manager took it back (%s); its proof is cancelled", job_id, why)
+        held.log.warning("job %s: the manager took it back (%s); its proof is cancelled",
+                         job_id, why)  # fmt: skip
         held.scope.cancel()
         self._touch()
 
@@ -641,7 +641,7 @@ class Worker:
                     why = f"the manager no longer has it running: {exc.message}"
                     self._stop_job(h.job.Id, NOT_RUNNING, why)
             except RpcClientError as exc:
-                log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
+                h.log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
 
     def _beaten(self, held: list[HeldJob], started: float, refused: set[str]) -> None:
         now = self._clock()

@@ -3,14 +3,23 @@ document and the metrics in worker_control.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import trio
 
+from ..jobs.log_lines import job_fields
+from ..jobs.model import WdPoStInput
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_rules import PulledJob
+
+_log = logging.getLogger("damocles_ext.worker")
+
+# Stands in for the input of a job whose own could not be read, so that it can still be failed.
+EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32)
 
 #: Why a worker stops a job it holds when damocles-manager refuses its heartbeat (no longer
 #: running there); our coordinator says why itself (STOP_REASONS).
@@ -46,6 +55,16 @@ class HeldJob:
     child: str | None = None  # the child its current attempt runs on (the supervisor says)
     prover_failed: bool = False  # no proof, for a failure of the prover (the breaker counts it)
     error: str = ""  # finishing with this error (no proof)
+
+    def fields(self, error: BaseException | None = None) -> dict[str, Any]:
+        """The fields of a record about the job (JSON logs): `job_id`, and `request_id` when
+        `error` is the supervisor's answer to its request (a ProverError)."""
+        return job_fields(self.job.Id, request_id=getattr(error, "request_id", None))
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The worker's logger, its records carrying the job's id (`job_id`)."""
+        return logging.LoggerAdapter(_log, self.fields())
 
 
 @dataclass
