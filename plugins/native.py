@@ -1,7 +1,7 @@
 """The `native` prover: a library implementing native/include/dext_prover.h, through cffi.
 
 Without options it runs the reference prover in C compiled into damocles-ext at install time.
-`PluginOptions` (`--option K=V`):
+`PluginOptions` (or `--option K=V` to `damocles-ext child`):
 
     library          path of a vendor shared library implementing the header (loaded with dlopen,
                      cffi ABI mode); its ABI version and symbols are checked when the child starts

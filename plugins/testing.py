@@ -6,7 +6,7 @@ can check that the answer belongs to its request:
 
     proofs = [sha256(seed || miner_id as 8 little-endian bytes || sector ids as 8 LE bytes each)]
 
-`sleep` options (`--option K=V` / `PluginOptions`):
+`sleep` options (`PluginOptions`, or `--option K=V` to `damocles-ext child`):
 
     seconds            float >= 0, default 1: how long each request works
     fail               never (default) | always | every:N (each Nth request of this child) |

@@ -1324,6 +1324,48 @@ def _bin_problem(tmp_path: Path, text: str) -> list[str]:
     return info.value.errors
 
 
+def test_plugin_options_over_exec_s_limit_name_the_longest(tmp_path: Path) -> None:
+    big = "x" * 140_000
+    text = f'[[WdPost]]\nPlugin = "sleep"\nPluginOptions = {{ seconds = 1, fail = "{big}" }}\n'
+    problem = _bin_problem(tmp_path, text)[0]  # (then sleep's own check of the value)
+    assert problem.startswith(
+        "WdPost[0].PluginOptions (all of them, in one variable; the longest: fail): "
+    ), problem
+    assert "exec takes at most" in problem
+
+
+def test_the_plugin_options_variable_is_neither_set_in_envs_nor_passed_on_from_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from damocles_ext.config.startup import child_env
+    from damocles_ext.options import OPTIONS_ENV
+
+    with pytest.raises(ConfigError) as info:
+        parse(f'[[WdPost]]\nPlugin = "sleep"\nEnvs = {{ {OPTIONS_ENV} = "{{}}" }}\n')
+    assert (
+        f"WdPost[0].Envs.{OPTIONS_ENV}: this variable carries the child's PluginOptions;"
+        " set them in PluginOptions instead"
+    ) in str(info.value)
+    # The supervisor's own is no child's: a Bin child running our runtime would take it for
+    # its options. A Bin child's own Envs may still set it.
+    monkeypatch.setenv(OPTIONS_ENV, '{"fail":"always"}')
+    bin_child, own = parse(
+        '[[WdPost]]\nBin = "/bin/true"\n'
+        f'[[WdPost]]\nBin = "/bin/true"\nEnvs = {{ {OPTIONS_ENV} = "{{}}" }}\n'
+    ).children
+    assert OPTIONS_ENV not in child_env(bin_child)
+    assert child_env(own)[OPTIONS_ENV] == "{}"
+
+
+def test_a_plugin_childs_description_names_its_options_and_shows_values_only_when_asked() -> None:
+    (child,) = parse(
+        '[[WdPost]]\nPlugin = "sleep"\nPluginOptions = { seconds = 0, fail = "api-key-1" }\n'
+    ).children
+    # Logs, status and request errors show it: an option may be a secret.
+    assert config.describe_argv(child) == "plugin sleep (options seconds, fail)"
+    assert config.describe_argv(child, values=True) == "plugin sleep (seconds=0 fail=api-key-1)"
+
+
 def test_a_bin_that_is_not_executable_says_its_mode(tmp_path: Path) -> None:
     program = tmp_path / "prover"
     program.write_text("#!/bin/sh\n")

@@ -103,7 +103,7 @@ def describe_child(child: ChildSpec, width: int = 0) -> str:
     parts = [
         f"{child.name:<{width}}",
         f"({table}[{child.block}])",
-        f"run: {cfg.describe_argv(child)}",
+        f"run: {cfg.describe_argv(child, values=True)}",
         f"concurrent={child.concurrent}",
         f"weight={child.weight}",
     ]

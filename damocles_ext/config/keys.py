@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ..options import OPTIONS_ENV
 from .messages import _show, _toml_key
 from .spec import (
     DEFAULT_CANCEL_GRACE,
@@ -168,6 +169,11 @@ def _check_block(where: str, b: _Block, written: set[str]) -> list[str]:
             errors.append(
                 f"{where}: Args is only used with Bin; a plugin takes its settings from "
                 f"PluginOptions"
+            )
+        if OPTIONS_ENV in b.envs:
+            errors.append(
+                f"{where}.Envs.{OPTIONS_ENV}: this variable carries the child's PluginOptions;"
+                " set them in PluginOptions instead"
             )
     if b.plugin_options is not None:
         if "Plugin" not in written:

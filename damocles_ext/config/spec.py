@@ -63,7 +63,7 @@ MAX_GPU_INDEX = 1023
 MAX_CPU = 8191  # Linux numbers at most 8192 CPUs (NR_CPUS)
 MAX_CHILDREN = 1024
 
-#: A PluginOptions value: what TOML gives that the child runtime can take back from `--option`.
+#: A PluginOptions value: what TOML gives that the child runtime takes back typed (options.py).
 OptionValue = str | int | float | bool
 
 
@@ -176,18 +176,23 @@ def serve_args(argv: tuple[str, ...]) -> list[str] | None:
 
 
 def _option_text(value: OptionValue) -> str:
-    """A PluginOptions value as the child runtime receives it in `--option K=V`."""
+    """A PluginOptions value as a person writes it in `--option K=V`."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
 
 
-def describe_argv(child: ChildSpec) -> str:
-    """What a child runs, for people: the command line, or the plugin and its options."""
+def describe_argv(child: ChildSpec, *, values: bool = False) -> str:
+    """What a child runs, for people: the command line, or the plugin and its options' names
+    (with `values`, as check-config shows its operator: an option may be a secret, and the logs
+    and request errors this text goes to are read by others)."""
     if child.kind == "plugin":
-        options = " ".join(
-            shlex.quote(f"{k}={_option_text(v)}") for k, v in child.plugin_options.items()
-        )
+        if values:
+            options = " ".join(
+                shlex.quote(f"{k}={_option_text(v)}") for k, v in child.plugin_options.items()
+            )
+        else:
+            options = f"options {', '.join(child.plugin_options)}" if child.plugin_options else ""
         return f"plugin {child.plugin}" + (f" ({options})" if options else "")
     return shlex.join(child.argv)
 

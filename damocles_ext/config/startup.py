@@ -224,12 +224,13 @@ def build_env(inherit: bool, envs: Mapping[str, str]) -> dict[str, str]:
 
 def child_env(child: ChildSpec) -> dict[str, str]:
     """The environment `child` is spawned with: build_env's, and a plugin child's PluginOptions
-    in OPTIONS_ENV (never one inherited: only the child's own options reach it)."""
+    in OPTIONS_ENV; one inherited from ours is never passed on (a Bin child running our runtime
+    would take it for its own options)."""
     env = build_env(child.inherit_envs, child.envs)
-    if child.kind == "plugin":
+    if OPTIONS_ENV not in child.envs:  # (a Bin child's own Envs may set it, to run our runtime)
         env.pop(OPTIONS_ENV, None)
-        if child.plugin_options:
-            env[OPTIONS_ENV] = options_env_value(child.plugin_options)
+    if child.kind == "plugin" and child.plugin_options:
+        env[OPTIONS_ENV] = options_env_value(child.plugin_options)
     return env
 
 
@@ -308,8 +309,10 @@ def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str
     env = child_env(child)
     if child.kind == "plugin":  # its options are its only long string, in one variable
         named = []
-        if OPTIONS_ENV in env:
-            named.append((f"{where}.PluginOptions", f"{OPTIONS_ENV}={env[OPTIONS_ENV]}"))
+        if OPTIONS_ENV in env:  # all in one variable: say which is the longest
+            longest = max(child.plugin_options, key=lambda k: len(str(child.plugin_options[k])))
+            name = f"{where}.PluginOptions (all of them, in one variable; the longest: {longest})"
+            named.append((name, f"{OPTIONS_ENV}={env[OPTIONS_ENV]}"))
     else:
         named = [(f"{where}.{names.args}[{i}]", a) for i, a in enumerate(child.argv[1:])]
     named += [(f"{where}.{names.envs}.{_toml_key(k)}", f"{k}={v}") for k, v in child.envs.items()]
