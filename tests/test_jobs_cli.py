@@ -4,6 +4,7 @@ against a real store (SQLite, and the session's PostgreSQL)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -317,6 +318,34 @@ def test_names_and_texts_from_clients_reach_the_tables_without_control_character
     )
     text = summary.render(s)
     assert "\x1b" not in text and "\x07" not in text and "gpu ]0;owned  1 " in text
+
+
+def test_remove_all_into_a_pipe_closed_early_still_removes_every_job(tmp_path):
+    # `remove-all --really-do-it | head -1`: the reader goes away after the first batch's ids;
+    # the removal goes on (a half-done remove-all would surprise), then it ends as a command
+    # whose reader went away does: exit 1, no traceback.
+    from test_jobs_store import create_many
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with JobStore.open(url) as s:
+        create_many(s, 1200)  # three transactions of 500 at most
+    reader, writer = os.pipe()
+    # A page of pipe: the ids (31 bytes each) overflow it, so the reader's close is met by a
+    # write whatever the pace of either side.
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "damocles_ext", "wdpost", "remove-all", "--really-do-it",
+         "--jobs", url],
+        stdout=writer, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(writer)
+    with os.fdopen(reader, "rb") as out:
+        assert out.readline().startswith(b"wdpost job ")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert b"Traceback" not in err, err
+    with JobStore.open(url) as s:
+        assert s.list_jobs() == []
 
 
 def test_remove_all_prints_a_servers_job_id_without_its_control_characters():

@@ -168,15 +168,31 @@ def run(args: argparse.Namespace) -> int:
         else:
             # Printed as each transaction of them is committed: a failure later leaves the
             # ones removed before it said.
-            store.remove_all(time.time(), removed=_print_removed)
+            printer = _RemovedPrinter()
+            store.remove_all(time.time(), removed=printer)
+            if printer.broken is not None:  # all removed, not all said: as `| head` expects
+                raise printer.broken
     return 0
 
 
-def _print_removed(job_ids: list[str]) -> None:
-    from damocles_ext.jobs.listing import removed_line
+class _RemovedPrinter:
+    """Prints each transaction's removed ids; once stdout's reader is gone (`| head`) the
+    removal goes on unsaid (a half-done remove-all for a closed pipe would surprise), and the
+    command then ends as one whose reader went away does."""
 
-    sys.stdout.write("".join(f"{removed_line(job_id)}\n" for job_id in job_ids))
-    sys.stdout.flush()
+    def __init__(self) -> None:
+        self.broken: BrokenPipeError | None = None
+
+    def __call__(self, job_ids: list[str]) -> None:
+        from damocles_ext.jobs.listing import removed_line
+
+        if self.broken is not None:
+            return
+        try:
+            sys.stdout.write("".join(f"{removed_line(job_id)}\n" for job_id in job_ids))
+            sys.stdout.flush()
+        except BrokenPipeError as exc:
+            self.broken = exc
 
 
 def _print_list(
@@ -210,7 +226,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     from damocles_ext.errors import UsageError
     from damocles_ext.jobs import rpc
     from damocles_ext.jobs.client import RpcCallError, RpcClient
-    from damocles_ext.jobs.listing import decode_all_jobs, removed_line
+    from damocles_ext.jobs.listing import decode_all_jobs
 
     try:
         client = RpcClient(args.manager, token=args.token_file)
@@ -252,12 +268,15 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 jobs, _ = await all_jobs()
                 for job in jobs:
                     await client.call("Venus.WdPoStRemoveJob", job.Id)
-                    print(removed_line(job.Id), flush=True)
+                    printer([job.Id])
 
+    printer = _RemovedPrinter()
     try:
         trio.run(main)
     except RpcCallError as e:
         if e.code == rpc.UNAUTHORIZED:
             raise UsageError(f"{e}; give --token-file with the coordinator's token") from None
         raise
+    if printer.broken is not None:
+        raise printer.broken
     return 0

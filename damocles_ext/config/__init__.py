@@ -59,6 +59,7 @@ from .startup import (
     absent_gpu_warnings,
     build_env,
     check_startable,
+    child_env,
     program_problem,
     startup_problems,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "absent_gpu_warnings",
     "build_env",
     "check_startable",
+    "child_env",
     "default_heartbeat_timeout",
     "default_tmp_root",
     "describe_argv",

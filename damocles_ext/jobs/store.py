@@ -539,7 +539,7 @@ class JobStore:
             try:
                 done = self._remove_batch(ids[start : start + batch], now)
             except StoreError as e:
-                if not gone or isinstance(e, JobNotFound):
+                if not gone:
                     raise
                 raise type(e)(
                     f"{e} ({len(gone)} of the {len(ids)} jobs were removed before it, each"

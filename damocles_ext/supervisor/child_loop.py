@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ..config import describe_argv
-from ..config.startup import child_env
+from ..config import child_env, describe_argv
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
