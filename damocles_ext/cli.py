@@ -281,7 +281,11 @@ def _main(argv: list[str] | None) -> int:
     except DextError as exc:
         if args is None:  # stdout failed as the parser wrote --help: main() says so
             raise
-        rid = exc.request_id if isinstance(exc, ProverError) else None
+        rid = None
+        if isinstance(exc, ProverError):  # (over run's socket: the number in run's log)
+            from .frontends.started import supervisor_number
+
+            rid = supervisor_number(exc)
         _say_error(args, f"damocles-ext {args.command}: error: {exc}", exc.exit_code, rid)
         return exc.exit_code
     except BaseException as exc:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -589,3 +590,58 @@ def test_serve_connects_error_record_names_the_request_by_its_number_in_runs_log
     assert failure_fields(7, ProverError(said)) == {"caller_request_id": 7, "request_id": 9}
     # Nothing to go by: no request_id rather than a wrong one (the 4 is the socket's id).
     assert failure_fields(7, ProverError(for_client(4, "no GPU"))) == {"caller_request_id": 7}
+    # A number no supervisor gives (over 19 digits: int() refuses over 4300) is none of ours.
+    huge = f"request 4 (window_post; request {'9' * 5000} in run's log): x"
+    assert failure_fields(7, ProverError(huge)) == {"caller_request_id": 7}
+
+
+NO_GPU_CHILD = r"""
+import json, sys
+sys.stdout.write("window_post processor ready\n"); sys.stdout.flush()
+for line in sys.stdin:
+    sys.stdout.write(json.dumps({"id": json.loads(line)["id"], "err_msg": "no GPU"}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+async def test_prove_through_runs_socket_gives_its_final_error_record_runs_number(
+    tmp_path: Path, sock_dir: Path
+):
+    # prove over run's control socket gets its error from the client, which has no number of
+    # run's: it is read from the answer, as run's socket words it (`request N in run's log`).
+    import trio
+    from helpers.frontend import start_run
+
+    cfg = write_config(tmp_path, _bin_child(tmp_path, NO_GPU_CHILD, "MaxAttempts = 1\n"))
+    sock = sock_dir / "control.sock"
+    task = tmp_path / "task.json"
+    task.write_bytes(task_to_json(make_task(3)))
+    async with trio.open_nursery() as nursery:
+        run, log = await start_run(nursery, cfg, sock)
+        argv = [*DEXT, "prove", "window_post", "--request", str(task), "--socket", str(sock),
+                "--no-progress", "--log-format", "json"]  # fmt: skip
+        for _ in range(2):  # run's second request: its number is not the client's first id
+            done = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False, env=dext_env()
+            )
+        run.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await run.wait() == 0, log.text()[-2000:]
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 1, done.stderr
+    (record,) = (json.loads(x) for x in done.stderr.decode().splitlines())
+    assert "request 2 in run's log" in record["message"], record
+    assert record["request_id"] == 2, record
+
+
+def test_a_note_without_a_pid_carries_none_rather_than_the_childs_current_one():
+    # The child's fields hold its current process's pid (one starting, or one gone): a record
+    # about the child with no process of its own names none.
+    from types import SimpleNamespace
+
+    from damocles_ext.supervisor.effect_log import _child_fields
+
+    kids = {"window_post#0": SimpleNamespace(fields={"child": "window_post#0", "pid": 41})}
+    assert _child_fields("window_post#0", None, kids) == {"child": "window_post#0"}
+    assert _child_fields("window_post#0", 40, kids) == {"child": "window_post#0", "pid": 40}
+    assert kids["window_post#0"].fields["pid"] == 41  # (a copy changed, not the child's)

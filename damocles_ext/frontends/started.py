@@ -84,7 +84,7 @@ def start_or_decline(
 # socket does, for its client (control.py).
 _OWN_LABEL = re.compile(
     r"request (\d+)"
-    r"(?: \((?:((?:window|winning)_post[a-z_]*)(?:; )?)?(?:request (\d+) in run's log)?\))?"
+    r"(?: \((?:((?:window|winning)_post[a-z_]*)(?:; )?)?(?:request (\d{1,19}) in run's log)?\))?"
     r"(?=[ :;,])"
 )
 
@@ -114,9 +114,15 @@ def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]
     (its retries, its kill) carry it: this process's supervisor's, or, for a request `run`
     answered through its control socket (serve --connect), the number in run's log."""
     fields: dict[str, Any] = {"caller_request_id": caller_id}
+    if (rid := supervisor_number(error)) is not None:
+        fields["request_id"] = rid
+    return fields
+
+
+def supervisor_number(error: BaseException) -> int | None:
+    """The supervisor's number of the request `error` answers: this process's supervisor's,
+    or the number in run's log its control socket wrote in the message; None if neither."""
     rid = getattr(error, "request_id", None)
     if rid is None and (own := _OWN_LABEL.match(str(error))) is not None and own.group(3):
         rid = int(own.group(3))
-    if rid is not None:
-        fields["request_id"] = rid
-    return fields
+    return rid

@@ -84,14 +84,13 @@ class ReportProgress(msgspec.Struct, frozen=True):
 
 
 class Note(msgspec.Struct, frozen=True):
-    """Something the operator should see in the log (`level`: a logging level name); `child`,
-    `pid` and `request_id` name what it is about, for the record's fields (JSON logs)."""
+    """Something the operator should see in the log (`level`: a logging level name); `child`
+    and `pid` name the process it is about, for the record's fields (JSON logs)."""
 
     level: str
     message: str
     child: str | None = None
     pid: int | None = None
-    request_id: int | None = None
 
 
 Effect = Send | SendCancel | Kill | Resolve | Retry | ReportProgress | Note

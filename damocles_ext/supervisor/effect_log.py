@@ -40,14 +40,11 @@ def log_retry(effect: Retry, children: Mapping[str, Child]) -> None:
 
 
 def log_note(effect: Note, children: Mapping[str, Child]) -> None:
-    """The note's message, with the fields of the child (its process: `pid`) and the request
-    it is about."""
+    """The note's message, with the fields of the child it is about (its process: `pid`)."""
     level = logging.getLevelName(effect.level.upper())
     if not log.isEnabledFor(level):
         return
     fields = _child_fields(effect.child, effect.pid, children)
-    if effect.request_id is not None:
-        fields["request_id"] = effect.request_id
     log.log(level, "%s", effect.message, extra=fields)
 
 
@@ -55,11 +52,14 @@ def _child_fields(
     name: str | None, pid: int | None, children: Mapping[str, Child]
 ) -> dict[str, Any]:
     """The fields of child `name` (none for None), its `pid` the one given (the process the
-    record is about, which may have been replaced since) when given."""
+    record is about, which may have been replaced since), or none: the child's current one may
+    be a process the record is not about (one starting, one gone)."""
     if name is None:
         return {}
     child = children.get(name)
     fields: dict[str, Any] = {**child.fields} if child is not None else {"child": name}
-    if pid is not None:
+    if pid is None:
+        fields.pop("pid", None)
+    else:
         fields["pid"] = pid
     return fields
