@@ -131,9 +131,11 @@ class Twins:
             rid = self.next_id
             self.next_id += 1
             deadline = None if op[2] is None else self.now + op[2]
+            size = op[5] if len(op) > 5 else 0  # (doomed.py judges sized jobs only)
             self.jobs[rid] = Job(
-                rid, op[1], self.now, deadline, op[3], op[4] if len(op) > 4 else None
-            )
+                rid, op[1], self.now, deadline, op[3], op[4] if len(op) > 4 else None,
+                size=size, kind="k" if size else "",
+            )  # fmt: skip
             self.live.append(rid)
             self.both("submit", self.jobs[rid], self.now)
         elif kind == "finish" and self.running:
@@ -213,6 +215,35 @@ streaming = st.one_of(
 @given(st.lists(st.tuples(streaming, st.booleans()), min_size=40, max_size=150))
 def test_jobs_queued_in_children_and_taken_back_equal_the_full_recomputation(sequence):
     t = Twins(NO_LOCKS)
+    for op, decide in sequence:
+        t.step(op, decide)
+    t.decide()
+    assert t.fast.statistics() == t.full.statistics()
+
+
+# Whole WindowPoSts of a size, with deadlines tight against how long runs take: the children's
+# proofs doom some jobs on some children (doomed.py), which wait for a sibling or are refused.
+sized = st.tuples(
+    st.just("submit"),
+    st.just(WD),
+    st.one_of(st.none(), st.floats(0, 30)),
+    st.integers(-1, 1),
+    st.just(None),
+    st.just(1),
+)
+proved = st.tuples(st.just("finish"), st.integers(0, 50), st.just(False))
+tick = st.tuples(st.just("tick"), st.floats(0, 8))
+# Weighted by hand: one_of flattens `other` into its six branches, which would outweigh the rest.
+judged = st.sampled_from((sized, sized, proved, proved, tick, other)).flatmap(lambda ops: ops)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([WITH_LOCKS, NO_LOCKS]),
+    st.lists(st.tuples(judged, st.booleans()), min_size=40, max_size=150),
+)
+def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(children, sequence):
+    t = Twins(children)
     for op, decide in sequence:
         t.step(op, decide)
     t.decide()
@@ -307,9 +338,7 @@ def test_an_untouched_stage_is_not_decided_again(monkeypatch):
     monkeypatch.setattr(
         Scheduler,
         "_pick",
-        lambda self, stage, reserved, now, avoid=None: (
-            picks.append(stage) or original(self, stage, reserved, now, avoid)
-        ),
+        lambda self, stage, *args: picks.append(stage) or original(self, stage, *args),
     )
     s.submit(Job(10, WIN, 0.0), 0.0)
     assert [d.request_id for d in s.decide(0.0)] == [10]

@@ -29,7 +29,9 @@ The rules, in one place:
   `pipelining.py`.
 * Doomed starts. A job with a deadline (not a WinningPoSt) that even the fastest recent proofs
   of its stage's children could not finish in the time left is answered at once instead of
-  started, so that its GPU proves others: `doomed.py`.
+  started, so that its GPU proves others; one that only a child's own recent proofs doom goes
+  to a sibling that may make it, keeping its place, while that child takes the jobs behind it:
+  `doomed.py`.
 * Quick requests. A child whose Hello offers a queue takes that many jobs beyond its capacity
   while quick; a job left behind long work is taken back (`TakeBack`): see `children.py`.
 * Errors. A job whose `avoid` names children (the book: those that answered it with an error)
@@ -82,7 +84,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
-from .doomed import doomed
+from .doomed import HeldBack, doomed, judge
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -119,7 +121,7 @@ class Scheduler:
     # fmt: off
     __slots__ = (
         "_all_dirty", "_any_locks", "_by_stage", "_children", "_deadlines", "_decided_at", "_dirty",
-        "_gen", "_gpu_phases", "_incremental", "_last_reserved", "_lock_holders", "_order",
+        "_gen", "_gpu_phases", "_held_until", "_incremental", "_last_reserved", "_lock_holders", "_order",
         "_pipelined_stages", "_queue_len", "_queued", "_queueing", "_queues", "_quick_answer",
         "_quick_run", "_refuse_doomed", "_reserving", "_running", "_seq", "_set_aside", "_take_back_after",
         "_take_back_cache", "_vanilla_times", "_wakeup_cache", "breaker", "holds",
@@ -140,6 +142,7 @@ class Scheduler:
         self._gpu_phases = frozenset(gpu_phases)
         self._incremental = incremental
         self._refuse_doomed = refuse_doomed  # False: start doomed jobs all the same (doomed.py)
+        self._held_until: dict[str, float] = {}  # per stage: when time alone ends a HeldBack there
         self._quick_answer, self._quick_run = quick_answer, quick_run
         self._take_back_after = take_back_after
         self._queueing: set[str] = set()  # children with jobs behind (see "Quick requests")
@@ -338,7 +341,7 @@ class Scheduler:
             # The book names the request (its own number is the caller's, not this one).
             out.append(CancelRunning(rid, cid, f"passed its deadline {late}"))
         reserved: set[str] = set()
-        everything = self._all_dirty or not self._incremental
+        everything, hold_at = self._all_dirty or not self._incremental, self._held_until
         for stage in self._stage_order():
             queue = self._queues.stages[stage]
             job = self._queues.peek(queue)
@@ -347,6 +350,7 @@ class Scheduler:
                 or stage in self._dirty
                 or stage in self._pipelined_stages
                 or (job is not None and job.deadline is not None and now >= job.deadline)
+                or (hold_at and now >= hold_at.get(stage, math.inf))
                 or (self._any_locks and self._last_reserved.get(stage) != frozenset(reserved))
             ):
                 # Nothing it depends on changed since it was last decided: nothing to do.
@@ -360,7 +364,8 @@ class Scheduler:
             # Set once a start left no child of the stage able to take more: nothing in this
             # loop frees a slot, so the next _pick would find none (a job at its deadline or
             # unservable is still failed first, as without it).
-            full = False
+            full, judging, until = False, stage != URGENT and self._refuse_doomed, math.inf
+            several = judging and len(children) > 1  # holding back needs a sibling (doomed.py)
             aside: list[Any] = []  # retries only avoided children could take: the jobs behind go on
             while job is not None:
                 if reason is not None:
@@ -376,29 +381,35 @@ class Scheduler:
                         )
                     )
                 else:
-                    pick = (None, 0) if full else self._pick(stage, reserved, now, job)
+                    hold: HeldBack | None = None  # kept off the children it is doomed on
+                    ests = None
+                    if several and not full and job.deadline is not None and job.size > 0:
+                        ests, hold = judge(job, children, now, self.breaker.can_serve)
+                    skip = hold.skip if hold else None
+                    pick = (None, 0) if full else self._pick(stage, reserved, now, job, skip)
                     child, others = pick
-                    if child is None and job.avoid:
+                    if child is None and (job.avoid or (hold and hold.blocks())):
+                        until = min(until, hold.until) if hold else until
                         aside.append(self._queues.set_aside(queue))
                         job = self._queues.peek(queue)
                         continue
                     if child is None:
                         break
                     self._queues.pop(queue, job)
-                    if (
-                        stage != URGENT
-                        and self._refuse_doomed
-                        and (why := doomed(job, children, now, NOT_SENT))
-                    ):
+                    if judging and not hold and (why := doomed(job, children, now, NOT_SENT, ests)):
                         out.append(Fail(job.request_id, why, late=True))  # (doomed.py)
                         job = self._queues.peek(queue)
                         continue
                     self._start(job, child, now)
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
-                    full = not (others or job.avoid) and len(child.running) >= child.slots
+                    full = not (others or job.avoid or hold) and len(child.running) >= child.slots
                     full = full and self._incremental
                 job = self._queues.peek(queue)
+            if until < math.inf:
+                hold_at[stage] = until
+            elif hold_at:
+                hold_at.pop(stage, None)
             waits: list[frozenset[str] | None] = [None] if job is not None else []
             if aside or self._set_aside.get(stage):
                 for entry in aside:
@@ -422,10 +433,11 @@ class Scheduler:
         return passed_deadlines(self._deadlines, self._running, now)
 
     def next_wakeup(self) -> float | None:
-        """The earliest time at which decide() has a deadline to act on, or a pipelined child
-        becomes able to take the next queued job; None if there is no such time."""
+        """The earliest time at which decide() has a deadline to act on, a pipelined child
+        becomes able to take the next queued job, or a job held back for a sibling (doomed.py's
+        HeldBack) no longer is; None if there is no such time."""
         timed = self._deadlines or self._queues.with_deadline or self.breaker.benches
-        if self._incremental and not (timed or self._pipelined_stages):
+        if self._incremental and not (timed or self._held_until or self._pipelined_stages):
             # No deadline, no pipelined child, no bench: only jobs behind long work can be due.
             return self._next_take_back() if self._queueing else None
         cached = self._wakeup_cache
@@ -445,6 +457,7 @@ class Scheduler:
         if self._queueing:
             times.append(self._next_take_back())
         times += self.breaker.benches.values()  # a benched child may take a job then
+        times += self._held_until.values()  # a job held back may be doomed everywhere then
         for stage, queue in self._queues.stages.items():
             head = self._queues.peek(queue)
             if head is None:
@@ -530,10 +543,11 @@ class Scheduler:
         return out
 
     def _pick(
-        self, stage: str, reserved: set[str], now: float, job: Job | None = None
-    ) -> tuple[_Child | None, int]:
+        self, stage: str, reserved: set[str], now: float, job: Job | None = None,
+        skip: frozenset[str] | None = None,
+    ) -> tuple[_Child | None, int]:  # fmt: skip
         """The child of `stage` to start `job` on (None: none can take it now), and how many
-        other children could have taken it (not one it avoids: see "Errors")."""
+        other children could have taken it (not one it avoids: see "Errors"; nor one in `skip`)."""
         avoid = job.avoid if job is not None else None
         eligible: list[tuple[float, float, _Child]] = []
         children = self._by_stage.get(stage, [])
@@ -542,6 +556,8 @@ class Scheduler:
             for c in children
         ):
             avoid = None
+        if skip:  # (doomed.py's HeldBack: never in URGENT, so no going back below)
+            avoid = skip | avoid if avoid else skip
         for c in children:
             if avoid and c.info.child_id in avoid:
                 continue
