@@ -567,16 +567,16 @@ async def test_an_internal_error_in_a_childs_task_ends_that_child_not_the_superv
 async def test_an_internal_error_before_a_child_is_spawned_is_retried_by_the_restart_rules(
     monkeypatch, caplog
 ):
-    original = child_loop.build_env
+    original = child_loop.child_env
     calls = []
 
-    def buggy_build_env(*args, **kwargs):
+    def buggy_child_env(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected bug before the spawn")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(child_loop, "build_env", buggy_build_env)
+    monkeypatch.setattr(child_loop, "child_env", buggy_child_env)
     caplog.set_level(logging.ERROR, "damocles_ext.supervisor")
     sup = Supervisor([spec(dext_child())], backoff=fast_restarts())
     with trio.fail_after(30):
