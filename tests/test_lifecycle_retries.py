@@ -6,9 +6,22 @@ from __future__ import annotations
 
 from helpers.child import window_task, winning_task
 
-from damocles_ext.lifecycle import ChildLimits, Note, RequestBook, Resolve, Send
+from damocles_ext.lifecycle import (
+    ChildLimits,
+    Note,
+    RequestBook,
+    Resolve,
+    Retry,
+    Send,
+    SendCancel,
+)
 from damocles_ext.scheduling.policy import ChildSlots, Job, Scheduler, Start
-from damocles_ext.tasks import WindowPoStOutput, WindowPoStVanillaOutput, split_window_post
+from damocles_ext.tasks import (
+    WindowPoStOutput,
+    WindowPoStVanillaOutput,
+    WinningPoStOutput,
+    split_window_post,
+)
 
 OK = WindowPoStOutput(proofs=[b"p"], faults=[])
 WD = "window_post"
@@ -344,3 +357,141 @@ def test_a_winning_post_goes_back_to_a_child_that_failed_it_once_not_after_a_sec
     assert sends == []  # the third attempt waits for w2
     out = book.answered("p", hold[0].child_rid, 5.0, output=WindowPoStVanillaOutput([b"v"], []))
     assert [e.child for e in out if isinstance(e, Send)] == ["w2"]
+
+
+# -- a WinningPoSt with no second opinion to ask runs again where it failed, once ----------------
+
+WIN = "winning_post"
+WIN_OK = WinningPoStOutput(proofs=[b"p"])
+OOM = "CUDA error: out of memory"
+AGAIN = (
+    "no other winning_post child can give a second opinion, and {:.1f}s after it arrived"
+    " another try may still make its block (about 20 s): it runs again where it failed, once"
+)
+
+
+def lone_child(stage: str = WIN, max_attempts: int = 2) -> RequestBook:
+    """One child, w (pid 100), of `stage`: most operators run one [[WinPost]] child."""
+    book = RequestBook()
+    book.add_child("w", stage, limits=ChildLimits(max_attempts=max_attempts))
+    book.child_ready("w", 0.0, protocol="dext", pid=100)
+    return book
+
+
+def test_a_winning_post_error_on_a_lone_child_runs_again_on_it_and_may_prove():
+    # Its block is lost without a proof, and a passing error (a WindowPoSt on the GPU held its
+    # memory) is often gone at the next try.
+    book = lone_child()
+    req, (send,) = book.submit(1, winning_task(), 10.0)
+    out = book.answered("w", send.child_rid, 12.5, error=OOM)
+    what = f"failed on w (pid 100): {OOM}; " + AGAIN.format(2.5)
+    assert out == [Retry(req, what, 2, 2, child="w", pid=100), Send(req, "w", 2)]
+    assert book.answered("w", 2, 15.0, output=WIN_OK) == [Resolve(req, WIN_OK, None, "ok")]
+
+
+def test_a_second_error_on_the_lone_child_is_the_answer_and_tells_both():
+    # Once per request: MaxAttempts 3 leaves an attempt, but a child failing it twice in a few
+    # seconds is not passing (and a broken GPU fails at once: it would use every attempt).
+    book = lone_child(max_attempts=3)
+    req, _ = book.submit(1, winning_task(), 0.0)
+    book.answered("w", 1, 1.0, error=OOM)
+    (res,) = book.answered("w", 2, 2.0, error="CUDA error 999")
+    assert res == Resolve(
+        req,
+        None,
+        "request 1 (winning_post): failed on w (pid 100): CUDA error 999; 2 attempts made"
+        f" (attempt 1 on w: {OOM})",
+        "error",
+    )
+    assert book.sizes()["requests"] == 0
+
+
+def test_a_window_post_error_on_a_lone_child_is_the_answer_as_before():
+    # damocles-manager gives up the batch on an error; no block is lost in seconds.
+    book = lone_child(WD, max_attempts=3)
+    req, _ = book.submit(1, window_task(), 0.0)
+    (res,) = book.answered("w", 1, 1.0, error=OOM)
+    assert res == Resolve(
+        req, None, f"request 1 (window_post) failed on w (pid 100): {OOM}", "error"
+    )
+
+
+def test_a_winning_post_error_with_a_sibling_to_ask_takes_the_second_opinion_only():
+    book = RequestBook()
+    for i, name in enumerate(("w1", "w2")):
+        book.add_child(name, WIN, limits=ChildLimits(max_attempts=2))
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    req, (send,) = book.submit(1, winning_task(), 0.0)
+    assert send.child == "w1"
+    out = book.answered("w1", 1, 1.0, error=OOM)
+    assert out == [Retry(req, f"failed on w1 (pid 100): {OOM}", 2, 2, child="w1", pid=100),
+                   Send(req, "w2", 1)]  # fmt: skip
+    (res,) = book.answered("w2", 1, 2.0, error="bad")  # MaxAttempts spent: the answer
+    assert res.error == (
+        f"request 1 (winning_post): failed on w2 (pid 101): bad; 2 attempts made (attempt 1 on"
+        f" w1: {OOM})"
+    )
+
+
+def _lone_error(book: RequestBook, at: float, deadline: float | None = None) -> list:
+    book.submit(1, winning_task(), 0.0, deadline=deadline)
+    return book.answered("w", 1, at, error=OOM)
+
+
+def test_a_winning_post_error_too_late_for_its_block_is_the_answer():
+    # 14 s after it arrived a healthy proof (2-6 s) could no longer make its block's ~20 s.
+    assert [type(e) for e in _lone_error(lone_child(), 13.9)] == [Retry, Send]
+    (res,) = _lone_error(lone_child(), 14.0)
+    assert res.error == f"request 1 (winning_post) failed on w (pid 100): {OOM}"
+
+
+def test_a_winning_post_error_past_its_deadline_or_at_shutdown_or_with_one_attempt_is_the_answer():
+    # An error read at its deadline: the deadline answered it first, and nothing runs again.
+    out = _lone_error(lone_child(), 2.0, deadline=2.0)
+    assert [type(e) for e in out] == [Resolve, SendCancel] and out[0].outcome == "timeout"
+    book = lone_child()
+    book.submit(1, winning_task(), 0.0)
+    book.shutdown(0.5)
+    (res,) = [e for e in book.answered("w", 1, 1.0, error=OOM) if isinstance(e, Resolve)]
+    assert res.error == f"request 1 (winning_post) failed on w (pid 100): {OOM}"
+    (res,) = _lone_error(lone_child(max_attempts=1), 1.0)
+    assert res.error == f"request 1 (winning_post) failed on w (pid 100): {OOM}"
+
+
+def test_a_winning_post_run_again_on_the_child_its_error_benched_benches_it_once():
+    # w1 erred twice while w2 proved for the same miner; w2 then stopped for good. w1's third
+    # error benches it, and with no sibling left the request runs again there (a proof that
+    # may fail beats none): its second error counts, but benches w1 no longer or again.
+    book = RequestBook()
+    for i, name in enumerate(("w1", "w2")):
+        book.add_child(name, WIN, limits=ChildLimits(max_attempts=2))
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    breaker = book.scheduler.breaker
+    now, rid = 0.0, 0
+    while breaker.streak("w1").errors < 2:
+        rid += 1
+        _, pending = book.submit(rid, winning_task(), now)
+        while pending:
+            e = pending.pop(0)
+            if isinstance(e, Send):
+                now += 1
+                if e.child == "w1":
+                    pending += book.answered("w1", e.child_rid, now, error=OOM)
+                else:
+                    pending += book.answered("w2", e.child_rid, now, output=WIN_OK)
+    assert not breaker.benches
+    book.child_down("w2", now)
+    book.child_lost("w2", now, "exited 1")
+    book.child_gave_up("w2", now, fatal=False, last_exit="exited 1")
+    _, (send,) = book.submit(100, winning_task(), now)
+    assert send.child == "w1"
+    out = book.answered("w1", send.child_rid, now + 1, error=OOM)
+    notes = [e for e in out if isinstance(e, Note)]
+    assert len(notes) == 1 and "takes no request for 30s" in notes[0].message
+    (send,) = [e for e in out if isinstance(e, Send)]
+    assert send.child == "w1"
+    out = book.answered("w1", send.child_rid, now + 2, error="CUDA error 999")
+    assert [type(e) for e in out] == [Resolve]
+    assert "CUDA error 999; 2 attempts made (attempt 1 on w1: CUDA error: out of" in out[0].error
+    streak = breaker.streak("w1")
+    assert (streak.errors, streak.benches, streak.benched_until) == (4, 1, now + 1 + 30.0)

@@ -276,6 +276,48 @@ async def test_an_output_with_neither_proofs_nor_faults_or_an_empty_proof_is_an_
         assert child_stats(sup).restarts == 0
 
 
+async def test_a_winning_post_error_on_the_lone_winning_child_runs_again_on_it_within_its_block(
+    caplog,
+):
+    # Most operators run one [[WinPost]] child: a passing error there (CUDA out of memory while
+    # a WindowPoSt held the GPU's memory) lost the block; once more on it often proves in time.
+    # Its 1st and 3rd requests fail, the 2nd and 4th prove: the first WinningPoSt proves at its
+    # second attempt, the second fails twice and its error says both.
+    caplog.set_level(logging.WARNING, "damocles_ext")
+    handle = """
+    seen.append(msg.id)
+    if len(seen) in (1, 3, 4):
+        send(dext.Response(msg.id, error="CUDA error 2: out of memory (%d)" % len(seen)))
+    else:
+        proof = b"%d %d" % (msg.task.miner_id, os.getpid())
+        send(dext.Response(msg.id, output=WinningPoStOutput([proof])))
+    """
+    setup = "from damocles_ext.tasks import WinningPoStOutput\nseen = []"
+    child = dext_child(handle, setup, stage="winning_post")
+    async with open_supervisor_fast([spec(child, stage="winning_post")]) as sup:
+        await sup.wait_ready("winning_post")
+        pid = child_stats(sup, "winning_post#0").pid
+        sent: list[str] = []
+        assert who(await sup.submit(winning_task(miner=7), on_dispatch=sent.append)) == (7, pid)
+        assert sent == ["winning_post#0", None, "winning_post#0"]  # (None: it waits again)
+        with pytest.raises(ProverError) as info:
+            await sup.submit(winning_task(miner=8))
+        stats = child_stats(sup, "winning_post#0")
+        assert (stats.done, stats.failed, stats.restarts, stats.pid) == (1, 3, 0, pid)
+    assert str(info.value) == (
+        f"request 2 (winning_post): failed on winning_post#0 (pid {pid}): CUDA error 2: out of"
+        " memory (4); 2 attempts made (attempt 1 on winning_post#0: CUDA error 2: out of memory"
+        " (3))"
+    )
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    assert retries[0].startswith(
+        f"request 1: failed on winning_post#0 (pid {pid}): CUDA error 2: out of memory (1); no"
+        " other winning_post child can give a second opinion"
+    )
+    assert retries[0].endswith("it runs again where it failed, once; retrying (attempt 2 of 2)")
+
+
 def one_broken(fail: str, when: str, max_attempts: int = 2) -> list:
     """Two dext children; window_post#0 runs `fail` (code, per Request `msg`) when `when` holds
     (an expression), and answers otherwise, as #1 always does."""

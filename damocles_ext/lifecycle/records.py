@@ -47,6 +47,9 @@ class TrackedRequest(msgspec.Struct, eq=False):
     #: split WindowPoSt counts them as it counts a SNARK step's errors (supervisor/split.py).
     lost_on: frozenset[str] = frozenset()
     back: bool = True  # may go back to one of them (WinningPoSt; not after one failed it twice)
+    #: A WinningPoSt run again after an error no other child could give a second opinion on
+    #: (`BookRules._failed_answer`): that happens once per request.
+    tried_again: bool = False
     done: bool = False
     #: A split WindowPoSt's SNARK step: its caller's request is in flight, so shutdown lets it
     #: wait for a child within the grace, queued or not.

@@ -8,7 +8,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from ..scheduling.policy import NOT_SENT, CancelRunning, Fail, Job, Scheduler, Start, TakeBack
+from ..scheduling.policy import (
+    NOT_SENT,
+    URGENT,
+    CancelRunning,
+    Fail,
+    Job,
+    Scheduler,
+    Start,
+    TakeBack,
+)
 from ..stages import WINDOW_POST_SPLIT
 from ..tasks import Output, WindowPoSt, WindowPoStOutput, WindowPoStSnark, WindowPoStVanillaOutput
 from .deadlines import Alarms
@@ -28,6 +37,13 @@ from .records import (
 )
 
 _WITH_FAULTS = (WindowPoStOutput, WindowPoStVanillaOutput)  # outputs that report faulty sectors
+
+#: A WinningPoSt's error that no other child can give a second opinion on runs again where
+#: it failed, once, if it came less than this many seconds after the request arrived. Its block
+#: has about 20 s after the parent block arrives (30 s epochs, less 10 s of propagation), and a
+#: healthy WinningPoSt takes 2-6 s on a GPU: a try started later than 20 - 6 s after the
+#: request arrived (which is after the parent block) cannot make the block, even going well.
+WINNING_RETRY_WITHIN = 14.0
 
 
 class UnknownChild(KeyError):
@@ -306,7 +322,11 @@ class BookRules:
         request's name; `said`: what was wrong, without the child). While the request has an
         attempt left and another child of its stage that has not failed it is neither FATAL nor
         benched, it runs again there (a second opinion: damocles-manager gives up a partition
-        batch on an error); else this is its answer."""
+        batch on an error); else this is its answer, unless it is a WinningPoSt that failed
+        within WINNING_RETRY_WITHIN seconds of its arrival: its block is lost without a proof,
+        and a passing error (CUDA out of memory, a driver hiccup) is often gone at the next
+        try, so it runs again (on the same child when that one is alone: the scheduler sends a
+        WinningPoSt no other child can take to one it avoids), once per request."""
         req = attempt.request
         if isinstance(req.task, WindowPoStSnark):  # counted if a sibling proves the step
             self.scheduler.finished(attempt.attempt_id, now)
@@ -322,19 +342,38 @@ class BookRules:
         max_attempts = max(1, c.limits.max_attempts)
         over = self.shutting_down or (req.deadline is not None and now >= req.deadline)
         req.avoid = avoid  # (also once answered: a split WindowPoSt asks who failed its step)
-        if (
-            not over
-            and req.attempts < max_attempts
-            and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others)
-        ):
+        may = not over and req.attempts < max_attempts
+        if may and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others):
+            retry: str | None = what
+        elif may and (again := self._try_again(req, now)) is not None:
+            req.tried_again = True
+            retry = f"{what}; {again}"
+        else:
+            retry = None
+        if retry is not None:
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._enqueue(req, now, retry=True)
             pid = attempt.process.pid
-            out.append(Retry(req, what, req.attempts + 1, max_attempts, child=c.name, pid=pid))
+            out.append(Retry(req, retry, req.attempts + 1, max_attempts, child=c.name, pid=pid))
         elif req.history:  # the last of several attempts: say what became of each
             self._resolve(req, out, now, error=self._describe_failure(req, what))
         else:
             self._resolve(req, out, now, error=why)
+
+    def _try_again(self, req: TrackedRequest, now: float) -> str | None:
+        """Why `req`, just failed with no other child to give a second opinion, runs again
+        (for its Retry), or None if it does not: not a WinningPoSt, tried again already, or
+        failed too late for another try to make its block."""
+        if req.stage != URGENT or req.tried_again:
+            return None
+        since = now - req.arrival
+        if since >= WINNING_RETRY_WITHIN:
+            return None
+        return (
+            f"no other {req.stage} child can give a second opinion, and {since:.1f}s after"
+            " it arrived another try may still make its block (about 20 s): it runs again"
+            " where it failed, once"
+        )
 
     def _answered(self, attempt: Attempt, child: str, failed: bool, now: float) -> None:
         """The scheduler frees `attempt`'s slot and counts its answer (an error, or a proof) for
