@@ -366,7 +366,7 @@ WIN_OK = WinningPoStOutput(proofs=[b"p"])
 OOM = "CUDA error: out of memory"
 AGAIN = (
     "no other winning_post child can give a second opinion, and {:.1f}s after it arrived"
-    " another try may still make its block (about 20 s): it runs again where it failed, once"
+    " another try may still make its block (about 20 s): it runs again, once"
 )
 
 
@@ -404,6 +404,19 @@ def test_a_second_error_on_the_lone_child_is_the_answer_and_tells_both():
         "error",
     )
     assert book.sizes()["requests"] == 0
+
+
+def test_a_winning_post_error_while_another_one_waits_is_the_answer_and_that_one_goes_next():
+    # The retry would go ahead of it (retries come first) and could cost it its own block.
+    book = lone_child()
+    first, (send,) = book.submit(1, winning_task(), 0.0)
+    second, none_yet = book.submit(2, winning_task(), 0.5)
+    assert none_yet == []  # Concurrent = 1: it waits
+    out = book.answered("w", send.child_rid, 10.0, error=OOM)
+    assert out == [
+        Resolve(first, None, f"request 1 (winning_post) failed on w (pid 100): {OOM}", "error"),
+        Send(second, "w", 2),
+    ]
 
 
 def test_a_window_post_error_on_a_lone_child_is_the_answer_as_before():

@@ -315,7 +315,7 @@ async def test_a_winning_post_error_on_the_lone_winning_child_runs_again_on_it_w
         f"request 1: failed on winning_post#0 (pid {pid}): CUDA error 2: out of memory (1); no"
         " other winning_post child can give a second opinion"
     )
-    assert retries[0].endswith("it runs again where it failed, once; retrying (attempt 2 of 2)")
+    assert retries[0].endswith("it runs again, once; retrying (attempt 2 of 2)")
 
 
 def one_broken(fail: str, when: str, max_attempts: int = 2) -> list:

@@ -323,10 +323,11 @@ class BookRules:
         attempt left and another child of its stage that has not failed it is neither FATAL nor
         benched, it runs again there (a second opinion: damocles-manager gives up a partition
         batch on an error); else this is its answer, unless it is a WinningPoSt that failed
-        within WINNING_RETRY_WITHIN seconds of its arrival: its block is lost without a proof,
-        and a passing error (CUDA out of memory, a driver hiccup) is often gone at the next
-        try, so it runs again (on the same child when that one is alone: the scheduler sends a
-        WinningPoSt no other child can take to one it avoids), once per request."""
+        within WINNING_RETRY_WITHIN seconds of its arrival while no other one waits: its block
+        is lost without a proof, and a passing error (CUDA out of memory, a driver hiccup) is
+        often gone at the next try, so it runs again (on the same child when that one is alone:
+        the scheduler sends a WinningPoSt no other child can take to one it avoids), once per
+        request."""
         req = attempt.request
         if isinstance(req.task, WindowPoStSnark):  # counted if a sibling proves the step
             self.scheduler.finished(attempt.attempt_id, now)
@@ -362,17 +363,20 @@ class BookRules:
 
     def _try_again(self, req: TrackedRequest, now: float) -> str | None:
         """Why `req`, just failed with no other child to give a second opinion, runs again
-        (for its Retry), or None if it does not: not a WinningPoSt, tried again already, or
-        failed too late for another try to make its block."""
+        (for its Retry), or None if it does not: not a WinningPoSt, tried again already,
+        failed too late for another try to make its block, or another WinningPoSt waits (the
+        retry would go first, and could cost that one its block)."""
         if req.stage != URGENT or req.tried_again:
             return None
         since = now - req.arrival
         if since >= WINNING_RETRY_WITHIN:
             return None
+        if self.scheduler.statistics().queued.get(req.stage):
+            return None  # another one waits: it goes first, its block is still to be made
         return (
             f"no other {req.stage} child can give a second opinion, and {since:.1f}s after"
-            " it arrived another try may still make its block (about 20 s): it runs again"
-            " where it failed, once"
+            " it arrived another try may still make its block (about 20 s): it runs again,"
+            " once"
         )
 
     def _answered(self, attempt: Attempt, child: str, failed: bool, now: float) -> None:
