@@ -120,7 +120,8 @@ async def test_status_over_the_socket_shows_the_held_job_and_a_scrape_counts_the
     assert f"worker gpu-1 pulls from http://127.0.0.1:{rig.port}/rpc/v0 (Dext)" in table
     assert job.Id in table and "leased" in table and "proving" in table
     assert 'damocles_ext_worker_leases_lost_total{reason="removed"} 1.0' in scraped
-    for reason in ("cancelled", "lease_lost", "reset", "timed_out", "finished", "not_running"):
+    for reason in ("cancelled", "lease_lost", "reset", "timed_out", "finished", "not_running",
+                   "other"):  # fmt: skip
         assert f'damocles_ext_worker_leases_lost_total{{reason="{reason}"}} 0.0' in scraped
     assert "damocles_ext_worker_jobs_pulled_total 1.0" in scraped
     assert "damocles_ext_worker_jobs_finished_total 0.0" in scraped
@@ -245,3 +246,17 @@ async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_metr
     ) in err, err
     assert "did not answer within" not in err and "Traceback" not in err, err
     assert not served.started.is_set()
+
+
+def test_a_managers_own_stop_reasons_count_under_one_label_not_one_each():
+    # A label per text would grow the worker's metrics for as long as a manager made new ones
+    # (a reason naming its job, say).
+    from damocles_ext.frontends.worker_state import WorkerCounters
+
+    counters = WorkerCounters()
+    for i in range(1000):
+        counters.count_stop(f"moved to miner f0{i}")
+    counters.count_stop("removed")
+    counters.count_stop("not_running")
+    assert counters.stopped_by == {"other": 1000, "removed": 1, "not_running": 1}
+    assert counters.stopped == 1002

@@ -548,7 +548,7 @@ class Worker:
         if held is None or held.stop_reason is not None:
             return
         held.stop_reason = why
-        self.counters.stopped_by[reason] = self.counters.stopped_by.get(reason, 0) + 1
+        self.counters.count_stop(reason)
         held.log.warning("job %s: the manager took it back (%s); its proof is cancelled",
                          job_id, why)  # fmt: skip
         held.scope.cancel()

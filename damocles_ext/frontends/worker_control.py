@@ -18,7 +18,7 @@ import trio
 from ..errors import DextError, UsageError
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
-from .worker_state import LOST_REASONS, NOT_RUNNING
+from .worker_state import LOST_REASONS, NOT_RUNNING, OTHER_REASON
 
 if TYPE_CHECKING:
     import socket
@@ -122,11 +122,11 @@ class WorkerMetrics:
             f"{PREFIX}_leases_lost",
             "Jobs the manager took back while this worker held them, by its reason (our"
             " coordinator's: " + ", ".join(STOP_REASONS) + f"; {NOT_RUNNING}: damocles-manager"
-            " refused the heartbeat).",
+            f" refused the heartbeat; {OTHER_REASON}: any other a manager gave).",
             labels=["reason"],
         )
-        # Every known reason from the start (at 0), so increase() works from the first scrape;
-        # a reason a newer manager sends appears when it is first counted.
+        # Every reason from the start (at 0), so increase() works from the first scrape; one a
+        # newer manager sends is counted as OTHER_REASON (the log line names it).
         for reason, count in sorted({**dict.fromkeys(LOST_REASONS, 0), **c.stopped_by}.items()):
             lost.add_metric([reason], count)
         yield lost

@@ -24,8 +24,11 @@ EMPTY_INPUT = WdPoStInput(Sectors=None, MinerId=0, ProofType="", Seed=(0,) * 32)
 #: Why a worker stops a job it holds when damocles-manager refuses its heartbeat (no longer
 #: running there); our coordinator says why itself (STOP_REASONS).
 NOT_RUNNING = "not_running"
+#: A reason a manager gave that is none of those: counted under one label, whatever its text (a
+#: label per text would grow the metrics for as long as a manager makes new ones).
+OTHER_REASON = "other"
 #: Every reason the worker counts a job taken back by (`WorkerCounters.stopped_by`).
-LOST_REASONS = (*STOP_REASONS, NOT_RUNNING)
+LOST_REASONS = (*STOP_REASONS, NOT_RUNNING, OTHER_REASON)
 
 
 class StopSignal(msgspec.Struct, frozen=True):
@@ -86,6 +89,11 @@ class WorkerCounters:
     def stopped(self) -> int:
         """Jobs the manager took back while we held them."""
         return sum(self.stopped_by.values())
+
+    def count_stop(self, reason: str) -> None:
+        """A job the manager took back, by its `reason`: one of LOST_REASONS, else OTHER_REASON."""
+        key = reason if reason in LOST_REASONS else OTHER_REASON
+        self.stopped_by[key] = self.stopped_by.get(key, 0) + 1
 
 
 #: What becomes of a job held when the manager gives it again (`given_again`).
