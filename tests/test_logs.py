@@ -375,7 +375,14 @@ sys.stdin.read()
 def _serve_one(tmp_path: Path, fmt: str, child: str = FORGING_CHILD) -> tuple[str, list[str]]:
     """serve window_post with `child`, one request: the answer's err_msg, stderr's lines."""
     write_config(tmp_path, _bin_child(tmp_path, child, "MaxAttempts = 1\n"))
-    line = b'{"id": 1, "task": ' + task_to_json(make_task(3)) + b"}\n"
+    done = _serve_request(tmp_path, fmt, 1)
+    (answer,) = done.stdout.splitlines()[1:]  # after the ready line
+    return json.loads(answer)["err_msg"], done.stderr.decode().splitlines()
+
+
+def _serve_request(tmp_path: Path, fmt: str, request_id: int) -> subprocess.CompletedProcess:
+    """serve window_post with tmp_path's config, one request of id `request_id`, to its end."""
+    line = b'{"id": %d, "task": ' % request_id + task_to_json(make_task(3)) + b"}\n"
     done = subprocess.run(
         [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path), "--log-format", fmt],
         input=line,
@@ -385,8 +392,7 @@ def _serve_one(tmp_path: Path, fmt: str, child: str = FORGING_CHILD) -> tuple[st
         check=False,
     )
     assert done.returncode == 0, done.stderr.decode()
-    (answer,) = done.stdout.splitlines()[1:]  # after the ready line
-    return json.loads(answer)["err_msg"], done.stderr.decode().splitlines()
+    return done
 
 
 def test_a_childs_line_breaks_and_terminal_controls_are_escaped_in_text_logs(tmp_path: Path):
@@ -552,16 +558,7 @@ def test_json_records_about_a_request_carry_its_id_and_those_about_a_crash_the_c
     # with; serve's damocles id (7) and the supervisor's (1) are two numbers.
     block = _bin_child(tmp_path, CRASH_ON_REQUEST_CHILD, "MaxAttempts = 2\n")
     write_config(tmp_path, block + "\n" + block)
-    line = b'{"id": 7, "task": ' + task_to_json(make_task(3)) + b"}\n"
-    done = subprocess.run(
-        [*DEXT, "serve", "window_post", "--conf-dir", str(tmp_path), "--log-format", "json"],
-        input=line,
-        capture_output=True,
-        env=dext_env(),
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode()
+    done = _serve_request(tmp_path, "json", 7)
     records = [json.loads(x) for x in done.stderr.decode().splitlines()]
     (retry,) = (r for r in records if "retrying (attempt 2 of 2)" in r["message"])
     assert retry["request_id"] == 1 and retry["message"].startswith("request 1: "), retry

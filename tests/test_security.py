@@ -178,19 +178,24 @@ async def test_bin_args_and_envs_with_shell_metacharacters_reach_the_child_liter
     assert our_descendants() == []
 
 
-async def test_plugin_option_values_with_shell_metacharacters_reach_the_prover_literally(
-    tmp_path,
-):
-    loose = f"dext-canary-{uuid.uuid4().hex[:8]}"
-    value = f"$(touch {loose}); `touch {loose}` | x"
-    text = f'[[WdPost]]\nPlugin = "sleep"\nPluginOptions = {{ fail = {json.dumps(value)} }}\n'
-    config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
+async def _start_refused(config) -> pytest.ExceptionInfo[ProverError]:
+    """The error a supervisor of `config`'s one child, failing its start once, gives its wait."""
     sup = Supervisor(config, backoff=BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=1))
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         with pytest.raises(ProverError) as info:
             await sup.wait_ready()
         sup.request_shutdown()
+    return info
+
+
+async def test_plugin_option_values_with_shell_metacharacters_reach_the_prover_literally(
+    tmp_path,
+):
+    loose = f"dext-canary-{uuid.uuid4().hex[:8]}"
+    value = f"$(touch {loose}); `touch {loose}` | x"
+    text = f'[[WdPost]]\nPlugin = "sleep"\nPluginOptions = {{ fail = {json.dumps(value)} }}\n'
+    info = await _start_refused(parse_config(text, str(tmp_path / "ext-prover.cfg")))
     # The child got the value whole as one argument, and its option check quotes it back.
     assert f"option 'fail' = {value!r} is not one of" in str(info.value)
     assert not Path(loose).exists() and not (tmp_path / loose).exists()
@@ -206,13 +211,7 @@ async def test_plugin_options_are_not_on_the_childs_command_line_where_any_user_
         '[[WdPost]]\nPlugin = "sleep"\n'
         f'PluginOptions = {{ seconds = 0, fail = "always", tag = "{secret}" }}\n'
     )
-    config = parse_config(text, str(tmp_path / "ext-prover.cfg"))
-    sup = Supervisor(config, backoff=BackoffPolicy(base=0.01, cap=0.02, max_failed_starts=1))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sup.run)
-        with pytest.raises(ProverError) as info:
-            await sup.wait_ready()
-        sup.request_shutdown()
+    info = await _start_refused(parse_config(text, str(tmp_path / "ext-prover.cfg")))
     # The options reached the prover (its check names the unknown one, which it could only
     # learn from them), and none of them was on the command line.
     assert "sleep: unknown option 'tag'" in str(info.value), info.value
