@@ -75,10 +75,13 @@ class ProverError(DextError):
     """A proof could not be produced (prover failed, child died, deadline passed): exit code 1.
 
     `request_id`: the supervisor's number of the request it answers, when a supervisor of this
-    process answered it (a front end's record of the failure carries it as a field)."""
+    process answered it; `job_id` and `worker`: the job store's job (and its last worker) whose
+    answer it is (serve --jobs). A front end's record of the failure carries them as fields."""
 
     exit_code = EXIT_PROVER_ERROR
     request_id: int | None = None
+    job_id: str | None = None
+    worker: str | None = None
 
 
 class DeadlineError(ProverError):

@@ -150,7 +150,8 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
     task = window_task(root)
     job_id = job_id_of(task, {"nfs-1": root})
     async with trio.open_nursery() as nursery:
-        m = await start_serve(nursery, url, "--conf-dir", str(tmp_path), "--poll-interval", "0.1")
+        m = await start_serve(nursery, url, "--conf-dir", str(tmp_path), "--poll-interval", "0.1",
+                              "--log-format", "json")  # fmt: skip
         request_id = await send_until_created(m, task, job_id)
         await finish_as_worker(url, job_id, None, "cuda: out of memory", worker="gpu-7")
         with trio.fail_after(30):
@@ -162,6 +163,11 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
             f" reset (`damocles-ext wdpost reset --jobs URL {job_id}`)"
         )
         await stop(m)
+    # In JSON logs, serve's record of the error answer names the job and its worker as fields.
+    (said,) = (r for r in map(json.loads, m.log) if "failed on worker" in r["message"])
+    assert (said["caller_request_id"], said["job_id"], said["worker"]) == (
+        request_id, job_id, "gpu-7"
+    ), said
 
 
 async def test_a_job_nobody_takes_before_its_deadline_is_cancelled_and_answered_with_why(

@@ -402,6 +402,13 @@ class JobProducer:
         )
 
     def _answer(self, job: model.JobRecord) -> WindowPoStOutput:
+        try:
+            return self._output_of(job)
+        except ProverError as exc:  # its record in JSON logs names the job and its worker
+            exc.job_id, exc.worker = job.Id, job.WorkerName or None
+            raise
+
+    def _output_of(self, job: model.JobRecord) -> WindowPoStOutput:
         worker = repr(job.WorkerName) if job.WorkerName else "none"
         if job.succeeded:
             if job.Output is None:

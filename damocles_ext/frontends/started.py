@@ -116,6 +116,9 @@ def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]
     fields: dict[str, Any] = {"caller_request_id": caller_id}
     if (rid := supervisor_number(error)) is not None:
         fields["request_id"] = rid
+    for name in ("job_id", "worker"):  # serve --jobs: the job whose answer it is
+        if (value := getattr(error, name, None)) is not None:
+            fields[name] = value
     return fields
 
 
