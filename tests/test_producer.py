@@ -166,7 +166,9 @@ async def test_a_job_failed_at_job_max_try_is_answered_with_job_worker_tries_and
     # In JSON logs, serve's record of the error answer names the job and its worker as fields.
     (said,) = (r for r in map(json.loads, m.log) if "failed on worker" in r["message"])
     assert (said["caller_request_id"], said["job_id"], said["worker"]) == (
-        request_id, job_id, "gpu-7"
+        request_id,
+        job_id,
+        "gpu-7",
     ), said
 
 
