@@ -16,7 +16,6 @@ from test_coordinator import heartbeat_body
 from test_jobs_rules import make_input
 from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
 
-from damocles_ext.frontends.coordinator import STOP_GRACE
 from damocles_ext.frontends.producer import LATE_LOOK
 from damocles_ext.jobs import model
 from damocles_ext.jobs.store import JobStore, StoreError, TrioJobStore
@@ -178,7 +177,8 @@ async def test_serve_stops_at_a_second_signal_while_the_store_hangs_answering_ev
 async def test_a_coordinator_stops_when_told_while_the_store_hangs(proxy, postgres_url):
     from test_coordinator import Client
 
-    coordinator = CoordinatorProcess(proxy.url(postgres_url))
+    # A short grace: what it bounds is the point, not its default (STOP_GRACE, 10 s).
+    coordinator = CoordinatorProcess(proxy.url(postgres_url), "--shutdown-grace", "1")
     async with trio.open_nursery() as nursery:
         await coordinator.start(nursery)
         assert coordinator.proc is not None
@@ -199,7 +199,7 @@ async def test_a_coordinator_stops_when_told_while_the_store_hangs(proxy, postgr
             await proxy.holding()  # a call of the coordinator's stuck on the store
             coordinator.proc.send_signal(signal.SIGTERM)
             # The grace ends the call, and the coordinator, even with the store stuck.
-            with trio.fail_after(STOP_GRACE + 20):
+            with trio.fail_after(1 + 20):
                 assert await coordinator.proc.wait() == 0
                 await cut.wait()
         finally:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from damocles_ext.logs import add_logging_args, setup_from_args
 
 from .common import (
+    _non_negative_float,
     add_sector_cache_args,
     add_sector_source_args,
     check_proxy_headers,
@@ -95,6 +96,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " sector) without the token: a damocles proxy node (damocles-manager --proxy) calls its"
         " source without one; every other method still needs it",
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM, SIGINT or SIGHUP, how long the requests being answered may take to get"
+        " their answer before their connections are closed (default: 10); keep systemd's"
+        " TimeoutStopSec above it",
+    )
     parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store
     # names become paths through --store and --conf-dir's stores).
@@ -168,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("damocles_ext.coordinator")
     setup_from_args(args)
+    grace = STOP_GRACE if args.shutdown_grace is None else args.shutdown_grace
     if args.index_without_token and args.token_file is None:
         raise UsageError(
             "--index-without-token goes with --token-file: without a token every method is"
@@ -242,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
                             scraping.cancel()
                             refreshing.cancel()  # the --proxy locator's refresh of its sources
                             server.stop()
-                            nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE
+                            nursery.cancel_scope.deadline = trio.current_time() + grace
 
                         def store_lost(exc: StoreLost) -> None:
                             # Its file deleted or replaced: every call would fail from now on.
