@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from damocles_ext.scheduling.breaker import ChildBreaker
+from damocles_ext.scheduling.children import RUNS_KNOWN
 from damocles_ext.scheduling.policy import ChildSlots, Fail, Job, Scheduler, Start
 
 WD, WIN, SNARK = "window_post", "winning_post", "window_post_snark"
@@ -98,6 +99,7 @@ class Twins:
         self.jobs: dict[int, Job] = {}
         self.running: list[int] = []
         self.live: list[int] = []
+        self.started: dict[int, float] = {}
 
     def both(self, method: str, *args, **kwargs):
         a = getattr(self.fast, method)(*args, **kwargs)
@@ -119,6 +121,7 @@ class Twins:
         for d in decisions:
             if isinstance(d, Start):
                 self.running.append(d.request_id)
+                self.started[d.request_id] = self.now
             elif isinstance(d, Fail):
                 self.live.remove(d.request_id)
         self.both("next_wakeup")
@@ -221,31 +224,81 @@ def test_jobs_queued_in_children_and_taken_back_equal_the_full_recomputation(seq
     assert t.fast.statistics() == t.full.statistics()
 
 
-# Whole WindowPoSts of a size, with deadlines tight against how long runs take: the children's
-# proofs doom some jobs on some children (doomed.py), which wait for a sibling or are refused.
+# Whole WindowPoSts of a size, with deadlines tight against how long each child takes: every
+# WindowPoSt child proves at a speed of its own, so the children's proofs doom some jobs on the
+# slow children only (doomed.py): those wait for a faster sibling (set aside while a slow one is
+# free, that child taking the jobs behind), until time dooms them there too, or are refused.
 sized = st.tuples(
     st.just("submit"),
     st.just(WD),
-    st.one_of(st.none(), st.floats(0, 30)),
+    st.one_of(st.none(), st.floats(0, 60), st.floats(0, 60)),
     st.integers(-1, 1),
     st.just(None),
-    st.just(1),
+    st.sampled_from([1, 1, 2]),
 )
-proved = st.tuples(st.just("finish"), st.integers(0, 50), st.just(False))
+proved = st.tuples(st.just("prove"), st.integers(0, 50))  # at its child's speed
+wake = st.tuples(st.just("wake"))  # the time next_wakeup says, and a decision then
 tick = st.tuples(st.just("tick"), st.floats(0, 8))
+# Work of other stages, some sharing a WindowPoSt child's GPU (MIXED: sn0 and wd1, lower first).
+elsewhere = st.tuples(st.just("submit"), st.sampled_from([WIN, SNARK]), st.none(), st.just(0))
 # Weighted by hand: one_of flattens `other` into its six branches, which would outweigh the rest.
-judged = st.sampled_from((sized, sized, proved, proved, tick, other)).flatmap(lambda ops: ops)
+judged = st.sampled_from((sized, sized, sized, proved, proved, wake, tick, elsewhere, other))
+judged = judged.flatmap(lambda ops: ops)
+speeds = st.lists(st.sampled_from([2.0, 6.0, 20.0, 45.0]), min_size=3, max_size=3)
+
+
+def child_of(t: Twins, rid: int) -> str:
+    return next(c for c in sorted(t.cids) if rid in t.fast.running_on(c))
+
+
+def prove_at_speed(t: Twins, speed: dict[str, float], index: int, decide: bool = True) -> None:
+    """The running job at `index` answers with a proof once its child's time since its start
+    has passed (time goes on to then)."""
+    rid = t.running[index % len(t.running)]
+    t.now = max(t.now, t.started[rid] + speed.get(child_of(t, rid), 1.0))
+    t.step(("finish", t.running.index(rid), False), decide)
+
+
+def warm_up(t: Twins, speed: dict[str, float]) -> None:
+    """Jobs of no deadline until each WindowPoSt child has made RUNS_KNOWN proofs at its speed."""
+    made = dict.fromkeys(speed, 0)
+    for _ in range(4 * RUNS_KNOWN):
+        if min(made.values()) >= RUNS_KNOWN:
+            break
+        for _ in speed:
+            t.step(("submit", WD, None, 0, None, 1), decide=False)
+        t.decide()
+        while t.running:  # each answered in the order they end
+            rid = min(t.running, key=lambda r: t.started[r] + speed.get(child_of(t, r), 1.0))
+            made[child_of(t, rid)] += 1
+            prove_at_speed(t, speed, t.running.index(rid))
+    for rid in list(t.live):  # the rest of the warm-up's jobs go
+        t.step(("remove", t.live.index(rid)), decide=False)
+    t.decide()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from([WITH_LOCKS, NO_LOCKS]),
-    st.lists(st.tuples(judged, st.booleans()), min_size=40, max_size=150),
+    st.sampled_from([WITH_LOCKS, NO_LOCKS, MIXED]),
+    speeds,
+    st.lists(st.tuples(judged, st.booleans()), min_size=40, max_size=120),
 )
-def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(children, sequence):
+def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(
+    children, seconds, sequence
+):
     t = Twins(children)
+    speed = dict(zip(sorted(c.child_id for c in children if c.stage == WD), seconds, strict=False))
+    warm_up(t, speed)
     for op, decide in sequence:
-        t.step(op, decide)
+        if op[0] == "prove":
+            if t.running:
+                prove_at_speed(t, speed, op[1], decide)
+        elif op[0] == "wake":
+            when = t.both("next_wakeup")
+            t.now = t.now if when is None else max(t.now, when)
+            t.decide()
+        else:
+            t.step(op, decide)
     t.decide()
     assert t.fast.statistics() == t.full.statistics()
 

@@ -33,10 +33,13 @@ could not finish waits for a faster one rather than hold the slow one until its 
   the doomed ones: on such a sibling if one is free now, else it keeps its place in the queue
   (`HeldBack`) and the doomed children take the jobs behind it, as a job that avoids children
   waits (policy.py's "Errors"). It is looked at again when anything of its stage changes (a
-  sibling frees, a child's proof, a bench ends), at its deadline, and once time alone has
-  doomed it on every such sibling (`HeldBack.until`, in `next_wakeup`): then it is started on a
-  doomed child, or refused as above if it is doomed on every child not FATAL. A stage of one
-  child, a job of no deadline or of unknown size cost nothing more. `refuse_doomed=False`
+  sibling frees, a child's proof, a bench ends), at its deadline, and whenever time alone dooms
+  it on one more child (`judge`'s third answer, in `next_wakeup`): once on every such sibling,
+  it is started on a doomed child, or refused as above if it is doomed on every child not
+  FATAL. A decision's books (which jobs stay set aside, that time) are what the same decision
+  made again at once would leave (`settle`), so that incremental decisions keep the books of a
+  full recomputation. Nothing is judged while no child of the stage has a free slot; a stage of
+  one child, a job of no deadline or of unknown size cost nothing more. `refuse_doomed=False`
   turns off both rules.
 """
 
@@ -49,20 +52,30 @@ from typing import NamedTuple
 from .children import RUNS_KNOWN, _Child
 from .decisions import Job
 
-__all__ = ["RUNS_KNOWN", "HeldBack", "doomed", "doomed_from", "estimate", "judge"]
+__all__ = [
+    "RUNS_KNOWN",
+    "HeldBack",
+    "doomed",
+    "doomed_from",
+    "estimate",
+    "estimates",
+    "free_slot",
+    "judge",
+    "settle",
+]
 
 #: Each child of a stage not FATAL, and the estimate of a job's run on it (None: none yet).
 Estimates = list[tuple[_Child, float | None]]
+#: The estimates of one decision of a stage, by proof type and size (`estimates`).
+Known = dict[tuple[str, int], Estimates]
 
 
 class HeldBack(NamedTuple):
     """A job kept off the children it cannot finish on (`skip`), for a sibling that may still
-    finish it; time alone ends that at `until` (inf: never), when every such sibling is doomed
-    too."""
+    finish it (until time alone dooms it there too: `judge`'s `changes` says when to look)."""
 
     skip: frozenset[str]
     skipped: list[_Child]
-    until: float
 
     def blocks(self) -> bool:
         """Whether a child it skips has a free slot: without the hold, it might start there."""
@@ -83,30 +96,82 @@ def estimate(job: Job, child: _Child) -> float | None:
     return None
 
 
+def estimates(job: Job, children: list[_Child], known: Known | None = None) -> Estimates:
+    """`job`'s estimate on each child of its stage not FATAL; `known`: those of one decision,
+    by proof type and size (a child's proof times do not change while a decision is made)."""
+    if known is None:
+        return [(c, estimate(job, c)) for c in children if not c.fatal]
+    ests = known.get((job.kind, job.size))
+    if ests is None:
+        ests = known[job.kind, job.size] = [(c, estimate(job, c)) for c in children if not c.fatal]
+    return ests
+
+
 def judge(
-    job: Job, children: list[_Child], now: float, can_serve: Callable[[str, float], bool]
-) -> tuple[Estimates, HeldBack | None]:
-    """`job`'s estimates on its stage's `children` (not FATAL ones), and its `HeldBack` when it is
+    job: Job,
+    children: list[_Child],
+    now: float,
+    can_serve: Callable[[str, float], bool],
+    known: Known | None = None,
+) -> tuple[Estimates, HeldBack | None, float]:
+    """`job`'s estimates on its stage's `children` (not FATAL ones), its `HeldBack` when it is
     doomed on some of them but not on another that may serve it (`can_serve`, not one it
-    avoids). Only for a job with a deadline and a size."""
+    avoids), and the time from which on time alone dooms it on one more child (inf: never), up
+    to which this verdict holds. Only for a job with a deadline and a size."""
     assert job.deadline is not None
-    ests: Estimates = [(c, estimate(job, c)) for c in children if not c.fatal]
+    ests = estimates(job, children, known)
     if len(ests) < 2:
-        return ests, None
+        return ests, None, math.inf
     left = job.deadline - now
-    skipped = [c for c, run in ests if run is not None and run > left]
-    if not skipped:
-        return ests, None
-    until = -math.inf  # when the last sibling it may still make it on no longer is one
+    skipped: list[_Child] = []
+    slowest = -math.inf  # the slowest run that still fits: time dooms its child first
     for c, run in ests:
+        if run is not None:
+            if run > left:
+                skipped.append(c)
+            elif run > slowest:
+                slowest = run
+    changes = math.inf if slowest == -math.inf else doomed_from(job.deadline, slowest)
+    if not skipped:
+        return ests, None, changes
+    for c, run in ests:  # a sibling it may still make it on, that may serve it
         cid = c.info.child_id
-        if (run is not None and run > left) or (job.avoid and cid in job.avoid):
-            continue
-        if can_serve(cid, now):
-            until = max(until, math.inf if run is None else doomed_from(job.deadline, run))
-    if until == -math.inf:
-        return ests, None
-    return ests, HeldBack(frozenset(c.info.child_id for c in skipped), skipped, until)
+        if (
+            (run is None or run <= left)
+            and not (job.avoid and cid in job.avoid)
+            and can_serve(cid, now)
+        ):
+            return ests, HeldBack(frozenset(s.info.child_id for s in skipped), skipped), changes
+    return ests, None, changes
+
+
+def free_slot(children: list[_Child]) -> bool:
+    """Whether a child of the stage has a free slot: without one, no job of it can start, nor
+    can a hold keep it off one (`HeldBack.blocks`), and nothing is judged."""
+    return any(c.ready and len(c.running) < c.slots for c in children)
+
+
+#: A job a decision set aside (policy.py): its hold (None: none), whether its `avoid` alone
+#: sets it aside, and when time alone next changes its verdict (`judge`).
+Aside = tuple["HeldBack | None", bool, float]
+
+
+def settle(aside: list[Aside], head: float, children: list[_Child]) -> tuple[int, float]:
+    """What a decision of a stage leaves, as the same decision made again at once would see it
+    (the bookkeeping of both ways of deciding, incremental or not, the same): of the jobs it
+    set aside (`aside`, in queue order), how many stay so, up to the first held back only for
+    children that got no free slot left meanwhile (deciding again, one would stop there, as at
+    a head no child can take); and when time alone next changes a verdict on those or on the
+    head it stopped at (`head`: when that job's changes, inf: none), the time for next_wakeup."""
+    if not free_slot(children):  # nothing would be judged: no verdict to change
+        kept = next((i for i, (_, avoids, _) in enumerate(aside) if not avoids), len(aside))
+        return kept, math.inf
+    until = math.inf
+    for i, (hold, avoids, changes) in enumerate(aside):
+        until = min(until, changes)
+        if not avoids and hold is not None and not hold.blocks():
+            return i, until
+    return len(aside), min(until, head)
 
 
 def doomed_from(deadline: float, run: float) -> float:
@@ -153,5 +218,5 @@ def doomed(
     if job.deadline is None or job.size <= 0:
         return None
     if ests is None:
-        ests = [(c, estimate(job, c)) for c in children if not c.fatal]
+        ests = estimates(job, children)
     return refusal(job, ests, now, not_sent)

@@ -84,7 +84,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
-from .doomed import HeldBack, doomed, judge
+from .doomed import Aside, HeldBack, Known, doomed, free_slot, judge, settle
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -142,7 +142,7 @@ class Scheduler:
         self._gpu_phases = frozenset(gpu_phases)
         self._incremental = incremental
         self._refuse_doomed = refuse_doomed  # False: start doomed jobs all the same (doomed.py)
-        self._held_until: dict[str, float] = {}  # per stage: when time alone ends a HeldBack there
+        self._held_until: dict[str, float] = {}  # per stage: when time changes a doomed.py verdict
         self._quick_answer, self._quick_run = quick_answer, quick_run
         self._take_back_after = take_back_after
         self._queueing: set[str] = set()  # children with jobs behind (see "Quick requests")
@@ -242,6 +242,9 @@ class Scheduler:
         behind = behind and stage not in self._dirty and stage not in self._pipelined_stages
         behind = behind and not self._set_aside.get(stage)  # a free child may take the new job
         behind = behind and (job.deadline is None or job.deadline > now)
+        if behind and job.deadline is not None and job.size > 0 and self._refuse_doomed:
+            behind = not free_slot(self._by_stage.get(stage, []))  # it is judged (doomed.py)
+        behind = behind and stage not in self._held_until  # it may go ahead of one judged
         self._enqueue(job, FRESH)
         if behind:
             self._dirty.discard(stage)
@@ -361,35 +364,33 @@ class Scheduler:
                 self._last_reserved[stage] = frozenset(reserved)
             children = self._by_stage.get(stage, [])
             reason = cannot_serve(stage, children) if job is not None else None
-            # Set once a start left no child of the stage able to take more: nothing in this
-            # loop frees a slot, so the next _pick would find none (a job at its deadline or
-            # unservable is still failed first, as without it).
-            full, judging, until = False, stage != URGENT and self._refuse_doomed, math.inf
-            several = judging and len(children) > 1  # holding back needs a sibling (doomed.py)
+            # Set once a start left no child of the stage able to take more: nothing in this loop
+            # frees a slot, so the next _pick would find none (a job due or unservable still fails).
+            full, judging, changes = False, stage != URGENT and self._refuse_doomed, math.inf
+            # Holding back needs a sibling, and judging a free slot (doomed.py), not known anew.
+            free = judging and len(children) > 1 and free_slot(children)
             aside: list[Any] = []  # retries only avoided children could take: the jobs behind go on
+            verdicts: list[Aside] = []  # each one's hold (doomed.py), and till when it holds
+            known: Known = {}  # estimates by proof type and size, for this decision
             while job is not None:
+                changes = math.inf
                 if reason is not None:
                     self._queues.pop(queue, job)
                     out.append(Fail(job.request_id, reason))
                 elif job.deadline is not None and now >= job.deadline:
                     self._queues.pop(queue, job)
-                    out.append(
-                        Fail(
-                            job.request_id,
-                            f"deadline passed {now - job.deadline:.1f}s ago before the request"
-                            f" could start{NOT_SENT}",
-                        )
-                    )
+                    late = f"{now - job.deadline:.1f}s ago before the request could start"
+                    out.append(Fail(job.request_id, f"deadline passed {late}{NOT_SENT}"))
                 else:
                     hold: HeldBack | None = None  # kept off the children it is doomed on
                     ests = None
-                    if several and not full and job.deadline is not None and job.size > 0:
-                        ests, hold = judge(job, children, now, self.breaker.can_serve)
+                    if free and job.deadline is not None and job.size > 0:
+                        ests, hold, changes = judge(job, children, now, self.breaker.can_serve, known)  # fmt: skip
                     skip = hold.skip if hold else None
                     pick = (None, 0) if full else self._pick(stage, reserved, now, job, skip)
                     child, others = pick
                     if child is None and (job.avoid or (hold and hold.blocks())):
-                        until = min(until, hold.until) if hold else until
+                        verdicts.append((hold, bool(job.avoid), changes))
                         aside.append(self._queues.set_aside(queue))
                         job = self._queues.peek(queue)
                         continue
@@ -404,19 +405,22 @@ class Scheduler:
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
                     full = not (others or job.avoid or hold) and len(child.running) >= child.slots
-                    full = full and self._incremental
+                    full, free = full and self._incremental, free and free_slot(children)
                 job = self._queues.peek(queue)
+            # As deciding again now would leave it: set aside up to a hold no longer blocking.
+            kept, until = settle(verdicts, changes if job else math.inf, children)
             if until < math.inf:
                 hold_at[stage] = until
             elif hold_at:
                 hold_at.pop(stage, None)
-            waits: list[frozenset[str] | None] = [None] if job is not None else []
+            waits: list[frozenset[str] | None] = [None] if job or kept < len(aside) else []
             if aside or self._set_aside.get(stage):
                 for entry in aside:
                     self._queues.put_back(queue, entry)
+                for entry in aside[:kept]:
                     held = self._queues.queued[entry[2]][1]  # an URGENT one going back: all
                     waits.append(None if stage == URGENT and held.back else held.avoid)
-                self._set_aside[stage] = bool(aside)
+                self._set_aside[stage] = kept > 0
             if self._any_locks:  # what waits reserves the locks blocking it (aside: its own)
                 self._reserving[stage] = waits
                 for avoid in waits:
@@ -434,8 +438,8 @@ class Scheduler:
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, a pipelined child
-        becomes able to take the next queued job, or a job held back for a sibling (doomed.py's
-        HeldBack) no longer is; None if there is no such time."""
+        becomes able to take the next queued job, or time dooms a job judged on one more child
+        (doomed.py's judge: a HeldBack may end); None if there is no such time."""
         timed = self._deadlines or self._queues.with_deadline or self.breaker.benches
         if self._incremental and not (timed or self._held_until or self._pipelined_stages):
             # No deadline, no pipelined child, no bench: only jobs behind long work can be due.
@@ -457,7 +461,7 @@ class Scheduler:
         if self._queueing:
             times.append(self._next_take_back())
         times += self.breaker.benches.values()  # a benched child may take a job then
-        times += self._held_until.values()  # a job held back may be doomed everywhere then
+        times += self._held_until.values()  # a job judged may be doomed on one more child then
         for stage, queue in self._queues.stages.items():
             head = self._queues.peek(queue)
             if head is None:
