@@ -197,6 +197,33 @@ def test_a_job_held_back_is_refused_once_time_dooms_it_on_the_faster_child_too()
     assert not s.is_queued(1)
 
 
+def test_a_job_held_back_leaves_the_gpu_lock_of_the_child_it_skips_to_lower_stages():
+    # slow shares its GPU (lock g1) with x, a child of a lower stage that runs two at a time.
+    s = Scheduler()
+    s.add_child(ChildSlots("slow", WD, 1, 1, frozenset({"g1"})))
+    s.add_child(ChildSlots("fast", WD, 1, 1, frozenset({"g0"})))
+    s.add_child(ChildSlots("x", "zz_other", 2, 1, frozenset({"g1"})))
+    for cid in ("slow", "fast", "x"):
+        s.child_ready(cid, 0.0)
+    now = 0.0
+    for i in range(4):  # slow's proofs take 300 s, fast's 60 s
+        s.submit(job(100 + 2 * i, WD, now), now)
+        s.submit(job(101 + 2 * i, WD, now), now)
+        for d in s.decide(now):
+            s.finished(d.request_id, now + (60.0 if d.child_id == "fast" else 300.0), failed=False)
+        now += 300.0
+    s.submit(Job(2, "zz_other", now), now)
+    assert s.decide(now) == [Start(2, "x")]  # x holds g1: slow is locked out
+    s.submit(job(1, WD, now), now)
+    assert s.decide(now) == [Start(1, "fast")]
+    s.submit(job(3, WD, now, deadline=now + 200.0), now)  # doomed on slow only: waits for fast
+    s.submit(Job(4, "zz_other", now), now)
+    # 3 will not go to slow while it waits: it keeps no lock of slow's from x's second job.
+    assert s.decide(now) == [Start(4, "x")]
+    assert s.is_queued(3)
+    assert WD not in s.statistics().waiting_for_lock  # (status: it waits for no lock)
+
+
 def test_no_job_is_held_back_for_a_child_it_avoids_nor_for_too_little_data_nor_when_turned_off():
     s, now = mixed()
     busy(s, "fast", now)

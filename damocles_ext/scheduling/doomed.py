@@ -61,6 +61,7 @@ __all__ = [
     "estimates",
     "free_slot",
     "judge",
+    "kept_off",
     "settle",
 ]
 
@@ -172,6 +173,14 @@ def settle(aside: list[Aside], head: float, children: list[_Child]) -> tuple[int
         if not avoids and hold is not None and not hold.blocks():
             return i, until
     return len(aside), min(until, head)
+
+
+def kept_off(hold: HeldBack | None, avoid: frozenset[str] | None) -> frozenset[str] | None:
+    """The children a job set aside goes to none of: what it avoids, and those its hold skips.
+    It reserves the locks of none of them (policy.py: a lower stage may take them meanwhile)."""
+    if hold is None:
+        return avoid
+    return hold.skip | avoid if avoid else hold.skip
 
 
 def doomed_from(deadline: float, run: float) -> float:

@@ -84,7 +84,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
-from .doomed import Aside, HeldBack, Known, doomed, free_slot, judge, settle
+from .doomed import Aside, HeldBack, Known, doomed, free_slot, judge, kept_off, settle
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -417,9 +417,9 @@ class Scheduler:
             if aside or self._set_aside.get(stage):
                 for entry in aside:
                     self._queues.put_back(queue, entry)
-                for entry in aside[:kept]:
+                for entry, (hold, _, _) in zip(aside[:kept], verdicts, strict=False):
                     held = self._queues.queued[entry[2]][1]  # an URGENT one going back: all
-                    waits.append(None if stage == URGENT and held.back else held.avoid)
+                    waits.append(None if stage == URGENT and held.back else kept_off(hold, held.avoid))  # fmt: skip
                 self._set_aside[stage] = kept > 0
             if self._any_locks:  # what waits reserves the locks blocking it (aside: its own)
                 self._reserving[stage] = waits
