@@ -79,6 +79,15 @@ def test_a_job_its_fastest_recent_proof_could_not_finish_in_time_is_refused_once
     assert not s.is_queued(1)
 
 
+def test_a_refusal_says_less_was_left_than_the_run_took_where_both_round_alike():
+    s = make("g0")
+    now = prove(s, [60.04] * 4)
+    s.submit(job(1, WD, now, deadline=now + 60.01), now)
+    [fail] = s.decide(now)
+    assert isinstance(fail, Fail) and fail.late
+    assert "took at least 60.0s" in fail.reason and "less than that was left" in fail.reason
+
+
 def test_a_retry_that_became_doomed_while_it_waited_is_refused():
     s = make("g0")
     now = prove(s, [300.0] * 4)
@@ -194,6 +203,7 @@ def test_a_job_held_back_is_refused_once_time_dooms_it_on_the_faster_child_too()
     [fail] = s.decide(when)
     assert isinstance(fail, Fail) and fail.request_id == 1 and fail.late
     assert "took at least 60.0s" in fail.reason and "on fast" in fail.reason
+    assert "59.9s were left" in fail.reason  # (59.99999...: not "60.0s", as long as it took)
     assert not s.is_queued(1)
 
 

@@ -210,11 +210,14 @@ def refusal(job: Job, ests: Estimates, now: float, not_sent: str) -> str | None:
     run, where = fastest
     if run <= left:
         return None
+    # Both rounded down (at least so long; so much left, or more): 59.99 left is no "60.0".
+    took, had = math.floor(run * 10) / 10, math.floor(left * 10) / 10
+    was_left = f"{had:.1f}s were left" if took > had else "less than that was left"
     return (
         f"it cannot finish before its deadline: a {job.stage} run of {job.size}"
-        f" replica{'s' if job.size != 1 else ''} or fewer ({job.kind}) took at least {run:.1f}s"
+        f" replica{'s' if job.size != 1 else ''} or fewer ({job.kind}) took at least {took:.1f}s"
         f" (the fastest of the last {RUNS_KNOWN} such proofs of each child, on {where}) and"
-        f" {left:.1f}s were left: its GPU was kept for requests that can still make their"
+        f" {was_left}: its GPU was kept for requests that can still make their"
         f" deadline{not_sent}"
     )
 
