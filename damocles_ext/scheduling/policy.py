@@ -408,7 +408,7 @@ class Scheduler:
                     full, free = full and self._incremental, free and free_slot(children)
                 job = self._queues.peek(queue)
             # As deciding again now would leave it: set aside up to a hold no longer blocking.
-            kept, until = settle(verdicts, changes if job else math.inf, children)
+            kept, until = (0, math.inf) if not verdicts and (changes == math.inf or not job) else settle(verdicts, changes if job else math.inf, children)  # fmt: skip
             if until < math.inf:
                 hold_at[stage] = until
             elif hold_at:
