@@ -367,8 +367,8 @@ class Scheduler:
             # Set once a start left no child of the stage able to take more: nothing in this loop
             # frees a slot, so the next _pick would find none (a job due or unservable still fails).
             full, judging, changes = False, stage != URGENT and self._refuse_doomed, math.inf
-            # Holding back needs a sibling, and judging a free slot (doomed.py), not known anew.
-            free = judging and len(children) > 1 and free_slot(children)
+            # Holding back needs a sibling, and judging a free slot (doomed.py; None: not looked).
+            free: bool | None = None if judging and len(children) > 1 else False
             aside: list[Any] = []  # retries only avoided children could take: the jobs behind go on
             verdicts: list[Aside] = []  # each one's hold (doomed.py), and till when it holds
             known: Known = {}  # estimates by proof type and size, for this decision
@@ -384,7 +384,7 @@ class Scheduler:
                 else:
                     hold: HeldBack | None = None  # kept off the children it is doomed on
                     ests = None
-                    if free and job.deadline is not None and job.size > 0:
+                    if (free is not False and job.deadline is not None and job.size > 0) and (free := free or free_slot(children)):  # fmt: skip
                         ests, hold, changes = judge(job, children, now, self.breaker.can_serve, known)  # fmt: skip
                     skip = hold.skip if hold else None
                     pick = (None, 0) if full else self._pick(stage, reserved, now, job, skip)
@@ -405,7 +405,7 @@ class Scheduler:
                     out.append(Start(job.request_id, child.info.child_id))
                     # (Incremental only: full recomputation stays the property test's oracle.)
                     full = not (others or job.avoid or hold) and len(child.running) >= child.slots
-                    full, free = full and self._incremental, free and free_slot(children)
+                    full, free = full and self._incremental, None if free else free
                 job = self._queues.peek(queue)
             # As deciding again now would leave it: set aside up to a hold no longer blocking.
             kept, until = (0, math.inf) if not verdicts and (changes == math.inf or not job) else settle(verdicts, changes if job else math.inf, children)  # fmt: skip
