@@ -177,6 +177,33 @@ async def test_the_guardian_removes_the_tmp_root_of_a_supervisor_killed_not_of_o
     assert kept.exists()  # decided before the other one, in order
 
 
+async def test_a_guardian_whose_start_outlasts_its_bound_is_reaped_at_close(mock_clock):
+    # Its intermediate process (a double fork: it exits at once) is waited for 5 s of trio's
+    # clock; a test's MockClock that jumps, or a machine loaded enough, passed that bound while
+    # it still started, and it stayed a zombie of the supervisor's process for good.
+    from damocles_ext.supervisor.orphans import GroupGuardian
+
+    guardian = GroupGuardian()
+    intermediate = guardian._helper
+    assert intermediate is not None
+    os.kill(intermediate.pid, signal.SIGSTOP)  # it has not exited by the bound
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guardian.started)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(6)  # past the bound
+    assert intermediate.returncode is None
+    os.kill(intermediate.pid, signal.SIGCONT)
+    pidfd = os.pidfd_open(intermediate.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)  # exited, not reaped yet
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+    guardian.close()
+    assert intermediate.returncode == 0
+    assert not any(p.pid == intermediate.pid for p in psutil.Process().children())
+
+
 def test_a_forked_copy_does_not_claim_its_parents_tmp_root(monkeypatch):
     # Its guardian would remove the parent's root, in use, when the copy is killed.
     from damocles_ext.config import machine

@@ -266,6 +266,8 @@ class GroupGuardian:
         finally:
             os.close(read_end)
         self._helper: subprocess.Popen[bytes] | None = helper
+        # Its intermediate process not reaped by `started` (its bound passed): reaped at close.
+        self._unreaped: subprocess.Popen[bytes] | None = None
         os.set_blocking(self._fd, False)
         self._broken = False
 
@@ -291,7 +293,8 @@ class GroupGuardian:
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
-        helper.poll()
+        if helper.poll() is None:  # slow to start (a loaded machine; a clock that jumped): later
+            self._unreaped = helper
 
     def add(self, pgid: int) -> None:
         """A child's process group to kill if we die."""
@@ -327,7 +330,11 @@ class GroupGuardian:
             )
 
     def close(self) -> None:
-        """EOF for the guardian: it kills the groups still listed (none, normally) and exits."""
+        """EOF for the guardian: it kills the groups still listed (none, normally) and exits.
+        Its intermediate process, if `started` gave up waiting for it, is reaped if it exited
+        since (never waited for: a hung fork must not hold the supervisor's end)."""
+        if self._unreaped is not None and self._unreaped.poll() is not None:
+            self._unreaped = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
