@@ -94,7 +94,7 @@ def options_from_env(text: str) -> dict[str, OptionValue]:
     """OPTIONS_ENV's value read back; ValueError saying what is wrong if it is not one."""
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested deeper than the parser goes)
         raise ValueError(
             f"{OPTIONS_ENV} is not JSON ({exc}); it is set by the supervisor"
         ) from None

@@ -1288,6 +1288,7 @@ def test_a_plugin_child_takes_its_options_out_of_its_environment_and_checks_them
     assert text.isascii() and child_options([], {OPTIONS_ENV: text}) == {"k": "\u4e2d", "n": 1.5}
     for text, words in [
         ("{", "is not JSON"),
+        ("[" * 100_000, "is not JSON"),  # deeper than json nests: RecursionError, not ValueError
         ("[1]", "holds a JSON array, not an object"),
         ('{"k":[1]}', "option 'k' is a JSON array"),
         ('{"k":null}', "option 'k' is a JSON null"),
