@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
             # ones removed before it said.
             printer = _RemovedPrinter()
             store.remove_all(time.time(), removed=printer)
-            if printer.broken is not None:  # all removed, not all said: as `| head` expects
-                raise printer.broken
+            printer.done()
     return 0
 
 
@@ -181,18 +180,24 @@ class _RemovedPrinter:
     command then ends as one whose reader went away does."""
 
     def __init__(self) -> None:
+        from damocles_ext.jobs.listing import removed_line
+
+        self.line = removed_line
         self.broken: BrokenPipeError | None = None
 
     def __call__(self, job_ids: list[str]) -> None:
-        from damocles_ext.jobs.listing import removed_line
-
         if self.broken is not None:
             return
         try:
-            sys.stdout.write("".join(f"{removed_line(job_id)}\n" for job_id in job_ids))
+            sys.stdout.write("".join(f"{self.line(job_id)}\n" for job_id in job_ids))
             sys.stdout.flush()
         except BrokenPipeError as exc:
             self.broken = exc
+
+    def done(self) -> None:
+        """All removed: a reader gone meanwhile ends the command as it ends any (exit 1)."""
+        if self.broken is not None:
+            raise self.broken
 
 
 def _print_list(
@@ -243,6 +248,8 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 f" list ({e}); check that --manager is a worker-prover RPC"
             ) from None
 
+    printer = _RemovedPrinter()
+
     async def main() -> None:
         async with client:
             if args.wdpost_command == "list":
@@ -270,13 +277,11 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                     await client.call("Venus.WdPoStRemoveJob", job.Id)
                     printer([job.Id])
 
-    printer = _RemovedPrinter()
     try:
         trio.run(main)
     except RpcCallError as e:
         if e.code == rpc.UNAUTHORIZED:
             raise UsageError(f"{e}; give --token-file with the coordinator's token") from None
         raise
-    if printer.broken is not None:
-        raise printer.broken
+    printer.done()
     return 0

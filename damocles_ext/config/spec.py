@@ -10,6 +10,7 @@ import shlex
 import msgspec
 
 from ..errors import EXIT_TEMPFAIL, UsageError
+from ..options import OptionValue  # a PluginOptions value
 
 #: The file damocles-manager reads from its home or `--conf-dir` directory.
 CONF_FILE_NAME = "ext-prover.cfg"
@@ -62,9 +63,6 @@ MAX_ATTEMPTS = 100
 MAX_GPU_INDEX = 1023
 MAX_CPU = 8191  # Linux numbers at most 8192 CPUs (NR_CPUS)
 MAX_CHILDREN = 1024
-
-#: A PluginOptions value: what TOML gives that the child runtime takes back typed (options.py).
-OptionValue = str | int | float | bool
 
 
 class ConfigError(UsageError):

@@ -309,7 +309,7 @@ def _exec_size_problems(where: str, child: ChildSpec, names: _Names) -> list[str
     env = child_env(child)
     if child.kind == "plugin":  # its options are its only long string, in one variable
         named = []
-        if OPTIONS_ENV in env:  # all in one variable: say which is the longest
+        if child.plugin_options:  # all in one variable: say which is the longest
             longest = max(child.plugin_options, key=lambda k: len(str(child.plugin_options[k])))
             name = f"{where}.PluginOptions (all of them, in one variable; the longest: {longest})"
             named.append((name, f"{OPTIONS_ENV}={env[OPTIONS_ENV]}"))

@@ -127,8 +127,8 @@ class WorkerMetrics:
         )
         # Every reason from the start (at 0), so increase() works from the first scrape; one a
         # newer manager sends is counted as OTHER_REASON (the log line names it).
-        for reason, count in sorted({**dict.fromkeys(LOST_REASONS, 0), **c.stopped_by}.items()):
-            lost.add_metric([reason], count)
+        for reason in sorted(LOST_REASONS):
+            lost.add_metric([reason], c.stopped_by.get(reason, 0))
         yield lost
         held = GaugeMetricFamily(
             f"{PREFIX}_jobs_held", "Jobs this worker holds, by state.", labels=["state"]

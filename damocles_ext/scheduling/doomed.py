@@ -80,7 +80,7 @@ class HeldBack(NamedTuple):
 
     def blocks(self) -> bool:
         """Whether a child it skips has a free slot: without the hold, it might start there."""
-        return any(c.ready and len(c.running) < c.slots for c in self.skipped)
+        return free_slot(self.skipped)
 
 
 def estimate(job: Job, child: _Child) -> float | None:
@@ -100,11 +100,11 @@ def estimate(job: Job, child: _Child) -> float | None:
 def estimates(job: Job, children: list[_Child], known: Known | None = None) -> Estimates:
     """`job`'s estimate on each child of its stage not FATAL; `known`: those of one decision,
     by proof type and size (a child's proof times do not change while a decision is made)."""
-    if known is None:
-        return [(c, estimate(job, c)) for c in children if not c.fatal]
-    ests = known.get((job.kind, job.size))
+    ests = None if known is None else known.get((job.kind, job.size))
     if ests is None:
-        ests = known[job.kind, job.size] = [(c, estimate(job, c)) for c in children if not c.fatal]
+        ests = [(c, estimate(job, c)) for c in children if not c.fatal]
+        if known is not None:
+            known[job.kind, job.size] = ests
     return ests
 
 
@@ -223,12 +223,18 @@ def refusal(job: Job, ests: Estimates, now: float, not_sent: str) -> str | None:
 
 
 def doomed(
-    job: Job, children: list[_Child], now: float, not_sent: str, ests: Estimates | None = None
+    job: Job,
+    children: list[_Child],
+    now: float,
+    not_sent: str,
+    ests: Estimates | None = None,
+    known: Known | None = None,
 ) -> str | None:
     """Why `job` is not to be started now (its stage's `children`, a deadline it cannot make
-    on any, ending with `not_sent`), or None: it may start. `ests`: `judge`'s, if known."""
+    on any, ending with `not_sent`), or None: it may start. `ests`: `judge`'s, if known;
+    `known`: the estimates of this decision (`estimates`)."""
     if job.deadline is None or job.size <= 0:
         return None
     if ests is None:
-        ests = estimates(job, children)
+        ests = estimates(job, children, known)
     return refusal(job, ests, now, not_sent)

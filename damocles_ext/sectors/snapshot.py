@@ -130,14 +130,18 @@ def not_a_snapshot(path: str, *, raising: bool = False) -> str | None:
     nothing is there, or a file that starts as a snapshot does (damaged or not, it is one).
     `raising`: one that cannot be looked at or read is SnapshotUnreadable, not "maybe not one"."""
     not_one = "not a sector-location snapshot"
+
+    def unreadable(exc: OSError, cannot: str, what: str) -> str:
+        if raising:
+            raise SnapshotUnreadable(f"it cannot be {cannot}: {describe(exc)}") from None
+        return f"{what} ({describe(exc)}), so maybe {not_one}"
+
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if raising:
-            raise SnapshotUnreadable(f"it cannot be looked at: {describe(exc)}") from None
-        return f"something that cannot be looked at ({describe(exc)}), so maybe {not_one}"
+        return unreadable(exc, "looked at", "something that cannot be looked at")
     if stat.S_ISLNK(st.st_mode):
         try:
             target = os.readlink(path)
@@ -152,15 +156,11 @@ def not_a_snapshot(path: str, *, raising: bool = False) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if raising:
-            raise SnapshotUnreadable(f"it cannot be opened: {describe(exc)}") from None
-        return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
+        return unreadable(exc, "opened", "a file that cannot be read")
     try:
         head = os.read(fd, len(MAGIC))
     except OSError as exc:
-        if raising:
-            raise SnapshotUnreadable(f"it cannot be read: {describe(exc)}") from None
-        return f"a file that cannot be read ({describe(exc)}), so maybe {not_one}"
+        return unreadable(exc, "read", "a file that cannot be read")
     finally:
         os.close(fd)
     if not head:

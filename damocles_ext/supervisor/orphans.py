@@ -333,8 +333,8 @@ class GroupGuardian:
         """EOF for the guardian: it kills the groups still listed (none, normally) and exits.
         Its intermediate process, if `started` gave up waiting for it, is reaped if it exited
         since (never waited for: a hung fork must not hold the supervisor's end)."""
-        if self._unreaped is not None and self._unreaped.poll() is not None:
-            self._unreaped = None
+        if self._unreaped is not None:
+            self._unreaped.poll()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
