@@ -247,6 +247,51 @@ class TrioDispatcher:
             floor.close()
 
 
+class TrioDirect:
+    """Not a floor, a reference: the least any trio parent can do for one request at a time.
+
+    The floor child (`PipeFloor`'s program) behind a caller that writes its request and then
+    waits on the child's pipe itself (`trio.lowlevel.wait_readable`), reads and decodes the
+    answer: no reader task, no hand-over to the caller, nothing watching the pipe between
+    requests (a child that dies while idle is noticed at the next request only, which no
+    supervisor may accept). What is left of the round trip is trio's own: a pass of its run
+    loop (an epoll_wait) and the wake-up of a parked task. One caller at a time.
+    """
+
+    label = "trio, the caller waits on the pipe itself (reference: trio's least; not a floor)"
+
+    def __init__(self, task: Task) -> None:
+        self.floor = PipeFloor(task)
+        os.set_blocking(self.floor.rout, False)
+        self.buf = b""
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.floor.pid]
+
+    async def prove(self) -> bytes:
+        """One round trip; returns the proof."""
+        floor = self.floor
+        floor.ids += 1
+        floor.request["id"] = floor.ids
+        payload = floor.encode(floor.request)
+        os.write(floor.win, len(payload).to_bytes(4, "big") + payload)
+        buf = self.buf
+        while len(buf) < 4 or len(buf) < 4 + (n := int.from_bytes(buf[:4], "big")):
+            await trio.lowlevel.wait_readable(floor.rout)
+            data = os.read(floor.rout, 1 << 16)
+            if not data:
+                raise RuntimeError("the floor child closed its stdout")
+            buf += data
+        answer, self.buf = floor.decode(buf[4 : 4 + n]), buf[4 + n :]
+        if answer["id"] != floor.ids:
+            raise RuntimeError(f"floor child answered {answer['id']} to request {floor.ids}")
+        return answer["output"]["proofs"][0]
+
+    def close(self) -> None:
+        self.floor.close()
+
+
 # -- C to C --------------------------------------------------------------------------------------
 
 C_PIPE = r"""
