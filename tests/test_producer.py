@@ -297,6 +297,11 @@ async def test_a_request_with_a_path_in_no_store_gets_an_error_answer_and_serve_
         (["window_post", "--jobs", "{url}", "--conf-dir", "{tmp}/nope"], "does not exist"),
         (["window_post", "-c", "x.cfg", "--store", "a=/x"], "--store goes with --jobs URL"),
         (["window_post", "--jobs", "{url}", "--poll-interval", "0"], "must be a positive duration"),
+        (["window_post", "--jobs", "{url}", "--store-file-check", "0"],
+         "must be a positive duration"),
+        (["window_post", "--jobs", "{url}", "--store-file-check", "soon"], "is not a duration"),
+        (["window_post", "-c", "x.cfg", "--store-file-check", "1s"],
+         "--store-file-check goes with --jobs URL"),
     ],
 )  # fmt: skip
 def test_a_bad_start_exits_2_before_the_ready_line_saying_why(tmp_path, args, words):

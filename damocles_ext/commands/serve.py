@@ -131,6 +131,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " store's notifications wake the wait earlier",
     )
     jobs.add_argument(
+        "--store-file-check",
+        type=positive_duration,
+        metavar="DURATION",
+        help="how often to check, with no request in flight, that a SQLite store's file is"
+        " still the one at its path (default: 10s): one deleted or replaced is said, and the old"
+        " file's write-ahead log emptied, within this rather than at the next request; nothing on"
+        " PostgreSQL",
+    )
+    jobs.add_argument(
         "--listen",
         metavar="HOST:PORT",
         type=listen_arg,
@@ -200,7 +209,7 @@ def check_supervising_options(args: argparse.Namespace) -> None:
                 " prove; with --jobs, --conf-dir DIR reads damocles-manager's DIR/sector-manager.cfg"
             )
     else:
-        for name in ("store", "poll_interval", "listen", "token_file"):
+        for name in ("store", "poll_interval", "store_file_check", "listen", "token_file"):
             if getattr(args, name, None):
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} goes with --jobs URL (worker-prover mode) only")
@@ -247,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             conf_dir=args.conf_dir,
             deadline_after=args.deadline_after,
             poll_interval=args.poll_interval,
+            file_check_every=args.store_file_check,
             listen=args.listen,
             token=args.token_file,
             shutdown_grace=args.shutdown_grace,

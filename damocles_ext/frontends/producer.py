@@ -65,7 +65,7 @@ LATE_LOOK = 5.0
 #: How often (trio's clock) serve --jobs and the API's producer look whether their SQLite store's
 #: file is still the one at its path, with no request to notice it: a file deleted or replaced is
 #: said, and the old file's write-ahead log emptied, within this, not at the next request
-#: (jobs/sqlite_file.py).
+#: (jobs/sqlite_file.py). The default of `serve --jobs --store-file-check`.
 FILE_CHECK_EVERY = 10.0
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
@@ -103,10 +103,12 @@ class JobProducer:
         *,
         deadline_after: float | None = None,
         clock: Callable[[], float] = time.time,
+        file_check_every: float = FILE_CHECK_EVERY,
     ) -> None:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
+        self.file_check_every = file_check_every  # watch_store_file's, from start_watches
         self.clock = clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
@@ -129,10 +131,19 @@ class JobProducer:
 
     @classmethod
     def on(
-        cls, store: JobStore, settings: ManagerConfig, *, deadline_after: float | None
+        cls,
+        store: JobStore,
+        settings: ManagerConfig,
+        *,
+        deadline_after: float | None,
+        file_check_every: float = FILE_CHECK_EVERY,
     ) -> JobProducer:
         """The producer on `store` with the stores of `settings` (producer_settings)."""
-        return cls(TrioJobStore(store), StoreMap(settings.stores), deadline_after=deadline_after)
+        stores = StoreMap(settings.stores)
+        return cls(
+            TrioJobStore(store), stores, deadline_after=deadline_after,
+            file_check_every=file_check_every,
+        )  # fmt: skip
 
     @property
     def limits(self) -> rules.JobLimits:
@@ -210,11 +221,12 @@ class JobProducer:
 
     def start_watches(self, nursery: trio.Nursery) -> None:
         """Start in `nursery` what tells this producer of its store with no request in flight:
-        the LISTEN/NOTIFY listener (PostgreSQL) and the check of its file (SQLite)."""
+        the LISTEN/NOTIFY listener (PostgreSQL) and the check of its file (SQLite), every
+        `file_check_every` seconds."""
         listener = self.listener()
         if listener is not None:
             nursery.start_soon(listener.run)
-        nursery.start_soon(self.watch_store_file)
+        nursery.start_soon(self.watch_store_file, self.file_check_every)
 
     async def watch_store_file(self, every: float = FILE_CHECK_EVERY) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the

@@ -186,6 +186,7 @@ def serve_jobs(
     conf_dir: str | None,
     deadline_after: float | None,
     poll_interval: float | None,
+    file_check_every: float | None = None,
     listen: tuple[str, int] | None,
     token: str | None,
     shutdown_grace: float,
@@ -232,7 +233,8 @@ def serve_jobs(
     try:
         from damocles_ext.jobs.store import TrioJobStore
 
-        producer = JobProducer.on(store, settings, deadline_after=deadline_after)
+        checks = {} if file_check_every is None else {"file_check_every": file_check_every}
+        producer = JobProducer.on(store, settings, deadline_after=deadline_after, **checks)
         coordinator = None
         if listen is not None:
             from .coordinator import Coordinator, CoordinatorServer
