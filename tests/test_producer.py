@@ -662,8 +662,10 @@ async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_outpu
     url = sqlite_url(tmp_path)
     root, task, job_id = task_in_store_a(tmp_path)
     (tmp_path / "task.json").write_bytes(task_to_json(task))
+    # Its result looked for every 0.1 s, not damocles' 3 s.
     argv = [*DEXT, "prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs",
-            url, "--store", f"a={root}", "--log-level", "info", "--no-progress"]  # fmt: skip
+            url, "--store", f"a={root}", "--log-level", "info", "--no-progress",
+            "--poll-interval", "0.1"]  # fmt: skip
     process = await trio.lowlevel.open_process(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dext_env()
     )
@@ -693,7 +695,8 @@ def test_prove_jobs_of_a_task_whose_job_was_cancelled_says_how_to_prove_it_again
     root, task, job_id = task_in_store_a(tmp_path)
     (tmp_path / "task.json").write_bytes(task_to_json(task))
     prove = ["prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs", url,
-             "--store", f"a={root}", "--no-progress", "--log-level", "info"]  # fmt: skip
+             "--store", f"a={root}", "--no-progress", "--log-level", "info",
+             "--poll-interval", "0.1"]  # fmt: skip
     first = dext_run(*prove, "--deadline", "1")  # no worker: cancelled at its deadline
     assert first.returncode == 1 and f"job {job_id} was cancelled".encode() in first.stderr
     again = dext_run(*prove, "--deadline", "600")
@@ -714,6 +717,8 @@ def test_prove_jobs_of_a_task_whose_job_was_cancelled_says_how_to_prove_it_again
         (["--socket", "/x"], "--socket does not apply with --jobs"),
         (["--priority", "3"], "--priority does not apply with --jobs"),
         (["--store", "a=/elsewhere"], "is in none of the stores (a=/elsewhere)"),
+        (["--poll-interval", "0"], "must be a positive duration"),
+        (["--poll-interval", "soon"], "is not a duration"),
     ],
 )
 def test_prove_jobs_refuses_what_does_not_apply_with_exit_2(tmp_path, extra, words):
@@ -724,6 +729,17 @@ def test_prove_jobs_refuses_what_does_not_apply_with_exit_2(tmp_path, extra, wor
                     "--jobs", f"sqlite:///{tmp_path}/j.db", *extra)  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert words in done.stderr.decode() and b"Traceback" not in done.stderr
+
+
+def test_prove_poll_interval_without_jobs_is_refused_with_exit_2(tmp_path):
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    (tmp_path / "task.json").write_bytes(task_to_json(window_task(str(tmp_path / "s"))))
+    done = dext_run("prove", "window_post", "--request", str(tmp_path / "task.json"),
+                    "--socket", str(tmp_path / "none.sock"), "--poll-interval", "1s")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert b"--poll-interval goes with --jobs URL" in done.stderr
+    assert b"Traceback" not in done.stderr
 
 
 async def test_the_python_api_answers_from_the_job_a_worker_finished(tmp_path):

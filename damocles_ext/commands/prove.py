@@ -28,7 +28,13 @@ from damocles_ext.logs import (
 )
 from damocles_ext.stages import POST_STAGES
 
-from .common import add_sector_source_args, int64, socket_path, stdout_to_stderr
+from .common import (
+    add_sector_source_args,
+    int64,
+    positive_duration,
+    socket_path,
+    stdout_to_stderr,
+)
 
 if TYPE_CHECKING:
     import datetime
@@ -123,6 +129,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " task's paths become store names through --store and --conf-dir",
     )
     parser.add_argument(
+        "--poll-interval",
+        type=positive_duration,
+        metavar="DURATION",
+        help="with --jobs: how often to look for the job's result (default: 3s, damocles', as"
+        " `serve --jobs`); on PostgreSQL the store's notifications wake the wait earlier",
+    )
+    parser.add_argument(
         "-o",
         "--output",
         metavar="OUT.json",
@@ -169,6 +182,10 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
     """The output of the task the arguments say, and where it goes (None: stdout)."""
     from .common import children_of, load_config_from_args
 
+    if args.poll_interval is not None and args.jobs is None:
+        raise UsageError(
+            "--poll-interval goes with --jobs URL: it is how often the job is looked at"
+        )
     deadline = parse_deadline(args.deadline) if args.deadline is not None else None
     skipped: list[int] = []
     task: PoStTask | None
@@ -211,8 +228,9 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             _check_jobs_args(args)
             with _one_line_errors():
                 output = prove_through_jobs(
-                    args.jobs, task, stores=args.attached, conf_dir=args.conf_dir, deadline=deadline
-                )
+                    args.jobs, task, stores=args.attached, conf_dir=args.conf_dir,
+                    deadline=deadline, poll_interval=args.poll_interval,
+                )  # fmt: skip
         elif args.config is not None or args.conf_dir is not None:
             from damocles_ext.config import check_startable
             from damocles_ext.plugins import get_plugin_manager
