@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -469,6 +470,31 @@ def test_a_token_file_without_listen_exits_2_saying_what_it_goes_with(tmp_path):
                     "--token-file", str(token), input=b"")  # fmt: skip
     err = done.stderr.decode()
     assert done.returncode == 2 and "--token-file goes with --jobs URL" in err, err
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (os.mkfifo, "a FIFO (named pipe)"),
+        (lambda p: os.symlink("/dev/zero", p), "a character device"),
+    ],
+    ids=["fifo", "device"],
+)
+def test_a_token_file_that_is_a_fifo_or_a_device_exits_2_at_once_saying_what_it_is(
+    tmp_path, make, kind
+):
+    # serve reads it before its ready line: a FIFO without a writer held that open() for ever
+    # (damocles-manager saw a start that never said ready), /dev/zero was read as an endless line.
+    token = tmp_path / "token"
+    make(str(token))
+    done = dext_run("serve", "window_post", "--jobs", sqlite_url(tmp_path), "--store", "a=/tmp",
+                    "--listen", "127.0.0.1:0", "--token-file", str(token), input=b"",
+                    timeout=30)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"" and "Traceback" not in err, err
+    assert (
+        f"the token file {str(token)!r} is {kind}, not a regular file: serve needs a regular" in err
+    )
 
 
 async def test_listen_lets_the_coordinator_answer_the_call_it_is_on_when_serve_stops(

@@ -329,15 +329,54 @@ MAX_TOKEN_CHARS = 64 * 1024
 
 def token_file(path: str) -> str:
     """A --token-file argument: the token on the file's first line (argparse turns the error into
-    exit code 2 with its message)."""
+    exit code 2 with its message). Any file that opens: `<(command)` gives a pipe."""
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
     except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _unreadable_token_file(path, e) from None
+    return token_on_first_line(first, path)
+
+
+def regular_token_file(path: str) -> str:
+    """serve's --token-file: as token_file, of a regular file only. serve reads it before its
+    ready line, started by damocles-manager: a FIFO without a writer would hold that start
+    for ever, so a FIFO, a socket or a device is refused by what it is, never opened to wait."""
+    try:
+        fd = open_regular(path, wait_for_lease=True)
+    except NotRegularFile as e:
         raise argparse.ArgumentTypeError(
-            f"cannot read the token file {path!r}: {why}; give a file whose first line is the token"
+            f"the token file {path!r} is {e.kind}, not a regular file: serve needs a regular file"
+            " whose first line is the token"
         ) from None
+    except OSError as e:
+        raise _unreadable_token_file(path, e) from None
+    return read_token(fd, path)
+
+
+def read_token(fd: int, path: str) -> str:
+    """The token on the first line of `path`, open as `fd` (closed here), as serve reads it:
+    argparse.ArgumentTypeError saying why it cannot be one."""
+    try:
+        with open(fd, encoding="utf-8") as f:
+            first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable_token_file(path, e) from None
+    return token_on_first_line(first, path)
+
+
+def _unreadable_token_file(
+    path: str, e: OSError | UnicodeDecodeError
+) -> argparse.ArgumentTypeError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return argparse.ArgumentTypeError(
+        f"cannot read the token file {path!r}: {why}; give a file whose first line is the token"
+    )
+
+
+def token_on_first_line(first: str, path: str) -> str:
+    """The token that `first`, the first line of the token file `path` (at most
+    MAX_TOKEN_CHARS + 1 characters of it), gives; argparse.ArgumentTypeError if none."""
     if len(first) > MAX_TOKEN_CHARS:
         raise argparse.ArgumentTypeError(
             f"the first line of the token file {path!r} is over {MAX_TOKEN_CHARS} characters,"
@@ -356,6 +395,44 @@ def token_file(path: str) -> str:
             " (e.g. `openssl rand -hex 32 > FILE`)"
         )
     return token
+
+
+class NotRegularFile(Exception):
+    """A path that names a directory, a FIFO, a socket or a device (`.kind`, in words)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def open_regular(path: str, *, wait_for_lease: bool = False) -> int:
+    """`path`, a regular file, opened to read without waiting: a FIFO without a writer (or a
+    device) would block open() or read() for ever, so what is not a regular file is refused by
+    its stat (NotRegularFile), and the open is O_NONBLOCK (one put in its place in between is
+    refused by its fstat). OSError as stat or open raise it; for a regular file a lease holds,
+    BlockingIOError, or with `wait_for_lease` a plain open() that waits for the lease to break."""
+    import stat
+
+    from damocles_ext.config.startup import file_kind
+
+    def regular(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(file_kind(st.st_mode))
+
+    regular(os.stat(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except BlockingIOError:
+        if not wait_for_lease:
+            raise
+        regular(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        regular(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --- where sectors are: the sector-location service's sources (sectors find, prove, worker) ------

@@ -37,8 +37,8 @@ from .common import (
     deadline_duration,
     load_config_from_args,
     positive_duration,
+    regular_token_file,
     supervisor_options,
-    token_file,
 )
 from .coordinator import _listen as listen_arg
 from .coordinator import _store as store_arg
@@ -149,9 +149,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     jobs.add_argument(
         "--token-file",
         metavar="FILE",
-        type=token_file,
+        type=regular_token_file,
         help="with --listen: require every RPC request to carry `Authorization: Bearer <token>`,"
-        " the token being the first line of FILE (as `damocles-ext coordinator --token-file`;"
+        " the token being the first line of FILE, a regular file (not a FIFO or a device: it is"
+        " read before the ready line; as `damocles-ext coordinator --token-file`;"
         " `damocles-ext worker` sends it with its own --token-file, a damocles-worker sends no"
         " header). Without it, every local user can take and finish jobs on a loopback port",
     )
