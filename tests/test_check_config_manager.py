@@ -446,3 +446,52 @@ def test_listening_hosts_collide_as_linux_binds_them(a: str, b: str, collide: bo
 
     assert _hosts_collide(a, b) is collide
     assert _hosts_collide(b, a) is collide
+
+
+def _serve_with_token_file(tmp_path: Path, token_file: str) -> Path:
+    """damocles-manager's file, its WdPost entry a `serve --jobs --listen --token-file`."""
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(
+        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+        f' "sqlite:///{tmp_path}/j.db", "--store", "a={tmp_path}", "--listen", "127.0.0.1:0",'
+        f' "--token-file", "{token_file}"]\n'
+    )
+    return manager
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (os.mkfifo, "is a FIFO (named pipe), not a regular file: serve needs a regular file"),
+        (lambda p: os.symlink("/dev/zero", p), "is a character device, not a regular file"),
+        (lambda p: Path(p).mkdir(), "is a directory, not a regular file"),
+        (lambda p: None, "does not exist; create it (the token on its first line"),
+        (lambda p: Path(p).write_text(""), "has no token on its first line; write the token"),
+        (lambda p: Path(p).write_text("s\u00e9cret\n"), "cannot be sent in an HTTP header"),
+    ],
+    ids=["fifo", "device", "directory", "missing", "empty", "not-ascii"],
+)
+def test_a_token_file_serve_cannot_use_is_an_error_never_waited_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, expected: str
+):
+    # check-config read the file itself, as it parsed serve's arguments: a FIFO held it for ever
+    # (now refused by what it is, from its stat, and opened O_NONBLOCK if at all), and what serve
+    # will refuse (exit 2 before its ready line: damocles-manager's start fails) was a warning.
+    token = tmp_path / "token"
+    make(str(token))
+    manager = _serve_with_token_file(tmp_path, str(token))
+    assert main(["check-config", "-c", str(manager)]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "--token-file" in line]
+    assert line.startswith(f"damocles-ext check-config: error: {manager}: WdPost[0] runs `"), err
+    assert f"--token-file {token}`, which will exit 2: " in line and expected in line, err
+    assert repr(str(token)) in line
+
+
+def test_a_token_file_serve_can_use_gets_nothing_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert not [w for w in _check(capsys, str(_serve_with_token_file(tmp_path, str(token))))
+                if "token" in w]  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from damocles_ext.cli import _Parser
 
@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "print one line per child that would start. Every error in the file is reported, and"
             " whatever would keep a child from starting on this machine (a Bin that is missing or"
             " not executable, a Plugin not installed or refusing its PluginOptions, a Cpuset"
-            " beyond the CPUs this process may use), as serve and run check before they report"
-            " ready; the exit code is 2 when there is any, and 75 (EX_TEMPFAIL) when the only"
+            " beyond the CPUs this process may use; in damocles-manager's file, the --token-file"
+            " of a serve entry that serve would refuse), as serve and run check before they"
+            " report ready; the exit code is 2 when there is any, and 75 (EX_TEMPFAIL) when the only"
             ' problem is that Gpus = "all" got no answer from the GPU driver (not loaded yet).'
         ),
     )
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import msgspec
 
     from damocles_ext.config import (
+        ConfigError,
         absent_gpu_warnings,
         check_startable,
         load_conf_dir,
@@ -69,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
         from damocles_ext.errors import UsageError
 
         raise UsageError(loop)
-    for warning in manager_entry_warnings(config) + absent_gpu_warnings(
-        config.children, config.gpus_found
-    ):
+    found = manager_entry_findings(config)
+    for warning in found.warnings + absent_gpu_warnings(config.children, config.gpus_found):
         print(f"warning: {warning}", file=sys.stderr)
+    for note in found.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if found.errors:  # such a serve will not start: damocles-manager's start of it fails
+        raise ConfigError(config.source, found.errors)
     if args.json:
         try:
             text = msgspec.json.format(msgspec.json.encode(config).decode())
@@ -161,7 +166,10 @@ def _parse_serve(args: list[str]) -> argparse.Namespace:
     from damocles_ext.commands import serve
 
     parser = _QuietParser(prog="damocles-ext")
-    serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
+    serving = serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
+    for action in serving._actions:
+        if action.dest == "token_file":  # kept a path: serve reads it, the parse must not
+            action.type = None  # (a FIFO, a file only damocles-manager's user reads: see below)
     return parser.parse_args(["serve", *args])
 
 
@@ -198,8 +206,18 @@ def serves_itself(config: Config, stage: str | None = None) -> str | None:
     return None
 
 
-def manager_entry_warnings(config: Config) -> list[str]:
-    """Warnings for entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`.
+class EntryFindings(NamedTuple):
+    """What check-config says of the entries of damocles-manager's ext-prover.cfg that run
+    `damocles-ext serve`: errors (exit code 2: such a serve will not start), warnings, notes
+    (what this user cannot see of what serve, as damocles-manager's user, will read)."""
+
+    errors: list[str]
+    warnings: list[str]
+    notes: list[str]
+
+
+def manager_entry_findings(config: Config) -> EntryFindings:
+    """Findings on entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`.
 
     Each such entry's `Concurrent` should be at least the request slots (the sum of the
     children's `Concurrent`) that the config it names (-c FILE or --conf-dir DIR) supervises for
@@ -217,7 +235,8 @@ def manager_entry_warnings(config: Config) -> list[str]:
     )
     from damocles_ext.errors import UsageError
 
-    warnings: list[str] = []
+    findings = EntryFindings([], [], [])
+    warnings = findings.warnings
     seen: set[tuple[str, int]] = set()
     # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
     served: dict[tuple[str, str, str | None], str] = {}
@@ -248,7 +267,10 @@ def manager_entry_warnings(config: Config) -> list[str]:
             continue
         if getattr(parsed, "jobs", None) is not None:
             # Its requests wait on a job store, not on slots of its own: nothing to compare; what
-            # it reads before its ready line (damocles-manager's sector-manager.cfg) is checked.
+            # it reads before its ready line (damocles-manager's sector-manager.cfg, the
+            # --token-file) is checked.
+            if parsed.token_file is not None:  # (with --listen: check_supervising_options)
+                _check_token_file(parsed.token_file, f"{where} runs `{command}`", findings)
             if (problem := _serve_jobs_problem(parsed)) is not None:
                 warnings.append(f"{where} runs `{command}`, which will exit 2: {problem}")
             elif parsed.listen is not None:
@@ -319,7 +341,38 @@ def manager_entry_warnings(config: Config) -> list[str]:
                             f"the config its `damocles-ext serve {entry.stage}` reads"
                             f" ({ours.source})")
             )  # fmt: skip
-    return warnings
+    return findings
+
+
+def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
+    """What serve will find at its --token-file `path`, as serve reads it (an error where it
+    will exit 2); never waits on it (a FIFO, a device) and reads at most its first line."""
+    from damocles_ext.commands.common import NotRegularFile, open_regular, read_token
+
+    will_fail = f"{runs}, which will exit 2:"
+    try:
+        fd = open_regular(path)
+    except NotRegularFile as e:
+        found.errors.append(
+            f"{will_fail} its token file {path!r} is {e.kind}, not a regular file: serve needs a"
+            " regular file whose first line is the token"
+        )
+        return
+    except BlockingIOError:
+        return  # a regular file a lease holds now: serve waits for it to break, as open() does
+    except (FileNotFoundError, NotADirectoryError):
+        found.errors.append(
+            f"{will_fail} its token file {path!r} does not exist; create it (the token on its"
+            " first line, e.g. `openssl rand -hex 32 > FILE`) or fix the path in Args"
+        )
+        return
+    except OSError as e:
+        found.errors.append(f"{will_fail} cannot read its token file {path!r}: {e.strerror}")
+        return
+    try:
+        read_token(fd, path)
+    except argparse.ArgumentTypeError as e:
+        found.errors.append(f"{will_fail} {e}")
 
 
 def _port_taken(address: tuple[str, int], taken: list[tuple[str, int, str]]) -> str | None:
