@@ -495,3 +495,25 @@ def test_a_token_file_serve_can_use_gets_nothing_said(
     token.write_text("s3cret\n")
     assert not [w for w in _check(capsys, str(_serve_with_token_file(tmp_path, str(token))))
                 if "token" in w]  # fmt: skip
+
+
+@pytest.mark.parametrize("here", ["usable", "missing", "empty"])
+def test_a_relative_token_file_is_warned_about_and_not_looked_for_in_the_wrong_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, here: str
+):
+    # damocles-manager starts serve in its own working directory: what check-config's has at
+    # that name (a usable token, nothing, an empty file) says nothing about what serve finds.
+    monkeypatch.chdir(tmp_path)
+    if here != "missing":
+        (tmp_path / "token").write_text("s3cret\n" if here == "usable" else "")
+    manager = _serve_with_token_file(tmp_path, "token")
+    warnings = [w for w in _check(capsys, str(manager)) if "token" in w]
+    assert warnings == [
+        (
+            f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs"
+            f" sqlite:///{tmp_path}/j.db --store a={tmp_path} --listen 127.0.0.1:0 --token-file"
+            " token`, whose --token-file 'token' is a relative path: serve reads it from"
+            " damocles-manager's working directory, which check-config cannot know, so it was"
+            " not looked for (not in check-config's own either); write it absolute"
+        )
+    ]

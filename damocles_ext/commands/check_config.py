@@ -349,6 +349,15 @@ def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
     will exit 2); never waits on it (a FIFO, a device) and reads at most its first line."""
     from damocles_ext.commands.common import NotRegularFile, open_regular, read_token
 
+    if path and not os.path.isabs(path):
+        # damocles-manager starts serve in its own working directory (Go's exec.Command, no Dir),
+        # which nothing here tells: looking in check-config's would say the wrong thing.
+        found.warnings.append(
+            f"{runs}, whose --token-file {path!r} is a relative path: serve reads it from"
+            " damocles-manager's working directory, which check-config cannot know, so it was"
+            " not looked for (not in check-config's own either); write it absolute"
+        )
+        return
     will_fail = f"{runs}, which will exit 2:"
     try:
         fd = open_regular(path)
