@@ -517,3 +517,49 @@ def test_a_relative_token_file_is_warned_about_and_not_looked_for_in_the_wrong_d
             " not looked for (not in check-config's own either); write it absolute"
         )
     ]
+
+
+@pytest.mark.parametrize("closed", ["file", "directory"])
+def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(closed: str):
+    # serve runs as damocles-manager's user, which may read a file that the user running
+    # check-config (another one) may not: that is no sign the file is missing or unusable.
+    import json
+
+    from helpers.kept_out import a_closed_directory, said_when_kept_out
+
+    from damocles_ext.commands.check_config import manager_entry_findings
+    from damocles_ext.config import load_config
+
+    with a_closed_directory() as directory:
+        base = directory.parent
+        if closed == "file":
+            token = base / "token"
+            token.write_text("s3cret\n")
+            token.chmod(0)
+        else:
+            token = directory / "inside"
+        manager = _serve_with_token_file(base, str(token))
+
+        class Found(Exception):
+            pass
+
+        def findings() -> None:
+            raise Found(json.dumps(manager_entry_findings(load_config(str(manager)))._asdict()))
+
+        said = said_when_kept_out(findings)
+    assert said.startswith("Found: "), said
+    found = json.loads(said.removeprefix("Found: "))
+    assert found["errors"] == [] and not [w for w in found["warnings"] if "token" in w], found
+    [note] = found["notes"]
+    you = f"you (uid {os.geteuid() or 65534})"
+    why = (
+        f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
+        if closed == "file"
+        else f"cannot be looked at by {you}: a directory on its path is closed to you"
+    )
+    assert note.startswith(f"{manager}: WdPost[0] runs `damocles-ext serve window_post "), note
+    assert note.endswith(
+        f"--token-file {token}`: its token file {str(token)!r} {why}; serve runs as"
+        " damocles-manager's user, so check that user can read it (whether it holds a token was"
+        " not seen here)"
+    ), note

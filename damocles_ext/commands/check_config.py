@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " of a serve entry that serve would refuse), as serve and run check before they"
             " report ready; the exit code is 2 when there is any, and 75 (EX_TEMPFAIL) when the only"
             ' problem is that Gpus = "all" got no answer from the GPU driver (not loaded yet).'
+            " A note says what this user cannot see of what damocles-manager's user will read."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -369,6 +370,9 @@ def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
         return
     except BlockingIOError:
         return  # a regular file a lease holds now: serve waits for it to break, as open() does
+    except PermissionError:  # not for this user: serve, as damocles-manager's, may read it
+        found.notes.append(f"{runs}: {_closed_to_you(path)}")
+        return
     except (FileNotFoundError, NotADirectoryError):
         found.errors.append(
             f"{will_fail} its token file {path!r} does not exist; create it (the token on its"
@@ -382,6 +386,24 @@ def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
         read_token(fd, path)
     except argparse.ArgumentTypeError as e:
         found.errors.append(f"{will_fail} {e}")
+
+
+def _closed_to_you(path: str) -> str:
+    """Why this user cannot read `path` (EACCES), and that serve's user is the one to ask."""
+    import stat
+
+    you = f"you (uid {os.geteuid()})"
+    try:
+        st = os.stat(path)
+    except OSError:
+        closed = f"cannot be looked at by {you}: a directory on its path is closed to you"
+    else:
+        mode = stat.S_IMODE(st.st_mode)
+        closed = f"cannot be read by {you}: it is uid {st.st_uid}'s, mode {mode:04o}"
+    return (
+        f"its token file {path!r} {closed}; serve runs as damocles-manager's user, so check that"
+        " user can read it (whether it holds a token was not seen here)"
+    )
 
 
 def _port_taken(address: tuple[str, int], taken: list[tuple[str, int, str]]) -> str | None:
