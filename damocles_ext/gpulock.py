@@ -16,11 +16,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from .regular_file import NotRegularFile, open_regular
 
 GPU_LOCK = "bellman.gpu.lock"
 PRIORITY_LOCK = "bellman.priority.lock"
@@ -40,33 +41,19 @@ class LockFileError(OSError):
     """A lock file we will not open: not a regular file (a FIFO, a device ...), or dangling."""
 
 
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return f"a file of type {stat.S_IFMT(mode):o}"
-
-
 def _open_regular(path: Path, flags: int, *, create: bool) -> int:
     """Open `path` with `flags` only if it is (or, followed as a symlink, leads to) a regular file.
 
     The lock directory may be /tmp, where anyone can put something under our name. Opening a FIFO
     blocks until a writer comes, and opening a device runs its driver (a symlink to
-    /dev/watchdog...), so the file is first reached with O_PATH, which opens nothing, and only
-    a regular file is then really opened, through /proc/self/fd so that it is the same inode.
+    /dev/watchdog...): regular_file.open_regular opens nothing else than a regular file.
     Symlinks are followed as bellperson follows them. With `create`, a missing file is created
     (O_EXCL: never through a dangling symlink). Raises FileNotFoundError if missing and not
     `create`, LockFileError for anything else than a regular file.
     """
     for _ in range(3):
         try:
-            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            return open_regular(path, flags)
         except FileNotFoundError:
             if not create:
                 raise
@@ -74,18 +61,11 @@ def _open_regular(path: Path, flags: int, *, create: bool) -> int:
                 return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileExistsError:
                 continue  # created meanwhile by someone else, or a dangling symlink: look again
-        try:
-            mode = os.fstat(pfd).st_mode
-            if not stat.S_ISREG(mode):
-                raise LockFileError(
-                    f"{path} is {_kind(mode)}, not a regular file; remove it (bellperson's"
-                    " lock files are regular files)",
-                )
-            return os.open(
-                f"/proc/self/fd/{pfd}", flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            )
-        finally:
-            os.close(pfd)
+        except NotRegularFile as exc:
+            raise LockFileError(
+                f"{path} is {exc.kind}, not a regular file; remove it (bellperson's"
+                " lock files are regular files)",
+            ) from None
     raise LockFileError(
         f"{path} is a symlink to a file that does not exist; remove it (bellperson's lock files"
         " are regular files)",

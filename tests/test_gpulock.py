@@ -130,7 +130,7 @@ def test_a_fifo_under_the_gpu_lock_name_is_reported_without_blocking(tmp_path):
     state = lock_state_bounded(tmp_path)
     assert state["priority"] is None
     assert state["gpu"] == (
-        f"bellman.gpu.lock is not probed: {tmp_path / gpulock.GPU_LOCK} is a FIFO, not a regular"
+        f"bellman.gpu.lock is not probed: {tmp_path / gpulock.GPU_LOCK} is a FIFO (named pipe), not a regular"
         " file; remove it (bellperson's lock files are regular files)"
     )
 
@@ -140,7 +140,7 @@ def test_a_symlink_to_a_fifo_or_a_device_is_not_opened(tmp_path):
     os.symlink(tmp_path / "fifo", tmp_path / gpulock.GPU_LOCK)
     os.symlink("/dev/null", tmp_path / gpulock.PRIORITY_LOCK)
     state = lock_state_bounded(tmp_path)
-    assert "is a FIFO, not a regular file" in state["gpu"]
+    assert "is a FIFO (named pipe), not a regular file" in state["gpu"]
     assert "is a character device, not a regular file" in state["priority"]
 
 
@@ -156,7 +156,7 @@ def test_taking_the_lock_refuses_a_fifo_and_lets_go_of_the_priority_lock(tmp_pat
     with pytest.raises(gpulock.LockFileError) as caught, gpulock.priority_gpu_lock(tmp_path):
         pass
     assert str(caught.value) == (
-        f"{tmp_path / gpulock.GPU_LOCK} is a FIFO, not a regular file; remove it (bellperson's"
+        f"{tmp_path / gpulock.GPU_LOCK} is a FIFO (named pipe), not a regular file; remove it (bellperson's"
         " lock files are regular files)"
     )
     assert gpulock.lock_state(tmp_path)["priority"] is False

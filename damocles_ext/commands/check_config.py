@@ -348,7 +348,8 @@ def manager_entry_findings(config: Config) -> EntryFindings:
 def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
     """What serve will find at its --token-file `path`, as serve reads it (an error where it
     will exit 2); never waits on it (a FIFO, a device) and reads at most its first line."""
-    from damocles_ext.commands.common import NotRegularFile, open_regular, read_token
+    from damocles_ext.commands.common import read_token
+    from damocles_ext.regular_file import NotRegularFile, open_regular
 
     if path and not os.path.isabs(path):
         # damocles-manager starts serve in its own working directory (Go's exec.Command, no Dir),

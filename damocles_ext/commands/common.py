@@ -342,6 +342,8 @@ def regular_token_file(path: str) -> str:
     """serve's --token-file: as token_file, of a regular file only. serve reads it before its
     ready line, started by damocles-manager: a FIFO without a writer would hold that start
     for ever, so a FIFO, a socket or a device is refused by what it is, never opened to wait."""
+    from damocles_ext.regular_file import NotRegularFile, open_regular
+
     try:
         fd = open_regular(path, wait_for_lease=True)
     except NotRegularFile as e:
@@ -395,44 +397,6 @@ def token_on_first_line(first: str, path: str) -> str:
             " (e.g. `openssl rand -hex 32 > FILE`)"
         )
     return token
-
-
-class NotRegularFile(Exception):
-    """A path that names a directory, a FIFO, a socket or a device (`.kind`, in words)."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-def open_regular(path: str, *, wait_for_lease: bool = False) -> int:
-    """`path`, a regular file, opened to read without waiting: a FIFO without a writer (or a
-    device) would block open() or read() for ever, so what is not a regular file is refused by
-    its stat (NotRegularFile), and the open is O_NONBLOCK (one put in its place in between is
-    refused by its fstat). OSError as stat or open raise it; for a regular file a lease holds,
-    BlockingIOError, or with `wait_for_lease` a plain open() that waits for the lease to break."""
-    import stat
-
-    from damocles_ext.config.startup import file_kind
-
-    def regular(st: os.stat_result) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(file_kind(st.st_mode))
-
-    regular(os.stat(path))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except BlockingIOError:
-        if not wait_for_lease:
-            raise
-        regular(os.stat(path))
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        regular(os.fstat(fd))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 # --- where sectors are: the sector-location service's sources (sectors find, prove, worker) ------

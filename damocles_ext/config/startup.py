@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ..options import OPTIONS_ENV, options_env_value
+from ..regular_file import file_kind, open_regular
 from ..trusted_path import UntrustedPathError, resolve_trusted
 from . import machine
 from .machine import untrusted_problem
@@ -30,33 +31,18 @@ if TYPE_CHECKING:
     from ..plugins import DextPluginManager
 
 
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISSOCK, "a socket"),
-)
 #: How much of a program's start is read for its #! line (the kernel reads 256 bytes).
 _SHEBANG_READ = 256
 
 
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, in words: "a directory", "a FIFO (named
-    pipe)" ..."""
-    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
-
-
 def _head(program: str) -> bytes | None:
-    """The first 256 bytes of `program`, a regular file (never blocks on a FIFO or a device);
-    None when it is not one or cannot be read."""
+    """The first 256 bytes of `program`, a regular file (never blocks on a FIFO nor opens a
+    device); None when it is not one or cannot be read."""
     try:
-        fd = os.open(program, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        fd = open_regular(program)
+    except OSError:  # NotRegularFile too
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         return os.read(fd, _SHEBANG_READ)
     except OSError:
         return None

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ..regular_file import NotRegularFile, open_regular
 from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, WinningPoSt, WinningPoStOutput
 from . import challenges as ch
 from .errors import InvalidTaskError, PoStCancelled, SectorFaultError
@@ -138,19 +138,15 @@ def prove_sector(
 
 
 def _open_input(path: str, what: str) -> BinaryIO:
-    """`path` opened for reading, unbuffered, as the C prover opens its input files: a FIFO
-    where a file should be (no writer) would block open() for ever, so it is opened at once
-    (O_NONBLOCK) and then refused; a regular file loses the flag, and one that a lease holds
-    is opened again, waiting for the lease to break, as a plain open() does."""
+    """`path` opened for reading, unbuffered, if it is a regular file: a FIFO where a file
+    should be (no writer) would block open() for ever, and a device's open runs its driver, so
+    neither is opened (regular_file.open_regular); one that a lease holds is opened once the
+    lease breaks, as a plain open() does."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except BlockingIOError:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path, wait_for_lease=True)
+    except NotRegularFile:
+        raise _Fault(f"{what} {path} is not a regular file") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Fault(f"{what} {path} is not a regular file")
         os.set_blocking(fd, True)
         return open(fd, "rb", buffering=0)
     except BaseException:

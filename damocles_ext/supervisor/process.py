@@ -32,8 +32,9 @@ import trio
 
 from ..config import TABLE_OF_STAGE, TMP_ROOT_ENV
 from ..config.machine import untrusted_problem
-from ..config.startup import file_kind, interpreter_problem
+from ..config.startup import interpreter_problem
 from ..errors import FILES_ADVICE, TASKS_ADVICE
+from ..regular_file import file_kind
 from ..trusted_path import UntrustedPathError, make_trusted_dirs, resolve_trusted
 
 log = logging.getLogger("damocles_ext.supervisor")

@@ -1,0 +1,71 @@
+"""Open a file only if it is a regular file, never blocking on, or opening, what is not one.
+
+A path someone else could write to (a lock file in /tmp, a program named in a config, a token
+file) may name a FIFO, whose open() waits for a writer for ever, or a device, whose open() runs
+its driver (a symlink to /dev/watchdog ...). `open_regular` reaches the file with O_PATH, which
+opens nothing, looks at what that inode is, and only then opens it, through /proc/self/fd so
+that it is the inode just looked at: no window in which another file put under the name is
+opened instead. `file_kind` says in words what a file that is not a regular file is.
+Used by gpulock.py, config/startup.py (a program's first bytes) and commands/common.py
+(serve's --token-file); it imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words: "a directory", "a FIFO (named
+    pipe)" ..."""
+    return next(
+        (what for test, what in _KINDS if test(mode)), f"a file of type {stat.S_IFMT(mode):o}"
+    )
+
+
+class NotRegularFile(OSError):
+    """A path that names a directory, a FIFO, a socket or a device (`.kind`, in words)."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
+        super().__init__(f"{os.fspath(path)} is {kind}, not a regular file")
+        self.path = os.fspath(path)
+        self.kind = kind
+
+
+def open_regular(
+    path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, wait_for_lease: bool = False
+) -> int:
+    """`path` (a symlink followed) opened with `flags` if it is a regular file; never blocks
+    on a FIFO and never opens a device. NotRegularFile for anything else than a regular file,
+    OSError as open() raises it (FileNotFoundError, PermissionError ...). The fd returned is
+    O_NONBLOCK (no matter for a regular file) and O_CLOEXEC.
+
+    A regular file that a lease holds: BlockingIOError, or with `wait_for_lease` an open that
+    waits for the lease to break (as a plain open() does, at most /proc/sys/fs/lease-break-time)
+    — of that same inode, never of what the name may lead to by then.
+    """
+    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, file_kind(mode))
+        same = f"/proc/self/fd/{pfd}"
+        try:
+            return os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except BlockingIOError:
+            if not wait_for_lease:
+                raise
+            fd = os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
+            os.set_blocking(fd, False)
+            return fd
+    finally:
+        os.close(pfd)

@@ -1,0 +1,96 @@
+"""regular_file.open_regular, and every reader of a file that must be a regular one using it:
+the name is resolved once, with O_PATH (which opens nothing), and only that inode, seen to be a
+regular file, is opened; a FIFO or a device put under the name meanwhile is never opened."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from damocles_ext import gpulock, regular_file
+from damocles_ext.commands.common import regular_token_file
+from damocles_ext.config.startup import missing_interpreter
+from damocles_ext.post import reference
+
+
+def _spy_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every os.open of the test, (path, flags), in order."""
+    opens: list[tuple[str, int]] = []
+    real = os.open
+
+    def spying(path, flags, *args, **kwargs):
+        opens.append((os.fspath(path), flags))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spying)
+    return opens
+
+
+def _read_input(path: str) -> None:
+    with reference._open_input(path, "sealed file") as f:
+        f.read()
+
+
+READERS: dict[str, tuple[bytes, Callable[[str], object]]] = {
+    "serve --token-file": (b"s3cret\n", regular_token_file),
+    "a program's #! line": (b"#!/bin/sh\n", missing_interpreter),
+    "a GPU lock file": (b"", lambda p: gpulock.lock_state(os.path.dirname(p))),
+    "a sealed file": (b"sealed", _read_input),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_the_name_is_opened_only_with_o_path_so_nothing_put_there_meanwhile_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+):
+    # Each looked at the name (stat) and then opened the name (O_NONBLOCK): a FIFO or a device
+    # put there in between was opened (a device's driver run), or each copy did it its own way.
+    text, read = READERS[reader]
+    path = tmp_path / gpulock.GPU_LOCK
+    path.write_bytes(text)
+    opens = _spy_opens(monkeypatch)
+    read(str(path))
+    by_name = [flags for opened, flags in opens if opened == str(path)]
+    assert by_name and all(flags & os.O_PATH for flags in by_name), opens
+    assert any(opened.startswith("/proc/self/fd/") for opened, _ in opens), opens
+
+
+def test_a_file_a_lease_holds_is_waited_for_as_the_inode_seen_never_by_its_name_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # serve's --token-file, held by a lease: the open that waits for the lease to break was a
+    # plain open() of the name, so a FIFO put there meanwhile held serve before its ready line
+    # for ever. Now it is the inode seen to be a regular file that is opened again.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    real = os.open
+    leased: list[tuple[str, int]] = []
+
+    def lease_held_once(path, flags, *args, **kwargs):
+        if not flags & os.O_PATH and flags & os.O_NONBLOCK and not leased:
+            leased.append((os.fspath(path), flags))
+            os.rename(token, tmp_path / "was-token")
+            os.mkfifo(token)  # what the name leads to by the time the lease is waited for
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", lease_held_once)
+    assert regular_token_file(str(token)) == "s3cret"
+    assert leased, "the lease was never met: the test proves nothing"
+
+
+def test_a_fifo_a_device_or_a_directory_is_refused_by_what_it_is(tmp_path: Path):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/dev/null", tmp_path / "device")
+    for name, kind in (
+        ("fifo", "a FIFO (named pipe)"),
+        ("device", "a character device"),
+        (".", "a directory"),
+    ):
+        with pytest.raises(regular_file.NotRegularFile) as caught:
+            regular_file.open_regular(tmp_path / name)
+        assert caught.value.kind == kind
+        assert str(caught.value) == f"{tmp_path / name} is {kind}, not a regular file"
