@@ -563,3 +563,27 @@ def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(c
         " damocles-manager's user, so check that user can read it (whether it holds a token was"
         " not seen here)"
     ), note
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "fifo"])
+def test_check_config_says_of_a_token_file_what_serve_says_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+):
+    # check-config had its own reading of the file, with its own words: a missing file "does not
+    # exist" there, "cannot read ...: No such file or directory" from serve. Both read it now
+    # with serve's own --token-file reading: what follows "which will exit 2:" is serve's error.
+    from helpers.frontend import dext_run
+
+    token = tmp_path / "token"
+    {"directory": token.mkdir, "empty": lambda: token.write_text(""),
+     "fifo": lambda: os.mkfifo(token), "missing": lambda: None}[case]()  # fmt: skip
+    manager = _serve_with_token_file(tmp_path, str(token))
+    assert main(["check-config", "-c", str(manager)]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "--token-file" in line]
+    said = line.split(f"--token-file {token}`, which will exit 2: ", 1)[1]
+    served = dext_run("serve", "window_post", "--jobs", f"sqlite:///{tmp_path}/j.db", "--store",
+                      f"a={tmp_path}", "--listen", "127.0.0.1:0", "--token-file", str(token),
+                      input=b"", timeout=30)  # fmt: skip
+    assert served.returncode == 2, served.stderr
+    assert f"argument --token-file: {said}\n" in served.stderr.decode(), (said, served.stderr)

@@ -954,7 +954,7 @@ async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (None, b"cannot read the token file"),
+        (None, b"does not exist; create it (the token on its first line"),
         ("", b"has no token"),
         ("\n\nsecond-line", b"has no token"),
         ("/dev/zero", b"is over 65536 characters, longer than any token"),  # read a line, bounded

@@ -348,8 +348,9 @@ def manager_entry_findings(config: Config) -> EntryFindings:
 def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
     """What serve will find at its --token-file `path`, as serve reads it (an error where it
     will exit 2); never waits on it (a FIFO, a device) and reads at most its first line."""
-    from damocles_ext.commands.common import read_token
-    from damocles_ext.regular_file import NotRegularFile, open_regular
+    import errno
+
+    from damocles_ext.commands.common import TokenFileError, regular_token_file
 
     if path and not os.path.isabs(path):
         # damocles-manager starts serve in its own working directory (Go's exec.Command, no Dir),
@@ -360,33 +361,13 @@ def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
             " not looked for (not in check-config's own either); write it absolute"
         )
         return
-    will_fail = f"{runs}, which will exit 2:"
     try:
-        fd = open_regular(path)
-    except NotRegularFile as e:
-        found.errors.append(
-            f"{will_fail} its token file {path!r} is {e.kind}, not a regular file: serve needs a"
-            " regular file whose first line is the token"
-        )
-        return
-    except BlockingIOError:
-        return  # a regular file a lease holds now: serve waits for it to break, as open() does
-    except PermissionError:  # not for this user: serve, as damocles-manager's, may read it
-        found.notes.append(f"{runs}: {_closed_to_you(path)}")
-        return
-    except (FileNotFoundError, NotADirectoryError):
-        found.errors.append(
-            f"{will_fail} its token file {path!r} does not exist; create it (the token on its"
-            " first line, e.g. `openssl rand -hex 32 > FILE`) or fix the path in Args"
-        )
-        return
-    except OSError as e:
-        found.errors.append(f"{will_fail} cannot read its token file {path!r}: {e.strerror}")
-        return
-    try:
-        read_token(fd, path)
-    except argparse.ArgumentTypeError as e:
-        found.errors.append(f"{will_fail} {e}")
+        regular_token_file(path, wait_for_lease=False)  # serve's own reading, never waiting
+    except TokenFileError as e:
+        if e.errno == errno.EACCES:  # not for this user: serve, as damocles-manager's, may read it
+            found.notes.append(f"{runs}: {_closed_to_you(path)}")
+        elif e.errno != errno.EAGAIN:  # (EAGAIN: a lease holds it now; serve waits for it)
+            found.errors.append(f"{runs}, which will exit 2: {e}")
 
 
 def _closed_to_you(path: str) -> str:

@@ -327,38 +327,46 @@ class DeadlineAfter(argparse.Action):
 MAX_TOKEN_CHARS = 64 * 1024
 
 
+class TokenFileError(argparse.ArgumentTypeError):
+    """Why a --token-file gives no token (argparse makes it exit code 2 with the message);
+    `errno`: that of the OSError that kept the file from being read, else None."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 def token_file(path: str) -> str:
     """A --token-file argument: the token on the file's first line (argparse turns the error into
     exit code 2 with its message). Any file that opens: `<(command)` gives a pipe."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
-    except (OSError, UnicodeDecodeError) as e:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
         raise _unreadable_token_file(path, e) from None
-    return token_on_first_line(first, path)
+    return _read_token(fd, path)
 
 
-def regular_token_file(path: str) -> str:
+def regular_token_file(path: str, *, wait_for_lease: bool = True) -> str:
     """serve's --token-file: as token_file, of a regular file only. serve reads it before its
     ready line, started by damocles-manager: a FIFO without a writer would hold that start
-    for ever, so a FIFO, a socket or a device is refused by what it is, never opened to wait."""
+    for ever, so a FIFO, a socket or a device is refused by what it is, never opened to wait.
+    check-config reads it so too, without `wait_for_lease` (a lease held: errno EAGAIN)."""
     from damocles_ext.regular_file import NotRegularFile, open_regular
 
     try:
-        fd = open_regular(path, wait_for_lease=True)
+        fd = open_regular(path, wait_for_lease=wait_for_lease)
     except NotRegularFile as e:
-        raise argparse.ArgumentTypeError(
+        raise TokenFileError(
             f"the token file {path!r} is {e.kind}, not a regular file: serve needs a regular file"
             " whose first line is the token"
         ) from None
     except OSError as e:
         raise _unreadable_token_file(path, e) from None
-    return read_token(fd, path)
+    return _read_token(fd, path)
 
 
-def read_token(fd: int, path: str) -> str:
-    """The token on the first line of `path`, open as `fd` (closed here), as serve reads it:
-    argparse.ArgumentTypeError saying why it cannot be one."""
+def _read_token(fd: int, path: str) -> str:
+    """The token on the first line of `path`, open as `fd` (closed here)."""
     try:
         with open(fd, encoding="utf-8") as f:
             first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
@@ -367,20 +375,25 @@ def read_token(fd: int, path: str) -> str:
     return token_on_first_line(first, path)
 
 
-def _unreadable_token_file(
-    path: str, e: OSError | UnicodeDecodeError
-) -> argparse.ArgumentTypeError:
+def _unreadable_token_file(path: str, e: OSError | UnicodeDecodeError) -> TokenFileError:
+    if isinstance(e, FileNotFoundError):
+        return TokenFileError(
+            f"the token file {path!r} does not exist; create it (the token on its first line,"
+            " e.g. `openssl rand -hex 32 > FILE`) or fix the path",
+            e.errno,
+        )
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return argparse.ArgumentTypeError(
-        f"cannot read the token file {path!r}: {why}; give a file whose first line is the token"
+    return TokenFileError(
+        f"cannot read the token file {path!r}: {why}; give a file whose first line is the token",
+        e.errno if isinstance(e, OSError) else None,
     )
 
 
 def token_on_first_line(first: str, path: str) -> str:
     """The token that `first`, the first line of the token file `path` (at most
-    MAX_TOKEN_CHARS + 1 characters of it), gives; argparse.ArgumentTypeError if none."""
+    MAX_TOKEN_CHARS + 1 characters of it), gives; TokenFileError if none."""
     if len(first) > MAX_TOKEN_CHARS:
-        raise argparse.ArgumentTypeError(
+        raise TokenFileError(
             f"the first line of the token file {path!r} is over {MAX_TOKEN_CHARS} characters,"
             " longer than any token: is it the right file?"
         )
@@ -388,11 +401,11 @@ def token_on_first_line(first: str, path: str) -> str:
     from damocles_ext.jobs.endpoint import header_value_problem
 
     if (problem := header_value_problem(token)) is not None:
-        raise argparse.ArgumentTypeError(
+        raise TokenFileError(
             f"the token in the token file {path!r} cannot be sent in an HTTP header: {problem}"
         )
     if not token:
-        raise argparse.ArgumentTypeError(
+        raise TokenFileError(
             f"the token file {path!r} has no token on its first line; write the token there"
             " (e.g. `openssl rand -hex 32 > FILE`)"
         )
