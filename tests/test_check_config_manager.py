@@ -587,3 +587,24 @@ def test_check_config_says_of_a_token_file_what_serve_says_of_it(
                       input=b"", timeout=30)  # fmt: skip
     assert served.returncode == 2, served.stderr
     assert f"argument --token-file: {said}\n" in served.stderr.decode(), (said, served.stderr)
+
+
+def test_parsing_serves_arguments_fails_loudly_if_its_token_file_option_is_not_found(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # check-config keeps serve's --token-file a path (found by its dest) so that the parse does
+    # not read the file; renamed in serve, the file would be read by the parse again, unseen.
+    from damocles_ext.commands import check_config, serve
+
+    real = serve.add_parser
+
+    def renamed(subparsers):
+        parser = real(subparsers)
+        for action in parser._actions:
+            if action.dest == "token_file":
+                action.dest = "bearer_file"
+        return parser
+
+    monkeypatch.setattr(serve, "add_parser", renamed)
+    with pytest.raises(RuntimeError, match="serve's parser has 0 --token-file options, not 1"):
+        check_config._parse_serve(["window_post", "-c", "x.cfg"])

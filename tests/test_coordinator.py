@@ -957,7 +957,7 @@ async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
         (None, b"does not exist; create it (the token on its first line"),
         ("", b"has no token"),
         ("\n\nsecond-line", b"has no token"),
-        ("/dev/zero", b"is over 65536 characters, longer than any token"),  # read a line, bounded
+        ("/dev/zero", b"is over 65536 bytes, longer than any token"),  # read a line, bounded
         ("s\u00e9cret\n", b"cannot be sent in an HTTP header: a header value is sent as ASCII"),
     ],
     ids=["missing", "empty", "blank", "endless", "not-ascii"],

@@ -7,6 +7,7 @@ coordinator's RPC itself when serve runs it (--listen)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -494,6 +495,53 @@ def test_a_token_file_that_is_a_fifo_or_a_device_exits_2_at_once_saying_what_it_
     assert done.returncode == 2 and done.stdout == b"" and "Traceback" not in err, err
     assert (
         f"the token file {str(token)!r} is {kind}, not a regular file: serve needs a regular" in err
+    )
+
+
+def test_a_token_file_is_read_as_bytes_and_only_its_first_line_decoded(tmp_path):
+    # It was read as UTF-8 text: a byte that is not UTF-8 after the first line (in the buffer
+    # the first read filled) made a good token refused.
+    from damocles_ext.commands.common import regular_token_file, token_file
+
+    token = tmp_path / "token"
+    token.write_bytes(b"s3cret\n\xff\xfe not text\n")
+    assert regular_token_file(str(token)) == "s3cret" and token_file(str(token)) == "s3cret"
+    token.write_bytes(b"s3\xffcret\n")
+    with pytest.raises(argparse.ArgumentTypeError, match="its first line is not UTF-8"):
+        regular_token_file(str(token))
+
+
+def test_a_token_file_below_a_file_is_said_to_be_under_a_file_not_missing(tmp_path):
+    from damocles_ext.commands.common import regular_token_file
+
+    (tmp_path / "file").write_text("")
+    path = str(tmp_path / "file" / "token")
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        regular_token_file(path)
+    assert str(caught.value) == (
+        f"the token file {path!r} cannot be there: a part of its path before it is a file, not a"
+        " directory; fix the path"
+    )
+
+
+@pytest.mark.parametrize("closed", ["file", "directory"])
+def test_a_token_file_serve_may_not_read_names_its_uid_and_says_to_fix_permissions(closed):
+    from helpers.kept_out import NOBODY, a_closed_directory, said_when_kept_out
+
+    from damocles_ext.commands.common import regular_token_file
+
+    with a_closed_directory() as directory:
+        token = directory / "inside"
+        if closed == "file":
+            token = directory.parent / "token"
+            token.write_text("s3cret\n")
+            token.chmod(0)
+        said = said_when_kept_out(lambda: regular_token_file(str(token)))
+    uid = os.geteuid() or NOBODY
+    assert said == (
+        f"TokenFileError: the token file {str(token)!r} cannot be read by uid {uid}, which this"
+        " command runs as (permission denied); fix its permissions, or those of a directory on"
+        f" its path, so that uid {uid} may read it"
     )
 
 

@@ -168,9 +168,12 @@ def _parse_serve(args: list[str]) -> argparse.Namespace:
 
     parser = _QuietParser(prog="damocles-ext")
     serving = serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
-    for action in serving._actions:
-        if action.dest == "token_file":  # kept a path: serve reads it, the parse must not
-            action.type = None  # (a FIFO, a file only damocles-manager's user reads: see below)
+    # --token-file kept a path: serve reads it as its argument is parsed, this parse must not
+    # (a FIFO, a file only damocles-manager's user reads: see _check_token_file).
+    tokens = [action for action in serving._actions if action.dest == "token_file"]
+    if len(tokens) != 1:  # renamed in serve: this parse would read the file, or miss it
+        raise RuntimeError(f"serve's parser has {len(tokens)} --token-file options, not 1")
+    tokens[0].type = None
     return parser.parse_args(["serve", *args])
 
 

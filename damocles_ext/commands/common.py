@@ -323,7 +323,7 @@ class DeadlineAfter(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-#: The longest first line a token file may have (a JWT with many claims is under 4 KiB).
+#: The longest first line (bytes) a token file may have (a JWT with many claims is under 4 KiB).
 MAX_TOKEN_CHARS = 64 * 1024
 
 
@@ -366,13 +366,22 @@ def regular_token_file(path: str, *, wait_for_lease: bool = True) -> str:
 
 
 def _read_token(fd: int, path: str) -> str:
-    """The token on the first line of `path`, open as `fd` (closed here)."""
+    """The token on the first line of `path`, open as `fd` (closed here). Read as bytes: only
+    that line is decoded (what follows it is none of the token's business)."""
     try:
-        with open(fd, encoding="utf-8") as f:
+        with open(fd, "rb") as f:
             first = f.readline(MAX_TOKEN_CHARS + 1)  # bounded: /dev/zero must not fill memory
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise _unreadable_token_file(path, e) from None
-    return token_on_first_line(first, path)
+    if len(first) > MAX_TOKEN_CHARS:
+        raise TokenFileError(
+            f"the first line of the token file {path!r} is over {MAX_TOKEN_CHARS} bytes,"
+            " longer than any token: is it the right file?"
+        )
+    try:
+        return token_on_first_line(first.decode("utf-8"), path)
+    except UnicodeDecodeError as e:
+        raise _unreadable_token_file(path, e) from None
 
 
 def _unreadable_token_file(path: str, e: OSError | UnicodeDecodeError) -> TokenFileError:
@@ -382,7 +391,23 @@ def _unreadable_token_file(path: str, e: OSError | UnicodeDecodeError) -> TokenF
             " e.g. `openssl rand -hex 32 > FILE`) or fix the path",
             e.errno,
         )
+    if isinstance(e, NotADirectoryError):
+        return TokenFileError(
+            f"the token file {path!r} cannot be there: a part of its path before it is a file,"
+            " not a directory; fix the path",
+            e.errno,
+        )
+    if isinstance(e, PermissionError):
+        uid = os.geteuid()
+        return TokenFileError(
+            f"the token file {path!r} cannot be read by uid {uid}, which this command runs as"
+            f" (permission denied); fix its permissions, or those of a directory on its path, so"
+            f" that uid {uid} may read it",
+            e.errno,
+        )
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if isinstance(e, UnicodeDecodeError):
+        why = f"its first line is not UTF-8 ({e})"
     return TokenFileError(
         f"cannot read the token file {path!r}: {why}; give a file whose first line is the token",
         e.errno if isinstance(e, OSError) else None,
@@ -390,13 +415,8 @@ def _unreadable_token_file(path: str, e: OSError | UnicodeDecodeError) -> TokenF
 
 
 def token_on_first_line(first: str, path: str) -> str:
-    """The token that `first`, the first line of the token file `path` (at most
-    MAX_TOKEN_CHARS + 1 characters of it), gives; TokenFileError if none."""
-    if len(first) > MAX_TOKEN_CHARS:
-        raise TokenFileError(
-            f"the first line of the token file {path!r} is over {MAX_TOKEN_CHARS} characters,"
-            " longer than any token: is it the right file?"
-        )
+    """The token that `first`, the first line of the token file `path` (of
+    MAX_TOKEN_CHARS bytes at most, decoded), gives; TokenFileError if none."""
     token = first.strip()
     from damocles_ext.jobs.endpoint import header_value_problem
 
