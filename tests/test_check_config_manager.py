@@ -459,6 +459,25 @@ def _serve_with_token_file(tmp_path: Path, token_file: str) -> Path:
     return manager
 
 
+#: How long check-config may take on a token file before the test takes it for waiting on it.
+HANG_AFTER = 30.0  # seconds
+
+
+def _check_config_bounded(manager: Path) -> tuple[int, str]:
+    """(exit code, stderr) of check-config on `manager`, run in a child process that is killed
+    after HANG_AFTER s: should check-config wait on a token file (a FIFO without a writer), the
+    test fails, where an in-process call would hold the test run for ever."""
+    import subprocess
+
+    from helpers.frontend import dext_run
+
+    try:
+        done = dext_run("check-config", "-c", str(manager), input=b"", timeout=HANG_AFTER)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"check-config gave no answer within {HANG_AFTER} s: it waits on the file")
+    return done.returncode, done.stderr.decode()
+
+
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
@@ -472,7 +491,7 @@ def _serve_with_token_file(tmp_path: Path, token_file: str) -> Path:
     ids=["fifo", "device", "directory", "missing", "empty", "not-ascii"],
 )
 def test_a_token_file_serve_cannot_use_is_an_error_never_waited_on(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, expected: str
+    tmp_path: Path, make, expected: str
 ):
     # check-config read the file itself, as it parsed serve's arguments: a FIFO held it for ever
     # (now refused by what it is, from its stat, and opened O_NONBLOCK if at all), and what serve
@@ -480,8 +499,8 @@ def test_a_token_file_serve_cannot_use_is_an_error_never_waited_on(
     token = tmp_path / "token"
     make(str(token))
     manager = _serve_with_token_file(tmp_path, str(token))
-    assert main(["check-config", "-c", str(manager)]) == 2
-    err = capsys.readouterr().err
+    code, err = _check_config_bounded(manager)
+    assert code == 2, err
     [line] = [line for line in err.splitlines() if "--token-file" in line]
     assert line.startswith(f"damocles-ext check-config: error: {manager}: WdPost[0] runs `"), err
     assert f"--token-file {token}`, which will exit 2: " in line and expected in line, err
@@ -566,9 +585,7 @@ def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(c
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "fifo"])
-def test_check_config_says_of_a_token_file_what_serve_says_of_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
-):
+def test_check_config_says_of_a_token_file_what_serve_says_of_it(tmp_path: Path, case: str):
     # check-config had its own reading of the file, with its own words: a missing file "does not
     # exist" there, "cannot read ...: No such file or directory" from serve. Both read it now
     # with serve's own --token-file reading: what follows "which will exit 2:" is serve's error.
@@ -578,8 +595,8 @@ def test_check_config_says_of_a_token_file_what_serve_says_of_it(
     {"directory": token.mkdir, "empty": lambda: token.write_text(""),
      "fifo": lambda: os.mkfifo(token), "missing": lambda: None}[case]()  # fmt: skip
     manager = _serve_with_token_file(tmp_path, str(token))
-    assert main(["check-config", "-c", str(manager)]) == 2
-    err = capsys.readouterr().err
+    code, err = _check_config_bounded(manager)
+    assert code == 2, err
     [line] = [line for line in err.splitlines() if "--token-file" in line]
     said = line.split(f"--token-file {token}`, which will exit 2: ", 1)[1]
     served = dext_run("serve", "window_post", "--jobs", f"sqlite:///{tmp_path}/j.db", "--store",
