@@ -4,6 +4,7 @@ the slots the config that serve reads supervises for that stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,17 @@ def _check(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
     assert main(["check-config", *args]) == 0
     err = capsys.readouterr().err
     return [line.removeprefix("warning: ") for line in err.splitlines()]
+
+
+def _refused(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[str], list[str]]:
+    """Run check-config; (its warnings, its errors), exit code 2 asserted: what it says of an
+    entry whose serve will exit 2 at its start is an error."""
+    assert main(["check-config", *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    errors = [line.split(" error: ", 1)[1] for line in err if " error: " in line]
+    if errors and re.fullmatch(r".* has \d+ errors:", errors[0]):  # then one a line, indented
+        errors = [line.removeprefix("  ") for line in err if line.startswith("  ")]
+    return [w.removeprefix("warning: ") for w in err if w.startswith("warning: ")], errors
 
 
 def _ours(directory: Path, text: str) -> Path:
@@ -135,8 +147,8 @@ Args = ["serve", "winning_post", "--connect", "{tmp_path}/nobody.sock"]
 Bin = "damocles-ext"
 Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
 """)
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
-    assert warnings == [
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert [w for w in warnings if "damocles-ext serve" in w] == [
         (
             f"{manager}: WdPost[0] runs `damocles-ext serve winning_post -c {ours}`, but"
             " damocles-manager sends this table's processor window_post requests; serve window_post"
@@ -148,6 +160,8 @@ Args = ["serve", "winning_post", "--connect", "--restart-delay", "5"]
             f" {tmp_path}/missing.cfg: cannot read the config file: no such file (check the path);"
             f" run damocles-ext check-config on {tmp_path}/missing.cfg"
         ),
+    ]
+    assert errors == [
         (
             f"{manager}: WinPost[1] runs `damocles-ext serve winning_post`, which will exit 2: one"
             " of the arguments -c/--config --conf-dir --connect --jobs is required: children of"
@@ -174,8 +188,9 @@ def test_an_entry_whose_serve_has_an_empty_path_is_said_to_be_refused_by_serve(
         '[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--conf-dir", ""]\n'
         '[[WinPost]]\nBin = "damocles-ext"\nArgs = ["serve", "winning_post", "-c", ""]\n'
     )
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "damocles-ext serve" in w]
-    assert warnings == [
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [w for w in warnings if "damocles-ext serve" in w]
+    assert errors == [
         (
             f"{manager}: WdPost[0] runs `damocles-ext serve window_post --conf-dir ''`, which"
             " serve refuses (argument --conf-dir: empty; give the path of a directory); fix its"
@@ -289,14 +304,12 @@ def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_
         'Bin = "damocles-ext"\n'
         f'Args = ["serve", "window_post", "--jobs", "sqlite:///{tmp_path}/j.db", "-c", "x.cfg"]\n'
     )
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[" in w]
-    assert len(warnings) == 1, warnings
-    assert (
-        "WdPost[1]" in warnings[0] and "-c/--config does not apply to serve --jobs" in warnings[0]
-    )
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [w for w in warnings if "WdPost[" in w] and len(errors) == 1, (warnings, errors)
+    assert "WdPost[1]" in errors[0] and "-c/--config does not apply to serve --jobs" in errors[0]
 
 
-def test_an_entry_that_runs_serve_jobs_is_warned_about_when_serve_will_exit_2(
+def test_an_entry_that_runs_serve_jobs_is_an_error_when_serve_will_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     """serve --jobs reads its --conf-dir's sector-manager.cfg, and refuses winning_post, before
@@ -320,8 +333,9 @@ def test_an_entry_that_runs_serve_jobs_is_warned_about_when_serve_will_exit_2(
         f' "--conf-dir", "{manager.parent}"]\n'
         f'[[WinPost]]\nBin = "damocles-ext"\nArgs = ["serve", "winning_post", "--jobs", "{jobs}"]\n'
     )
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "--jobs" in w]
-    assert warnings == [
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [w for w in warnings if "--jobs" in w]
+    assert errors == [
         (
             f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs {jobs} --conf-dir"
             f" {manager.parent}`, which will exit 2: {manager.parent}/sector-manager.cfg:"
@@ -402,7 +416,7 @@ def test_an_entry_whose_serve_reads_the_managers_own_file_is_an_error(
     assert not [w for w in _check(capsys, "-c", str(manager)) if "same file" in w]
 
 
-def test_two_serve_jobs_entries_listening_on_one_port_are_warned_about(
+def test_two_serve_jobs_entries_listening_on_one_port_are_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     """damocles-manager starts a processor per table: a second `serve --jobs --listen` on the
@@ -418,11 +432,11 @@ def test_two_serve_jobs_entries_listening_on_one_port_are_warned_about(
         )
 
     manager.write_text(entry("127.0.0.1:1790") + entry("0.0.0.0:1790") + entry("127.0.0.1:1791"))
-    warnings = [w for w in _check(capsys, "-c", str(manager)) if "--listen" in w]
-    assert len(warnings) == 1, warnings
-    assert warnings[0].startswith(f"{manager}: WdPost[1] runs `damocles-ext serve window_post")
-    assert "which will exit 2: WdPost[0] listens on the same port (1790)" in warnings[0]
-    assert "keep one table and raise its Concurrent" in warnings[0]
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [w for w in warnings if "--listen" in w] and len(errors) == 1, (warnings, errors)
+    assert errors[0].startswith(f"{manager}: WdPost[1] runs `damocles-ext serve window_post")
+    assert "which will exit 2: WdPost[0] listens on the same port (1790)" in errors[0]
+    assert "keep one table and raise its Concurrent" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -625,3 +639,43 @@ def test_parsing_serves_arguments_fails_loudly_if_its_token_file_option_is_not_f
     monkeypatch.setattr(serve, "add_parser", renamed)
     with pytest.raises(RuntimeError, match="serve's parser has 0 --token-file options, not 1"):
         check_config._parse_serve(["window_post", "-c", "x.cfg"])
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--listen", "127.0.0.1:0", "--token-file", ""], ("which serve refuses (argument"
+         " --token-file: empty; give the path of a file); fix its Args")),
+        (["--token-file", "/etc/hostname"], "which will exit 2: --token-file goes with --listen"),
+    ],
+    ids=["empty-token-file", "token-file-without-listen"],
+)  # fmt: skip
+def test_a_serve_entry_that_serve_refuses_at_its_start_is_an_error_not_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], said: str
+):
+    # serve exits 2 for these before its ready line (damocles-manager's start of it fails), and
+    # check-config said them as warnings, with exit code 0.
+    manager = tmp_path / "manager.cfg"
+    serve = ["serve", "window_post", "--jobs", f"sqlite:///{tmp_path}/j.db", "--store",
+             f"a={tmp_path}", *args]  # fmt: skip
+    manager.write_text(f'[[WdPost]]\nBin = "damocles-ext"\nArgs = {json.dumps(serve)}\n')
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [w for w in warnings if "WdPost[0]" in w], warnings
+    [error] = errors
+    assert error.startswith(f"{manager}: WdPost[0] runs `damocles-ext ") and said in error, error
+
+
+def test_a_relative_conf_dir_that_serve_jobs_may_not_find_stays_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    # Read from check-config's directory, not damocles-manager's: what it finds there is no
+    # certainty of what serve finds, so no exit code 2 for it.
+    monkeypatch.chdir(tmp_path)
+    manager = tmp_path / "manager.cfg"
+    manager.write_text(
+        '[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+        f' "sqlite:///{tmp_path}/j.db", "--conf-dir", "nowhere"]\n'
+    )
+    [warning] = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[0]" in w]
+    assert "which will exit 2: --conf-dir nowhere: does not exist" in warning, warning
+    assert "a relative --conf-dir is read from the directory damocles-manager runs in" in warning

@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "print one line per child that would start. Every error in the file is reported, and"
             " whatever would keep a child from starting on this machine (a Bin that is missing or"
             " not executable, a Plugin not installed or refusing its PluginOptions, a Cpuset"
-            " beyond the CPUs this process may use; in damocles-manager's file, the --token-file"
-            " of a serve entry that serve would refuse), as serve and run check before they"
+            " beyond the CPUs this process may use; in damocles-manager's file, a serve entry"
+            " that serve would refuse at its start: its Args, --listen port, --token-file,"
+            " sector-manager.cfg), as serve and run check before they"
             " report ready; the exit code is 2 when there is any, and 75 (EX_TEMPFAIL) when the only"
             ' problem is that Gpus = "all" got no answer from the GPU driver (not loaded yet).'
             " A note says what this user cannot see of what damocles-manager's user will read."
@@ -212,7 +213,8 @@ def serves_itself(config: Config, stage: str | None = None) -> str | None:
 
 class EntryFindings(NamedTuple):
     """What check-config says of the entries of damocles-manager's ext-prover.cfg that run
-    `damocles-ext serve`: errors (exit code 2: such a serve will not start), warnings, notes
+    `damocles-ext serve`: errors (exit code 2: such a serve will exit 2 at its start, as far as
+    check-config can know it: not from a relative path), warnings, notes
     (what this user cannot see of what serve, as damocles-manager's user, will read)."""
 
     errors: list[str]
@@ -240,7 +242,7 @@ def manager_entry_findings(config: Config) -> EntryFindings:
     from damocles_ext.errors import UsageError
 
     findings = EntryFindings([], [], [])
-    warnings = findings.warnings
+    errors, warnings = findings.errors, findings.warnings
     seen: set[tuple[str, int]] = set()
     # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
     served: dict[tuple[str, str, str | None], str] = {}
@@ -255,8 +257,8 @@ def manager_entry_findings(config: Config) -> EntryFindings:
         command = shlex.join(("damocles-ext", "serve", *args))
         try:
             parsed = _parse_serve(args)
-        except _Refused as exc:
-            warnings.append(f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args")
+        except _Refused as exc:  # exit code 2 from serve's parser
+            errors.append(f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args")
             continue
         if parsed.stage != entry.stage:
             warnings.append(
@@ -267,7 +269,7 @@ def manager_entry_findings(config: Config) -> EntryFindings:
         try:
             serve.check_supervising_options(parsed)
         except UsageError as exc:
-            warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}; fix its Args")
+            errors.append(f"{where} runs `{command}`, which will exit 2: {exc}; fix its Args")
             continue
         if getattr(parsed, "jobs", None) is not None:
             # Its requests wait on a job store, not on slots of its own: nothing to compare; what
@@ -276,11 +278,15 @@ def manager_entry_findings(config: Config) -> EntryFindings:
             if parsed.token_file is not None:  # (with --listen: check_supervising_options)
                 _check_token_file(parsed.token_file, f"{where} runs `{command}`", findings)
             if (problem := _serve_jobs_problem(parsed)) is not None:
-                warnings.append(f"{where} runs `{command}`, which will exit 2: {problem}")
+                # A relative --conf-dir was read from check-config's directory: maybe not serve's.
+                relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
+                (warnings if relative else errors).append(
+                    f"{where} runs `{command}`, which will exit 2: {problem}"
+                )
             elif parsed.listen is not None:
                 table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
                 if (taken := _port_taken(parsed.listen, listening)) is not None:
-                    warnings.append(
+                    errors.append(
                         f"{where} runs `{command}`, which will exit 2: {taken} listens on the"
                         f" same port ({parsed.listen[1]}), and damocles-manager starts a processor"
                         " for each table, so this one cannot listen there and fails to start;"
@@ -321,8 +327,10 @@ def manager_entry_findings(config: Config) -> EntryFindings:
                 )
             )
             continue
-        except UsageError as exc:
-            warnings.append(f"{where} runs `{command}`, which will exit 2: {exc}")
+        except UsageError as exc:  # (a relative path: read from check-config's directory)
+            (errors if os.path.isabs(ours_path) else warnings).append(
+                f"{where} runs `{command}`, which will exit 2: {exc}"
+            )
             continue
         table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
         # Tables that give their serve different GPUs (Envs) whose children pin none share none.
