@@ -679,3 +679,51 @@ def test_a_relative_conf_dir_that_serve_jobs_may_not_find_stays_a_warning(
     [warning] = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[0]" in w]
     assert "which will exit 2: --conf-dir nowhere: does not exist" in warning, warning
     assert "a relative --conf-dir is read from the directory damocles-manager runs in" in warning
+
+
+@pytest.mark.parametrize("closed", ["file", "directory"])
+def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_error(closed: str):
+    # serve --jobs reads its --conf-dir's sector-manager.cfg as damocles-manager's user; the user
+    # running check-config may be another, to whom it is closed: no sign serve will exit 2.
+    import json
+
+    from helpers.kept_out import a_closed_directory, said_when_kept_out
+
+    from damocles_ext.commands.check_config import manager_entry_findings
+    from damocles_ext.config import load_config
+
+    with a_closed_directory() as directory:
+        base = directory.parent
+        conf_dir = base / "manager-home" if closed == "file" else directory
+        if closed == "file":
+            conf_dir.mkdir()
+            cfg = conf_dir / "sector-manager.cfg"
+            cfg.write_text("[Common]\n")
+            cfg.chmod(0)
+        manager = base / "manager.cfg"
+        manager.write_text(
+            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+            f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
+        )
+
+        class Found(Exception):
+            pass
+
+        def findings() -> None:
+            raise Found(json.dumps(manager_entry_findings(load_config(str(manager)))._asdict()))
+
+        said = said_when_kept_out(findings)
+    assert said.startswith("Found: "), said
+    found = json.loads(said.removeprefix("Found: "))
+    assert found["errors"] == [] and found["warnings"] == [], found
+    [note] = found["notes"]
+    assert note.startswith(
+        f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs sqlite:///{base}/j.db"
+        f" --conf-dir {conf_dir}`, whose sector-manager.cfg you (uid {os.geteuid() or 65534}) may"
+        " not read: "
+    ), note
+    assert "permission denied" in note, note
+    assert note.endswith(
+        "; serve runs as damocles-manager's user, so check that user can read it (its content was"
+        " not checked here)"
+    ), note

@@ -278,11 +278,19 @@ def manager_entry_findings(config: Config) -> EntryFindings:
             if parsed.token_file is not None:  # (with --listen: check_supervising_options)
                 _check_token_file(parsed.token_file, f"{where} runs `{command}`", findings)
             if (problem := _serve_jobs_problem(parsed)) is not None:
+                text, denied = problem
                 # A relative --conf-dir was read from check-config's directory: maybe not serve's.
                 relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
-                (warnings if relative else errors).append(
-                    f"{where} runs `{command}`, which will exit 2: {problem}"
-                )
+                if denied:  # closed to this user; serve runs as damocles-manager's, who may read it
+                    findings.notes.append(
+                        f"{where} runs `{command}`, whose sector-manager.cfg you (uid"
+                        f" {os.geteuid()}) may not read: {text}; serve runs as damocles-manager's"
+                        " user, so check that user can read it (its content was not checked here)"
+                    )
+                else:
+                    (warnings if relative else errors).append(
+                        f"{where} runs `{command}`, which will exit 2: {text}"
+                    )
             elif parsed.listen is not None:
                 table = f"{TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
                 if (taken := _port_taken(parsed.listen, listening)) is not None:
@@ -442,16 +450,17 @@ def _hosts_collide(a: str, b: str) -> bool:
     )
 
 
-def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
+def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, bool] | None:
     """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
     as this machine tells: a stage other than window_post, or its --conf-dir's sector-manager.cfg
-    (and --store) that it cannot use; None when neither."""
+    (and --store) that it cannot use; None when neither. With it, whether the reason is only that
+    this user may not read the file (another, damocles-manager's, may)."""
     from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
 
     if parsed.stage != "window_post":
         from damocles_ext.frontends.producer import WINNING_REFUSED
 
-        return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}"
+        return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", False
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
@@ -461,7 +470,7 @@ def _serve_jobs_problem(parsed: argparse.Namespace) -> str | None:
             " check-config read it from the current directory)"
             if relative
             else ""
-        )
+        ), exc.denied
     return None
 
 

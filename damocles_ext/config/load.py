@@ -68,6 +68,7 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
             [
                 f"{source}: cannot read the config file: permission denied (check its mode and owner)"
             ],
+            denied=True,
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)

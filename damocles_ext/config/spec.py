@@ -68,9 +68,10 @@ MAX_CHILDREN = 1024
 class ConfigError(UsageError):
     """An ext-prover.cfg that cannot be used; `.errors` lists every problem found in the file."""
 
-    def __init__(self, source: str, errors: list[str]) -> None:
+    def __init__(self, source: str, errors: list[str], *, denied: bool = False) -> None:
         self.source = source
         self.errors = list(errors)
+        self.denied = denied  # the file could not be read for want of permission (EACCES)
         super().__init__(self._message())
 
     def _message(self) -> str:

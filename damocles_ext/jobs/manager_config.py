@@ -67,7 +67,12 @@ _WORKER_PROVER = "[Common.Proving.WorkerProver]"
 
 
 class ManagerConfigError(UsageError):
-    """sector-manager.cfg cannot be used as it is: exit code 2; the message names file and key."""
+    """sector-manager.cfg cannot be used as it is: exit code 2; the message names file and key.
+    `denied`: this user may not read it (or enter a directory on its way): another may."""
+
+    def __init__(self, message: str, *, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,7 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
     """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist)."""
     path = Path(directory) / MANAGER_CONF_FILE
     what = None
+    denied = False
     try:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             what = "is not a directory"
@@ -154,12 +160,14 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
         what = "does not exist"
     except PermissionError:  # DIR, or a directory above it, this user may not enter
         what = "permission denied (check the mode and owner of it and of the directories above)"
+        denied = True
     except OSError as exc:
         what = exc.strerror or str(exc)
     if what is not None:
         raise ManagerConfigError(
             f"--conf-dir {os.fspath(directory)}: {what}; give damocles-manager's config"
-            " directory (the one its --conf-dir names, or its home)"
+            " directory (the one its --conf-dir names, or its home)",
+            denied=denied,
         )
     return load_manager_config(path)
 
@@ -170,7 +178,7 @@ def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
     try:
         text = read_config_text(source, MANAGER_CONF_FILE, limit=MAX_MANAGER_CONF_BYTES)
     except ConfigError as exc:
-        raise ManagerConfigError(str(exc)) from None
+        raise ManagerConfigError(str(exc), denied=exc.denied) from None
     return parse_manager_config(text, source)
 
 
