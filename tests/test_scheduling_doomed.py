@@ -9,7 +9,6 @@ import math
 from helpers.child import window_task
 
 from damocles_ext.lifecycle import ChildLimits, RequestBook, Resolve, Send
-from damocles_ext.scheduling.children import STALE_AFTER
 from damocles_ext.scheduling.policy import ChildSlots, Fail, Job, Scheduler, Start
 from damocles_ext.scheduling.sim_engine import run_workload
 from damocles_ext.scheduling.sim_scenario import WINDOW_POST, Scenario, generate
@@ -233,48 +232,6 @@ def test_a_sibling_not_ready_with_too_few_proofs_neither_holds_a_job_nor_keeps_i
     s.child_ready("spare", now)  # ready: too little data never dooms it, and it is free
     s.submit(job(3, WD, now, deadline=now + 200.0), now)
     assert s.decide(now) == [Start(3, "spare")]
-
-
-def test_a_gpu_whose_slow_proofs_went_stale_takes_a_held_job_as_a_probe_and_its_proof_tells():
-    # slow was slow for a while (its last 4 proofs: 300 s) and recovered; every job is tight
-    # for it, so none went to it since, and nothing else would refresh its estimate.
-    s, now = mixed()
-    running = busy(s, "fast", now)  # fast proves a long job of no deadline meanwhile
-    stale = now + STALE_AFTER  # slow's last answer to a job of the type: at `now`
-    s.submit(job(1, WD, stale - 100.0, deadline=stale + 100.0), stale - 100.0)
-    assert s.decide(stale - 100.0) == []  # held for fast: slow's proofs are still fresh
-    assert s.next_wakeup() == stale  # not fast's doom at stale + 40: slow's proofs go stale
-    assert s.decide(stale) == [Start(1, "slow")]  # a probe: too old to judge, as too few
-    s.submit(job(2, WD, stale, deadline=stale + 200.0), stale)
-    assert s.decide(stale) == []  # both busy: slow with the probe, fast with its job
-    s.finished(1, stale + 60.0, failed=False)  # it recovered: 60 s
-    assert s.decide(stale + 60.0) == [Start(2, "slow")]  # (the fastest of its last 4: 60 s)
-    assert s.running_on("fast") == [running]
-
-
-def test_a_lone_gpu_still_slow_is_probed_once_a_window_not_at_every_job():
-    s = make("g0")
-    now = prove(s, [300.0] * 4)
-    s.submit(job(1, WD, now, deadline=now + 200.0), now)
-    [fail] = s.decide(now)  # doomed on its only child
-    assert isinstance(fail, Fail) and "took at least 300.0s" in fail.reason
-    later = now + STALE_AFTER
-    s.submit(job(2, WD, later, deadline=later + 200.0), later)
-    assert s.decide(later) == [Start(2, "g0")]  # stale: it may be fast again
-    [cancel] = s.decide(later + 200.0)  # still slow: cut at its deadline, which teaches nothing
-    assert cancel.request_id == 2
-    ended = later + 201.0
-    s.finished(2, ended, failed=True)  # (its answer to the cancel)
-    s.submit(job(3, WD, ended, deadline=ended + 200.0), ended)
-    [fail] = s.decide(ended)  # the probe's answer made its old proofs fresh again: judged
-    assert isinstance(fail, Fail) and fail.request_id == 3
-    almost = ended + STALE_AFTER - 1.0
-    s.submit(job(4, WD, almost, deadline=almost + 200.0), almost)
-    [fail] = s.decide(almost)
-    assert isinstance(fail, Fail) and fail.request_id == 4
-    again = ended + STALE_AFTER
-    s.submit(job(5, WD, again, deadline=again + 200.0), again)
-    assert s.decide(again) == [Start(5, "g0")]  # the next probe, a window later
 
 
 def test_a_job_held_back_leaves_the_gpu_lock_of_the_child_it_skips_to_lower_stages():

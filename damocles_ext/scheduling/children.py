@@ -41,14 +41,6 @@ _HISTORY = 16
 #: known, among the last RUNS_KEPT proofs (of any size) a child remembers.
 RUNS_KNOWN = 4
 RUNS_KEPT = 32
-#: A child's proofs of a proof type judge no job of it (doomed.py: no estimate, as too few) once
-#: it has answered no sized job of that type for this long: one WindowPoSt deadline window
-#: (30 min). A slowdown is often brief (a GPU throttling, a WindowPoSt sharing it), and a child
-#: it left doomed for tight jobs gets none of them, so nothing would refresh its estimate: once
-#: stale, it may take a job (a probe), whose answer makes them fresh again, and a proof tells
-#: its speed. Shorter would cost more jobs to probes of a GPU still slow (one a window at most,
-#: for a child of capacity 1); longer would leave a recovered GPU idle past a deadline's jobs.
-STALE_AFTER = 1800.0
 
 
 @dataclass(slots=True)
@@ -66,7 +58,6 @@ class _Child:
     run_times: deque[tuple[str, int, float]] = field(
         default_factory=lambda: deque(maxlen=RUNS_KEPT)
     )
-    seen: dict[str, float] = field(default_factory=dict)  # kind: its last answer to a sized job
     queue: int = 0  # jobs it takes beyond capacity while quick (its Hello's offer)
     quick: int = 0  # its quick answers in a row
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity

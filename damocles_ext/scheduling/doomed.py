@@ -22,14 +22,6 @@ could not finish waits for a faster one rather than hold the slow one until its 
   (a split WindowPoSt's steps, whose vanilla proofs are judged later and whose SNARKs are
   short) is never refused. One fast outlier among them makes the estimate optimistic, and the
   request is started: refusing is the rule's only risk, starting the status quo.
-* Stale proofs. A child's proofs of a proof type judge nothing once it has answered no sized
-  job of that type for `STALE_AFTER` (30 min, one deadline window): it has no estimate, as with
-  too few, and may take a job (a probe) whose answer makes them fresh again (a proof also says
-  how fast it is now; an error or a cut run only restart the wait). Else a GPU that was slow
-  for a while (throttling, a WindowPoSt sharing it) and recovered would keep the proofs that
-  doom it for every tight job for ever, as no such job would go to it to refresh them. A probe
-  on a GPU still slow costs one job a window at most (per slot), cut at its deadline as it was
-  before this rule. The time a doomed child's proofs go stale is in `judge`'s third answer.
 * Refusal. A job with a deadline, whose stage is not URGENT (a WinningPoSt is always worth a
   try: its few seconds vary more than its budget does), that the scheduler would start on a
   child now but whose estimate exceeds the time left to its deadline, is not started: it is
@@ -44,10 +36,9 @@ could not finish waits for a faster one rather than hold the slow one until its 
   (`HeldBack`) and the doomed children take the jobs behind it, as a job that avoids children
   waits (policy.py's "Errors"). It is looked at again when anything of its stage changes (a
   sibling frees, a child's proof, a bench ends), at its deadline, and whenever time alone dooms
-  it on one more child or makes a child's proofs stale (`judge`'s third answer, in
-  `next_wakeup`): once on every such sibling, it is started on a doomed child, or refused as
-  above if it is doomed on every ready child (a sibling it waits for going down is a change of
-  its stage: it is looked at again then).
+  it on one more child (`judge`'s third answer, in `next_wakeup`): once on every such sibling,
+  it is started on a doomed child, or refused as above if it is doomed on every ready child
+  (a sibling it waits for going down is a change of its stage: it is looked at again then).
   A decision's books (which jobs stay set aside, that time) are what the same decision made
   again at once would leave (`settle`), so that incremental decisions keep the books of a full
   recomputation. Nothing is judged while no child of the stage has a free slot; a stage of
@@ -61,14 +52,12 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .children import RUNS_KNOWN, STALE_AFTER, _Child
+from .children import RUNS_KNOWN, _Child
 from .decisions import Job
 
 __all__ = [
     "RUNS_KNOWN",
-    "STALE_AFTER",
     "HeldBack",
-    "answered",
     "doomed",
     "doomed_from",
     "estimate",
@@ -97,12 +86,9 @@ class HeldBack(NamedTuple):
         return free_slot(self.skipped)
 
 
-def estimate(job: Job, child: _Child, now: float) -> float | None:
+def estimate(job: Job, child: _Child) -> float | None:
     """The fastest of `child`'s last RUNS_KNOWN proofs like `job` (its proof type, as many
-    replicas or fewer), or None while it has made fewer, or once they are stale (no job of that
-    type answered there for STALE_AFTER: it may take one, a probe)."""
-    if now >= child.seen.get(job.kind, -math.inf) + STALE_AFTER:
-        return None
+    replicas or fewer), or None while it has made fewer."""
     known, fastest = 0, math.inf
     for kind, size, seconds in reversed(child.run_times):  # a GPU that slowed down is followed
         if kind == job.kind and size <= job.size:
@@ -114,16 +100,14 @@ def estimate(job: Job, child: _Child, now: float) -> float | None:
     return None
 
 
-def estimates(
-    job: Job, children: list[_Child], now: float, known: Known | None = None
-) -> Estimates:
+def estimates(job: Job, children: list[_Child], known: Known | None = None) -> Estimates:
     """`job`'s estimate on each child of its stage that is ready (one down, restarting, stopped
     or FATAL can take no work now, and when it will is not known here: it counts as able for
     neither rule); `known`: those of one decision, by proof type and size (a child's proof
     times do not change while a decision is made)."""
     ests = None if known is None else known.get((job.kind, job.size))
     if ests is None:
-        ests = [(c, estimate(job, c, now)) for c in children if c.ready]
+        ests = [(c, estimate(job, c)) for c in children if c.ready]
         if known is not None:
             known[job.kind, job.size] = ests
     return ests
@@ -138,25 +122,22 @@ def judge(
 ) -> tuple[Estimates, HeldBack | None, float]:
     """`job`'s estimates on its stage's `children` (ready ones), its `HeldBack` when it is
     doomed on some of them but not on another that may serve it (`can_serve`, not one it
-    avoids), and the time from which on time alone dooms it on one more child, or makes an
-    estimate stale (inf: never), up to which this verdict holds. Only for a job with a deadline
-    and a size."""
+    avoids), and the time from which on time alone dooms it on one more child (inf: never), up
+    to which this verdict holds. Only for a job with a deadline and a size."""
     assert job.deadline is not None
-    ests = estimates(job, children, now, known)
+    ests = estimates(job, children, known)
     if len(ests) < 2:
         return ests, None, math.inf
     left = job.deadline - now
     skipped: list[_Child] = []
     slowest = -math.inf  # the slowest run that still fits: time dooms its child first
-    stale = math.inf  # when the first estimate goes stale (a doomed child may take a probe)
     for c, run in ests:
         if run is not None:
-            stale = min(stale, c.seen[job.kind] + STALE_AFTER)
             if run > left:
                 skipped.append(c)
             elif run > slowest:
                 slowest = run
-    changes = stale if slowest == -math.inf else min(stale, doomed_from(job.deadline, slowest))
+    changes = math.inf if slowest == -math.inf else doomed_from(job.deadline, slowest)
     if not skipped:
         return ests, None, changes
     for c, run in ests:  # a sibling it may still make it on, that may serve it
@@ -260,16 +241,5 @@ def doomed(
     if job.deadline is None or job.size <= 0:
         return None
     if ests is None:
-        ests = estimates(job, children, now, known)
+        ests = estimates(job, children, known)
     return refusal(job, ests, now, not_sent)
-
-
-def answered(child: _Child, job: Job, turn: float, proof: bool, now: float) -> None:
-    """`child` answered `job`, which got a slot of its capacity at `turn`, with a `proof` (else
-    an error, or it was cancelled): how long a proof like it takes there. Any answer to a sized
-    job makes the child's proofs of its type fresh again (see STALE_AFTER): a probe that fails
-    or is cut at its deadline still waits STALE_AFTER for the next."""
-    if job.size > 0:
-        if proof:
-            child.run_times.append((job.kind, job.size, now - turn))
-        child.seen[job.kind] = now

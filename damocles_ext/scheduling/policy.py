@@ -84,7 +84,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
-from .doomed import Aside, HeldBack, Known, answered, doomed, free_slot, judge, kept_off, settle
+from .doomed import Aside, HeldBack, Known, doomed, free_slot, judge, kept_off, settle
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -262,9 +262,9 @@ class Scheduler:
         run = self._running.get(request_id)  # (a proof too while none errs: see breaker.count)
         if failed is not None and run and not run.cancelled:
             self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
-        if run is not None:  # how long a proof takes there; a probe's answer (doomed.py)
-            proof = failed is False and not run.cancelled
-            answered(self._children[run.child_id], run.job, run.turn, proof, now)
+            if not failed and run.job.size > 0:  # how long a proof takes there (doomed.py)
+                sized = (run.job.kind, run.job.size, now - run.turn)
+                self._children[run.child_id].run_times.append(sized)
         return self._finish(request_id, now, learn=True)
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
