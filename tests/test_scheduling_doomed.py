@@ -207,33 +207,6 @@ def test_a_job_held_back_is_refused_once_time_dooms_it_on_the_faster_child_too()
     assert not s.is_queued(1)
 
 
-def test_a_job_held_for_a_sibling_that_goes_down_is_refused_at_once_not_at_its_deadline():
-    s, now = mixed()
-    running = busy(s, "fast", now)
-    s.submit(job(1, WD, now, deadline=now + 200.0), now)  # slow: 300 s; fast: 60 s
-    assert s.decide(now) == []  # held for fast
-    [lost] = s.child_down("fast", now + 10.0)  # fast restarts: when it is back is not known
-    assert lost.request_id == running
-    [fail] = s.decide(now + 10.0)  # not left in the queue until "deadline passed"
-    assert isinstance(fail, Fail) and fail.request_id == 1 and fail.late
-    assert "cannot finish before its deadline" in fail.reason and "on slow" in fail.reason
-    assert not s.is_queued(1)
-
-
-def test_a_sibling_not_ready_with_too_few_proofs_neither_holds_a_job_nor_keeps_it_from_refusal():
-    s = make("slow")
-    now = prove(s, [300.0] * 4)
-    s.add_child(ChildSlots("spare", WD))  # down (starting, restarting): no proofs, no slot
-    s.submit(job(1, WD, now, deadline=now + 200.0), now)  # doomed on slow, the only ready child
-    s.submit(job(2, WD, now, deadline=now + 400.0), now)  # slow can make this one
-    [fail, start] = s.decide(now)
-    assert isinstance(fail, Fail) and fail.request_id == 1 and "on slow" in fail.reason
-    assert start == Start(2, "slow")  # a job runs where it can
-    s.child_ready("spare", now)  # ready: too little data never dooms it, and it is free
-    s.submit(job(3, WD, now, deadline=now + 200.0), now)
-    assert s.decide(now) == [Start(3, "spare")]
-
-
 def test_a_job_held_back_leaves_the_gpu_lock_of_the_child_it_skips_to_lower_stages():
     # slow shares its GPU (lock g1) with x, a child of a lower stage that runs two at a time.
     s = Scheduler()

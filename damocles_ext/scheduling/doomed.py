@@ -13,15 +13,13 @@ could not finish waits for a faster one rather than hold the slow one until its 
   and of as many replicas or fewer (a batch of one partition is not judged by the time of ten;
   a bigger job takes at least as long as a smaller one), the estimate of its run being the
   fastest of the last `RUNS_KNOWN` of those, on the child of the stage that has the fastest: a
-  start is refused only when it is doomed on every child of its stage that is ready, so a
+  start is refused only when it is doomed on every child of its stage that is not FATAL, so a
   child that could still make it (a faster GPU) keeps the request alive. There is no estimate,
   and no refusal, while any such child has made fewer than `RUNS_KNOWN` such proofs: no data,
-  or too little, never refuses. A child that is not ready (down, restarting, stopped, FATAL)
-  counts for neither rule: it can take no work now, the policy does not know when it will, and
-  a job kept for it would wait in the queue until its deadline passed. A job of unknown size
-  (a split WindowPoSt's steps, whose vanilla proofs are judged later and whose SNARKs are
-  short) is never refused. One fast outlier among them makes the estimate optimistic, and the
-  request is started: refusing is the rule's only risk, starting the status quo.
+  or too little, never refuses. A job of unknown size (a split WindowPoSt's steps, whose vanilla
+  proofs are judged later and whose SNARKs are short) is never refused. One fast outlier among
+  them makes the estimate optimistic, and the request is started: refusing is the rule's only
+  risk, starting the status quo.
 * Refusal. A job with a deadline, whose stage is not URGENT (a WinningPoSt is always worth a
   try: its few seconds vary more than its budget does), that the scheduler would start on a
   child now but whose estimate exceeds the time left to its deadline, is not started: it is
@@ -30,18 +28,17 @@ could not finish waits for a faster one rather than hold the slow one until its 
   it waited is refused the same way (the request book says it was "not sent again").
 * Held back. A job doomed only on some children of its stage, by each one's own estimate (the
   fastest of its last `RUNS_KNOWN` proofs like the job, all slower than the time left), while
-  another child that may serve it (ready, not benched, not one it avoids) is not (its
+  another child that may serve it (not FATAL, not benched, not one it avoids) is not (its
   estimate fits, or it has none: too little data never dooms a child), is started on none of
   the doomed ones: on such a sibling if one is free now, else it keeps its place in the queue
   (`HeldBack`) and the doomed children take the jobs behind it, as a job that avoids children
   waits (policy.py's "Errors"). It is looked at again when anything of its stage changes (a
   sibling frees, a child's proof, a bench ends), at its deadline, and whenever time alone dooms
   it on one more child (`judge`'s third answer, in `next_wakeup`): once on every such sibling,
-  it is started on a doomed child, or refused as above if it is doomed on every ready child
-  (a sibling it waits for going down is a change of its stage: it is looked at again then).
-  A decision's books (which jobs stay set aside, that time) are what the same decision made
-  again at once would leave (`settle`), so that incremental decisions keep the books of a full
-  recomputation. Nothing is judged while no child of the stage has a free slot; a stage of
+  it is started on a doomed child, or refused as above if it is doomed on every child not
+  FATAL. A decision's books (which jobs stay set aside, that time) are what the same decision
+  made again at once would leave (`settle`), so that incremental decisions keep the books of a
+  full recomputation. Nothing is judged while no child of the stage has a free slot; a stage of
   one child, a job of no deadline or of unknown size cost nothing more. `refuse_doomed=False`
   turns off both rules.
 """
@@ -68,7 +65,7 @@ __all__ = [
     "settle",
 ]
 
-#: Each ready child of a stage, and the estimate of a job's run on it (None: none yet).
+#: Each child of a stage not FATAL, and the estimate of a job's run on it (None: none yet).
 Estimates = list[tuple[_Child, float | None]]
 #: The estimates of one decision of a stage, by proof type and size (`estimates`).
 Known = dict[tuple[str, int], Estimates]
@@ -101,13 +98,11 @@ def estimate(job: Job, child: _Child) -> float | None:
 
 
 def estimates(job: Job, children: list[_Child], known: Known | None = None) -> Estimates:
-    """`job`'s estimate on each child of its stage that is ready (one down, restarting, stopped
-    or FATAL can take no work now, and when it will is not known here: it counts as able for
-    neither rule); `known`: those of one decision, by proof type and size (a child's proof
-    times do not change while a decision is made)."""
+    """`job`'s estimate on each child of its stage not FATAL; `known`: those of one decision,
+    by proof type and size (a child's proof times do not change while a decision is made)."""
     ests = None if known is None else known.get((job.kind, job.size))
     if ests is None:
-        ests = [(c, estimate(job, c)) for c in children if c.ready]
+        ests = [(c, estimate(job, c)) for c in children if not c.fatal]
         if known is not None:
             known[job.kind, job.size] = ests
     return ests
@@ -120,7 +115,7 @@ def judge(
     can_serve: Callable[[str, float], bool],
     known: Known | None = None,
 ) -> tuple[Estimates, HeldBack | None, float]:
-    """`job`'s estimates on its stage's `children` (ready ones), its `HeldBack` when it is
+    """`job`'s estimates on its stage's `children` (not FATAL ones), its `HeldBack` when it is
     doomed on some of them but not on another that may serve it (`can_serve`, not one it
     avoids), and the time from which on time alone dooms it on one more child (inf: never), up
     to which this verdict holds. Only for a job with a deadline and a size."""
@@ -200,8 +195,8 @@ def doomed_from(deadline: float, run: float) -> float:
 
 
 def refusal(job: Job, ests: Estimates, now: float, not_sent: str) -> str | None:
-    """Why `job` is not to be started now, given its estimates on every ready child of its
-    stage (a deadline it cannot make on any, ending with `not_sent`), or None: it may start."""
+    """Why `job` is not to be started now, given its estimates on every child of its stage not
+    FATAL (a deadline it cannot make on any, ending with `not_sent`), or None: it may start."""
     assert job.deadline is not None
     fastest: tuple[float, str] | None = None
     for c, run in ests:
