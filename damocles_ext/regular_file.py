@@ -60,12 +60,16 @@ def open_regular(
             raise NotRegularFile(path, file_kind(mode))
         same = f"/proc/self/fd/{pfd}"
         try:
-            return os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except BlockingIOError:
-            if not wait_for_lease:
-                raise
-            fd = os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
-            os.set_blocking(fd, False)
-            return fd
+            try:
+                return os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except BlockingIOError:
+                if not wait_for_lease:
+                    raise
+                fd = os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
+                os.set_blocking(fd, False)
+                return fd
+        except OSError as exc:
+            exc.filename = os.fspath(path)  # the file, not /proc/self/fd/N, in what it says
+            raise
     finally:
         os.close(pfd)

@@ -5,6 +5,7 @@ regular file, is opened; a FIFO or a device put under the name meanwhile is neve
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,3 +95,18 @@ def test_a_fifo_a_device_or_a_directory_is_refused_by_what_it_is(tmp_path: Path)
             regular_file.open_regular(tmp_path / name)
         assert caught.value.kind == kind
         assert str(caught.value) == f"{tmp_path / name} is {kind}, not a regular file"
+
+
+def test_a_file_that_cannot_be_opened_is_named_in_the_error_not_its_proc_link():
+    # The O_PATH look needs no permission, the open again does: its error named
+    # '/proc/self/fd/3', so a sealed file's fault reason said nothing of which file it was.
+    from helpers.kept_out import said_when_kept_out
+
+    with tempfile.TemporaryDirectory() as tmp:  # pytest's tmp_path is in a 0700 directory
+        base = Path(tmp)
+        base.chmod(0o755)
+        closed = base / "sealed"
+        closed.write_bytes(b"sealed")
+        closed.chmod(0)
+        said = said_when_kept_out(lambda: os.close(regular_file.open_regular(closed)))
+    assert said == f"PermissionError: [Errno 13] Permission denied: {str(closed)!r}"
