@@ -46,8 +46,10 @@ def open_regular(
 ) -> int:
     """`path` (a symlink followed) opened with `flags` if it is a regular file; never blocks
     on a FIFO and never opens a device. NotRegularFile for anything else than a regular file,
-    OSError as open() raises it (FileNotFoundError, PermissionError ...). The fd returned is
-    O_NONBLOCK (no matter for a regular file) and O_CLOEXEC.
+    OSError as open() raises it (FileNotFoundError, PermissionError ...), naming `path`. The fd
+    returned is O_CLOEXEC and blocking: the O_NONBLOCK of the open (what makes a lease an
+    error, not a wait) is cleared, since a FUSE daemon sees it on every read and may answer
+    EAGAIN where a local file never would.
 
     A regular file that a lease holds: BlockingIOError, or with `wait_for_lease` an open that
     waits for the lease to break (as a plain open() does, at most /proc/sys/fs/lease-break-time)
@@ -61,15 +63,19 @@ def open_regular(
         same = f"/proc/self/fd/{pfd}"
         try:
             try:
-                return os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+                fd = os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except BlockingIOError:
                 if not wait_for_lease:
                     raise
-                fd = os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
-                os.set_blocking(fd, False)
-                return fd
+                return os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as exc:
             exc.filename = os.fspath(path)  # the file, not /proc/self/fd/N, in what it says
             raise
     finally:
         os.close(pfd)
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -110,3 +110,16 @@ def test_a_file_that_cannot_be_opened_is_named_in_the_error_not_its_proc_link():
         closed.chmod(0)
         said = said_when_kept_out(lambda: os.close(regular_file.open_regular(closed)))
     assert said == f"PermissionError: [Errno 13] Permission denied: {str(closed)!r}"
+
+
+def test_the_fd_returned_is_blocking_which_a_fuse_daemon_sees_on_every_read(tmp_path: Path):
+    # The open is O_NONBLOCK (a lease is then an error, not a wait); the fd kept it, and a FUSE
+    # daemon, which sees it on every read, may answer EAGAIN where a local file never would.
+    path = tmp_path / "file"
+    path.write_bytes(b"text")
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        fd = regular_file.open_regular(path, flags)
+        try:
+            assert os.get_blocking(fd), flags
+        finally:
+            os.close(fd)

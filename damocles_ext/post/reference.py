@@ -147,7 +147,6 @@ def _open_input(path: str, what: str) -> BinaryIO:
     except NotRegularFile:
         raise _Fault(f"{what} {path} is not a regular file") from None
     try:
-        os.set_blocking(fd, True)
         return open(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)
