@@ -41,6 +41,11 @@ class NotRegularFile(OSError):
         self.kind = kind
 
 
+#: Flags that open_regular cannot honour: O_NOFOLLOW would refuse the /proc/self/fd link it
+#: opens the inode by (ELOOP); O_CREAT and O_EXCL mean nothing for a file that must exist.
+_REFUSED_FLAGS = (("O_NOFOLLOW", os.O_NOFOLLOW), ("O_CREAT", os.O_CREAT), ("O_EXCL", os.O_EXCL))
+
+
 def open_regular(
     path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, wait_for_lease: bool = False
 ) -> int:
@@ -54,7 +59,13 @@ def open_regular(
     A regular file that a lease holds: BlockingIOError, or with `wait_for_lease` an open that
     waits for the lease to break (as a plain open() does, at most /proc/sys/fs/lease-break-time)
     — of that same inode, never of what the name may lead to by then.
+
+    ValueError for flags it cannot honour: O_NOFOLLOW (lstat the name first to refuse a
+    symlink), O_CREAT, O_EXCL (create the file with a plain open, then open_regular it).
     """
+    refused = [name for name, bit in _REFUSED_FLAGS if flags & bit]
+    if refused:
+        raise ValueError(f"open_regular cannot open with {' or '.join(refused)}")
     pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         mode = os.fstat(pfd).st_mode

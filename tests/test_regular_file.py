@@ -123,3 +123,22 @@ def test_the_fd_returned_is_blocking_which_a_fuse_daemon_sees_on_every_read(tmp_
             assert os.get_blocking(fd), flags
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (os.O_NOFOLLOW, "O_NOFOLLOW"),  # it refused the /proc/self/fd link: ELOOP, a riddle
+        (os.O_RDWR | os.O_CREAT, "O_CREAT"),  # meaningless for a file that must exist
+        (os.O_RDWR | os.O_CREAT | os.O_EXCL, "O_CREAT or O_EXCL"),
+    ],
+)
+def test_flags_it_cannot_honour_are_refused_before_anything_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: int, named: str
+):
+    path = tmp_path / "file"
+    path.write_bytes(b"text")
+    opens = _spy_opens(monkeypatch)
+    with pytest.raises(ValueError, match=f"^open_regular cannot open with {named}$"):
+        regular_file.open_regular(path, flags)
+    assert opens == []
