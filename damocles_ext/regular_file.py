@@ -5,7 +5,9 @@ file) may name a FIFO, whose open() waits for a writer for ever, or a device, wh
 its driver (a symlink to /dev/watchdog ...). `open_regular` reaches the file with O_PATH, which
 opens nothing, looks at what that inode is, and only then opens it, through /proc/self/fd so
 that it is the inode just looked at: no window in which another file put under the name is
-opened instead. `file_kind` says in words what a file that is not a regular file is.
+opened instead. Without /proc (a chroot, a sandbox) it opens the name again, O_NONBLOCK, and
+looks at what it opened: see `open_regular`. `file_kind` says in words what a file that is not a
+regular file is.
 Used by gpulock.py, config/startup.py (a program's first bytes) and commands/common.py
 (serve's --token-file); it imports nothing of the package.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -46,6 +49,14 @@ class NotRegularFile(OSError):
 _REFUSED_FLAGS = (("O_NOFOLLOW", os.O_NOFOLLOW), ("O_CREAT", os.O_CREAT), ("O_EXCL", os.O_EXCL))
 
 
+#: Where a process's fds are links to the inodes they are open on; not there without /proc.
+_PROC_FDS = "/proc/self/fd"
+#: Without /proc, how long a file a lease holds is tried again (past the kernel's default
+#: /proc/sys/fs/lease-break-time, 45 s, after which it breaks the lease itself), and how often.
+_LEASE_WAIT = 60.0
+_LEASE_TRY_EVERY = 0.05
+
+
 def open_regular(
     path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, wait_for_lease: bool = False
 ) -> int:
@@ -60,6 +71,14 @@ def open_regular(
     waits for the lease to break (as a plain open() does, at most /proc/sys/fs/lease-break-time)
     — of that same inode, never of what the name may lead to by then.
 
+    Without /proc mounted (a chroot, a sandbox: /proc/self/fd is not there), the name is opened
+    again, with O_NONBLOCK (a FIFO put there meanwhile opens at once, never waits for a writer),
+    and what that opened is looked at: NotRegularFile if it is not a regular file. A device put
+    under the name between the two opens is the one thing left: its open, which runs its
+    driver, is done before it is refused. A lease is then waited for by trying again (a
+    non-blocking open asks the holder to break it) for at most a minute, never by an open of
+    the name that could block.
+
     ValueError for flags it cannot honour: O_NOFOLLOW (lstat the name first to refuse a
     symlink), O_CREAT, O_EXCL (create the file with a plain open, then open_regular it).
     """
@@ -71,7 +90,7 @@ def open_regular(
         mode = os.fstat(pfd).st_mode
         if not stat.S_ISREG(mode):
             raise NotRegularFile(path, file_kind(mode))
-        same = f"/proc/self/fd/{pfd}"
+        same = f"{_PROC_FDS}/{pfd}"
         try:
             try:
                 fd = os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -79,13 +98,44 @@ def open_regular(
                 if not wait_for_lease:
                     raise
                 return os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            if os.path.isdir(_PROC_FDS):
+                exc.filename = os.fspath(path)
+                raise
+            fd = None  # no /proc: the name is opened again below
         except OSError as exc:
             exc.filename = os.fspath(path)  # the file, not /proc/self/fd/N, in what it says
             raise
     finally:
         os.close(pfd)
+    if fd is None:
+        fd = _open_by_name(path, flags, wait_for_lease=wait_for_lease)
     try:
         os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_by_name(path: str | os.PathLike[str], flags: int, *, wait_for_lease: bool) -> int:
+    """open_regular without /proc: the name opened again, O_NONBLOCK (a FIFO opens at once),
+    and refused by what it opened when that is not a regular file."""
+    deadline = None
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            break
+        except BlockingIOError:  # a lease: this open asked its holder to break it
+            now = time.monotonic()
+            deadline = now + _LEASE_WAIT if deadline is None else deadline
+            if not wait_for_lease or now >= deadline:
+                raise
+            time.sleep(_LEASE_TRY_EVERY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, file_kind(mode))
     except BaseException:
         os.close(fd)
         raise

@@ -4,12 +4,17 @@ regular file, is opened; a FIFO or a device put under the name meanwhile is neve
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.post import sectors
 
 from damocles_ext import gpulock, regular_file
 from damocles_ext.commands.common import regular_token_file
@@ -142,3 +147,94 @@ def test_flags_it_cannot_honour_are_refused_before_anything_is_opened(
     with pytest.raises(ValueError, match=f"^open_regular cannot open with {named}$"):
         regular_file.open_regular(path, flags)
     assert opens == []
+
+
+# Run in a mount namespace of its own where /proc is unmounted: the sectors, the token file, a
+# free GPU lock file and a FIFO in argv[1]; what each reader made of them, as JSON.
+WITHOUT_PROC = """
+import json, os, sys
+from damocles_ext import gpulock, regular_file
+from damocles_ext.commands.common import regular_token_file
+from damocles_ext.post import reference
+from damocles_ext.post.fixtures import load_manifest, window_task
+
+base = sys.argv[1]
+assert not os.path.exists("/proc/self"), "/proc is still there: the test proves nothing"
+try:
+    regular_file.open_regular(os.path.join(base, "fifo"))
+except regular_file.NotRegularFile as exc:
+    fifo = str(exc)
+task = window_task(load_manifest(os.path.join(base, "manifest.json")), bytes(32))
+print(json.dumps({
+    "token": regular_token_file(os.path.join(base, "token")),
+    "fifo": fifo,
+    "gpu": gpulock.lock_state(base)["gpu"],
+    "faults": reference.window_post(task).faults,
+}))
+"""
+
+
+def _run_without_proc(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -c code args` in a mount namespace of its own without /proc (unshare -m, then
+    umount -l /proc), or the test skipped where this machine does not allow that."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) here to run a process without /proc")
+    without = [unshare, "-m", "sh", "-c", 'umount -l /proc && exec "$@"', "sh"]
+    probe = subprocess.run(
+        [*without, "true"], capture_output=True, text=True, timeout=60, check=False
+    )
+    if probe.returncode != 0:  # not root (CI is): unshare -m or the umount is not permitted
+        pytest.skip(f"cannot unmount /proc in a mount namespace here: {probe.stderr.strip()}")
+    return subprocess.run(
+        [*without, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_without_proc_the_files_are_read_and_a_fifo_refused_as_with_it(tmp_path: Path):
+    # Without /proc (a chroot, a sandbox), opening the inode again through /proc/self/fd failed
+    # with ENOENT: the reference prover made every sector a fault, serve said an existing token
+    # file "does not exist", the GPU lock probe called a lock file a dangling symlink.
+    sectors(tmp_path, "StackedDrgWindow2KiBV1", 2, random_seed=3)
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / gpulock.GPU_LOCK).write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo")
+    done = _run_without_proc(WITHOUT_PROC, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "token": "s3cret",
+        "fifo": f"{tmp_path / 'fifo'} is a FIFO (named pipe), not a regular file",
+        "gpu": False,
+        "faults": [],
+    }
+
+
+def test_without_proc_a_lease_is_waited_for_by_trying_again_never_by_a_blocking_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Without /proc the inode cannot be opened again: a blocking open of the name, to wait for
+    # a lease, would wait for ever on a FIFO put there meanwhile.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    monkeypatch.setattr(regular_file, "_PROC_FDS", str(tmp_path / "no-proc"))
+    real = os.open
+    opens: list[int] = []
+
+    def lease_held_twice(path, flags, *args, **kwargs):
+        if os.fspath(path) == str(token) and not flags & os.O_PATH:
+            opens.append(flags)
+            if len(opens) <= 2:
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", lease_held_twice)
+    assert regular_token_file(str(token)) == "s3cret"
+    assert len(opens) == 3 and all(flags & os.O_NONBLOCK for flags in opens), opens
+    opens.clear()
+    with pytest.raises(BlockingIOError):  # without wait_for_lease a lease is an error at once
+        regular_file.open_regular(token)
+    assert len(opens) == 1, opens
