@@ -1054,10 +1054,28 @@ def test_a_config_file_larger_than_a_mebibyte_is_refused_unread(tmp_path: Path) 
     ]
 
 
-def test_a_device_that_never_ends_is_read_only_up_to_the_bound() -> None:
+def test_a_device_is_refused_by_what_it_is_never_opened() -> None:
     with pytest.raises(ConfigError) as info:
         load_config("/dev/zero")
-    assert "larger than 1024 KiB" in str(info.value)
+    assert str(info.value) == (
+        "/dev/zero: is a character device, not a regular file, so it is not read (it could"
+        " block or never end); put the ext-prover.cfg file itself there, or give its path"
+    )
+
+
+def test_check_config_given_a_fifo_exits_2_saying_what_it_is_never_waiting_on_it(
+    tmp_path: Path,
+) -> None:
+    # check-config (and serve, before its ready line) opened it as a file: a FIFO without a
+    # writer held that open for ever.
+    fifo = tmp_path / "ext-prover.cfg"
+    os.mkfifo(fifo)
+    for args in (["-c", str(fifo)], ["--conf-dir", str(tmp_path)]):
+        proc = run_cli_subprocess("check-config", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{fifo}: is a FIFO (named pipe), not a regular file, so it is not read" in (
+            proc.stderr
+        )
 
 
 def test_config_error_is_a_usage_error_with_exit_code_2() -> None:

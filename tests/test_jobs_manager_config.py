@@ -284,8 +284,12 @@ def test_a_file_that_cannot_be_damocles_config_says_why_without_reading_it_all(t
     cfg.write_bytes(b"[Common]\n\xff\n")
     with pytest.raises(ManagerConfigError, match=r"not UTF-8 text \(bad byte at offset 9\)"):
         load_manager_conf_dir(tmp_path)
+    with open(cfg, "r+b") as f:
+        f.truncate(16384 * 1024 + 1)  # sparse: read up to the limit, not to the end
     with pytest.raises(ManagerConfigError, match="larger than 16384 KiB, which no sector-manager"):
-        load_manager_config("/dev/zero")  # read up to the limit, not to the end
+        load_manager_conf_dir(tmp_path)
+    with pytest.raises(ManagerConfigError, match=r"^/dev/zero: is a character device, not a reg"):
+        load_manager_config("/dev/zero")  # never opened: a device's open runs its driver
 
 
 def test_the_same_store_name_with_two_paths_is_refused(tmp_path):

@@ -498,6 +498,30 @@ def test_a_token_file_that_is_a_fifo_or_a_device_exits_2_at_once_saying_what_it_
     )
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (os.mkfifo, "a FIFO (named pipe)"),
+        (lambda p: os.symlink("/dev/zero", p), "a character device"),
+    ],
+    ids=["fifo", "device"],
+)
+def test_a_sector_manager_cfg_that_is_a_fifo_or_a_device_exits_2_at_once_saying_what_it_is(
+    tmp_path, make, kind
+):
+    # serve --jobs --conf-dir reads it before its ready line: a FIFO without a writer held that
+    # open() for ever, /dev/zero was read up to the size limit and called too large.
+    conf = tmp_path / "manager"
+    conf.mkdir()
+    make(str(conf / "sector-manager.cfg"))
+    done = dext_run("serve", "window_post", "--jobs", sqlite_url(tmp_path), "--conf-dir",
+                    str(conf), input=b"", timeout=30)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"" and "Traceback" not in err, err
+    assert f"{conf / 'sector-manager.cfg'}: is {kind}, not a regular file, so it is not read" in err
+    assert "put the sector-manager.cfg file itself there, or give its path" in err
+
+
 def test_a_token_file_is_read_as_bytes_and_only_its_first_line_decoded(tmp_path):
     # It was read as UTF-8 text: a byte that is not UTF-8 after the first line (in the buffer
     # the first read filled) made a good token refused.

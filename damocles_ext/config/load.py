@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from ..regular_file import NotRegularFile, open_regular
 from . import machine
 from .keys import _RULES, VALID_KEYS, _Block, _check_block, _check_key, _parse_cpuset
 from .messages import _TABLE_ALIASES, _show, _suggest, _syntax_error
@@ -45,13 +46,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> str:
     """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not.
-    `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages."""
-    p = Path(source)
+    `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages. Only a regular
+    file is read (regular_file.open_regular): a FIFO without a writer would hold check-config,
+    or serve before its ready line, for ever, and a device's open runs its driver."""
     try:
-        with p.open("rb") as f:
-            # Bounded: a device or a runaway file (-c /dev/zero) must not fill the memory.
+        with open(open_regular(source), "rb") as f:
+            # Bounded: a runaway file must not fill the memory.
             data = f.read(limit + 1)
-    except IsADirectoryError:
+    except NotRegularFile as exc:
+        if exc.kind != "a directory":
+            what = (
+                f"{source}: is {exc.kind}, not a regular file, so it is not read (it could block"
+                f" or never end); put the {kind} file itself there, or give its path"
+            )
+            raise ConfigError(source, [what]) from None
         hint = (
             f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
             if kind == CONF_FILE_NAME
