@@ -244,7 +244,7 @@ def make_unusable(path, how: str) -> str:
         return f"a symlink (to {target})"
     if how == "a fifo":
         os.mkfifo(path)
-        return "a FIFO"
+        return "a FIFO (named pipe)"
     if how == "a directory":
         path.mkdir()
         return "a directory"
@@ -866,7 +866,7 @@ def worker_config(directory) -> str:
         (["--sector-cache", "/nonexistent/dir/file"], "its directory /nonexistent/dir does not"),
         (["--sector-cache", "{tmp}"], "it is a directory"),
         (["--sector-cache", "{tmp}/passwd"], "it is a file that is not a sector-location snap"),
-        (["--sector-cache", "{tmp}/fifo"], "it is a FIFO, not a sector-location snapshot"),
+        (["--sector-cache", "{tmp}/fifo"], "it is a FIFO (named pipe), not a sector-loc"),
         (["--no-sector-cache", "--sector-cache", "{tmp}/f"], "not allowed with argument"),
     ],
 )
@@ -947,7 +947,7 @@ def test_a_state_directory_that_cannot_hold_the_snapshot_is_a_warning_not_a_fail
     for state, why in (
         (tmp_path / "missing", "does not exist"),
         (open_to_all, "other users"),
-        (holding, "it is a FIFO, not a sector-location snapshot"),
+        (holding, "it is a FIFO (named pipe), not a sector-loc"),
     ):
         monkeypatch.setenv("STATE_DIRECTORY", str(state))
         caplog.clear()

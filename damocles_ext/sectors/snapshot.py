@@ -47,6 +47,7 @@ import msgspec
 import trio
 
 from ..errors import describe, passes_through
+from ..regular_file import file_kind
 from .cache import CacheEntry, SectorCache, restorable
 from .model import SectorLocation, SectorRef
 
@@ -115,15 +116,6 @@ class SnapshotUnreadable(Exception):
     known, so it is not written over either (the next start reads it again)."""
 
 
-_KINDS: Final = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def not_a_snapshot(path: str, *, raising: bool = False) -> str | None:
     """What is at `path` when it is not a sector-location snapshot, which a snapshot must then
     never replace ("a character device, not a sector-location snapshot", ...); None when
@@ -149,8 +141,7 @@ def not_a_snapshot(path: str, *, raising: bool = False) -> str | None:
             target = "?"
         return f"a symlink (to {target}), {not_one}: a snapshot is a file of its own"
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-        return f"{kind}, {not_one}"
+        return f"{file_kind(st.st_mode)}, {not_one}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
