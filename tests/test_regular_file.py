@@ -19,7 +19,7 @@ from helpers.post import sectors
 from damocles_ext import gpulock, regular_file
 from damocles_ext.commands.common import regular_token_file
 from damocles_ext.config.startup import missing_interpreter
-from damocles_ext.post import reference
+from damocles_ext.post import SectorFaultError, reference
 
 
 def _spy_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
@@ -40,11 +40,17 @@ def _read_input(path: str) -> None:
         f.read()
 
 
+def _build_tree(path: str) -> None:
+    cache = os.path.join(os.path.dirname(path), "cache")
+    reference.build_tree("StackedDrgWindow2KiBV1", path, cache, bytes(32))
+
+
 READERS: dict[str, tuple[bytes, Callable[[str], object]]] = {
     "serve --token-file": (b"s3cret\n", regular_token_file),
     "a program's #! line": (b"#!/bin/sh\n", missing_interpreter),
     "a GPU lock file": (b"", lambda p: gpulock.lock_state(os.path.dirname(p))),
     "a sealed file": (b"sealed", _read_input),
+    "the Python build_tree's sealed file": (bytes(2048), _build_tree),
 }
 
 
@@ -238,3 +244,22 @@ def test_without_proc_a_lease_is_waited_for_by_trying_again_never_by_a_blocking_
     with pytest.raises(BlockingIOError):  # without wait_for_lease a lease is an error at once
         regular_file.open_regular(token)
     assert len(opens) == 1, opens
+
+
+def _bytes_read() -> int:
+    """What this process has read so far, all files together (the kernel's count, rchar)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_the_python_build_tree_reads_no_more_of_a_sealed_file_than_a_sector_holds(
+    tmp_path: Path,
+):
+    # It read the whole file (/dev/zero: until the memory ran out) before looking at its size.
+    sealed = tmp_path / "sealed"
+    with open(sealed, "wb") as f:
+        f.truncate(64 << 20)  # sparse
+    before = _bytes_read()
+    with pytest.raises(SectorFaultError, match=f"^sealed file {sealed} is {64 << 20} bytes; "):
+        _build_tree(str(sealed))
+    assert _bytes_read() - before < 1 << 20

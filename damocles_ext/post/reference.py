@@ -74,17 +74,27 @@ def build_tree(
     progress: Progress | None = None,
     cancel: CancelLike | None = None,
 ) -> bytes:
-    """Write cache_dir/p_aux and the tree-r-last file for a sealed file; return comm_r."""
+    """Write cache_dir/p_aux and the tree-r-last file for a sealed file; return comm_r.
+    Only tests and benchmarks call it (sector fixtures are built by the C prover's), but it
+    reads the sealed file as the provers do: a regular file only (never a FIFO's wait nor a
+    device's open), and no more of it than a sector holds."""
     params = proof_params(proof_type)
     if not 0 <= rows_to_discard < params.height or rows_to_discard > MAX_ROWS_TO_DISCARD:
         raise InvalidTaskError(
             f"rows_to_discard {rows_to_discard} is out of range for {proof_type}: "
             f"use 0..{min(params.height - 1, MAX_ROWS_TO_DISCARD)}"
         )
-    data = Path(sealed_file).read_bytes()
-    if len(data) != params.sector_size:
+    try:
+        fd = open_regular(sealed_file, wait_for_lease=True)
+    except NotRegularFile as exc:
+        what = f"sealed file {sealed_file} is {exc.kind}, not a regular file"
+        raise SectorFaultError(what) from None
+    with open(fd, "rb") as f:
+        data = f.read(params.sector_size + 1)  # bounded: one byte past a sector says it is longer
+        size = len(data) if len(data) <= params.sector_size else os.fstat(fd).st_size
+    if size != params.sector_size:
         raise SectorFaultError(
-            f"sealed file {sealed_file} is {len(data)} bytes; {proof_type} needs exactly "
+            f"sealed file {sealed_file} is {size} bytes; {proof_type} needs exactly "
             f"{params.sector_size}"
         )
     level = [data[i : i + NODE_SIZE] for i in range(0, len(data), NODE_SIZE)]
