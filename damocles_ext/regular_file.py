@@ -8,8 +8,11 @@ that it is the inode just looked at: no window in which another file put under t
 opened instead. Without /proc (a chroot, a sandbox) it opens the name again, O_NONBLOCK, and
 looks at what it opened: see `open_regular`. `file_kind` says in words what a file that is not a
 regular file is.
-Used by gpulock.py, config/startup.py (a program's first bytes) and commands/common.py
-(serve's --token-file); it imports nothing of the package.
+Used by gpulock.py (bellperson's lock files), config/startup.py (a program's first bytes),
+config/load.py (every config file: ext-prover.cfg, sector-manager.cfg, damocles-worker.toml ...),
+commands/common.py (serve's --token-file) and post/reference.py (the Python reference prover's
+sealed, p_aux and tree files, and build_tree's sealed file); `file_kind` also by
+supervisor/process.py and sectors/snapshot.py. It imports nothing of the package.
 """
 
 from __future__ import annotations
