@@ -717,13 +717,19 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
     found = json.loads(said.removeprefix("Found: "))
     assert found["errors"] == [] and found["warnings"] == [], found
     [note] = found["notes"]
-    assert note.startswith(
+    # It said "you may not read: --conf-dir D: permission denied (...); give damocles-manager's
+    # config directory (...)": advice that D was the wrong directory, in a note that it may be
+    # the right one. Now it is said as of a token file closed to this user.
+    you = f"you (uid {os.geteuid() or 65534})"
+    why = (
+        f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
+        if closed == "file"
+        else f"cannot be looked at by {you}: a directory on its path is closed to you"
+    )
+    assert note == (
         f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs sqlite:///{base}/j.db"
-        f" --conf-dir {conf_dir}`, whose sector-manager.cfg you (uid {os.geteuid() or 65534}) may"
-        " not read: "
-    ), note
-    assert "permission denied" in note, note
-    assert note.endswith(
-        "; serve runs as damocles-manager's user, so check that user can read it (its content was"
-        " not checked here)"
-    ), note
+        f" --conf-dir {conf_dir}`: its --conf-dir's sector-manager.cfg"
+        f" {str(conf_dir / 'sector-manager.cfg')!r} {why}; serve runs as damocles-manager's user,"
+        " so check that user can read it (what it holds was not seen here)"
+    )
+    assert "give damocles-manager's config directory" not in note

@@ -282,10 +282,15 @@ def manager_entry_findings(config: Config) -> EntryFindings:
                 # A relative --conf-dir was read from check-config's directory: maybe not serve's.
                 relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
                 if denied:  # closed to this user; serve runs as damocles-manager's, who may read it
+                    from damocles_ext.jobs.manager_config import MANAGER_CONF_FILE
+
+                    cfg = os.path.join(parsed.conf_dir, MANAGER_CONF_FILE)
+                    closed = _closed_to_you(
+                        cfg, "its --conf-dir's sector-manager.cfg", "what it holds"
+                    )
                     findings.notes.append(
-                        f"{where} runs `{command}`, whose sector-manager.cfg you (uid"
-                        f" {os.geteuid()}) may not read: {text}; serve runs as damocles-manager's"
-                        " user, so check that user can read it (its content was not checked here)"
+                        f"{where} runs `{command}`: {closed}"
+                        + (_RELATIVE_CONF_DIR if relative else "")
                     )
                 else:
                     (warnings if relative else errors).append(
@@ -384,13 +389,17 @@ def _check_token_file(path: str, runs: str, found: EntryFindings) -> None:
         regular_token_file(path, wait_for_lease=False)  # serve's own reading, never waiting
     except TokenFileError as e:
         if e.errno == errno.EACCES:  # not for this user: serve, as damocles-manager's, may read it
-            found.notes.append(f"{runs}: {_closed_to_you(path)}")
+            found.notes.append(f"{runs}: {_closed_to_you(path, 'its token file', _TOKEN_UNSEEN)}")
         elif e.errno != errno.EAGAIN:  # (EAGAIN: a lease holds it now; serve waits for it)
             found.errors.append(f"{runs}, which will exit 2: {e}")
 
 
-def _closed_to_you(path: str) -> str:
-    """Why this user cannot read `path` (EACCES), and that serve's user is the one to ask."""
+_TOKEN_UNSEEN = "whether it holds a token"
+
+
+def _closed_to_you(path: str, what: str, unseen: str) -> str:
+    """Why this user cannot read `path` (EACCES), `what` it is, and that serve's user is the one
+    to ask; `unseen`: what was therefore not seen of it."""
     import stat
 
     you = f"you (uid {os.geteuid()})"
@@ -402,8 +411,8 @@ def _closed_to_you(path: str) -> str:
         mode = stat.S_IMODE(st.st_mode)
         closed = f"cannot be read by {you}: it is uid {st.st_uid}'s, mode {mode:04o}"
     return (
-        f"its token file {path!r} {closed}; serve runs as damocles-manager's user, so check that"
-        " user can read it (whether it holds a token was not seen here)"
+        f"{what} {path!r} {closed}; serve runs as damocles-manager's user, so check that user can"
+        f" read it ({unseen} was not seen here)"
     )
 
 
@@ -465,13 +474,14 @@ def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, bool] | None:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
         relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
-        return f"{exc}" + (
-            " (a relative --conf-dir is read from the directory damocles-manager runs in;"
-            " check-config read it from the current directory)"
-            if relative
-            else ""
-        ), exc.denied
+        return f"{exc}" + (_RELATIVE_CONF_DIR if relative else ""), exc.denied
     return None
+
+
+_RELATIVE_CONF_DIR = (
+    " (a relative --conf-dir is read from the directory damocles-manager runs in;"
+    " check-config read it from the current directory)"
+)
 
 
 def _idle_slots(where: str, concurrent: int, slots: int, stage: str, supervisor: str) -> str:
