@@ -260,8 +260,8 @@ Envs = {{ TMPDIR = "{gpu_tmp}" }}
             await wait_ready(log, ["window_post#0"])
             doc = await _status(path)
             problem = (
-                f"bellman.gpu.lock is not probed: {gpu_tmp / 'bellman.gpu.lock'} is a FIFO, not a"
-                " regular file; remove it (bellperson's lock files are regular files)"
+                f"bellman.gpu.lock is not probed: {gpu_tmp / 'bellman.gpu.lock'} is a FIFO (named"
+                " pipe), not a regular file; remove it (bellperson's lock files are regular files)"
             )
             assert _by_name(doc)["window_post#0"]["lock_files"] == {
                 "dir": str(gpu_tmp),
