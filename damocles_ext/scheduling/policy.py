@@ -397,7 +397,7 @@ class Scheduler:
                     if child is None:
                         break
                     self._queues.pop(queue, job)
-                    if judging and not hold and (why := doomed(job, children, now, NOT_SENT, ests, known)):  # fmt: skip
+                    if judging and not hold and job.deadline is not None and job.size > 0 and (why := doomed(job, children, now, NOT_SENT, ests, known)):  # fmt: skip
                         out.append(Fail(job.request_id, why, late=True))  # (doomed.py)
                         job = self._queues.peek(queue)
                         continue
