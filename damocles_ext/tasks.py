@@ -236,11 +236,12 @@ def replicas_problem(task: Task) -> str | None:
             if sector in seen:
                 return f"sector {sector} appears twice in the task: give each sector once"
             seen.add(sector)
-    if any("\0" in r.cache_dir or "\0" in r.sealed_file for r in replicas):
-        for r in replicas:
-            for name in ("cache_dir", "sealed_file"):
-                if "\0" in getattr(r, name):
-                    return f"sector {r.sector_id}'s {name} holds a NUL byte: no file has that name"
+    for r in replicas:  # (a plain loop: no generator to resume per replica)
+        name = (
+            "cache_dir" if "\0" in r.cache_dir else "sealed_file" if "\0" in r.sealed_file else ""
+        )
+        if name:
+            return f"sector {r.sector_id}'s {name} holds a NUL byte: no file has that name"
     return None
 
 
@@ -320,7 +321,8 @@ def output_problem(task: Task, output: Output) -> str | None:
     native prover's ABI says the same of a library's result; this holds every child to it."""
     proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
     faults: Sequence[int] = getattr(output, "faults", ())
-    return result_problem(proofs, faults, (r.sector_id for r in getattr(task, "replicas", ())))
+    sectors = [r.sector_id for r in getattr(task, "replicas", ())] if faults else ()
+    return result_problem(proofs, faults, sectors)
 
 
 def result_problem(

@@ -274,3 +274,37 @@ def test_a_thread_asked_for_outside_trio_is_not_called_the_limit_of_tasks():
         asyncio.run(run_in_thread(int))
     assert not isinstance(raised.value, NoThreadError)
     assert "ulimit" not in str(raised.value)
+
+
+def test_replicas_and_answers_no_prover_can_have_are_named_replica_by_replica():
+    # replicas_problem and output_problem run on every request and answer: each case names the
+    # first replica (in task order) and the first field that is wrong, and an answer's faults are
+    # checked against the task's sectors only when there are faults.
+    from helpers.child import window_task as three_sector_task
+
+    from damocles_ext.tasks import WindowPoStOutput, output_problem, replicas_problem
+
+    task = three_sector_task(sectors=3)
+    assert replicas_problem(task) is None
+    for i, field, value in ((1, "sealed_file", "/s\0x"), (2, "cache_dir", "/c\0x")):
+        replicas = list(task.replicas)
+        replicas[i] = msgspec.structs.replace(replicas[i], **{field: value})
+        if field == "cache_dir":  # both wrong: the cache_dir is named, then the earlier replica
+            replicas[i] = msgspec.structs.replace(replicas[i], sealed_file="/s\0y")
+        bad = msgspec.structs.replace(task, replicas=replicas)
+        assert replicas_problem(bad) == (
+            f"sector {i}'s {field} holds a NUL byte: no file has that name"
+        )
+    both = list(task.replicas)
+    both[0] = msgspec.structs.replace(both[0], sealed_file="/a\0")
+    both[2] = msgspec.structs.replace(both[2], cache_dir="/b\0")
+    assert replicas_problem(msgspec.structs.replace(task, replicas=both)) == (
+        "sector 0's sealed_file holds a NUL byte: no file has that name"
+    )
+    assert output_problem(task, WindowPoStOutput([b"p"], [])) is None
+    assert output_problem(task, WindowPoStOutput([], [2, 0])) is None
+    assert output_problem(task, WindowPoStOutput([], [2, 7, 9])) == (
+        "faults for sectors not in the task: [7, 9]"
+    )
+    assert output_problem(task, WindowPoStOutput([], [])) == "neither proofs nor faults"
+    assert output_problem(task, WindowPoStOutput([b"p", b""], [])) == "proof 1 of 0 bytes"
