@@ -473,6 +473,27 @@ def _serve_with_token_file(tmp_path: Path, token_file: str) -> Path:
     return manager
 
 
+def _findings_kept_out(manager: Path) -> dict:
+    """check-config's findings on damocles-manager's file `manager`, made by a user to whom
+    what the test closed is closed (helpers/kept_out: nobody, when the suite runs as root)."""
+    import json
+
+    from helpers.kept_out import said_when_kept_out
+
+    from damocles_ext.commands.check_config import manager_entry_findings
+    from damocles_ext.config import load_config
+
+    class Found(Exception):
+        pass
+
+    def findings() -> None:
+        raise Found(json.dumps(manager_entry_findings(load_config(str(manager)))._asdict()))
+
+    said = said_when_kept_out(findings)
+    assert said.startswith("Found: "), said
+    return json.loads(said.removeprefix("Found: "))
+
+
 #: How long check-config may take on a token file before the test takes it for waiting on it.
 HANG_AFTER = 30.0  # seconds
 
@@ -556,12 +577,8 @@ def test_a_relative_token_file_is_warned_about_and_not_looked_for_in_the_wrong_d
 def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(closed: str):
     # serve runs as damocles-manager's user, which may read a file that the user running
     # check-config (another one) may not: that is no sign the file is missing or unusable.
-    import json
 
-    from helpers.kept_out import a_closed_directory, said_when_kept_out
-
-    from damocles_ext.commands.check_config import manager_entry_findings
-    from damocles_ext.config import load_config
+    from helpers.kept_out import a_closed_directory
 
     with a_closed_directory() as directory:
         base = directory.parent
@@ -573,15 +590,7 @@ def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(c
             token = directory / "inside"
         manager = _serve_with_token_file(base, str(token))
 
-        class Found(Exception):
-            pass
-
-        def findings() -> None:
-            raise Found(json.dumps(manager_entry_findings(load_config(str(manager)))._asdict()))
-
-        said = said_when_kept_out(findings)
-    assert said.startswith("Found: "), said
-    found = json.loads(said.removeprefix("Found: "))
+        found = _findings_kept_out(manager)
     assert found["errors"] == [] and not [w for w in found["warnings"] if "token" in w], found
     [note] = found["notes"]
     you = f"you (uid {os.geteuid() or 65534})"
@@ -685,12 +694,8 @@ def test_a_relative_conf_dir_that_serve_jobs_may_not_find_stays_a_warning(
 def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_error(closed: str):
     # serve --jobs reads its --conf-dir's sector-manager.cfg as damocles-manager's user; the user
     # running check-config may be another, to whom it is closed: no sign serve will exit 2.
-    import json
 
-    from helpers.kept_out import a_closed_directory, said_when_kept_out
-
-    from damocles_ext.commands.check_config import manager_entry_findings
-    from damocles_ext.config import load_config
+    from helpers.kept_out import a_closed_directory
 
     with a_closed_directory() as directory:
         base = directory.parent
@@ -706,15 +711,7 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
             f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
         )
 
-        class Found(Exception):
-            pass
-
-        def findings() -> None:
-            raise Found(json.dumps(manager_entry_findings(load_config(str(manager)))._asdict()))
-
-        said = said_when_kept_out(findings)
-    assert said.startswith("Found: "), said
-    found = json.loads(said.removeprefix("Found: "))
+        found = _findings_kept_out(manager)
     assert found["errors"] == [] and found["warnings"] == [], found
     [note] = found["notes"]
     # It said "you may not read: --conf-dir D: permission denied (...); give damocles-manager's
