@@ -494,6 +494,15 @@ def _findings_kept_out(manager: Path) -> dict:
     return json.loads(said.removeprefix("Found: "))
 
 
+def _closed_why(closed: str) -> str:
+    """What check-config says of a file kept from its user (`closed`: the file itself, mode 0,
+    or a directory on its path), run as nobody when the suite runs as root."""
+    you = f"you (uid {os.geteuid() or 65534})"
+    if closed == "file":
+        return f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
+    return f"cannot be looked at by {you}: a directory on its path is closed to you"
+
+
 #: How long check-config may take on a token file before the test takes it for waiting on it.
 HANG_AFTER = 30.0  # seconds
 
@@ -593,12 +602,7 @@ def test_a_token_file_closed_to_this_user_is_a_note_for_damocles_managers_user(c
         found = _findings_kept_out(manager)
     assert found["errors"] == [] and not [w for w in found["warnings"] if "token" in w], found
     [note] = found["notes"]
-    you = f"you (uid {os.geteuid() or 65534})"
-    why = (
-        f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
-        if closed == "file"
-        else f"cannot be looked at by {you}: a directory on its path is closed to you"
-    )
+    why = _closed_why(closed)
     assert note.startswith(f"{manager}: WdPost[0] runs `damocles-ext serve window_post "), note
     assert note.endswith(
         f"--token-file {token}`: its token file {str(token)!r} {why}; serve runs as"
@@ -717,12 +721,7 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
     # It said "you may not read: --conf-dir D: permission denied (...); give damocles-manager's
     # config directory (...)": advice that D was the wrong directory, in a note that it may be
     # the right one. Now it is said as of a token file closed to this user.
-    you = f"you (uid {os.geteuid() or 65534})"
-    why = (
-        f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
-        if closed == "file"
-        else f"cannot be looked at by {you}: a directory on its path is closed to you"
-    )
+    why = _closed_why(closed)
     assert note == (
         f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs sqlite:///{base}/j.db"
         f" --conf-dir {conf_dir}`: its --conf-dir's sector-manager.cfg"
