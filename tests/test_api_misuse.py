@@ -289,7 +289,7 @@ def test_replicas_and_answers_no_prover_can_have_are_named_replica_by_replica():
     for i, field, value in ((1, "sealed_file", "/s\0x"), (2, "cache_dir", "/c\0x")):
         replicas = list(task.replicas)
         replicas[i] = msgspec.structs.replace(replicas[i], **{field: value})
-        if field == "cache_dir":  # both wrong: the cache_dir is named, then the earlier replica
+        if field == "cache_dir":  # both fields wrong: the cache_dir, checked first, is named
             replicas[i] = msgspec.structs.replace(replicas[i], sealed_file="/s\0y")
         bad = msgspec.structs.replace(task, replicas=replicas)
         assert replicas_problem(bad) == (

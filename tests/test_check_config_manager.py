@@ -729,3 +729,36 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
         " so check that user can read it (what it holds was not seen here)"
     )
     assert "give damocles-manager's config directory" not in note
+
+
+def test_a_scanned_stores_sectorstore_json_closed_to_this_user_is_a_note_naming_it():
+    # serve --jobs reads the stores its sector-manager.cfg's ScanPersistStores finds, as
+    # damocles-manager's user: a sectorstore.json closed to the user running check-config was
+    # an error (exit 2), though that user may read it.
+    from helpers.kept_out import a_closed_directory
+
+    with a_closed_directory() as directory:
+        base = directory.parent
+        conf_dir = base / "manager-home"
+        conf_dir.mkdir()
+        (base / "stores" / "s1").mkdir(parents=True)
+        meta = base / "stores" / "s1" / "sectorstore.json"
+        meta.write_text('{"Name": "s1"}')
+        meta.chmod(0)
+        (conf_dir / "sector-manager.cfg").write_text(
+            f"[Common]\nScanPersistStores = ['{base}/stores/*']\n"
+        )
+        manager = base / "manager.cfg"
+        manager.write_text(
+            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+            f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
+        )
+        found = _findings_kept_out(manager)
+    assert found["errors"] == [] and found["warnings"] == [], found
+    [note] = found["notes"]
+    assert note == (
+        f"{manager}: WdPost[0] runs `damocles-ext serve window_post --jobs sqlite:///{base}/j.db"
+        f" --conf-dir {conf_dir}`: a store of its sector-manager.cfg, whose file {str(meta)!r}"
+        f" {_closed_why('file')}; serve runs as damocles-manager's user, so check that user can"
+        " read it (what it holds was not seen here)"
+    )

@@ -1059,7 +1059,7 @@ def test_a_device_is_refused_by_what_it_is_never_opened() -> None:
         load_config("/dev/zero")
     assert str(info.value) == (
         "/dev/zero: is a character device, not a regular file, so it is not read (it could"
-        " block or never end); put the ext-prover.cfg file itself there, or give its path"
+        " block or never end); write the ext-prover.cfg to a file and give its path"
     )
 
 
@@ -1073,9 +1073,11 @@ def test_check_config_given_a_fifo_exits_2_saying_what_it_is_never_waiting_on_it
     for args in (["-c", str(fifo)], ["--conf-dir", str(tmp_path)]):
         proc = run_cli_subprocess("check-config", *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert f"{fifo}: is a FIFO (named pipe), not a regular file, so it is not read" in (
-            proc.stderr
-        )
+        assert (
+            f"{fifo}: is a FIFO (named pipe) (a pipe such as <(command) or /dev/stdin is one), not"
+            " a regular file, so it is not read (it could block or never end); write the"
+            " ext-prover.cfg to a file and give its path"
+        ) in proc.stderr
 
 
 def test_config_error_is_a_usage_error_with_exit_code_2() -> None:

@@ -515,8 +515,11 @@ def test_a_sector_manager_cfg_that_is_a_fifo_or_a_device_exits_2_at_once_saying_
                     str(conf), input=b"", timeout=30)  # fmt: skip
     err = done.stderr.decode()
     assert done.returncode == 2 and done.stdout == b"" and "Traceback" not in err, err
-    assert f"{conf / 'sector-manager.cfg'}: is {kind}, not a regular file, so it is not read" in err
-    assert "put the sector-manager.cfg file itself there, or give its path" in err
+    pipe = " (a pipe such as <(command) or /dev/stdin is one)" if "FIFO" in kind else ""
+    assert (
+        f"{conf / 'sector-manager.cfg'}: is {kind}{pipe}, not a regular file, so it is not" in err
+    )
+    assert "write the sector-manager.cfg to a file and give its path" in err
 
 
 def test_a_token_file_is_read_as_bytes_and_only_its_first_line_decoded(tmp_path):

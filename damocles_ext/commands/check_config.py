@@ -284,10 +284,12 @@ def manager_entry_findings(config: Config) -> EntryFindings:
                 if denied:  # closed to this user; serve runs as damocles-manager's, who may read it
                     from damocles_ext.jobs.manager_config import MANAGER_CONF_FILE
 
-                    cfg = os.path.join(parsed.conf_dir, MANAGER_CONF_FILE)
-                    closed = _closed_to_you(
-                        cfg, "its --conf-dir's sector-manager.cfg", "what it holds"
+                    what = (
+                        "its --conf-dir's sector-manager.cfg"
+                        if os.path.basename(denied) == MANAGER_CONF_FILE
+                        else "a store of its sector-manager.cfg, whose file"
                     )
+                    closed = _closed_to_you(denied, what, "what it holds")
                     findings.notes.append(
                         f"{where} runs `{command}`: {closed}"
                         + (_RELATIVE_CONF_DIR if relative else "")
@@ -459,17 +461,17 @@ def _hosts_collide(a: str, b: str) -> bool:
     )
 
 
-def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, bool] | None:
+def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, str | None] | None:
     """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
     as this machine tells: a stage other than window_post, or its --conf-dir's sector-manager.cfg
-    (and --store) that it cannot use; None when neither. With it, whether the reason is only that
-    this user may not read the file (another, damocles-manager's, may)."""
+    (and --store) that it cannot use; None when neither. With it, the file this user
+    may not read when that alone is the reason (damocles-manager's user may), else None."""
     from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
 
     if parsed.stage != "window_post":
         from damocles_ext.frontends.producer import WINNING_REFUSED
 
-        return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", False
+        return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", None
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:

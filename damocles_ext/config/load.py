@@ -48,16 +48,18 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
     """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not.
     `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages. Only a regular
     file is read (regular_file.open_regular): a FIFO without a writer would hold check-config,
-    or serve before its ready line, for ever, and a device's open runs its driver."""
+    or serve before its ready line, for ever, and a device's open runs its driver. A lease on it
+    (Samba, an NFS delegation) is waited for, as a plain open does (lease-break-time)."""
     try:
-        with open(open_regular(source), "rb") as f:
+        with open(open_regular(source, wait_for_lease=True), "rb") as f:
             # Bounded: a runaway file must not fill the memory.
             data = f.read(limit + 1)
     except NotRegularFile as exc:
         if exc.kind != "a directory":
+            pipe = " (a pipe such as <(command) or /dev/stdin is one)" if "FIFO" in exc.kind else ""
             what = (
-                f"{source}: is {exc.kind}, not a regular file, so it is not read (it could block"
-                f" or never end); put the {kind} file itself there, or give its path"
+                f"{source}: is {exc.kind}{pipe}, not a regular file, so it is not read (it could"
+                f" block or never end); write the {kind} to a file and give its path"
             )
             raise ConfigError(source, [what]) from None
         hint = (

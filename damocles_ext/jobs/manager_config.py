@@ -68,9 +68,10 @@ _WORKER_PROVER = "[Common.Proving.WorkerProver]"
 
 class ManagerConfigError(UsageError):
     """sector-manager.cfg cannot be used as it is: exit code 2; the message names file and key.
-    `denied`: this user may not read it (or enter a directory on its way): another may."""
+    `denied`: the file this user may not read (or reach: a directory on its way is closed), which
+    another user, damocles-manager's, may; None when that is not why."""
 
-    def __init__(self, message: str, *, denied: bool = False) -> None:
+    def __init__(self, message: str, *, denied: str | None = None) -> None:
         super().__init__(message)
         self.denied = denied
 
@@ -148,7 +149,7 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
     """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist)."""
     path = Path(directory) / MANAGER_CONF_FILE
     what = None
-    denied = False
+    denied = None
     try:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             what = "is not a directory"
@@ -160,7 +161,7 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
         what = "does not exist"
     except PermissionError:  # DIR, or a directory above it, this user may not enter
         what = "permission denied (check the mode and owner of it and of the directories above)"
-        denied = True
+        denied = os.fspath(path)
     except OSError as exc:
         what = exc.strerror or str(exc)
     if what is not None:
@@ -178,7 +179,7 @@ def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
     try:
         text = read_config_text(source, MANAGER_CONF_FILE, limit=MAX_MANAGER_CONF_BYTES)
     except ConfigError as exc:
-        raise ManagerConfigError(str(exc), denied=exc.denied) from None
+        raise ManagerConfigError(str(exc), denied=source if exc.denied else None) from None
     return parse_manager_config(text, source)
 
 
@@ -411,14 +412,18 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
+        denied = isinstance(exc, PermissionError)  # for this user: damocles-manager's may read it
         raise ManagerConfigError(
-            f"{where}: cannot read {meta_path}: {exc.strerror or exc} (damocles-manager cannot"
-            " either, and refuses to start)"
+            f"{where}: cannot read {meta_path}: {exc.strerror or exc}"
+            + ("" if denied else " (damocles-manager cannot either, and refuses to start)"),
+            denied=meta_path if denied else None,
         ) from None
     try:
         meta = json.loads(read_config_text(meta_path, SECTORSTORE_JSON))
     except ConfigError as exc:
-        raise ManagerConfigError(f"{where}: {exc}") from None
+        raise ManagerConfigError(
+            f"{where}: {exc}", denied=meta_path if exc.denied else None
+        ) from None
     except (ValueError, RecursionError) as exc:
         raise ManagerConfigError(
             f"{where}: {meta_path} is not JSON ({exc}); damocles-manager refuses it too: fix or"
