@@ -503,6 +503,16 @@ def _closed_why(closed: str) -> str:
     return f"cannot be looked at by {you}: a directory on its path is closed to you"
 
 
+def _serve_jobs_with_conf_dir(base: Path, conf_dir: Path) -> Path:
+    """damocles-manager's file in `base`, its WdPost entry a `serve --jobs --conf-dir conf_dir`."""
+    manager = base / "manager.cfg"
+    manager.write_text(
+        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+        f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
+    )
+    return manager
+
+
 #: How long check-config may take on a token file before the test takes it for waiting on it.
 HANG_AFTER = 30.0  # seconds
 
@@ -709,11 +719,7 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
             cfg = conf_dir / "sector-manager.cfg"
             cfg.write_text("[Common]\n")
             cfg.chmod(0)
-        manager = base / "manager.cfg"
-        manager.write_text(
-            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
-            f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
-        )
+        manager = _serve_jobs_with_conf_dir(base, conf_dir)
 
         found = _findings_kept_out(manager)
     assert found["errors"] == [] and found["warnings"] == [], found
@@ -748,11 +754,7 @@ def test_a_scanned_stores_sectorstore_json_closed_to_this_user_is_a_note_naming_
         (conf_dir / "sector-manager.cfg").write_text(
             f"[Common]\nScanPersistStores = ['{base}/stores/*']\n"
         )
-        manager = base / "manager.cfg"
-        manager.write_text(
-            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
-            f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
-        )
+        manager = _serve_jobs_with_conf_dir(base, conf_dir)
         found = _findings_kept_out(manager)
     assert found["errors"] == [] and found["warnings"] == [], found
     [note] = found["notes"]

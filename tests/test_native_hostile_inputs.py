@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers.lease import run_holding_a_lease
 from helpers.post import sectors
 
 from damocles_ext.errors import ProverError
 from damocles_ext.post import InvalidTaskError
-from damocles_ext.post.fixtures import create_sectors, window_task, winning_task
+from damocles_ext.post.fixtures import create_sectors, load_manifest, window_task, winning_task
 from damocles_ext.post.native import NativeProver
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
 
@@ -159,32 +160,14 @@ def test_build_tree_whose_file_cannot_take_its_place_leaves_no_temporary_file(
     assert not [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
-# Run in a child of its own: no thread but the prover's, so the lease break's SIGIO, blocked in
-# every thread, is taken by the main one with sigtimedwait (in pytest's worker, a thread of
-# xdist's could take it).
-LEASE_PROOF = r"""
-import fcntl, os, signal, sys, threading
-from damocles_ext.post.fixtures import load_manifest, window_task
-from damocles_ext.post.native import NativeProver
+PROVE_WINDOW = """
+def open_it(sealed_file, manifest):
+    from damocles_ext.post.fixtures import load_manifest, window_task
+    from damocles_ext.post.native import NativeProver
 
-task = window_task(load_manifest(sys.argv[1]), bytes(range(32)))
-holder = os.open(task.replicas[0].sealed_file, os.O_WRONLY)
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
-try:
-    fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-except OSError as exc:
-    print("no lease", exc)
-    sys.exit(0)
-answers = []
-with NativeProver() as prover:
-    proving = threading.Thread(target=lambda: answers.append(prover.window_post(task)))
-    proving.start()
-    # The prover's open() waits for the lease, and the kernel asks us to give it up.
-    asked = signal.sigtimedwait({signal.SIGIO}, 30)
-    fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    proving.join(60)
-[output] = answers
-print("asked", asked is not None, "faults", output.faults, "proofs", len(output.proofs))
+    with NativeProver() as prover:
+        output = prover.window_post(window_task(load_manifest(manifest), bytes(range(32))))
+    return f"faults {output.faults} proofs {len(output.proofs)}"
 """
 
 
@@ -193,14 +176,7 @@ def test_a_sealed_file_under_a_lease_is_proved_once_the_lease_breaks_not_a_fault
     # to break. Opened with O_NONBLOCK (for FIFOs), it failed at once with EWOULDBLOCK, and the
     # sector was a fault, which damocles-manager declares on chain.
     made = create_sectors(tmp_path / "s", "StackedDrgWindow2KiBV1", 1, 1000, random_seed=5)
-    run = subprocess.run(
-        [sys.executable, "-c", LEASE_PROOF, str(made)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=90,
+    sealed = load_manifest(made).replicas[0].sealed_file
+    assert run_holding_a_lease(PROVE_WINDOW, str(sealed), str(made)) == (
+        "asked True faults [] proofs 1"
     )
-    assert run.returncode == 0, run.stderr
-    if run.stdout.startswith("no lease"):
-        pytest.skip(f"no lease can be taken here: {run.stdout.strip()}")
-    assert run.stdout.strip() == "asked True faults [] proofs 1", run.stdout
