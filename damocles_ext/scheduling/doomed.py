@@ -55,13 +55,13 @@ from .decisions import Job
 __all__ = [
     "RUNS_KNOWN",
     "HeldBack",
-    "doomed",
     "doomed_from",
     "estimate",
     "estimates",
     "free_slot",
     "judge",
     "kept_off",
+    "refusal",
     "settle",
 ]
 
@@ -220,21 +220,3 @@ def refusal(job: Job, ests: Estimates, now: float, not_sent: str) -> str | None:
         f" {was_left}: its GPU was kept for requests that can still make their"
         f" deadline{not_sent}"
     )
-
-
-def doomed(
-    job: Job,
-    children: list[_Child],
-    now: float,
-    not_sent: str,
-    ests: Estimates | None = None,
-    known: Known | None = None,
-) -> str | None:
-    """Why `job` is not to be started now (its stage's `children`, a deadline it cannot make
-    on any, ending with `not_sent`), or None: it may start. `ests`: `judge`'s, if known;
-    `known`: the estimates of this decision (`estimates`)."""
-    if job.deadline is None or job.size <= 0:
-        return None
-    if ests is None:
-        ests = estimates(job, children, known)
-    return refusal(job, ests, now, not_sent)

@@ -84,7 +84,7 @@ from .decisions import (
     TakeBack,
     statistics_of,
 )
-from .doomed import Aside, HeldBack, Known, doomed, free_slot, judge, kept_off, settle
+from .doomed import Aside, HeldBack, Known, estimates, free_slot, judge, kept_off, refusal, settle
 from .holds import LockHolds
 from .pipelining import (
     GPU_PHASES,
@@ -383,8 +383,8 @@ class Scheduler:
                     out.append(Fail(job.request_id, f"deadline passed {late}{NOT_SENT}"))
                 else:
                     hold: HeldBack | None = None  # kept off the children it is doomed on
-                    ests = None
-                    if (free is not False and job.deadline is not None and job.size > 0) and (free := free or free_slot(children)):  # fmt: skip
+                    ests, sized = None, job.deadline is not None and job.size > 0  # (judged)
+                    if (free is not False and sized) and (free := free or free_slot(children)):
                         ests, hold, changes = judge(job, children, now, self.breaker.can_serve, known)  # fmt: skip
                     skip = hold.skip if hold else None
                     pick = (None, 0) if full else self._pick(stage, reserved, now, job, skip)
@@ -397,7 +397,7 @@ class Scheduler:
                     if child is None:
                         break
                     self._queues.pop(queue, job)
-                    if judging and not hold and job.deadline is not None and job.size > 0 and (why := doomed(job, children, now, NOT_SENT, ests, known)):  # fmt: skip
+                    if judging and not hold and sized and (why := refusal(job, estimates(job, children, known) if ests is None else ests, now, NOT_SENT)):  # fmt: skip
                         out.append(Fail(job.request_id, why, late=True))  # (doomed.py)
                         job = self._queues.peek(queue)
                         continue
