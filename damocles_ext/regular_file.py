@@ -39,12 +39,14 @@ def file_kind(mode: int) -> str:
 
 
 class NotRegularFile(OSError):
-    """A path that names a directory, a FIFO, a socket or a device (`.kind`, in words)."""
+    """A path that names a directory, a FIFO, a socket or a device: its `.mode` (st_mode) and
+    `.kind`, what that is in words (file_kind)."""
 
-    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
-        super().__init__(f"{os.fspath(path)} is {kind}, not a regular file")
+    def __init__(self, path: str | os.PathLike[str], mode: int) -> None:
+        self.kind = file_kind(mode)
+        super().__init__(f"{os.fspath(path)} is {self.kind}, not a regular file")
         self.path = os.fspath(path)
-        self.kind = kind
+        self.mode = mode
 
 
 #: Flags that open_regular cannot honour: O_NOFOLLOW would refuse the /proc/self/fd link it
@@ -92,7 +94,7 @@ def open_regular(
     try:
         mode = os.fstat(pfd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFile(path, file_kind(mode))
+            raise NotRegularFile(path, mode)
         same = f"{_PROC_FDS}/{pfd}"
         try:
             try:
@@ -138,7 +140,7 @@ def _open_by_name(path: str | os.PathLike[str], flags: int, *, wait_for_lease: b
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFile(path, file_kind(mode))
+            raise NotRegularFile(path, mode)
     except BaseException:
         os.close(fd)
         raise

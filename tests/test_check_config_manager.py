@@ -462,15 +462,19 @@ def test_listening_hosts_collide_as_linux_binds_them(a: str, b: str, collide: bo
     assert _hosts_collide(b, a) is collide
 
 
+def _serve_jobs_entry(base: Path, *args: str) -> Path:
+    """damocles-manager's file in `base`, its WdPost entry a `serve window_post --jobs` on a
+    store in `base`, with `args` after it."""
+    manager = base / "manager.cfg"
+    argv = ["serve", "window_post", "--jobs", f"sqlite:///{base}/j.db", *args]
+    manager.write_text(f'[[WdPost]]\nBin = "damocles-ext"\nArgs = {json.dumps(argv)}\n')
+    return manager
+
+
 def _serve_with_token_file(tmp_path: Path, token_file: str) -> Path:
     """damocles-manager's file, its WdPost entry a `serve --jobs --listen --token-file`."""
-    manager = tmp_path / "manager.cfg"
-    manager.write_text(
-        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
-        f' "sqlite:///{tmp_path}/j.db", "--store", "a={tmp_path}", "--listen", "127.0.0.1:0",'
-        f' "--token-file", "{token_file}"]\n'
-    )
-    return manager
+    return _serve_jobs_entry(tmp_path, "--store", f"a={tmp_path}", "--listen", "127.0.0.1:0",
+                             "--token-file", token_file)  # fmt: skip
 
 
 def _findings_kept_out(manager: Path) -> dict:
@@ -501,16 +505,6 @@ def _closed_why(closed: str) -> str:
     if closed == "file":
         return f"cannot be read by {you}: it is uid {os.geteuid()}'s, mode 0000"
     return f"cannot be looked at by {you}: a directory on its path is closed to you"
-
-
-def _serve_jobs_with_conf_dir(base: Path, conf_dir: Path) -> Path:
-    """damocles-manager's file in `base`, its WdPost entry a `serve --jobs --conf-dir conf_dir`."""
-    manager = base / "manager.cfg"
-    manager.write_text(
-        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
-        f' "sqlite:///{base}/j.db", "--conf-dir", "{conf_dir}"]\n'
-    )
-    return manager
 
 
 #: How long check-config may take on a token file before the test takes it for waiting on it.
@@ -643,25 +637,18 @@ def test_check_config_says_of_a_token_file_what_serve_says_of_it(tmp_path: Path,
     assert f"argument --token-file: {said}\n" in served.stderr.decode(), (said, served.stderr)
 
 
-def test_parsing_serves_arguments_fails_loudly_if_its_token_file_option_is_not_found(
-    monkeypatch: pytest.MonkeyPatch,
-):
-    # check-config keeps serve's --token-file a path (found by its dest) so that the parse does
-    # not read the file; renamed in serve, the file would be read by the parse again, unseen.
-    from damocles_ext.commands import check_config, serve
+def test_parsing_serves_arguments_keeps_the_token_file_a_path_never_reading_it(tmp_path: Path):
+    # serve reads --token-file as its argument is parsed; check-config's parse of the same
+    # arguments must not (a FIFO would hold it, a file only damocles-manager's user reads would
+    # fail it): it checks the file itself (_check_token_file).
+    from damocles_ext.commands import check_config
 
-    real = serve.add_parser
-
-    def renamed(subparsers):
-        parser = real(subparsers)
-        for action in parser._actions:
-            if action.dest == "token_file":
-                action.dest = "bearer_file"
-        return parser
-
-    monkeypatch.setattr(serve, "add_parser", renamed)
-    with pytest.raises(RuntimeError, match="serve's parser has 0 --token-file options, not 1"):
-        check_config._parse_serve(["window_post", "-c", "x.cfg"])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(tmp_path / "missing"), str(fifo)):
+        args = ["window_post", "--jobs", "sqlite:///x.db", "--listen", "127.0.0.1:0"]
+        parsed = check_config._parse_serve([*args, "--token-file", path])
+        assert parsed.token_file == path
 
 
 @pytest.mark.parametrize(
@@ -678,10 +665,7 @@ def test_a_serve_entry_that_serve_refuses_at_its_start_is_an_error_not_a_warning
 ):
     # serve exits 2 for these before its ready line (damocles-manager's start of it fails), and
     # check-config said them as warnings, with exit code 0.
-    manager = tmp_path / "manager.cfg"
-    serve = ["serve", "window_post", "--jobs", f"sqlite:///{tmp_path}/j.db", "--store",
-             f"a={tmp_path}", *args]  # fmt: skip
-    manager.write_text(f'[[WdPost]]\nBin = "damocles-ext"\nArgs = {json.dumps(serve)}\n')
+    manager = _serve_jobs_entry(tmp_path, "--store", f"a={tmp_path}", *args)
     warnings, errors = _refused(capsys, "-c", str(manager))
     assert not [w for w in warnings if "WdPost[0]" in w], warnings
     [error] = errors
@@ -694,11 +678,7 @@ def test_a_relative_conf_dir_that_serve_jobs_may_not_find_stays_a_warning(
     # Read from check-config's directory, not damocles-manager's: what it finds there is no
     # certainty of what serve finds, so no exit code 2 for it.
     monkeypatch.chdir(tmp_path)
-    manager = tmp_path / "manager.cfg"
-    manager.write_text(
-        '[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
-        f' "sqlite:///{tmp_path}/j.db", "--conf-dir", "nowhere"]\n'
-    )
+    manager = _serve_jobs_entry(tmp_path, "--conf-dir", "nowhere")
     [warning] = [w for w in _check(capsys, "-c", str(manager)) if "WdPost[0]" in w]
     assert "which will exit 2: --conf-dir nowhere: does not exist" in warning, warning
     assert "a relative --conf-dir is read from the directory damocles-manager runs in" in warning
@@ -719,7 +699,7 @@ def test_a_serve_jobs_sector_manager_cfg_closed_to_this_user_is_a_note_not_an_er
             cfg = conf_dir / "sector-manager.cfg"
             cfg.write_text("[Common]\n")
             cfg.chmod(0)
-        manager = _serve_jobs_with_conf_dir(base, conf_dir)
+        manager = _serve_jobs_entry(base, "--conf-dir", str(conf_dir))
 
         found = _findings_kept_out(manager)
     assert found["errors"] == [] and found["warnings"] == [], found
@@ -754,7 +734,7 @@ def test_a_scanned_stores_sectorstore_json_closed_to_this_user_is_a_note_naming_
         (conf_dir / "sector-manager.cfg").write_text(
             f"[Common]\nScanPersistStores = ['{base}/stores/*']\n"
         )
-        manager = _serve_jobs_with_conf_dir(base, conf_dir)
+        manager = _serve_jobs_entry(base, "--conf-dir", str(conf_dir))
         found = _findings_kept_out(manager)
     assert found["errors"] == [] and found["warnings"] == [], found
     [note] = found["notes"]

@@ -168,13 +168,9 @@ def _parse_serve(args: list[str]) -> argparse.Namespace:
     from damocles_ext.commands import serve
 
     parser = _QuietParser(prog="damocles-ext")
-    serving = serve.add_parser(parser.add_subparsers(parser_class=_QuietParser))
     # --token-file kept a path: serve reads it as its argument is parsed, this parse must not
     # (a FIFO, a file only damocles-manager's user reads: see _check_token_file).
-    tokens = [action for action in serving._actions if action.dest == "token_file"]
-    if len(tokens) != 1:  # renamed in serve: this parse would read the file, or miss it
-        raise RuntimeError(f"serve's parser has {len(tokens)} --token-file options, not 1")
-    tokens[0].type = None
+    serve.add_parser(parser.add_subparsers(parser_class=_QuietParser), read_token=False)
     return parser.parse_args(["serve", *args])
 
 
@@ -277,10 +273,10 @@ def manager_entry_findings(config: Config) -> EntryFindings:
             # --token-file) is checked.
             if parsed.token_file is not None:  # (with --listen: check_supervising_options)
                 _check_token_file(parsed.token_file, f"{where} runs `{command}`", findings)
-            if (problem := _serve_jobs_problem(parsed)) is not None:
+            # A relative --conf-dir was read from check-config's directory: maybe not serve's.
+            relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
+            if (problem := _serve_jobs_problem(parsed, relative)) is not None:
                 text, denied = problem
-                # A relative --conf-dir was read from check-config's directory: maybe not serve's.
-                relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
                 if denied:  # closed to this user; serve runs as damocles-manager's, who may read it
                     from damocles_ext.jobs.manager_config import MANAGER_CONF_FILE
 
@@ -461,11 +457,14 @@ def _hosts_collide(a: str, b: str) -> bool:
     )
 
 
-def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, str | None] | None:
+def _serve_jobs_problem(
+    parsed: argparse.Namespace, relative: bool
+) -> tuple[str, str | None] | None:
     """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
     as this machine tells: a stage other than window_post, or its --conf-dir's sector-manager.cfg
-    (and --store) that it cannot use; None when neither. With it, the file this user
-    may not read when that alone is the reason (damocles-manager's user may), else None."""
+    (and --store) that it cannot use (`relative`: its --conf-dir is, said with it); None when
+    neither. With it, the file this user may not read when that alone is the reason
+    (damocles-manager's user may), else None."""
     from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
 
     if parsed.stage != "window_post":
@@ -475,7 +474,6 @@ def _serve_jobs_problem(parsed: argparse.Namespace) -> tuple[str, str | None] | 
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
-        relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
         return f"{exc}" + (_RELATIVE_CONF_DIR if relative else ""), exc.denied
     return None
 

@@ -45,8 +45,11 @@ from .coordinator import _store as store_arg
 from .wdpost import JOBS_HELP
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `serve`."""
+def add_parser(
+    subparsers: argparse._SubParsersAction, *, read_token: bool = True
+) -> argparse.ArgumentParser:
+    """Register `serve`. `read_token`: --token-file is read as it is parsed (serve's start);
+    False keeps it a path (check-config, which checks the file itself, never waiting on it)."""
     parser = subparsers.add_parser(
         "serve",
         help="be damocles-manager's ext-prover processor for one stage (JSON lines on stdio)",
@@ -149,7 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     jobs.add_argument(
         "--token-file",
         metavar="FILE",
-        type=regular_token_file,
+        type=regular_token_file if read_token else None,
         help="with --listen: require every RPC request to carry `Authorization: Bearer <token>`,"
         " the token being the first line of FILE, a regular file (not a FIFO or a device: it is"
         " read before the ready line; as `damocles-ext coordinator --token-file`;"

@@ -55,8 +55,12 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
             # Bounded: a runaway file must not fill the memory.
             data = f.read(limit + 1)
     except NotRegularFile as exc:
-        if exc.kind != "a directory":
-            pipe = " (a pipe such as <(command) or /dev/stdin is one)" if "FIFO" in exc.kind else ""
+        if not stat.S_ISDIR(exc.mode):
+            pipe = (
+                " (a pipe such as <(command) or /dev/stdin is one)"
+                if stat.S_ISFIFO(exc.mode)
+                else ""
+            )
             what = (
                 f"{source}: is {exc.kind}{pipe}, not a regular file, so it is not read (it could"
                 f" block or never end); write the {kind} to a file and give its path"
