@@ -27,13 +27,18 @@ OK = WindowPoStOutput(proofs=[b"p"], faults=[])
 WD = "window_post"
 
 
-def two_children() -> RequestBook:
+def ready_book(*names: str, stage: str = WD, max_attempts: int = 2) -> RequestBook:
+    """A book whose children `names` (pids 100, 101 ...) of `stage` are ready at 0."""
     book = RequestBook()
-    for name in ("a", "b"):
-        book.add_child(name, WD, limits=ChildLimits(max_attempts=2))
-    for i, name in enumerate(("a", "b")):
+    for name in names:
+        book.add_child(name, stage, limits=ChildLimits(max_attempts=max_attempts))
+    for i, name in enumerate(names):
         book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
     return book
+
+
+def two_children() -> RequestBook:
+    return ready_book("a", "b")
 
 
 def bench_b(book: RequestBook) -> float:
@@ -372,10 +377,7 @@ AGAIN = (
 
 def lone_child(stage: str = WIN, max_attempts: int = 2) -> RequestBook:
     """One child, w (pid 100), of `stage`: most operators run one [[WinPost]] child."""
-    book = RequestBook()
-    book.add_child("w", stage, limits=ChildLimits(max_attempts=max_attempts))
-    book.child_ready("w", 0.0, protocol="dext", pid=100)
-    return book
+    return ready_book("w", stage=stage, max_attempts=max_attempts)
 
 
 def test_a_winning_post_error_on_a_lone_child_runs_again_on_it_and_may_prove():
