@@ -116,9 +116,11 @@ def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]
     fields: dict[str, Any] = {"caller_request_id": caller_id}
     if (rid := supervisor_number(error)) is not None:
         fields["request_id"] = rid
-    for name in ("job_id", "worker"):  # serve --jobs: the job whose answer it is
-        if (value := getattr(error, name, None)) is not None:
-            fields[name] = value
+    if (job_id := getattr(error, "job_id", None)) is not None:  # serve --jobs: its job's answer
+        # Imported here: loaded already by serve --jobs, and not needed by any other front end.
+        from ..jobs.log_lines import job_fields
+
+        fields.update(job_fields(job_id, getattr(error, "worker", None)))
     return fields
 
 
