@@ -370,11 +370,13 @@ from damocles_ext.jobs.store import JobStore, TrioJobStore
 
 store = JobStore.open(sys.argv[1])
 store.list_jobs()  # its first connection: its file is watched from now on
-producer = JobProducer(TrioJobStore(store), StoreMap({}), deadline_after=None)
+producer = JobProducer(
+    TrioJobStore(store), StoreMap({}), deadline_after=None, file_check_every=0.01
+)
 
 async def main():
     with trio.move_on_after(0.5):  # checks every 10 ms: a few dozen without a thread
-        await producer.watch_store_file(every=0.01)
+        await producer.watch_store_file()
     print("watching on")
 
 trio.run(main)

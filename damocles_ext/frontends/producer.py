@@ -108,7 +108,7 @@ class JobProducer:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
-        self.file_check_every = file_check_every  # watch_store_file's, from start_watches
+        self.file_check_every = file_check_every  # how often watch_store_file looks
         self.clock = clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
@@ -226,16 +226,16 @@ class JobProducer:
         listener = self.listener()
         if listener is not None:
             nursery.start_soon(listener.run)
-        nursery.start_soon(self.watch_store_file, self.file_check_every)
+        nursery.start_soon(self.watch_store_file)
 
-    async def watch_store_file(self, every: float = FILE_CHECK_EVERY) -> None:
+    async def watch_store_file(self) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the
-        one at its path, every `every` seconds (nothing on PostgreSQL, nor before the store's
-        first connection); one found deleted or replaced is said at ERROR by the check."""
+        one at its path, every `file_check_every` seconds (nothing on PostgreSQL, nor before the
+        store's first connection); one found deleted or replaced is said at ERROR by the check."""
         watch, engine = self.store.store.file_watch, self.store.store.engine
         one_at_a_time = trio.CapacityLimiter(1)  # a stat that hangs (NFS) holds one thread
         while watch is not None and watch.lost is None:
-            await trio.sleep(every)
+            await trio.sleep(self.file_check_every)
             # StoreLost: said by the check itself; no thread for it (at the limit of tasks):
             # the next one looks, and the store's own calls say what ran out.
             with contextlib.suppress(StoreError, NoThreadError):
