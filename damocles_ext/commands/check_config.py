@@ -69,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     with stdout_to_stderr():  # what plugins print as they load and check options is not ours
         check_startable(config)
-    if (loop := serves_itself(config)) is not None:
+    entries = serve_entries(config)  # each table's serve arguments, parsed once for both
+    if (loop := serves_itself(config, entries=entries)) is not None:
         from damocles_ext.errors import UsageError
 
         raise UsageError(loop)
-    found = manager_entry_findings(config)
+    found = manager_entry_findings(config, entries)
     for warning in found.warnings + absent_gpu_warnings(config.children, config.gpus_found):
         print(f"warning: {warning}", file=sys.stderr)
     for note in found.notes:
@@ -174,21 +175,53 @@ def _parse_serve(args: list[str]) -> argparse.Namespace:
     return parser.parse_args(["serve", *args])
 
 
-def serves_itself(config: Config, stage: str | None = None) -> str | None:
-    """Why `config` cannot be served: a table (of `stage`, or any) whose child runs `damocles-ext
-    serve` of its own stage on this same file (as damocles-manager's file does when the serve it
-    names reads it back), which would start another such serve, and so on without end; or None.
-    serve refuses such a config before its ready line, check-config with exit code 2."""
-    from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE, serve_args
+class ServeEntry(NamedTuple):
+    """A table whose children run `damocles-ext serve`: its first child (they share their
+    stage, Bin and Args), the arguments after `serve`, and those as serve parses them, or the
+    _Refused that says why serve refuses them."""
 
-    here = os.path.realpath(config.source)
+    child: ChildSpec
+    args: list[str]
+    parsed: argparse.Namespace | _Refused
+
+
+def serve_entries(config: Config, stage: str | None = None) -> list[ServeEntry]:
+    """The tables of `config` (of `stage`, or any) whose children run `damocles-ext serve`, in
+    the file's order, each one's arguments parsed once."""
+    from damocles_ext.config import serve_args
+
+    entries: list[ServeEntry] = []
+    seen: set[tuple[str, int]] = set()
     for child in config.children:
         args = serve_args(child.argv) if child.kind == "bin" else None
         if args is None or (stage is not None and child.stage != stage):
             continue
+        if (child.stage, child.block) in seen:
+            continue
+        seen.add((child.stage, child.block))
         try:
-            parsed = _parse_serve(args)
-        except _Refused:
+            parsed: argparse.Namespace | _Refused = _parse_serve(args)
+        except _Refused as exc:
+            parsed = exc
+        entries.append(ServeEntry(child, args, parsed))
+    return entries
+
+
+def serves_itself(
+    config: Config, stage: str | None = None, *, entries: list[ServeEntry] | None = None
+) -> str | None:
+    """Why `config` cannot be served: a table (of `stage`, or any) whose child runs `damocles-ext
+    serve` of its own stage on this same file (as damocles-manager's file does when the serve it
+    names reads it back), which would start another such serve, and so on without end; or None.
+    serve refuses such a config before its ready line, check-config with exit code 2.
+    `entries`: serve_entries(config, stage), when already made."""
+    from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE
+
+    here = os.path.realpath(config.source)
+    for child, args, parsed in entries if entries is not None else serve_entries(config, stage):
+        if stage is not None and child.stage != stage:
+            continue
+        if isinstance(parsed, _Refused):
             continue  # serve refuses it anyway: no loop
         if parsed.stage != child.stage or parsed.connect is not None or parsed.jobs is not None:
             continue
@@ -218,8 +251,11 @@ class EntryFindings(NamedTuple):
     notes: list[str]
 
 
-def manager_entry_findings(config: Config) -> EntryFindings:
-    """Findings on entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`.
+def manager_entry_findings(
+    config: Config, entries: list[ServeEntry] | None = None
+) -> EntryFindings:
+    """Findings on entries of damocles-manager's ext-prover.cfg that run `damocles-ext serve`
+    (`entries`: serve_entries(config), when already made).
 
     Each such entry's `Concurrent` should be at least the request slots (the sum of the
     children's `Concurrent`) that the config it names (-c FILE or --conf-dir DIR) supervises for
@@ -228,33 +264,20 @@ def manager_entry_findings(config: Config) -> EntryFindings:
     said: the service may not be started yet, or be another user's).
     """
     from damocles_ext.commands import common, serve
-    from damocles_ext.config import (
-        TABLE_OF_STAGE,
-        ConfigError,
-        load_conf_dir,
-        load_config,
-        serve_args,
-    )
+    from damocles_ext.config import TABLE_OF_STAGE, ConfigError, load_conf_dir, load_config
     from damocles_ext.errors import UsageError
 
     findings = EntryFindings([], [], [])
     errors, warnings = findings.errors, findings.warnings
-    seen: set[tuple[str, int]] = set()
     # (stage, the config serve reads, the GPUs it gives) -> the first table that runs serve on it.
     served: dict[tuple[str, str, str | None], str] = {}
     # The ports the `serve --jobs --listen` of earlier tables take: (host, port, table).
     listening: list[tuple[str, int, str]] = []
-    for entry in config.children:
-        args = serve_args(entry.argv) if entry.kind == "bin" else None
-        if args is None or (entry.stage, entry.block) in seen:
-            continue
-        seen.add((entry.stage, entry.block))
+    for entry, args, parsed in entries if entries is not None else serve_entries(config):
         where = f"{config.source}: {TABLE_OF_STAGE[entry.stage]}[{entry.block}]"
         command = shlex.join(("damocles-ext", "serve", *args))
-        try:
-            parsed = _parse_serve(args)
-        except _Refused as exc:  # exit code 2 from serve's parser
-            errors.append(f"{where} runs `{command}`, which serve refuses ({exc}); fix its Args")
+        if isinstance(parsed, _Refused):  # exit code 2 from serve's parser
+            errors.append(f"{where} runs `{command}`, which serve refuses ({parsed}); fix its Args")
             continue
         if parsed.stage != entry.stage:
             warnings.append(
