@@ -45,7 +45,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> str:
-    """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not.
+    """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not (its
+    `errno`: that of the OSError that kept the file from being read, if one did).
     `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages. Only a regular
     file is read (regular_file.open_regular): a FIFO without a writer would hold check-config,
     or serve before its ready line, for ever, and a device's open runs its driver. A lease on it
@@ -72,21 +73,25 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
             else f"; give the path of the {kind} file"
         )
         raise ConfigError(source, [f"{source}: is a directory, not a config file{hint}"]) from None
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ConfigError(
-            source, [f"{source}: cannot read the config file: no such file (check the path)"]
+            source,
+            [f"{source}: cannot read the config file: no such file (check the path)"],
+            errno=exc.errno,
         ) from None
-    except PermissionError:
+    except PermissionError as exc:
         raise ConfigError(
             source,
             [
                 f"{source}: cannot read the config file: permission denied (check its mode and owner)"
             ],
-            denied=True,
+            errno=exc.errno,
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise ConfigError(source, [f"{source}: cannot read the config file: {reason}"]) from None
+        raise ConfigError(
+            source, [f"{source}: cannot read the config file: {reason}"], errno=exc.errno
+        ) from None
     if len(data) > limit:
         raise ConfigError(
             source,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from errno import EACCES, EPERM
 
 import msgspec
 
@@ -68,11 +69,16 @@ MAX_CHILDREN = 1024
 class ConfigError(UsageError):
     """An ext-prover.cfg that cannot be used; `.errors` lists every problem found in the file."""
 
-    def __init__(self, source: str, errors: list[str], *, denied: bool = False) -> None:
+    def __init__(self, source: str, errors: list[str], *, errno: int | None = None) -> None:
         self.source = source
         self.errors = list(errors)
-        self.denied = denied  # the file could not be read for want of permission (EACCES)
+        self.errno = errno  # that of the OSError that kept the file from being read, else None
         super().__init__(self._message())
+
+    @property
+    def denied(self) -> bool:
+        """Whether the file could not be read for want of permission (EACCES, EPERM)."""
+        return self.errno in (EACCES, EPERM)
 
     def _message(self) -> str:
         if len(self.errors) == 1:
