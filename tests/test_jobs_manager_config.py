@@ -4,6 +4,7 @@ sector's paths to damocles' store names and back."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -452,3 +453,38 @@ def test_a_negative_weight_or_miner_is_taken_as_damocles_managers_toml_reader_ta
     # (Weight, AllowMiners, DenyMiners) wraps, and damocles-manager starts. We refused the file.
     text = "[[Common.PersistStores]]\nName = 'a'\nPath = '/a'\nWeight = -1\nAllowMiners = [-1]\n"
     assert parse_manager_config(text, "sm.cfg").stores == {"a": "/a"}
+
+
+def _deleted_once_looked_at(monkeypatch: pytest.MonkeyPatch, path) -> None:
+    """`path` deleted as soon as anything stats it: a file removed between a look and a read."""
+    real, deleted = os.stat, []
+
+    def stat_then_delete(name, *args, **kwargs):
+        found = real(name, *args, **kwargs)
+        if os.fspath(name) == str(path) and not deleted:
+            deleted.append(path)
+            os.unlink(path)
+        return found
+
+    monkeypatch.setattr(os, "stat", stat_then_delete)
+
+
+def test_a_sector_manager_cfg_deleted_as_it_is_read_is_none_not_an_error(tmp_path, monkeypatch):
+    # It was looked at (stat) and then read by its name: deleted in between, the read's "no such
+    # file" was an error (exit 2) where the file not there keeps damocles' defaults.
+    cfg = tmp_path / "sector-manager.cfg"
+    cfg.write_text(GOOD)
+    _deleted_once_looked_at(monkeypatch, cfg)
+    found = load_manager_conf_dir(tmp_path)
+    assert found is None or found.limits.max_try == 3, found
+
+
+def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store_as_damocles_does(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "a").mkdir()
+    meta = tmp_path / "a" / "sectorstore.json"
+    meta.write_text(json.dumps({"Name": "store-a"}))
+    _deleted_once_looked_at(monkeypatch, meta)
+    text = f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n"
+    assert parse_manager_config(text, "sm.cfg").stores in ({}, {"store-a": f"{tmp_path}/a"})

@@ -24,6 +24,7 @@ not be dropped silently).
 from __future__ import annotations
 
 import datetime
+import errno
 import glob
 import json
 import math
@@ -146,22 +147,26 @@ def parse_go_duration(text: str) -> float:
 
 
 def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | None:
-    """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist)."""
-    path = Path(directory) / MANAGER_CONF_FILE
-    what = None
-    denied = None
+    """DIR/sector-manager.cfg read, or None when DIR has no such file (DIR itself must exist).
+    The file is opened once, not looked at first: one deleted meanwhile is none, not an error."""
+    source = os.fspath(Path(directory) / MANAGER_CONF_FILE)
+    what = denied = None
+    closed = "permission denied (check the mode and owner of it and of the directories above)"
     try:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             what = "is not a directory"
         else:
-            os.stat(path)
-    except FileNotFoundError as exc:
-        if exc.filename == os.fspath(path):
+            text = read_config_text(source, MANAGER_CONF_FILE, limit=MAX_MANAGER_CONF_BYTES)
+    except ConfigError as exc:
+        if exc.errno == errno.ENOENT:  # (DIR was there just now)
             return None
+        if not (exc.denied and _closed_on_the_way(source)):
+            raise ManagerConfigError(str(exc), denied=source if exc.denied else None) from None
+        what, denied = closed, source  # DIR itself, not the file: this user may not enter it
+    except FileNotFoundError:
         what = "does not exist"
-    except PermissionError:  # DIR, or a directory above it, this user may not enter
-        what = "permission denied (check the mode and owner of it and of the directories above)"
-        denied = os.fspath(path)
+    except PermissionError:  # a directory above DIR this user may not enter
+        what, denied = closed, source
     except OSError as exc:
         what = exc.strerror or str(exc)
     if what is not None:
@@ -170,7 +175,19 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
             " directory (the one its --conf-dir names, or its home)",
             denied=denied,
         )
-    return load_manager_config(path)
+    return parse_manager_config(text, source)
+
+
+def _closed_on_the_way(path: str) -> bool:
+    """Whether a directory on the way to `path` keeps this user out, rather than the file's own
+    mode (asked once its open was refused, for what the message says)."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
@@ -406,23 +423,20 @@ def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[
 def _sector_store_name(meta_path: str, where: str) -> str | None:
     """The Name (else ID, else "") in a store's sectorstore.json, read as Go's encoding/json
     fills damocles' struct (keys whatever their case, the last one written wins); None when
-    there is no such file, as damocles skips the directory."""
-    try:
-        os.stat(meta_path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        denied = isinstance(exc, PermissionError)  # for this user: damocles-manager's may read it
-        raise ManagerConfigError(
-            f"{where}: cannot read {meta_path}: {exc.strerror or exc}"
-            + ("" if denied else " (damocles-manager cannot either, and refuses to start)"),
-            denied=meta_path if denied else None,
-        ) from None
+    there is no such file, as damocles skips the directory. The file is opened once, not looked
+    at first: one deleted meanwhile is none, not an error."""
     try:
         meta = json.loads(read_config_text(meta_path, SECTORSTORE_JSON))
     except ConfigError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        # Denied to this user: damocles-manager's may read it. Another error of the open or the
+        # read: damocles-manager meets it too.
+        cannot = exc.errno is not None and not exc.denied
         raise ManagerConfigError(
-            f"{where}: {exc}", denied=meta_path if exc.denied else None
+            f"{where}: {exc}"
+            + (" (damocles-manager cannot either, and refuses to start)" if cannot else ""),
+            denied=meta_path if exc.denied else None,
         ) from None
     except (ValueError, RecursionError) as exc:
         raise ManagerConfigError(
