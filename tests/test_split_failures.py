@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -278,6 +279,7 @@ async def test_a_window_post_no_snark_child_can_prove_fails_at_once_without_a_va
         vanilla = child_stats(sup, f"{VAN}#0")
     assert (vanilla.done, vanilla.failed, rec.log) == (0, 0, [])
     message = str(excinfo.value)
+    assert excinfo.value.request_id == _number(message) is not None, message
     assert f"({SNARK}): no {SNARK} child can serve: the only child is FATAL" in message, message
     assert f"({SNARK}#0: failed start" in message and "its vanilla step was not run" in message
 
@@ -523,3 +525,34 @@ async def test_a_request_that_crashes_every_snark_child_fails_alone_and_leaves_n
         assert await sup.submit(window_task(miner=1)) == echo_output(window_task(miner=1))
         states = {c.name: c.state for c in sup.statistics().children}
     assert "fatal" not in states.values(), states
+
+
+SNARK_REFUSING_ALL = dext_child(
+    'send(dext.Response(msg.id, error="these proofs do not verify"))', stage=SNARK
+)
+
+
+async def test_a_split_window_posts_error_carries_the_request_id_its_message_starts_with():
+    # As an unsplit request's error does: the number of the step whose answer it is, which the
+    # supervisor's records about that step carry (serve's record of the answer takes it from
+    # there). Before, the error said again with the vanilla child's name (and the rounds before
+    # it), or a refusal for want of a SNARK child, had none.
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(VAN, "echo"), stage=VAN, index=1),
+        spec(SNARK_REFUSING_ALL, stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+        await sup.wait_ready(VAN, 2)
+        with pytest.raises(ProverError) as excinfo:
+            await sup.submit(window_task())
+    message = str(excinfo.value)
+    assert "its vanilla proofs came from" in message and "; before that, " in message, message
+    assert excinfo.value.request_id == _number(message), (excinfo.value.request_id, message)
+
+
+def _number(message: str) -> int | None:
+    """The supervisor's number a message about one of its requests starts with."""
+    number = re.match(r"request (\d+) \(", message)
+    return None if number is None else int(number.group(1))

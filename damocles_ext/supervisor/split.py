@@ -37,7 +37,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ProverError
+from ..errors import ProverError, prover_error
 from ..stages import WINDOW_POST_SPLIT
 from ..tasks import (
     WindowPoSt,
@@ -71,10 +71,9 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             if (why := sup._book.cannot_serve(SNARK)) is not None:
                 # Its SNARK step would fail at once: no vanilla step (every challenged sector
                 # read, a vanilla slot taken) for proofs no SNARK child can prove.
-                error = ProverError(
-                    f"request {next(sup._rids)} ({SNARK}): {why}; its vanilla step was not run"
-                )
-                raise _with_earlier(error, earlier)
+                rid = next(sup._rids)
+                why = f"request {rid} ({SNARK}): {why}; its vanilla step was not run"
+                raise _with_earlier(prover_error(why, late=False, request_id=rid), earlier)
             waiter = await sup._submit_waiter(
                 split_window_post(task), *how, avoid=avoid or None, judged_later=True
             )
@@ -115,7 +114,9 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
                 return join_window_post(vanilla, snark.output)
             if not refused_by:  # a timeout, a deadline, the shutdown: nothing said of the proofs
                 raise _with_earlier(snark.error, earlier)
-            error = type(snark.error)(f"{snark.error}; its vanilla proofs came from {made_by}")
+            error = _rewrapped(
+                snark.error, f"{snark.error}; its vanilla proofs came from {made_by}"
+            )
             avoid |= {made_by}
             if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
                 raise _with_earlier(error, earlier)
@@ -164,5 +165,13 @@ def _another_can_serve(sup: Supervisor, stage: str, besides: frozenset[str]) -> 
 def _with_earlier(error: ProverError, earlier: list[str]) -> ProverError:
     if not earlier:
         return error
-    # The class kept: a DeadlineError stays one (no failure of a prover's).
-    return type(error)(f"{error}; before that, " + "; then ".join(earlier))
+    return _rewrapped(error, f"{error}; before that, " + "; then ".join(earlier))
+
+
+def _rewrapped(error: ProverError, message: str) -> ProverError:
+    """`error` said as `message`: its class kept (a DeadlineError stays one: no failure of a
+    prover's), and its fields: the `request_id` of the step whose answer it is, the number
+    its message starts with, as an unsplit request's error carries its own."""
+    again = type(error)(message)
+    again.__dict__.update(error.__dict__)
+    return again
