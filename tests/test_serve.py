@@ -7,6 +7,7 @@ the real command with real children, driven like damocles-manager drives a proce
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -368,7 +369,7 @@ if not os.path.exists(marker):
     g1 = subprocess.Popen(sleeper, start_new_session=True)
     g2 = subprocess.Popen(sleeper)
     with open(marker + ".tmp", "w") as f:
-        f.write(f"{g1.pid} {g2.pid}")
+        f.write(f"{g1.pid} {g2.pid} {os.getpid()}")
     os.rename(marker + ".tmp", marker)
     os._exit(3)
 sys.stdout.write("window_post processor ready\\n")
@@ -409,15 +410,16 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
         async with trio.open_nursery() as nursery:
             m = await ManagerLike.start(
                 nursery,
-                [*DEXT, "serve", "window_post", "-c", str(cfg), "--restart-delay", "0.05"],
+                [*DEXT, "serve", "window_post", "-c", str(cfg), "--restart-delay", "0.05",
+                 "--log-format", "json"],
                 "window_post",
                 stderr=stderr_file,
-            )
+            )  # fmt: skip
             serve = psutil.Process(m.process.pid)
             with trio.fail_after(30):
                 while not marker.exists():  # noqa: ASYNC110 - another process writes it
                     await trio.sleep(0.02)
-                left = [int(pid) for pid in marker.read_text().split()]
+                *left, dead = [int(pid) for pid in marker.read_text().split()]
                 left.append(int(helper.read_text()))
                 # The dead child's grandchildren came to serve (a child subreaper), were killed,
                 # and reaped: no zombie left either. Without that they would live on (120 s).
@@ -435,6 +437,14 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
     log = _stderr_text(stderr_file)
     assert f"killing pid {left[0]}" in log and "outside its process group" in log, log
     assert f"killing pid {left[2]}" not in log, log
+    # Its record carries the fields of the child's process that left it, as that child's other
+    # records do, and the orphan's own: a JSON log consumer finds it by child, or by that pid.
+    [kill] = [r for r in map(json.loads, log.splitlines()) if r.get("orphan_pid") == left[0]]
+    assert kill["level"] == "warning" and kill["message"].startswith(f"killing pid {left[0]} ")
+    assert (kill["child"], kill["stage"], kill["index"], kill["pid"]) == (
+        "window_post#1", "window_post", 1, dead
+    ), kill  # fmt: skip
+    assert "time.sleep(120)" in kill["orphan_command"], kill
 
 
 # Run in a process of its own: becoming a child subreaper is a property of the whole process.

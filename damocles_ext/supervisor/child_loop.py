@@ -347,7 +347,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     child.started_at = time.time()
     child.protocol = None
     p = Process(proc, ChildConnection(spec.stage, spec.protocol, spec.name))
-    p.tree_mark = mark
+    p.tree_mark = host.reaper.spawned(mark, child.fields)  # (its fields: what it leaves)
     child.p = p
     _launched(child, task_status)
     child.log.info("%s: started pid %d: %s", child.name, proc.pid, _short_argv(spec))

@@ -84,8 +84,9 @@ class OrphanAdopter:
 
     def find(
         self, spawned: set[int], live_marks: set[str]
-    ) -> tuple[list[psutil.Process], list[int]]:
-        """(orphans of dead children to kill, pids of zombie orphans to reap) among our children.
+    ) -> tuple[list[tuple[psutil.Process, str]], list[int]]:
+        """(orphans of dead children to kill, each with its mark; pids of zombie orphans to
+        reap) among our children.
 
         `spawned`: pids of the processes we spawned and have not reaped; `live_marks`: the marks
         of those still running."""
@@ -108,7 +109,7 @@ class OrphanAdopter:
             except (psutil.Error, OSError):  # gone, or not ours to read
                 continue
             if mark.startswith(prefix) and mark not in live_marks:
-                orphans.append(proc)
+                orphans.append((proc, mark))
         return orphans, zombies
 
     @staticmethod

@@ -35,6 +35,8 @@ ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on 
 REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 #: How long, past its `keep`, the locks of a process not dead after SIGKILL stay held for it.
 KEEP_LOCKS_FOR = 25.0
+#: How many of the latest spawns' fields are kept for the records about what they leave behind.
+SPAWNS_REMEMBERED = 1024
 
 # See Reaper.keep; the last: the fields of its records (JSON logs).
 _Kept = tuple[ChildProcess, str, list[str], Callable[[], None], dict[str, Any]]
@@ -49,6 +51,18 @@ class Reaper:
         self.unreaped: list[ChildProcess] = []  # SIGKILLed and still not dead (D state)
         self._sweep_wanted = trio.Event()
         self._kept, self._to_watch = trio.open_memory_channel[_Kept](math.inf)
+        # Each spawn's mark (OrphanAdopter.mark) -> its child's fields as it was spawned (its
+        # `pid` that process's): what the record of an orphan it left behind carries.
+        self._spawns: dict[str, dict[str, Any]] = {}
+
+    def spawned(self, mark: str, fields: Mapping[str, Any]) -> str:
+        """The process marked `mark` was spawned, with its child's `fields` (`Child.fields`, its
+        `pid` set): kept for the record of an orphan it leaves (the latest SPAWNS_REMEMBERED
+        spawns). Returns `mark`."""
+        self._spawns[mark] = dict(fields)
+        if len(self._spawns) > SPAWNS_REMEMBERED:
+            del self._spawns[next(iter(self._spawns))]
+        return mark
 
     def keep(
         self,
@@ -156,20 +170,29 @@ class Reaper:
                 self.adopter.reap(pid)
             if not orphans:
                 return
-            for proc in orphans:
-                try:
-                    what = " ".join(proc.cmdline())[:120]
-                except psutil.Error:
-                    what = "?"
-                log.warning(
-                    "killing pid %d (%s): a child started it outside its process group (setsid)"
-                    " and exited, leaving it behind",
-                    proc.pid,
-                    what,
-                )
+            for proc, mark in orphans:
+                self._log_orphan(proc, mark)
             async with trio.open_nursery() as nursery:
-                for proc in orphans:
+                for proc, _ in orphans:
                     nursery.start_soon(OrphanAdopter.kill_and_reap, proc)
+
+    def _log_orphan(self, proc: psutil.Process, mark: str) -> None:
+        """The record of an orphan killed: with the fields of the child's process that left it
+        (`child`, `stage`, `index`, `pid`), and its own `orphan_pid`, `orphan_command`."""
+        try:
+            what = " ".join(proc.cmdline())[:120]
+        except psutil.Error:
+            what = "?"
+        fields = self._spawns.get(mark)
+        who = "a child" if fields is None else f"{fields['child']} (pid {fields.get('pid')})"
+        log.warning(
+            "killing pid %d (%s): %s started it outside its process group (setsid) and exited,"
+            " leaving it behind",
+            proc.pid,
+            what,
+            who,
+            extra={**(fields or {}), "orphan_pid": proc.pid, "orphan_command": what},
+        )
 
     async def kill_everything(self) -> None:
         """The supervisor stops: SIGKILL every child's tree, reap them and the orphans."""
