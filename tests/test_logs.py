@@ -614,7 +614,7 @@ async def test_prove_through_runs_socket_gives_its_final_error_record_runs_numbe
     task = tmp_path / "task.json"
     task.write_bytes(task_to_json(make_task(3)))
     async with trio.open_nursery() as nursery:
-        run, log = await start_run(nursery, cfg, sock)
+        run, log = await start_run(nursery, cfg, sock, "--log-format", "json")
         argv = [*DEXT, "prove", "window_post", "--request", str(task), "--socket", str(sock),
                 "--no-progress", "--log-format", "json"]  # fmt: skip
         for _ in range(2):  # run's second request: its number is not the client's first id
@@ -629,6 +629,13 @@ async def test_prove_through_runs_socket_gives_its_final_error_record_runs_numbe
     (record,) = (json.loads(x) for x in done.stderr.decode().splitlines())
     assert "request 2 in run's log" in record["message"], record
     assert record["request_id"] == 2, record
+    # And run's log has its record of that answer, once, which that number finds: before, run
+    # logged nothing of a request its child failed (without a retry, a kill), the supervisor
+    # raising it to its caller, the socket answering it unsaid.
+    ran = [json.loads(x) for x in log.text().splitlines()]
+    [answer] = [r for r in ran if r.get("request_id") == 2]
+    assert answer["level"] == "warning" and answer["caller_request_id"] == 1, answer
+    assert record["message"].endswith(answer["message"]), (record, answer)
 
 
 def test_a_note_without_a_pid_carries_none_rather_than_the_childs_current_one():

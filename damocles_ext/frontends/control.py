@@ -61,8 +61,8 @@ from .started import (
     Batch,
     CancelHandle,
     Start,
-    for_client,
     internal_error,
+    said_and_logged,
     start_or_decline,
 )
 
@@ -581,7 +581,7 @@ class _Connection:
                 self._client_cancelled.discard(rid)
                 response = dext.Response(rid, error="cancelled at the client's request")
             elif error is not None:
-                response = dext.Response(rid, error=for_client(rid, str(error) or repr(error)))
+                response = dext.Response(rid, error=said_and_logged(rid, error, log))
             else:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)

@@ -107,6 +107,16 @@ def for_client(rid: int, message: str) -> str:
     return f"request {rid} ({f'{stage}; ' if stage else ''}request {number} in run's log){rest}"
 
 
+def said_and_logged(rid: int, error: BaseException, logger: logging.Logger) -> str:
+    """`error`, the answer to the client's request `rid`, in the client's words (for_client),
+    logged once, as a warning with failure_fields: `run`'s record of an error answer, which the
+    `request N in run's log` a client reads points to (the supervisor logs no answer: it
+    raises it to its caller)."""
+    said = for_client(rid, str(error) or repr(error))
+    logger.warning("%s", said, extra=failure_fields(rid, error))
+    return said
+
+
 def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]:
     """The fields of a front end's record of a request's error answer (JSON logs):
     `caller_request_id`, the caller's own id for it (serve's damocles request id); and
