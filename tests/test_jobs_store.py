@@ -492,6 +492,49 @@ def test_postgresql_connections_give_up_on_a_silent_server_unless_the_url_says_o
             )
 
 
+def test_postgresql_sessions_have_the_server_end_them_when_their_client_is_gone_unless_told(
+    postgres_url, monkeypatch
+):
+    # Each session of the store tells the server when to end it if its client dies (an idle
+    # transaction's timeout, server-side keepalives, a check while a statement runs), so that
+    # a dead client's row locks do not outlive it by hours; a URL's (or PGOPTIONS') own win.
+    from damocles_ext.jobs.notify import JobListener
+    from damocles_ext.jobs.pg_session import PG_SESSION_SETTINGS
+
+    def settings(url: str) -> tuple[dict[str, str], dict[str, str]]:
+        with JobStore.open(url) as s:
+            with s.engine.connect() as conn:
+                rows = conn.execute(sa.text(
+                    "SELECT name, current_setting(name), source FROM pg_settings"
+                    " WHERE name = ANY(CAST(:names AS text[]))"
+                ), {"names": list(PG_SESSION_SETTINGS)}).all()  # fmt: skip
+                isolation = conn.execute(sa.text("SHOW transaction_isolation")).scalar_one()
+            listener = JobListener.of_store(s, lambda job_id: None, lambda: None)
+        assert isolation == "read committed" and listener is not None
+        return {name: f"{value} ({source})" for name, value, source in rows}, listener.session
+
+    ours, listened = settings(postgres_url)
+    # The TCP ones read 0 on the tests' unix socket; set all the same.
+    assert {k: v.split()[1] for k, v in ours.items()} == dict.fromkeys(
+        PG_SESSION_SETTINGS, "(session)"
+    )
+    assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
+    assert ours["client_connection_check_interval"] == "10s (session)"
+    assert listened == PG_SESSION_SETTINGS
+
+    given = postgres_url + "&options=-c%20idle_in_transaction_session_timeout%3D5min"
+    ours, listened = settings(given)
+    assert ours["idle_in_transaction_session_timeout"] == "5min (client)"
+    assert ours["client_connection_check_interval"] == "10s (session)"
+    assert "idle_in_transaction_session_timeout" not in listened
+
+    monkeypatch.setenv("PGOPTIONS", "--client-connection-check-interval=0")
+    ours, listened = settings(postgres_url)
+    assert ours["client_connection_check_interval"] == "0 (client)"
+    assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
+    assert "client_connection_check_interval" not in listened
+
+
 def test_a_latin1_database_stores_what_it_can_hold_and_refuses_the_rest_as_a_store_error(
     postgres_server,
 ):

@@ -1,10 +1,15 @@
 """Races between the users of one PostgreSQL job store, each interleaving forced step by step:
-a second store (or a raw session) holds a row mid-transaction, a store call runs into it in a
-thread, and the test goes on only once the server shows that call waiting for the lock
-(pg_stat_activity), so the events happen in the order named whatever the machine's speed."""
+a second store (or a raw session, or another process) holds a row mid-transaction, a store call
+runs into it in a thread, and the test goes on only once the server shows that call waiting for
+the lock (pg_stat_activity), so the events happen in the order named whatever the machine's
+speed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +22,7 @@ import sqlalchemy as sa
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import rules
+from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
 T0 = 1_700_000_000.0
@@ -204,3 +210,87 @@ def test_two_producers_making_the_same_jobs_in_other_orders_do_not_deadlock(post
             assert created
         assert creating.join() == [(made_high, False), (made_low, False)]
         assert sorted(j.Id for j in js.list_jobs()) == sorted((made_low.Id, made_high.Id))
+
+
+#: The advisory lock the test holds to keep a frozen client's session busy until it is frozen.
+_GATE = 7_305_001
+
+#: Another machine's store, in a process of its own: a transaction that reads job argv[2] FOR
+#: UPDATE, then (in the same round trip, so never idle in between) waits for the test's _GATE;
+#: the server's idle-in-transaction timeout its sessions give themselves is argv[3].
+_FROZEN_CLIENT = f"""
+import sys
+from damocles_ext.jobs import pg_session
+from damocles_ext.jobs.store import JobStore
+
+pg_session.PG_SESSION_SETTINGS["idle_in_transaction_session_timeout"] = sys.argv[3]
+store = JobStore(sys.argv[1], pool_size=1)
+session = store.engine.raw_connection().driver_connection
+session.execute(
+    "SELECT id FROM dext_wdpost_jobs WHERE id = '" + sys.argv[2] + "' FOR UPDATE;"
+    " SELECT pg_advisory_xact_lock({_GATE})"
+)
+sys.stdin.read()
+"""
+
+
+def _poll(url: str, query: str, *params: Any) -> Any:
+    """The first column of `query`'s first row once it is not null: the server's own state."""
+    deadline = time.monotonic() + 30
+    with _session(url) as watch:
+        while (row := watch.execute(query, params).fetchone()) is None or row[0] is None:
+            assert time.monotonic() < deadline, f"never true: {query}"
+            time.sleep(0.005)  # polling the server's state; the order does not depend on it
+    return row[0]
+
+
+def test_a_job_locked_by_a_client_that_froze_mid_transaction_is_freed_within_its_timeout(
+    postgres_url,
+):
+    # A worker's machine that dies (or is cut off) inside a transaction holding a job's row
+    # lock: the server kept its session, idle in transaction, until its own TCP keepalives
+    # noticed (about 2 hours), and an operator's reset of that job (or the worker's retry)
+    # waited for it as long. Each session of the store now tells the server to end it once idle
+    # that long inside a transaction; here the smallest bound, so the reset lands at once.
+    bound = 0.1
+    with JobStore.open(postgres_url) as js:
+        job, _ = js.create(make_input(), T0)
+        js.allocate(ANY, 1, "w1", T0 + 1)
+    gate = _session(postgres_url)
+    gate.execute("SELECT pg_advisory_lock(%s)", (_GATE,))
+    client = subprocess.Popen(
+        [sys.executable, "-u", "-c", _FROZEN_CLIENT, postgres_url, job.Id, f"{bound * 1000:g}ms"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        # The client holds the job's row and waits at the gate (busy: no idle time counts).
+        holder = _poll(
+            postgres_url,
+            "SELECT min(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s"
+            " AND NOT granted",
+            _GATE,
+        )
+
+        def reset() -> Any:
+            with JobStore(postgres_url) as fresh:
+                return fresh.reset(job.Id, T0 + 2)
+
+        resetting = _Call(reset)
+        _poll(  # the reset waits for the client's row lock
+            postgres_url,
+            "SELECT min(pid) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+            " AND application_name = 'damocles-ext'",
+            holder,
+        )
+        os.kill(client.pid, signal.SIGSTOP)  # the client's machine is gone: it reads nothing
+        opened = time.monotonic()
+        gate.execute("SELECT pg_advisory_unlock(%s)", (_GATE,))  # now idle in its transaction
+        record = resetting.join()  # the failsafe: 60 s
+        took = time.monotonic() - opened
+    finally:
+        client.kill()
+        os.kill(client.pid, signal.SIGCONT)
+        client.wait()
+        gate.close()
+    assert (record.State, record.WorkerName, record.TryNum) == (READY, "", 0)
+    assert took >= bound  # the server waited for the client first: it ended the session

@@ -8,6 +8,8 @@ on the store's statements makes another writer's change at the step of the race 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from test_coordinator import PROOF, WORKER, connect, serving
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
-from damocles_ext.jobs import retry, rules
+from damocles_ext.jobs import pg_session, retry, rules
 from damocles_ext.jobs.database import jobs, row_values
 from damocles_ext.jobs.model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from damocles_ext.jobs.store import JobStore, StoreConflict, StoreError, StoreUnavailable
@@ -412,3 +414,34 @@ def test_get_many_given_a_generator_reads_the_same_ids_when_tried_again(pg):
     sa.event.listen(pg.engine, "before_cursor_execute", end_own_session)
     assert pg.get_many(job.Id for job in made) == {job.Id: job for job in made}
     assert len(ended) == 1  # the first try's session ended: the answer is the second try's
+
+
+def test_a_call_frozen_in_its_transaction_past_the_servers_idle_timeout_is_run_again(
+    pg, postgres_url, monkeypatch, caplog
+):
+    # The server ends a session left idle in a transaction for longer than the timeout each
+    # session of the store gives itself (pg_session.py: what frees a dead client's row locks).
+    # A client that was only frozen there (a VM paused, SIGSTOP) finds its connection lost
+    # before COMMIT when it runs again, and its call is run again on a new session.
+    monkeypatch.setitem(
+        pg_session.PG_SESSION_SETTINGS, "idle_in_transaction_session_timeout", "100ms"
+    )
+    job, _ = pg.create(make_input(), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    frozen: list[int] = []
+
+    def freeze_before_the_update(conn, _cursor, statement, *_args):
+        if statement.startswith("UPDATE dext_wdpost_jobs") and not frozen:
+            # The job's row is locked (read FOR UPDATE): frozen until the server ends the session.
+            frozen.append(conn.connection.dbapi_connection.info.backend_pid)
+            deadline = time.monotonic() + 30
+            while admin(pg, f"SELECT 1 FROM pg_stat_activity WHERE pid = {frozen[0]}"):
+                assert time.monotonic() < deadline, "the server never ended the idle session"
+                time.sleep(0.005)  # polling the server's state; the order does not depend on it
+
+    with JobStore(postgres_url) as frozen_store:
+        sa.event.listen(frozen_store.engine, "before_cursor_execute", freeze_before_the_update)
+        with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"):
+            reset = frozen_store.reset(job.Id, T0 + 2)
+    assert frozen and (reset.State, reset.WorkerName) == (READY, "")
+    assert "reset failed at try 1 of 4, its connection lost before COMMIT" in caplog.text

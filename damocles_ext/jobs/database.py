@@ -28,6 +28,7 @@ from . import model, rules
 from .model import JobOutput, JobRecord, WdPoStInput
 from .mounts import FULL_FIX_READING, no_space_left, read_only_mount
 from .pg_hosts import several_servers_problem, split_userinfo
+from .pg_session import on_connect as _pg_session_setup
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
@@ -280,7 +281,7 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             _sqlite_setup(engine, busy_timeout)
             return engine
         tcp = pg_tcp_settings(parsed)
-        return sa.create_engine(
+        engine = sa.create_engine(
             parsed,
             connect_args={
                 "connect_timeout": connect_timeout,
@@ -300,6 +301,8 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
             # beside a heartbeat, two producers making one job) with serialization errors.
             isolation_level="READ COMMITTED",
         )
+        _pg_session_setup(engine, parsed, describe_url(parsed))  # the server's side: pg_session.py
+        return engine
     except (exc.ArgumentError, ValueError, TypeError) as why:  # e.g. ?timeout=abc
         raise StoreConfigError(
             f"job store URL {describe_url(parsed)!r}: {why}; check its query parameters"

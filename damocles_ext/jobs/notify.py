@@ -24,6 +24,8 @@ from psycopg.pq import Conninfo
 
 from ..threads import NoThreadError, run_in_thread
 from .database import describe_url, first_line, pg_tcp_settings
+from .pg_session import apply as apply_session_settings
+from .pg_session import session_settings
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
 
@@ -59,12 +61,16 @@ class JobListener:
         *,
         connect_timeout: int = 10,
         tcp: Mapping[str, Any] | None = None,
+        session: Mapping[str, str] | None = None,
         where: str | None = None,
     ) -> None:
         self.conninfo = conninfo
         #: libpq's TCP settings (database.PG_TCP_SETTINGS less the URL's own): a listener that
         #: only receives learns that its server's host died from the keepalives alone.
         self.tcp: dict[str, Any] = dict(tcp or {})
+        #: The server's side (pg_session.PG_SESSION_SETTINGS less the URL's own): the server
+        #: ends the session of a listener whose host died, rather than keep it for hours.
+        self.session: dict[str, str] = dict(session or {})
         #: The store for messages (a conninfo that is a URL: itself, its password hidden).
         self.where = describe_url(conninfo) if where is None else where
         self.on_job = on_job
@@ -89,7 +95,7 @@ class JobListener:
         conninfo = make_conninfo(**{k: v for k, v in params.items() if k in libpq})
         return cls(
             conninfo, on_job, on_connect, tcp=pg_tcp_settings(store.url),
-            where=store.where,
+            session=session_settings(store.url), where=store.where,
         )  # fmt: skip
 
     async def run(self) -> None:
@@ -125,6 +131,7 @@ class JobListener:
                     **self.tcp,
                 ) as conn:
                     _keep_when_idle(conn)
+                    apply_session_settings(conn, self.session, self.where)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     log.info("listening for job changes on %s", self.where)
                     backoff = FIRST_BACKOFF

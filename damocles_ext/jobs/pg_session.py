@@ -1,0 +1,119 @@
+"""What the PostgreSQL server does with a job-store session whose client is gone.
+
+The client side is covered by libpq's keepalives (database.PG_TCP_SETTINGS): a client notices a
+dead server. The server does not notice a dead client (its host down, the network cut, the
+process frozen) before its own TCP keepalives do, about 2 hours with Linux's defaults, and until
+then keeps the session with what it holds: a job row read FOR UPDATE, an UPDATE not yet
+committed. Every other session that needs that row (the worker reconnecting and retrying, a
+producer, an operator's `reset` or `remove`) waits on the lock meanwhile.
+
+So every session of the store (its engine's connections, the producers' LISTEN connection) sets
+these for itself once connected, where the server ends it, and frees its locks:
+
+- `idle_in_transaction_session_timeout`: the server waits this long for the next statement of
+  a transaction. No transaction of the store waits on anything but its own statements: each is
+  one blocking call in a thread (no await, no network call but the database's inside it), so a
+  live client leaves a transaction idle for milliseconds;
+- `tcp_keepalives_idle`, `_interval`, `_count` and `tcp_user_timeout`: the server's side of the
+  TCP connection, as PG_TCP_SETTINGS on the client's: a session that waits for its client (or
+  sends to it) learns that it is gone within about 30 s. (Nothing on a unix socket.)
+- `client_connection_check_interval` (PostgreSQL 14 and later): a statement that runs (waits for
+  a lock, say) looks this often at whether its client is still there, which it otherwise only
+  learns when it answers.
+
+A dead client's locks are freed within about 40 s (the 30 s timeout, or 25 s of keepalives and
+the next check): less than a store call's timeout (trio_store.DEFAULT_CALL_TIMEOUT), so a call
+that met them is answered. A session ended this way comes back to its client (if it was only
+frozen) as a lost connection, which retry.py runs again like any other.
+
+SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
+at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A
+server without one of these settings (an older PostgreSQL) is left without it. A URL's own
+`options` (or PGOPTIONS) win for the settings they name, as the URL's parameters do over
+PG_TCP_SETTINGS. These override the role's and the database's defaults, for the store's own
+sessions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine
+
+log = logging.getLogger("damocles_ext.jobs.store")
+
+#: The settings each session of the store gives itself (PostgreSQL's names and units).
+PG_SESSION_SETTINGS: dict[str, str] = {
+    "idle_in_transaction_session_timeout": "30s",
+    "tcp_keepalives_idle": "10s",
+    "tcp_keepalives_interval": "5s",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30s",
+    "client_connection_check_interval": "10s",
+}
+
+#: One round trip; a setting the server does not know (pg_settings has no row for it) is left.
+_APPLY = (
+    "SELECT set_config(s.name, v.value, false)"
+    " FROM unnest(%s::text[], %s::text[]) AS v(name, value)"
+    " JOIN pg_settings s ON s.name = v.name"
+)
+
+#: A setting named in libpq's `options`: `-c name=value`, `-cname=value` or `--name=value`.
+_OPTION_NAME = re.compile(r"(?:^|\s)(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)\s*=")
+
+
+def options_names(options: str) -> set[str]:
+    """The settings a libpq `options` value sets (PostgreSQL reads `-` in a name as `_`)."""
+    return {name.replace("-", "_").lower() for name in _OPTION_NAME.findall(options)}
+
+
+def session_settings(url: URL) -> dict[str, str]:
+    """PG_SESSION_SETTINGS (as they are now) less those the URL's `options` parameter sets, or
+    PGOPTIONS when it has none (libpq's order)."""
+    given = url.query.get("options")
+    if given is None:
+        given = os.environ.get("PGOPTIONS", "")
+    text = given if isinstance(given, str) else " ".join(given)
+    named = options_names(text)
+    return {k: v for k, v in PG_SESSION_SETTINGS.items() if k not in named}
+
+
+def apply(dbapi_connection: Any, settings: dict[str, str], where: str) -> None:
+    """Give the session of a psycopg connection `settings`, committed (a SET rolled back is
+    undone). A server that refuses one (a managed service that locked it) is warned of and the
+    connection used as it is; a connection lost meanwhile raises, as any statement."""
+    if not settings:
+        return
+    import psycopg
+
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(_APPLY, (list(settings), list(settings.values())))
+        if not dbapi_connection.autocommit:
+            dbapi_connection.commit()
+    except psycopg.Error as error:
+        if dbapi_connection.closed or getattr(error, "sqlstate", None) is None:
+            raise
+        if not dbapi_connection.autocommit:
+            dbapi_connection.rollback()
+        log.warning(
+            "the PostgreSQL server of the job store %s refused the session settings that free a"
+            " dead client's locks (%s): a client that dies in a transaction may hold a job's"
+            " locks until the server's own TCP keepalives notice; set %s on its role or"
+            " database (ALTER ROLE ... SET)",
+            where, str(error).strip().splitlines()[0], ", ".join(settings),
+        )  # fmt: skip
+
+
+def on_connect(engine: Engine, url: URL, where: str) -> None:
+    """Apply session_settings(url) to each new connection of `engine`, read at its creation."""
+    settings = session_settings(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        apply(dbapi_connection, settings, where)
