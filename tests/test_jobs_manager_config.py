@@ -455,18 +455,19 @@ def test_a_negative_weight_or_miner_is_taken_as_damocles_managers_toml_reader_ta
     assert parse_manager_config(text, "sm.cfg").stores == {"a": "/a"}
 
 
-def _deleted_once_looked_at(monkeypatch: pytest.MonkeyPatch, path) -> None:
-    """`path` deleted as soon as anything stats it: a file removed between a look and a read."""
-    real, deleted = os.stat, []
+def _deleted_as_it_is_opened(monkeypatch: pytest.MonkeyPatch, path) -> list[str]:
+    """`path` deleted just before its first open: a file removed between a look at it and its
+    open (what was opened: empty if it never was, and the test proved nothing)."""
+    real, deleted = os.open, []
 
-    def stat_then_delete(name, *args, **kwargs):
-        found = real(name, *args, **kwargs)
+    def delete_then_open(name, flags, *args, **kwargs):
         if os.fspath(name) == str(path) and not deleted:
-            deleted.append(path)
+            deleted.append(os.fspath(name))
             os.unlink(path)
-        return found
+        return real(name, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "stat", stat_then_delete)
+    monkeypatch.setattr(os, "open", delete_then_open)
+    return deleted
 
 
 def test_a_sector_manager_cfg_deleted_as_it_is_read_is_none_not_an_error(tmp_path, monkeypatch):
@@ -474,9 +475,9 @@ def test_a_sector_manager_cfg_deleted_as_it_is_read_is_none_not_an_error(tmp_pat
     # file" was an error (exit 2) where the file not there keeps damocles' defaults.
     cfg = tmp_path / "sector-manager.cfg"
     cfg.write_text(GOOD)
-    _deleted_once_looked_at(monkeypatch, cfg)
-    found = load_manager_conf_dir(tmp_path)
-    assert found is None or found.limits.max_try == 3, found
+    deleted = _deleted_as_it_is_opened(monkeypatch, cfg)
+    assert load_manager_conf_dir(tmp_path) is None
+    assert deleted == [str(cfg)]
 
 
 def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store_as_damocles_does(
@@ -485,6 +486,7 @@ def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store_as_dam
     (tmp_path / "a").mkdir()
     meta = tmp_path / "a" / "sectorstore.json"
     meta.write_text(json.dumps({"Name": "store-a"}))
-    _deleted_once_looked_at(monkeypatch, meta)
+    deleted = _deleted_as_it_is_opened(monkeypatch, meta)
     text = f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n"
-    assert parse_manager_config(text, "sm.cfg").stores in ({}, {"store-a": f"{tmp_path}/a"})
+    assert parse_manager_config(text, "sm.cfg").stores == {}
+    assert deleted == [str(meta)]
