@@ -490,3 +490,29 @@ def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store_as_dam
     text = f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n"
     assert parse_manager_config(text, "sm.cfg").stores == {}
     assert deleted == [str(meta)]
+
+
+@pytest.mark.parametrize("closed", ["directory", "file"])
+def test_a_scanned_store_closed_to_this_user_says_whether_its_directory_or_its_file_is(closed):
+    # A store's directory of mode 0000 said "...sectorstore.json: cannot read the config file:
+    # permission denied (check its mode and owner)": the file blamed, and called a config file.
+    with a_closed_directory() as directory:
+        store = directory if closed == "directory" else directory.parent / "store"
+        store.mkdir(exist_ok=True)
+        store.chmod(0o755)
+        meta = store / "sectorstore.json"
+        meta.write_text(json.dumps({"Name": "s1"}))
+        (meta if closed == "file" else store).chmod(0)
+        text = f"[Common]\nScanPersistStores = ['{store}']\n"
+        said = said_when_kept_out(lambda: parse_manager_config(text, "sm.cfg"))
+        store.chmod(0o700)
+    why = (
+        "a directory on its path is closed to this user (check the mode and owner of the"
+        " directories above it)"
+        if closed == "directory"
+        else "permission denied (check its mode and owner)"
+    )
+    assert said == (
+        f"ManagerConfigError: sm.cfg: Common.ScanPersistStores[0] {str(store)!r}: {meta}: cannot"
+        f" read the store's sectorstore.json: {why}"
+    )

@@ -44,10 +44,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(read_config_text(source, CONF_FILE_NAME), source)
 
 
-def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> str:
+def read_config_text(
+    source: str, kind: str, limit: int = MAX_CONFIG_BYTES, *, what: str = "the config file"
+) -> str:
     """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not (its
     `errno`: that of the OSError that kept the file from being read, if one did).
-    `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages. Only a regular
+    `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages, `what` the file
+    it could not read ("the store's sectorstore.json"). Only a regular
     file is read (regular_file.open_regular): a FIFO without a writer would hold check-config,
     or serve before its ready line, for ever, and a device's open runs its driver. A lease on it
     (Samba, an NFS delegation) is waited for, as a plain open does (lease-break-time)."""
@@ -76,21 +79,23 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
     except FileNotFoundError as exc:
         raise ConfigError(
             source,
-            [f"{source}: cannot read the config file: no such file (check the path)"],
+            [f"{source}: cannot read {what}: no such file (check the path)"],
             errno=exc.errno,
         ) from None
     except PermissionError as exc:
+        why = (
+            "a directory on its path is closed to this user (check the mode and owner of the"
+            " directories above it)"
+            if closed_on_the_way(source)
+            else "permission denied (check its mode and owner)"
+        )
         raise ConfigError(
-            source,
-            [
-                f"{source}: cannot read the config file: permission denied (check its mode and owner)"
-            ],
-            errno=exc.errno,
+            source, [f"{source}: cannot read {what}: {why}"], errno=exc.errno
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
-            source, [f"{source}: cannot read the config file: {reason}"], errno=exc.errno
+            source, [f"{source}: cannot read {what}: {reason}"], errno=exc.errno
         ) from None
     if len(data) > limit:
         raise ConfigError(
@@ -109,6 +114,18 @@ def read_config_text(source: str, kind: str, limit: int = MAX_CONFIG_BYTES) -> s
             source,
             [f"{source}: not UTF-8 text (bad byte at offset {exc.start}); TOML files are UTF-8"],
         ) from None
+
+
+def closed_on_the_way(path: str) -> bool:
+    """Whether a directory on the way to `path` keeps this user out, rather than the file's own
+    mode (asked once its open was refused, for what the message says)."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def load_conf_dir(directory: str | os.PathLike[str]) -> Config:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..config.load import read_config_text, strip_bom
+from ..config.load import closed_on_the_way, read_config_text, strip_bom
 from ..config.messages import _show
 from ..config.spec import ConfigError
 from ..errors import UsageError
@@ -160,7 +160,7 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
     except ConfigError as exc:
         if exc.errno == errno.ENOENT:  # (DIR was there just now)
             return None
-        if not (exc.denied and _closed_on_the_way(source)):
+        if not (exc.denied and closed_on_the_way(source)):
             raise ManagerConfigError(str(exc), denied=source if exc.denied else None) from None
         what, denied = closed, source  # DIR itself, not the file: this user may not enter it
     except FileNotFoundError:
@@ -176,18 +176,6 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
             denied=denied,
         )
     return parse_manager_config(text, source)
-
-
-def _closed_on_the_way(path: str) -> bool:
-    """Whether a directory on the way to `path` keeps this user out, rather than the file's own
-    mode (asked once its open was refused, for what the message says)."""
-    try:
-        os.stat(path)
-    except PermissionError:
-        return True
-    except OSError:
-        pass
-    return False
 
 
 def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
@@ -426,7 +414,8 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
     there is no such file, as damocles skips the directory. The file is opened once, not looked
     at first: one deleted meanwhile is none, not an error."""
     try:
-        meta = json.loads(read_config_text(meta_path, SECTORSTORE_JSON))
+        text = read_config_text(meta_path, SECTORSTORE_JSON, what="the store's sectorstore.json")
+        meta = json.loads(text)
     except ConfigError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
