@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.races import deleted_as_it_is_opened
 from helpers.supervisor import jsonl_child, window_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -224,6 +225,19 @@ def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
     text = base(tmp_path, f'[worker]\nscan_persist_stores = ["{tmp_path}/stores/*"]\n')
     cfg = parse(text, tmp_path)
     assert [s.name for s in cfg.attached] == ["s1", "123", "456"]  # c has no sectorstore.json
+
+
+def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store(tmp_path, monkeypatch):
+    # It was looked at (isfile) and then read by its name: deleted in between, the read's "no
+    # such file" was an error (exit 2) where a directory without one is skipped.
+    for d in ("a", "b"):
+        (tmp_path / "stores" / d).mkdir(parents=True)
+        (tmp_path / "stores" / d / "sectorstore.json").write_text(json.dumps({"Name": d}))
+    deleted = deleted_as_it_is_opened(monkeypatch, tmp_path / "stores" / "a" / "sectorstore.json")
+    text = base(tmp_path, f'[worker]\nscan_persist_stores = ["{tmp_path}/stores/*"]\n')
+    cfg = parse(text, tmp_path)
+    assert [s.name for s in cfg.attached] == ["s1", "b"]
+    assert deleted == [str(tmp_path / "stores" / "a" / "sectorstore.json")]
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,12 @@ sector's paths to damocles' store names and back."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 from helpers.frontend import dext_run
 from helpers.kept_out import a_closed_directory, said_when_kept_out
+from helpers.races import deleted_as_it_is_opened
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
@@ -455,27 +455,12 @@ def test_a_negative_weight_or_miner_is_taken_as_damocles_managers_toml_reader_ta
     assert parse_manager_config(text, "sm.cfg").stores == {"a": "/a"}
 
 
-def _deleted_as_it_is_opened(monkeypatch: pytest.MonkeyPatch, path) -> list[str]:
-    """`path` deleted just before its first open: a file removed between a look at it and its
-    open (what was opened: empty if it never was, and the test proved nothing)."""
-    real, deleted = os.open, []
-
-    def delete_then_open(name, flags, *args, **kwargs):
-        if os.fspath(name) == str(path) and not deleted:
-            deleted.append(os.fspath(name))
-            os.unlink(path)
-        return real(name, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", delete_then_open)
-    return deleted
-
-
 def test_a_sector_manager_cfg_deleted_as_it_is_read_is_none_not_an_error(tmp_path, monkeypatch):
     # It was looked at (stat) and then read by its name: deleted in between, the read's "no such
     # file" was an error (exit 2) where the file not there keeps damocles' defaults.
     cfg = tmp_path / "sector-manager.cfg"
     cfg.write_text(GOOD)
-    deleted = _deleted_as_it_is_opened(monkeypatch, cfg)
+    deleted = deleted_as_it_is_opened(monkeypatch, cfg)
     assert load_manager_conf_dir(tmp_path) is None
     assert deleted == [str(cfg)]
 
@@ -486,7 +471,7 @@ def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store_as_dam
     (tmp_path / "a").mkdir()
     meta = tmp_path / "a" / "sectorstore.json"
     meta.write_text(json.dumps({"Name": "store-a"}))
-    deleted = _deleted_as_it_is_opened(monkeypatch, meta)
+    deleted = deleted_as_it_is_opened(monkeypatch, meta)
     text = f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n"
     assert parse_manager_config(text, "sm.cfg").stores == {}
     assert deleted == [str(meta)]

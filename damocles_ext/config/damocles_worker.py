@@ -24,6 +24,7 @@ naming the file, the key and what to write.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -442,11 +443,15 @@ class _Reader:
 
     def _sector_store(self, where: str, path: str) -> AttachedStore | None:
         meta_path = os.path.join(path, SECTORSTORE_JSON)
-        if not os.path.isfile(meta_path):
-            return None  # damocles-worker skips a directory without one
         try:
-            meta = json.loads(read_config_text(meta_path, SECTORSTORE_JSON))
+            text = read_config_text(
+                meta_path, SECTORSTORE_JSON, what="the store's sectorstore.json"
+            )
+            meta = json.loads(text)
         except ConfigError as exc:
+            # Opened once, not looked at first: one deleted meanwhile is none, not an error.
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None  # damocles-worker skips a directory without one
             self.errors.extend(f"{where}: {e}" for e in exc.errors)
             return None
         except (ValueError, RecursionError) as exc:
