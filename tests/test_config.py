@@ -6,6 +6,7 @@ one malformed config per file with the message it must produce (BAD_CONFIGS belo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -171,13 +172,34 @@ def test_a_conf_dir_this_user_may_not_enter_is_a_config_error_not_a_traceback() 
         inside = said_when_kept_out(lambda: config.load_conf_dir(closed))
         below = said_when_kept_out(lambda: config.load_conf_dir(closed / "sub"))
     assert inside == (
-        f"ConfigError: {closed}/ext-prover.cfg: cannot read the config file: permission denied"
-        " (check the mode and owner of its directories)"
+        f"ConfigError: {closed}/ext-prover.cfg: cannot read the config file: a directory on its"
+        " path is closed to this user (check the mode and owner of the directories above it)"
     )
     assert below == (
         f"ConfigError: {closed}/sub: cannot look at the config directory: permission denied"
         " (check the mode and owner of its directories)"
     )
+
+
+def test_a_conf_dir_error_carries_the_errno_of_what_kept_the_file_from_being_read(
+    tmp_path: Path,
+) -> None:
+    # ConfigError says it carries the errno of the OSError that kept its file from being read;
+    # load_conf_dir's own look at DIR and at DIR/ext-prover.cfg gave none.
+    def errno_of(directory: Path) -> str:
+        try:
+            load_conf_dir(directory)
+        except ConfigError as exc:
+            raise LookupError(errno.errorcode.get(exc.errno or 0, exc.errno)) from None
+        return "read"
+
+    for directory in (tmp_path / "missing", tmp_path):
+        with pytest.raises(LookupError, match=r"^ENOENT$"):
+            errno_of(directory)
+    with a_closed_directory() as closed:
+        for directory in (closed, closed / "sub"):
+            said = said_when_kept_out(lambda d=directory: errno_of(d))
+            assert said == "LookupError: EACCES", said
 
 
 def test_a_sub_table_without_its_array_table_line_says_that_line_is_missing() -> None:

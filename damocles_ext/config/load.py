@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -129,40 +130,37 @@ def closed_on_the_way(path: str) -> bool:
 
 
 def load_conf_dir(directory: str | os.PathLike[str]) -> Config:
-    """Read DIR/ext-prover.cfg, as damocles-manager does with `--conf-dir DIR`."""
+    """Read DIR/ext-prover.cfg, as damocles-manager does with `--conf-dir DIR`. The file is opened
+    once, not looked at first; a ConfigError carries the errno of what kept DIR or the file from
+    being read."""
     source = os.fspath(directory)
-    path = Path(source) / CONF_FILE_NAME
+    path = os.fspath(Path(source) / CONF_FILE_NAME)
     try:
         is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ConfigError(
-            source, [f"{source}: config directory does not exist (check the path)"]
+            source, [f"{source}: config directory does not exist (check the path)"], errno=exc.errno
         ) from None
     except OSError as exc:  # a directory above it this user may not enter
         raise ConfigError(
-            source, [f"{source}: cannot look at the config directory: {_unusable(exc)}"]
+            source,
+            [f"{source}: cannot look at the config directory: {_unusable(exc)}"],
+            errno=exc.errno,
         ) from None
     if not is_dir:
         raise ConfigError(
             source, [f"{source}: is a file, not a directory; to read this file use -c {source}"]
         )
     try:
-        os.stat(path)
-    except FileNotFoundError:
+        text = read_config_text(path, CONF_FILE_NAME)
+    except ConfigError as exc:
+        if exc.errno != errno.ENOENT:  # (DIR closed to this user: said by read_config_text)
+            raise
+        missing = f"no such file (--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
         raise ConfigError(
-            str(path),
-            [
-                (
-                    f"{path}: cannot read the config file: no such file "
-                    f"(--conf-dir DIR reads DIR/{CONF_FILE_NAME})"
-                )
-            ],
+            path, [f"{path}: cannot read the config file: {missing}"], errno=exc.errno
         ) from None
-    except OSError as exc:  # the directory is not this user's to enter
-        raise ConfigError(
-            str(path), [f"{path}: cannot read the config file: {_unusable(exc)}"]
-        ) from None
-    return load_config(path)
+    return parse_config(text, path)
 
 
 def _unusable(exc: OSError) -> str:
