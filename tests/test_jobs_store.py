@@ -3,6 +3,7 @@ session starts itself (conftest.postgres_server). Time is passed in (`now`), nev
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections import Counter
@@ -533,6 +534,54 @@ def test_postgresql_sessions_have_the_server_end_them_when_their_client_is_gone_
     assert ours["client_connection_check_interval"] == "0 (client)"
     assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
     assert "client_connection_check_interval" not in listened
+
+
+def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_is_warned_of_once(
+    postgres_url, monkeypatch, caplog
+):
+    # A server that refuses one of the settings (a managed service that locked it; a platform
+    # that cannot check for a closed socket refuses client_connection_check_interval): the
+    # others, the idle-in-transaction timeout first, are set all the same, and the refusal is
+    # one warning for the engine (or listener), not one per new connection.
+    import psycopg
+
+    from damocles_ext.jobs.notify import JobListener
+    from damocles_ext.jobs.pg_session import PG_SESSION_SETTINGS
+    from damocles_ext.jobs.pg_session import apply as apply_session_settings
+
+    with psycopg.connect(postgres_url) as probe:
+        if probe.info.server_version < 140000:
+            pytest.skip("client_connection_check_interval is PostgreSQL 14's")
+    monkeypatch.setitem(PG_SESSION_SETTINGS, "client_connection_check_interval", "often")
+    names = list(PG_SESSION_SETTINGS)
+    read = (
+        "SELECT name, current_setting(name) || ' (' || source || ')' FROM pg_settings"
+        " WHERE name = ANY(%s::text[])"
+    )
+
+    def check(ours: dict[str, str]) -> None:
+        assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
+        assert ours["tcp_user_timeout"].endswith("(session)")
+        assert ours["client_connection_check_interval"] == "0 (default)"
+
+    with (
+        caplog.at_level(logging.WARNING, "damocles_ext.jobs.store"),
+        JobStore.open(postgres_url) as s,
+    ):
+        with s.engine.connect() as one, s.engine.connect() as two:  # two new connections
+            for conn in (one, two):
+                check(dict(conn.connection.driver_connection.execute(read, (names,))))
+        listener = JobListener.of_store(s, lambda job_id: None, lambda: None)
+        assert listener is not None
+        for _ in range(2):  # the listener's connection (autocommit), and its reconnection
+            with psycopg.connect(listener.conninfo, autocommit=True) as raw:
+                apply_session_settings(raw, listener.session, s.where, listener.refusals)
+                check(dict(raw.execute(read, (names,))))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2, warned  # the engine's and the listener's, once each
+    for message in warned:
+        assert "refused client_connection_check_interval = often (" in message
+        assert "idle_in_transaction" not in message
 
 
 def test_a_latin1_database_stores_what_it_can_hold_and_refuses_the_rest_as_a_store_error(

@@ -24,8 +24,8 @@ from psycopg.pq import Conninfo
 
 from ..threads import NoThreadError, run_in_thread
 from .database import describe_url, first_line, pg_tcp_settings
+from .pg_session import Refusals, session_settings
 from .pg_session import apply as apply_session_settings
-from .pg_session import session_settings
 from .store import NOTIFY_CHANNEL as CHANNEL
 from .store import JobStore
 
@@ -71,6 +71,8 @@ class JobListener:
         #: The server's side (pg_session.PG_SESSION_SETTINGS less the URL's own): the server
         #: ends the session of a listener whose host died, rather than keep it for hours.
         self.session: dict[str, str] = dict(session or {})
+        #: Those the server refused, warned of at the first connection, not at each.
+        self.refusals = Refusals()
         #: The store for messages (a conninfo that is a URL: itself, its password hidden).
         self.where = describe_url(conninfo) if where is None else where
         self.on_job = on_job
@@ -131,7 +133,7 @@ class JobListener:
                     **self.tcp,
                 ) as conn:
                     _keep_when_idle(conn)
-                    apply_session_settings(conn, self.session, self.where)
+                    apply_session_settings(conn, self.session, self.where, self.refusals)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     log.info("listening for job changes on %s", self.where)
                     backoff = FIRST_BACKOFF

@@ -28,7 +28,9 @@ frozen) as a lost connection, which retry.py runs again like any other.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
 at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A
-server without one of these settings (an older PostgreSQL) is left without it. A URL's own
+server without one of these settings (an older PostgreSQL) is left without it; one it refuses
+(a managed service that locked it, a value its platform cannot have) is left as the server has
+it, the others set all the same, and warned of once per engine or listener. A URL's own
 `options` (or PGOPTIONS) win for the settings they name, as the URL's parameters do over
 PG_TCP_SETTINGS. These override the role's and the database's defaults, for the store's own
 sessions only.
@@ -39,14 +41,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
+if TYPE_CHECKING:
+    import psycopg
+
 log = logging.getLogger("damocles_ext.jobs.store")
 
-#: The settings each session of the store gives itself (PostgreSQL's names and units).
+#: The settings each session of the store gives itself (PostgreSQL's names and units). Read when
+#: an engine (database.make_engine) or a listener (notify.JobListener.of_store) is made: a change
+#: here (a test's bound of 100 ms, a value the server refuses) holds for those made after it.
 PG_SESSION_SETTINGS: dict[str, str] = {
     "idle_in_transaction_session_timeout": "30s",
     "tcp_keepalives_idle": "10s",
@@ -56,7 +65,7 @@ PG_SESSION_SETTINGS: dict[str, str] = {
     "client_connection_check_interval": "10s",
 }
 
-#: One round trip; a setting the server does not know (pg_settings has no row for it) is left.
+#: A setting the server does not know (pg_settings has no row for it) is left.
 _APPLY = (
     "SELECT set_config(s.name, v.value, false)"
     " FROM unnest(%s::text[], %s::text[]) AS v(name, value)"
@@ -83,37 +92,83 @@ def session_settings(url: URL) -> dict[str, str]:
     return {k: v for k, v in PG_SESSION_SETTINGS.items() if k not in named}
 
 
-def apply(dbapi_connection: Any, settings: dict[str, str], where: str) -> None:
+class Refusals:
+    """The settings the server refused to the sessions of one engine or listener: each is warned
+    of once, not at each new connection. Shared by the pool's threads."""
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def first(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` not warned of before, now counted as warned of."""
+        with self._lock:
+            new = [name for name in names if name not in self._warned]
+            self._warned.update(new)
+        return new
+
+
+def apply(dbapi_connection: Any, settings: dict[str, str], where: str,
+          refusals: Refusals | None = None) -> None:  # fmt: skip
     """Give the session of a psycopg connection `settings`, committed (a SET rolled back is
-    undone). A server that refuses one (a managed service that locked it) is warned of and the
-    connection used as it is; a connection lost meanwhile raises, as any statement."""
+    undone): all in one statement, or, when the server refuses that, each on its own, so that
+    one refused (a managed service that locked it, a value the platform cannot have) leaves the
+    others set. Those refused are warned of (once for `refusals`) and the connection used as it
+    is; a connection lost meanwhile raises, as any statement."""
     if not settings:
         return
-    import psycopg
+    import psycopg  # here: a SQLite store never needs it
 
     try:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(_APPLY, (list(settings), list(settings.values())))
-        if not dbapi_connection.autocommit:
-            dbapi_connection.commit()
+        _set(dbapi_connection, settings)  # one round trip, as nearly always
+        return
     except psycopg.Error as error:
-        if dbapi_connection.closed or getattr(error, "sqlstate", None) is None:
-            raise
-        if not dbapi_connection.autocommit:
-            dbapi_connection.rollback()
+        _unless_refused(dbapi_connection, error)
+    refused: dict[str, str] = {}
+    for name, value in settings.items():
+        try:  # a savepoint inside a transaction; its own transaction in autocommit
+            with dbapi_connection.transaction():
+                dbapi_connection.execute(_APPLY, ([name], [value]))
+        except psycopg.Error as error:
+            if dbapi_connection.closed or getattr(error, "sqlstate", None) is None:
+                raise
+            refused[name] = str(error).strip().splitlines()[0]
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()
+    new = list(refused) if refusals is None else refusals.first(refused)
+    if new:
         log.warning(
-            "the PostgreSQL server of the job store %s refused the session settings that free a"
-            " dead client's locks (%s): a client that dies in a transaction may hold a job's"
-            " locks until the server's own TCP keepalives notice; set %s on its role or"
-            " database (ALTER ROLE ... SET)",
-            where, str(error).strip().splitlines()[0], ", ".join(settings),
+            "the PostgreSQL server of the job store %s refused %s, of the session settings that"
+            " free a dead client's locks (the others are set): a client that dies in a"
+            " transaction may hold a job's locks for longer; set %s on its role or database"
+            " (ALTER ROLE ... SET) if it allows that",
+            where, "; ".join(f"{name} = {settings[name]} ({refused[name]})" for name in new),
+            " and ".join(new),
         )  # fmt: skip
+
+
+def _set(dbapi_connection: Any, settings: dict[str, str]) -> None:
+    """All of `settings` in one statement, committed."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(_APPLY, (list(settings), list(settings.values())))
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()
+
+
+def _unless_refused(dbapi_connection: Any, error: psycopg.Error) -> None:
+    """Raise `error` unless the server answered it (the connection is there, in a transaction
+    rolled back now); the settings are then tried one by one."""
+    if dbapi_connection.closed or getattr(error, "sqlstate", None) is None:
+        raise error
+    if not dbapi_connection.autocommit:
+        dbapi_connection.rollback()
 
 
 def on_connect(engine: Engine, url: URL, where: str) -> None:
     """Apply session_settings(url) to each new connection of `engine`, read at its creation."""
     settings = session_settings(url)
+    refusals = Refusals()
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        apply(dbapi_connection, settings, where)
+        apply(dbapi_connection, settings, where, refusals)
