@@ -444,4 +444,54 @@ def test_a_call_frozen_in_its_transaction_past_the_servers_idle_timeout_is_run_a
         with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"):
             reset = frozen_store.reset(job.Id, T0 + 2)
     assert frozen and (reset.State, reset.WorkerName) == (READY, "")
-    assert "reset failed at try 1 of 4, its connection lost before COMMIT" in caplog.text
+    assert "reset failed at try 1 of 4, the server ended its session, idle in" in caplog.text
+
+
+def test_a_call_frozen_before_its_commit_past_the_servers_idle_timeout_is_run_again(
+    pg, postgres_url, monkeypatch, caplog
+):
+    # The server ended the session of a client frozen at the last step of its transaction (its
+    # statements run, COMMIT not yet sent), idle in it longer than its idle-in-transaction
+    # timeout: it rolled the transaction back, so nothing of it was stored, and the COMMIT the
+    # client sends when it runs again fails with SQLSTATE 25P03. A call that is not replayable
+    # (a reset) is run again all the same; before, that was taken for a connection lost as it
+    # was committed, which may have stored it, and the call failed.
+    monkeypatch.setitem(
+        pg_session.PG_SESSION_SETTINGS, "idle_in_transaction_session_timeout", "100ms"
+    )
+    job, _ = pg.create(make_input(), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    frozen: list[int] = []
+    freezes = [1]  # how many commits to freeze
+
+    def freeze_before_the_commit(conn):
+        if len(frozen) < freezes[0]:
+            frozen.append(conn.connection.dbapi_connection.info.backend_pid)
+            deadline = time.monotonic() + 30
+            while admin(pg, f"SELECT 1 FROM pg_stat_activity WHERE pid = {frozen[-1]}"):
+                assert time.monotonic() < deadline, "the server never ended the idle session"
+                time.sleep(0.005)  # polling the server's state; the order does not depend on it
+
+    with JobStore(postgres_url) as frozen_store:
+        sa.event.listen(frozen_store.engine, "commit", freeze_before_the_commit)
+        with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"):
+            reset = frozen_store.reset(job.Id, T0 + 2)
+        assert len(frozen) == 1 and (reset.State, reset.WorkerName, reset.TryNum) == (READY, "", 0)
+        assert pg.get(job.Id) == reset
+        assert "reset failed at try 1 of 4, the server ended its session" in caplog.text
+        assert "SQLSTATE 25P03" in caplog.text
+
+        # Frozen at each try: the error says what ended the session, and that nothing was stored.
+        pg.allocate(ANY, 1, "w1", T0 + 3)
+        frozen_store.attempts, freezes[0] = 2, 3
+        with pytest.raises(StoreError) as failed:
+            frozen_store.reset(job.Id, T0 + 4)
+    assert len(frozen) == 3
+    assert "at each of 2 tries" in str(failed.value)
+    assert "idle in its transaction for longer than idle_in_transaction_session_timeout" in str(
+        failed.value
+    )
+    assert "paused or frozen" in str(failed.value) and "nothing of it was stored" in str(
+        failed.value
+    )
+    assert pg.get(job.Id).State == RUNNING

@@ -24,7 +24,7 @@ these for itself once connected, where the server ends it, and frees its locks:
 A dead client's locks are freed within about 40 s (the 30 s timeout, or 25 s of keepalives and
 the next check): less than a store call's timeout (trio_store.DEFAULT_CALL_TIMEOUT), so a call
 that met them is answered. A session ended this way comes back to its client (if it was only
-frozen) as a lost connection, which retry.py runs again like any other.
+frozen) as SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at COMMIT.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
 at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A

@@ -9,6 +9,10 @@ timeout, and it has no such failures):
 - a transaction the server rolled back to let another go on: a serialization failure (SQLSTATE
   40001) or a deadlock (40P01), met at any statement or at COMMIT: the server answered, nothing
   of the transaction was stored;
+- a session the server ended because it was idle in its transaction longer than its
+  idle_in_transaction_session_timeout (SQLSTATE 25P03: the client was frozen inside it, see
+  pg_session.py), met at any statement or at COMMIT: the server rolled the transaction back
+  before it ended the session, so nothing of it was stored either;
 - a transaction whose connection was lost before its COMMIT was sent (the server restarting or
   failing over, `pg_terminate_backend`, the network cut): a session that ends rolls back;
 - a connection lost while its COMMIT was sent, when the transaction may have been stored and
@@ -37,7 +41,7 @@ from typing import Final, TypeVar
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
 
-from .database import StoreConflict, StoreError, is_unreachable, store_failure
+from .database import StoreConflict, StoreError, first_line, is_unreachable, store_failure
 
 log = logging.getLogger("damocles_ext.jobs.store")
 
@@ -48,6 +52,8 @@ FIRST_PAUSE: Final = 0.05
 MAX_PAUSE: Final = 1.0
 #: The SQLSTATEs of a transaction the server rolled back to let another go on.
 CONFLICTS: Final = {"40001": "a serialization failure", "40P01": "a deadlock"}
+#: The SQLSTATE of a session the server ended for idling in its transaction, rolled back.
+IDLE_ENDED: Final = "25P03"
 
 R = TypeVar("R")
 
@@ -64,6 +70,11 @@ def why_again(error: exc.DBAPIError, phase: str, *, replayable: bool) -> str | N
     sqlstate = getattr(error.orig, "sqlstate", None) or ""
     if sqlstate in CONFLICTS:
         return f"{CONFLICTS[sqlstate]} (SQLSTATE {sqlstate})"
+    if sqlstate == IDLE_ENDED:  # whatever the phase: the server rolled back before it ended it
+        return (
+            "the server ended its session, idle in its transaction past its"
+            f" idle_in_transaction_session_timeout (SQLSTATE {sqlstate}), and rolled it back"
+        )
     if phase == "connect" or not is_unreachable(error):
         return None
     if phase == "work":
@@ -118,6 +129,15 @@ def _failure(name: str, where: str, url: URL, error: exc.DBAPIError, phase: str,
             f"{failure} ({CONFLICTS[sqlstate]}, SQLSTATE {sqlstate}, at each of {tries} tries:"
             " other sessions kept conflicting with it; it may work when tried later, else look"
             " at what holds the store's rows: pg_stat_activity, the server's log)"
+        )
+    if sqlstate == IDLE_ENDED:
+        return type(failure)(
+            f"job store {where}: {name} failed: {first_line(error)} (SQLSTATE {sqlstate}), at each"
+            f" of {tries} tries: the server ended the session, idle in its transaction for longer"
+            " than idle_in_transaction_session_timeout, and rolled it back (nothing of it was"
+            " stored); this process was paused or frozen inside its transactions (a paused VM,"
+            " a stopped process, heavy swapping), or that timeout (the URL's options, PGOPTIONS,"
+            " the role's setting) is too short for it"
         )
     postgresql = url.get_backend_name() == "postgresql"  # SQLite has no connection to lose
     if why is None and postgresql and phase == "commit" and is_unreachable(error):
