@@ -216,8 +216,9 @@ def test_two_producers_making_the_same_jobs_in_other_orders_do_not_deadlock(post
 _GATE = 7_305_001
 
 #: Another machine's store, in a process of its own: a transaction that reads job argv[2] FOR
-#: UPDATE, then (in the same round trip, so never idle in between) waits for the test's _GATE;
-#: the server's idle-in-transaction timeout its sessions give themselves is argv[3].
+#: UPDATE, then waits for the test's _GATE, all in one simple query (BEGIN too: in autocommit,
+#: psycopg sends no BEGIN of its own a round trip before), so never idle in between; the
+#: server's idle-in-transaction timeout its sessions give themselves is argv[3].
 _FROZEN_CLIENT = f"""
 import sys
 from damocles_ext.jobs import pg_session
@@ -226,8 +227,9 @@ from damocles_ext.jobs.store import JobStore
 pg_session.PG_SESSION_SETTINGS["idle_in_transaction_session_timeout"] = sys.argv[3]
 store = JobStore(sys.argv[1], pool_size=1)
 session = store.engine.raw_connection().driver_connection
-session.execute(
-    "SELECT id FROM dext_wdpost_jobs WHERE id = '" + sys.argv[2] + "' FOR UPDATE;"
+session.autocommit = True
+session.execute(  # no parameters: one simple query, its statements run as one
+    "BEGIN; SELECT id FROM dext_wdpost_jobs WHERE id = '" + sys.argv[2] + "' FOR UPDATE;"
     " SELECT pg_advisory_xact_lock({_GATE})"
 )
 sys.stdin.read()
