@@ -23,7 +23,8 @@ these for itself once connected, where the server ends it, and frees its locks:
 
 A dead client's locks are freed within about 40 s (the 30 s timeout, or 25 s of keepalives and
 the next check): less than a store call's timeout (trio_store.DEFAULT_CALL_TIMEOUT), so a call
-that met them is answered. A session ended this way comes back to its client (if it was only
+that met them is answered. Not on PostgreSQL 12 and 13, which have no connection check, for a
+session whose statement waits on another lock: it keeps its locks until that statement ends. A session ended this way comes back to its client (if it was only
 frozen) as SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at COMMIT.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
@@ -34,6 +35,17 @@ it, the others set all the same, and warned of once per engine or listener. A UR
 `options` (or PGOPTIONS) win for the settings they name, as the URL's parameters do over
 PG_TCP_SETTINGS. These override the role's and the database's defaults, for the store's own
 sessions only.
+
+Behind PgBouncer (docs/JOBS.md says what to set there instead):
+- the server-side keepalives, tcp_user_timeout and the connection check watch PgBouncer's link
+  to the server, not our host: only the idle-in-transaction timeout frees a dead host's locks
+  (PgBouncer's own tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout and
+  idle_transaction_timeout watch its clients);
+- with transaction pooling, a SET lands on the server connection lent at that moment and stays
+  there: it reaches the other clients of the same user and database lent it later, and our later
+  transactions may run without it;
+- with ignore_startup_parameters = options, a setting named in the URL's `options` is dropped by
+  PgBouncer and not SET here either: nobody sets it.
 """
 
 from __future__ import annotations
