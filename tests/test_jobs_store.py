@@ -536,11 +536,44 @@ def test_postgresql_sessions_have_the_server_end_them_when_their_client_is_gone_
     assert ours["tcp_keepalives_count"] == "0 (session)"
     assert "idle_in_transaction_session_timeout" not in listened
 
+    # An escaped space is part of the value, as the server reads it: what follows is still ours.
+    given = postgres_url + "&options=-c%20application_name%3Da%5C%20--tcp-user-timeout%3D5"
+    ours, listened = settings(given)
+    assert ours["tcp_user_timeout"] == "0 (session)"  # ours, read 0 on a unix socket
+    assert listened == PG_SESSION_SETTINGS
+
     monkeypatch.setenv("PGOPTIONS", "--tcp-user-timeout=0")
     ours, listened = settings(postgres_url)
     assert ours["tcp_user_timeout"] == "0 (client)"
     assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
     assert "tcp_user_timeout" not in listened
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ("-c idle_in_transaction_session_timeout=5min", {"idle_in_transaction_session_timeout"}),
+        (
+            "-cTCP_User_Timeout=0  --tcp-keepalives-idle=1\t-c  a.b=1",
+            {"tcp_user_timeout", "tcp_keepalives_idle", "a.b"},
+        ),
+        # A backslash makes the space after it part of the value: no second setting.
+        ("-c application_name=a\\ --tcp-user-timeout=5", {"application_name"}),
+        # An escaped backslash is one; the space after it ends the word.
+        (
+            "-c application_name=a\\\\ --tcp-user-timeout=5",
+            {"application_name", "tcp_user_timeout"},
+        ),
+        ("-B 10 -c", set()),
+        ("", set()),
+    ],
+)
+def test_the_settings_a_urls_options_name_are_read_as_the_server_splits_them(options, names):
+    # The settings a URL's `options` (or PGOPTIONS) names are left to it; the words are split
+    # as the server splits them, so a value with an escaped space names no setting of its own.
+    from damocles_ext.jobs.pg_session import options_names
+
+    assert options_names(options) == names
 
 
 def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_is_warned_of_once(

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -84,13 +83,46 @@ _APPLY = (
     " JOIN pg_settings s ON s.name = v.name"
 )
 
-#: A setting named in libpq's `options`: `-c name=value`, `-cname=value` or `--name=value`.
-_OPTION_NAME = re.compile(r"(?:^|\s)(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)\s*=")
+
+def split_options(options: str) -> list[str]:
+    """The words of a libpq `options` value as the server splits them (pg_split_opts): at
+    whitespace, where a backslash makes the character after it (a space, a backslash) part of
+    the word."""
+    words: list[str] = []
+    word: str | None = None  # None between words
+    escaped = False
+    for char in options:
+        if escaped or char not in _SPACE_OR_ESCAPE:
+            word, escaped = (word or "") + char, False
+        elif char == "\\":
+            word, escaped = word or "", True
+        elif word is not None:
+            words.append(word)
+            word = None
+    if word is not None:
+        words.append(word)
+    return words
+
+
+#: The server's whitespace (C's isspace) and its escape, in an `options` value.
+_SPACE_OR_ESCAPE = frozenset(" \t\n\v\f\r\\")
 
 
 def options_names(options: str) -> set[str]:
-    """The settings a libpq `options` value sets (PostgreSQL reads `-` in a name as `_`)."""
-    return {name.replace("-", "_").lower() for name in _OPTION_NAME.findall(options)}
+    """The settings a libpq `options` value sets: `-c name=value`, `-cname=value` or
+    `--name=value` (PostgreSQL reads `-` in a name as `_`, and names in any case)."""
+    names = set()
+    words = iter(split_options(options))
+    for word in words:
+        if word == "-c":
+            setting = next(words, "")
+        elif word.startswith(("-c", "--")):
+            setting = word[2:]
+        else:
+            continue
+        if "=" in setting:
+            names.add(setting.split("=", 1)[0].replace("-", "_").lower())
+    return names
 
 
 def session_settings(url: URL) -> dict[str, str]:
