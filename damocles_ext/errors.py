@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_OK = 0
 EXIT_PROVER_ERROR = 1
@@ -41,9 +42,13 @@ FILES_ADVICE = (
 
 
 class DextError(Exception):
-    """Base class of damocles-ext's own errors; the message is written for a person."""
+    """Base class of damocles-ext's own errors; the message is written for a person.
+
+    `request_id`: the supervisor's number of the request it answers or refuses, when a
+    supervisor of this process did (`numbered`); a front end's record of it carries it."""
 
     exit_code = EXIT_PROVER_ERROR
+    request_id: int | None = None
 
     def __reduce__(self) -> tuple[object, ...]:
         # Pickled (multiprocessing, concurrent.futures) or copied, an exception is made again
@@ -74,12 +79,11 @@ class OutputError(DextError):
 class ProverError(DextError):
     """A proof could not be produced (prover failed, child died, deadline passed): exit code 1.
 
-    `request_id`: the supervisor's number of the request it answers, when a supervisor of this
-    process answered it; `job_id` and `worker`: the job store's job (and its last worker) whose
-    answer it is (serve --jobs). A front end's record of the failure carries them as fields."""
+    `job_id` and `worker`: the job store's job (and its last worker) whose answer it is (serve
+    --jobs); with `request_id` (DextError's), a front end's record of the failure carries them
+    as fields."""
 
     exit_code = EXIT_PROVER_ERROR
-    request_id: int | None = None
     job_id: str | None = None
     worker: str | None = None
 
@@ -90,9 +94,17 @@ class DeadlineError(ProverError):
     failure of a prover's (a prover that hangs until RequestTimeoutSecs is a plain one)."""
 
 
+_E = TypeVar("_E", bound=DextError)
+
+
 def prover_error(message: str, *, late: bool, request_id: int | None = None) -> ProverError:
     """A request's error answer as raised to its caller: a DeadlineError when `late`."""
-    error = (DeadlineError if late else ProverError)(message)
+    return numbered((DeadlineError if late else ProverError)(message), request_id)
+
+
+def numbered(error: _E, request_id: int | None) -> _E:
+    """`error`, about the supervisor's request `request_id` (its message's `request N`),
+    carrying that number as its `request_id`."""
     error.request_id = request_id
     return error
 

@@ -638,6 +638,44 @@ async def test_prove_through_runs_socket_gives_its_final_error_record_runs_numbe
     assert record["message"].endswith(answer["message"]), (record, answer)
 
 
+async def test_runs_record_of_a_request_refused_while_it_shuts_down_has_its_request_id(
+    tmp_path: Path, sock_dir: Path
+):
+    # A request the supervisor refuses before it starts (run shutting down) has a number of
+    # the supervisor's, which the client's error names: run's warning about it carries it as
+    # request_id, as its record of a failure does; it carried only caller_request_id.
+    import trio
+    from helpers.frontend import plugin_block, running
+
+    from damocles_ext.client import connect
+
+    cfg = write_config(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.1)
+    )
+    sock = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, sock, "--log-format", "json") as (run, log),
+        connect(sock) as client,
+    ):
+        started = trio.Event()
+        nursery.start_soon(lambda: client.submit(make_task(1), on_progress=lambda p: started.set()))
+        with trio.fail_after(30):
+            await started.wait()
+            run.send_signal(signal.SIGTERM)
+            await log.wait_for("shutting down gracefully")
+            async with connect(sock) as second:
+                with pytest.raises(ProverError, match="shutting down") as refused:
+                    await second.submit(make_task(2))
+            said = str(refused.value)
+            line = await log.wait_for("refused: the supervisor is shutting down")
+        nursery.cancel_scope.cancel()
+    assert said.startswith("request 1 (window_post; request 2 in run's log) refused: "), said
+    record = json.loads(line)
+    assert record["level"] == "warning" and said.endswith(record["message"]), (said, record)
+    assert (record["caller_request_id"], record.get("request_id")) == (1, 2), record
+
+
 def test_a_note_without_a_pid_carries_none_rather_than_the_childs_current_one():
     # The child's fields hold its current process's pid (one starting, or one gone): a record
     # about the child with no process of its own names none.

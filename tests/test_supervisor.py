@@ -329,6 +329,7 @@ async def test_a_deadline_that_is_not_a_time_is_refused_by_the_api_naming_the_re
         with pytest.raises(UsageError) as info:
             await sup.submit(window_task(miner=1), deadline=deadline)
         assert str(info.value).startswith("request 1 (window_post) refused: its deadline ")
+        assert info.value.request_id == 1  # a front end's record of it carries the number
         assert problem in str(info.value)
         # Nothing was queued, and the supervisor goes on serving.
         assert sup.statistics().requests == 0
@@ -796,8 +797,9 @@ async def test_shutdown_lets_in_flight_finish_fails_queued_and_refuses_new():
         nursery.start_soon(submit, "queued", 2)
         await wait_until(lambda: sup.statistics().stages["window_post"].queued == 1)
         sup.request_shutdown()
-        with pytest.raises(ProverError, match="shutting down"):
+        with pytest.raises(ProverError, match=r"^request 3 .* shutting down") as refused:
             await sup.submit(window_task())
+        assert refused.value.request_id == 3
     assert not isinstance(outcomes["running"], Exception), outcomes["running"]
     assert who(outcomes["running"])[0] == 1
     assert "still queued" in str(outcomes["queued"])

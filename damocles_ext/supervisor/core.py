@@ -35,7 +35,7 @@ import trio
 
 from ..config import effective_timeouts
 from ..config.machine import per_run_tmp_root
-from ..errors import ProverError, UsageError, check_trio_run, prover_error
+from ..errors import ProverError, UsageError, check_trio_run, numbered, prover_error
 from ..lifecycle import (
     ChildLimits,
     Effect,
@@ -257,7 +257,8 @@ class Supervisor:
         and then its SNARK step, both with its deadline and priority (`split.prove_split`).
         """
         if isinstance(task, Task) and (problem := task_problem(task)) is not None:
-            raise UsageError(f"request {next(self._rids)} {problem}")
+            rid = next(self._rids)
+            raise numbered(UsageError(f"request {rid} {problem}"), rid)
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
             return (await self._submit_waiter(task, *how)).result()
@@ -345,10 +346,11 @@ class Supervisor:
         """Book a new request and dispatch what follows; its waiter (it may be answered)."""
         rid = next(self._rids)
         if (problem := request_problem(task, deadline, priority)) is not None:
-            raise UsageError(f"request {rid} {problem}")
+            raise numbered(UsageError(f"request {rid} {problem}"), rid)
         if self._shutting_down and not (in_flight and not self._finished and self._grace_left != 0):
             state = "has stopped" if self._finished else "is shutting down"
-            raise ProverError(f"request {rid} ({stage_of(task)}) refused: the supervisor {state}")
+            why = f"request {rid} ({stage_of(task)}) refused: the supervisor {state}"
+            raise prover_error(why, late=False, request_id=rid)
         now = self._now()
         deadline_t = None if deadline is None else self._wall.on_clock(deadline, now)
         out: list[Effect] = []
