@@ -45,10 +45,13 @@ class DextError(Exception):
     """Base class of damocles-ext's own errors; the message is written for a person.
 
     `request_id`: the supervisor's number of the request it answers or refuses, when a
-    supervisor of this process did (`numbered`); a front end's record of it carries it."""
+    supervisor of this process did (`numbered`); a front end's record of it carries it.
+    `logged`: the answer it is was logged where it was made (a bug's traceback, a throttled
+    refusal): a front end does not warn about it again."""
 
     exit_code = EXIT_PROVER_ERROR
     request_id: int | None = None
+    logged = False
 
     def __reduce__(self) -> tuple[object, ...]:
         # Pickled (multiprocessing, concurrent.futures) or copied, an exception is made again

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task, plugin_block, running, write_config
 from helpers.supervisor import dext_child, jsonl_child, our_descendants, spec, who, window_task
@@ -35,6 +36,7 @@ from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends import control as control_module
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
+from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.lifecycle import Kill
 from damocles_ext.lifecycle.book import RequestBook
 from damocles_ext.protocol import control as control_protocol
@@ -623,3 +625,66 @@ async def test_an_internal_error_on_one_control_connection_drops_only_that_one(m
     os.rmdir(sock_dir)
     logged = [r for r in caplog.records if "internal error; closing it" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
+
+
+def _buggy(task):
+    if task.miner_id == 666:
+        raise RuntimeError("injected bug on one request")
+
+
+@pytest.mark.parametrize("where", ["submit", "start"])
+async def test_an_internal_error_answering_a_control_request_is_logged_once(
+    where, sock_dir, caplog
+):
+    # The bug is logged where it is caught, with its traceback; the error answer it becomes
+    # is not warned about again (it was, as any error answer is: two records of one failure).
+    async def submit(task, *, deadline=None, priority=0, on_progress=None):
+        if where == "submit":
+            _buggy(task)
+        return echo_output(task)
+
+    def start(task, **options):  # None: the request goes to `submit`
+        if where == "start":
+            _buggy(task)
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    path = sock_dir / "control.sock"
+    server = ControlServer(bind_control_socket(path), submit, start=start)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with connect(path) as client:
+                with pytest.raises(ProverError, match="internal error in damocles-ext: Runtime"):
+                    await client.submit(make_task(666))
+                assert await client.submit(make_task(1)) == echo_output(make_task(1))
+            server.stop_accepting()
+            nursery.cancel_scope.cancel()
+    (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert logged.levelno == logging.ERROR and logged.exc_info is not None, logged
+
+
+async def test_an_internal_error_starting_a_serve_request_is_logged_once(caplog):
+    # serve's JSON-lines server, as run's control socket: the bug's record, not a second one.
+    def start(task, **options):  # None: the request goes to `submit`
+        _buggy(task)
+
+    async def submit(task, **options):
+        return echo_output(task)
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+    out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+    server = JsonLineServer("window_post", submit, receive_stream=in_receive,
+                            send_stream=out_send, ready_line_sent=True, start=start)  # fmt: skip
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            await in_send.send_all(jsonl.encode_request(7, make_task(666)))
+            reader = jsonl.LineReader()
+            lines: list = []
+            while not lines:
+                lines += reader.receive_data(await out_receive.receive_some())
+            nursery.cancel_scope.cancel()
+    assert b"internal error in damocles-ext: RuntimeError" in lines[0], lines
+    (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert logged.levelno == logging.ERROR and logged.exc_info is not None, logged

@@ -60,6 +60,7 @@ from .outbox import stream_fd, write_now
 from .started import (
     Batch,
     CancelHandle,
+    InternalError,
     Start,
     internal_error,
     said_and_logged,
@@ -602,7 +603,7 @@ class _Connection:
                 error = exc
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("control request %d: internal error", req.id)
-                error = DextError(internal_error(exc))
+                error = InternalError(internal_error(exc))
         if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)
             self._client_cancelled.add(req.id)
         else:  # answered: a Cancel that came after it changes nothing

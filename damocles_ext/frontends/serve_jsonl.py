@@ -345,7 +345,8 @@ class JsonLineServer:
             return
         if isinstance(error, DextError):
             message = self._error_text(id, str(error) or type(error).__name__)
-            log.warning("%s", message, extra=failure_fields(id, error))
+            if not error.logged:  # (a bug's answer: logged with its traceback already)
+                log.warning("%s", message, extra=failure_fields(id, error))
         else:
             message = self._error_text(id, internal_error(error))
         self._stats.failed += 1

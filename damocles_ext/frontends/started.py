@@ -47,6 +47,13 @@ def internal_error(exc: Exception) -> str:
     return f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
 
 
+class InternalError(DextError):
+    """The answer to a request a bug of ours failed (internal_error's words), logged already
+    with its traceback where it was caught: a front end does not warn about it again."""
+
+    logged = True
+
+
 def start_or_decline(
     start: Start,
     handles: dict[int, Any],
@@ -69,7 +76,7 @@ def start_or_decline(
     except Exception as exc:  # a bug of ours must still answer the request
         log.exception("request %d: internal error", rid)
         handles.pop(rid, None)
-        on_done(None, DextError(internal_error(exc)))
+        on_done(None, InternalError(internal_error(exc)))
         return True
     if started is None:
         handles.pop(rid, None)
@@ -111,9 +118,10 @@ def said_and_logged(rid: int, error: BaseException, logger: logging.Logger) -> s
     """`error`, the answer to the client's request `rid`, in the client's words (for_client),
     logged once, as a warning with failure_fields: `run`'s record of an error answer, which the
     `request N in run's log` a client reads points to (the supervisor logs no answer: it
-    raises it to its caller)."""
+    raises it to its caller); not an error `logged` already (DextError.logged)."""
     said = for_client(rid, str(error) or repr(error))
-    logger.warning("%s", said, extra=failure_fields(rid, error))
+    if not getattr(error, "logged", False):
+        logger.warning("%s", said, extra=failure_fields(rid, error))
     return said
 
 
