@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import urllib.request
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run_async, plugin_block
+from helpers.frontend import DEXT, dext_env, dext_run_async, make_task, plugin_block
 from test_worker import Rig, children, job_input
 
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError
 from damocles_ext.frontends.control_socket import bind_control_socket
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
@@ -214,6 +217,36 @@ async def test_serve_connect_to_a_workers_socket_exits_2_before_the_ready_line(r
     assert result.returncode == 2 and result.stdout == b"", err
     assert f"{served.path} is the control socket of a `damocles-ext worker`" in err, err
     assert "--socket path of a `damocles-ext run`" in err and "Traceback" not in err, err
+
+
+async def test_many_proof_requests_to_a_workers_socket_are_each_refused_but_logged_few_times(
+    rig, tmp_path, caplog
+):
+    # Each is answered (the client reads why), but a client sent here by mistake no longer
+    # floods the worker's log with a warning per request: the refusals' log is throttled.
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    served = Served(rig, tmp_path, kids)
+    caplog.set_level(logging.INFO, "damocles_ext")
+    refused: list[str] = []
+
+    async def send(client, miner: int) -> None:
+        with pytest.raises(ProverError, match="answers status only") as info:
+            await client.submit(make_task(miner))
+        refused.append(str(info.value))
+
+    async with (
+        serving(rig, served),
+        connect(served.path) as client,
+        trio.open_nursery() as requests,
+    ):
+        for miner in range(1, 101):
+            requests.start_soon(send, client, miner)
+    assert len(refused) == 100
+    logged = [r for r in caplog.records if "control socket" in r.getMessage()
+              and r.levelno >= logging.WARNING]  # fmt: skip
+    # One, and one more if the 100 took over the throttle's 10 s.
+    assert 1 <= len(logged) <= 2, [r.getMessage() for r in logged]
+    assert "proof request to the worker's control socket" in logged[0].getMessage()
 
 
 async def test_a_worker_waiting_for_its_unreachable_manager_at_start_serves_metrics_and_status(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -18,6 +18,7 @@ import trio
 from ..errors import DextError, UsageError
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
+from .listeners import ThrottledLog
 from .worker_state import LOST_REASONS, NOT_RUNNING, OTHER_REASON
 
 if TYPE_CHECKING:
@@ -145,13 +146,27 @@ class WorkerMetrics:
         )
 
 
-async def _no_proofs(task: Any, **_: Any) -> Any:
-    # A proof sent here would take a slot the worker counts as its own, and a pulled job would
-    # wait behind it: the worker's slots are the manager's to fill.
-    raise UsageError(
-        "this control socket is a damocles-ext worker's: it answers status only; send proofs to"
-        " a `damocles-ext run` socket"
-    )
+class _NotAProverSocket(UsageError):
+    logged = True  # through the refusals' throttle: not warned about once per request
+
+
+def _no_proofs(refusals: ThrottledLog) -> Callable[..., Awaitable[Any]]:
+    """The worker's control socket's `submit`: it refuses every proof request, logged through
+    `refusals` (a client sent here by mistake would flood the log, a warning per request)."""
+
+    async def submit(task: Any, **_: Any) -> Any:
+        # A proof sent here would take a slot the worker counts as its own, and a pulled job
+        # would wait behind it: the worker's slots are the manager's to fill.
+        refusals(
+            "a control client sent a proof request to the worker's control socket, which answers"
+            " status only: refused (proofs go to a `damocles-ext run` socket)"
+        )
+        raise _NotAProverSocket(
+            "this control socket is a damocles-ext worker's: it answers status only; send proofs"
+            " to a `damocles-ext run` socket"
+        )
+
+    return submit
 
 
 async def run_worker(
@@ -192,7 +207,7 @@ async def run_worker(
 
             # Answered from the start: else `status` met a socket nobody answered, and said the
             # worker may be stopped (SIGSTOP) or stuck while it waited for its manager.
-            server = ControlServer(sock, _no_proofs, status=status, **limits)
+            server = ControlServer(sock, _no_proofs(ThrottledLog(log)), status=status, **limits)
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
         await nursery.start(run)
