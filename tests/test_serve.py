@@ -447,6 +447,37 @@ async def test_serve_kills_what_a_dead_child_left_and_spares_a_live_childs_helpe
     assert "time.sleep(120)" in kill["orphan_command"], kill
 
 
+def test_an_orphans_record_keeps_a_long_lived_childs_fields_through_a_siblings_crash_loop(
+    caplog,
+):
+    # The reaper keeps a bounded number of spawns' fields: it forgot the oldest spawn, so a
+    # child's process spawned early and still running lost its fields after SPAWNS_REMEMBERED
+    # spawns of a crash-looping sibling, and the record of what it left behind had none. Now
+    # the ones ended longest ago go first; a running one's stay, and one that just ended too.
+    from damocles_ext.supervisor.reaper import SPAWNS_REMEMBERED, Reaper
+
+    running = {"t.1"}
+    reaper = Reaper(lambda: [(None, mark) for mark in running])
+    reaper.spawned("t.1", {"child": "window_post#0", "index": 0, "pid": 100})
+    for n in range(2, SPAWNS_REMEMBERED + 10):  # window_post#1 crashing over and over
+        reaper.spawned(f"t.{n}", {"child": "window_post#1", "index": 1, "pid": 100 + n})
+        reaper.sweep_soon(f"t.{n}")
+    running.clear()  # window_post#0's process ends at last, leaving an orphan behind
+    reaper.sweep_soon("t.1")
+    for n in range(SPAWNS_REMEMBERED + 10, SPAWNS_REMEMBERED + 20):  # the crash loop goes on
+        reaper.spawned(f"t.{n}", {"child": "window_post#1", "index": 1, "pid": 100 + n})
+        reaper.sweep_soon(f"t.{n}")
+    caplog.set_level(logging.WARNING, "damocles_ext.supervisor")
+    orphan = psutil.Process()  # (only its command line is read)
+    reaper._log_orphan(orphan, "t.1")
+    reaper._log_orphan(orphan, "t.2")  # ended longest ago: forgotten
+    first, second = caplog.records
+    assert (first.child, first.index, first.pid) == ("window_post#0", 0, 100), first.__dict__
+    assert first.getMessage().startswith(f"killing pid {orphan.pid} (")
+    assert "window_post#0 (pid 100) started it" in first.getMessage()
+    assert not hasattr(second, "child") and "a child started it" in second.getMessage()
+
+
 # Run in a process of its own: becoming a child subreaper is a property of the whole process.
 _ZOMBIE_SCRIPT = r"""
 import os, subprocess, sys

@@ -623,7 +623,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     p.proc.kill_tree()
     with trio.move_on_after(REAP_TIMEOUT):
         await p.proc.wait()
-    host.reaper.sweep_soon()  # what it left outside its group is ours now (subreaper)
+    host.reaper.sweep_soon(p.tree_mark)  # what it left outside its group is ours now (subreaper)
     # Answers written just before the exit may sit in the pipe, and the last stderr lines (a
     # traceback) are what an operator needs: taken first. Once it is reaped EOF is waited for
     # briefly: a grandchild that left the group (setsid) may hold the pipes open for ever.

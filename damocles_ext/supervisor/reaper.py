@@ -35,7 +35,8 @@ ORPHAN_SWEEP_INTERVAL = 10.0  # seconds between sweeps for orphans that exit on 
 REAP_TIMEOUT = 5.0  # after SIGKILL; longer means uninterruptible sleep (a stuck driver)
 #: How long, past its `keep`, the locks of a process not dead after SIGKILL stay held for it.
 KEEP_LOCKS_FOR = 25.0
-#: How many of the latest spawns' fields are kept for the records about what they leave behind.
+#: How many spawns' fields are kept for the records about what they leave behind: those of the
+#: processes running, and of the latest ended up to this many in all.
 SPAWNS_REMEMBERED = 1024
 
 # See Reaper.keep; the last: the fields of its records (JSON logs).
@@ -52,16 +53,22 @@ class Reaper:
         self._sweep_wanted = trio.Event()
         self._kept, self._to_watch = trio.open_memory_channel[_Kept](math.inf)
         # Each spawn's mark (OrphanAdopter.mark) -> its child's fields as it was spawned (its
-        # `pid` that process's): what the record of an orphan it left behind carries.
+        # `pid` that process's): what the record of an orphan it left behind carries. In the
+        # order they were spawned, an ended one moved last (sweep_soon): the first that is not
+        # running is the one ended longest ago, forgotten first.
         self._spawns: dict[str, dict[str, Any]] = {}
 
     def spawned(self, mark: str, fields: Mapping[str, Any]) -> str:
         """The process marked `mark` was spawned, with its child's `fields` (`Child.fields`, its
-        `pid` set): kept for the record of an orphan it leaves (the latest SPAWNS_REMEMBERED
-        spawns). Returns `mark`."""
+        `pid` set): kept for the record of an orphan it leaves (SPAWNS_REMEMBERED at most, the
+        running ones' always: a child's long-lived process outlives many of a sibling's crash
+        loop). Returns `mark`."""
         self._spawns[mark] = dict(fields)
         if len(self._spawns) > SPAWNS_REMEMBERED:
-            del self._spawns[next(iter(self._spawns))]
+            live = {m for _, m in self._running()}
+            old = next((m for m in self._spawns if m not in live and m != mark), None)
+            if old is not None:
+                del self._spawns[old]
         return mark
 
     def keep(
@@ -143,8 +150,11 @@ class Reaper:
                 extra=extra,
             )  # fmt: skip
 
-    def sweep_soon(self) -> None:
-        """A child ended: what it left outside its group is ours now (when a subreaper)."""
+    def sweep_soon(self, mark: str | None = None) -> None:
+        """A child's process (marked `mark`) ended: what it left outside its group is ours now
+        (when a subreaper); its fields are kept as the latest ended's."""
+        if mark is not None and (fields := self._spawns.pop(mark, None)) is not None:
+            self._spawns[mark] = fields
         self._sweep_wanted.set()
 
     async def sweeper(self) -> None:
