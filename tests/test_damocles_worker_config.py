@@ -141,8 +141,9 @@ def test_the_realistic_file_turns_window_post_processors_into_children(site):
     assert builtin.cpuset == frozenset(range(16, 24))
     assert builtin.envs["TMPDIR"] == "/var/tmp/wdpost0/"
     assert builtin.ready_timeout == 10.0  # stable_wait
-    # No concurrent: as many proofs as damocles-worker would send it (2 threads, limit 2).
-    assert builtin.concurrent == 2
+    # No concurrent: as many proofs as damocles-worker would send it (2 threads, limit 2), but
+    # its lock gpu0 has one holder: damocles-worker runs one proof at a time under it.
+    assert builtin.concurrent == 1
     assert builtin.auto_restart and builtin.inherit_envs
     assert builtin.locks == ("gpu0", "gpu:0") and builtin.gpu == "0"
     assert own.argv == (
@@ -269,6 +270,35 @@ def test_a_negative_numa_preferred_is_passed_on_as_libnuma_reads_it_no_preferred
         "processors.window_post[0].numa_preferred: expected a NUMA node number from 0 to 1023,"
         " or -1 for none" in str(info.value)
     )
+
+
+def test_ext_locks_hold_the_processors_to_as_many_proofs_at_once_as_damocles_worker_does(
+    tmp_path,
+):
+    # damocles-worker takes a lock per proof: N holders let N proofs at a time run under it,
+    # whatever processors run them. A lock of 1 makes its processors take turns, one proof at
+    # a time, though each may be given more (concurrent); one of as many holders as they run
+    # proofs at once never makes one wait.
+    def children(locks: str, *processors: str):
+        text = f"[processors.ext_locks]\n{locks}\n" + "".join(
+            f"[[processors.window_post]]\n{p}\n" for p in processors
+        )
+        return parse(base(tmp_path, text), tmp_path).children
+
+    one, two = children(
+        "gpu0 = 1", 'locks = ["gpu0"]\nconcurrent = 3', 'locks = ["gpu0"]\nconcurrent = 2'
+    )
+    assert (one.concurrent, two.concurrent) == (1, 1)  # one child at a time, one proof in it
+    assert one.locks == two.locks == ("gpu0",)
+    one, two = children(
+        "shared = 5", 'locks = ["shared"]\nconcurrent = 3', 'locks = ["shared"]\nconcurrent = 2'
+    )
+    assert (one.concurrent, two.concurrent) == (3, 2)  # 5 holders: no proof ever waits
+    assert one.locks == two.locks == ()
+    (alone,) = children("gpu0 = 1\nwide = 2", 'locks = ["gpu0", "wide"]\nconcurrent = 4')
+    assert (alone.concurrent, alone.locks) == (1, ("gpu0",))  # held to 1 by gpu0: wide never waits
+    (other,) = children("gpu0 = 1", "concurrent = 2")  # a processor without the lock: as it is
+    assert (other.concurrent, other.locks) == (2, ())
 
 
 def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
@@ -410,9 +440,18 @@ BAD = [
     ),
     pytest.param(
         {},
-        '[processors.ext_locks]\ngpu = 2\n[[processors.window_post]]\nlocks = ["gpu"]\n',
-        "damocles-ext's locks have one holder at a time",
-        id="shared-lock",
+        '[processors.ext_locks]\ngpu = 2\n[[processors.window_post]]\nlocks = ["gpu"]\n'
+        "concurrent = 3\n",
+        "[processors.ext_locks] \"gpu\" = 2, and the processors that name it run up to 3 proofs"
+        " at once (processors.window_post[0] 3): damocles-ext's locks have one holder",
+        id="lock-shared-by-counts",
+    ),
+    pytest.param(
+        {},
+        '[processors.ext_locks]\ngpu = 0\n[[processors.window_post]]\nlocks = ["gpu"]\n',
+        '[processors.ext_locks] "gpu" = 0: the processors that name it'
+        " (processors.window_post[0]) would never run a proof; give it 1 or more",
+        id="lock-of-no-holder",
     ),
     pytest.param(
         {},

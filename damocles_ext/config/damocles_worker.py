@@ -507,6 +507,49 @@ class _Reader:
             )
             if child is not None:
                 children.append(child)
+        return self._shared_locks(children, ext_locks)
+
+    def _shared_locks(
+        self, children: list[ChildSpec], ext_locks: dict[str, int]
+    ) -> list[ChildSpec]:
+        """damocles-worker's ext locks made ours. Its lock of N holders lets N proofs at a time
+        hold it, whatever processors run them; ours has one holder, a child, which runs up to
+        its `concurrent` proofs under it. The same limits, where they can be: a lock of 1 holds
+        its processors to one proof at a time (each child's concurrent 1: one child at a time
+        under the lock, one proof in it); a lock of at least as many holders as its processors
+        run proofs at once never makes one wait (dropped); one in between needs a lock shared
+        by counts, which ours is not (an error that says what to give)."""
+        by_lock: dict[str, list[int]] = {}
+        for k, child in enumerate(children):
+            for lock in child.locks:
+                if lock in ext_locks:
+                    by_lock.setdefault(lock, []).append(k)
+        for lock, holders in by_lock.items():
+            if ext_locks[lock] == 1:
+                for k in holders:
+                    children[k] = msgspec.structs.replace(children[k], concurrent=1)
+        for lock, holders in by_lock.items():
+            count, runs = ext_locks[lock], [children[k] for k in holders]
+            at_once = sum(c.concurrent for c in runs)
+            if count == 0:
+                self.errors.append(
+                    f"[processors.ext_locks] {_show(lock)} = 0: the processors that name it"
+                    f" ({', '.join(_processor(c) for c in runs)}) would never run a proof;"
+                    " give it 1 or more"
+                )
+            elif 1 < count < at_once:
+                each = ", ".join(f"{_processor(c)} {c.concurrent}" for c in runs)
+                self.errors.append(
+                    f"[processors.ext_locks] {_show(lock)} = {count}, and the processors that"
+                    f" name it run up to {at_once} proofs at once ({each}): damocles-ext's locks have"
+                    " one holder, a child, so it cannot share this one by counts; give it 1 (one"
+                    f" proof at a time) or at least {at_once} (no wait), or lower their"
+                    " concurrent, or declare one lock per GPU (e.g. gpu0 = 1, gpu1 = 1)"
+                )
+            elif count > 1:  # never makes a proof wait: not ours to hold
+                for k in holders:
+                    kept = tuple(x for x in children[k].locks if x != lock)
+                    children[k] = msgspec.structs.replace(children[k], locks=kept)
         return children
 
     def _child(
@@ -539,18 +582,11 @@ class _Reader:
         user_envs = t.envs("envs")
         locks = t.string_list("locks") or []
         for j, lock in enumerate(locks):
-            count = ext_locks.get(lock)
-            if count is None:
+            if lock not in ext_locks:
                 self.errors.append(
                     f"{t.at('locks')}[{j}]: lock {_show(lock)} is not declared in "
                     f"[processors.ext_locks]; add {lock} = 1 there (damocles-worker fails on "
                     f"its first job without it)"
-                )
-            elif count != 1:
-                self.errors.append(
-                    f"{t.at('locks')}[{j}]: [processors.ext_locks] gives {_show(lock)} {count} "
-                    f"holders; damocles-ext's locks have one holder at a time: declare one lock "
-                    f"per GPU (e.g. gpu0 = 1, gpu1 = 1) and give each child its own"
                 )
         auto_restart = t.boolean("auto_restart")
         inherit_envs = t.boolean("inherit_envs")
@@ -598,3 +634,7 @@ class _Reader:
             locks=tuple(dict.fromkeys([*locks, *gpu_locks])),
             gpu=gpu,
         )
+
+
+def _processor(child: ChildSpec) -> str:
+    return f"processors.window_post[{child.index}]"
