@@ -1,4 +1,4 @@
-"""Transient PostgreSQL failures, tried again in one place: `store.database_errors` runs every
+"""Transient PostgreSQL failures, tried again in one place: `database_errors` (below) runs every
 operation of a `JobStore` through `run`, which runs it again, a bounded number of times after a
 jittered pause, when its transaction failed in a way that left nothing written, and turns the
 last failure into the StoreError that names the store and says what to do.
@@ -31,12 +31,13 @@ wait connect_timeout): an outage, which each caller meets in its own way.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
@@ -55,6 +56,7 @@ CONFLICTS: Final = {"40001": "a serialization failure", "40P01": "a deadlock"}
 #: The SQLSTATE of a session the server ended for idling in its transaction, rolled back.
 IDLE_ENDED: Final = "25P03"
 
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -151,3 +153,37 @@ def _failure(name: str, where: str, url: URL, error: exc.DBAPIError, phase: str,
             " connection was lost before COMMIT)"
         )
     return failure
+
+
+@overload
+def database_errors(method: Callable[P, R]) -> Callable[P, R]: ...
+@overload
+def database_errors(
+    *, replayable: bool | Callable[..., bool] = False, name: str | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def database_errors(
+    method: Callable[P, R] | None = None,
+    *,
+    replayable: bool | Callable[..., bool] = False,
+    name: str | None = None,
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    """A method of store.JobStore run through `run`: tried again after a transient PostgreSQL
+    failure that left nothing stored (`replayable`: also after a connection lost as its COMMIT
+    was sent, for an operation whose second run is the same as one; a callable says it of the
+    call's arguments), its last database failure turned into a StoreError that names the store
+    and says what to do. `name`: the operation's in messages (a step of one: the method's own)."""
+
+    def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            store: Any = args[0]  # a JobStore (store.py imports this module)
+            again = replayable(*args, **kwargs) if callable(replayable) else replayable
+            return run(
+                lambda: method(*args, **kwargs), name=name or method.__name__, where=store.where,
+                url=store.url, phase=store.phase, replayable=again,
+                attempts=store.attempts, first_pause=store.first_pause,
+            )  # fmt: skip
+
+        return wrapper
+
+    return wrap if method is None else wrap(method)

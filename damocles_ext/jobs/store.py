@@ -25,13 +25,12 @@ trio wrapper reads the clock, tests pass the time they want.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -69,6 +68,7 @@ from .database import (
     sqlite_store_problem,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
+from .retry import database_errors
 from .sqlite_file import FileWatch, StoreLost
 from .trio_store import TrioJobStore
 
@@ -86,44 +86,6 @@ _CREATED_AND_REMOVED = "job {} was made by another process and removed while thi
 #: The PostgreSQL channel of job changes producers wait for; the payload is the job id.
 NOTIFY_CHANNEL = "dext_wdpost_jobs"
 _NOTIFY = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("job_id", type_=sa.String)))
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-@overload
-def database_errors(method: Callable[P, R]) -> Callable[P, R]: ...
-@overload
-def database_errors(
-    *, replayable: bool | Callable[..., bool] = False, name: str | None = None
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
-def database_errors(
-    method: Callable[P, R] | None = None,
-    *,
-    replayable: bool | Callable[..., bool] = False,
-    name: str | None = None,
-) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
-    """Run the operation through retry.run: tried again after a transient PostgreSQL failure
-    that left nothing stored (`replayable`: also after a connection lost as its COMMIT was sent,
-    for an operation whose second run is the same as one; a callable says it of the call's
-    arguments), its last database failure turned into a StoreError that names the store and
-    says what to do. `name`: the operation's in messages (a step of one: the method's own)."""
-
-    def wrap(method: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(method)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            store = args[0]
-            assert isinstance(store, JobStore)
-            again = replayable(*args, **kwargs) if callable(replayable) else replayable
-            return retry.run(
-                lambda: method(*args, **kwargs), name=name or method.__name__, where=store.where,
-                url=store.url, phase=store.phase, replayable=again,
-                attempts=store.attempts, first_pause=store.first_pause,
-            )  # fmt: skip
-
-        return wrapper
-
-    return wrap if method is None else wrap(method)
 
 
 @dataclass(frozen=True, slots=True)
