@@ -526,13 +526,18 @@ def test_postgresql_sessions_have_the_server_end_them_when_their_client_is_gone_
     # The TCP ones read 0 on the tests' unix socket; set all the same.
     assert {k: v.split()[1] for k, v in ours.items()} == dict.fromkeys(expected, "(session)")
     assert ours["idle_in_transaction_session_timeout"] == "30s (session)"
+    assert ours["lock_timeout"] == "4s (session)"  # a live session's lock waited for so long
     assert listened == PG_SESSION_SETTINGS
     if checked:
         assert ours["client_connection_check_interval"] == "10s (session)"
 
-    given = postgres_url + "&options=-c%20idle_in_transaction_session_timeout%3D5min"
+    given = (
+        postgres_url
+        + "&options=-c%20idle_in_transaction_session_timeout%3D5min%20--lock-timeout%3D0"
+    )
     ours, listened = settings(given)
     assert ours["idle_in_transaction_session_timeout"] == "5min (client)"
+    assert ours["lock_timeout"] == "0 (client)"
     assert ours["tcp_keepalives_count"] == "0 (session)"
     assert "idle_in_transaction_session_timeout" not in listened
 

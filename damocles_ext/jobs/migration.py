@@ -58,6 +58,8 @@ def take_schema_lock(conn: Connection, where: str, lock_timeout: float | None) -
     lock_timeout, if any), then raises StoreUnavailable."""
     if lock_timeout is not None:
         _set_lock_timeout(conn, lock_timeout)
+    else:  # the role's, the database's or the URL's, not the one the store's sessions SET
+        conn.execute(sa.text("SET LOCAL lock_timeout TO DEFAULT"))
     try:
         conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
     except exc.OperationalError as e:

@@ -22,10 +22,16 @@ these for itself once connected, where the server ends it, and frees its locks:
   learns when it answers.
 
 A dead client's locks are freed within about 40 s (the 30 s timeout, or 25 s of keepalives and
-the next check): less than a store call's timeout (trio_store.DEFAULT_CALL_TIMEOUT), so a call
-that met them is answered. Not on PostgreSQL 12 and 13, which have no connection check, for a
+the next check). A call that meets them meanwhile gives up after lock_timeout (below), naming
+that session, and one made after lands. Not on PostgreSQL 12 and 13, which have no connection check, for a
 session whose statement waits on another lock: it keeps its locks until that statement ends. A session ended this way comes back to its client (if it was only
 frozen) as SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at COMMIT.
+
+And one for a live session that holds a lock a statement of ours waits for (an operator's psql
+left inside BEGIN after a SELECT ... FOR UPDATE or an UPDATE, a change by hand), which the
+above never end: `lock_timeout`, 4 s, so that a statement waits that long at most, and its call
+fails naming the holder (lock_waits.py) rather than keep its thread blocked for as long as the
+lock is held. The schema's lock (migration.py) sets its own wait inside its transaction.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
 at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A
@@ -74,6 +80,10 @@ PG_SESSION_SETTINGS: dict[str, str] = {
     "tcp_keepalives_count": "3",
     "tcp_user_timeout": "30s",
     "client_connection_check_interval": "10s",
+    # Not a dead client's: a live session's lock (an operator's psql left inside BEGIN after a
+    # SELECT ... FOR UPDATE) waited for at most this long (lock_waits.py), twice at most
+    # (retry.py): well inside a store call's timeout, and a worker's 10 s RPC timeout.
+    "lock_timeout": "4s",
 }
 
 #: A setting the server does not know (pg_settings has no row for it) is left.
@@ -183,9 +193,10 @@ def apply(dbapi_connection: Any, settings: dict[str, str], where: str,
     if new:
         log.warning(
             "the PostgreSQL server of the job store %s refused %s, of the session settings that"
-            " free a dead client's locks (the others are set): a client that dies in a"
-            " transaction may hold a job's locks for longer; set %s on its role or database"
-            " (ALTER ROLE ... SET) if it allows that",
+            " free a dead client's locks and bound a wait for a lock (the others are set): a"
+            " client that dies in a transaction may hold a job's locks for longer, or a call wait"
+            " longer for one; set %s on its role or database (ALTER ROLE ... SET) if it allows"
+            " that",
             where, "; ".join(f"{name} = {settings[name]} ({refused[name]})" for name in new),
             " and ".join(new),
         )  # fmt: skip

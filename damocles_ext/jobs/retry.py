@@ -15,6 +15,9 @@ timeout, and it has no such failures):
   before it ended the session, so nothing of it was stored either;
 - a transaction whose connection was lost before its COMMIT was sent (the server restarting or
   failing over, `pg_terminate_backend`, the network cut): a session that ends rolls back;
+- a statement that waited for a lock longer than its session's lock_timeout (SQLSTATE 55P03,
+  see lock_waits.py), at most lock_waits.LOCK_ATTEMPTS tries in all: one of our own sessions
+  may hold a row longer than usual, but a holder still there is not waited for again;
 - a connection lost while its COMMIT was sent, when the transaction may have been stored and
   its answer lost, only for an operation whose second run leaves the store, and answers, as one
   run would (`replayable`: reads, create, heartbeat, worker_seen, a finish that names its lease
@@ -40,8 +43,9 @@ from collections.abc import Callable
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from sqlalchemy import exc
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
 
+from . import lock_waits
 from .database import StoreConflict, StoreError, first_line, is_unreachable, store_failure
 
 log = logging.getLogger("damocles_ext.jobs.store")
@@ -72,6 +76,11 @@ def why_again(error: exc.DBAPIError, phase: str, *, replayable: bool) -> str | N
     sqlstate = getattr(error.orig, "sqlstate", None) or ""
     if sqlstate in CONFLICTS:
         return f"{CONFLICTS[sqlstate]} (SQLSTATE {sqlstate})"
+    if sqlstate == lock_waits.LOCK_NOT_AVAILABLE:
+        return (
+            f"it waited for a lock longer than its lock_timeout (SQLSTATE {sqlstate}; tried"
+            f" {lock_waits.LOCK_ATTEMPTS} times at most)"
+        )
     if sqlstate == IDLE_ENDED:  # whatever the phase: the server rolled back before it ended it
         return (
             "the server ended its session, idle in its transaction past its"
@@ -91,11 +100,14 @@ def pause(attempt: int, first: float = FIRST_PAUSE) -> float:
 
 
 def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
-        replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE) -> R:  # fmt: skip
+        replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE,
+        engine: Engine | None = None, subject: Callable[[], str] = lambda: "") -> R:  # fmt: skip
     """`call()` (the operation `name` of the store at `where`), tried up to `attempts` times
     while it fails with a transient PostgreSQL failure or a StoreConflict; its last database
     failure is raised as a StoreError (a StoreUnavailable when the store could not be reached),
-    its last conflict as a StoreConflict that says it was met at each try."""
+    its last conflict as a StoreConflict that says it was met at each try. A lock waited for
+    past lock_timeout ends it after lock_waits.LOCK_ATTEMPTS tries, with an error naming
+    `subject()` (' of job X') and the sessions that held it (read on `engine`)."""
     attempt = 1
     while True:
         phase.name = "connect"
@@ -113,7 +125,12 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
         except exc.DBAPIError as error:
             postgresql = url.get_backend_name() == "postgresql"
             why = why_again(error, phase.name, replayable=replayable) if postgresql else None
-            if why is None or attempt >= attempts:
+            waited = postgresql and lock_waits.is_lock_wait(error)
+            bound = min(attempts, lock_waits.LOCK_ATTEMPTS) if waited else attempts
+            if why is None or attempt >= bound:
+                if waited and engine is not None:
+                    failure = lock_waits.too_long(where, name, subject(), error, attempt, engine)
+                    raise failure from error
                 raise _failure(name, where, url, error, phase.name, why, attempt) from error
             log.info("job store %s: %s failed at try %d of %d, %s; trying again",
                      where, name, attempt, attempts, why)  # fmt: skip
@@ -171,9 +188,12 @@ def database_errors(
     failure that left nothing stored (`replayable`: also after a connection lost as its COMMIT
     was sent, for an operation whose second run is the same as one; a callable says it of the
     call's arguments), its last database failure turned into a StoreError that names the store
-    and says what to do. `name`: the operation's in messages (a step of one: the method's own)."""
+    (and the job the call is about) and says what to do. `name`: the operation's in messages (a
+    step of one: the method's own)."""
 
     def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        subject = lock_waits.subject_of(method)
+
         @functools.wraps(method)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             store: Any = args[0]  # a JobStore (store.py imports this module)
@@ -181,7 +201,8 @@ def database_errors(
             return run(
                 lambda: method(*args, **kwargs), name=name or method.__name__, where=store.where,
                 url=store.url, phase=store.phase, replayable=again,
-                attempts=store.attempts, first_pause=store.first_pause,
+                attempts=store.attempts, first_pause=store.first_pause, engine=store.engine,
+                subject=lambda: subject(*args, **kwargs),
             )  # fmt: skip
 
         return wrapper

@@ -1,0 +1,170 @@
+"""A job's row locked by a PostgreSQL session that is not the store's and stays alive (an
+operator's psql left inside BEGIN after a SELECT ... FOR UPDATE or an UPDATE, a change by hand):
+the store's statements wait for it at most the lock_timeout each of its sessions sets
+(pg_session.py), so a call fails naming that session instead of leaving a thread blocked for as
+long as the lock is held. On the session's real server; the holder is a psycopg connection of
+the test's own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+import trio
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs import pg_session, rules
+from damocles_ext.jobs.database import jobs
+from damocles_ext.jobs.model import READY, RUNNING
+from damocles_ext.jobs.store import JobStore, StoreUnavailable, TrioJobStore
+
+T0 = 1_700_000_000.0
+ANY = rules.AllocationSpec()
+HOLDER = "operator-psql"
+
+
+@pytest.fixture
+def pg(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobStore]:
+    """A store whose sessions wait 200 ms for a lock (the default is seconds)."""
+    monkeypatch.setitem(pg_session.PG_SESSION_SETTINGS, "lock_timeout", "200ms")
+    with JobStore.open(postgres_url) as s:
+        yield s
+
+
+@pytest.fixture
+def holder(postgres_url: str) -> Iterator[psycopg.Connection]:
+    """A session that is not the store's, as an operator's psql: not in autocommit, so what it
+    locks stays locked until it commits or rolls back (or ends)."""
+    with psycopg.connect(postgres_url, application_name=HOLDER) as conn:
+        yield conn
+        conn.rollback()
+
+
+def lock(holder: psycopg.Connection, job_id: str) -> None:
+    """The job's row read FOR UPDATE by `holder`, left inside its transaction."""
+    holder.execute(f"SELECT * FROM {jobs.name} WHERE id = %s FOR UPDATE", [job_id])
+
+
+def waiting_on_locks(postgres_url: str) -> list[tuple[int, str]]:
+    """The sessions of the test's database waiting for a lock now (pid, application_name)."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchall()
+
+
+def test_a_job_another_session_keeps_locked_fails_its_call_within_the_lock_timeout_naming_it(
+    pg, holder, postgres_url
+):
+    # Before, the store's statement waited for as long as the lock was held: the trio caller
+    # gave up after its call timeout, but its thread stayed blocked, holding a slot of the
+    # store's small thread limiter, so a few such calls stalled every call of the process.
+    job, _ = pg.create(make_input(seed=1), T0)
+    other, _ = pg.create(make_input(seed=2), T0)
+    [running] = pg.allocate(ANY, 1, "w1", T0 + 1)
+    assert running.Id == job.Id
+    lock(holder, job.Id)
+
+    async def main() -> tuple[StoreUnavailable, object]:
+        store = TrioJobStore(pg, threads=1, call_timeout=5.0)
+        with pytest.raises(StoreUnavailable) as failed:
+            await store.reset(job.Id)
+        # Nothing of ours waits on the lock any more, and the store's one thread is free.
+        assert waiting_on_locks(postgres_url) == []
+        return failed.value, await store.get(other.Id)
+
+    try:
+        error, read = trio.run(main)
+    finally:
+        holder.rollback()  # a thread left blocked (before) is let go before the store closes
+    assert read == other
+    said = str(error)
+    assert f"reset of job {job.Id}" in said
+    assert "lock_timeout (200ms)" in said and "at each of 2 tries" in said
+    assert f"pid {holder.info.backend_pid}" in said and HOLDER in said
+    assert "idle in transaction" in said and "FOR UPDATE" in said
+    assert "ROLLBACK" in said and f"pg_terminate_backend({holder.info.backend_pid})" in said
+    assert pg.get(job.Id).State == RUNNING  # nothing of the reset stored
+
+    # The holder gone, the next call lands.
+    reset = pg.reset(job.Id, T0 + 2)
+    assert (reset.State, reset.WorkerName) == (READY, "")
+    assert waiting_on_locks(postgres_url) == []
+
+
+def test_a_lock_wait_past_the_lock_timeout_is_tried_once_more_and_lands_if_freed_meanwhile(
+    pg, holder, caplog
+):
+    # One of our own sessions may hold a row longer than usual (a sweep pass over many jobs on
+    # a slow link): the operation is run once more. A holder still there at the second try is
+    # not waited for again: each wait holds a thread of the store.
+    job, _ = pg.create(make_input(seed=1), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    lock(holder, job.Id)
+    tries: list[str] = []
+
+    def count_locking_reads(_conn, _cursor, statement, *_args):
+        if "FOR UPDATE" in statement and jobs.name in statement:
+            tries.append(statement)
+            if len(tries) == 2 and free[0]:
+                holder.rollback()
+
+    free = [True]
+
+    sa.event.listen(pg.engine, "before_cursor_execute", count_locking_reads)
+    with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"):
+        reset = pg.reset(job.Id, T0 + 2)
+    assert len(tries) == 2 and (reset.State, reset.WorkerName) == (READY, "")
+    assert "reset failed at try 1 of 4" in caplog.text and "SQLSTATE 55P03" in caplog.text
+
+    # Held at both tries: the error after the second, not two more waits.
+    pg.allocate(ANY, 1, "w1", T0 + 3)
+    lock(holder, job.Id)
+    tries.clear()
+    free[0] = False
+    with pytest.raises(StoreUnavailable, match="at each of 2 tries"):
+        pg.reset(job.Id, T0 + 4)
+    assert len(tries) == 2
+
+
+def test_a_holder_gone_before_it_could_be_named_is_told_how_to_find_one(pg, holder):
+    # The holder ended its transaction between the last wait and the look at who held it:
+    # the error says how to find one while a call waits, rather than name nobody.
+    job, _ = pg.create(make_input(seed=1), T0)
+    lock(holder, job.Id)
+
+    def end_the_holder_first(_conn, _cursor, statement, *_args):
+        if "pg_stat_activity" in statement:
+            holder.rollback()
+
+    sa.event.listen(pg.engine, "before_cursor_execute", end_the_holder_first)
+    with pytest.raises(StoreUnavailable) as failed:
+        pg.remove(job.Id, T0 + 1)
+    said = str(failed.value)
+    assert f"remove of job {job.Id}" in said and "gone since" in said
+    assert "pg_blocking_pids(pid)" in said and "pg_terminate_backend(PID)" in said
+    assert pg.get(job.Id) == job
+
+
+def test_the_schema_lock_waits_as_the_open_says_not_as_the_sessions_lock_timeout(pg, postgres_url):
+    # Opening the store waits for the schema lock open_timeout when given, else as long as
+    # the server's own lock_timeout (the role's, the database's, the URL's): the one each
+    # session of the store sets for its calls (200 ms here) must not cut that wait short.
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        server = conn.execute("SHOW lock_timeout").fetchone()
+    seen: list[str] = []
+
+    def show_after_the_schema_lock(_conn, cursor, statement, *_args):
+        if "pg_advisory_xact_lock" in statement:
+            seen.append(cursor.connection.execute("SHOW lock_timeout").fetchone()[0])
+
+    sa.event.listen(pg.engine, "after_cursor_execute", show_after_the_schema_lock)
+    pg.migrate()
+    pg.migrate(lock_timeout=2.5)
+    with pg.engine.connect() as conn:  # the store's calls, outside the migration's transaction
+        seen.append(conn.execute(sa.text("SHOW lock_timeout")).scalar_one())
+    assert server is not None and seen == [server[0], "2500ms", "200ms"]
