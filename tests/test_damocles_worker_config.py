@@ -276,29 +276,39 @@ def test_ext_locks_hold_the_processors_to_as_many_proofs_at_once_as_damocles_wor
     tmp_path,
 ):
     # damocles-worker takes a lock per proof: N holders let N proofs at a time run under it,
-    # whatever processors run them. A lock of 1 makes its processors take turns, one proof at
-    # a time, though each may be given more (concurrent); one of as many holders as they run
-    # proofs at once never makes one wait.
-    def children(locks: str, *processors: str):
-        text = f"[processors.ext_locks]\n{locks}\n" + "".join(
+    # whatever processors run them, and the worker runs one job per wdpost thread at most.
+    def children(threads: int, locks: str, *processors: str):
+        text = '[[sealing_thread]]\nplan = "wdpost"\n' * (threads - 1)
+        text += f"[processors.ext_locks]\n{locks}\n" + "".join(
             f"[[processors.window_post]]\n{p}\n" for p in processors
         )
         return parse(base(tmp_path, text), tmp_path).children
 
+    # A lock of 1 makes its processors take turns, one proof at a time, though each may be
+    # given more: one child at a time under our lock, one proof in it.
     one, two = children(
-        "gpu0 = 1", 'locks = ["gpu0"]\nconcurrent = 3', 'locks = ["gpu0"]\nconcurrent = 2'
+        4, "gpu0 = 1", 'locks = ["gpu0"]\nconcurrent = 3', 'locks = ["gpu0"]\nconcurrent = 2'
     )
-    assert (one.concurrent, two.concurrent) == (1, 1)  # one child at a time, one proof in it
-    assert one.locks == two.locks == ("gpu0",)
+    assert (one.concurrent, two.concurrent, one.locks, two.locks) == (1, 1, ("gpu0",), ("gpu0",))
+    # As many holders as they run proofs at once: none ever waits, and ours would make them
+    # take turns: dropped.
     one, two = children(
-        "shared = 5", 'locks = ["shared"]\nconcurrent = 3', 'locks = ["shared"]\nconcurrent = 2'
+        5, "shared = 5", 'locks = ["shared"]\nconcurrent = 3', 'locks = ["shared"]\nconcurrent = 2'
     )
-    assert (one.concurrent, two.concurrent) == (3, 2)  # 5 holders: no proof ever waits
-    assert one.locks == two.locks == ()
-    (alone,) = children("gpu0 = 1\nwide = 2", 'locks = ["gpu0", "wide"]\nconcurrent = 4')
-    assert (alone.concurrent, alone.locks) == (1, ("gpu0",))  # held to 1 by gpu0: wide never waits
-    (other,) = children("gpu0 = 1", "concurrent = 2")  # a processor without the lock: as it is
-    assert (other.concurrent, other.locks) == (2, ())
+    assert (one.concurrent, two.concurrent, one.locks, two.locks) == (3, 2, (), ())
+    # ... counted as the worker runs them: 2 threads, 2 proofs at once, whatever concurrent.
+    one, two = children(2, "shared = 2", 'locks = ["shared"]', 'locks = ["shared"]')
+    assert (one.concurrent, two.concurrent, one.locks, two.locks) == (2, 2, (), ())
+    # Named by one processor: its concurrent at most the holders.
+    (alone,) = children(4, "wide = 2", 'locks = ["wide"]\nconcurrent = 4')
+    assert (alone.concurrent, alone.locks) == (2, ("wide",))
+    # A device's lock is ours, not the file's: it stays when the file's lock goes.
+    same_gpu = 'locks = ["shared"]\nenvs = { CUDA_VISIBLE_DEVICES = "0" }'
+    one, two = children(2, "shared = 2", same_gpu, same_gpu)
+    assert one.locks == two.locks == ("gpu:0",)
+    # A file's lock named like a device's is the file's only where it is named.
+    one, two = children(2, '"gpu:0" = 1', 'locks = ["gpu:0"]\nconcurrent = 2', "concurrent = 2")
+    assert (one.concurrent, two.concurrent, one.locks, two.locks) == (1, 2, ("gpu:0",), ())
 
 
 def test_a_file_without_window_post_processors_runs_damocles_workers_own(tmp_path):
@@ -440,10 +450,12 @@ BAD = [
     ),
     pytest.param(
         {},
+        '[[sealing_thread]]\nplan = "wdpost"\n[[sealing_thread]]\nplan = "wdpost"\n'
         '[processors.ext_locks]\ngpu = 2\n[[processors.window_post]]\nlocks = ["gpu"]\n'
-        "concurrent = 3\n",
+        'concurrent = 2\n[[processors.window_post]]\nlocks = ["gpu"]\n',
         "[processors.ext_locks] \"gpu\" = 2, and the processors that name it run up to 3 proofs"
-        " at once (processors.window_post[0] 3): damocles-ext's locks have one holder",
+        " at once (processors.window_post[0] 2, processors.window_post[1] 3 (unset: one per"
+        " thread)): damocles-ext's locks have one holder",
         id="lock-shared-by-counts",
     ),
     pytest.param(

@@ -209,6 +209,10 @@ class _Reader:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.unread: list[tuple[str, str, str]] = []
+        self._named_locks: dict[
+            int, tuple[str, ...]
+        ] = {}  # a processor's: its [processors.ext_locks]
+        self._concurrent_given: set[int] = set()  # processors whose concurrent the file gives
 
     def table(self, parent: Mapping[str, Any], key: str, where: str) -> TypedTable:
         return TypedTable.of(parent, key, where, self.errors)
@@ -507,50 +511,59 @@ class _Reader:
             )
             if child is not None:
                 children.append(child)
-        return self._shared_locks(children, ext_locks)
+        bound = threads if limit is None else min(limit, threads)  # the jobs run at once
+        return self._shared_locks(children, ext_locks, bound)
 
     def _shared_locks(
-        self, children: list[ChildSpec], ext_locks: dict[str, int]
+        self, children: list[ChildSpec], ext_locks: dict[str, int], bound: int
     ) -> list[ChildSpec]:
         """damocles-worker's ext locks made ours. Its lock of N holders lets N proofs at a time
         hold it, whatever processors run them; ours has one holder, a child, which runs up to
-        its `concurrent` proofs under it. The same limits, where they can be: a lock of 1 holds
-        its processors to one proof at a time (each child's concurrent 1: one child at a time
-        under the lock, one proof in it); a lock of at least as many holders as its processors
-        run proofs at once never makes one wait (dropped); one in between needs a lock shared
-        by counts, which ours is not (an error that says what to give)."""
+        its `concurrent` proofs under it. The same limits, where they can be: a lock named by
+        one processor caps its concurrent at N; a lock of 1 holds its processors to one proof
+        at a time (each child's concurrent 1: one child at a time under the lock, one proof in
+        it); a lock of at least as many holders as its processors run proofs at once (at most
+        `bound`, the worker's jobs at once) never makes one wait (dropped); one in between
+        needs a lock shared by counts, which ours is not (an error that says what to give).
+        The locks our children take per device (`gpu:<i>`) are not the file's and stay."""
         by_lock: dict[str, list[int]] = {}
         for k, child in enumerate(children):
-            for lock in child.locks:
-                if lock in ext_locks:
-                    by_lock.setdefault(lock, []).append(k)
+            for lock in self._named_locks.get(child.index, ()):
+                by_lock.setdefault(lock, []).append(k)
         for lock, holders in by_lock.items():
-            if ext_locks[lock] == 1:
+            count = ext_locks[lock]
+            if count >= 1 and (count == 1 or len(holders) == 1):
                 for k in holders:
-                    children[k] = msgspec.structs.replace(children[k], concurrent=1)
+                    concurrent = min(children[k].concurrent, count)
+                    children[k] = msgspec.structs.replace(children[k], concurrent=concurrent)
         for lock, holders in by_lock.items():
             count, runs = ext_locks[lock], [children[k] for k in holders]
-            at_once = sum(c.concurrent for c in runs)
+            at_once = min(sum(c.concurrent for c in runs), bound)
             if count == 0:
                 self.errors.append(
                     f"[processors.ext_locks] {_show(lock)} = 0: the processors that name it"
                     f" ({', '.join(_processor(c) for c in runs)}) would never run a proof;"
                     " give it 1 or more"
                 )
-            elif 1 < count < at_once:
-                each = ", ".join(f"{_processor(c)} {c.concurrent}" for c in runs)
+            elif 1 < count < at_once and len(holders) > 1:
+                each = ", ".join(f"{_processor(c)} {self._concurrent_of(c)}" for c in runs)
                 self.errors.append(
                     f"[processors.ext_locks] {_show(lock)} = {count}, and the processors that"
-                    f" name it run up to {at_once} proofs at once ({each}): damocles-ext's locks have"
-                    " one holder, a child, so it cannot share this one by counts; give it 1 (one"
-                    f" proof at a time) or at least {at_once} (no wait), or lower their"
-                    " concurrent, or declare one lock per GPU (e.g. gpu0 = 1, gpu1 = 1)"
+                    f" name it run up to {at_once} proofs at once ({each}): damocles-ext's"
+                    " locks have one holder, a child, so it cannot share this one by counts;"
+                    f" give it 1 (one proof at a time) or at least {at_once} (no wait), or"
+                    " lower their concurrent, or declare one lock per GPU (gpu0 = 1, gpu1 = 1)"
                 )
-            elif count > 1:  # never makes a proof wait: not ours to hold
+            elif count > 1 and count >= at_once and len(holders) > 1:  # never makes one wait
                 for k in holders:
-                    kept = tuple(x for x in children[k].locks if x != lock)
-                    children[k] = msgspec.structs.replace(children[k], locks=kept)
+                    child = children[k]
+                    kept = tuple(x for x in child.locks if x != lock or x in _device_locks(child))
+                    children[k] = msgspec.structs.replace(child, locks=kept)
         return children
+
+    def _concurrent_of(self, child: ChildSpec) -> str:
+        given = child.index in self._concurrent_given
+        return str(child.concurrent) if given else f"{child.concurrent} (unset: one per thread)"
 
     def _child(
         self, index: int, t: TypedTable, ext_locks: dict[str, int], default_concurrent: int
@@ -579,8 +592,11 @@ class _Reader:
             ),
         )
         concurrent = t.integer("concurrent", low=1, high=MAX_CONCURRENT)
+        if concurrent is not None:
+            self._concurrent_given.add(index)
         user_envs = t.envs("envs")
         locks = t.string_list("locks") or []
+        self._named_locks[index] = tuple(dict.fromkeys(x for x in locks if x in ext_locks))
         for j, lock in enumerate(locks):
             if lock not in ext_locks:
                 self.errors.append(
@@ -609,7 +625,7 @@ class _Reader:
             kind = "damocles-worker"
         gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
         # One lock per device, as a [[WdPost]] with Gpus gets: children on one GPU take turns.
-        gpu_locks = [f"gpu:{d.strip()}" for d in (gpu or "").split(",") if d.strip()]
+        gpu_locks = _device_lock_names(gpu)
         return ChildSpec(
             stage=STAGE,
             index=index,
@@ -638,3 +654,11 @@ class _Reader:
 
 def _processor(child: ChildSpec) -> str:
     return f"processors.window_post[{child.index}]"
+
+
+def _device_lock_names(gpu: str | None) -> list[str]:
+    return [f"gpu:{d.strip()}" for d in (gpu or "").split(",") if d.strip()]
+
+
+def _device_locks(child: ChildSpec) -> list[str]:
+    return _device_lock_names(child.gpu)
