@@ -554,7 +554,8 @@ async def test_example_alerts_plugin_posts_when_a_child_crashes(monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll_interval: shutdown() waits one (0.5 s by default).
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     try:
         with example_alerts(monkeypatch, f"http://127.0.0.1:{server.server_port}/") as alerts:
             assert await crash_under_alerts(alerts, lambda: two.wait(20))

@@ -135,7 +135,11 @@ class GoJsonRpcServer:
         server.daemon_threads = True
         self._server = server
         self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        # stop()'s shutdown() waits for serve_forever to look at its flag, which it does once a
+        # poll_interval (0.5 s by default): half a second of every test's teardown.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
         return self
 
