@@ -137,7 +137,7 @@ def test_random_text_is_a_config_or_a_clear_config_error(text):
     parse_or_refuse(text)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=150)  # each document is parsed whole: ~15 ms an example
 @given(documents())
 def test_random_toml_with_the_real_keys_is_a_config_or_a_clear_config_error(text):
     parse_or_refuse(text)

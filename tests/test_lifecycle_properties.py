@@ -292,7 +292,7 @@ def test_the_request_book_keeps_its_promises() -> None:
     run_state_machine_as_test(
         BookMachine,
         settings=settings(
-            max_examples=200,
+            max_examples=100,
             stateful_step_count=60,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],

@@ -185,7 +185,7 @@ def test_incremental_decisions_equal_the_full_recomputation(children, sequence):
     assert t.fast.statistics() == t.full.statistics()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from([WITH_LOCKS, NO_LOCKS, MIXED]),
     st.lists(st.tuples(crowded, st.booleans()), min_size=30, max_size=120),
@@ -214,7 +214,7 @@ streaming = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(streaming, st.booleans()), min_size=40, max_size=150))
 def test_jobs_queued_in_children_and_taken_back_equal_the_full_recomputation(sequence):
     t = Twins(NO_LOCKS)
@@ -277,7 +277,7 @@ def warm_up(t: Twins, speed: dict[str, float]) -> None:
     t.decide()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from([WITH_LOCKS, NO_LOCKS, MIXED]),
     speeds,
@@ -315,7 +315,7 @@ failing = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([WITH_LOCKS, NO_LOCKS, MIXED]), st.lists(failing, min_size=20, max_size=120))
 def test_benches_and_probation_equal_the_full_recomputation(children, sequence):
     t = Twins(children)
