@@ -23,9 +23,10 @@ these for itself once connected, where the server ends it, and frees its locks:
 
 A dead client's locks are freed within about 40 s (the 30 s timeout, or 25 s of keepalives and
 the next check). A call that meets them meanwhile gives up after lock_timeout (below), naming
-that session, and one made after lands. Not on PostgreSQL 12 and 13, which have no connection check, for a
-session whose statement waits on another lock: it keeps its locks until that statement ends. A session ended this way comes back to its client (if it was only
-frozen) as SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at COMMIT.
+that session, and one made after lands. Not on PostgreSQL 12 and 13, which have no connection
+check, for a session whose statement waits on another lock: it keeps its locks until that
+statement ends. A session ended this way comes back to its client (if it was only frozen) as
+SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at COMMIT.
 
 And one for a live session that holds a lock a statement of ours waits for (an operator's psql
 left inside BEGIN after a SELECT ... FOR UPDATE or an UPDATE, a change by hand), which the
