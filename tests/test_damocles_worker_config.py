@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,38 @@ def test_a_scanned_sectorstore_json_deleted_as_it_is_read_skips_the_store(tmp_pa
     cfg = parse(text, tmp_path)
     assert [s.name for s in cfg.attached] == ["s1", "b"]
     assert deleted == [str(tmp_path / "stores" / "a" / "sectorstore.json")]
+
+
+def test_a_scanned_sectorstore_json_not_a_regular_file_skips_the_store_one_denied_is_an_error(
+    tmp_path,
+):
+    # damocles-worker's scan_persist_stores skips a store whose sectorstore.json is not a file
+    # (fs::metadata, `if !m.is_file() { continue; }`): a directory or a FIFO of that name was an
+    # error here (exit 2), so the worker refused a machine damocles-worker starts on. One it may
+    # not read stays an error, as there (File::open fails).
+    from helpers.kept_out import said_when_kept_out
+
+    (tmp_path / "stores" / "a" / "sectorstore.json").mkdir(parents=True)
+    (tmp_path / "stores" / "f").mkdir()
+    os.mkfifo(tmp_path / "stores" / "f" / "sectorstore.json")
+    (tmp_path / "stores" / "b").mkdir()
+    (tmp_path / "stores" / "b" / "sectorstore.json").write_text(json.dumps({"Name": "b"}))
+    text = base(tmp_path, f'[worker]\nscan_persist_stores = ["{tmp_path}/stores/*"]\n')
+    cfg = parse(text, tmp_path)
+    assert [s.name for s in cfg.attached] == ["s1", "b"]
+    assert not any("sectorstore.json" in w for w in cfg.warnings)
+
+    with tempfile.TemporaryDirectory() as tmp:  # pytest's tmp_path is in a 0700 directory
+        root = Path(tmp)
+        root.chmod(0o755)
+        (root / "stores" / "c").mkdir(parents=True)
+        (root / "stores" / "c" / "sectorstore.json").write_text(json.dumps({"Name": "c"}))
+        (root / "stores" / "c" / "sectorstore.json").chmod(0)
+        text = base(root, f'[worker]\nscan_persist_stores = ["{root}/stores/*"]\n')
+        said = said_when_kept_out(lambda: parse(text, root))
+    assert said.startswith("ConfigError: "), said
+    assert f"{root}/stores/c/sectorstore.json: cannot read the store's sectorstore.json: " in said
+    assert "permission denied" in said
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ from .spec import (
     ChildSpec,
     Config,
     ConfigError,
+    NotRegularConfig,
 )
 
 PLAN_WDPOST = "wdpost"
@@ -454,8 +455,10 @@ class _Reader:
             meta = json.loads(text)
         except ConfigError as exc:
             # Opened once, not looked at first: one deleted meanwhile is none, not an error.
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None  # damocles-worker skips a directory without one
+            # damocles-worker skips a directory without one, or whose sectorstore.json is not
+            # a regular file (a directory, a FIFO).
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR) or isinstance(exc, NotRegularConfig):
+                return None
             self.errors.extend(f"{where}: {e}" for e in exc.errors)
             return None
         except (ValueError, RecursionError) as exc:

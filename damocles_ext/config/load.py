@@ -34,6 +34,7 @@ from .spec import (
     Config,
     ConfigError,
     GpuDriverNotReady,
+    NotRegularConfig,
     serve_args,
 )
 from .startup import env_value, gpu_numbers
@@ -49,7 +50,8 @@ def read_config_text(
     source: str, kind: str, limit: int = MAX_CONFIG_BYTES, *, what: str = "the config file"
 ) -> str:
     """A config file's text, at most `limit` bytes of UTF-8; ConfigError says why not (its
-    `errno`: that of the OSError that kept the file from being read, if one did).
+    `errno`: that of the OSError that kept the file from being read, if one did;
+    NotRegularConfig for a path that is not a regular file).
     `kind` names the file people meant (e.g. "ext-prover.cfg") in the messages, `what` the file
     it could not read ("the store's sectorstore.json"). Only a regular
     file is read (regular_file.open_regular): a FIFO without a writer would hold check-config,
@@ -70,13 +72,14 @@ def read_config_text(
                 f"{source}: is {exc.kind}{pipe}, not a regular file, so it is not read (it could"
                 f" block or never end); write the {kind} to a file and give its path"
             )
-            raise ConfigError(source, [what]) from None
+            raise NotRegularConfig(source, [what], mode=exc.mode) from None
         hint = (
             f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
             if kind == CONF_FILE_NAME
             else f"; give the path of the {kind} file"
         )
-        raise ConfigError(source, [f"{source}: is a directory, not a config file{hint}"]) from None
+        message = f"{source}: is a directory, not a config file{hint}"
+        raise NotRegularConfig(source, [message], mode=exc.mode) from None
     except FileNotFoundError as exc:
         raise ConfigError(
             source,

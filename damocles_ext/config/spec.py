@@ -89,6 +89,15 @@ class ConfigError(UsageError):
         return f"{self.source} has {len(self.errors)} errors:\n{lines}"
 
 
+class NotRegularConfig(ConfigError):
+    """A config path that names a directory, a FIFO, a socket or a device: its `.mode`
+    (st_mode), to tell it from a file that could not be read."""
+
+    def __init__(self, source: str, errors: list[str], *, mode: int) -> None:
+        super().__init__(source, errors)
+        self.mode = mode
+
+
 class GpuDriverNotReady(ConfigError):
     """A config whose only problem is that `Gpus = "all"` got no answer from the GPU driver (not
     loaded yet after a boot, nvidia-smi failing or hanging): exit code 75, EX_TEMPFAIL, since a
