@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -638,6 +639,8 @@ async def test_an_internal_error_answering_a_control_request_is_logged_once(
 ):
     # The bug is logged where it is caught, with its traceback; the error answer it becomes
     # is not warned about again (it was, as any error answer is: two records of one failure).
+    # That one record carries the caller's id, as every record of an error answer does (it had
+    # no fields: a search by the client's id did not find the failure).
     async def submit(task, *, deadline=None, priority=0, on_progress=None):
         if where == "submit":
             _buggy(task)
@@ -654,21 +657,31 @@ async def test_an_internal_error_answering_a_control_request_is_logged_once(
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             async with connect(path) as client:
-                with pytest.raises(ProverError, match="internal error in damocles-ext: Runtime"):
+                with pytest.raises(
+                    ProverError, match="internal error in damocles-ext: Runtime"
+                ) as e:
                     await client.submit(make_task(666))
                 assert await client.submit(make_task(1)) == echo_output(make_task(1))
             server.stop_accepting()
             nursery.cancel_scope.cancel()
     (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert logged.levelno == logging.ERROR and logged.exc_info is not None, logged
+    said = re.match(r"request (\d+): ", str(e.value))  # the client's id, as the client reads it
+    assert said is not None, str(e.value)
+    assert logged.caller_request_id == int(said.group(1)), logged.__dict__
 
 
-async def test_an_internal_error_starting_a_serve_request_is_logged_once(caplog):
-    # serve's JSON-lines server, as run's control socket: the bug's record, not a second one.
+@pytest.mark.parametrize("where", ["submit", "start"])
+async def test_an_internal_error_answering_a_serve_request_is_logged_once(where, caplog):
+    # serve's JSON-lines server, as run's control socket: the bug's record, not a second one,
+    # with damocles' id of the request.
     def start(task, **options):  # None: the request goes to `submit`
-        _buggy(task)
+        if where == "start":
+            _buggy(task)
 
     async def submit(task, **options):
+        if where == "submit":
+            _buggy(task)
         return echo_output(task)
 
     caplog.set_level(logging.INFO, "damocles_ext")
@@ -688,3 +701,4 @@ async def test_an_internal_error_starting_a_serve_request_is_logged_once(caplog)
     assert b"internal error in damocles-ext: RuntimeError" in lines[0], lines
     (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert logged.levelno == logging.ERROR and logged.exc_info is not None, logged
+    assert logged.caller_request_id == 7, logged.__dict__

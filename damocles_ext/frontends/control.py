@@ -62,6 +62,7 @@ from .started import (
     CancelHandle,
     InternalError,
     Start,
+    failure_fields,
     internal_error,
     said_and_logged,
     start_or_decline,
@@ -127,8 +128,7 @@ class ControlServer:
     started within `batch()` (`Supervisor.batch`: they go to the children together).
     `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
     `max_connections`, `idle_timeout` (seconds) and `max_buffered` (bytes) bound what clients
-    can hold (see the module docstring).
-    """
+    can hold (see the module docstring)."""
 
     def __init__(
         self,
@@ -587,7 +587,8 @@ class _Connection:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
         except Exception as exc:
-            log.exception("control request %d: internal error on its answer", rid)
+            fields = {"caller_request_id": rid}  # (not failure_fields: the bug may be in it)
+            log.exception("control request %d: internal error on its answer", rid, extra=fields)
             self._queue_response(dext.Response(rid, error=internal_error(exc)))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
@@ -602,7 +603,8 @@ class _Connection:
             except DextError as exc:
                 error = exc
             except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("control request %d: internal error", req.id)
+                fields = failure_fields(req.id, exc)  # the caller's id: the answer's one record
+                log.exception("control request %d: internal error", req.id, extra=fields)
                 error = InternalError(internal_error(exc))
         if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)
             self._client_cancelled.add(req.id)

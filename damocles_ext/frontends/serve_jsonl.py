@@ -294,7 +294,8 @@ class JsonLineServer:
         try:
             self._reply(id, output, error)
         except Exception as exc:
-            log.exception("request %d: internal error on its answer", id)
+            fields = {"caller_request_id": id}  # (not failure_fields: the bug may be in it)
+            log.exception("request %d: internal error on its answer", id, extra=fields)
             self._reply(id, None, exc)
 
     def _take(self, id: int, what: str) -> bool:
@@ -328,7 +329,7 @@ class JsonLineServer:
             except DextError as exc:
                 self._reply(id, None, exc)
             except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("request %d: internal error", id)
+                log.exception("request %d: internal error", id, extra=failure_fields(id, exc))
                 self._reply(id, None, exc)
             else:
                 self._reply(id, output, None)

@@ -74,7 +74,7 @@ def start_or_decline(
         on_done(None, exc)
         return True
     except Exception as exc:  # a bug of ours must still answer the request
-        log.exception("request %d: internal error", rid)
+        log.exception("request %d: internal error", rid, extra=failure_fields(rid, exc))
         handles.pop(rid, None)
         on_done(None, InternalError(internal_error(exc)))
         return True
