@@ -29,6 +29,7 @@ from damocles_ext.jobs.endpoint import Endpoint
 from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.jobs.worker_rules import (
+    MAX_EXACT_LOCKED,
     Api,
     Backoff,
     Failure,
@@ -46,6 +47,7 @@ from damocles_ext.jobs.worker_rules import (
     passing_answer,
     proof_types_for_sizes,
     ready_slots,
+    runnable_capacity,
     window_post_task,
 )
 from damocles_ext.jobs.worker_settings import WorkerSettings
@@ -277,6 +279,32 @@ async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between
     # Never more jobs running on this worker than it has slots: none waited on a busy child.
     assert rig.most_running <= 2
     assert all(rig.allocations_of(i) == 1 for i in ids)
+
+
+async def test_two_children_sharing_a_lock_take_one_job_at_a_time(rig, tmp_path):
+    # They take turns under the lock: the worker counted a slot for each and pulled two jobs at
+    # once, one of which waited here for the lock while another worker may have been idle.
+    ids = [(await rig.jobs.create(job_input(seed=n)))[0].Id for n in range(3)]
+    block = plugin_block("WdPost", "sleep", seconds=0.1) + 'Locks = ["gpu0"]\n'
+    kids = children(tmp_path, block * 2)
+    assert [kid.locks for kid in kids] == [("gpu0",), ("gpu0",)]
+    worker = Worker(rig.settings(kids))
+    async with serving(rig, worker):
+        await worker.wait_for(lambda: worker.counters.delivered == 3)
+        assert worker._slots() == 1  # what its ping tells the manager too
+    jobs = [await rig.jobs.get(i) for i in ids]
+    assert all(j.succeeded and j.TryNum == 1 for j in jobs)
+    assert rig.most_running == 1
+
+
+def test_the_slots_of_children_sharing_locks_are_what_they_can_run_at_once():
+    assert runnable_capacity([(2, ()), (3, ())]) == 5  # no lock: every child at once
+    assert runnable_capacity([(1, ("a",)), (1, ("a",)), (2, ("b",))]) == 3
+    # The best set, not the first: b and c (5) rather than a (4), which shares a lock with each.
+    assert runnable_capacity([(4, ("x", "y")), (2, ("x",)), (3, ("y",))]) == 5
+    many = [(1, ("gpu0",))] * (MAX_EXACT_LOCKED + 1)
+    assert runnable_capacity(many) == MAX_EXACT_LOCKED + 1  # past the cap: the sum
+    assert runnable_capacity(many[:MAX_EXACT_LOCKED]) == 1
 
 
 async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_and_the_slot_goes_on(
@@ -773,10 +801,18 @@ def test_a_split_worker_takes_no_job_while_no_snark_child_is_up():
     # Its vanilla step could be proved, but not finished: under load the SNARK children were
     # still restarting (to give up) when the worker pulled, and the job's try was spent.
     vanilla, snark = "window_post_vanilla", "window_post_snark"
-    assert ready_slots([(vanilla, "ready", 2), (snark, "starting", 1)]) == 0
-    assert ready_slots([(vanilla, "ready", 2), (snark, "backoff", 1), (snark, "busy", 1)]) == 2
-    assert ready_slots([(vanilla, "busy", 2), (vanilla, "starting", 1), (snark, "ready", 1)]) == 2
-    assert ready_slots([("window_post", "ready", 3), ("window_post", "fatal", 1)]) == 3
+    assert ready_slots([(vanilla, "ready", 2, ()), (snark, "starting", 1, ())]) == 0
+    assert (
+        ready_slots([(vanilla, "ready", 2, ()), (snark, "backoff", 1, ()), (snark, "busy", 1, ())])
+        == 2
+    )
+    assert (
+        ready_slots(
+            [(vanilla, "busy", 2, ()), (vanilla, "starting", 1, ()), (snark, "ready", 1, ())]
+        )
+        == 2
+    )
+    assert ready_slots([("window_post", "ready", 3, ()), ("window_post", "fatal", 1, ())]) == 3
 
 
 def test_what_a_failed_call_means():

@@ -64,6 +64,7 @@ from ..jobs.worker_rules import (
     no_child_can_prove,
     passing_answer,
     ready_slots_of,
+    runnable_capacity,
     window_post_task,
 )
 from ..stages import child_stages
@@ -557,9 +558,8 @@ class Worker:
     # -- heartbeats ---------------------------------------------------------------------------
 
     def _slots(self) -> int:
-        capacity = sum(c.capacity for c in self._pool())
-        limit = self.settings.max_jobs
-        return capacity if limit is None else min(capacity, limit)
+        capacity = runnable_capacity([(c.capacity, c.locks) for c in self._pool()])
+        return free_slots(capacity, 0, self.settings.max_jobs)
 
     def _children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
         stages = child_stages("window_post")

@@ -47,7 +47,8 @@ def jobs_to_ask(api: Api, free_slots: int) -> int:
 
 
 def free_slots(ready_capacity: int, held: int, max_jobs: int | None = None) -> int:
-    """Slots no job of ours occupies: the capacity of the children ready now, at most `max_jobs`
+    """Slots no job of ours occupies: the capacity of the children ready now (ready_slots: what
+    they can run at once, children that share a lock taking turns), at most `max_jobs`
     (damocles-worker's wdpost threads and window_post limit), less the jobs held (proving, or
     whose result is not delivered yet). Never asking beyond it is what keeps a job from waiting
     on this worker while another worker has a free GPU."""
@@ -390,17 +391,43 @@ SLOT_STAGES = ("window_post", "window_post_vanilla")
 UP = ("ready", "busy")
 
 
-def ready_slots(children: Sequence[tuple[str, str, int]]) -> int:
-    """The slots a pulled job may take now, from the children's (stage, state, capacity): those
-    of the [[WdPost]] or vanilla children up (ready or busy); none while a split worker has no
-    SNARK child up (starting, restarting: its vanilla steps could not be finished yet)."""
-    up = [(stage, capacity) for stage, state, capacity in children if state in UP]
-    if any(stage == "window_post_snark" for stage, _, _ in children) and not any(
-        stage == "window_post_snark" for stage, _ in up
+#: Past this many children that need a lock, runnable_capacity sums their capacities instead
+#: of trying every set of them (2**n): a worker has a few.
+MAX_EXACT_LOCKED = 12
+
+
+def runnable_capacity(children: Sequence[tuple[int, Sequence[str]]]) -> int:
+    """How many proofs these children ((capacity, locks) each) can run at once: a lock is held by
+    one child at a time, which runs its proofs under it, so children that share one take turns.
+    The best total capacity of children no two of which share a lock; past MAX_EXACT_LOCKED
+    children with locks, their sum (which counts those that take turns as if they did not)."""
+    free = sum(capacity for capacity, locks in children if not locks)
+    locked = [(capacity, frozenset(locks)) for capacity, locks in children if locks]
+    if len(locked) > MAX_EXACT_LOCKED:
+        return free + sum(capacity for capacity, _ in locked)
+
+    def best(i: int, taken: frozenset[str]) -> int:
+        if i == len(locked):
+            return 0
+        capacity, locks = locked[i]
+        without = best(i + 1, taken)
+        return without if locks & taken else max(without, capacity + best(i + 1, taken | locks))
+
+    return free + best(0, frozenset())
+
+
+def ready_slots(children: Sequence[tuple[str, str, int, Sequence[str]]]) -> int:
+    """The slots a pulled job may take now, from the children's (stage, state, capacity, locks):
+    what the [[WdPost]] or vanilla children up (ready or busy) can run at once
+    (runnable_capacity); none while a split worker has no SNARK child up (starting, restarting:
+    its vanilla steps could not be finished yet)."""
+    up = [(stage, capacity, locks) for stage, state, capacity, locks in children if state in UP]
+    if any(child[0] == "window_post_snark" for child in children) and not any(
+        stage == "window_post_snark" for stage, _, _ in up
     ):
         return 0
-    return sum(
-        capacity for stage, capacity in up if stage in ("window_post", "window_post_vanilla")
+    return runnable_capacity(
+        [(capacity, locks) for stage, capacity, locks in up if stage in SLOT_STAGES]
     )
 
 
@@ -410,7 +437,10 @@ def ready_slots_of(children: Sequence[Any]) -> int:
     taken) counts as not up, so no job is pulled that would wait there for that process."""
     kept = {lock for c in children for gone in c.exiting for lock in gone.locks}
     return ready_slots(
-        [(c.stage, "held" if kept.intersection(c.locks) else c.state, c.capacity) for c in children]
+        [
+            (c.stage, "held" if kept.intersection(c.locks) else c.state, c.capacity, c.locks)
+            for c in children
+        ]
     )
 
 
