@@ -145,7 +145,7 @@ def test_a_holder_gone_before_it_could_be_named_is_told_how_to_find_one(pg, hold
     with pytest.raises(StoreUnavailable) as failed:
         pg.remove(job.Id, T0 + 1)
     said = str(failed.value)
-    assert f"remove of job {job.Id}" in said and "gone since" in said
+    assert f"remove of job {job.Id}" in said and "has gone since" in said
     assert "pg_blocking_pids(pid)" in said and "pg_terminate_backend(PID)" in said
     assert pg.get(job.Id) == job
 
@@ -168,3 +168,61 @@ def test_the_schema_lock_waits_as_the_open_says_not_as_the_sessions_lock_timeout
     with pg.engine.connect() as conn:  # the store's calls, outside the migration's transaction
         seen.append(conn.execute(sa.text("SHOW lock_timeout")).scalar_one())
     assert server is not None and seen == [server[0], "2500ms", "200ms"]
+
+
+def test_the_session_holding_the_jobs_row_is_named_exactly_not_others_holding_other_rows(
+    pg, holder, postgres_url
+):
+    # Before, every session in a transaction holding a write lock on the store's tables was
+    # named, and told to be terminated: here the operator's other psql, which holds another job.
+    job, _ = pg.create(make_input(seed=1), T0)
+    other, _ = pg.create(make_input(seed=2), T0)
+    with psycopg.connect(postgres_url, application_name="bystander") as bystander:
+        lock(bystander, other.Id)  # in its transaction before the holder's
+        lock(holder, job.Id)
+        bystanding = bystander.info.backend_pid
+        with pytest.raises(StoreUnavailable) as failed:
+            pg.reset(job.Id, T0 + 1)
+        said = str(failed.value)
+        bystander.rollback()
+    pid = holder.info.backend_pid
+    assert f"The lock is held by pid {pid} (user" in said and HOLDER in said
+    assert f"pid {bystanding}" not in said and "bystander" not in said
+    assert f"pg_terminate_backend({pid})" in said and "pg_terminate_backend(PID)" not in said
+
+
+def test_a_damocles_ext_session_holding_the_row_is_said_to_be_slow_not_to_be_terminated(pg):
+    # One of our own sessions (a sweep pass, a batch of remove_all, a slow COMMIT) is slow, not
+    # left behind by someone: terminating it is not the advice.
+    job, _ = pg.create(make_input(seed=1), T0)
+    with JobStore(str(pg.url)) as ours, ours._transaction() as conn:
+        ours._read(conn, job.Id)  # FOR UPDATE, its transaction left open
+        with pytest.raises(StoreUnavailable) as failed:
+            pg.reset(job.Id, T0 + 1)
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    said = str(failed.value)
+    assert f"The lock is held by a damocles-ext session (a slow server or disk?), pid {pid}" in said
+    assert "pg_terminate_backend" not in said
+
+
+def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder, postgres_url):
+    # A session that holds only VACUUM's or ANALYZE's lock on the store's tables (SHARE UPDATE
+    # EXCLUSIVE, which no row lock waits for; autovacuum's are not client sessions at all) was
+    # named as a holder, and told to be terminated, when the real one had gone.
+    job, _ = pg.create(make_input(seed=1), T0)
+    with psycopg.connect(postgres_url, application_name="analyzing") as analyzing:
+        analyzing.execute(f"LOCK TABLE {jobs.name} IN SHARE UPDATE EXCLUSIVE MODE")
+        analyzer = analyzing.info.backend_pid
+        lock(holder, job.Id)
+
+        def end_the_holder_first(_conn, _cursor, statement, *_args):
+            if "pg_stat_activity" in statement:
+                holder.rollback()
+
+        sa.event.listen(pg.engine, "before_cursor_execute", end_the_holder_first)
+        with pytest.raises(StoreUnavailable) as failed:
+            pg.reset(job.Id, T0 + 1)
+        analyzing.rollback()
+    said = str(failed.value)
+    assert "analyzing" not in said and f"pid {analyzer}" not in said
+    assert "has gone since" in said and "pg_blocking_pids(pid)" in said

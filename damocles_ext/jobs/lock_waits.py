@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from .database import StoreUnavailable, first_line, metadata
+from .database import StoreUnavailable, first_line, jobs, metadata
 
 #: PostgreSQL's SQLSTATE lock_not_available: a lock waited for over lock_timeout (or NOWAIT).
 LOCK_NOT_AVAILABLE: Final = "55P03"
@@ -31,19 +32,41 @@ LOCK_NOT_AVAILABLE: Final = "55P03"
 #: timeout, so it hears why).
 LOCK_ATTEMPTS: Final = 2
 
-#: The sessions in a transaction since before our wait began (lock_timeout ago at least) that
-#: hold a lock on the store's tables one of our statements can wait for: every mode but ACCESS
-#: SHARE (a plain read's) conflicts with a row lock's, an UPDATE's or a DELETE's. The lock
-#: timeout as the failed session had it: the engine's sessions all set the same.
-_HOLDERS = sa.text(
+#: What is said of a session: whether it is one of damocles-ext's (our engine's application
+#: name, the URL's when it sets one, or damocles-ext's own: its listener's too).
+_COLUMNS = (
     "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start,"
     " left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query,"
-    " current_setting('lock_timeout') AS lock_timeout"
+    " current_setting('lock_timeout') AS lock_timeout,"
+    " (a.application_name = current_setting('application_name')"
+    " OR a.application_name LIKE 'damocles-ext%') AS ours"
     " FROM pg_stat_activity a"
     " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
     " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
+)
+
+#: The session that holds job :job_id's row, exactly: a row locked (FOR UPDATE), updated or
+#: deleted by a transaction carries its xid in xmax, and a plain read of it never waits. A row
+#: locked by several transactions at once carries a multixact id instead, which names none of
+#: them (and might equal an unrelated xid): the session must also hold a lock on the jobs table,
+#: as every locker of one of its rows does. Nothing found: the guess below.
+_ROW_HOLDER = sa.text(
+    _COLUMNS + " AND a.backend_xid = (SELECT xmax FROM " + jobs.name + " WHERE id = :job_id)"
     " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-    " WHERE l.pid = a.pid AND l.granted AND l.mode <> 'AccessShareLock' AND c.relname IN :names)"
+    " WHERE l.pid = a.pid AND l.granted AND c.relname = :table)"
+)
+
+#: The sessions of clients (not autovacuum's nor another of the server's own) in a transaction
+#: since before our wait began (lock_timeout ago at least) that hold a lock on the store's tables
+#: one of our statements can wait for: every mode but ACCESS SHARE (a plain read's) and SHARE
+#: UPDATE EXCLUSIVE (VACUUM's, ANALYZE's, CREATE INDEX CONCURRENTLY's) conflicts with a row
+#: lock's, an UPDATE's or a DELETE's. The lock timeout as the failed session had it: the
+#: engine's sessions all set the same.
+_HOLDERS = sa.text(
+    _COLUMNS + " AND a.backend_type = 'client backend'"
+    " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+    " WHERE l.pid = a.pid AND l.granted AND c.relname IN :names"
+    " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock'))"
     " ORDER BY a.xact_start, a.pid"
 ).bindparams(sa.bindparam("names", expanding=True))
 
@@ -54,76 +77,145 @@ FIND_IT = (
 )
 
 
+class Subject(NamedTuple):
+    """What a call of the store is about: its words in an error (' of job X', or ''), and its
+    one job's id (None for none or several)."""
+
+    text: str = ""
+    job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session that held (or may have held) the lock."""
+
+    pid: int
+    described: str
+    ours: bool  #: one of damocles-ext's
+    idle: bool  #: idle in its transaction (not running a statement)
+
+
+@dataclass(frozen=True)
+class Held:
+    """The lock_timeout of the store's sessions (None: not read), the sessions that held the
+    lock, and whether that one is exactly the holder (of the job's row) or a guess."""
+
+    timeout: str | None
+    sessions: list[Session]
+    exact: bool = False
+
+
 def is_lock_wait(error: exc.DBAPIError) -> bool:
     """Whether `error` is a statement that waited for a lock past its lock_timeout."""
     return getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
-def holders(engine: Engine) -> tuple[str | None, list[tuple[int, str]]]:
-    """The lock_timeout of `engine`'s sessions, and the other sessions that may have held the
-    lock: their pids and descriptions ('pid 12 (user u, psql, from 10.0.0.5, idle in
-    transaction since ...; its last statement: ...)'); (None, []) when they cannot be read."""
+def holders(engine: Engine, job_id: str | None = None) -> Held:
+    """The lock_timeout of `engine`'s sessions and the other sessions that held the lock: the
+    one holding job `job_id`'s row when given and found, else those that may have."""
     names = [t.name for t in metadata.sorted_tables]
     try:
         with engine.connect() as conn:
-            rows: list[Any] = list(conn.execute(_HOLDERS, {"names": names}))
+            if job_id is not None:
+                rows = _rows(conn, _ROW_HOLDER, {"job_id": job_id, "table": jobs.name})
+                if rows:
+                    return Held(str(rows[0].lock_timeout), [_session(r) for r in rows], True)
+            rows = _rows(conn, _HOLDERS, {"names": names})
             if not rows:
                 timeout = conn.execute(sa.text("SHOW lock_timeout")).scalar_one()
-                return str(timeout), []
+                return Held(str(timeout), [])
     except exc.DBAPIError:
-        return None, []
-    return str(rows[0].lock_timeout), [(int(r.pid), _described(r)) for r in rows]
+        return Held(None, [])
+    return Held(str(rows[0].lock_timeout), [_session(r) for r in rows])
 
 
-def _described(r: Any) -> str:
+def _rows(conn: Connection, statement: Any, params: dict[str, Any]) -> list[Any]:
+    return list(conn.execute(statement, params))
+
+
+def _session(r: Any) -> Session:
     origin = "a local socket" if r.client_addr is None else str(r.client_addr)
     since = "" if r.xact_start is None else f" since {r.xact_start:%Y-%m-%d %H:%M:%S %Z}"
     last = f"; its last statement: {r.query}" if r.query else ""
-    return (
+    described = (
         f"pid {r.pid} (user {r.usename}, {r.application_name or 'no application name'}, from"
         f" {origin}, {r.state or 'state hidden from this role'}{since}{last})"
     )
+    if r.ours:
+        described = f"a damocles-ext session (a slow server or disk?), {described}"
+    idle = str(r.state or "").startswith("idle in transaction")
+    return Session(int(r.pid), described, bool(r.ours), idle)
 
 
-def too_long(where: str, name: str, subject: str, error: exc.DBAPIError, tries: int,
+def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
              engine: Engine) -> StoreUnavailable:  # fmt: skip
-    """The error of the operation `name` (on `subject`: ' of job X', or '') whose statement
-    waited for a lock past lock_timeout at its last try, naming the sessions that held it."""
-    timeout, held = holders(engine)
-    bound = "its lock_timeout" if timeout is None else f"its lock_timeout ({timeout})"
-    if held:
-        who = "held by " + "; ".join(described for _, described in held)
-    else:
-        who = f"its holder is gone since, or hidden from this role; while a call waits: {FIND_IT}"
-    pid = str(held[0][0]) if len(held) == 1 else "PID"
-    return StoreUnavailable(
-        f"job store {where}: {name}{subject} waited for a lock on the store's rows longer than"
-        f" {bound} at each of {tries} tries, and gave up ({first_line(error)}); nothing of it was"
-        f" stored. The lock is {who}. A transaction of damocles-ext holds a job's row for"
-        " milliseconds: this is another session left inside its transaction (a psql after"
-        " BEGIN, a change by hand) or a stuck one (a damocles-ext frozen or cut off inside"
-        " one: the server ends its session within about 40 s); end its transaction (COMMIT or"
-        f" ROLLBACK in it, or SELECT pg_terminate_backend({pid})), then try again"
+    """The error of the operation `name` (on `subject`) whose statement waited for a lock past
+    lock_timeout at its last try, naming the sessions that held it."""
+    held = holders(engine, subject.job_id)
+    gave_up = (
+        f"job store {where}: {name}{subject.text} waited for a lock on the store's rows longer"
+        f" than {_bound(held.timeout)} at each of {tries} tries, and gave up"
+        f" ({first_line(error)}); nothing of it was stored."
     )
+    if not held.sessions:
+        return StoreUnavailable(
+            f"{gave_up} Its holder has gone since, or is hidden from this role; while a call"
+            f" waits, find it with: {FIND_IT}. A transaction of damocles-ext holds a job's row"
+            " for milliseconds: the holder is another session left inside its transaction (a"
+            " psql after BEGIN, a change by hand) or a stuck one (a damocles-ext frozen or cut"
+            " off inside one: the server ends its session within about 40 s); end its"
+            " transaction (COMMIT or ROLLBACK in it, or SELECT pg_terminate_backend(PID)), then"
+            " try again"
+        )
+    who = "; ".join(s.described for s in held.sessions)
+    if held.exact:
+        head = f"{gave_up} The lock is held by {who}."
+    else:
+        head = (
+            f"{gave_up} Sessions in a transaction since before the wait that hold locks on the"
+            f" store's tables, one of which may hold it: {who}."
+        )
+    said: list[str] = []  # one of these at least: each session is ours, idle or running
+    idle = [s.pid for s in held.sessions if s.idle and not s.ours]
+    if idle:
+        ends = " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in idle)
+        said.append(
+            f"A session left idle inside its transaction (a psql after BEGIN, a change by hand)"
+            f" holds its locks until it ends it: COMMIT or ROLLBACK in it, or {ends}"
+        )
+    if any(not s.idle and not s.ours for s in held.sessions):
+        said.append("A session running a statement holds its locks until its transaction ends")
+    if any(s.ours for s in held.sessions):
+        said.append(
+            "A transaction of damocles-ext holds its rows for milliseconds (a sweep pass about a"
+            " second): one that takes seconds is slowed by its server (its load, its disk) or"
+            " its link, or frozen (the server ends it after its idle-in-transaction timeout)"
+        )
+    return StoreUnavailable(f"{head} {'. '.join(said)}; then try again")
 
 
-def subject_of(method: Callable[..., Any]) -> Callable[..., str]:
-    """What a call of the store's `method` is about, in its error: ' of job X' from its
-    `job_id` argument, ' of jobs X, Y' from its `job_ids` list, else ''."""
+def _bound(timeout: str | None) -> str:
+    return "its lock_timeout" if timeout is None else f"its lock_timeout ({timeout})"
+
+
+def subject_of(method: Callable[..., Any]) -> Callable[..., Subject]:
+    """What a call of the store's `method` is about: ' of job X' from its `job_id` argument,
+    ' of jobs X, Y' from its `job_ids` list, else ''; and its one job's id."""
     signature = inspect.signature(method)
 
-    def subject(*args: Any, **kwargs: Any) -> str:
+    def subject(*args: Any, **kwargs: Any) -> Subject:
         try:
             given = signature.bind(*args, **kwargs).arguments
         except TypeError:
-            return ""
+            return Subject()
         if isinstance(job_id := given.get("job_id"), str):
-            return f" of job {job_id}"
+            return Subject(f" of job {job_id}", job_id)
         ids = given.get("job_ids")
         if isinstance(ids, list | tuple) and ids:
             shown = ", ".join(str(i) for i in ids[:5])
             more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-            return f" of job{'s' if len(ids) > 1 else ''} {shown}{more}"
-        return ""
+            one = ids[0] if len(set(ids)) == 1 and isinstance(ids[0], str) else None
+            return Subject(f" of job{'s' if len(ids) > 1 else ''} {shown}{more}", one)
+        return Subject()
 
     return subject

@@ -101,13 +101,14 @@ def pause(attempt: int, first: float = FIRST_PAUSE) -> float:
 
 def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
         replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE,
-        engine: Engine | None = None, subject: Callable[[], str] = lambda: "") -> R:  # fmt: skip
+        engine: Engine | None = None,
+        subject: Callable[[], lock_waits.Subject] = lock_waits.Subject) -> R:  # fmt: skip
     """`call()` (the operation `name` of the store at `where`), tried up to `attempts` times
     while it fails with a transient PostgreSQL failure or a StoreConflict; its last database
     failure is raised as a StoreError (a StoreUnavailable when the store could not be reached),
     its last conflict as a StoreConflict that says it was met at each try. A lock waited for
     past lock_timeout ends it after lock_waits.LOCK_ATTEMPTS tries, with an error naming
-    `subject()` (' of job X') and the sessions that held it (read on `engine`)."""
+    `subject()` (' of job X', and its id) and the sessions that held it (read on `engine`)."""
     attempt = 1
     while True:
         phase.name = "connect"
