@@ -8,6 +8,8 @@ the test's own."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -226,3 +228,61 @@ def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder
     said = str(failed.value)
     assert "analyzing" not in said and f"pid {analyzer}" not in said
     assert "has gone since" in said and "pg_blocking_pids(pid)" in said
+
+
+#: A transaction that notifies and writes (a commit that wrote nothing to the WAL waits for no
+#: standby), as one simple query (no parameters); run again, it writes again.
+STALLED = "BEGIN; CREATE TEMP TABLE stalled (); DROP TABLE stalled; NOTIFY dext_test; COMMIT"
+
+
+@pytest.fixture
+def stalled_commits(postgres_url: str) -> Iterator[psycopg.Connection]:
+    """An admin session of a server whose commits under synchronous_commit = on wait for a
+    synchronous standby that never answers (the store's sessions commit under the test
+    server's default, off, and never wait for it)."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            yield admin
+        finally:
+            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            admin.execute("SELECT pg_reload_conf()")
+
+
+def test_a_commit_that_waited_for_the_notify_lock_says_so_not_a_rows_holder(
+    pg, stalled_commits, postgres_url
+):
+    # Every transaction that sends a NOTIFY takes one lock of the whole server at its COMMIT,
+    # held until that commit is flushed (here: waits for its synchronous standby). Our reset,
+    # which notifies, waited for it at COMMIT: before, its error blamed a holder of the store's
+    # rows "gone since" and advised terminating one.
+    job, _ = pg.create(make_input(seed=1), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    with psycopg.connect(postgres_url, autocommit=True) as committer:
+        committer.execute("SET synchronous_commit = on")
+        pid = committer.info.backend_pid
+        deadline = time.monotonic() + 30
+        while True:  # until the server's processes have read the new synchronous_standby_names
+            notifying = threading.Thread(target=committer.execute, args=(STALLED,))
+            notifying.start()
+            while notifying.is_alive() and stalled_commits.execute(
+                "SELECT wait_event IS DISTINCT FROM 'SyncRep' FROM pg_stat_activity"
+                " WHERE pid = %s", [pid]
+            ).fetchone() != (False,):  # fmt: skip
+                assert time.monotonic() < deadline, "the commit never waited for its standby"
+                time.sleep(0.005)  # polling the server's state; the order does not depend on it
+            if notifying.is_alive():
+                break
+            notifying.join()
+        try:
+            with pytest.raises(StoreUnavailable) as failed:
+                pg.reset(job.Id, T0 + 2)
+        finally:
+            stalled_commits.execute("SELECT pg_cancel_backend(%s)", [pid])  # commits locally
+            notifying.join()
+    said = str(failed.value)
+    assert f"reset of job {job.Id} could not commit" in said and "at each of 2 tries" in said
+    assert "PostgreSQL's NOTIFY lock" in said and "synchronous standby" in said
+    assert "gone since" not in said and "pg_terminate_backend" not in said
+    assert pg.get(job.Id).State == RUNNING  # nothing of the reset stored

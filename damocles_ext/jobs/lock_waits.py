@@ -6,7 +6,10 @@ A transaction of the store holds a job's row for milliseconds (a sweep pass over
 slow link, for a second or so), so a wait of seconds means another session that is not ours
 and stays alive (an operator's psql left inside BEGIN after a SELECT ... FOR UPDATE or an
 UPDATE, a change by hand) or one of ours that is stuck (frozen: the server ends it after its
-idle-in-transaction timeout). Without the bound the statement waited as long as the lock was
+idle-in-transaction timeout). At COMMIT, the one lock waited for is PostgreSQL's NOTIFY lock:
+every transaction that notifies (ours do, to wake the producers) takes one lock of the whole
+server at its COMMIT, held until that commit is flushed, so a slow flush (a disk, a synchronous
+standby) makes the next ones wait. Without the bound the statement waited as long as the lock was
 held: a trio caller gave up after its call timeout, but its thread could not be stopped and
 kept a slot of the store's small thread limiter, so a few such calls stalled every call of
 the process."""
@@ -148,9 +151,12 @@ def _session(r: Any) -> Session:
 
 
 def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
-             engine: Engine) -> StoreUnavailable:  # fmt: skip
-    """The error of the operation `name` (on `subject`) whose statement waited for a lock past
-    lock_timeout at its last try, naming the sessions that held it."""
+             engine: Engine, phase: str = "work") -> StoreUnavailable:  # fmt: skip
+    """The error of the operation `name` (on `subject`) whose statement (in `phase`, as
+    retry.Phase names it) waited for a lock past lock_timeout at its last try, naming the
+    sessions that held it."""
+    if phase == "commit":
+        return _notify_lock(where, name, subject, error, tries, engine)
     held = holders(engine, subject.job_id)
     gave_up = (
         f"job store {where}: {name}{subject.text} waited for a lock on the store's rows longer"
@@ -196,6 +202,24 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
 
 def _bound(timeout: str | None) -> str:
     return "its lock_timeout" if timeout is None else f"its lock_timeout ({timeout})"
+
+
+def _notify_lock(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
+                 engine: Engine) -> StoreUnavailable:  # fmt: skip
+    """A COMMIT that waited past lock_timeout: for PostgreSQL's NOTIFY lock, the one lock a
+    COMMIT takes (every transaction that sent a NOTIFY takes it, one for the whole server, and
+    holds it until its commit is flushed); no row of ours is held by then."""
+    held = holders(engine)
+    return StoreUnavailable(
+        f"job store {where}: {name}{subject.text} could not commit: its COMMIT waited for"
+        f" PostgreSQL's NOTIFY lock longer than {_bound(held.timeout)} at each of {tries} tries,"
+        f" and gave up ({first_line(error)}); nothing of it was stored. Every transaction that"
+        " sends a NOTIFY (damocles-ext's do, to wake its producers) takes that one lock of the"
+        " whole server at its COMMIT and holds it until its commit is flushed: another"
+        " transaction's commit is slow (a slow or full disk, a synchronous standby that does"
+        " not answer: pg_stat_activity shows it waiting on SyncRep or WAL events); try again"
+        " once the server commits at its usual pace"
+    )
 
 
 def subject_of(method: Callable[..., Any]) -> Callable[..., Subject]:

@@ -130,7 +130,9 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
             bound = min(attempts, lock_waits.LOCK_ATTEMPTS) if waited else attempts
             if why is None or attempt >= bound:
                 if waited and engine is not None:
-                    failure = lock_waits.too_long(where, name, subject(), error, attempt, engine)
+                    failure = lock_waits.too_long(
+                        where, name, subject(), error, attempt, engine, phase.name
+                    )
                     raise failure from error
                 raise _failure(name, where, url, error, phase.name, why, attempt) from error
             log.info("job store %s: %s failed at try %d of %d, %s; trying again",
