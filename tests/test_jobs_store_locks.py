@@ -19,7 +19,8 @@ import trio
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import pg_session, rules
-from damocles_ext.jobs.database import jobs
+from damocles_ext.jobs import workers as worker_rows
+from damocles_ext.jobs.database import jobs, workers
 from damocles_ext.jobs.model import READY, RUNNING
 from damocles_ext.jobs.store import JobStore, StoreUnavailable, TrioJobStore
 
@@ -85,7 +86,7 @@ def test_a_job_another_session_keeps_locked_fails_its_call_within_the_lock_timeo
         holder.rollback()  # a thread left blocked (before) is let go before the store closes
     assert read == other
     said = str(error)
-    assert f"reset of job {job.Id}" in said
+    assert f"reset of job {job.Id} waited for the lock on a job's row longer than" in said
     assert "lock_timeout (200ms)" in said and "at each of 2 tries" in said
     assert f"pid {holder.info.backend_pid}" in said and HOLDER in said
     assert "idle in transaction" in said and "FOR UPDATE" in said
@@ -121,7 +122,11 @@ def test_a_lock_wait_past_the_lock_timeout_is_tried_once_more_and_lands_if_freed
     with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"):
         reset = pg.reset(job.Id, T0 + 2)
     assert len(tries) == 2 and (reset.State, reset.WorkerName) == (READY, "")
-    assert "reset failed at try 1 of 4" in caplog.text and "SQLSTATE 55P03" in caplog.text
+    assert (
+        "reset failed at try 1 of 2" in caplog.text
+        and "of 4" not in caplog.text
+        and "SQLSTATE 55P03" in caplog.text
+    )
 
     # Held at both tries: the error after the second, not two more waits.
     pg.allocate(ANY, 1, "w1", T0 + 3)
@@ -233,6 +238,19 @@ def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder
 #: A transaction that notifies and writes (a commit that wrote nothing to the WAL waits for no
 #: standby), as one simple query (no parameters); run again, it writes again.
 STALLED = "BEGIN; CREATE TEMP TABLE stalled (); DROP TABLE stalled; NOTIFY dext_test; COMMIT"
+
+
+def test_a_wait_for_the_workers_row_says_so_and_names_its_holder(pg, holder):
+    # A heartbeat updates its worker's row first: one held elsewhere was called "a lock on the
+    # store's rows", and its holder looked for among the job's lockers.
+    job, _ = pg.create(make_input(seed=1), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    holder.execute(f"SELECT * FROM {workers.name} WHERE worker = 'w1' FOR UPDATE")
+    with pytest.raises(StoreUnavailable) as failed:
+        pg.heartbeat([job.Id], "w1", T0 + 1 + worker_rows.TOUCH_EVERY + 1)
+    said = str(failed.value)
+    assert f"heartbeat of job {job.Id} waited for the lock on the worker's row longer" in said
+    assert f"pid {holder.info.backend_pid}" in said and HOLDER in said
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ the process."""
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
-from .database import StoreUnavailable, first_line, jobs, metadata
+from .database import StoreUnavailable, first_line, jobs, metadata, workers
 
 #: PostgreSQL's SQLSTATE lock_not_available: a lock waited for over lock_timeout (or NOWAIT).
 LOCK_NOT_AVAILABLE: Final = "55P03"
@@ -80,6 +81,12 @@ FIND_IT = (
 )
 
 
+#: The row a statement waited for, from the error's context ('while locking tuple (0,1) in
+#: relation "dext_wdpost_jobs"'); a lock on a whole table has none.
+_RELATION = re.compile(r'tuple \(\d+,\d+\) in relation "([^"]+)"')
+_ROWS = {jobs.name: "a job's row", workers.name: "the worker's row"}
+
+
 class Subject(NamedTuple):
     """What a call of the store is about: its words in an error (' of job X', or ''), and its
     one job's id (None for none or several)."""
@@ -111,6 +118,13 @@ class Held:
 def is_lock_wait(error: exc.DBAPIError) -> bool:
     """Whether `error` is a statement that waited for a lock past its lock_timeout."""
     return getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
+
+
+def waited_row(error: exc.DBAPIError) -> str | None:
+    """The table whose row the statement waited for, from the error's context, or None."""
+    diag = getattr(error.orig, "diag", None)
+    found = _RELATION.search(getattr(diag, "context", None) or "")
+    return None if found is None else found.group(1)
 
 
 def holders(engine: Engine, job_id: str | None = None) -> Held:
@@ -157,11 +171,14 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
     sessions that held it."""
     if phase == "commit":
         return _notify_lock(where, name, subject, error, tries, engine)
-    held = holders(engine, subject.job_id)
+    table = waited_row(error)
+    lock = "a lock" if table is None else f"the lock on {_ROWS.get(table, f'a row of {table}')}"
+    on_job = subject.job_id is not None and table in (None, jobs.name)
+    held = holders(engine, subject.job_id if on_job else None)
     gave_up = (
-        f"job store {where}: {name}{subject.text} waited for a lock on the store's rows longer"
-        f" than {_bound(held.timeout)} at each of {tries} tries, and gave up"
-        f" ({first_line(error)}); nothing of it was stored."
+        f"job store {where}: {name}{subject.text} waited for {lock} longer than"
+        f" {_bound(held.timeout)} at each of {tries} tries, and gave up ({first_line(error)});"
+        " nothing of it was stored."
     )
     if not held.sessions:
         return StoreUnavailable(

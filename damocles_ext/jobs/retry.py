@@ -136,7 +136,7 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
                     raise failure from error
                 raise _failure(name, where, url, error, phase.name, why, attempt) from error
             log.info("job store %s: %s failed at try %d of %d, %s; trying again",
-                     where, name, attempt, attempts, why)  # fmt: skip
+                     where, name, attempt, bound, why)  # fmt: skip
         time.sleep(pause(attempt, first_pause))
         attempt += 1
 
