@@ -218,13 +218,16 @@ _GATE = 7_305_001
 #: Another machine's store, in a process of its own: a transaction that reads job argv[2] FOR
 #: UPDATE, then waits for the test's _GATE, all in one simple query (BEGIN too: in autocommit,
 #: psycopg sends no BEGIN of its own a round trip before), so never idle in between; the
-#: server's idle-in-transaction timeout its sessions give themselves is argv[3].
+#: server's idle-in-transaction timeout its sessions give themselves is argv[3]. Its wait at the
+#: gate has no lock_timeout: under the store's (4 s), a loaded machine could end that wait (and
+#: the transaction, with the row's lock) before the test froze the client.
 _FROZEN_CLIENT = f"""
 import sys
 from damocles_ext.jobs import pg_session
 from damocles_ext.jobs.store import JobStore
 
 pg_session.PG_SESSION_SETTINGS["idle_in_transaction_session_timeout"] = sys.argv[3]
+pg_session.PG_SESSION_SETTINGS["lock_timeout"] = "0"
 store = JobStore(sys.argv[1], pool_size=1)
 session = store.engine.raw_connection().driver_connection
 session.autocommit = True
