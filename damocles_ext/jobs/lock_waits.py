@@ -2,17 +2,20 @@
 (pg_session.PG_SESSION_SETTINGS; SQLSTATE 55P03 lock_not_available): the sessions that held
 it, and the error that names them and says what to do.
 
-A transaction of the store holds a job's row for milliseconds (a sweep pass over many jobs on a
-slow link, for a second or so), so a wait of seconds means another session that is not ours
-and stays alive (an operator's psql left inside BEGIN after a SELECT ... FOR UPDATE or an
-UPDATE, a change by hand) or one of ours that is stuck (frozen: the server ends it after its
-idle-in-transaction timeout). At COMMIT, the one lock waited for is PostgreSQL's NOTIFY lock:
-every transaction that notifies (ours do, to wake the producers) takes one lock of the whole
-server at its COMMIT, held until that commit is flushed, so a slow flush (a disk, a synchronous
-standby) makes the next ones wait. Without the bound the statement waited as long as the lock was
-held: a trio caller gave up after its call timeout, but its thread could not be stopped and
-kept a slot of the store's small thread limiter, so a few such calls stalled every call of
-the process."""
+A transaction of the store holds a job's row for milliseconds, and a sweep pass over 1000 jobs
+(its limit) holds its rows about 0.6 s plus its round trips, about 2000 (a write and a NOTIFY
+per job changed): about a second on a LAN. That is what the default lock_timeout assumes: on a
+link over about 3 ms a round trip, raise it through the URL's options. So a wait of seconds
+means another session that is not ours and stays alive (an operator's psql left inside BEGIN
+after a SELECT ... FOR UPDATE or an UPDATE, a change by hand), or one of ours that is stuck
+(frozen: the server ends it after its idle-in-transaction timeout) or slowed (an overloaded
+server or disk). At COMMIT, the one lock waited for is PostgreSQL's NOTIFY lock: every
+transaction that notifies (ours do, to wake the producers) takes one lock of the whole server at
+its COMMIT, held until that commit is flushed, so a slow flush (a disk, a synchronous standby)
+makes the next ones wait. Without the bound the statement waited as long as the lock was held:
+a trio caller gave up after its call timeout, but its thread could not be stopped and kept a
+slot of the store's small thread limiter, so a few such calls stalled every call of the
+process."""
 
 from __future__ import annotations
 
