@@ -235,6 +235,36 @@ def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder
     assert "has gone since" in said and "pg_blocking_pids(pid)" in said
 
 
+def test_a_heartbeat_waiting_for_a_jobs_row_does_not_hold_up_its_workers_ping(
+    postgres_url, holder, monkeypatch
+):
+    # A heartbeat updated its worker's row first, then waited for its jobs' rows: while one was
+    # held elsewhere, the worker's ping and allocation waited behind the heartbeat too.
+    monkeypatch.setitem(pg_session.PG_SESSION_SETTINGS, "lock_timeout", "30s")
+    with JobStore.open(postgres_url) as waiting:  # the heartbeat's: waits for the holder
+        monkeypatch.setitem(pg_session.PG_SESSION_SETTINGS, "lock_timeout", "200ms")
+        with JobStore(postgres_url) as pg:
+            job, _ = pg.create(make_input(seed=1), T0)
+            pg.allocate(ANY, 1, "w1", T0 + 1)
+            lock(holder, job.Id)
+            later = T0 + 1 + worker_rows.TOUCH_EVERY + 1  # the worker's row is written again
+            beating = threading.Thread(target=waiting.heartbeat, args=([job.Id], "w1", later))
+            beating.start()
+            try:
+                with psycopg.connect(postgres_url, autocommit=True) as watch:
+                    deadline = time.monotonic() + 30
+                    while watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    ).fetchone() != (1,):  # fmt: skip
+                        assert time.monotonic() < deadline, "the heartbeat never waited"
+                        time.sleep(0.005)  # polling the server's state
+                pg.worker_seen("w1", later + 1)  # before: waited, and failed
+            finally:
+                holder.rollback()
+                beating.join()
+
+
 #: A transaction that notifies and writes (a commit that wrote nothing to the WAL waits for no
 #: standby), as one simple query (no parameters); run again, it writes again.
 STALLED = "BEGIN; CREATE TEMP TABLE stalled (); DROP TABLE stalled; NOTIFY dext_test; COMMIT"

@@ -420,9 +420,12 @@ class JobStore:
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
         the others' heartbeats are stored."""
         with self._transaction() as conn:
-            touched = worker_rows.touch(conn, [worker], now)
+            # The jobs' rows first, the worker's last: a heartbeat that waits for a job's row
+            # (held elsewhere) then holds no lock that the worker's allocation or ping waits for.
+            # No deadlock: what else locks both (allocation) skips locked job rows.
             outcome = self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
                 worker, None if leases is None else leases.get(job_id)))  # fmt: skip
+            touched = worker_rows.touch(conn, [worker], now)
         return replace(outcome, wrote=True) if touched else outcome
 
     @database_errors(replayable=True)
