@@ -51,6 +51,16 @@ def lock(holder: psycopg.Connection, job_id: str) -> None:
     holder.execute(f"SELECT * FROM {jobs.name} WHERE id = %s FOR UPDATE", [job_id])
 
 
+def gone_before_named(store: JobStore, holder: psycopg.Connection) -> None:
+    """`holder` ends its transaction as `store` looks for who held the lock it waited for."""
+
+    def end_the_holder_first(_conn, _cursor, statement, *_args):
+        if "pg_stat_activity" in statement:
+            holder.rollback()
+
+    sa.event.listen(store.engine, "before_cursor_execute", end_the_holder_first)
+
+
 def waiting_on_locks(postgres_url: str) -> list[tuple[int, str]]:
     """The sessions of the test's database waiting for a lock now (pid, application_name)."""
     with psycopg.connect(postgres_url, autocommit=True) as conn:
@@ -143,12 +153,7 @@ def test_a_holder_gone_before_it_could_be_named_is_told_how_to_find_one(pg, hold
     # the error says how to find one while a call waits, rather than name nobody.
     job, _ = pg.create(make_input(seed=1), T0)
     lock(holder, job.Id)
-
-    def end_the_holder_first(_conn, _cursor, statement, *_args):
-        if "pg_stat_activity" in statement:
-            holder.rollback()
-
-    sa.event.listen(pg.engine, "before_cursor_execute", end_the_holder_first)
+    gone_before_named(pg, holder)
     with pytest.raises(StoreUnavailable) as failed:
         pg.remove(job.Id, T0 + 1)
     said = str(failed.value)
@@ -221,12 +226,7 @@ def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder
         analyzing.execute(f"LOCK TABLE {jobs.name} IN SHARE UPDATE EXCLUSIVE MODE")
         analyzer = analyzing.info.backend_pid
         lock(holder, job.Id)
-
-        def end_the_holder_first(_conn, _cursor, statement, *_args):
-            if "pg_stat_activity" in statement:
-                holder.rollback()
-
-        sa.event.listen(pg.engine, "before_cursor_execute", end_the_holder_first)
+        gone_before_named(pg, holder)
         with pytest.raises(StoreUnavailable) as failed:
             pg.reset(job.Id, T0 + 1)
         analyzing.rollback()

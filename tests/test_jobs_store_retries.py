@@ -46,6 +46,14 @@ def admin(store: JobStore, sql: str) -> list[tuple[Any, ...]]:
         return cursor.fetchall() if cursor.description else []
 
 
+def frozen_until_ended(store: JobStore, pid: int) -> None:
+    """Hold this thread (a store call's, frozen) until the server has ended session `pid`."""
+    deadline = time.monotonic() + 30
+    while admin(store, f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"):
+        assert time.monotonic() < deadline, "the server never ended the idle session"
+        time.sleep(0.005)  # polling the server's state; the order does not depend on it
+
+
 def inject(store: JobStore, times: int, *, on: str, sqlstate: str | None = None,
            at_commit: bool = False) -> None:  # fmt: skip
     """The first `times` rows the jobs table's `on` (INSERT, UPDATE, DELETE) touches fail their
@@ -434,10 +442,7 @@ def test_a_call_frozen_in_its_transaction_past_the_servers_idle_timeout_is_run_a
         if statement.startswith("UPDATE dext_wdpost_jobs") and not frozen:
             # The job's row is locked (read FOR UPDATE): frozen until the server ends the session.
             frozen.append(conn.connection.dbapi_connection.info.backend_pid)
-            deadline = time.monotonic() + 30
-            while admin(pg, f"SELECT 1 FROM pg_stat_activity WHERE pid = {frozen[0]}"):
-                assert time.monotonic() < deadline, "the server never ended the idle session"
-                time.sleep(0.005)  # polling the server's state; the order does not depend on it
+            frozen_until_ended(pg, frozen[-1])
 
     with JobStore(postgres_url) as frozen_store:
         sa.event.listen(frozen_store.engine, "before_cursor_execute", freeze_before_the_update)
@@ -467,10 +472,7 @@ def test_a_call_frozen_before_its_commit_past_the_servers_idle_timeout_is_run_ag
     def freeze_before_the_commit(conn):
         if len(frozen) < freezes[0]:
             frozen.append(conn.connection.dbapi_connection.info.backend_pid)
-            deadline = time.monotonic() + 30
-            while admin(pg, f"SELECT 1 FROM pg_stat_activity WHERE pid = {frozen[-1]}"):
-                assert time.monotonic() < deadline, "the server never ended the idle session"
-                time.sleep(0.005)  # polling the server's state; the order does not depend on it
+            frozen_until_ended(pg, frozen[-1])
 
     with JobStore(postgres_url) as frozen_store:
         sa.event.listen(frozen_store.engine, "commit", freeze_before_the_commit)
