@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 from helpers.frontend import short_socket_dir
-from helpers.postgres import PostgresServer, find_bindir
+from helpers.postgres import PostgresServer, find_bindir, scratch_parent
 from helpers.scheduling import Recorder
 from helpers.supervisor import our_descendants
 
@@ -94,7 +94,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             "no PostgreSQL server programs (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or "
             "on PATH: install them (Debian: apt-get install postgresql) to run these tests"
         )
-    server = PostgresServer(bindir)
+    server = PostgresServer(bindir, parent=scratch_parent())
     try:
         server.start()
     except BaseException:
@@ -106,9 +106,12 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """A new empty database on the session's PostgreSQL server: its `postgresql://` URL."""
-    return postgres_server.create_database()
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A new empty database on the session's PostgreSQL server: its `postgresql://` URL. Dropped
+    after the test: the server's directory holds only the databases in use."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
