@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.frontend import DEXT, ManagerLike, dext_env, dext_run, make_task
+from helpers.frontend import DEXT, ManagerLike, dext_env, dext_run, dext_with, make_task
 
 from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.paths import StoreMap, job_input
@@ -331,11 +331,16 @@ def test_a_busy_listen_port_fails_the_start_and_leaves_no_new_store_file(tmp_pat
     assert list(tmp_path.iterdir()) == []  # the port is bound before the store is opened
 
 
+#: serve with SERVE_CONNECT_TIMEOUT 1 s rather than 3: a start that waits it out fails sooner
+#: (libpq and psycopg wait 2 s at least for a connection).
+SHORT_CONNECT_TIMEOUT = dext_with({"damocles_ext.frontends.serve.SERVE_CONNECT_TIMEOUT": 1})
+
+
 def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_up_on_it():
     # A listener that never accepts: the TCP connection is made, PostgreSQL's greeting never
     # comes. damocles-manager waits 5 s for the ready line; the store gets 3 s of them
     # (SERVE_CONNECT_TIMEOUT), not the 10 s other commands give it, so the start fails with
-    # our reason rather than with damocles' timeout.
+    # our reason rather than with damocles' timeout. Run here with it at 1 s (2 s in libpq).
     from damocles_ext.frontends.serve import SERVE_CONNECT_TIMEOUT
 
     assert SERVE_CONNECT_TIMEOUT < 5
@@ -346,7 +351,7 @@ def test_a_database_that_does_not_answer_fails_the_start_before_damocles_gives_u
         started = time.monotonic()
         done = dext_run(
             "serve", "window_post", "--jobs", f"postgresql://u@127.0.0.1:{port}/db",
-            "--store", "a=/tmp", input=b"",
+            "--store", "a=/tmp", input=b"", dext=SHORT_CONNECT_TIMEOUT,
         )  # fmt: skip
         took = time.monotonic() - started
     assert done.returncode == 1 and done.stdout == b""  # no ready line
@@ -388,11 +393,11 @@ def test_a_store_another_process_keeps_locked_fails_the_start_before_damocles_gi
     else:
         holder = psycopg.connect(store_url)
         holder.execute("SELECT pg_advisory_lock(7426385010214)")
-        words = "another session held its schema lock for over 3 s"
+        words = "another session held its schema lock for over 1 s"
     try:
         started = time.monotonic()
         done = dext_run("serve", "window_post", "--jobs", store_url, "--store", "a=/tmp",
-                        input=b"", timeout=40)  # fmt: skip
+                        input=b"", timeout=40, dext=SHORT_CONNECT_TIMEOUT)  # fmt: skip
         took = time.monotonic() - started
     finally:
         holder.close()

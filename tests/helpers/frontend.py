@@ -23,6 +23,25 @@ from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WinningPoSt
 
 DEXT = [sys.executable, "-m", "damocles_ext"]
 
+_SET_THEN_RUN = """\
+import importlib, sys
+for name, value in {constants!r}.items():
+    module, _, attr = name.rpartition(".")
+    module = importlib.import_module(module)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{{module.__name__}} has no {{attr}} to set")
+    setattr(module, attr, value)
+from damocles_ext.cli import main
+sys.exit(main())
+"""
+
+
+def dext_with(constants: dict[str, object]) -> list[str]:
+    """`damocles-ext` (as DEXT) with module constants set before it runs, each named by its
+    dotted path (`{"damocles_ext.frontends.producer.LATE_LOOK": 0.5}`): what a test shortens
+    in a real process of its own, as it would monkeypatch one in-process."""
+    return [sys.executable, "-c", _SET_THEN_RUN.format(constants=constants)]
+
 
 def make_task(miner: int = 1000, replicas: int = 1, stage: str = "window_post"):
     """A small task whose miner id tells requests apart (echo/sleep outputs depend on it)."""
@@ -80,11 +99,15 @@ def dext_env() -> dict[str, str]:
 
 
 def dext_run(
-    *args: str, input: bytes | None = None, timeout: float = 60, cwd: Path | None = None
+    *args: str,
+    input: bytes | None = None,
+    timeout: float = 60,
+    cwd: Path | None = None,
+    dext: list[str] = DEXT,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `damocles-ext ARGS...` to completion."""
+    """Run `damocles-ext ARGS...` to completion (`dext`: DEXT, or `dext_with(...)`'s)."""
     return subprocess.run(
-        [*DEXT, *args],
+        [*dext, *args],
         input=input,
         capture_output=True,
         timeout=timeout,
