@@ -10,13 +10,12 @@ import subprocess
 
 import pytest
 import trio
-from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike
+from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike, dext_with
 from helpers.stalling_proxy import StallingProxy
 from test_coordinator import heartbeat_body
 from test_jobs_rules import make_input
 from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
 
-from damocles_ext.frontends.producer import LATE_LOOK
 from damocles_ext.jobs import model
 from damocles_ext.jobs.store import JobStore, StoreError, TrioJobStore
 
@@ -43,11 +42,11 @@ async def proxy(postgres_server, nursery):
         proxy.resume()  # what is left waiting on it finishes
 
 
-async def serve_a_job(nursery, proxy, postgres_url, tmp_path, *args: str):
+async def serve_a_job(nursery, proxy, postgres_url, tmp_path, *args: str, dext=DEXT):
     """`serve window_post --jobs` through the proxy, polling every 0.2 s, with a request whose
-    job it made: (serve, the request's id, the job's id)."""
+    job it made: (serve, the request's id, the job's id). `dext`: DEXT or `dext_with(...)`'s."""
     root, task, job_id = task_in_store_a(tmp_path)
-    argv = [*DEXT, "serve", "window_post", "--jobs", proxy.url(postgres_url), "--store",
+    argv = [*dext, "serve", "window_post", "--jobs", proxy.url(postgres_url), "--store",
             f"a={root}", "--poll-interval", "0.2", *args]  # fmt: skip
     m = await ManagerLike.start(
         nursery, argv, "window_post", stderr=subprocess.PIPE, ready_timeout=30
@@ -121,16 +120,19 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
 async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
     proxy, postgres_url, tmp_path
 ):
+    # LATE_LOOK at 0.5 s, not 5: the look that hangs is given up on sooner.
+    late_look = 0.5
+    dext = dext_with({"damocles_ext.frontends.producer.LATE_LOOK": late_look})
     async with trio.open_nursery() as nursery:
         m, request_id, job_id = await serve_a_job(nursery, proxy, postgres_url, tmp_path,
-                                                  "--deadline-after", "4s")  # fmt: skip
+                                                  "--deadline-after", "4s", dext=dext)  # fmt: skip
         proxy.stall()
         # Answered while the store still hangs: at the deadline, or LATE_LOOK after it.
-        with trio.fail_after(4 + LATE_LOOK + 20):
+        with trio.fail_after(4 + late_look + 20):
             response = await m.wait(request_id)
         assert response.output is None
         assert f"job {job_id}: the job store " in response.err_msg
-        assert "did not answer by the job's deadline" in response.err_msg
+        assert "did not answer by the job's deadline, nor 0.5 s after it" in response.err_msg
         proxy.resume()
         await stop(m)
 
