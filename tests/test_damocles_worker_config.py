@@ -219,6 +219,26 @@ def test_a_thread_made_wdpost_by_its_location_config_is_read(tmp_path):
     assert any("does not reload it" in w for w in cfg.warnings)
 
 
+def test_a_threads_location_config_read_as_damocles_worker_reads_it(tmp_path, monkeypatch):
+    # Not there (deleted as it is read): the thread as the main file gives it; there but not
+    # readable (a directory in its place): an error naming it, as damocles-worker stops on it,
+    # not the thread's own plan and filters passed over.
+    location = tmp_path / "thread0"
+    location.mkdir()
+    hot = location / "config.toml"
+    hot.write_text('plan = "wdpost"\n')
+    text = base(tmp_path, **{'plan = "wdpost"': f'location = "{location}"\nplan = "wdpost"'})
+    with monkeypatch.context() as m:
+        deleted = deleted_as_it_is_opened(m, hot)
+        cfg = parse(text, tmp_path)
+    assert deleted and len(cfg.threads) == 1  # the main file's wdpost thread, without its file
+    assert not any("does not reload" in w for w in cfg.warnings)
+    hot.mkdir()
+    with pytest.raises(ConfigError) as refused:
+        parse(text, tmp_path)
+    assert f"{hot}: is a directory" in str(refused.value)
+
+
 def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
     for d, meta in [("a", {"ID": "123", "Name": ""}), ("b", {"Name": "456"}), ("c", None)]:
         (tmp_path / "stores" / d).mkdir(parents=True)

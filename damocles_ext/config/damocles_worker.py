@@ -331,12 +331,11 @@ class _Reader:
         if not isinstance(location, str) or not location:
             return None
         path = os.path.join(location, HOT_CONFIG_NAME)
-        if not os.path.isfile(path):
-            return None
-        try:
+        try:  # opened once, not looked at first: one not there is none, as damocles-worker's
             doc = parse_toml(read_config_text(path, "sealing thread config.toml"), path)
-        except ConfigError as exc:
-            self.errors.extend(exc.errors)
+        except ConfigError as exc:  # anything else stops damocles-worker too (a directory, EACCES)
+            if exc.errno != errno.ENOENT:
+                self.errors.extend(exc.errors)
             return None
         self.warnings.append(
             f"{self.source}: {where}: read {path} once; damocles-ext worker does not reload it "
