@@ -18,11 +18,15 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 class StalledHeartbeats(Coordinator):
     """A coordinator whose Dext.HeartbeatJobs calls wait while `held` (their connection
-    stalled), then are answered as usual; it records the leases each answered call carried."""
+    stalled), then are answered as usual; it records the leases each answered call carried.
+    Its Dext.AllocateJobs calls hold `allocating` while they run: a test that holds it moves
+    the store's clock between two allocations, never during one (a call reads the clock as it
+    begins, and its store thread may run after a sweep made at the moved clock)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.held = False
+        self.allocating = trio.Lock()
         self.released = trio.Event()
         self.waiting = trio.Event()  # set when a heartbeat waits on the stall
         self.answered: list[dict[str, str]] = []
@@ -35,6 +39,9 @@ class StalledHeartbeats(Coordinator):
             result = await super().handle(call)
             self.answered.append({h.Id: h.Lease for h in call.params[0]})
             return result
+        if call.method == "Dext.AllocateJobs":
+            async with self.allocating:
+                return await super().handle(call)
         return await super().handle(call)
 
 
@@ -67,10 +74,13 @@ async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_
             first = worker.held[job.Id].job.Lease
             rig.coordinator.held = True  # the heartbeats' connection stalls
             await rig.coordinator.waiting.wait()
-            # Silent past HeartbeatTimeout: the job is taken back and ready again...
-            now[0] += 60.0
-            await rig.jobs.sweep()
-            await rig.jobs.sweep()
+            # Silent past HeartbeatTimeout: the job is taken back and ready again (no allocation
+            # meanwhile: one stamped before the jump would look silent at once, its last try)...
+            async with rig.coordinator.allocating:
+                now[0] += 60.0
+                await rig.jobs.sweep()
+                back = await rig.jobs.get(job.Id)
+                assert back.State == "ready2run" and back.TryNum == 1
             # ... and the worker, asking for its free slot, is given it again.
             await worker.wait_for(lambda: rig.allocations_of(job.Id) == 2)
             again = await rig.jobs.get(job.Id)
