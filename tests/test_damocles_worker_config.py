@@ -352,9 +352,17 @@ def test_ext_locks_hold_the_processors_to_as_many_proofs_at_once_as_damocles_wor
     # ... counted as the worker runs them: 2 threads, 2 proofs at once, whatever concurrent.
     one, two = children(2, "shared = 2", 'locks = ["shared"]', 'locks = ["shared"]')
     assert (one.concurrent, two.concurrent, one.locks, two.locks) == (2, 2, (), ())
-    # Named by one processor: its concurrent at most the holders.
+    # Named by one processor: its concurrent at most the holders, and the file told so.
     (alone,) = children(4, "wide = 2", 'locks = ["wide"]\nconcurrent = 4')
     assert (alone.concurrent, alone.locks) == (2, ("wide",))
+    text = '[processors.ext_locks]\nwide = 2\n[[processors.window_post]]\nlocks = ["wide"]\n'
+    warned = parse(base(tmp_path, text + "concurrent = 4\n"), tmp_path).warnings
+    assert any(
+        'processors.window_post[0]: concurrent 4 runs as 2: [processors.ext_locks] "wide" = 2' in w
+        for w in warned
+    ), warned
+    unset = parse(base(tmp_path, text), tmp_path).warnings  # a default lowered says nothing
+    assert not any("runs as" in w for w in unset), unset
     # A device's lock is ours, not the file's: it stays when the file's lock goes.
     same_gpu = 'locks = ["shared"]\nenvs = { CUDA_VISIBLE_DEVICES = "0" }'
     one, two = children(2, "shared = 2", same_gpu, same_gpu)

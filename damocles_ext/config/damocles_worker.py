@@ -61,6 +61,7 @@ from .spec import (
     Config,
     ConfigError,
     NotRegularConfig,
+    device_locks,
 )
 
 PLAN_WDPOST = "wdpost"
@@ -536,8 +537,15 @@ class _Reader:
             count = ext_locks[lock]
             if count >= 1 and (count == 1 or len(holders) == 1):
                 for k in holders:
-                    concurrent = min(children[k].concurrent, count)
-                    children[k] = msgspec.structs.replace(children[k], concurrent=concurrent)
+                    child, concurrent = children[k], min(children[k].concurrent, count)
+                    if concurrent < child.concurrent and child.index in self._concurrent_given:
+                        self.warnings.append(
+                            f"{self.source}: {_processor(child)}: concurrent {child.concurrent}"
+                            f" runs as {concurrent}: [processors.ext_locks] {_show(lock)} ="
+                            f" {count} lets {count} proof(s) at a time run under it, as in"
+                            " damocles-worker"
+                        )
+                    children[k] = msgspec.structs.replace(child, concurrent=concurrent)
         for lock, holders in by_lock.items():
             count, runs = ext_locks[lock], [children[k] for k in holders]
             at_once = min(sum(c.concurrent for c in runs), bound)
@@ -559,7 +567,9 @@ class _Reader:
             elif count > 1 and count >= at_once and len(holders) > 1:  # never makes one wait
                 for k in holders:
                     child = children[k]
-                    kept = tuple(x for x in child.locks if x != lock or x in _device_locks(child))
+                    kept = tuple(
+                        x for x in child.locks if x != lock or x in device_locks(child.gpu)
+                    )
                     children[k] = msgspec.structs.replace(child, locks=kept)
         return children
 
@@ -627,7 +637,7 @@ class _Reader:
             kind = "damocles-worker"
         gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
         # One lock per device, as a [[WdPost]] with Gpus gets: children on one GPU take turns.
-        gpu_locks = _device_lock_names(gpu)
+        gpu_locks = device_locks(gpu)
         return ChildSpec(
             stage=STAGE,
             index=index,
@@ -656,11 +666,3 @@ class _Reader:
 
 def _processor(child: ChildSpec) -> str:
     return f"processors.window_post[{child.index}]"
-
-
-def _device_lock_names(gpu: str | None) -> list[str]:
-    return [f"gpu:{d.strip()}" for d in (gpu or "").split(",") if d.strip()]
-
-
-def _device_locks(child: ChildSpec) -> list[str]:
-    return _device_lock_names(child.gpu)

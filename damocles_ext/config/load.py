@@ -35,6 +35,7 @@ from .spec import (
     ConfigError,
     GpuDriverNotReady,
     NotRegularConfig,
+    device_locks,
     serve_args,
 )
 from .startup import env_value, gpu_numbers
@@ -664,11 +665,8 @@ class _Builder:
         self._next_index[stage] += 1
         gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
         locks = list(dict.fromkeys(block.locks))
-        if gpu is not None and block.gpu_lock:
-            # One lock per device, so "0,1" and "1" still exclude each other on GPU 1.
-            for device in gpu.split(","):
-                if device.strip():
-                    locks.append(f"gpu:{device.strip()}")
+        if block.gpu_lock:
+            locks += device_locks(gpu)
         return ChildSpec(
             stage=stage,
             index=index,

@@ -106,6 +106,12 @@ class GpuDriverNotReady(ConfigError):
     exit_code = EXIT_TEMPFAIL
 
 
+def device_locks(gpu: str | None) -> list[str]:
+    """The lock of each device a child's CUDA_VISIBLE_DEVICES names (`gpu:<i>`): one per device,
+    so "0,1" and "1" still exclude each other on GPU 1."""
+    return [f"gpu:{d.strip()}" for d in (gpu or "").split(",") if d.strip()]
+
+
 class ChildSpec(msgspec.Struct, frozen=True):
     """One child process to start, fully resolved (see docs/DESIGN.md for each field)."""
 
