@@ -27,6 +27,7 @@ from helpers.frontend import (
 )
 from helpers.supervisor import builtin_child, spec, window_task
 from prometheus_client.parser import text_string_to_metric_families
+from trio.testing import wait_all_tasks_blocked
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
@@ -590,6 +591,28 @@ async def test_an_inline_observer_that_raises_reaches_no_caller():
     assert observers.open()
     observers.observe("dext_child_exited", child="c", status="s")  # does not raise
     assert seen == [{"child": "c", "status": "s"}]
+
+
+async def test_an_event_after_the_observer_task_was_cancelled_is_dropped_not_an_error():
+    # A run cancelled as a whole (its nursery's scope) ends the observers' task first: the
+    # requests it answers as it goes (cancelled) must not each log an internal error.
+    class Alerts:
+        @hookimpl
+        def dext_request_finished(self, request, outcome, duration, slack):
+            pass
+
+    from damocles_ext.supervisor.observers import Observers
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Alerts(), name="alerts")
+    observers = Observers(pm)
+    assert observers.open()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observers.run)
+        await wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    observers.observe("dext_request_finished", request=None, outcome="cancelled",
+                      duration=0.0, slack=None)  # fmt: skip
 
 
 async def test_example_alerts_plugin_stuck_on_a_trickling_webhook_lets_the_next_alert_go(

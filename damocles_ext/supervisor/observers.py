@@ -102,8 +102,8 @@ class Observers:
             return
         try:
             send.send_nowait((hook, kwargs))
-        except trio.ClosedResourceError:
-            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # closed, or its task gone (a run cancelled as a whole): none to deliver it
         except trio.WouldBlock:
             # Slow observers must not make the supervisor's memory grow without bound.
             self.dropped += 1
