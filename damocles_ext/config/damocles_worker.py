@@ -459,7 +459,8 @@ class _Reader:
             # a regular file (a directory, a FIFO).
             if exc.errno in (errno.ENOENT, errno.ENOTDIR) or isinstance(exc, NotRegularConfig):
                 return None
-            self.errors.extend(f"{where}: {e}" for e in exc.errors)
+            narrow = " (damocles-worker stops on it too), or narrow the pattern" * exc.denied
+            self.errors.extend(f"{where}: {e}{narrow}" for e in exc.errors)
             return None
         except (ValueError, RecursionError) as exc:
             self.errors.append(f"{where}: {meta_path} is not JSON ({exc}); fix or remove it")
