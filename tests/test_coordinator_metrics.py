@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 
-import psycopg
 import pytest
 import trio
 from helpers.frontend import DEXT, CoordinatorProcess, dext_env, dext_run_async
@@ -110,9 +109,7 @@ async def test_a_store_gone_is_up_0_and_the_coordinator_keeps_serving(postgres_s
         async with trio.open_nursery() as nursery:
             _, client, metrics_server, _ = await start(nursery, store, clock)
             assert value(await scrape(metrics_server.url), P + "jobs_store_up") == 1
-            with psycopg.connect(host=str(postgres_server.socket_dir), user="postgres",
-                                 dbname="postgres", autocommit=True) as conn:  # fmt: skip
-                conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+            postgres_server.drop_database(url)  # with the sessions on it, on any version
             got = await scrape(metrics_server.url)
             assert value(got, P + "jobs_store_up") == 0
             assert value(got, P + "jobs", state="ready2run") is None  # no stale levels

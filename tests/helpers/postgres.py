@@ -137,10 +137,19 @@ class PostgresServer:
 
     def drop_database(self, url: str) -> None:
         """Drops the database `url` names (made by `create_database`), ending the sessions a
-        test left on it."""
+        test left on it: with DROP DATABASE's FORCE from PostgreSQL 13 on; before 13 (12 is
+        supported), which has no FORCE, by ending them first with pg_terminate_backend."""
         import psycopg
 
         name = url.split("?")[0].rsplit("/", 1)[1]
         with psycopg.connect(host=str(self.socket_dir), user="postgres", dbname="postgres",
                              autocommit=True) as conn:  # fmt: skip
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if conn.info.server_version >= 130000:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
