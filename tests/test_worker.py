@@ -300,11 +300,27 @@ async def test_two_children_sharing_a_lock_take_one_job_at_a_time(rig, tmp_path)
 def test_the_slots_of_children_sharing_locks_are_what_they_can_run_at_once():
     assert runnable_capacity([(2, ()), (3, ())]) == 5  # no lock: every child at once
     assert runnable_capacity([(1, ("a",)), (1, ("a",)), (2, ("b",))]) == 3
-    # The best set, not the first: b and c (5) rather than a (4), which shares a lock with each.
-    assert runnable_capacity([(4, ("x", "y")), (2, ("x",)), (3, ("y",))]) == 5
-    many = [(1, ("gpu0",))] * (MAX_EXACT_LOCKED + 1)
-    assert runnable_capacity(many) == MAX_EXACT_LOCKED + 1  # past the cap: the sum
-    assert runnable_capacity(many[:MAX_EXACT_LOCKED]) == 1
+    # What surely runs at once whichever child takes a lock first: if a (4) takes x and y, b and c
+    # wait; if b or c takes one, a waits. 4, not the best set's 5 (b and c), nor the sum's 9.
+    assert runnable_capacity([(4, ("x", "y")), (2, ("x",)), (3, ("y",))]) == 4
+    # One GPU's children of Concurrent 1 and 3: the 1 may hold it while pulled jobs wait.
+    assert runnable_capacity([(3, ("gpu:0",)), (1, ("gpu:0",))]) == 1
+    # Two [[WdPost]] blocks of Gpus = "all" on 8 GPUs: 16 children, 2 per GPU, run 8 at once.
+    per_gpu = [(1, (f"gpu:{i}",)) for i in range(8)] * 2
+    assert runnable_capacity(per_gpu) == 8
+    assert runnable_capacity([*per_gpu, (2, ())]) == 10
+    # Locks shared transitively make one group: with b's child (b, c) holding its locks, the
+    # children of (a, b) and (c, d) wait, though they could run together.
+    assert runnable_capacity([(1, ("a", "b")), (1, ("b", "c")), (1, ("c", "d"))]) == 1
+
+    def chain(n):  # n children in a row, each sharing a lock with the next
+        return [(1, (f"l{i}", f"l{i + 1}")) for i in range(n)]
+
+    # Every third child holding its locks blocks the rest; past MAX_EXACT_LOCKED children in one
+    # group it is not worked out, and the group counts as its least child.
+    assert runnable_capacity(chain(MAX_EXACT_LOCKED)) == MAX_EXACT_LOCKED // 3
+    assert runnable_capacity(chain(MAX_EXACT_LOCKED + 1)) == 1
+    assert runnable_capacity(chain(MAX_EXACT_LOCKED) + per_gpu) == MAX_EXACT_LOCKED // 3 + 8
 
 
 async def test_a_job_removed_or_reset_while_it_runs_is_cancelled_on_its_child_and_the_slot_goes_on(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,29 +391,67 @@ SLOT_STAGES = ("window_post", "window_post_vanilla")
 UP = ("ready", "busy")
 
 
-#: Past this many children that need a lock, runnable_capacity sums their capacities instead
-#: of trying every set of them (2**n): a worker has a few.
+#: Past this many children in one group that share locks, runnable_capacity counts that group as
+#: its least child instead of trying every set of them (2**n): a group is a GPU's few children.
 MAX_EXACT_LOCKED = 12
 
 
+def lock_groups(
+    locked: Sequence[tuple[int, frozenset[str]]],
+) -> list[list[tuple[int, frozenset[str]]]]:
+    """The children (capacity, locks) in groups that share locks, transitively (union-find over
+    the lock names): no child of one group shares a lock with a child of another."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for _, locks in locked:
+        first, *rest = locks
+        for name in rest:
+            parent[root(name)] = root(first)
+    groups: dict[str, list[tuple[int, frozenset[str]]]] = {}
+    for child in locked:
+        groups.setdefault(root(next(iter(child[1]))), []).append(child)
+    return list(groups.values())
+
+
+def _surely_runnable(group: Sequence[tuple[int, frozenset[str]]]) -> int:
+    """The least total capacity of a set of these children that hold their locks together and
+    leave every other one blocked (a maximal set): what runs at once whichever child the
+    scheduler gives a free lock to."""
+    if len(group) > MAX_EXACT_LOCKED:
+        return min(capacity for capacity, _ in group)  # every maximal set holds one child
+
+    def maximal(
+        i: int, taken: frozenset[str], total: int, left_out: tuple[int, ...]
+    ) -> Iterator[int]:
+        if i == len(group):  # maximal: every child left out shares a lock with one taken
+            if all(group[j][1] & taken for j in left_out):
+                yield total
+            return
+        capacity, locks = group[i]
+        if not locks & taken:
+            yield from maximal(i + 1, taken | locks, total + capacity, left_out)
+        yield from maximal(i + 1, taken, total, (*left_out, i))
+
+    return min(maximal(0, frozenset(), 0, ()))
+
+
 def runnable_capacity(children: Sequence[tuple[int, Sequence[str]]]) -> int:
-    """How many proofs these children ((capacity, locks) each) can run at once: a lock is held by
-    one child at a time, which runs its proofs under it, so children that share one take turns.
-    The best total capacity of children no two of which share a lock; past MAX_EXACT_LOCKED
-    children with locks, their sum (which counts those that take turns as if they did not)."""
+    """How many proofs these children ((capacity, locks) each) surely can run at once: a lock is
+    held by one child at a time, which runs its proofs under it, so children that share one take
+    turns. The scheduler gives a free lock to whichever child it sends a proof to, not to the one
+    that runs the most under it: so each group of children sharing locks counts as the least it
+    may run at once (a GPU's two children of Concurrent 1 and 3 count 1, not 3; that is their
+    best set too when they are alike), and a pulled job never waits for a lock here while another
+    worker may be idle. Children without locks count in full."""
     free = sum(capacity for capacity, locks in children if not locks)
     locked = [(capacity, frozenset(locks)) for capacity, locks in children if locks]
-    if len(locked) > MAX_EXACT_LOCKED:
-        return free + sum(capacity for capacity, _ in locked)
-
-    def best(i: int, taken: frozenset[str]) -> int:
-        if i == len(locked):
-            return 0
-        capacity, locks = locked[i]
-        without = best(i + 1, taken)
-        return without if locks & taken else max(without, capacity + best(i + 1, taken | locks))
-
-    return free + best(0, frozenset())
+    return free + sum(_surely_runnable(group) for group in lock_groups(locked))
 
 
 def ready_slots(children: Sequence[tuple[str, str, int, Sequence[str]]]) -> int:
