@@ -36,6 +36,7 @@ from damocles_ext import __version__
 from damocles_ext.client import connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends import control as control_module
+from damocles_ext.frontends import started as started_module
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.lifecycle import Kill
@@ -702,3 +703,58 @@ async def test_an_internal_error_answering_a_serve_request_is_logged_once(where,
     (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert logged.levelno == logging.ERROR and logged.exc_info is not None, logged
     assert logged.caller_request_id == 7, logged.__dict__
+
+
+@pytest.mark.parametrize("where", ["submit", "start"])
+@pytest.mark.parametrize("door", ["control", "serve"])
+async def test_a_request_a_bug_failed_is_answered_even_when_its_records_fields_fail_too(
+    door, where, monkeypatch, sock_dir, caplog
+):
+    # The record of the bug has the fields of an error answer (failure_fields); when working
+    # them out fails as well, the request is still answered, its record has the caller's id
+    # alone, and the connection goes on.
+    def no_number(error):
+        if "injected bug" in str(error):
+            raise RuntimeError("injected bug in the record's fields")
+
+    monkeypatch.setattr(started_module, "supervisor_number", no_number)
+
+    def start(task, **options):  # None: the request goes to `submit`
+        if where == "start":
+            _buggy(task)
+
+    async def submit(task, **options):
+        if where == "submit":
+            _buggy(task)
+        return echo_output(task)
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            if door == "control":
+                path = sock_dir / "control.sock"
+                server = ControlServer(bind_control_socket(path), submit, start=start)
+                await nursery.start(server.serve)
+                async with connect(path) as client:
+                    with pytest.raises(ProverError, match="internal error in damocles-ext"):
+                        await client.submit(make_task(666))
+                    assert await client.submit(make_task(1)) == echo_output(make_task(1))
+                server.stop_accepting()
+            else:
+                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+                serve = JsonLineServer("window_post", submit, receive_stream=in_receive,
+                                       send_stream=out_send, ready_line_sent=True,
+                                       start=start)  # fmt: skip
+                nursery.start_soon(serve.run)
+                await in_send.send_all(jsonl.encode_request(7, make_task(666)))
+                await in_send.send_all(jsonl.encode_request(8, make_task(1)))
+                reader = jsonl.LineReader()
+                lines: list = []
+                while len(lines) < 2:
+                    lines += reader.receive_data(await out_receive.receive_some())
+                assert b"internal error in damocles-ext: RuntimeError" in lines[0], lines
+                assert b'"error"' not in lines[1], lines
+            nursery.cancel_scope.cancel()
+    (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert logged.exc_info is not None and isinstance(logged.caller_request_id, int)

@@ -62,7 +62,7 @@ from .started import (
     CancelHandle,
     InternalError,
     Start,
-    failure_fields,
+    bug_fields,
     internal_error,
     said_and_logged,
     start_or_decline,
@@ -603,7 +603,7 @@ class _Connection:
             except DextError as exc:
                 error = exc
             except Exception as exc:  # a bug of ours must still answer the request
-                fields = failure_fields(req.id, exc)  # the caller's id: the answer's one record
+                fields = bug_fields(req.id, exc)  # the caller's id: the answer's one record
                 log.exception("control request %d: internal error", req.id, extra=fields)
                 error = InternalError(internal_error(exc))
         if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)

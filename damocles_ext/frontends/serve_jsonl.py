@@ -39,6 +39,7 @@ from .started import (
     Batch,
     CancelHandle,
     Start,
+    bug_fields,
     failure_fields,
     internal_error,
     own_label,
@@ -329,7 +330,7 @@ class JsonLineServer:
             except DextError as exc:
                 self._reply(id, None, exc)
             except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("request %d: internal error", id, extra=failure_fields(id, exc))
+                log.exception("request %d: internal error", id, extra=bug_fields(id, exc))
                 self._reply(id, None, exc)
             else:
                 self._reply(id, output, None)

@@ -74,7 +74,7 @@ def start_or_decline(
         on_done(None, exc)
         return True
     except Exception as exc:  # a bug of ours must still answer the request
-        log.exception("request %d: internal error", rid, extra=failure_fields(rid, exc))
+        log.exception("request %d: internal error", rid, extra=bug_fields(rid, exc))
         handles.pop(rid, None)
         on_done(None, InternalError(internal_error(exc)))
         return True
@@ -140,6 +140,16 @@ def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]
 
         fields.update(job_fields(job_id, getattr(error, "worker", None)))
     return fields
+
+
+def bug_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]:
+    """failure_fields for the record of a bug of ours that failed a request, as it is answered:
+    the caller's id alone if working them out fails too (a bug there, or in what it imports),
+    so the request is still answered and its connection goes on."""
+    try:
+        return failure_fields(caller_id, error)
+    except Exception:  # noqa: BLE001 - a bug of ours in the fields: the caller's id is enough
+        return {"caller_request_id": caller_id}
 
 
 def supervisor_number(error: BaseException) -> int | None:
