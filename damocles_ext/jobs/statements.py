@@ -33,6 +33,8 @@ READ_JOB = sa.select(jobs).where(_c.id == sa.bindparam("job_id"))
 #: FOR UPDATE on PostgreSQL; SQLite has no row locks and needs none (BEGIN IMMEDIATE already
 #: holds the only write lock).
 READ_JOB_LOCKED = READ_JOB.with_for_update()
+#: FOR UPDATE SKIP LOCKED: no row when another session holds it (a heartbeat's: see store.py).
+READ_JOB_SKIP_LOCKED = READ_JOB.with_for_update(skip_locked=True)
 INSERT_JOB = jobs.insert()
 UPDATE_JOB = (
     jobs.update().where(_GUARD).values({c.name: sa.bindparam(f"v_{c.name}") for c in jobs.c})

@@ -7,7 +7,8 @@ processes may share one PostgreSQL database (several coordinators and producers 
 nothing here keeps state between calls, and every write is guarded:
 
 - rows an operation changes are read `FOR UPDATE` on PostgreSQL; allocation and the sweeps add
-  `SKIP LOCKED`, so racing coordinators take different jobs instead of waiting on each other;
+  `SKIP LOCKED`, so racing coordinators take different jobs instead of waiting on each other,
+  and so do heartbeats (a held job's heartbeat waits for its next);
 - on SQLite every transaction starts with `BEGIN IMMEDIATE` (one writer at a time, the others
   wait up to the busy timeout), in WAL mode so readers never block;
 - each UPDATE and DELETE also names the row's previous state, try count and update time, and a
@@ -272,8 +273,10 @@ class JobStore:
 
     # --- one job at a time --------------------------------------------------------------------
 
-    def _read(self, conn: Connection, job_id: str, *, lock: bool = True) -> JobRecord | None:
-        statement = stmts.READ_JOB_LOCKED if lock else stmts.READ_JOB
+    def _read(self, conn: Connection, job_id: str, *, lock: bool = True,
+              skip_locked: bool = False) -> JobRecord | None:  # fmt: skip
+        statement = stmts.READ_JOB_SKIP_LOCKED if skip_locked else stmts.READ_JOB_LOCKED
+        statement = statement if lock else stmts.READ_JOB
         row = conn.execute(statement, {"job_id": job_id}).first()
         return None if row is None else job_of_row(row)
 
@@ -301,11 +304,16 @@ class JobStore:
             conn.execute(_NOTIFY, {"job_id": old.Id})
         return True
 
-    def _apply(
-        self, conn: Connection, job_id: str, event: rules.Event, now: float
-    ) -> tuple[rules.Step, bool]:
-        """The rules' step for `event` on job `job_id`, stored; whether it wrote a row."""
-        old = self._read(conn, job_id)
+    def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float, *,
+               skip_locked: bool = False) -> tuple[rules.Step, bool]:  # fmt: skip
+        """The rules' step for `event` on job `job_id`, stored; whether it wrote a row.
+        `skip_locked`: a row another session holds is not waited for: the step is the job as
+        last committed, with no effect, and nothing is written."""
+        old = self._read(conn, job_id, skip_locked=skip_locked)
+        if old is None and skip_locked:
+            held = self._read(conn, job_id, lock=False)  # there, but locked: or gone indeed
+            if held is not None:
+                return rules.Step(held, ()), False
         step = rules.apply(old, event, now, self.limits, job_id=job_id)
         return step, self._write(conn, old, step.job)
 
@@ -418,13 +426,17 @@ class JobStore:
                   leases: Mapping[str, str] | None = None) -> Outcome:  # fmt: skip
         """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
-        the others' heartbeats are stored."""
+        the others' heartbeats are stored, but for a job whose row another session holds: it is
+        in `jobs` as last committed, with no effect and nothing written (its next heartbeat
+        tries again)."""
         with self._transaction() as conn:
-            # The jobs' rows first, the worker's last: a heartbeat that waits for a job's row
-            # (held elsewhere) then holds no lock that the worker's allocation or ping waits for.
-            # No deadlock: what else locks both (allocation) skips locked job rows.
+            # A held job row (an operator's psql after SELECT ... FOR UPDATE) is not waited for:
+            # waiting, one failed the whole heartbeat at lock_timeout, and with it the worker's
+            # other jobs, which silence then took back. The sweep skips locked rows too: that
+            # job is not taken back while it is held. The jobs' rows first, the worker's last (no
+            # deadlock: what else locks both, allocation, skips locked job rows).
             outcome = self._each(conn, job_ids, now, lambda job_id: rules.Heartbeat(
-                worker, None if leases is None else leases.get(job_id)))  # fmt: skip
+                worker, None if leases is None else leases.get(job_id)), skip_locked=True)  # fmt: skip
             touched = worker_rows.touch(conn, [worker], now)
         return replace(outcome, wrote=True) if touched else outcome
 
@@ -447,13 +459,15 @@ class JobStore:
             return worker_rows.read_summary(conn, now, live_window, self.where, seen)
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
-              event_for: Callable[[str], rules.Event]) -> Outcome:  # fmt: skip
+              event_for: Callable[[str], rules.Event], *,
+              skip_locked: bool = False) -> Outcome:  # fmt: skip
         stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
         wrote = False
         # Sorted: two callers locking the same rows in the same order cannot deadlock.
         for job_id in sorted(set(job_ids)):
-            step, written = self._apply(conn, job_id, event_for(job_id), now)
+            step, written = self._apply(conn, job_id, event_for(job_id), now,
+                                        skip_locked=skip_locked)  # fmt: skip
             wrote |= written
             effects += step.effects
             if step.job is not None:
