@@ -235,6 +235,33 @@ def test_a_vacuum_or_analyze_on_the_store_is_not_taken_for_the_holder(pg, holder
     assert "has gone since" in said and "pg_blocking_pids(pid)" in said
 
 
+def test_a_wait_for_a_lock_on_the_whole_jobs_table_names_its_holder_without_a_third_wait(
+    pg, holder
+):
+    # A lock on the whole table (ALTER TABLE, LOCK TABLE, VACUUM FULL): a call on one job then
+    # read that job's xmax to name the holder of its row, which waited behind the table's lock
+    # for a third lock_timeout and failed unsaid; the error said the holder had gone since.
+    job, _ = pg.create(make_input(seed=1), T0)
+    waits: list[str] = []
+
+    def count_lock_waits(context):
+        if getattr(context.original_exception, "sqlstate", None) == "55P03":
+            waits.append(context.statement)
+
+    sa.event.listen(pg.engine, "handle_error", count_lock_waits)
+    holder.execute(f"LOCK TABLE {jobs.name} IN ACCESS EXCLUSIVE MODE")
+    try:
+        with pytest.raises(StoreUnavailable) as failed:
+            pg.reset(job.Id, T0 + 1)
+    finally:
+        holder.rollback()
+    said = str(failed.value)
+    assert len(waits) == 2  # the reset's two tries, and nothing more
+    assert f"reset of job {job.Id} waited for a lock longer than its lock_timeout (200ms)" in said
+    assert f"pid {holder.info.backend_pid}" in said and HOLDER in said and "LOCK TABLE" in said
+    assert "gone since" not in said
+
+
 def test_a_heartbeat_passes_over_a_job_held_elsewhere_and_stores_the_workers_others(
     postgres_url, holder, monkeypatch
 ):

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
+from . import pg_session
 from .database import StoreUnavailable, first_line, jobs, metadata, workers
 
 #: PostgreSQL's SQLSTATE lock_not_available: a lock waited for over lock_timeout (or NOWAIT).
@@ -44,7 +45,6 @@ LOCK_ATTEMPTS: Final = 2
 _COLUMNS = (
     "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start,"
     " left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query,"
-    " current_setting('lock_timeout') AS lock_timeout,"
     " (a.application_name = current_setting('application_name')"
     " OR a.application_name LIKE 'damocles-ext%') AS ours"
     " FROM pg_stat_activity a"
@@ -52,13 +52,18 @@ _COLUMNS = (
     " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
 )
 
-#: The session that holds job :job_id's row, exactly: a row locked (FOR UPDATE), updated or
-#: deleted by a transaction carries its xid in xmax, and a plain read of it never waits. A row
-#: locked by several transactions at once carries a multixact id instead, which names none of
-#: them (and might equal an unrelated xid): the session must also hold a lock on the jobs table,
-#: as every locker of one of its rows does. Nothing found: the guess below.
+#: The transaction that holds job :job_id's row: a row locked (FOR UPDATE), updated or deleted
+#: by a transaction carries its xid in xmax. A plain read of it waits for no row lock, but for
+#: a lock on the whole table (ALTER TABLE, LOCK TABLE, VACUUM FULL): read only after a wait for
+#: a job's row, under _XMAX_WAIT.
+_XMAX = sa.text("SELECT CAST(xmax AS text) FROM " + jobs.name + " WHERE id = :job_id")
+_XMAX_WAIT = sa.text("SET LOCAL lock_timeout = '100ms'")
+#: The session whose transaction is :xmax, exactly. A row locked by several transactions at
+#: once carries a multixact id instead, which names none of them (and might equal an unrelated
+#: xid): the session must also hold a lock on the jobs table, as every locker of one of its rows
+#: does. Nothing found: the guess below.
 _ROW_HOLDER = sa.text(
-    _COLUMNS + " AND a.backend_xid = (SELECT xmax FROM " + jobs.name + " WHERE id = :job_id)"
+    _COLUMNS + " AND a.backend_xid = CAST(:xmax AS xid)"
     " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
     " WHERE l.pid = a.pid AND l.granted AND c.relname = :table)"
 )
@@ -67,8 +72,8 @@ _ROW_HOLDER = sa.text(
 #: since before our wait began (lock_timeout ago at least) that hold a lock on the store's tables
 #: one of our statements can wait for: every mode but ACCESS SHARE (a plain read's) and SHARE
 #: UPDATE EXCLUSIVE (VACUUM's, ANALYZE's, CREATE INDEX CONCURRENTLY's) conflicts with a row
-#: lock's, an UPDATE's or a DELETE's. The lock timeout as the failed session had it: the
-#: engine's sessions all set the same.
+#: lock's, an UPDATE's or a DELETE's. Since before the wait: the lock timeout as the failed
+#: session had it (the engine's sessions all set the same).
 _HOLDERS = sa.text(
     _COLUMNS + " AND a.backend_type = 'client backend'"
     " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
@@ -110,7 +115,8 @@ class Session:
 
 @dataclass(frozen=True)
 class Held:
-    """The lock_timeout of the store's sessions (None: not read), the sessions that held the
+    """The lock_timeout of the store's sessions (None: neither read nor set by the store: the
+    URL's options set it and the server could not be asked), the sessions that held the
     lock, and whether that one is exactly the holder (of the job's row) or a guess."""
 
     timeout: str | None
@@ -132,21 +138,34 @@ def waited_row(error: exc.DBAPIError) -> str | None:
 
 def holders(engine: Engine, job_id: str | None = None) -> Held:
     """The lock_timeout of `engine`'s sessions and the other sessions that held the lock: the
-    one holding job `job_id`'s row when given and found, else those that may have."""
+    one holding job `job_id`'s row when given (only after a wait for that row) and found, else
+    those that may have. Whatever fails here leaves the error without them, never raises."""
     names = [t.name for t in metadata.sorted_tables]
+    timeout = pg_session.session_settings(engine.url).get("lock_timeout")
     try:
         with engine.connect() as conn:
-            if job_id is not None:
-                rows = _rows(conn, _ROW_HOLDER, {"job_id": job_id, "table": jobs.name})
+            timeout = str(conn.execute(sa.text("SHOW lock_timeout")).scalar_one())
+            conn.rollback()
+            if job_id is not None and (xmax := _xmax(conn, job_id)) is not None:
+                rows = _rows(conn, _ROW_HOLDER, {"xmax": xmax, "table": jobs.name})
                 if rows:
-                    return Held(str(rows[0].lock_timeout), [_session(r) for r in rows], True)
+                    return Held(timeout, [_session(r) for r in rows], True)
             rows = _rows(conn, _HOLDERS, {"names": names})
-            if not rows:
-                timeout = conn.execute(sa.text("SHOW lock_timeout")).scalar_one()
-                return Held(str(timeout), [])
+    except exc.SQLAlchemyError:
+        return Held(timeout, [])
+    return Held(timeout, [_session(r) for r in rows])
+
+
+def _xmax(conn: Connection, job_id: str) -> str | None:
+    """Job `job_id`'s xmax, read in a transaction of its own that waits 100 ms at most for a
+    lock on the table (taken since the wait); None when it waited longer (rolled back)."""
+    try:
+        with conn.begin():
+            conn.execute(_XMAX_WAIT)
+            xmax = conn.execute(_XMAX, {"job_id": job_id}).scalar()
     except exc.DBAPIError:
-        return Held(None, [])
-    return Held(str(rows[0].lock_timeout), [_session(r) for r in rows])
+        return None
+    return None if xmax is None else str(xmax)
 
 
 def _rows(conn: Connection, statement: Any, params: dict[str, Any]) -> list[Any]:
@@ -176,8 +195,9 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
         return _notify_lock(where, name, subject, error, tries, engine)
     table = waited_row(error)
     lock = "a lock" if table is None else f"the lock on {_ROWS.get(table, f'a row of {table}')}"
-    on_job = subject.job_id is not None and table in (None, jobs.name)
-    held = holders(engine, subject.job_id if on_job else None)
+    # The job's xmax names its holder only after a wait for its row: after one for a lock on
+    # the whole table, reading it would wait for that lock too.
+    held = holders(engine, subject.job_id if table == jobs.name else None)
     gave_up = (
         f"job store {where}: {name}{subject.text} waited for {lock} longer than"
         f" {_bound(held.timeout)} at each of {tries} tries, and gave up ({first_line(error)});"
