@@ -262,6 +262,39 @@ def test_a_wait_for_a_lock_on_the_whole_jobs_table_names_its_holder_without_a_th
     assert "gone since" not in said
 
 
+def test_the_sessions_guessed_at_hold_the_table_waited_for_not_another_nor_its_namesake(
+    pg, holder, postgres_url
+):
+    # A row locked inside a savepoint names no holder exactly (its xmax is the savepoint's), so
+    # the sessions holding a lock on the table are named as ones that may hold it. Before, those
+    # holding a lock on any of the store's tables were (a worker's row), and on any table of the
+    # same name in another schema of the database (another store's).
+    job, _ = pg.create(make_input(seed=1), T0)
+    pg.allocate(ANY, 1, "w1", T0 + 1)
+    with (
+        psycopg.connect(postgres_url, application_name="on-workers") as on_workers,
+        psycopg.connect(postgres_url, application_name="namesake") as namesake,
+    ):
+        namesake.execute(f"CREATE SCHEMA other; CREATE TABLE other.{jobs.name} (id text)")
+        namesake.commit()
+        others = [on_workers.info.backend_pid, namesake.info.backend_pid]
+        on_workers.execute(f"SELECT * FROM {workers.name} WHERE worker = 'w1' FOR UPDATE")
+        namesake.execute(f"LOCK TABLE other.{jobs.name} IN ROW EXCLUSIVE MODE")
+        holder.execute("SAVEPOINT inside")
+        lock(holder, job.Id)
+        try:
+            with pytest.raises(StoreUnavailable) as failed:
+                pg.reset(job.Id, T0 + 2)
+        finally:
+            on_workers.rollback()
+            namesake.rollback()
+    said = str(failed.value)
+    assert "one of which may hold it" in said
+    assert f"pid {holder.info.backend_pid}" in said and HOLDER in said
+    assert "on-workers" not in said and "namesake" not in said
+    assert all(f"pid {pid} " not in said for pid in others)
+
+
 def test_a_heartbeat_passes_over_a_job_held_elsewhere_and_stores_the_workers_others(
     postgres_url, holder, monkeypatch
 ):

@@ -64,23 +64,28 @@ _XMAX_WAIT = sa.text("SET LOCAL lock_timeout = '100ms'")
 #: does. Nothing found: the guess below.
 _ROW_HOLDER = sa.text(
     _COLUMNS + " AND a.backend_xid = CAST(:xmax AS xid)"
-    " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-    " WHERE l.pid = a.pid AND l.granted AND c.relname = :table)"
+    " AND EXISTS (SELECT 1 FROM pg_locks l"
+    " WHERE l.pid = a.pid AND l.granted AND l.relation = to_regclass(:table))"
 )
 
-#: The sessions of clients (not autovacuum's nor another of the server's own) in a transaction
-#: since before our wait began (lock_timeout ago at least) that hold a lock on the store's tables
-#: one of our statements can wait for: every mode but ACCESS SHARE (a plain read's) and SHARE
-#: UPDATE EXCLUSIVE (VACUUM's, ANALYZE's, CREATE INDEX CONCURRENTLY's) conflicts with a row
-#: lock's, an UPDATE's or a DELETE's. Since before the wait: the lock timeout as the failed
-#: session had it (the engine's sessions all set the same).
-_HOLDERS = sa.text(
-    _COLUMNS + " AND a.backend_type = 'client backend'"
-    " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-    " WHERE l.pid = a.pid AND l.granted AND c.relname IN :names"
+#: A lock of session `a` on one of the tables :names (as the store's sessions find them: by
+#: their search_path, not another schema's of the same name) that one of our statements can
+#: wait for: every mode but ACCESS SHARE (a plain read's) and SHARE UPDATE EXCLUSIVE (VACUUM's,
+#: ANALYZE's, CREATE INDEX CONCURRENTLY's) conflicts with a row lock's, an UPDATE's or a DELETE's.
+_LOCKS_ONE = (
+    " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted"
+    " AND l.relation IN (SELECT to_regclass(n) FROM unnest(CAST(:names AS text[])) AS n)"
     " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock'))"
-    " ORDER BY a.xact_start, a.pid"
-).bindparams(sa.bindparam("names", expanding=True))
+)
+#: The sessions of clients (not autovacuum's nor another of the server's own) in a transaction
+#: since before our wait began (lock_timeout ago at least: the lock timeout as the failed session
+#: had it, the engine's sessions all set the same) that hold such a lock.
+_HOLDERS = sa.text(
+    _COLUMNS
+    + " AND a.backend_type = 'client backend'"
+    + _LOCKS_ONE
+    + " ORDER BY a.xact_start, a.pid"
+)
 
 #: How an operator finds the holder while a call of the store waits, when it could not be read.
 FIND_IT = (
@@ -136,11 +141,13 @@ def waited_row(error: exc.DBAPIError) -> str | None:
     return None if found is None else found.group(1)
 
 
-def holders(engine: Engine, job_id: str | None = None) -> Held:
+def holders(engine: Engine, job_id: str | None = None, table: str | None = None) -> Held:
     """The lock_timeout of `engine`'s sessions and the other sessions that held the lock: the
     one holding job `job_id`'s row when given (only after a wait for that row) and found, else
-    those that may have. Whatever fails here leaves the error without them, never raises."""
+    those that may have: holding a lock on `table` (the one waited for, when known), or on any
+    of the store's tables. Whatever fails here leaves the error without them, never raises."""
     names = [t.name for t in metadata.sorted_tables]
+    names = [table] if table in names else names
     timeout = pg_session.session_settings(engine.url).get("lock_timeout")
     try:
         with engine.connect() as conn:
@@ -197,7 +204,7 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
     lock = "a lock" if table is None else f"the lock on {_ROWS.get(table, f'a row of {table}')}"
     # The job's xmax names its holder only after a wait for its row: after one for a lock on
     # the whole table, reading it would wait for that lock too.
-    held = holders(engine, subject.job_id if table == jobs.name else None)
+    held = holders(engine, subject.job_id if table == jobs.name else None, table)
     gave_up = (
         f"job store {where}: {name}{subject.text} waited for {lock} longer than"
         f" {_bound(held.timeout)} at each of {tries} tries, and gave up ({first_line(error)});"
