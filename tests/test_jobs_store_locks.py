@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 import trio
+from test_jobs_migration import a_role
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import pg_session, rules
@@ -293,6 +294,35 @@ def test_the_sessions_guessed_at_hold_the_table_waited_for_not_another_nor_its_n
     assert f"pid {holder.info.backend_pid}" in said and HOLDER in said
     assert "on-workers" not in said and "namesake" not in said
     assert all(f"pid {pid} " not in said for pid in others)
+
+
+def test_a_store_role_that_may_not_see_other_roles_sessions_names_the_holders_pid_and_says_why(
+    pg, holder, postgres_url
+):
+    # A dedicated store role sees other roles' sessions in pg_stat_activity without their
+    # transaction, state or statement unless it has pg_read_all_stats: the holder was never
+    # named, and nothing said why. pg_locks, readable by all, names its pid and user at least.
+    job, _ = pg.create(make_input(seed=1), T0)
+    url, role = a_role(
+        postgres_url, "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+    )
+    lock(holder, job.Id)  # the holder is the owner's session
+    pid = holder.info.backend_pid
+    with JobStore(url) as blind:
+        with pytest.raises(StoreUnavailable) as failed:
+            blind.reset(job.Id, T0 + 1)
+        said = str(failed.value)
+        assert f"pid {pid} (user postgres, its transaction hidden from this role)" in said
+        assert f"GRANT pg_read_all_stats TO {role}" in said
+        assert f"pg_terminate_backend({pid})" in said
+
+        with psycopg.connect(postgres_url, autocommit=True) as owner:
+            owner.execute(f"GRANT pg_read_all_stats TO {role}")
+        with pytest.raises(StoreUnavailable) as failed:
+            blind.reset(job.Id, T0 + 1)
+    said = str(failed.value)
+    assert f"The lock is held by pid {pid} (user postgres, {HOLDER}" in said
+    assert "pg_read_all_stats" not in said
 
 
 def test_a_heartbeat_passes_over_a_job_held_elsewhere_and_stores_the_workers_others(

@@ -87,6 +87,22 @@ _HOLDERS = sa.text(
     + " ORDER BY a.xact_start, a.pid"
 )
 
+#: The sessions of other roles whose transaction, state and statement pg_stat_activity hides
+#: from this one (it sees them with pg_read_all_stats, or pg_monitor) that hold such a lock:
+#: pg_locks is readable by all, so their pid and user at least.
+_HIDDEN = sa.text(
+    "SELECT a.pid, a.usename FROM pg_stat_activity a"
+    " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+    " AND NOT (pg_has_role('pg_read_all_stats', 'USAGE') OR pg_has_role(a.usesysid, 'USAGE'))"
+    + _LOCKS_ONE
+    + " ORDER BY a.pid"
+)
+#: The store's lock_timeout, its role, and whether that sees every session in pg_stat_activity.
+_ROLE = sa.text(
+    "SELECT current_setting('lock_timeout'), current_user,"
+    " pg_has_role('pg_read_all_stats', 'USAGE')"
+)
+
 #: How an operator finds the holder while a call of the store waits, when it could not be read.
 FIND_IT = (
     "SELECT pid, application_name, client_addr, state, query FROM pg_stat_activity WHERE pid IN"
@@ -116,6 +132,7 @@ class Session:
     described: str
     ours: bool  #: one of damocles-ext's
     idle: bool  #: idle in its transaction (not running a statement)
+    hidden: bool = False  #: another role's, whose transaction this role may not see
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,8 @@ class Held:
     timeout: str | None
     sessions: list[Session]
     exact: bool = False
+    #: The store's role when it may not see other roles' sessions (no pg_read_all_stats).
+    blind: str | None = None
 
 
 def is_lock_wait(error: exc.DBAPIError) -> bool:
@@ -149,18 +168,22 @@ def holders(engine: Engine, job_id: str | None = None, table: str | None = None)
     names = [t.name for t in metadata.sorted_tables]
     names = [table] if table in names else names
     timeout = pg_session.session_settings(engine.url).get("lock_timeout")
+    blind = None
     try:
         with engine.connect() as conn:
-            timeout = str(conn.execute(sa.text("SHOW lock_timeout")).scalar_one())
+            timeout, role, sees_all = conn.execute(_ROLE).one()
+            blind = None if sees_all else str(role)
             conn.rollback()
             if job_id is not None and (xmax := _xmax(conn, job_id)) is not None:
                 rows = _rows(conn, _ROW_HOLDER, {"xmax": xmax, "table": jobs.name})
                 if rows:
-                    return Held(timeout, [_session(r) for r in rows], True)
-            rows = _rows(conn, _HOLDERS, {"names": names})
+                    return Held(timeout, [_session(r) for r in rows], True, blind)
+            sessions = [_session(r) for r in _rows(conn, _HOLDERS, {"names": names})]
+            if blind is not None:
+                sessions += [_hidden(r) for r in _rows(conn, _HIDDEN, {"names": names})]
     except exc.SQLAlchemyError:
-        return Held(timeout, [])
-    return Held(timeout, [_session(r) for r in rows])
+        return Held(timeout, [], blind=blind)
+    return Held(timeout, sessions, blind=blind)
 
 
 def _xmax(conn: Connection, job_id: str) -> str | None:
@@ -193,6 +216,11 @@ def _session(r: Any) -> Session:
     return Session(int(r.pid), described, bool(r.ours), idle)
 
 
+def _hidden(r: Any) -> Session:
+    described = f"pid {r.pid} (user {r.usename}, its transaction hidden from this role)"
+    return Session(int(r.pid), described, ours=False, idle=False, hidden=True)
+
+
 def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
              engine: Engine, phase: str = "work") -> StoreUnavailable:  # fmt: skip
     """The error of the operation `name` (on `subject`) whose statement (in `phase`, as
@@ -210,9 +238,14 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
         f" {_bound(held.timeout)} at each of {tries} tries, and gave up ({first_line(error)});"
         " nothing of it was stored."
     )
+    grant = "" if held.blind is None else (
+        f"This role ({held.blind}) may not see other roles' sessions in pg_stat_activity: grant"
+        f" it pg_read_all_stats (GRANT pg_read_all_stats TO {held.blind}) for this error to name"
+        " the holder, its state and its statement. "
+    )  # fmt: skip
     if not held.sessions:
         return StoreUnavailable(
-            f"{gave_up} Its holder has gone since, or is hidden from this role; while a call"
+            f"{gave_up} {grant}Its holder has gone since, or is hidden from this role; while a call"
             f" waits, find it with: {FIND_IT}. A transaction of damocles-ext holds a job's row"
             " for milliseconds: the holder is another session left inside its transaction (a"
             " psql after BEGIN, a change by hand) or a stuck one (a damocles-ext frozen or cut"
@@ -226,9 +259,9 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
     else:
         head = (
             f"{gave_up} Sessions in a transaction since before the wait that hold locks on the"
-            f" store's tables, one of which may hold it: {who}."
-        )
-    said: list[str] = []  # one of these at least: each session is ours, idle or running
+            f" store's tables, one of which may hold it: {who}. {grant}"
+        ).rstrip()
+    said: list[str] = []  # one of these at least: each session is ours, idle, running or hidden
     idle = [s.pid for s in held.sessions if s.idle and not s.ours]
     if idle:
         ends = " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in idle)
@@ -236,8 +269,14 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
             f"A session left idle inside its transaction (a psql after BEGIN, a change by hand)"
             f" holds its locks until it ends it: COMMIT or ROLLBACK in it, or {ends}"
         )
-    if any(not s.idle and not s.ours for s in held.sessions):
+    if any(not s.idle and not s.ours and not s.hidden for s in held.sessions):
         said.append("A session running a statement holds its locks until its transaction ends")
+    if hidden := [s.pid for s in held.sessions if s.hidden]:
+        said.append(
+            "A session holds its locks until its transaction ends: COMMIT or ROLLBACK in it,"
+            " or, if it is not damocles-ext's and nothing of it is to be kept, "
+            + " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in hidden)
+        )
     if any(s.ours for s in held.sessions):
         said.append(
             "A transaction of damocles-ext holds its rows for milliseconds (a sweep pass about a"
