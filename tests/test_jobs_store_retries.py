@@ -170,6 +170,35 @@ def test_a_conflict_at_every_try_ends_as_a_store_error_saying_so_after_the_bound
     assert pg.get(job.Id) == job  # nothing stored
 
 
+def test_a_deadlock_before_a_lock_wait_spends_none_of_the_lock_waits_tries(pg, caplog):
+    # The tries that wait past lock_timeout are bounded apart from the others: a reset that met
+    # a deadlock at its first try and a lock wait at its second gave up there, saying it "waited
+    # ... at each of 2 tries". The trigger's firings: a deadlock, two lock waits (the first
+    # reset's); a deadlock, one lock wait, then none (the second's).
+    job = running(pg)
+    admin(pg, """
+        CREATE SEQUENCE injected;
+        CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            IF nextval('injected') IN (1, 4) THEN
+                RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';
+            ELSIF currval('injected') IN (2, 3, 5) THEN
+                RAISE EXCEPTION 'injected lock wait' USING ERRCODE = '55P03';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER inject AFTER UPDATE ON dext_wdpost_jobs
+            FOR EACH ROW EXECUTE FUNCTION inject();
+    """)  # fmt: skip
+    with caplog.at_level(logging.INFO, "damocles_ext.jobs.store"), pytest.raises(
+        StoreUnavailable, match="at each of 2 tries"
+    ):  # fmt: skip
+        pg.reset(job.Id, T0 + 2)
+    assert fired(pg) == 3  # the deadlock's try, and the two that waited
+    assert "reset failed at try 2 of 3" in caplog.text
+    reset = pg.reset(job.Id, T0 + 3)  # a deadlock and a lock wait: one lock wait is left
+    assert (reset.State, fired(pg)) == (READY, 6)
+
+
 @pytest.mark.parametrize("write", list(WRITES))
 def test_a_write_whose_session_is_terminated_before_commit_is_tried_again_and_lands(pg, write):
     on, arrange, do = WRITES[write]

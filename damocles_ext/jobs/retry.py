@@ -109,7 +109,7 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
     its last conflict as a StoreConflict that says it was met at each try. A lock waited for
     past lock_timeout ends it after lock_waits.LOCK_ATTEMPTS tries, with an error naming
     `subject()` (' of job X', and its id) and the sessions that held it (read on `engine`)."""
-    attempt = 1
+    attempt, waits = 1, 0  # the tries, and those of them that waited past lock_timeout
     while True:
         phase.name = "connect"
         try:
@@ -126,15 +126,21 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
         except exc.DBAPIError as error:
             postgresql = url.get_backend_name() == "postgresql"
             why = why_again(error, phase.name, replayable=replayable) if postgresql else None
+            # A lock waited for bounds the tries that wait (each holds a thread of the store),
+            # counted apart from the others: a deadlock at the first does not spend one.
             waited = postgresql and lock_waits.is_lock_wait(error)
-            bound = min(attempts, lock_waits.LOCK_ATTEMPTS) if waited else attempts
-            if why is None or attempt >= bound:
+            waits += waited
+            last = attempt >= attempts or (waited and waits >= lock_waits.LOCK_ATTEMPTS)
+            if why is None or last:
                 if waited and engine is not None:
                     failure = lock_waits.too_long(
-                        where, name, subject(), error, attempt, engine, phase.name
+                        where, name, subject(), error, waits, engine, phase.name
                     )
                     raise failure from error
                 raise _failure(name, where, url, error, phase.name, why, attempt) from error
+            bound = attempts
+            if waited:  # the tries it may still wait at, at most
+                bound = min(attempts, attempt + lock_waits.LOCK_ATTEMPTS - waits)
             log.info("job store %s: %s failed at try %d of %d, %s; trying again",
                      where, name, attempt, bound, why)  # fmt: skip
         time.sleep(pause(attempt, first_pause))
