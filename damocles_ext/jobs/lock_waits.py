@@ -37,7 +37,9 @@ LOCK_NOT_AVAILABLE: Final = "55P03"
 #: Tries of an operation at most while its statements wait past lock_timeout: once more, for a
 #: holder of ours slower than usual; a holder still there is not waited for again (each wait
 #: holds a thread of the store: two waits of the default 4 s stay inside a worker's 10 s RPC
-#: timeout, so it hears why).
+#: timeout, so it hears why). Not a bound on the call's time: lock_timeout holds for each lock
+#: a statement acquires, and one queued behind another waiter for a row waits for its tuple
+#: lock, then for the holder's transaction: up to about 16 s in all.
 LOCK_ATTEMPTS: Final = 2
 
 #: What is said of a session: whether it is one of damocles-ext's (our engine's application

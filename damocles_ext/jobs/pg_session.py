@@ -30,9 +30,10 @@ SQLSTATE 25P03, its transaction rolled back, which retry.py runs again even at C
 
 And one for a live session that holds a lock a statement of ours waits for (an operator's psql
 left inside BEGIN after a SELECT ... FOR UPDATE or an UPDATE, a change by hand), which the
-above never end: `lock_timeout`, 4 s, so that a statement waits that long at most, and its call
-fails naming the holder (lock_waits.py) rather than keep its thread blocked for as long as the
-lock is held. The schema's lock (migration.py) sets its own wait inside its transaction.
+above never end: `lock_timeout`, 4 s, so that a statement waits that long at most for each lock
+it acquires (a row's tuple lock, then its holder's transaction, when it queued behind another
+waiter), and its call fails naming the holder (lock_waits.py) rather than keep its thread
+blocked for as long as the lock is held. The schema's lock (migration.py) sets its own wait inside its transaction.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
 at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A
@@ -82,8 +83,10 @@ PG_SESSION_SETTINGS: dict[str, str] = {
     "tcp_user_timeout": "30s",
     "client_connection_check_interval": "10s",
     # Not a dead client's: a live session's lock (an operator's psql left inside BEGIN after a
-    # SELECT ... FOR UPDATE) waited for at most this long (lock_waits.py), twice at most
-    # (retry.py): well inside a store call's timeout, and a worker's 10 s RPC timeout.
+    # SELECT ... FOR UPDATE) waited for at most this long per lock a statement acquires
+    # (lock_waits.py), at two tries at most (retry.py): a call alone behind one holder about
+    # 8 s, inside a worker's 10 s RPC timeout; one queued behind another waiter for the row
+    # waits for the tuple's lock and then the holder's, up to twice that.
     "lock_timeout": "4s",
 }
 
