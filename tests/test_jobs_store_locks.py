@@ -374,8 +374,8 @@ STALLED = "BEGIN; CREATE TEMP TABLE stalled (); DROP TABLE stalled; NOTIFY dext_
 
 
 def test_a_wait_for_the_workers_row_says_so_and_names_its_holder(pg, holder):
-    # A heartbeat updates its worker's row first: one held elsewhere was called "a lock on the
-    # store's rows", and its holder looked for among the job's lockers.
+    # A heartbeat updates its worker's row (last, after its jobs'): one held elsewhere was
+    # called "a lock on the store's rows", and its holder looked for among the job's lockers.
     job, _ = pg.create(make_input(seed=1), T0)
     pg.allocate(ANY, 1, "w1", T0 + 1)
     holder.execute(f"SELECT * FROM {workers.name} WHERE worker = 'w1' FOR UPDATE")

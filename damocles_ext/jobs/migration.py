@@ -34,6 +34,7 @@ from .database import (
     pg_role,
     schema_version,
 )
+from .lock_waits import LOCK_NOT_AVAILABLE
 
 log = logging.getLogger("damocles_ext.jobs")
 
@@ -41,10 +42,6 @@ log = logging.getLogger("damocles_ext.jobs")
 SCHEMA_LOCK = 7426385010214
 #: The longest an upgrade on PostgreSQL waits for a lock on a table another session holds.
 UPGRADE_LOCK_TIMEOUT = 5.0
-
-
-#: PostgreSQL's SQLSTATE lock_not_available (a lock waited for over lock_timeout).
-_LOCK_NOT_AVAILABLE = "55P03"
 
 
 def _set_lock_timeout(conn: Connection, seconds: float) -> None:
@@ -63,7 +60,7 @@ def take_schema_lock(conn: Connection, where: str, lock_timeout: float | None) -
     try:
         conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
     except exc.OperationalError as e:
-        if getattr(e.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+        if getattr(e.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
             raise
         waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
         raise StoreUnavailable(
@@ -174,7 +171,7 @@ def lock_waited_out(
     """The StoreUnavailable for an upgrade from `found` that gave up waiting for a table lock
     (`error`), naming the sessions that hold locks on the store's tables; None for another
     error."""
-    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
         return None
     holders = _lock_holders(engine)
     return StoreUnavailable(
