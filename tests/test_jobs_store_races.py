@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from test_jobs_rules import make_input
 
-from damocles_ext.jobs import rules
+from damocles_ext.jobs import pg_session, rules
 from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
@@ -250,7 +250,7 @@ def _poll(url: str, query: str, *params: Any) -> Any:
 
 
 def test_a_job_locked_by_a_client_that_froze_mid_transaction_is_freed_within_its_timeout(
-    postgres_url,
+    postgres_url, monkeypatch
 ):
     # A worker's machine that dies (or is cut off) inside a transaction holding a job's row
     # lock: the server kept its session, idle in transaction, until its own TCP keepalives
@@ -258,6 +258,9 @@ def test_a_job_locked_by_a_client_that_froze_mid_transaction_is_freed_within_its
     # waited for it as long. Each session of the store now tells the server to end it once idle
     # that long inside a transaction; here the smallest bound, so the reset lands at once.
     bound = 0.1
+    # The reset's store waits for the row through the polls, the SIGSTOP, the unlock and the
+    # bound: under the default lock_timeout (4 s, two tries) a stall over 8 s failed it.
+    monkeypatch.setitem(pg_session.PG_SESSION_SETTINGS, "lock_timeout", "60s")
     with JobStore.open(postgres_url) as js:
         job, _ = js.create(make_input(), T0)
         js.allocate(ANY, 1, "w1", T0 + 1)
