@@ -629,6 +629,21 @@ async def test_an_internal_error_on_one_control_connection_drops_only_that_one(m
     assert logged and logged[0].exc_info is not None
 
 
+def _buggy_at(where: str):
+    """A `start` and a `submit` for a front end, one of which (`where`) meets a bug of ours."""
+
+    def start(task, **options):  # None: the request goes to `submit`
+        if where == "start":
+            _buggy(task)
+
+    async def submit(task, **options):
+        if where == "submit":
+            _buggy(task)
+        return echo_output(task)
+
+    return start, submit
+
+
 def _buggy(task):
     if task.miner_id == 666:
         raise RuntimeError("injected bug on one request")
@@ -676,15 +691,7 @@ async def test_an_internal_error_answering_a_control_request_is_logged_once(
 async def test_an_internal_error_answering_a_serve_request_is_logged_once(where, caplog):
     # serve's JSON-lines server, as run's control socket: the bug's record, not a second one,
     # with damocles' id of the request.
-    def start(task, **options):  # None: the request goes to `submit`
-        if where == "start":
-            _buggy(task)
-
-    async def submit(task, **options):
-        if where == "submit":
-            _buggy(task)
-        return echo_output(task)
-
+    start, submit = _buggy_at(where)
     caplog.set_level(logging.INFO, "damocles_ext")
     in_send, in_receive = trio.testing.memory_stream_one_way_pair()
     out_send, out_receive = trio.testing.memory_stream_one_way_pair()
@@ -719,15 +726,7 @@ async def test_a_request_a_bug_failed_is_answered_even_when_its_records_fields_f
 
     monkeypatch.setattr(started_module, "supervisor_number", no_number)
 
-    def start(task, **options):  # None: the request goes to `submit`
-        if where == "start":
-            _buggy(task)
-
-    async def submit(task, **options):
-        if where == "submit":
-            _buggy(task)
-        return echo_output(task)
-
+    start, submit = _buggy_at(where)
     caplog.set_level(logging.INFO, "damocles_ext")
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
