@@ -5,7 +5,8 @@ methods stay exactly damocles': what a worker that knows leases and free slots c
   worker has free slots (so no job waits on a busy worker), each with the lease it must carry,
   its deadline and its try;
 - `Dext.HeartbeatJobs([{Id, Lease}], worker)`: the heartbeats of the jobs still the worker's are
-  stored; the answer lists the jobs it must stop now and why (the cancellation signal);
+  stored (but a job whose row another session holds: not this time, answered from its last
+  stored state); the answer lists the jobs it must stop now and why (the cancellation signal);
 - `Dext.FinishJob(id, lease, output, errorReason)`: stored only from the current lease of a
   running job whose deadline has not passed; otherwise refused with code rpc.REFUSED.
 

@@ -101,7 +101,7 @@ _HIDDEN = sa.text(
 )
 #: The store's lock_timeout, its role, and whether that sees every session in pg_stat_activity.
 _ROLE = sa.text(
-    "SELECT current_setting('lock_timeout'), current_user,"
+    "SELECT current_setting('lock_timeout'), quote_ident(current_user),"
     " pg_has_role('pg_read_all_stats', 'USAGE')"
 )
 

@@ -33,7 +33,8 @@ left inside BEGIN after a SELECT ... FOR UPDATE or an UPDATE, a change by hand),
 above never end: `lock_timeout`, 4 s, so that a statement waits that long at most for each lock
 it acquires (a row's tuple lock, then its holder's transaction, when it queued behind another
 waiter), and its call fails naming the holder (lock_waits.py) rather than keep its thread
-blocked for as long as the lock is held. The schema's lock (migration.py) sets its own wait inside its transaction.
+blocked for as long as the lock is held. The schema's lock (migration.py) sets its own wait
+inside its transaction.
 
 SET once connected rather than libpq's `options` parameter: PgBouncer refuses that parameter
 at connect (unless told to ignore it), and SET works through PgBouncer's session pooling. A
