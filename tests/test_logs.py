@@ -645,31 +645,18 @@ async def test_runs_record_of_a_request_refused_while_it_shuts_down_has_its_requ
     # the supervisor's, which the client's error names: run's warning about it carries it as
     # request_id, as its record of a failure does; it carried only caller_request_id.
     import trio
-    from helpers.frontend import plugin_block, running
+    from helpers.frontend import draining_run
 
     from damocles_ext.client import connect
 
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.1)
-    )
     sock = sock_dir / "control.sock"
-    async with (
-        trio.open_nursery() as nursery,
-        running(nursery, cfg, sock, "--log-format", "json") as (run, log),
-        connect(sock) as client,
-    ):
-        started = trio.Event()
-        nursery.start_soon(lambda: client.submit(make_task(1), on_progress=lambda p: started.set()))
+    async with draining_run(tmp_path, sock, "--log-format", "json") as (_cfg, _run, log, _):
         with trio.fail_after(30):
-            await started.wait()
-            run.send_signal(signal.SIGTERM)
-            await log.wait_for("shutting down gracefully")
             async with connect(sock) as second:
                 with pytest.raises(ProverError, match="shutting down") as refused:
                     await second.submit(make_task(2))
             said = str(refused.value)
             line = await log.wait_for("refused: the supervisor is shutting down")
-        nursery.cancel_scope.cancel()
     assert said.startswith("request 1 (window_post; request 2 in run's log) refused: "), said
     record = json.loads(line)
     assert record["level"] == "warning" and said.endswith(record["message"]), (said, record)

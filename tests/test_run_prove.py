@@ -26,9 +26,9 @@ from helpers.frontend import (
     dext_env,
     dext_run,
     dext_run_async,
+    draining_run,
     make_task,
     plugin_block,
-    running,
     start_run,
     write_config,
 )
@@ -1337,20 +1337,8 @@ async def test_a_run_that_drains_still_answers_status_and_keeps_its_socket(tmp_p
     # Between the first SIGTERM and its end, `run` still proves what it took: `status` says it
     # is shutting down (it said no supervisor ran), a new request is refused saying why, and a
     # second `run` cannot take the socket, and the GPUs, meanwhile.
-    cfg = write_config(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.1)
-    )
-    async with (
-        trio.open_nursery() as nursery,
-        running(nursery, cfg, sock_path) as (run, log),
-        connect(sock_path) as client,
-    ):
-        started = trio.Event()
-        nursery.start_soon(lambda: client.submit(make_task(1), on_progress=lambda p: started.set()))
+    async with draining_run(tmp_path, sock_path) as (cfg, _run, _log, client):
         with trio.fail_after(30):
-            await started.wait()
-            run.send_signal(signal.SIGTERM)
-            await log.wait_for("shutting down gracefully")
             doc = await client.status()
             assert doc.supervisor.shutting_down is True
         async with connect(sock_path) as second:  # a new connection is still taken
@@ -1360,4 +1348,3 @@ async def test_a_run_that_drains_still_answers_status_and_keeps_its_socket(tmp_p
         other = dext_run("run", "-c", str(cfg), "--socket", str(sock_path), timeout=30)
         assert other.returncode == 2, other.stderr
         assert sock_path.exists()
-        nursery.cancel_scope.cancel()

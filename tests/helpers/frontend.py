@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -353,6 +354,32 @@ async def running(
             run.kill()
             with trio.CancelScope(shield=True):
                 await run.wait()
+
+
+@asynccontextmanager
+async def draining_run(
+    directory: Path, socket_path: Path, *extra: str
+) -> AsyncIterator[tuple[Path, trio.Process, LogWatcher, Any]]:
+    """`damocles-ext run` with one `sleep` child proving a client's request, sent SIGTERM: it
+    drains (its log said so). Yields its config, the process, its log and that client."""
+    from damocles_ext.client import connect
+
+    cfg = write_config(
+        directory, plugin_block("WdPost", "sleep", seconds=600, progress_interval=0.1)
+    )
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, socket_path, *extra) as (run, log),
+        connect(socket_path) as client,
+    ):
+        started = trio.Event()
+        nursery.start_soon(lambda: client.submit(make_task(1), on_progress=lambda p: started.set()))
+        with trio.fail_after(30):
+            await started.wait()
+            run.send_signal(signal.SIGTERM)
+            await log.wait_for("shutting down gracefully")
+        yield cfg, run, log, client
+        nursery.cancel_scope.cancel()
 
 
 @contextmanager
