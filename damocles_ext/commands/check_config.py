@@ -218,9 +218,7 @@ def serves_itself(
     from damocles_ext.config import CONF_FILE_NAME, TABLE_OF_STAGE
 
     here = os.path.realpath(config.source)
-    for child, args, parsed in entries if entries is not None else serve_entries(config, stage):
-        if stage is not None and child.stage != stage:
-            continue
+    for child, args, parsed in serve_entries(config, stage) if entries is None else entries:
         if isinstance(parsed, _Refused):
             continue  # serve refuses it anyway: no loop
         if parsed.stage != child.stage or parsed.connect is not None or parsed.jobs is not None:

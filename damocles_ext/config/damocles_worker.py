@@ -459,7 +459,9 @@ class _Reader:
             # a regular file (a directory, a FIFO).
             if exc.errno in (errno.ENOENT, errno.ENOTDIR) or isinstance(exc, NotRegularConfig):
                 return None
-            narrow = " (damocles-worker stops on it too), or narrow the pattern" * exc.denied
+            narrow = (
+                " (damocles-worker stops on it too), or narrow the pattern" if exc.denied else ""
+            )
             self.errors.extend(f"{where}: {e}{narrow}" for e in exc.errors)
             return None
         except (ValueError, RecursionError) as exc:

@@ -69,18 +69,18 @@ def read_config_text(
                 if stat.S_ISFIFO(exc.mode)
                 else ""
             )
-            what = (
+            message = (
                 f"{source}: is {exc.kind}{pipe}, not a regular file, so it is not read (it could"
                 f" block or never end); write the {kind} to a file and give its path"
             )
-            raise NotRegularConfig(source, [what], mode=exc.mode) from None
-        hint = (
-            f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
-            if kind == CONF_FILE_NAME
-            else f"; give the path of the {kind} file"
-        )
-        message = f"{source}: is a directory, not a config file{hint}"
-        raise NotRegularConfig(source, [message], mode=exc.mode) from None
+        else:
+            hint = (
+                f"; to read {os.path.join(source, CONF_FILE_NAME)} use --conf-dir {source}"
+                if kind == CONF_FILE_NAME
+                else f"; give the path of the {kind} file"
+            )
+            message = f"{source}: is a directory, not a config file{hint}"
+        raise NotRegularConfig(source, [message]) from None
     except FileNotFoundError as exc:
         raise ConfigError(
             source,

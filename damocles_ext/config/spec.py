@@ -90,12 +90,8 @@ class ConfigError(UsageError):
 
 
 class NotRegularConfig(ConfigError):
-    """A config path that names a directory, a FIFO, a socket or a device: its `.mode`
-    (st_mode), to tell it from a file that could not be read."""
-
-    def __init__(self, source: str, errors: list[str], *, mode: int) -> None:
-        super().__init__(source, errors)
-        self.mode = mode
+    """A config path that names a directory, a FIFO, a socket or a device, not a file that
+    could not be read."""
 
 
 class GpuDriverNotReady(ConfigError):
