@@ -95,7 +95,7 @@ _HOLDERS = sa.text(
 _HIDDEN = sa.text(
     "SELECT a.pid, a.usename FROM pg_stat_activity a"
     " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
-    " AND NOT (pg_has_role('pg_read_all_stats', 'USAGE') OR pg_has_role(a.usesysid, 'USAGE'))"
+    " AND NOT pg_has_role(a.usesysid, 'USAGE')"  # (asked only of a role without the grant)
     + _LOCKS_ONE
     + " ORDER BY a.pid"
 )
@@ -224,7 +224,7 @@ def _hidden(r: Any) -> Session:
 
 
 def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
-             engine: Engine, phase: str = "work") -> StoreUnavailable:  # fmt: skip
+             engine: Engine, phase: str) -> StoreUnavailable:  # fmt: skip
     """The error of the operation `name` (on `subject`) whose statement (in `phase`, as
     retry.Phase names it) waited for a lock past lock_timeout at its last try, naming the
     sessions that held it."""
@@ -292,15 +292,24 @@ def _bound(timeout: str | None) -> str:
     return "its lock_timeout" if timeout is None else f"its lock_timeout ({timeout})"
 
 
+def lock_timeout(engine: Engine) -> str | None:
+    """The store's sessions' lock_timeout, as the server says it (else as we set it)."""
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(_ROLE).one()[0])
+    except exc.SQLAlchemyError:
+        return pg_session.session_settings(engine.url).get("lock_timeout")
+
+
 def _notify_lock(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
                  engine: Engine) -> StoreUnavailable:  # fmt: skip
     """A COMMIT that waited past lock_timeout: for PostgreSQL's NOTIFY lock, the one lock a
     COMMIT takes (every transaction that sent a NOTIFY takes it, one for the whole server, and
     holds it until its commit is flushed); no row of ours is held by then."""
-    held = holders(engine)
+    timeout = lock_timeout(engine)
     return StoreUnavailable(
         f"job store {where}: {name}{subject.text} could not commit: its COMMIT waited for"
-        f" PostgreSQL's NOTIFY lock longer than {_bound(held.timeout)} at each of {tries} tries,"
+        f" PostgreSQL's NOTIFY lock longer than {_bound(timeout)} at each of {tries} tries,"
         f" and gave up ({first_line(error)}); nothing of it was stored. Every transaction that"
         " sends a NOTIFY (damocles-ext's do, to wake its producers) takes that one lock of the"
         " whole server at its COMMIT and holds it until its commit is flushed: another"

@@ -34,7 +34,7 @@ from .database import (
     pg_role,
     schema_version,
 )
-from .lock_waits import LOCK_NOT_AVAILABLE
+from .lock_waits import is_lock_wait
 
 log = logging.getLogger("damocles_ext.jobs")
 
@@ -60,7 +60,7 @@ def take_schema_lock(conn: Connection, where: str, lock_timeout: float | None) -
     try:
         conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
     except exc.OperationalError as e:
-        if getattr(e.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+        if not is_lock_wait(e):
             raise
         waited = "" if lock_timeout is None else f" for over {lock_timeout:g} s"
         raise StoreUnavailable(
@@ -171,7 +171,7 @@ def lock_waited_out(
     """The StoreUnavailable for an upgrade from `found` that gave up waiting for a table lock
     (`error`), naming the sessions that hold locks on the store's tables; None for another
     error."""
-    if found in (0, SCHEMA_VERSION) or getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+    if found in (0, SCHEMA_VERSION) or not is_lock_wait(error):
         return None
     holders = _lock_holders(engine)
     return StoreUnavailable(

@@ -101,7 +101,7 @@ def pause(attempt: int, first: float = FIRST_PAUSE) -> float:
 
 def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
         replayable: bool, attempts: int = ATTEMPTS, first_pause: float = FIRST_PAUSE,
-        engine: Engine | None = None,
+        engine: Engine,
         subject: Callable[[], lock_waits.Subject] = lock_waits.Subject) -> R:  # fmt: skip
     """`call()` (the operation `name` of the store at `where`), tried up to `attempts` times
     while it fails with a transient PostgreSQL failure or a StoreConflict; its last database
@@ -132,7 +132,7 @@ def run(call: Callable[[], R], *, name: str, where: str, url: URL, phase: Phase,
             waits += waited
             last = attempt >= attempts or (waited and waits >= lock_waits.LOCK_ATTEMPTS)
             if why is None or last:
-                if waited and engine is not None:
+                if waited:
                     failure = lock_waits.too_long(
                         where, name, subject(), error, waits, engine, phase.name
                     )

@@ -275,8 +275,8 @@ class JobStore:
 
     def _read(self, conn: Connection, job_id: str, *, lock: bool = True,
               skip_locked: bool = False) -> JobRecord | None:  # fmt: skip
-        statement = stmts.READ_JOB_SKIP_LOCKED if skip_locked else stmts.READ_JOB_LOCKED
-        statement = statement if lock else stmts.READ_JOB
+        locked = stmts.READ_JOB_SKIP_LOCKED if skip_locked else stmts.READ_JOB_LOCKED
+        statement = locked if lock else stmts.READ_JOB
         row = conn.execute(statement, {"job_id": job_id}).first()
         return None if row is None else job_of_row(row)
 
