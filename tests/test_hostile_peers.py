@@ -658,15 +658,7 @@ async def test_an_internal_error_answering_a_control_request_is_logged_once(
     # is not warned about again (it was, as any error answer is: two records of one failure).
     # That one record carries the caller's id, as every record of an error answer does (it had
     # no fields: a search by the client's id did not find the failure).
-    async def submit(task, *, deadline=None, priority=0, on_progress=None):
-        if where == "submit":
-            _buggy(task)
-        return echo_output(task)
-
-    def start(task, **options):  # None: the request goes to `submit`
-        if where == "start":
-            _buggy(task)
-
+    start, submit = _buggy_at(where)
     caplog.set_level(logging.INFO, "damocles_ext")
     path = sock_dir / "control.sock"
     server = ControlServer(bind_control_socket(path), submit, start=start)

@@ -587,7 +587,7 @@ class _Connection:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
         except Exception as exc:
-            fields = {"caller_request_id": rid}  # (not failure_fields: the bug may be in it)
+            fields = bug_fields(rid, exc)
             log.exception("control request %d: internal error on its answer", rid, extra=fields)
             self._queue_response(dext.Response(rid, error=internal_error(exc)))
 

@@ -38,6 +38,7 @@ from .signals import end_soon, stop_signals, watch_signals
 from .started import (
     Batch,
     CancelHandle,
+    InternalError,
     Start,
     bug_fields,
     failure_fields,
@@ -285,7 +286,7 @@ class JsonLineServer:
             return
         nursery.start_soon(self._answer, request.id, request.task)
 
-    def _finished(self, id: int, output: Output | None, error: Exception | None) -> None:
+    def _finished(self, id: int, output: Output | None, error: DextError | None) -> None:
         """`start`'s answer to request `id` (maybe before `start` returned). Called from within
         the supervisor: a bug of ours here must still answer the request, and not reach it."""
         self._started.pop(id, None)
@@ -295,9 +296,8 @@ class JsonLineServer:
         try:
             self._reply(id, output, error)
         except Exception as exc:
-            fields = {"caller_request_id": id}  # (not failure_fields: the bug may be in it)
-            log.exception("request %d: internal error on its answer", id, extra=fields)
-            self._reply(id, None, exc)
+            log.exception("request %d: internal error on its answer", id, extra=bug_fields(id, exc))
+            self._reply(id, None, InternalError(internal_error(exc)))
 
     def _take(self, id: int, what: str) -> bool:
         """Count `id` in flight until it is answered; False (logged) if it is already."""
@@ -331,7 +331,7 @@ class JsonLineServer:
                 self._reply(id, None, exc)
             except Exception as exc:  # a bug of ours must still answer the request
                 log.exception("request %d: internal error", id, extra=bug_fields(id, exc))
-                self._reply(id, None, exc)
+                self._reply(id, None, InternalError(internal_error(exc)))
             else:
                 self._reply(id, output, None)
             queued = True
@@ -339,18 +339,15 @@ class JsonLineServer:
             if not queued:  # cancelled from outside (or a bug of ours): never answered
                 self._done(id)
 
-    def _reply(self, id: int, output: Output | None, error: Exception | None) -> None:
-        """Answer request `id` with `output`, or with `error` (a DextError says why there is no
-        proof; anything else is a bug of ours, logged by the caller, and still answered)."""
+    def _reply(self, id: int, output: Output | None, error: DextError | None) -> None:
+        """Answer request `id` with `output`, or with `error`, which says why there is no proof
+        (an InternalError: a bug of ours, logged by the caller, and still answered)."""
         if error is None:
             self._write(jsonl.encode_response(id, output=output), id)
             return
-        if isinstance(error, DextError):
-            message = self._error_text(id, str(error) or type(error).__name__)
-            if not error.logged:  # (a bug's answer: logged with its traceback already)
-                log.warning("%s", message, extra=failure_fields(id, error))
-        else:
-            message = self._error_text(id, internal_error(error))
+        message = self._error_text(id, str(error) or type(error).__name__)
+        if not error.logged:  # (a bug's answer: logged with its traceback already)
+            log.warning("%s", message, extra=failure_fields(id, error))
         self._stats.failed += 1
         self._write(jsonl.encode_response(id, err_msg=message), id)
 
