@@ -136,14 +136,15 @@ class JobProducer:
         settings: ManagerConfig,
         *,
         deadline_after: float | None,
-        file_check_every: float = FILE_CHECK_EVERY,
+        file_check_every: float | None = None,
     ) -> JobProducer:
-        """The producer on `store` with the stores of `settings` (producer_settings)."""
+        """The producer on `store` with the stores of `settings` (producer_settings);
+        `file_check_every` None: FILE_CHECK_EVERY."""
         stores = StoreMap(settings.stores)
+        every = FILE_CHECK_EVERY if file_check_every is None else file_check_every
         return cls(
-            TrioJobStore(store), stores, deadline_after=deadline_after,
-            file_check_every=file_check_every,
-        )  # fmt: skip
+            TrioJobStore(store), stores, deadline_after=deadline_after, file_check_every=every
+        )
 
     @property
     def limits(self) -> rules.JobLimits:

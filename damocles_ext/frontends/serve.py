@@ -233,8 +233,9 @@ def serve_jobs(
     try:
         from damocles_ext.jobs.store import TrioJobStore
 
-        checks = {} if file_check_every is None else {"file_check_every": file_check_every}
-        producer = JobProducer.on(store, settings, deadline_after=deadline_after, **checks)
+        producer = JobProducer.on(
+            store, settings, deadline_after=deadline_after, file_check_every=file_check_every
+        )
         coordinator = None
         if listen is not None:
             from .coordinator import Coordinator, CoordinatorServer
