@@ -29,7 +29,7 @@ import glob
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -204,6 +204,15 @@ def _miscased(doc: Mapping[str, Any], name: str, form: str) -> str:
     )
 
 
+class _Processor(NamedTuple):
+    """A [[processors.window_post]] read: its child, the file's ext locks it names, and whether
+    the file gives its concurrent (else one per wdpost thread)."""
+
+    spec: ChildSpec
+    named_locks: tuple[str, ...]
+    concurrent_given: bool
+
+
 class _Reader:
     def __init__(self, source: str, pid: int) -> None:
         self.source = source
@@ -211,10 +220,6 @@ class _Reader:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.unread: list[tuple[str, str, str]] = []
-        self._named_locks: dict[
-            int, tuple[str, ...]
-        ] = {}  # a processor's: its [processors.ext_locks]
-        self._concurrent_given: set[int] = set()  # processors whose concurrent the file gives
 
     def table(self, parent: Mapping[str, Any], key: str, where: str) -> TypedTable:
         return TypedTable.of(parent, key, where, self.errors)
@@ -508,20 +513,20 @@ class _Reader:
                 f"one child (it must be on PATH)"
             )
             blocks = [(0, {})]
-        children = []
+        processors_read = []
         for i, raw in blocks:
             where = f"processors.window_post[{i}]"
             self.unread += unread_keys(raw, PROCESSOR, where)
-            child = self._child(
+            read = self._child(
                 i, TypedTable(raw, where, self.errors), ext_locks, default_concurrent
             )
-            if child is not None:
-                children.append(child)
+            if read is not None:
+                processors_read.append(read)
         bound = threads if limit is None else min(limit, threads)  # the jobs run at once
-        return self._shared_locks(children, ext_locks, bound)
+        return self._shared_locks(processors_read, ext_locks, bound)
 
     def _shared_locks(
-        self, children: list[ChildSpec], ext_locks: dict[str, int], bound: int
+        self, processors: list[_Processor], ext_locks: dict[str, int], bound: int
     ) -> list[ChildSpec]:
         """damocles-worker's ext locks made ours. Its lock of N holders lets N proofs at a time
         hold it, whatever processors run them; ours has one holder, a child, which runs up to
@@ -532,16 +537,17 @@ class _Reader:
         `bound`, the worker's jobs at once) never makes one wait (dropped); one in between
         needs a lock shared by counts, which ours is not (an error that says what to give).
         The locks our children take per device (`gpu:<i>`) are not the file's and stay."""
+        children = [p.spec for p in processors]
         by_lock: dict[str, list[int]] = {}
-        for k, child in enumerate(children):
-            for lock in self._named_locks.get(child.index, ()):
+        for k, processor in enumerate(processors):
+            for lock in processor.named_locks:
                 by_lock.setdefault(lock, []).append(k)
         for lock, holders in by_lock.items():
             count = ext_locks[lock]
             if count >= 1 and (count == 1 or len(holders) == 1):
                 for k in holders:
                     child, concurrent = children[k], min(children[k].concurrent, count)
-                    if concurrent < child.concurrent and child.index in self._concurrent_given:
+                    if concurrent < child.concurrent and processors[k].concurrent_given:
                         self.warnings.append(
                             f"{self.source}: {_processor(child)}: concurrent {child.concurrent}"
                             f" runs as {concurrent}: [processors.ext_locks] {_show(lock)} ="
@@ -551,6 +557,7 @@ class _Reader:
                     children[k] = msgspec.structs.replace(child, concurrent=concurrent)
         for lock, holders in by_lock.items():
             count, runs = ext_locks[lock], [children[k] for k in holders]
+            given = [processors[k].concurrent_given for k in holders]
             at_once = min(sum(c.concurrent for c in runs), bound)
             if count == 0:
                 self.errors.append(
@@ -559,7 +566,10 @@ class _Reader:
                     " give it 1 or more"
                 )
             elif 1 < count < at_once and len(holders) > 1:
-                each = ", ".join(f"{_processor(c)} {self._concurrent_of(c)}" for c in runs)
+                each = ", ".join(
+                    f"{_processor(c)} {c.concurrent}{'' if g else ' (unset: one per thread)'}"
+                    for c, g in zip(runs, given, strict=True)
+                )
                 self.errors.append(
                     f"[processors.ext_locks] {_show(lock)} = {count}, and the processors that"
                     f" name it run up to {at_once} proofs at once ({each}): damocles-ext's"
@@ -576,13 +586,9 @@ class _Reader:
                     children[k] = msgspec.structs.replace(child, locks=kept)
         return children
 
-    def _concurrent_of(self, child: ChildSpec) -> str:
-        given = child.index in self._concurrent_given
-        return str(child.concurrent) if given else f"{child.concurrent} (unset: one per thread)"
-
     def _child(
         self, index: int, t: TypedTable, ext_locks: dict[str, int], default_concurrent: int
-    ) -> ChildSpec | None:
+    ) -> _Processor | None:
         errors_before = len(self.errors)
         bin_ = t.string("bin", nonempty=True)
         args = t.string_list("args")
@@ -607,11 +613,8 @@ class _Reader:
             ),
         )
         concurrent = t.integer("concurrent", low=1, high=MAX_CONCURRENT)
-        if concurrent is not None:
-            self._concurrent_given.add(index)
         user_envs = t.envs("envs")
         locks = t.string_list("locks") or []
-        self._named_locks[index] = tuple(dict.fromkeys(x for x in locks if x in ext_locks))
         for j, lock in enumerate(locks):
             if lock not in ext_locks:
                 self.errors.append(
@@ -641,7 +644,7 @@ class _Reader:
         gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
         # One lock per device, as a [[WdPost]] with Gpus gets: children on one GPU take turns.
         gpu_locks = device_locks(gpu)
-        return ChildSpec(
+        spec = ChildSpec(
             stage=STAGE,
             index=index,
             block=index,
@@ -665,6 +668,8 @@ class _Reader:
             locks=tuple(dict.fromkeys([*locks, *gpu_locks])),
             gpu=gpu,
         )
+        named = tuple(dict.fromkeys(x for x in locks if x in ext_locks))
+        return _Processor(spec, named, concurrent is not None)
 
 
 def _processor(child: ChildSpec) -> str:
