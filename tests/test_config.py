@@ -171,8 +171,8 @@ def test_a_conf_dir_this_user_may_not_enter_is_a_config_error_not_a_traceback() 
     with a_closed_directory() as closed:
         inside = said_when_kept_out(lambda: config.load_conf_dir(closed))
         below = said_when_kept_out(lambda: config.load_conf_dir(closed / "sub"))
-    assert inside == (
-        f"ConfigError: {closed}/ext-prover.cfg: cannot read the config file: a directory on its"
+    assert inside == (  # (a ConfigError that says so)
+        f"ClosedOnTheWay: {closed}/ext-prover.cfg: cannot read the config file: a directory on its"
         " path is closed to this user (check the mode and owner of the directories above it)"
     )
     assert below == (

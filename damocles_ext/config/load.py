@@ -31,6 +31,7 @@ from .spec import (
     STAGE_OF_TABLE,
     TMP_ROOT_ENV,
     ChildSpec,
+    ClosedOnTheWay,
     Config,
     ConfigError,
     GpuDriverNotReady,
@@ -88,12 +89,15 @@ def read_config_text(
             errno=exc.errno,
         ) from None
     except PermissionError as exc:
-        why = (
-            "a directory on its path is closed to this user (check the mode and owner of the"
-            " directories above it)"
-            if closed_on_the_way(source)
-            else "permission denied (check its mode and owner)"
-        )
+        if _closed_on_the_way(source):
+            why = (
+                "a directory on its path is closed to this user (check the mode and owner of"
+                " the directories above it)"
+            )
+            raise ClosedOnTheWay(
+                source, [f"{source}: cannot read {what}: {why}"], errno=exc.errno
+            ) from None
+        why = "permission denied (check its mode and owner)"
         raise ConfigError(
             source, [f"{source}: cannot read {what}: {why}"], errno=exc.errno
         ) from None
@@ -121,7 +125,7 @@ def read_config_text(
         ) from None
 
 
-def closed_on_the_way(path: str) -> bool:
+def _closed_on_the_way(path: str) -> bool:
     """Whether a directory on the way to `path` keeps this user out, rather than the file's own
     mode (asked once its open was refused, for what the message says)."""
     try:

@@ -89,6 +89,11 @@ class ConfigError(UsageError):
         return f"{self.source} has {len(self.errors)} errors:\n{lines}"
 
 
+class ClosedOnTheWay(ConfigError):
+    """A config file this user may not reach: a directory on its path is closed to it (not
+    the file's own mode)."""
+
+
 class NotRegularConfig(ConfigError):
     """A config path that names a directory, a FIFO, a socket or a device, not a file that
     could not be read."""

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..config.load import closed_on_the_way, read_config_text, strip_bom
+from ..config.load import read_config_text, strip_bom
 from ..config.messages import _show
-from ..config.spec import ConfigError
+from ..config.spec import ClosedOnTheWay, ConfigError
 from ..errors import UsageError
 from .paths import StoreMap, merge_stores
 from .rules import (
@@ -75,6 +75,11 @@ class ManagerConfigError(UsageError):
     def __init__(self, message: str, *, denied: str | None = None) -> None:
         super().__init__(message)
         self.denied = denied
+
+    @classmethod
+    def unread(cls, exc: ConfigError, path: str, message: str | None = None) -> ManagerConfigError:
+        """`path` could not be read (`exc`): its message, or `message`, denied if it was."""
+        return cls(str(exc) if message is None else message, denied=path if exc.denied else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +165,8 @@ def load_manager_conf_dir(directory: str | os.PathLike[str]) -> ManagerConfig | 
     except ConfigError as exc:
         if exc.errno == errno.ENOENT:  # (DIR was there just now)
             return None
-        if not (exc.denied and closed_on_the_way(source)):
-            raise ManagerConfigError(str(exc), denied=source if exc.denied else None) from None
+        if not isinstance(exc, ClosedOnTheWay):
+            raise ManagerConfigError.unread(exc, source) from None
         what, denied = closed, source  # DIR itself, not the file: this user may not enter it
     except FileNotFoundError:
         what = "does not exist"
@@ -184,7 +189,7 @@ def load_manager_config(path: str | os.PathLike[str]) -> ManagerConfig:
     try:
         text = read_config_text(source, MANAGER_CONF_FILE, limit=MAX_MANAGER_CONF_BYTES)
     except ConfigError as exc:
-        raise ManagerConfigError(str(exc), denied=source if exc.denied else None) from None
+        raise ManagerConfigError.unread(exc, source) from None
     return parse_manager_config(text, source)
 
 
@@ -422,11 +427,8 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
         # Denied to this user: damocles-manager's may read it. Another error of the open or the
         # read: damocles-manager meets it too.
         cannot = exc.errno is not None and not exc.denied
-        raise ManagerConfigError(
-            f"{where}: {exc}"
-            + (" (damocles-manager cannot either, and refuses to start)" if cannot else ""),
-            denied=meta_path if exc.denied else None,
-        ) from None
+        also = " (damocles-manager cannot either, and refuses to start)" if cannot else ""
+        raise ManagerConfigError.unread(exc, meta_path, f"{where}: {exc}{also}") from None
     except (ValueError, RecursionError) as exc:
         raise ManagerConfigError(
             f"{where}: {meta_path} is not JSON ({exc}); damocles-manager refuses it too: fix or"
