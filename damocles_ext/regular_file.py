@@ -95,25 +95,10 @@ def open_regular(
         mode = os.fstat(pfd).st_mode
         if not stat.S_ISREG(mode):
             raise NotRegularFile(path, mode)
-        same = f"{_PROC_FDS}/{pfd}"
-        try:
-            try:
-                fd = os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            except BlockingIOError:
-                if not wait_for_lease:
-                    raise
-                return os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            if os.path.isdir(_PROC_FDS):
-                exc.filename = os.fspath(path)
-                raise
-            fd = None  # no /proc: the name is opened again below
-        except OSError as exc:
-            exc.filename = os.fspath(path)  # the file, not /proc/self/fd/N, in what it says
-            raise
+        fd = _open_same_inode(pfd, path, flags, wait_for_lease)
     finally:
         os.close(pfd)
-    if fd is None:
+    if fd is None:  # no /proc: the name is opened again
         fd = _open_by_name(path, flags, wait_for_lease=wait_for_lease)
     try:
         os.set_blocking(fd, True)
@@ -121,6 +106,29 @@ def open_regular(
         os.close(fd)
         raise
     return fd
+
+
+def _open_same_inode(
+    pfd: int, path: str | os.PathLike[str], flags: int, wait_for_lease: bool
+) -> int | None:
+    """The file of O_PATH descriptor `pfd` (of `path`) opened through /proc/self/fd: that inode,
+    whatever the name leads to by then; None without /proc."""
+    same = f"{_PROC_FDS}/{pfd}"
+    try:
+        try:
+            return os.open(same, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except BlockingIOError:
+            if not wait_for_lease:
+                raise
+            return os.open(same, flags | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        if not os.path.isdir(_PROC_FDS):
+            return None
+        exc.filename = os.fspath(path)
+        raise
+    except OSError as exc:
+        exc.filename = os.fspath(path)  # the file, not /proc/self/fd/N, in what it says
+        raise
 
 
 def _open_by_name(path: str | os.PathLike[str], flags: int, *, wait_for_lease: bool) -> int:
