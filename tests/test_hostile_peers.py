@@ -705,6 +705,55 @@ async def test_an_internal_error_answering_a_serve_request_is_logged_once(where,
     assert logged.caller_request_id == 7, logged.__dict__
 
 
+@pytest.mark.parametrize("door", ["control", "serve"])
+async def test_an_error_answer_goes_out_even_when_its_records_fields_fail(
+    door, monkeypatch, sock_dir, caplog
+):
+    # Not a bug's answer, an ordinary one (the prover's error): its warning's fields are worked
+    # out just before it is written; a bug there loses neither the answer nor the connection.
+    def no_number(error):
+        raise RuntimeError("injected bug in the record's fields")
+
+    monkeypatch.setattr(started_module, "supervisor_number", no_number)
+
+    async def submit(task, **options):
+        if task.miner_id == 666:
+            raise ProverError("request 3 (window_post): no GPU left")
+        return echo_output(task)
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            if door == "control":
+                path = sock_dir / "control.sock"
+                server = ControlServer(bind_control_socket(path), submit)
+                await nursery.start(server.serve)
+                async with connect(path) as client:
+                    with pytest.raises(ProverError, match="no GPU left"):
+                        await client.submit(make_task(666))
+                    assert await client.submit(make_task(1)) == echo_output(make_task(1))
+                server.stop_accepting()
+            else:
+                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+                serve = JsonLineServer("window_post", submit, receive_stream=in_receive,
+                                       send_stream=out_send, ready_line_sent=True)  # fmt: skip
+                nursery.start_soon(serve.run)
+                await in_send.send_all(jsonl.encode_request(7, make_task(666)))
+                await in_send.send_all(jsonl.encode_request(8, make_task(1)))
+                reader = jsonl.LineReader()
+                lines: list = []
+                while len(lines) < 2:
+                    lines += reader.receive_data(await out_receive.receive_some())
+                answers = {a["id"]: a for a in map(json.loads, lines)}
+                assert "no GPU left" in answers[7]["err_msg"], answers
+                assert answers[8]["err_msg"] is None and answers[8]["output"], answers
+            nursery.cancel_scope.cancel()
+    (warned,) = [r for r in caplog.records if "no GPU left" in r.getMessage()]
+    assert warned.levelno == logging.WARNING and not hasattr(warned, "request_id"), warned
+    assert isinstance(warned.caller_request_id, int), warned.__dict__
+
+
 @pytest.mark.parametrize("where", ["submit", "start"])
 @pytest.mark.parametrize("door", ["control", "serve"])
 async def test_a_request_a_bug_failed_is_answered_even_when_its_records_fields_fail_too(

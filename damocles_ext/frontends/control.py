@@ -62,7 +62,7 @@ from .started import (
     CancelHandle,
     InternalError,
     Start,
-    bug_fields,
+    failure_fields,
     internal_error,
     said_and_logged,
     start_or_decline,
@@ -587,7 +587,7 @@ class _Connection:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
         except Exception as exc:
-            fields = bug_fields(rid, exc)
+            fields = failure_fields(rid, exc)
             log.exception("control request %d: internal error on its answer", rid, extra=fields)
             self._queue_response(dext.Response(rid, error=internal_error(exc)))
 
@@ -603,7 +603,7 @@ class _Connection:
             except DextError as exc:
                 error = exc
             except Exception as exc:  # a bug of ours must still answer the request
-                fields = bug_fields(req.id, exc)  # the caller's id: the answer's one record
+                fields = failure_fields(req.id, exc)  # the caller's id: the answer's one record
                 log.exception("control request %d: internal error", req.id, extra=fields)
                 error = InternalError(internal_error(exc))
         if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)

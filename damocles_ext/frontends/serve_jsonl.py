@@ -40,7 +40,6 @@ from .started import (
     CancelHandle,
     InternalError,
     Start,
-    bug_fields,
     failure_fields,
     internal_error,
     own_label,
@@ -296,7 +295,9 @@ class JsonLineServer:
         try:
             self._reply(id, output, error)
         except Exception as exc:
-            log.exception("request %d: internal error on its answer", id, extra=bug_fields(id, exc))
+            log.exception(
+                "request %d: internal error on its answer", id, extra=failure_fields(id, exc)
+            )
             self._reply(id, None, InternalError(internal_error(exc)))
 
     def _take(self, id: int, what: str) -> bool:
@@ -330,7 +331,7 @@ class JsonLineServer:
             except DextError as exc:
                 self._reply(id, None, exc)
             except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("request %d: internal error", id, extra=bug_fields(id, exc))
+                log.exception("request %d: internal error", id, extra=failure_fields(id, exc))
                 self._reply(id, None, InternalError(internal_error(exc)))
             else:
                 self._reply(id, output, None)

@@ -74,7 +74,7 @@ def start_or_decline(
         on_done(None, exc)
         return True
     except Exception as exc:  # a bug of ours must still answer the request
-        log.exception("request %d: internal error", rid, extra=bug_fields(rid, exc))
+        log.exception("request %d: internal error", rid, extra=failure_fields(rid, exc))
         handles.pop(rid, None)
         on_done(None, InternalError(internal_error(exc)))
         return True
@@ -130,26 +130,21 @@ def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]
     `caller_request_id`, the caller's own id for it (serve's damocles request id); and
     `request_id`, the supervisor's number for it, as the supervisor's own records about it
     (its retries, its kill) carry it: this process's supervisor's, or, for a request `run`
-    answered through its control socket (serve --connect), the number in run's log."""
+    answered through its control socket (serve --connect), the number in run's log. The
+    caller's id alone if working out the rest fails (a bug there, or in what it imports): the
+    record is written just before the answer, which must still go, and its connection go on."""
     fields: dict[str, Any] = {"caller_request_id": caller_id}
-    if (rid := supervisor_number(error)) is not None:
-        fields["request_id"] = rid
-    if (job_id := getattr(error, "job_id", None)) is not None:  # serve --jobs: its job's answer
-        # Imported here: loaded already by serve --jobs, and not needed by any other front end.
-        from ..jobs.log_lines import job_fields
-
-        fields.update(job_fields(job_id, getattr(error, "worker", None)))
-    return fields
-
-
-def bug_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]:
-    """failure_fields for the record of a bug of ours that failed a request, as it is answered:
-    the caller's id alone if working them out fails too (a bug there, or in what it imports),
-    so the request is still answered and its connection goes on."""
     try:
-        return failure_fields(caller_id, error)
+        if (rid := supervisor_number(error)) is not None:
+            fields["request_id"] = rid
+        if (job_id := getattr(error, "job_id", None)) is not None:  # serve --jobs: its job's
+            # Imported here: loaded already by serve --jobs, and not needed by any other front end.
+            from ..jobs.log_lines import job_fields
+
+            fields.update(job_fields(job_id, getattr(error, "worker", None)))
     except Exception:  # noqa: BLE001 - a bug of ours in the fields: the caller's id is enough
         return {"caller_request_id": caller_id}
+    return fields
 
 
 def supervisor_number(error: BaseException) -> int | None:
