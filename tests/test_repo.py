@@ -82,6 +82,7 @@ SANS_IO = [
     "jobs/summary.py",  # the job store's summary: live workers, unallocatable jobs
     "jobs/endpoint.py",  # the RPC addresses: multiaddrs, URLs, HOST:PORT
     "jobs/log_lines.py",  # a sweep's log line, the fields of a record about one job
+    "jobs/held_rows.py",  # when a job whose row is held, its heartbeats passed over, is warned of
     "config/damocles_worker_keys.py",  # damocles-worker.toml's keys, durations, sector sizes
     "config/damocles_worker_values.py",  # typed reads of damocles-worker.toml's tables
     "jobs/paths.py",  # a sector's paths <-> damocles store names

@@ -177,6 +177,7 @@ class Coordinator:
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
         self._observed(outcome.effects)
+        await self.dext.warn_held(outcome, worker)
         _raise_refusals(outcome.effects)
 
     async def _WdPoStFinishJob(

@@ -44,14 +44,17 @@ LOCK_ATTEMPTS: Final = 2
 
 #: What is said of a session: whether it is one of damocles-ext's (our engine's application
 #: name, the URL's when it sets one, or damocles-ext's own: its listener's too).
-_COLUMNS = (
+_SESSIONS = (
     "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start,"
     " left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) AS query,"
     " (a.application_name = current_setting('application_name')"
     " OR a.application_name LIKE 'damocles-ext%') AS ours"
     " FROM pg_stat_activity a"
     " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
-    " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
+)
+#: Those in a transaction since before a wait of ours began.
+_COLUMNS = (
+    _SESSIONS + " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
 )
 
 #: The transaction that holds job :job_id's row: a row locked (FOR UPDATE), updated or deleted
@@ -64,11 +67,14 @@ _XMAX_WAIT = sa.text("SET LOCAL lock_timeout = '100ms'")
 #: once carries a multixact id instead, which names none of them (and might equal an unrelated
 #: xid): the session must also hold a lock on the jobs table, as every locker of one of its rows
 #: does. Nothing found: the guess below.
-_ROW_HOLDER = sa.text(
-    _COLUMNS + " AND a.backend_xid = CAST(:xmax AS xid)"
+_HOLDS_ROW = (
+    " AND a.backend_xid = CAST(:xmax AS xid)"
     " AND EXISTS (SELECT 1 FROM pg_locks l"
     " WHERE l.pid = a.pid AND l.granted AND l.relation = to_regclass(:table))"
 )
+_ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
+#: The same, of a row held now (a heartbeat passed over it), whenever its transaction began.
+_ROW_HOLDER_NOW = sa.text(_SESSIONS + _HOLDS_ROW)
 
 #: A lock of session `a` on one of the tables :names (as the store's sessions find them: by
 #: their search_path, not another schema's of the same name) that one of our statements can
@@ -109,6 +115,16 @@ _ROLE = sa.text(
 FIND_IT = (
     "SELECT pid, application_name, client_addr, state, query FROM pg_stat_activity WHERE pid IN"
     " (SELECT unnest(pg_blocking_pids(pid)) FROM pg_stat_activity WHERE wait_event_type = 'Lock')"
+)
+
+#: How an operator finds the sessions that may hold a job's row while no statement waits for it
+#: (a heartbeat passes over a held row): those that lock the jobs table as a row lock or a
+#: write does, oldest transaction first.
+FIND_ROW_HOLDERS = (
+    "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start, a.query"
+    " FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+    f" WHERE l.relation = '{jobs.name}'::regclass AND l.mode IN ('RowShareLock',"
+    " 'RowExclusiveLock') AND a.pid <> pg_backend_pid() ORDER BY a.xact_start"
 )
 
 
@@ -186,6 +202,49 @@ def holders(engine: Engine, job_id: str | None = None, table: str | None = None)
     except exc.SQLAlchemyError:
         return Held(timeout, [], blind=blind)
     return Held(timeout, sessions, blind=blind)
+
+
+def row_holder(engine: Engine, job_id: str) -> Session | None:
+    """The session that holds job `job_id`'s row now, named exactly (the row's xmax); None when
+    none is (a row locked by several sessions at once, or inside a savepoint; a holder whose
+    transaction this role may not see; gone since) or the look failed. A few statements on a
+    connection of `engine`'s, waiting 100 ms at most for a lock (`_xmax`); never raises."""
+    try:
+        with engine.connect() as conn:
+            if (xmax := _xmax(conn, job_id)) is None:
+                return None
+            rows = _rows(conn, _ROW_HOLDER_NOW, {"xmax": xmax, "table": jobs.name})
+    except exc.SQLAlchemyError:
+        return None
+    return _session(rows[0]) if len(rows) == 1 else None
+
+
+def row_advice(holder: Session | None) -> str:
+    """Who holds a job's row that a heartbeat passed over (`row_holder`), and what to do."""
+    if holder is None:
+        return (
+            "Find the session holding it (while it holds it, among those this query lists:"
+            f" {FIND_ROW_HOLDERS}) and end its transaction: COMMIT or ROLLBACK in it, or, if it"
+            " is not damocles-ext's and nothing of it is to be kept, SELECT"
+            " pg_terminate_backend(PID)"
+        )
+    if holder.ours:
+        return (
+            f"It is held by {holder.described}. A transaction of damocles-ext holds a row for"
+            " milliseconds (a sweep pass about a second): one that holds it this long is slowed"
+            " by its server (its load, its disk) or its link, or frozen (the server ends it"
+            " after its idle-in-transaction timeout)"
+        )
+    if holder.idle:
+        return (
+            f"It is held by {holder.described}, left idle inside its transaction (a psql after"
+            " BEGIN, a change by hand): end it, COMMIT or ROLLBACK in it, or SELECT"
+            f" pg_terminate_backend({holder.pid})"
+        )
+    return (
+        f"It is held by {holder.described}, running a statement: it holds the row until its"
+        " transaction ends"
+    )
 
 
 def _xmax(conn: Connection, job_id: str) -> str | None:

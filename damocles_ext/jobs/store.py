@@ -98,6 +98,9 @@ class Outcome:
     #: Whether it wrote a row (a refused or repeated heartbeat or finish writes none): what a
     #: store refusing writes (a full disk) cannot answer.
     wrote: bool = False
+    #: The jobs passed over because another session held their row (a heartbeat's, on
+    #: PostgreSQL): in `jobs` as last committed, with no effect (jobs/held_rows.py warns).
+    skipped: tuple[str, ...] = ()
 
 
 class JobStore:
@@ -305,17 +308,17 @@ class JobStore:
         return True
 
     def _apply(self, conn: Connection, job_id: str, event: rules.Event, now: float, *,
-               skip_locked: bool = False) -> tuple[rules.Step, bool]:  # fmt: skip
-        """The rules' step for `event` on job `job_id`, stored; whether it wrote a row.
-        `skip_locked`: a row another session holds is not waited for: the step is the job as
-        last committed, with no effect, and nothing is written."""
+               skip_locked: bool = False) -> tuple[rules.Step, bool, bool]:  # fmt: skip
+        """The rules' step for `event` on job `job_id`, stored; whether it wrote a row; whether
+        the row was held. `skip_locked`: a row another session holds is not waited for: the
+        step is the job as last committed, with no effect, and nothing is written."""
         old = self._read(conn, job_id, skip_locked=skip_locked)
         if old is None and skip_locked:
             held = self._read(conn, job_id, lock=False)  # there, but locked: or gone indeed
             if held is not None:
-                return rules.Step(held, ()), False
+                return rules.Step(held, ()), False, True
         step = rules.apply(old, event, now, self.limits, job_id=job_id)
-        return step, self._write(conn, old, step.job)
+        return step, self._write(conn, old, step.job), False
 
     @database_errors(replayable=True)
     def create(self, job_input: WdPoStInput, now: float, *, deadline_idx: int = 0,
@@ -427,8 +430,8 @@ class JobStore:
         """damocles' Heartbeat for a worker's running jobs; each job's lease, when given, must
         be its current one. Refused and unknown jobs are in the effects (`Refused`, `NotFound`);
         the others' heartbeats are stored, but for a job whose row another session holds: it is
-        in `jobs` as last committed, with no effect and nothing written (its next heartbeat
-        tries again)."""
+        in `jobs` as last committed and in `skipped`, with no effect and nothing written (its
+        next heartbeat tries again)."""
         with self._transaction() as conn:
             # A held job row (an operator's psql after SELECT ... FOR UPDATE) is not waited for:
             # waiting, one failed the whole heartbeat at lock_timeout, and with it the worker's
@@ -463,16 +466,19 @@ class JobStore:
               skip_locked: bool = False) -> Outcome:  # fmt: skip
         stored: list[JobRecord] = []
         effects: list[rules.Effect] = []
+        skipped: list[str] = []
         wrote = False
         # Sorted: two callers locking the same rows in the same order cannot deadlock.
         for job_id in sorted(set(job_ids)):
-            step, written = self._apply(conn, job_id, event_for(job_id), now,
-                                        skip_locked=skip_locked)  # fmt: skip
+            step, written, held = self._apply(conn, job_id, event_for(job_id), now,
+                                              skip_locked=skip_locked)  # fmt: skip
             wrote |= written
             effects += step.effects
             if step.job is not None:
                 stored.append(step.job)
-        return Outcome(tuple(stored), tuple(effects), wrote)
+            if held:
+                skipped.append(job_id)
+        return Outcome(tuple(stored), tuple(effects), wrote, tuple(skipped))
 
     @database_errors(replayable=lambda *_args, lease=None, worker=None: bool(lease or worker))
     def finish(self, job_id: str, output: JobOutput | None, error_reason: str,
@@ -486,7 +492,7 @@ class JobStore:
     def reset(self, job_id: str, now: float) -> JobRecord:
         """damocles' Reset; raises JobNotFound for an unknown id (damocles' message)."""
         with self._transaction() as conn:
-            step, _ = self._apply(conn, job_id, rules.Reset(), now)
+            step, _, _ = self._apply(conn, job_id, rules.Reset(), now)
         if step.job is None:
             raise JobNotFound(job_id)
         return step.job
@@ -495,7 +501,7 @@ class JobStore:
     def remove(self, job_id: str, now: float) -> bool:
         """damocles' Remove: an unknown id is a silent success; returns whether one was removed."""
         with self._transaction() as conn:
-            step, _ = self._apply(conn, job_id, rules.Remove(), now)
+            step, _, _ = self._apply(conn, job_id, rules.Remove(), now)
         return any(isinstance(e, rules.Removed) for e in step.effects)
 
     def remove_all(self, now: float, *, batch: int = REMOVE_BATCH, pause: float | None = None,
