@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 from helpers.damocles_source import DamoclesSource
-from helpers.frontend import DEXT, dext_env
+from helpers.frontend import DEXT, CoordinatorProcess, dext_env, dext_run_async
 
 MINER = 1000
 
@@ -121,6 +122,32 @@ def test_a_source_refusing_the_token_is_said_once_with_exit_code_2(store):
                      "--header", "Authorization: Bearer wrong")  # fmt: skip
     assert found.returncode == 0, found.stderr
     assert "warning: source" in found.stderr and "it does not take the token sent" in found.stderr
+
+
+async def test_our_coordinator_refusing_the_token_is_said_once_with_exit_code_2(store, tmp_path):
+    """A damocles-ext coordinator with --token-file refuses a lookup without the token with HTTP
+    401 and a JSON-RPC error body (not a bare 401 as go-jsonrpc's auth answers): a refusal all
+    the same, said once, exit code 2, not one error per sector with exit code 1."""
+    token = tmp_path / "token"
+    token.write_text("right\n")
+    token.chmod(0o600)
+    coordinator = CoordinatorProcess(f"sqlite:///{tmp_path}/jobs.db", "--token-file", str(token))
+    async with trio.open_nursery() as nursery:
+        await coordinator.start(nursery)
+        try:
+            result = await dext_run_async("sectors", "find", str(MINER), "5-7", "--proxy",
+                                          f"127.0.0.1:{coordinator.port}", "--attached",
+                                          f"a={store}")  # fmt: skip
+        finally:
+            coordinator.stop()
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr  # sector 7, on no store, left unanswered
+    [error] = [line for line in stderr.splitlines() if "error:" in line]
+    assert "requires a bearer token" in error, stderr
+    said = [x for x in stderr.splitlines() if "requires a bearer token" in x]
+    assert said[1:] == [error] and said[0].startswith("sector provider source"), said
+    assert "Traceback" not in stderr
+    assert b"s-t01000-5" in result.stdout and b"s-t01000-6" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize(

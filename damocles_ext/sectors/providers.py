@@ -24,7 +24,13 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import trio
 
-from ..jobs.client import RpcClient, RpcClientError, RpcConnectionError, RpcProtocolError
+from ..jobs.client import (
+    RpcCallError,
+    RpcClient,
+    RpcClientError,
+    RpcConnectionError,
+    RpcProtocolError,
+)
 from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
@@ -162,7 +168,9 @@ class SourceNode:
             self._answered_at = trio.current_time()
             self.down = None
             reason = _shown(str(exc))
-            if isinstance(exc, RpcProtocolError) and exc.status in (401, 403):
+            # A 401 or 403 refuses our token whatever its body: a bare one (go-jsonrpc's auth,
+            # a reverse proxy) or a JSON-RPC error (a damocles-ext coordinator's --token-file).
+            if isinstance(exc, RpcProtocolError | RpcCallError) and exc.status in (401, 403):
                 raise SectorAccessRefused(f"{sector}: {reason}", reason=reason) from None
             raise SectorProviderError(f"{sector}: {reason}") from None
         except trio.Cancelled:
