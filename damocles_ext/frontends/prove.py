@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..api import open_supervisor
-from ..client import connect
+from ..client import Client, connect
 from ..errors import ProverError, UsageError
 from ..supervisor.restart import BackoffPolicy
 
@@ -86,9 +86,25 @@ async def _prove_remote(
 ) -> Output:
     async with connect(socket) as client:
         log.info("connected to %s", client.path)
-        return await client.submit(
-            task, deadline=deadline, priority=priority, on_progress=on_progress
-        )
+        try:
+            return await client.submit(
+                task, deadline=deadline, priority=priority, on_progress=on_progress
+            )
+        except ProverError as exc:
+            error = exc
+        # A worker's socket refuses every proof: a wrong --socket, the operator's to fix (exit
+        # code 2, as serve --connect says it), not a prover's failure. Asked only on a failure.
+        if await _is_a_workers_socket(client):
+            raise UsageError(str(error)) from None  # it says where proofs go
+        raise error
+
+
+async def _is_a_workers_socket(client: Client) -> bool:
+    try:
+        with trio.fail_after(3):
+            return (await client.status()).worker is not None
+    except (ProverError, trio.TooSlowError):
+        return False  # gone or slow: the proof's own error says what happened
 
 
 def prove_through_jobs(
