@@ -29,6 +29,7 @@ from helpers.frontend import (
     draining_run,
     make_task,
     plugin_block,
+    running,
     start_run,
     write_config,
 )
@@ -862,6 +863,27 @@ def test_prove_interrupted_by_ctrl_c_exits_130_without_a_traceback(tmp_path):
 
 
 REFUSED_OPTION = plugin_block("WdPost", "sleep", fail="sometimes")
+
+
+async def test_prove_through_a_run_without_children_of_the_stage_exits_2_naming_the_table(
+    tmp_path, sock_path
+):
+    """A run with no [[WinPost]] child cannot prove a WinningPoSt: its config, or the --socket,
+    is the operator's to fix (exit code 2, as serve --connect exits on it), not a prover that
+    failed (exit code 1); the message names the table to add."""
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    task = tmp_path / "task.json"
+    task.write_bytes(jsonl.task_to_json(make_task(stage="winning_post")))
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        with trio.fail_after(30):
+            result = await dext_run_async("prove", "winning_post", "--request", str(task),
+                                          "--socket", str(sock_path))  # fmt: skip
+            run.send_signal(signal.SIGTERM)
+            assert await run.wait() == 0, log.text()
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert f"the supervisor at {sock_path} has no [[WinPost]] child" in err, err
+    assert "Traceback" not in err, err
 
 
 def test_prove_with_a_prover_that_cannot_load_exits_2_at_once(tmp_path):

@@ -25,7 +25,10 @@ from .serve_jsonl import (
 from .signals import stop_signals
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..client import ReconnectingClient
+    from ..status import StatusDocument
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -51,18 +54,25 @@ async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
         why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
         log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
         return None
+    return serving_problem(doc, remote.path, stage, "--connect")
+
+
+def serving_problem(doc: StatusDocument, path: str | Path, stage: str, flag: str) -> str | None:
+    """Why the supervisor whose status is `doc`, at `path`, cannot serve `stage`, or None;
+    `flag`: the option that named the socket (`--connect`, `--socket`)."""
     if doc.worker is not None:
         # Its children prove the jobs it pulls; its socket answers `status` and refuses proofs.
+        which = "socket path" if flag == "--socket" else "--socket path"
         return (
-            f"{remote.path} is the control socket of a `damocles-ext worker`, which answers"
+            f"{path} is the control socket of a `damocles-ext worker`, which answers"
             " status only and proves the jobs it pulls from its manager, not requests; give"
-            " --connect the --socket path of a `damocles-ext run` instead"
+            f" {flag} the {which} of a `damocles-ext run` instead"
         )
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
     table = TABLE_OF_STAGE[stage]
     return (
-        f"the supervisor at {remote.path} has no [[{table}]] child, so it cannot prove {stage}"
+        f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage}"
         f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
         " restart it"
     )

@@ -14,6 +14,8 @@ from ..api import open_supervisor
 from ..client import Client, connect
 from ..errors import ProverError, UsageError
 from ..supervisor.restart import BackoffPolicy
+from ..tasks import stage_of
+from .forwarder import serving_problem
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -92,19 +94,22 @@ async def _prove_remote(
             )
         except ProverError as exc:
             error = exc
-        # A worker's socket refuses every proof: a wrong --socket, the operator's to fix (exit
-        # code 2, as serve --connect says it), not a prover's failure. Asked only on a failure.
-        if await _is_a_workers_socket(client):
-            raise UsageError(str(error)) from None  # it says where proofs go
+        # A worker's socket, which refuses every proof, or a `run` with no child of the stage:
+        # a wrong --socket or config, the operator's to fix (exit code 2, as serve --connect
+        # says it), not a prover's failure. Asked only once a proof failed.
+        problem = await _serving_problem(client, stage_of(task))
+        if problem is not None:
+            raise UsageError(problem) from None
         raise error
 
 
-async def _is_a_workers_socket(client: Client) -> bool:
+async def _serving_problem(client: Client, stage: str) -> str | None:
     try:
         with trio.fail_after(3):
-            return (await client.status()).worker is not None
+            doc = await client.status()
     except (ProverError, trio.TooSlowError):
-        return False  # gone or slow: the proof's own error says what happened
+        return None  # gone or slow: the proof's own error says what happened
+    return serving_problem(doc, client.path, stage, "--socket")
 
 
 def prove_through_jobs(
