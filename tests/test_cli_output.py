@@ -522,3 +522,12 @@ def test_a_bad_shutdown_grace_is_the_same_clear_usage_error_for_every_command(va
         said[args[0]] = capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2]
     assert said["coordinator"].startswith("argument --shutdown-grace: "), said
     assert len(set(said.values())) == 1, said
+
+
+@pytest.mark.parametrize("command", ["worker", "coordinator"])
+def test_the_long_running_commands_help_names_every_signal_that_stops_them(command):
+    # stop_signals(): SIGHUP (unless ignored) stops them gracefully too, as run and serve say.
+    done = _dext(command, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "SIGTERM, SIGINT or SIGHUP" in text.split("options:")[0], text

@@ -47,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             " Venus.WdPoStAllocateJobs, WdPoStHeartbeatJobs, WdPoStFinishJob, WdPoStResetJob,"
             " WdPoStRemoveJob, WdPoStAllJobs, StoreBasicInfo, WorkerPing) from the job store, so damocles-workers"
             ' with plan = "wdpost" take their jobs here; and Venus.SectorIndexerFind, read-only,'
-            " from the sectors of the jobs it has seen and the source node of --proxy. SIGTERM or"
-            " SIGINT stops it."
+            " from the sectors of the jobs it has seen and the source node of --proxy. SIGTERM,"
+            " SIGINT or SIGHUP stops it."
         ),
     )
     parser.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)

@@ -3,7 +3,7 @@
 coordinator, or damocles-manager --worker-prover) and prove them on the config's [[WdPost]]
 children, or the toml's [[processors.window_post]] (docs/WORKER.md).
 
-Exit codes: 0 stopped by SIGTERM/SIGINT; 1 the children or the worker failed; 2 bad options or
+Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the children or the worker failed; 2 bad options or
 config, a store the manager does not know, a refused token.
 """
 
@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "A GPU machine of worker-prover mode: ask the manager for WindowPoSt jobs as the"
             " config's [[WdPost]] children have free slots, prove them, heartbeat them while they"
-            " run and deliver the results. SIGTERM or SIGINT: ask for no more jobs, let running"
+            " run and deliver the results. SIGTERM, SIGINT or SIGHUP: ask for no more jobs, let running"
             " proofs finish (--shutdown-grace), deliver them, exit."
         ),
     )
