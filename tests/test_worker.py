@@ -266,6 +266,16 @@ async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_sto
     verify_window_post(task, WindowPoStOutput(list(done.Output.proofs), []))
 
 
+async def test_the_pulled_line_shows_the_partitions_as_wdpost_list_does(rig, tmp_path, caplog):
+    # A job without partitions (serve --jobs makes them so) was logged "partitions None".
+    caplog.set_level(logging.INFO, "damocles_ext")
+    job, _ = await rig.jobs.create(job_input())
+    worker = Worker(rig.settings(children(tmp_path, plugin_block("WdPost", "echo"))))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    pulled = f"job {job.Id}: pulled (miner 1000, deadline 0, partitions [], 1 sectors, try 1)"
+    assert pulled in caplog.text, caplog.text
+
+
 async def test_two_children_take_five_jobs_two_at_a_time_without_pausing_between_them(
     rig, tmp_path
 ):

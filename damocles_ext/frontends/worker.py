@@ -402,7 +402,7 @@ class Worker:
             job.Id,
             job.Input.MinerId,
             job.DeadlineIdx,
-            job.Partitions,
+            list(job.Partitions or ()),  # [1, 2], as `wdpost list` shows them; [] for none
             len(job.Input.Sectors or ()),
             job.TryNum,
         )
