@@ -425,3 +425,15 @@ async def test_every_field_of_the_status_document_is_in_its_table_and_no_other()
         wrong += [f"{name}.{f} is not documented" for f in real if f not in documented]
         wrong += [f"{name} has no {f}" for f in documented if f not in real]
     assert len(fields) == 7 and wrong == [], "\n".join(wrong)
+
+
+def test_the_policies_simulation_md_lists_are_names_simulate_takes():
+    # "**ref**" there was refused by `simulate --policies ref` (its name is `reference`).
+    from damocles_ext.scheduling.sim_engine import resolve_policies
+
+    text = (ROOT / "docs" / "SIMULATION.md").read_text()
+    listed = text.split("Policies, same draws:", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"^- (?:Two yardsticks[^*]*)?\*\*([\w-]+)\*\*", listed, re.MULTILINE)
+    names += re.findall(r"\) and \*\*([\w-]+)\*\*", listed)
+    assert len(names) == 8, names
+    resolve_policies(names)  # ValueError naming one it does not take
