@@ -60,7 +60,9 @@ class _Parser(argparse.ArgumentParser):
                 at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
             # What came before it went to a parser above (`--json status`): blamed there.
             blamed = given if all(e in argv[at + 1 :] for e in extras) else self
-            blamed.error(f"unrecognized arguments: {' '.join(extras)}")
+            blamed.error(
+                f"unrecognized arguments: {' '.join(extras)}{_did_you_mean(blamed, extras)}"
+            )
         return parsed
 
     def parse_known_args(  # type: ignore[override]  # the same arguments, passed on
@@ -75,6 +77,21 @@ class _Parser(argparse.ArgumentParser):
                 what = "a directory" if action.metavar == "DIR" else "a file"
                 self.error(f"argument {name}: empty; give the path of {what}")
         return parsed, extras
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """' (did you mean --conf-dir?)' for a mistyped option of `parser` among `extras`, or ''."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    typed = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+    close = {t: m for t in typed if (m := difflib.get_close_matches(t, known, 1, 0.75))}
+    if not close:
+        return ""
+    if len(close) == 1:
+        [[match]] = close.values()
+        return f" (did you mean {match}?)"
+    return f" (did you mean {', '.join(f'{m[0]} for {t}' for t, m in close.items())}?)"
 
 
 def _given(

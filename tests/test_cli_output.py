@@ -470,6 +470,27 @@ def test_an_unrecognized_argument_is_blamed_on_the_subcommand_given_with_its_usa
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["check-config", "--conf-dri", "/etc/x"], "--conf-dri (did you mean --conf-dir?)"),
+        (["worker", "--maneger", "h:1789"], "--maneger h:1789 (did you mean --manager?)"),
+        (["serve", "window_post", "--conf-dri", "x", "--log-levl=debug"],
+         ("--conf-dri x --log-levl=debug (did you mean --conf-dir for --conf-dri, --log-level for"
+          " --log-levl?)")),
+    ],
+    ids=["check-config", "worker", "serve-two"],
+)  # fmt: skip
+def test_a_mistyped_option_is_said_with_the_option_it_is_close_to(args: list[str], said: str):
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    command = args[0]
+    assert f"damocles-ext {command}: error: unrecognized arguments: {said}\n" in done.stderr, (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "option"),
     [(["--json", "status"], "--json"),
      (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"], "--all")],
