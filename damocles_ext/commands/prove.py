@@ -153,7 +153,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--priority",
         type=int64,
         default=0,
-        help="higher goes first among queued requests (default: 0)",
+        help="among queued requests of the same deadline, higher goes first (default: 0;"
+        " the queue is ordered by deadline first, earliest first)",
     )
     parser.add_argument(
         "--no-progress",
