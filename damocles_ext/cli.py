@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from . import __version__
 from .errors import EXIT_USAGE, DextError, OutputError, ProverError
@@ -43,15 +43,44 @@ PATH_METAVARS = frozenset({"FILE", "DIR", "PATH", "TASK.json", "OUT.json", "MANI
 
 
 class _Parser(argparse.ArgumentParser):
+    #: The arguments being parsed (set by parse_args), for `error` to name what this parser
+    #: does not take when argparse stops at something else first.
+    _argv: ClassVar[list[str]] = []
+
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
+        if not message.startswith("unrecognized arguments") and (foreign := self._foreign()):
+            # argparse stops at what it could not fit (`check-config -c F --log-format json`:
+            # "argument FILE: not allowed with argument -c", json taken as the FILE) before it
+            # would say that --log-format is no option here, the mistake to fix.
+            message += (
+                f" ({' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not an option"
+                f" of {self.prog}{_did_you_mean(self, foreign, ': did you mean')})"
+            )
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _foreign(self) -> list[str]:
+        """The options given after this (sub)command's name that it does not take, nor any
+        abbreviation of one of its own."""
+        argv, at = self._argv, -1
+        for name in self.prog.split()[1:]:  # where this subcommand's name is in argv
+            at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
+        given = argv[at + 1 :]
+        if "--" in given:  # what follows is positional
+            given = given[: given.index("--")]
+        own = [o for a in self._actions for o in a.option_strings]
+        return [
+            t
+            for t in (a.split("=", 1)[0] for a in given if a.startswith("--") and a != "--")
+            if not any(o.startswith(t) for o in own)
+        ]
 
     def parse_args(  # type: ignore[override]  # the same arguments, passed on
         self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         # argparse says an argument no (sub)command takes is unrecognized with the top parser's
         # usage and name; the subcommand given is the one that did not take it.
+        _Parser._argv = list(sys.argv[1:] if args is None else args)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             given, names = _given(self, parsed)
@@ -79,8 +108,11 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def _did_you_mean(parser: argparse.ArgumentParser, extras: list[str]) -> str:
-    """' (did you mean --conf-dir?)' for a mistyped option of `parser` among `extras`, or ''."""
+def _did_you_mean(
+    parser: argparse.ArgumentParser, extras: list[str], ask: str = " (did you mean"
+) -> str:
+    """' (did you mean --conf-dir?)' for a mistyped option of `parser` among `extras`, or ''
+    (`ask` opens it)."""
     import difflib
 
     known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
@@ -90,8 +122,9 @@ def _did_you_mean(parser: argparse.ArgumentParser, extras: list[str]) -> str:
         return ""
     if len(close) == 1:
         [[match]] = close.values()
-        return f" (did you mean {match}?)"
-    return f" (did you mean {', '.join(f'{m[0]} for {t}' for t, m in close.items())}?)"
+        return f"{ask} {match}?{')' if ask.startswith(' (') else ''}"
+    pairs = ", ".join(f"{m[0]} for {t}" for t, m in close.items())
+    return f"{ask} {pairs}?{')' if ask.startswith(' (') else ''}"
 
 
 def _given(

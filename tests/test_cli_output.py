@@ -491,6 +491,34 @@ def test_a_mistyped_option_is_said_with_the_option_it_is_close_to(args: list[str
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [(["check-config", "-c", "x.cfg", "--log-format", "json"],
+      ("argument FILE: not allowed with argument -c/--config (--log-format is not an option of"
+       " damocles-ext check-config)")),
+     (["check-config", "-c", "x.cfg", "--conf-dri", "d"],
+      "(--conf-dri is not an option of damocles-ext check-config: did you mean --conf-dir?)")],
+)  # fmt: skip
+def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_another_error(
+    args: list[str], said: str
+):
+    # argparse takes the option's value for the positional FILE and stops there, before it
+    # would say the option is unknown: the error names the option, the mistake to fix.
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
+    # --conf-di is argparse's abbreviation of --conf-dir: the error is the real one, alone.
+    done = _dext("check-config", "-c", "x.cfg", "--conf-di", "d")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(
+        "error: argument --conf-dir: not allowed with argument -c/--config\n"
+    ), done.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "option"),
     [(["--json", "status"], "--json"),
      (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"], "--all")],
