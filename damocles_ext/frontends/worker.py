@@ -351,9 +351,9 @@ class Worker:
             backoff.reset()
             self.counters.allocations += 1
             self.counters.empty_allocations += not got
-            for raw in got:
-                self._take(raw)
-            if len(got) < want:
+            # Jobs it already gave (held here) fill no slot: asking again at once would ask
+            # for ever at full speed a manager that keeps giving the same job.
+            if sum(self._take(raw) for raw in got) < want:
                 self._idle(self.settings.idle_poll)
             self._touch()
 
@@ -364,7 +364,8 @@ class Worker:
         with trio.move_on_after(seconds):
             await self._stop.wait()
 
-    def _take(self, raw: dict[str, Any]) -> None:
+    def _take(self, raw: dict[str, Any]) -> bool:
+        """Hold the job `raw` if it is a new one; whether it is."""
         now = self._clock()
         try:
             job = msgspec.convert(raw, PulledJob)
@@ -372,41 +373,38 @@ class Worker:
             job_id, lease = raw.get("Id"), raw.get("Lease")
             if not isinstance(job_id, str):
                 log.error("the manager gave a job without an id (%s); it is left to time out", exc)
-                return
+                return False
             job = PulledJob(
                 Id=job_id, Input=EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
             )
             problem: str | None = str(exc)
         else:
             problem = None
-            self.counters.pulled += 1
         if (had := self.held.get(job.Id)) is not None:
             how = given_again(had, job, now) if problem is None else SAME
             if how == ADOPTED:
                 had.log.warning("job %s: given again (try %d): its lease had lapsed; the work"
                                 " on it goes on under the new one", job.Id, job.TryNum)  # fmt: skip
+                self.counters.pulled += 1
                 self._touch()
-                return
+                return False
             if how == SAME and had.stop_reason is None:
                 had.log.warning("job %s: given again while this worker holds it; ignored", job.Id)
-                return
+                return False
             self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
         if problem is not None:
             held.log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
             self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
-            return
-        held.log.info(
-            "job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
-            job.Id,
-            job.Input.MinerId,
-            job.DeadlineIdx,
-            list(job.Partitions or ()),  # [1, 2], as `wdpost list` shows them; [] for none
-            len(job.Input.Sectors or ()),
-            job.TryNum,
-        )
+            return True
+        self.counters.pulled += 1
+        held.log.info("job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
+                      job.Id, job.Input.MinerId, job.DeadlineIdx,
+                      list(job.Partitions or ()),  # [1, 2], as `wdpost list` shows them; [] for none
+                      len(job.Input.Sectors or ()), job.TryNum)  # fmt: skip
         self._nursery.start_soon(self._prove, held)
+        return True
 
     # -- one job ------------------------------------------------------------------------------
 
