@@ -96,3 +96,31 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
     assert "job j1: given again while this worker holds it; ignored" in worker_lines(caplog)
     assert worker.counters.pulled == 1  # (a job given again is not pulled again)
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
+
+
+# --- answers of the wrong shape -------------------------------------------------------------------
+
+
+async def test_entries_of_an_allocation_that_are_no_job_lose_none_of_the_jobs_beside_them(
+    tmp_path, caplog
+):
+    # Before, the answer was read as a whole: one entry that was no object (null, a number) threw
+    # the whole answer away as "unreachable", and the jobs beside it, allocated to this worker,
+    # were neither proved nor finished nor named anywhere.
+    alloc = first(job("j1"), None, 5, {"Lease": "L9"}, job("j2"))
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}) as (coordinator, worker):
+        # The next allocation is asked after the jobs of the first are held (or it was lost).
+        await worker.wait_for(lambda: allocations(coordinator) >= 2 and not worker.held)
+    for job_id in ("j1", "j2"):
+        [(_, lease, output, error)] = coordinator.finishes(job_id)
+        assert (lease, error) == ("L1", "") and output["proofs"]
+    lines = worker_lines(caplog)
+    url = worker.manager_url
+    left = "in an allocation; it is left to time out there"
+    assert f"the manager at {url} gave not a job but None {left}" in lines
+    assert f"the manager at {url} gave not a job but 5 {left}" in lines
+    assert any(
+        line.startswith(f"the manager at {url} gave a job without an id (Object missing required")
+        for line in lines
+    ), lines
+    assert worker.manager_reachable and worker.counters.pulled == 2

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from ..api import open_supervisor
@@ -48,7 +47,6 @@ from ..jobs.worker_rules import (
     Failure,
     FinishVerdict,
     Outage,
-    PulledJob,
     allocate_params,
     allocations_outage,
     deadline_reached,
@@ -72,7 +70,6 @@ from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
     ADOPTED,
-    EMPTY_INPUT,
     NOT_RUNNING,
     SAME,
     HeldJob,
@@ -80,6 +77,7 @@ from .worker_state import (
     StopSignal,
     WorkerCounters,
     given_again,
+    read_entry,
 )
 
 if TYPE_CHECKING:
@@ -328,7 +326,8 @@ class Worker:
             # One call at a time, and none while the last one's result is unknown: the manager
             # may have given us jobs in a call whose answer was lost (they time out there).
             try:
-                got = await self._calls.call(method, *params, result_type=list[dict[str, Any]])
+                # Each entry read apart: one that is no job loses none of the others.
+                got = await self._calls.call(method, *params, result_type=list[Any])
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)
@@ -364,22 +363,14 @@ class Worker:
         with trio.move_on_after(seconds):
             await self._stop.wait()
 
-    def _take(self, raw: dict[str, Any]) -> bool:
+    def _take(self, raw: Any) -> bool:
         """Hold the job `raw` if it is a new one; whether it is."""
         now = self._clock()
-        try:
-            job = msgspec.convert(raw, PulledJob)
-        except msgspec.ValidationError as exc:
-            job_id, lease = raw.get("Id"), raw.get("Lease")
-            if not isinstance(job_id, str):
-                log.error("the manager gave a job without an id (%s); it is left to time out", exc)
-                return False
-            job = PulledJob(
-                Id=job_id, Input=EMPTY_INPUT, Lease=lease if isinstance(lease, str) else None
-            )
-            problem: str | None = str(exc)
-        else:
-            problem = None
+        job, problem = read_entry(raw)
+        if job is None:
+            log.error("the manager at %s gave %s in an allocation; it is left to time out there",
+                      self.manager_url, problem)  # fmt: skip
+            return False
         if (had := self.held.get(job.Id)) is not None:
             how = given_again(had, job, now) if problem is None else SAME
             if how == ADOPTED:

@@ -123,3 +123,20 @@ def given_again(held: HeldJob, job: PulledJob, now: float) -> str:
         return AFRESH
     held.job, held.allocated_at = job, now
     return ADOPTED
+
+
+def read_entry(entry: Any) -> tuple[PulledJob | None, str | None]:
+    """One entry of an allocation's answer: (the job, None); (a job standing for it, why it
+    cannot be read) when it has an id to fail it by; (None, why) when it has none, or is no
+    object at all (it is left to the manager's heartbeat timeout)."""
+    if not isinstance(entry, dict):
+        text = repr(entry)
+        return None, f"not a job but {text[:100]}{' ...' if len(text) > 100 else ''}"
+    try:
+        return msgspec.convert(entry, PulledJob), None
+    except msgspec.ValidationError as exc:
+        job_id, lease = entry.get("Id"), entry.get("Lease")
+        if not isinstance(job_id, str):
+            return None, f"a job without an id ({exc})"
+        lease = lease if isinstance(lease, str) else None
+        return PulledJob(Id=job_id, Input=EMPTY_INPUT, Lease=lease), str(exc)
