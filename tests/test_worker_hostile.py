@@ -8,6 +8,7 @@ and backs off rather than asking again at full speed."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,19 @@ async def against(tmp_path, script: dict[str, Any], prover: str = ECHO, **settin
             nursery.cancel_scope.cancel()
 
 
+async def until(worker: Worker, coordinator: HostileCoordinator, condition) -> None:
+    """Wait until `condition()` holds, looked at after each change of the worker and each call
+    the coordinator gets."""
+    async with trio.open_nursery() as nursery:
+        for wait in (worker.wait_for(condition), coordinator.wait_for(lambda c: condition())):
+
+            async def waiting(wait=wait) -> None:
+                await wait
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(waiting)
+
+
 def worker_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "damocles_ext.worker"]
 
@@ -124,3 +138,25 @@ async def test_entries_of_an_allocation_that_are_no_job_lose_none_of_the_jobs_be
         for line in lines
     ), lines
     assert worker.manager_reachable and worker.counters.pulled == 2
+
+
+async def test_null_for_an_allocation_or_a_heartbeats_stop_list_is_gos_empty_list(tmp_path, caplog):
+    # Go encodes a nil slice as null. Before, a coordinator answering so was "unreachable" at each
+    # allocation (asked again and again with a backoff), and each heartbeat counted as failed.
+    script = {"Dext.AllocateJobs": lambda params, n: None}
+    async with against(tmp_path, script) as (coordinator, worker):
+        await until(
+            worker, coordinator, lambda: worker.counters.allocations or allocations(coordinator) > 1
+        )
+    assert worker.counters.empty_allocations == 1 and allocations(coordinator) == 1
+    script = {"Dext.AllocateJobs": first(job("j1")), "Dext.HeartbeatJobs": lambda params, n: None}
+    async with against(tmp_path, script, LONG, shutdown_grace=0.5) as (coordinator, worker):
+        await coordinator.wait_for(lambda c: beats(c) >= 3)
+        assert worker.held["j1"].last_heartbeat is not None
+    assert worker.manager_reachable
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        (
+            "stopping: 1 proofs did not finish within 0.5 s and are cancelled; the manager gives"
+            " their jobs to another worker after its heartbeat timeout: j1"
+        )
+    ]

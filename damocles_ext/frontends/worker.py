@@ -326,8 +326,9 @@ class Worker:
             # One call at a time, and none while the last one's result is unknown: the manager
             # may have given us jobs in a call whose answer was lost (they time out there).
             try:
-                # Each entry read apart: one that is no job loses none of the others.
-                got = await self._calls.call(method, *params, result_type=list[Any])
+                # Each entry read apart: one that is no job loses none of the others. `null`
+                # is Go's nil slice: no job.
+                got = await self._calls.call(method, *params, result_type=list[Any] | None) or []
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)
@@ -570,8 +571,11 @@ class Worker:
         leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
         started = trio.current_time()
         try:
-            stop = await self._beats.call(
-                "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
+            stop = (
+                await self._beats.call(  # (`null`: Go's nil slice, none to stop)
+                    "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal] | None
+                )
+                or []
             )
         except RpcConnectionError as exc:
             self._unreachable(str(exc))
