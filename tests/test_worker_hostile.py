@@ -160,3 +160,27 @@ async def test_null_for_an_allocation_or_a_heartbeats_stop_list_is_gos_empty_lis
             " their jobs to another worker after its heartbeat timeout: j1"
         )
     ]
+
+
+# --- stop signals ---------------------------------------------------------------------------------
+
+
+async def test_a_heartbeat_answer_to_stop_a_job_never_held_is_said_once_and_stops_nothing(
+    tmp_path, caplog
+):
+    # Before, it was ignored without a word: the manager's mistake (its answer names a job this
+    # worker never heartbeated) went unseen.
+    ghost = {"Id": "ghost", "Reason": "reset", "Message": "reset by an operator"}
+    script = {"Dext.AllocateJobs": first(job("j1")), "Dext.HeartbeatJobs": lambda p, n: [ghost]}
+    async with against(tmp_path, script, LONG, shutdown_grace=0.5) as (coordinator, worker):
+        await coordinator.wait_for(lambda c: beats(c) >= 4)
+        assert worker.held["j1"].stop_reason is None and worker.held["j1"].state == "proving"
+    said = [line for line in worker_lines(caplog) if "does not hold" in line]
+    assert said == [
+        (
+            f"the manager at {worker.manager_url} says to stop 1 jobs this worker does not hold"
+            " (ghost): nothing of theirs runs here; ignored (the manager's heartbeat answers"
+            " should name only the jobs heartbeated)"
+        )
+    ]
+    assert worker.counters.stopped == 0

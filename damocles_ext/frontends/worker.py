@@ -63,6 +63,7 @@ from ..jobs.worker_rules import (
     passing_answer,
     ready_slots_of,
     runnable_capacity,
+    unheld_stops,
     window_post_task,
 )
 from ..stages import child_stages
@@ -125,6 +126,7 @@ class Worker:
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
+        self._ghosts: list[str] = []  # the jobs not held here the last heartbeat said to stop
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -571,12 +573,8 @@ class Worker:
         leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
         started = trio.current_time()
         try:
-            stop = (
-                await self._beats.call(  # (`null`: Go's nil slice, none to stop)
-                    "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal] | None
-                )
-                or []
-            )
+            stop = await self._beats.call("Dext.HeartbeatJobs", leases, self.name,  # null: none
+                                          result_type=list[StopSignal] | None) or []  # fmt: skip
         except RpcConnectionError as exc:
             self._unreachable(str(exc))
             return
@@ -587,6 +585,9 @@ class Worker:
             return
         self._answered()
         self._beaten(held, started, {s.Id for s in stop})
+        if (ghosts := sorted({s.Id for s in stop} - sent.keys())) != self._ghosts and ghosts:
+            log.warning("%s", unheld_stops(self.manager_url, ghosts))  # said once while it lasts
+        self._ghosts = ghosts
         for signal in stop:
             current = self.held.get(signal.Id)
             if current is None or current.job.Lease != sent.get(signal.Id):

@@ -107,6 +107,17 @@ def job_gone(code: int, message: str, job_ids: Iterable[str] = ()) -> bool:
     return KEY_NOT_FOUND in message or any(f"job {job_id}: " in message for job_id in job_ids)
 
 
+def unheld_stops(manager: str, job_ids: Sequence[str]) -> str:
+    """The line for a heartbeat's answer that says to stop jobs this worker does not hold (it
+    never had them, or they are done and delivered): nothing to stop, the manager's mistake."""
+    shown = ", ".join(job_ids[:5]) + (f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else "")
+    return (
+        f"the manager at {manager} says to stop {len(job_ids)} jobs this worker does not hold"
+        f" ({shown}): nothing of theirs runs here; ignored (the manager's heartbeat answers"
+        " should name only the jobs heartbeated)"
+    )
+
+
 #: Why a damocles-manager has no Venus.WdPoStAllocateJobs (-32601), and what to do.
 NO_WORKER_PROVER = (
     "a damocles-manager started without --worker-prover (or with --ext-prover) has no job for"
