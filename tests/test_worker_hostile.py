@@ -8,6 +8,7 @@ and backs off rather than asking again at full speed."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import msgspec
 import pytest
 import trio
 from helpers.frontend import plugin_block
-from helpers.hostile_coordinator import HostileCoordinator
+from helpers.hostile_coordinator import CUT, SILENT, Error, HostileCoordinator, Page
 from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.worker import Worker
@@ -184,3 +185,124 @@ async def test_a_heartbeat_answer_to_stop_a_job_never_held_is_said_once_and_stop
         )
     ]
     assert worker.counters.stopped == 0
+
+
+# --- what holds: each job answered once, the worker up, the manager waited for ------------------
+
+SECTOR = msgspec.to_builtins(job_input()).get("Sectors")[0]
+
+
+async def test_jobs_that_cannot_be_proved_are_each_failed_once_saying_why_and_the_rest_proved(
+    tmp_path, caplog
+):
+    # One answer, more jobs than the two asked for, a job given twice among them.
+    given = [
+        job("no-input") | {"Input": None},
+        job("no-sectors", Sectors=[]),
+        job("null-sectors", Sectors=None),
+        job("unknown-type", ProofType="StackedDrgWindow3GiBV9"),
+        job("winning-type", ProofType="StackedDrgWinning2KiBV1"),
+        job("sector-over-64-bits", Sectors=[SECTOR | {"SectorId": 2**64 + 1}]),
+        job("miner-over-64-bits", MinerId=2**64 + 1),
+        job("ten-thousand", Sectors=[SECTOR | {"SectorId": n} for n in range(10_000)]),
+        job("twice"),
+        job("twice"),
+    ]
+    errors = {
+        "no-input": "unreadable job input: Expected `object`, got `null` - at `$.Input`",
+        "no-sectors": "the task has no replicas",
+        "null-sectors": "the task has no replicas",
+        "unknown-type": "Invalid enum value 'StackedDrgWindow3GiBV9'",
+        "winning-type": "Invalid enum value 'StackedDrgWinning2KiBV1'",
+        "sector-over-64-bits": f"sector_id {2**64 + 1} does not fit in 64 bits",
+        "miner-over-64-bits": "unreadable job input: Expected `int` <= 9223372036854775807",
+    }
+    async with against(tmp_path, {"Dext.AllocateJobs": first(*given)}) as (coordinator, worker):
+        await until(worker, coordinator, lambda: allocations(coordinator) >= 2 and not worker.held)
+    for job_id, why in errors.items():
+        [(_, lease, output, error)] = coordinator.finishes(job_id)
+        assert (lease, output) == ("L1", None) and why in error, (job_id, error)
+        said = why.removeprefix("unreadable job input: ")
+        assert any(f"job {job_id}" in line and said in line for line in worker_lines(caplog))
+    for job_id in ("ten-thousand", "twice"):
+        [(_, lease, output, error)] = coordinator.finishes(job_id)
+        assert (lease, error) == ("L1", "") and output["proofs"], job_id
+    assert "job twice: given again while this worker holds it; ignored" in worker_lines(caplog)
+    assert worker.counters.delivered == len(errors) + 2 and worker.counters.given_up == 0
+
+
+#: Answers that are no result, for the first three calls of a method, then the right one.
+BAD_ANSWERS = {
+    "json-rpc-error-500": Error(-32603, "internal error", status=500),
+    "method-error": Error(1, "the job store is down"),
+    "proxy-502-html": Page(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "401-html": Page(401, b"<html>401 Authorization Required</html>"),
+    "not-json": Page(200, b"{'result': oops", content_type="application/json"),
+    "cut-mid-answer": CUT,
+    "no-answer": SILENT,
+}
+
+
+def bad_then(answer: Any, good: Callable[[list, int], Any]) -> Callable[[list, int], Any]:
+    return lambda params, n: answer if n <= 3 else good(params, n - 3)
+
+
+def spaced(times: list[float], at_least: float) -> bool:
+    return all(b - a >= at_least for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.parametrize("answer", BAD_ANSWERS.values(), ids=BAD_ANSWERS.keys())
+async def test_an_allocation_answered_wrong_is_asked_again_after_a_backoff_and_said_once(
+    tmp_path, caplog, answer
+):
+    script = {"Dext.AllocateJobs": bad_then(answer, first(job("j1")))}
+    async with against(tmp_path, script, rpc_timeout=0.5) as (coordinator, worker):
+        await worker.wait_for(lambda: worker.counters.delivered == 1)
+    assert len(coordinator.finishes("j1")) == 1
+    assert coordinator.count("Dext.AllocateJobs") >= 4
+    # Not asked again at full speed: each retry waited its backoff (0.05 s, doubling).
+    assert spaced(coordinator.times_of("Dext.AllocateJobs")[:4], 0.04)
+    url = worker.manager_url
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and url in warned[0] and "Dext.AllocateJobs" in warned[0], warned
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("answer", BAD_ANSWERS.values(), ids=BAD_ANSWERS.keys())
+async def test_a_finish_answered_wrong_is_sent_again_after_a_backoff_until_taken_once(
+    tmp_path, caplog, answer
+):
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {"Dext.AllocateJobs": first(job("j1")), "Dext.FinishJob": bad_then(answer, first())}
+    async with against(tmp_path, script, rpc_timeout=0.5) as (coordinator, worker):
+        await worker.wait_for(lambda: worker.counters.delivered == 1 and not worker.held)
+    finishes = coordinator.finishes("j1")
+    assert len(finishes) == 4 and all(f == finishes[0] for f in finishes)  # the same result
+    assert spaced(coordinator.times_of("Dext.FinishJob"), 0.04)
+    assert worker.counters.given_up == 0 and worker.counters.finish_retries == 3
+    lines = worker_lines(caplog)
+    assert "job j1: delivered 1 proofs (attempt 4)" in lines
+    assert any(line.startswith("job j1: result (1 proofs) not delivered yet") for line in lines)
+
+
+BAD_HEARTBEATS = {
+    **BAD_ANSWERS,
+    "stop-signal-without-reason": [{"Id": "j1"}],
+    "not-a-list": {"Id": "j1", "Reason": "reset"},
+}
+
+
+@pytest.mark.parametrize("answer", BAD_HEARTBEATS.values(), ids=BAD_HEARTBEATS.keys())
+async def test_heartbeats_answered_wrong_neither_stop_the_proof_nor_the_worker(
+    tmp_path, caplog, answer
+):
+    script = {"Dext.AllocateJobs": first(job("j1")), "Dext.HeartbeatJobs": lambda p, n: answer}
+    settings = {"rpc_timeout": 0.5, "shutdown_grace": 0.5}
+    async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+        await coordinator.wait_for(lambda c: beats(c) >= 3)
+        held = worker.held["j1"]
+        assert held.state == "proving" and held.stop_reason is None
+    assert worker.counters.stopped == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned and all(worker.manager_url in line for line in warned[:1]), warned
+    assert "Traceback" not in caplog.text

@@ -12,7 +12,7 @@ params and its number among the calls of that method (1 for the first), and retu
 A method without a handler is answered as our coordinator answers an idle worker: no job, no stop,
 a finish taken, a ping taken, every store known.
 
-`calls` records (method, params) in order; `await wait_for(predicate)` waits until a call makes
+`calls` records (method, params) in order, `times` when each came; `await wait_for(predicate)` waits until a call makes
 `predicate(self)` hold; `finishes(job_id)` are the finish calls of a job (either API).
 """
 
@@ -62,6 +62,7 @@ class HostileCoordinator:
     def __init__(self, script: dict[str, Handler] | None = None) -> None:
         self.script = {**DEFAULTS, **(script or {})}
         self.calls: list[tuple[str, list[Any]]] = []
+        self.times: list[float] = []  # trio.current_time() of each call
         self._changed = trio.Event()
         self._listener: trio.SocketListener | None = None
         self.port = 0
@@ -75,6 +76,9 @@ class HostileCoordinator:
 
     def count(self, method: str) -> int:
         return self.methods().count(method)
+
+    def times_of(self, method: str) -> list[float]:
+        return [t for (m, _), t in zip(self.calls, self.times, strict=True) if m == method]
 
     def finishes(self, job_id: str) -> list[list[Any]]:
         return [
@@ -124,6 +128,7 @@ class HostileCoordinator:
         request = json.loads(body)
         method, params = request["method"], request.get("params") or []
         self.calls.append((method, params))
+        self.times.append(trio.current_time())
         self._changed.set()
         self._changed = trio.Event()
         handler = self.script.get(method)
