@@ -88,6 +88,30 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(doc: Path):
     assert broken == [], f"{doc.relative_to(ROOT)} links to what does not exist: {broken}"
 
 
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: p.name)
+def test_every_code_block_is_closed_by_a_fence_line_of_its_own(doc: Path):
+    # A closing fence with text after it ("``` A heartbeat ...") is no fence: the block ran on
+    # to the next one, and the document's prose after it showed as code.
+    problems = []
+    opened: int | None = None
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        fence = re.match(r"^\s*```(.*)$", line)
+        if fence is None:
+            continue
+        rest = fence.group(1).strip()
+        if opened is None:
+            opened = number
+            if not re.fullmatch(r"[\w+.-]*", rest):
+                problems.append(f"line {number}: an opening fence with {rest!r} after it")
+        else:
+            opened = None
+            if rest:
+                problems.append(f"line {number}: a closing fence with {rest!r} after it")
+    if opened is not None:
+        problems.append(f"line {opened}: a code block never closed")
+    assert problems == [], f"{doc.relative_to(ROOT)}: {problems}"
+
+
 def test_no_text_refers_to_issue_numbers():
     found = []
     for path in _source_files():
