@@ -71,7 +71,7 @@ class DextMethods:
         leases = {h.Id: h.Lease for h in held}
         outcome = await self.store.heartbeat(list(leases), worker, leases=leases)
         self.observe(outcome.effects)
-        await self.warn_held(outcome, worker)
+        await self.warn_held(outcome, worker, leases)
         now = self.store.clock()
         current = {job.Id: job for job in outcome.jobs}
         stop = []
@@ -81,22 +81,30 @@ class DextMethods:
                 stop.append({"Id": job_id, "Reason": why[0], "Message": why[1]})
         return stop
 
-    async def warn_held(self, outcome: Outcome, worker: str) -> None:
-        """Warn of the jobs of this heartbeat (Dext's or Venus') whose row another session has
-        held long enough to matter (jobs/held_rows.py), once per hold, naming its holder."""
+    async def warn_held(
+        self, outcome: Outcome, worker: str, leases: dict[str, str] | None = None
+    ) -> None:
+        """Warn of the jobs of this heartbeat (Dext's, with the `leases` it sent, or Venus')
+        whose row another session has held long enough to matter (jobs/held_rows.py), once per
+        hold, naming its holder."""
         timeout = self.store.store.limits.heartbeat_timeout
         now = self.store.clock()
+        warn: list[held_rows.HeldTooLong] = []
         try:
             warn = self.held.heard(
-                worker, outcome.jobs, outcome.skipped, outcome.effects, now, timeout
+                worker, outcome.jobs, outcome.skipped, outcome.effects, now, timeout, leases
             )
-            for held in warn:
+            while warn:
+                held = warn[0]
                 advice = row_advice(await self.store.row_holder(held.job_id))
                 log.warning(
                     "%s", held_rows.said_of(held, advice), extra=job_fields(held.job_id, worker)
                 )
+                self.held.said([warn.pop(0)])
         except Exception:  # a warning must never cost a worker its answer
             log.exception("the warning of a job row held elsewhere failed")
+        finally:
+            self.held.not_said(warn)  # those not said: a later skip hands them again
 
     async def finish_job(
         self, job_id: str, lease: str, output: JobOutput | None, error_reason: str

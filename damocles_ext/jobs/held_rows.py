@@ -1,48 +1,74 @@
 """A running job whose heartbeats are passed over because another session holds its row, held
 long enough to matter: when its coordinator warns of it, and the warning's words. Sans-IO: the
-caller gives the time, names the holder and logs.
+caller gives the time, looks the holders up and logs.
 
 A heartbeat does not wait for a job's row that another session holds (store.py `heartbeat`:
 `Outcome.skipped`): that job gets no heartbeat stored, and its next one tries again. A
 transaction of damocles-ext holds a row for milliseconds (a sweep pass about a second), so a
 skip is mostly one of ours, and the worker's next heartbeat, 3 s later, lands: nothing is said
-of it. A hold is warned of once the job's last stored heartbeat is WARN_AFTER of its
-HeartbeatTimeout old or more, while a sweep may not take the job back yet (it may from a
-HeartbeatTimeout on, once the row is freed), and once per hold: not again at the job's next
-skipped heartbeats, but again only after one of its heartbeats landed (or was refused: the job
-is no longer this worker's) and a new hold began."""
+of it. A hold is one job's row held under one lease (a job given to another worker since is
+another hold). The first heartbeat passed over only records when the hold was first seen; a
+warning comes at a later one passed over, once the job's last stored heartbeat is WARN_AFTER of
+its HeartbeatTimeout old or more: two heartbeats at least, so that a row held for a moment (our
+own sweep taking the job back, a reset) is never warned of. It is warned of once per hold: not
+again at the job's next skipped heartbeats, but again only after one of its heartbeats landed
+(or was refused, or found no job: it is no longer this worker's) and a new hold began. The
+caller hands the warnings out (`heard`), and says which were logged (`said`), could not be
+(`not_said`: a later skip tries again), or were of a row found free by then (`ended`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from . import rules
 from .model import RUNNING, JobRecord
 
-#: The part of HeartbeatTimeout a job's last stored heartbeat must be old, its row held, for a
-#: warning: 7.5 s of damocles' 15 s, two heartbeats passed over at least.
+#: The part of HeartbeatTimeout a job's last stored heartbeat must be old, its row held at two
+#: heartbeats at least, for a warning: 7.5 s of damocles' 15 s.
 WARN_AFTER: Final = 0.5
+#: Holds kept at most (one per job held, with its lease): over it, the oldest is forgotten.
+MAX_HOLDS: Final = 10_000
+
+_SEEN, _HANDED, _SAID = "seen", "handed", "said"
 
 
 @dataclass(frozen=True, slots=True)
 class HeldTooLong:
-    """A job of `worker` whose heartbeats are passed over: `silent_for` seconds since its last
-    stored one, `taken_back_in` until a sweep may take it back (0: once its row is freed)."""
+    """A job of `worker` under `lease` whose heartbeats are passed over: `silent_for` seconds
+    since its last stored one, `held_for` since its hold was first seen, and `taken_back_in`
+    until a sweep may take it back at the earliest (0: once its row is freed)."""
 
     job_id: str
+    lease: str
     worker: str
     silent_for: float
+    held_for: float
     taken_back_in: float
     heartbeat_timeout: float
 
 
-class HeldRows:
-    """The jobs a coordinator warned of, each until one of its heartbeats lands."""
+@dataclass(slots=True)
+class _Hold:
+    first_seen: float
+    last_seen: float
+    state: str = _SEEN
 
-    def __init__(self) -> None:
-        self._warned: dict[str, float] = {}  # job id -> when its heartbeat was last passed over
+
+class HeldRows:
+    """The holds a coordinator saw, by (job id, lease), each until one of the job's heartbeats
+    lands (or is refused, or finds no job), or a HeartbeatTimeout after it was last seen."""
+
+    def __init__(self, max_holds: int = MAX_HOLDS) -> None:
+        self.max_holds = max_holds
+        self._holds: dict[tuple[str, str], _Hold] = {}
+        self._leases: dict[str, set[str]] = {}  # job id -> the leases of its holds
+        self._next_expiry = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._holds)
 
     def heard(
         self,
@@ -52,29 +78,83 @@ class HeldRows:
         effects: Iterable[rules.Effect],
         now: float,
         heartbeat_timeout: float,
+        leases: Mapping[str, str] | None = None,
     ) -> list[HeldTooLong]:
         """A heartbeat of `worker` answered at `now`: the jobs it gave (`jobs`, as stored), those
-        passed over (`skipped`) and its effects; the holds to warn of now."""
+        passed over (`skipped`), its effects, and the leases it sent (Dext's; None: Venus' sends
+        none); the holds to warn of now, handed out until `said`, `not_said` or `ended`."""
         for effect in effects:
             if isinstance(effect, rules.HeartbeatAccepted | rules.Refused | rules.NotFound):
-                self._warned.pop(effect.job_id, None)  # landed, or not this worker's any more
-        if self._warned:
-            # A job whose worker stopped sending heartbeats while it was held is forgotten.
-            self._warned = {j: t for j, t in self._warned.items() if now - t <= heartbeat_timeout}
+                self._forget_job(effect.job_id)  # landed, or not this worker's any more
+        self._expire(now, heartbeat_timeout)
         stored = {job.Id: job for job in jobs}
         warn = []
         for job_id in sorted(set(skipped)):
             job = stored.get(job_id)
             if job is None or job.State != RUNNING or job.WorkerName != worker:
                 continue  # its heartbeat would be refused: nothing is lost by the hold
-            silent = now - job.HeartbeatAt
-            if job_id not in self._warned and silent < WARN_AFTER * heartbeat_timeout:
+            if job.lease is None or (leases is not None and leases.get(job_id) != job.lease):
+                continue  # an old lease's heartbeat: refused once the row is freed
+            key = (job_id, job.lease)
+            hold = self._holds.get(key)
+            if hold is None:
+                self._add(key, _Hold(now, now))  # first seen: said nothing yet
                 continue
-            if job_id not in self._warned:
-                taken_back_in = max(0.0, job.HeartbeatAt + heartbeat_timeout - now)
-                warn.append(HeldTooLong(job_id, worker, silent, taken_back_in, heartbeat_timeout))
-            self._warned[job_id] = now
+            hold.last_seen = now
+            silent = now - job.HeartbeatAt
+            if hold.state != _SEEN or silent < WARN_AFTER * heartbeat_timeout:
+                continue
+            hold.state = _HANDED
+            taken_back_in = max(0.0, job.HeartbeatAt + heartbeat_timeout - now)
+            warn.append(
+                HeldTooLong(job_id, job.lease, worker, silent, now - hold.first_seen,
+                            taken_back_in, heartbeat_timeout)
+            )  # fmt: skip
         return warn
+
+    def said(self, held: Iterable[HeldTooLong]) -> None:
+        """These were logged: not said again for their holds."""
+        self._set(held, _SAID)
+
+    def not_said(self, held: Iterable[HeldTooLong]) -> None:
+        """These could not be said (dropped, the look failed): a later skip hands them again."""
+        self._set(held, _SEEN)
+
+    def ended(self, held: Iterable[HeldTooLong]) -> None:
+        """These rows were found free: their holds are over (a new one is first seen again)."""
+        for h in held:
+            self._forget((h.job_id, h.lease))
+
+    def _set(self, held: Iterable[HeldTooLong], state: str) -> None:
+        for h in held:
+            if (hold := self._holds.get((h.job_id, h.lease))) is not None:
+                hold.state = state
+
+    def _add(self, key: tuple[str, str], hold: _Hold) -> None:
+        while len(self._holds) >= self.max_holds:
+            self._forget(next(iter(self._holds)))  # the oldest first seen
+        self._holds[key] = hold
+        self._leases.setdefault(key[0], set()).add(key[1])
+
+    def _forget_job(self, job_id: str) -> None:
+        for lease in list(self._leases.get(job_id, ())):
+            self._forget((job_id, lease))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        if self._holds.pop(key, None) is not None:
+            leases = self._leases[key[0]]
+            leases.discard(key[1])
+            if not leases:
+                del self._leases[key[0]]
+
+    def _expire(self, now: float, heartbeat_timeout: float) -> None:
+        """A hold last seen over a HeartbeatTimeout ago (its worker stopped sending heartbeats
+        while it was held) is forgotten; looked for a few times per HeartbeatTimeout."""
+        if not self._holds or now < self._next_expiry:
+            return
+        self._next_expiry = now + heartbeat_timeout / 4
+        for key in [k for k, h in self._holds.items() if now - h.last_seen > heartbeat_timeout]:
+            self._forget(key)
 
 
 def said_of(held: HeldTooLong, advice: str) -> str:

@@ -1,0 +1,127 @@
+"""When a coordinator warns of a job whose heartbeats are passed over, its row held by another
+session (jobs/held_rows.py), sans-IO: heartbeats in with the time, the holds to warn of out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+import pytest
+from test_jobs_rules import running
+
+from damocles_ext.jobs import rules
+from damocles_ext.jobs.held_rows import HeldRows, HeldTooLong
+from damocles_ext.jobs.model import FINISHED, JobRecord
+
+T0 = 1_700_000_000.0
+TIMEOUT = 15.0  # damocles' HeartbeatTimeout: warned from 7.5 s
+
+
+def job(seed: int = 1, worker: str = "w1", lease: str = "L1") -> JobRecord:
+    """A running job of `worker`, its last heartbeat stored at T0."""
+    return running(T0, worker=worker, lease=lease, seed=seed)
+
+
+def skip(held: HeldRows, at: float, *jobs: JobRecord, worker: str = "w1", effects=(),
+         leases=None) -> list[str]:  # fmt: skip
+    """A heartbeat of `worker` at T0 + `at` that passed over `jobs`: the ids warned of, said."""
+    warn = held.heard(worker, jobs, [j.Id for j in jobs], effects, T0 + at, TIMEOUT, leases)
+    held.said(warn)
+    return [w.job_id for w in warn]
+
+
+def test_a_hold_is_warned_of_at_a_later_skip_once_half_the_timeout_passed_then_not_again():
+    held, j = HeldRows(), job()
+    assert skip(held, 3, j) == []  # first seen
+    assert skip(held, 6, j) == []  # 6 s < 7.5 s
+    assert skip(held, 9, j) == [j.Id]
+    assert [skip(held, at, j) for at in (12, 15, 18)] == [[], [], []]  # once per hold
+
+
+def test_a_first_skip_says_nothing_however_old_the_last_heartbeat():
+    # A worker cut off for 16 s whose first heartbeat back races our own sweep taking the job
+    # back: a row held for milliseconds, which must not be warned of.
+    held, j = HeldRows(), job()
+    warn = held.heard("w1", [j], [j.Id], [], T0 + 16, TIMEOUT)
+    assert warn == []
+    [again] = held.heard("w1", [j], [j.Id], [], T0 + 19, TIMEOUT)
+    assert again == HeldTooLong(j.Id, "L1", "w1", 19.0, 3.0, 0.0, TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "effect",
+    [
+        rules.HeartbeatAccepted("J"),
+        rules.Refused("J", "Heartbeat", "not yours"),
+        rules.NotFound("J", "Heartbeat"),
+    ],
+    ids=["accepted", "refused", "unknown"],
+)
+def test_a_landed_refused_or_unknown_heartbeat_ends_the_hold_and_a_new_one_is_warned_again(
+    effect,
+):
+    held, j = HeldRows(), job()
+    assert [skip(held, at, j) for at in (3, 9)] == [[], [j.Id]]
+    ended = dataclasses.replace(effect, job_id=j.Id)
+    assert held.heard("w1", [], [], [ended], T0 + 10, TIMEOUT) == []
+    assert len(held) == 0
+    assert [skip(held, at, j) for at in (12, 15)] == [[], [j.Id]]
+
+
+def test_a_hold_not_seen_for_a_heartbeat_timeout_is_forgotten():
+    # Its worker stopped sending heartbeats while it was held: the hold is not kept for ever,
+    # and a skip long after is a hold first seen again.
+    held, j = HeldRows(), job()
+    assert skip(held, 3, j) == []
+    assert skip(held, 3 + TIMEOUT + 1, j) == []
+    assert len(held) == 1  # seen again, as a new hold
+    assert skip(held, 3 + TIMEOUT + 4, j) == [j.Id]
+
+
+def test_another_workers_job_a_finished_one_and_an_old_lease_are_not_warned_of():
+    held = HeldRows()
+    theirs = job(seed=1, worker="w2")
+    done = msgspec.structs.replace(job(seed=2), State=FINISHED)
+    mine = job(seed=3)
+    for at in (3, 9, 12):
+        assert skip(held, at, theirs, done) == []
+        # Dext's heartbeat with a lease that is no longer the job's: refused once freed.
+        assert skip(held, at, mine, leases={mine.Id: "L0"}) == []
+    assert [skip(held, at, mine, leases={mine.Id: "L1"}) for at in (15, 18)] == [[], [mine.Id]]
+
+
+def test_several_jobs_held_at_once_are_warned_of_together():
+    held = HeldRows()
+    jobs = [job(seed=n) for n in range(5)]
+    assert skip(held, 3, *jobs) == []
+    assert skip(held, 9, *jobs) == sorted(j.Id for j in jobs)
+
+
+def test_a_job_given_to_another_worker_and_held_again_is_a_new_hold():
+    # w1 was warned; the job was reset and given to w2 (a new lease), and held again before any
+    # heartbeat of w2's landed: before, that hold was never warned of (keyed by job id alone).
+    held, j = HeldRows(), job()
+    assert [skip(held, at, j) for at in (3, 9)] == [[], [j.Id]]
+    again = running(T0 + 10, worker="w2", lease="L2", seed=1)
+    assert again.Id == j.Id
+    assert skip(held, 13, again, worker="w2") == []
+    assert skip(held, 18, again, worker="w2") == [j.Id]
+
+
+def test_a_warning_not_said_is_handed_again_and_one_handed_out_is_not_handed_twice():
+    held, j = HeldRows(), job()
+    held.heard("w1", [j], [j.Id], [], T0 + 3, TIMEOUT)
+    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 9, TIMEOUT)
+    assert held.heard("w1", [j], [j.Id], [], T0 + 12, TIMEOUT) == []  # handed out already
+    held.not_said([warn])  # the look for its holder failed, or the queue was full
+    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 15, TIMEOUT)
+    held.ended([warn])  # the row was found free by then: that hold is over
+    assert held.heard("w1", [j], [j.Id], [], T0 + 18, TIMEOUT) == []  # first seen again
+    assert [w.job_id for w in held.heard("w1", [j], [j.Id], [], T0 + 21, TIMEOUT)] == [j.Id]
+
+
+def test_the_holds_kept_are_bounded():
+    held = HeldRows(max_holds=3)
+    jobs = [job(seed=n) for n in range(5)]
+    assert skip(held, 3, *jobs) == []
+    assert len(held) == 3
