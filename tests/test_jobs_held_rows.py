@@ -10,7 +10,7 @@ import pytest
 from test_jobs_rules import running
 
 from damocles_ext.jobs import rules
-from damocles_ext.jobs.held_rows import HeldRows, HeldTooLong
+from damocles_ext.jobs.held_rows import NAMED, HeldRows, HeldTooLong, said_of
 from damocles_ext.jobs.model import FINISHED, JobRecord
 
 T0 = 1_700_000_000.0
@@ -125,3 +125,30 @@ def test_the_holds_kept_are_bounded():
     jobs = [job(seed=n) for n in range(5)]
     assert skip(held, 3, *jobs) == []
     assert len(held) == 3
+
+
+def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():
+    # Before: "in 0 s" for 0.3 s left, and a take-back time that the coordinator's allowance
+    # for its own outages may make later was said as exact.
+    held = HeldTooLong("J", "L1", "w1", 14.7, 6.0, 0.3, TIMEOUT)
+    said = said_of([held], "The holder is pid 7")
+    assert "its last stored heartbeat is 15 s old" in said
+    assert "may take the job back from its worker in 1 s at the earliest" in said
+    now = dataclasses.replace(held, taken_back_in=0.0)
+    assert "as soon as its row is freed" in said_of([now], "The holder is pid 7")
+
+
+def test_the_warning_names_no_kind_of_holder_but_the_advices():
+    # It said "(a SELECT ... FOR UPDATE or an UPDATE left inside its transaction)" whoever held
+    # the row, also when the advice said it was a damocles-ext session, not to be terminated.
+    held = HeldTooLong("J", "L1", "w1", 9.0, 6.0, 6.0, TIMEOUT)
+    said = said_of([held], "The holder is a damocles-ext session")
+    assert "FOR UPDATE" not in said and "left inside" not in said
+
+
+def test_a_warning_of_many_jobs_names_a_few_and_counts_the_others():
+    held = [HeldTooLong(f"J{n:02}", "L1", "w1", 9.0, 6.0, 6.0, TIMEOUT) for n in range(NAMED + 3)]
+    said = said_of(held, "The holder is pid 7")
+    assert said.startswith(f"{NAMED + 3} jobs of worker 'w1': their heartbeats are not stored")
+    assert f"J{NAMED - 1:02} (" in said and f"J{NAMED:02}" not in said
+    assert "; and 3 more (" in said and said.endswith("Said once for these holds")

@@ -177,7 +177,7 @@ class Coordinator:
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
         self._observed(outcome.effects)
-        await self.dext.warn_held(outcome, worker)
+        self.dext.held.heard(outcome, worker)  # never waits nor raises
         _raise_refusals(outcome.effects)
 
     async def _WdPoStFinishJob(
@@ -259,6 +259,13 @@ class Coordinator:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """The sweeps (`_sweeps`) and, beside them, the warnings of job rows held elsewhere."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.dext.held.run)
+            await self._sweeps(sweep_interval, cleanup_interval, task_status)
+
+    async def _sweeps(self, sweep_interval: float | None, cleanup_interval: float | None,
+                      task_status: trio.TaskStatus[None]) -> None:  # fmt: skip
         """Time out silent jobs, retry failed ones, cancel past-deadline ones (and forget old
         finished ones) until cancelled; `task_status.started()` after the first pass. The passes
         are `sweep_interval` apart, by default rules.sweep_every of the store's limits; the

@@ -6,8 +6,8 @@ methods stay exactly damocles': what a worker that knows leases and free slots c
   its deadline and its try;
 - `Dext.HeartbeatJobs([{Id, Lease}], worker)`: the heartbeats of the jobs still the worker's are
   stored (but a job whose row another session holds: not this time, answered from its last
-  stored state; a hold long enough to matter is warned of, for Venus' heartbeat too:
-  `warn_held`); the answer lists the jobs it must stop now and why (the cancellation signal);
+  stored state; a hold long enough to matter is warned of, for Venus' heartbeat too, off the
+  answer's path: held_warnings.py); the answer lists the jobs it must stop now and why (the cancellation signal);
 - `Dext.FinishJob(id, lease, output, errorReason)`: stored only from the current lease of a
   running job whose deadline has not passed; otherwise refused with code rpc.REFUSED.
 
@@ -16,17 +16,13 @@ docs/JOBS.md has each method's params and results.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ..jobs import held_rows, rpc, rules
-from ..jobs.lock_waits import row_advice
-from ..jobs.log_lines import job_fields
+from ..jobs import rpc, rules
 from ..jobs.model import JobOutput, WdPoStInput
-from ..jobs.store import Outcome, TrioJobStore
-
-log = logging.getLogger("damocles_ext.coordinator")
+from ..jobs.store import TrioJobStore
+from .held_warnings import HeldWarnings
 
 
 class DextMethods:
@@ -44,8 +40,9 @@ class DextMethods:
         self.learn = learn
         #: Told the effects of each store call (the coordinator's metrics count them).
         self.observe = observe
-        #: The jobs whose heartbeats were passed over, their row held, that were warned of.
-        self.held = held_rows.HeldRows()
+        #: The jobs whose heartbeats were passed over, their row held, and their warnings
+        #: (`held.run`: a task of the coordinator's, beside its sweeps).
+        self.held = HeldWarnings(store)
         #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "AllocateJobs": self.allocate_jobs,
@@ -71,7 +68,7 @@ class DextMethods:
         leases = {h.Id: h.Lease for h in held}
         outcome = await self.store.heartbeat(list(leases), worker, leases=leases)
         self.observe(outcome.effects)
-        await self.warn_held(outcome, worker, leases)
+        self.held.heard(outcome, worker, leases)
         now = self.store.clock()
         current = {job.Id: job for job in outcome.jobs}
         stop = []
@@ -80,31 +77,6 @@ class DextMethods:
             if why is not None:
                 stop.append({"Id": job_id, "Reason": why[0], "Message": why[1]})
         return stop
-
-    async def warn_held(
-        self, outcome: Outcome, worker: str, leases: dict[str, str] | None = None
-    ) -> None:
-        """Warn of the jobs of this heartbeat (Dext's, with the `leases` it sent, or Venus')
-        whose row another session has held long enough to matter (jobs/held_rows.py), once per
-        hold, naming its holder."""
-        timeout = self.store.store.limits.heartbeat_timeout
-        now = self.store.clock()
-        warn: list[held_rows.HeldTooLong] = []
-        try:
-            warn = self.held.heard(
-                worker, outcome.jobs, outcome.skipped, outcome.effects, now, timeout, leases
-            )
-            while warn:
-                held = warn[0]
-                advice = row_advice(await self.store.row_holder(held.job_id))
-                log.warning(
-                    "%s", held_rows.said_of(held, advice), extra=job_fields(held.job_id, worker)
-                )
-                self.held.said([warn.pop(0)])
-        except Exception:  # a warning must never cost a worker its answer
-            log.exception("the warning of a job row held elsewhere failed")
-        finally:
-            self.held.not_said(warn)  # those not said: a later skip hands them again
 
     async def finish_job(
         self, job_id: str, lease: str, output: JobOutput | None, error_reason: str

@@ -19,7 +19,7 @@ caller hands the warnings out (`heard`), and says which were logged (`said`), co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -31,6 +31,8 @@ from .model import RUNNING, JobRecord
 WARN_AFTER: Final = 0.5
 #: Holds kept at most (one per job held, with its lease): over it, the oldest is forgotten.
 MAX_HOLDS: Final = 10_000
+#: Jobs named at most in one warning (the others counted).
+NAMED: Final = 10
 
 _SEEN, _HANDED, _SAID = "seen", "handed", "said"
 
@@ -157,18 +159,37 @@ class HeldRows:
             self._forget(key)
 
 
-def said_of(held: HeldTooLong, advice: str) -> str:
-    """The warning of `held`; `advice`: who holds the row and what to do (lock_waits.py
-    `row_advice`)."""
-    if held.taken_back_in > 0:
-        when = f"in {held.taken_back_in:.0f} s"
-    else:
-        when = "as soon as its row is freed"
-    return (
-        f"job {held.job_id} of worker {held.worker!r}: its heartbeats are not stored while"
-        " another session holds its row in the job store (a SELECT ... FOR UPDATE or an UPDATE"
-        " left inside its transaction): its last stored heartbeat is"
-        f" {held.silent_for:.0f} s old, and a sweep may take the job back from its worker {when}"
-        f" (HeartbeatTimeout {held.heartbeat_timeout:g} s; not while the row is held, but once"
-        f" it is freed, unless a heartbeat lands first). {advice}. Said once for this hold"
+def said_of(held: Sequence[HeldTooLong], advice: str) -> str:
+    """The one warning of the jobs `held` (of one worker, whose rows one session holds, or none
+    named), naming NAMED of them at most; `advice`: who holds the rows and what to do
+    (lock_waits.py `row_advice`)."""
+    first = held[0]
+    rule = (
+        f"HeartbeatTimeout {first.heartbeat_timeout:g} s; a job is not taken back while its row"
+        " is held, but may be once it is freed, unless a heartbeat lands first"
     )
+    if len(held) == 1:
+        return (
+            f"job {first.job_id} of worker {first.worker!r}: its heartbeats are not stored while"
+            " another session holds its row in the job store: its last stored heartbeat is"
+            f" {first.silent_for:.0f} s old, and a sweep may take the job back from its worker"
+            f" {_when(first)} ({rule}). {advice}. Said once for this hold"
+        )
+    shown = "; ".join(
+        f"{h.job_id} (its last stored heartbeat {h.silent_for:.0f} s old, taken back {_when(h)})"
+        for h in held[:NAMED]
+    )
+    more = f"; and {len(held) - NAMED} more" if len(held) > NAMED else ""
+    return (
+        f"{len(held)} jobs of worker {first.worker!r}: their heartbeats are not stored while"
+        f" another session holds their rows in the job store: {shown}{more} ({rule})."
+        f" {advice}. Said once for these holds"
+    )
+
+
+def _when(held: HeldTooLong) -> str:
+    """When a sweep may take `held` back, at the earliest: the coordinator also leaves out the
+    time it could not hear heartbeats (silence.py), which may make it later."""
+    if held.taken_back_in > 0:
+        return f"in {math.ceil(held.taken_back_in)} s at the earliest"
+    return "as soon as its row is freed"

@@ -73,8 +73,28 @@ _HOLDS_ROW = (
     " WHERE l.pid = a.pid AND l.granted AND l.relation = to_regclass(:table))"
 )
 _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
-#: The same, of a row held now (a heartbeat passed over it), whenever its transaction began.
-_ROW_HOLDER_NOW = sa.text(_SESSIONS + _HOLDS_ROW)
+
+#: The rows :ids held now (a heartbeat passed over them), each with the session that holds it
+#: when its xmax names one exactly (as _ROW_HOLDER, whenever its transaction began): one
+#: statement for all of them, none of whose locks it waits for (a plain read).
+_ROW_HOLDERS = sa.text(
+    "SELECT j.id, h.* FROM "
+    + jobs.name
+    + " j LEFT JOIN LATERAL ("
+    + _SESSIONS
+    + " AND a.backend_xid = j.xmax AND EXISTS (SELECT 1 FROM pg_locks l"
+    " WHERE l.pid = a.pid AND l.granted AND l.relation = j.tableoid)) h ON true"
+    " WHERE j.id = ANY(CAST(:ids AS text[]))"
+)
+#: Of the rows :ids, those no session holds any more (locked by this look for a moment, in its
+#: own transaction, rolled back at once).
+_FREE_ROWS = sa.text(
+    "SELECT id FROM " + jobs.name + " WHERE id = ANY(CAST(:ids AS text[])) FOR UPDATE SKIP LOCKED"
+)
+#: The look's bounds: 100 ms for a lock on the whole table, 1 s for each statement.
+_LOOK_BOUNDS = sa.text(
+    "SELECT set_config('lock_timeout', '100ms', true), set_config('statement_timeout', '1s', true)"
+)
 
 #: A lock of session `a` on one of the tables :names (as the store's sessions find them: by
 #: their search_path, not another schema's of the same name) that one of our statements can
@@ -204,45 +224,56 @@ def holders(engine: Engine, job_id: str | None = None, table: str | None = None)
     return Held(timeout, sessions, blind=blind)
 
 
-def row_holder(engine: Engine, job_id: str) -> Session | None:
-    """The session that holds job `job_id`'s row now, named exactly (the row's xmax); None when
-    none is (a row locked by several sessions at once, or inside a savepoint; a holder whose
-    transaction this role may not see; gone since) or the look failed. A few statements on a
-    connection of `engine`'s, waiting 100 ms at most for a lock (`_xmax`); never raises."""
-    try:
-        with engine.connect() as conn:
-            if (xmax := _xmax(conn, job_id)) is None:
-                return None
-            rows = _rows(conn, _ROW_HOLDER_NOW, {"xmax": xmax, "table": jobs.name})
-    except exc.SQLAlchemyError:
-        return None
-    return _session(rows[0]) if len(rows) == 1 else None
+@dataclass(frozen=True)
+class RowHolders:
+    """Of job rows a heartbeat passed over: the session holding each, when named exactly, and
+    those no session holds any more (or gone); the others are held by a session not named."""
+
+    holders: dict[str, Session]
+    free: frozenset[str]
 
 
-def row_advice(holder: Session | None) -> str:
-    """Who holds a job's row that a heartbeat passed over (`row_holder`), and what to do."""
+def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
+    """Who holds the rows of jobs `job_ids` now: one transaction on a connection of `engine`'s,
+    of three statements whatever their number, each bounded (`_LOOK_BOUNDS`), rolled back.
+    Raises the database's error."""
+    with engine.connect() as conn, conn.begin() as look:
+        conn.execute(_LOOK_BOUNDS)
+        rows = list(conn.execute(_ROW_HOLDERS, {"ids": job_ids}))
+        holders = {r.id: _session(r) for r in rows if r.pid is not None}
+        unnamed = sorted({r.id for r in rows} - holders.keys())
+        free = set(job_ids) - {r.id for r in rows}  # removed since
+        if unnamed:
+            free |= {r.id for r in conn.execute(_FREE_ROWS, {"ids": unnamed})}
+        look.rollback()
+    return RowHolders(holders, frozenset(free))
+
+
+def row_advice(holder: Session | None, rows: int = 1) -> str:
+    """Who holds `rows` job rows that a heartbeat passed over (`row_holders`), and what to do."""
+    them = "it" if rows == 1 else "them"
     if holder is None:
         return (
-            "Find the session holding it (while it holds it, among those this query lists:"
-            f" {FIND_ROW_HOLDERS}) and end its transaction: COMMIT or ROLLBACK in it, or, if it"
-            " is not damocles-ext's and nothing of it is to be kept, SELECT"
+            f"Find the session holding {them} (while it holds {them}, among those this query"
+            f" lists: {FIND_ROW_HOLDERS}) and end its transaction: COMMIT or ROLLBACK in it, or,"
+            " if it is not damocles-ext's and nothing of it is to be kept, SELECT"
             " pg_terminate_backend(PID)"
         )
     if holder.ours:
         return (
-            f"It is held by {holder.described}. A transaction of damocles-ext holds a row for"
+            f"The holder is {holder.described}. A transaction of damocles-ext holds a row for"
             " milliseconds (a sweep pass about a second): one that holds it this long is slowed"
             " by its server (its load, its disk) or its link, or frozen (the server ends it"
             " after its idle-in-transaction timeout)"
         )
     if holder.idle:
         return (
-            f"It is held by {holder.described}, left idle inside its transaction (a psql after"
+            f"The holder is {holder.described}, left idle inside its transaction (a psql after"
             " BEGIN, a change by hand): end it, COMMIT or ROLLBACK in it, or SELECT"
             f" pg_terminate_backend({holder.pid})"
         )
     return (
-        f"It is held by {holder.described}, running a statement: it holds the row until its"
+        f"The holder is {holder.described}, running a statement: it holds {them} until its"
         " transaction ends"
     )
 

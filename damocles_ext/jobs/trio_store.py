@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from ..threads import NoThreadError, run_in_thread
-from . import lock_waits, rules
+from . import rules
 from . import summary as jobs_summary
 from .database import DEFAULT_PASS_LIMIT, StoreError, StoreTakesNoWrites, StoreUnavailable
 from .model import JobOutput, JobRecord, WdPoStInput
@@ -27,9 +27,6 @@ R = TypeVar("R")
 
 #: How long a call of TrioJobStore waits for the database (beyond SQLite's busy timeout).
 DEFAULT_CALL_TIMEOUT = 60.0
-#: How long the look for the session holding a job's row (`row_holder`) is waited for: it is
-#: made while a worker waits for its heartbeat's answer.
-HOLDER_LOOK_TIMEOUT = 1.0
 
 
 class TrioJobStore:
@@ -96,18 +93,6 @@ class TrioJobStore:
             " s; the database hangs (its host frozen or the network stalled?): check it; the call"
             " is not waited for"
         )
-
-    async def row_holder(self, job_id: str) -> lock_waits.Session | None:
-        """The session that holds job `job_id`'s row now, named exactly, or None (not found,
-        SQLite, or no answer within HOLDER_LOOK_TIMEOUT); never raises a store's error."""
-        if not self.store.is_postgresql:
-            return None
-        with trio.move_on_after(HOLDER_LOOK_TIMEOUT):
-            try:
-                return await self.in_thread(lock_waits.row_holder, self.store.engine, job_id)
-            except StoreUnavailable:  # no thread for it
-                return None
-        return None
 
     async def create(self, job_input: WdPoStInput, **kwargs: Any) -> tuple[JobRecord, bool]:
         return await self._run(

@@ -1,0 +1,146 @@
+"""The coordinator's warnings of job rows another session holds (jobs/held_rows.py decides which
+holds to warn of), given off the heartbeats' answer path.
+
+A heartbeat's method only records what was passed over (`HeldWarnings.heard`: no I/O, never
+raises) and, when a hold is to be warned of, hands its jobs to `run`, a task of the coordinator
+beside its sweeps, through a queue of QUEUED batches: a full queue drops the batch (counted,
+and handed again at the jobs' next heartbeats), never waits. So a heartbeat's answer neither
+waits for the look at the holders nor fails with it. `run` looks the holders of all the jobs
+of one batch up with one transaction of three statements (lock_waits.py `row_holders`), on a
+thread of its own (a limiter of 1: a look that never ends holds that thread, never one of the
+store's), given up after look_timeout; it says nothing of a row found free by then, and logs
+one warning per holder, naming its jobs; a hold is marked said only once its warning is
+logged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Final
+
+import trio
+from sqlalchemy import exc
+
+from ..jobs import held_rows, lock_waits
+from ..jobs.database import first_line
+from ..jobs.log_lines import job_fields
+from ..threads import NoThreadError, run_in_thread
+from .listeners import ThrottledLog
+
+if TYPE_CHECKING:
+    from ..jobs.store import Outcome, TrioJobStore
+
+log = logging.getLogger("damocles_ext.coordinator")
+
+#: Batches (one heartbeat's holds to warn of) waiting for their look at most.
+QUEUED: Final = 16
+#: How long a look at the holders of one batch is waited for.
+LOOK_TIMEOUT: Final = 1.0
+
+
+class HeldWarnings:
+    """The holds a coordinator's heartbeats saw (`rows`), and the task that warns of them."""
+
+    def __init__(self, store: TrioJobStore, *, look_timeout: float = LOOK_TIMEOUT,
+                 queued: int = QUEUED) -> None:  # fmt: skip
+        self.store = store
+        self.rows = held_rows.HeldRows()
+        self.look_timeout = look_timeout
+        self._send, self._receive = trio.open_memory_channel[list[held_rows.HeldTooLong]](queued)
+        self._limiter = trio.CapacityLimiter(1)  # the looks' own thread
+        #: Batches dropped, the queue full.
+        self.dropped = 0
+        self._dropped_log = ThrottledLog(log)
+        self._unfinished = 0
+        self._settled = trio.Event()
+        self._settled.set()
+
+    def heard(self, outcome: Outcome, worker: str, leases: Mapping[str, str] | None = None) -> None:
+        """A heartbeat of `worker` (Dext's, with the `leases` it sent, or Venus') answered with
+        `outcome`: the holds to warn of are handed to `run`. Never raises, never waits."""
+        try:
+            warn = self.rows.heard(
+                worker, outcome.jobs, outcome.skipped, outcome.effects, self.store.clock(),
+                self.store.store.limits.heartbeat_timeout, leases,
+            )  # fmt: skip
+            if not warn:
+                return
+            try:
+                self._send.send_nowait(warn)
+            except trio.WouldBlock:
+                self.rows.not_said(warn)
+                self.dropped += 1
+                self._dropped_log(
+                    "the warning of %d job rows held elsewhere is put off: %d warnings wait"
+                    " already for their holders to be looked up (%d put off in all); it is"
+                    " given at one of the jobs' next heartbeats",
+                    len(warn), self._send.statistics().current_buffer_used, self.dropped,
+                )  # fmt: skip
+                return
+            if self._unfinished == 0:
+                self._settled = trio.Event()
+            self._unfinished += 1
+        except Exception:  # a warning must never cost a worker its answer
+            log.exception("the warning of a job row held elsewhere failed")
+
+    async def settled(self) -> None:
+        """Return once every batch handed to `run` so far was dealt with."""
+        await self._settled.wait()
+
+    async def run(self) -> None:
+        """Warn of the batches handed out, one after another, until cancelled."""
+        async for batch in self._receive:
+            try:
+                await self._warn(batch)
+            finally:
+                self._unfinished -= 1
+                if self._unfinished == 0:
+                    self._settled.set()
+
+    async def _warn(self, batch: list[held_rows.HeldTooLong]) -> None:
+        left = list(batch)
+        try:
+            looked, failed = await self._look([h.job_id for h in batch])
+            groups: dict[lock_waits.Session | None, list[held_rows.HeldTooLong]] = {}
+            for held in batch:
+                if looked is not None and held.job_id in looked.free:
+                    self.rows.ended([held])  # freed since: said nothing
+                    left.remove(held)
+                    continue
+                holder = None if looked is None else looked.holders.get(held.job_id)
+                groups.setdefault(holder, []).append(held)
+            for holder, held_by in groups.items():
+                advice = lock_waits.row_advice(holder, len(held_by))
+                if failed is not None:
+                    advice = f"Its holder could not be looked up ({failed}). {advice}"
+                worker = held_by[0].worker
+                fields = job_fields(held_by[0].job_id, worker) if len(held_by) == 1 else {
+                    "worker": worker
+                }  # fmt: skip
+                log.warning("%s", held_rows.said_of(held_by, advice), extra=fields)
+                self.rows.said(held_by)
+                left = [h for h in left if h not in held_by]
+        except Exception:  # a warning's failure must not end the task
+            log.exception("the warning of a job row held elsewhere failed")
+        finally:
+            self.rows.not_said(left)  # a later heartbeat of theirs hands them again
+
+    async def _look(
+        self, job_ids: Iterable[str]
+    ) -> tuple[lock_waits.RowHolders | None, str | None]:
+        """The holders of the rows of `job_ids`, or None and why not."""
+        store = self.store.store
+        if not store.is_postgresql:  # (SQLite passes over no row)
+            return None, "not a PostgreSQL store"
+        with trio.move_on_after(self.look_timeout):
+            try:
+                found = await run_in_thread(
+                    lock_waits.row_holders, store.engine, sorted(job_ids),
+                    limiter=self._limiter, abandon_on_cancel=True,
+                )  # fmt: skip
+            except NoThreadError as e:
+                return None, str(e)
+            except exc.SQLAlchemyError as e:
+                return None, f"the look failed: {first_line(e)}"
+            return found, None
+        return None, f"no answer within {self.look_timeout:g} s"
