@@ -17,6 +17,7 @@ import msgspec
 import psycopg
 import pytest
 import trio
+from test_jobs_migration import a_role
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator
@@ -311,3 +312,29 @@ async def test_a_warning_that_fails_leaves_the_heartbeats_answer_as_it_is_and_is
     await beating.beat(12)  # not said: handed again
     [warned] = warnings_of(caplog)
     assert "last stored heartbeat is 12 s old" in warned.getMessage()
+
+
+async def test_a_holder_hidden_from_the_stores_role_is_named_by_pid_with_the_grant_and_the_end(
+    store, holder, postgres_url, caplog, nursery
+):
+    # A store role without pg_read_all_stats sees another role's session without its state,
+    # address or statement, its backend_xid still: the holder was matched and said to be "from
+    # a local socket, state hidden ..., running a statement: it holds the row until its
+    # transaction ends", with neither the grant nor how to end it.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    url, role = a_role(
+        postgres_url, "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+    )
+    with JobStore(url) as blind:
+        beating = Beating(blind, "Venus", nursery)
+        job = await beating.start()
+        lock(holder, job.Id)  # the holder is the owner's session
+        for at in (3, 6, 9):
+            await beating.beat(at)
+    [warned] = warnings_of(caplog)
+    said = warned.getMessage()
+    pid = holder.info.backend_pid
+    assert f"The holder is pid {pid} (user postgres, {HOLDER}, its transaction hidden" in said
+    assert f"GRANT pg_read_all_stats TO {role}" in said
+    assert f"SELECT pg_terminate_backend({pid})" in said
+    assert "local socket" not in said and "running a statement" not in said

@@ -78,7 +78,8 @@ _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
 #: when its xmax names one exactly (as _ROW_HOLDER, whenever its transaction began): one
 #: statement for all of them, none of whose locks it waits for (a plain read).
 _ROW_HOLDERS = sa.text(
-    "SELECT j.id, h.* FROM "
+    "SELECT j.id, quote_ident(current_user) AS role,"
+    " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all, h.* FROM "
     + jobs.name
     + " j LEFT JOIN LATERAL ("
     + _SESSIONS
@@ -231,6 +232,8 @@ class RowHolders:
 
     holders: dict[str, Session]
     free: frozenset[str]
+    #: The store's role when it may not see other roles' sessions (no pg_read_all_stats).
+    blind: str | None = None
 
 
 def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
@@ -246,11 +249,13 @@ def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
         if unnamed:
             free |= {r.id for r in conn.execute(_FREE_ROWS, {"ids": unnamed})}
         look.rollback()
-    return RowHolders(holders, frozenset(free))
+    blind = next((str(r.role) for r in rows if not r.sees_all), None)
+    return RowHolders(holders, frozenset(free), blind)
 
 
-def row_advice(holder: Session | None, rows: int = 1) -> str:
-    """Who holds `rows` job rows that a heartbeat passed over (`row_holders`), and what to do."""
+def row_advice(holder: Session | None, rows: int = 1, blind: str | None = None) -> str:
+    """Who holds `rows` job rows that a heartbeat passed over (`row_holders`), and what to do;
+    `blind`: the store's role, when it may not see other roles' sessions."""
     them = "it" if rows == 1 else "them"
     if holder is None:
         return (
@@ -259,23 +264,48 @@ def row_advice(holder: Session | None, rows: int = 1) -> str:
             " if it is not damocles-ext's and nothing of it is to be kept, SELECT"
             " pg_terminate_backend(PID)"
         )
-    if holder.ours:
-        return (
-            f"The holder is {holder.described}. A transaction of damocles-ext holds a row for"
-            " milliseconds (a sweep pass about a second): one that holds it this long is slowed"
-            " by its server (its load, its disk) or its link, or frozen (the server ends it"
-            " after its idle-in-transaction timeout)"
-        )
-    if holder.idle:
-        return (
-            f"The holder is {holder.described}, left idle inside its transaction (a psql after"
-            " BEGIN, a change by hand): end it, COMMIT or ROLLBACK in it, or SELECT"
-            f" pg_terminate_backend({holder.pid})"
-        )
+    grant = _grant(blind, "this warning") if holder.hidden else ""
+    return f"The holder is {holder.described}. {grant}{'. '.join(_what_to_do([holder]))}"
+
+
+def _grant(blind: str | None, said: str) -> str:
+    """The sentence that asks for pg_read_all_stats, for `said` (this error, this warning) to
+    name a holder's state and statement; '' for a role that sees them."""
+    if blind is None:
+        return ""
     return (
-        f"The holder is {holder.described}, running a statement: it holds {them} until its"
-        " transaction ends"
+        f"This role ({blind}) may not see other roles' sessions in pg_stat_activity: grant it"
+        f" pg_read_all_stats (GRANT pg_read_all_stats TO {blind}) for {said} to name the holder,"
+        " its state and its statement. "
     )
+
+
+def _what_to_do(sessions: list[Session]) -> list[str]:
+    """What to do of `sessions` that hold a lock of the store's: one sentence per kind of them
+    there is (ours, idle, running a statement, hidden from this role)."""
+    said: list[str] = []
+    idle = [s.pid for s in sessions if s.idle and not s.ours]
+    if idle:
+        ends = " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in idle)
+        said.append(
+            f"A session left idle inside its transaction (a psql after BEGIN, a change by hand)"
+            f" holds its locks until it ends it: COMMIT or ROLLBACK in it, or {ends}"
+        )
+    if any(not s.idle and not s.ours and not s.hidden for s in sessions):
+        said.append("A session running a statement holds its locks until its transaction ends")
+    if hidden := [s.pid for s in sessions if s.hidden and not s.ours]:
+        said.append(
+            "A session holds its locks until its transaction ends: COMMIT or ROLLBACK in it,"
+            " or, if it is not damocles-ext's and nothing of it is to be kept, "
+            + " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in hidden)
+        )
+    if any(s.ours for s in sessions):
+        said.append(
+            "A transaction of damocles-ext holds its rows for milliseconds (a sweep pass about a"
+            " second): one that takes seconds is slowed by its server (its load, its disk) or"
+            " its link, or frozen (the server ends it after its idle-in-transaction timeout)"
+        )
+    return said
 
 
 def _xmax(conn: Connection, job_id: str) -> str | None:
@@ -295,12 +325,16 @@ def _rows(conn: Connection, statement: Any, params: dict[str, Any]) -> list[Any]
 
 
 def _session(r: Any) -> Session:
+    if r.state is None:  # another role's, whose transaction this role may not see
+        name = r.application_name or "no application name"
+        described = f"pid {r.pid} (user {r.usename}, {name}, its transaction hidden from this role)"
+        return Session(int(r.pid), described, bool(r.ours), idle=False, hidden=True)
     origin = "a local socket" if r.client_addr is None else str(r.client_addr)
     since = "" if r.xact_start is None else f" since {r.xact_start:%Y-%m-%d %H:%M:%S %Z}"
     last = f"; its last statement: {r.query}" if r.query else ""
     described = (
         f"pid {r.pid} (user {r.usename}, {r.application_name or 'no application name'}, from"
-        f" {origin}, {r.state or 'state hidden from this role'}{since}{last})"
+        f" {origin}, {r.state}{since}{last})"
     )
     if r.ours:
         described = f"a damocles-ext session (a slow server or disk?), {described}"
@@ -330,11 +364,7 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
         f" {_bound(held.timeout)} at each of {tries} tries, and gave up ({first_line(error)});"
         " nothing of it was stored."
     )
-    grant = "" if held.blind is None else (
-        f"This role ({held.blind}) may not see other roles' sessions in pg_stat_activity: grant"
-        f" it pg_read_all_stats (GRANT pg_read_all_stats TO {held.blind}) for this error to name"
-        " the holder, its state and its statement. "
-    )  # fmt: skip
+    grant = _grant(held.blind, "this error")
     if not held.sessions:
         return StoreUnavailable(
             f"{gave_up} {grant}Its holder has gone since, or is hidden from this role; while a call"
@@ -353,28 +383,7 @@ def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tri
             f"{gave_up} Sessions in a transaction since before the wait that hold locks on the"
             f" store's tables, one of which may hold it: {who}. {grant}"
         ).rstrip()
-    said: list[str] = []  # one of these at least: each session is ours, idle, running or hidden
-    idle = [s.pid for s in held.sessions if s.idle and not s.ours]
-    if idle:
-        ends = " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in idle)
-        said.append(
-            f"A session left idle inside its transaction (a psql after BEGIN, a change by hand)"
-            f" holds its locks until it ends it: COMMIT or ROLLBACK in it, or {ends}"
-        )
-    if any(not s.idle and not s.ours and not s.hidden for s in held.sessions):
-        said.append("A session running a statement holds its locks until its transaction ends")
-    if hidden := [s.pid for s in held.sessions if s.hidden]:
-        said.append(
-            "A session holds its locks until its transaction ends: COMMIT or ROLLBACK in it,"
-            " or, if it is not damocles-ext's and nothing of it is to be kept, "
-            + " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in hidden)
-        )
-    if any(s.ours for s in held.sessions):
-        said.append(
-            "A transaction of damocles-ext holds its rows for milliseconds (a sweep pass about a"
-            " second): one that takes seconds is slowed by its server (its load, its disk) or"
-            " its link, or frozen (the server ends it after its idle-in-transaction timeout)"
-        )
+    said = _what_to_do(held.sessions)  # one sentence at least: each session is of a kind
     return StoreUnavailable(f"{head} {'. '.join(said)}; then try again")
 
 
