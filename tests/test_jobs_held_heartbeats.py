@@ -23,7 +23,7 @@ from test_jobs_rules import make_input
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.jobs import held_rows, lock_waits, rules
 from damocles_ext.jobs.database import jobs
-from damocles_ext.jobs.lock_waits import FIND_ROW_HOLDERS
+from damocles_ext.jobs.lock_waits import find_row_holders
 from damocles_ext.jobs.model import JobRecord
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 
@@ -178,26 +178,47 @@ async def test_a_new_long_hold_after_a_heartbeat_landed_is_warned_again(
     assert second.job_id == job.Id
 
 
+def query_in(said: str) -> str:
+    """The query a warning gives to find the holders."""
+    return said.partition("among those this query lists: ")[2].partition(") and end its")[0]
+
+
+@pytest.mark.parametrize("schema", [None, "dext"])
 async def test_a_holder_that_cannot_be_named_exactly_is_told_how_to_find(
-    store, holder, postgres_url, caplog, nursery
+    postgres_url, caplog, nursery, schema
 ):
-    # Two sessions share the row's lock (FOR SHARE): its xmax names neither of them.
+    # Two sessions share the row's lock (FOR SHARE): its xmax names neither of them. The query
+    # the warning gives names the jobs table with its schema: with the store in a schema off
+    # the operator's search_path (the store's URL sets its own), it failed ("relation
+    # dext_wdpost_jobs does not exist").
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    with psycopg.connect(postgres_url) as other:
-        lock(holder, job.Id, share=True)
-        lock(other, job.Id, share=True)
+    url = postgres_url
+    if schema is not None:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+        url = f"{postgres_url}&options=-csearch_path%3D{schema}"
+    table = jobs.name if schema is None else f"{schema}.{jobs.name}"
+    with (
+        JobStore.open(url) as store,
+        psycopg.connect(postgres_url, application_name=HOLDER) as holder,
+        psycopg.connect(postgres_url) as other,
+    ):
+        beating = Beating(store, "Venus", nursery)
+        job = await beating.start()
+        for session in (holder, other):
+            session.execute(f"SELECT * FROM {table} WHERE id = %s FOR SHARE", [job.Id])
         for at in (3, 6, 9):
             assert (await beating.beat(at)).HeartbeatAt == job.HeartbeatAt
         other.rollback()
-    [warned] = warnings_of(caplog)
-    said = warned.getMessage()
-    assert "Find the session holding it" in said and FIND_ROW_HOLDERS in said
-    assert "pg_terminate_backend(PID)" in said
-    with psycopg.connect(postgres_url, autocommit=True) as operator:
-        listed = operator.execute(FIND_ROW_HOLDERS).fetchall()
-    assert holder.info.backend_pid in [row[0] for row in listed]  # the query finds it
+        [warned] = warnings_of(caplog)
+        said = warned.getMessage()
+        assert "Find the session holding it" in said and "pg_terminate_backend(PID)" in said
+        query = query_in(said)
+        assert f"'{schema or 'public'}.{jobs.name}'::regclass" in query
+        with psycopg.connect(postgres_url, autocommit=True) as operator:
+            listed = operator.execute(query).fetchall()
+        assert [row[0] for row in listed] == [holder.info.backend_pid]  # the query finds it
+        holder.rollback()
 
 
 async def test_jobs_held_by_one_session_are_warned_of_in_one_line_naming_them(
@@ -266,7 +287,7 @@ async def test_a_look_at_the_holders_that_gets_no_answer_is_given_up_and_the_ans
     [warned] = warnings_of(caplog)
     said = warned.getMessage()
     assert "Its holder could not be looked up (no answer within 0.2 s)" in said
-    assert FIND_ROW_HOLDERS in said
+    assert query_in(said) == find_row_holders()  # the look read no table
     gate.open.set()
 
 

@@ -110,9 +110,7 @@ class HeldWarnings:
                 holder = None if looked is None else looked.holders.get(held.job_id)
                 groups.setdefault(holder, []).append(held)
             for holder, held_by in groups.items():
-                advice = lock_waits.row_advice(
-                    holder, len(held_by), None if looked is None else looked.blind
-                )
+                advice = lock_waits.row_advice(holder, len(held_by), looked)
                 if failed is not None:
                     advice = f"Its holder could not be looked up ({failed}). {advice}"
                 worker = held_by[0].worker

@@ -79,7 +79,10 @@ _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
 #: statement for all of them, none of whose locks it waits for (a plain read).
 _ROW_HOLDERS = sa.text(
     "SELECT j.id, quote_ident(current_user) AS role,"
-    " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all, h.* FROM "
+    " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all,"
+    " (SELECT quote_literal(quote_ident(n.nspname) || '.' || quote_ident(c.relname))"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = j.tableoid)"
+    " AS jobs_table, h.* FROM "
     + jobs.name
     + " j LEFT JOIN LATERAL ("
     + _SESSIONS
@@ -138,15 +141,20 @@ FIND_IT = (
     " (SELECT unnest(pg_blocking_pids(pid)) FROM pg_stat_activity WHERE wait_event_type = 'Lock')"
 )
 
-#: How an operator finds the sessions that may hold a job's row while no statement waits for it
-#: (a heartbeat passes over a held row): those that lock the jobs table as a row lock or a
-#: write does, oldest transaction first.
-FIND_ROW_HOLDERS = (
-    "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start, a.query"
-    " FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
-    f" WHERE l.relation = '{jobs.name}'::regclass AND l.mode IN ('RowShareLock',"
-    " 'RowExclusiveLock') AND a.pid <> pg_backend_pid() ORDER BY a.xact_start"
-)
+
+def find_row_holders(table: str = f"'{jobs.name}'") -> str:
+    """How an operator finds the sessions that may hold a job's row while no statement waits for
+    it (a heartbeat passes over a held row): those of this database holding a lock on the jobs
+    table `table` (an SQL literal; qualified by its schema as the store's session finds it, so
+    that the operator's search_path need not hold it) as a row lock or a write takes, oldest
+    transaction first."""
+    return (
+        "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start,"
+        " a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+        f" WHERE l.relation = {table}::regclass AND l.granted AND l.mode IN ('RowShareLock',"
+        " 'RowExclusiveLock') AND a.datname = current_database() AND a.pid <> pg_backend_pid()"
+        " ORDER BY a.xact_start"
+    )
 
 
 #: The row a statement waited for, from the error's context ('while locking tuple (0,1) in
@@ -185,6 +193,8 @@ class Held:
     exact: bool = False
     #: The store's role when it may not see other roles' sessions (no pg_read_all_stats).
     blind: str | None = None
+    #: The jobs table, as an SQL literal qualified by its schema (None: no row was read).
+    table: str | None = None
 
 
 def is_lock_wait(error: exc.DBAPIError) -> bool:
@@ -234,6 +244,8 @@ class RowHolders:
     free: frozenset[str]
     #: The store's role when it may not see other roles' sessions (no pg_read_all_stats).
     blind: str | None = None
+    #: The jobs table, as an SQL literal qualified by its schema (None: no row was read).
+    table: str | None = None
 
 
 def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
@@ -250,17 +262,20 @@ def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
             free |= {r.id for r in conn.execute(_FREE_ROWS, {"ids": unnamed})}
         look.rollback()
     blind = next((str(r.role) for r in rows if not r.sees_all), None)
-    return RowHolders(holders, frozenset(free), blind)
+    table = next((str(r.jobs_table) for r in rows), None)
+    return RowHolders(holders, frozenset(free), blind, table)
 
 
-def row_advice(holder: Session | None, rows: int = 1, blind: str | None = None) -> str:
-    """Who holds `rows` job rows that a heartbeat passed over (`row_holders`), and what to do;
-    `blind`: the store's role, when it may not see other roles' sessions."""
+def row_advice(holder: Session | None, rows: int = 1, looked: RowHolders | None = None) -> str:
+    """Who holds `rows` job rows that a heartbeat passed over, and what to do; `looked`: what
+    `row_holders` found (the store's role, when blind; the jobs table's schema)."""
+    blind = None if looked is None else looked.blind
+    table = None if looked is None else looked.table
     them = "it" if rows == 1 else "them"
     if holder is None:
         return (
             f"Find the session holding {them} (while it holds {them}, among those this query"
-            f" lists: {FIND_ROW_HOLDERS}) and end its transaction: COMMIT or ROLLBACK in it, or,"
+            f" lists: {find_row_holders(table) if table else find_row_holders()}) and end its transaction: COMMIT or ROLLBACK in it, or,"
             " if it is not damocles-ext's and nothing of it is to be kept, SELECT"
             " pg_terminate_backend(PID)"
         )
