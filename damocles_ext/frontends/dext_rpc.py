@@ -6,8 +6,10 @@ methods stay exactly damocles': what a worker that knows leases and free slots c
   its deadline and its try;
 - `Dext.HeartbeatJobs([{Id, Lease}], worker)`: the heartbeats of the jobs still the worker's are
   stored (but a job whose row another session holds: not this time, answered from its last
-  stored state; a hold long enough to matter is warned of, for Venus' heartbeat too, off the
-  answer's path: held_warnings.py); the answer lists the jobs it must stop now and why (the cancellation signal);
+  stored state; a hold seen at two heartbeats, the job's last stored heartbeat half its
+  HeartbeatTimeout old, is warned of, for Venus' heartbeat too, off the answer's path:
+  held_warnings.py); the answer lists the jobs it must stop now and why (the cancellation
+  signal);
 - `Dext.FinishJob(id, lease, output, errorReason)`: stored only from the current lease of a
   running job whose deadline has not passed; otherwise refused with code rpc.REFUSED.
 

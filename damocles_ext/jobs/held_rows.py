@@ -1,5 +1,7 @@
-"""A running job whose heartbeats are passed over because another session holds its row, held
-long enough to matter: when its coordinator warns of it, and the warning's words. Sans-IO: the
+"""A running job whose heartbeats are passed over because another session holds its row, seen at
+two heartbeats at least while its last stored heartbeat aged to half its HeartbeatTimeout: when
+its coordinator warns of it (the threshold is the time without a stored heartbeat, not the
+hold's length), and the warning's words. Sans-IO: the
 caller gives the time, looks the holders up and logs.
 
 A heartbeat does not wait for a job's row that another session holds (store.py `heartbeat`:

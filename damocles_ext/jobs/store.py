@@ -99,7 +99,8 @@ class Outcome:
     #: store refusing writes (a full disk) cannot answer.
     wrote: bool = False
     #: The jobs passed over because another session held their row (a heartbeat's, on
-    #: PostgreSQL): in `jobs` as last committed, with no effect (jobs/held_rows.py warns).
+    #: PostgreSQL): in `jobs` as last committed, with no effect (frontends/held_warnings.py
+    #: warns of a long hold).
     skipped: tuple[str, ...] = ()
 
 
