@@ -985,6 +985,34 @@ async def test_the_open_index_without_a_token_file_is_a_usage_error(tmp_path):
     assert b"--index-without-token goes with --token-file" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("body", "words", "request_id"),
+    [
+        # A float past a float64 is read as Go reads it into an interface (out of range: refused
+        # where it stands) rather than failing the whole body at an unnamed `$[...]`.
+        (b'{"method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[1e400]},1,"w"],"id":3}',
+         "(param: 0): Expected `int`, got `float` - at `$.AllowedMiners[0]`", 3),
+        (b'{"method":"Venus.WdPoStFinishJob","params":["j",{"faults":[-1e999]},""],"id":3}',
+         "(param: 1): Expected `int`, got `float` - at `$.faults[0]`", 3),
+        (b'{"method":"Venus.WdPoStAllJobs","id":1e400}',
+         "Expected `int | str | null`, got `float` - at `$.id`", None),
+        # An integer of more digits than Python reads: said so, and what to send.
+        (b'{"method":"Venus.WdPoStAllJobs","params":[],"id":' + b"9" * 5000 + b"}",
+         ("unmarshaling request: a number in it has over 4300 digits, more than any param or id"
+          " takes; send numbers within a uint64"), None),
+    ],
+)  # fmt: skip
+def test_a_number_out_of_range_is_refused_naming_where_it_is(body, words, request_id):
+    with pytest.raises(rpc.RpcError) as caught:
+        rpc.parse_request(body)
+    assert caught.value.code == rpc.PARSE_ERROR
+    assert words in caught.value.message and "[...]" not in caught.value.message
+    assert caught.value.request_id == request_id  # a refused param's answer carries the id
+    # Where Go ignores the value (a key no field has), so does the coordinator now.
+    call = rpc.parse_request(b'{"method":"Venus.WdPoStAllJobs","id":1,"x":1e400}')
+    assert call.method == "Venus.WdPoStAllJobs"
+
+
 def test_a_body_nested_too_deeply_is_a_parse_error_not_an_exception():
     deep = b"[" * 100_000 + b"]" * 100_000
     for body in (

@@ -17,6 +17,7 @@ Sans-IO: bytes in, a `Call` or an `RpcError` out, bytes back; the coordinator do
 from __future__ import annotations
 
 import hmac
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
@@ -174,7 +175,10 @@ class _Envelope(msgspec.Struct):
 # Go reads `null` as an empty request, and the envelope's keys in any case (`"Method"`), as
 # go-jsonrpc decodes it with encoding/json: read as any JSON, then shaped as Go reads it.
 _Request = _Envelope | None
-_decoder = msgspec.json.Decoder()
+# A float literal is read by Python's float(), as Go reads one into an interface: one past a
+# float64 is infinite, refused where a param takes a number (and ignored under a key no field
+# has, as Go ignores it), where msgspec failed the whole body at an unnamed `$[...]`.
+_decoder = msgspec.json.Decoder(float_hook=float)
 _encoder = msgspec.json.Encoder()
 
 
@@ -183,7 +187,7 @@ def parse_request(body: bytes) -> Call:
     try:
         envelope = msgspec.convert(go_shaped(_decoder.decode(body), _Request), _Request)
     except msgspec.ValidationError as exc:
-        raise RpcError(PARSE_ERROR, f"unmarshaling request: {exc}") from None
+        raise RpcError(PARSE_ERROR, f"unmarshaling request: {_unreadable(exc)}") from None
     except msgspec.DecodeError as exc:
         raise RpcError(PARSE_ERROR, f"unmarshaling request: the body is not JSON: {exc}") from None
     except RecursionError:  # msgspec's nesting limit is Python's recursion limit
@@ -218,6 +222,18 @@ def parse_request(body: bytes) -> Call:
     if method in _ALLOCATIONS:
         _check_worker_name(method, converted[2], rid)
     return Call(method, tuple(converted), rid)
+
+
+def _unreadable(exc: msgspec.ValidationError) -> str:
+    """What is wrong with a request that is JSON, but not one request."""
+    if str(exc).startswith("Integer value out of range"):
+        # Python reads no integer of more digits (msgspec names no place for it: `$[...]`).
+        digits = sys.get_int_max_str_digits()
+        return (
+            f"a number in it has over {digits} digits, more than any param or id takes;"
+            " send numbers within a uint64"
+        )
+    return str(exc)
 
 
 def _go_ints(value: Any, where: str) -> None:
