@@ -1013,6 +1013,28 @@ def test_a_number_out_of_range_is_refused_naming_where_it_is(body, words, reques
     assert call.method == "Venus.WdPoStAllJobs"
 
 
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        (b'[{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","params":[],"id":1}]', "an array"),
+        (b"[]", "an array"),
+        (b"7", "a number"),
+        (b'"Venus.WdPoStAllJobs"', "a string"),
+        (b"true", "a boolean"),
+    ],
+)
+def test_a_body_that_is_no_request_object_says_what_a_request_is(body, what):
+    # Before: "Expected `object | null`, got `array`", which neither says that a batch is not
+    # served nor what to send instead.
+    with pytest.raises(rpc.RpcError) as caught:
+        rpc.parse_request(body)
+    message = caught.value.message
+    assert message.startswith(f"(error code -32700) unmarshaling request: the body is {what}")
+    assert 'send one request object {"jsonrpc":"2.0","method":' in message
+    if what == "an array":
+        assert "a batch of requests is not served: send each in a POST of its own" in message
+
+
 def test_a_body_nested_too_deeply_is_a_parse_error_not_an_exception():
     deep = b"[" * 100_000 + b"]" * 100_000
     for body in (

@@ -185,7 +185,10 @@ _encoder = msgspec.json.Encoder()
 def parse_request(body: bytes) -> Call:
     """The call in a POST body; raises RpcError saying what is wrong (never anything else)."""
     try:
-        envelope = msgspec.convert(go_shaped(_decoder.decode(body), _Request), _Request)
+        decoded = _decoder.decode(body)
+        if not isinstance(decoded, dict | None):
+            raise RpcError(PARSE_ERROR, f"unmarshaling request: {_not_a_request(decoded)}")
+        envelope = msgspec.convert(go_shaped(decoded, _Request), _Request)
     except msgspec.ValidationError as exc:
         raise RpcError(PARSE_ERROR, f"unmarshaling request: {_unreadable(exc)}") from None
     except msgspec.DecodeError as exc:
@@ -222,6 +225,19 @@ def parse_request(body: bytes) -> Call:
     if method in _ALLOCATIONS:
         _check_worker_name(method, converted[2], rid)
     return Call(method, tuple(converted), rid)
+
+
+_JSON_KINDS: Final = {list: "an array", str: "a string", bool: "a boolean"}
+_REQUEST_FORM: Final = '{"jsonrpc":"2.0","method":"Venus.X","params":[...],"id":N}'
+
+
+def _not_a_request(decoded: Any) -> str:
+    """What is wrong with a body that is JSON but no object (Go: "cannot unmarshal")."""
+    kind = _JSON_KINDS.get(type(decoded), "a number")
+    said = f"the body is {kind}, not a JSON-RPC request"
+    if isinstance(decoded, list):
+        said += "; a batch of requests is not served: send each in a POST of its own"
+    return f"{said}; send one request object {_REQUEST_FORM}"
 
 
 def _unreadable(exc: msgspec.ValidationError) -> str:
