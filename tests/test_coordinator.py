@@ -305,6 +305,25 @@ async def test_an_oversized_body_is_refused(sqlite_store, chunked):
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_of_the_limit_exactly_is_served_and_held_as_its_own_size(
+    sqlite_store, chunked
+):
+    # The body's count began at the size of the request's head: a body some hundred bytes
+    # (up to 16 KiB) under the limit was refused "at most N bytes", and each body was held in
+    # the buffer cap as that much larger.
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, max_body=1024)
+        client = await connect(server)
+        call = b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","params":[],"id":1}'
+        status, body = await client.post(call.ljust(1024), chunked=chunked)
+        assert status == 200 and msgspec.json.decode(body)["result"]["Jobs"] == [], body
+        status, body = await client.post(call.ljust(1025), chunked=chunked)
+        assert status == 413 and b"at most 1024 bytes" in body
+        nursery.cancel_scope.cancel()
+    assert server.peak_buffered == 1024
+
+
 async def test_the_command_refuses_a_busy_port_and_a_bad_url(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -156,9 +156,10 @@ class HttpConnection:
                 if data:
                     self.last_active = trio.current_time()
             elif isinstance(event, h11.Request):
-                if (size := head_size(event)) > self._max_head:
+                # (Not `size`: that counts the body's bytes, from 0.)
+                if (head := head_size(event)) > self._max_head:
                     raise h11.RemoteProtocolError(
-                        f"the request head is {size} bytes, over the {self._max_head} this"
+                        f"the request head is {head} bytes, over the {self._max_head} this"
                         " server reads",
                         error_status_hint=431,
                     )
