@@ -1,5 +1,5 @@
 """A coordinator against hostile clients, over real sockets: wrong heads, lying lengths, bodies
-over the limit, junk that is not HTTP. Each gets a clear answer (or
+over the limit, a client that stops halfway, junk that is not HTTP. Each gets a clear answer (or
 its connection closed, as docs/JOBS.md says), nothing is logged as an error of ours, and a
 worker's normal call is answered after all of them. In process (its log read through caplog,
 time moved by the test) and as the `damocles-ext coordinator` command (its stderr read)."""
@@ -12,7 +12,9 @@ import h11
 import msgspec
 import pytest
 import trio
+import trio.testing
 from helpers.frontend import CoordinatorProcess
+from helpers.supervisor import wait_until_real
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import MAX_BODY, MAX_HEAD, Coordinator, CoordinatorServer
@@ -179,6 +181,52 @@ async def test_hostile_requests_get_clear_answers_nothing_is_logged_and_a_worker
         nursery.cancel_scope.cancel()
     ours = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert ours == [], [r.getMessage() for r in ours]
+
+
+@pytest.mark.parametrize("stop_in", ["the head", "the body"])
+async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
+    store, mock_clock, stop_in
+):
+    # Stopped in its body, it held its connection for the idle timeout, then the connection
+    # closed without a word, as if the coordinator had crashed. Stopped in its head (not HTTP,
+    # likely: a port scanner), it is closed without one, as nginx does.
+    idle = 120.0
+    async with trio.open_nursery() as nursery:
+        server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0,
+                                   idle_timeout=idle)  # fmt: skip
+        await nursery.start(server.serve)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        request = post(ALLOCATE)
+        half = request[: len(HEAD) // 2] if stop_in == "the head" else request[:-40]
+        await stream.send_all(half)
+        # The coordinator holds what came (the part of a head in h11, or the body's bytes).
+        await wait_until_real(lambda: len(server._slots) == 1, what="the connection accepted")
+        [conn] = server._slots._open
+        await wait_until_real(lambda: conn._h11.trailing_data[0] or server.buffered == 40,
+                              what="the half request read")  # fmt: skip
+        mock_clock.jump(idle - 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(server._slots) == 1  # not yet
+        mock_clock.jump(1)
+        got: list = []
+
+        async def read() -> None:
+            got.append(await answers(stream, 1))
+
+        nursery.start_soon(read)
+        await wait_until_real(lambda: got, what="the coordinator's answer or close")
+        if stop_in == "the head":
+            assert got == [([], True)]
+        else:
+            said = (
+                b"the request body did not come whole within 120 s (of connecting, or of the last"
+                b" answer on this connection); send each request whole, at once\n"
+            )
+            assert got == [([(408, said)], True)]
+        # Another client is served meanwhile, and after.
+        assert await allocate(server.port) == []
+        assert server.buffered == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_the_coordinator_command_answers_hostile_requests_without_a_traceback(tmp_path):

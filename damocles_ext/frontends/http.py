@@ -76,6 +76,7 @@ class HttpConnection:
         self._send_scope: trio.CancelScope | None = None
         self._answering_head = False  # the request being answered is a HEAD: no body goes back
         self._wait_scope = trio.CancelScope()
+        self._evicted = False  # closed by the server (room for another, a stop): no 408
 
     @property
     def idle(self) -> bool:
@@ -102,6 +103,7 @@ class HttpConnection:
 
     def evict(self, reason: str) -> None:
         self._log.debug("closing a %s connection: %s", self._what, reason)
+        self._evicted = True
         self._wait_scope.cancel()
         if self._send_scope is not None:
             self._send_scope.cancel()
@@ -125,6 +127,10 @@ class HttpConnection:
                     with trio.move_on_after(1):
                         await self.refuse(refusal)
                     return
+            if self._wait_scope.cancelled_caught and self._body_cut_off():
+                with trio.move_on_after(1):
+                    await self.refuse(self._timed_out())
+                return
             if self._wait_scope.cancelled_caught or got is None:
                 return
             request, body = got
@@ -139,6 +145,19 @@ class HttpConnection:
                 self._h11.start_next_cycle()
             except h11.LocalProtocolError:  # the client asked to close
                 return
+
+    def _body_cut_off(self) -> bool:
+        """The idle timeout came after a request's head, before the end of its body (its
+        client stopped halfway): it is told so, where a connection idle between requests, or
+        with half a head (not HTTP, likely), or evicted, is closed without a word."""
+        return not self._evicted and self._h11.their_state is h11.SEND_BODY
+
+    def _timed_out(self) -> Refuse:
+        return Refuse(
+            408,
+            f"the request body did not come whole within {self._idle_timeout:g} s (of connecting,"
+            " or of the last answer on this connection); send each request whole, at once\n".encode(),
+        )
 
     async def _read_request(self) -> tuple[h11.Request, bytes] | None:
         """The next request and its kept body, or None at EOF."""
