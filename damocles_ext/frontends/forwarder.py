@@ -27,7 +27,7 @@ from .signals import stop_signals
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..client import ReconnectingClient
+    from ..client import Client, ReconnectingClient
     from ..status import StatusDocument
 
 log = logging.getLogger("damocles_ext.serve")
@@ -39,22 +39,26 @@ CONNECT_HINT = (
 )
 
 
-async def stage_problem(remote: ReconnectingClient, stage: str) -> str | None:
+async def stage_problem(
+    remote: Client | ReconnectingClient, stage: str, flag: str = "--connect", *, warn: bool = True
+) -> str | None:
     """Why the supervisor at the other end cannot serve `stage` (it has no child of it, or it is
-    a worker's, which takes no requests), or None.
+    a worker's, which takes no requests), or None; `flag`: the option that named its socket.
 
-    Checked once, before the ready line, so that a `run` whose config lacks the stage's table
-    (or a worker's socket given by mistake) makes damocles-manager's start fail instead of every
-    request of that stage.
+    serve --connect checks it once, before the ready line, so that a `run` whose config lacks
+    the stage's table (or a worker's socket given by mistake) makes damocles-manager's start
+    fail instead of every request of that stage; prove --socket once a proof failed. A status
+    that does not come is None, said in a warning if `warn` (serve goes on without the check).
     """
     try:
         with trio.fail_after(3):
             doc = await remote.status()
     except (ProverError, trio.TooSlowError) as exc:
-        why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
-        log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
+        if warn:
+            why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
+            log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
         return None
-    return serving_problem(doc, remote.path, stage, "--connect")
+    return serving_problem(doc, remote.path, stage, flag)
 
 
 def serving_problem(doc: StatusDocument, path: str | Path, stage: str, flag: str) -> str | None:

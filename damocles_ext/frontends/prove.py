@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..api import open_supervisor
-from ..client import Client, connect
+from ..client import connect
 from ..errors import ProverError, UsageError
 from ..supervisor.restart import BackoffPolicy
 from ..tasks import stage_of
-from .forwarder import serving_problem
+from .forwarder import stage_problem
 
 if TYPE_CHECKING:
     from ..config import ChildSpec
@@ -97,19 +97,10 @@ async def _prove_remote(
         # A worker's socket, which refuses every proof, or a `run` with no child of the stage:
         # a wrong --socket or config, the operator's to fix (exit code 2, as serve --connect
         # says it), not a prover's failure. Asked only once a proof failed.
-        problem = await _serving_problem(client, stage_of(task))
+        problem = await stage_problem(client, stage_of(task), "--socket", warn=False)
         if problem is not None:
             raise UsageError(problem) from None
         raise error
-
-
-async def _serving_problem(client: Client, stage: str) -> str | None:
-    try:
-        with trio.fail_after(3):
-            doc = await client.status()
-    except (ProverError, trio.TooSlowError):
-        return None  # gone or slow: the proof's own error says what happened
-    return serving_problem(doc, client.path, stage, "--socket")
 
 
 def prove_through_jobs(
