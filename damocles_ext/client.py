@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from . import __version__
-from .errors import ProverError, UsageError, check_trio_run
+from .errors import NotStartedError, ProverError, UsageError, check_trio_run
 from .frontends.control_socket import (
     UntrustedPathError,
     default_socket_path,
@@ -220,7 +220,10 @@ class Client:
             )
         reply = box[0]
         if reply.error is not None or reply.status is None:
-            raise ProverError(f"the supervisor at {self.path} sent no status: {reply.error}")
+            said = f"the supervisor at {self.path} sent no status: {reply.error}"
+            if reply.worker is not None:  # a worker waiting for its manager: its part alone
+                raise NotStartedError(said, reply.worker)
+            raise ProverError(said)
         try:
             return parse_document(reply.status)
         except StatusError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 EXIT_OK = 0
 EXIT_PROVER_ERROR = 1
@@ -89,6 +89,17 @@ class ProverError(DextError):
     exit_code = EXIT_PROVER_ERROR
     job_id: str | None = None
     worker: str | None = None
+
+
+class NotStartedError(ProverError):
+    """A damocles-ext worker's answer to `status` before it has started its supervisor (it waits
+    for its manager): no status document yet, only why, and `worker_part`, the document's
+    `worker` part as plain data, which the control socket sends beside the error (StatusReply's
+    `worker`), so that a client can tell a worker's socket from it."""
+
+    def __init__(self, message: str, worker_part: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.worker_part = worker_part
 
 
 class DeadlineError(ProverError):

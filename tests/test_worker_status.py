@@ -9,11 +9,21 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import urllib.request
 
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run_async, make_task, plugin_block
+from helpers.frontend import (
+    DEXT,
+    dext_env,
+    dext_run_async,
+    empty_store,
+    make_task,
+    plugin_block,
+    write_config,
+)
 from test_worker import Rig, children, job_input
 
 from damocles_ext.client import connect
@@ -24,6 +34,7 @@ from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
 from damocles_ext.jobs.worker_status import WorkerJobStatus, WorkerPart, render_worker
 from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.protocol import jsonl
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -293,3 +304,50 @@ def test_a_managers_own_stop_reasons_count_under_one_label_not_one_each():
     counters.count_stop("not_running")
     assert counters.stopped_by == {"other": 1000, "removed": 1, "not_running": 1}
     assert counters.stopped == 1002
+
+
+@pytest.mark.parametrize("manager", ["silent", "refusing"])
+async def test_prove_and_serve_at_the_socket_of_a_worker_still_waiting_for_its_manager_exit_2(
+    tmp_path, manager
+):
+    # Before its manager answers, a worker's socket answers status with why it has no document
+    # yet: prove --socket then exited 1 (a prover's failure) and serve --connect said its ready
+    # line, as neither could tell a worker's socket from that answer.
+    with socket.socket() as peer:
+        peer.bind(("127.0.0.1", 0))
+        if manager == "silent":
+            peer.listen()  # takes the connection, never answers; "refusing": nobody listens
+        cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+        sock = str(tmp_path / "w.sock")
+        task = tmp_path / "task.json"
+        task.write_bytes(jsonl.task_to_json(make_task()))
+        proc = await trio.lowlevel.open_process(
+            [*DEXT, "worker", "--manager", f"127.0.0.1:{peer.getsockname()[1]}", "-c", str(cfg),
+             "--attached", f"store-a={empty_store()}", "--socket", sock],
+            env=dext_env(), stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        seen = b""
+        with trio.fail_after(60):
+            while b"control socket listening on" not in seen:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen.decode()
+                seen += chunk
+            status = await dext_run_async("status", "--socket", sock)
+            prove = await dext_run_async(
+                "prove", "window_post", "--request", str(task), "--socket", sock
+            )
+            serve = await dext_run_async("serve", "window_post", "--connect", sock)
+            proc.send_signal(signal.SIGTERM)
+            while chunk := await proc.stderr.receive_some(4096):
+                seen += chunk
+            await proc.wait()
+    assert "Traceback" not in seen.decode(), seen.decode()
+    # status still says why there is no document (exit 1, as before)
+    err = status.stderr.decode()
+    assert status.returncode == 1 and "has not started its children yet" in err, err
+    for result in (prove, serve):
+        err = result.stderr.decode()
+        assert result.returncode == 2 and result.stdout == b"", err
+        assert f"{sock} is the control socket of a `damocles-ext worker`" in err, err
+        assert "Traceback" not in err, err

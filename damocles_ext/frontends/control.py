@@ -627,7 +627,7 @@ class _Connection:
         try:
             return reply(request_id, status=await status())
         except DextError as exc:  # said to the asker (a source logs what its operator must see)
-            return reply(request_id, error=str(exc))
+            return reply(request_id, error=str(exc), worker=getattr(exc, "worker_part", None))
         except Exception as exc:  # a bug of ours must still answer, and not kill `run`
             log.exception("status request %d: internal error", request_id)
             return reply(request_id, error=internal_error(exc))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import TABLE_OF_STAGE
-from ..errors import ProverError, UsageError
+from ..errors import NotStartedError, ProverError, UsageError
 from ..stages import can_serve
 from ..tasks import Output, Task, stage_of
 from .serve_jsonl import (
@@ -53,6 +53,8 @@ async def stage_problem(
     try:
         with trio.fail_after(3):
             doc = await remote.status()
+    except NotStartedError:  # a worker's, which has not started its children yet
+        return worker_socket(remote.path, flag)
     except (ProverError, trio.TooSlowError) as exc:
         if warn:
             why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
@@ -65,13 +67,7 @@ def serving_problem(doc: StatusDocument, path: str | Path, stage: str, flag: str
     """Why the supervisor whose status is `doc`, at `path`, cannot serve `stage`, or None;
     `flag`: the option that named the socket (`--connect`, `--socket`)."""
     if doc.worker is not None:
-        # Its children prove the jobs it pulls; its socket answers `status` and refuses proofs.
-        which = "socket path" if flag == "--socket" else "--socket path"
-        return (
-            f"{path} is the control socket of a `damocles-ext worker`, which answers"
-            " status only and proves the jobs it pulls from its manager, not requests; give"
-            f" {flag} the {which} of a `damocles-ext run` instead"
-        )
+        return worker_socket(path, flag)
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
     table = TABLE_OF_STAGE[stage]
@@ -79,6 +75,17 @@ def serving_problem(doc: StatusDocument, path: str | Path, stage: str, flag: str
         f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage}"
         f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
         " restart it"
+    )
+
+
+def worker_socket(path: str | Path, flag: str) -> str:
+    """What is wrong with `flag` naming `path`, a worker's control socket."""
+    # Its children prove the jobs it pulls; its socket answers `status` and refuses proofs.
+    which = "socket path" if flag == "--socket" else "--socket path"
+    return (
+        f"{path} is the control socket of a `damocles-ext worker`, which answers"
+        " status only and proves the jobs it pulls from its manager, not requests; give"
+        f" {flag} the {which} of a `damocles-ext run` instead"
     )
 
 

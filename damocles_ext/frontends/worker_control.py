@@ -13,9 +13,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 
-from ..errors import DextError, UsageError
+from ..errors import NotStartedError, UsageError
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
 from .listeners import ThrottledLog
@@ -179,7 +180,7 @@ async def run_worker(
     on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `worker` until it ends, serving its control socket and metrics while it runs."""
-    from ..status import StatusSource
+    from ..status import StatusSource, utf8_text
     from .control import ControlServer
 
     done = trio.Event()
@@ -202,7 +203,8 @@ async def run_worker(
 
             async def status() -> dict[str, object]:
                 if source is None:  # the socket is served while the worker waits to start
-                    raise DextError(not_started(worker))
+                    part = utf8_text(msgspec.to_builtins(worker_part(worker)))
+                    raise NotStartedError(not_started(worker), part)
                 return await source.as_data(worker=worker_part(worker))
 
             # Answered from the start: else `status` met a socket nobody answered, and said the

@@ -4,9 +4,9 @@ The control socket carries the child protocol's framing and its Request/Cancel/P
 (see dext.py), and two messages of its own:
 
 * client -> supervisor: `StatusRequest{id}`;
-* supervisor -> client: `StatusReply{id, status, error}`, where `status` is the status document
-  (schema "damocles-ext/status/1", see docs/STATUS.md) as plain msgpack data, or `error` says
-  why there is none.
+* supervisor -> client: `StatusReply{id, status, error, worker}`, where `status` is the status
+  document (schema "damocles-ext/status/1", see docs/STATUS.md) as plain msgpack data, or
+  `error` says why there is none (and `worker` is a not yet started worker's part of it).
 
 Ids of status requests come from the same per-connection counter as proof requests. A
 supervisor that predates these messages closes the connection on a `StatusRequest` (it is not
@@ -39,11 +39,14 @@ class StatusRequest(msgspec.Struct, tag="status", frozen=True):
 
 
 class StatusReply(msgspec.Struct, tag="status_reply", frozen=True):
-    """Supervisor -> client: the status document (plain data), or why there is none."""
+    """Supervisor -> client: the status document (plain data), or why there is none; with that
+    `error`, a damocles-ext worker that has not started its supervisor yet sends `worker`, the
+    document's worker part alone (its socket refuses proofs, started or not)."""
 
     id: int
     status: dict[str, Any] | None = None
     error: str | None = None
+    worker: dict[str, Any] | None = None
 
 
 class Refusal(msgspec.Struct, tag="refusal", frozen=True):
