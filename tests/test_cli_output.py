@@ -509,6 +509,30 @@ def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_ano
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["run", "--conf-dri", "/etc/x"],
+      ("one of the arguments -c/--config --conf-dir is required (--conf-dri is not an option of"
+       " damocles-ext run: did you mean --conf-dir?)")),
+     (["coordinator", "--jbos", "sqlite:///x"],
+      ("the following arguments are required: --jobs (--jbos is not an option of damocles-ext"
+       " coordinator: did you mean --jobs?)")),
+     (["check-config", "--conf-dri=/x"],
+      ("is required (--conf-dri is not an option of damocles-ext check-config: did you mean"
+       " --conf-dir?)"))],
+    ids=["run", "coordinator", "check-config-equals"],
+)  # fmt: skip
+def test_a_mistyped_option_is_named_with_the_close_one_when_a_required_argument_is_missing(
+    args: list[str], said: str
+):
+    # argparse says what is required before it says what it did not recognize: the mistyped
+    # option is what left it missing, so the error names it too, with the one it is close to.
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
     # --conf-di is argparse's abbreviation of --conf-dir: the error is the real one, alone.
     done = _dext("check-config", "-c", "x.cfg", "--conf-di", "d")
