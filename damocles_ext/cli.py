@@ -43,18 +43,21 @@ PATH_METAVARS = frozenset({"FILE", "DIR", "PATH", "TASK.json", "OUT.json", "MANI
 
 
 class _Parser(argparse.ArgumentParser):
-    #: The arguments being parsed (set by parse_args), for `error` to name what this parser
-    #: does not take when argparse stops at something else first.
+    #: The arguments being parsed and the parser of the whole command line (set by parse_args),
+    #: for `error` to name what this parser does not take when argparse stops at something
+    #: else first, and the hints to say which options were meant.
     _argv: ClassVar[list[str]] = []
+    _root: ClassVar[argparse.ArgumentParser | None] = None
 
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
         if not message.startswith("unrecognized arguments") and (foreign := self._foreign()):
             # argparse stops at what it could not fit (`check-config -c F --log-format json`:
             # "argument FILE: not allowed with argument -c", json taken as the FILE) before it
             # would say that --log-format is no option here, the mistake to fix.
+            hints = "; ".join(_hints([self], foreign))
             message += (
                 f" ({' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not an option"
-                f" of {self.prog}{_did_you_mean(self, foreign, ': did you mean')})"
+                f" of {self.prog}{': ' + hints if hints else ''})"
             )
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -81,16 +84,20 @@ class _Parser(argparse.ArgumentParser):
         # argparse says an argument no (sub)command takes is unrecognized with the top parser's
         # usage and name; the subcommand given is the one that did not take it.
         _Parser._argv = list(sys.argv[1:] if args is None else args)
+        _Parser._root = self
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            given, names = _given(self, parsed)
+            chain, names = _given(self, parsed)
             argv, at = list(sys.argv[1:] if args is None else args), -1
             for name in names:  # where the subcommand's name is in argv
                 at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
-            # What came before it went to a parser above (`--json status`): blamed there.
-            blamed = given if all(e in argv[at + 1 :] for e in extras) else self
+            # What came before it went to a parser above (`--json status`): blamed there, and
+            # then the options of each parser on the way are the ones it may have meant.
+            after = all(e in argv[at + 1 :] for e in extras)
+            blamed, meant = (chain[-1], chain[-1:]) if after else (self, chain)
+            hints = "; ".join(_hints(meant, extras))
             blamed.error(
-                f"unrecognized arguments: {' '.join(extras)}{_did_you_mean(blamed, extras)}"
+                f"unrecognized arguments: {' '.join(extras)}{f' ({hints})' if hints else ''}"
             )
         return parsed
 
@@ -108,38 +115,75 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def _did_you_mean(
-    parser: argparse.ArgumentParser, extras: list[str], ask: str = " (did you mean"
-) -> str:
-    """' (did you mean --conf-dir?)' for a mistyped option of `parser` among `extras`, or ''
-    (`ask` opens it)."""
+def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[str]:
+    """What may have been meant by the options among `extras` that `parsers` do not take: that
+    such an option is one of another command ('--miner is an option of damocles-ext sectors
+    create'), and the one of `parsers` it is close to ('did you mean --conf-dir?'), if any."""
     import difflib
 
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    typed = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
-    close = {t: m for t in typed if (m := difflib.get_close_matches(t, known, 1, 0.75))}
-    if not close:
-        return ""
+    from .config.messages import _normal
+
+    argv = _Parser._argv
+    before = argv[: argv.index("--")] if "--" in argv else argv  # after it: positionals
+    given = {a.split("=", 1)[0] for a in before}
+    own = {o for p in parsers for a in p._actions for o in a.option_strings}
+    # An option given already is not what another one meant (`--manager h -c f --miner 1`).
+    known = sorted(o for o in own if o.startswith("--") and o not in given)
+    typed = [
+        t
+        for t in dict.fromkeys(e.split("=", 1)[0] for e in extras)
+        if t.startswith("--") and t != "--" and t in given and t not in own
+    ]
+    notes: list[str] = []
+    close: dict[str, str] = {}
+    for t in typed:
+        if elsewhere := _commands_with(t):
+            named = [elsewhere[0], *(p.removeprefix("damocles-ext ") for p in elsewhere[1:3])]
+            more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
+            notes.append(f"{t} is an option of {', '.join(named)}{more}")
+        # The same but for case and - or _ (--CONF-DIR, --conf_dir); else the one option that
+        # holds it (--miner: --allowed-miners); else one spelt alike (difflib's 0.75 took
+        # --miner for --manager, --count for --connect).
+        word = _normal(t)
+        same = [o for o in known if _normal(o) == word]
+        holding = [o for o in known if len(word) >= 3 and word in _normal(o)]
+        alike = difflib.get_close_matches(t.lower().replace("_", "-"), known, 1, 0.8)
+        if match := same or (holding if len(holding) == 1 else []) or alike:
+            close[t] = match[0]
     if len(close) == 1:
-        [[match]] = close.values()
-        return f"{ask} {match}?{')' if ask.startswith(' (') else ''}"
-    pairs = ", ".join(f"{m[0]} for {t}" for t, m in close.items())
-    return f"{ask} {pairs}?{')' if ask.startswith(' (') else ''}"
+        notes.append(f"did you mean {next(iter(close.values()))}?")
+    elif close:
+        notes.append(f"did you mean {', '.join(f'{m} for {t}' for t, m in close.items())}?")
+    return notes
+
+
+def _commands_with(option: str) -> list[str]:
+    """The (sub)commands that take `option` ('damocles-ext sectors create')."""
+    found: list[str] = []
+    todo = [_Parser._root] if _Parser._root is not None else []
+    while todo:
+        parser = todo.pop(0)
+        if any(option in a.option_strings for a in parser._actions):
+            found.append(parser.prog)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(dict.fromkeys(action.choices.values()))  # once each (aliases)
+    return found
 
 
 def _given(
     parser: argparse.ArgumentParser, parsed: argparse.Namespace
-) -> tuple[argparse.ArgumentParser, list[str]]:
-    """The innermost subcommand's parser that `parsed` went through (`parser` without one), and
-    the names of the subcommands on the way to it."""
+) -> tuple[list[argparse.ArgumentParser], list[str]]:
+    """The parsers that `parsed` went through, `parser` first and the innermost subcommand's
+    last, and the names of the subcommands on the way."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             name = getattr(parsed, action.dest, None) or ""
             chosen = action.choices.get(name)
             if chosen is not None:
                 inner, names = _given(chosen, parsed)
-                return inner, [name, *names]
-    return parser, []
+                return [parser, *inner], [name, *names]
+    return [parser], []
 
 
 def build_parser() -> argparse.ArgumentParser:

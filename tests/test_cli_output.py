@@ -494,7 +494,8 @@ def test_a_mistyped_option_is_said_with_the_option_it_is_close_to(args: list[str
     ("args", "said"),
     [(["check-config", "-c", "x.cfg", "--log-format", "json"],
       ("argument FILE: not allowed with argument -c/--config (--log-format is not an option of"
-       " damocles-ext check-config)")),
+       " damocles-ext check-config: --log-format is an option of damocles-ext serve, run, prove"
+       " and 2 more)")),
      (["check-config", "-c", "x.cfg", "--conf-dri", "d"],
       "(--conf-dri is not an option of damocles-ext check-config: did you mean --conf-dir?)")],
 )  # fmt: skip
@@ -530,6 +531,65 @@ def test_a_mistyped_option_is_named_with_the_close_one_when_a_required_argument_
     done = _dext(*args)
     assert done.returncode == 2, done.stderr
     assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["worker", "--manager", "h:1", "-c", "x.cfg", "--miner", "1000"],
+      ("unrecognized arguments: --miner 1000 (--miner is an option of damocles-ext sectors"
+       " create; did you mean --allowed-miners?)\n")),
+     (["wdpost", "list", "--miner", "1000"],
+      ("(--miner is not an option of damocles-ext wdpost list: --miner is an option of"
+       " damocles-ext sectors create)\n")),
+     (["serve", "window_post", "--count", "3"],
+      "unrecognized arguments: --count 3 (--count is an option of damocles-ext sectors create)\n"),
+     (["sectors", "create", "--manager", "h:1"],
+      ("(--manager is not an option of damocles-ext sectors create: --manager is an option of"
+       " damocles-ext worker, wdpost list, wdpost reset and 2 more)\n")),
+     (["serve", "--sectors"],
+      ("(--sectors is not an option of damocles-ext serve: --sectors is an option of"
+       " damocles-ext prove)\n")),
+     (["sectors", "find", "--sectors"],
+      ("(--sectors is not an option of damocles-ext sectors find: --sectors is an option of"
+       " damocles-ext prove)\n"))],
+    ids=["given-already", "wdpost-list", "serve-count", "sectors-create", "serve", "sectors-find"],
+)  # fmt: skip
+def test_an_option_of_another_command_is_said_to_be_its_and_not_taken_for_a_typo(
+    args: list[str], said: str
+):
+    # difflib at 0.75 took these for typos of an option of the command, or of one given
+    # already: --miner for --manager, --count for --connect, --sectors for --store. Each is
+    # another command's option: that is said, with an option of the command that holds the
+    # word (--allowed-miners) if any.
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(said), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["check-config", "--CONF-DIR", "/x"],
+      "check-config: error: unrecognized arguments: --CONF-DIR (did you mean --conf-dir?)\n"),
+     (["check-config", "--conf_dir", "/x"],
+      "check-config: error: unrecognized arguments: --conf_dir (did you mean --conf-dir?)\n"),
+     (["status", "--", "--jsn"], " --jsn\n"),
+     (["--bogus", "status", "--jsn"],
+      "damocles-ext: error: unrecognized arguments: --bogus --jsn (did you mean --json?)\n")],
+    ids=["case", "underscore", "after-double-dash", "before-and-after"],
+)  # fmt: skip
+def test_the_option_meant_is_found_whatever_its_case_not_after_double_dash_and_in_each_parser(
+    args: list[str], said: str
+):
+    # difflib is case-sensitive (--CONF-DIR got no hint); what follows `--` is no option (it
+    # got one); with extras before and after the subcommand only the top parser's options were
+    # looked at (--jsn, a typo of status's --json, got none).
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(said), done.stderr
+    if "--" in args:
+        assert "did you mean" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 
