@@ -144,6 +144,12 @@ async def test_our_coordinator_refusing_the_token_is_said_once_with_exit_code_2(
     assert result.returncode == 2, stderr  # sector 7, on no store, left unanswered
     [error] = [line for line in stderr.splitlines() if "error:" in line]
     assert "requires a bearer token" in error, stderr
+    # The coordinator's own words name its --token-file and a worker's; how this command sends
+    # the token is said after them.
+    assert error.endswith(
+        "; give the one it takes as the header 'Authorization: Bearer TOKEN' (--header; a"
+        " worker's --proxy-header)"
+    ), error
     said = [x for x in stderr.splitlines() if "requires a bearer token" in x]
     assert said[1:] == [error] and said[0].startswith("sector provider source"), said
     assert "Traceback" not in stderr

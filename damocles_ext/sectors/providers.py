@@ -87,6 +87,11 @@ class IndexLocation(msgspec.Struct, frozen=True):
 
 #: What a source node's address should be (the error when something else answers there).
 SOURCE_RPC = "a damocles source node's RPC (damocles-manager, or damocles-ext coordinator)"
+#: How to give a source node the token it takes, for the error of its HTTP 401 or 403.
+TOKEN_HINT = (
+    "give the one it takes as the header 'Authorization: Bearer TOKEN' (--header; a worker's"
+    " --proxy-header)"
+)
 
 
 class SourceNode:
@@ -125,7 +130,7 @@ class SourceNode:
                 max_answer=MAX_INDEX_ANSWER,
                 headers=list(headers),
                 serves=SOURCE_RPC,
-                token_hint="give the one it takes as the header 'Authorization: Bearer TOKEN'",
+                token_hint=TOKEN_HINT,
             )
             for _ in range(max(1, connections))
         ]
@@ -171,6 +176,8 @@ class SourceNode:
             # A 401 or 403 refuses our token whatever its body: a bare one (go-jsonrpc's auth,
             # a reverse proxy) or a JSON-RPC error (a damocles-ext coordinator's --token-file).
             if isinstance(exc, RpcProtocolError | RpcCallError) and exc.status in (401, 403):
+                if isinstance(exc, RpcCallError):  # the server's words (a coordinator's name
+                    reason += f"; {TOKEN_HINT}"  # its --token-file): how to send it here
                 raise SectorAccessRefused(f"{sector}: {reason}", reason=reason) from None
             raise SectorProviderError(f"{sector}: {reason}") from None
         except trio.Cancelled:
