@@ -657,10 +657,11 @@ def test_a_bad_shutdown_grace_is_the_same_clear_usage_error_for_every_command(va
     assert len(set(said.values())) == 1, said
 
 
-@pytest.mark.parametrize("command", ["worker", "coordinator"])
+@pytest.mark.parametrize("command", ["worker", "coordinator", "run", "serve"])
 def test_the_long_running_commands_help_names_every_signal_that_stops_them(command):
-    # stop_signals(): SIGHUP (unless ignored) stops them gracefully too, as run and serve say.
+    # stop_signals(): SIGHUP stops them gracefully too, unless it is ignored (nohup), when it
+    # is left ignored: the help says both, as serve's did.
     done = _dext(command, "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    assert "SIGTERM, SIGINT or SIGHUP" in text.split("options:")[0], text
+    assert "SIGTERM, SIGINT or SIGHUP (unless ignored)" in text.split("options:")[0], text

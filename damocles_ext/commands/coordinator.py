@@ -2,8 +2,9 @@
 damocles' worker-prover RPC (POST /rpc/v0) from a job store, for damocles-workers with
 `plan = "wdpost"`, and optionally the job store's Prometheus metrics (jobs/metrics.py).
 
-Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the store failed (at start, or its SQLite file
-deleted or replaced while it ran); 2 a bad URL or address, a port that cannot be listened on.
+Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP (unless ignored, as under nohup); 1 the store
+failed (at start, or its SQLite file deleted or replaced while it ran); 2 a bad URL or address, a
+port that cannot be listened on.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Serve damocles-manager's worker-prover RPC at http://HOST:PORT/rpc/v0 (JSON-RPC 2.0:"
             " Venus.WdPoStAllocateJobs, WdPoStHeartbeatJobs, WdPoStFinishJob, WdPoStResetJob,"
-            " WdPoStRemoveJob, WdPoStAllJobs, StoreBasicInfo, WorkerPing) from the job store, so damocles-workers"
-            ' with plan = "wdpost" take their jobs here; and Venus.SectorIndexerFind, read-only,'
-            " from the sectors of the jobs it has seen and the source node of --proxy. SIGTERM,"
-            " SIGINT or SIGHUP stops it."
+            " WdPoStRemoveJob, WdPoStAllJobs, StoreBasicInfo, WorkerPing) from the job store, so"
+            ' damocles-workers with plan = "wdpost" take their jobs here; and'
+            " Venus.SectorIndexerFind, read-only, from the sectors of the jobs it has seen and the"
+            " source node of --proxy. SIGTERM, SIGINT or SIGHUP (unless ignored) stops it."
         ),
     )
     parser.add_argument("--jobs", metavar="URL", required=True, help=JOBS_HELP)
@@ -101,9 +102,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_non_negative_float,
         default=None,
         metavar="SECONDS",
-        help="on SIGTERM, SIGINT or SIGHUP, how long the requests being answered may take to get"
-        " their answer before their connections are closed (default: 10); keep systemd's"
-        " TimeoutStopSec above it",
+        help="on SIGTERM, SIGINT or SIGHUP (unless ignored), how long the requests being answered"
+        " may take to get their answer before their connections are closed (default: 10); keep"
+        " systemd's TimeoutStopSec above it",
     )
     parser.add_argument("--conf-dir", metavar="DIR", help=CONF_DIR_HELP)
     # Venus.SectorIndexerFind: for a sector no job input named, ask this source node (its store

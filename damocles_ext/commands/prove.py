@@ -2,7 +2,7 @@
 
 Exit codes: 0 the prover answered: with a proof, or with faulty sectors and no proof (they are
 listed on stderr), 1 the prover could not produce one, 2 bad input (arguments, the task file, no
-supervisor at the socket).
+supervisor at the socket, a worker's socket, a `run` with no child of the task's stage).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Start every child the config lists and serve proof requests from `damocles-ext"
             " prove` and damocles_ext.client on a private unix socket (mode 0600 in a 0700"
-            " directory). SIGTERM, SIGINT or SIGHUP shut down gracefully."
+            " directory). SIGTERM, SIGINT or SIGHUP (unless ignored) shut down gracefully."
         ),
     )
     add_config_args(parser, required=True)

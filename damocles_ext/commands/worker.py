@@ -3,8 +3,9 @@
 coordinator, or damocles-manager --worker-prover) and prove them on the config's [[WdPost]]
 children, or the toml's [[processors.window_post]] (docs/WORKER.md).
 
-Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP; 1 the children or the worker failed; 2 bad options or
-config, a store the manager does not know, a refused token.
+Exit codes: 0 stopped by SIGTERM, SIGINT or SIGHUP (unless ignored, as under nohup); 1 the
+children or the worker failed; 2 bad options or config, a store the manager does not know, a
+refused token.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "A GPU machine of worker-prover mode: ask the manager for WindowPoSt jobs as the"
             " config's [[WdPost]] children have free slots, prove them, heartbeat them while they"
-            " run and deliver the results. SIGTERM, SIGINT or SIGHUP: ask for no more jobs, let running"
-            " proofs finish (--shutdown-grace), deliver them, exit."
+            " run and deliver the results. SIGTERM, SIGINT or SIGHUP (unless ignored): ask for no"
+            " more jobs, let running proofs finish (--shutdown-grace), deliver them, exit."
         ),
     )
     parser.add_argument(
