@@ -36,6 +36,7 @@ from ..jobs.client import (
     RpcConnectionError,
     local_address_towards,
 )
+from ..jobs.listing import format_partitions
 from ..jobs.model import JobOutput
 from ..jobs.worker_rules import (
     NO_WORKER_PROVER,
@@ -395,7 +396,7 @@ class Worker:
         self.counters.pulled += 1
         held.log.info("job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
                       job.Id, job.Input.MinerId, job.DeadlineIdx,
-                      list(job.Partitions or ()),  # [1, 2], as `wdpost list` shows them; [] for none
+                      format_partitions(job.Partitions),  # as `wdpost list` shows them
                       len(job.Input.Sectors or ()), job.TryNum)  # fmt: skip
         self._nursery.start_soon(self._prove, held)
         return True
