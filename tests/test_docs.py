@@ -461,3 +461,24 @@ def test_the_policies_simulation_md_lists_are_names_simulate_takes():
     names += re.findall(r"\) and \*\*([\w-]+)\*\*", listed)
     assert len(names) == 8, names
     resolve_policies(names)  # ValueError naming one it does not take
+
+
+def test_every_simulate_policies_list_in_the_docs_is_one_simulate_takes():
+    # The tables call the reference `ref`: a list copied from them must run too, as must each
+    # `--policies` command line a document shows.
+    from damocles_ext.scheduling.sim_engine import resolve_policies
+
+    lists = {
+        (doc.name, found)
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for found in re.findall(r"--policies[ =]([\w,-]+)", doc.read_text())
+    }
+    assert ("SIMULATION.md", "a,b,c,cl,cs,reference,clairvoyant") in lists, lists
+    wrong = []
+    for name, found in sorted(lists):
+        try:
+            resolve_policies(found.split(","))
+        except ValueError as exc:
+            wrong.append(f"{name}: --policies {found}: {exc}")
+    assert wrong == [], "\n".join(wrong)
+    assert resolve_policies(["ref"]) == ["reference"]

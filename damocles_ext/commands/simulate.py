@@ -98,9 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--policies",
         default="a,b,c",
-        help="comma-separated: a, b, c, cl, c0, cs, reference, clairvoyant (or damocles, "
+        help="comma-separated: a, b, c, cl, c0, cs, ref, clairvoyant (or damocles, "
         "damocles-c2, damocles-ext, damocles-ext-gpulock, damocles-ext-nophase, "
-        "damocles-ext-split; default a,b,c)",
+        "damocles-ext-split, reference; default a,b,c)",
     )
     parser.add_argument(
         "--bisect",

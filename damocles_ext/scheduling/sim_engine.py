@@ -516,9 +516,7 @@ def resolve_policies(names: list[str] | tuple[str, ...]) -> list[str]:
     for name in names:
         full = POLICY_ALIASES.get(name, name)
         if full not in POLICIES:
-            known = ", ".join(
-                [f"{k} ({v})" for k, v in POLICY_ALIASES.items()] + ["reference", "clairvoyant"]
-            )
+            known = ", ".join([f"{k} ({v})" for k, v in POLICY_ALIASES.items()] + ["clairvoyant"])
             raise ValueError(f"unknown policy {name!r}; choose from {known}")
         out.append(full)
     return out

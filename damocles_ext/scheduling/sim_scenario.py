@@ -54,6 +54,7 @@ POLICY_ALIASES = {
     "cl": "damocles-ext-gpulock",
     "c0": "damocles-ext-nophase",
     "cs": "damocles-ext-split",
+    "ref": "reference",  # as the tables name it
 }
 
 
