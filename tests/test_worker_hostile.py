@@ -113,6 +113,34 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
 
 
+#: Three slots, proofs that last until the test stops the worker.
+THREE = plugin_block("WdPost", "sleep", concurrent=3, seconds=60, progress_interval=0.05)
+
+
+async def test_a_full_answer_with_a_job_given_again_and_a_new_one_asks_at_once_for_the_slot_left(
+    tmp_path,
+):
+    # Three slots, j1 held: the worker asks for 2, and gets its j1 again (its lease lapsed: a
+    # new one, try 2) with a new j2. The manager counted j1 against the 2, so one slot is free
+    # and the manager may have more. Before, the new jobs taken (1) were fewer than asked (2)
+    # and the worker waited --idle-poll (600 s here: the test's time runs out) with a slot free.
+    def alloc(params: list, n: int) -> list:
+        if n == 1:  # j1, and a job failed at once: its end frees its slot, asked for again now
+            return [job("j1"), job("unreadable") | {"Input": None}]
+        if n == 2:
+            return [job("j1", lease="L2", try_num=2), job("j2")]
+        return []
+
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}, THREE, shutdown_grace=0.1) as (
+        coordinator,
+        worker,
+    ):
+        await coordinator.wait_for(lambda c: c.count("Dext.AllocateJobs") >= 3)
+        assert sorted(worker.held) == ["j1", "j2"] and worker.held["j1"].job.Lease == "L2"
+    asked = [params[1] for method, params in coordinator.calls if method == "Dext.AllocateJobs"]
+    assert asked[1:3] == [2, 1], asked
+
+
 # --- answers of the wrong shape -------------------------------------------------------------------
 
 
