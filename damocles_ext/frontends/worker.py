@@ -329,9 +329,9 @@ class Worker:
             # One call at a time, and none while the last one's result is unknown: the manager
             # may have given us jobs in a call whose answer was lost (they time out there).
             try:
-                # Each entry read apart: one that is no job loses none of the others. `null`
-                # is Go's nil slice: no job.
-                got = await self._calls.call(method, *params, result_type=list[Any] | None) or []
+                # Each entry read apart: one that is no job loses none of the others. `null` or
+                # no `result` is no list: a protocol error (no manager sends it for no job).
+                got = await self._calls.call(method, *params, result_type=list[Any])
             except RpcCallError as exc:
                 self._answered()
                 self._refused_token(exc)
@@ -577,8 +577,9 @@ class Worker:
         leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
         started = trio.current_time()
         try:
-            stop = await self._beats.call("Dext.HeartbeatJobs", leases, self.name,  # null: none
-                                          result_type=list[StopSignal] | None) or []  # fmt: skip
+            stop = await self._beats.call(  # (`null` or no `result`: failed, as no list)
+                "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
+            )
         except RpcConnectionError as exc:
             self._unreachable(str(exc))
             return

@@ -8,7 +8,8 @@ params and its number among the calls of that method (1 for the first), and retu
 - `Error(code, message, status=200)`: a JSON-RPC error, with that HTTP status;
 - `Page(status, body)`: an answer that is no JSON-RPC answer (a proxy's HTML 502, a 401 page);
 - `CUT`: the head and half of an answer sent, then the connection closed (a crash mid-answer);
-- `SILENT`: no answer at all, the connection held open (a stuck server).
+- `SILENT`: no answer at all, the connection held open (a stuck server);
+- `NO_RESULT`: a JSON-RPC answer with neither `result` nor `error`.
 A method without a handler is answered as our coordinator answers an idle worker: no job, no stop,
 a finish taken, a ping taken, every store known.
 
@@ -43,6 +44,7 @@ class Page:
 
 CUT = object()
 SILENT = object()
+NO_RESULT = object()
 
 Handler = Callable[[list[Any], int], Any]
 
@@ -151,6 +153,8 @@ class HostileCoordinator:
                 "id": request["id"],
                 "result": None if reply is CUT else reply,
             }
+            if reply is NO_RESULT:
+                del answer["result"]
             data = json.dumps(answer).encode()
         headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))]
         head = conn.send(h11.Response(status_code=status, headers=headers))
