@@ -110,6 +110,9 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
         assert allocations(coordinator) <= 3, coordinator.methods()
     assert "job j1: given again while this worker holds it; ignored" in worker_lines(caplog)
     assert worker.counters.pulled == 1  # (a job given again is not pulled again)
+    # Each answer after the first gave no new job: counted empty, as it was waited after.
+    assert worker.counters.allocations >= 2
+    assert worker.counters.empty_allocations == worker.counters.allocations - 1
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
 
 

@@ -353,12 +353,12 @@ class Worker:
             self._answered(self._outage, self._refusals)
             backoff.reset()
             self.counters.allocations += 1
-            self.counters.empty_allocations += not got
             # Asked again at once only after a full answer with a new job: a job given again
             # (held here) fills no slot, but the manager counted it (the slots it left free are
             # asked for now); an answer with no new job is waited after, or a manager that keeps
             # giving the same job would be asked for ever at full speed.
             taken = sum(self._take(raw) for raw in got)
+            self.counters.empty_allocations += not taken  # (waited after, as an empty one)
             if taken < want and (not taken or len(got) < want):
                 self._idle(self.settings.idle_poll)
             self._touch()

@@ -116,7 +116,7 @@ class WorkerMetrics:
             ("finish_given_up", "Results never delivered (past the deadline or lifetime).",
              c.given_up),
             ("allocations", "Allocation calls the manager answered.", c.allocations),
-            ("allocations_empty", "Of those, answers with no job.", c.empty_allocations),
+            ("allocations_empty", "Of those, answers with no new job.", c.empty_allocations),
             ("pings", "Venus.WorkerPing calls the manager took.", c.pings),
         ):  # fmt: skip
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

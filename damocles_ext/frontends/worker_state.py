@@ -78,7 +78,7 @@ class WorkerCounters:
     given_up: int = 0  # results never delivered
     allocations: int = 0  # allocation calls that got an answer
     pings: int = 0  # Venus.WorkerPing calls the manager took
-    empty_allocations: int = 0  # of the allocations, those that gave no job
+    empty_allocations: int = 0  # of the allocations, those that gave no new job
     finish_retries: int = 0  # finish calls that did not get a result taken (sent again or not)
     pauses: int = 0  # pauses taken after jobs failed here in a row (worker_rules.Breaker)
     stopped_by: dict[str, int] = field(default_factory=dict)  # `stopped` by the manager's reason
