@@ -160,16 +160,27 @@ async def test_entries_of_an_allocation_that_are_no_job_lose_none_of_the_jobs_be
     for job_id in ("j1", "j2"):
         [(_, lease, output, error)] = coordinator.finishes(job_id)
         assert (lease, error) == ("L1", "") and output["proofs"]
-    lines = worker_lines(caplog)
-    url = worker.manager_url
-    left = "in an allocation; it is left to time out there"
-    assert f"the manager at {url} gave not a job but None {left}" in lines
-    assert f"the manager at {url} gave not a job but 5 {left}" in lines
-    assert any(
-        line.startswith(f"the manager at {url} gave a job without an id (Object missing required")
-        for line in lines
-    ), lines
+    [said] = [line for line in worker_lines(caplog) if "in an allocation" in line]
+    assert said.startswith(
+        f"the manager at {worker.manager_url} gave 3 entries that are no job in an allocation"
+        " (not a job but None; not a job but 5; a job without an id (Object missing required"
+    ), said
+    assert said.endswith("); whatever they stand for is left to time out there"), said
     assert worker.manager_reachable and worker.counters.pulled == 2
+
+
+async def test_an_allocation_of_many_entries_that_are_no_job_is_said_in_one_line(tmp_path, caplog):
+    # Before, each was a line of its own: 10,000 nulls wrote 10,000 lines, again at each answer.
+    alloc = first(*[None] * 10_000, job("j1"), 7)
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}) as (coordinator, worker):
+        await worker.wait_for(lambda: allocations(coordinator) >= 2 and not worker.held)
+    assert len(coordinator.finishes("j1")) == 1
+    [said] = [line for line in worker_lines(caplog) if "in an allocation" in line]
+    assert said == (
+        f"the manager at {worker.manager_url} gave 10001 entries that are no job in an allocation"
+        " (not a job but None; not a job but None; not a job but None; and 9998 more); whatever"
+        " they stand for is left to time out there"
+    )
 
 
 # --- stop signals ---------------------------------------------------------------------------------

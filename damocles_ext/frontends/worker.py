@@ -79,13 +79,15 @@ from .worker_state import (
     StopSignal,
     WorkerCounters,
     given_again,
-    read_entry,
+    no_jobs_line,
+    read_answer,
 )
 
 if TYPE_CHECKING:
     import pluggy
 
     from ..jobs.endpoint import Endpoint
+    from ..jobs.worker_rules import PulledJob
     from ..jobs.worker_settings import WorkerSettings
     from ..sectors.locator import SectorLocator
     from ..supervisor.core import Supervisor
@@ -357,7 +359,10 @@ class Worker:
             # (held here) fills no slot, but the manager counted it (the slots it left free are
             # asked for now); an answer with no new job is waited after, or a manager that keeps
             # giving the same job would be asked for ever at full speed.
-            taken = sum(self._take(raw) for raw in got)
+            jobs, bad, first_bad = read_answer(got)
+            if bad:  # one line for the answer (it may hold thousands)
+                log.error("%s", no_jobs_line(self.manager_url, bad, first_bad))
+            taken = sum(self._take(job, problem) for job, problem in jobs)
             self.counters.empty_allocations += not taken  # (waited after, as an empty one)
             if taken < want and (not taken or len(got) < want):
                 self._idle(self.settings.idle_poll)
@@ -370,14 +375,10 @@ class Worker:
         with trio.move_on_after(seconds):
             await self._stop.wait()
 
-    def _take(self, raw: Any) -> bool:
-        """Hold the job `raw` if it is a new one; whether it is."""
+    def _take(self, job: PulledJob, problem: str | None) -> bool:
+        """Hold `job` (failing it if `problem`: its input cannot be read) if it is a new one;
+        whether it is."""
         now = self._clock()
-        job, problem = read_entry(raw)
-        if job is None:
-            log.error("the manager at %s gave %s in an allocation; it is left to time out there",
-                      self.manager_url, problem)  # fmt: skip
-            return False
         if (had := self.held.get(job.Id)) is not None:
             how = given_again(had, job, now) if problem is None else SAME
             if how == ADOPTED:

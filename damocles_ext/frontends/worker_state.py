@@ -4,7 +4,7 @@ document and the metrics in worker_control.py)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,3 +140,32 @@ def read_entry(entry: Any) -> tuple[PulledJob | None, str | None]:
             return None, f"a job without an id ({exc})"
         lease = lease if isinstance(lease, str) else None
         return PulledJob(Id=job_id, Input=EMPTY_INPUT, Lease=lease), str(exc)
+
+
+def read_answer(got: Sequence[Any]) -> tuple[list[tuple[PulledJob, str | None]], int, list[str]]:
+    """An allocation's answer, read entry by entry (`read_entry`): its jobs (each with why it
+    cannot be read, or None), how many entries were no job, and why, for the first 3 of those."""
+    jobs: list[tuple[PulledJob, str | None]] = []
+    bad, first_bad = 0, list[str]()
+    for entry in got:
+        job, problem = read_entry(entry)
+        if job is not None:
+            jobs.append((job, problem))
+            continue
+        bad += 1
+        if len(first_bad) < 3:
+            first_bad.append(problem or "")
+    return jobs, bad, first_bad
+
+
+def no_jobs_line(manager: str, bad: int, first_bad: Sequence[str]) -> str:
+    """The one line for the entries of an allocation's answer that are no job (`read_answer`):
+    one line for the answer, however many there are."""
+    if bad == 1:
+        left = "it is left to time out there"
+        return f"the manager at {manager} gave {first_bad[0]} in an allocation; {left}"
+    more = f"; and {bad - len(first_bad)} more" if bad > len(first_bad) else ""
+    return (
+        f"the manager at {manager} gave {bad} entries that are no job in an allocation"
+        f" ({'; '.join(first_bad)}{more}); whatever they stand for is left to time out there"
+    )
