@@ -21,6 +21,7 @@ from helpers.hostile_coordinator import CUT, NO_RESULT, SILENT, Error, HostileCo
 from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.jobs.worker_rules import UnheldStops
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -199,12 +200,39 @@ async def test_a_heartbeat_answer_to_stop_a_job_never_held_is_said_once_and_stop
     said = [line for line in worker_lines(caplog) if "does not hold" in line]
     assert said == [
         (
-            f"the manager at {worker.manager_url} says to stop 1 jobs this worker does not hold"
+            f"the manager at {worker.manager_url} says to stop 1 job this worker does not hold"
             " (ghost): nothing of theirs runs here; ignored (the manager's heartbeat answers"
             " should name only the jobs heartbeated)"
         )
     ]
     assert worker.counters.stopped == 0
+
+
+async def test_stops_of_jobs_not_held_named_anew_at_each_heartbeat_are_said_once_while_they_last(
+    tmp_path, caplog
+):
+    # Before, each change of the set named was said again: a manager naming a rotating set of jobs
+    # it never gave this worker was said at every heartbeat.
+    def stops(params: list, n: int) -> list:
+        named = {4: [], 5: ["ghost-1"]}.get(n, [f"ghost-{min(n, 6)}"])
+        return [{"Id": job_id, "Reason": "reset"} for job_id in named]
+
+    script = {"Dext.AllocateJobs": first(job("j1")), "Dext.HeartbeatJobs": stops}
+    async with against(tmp_path, script, LONG, shutdown_grace=0.5) as (coordinator, worker):
+        await coordinator.wait_for(lambda c: beats(c) >= 8)
+    said = [line for line in worker_lines(caplog) if "does not hold" in line]
+    # ghost-2, ghost-3: in the same run of answers; ghost-1 again: said already; ghost-6: anew
+    # after an answer that named none.
+    assert [line.split("(")[1].split(")")[0] for line in said] == ["ghost-1", "ghost-6"], said
+    assert worker.counters.stopped == 0
+
+
+def test_unheld_stops_are_said_once_a_run_of_answers_and_again_only_for_a_job_not_named_before():
+    said = UnheldStops(remembered=3)
+    answers = [["a"], ["b"], ["a", "c"], [], ["a"], ["c"], ["d"], ["d"], [], ["a"]]
+    # d: new in a run where nothing was said; a at the end: forgotten (3 remembered: b, c, d).
+    assert [said.to_say(ids) for ids in answers] == [1, 0, 0, 0, 0, 0, 1, 0, 0, 1]
+    assert list(said.named) == ["c", "d", "a"]
 
 
 # --- what holds: each job answered once, the worker up, the manager waited for ------------------

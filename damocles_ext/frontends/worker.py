@@ -48,6 +48,7 @@ from ..jobs.worker_rules import (
     Failure,
     FinishVerdict,
     Outage,
+    UnheldStops,
     allocate_params,
     allocations_outage,
     deadline_reached,
@@ -129,7 +130,7 @@ class Worker:
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
-        self._ghosts: list[str] = []  # the jobs not held here the last heartbeat said to stop
+        self._ghosts = UnheldStops()  # when to say stops for jobs not held here
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -591,9 +592,8 @@ class Worker:
             return
         self._answered()
         self._beaten(held, started, {s.Id for s in stop})
-        if (ghosts := sorted({s.Id for s in stop} - sent.keys())) != self._ghosts and ghosts:
-            log.warning("%s", unheld_stops(self.manager_url, ghosts))  # said once while it lasts
-        self._ghosts = ghosts
+        if self._ghosts.to_say(ghosts := sorted({s.Id for s in stop} - sent.keys())):
+            log.warning("%s", unheld_stops(self.manager_url, ghosts))  # (not at each heartbeat)
         for signal in stop:
             current = self.held.get(signal.Id)
             if current is None or current.job.Lease != sent.get(signal.Id):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -111,11 +111,38 @@ def unheld_stops(manager: str, job_ids: Sequence[str]) -> str:
     """The line for a heartbeat's answer that says to stop jobs this worker does not hold (it
     never had them, or they are done and delivered): nothing to stop, the manager's mistake."""
     shown = ", ".join(job_ids[:5]) + (f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else "")
+    jobs = "1 job" if len(job_ids) == 1 else f"{len(job_ids)} jobs"
     return (
-        f"the manager at {manager} says to stop {len(job_ids)} jobs this worker does not hold"
+        f"the manager at {manager} says to stop {jobs} this worker does not hold"
         f" ({shown}): nothing of theirs runs here; ignored (the manager's heartbeat answers"
         " should name only the jobs heartbeated)"
     )
+
+
+@dataclass(slots=True)
+class UnheldStops:
+    """When to say the stops of a heartbeat's answer for jobs not held (`unheld_stops`): once
+    while answers in a row name some, and then only if a job is named that was not before (the
+    last `remembered` are kept). A manager naming a rotating set at each heartbeat is said once,
+    not at each; one naming the same job again after an answer without it, once at all."""
+
+    remembered: int = 1000
+    said: bool = False  # since the last answer that named none
+    named: dict[str, None] = field(default_factory=dict)  # (insertion order: oldest first)
+
+    def to_say(self, job_ids: Sequence[str]) -> bool:
+        """Whether to say this answer's stops for jobs not held (`job_ids`, maybe none)."""
+        if not job_ids:
+            self.said = False
+            return False
+        new = [job_id for job_id in job_ids if job_id not in self.named]
+        for job_id in new[-self.remembered :]:
+            self.named[job_id] = None
+        while len(self.named) > self.remembered:
+            del self.named[next(iter(self.named))]
+        say = bool(new) and not self.said
+        self.said = self.said or say
+        return say
 
 
 #: Why a damocles-manager has no Venus.WdPoStAllocateJobs (-32601), and what to do.
