@@ -58,7 +58,6 @@ from ..jobs.worker_rules import (
     finish_verdict,
     free_slots,
     heartbeats_outage,
-    job_gone,
     job_output,
     jobs_to_ask,
     no_child_can_prove,
@@ -69,11 +68,11 @@ from ..jobs.worker_rules import (
     window_post_task,
 )
 from ..stages import child_stages
+from .worker_beats import heartbeat_plain
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
     ADOPTED,
-    NOT_RUNNING,
     SAME,
     HeldJob,
     StoppedAtStart,
@@ -572,7 +571,7 @@ class Worker:
             if leased:
                 await self._heartbeat_leased(leased)
             if plain:
-                await self._heartbeat_plain(plain)
+                await heartbeat_plain(self, plain)
 
     async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
         sent = {h.job.Id: h.job.Lease for h in held}
@@ -601,47 +600,6 @@ class Worker:
             if current.state == "finishing" and signal.Reason == "finished":
                 continue  # our own finish got there first
             self._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
-
-    async def _heartbeat_plain(self, held: list[HeldJob]) -> None:
-        # damocles-manager fails the whole batch when one job is no longer running: then each
-        # job is heartbeated alone to find which.
-        started = trio.current_time()
-        try:
-            await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id for h in held], self.name)
-        except RpcConnectionError as exc:
-            self._unreachable(str(exc))
-            return
-        except RpcCallError as exc:
-            self._answered()
-            self._refused_token(exc)
-            if self._refused is not None:
-                return
-            ids = [h.job.Id for h in held]
-            if not job_gone(exc.code, exc.message, ids):  # its store fails: the jobs are there
-                self._unreachable(str(exc), self._beats_failing)
-                return
-        except RpcClientError as exc:
-            self._unreachable(str(exc), self._beats_failing)
-            return
-        else:
-            self._answered()
-            self._beaten(held, started, set())
-            return
-        for h in held:
-            try:
-                await self._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], self.name)
-            except RpcConnectionError as exc:
-                self._unreachable(str(exc))
-                return
-            except RpcCallError as exc:
-                if not job_gone(exc.code, exc.message, [h.job.Id]):
-                    self._unreachable(str(exc), self._beats_failing)
-                    return
-                if h.state == "proving":  # (a late finish is taken, whatever the job's state)
-                    why = f"the manager no longer has it running: {exc.message}"
-                    self._stop_job(h.job.Id, NOT_RUNNING, why)
-            except RpcClientError as exc:
-                h.log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
 
     def _beaten(self, held: list[HeldJob], started: float, refused: set[str]) -> None:
         now = self._clock()
