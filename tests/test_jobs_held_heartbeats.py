@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterator
+from typing import Self
 
 import msgspec
 import psycopg
@@ -251,7 +252,9 @@ async def test_jobs_held_by_one_session_are_warned_of_in_one_line_naming_them(
 
 
 class Gate:
-    """lock_waits.row_holders, made to wait (in its thread) until the test opens the gate."""
+    """lock_waits.row_holders, made to wait (in its thread) until the test opens the gate; a
+    context manager that opens it on the way out, whatever happened, so that a failing test
+    leaves no thread waiting."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
@@ -265,30 +268,60 @@ class Gate:
 
         monkeypatch.setattr(lock_waits, "row_holders", gated)
 
+    def __enter__(self) -> Self:
+        return self
 
-async def test_a_look_at_the_holders_that_gets_no_answer_is_given_up_and_the_answer_never_waits(
+    def __exit__(self, *exc) -> None:
+        self.open.set()
+
+    async def reached(self) -> None:
+        """Return once a look waits at the gate (fails after 30 s)."""
+        assert await trio.to_thread.run_sync(self.entered.wait, 30), "no look reached the gate"
+
+
+async def test_a_heartbeats_answer_never_waits_for_the_look_at_its_holders(
     store, holder, caplog, nursery, monkeypatch
 ):
     # Before, the look ran while the worker waited for its heartbeat's answer, 1 s at most per
-    # job, one after another, and a look given up kept one of the store's 4 thread slots.
+    # job, one after another. The look may take as long as it likes here (60 s): the answer
+    # comes while it waits at the gate.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    gate = Gate(monkeypatch)
+    beating = Beating(store, "Venus", nursery)
+    job = await beating.start()
+    lock(holder, job.Id)
+    await beating.beat(3)
+    with Gate(monkeypatch) as gate:
+        with trio.fail_after(5):  # a heartbeat waiting for the look would wait 60 s
+            assert await beating.call(9) is None
+        await gate.reached()
+        assert warnings_of(caplog) == []  # its look has not ended
+    await beating.coordinator.dext.held.settled()
+    [warned] = warnings_of(caplog)
+    assert f"The holder is pid {holder.info.backend_pid} " in warned.getMessage()
+
+
+async def test_a_look_at_the_holders_that_gets_no_answer_is_given_up_on_a_thread_of_its_own(
+    store, holder, caplog, nursery, monkeypatch
+):
+    # Before, a look given up kept one of the store's 4 thread slots.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
     beating = Beating(store, "Venus", nursery)
     warnings = beating.coordinator.dext.held
     job = await beating.start()
     lock(holder, job.Id)
     await beating.beat(3)
     warnings.look_timeout = 0.2
-    assert await beating.call(9) is None  # answered, the look not even begun
-    await trio.to_thread.run_sync(gate.entered.wait, 30)
-    await warnings.settled()  # given up after 0.2 s, its thread still in the look
-    assert beating.jobs._limiter.borrowed_tokens == 0  # none of the store's threads
-    assert (await beating.jobs.get(job.Id)) is not None  # the store answers meanwhile
+    with Gate(monkeypatch) as gate:
+        await beating.call(9)
+        await gate.reached()
+        await warnings.settled()  # given up after 0.2 s, its thread still in the look
+        assert beating.jobs._limiter.borrowed_tokens == 0  # none of the store's threads
+        assert warnings._limiter.borrowed_tokens == 1  # the looks' own
+        assert (await beating.jobs.get(job.Id)) is not None  # the store answers meanwhile
     [warned] = warnings_of(caplog)
     said = warned.getMessage()
     assert "Its holder could not be looked up (no answer within 0.2 s)" in said
     assert query_in(said) == find_row_holders()  # the look read no table
-    gate.open.set()
 
 
 async def test_a_row_freed_before_its_holder_is_looked_up_is_said_nothing(
@@ -297,15 +330,14 @@ async def test_a_row_freed_before_its_holder_is_looked_up_is_said_nothing(
     # A hold that ends between the heartbeat and the look (a sweep of ours, a reset) is not
     # warned of: before, the warning then told to find a session and terminate it.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    gate = Gate(monkeypatch)
     beating = Beating(store, "Venus", nursery)
     job = await beating.start()
     lock(holder, job.Id)
     await beating.beat(3)
-    await beating.call(9)  # to be warned of: its look waits at the gate
-    await trio.to_thread.run_sync(gate.entered.wait, 30)
-    holder.rollback()
-    gate.open.set()
+    with Gate(monkeypatch) as gate:
+        await beating.call(9)  # to be warned of: its look waits at the gate
+        await gate.reached()
+        holder.rollback()
     await beating.coordinator.dext.held.settled()
     assert warnings_of(caplog) == []
     assert len(beating.coordinator.dext.held.rows) == 0  # that hold is over
