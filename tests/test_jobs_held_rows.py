@@ -25,7 +25,7 @@ def job(seed: int = 1, worker: str = "w1", lease: str = "L1") -> JobRecord:
 def skip(held: HeldRows, at: float, *jobs: JobRecord, worker: str = "w1", effects=(),
          leases=None) -> list[str]:  # fmt: skip
     """A heartbeat of `worker` at T0 + `at` that passed over `jobs`: the ids warned of, said."""
-    warn = held.heard(worker, jobs, [j.Id for j in jobs], effects, T0 + at, TIMEOUT, leases)
+    warn = held.heard(worker, jobs, [j.Id for j in jobs], effects, T0 + at, at, TIMEOUT, leases)
     held.said(warn)
     return [w.job_id for w in warn]
 
@@ -42,9 +42,9 @@ def test_a_first_skip_says_nothing_however_old_the_last_heartbeat():
     # A worker cut off for 16 s whose first heartbeat back races our own sweep taking the job
     # back: a row held for milliseconds, which must not be warned of.
     held, j = HeldRows(), job()
-    warn = held.heard("w1", [j], [j.Id], [], T0 + 16, TIMEOUT)
+    warn = held.heard("w1", [j], [j.Id], [], T0 + 16, 16, TIMEOUT)
     assert warn == []
-    [again] = held.heard("w1", [j], [j.Id], [], T0 + 19, TIMEOUT)
+    [again] = held.heard("w1", [j], [j.Id], [], T0 + 19, 19, TIMEOUT)
     assert again == HeldTooLong(j.Id, "L1", "w1", 19.0, 3.0, 0.0, TIMEOUT)
 
 
@@ -63,7 +63,7 @@ def test_a_landed_refused_or_unknown_heartbeat_ends_the_hold_and_a_new_one_is_wa
     held, j = HeldRows(), job()
     assert [skip(held, at, j) for at in (3, 9)] == [[], [j.Id]]
     ended = dataclasses.replace(effect, job_id=j.Id)
-    assert held.heard("w1", [], [], [ended], T0 + 10, TIMEOUT) == []
+    assert held.heard("w1", [], [], [ended], T0 + 10, 10, TIMEOUT) == []
     assert len(held) == 0
     assert [skip(held, at, j) for at in (12, 15)] == [[], [j.Id]]
 
@@ -110,14 +110,14 @@ def test_a_job_given_to_another_worker_and_held_again_is_a_new_hold():
 
 def test_a_warning_not_said_is_handed_again_and_one_handed_out_is_not_handed_twice():
     held, j = HeldRows(), job()
-    held.heard("w1", [j], [j.Id], [], T0 + 3, TIMEOUT)
-    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 9, TIMEOUT)
-    assert held.heard("w1", [j], [j.Id], [], T0 + 12, TIMEOUT) == []  # handed out already
+    held.heard("w1", [j], [j.Id], [], T0 + 3, 3, TIMEOUT)
+    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 9, 9, TIMEOUT)
+    assert held.heard("w1", [j], [j.Id], [], T0 + 12, 12, TIMEOUT) == []  # handed out already
     held.not_said([warn])  # the look for its holder failed, or the queue was full
-    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 15, TIMEOUT)
+    [warn] = held.heard("w1", [j], [j.Id], [], T0 + 15, 15, TIMEOUT)
     held.ended([warn])  # the row was found free by then: that hold is over
-    assert held.heard("w1", [j], [j.Id], [], T0 + 18, TIMEOUT) == []  # first seen again
-    assert [w.job_id for w in held.heard("w1", [j], [j.Id], [], T0 + 21, TIMEOUT)] == [j.Id]
+    assert held.heard("w1", [j], [j.Id], [], T0 + 18, 18, TIMEOUT) == []  # first seen again
+    assert [w.job_id for w in held.heard("w1", [j], [j.Id], [], T0 + 21, 21, TIMEOUT)] == [j.Id]
 
 
 def test_the_holds_kept_are_bounded():
@@ -152,3 +152,16 @@ def test_a_warning_of_many_jobs_names_a_few_and_counts_the_others():
     assert said.startswith(f"{NAMED + 3} jobs of worker 'w1': their heartbeats are not stored")
     assert f"J{NAMED - 1:02} (" in said and f"J{NAMED:02}" not in said
     assert "; and 3 more (" in said and said.endswith("Said once for these holds")
+
+
+def test_holds_are_timed_on_the_monotonic_clock_a_step_back_of_the_wall_clock_holds_up_nothing():
+    # Before, first seen, last seen and the forgetting of old holds were on the wall clock: set
+    # back an hour, a hold not seen since was kept (and its expiry not looked for) for an hour.
+    held, j, other = HeldRows(), job(seed=1), job(seed=2)
+    assert held.heard("w1", [j], [j.Id], [], T0 + 3, 3, TIMEOUT) == []
+    back = T0 - 3600  # the wall clock set back an hour; the monotonic goes on
+    at = 3 + TIMEOUT + 1
+    assert held.heard("w1", [other], [other.Id], [], back + at, at, TIMEOUT) == []
+    assert len(held) == 1  # j's hold, last seen over a HeartbeatTimeout ago, is forgotten
+    [warn] = held.heard("w1", [other], [other.Id], [], T0 + 9, at + 3, TIMEOUT)
+    assert warn.held_for == 3.0  # on the monotonic clock: not the wall clock's 3 609 s

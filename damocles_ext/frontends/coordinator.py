@@ -118,7 +118,8 @@ class Coordinator:
         self.stores = dict(stores or {})
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
-        self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn)
+        self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn,
+                                monotonic=self._monotonic)  # fmt: skip
         self._listing = trio.Lock()
         self._parsing = trio.Lock()  # the one large body being parsed (PARSE_ON_A_THREAD)
         # A store down for an hour is one warning and one line when it answers again.

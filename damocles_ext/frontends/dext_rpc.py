@@ -36,6 +36,7 @@ class DextMethods:
         store: TrioJobStore,
         observe: Callable[[Iterable[rules.Effect]], None] = lambda effects: None,
         learn: Callable[[Iterable[WdPoStInput]], None] = lambda inputs: None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         #: Told the inputs of the jobs allocated (the coordinator's sector index learns them).
@@ -44,7 +45,7 @@ class DextMethods:
         self.observe = observe
         #: The jobs whose heartbeats were passed over, their row held, and their warnings
         #: (`held.run`: a task of the coordinator's, beside its sweeps).
-        self.held = HeldWarnings(store)
+        self.held = HeldWarnings(store, monotonic=monotonic)
         #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "AllocateJobs": self.allocate_jobs,

@@ -15,7 +15,7 @@ logged."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -41,9 +41,18 @@ LOOK_TIMEOUT: Final = 1.0
 class HeldWarnings:
     """The holds a coordinator's heartbeats saw (`rows`), and the task that warns of them."""
 
-    def __init__(self, store: TrioJobStore, *, look_timeout: float = LOOK_TIMEOUT,
-                 queued: int = QUEUED) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: TrioJobStore,
+        *,
+        look_timeout: float = LOOK_TIMEOUT,
+        queued: int = QUEUED,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
         self.store = store
+        #: The clock of the holds' own times (the coordinator's, trio's by default): a step of
+        #: the wall clock (the store's, the jobs' heartbeat times) does not move it.
+        self.monotonic = monotonic or trio.current_time
         self.rows = held_rows.HeldRows()
         self.look_timeout = look_timeout
         self._send, self._receive = trio.open_memory_channel[list[held_rows.HeldTooLong]](queued)
@@ -61,7 +70,7 @@ class HeldWarnings:
         try:
             warn = self.rows.heard(
                 worker, outcome.jobs, outcome.skipped, outcome.effects, self.store.clock(),
-                self.store.store.limits.heartbeat_timeout, leases,
+                self.monotonic(), self.store.store.limits.heartbeat_timeout, leases,
             )  # fmt: skip
             if not warn:
                 return

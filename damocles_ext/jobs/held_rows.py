@@ -56,6 +56,8 @@ class HeldTooLong:
 
 @dataclass(slots=True)
 class _Hold:
+    """When a hold was first and last seen (on the monotonic clock) and whether warned of."""
+
     first_seen: float
     last_seen: float
     state: str = _SEEN
@@ -81,16 +83,19 @@ class HeldRows:
         skipped: Iterable[str],
         effects: Iterable[rules.Effect],
         now: float,
+        monotonic: float,
         heartbeat_timeout: float,
         leases: Mapping[str, str] | None = None,
     ) -> list[HeldTooLong]:
-        """A heartbeat of `worker` answered at `now`: the jobs it gave (`jobs`, as stored), those
-        passed over (`skipped`), its effects, and the leases it sent (Dext's; None: Venus' sends
-        none); the holds to warn of now, handed out until `said`, `not_said` or `ended`."""
+        """A heartbeat of `worker` answered at `now` (the wall clock, as the jobs' heartbeat times;
+        `monotonic` on a clock that only moves forward, for the holds' own times): the jobs it
+        gave (`jobs`, as stored), those passed over (`skipped`), its effects, and the leases it
+        sent (Dext's; None: Venus' sends none); the holds to warn of now, handed out until
+        `said`, `not_said` or `ended`."""
         for effect in effects:
             if isinstance(effect, rules.HeartbeatAccepted | rules.Refused | rules.NotFound):
                 self._forget_job(effect.job_id)  # landed, or not this worker's any more
-        self._expire(now, heartbeat_timeout)
+        self._expire(monotonic, heartbeat_timeout)
         stored = {job.Id: job for job in jobs}
         warn = []
         for job_id in sorted(set(skipped)):
@@ -102,16 +107,16 @@ class HeldRows:
             key = (job_id, job.lease)
             hold = self._holds.get(key)
             if hold is None:
-                self._add(key, _Hold(now, now))  # first seen: said nothing yet
+                self._add(key, _Hold(monotonic, monotonic))  # first seen: said nothing yet
                 continue
-            hold.last_seen = now
+            hold.last_seen = monotonic
             silent = now - job.HeartbeatAt
             if hold.state != _SEEN or silent < WARN_AFTER * heartbeat_timeout:
                 continue
             hold.state = _HANDED
             taken_back_in = max(0.0, job.HeartbeatAt + heartbeat_timeout - now)
             warn.append(
-                HeldTooLong(job_id, job.lease, worker, silent, now - hold.first_seen,
+                HeldTooLong(job_id, job.lease, worker, silent, monotonic - hold.first_seen,
                             taken_back_in, heartbeat_timeout)
             )  # fmt: skip
         return warn
@@ -153,7 +158,8 @@ class HeldRows:
 
     def _expire(self, now: float, heartbeat_timeout: float) -> None:
         """A hold last seen over a HeartbeatTimeout ago (its worker stopped sending heartbeats
-        while it was held) is forgotten; looked for a few times per HeartbeatTimeout."""
+        while it was held) is forgotten; looked for a few times per HeartbeatTimeout, on the
+        monotonic clock (`now`: a step back of the wall clock does not hold it up)."""
         if not self._holds or now < self._next_expiry:
             return
         self._next_expiry = now + heartbeat_timeout / 4
