@@ -68,6 +68,22 @@ def test_a_landed_refused_or_unknown_heartbeat_ends_the_hold_and_a_new_one_is_wa
     assert [skip(held, at, j) for at in (12, 15)] == [[], [j.Id]]
 
 
+def test_two_skips_far_apart_are_two_holds_not_one_long_one():
+    # A skip at 3 s (our own sweep passing), no heartbeat of the job's worker until 18 s (it was
+    # cut off), and its first one back passed over as our sweep takes the job back: before, it
+    # was warned of, held for 15 s, and the holder named was that sweep.
+    held, j = HeldRows(), job()
+    assert skip(held, 3, j) == []
+    assert skip(held, 18, j) == []  # first seen again
+    assert skip(held, 21, j) == [j.Id]
+    assert skip(held, 24, j) == []
+
+
+def test_a_hold_of_a_minute_is_warned_of_once():
+    held, j = HeldRows(), job()
+    assert [w for at in range(3, 63, 3) for w in skip(held, at, j)] == [j.Id]
+
+
 def test_a_hold_not_seen_for_a_heartbeat_timeout_is_forgotten():
     # Its worker stopped sending heartbeats while it was held: the hold is not kept for ever,
     # and a skip long after is a hold first seen again.

@@ -12,7 +12,10 @@ of it. A hold is one job's row held under one lease (a job given to another work
 another hold). The first heartbeat passed over only records when the hold was first seen; a
 warning comes at a later one passed over, once the job's last stored heartbeat is WARN_AFTER of
 its HeartbeatTimeout old or more: two heartbeats at least, so that a row held for a moment (our
-own sweep taking the job back, a reset) is never warned of. It is warned of once per hold: not
+own sweep taking the job back, a reset) is not warned of, unless two such moments fall on two
+heartbeats in a row. A skip after none for SEEN_AGAIN_AFTER of the HeartbeatTimeout (heartbeats
+that did not come, or landed) is first seen again: two brief holds far apart are not one long
+one. It is warned of once per hold: not
 again at the job's next skipped heartbeats, but again only after one of its heartbeats landed
 (or was refused, or found no job: it is no longer this worker's) and a new hold began. The
 caller hands the warnings out (`heard`), and says which were logged (`said`), could not be
@@ -31,6 +34,9 @@ from .model import RUNNING, JobRecord
 #: The part of HeartbeatTimeout a job's last stored heartbeat must be old, its row held at two
 #: heartbeats at least, for a warning: 7.5 s of damocles' 15 s.
 WARN_AFTER: Final = 0.5
+#: The part of HeartbeatTimeout after which a hold not seen since is first seen again at its
+#: next skip: 7.5 s of 15 s, two heartbeats of damocles' 3 s lost.
+SEEN_AGAIN_AFTER: Final = 0.5
 #: Holds kept at most (one per job held, with its lease): over it, the oldest is forgotten.
 MAX_HOLDS: Final = 10_000
 #: Jobs named at most in one warning (the others counted).
@@ -106,7 +112,8 @@ class HeldRows:
                 continue  # an old lease's heartbeat: refused once the row is freed
             key = (job_id, job.lease)
             hold = self._holds.get(key)
-            if hold is None:
+            if hold is None or monotonic - hold.last_seen > SEEN_AGAIN_AFTER * heartbeat_timeout:
+                self._forget(key)
                 self._add(key, _Hold(monotonic, monotonic))  # first seen: said nothing yet
                 continue
             hold.last_seen = monotonic
