@@ -136,11 +136,21 @@ def test_a_warning_not_said_is_handed_again_and_one_handed_out_is_not_handed_twi
     assert [w.job_id for w in held.heard("w1", [j], [j.Id], [], T0 + 21, 21, TIMEOUT)] == [j.Id]
 
 
-def test_the_holds_kept_are_bounded():
+def test_the_holds_kept_are_bounded_and_those_kept_are_warned_of():
+    # Before, a new hold over the bound evicted the oldest first seen: with more jobs held than
+    # the bound, no hold lived to its warning, and a long one warned of was forgotten, then
+    # warned of again.
     held = HeldRows(max_holds=3)
-    jobs = [job(seed=n) for n in range(5)]
-    assert skip(held, 3, *jobs) == []
+    first, later = [job(seed=n) for n in range(3)], [job(seed=n) for n in range(3, 5)]
+    assert skip(held, 3, *first) == []
+    assert skip(held, 6, *first, *later) == []
     assert len(held) == 3
+    assert skip(held, 9, *first, *later) == sorted(j.Id for j in first)
+    assert skip(held, 12, *first, *later) == []  # said once; the others wait for room
+    ended = [rules.HeartbeatAccepted(first[0].Id)]
+    assert held.heard("w1", [], [], ended, T0 + 13, 13, TIMEOUT) == []
+    assert skip(held, 15, *later) == []
+    assert len(skip(held, 18, *later)) == 1  # there was room for one
 
 
 def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():

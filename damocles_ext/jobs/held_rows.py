@@ -37,7 +37,9 @@ WARN_AFTER: Final = 0.5
 #: The part of HeartbeatTimeout after which a hold not seen since is first seen again at its
 #: next skip: 7.5 s of 15 s, two heartbeats of damocles' 3 s lost.
 SEEN_AGAIN_AFTER: Final = 0.5
-#: Holds kept at most (one per job held, with its lease): over it, the oldest is forgotten.
+#: Holds kept at most (one per job held, with its lease): at it, a new hold is not recorded
+#: (nor warned of) until one ends, so that those kept go on to their warning, and are not
+#: forgotten and warned of again.
 MAX_HOLDS: Final = 10_000
 #: Jobs named at most in one warning (the others counted).
 NAMED: Final = 10
@@ -147,8 +149,8 @@ class HeldRows:
                 hold.state = state
 
     def _add(self, key: tuple[str, str], hold: _Hold) -> None:
-        while len(self._holds) >= self.max_holds:
-            self._forget(next(iter(self._holds)))  # the oldest first seen
+        if len(self._holds) >= self.max_holds:
+            return  # recorded at a skip once one of those kept ended
         self._holds[key] = hold
         self._leases.setdefault(key[0], set()).add(key[1])
 
