@@ -324,6 +324,37 @@ async def test_a_look_at_the_holders_that_gets_no_answer_is_given_up_on_a_thread
     assert query_in(said) == find_row_holders()  # the look read no table
 
 
+async def test_a_warning_while_a_look_given_up_still_runs_is_put_off_not_given_up_unnamed(
+    store, holder, caplog, nursery, monkeypatch
+):
+    # Before, the next look waited for the looks' one thread, busy with the look given up, that
+    # wait counted against its time limit, and its holds were warned of as "no answer", their
+    # holder unnamed, for good.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    beating = Beating(store, "Venus", nursery)
+    warnings = beating.coordinator.dext.held
+    await beating.start(2)
+    first, second = beating.held
+    lock(holder, first.Id)
+    await beating.beat(3)
+    warnings.look_timeout = 0.2
+    with Gate(monkeypatch) as gate:
+        await beating.beat(9)  # the first job's look, given up, waits at the gate
+        await gate.reached()
+        lock(holder, second.Id)  # its last heartbeat stored at 9 s
+        for at in (12, 15, 18):  # warned of at 18 s, while the first look still runs
+            await beating.beat(at)
+        assert len(warnings_of(caplog)) == 1
+        assert "has not ended yet" in caplog.text
+    async with warnings._limiter:  # the look given up has ended
+        pass
+    await beating.beat(21)  # put off: handed again
+    unnamed, named = warnings_of(caplog)
+    assert "no answer within 0.2 s" in unnamed.getMessage() and unnamed.job_id == first.Id
+    assert named.job_id == second.Id
+    assert f"The holder is pid {holder.info.backend_pid} " in named.getMessage()
+
+
 async def test_a_row_freed_before_its_holder_is_looked_up_is_said_nothing(
     store, holder, caplog, nursery, monkeypatch
 ):

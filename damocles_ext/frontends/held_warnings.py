@@ -8,7 +8,9 @@ and handed again at the jobs' next heartbeats), never waits. So a heartbeat's an
 waits for the look at the holders nor fails with it. `run` looks the holders of all the jobs
 of one batch up with one transaction of three statements (lock_waits.py `row_holders`), on a
 thread of its own (a limiter of 1: a look that never ends holds that thread, never one of the
-store's), given up after look_timeout; it says nothing of a row found free by then, and logs
+store's), given up after look_timeout; while a look given up still runs on it, a batch is put
+off to the jobs' next heartbeats (it would wait for that thread and be given up without the
+holders' names for good); it says nothing of a row found free by then, and logs
 one warning per holder, naming its jobs; a hold is marked said only once its warning is
 logged."""
 
@@ -60,6 +62,7 @@ class HeldWarnings:
         #: Batches dropped, the queue full.
         self.dropped = 0
         self._dropped_log = ThrottledLog(log)
+        self._busy_log = ThrottledLog(log)
         self._unfinished = 0
         self._settled = trio.Event()
         self._settled.set()
@@ -109,6 +112,14 @@ class HeldWarnings:
     async def _warn(self, batch: list[held_rows.HeldTooLong]) -> None:
         left = list(batch)
         try:
+            if self._limiter.available_tokens == 0:  # a look given up is still on its thread
+                self._busy_log(
+                    "the warning of %d job rows held elsewhere is put off: an earlier look at"
+                    " the holders, given up after %g s, has not ended yet (the job store is slow"
+                    " to answer); it is given at one of the jobs' next heartbeats",
+                    len(batch), self.look_timeout,
+                )  # fmt: skip
+                return
             looked, failed = await self._look([h.job_id for h in batch])
             groups: dict[lock_waits.Session | None, list[held_rows.HeldTooLong]] = {}
             for held in batch:
