@@ -251,6 +251,35 @@ async def test_jobs_held_by_one_session_are_warned_of_in_one_line_naming_them(
     assert one.job_id == first.Id and "other-psql" in one.getMessage()
 
 
+def xmax(conn: psycopg.Connection, job_id: str) -> str:
+    """The job's row's xmax: the last transaction that locked, updated or deleted it."""
+    [(found,)] = conn.execute(f"SELECT CAST(xmax AS text) FROM {jobs.name} WHERE id = %s", [job_id])
+    conn.rollback()
+    return found
+
+
+async def test_the_look_locks_no_row_found_free_while_no_other_session_could_hold_one(
+    store, holder, postgres_url, nursery
+):
+    # Before, it locked each row not named (FOR UPDATE SKIP LOCKED) to tell whether it was
+    # still held: a heartbeat or a sweep at that moment passed over a row freed long before
+    # (its heartbeat skipped, the sweep's taking back not).
+    beating = Beating(store, "Venus", nursery)
+    job = await beating.start()
+    lock(holder, job.Id)
+    holder.commit()  # the row is free; its xmax still names the holder's transaction
+    with psycopg.connect(postgres_url) as reader:
+        before = xmax(reader, job.Id)
+        found = await trio.to_thread.run_sync(lock_waits.row_holders, store.engine, [job.Id])
+        assert found.free == {job.Id} and found.holders == {}
+        assert xmax(reader, job.Id) == before  # no transaction of the look's locked it
+        lock(reader, job.Id, share=True)
+        lock(holder, job.Id, share=True)  # shared by two (a multixact): held, and so said
+        found = await trio.to_thread.run_sync(lock_waits.row_holders, store.engine, [job.Id])
+        assert found.free == set() and found.holders == {}
+        reader.rollback()
+
+
 class Gate:
     """lock_waits.row_holders, made to wait (in its thread) until the test opens the gate; a
     context manager that opens it on the way out, whatever happened, so that a failing test

@@ -75,14 +75,19 @@ _HOLDS_ROW = (
 _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
 
 #: The rows :ids held now (a heartbeat passed over them), each with the session that holds it
-#: when its xmax names one exactly (as _ROW_HOLDER, whenever its transaction began): one
-#: statement for all of them, none of whose locks it waits for (a plain read).
+#: when its xmax names one exactly (as _ROW_HOLDER, whenever its transaction began), and
+#: whether another session (a prepared transaction too) holds a lock on the jobs table that a
+#: row lock, an UPDATE or a DELETE takes (none: no row can be held): one statement for all of
+#: them, none of whose locks it waits for (a plain read).
 _ROW_HOLDERS = sa.text(
     "SELECT j.id, quote_ident(current_user) AS role,"
     " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all,"
     " (SELECT quote_literal(quote_ident(n.nspname) || '.' || quote_ident(c.relname))"
     " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = j.tableoid)"
-    " AS jobs_table, h.* FROM "
+    " AS jobs_table, EXISTS (SELECT 1 FROM pg_locks l WHERE l.relation = j.tableoid"
+    " AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()"
+    " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock')) AS table_locked,"
+    " h.* FROM "
     + jobs.name
     + " j LEFT JOIN LATERAL ("
     + _SESSIONS
@@ -91,7 +96,8 @@ _ROW_HOLDERS = sa.text(
     " WHERE j.id = ANY(CAST(:ids AS text[]))"
 )
 #: Of the rows :ids, those no session holds any more (locked by this look for a moment, in its
-#: own transaction, rolled back at once).
+#: own transaction, rolled back at once: a heartbeat or a sweep meanwhile passes over such a
+#: row; read only while another session holds a lock on the table, as one sharing a row does).
 _FREE_ROWS = sa.text(
     "SELECT id FROM " + jobs.name + " WHERE id = ANY(CAST(:ids AS text[])) FOR UPDATE SKIP LOCKED"
 )
@@ -250,7 +256,8 @@ class RowHolders:
 
 def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
     """Who holds the rows of jobs `job_ids` now: one transaction on a connection of `engine`'s,
-    of three statements whatever their number, each bounded (`_LOOK_BOUNDS`), rolled back.
+    of three statements at most whatever their number, each bounded (`_LOOK_BOUNDS`), rolled
+    back; it locks no row unless another session holds a lock on the jobs table (`_FREE_ROWS`).
     Raises the database's error."""
     with engine.connect() as conn, conn.begin() as look:
         conn.execute(_LOOK_BOUNDS)
@@ -258,7 +265,9 @@ def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
         holders = {r.id: _session(r) for r in rows if r.pid is not None}
         unnamed = sorted({r.id for r in rows} - holders.keys())
         free = set(job_ids) - {r.id for r in rows}  # removed since
-        if unnamed:
+        if unnamed and not any(r.table_locked for r in rows):
+            free |= set(unnamed)  # no session may hold a row: none is locked to tell
+        elif unnamed:
             free |= {r.id for r in conn.execute(_FREE_ROWS, {"ids": unnamed})}
         look.rollback()
     blind = next((str(r.role) for r in rows if not r.sees_all), None)
