@@ -63,6 +63,9 @@ class HeldWarnings:
         self.dropped = 0
         self._dropped_log = ThrottledLog(log)
         self._busy_log = ThrottledLog(log)
+        #: The jobs table qualified by its schema, once read (at `run`'s start, or by a look),
+        #: for the query a warning gives when its look failed.
+        self._table: str | None = None
         self._unfinished = 0
         self._settled = trio.Event()
         self._settled.set()
@@ -101,6 +104,7 @@ class HeldWarnings:
 
     async def run(self) -> None:
         """Warn of the batches handed out, one after another, until cancelled."""
+        await self._read_table()
         async for batch in self._receive:
             try:
                 await self._warn(batch)
@@ -129,8 +133,11 @@ class HeldWarnings:
                     continue
                 holder = None if looked is None else looked.holders.get(held.job_id)
                 groups.setdefault(holder, []).append(held)
+            if looked is not None and looked.table is not None:
+                self._table = looked.table
+            blind = None if looked is None else looked.blind
             for holder, held_by in groups.items():
-                advice = lock_waits.row_advice(holder, len(held_by), looked)
+                advice = lock_waits.row_advice(holder, len(held_by), blind, self._table)
                 if failed is not None:
                     advice = f"Its holder could not be looked up ({failed}). {advice}"
                 worker = held_by[0].worker
@@ -144,6 +151,20 @@ class HeldWarnings:
             log.exception("the warning of a job row held elsewhere failed")
         finally:
             self.rows.not_said(left)  # a later heartbeat of theirs hands them again
+
+    async def _read_table(self) -> None:
+        """The jobs table's name qualified by its schema, read once; a failure leaves it to the
+        looks."""
+        if not self.store.store.is_postgresql:
+            return
+        with trio.move_on_after(self.look_timeout):
+            try:
+                self._table = await run_in_thread(
+                    lock_waits.jobs_table, self.store.store.engine,
+                    limiter=self._limiter, abandon_on_cancel=True,
+                )  # fmt: skip
+            except (NoThreadError, exc.SQLAlchemyError) as e:
+                log.debug("the jobs table's schema could not be read: %s", e)
 
     async def _look(
         self, job_ids: Iterable[str]

@@ -74,6 +74,14 @@ _HOLDS_ROW = (
 )
 _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
 
+#: The table of OID {oid}, as an SQL literal of its name qualified by its schema.
+_QUALIFIED = (
+    "(SELECT quote_literal(quote_ident(n.nspname) || '.' || quote_ident(c.relname))"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = {oid})"
+)
+#: The jobs table as the store's sessions find it (by their search_path).
+_JOBS_TABLE = sa.text("SELECT " + _QUALIFIED.format(oid="to_regclass(:name)"))
+
 #: The rows :ids held now (a heartbeat passed over them), each with the session that holds it
 #: when its xmax names one exactly (as _ROW_HOLDER, whenever its transaction began), and
 #: whether another session (a prepared transaction too) holds a lock on the jobs table that a
@@ -82,9 +90,8 @@ _ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
 _ROW_HOLDERS = sa.text(
     "SELECT j.id, quote_ident(current_user) AS role,"
     " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all,"
-    " (SELECT quote_literal(quote_ident(n.nspname) || '.' || quote_ident(c.relname))"
-    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = j.tableoid)"
-    " AS jobs_table, EXISTS (SELECT 1 FROM pg_locks l WHERE l.relation = j.tableoid"
+    + _QUALIFIED.format(oid="j.tableoid")
+    + " AS jobs_table, EXISTS (SELECT 1 FROM pg_locks l WHERE l.relation = j.tableoid"
     " AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()"
     " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock')) AS table_locked,"
     " h.* FROM "
@@ -275,11 +282,19 @@ def row_holders(engine: Engine, job_ids: list[str]) -> RowHolders:
     return RowHolders(holders, frozenset(free), blind, table)
 
 
-def row_advice(holder: Session | None, rows: int = 1, looked: RowHolders | None = None) -> str:
-    """Who holds `rows` job rows that a heartbeat passed over, and what to do; `looked`: what
-    `row_holders` found (the store's role, when blind; the jobs table's schema)."""
-    blind = None if looked is None else looked.blind
-    table = None if looked is None else looked.table
+def jobs_table(engine: Engine) -> str | None:
+    """The jobs table as the store's sessions find it, as an SQL literal of its name qualified
+    by its schema (None: not there). Raises the database's error."""
+    with engine.connect() as conn:
+        found = conn.execute(_JOBS_TABLE, {"name": jobs.name}).scalar()
+    return None if found is None else str(found)
+
+
+def row_advice(holder: Session | None, rows: int = 1, blind: str | None = None,
+               table: str | None = None) -> str:  # fmt: skip
+    """Who holds `rows` job rows that a heartbeat passed over, and what to do; `blind`: the
+    store's role, when it may not see other roles' sessions; `table`: the jobs table qualified
+    by its schema (`jobs_table`; None: not known, named without it)."""
     them = "it" if rows == 1 else "them"
     if holder is None:
         return (
