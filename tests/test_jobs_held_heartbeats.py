@@ -169,13 +169,13 @@ async def test_a_new_long_hold_after_a_heartbeat_landed_is_warned_again(
         await beating.beat(at)
     assert len(warnings_of(caplog)) == 1
     holder.rollback()
-    assert (await beating.beat(13)).HeartbeatAt == T0 + 13  # landed: that hold is over
-    lock(holder, job.Id)
-    for at in (16, 19, 22, 25, 28):
+    assert (await beating.beat(16)).HeartbeatAt == T0 + 16  # landed: that hold is over
+    lock(holder, job.Id)  # (a HeartbeatTimeout after its first warning: warned of in full)
+    for at in (19, 22, 25, 28, 31):
         await beating.beat(at)
     first, second = warnings_of(caplog)
     assert "last stored heartbeat is 9 s old" in first.getMessage()
-    assert "last stored heartbeat is 9 s old" in second.getMessage()  # at 22, 9 s after 13
+    assert "last stored heartbeat is 9 s old" in second.getMessage()  # at 25, 9 s after 16
     assert second.job_id == job.Id
 
 
@@ -278,6 +278,36 @@ async def test_the_look_locks_no_row_found_free_while_no_other_session_could_hol
         found = await trio.to_thread.run_sync(lock_waits.row_holders, store.engine, [job.Id])
         assert found.free == set() and found.holders == {}
         reader.rollback()
+
+
+async def test_a_holder_warned_of_is_not_warned_of_again_for_a_timeout_its_later_holds_summed_up(
+    store, holder, caplog, nursery
+):
+    # Before, each heartbeat (each worker's) whose jobs one session held was a warning of its
+    # own naming that same session: 60 workers held by one psql, 60 warnings.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    beating = Beating(store, "Dext", nursery)
+    await beating.start(3)
+    first, *later = beating.held
+    lock(holder, first.Id)
+    for at in (3, 9):
+        await beating.beat(at)
+    [warned] = warnings_of(caplog)
+    for job in later:
+        lock(holder, job.Id)  # their last heartbeat stored at 9 s
+    for at in (12, 15, 18, 21):  # warned of at 18 s, 9 s after the holder was
+        await beating.beat(at)
+    assert warnings_of(caplog) == [warned]
+    await beating.beat(24)  # the holder's warning a HeartbeatTimeout old: the others summed up
+    [summed] = warnings_of(caplog)[1:]
+    pid = holder.info.backend_pid
+    assert summed.getMessage().startswith(
+        f"the session of pid {pid}, warned of 15 s ago as the holder of job rows in the job store,"
+        f" held the rows of 2 more jobs since, of worker {WORKER!r}:"
+    )
+    assert summed.worker == WORKER
+    await beating.beat(27)
+    assert len(warnings_of(caplog)) == 2  # said once
 
 
 class Gate:

@@ -10,14 +10,17 @@ of one batch up with one transaction of three statements (lock_waits.py `row_hol
 thread of its own (a limiter of 1: a look that never ends holds that thread, never one of the
 store's), given up after look_timeout; while a look given up still runs on it, a batch is put
 off to the jobs' next heartbeats (it would wait for that thread and be given up without the
-holders' names for good); it says nothing of a row found free by then, and logs
-one warning per holder, naming its jobs; a hold is marked said only once its warning is
-logged."""
+holders' names for good); it says nothing of a row found free by then, and logs one warning
+per holder, naming its jobs; a hold is marked said only once its warning is logged. A holder
+warned of (by pid) is not warned of again for a HeartbeatTimeout: its holds meanwhile (other
+workers' jobs: 60 workers held by one psql) are summed up in one line once that time passed
+(`_sum_up`, asked for by the next heartbeat then)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -38,6 +41,15 @@ log = logging.getLogger("damocles_ext.coordinator")
 QUEUED: Final = 16
 #: How long a look at the holders of one batch is waited for.
 LOOK_TIMEOUT: Final = 1.0
+
+
+@dataclass(slots=True)
+class _Told:
+    """When a holder was last warned of (on the monotonic clock), and the holds of it said since
+    in no warning of their own: jobs by worker."""
+
+    at: float
+    held: dict[str, int] = field(default_factory=dict)
 
 
 class HeldWarnings:
@@ -66,6 +78,10 @@ class HeldWarnings:
         #: The jobs table qualified by its schema, once read (at `run`'s start, or by a look),
         #: for the query a warning gives when its look failed.
         self._table: str | None = None
+        #: Holder pid -> its last warning, and the holds of it said since in no warning of their
+        #: own (summed up once a HeartbeatTimeout passed: `_sum_up`).
+        self._told: dict[int, _Told] = {}
+        self._sum_up_asked = False
         self._unfinished = 0
         self._settled = trio.Event()
         self._settled.set()
@@ -74,15 +90,23 @@ class HeldWarnings:
         """A heartbeat of `worker` (Dext's, with the `leases` it sent, or Venus') answered with
         `outcome`: the holds to warn of are handed to `run`. Never raises, never waits."""
         try:
+            now, timeout = self.monotonic(), self.store.store.limits.heartbeat_timeout
             warn = self.rows.heard(
-                worker, outcome.jobs, outcome.skipped, outcome.effects, self.store.clock(),
-                self.monotonic(), self.store.store.limits.heartbeat_timeout, leases,
+                worker, outcome.jobs, outcome.skipped, outcome.effects, self.store.clock(), now,
+                timeout, leases,
             )  # fmt: skip
             if not warn:
-                return
+                if self._sum_up_asked or not any(
+                    told.held and now - told.at >= timeout for told in self._told.values()
+                ):
+                    return
+                self._sum_up_asked = True  # an empty batch: only the holders to sum up
             try:
                 self._send.send_nowait(warn)
             except trio.WouldBlock:
+                if not warn:
+                    self._sum_up_asked = False
+                    return
                 self.rows.not_said(warn)
                 self.dropped += 1
                 self._dropped_log(
@@ -116,6 +140,10 @@ class HeldWarnings:
     async def _warn(self, batch: list[held_rows.HeldTooLong]) -> None:
         left = list(batch)
         try:
+            now = self.monotonic()
+            self._sum_up(now)
+            if not batch:
+                return
             if self._limiter.available_tokens == 0:  # a look given up is still on its thread
                 self._busy_log(
                     "the warning of %d job rows held elsewhere is put off: an earlier look at"
@@ -137,6 +165,12 @@ class HeldWarnings:
                 self._table = looked.table
             blind = None if looked is None else looked.blind
             for holder, held_by in groups.items():
+                if holder is not None and (told := self._told.get(holder.pid)) is not None:
+                    for held in held_by:  # warned of lately: summed up later
+                        told.held[held.worker] = told.held.get(held.worker, 0) + 1
+                    self.rows.said(held_by)
+                    left = [h for h in left if h not in held_by]
+                    continue
                 advice = lock_waits.row_advice(holder, len(held_by), blind, self._table)
                 if failed is not None:
                     advice = f"Its holder could not be looked up ({failed}). {advice}"
@@ -145,12 +179,39 @@ class HeldWarnings:
                     "worker": worker
                 }  # fmt: skip
                 log.warning("%s", held_rows.said_of(held_by, advice), extra=fields)
+                if holder is not None:
+                    self._told[holder.pid] = _Told(now)
                 self.rows.said(held_by)
                 left = [h for h in left if h not in held_by]
         except Exception:  # a warning's failure must not end the task
             log.exception("the warning of a job row held elsewhere failed")
         finally:
             self.rows.not_said(left)  # a later heartbeat of theirs hands them again
+
+    def _sum_up(self, now: float) -> None:
+        """One line for each holder warned of a HeartbeatTimeout ago or more, of the holds of it
+        said in no warning of their own since; it is warned of again at its next hold."""
+        self._sum_up_asked = False
+        timeout = self.store.store.limits.heartbeat_timeout
+        for pid, told in list(self._told.items()):
+            if now - told.at < timeout:
+                continue
+            del self._told[pid]
+            if not told.held:
+                continue
+            workers = sorted(told.held)
+            named = ", ".join(repr(w) for w in workers[: held_rows.NAMED])
+            if len(workers) > held_rows.NAMED:
+                named += f" and {len(workers) - held_rows.NAMED} more"
+            jobs = sum(told.held.values())
+            log.warning(
+                "the session of pid %d, warned of %.0f s ago as the holder of job rows in the"
+                " job store, held the rows of %d more job%s since, of worker%s %s: their"
+                " heartbeats are not stored either; not warned of one by one (what its warning"
+                " said to do holds for them)",
+                pid, now - told.at, jobs, "s" if jobs > 1 else "", "s" if len(workers) > 1 else "",
+                named, extra={"worker": workers[0]} if len(workers) == 1 else {},
+            )  # fmt: skip
 
     async def _read_table(self) -> None:
         """The jobs table's name qualified by its schema, read once; a failure leaves it to the
