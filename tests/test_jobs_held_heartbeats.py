@@ -18,10 +18,12 @@ import msgspec
 import psycopg
 import pytest
 import trio
+from sqlalchemy import exc
 from test_jobs_migration import a_role
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator
+from damocles_ext.frontends.held_warnings import HeldWarnings
 from damocles_ext.jobs import held_rows, lock_waits, rules
 from damocles_ext.jobs.database import jobs
 from damocles_ext.jobs.lock_waits import find_row_holders
@@ -483,3 +485,53 @@ async def test_a_holder_hidden_from_the_stores_role_is_named_by_pid_with_the_gra
     assert f"GRANT pg_read_all_stats TO {role}" in said
     assert f"SELECT pg_terminate_backend({pid})" in said
     assert "local socket" not in said and "running a statement" not in said
+
+
+async def test_a_warning_put_off_by_a_full_queue_is_handed_again_at_the_next_heartbeat(
+    store, holder, caplog
+):
+    # Before that was tested, dropping the put-off hold's return to "not said" went unseen: it
+    # stayed handed out, and was never warned of.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    now = [T0]
+    jobs = TrioJobStore(store, clock=lambda: now[0])
+    await jobs.create(make_input(seed=1))
+    [job] = await jobs.allocate(rules.AllocationSpec(), 1, WORKER)
+    warnings = HeldWarnings(jobs, queued=0, monotonic=lambda: now[0])  # no task: no room
+    lock(holder, job.Id)
+    for at in (3, 9, 12):
+        now[0] = T0 + at
+        warnings.heard(await jobs.heartbeat([job.Id], WORKER), WORKER)
+    assert warnings.dropped == 2  # at 9 s, and handed again at 12 s
+    assert "the warning of 1 job rows held elsewhere is put off" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["Venus", "Dext"])
+async def test_a_failure_in_recording_a_hold_leaves_the_heartbeats_answer_as_it_is(
+    store, holder, caplog, nursery, monkeypatch, method
+):
+    beating = Beating(store, method, nursery)
+    job = await beating.start()
+    lock(holder, job.Id)
+
+    def broken(*args):
+        raise RuntimeError("a bug in the holds' bookkeeping")
+
+    monkeypatch.setattr(beating.coordinator.dext.held.rows, "heard", broken)
+    assert await beating.call(3) == (None if method == "Venus" else [])
+    assert "a bug in the holds' bookkeeping" in caplog.text
+
+
+async def test_a_look_waits_for_a_lock_on_the_whole_jobs_table_a_moment_only(postgres_url, holder):
+    # The store's sessions here wait for a lock for ever (lock_timeout 0): the look sets its own
+    # bounds (100 ms for a lock), or it would wait as long as the table is locked.
+    with JobStore.open(f"{postgres_url}&options=-clock_timeout%3D0") as slow:
+        holder.execute(f"LOCK TABLE {jobs.name} IN ACCESS EXCLUSIVE MODE")  # as ALTER TABLE
+        try:
+            with trio.fail_after(10), pytest.raises(exc.OperationalError) as failed:
+                await trio.to_thread.run_sync(
+                    lock_waits.row_holders, slow.engine, ["J"], abandon_on_cancel=True
+                )
+        finally:
+            holder.rollback()
+    assert lock_waits.is_lock_wait(failed.value)
