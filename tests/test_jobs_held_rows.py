@@ -161,7 +161,7 @@ def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():
     assert "its last stored heartbeat is 15 s old" in said
     assert "may take the job back from its worker in 1 s at the earliest" in said
     now = dataclasses.replace(held, taken_back_in=0.0)
-    assert "as soon as its row is freed" in said_of([now], "The holder is pid 7")
+    assert "as soon as its row is freed, at the earliest (" in said_of([now], "The holder is pid 7")
 
 
 def test_the_warning_names_no_kind_of_holder_but_the_advices():

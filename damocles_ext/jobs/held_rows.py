@@ -209,4 +209,4 @@ def _when(held: HeldTooLong) -> str:
     time it could not hear heartbeats (silence.py), which may make it later."""
     if held.taken_back_in > 0:
         return f"in {math.ceil(held.taken_back_in)} s at the earliest"
-    return "as soon as its row is freed"
+    return "as soon as its row is freed, at the earliest"

@@ -68,11 +68,13 @@ _XMAX_WAIT = sa.text("SET LOCAL lock_timeout = '100ms'")
 #: xid): the session must also hold a lock on the jobs table, as every locker of one of its rows
 #: does. Nothing found: the guess below.
 _HOLDS_ROW = (
-    " AND a.backend_xid = CAST(:xmax AS xid)"
+    " AND a.backend_xid = {xmax}"
     " AND EXISTS (SELECT 1 FROM pg_locks l"
-    " WHERE l.pid = a.pid AND l.granted AND l.relation = to_regclass(:table))"
+    " WHERE l.pid = a.pid AND l.granted AND l.relation = {table})"
 )
-_ROW_HOLDER = sa.text(_COLUMNS + _HOLDS_ROW)
+_ROW_HOLDER = sa.text(
+    _COLUMNS + _HOLDS_ROW.format(xmax="CAST(:xmax AS xid)", table="to_regclass(:table)")
+)
 
 #: The table of OID {oid}, as an SQL literal of its name qualified by its schema.
 _QUALIFIED = (
@@ -98,8 +100,8 @@ _ROW_HOLDERS = sa.text(
     + jobs.name
     + " j LEFT JOIN LATERAL ("
     + _SESSIONS
-    + " AND a.backend_xid = j.xmax AND EXISTS (SELECT 1 FROM pg_locks l"
-    " WHERE l.pid = a.pid AND l.granted AND l.relation = j.tableoid)) h ON true"
+    + _HOLDS_ROW.format(xmax="j.xmax", table="j.tableoid")
+    + ") h ON true"
     " WHERE j.id = ANY(CAST(:ids AS text[]))"
 )
 #: Of the rows :ids, those no session holds any more (locked by this look for a moment, in its
@@ -206,8 +208,6 @@ class Held:
     exact: bool = False
     #: The store's role when it may not see other roles' sessions (no pg_read_all_stats).
     blind: str | None = None
-    #: The jobs table, as an SQL literal qualified by its schema (None: no row was read).
-    table: str | None = None
 
 
 def is_lock_wait(error: exc.DBAPIError) -> bool:
@@ -299,7 +299,8 @@ def row_advice(holder: Session | None, rows: int = 1, blind: str | None = None,
     if holder is None:
         return (
             f"Find the session holding {them} (while it holds {them}, among those this query"
-            f" lists: {find_row_holders(table) if table else find_row_holders()}) and end its transaction: COMMIT or ROLLBACK in it, or,"
+            f" lists: {find_row_holders(table) if table else find_row_holders()}) and end its"
+            " transaction: COMMIT or ROLLBACK in it, or,"
             " if it is not damocles-ext's and nothing of it is to be kept, SELECT"
             " pg_terminate_backend(PID)"
         )
@@ -365,9 +366,7 @@ def _rows(conn: Connection, statement: Any, params: dict[str, Any]) -> list[Any]
 
 def _session(r: Any) -> Session:
     if r.state is None:  # another role's, whose transaction this role may not see
-        name = r.application_name or "no application name"
-        described = f"pid {r.pid} (user {r.usename}, {name}, its transaction hidden from this role)"
-        return Session(int(r.pid), described, bool(r.ours), idle=False, hidden=True)
+        return _hidden(r, r.application_name or "no application name", bool(r.ours))
     origin = "a local socket" if r.client_addr is None else str(r.client_addr)
     since = "" if r.xact_start is None else f" since {r.xact_start:%Y-%m-%d %H:%M:%S %Z}"
     last = f"; its last statement: {r.query}" if r.query else ""
@@ -381,9 +380,12 @@ def _session(r: Any) -> Session:
     return Session(int(r.pid), described, bool(r.ours), idle)
 
 
-def _hidden(r: Any) -> Session:
-    described = f"pid {r.pid} (user {r.usename}, its transaction hidden from this role)"
-    return Session(int(r.pid), described, ours=False, idle=False, hidden=True)
+def _hidden(r: Any, name: str | None = None, ours: bool = False) -> Session:
+    """Another role's session, whose transaction this role may not see: its pid, its user, and
+    its application `name` when known."""
+    named = "" if name is None else f"{name}, "
+    described = f"pid {r.pid} (user {r.usename}, {named}its transaction hidden from this role)"
+    return Session(int(r.pid), described, ours, idle=False, hidden=True)
 
 
 def too_long(where: str, name: str, subject: Subject, error: exc.DBAPIError, tries: int,
