@@ -175,9 +175,11 @@ class _Envelope(msgspec.Struct):
 # Go reads `null` as an empty request, and the envelope's keys in any case (`"Method"`), as
 # go-jsonrpc decodes it with encoding/json: read as any JSON, then shaped as Go reads it.
 _Request = _Envelope | None
-# A float literal is read by Python's float(), as Go reads one into an interface: one past a
-# float64 is infinite, refused where a param takes a number (and ignored under a key no field
-# has, as Go ignores it), where msgspec failed the whole body at an unnamed `$[...]`.
+# A float literal is read by Python's float(): one past a float64 is infinite, so the param or
+# field it is in refuses it where it stands (every number a param takes is an integer), and a
+# key no field has drops it, where msgspec failed the whole body at an unnamed `$[...]`. Go
+# refuses it where it reads a value (encoding/json's UnmarshalTypeError, into an interface as
+# into a number field) and skips it under a key no field has: the same calls are refused.
 _decoder = msgspec.json.Decoder(float_hook=float)
 _encoder = msgspec.json.Encoder()
 
