@@ -1027,9 +1027,31 @@ def test_a_number_out_of_range_is_refused_naming_where_it_is(body, words, reques
     assert caught.value.code == rpc.PARSE_ERROR
     assert words in caught.value.message and "[...]" not in caught.value.message
     assert caught.value.request_id == request_id  # a refused param's answer carries the id
-    # Where Go ignores the value (a key no field has), so does the coordinator now.
-    call = rpc.parse_request(b'{"method":"Venus.WdPoStAllJobs","id":1,"x":1e400}')
-    assert call.method == "Venus.WdPoStAllJobs"
+
+
+BIG = b"18446744073709551616"  # 2**64: no Go integer holds it
+
+
+@pytest.mark.parametrize(
+    ("body", "params"),
+    [
+        (b'{"method":"Venus.WdPoStAllJobs","id":1,"x":1e400}', ()),
+        (b'{"method":"Venus.SectorIndexerFind","params":["normal",{"Miner":1,"x":1e400}],"id":1}',
+         ("normal", rpc.SectorId(1, 0))),
+        # An integer past a uint64 was refused "at `$.x`" wherever it stood.
+        (b'{"method":"Venus.SectorIndexerFind","params":["normal",{"Miner":1,"x":' + BIG + b'}],"id":1}',
+         ("normal", rpc.SectorId(1, 0))),
+        (b'{"method":"Venus.WdPoStAllocateJobs","params":[{"AllowedMiners":[1],"x":[' + BIG + b']},1,"w"],"id":1}',
+         (rpc.AllocateSpec([1], None), 1, "w")),
+        # WorkerPing's info is read for its Name only (Go reads it as damocles' WorkerInfo).
+        (b'{"method":"Venus.WorkerPing","params":[{"Name":"w","x":' + BIG + b'}],"id":1}',
+         ({"Name": "w", "x": 2**64},)),
+    ],
+    ids=["float-envelope", "float-field", "int-field", "int-list-field", "int-worker-info"],
+)  # fmt: skip
+def test_a_number_out_of_range_under_a_key_no_field_has_is_skipped_as_go_skips_it(body, params):
+    call = rpc.parse_request(body)
+    assert (call.params, call.request_id) == (params, 1)
 
 
 @pytest.mark.parametrize(
