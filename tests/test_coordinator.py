@@ -1015,10 +1015,14 @@ async def test_the_open_index_without_a_token_file_is_a_usage_error(tmp_path):
          "(param: 1): Expected `int`, got `float` - at `$.faults[0]`", 3),
         (b'{"method":"Venus.WdPoStAllJobs","id":1e400}',
          "Expected `int | str | null`, got `float` - at `$.id`", None),
-        # An integer of more digits than Python reads: said so, and what to send.
+        # An integer of more digits than Python reads: said so, and what to send; wherever it
+        # is (before: "more than any param or id takes", but an id of 4,300 digits is taken).
         (b'{"method":"Venus.WdPoStAllJobs","params":[],"id":' + b"9" * 5000 + b"}",
-         ("unmarshaling request: a number in it has over 4300 digits, more than any param or id"
-          " takes; send numbers within a uint64"), None),
+         ("unmarshaling request: a number in it has more digits than this server reads (4300);"
+          " send numbers within a uint64"), None),
+        (b'{"method":"Venus.WdPoStAllJobs","params":[],"id":1,"x":' + b"9" * 5000 + b"}",
+         ("unmarshaling request: a number in it has more digits than this server reads (4300);"
+          " send numbers within a uint64"), None),
     ],
 )  # fmt: skip
 def test_a_number_out_of_range_is_refused_naming_where_it_is(body, words, request_id):
@@ -1052,6 +1056,13 @@ BIG = b"18446744073709551616"  # 2**64: no Go integer holds it
 def test_a_number_out_of_range_under_a_key_no_field_has_is_skipped_as_go_skips_it(body, params):
     call = rpc.parse_request(body)
     assert (call.params, call.request_id) == (params, 1)
+
+
+def test_an_id_past_a_uint64_within_the_digits_read_is_given_back():
+    rid = int("9" * 4300)
+    call = rpc.parse_request(b'{"method":"Venus.WdPoStAllJobs","id":%d}' % rid)
+    assert call.request_id == rid
+    assert msgspec.json.decode(rpc.encode_result(call.request_id, None))["id"] == rid
 
 
 @pytest.mark.parametrize(

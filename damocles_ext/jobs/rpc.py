@@ -247,10 +247,12 @@ def _not_a_request(decoded: Any) -> str:
 def _unreadable(exc: msgspec.ValidationError) -> str:
     """What is wrong with a request that is JSON, but not one request."""
     if str(exc).startswith("Integer value out of range"):
-        # Python reads no integer of more digits (msgspec names no place for it: `$[...]`).
+        # Python reads no integer of more digits (msgspec names no place for it: `$[...]`), so
+        # the body is refused wherever it is, under a key Go would skip too. An id of fewer
+        # digits past a uint64 is read, and given back.
         digits = sys.get_int_max_str_digits()
         return (
-            f"a number in it has over {digits} digits, more than any param or id takes;"
+            f"a number in it has more digits than this server reads ({digits});"
             " send numbers within a uint64"
         )
     return str(exc)
