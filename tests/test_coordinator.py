@@ -1058,6 +1058,31 @@ def test_a_number_out_of_range_under_a_key_no_field_has_is_skipped_as_go_skips_i
     assert (call.params, call.request_id) == (params, 1)
 
 
+def test_only_a_body_with_a_float_past_a_float64_is_read_again_with_its_floats_by_float(
+    monkeypatch,
+):
+    # Every body was read with float() for each float: a body of floats took 4 times as long.
+    read_again: list[bytes] = []
+    wide = rpc._wide_decoder
+
+    class Counted:
+        def decode(self, body: bytes) -> object:
+            read_again.append(body)
+            return wide.decode(body)
+
+    monkeypatch.setattr(rpc, "_wide_decoder", Counted())
+    floats = b"1.5,-0.0,1e308,-1.7976931348623157e308,1e-400,5e-324,0.1"
+    within = b'{"method":"Venus.WorkerPing","params":[{"Name":"w","x":[%s]}],"id":1}' % floats
+    call = rpc.parse_request(within)
+    assert call.params == ({"Name": "w", "x": [1.5, -0.0, 1e308, -1.7976931348623157e308, 0.0,
+                                              5e-324, 0.1]},)  # fmt: skip
+    assert read_again == []
+    past = within.replace(b"1e308,", b"1e400,")
+    call = rpc.parse_request(past)
+    assert call.params[0]["x"][2] == float("inf")
+    assert read_again == [past]
+
+
 def test_an_id_past_a_uint64_within_the_digits_read_is_given_back():
     rid = int("9" * 4300)
     call = rpc.parse_request(b'{"method":"Venus.WdPoStAllJobs","id":%d}' % rid)
