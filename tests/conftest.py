@@ -124,6 +124,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[JobStore]:
+    """A job store on SQLite, for what does not depend on the database (HTTP, auth) or needs
+    SQLite's file lock."""
+    from damocles_ext.jobs.store import JobStore  # SQLAlchemy: only for the tests that use it
+
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
+        yield s
+
+
+@pytest.fixture
 def js(store_url: str) -> Iterator[JobStore]:
     """An open JobStore at `store_url` (its schema made), closed after the test."""
     from damocles_ext.jobs.store import JobStore  # SQLAlchemy: only for the tests that use it

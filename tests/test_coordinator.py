@@ -18,7 +18,7 @@ import h11
 import msgspec
 import pytest
 import trio
-from helpers.frontend import DEXT, dext_env, dext_run_async
+from helpers.frontend import DEXT, dext_env, dext_run_async, read_answer
 from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import CLEANUP_PASSES, Coordinator, CoordinatorServer
@@ -62,17 +62,8 @@ class Client:
             await self.stream.send_all(data)
         except trio.BrokenResourceError:
             pass  # the server may refuse before reading it all; its answer is still there
-        status, chunks = 0, []
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, b"".join(chunks)
+        answer = await read_answer(self.h11, self.stream)
+        return (0, b"") if answer is None else (answer.status, answer.body)
 
     async def call(
         self, method: str, *params: object, headers: list[tuple[str, str]] | None = None
@@ -83,13 +74,6 @@ class Client:
         self.next_id += 1
         status, answer = await self.post(body, headers=headers)
         return status, msgspec.json.decode(answer)
-
-
-@pytest.fixture
-def sqlite_store(tmp_path):
-    """For what does not depend on the database (HTTP, auth) or needs SQLite's file lock."""
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
-        yield s
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

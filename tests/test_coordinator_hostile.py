@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from helpers.frontend import CoordinatorProcess
+from helpers.frontend import CoordinatorProcess, read_answer
 from helpers.supervisor import wait_until_real
 from test_jobs_rules import make_input
 
@@ -103,28 +103,15 @@ async def answers(stream: trio.abc.Stream, count: int) -> tuple[list[tuple[int, 
                 client.start_next_cycle()
             client.send(h11.Request(method="POST", target="/", headers=[("Host", "x"),
                                     ("Transfer-Encoding", "chunked")]))  # fmt: skip
-        status, body = 0, b""
-        while True:
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError:  # closed before a whole answer
-                return got, True
-            if event is h11.NEED_DATA:
-                try:
-                    client.receive_data(await stream.receive_some(65536))
-                except trio.BrokenResourceError:  # reset
-                    client.receive_data(b"")
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                closing = (b"connection", b"close") in event.headers
-            elif isinstance(event, h11.Data):
-                body += bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                got.append((status, body))
-                client.send(h11.EndOfMessage())
-                break
-            else:  # closed
-                return got, True
+        try:
+            answer = await read_answer(client, stream, reset_is_close=True)
+        except h11.RemoteProtocolError:  # closed before a whole answer
+            return got, True
+        if answer is None:  # closed
+            return got, True
+        got.append((answer.status, answer.body))
+        client.send(h11.EndOfMessage())
+        closing = answer.closing
         if closing:
             break
     closed = closing and not client.trailing_data[0] and await stream.receive_some(1) == b""
@@ -160,19 +147,15 @@ async def allocate(port: int) -> list[dict]:
     return answer["result"]
 
 
-@pytest.fixture
-def store(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
-        yield s
-
-
 async def test_hostile_requests_get_clear_answers_nothing_is_logged_and_a_worker_is_served(
-    store, caplog
+    sqlite_store, caplog
 ):
-    job, _ = await TrioJobStore(store).create(make_input(miner=1000))
+    job, _ = await TrioJobStore(sqlite_store).create(make_input(miner=1000))
     caplog.set_level(logging.DEBUG, "damocles_ext")
     async with trio.open_nursery() as nursery:
-        server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0, max_body=MAX)
+        server = CoordinatorServer(
+            Coordinator(TrioJobStore(sqlite_store)), "127.0.0.1", 0, max_body=MAX
+        )
         await nursery.start(server.serve)
         with trio.fail_after(60):
             await try_each(server.port, MAX)
@@ -185,14 +168,14 @@ async def test_hostile_requests_get_clear_answers_nothing_is_logged_and_a_worker
 
 @pytest.mark.parametrize("stop_in", ["the head", "the body"])
 async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
-    store, mock_clock, stop_in
+    sqlite_store, mock_clock, stop_in
 ):
     # Stopped in its body, it held its connection for the idle timeout, then the connection
     # closed without a word, as if the coordinator had crashed. Stopped in its head (not HTTP,
     # likely: a port scanner), it is closed without one, as nginx does.
     idle = 120.0
     async with trio.open_nursery() as nursery:
-        server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0,
+        server = CoordinatorServer(Coordinator(TrioJobStore(sqlite_store)), "127.0.0.1", 0,
                                    idle_timeout=idle)  # fmt: skip
         await nursery.start(server.serve)
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -295,6 +295,17 @@ def check_error(error: rpc.RpcError) -> None:
     assert answer["id"] == error.request_id
 
 
+def check(body: bytes) -> rpc.Call | None:
+    """The call in `body`, checked, or None for an error, checked."""
+    try:
+        call = rpc.parse_request(body)
+    except rpc.RpcError as error:
+        check_error(error)
+        return None
+    check_call(call)
+    return call
+
+
 def request(method: str, params: str) -> bytes:
     return f'{{"jsonrpc":"2.0","method":"{method}","params":{params},"id":1}}'.encode()
 
@@ -309,23 +320,13 @@ def request(method: str, params: str) -> bytes:
 @example(request("Venus.WdPoStAllJobs", "[]").replace(b'"id":1', b'"id":1e400'))
 @example(b"[" + request("Venus.WdPoStAllJobs", "[]") + b"]")
 def test_any_body_is_a_valid_call_or_a_json_rpc_error_saying_what_is_wrong(body):
-    try:
-        call = rpc.parse_request(body)
-    except rpc.RpcError as error:
-        check_error(error)
-    else:
-        check_call(call)
+    check(body)
 
 
 @FUZZ
 @given(st.binary(max_size=256))
 def test_any_bytes_are_a_json_rpc_error_not_an_exception(body):
-    try:
-        call = rpc.parse_request(body)
-    except rpc.RpcError as error:
-        check_error(error)
-    else:
-        check_call(call)
+    check(body)
 
 
 @pytest.mark.parametrize("method", sorted(rpc.METHODS))
@@ -334,10 +335,5 @@ def test_any_bytes_are_a_json_rpc_error_not_an_exception(body):
 def test_each_methods_params_are_typed_or_refused_naming_the_param(method, data):
     params = data.draw(params_of(method))
     body = write(Obj([("jsonrpc", "2.0"), ("method", method), ("params", params), ("id", 7)]))
-    try:
-        call = rpc.parse_request(body)
-    except rpc.RpcError as error:
-        check_error(error)
-    else:
-        check_call(call)
+    if (call := check(body)) is not None:
         assert (call.method, call.request_id) == (method, 7)

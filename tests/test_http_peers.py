@@ -11,10 +11,11 @@ import h11
 import msgspec
 import trio
 import trio.testing
+from helpers.frontend import read_answer
 
 from damocles_ext.frontends.coordinator import PARSE_ON_A_THREAD, Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc
-from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.store import TrioJobStore
 from damocles_ext.metrics import MetricsServer, SupervisorMetrics
 
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -28,20 +29,10 @@ async def exchange(port: int, request: bytes) -> tuple[int, dict[bytes, bytes], 
         await stream.send_all(request)
         client = h11.Connection(h11.CLIENT)
         client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-        status, headers, body = 0, {}, b""
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    client.receive_data(await stream.receive_some(65536))
-                except trio.BrokenResourceError:  # reset
-                    client.receive_data(b"")
-            elif isinstance(event, h11.Response):
-                status, headers = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                body += bytes(event.data)
-            else:  # the end of the answer, or the connection closed without one
-                return status, headers, body
+        answer = await read_answer(client, stream, reset_is_close=True)
+    if answer is None:
+        return 0, {}, b""
+    return answer.status, dict(answer.headers), answer.body
 
 
 async def test_a_scrape_with_an_accept_header_prometheus_client_cannot_read_gets_the_text_format(
@@ -96,22 +87,23 @@ async def test_clients_that_never_read_their_answers_make_room_for_a_scraper(nur
         peer.close()
 
 
-async def test_clients_lacking_the_token_that_never_read_make_room_for_a_worker(nursery, tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
-        server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0,
-                                   max_connections=2, token="secret")  # fmt: skip
-        await nursery.start(server.serve)
-        call = b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[{}],"id":1}'
-        head = b"POST /rpc/v0 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(call)
-        peers = [stalled_peer(server.port, head + b"\r\n" + call) for _ in range(2)]
-        await until_sending_to_all(server, 2)
-        status, _, body = await exchange(
-            server.port, head + b"Authorization: Bearer secret\r\n\r\n" + call
-        )
-        assert (status, msgspec.json.decode(body)["result"]) == (200, None)
-        for peer in peers:
-            peer.close()
-        server.stop()
+async def test_clients_lacking_the_token_that_never_read_make_room_for_a_worker(
+    nursery, sqlite_store
+):
+    server = CoordinatorServer(Coordinator(TrioJobStore(sqlite_store)), "127.0.0.1", 0,
+                               max_connections=2, token="secret")  # fmt: skip
+    await nursery.start(server.serve)
+    call = b'{"jsonrpc":"2.0","method":"Venus.WorkerPing","params":[{}],"id":1}'
+    head = b"POST /rpc/v0 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(call)
+    peers = [stalled_peer(server.port, head + b"\r\n" + call) for _ in range(2)]
+    await until_sending_to_all(server, 2)
+    status, _, body = await exchange(
+        server.port, head + b"Authorization: Bearer secret\r\n\r\n" + call
+    )
+    assert (status, msgspec.json.decode(body)["result"]) == (200, None)
+    for peer in peers:
+        peer.close()
+    server.stop()
 
 
 def rpc_post(method: str, *params: object) -> bytes:
@@ -121,7 +113,7 @@ def rpc_post(method: str, *params: object) -> bytes:
 
 
 async def test_a_large_body_is_parsed_off_the_loop_while_other_workers_are_answered(
-    nursery, tmp_path, monkeypatch
+    nursery, sqlite_store, monkeypatch
 ):
     # A junk ping of megabytes takes the parser seconds: parsed on the loop, it stalled every
     # worker's heartbeats and the sweep. Here its parse waits until a small call was answered
@@ -136,22 +128,21 @@ async def test_a_large_body_is_parsed_off_the_loop_while_other_workers_are_answe
         return parse(body)
 
     monkeypatch.setattr(rpc, "parse_request", slow_for_large)
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
-        coordinator = Coordinator(TrioJobStore(store))
-        server = CoordinatorServer(coordinator, "127.0.0.1", 0)
-        await nursery.start(server.serve)
-        junk = {"Name": "w1", "x": [[]] * (PARSE_ON_A_THREAD // 3)}
-        large: list[tuple[int, dict[bytes, bytes], bytes]] = []
+    coordinator = Coordinator(TrioJobStore(sqlite_store))
+    server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+    await nursery.start(server.serve)
+    junk = {"Name": "w1", "x": [[]] * (PARSE_ON_A_THREAD // 3)}
+    large: list[tuple[int, dict[bytes, bytes], bytes]] = []
 
-        async def send_large() -> None:
-            large.append(await exchange(server.port, rpc_post("Venus.WorkerPing", junk)))
+    async def send_large() -> None:
+        large.append(await exchange(server.port, rpc_post("Venus.WorkerPing", junk)))
 
-        async with trio.open_nursery() as inner:
-            inner.start_soon(send_large)
-            assert await trio.to_thread.run_sync(started.wait, 10)
-            status, _, body = await exchange(server.port, rpc_post("Venus.WorkerPing", {}))
-            answered.set()
-        assert (status, msgspec.json.decode(body)["result"]) == (200, None)
-        assert waited == [True]
-        assert large[0][0] == 200 and msgspec.json.decode(large[0][2])["result"] is None
-        server.stop()
+    async with trio.open_nursery() as inner:
+        inner.start_soon(send_large)
+        assert await trio.to_thread.run_sync(started.wait, 10)
+        status, _, body = await exchange(server.port, rpc_post("Venus.WorkerPing", {}))
+        answered.set()
+    assert (status, msgspec.json.decode(body)["result"]) == (200, None)
+    assert waited == [True]
+    assert large[0][0] == 200 and msgspec.json.decode(large[0][2])["result"] is None
+    server.stop()

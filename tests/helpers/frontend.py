@@ -14,9 +14,11 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import trio
 
 from damocles_ext.protocol import jsonl
@@ -476,3 +478,45 @@ def empty_store() -> str:
         atexit.register(shutil.rmtree, root.parent, True)
         _EMPTY_STORE.append(str(root))
     return _EMPTY_STORE[0]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One whole HTTP answer, as a client read it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # as h11 gives them: names in lower case
+    body: bytes
+
+    @property
+    def closing(self) -> bool:
+        """Whether it says the server closes the connection after it."""
+        return (b"connection", b"close") in self.headers
+
+
+async def read_answer(
+    client: h11.Connection, stream: trio.abc.ReceiveStream, *, reset_is_close: bool = False
+) -> Answer | None:
+    """The next answer `client` reads from `stream` (h11 reads answers to requests it sent: to
+    read one to bytes sent past it, send it a request of its own first), or None when the
+    connection closed between answers. Closed in the middle of one, or before one to the
+    request sent, it raises h11.RemoteProtocolError; with `reset_is_close`, a reset is read as
+    a close (else it raises trio.BrokenResourceError)."""
+    status, headers, body = 0, [], b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                client.receive_data(await stream.receive_some(65536))
+            except trio.BrokenResourceError:
+                if not reset_is_close:
+                    raise
+                client.receive_data(b"")
+        elif isinstance(event, h11.Response):
+            status, headers = event.status_code, list(event.headers)
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return Answer(status, headers, body)
+        else:  # closed
+            return None
