@@ -9,6 +9,7 @@ from typing import Any
 
 import h11
 import msgspec
+import pytest
 import trio
 import trio.testing
 from helpers.frontend import read_answer
@@ -16,7 +17,7 @@ from helpers.frontend import read_answer
 from damocles_ext.frontends.coordinator import PARSE_ON_A_THREAD, Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc
 from damocles_ext.jobs.store import TrioJobStore
-from damocles_ext.metrics import MetricsServer, SupervisorMetrics
+from damocles_ext.metrics import MAX_REQUEST_HEAD, MetricsServer, SupervisorMetrics
 
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -48,6 +49,29 @@ async def test_a_scrape_with_an_accept_header_prometheus_client_cannot_read_gets
         assert status == 200, accept
         assert headers[b"content-type"].startswith(b"text/plain; version=0.0.4")
         assert b"# TYPE damocles_ext_requests_total counter" in body
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_scrape_with_a_body_of_the_limit_exactly_is_answered_one_byte_more_refused(
+    nursery, chunked
+):
+    # A scrape's body (read and ignored) is at most a head's size. Its count began at the size
+    # of the request's head, as the coordinator's did: a body some dozens of bytes under the
+    # limit was refused 413.
+    server = MetricsServer(SupervisorMetrics(process_metrics=False), "127.0.0.1", 0)
+    await nursery.start(server.serve)
+    for size, expected in ((MAX_REQUEST_HEAD, 200), (MAX_REQUEST_HEAD + 1, 413)):
+        body = b"x" * size
+        if chunked:
+            framed = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (size, body)
+        else:
+            framed = b"Content-Length: %d\r\n\r\n%s" % (size, body)
+        status, _, answer = await exchange(server.port, SCRAPE.removesuffix(b"\r\n") + framed)
+        assert status == expected, (size, answer)
+        if expected == 200:
+            assert b"# TYPE damocles_ext_requests_total counter" in answer
+        else:
+            assert answer == b"bad request: a scrape request has no body; this one is too long\n"
 
 
 def stalled_peer(port: int, request: bytes) -> socket.socket:
