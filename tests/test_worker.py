@@ -626,6 +626,31 @@ async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(t
     assert "nothing was pulled" in text and "Traceback" not in text, text
 
 
+@pytest.mark.parametrize("named", [True, False])
+async def test_a_worker_stopped_while_its_manager_does_not_answer_stops_at_once(
+    tmp_path, caplog, named
+):
+    # The manager takes the connection and never answers: the start's call (its stores) waits
+    # for its --rpc-timeout. A stop meanwhile gives it up at once (it waited the timeout out:
+    # 10 s by default of `systemctl stop` for a worker that had taken nothing).
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    with trio.fail_after(60):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        options = {"rpc_timeout": 3600.0} | ({} if named else {"name": None})
+        worker = Worker(worker_settings(f"127.0.0.1:{port}", kids, **options))
+        async with listener, trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            # Named already, its first call is to the manager; unnamed, it asks the system for
+            # the address that reaches the manager first, then calls (nothing answers either).
+            connection = await listener.accept()
+            worker.stop()
+        await connection.aclose()
+    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    assert said == ["stopped while waiting for the manager; nothing was pulled"], said
+
+
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):
     config = tmp_path / "ext-prover.cfg"
     config.write_text(

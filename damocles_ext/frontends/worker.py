@@ -75,7 +75,6 @@ from .worker_state import (
     ADOPTED,
     SAME,
     HeldJob,
-    StoppedAtStart,
     StopSignal,
     WorkerCounters,
     given_again,
@@ -129,14 +128,17 @@ class Worker:
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
+        self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
         self._ghosts = UnheldStops()  # when to say stops for jobs not held here
 
     # -- for callers and tests ----------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop asking for jobs; running proofs get the shutdown grace, their results are sent."""
+        """Stop asking for jobs; running proofs get the shutdown grace, their results are sent.
+        Before the run started (naming itself, asking the manager about its stores): at once."""
         self.stopping = True
         self._stop.set()
+        self._start_scope.cancel()  # (nothing once the start is over)
         self._touch()
 
     async def wait_for(self, condition: Callable[[], bool]) -> None:
@@ -184,12 +186,18 @@ class Worker:
         async with client() as calls, client() as beats, client() as pings:
             self._calls, self._beats, self._pings = calls, beats, pings
             self.manager_url = calls.url
-            try:
+            # Stopped meanwhile (stop() cancels this scope): a call in flight to a manager that
+            # does not answer is given up at once, not at the end of its --rpc-timeout.
+            with self._start_scope:
                 if self.name is None:
                     self.name = await self._default_name(endpoint)
                 await self._check_stores()
-            except StoppedAtStart as stopped:
-                log.info("stopped %s; nothing was pulled", stopped)
+            if self._start_scope.cancelled_caught:
+                # (a name is set only once found: none yet, it was still looking for one)
+                during = "before the worker could name itself" if self.name is None else (
+                    "while waiting for the manager"
+                )  # fmt: skip
+                log.info("stopped %s; nothing was pulled", during)
                 task_status.started()  # and returns at once: run_worker sees it done
                 return
             log.info("worker %r pulls WindowPoSt jobs from %s", self.name, calls.url)
@@ -231,7 +239,7 @@ class Worker:
                 name = await local_address_towards(endpoint)
             except OSError as exc:
                 what = f"no route to {endpoint.host} to name this worker by: {exc}"
-                await self._wait_out(what, backoff, "before the worker could name itself")
+                await self._wait_out(what, backoff)
                 continue
             log.info("worker name: %s (the address that reaches the manager; --name sets it)", name)
             self._address = name
@@ -256,7 +264,7 @@ class Worker:
                         getattr(exc, "status", None)
                     ):
                         raise UsageError(str(exc)) from None
-                    await self._wait_out(str(exc), backoff, "while waiting for the manager")
+                    await self._wait_out(str(exc), backoff)
                     continue
                 self._answered()
                 if info is None:
@@ -268,12 +276,10 @@ class Worker:
                     )
                 break
 
-    async def _wait_out(self, what: str, backoff: Backoff, during: str) -> None:
-        """Before the run starts: log the outage, wait the backoff; StoppedAtStart if stopped."""
+    async def _wait_out(self, what: str, backoff: Backoff) -> None:
+        """Before the run starts: log the outage, wait the backoff (stop() cancels the start)."""
         self._unreachable(what)
-        await self._pause(backoff.next_delay())
-        if self.stopping:
-            raise StoppedAtStart(during)
+        await trio.sleep(backoff.next_delay())
 
     def _refused_token(self, exc: RpcCallError) -> None:
         """A refused token: a UsageError at start; once running, the worker stops (exit 2)."""

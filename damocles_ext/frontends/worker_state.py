@@ -39,11 +39,6 @@ class StopSignal(msgspec.Struct, frozen=True):
     Message: str = ""
 
 
-class StoppedAtStart(Exception):
-    """The worker was told to stop while waiting for the manager at start (its text: while
-    doing what): no error, it exits 0 having taken nothing."""
-
-
 @dataclass(eq=False)
 class HeldJob:
     """A job this worker holds: proving, then finishing (its result being delivered)."""
