@@ -705,6 +705,40 @@ async def test_an_internal_error_answering_a_serve_request_is_logged_once(where,
     assert logged.caller_request_id == 7, logged.__dict__
 
 
+async def _a_failed_request_then_a_good_one(door, submit, sock_dir, said, start=None):
+    """Through `door` (the control socket or serve's lines), request 666 (answered with an
+    error holding `said`), then request 1 on the same connection (answered with its proof)."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            if door == "control":
+                path = sock_dir / "control.sock"
+                server = ControlServer(bind_control_socket(path), submit, start=start)
+                await nursery.start(server.serve)
+                async with connect(path) as client:
+                    with pytest.raises(ProverError, match=re.escape(said)):
+                        await client.submit(make_task(666))
+                    assert await client.submit(make_task(1)) == echo_output(make_task(1))
+                server.stop_accepting()
+            else:
+                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
+                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
+                serve = JsonLineServer("window_post", submit, receive_stream=in_receive,
+                                       send_stream=out_send, ready_line_sent=True,
+                                       start=start)  # fmt: skip
+                nursery.start_soon(serve.run)
+                await in_send.send_all(jsonl.encode_request(7, make_task(666)))
+                await in_send.send_all(jsonl.encode_request(8, make_task(1)))
+                reader = jsonl.LineReader()
+                lines: list = []
+                while len(lines) < 2:
+                    lines += reader.receive_data(await out_receive.receive_some())
+                # Each by its id: the two are answered as they finish, in either order.
+                answers = {a["id"]: a for a in map(json.loads, lines)}
+                assert said in answers[7]["err_msg"], answers
+                assert answers[8]["err_msg"] is None and answers[8]["output"], answers
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("door", ["control", "serve"])
 async def test_an_error_answer_goes_out_even_when_its_records_fields_fail(
     door, monkeypatch, sock_dir, caplog
@@ -722,33 +756,7 @@ async def test_an_error_answer_goes_out_even_when_its_records_fields_fail(
         return echo_output(task)
 
     caplog.set_level(logging.INFO, "damocles_ext")
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            if door == "control":
-                path = sock_dir / "control.sock"
-                server = ControlServer(bind_control_socket(path), submit)
-                await nursery.start(server.serve)
-                async with connect(path) as client:
-                    with pytest.raises(ProverError, match="no GPU left"):
-                        await client.submit(make_task(666))
-                    assert await client.submit(make_task(1)) == echo_output(make_task(1))
-                server.stop_accepting()
-            else:
-                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
-                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
-                serve = JsonLineServer("window_post", submit, receive_stream=in_receive,
-                                       send_stream=out_send, ready_line_sent=True)  # fmt: skip
-                nursery.start_soon(serve.run)
-                await in_send.send_all(jsonl.encode_request(7, make_task(666)))
-                await in_send.send_all(jsonl.encode_request(8, make_task(1)))
-                reader = jsonl.LineReader()
-                lines: list = []
-                while len(lines) < 2:
-                    lines += reader.receive_data(await out_receive.receive_some())
-                answers = {a["id"]: a for a in map(json.loads, lines)}
-                assert "no GPU left" in answers[7]["err_msg"], answers
-                assert answers[8]["err_msg"] is None and answers[8]["output"], answers
-            nursery.cancel_scope.cancel()
+    await _a_failed_request_then_a_good_one(door, submit, sock_dir, "no GPU left")
     (warned,) = [r for r in caplog.records if "no GPU left" in r.getMessage()]
     assert warned.levelno == logging.WARNING and not hasattr(warned, "request_id"), warned
     assert isinstance(warned.caller_request_id, int), warned.__dict__
@@ -770,34 +778,7 @@ async def test_a_request_a_bug_failed_is_answered_even_when_its_records_fields_f
 
     start, submit = _buggy_at(where)
     caplog.set_level(logging.INFO, "damocles_ext")
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            if door == "control":
-                path = sock_dir / "control.sock"
-                server = ControlServer(bind_control_socket(path), submit, start=start)
-                await nursery.start(server.serve)
-                async with connect(path) as client:
-                    with pytest.raises(ProverError, match="internal error in damocles-ext"):
-                        await client.submit(make_task(666))
-                    assert await client.submit(make_task(1)) == echo_output(make_task(1))
-                server.stop_accepting()
-            else:
-                in_send, in_receive = trio.testing.memory_stream_one_way_pair()
-                out_send, out_receive = trio.testing.memory_stream_one_way_pair()
-                serve = JsonLineServer("window_post", submit, receive_stream=in_receive,
-                                       send_stream=out_send, ready_line_sent=True,
-                                       start=start)  # fmt: skip
-                nursery.start_soon(serve.run)
-                await in_send.send_all(jsonl.encode_request(7, make_task(666)))
-                await in_send.send_all(jsonl.encode_request(8, make_task(1)))
-                reader = jsonl.LineReader()
-                lines: list = []
-                while len(lines) < 2:
-                    lines += reader.receive_data(await out_receive.receive_some())
-                # Each by its id: the two are answered as they finish, in either order.
-                answers = {a["id"]: a for a in map(json.loads, lines)}
-                assert "internal error in damocles-ext: RuntimeError" in answers[7]["err_msg"]
-                assert answers[8]["err_msg"] is None and answers[8]["output"], answers
-            nursery.cancel_scope.cancel()
+    said = "internal error in damocles-ext: RuntimeError"
+    await _a_failed_request_then_a_good_one(door, submit, sock_dir, said, start=start)
     (logged,) = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert logged.exc_info is not None and isinstance(logged.caller_request_id, int)
