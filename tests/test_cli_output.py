@@ -497,22 +497,8 @@ def test_a_mistyped_option_is_said_with_the_option_it_is_close_to(args: list[str
        " damocles-ext check-config: --log-format is an option of damocles-ext serve, run, prove"
        " and 2 more)")),
      (["check-config", "-c", "x.cfg", "--conf-dri", "d"],
-      "(--conf-dri is not an option of damocles-ext check-config: did you mean --conf-dir?)")],
-)  # fmt: skip
-def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_another_error(
-    args: list[str], said: str
-):
-    # argparse takes the option's value for the positional FILE and stops there, before it
-    # would say the option is unknown: the error names the option, the mistake to fix.
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert said in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "said"),
-    [(["run", "--conf-dri", "/etc/x"],
+      "(--conf-dri is not an option of damocles-ext check-config: did you mean --conf-dir?)"),
+     (["run", "--conf-dri", "/etc/x"],
       ("one of the arguments -c/--config --conf-dir is required (--conf-dri is not an option of"
        " damocles-ext run: did you mean --conf-dir?)")),
      (["coordinator", "--jbos", "sqlite:///x"],
@@ -521,13 +507,14 @@ def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_ano
      (["check-config", "--conf-dri=/x"],
       ("is required (--conf-dri is not an option of damocles-ext check-config: did you mean"
        " --conf-dir?)"))],
-    ids=["run", "coordinator", "check-config-equals"],
+    ids=["foreign", "mistyped", "run-required", "coordinator-required", "check-config-equals"],
 )  # fmt: skip
-def test_a_mistyped_option_is_named_with_the_close_one_when_a_required_argument_is_missing(
+def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_another_error(
     args: list[str], said: str
 ):
-    # argparse says what is required before it says what it did not recognize: the mistyped
-    # option is what left it missing, so the error names it too, with the one it is close to.
+    # argparse stops at what it could not fit (the option's value taken for the positional
+    # FILE; a required argument the mistyped option left missing) before it would say the
+    # option is unknown: the error names the option, the mistake to fix, and the close one.
     done = _dext(*args)
     assert done.returncode == 2, done.stderr
     assert said in done.stderr, done.stderr
