@@ -535,3 +535,24 @@ async def test_a_look_waits_for_a_lock_on_the_whole_jobs_table_a_moment_only(pos
         finally:
             holder.rollback()
     assert lock_waits.is_lock_wait(failed.value)
+
+
+async def test_a_failure_reading_the_jobs_table_at_the_start_stops_neither_warnings_nor_sweeps(
+    store, holder, caplog, nursery, monkeypatch
+):
+    # The warnings' task runs beside the sweeps, in one nursery: before, any failure of its
+    # first read but a database's one left it, and took the sweeps (the coordinator) with it.
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+
+    def broken(engine):
+        raise RuntimeError("a bug in the table's read")
+
+    monkeypatch.setattr(lock_waits, "jobs_table", broken)
+    beating = Beating(store, "Venus", nursery)
+    job = await beating.start()
+    lock(holder, job.Id)
+    for at in (3, 9):
+        await beating.beat(at)
+    assert "a bug in the table's read" in caplog.text
+    [warned] = warnings_of(caplog)
+    assert f"The holder is pid {holder.info.backend_pid} " in warned.getMessage()

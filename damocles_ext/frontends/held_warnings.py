@@ -226,6 +226,8 @@ class HeldWarnings:
                 )  # fmt: skip
             except (NoThreadError, exc.SQLAlchemyError) as e:
                 log.debug("the jobs table's schema could not be read: %s", e)
+            except Exception:  # a warning's failure must not end the task, nor the sweeps
+                log.exception("the jobs table's schema could not be read")
 
     async def _look(
         self, job_ids: Iterable[str]
