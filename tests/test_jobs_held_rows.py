@@ -45,7 +45,7 @@ def test_a_first_skip_says_nothing_however_old_the_last_heartbeat():
     warn = held.heard("w1", [j], [j.Id], [], T0 + 16, 16, TIMEOUT)
     assert warn == []
     [again] = held.heard("w1", [j], [j.Id], [], T0 + 19, 19, TIMEOUT)
-    assert again == HeldTooLong(j.Id, "L1", "w1", 19.0, 3.0, 0.0, TIMEOUT)
+    assert again == HeldTooLong(j.Id, "L1", "w1", 19.0, 0.0, TIMEOUT)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +156,7 @@ def test_the_holds_kept_are_bounded_and_those_kept_are_warned_of():
 def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():
     # Before: "in 0 s" for 0.3 s left, and a take-back time that the coordinator's allowance
     # for its own outages may make later was said as exact.
-    held = HeldTooLong("J", "L1", "w1", 14.7, 6.0, 0.3, TIMEOUT)
+    held = HeldTooLong("J", "L1", "w1", 14.7, 0.3, TIMEOUT)
     said = said_of([held], "The holder is pid 7")
     assert "its last stored heartbeat is 15 s old" in said
     assert "may take the job back from its worker in 1 s at the earliest" in said
@@ -167,13 +167,13 @@ def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():
 def test_the_warning_names_no_kind_of_holder_but_the_advices():
     # It said "(a SELECT ... FOR UPDATE or an UPDATE left inside its transaction)" whoever held
     # the row, also when the advice said it was a damocles-ext session, not to be terminated.
-    held = HeldTooLong("J", "L1", "w1", 9.0, 6.0, 6.0, TIMEOUT)
+    held = HeldTooLong("J", "L1", "w1", 9.0, 6.0, TIMEOUT)
     said = said_of([held], "The holder is a damocles-ext session")
     assert "FOR UPDATE" not in said and "left inside" not in said
 
 
 def test_a_warning_of_many_jobs_names_a_few_and_counts_the_others():
-    held = [HeldTooLong(f"J{n:02}", "L1", "w1", 9.0, 6.0, 6.0, TIMEOUT) for n in range(NAMED + 3)]
+    held = [HeldTooLong(f"J{n:02}", "L1", "w1", 9.0, 6.0, TIMEOUT) for n in range(NAMED + 3)]
     said = said_of(held, "The holder is pid 7")
     assert said.startswith(f"{NAMED + 3} jobs of worker 'w1': their heartbeats are not stored")
     assert f"J{NAMED - 1:02} (" in said and f"J{NAMED:02}" not in said
@@ -182,7 +182,8 @@ def test_a_warning_of_many_jobs_names_a_few_and_counts_the_others():
 
 def test_holds_are_timed_on_the_monotonic_clock_a_step_back_of_the_wall_clock_holds_up_nothing():
     # Before, first seen, last seen and the forgetting of old holds were on the wall clock: set
-    # back an hour, a hold not seen since was kept (and its expiry not looked for) for an hour.
+    # back an hour, a hold not seen since was kept (and its expiry not looked for) for an hour,
+    # and a hold seen 3 s before was first seen again (3 609 s since it was seen on that clock).
     held, j, other = HeldRows(), job(seed=1), job(seed=2)
     assert held.heard("w1", [j], [j.Id], [], T0 + 3, 3, TIMEOUT) == []
     back = T0 - 3600  # the wall clock set back an hour; the monotonic goes on
@@ -190,4 +191,4 @@ def test_holds_are_timed_on_the_monotonic_clock_a_step_back_of_the_wall_clock_ho
     assert held.heard("w1", [other], [other.Id], [], back + at, at, TIMEOUT) == []
     assert len(held) == 1  # j's hold, last seen over a HeartbeatTimeout ago, is forgotten
     [warn] = held.heard("w1", [other], [other.Id], [], T0 + 9, at + 3, TIMEOUT)
-    assert warn.held_for == 3.0  # on the monotonic clock: not the wall clock's 3 609 s
+    assert warn.job_id == other.Id  # seen 3 s before on the monotonic clock: warned of

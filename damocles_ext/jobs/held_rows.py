@@ -50,23 +50,21 @@ _SEEN, _HANDED, _SAID = "seen", "handed", "said"
 @dataclass(frozen=True, slots=True)
 class HeldTooLong:
     """A job of `worker` under `lease` whose heartbeats are passed over: `silent_for` seconds
-    since its last stored one, `held_for` since its hold was first seen, and `taken_back_in`
-    until a sweep may take it back at the earliest (0: once its row is freed)."""
+    since its last stored one, and `taken_back_in` until a sweep may take it back at the
+    earliest (0: once its row is freed)."""
 
     job_id: str
     lease: str
     worker: str
     silent_for: float
-    held_for: float
     taken_back_in: float
     heartbeat_timeout: float
 
 
 @dataclass(slots=True)
 class _Hold:
-    """When a hold was first and last seen (on the monotonic clock) and whether warned of."""
+    """When a hold was last seen (on the monotonic clock) and whether warned of."""
 
-    first_seen: float
     last_seen: float
     state: str = _SEEN
 
@@ -116,7 +114,7 @@ class HeldRows:
             hold = self._holds.get(key)
             if hold is None or monotonic - hold.last_seen > SEEN_AGAIN_AFTER * heartbeat_timeout:
                 self._forget(key)
-                self._add(key, _Hold(monotonic, monotonic))  # first seen: said nothing yet
+                self._add(key, _Hold(monotonic))  # first seen: said nothing yet
                 continue
             hold.last_seen = monotonic
             silent = now - job.HeartbeatAt
@@ -125,9 +123,8 @@ class HeldRows:
             hold.state = _HANDED
             taken_back_in = max(0.0, job.HeartbeatAt + heartbeat_timeout - now)
             warn.append(
-                HeldTooLong(job_id, job.lease, worker, silent, monotonic - hold.first_seen,
-                            taken_back_in, heartbeat_timeout)
-            )  # fmt: skip
+                HeldTooLong(job_id, job.lease, worker, silent, taken_back_in, heartbeat_timeout)
+            )
         return warn
 
     def said(self, held: Iterable[HeldTooLong]) -> None:
