@@ -85,13 +85,15 @@ def test_a_hold_of_a_minute_is_warned_of_once():
 
 
 def test_a_hold_not_seen_for_a_heartbeat_timeout_is_forgotten():
-    # Its worker stopped sending heartbeats while it was held: the hold is not kept for ever,
-    # and a skip long after is a hold first seen again.
-    held, j = HeldRows(), job()
+    # Its worker stopped sending heartbeats while it was held: the hold is not kept for ever.
+    # Another job's skips keep the holds looked at (a skip of the same job would be first seen
+    # again whether or not the old hold was forgotten).
+    held, j, other = HeldRows(), job(seed=1), job(seed=2)
     assert skip(held, 3, j) == []
-    assert skip(held, 3 + TIMEOUT + 1, j) == []
-    assert len(held) == 1  # seen again, as a new hold
-    assert skip(held, 3 + TIMEOUT + 4, j) == [j.Id]
+    assert skip(held, 3 + TIMEOUT, other) == []
+    assert len(held) == 2  # j's last seen a HeartbeatTimeout ago: kept
+    assert skip(held, 3 + TIMEOUT + 4, other) == [other.Id]
+    assert len(held) == 1  # j's last seen over a HeartbeatTimeout ago: forgotten
 
 
 def test_another_workers_job_a_finished_one_and_an_old_lease_are_not_warned_of():
