@@ -166,13 +166,14 @@ async def test_hostile_requests_get_clear_answers_nothing_is_logged_and_a_worker
     assert ours == [], [r.getMessage() for r in ours]
 
 
-@pytest.mark.parametrize("stop_in", ["the head", "the body"])
+@pytest.mark.parametrize("stop_in", ["the head", "the body", "the body, the server stopping"])
 async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
     sqlite_store, mock_clock, stop_in
 ):
     # Stopped in its body, it held its connection for the idle timeout, then the connection
     # closed without a word, as if the coordinator had crashed. Stopped in its head (not HTTP,
-    # likely: a port scanner), it is closed without one, as nginx does.
+    # likely: a port scanner), it is closed without one, as nginx does; and so is one the
+    # server closes itself in its body (stopping, or making room), its time not up.
     idle = 120.0
     async with trio.open_nursery() as nursery:
         server = CoordinatorServer(Coordinator(TrioJobStore(sqlite_store)), "127.0.0.1", 0,
@@ -190,10 +191,13 @@ async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
             await wait_until_real(lambda: conn._h11.trailing_data[0], what="the half head read")
         else:
             await wait_until_real(lambda: server.buffered == 40, what="the half body read")
-        mock_clock.jump(idle - 1)
-        await trio.testing.wait_all_tasks_blocked()
-        assert len(server._slots) == 1  # not yet
-        mock_clock.jump(1)
+        if stop_in == "the body, the server stopping":
+            server.stop()
+        else:
+            mock_clock.jump(idle - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server._slots) == 1  # not yet
+            mock_clock.jump(1)
         got: list = []
 
         async def read() -> None:
@@ -201,8 +205,12 @@ async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
 
         nursery.start_soon(read)
         await wait_until_real(lambda: got, what="the coordinator's answer or close")
-        if stop_in == "the head":
+        if stop_in != "the body":
             assert got == [([], True)]
+            if server.stopping:
+                await wait_until_real(server.stopped.is_set, what="the server stopped")
+                assert server.buffered == 0
+                return
         else:
             said = (
                 b"the request body did not come whole within 120 s (of connecting, or of the last"
