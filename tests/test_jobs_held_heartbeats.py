@@ -408,7 +408,7 @@ async def test_a_warning_while_a_look_given_up_still_runs_is_put_off_not_given_u
         for at in (12, 15, 18):  # warned of at 18 s, while the first look still runs
             await beating.beat(at)
         assert len(warnings_of(caplog)) == 1
-        assert "has not ended yet" in caplog.text
+        assert "the warning of 1 job row held elsewhere is put off: an earlier look" in caplog.text
     async with warnings._limiter:  # the look given up has ended
         pass
     await beating.beat(21)  # put off: handed again
@@ -503,7 +503,7 @@ async def test_a_warning_put_off_by_a_full_queue_is_handed_again_at_the_next_hea
         now[0] = T0 + at
         warnings.heard(await jobs.heartbeat([job.Id], WORKER), WORKER)
     assert warnings.dropped == 2  # at 9 s, and handed again at 12 s
-    assert "the warning of 1 job rows held elsewhere is put off" in caplog.text
+    assert "the warning of 1 job row held elsewhere is put off: 0 warnings wait" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["Venus", "Dext"])

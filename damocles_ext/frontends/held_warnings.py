@@ -110,10 +110,11 @@ class HeldWarnings:
                 self.rows.not_said(warn)
                 self.dropped += 1
                 self._dropped_log(
-                    "the warning of %d job rows held elsewhere is put off: %d warnings wait"
+                    "the warning of %d job row%s held elsewhere is put off: %d warnings wait"
                     " already for their holders to be looked up (%d put off in all); it is"
                     " given at one of the jobs' next heartbeats",
-                    len(warn), self._send.statistics().current_buffer_used, self.dropped,
+                    len(warn), "s" if len(warn) > 1 else "",
+                    self._send.statistics().current_buffer_used, self.dropped,
                 )  # fmt: skip
                 return
             if self._unfinished == 0:
@@ -146,10 +147,10 @@ class HeldWarnings:
                 return
             if self._limiter.available_tokens == 0:  # a look given up is still on its thread
                 self._busy_log(
-                    "the warning of %d job rows held elsewhere is put off: an earlier look at"
+                    "the warning of %d job row%s held elsewhere is put off: an earlier look at"
                     " the holders, given up after %g s, has not ended yet (the job store is slow"
                     " to answer); it is given at one of the jobs' next heartbeats",
-                    len(batch), self.look_timeout,
+                    len(batch), "s" if len(batch) > 1 else "", self.look_timeout,
                 )  # fmt: skip
                 return
             looked, failed = await self._look([h.job_id for h in batch])
