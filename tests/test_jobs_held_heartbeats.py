@@ -216,8 +216,12 @@ async def test_a_holder_that_cannot_be_named_exactly_is_told_how_to_find(
         [warned] = warnings_of(caplog)
         said = warned.getMessage()
         assert "Find the session holding it" in said and "pg_terminate_backend(PID)" in said
+        assert "none listed: a prepared transaction" in said and "pg_prepared_xacts" in said
         query = query_in(said)
         assert f"'{schema or 'public'}.{jobs.name}'::regclass" in query
+        # A second lock of the holder's on the table (an UPDATE after its FOR SHARE): before, the
+        # query listed it once per lock mode.
+        holder.execute(f"UPDATE {table} SET id = id WHERE id = %s", [job.Id])
         with psycopg.connect(postgres_url, autocommit=True) as operator:
             listed = operator.execute(query).fetchall()
         assert [row[0] for row in listed] == [holder.info.backend_pid]  # the query finds it

@@ -52,6 +52,10 @@ _SESSIONS = (
     " FROM pg_stat_activity a"
     " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
 )
+#: The lock modes on a table that no row lock, UPDATE or DELETE waits for: ACCESS SHARE (a
+#: plain read's) and SHARE UPDATE EXCLUSIVE (VACUUM's, ANALYZE's, CREATE INDEX CONCURRENTLY's);
+#: every other mode conflicts with one of theirs.
+_NOT_WAITED_FOR = "('AccessShareLock', 'ShareUpdateExclusiveLock')"
 #: Those in a transaction since before a wait of ours began.
 _COLUMNS = (
     _SESSIONS + " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
@@ -94,8 +98,9 @@ _ROW_HOLDERS = sa.text(
     " pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all,"
     + _QUALIFIED.format(oid="j.tableoid")
     + " AS jobs_table, EXISTS (SELECT 1 FROM pg_locks l WHERE l.relation = j.tableoid"
-    " AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()"
-    " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock')) AS table_locked,"
+    " AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid() AND l.mode NOT IN "
+    + _NOT_WAITED_FOR
+    + ") AS table_locked,"
     " h.* FROM "
     + jobs.name
     + " j LEFT JOIN LATERAL ("
@@ -117,12 +122,11 @@ _LOOK_BOUNDS = sa.text(
 
 #: A lock of session `a` on one of the tables :names (as the store's sessions find them: by
 #: their search_path, not another schema's of the same name) that one of our statements can
-#: wait for: every mode but ACCESS SHARE (a plain read's) and SHARE UPDATE EXCLUSIVE (VACUUM's,
-#: ANALYZE's, CREATE INDEX CONCURRENTLY's) conflicts with a row lock's, an UPDATE's or a DELETE's.
+#: wait for (any mode but _NOT_WAITED_FOR).
 _LOCKS_ONE = (
     " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted"
     " AND l.relation IN (SELECT to_regclass(n) FROM unnest(CAST(:names AS text[])) AS n)"
-    " AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock'))"
+    " AND l.mode NOT IN " + _NOT_WAITED_FOR + ")"
 )
 #: The sessions of clients (not autovacuum's nor another of the server's own) in a transaction
 #: since before our wait began (lock_timeout ago at least: the lock timeout as the failed session
@@ -161,13 +165,13 @@ def find_row_holders(table: str = f"'{jobs.name}'") -> str:
     """How an operator finds the sessions that may hold a job's row while no statement waits for
     it (a heartbeat passes over a held row): those of this database holding a lock on the jobs
     table `table` (an SQL literal; qualified by its schema as the store's session finds it, so
-    that the operator's search_path need not hold it) as a row lock or a write takes, oldest
-    transaction first."""
+    that the operator's search_path need not hold it) that a row lock can wait for (as
+    `_LOCKS_ONE`), each once, oldest transaction first."""
     return (
         "SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state, a.xact_start,"
-        " a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
-        f" WHERE l.relation = {table}::regclass AND l.granted AND l.mode IN ('RowShareLock',"
-        " 'RowExclusiveLock') AND a.datname = current_database() AND a.pid <> pg_backend_pid()"
+        " a.query FROM pg_stat_activity a WHERE EXISTS (SELECT 1 FROM pg_locks l WHERE"
+        f" l.pid = a.pid AND l.relation = {table}::regclass AND l.granted AND l.mode NOT IN"
+        f" {_NOT_WAITED_FOR}) AND a.datname = current_database() AND a.pid <> pg_backend_pid()"
         " ORDER BY a.xact_start"
     )
 
@@ -302,7 +306,9 @@ def row_advice(holder: Session | None, rows: int = 1, blind: str | None = None,
             f" lists: {find_row_holders(table) if table else find_row_holders()}) and end its"
             " transaction: COMMIT or ROLLBACK in it, or,"
             " if it is not damocles-ext's and nothing of it is to be kept, SELECT"
-            " pg_terminate_backend(PID)"
+            " pg_terminate_backend(PID); none listed: a prepared transaction, which has no"
+            " session, may hold it (SELECT gid, owner, prepared FROM pg_prepared_xacts: COMMIT"
+            " PREPARED or ROLLBACK PREPARED its gid)"
         )
     grant = _grant(blind, "this warning") if holder.hidden else ""
     return f"The holder is {holder.described}. {grant}{'. '.join(_what_to_do([holder]))}"
