@@ -82,6 +82,7 @@ class HeldWarnings:
         #: own (summed up once a HeartbeatTimeout passed: `_sum_up`).
         self._told: dict[int, _Told] = {}
         self._sum_up_asked = False
+        # The batches handed to `run` and not dealt with yet, for `settled` (the tests' only).
         self._unfinished = 0
         self._settled = trio.Event()
         self._settled.set()
@@ -124,7 +125,8 @@ class HeldWarnings:
             log.exception("the warning of a job row held elsewhere failed")
 
     async def settled(self) -> None:
-        """Return once every batch handed to `run` so far was dealt with."""
+        """Return once every batch handed to `run` so far was dealt with (for tests: they wait
+        for the warnings of a heartbeat without a sleep)."""
         await self._settled.wait()
 
     async def run(self) -> None:
