@@ -60,7 +60,7 @@ class Beating:
         self.jobs = TrioJobStore(store, clock=lambda: self.now)
         self.coordinator = Coordinator(self.jobs, monotonic=lambda: self.now, watch_clocks=False)
         # A look at the holders is given up after 1 s: not on an overloaded machine here.
-        self.coordinator.dext.held.look_timeout = 60.0
+        self.coordinator.held.look_timeout = 60.0
         self.method = method
         self.nursery = nursery
         self.held: list[JobRecord] = []
@@ -92,7 +92,7 @@ class Beating:
         """A heartbeat of the jobs at T0 + `at`, answered and its warnings given; the first
         job as stored after it."""
         await self.call(at)
-        await self.coordinator.dext.held.settled()
+        await self.coordinator.held.settled()
         job = await self.jobs.get(self.job.Id)
         assert job is not None
         return job
@@ -360,7 +360,7 @@ async def test_a_heartbeats_answer_never_waits_for_the_look_at_its_holders(
             assert await beating.call(9) is None
         await gate.reached()
         assert warnings_of(caplog) == []  # its look has not ended
-    await beating.coordinator.dext.held.settled()
+    await beating.coordinator.held.settled()
     [warned] = warnings_of(caplog)
     assert f"The holder is pid {holder.info.backend_pid} " in warned.getMessage()
 
@@ -371,7 +371,7 @@ async def test_a_look_at_the_holders_that_gets_no_answer_is_given_up_on_a_thread
     # Before, a look given up kept one of the store's 4 thread slots.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
     beating = Beating(store, "Venus", nursery)
-    warnings = beating.coordinator.dext.held
+    warnings = beating.coordinator.held
     job = await beating.start()
     lock(holder, job.Id)
     await beating.beat(3)
@@ -399,7 +399,7 @@ async def test_a_warning_while_a_look_given_up_still_runs_is_put_off_not_given_u
     # holder unnamed, for good.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
     beating = Beating(store, "Venus", nursery)
-    warnings = beating.coordinator.dext.held
+    warnings = beating.coordinator.held
     await beating.start(2)
     first, second = beating.held
     lock(holder, first.Id)
@@ -436,9 +436,9 @@ async def test_a_row_freed_before_its_holder_is_looked_up_is_said_nothing(
         await beating.call(9)  # to be warned of: its look waits at the gate
         await gate.reached()
         holder.rollback()
-    await beating.coordinator.dext.held.settled()
+    await beating.coordinator.held.settled()
     assert warnings_of(caplog) == []
-    assert len(beating.coordinator.dext.held.rows) == 0  # that hold is over
+    assert len(beating.coordinator.held.rows) == 0  # that hold is over
 
 
 @pytest.mark.parametrize("method", ["Venus", "Dext"])
@@ -456,7 +456,7 @@ async def test_a_warning_that_fails_leaves_the_heartbeats_answer_as_it_is_and_is
     monkeypatch.setattr(held_rows, "said_of", broken)
     assert await beating.call(3) == (None if method == "Venus" else [])
     assert await beating.call(9) == (None if method == "Venus" else [])
-    await beating.coordinator.dext.held.settled()
+    await beating.coordinator.held.settled()
     assert "a bug in the warning's words" in caplog.text
     assert warnings_of(caplog) == []
     monkeypatch.undo()
@@ -521,7 +521,7 @@ async def test_a_failure_in_recording_a_hold_leaves_the_heartbeats_answer_as_it_
     def broken(*args):
         raise RuntimeError("a bug in the holds' bookkeeping")
 
-    monkeypatch.setattr(beating.coordinator.dext.held.rows, "heard", broken)
+    monkeypatch.setattr(beating.coordinator.held.rows, "heard", broken)
     assert await beating.call(3) == (None if method == "Venus" else [])
     assert "a bug in the holds' bookkeeping" in caplog.text
 

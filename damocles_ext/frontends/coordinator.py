@@ -29,6 +29,7 @@ from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, Tri
 from ..jobs.worker_rules import Outage
 from ..threads import NoThreadError, run_in_thread
 from .dext_rpc import DextMethods
+from .held_warnings import HeldWarnings
 from .http import HttpConnection, Refuse, serve_http_connection
 from .listeners import (
     ConnectionSlots,
@@ -118,8 +119,11 @@ class Coordinator:
         self.stores = dict(stores or {})
         #: Told the effects of every store call this coordinator makes (the metrics' counters).
         self.observe = observe
-        self.dext = DextMethods(store, observe=self._observed, learn=self.sector_index.learn,
-                                monotonic=self._monotonic)  # fmt: skip
+        #: The jobs whose heartbeats (Venus' and Dext's) were passed over, their row held, and
+        #: their warnings (`held.run`: a task beside the sweeps).
+        self.held = HeldWarnings(store, monotonic=self._monotonic)
+        self.dext = DextMethods(store, self.held, observe=self._observed,
+                                learn=self.sector_index.learn)  # fmt: skip
         self._listing = trio.Lock()
         self._parsing = trio.Lock()  # the one large body being parsed (PARSE_ON_A_THREAD)
         # A store down for an hour is one warning and one line when it answers again.
@@ -178,7 +182,7 @@ class Coordinator:
     async def _WdPoStHeartbeatJobs(self, job_ids: list[str] | None, worker: str) -> None:
         outcome = await self.store.heartbeat(job_ids or [], worker)
         self._observed(outcome.effects)
-        self.dext.held.heard(outcome, worker)  # never waits nor raises
+        self.held.heard(outcome, worker)  # never waits nor raises
         _raise_refusals(outcome.effects)
 
     async def _WdPoStFinishJob(
@@ -262,7 +266,7 @@ class Coordinator:
     ) -> None:
         """The sweeps (`_sweeps`) and, beside them, the warnings of job rows held elsewhere."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.dext.held.run)
+            nursery.start_soon(self.held.run)
             await self._sweeps(sweep_interval, cleanup_interval, task_status)
 
     async def _sweeps(self, sweep_interval: float | None, cleanup_interval: float | None,

@@ -34,18 +34,18 @@ class DextMethods:
     def __init__(
         self,
         store: TrioJobStore,
+        held: HeldWarnings,
         observe: Callable[[Iterable[rules.Effect]], None] = lambda effects: None,
         learn: Callable[[Iterable[WdPoStInput]], None] = lambda inputs: None,
-        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         #: Told the inputs of the jobs allocated (the coordinator's sector index learns them).
         self.learn = learn
         #: Told the effects of each store call (the coordinator's metrics count them).
         self.observe = observe
-        #: The jobs whose heartbeats were passed over, their row held, and their warnings
-        #: (`held.run`: a task of the coordinator's, beside its sweeps).
-        self.held = HeldWarnings(store, monotonic=monotonic)
+        #: The coordinator's warnings of jobs whose heartbeats were passed over, their row held
+        #: (`Coordinator.held`: Venus' heartbeats are told them too).
+        self.held = held
         #: The methods by name, for the names rpc.METHODS lists under `Dext.`.
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "AllocateJobs": self.allocate_jobs,
