@@ -162,8 +162,12 @@ def test_the_warning_rounds_the_time_left_up_and_says_at_the_earliest():
     said = said_of([held], "The holder is pid 7")
     assert "its last stored heartbeat is 15 s old" in said
     assert "may take the job back from its worker in 1 s at the earliest" in said
+    assert "but may be once it is freed, unless a heartbeat lands first" in said
+    # Due now: said once, where the bracket said again that it "may be once it is freed".
     now = dataclasses.replace(held, taken_back_in=0.0)
-    assert "as soon as its row is freed, at the earliest (" in said_of([now], "The holder is pid 7")
+    said = said_of([now], "The holder is pid 7")
+    assert "as soon as its row is freed, at the earliest (HeartbeatTimeout 15 s; unless a" in said
+    assert "once it is freed" not in said
 
 
 def test_the_warning_names_no_kind_of_holder_but_the_advices():

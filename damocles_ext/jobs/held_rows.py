@@ -1,8 +1,8 @@
 """A running job whose heartbeats are passed over because another session holds its row, seen at
 two heartbeats at least while its last stored heartbeat aged to half its HeartbeatTimeout: when
 its coordinator warns of it (the threshold is the time without a stored heartbeat, not the
-hold's length), and the warning's words. Sans-IO: the
-caller gives the time, looks the holders up and logs.
+hold's length), and the warning's words. Sans-IO: the caller gives the time, looks the holders
+up and logs.
 
 A heartbeat does not wait for a job's row that another session holds (store.py `heartbeat`:
 `Outcome.skipped`): that job gets no heartbeat stored, and its next one tries again. A
@@ -15,11 +15,11 @@ its HeartbeatTimeout old or more: two heartbeats at least, so that a row held fo
 own sweep taking the job back, a reset) is not warned of, unless two such moments fall on two
 heartbeats in a row. A skip after none for SEEN_AGAIN_AFTER of the HeartbeatTimeout (heartbeats
 that did not come, or landed) is first seen again: two brief holds far apart are not one long
-one. It is warned of once per hold: not
-again at the job's next skipped heartbeats, but again only after one of its heartbeats landed
-(or was refused, or found no job: it is no longer this worker's) and a new hold began. The
-caller hands the warnings out (`heard`), and says which were logged (`said`), could not be
-(`not_said`: a later skip tries again), or were of a row found free by then (`ended`)."""
+one. It is warned of once per hold: not again at the job's next skipped heartbeats, but again
+only after one of its heartbeats landed (or was refused, or found no job: it is no longer this
+worker's) and a new hold began. The caller hands the warnings out (`heard`), and says which
+were logged (`said`), could not be (`not_said`: a later skip tries again), or were of a row
+found free by then (`ended`)."""
 
 from __future__ import annotations
 
@@ -178,10 +178,12 @@ def said_of(held: Sequence[HeldTooLong], advice: str) -> str:
     named), naming NAMED of them at most; `advice`: who holds the rows and what to do
     (lock_waits.py `row_advice`)."""
     first = held[0]
-    rule = (
-        f"HeartbeatTimeout {first.heartbeat_timeout:g} s; a job is not taken back while its row"
-        " is held, but may be once it is freed, unless a heartbeat lands first"
-    )
+    rule = f"HeartbeatTimeout {first.heartbeat_timeout:g} s; unless a heartbeat lands first"
+    if any(h.taken_back_in > 0 for h in held):  # (else said by each: once its row is freed)
+        rule = (
+            f"HeartbeatTimeout {first.heartbeat_timeout:g} s; a job is not taken back while its"
+            " row is held, but may be once it is freed, unless a heartbeat lands first"
+        )
     if len(held) == 1:
         return (
             f"job {first.job_id} of worker {first.worker!r}: its heartbeats are not stored while"

@@ -100,7 +100,7 @@ class Outcome:
     wrote: bool = False
     #: The jobs passed over because another session held their row (a heartbeat's, on
     #: PostgreSQL): in `jobs` as last committed, with no effect (frontends/held_warnings.py
-    #: warns of a long hold).
+    #: warns of a job held so long its last stored heartbeat is half its HeartbeatTimeout old).
     skipped: tuple[str, ...] = ()
 
 
