@@ -167,7 +167,7 @@ async def test_hostile_requests_get_clear_answers_nothing_is_logged_and_a_worker
 
 
 @pytest.mark.parametrize("stop_in", ["the head", "the body", "the body, the server stopping"])
-async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
+async def test_a_client_stopped_in_its_body_gets_408_in_its_head_is_closed(
     sqlite_store, mock_clock, stop_in
 ):
     # Stopped in its body, it held its connection for the idle timeout, then the connection
@@ -217,7 +217,7 @@ async def test_a_client_that_stops_in_its_body_is_told_when_its_time_is_up(
                 b" answer on this connection); send each request whole, at once\n"
             )
             assert got == [([(408, said)], True)]
-        # Another client is served meanwhile, and after.
+        # Another client is served after.
         assert await allocate(server.port) == []
         assert server.buffered == 0
         nursery.cancel_scope.cancel()

@@ -325,7 +325,7 @@ def test_any_body_is_a_valid_call_or_a_json_rpc_error_saying_what_is_wrong(body)
 
 @FUZZ
 @given(st.binary(max_size=256))
-def test_any_bytes_are_a_json_rpc_error_not_an_exception(body):
+def test_any_bytes_are_a_call_or_a_json_rpc_error_never_an_exception(body):
     check(body)
 
 
