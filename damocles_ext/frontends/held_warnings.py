@@ -39,8 +39,8 @@ log = logging.getLogger("damocles_ext.coordinator")
 
 #: Batches (one heartbeat's holds to warn of) waiting for their look at most.
 QUEUED: Final = 16
-#: How long a look at the holders of one batch is waited for.
-LOOK_TIMEOUT: Final = 1.0
+#: How long a look at the holders of one batch is waited for (its statements' bound too).
+LOOK_TIMEOUT: Final = lock_waits.LOOK_TIMEOUT
 
 
 @dataclass(slots=True)

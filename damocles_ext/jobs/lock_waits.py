@@ -56,6 +56,12 @@ _SESSIONS = (
 #: plain read's) and SHARE UPDATE EXCLUSIVE (VACUUM's, ANALYZE's, CREATE INDEX CONCURRENTLY's);
 #: every other mode conflicts with one of theirs.
 _NOT_WAITED_FOR = "('AccessShareLock', 'ShareUpdateExclusiveLock')"
+#: Seconds a read of a job's row or a look at its holders waits for a lock on the whole table.
+TABLE_LOCK_WAIT: Final = 0.1
+#: Seconds a look at the holders of held rows is waited for (its caller's bound: each of its
+#: statements' too).
+LOOK_TIMEOUT: Final = 1.0
+
 #: Those in a transaction since before a wait of ours began.
 _COLUMNS = (
     _SESSIONS + " AND a.xact_start <= now() - CAST(current_setting('lock_timeout') AS interval)"
@@ -66,7 +72,7 @@ _COLUMNS = (
 #: a lock on the whole table (ALTER TABLE, LOCK TABLE, VACUUM FULL): read only after a wait for
 #: a job's row, under _XMAX_WAIT.
 _XMAX = sa.text("SELECT CAST(xmax AS text) FROM " + jobs.name + " WHERE id = :job_id")
-_XMAX_WAIT = sa.text("SET LOCAL lock_timeout = '100ms'")
+_XMAX_WAIT = sa.text(f"SET LOCAL lock_timeout = '{round(TABLE_LOCK_WAIT * 1000)}ms'")
 #: The session whose transaction is :xmax, exactly. A row locked by several transactions at
 #: once carries a multixact id instead, which names none of them (and might equal an unrelated
 #: xid): the session must also hold a lock on the jobs table, as every locker of one of its rows
@@ -115,9 +121,11 @@ _ROW_HOLDERS = sa.text(
 _FREE_ROWS = sa.text(
     "SELECT id FROM " + jobs.name + " WHERE id = ANY(CAST(:ids AS text[])) FOR UPDATE SKIP LOCKED"
 )
-#: The look's bounds: 100 ms for a lock on the whole table, 1 s for each statement.
+#: The look's bounds: TABLE_LOCK_WAIT for a lock on the whole table, LOOK_TIMEOUT for each
+#: statement.
 _LOOK_BOUNDS = sa.text(
-    "SELECT set_config('lock_timeout', '100ms', true), set_config('statement_timeout', '1s', true)"
+    f"SELECT set_config('lock_timeout', '{round(TABLE_LOCK_WAIT * 1000)}ms', true),"
+    f" set_config('statement_timeout', '{round(LOOK_TIMEOUT * 1000)}ms', true)"
 )
 
 #: A lock of session `a` on one of the tables :names (as the store's sessions find them: by
