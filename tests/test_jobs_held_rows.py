@@ -79,6 +79,22 @@ def test_two_skips_far_apart_are_two_holds_not_one_long_one():
     assert skip(held, 24, j) == []
 
 
+def test_a_hold_of_a_worker_with_heartbeats_over_half_the_timeout_apart_is_warned_of():
+    # A worker's --heartbeat-interval of 10 s (allowed; warned of over 5 s): each skip came over
+    # half the HeartbeatTimeout after the one before, so each was first seen again, and none
+    # of its holds was ever warned of.
+    held, j = HeldRows(), job()
+    assert held.heard("w1", [j], [], [rules.HeartbeatAccepted(j.Id)], T0, 0, TIMEOUT) == []
+    assert skip(held, 10, j) == []  # first seen
+    assert skip(held, 20, j) == [j.Id]  # 10 s later: its interval, the same hold
+    # A worker of 3 s cut off for 15 s is not one: its next skip is first seen again.
+    k = job(seed=2, worker="w2")
+    assert held.heard("w2", [k], [], [rules.HeartbeatAccepted(k.Id)], T0, 0, TIMEOUT) == []
+    assert skip(held, 3, k, worker="w2") == []
+    assert skip(held, 18, k, worker="w2") == []  # first seen again
+    assert skip(held, 21, k, worker="w2") == [k.Id]
+
+
 def test_a_hold_of_a_minute_is_warned_of_once():
     held, j = HeldRows(), job()
     assert [w for at in range(3, 63, 3) for w in skip(held, at, j)] == [j.Id]

@@ -14,12 +14,12 @@ warning comes at a later one passed over, once the job's last stored heartbeat i
 its HeartbeatTimeout old or more: two heartbeats at least, so that a row held for a moment (our
 own sweep taking the job back, a reset) is not warned of, unless two such moments fall on two
 heartbeats in a row. A skip after none for SEEN_AGAIN_AFTER of the HeartbeatTimeout (heartbeats
-that did not come, or landed) is first seen again: two brief holds far apart are not one long
-one. It is warned of once per hold: not again at the job's next skipped heartbeats, but again
-only after one of its heartbeats landed (or was refused, or found no job: it is no longer this
-worker's) and a new hold began. The caller hands the warnings out (`heard`), and says which
-were logged (`said`), could not be (`not_said`: a later skip tries again), or were of a row
-found free by then (`ended`)."""
+that did not come, or landed), or twice the worker's interval if longer, is first seen again:
+two brief holds far apart are not one long one. It is warned of once per hold: not again at
+the job's next skipped heartbeats, but again only after one of its heartbeats landed (or was
+refused, or found no job: it is no longer this worker's) and a new hold began. The caller hands the
+warnings out (`heard`), and says which were logged (`said`), could not be (`not_said`: a later skip
+tries again), or were of a row found free by then (`ended`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ from .model import RUNNING, JobRecord
 #: heartbeats at least, for a warning: 7.5 s of damocles' 15 s.
 WARN_AFTER: Final = 0.5
 #: The part of HeartbeatTimeout after which a hold not seen since is first seen again at its
-#: next skip: 7.5 s of 15 s, two heartbeats of damocles' 3 s lost.
+#: next skip: 7.5 s of 15 s, two heartbeats of damocles' 3 s lost; or, for a worker whose
+#: heartbeats came further apart (its interval, as last seen, over half that), twice its
+#: interval: else each of its skips would be first seen again, and never warned of.
 SEEN_AGAIN_AFTER: Final = 0.5
 #: Holds kept at most (one per job held, with its lease): at it, a new hold is not recorded
 #: (nor warned of) until one ends, so that those kept go on to their warning, and are not
@@ -77,6 +79,9 @@ class HeldRows:
         self.max_holds = max_holds
         self._holds: dict[tuple[str, str], _Hold] = {}
         self._leases: dict[str, set[str]] = {}  # job id -> the leases of its holds
+        #: Worker -> its last heartbeat (monotonic) and the interval before it (None: not
+        #: seen), as many as max_holds, each until a HeartbeatTimeout without one.
+        self._heard: dict[str, tuple[float, float | None]] = {}
         self._next_expiry = -math.inf
 
     def __len__(self) -> int:
@@ -102,6 +107,7 @@ class HeldRows:
             if isinstance(effect, rules.HeartbeatAccepted | rules.Refused | rules.NotFound):
                 self._forget_job(effect.job_id)  # landed, or not this worker's any more
         self._expire(monotonic, heartbeat_timeout)
+        seen_again_after = self._seen_again_after(worker, monotonic, heartbeat_timeout)
         stored = {job.Id: job for job in jobs}
         warn = []
         for job_id in sorted(set(skipped)):
@@ -112,7 +118,7 @@ class HeldRows:
                 continue  # an old lease's heartbeat: refused once the row is freed
             key = (job_id, job.lease)
             hold = self._holds.get(key)
-            if hold is None or monotonic - hold.last_seen > SEEN_AGAIN_AFTER * heartbeat_timeout:
+            if hold is None or monotonic - hold.last_seen > seen_again_after:
                 self._forget(key)
                 self._add(key, _Hold(monotonic))  # first seen: said nothing yet
                 continue
@@ -140,6 +146,15 @@ class HeldRows:
         for h in held:
             self._forget((h.job_id, h.lease))
 
+    def _seen_again_after(self, worker: str, now: float, heartbeat_timeout: float) -> float:
+        """How long a hold of `worker`'s not seen since is the same hold (SEEN_AGAIN_AFTER), by
+        the interval between its two heartbeats before this one at `now`; records this one."""
+        last = self._heard.get(worker)
+        if last is not None or len(self._heard) < self.max_holds:
+            self._heard[worker] = (now, None if last is None else now - last[0])
+        interval = None if last is None else last[1]
+        return max(SEEN_AGAIN_AFTER * heartbeat_timeout, 2 * (interval or 0.0))
+
     def _set(self, held: Iterable[HeldTooLong], state: str) -> None:
         for h in held:
             if (hold := self._holds.get((h.job_id, h.lease))) is not None:
@@ -166,11 +181,13 @@ class HeldRows:
         """A hold last seen over a HeartbeatTimeout ago (its worker stopped sending heartbeats
         while it was held) is forgotten; looked for a few times per HeartbeatTimeout, on the
         monotonic clock (`now`: a step back of the wall clock does not hold it up)."""
-        if not self._holds or now < self._next_expiry:
+        if not (self._holds or self._heard) or now < self._next_expiry:
             return
         self._next_expiry = now + heartbeat_timeout / 4
         for key in [k for k, h in self._holds.items() if now - h.last_seen > heartbeat_timeout]:
             self._forget(key)
+        for worker in [w for w, (at, _) in self._heard.items() if now - at > heartbeat_timeout]:
+            del self._heard[worker]  # its next interval is not known: SEEN_AGAIN_AFTER
 
 
 def said_of(held: Sequence[HeldTooLong], advice: str) -> str:
