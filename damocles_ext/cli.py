@@ -50,7 +50,12 @@ class _Parser(argparse.ArgumentParser):
     _root: ClassVar[argparse.ArgumentParser | None] = None
 
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
-        if not message.startswith("unrecognized arguments") and (foreign := self._foreign()):
+        commands = self._commands()
+        if commands is not None and (mistyped := _mistyped_command(message, commands)) is not None:
+            # Which options come after the subcommand is not known when the subcommand is the
+            # mistake (`statu --json`): none is called foreign; the one close to it is said.
+            message += mistyped
+        elif not message.startswith("unrecognized arguments") and (foreign := self._foreign()):
             # argparse stops at what it could not fit (`check-config -c F --log-format json`:
             # "argument FILE: not allowed with argument -c", json taken as the FILE) before it
             # would say that --log-format is no option here, the mistake to fix.
@@ -62,38 +67,35 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+    def _commands(self) -> argparse._SubParsersAction[argparse.ArgumentParser] | None:
+        """This parser's subcommands, if it has some."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+        return None
+
     def _foreign(self) -> list[str]:
         """The options given after this (sub)command's name that it does not take, nor any
         abbreviation of one of its own."""
-        argv, at = self._argv, -1
-        for name in self.prog.split()[1:]:  # where this subcommand's name is in argv
-            at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
-        given = argv[at + 1 :]
-        if "--" in given:  # what follows is positional
-            given = given[: given.index("--")]
+        argv = _Parser._argv
+        given = _options_in(argv[_after_names(argv, self.prog.split()[1:]) :])
         own = [o for a in self._actions for o in a.option_strings]
-        return [
-            t
-            for t in (a.split("=", 1)[0] for a in given if a.startswith("--") and a != "--")
-            if not any(o.startswith(t) for o in own)
-        ]
+        return [t for t in given if not any(o.startswith(t) for o in own)]
 
     def parse_args(  # type: ignore[override]  # the same arguments, passed on
         self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         # argparse says an argument no (sub)command takes is unrecognized with the top parser's
         # usage and name; the subcommand given is the one that did not take it.
-        _Parser._argv = list(sys.argv[1:] if args is None else args)
+        _Parser._argv = argv = list(sys.argv[1:] if args is None else args)
         _Parser._root = self
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             chain, names = _given(self, parsed)
-            argv, at = list(sys.argv[1:] if args is None else args), -1
-            for name in names:  # where the subcommand's name is in argv
-                at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
-            # What came before it went to a parser above (`--json status`): blamed there, and
-            # then the options of each parser on the way are the ones it may have meant.
-            after = all(e in argv[at + 1 :] for e in extras)
+            # What came before the subcommand's name went to a parser above (`--json status`):
+            # blamed there, and then the options of each parser on the way are the ones it may
+            # have meant.
+            after = all(e in argv[_after_names(argv, names) :] for e in extras)
             blamed, meant = (chain[-1], chain[-1:]) if after else (self, chain)
             hints = "; ".join(_hints(meant, extras))
             blamed.error(
@@ -115,28 +117,62 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
+def _after_names(argv: list[str], names: list[str]) -> int:
+    """Where in `argv` what follows the subcommand names `names` ('sectors', 'create') starts:
+    just after the last of them, each looked for after the one before; 0 with no names."""
+    at = -1
+    for name in names:
+        at = argv.index(name, at + 1) if name in argv[at + 1 :] else at
+    return at + 1
+
+
+def _options_in(args: list[str]) -> list[str]:
+    """The long options given in `args`, `--name=value` as --name, none after a `--` (what
+    follows it is positional)."""
+    if "--" in args:
+        args = args[: args.index("--")]
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
+def _mistyped_command(
+    message: str, commands: argparse._SubParsersAction[argparse.ArgumentParser]
+) -> str | None:
+    """When `message` says the subcommand typed is none of `commands`: ' (did you mean
+    status?)' if one is spelt alike, else ''. None for another message."""
+    import difflib
+    import re
+
+    name = argparse._get_action_name(commands)
+    said = re.match(rf"argument {re.escape(str(name))}: invalid choice: (['\"])(.*?)\1", message)
+    if said is None:
+        return None
+    close = difflib.get_close_matches(said[2], list(commands.choices), 1, 0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[str]:
-    """What may have been meant by the options among `extras` that `parsers` do not take: that
-    such an option is one of another command ('--miner is an option of damocles-ext sectors
-    create'), and the one of `parsers` it is close to ('did you mean --conf-dir?'), if any."""
+    """What may have been meant by the options among `extras` that `parsers` do not take where
+    they were given: that such an option is one of another command ('--miner is an option of
+    damocles-ext sectors create'), or of a subcommand it was given before ('put it after the
+    command'), and the one of `parsers` it is close to ('did you mean --conf-dir?'), if any."""
     import difflib
 
-    from .config.messages import _normal
+    from .config.messages import normal_key
 
-    argv = _Parser._argv
-    before = argv[: argv.index("--")] if "--" in argv else argv  # after it: positionals
-    given = {a.split("=", 1)[0] for a in before}
+    given = set(_options_in(_Parser._argv))
     own = {o for p in parsers for a in p._actions for o in a.option_strings}
     # An option given already is not what another one meant (`--manager h -c f --miner 1`).
     known = sorted(o for o in own if o.startswith("--") and o not in given)
-    typed = [
-        t
-        for t in dict.fromkeys(e.split("=", 1)[0] for e in extras)
-        if t.startswith("--") and t != "--" and t in given and t not in own
-    ]
+    typed = [t for t in dict.fromkeys(_options_in(extras)) if t in given]
     notes: list[str] = []
     close: dict[str, str] = {}
     for t in typed:
+        if t in own:  # a subcommand's, given before its name (`--json status`)
+            holder = next(
+                p for p in reversed(parsers) if any(t in a.option_strings for a in p._actions)
+            )
+            notes.append(f"{t} is an option of {holder.prog}: put it after the command")
+            continue
         if elsewhere := _commands_with(t):
             named = [elsewhere[0], *(p.removeprefix("damocles-ext ") for p in elsewhere[1:3])]
             more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
@@ -144,9 +180,9 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
         # The same but for case and - or _ (--CONF-DIR, --conf_dir); else the one option that
         # holds it (--miner: --allowed-miners); else one spelt alike (difflib's 0.75 took
         # --miner for --manager, --count for --connect).
-        word = _normal(t)
-        same = [o for o in known if _normal(o) == word]
-        holding = [o for o in known if len(word) >= 3 and word in _normal(o)]
+        word = normal_key(t)
+        same = [o for o in known if normal_key(o) == word]
+        holding = [o for o in known if len(word) >= 3 and word in normal_key(o)]
         alike = difflib.get_close_matches(t.lower().replace("_", "-"), known, 1, 0.8)
         if match := same or (holding if len(holding) == 1 else []) or alike:
             close[t] = match[0]

@@ -590,15 +590,40 @@ def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
 
 
 @pytest.mark.parametrize(
-    ("args", "option"),
-    [(["--json", "status"], "--json"),
-     (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"], "--all")],
+    ("args", "said"),
+    [(["--json", "status"],
+      "--json (--json is an option of damocles-ext status: put it after the command)"),
+     (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"],
+      "--all (--all is an option of damocles-ext wdpost list: put it after the command)")],
 )  # fmt: skip
-def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(args, option):
-    # The subcommand takes it (its usage lists it): it was only given in the wrong place.
+def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(args, said):
+    # The subcommand takes it (its usage lists it): it was only given in the wrong place, and
+    # the error says where it goes (it said only "unrecognized arguments: --json").
     done = _dext(*args)
     assert done.returncode == 2, done.stderr
-    assert f"damocles-ext: error: unrecognized arguments: {option}\n" in done.stderr, done.stderr
+    assert done.stderr.endswith(f"damocles-ext: error: unrecognized arguments: {said}\n"), (
+        done.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["chek-config", "--conf-dir", "x"], "'worker') (did you mean check-config?)\n"),
+     (["statu", "--json"], "'worker') (did you mean status?)\n"),
+     (["wdpost", "lst", "--jobs", "sqlite:///j.db"], "'remove-all') (did you mean list?)\n"),
+     (["xyz", "--json"], "'coordinator', 'worker')\n")],
+    ids=["check-config", "status", "wdpost-list", "nothing-close"],
+)  # fmt: skip
+def test_a_mistyped_subcommand_is_said_with_the_one_it_is_close_to_and_no_option_called_foreign(
+    args: list[str], said: str
+):
+    # The options after a mistyped subcommand were all called foreign to damocles-ext ("--json
+    # is not an option of damocles-ext: --json is an option of ... status"): the parser cannot
+    # know which subcommand they were for; the subcommand is the mistake to fix.
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(said), done.stderr
+    assert "not an option" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_check_config_json_is_utf8_json_whatever_the_locales_encoding(tmp_path: Path):

@@ -22,20 +22,23 @@ _TABLE_ALIASES = {
 }
 
 
-def _normal(name: str) -> str:
+def normal_key(name: str) -> str:
+    """`name` without case, `-`, `_` or blanks: how two spellings of one key or option compare."""
     return re.sub(r"[_\-\s]", "", name).lower()
 
 
 def _suggest(word: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
     """'did you mean ...?' for a misspelt key, or '' when nothing is close."""
-    by_normal = {_normal(c): c for c in choices}
-    match = by_normal.get(_normal(word)) or (aliases or {}).get(_normal(word))
+    by_normal = {normal_key(c): c for c in choices}
+    match = by_normal.get(normal_key(word)) or (aliases or {}).get(normal_key(word))
     if match is None:
         close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
         if not close:
             close = [
                 by_normal[c]
-                for c in difflib.get_close_matches(_normal(word), list(by_normal), n=1, cutoff=0.6)
+                for c in difflib.get_close_matches(
+                    normal_key(word), list(by_normal), n=1, cutoff=0.6
+                )
             ]
         match = close[0] if close else None
     return f"did you mean '{match}'?" if match else ""
