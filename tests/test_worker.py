@@ -21,6 +21,7 @@ from helpers.post import sectors
 
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends import worker as worker_module
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.worker import Worker, local_address_towards
 from damocles_ext.hookspecs import hookimpl
@@ -626,10 +627,7 @@ async def test_sigterm_while_the_worker_waits_for_its_manager_at_start_exits_0(t
     assert "nothing was pulled" in text and "Traceback" not in text, text
 
 
-@pytest.mark.parametrize("named", [True, False])
-async def test_a_worker_stopped_while_its_manager_does_not_answer_stops_at_once(
-    tmp_path, caplog, named
-):
+async def test_a_worker_stopped_while_its_manager_does_not_answer_stops_at_once(tmp_path, caplog):
     # The manager takes the connection and never answers: the start's call (its stores) waits
     # for its --rpc-timeout. A stop meanwhile gives it up at once (it waited the timeout out:
     # 10 s by default of `systemctl stop` for a worker that had taken nothing).
@@ -638,17 +636,52 @@ async def test_a_worker_stopped_while_its_manager_does_not_answer_stops_at_once(
     with trio.fail_after(60):
         listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         port = listener.socket.getsockname()[1]
-        options = {"rpc_timeout": 3600.0} | ({} if named else {"name": None})
-        worker = Worker(worker_settings(f"127.0.0.1:{port}", kids, **options))
+        worker = Worker(worker_settings(f"127.0.0.1:{port}", kids, rpc_timeout=3600.0))
         async with listener, trio.open_nursery() as nursery:
             nursery.start_soon(worker.run)
-            # Named already, its first call is to the manager; unnamed, it asks the system for
-            # the address that reaches the manager first, then calls (nothing answers either).
             connection = await listener.accept()
             worker.stop()
         await connection.aclose()
     said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
     assert said == ["stopped while waiting for the manager; nothing was pulled"], said
+
+
+async def test_a_worker_stopped_while_it_looks_for_its_name_stops_at_once(
+    tmp_path, caplog, monkeypatch
+):
+    # Without --name it asks the system for the address that reaches the manager first: a stop
+    # then ends it there, and says so.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    looking = trio.Event()
+
+    async def never_found(endpoint):
+        looking.set()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(worker_module, "local_address_towards", never_found)
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(worker_settings("127.0.0.1:9", kids, name=None))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await looking.wait()
+            worker.stop()
+    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    assert said == ["stopped before the worker could name itself; nothing was pulled"], said
+
+
+async def test_a_worker_stopped_before_its_run_starts_no_child(tmp_path, caplog):
+    # Named (--name) and with no attached store, its start reaches no checkpoint: the stop was
+    # seen only by the loop that pulls, after its children had been started to be stopped.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(worker_settings("127.0.0.1:9", kids, attached={}))
+    worker.stop()
+    with trio.fail_after(60):
+        await worker.run()
+    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    assert said == ["stopped before the run started; nothing was pulled"], said
+    assert not any("pulls WindowPoSt jobs" in r.getMessage() for r in caplog.records)
 
 
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):

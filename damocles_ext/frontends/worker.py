@@ -188,14 +188,18 @@ class Worker:
             self.manager_url = calls.url
             # Stopped meanwhile (stop() cancels this scope): a call in flight to a manager that
             # does not answer is given up at once, not at the end of its --rpc-timeout.
+            early = self.stopping  # stopped before the run: nothing was asked yet
             with self._start_scope:
                 if self.name is None:
                     self.name = await self._default_name(endpoint)
                 await self._check_stores()
-            if self._start_scope.cancelled_caught:
+            # cancel_called, not cancelled_caught: a stop before the run, with --name and no
+            # attached store, reaches no checkpoint inside (nothing is caught), and the
+            # children would be started only to be stopped.
+            if self._start_scope.cancel_called:
                 # (a name is set only once found: none yet, it was still looking for one)
                 during = "before the worker could name itself" if self.name is None else (
-                    "while waiting for the manager"
+                    "before the run started" if early else "while waiting for the manager"
                 )  # fmt: skip
                 log.info("stopped %s; nothing was pulled", during)
                 task_status.started()  # and returns at once: run_worker sees it done
