@@ -167,7 +167,8 @@ async def test_entries_of_an_allocation_that_are_no_job_lose_none_of_the_jobs_be
     [said] = [line for line in worker_lines(caplog) if "in an allocation" in line]
     assert said.startswith(
         f"the manager at {worker.manager_url} gave 3 entries that are no job in an allocation"
-        " (not a job but None; not a job but 5; a job without an id (Object missing required"
+        " (an entry that is no job (null); an entry that is no job (5); a job without an id"
+        " (Object missing required"
     ), said
     assert said.endswith("); whatever they stand for is left to time out there"), said
     assert worker.manager_reachable and worker.counters.pulled == 2
@@ -182,7 +183,8 @@ async def test_an_allocation_of_many_entries_that_are_no_job_is_said_in_one_line
     [said] = [line for line in worker_lines(caplog) if "in an allocation" in line]
     assert said == (
         f"the manager at {worker.manager_url} gave 10001 entries that are no job in an allocation"
-        " (not a job but None; not a job but None; not a job but None; and 9998 more); whatever"
+        " (an entry that is no job (null); an entry that is no job (null); an entry that is no"
+        " job (null); and 9998 more); whatever"
         " they stand for is left to time out there"
     )
 

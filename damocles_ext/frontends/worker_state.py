@@ -125,8 +125,9 @@ def read_entry(entry: Any) -> tuple[PulledJob | None, str | None]:
     cannot be read) when it has an id to fail it by; (None, why) when it has none, or is no
     object at all (it is left to the manager's heartbeat timeout)."""
     if not isinstance(entry, dict):
-        text = repr(entry)
-        return None, f"not a job but {text[:100]}{' ...' if len(text) > 100 else ''}"
+        # As it was sent (null, 5, "x"), not as Python writes it (None).
+        text = msgspec.json.encode(entry).decode()
+        return None, f"an entry that is no job ({text[:100]}{' ...' if len(text) > 100 else ''})"
     try:
         return msgspec.convert(entry, PulledJob), None
     except msgspec.ValidationError as exc:
