@@ -403,11 +403,11 @@ class Worker:
             self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
+        self.counters.pulled += 1  # (unreadable too: it is failed, and counted delivered)
         if problem is not None:
             held.log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
             self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
             return True
-        self.counters.pulled += 1
         held.log.info("job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
                       job.Id, job.Input.MinerId, job.DeadlineIdx,
                       format_partitions(job.Partitions),  # as `wdpost list` shows them
