@@ -21,8 +21,11 @@ from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.errors import UsageError
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_beats import heartbeat_plain
+from damocles_ext.frontends.worker_state import EMPTY_INPUT, HeldJob
+from damocles_ext.jobs.client import RpcClient
 from damocles_ext.jobs.model import HEARTBEAT_TIMEOUT_REASON
-from damocles_ext.jobs.worker_rules import Api, proof_types_for_sizes
+from damocles_ext.jobs.worker_rules import Api, PulledJob, proof_types_for_sizes
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -175,6 +178,31 @@ async def test_a_removed_job_is_found_by_heartbeating_one_by_one_and_cancelled(
         assert manager.job(kept).State == "running"
         assert worker.counters.stopped_by == {"not_running": 1}
     assert not venus_calls(manager, "WdPoStFinishJob")
+
+
+async def test_a_heartbeat_taken_one_job_at_a_time_is_a_heartbeat_as_in_the_batch(
+    manager, tmp_path
+):
+    # When the batch fails for a job the manager no longer has, each job is heartbeated alone:
+    # the one taken then kept its old last heartbeat, and an outage of the heartbeats stayed
+    # open until a batch was answered.
+    kept = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(worker_settings(manager.url, kids), clock=lambda: 1234.0)
+    held = [HeldJob(PulledJob(Id=i, Input=EMPTY_INPUT), 0.0, state="finishing")
+            for i in (kept, "gone")]  # fmt: skip
+    with trio.fail_after(30):
+        worker._unreachable("the manager's store fails", worker._beats_failing)
+        async with RpcClient(worker.settings.endpoint, timeout=10) as beats:
+            worker._beats = beats
+            await heartbeat_plain(worker, held)
+    assert [p[0] for p in venus_calls(manager, "WdPoStHeartbeatJobs")] == [
+        [kept, "gone"],
+        [kept],
+        ["gone"],
+    ]
+    assert [h.last_heartbeat for h in held] == [1234.0, None]
+    assert worker._beats_failing.down_since is None
 
 
 async def test_a_job_reset_while_it_runs_is_taken_back_by_its_next_heartbeat_as_in_damocles(

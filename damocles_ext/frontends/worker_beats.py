@@ -41,6 +41,7 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         worker._answered()
         worker._beaten(held, started, set())
         return
+    beaten, answered = list[HeldJob](), False
     for h in held:
         try:
             await worker._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], worker.name)
@@ -51,8 +52,17 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
             if not job_gone(exc.code, exc.message, [h.job.Id]):
                 worker._unreachable(str(exc), worker._beats_failing)
                 return
+            answered = True
             if h.state == "proving":  # (a late finish is taken, whatever the job's state)
                 why = f"the manager no longer has it running: {exc.message}"
                 worker._stop_job(h.job.Id, NOT_RUNNING, why)
         except RpcClientError as exc:
             h.log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
+        else:
+            beaten.append(h)
+    # Taken alone, a heartbeat is one as much as in the batch: the job's last one, and the
+    # end of an outage of the heartbeats (a job gone is an answer too).
+    if beaten:
+        worker._beaten(beaten, started, set())
+    elif answered:
+        worker._answered(worker._beats_failing)
