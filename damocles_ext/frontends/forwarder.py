@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ..client import Client, ReconnectingClient
-    from ..status import StatusDocument
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -54,31 +53,25 @@ async def stage_problem(
         with trio.fail_after(3):
             doc = await remote.status()
     except NotStartedError:  # a worker's, which has not started its children yet
-        return worker_socket(remote.path, flag)
+        return _worker_socket_problem(remote.path, flag)
     except (ProverError, trio.TooSlowError) as exc:
         if warn:
             why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
             log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
         return None
-    return serving_problem(doc, remote.path, stage, flag)
-
-
-def serving_problem(doc: StatusDocument, path: str | Path, stage: str, flag: str) -> str | None:
-    """Why the supervisor whose status is `doc`, at `path`, cannot serve `stage`, or None;
-    `flag`: the option that named the socket (`--connect`, `--socket`)."""
     if doc.worker is not None:
-        return worker_socket(path, flag)
+        return _worker_socket_problem(remote.path, flag)
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
     table = TABLE_OF_STAGE[stage]
     return (
-        f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage}"
+        f"the supervisor at {remote.path} has no [[{table}]] child, so it cannot prove {stage}"
         f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
         " restart it"
     )
 
 
-def worker_socket(path: str | Path, flag: str) -> str:
+def _worker_socket_problem(path: str | Path, flag: str) -> str:
     """What is wrong with `flag` naming `path`, a worker's control socket."""
     # Its children prove the jobs it pulls; its socket answers `status` and refuses proofs.
     which = "socket path" if flag == "--socket" else "--socket path"
