@@ -54,6 +54,13 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     resolve_trusted,
     trusted_uids,
 )
+from .control_status import (
+    MAX_STATUS_IN_FLIGHT,
+    MAX_STATUS_IN_FLIGHT_SERVER,
+    StatusSource,
+    busy_reply,
+    status_reply,
+)
 from .inbox import Inbox, only_sending_closed
 from .listeners import ConnectionSlots, ThrottledLog, send_last, serve_connections
 from .outbox import stream_fd, write_now
@@ -79,14 +86,6 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_MAX_BUFFERED = 256 * 1024 * 1024
 # The id of a Response that is about the connection, not a request (clients count from 1).
 CONNECTION_ERROR_ID = 0
-# Status requests of one connection being answered (or their replies not yet written) before
-# we stop reading from it: a client that sends them without reading the replies would otherwise
-# start a task and a /proc walk per request, and queue every reply.
-MAX_STATUS_IN_FLIGHT = 16
-# Status requests being answered on all connections together: each is a task and a /proc walk of
-# every child's tree, so many connections each within their own bound must not add up to more.
-# One past it is answered at once with an error reply.
-MAX_STATUS_IN_FLIGHT_SERVER = 64
 
 
 class ControlSubmit(Protocol):
@@ -137,7 +136,7 @@ class ControlServer:
         *,
         start: Start | None = None,
         batch: Batch = contextlib.nullcontext,
-        status: Callable[[], Awaitable[dict[str, object]]] | None = None,
+        status: StatusSource | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
@@ -488,16 +487,7 @@ class _Connection:
                     self._server._opened()
                     if self._server._status_in_flight >= MAX_STATUS_IN_FLIGHT_SERVER:
                         self._server._stats.status_refused += 1
-                        self._replies.append(
-                            control_protocol.StatusReply(
-                                msg.id,
-                                error=(
-                                    f"{MAX_STATUS_IN_FLIGHT_SERVER} status requests are being"
-                                    " answered already (all connections together); try again"
-                                    " in a moment"
-                                ),
-                            )
-                        )
+                        self._replies.append(busy_reply(msg.id))
                         self._wake.set()
                     else:
                         self._server._status_in_flight += 1
@@ -614,23 +604,11 @@ class _Connection:
 
     async def _answer_status(self, request_id: int) -> None:
         try:
-            reply = await self._status_reply(request_id)
+            reply = await status_reply(self._server._status, request_id)
         finally:
             self._server._status_in_flight -= 1
         self._replies.append(reply)
         self._wake.set()
-
-    async def _status_reply(self, request_id: int) -> control_protocol.StatusReply:
-        reply = control_protocol.StatusReply
-        if (status := self._server._status) is None:
-            return reply(request_id, error="this supervisor does not report its status")
-        try:
-            return reply(request_id, status=await status())
-        except DextError as exc:  # said to the asker (a source logs what its operator must see)
-            return reply(request_id, error=str(exc), worker=getattr(exc, "worker_part", None))
-        except Exception as exc:  # a bug of ours must still answer, and not kill `run`
-            log.exception("status request %d: internal error", request_id)
-            return reply(request_id, error=internal_error(exc))
 
     def _queue_response(self, response: dext.Response) -> None:
         # A progress still waiting goes first, with it (the writer sends progress before

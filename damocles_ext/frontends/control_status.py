@@ -1,0 +1,54 @@
+"""The control socket's answers to `StatusRequest{id}` (control.py reads the requests and writes
+the replies): the status document, or why there is none, and how many may be answered at once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..errors import DextError, NotStartedError
+from ..protocol import control as control_protocol
+from .started import internal_error
+
+log = logging.getLogger("damocles_ext.control")
+
+# Status requests of one connection being answered (or their replies not yet written) before
+# we stop reading from it: a client that sends them without reading the replies would otherwise
+# start a task and a /proc walk per request, and queue every reply.
+MAX_STATUS_IN_FLIGHT = 16
+# Status requests being answered on all connections together: each is a task and a /proc walk of
+# every child's tree, so many connections each within their own bound must not add up to more.
+# One past it is answered at once with an error reply.
+MAX_STATUS_IN_FLIGHT_SERVER = 64
+
+#: Where the status document comes from (ControlServer's `status`), if this supervisor has one.
+StatusSource = Callable[[], Awaitable[dict[str, object]]]
+
+
+def busy_reply(request_id: int) -> control_protocol.StatusReply:
+    """The answer to a status request past MAX_STATUS_IN_FLIGHT_SERVER."""
+    return control_protocol.StatusReply(
+        request_id,
+        error=(
+            f"{MAX_STATUS_IN_FLIGHT_SERVER} status requests are being answered already (all"
+            " connections together); try again in a moment"
+        ),
+    )
+
+
+async def status_reply(
+    status: StatusSource | None, request_id: int
+) -> control_protocol.StatusReply:
+    """The answer to status request `request_id`: `status()`'s document, or why there is none
+    (with a worker's part when the worker has not started its children yet)."""
+    reply = control_protocol.StatusReply
+    if status is None:
+        return reply(request_id, error="this supervisor does not report its status")
+    try:
+        return reply(request_id, status=await status())
+    except DextError as exc:  # said to the asker (a source logs what its operator must see)
+        worker = exc.worker_part if isinstance(exc, NotStartedError) else None
+        return reply(request_id, error=str(exc), worker=worker)
+    except Exception as exc:  # a bug of ours must still answer, and not kill `run`
+        log.exception("status request %d: internal error", request_id)
+        return reply(request_id, error=internal_error(exc))
