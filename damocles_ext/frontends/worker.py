@@ -129,7 +129,7 @@ class Worker:
         self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
-        self._ghosts = UnheldStops()  # when to say stops for jobs not held here
+        self._unheld_stops = UnheldStops()  # when to say stops for jobs not held here
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -601,8 +601,8 @@ class Worker:
             return
         self._answered()
         self._beaten(held, started, {s.Id for s in stop})
-        if self._ghosts.to_say(ghosts := sorted({s.Id for s in stop} - sent.keys())):
-            log.warning("%s", unheld_stops(self.manager_url, ghosts))  # (not at each heartbeat)
+        if self._unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
+            log.warning("%s", unheld_stops(self.manager_url, unheld))  # (not at each heartbeat)
         for signal in stop:
             current = self.held.get(signal.Id)
             if current is None or current.job.Lease != sent.get(signal.Id):
