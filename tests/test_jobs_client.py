@@ -82,6 +82,9 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("https://manager:1789/rpc?token=SECRET", "only http://"),
         ("http://user:SECRET@:1789/", "has no host"),
         ("http://[::1]:1789/rpc/v0?token=SECRET", r"address http://\[::1\]:1789/rpc/v0 is given"),
+        # urlsplit's own error was the whole message ("Invalid IPv6 URL"), with no address.
+        ("http://[::1", r"'http://\[::1' is not a URL \(Invalid IPv6 URL\)"),
+        ("http://user:SECRET@[::1:1789/?token=SECRET", r"'http://\[::1:1789/' is not a URL"),
     ],
 )
 def test_a_bad_address_says_what_is_wrong(text, words):

@@ -191,6 +191,18 @@ def test_a_bad_worker_option_exits_2_saying_what_is_wrong(tmp_path, args, words)
     assert result.returncode == 2 and words in err and "Traceback" not in err, err
 
 
+def test_a_manager_address_that_is_no_url_exits_2_naming_the_option_and_the_address(tmp_path):
+    # urlsplit's own error was all that was said: "error: Invalid IPv6 URL".
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    result = dext_run("worker", "--manager", "http://[::1", "-c", str(cfg))
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.endswith(
+        "worker: error: --manager: 'http://[::1' is not a URL (Invalid IPv6 URL)\n"
+    ), err
+
+
 def test_a_worker_name_too_long_for_a_coordinator_exits_2_saying_so(tmp_path):
     # A coordinator refuses it (its workers table keys a row by it): said at the start. A long
     # list of miners is no such problem (the row is keyed by its digest).

@@ -92,9 +92,13 @@ def _multiaddr(text: str) -> Endpoint:
 
 
 def _url(text: str) -> Endpoint:
-    parts = urlsplit(text)
     # Lotus' ?token=… or user:password@ are never echoed (they may be a secret): the messages
     # quote the address without them.
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "Invalid IPv6 URL" (an unclosed [), said alone before
+        shown = re.sub(r"//[^/]*@", "//", text.partition("?")[0].partition("#")[0])
+        raise ValueError(f"{shown!r} is not a URL ({exc})") from None
     shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     if parts.scheme != "http":
         raise ValueError(
