@@ -13,8 +13,9 @@ params and its number among the calls of that method (1 for the first), and retu
 A method without a handler is answered as our coordinator answers an idle worker: no job, no stop,
 a finish taken, a ping taken, every store known.
 
-`calls` records (method, params) in order, `times` when each came; `await wait_for(predicate)` waits until a call makes
-`predicate(self)` hold; `finishes(job_id)` are the finish calls of a job (either API).
+`calls` records (method, params) in order, `times` when each came; `await wait_for(predicate)`
+waits until a call makes `predicate(self)` hold; `finishes(job_id)` are the finish calls of a
+job (either API).
 """
 
 from __future__ import annotations
