@@ -451,8 +451,8 @@ def _settings(
     try:
         settings.endpoint  # noqa: B018 - a bad address is a usage error before anything starts
     except ValueError as exc:
-        given = "--manager" if args.manager is not None else "[sector_manager] rpc_client.addr"
-        raise UsageError(f"{given}: {exc}") from None
+        where = "--manager" if args.manager is not None else "[sector_manager] rpc_client.addr"
+        raise UsageError(f"{where}: {exc}") from None
     if settings.heartbeat_interval > DEFAULT_HEARTBEAT_TIMEOUT / 3:
         # damocles-worker heartbeats every 3 s against the manager's 15 s: four may go astray.
         log.warning(
