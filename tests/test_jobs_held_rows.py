@@ -95,6 +95,20 @@ def test_a_hold_of_a_worker_with_heartbeats_over_half_the_timeout_apart_is_warne
     assert skip(held, 21, k, worker="w2") == [k.Id]
 
 
+def test_a_call_right_after_a_heartbeat_is_not_taken_for_the_workers_interval():
+    # The worker's one-job-at-a-time fallback (after its batch heartbeat failed) calls again at
+    # once, as does another worker of the same name: measured as an interval, those calls made
+    # a 10 s worker's every skip a hold first seen again, never warned of.
+    held, j = HeldRows(), job()
+    assert held.heard("w1", [j], [], [rules.HeartbeatAccepted(j.Id)], T0, 0, TIMEOUT) == []
+    warned = {}
+    for at in (10, 20, 30):
+        warned[at] = skip(held, at, j)
+        warned[at + 0.01] = skip(held, at + 0.01, j)  # the same beat, job by job
+    # At the second beat: the call job by job right after the first is no second sighting.
+    assert warned == {10: [], 10.01: [], 20: [j.Id], 20.01: [], 30: [], 30.01: []}
+
+
 def test_a_hold_of_a_minute_is_warned_of_once():
     held, j = HeldRows(), job()
     assert [w for at in range(3, 63, 3) for w in skip(held, at, j)] == [j.Id]

@@ -39,6 +39,9 @@ WARN_AFTER: Final = 0.5
 #: heartbeats came further apart (its interval, as last seen, over half that), twice its
 #: interval: else each of its skips would be first seen again, and never warned of.
 SEEN_AGAIN_AFTER: Final = 0.5
+#: Seconds within which a worker's heartbeat call is part of its last one, not its next (a
+#: hold seen again then is not seen at a second heartbeat).
+SAME_BEAT: Final = 1.0
 #: Holds kept at most (one per job held, with its lease): at it, a new hold is not recorded
 #: (nor warned of) until one ends, so that those kept go on to their warning, and are not
 #: forgotten and warned of again.
@@ -122,6 +125,8 @@ class HeldRows:
                 self._forget(key)
                 self._add(key, _Hold(monotonic))  # first seen: said nothing yet
                 continue
+            if monotonic - hold.last_seen < SAME_BEAT:
+                continue  # seen again in the same beat (job by job): not a second sighting
             hold.last_seen = monotonic
             silent = now - job.HeartbeatAt
             if hold.state != _SEEN or silent < WARN_AFTER * heartbeat_timeout:
@@ -150,9 +155,15 @@ class HeldRows:
         """How long a hold of `worker`'s not seen since is the same hold (SEEN_AGAIN_AFTER), by
         the interval between its two heartbeats before this one at `now`; records this one."""
         last = self._heard.get(worker)
-        if last is not None or len(self._heard) < self.max_holds:
-            self._heard[worker] = (now, None if last is None else now - last[0])
         interval = None if last is None else last[1]
+        # A call within SAME_BEAT of the last is no interval of the worker's heartbeats: its
+        # one-job-at-a-time fallback right after a batch that failed, or another worker of
+        # that name. Recorded, it would shrink the interval to nothing, and a slow worker's
+        # holds would all be first seen again.
+        if last is None and len(self._heard) < self.max_holds:
+            self._heard[worker] = (now, None)
+        elif last is not None and now - last[0] >= SAME_BEAT:
+            self._heard[worker] = (now, now - last[0])
         return max(SEEN_AGAIN_AFTER * heartbeat_timeout, 2 * (interval or 0.0))
 
     def _set(self, held: Iterable[HeldTooLong], state: str) -> None:
