@@ -51,14 +51,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
         commands = self._commands()
+        foreign: list[str] = []
         if commands is not None and (mistyped := _mistyped_command(message, commands)) is not None:
             # Which options come after the subcommand is not known when the subcommand is the
             # mistake (`statu --json`): none is called foreign; the one close to it is said.
-            message += mistyped
-        elif not message.startswith("unrecognized arguments") and (foreign := self._foreign()):
+            # Those before the word taken for it are this parser's (`--socket s status`: s).
+            word, close = mistyped
+            message += close
+            foreign = self._foreign(upto=word)
+        elif not message.startswith("unrecognized arguments"):
             # argparse stops at what it could not fit (`check-config -c F --log-format json`:
             # "argument FILE: not allowed with argument -c", json taken as the FILE) before it
             # would say that --log-format is no option here, the mistake to fix.
+            foreign = self._foreign()
+        if foreign:
             hints = "; ".join(_hints([self], foreign))
             message += (
                 f" ({' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not an option"
@@ -74,11 +80,14 @@ class _Parser(argparse.ArgumentParser):
                 return action
         return None
 
-    def _foreign(self) -> list[str]:
-        """The options given after this (sub)command's name that it does not take, nor any
-        abbreviation of one of its own."""
+    def _foreign(self, upto: str | None = None) -> list[str]:
+        """The options given after this (sub)command's name (and before `upto`, if given) that
+        it does not take, nor any abbreviation of one of its own."""
         argv = _Parser._argv
-        given = _options_in(argv[_after_names(argv, self.prog.split()[1:]) :])
+        given = argv[_after_names(argv, self.prog.split()[1:]) :]
+        if upto in given:
+            given = given[: given.index(upto)]
+        given = _options_in(given)
         own = [o for a in self._actions for o in a.option_strings]
         return [t for t in given if not any(o.startswith(t) for o in own)]
 
@@ -136,9 +145,9 @@ def _options_in(args: list[str]) -> list[str]:
 
 def _mistyped_command(
     message: str, commands: argparse._SubParsersAction[argparse.ArgumentParser]
-) -> str | None:
-    """When `message` says the subcommand typed is none of `commands`: ' (did you mean
-    status?)' if one is spelt alike, else ''. None for another message."""
+) -> tuple[str, str] | None:
+    """When `message` says the subcommand typed is none of `commands`: the word typed, and
+    ' (did you mean status?)' if one is spelt alike, else ''. None for another message."""
     import difflib
     import re
 
@@ -147,7 +156,7 @@ def _mistyped_command(
     if said is None:
         return None
     close = difflib.get_close_matches(said[2], list(commands.choices), 1, 0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return said[2], f" (did you mean {close[0]}?)" if close else ""
 
 
 def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[str]:

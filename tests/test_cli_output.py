@@ -626,6 +626,17 @@ def test_a_mistyped_subcommand_is_said_with_the_one_it_is_close_to_and_no_option
     assert "not an option" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_option_before_the_subcommand_whose_value_was_taken_for_it_is_said():
+    # `--socket s status`: argparse takes s for the subcommand; the option before it is the
+    # mistake (the subcommand's, given before its name), and is said with where it belongs.
+    done = _dext("--socket", "s", "status")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(
+        "'worker') (--socket is not an option of damocles-ext: --socket is an option of"
+        " damocles-ext run, prove, status and 1 more)\n"
+    ), done.stderr
+
+
 def test_check_config_json_is_utf8_json_whatever_the_locales_encoding(tmp_path: Path):
     (tmp_path / "c.cfg").write_text(
         '[[WdPost]]\nPlugin = "echo"\nLocks = ["gpu-\u00e9", "x-\U0001f600"]\n', encoding="utf-8"
