@@ -247,10 +247,20 @@ async def test_a_redirect_says_where_it_points_as_it_is_not_followed():
     ("status", "body", "check"),
     [
         (401, b'{"message": "Unauthorized"}', "it wants a token and none was sent"),
-        (502, b"{}", "check that the address is a worker-prover RPC"),
+        # It said only to check the address, wrong for a manager restarting behind nginx.
+        (
+            502,
+            b"{}",
+            (
+                "a proxy in front answered for the server behind it, which is down,"
+                " restarting or too slow; if it lasts, check that server and that the"
+                " address is a worker-prover RPC"
+            ),
+        ),
+        (504, b"<html>Gateway Time-out</html>", "a proxy in front answered"),
         (200, b'{"status": "ok"}', "check that the address is a worker-prover RPC"),
     ],
-    ids=["gateway-401", "gateway-502", "another-json-api"],
+    ids=["gateway-401", "gateway-502", "gateway-504", "another-json-api"],
 )
 async def test_a_json_body_that_is_no_json_rpc_answer_says_the_status_and_what_to_check(
     status, body, check

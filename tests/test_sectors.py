@@ -1047,7 +1047,10 @@ async def test_something_else_than_a_source_node_at_the_address_is_named_as_such
             [answer] = await locator.locate(refs(1))
         nursery.cancel_scope.cancel()
     assert answer.status == "error"
-    assert "check that the address is a damocles source node's RPC" in answer.detail
+    assert "a proxy in front answered for the server behind it, which is down" in answer.detail
+    assert "check that server and that the address is a damocles source node's RPC" in (
+        answer.detail
+    )
     assert "worker-prover" not in answer.detail
 
 

@@ -269,6 +269,11 @@ class RpcClient:
             )
         elif moved is not None:  # not followed: a POST is not sent on to another address
             check = f"it redirects to {moved[:200]!r}: give the address of {self.serves} there"
+        elif status in (502, 503, 504):  # a proxy's page while the server behind it is away
+            check = (
+                "a proxy in front answered for the server behind it, which is down, restarting"
+                f" or too slow; if it lasts, check that server and that the address is {self.serves}"
+            )
         else:
             check = f"check that the address is {self.serves}"
         return RpcProtocolError(
