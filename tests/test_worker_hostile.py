@@ -282,6 +282,9 @@ async def test_jobs_that_cannot_be_proved_are_each_failed_once_saying_why_and_th
         assert (lease, error) == ("L1", "") and output["proofs"], job_id
     assert "job twice: given again while this worker holds it; ignored" in worker_lines(caplog)
     assert worker.counters.delivered == len(errors) + 2 and worker.counters.given_up == 0
+    # More than asked: all taken, and said once (it proved them without a word).
+    [over] = [line for line in worker_lines(caplog) if "job(s) were asked" in line]
+    assert "gave 10 entries where 2 job(s) were asked: all are taken" in over, over
 
 
 #: Answers that are no result, for the first calls of a method (`times_bad`), then the right one.

@@ -130,6 +130,7 @@ class Worker:
         self._address: str | None = None  # the local address that reaches the manager
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
         self._unheld_stops = UnheldStops()  # when to say stops for jobs not held here
+        self._over_allocated = False  # the last allocation gave more than was asked (said)
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -372,6 +373,11 @@ class Worker:
             jobs, bad, first_bad = read_answer(got)
             if bad:  # one line for the answer (it may hold thousands)
                 log.error("%s", no_jobs_line(self.manager_url, bad, first_bad))
+            if len(got) > want and not self._over_allocated:  # once while answers go on so
+                log.warning("the manager at %s gave %d entries where %d job(s) were asked: all"
+                            " are taken, the extra ones waiting here for a slot (their"
+                            " heartbeats sent meanwhile)", self.manager_url, len(got), want)  # fmt: skip
+            self._over_allocated = len(got) > want
             taken = sum(self._take(job, problem) for job, problem in jobs)
             self.counters.empty_allocations += not taken  # (waited after, as an empty one)
             if taken < want and (not taken or len(got) < want):
