@@ -133,6 +133,14 @@ def _dext(*args: str, cwd: Path | None = None, env: dict | None = None):
     )  # fmt: skip
 
 
+def _usage_error(*args: str) -> str:
+    """The stderr of `damocles-ext ARGS`, which must be a usage error: exit 2, no traceback."""
+    done = _dext(*args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
 def test_verify_of_a_task_of_the_other_stage_points_to_verify_not_prove(tmp_path: Path):
     from helpers.frontend import make_task
 
@@ -481,13 +489,8 @@ def test_an_unrecognized_argument_is_blamed_on_the_subcommand_given_with_its_usa
     ids=["check-config", "worker", "serve-two"],
 )  # fmt: skip
 def test_a_mistyped_option_is_said_with_the_option_it_is_close_to(args: list[str], said: str):
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    command = args[0]
-    assert f"damocles-ext {command}: error: unrecognized arguments: {said}\n" in done.stderr, (
-        done.stderr
-    )
-    assert "Traceback" not in done.stderr
+    stderr = _usage_error(*args)
+    assert f"damocles-ext {args[0]}: error: unrecognized arguments: {said}\n" in stderr, stderr
 
 
 @pytest.mark.parametrize(
@@ -515,10 +518,8 @@ def test_an_option_the_command_does_not_take_is_named_when_argparse_stops_at_ano
     # argparse stops at what it could not fit (the option's value taken for the positional
     # FILE; a required argument the mistyped option left missing) before it would say the
     # option is unknown: the error names the option, the mistake to fix, and the close one.
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert said in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = _usage_error(*args)
+    assert said in stderr, stderr
 
 
 @pytest.mark.parametrize(
@@ -549,10 +550,8 @@ def test_an_option_of_another_command_is_said_to_be_its_and_not_taken_for_a_typo
     # already: --miner for --manager, --count for --connect, --sectors for --store. Each is
     # another command's option: that is said, with an option of the command that holds the
     # word (--allowed-miners) if any.
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(said), done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = _usage_error(*args)
+    assert stderr.endswith(said), stderr
 
 
 @pytest.mark.parametrize(
@@ -572,21 +571,16 @@ def test_the_option_meant_is_found_whatever_its_case_not_after_double_dash_and_i
     # difflib is case-sensitive (--CONF-DIR got no hint); what follows `--` is no option (it
     # got one); with extras before and after the subcommand only the top parser's options were
     # looked at (--jsn, a typo of status's --json, got none).
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(said), done.stderr
+    stderr = _usage_error(*args)
+    assert stderr.endswith(said), stderr
     if "--" in args:
-        assert "did you mean" not in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+        assert "did you mean" not in stderr, stderr
 
 
 def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
     # --conf-di is argparse's abbreviation of --conf-dir: the error is the real one, alone.
-    done = _dext("check-config", "-c", "x.cfg", "--conf-di", "d")
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(
-        "error: argument --conf-dir: not allowed with argument -c/--config\n"
-    ), done.stderr
+    stderr = _usage_error("check-config", "-c", "x.cfg", "--conf-di", "d")
+    assert stderr.endswith("error: argument --conf-dir: not allowed with argument -c/--config\n")
 
 
 @pytest.mark.parametrize(
@@ -599,11 +593,8 @@ def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
 def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(args, said):
     # The subcommand takes it (its usage lists it): it was only given in the wrong place, and
     # the error says where it goes (it said only "unrecognized arguments: --json").
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(f"damocles-ext: error: unrecognized arguments: {said}\n"), (
-        done.stderr
-    )
+    stderr = _usage_error(*args)
+    assert stderr.endswith(f"damocles-ext: error: unrecognized arguments: {said}\n"), stderr
 
 
 @pytest.mark.parametrize(
@@ -620,21 +611,19 @@ def test_a_mistyped_subcommand_is_said_with_the_one_it_is_close_to_and_no_option
     # The options after a mistyped subcommand were all called foreign to damocles-ext ("--json
     # is not an option of damocles-ext: --json is an option of ... status"): the parser cannot
     # know which subcommand they were for; the subcommand is the mistake to fix.
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(said), done.stderr
-    assert "not an option" not in done.stderr and "Traceback" not in done.stderr
+    stderr = _usage_error(*args)
+    assert stderr.endswith(said), stderr
+    assert "not an option" not in stderr, stderr
 
 
 def test_an_option_before_the_subcommand_whose_value_was_taken_for_it_is_said():
     # `--socket s status`: argparse takes s for the subcommand; the option before it is the
     # mistake (the subcommand's, given before its name), and is said with where it belongs.
-    done = _dext("--socket", "s", "status")
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.endswith(
+    stderr = _usage_error("--socket", "s", "status")
+    assert stderr.endswith(
         "'worker') (--socket is not an option of damocles-ext: --socket is an option of"
         " damocles-ext run, prove, status and 1 more)\n"
-    ), done.stderr
+    ), stderr
 
 
 def test_check_config_json_is_utf8_json_whatever_the_locales_encoding(tmp_path: Path):
