@@ -98,6 +98,14 @@ class Beating:
         return job
 
 
+async def held_job(store: JobStore, method: str, nursery, holder) -> tuple[Beating, JobRecord]:
+    """A Beating of one running job whose row `holder` holds."""
+    beating = Beating(store, method, nursery)
+    job = await beating.start()
+    lock(holder, job.Id)
+    return beating, job
+
+
 @pytest.fixture
 def store(postgres_url: str) -> Iterator[JobStore]:
     with JobStore.open(postgres_url) as s:
@@ -121,9 +129,7 @@ async def test_a_held_row_is_said_nothing_while_its_last_heartbeat_is_under_half
     # Our own transactions (a sweep, an allocation) hold a row for milliseconds and make a
     # heartbeat pass over it now and then: a warning at every skip would be noise.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, job = await held_job(store, "Venus", nursery, holder)
     assert (await beating.beat(3)).HeartbeatAt == job.HeartbeatAt  # passed over
     assert (await beating.beat(6)).HeartbeatAt == job.HeartbeatAt  # 6 s < 7.5 s
     holder.rollback()
@@ -140,9 +146,7 @@ async def test_a_row_held_past_half_the_timeout_is_warned_once_naming_job_worker
     # Before, a hold said nothing until the job's heartbeat aged past HeartbeatTimeout and a
     # sweep took the job back once the row was freed.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, method, nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, job = await held_job(store, method, nursery, holder)
     for at in (3, 6, 9, 12, 15, 18):  # a heartbeat every 3 s, as a worker sends them
         assert (await beating.beat(at)).HeartbeatAt == job.HeartbeatAt
     [warned] = warnings_of(caplog)
@@ -164,9 +168,7 @@ async def test_a_new_long_hold_after_a_heartbeat_landed_is_warned_again(
     store, holder, caplog, nursery
 ):
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, "Dext", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, job = await held_job(store, "Dext", nursery, holder)
     for at in (3, 6, 9, 12):
         await beating.beat(at)
     assert len(warnings_of(caplog)) == 1
@@ -270,9 +272,7 @@ async def test_the_look_locks_no_row_found_free_while_no_other_session_could_hol
     # Before, it locked each row not named (FOR UPDATE SKIP LOCKED) to tell whether it was
     # still held: a heartbeat or a sweep at that moment passed over a row freed long before
     # (its heartbeat skipped, the sweep's taking back not).
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    _beating, job = await held_job(store, "Venus", nursery, holder)
     holder.commit()  # the row is free; its xmax still names the holder's transaction
     with psycopg.connect(postgres_url) as reader:
         before = xmax(reader, job.Id)
@@ -351,9 +351,7 @@ async def test_a_heartbeats_answer_never_waits_for_the_look_at_its_holders(
     # job, one after another. The look may take as long as it likes here (60 s): the answer
     # comes while it waits at the gate.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, _job = await held_job(store, "Venus", nursery, holder)
     await beating.beat(3)
     with Gate(monkeypatch) as gate:
         with trio.fail_after(5):  # a heartbeat waiting for the look would wait 60 s
@@ -428,9 +426,7 @@ async def test_a_row_freed_before_its_holder_is_looked_up_is_said_nothing(
     # A hold that ends between the heartbeat and the look (a sweep of ours, a reset) is not
     # warned of: before, the warning then told to find a session and terminate it.
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, _job = await held_job(store, "Venus", nursery, holder)
     await beating.beat(3)
     with Gate(monkeypatch) as gate:
         await beating.call(9)  # to be warned of: its look waits at the gate
@@ -446,9 +442,7 @@ async def test_a_warning_that_fails_leaves_the_heartbeats_answer_as_it_is_and_is
     store, holder, caplog, nursery, monkeypatch, method
 ):
     caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
-    beating = Beating(store, method, nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, _job = await held_job(store, method, nursery, holder)
 
     def broken(held, advice):
         raise RuntimeError("a bug in the warning's words")
@@ -514,9 +508,7 @@ async def test_a_warning_put_off_by_a_full_queue_is_handed_again_at_the_next_hea
 async def test_a_failure_in_recording_a_hold_leaves_the_heartbeats_answer_as_it_is(
     store, holder, caplog, nursery, monkeypatch, method
 ):
-    beating = Beating(store, method, nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, _job = await held_job(store, method, nursery, holder)
 
     def broken(*args):
         raise RuntimeError("a bug in the holds' bookkeeping")
@@ -552,9 +544,7 @@ async def test_a_failure_reading_the_jobs_table_at_the_start_stops_neither_warni
         raise RuntimeError("a bug in the table's read")
 
     monkeypatch.setattr(lock_waits, "jobs_table", broken)
-    beating = Beating(store, "Venus", nursery)
-    job = await beating.start()
-    lock(holder, job.Id)
+    beating, _job = await held_job(store, "Venus", nursery, holder)
     for at in (3, 9):
         await beating.beat(at)
     assert "a bug in the table's read" in caplog.text
