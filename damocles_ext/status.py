@@ -459,8 +459,13 @@ class StatusSource:
         doc = await self.document()
         if parts:
             doc = msgspec.structs.replace(doc, **parts)
-        data: dict[str, Any] = utf8_text(msgspec.to_builtins(doc))
+        data: dict[str, Any] = reply_data(doc)
         return data
+
+
+def reply_data(value: Any) -> Any:
+    """`value` (a Struct of the document, or a part of it) as plain data a StatusReply carries."""
+    return utf8_text(msgspec.to_builtins(value))
 
 
 def utf8_text(value: Any) -> Any:

@@ -463,8 +463,7 @@ def test_a_call_frozen_in_its_transaction_past_the_servers_idle_timeout_is_run_a
     monkeypatch.setitem(
         pg_session.PG_SESSION_SETTINGS, "idle_in_transaction_session_timeout", "100ms"
     )
-    job, _ = pg.create(make_input(), T0)
-    pg.allocate(ANY, 1, "w1", T0 + 1)
+    job = running(pg)
     frozen: list[int] = []
 
     def freeze_before_the_update(conn, _cursor, statement, *_args):
@@ -493,8 +492,7 @@ def test_a_call_frozen_before_its_commit_past_the_servers_idle_timeout_is_run_ag
     # 1 s, not less: a try whose session a stall between its statements (a loaded machine)
     # outlasted would be ended before its COMMIT, and not frozen there as each one must be.
     monkeypatch.setitem(pg_session.PG_SESSION_SETTINGS, "idle_in_transaction_session_timeout", "1s")
-    job, _ = pg.create(make_input(), T0)
-    pg.allocate(ANY, 1, "w1", T0 + 1)
+    job = running(pg)
     frozen: list[int] = []
     freezes = [1]  # how many commits to freeze
 

@@ -557,7 +557,6 @@ class _Reader:
                     children[k] = msgspec.structs.replace(child, concurrent=concurrent)
         for lock, holders in by_lock.items():
             count, runs = ext_locks[lock], [children[k] for k in holders]
-            given = [processors[k].concurrent_given for k in holders]
             at_once = min(sum(c.concurrent for c in runs), bound)
             if count == 0:
                 self.errors.append(
@@ -566,6 +565,7 @@ class _Reader:
                     " give it 1 or more"
                 )
             elif 1 < count < at_once and len(holders) > 1:
+                given = [processors[k].concurrent_given for k in holders]
                 each = ", ".join(
                     f"{_processor(c)} {c.concurrent}{'' if g else ' (unset: one per thread)'}"
                     for c, g in zip(runs, given, strict=True)
@@ -580,10 +580,9 @@ class _Reader:
             elif count > 1 and count >= at_once and len(holders) > 1:  # never makes one wait
                 for k in holders:
                     child = children[k]
-                    kept = tuple(
-                        x for x in child.locks if x != lock or x in device_locks(child.gpu)
-                    )
-                    children[k] = msgspec.structs.replace(child, locks=kept)
+                    if lock not in device_locks(child.gpu):  # (a device's own lock is kept)
+                        kept = tuple(x for x in child.locks if x != lock)
+                        children[k] = msgspec.structs.replace(child, locks=kept)
         return children
 
     def _child(

@@ -57,7 +57,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
 from .control_status import (
     MAX_STATUS_IN_FLIGHT,
     MAX_STATUS_IN_FLIGHT_SERVER,
-    StatusSource,
+    StatusFn,
     busy_reply,
     status_reply,
 )
@@ -67,10 +67,8 @@ from .outbox import stream_fd, write_now
 from .started import (
     Batch,
     CancelHandle,
-    InternalError,
     Start,
-    failure_fields,
-    internal_error,
+    bug_answer,
     said_and_logged,
     start_or_decline,
 )
@@ -136,7 +134,7 @@ class ControlServer:
         *,
         start: Start | None = None,
         batch: Batch = contextlib.nullcontext,
-        status: StatusSource | None = None,
+        status: StatusFn | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
@@ -576,10 +574,9 @@ class _Connection:
             else:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
-        except Exception as exc:
-            fields = failure_fields(rid, exc)
-            log.exception("control request %d: internal error on its answer", rid, extra=fields)
-            self._queue_response(dext.Response(rid, error=internal_error(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: answered, logged by bug_answer
+            error = bug_answer(log, rid, exc, "control request %d: internal error on its answer")
+            self._queue_response(dext.Response(rid, error=str(error)))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
@@ -592,10 +589,9 @@ class _Connection:
                 )
             except DextError as exc:
                 error = exc
-            except Exception as exc:  # a bug of ours must still answer the request
-                fields = failure_fields(req.id, exc)  # the caller's id: the answer's one record
-                log.exception("control request %d: internal error", req.id, extra=fields)
-                error = InternalError(internal_error(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must still answer the request
+                # The caller's id: the answer's one record.
+                error = bug_answer(log, req.id, exc, "control request %d: internal error")
         if scope.cancelled_caught:  # by the client's Cancel (a hang-up: _done answers nobody)
             self._client_cancelled.add(req.id)
         else:  # answered: a Cancel that came after it changes nothing

@@ -22,7 +22,7 @@ MAX_STATUS_IN_FLIGHT = 16
 MAX_STATUS_IN_FLIGHT_SERVER = 64
 
 #: Where the status document comes from (ControlServer's `status`), if this supervisor has one.
-StatusSource = Callable[[], Awaitable[dict[str, object]]]
+StatusFn = Callable[[], Awaitable[dict[str, object]]]
 
 
 def busy_reply(request_id: int) -> control_protocol.StatusReply:
@@ -36,9 +36,7 @@ def busy_reply(request_id: int) -> control_protocol.StatusReply:
     )
 
 
-async def status_reply(
-    status: StatusSource | None, request_id: int
-) -> control_protocol.StatusReply:
+async def status_reply(status: StatusFn | None, request_id: int) -> control_protocol.StatusReply:
     """The answer to status request `request_id`: `status()`'s document, or why there is none
     (with a worker's part when the worker has not started its children yet)."""
     reply = control_protocol.StatusReply

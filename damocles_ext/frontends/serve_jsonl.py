@@ -38,10 +38,9 @@ from .signals import end_soon, stop_signals, watch_signals
 from .started import (
     Batch,
     CancelHandle,
-    InternalError,
     Start,
+    bug_answer,
     failure_fields,
-    internal_error,
     own_label,
     start_or_decline,
 )
@@ -294,11 +293,10 @@ class JsonLineServer:
             return
         try:
             self._reply(id, output, error)
-        except Exception as exc:
-            log.exception(
-                "request %d: internal error on its answer", id, extra=failure_fields(id, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: answered, logged by bug_answer
+            self._reply(
+                id, None, bug_answer(log, id, exc, "request %d: internal error on its answer")
             )
-            self._reply(id, None, InternalError(internal_error(exc)))
 
     def _take(self, id: int, what: str) -> bool:
         """Count `id` in flight until it is answered; False (logged) if it is already."""
@@ -330,9 +328,8 @@ class JsonLineServer:
                 output = await self._submit(task)
             except DextError as exc:
                 self._reply(id, None, exc)
-            except Exception as exc:  # a bug of ours must still answer the request
-                log.exception("request %d: internal error", id, extra=failure_fields(id, exc))
-                self._reply(id, None, InternalError(internal_error(exc)))
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must still answer the request
+                self._reply(id, None, bug_answer(log, id, exc))
             else:
                 self._reply(id, output, None)
             queued = True

@@ -73,10 +73,10 @@ def start_or_decline(
         handles.pop(rid, None)
         on_done(None, exc)
         return True
-    except Exception as exc:  # a bug of ours must still answer the request
-        log.exception("request %d: internal error", rid, extra=failure_fields(rid, exc))
+    except Exception as exc:  # noqa: BLE001 - a bug of ours must still answer the request
+        error = bug_answer(log, rid, exc)
         handles.pop(rid, None)
-        on_done(None, InternalError(internal_error(exc)))
+        on_done(None, error)
         return True
     if started is None:
         handles.pop(rid, None)
@@ -123,6 +123,15 @@ def said_and_logged(rid: int, error: BaseException, logger: logging.Logger) -> s
     if not getattr(error, "logged", False):
         logger.warning("%s", said, extra=failure_fields(rid, error))
     return said
+
+
+def bug_answer(
+    logger: logging.Logger, rid: int, exc: Exception, what: str = "request %d: internal error"
+) -> InternalError:
+    """The answer to request `rid` (the caller's id) after a bug of ours, `exc`: logged once
+    here, with its traceback and the answer's fields (`what`, a format of the id, says where)."""
+    logger.error(what, rid, exc_info=exc, extra=failure_fields(rid, exc))
+    return InternalError(internal_error(exc))
 
 
 def failure_fields(caller_id: int | str, error: BaseException) -> dict[str, Any]:

@@ -380,7 +380,7 @@ class Worker:
             self._over_allocated = len(got) > want
             taken = sum(self._take(job, problem) for job, problem in jobs)
             self.counters.empty_allocations += not taken  # (waited after, as an empty one)
-            if taken < want and (not taken or len(got) < want):
+            if not taken or len(got) < want:  # (want > 0 here; taken <= len(got))
                 self._idle(self.settings.idle_poll)
             self._touch()
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from ..errors import NotStartedError, UsageError
@@ -180,7 +179,7 @@ async def run_worker(
     on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `worker` until it ends, serving its control socket and metrics while it runs."""
-    from ..status import StatusSource, utf8_text
+    from ..status import StatusSource, reply_data
     from .control import ControlServer
 
     done = trio.Event()
@@ -203,7 +202,7 @@ async def run_worker(
 
             async def status() -> dict[str, object]:
                 if source is None:  # the socket is served while the worker waits to start
-                    part = utf8_text(msgspec.to_builtins(worker_part(worker)))
+                    part = reply_data(worker_part(worker))
                     raise NotStartedError(not_started(worker), part)
                 return await source.as_data(worker=worker_part(worker))
 

@@ -111,9 +111,11 @@ class HeldRows:
                 self._forget_job(effect.job_id)  # landed, or not this worker's any more
         self._expire(monotonic, heartbeat_timeout)
         seen_again_after = self._seen_again_after(worker, monotonic, heartbeat_timeout)
+        if not (skipped := set(skipped)):
+            return []  # (every heartbeat but one passed over: nothing more to look at)
         stored = {job.Id: job for job in jobs}
         warn = []
-        for job_id in sorted(set(skipped)):
+        for job_id in sorted(skipped):
             job = stored.get(job_id)
             if job is None or job.State != RUNNING or job.WorkerName != worker:
                 continue  # its heartbeat would be refused: nothing is lost by the hold

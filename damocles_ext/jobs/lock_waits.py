@@ -249,12 +249,12 @@ def holders(engine: Engine, job_id: str | None = None, table: str | None = None)
             blind = None if sees_all else str(role)
             conn.rollback()
             if job_id is not None and (xmax := _xmax(conn, job_id)) is not None:
-                rows = _rows(conn, _ROW_HOLDER, {"xmax": xmax, "table": jobs.name})
+                rows = conn.execute(_ROW_HOLDER, {"xmax": xmax, "table": jobs.name}).all()
                 if rows:
                     return Held(timeout, [_session(r) for r in rows], True, blind)
-            sessions = [_session(r) for r in _rows(conn, _HOLDERS, {"names": names})]
+            sessions = [_session(r) for r in conn.execute(_HOLDERS, {"names": names})]
             if blind is not None:
-                sessions += [_hidden(r) for r in _rows(conn, _HIDDEN, {"names": names})]
+                sessions += [_hidden(r) for r in conn.execute(_HIDDEN, {"names": names})]
     except exc.SQLAlchemyError:
         return Held(timeout, [], blind=blind)
     return Held(timeout, sessions, blind=blind)
@@ -372,10 +372,6 @@ def _xmax(conn: Connection, job_id: str) -> str | None:
     except exc.DBAPIError:
         return None
     return None if xmax is None else str(xmax)
-
-
-def _rows(conn: Connection, statement: Any, params: dict[str, Any]) -> list[Any]:
-    return list(conn.execute(statement, params))
 
 
 def _session(r: Any) -> Session:
