@@ -21,7 +21,7 @@ from helpers.hostile_coordinator import CUT, NO_RESULT, SILENT, Error, HostileCo
 from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.worker import Worker
-from damocles_ext.jobs.worker_rules import UnheldStops
+from damocles_ext.jobs.worker_rules import Backoff, UnheldStops, UnprovedRounds
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -121,6 +121,68 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
     assert worker.counters.allocations >= 2
     assert worker.counters.empty_allocations == worker.counters.allocations - 1
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
+
+
+async def test_allocations_of_only_jobs_failing_before_a_prover_are_asked_again_after_a_wait(
+    tmp_path, caplog, mock_clock
+):
+    # Before, such a job (its input unreadable here), answered at once with its error, freed its
+    # slot at once and the worker asked again at once, for ever: about 2,500 allocations and
+    # finishes in 3 s, a line each (the breaker counts the prover's failures only: none here).
+    # Now it waits as after an empty answer, 1 s doubling to --idle-poll (8 s), said once a
+    # spell; a job that reaches a prover ends the spell, and its end is asked after at once.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+
+    def alloc(params: list, n: int) -> list:
+        return [job(f"j{n}")] if n == 6 else [job(f"bad-{n}") | {"Input": None}]
+
+    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0}
+    script = {"Dext.AllocateJobs": alloc}
+    async with against(tmp_path, script, **settings) as (coordinator, worker):
+
+        def waiting() -> bool:  # all it was given answered, and no call before a time to come
+            done = worker.counters.delivered == allocations(coordinator)
+            return done and not worker.held and trio.current_time() < worker._idle_until
+
+        # The time moves only here (mock_clock): a worker that asks again at once asks at the
+        # same instant, and never waits.
+        for _ in range(int(29 / 0.25)):
+            await until(worker, coordinator, lambda: allocations(coordinator) > 40 or waiting())
+            assert allocations(coordinator) <= 40, "asked again at full speed"
+            mock_clock.jump(0.25)
+    times = coordinator.times_of("Dext.AllocateJobs")
+    # 0, 1, 3, 7, 15, 23 (j6, proved: asked again at once), 23, 24, 26
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 8, 0, 1, 2], times
+    for n in (1, 2, 3, 4, 5, 7, 8, 9):
+        [(_, _, output, error)] = coordinator.finishes(f"bad-{n}")
+        assert output is None and error.startswith("unreadable job input"), error
+    [(_, _, output, error)] = coordinator.finishes("j6")
+    assert error == "" and output["proofs"]
+    lines = worker_lines(caplog)
+    spells = [line for line in lines if line.startswith("no job the manager gives reaches")]
+    assert len(spells) == 2 and "at once (job bad-1: unreadable job input" in spells[0], spells
+    ended = "a job reaches a prover again, after 5 allocations of jobs that all failed before one"
+    assert [line for line in lines if line.startswith("a job reaches")] == [f"{ended}, in 23 s"]
+    assert worker.counters.pauses == 0
+
+
+def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_prover():
+    rounds = UnprovedRounds(Backoff(1.0, 3.0))
+    mixed, bad, worse = rounds.round(2), rounds.round(2), rounds.round(1)
+    # A job of a round with others still held: asked for at once, as any slot freed.
+    assert rounds.ended(bad, 0.0, unproved=True, why="job a: x") == (None, None)
+    assert rounds.ended(mixed, 0.0, unproved=False, why="") == (None, None)  # (proved)
+    assert rounds.ended(mixed, 0.0, unproved=True, why="job b: y") == (None, None)
+    wait, said = rounds.ended(bad, 5.0, unproved=True, why="job c: z")
+    assert wait == 1.0 and said is not None and "(job c: z)" in said
+    assert rounds.ended(worse, 6.0, unproved=True, why="job d: z") == (2.0, None)  # said once
+    assert [rounds.ended(rounds.round(1), 7.0, unproved=True, why="")[0] for _ in "ab"] == [3, 3]
+    assert rounds.reached(9.0) == (
+        "a job reaches a prover again, after 4 allocations of jobs that all failed before one,"
+        " in 4 s"
+    )
+    assert rounds.ended(rounds.round(1), 10.0, unproved=True, why="job e: z")[0] == 1.0
+    assert rounds.rounds == {}
 
 
 #: Three slots, proofs that last until the test stops the worker.

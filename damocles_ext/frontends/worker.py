@@ -49,6 +49,7 @@ from ..jobs.worker_rules import (
     FinishVerdict,
     Outage,
     UnheldStops,
+    UnprovedRounds,
     allocate_params,
     allocations_outage,
     deadline_reached,
@@ -124,6 +125,7 @@ class Worker:
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
+        self._unproved = UnprovedRounds(Backoff(settings.retry_base, settings.idle_poll))
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
@@ -378,7 +380,11 @@ class Worker:
                             " are taken, the extra ones waiting here for a slot (their"
                             " heartbeats sent meanwhile)", self.manager_url, len(got), want)  # fmt: skip
             self._over_allocated = len(got) > want
-            taken = sum(self._take(job, problem) for job, problem in jobs)
+            new = [h for job, problem in jobs if (h := self._take(job, problem)) is not None]
+            if taken := len(new):  # (its jobs all failed before a prover: waited after, _release)
+                number = self._unproved.round(taken)
+                for h in new:
+                    h.round = number
             self.counters.empty_allocations += not taken  # (waited after, as an empty one)
             if not taken or len(got) < want:  # (want > 0 here; taken <= len(got))
                 self._idle(self.settings.idle_poll)
@@ -391,9 +397,9 @@ class Worker:
         with trio.move_on_after(seconds):
             await self._stop.wait()
 
-    def _take(self, job: PulledJob, problem: str | None) -> bool:
-        """Hold `job` (failing it if `problem`: its input cannot be read) if it is a new one;
-        whether it is."""
+    def _take(self, job: PulledJob, problem: str | None) -> HeldJob | None:
+        """Hold `job` (failing it if `problem`: its input cannot be read) if it is a new one:
+        its HeldJob then, else None."""
         now = self._clock()
         if (had := self.held.get(job.Id)) is not None:
             how = given_again(had, job, now) if problem is None else SAME
@@ -402,10 +408,10 @@ class Worker:
                                 " on it goes on under the new one", job.Id, job.TryNum)  # fmt: skip
                 self.counters.pulled += 1
                 self._touch()
-                return False
+                return None
             if how == SAME and had.stop_reason is None:
                 had.log.warning("job %s: given again while this worker holds it; ignored", job.Id)
-                return False
+                return None
             self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
@@ -413,13 +419,13 @@ class Worker:
         if problem is not None:
             held.log.error("job %s: its input cannot be read (%s); failing it", job.Id, problem)
             self._nursery.start_soon(self._fail, held, f"unreadable job input: {problem}")
-            return True
+            return held
         held.log.info("job %s: pulled (miner %d, deadline %d, partitions %s, %d sectors, try %d)",
                       job.Id, job.Input.MinerId, job.DeadlineIdx,
                       format_partitions(job.Partitions),  # as `wdpost list` shows them
                       len(job.Input.Sectors or ()), job.TryNum)  # fmt: skip
         self._nursery.start_soon(self._prove, held)
-        return True
+        return held
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -456,6 +462,10 @@ class Worker:
 
         def dispatched(child: str | None) -> None:
             held.child = child
+            if child is not None and not held.reached_prover:  # a spell of unproved jobs ends
+                held.reached_prover = True
+                if (line := self._unproved.reached(trio.current_time())) is not None:
+                    log.info("%s", line)
             self._touch()
 
         try:
@@ -554,7 +564,15 @@ class Worker:
     def _release(self, held: HeldJob) -> None:
         if self.held.get(held.job.Id) is held:
             del self.held[held.job.Id]
-        self._idle_until = -math.inf  # a slot is free: ask at once, no pause between jobs
+        # A slot is free: ask at once, no pause between jobs; unless the round that brought
+        # the job ends with it, and all its jobs failed before a prover ran (worker_rules).
+        now = trio.current_time()
+        unproved = not held.reached_prover and bool(held.error) and held.stop_reason is None
+        why = f"job {held.job.Id}: {held.error}"
+        wait, line = self._unproved.ended(held.round, now, unproved=unproved, why=why)
+        if line is not None:
+            log.warning("%s", line)
+        self._idle_until = -math.inf if wait is None else now + wait
         self._touch()
 
     def _stop_job(self, job_id: str, reason: str, why: str) -> None:

@@ -53,6 +53,8 @@ class HeldJob:
     child: str | None = None  # the child its current attempt runs on (the supervisor says)
     prover_failed: bool = False  # no proof, for a failure of the prover (the breaker counts it)
     error: str = ""  # finishing with this error (no proof)
+    round: int = 0  # the allocation round that brought it (worker_rules.UnprovedRounds)
+    reached_prover: bool = False  # dispatched to a child: it did not fail before a prover
 
     def fields(self, error: BaseException | None = None) -> dict[str, Any]:
         """The fields of a record about the job (JSON logs): `job_id`, and `request_id` when

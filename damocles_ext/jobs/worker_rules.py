@@ -290,6 +290,68 @@ def allocations_outage() -> Outage:
     )
 
 
+def unproved_outage() -> Outage:
+    """Allocations whose jobs all fail before a prover runs (`UnprovedRounds`): one line when
+    they begin, one when a job reaches a prover again."""
+    return Outage(
+        begins="no job the manager gives reaches a prover here: each fails at once ({why})"
+        " and is answered with its error; until one does, the manager is asked again after a"
+        " wait growing to --idle-poll, not at once (check the jobs it gives this worker: their"
+        " input, the stores of their sectors attached here, --allowed-miners)",
+        ends="a job reaches a prover again, after {failures} allocations of jobs that all failed"
+        " before one, in {lasted:.0f} s",
+    )
+
+
+@dataclass(slots=True)
+class UnprovedRounds:
+    """When to ask again after an allocation round whose jobs all failed before a prover ran
+    (their input cannot be read, they are no WindowPoSt this worker can prove, a store is
+    missing, too late to start): each is answered at once with its error, which frees its slot
+    at once, and a manager that gives only such jobs would be asked again at full speed
+    (thousands of calls a second, a line each). The breaker counts the prover's failures only:
+    these are none. So when the last of a round's new jobs ends, none having reached a prover
+    and each with an error, the worker waits `backoff` (from its base, doubling up to
+    --idle-poll) before asking again, as after an empty answer; a job that reaches a prover
+    ends the spell (and the doubling). A round with a job that reached a prover, or a job
+    ended without an error (faults, stopped by the manager), asks again at once."""
+
+    backoff: Backoff
+    outage: Outage = field(default_factory=unproved_outage)
+    #: Each round's jobs not ended yet, and whether one reached a prover or ended without error.
+    rounds: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    last: int = 0
+
+    def round(self, jobs: int) -> int:
+        """A round that brought `jobs` new jobs (> 0): its number, given back at each end."""
+        self.last += 1
+        self.rounds[self.last] = (jobs, False)
+        return self.last
+
+    def reached(self, now: float) -> str | None:
+        """A job reached a prover at `now`: the spell ends; the line to log, if one was said."""
+        self.backoff.reset()
+        return self.outage.answered(now)
+
+    def ended(
+        self, round_: int, now: float, *, unproved: bool, why: str
+    ) -> tuple[float | None, str | None]:
+        """A job of round `round_` ended at `now` (`unproved`: it failed before reaching a
+        prover, with `why`): (the seconds to wait before asking again, None to ask at once;
+        the line to log, or None)."""
+        if round_ not in self.rounds:
+            return None, None
+        left, proved = self.rounds[round_]
+        left, proved = left - 1, proved or not unproved
+        if left > 0:
+            self.rounds[round_] = (left, proved)
+            return None, None
+        del self.rounds[round_]
+        if proved:
+            return None, None
+        return self.backoff.next_delay(), self.outage.failed(now, why)
+
+
 # --- Venus.WorkerPing ---------------------------------------------------------------------------
 
 #: The port of a Dest that serves no damocles-worker RPC (damocles-manager requires a Dest, and
