@@ -431,6 +431,37 @@ async def test_a_finish_answered_wrong_is_sent_again_after_a_backoff_until_taken
     assert [line.split("(attempt ")[1][0] for line in not_yet] == ["1", "2"][:bad], not_yet
 
 
+async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_not_as_an_outage(
+    tmp_path, caplog
+):
+    # A coordinator whose heartbeat handler is stuck while its allocations and finishes answer.
+    # Before, each heartbeat's timeout began an outage of the manager, and the next allocation
+    # answered ended it: the log alternated "unreachable" / "answers again" for as long as it
+    # lasted. Now the heartbeats' own outage: one line when they fail, one when answered again.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {
+        "Dext.AllocateJobs": first(job("j1")),
+        "Dext.HeartbeatJobs": lambda params, n: SILENT if n <= 3 else [],
+    }
+    # Allocations every 0.05 s (a slot stays free), answered between the heartbeats' timeouts.
+    settings = {"rpc_timeout": 0.3, "idle_poll": 0.05}
+    async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+
+        def beaten() -> bool:
+            return "j1" in worker.held and worker.held["j1"].last_heartbeat is not None
+
+        await until(worker, coordinator, beaten)
+        assert allocations(coordinator) > beats(coordinator)  # (they answered meanwhile)
+        assert worker.manager_reachable
+    lines = worker_lines(caplog)
+    outage = [line for line in lines if "unreachable" in line or "answers again" in line]
+    assert outage == [], outage
+    [failing] = [line for line in lines if line.startswith("the heartbeats of the jobs")]
+    assert worker.manager_url in failing and "Dext.HeartbeatJobs" in failing, failing
+    [again] = [line for line in lines if line.startswith("heartbeats are answered again")]
+    assert again.startswith("heartbeats are answered again, after 3 failed in"), again
+
+
 BAD_HEARTBEATS = {
     **BAD_ANSWERS,
     **NO_LIST,

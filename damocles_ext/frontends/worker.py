@@ -151,7 +151,8 @@ class Worker:
 
     @property
     def manager_reachable(self) -> bool:
-        """False during an outage (between its first failed call and its first answer)."""
+        """False during an outage (between its first failed call and its first answer); the
+        heartbeats' failures are an outage of their own, which this does not show."""
         return self._outage.down_since is None
 
     @property
@@ -615,15 +616,11 @@ class Worker:
             stop = await self._beats.call(  # (`null` or no `result`: failed, as no list)
                 "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
             )
-        except RpcConnectionError as exc:
-            self._unreachable(str(exc))
-            return
-        except RpcClientError as exc:
+        except RpcClientError as exc:  # (no answer too: said as the heartbeats' own outage)
             if isinstance(exc, RpcCallError):
                 self._refused_token(exc)
             self._unreachable(str(exc), self._beats_failing)
             return
-        self._answered()
         self._beaten(held, started, {s.Id for s in stop})
         if self._unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
             log.warning("%s", unheld_stops(self.manager_url, unheld))  # (not at each heartbeat)
@@ -646,6 +643,10 @@ class Worker:
         self._touch()
 
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
+    # Apart: a heartbeat is judged by the heartbeats' outage alone, failed or answered. A manager
+    # whose heartbeat handler is stuck while its other calls answer made the log alternate
+    # "unreachable" / "answers again"; the calls that begin the manager's outage (allocations,
+    # finishes) go on until answered, and so end it themselves.
 
     def _unreachable(self, what: str, outage: Outage | None = None) -> None:
         if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:

@@ -22,11 +22,7 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
     started = trio.current_time()
     try:
         await worker._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id for h in held], worker.name)
-    except RpcConnectionError as exc:
-        worker._unreachable(str(exc))
-        return
     except RpcCallError as exc:
-        worker._answered()
         worker._refused_token(exc)
         if worker._refused is not None:
             return
@@ -34,11 +30,10 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         if not job_gone(exc.code, exc.message, ids):  # its store fails: the jobs are there
             worker._unreachable(str(exc), worker._beats_failing)
             return
-    except RpcClientError as exc:
+    except RpcClientError as exc:  # (no answer too: the heartbeats' outage, not the manager's)
         worker._unreachable(str(exc), worker._beats_failing)
         return
     else:
-        worker._answered()
         worker._beaten(held, started, set())
         return
     beaten, answered = list[HeldJob](), False
@@ -46,7 +41,7 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         try:
             await worker._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], worker.name)
         except RpcConnectionError as exc:
-            worker._unreachable(str(exc))
+            worker._unreachable(str(exc), worker._beats_failing)
             return
         except RpcCallError as exc:
             if not job_gone(exc.code, exc.message, [h.job.Id]):
