@@ -9,7 +9,8 @@ Requests on one connection run concurrently; each `submit` returns its own outpu
 ProverError. Cancelling a `submit` (e.g. with `trio.move_on_after`) cancels the request in the
 supervisor, and closing the connection cancels every request still open on it. A request with
 a deadline that has no answer `LATE_ANSWER` seconds after it (a supervisor stopped or hung)
-raises ProverError then.
+raises ProverError then. An error answer the supervisor says is the caller's to fix (no child
+of the task's stage there, a worker's socket: Response.kind) raises UsageError instead.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class NoSupervisorError(UsageError):
     """Nothing (usable) is listening at the socket path: a usage problem, exit code 2."""
 
 
+class KindUnsaidError(ProverError):
+    """An error answer without a kind (Response.kind): from a supervisor older than it, which
+    does not say whether the request was the caller's to fix; its status can tell (`prove`)."""
+
+
 class _NotSent(ProverError):
     """The request could not be written: the supervisor cannot have started it."""
 
@@ -113,7 +119,8 @@ class Client:
         priority: int = 0,
         on_progress: ProgressCallback | None = None,
     ) -> Output:
-        """Prove `task` (deadline: unix time); returns the output or raises ProverError."""
+        """Prove `task` (deadline: unix time); returns the output or raises ProverError, or
+        UsageError when the supervisor says the request is the caller's to fix."""
         check_trio_run("Client.submit()", self._token)
         self._check_open()
         request_id = next(self._ids)
@@ -176,6 +183,10 @@ class Client:
         response = pending.response
         assert response is not None
         if response.error is not None:
+            if response.kind == control_protocol.USAGE:
+                raise UsageError(response.error)
+            if response.kind is msgspec.UNSET:  # a supervisor older than kinds
+                raise KindUnsaidError(response.error)
             raise ProverError(response.error)
         if response.output is None:
             raise ProverError(

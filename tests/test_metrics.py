@@ -31,7 +31,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
-from damocles_ext.errors import ProverError
+from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.hookspecs import OUTCOMES, hookimpl
 from damocles_ext.metrics import SupervisorMetrics, parse_listen_address
 from damocles_ext.plugins import call_observers, get_plugin_manager
@@ -348,7 +348,8 @@ async def test_a_stage_without_children_has_its_series_at_0_before_its_first_ref
                 value(m, "damocles_ext_request_deadlines_missed_total", stage="winning_post") == 0
             )
             async with connect(path) as client:
-                with pytest.raises(ProverError, match="no winning_post children are configured"):
+                # The caller's to fix: a usage error, said by the answer (Response.kind).
+                with pytest.raises(UsageError, match="no winning_post children are configured"):
                     await client.submit(make_task(20, stage="winning_post"))
                 # status lists the stage from then on (docs/STATUS.md), with no child.
                 stages = {s.stage: s for s in (await client.status()).stages}

@@ -266,7 +266,7 @@ def _struct_fields(cls: type) -> list[tuple[str, str | None]]:
     fields = cls.__struct_fields__  # type: ignore[attr-defined]
     defaults = cls.__struct_defaults__  # type: ignore[attr-defined]
     shown = [None] * (len(fields) - len(defaults)) + [
-        "nil" if d is None else json.dumps(d) for d in defaults
+        "nil" if d is None else "absent" if d is msgspec.UNSET else json.dumps(d) for d in defaults
     ]
     return list(zip(fields, shown, strict=True))
 

@@ -27,7 +27,7 @@ from helpers.frontend import (
 from test_worker import Rig, children, job_input
 
 from damocles_ext.client import connect
-from damocles_ext.errors import ProverError
+from damocles_ext.errors import UsageError
 from damocles_ext.frontends.control_socket import bind_control_socket
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_control import WorkerMetrics, run_worker
@@ -241,7 +241,8 @@ async def test_many_proof_requests_to_a_workers_socket_are_each_refused_but_logg
     refused: list[str] = []
 
     async def send(client, miner: int) -> None:
-        with pytest.raises(ProverError, match="answers status only") as info:
+        # A usage error, said by the answer (Response.kind): the client's socket is wrong.
+        with pytest.raises(UsageError, match="answers status only") as info:
             await client.submit(make_task(miner))
         refused.append(str(info.value))
 

@@ -5,6 +5,8 @@ A client sends `Request{id, task, deadline, priority}` (and may send `Cancel{id}
 connection, several requests may be in flight on one connection, and a client that disconnects
 takes its queued and running requests with it (they are cancelled). A client may also send
 `StatusRequest{id}` (protocol/control.py) and gets `StatusReply{id, status}`: the status document.
+An error Response says its `kind` (protocol/control.py): control.USAGE when the request is the
+caller's to fix (a UsageError of `submit`, or no child of its stage here), else None.
 
 Who may connect is decided by the file system and SO_PEERCRED (control_socket.py: the socket's
 place, its binding and the checks the client makes too; importable from here as well). A peer
@@ -39,10 +41,10 @@ from typing import Protocol
 
 import trio
 
-from ..errors import DextError
+from ..errors import DextError, UsageError
 from ..protocol import control as control_protocol
 from ..protocol import dext
-from ..tasks import Output, Task
+from ..tasks import Output, Task, stage_of
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
     SOCKET_NAME,
@@ -59,6 +61,7 @@ from .control_status import (
     MAX_STATUS_IN_FLIGHT_SERVER,
     StatusFn,
     busy_reply,
+    no_child_problem,
     status_reply,
 )
 from .inbox import Inbox, only_sending_closed
@@ -124,6 +127,8 @@ class ControlServer:
     task of its own here; one it returns None for goes to `submit`. The requests of one read are
     started within `batch()` (`Supervisor.batch`: they go to the children together).
     `status`, when given, answers `StatusRequest`s: it returns the status document as plain data.
+    `serves(stage)`, when given, says whether this supervisor has a child of `stage`: a request
+    of a stage it has none of fails saying so, as a usage error (Response.kind).
     `max_connections`, `idle_timeout` (seconds) and `max_buffered` (bytes) bound what clients
     can hold (see the module docstring)."""
 
@@ -135,6 +140,7 @@ class ControlServer:
         start: Start | None = None,
         batch: Batch = contextlib.nullcontext,
         status: StatusFn | None = None,
+        serves: Callable[[str], bool] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
@@ -150,6 +156,7 @@ class ControlServer:
         self._start = start
         self._batch = batch
         self._status = status
+        self._serves = serves
         self._uid = os.geteuid()
         self._accept_scope = trio.CancelScope()
         self._slots = ConnectionSlots(max_connections, "control socket", log)
@@ -222,6 +229,16 @@ class ControlServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    def _error_response(self, rid: int, error: DextError, stage: str) -> dext.Response:
+        """The Response of request `rid` (of `stage`) that failed with `error`, with its kind."""
+        said = said_and_logged(rid, error, log)
+        if isinstance(error, UsageError):
+            return dext.Response(rid, error=said, kind=control_protocol.USAGE)
+        if self._serves is not None and not self._serves(stage):
+            said = f"{said}: {no_child_problem(self.path, stage)}"
+            return dext.Response(rid, error=said, kind=control_protocol.USAGE)
+        return dext.Response(rid, error=said, kind=None)
 
     def _request_started(self) -> None:
         self._stats.requests += 1
@@ -537,7 +554,7 @@ class _Connection:
             self._scopes,
             req.id,
             req.task,
-            lambda output, error: self._done(req.id, output, error),
+            lambda output, error: self._done(req.id, output, error, stage_of(req.task)),
             deadline=req.deadline,
             priority=req.priority,
             on_progress=self._progress_of(req.id),
@@ -558,7 +575,7 @@ class _Connection:
 
         return on_progress
 
-    def _done(self, rid: int, output: Output | None, error: DextError | None) -> None:
+    def _done(self, rid: int, output: Output | None, error: DextError | None, stage: str) -> None:
         """Request `rid` was answered, refused, or (neither output nor error) cancelled at the
         client's request: its one Response. Also called from within the supervisor (for what
         `start` took): a bug of ours here must still answer the request, and not reach it."""
@@ -568,15 +585,15 @@ class _Connection:
         try:
             if rid in self._client_cancelled:
                 self._client_cancelled.discard(rid)
-                response = dext.Response(rid, error="cancelled at the client's request")
+                response = dext.Response(rid, error="cancelled at the client's request", kind=None)
             elif error is not None:
-                response = dext.Response(rid, error=said_and_logged(rid, error, log))
+                response = self._server._error_response(rid, error, stage)
             else:
                 response = dext.Response(rid, output=output)
             self._queue_response(response)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: answered, logged by bug_answer
             error = bug_answer(log, rid, exc, "control request %d: internal error on its answer")
-            self._queue_response(dext.Response(rid, error=str(error)))
+            self._queue_response(dext.Response(rid, error=str(error), kind=None))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
@@ -596,7 +613,7 @@ class _Connection:
             self._client_cancelled.add(req.id)
         else:  # answered: a Cancel that came after it changes nothing
             self._client_cancelled.discard(req.id)
-        self._done(req.id, output, error)
+        self._done(req.id, output, error, stage_of(req.task))
 
     async def _answer_status(self, request_id: int) -> None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from ..config import TABLE_OF_STAGE
 from ..errors import DextError, NotStartedError
 from ..protocol import control as control_protocol
 from .started import internal_error
@@ -23,6 +24,17 @@ MAX_STATUS_IN_FLIGHT_SERVER = 64
 
 #: Where the status document comes from (ControlServer's `status`), if this supervisor has one.
 StatusFn = Callable[[], Awaitable[dict[str, object]]]
+
+
+def no_child_problem(path: object, stage: str) -> str:
+    """What is wrong with a request of `stage` sent to the supervisor at `path`, which has no
+    child of it: the config of that `run` (or the socket the caller chose)."""
+    table = TABLE_OF_STAGE[stage]
+    return (
+        f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage}"
+        f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
+        " restart it"
+    )
 
 
 def busy_reply(request_id: int) -> control_protocol.StatusReply:

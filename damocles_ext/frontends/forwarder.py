@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..config import TABLE_OF_STAGE
 from ..errors import NotStartedError, ProverError, UsageError
 from ..stages import can_serve
 from ..tasks import Output, Task, stage_of
+from .control_status import no_child_problem
 from .serve_jsonl import (
     InFlight,
     StopReasons,
@@ -46,7 +46,8 @@ async def stage_problem(
 
     serve --connect checks it once, before the ready line, so that a `run` whose config lacks
     the stage's table (or a worker's socket given by mistake) makes damocles-manager's start
-    fail instead of every request of that stage; prove --socket once a proof failed. A status
+    fail instead of every request of that stage; prove --socket once a proof failed on a
+    supervisor older than Response.kind (a newer one says a usage error in its answer). A status
     that does not come is None, said in a warning if `warn` (serve goes on without the check).
     """
     try:
@@ -63,12 +64,7 @@ async def stage_problem(
         return _worker_socket_problem(remote.path, flag)
     if can_serve(stage, (c.stage for c in doc.children)):
         return None
-    table = TABLE_OF_STAGE[stage]
-    return (
-        f"the supervisor at {remote.path} has no [[{table}]] child, so it cannot prove {stage}"
-        f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
-        " restart it"
-    )
+    return no_child_problem(remote.path, stage)
 
 
 def _worker_socket_problem(path: str | Path, flag: str) -> str:

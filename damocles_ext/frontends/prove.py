@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..api import open_supervisor
-from ..client import connect
+from ..client import KindUnsaidError, connect
 from ..errors import ProverError, UsageError
 from ..supervisor.restart import BackoffPolicy
 from ..tasks import stage_of
@@ -89,14 +89,15 @@ async def _prove_remote(
     async with connect(socket) as client:
         log.info("connected to %s", client.path)
         try:
+            # A worker's socket, which refuses every proof, or a `run` with no child of the
+            # stage: a wrong --socket or config, the operator's to fix (exit code 2, as serve
+            # --connect says it), not a prover's failure. The answer says so (UsageError)...
             return await client.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
-        except ProverError as exc:
+        except KindUnsaidError as exc:
             error = exc
-        # A worker's socket, which refuses every proof, or a `run` with no child of the stage:
-        # a wrong --socket or config, the operator's to fix (exit code 2, as serve --connect
-        # says it), not a prover's failure. Asked only once a proof failed.
+        # ... except a supervisor's older than that: its status tells.
         problem = await stage_problem(client, stage_of(task), "--socket", warn=False)
         if problem is not None:
             raise UsageError(problem) from None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..stages import can_serve
 from .control import ControlServer
 from .control_socket import bind_control_socket
 from .serve_jsonl import with_default_deadline
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..metrics import MetricsServer, SupervisorMetrics
     from ..supervisor.core import Supervisor
+    from .control_status import StatusFn
 
 log = logging.getLogger("damocles_ext.run")
 
@@ -87,6 +89,27 @@ STOPPED_AT_ONCE = (
 )
 
 
+def control_server(
+    supervisor: Supervisor,
+    sock: socket.socket,
+    status: StatusFn,
+    deadline_after: Mapping[str, float] | None = None,
+    limits: Mapping[str, Any] | None = None,
+) -> ControlServer:
+    """The control server `run` serves `supervisor` with on `sock` (`status`: its document)."""
+    after = deadline_after or {}
+    served = {c.stage for c in supervisor.statistics().children}
+    return ControlServer(
+        sock,
+        with_default_deadline(supervisor.submit, after),
+        start=with_default_deadline(supervisor.start_nowait, after),
+        batch=supervisor.batch,
+        status=status,
+        serves=lambda stage: can_serve(stage, served),
+        **(limits or {}),
+    )
+
+
 async def _run(
     supervisor: Supervisor,
     sock: socket.socket,
@@ -104,15 +127,7 @@ async def _run(
             socket=str(sock.getsockname()),
             metrics=(lambda: metrics_server.url) if metrics_server is not None else None,
         )
-        after = deadline_after or {}
-        server = ControlServer(
-            sock,
-            with_default_deadline(supervisor.submit, after),
-            start=with_default_deadline(supervisor.start_nowait, after),
-            batch=supervisor.batch,
-            status=status.as_data,
-            **(limits or {}),
-        )
+        server = control_server(supervisor, sock, status.as_data, deadline_after, limits)
         async with trio.open_nursery() as nursery:
             # The socket stays while the supervisor drains: `status` shows it shutting down,
             # a new request is refused saying so, and no second `run` takes the socket (and

@@ -150,9 +150,10 @@ class _NotAProverSocket(UsageError):
     logged = True  # through the refusals' throttle: not warned about once per request
 
 
-def _no_proofs(refusals: ThrottledLog) -> Callable[..., Awaitable[Any]]:
-    """The worker's control socket's `submit`: it refuses every proof request, logged through
-    `refusals` (a client sent here by mistake would flood the log, a warning per request)."""
+def _no_proofs(refusals: ThrottledLog, path: str) -> Callable[..., Awaitable[Any]]:
+    """The worker's control socket's `submit` (the socket at `path`): it refuses every proof
+    request, as a usage error (the client's --socket is wrong), logged through `refusals` (a
+    client sent here by mistake would flood the log, a warning per request)."""
 
     async def submit(task: Any, **_: Any) -> Any:
         # A proof sent here would take a slot the worker counts as its own, and a pulled job
@@ -162,8 +163,9 @@ def _no_proofs(refusals: ThrottledLog) -> Callable[..., Awaitable[Any]]:
             " status only: refused (proofs go to a `damocles-ext run` socket)"
         )
         raise _NotAProverSocket(
-            "this control socket is a damocles-ext worker's: it answers status only; send proofs"
-            " to a `damocles-ext run` socket"
+            f"{path} is the control socket of a `damocles-ext worker`, which answers status only"
+            " and proves the jobs it pulls from its manager, not requests; send proofs to the"
+            " control socket of a `damocles-ext run` instead (prove's --socket)"
         )
 
     return submit
@@ -208,7 +210,9 @@ async def run_worker(
 
             # Answered from the start: else `status` met a socket nobody answered, and said the
             # worker may be stopped (SIGSTOP) or stuck while it waited for its manager.
-            server = ControlServer(sock, _no_proofs(ThrottledLog(log)), status=status, **limits)
+            server = ControlServer(
+                sock, _no_proofs(ThrottledLog(log), sock.getsockname()), status=status, **limits
+            )
             await nursery.start(server.serve)
             log.info("control socket listening on %s", server.path)
         await nursery.start(run)

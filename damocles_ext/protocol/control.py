@@ -12,6 +12,13 @@ Ids of status requests come from the same per-connection counter as proof reques
 supervisor that predates these messages closes the connection on a `StatusRequest` (it is not
 a message it can decode), which a client reports as "cannot get the status".
 
+A Response of the control socket carries one field more than a child's (dext.Response's
+`kind`): on an error answer the supervisor sets it to USAGE when the request is the caller's to
+fix (no child of its stage in this supervisor, a worker's socket, which takes no proofs, a
+request the supervisor refuses as malformed), else to None (a failure of the proof). A client
+raises UsageError on USAGE straight from the answer; a Response without the field (UNSET) is a
+supervisor's older than it, which a client may ask for its status to tell the two apart.
+
 * supervisor -> client: `Refusal{error}`, the last frame of a connection the supervisor closes
   because of a frame it could not take from the client (`refusal_reason` words why). It answers
   every request and status request of the connection that had no answer before it: failed, not
@@ -30,6 +37,10 @@ from .. import __version__
 from . import dext
 
 STATUS_SCHEMA = "damocles-ext/status/1"
+
+#: A Response's `kind` for a request the caller must fix (its task, its --socket, the config of
+#: the `run` it went to), not a failure of a prover: `prove --socket` exits 2 on it.
+USAGE = "usage"
 
 
 class StatusRequest(msgspec.Struct, tag="status", frozen=True):

@@ -1,0 +1,146 @@
+"""An error answer of the control socket says its kind (Response.kind): a request the caller must
+fix (no child of its stage, a worker's socket) is a usage error the client raises as UsageError,
+exit code 2 for `prove --socket`, without asking the supervisor's status after it; an ordinary
+failure is not; an answer without the field (a supervisor older than it) keeps the status
+question. The codec round trip, with and without the field, and what an older peer makes of it."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import trio
+from damocles_ext_plugins.testing import echo_output
+from helpers.frontend import dext_run_async, make_task, plugin_block, write_config
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.client import connect
+from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.frontends.control import bind_control_socket
+from damocles_ext.frontends.prove import prove_through_socket
+from damocles_ext.frontends.run import control_server
+from damocles_ext.protocol import control as control_protocol
+from damocles_ext.protocol import dext, jsonl
+from damocles_ext.status import StatusSource
+from damocles_ext.tasks import stage_of
+
+
+class _OlderResponse(msgspec.Struct, tag="response", frozen=True):
+    """dext.Response as a client older than `kind` decodes it."""
+
+    id: int
+    output: dext.Output | None = None
+    error: str | None = None
+
+
+def _payload(message: msgspec.Struct) -> bytes:
+    return dext.encode(message)[dext.HEADER_SIZE :]
+
+
+@pytest.mark.parametrize("kind", [control_protocol.USAGE, None, msgspec.UNSET])
+def test_a_response_round_trips_with_its_kind_and_without_it(kind):
+    sent = dext.Response(7, error="no", kind=kind)
+    (got,) = control_protocol.frame_decoder().receive_data(control_protocol.encode(sent))
+    assert got == sent and got.kind == kind
+
+
+def test_a_response_without_a_kind_is_written_as_before_and_an_older_client_skips_the_field():
+    # A child's Response (and a success) is written without the key: its bytes are unchanged.
+    for old, new in [
+        (_OlderResponse(1, error="x"), dext.Response(1, error="x")),
+        (_OlderResponse(2, output=echo_output(make_task())), dext.Response(2, output=echo_output(make_task()))),
+    ]:  # fmt: skip
+        assert _payload(new) == msgspec.msgpack.encode(old)
+    assert b"kind" not in _payload(dext.Response(1, error="x"))
+    # An older client decodes the new answers, the field skipped as any unknown key.
+    for kind in (control_protocol.USAGE, None):
+        payload = _payload(dext.Response(3, error="why", kind=kind))
+        assert b"kind" in payload
+        assert msgspec.msgpack.decode(payload, type=_OlderResponse) == _OlderResponse(
+            3, error="why"
+        )
+
+
+class _Asked:
+    """The supervisor's status source, counting the status requests it answers."""
+
+    def __init__(self, sup) -> None:
+        self.source = StatusSource(sup, socket="test")
+        self.count = 0
+
+    async def __call__(self) -> dict[str, object]:
+        self.count += 1
+        return await self.source.as_data()
+
+
+async def _serve_as_run(sup, sock_dir, nursery) -> tuple[str, _Asked]:
+    asked = _Asked(sup)
+    server = control_server(sup, bind_control_socket(sock_dir / "control.sock"), asked)
+    await nursery.start(server.serve)
+    return str(server.path), asked
+
+
+async def _prove(path: str, tmp_path, task) -> tuple[int, str]:
+    request = tmp_path / "task.json"
+    request.write_bytes(jsonl.task_to_json(task))
+    result = await dext_run_async(
+        "prove", stage_of(task), "--request", str(request), "--socket", path
+    )
+    return result.returncode, result.stderr.decode()
+
+
+async def test_prove_to_a_run_without_a_child_of_the_stage_exits_2_asking_no_status(
+    tmp_path, sock_dir
+):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            path, asked = await _serve_as_run(sup, sock_dir, nursery)
+            code, err = await _prove(path, tmp_path, make_task(stage="winning_post"))
+            # The Python client raises it as it comes, too.
+            async with connect(path) as client:
+                with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child"):
+                    await client.submit(make_task(stage="winning_post"))
+                assert await client.submit(make_task()) == echo_output(make_task())
+            nursery.cancel_scope.cancel()
+    assert code == 2, err
+    assert f"the supervisor at {path} has no [[WinPost]] child" in err, err
+    assert "add a [[WinPost]] table" in err and "Traceback" not in err, err
+    assert asked.count == 0, (asked.count, err)
+
+
+async def test_prove_whose_prover_fails_exits_1_asking_no_status(tmp_path, sock_dir):
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            path, asked = await _serve_as_run(sup, sock_dir, nursery)
+            code, err = await _prove(path, tmp_path, make_task())
+            async with connect(path) as client:
+                with pytest.raises(ProverError, match="failing as configured") as info:
+                    await client.submit(make_task())
+            nursery.cancel_scope.cancel()
+    assert type(info.value) is ProverError
+    assert code == 1, err
+    assert "sleep prover failing as configured" in err and "Traceback" not in err, err
+    assert asked.count == 0, (asked.count, err)
+
+
+async def _older_worker_socket(stream: trio.SocketStream) -> None:
+    """A worker's control socket as a supervisor older than Response.kind answers: each request
+    with an error alone, each status request with the not-started worker's reply."""
+    decoder = control_protocol.frame_decoder()
+    while data := await stream.receive_some():
+        for msg in decoder.receive_data(data):
+            if isinstance(msg, dext.Request):
+                answer = dext.Response(msg.id, error="this control socket is a worker's")
+            else:
+                answer = control_protocol.StatusReply(msg.id, error="not yet", worker={"name": "w"})
+            await stream.send_all(control_protocol.encode(answer))
+
+
+async def test_prove_to_an_older_worker_socket_still_asks_its_status_and_exits_2(sock_dir, nursery):
+    sock = bind_control_socket(sock_dir / "control.sock")
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await nursery.start(trio.serve_listeners, _older_worker_socket, [listener])
+    path = str(sock_dir / "control.sock")
+    with pytest.raises(UsageError, match="is the control socket of a `damocles-ext worker`"):
+        await trio.to_thread.run_sync(prove_through_socket, path, make_task())
