@@ -82,6 +82,19 @@ async def test_status_jobs_with_no_store_at_the_url_exits_2_and_creates_nothing(
     assert done.returncode == 2 and b"not supported" in done.stderr and done.stdout == b""
 
 
+async def test_status_jobs_with_an_unreachable_postgresql_exits_1_saying_what_to_check(tmp_path):
+    # Not the caller's mistake in the URL (exit 2) but a server down now: exit 1, as documented.
+    done = await dext_run_async("status", "--jobs", f"postgresql://u@/db?host={tmp_path}")
+    assert done.returncode == 1 and done.stdout == b"", done.stderr
+    err = done.stderr.decode()
+    assert "cannot reach the job store" in err and "check that the PostgreSQL server" in err, err
+    assert "Traceback" not in err
+    documented = (Path(__file__).parent.parent / "docs" / "STATUS.md").read_text()
+    section = documented.split("## The jobs summary", 1)[1].split("\n## ", 1)[0]
+    assert "a SQLite file that does not exist" in section and "2 for a URL" in section
+    assert "1 for a store that\ncannot be reached now" in section
+
+
 async def test_status_jobs_and_socket_print_the_supervisors_document_with_the_jobs_beside(
     tmp_path, sock_dir
 ):
