@@ -393,6 +393,13 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command `args` ran, as its errors name it: `damocles-ext wdpost reset`, with the
+    subcommand of a command that has them (its `<command>_command`)."""
+    sub = getattr(args, f"{args.command.replace('-', '_')}_command", None)
+    return f"damocles-ext {args.command}" + (f" {sub}" if isinstance(sub, str) else "")
+
+
 def _say_error(
     args: argparse.Namespace, text: str, exit_code: int, request_id: int | None = None
 ) -> None:
@@ -425,7 +432,7 @@ def _main(argv: list[str] | None) -> int:
             from .frontends.started import supervisor_number
 
             rid = supervisor_number(exc)
-        _say_error(args, f"damocles-ext {args.command}: error: {exc}", exc.exit_code, rid)
+        _say_error(args, f"{command_name(args)}: error: {exc}", exc.exit_code, rid)
         return exc.exit_code
     except BaseException as exc:
         # Ctrl-C, also when trio raises it out of a nursery, inside a group.

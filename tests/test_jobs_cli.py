@@ -114,7 +114,10 @@ def test_resetting_a_job_past_its_deadline_says_the_sweep_cancels_it_again(tmp_p
         timely, _ = s.create(make_input(seed=2), now - 120, not_after=now + 3600)
     assert cli.main(["wdpost", "reset", "--jobs", url, late.Id, timely.Id]) == 0
     err = capsys.readouterr().err
-    assert f"warning: job {late.Id} is reset, but its deadline passed " in err
+    assert (
+        f"damocles-ext wdpost reset: warning: job {late.Id} is reset, but its deadline passed "
+        in err
+    )
     assert "the next sweep cancels it again, and no proof of it can count for its deadline" in err
     assert timely.Id not in err
 
@@ -141,6 +144,8 @@ def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys)
     assert cli.main(["wdpost", "reset", "--jobs", store_url, jobs[2].Id, "nope", jobs[1].Id]) == 2
     err = capsys.readouterr().err
     assert f"job 'nope' does not exist (reset before it: {jobs[2].Id})" in err
+    # Named by its subcommand, as each of wdpost's: what failed is `reset`.
+    assert err.startswith("damocles-ext wdpost reset: error: "), err
     with JobStore.open(store_url) as s:
         assert s.get(taken.Id).State == READY and s.get(taken.Id).TryNum == 0
 
@@ -157,7 +162,13 @@ def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys)
 def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/typo.db"
     assert cli.main(["wdpost", "list", "--jobs", url]) == 2
-    assert f"there is no job store at {url}: no such file; check the URL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"there is no job store at {url}: no such file; check the URL" in err
+    assert err.startswith("damocles-ext wdpost list: error: "), err
+    for args in (["remove", "j1"], ["remove-all", "--really-do-it"]):
+        assert cli.main(["wdpost", *args, "--jobs", url]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"damocles-ext wdpost {args[0]}: error: there is no job store"), err
     assert not (tmp_path / "typo.db").exists()
     # Three slashes and a path meant from the root: relative, and the message says so.
     assert cli.main(["wdpost", "list", "--jobs", "sqlite:///var/lib/nope/jobs.db"]) == 2

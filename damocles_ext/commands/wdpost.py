@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
         settings = read_settings(args.conf_dir)
         for warning in settings.warnings:
-            print(f"damocles-ext wdpost: warning: {warning}", file=sys.stderr)
+            print(f"damocles-ext wdpost list: warning: {warning}", file=sys.stderr)
         max_try = args.max_try if args.max_try is not None else settings.limits.max_try
     if args.manager is not None:
         return _run_rpc(args, max_try)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 done.append(job_id)
                 if job.not_after is not None and job.not_after <= time.time():
                     print(
-                        f"damocles-ext wdpost: warning: job {job_id} is reset, but its deadline"
+                        f"damocles-ext wdpost reset: warning: job {job_id} is reset, but its deadline"
                         f" passed {time.time() - job.not_after:.0f} s ago (damocles-ext's"
                         " not_after): the next sweep cancels it again, and no proof of it can"
                         " count for its deadline",
