@@ -558,6 +558,23 @@ def test_the_gpu_lock_warning_is_logged_by_run_not_by_a_serve_of_one_stage(tmp_p
     assert "winning_post#0 shares the lock gpu:0 with window_post#0 in `run`" in caplog.text
 
 
+def test_the_configs_warnings_are_logged_by_the_command_that_loads_it(tmp_path, caplog):
+    # They were all logged as damocles_ext.serve's, also by run, prove and worker (a JSON log's
+    # "logger" field, or a filter on it, named the wrong command).
+    import argparse
+
+    from damocles_ext.commands.common import load_config_from_args
+
+    path = tmp_path / "ext-prover.cfg"
+    path.write_text('[[WdPost]]\nBin = "sh"\nGpus = [0]\nEnvs = { CUDA_VISIBLE_DEVICES = "5" }\n')
+    caplog.set_level(logging.WARNING)
+    for command in ("run", "prove", "worker", "serve"):
+        caplog.clear()
+        load_config_from_args(argparse.Namespace(command=command, config=str(path), conf_dir=None))
+        said = [r for r in caplog.records if "overrides Gpus" in r.getMessage()]
+        assert [r.name for r in said] == [f"damocles_ext.{command}"], command
+
+
 def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_warned_about(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -49,7 +49,6 @@ def stdout_to_stderr() -> Iterator[None]:
 #: --restart-delay and --restart-max-delay when not given (seconds).
 RESTART_DEFAULTS = {"restart_delay": 1.0, "restart_max_delay": 60.0}
 # The logger the config's warnings have always gone to, for whichever command reads it.
-log = logging.getLogger("damocles_ext.serve")
 
 
 def add_config_args(
@@ -202,10 +201,13 @@ def _non_negative_float(text: str) -> float:
 
 def load_config_from_args(args: argparse.Namespace, stage: str | None = None) -> Config:
     """The config named by -c/--conf-dir; its warnings are logged (for the children of `stage`
-    only: not those that hold where one supervisor runs every stage)."""
+    only: not those that hold where one supervisor runs every stage), under the logger of the
+    command that loads it (`damocles_ext.run`, `damocles_ext.prove`, ...)."""
     from damocles_ext.config import load_conf_dir, load_config
 
     config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
+    command = getattr(args, "command", None) or "cli"
+    log = logging.getLogger(f"damocles_ext.{command.replace('-', '_')}")
     for warning in config.warnings + (config.run_warnings if stage is None else []):
         log.warning("%s: %s", config.source, warning)
     return config
