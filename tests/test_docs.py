@@ -2,7 +2,8 @@
 relative link in the Markdown files leads to a file and heading that exist, no text refers to
 issue numbers (a reader must not need the tracker), an SQLite URL of a system directory is
 absolute, docs/RELIABILITY.md names tests that exist and quotes the chaos run's saved figures,
-every option shown with a command exists in its parser, and every ext-prover.cfg shown parses.
+every option shown with a command exists in its parser, every option of every command is shown
+with it, and every ext-prover.cfg shown parses.
 The observability contract: the metric tables list every metric exported, with its type and
 labels, and no other; the PromQL examples read metrics, labels and label values that exist
 (rate() of no gauge); the status document's tables list every field it has, and no other."""
@@ -476,3 +477,83 @@ def test_every_policy_name_the_docs_give_simulate_is_one_it_takes():
             wrong.append(f"{name}: --policies {found}: {exc}")
     assert wrong == [], "\n".join(wrong)
     assert resolve_policies(["ref"]) == ["reference"]
+
+
+# Options no document needs to show (internal ones), each with its reason:
+# {("sectors create", "--option"): "why"}. None so far.
+UNDOCUMENTED_OPTIONS: dict[tuple[str, str], str] = {}
+# A Markdown heading: its level (the #s) and its text.
+HEADING_LINE = re.compile(r"^(#+) (.*)$")
+
+
+def _command_parsers(
+    parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """(the command's words, its parser) for the program, each command and each subcommand."""
+    found = [(words, parser)]
+    for name, sub in _subcommands(parser).items():
+        if sub.prog.split()[-1] == name:  # once each (an alias' prog is its first name's)
+            found += _command_parsers(sub, (*words, name))
+    return found
+
+
+def _words_name(words: list[str], command: tuple[str, ...]) -> bool:
+    """`words` (a command line shown, or a heading's code span) start with `command`, the
+    program's name before it or not; the program itself (no command): `damocles-ext --option`."""
+    if words[:1] == ["$"]:
+        words = words[1:]
+    if not command:
+        return words[:1] == ["damocles-ext"] and words[1:2] != [] and words[1].startswith("--")
+    if words[:1] == ["damocles-ext"]:
+        words = words[1:]
+    return tuple(words[: len(command)]) == command
+
+
+def _documented_options(command: tuple[str, ...]) -> set[str]:
+    """The options a document shows with `command`: in a command line of it (a line of a fenced
+    block or an inline code span that starts with the command, `damocles-ext` before it or
+    not), or in the first cell of a table row in a section whose heading names the command in
+    a code span (`` ## `worker`'s options ``; the section ends at the next heading of its level
+    or above)."""
+    found: set[str] = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for _line, shown in _shown_commands(text):
+            words = shown.split()
+            if _words_name(words, command):
+                found.update(re.findall(r"--[\w-]+", " ".join(words[1:])))
+        level = 0  # of the heading naming the command whose section this is; 0: none
+        for line in FENCE.sub(lambda m: "\n" * m.group().count("\n"), text).splitlines():
+            heading = HEADING_LINE.match(line)
+            if heading is not None:
+                depth = len(heading.group(1))
+                if level and depth <= level:
+                    level = 0
+                spans = re.findall(r"`([^`]+)`", heading.group(2))
+                if not level and any(_words_name(s.split(), command) for s in spans):
+                    level = depth
+            elif level and line.startswith("|"):
+                found.update(re.findall(r"--[\w-]+", line.split("|")[1]))
+    return found
+
+
+def test_every_option_of_every_command_is_shown_with_its_command_in_a_document():
+    # The converse of the test above: an option an operator can find only in `--help` is one
+    # they never learn of. Each long option of each (sub)command is in a command line of it,
+    # or in an options table under a heading naming it, in the README or a docs/*.md.
+    from damocles_ext import cli
+
+    missing = []
+    for command, parser in _command_parsers(cli.build_parser()):
+        documented = _documented_options(command)
+        name = " ".join(command)
+        for action in parser._actions:
+            for option in action.option_strings:
+                if (
+                    option.startswith("--")
+                    and option != "--help"
+                    and (name, option) not in UNDOCUMENTED_OPTIONS
+                    and option not in documented
+                ):
+                    missing.append(f"damocles-ext {name} {option}".replace("  ", " "))
+    assert missing == [], "shown with their command in no document:\n" + "\n".join(missing)
