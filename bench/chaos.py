@@ -206,7 +206,7 @@ async def _client(
 
     from damocles_ext.client import connect
     from damocles_ext.errors import ProverError
-    from damocles_ext.protocol import dext
+    from damocles_ext.protocol import control as control_protocol
 
     async with connect(socket_path) as client:
         # Count Response frames as they arrive, to prove "exactly once" on the wire (the client
@@ -214,7 +214,7 @@ async def _client(
         dispatch = client._dispatch
 
         def counting(msg: object) -> None:
-            if isinstance(msg, dext.Response):
+            if isinstance(msg, control_protocol.ControlResponse):
                 state.responses[(cid, msg.id)] += 1
             dispatch(msg)
 

@@ -86,7 +86,7 @@ class _Pending(Parked):
 
     def __init__(self, on_progress: ProgressCallback | None) -> None:
         super().__init__()
-        self.response: dext.Response | None = None
+        self.response: control_protocol.ControlResponse | None = None
         self.error: str | None = None
         self.not_sent = False  # the request could not be written
         self.on_progress = on_progress
@@ -296,14 +296,14 @@ class Client:
             return
         self._fail_all(f"lost the connection to the supervisor at {self.path}: {reason}")
 
-    def _dispatch(self, msg: dext.Message) -> None:
-        if isinstance(msg, dext.Response) and msg.id == 0:
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, control_protocol.ControlResponse) and msg.id == 0:
             # Request ids count from 1: id 0 is the supervisor saying why it closes the connection.
             self._refused = msg.error or "the supervisor closed the connection"
         elif isinstance(msg, control_protocol.Refusal):
             # Its last frame: it fails what was not answered, and must not be taken for id 0.
             self._refusal = msg.error
-        elif isinstance(msg, dext.Response):
+        elif isinstance(msg, control_protocol.ControlResponse):
             pending = self._pending.get(msg.id)
             if pending is None:
                 log.debug("response to request %d nobody waits for (cancelled?)", msg.id)

@@ -2,7 +2,8 @@
 fix (no child of its stage, a worker's socket) is a usage error the client raises as UsageError,
 exit code 2 for `prove --socket`, without asking the supervisor's status after it; an ordinary
 failure is not; an answer without the field (a supervisor older than it) keeps the status
-question. The codec round trip, with and without the field, and what an older peer makes of it."""
+question. The codec round trip, with and without the field, and what an older peer makes of it;
+a child's Response has no such field: a child that sends the key has it skipped."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import dext_run_async, make_task, plugin_block, write_config
+from helpers.supervisor import dext_child, spec, who, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
@@ -21,11 +23,12 @@ from damocles_ext.frontends.run import control_server
 from damocles_ext.protocol import control as control_protocol
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.status import StatusSource
+from damocles_ext.supervisor import Supervisor
 from damocles_ext.tasks import stage_of
 
 
 class _OlderResponse(msgspec.Struct, tag="response", frozen=True):
-    """dext.Response as a client older than `kind` decodes it."""
+    """control.ControlResponse as a client older than `kind` decodes it (dext.Response's fields)."""
 
     id: int
     output: dext.Output | None = None
@@ -38,7 +41,7 @@ def _payload(message: msgspec.Struct) -> bytes:
 
 @pytest.mark.parametrize("kind", [control_protocol.USAGE, None, msgspec.UNSET])
 def test_a_response_round_trips_with_its_kind_and_without_it(kind):
-    sent = dext.Response(7, error="no", kind=kind)
+    sent = control_protocol.ControlResponse(7, error="no", kind=kind)
     (got,) = control_protocol.frame_decoder().receive_data(control_protocol.encode(sent))
     assert got == sent and got.kind == kind
 
@@ -46,18 +49,58 @@ def test_a_response_round_trips_with_its_kind_and_without_it(kind):
 def test_a_response_without_a_kind_is_written_as_before_and_an_older_client_skips_the_field():
     # A child's Response (and a success) is written without the key: its bytes are unchanged.
     for old, new in [
-        (_OlderResponse(1, error="x"), dext.Response(1, error="x")),
-        (_OlderResponse(2, output=echo_output(make_task())), dext.Response(2, output=echo_output(make_task()))),
+        (_OlderResponse(1, error="x"), control_protocol.ControlResponse(1, error="x")),
+        (_OlderResponse(2, output=echo_output(make_task())), control_protocol.ControlResponse(2, output=echo_output(make_task()))),
     ]:  # fmt: skip
-        assert _payload(new) == msgspec.msgpack.encode(old)
-    assert b"kind" not in _payload(dext.Response(1, error="x"))
+        assert (
+            _payload(new)
+            == msgspec.msgpack.encode(old)
+            == _payload(dext.Response(old.id, old.output, old.error))
+        )
+    assert b"kind" not in _payload(control_protocol.ControlResponse(1, error="x"))
     # An older client decodes the new answers, the field skipped as any unknown key.
     for kind in (control_protocol.USAGE, None):
-        payload = _payload(dext.Response(3, error="why", kind=kind))
+        payload = _payload(control_protocol.ControlResponse(3, error="why", kind=kind))
         assert b"kind" in payload
         assert msgspec.msgpack.decode(payload, type=_OlderResponse) == _OlderResponse(
             3, error="why"
         )
+
+
+def test_the_child_protocol_s_response_has_no_kind():
+    assert dext.Response.__struct_fields__ == ("id", "output", "error")
+    frame = control_protocol.encode(control_protocol.ControlResponse(1, error="x", kind="usage"))
+    assert dext.FrameDecoder().receive_data(frame) == [dext.Response(1, error="x")]
+
+
+@pytest.mark.parametrize("kind", [5, {"code": 5}, "usage"])
+async def test_a_child_that_sends_a_kind_in_its_response_is_not_killed_and_is_answered(kind):
+    # A custom child's own field, which the child protocol does not know: skipped, as any
+    # unknown key (PROTOCOL.md section 3), whatever its type; before, a value that was not a
+    # string was a protocol error, and the child was killed.
+    argv = dext_child(
+        f"""
+        proof = b"%d %d" % (msg.task.miner_id, os.getpid())  # as answer() does (who())
+        send(KindResponse(msg.id, output=WindowPoStOutput([proof], []), kind={kind!r}))
+        """,
+        setup="""
+        import msgspec
+        class KindResponse(msgspec.Struct, tag="response"):
+            id: int
+            output: WindowPoStOutput
+            kind: object
+        """,
+    )
+    sup = Supervisor([spec(argv, max_attempts=1)])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            first = await sup.submit(window_task(miner=1))
+            second = await sup.submit(window_task(miner=2))
+            stats = sup.statistics().children[0]
+            sup.request_shutdown()
+    assert who(first) == (1, stats.pid) and who(second) == (2, stats.pid)
+    assert stats.restarts == 0 and stats.done == 2 and stats.failed == 0, stats.last_exit
 
 
 class _Asked:
@@ -131,7 +174,9 @@ async def _older_worker_socket(stream: trio.SocketStream) -> None:
     while data := await stream.receive_some():
         for msg in decoder.receive_data(data):
             if isinstance(msg, dext.Request):
-                answer = dext.Response(msg.id, error="this control socket is a worker's")
+                answer = control_protocol.ControlResponse(
+                    msg.id, error="this control socket is a worker's"
+                )
             else:
                 answer = control_protocol.StatusReply(msg.id, error="not yet", worker={"name": "w"})
             await stream.send_all(control_protocol.encode(answer))

@@ -101,7 +101,7 @@ async def test_a_frame_of_an_unknown_type_is_refused_after_the_answers_naming_th
     await backend.events(1)[0].wait()
     backend.events(2)[1].set()
     [answered] = decoder.receive_data(await s.recv(65536))
-    assert answered == dext.Response(2, output=echo_output(make_task(2)))
+    assert answered == control_protocol.ControlResponse(2, output=echo_output(make_task(2)))
     # A newer client's message type, while request 1 is in flight.
     await s.send(raw_frame({"type": "status_v2", "id": 3}))
     said = await read_until_closed(s)

@@ -230,15 +230,17 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def _error_response(self, rid: int, error: DextError, stage: str) -> dext.Response:
+    def _error_response(
+        self, rid: int, error: DextError, stage: str
+    ) -> control_protocol.ControlResponse:
         """The Response of request `rid` (of `stage`) that failed with `error`, with its kind."""
         said = said_and_logged(rid, error, log)
         if isinstance(error, UsageError):
-            return dext.Response(rid, error=said, kind=control_protocol.USAGE)
+            return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
         if self._serves is not None and not self._serves(stage):
             said = f"{said}: {no_child_problem(self.path, stage)}"
-            return dext.Response(rid, error=said, kind=control_protocol.USAGE)
-        return dext.Response(rid, error=said, kind=None)
+            return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
+        return control_protocol.ControlResponse(rid, error=said, kind=None)
 
     def _request_started(self) -> None:
         self._stats.requests += 1
@@ -331,7 +333,9 @@ async def _send_connection_error(stream: trio.abc.SendStream, message: str) -> N
     """Tell a client why its connection is closed: `Response{id 0, error=message}`, the one
     frame that is about the connection rather than a request. Given up after a second: a
     client that does not read must not hold the descriptor."""
-    await send_last(stream, dext.encode(dext.Response(CONNECTION_ERROR_ID, error=message)))
+    await send_last(
+        stream, dext.encode(control_protocol.ControlResponse(CONNECTION_ERROR_ID, error=message))
+    )
 
 
 class _Connection:
@@ -348,7 +352,7 @@ class _Connection:
         self._replies: list[control_protocol.StatusReply] = []
         # Responses are never dropped; Progress is advisory, so only the latest per id is kept
         # and a slow client cannot make us buffer without bound.
-        self._responses: list[dext.Response] = []
+        self._responses: list[control_protocol.ControlResponse] = []
         self._progress: dict[int, dext.Progress] = {}
         self._wake = trio.Event()
         # A response written at once by its own task (see _queue_response) that the socket did
@@ -585,15 +589,17 @@ class _Connection:
         try:
             if rid in self._client_cancelled:
                 self._client_cancelled.discard(rid)
-                response = dext.Response(rid, error="cancelled at the client's request", kind=None)
+                response = control_protocol.ControlResponse(
+                    rid, error="cancelled at the client's request", kind=None
+                )
             elif error is not None:
                 response = self._server._error_response(rid, error, stage)
             else:
-                response = dext.Response(rid, output=output)
+                response = control_protocol.ControlResponse(rid, output=output)
             self._queue_response(response)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: answered, logged by bug_answer
             error = bug_answer(log, rid, exc, "control request %d: internal error on its answer")
-            self._queue_response(dext.Response(rid, error=str(error), kind=None))
+            self._queue_response(control_protocol.ControlResponse(rid, error=str(error), kind=None))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
@@ -623,7 +629,7 @@ class _Connection:
         self._replies.append(reply)
         self._wake.set()
 
-    def _queue_response(self, response: dext.Response) -> None:
+    def _queue_response(self, response: control_protocol.ControlResponse) -> None:
         # A progress still waiting goes first, with it (the writer sends progress before
         # answers): the last phase a prover reported, often its end, is not lost.
         if (

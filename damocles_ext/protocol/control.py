@@ -1,7 +1,7 @@
 """Messages of `run`'s control socket (sans-IO): dext/1 frames, plus the status exchange.
 
-The control socket carries the child protocol's framing and its Request/Cancel/Progress/Response
-(see dext.py), and two messages of its own:
+The control socket carries the child protocol's framing and its Request/Cancel/Progress (see
+dext.py), a Response of its own (ControlResponse), and two messages of its own:
 
 * client -> supervisor: `StatusRequest{id}`;
 * supervisor -> client: `StatusReply{id, status, error, worker}`, where `status` is the status
@@ -12,12 +12,15 @@ Ids of status requests come from the same per-connection counter as proof reques
 supervisor that predates these messages closes the connection on a `StatusRequest` (it is not
 a message it can decode), which a client reports as "cannot get the status".
 
-A Response of the control socket carries one field more than a child's (dext.Response's
-`kind`): on an error answer the supervisor sets it to USAGE when the request is the caller's to
-fix (no child of its stage in this supervisor, a worker's socket, which takes no proofs, a
-request the supervisor refuses as malformed), else to None (a failure of the proof). A client
-raises UsageError on USAGE straight from the answer; a Response without the field (UNSET) is a
-supervisor's older than it, which a client may ask for its status to tell the two apart.
+* supervisor -> client: `ControlResponse{id, output, error, kind}`, the control socket's own
+  Response: a child's (dext.Response, whose tag it shares) with one field more, `kind`. A
+  child's frames are decoded as dext.Response, which has none: a child that sends the key has
+  it skipped, as any unknown key. On an error answer the supervisor sets it to USAGE when the
+  request is the caller's to fix (no child of its stage in this supervisor, a worker's socket,
+  which takes no proofs, a request the supervisor refuses as malformed), else to None (a
+  failure of the proof). A client raises UsageError on USAGE straight from the answer; a
+  Response without the field (UNSET) is a supervisor's older than it, which a client may ask
+  for its status to tell the two apart.
 
 * supervisor -> client: `Refusal{error}`, the last frame of a connection the supervisor closes
   because of a frame it could not take from the client (`refusal_reason` words why). It answers
@@ -34,6 +37,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
+from ..tasks import Output
 from . import dext
 
 STATUS_SCHEMA = "damocles-ext/status/1"
@@ -60,6 +64,18 @@ class StatusReply(msgspec.Struct, tag="status_reply", frozen=True):
     worker: dict[str, Any] | None = None
 
 
+class ControlResponse(msgspec.Struct, tag="response", frozen=True):
+    """Supervisor -> client: the one answer to request `id`, an output or an error saying why
+    there is none (dext.Response's fields), and on an error the `kind` the supervisor says:
+    USAGE, None, or UNSET (the default, never written: a success, the id-0 Response, and every
+    answer of a supervisor older than the field has none)."""
+
+    id: int
+    output: Output | None = None
+    error: str | None = None
+    kind: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
 class Refusal(msgspec.Struct, tag="refusal", frozen=True):
     """Supervisor -> client, its last frame: why it closes the connection over what the client
     sent. What the connection had not answered before it is failed with `error`."""
@@ -70,7 +86,7 @@ class Refusal(msgspec.Struct, tag="refusal", frozen=True):
 ControlMessage = (
     dext.Hello
     | dext.Request
-    | dext.Response
+    | ControlResponse
     | dext.Progress
     | dext.Cancel
     | dext.Shutdown

@@ -93,17 +93,11 @@ class Request(msgspec.Struct, tag="request", frozen=True):
 
 
 class Response(msgspec.Struct, tag="response", frozen=True):
-    """The one answer to request `id`: an output, or an error saying why there is none.
-
-    `kind` is the control socket's alone (protocol/control.py): `run`'s error answer sets it,
-    to control.USAGE for a request the caller must fix, else to None; UNSET (the default) is
-    never written, so a child's Response, and every answer of a supervisor older than it, has
-    none (and a peer that does not know it skips it, as any unknown key)."""
+    """The one answer to request `id`: an output, or an error saying why there is none."""
 
     id: int
     output: Output | None = None
     error: str | None = None
-    kind: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class Progress(msgspec.Struct, tag="progress", frozen=True):
