@@ -205,7 +205,7 @@ async def _client(
     from damocles_ext_plugins.testing import echo_output
 
     from damocles_ext.client import connect
-    from damocles_ext.errors import ProverError
+    from damocles_ext.errors import DextError
     from damocles_ext.protocol import control as control_protocol
 
     async with connect(socket_path) as client:
@@ -230,7 +230,7 @@ async def _client(
                 start = time.monotonic()
                 try:
                     out = await client.submit(task, deadline=time.time() + opts.deadline)
-                except ProverError as exc:
+                except DextError as exc:  # a usage answer too (a config without the stage)
                     state.results[key] = _Result(False, time.monotonic() - start, str(exc))
                 else:
                     if out != echo_output(task):

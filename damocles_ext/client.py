@@ -10,7 +10,8 @@ ProverError. Cancelling a `submit` (e.g. with `trio.move_on_after`) cancels the 
 supervisor, and closing the connection cancels every request still open on it. A request with
 a deadline that has no answer `LATE_ANSWER` seconds after it (a supervisor stopped or hung)
 raises ProverError then. An error answer the supervisor says is the caller's to fix (no child
-of the task's stage there, a worker's socket: Response.kind) raises UsageError instead.
+of the task's stage there, a worker's socket: Response.kind) raises ProverUsageError, a
+UsageError (exit code 2) that is a ProverError too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import msgspec
 import trio
 
 from . import __version__
-from .errors import NotStartedError, ProverError, UsageError, check_trio_run
+from .errors import NotStartedError, ProverError, ProverUsageError, UsageError, check_trio_run
 from .frontends.control_socket import (
     UntrustedPathError,
     default_socket_path,
@@ -119,8 +120,8 @@ class Client:
         priority: int = 0,
         on_progress: ProgressCallback | None = None,
     ) -> Output:
-        """Prove `task` (deadline: unix time); returns the output or raises ProverError, or
-        UsageError when the supervisor says the request is the caller's to fix."""
+        """Prove `task` (deadline: unix time); returns the output or raises ProverError, a
+        ProverUsageError (also a UsageError) when the supervisor says it is the caller's to fix."""
         check_trio_run("Client.submit()", self._token)
         self._check_open()
         request_id = next(self._ids)
@@ -184,7 +185,7 @@ class Client:
         assert response is not None
         if response.error is not None:
             if response.kind == control_protocol.USAGE:
-                raise UsageError(response.error)
+                raise ProverUsageError(response.error)
             if response.kind is msgspec.UNSET:  # a supervisor older than kinds
                 raise KindUnsaidError(response.error)
             raise ProverError(response.error)

@@ -91,6 +91,14 @@ class ProverError(DextError):
     worker: str | None = None
 
 
+class ProverUsageError(UsageError, ProverError):
+    """A request's error answer that the supervisor says is the caller's to fix (the control
+    socket's Response.kind "usage": no child of its stage there, a worker's socket): a
+    UsageError (exit code 2, the MRO finds UsageError's first) that is also the ProverError a
+    client's `submit` raised before the answer said its kind, so `except ProverError` still
+    catches it."""
+
+
 class NotStartedError(ProverError):
     """A damocles-ext worker's answer to `status` before it has started its supervisor (it waits
     for its manager): no status document yet, only why, and `worker_part`, the document's

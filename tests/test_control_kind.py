@@ -16,7 +16,7 @@ from helpers.supervisor import dext_child, spec, who, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
-from damocles_ext.errors import ProverError, UsageError
+from damocles_ext.errors import ProverError, ProverUsageError, UsageError
 from damocles_ext.frontends.control import bind_control_socket
 from damocles_ext.frontends.prove import prove_through_socket
 from damocles_ext.frontends.run import control_server
@@ -141,10 +141,14 @@ async def test_prove_to_a_run_without_a_child_of_the_stage_exits_2_asking_no_sta
             code, err = await _prove(path, tmp_path, make_task(stage="winning_post"))
             # The Python client raises it as it comes, too.
             async with connect(path) as client:
-                with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child"):
+                with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child") as info:
                     await client.submit(make_task(stage="winning_post"))
                 assert await client.submit(make_task()) == echo_output(make_task())
             nursery.cancel_scope.cancel()
+    # Both: a caller's `except ProverError` around submit, as before the answer said its kind,
+    # still catches it, and its exit code is a usage error's.
+    assert type(info.value) is ProverUsageError and isinstance(info.value, ProverError)
+    assert info.value.exit_code == 2
     assert code == 2, err
     assert f"the supervisor at {path} has no [[WinPost]] child" in err, err
     assert "add a [[WinPost]] table" in err and "Traceback" not in err, err
