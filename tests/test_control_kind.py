@@ -193,3 +193,52 @@ async def test_prove_to_an_older_worker_socket_still_asks_its_status_and_exits_2
     path = str(sock_dir / "control.sock")
     with pytest.raises(UsageError, match="is the control socket of a `damocles-ext worker`"):
         await trio.to_thread.run_sync(prove_through_socket, path, make_task())
+
+
+def _twice(task):
+    """`task` with its first sector given a second time (the typed decoder takes it)."""
+    return msgspec.structs.replace(task, replicas=[*task.replicas, task.replicas[0]])
+
+
+@pytest.mark.parametrize(
+    ("task", "deadline", "priority", "said"),
+    [
+        (_twice(make_task(replicas=2)), None, 0, "sector 0 appears twice in the task"),
+        (make_task(), float("nan"), 0, "its deadline nan is not a finite number"),
+        (make_task(), float("inf"), 0, "its deadline inf is not a finite number"),
+        (make_task(), None, 2**63, f"its priority {2**63} is beyond a signed 64 bits"),
+    ],
+    ids=["a-sector-twice", "a-nan-deadline", "an-infinite-deadline", "a-priority-past-64-bits"],
+)
+async def test_a_raw_request_the_caller_must_fix_is_answered_usage_and_no_child_is_asked(
+    tmp_path, sock_dir, task, deadline, priority, said
+):
+    # Not our Client, which checks these before sending: the frames as another client sends
+    # them, to a whole-WindowPoSt run (start_nowait; a split run goes through submit).
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            path, asked = await _serve_as_run(sup, sock_dir, nursery)
+            await sup.wait_ready("window_post")
+            stream = await trio.open_unix_socket(path)
+            await stream.send_all(
+                control_protocol.encode(dext.Request(1, task, deadline, priority))
+                + control_protocol.encode(dext.Request(2, make_task(miner=7)))
+            )
+            decoder, answers = control_protocol.frame_decoder(), {}
+            while len(answers) < 2:
+                data = await stream.receive_some()
+                assert data, answers
+                for msg in decoder.receive_data(data):
+                    if isinstance(msg, control_protocol.ControlResponse):
+                        answers[msg.id] = msg
+            await stream.aclose()
+            (child,) = sup.statistics().children
+            nursery.cancel_scope.cancel()
+    bad, good = answers[1], answers[2]
+    assert bad.kind == control_protocol.USAGE and bad.output is None, bad
+    assert said in bad.error and "refused" in bad.error, bad.error
+    assert good == control_protocol.ControlResponse(2, output=echo_output(make_task(miner=7)))
+    # Only the good request reached the child.
+    assert (child.done, child.failed) == (1, 0), child
+    assert asked.count == 0

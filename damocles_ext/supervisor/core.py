@@ -55,6 +55,7 @@ from ..tasks import (
     Output,
     Task,
     WindowPoSt,
+    replicas_problem,
     request_problem,
     stage_of,
     task_problem,
@@ -262,9 +263,8 @@ class Supervisor:
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
             return (await self._submit_waiter(task, *how)).result()
-        # To the caller a split WindowPoSt is one request: one in flight when shutdown begins may
-        # still take its SNARK step within the shutdown grace, and _drain waits for it between
-        # the two steps too.
+        # To the caller a split WindowPoSt is one request: one in flight as shutdown begins may
+        # take its SNARK step within the grace, and _drain waits for it between the two steps.
         self._split_in_flight += 1
         try:
             return await prove_split(self, task, how)
@@ -312,13 +312,15 @@ class Supervisor:
     ) -> Started | None:
         """`submit` without a task per request, for front ends: `on_done(output, error)` is
         called once, maybe before this returns, from within the supervisor (it must neither
-        block nor call the supervisor), with what `submit` would return or raise; the task
-        comes from a front end's typed decoder, which checked its fields. `Started.
-        cancel()` abandons the request as a cancelled `submit` does; `submit`'s refusals are
-        raised here. None (nothing started) for a split WindowPoSt: `submit` it instead."""
+        block nor call the supervisor), with what `submit` would return or raise; its refusals
+        are raised here (the task is a typed decoder's, its fields checked: its replicas are
+        here). `Started.cancel()`: a cancelled `submit`. None for a split WindowPoSt: submit it."""
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
         check_trio_run("Supervisor.start_nowait()", None if self._finished else self._token)
+        if (problem := replicas_problem(task)) is not None:
+            rid = next(self._rids)
+            raise numbered(UsageError(f"request {rid} ({stage_of(task)}) refused: {problem}"), rid)
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False, None)
         return Started(self, waiter)
 
