@@ -24,7 +24,7 @@ from damocles_ext.protocol import control as control_protocol
 from damocles_ext.protocol import dext, jsonl
 from damocles_ext.status import StatusSource
 from damocles_ext.supervisor import Supervisor
-from damocles_ext.tasks import stage_of
+from damocles_ext.tasks import split_window_post, stage_of
 
 
 class _OlderResponse(msgspec.Struct, tag="response", frozen=True):
@@ -152,6 +152,7 @@ async def test_prove_to_a_run_without_a_child_of_the_stage_exits_2_asking_no_sta
     assert code == 2, err
     assert f"the supervisor at {path} has no [[WinPost]] child" in err, err
     assert "add a [[WinPost]] table" in err and "Traceback" not in err, err
+    assert "children are configured" not in err, err  # said once, as what to do
     assert asked.count == 0, (asked.count, err)
 
 
@@ -242,3 +243,35 @@ async def test_a_raw_request_the_caller_must_fix_is_answered_usage_and_no_child_
     # Only the good request reached the child.
     assert (child.done, child.failed) == (1, 0), child
     assert asked.count == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "advice"),
+    [
+        # A whole-WindowPoSt run: no split table can join its [[WdPost]] (the config refuses it).
+        (
+            "WdPost",
+            "it proves WindowPoSt whole ([[WdPost]]), not in steps; send a window_post task",
+        ),
+        # A run without WindowPoSt: one split table without the other is refused too.
+        ("WinPost", "add both [[WdPostVanilla]] and [[WdPostSnark]] tables to the config"),
+    ],
+)
+async def test_a_split_step_to_a_run_without_its_table_gets_advice_the_config_can_follow(
+    tmp_path, sock_dir, table, advice
+):
+    cfg = write_config(tmp_path, plugin_block(table, "echo"))
+    vanilla = split_window_post(make_task())
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            path, _ = await _serve_as_run(sup, sock_dir, nursery)
+            async with connect(path) as client:
+                with pytest.raises(UsageError) as info:
+                    await client.submit(vanilla)
+            nursery.cancel_scope.cancel()
+    said = str(info.value)
+    assert f"the supervisor at {path} has no [[WdPostVanilla]] child" in said, said
+    assert advice in said, said
+    assert "add a [[WdPostVanilla]] table" not in said, said
+    # Said once, in the words that say what to do: not the supervisor's own before them.
+    assert "children are configured" not in said, said

@@ -349,7 +349,7 @@ async def test_a_stage_without_children_has_its_series_at_0_before_its_first_ref
             )
             async with connect(path) as client:
                 # The caller's to fix: a usage error, said by the answer (Response.kind).
-                with pytest.raises(UsageError, match="no winning_post children are configured"):
+                with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child, so it"):
                     await client.submit(make_task(20, stage="winning_post"))
                 # status lists the stage from then on (docs/STATUS.md), with no child.
                 stages = {s.stage: s for s in (await client.status()).stages}

@@ -238,7 +238,10 @@ class ControlServer:
         if isinstance(error, UsageError):
             return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
         if self._serves is not None and not self._serves(stage):
-            said = f"{said}: {no_child_problem(self.path, stage)}"
+            problem = no_child_problem(self.path, stage, self._serves)
+            # The supervisor's own words for it give way to these, which say what to do.
+            tail = f"no {stage} children are configured"
+            said = said[: -len(tail)] + problem if said.endswith(tail) else f"{said}: {problem}"
             return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
         return control_protocol.ControlResponse(rid, error=said, kind=None)
 

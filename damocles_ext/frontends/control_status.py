@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from ..config import TABLE_OF_STAGE
 from ..errors import DextError, NotStartedError
 from ..protocol import control as control_protocol
+from ..stages import WINDOW_POST_SPLIT
 from .started import internal_error
 
 log = logging.getLogger("damocles_ext.control")
@@ -26,15 +27,24 @@ MAX_STATUS_IN_FLIGHT_SERVER = 64
 StatusFn = Callable[[], Awaitable[dict[str, object]]]
 
 
-def no_child_problem(path: object, stage: str) -> str:
+def no_child_problem(path: object, stage: str, serves: Callable[[str], bool]) -> str:
     """What is wrong with a request of `stage` sent to the supervisor at `path`, which has no
-    child of it: the config of that `run` (or the socket the caller chose)."""
+    child of it (`serves(stage)`: whether it has children of `stage`): the config of that `run`
+    (or the socket the caller chose)."""
     table = TABLE_OF_STAGE[stage]
-    return (
-        f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage}"
-        f" requests; add a [[{table}]] table to the config of that `damocles-ext run` and"
-        " restart it"
-    )
+    said = f"the supervisor at {path} has no [[{table}]] child, so it cannot prove {stage} requests"
+    run = "the config of that `damocles-ext run`"
+    if stage not in WINDOW_POST_SPLIT:
+        return f"{said}; add a [[{table}]] table to {run} and restart it"
+    # A split step: the config takes both split tables or neither, and never with [[WdPost]].
+    both = " and ".join(f"[[{TABLE_OF_STAGE[s]}]]" for s in WINDOW_POST_SPLIT)
+    if serves("window_post"):  # whole, with [[WdPost]]
+        return (
+            f"{said}: it proves WindowPoSt whole ([[WdPost]]), not in steps; send a window_post"
+            f" task instead, or replace the [[WdPost]] tables in {run} with {both} tables and"
+            " restart it"
+        )
+    return f"{said}; add both {both} tables to {run} and restart it"
 
 
 def busy_reply(request_id: int) -> control_protocol.StatusReply:

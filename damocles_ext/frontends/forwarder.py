@@ -62,9 +62,10 @@ async def stage_problem(
         return None
     if doc.worker is not None:
         return _worker_socket_problem(remote.path, flag)
-    if can_serve(stage, (c.stage for c in doc.children)):
+    served = {c.stage for c in doc.children}
+    if can_serve(stage, served):
         return None
-    return no_child_problem(remote.path, stage)
+    return no_child_problem(remote.path, stage, lambda s: can_serve(s, served))
 
 
 def _worker_socket_problem(path: str | Path, flag: str) -> str:
