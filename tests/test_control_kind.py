@@ -275,3 +275,25 @@ async def test_a_split_step_to_a_run_without_its_table_gets_advice_the_config_ca
     assert "add a [[WdPostVanilla]] table" not in said, said
     # Said once, in the words that say what to do: not the supervisor's own before them.
     assert "children are configured" not in said, said
+
+
+async def test_a_bug_of_ours_on_a_request_of_a_stage_the_run_lacks_is_not_a_usage_answer(
+    tmp_path, sock_dir, monkeypatch
+):
+    # A bug of ours (injected: the children and the socket stay real) is never the caller's to
+    # fix, even for a stage the run could not have served: kind nil, without the no-child advice.
+    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
+
+    def start_nowait(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            monkeypatch.setattr(sup, "start_nowait", start_nowait)
+            path, _ = await _serve_as_run(sup, sock_dir, nursery)
+            async with connect(path) as client:
+                with pytest.raises(ProverError, match="internal error") as info:
+                    await client.submit(make_task(stage="winning_post"))
+            nursery.cancel_scope.cancel()
+    assert type(info.value) is ProverError, info.value
+    assert "add a [[WinPost]] table" not in str(info.value), info.value

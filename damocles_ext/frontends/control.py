@@ -44,6 +44,7 @@ import trio
 from ..errors import DextError, UsageError
 from ..protocol import control as control_protocol
 from ..protocol import dext
+from ..protocol.control import ControlResponse
 from ..tasks import Output, Task, stage_of
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
@@ -70,6 +71,7 @@ from .outbox import stream_fd, write_now
 from .started import (
     Batch,
     CancelHandle,
+    InternalError,
     Start,
     bug_answer,
     said_and_logged,
@@ -230,20 +232,19 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def _error_response(
-        self, rid: int, error: DextError, stage: str
-    ) -> control_protocol.ControlResponse:
-        """The Response of request `rid` (of `stage`) that failed with `error`, with its kind."""
+    def _error_response(self, rid: int, error: DextError, stage: str) -> ControlResponse:
+        """The Response of request `rid` (of `stage`) that failed with `error`, with its kind:
+        not "usage" for a bug of ours (InternalError), whatever the request."""
         said = said_and_logged(rid, error, log)
         if isinstance(error, UsageError):
-            return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
-        if self._serves is not None and not self._serves(stage):
-            problem = no_child_problem(self.path, stage, self._serves)
-            # The supervisor's own words for it give way to these, which say what to do.
-            tail = f"no {stage} children are configured"
-            said = said[: -len(tail)] + problem if said.endswith(tail) else f"{said}: {problem}"
-            return control_protocol.ControlResponse(rid, error=said, kind=control_protocol.USAGE)
-        return control_protocol.ControlResponse(rid, error=said, kind=None)
+            return ControlResponse(rid, error=said, kind=control_protocol.USAGE)
+        if isinstance(error, InternalError) or self._serves is None or self._serves(stage):
+            return ControlResponse(rid, error=said, kind=None)
+        problem = no_child_problem(self.path, stage, self._serves)
+        # The supervisor's own words for it give way to these, which say what to do.
+        tail = f"no {stage} children are configured"
+        said = said[: -len(tail)] + problem if said.endswith(tail) else f"{said}: {problem}"
+        return ControlResponse(rid, error=said, kind=control_protocol.USAGE)
 
     def _request_started(self) -> None:
         self._stats.requests += 1
@@ -336,9 +337,7 @@ async def _send_connection_error(stream: trio.abc.SendStream, message: str) -> N
     """Tell a client why its connection is closed: `Response{id 0, error=message}`, the one
     frame that is about the connection rather than a request. Given up after a second: a
     client that does not read must not hold the descriptor."""
-    await send_last(
-        stream, dext.encode(control_protocol.ControlResponse(CONNECTION_ERROR_ID, error=message))
-    )
+    await send_last(stream, dext.encode(ControlResponse(CONNECTION_ERROR_ID, error=message)))
 
 
 class _Connection:
@@ -355,7 +354,7 @@ class _Connection:
         self._replies: list[control_protocol.StatusReply] = []
         # Responses are never dropped; Progress is advisory, so only the latest per id is kept
         # and a slow client cannot make us buffer without bound.
-        self._responses: list[control_protocol.ControlResponse] = []
+        self._responses: list[ControlResponse] = []
         self._progress: dict[int, dext.Progress] = {}
         self._wake = trio.Event()
         # A response written at once by its own task (see _queue_response) that the socket did
@@ -592,17 +591,17 @@ class _Connection:
         try:
             if rid in self._client_cancelled:
                 self._client_cancelled.discard(rid)
-                response = control_protocol.ControlResponse(
+                response = ControlResponse(
                     rid, error="cancelled at the client's request", kind=None
                 )
             elif error is not None:
                 response = self._server._error_response(rid, error, stage)
             else:
-                response = control_protocol.ControlResponse(rid, output=output)
+                response = ControlResponse(rid, output=output)
             self._queue_response(response)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: answered, logged by bug_answer
             error = bug_answer(log, rid, exc, "control request %d: internal error on its answer")
-            self._queue_response(control_protocol.ControlResponse(rid, error=str(error), kind=None))
+            self._queue_response(ControlResponse(rid, error=str(error), kind=None))
 
     async def _run_request(self, req: dext.Request, scope: trio.CancelScope) -> None:
         on_progress = self._progress_of(req.id)
@@ -632,7 +631,7 @@ class _Connection:
         self._replies.append(reply)
         self._wake.set()
 
-    def _queue_response(self, response: control_protocol.ControlResponse) -> None:
+    def _queue_response(self, response: ControlResponse) -> None:
         # A progress still waiting goes first, with it (the writer sends progress before
         # answers): the last phase a prover reported, often its end, is not lost.
         if (
