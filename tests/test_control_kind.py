@@ -192,8 +192,15 @@ async def test_prove_to_an_older_worker_socket_still_asks_its_status_and_exits_2
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     await nursery.start(trio.serve_listeners, _older_worker_socket, [listener])
     path = str(sock_dir / "control.sock")
-    with pytest.raises(UsageError, match="is the control socket of a `damocles-ext worker`"):
-        await trio.to_thread.run_sync(prove_through_socket, path, make_task())
+    # Bounded: a regression that leaves the request or the status unanswered fails the test,
+    # not the whole suite (the thread, abandoned, ends as the fixture closes the server).
+    with (
+        trio.fail_after(30),
+        pytest.raises(UsageError, match="is the control socket of a `damocles-ext worker`"),
+    ):
+        await trio.to_thread.run_sync(
+            prove_through_socket, path, make_task(), abandon_on_cancel=True
+        )
 
 
 def _twice(task):
