@@ -80,6 +80,8 @@ async def test_status_jobs_with_no_store_at_the_url_exits_2_and_creates_nothing(
     assert not missing.exists()
     done = await dext_run_async("status", "--jobs", "mysql://somewhere/db", "--json")
     assert done.returncode == 2 and b"not supported" in done.stderr and done.stdout == b""
+    done = await dext_run_async("status", "--jobs", "nonsense")  # no scheme: no URL at all
+    assert done.returncode == 2 and b"is not a URL" in done.stderr, done.stderr
 
 
 async def test_status_jobs_with_an_unreachable_postgresql_exits_1_saying_what_to_check(tmp_path):
@@ -89,10 +91,16 @@ async def test_status_jobs_with_an_unreachable_postgresql_exits_1_saying_what_to
     err = done.stderr.decode()
     assert "cannot reach the job store" in err and "check that the PostgreSQL server" in err, err
     assert "Traceback" not in err
+    # A host that cannot be found: not the store's absence either (a name not in DNS yet).
+    done = await dext_run_async("status", "--jobs", "postgresql://[bad")
+    assert done.returncode == 1 and b"failed to resolve host" in done.stderr, done.stderr
+    assert b"the user, password and database in the URL" in done.stderr, done.stderr
     documented = (Path(__file__).parent.parent / "docs" / "STATUS.md").read_text()
     section = documented.split("## The jobs summary", 1)[1].split("\n## ", 1)[0]
     assert "a SQLite file that does not exist" in section and "2 for a URL" in section
     assert "1 for a store that\ncannot be reached now" in section
+    assert "does not parse" not in section and "no URL (no scheme" in section
+    assert "(`postgresql://[bad`) or whose user or password the server refuses is exit 1" in section
 
 
 async def test_status_jobs_and_socket_print_the_supervisors_document_with_the_jobs_beside(
