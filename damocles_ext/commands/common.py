@@ -48,7 +48,6 @@ def stdout_to_stderr() -> Iterator[None]:
 
 #: --restart-delay and --restart-max-delay when not given (seconds).
 RESTART_DEFAULTS = {"restart_delay": 1.0, "restart_max_delay": 60.0}
-# The logger the config's warnings have always gone to, for whichever command reads it.
 
 
 def add_config_args(
