@@ -18,9 +18,9 @@ a message it can decode), which a client reports as "cannot get the status".
   it skipped, as any unknown key. On an error answer the supervisor sets it to USAGE when the
   request is the caller's to fix (no child of its stage in this supervisor, a worker's socket,
   which takes no proofs, a request the supervisor refuses as malformed), else to None (a
-  failure of the proof). A client raises UsageError on USAGE straight from the answer; a
-  Response without the field (UNSET) is a supervisor's older than it, which a client may ask
-  for its status to tell the two apart.
+  failure of the proof). Our client raises ProverUsageError (a UsageError that is also a
+  ProverError) on USAGE straight from the answer; a Response without the field (UNSET) is a
+  supervisor's older than it, which a client may ask for its status to tell the two apart.
 
 * supervisor -> client: `Refusal{error}`, the last frame of a connection the supervisor closes
   because of a frame it could not take from the client (`refusal_reason` words why). It answers
