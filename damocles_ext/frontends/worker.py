@@ -65,18 +65,16 @@ from ..jobs.worker_rules import (
     passing_answer,
     ready_slots_of,
     runnable_capacity,
-    unheld_stops,
     window_post_task,
 )
 from ..stages import child_stages
-from .worker_beats import heartbeat_plain
+from .worker_beats import heartbeat_leased, heartbeat_plain
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
     ADOPTED,
     SAME,
     HeldJob,
-    StopSignal,
     WorkerCounters,
     given_again,
     no_jobs_line,
@@ -604,43 +602,9 @@ class Worker:
             leased = [h for h in self.held.values() if h.job.Lease is not None]
             plain = [h for h in self.held.values() if h.job.Lease is None]
             if leased:
-                await self._heartbeat_leased(leased)
+                await heartbeat_leased(self, leased)
             if plain:
                 await heartbeat_plain(self, plain)
-
-    async def _heartbeat_leased(self, held: list[HeldJob]) -> None:
-        sent = {h.job.Id: h.job.Lease for h in held}
-        leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
-        started = trio.current_time()
-        try:
-            stop = await self._beats.call(  # (`null` or no `result`: failed, as no list)
-                "Dext.HeartbeatJobs", leases, self.name, result_type=list[StopSignal]
-            )
-        except RpcClientError as exc:  # (no answer too: said as the heartbeats' own outage)
-            if isinstance(exc, RpcCallError):
-                self._refused_token(exc)
-            self._unreachable(str(exc), self._beats_failing)
-            return
-        self._beaten(held, started, {s.Id for s in stop})
-        if self._unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
-            log.warning("%s", unheld_stops(self.manager_url, unheld))  # (not at each heartbeat)
-        for signal in stop:
-            current = self.held.get(signal.Id)
-            if current is None or current.job.Lease != sent.get(signal.Id):
-                continue  # given to us again meanwhile: the answer was for the old lease
-            if current.state == "finishing" and signal.Reason == "finished":
-                continue  # our own finish got there first
-            self._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
-
-    def _beaten(self, held: list[HeldJob], started: float, refused: set[str]) -> None:
-        now = self._clock()
-        for h in held:
-            if h.job.Id not in refused:
-                h.last_heartbeat = now
-        self._answered(self._beats_failing)
-        if self.counters.on_heartbeat is not None:
-            self.counters.on_heartbeat(trio.current_time() - started)
-        self._touch()
 
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
     # Apart: a heartbeat is judged by the heartbeats' outage alone, failed or answered. A manager

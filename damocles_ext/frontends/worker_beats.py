@@ -1,18 +1,61 @@
-"""The heartbeats of `damocles-ext worker`'s jobs held without a lease (a damocles-manager's,
-Venus.WdPoStHeartbeatJobs, by job id and worker name); Dext.HeartbeatJobs' are in worker.py."""
+"""The heartbeats of `damocles-ext worker`'s jobs: those held under a lease (our coordinator's,
+Dext.HeartbeatJobs) and those held without one (a damocles-manager's, Venus.WdPoStHeartbeatJobs,
+by job id and worker name)."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError
-from ..jobs.worker_rules import job_gone
-from .worker_state import NOT_RUNNING, HeldJob
+from ..jobs.worker_rules import job_gone, unheld_stops
+from .worker_state import NOT_RUNNING, HeldJob, StopSignal
 
 if TYPE_CHECKING:
     from .worker import Worker
+
+log = logging.getLogger("damocles_ext.worker")
+
+
+async def heartbeat_leased(worker: Worker, held: list[HeldJob]) -> None:
+    """Heartbeat `held` (jobs under a lease) in one Dext.HeartbeatJobs; stop those the manager
+    signals."""
+    sent = {h.job.Id: h.job.Lease for h in held}
+    leases = [{"Id": job_id, "Lease": lease} for job_id, lease in sent.items()]
+    started = trio.current_time()
+    try:
+        stop = await worker._beats.call(  # (`null` or no `result`: failed, as no list)
+            "Dext.HeartbeatJobs", leases, worker.name, result_type=list[StopSignal]
+        )
+    except RpcClientError as exc:  # (no answer too: said as the heartbeats' own outage)
+        if isinstance(exc, RpcCallError):
+            worker._refused_token(exc)
+        worker._unreachable(str(exc), worker._beats_failing)
+        return
+    beaten(worker, held, started, {s.Id for s in stop})
+    if worker._unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
+        log.warning("%s", unheld_stops(worker.manager_url, unheld))  # (not at each heartbeat)
+    for signal in stop:
+        current = worker.held.get(signal.Id)
+        if current is None or current.job.Lease != sent.get(signal.Id):
+            continue  # given to us again meanwhile: the answer was for the old lease
+        if current.state == "finishing" and signal.Reason == "finished":
+            continue  # our own finish got there first
+        worker._stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
+
+
+def beaten(worker: Worker, held: list[HeldJob], started: float, refused: set[str]) -> None:
+    """A heartbeat of `held` was answered (the jobs in `refused` excepted)."""
+    now = worker._clock()
+    for h in held:
+        if h.job.Id not in refused:
+            h.last_heartbeat = now
+    worker._answered(worker._beats_failing)
+    if worker.counters.on_heartbeat is not None:
+        worker.counters.on_heartbeat(trio.current_time() - started)
+    worker._touch()
 
 
 async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
@@ -34,9 +77,9 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         worker._unreachable(str(exc), worker._beats_failing)
         return
     else:
-        worker._beaten(held, started, set())
+        beaten(worker, held, started, set())
         return
-    beaten, answered = list[HeldJob](), False
+    taken, answered = list[HeldJob](), False
     for h in held:
         try:
             await worker._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], worker.name)
@@ -54,10 +97,10 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         except RpcClientError as exc:
             h.log.warning("heartbeat of job %s failed: %s", h.job.Id, exc)
         else:
-            beaten.append(h)
+            taken.append(h)
     # Taken alone, a heartbeat is one as much as in the batch: the job's last one, and the
     # end of an outage of the heartbeats (a job gone is an answer too).
-    if beaten:
-        worker._beaten(beaten, started, set())
+    if taken:
+        beaten(worker, taken, started, set())
     elif answered:
         worker._answered(worker._beats_failing)
