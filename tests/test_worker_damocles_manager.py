@@ -263,6 +263,31 @@ async def test_the_manager_going_down_is_waited_out_logged_once_and_the_result_d
     assert output["proofs"] and error == "" and worker.counters.given_up == 0
 
 
+async def test_a_manager_down_while_every_slot_proves_is_shown_unreachable_by_the_heartbeats(
+    manager, tmp_path, caplog
+):
+    # The usual state during WindowPoSt: every slot proving, so no allocation and no finish is
+    # sent, only heartbeats. Before, a heartbeat refused its connection counted for the
+    # heartbeats' own outage only: manager_reachable stayed True (the gauge at 1, no
+    # UNREACHABLE in status) for as long as the manager was down.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", **SLEEP_60))
+    worker = Worker(worker_settings(manager.url, kids, max_jobs=1, ping_interval=1000.0))
+    async with pulling(manager, worker):
+        await worker.wait_for(lambda: jid in worker.held and worker.held[jid].child is not None)
+        manager.stop()  # connections refused
+        await worker.wait_for(lambda: not worker.manager_reachable)
+        manager.start()  # the same port: the next heartbeat is answered
+        await worker.wait_for(lambda: worker.manager_reachable)
+        assert worker.held[jid].state == "proving"  # (no finish sent: the heartbeat ended it)
+    lines = [r.getMessage() for r in caplog.records if r.name == "damocles_ext.worker"]
+    [down] = [m for m in lines if m.startswith("the manager is unreachable")]
+    assert "Venus.WdPoStHeartbeatJobs" in down, down
+    assert len([m for m in lines if m.startswith("the manager answers again")]) == 1, lines
+    assert not [m for m in lines if m.startswith("the heartbeats of the jobs")], lines
+
+
 async def test_an_attached_store_damocles_manager_does_not_have_stops_the_worker_at_start(
     manager, tmp_path
 ):

@@ -119,6 +119,7 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
+        self._down_by_connect = False  # the outage began with no connection made (see below)
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
@@ -149,8 +150,9 @@ class Worker:
 
     @property
     def manager_reachable(self) -> bool:
-        """False during an outage (between its first failed call and its first answer); the
-        heartbeats' failures are an outage of their own, which this does not show."""
+        """False during an outage (between its first failed call and its first answer): a
+        call of any kind that could not connect begins one; the heartbeats' failures with a
+        connection made (no answer in time, cut) are an outage of their own, not shown here."""
         return self._outage.down_since is None
 
     @property
@@ -361,7 +363,7 @@ class Worker:
                 self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
             except RpcClientError as exc:  # no answer, or not JSON-RPC (a proxy's 502): said once
-                self._unreachable(str(exc))
+                self._unreachable(str(exc), connect=not getattr(exc, "sent", True))
                 await self._pause(backoff.next_delay())
                 continue
             self._answered(self._outage, self._refusals)
@@ -515,7 +517,7 @@ class Worker:
             try:
                 await self._calls.call(method, *params)
             except RpcConnectionError as exc:
-                self._unreachable(str(exc))
+                self._unreachable(str(exc), connect=not exc.sent)
                 failure, reason = Failure.UNREACHABLE, str(exc)
                 maybe_done = maybe_done or exc.sent
             except RpcCallError as exc:
@@ -607,15 +609,28 @@ class Worker:
                 await heartbeat_plain(self, plain)
 
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
-    # Apart: a heartbeat is judged by the heartbeats' outage alone, failed or answered. A manager
-    # whose heartbeat handler is stuck while its other calls answer made the log alternate
-    # "unreachable" / "answers again"; the calls that begin the manager's outage (allocations,
-    # finishes) go on until answered, and so end it themselves.
+    # Apart: a heartbeat sent and not answered (no answer in time, cut, a proxy's 502) is judged
+    # by the heartbeats' outage alone. A manager whose heartbeat handler is stuck while its other
+    # calls answer made the log alternate "unreachable" / "answers again"; the calls that begin
+    # the manager's outage (allocations, finishes) go on until answered, and so end it. But a
+    # heartbeat or a ping that cannot connect (refused, unreachable, DNS) is the manager's
+    # outage: a worker whose slots all prove sends nothing else, and would never show it; such
+    # an outage is ended by any whole answer, a heartbeat's or a ping's too (`heard`).
 
-    def _unreachable(self, what: str, outage: Outage | None = None) -> None:
+    def _unreachable(
+        self, what: str, outage: Outage | None = None, *, connect: bool = False
+    ) -> None:
         if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:
             log.warning("%s", line)
+            if outage is None:
+                self._down_by_connect = connect
             self._touch()  # (manager_reachable may have changed)
+
+    def heard(self) -> None:
+        """A heartbeat or a ping got a whole answer (or a JSON-RPC error): the manager's outage
+        ends if it began with no connection made (else only an allocation or a finish ends it)."""
+        if self._down_by_connect:
+            self._answered()
 
     def _answered(self, *outages: Outage) -> None:
         for outage in outages or (self._outage,):

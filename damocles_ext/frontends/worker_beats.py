@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("damocles_ext.worker")
 
 
+def failed(worker: Worker, exc: RpcClientError) -> None:
+    """A heartbeat failed: with no connection made (refused, unreachable, DNS, connect timeout),
+    the manager's outage (every call goes to the same host and port); sent and not answered, or
+    refused, the heartbeats' own (a manager whose other calls answer is not said unreachable)."""
+    if isinstance(exc, RpcConnectionError) and not exc.sent:
+        worker._unreachable(str(exc), connect=True)
+    else:
+        worker._unreachable(str(exc), worker._beats_failing)
+
+
 async def heartbeat_leased(worker: Worker, held: list[HeldJob]) -> None:
     """Heartbeat `held` (jobs under a lease) in one Dext.HeartbeatJobs; stop those the manager
     signals."""
@@ -29,10 +39,11 @@ async def heartbeat_leased(worker: Worker, held: list[HeldJob]) -> None:
         stop = await worker._beats.call(  # (`null` or no `result`: failed, as no list)
             "Dext.HeartbeatJobs", leases, worker.name, result_type=list[StopSignal]
         )
-    except RpcClientError as exc:  # (no answer too: said as the heartbeats' own outage)
+    except RpcClientError as exc:  # (no answer: the heartbeats' outage, unless none connected)
         if isinstance(exc, RpcCallError):
             worker._refused_token(exc)
-        worker._unreachable(str(exc), worker._beats_failing)
+            worker.heard()  # (a whole answer)
+        failed(worker, exc)
         return
     beaten(worker, held, started, {s.Id for s in stop})
     if worker._unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
@@ -53,6 +64,7 @@ def beaten(worker: Worker, held: list[HeldJob], started: float, refused: set[str
         if h.job.Id not in refused:
             h.last_heartbeat = now
     worker._answered(worker._beats_failing)
+    worker.heard()
     if worker.counters.on_heartbeat is not None:
         worker.counters.on_heartbeat(trio.current_time() - started)
     worker._touch()
@@ -69,12 +81,13 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         worker._refused_token(exc)
         if worker._refused is not None:
             return
+        worker.heard()
         ids = [h.job.Id for h in held]
         if not job_gone(exc.code, exc.message, ids):  # its store fails: the jobs are there
             worker._unreachable(str(exc), worker._beats_failing)
             return
-    except RpcClientError as exc:  # (no answer too: the heartbeats' outage, not the manager's)
-        worker._unreachable(str(exc), worker._beats_failing)
+    except RpcClientError as exc:  # (no answer: the heartbeats' outage, unless none connected)
+        failed(worker, exc)
         return
     else:
         beaten(worker, held, started, set())
@@ -84,7 +97,7 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         try:
             await worker._beats.call("Venus.WdPoStHeartbeatJobs", [h.job.Id], worker.name)
         except RpcConnectionError as exc:
-            worker._unreachable(str(exc), worker._beats_failing)
+            failed(worker, exc)
             return
         except RpcCallError as exc:
             if not job_gone(exc.code, exc.message, [h.job.Id]):
@@ -104,3 +117,4 @@ async def heartbeat_plain(worker: Worker, held: list[HeldJob]) -> None:
         beaten(worker, taken, started, set())
     elif answered:
         worker._answered(worker._beats_failing)
+        worker.heard()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import __version__
-from ..jobs.client import RpcClientError, local_address_towards
+from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError, local_address_towards
 from ..jobs.worker_rules import worker_info
 
 if TYPE_CHECKING:
@@ -43,15 +43,22 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
         try:
             await worker._pings.call("Venus.WorkerPing", info)
         except RpcClientError as exc:
-            # Never fatal: the ping only shows this worker in the manager's list.
-            if not failing:
-                log.warning(
-                    "Venus.WorkerPing failed (%s); the manager's worker list may not show"
-                    " this worker until it works again (logged once)",
-                    exc,
-                )
-            failing = True
+            if isinstance(exc, RpcConnectionError) and not exc.sent:
+                # No connection made: the manager's outage (said once), not the ping's alone.
+                worker._unreachable(str(exc), connect=True)
+            else:
+                if isinstance(exc, RpcCallError):
+                    worker.heard()  # (a whole answer)
+                # Never fatal: the ping only shows this worker in the manager's list.
+                if not failing:
+                    log.warning(
+                        "Venus.WorkerPing failed (%s); the manager's worker list may not show"
+                        " this worker until it works again (logged once)",
+                        exc,
+                    )
+                failing = True
         else:
+            worker.heard()
             if failing:
                 log.info("Venus.WorkerPing works again")
             failing = False
