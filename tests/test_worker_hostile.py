@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -123,66 +124,142 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
 
 
-async def test_allocations_of_only_jobs_failing_before_a_prover_are_asked_again_after_a_wait(
+async def step_until(
+    worker: Worker, coordinator: HostileCoordinator, mock_clock, end: float, jobs_given=None
+):
+    """Move the mock time to `end` in half seconds, each step once the worker waits (all it was
+    given answered, and no call before a time to come): a worker that asks again at once asks
+    at the same instant, and never waits (caught as more than 60 allocations)."""
+
+    def waiting() -> bool:
+        given = allocations(coordinator) if jobs_given is None else jobs_given()
+        done = worker.counters.delivered == given
+        later = max(worker._unproved.until, worker._idle_until)
+        return done and not worker.held and trio.current_time() < later
+
+    while trio.current_time() < end:
+        await until(worker, coordinator, lambda: allocations(coordinator) > 60 or waiting())
+        assert allocations(coordinator) <= 60, "asked again at full speed"
+        mock_clock.jump(0.5)
+
+
+def unreadable(job_id: str, lease: str | None = "L1") -> dict:
+    return job(job_id, lease) | {"Input": None}
+
+
+async def test_allocations_of_only_jobs_failing_before_a_prover_settle_at_the_idle_poll(
     tmp_path, caplog, mock_clock
 ):
-    # Before, such a job (its input unreadable here), answered at once with its error, freed its
-    # slot at once and the worker asked again at once, for ever: about 2,500 allocations and
-    # finishes in 3 s, a line each (the breaker counts the prover's failures only: none here).
-    # Now it waits as after an empty answer, 1 s doubling to --idle-poll (8 s), said once a
-    # spell; a job that reaches a prover ends the spell, and its end is asked after at once.
+    # Before 18c1eba such a job (its input unreadable here), answered at once with its error,
+    # freed its slot at once and the worker asked again at once, for ever: about 2,500
+    # allocations and finishes in 3 s, a line each (the breaker counts the prover's failures
+    # only: none here). Then every such allocation was waited after, the first job included.
+    # Now a burst of 8 is asked again at once, then 1 s doubling to --idle-poll (8 s), said once
+    # a spell; a job that reaches a prover ends the spell and brings the burst back. One slot:
+    # each allocation is asked only once the job before it ended, so the times follow from the
+    # rule alone.
     caplog.set_level(logging.INFO, "damocles_ext.worker")
 
     def alloc(params: list, n: int) -> list:
-        return [job(f"j{n}")] if n == 6 else [job(f"bad-{n}") | {"Input": None}]
+        return [job(f"j{n}")] if n == 14 else [unreadable(f"bad-{n}")]
 
-    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0}
+    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0, "max_jobs": 1}
     script = {"Dext.AllocateJobs": alloc}
     async with against(tmp_path, script, **settings) as (coordinator, worker):
-
-        def waiting() -> bool:  # all it was given answered, and no call before a time to come
-            done = worker.counters.delivered == allocations(coordinator)
-            return done and not worker.held and trio.current_time() < worker._idle_until
-
-        # The time moves only here (mock_clock): a worker that asks again at once asks at the
-        # same instant, and never waits.
-        for _ in range(int(29 / 0.25)):
-            await until(worker, coordinator, lambda: allocations(coordinator) > 40 or waiting())
-            assert allocations(coordinator) <= 40, "asked again at full speed"
-            mock_clock.jump(0.25)
+        await step_until(worker, coordinator, mock_clock, 58)  # (against's limit: 60)
     times = coordinator.times_of("Dext.AllocateJobs")
-    # 0, 1, 3, 7, 15, 23 (j6, proved: asked again at once), 23, 24, 26
-    assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 8, 0, 1, 2], times
-    for n in (1, 2, 3, 4, 5, 7, 8, 9):
+    # 9 at 0 (the 9th round waited after), 1, 3, 7, 15, 23 (j14, proved: the burst is back), 9 at
+    # 23, 24, 26, 30, then every 8 s (38, 46, 54): a hostile manager settles at one call per --idle-poll.
+    burst = [0.0] * 8
+    expected = [*burst, 1, 2, 4, 8, 8, 0, *burst, 1, 2, 4, 8, 8, 8]
+    assert [b - a for a, b in itertools.pairwise(times)] == expected, times
+    assert worker.counters.delivered == len(times)
+    for n in (*range(1, 14), *range(15, len(times) + 1)):
         [(_, _, output, error)] = coordinator.finishes(f"bad-{n}")
         assert output is None and error.startswith("unreadable job input"), error
-    [(_, _, output, error)] = coordinator.finishes("j6")
+    [(_, _, output, error)] = coordinator.finishes("j14")
     assert error == "" and output["proofs"]
     lines = worker_lines(caplog)
-    spells = [line for line in lines if line.startswith("no job the manager gives reaches")]
-    assert len(spells) == 2 and "at once (job bad-1: unreadable job input" in spells[0], spells
-    ended = "a job reaches a prover again, after 5 allocations of jobs that all failed before one"
+    spells = [line for line in lines if line.startswith("the last 9 allocations from ")]
+    assert len(spells) == 2, spells
+    assert spells[0] == (
+        f"the last 9 allocations from {worker.manager_url} brought only jobs that fail before a"
+        " prover here (job bad-9: unreadable job input: Expected `object`, got `null` - at"
+        " `$.Input`); each is answered at once with its error, and the manager is asked again"
+        " after 1 s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
+        " this worker: their input, whether the stores of their sectors are attached here"
+        " (--attached), and --allowed-miners"
+    ), spells[0]
+    ended = "a job reaches a prover again, after 13 allocations of jobs that all failed before one"
     assert [line for line in lines if line.startswith("a job reaches")] == [f"{ended}, in 23 s"]
     assert worker.counters.pauses == 0
 
 
+async def test_a_backlog_of_bad_jobs_from_a_damocles_manager_costs_no_wait_within_the_burst(
+    tmp_path, caplog, mock_clock
+):
+    # damocles-manager gives one job per allocation, its ready jobs in no order, and each bad
+    # job at most JobMaxTry (2) times: a real backlog, never endless. Under the rule of 18c1eba,
+    # each bad job was a round waited after: 10 ahead of a good one cost 1+2+4+8+6*15 s at the
+    # defaults, with no slot asking meanwhile. Now 8 bad jobs ahead of a good one cost no wait,
+    # and 10 cost 3 s (8 at once, then 1 + 2).
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    given = [*(f"bad-{n}" for n in range(8)), "good-1", *(f"bad-{n}" for n in range(8, 18))]
+    given.append("good-2")
+
+    def alloc(params: list, n: int) -> list:
+        if n > len(given):
+            return []
+        name = given[n - 1]
+        return [job(name, lease=None) if name.startswith("good") else unreadable(name, None)]
+
+    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0, "max_jobs": 1}
+    script = venus({"Venus.WdPoStAllocateJobs": alloc})
+    async with against(tmp_path, script, **settings) as (coordinator, worker):
+        calls = lambda: coordinator.count("Venus.WdPoStAllocateJobs")  # noqa: E731
+        await step_until(worker, coordinator, mock_clock, 4, lambda: min(calls(), len(given)))
+        await worker.wait_for(lambda: worker.counters.delivered == len(given))
+    times = coordinator.times_of("Venus.WdPoStAllocateJobs")[: len(given)]
+    assert times[given.index("good-1")] == times[0], times  # reached without any wait
+    assert times[given.index("good-2")] - times[given.index("good-1")] == 3.0, times
+    for name in given:
+        [(_, _, error)] = coordinator.finishes(name)
+        assert (error == "") == name.startswith("good"), (name, error)
+    [spell] = [line for line in worker_lines(caplog) if line.startswith("the last ")]
+    assert spell.startswith(f"the last 9 allocations from {worker.manager_url} brought"), spell
+
+
 def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_prover():
-    rounds = UnprovedRounds(Backoff(1.0, 3.0))
+    rounds = UnprovedRounds(Backoff(1.0, 3.0), burst=1)
+
+    def ended(round_: int, now: float, why: str = "", unproved: bool = True) -> str | None:
+        return rounds.ended(round_, now, unproved=unproved, why=why, url="http://m")
+
     mixed, bad, worse = rounds.round(2), rounds.round(2), rounds.round(1)
     # A job of a round with others still held: asked for at once, as any slot freed.
-    assert rounds.ended(bad, 0.0, unproved=True, why="job a: x") == (None, None)
-    assert rounds.ended(mixed, 0.0, unproved=False, why="") == (None, None)  # (proved)
-    assert rounds.ended(mixed, 0.0, unproved=True, why="job b: y") == (None, None)
-    wait, said = rounds.ended(bad, 5.0, unproved=True, why="job c: z")
-    assert wait == 1.0 and said is not None and "(job c: z)" in said
-    assert rounds.ended(worse, 6.0, unproved=True, why="job d: z") == (2.0, None)  # said once
-    assert [rounds.ended(rounds.round(1), 7.0, unproved=True, why="")[0] for _ in "ab"] == [3, 3]
+    assert ended(bad, 0.0, "job a: x") is None
+    assert ended(mixed, 0.0, unproved=False) is None  # (proved)
+    assert ended(mixed, 0.0, "job b: y") is None and rounds.until == -math.inf
+    assert ended(bad, 5.0, "job c: z") is None and rounds.until == -math.inf  # (the burst)
+    said = ended(worse, 6.0, "job d: z")
+    assert said is not None and said.startswith("the last 2 allocations from http://m brought")
+    assert "(job d: z)" in said and "asked again after 1 s" in said and rounds.until == 7.0
+    # A job that does not end its round lowers no wait another round set (it would be asked
+    # for at once, ahead of the wait).
+    late, soon = rounds.round(2), rounds.round(1)
+    assert ended(late, 6.5, "job e: z") is None and rounds.until == 7.0
+    assert ended(soon, 6.5, "job f: z") is None and rounds.until == 8.5  # (said once a spell)
+    assert [ended(rounds.round(1), 7.0) for _ in "ab"] == [None, None] and rounds.until == 10.0
     assert rounds.reached(9.0) == (
-        "a job reaches a prover again, after 4 allocations of jobs that all failed before one,"
+        "a job reaches a prover again, after 5 allocations of jobs that all failed before one,"
         " in 4 s"
     )
-    assert rounds.ended(rounds.round(1), 10.0, unproved=True, why="job e: z")[0] == 1.0
-    assert rounds.rounds == {}
+    assert rounds.until == -math.inf and rounds.rounds == {late: (1, False)}
+    # The burst is back after a prover is reached, and after a quiet stretch (burst x cap).
+    assert ended(rounds.round(1), 10.0) is None and ended(rounds.round(1), 10.0) is not None
+    assert rounds.until == 11.0
+    assert ended(rounds.round(1), 13.0) is None  # (quiet for 3 s: a burst again)
+    assert ended(rounds.round(1), 13.0) is not None and rounds.until == 14.0
 
 
 #: Three slots, proofs that last until the test stops the worker.

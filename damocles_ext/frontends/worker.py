@@ -41,6 +41,7 @@ from ..jobs.model import JobOutput
 from ..jobs.worker_rules import (
     NO_WORKER_PROVER,
     SLOT_STAGES,
+    UNPROVED_BURST,
     UP,
     Api,
     Backoff,
@@ -326,7 +327,7 @@ class Worker:
             ready = ready_slots_of(children)
             free = free_slots(ready, len(self.held), self.settings.max_jobs)
             want = jobs_to_ask(self.api, free)
-            until = max(self._idle_until, self._breaker.paused_until)
+            until = max(self._idle_until, self._breaker.paused_until, self._unproved.until)
             if want == 0 or trio.current_time() < until:
                 changed = self._changed
                 with trio.move_on_at(until if want else math.inf):
@@ -383,6 +384,8 @@ class Worker:
             self._over_allocated = len(got) > want
             new = [h for job, problem in jobs if (h := self._take(job, problem)) is not None]
             if taken := len(new):  # (its jobs all failed before a prover: waited after, _release)
+                slots = free_slots(ready, 0, self.settings.max_jobs)
+                self._unproved.burst = max(UNPROVED_BURST, 2 * slots)
                 number = self._unproved.round(taken)
                 for h in new:
                     h.round = number
@@ -566,14 +569,17 @@ class Worker:
         if self.held.get(held.job.Id) is held:
             del self.held[held.job.Id]
         # A slot is free: ask at once, no pause between jobs; unless the round that brought
-        # the job ends with it, and all its jobs failed before a prover ran (worker_rules).
-        now = trio.current_time()
+        # the job ends with it, all its jobs failed before a prover ran, and the spell's burst
+        # of such rounds is used up (worker_rules.UnprovedRounds: its own `until`, which a
+        # release never lowers).
         unproved = not held.reached_prover and bool(held.error) and held.stop_reason is None
-        why = f"job {held.job.Id}: {held.error}"
-        wait, line = self._unproved.ended(held.round, now, unproved=unproved, why=why)
+        why, now = f"job {held.job.Id}: {held.error}", trio.current_time()
+        line = self._unproved.ended(
+            held.round, now, unproved=unproved, why=why, url=self.manager_url
+        )
         if line is not None:
             log.warning("%s", line)
-        self._idle_until = -math.inf if wait is None else now + wait
+        self._idle_until = -math.inf
         self._touch()
 
     def _stop_job(self, job_id: str, reason: str, why: str) -> None:

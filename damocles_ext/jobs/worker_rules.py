@@ -290,17 +290,22 @@ def allocations_outage() -> Outage:
     )
 
 
-def unproved_outage() -> Outage:
-    """Allocations whose jobs all fail before a prover runs (`UnprovedRounds`): one line when
-    they begin, one when a job reaches a prover again."""
-    return Outage(
-        begins="no job the manager gives reaches a prover here: each fails at once ({why})"
-        " and is answered with its error; until one does, the manager is asked again after a"
-        " wait growing to --idle-poll, not at once (check the jobs it gives this worker: their"
-        " input, the stores of their sectors attached here, --allowed-miners)",
-        ends="a job reaches a prover again, after {failures} allocations of jobs that all failed"
-        " before one, in {lasted:.0f} s",
-    )
+#: The unproved rounds of a spell asked again at once (`UnprovedRounds`), at least: a deadline's
+#: usual partition batches, or a backlog of jobs whose stores are not attached here, from a
+#: damocles-manager (one job per allocation, each bad job a round of its own).
+UNPROVED_BURST = 8
+
+UNPROVED_BEGINS = (
+    "the last {n} allocations from {url} brought only jobs that fail before a prover here"
+    " ({why}); each is answered at once with its error, and the manager is asked again after"
+    " {wait:.0f} s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
+    " this worker: their input, whether the stores of their sectors are attached here"
+    " (--attached), and --allowed-miners"
+)
+UNPROVED_ENDS = (
+    "a job reaches a prover again, after {n} allocations of jobs that all failed before one,"
+    " in {lasted:.0f} s"
+)
 
 
 @dataclass(slots=True)
@@ -311,16 +316,23 @@ class UnprovedRounds:
     at once, and a manager that gives only such jobs would be asked again at full speed
     (thousands of calls a second, a line each). The breaker counts the prover's failures only:
     these are none. So when the last of a round's new jobs ends, none having reached a prover
-    and each with an error, the worker waits `backoff` (from its base, doubling up to
-    --idle-poll) before asking again, as after an empty answer; a job that reaches a prover
-    ends the spell (and the doubling). A round with a job that reached a prover, or a job
-    ended without an error (faults, stopped by the manager), asks again at once."""
+    and each with an error, the round is unproved: the first `burst` of a spell are asked again
+    at once (a backlog of bad jobs ahead of good ones, as a real manager has, costs no wait),
+    then the worker waits `backoff` (from its base, doubling up to --idle-poll), said in one
+    warning. A job that reaches a prover ends the spell (the burst and the doubling come
+    back); so does a quiet stretch of `burst` times --idle-poll with no unproved round. A round with a job that reached a prover, or a job
+    ended without an error or stopped by the manager, asks again at once."""
 
     backoff: Backoff
-    outage: Outage = field(default_factory=unproved_outage)
+    burst: int = UNPROVED_BURST  # (the worker sets it at each round: max(8, 2 * its slots))
     #: Each round's jobs not ended yet, and whether one reached a prover or ended without error.
     rounds: dict[int, tuple[int, bool]] = field(default_factory=dict)
     last: int = 0
+    until: float = -math.inf  # no allocation before then (only raised by `ended`)
+    spell: int = 0  # unproved rounds since a job last reached a prover
+    since: float = 0.0  # when the spell's first one ended
+    latest: float = -math.inf  # when the latest one ended
+    said: bool = False  # the spell's warning was said
 
     def round(self, jobs: int) -> int:
         """A round that brought `jobs` new jobs (> 0): its number, given back at each end."""
@@ -330,26 +342,42 @@ class UnprovedRounds:
 
     def reached(self, now: float) -> str | None:
         """A job reached a prover at `now`: the spell ends; the line to log, if one was said."""
-        self.backoff.reset()
-        return self.outage.answered(now)
+        line = UNPROVED_ENDS.format(n=self.spell, lasted=now - self.since) if self.said else None
+        self._reset()
+        return line
 
-    def ended(
-        self, round_: int, now: float, *, unproved: bool, why: str
-    ) -> tuple[float | None, str | None]:
+    def _reset(self) -> None:
+        self.backoff.reset()
+        self.until, self.spell, self.said = -math.inf, 0, False
+
+    def ended(self, round_: int, now: float, *, unproved: bool, why: str, url: str) -> str | None:
         """A job of round `round_` ended at `now` (`unproved`: it failed before reaching a
-        prover, with `why`): (the seconds to wait before asking again, None to ask at once;
-        the line to log, or None)."""
+        prover, with `why`; `url`: the manager's). Raises `until` when its round ends unproved
+        past the burst; the line to log, or None."""
         if round_ not in self.rounds:
-            return None, None
+            return None
         left, proved = self.rounds[round_]
         left, proved = left - 1, proved or not unproved
         if left > 0:
             self.rounds[round_] = (left, proved)
-            return None, None
+            return None
         del self.rounds[round_]
         if proved:
-            return None, None
-        return self.backoff.next_delay(), self.outage.failed(now, why)
+            return None
+        if now - self.latest >= self.burst * self.backoff.cap:  # quiet for long: a new spell
+            self._reset()
+        self.latest = now
+        self.spell += 1
+        if self.spell == 1:
+            self.since = now
+        if self.spell <= self.burst:
+            return None
+        wait = self.backoff.next_delay()
+        self.until = max(self.until, now + wait)
+        if self.said:
+            return None
+        self.said = True
+        return UNPROVED_BEGINS.format(n=self.spell, url=url, why=why, wait=wait)
 
 
 # --- Venus.WorkerPing ---------------------------------------------------------------------------
