@@ -262,6 +262,33 @@ def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_
     assert ended(rounds.round(1), 13.0) is not None and rounds.until == 14.0
 
 
+def test_a_job_answered_with_its_faults_ends_the_spell_and_a_stopping_worker_waits_for_none():
+    rounds = UnprovedRounds(Backoff(1.0, 8.0), burst=1)
+
+    def ended(now: float, **kw) -> str | None:
+        kw = {"unproved": True, "why": "job a: x"} | kw
+        return rounds.ended(rounds.round(1), now, url="http://m", **kw)
+
+    assert ended(0.0) is None and ended(1.0) is not None and ended(1.5) is None
+    assert rounds.until == 3.5
+    # Faults and no error, no prover run: a result all the same. Before, the round only counted
+    # as proved: the spell went on (no burst), its next wait doubled and its end was unsaid.
+    line = ended(2.0, unproved=False, why="", answered=True)
+    assert line == (
+        "a job reaches a prover again, after 3 allocations of jobs that all failed before one,"
+        " in 2 s"
+    )
+    assert rounds.until == -math.inf and ended(3.0) is None  # (the burst is back)
+    assert ended(3.0) is not None and rounds.until == 4.0
+    # Stopping: the rounds are kept count of, nothing is waited for or said.
+    stopping = UnprovedRounds(Backoff(1.0, 8.0), burst=1)
+    stopping.ended(stopping.round(1), 0.0, unproved=True, why="", url="")
+    assert (
+        stopping.ended(stopping.round(1), 0.0, unproved=True, why="", url="", stopping=True) is None
+    )
+    assert stopping.until == -math.inf and stopping.rounds == {} and not stopping.said
+
+
 #: Three slots, proofs that last until the test stops the worker.
 THREE = plugin_block("WdPost", "sleep", concurrent=3, seconds=60, progress_interval=0.05)
 

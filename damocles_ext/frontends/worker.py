@@ -572,13 +572,14 @@ class Worker:
         # the job ends with it, all its jobs failed before a prover ran, and the spell's burst
         # of such rounds is used up (worker_rules.UnprovedRounds: its own `until`, which a
         # release never lowers).
-        unproved = not held.reached_prover and bool(held.error) and held.stop_reason is None
+        unheld = not held.reached_prover and held.stop_reason is None  # (no prover, not stopped)
         why, now = f"job {held.job.Id}: {held.error}", trio.current_time()
         line = self._unproved.ended(
-            held.round, now, unproved=unproved, why=why, url=self.manager_url
-        )
-        if line is not None:
-            log.warning("%s", line)
+            held.round, now, unproved=unheld and bool(held.error), why=why,
+            url=self.manager_url, answered=unheld and not held.error, stopping=self.stopping,
+        )  # fmt: skip
+        if line is not None:  # (a spell begun, or ended by a job's faults)
+            log.log(logging.WARNING if held.error else logging.INFO, "%s", line)
         self._idle_until = -math.inf
         self._touch()
 

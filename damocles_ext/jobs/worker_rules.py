@@ -319,8 +319,8 @@ class UnprovedRounds:
     and each with an error, the round is unproved: the first `burst` of a spell are asked again
     at once (a backlog of bad jobs ahead of good ones, as a real manager has, costs no wait),
     then the worker waits `backoff` (from its base, doubling up to --idle-poll), said in one
-    warning. A job that reaches a prover ends the spell (the burst and the doubling come
-    back); so does a quiet stretch of `burst` times --idle-poll with no unproved round. A round with a job that reached a prover, or a job
+    warning. A job that reaches a prover, or is answered with its faults, ends the spell (the
+    burst and the doubling come back); so does a quiet stretch of `burst` times --idle-poll with no unproved round. A round with a job that reached a prover, or a job
     ended without an error or stopped by the manager, asks again at once."""
 
     backoff: Backoff
@@ -350,20 +350,33 @@ class UnprovedRounds:
         self.backoff.reset()
         self.until, self.spell, self.said = -math.inf, 0, False
 
-    def ended(self, round_: int, now: float, *, unproved: bool, why: str, url: str) -> str | None:
+    def ended(
+        self,
+        round_: int,
+        now: float,
+        *,
+        unproved: bool,
+        why: str,
+        url: str,
+        answered: bool = False,
+        stopping: bool = False,
+    ) -> str | None:
         """A job of round `round_` ended at `now` (`unproved`: it failed before reaching a
-        prover, with `why`; `url`: the manager's). Raises `until` when its round ends unproved
-        past the burst; the line to log, or None."""
+        prover, with `why`; `url`: the manager's; `answered`: with a result though no prover ran,
+        its faults, which ends the spell as a prover reached does; `stopping`: the worker stops,
+        nothing is waited or said). Raises `until` when its round ends unproved past the burst;
+        the line to log, or None."""
+        line = self.reached(now) if answered and not stopping else None
         if round_ not in self.rounds:
-            return None
+            return line
         left, proved = self.rounds[round_]
         left, proved = left - 1, proved or not unproved
         if left > 0:
             self.rounds[round_] = (left, proved)
-            return None
+            return line
         del self.rounds[round_]
-        if proved:
-            return None
+        if proved or stopping:
+            return line
         if now - self.latest >= self.burst * self.backoff.cap:  # quiet for long: a new spell
             self._reset()
         self.latest = now
