@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 from helpers.frontend import plugin_block
 from helpers.hostile_coordinator import CUT, NO_RESULT, SILENT, Error, HostileCoordinator, Page
 from test_worker import children, job_input, start_worker, worker_settings
@@ -536,34 +537,54 @@ async def test_a_finish_answered_wrong_is_sent_again_after_a_backoff_until_taken
 
 
 async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_not_as_an_outage(
-    tmp_path, caplog
+    tmp_path, caplog, mock_clock
 ):
     # A coordinator whose heartbeat handler is stuck while its allocations and finishes answer.
     # Before, each heartbeat's timeout began an outage of the manager, and the next allocation
     # answered ended it: the log alternated "unreachable" / "answers again" for as long as it
     # lasted. Now the heartbeats' own outage: one line when they fail, one when answered again.
+    # The time moves only in the test's jumps (mock_clock): the in-process coordinator's answers
+    # take none, so every allocation answers within a step, and a heartbeat times out only when
+    # the time is jumped past its --rpc-timeout.
     caplog.set_level(logging.INFO, "damocles_ext.worker")
     script = {
         "Dext.AllocateJobs": first(job("j1")),
         "Dext.HeartbeatJobs": lambda params, n: SILENT if n <= 3 else [],
     }
-    # Allocations every 0.05 s (a slot stays free), answered between the heartbeats' timeouts.
-    settings = {"rpc_timeout": 0.3, "idle_poll": 0.05}
-    async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+    # Allocations every 1 s (a slot stays free), answered while each heartbeat waits 10 s.
+    settings = {"rpc_timeout": 10.0, "heartbeat_interval": 1.0, "idle_poll": 1.0}
+    settings["ping_interval"] = 1000.0
 
-        def beaten() -> bool:
-            return "j1" in worker.held and worker.held["j1"].last_heartbeat is not None
+    async def stepping() -> None:  # (the stop at the end too: its shutdown grace)
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.5)
 
-        await until(worker, coordinator, beaten)
-        assert allocations(coordinator) > beats(coordinator)  # (they answered meanwhile)
-        assert worker.manager_reachable
+    async with trio.open_nursery() as clock:
+        async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+
+            def beaten() -> bool:
+                return "j1" in worker.held and worker.held["j1"].last_heartbeat is not None
+
+            await until(worker, coordinator, lambda: "j1" in worker.held)
+            while not beaten():
+                await trio.testing.wait_all_tasks_blocked()
+                assert worker.manager_reachable
+                mock_clock.jump(0.5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert worker.manager_reachable
+            clock.start_soon(stepping)
+        clock.cancel_scope.cancel()
+    sent = coordinator.times_of("Dext.HeartbeatJobs")
+    during = [t for t in coordinator.times_of("Dext.AllocateJobs") if sent[0] < t < sent[0] + 10]
+    assert len(during) >= 5, (sent, during)  # answered while heartbeat 1 waited
     lines = worker_lines(caplog)
     outage = [line for line in lines if "unreachable" in line or "answers again" in line]
     assert outage == [], outage
     [failing] = [line for line in lines if line.startswith("the heartbeats of the jobs")]
     assert worker.manager_url in failing and "Dext.HeartbeatJobs" in failing, failing
     [again] = [line for line in lines if line.startswith("heartbeats are answered again")]
-    assert again.startswith("heartbeats are answered again, after 3 failed in"), again
+    assert again == "heartbeats are answered again, after 3 failed in 23 s", (again, sent)
 
 
 BAD_HEARTBEATS = {
