@@ -23,6 +23,8 @@ from helpers.hostile_coordinator import CUT, NO_RESULT, SILENT, Error, HostileCo
 from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_beats import failed
+from damocles_ext.jobs.client import RpcConnectionError, RpcTimeout
 from damocles_ext.jobs.worker_rules import Backoff, UnheldStops, UnprovedRounds
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -585,6 +587,35 @@ async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_no
     assert worker.manager_url in failing and "Dext.HeartbeatJobs" in failing, failing
     [again] = [line for line in lines if line.startswith("heartbeats are answered again")]
     assert again == "heartbeats are answered again, after 3 failed in 23 s", (again, sent)
+
+
+async def test_an_outage_begun_by_a_call_unanswered_is_ended_by_a_heartbeat_once_one_was_refused(
+    tmp_path, caplog, mock_clock
+):
+    # A manager that hangs (an allocation sent, never answered: the manager's outage, which only
+    # an allocation or a finish answered ended, so that a stuck heartbeat handler does not make
+    # the log alternate), then dies (a heartbeat refused), then comes back (a heartbeat
+    # answered). The outage stayed until the next allocation or finish answered: with every slot
+    # proving, a proof's length, shown as UNREACHABLE with the gauge at 0. A call that could not
+    # connect during the outage shows the manager down, not stuck: any answer now ends it.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    worker = Worker(worker_settings("127.0.0.1:1", children(tmp_path, ECHO)))
+    url = worker.manager_url
+    worker._unreachable(str(RpcTimeout("no answer", url=url, method="Dext.AllocateJobs")))  # silent
+    worker.heard()  # (a heartbeat answered while the allocation hangs: maybe only stuck)
+    assert not worker.manager_reachable
+    refused = RpcConnectionError("refused", url=url, method="Dext.HeartbeatJobs", sent=False)
+    mock_clock.jump(1)
+    failed(worker, refused)
+    worker.heard()  # (a heartbeat answered)
+    assert worker.manager_reachable
+    lines = worker_lines(caplog)
+    begins = (
+        "the manager is unreachable (no answer); running proofs go on, no job is asked for, and"
+        " results are kept and sent again until it answers"
+    )
+    ends = "the manager answers again (unreachable for 1.0 s)"
+    assert [line for line in lines if line.startswith("the manager ")] == [begins, ends], lines
 
 
 BAD_HEARTBEATS = {

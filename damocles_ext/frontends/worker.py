@@ -120,7 +120,7 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
-        self._down_by_connect = False  # the outage began with no connection made (see below)
+        self._down_by_connect = False  # a call could not connect in the outage (see below)
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
@@ -622,20 +622,23 @@ class Worker:
     # the manager's outage (allocations, finishes) go on until answered, and so end it. But a
     # heartbeat or a ping that cannot connect (refused, unreachable, DNS) is the manager's
     # outage: a worker whose slots all prove sends nothing else, and would never show it; such
-    # an outage is ended by any whole answer, a heartbeat's or a ping's too (`heard`).
+    # an outage, or one during which a call could not connect (the manager went down, it is not
+    # stuck), is ended by any whole answer, a heartbeat's or a ping's too (`heard`).
 
     def _unreachable(
         self, what: str, outage: Outage | None = None, *, connect: bool = False
     ) -> None:
-        if (line := (outage or self._outage).failed(trio.current_time(), what)) is not None:
+        line = (outage or self._outage).failed(trio.current_time(), what)
+        if outage is None and (line is not None or connect):
+            self._down_by_connect = connect  # (a call not connecting in an outage: down, not stuck)
+        if line is not None:
             log.warning("%s", line)
-            if outage is None:
-                self._down_by_connect = connect
             self._touch()  # (manager_reachable may have changed)
 
     def heard(self) -> None:
         """A heartbeat or a ping got a whole answer (or a JSON-RPC error): the manager's outage
-        ends if it began with no connection made (else only an allocation or a finish ends it)."""
+        ends if a call could not connect during it (else only an allocation or a finish ends
+        it)."""
         if self._down_by_connect:
             self._answered()
 
