@@ -320,8 +320,9 @@ class UnprovedRounds:
     at once (a backlog of bad jobs ahead of good ones, as a real manager has, costs no wait),
     then the worker waits `backoff` (from its base, doubling up to --idle-poll), said in one
     warning. A job that reaches a prover, or is answered with its faults, ends the spell (the
-    burst and the doubling come back); so does a quiet stretch of `burst` times --idle-poll with no unproved round. A round with a job that reached a prover, or a job
-    ended without an error or stopped by the manager, asks again at once."""
+    burst and the doubling come back); so does a quiet stretch of `burst` times --idle-poll with
+    no unproved round. A round with a job that reached a prover, or a job ended without an
+    error or stopped by the manager, asks again at once."""
 
     backoff: Backoff
     burst: int = UNPROVED_BURST  # (the worker sets it at each round: max(8, 2 * its slots))
