@@ -183,10 +183,10 @@ async def test_allocations_of_only_jobs_failing_before_a_prover_settle_at_the_id
     [(_, _, output, error)] = coordinator.finishes("j14")
     assert error == "" and output["proofs"]
     lines = worker_lines(caplog)
-    spells = [line for line in lines if line.startswith("the last 9 allocations from ")]
+    spells = [line for line in lines if line.startswith(f"9 allocations from {worker.manager_url}")]
     assert len(spells) == 2, spells
     assert spells[0] == (
-        f"the last 9 allocations from {worker.manager_url} brought only jobs that fail before a"
+        f"9 allocations from {worker.manager_url} in 0 s brought only jobs that fail before a"
         " prover here (job bad-9: unreadable job input: Expected `object`, got `null` - at"
         " `$.Input`); each is answered at once with its error, and the manager is asked again"
         " after 1 s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
@@ -228,8 +228,39 @@ async def test_a_backlog_of_bad_jobs_from_a_damocles_manager_costs_no_wait_withi
     for name in given:
         [(_, _, error)] = coordinator.finishes(name)
         assert (error == "") == name.startswith("good"), (name, error)
-    [spell] = [line for line in worker_lines(caplog) if line.startswith("the last ")]
-    assert spell.startswith(f"the last 9 allocations from {worker.manager_url} brought"), spell
+    [spell] = [line for line in worker_lines(caplog) if "brought only jobs" in line]
+    assert spell.startswith(f"9 allocations from {worker.manager_url} in 0 s brought"), spell
+
+
+async def test_a_quiet_stretch_that_ends_a_warned_spell_of_unproved_allocations_is_said(
+    tmp_path, caplog, mock_clock
+):
+    # 9 bad jobs (the 9th past the burst: warned), then empty answers for 16 s (twice the quiet
+    # stretch of burst x --idle-poll = 8 s), then a bad job again: the burst is back, and the
+    # warned spell's end is said, as information. It ended unsaid, and the next warning came
+    # with no end between; its "until one reaches a prover" was never so.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+
+    def alloc(params: list, n: int) -> list:
+        return [unreadable(f"bad-{n}")] if n <= 9 or n >= 26 else []
+
+    settings = {"retry_base": 1.0, "idle_poll": 1.0, "ping_interval": 1000.0, "max_jobs": 1}
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}, **settings) as (coordinator, worker):
+        calls = lambda: allocations(coordinator)  # noqa: E731
+        given = lambda: min(calls(), 9) + max(0, calls() - 25)  # noqa: E731 (not the empty ones)
+        await step_until(worker, coordinator, mock_clock, 18, given)
+    times = coordinator.times_of("Dext.AllocateJobs")
+    assert times[:9] == [0.0] * 9 and times[9:26] == [float(t) for t in range(1, 18)], times
+    said = [
+        (r.levelno, r.getMessage()) for r in caplog.records if "fail before a prover" in r.message
+    ]
+    url = worker.manager_url
+    # (the second spell's 9th, at 17 s too, warns again: a burst of 8 at once, then waits)
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO, logging.WARNING], said
+    assert said[1][1] == (
+        f"no allocation from {url} brought only jobs that fail before a prover here for 17 s"
+        " (after 9 that did): the next 8 such are followed at once again"
+    )
 
 
 def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_prover():
@@ -245,7 +276,7 @@ def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_
     assert ended(mixed, 0.0, "job b: y") is None and rounds.until == -math.inf
     assert ended(bad, 5.0, "job c: z") is None and rounds.until == -math.inf  # (the burst)
     said = ended(worse, 6.0, "job d: z")
-    assert said is not None and said.startswith("the last 2 allocations from http://m brought")
+    assert said is not None and said.startswith("2 allocations from http://m in 1 s brought")
     assert "(job d: z)" in said and "asked again after 1 s" in said and rounds.until == 7.0
     # A job that does not end its round lowers no wait another round set (it would be asked
     # for at once, ahead of the wait).
@@ -261,7 +292,13 @@ def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_
     # The burst is back after a prover is reached, and after a quiet stretch (burst x cap).
     assert ended(rounds.round(1), 10.0) is None and ended(rounds.round(1), 10.0) is not None
     assert rounds.until == 11.0
-    assert ended(rounds.round(1), 13.0) is None  # (quiet for 3 s: a burst again)
+    # Quiet for 3 s: a burst again; the warned spell's end is said (it was not: the warning's
+    # "until one reaches a prover" went unanswered, and the next spell warned again).
+    assert ended(rounds.round(1), 13.0) == (
+        "no allocation from http://m brought only jobs that fail before a prover here for 3 s"
+        " (after 2 that did): the next 1 such are followed at once again"
+    )
+    assert not rounds.said
     assert ended(rounds.round(1), 13.0) is not None and rounds.until == 14.0
 
 

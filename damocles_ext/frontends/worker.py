@@ -578,8 +578,8 @@ class Worker:
             held.round, now, unproved=unheld and bool(held.error), why=why,
             url=self.manager_url, answered=unheld and not held.error, stopping=self.stopping,
         )  # fmt: skip
-        if line is not None:  # (a spell begun, or ended by a job's faults)
-            log.log(logging.WARNING if held.error else logging.INFO, "%s", line)
+        if line is not None:  # (a spell begun; or ended by a job's faults, or by a quiet stretch)
+            log.log(logging.WARNING if self._unproved.said else logging.INFO, "%s", line)
         self._idle_until = -math.inf
         self._touch()
 

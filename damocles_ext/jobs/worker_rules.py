@@ -296,11 +296,15 @@ def allocations_outage() -> Outage:
 UNPROVED_BURST = 8
 
 UNPROVED_BEGINS = (
-    "the last {n} allocations from {url} brought only jobs that fail before a prover here"
-    " ({why}); each is answered at once with its error, and the manager is asked again after"
+    "{n} allocations from {url} in {lasted:.0f} s brought only jobs that fail before a prover"
+    " here ({why}); each is answered at once with its error, and the manager is asked again after"
     " {wait:.0f} s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
     " this worker: their input, whether the stores of their sectors are attached here"
     " (--attached), and --allowed-miners"
+)
+UNPROVED_QUIET = (
+    "no allocation from {url} brought only jobs that fail before a prover here for"
+    " {quiet:.0f} s (after {n} that did): the next {burst} such are followed at once again"
 )
 UNPROVED_ENDS = (
     "a job reaches a prover again, after {n} allocations of jobs that all failed before one,"
@@ -333,7 +337,7 @@ class UnprovedRounds:
     spell: int = 0  # unproved rounds since a job last reached a prover
     since: float = 0.0  # when the spell's first one ended
     latest: float = -math.inf  # when the latest one ended
-    said: bool = False  # the spell's warning was said
+    said: bool = False  # the spell's warning was said (a line `ended` gives is it, if set)
 
     def round(self, jobs: int) -> int:
         """A round that brought `jobs` new jobs (> 0): its number, given back at each end."""
@@ -366,7 +370,8 @@ class UnprovedRounds:
         prover, with `why`; `url`: the manager's; `answered`: with a result though no prover ran,
         its faults, which ends the spell as a prover reached does; `stopping`: the worker stops,
         nothing is waited or said). Raises `until` when its round ends unproved past the burst;
-        the line to log, or None."""
+        the line to log, or None: a warning if `said` is now set (the spell's), else the end of
+        one (a prover reached, or a quiet stretch)."""
         line = self.reached(now) if answered and not stopping else None
         if round_ not in self.rounds:
             return line
@@ -378,20 +383,23 @@ class UnprovedRounds:
         del self.rounds[round_]
         if proved or stopping:
             return line
-        if now - self.latest >= self.burst * self.backoff.cap:  # quiet for long: a new spell
+        if (quiet := now - self.latest) >= self.burst * self.backoff.cap:  # a new spell
+            if self.said:  # (its warning promised a wait until a prover is reached: not so)
+                line = UNPROVED_QUIET.format(url=url, quiet=quiet, n=self.spell, burst=self.burst)
             self._reset()
         self.latest = now
         self.spell += 1
         if self.spell == 1:
             self.since = now
         if self.spell <= self.burst:
-            return None
+            return line
         wait = self.backoff.next_delay()
         self.until = max(self.until, now + wait)
         if self.said:
             return None
         self.said = True
-        return UNPROVED_BEGINS.format(n=self.spell, url=url, why=why, wait=wait)
+        lasted = now - self.since
+        return UNPROVED_BEGINS.format(n=self.spell, url=url, lasted=lasted, why=why, wait=wait)
 
 
 # --- Venus.WorkerPing ---------------------------------------------------------------------------
