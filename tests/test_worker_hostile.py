@@ -26,6 +26,7 @@ from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_beats import failed
 from damocles_ext.jobs.client import RpcConnectionError, RpcTimeout
 from damocles_ext.jobs.worker_rules import Backoff, UnheldStops, UnprovedRounds
+from damocles_ext.sectors.locator import SectorLocator
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -64,7 +65,13 @@ def allocations(coordinator: HostileCoordinator) -> int:
 
 
 @contextlib.asynccontextmanager
-async def against(tmp_path, script: dict[str, Any], prover: str = ECHO, **settings: Any):
+async def against(
+    tmp_path,
+    script: dict[str, Any],
+    prover: str = ECHO,
+    locator: SectorLocator | None = None,
+    **settings: Any,
+):
     """(coordinator, worker): the worker running against a coordinator scripted by `script` (a
     method given None has no handler: go-jsonrpc's -32601), for 60 s at most; stopped at the end
     of the body, which must see it end on its own (no exception: it stayed up). Heartbeats every
@@ -79,7 +86,7 @@ async def against(tmp_path, script: dict[str, Any], prover: str = ECHO, **settin
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.serve)
             kids = children(tmp_path, prover)
-            worker = Worker(worker_settings(coordinator.address, kids, **settings))
+            worker = Worker(worker_settings(coordinator.address, kids, **settings), locator=locator)
             running = await start_worker(nursery, worker)
             yield coordinator, worker
             await running.stop()
@@ -300,6 +307,38 @@ def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_
     )
     assert not rounds.said
     assert ended(rounds.round(1), 13.0) is not None and rounds.until == 14.0
+
+
+async def test_a_job_answered_with_its_faults_between_bad_ones_brings_the_burst_back(
+    tmp_path, caplog, mock_clock
+):
+    # Through the worker: 9 bad jobs (the 9th past the burst: waited after), a job whose only
+    # sector no store here has and no provider knows (answered with its faults, no prover run,
+    # no error), then 9 bad jobs again: the faults end the spell, so the second 8 are asked for
+    # at once, and its end is said. A job answered so only kept its round from being waited
+    # after: the next bad round waited the grown delay, and the spell went on unsaid.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+
+    def alloc(params: list, n: int) -> list:
+        if n == 10:
+            return [job("faulty", **msgspec.to_builtins(job_input(store="store-gone")))]
+        return [unreadable(f"bad-{n}")]
+
+    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0, "max_jobs": 1}
+    locator = SectorLocator([])  # (no provider: every sector not attached is a fault)
+    script = {"Dext.AllocateJobs": alloc}
+    async with against(tmp_path, script, locator=locator, **settings) as (coordinator, worker):
+        await step_until(worker, coordinator, mock_clock, 2.5)
+    await locator.aclose()
+    times = coordinator.times_of("Dext.AllocateJobs")
+    # 9 at 0, the faults at 1 (the 9th waited 1 s), 9 bad at 1 (no wait: the burst), then 1 s.
+    assert times[:20] == [0.0] * 9 + [1.0] * 10 + [2.0], times
+    [(_, _, output, error)] = coordinator.finishes("faulty")
+    assert error == "" and output == {"proofs": [], "faults": [1]}, (output, error)
+    lines = worker_lines(caplog)
+    ended = "a job reaches a prover again, after 9 allocations of jobs that all failed before one"
+    assert [line for line in lines if line.startswith("a job reaches")] == [f"{ended}, in 1 s"]
+    assert len([line for line in lines if "brought only jobs" in line]) == 2, lines
 
 
 def test_a_job_answered_with_its_faults_ends_the_spell_and_a_stopping_worker_waits_for_none():
