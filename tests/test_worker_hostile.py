@@ -634,7 +634,10 @@ async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_no
     settings["ping_interval"] = 1000.0
 
     async def stepping() -> None:  # (the stop at the end too: its shutdown grace)
-        while True:
+        # Up to a fixed mock time, short of against()'s limit of 60 s (the body ends near
+        # 35 s, the stop near 45 s: a heartbeat's --rpc-timeout): a task waiting on the real
+        # child's exit counts as blocked, and endless jumps could have reached that limit.
+        while trio.current_time() < 50:
             await trio.testing.wait_all_tasks_blocked()
             mock_clock.jump(0.5)
 
