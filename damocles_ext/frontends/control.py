@@ -560,7 +560,7 @@ class _Connection:
             self._scopes,
             req.id,
             req.task,
-            lambda output, error: self._done(req.id, output, error, stage_of(req.task)),
+            lambda output, error: self._done(req.id, output, error, req.task),
             deadline=req.deadline,
             priority=req.priority,
             on_progress=self._progress_of(req.id),
@@ -581,7 +581,7 @@ class _Connection:
 
         return on_progress
 
-    def _done(self, rid: int, output: Output | None, error: DextError | None, stage: str) -> None:
+    def _done(self, rid: int, output: Output | None, error: DextError | None, task: Task) -> None:
         """Request `rid` was answered, refused, or (neither output nor error) cancelled at the
         client's request: its one Response. Also called from within the supervisor (for what
         `start` took): a bug of ours here must still answer the request, and not reach it."""
@@ -595,7 +595,7 @@ class _Connection:
                     rid, error="cancelled at the client's request", kind=None
                 )
             elif error is not None:
-                response = self._server._error_response(rid, error, stage)
+                response = self._server._error_response(rid, error, stage_of(task))
             else:
                 response = ControlResponse(rid, output=output)
             self._queue_response(response)
@@ -621,7 +621,7 @@ class _Connection:
             self._client_cancelled.add(req.id)
         else:  # answered: a Cancel that came after it changes nothing
             self._client_cancelled.discard(req.id)
-        self._done(req.id, output, error, stage_of(req.task))
+        self._done(req.id, output, error, req.task)
 
     async def _answer_status(self, request_id: int) -> None:
         try:
