@@ -341,6 +341,64 @@ async def test_a_job_answered_with_its_faults_between_bad_ones_brings_the_burst_
     assert len([line for line in lines if "brought only jobs" in line]) == 2, lines
 
 
+@pytest.mark.parametrize("bad_last", [False, True], ids=["bad-ends-first", "bad-ends-last"])
+async def test_a_round_of_two_jobs_one_proved_and_one_failing_before_a_prover_is_not_waited_after(
+    tmp_path, caplog, mock_clock, bad_last
+):
+    # Through the worker, two slots: 8 allocations of a job failing before a prover (the burst
+    # used up), then one of 2 jobs: "good" is proved, "bad-9" fails before a prover (its result
+    # delivered at once, before "good" reaches its child; or, `bad_last`, cut at its first
+    # finish and sent again 1 s later, after "good" ended). The round is not unproved: whichever of its jobs ends first frees its slot
+    # at once, its last asks for no wait, and it is no step of a spell. Then 9 allocations of a
+    # bad job: the first 8 at once, the 9th waited after (1 s). Were each job's end a round's,
+    # "bad-9" would have been the 9th unproved (warned), or "good" a reset before its round's
+    # end; were the round counted unproved, the 8th bad one after it would have been waited after.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    finished: set[str] = set()
+    given, gave_at, late, last = [0], list[float](), list[str](), [0]
+
+    def alloc(params: list, n: int) -> list:
+        if n <= 8:
+            jobs = [unreadable(f"bad-{n}")]
+        elif n == 9:
+            jobs = [job("good"), unreadable("bad-9")]
+        elif {"good", "bad-9"} <= finished and len(late) < 9:  # (none while the round is held)
+            late.append(f"late-{len(late) + 1}")
+            jobs, last[0] = [unreadable(late[-1])], n
+        else:
+            return []
+        given[0] += len(jobs)
+        gave_at.append(trio.current_time())
+        return jobs
+
+    def finish(params: list, n: int) -> Any:
+        if bad_last and params[0] == "bad-9" and n == len(finished) + 1:  # (none cut yet)
+            return CUT
+        finished.add(params[0])
+        return None
+
+    settings = {"retry_base": 1.0, "idle_poll": 8.0, "ping_interval": 1000.0, "max_jobs": 2}
+    script = {"Dext.AllocateJobs": alloc, "Dext.FinishJob": finish}
+    async with against(tmp_path, script, **settings) as (coordinator, worker):
+        if bad_last:  # "good" ended, "bad-9" waits to send its result again
+            held = lambda: list(worker.held) == ["bad-9"] and "good" in finished  # noqa: E731
+            await until(worker, coordinator, held)
+            await jump(mock_clock, 1.0)
+        await step_until(worker, coordinator, mock_clock, 4, lambda: given[0])
+    at = 1.0 if bad_last else 0.0  # (when the round ended)
+    assert gave_at == [0.0] * 9 + [at] * 9, gave_at  # (8 bad, the round of 2, 9 bad)
+    times = coordinator.times_of("Dext.AllocateJobs")
+    assert times[last[0]] == at + 1, times  # (the call after the 9th bad one after the round)
+    [*_, (_, _, output, error)] = coordinator.finishes("good")
+    assert error == "" and output["proofs"]
+    assert len(coordinator.finishes("bad-9")) == 1 + bad_last
+    lines = worker_lines(caplog)
+    [spell] = [line for line in lines if "brought only jobs" in line]
+    assert spell.startswith(f"9 allocations from {worker.manager_url} in 0 s brought"), spell
+    assert "(job late-9: unreadable job input" in spell, spell
+    assert not [line for line in lines if line.startswith("a job reaches a prover again")], lines
+
+
 def test_a_job_answered_with_its_faults_ends_the_spell_and_a_stopping_worker_waits_for_none():
     rounds = UnprovedRounds(Backoff(1.0, 8.0), burst=1)
 
