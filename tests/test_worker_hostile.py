@@ -24,7 +24,7 @@ from test_worker import children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_beats import failed
-from damocles_ext.jobs.client import RpcConnectionError, RpcTimeout
+from damocles_ext.jobs.client import RpcConnectionError, RpcProtocolError, RpcTimeout
 from damocles_ext.jobs.worker_rules import Backoff, UnheldStops, UnprovedRounds
 from damocles_ext.sectors.locator import SectorLocator
 
@@ -760,6 +760,38 @@ async def test_an_outage_begun_by_a_call_unanswered_is_ended_by_a_heartbeat_once
     )
     ends = "the manager answers again (unreachable for 1.0 s)"
     assert [line for line in lines if line.startswith("the manager ")] == [begins, ends], lines
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_a_proxys_502_or_503_for_a_heartbeat_is_the_managers_outage_and_504_the_heartbeats(
+    tmp_path, caplog, status
+):
+    # A proxy in front of the manager answers 502 or 503 while the manager behind it is down or
+    # restarting: as a heartbeat that cannot connect, the manager's outage (one line), which the
+    # next answer, a heartbeat's included, ends. A 504 is a manager too slow, maybe a stuck
+    # heartbeat handler: the heartbeats' own outage, not the manager's. Before, a 502 for a
+    # heartbeat was a second warning beside the allocations' "unreachable" line for the same
+    # restart, depending on which call met the proxy first.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    worker = Worker(worker_settings("127.0.0.1:1", children(tmp_path, ECHO)))
+    url = worker.manager_url
+    answer = f"HTTP {status} (a proxy's page)"
+    failed(worker, RpcProtocolError(answer, url=url, method="Dext.HeartbeatJobs", status=status))
+    down = status != 504
+    assert worker.manager_reachable is not down
+    worker.heard()  # (the next heartbeat answered)
+    assert worker.manager_reachable
+    lines = worker_lines(caplog)
+    said = [line for line in lines if line.startswith("the manager ")]
+    if down:
+        begins = (
+            f"the manager is unreachable ({answer}); running proofs go on, no job is asked for,"
+            " and results are kept and sent again until it answers"
+        )
+        assert said == [begins, "the manager answers again (unreachable for 0.0 s)"], lines
+    else:
+        assert said == [], lines
+        assert [line for line in lines if line.startswith("the heartbeats of the jobs")], lines
 
 
 BAD_HEARTBEATS = {

@@ -35,6 +35,7 @@ from ..jobs.client import (
     RpcClientError,
     RpcConnectionError,
     local_address_towards,
+    manager_down,
 )
 from ..jobs.listing import format_partitions
 from ..jobs.model import JobOutput
@@ -364,7 +365,7 @@ class Worker:
                 self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
             except RpcClientError as exc:  # no answer, or not JSON-RPC (a proxy's 502): said once
-                self._unreachable(str(exc), connect=not getattr(exc, "sent", True))
+                self._unreachable(str(exc), connect=manager_down(exc))
                 await self._pause(backoff.next_delay())
                 continue
             self._answered(self._outage, self._refusals)
@@ -520,7 +521,7 @@ class Worker:
             try:
                 await self._calls.call(method, *params)
             except RpcConnectionError as exc:
-                self._unreachable(str(exc), connect=not exc.sent)
+                self._unreachable(str(exc), connect=manager_down(exc))
                 failure, reason = Failure.UNREACHABLE, str(exc)
                 maybe_done = maybe_done or exc.sent
             except RpcCallError as exc:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError
+from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError, manager_down
 from ..jobs.worker_rules import job_gone, unheld_stops
 from .worker_state import NOT_RUNNING, HeldJob, StopSignal
 
@@ -20,10 +20,11 @@ log = logging.getLogger("damocles_ext.worker")
 
 
 def failed(worker: Worker, exc: RpcClientError) -> None:
-    """A heartbeat failed: with no connection made (refused, unreachable, DNS, connect timeout),
-    the manager's outage (every call goes to the same host and port); sent and not answered, or
-    refused, the heartbeats' own (a manager whose other calls answer is not said unreachable)."""
-    if isinstance(exc, RpcConnectionError) and not exc.sent:
+    """A heartbeat failed: with no connection made (refused, unreachable, DNS, connect timeout)
+    or a proxy's 502 or 503 for the manager behind it, the manager's outage (every call goes to
+    the same host and port); sent and not answered, or refused, the heartbeats' own (a manager
+    whose other calls answer is not said unreachable)."""
+    if manager_down(exc):
         worker._unreachable(str(exc), connect=True)
     else:
         worker._unreachable(str(exc), worker._beats_failing)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import __version__
-from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError, local_address_towards
+from ..jobs.client import RpcCallError, RpcClientError, local_address_towards, manager_down
 from ..jobs.worker_rules import worker_info
 
 if TYPE_CHECKING:
@@ -43,8 +43,9 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
         try:
             await worker._pings.call("Venus.WorkerPing", info)
         except RpcClientError as exc:
-            if isinstance(exc, RpcConnectionError) and not exc.sent:
-                # No connection made: the manager's outage (said once), not the ping's alone.
+            if manager_down(exc):
+                # No connection made, or a proxy's 502 or 503 for the manager behind it: the
+                # manager's outage (said once), not the ping's alone.
                 worker._unreachable(str(exc), connect=True)
             else:
                 if isinstance(exc, RpcCallError):

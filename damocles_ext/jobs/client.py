@@ -72,6 +72,15 @@ class RpcProtocolError(RpcClientError):
         self.status = status
 
 
+def manager_down(exc: RpcClientError) -> bool:
+    """Whether `exc` says the server is down, not slow or stuck: no connection made (refused,
+    unreachable, DNS, connect timeout), or a proxy in front answering 502 or 503 for it (down or
+    restarting behind it; a 504 is a server too slow, as a timeout is)."""
+    if isinstance(exc, RpcConnectionError):
+        return not exc.sent
+    return isinstance(exc, RpcProtocolError) and exc.status in (502, 503)
+
+
 class RpcCallError(RpcClientError):
     """The server answered the call with a JSON-RPC error: `code` and `message` are its own."""
 
