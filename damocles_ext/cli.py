@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
     _root: ClassVar[argparse.ArgumentParser | None] = None
 
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
-        commands = self._commands()
+        commands = _subcommands(self)
         foreign: list[str] = []
         if commands is not None and (mistyped := _mistyped_command(message, commands)) is not None:
             # Which options come after the subcommand is not known when the subcommand is the
@@ -72,13 +72,6 @@ class _Parser(argparse.ArgumentParser):
             )
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-    def _commands(self) -> argparse._SubParsersAction[argparse.ArgumentParser] | None:
-        """This parser's subcommands, if it has some."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                return action
-        return None
 
     def _foreign(self, upto: str | None = None) -> list[str]:
         """The options given after this (sub)command's name (and before `upto`, if given) that
@@ -202,6 +195,16 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
     return notes
 
 
+def _subcommands(
+    parser: argparse.ArgumentParser,
+) -> argparse._SubParsersAction[argparse.ArgumentParser] | None:
+    """`parser`'s subcommands, if it has some (argparse allows one set per parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
 def _commands_with(option: str) -> list[str]:
     """The (sub)commands that take `option` ('damocles-ext sectors create')."""
     found: list[str] = []
@@ -210,9 +213,8 @@ def _commands_with(option: str) -> list[str]:
         parser = todo.pop(0)
         if any(option in a.option_strings for a in parser._actions):
             found.append(parser.prog)
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                todo.extend(dict.fromkeys(action.choices.values()))  # once each (aliases)
+        if (commands := _subcommands(parser)) is not None:
+            todo.extend(dict.fromkeys(commands.choices.values()))  # once each (aliases)
     return found
 
 
@@ -221,13 +223,12 @@ def _given(
 ) -> tuple[list[argparse.ArgumentParser], list[str]]:
     """The parsers that `parsed` went through, `parser` first and the innermost subcommand's
     last, and the names of the subcommands on the way."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            name = getattr(parsed, action.dest, None) or ""
-            chosen = action.choices.get(name)
-            if chosen is not None:
-                inner, names = _given(chosen, parsed)
-                return [parser, *inner], [name, *names]
+    if (commands := _subcommands(parser)) is not None:
+        name = getattr(parsed, commands.dest, None) or ""
+        chosen = commands.choices.get(name)
+        if chosen is not None:
+            inner, names = _given(chosen, parsed)
+            return [parser, *inner], [name, *names]
     return [parser], []
 
 

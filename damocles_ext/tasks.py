@@ -311,6 +311,11 @@ def task_problem(task: Task) -> str | None:
         return (
             f"({stage_of(task)}) refused: its task is not valid: {exc}; build it with valid fields"
         )
+    return replicas_refusal(task)
+
+
+def replicas_refusal(task: Task) -> str | None:
+    """replicas_problem's refusal of `task` (after "request N "), or None."""
     if (problem := replicas_problem(task)) is not None:
         return f"({stage_of(task)}) refused: {problem}"
     return None

@@ -161,10 +161,8 @@ def test_verify_of_a_task_of_the_other_stage_points_to_verify_not_prove(tmp_path
 def test_an_input_file_with_no_end_is_refused_not_read_into_memory(command: str):
     # /dev/zero, or a sealed sector given by mistake: refused once past any task's size.
     args = ["-c", EXAMPLE] if command == "prove" else ["--output", "/dev/zero"]
-    done = _dext(command, "window_post", "--request", "/dev/zero", *args)
-    assert done.returncode == 2, done.stderr
-    assert "request file /dev/zero holds over 256 MiB" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = _usage_error(command, "window_post", "--request", "/dev/zero", *args)
+    assert "request file /dev/zero holds over 256 MiB" in stderr, stderr
 
 
 def test_simulate_help_says_miners_is_a_count_and_shows_every_default():
@@ -471,10 +469,9 @@ def test_text_output_the_locale_cannot_encode_is_written_not_a_traceback(tmp_pat
 def test_an_unrecognized_argument_is_blamed_on_the_subcommand_given_with_its_usage(
     args: list[str], command: str
 ):
-    done = _dext(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"usage: damocles-ext {command} [-h]"), done.stderr
-    assert f"damocles-ext {command}: error: unrecognized arguments: {args[-1]}\n" in done.stderr
+    stderr = _usage_error(*args)
+    assert stderr.startswith(f"usage: damocles-ext {command} [-h]"), stderr
+    assert f"damocles-ext {command}: error: unrecognized arguments: {args[-1]}\n" in stderr
 
 
 @pytest.mark.parametrize(
@@ -560,7 +557,7 @@ def test_an_option_of_another_command_is_said_to_be_its_and_not_taken_for_a_typo
       "check-config: error: unrecognized arguments: --CONF-DIR (did you mean --conf-dir?)\n"),
      (["check-config", "--conf_dir", "/x"],
       "check-config: error: unrecognized arguments: --conf_dir (did you mean --conf-dir?)\n"),
-     (["status", "--", "--jsn"], " --jsn\n"),
+     (["status", "--", "--jsn"], "damocles-ext status: error: unrecognized arguments: -- --jsn\n"),
      (["--bogus", "status", "--jsn"],
       "damocles-ext: error: unrecognized arguments: --bogus --jsn (did you mean --json?)\n")],
     ids=["case", "underscore", "after-double-dash", "before-and-after"],
@@ -573,8 +570,6 @@ def test_the_option_meant_is_found_whatever_its_case_not_after_double_dash_and_i
     # looked at (--jsn, a typo of status's --json, got none).
     stderr = _usage_error(*args)
     assert stderr.endswith(said), stderr
-    if "--" in args:
-        assert "did you mean" not in stderr, stderr
 
 
 def test_an_abbreviated_option_of_the_command_is_not_called_foreign():

@@ -45,6 +45,7 @@ from ..errors import DextError, UsageError
 from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..protocol.control import ControlResponse
+from ..scheduling.children import NO_CHILDREN
 from ..tasks import Output, Task, stage_of
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
@@ -242,7 +243,7 @@ class ControlServer:
             return ControlResponse(rid, error=said, kind=None)
         problem = no_child_problem(self.path, stage, self._serves)
         # The supervisor's own words for it give way to these, which say what to do.
-        tail = f"no {stage} children are configured"
+        tail = NO_CHILDREN.format(stage=stage)
         said = said[: -len(tail)] + problem if said.endswith(tail) else f"{said}: {problem}"
         return ControlResponse(rid, error=said, kind=control_protocol.USAGE)
 

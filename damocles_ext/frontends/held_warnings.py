@@ -40,7 +40,6 @@ log = logging.getLogger("damocles_ext.coordinator")
 #: Batches (one heartbeat's holds to warn of) waiting for their look at most.
 QUEUED: Final = 16
 #: How long a look at the holders of one batch is waited for (its statements' bound too).
-LOOK_TIMEOUT: Final = lock_waits.LOOK_TIMEOUT
 
 
 @dataclass(slots=True)
@@ -59,7 +58,7 @@ class HeldWarnings:
         self,
         store: TrioJobStore,
         *,
-        look_timeout: float = LOOK_TIMEOUT,
+        look_timeout: float = lock_waits.LOOK_TIMEOUT,
         queued: int = QUEUED,
         monotonic: Callable[[], float] | None = None,
     ) -> None:

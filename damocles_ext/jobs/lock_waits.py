@@ -58,6 +58,7 @@ _SESSIONS = (
 _NOT_WAITED_FOR = "('AccessShareLock', 'ShareUpdateExclusiveLock')"
 #: Seconds a read of a job's row or a look at its holders waits for a lock on the whole table.
 TABLE_LOCK_WAIT: Final = 0.1
+_TABLE_LOCK_WAIT_MS = f"{round(TABLE_LOCK_WAIT * 1000)}ms"
 #: Seconds a look at the holders of held rows is waited for (its caller's bound: each of its
 #: statements' too).
 LOOK_TIMEOUT: Final = 1.0
@@ -72,7 +73,7 @@ _COLUMNS = (
 #: a lock on the whole table (ALTER TABLE, LOCK TABLE, VACUUM FULL): read only after a wait for
 #: a job's row, under _XMAX_WAIT.
 _XMAX = sa.text("SELECT CAST(xmax AS text) FROM " + jobs.name + " WHERE id = :job_id")
-_XMAX_WAIT = sa.text(f"SET LOCAL lock_timeout = '{round(TABLE_LOCK_WAIT * 1000)}ms'")
+_XMAX_WAIT = sa.text(f"SET LOCAL lock_timeout = '{_TABLE_LOCK_WAIT_MS}'")
 #: The session whose transaction is :xmax, exactly. A row locked by several transactions at
 #: once carries a multixact id instead, which names none of them (and might equal an unrelated
 #: xid): the session must also hold a lock on the jobs table, as every locker of one of its rows
@@ -124,7 +125,7 @@ _FREE_ROWS = sa.text(
 #: The look's bounds: TABLE_LOCK_WAIT for a lock on the whole table, LOOK_TIMEOUT for each
 #: statement.
 _LOOK_BOUNDS = sa.text(
-    f"SELECT set_config('lock_timeout', '{round(TABLE_LOCK_WAIT * 1000)}ms', true),"
+    f"SELECT set_config('lock_timeout', '{_TABLE_LOCK_WAIT_MS}', true),"
     f" set_config('statement_timeout', '{round(LOOK_TIMEOUT * 1000)}ms', true)"
 )
 

@@ -248,10 +248,14 @@ def drop_running(
     return jobs
 
 
+#: What `cannot_serve` says of a stage without children (a front end may put advice in its place).
+NO_CHILDREN = "no {stage} children are configured"
+
+
 def cannot_serve(stage: str, children: list[_Child]) -> str | None:
     """Why no child of `stage` (its `children`) can serve it, or None."""
     if not children:
-        return f"no {stage} children are configured"
+        return NO_CHILDREN.format(stage=stage)
     for c in children:
         if not c.fatal:
             return None

@@ -55,7 +55,7 @@ from ..tasks import (
     Output,
     Task,
     WindowPoSt,
-    replicas_problem,
+    replicas_refusal,
     request_problem,
     stage_of,
     task_problem,
@@ -318,9 +318,9 @@ class Supervisor:
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
         check_trio_run("Supervisor.start_nowait()", None if self._finished else self._token)
-        if (problem := replicas_problem(task)) is not None:
+        if (problem := replicas_refusal(task)) is not None:
             rid = next(self._rids)
-            raise numbered(UsageError(f"request {rid} ({stage_of(task)}) refused: {problem}"), rid)
+            raise numbered(UsageError(f"request {rid} {problem}"), rid)
         waiter = self._begin(task, deadline, priority, on_progress, None, on_done, False, None)
         return Started(self, waiter)
 
