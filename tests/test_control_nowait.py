@@ -5,6 +5,7 @@ split WindowPoSt) still gets one."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from helpers.frontend import make_task, plugin_block, write_config
 from damocles_ext import plugins
 from damocles_ext.api import open_supervisor
 from damocles_ext.client import connect
+from damocles_ext.errors import DeadlineError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.frontends.serve_jsonl import JsonLineServer
 from damocles_ext.hookspecs import hookimpl
@@ -340,3 +342,38 @@ async def test_the_requests_of_one_read_go_to_their_child_in_one_write(
                 control.stop_accepting()
     assert ids == miners
     assert writes == [miners]
+
+
+async def test_a_request_started_in_a_batch_fails_at_its_deadline_while_queued(tmp_path):
+    # The driver learns of a new alarm once per batch, at its end, not per request started in
+    # it: a queued request's deadline, sooner than anything it waited for, must still end it.
+    # (No progress from the running proof: each report read would have the driver look again.)
+    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=600, progress_interval=60))
+    answers: list = []
+    answered = trio.Event()
+
+    def on_done(output, error) -> None:
+        answers.append((output, error, time.time()))
+        answered.set()
+
+    with trio.fail_after(30):
+        async with open_supervisor(str(cfg)) as sup:
+            await sup.wait_ready("window_post", 1)
+            began = trio.Event()
+            running = sup.start_nowait(
+                make_task(3), on_progress=lambda _: began.set(), on_done=lambda *_: None
+            )
+            assert running is not None
+            await began.wait()  # its first report: the next is a minute away
+            await trio.testing.wait_all_tasks_blocked()  # the driver waits for what it knows
+            deadline = time.time() + 0.5
+            with sup.batch():
+                sup.start_nowait(make_task(4), deadline=deadline, on_done=on_done)
+            assert sup.statistics().stages["window_post"].queued == 1  # behind the 600 s proof
+            await answered.wait()
+            running.cancel()
+    ((output, error, at),) = answers
+    assert output is None and isinstance(error, DeadlineError), error
+    assert at >= deadline, "failed before its deadline, not by it"
+    # At its deadline (a few ms late here), not at the driver's next alarm (1.5 s later):
+    assert at - deadline < 1.0, f"failed {at - deadline:.2f} s after its deadline"

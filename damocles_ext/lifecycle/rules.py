@@ -85,11 +85,12 @@ class BookRules:
         which is returned."""
         out = [] if out is None else out
         fired = False
-        if self.before_alarms is not None and self._alarms.due(now):
+        due_by_now = self._alarms.due(now)
+        if due_by_now and self.before_alarms is not None:
             self.before_alarms(now)
         # Until none is due: a rule may set an alarm that is due already (a kill takes its
         # process down, and a deadline of a request on it may have passed).
-        while due_now := self._alarms.pop_due(now):
+        while due_by_now and (due_now := self._alarms.pop_due(now)):
             fired = True
             for due in due_now:
                 if isinstance(due, RequestTimeout):
@@ -102,8 +103,7 @@ class BookRules:
                     self._on_stdin_watch(due.process, now, out)
                 else:
                     self._on_deadline_while_down(due.attempt, now, out)
-        wakeup = self.scheduler.next_wakeup()
-        if fired or (wakeup is not None and wakeup <= now):
+        if fired or ((wakeup := self.scheduler.next_wakeup()) is not None and wakeup <= now):
             self._dispatch(now, out)
         return out
 

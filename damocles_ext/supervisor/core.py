@@ -391,18 +391,12 @@ class Supervisor:
             alive = [c for c in pool if c.state not in (ChildState.FATAL, ChildState.STOPPED)]
             if len(alive) < count or self._finished:
                 what = f"{stage} children" if stage else "children"
+                gone = [c for c in pool if c not in alive]
+                down = "; ".join(f"{c.name} is {c.state.word}, last: {c.last_exit}" for c in gone)
+                down = down or (f"the config has {len(pool)}" if pool else "none configured")
                 raise ProverError(
                     f"cannot wait for {count} ready {what}: only {len(alive)} of {len(pool)}"
-                    " can still start ("
-                    + (
-                        "; ".join(
-                            f"{c.name} is {c.state.word}, last: {c.last_exit}"
-                            for c in pool
-                            if c not in alive
-                        )
-                        or (f"the config has {len(pool)}" if pool else "none configured")
-                    )
-                    + ")"
+                    f" can still start ({down})"
                 )
             await self._wait_changed()
 
@@ -457,9 +451,14 @@ class Supervisor:
                 self._carry_out(effects)
             finally:
                 self._applying -= 1
-        if not self._applying and self._pending:
+        if not self._applying:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Once per outermost apply, batch or read: the writes kept go out; a new alarm due
+        before the driver's has it look again."""
+        if self._pending:
             self._flush()
-        # A new alarm may be due before the driver's: have it look again.
         wakeup = self._book.next_wakeup()
         if wakeup is not None and wakeup < self._armed:
             self._wake.set()
@@ -599,8 +598,8 @@ class Supervisor:
             self._on_each_event(child, p, events)
         finally:
             self._applying -= 1
-        if not self._applying and self._pending:
-            self._flush()
+        if not self._applying:
+            self._settle()
 
     def _on_each_event(self, child: Child, p: Process, events: list[Any]) -> None:
         now = self._now()
