@@ -7,6 +7,9 @@ a child's Response has no such field: a child that sends the key has it skipped.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
 import msgspec
 import pytest
 import trio
@@ -115,11 +118,23 @@ class _Asked:
         return await self.source.as_data()
 
 
-async def _serve_as_run(sup, sock_dir, nursery) -> tuple[str, _Asked]:
-    asked = _Asked(sup)
-    server = control_server(sup, bind_control_socket(sock_dir / "control.sock"), asked)
-    await nursery.start(server.serve)
-    return str(server.path), asked
+@asynccontextmanager
+async def _run(
+    tmp_path, sock_dir, config: str, before_serving: Callable[[Supervisor], object] | None = None
+) -> AsyncIterator[tuple[Supervisor, str, _Asked]]:
+    """`run` of `config` in this process: its supervisor, the path of its control socket and
+    the status requests that socket answered. `before_serving` is given the supervisor before
+    the socket is bound to it. All is stopped at the end of the block, which has 60 s."""
+    cfg = write_config(tmp_path, config)
+    with trio.fail_after(60):
+        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
+            if before_serving is not None:
+                before_serving(sup)
+            asked = _Asked(sup)
+            server = control_server(sup, bind_control_socket(sock_dir / "control.sock"), asked)
+            await nursery.start(server.serve)
+            yield sup, str(server.path), asked
+            nursery.cancel_scope.cancel()
 
 
 async def _prove(path: str, tmp_path, task) -> tuple[int, str]:
@@ -134,17 +149,13 @@ async def _prove(path: str, tmp_path, task) -> tuple[int, str]:
 async def test_prove_to_a_run_without_a_child_of_the_stage_exits_2_asking_no_status(
     tmp_path, sock_dir
 ):
-    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
-    with trio.fail_after(60):
-        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
-            path, asked = await _serve_as_run(sup, sock_dir, nursery)
-            code, err = await _prove(path, tmp_path, make_task(stage="winning_post"))
-            # The Python client raises it as it comes, too.
-            async with connect(path) as client:
-                with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child") as info:
-                    await client.submit(make_task(stage="winning_post"))
-                assert await client.submit(make_task()) == echo_output(make_task())
-            nursery.cancel_scope.cancel()
+    async with _run(tmp_path, sock_dir, plugin_block("WdPost", "echo")) as (_, path, asked):
+        code, err = await _prove(path, tmp_path, make_task(stage="winning_post"))
+        # The Python client raises it as it comes, too.
+        async with connect(path) as client:
+            with pytest.raises(UsageError, match=r"has no \[\[WinPost\]\] child") as info:
+                await client.submit(make_task(stage="winning_post"))
+            assert await client.submit(make_task()) == echo_output(make_task())
     # Both: a caller's `except ProverError` around submit, as before the answer said its kind,
     # still catches it, and its exit code is a usage error's.
     assert type(info.value) is ProverUsageError and isinstance(info.value, ProverError)
@@ -157,15 +168,12 @@ async def test_prove_to_a_run_without_a_child_of_the_stage_exits_2_asking_no_sta
 
 
 async def test_prove_whose_prover_fails_exits_1_asking_no_status(tmp_path, sock_dir):
-    cfg = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
-    with trio.fail_after(60):
-        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
-            path, asked = await _serve_as_run(sup, sock_dir, nursery)
-            code, err = await _prove(path, tmp_path, make_task())
-            async with connect(path) as client:
-                with pytest.raises(ProverError, match="failing as configured") as info:
-                    await client.submit(make_task())
-            nursery.cancel_scope.cancel()
+    failing = plugin_block("WdPost", "sleep", seconds=0, fail="always")
+    async with _run(tmp_path, sock_dir, failing) as (_, path, asked):
+        code, err = await _prove(path, tmp_path, make_task())
+        async with connect(path) as client:
+            with pytest.raises(ProverError, match="failing as configured") as info:
+                await client.submit(make_task())
     assert type(info.value) is ProverError
     assert code == 1, err
     assert "sleep prover failing as configured" in err and "Traceback" not in err, err
@@ -223,26 +231,22 @@ async def test_a_raw_request_the_caller_must_fix_is_answered_usage_and_no_child_
 ):
     # Not our Client, which checks these before sending: the frames as another client sends
     # them, to a whole-WindowPoSt run (start_nowait; a split run goes through submit).
-    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
-    with trio.fail_after(60):
-        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
-            path, asked = await _serve_as_run(sup, sock_dir, nursery)
-            await sup.wait_ready("window_post")
-            stream = await trio.open_unix_socket(path)
-            await stream.send_all(
-                control_protocol.encode(dext.Request(1, task, deadline, priority))
-                + control_protocol.encode(dext.Request(2, make_task(miner=7)))
-            )
-            decoder, answers = control_protocol.frame_decoder(), {}
-            while len(answers) < 2:
-                data = await stream.receive_some()
-                assert data, answers
-                for msg in decoder.receive_data(data):
-                    if isinstance(msg, control_protocol.ControlResponse):
-                        answers[msg.id] = msg
-            await stream.aclose()
-            (child,) = sup.statistics().children
-            nursery.cancel_scope.cancel()
+    async with _run(tmp_path, sock_dir, plugin_block("WdPost", "echo")) as (sup, path, asked):
+        await sup.wait_ready("window_post")
+        stream = await trio.open_unix_socket(path)
+        await stream.send_all(
+            control_protocol.encode(dext.Request(1, task, deadline, priority))
+            + control_protocol.encode(dext.Request(2, make_task(miner=7)))
+        )
+        decoder, answers = control_protocol.frame_decoder(), {}
+        while len(answers) < 2:
+            data = await stream.receive_some()
+            assert data, answers
+            for msg in decoder.receive_data(data):
+                if isinstance(msg, control_protocol.ControlResponse):
+                    answers[msg.id] = msg
+        await stream.aclose()
+        (child,) = sup.statistics().children
     bad, good = answers[1], answers[2]
     assert bad.kind == control_protocol.USAGE and bad.output is None, bad
     assert said in bad.error and "refused" in bad.error, bad.error
@@ -267,15 +271,13 @@ async def test_a_raw_request_the_caller_must_fix_is_answered_usage_and_no_child_
 async def test_a_split_step_to_a_run_without_its_table_gets_advice_the_config_can_follow(
     tmp_path, sock_dir, table, advice
 ):
-    cfg = write_config(tmp_path, plugin_block(table, "echo"))
     vanilla = split_window_post(make_task())
-    with trio.fail_after(60):
-        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
-            path, _ = await _serve_as_run(sup, sock_dir, nursery)
-            async with connect(path) as client:
-                with pytest.raises(UsageError) as info:
-                    await client.submit(vanilla)
-            nursery.cancel_scope.cancel()
+    async with (
+        _run(tmp_path, sock_dir, plugin_block(table, "echo")) as (_, path, _),
+        connect(path) as client,
+    ):
+        with pytest.raises(UsageError) as info:
+            await client.submit(vanilla)
     said = str(info.value)
     assert f"the supervisor at {path} has no [[WdPostVanilla]] child" in said, said
     assert advice in said, said
@@ -289,18 +291,17 @@ async def test_a_bug_of_ours_on_a_request_of_a_stage_the_run_lacks_is_not_a_usag
 ):
     # A bug of ours (injected: the children and the socket stay real) is never the caller's to
     # fix, even for a stage the run could not have served: kind nil, without the no-child advice.
-    cfg = write_config(tmp_path, plugin_block("WdPost", "echo"))
-
     def start_nowait(*args, **kwargs):
         raise RuntimeError("injected bug")
 
-    with trio.fail_after(60):
-        async with open_supervisor(str(cfg)) as sup, trio.open_nursery() as nursery:
-            monkeypatch.setattr(sup, "start_nowait", start_nowait)
-            path, _ = await _serve_as_run(sup, sock_dir, nursery)
-            async with connect(path) as client:
-                with pytest.raises(ProverError, match="internal error") as info:
-                    await client.submit(make_task(stage="winning_post"))
-            nursery.cancel_scope.cancel()
+    def inject(sup: Supervisor) -> None:  # before the socket takes sup.start_nowait
+        monkeypatch.setattr(sup, "start_nowait", start_nowait)
+
+    async with (
+        _run(tmp_path, sock_dir, plugin_block("WdPost", "echo"), inject) as (_, path, _),
+        connect(path) as client,
+    ):
+        with pytest.raises(ProverError, match="internal error") as info:
+            await client.submit(make_task(stage="winning_post"))
     assert type(info.value) is ProverError, info.value
     assert "add a [[WinPost]] table" not in str(info.value), info.value
