@@ -8,21 +8,14 @@ from __future__ import annotations
 import logging
 import tracemalloc
 
-import pytest
 import trio
 import trio.testing
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
-from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.store import TrioJobStore
 
 MiB = 1024 * 1024
 PIECE = 64 * 1024
-
-
-@pytest.fixture
-def job_store(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
-        yield s
 
 
 def head(length: int) -> bytes:
@@ -46,7 +39,7 @@ async def everything_sent_back(stream: trio.SocketStream) -> bytes:
 
 
 async def test_unfinished_bodies_of_many_connections_stay_under_the_cap_and_the_largest_goes(
-    job_store, caplog
+    sqlite_store, caplog
 ):
     caplog.set_level(logging.WARNING, "damocles_ext.coordinator")
     cap, clients, each = 2 * MiB, 16, 1 * MiB  # 16 MiB offered (of 16 MiB bodies) to a 2 MiB cap
@@ -54,7 +47,7 @@ async def test_unfinished_bodies_of_many_connections_stay_under_the_cap_and_the_
     try:
         async with trio.open_nursery() as nursery:
             server = CoordinatorServer(
-                Coordinator(TrioJobStore(job_store)), "127.0.0.1", 0, max_buffered=cap
+                Coordinator(TrioJobStore(sqlite_store)), "127.0.0.1", 0, max_buffered=cap
             )
             await nursery.start(server.serve)
             streams = []

@@ -16,13 +16,12 @@ from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.jobs import rpc
 from damocles_ext.jobs.gojson import go_fold
 from damocles_ext.jobs.model import FINISHED, JobOutput
-from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.store import TrioJobStore
 
 
 @pytest.fixture
-def jobs(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
-        yield TrioJobStore(store)
+def jobs(sqlite_store):
+    return TrioJobStore(sqlite_store)
 
 
 async def post(port: int, method: str, params: str) -> tuple[int, dict]:

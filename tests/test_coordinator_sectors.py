@@ -16,19 +16,13 @@ from test_jobs_rules import make_input
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.sector_index import SectorIndex
-from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.store import TrioJobStore
 from damocles_ext.sectors import SectorRef, SectorSettings
 from damocles_ext.sectors.locator import SectorLocator, build_providers
 from damocles_ext.sectors.providers import SourceNode
 
 MINER = 1000
 SPEC = {"AllowedMiners": [MINER], "AllowedProofTypes": ["StackedDrgWindow2KiBV1_2"]}
-
-
-@pytest.fixture
-def job_store(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
-        yield s
 
 
 async def raw_answers(port: int, calls) -> list[tuple[int, bytes]]:
@@ -40,10 +34,10 @@ async def raw_answers(port: int, calls) -> list[tuple[int, bytes]]:
     return answers
 
 
-async def test_the_coordinator_answers_as_a_damocles_source_node_does(job_store):
+async def test_the_coordinator_answers_as_a_damocles_source_node_does(sqlite_store):
     """The same index on both sides (sector 0 normal, sector 1 upgraded, sealed file in
     store-a, cache in store-b): the same HTTP status and body for every question."""
-    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=2))
+    await TrioJobStore(sqlite_store).create(make_input(miner=MINER, sectors=2))
     calls = [
         b'["normal",{"Miner":1000,"Number":0}]',
         b'["upgrade",{"Miner":1000,"Number":1}]',
@@ -57,7 +51,7 @@ async def test_the_coordinator_answers_as_a_damocles_source_node_does(job_store)
         source.put(MINER, 1, "store-a", "store-b", upgrade=True)
         expected = await raw_answers(source.port, calls)
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         client = Client(await trio.open_tcp_stream("127.0.0.1", server.port))
         status, _ = await client.call("Venus.WdPoStAllocateJobs", SPEC, 1, "w1")
         assert status == 200
@@ -70,7 +64,7 @@ async def test_the_coordinator_answers_as_a_damocles_source_node_does(job_store)
 
 @pytest.mark.parametrize("proxy", [False, True], ids=["alone", "with-a-source"])
 async def test_a_miner_or_number_past_uint64_is_invalid_params_as_go_jsonrpc_answers(
-    job_store, proxy
+    sqlite_store, proxy
 ):
     """go-jsonrpc cannot unmarshal a number past a uint64 (or below 0): HTTP 500, -32700.
     Before, one past 2^64-1 was Found:false alone and a method error (code 1) with --proxy."""
@@ -85,7 +79,7 @@ async def test_a_miner_or_number_past_uint64_is_invalid_params_as_go_jsonrpc_ans
             if proxy:
                 settings = SectorSettings(proxy=source.url, stores={}, relay_names=True)
                 index = SectorIndex(SectorLocator(build_providers(settings)))
-            coordinator = Coordinator(TrioJobStore(job_store), sector_index=index)
+            coordinator = Coordinator(TrioJobStore(sqlite_store), sector_index=index)
             server = CoordinatorServer(coordinator, "127.0.0.1", 0)
             await nursery.start(server.serve)
             got = await raw_answers(server.port, calls)
@@ -97,9 +91,9 @@ async def test_a_miner_or_number_past_uint64_is_invalid_params_as_go_jsonrpc_ans
         assert "unmarshaling params for 'Venus.SectorIndexerFind' (param: 1)" in error["message"]
 
 
-async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(job_store):
-    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
-    coordinator = Coordinator(TrioJobStore(job_store))
+async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(sqlite_store):
+    await TrioJobStore(sqlite_store).create(make_input(miner=MINER, sectors=1))
+    coordinator = Coordinator(TrioJobStore(sqlite_store))
     await coordinator.learn_sectors()
     index = coordinator.sector_index
     assert index.learned == {("normal", MINER, 0): ("store-a", "store-b")}
@@ -107,16 +101,16 @@ async def test_jobs_in_the_store_at_start_are_learned_and_nothing_is_changed(job
 
 
 async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocles_source(
-    job_store, tmp_path
+    sqlite_store, tmp_path
 ):
     """worker's locator -> coordinator (its --proxy, then its jobs) -> damocles source node:
     paths from either, the not-found case, and the source's errors passed on."""
     stores = {"store-a": str(tmp_path / "a"), "store-b": str(tmp_path / "b")}
-    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))
+    await TrioJobStore(sqlite_store).create(make_input(miner=MINER, sectors=1))
     with DamoclesSource() as source:
         source.put(MINER, 5, "store-b")  # only the source node knows sector 5
         upstream = SectorLocator(build_providers(SectorSettings(proxy=source.url, stores=stores)))
-        coordinator = Coordinator(TrioJobStore(job_store), sector_index=SectorIndex(upstream))
+        coordinator = Coordinator(TrioJobStore(sqlite_store), sector_index=SectorIndex(upstream))
         await coordinator.learn_sectors()
         async with trio.open_nursery() as nursery:
             server = CoordinatorServer(coordinator, "127.0.0.1", 0)
@@ -144,7 +138,7 @@ async def test_a_locator_finds_sectors_through_a_chain_of_coordinator_and_damocl
 
 
 async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_when_it_is_down(
-    job_store,
+    sqlite_store,
 ):
     """A sector moved since its job was made is answered where the source says it is now, in a
     store this coordinator has not mounted (a damocles proxy node needs none); with the source
@@ -155,13 +149,13 @@ async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_wh
 
     sector, sid = SectorRef(MINER, 0), SectorId(MINER, 0)
     moved = {"Found": True, "Instance": {"SealedFile": "store-c", "CacheDir": "store-c"}}
-    await TrioJobStore(job_store).create(make_input(miner=MINER, sectors=1))  # store-a, store-b
+    await TrioJobStore(sqlite_store).create(make_input(miner=MINER, sectors=1))  # store-a, store-b
     with DamoclesSource() as source:
         source.put(MINER, 0, "store-c")  # moved to a store only the workers have
         settings = SectorSettings(proxy=source.url, stores={}, relay_names=True)
         rules = CacheRules(fresh_for=1e-9, refresh_lead=0)  # never fresh: asked each time
         index = SectorIndex(SectorLocator(build_providers(settings), rules=rules))
-        coordinator = Coordinator(TrioJobStore(job_store), sector_index=index)
+        coordinator = Coordinator(TrioJobStore(sqlite_store), sector_index=index)
         await coordinator.learn_sectors()
         assert await index.find("normal", sid) == moved
         source.stop()

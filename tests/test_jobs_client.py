@@ -93,22 +93,16 @@ def test_a_bad_address_says_what_is_wrong(text, words):
     assert "SECRET" not in str(caught.value)  # a token is not echoed
 
 
-@pytest.fixture
-def job_store(tmp_path):
-    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as s:
-        yield s
-
-
-async def serving(nursery: trio.Nursery, job_store: JobStore, **kw) -> CoordinatorServer:
-    server = CoordinatorServer(Coordinator(TrioJobStore(job_store)), "127.0.0.1", 0, **kw)
+async def serving(nursery: trio.Nursery, store: JobStore, **kw) -> CoordinatorServer:
+    server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0, **kw)
     await nursery.start(server.serve)
     return server
 
 
-async def test_calls_give_results_over_one_kept_alive_connection(job_store):
-    job, _ = await TrioJobStore(job_store).create(make_input(miner=1000, proof_type=PROOF))
+async def test_calls_give_results_over_one_kept_alive_connection(sqlite_store):
+    job, _ = await TrioJobStore(sqlite_store).create(make_input(miner=1000, proof_type=PROOF))
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         async with RpcClient(f"/ip4/127.0.0.1/tcp/{server.port}") as client:
             [allocated] = await client.call("Venus.WdPoStAllocateJobs", {}, 1, "worker-a")
             assert allocated["Id"] == job.Id
@@ -120,9 +114,9 @@ async def test_calls_give_results_over_one_kept_alive_connection(job_store):
         nursery.cancel_scope.cancel()
 
 
-async def test_json_rpc_errors_are_raised_with_their_code_whatever_the_http_status(job_store):
+async def test_json_rpc_errors_are_raised_with_their_code_whatever_the_http_status(sqlite_store):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         async with RpcClient(f"http://127.0.0.1:{server.port}") as client:
             # go-jsonrpc sends these with HTTP 500: the body is the error.
             with pytest.raises(RpcCallError) as caught:
@@ -142,9 +136,9 @@ async def test_json_rpc_errors_are_raised_with_their_code_whatever_the_http_stat
         nursery.cancel_scope.cancel()
 
 
-async def test_the_token_is_sent_as_a_bearer_token(job_store):
+async def test_the_token_is_sent_as_a_bearer_token(sqlite_store):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store, token="t0k3n")
+        server = await serving(nursery, sqlite_store, token="t0k3n")
         async with RpcClient(f"127.0.0.1:{server.port}", token="t0k3n") as client:
             assert (await client.call("Venus.WdPoStAllJobs"))["MaxTry"] == 2
         async with RpcClient(f"127.0.0.1:{server.port}") as client:
@@ -154,9 +148,9 @@ async def test_the_token_is_sent_as_a_bearer_token(job_store):
         nursery.cancel_scope.cancel()
 
 
-async def test_a_connection_the_server_closed_while_idle_is_opened_again(job_store):
+async def test_a_connection_the_server_closed_while_idle_is_opened_again(sqlite_store):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         async with RpcClient(f"127.0.0.1:{server.port}") as client:
             await client.call("Venus.WdPoStAllJobs")
             assert server._slots is not None
@@ -270,9 +264,9 @@ async def test_a_json_body_that_is_no_json_rpc_answer_says_the_status_and_what_t
         await _call_a_server_answering(status, body)
 
 
-async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(job_store):
+async def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(sqlite_store):
     async with trio.open_nursery() as nursery:
-        server = await serving(nursery, job_store)
+        server = await serving(nursery, sqlite_store)
         async with RpcClient(f"http://127.0.0.1:{server.port}/not/the/rpc") as client:
             with pytest.raises(RpcProtocolError, match=r"HTTP 404 .*POST /rpc/v0"):
                 await client.call("Venus.WdPoStAllJobs")
