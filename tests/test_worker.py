@@ -238,6 +238,11 @@ async def run_until(rig: Rig, worker: Worker, condition) -> None:
         await worker.wait_for(condition)
 
 
+def logged(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    """The messages of the records caplog caught that contain `words`, in their order."""
+    return [message for r in caplog.records if words in (message := r.getMessage())]
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 
@@ -592,7 +597,7 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     # Still running in the store: the coordinator's sweep gives it to another worker.
     assert (await rig.jobs.get(job.Id)).State == "running"
     assert worker.counters.delivered == 0
-    [line] = [r.getMessage() for r in caplog.records if "heartbeat timeout" in r.getMessage()]
+    [line] = logged(caplog, "heartbeat timeout")
     assert job.Id in line and "cancelled" in line
 
 
@@ -642,7 +647,7 @@ async def test_a_worker_stopped_while_its_manager_does_not_answer_stops_at_once(
             connection = await listener.accept()
             worker.stop()
         await connection.aclose()
-    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    said = logged(caplog, "nothing was pulled")
     assert said == ["stopped while waiting for the manager; nothing was pulled"], said
 
 
@@ -666,7 +671,7 @@ async def test_a_worker_stopped_while_it_looks_for_its_name_stops_at_once(
             nursery.start_soon(worker.run)
             await looking.wait()
             worker.stop()
-    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    said = logged(caplog, "nothing was pulled")
     assert said == ["stopped before the worker could name itself; nothing was pulled"], said
 
 
@@ -679,9 +684,9 @@ async def test_a_worker_stopped_before_its_run_starts_no_child(tmp_path, caplog)
     worker.stop()
     with trio.fail_after(60):
         await worker.run()
-    said = [r.getMessage() for r in caplog.records if "nothing was pulled" in r.getMessage()]
+    said = logged(caplog, "nothing was pulled")
     assert said == ["stopped before the run started; nothing was pulled"], said
-    assert not any("pulls WindowPoSt jobs" in r.getMessage() for r in caplog.records)
+    assert not logged(caplog, "pulls WindowPoSt jobs")
 
 
 async def test_sigterm_stops_the_worker_command_after_delivering_the_running_proof(rig, tmp_path):
