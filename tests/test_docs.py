@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # [text](target#anchor) outside code: (target, anchor), either may be empty.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s#]*)(?:#([^)\s]*))?\)")
-HEADING = re.compile(r"^#+ (.*)$", re.MULTILINE)
+# A Markdown heading: its level (the #s) and its text.
+HEADING = re.compile(r"^(#+) (.*)$", re.MULTILINE)
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 # "issue 5", "issues #12", "(#981)", "damocles #981"; not a child name such as window_post#10.
 ISSUE_REF = re.compile(r"(?i)\bissues? #?\d|(?:^|[\s(\[])#\d{2,}\b", re.MULTILINE)
@@ -35,7 +36,8 @@ def _anchors(doc: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces as dashes."""
     text = FENCE.sub("", doc.read_text())
     return {
-        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in HEADING.findall(text)
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for _, h in HEADING.findall(text)
     }
 
 
@@ -482,8 +484,6 @@ def test_every_policy_name_the_docs_give_simulate_is_one_it_takes():
 # Options no document needs to show (internal ones), each with its reason:
 # {("sectors create", "--option"): "why"}. None so far.
 UNDOCUMENTED_OPTIONS: dict[tuple[str, str], str] = {}
-# A Markdown heading: its level (the #s) and its text.
-HEADING_LINE = re.compile(r"^(#+) (.*)$")
 
 
 def _command_parsers(
@@ -524,7 +524,7 @@ def _documented_options(command: tuple[str, ...]) -> set[str]:
                 found.update(re.findall(r"--[\w-]+", " ".join(words[1:])))
         level = 0  # of the heading naming the command whose section this is; 0: none
         for line in FENCE.sub(lambda m: "\n" * m.group().count("\n"), text).splitlines():
-            heading = HEADING_LINE.match(line)
+            heading = HEADING.match(line)
             if heading is not None:
                 depth = len(heading.group(1))
                 if level and depth <= level:
