@@ -172,8 +172,7 @@ class ControlServer:
         self._open = 0  # requests and status requests received and not yet answered (wait_idle)
         self._connections: set[_Connection] = set()
         self._stats = ControlStats()
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None  # a wait_idle's, set once _open falls to 0
         self._log_over_buffer = ThrottledLog(log)
 
     @property
@@ -222,7 +221,9 @@ class ControlServer:
     async def wait_idle(self) -> None:
         """Wait until every request and status request received so far has been answered (or
         its client is gone): `run` stopping still answers a `status` asked as it stops."""
-        while not self._idle.is_set():
+        while self._open:
+            if self._idle is None:
+                self._idle = trio.Event()
             await self._idle.wait()
 
     def _unlink(self) -> None:
@@ -250,7 +251,7 @@ class ControlServer:
     def _request_started(self) -> None:
         self._stats.requests += 1
         self._stats.in_flight += 1
-        self._opened()
+        self._open += 1
 
     def _request_done(self) -> None:
         self._stats.in_flight -= 1
@@ -258,13 +259,12 @@ class ControlServer:
 
     def _opened(self) -> None:
         self._open += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
 
     def _closed(self, count: int = 1) -> None:
         self._open -= count
-        if self._open == 0:
+        if self._open == 0 and self._idle is not None:  # (an Event only while one waits)
             self._idle.set()
+            self._idle = None
 
     def _buffer_changed(self, conn: _Connection, pending: int) -> bool:
         """Account `conn`'s unfinished frame; False if `conn` itself must go (over the cap)."""
