@@ -17,6 +17,7 @@ from helpers.scheduling import Recorder
 from helpers.supervisor import our_descendants
 
 from damocles_ext.plugins import get_plugin_manager
+from damocles_ext.supervisor.reaper import join_late_reaps
 
 if TYPE_CHECKING:
     from damocles_ext.jobs.store import JobStore
@@ -49,6 +50,10 @@ def no_leftover_processes() -> Iterator[None]:
     `pytestmark = pytest.mark.usefixtures("no_leftover_processes")`; other modules keep helper
     processes of their own for a whole module."""
     yield
+    # A process a stopped supervisor left still dying (its last kill gave up waiting: under a
+    # mock clock, whose timeouts jump while the kernel tears the process down in real time) is
+    # reaped by a thread once it exits: waited for, in real time and bounded.
+    join_late_reaps(10.0)
     assert our_descendants() == []
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from helpers.supervisor import (
     alive,
     builtin_child,
     dext_child,
+    our_descendants,
     python_child,
     spec,
     window_task,
@@ -42,7 +44,7 @@ from damocles_ext.status import assemble, render_table
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.child_loop import _exited
 from damocles_ext.supervisor.process import spawn
-from damocles_ext.supervisor.reaper import KEEP_LOCKS_FOR, Reaper
+from damocles_ext.supervisor.reaper import KEEP_LOCKS_FOR, Reaper, join_late_reaps
 from damocles_ext.supervisor.restart import BackoffPolicy
 from damocles_ext.supervisor.stats import ChildStats, ExitingProcess
 
@@ -369,6 +371,40 @@ async def test_the_locks_of_a_process_stuck_for_good_are_freed_after_a_bound_say
     finally:
         proc.kill_tree()
         await proc.wait()
+        await proc.aclose()
+
+
+async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it_exits(
+    caplog, autojump_clock, monkeypatch
+):
+    # The last kill waits REAP_TIMEOUT for what it SIGKILLed; one that dies later (stuck in a
+    # driver call for seconds) is waited for by no task once the supervisor has returned, and
+    # stayed a zombie of this process for the rest of its life. No test can make a process
+    # survive SIGKILL: this one is simply not killed by the last kill, and killed after it.
+    caplog.set_level(logging.INFO, logger="damocles_ext")
+    proc = spawn(f"{WD}#0", python_child("import sys; sys.stdin.read()"), dict(os.environ))
+    monkeypatch.setattr(proc, "kill_tree", lambda: None)
+    reaper = Reaper(lambda: [(proc, None)])
+    try:
+        await reaper.kill_everything()  # gives up after REAP_TIMEOUT (the mock clock's)
+        assert proc.exit is None
+        os.kill(proc.pid, signal.SIGKILL)  # it dies at last, the supervisor long returned
+        assert join_late_reaps(10.0)  # (a real-time bound: the thread that reaps it ends)
+        assert [p for p in our_descendants() if p.pid == proc.pid] == []  # no zombie
+        assert proc.exit is not None and proc.exit.describe() == "killed by SIGKILL"
+        [said] = [r for r in caplog.records if "as the supervisor stops" in r.getMessage()]
+        assert said.levelname == "ERROR" and said.pid == proc.pid
+        assert said.getMessage() == (
+            f"pid {proc.pid}: still not dead 5s after SIGKILL as the supervisor stops (stuck in"
+            " the kernel: a GPU driver call?); it is reaped whenever it exits; check the machine"
+            " (dmesg) if it stays"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        join_late_reaps(10.0)
+        if proc.exit is None:
+            await proc.wait()
         await proc.aclose()
 
 

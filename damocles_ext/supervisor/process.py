@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -331,6 +332,18 @@ class ChildProcess:
             if rc is not None:
                 self._reap(rc)
         return self.exit
+
+    def reap_when_it_exits(self) -> threading.Thread:
+        """Reap the process once it exits, however late, on a (daemon) thread of its own: for one
+        not dead yet when no task will wait for it any more (the supervisor stops). Called in
+        trio (the pidfd is closed here); the thread is started, and may raise RuntimeError."""
+        self._close_pidfd()
+        thread = threading.Thread(target=self._wait_blocking, name=f"reap {self.pid}", daemon=True)
+        thread.start()
+        return thread
+
+    def _wait_blocking(self) -> None:
+        self.exit = ExitInfo.from_returncode(self._popen.wait())
 
     def _reap(self, rc: int) -> None:
         self._close_pidfd()

@@ -5,7 +5,9 @@ Two jobs, both about processes no child task owns any more:
   child started outside its process group (setsid) once the child dies; such orphans are killed
   and reaped at each child's end and every `ORPHAN_SWEEP_INTERVAL` seconds;
 * the last kill: when the supervisor stops, every child's tree still alive (and every process
-  that did not die after SIGKILL, kept in `unreaped`) is killed and waited for.
+  that did not die after SIGKILL, kept in `unreaped`) is killed and waited for, REAP_TIMEOUT at
+  most; one still not dead then is reaped by a thread of its own whenever it exits (no task of
+  ours waits for it once the supervisor has returned).
 
 A process that did not die after SIGKILL (`keep`: stuck in the kernel, a GPU driver call say)
 keeps the scheduler locks it held when it went down (its GPU): the reaper logs which, waits for
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -215,3 +219,36 @@ class Reaper:
                 await proc.wait()
             if self.adopter.enabled:
                 await self.sweep_orphans()
+        for proc in dict.fromkeys(proc for proc in procs if proc.exit is None):
+            _reap_late(proc)
+
+
+def _reap_late(proc: ChildProcess) -> None:
+    """`proc` is still not dead `REAP_TIMEOUT` after the last kill: no task waits for it any
+    more (the supervisor returns), so a thread of its own reaps it once it exits, however late;
+    before, it stayed a zombie for as long as this process lived."""
+    try:
+        _late_reaps.append(proc.reap_when_it_exits())
+        then = "it is reaped whenever it exits"
+    except RuntimeError as exc:  # no thread (the limit of tasks): init reaps it after us
+        then = f"it stays a zombie of this process once it exits (cannot start a thread: {exc})"
+    log.error(
+        "pid %d: still not dead %gs after SIGKILL as the supervisor stops (stuck in the kernel:"
+        " a GPU driver call?); %s; check the machine (dmesg) if it stays",
+        proc.pid, REAP_TIMEOUT, then, extra={"pid": proc.pid},
+    )  # fmt: skip
+
+
+_late_reaps: list[threading.Thread] = []  # (_reap_late's threads, for join_late_reaps)
+
+
+def join_late_reaps(timeout: float) -> bool:
+    """Wait up to `timeout` seconds (in all) for the processes that stopped supervisors left to
+    be reaped late (`_reap_late`); True once none is left. For tests, which check that a
+    supervisor leaves no process behind."""
+    deadline = time.monotonic() + timeout
+    for thread in list(_late_reaps):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if not thread.is_alive():
+            _late_reaps.remove(thread)
+    return not _late_reaps
