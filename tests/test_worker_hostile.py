@@ -153,13 +153,6 @@ async def step_until(
         mock_clock.jump(0.5)
 
 
-async def jump(mock_clock, seconds: float) -> None:
-    """Move the mock time on by `seconds` once the worker waits, and let it do what falls due."""
-    await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(seconds)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 def unreadable(job_id: str, lease: str | None = "L1") -> dict:
     return job(job_id, lease) | {"Input": None}
 
@@ -792,6 +785,94 @@ async def test_a_proxys_502_or_503_for_a_heartbeat_is_the_managers_outage_and_50
     else:
         assert said == [], lines
         assert [line for line in lines if line.startswith("the heartbeats of the jobs")], lines
+
+
+async def jump(mock_clock, seconds: float) -> None:
+    """Move the mock time on by `seconds` once the worker waits, and let it do what falls due."""
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def stepping(mock_clock) -> None:
+    """The mock time moved on through a worker's stop (the shutdown grace of a proof running),
+    up to 50 s: short of against()'s limit of 60 s."""
+    while trio.current_time() < 50:
+        await jump(mock_clock, 0.5)
+
+
+def outage_lines(caplog) -> list[str]:
+    starts = ("the manager is unreachable", "the manager answers again", "the heartbeats of the")
+    return [line for line in worker_lines(caplog) if line.startswith(starts)]
+
+
+async def test_a_coordinator_down_while_the_only_slot_proves_is_shown_unreachable_by_its_heartbeats(
+    tmp_path, caplog, mock_clock
+):
+    # Our coordinator's Dext.HeartbeatJobs (jobs under a lease), as
+    # test_worker_damocles_manager.py shows it for damocles-manager's Venus.WdPoStHeartbeatJobs:
+    # the only slot proving, heartbeats are all the worker sends. Those that cannot connect (the
+    # coordinator stopped) are the manager's outage, said once; the first answered ends it. The
+    # time moves only in the test's jumps: the coordinator stops between two heartbeats.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {"Dext.AllocateJobs": first(job("j1"))}
+    settings = {"heartbeat_interval": 1.0, "ping_interval": 1000.0, "max_jobs": 1}
+    async with trio.open_nursery() as clock:
+        async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+            held = lambda: worker.held["j1"]  # noqa: E731
+            await until(worker, coordinator, lambda: "j1" in worker.held and held().child)
+            await jump(mock_clock, 1.0)
+            assert beats(coordinator) == 1 and worker.manager_reachable
+            await coordinator.down()  # connections refused
+            for _ in range(3):
+                await jump(mock_clock, 1.0)
+            assert not worker.manager_reachable
+            await coordinator.up()  # the same port: the next heartbeat is answered
+            await jump(mock_clock, 1.0)
+            assert worker.manager_reachable and beats(coordinator) == 2
+            assert held().state == "proving" and held().stop_reason is None
+            assert allocations(coordinator) == 1  # (nothing else sent: no free slot)
+            clock.start_soon(stepping, mock_clock)
+        clock.cancel_scope.cancel()
+    [down, again] = outage_lines(caplog)
+    assert down.startswith("the manager is unreachable (cannot connect to"), down
+    assert "(for Dext.HeartbeatJobs)" in down, down
+    assert again == "the manager answers again (unreachable for 3.0 s)", again
+
+
+async def test_pings_that_cannot_connect_show_the_manager_unreachable_and_one_answered_ends_it(
+    tmp_path, caplog, mock_clock
+):
+    # Venus.WorkerPing alone talks to the manager: the only slot proves and heartbeats are far
+    # apart. A ping that cannot connect (the coordinator stopped) begins the manager's outage,
+    # said once (not as the ping's own failure); the first ping answered ends it.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {"Dext.AllocateJobs": first(job("j1"))}
+    settings = {"heartbeat_interval": 1000.0, "ping_interval": 1.0, "max_jobs": 1}
+    async with trio.open_nursery() as clock:
+        async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+            held = lambda: worker.held["j1"]  # noqa: E731
+            pings = lambda: coordinator.count("Venus.WorkerPing")  # noqa: E731
+            await until(worker, coordinator, lambda: "j1" in worker.held and held().child)
+            await jump(mock_clock, 1.0)
+            assert pings() >= 1 and worker.manager_reachable
+            await coordinator.down()  # connections refused
+            before = pings()
+            for _ in range(3):
+                await jump(mock_clock, 1.0)
+            assert not worker.manager_reachable
+            await coordinator.up()  # the same port: the next ping is answered
+            await jump(mock_clock, 1.0)
+            assert worker.manager_reachable and pings() == before + 1
+            assert held().state == "proving" and held().stop_reason is None
+            assert beats(coordinator) == 0 and allocations(coordinator) == 1
+            clock.start_soon(stepping, mock_clock)
+        clock.cancel_scope.cancel()
+    [down, again] = outage_lines(caplog)
+    assert down.startswith("the manager is unreachable (cannot connect to"), down
+    assert "(for Venus.WorkerPing)" in down, down
+    assert again == "the manager answers again (unreachable for 3.0 s)", again
+    assert not [line for line in worker_lines(caplog) if line.startswith("Venus.WorkerPing")]
 
 
 BAD_HEARTBEATS = {

@@ -15,7 +15,8 @@ a finish taken, a ping taken, every store known.
 
 `calls` records (method, params) in order, `times` when each came; `await wait_for(predicate)`
 waits until a call makes `predicate(self)` hold; `finishes(job_id)` are the finish calls of a
-job (either API).
+job (either API); `await down()` stops it (connections refused) and `await up()` starts it again
+on the same port.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class HostileCoordinator:
         self._changed = trio.Event()
         self._listener: trio.SocketListener | None = None
         self.port = 0
+        self._serving = trio.CancelScope()
+        self._up, self._listening, self._closed = trio.Event(), trio.Event(), trio.Event()
 
     @property
     def address(self) -> str:
@@ -95,11 +98,31 @@ class HostileCoordinator:
             await self._changed.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self._listener = listener
-        self.port = listener.socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, [listener])  # type: ignore[arg-type]
+        started = False
+        while True:
+            [listener] = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            self._listener = listener
+            self.port = listener.socket.getsockname()[1]
+            self._listening.set()
+            if not started:
+                task_status.started()
+                started = True
+            with trio.CancelScope() as self._serving:  # (its end closes the connections too)
+                await trio.serve_listeners(self._connection, [listener])  # type: ignore[arg-type]
+            self._closed.set()
+            await self._up.wait()
+
+    async def down(self) -> None:
+        """Stop: the listener and every connection closed, so calls are refused (the
+        connection cannot be made) until `up()`."""
+        self._up, self._listening, self._closed = trio.Event(), trio.Event(), trio.Event()
+        self._serving.cancel()
+        await self._closed.wait()
+
+    async def up(self) -> None:
+        """Listen again after `down()`, on the same port."""
+        self._up.set()
+        await self._listening.wait()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
