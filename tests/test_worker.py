@@ -979,6 +979,26 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends():
     assert outage.answered(16.0) is None
 
 
+def test_an_outage_a_call_could_not_connect_in_is_ended_by_a_heartbeat_and_that_ends_with_it():
+    # Whether a call could not connect during the manager's outage (down, not stuck: then a
+    # heartbeat's or a ping's answer ends it) was the worker's own flag beside its Outage, never
+    # cleared when the outage ended; it is the outage's now, and ends with it.
+    outage = Outage()
+    assert outage.failed(10.0, "no answer") is not None  # an allocation unanswered: maybe stuck
+    assert outage.heard(11.0) is None  # a heartbeat answered: the outage goes on
+    assert outage.failed(12.0, "refused", connect=True) is None  # down, not stuck
+    assert outage.heard(13.0) == "the manager answers again (unreachable for 3.0 s)"
+    assert not outage.unconnected
+    # The next outage begins with a call unanswered: a heartbeat's answer does not end it.
+    assert outage.failed(20.0, "no answer") is not None
+    assert outage.heard(21.0) is None and outage.down_since == 20.0
+    # One begun by a call that could not connect, ended by an allocation answered: forgotten.
+    assert outage.answered(22.0) is not None
+    assert outage.failed(30.0, "refused", connect=True) is not None
+    assert outage.answered(31.0) is not None and not outage.unconnected
+    assert outage.heard(32.0) is None
+
+
 def test_heartbeats_that_fail_are_said_once_and_once_more_when_they_are_answered_again():
     # (A coordinator whose job store is down answers them with an error at each interval.)
     beats = heartbeats_outage()

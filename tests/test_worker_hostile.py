@@ -755,6 +755,27 @@ async def test_an_outage_begun_by_a_call_unanswered_is_ended_by_a_heartbeat_once
     assert [line for line in lines if line.startswith("the manager ")] == [begins, ends], lines
 
 
+async def test_an_outage_that_met_a_refused_connection_leaves_the_next_one_to_its_own_calls(
+    tmp_path, caplog, mock_clock
+):
+    # An outage begun by a heartbeat that could not connect ends at the next answer; the next
+    # outage, begun by an allocation unanswered (the manager maybe only stuck), is not ended by
+    # a heartbeat's answer: whether a call could not connect is the outage's, and ends with it.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    worker = Worker(worker_settings("127.0.0.1:1", children(tmp_path, ECHO)))
+    url = worker.manager_url
+    failed(worker, RpcConnectionError("refused", url=url, method="Dext.HeartbeatJobs", sent=False))
+    mock_clock.jump(1)
+    worker._answered()  # (an allocation answered)
+    assert worker.manager_reachable and not worker._outage.unconnected
+    mock_clock.jump(1)
+    worker._unreachable(str(RpcTimeout("no answer", url=url, method="Dext.AllocateJobs")))
+    worker.heard()  # (a heartbeat answered while the allocation hangs)
+    assert not worker.manager_reachable
+    said = [line for line in worker_lines(caplog) if line.startswith("the manager ")]
+    assert len(said) == 3 and said[1] == "the manager answers again (unreachable for 1.0 s)", said
+
+
 @pytest.mark.parametrize("status", [502, 503, 504])
 async def test_a_proxys_502_or_503_for_a_heartbeat_is_the_managers_outage_and_504_the_heartbeats(
     tmp_path, caplog, status

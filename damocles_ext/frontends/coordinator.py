@@ -24,9 +24,9 @@ from ..jobs import rpc, rules
 from ..jobs.database import SQLITE_WAL_SIZE_LIMIT, clock_skew
 from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
+from ..jobs.outage import Outage
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
-from ..jobs.worker_rules import Outage
 from ..threads import NoThreadError, run_in_thread
 from .dext_rpc import DextMethods
 from .held_warnings import HeldWarnings

@@ -31,9 +31,9 @@ from ..errors import ProverError, UsageError
 from ..jobs import model, rules
 from ..jobs.log_lines import job_fields
 from ..jobs.manager_config import ManagerConfig, read_settings
+from ..jobs.outage import Outage
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
-from ..jobs.worker_rules import Outage
 from ..tasks import (
     Output,
     Task,

@@ -121,7 +121,6 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
-        self._down_by_connect = False  # a call could not connect in the outage (see below)
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         self._idle_until = -math.inf
@@ -624,14 +623,13 @@ class Worker:
     # heartbeat or a ping that cannot connect (refused, unreachable, DNS) is the manager's
     # outage: a worker whose slots all prove sends nothing else, and would never show it; such
     # an outage, or one during which a call could not connect (the manager went down, it is not
-    # stuck), is ended by any whole answer, a heartbeat's or a ping's too (`heard`).
+    # stuck), is ended by any whole answer, a heartbeat's or a ping's too (`heard`). Which it
+    # was is the outage's own (Outage.unconnected), forgotten when it ends.
 
     def _unreachable(
         self, what: str, outage: Outage | None = None, *, connect: bool = False
     ) -> None:
-        line = (outage or self._outage).failed(trio.current_time(), what)
-        if outage is None and (line is not None or connect):
-            self._down_by_connect = connect  # (a call not connecting in an outage: down, not stuck)
+        line = (outage or self._outage).failed(trio.current_time(), what, connect=connect)
         if line is not None:
             log.warning("%s", line)
             self._touch()  # (manager_reachable may have changed)
@@ -639,9 +637,10 @@ class Worker:
     def heard(self) -> None:
         """A heartbeat or a ping got a whole answer (or a JSON-RPC error): the manager's outage
         ends if a call could not connect during it (else only an allocation or a finish ends
-        it)."""
-        if self._down_by_connect:
-            self._answered()
+        it; Outage.heard)."""
+        if (line := self._outage.heard(trio.current_time())) is not None:
+            log.info("%s", line)
+            self._touch()
 
     def _answered(self, *outages: Outage) -> None:
         for outage in outages or (self._outage,):

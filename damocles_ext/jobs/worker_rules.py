@@ -25,6 +25,11 @@ from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 from ..tasks import proof_types_for_sizes as proof_types_for_sizes
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
+
+# Outage lives in outage.py (the coordinator and producers use it too); kept importable from here.
+from .outage import Outage as Outage
+from .outage import allocations_outage as allocations_outage
+from .outage import heartbeats_outage as heartbeats_outage
 from .paths import sector_path
 
 # --- which RPC the manager speaks ---------------------------------------------------------------
@@ -235,59 +240,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
-
-
-@dataclass(slots=True)
-class Outage:
-    """One log line when something starts failing, one when it works again: a manager (or a
-    job store) that is down for an hour must not fill the log with a line per call. `begins`
-    and `ends` are the lines, formatted with `why` (the first failure's), and with `lasted`
-    (seconds) and `failures` (how many in a row)."""
-
-    down_since: float | None = None
-    failures: int = 0
-    begins: str = (
-        "the manager is unreachable ({why}); running proofs go on, no job is asked for, and"
-        " results are kept and sent again until it answers"
-    )
-    ends: str = "the manager answers again (unreachable for {lasted:.1f} s)"
-
-    def failed(self, now: float, what: str) -> str | None:
-        """The line to log for this failure, or None when the outage was already logged."""
-        self.failures += 1
-        if self.down_since is not None:
-            return None
-        self.down_since = now
-        return self.begins.format(why=what)
-
-    def answered(self, now: float) -> str | None:
-        """The line to log when a call got an answer, or None when there was no outage."""
-        if self.down_since is None:
-            return None
-        lasted, self.down_since = now - self.down_since, None
-        failures, self.failures = self.failures, 0
-        return self.ends.format(lasted=lasted, failures=failures)
-
-
-def heartbeats_outage() -> Outage:
-    """Heartbeats that fail while the manager answers other calls (a coordinator whose job store
-    is down, say): one line when they begin to, one when they are answered again."""
-    return Outage(
-        begins="the heartbeats of the jobs held here fail ({why}): their proofs go on and their"
-        " results are sent when done, but past its heartbeat timeout the manager may give them"
-        " to another worker; a line says when heartbeats are answered again",
-        ends="heartbeats are answered again, after {failures} failed in {lasted:.0f} s",
-    )
-
-
-def allocations_outage() -> Outage:
-    """Allocations the manager refuses while it answers (a coordinator whose job store is down):
-    one line when they begin to be refused, one when it allocates again."""
-    return Outage(
-        begins="the manager refuses the allocation ({why}); it is asked again with a backoff,"
-        " never later than --idle-poll, and a line says when it allocates again",
-        ends="the manager allocates again, after {failures} refused in {lasted:.0f} s",
-    )
 
 
 #: The unproved rounds of a spell asked again at once (`UnprovedRounds`), at least: a deadline's
