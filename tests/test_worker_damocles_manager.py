@@ -194,8 +194,7 @@ async def test_a_heartbeat_taken_one_job_at_a_time_is_a_heartbeat_as_in_the_batc
     with trio.fail_after(30):
         worker._unreachable("the manager's store fails", worker._beats_failing)
         async with RpcClient(worker.settings.endpoint, timeout=10) as beats:
-            worker._beats = beats
-            await heartbeat_plain(worker, held)
+            await heartbeat_plain(worker, beats, held)
     assert [p[0] for p in venus_calls(manager, "WdPoStHeartbeatJobs")] == [
         [kept, "gone"],
         [kept],

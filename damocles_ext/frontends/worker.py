@@ -70,7 +70,7 @@ from ..jobs.worker_rules import (
     window_post_task,
 )
 from ..stages import child_stages
-from .worker_beats import heartbeat_leased, heartbeat_plain
+from .worker_beats import heartbeat_forever
 from .worker_ping import ping_forever
 from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
@@ -131,7 +131,7 @@ class Worker:
         self._refused: str | None = None  # why the manager refused our token, once running
         self._address: str | None = None  # the local address that reaches the manager
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
-        self._unheld_stops = UnheldStops()  # when to say stops for jobs not held here
+        self.unheld_stops = UnheldStops()  # when to say stops for jobs not held here
         self._over_allocated = False  # the last allocation gave more than was asked (said)
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -189,7 +189,7 @@ class Worker:
         # Heartbeats have a connection of their own: they must not wait behind a finish that is
         # being retried, or behind an allocation.
         async with client() as calls, client() as beats, client() as pings:
-            self._calls, self._beats, self._pings = calls, beats, pings
+            self._calls, self._pings = calls, pings
             self.manager_url = calls.url
             # Stopped meanwhile (stop() cancels this scope): a call in flight to a manager that
             # does not answer is given up at once, not at the end of its --rpc-timeout.
@@ -221,7 +221,9 @@ class Worker:
                     async def in_background() -> None:
                         with background:
                             async with trio.open_nursery() as inner:
-                                inner.start_soon(self._heartbeat_loop)
+                                inner.start_soon(
+                                    heartbeat_forever, self, beats, self.settings.heartbeat_interval
+                                )
                                 inner.start_soon(ping_forever, self, endpoint)
                                 inner.start_soon(self._forward_supervisor_changes, sup)
                                 if self.locator is not None:
@@ -416,7 +418,7 @@ class Worker:
             if how == SAME and had.stop_reason is None:
                 had.log.warning("job %s: given again while this worker holds it; ignored", job.Id)
                 return None
-            self._stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
+            self.stop_job(job.Id, "reset", "reset: given to this worker afresh (try 1)")
         held = HeldJob(job, now, state="proving" if problem is None else "finishing")
         self.held[job.Id] = held
         self.counters.pulled += 1  # (unreadable too: it is failed, and counted delivered)
@@ -583,7 +585,7 @@ class Worker:
         self._idle_until = -math.inf
         self._touch()
 
-    def _stop_job(self, job_id: str, reason: str, why: str) -> None:
+    def stop_job(self, job_id: str, reason: str, why: str) -> None:
         held = self.held.get(job_id)
         if held is None or held.stop_reason is not None:
             return
@@ -605,15 +607,25 @@ class Worker:
         children = self.supervisor.statistics().children
         return sum(c.stage in stages and c.state not in UP for c in children)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await trio.sleep(self.settings.heartbeat_interval)
-            leased = [h for h in self.held.values() if h.job.Lease is not None]
-            plain = [h for h in self.held.values() if h.job.Lease is None]
-            if leased:
-                await heartbeat_leased(self, leased)
-            if plain:
-                await heartbeat_plain(self, plain)
+    # What the heartbeats see of the worker (worker_beats.Beating), besides its public names.
+
+    def now(self) -> float:
+        return self._clock()
+
+    def manager_down(self, what: str) -> None:  # a call could not connect (or a proxy's 502)
+        self._unreachable(what, connect=True)
+
+    def beats_failed(self, what: str) -> None:  # sent and not answered, or failed by the manager
+        self._unreachable(what, self._beats_failing)
+
+    def beats_answered(self) -> None:
+        self._answered(self._beats_failing)
+        self.heard()
+        self._touch()
+
+    def refused_token(self, exc: RpcCallError) -> bool:
+        self._refused_token(exc)
+        return self._refused is not None
 
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
     # Apart: a heartbeat sent and not answered (no answer in time, cut, a proxy's 502) is judged
