@@ -193,8 +193,8 @@ async def test_allocations_of_only_jobs_failing_before_a_prover_settle_at_the_id
     spells = [line for line in lines if line.startswith(f"9 allocations from {worker.manager_url}")]
     assert len(spells) == 2, spells
     assert spells[0] == (
-        f"9 allocations from {worker.manager_url} in 0 s brought only jobs that fail before a"
-        " prover here (job bad-9: unreadable job input: Expected `object`, got `null` - at"
+        f"9 allocations from {worker.manager_url} in under a second brought only jobs that fail"
+        " before a prover here (job bad-9: unreadable job input: Expected `object`, got `null` - at"
         " `$.Input`); each is answered at once with its error, and the manager is asked again"
         " after 1 s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
         " this worker: their input, whether the stores of their sectors are attached here"
@@ -236,7 +236,8 @@ async def test_a_backlog_of_bad_jobs_from_a_damocles_manager_costs_no_wait_withi
         [(_, _, error)] = coordinator.finishes(name)
         assert (error == "") == name.startswith("good"), (name, error)
     [spell] = [line for line in worker_lines(caplog) if "brought only jobs" in line]
-    assert spell.startswith(f"9 allocations from {worker.manager_url} in 0 s brought"), spell
+    burst = f"9 allocations from {worker.manager_url} in under a second brought"
+    assert spell.startswith(burst), spell
 
 
 async def test_a_quiet_stretch_that_ends_a_warned_spell_of_unproved_allocations_is_said(
@@ -268,6 +269,29 @@ async def test_a_quiet_stretch_that_ends_a_warned_spell_of_unproved_allocations_
         f"no allocation from {url} brought only jobs that fail before a prover here for 17 s"
         " (after 9 that did): the next 8 such are followed at once again"
     )
+
+
+def test_a_spell_of_unproved_allocations_in_under_a_second_is_said_so_not_in_0_s():
+    # A burst of allocations at one instant (a backlog of bad jobs, each answered at once) was
+    # "9 allocations from ... in 0 s", and its end "... in 0 s": as if no time were a time.
+    def spell(lasted: float) -> tuple[str | None, str | None]:
+        rounds = UnprovedRounds(Backoff(1.0, 8.0), burst=1)
+        said = [rounds.ended(rounds.round(1), t, unproved=True, why="job a: x", url="http://m")
+                for t in (100.0, 100.0 + lasted)]  # fmt: skip
+        return said[1], rounds.reached(100.0 + lasted)
+
+    begins, ends = spell(0.0)
+    assert begins is not None and begins.startswith(
+        "2 allocations from http://m in under a second brought only jobs that fail before a prover"
+    ), begins
+    assert ends == (
+        "a job reaches a prover again, after 2 allocations of jobs that all failed before one,"
+        " in under a second"
+    )
+    assert spell(0.999)[0].startswith("2 allocations from http://m in under a second brought")
+    begins, ends = spell(2.4)
+    assert begins.startswith("2 allocations from http://m in 2 s brought"), begins
+    assert ends.endswith("all failed before one, in 2 s"), ends
 
 
 def test_a_round_is_waited_after_only_when_its_last_job_ends_and_none_reached_a_prover():
@@ -394,7 +418,8 @@ async def test_a_round_of_two_jobs_one_proved_and_one_failing_before_a_prover_is
     assert len(coordinator.finishes("bad-9")) == 1 + bad_last
     lines = worker_lines(caplog)
     [spell] = [line for line in lines if "brought only jobs" in line]
-    assert spell.startswith(f"9 allocations from {worker.manager_url} in 0 s brought"), spell
+    burst = f"9 allocations from {worker.manager_url} in under a second brought"
+    assert spell.startswith(burst), spell
     assert "(job late-9: unreadable job input" in spell, spell
     assert not [line for line in lines if line.startswith("a job reaches a prover again")], lines
 

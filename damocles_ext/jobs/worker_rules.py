@@ -248,7 +248,7 @@ class Backoff:
 UNPROVED_BURST = 8
 
 UNPROVED_BEGINS = (
-    "{n} allocations from {url} in {lasted:.0f} s brought only jobs that fail before a prover"
+    "{n} allocations from {url} {lasted} brought only jobs that fail before a prover"
     " here ({why}); each is answered at once with its error, and the manager is asked again after"
     " {wait:.0f} s (growing to --idle-poll) until one reaches a prover; check the jobs it gives"
     " this worker: their input, whether the stores of their sectors are attached here"
@@ -260,8 +260,14 @@ UNPROVED_QUIET = (
 )
 UNPROVED_ENDS = (
     "a job reaches a prover again, after {n} allocations of jobs that all failed before one,"
-    " in {lasted:.0f} s"
+    " {lasted}"
 )
+
+
+def spell_time(lasted: float) -> str:
+    """How long a spell of unproved allocations lasted, for its lines: a burst of them (one
+    instant, or a few milliseconds) is "in under a second", not "in 0 s"."""
+    return "in under a second" if lasted < 1 else f"in {lasted:.0f} s"
 
 
 @dataclass(slots=True)
@@ -299,7 +305,8 @@ class UnprovedRounds:
 
     def reached(self, now: float) -> str | None:
         """A job reached a prover at `now`: the spell ends; the line to log, if one was said."""
-        line = UNPROVED_ENDS.format(n=self.spell, lasted=now - self.since) if self.said else None
+        lasted = spell_time(now - self.since)
+        line = UNPROVED_ENDS.format(n=self.spell, lasted=lasted) if self.said else None
         self._reset()
         return line
 
@@ -350,7 +357,7 @@ class UnprovedRounds:
         if self.said:
             return None
         self.said = True
-        lasted = now - self.since
+        lasted = spell_time(now - self.since)
         return UNPROVED_BEGINS.format(n=self.spell, url=url, lasted=lasted, why=why, wait=wait)
 
 
