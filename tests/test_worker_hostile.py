@@ -134,6 +134,36 @@ async def test_a_manager_that_gives_again_the_job_held_is_not_asked_again_at_ful
     assert coordinator.finishes("j1") == []  # stopped before its end: left to the heartbeat timeout
 
 
+async def test_a_job_given_twice_in_one_answer_is_proved_once_and_answered_once_under_its_last_lease(
+    tmp_path, caplog
+):
+    # A hostile manager gives j1 twice in one allocation, under two leases. Before, the second
+    # entry was read as an operator's reset of the job held: "the manager took it back (reset:
+    # given to this worker afresh (try 1))", its first proof cancelled, a take-back counted and
+    # the job counted pulled twice. It is proved once and answered once, under the last lease
+    # given (the manager's, if it allocated the job twice over), and the answer is said as it is.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    alloc = first(job("j1", lease="L1"), job("j2"), job("j1", lease="L2"))
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}) as (coordinator, worker):
+        await worker.wait_for(lambda: allocations(coordinator) >= 2 and not worker.held)
+        proofs = sum(c.done + c.failed for c in worker.supervisor.statistics().children)
+    assert proofs == 2  # (j1 and j2)
+    [(_, lease, output, error)] = coordinator.finishes("j1")
+    assert (lease, error) == ("L2", "") and output["proofs"]
+    assert len(coordinator.finishes("j2")) == 1
+    assert worker.counters.pulled == 2 and worker.counters.stopped_by == {}
+    lines = worker_lines(caplog)
+    assert [line for line in lines if "afresh" in line or "took it back" in line] == [], lines
+    assert len([line for line in lines if line.startswith("job j1: pulled")]) == 1, lines
+    [twice] = [line for line in lines if "more than once" in line]
+    assert twice == (
+        f"the manager at {worker.manager_url} gave the same job more than once in one allocation"
+        " answer (j1 twice, under leases L1, L2): each is proved once and its result sent once,"
+        " under the last lease given (the earlier ones are not heartbeated); a manager gives a"
+        " job once per answer"
+    ), twice
+
+
 async def step_until(
     worker: Worker, coordinator: HostileCoordinator, mock_clock, end: float, jobs_given=None
 ):
@@ -608,7 +638,8 @@ async def test_jobs_that_cannot_be_proved_are_each_failed_once_saying_why_and_th
     for job_id in ("ten-thousand", "twice"):
         [(_, lease, output, error)] = coordinator.finishes(job_id)
         assert (lease, error) == ("L1", "") and output["proofs"], job_id
-    assert "job twice: given again while this worker holds it; ignored" in worker_lines(caplog)
+    [twice] = [line for line in worker_lines(caplog) if "more than once" in line]
+    assert "allocation answer (twice twice, under leases L1, L1): each is proved once" in twice
     assert worker.counters.delivered == len(errors) + 2 and worker.counters.given_up == 0
     # More than asked: all taken, and said once (it proved them without a word).
     [over] = [line for line in worker_lines(caplog) if "job(s) were asked" in line]

@@ -4,7 +4,7 @@ document and the metrics in worker_control.py)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,4 +166,35 @@ def no_jobs_line(manager: str, bad: int, first_bad: Sequence[str]) -> str:
     return (
         f"the manager at {manager} gave {bad} entries that are no job in an allocation"
         f" ({'; '.join(first_bad)}{more}); whatever they stand for is left to time out there"
+    )
+
+
+def one_per_job(
+    jobs: Sequence[tuple[PulledJob, str | None]],
+) -> tuple[list[tuple[PulledJob, str | None]], dict[str, list[str | None]]]:
+    """An allocation's jobs (`read_answer`) with each id once, and the leases of each id the
+    answer gave more than once. The last entry of an id is kept: a manager that allocated a job
+    twice over holds the last lease it gave; an earlier one is not heartbeated nor answered."""
+    kept: dict[str, tuple[PulledJob, str | None]] = {}
+    leases: dict[str, list[str | None]] = {}
+    for job, problem in jobs:
+        kept[job.Id] = (job, problem)  # (at the place of its first entry, the last one's value)
+        leases.setdefault(job.Id, []).append(job.Lease)
+    return list(kept.values()), {i: given for i, given in leases.items() if len(given) > 1}
+
+
+def given_twice_line(manager: str, twice: Mapping[str, Sequence[str | None]]) -> str:
+    """The one line for the jobs an allocation's answer gave more than once (`one_per_job`)."""
+    named = []
+    for job_id, leases in list(twice.items())[:3]:
+        times = "twice" if len(leases) == 2 else f"{len(leases)} times"
+        under = f", under leases {', '.join(map(str, leases))}" if any(leases) else ""
+        named.append(f"{job_id} {times}{under}")
+    more = f"; and {len(twice) - 3} more" if len(twice) > 3 else ""
+    leased = any(lease for leases in twice.values() for lease in leases)
+    return (
+        f"the manager at {manager} gave the same job more than once in one allocation answer"
+        f" ({'; '.join(named)}{more}): each is proved once and its result sent once"
+        + (", under the last lease given (the earlier ones are not heartbeated)" if leased else "")
+        + "; a manager gives a job once per answer"
     )
