@@ -384,10 +384,16 @@ async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it
     caplog.set_level(logging.INFO, logger="damocles_ext")
     proc = spawn(f"{WD}#0", python_child("import sys; sys.stdin.read()"), dict(os.environ))
     monkeypatch.setattr(proc, "kill_tree", lambda: None)
-    reaper = Reaper(lambda: [(proc, None)])
+    # A sibling dead already (not reaped: a zombie), which the last kill's wait, given up on
+    # the first, never reached: reaped then, and not said to be stuck.
+    dead = spawn(f"{WD}#1", python_child("import sys; sys.stdin.read()"), dict(os.environ))
+    os.kill(dead.pid, signal.SIGKILL)
+    await trio.to_thread.run_sync(os.waitid, os.P_PID, dead.pid, os.WEXITED | os.WNOWAIT)
+    reaper = Reaper(lambda: [(proc, None), (dead, None)])
     try:
         await reaper.kill_everything()  # gives up after REAP_TIMEOUT (the mock clock's)
         assert proc.exit is None
+        assert dead.exit is not None and dead.exit.describe() == "killed by SIGKILL"
         os.kill(proc.pid, signal.SIGKILL)  # it dies at last, the supervisor long returned
         assert join_late_reaps(10.0)  # (a real-time bound: the thread that reaps it ends)
         assert [p for p in our_descendants() if p.pid == proc.pid] == []  # no zombie
@@ -403,9 +409,10 @@ async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         join_late_reaps(10.0)
-        if proc.exit is None:
-            await proc.wait()
-        await proc.aclose()
+        for each in (proc, dead):
+            if each.exit is None:
+                await each.wait()
+            await each.aclose()
 
 
 async def test_status_shows_the_locks_held_for_a_killed_process_not_exited_yet():

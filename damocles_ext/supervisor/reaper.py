@@ -219,14 +219,17 @@ class Reaper:
                 await proc.wait()
             if self.adopter.enabled:
                 await self.sweep_orphans()
-        for proc in dict.fromkeys(proc for proc in procs if proc.exit is None):
-            _reap_late(proc)
+        for proc in dict.fromkeys(procs):
+            # (The wait gave up on one: those after it were never waited for, dead or not.)
+            if proc.poll() is None:
+                _reap_late(proc)
 
 
 def _reap_late(proc: ChildProcess) -> None:
     """`proc` is still not dead `REAP_TIMEOUT` after the last kill: no task waits for it any
     more (the supervisor returns), so a thread of its own reaps it once it exits, however late;
     before, it stayed a zombie for as long as this process lived."""
+    _late_reaps[:] = [thread for thread in _late_reaps if thread.is_alive()]
     try:
         _late_reaps.append(proc.reap_when_it_exits())
         then = "it is reaped whenever it exits"
