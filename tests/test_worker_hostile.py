@@ -158,7 +158,7 @@ async def test_a_job_given_twice_in_one_answer_is_proved_once_and_answered_once_
     [twice] = [line for line in lines if "more than once" in line]
     assert twice == (
         f"the manager at {worker.manager_url} gave the same job more than once in one allocation"
-        " answer (j1 twice, under leases L1, L2): each is proved once and its result sent once,"
+        " answer (job 'j1' twice, under leases L1, L2): each is proved once and its result sent once,"
         " under the last lease given (the earlier ones are not heartbeated); a manager gives a"
         " job once per answer"
     ), twice
@@ -639,11 +639,15 @@ async def test_jobs_that_cannot_be_proved_are_each_failed_once_saying_why_and_th
         [(_, lease, output, error)] = coordinator.finishes(job_id)
         assert (lease, error) == ("L1", "") and output["proofs"], job_id
     [twice] = [line for line in worker_lines(caplog) if "more than once" in line]
-    assert "allocation answer (twice twice, under leases L1, L1): each is proved once" in twice
+    assert (
+        "allocation answer (job 'twice' twice, under lease L1 each time): each is proved" in twice
+    )
     assert worker.counters.delivered == len(errors) + 2 and worker.counters.given_up == 0
     # More than asked: all taken, and said once (it proved them without a word).
     [over] = [line for line in worker_lines(caplog) if "job(s) were asked" in line]
-    assert "gave 10 entries where 2 job(s) were asked: all are taken" in over, over
+    assert (
+        "gave 10 entries where 2 job(s) were asked: the 9 job(s) among them are all taken" in over
+    )
 
 
 #: Answers that are no result, for the first calls of a method (`times_bad`), then the right one.

@@ -384,11 +384,12 @@ class Worker:
             jobs, twice = one_per_job(jobs)  # (a job given twice in it: proved once)
             if twice:
                 log.warning("%s", given_twice_line(self.manager_url, twice))
-            if (given := len(jobs) + bad) > want and not self._over_allocated:  # once while so
-                log.warning("the manager at %s gave %d entries where %d job(s) were asked: all"
-                            " are taken, the extra ones waiting here for a slot (their"
-                            " heartbeats sent meanwhile)", self.manager_url, len(got), want)  # fmt: skip
-            self._over_allocated = given > want
+            if len(got) > want and not self._over_allocated:  # once while answers go on so
+                log.warning("the manager at %s gave %d entries where %d job(s) were asked: the %d"
+                            " job(s) among them are all taken, the extra ones waiting here for a"
+                            " slot (their heartbeats sent meanwhile)", self.manager_url, len(got),
+                            want, len(jobs))  # fmt: skip
+            self._over_allocated = len(got) > want
             new = [h for job, problem in jobs if (h := self._take(job, problem)) is not None]
             if taken := len(new):  # (its jobs all failed before a prover: waited after, _release)
                 slots = free_slots(ready, 0, self.settings.max_jobs)

@@ -188,8 +188,11 @@ def given_twice_line(manager: str, twice: Mapping[str, Sequence[str | None]]) ->
     named = []
     for job_id, leases in list(twice.items())[:3]:
         times = "twice" if len(leases) == 2 else f"{len(leases)} times"
-        under = f", under leases {', '.join(map(str, leases))}" if any(leases) else ""
-        named.append(f"{job_id} {times}{under}")
+        if len(set(leases)) == 1:
+            under = f", under lease {leases[0]} each time" if leases[0] else ""
+        else:
+            under = f", under leases {', '.join(lease or 'none' for lease in leases)}"
+        named.append(f"job {job_id!r} {times}{under}")
     more = f"; and {len(twice) - 3} more" if len(twice) > 3 else ""
     leased = any(lease for leases in twice.values() for lease in leases)
     return (
