@@ -7,17 +7,20 @@ waiter that is known to be one task: `Parked` parks that task and reschedules it
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import trio
 
 
+@dataclass(eq=False, slots=True)
 class Parked:
-    """Set once; `wait` returns once it is set (a checkpoint if it was already)."""
+    """Set once; `wait` returns once it is set (a checkpoint if it was already).
 
-    __slots__ = ("_task", "is_set")
+    A dataclass whose fields are set by `__init__` itself (not arguments of it): a dataclass
+    subclass's generated `__init__` sets them too, with no call of this one (per request)."""
 
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None  # the waiter, while it waits
-        self.is_set = False
+    _task: trio.lowlevel.Task | None = field(default=None, init=False)  # the waiter, while it waits
+    is_set: bool = field(default=False, init=False)
 
     def set(self) -> None:
         """Set it and wake the task waiting, if one is."""

@@ -229,7 +229,7 @@ def replicas_problem(task: Task) -> str | None:
     if not replicas:
         return "the task has no replicas: give at least one sector"
     # Run per request (Supervisor.submit): the common case at C speed, then the slow walk.
-    ids = [r.sector_id for r in replicas]
+    ids = [r.sector_id for r in replicas] if len(replicas) > 1 else ()  # (one: no sector twice)
     if len(set(ids)) != len(ids):
         seen: set[int] = set()
         for sector in ids:
@@ -326,6 +326,8 @@ def output_problem(task: Task, output: Output) -> str | None:
     native prover's ABI says the same of a library's result; this holds every child to it."""
     proofs = output.vanilla_proofs if isinstance(output, WindowPoStVanillaOutput) else output.proofs
     faults: Sequence[int] = getattr(output, "faults", ())
+    if not faults and proofs and all(proofs):  # the common answer (per request): nothing wrong
+        return None
     sectors = [r.sector_id for r in getattr(task, "replicas", ())] if faults else ()
     return result_problem(proofs, faults, sectors)
 

@@ -62,9 +62,6 @@ class Waiter(Parked):
     #: Called once with (output, error) instead of waking a task (`Supervisor.start_nowait`).
     on_done: Callable[[Output | None, ProverError | None], None] | None = None
 
-    def __post_init__(self) -> None:
-        Parked.__init__(self)
-
     @property
     def rid(self) -> int:
         return self.tracked.rid
