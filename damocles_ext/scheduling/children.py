@@ -262,3 +262,13 @@ def cannot_serve(stage: str, children: list[_Child]) -> str | None:
     n = len(children)
     which = "the only child is" if n == 1 else f"all {n} children are"
     return f"no {stage} child can serve: {which} FATAL"
+
+
+def held_elsewhere(child: _Child, lock_holders: dict[str, dict[str, int]]) -> set[str]:
+    """The locks of `child` that another child holds (`lock_holders`: lock -> holders)."""
+    cid = child.info.child_id
+    return {
+        lock
+        for lock in child.info.locks
+        if any(holder != cid for holder in lock_holders.get(lock, ()))
+    }

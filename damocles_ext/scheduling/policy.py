@@ -66,6 +66,7 @@ from .children import (
     drop_running,
     gpu_free_at,
     gpu_phase_ended,
+    held_elsewhere,
     live_deadline,
     passed_deadlines,
     promote,
@@ -443,7 +444,10 @@ class Scheduler:
         timed = self._deadlines or self._queues.with_deadline or self.breaker.benches
         if self._incremental and not (timed or self._held_until or self._pipelined_stages):
             # No deadline, no pipelined child, no bench: only jobs behind long work can be due.
-            return self._next_take_back() if self._queueing else None
+            if not self._queueing:
+                return None
+            at = self._take_back_cache  # (_next_take_back's, read here: per request)
+            return self._next_take_back() if at is None else at
         cached = self._wakeup_cache
         if cached is not None and cached[0] == self._gen and cached[1] == self._decided_at:
             return cached[2]
@@ -514,7 +518,8 @@ class Scheduler:
         self._gen += 1
 
     def _enqueue(self, job: Job, tier: int) -> None:
-        self._touch(job.stage)
+        self._dirty.add(job.stage)  # _touch(job.stage), per request: a call fewer
+        self._gen += 1
         if self._queues.push(job, tier):
             self._order = None
 
@@ -524,14 +529,6 @@ class Scheduler:
             first = [s for s in STAGE_PRIORITY if s in stages]
             self._order = first + sorted(s for s in stages if s not in STAGE_PRIORITY)
         return self._order
-
-    def _held_elsewhere(self, child: _Child) -> set[str]:
-        cid = child.info.child_id
-        return {
-            lock
-            for lock in child.info.locks
-            if any(holder != cid for holder in self._lock_holders.get(lock, ()))
-        }
 
     def _blocking_locks(self, stage: str, avoid: frozenset[str] | None = None) -> set[str]:
         # Locks that alone keep a ready child with a free slot from taking this stage's work
@@ -543,7 +540,7 @@ class Scheduler:
                     continue
                 if breaker.suspects and breaker.left_out(child, self._decided_at):
                     continue
-                out |= self._held_elsewhere(child)
+                out |= held_elsewhere(child, self._lock_holders)
         return out
 
     def _pick(
@@ -554,7 +551,7 @@ class Scheduler:
         other children could have taken it (not one it avoids: see "Errors"; nor one in `skip`)."""
         avoid = job.avoid if job is not None else None
         eligible: list[tuple[float, float, _Child]] = []
-        children = self._by_stage.get(stage, [])
+        children, holders = self._by_stage.get(stage, []), self._lock_holders
         if avoid and not any(
             c.info.child_id not in avoid and self.breaker.can_serve(c.info.child_id, now)
             for c in children
@@ -571,7 +568,7 @@ class Scheduler:
                     len(c.running) < c.info.capacity  # or its queue, unless overdue already:
                     or (len(c.running) < c.slots and now < c.ahead_turn + self._take_back_after)
                 )
-                and not (c.info.locks and (c.info.locks & reserved or self._held_elsewhere(c)))
+                and not (c.info.locks and (c.info.locks & reserved or held_elsewhere(c, holders)))
             ):
                 continue
             if self.breaker.suspects and self.breaker.left_out(c, now):
@@ -648,7 +645,8 @@ class Scheduler:
     def _release(self, run: _Running) -> None:
         child = self._children[run.child_id]
         child.running.discard(run.job.request_id)
-        self._touch(child.info.stage)
+        self._dirty.add(child.info.stage)  # _touch(child.info.stage), per request: a call fewer
+        self._gen += 1
         if child.info.locks:
             self._all_dirty = True  # a lock freed: a child of any stage may take work now
         for lock in child.info.locks:
