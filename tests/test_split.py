@@ -329,7 +329,8 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
             if rounds > 10:
                 raise RuntimeError("the rounds do not stop")
             out = WindowPoStVanillaOutput([b"x"], [])
-            return SimpleNamespace(error=None, output=out, tracked=SimpleNamespace(child="A"))
+            made = SimpleNamespace(child="A")
+            return SimpleNamespace(error=None, output=out, tracked=made, dispatched=lambda c: None)
         error = ProverError(f"request {rounds} ({SNARK}) failed on S0 and S1: bad")
         tracked = SimpleNamespace(avoid={"S0", "S1"}, lost_on=frozenset())
         return SimpleNamespace(error=error, tracked=tracked)
@@ -347,7 +348,6 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
             cannot_serve=lambda stage: None,
         ),
         _now=lambda: 0.0,
-        _dispatched=lambda waiter, child: None,
         _tell=lambda event, *args: None,
         shutting_down=False,
     )

@@ -298,7 +298,8 @@ class Supervisor:
             await waiter.wait()
         finally:
             # If the caller went away (cancelled): forget the request, stop its work if we can.
-            self._abandon(waiter)
+            if not waiter.tracked.done:  # (_abandon's own test, here: per request)
+                self._abandon(waiter)
         return waiter
 
     def start_nowait(
@@ -510,11 +511,11 @@ class Supervisor:
                         )
                 elif isinstance(effect, Retry):
                     log_retry(effect, self._children)
-                    waiter = self._waiters.get(effect.request.rid)
-                    if waiter is not None:
-                        self._dispatched(waiter, None)
+                    if (waiter := self._waiters.get(effect.request.rid)) is not None:
+                        waiter.dispatched(None)
                 elif isinstance(effect, ReportProgress):
-                    self._report_progress(effect)
+                    if (waiter := self._waiters.get(effect.request.rid)) is not None:
+                        waiter.progress(effect.phase, effect.done, effect.total)
                 elif isinstance(effect, Note):
                     log_note(effect, self._children)
             except Exception:  # a bug of ours: the effects after it (answers too) still go
@@ -539,8 +540,8 @@ class Supervisor:
         self._write(child, p, data)
         waiter = self._waiters.get(req.rid)
         if waiter is not None and waiter.on_dispatch is not None:
-            self._dispatched(waiter, child.name)
-        if self._observers.wants("dext_request_started"):
+            waiter.dispatched(child.name)
+        if self._observers.opened and self._observers.wants("dext_request_started"):
             self._observers.observe("dext_request_started", request=request_info(req))
 
     def _resolved(self, effect: Resolve) -> None:
@@ -552,8 +553,9 @@ class Supervisor:
             else:
                 waiter.output = effect.output
             waiter.answer()
-        self._notify()
-        if self._observers.wants("dext_request_finished"):
+        if self._changed_waiting:  # (_notify's own test, here: per request, most have none)
+            self._notify()
+        if self._observers.opened and self._observers.wants("dext_request_finished"):
             now = trio.current_time()
             self._observers.observe(
                 "dext_request_finished",
@@ -562,24 +564,6 @@ class Supervisor:
                 duration=now - req.arrival,
                 slack=None if req.deadline is None else req.deadline - now,
             )
-
-    @staticmethod
-    def _dispatched(waiter: Waiter, child: str | None) -> None:
-        if waiter.on_dispatch is None:
-            return
-        try:
-            waiter.on_dispatch(child)
-        except Exception:
-            log.exception("dispatch callback of request %d raised; ignored", waiter.rid)
-
-    def _report_progress(self, effect: ReportProgress) -> None:
-        waiter = self._waiters.get(effect.request.rid)
-        if waiter is None or waiter.on_progress is None:
-            return
-        try:
-            waiter.on_progress(Progress(waiter.rid, effect.phase, effect.done, effect.total))
-        except Exception:
-            log.exception("progress callback of request %d raised; ignored", waiter.rid)
 
     # -- what children say ------------------------------------------------------------------
 

@@ -46,12 +46,16 @@ class Observers:
         self.no_thread = 0  # of which: every observer thread was held by a stuck observer
         self._wanted: dict[str, bool] = {}  # hook -> implemented, for the pm's generation below
         self._wanted_generation: int | None = None
+        #: Taking events (`open` made its channel): until then `wants` is False, and a caller
+        #: on the hot path reads this before calling it.
+        self.opened = False
 
     def open(self) -> bool:
         """Start taking events (the supervisor's run); False if there are no observers."""
         if self._pm is None and not self._inline:
             return False
         self._send, self._receive = trio.open_memory_channel(OBSERVER_BACKLOG)
+        self.opened = True
         return True
 
     def _inline_for(self, hook: str) -> list[Any]:

@@ -80,13 +80,34 @@ class Waiter(Parked):
 
     def answer(self) -> None:
         """The output or error is set: wake the caller, or call its `on_done`."""
-        on_done = None if self.waited_on else self.on_done
+        on_done = self.on_done
+        if on_done is not None and self.waited_on:  # (a task waits: woken instead)
+            on_done = None
         self.set()
         if on_done is not None:
             try:
                 on_done(self.output, self.error)
             except Exception:  # the caller's callback must not take the supervisor down
                 log.exception("the answer callback of request %d raised; ignored", self.rid)
+
+    def dispatched(self, child: str | None) -> None:
+        """Call `on_dispatch(child)`, if there is one; what it raises is logged."""
+        if self.on_dispatch is None:
+            return
+        try:
+            self.on_dispatch(child)
+        except Exception:
+            log.exception("dispatch callback of request %d raised; ignored", self.rid)
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        """Call `on_progress` with the request's progress, if there is one; what it raises is
+        logged."""
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(dext.Progress(self.rid, phase, done, total))
+        except Exception:
+            log.exception("progress callback of request %d raised; ignored", self.rid)
 
 
 class Started:

@@ -87,7 +87,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             rounds += 1
             if rounds == 1 and made_by in sup._children:
                 budget = sup._children[made_by].spec.max_attempts
-            sup._dispatched(waiter, None)  # on no child until a SNARK child takes its SNARK step
+            waiter.dispatched(None)  # on no child until a SNARK child takes its SNARK step
             # The SNARK children that said an error, or went down of their own fault (a crash,
             # a hang) while running it: a SNARK prover aborting on the proofs it is given is as
             # much evidence against them as an error.
