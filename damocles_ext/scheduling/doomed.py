@@ -149,7 +149,10 @@ def judge(
 def free_slot(children: list[_Child]) -> bool:
     """Whether a child of the stage has a free slot: without one, no job of it can start, nor
     can a hold keep it off one (`HeldBack.blocks`), and nothing is judged."""
-    return any(c.ready and len(c.running) < c.slots for c in children)
+    for c in children:  # noqa: SIM110  (a plain loop: no generator to resume per child)
+        if c.ready and len(c.running) < c.slots:
+            return True
+    return False
 
 
 #: A job a decision set aside (policy.py): its hold (None: none), whether its `avoid` alone

@@ -590,7 +590,7 @@ class Scheduler:
             return self._pick(stage, reserved, now) if back else (None, 0)
         if len(eligible) == 1:
             return eligible[0][2], 0  # round robin among one: its weight goes up and back down
-        best_key = min((free_at, load) for free_at, load, _ in eligible)
+        best_key = min([(free_at, load) for free_at, load, _ in eligible])  # (a list: one call)
         candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
         # Smooth weighted round robin (nginx): ties go to the child registered first.
         total = 0
