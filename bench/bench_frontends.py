@@ -30,8 +30,10 @@ Goals (ratios within each repeat; a goal is met only if every repeat met it, ben
 rule): the control socket's round trip p50 and its throughput's time per request within 2x the
 API's; serve's flood within 2x the API's flood (time per request).
 
-Each figure is measured in each of R repeats (the ways interleaved within a repeat, so a burst of
-load on a shared machine hits all of them alike) and reported as min / median / max over them.
+Each figure is measured in each of R repeats and reported as min / median / max over them. Within
+a repeat the round trips are taken in TURNS turns, the ways one after the other in each (a
+different one first each time), so that a ratio compares ways measured over the same seconds of
+this VM, whose wake-up cost drifts within seconds; the throughputs and floods, one after the other.
 """
 
 from __future__ import annotations
@@ -253,12 +255,35 @@ def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> tu
 
 async def round_trips(fn: Callable[[], Awaitable[object]], n: int) -> float:
     """p50 seconds of n sequential calls."""
+    return statistics.median(await _timed(fn, n))
+
+
+async def _timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
         await fn()
         samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return samples
+
+
+TURNS = 10  # the round trips of a repeat, taken in turns with the ways one after the other
+
+
+async def interleaved_round_trips(
+    ways: dict[str, Callable[[], Awaitable[object]]], n: int
+) -> dict[str, float]:
+    """{way: p50 seconds} of n sequential calls of each way, taken in TURNS turns with the ways
+    one after the other in each (a different one first each time): this VM's wake-up cost
+    drifts within seconds, and a ratio of ways measured one after the other in blocks would
+    compare a fast spell with a slow one."""
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    names = list(ways)
+    for turn in range(TURNS):
+        k = turn % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name] += await _timed(ways[name], n // TURNS + (turn < n % TURNS))
+    return {name: statistics.median(got) for name, got in samples.items()}
 
 
 async def windowed(submit: Callable[[], Awaitable[object]], total: int, window: int) -> float:
@@ -341,13 +366,15 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                     await round_trips(fn, args.latency // 10)  # warm-up
                 for r in range(args.repeats):
                     print(f"repeat {r + 1}/{args.repeats} ...", flush=True)
-                    add("api_round_trip_s", await round_trips(via_api, args.latency))
-                    add(
-                        "api_no_deadline_round_trip_s",
-                        await round_trips(via_api_no_deadline, args.latency),
-                    )
-                    add("socket_round_trip_s", await round_trips(via_socket, args.latency))
-                    add("raw_msgpack_round_trip_s", await round_trips(via_raw, args.latency))
+                    ways = {
+                        "api": via_api,
+                        "api_no_deadline": via_api_no_deadline,
+                        "socket": via_socket,
+                        "raw_msgpack": via_raw,
+                    }
+                    p50s = await interleaved_round_trips(ways, args.latency)
+                    for name, p50 in p50s.items():
+                        add(f"{name}_round_trip_s", p50)
                     total = args.window_requests
                     add("api_per_s", await windowed(via_api, total, WINDOW))
                     add("socket_per_s", await windowed(via_socket, total, WINDOW))
