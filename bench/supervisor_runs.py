@@ -1,5 +1,6 @@
 """The supervisor benchmark's pieces that need no peer: its tasks and configs, `damocles-ext run`
-as a process, re-dispatch after a SIGKILL, the idle cost, `serve`'s time to its ready line."""
+as a process, re-dispatch after a SIGKILL, the idle cost, `serve`'s time to its ready line, each
+taken in repeats, and the verdicts on their goals (met only if every repeat met it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 import psutil
 import trio
 
+from bench.baselines import cpu_seconds
+from bench.runner import goal_runs, spread
 from damocles_ext.config import parse_config
 from damocles_ext.errors import ProverError
 from damocles_ext.protocol import dext
@@ -60,24 +63,52 @@ def percentiles(samples: list[float]) -> dict:
     }
 
 
-def serve_ready_time(rounds: int, tmp: Path) -> dict:
-    """Seconds from exec of `damocles-ext serve` to its ready line (damocles-manager allows 5)."""
+def shares(n: int, repeats: int) -> list[int]:
+    """n rounds shared out over `repeats` repeats as evenly as can be (over n if fewer)."""
+    parts = min(repeats, n)
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def _by_repeat(repeats: list[list[float]]) -> dict:
+    """Seconds per round, grouped by repeat -> the figures: over every round (percentiles and
+    max_ms, as one block gave them) and each repeat's own p50 and max, with their spreads."""
+    every = [v for r in repeats for v in r]
+    per = [
+        {"n": len(r), "p50_ms": percentiles(r)["p50_ms"], "max_ms": max(r) * 1e3} for r in repeats
+    ]
+    return (
+        percentiles(every)
+        | {"max_ms": max(every) * 1e3, "repeats": per}
+        | {"per_repeat": {k: _spread_of([p[k] for p in per]) for k in ("p50_ms", "max_ms")}}
+    )
+
+
+def _spread_of(values: list[float]) -> dict:
+    return spread(values) | {"runs": values}
+
+
+def serve_ready_time(rounds: int, repeats: int, tmp: Path) -> dict:
+    """Seconds from exec of `damocles-ext serve` to its ready line (damocles-manager allows 5),
+    `rounds` starts in `repeats` repeats."""
     (tmp / "ext-prover.cfg").write_text(config_text("echo", 1))
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [*DEXT, "serve", "window_post", "--conf-dir", str(tmp)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        line = proc.stdout.readline()
-        samples.append(time.perf_counter() - t0)
-        assert line == b"window_post processor ready\n", line
-        proc.stdin.close()
-        proc.wait(30)
-    return percentiles(samples) | {"max_ms": max(samples) * 1e3}
+    groups = []
+    for n in shares(rounds, repeats):
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [*DEXT, "serve", "window_post", "--conf-dir", str(tmp)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            line = proc.stdout.readline()
+            samples.append(time.perf_counter() - t0)
+            assert line == b"window_post processor ready\n", line
+            proc.stdin.close()
+            proc.wait(30)
+        groups.append(samples)
+    return _by_repeat(groups)
 
 
 class RunProcess:
@@ -140,20 +171,24 @@ class RunProcess:
 # -- re-dispatch after SIGKILL -------------------------------------------------------------------
 
 
-async def redispatch(k: int) -> dict:
+async def redispatch(k: int, repeats: int) -> dict:
+    """Re-dispatch after SIGKILL of a busy child: k rounds in `repeats` repeats."""
     config = parse_config(
         config_text("sleep", 2, options="seconds = 60, progress_interval = 30"), "<bench>"
     )
     # A short restart delay only so that the k rounds do not wait for the default 1 s, 2 s, ...
     sup = Supervisor(config, backoff=BackoffPolicy(base=0.05, cap=0.2))
-    samples = []
+    groups: list[list[float]] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        for round_no in range(k):
-            await sup.wait_ready("window_post", 2)
-            samples.append(await _redispatch_once(sup, small_task(round_no)))
+        for n in shares(k, repeats):
+            groups.append([])
+            for _ in range(n):
+                await sup.wait_ready("window_post", 2)
+                task = small_task(sum(map(len, groups)))
+                groups[-1].append(await _redispatch_once(sup, task))
         sup.request_shutdown()
-    return percentiles(samples) | {"max_ms": max(samples) * 1e3}
+    return _by_repeat(groups)
 
 
 async def _redispatch_once(sup: Supervisor, task: WindowPoSt) -> float:
@@ -191,29 +226,73 @@ async def _redispatch_once(sup: Supervisor, task: WindowPoSt) -> float:
 # -- idle cost -----------------------------------------------------------------------------------
 
 
-async def idle_cost(seconds: float, tmp: Path) -> dict:
+async def idle_cost(seconds: float, windows: int, tmp: Path) -> dict:
+    """`damocles-ext run` with 8 echo children and nothing to do: its CPU over `windows` windows
+    of `seconds` each, one after the other, read from its CPU-time clock (to the nanosecond), and
+    its RSS at the end of each. The whole: CPU over all the windows, RSS and USS at the end."""
     cfg = tmp / "idle.cfg"
     cfg.write_text(config_text("echo", 8))
+    rows = []
     async with trio.open_nursery() as nursery:
         run = RunProcess(cfg, tmp / "run3" / "control.sock", 8)
         await run.start(nursery)
         proc = psutil.Process(run.process.pid)
         await trio.sleep(1.0)  # let start-up work (imports, spawning) settle before measuring
-        c0 = proc.cpu_times()
-        t0 = time.monotonic()
-        await trio.sleep(seconds)
-        c1 = proc.cpu_times()
-        elapsed = time.monotonic() - t0
-        mem = proc.memory_full_info()
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        for _ in range(windows):
+            c, t = cpu_seconds(proc.pid), time.monotonic()
+            await trio.sleep(seconds)
+            cpu, elapsed = cpu_seconds(proc.pid) - c, time.monotonic() - t
+            mem = proc.memory_full_info()
+            rows.append(
+                {
+                    "window_s": elapsed,
+                    "cpu_percent_of_core": 100 * cpu / elapsed,
+                    "rss_mb": mem.rss / 2**20,
+                    "uss_mb": mem.uss / 2**20,
+                }
+            )
+        cpu, elapsed = cpu_seconds(proc.pid) - c0, time.monotonic() - t0
         children = proc.children()
         children_rss = sum(c.memory_info().rss for c in children)
         await run.stop()
-    cpu = (c1.user - c0.user) + (c1.system - c0.system)
+    per = {k: _spread_of([r[k] for r in rows]) for k in ("cpu_percent_of_core", "rss_mb")}
     return {
         "children": len(children),
         "window_s": elapsed,
         "cpu_percent_of_core": 100 * cpu / elapsed,
-        "rss_mb": mem.rss / 2**20,
-        "uss_mb": mem.uss / 2**20,
+        "rss_mb": rows[-1]["rss_mb"],
+        "uss_mb": rows[-1]["uss_mb"],
         "children_rss_mb_total": children_rss / 2**20,
+        "windows": rows,
+        "per_window": per,
     }
+
+
+# -- the goals -----------------------------------------------------------------------------------
+
+
+def _mmm(spread_: dict, fmt: str) -> str:
+    return " / ".join(format(spread_[k], fmt) for k in ("min", "median", "max"))
+
+
+def other_goals(rd: dict, idle: dict, ready: dict) -> dict[str, tuple[str, str, dict]]:
+    """The goals measured apart from the round trips and floods: {key: (goal, figures as printed,
+    goal_runs' verdict)}, each met only if every repeat (or idle window) met it."""
+    rd_p, ready_p, idle_p = rd["per_repeat"], ready["per_repeat"], idle["per_window"]
+
+    def rounds(fig: dict, what: str) -> str:
+        ns = sorted({r["n"] for r in fig["repeats"]})
+        each = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        return f"{len(fig['repeats'])} repeats of {each} {what if each != '1' else what[:-1]}"
+
+    def ms(p: dict, fmt: str) -> str:
+        return f"p50 {_mmm(p['p50_ms'], fmt)}, max {_mmm(p['max_ms'], fmt)} ms"
+
+    windows = f"{len(idle['windows'])} windows of {idle['windows'][0]['window_s']:.1f} s"
+    return {
+        "redispatch_under_50ms": ("<= 50 ms", f"{ms(rd_p, '.1f')} ({rounds(rd, 'rounds')})", goal_runs(rd_p["max_ms"]["runs"], lambda v: v <= 50, " ms")),
+        "idle_cpu_under_0.5pct": ("< 0.5% of a core", f"{_mmm(idle_p['cpu_percent_of_core'], '.3f')}% of a core, {idle['children']} children ({windows})", goal_runs(idle_p["cpu_percent_of_core"]["runs"], lambda v: v < 0.5, "%")),
+        "idle_rss_under_60mb": ("< 60 MB", f"{_mmm(idle_p['rss_mb'], '.1f')} MB (USS at the end {idle['uss_mb']:.1f})", goal_runs(idle_p["rss_mb"]["runs"], lambda v: v < 60, " MB")),
+        "serve_ready_line_within_1s": ("< 1 s", f"{ms(ready_p, '.0f')} ({rounds(ready, 'starts')})", goal_runs(ready_p["max_ms"]["runs"], lambda v: v < 1000, " ms")),
+    }  # fmt: skip
