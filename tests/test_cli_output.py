@@ -664,6 +664,36 @@ def test_a_bad_shutdown_grace_is_the_same_clear_usage_error_for_every_command(va
     assert len(set(said.values())) == 1, said
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["sectors", "find", "f01000", "5", "--attached", "a=/x"], ["prove", "window_post"],
+     ["worker"], ["coordinator", "--jobs", "sqlite:///x.db"]],
+    ids=["sectors-find", "prove", "worker", "coordinator"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "wrong"),
+    [("nonsense", "'nonsense' is not an RPC address"),
+     ("host:99999", "the port in 'host:99999' must be a number from 1 to 65535")],
+)  # fmt: skip
+def test_a_bad_proxy_address_is_a_usage_error_naming_the_option_and_the_forms(
+    args, value, wrong, capsys, tmp_path, monkeypatch
+):
+    # It was said without the option's name ("error: 'nonsense' is not an RPC address"), and
+    # only once the command ran (`sectors find`, `coordinator`) or a job's sector was looked for.
+    from damocles_ext import cli
+
+    monkeypatch.chdir(tmp_path)  # before, the coordinator went on to create its x.db
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--proxy", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    said = err.splitlines()[-1].partition(": error: ")[2]
+    assert said.startswith(f"argument --proxy: {wrong}"), err
+    assert said.endswith("; give HOST:PORT (as damocles-manager --proxy takes it),"
+                         " http://HOST:PORT[/rpc/v0] or a multiaddr such as /ip4/1.2.3.4/tcp/1789")  # fmt: skip
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", ["worker", "coordinator", "run", "serve"])
 def test_the_long_running_commands_help_names_every_signal_that_stops_them(command):
     # stop_signals(): SIGHUP stops them gracefully too, unless it is ignored (nohup), when it

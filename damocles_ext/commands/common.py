@@ -436,6 +436,25 @@ def token_on_first_line(first: str, path: str) -> str:
 # --- where sectors are: the sector-location service's sources (sectors find, prove, worker) ------
 
 
+#: The forms `--proxy` takes, as its errors say them: damocles-manager's --proxy takes HOST:PORT.
+PROXY_FORMS = (
+    "HOST:PORT (as damocles-manager --proxy takes it), http://HOST:PORT[/rpc/v0] or a multiaddr"
+    " such as /ip4/1.2.3.4/tcp/1789"
+)
+
+
+def proxy_address(text: str) -> str:
+    """An argparse type: a source node's address (`--proxy`), kept as given once it is one."""
+    from damocles_ext.jobs.endpoint import FORMS, parse_endpoint
+
+    try:
+        parse_endpoint(text)
+    except ValueError as exc:
+        why = str(exc).removesuffix(f"; give {FORMS}")
+        raise argparse.ArgumentTypeError(f"{why}; give {PROXY_FORMS}") from None
+    return text
+
+
 def add_sector_source_args(
     parser: argparse.ArgumentParser,
     *,
@@ -448,6 +467,7 @@ def add_sector_source_args(
     parser.add_argument(
         "--proxy",
         metavar="ADDR",
+        type=proxy_address,
         help="a damocles source node's RPC: IP:PORT, http://HOST:PORT[/rpc/v0] or a multiaddr"
         " (as damocles-manager --proxy); asked Venus.SectorIndexerFind, read-only",
     )

@@ -26,6 +26,7 @@ from .common import (
     check_sector_cache,
     not_empty,
     positive_duration,
+    proxy_address,
     socket_path,
     token_file,
     utf8_argument,
@@ -145,6 +146,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--proxy",
         metavar="ADDR",
+        type=proxy_address,
         help="a damocles source node's RPC (IP:PORT, a URL or a multiaddr): a job's sector in a"
         " store not attached here is located through the sector-location service (this source"
         " node, read-only, then a scan of the attached stores), and a sector it does not locate"
