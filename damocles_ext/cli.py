@@ -97,7 +97,10 @@ class _Parser(argparse.ArgumentParser):
             # What came before the subcommand's name went to a parser above (`--json status`):
             # blamed there, and then the options of each parser on the way are the ones it may
             # have meant.
-            after = all(e in argv[_after_names(argv, names) :] for e in extras)
+            # One given both before and after it (`--json status --json`) is the one before:
+            # the subcommand took the other.
+            start = _after_names(argv, names)
+            after = all(e in argv[start:] and e not in argv[:start] for e in extras)
             blamed, meant = (chain[-1], chain[-1:]) if after else (self, chain)
             hints = "; ".join(_hints(meant, extras))
             blamed.error(
@@ -173,7 +176,14 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
             holder = next(
                 p for p in reversed(parsers) if any(t in a.option_strings for a in p._actions)
             )
-            notes.append(f"{t} is an option of {holder.prog}: put it after the command")
+            names = holder.prog.split()[1:]
+            if t in _options_in(_Parser._argv[_after_names(_Parser._argv, names) :]):
+                notes.append(
+                    f"{t} is an option of {holder.prog}, given after it too: leave out the one"
+                    " before the command"
+                )
+            else:
+                notes.append(f"{t} is an option of {holder.prog}: put it after the command")
             continue
         if elsewhere := _commands_with(t):
             named = [elsewhere[0], *(p.removeprefix("damocles-ext ") for p in elsewhere[1:3])]

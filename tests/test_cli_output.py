@@ -583,11 +583,20 @@ def test_an_abbreviated_option_of_the_command_is_not_called_foreign():
     [(["--json", "status"],
       "--json (--json is an option of damocles-ext status: put it after the command)"),
      (["wdpost", "--all", "list", "--jobs", "sqlite:///j.db"],
-      "--all (--all is an option of damocles-ext wdpost list: put it after the command)")],
+      "--all (--all is an option of damocles-ext wdpost list: put it after the command)"),
+     (["--json", "status", "--json"],
+      ("--json (--json is an option of damocles-ext status, given after it too: leave out the"
+       " one before the command)")),
+     (["wdpost", "--all", "list", "--all", "--jobs", "sqlite:///j.db"],
+      ("--all (--all is an option of damocles-ext wdpost list, given after it too: leave out"
+       " the one before the command)"))],
+    ids=["before", "before-list", "before-and-after", "before-and-after-list"],
 )  # fmt: skip
 def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(args, said):
     # The subcommand takes it (its usage lists it): it was only given in the wrong place, and
-    # the error says where it goes (it said only "unrecognized arguments: --json").
+    # the error says where it goes (it said only "unrecognized arguments: --json"). Given after
+    # it as well, the one before was blamed on the subcommand, which had taken the other, with
+    # the advice to put it after the command, where it was already.
     stderr = _usage_error(*args)
     assert stderr.endswith(f"damocles-ext: error: unrecognized arguments: {said}\n"), stderr
 
