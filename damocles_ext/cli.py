@@ -160,9 +160,7 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
     they were given: that such an option is one of another command ('--miner is an option of
     damocles-ext sectors create'), or of a subcommand it was given before ('put it after the
     command'), and the one of `parsers` it is close to ('did you mean --conf-dir?'), if any."""
-    import difflib
-
-    from .config.messages import normal_key
+    from .config.messages import closest
 
     given = set(_options_in(_Parser._argv))
     own = {o for p in parsers for a in p._actions for o in a.option_strings}
@@ -191,13 +189,11 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
             notes.append(f"{t} is an option of {', '.join(named)}{more}")
         # The same but for case and - or _ (--CONF-DIR, --conf_dir); else the one option that
         # holds it (--miner: --allowed-miners); else one spelt alike (difflib's 0.75 took
-        # --miner for --manager, --count for --connect).
-        word = normal_key(t)
-        same = [o for o in known if normal_key(o) == word]
-        holding = [o for o in known if len(word) >= 3 and word in normal_key(o)]
-        alike = difflib.get_close_matches(t.lower().replace("_", "-"), known, 1, 0.8)
-        if match := same or (holding if len(holding) == 1 else []) or alike:
-            close[t] = match[0]
+        # --miner for --manager, --count for --connect), as typed (not by key: without its
+        # dashes --deadline-afte- is close to --deadline).
+        typed_as = t.lower().replace("_", "-")
+        if match := closest(typed_as, known, containing=True, cutoff=0.8, by_key=False):
+            close[t] = match
     if len(close) == 1:
         notes.append(f"did you mean {next(iter(close.values()))}?")
     elif close:

@@ -6,7 +6,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time
 from typing import Any
 
@@ -27,20 +27,38 @@ def normal_key(name: str) -> str:
     return re.sub(r"[_\-\s]", "", name).lower()
 
 
+def closest(
+    word: str,
+    choices: Sequence[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    containing: bool = False,
+    cutoff: float = 0.6,
+    by_key: bool = True,
+) -> str | None:
+    """The one of `choices` that `word` was likely meant for, or None: the one that is the same
+    but for case, `-`, `_` and blanks (`normal_key`); else its alias (keyed by normal_key); else,
+    with `containing`, the one choice whose key holds the word's (3 characters or more); else
+    one spelt alike (difflib at `cutoff`), and with `by_key` one whose key is spelt alike.
+    Config keys and command-line options both ask it ('did you mean ...?')."""
+    by_normal = {normal_key(c): c for c in choices}
+    key = normal_key(word)
+    match = by_normal.get(key) or (aliases or {}).get(key)
+    if match is not None:
+        return match
+    if containing:
+        holding = [c for c in choices if len(key) >= 3 and key in normal_key(c)]
+        if len(holding) == 1:
+            return holding[0]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
+    if not close and by_key:
+        close = [by_normal[c] for c in difflib.get_close_matches(key, list(by_normal), 1, cutoff)]
+    return close[0] if close else None
+
+
 def _suggest(word: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
     """'did you mean ...?' for a misspelt key, or '' when nothing is close."""
-    by_normal = {normal_key(c): c for c in choices}
-    match = by_normal.get(normal_key(word)) or (aliases or {}).get(normal_key(word))
-    if match is None:
-        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-        if not close:
-            close = [
-                by_normal[c]
-                for c in difflib.get_close_matches(
-                    normal_key(word), list(by_normal), n=1, cutoff=0.6
-                )
-            ]
-        match = close[0] if close else None
+    match = closest(word, choices, aliases=aliases)
     return f"did you mean '{match}'?" if match else ""
 
 
