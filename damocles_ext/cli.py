@@ -161,6 +161,7 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
     damocles-ext sectors create'), or of a subcommand it was given before ('put it after the
     command'), and the one of `parsers` it is close to ('did you mean --conf-dir?'), if any."""
     from .config.messages import closest
+    from .wording import some_and_more
 
     given = set(_options_in(_Parser._argv))
     own = {o for p in parsers for a in p._actions for o in a.option_strings}
@@ -185,8 +186,7 @@ def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[st
             continue
         if elsewhere := _commands_with(t):
             named = [elsewhere[0], *(p.removeprefix("damocles-ext ") for p in elsewhere[1:3])]
-            more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
-            notes.append(f"{t} is an option of {', '.join(named)}{more}")
+            notes.append(f"{t} is an option of {some_and_more(named, len(elsewhere))}")
         # The same but for case and - or _ (--CONF-DIR, --conf_dir); else the one option that
         # holds it (--miner: --allowed-miners); else one spelt alike (difflib's 0.75 took
         # --miner for --manager, --count for --connect), as typed (not by key: without its

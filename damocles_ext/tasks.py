@@ -18,6 +18,7 @@ import msgspec
 
 # The stage names live in stages.py (light to import); kept importable from here for plugins.
 from .stages import POST_STAGES, STAGES, WINDOW_POST_SPLIT  # noqa: F401
+from .wording import some_and_more
 
 # msgspec range-checks int64 only; msgpack and JSON decoding already refuse values past u64.
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -216,8 +217,8 @@ def over_64_bits(task: Task) -> str | None:
     ]
     if not too_big:
         return None
-    more = f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""
-    return f"{', '.join(too_big[:3])}{more} does not fit in 64 bits (the largest is {2**64 - 1})"
+    shown = some_and_more(too_big[:3], len(too_big))
+    return f"{shown} does not fit in 64 bits (the largest is {2**64 - 1})"
 
 
 def replicas_problem(task: Task) -> str | None:

@@ -93,6 +93,7 @@ SANS_IO = [
     "sectors/model.py",  # sector refs, locations, answers, providers, time bounds
     "sectors/cache.py",  # the sector locations remembered and their freshness rules
     "sectors/comm_r.py",  # prove --comm-r: the sector list and the comm_r file
+    "wording.py",  # wording shared by messages of several layers ('a, b and 3 more')
 ]
 IO_IMPORT = re.compile(
     r"^\s*(import|from)\s+(trio|os|subprocess|socket|select|asyncio|time)\b", re.MULTILINE

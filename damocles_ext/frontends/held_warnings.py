@@ -30,6 +30,7 @@ from ..jobs import held_rows, lock_waits
 from ..jobs.database import first_line
 from ..jobs.log_lines import job_fields
 from ..threads import NoThreadError, run_in_thread
+from ..wording import some_and_more
 from .listeners import ThrottledLog
 
 if TYPE_CHECKING:
@@ -202,9 +203,7 @@ class HeldWarnings:
             if not told.held:
                 continue
             workers = sorted(told.held)
-            named = ", ".join(repr(w) for w in workers[: held_rows.NAMED])
-            if len(workers) > held_rows.NAMED:
-                named += f" and {len(workers) - held_rows.NAMED} more"
+            named = some_and_more([repr(w) for w in workers[: held_rows.NAMED]], len(workers))
             jobs = sum(told.held.values())
             log.warning(
                 "the session of pid %d, warned of %.0f s ago as the holder of job rows in the"

@@ -32,6 +32,7 @@ from ..errors import DextError, ProverError
 from ..protocol import jsonl
 from ..stages import WINDOW_POST_SPLIT, post_stage
 from ..tasks import Output, Task, stage_of
+from ..wording import some_and_more
 from .outbox import Outbox, stream_fd
 from .serve import reader_gone, replay_held_signals
 from .signals import end_soon, stop_signals, watch_signals
@@ -389,8 +390,7 @@ class JsonLineServer:
 
 
 def _id_list(ids: set[int], limit: int = 20) -> str:
-    shown = ", ".join(str(i) for i in sorted(ids)[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    return some_and_more([str(i) for i in sorted(ids)[:limit]], len(ids))
 
 
 # -- serve with children of our own: the runtime around JsonLineServer and one supervisor ------

@@ -15,6 +15,7 @@ from ..jobs.log_lines import job_fields
 from ..jobs.model import WdPoStInput
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_rules import PulledJob
+from ..wording import some_and_more
 
 _log = logging.getLogger("damocles_ext.worker")
 
@@ -162,10 +163,10 @@ def no_jobs_line(manager: str, bad: int, first_bad: Sequence[str]) -> str:
     if bad == 1:
         left = "it is left to time out there"
         return f"the manager at {manager} gave {first_bad[0]} in an allocation; {left}"
-    more = f"; and {bad - len(first_bad)} more" if bad > len(first_bad) else ""
     return (
         f"the manager at {manager} gave {bad} entries that are no job in an allocation"
-        f" ({'; '.join(first_bad)}{more}); whatever they stand for is left to time out there"
+        f" ({some_and_more(first_bad, bad, '; ')}); whatever they stand for is left to time out"
+        " there"
     )
 
 
@@ -193,11 +194,10 @@ def given_twice_line(manager: str, twice: Mapping[str, Sequence[str | None]]) ->
         else:
             under = f", under leases {', '.join(lease or 'none' for lease in leases)}"
         named.append(f"job {job_id!r} {times}{under}")
-    more = f"; and {len(twice) - 3} more" if len(twice) > 3 else ""
     leased = any(lease for leases in twice.values() for lease in leases)
     return (
         f"the manager at {manager} gave the same job more than once in one allocation answer"
-        f" ({'; '.join(named)}{more}): each is proved once and its result sent once"
+        f" ({some_and_more(named, len(twice), '; ')}): each is proved once and its result sent once"
         + (", under the last lease given (the earlier ones are not heartbeated)" if leased else "")
         + "; a manager gives a job once per answer"
     )

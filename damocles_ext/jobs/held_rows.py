@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..wording import some_and_more
 from . import rules
 from .model import RUNNING, JobRecord
 
@@ -221,14 +222,18 @@ def said_of(held: Sequence[HeldTooLong], advice: str) -> str:
             f" {first.silent_for:.0f} s old, and a sweep may take the job back from its worker"
             f" {_when(first)} ({rule}). {advice}. Said once for this hold"
         )
-    shown = "; ".join(
-        f"{h.job_id} (its last stored heartbeat {h.silent_for:.0f} s old, taken back {_when(h)})"
-        for h in held[:NAMED]
+    shown = some_and_more(
+        [
+            f"{h.job_id} (its last stored heartbeat {h.silent_for:.0f} s old, taken back"
+            f" {_when(h)})"
+            for h in held[:NAMED]
+        ],
+        len(held),
+        "; ",
     )
-    more = f"; and {len(held) - NAMED} more" if len(held) > NAMED else ""
     return (
         f"{len(held)} jobs of worker {first.worker!r}: their heartbeats are not stored while"
-        f" another session holds their rows in the job store: {shown}{more} ({rule})."
+        f" another session holds their rows in the job store: {shown} ({rule})."
         f" {advice}. Said once for these holds"
     )
 

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
+from ..wording import some_and_more
 from . import pg_session
 from .database import StoreUnavailable, first_line, jobs, metadata, workers
 
@@ -484,10 +485,9 @@ def subject_of(method: Callable[..., Any]) -> Callable[..., Subject]:
             return Subject(f" of job {job_id}", job_id)
         ids = given.get("job_ids")
         if isinstance(ids, list | tuple) and ids:
-            shown = ", ".join(str(i) for i in ids[:5])
-            more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+            shown = some_and_more([str(i) for i in ids[:5]], len(ids))
             one = ids[0] if len(set(ids)) == 1 and isinstance(ids[0], str) else None
-            return Subject(f" of job{'s' if len(ids) > 1 else ''} {shown}{more}", one)
+            return Subject(f" of job{'s' if len(ids) > 1 else ''} {shown}", one)
         return Subject()
 
     return subject

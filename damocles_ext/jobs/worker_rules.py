@@ -23,6 +23,7 @@ from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 
 # Lives beside SECTOR_SIZES; kept importable from here, with the other rules.
 from ..tasks import proof_types_for_sizes as proof_types_for_sizes
+from ..wording import some_and_more
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
 
@@ -115,7 +116,7 @@ def job_gone(code: int, message: str, job_ids: Iterable[str] = ()) -> bool:
 def unheld_stops(manager: str, job_ids: Sequence[str]) -> str:
     """The line for a heartbeat's answer that says to stop jobs this worker does not hold (it
     never had them, or they are done and delivered): nothing to stop, the manager's mistake."""
-    shown = ", ".join(job_ids[:5]) + (f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else "")
+    shown = some_and_more(job_ids[:5], len(job_ids))
     jobs = "1 job" if len(job_ids) == 1 else f"{len(job_ids)} jobs"
     return (
         f"the manager at {manager} says to stop {jobs} this worker does not hold"
