@@ -186,7 +186,14 @@ def lock_waited_out(
 
 def _lock_holders(engine: Engine) -> str:
     """The other sessions holding locks on the store's tables ('pid 12 (user u, psql, idle in
-    transaction since ...)', ...); '' when there are none now or they cannot be read."""
+    transaction since ...)', ...); '' when there are none now or they cannot be read.
+
+    Not lock_waits.holders, which names the holders for the store's calls (UPDATE, SELECT FOR
+    UPDATE): it leaves out the lock modes those never wait for (a plain read's ACCESS SHARE,
+    VACUUM's SHARE UPDATE EXCLUSIVE) and the transactions younger than the sessions'
+    lock_timeout. The upgrade's DDL waits for more (DROP INDEX's ACCESS EXCLUSIVE for every
+    mode, a plain read's too: a psql left idle after a SELECT holds it up), for a lock_timeout
+    of its own (upgrade_lock_timeout)."""
     names = [t.name for t in metadata.sorted_tables]
     query = sa.text(
         "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, a.xact_start"
