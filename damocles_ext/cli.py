@@ -97,10 +97,11 @@ class _Parser(argparse.ArgumentParser):
             # What came before the subcommand's name went to a parser above (`--json status`):
             # blamed there, and then the options of each parser on the way are the ones it may
             # have meant.
-            # One given both before and after it (`--json status --json`) is the one before:
-            # the subcommand took the other.
+            # An option given both before and after it (`--json status --json`) is the one
+            # before: the subcommand took the other (a word, `status status`, is the one after).
             start = _after_names(argv, names)
-            after = all(e in argv[start:] and e not in argv[:start] for e in extras)
+            before = {a for a in argv[:start] if a.startswith("-")}
+            after = all(e in argv[start:] and e not in before for e in extras)
             blamed, meant = (chain[-1], chain[-1:]) if after else (self, chain)
             hints = "; ".join(_hints(meant, extras))
             blamed.error(

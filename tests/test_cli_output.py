@@ -601,6 +601,13 @@ def test_an_option_given_before_its_subcommand_is_not_blamed_on_that_subcommand(
     assert stderr.endswith(f"damocles-ext: error: unrecognized arguments: {said}\n"), stderr
 
 
+def test_a_word_after_the_subcommand_that_repeats_its_name_is_blamed_on_the_subcommand():
+    # Only an option given before the subcommand too is the top command's to blame; a stray word
+    # after it that happens to be the subcommand's own name is the subcommand's.
+    stderr = _usage_error("status", "status")
+    assert stderr.endswith("damocles-ext status: error: unrecognized arguments: status\n"), stderr
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [(["chek-config", "--conf-dir", "x"], "'worker') (did you mean check-config?)\n"),
