@@ -619,8 +619,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             thr = trio.run(throughput, task, peers, s["repeat"], s["flood"], s["in_flight"])
             print(
-                f"re-dispatch after SIGKILL: {s['redispatch_rounds']} rounds over {s['repeat']}"
-                " repeats (the supervisor logs each kill: expected) ...",
+                f"re-dispatch after SIGKILL: {s['redispatch_rounds']} rounds over"
+                f" {min(s['repeat'], s['redispatch_rounds'])} repeats (the supervisor logs each"
+                " kill: expected) ...",
                 flush=True,
             )
             results["redispatch"] = trio.run(redispatch, s["redispatch_rounds"], s["repeat"])
