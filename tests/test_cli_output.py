@@ -689,7 +689,10 @@ def test_a_bad_shutdown_grace_is_the_same_clear_usage_error_for_every_command(va
 @pytest.mark.parametrize(
     ("value", "wrong"),
     [("nonsense", "'nonsense' is not an RPC address"),
-     ("host:99999", "the port in 'host:99999' must be a number from 1 to 65535")],
+     ("host:99999", "the port in 'host:99999' must be a number from 1 to 65535"),
+     # The source node's server, not a coordinator, is the one to put TLS in front of.
+     ("https://node:1789", ("'https://node:1789': only http:// is spoken here (no TLS); put a"
+      " TLS-terminating proxy in front of the server at that address if the network needs one"))],
 )  # fmt: skip
 def test_a_bad_proxy_address_is_a_usage_error_naming_the_option_and_the_forms(
     args, value, wrong, capsys, tmp_path, monkeypatch

@@ -103,7 +103,7 @@ def _url(text: str) -> Endpoint:
     if parts.scheme != "http":
         raise ValueError(
             f"{shown!r}: only http:// is spoken here (no TLS); put a TLS-terminating proxy in "
-            "front of the coordinator if the network needs one"
+            "front of the server at that address if the network needs one"
         )
     if not parts.hostname:
         raise ValueError(f"{shown!r} has no host")
