@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..api import open_supervisor
-from ..errors import DeadlineError, ProverError, UsageError
+from ..errors import ProverError, UsageError
 from ..jobs import rpc
 from ..jobs.client import (
     RpcCallError,
@@ -38,7 +38,6 @@ from ..jobs.client import (
     manager_down,
 )
 from ..jobs.listing import format_partitions
-from ..jobs.model import JobOutput
 from ..jobs.worker_rules import (
     NO_WORKER_PROVER,
     SLOT_STAGES,
@@ -48,7 +47,6 @@ from ..jobs.worker_rules import (
     Backoff,
     Breaker,
     Failure,
-    FinishVerdict,
     Outage,
     UnheldStops,
     UnprovedRounds,
@@ -56,23 +54,18 @@ from ..jobs.worker_rules import (
     allocations_outage,
     deadline_reached,
     failure_of,
-    failure_of_answer,
-    faults_text,
-    finish_verdict,
     free_slots,
     heartbeats_outage,
-    job_output,
     jobs_to_ask,
     no_child_can_prove,
     passing_answer,
     ready_slots_of,
     runnable_capacity,
-    window_post_task,
 )
 from ..stages import child_stages
 from .worker_beats import heartbeat_forever
+from .worker_jobs import deliver, proof_of
 from .worker_ping import ping_forever
-from .worker_sectors import job_sector_paths, store_problem
 from .worker_state import (
     ADOPTED,
     SAME,
@@ -144,7 +137,7 @@ class Worker:
         self.stopping = True
         self._stop.set()
         self._start_scope.cancel()  # (nothing once the start is over)
-        self._touch()
+        self.touch()
 
     async def wait_for(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is looked at after each change of the worker."""
@@ -164,7 +157,7 @@ class Worker:
         assert self._sup is not None, "the worker is not running"
         return self._sup
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -315,7 +308,7 @@ class Worker:
     async def _forward_supervisor_changes(self, sup: Supervisor) -> None:
         while True:
             await sup.wait_changed()
-            self._touch()
+            self.touch()
 
     async def _allocate_loop(self) -> None:
         backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
@@ -368,7 +361,7 @@ class Worker:
                 self._idle(min(backoff.next_delay(), self.settings.idle_poll))  # as when idle
                 continue
             except RpcClientError as exc:  # no answer, or not JSON-RPC (a proxy's 502): said once
-                self._unreachable(str(exc), connect=manager_down(exc))
+                self.unanswered(exc)
                 await self._pause(backoff.next_delay())
                 continue
             self._answered(self._outage, self._refusals)
@@ -400,7 +393,7 @@ class Worker:
             self.counters.empty_allocations += not taken  # (waited after, as an empty one)
             if not taken or len(got) < want:  # (want > 0 here; taken <= len(got))
                 self._idle(self.settings.idle_poll)
-            self._touch()
+            self.touch()
 
     def _idle(self, seconds: float) -> None:  # ask again then, or when one of our jobs ends
         self._idle_until = trio.current_time() + seconds
@@ -419,7 +412,7 @@ class Worker:
                 had.log.warning("job %s: given again (try %d): its lease had lapsed; the work"
                                 " on it goes on under the new one", job.Id, job.TryNum)  # fmt: skip
                 self.counters.pulled += 1
-                self._touch()
+                self.touch()
                 return None
             if how == SAME and had.stop_reason is None:
                 had.log.warning("job %s: given again while this worker holds it; ignored", job.Id)
@@ -444,13 +437,13 @@ class Worker:
     async def _prove(self, held: HeldJob) -> None:
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
-            output, error = await self._proof_of(held)
+            output, error = await proof_of(self, held, self._look_limiters)
             failed, now = held.prover_failed, trio.current_time()
             if not self.stopping and (pause := self._breaker.outcome(failed, now, error)):
                 self.counters.pauses += 1  # prover failures in a row: no job for a while
                 log.error("%s", pause)
             held.state, held.error = "finishing", error
-            self._touch()
+            self.touch()
             job = held.job
             if error and job.Lease is not None and deadline_reached(job.NotAfter, self._clock()):
                 # Our coordinator refuses any finish after the deadline and cancels the job: a
@@ -459,119 +452,27 @@ class Worker:
                 held.log.warning("job %s: no proof before its deadline; nothing to deliver"
                                  " (the coordinator cancels the job)", job.Id)  # fmt: skip
             else:
-                await self._deliver(held, output, error)
+                await deliver(self, self._calls, held, output, error)
         self._release(held)
 
     async def _fail(self, held: HeldJob, error: str) -> None:
         held.error = error
         with held.scope:
-            await self._deliver(held, None, error)
+            await deliver(self, self._calls, held, None, error)
         self._release(held)
 
-    async def _proof_of(self, held: HeldJob) -> tuple[JobOutput | None, str]:
-        """The job's output, or the error to report instead (cancellation passes through)."""
-        job = held.job
+    # What a job's proof and delivery see of the worker (worker_jobs.Proving), besides its
+    # public names.
 
-        def dispatched(child: str | None) -> None:
-            held.child = child
-            if child is not None and not held.reached_prover:  # a spell of unproved jobs ends
-                held.reached_prover = True
-                if (line := self._unproved.reached(trio.current_time())) is not None:
-                    log.info("%s", line)
-            self._touch()
+    def prover_reached(self) -> None:
+        if (line := self._unproved.reached(trio.current_time())) is not None:
+            log.info("%s", line)
 
-        try:
-            paths, faults = await job_sector_paths(
-                job,
-                attached=self.settings.attached,
-                plugin_manager=self.pm,
-                locator=self.locator,
-                now=self._clock(),
-            )
-            task = window_post_task(job, paths)
-        except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
-            error = str(exc) or type(exc).__name__
-            held.log.error("job %s cannot be proved here: %s", job.Id, error)
-            return None, error
-        if faults:  # as a prover answers for sectors it cannot read: the manager drops them
-            return JobOutput(proofs=(), faults=tuple(faults)), ""
-        if (problem := await store_problem(job, paths, self._look_limiters)) is not None:
-            held.log.error("%s", problem)
-            if job.TryNum == 1:  # a later try may land on a worker that has the store
-                return None, problem
-        assert self._sup is not None
-        try:
-            answer = await self._sup.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
-        except (ProverError, UsageError) as exc:
-            log.warning("job %s: no proof: %s", job.Id, exc, extra=held.fields(exc))
-            # Cut by the job's deadline, or not started as too late: no failure of its prover's.
-            held.prover_failed = not isinstance(exc, DeadlineError)
-            return None, str(exc)
-        output = job_output(answer)  # type: ignore[arg-type]
-        if output.faults:
-            held.log.warning("%s", faults_text(job, output.faults))
-        return output, ""
+    def unanswered(self, exc: RpcClientError) -> None:  # no answer, or a proxy's 502 (said once)
+        self._unreachable(str(exc), connect=manager_down(exc))
 
-    async def _deliver(self, held: HeldJob, output: JobOutput | None, error: str) -> None:
-        """Send the result until the manager takes it, refuses it, or it is too late."""
-        backoff = Backoff(self.settings.retry_base, self.settings.retry_cap)
-        what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
-        attempts, maybe_done = 0, False  # maybe_done: a call that may have been done, unanswered
-        while True:
-            attempts += 1
-            job = held.job  # (under the lease it has now: it may have been given to us again)
-            params: tuple[object, ...]
-            if job.Lease is not None:
-                method, params = "Dext.FinishJob", (job.Id, job.Lease, output, error)
-            else:
-                method, params = "Venus.WdPoStFinishJob", (job.Id, output, error)
-            try:
-                await self._calls.call(method, *params)
-            except RpcConnectionError as exc:
-                self._unreachable(str(exc), connect=manager_down(exc))
-                failure, reason = Failure.UNREACHABLE, str(exc)
-                maybe_done = maybe_done or exc.sent
-            except RpcCallError as exc:
-                self._answered()
-                self._refused_token(exc)  # (a refusal: the result is given up below)
-                api = Api.VENUS if job.Lease is None else Api.DEXT
-                failure, reason = failure_of(api, exc.code, exc.message), exc.message
-            except RpcClientError as exc:  # an answer that is none (HTTP 413: too large)
-                failure, reason = failure_of_answer(getattr(exc, "status", None)), str(exc)
-            else:
-                self._answered()
-                self.counters.delivered += 1
-                self.counters.failed += bool(error)
-                held.log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
-                break
-            held.delivery_failures += 1
-            self.counters.finish_retries += 1
-            self._touch()
-            if held.job.Lease != job.Lease:
-                continue  # given to us again while this call went: sent under the new lease
-            verdict, why = finish_verdict(
-                failure,
-                self._clock(),
-                not_after=job.NotAfter,
-                allocated_at=held.allocated_at,
-                lifetime=self.settings.result_lifetime,
-            )
-            if verdict is FinishVerdict.GIVE_UP:
-                self.counters.given_up += 1
-                maybe = (
-                    " (an earlier attempt whose answer was lost may have delivered it)"
-                    if maybe_done and failure is Failure.REFUSED
-                    else ""
-                )
-                held.log.error("job %s: its result (%s) is given up after %d attempts: %s%s:"
-                               " %s", job.Id, what, attempts, why, maybe, reason)  # fmt: skip
-                break
-            delay = backoff.next_delay()
-            if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
-                held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
-                                 " trying again in %.1f s", job.Id, what, attempts, reason,
-                                 delay)  # fmt: skip
-            await trio.sleep(delay)
+    def answered(self) -> None:  # (a JSON-RPC error too)
+        self._answered()
 
     def _release(self, held: HeldJob) -> None:
         if self.held.get(held.job.Id) is held:
@@ -589,7 +490,7 @@ class Worker:
         if line is not None:  # (a spell begun; or ended by a job's faults, or by a quiet stretch)
             log.log(logging.WARNING if self._unproved.said else logging.INFO, "%s", line)
         self._idle_until = -math.inf
-        self._touch()
+        self.touch()
 
     def stop_job(self, job_id: str, reason: str, why: str) -> None:
         held = self.held.get(job_id)
@@ -600,7 +501,7 @@ class Worker:
         held.log.warning("job %s: the manager took it back (%s); its proof is cancelled",
                          job_id, why)  # fmt: skip
         held.scope.cancel()
-        self._touch()
+        self.touch()
 
     # -- heartbeats ---------------------------------------------------------------------------
 
@@ -627,7 +528,7 @@ class Worker:
     def beats_answered(self) -> None:
         self._answered(self._beats_failing)
         self.heard()
-        self._touch()
+        self.touch()
 
     def refused_token(self, exc: RpcCallError) -> bool:
         self._refused_token(exc)
@@ -650,7 +551,7 @@ class Worker:
         line = (outage or self._outage).failed(trio.current_time(), what, connect=connect)
         if line is not None:
             log.warning("%s", line)
-            self._touch()  # (manager_reachable may have changed)
+            self.touch()  # (manager_reachable may have changed)
 
     def heard(self) -> None:
         """A heartbeat or a ping got a whole answer (or a JSON-RPC error): the manager's outage
@@ -658,13 +559,13 @@ class Worker:
         it; Outage.heard)."""
         if (line := self._outage.heard(trio.current_time())) is not None:
             log.info("%s", line)
-            self._touch()
+            self.touch()
 
     def _answered(self, *outages: Outage) -> None:
         for outage in outages or (self._outage,):
             if (line := outage.answered(trio.current_time())) is not None:
                 log.info("%s", line)
-                self._touch()
+                self.touch()
 
     # -- shutdown -----------------------------------------------------------------------------
 

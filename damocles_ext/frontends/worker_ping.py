@@ -64,7 +64,7 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
                 log.info("Venus.WorkerPing works again")
             failing = False
             worker.counters.pings += 1
-            worker._touch()
+            worker.touch()
             skewed = check_skew(worker._pings.server_date, worker._clock(), skewed)
         await trio.sleep(worker.settings.ping_interval)
 
