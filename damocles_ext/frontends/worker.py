@@ -184,7 +184,7 @@ class Worker:
         # Heartbeats have a connection of their own: they must not wait behind a finish that is
         # being retried, or behind an allocation.
         async with client() as calls, client() as beats, client() as pings:
-            self._calls, self._pings = calls, pings
+            self._calls = calls
             self.manager_url = calls.url
             # Stopped meanwhile (stop() cancels this scope): a call in flight to a manager that
             # does not answer is given up at once, not at the end of its --rpc-timeout.
@@ -219,7 +219,9 @@ class Worker:
                                 inner.start_soon(
                                     heartbeat_forever, self, beats, self.settings.heartbeat_interval
                                 )
-                                inner.start_soon(ping_forever, self, endpoint)
+                                inner.start_soon(
+                                    ping_forever, self, pings, endpoint, self.settings.ping_interval
+                                )
                                 inner.start_soon(self._forward_supervisor_changes, sup)
                                 if self.locator is not None:
                                     inner.start_soon(self.locator.refresh_forever)
@@ -503,13 +505,21 @@ class Worker:
         held.scope.cancel()
         self.touch()
 
-    # -- heartbeats ---------------------------------------------------------------------------
+    # -- heartbeats and pings -----------------------------------------------------------------
 
-    def _slots(self) -> int:
+    # What the ping loop sees of the worker (worker_ping.Pinging), besides its public names.
+
+    @property
+    def address(self) -> str | None:
+        return self._address
+
+    def slots(self) -> int:
         capacity = runnable_capacity([(c.capacity, c.locks) for c in self._pool()])
         return free_slots(capacity, 0, self.settings.max_jobs)
 
-    def _children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
+    _slots = slots  # (the name tests read it by)
+
+    def children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
         stages = child_stages("window_post")
         children = self.supervisor.statistics().children
         return sum(c.stage in stages and c.state not in UP for c in children)

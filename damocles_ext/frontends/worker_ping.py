@@ -1,11 +1,15 @@
 """The worker's `Venus.WorkerPing` loop: every ping_interval, damocles' WorkerInfo, as
 damocles-worker sends it, so that damocles-manager's worker list shows this worker and our
-coordinator keeps an idle one live. A failing ping is logged once per outage, never fatal."""
+coordinator keeps an idle one live. A failing ping is logged once per outage, never fatal.
+
+It sees the worker through `Pinging` alone (what it reads of it, and what it tells it), and
+sends on the connection it is given (the pings' own)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -14,16 +18,59 @@ from ..jobs.client import RpcCallError, RpcClientError, local_address_towards, m
 from ..jobs.worker_rules import worker_info
 
 if TYPE_CHECKING:
+    from ..jobs.client import RpcClient
     from ..jobs.endpoint import Endpoint
-    from .worker import Worker
+    from .worker_state import HeldJob, WorkerCounters
 
 log = logging.getLogger("damocles_ext.worker")
 
 
-async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
+class Pinging(Protocol):
+    """What the ping loop needs of the worker (`Worker` is one), and all it touches of it."""
+
+    @property
+    def name(self) -> str | None: ...  # the worker's, as the manager knows it
+    @property
+    def address(self) -> str | None: ...  # the local address that reaches the manager, if known
+    @property
+    def held(self) -> Mapping[str, HeldJob]: ...  # the jobs held now, by id
+    @property
+    def counters(self) -> WorkerCounters: ...  # (its pings: the answered ones)
+
+    def slots(self) -> int:
+        """The slots free for jobs now."""
+        ...
+
+    def children_down(self) -> int:
+        """The WindowPoSt children (the SNARK ones too) not up now."""
+        ...
+
+    def now(self) -> float:
+        """The wall clock (compared with the manager's)."""
+        ...
+
+    def touch(self) -> None:
+        """Something changed: the worker's waiters look again."""
+        ...
+
+    def manager_down(self, what: str) -> None:
+        """A ping could not connect, or a proxy answered 502 or 503 for the manager: the
+        manager's outage (said once), which any answer ends."""
+        ...
+
+    def heard(self) -> None:
+        """A whole answer (a JSON-RPC error too): the manager's outage ends if a call could not
+        connect during it."""
+        ...
+
+
+async def ping_forever(
+    worker: Pinging, pings: RpcClient, endpoint: Endpoint, interval: float
+) -> None:
+    """Every `interval`, ping the manager on `pings` (first at once)."""
     # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
     # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
-    address = worker._address
+    address = worker.address
     if address is None:  # named by --name: the address is looked up here, once
         try:
             address = await local_address_towards(endpoint)
@@ -35,18 +82,18 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
         assert worker.name is not None
         held = worker.held.values()
         info = worker_info(
-            worker.name, address, __version__, slots=worker._slots(),
+            worker.name, address, __version__, slots=worker.slots(),
             proving=sum(h.state == "proving" for h in held),
             finishing=sum(h.state == "finishing" for h in held),
-            children_down=worker._children_down(),
+            children_down=worker.children_down(),
         )  # fmt: skip
         try:
-            await worker._pings.call("Venus.WorkerPing", info)
+            await pings.call("Venus.WorkerPing", info)
         except RpcClientError as exc:
             if manager_down(exc):
                 # No connection made, or a proxy's 502 or 503 for the manager behind it: the
                 # manager's outage (said once), not the ping's alone.
-                worker._unreachable(str(exc), connect=True)
+                worker.manager_down(str(exc))
             else:
                 if isinstance(exc, RpcCallError):
                     worker.heard()  # (a whole answer)
@@ -65,8 +112,8 @@ async def ping_forever(worker: Worker, endpoint: Endpoint) -> None:
             failing = False
             worker.counters.pings += 1
             worker.touch()
-            skewed = check_skew(worker._pings.server_date, worker._clock(), skewed)
-        await trio.sleep(worker.settings.ping_interval)
+            skewed = check_skew(pings.server_date, worker.now(), skewed)
+        await trio.sleep(interval)
 
 
 #: A worker whose clock is this far from its manager's (the Date of the ping's answer, to the
