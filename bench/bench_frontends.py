@@ -280,7 +280,7 @@ async def interleaved_round_trips(
     samples: dict[str, list[float]] = {name: [] for name in ways}
     names = list(ways)
     for turn in range(TURNS):
-        k = (repeat * TURNS + turn) % len(names)  # (no way always follows another)
+        k = (repeat * TURNS + turn) % len(names)  # (each way first in some turns)
         for name in names[k:] + names[:k]:
             samples[name] += await _timed(ways[name], n // TURNS + (turn < n % TURNS))
     return {name: statistics.median(got) for name, got in samples.items()}

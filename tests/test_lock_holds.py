@@ -389,7 +389,8 @@ async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it
     dead = spawn(f"{WD}#1", python_child("import sys; sys.stdin.read()"), dict(os.environ))
     os.kill(dead.pid, signal.SIGKILL)
     await trio.to_thread.run_sync(os.waitid, os.P_PID, dead.pid, os.WEXITED | os.WNOWAIT)
-    reaper = Reaper(lambda: [(proc, None), (dead, None)])
+    reaper = Reaper(lambda: [(proc, "m0"), (dead, None)])
+    reaper.spawned("m0", {"child": f"{WD}#0", "stage": "window_post", "index": 0, "pid": proc.pid})
     try:
         await reaper.kill_everything()  # gives up after REAP_TIMEOUT (the mock clock's)
         assert proc.exit is None
@@ -401,7 +402,7 @@ async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it
         [said] = [r for r in caplog.records if "as the supervisor stops" in r.getMessage()]
         assert said.levelname == "ERROR" and said.pid == proc.pid
         assert said.getMessage() == (
-            f"pid {proc.pid}: still not dead 5s after SIGKILL as the supervisor stops (stuck in"
+            f"{WD}#0 (pid {proc.pid}): still not dead 5s after SIGKILL as the supervisor stops (stuck in"
             " the kernel: a GPU driver call?); it is reaped whenever it exits; check the machine"
             " (dmesg) if it stays"
         )

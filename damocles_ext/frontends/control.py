@@ -46,11 +46,8 @@ from ..protocol import dext
 from ..protocol.control import ControlResponse
 from ..scheduling.children import NO_CHILDREN
 from ..tasks import Output, Task
-from .control_connection import (  # noqa: F401 - CONNECTION_ERROR_ID: importable from here
-    CONNECTION_ERROR_ID,
-    send_connection_error,
-)
 from .control_connection import Connection as _Connection
+from .control_connection import send_connection_error
 from .control_socket import (  # noqa: F401 - the control socket's API, importable from here
     SOCKET_DIR_NAME,
     SOCKET_NAME,

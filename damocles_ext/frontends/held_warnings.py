@@ -40,7 +40,6 @@ log = logging.getLogger("damocles_ext.coordinator")
 
 #: Batches (one heartbeat's holds to warn of) waiting for their look at most.
 QUEUED: Final = 16
-#: How long a look at the holders of one batch is waited for (its statements' bound too).
 
 
 @dataclass(slots=True)

@@ -54,6 +54,7 @@ class Reaper:
         self._running = running
         self.adopter = OrphanAdopter()
         self.unreaped: list[ChildProcess] = []  # SIGKILLed and still not dead (D state)
+        self._kept_fields: dict[ChildProcess, dict[str, Any]] = {}  # (theirs, for the last kill)
         self._sweep_wanted = trio.Event()
         self._kept, self._to_watch = trio.open_memory_channel[_Kept](math.inf)
         # Each spawn's mark (OrphanAdopter.mark) -> its child's fields as it was spawned (its
@@ -89,6 +90,7 @@ class Reaper:
         the child's (`Child.fields`), which the records about it carry, its `pid` this one's."""
         self.unreaped.append(proc)
         extra = {**(fields if fields is not None else {"child": child}), "pid": proc.pid}
+        self._kept_fields[proc] = extra
         locks = sorted({lock for pid, held, _ in exiting if pid == proc.pid for lock in held})
         if locks:
             log.error(
@@ -138,6 +140,7 @@ class Reaper:
         await proc.wait()
         if proc in self.unreaped:
             self.unreaped.remove(proc)
+            self._kept_fields.pop(proc, None)
         held = f"; {', '.join(locks)} free" if locks else ""
         log.warning("%s (pid %d): exited at last%s", child, proc.pid, held, extra=extra)
         self._exited(proc, child, on_exit, extra)
@@ -210,8 +213,10 @@ class Reaper:
 
     async def kill_everything(self) -> None:
         """The supervisor stops: SIGKILL every child's tree, reap them and the orphans."""
-        procs = [proc for proc, _ in self._running()]
-        procs += self.unreaped
+        running = list(self._running())
+        procs = [proc for proc, _ in running] + self.unreaped
+        fields = {proc: self._spawns.get(mark or "") or {} for proc, mark in running}
+        fields |= self._kept_fields
         for proc in procs:
             proc.kill_tree()
         with trio.move_on_after(REAP_TIMEOUT):
@@ -222,10 +227,10 @@ class Reaper:
         for proc in dict.fromkeys(procs):
             # (The wait gave up on one: those after it were never waited for, dead or not.)
             if proc.poll() is None:
-                _reap_late(proc)
+                _reap_late(proc, {**fields.get(proc, {}), "pid": proc.pid})
 
 
-def _reap_late(proc: ChildProcess) -> None:
+def _reap_late(proc: ChildProcess, extra: dict[str, Any]) -> None:
     """`proc` is still not dead `REAP_TIMEOUT` after the last kill: no task waits for it any
     more (the supervisor returns), so a thread of its own reaps it once it exits, however late;
     before, it stayed a zombie for as long as this process lived."""
@@ -235,10 +240,11 @@ def _reap_late(proc: ChildProcess) -> None:
         then = "it is reaped whenever it exits"
     except RuntimeError as exc:  # no thread (the limit of tasks): init reaps it after us
         then = f"it stays a zombie of this process once it exits (cannot start a thread: {exc})"
+    who = f"{extra['child']} (pid {proc.pid})" if "child" in extra else f"pid {proc.pid}"
     log.error(
-        "pid %d: still not dead %gs after SIGKILL as the supervisor stops (stuck in the kernel:"
-        " a GPU driver call?); %s; check the machine (dmesg) if it stays",
-        proc.pid, REAP_TIMEOUT, then, extra={"pid": proc.pid},
+        "%s: still not dead %gs after SIGKILL as the supervisor stops (stuck in the kernel: a"
+        " GPU driver call?); %s; check the machine (dmesg) if it stays",
+        who, REAP_TIMEOUT, then, extra=extra,
     )  # fmt: skip
 
 
