@@ -100,8 +100,8 @@ class _Parser(argparse.ArgumentParser):
             # An option given both before and after it (`--json status --json`) is the one
             # before: the subcommand took the other (a word, `status status`, is the one after).
             start = _after_names(argv, names)
-            before = {a for a in argv[:start] if a.startswith("-")}
-            after = all(e in argv[start:] and e not in before for e in extras)
+            before = set(_options_in(argv[:start]))
+            after = all(e in argv[start:] and e.split("=", 1)[0] not in before for e in extras)
             blamed, meant = (chain[-1], chain[-1:]) if after else (self, chain)
             hints = "; ".join(_hints(meant, extras))
             blamed.error(

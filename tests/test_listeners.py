@@ -631,7 +631,7 @@ async def serve_gated_status(nursery, sock_dir: Path) -> tuple[ControlServer, Ga
 async def test_status_requests_sent_without_reading_the_replies_are_answered_a_few_at_a_time(
     sock_dir, nursery
 ):
-    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT
+    from damocles_ext.frontends.control_status import MAX_STATUS_IN_FLIGHT
     from damocles_ext.protocol import control as control_protocol
 
     server, status = await serve_gated_status(nursery, sock_dir)
@@ -654,7 +654,10 @@ async def test_status_requests_sent_without_reading_the_replies_are_answered_a_f
 async def test_status_requests_past_the_server_wide_bound_get_an_error_reply_at_once(
     sock_dir, nursery
 ):
-    from damocles_ext.frontends.control import MAX_STATUS_IN_FLIGHT, MAX_STATUS_IN_FLIGHT_SERVER
+    from damocles_ext.frontends.control_status import (
+        MAX_STATUS_IN_FLIGHT,
+        MAX_STATUS_IN_FLIGHT_SERVER,
+    )
     from damocles_ext.protocol import control as control_protocol
 
     server, status = await serve_gated_status(nursery, sock_dir)

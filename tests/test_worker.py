@@ -28,6 +28,7 @@ from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.endpoint import Endpoint
 from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSectorInfo
+from damocles_ext.jobs.outage import Outage, heartbeats_outage
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.jobs.worker_rules import (
     MAX_EXACT_LOCKED,
@@ -35,14 +36,12 @@ from damocles_ext.jobs.worker_rules import (
     Backoff,
     Failure,
     FinishVerdict,
-    Outage,
     PulledJob,
     default_sector_paths,
     failure_of,
     failure_of_answer,
     finish_verdict,
     free_slots,
-    heartbeats_outage,
     job_gone,
     jobs_to_ask,
     passing_answer,
@@ -307,7 +306,7 @@ async def test_two_children_sharing_a_lock_take_one_job_at_a_time(rig, tmp_path)
     worker = Worker(rig.settings(kids))
     async with serving(rig, worker):
         await worker.wait_for(lambda: worker.counters.delivered == 3)
-        assert worker._slots() == 1  # what its ping tells the manager too
+        assert worker.slots() == 1  # what its ping tells the manager too
     jobs = [await rig.jobs.get(i) for i in ids]
     assert all(j.succeeded and j.TryNum == 1 for j in jobs)
     assert rig.most_running == 1

@@ -751,14 +751,6 @@ async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_no
     settings = {"rpc_timeout": 10.0, "heartbeat_interval": 1.0, "idle_poll": 1.0}
     settings["ping_interval"] = 1000.0
 
-    async def stepping() -> None:  # (the stop at the end too: its shutdown grace)
-        # Up to a fixed mock time, short of against()'s limit of 60 s (the body ends near
-        # 35 s, the stop near 45 s: a heartbeat's --rpc-timeout): a task waiting on the real
-        # child's exit counts as blocked, and endless jumps could have reached that limit.
-        while trio.current_time() < 50:
-            await trio.testing.wait_all_tasks_blocked()
-            mock_clock.jump(0.5)
-
     async with trio.open_nursery() as clock:
         async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
 
@@ -772,7 +764,9 @@ async def test_heartbeats_without_answer_while_the_rest_answers_are_said_once_no
                 mock_clock.jump(0.5)
             await trio.testing.wait_all_tasks_blocked()
             assert worker.manager_reachable
-            clock.start_soon(stepping)
+            # Through the stop (its shutdown grace) up to 50 s: the body ends near 35 s, the stop
+            # near 45 s (a heartbeat's --rpc-timeout).
+            clock.start_soon(stepping, mock_clock)
         clock.cancel_scope.cancel()
     sent = coordinator.times_of("Dext.HeartbeatJobs")
     during = [t for t in coordinator.times_of("Dext.AllocateJobs") if sent[0] < t < sent[0] + 10]

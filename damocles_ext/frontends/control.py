@@ -59,8 +59,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     resolve_trusted,
     trusted_uids,
 )
-from .control_status import (  # noqa: F401 - MAX_STATUS_IN_FLIGHT: importable from here
-    MAX_STATUS_IN_FLIGHT,
+from .control_status import (
     MAX_STATUS_IN_FLIGHT_SERVER,
     StatusFn,
     no_child_problem,

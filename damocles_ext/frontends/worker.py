@@ -38,6 +38,7 @@ from ..jobs.client import (
     manager_down,
 )
 from ..jobs.listing import format_partitions
+from ..jobs.outage import Outage, allocations_outage, heartbeats_outage
 from ..jobs.worker_rules import (
     NO_WORKER_PROVER,
     SLOT_STAGES,
@@ -47,15 +48,12 @@ from ..jobs.worker_rules import (
     Backoff,
     Breaker,
     Failure,
-    Outage,
     UnheldStops,
     UnprovedRounds,
     allocate_params,
-    allocations_outage,
     deadline_reached,
     failure_of,
     free_slots,
-    heartbeats_outage,
     jobs_to_ask,
     no_child_can_prove,
     passing_answer,
@@ -516,8 +514,6 @@ class Worker:
     def slots(self) -> int:
         capacity = runnable_capacity([(c.capacity, c.locks) for c in self._pool()])
         return free_slots(capacity, 0, self.settings.max_jobs)
-
-    _slots = slots  # (the name tests read it by)
 
     def children_down(self) -> int:  # the SNARK children too: a GPU down is an error to show
         stages = child_stages("window_post")

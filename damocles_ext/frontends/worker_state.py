@@ -174,8 +174,9 @@ def one_per_job(
     jobs: Sequence[tuple[PulledJob, str | None]],
 ) -> tuple[list[tuple[PulledJob, str | None]], dict[str, list[str | None]]]:
     """An allocation's jobs (`read_answer`) with each id once, and the leases of each id the
-    answer gave more than once. The last entry of an id is kept: a manager that allocated a job
-    twice over holds the last lease it gave; an earlier one is not heartbeated nor answered."""
+    answer gave more than once. The last entry of an id is kept, its input too (an earlier
+    entry's is not read in its place, readable or not): a manager that allocated a job twice
+    over holds the last lease it gave; an earlier one is not heartbeated nor answered."""
     kept: dict[str, tuple[PulledJob, str | None]] = {}
     leases: dict[str, list[str | None]] = {}
     for job, problem in jobs:

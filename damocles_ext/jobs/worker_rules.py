@@ -26,11 +26,6 @@ from ..tasks import proof_types_for_sizes as proof_types_for_sizes
 from ..wording import some_and_more
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
-
-# Outage lives in outage.py (the coordinator and producers use it too); kept importable from here.
-from .outage import Outage as Outage
-from .outage import allocations_outage as allocations_outage
-from .outage import heartbeats_outage as heartbeats_outage
 from .paths import sector_path
 
 # --- which RPC the manager speaks ---------------------------------------------------------------
