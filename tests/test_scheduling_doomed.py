@@ -329,3 +329,34 @@ def test_the_book_answers_a_doomed_retry_once_saying_it_was_not_sent_again():
     assert "not sent to a prover" not in res.error
     assert not [e for e in out if isinstance(e, Send)]
     assert [e for e in book.advance(now + 2000.0) if isinstance(e, Resolve)] == []  # once
+
+
+def test_a_job_whose_deadline_is_beyond_every_run_known_starts_unjudged(monkeypatch):
+    # Most deadlines are far beyond any proof: such a job starts without its estimates being
+    # looked at; one within reach of a run known is judged as ever (and refused here).
+    import damocles_ext.scheduling.policy as policy
+
+    judged: list[int] = []
+    real_judge = policy.judge
+    monkeypatch.setattr(
+        policy, "judge", lambda job, *a: judged.append(job.request_id) or real_judge(job, *a)
+    )
+    s, now = mixed()  # slow: 300 s, fast: 60 s
+    s.submit(job(1, WD, now, deadline=now + 300.5), now)
+    [start] = s.decide(now)
+    assert start.request_id == 1 and judged == []
+    s.submit(job(2, WD, now, deadline=now + 300.0), now)  # the slow child's run: not beyond
+    [start] = s.decide(now)
+    assert start.request_id == 2 and judged == [2]
+
+
+def test_the_longest_run_a_child_remembers_follows_its_runs_as_old_ones_go():
+    from damocles_ext.scheduling.children import RUNS_KEPT
+
+    s = make("g0")
+    child = s._children["g0"]
+    durations = [500.0] + [10.0] * (RUNS_KEPT - 1) + [20.0, 30.0, 5.0]
+    for i, seconds in enumerate(durations):
+        prove(s, [seconds], first_id=1000 + i)
+        assert child.run_max == max(run for _, _, run in child.run_times)
+    assert child.run_max == 30.0  # the 500 s run is no longer remembered

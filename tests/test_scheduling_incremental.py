@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from damocles_ext.scheduling.breaker import ChildBreaker
 from damocles_ext.scheduling.children import RUNS_KNOWN
-from damocles_ext.scheduling.policy import ChildSlots, Fail, Job, Scheduler, Start
+from damocles_ext.scheduling.policy import CancelRunning, ChildSlots, Fail, Job, Scheduler, Start
+from damocles_ext.scheduling.queues import JobQueues
 
 WD, WIN, SNARK = "window_post", "winning_post", "window_post_snark"
 
@@ -430,3 +431,59 @@ def test_the_scheduler_keeps_its_attributes_in_slots():
     assert not hasattr(s, "__dict__")
     with pytest.raises(AttributeError):
         s.new_attribute = 1  # type: ignore[attr-defined]
+
+
+def test_deadlines_not_yet_due_leave_every_stage_undecided_until_one_is(monkeypatch):
+    # Deadlines of running and of queued jobs: a decision before any of them is due looks at
+    # no stage; at the first, it does (and cancels or fails what is due).
+    s = Scheduler()
+    s.add_child(ChildSlots("wd0", WD, 1, 1))
+    s.child_ready("wd0", 0.0)
+    s.submit(Job(1, WD, 0.0, deadline=100.0), 0.0)
+    s.submit(Job(2, WD, 0.0, deadline=50.0), 0.0)
+    assert s.decide(0.0) == [Start(2, "wd0")]  # earliest deadline first
+    looked: list[str] = []
+    original = JobQueues.peek
+    monkeypatch.setattr(
+        JobQueues, "peek", lambda self, q: looked.append("peek") or original(self, q)
+    )
+    assert s.decide(10.0) == [] and s.decide(49.9) == []
+    assert looked == []
+    [cancel] = s.decide(50.0)  # the running job's deadline
+    assert isinstance(cancel, CancelRunning) and cancel.request_id == 2
+    assert s.next_wakeup() == 100.0
+    s.remove(2)
+    assert [d.request_id for d in s.decide(50.0)] == [1]
+    s.submit(Job(3, WD, 50.0, deadline=80.0), 50.0)  # behind: wd0 is busy
+    assert s.decide(60.0) == []
+    [fail] = s.decide(80.0)  # the queued job's deadline
+    assert isinstance(fail, Fail) and fail.request_id == 3
+
+
+def test_a_job_queued_behind_keeps_the_next_wakeup_known_unless_its_deadline_is_sooner(
+    monkeypatch,
+):
+    s = Scheduler()
+    s.add_child(ChildSlots("wd0", WD, 1, 1))
+    s.child_ready("wd0", 0.0)
+    s.submit(Job(1, WD, 0.0, deadline=100.0), 0.0)
+    s.submit(Job(2, WD, 0.0, deadline=300.0), 0.0)
+    assert s.decide(0.0) == [Start(1, "wd0")]
+    assert s.next_wakeup() == 100.0
+    looked: list[str] = []
+    original = JobQueues.peek
+    monkeypatch.setattr(
+        JobQueues, "peek", lambda self, q: looked.append("peek") or original(self, q)
+    )
+    assert s.submit(Job(3, WD, 1.0, deadline=200.0), 1.0) is False  # behind, nothing to decide
+    assert s.next_wakeup() == 100.0
+    s.remove(1)  # the running job goes: the wakeup is looked for again
+    s.submit(Job(4, WD, 1.0, deadline=150.0), 1.0)
+    assert s.next_wakeup() == 150.0
+    assert looked  # (a change other than a job queued behind)
+    looked.clear()
+    assert s.decide(1.0) == [Start(4, "wd0")]
+    assert s.next_wakeup() == 150.0  # its deadline, now running
+    looked.clear()
+    s.submit(Job(5, WD, 2.0, deadline=120.0), 2.0)  # behind, but due sooner
+    assert s.next_wakeup() == 120.0 and looked == []

@@ -25,6 +25,7 @@ import msgspec
 
 from .breaker import Streak
 from .decisions import ChildSlots, Decision, Job, TakeBack
+from .queues import JobQueues
 
 #: Queued jobs in a child (see "Quick requests"): an answer within QUICK_ANSWER seconds of its
 #: turn is quick; QUICK_RUN of them in a row let the child take its queue; a job queued behind
@@ -58,6 +59,7 @@ class _Child:
     run_times: deque[tuple[str, int, float]] = field(
         default_factory=lambda: deque(maxlen=RUNS_KEPT)
     )
+    run_max: float = -math.inf  # the longest of them (doomed.py's bound on every estimate)
     queue: int = 0  # jobs it takes beyond capacity while quick (its Hello's offer)
     quick: int = 0  # its quick answers in a row
     ahead_turn: float = 0.0  # the last time one of its jobs got a slot of its capacity
@@ -179,6 +181,30 @@ def gpu_phase_ended(
         min(waiting, key=lambda pair: pair[0])[1].gpu_turn = now
 
 
+def note_run(child: _Child, kind: str, size: int, seconds: float) -> None:
+    """`child` proved a job of `kind` and `size` in `seconds`: kept among its run times, and
+    its `run_max` the longest of them again."""
+    times = child.run_times
+    evicted = times[0][2] if len(times) == times.maxlen else -math.inf
+    times.append((kind, size, seconds))
+    if seconds >= child.run_max:
+        child.run_max = seconds
+    elif evicted >= child.run_max:  # the longest went: the next longest (RUNS_KEPT at most)
+        child.run_max = max(run for _, _, run in times)
+
+
+def beyond_any_run(job: Job, children: list[_Child], now: float) -> bool:
+    """Whether `job`'s deadline is further than any run its stage's children remember: no
+    estimate of it (the fastest of some of them) can doom it, and `judge` need not look (its
+    verdict: no hold, no refusal; only when time would change that is left unsaid)."""
+    assert job.deadline is not None
+    left = job.deadline - now
+    for c in children:  # noqa: SIM110  (a plain loop: per request, two or three children)
+        if c.run_max >= left:
+            return False
+    return True
+
+
 def live_deadline(entry: tuple[float, int, int], running: dict[int, _Running]) -> bool:
     """Whether a deadline heap's entry (deadline, start seq, request id) is of a job still running
     and not cancelled."""
@@ -187,10 +213,14 @@ def live_deadline(entry: tuple[float, int, int], running: dict[int, _Running]) -
 
 
 def passed_deadlines(
-    heap: list[tuple[float, int, int]], running: dict[int, _Running], now: float
+    heap: list[tuple[float, int, int]], running: dict[int, _Running], now: float, by_heap: bool
 ) -> list[tuple[_Running, float]]:
     """Pop the heap's entries due by `now`: the running jobs not cancelled among them, with their
-    deadline, in start order."""
+    deadline, in start order (`by_heap` False: found by looking at every running job, the heap
+    left alone, as the full recomputation does)."""
+    if not by_heap:
+        runs = running.values()
+        return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
     if not heap or heap[0][0] > now:
         return []
     due = []
@@ -200,6 +230,17 @@ def passed_deadlines(
             due.append((running[entry[2]], entry[0]))
     due.sort(key=lambda pair: pair[0].seq)
     return due
+
+
+def timed_due(
+    heap: list[tuple[float, int, int]], held_until: dict[str, float], queues: JobQueues, now: float
+) -> bool:
+    """Whether a deadline (of the deadline `heap` of running jobs, or of a queued job) or a hold
+    (doomed.py's, per stage `held_until`) may be due by `now` (the heaps drop entries lazily: an
+    entry of a job gone may say so sooner)."""
+    if (heap and heap[0][0] <= now) or (held_until and now >= min(held_until.values())):
+        return True
+    return bool(queues.with_deadline) and queues.deadline_due(now)
 
 
 def take_back_due(

@@ -39,7 +39,10 @@ could not finish waits for a faster one rather than hold the slow one until its 
   FATAL. A decision's books (which jobs stay set aside, that time) are what the same decision
   made again at once would leave (`settle`), so that incremental decisions keep the books of a
   full recomputation. Nothing is judged while no child of the stage has a free slot; a stage of
-  one child, a job of no deadline or of unknown size cost nothing more. `refuse_doomed=False`
+  one child, a job of no deadline or of unknown size cost nothing more, nor does one whose
+  deadline is further than every run its stage's children remember (`beyond_any_run`: no
+  estimate can doom it; it is judged only if it cannot start, for when time would change that,
+  as a full recomputation says). `refuse_doomed=False`
   turns off both rules.
 """
 

@@ -62,17 +62,20 @@ from .children import (
     TAKE_BACK_AFTER,
     _Child,
     _Running,
+    beyond_any_run,
     cannot_serve,
     drop_running,
     gpu_free_at,
     gpu_phase_ended,
     held_elsewhere,
     live_deadline,
+    note_run,
     passed_deadlines,
     promote,
     set_slots,
     take_back_at,
     take_back_due,
+    timed_due,
 )
 from .decisions import (
     CancelRunning,
@@ -246,7 +249,11 @@ class Scheduler:
         if behind and job.deadline is not None and job.size > 0 and self._refuse_doomed:
             behind = not free_slot(self._by_stage.get(stage, []))  # it is judged (doomed.py)
         behind = behind and stage not in self._held_until  # it may go ahead of one judged
-        self._enqueue(job, FRESH)
+        cached, deadline = self._wakeup_cache, job.deadline
+        self._enqueue(job, FRESH)  # (a queued job's deadline is a wakeup, if the earliest)
+        if cached and cached[0] == self._gen - 1 and stage not in self._pipelined_stages:
+            at = cached[2]
+            self._wakeup_cache = (self._gen, cached[1], deadline if deadline is not None and (at is None or deadline < at) else at)  # fmt: skip
         if behind:
             self._dirty.discard(stage)
             return bool(self._dirty or self._all_dirty or self._any_locks)
@@ -264,8 +271,7 @@ class Scheduler:
         if failed is not None and run and not run.cancelled:
             self.breaker.count(self._children[run.child_id], run.job.key, failed, now)
             if not failed and run.job.size > 0:  # how long a proof takes there (doomed.py)
-                sized = (run.job.kind, run.job.size, now - run.turn)
-                self._children[run.child_id].run_times.append(sized)
+                note_run(self._children[run.child_id], run.job.kind, run.job.size, now - run.turn)
         return self._finish(request_id, now, learn=True)
 
     def _finish(self, request_id: int, now: float, *, learn: bool) -> bool:
@@ -330,15 +336,16 @@ class Scheduler:
             or self._dirty
             or self._pipelined_stages
             or self._any_locks
-            or self._deadlines
-            or self._queues.with_deadline
             or take_back_due
+            or timed_due(self._deadlines, self._held_until, self._queues, now)
         ):
-            return []  # nothing changed, no deadline can have passed, nothing to take back
+            return []  # nothing changed, no deadline has passed, nothing to take back
         out: list[Decision] = []
         if take_back_due:
             self._take_back(now, out)
-        for run, deadline in self._passed_deadlines(now):
+        for run, deadline in passed_deadlines(
+            self._deadlines, self._running, now, self._incremental
+        ):
             run.cancelled = True
             rid, cid = run.job.request_id, run.child_id
             late = f"{now - deadline:.1f}s ago while running on {cid}"
@@ -385,11 +392,15 @@ class Scheduler:
                 else:
                     hold: HeldBack | None = None  # kept off the children it is doomed on
                     ests, sized = None, job.deadline is not None and job.size > 0  # (judged)
-                    if (free is not False and sized) and (free := free or free_slot(children)):
+                    # No run known dooms it (most deadlines): judged only if it cannot start.
+                    later = sized and judging and self._incremental and beyond_any_run(job, children, now)  # fmt: skip
+                    if (free is not False and sized and not later) and (free := free or free_slot(children)):  # fmt: skip
                         ests, hold, changes = judge(job, children, now, self.breaker.can_serve, known)  # fmt: skip
                     skip = hold.skip if hold else None
                     pick = (None, 0) if full else self._pick(stage, reserved, now, job, skip)
                     child, others = pick
+                    if child is None and later and (free is not False) and (free := free or free_slot(children)):  # fmt: skip
+                        ests, hold, changes = judge(job, children, now, self.breaker.can_serve, known)  # fmt: skip
                     if child is None and (job.avoid or (hold and hold.blocks())):
                         verdicts.append((hold, bool(job.avoid), changes))
                         aside.append(self._queues.set_aside(queue))
@@ -398,7 +409,7 @@ class Scheduler:
                     if child is None:
                         break
                     self._queues.pop(queue, job)
-                    if judging and not hold and sized and (why := refusal(job, estimates(job, children, known) if ests is None else ests, now, NOT_SENT)):  # fmt: skip
+                    if judging and not hold and sized and not later and (why := refusal(job, estimates(job, children, known) if ests is None else ests, now, NOT_SENT)):  # fmt: skip
                         out.append(Fail(job.request_id, why, late=True))  # (doomed.py)
                         job = self._queues.peek(queue)
                         continue
@@ -430,13 +441,6 @@ class Scheduler:
         self._all_dirty = False
         return out
 
-    def _passed_deadlines(self, now: float) -> list[tuple[_Running, float]]:
-        """Running jobs not cancelled yet whose deadline is at or before `now`, in start order."""
-        if not self._incremental:
-            runs = self._running.values()
-            return [(r, d) for r in runs if not r.cancelled and (d := r.job.deadline) is not None and now >= d]  # fmt: skip
-        return passed_deadlines(self._deadlines, self._running, now)
-
     def next_wakeup(self) -> float | None:
         """The earliest time at which decide() has a deadline to act on, a pipelined child
         becomes able to take the next queued job, or time dooms a job judged on one more child
@@ -457,11 +461,8 @@ class Scheduler:
                 heapq.heappop(heap)
             times = [heap[0][0]] if heap else []  # the earliest of a running job not cancelled
         else:
-            times = [
-                run.job.deadline
-                for run in self._running.values()
-                if not run.cancelled and run.job.deadline is not None
-            ]
+            runs = self._running.values()
+            times = [d for r in runs if not r.cancelled and (d := r.job.deadline) is not None]
         if self._queueing:
             times.append(self._next_take_back())
         times += self.breaker.benches.values()  # a benched child may take a job then

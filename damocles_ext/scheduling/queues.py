@@ -100,6 +100,14 @@ class JobQueues:
                 return f_job
         return queued[rid][1]
 
+    def deadline_due(self, now: float) -> bool:
+        """Whether a queued job's deadline may be due by `now`: the earliest in a stage's heap
+        lane (its removed jobs' entries go lazily: due, maybe, sooner)."""
+        for q in self.stages.values():  # noqa: SIM110  (a plain loop: per decision)
+            if q.heap and q.heap[0][0][0] <= now:
+                return True
+        return False
+
     def pop(self, q: StageQueue, job: Job) -> None:
         """Take `job`, which `peek` just returned, off the head of its stage's queue."""
         if q.fifo and q.fifo[0][1] == job.request_id:
