@@ -204,7 +204,7 @@ class ChildRuntime:
 
     # -- output ---------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> bool:
+    def _write(self, data: bytes | bytearray) -> bool:
         """Write a whole frame; False (and the loop is woken to exit) if the parent is gone."""
         try:
             n = os.write(self.out_fd, data)

@@ -49,7 +49,7 @@ class _DextCodec:
         self._decoder = dext.FrameDecoder()
         self.fatal_errors: tuple[type[Exception], ...] = (dext.ProtocolError,)
 
-    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytes:
+    def hello(self, stage: str, prover: str, version: str, capacity: int) -> bytearray:
         return dext.encode(
             dext.Hello(dext.PROTOCOL_VERSION, stage, os.getpid(), prover, version, capacity, QUEUE)
         )
@@ -64,11 +64,13 @@ class _DextCodec:
                 items[i] = _Bad(None, f"unexpected {type(msg).__name__} frame")
         return items
 
-    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
+    def response(
+        self, id: int, output: Output | None = None, error: str | None = None
+    ) -> bytes | bytearray:
         frame = dext.encode(dext.Response(id, output, error))
         return _bounded(frame, dext.HEADER_SIZE + dext.DEFAULT_MAX_FRAME_SIZE, "a dext frame")
 
-    def progress(self, id: int, phase: str, done: int, total: int) -> bytes | None:
+    def progress(self, id: int, phase: str, done: int, total: int) -> bytearray | None:
         return dext.encode(dext.Progress(id, phase, done, total))
 
 
@@ -104,7 +106,9 @@ class _JsonlCodec:
             out.append(req)
         return out
 
-    def response(self, id: int, output: Output | None = None, error: str | None = None) -> bytes:
+    def response(
+        self, id: int, output: Output | None = None, error: str | None = None
+    ) -> bytes | bytearray:
         if output is None and error is None:
             error = "prover returned no output"
         line = jsonl.encode_response(id, output if error is None else None, error)
@@ -114,7 +118,7 @@ class _JsonlCodec:
         return None
 
 
-def _bounded(data: bytes, limit: int, what: str) -> bytes:
+def _bounded(data: bytes | bytearray, limit: int, what: str) -> bytes | bytearray:
     """`data`, unless it is longer than the supervisor reads in one message: it would take this
     child for broken, kill it, and retry the request on another, which fails the same way."""
     if len(data) > limit:

@@ -44,7 +44,7 @@ from .frontends.outbox import Outbox
 from .parked import Parked
 from .protocol import control as control_protocol
 from .protocol import dext
-from .tasks import Output, Task, request_problem, task_problem
+from .tasks import Output, Task, request_problem, task_check
 
 if TYPE_CHECKING:
     from .status import StatusDocument
@@ -125,13 +125,13 @@ class Client:
         check_trio_run("Client.submit()", self._token)
         self._check_open()
         request_id = next(self._ids)
-        if (problem := request_problem(task, deadline, priority)) is None:
-            problem = task_problem(task)
-        if problem is not None:
+        checked = request_problem(task, deadline, priority) or task_check(task)
+        if isinstance(checked, str):
             # Sent, it would break the protocol: the supervisor would drop the connection.
-            raise UsageError(f"request {request_id} {problem}")
-        try:
-            frame = dext.encode(dext.Request(request_id, task, deadline, priority))
+            raise UsageError(f"request {request_id} {checked}")
+        try:  # (the task as its check encoded it, not encoded again)
+            request = dext.RawRequest(request_id, msgspec.Raw(checked), deadline, priority)
+            frame = dext.encode(request)
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             # E.g. a number over 64 bits: the caller's mistake, before anything was sent.
             raise UsageError(f"request {request_id} cannot be sent: {exc}") from None

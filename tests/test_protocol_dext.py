@@ -276,3 +276,19 @@ def test_whole_frames_before_bad_bytes_after_a_buffered_start_come_with_the_erro
     with pytest.raises(dext.ProtocolError, match="exceeds the maximum") as info:
         dec.receive_data(frame[3:] + b"\xff\xff\xff\xff")
     assert info.value.messages == [dext.Response(1, error="x")]
+
+
+@pytest.mark.parametrize("task", [WINDOW, WINNING])
+@pytest.mark.parametrize(("deadline", "priority"), [(None, 0), (1_800_000_000.5, -3), (12, 2**62)])
+def test_a_request_with_its_task_encoded_already_is_the_same_frame(task, deadline, priority):
+    # The supervisor and the client send the task's bytes from its check (tasks.task_check):
+    # a child reads the very frame a Request makes.
+    from damocles_ext.tasks import task_check
+
+    encoded = task_check(task)
+    assert isinstance(encoded, bytes)
+    raw = dext.RawRequest(9, msgspec.Raw(encoded), deadline, priority)
+    assert dext.encode(raw) == dext.encode(dext.Request(9, task, deadline, priority))
+    assert dext.FrameDecoder().receive_data(dext.encode(raw)) == [
+        dext.Request(9, task, deadline, priority)
+    ]

@@ -175,6 +175,28 @@ async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path,
     assert [sorted(miners) for miners in sent if miners] == [[1, 2, 3, 4]]
 
 
+async def test_a_callers_task_is_encoded_once_by_its_check_and_sent_as_those_bytes(monkeypatch):
+    # submit() checks the caller's task by encoding it as its child will read it: that msgpack
+    # goes to the dext child as it is (not encoded again), and the child proves the task.
+    from damocles_ext.supervisor import connection
+    from damocles_ext.tasks import task_check
+
+    sent: list[msgspec.Struct] = []
+    real_encode = connection.dext.encode
+
+    def spy(message: msgspec.Struct) -> bytes:
+        sent.append(message)
+        return real_encode(message)
+
+    monkeypatch.setattr(connection.dext, "encode", spy)
+    task = window_task(miner=7)
+    async with open_supervisor([spec(builtin_child())]) as sup:
+        await sup.wait_ready("window_post", 1)
+        assert await sup.submit(task) == echo_output(task)
+    [request] = [m for m in sent if isinstance(m, (dext.Request, dext.RawRequest))]
+    assert isinstance(request, dext.RawRequest) and bytes(request.task) == task_check(task)
+
+
 async def test_a_request_queued_behind_a_long_one_is_taken_back_and_answered_once(
     tmp_path, mock_clock
 ):

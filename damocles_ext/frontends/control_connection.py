@@ -63,7 +63,7 @@ class Connection:
         self._wake = trio.Event()
         # A response written at once by its own task (see _queue_response) that the socket did
         # not take whole: the writer sends the rest first, and counts that response as answered.
-        self._head = b""
+        self._head: bytes | bytearray = b""
         self._head_responses = 0
         self._writing = False
         self._fd = stream_fd(stream)

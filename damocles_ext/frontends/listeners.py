@@ -183,7 +183,7 @@ async def serve_connections(
         nursery.start_soon(handle, stream)
 
 
-async def send_last(stream: trio.abc.SendStream, data: bytes) -> None:
+async def send_last(stream: trio.abc.SendStream, data: bytes | bytearray) -> None:
     """Write a connection's last words (why it is closed), given up after a second: a peer
     that does not read must not hold the descriptor."""
     with trio.move_on_after(1):

@@ -39,7 +39,7 @@ def stream_fd(stream: object) -> int | None:
     return None
 
 
-def write_now(fd: int, data: bytes) -> int:
+def write_now(fd: int, data: bytes | bytearray) -> int:
     """How much of `data` one non-blocking write put in the kernel (0 when none, or when the
     write failed: `send_all` then meets the same error and reports it)."""
     try:
@@ -54,7 +54,7 @@ class Outbox:
     def __init__(self, stream: trio.abc.SendStream) -> None:
         self._stream = stream
         self._fd = stream_fd(stream)
-        self._queue: list[tuple[bytes, Written | None]] = []
+        self._queue: list[tuple[bytes | bytearray, Written | None]] = []
         self._wake = trio.Event()
         self._writing = False
         self._closing = False
@@ -66,7 +66,9 @@ class Outbox:
         """Nothing queued and no write under way."""
         return not self._queue and not self._writing
 
-    def send(self, data: bytes, written: Written | None = None, *, at_once: bool = True) -> None:
+    def send(
+        self, data: bytes | bytearray, written: Written | None = None, *, at_once: bool = True
+    ) -> None:
         """Write `data` after everything sent before it; never blocks. `at_once=False` leaves
         it to the writer even when the stream is idle, to be joined with what else is sent in
         this pass of the loop."""

@@ -64,6 +64,8 @@ class TrackedRequest(msgspec.Struct, eq=False):
     #: step fails everywhere (vanilla proofs that prove nothing are no SNARK child's fault).
     refusals: list[tuple[str, float, ProcessRecord]] = msgspec.field(default_factory=list)
     current: Attempt | None = None  # the attempt running for it, not abandoned
+    #: Its task as msgpack, from the check of the caller's task: what a dext child is sent.
+    task_msgpack: bytes | None = None
 
     @property
     def breaker_key(self) -> int:

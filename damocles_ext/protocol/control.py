@@ -101,7 +101,7 @@ def frame_decoder(max_frame_size: int = dext.DEFAULT_MAX_FRAME_SIZE) -> dext.Fra
     return dext.FrameDecoder(max_frame_size, message_type=ControlMessage)
 
 
-def encode(message: ControlMessage) -> bytes:
+def encode(message: ControlMessage) -> bytearray:
     """One whole frame (the dext/1 layout) for any control message."""
     return dext.encode(message)
 

@@ -125,7 +125,8 @@ class Process:
     def __init__(self, proc: ChildProcess, conn: ChildConnection) -> None:
         self.proc = proc
         self.conn = conn
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](math.inf)
+        channel = trio.open_memory_channel[bytes | bytearray](math.inf)  # frames to write
+        self.send_channel, self.receive_channel = channel
         self.wake = trio.Event()  # something for the child task to look at
         self.down_reason: str | None = None
         self.handshake_scope = trio.CancelScope()
@@ -521,7 +522,7 @@ def _kill_broken(host: ChildHost, child: Child, p: Process, data: bytes, exc: Ex
     kill(host, child, p, f"broke the protocol: {exc}")
 
 
-def send(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
+def send(host: ChildHost, child: Child, p: Process, data: bytes | bytearray) -> None:
     """Write to the child's stdin without blocking dispatch."""
     if p.queued_writes == 0 and p.down_reason is None:
         # The writer task is idle: write directly (the pipe is non-blocking), which saves a
@@ -537,8 +538,7 @@ def send(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
             return
         data = data[n:]
     if p.queued_writes == 0:
-        # The pipe is full from now on; the writer tells the book each time the child takes
-        # bytes (the StdinTimeoutSecs watch).
+        # The pipe is full; the writer tells the book each time the child takes bytes (below).
         host.book.stdin_blocked(child.name, trio.current_time())
     p.queued_writes += 1
     try:
@@ -569,7 +569,7 @@ async def _writer(host: ChildHost, child: Child, p: Process) -> None:
             mark_down(host, child, p, "its stdin pipe broke")
 
 
-async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
+async def _write_all(host: ChildHost, child: Child, p: Process, data: bytes | bytearray) -> None:
     """FdStream.send_all, noting when the child takes bytes (the StdinTimeoutSecs watch)."""
     view = memoryview(data)
     while view:

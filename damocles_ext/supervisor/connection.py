@@ -232,20 +232,26 @@ class ChildConnection:
     # -- what we write -----------------------------------------------------------------------
 
     def encode_request(
-        self, child_rid: int, task: Task, deadline: float | None = None, priority: int = 0
-    ) -> bytes:
-        """The bytes that send request `child_rid` (deadline: unix time, dext only)."""
+        self, child_rid: int, task: Task, deadline: float | None = None, priority: int = 0,
+        task_msgpack: bytes | None = None,
+    ) -> bytes | bytearray:  # fmt: skip
+        """The bytes that send request `child_rid` (deadline: unix time, dext only;
+        `task_msgpack`: `task` encoded already, sent as it is)."""
         if self.protocol == "dext":
+            if task_msgpack is not None:
+                raw = msgspec.Raw(task_msgpack)
+                return dext.encode(dext.RawRequest(child_rid, raw, deadline, priority))
             return dext.encode(dext.Request(child_rid, task, deadline, priority))
         return jsonl.encode_request(child_rid, task)
 
     def request_or_why(
-        self, child_rid: int, task: Task, deadline: float | None, priority: int, rid: int
-    ) -> bytes | str:
+        self, child_rid: int, task: Task, deadline: float | None, priority: int, rid: int,
+        task_msgpack: bytes | None = None,
+    ) -> bytes | bytearray | str:  # fmt: skip
         """`encode_request`'s bytes, or why no child can be sent this task, a sentence about
         the supervisor's request `rid`."""
         try:
-            data = self.encode_request(child_rid, task, deadline, priority)
+            data = self.encode_request(child_rid, task, deadline, priority, task_msgpack)
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             # E.g. an id over 2**64 - 1 from an API caller.
             return f"request {rid} ({stage_of(task)}): its task cannot be sent to a prover child: {exc}"
@@ -260,13 +266,13 @@ class ChildConnection:
             )
         return data
 
-    def encode_cancel(self, child_rid: int) -> bytes | None:
+    def encode_cancel(self, child_rid: int) -> bytearray | None:
         """The bytes that cancel `child_rid`, or None: a JSON-lines child cannot be cancelled."""
         if self.protocol == "dext":
             return dext.encode(dext.Cancel(child_rid))
         return None
 
-    def encode_shutdown(self) -> bytes | None:
+    def encode_shutdown(self) -> bytearray | None:
         """The bytes asking the child to finish and exit (None: close its stdin instead)."""
         if self.protocol == "dext":
             return dext.encode(dext.Shutdown())

@@ -58,7 +58,7 @@ from ..tasks import (
     replicas_refusal,
     request_problem,
     stage_of,
-    task_problem,
+    task_check,
 )
 from . import child_loop
 from .arguments import check_arguments, coerce_children
@@ -141,7 +141,7 @@ class Supervisor:
         self._rids = itertools.count(1)
         self._waiters: dict[int, Waiter] = {}  # callers waiting, by request id
         self._applying = 0  # _apply calls under way (they nest)
-        self._pending: dict[str, tuple[Child, Process, list[bytes]]] = {}  # see _write
+        self._pending: dict[str, tuple[Child, Process, list[bytes | bytearray]]] = {}  # _write
         self._wake = trio.Event()  # the driver looks at the book's next_wakeup again
         self._armed = math.inf  # when the driver wakes up next
         # trio.current_time, or the run's clock read directly once run() began (calls fewer).
@@ -257,12 +257,13 @@ class Supervisor:
         With the split WindowPoSt tables, a WindowPoSt runs as two requests, its vanilla step
         and then its SNARK step, both with its deadline and priority (`split.prove_split`).
         """
-        if isinstance(task, Task) and (problem := task_problem(task)) is not None:
+        encoded = task_check(task) if isinstance(task, Task) else None
+        if isinstance(encoded, str):
             rid = next(self._rids)
-            raise numbered(UsageError(f"request {rid} {problem}"), rid)
+            raise numbered(UsageError(f"request {rid} {encoded}"), rid)
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
-            return (await self._submit_waiter(task, *how)).result()
+            return (await self._submit_waiter(task, *how, encoded=encoded)).result()
         # To the caller a split WindowPoSt is one request: one in flight as shutdown begins may
         # take its SNARK step within the grace, and _drain waits for it between the two steps.
         self._split_in_flight += 1
@@ -283,15 +284,16 @@ class Supervisor:
         in_flight: bool = False,
         avoid: frozenset[str] | None = None,
         judged_later: bool = False,
+        encoded: bytes | None = None,
     ) -> Waiter:
         """Submit `task` and wait for its answer: its waiter, answered (split.py reads which
         child answered; `avoid`: children not to send it to while another can serve;
-        `judged_later`: a vanilla step, see TrackedRequest)."""
+        `judged_later`: a vanilla step, see TrackedRequest; `encoded`: task_check's bytes)."""
         check_trio_run("Supervisor.submit()", None if self._finished else self._token)
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's rule).
         await trio.lowlevel.checkpoint_if_cancelled()
         waiter = self._begin(
-            task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid
+            task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid, encoded
         )
         waiter.tracked.judged_later = judged_later  # (no answer can come before the wait)
         try:
@@ -345,6 +347,7 @@ class Supervisor:
         on_done: Callable[[Output | None, ProverError | None], None] | None,
         in_flight: bool,
         avoid: frozenset[str] | None,
+        encoded: bytes | None = None,
     ) -> Waiter:
         """Book a new request and dispatch what follows; its waiter (it may be answered)."""
         rid = next(self._rids)
@@ -369,6 +372,7 @@ class Supervisor:
                 avoid=avoid,
                 out=out,
             )
+            tracked.task_msgpack = encoded  # (before the effects: a Send among them reads it)
             waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
         finally:  # even after a bug of ours: what the book answered reaches its callers
             self._apply(out)
@@ -474,7 +478,7 @@ class Supervisor:
         finally:
             self._apply(out)
 
-    def _write(self, child: Child, p: Process, data: bytes) -> None:
+    def _write(self, child: Child, p: Process, data: bytes | bytearray) -> None:
         pending = self._pending.get(child.name)
         if pending is None or pending[1] is not p:
             if pending is not None:
@@ -531,7 +535,7 @@ class Supervisor:
             self._tell(self._book.child_lost, child.name, now, "its process was gone")
             return
         data = p.conn.request_or_why(
-            effect.child_rid, req.task, req.deadline_unix, req.priority, req.rid
+            effect.child_rid, req.task, req.deadline_unix, req.priority, req.rid, req.task_msgpack
         )
         if isinstance(data, str):  # no child can be sent this task
             now = trio.current_time()
