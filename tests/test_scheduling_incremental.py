@@ -242,8 +242,13 @@ wake = st.tuples(st.just("wake"))  # the time next_wakeup says, and a decision t
 tick = st.tuples(st.just("tick"), st.floats(0, 8))
 # Work of other stages, some sharing a WindowPoSt child's GPU (MIXED: sn0 and wd1, lower first).
 elsewhere = st.tuples(st.just("submit"), st.sampled_from([WIN, SNARK]), st.none(), st.just(0))
+# A child's GPU slows down or speeds up: its longest run known moves (how far a deadline must be
+# for its job to start unjudged: doomed.py).
+faster_or_slower = st.tuples(st.just("speed"), st.integers(0, 2), st.sampled_from([1.0, 6.0, 90.0]))
 # Weighted by hand: one_of flattens `other` into its six branches, which would outweigh the rest.
-judged = st.sampled_from((sized, sized, sized, proved, proved, wake, tick, elsewhere, other))
+judged = st.sampled_from(
+    (sized, sized, sized, proved, proved, wake, tick, elsewhere, other, faster_or_slower)
+)
 judged = judged.flatmap(lambda ops: ops)
 speeds = st.lists(st.sampled_from([2.0, 6.0, 20.0, 45.0]), min_size=3, max_size=3)
 
@@ -253,10 +258,11 @@ def child_of(t: Twins, rid: int) -> str:
 
 
 def prove_at_speed(t: Twins, speed: dict[str, float], index: int, decide: bool = True) -> None:
-    """The running job at `index` answers with a proof once its child's time since its start
-    has passed (time goes on to then)."""
+    """The running job at `index` answers with a proof once its child's time since its start,
+    per replica, has passed (time goes on to then): a bigger job takes longer."""
     rid = t.running[index % len(t.running)]
-    t.now = max(t.now, t.started[rid] + speed.get(child_of(t, rid), 1.0))
+    size = max(1, t.fast._running[rid].job.size)
+    t.now = max(t.now, t.started[rid] + speed.get(child_of(t, rid), 1.0) * size)
     t.step(("finish", t.running.index(rid), False), decide)
 
 
@@ -294,6 +300,8 @@ def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(
         if op[0] == "prove":
             if t.running:
                 prove_at_speed(t, speed, op[1], decide)
+        elif op[0] == "speed":
+            speed[sorted(speed)[op[1] % len(speed)]] = op[2]
         elif op[0] == "wake":
             when = t.both("next_wakeup")
             t.now = t.now if when is None else max(t.now, when)
