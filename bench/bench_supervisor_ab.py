@@ -10,6 +10,8 @@ with trivial requests (a 1-replica WindowPoSt, the `echo` prover):
 
 * 256 in flight on 2 children (--requests, default 8192): requests/s and this process's CPU per
   request (`time.process_time`: the supervisor and its callers; the children are not in it);
+* the same with each request given the deadline `run` and `serve` give one that comes without
+  (40 min), as every request damocles sends has one: what tracking and judging it costs;
 * one at a time on 1 child (--requests / 4): the same two figures;
 * the dispatch policy alone (`Scheduler`, no process, no trio; --requests x 8 jobs): submit,
   decide, finish (a proof), decide and next_wakeup of one job at a time on one child: jobs/s and
@@ -42,6 +44,7 @@ from damocles_ext.supervisor.core import Supervisor
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
 n, in_flight, children = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+deadline_after = float(sys.argv[4])  # 0: no deadline
 task = WindowPoSt(1000, "StackedDrgWindow2KiBV1_2",
                   [PoStReplicaInfo(1, bytes(32), "/mnt/cache/s-1", "/mnt/sealed/s-1")],
                   bytes(range(32)))
@@ -55,7 +58,10 @@ async def main():
 
         async def caller(k):
             for _ in range(k):
-                await sup.submit(task)
+                if deadline_after:
+                    await sup.submit(task, deadline=time.time() + deadline_after)
+                else:
+                    await sup.submit(task)
 
         async def flood(total):
             async with trio.open_nursery() as callers:
@@ -141,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --compare-with {other}: not a damocles-ext checkout"
                     " (no damocles_ext/supervisor/core.py there)\n")  # fmt: skip
     ways = {"this checkout": ROOT, str(other): other}
-    modes = {"256 in flight, 2 children": (DRIVER, args.requests, 256, 2),
-             "1 at a time, 1 child": (DRIVER, max(1, args.requests // 4), 1, 1),
+    modes = {"256 in flight, 2 children": (DRIVER, args.requests, 256, 2, 0),
+             "256 in flight, 2 children, a 40-min deadline": (DRIVER, args.requests, 256, 2, 2400),
+             "1 at a time, 1 child": (DRIVER, max(1, args.requests // 4), 1, 1, 0),
              "the policy alone, 1 at a time": (SCHEDULER_DRIVER, args.requests * 8)}  # fmt: skip
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {
         m: {w: [] for w in ways} for m in modes
