@@ -67,15 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         line = jsonl.encode_response(1, output)
         return jsonl.decode_response(line, "window_post")
 
-    # Both must actually round-trip before they are timed.
-    assert dext_request().task == task and jsonl_request().task == task
-    assert dext_output().output == output and jsonl_output().output == output
-
-    sizes = {
-        "dext_request_bytes": len(dext.encode(dext.Request(id=1, task=task))),
-        "jsonl_request_bytes": len(jsonl.encode_request(1, task)),
-    }
-
     def frame_only() -> dict:
         calls = [0]
 
@@ -88,9 +79,19 @@ def main(argv: list[str] | None = None) -> None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
         return timed | {"minor_faults_per_call": faults / calls[0]}
 
-    # The frame alone first, while this process's heap is small (as a supervisor's may be
-    # between large requests), and again once the round trips below have grown it.
+    # The frame alone first, before anything else grew this process's heap (as a supervisor's
+    # may be small between large requests), and again once the round trips have grown it.
     frames = {"first": frame_only()}
+
+    # Both must actually round-trip before they are timed.
+    assert dext_request().task == task and jsonl_request().task == task
+    assert dext_output().output == output and jsonl_output().output == output
+
+    sizes = {
+        "dext_request_bytes": len(dext.encode(dext.Request(id=1, task=task))),
+        "jsonl_request_bytes": len(jsonl.encode_request(1, task)),
+    }
+
     timings = {
         "request": {"dext": time_call(dext_request), "jsonl": time_call(jsonl_request)},
         "output": {"dext": time_call(dext_output), "jsonl": time_call(jsonl_output)},
