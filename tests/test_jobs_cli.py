@@ -204,7 +204,10 @@ def test_a_damaged_store_is_said_so_with_what_to_do(tmp_path, capsys):
     size = (tmp_path / "jobs.db").stat().st_size
     with open(tmp_path / "jobs.db", "r+b") as f:  # cut short, as by a full disk or a bad copy
         f.truncate(size // 2)
-    for command in (["wdpost", "list", "--jobs", url], ["coordinator", "--jobs", url]):
+    # (The coordinator binds its port before it opens the store: an ephemeral one, not 1789,
+    # which another test, or anything on this machine, may hold.)
+    coordinator = ["coordinator", "--listen", "127.0.0.1:0", "--jobs", url]
+    for command in (["wdpost", "list", "--jobs", url], coordinator):
         assert cli.main(command) != 0
         err = capsys.readouterr().err
         assert "is damaged (database disk image is malformed): restore it from a backup" in err
@@ -262,13 +265,13 @@ def _a_store_this_user_may_not_read(tmp_path: Path) -> None:
 
 def test_a_store_in_a_directory_that_does_not_exist_is_a_mistake_in_the_url(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/nodir/jobs.db"
-    assert cli.main(["coordinator", "--jobs", url]) == 2
+    assert cli.main(["coordinator", "--listen", "127.0.0.1:0", "--jobs", url]) == 2
     assert f"its directory '{tmp_path}/nodir' does not exist: create it" in capsys.readouterr().err
 
 
 def test_a_store_url_naming_a_directory_is_a_mistake_in_the_url_that_says_so(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}"
-    assert cli.main(["coordinator", "--jobs", url]) == 2
+    assert cli.main(["coordinator", "--listen", "127.0.0.1:0", "--jobs", url]) == 2
     err = capsys.readouterr().err
     assert f"'{tmp_path}' is a directory: give the path of a file in it" in err
     assert "writable" not in err
@@ -367,7 +370,12 @@ def test_remove_all_prints_a_servers_job_id_without_its_control_characters():
 
 @pytest.mark.parametrize(
     "command",
-    [["wdpost", "list"], ["status"], ["coordinator"], ["serve", "window_post"]],
+    [
+        ["wdpost", "list"],
+        ["status"],
+        ["coordinator", "--listen", "127.0.0.1:0"],
+        ["serve", "window_post"],
+    ],
     ids=["wdpost", "status", "coordinator", "serve"],
 )
 def test_a_store_url_with_bytes_that_are_not_utf8_is_refused_saying_which(tmp_path, command):
@@ -459,7 +467,9 @@ def test_a_store_url_that_cannot_be_parsed_is_quoted_without_its_password(capsys
          ' "requir"): check its port and query parameters against libpq\'s connection options')),
     ],
 )  # fmt: skip
-@pytest.mark.parametrize("command", [["wdpost", "list"], ["coordinator"]])
+@pytest.mark.parametrize(
+    "command", [["wdpost", "list"], ["coordinator", "--listen", "127.0.0.1:0"]]
+)
 def test_a_postgresql_url_parameter_libpq_refuses_is_a_mistake_in_the_url(
     postgres_url, capsys, extra, said, command
 ):
