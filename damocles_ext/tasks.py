@@ -295,11 +295,11 @@ def task_check(task: Task) -> str | bytes:
     """Why a caller's task cannot be sent (after "request N "): what in it, a Struct the caller
     built, its child could not read (msgspec checks a Struct's fields when it decodes one, not
     when it is built: a 31-byte seed, a negative miner id or an unknown proof type killed every
-    child it was sent to) or what cannot be encoded at all (an id over 64 bits), or None. The
-    check is the child's: the task encoded and decoded as its type. Then what no prover can
-    prove (replicas_problem: no replicas, a sector twice), which every child refused in turn,
-    each refusal counted as the child's failure. Else the task as the check encoded it: the
-    msgpack a dext frame carries as it is (`dext.RawRequest`), the task not encoded again."""
+    child it was sent to) or what cannot be encoded at all (an id over 64 bits). The check is
+    the child's: the task encoded and decoded as its type. Then what no prover can prove
+    (replicas_problem: no replicas, a sector twice), which every child refused in turn, each
+    refusal counted as the child's failure. With nothing wrong, the task as the check encoded
+    it: the msgpack a dext frame carries as it is (`dext.RawRequest`), not encoded again."""
     kind = type(task)
     decoder = _task_decoders.get(kind)
     if decoder is None:
