@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -310,11 +311,11 @@ async def test_a_process_that_outlives_sigkill_keeps_its_locks_logged_until_it_e
                 " else runs on them meanwhile (status: `exiting`), for 25s at most"
             )
             assert held == [said]
-            assert reaper.unreaped == [proc]
+            assert list(reaper.unreaped) == [proc]
             await proc.stdin.aclose()  # it exits
             with trio.fail_after(10):
                 await exited.wait()
-            assert reaper.unreaped == []
+            assert not reaper.unreaped
             assert f"{WD}#0 (pid {proc.pid}): exited at last; gpu:0 free" in caplog.text
             # Both records carry the child's fields (JSON logs), with this process's pid.
             about = [r for r in caplog.records if f"(pid {proc.pid})" in r.getMessage()]
@@ -355,7 +356,7 @@ async def test_the_locks_of_a_process_stuck_for_good_are_freed_after_a_bound_say
             with trio.fail_after(KEEP_LOCKS_FOR + 30):  # on the mock clock: the bound's
                 await told[0].wait()
             assert freed[0] - kept_at == pytest.approx(KEEP_LOCKS_FOR, abs=1.5)
-            assert reaper.unreaped == [proc]  # still waited for
+            assert list(reaper.unreaped) == [proc]  # still waited for
             said = [r for r in caplog.records if "stuck for good" in r.getMessage()]
             assert len(said) == 1 and said[0].levelname == "ERROR"
             assert "gpu:0 free now" in said[0].getMessage()
@@ -364,7 +365,7 @@ async def test_the_locks_of_a_process_stuck_for_good_are_freed_after_a_bound_say
             await proc.stdin.aclose()
             with trio.fail_after(30):
                 await told[1].wait()
-            assert reaper.unreaped == []
+            assert not reaper.unreaped
             assert f"{WD}#0 (pid {proc.pid}): exited at last" in caplog.text
             assert "exited at last; gpu:0 free" not in caplog.text  # freed already
             scope.cancel()
@@ -395,7 +396,17 @@ async def test_a_process_still_there_when_the_supervisor_stops_is_reaped_once_it
         await reaper.kill_everything()  # gives up after REAP_TIMEOUT (the mock clock's)
         assert proc.exit is None
         assert dead.exit is not None and dead.exit.describe() == "killed by SIGKILL"
-        os.kill(proc.pid, signal.SIGKILL)  # it dies at last, the supervisor long returned
+        # A task that waits for it all the same waits for the thread, and trio runs on: its pidfd
+        # closed, the wait called Popen.wait in the loop and froze it until the process exited
+        # (it is killed after 10 s, real time, should that happen: the test fails, not hangs).
+        guard = threading.Timer(10.0, os.kill, (proc.pid, signal.SIGKILL))
+        guard.start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proc.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert proc.exit is None  # (the loop ran on)
+            guard.cancel()
+            os.kill(proc.pid, signal.SIGKILL)  # it dies at last, the supervisor long returned
         assert join_late_reaps(10.0)  # (a real-time bound: the thread that reaps it ends)
         assert [p for p in our_descendants() if p.pid == proc.pid] == []  # no zombie
         assert proc.exit is not None and proc.exit.describe() == "killed by SIGKILL"

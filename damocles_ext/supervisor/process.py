@@ -300,6 +300,7 @@ class ChildProcess:
         self._waiting = False
         self._changed = trio.Event()
         self._known: list[psutil.Process] = []
+        self._late_reap: threading.Thread | None = None  # reap_when_it_exits' thread
 
     @property
     def returncode(self) -> int | None:
@@ -316,9 +317,12 @@ class ChildProcess:
                 continue
             self._waiting = True
             try:
-                if self._pidfd is not None:
+                if self._late_reap is not None:  # its pidfd closed: its thread reaps it
+                    await trio.to_thread.run_sync(self._late_reap.join, abandon_on_cancel=True)
+                elif self._pidfd is not None:
                     await trio.lowlevel.wait_readable(self._pidfd)
-                self._reap(self._popen.wait())
+                if self.exit is None:
+                    self._reap(self._popen.wait())
             finally:
                 self._waiting = False
                 changed, self._changed = self._changed, trio.Event()
@@ -335,11 +339,13 @@ class ChildProcess:
 
     def reap_when_it_exits(self) -> threading.Thread:
         """Reap the process once it exits, however late, on a (daemon) thread of its own: for one
-        not dead yet when no task will wait for it any more (the supervisor stops). Called in
-        trio (the pidfd is closed here); the thread is started, and may raise RuntimeError."""
+        not dead yet when no task will wait for it any more (the supervisor stops; one that does
+        waits for the thread). Called in trio (the pidfd is closed here); the thread is started,
+        and may raise RuntimeError."""
         self._close_pidfd()
         thread = threading.Thread(target=self._wait_blocking, name=f"reap {self.pid}", daemon=True)
         thread.start()
+        self._late_reap = thread
         return thread
 
     def _wait_blocking(self) -> None:
