@@ -145,15 +145,16 @@ def _mistyped_command(
 ) -> tuple[str, str] | None:
     """When `message` says the subcommand typed is none of `commands`: the word typed, and
     ' (did you mean status?)' if one is spelt alike, else ''. None for another message."""
-    import difflib
     import re
+
+    from .config.messages import closest
 
     name = argparse._get_action_name(commands)
     said = re.match(rf"argument {re.escape(str(name))}: invalid choice: (['\"])(.*?)\1", message)
     if said is None:
         return None
-    close = difflib.get_close_matches(said[2], list(commands.choices), 1, 0.6)
-    return said[2], f" (did you mean {close[0]}?)" if close else ""
+    close = closest(said[2], list(commands.choices))
+    return said[2], f" (did you mean {close}?)" if close else ""
 
 
 def _hints(parsers: list[argparse.ArgumentParser], extras: list[str]) -> list[str]:

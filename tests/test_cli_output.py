@@ -613,8 +613,9 @@ def test_a_word_after_the_subcommand_that_repeats_its_name_is_blamed_on_the_subc
     [(["chek-config", "--conf-dir", "x"], "'worker') (did you mean check-config?)\n"),
      (["statu", "--json"], "'worker') (did you mean status?)\n"),
      (["wdpost", "lst", "--jobs", "sqlite:///j.db"], "'remove-all') (did you mean list?)\n"),
+     (["Check_Config", "-c", "x"], "'worker') (did you mean check-config?)\n"),
      (["xyz", "--json"], "'coordinator', 'worker')\n")],
-    ids=["check-config", "status", "wdpost-list", "nothing-close"],
+    ids=["check-config", "status", "wdpost-list", "case-and-underscore", "nothing-close"],
 )  # fmt: skip
 def test_a_mistyped_subcommand_is_said_with_the_one_it_is_close_to_and_no_option_called_foreign(
     args: list[str], said: str

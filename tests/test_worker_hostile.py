@@ -187,6 +187,15 @@ def unreadable(job_id: str, lease: str | None = "L1") -> dict:
     return job(job_id, lease) | {"Input": None}
 
 
+def test_a_job_given_many_times_under_many_leases_is_said_in_one_bounded_line():
+    # A hostile answer repeating one job under a new lease each time: the line names five.
+    from damocles_ext.frontends.worker_state import given_twice_line
+
+    line = given_twice_line("http://m:1789/rpc/v0", {"j1": [f"L{i}" for i in range(1000)]})
+    assert "job 'j1' 1000 times, under leases L0, L1, L2, L3, L4 and 995 more)" in line, line
+    assert len(line) < 400
+
+
 async def test_allocations_of_only_jobs_failing_before_a_prover_settle_at_the_idle_poll(
     tmp_path, caplog, mock_clock
 ):
@@ -820,7 +829,7 @@ async def test_an_outage_that_met_a_refused_connection_leaves_the_next_one_to_it
     url = worker.manager_url
     failed(worker, RpcConnectionError("refused", url=url, method="Dext.HeartbeatJobs", sent=False))
     mock_clock.jump(1)
-    worker._answered()  # (an allocation answered)
+    worker.answered()  # (an allocation answered)
     assert worker.manager_reachable and not worker._outage.unconnected
     mock_clock.jump(1)
     worker._unreachable(str(RpcTimeout("no answer", url=url, method="Dext.AllocateJobs")))

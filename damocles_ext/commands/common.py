@@ -445,13 +445,13 @@ PROXY_FORMS = (
 
 def proxy_address(text: str) -> str:
     """An argparse type: a source node's address (`--proxy`), kept as given once it is one."""
-    from damocles_ext.jobs.endpoint import FORMS, parse_endpoint
+    from damocles_ext.jobs.endpoint import parse_endpoint
 
     try:
-        parse_endpoint(text)
+        parse_endpoint(text, PROXY_FORMS)
     except ValueError as exc:
-        why = str(exc).removesuffix(f"; give {FORMS}")
-        raise argparse.ArgumentTypeError(f"{why}; give {PROXY_FORMS}") from None
+        why, forms = str(exc), f"; give {PROXY_FORMS}"
+        raise argparse.ArgumentTypeError(why if why.endswith(forms) else why + forms) from None
     return text
 
 

@@ -13,7 +13,9 @@ What it does that damocles-worker's wdpost threads do not:
   or lifetime passes (then logged with the job id, never dropped silently).
 
 The rules (how many to ask for, what a failed call means, when to give up, where a sector is)
-are in jobs/worker_rules.py; this module makes the calls and waits.
+are in jobs/worker_rules.py and jobs/outage.py; this module runs the worker and asks for jobs,
+worker_jobs.py proves and delivers them, worker_beats.py heartbeats them and worker_ping.py
+pings the manager.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class Worker:
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
-        self._address: str | None = None  # the local address that reaches the manager
+        self.address: str | None = None  # the local address that reaches the manager
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
         self.unheld_stops = UnheldStops()  # when to say stops for jobs not held here
         self._over_allocated = False  # the last allocation gave more than was asked (said)
@@ -248,7 +250,7 @@ class Worker:
                 await self._wait_out(what, backoff)
                 continue
             log.info("worker name: %s (the address that reaches the manager; --name sets it)", name)
-            self._address = name
+            self.address = name
             return name
 
     async def _check_stores(self) -> None:
@@ -259,7 +261,7 @@ class Worker:
                 try:
                     info = await self._calls.call("Venus.StoreBasicInfo", name)
                 except RpcCallError as exc:
-                    self._refused_token(exc)
+                    self.refused_token(exc)
                     raise UsageError(
                         f"the manager at {self._calls.url} does not know the attached store"
                         f" {name!r} ({exc.message}); attach only the stores the manager has"
@@ -272,7 +274,7 @@ class Worker:
                         raise UsageError(str(exc)) from None
                     await self._wait_out(str(exc), backoff)
                     continue
-                self._answered()
+                self.answered()
                 if info is None:
                     raise UsageError(
                         f"the manager at {self._calls.url} does not know the attached store"
@@ -287,16 +289,18 @@ class Worker:
         self._unreachable(what)
         await trio.sleep(backoff.next_delay())
 
-    def _refused_token(self, exc: RpcCallError) -> None:
-        """A refused token: a UsageError at start; once running, the worker stops (exit 2)."""
+    def refused_token(self, exc: RpcCallError) -> bool:
+        """A refused token: a UsageError at start; once running, the worker stops (exit 2).
+        Whether the manager refuses it."""
         if exc.code != rpc.UNAUTHORIZED:
-            return
+            return self._refused is not None
         if self._sup is None:
             raise UsageError(f"the manager refused this worker's token: {exc.message}") from None
         if self._refused is None:
             self._refused = exc.message
             log.error("the manager refuses this worker's token now (%s): it stops", exc.message)
             self.stop()
+        return True
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -347,8 +351,8 @@ class Worker:
                 # no `result` is no list: a protocol error (no manager sends it for no job).
                 got = await self._calls.call(method, *params, result_type=list[Any])
             except RpcCallError as exc:
-                self._answered()
-                self._refused_token(exc)
+                self.answered()
+                self.refused_token(exc)
                 why = str(exc)
                 if failure_of(self.api, exc.code) is Failure.NO_METHOD:
                     if self.api is Api.DEXT:
@@ -364,7 +368,7 @@ class Worker:
                 self.unanswered(exc)
                 await self._pause(backoff.next_delay())
                 continue
-            self._answered(self._outage, self._refusals)
+            self.answered(self._outage, self._refusals)
             backoff.reset()
             self.counters.allocations += 1
             # Asked again at once only after a full answer with a new job: a job given again
@@ -471,9 +475,6 @@ class Worker:
     def unanswered(self, exc: RpcClientError) -> None:  # no answer, or a proxy's 502 (said once)
         self._unreachable(str(exc), connect=manager_down(exc))
 
-    def answered(self) -> None:  # (a JSON-RPC error too)
-        self._answered()
-
     def _release(self, held: HeldJob) -> None:
         if self.held.get(held.job.Id) is held:
             del self.held[held.job.Id]
@@ -507,10 +508,6 @@ class Worker:
 
     # What the ping loop sees of the worker (worker_ping.Pinging), besides its public names.
 
-    @property
-    def address(self) -> str | None:
-        return self._address
-
     def slots(self) -> int:
         capacity = runnable_capacity([(c.capacity, c.locks) for c in self._pool()])
         return free_slots(capacity, 0, self.settings.max_jobs)
@@ -525,20 +522,16 @@ class Worker:
     def now(self) -> float:
         return self._clock()
 
-    def manager_down(self, what: str) -> None:  # a call could not connect (or a proxy's 502)
+    def manager_unreachable(self, what: str) -> None:  # a call could not connect (or a 502)
         self._unreachable(what, connect=True)
 
     def beats_failed(self, what: str) -> None:  # sent and not answered, or failed by the manager
         self._unreachable(what, self._beats_failing)
 
     def beats_answered(self) -> None:
-        self._answered(self._beats_failing)
+        self.answered(self._beats_failing)
         self.heard()
         self.touch()
-
-    def refused_token(self, exc: RpcCallError) -> bool:
-        self._refused_token(exc)
-        return self._refused is not None
 
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
     # Apart: a heartbeat sent and not answered (no answer in time, cut, a proxy's 502) is judged
@@ -567,7 +560,7 @@ class Worker:
             log.info("%s", line)
             self.touch()
 
-    def _answered(self, *outages: Outage) -> None:
+    def answered(self, *outages: Outage) -> None:  # (a JSON-RPC error too; default: the manager's)
         for outage in outages or (self._outage,):
             if (line := outage.answered(trio.current_time())) is not None:
                 log.info("%s", line)

@@ -43,7 +43,7 @@ class Beating(Protocol):
         """The wall clock (a job's last heartbeat)."""
         ...
 
-    def manager_down(self, what: str) -> None:
+    def manager_unreachable(self, what: str) -> None:
         """A heartbeat could not connect, or a proxy answered 502 or 503 for the manager: the
         manager's outage (said once), which any answer ends."""
         ...
@@ -91,7 +91,7 @@ def failed(worker: Beating, exc: RpcClientError) -> None:
     the same host and port); sent and not answered, or refused, the heartbeats' own (a manager
     whose other calls answer is not said unreachable)."""
     if manager_down(exc):
-        worker.manager_down(str(exc))
+        worker.manager_unreachable(str(exc))
     else:
         worker.beats_failed(str(exc))
 

@@ -53,7 +53,7 @@ class Pinging(Protocol):
         """Something changed: the worker's waiters look again."""
         ...
 
-    def manager_down(self, what: str) -> None:
+    def manager_unreachable(self, what: str) -> None:
         """A ping could not connect, or a proxy answered 502 or 503 for the manager: the
         manager's outage (said once), which any answer ends."""
         ...
@@ -93,7 +93,7 @@ async def ping_forever(
             if manager_down(exc):
                 # No connection made, or a proxy's 502 or 503 for the manager behind it: the
                 # manager's outage (said once), not the ping's alone.
-                worker.manager_down(str(exc))
+                worker.manager_unreachable(str(exc))
             else:
                 if isinstance(exc, RpcCallError):
                     worker.heard()  # (a whole answer)

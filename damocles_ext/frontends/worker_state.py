@@ -1,5 +1,6 @@
 """What `damocles-ext worker` keeps per job it holds, and its counters (read by the status
-document and the metrics in worker_control.py)."""
+document and the metrics in worker_control.py); and what an allocation's answer brings
+(read_answer, one_per_job) and the lines that say it."""
 
 from __future__ import annotations
 
@@ -193,7 +194,8 @@ def given_twice_line(manager: str, twice: Mapping[str, Sequence[str | None]]) ->
         if len(set(leases)) == 1:
             under = f", under lease {leases[0]} each time" if leases[0] else ""
         else:
-            under = f", under leases {', '.join(lease or 'none' for lease in leases)}"
+            shown = [lease or "none" for lease in leases[:5]]  # (an answer may repeat it often)
+            under = f", under leases {some_and_more(shown, len(leases))}"
         named.append(f"job {job_id!r} {times}{under}")
     leased = any(lease for leases in twice.values() for lease in leases)
     return (

@@ -126,11 +126,12 @@ def _url(text: str) -> Endpoint:
     return Endpoint(parts.hostname, 80 if port is None else port, path)
 
 
-def parse_endpoint(text: str) -> Endpoint:
-    """The endpoint `text` names; raises ValueError naming the text and the forms it may take."""
+def parse_endpoint(text: str, forms: str = FORMS) -> Endpoint:
+    """The endpoint `text` names; raises ValueError naming the text and, where it is no address
+    at all, the forms it may take (`forms`: an option's own way of saying them)."""
     text = text.strip()
     if not text:
-        raise ValueError(f"the RPC address is empty; give {FORMS}")
+        raise ValueError(f"the RPC address is empty; give {forms}")
     if text.startswith("/"):
         return _multiaddr(text)
     if "://" in text:
@@ -138,7 +139,7 @@ def parse_endpoint(text: str) -> Endpoint:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host:
-        raise ValueError(f"{text!r} is not an RPC address; give {FORMS}")
+        raise ValueError(f"{text!r} is not an RPC address; give {forms}")
     return Endpoint(host, _port(port, text))
 
 

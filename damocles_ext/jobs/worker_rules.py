@@ -2,8 +2,10 @@
 answer or a failed call means, when to try again and when to give up, which proof types a size
 allows, where a sector's files are, and what a pulled job becomes as a task for a child.
 
-The worker's trio driver (frontends/worker.py) makes the calls and waits; every rule it follows
-is a function or a small value here, so the rules are read (and tested) in one place.
+The worker's trio driver (frontends/worker.py and its worker_*.py parts) makes the calls and
+waits; its rules are functions or small values here, but for the manager's outages
+(jobs/outage.py, which the coordinator and the producer follow too) and what an allocation's
+answer holds (frontends/worker_state.py's one_per_job), so they are read (and tested) apart.
 
 Sans-IO: no clock (times come in as arguments), no socket, no file.
 """

@@ -252,7 +252,7 @@ class Supervisor:
 
         A deadline that is not a time (NaN, inf, beyond the year 9999), a priority that is not a
         signed 64-bit whole number, or a task that is none, has a field its child could not read
-        or that no prover can prove (tasks.task_problem), is a UsageError at once.
+        or that no prover can prove (tasks.task_check), is a UsageError at once.
 
         With the split WindowPoSt tables, a WindowPoSt runs as two requests, its vanilla step
         and then its SNARK step, both with its deadline and priority (`split.prove_split`).

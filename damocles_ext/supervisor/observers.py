@@ -71,7 +71,7 @@ class Observers:
 
         Known per hook while the plugin manager's `generation` (DextPluginManager's count of
         registrations) is unchanged; a manager without one is asked each time."""
-        if self._send is None:
+        if not self.opened:
             return False
         return bool(self._inline_for(hook)) or self._plugins_want(hook)
 

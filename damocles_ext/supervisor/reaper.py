@@ -53,8 +53,8 @@ class Reaper:
     def __init__(self, running: Callable[[], Iterable[tuple[ChildProcess, str | None]]]) -> None:
         self._running = running
         self.adopter = OrphanAdopter()
-        self.unreaped: list[ChildProcess] = []  # SIGKILLed and still not dead (D state)
-        self._kept_fields: dict[ChildProcess, dict[str, Any]] = {}  # (theirs, for the last kill)
+        #: SIGKILLed and still not dead (D state), with their log fields (for the last kill).
+        self.unreaped: dict[ChildProcess, dict[str, Any]] = {}
         self._sweep_wanted = trio.Event()
         self._kept, self._to_watch = trio.open_memory_channel[_Kept](math.inf)
         # Each spawn's mark (OrphanAdopter.mark) -> its child's fields as it was spawned (its
@@ -88,9 +88,8 @@ class Reaper:
         for its exit, which `on_exit()` reports; `exiting`: its child's processes that hold
         locks until they exit (`RequestBook.exiting`), to say which this one holds; `fields`:
         the child's (`Child.fields`), which the records about it carry, its `pid` this one's."""
-        self.unreaped.append(proc)
         extra = {**(fields if fields is not None else {"child": child}), "pid": proc.pid}
-        self._kept_fields[proc] = extra
+        self.unreaped[proc] = extra
         locks = sorted({lock for pid, held, _ in exiting if pid == proc.pid for lock in held})
         if locks:
             log.error(
@@ -138,9 +137,7 @@ class Reaper:
             self._exited(proc, child, on_exit, extra)  # said again at its exit: harmless
             locks = []
         await proc.wait()
-        if proc in self.unreaped:
-            self.unreaped.remove(proc)
-            self._kept_fields.pop(proc, None)
+        self.unreaped.pop(proc, None)
         held = f"; {', '.join(locks)} free" if locks else ""
         log.warning("%s (pid %d): exited at last%s", child, proc.pid, held, extra=extra)
         self._exited(proc, child, on_exit, extra)
@@ -214,9 +211,9 @@ class Reaper:
     async def kill_everything(self) -> None:
         """The supervisor stops: SIGKILL every child's tree, reap them and the orphans."""
         running = list(self._running())
-        procs = [proc for proc, _ in running] + self.unreaped
+        procs = [proc for proc, _ in running] + list(self.unreaped)
         fields = {proc: self._spawns.get(mark or "") or {} for proc, mark in running}
-        fields |= self._kept_fields
+        fields |= self.unreaped
         for proc in procs:
             proc.kill_tree()
         with trio.move_on_after(REAP_TIMEOUT):
