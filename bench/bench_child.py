@@ -38,7 +38,7 @@ from pathlib import Path
 import msgspec
 
 from bench.baselines import FLOOR_CHILD, cpu_seconds
-from bench.runner import bench_parser, finish, goal_runs, print_table, spread
+from bench.runner import bench_parser, finish, goal_runs, mmm, print_table, rotated, share, spread
 from damocles_ext.protocol import dext
 from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt
 
@@ -207,10 +207,6 @@ def subjects(compare_with: Path | None) -> list[Subject]:
     return out
 
 
-def mmm(d: dict, fmt: str = "{:.1f}") -> str:
-    return " / ".join(fmt.format(d[k]) for k in ("min", "median", "max"))
-
-
 def measure(subs: list[Subject], n: int, repeat: int, window: int) -> dict:
     """Every subject's figures per repeat (the children are started once, warmed up first)."""
     runs: dict[str, dict[str, list[float]]] = {
@@ -230,9 +226,8 @@ def measure(subs: list[Subject], n: int, repeat: int, window: int) -> dict:
                 # measured over the same stretch of time.
                 acc = {c.subject.name: [0.0, [], 0.0, 0.0] for c in children}
                 for turn in range(SLICES):
-                    k = (r * SLICES + turn) % len(children)
-                    part = n // SLICES + (turn < n % SLICES)
-                    for child in children[k:] + children[:k]:
+                    part = share(n, SLICES, turn)
+                    for child in rotated(children, r * SLICES + turn):
                         seq = sequential(child, part)
                         pipe = pipelined(child, part, window)
                         a = acc[child.subject.name]

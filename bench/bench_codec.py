@@ -3,11 +3,13 @@
 Run: .venv/bin/python -m bench.bench_codec [--save]
 The request is one 32GiB partition's worth of replicas with realistic paths; the output is one
 192-byte proof and 10 faults. Goal: dext request round trip < 2 ms and >= 3x faster than
-JSON lines. Also printed: the dext request's frame made alone (`dext.encode`, what the
-supervisor does per request sent), with the minor page faults each one took (a frame of a few
-hundred KiB copied once more is a fresh allocation, paid in page faults whenever the heap has
-no room for it), first while the process's heap is small, and again once the round trips have
-grown it.
+JSON lines. Also printed: the dext request's frame made alone from the task (`dext.encode` of
+a Request: the task encoded, as `tasks.task_check` encodes it to check it, and the frame made),
+with the minor page faults each one took (a frame of a few hundred KiB copied once more is a
+fresh allocation, paid in page faults whenever the heap has no room for it), first while the
+process's heap is small, and again once the round trips have grown it; and the frame made
+from the task's bytes, as the supervisor makes it since the check's bytes are kept
+(`dext.RawRequest`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 import os
 import random
 import resource
+from collections.abc import Callable
+
+import msgspec
 
 from bench.runner import bench_parser, finish, print_table, time_call
 from damocles_ext.protocol import dext, jsonl
-from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput
+from damocles_ext.tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, task_check
 
 REPLICAS = 2349
 
@@ -67,12 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         line = jsonl.encode_response(1, output)
         return jsonl.decode_response(line, "window_post")
 
-    def frame_only() -> dict:
+    def frame_only(message: Callable[[], msgspec.Struct]) -> dict:
         calls = [0]
 
         def frame() -> None:
             calls[0] += 1
-            dext.encode(dext.Request(id=1, task=task))
+            dext.encode(message())
 
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         timed = time_call(frame)
@@ -81,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # The frame alone first, before anything else grew this process's heap (as a supervisor's
     # may be small between large requests), and again once the round trips have grown it.
-    frames = {"first": frame_only()}
+    def request() -> dext.Request:
+        return dext.Request(id=1, task=task)
+
+    frames = {"first": frame_only(request)}
 
     # Both must actually round-trip before they are timed.
     assert dext_request().task == task and jsonl_request().task == task
@@ -96,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         "request": {"dext": time_call(dext_request), "jsonl": time_call(jsonl_request)},
         "output": {"dext": time_call(dext_output), "jsonl": time_call(jsonl_output)},
     }
-    frames["after_round_trips"] = frame_only()
+    frames["after_round_trips"] = frame_only(request)
+    checked = msgspec.Raw(task_check(task))
+    frames["from_the_checks_bytes"] = frame_only(lambda: dext.RawRequest(1, checked))
     rows = []
     for what, t in timings.items():
         d, j = t["dext"]["median_s"], t["jsonl"]["median_s"]

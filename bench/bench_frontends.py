@@ -56,9 +56,9 @@ import msgspec
 import trio
 from damocles_ext_plugins.testing import echo_output
 
-from bench.runner import bench_parser, finish, goal_runs, print_table
+from bench.runner import bench_parser, finish, goal_runs, mmm, print_table, rotated, share
+from bench.supervisor_runs import front_end_deadline
 from bench.supervisor_runs import small_task as trivial_task
-from damocles_ext.commands.serve import DEFAULT_DEADLINE_AFTER
 from damocles_ext.config import parse_config
 from damocles_ext.protocol import jsonl
 from damocles_ext.supervisor.core import Supervisor
@@ -254,11 +254,6 @@ def flood(proc: subprocess.Popen[bytes], data: bytes, n: int, check: bool) -> tu
 # -- the measures --------------------------------------------------------------------------------
 
 
-async def round_trips(fn: Callable[[], Awaitable[object]], n: int) -> float:
-    """p50 seconds of n sequential calls."""
-    return statistics.median(await _timed(fn, n))
-
-
 async def _timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
     samples = []
     for _ in range(n):
@@ -279,11 +274,9 @@ async def interleaved_round_trips(
     drifts within seconds, and a ratio of ways measured one after the other in blocks would
     compare a fast spell with a slow one."""
     samples: dict[str, list[float]] = {name: [] for name in ways}
-    names = list(ways)
     for turn in range(TURNS):
-        k = (repeat * TURNS + turn) % len(names)  # (each way first in some turns)
-        for name in names[k:] + names[:k]:
-            samples[name] += await _timed(ways[name], n // TURNS + (turn < n % TURNS))
+        for name in rotated(list(ways), repeat * TURNS + turn):  # (each way first in some)
+            samples[name] += await _timed(ways[name], share(n, TURNS, turn))
     return {name: statistics.median(got) for name, got in samples.items()}
 
 
@@ -300,13 +293,6 @@ async def windowed(submit: Callable[[], Awaitable[object]], total: int, window: 
         for _ in range(window):
             nursery.start_soon(worker)
     return per_task * window / (time.perf_counter() - t0)
-
-
-def front_end_deadline() -> float:
-    """The deadline `run` and `serve` give a request that comes without one (their default
-    --deadline-after for window_post): the API is given it too, so that each way proves the
-    same request and a ratio is the door's cost, not that of a deadline only one way tracks."""
-    return time.time() + DEFAULT_DEADLINE_AFTER["window_post"]
 
 
 async def api_flood(sup: Supervisor, task: WindowPoSt, n: int) -> float:
@@ -363,16 +349,16 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                 async def via_raw() -> None:
                     raw.round_trip()  # blocking on purpose: a plain client
 
-                for fn in (via_api, via_api_no_deadline, via_socket, via_raw):
-                    await round_trips(fn, args.latency // 10)  # warm-up
+                ways = {
+                    "api": via_api,
+                    "api_no_deadline": via_api_no_deadline,
+                    "socket": via_socket,
+                    "raw_msgpack": via_raw,
+                }
+                for fn in ways.values():
+                    await _timed(fn, args.latency // 10)  # warm-up
                 for r in range(args.repeats):
                     print(f"repeat {r + 1}/{args.repeats} ...", flush=True)
-                    ways = {
-                        "api": via_api,
-                        "api_no_deadline": via_api_no_deadline,
-                        "socket": via_socket,
-                        "raw_msgpack": via_raw,
-                    }
                     p50s = await interleaved_round_trips(ways, args.latency, r)
                     for name, p50 in p50s.items():
                         add(f"{name}_round_trip_s", p50)
@@ -439,10 +425,6 @@ def spread(values: list[float], scale: float = 1.0) -> dict:
         "median": statistics.median(values) * scale,
         "max": max(values) * scale,
     }
-
-
-def mmm(d: dict, fmt: str = "{:.0f}") -> str:
-    return " / ".join(fmt.format(d[k]) for k in ("min", "median", "max"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -516,15 +498,15 @@ def main(argv: list[str] | None = None) -> None:
         [
             [
                 "round trip p50, 1 in flight (µs)",
-                mmm(rt["socket"]),
-                mmm(rt["api"]),
-                mmm(rt["raw_msgpack"]),
+                mmm(rt["socket"], "{:.0f}"),
+                mmm(rt["api"], "{:.0f}"),
+                mmm(rt["raw_msgpack"], "{:.0f}"),
             ],
             [
                 f"requests/s, {WINDOW} in flight",
-                mmm(rate["socket"]),
-                mmm(rate["api"]),
-                mmm(rate["raw_msgpack"]),
+                mmm(rate["socket"], "{:.0f}"),
+                mmm(rate["api"], "{:.0f}"),
+                mmm(rate["raw_msgpack"], "{:.0f}"),
             ],
         ],
         [
@@ -551,9 +533,9 @@ def main(argv: list[str] | None = None) -> None:
             ],
             [
                 "requests/s",
-                mmm(spread([args.flood / s for s in raw["serve_flood_s"]])),
-                mmm(spread([args.flood / s for s in raw["api_flood_s"]])),
-                mmm(spread([args.flood / s for s in raw["raw_jsonl_flood_s"]])),
+                mmm(spread([args.flood / s for s in raw["serve_flood_s"]]), "{:.0f}"),
+                mmm(spread([args.flood / s for s in raw["api_flood_s"]]), "{:.0f}"),
+                mmm(spread([args.flood / s for s in raw["raw_jsonl_flood_s"]]), "{:.0f}"),
             ],
         ],
         [
@@ -566,10 +548,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "The API's requests carry the deadline run and serve give one that comes without (40 min"
         " after it arrives), as the front ends' do; given none, its round trip p50 was"
-        f" {mmm(rt['api_no_deadline'])} µs (min / median / max)"
+        f" {mmm(rt['api_no_deadline'], '{:.0f}')} µs (min / median / max)"
     )
     rss = spread(raw["serve_peak_rss_mb"])
-    print(f"serve's peak RSS after a flood of {args.flood}: {mmm(rss)} MiB (min / median / max)")
+    print(
+        f"serve's peak RSS after a flood of {args.flood}: {mmm(rss, '{:.0f}')} MiB (min / median / max)"
+    )
     print()
     print_table(
         [[k, mmm(spread(v), "{:.2f}")] for k, v in ratios.items()],

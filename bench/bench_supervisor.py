@@ -83,11 +83,20 @@ from bench.baselines import (
     cpu_seconds,
     make_peers,
 )
-from bench.bench_frontends import front_end_deadline
-from bench.runner import bench_parser, finish, goal_runs, print_table, spread
+from bench.runner import (
+    bench_parser,
+    finish,
+    goal_runs,
+    print_table,
+    rotated,
+    share,
+    spread,
+    spread_runs,
+)
 from bench.supervisor_runs import (
     RunProcess,
     config_text,
+    front_end_deadline,
     idle_cost,
     other_goals,
     percentiles,
@@ -123,11 +132,6 @@ QUICK = {
 WARMUP = 50
 SLICES = 10  # turns per repeat over which the round trips of every way are taken, interleaved
 FLOOD_TURNS = 3  # turns per repeat of the throughput floods (--flood requests per way each)
-
-
-def _share(n: int, turn: int) -> int:
-    """Turn `turn`'s part of n round trips (SLICES parts, n in all)."""
-    return n // SLICES + (turn < n % SLICES)
 
 
 @dataclass
@@ -225,9 +229,8 @@ async def round_trips(
                     # turn: no way always follows another.
                     samples = {way.name: _Sample() for way in ways}
                     for turn in range(SLICES):
-                        k = (r * SLICES + turn) % len(ways)
-                        for way in ways[k:] + ways[:k]:
-                            await samples[way.name].take(way, _share(n, turn))
+                        for way in rotated(ways, r * SLICES + turn):
+                            await samples[way.name].take(way, share(n, SLICES, turn))
                     for way in ways:
                         runs.setdefault(way.name, []).append(samples[way.name].result(way))
                     if isinstance(cpipe, CPipe):
@@ -251,10 +254,9 @@ async def _flood(call: Callable[[], Awaitable[object]], m: int, in_flight: int) 
         for _ in range(count):
             outputs.append(await call())
 
-    per, extra = divmod(m, in_flight)
     async with trio.open_nursery() as nursery:
         for i in range(min(in_flight, m)):
-            nursery.start_soon(caller, per + (i < extra))
+            nursery.start_soon(caller, share(m, in_flight, i))
     return outputs
 
 
@@ -312,22 +314,19 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
             await sup.wait_ready("window_post", 2)
             pids = [c.pid for c in sup.statistics().children]
 
-            async def api() -> None:
-                outputs = await _flood(lambda: sup.submit(task), m, in_flight)
+            def checked(outputs: list) -> None:
                 if len(outputs) != m or any(o != expected for o in outputs):
                     raise RuntimeError("the supervisor answered a wrong or missing output")
+
+            async def api() -> None:
+                checked(await _flood(lambda: sup.submit(task), m, in_flight))
 
             async def api_deadline() -> None:
-                outputs = await _flood(
-                    lambda: sup.submit(task, deadline=front_end_deadline()), m, in_flight
-                )
-                if len(outputs) != m or any(o != expected for o in outputs):
-                    raise RuntimeError("the supervisor answered a wrong or missing output")
+                deadline = front_end_deadline
+                checked(await _flood(lambda: sup.submit(task, deadline=deadline()), m, in_flight))
 
             async def api_callbacks() -> None:
-                outputs = await _flood_callbacks(sup, task, m, in_flight)
-                if len(outputs) != m or any(o != expected for o in outputs):
-                    raise RuntimeError("the supervisor answered a wrong or missing output")
+                checked(await _flood_callbacks(sup, task, m, in_flight))
 
             async def trio_reference() -> None:
                 proofs = await _flood(reference.prove, m, in_flight)
@@ -357,8 +356,7 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
                 # each), the ways interleaved within each turn, a different one first each time.
                 totals = {way.name: [0.0, 0.0, 0.0] for way in ways}
                 for turn in range(FLOOD_TURNS):
-                    k = (r * FLOOD_TURNS + turn) % len(ways)
-                    for way in ways[k:] + ways[:k]:
+                    for way in rotated(ways, r * FLOOD_TURNS + turn):
                         children0 = sum(cpu_seconds(pid) for pid in way.pids)
                         cpu0 = time.process_time()
                         t0 = time.perf_counter()
@@ -567,7 +565,7 @@ def report(
         " (not the goal's way: the goal's requests have none)"
     )
     return {
-        "ratios": {k: spread(v) | {"runs": v} for k, v in ratios.items()},
+        "ratios": {k: spread_runs(v) for k, v in ratios.items()},
         "goals": {k: {"goal": g} | v for k, (g, v) in goals.items()},
     }
 
@@ -580,7 +578,7 @@ def _spreads(runs: dict) -> dict:
         for key in per_repeat[0]:
             values = [r[key] for r in per_repeat]
             if all(v is not None for v in values):
-                out[name][key] = spread(values) | {"runs": values}
+                out[name][key] = spread_runs(values)
     return out
 
 

@@ -30,8 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.runner import bench_parser, finish, print_table, spread
+from bench.runner import bench_parser, finish, print_table, spread, spread_runs
 from damocles_ext.commands.common import positive_int
+from damocles_ext.commands.serve import DEFAULT_DEADLINE_AFTER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,7 @@ class BenchError(Exception):
     """A checkout could not be measured; the message says which and why."""
 
 
-def measure(checkout: Path, driver: str, *args: int) -> tuple[float, float]:
+def measure(checkout: Path, driver: str, *args: float) -> tuple[float, float]:
     """(requests or jobs per second, CPU seconds per request or job) of `checkout` under
     `driver`, in a process of its own."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --compare-with {other}: not a damocles-ext checkout"
                     " (no damocles_ext/supervisor/core.py there)\n")  # fmt: skip
     ways = {"this checkout": ROOT, str(other): other}
+    after = DEFAULT_DEADLINE_AFTER["window_post"]  # run's and serve's, for a request without
     modes = {"256 in flight, 2 children": (DRIVER, args.requests, 256, 2, 0),
-             "256 in flight, 2 children, a 40-min deadline": (DRIVER, args.requests, 256, 2, 2400),
+             f"256 in flight, 2 children, a {after / 60:g}-min deadline": (DRIVER, args.requests, 256, 2, after),
              "1 at a time, 1 child": (DRIVER, max(1, args.requests // 4), 1, 1, 0),
              "the policy alone, 1 at a time": (SCHEDULER_DRIVER, args.requests * 8)}  # fmt: skip
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode, per_way in runs.items():
         ours, theirs = per_way["this checkout"], per_way[str(other)]
         ratios = [a[1] / b[1] for a, b in zip(ours, theirs, strict=True)]
-        results[mode] = {"cpu_ratio_ours_over_theirs": spread(ratios) | {"runs": ratios}}
+        results[mode] = {"cpu_ratio_ours_over_theirs": spread_runs(ratios)}
         for name, values in per_way.items():
             rate = spread([v[0] for v in values])
             cpu = spread([v[1] * 1e6 for v in values])

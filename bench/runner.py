@@ -116,6 +116,28 @@ def spread(values: Sequence[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def spread_runs(values: Sequence[float]) -> dict:
+    """`spread(values)` with the values themselves ("runs"), as the JSON keeps them."""
+    return spread(values) | {"runs": values}
+
+
+def mmm(figures: dict, fmt: str = "{:.1f}") -> str:
+    """A spread's min / median / max as printed: "1.0 / 2.0 / 3.0"."""
+    return " / ".join(fmt.format(figures[k]) for k in ("min", "median", "max"))
+
+
+def share(n: int, parts: int, i: int) -> int:
+    """Part `i` of n things shared out over `parts` parts as evenly as can be."""
+    return n // parts + (i < n % parts)
+
+
+def rotated(ways: Sequence, start: int) -> list:
+    """`ways` begun at `start` (modulo their number): who goes first moves turn by turn, so no
+    way always follows another."""
+    k = start % len(ways)
+    return [*ways[k:], *ways[:k]]
+
+
 def goal_runs(runs: Sequence[float], ok: Callable[[float], bool], unit: str = "") -> dict:
     """A goal is met only if every run met it: a median that meets it hides the runs that missed.
 

@@ -306,11 +306,20 @@ def test_a_goal_of_the_redispatch_idle_and_serve_figures_is_met_only_if_every_re
 
 
 def test_the_round_trips_of_a_repeat_are_shared_out_over_its_interleaved_turns():
-    from bench.bench_supervisor import SLICES, _share
+    from bench.bench_supervisor import SLICES
+    from bench.runner import rotated, share
 
     for n in (0, 1, SLICES - 1, SLICES, 1000, 1003):
-        shares = [_share(n, turn) for turn in range(SLICES)]
+        shares = [share(n, SLICES, turn) for turn in range(SLICES)]
         assert sum(shares) == n and max(shares) - min(shares) <= 1, (n, shares)
+    # Each way goes first once in as many turns as there are ways, the order kept.
+    ways = ["a", "b", "c"]
+    assert [rotated(ways, k) for k in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
 
 
 def test_the_supervisor_ab_benchmark_runs_each_checkout_in_its_own_process():
