@@ -269,6 +269,11 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
                 for client in (to_a, to_b):
                     await client.aclose()
                 nursery.cancel_scope.cancel()
+    except BaseException as exc:  # what the coordinators said, with the failure (seen once: B
+        # broke a heartbeat's connection under a full suite's load, not reproduced alone)
+        exc.add_note(f"A said:\n{a.stderr.decode(errors='replace')[-4000:]}")
+        exc.add_note(f"B said:\n{b.stderr.decode(errors='replace')[-4000:]}")
+        raise
     finally:
         a.stop()
         b.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -460,8 +461,12 @@ class CoordinatorProcess:
         await self.proc.wait()
 
     def stop(self) -> None:
+        """Kill it and reap it (a failed test's traceback keeps the process object alive: a
+        zombie left, the next test that counts this process's children failed for it)."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.proc.pid, 0)
 
 
 _EMPTY_STORE: list[str] = []
