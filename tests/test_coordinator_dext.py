@@ -86,6 +86,32 @@ async def test_a_finish_counts_only_from_the_current_lease(job_store):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_damocles_workers_late_finish_does_not_end_a_job_a_dext_worker_now_runs(job_store):
+    # A damocles-worker (Venus, no lease sent) went silent; its job was taken back and given to
+    # a damocles-ext worker (Dext, lease carried). The damocles-worker's stale failure must not
+    # end the job nor leave the Dext worker's proof acknowledged and dropped.
+    s = Setup(job_store)
+    job, _ = await s.jobs.create(make_input())
+    output = {"proofs": ["AAEC"], "faults": []}
+    async with trio.open_nursery() as nursery, s.client() as client:
+        await nursery.start(s.server.serve)
+        await client.call("Venus.WdPoStAllocateJobs", {}, 1, "10.0.0.1")
+        s.now += 60
+        await s.jobs.sweep()
+        [got] = await client.call("Dext.AllocateJobs", {}, 1, "dext-w2")
+        with pytest.raises(RpcCallError) as caught:
+            await client.call("Venus.WdPoStFinishJob", job.Id, None, "stale failure")
+        assert "carries its lease" in caught.value.message
+        held = await s.jobs.get(job.Id)
+        assert (held.State, held.WorkerName, held.ErrorReason) == ("running", "dext-w2", "")
+        assert await client.call("Dext.HeartbeatJobs", [{"Id": job.Id, "Lease": got["Lease"]}],
+                                 "dext-w2") == []  # fmt: skip
+        await client.call("Dext.FinishJob", job.Id, got["Lease"], output, "")
+        done = await s.jobs.get(job.Id)
+        assert done.succeeded and done.Output is not None and done.Output.proofs == (b"\0\1\2",)
+        nursery.cancel_scope.cancel()
+
+
 async def test_heartbeats_answer_which_jobs_to_stop_and_why(job_store):
     s = Setup(job_store)
     ids = {}

@@ -12,6 +12,7 @@ import xxhash
 from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.model import FINISHED, READY, RUNNING
 from damocles_ext.jobs.rules import (
+    SENT_LEASE,
     Allocate,
     Allocated,
     AllocationSpec,
@@ -313,6 +314,26 @@ def test_a_late_finish_from_a_worker_that_lost_its_job_is_refused():
         assert step.job is job
         assert isinstance(step.effects[0], Refused)
     assert apply(job, Finish(None, "", lease="L2"), T0 + 18, LIMITS).job.State == FINISHED
+
+
+def test_a_finish_that_names_nobody_is_refused_for_a_job_whose_worker_carries_its_lease():
+    # A damocles-worker went silent, its job was retried and given through Dext.AllocateJobs
+    # (the lease is sent back with each call); then the damocles-worker's finish arrives (no
+    # token, no name): it is not the finish of the worker running the job.
+    job = running(worker="w1", lease="L1")
+    job = apply(job, Sweep(), T0 + 16, LIMITS).job
+    step = apply(job, Allocate("dext-w2", "L2", sent_back=True), T0 + 17, LIMITS)
+    job = step.job
+    assert job.lease == SENT_LEASE + "L2"
+    assert step.effects == (Allocated(job.Id, "dext-w2", SENT_LEASE + "L2", 2),)
+    for late in (Finish(None, "stale failure"), Finish(model.JobOutput((b"\x01",), ()), "")):
+        step = apply(job, late, T0 + 18, LIMITS)
+        assert step.job is job
+        [refused] = step.effects
+        assert isinstance(refused, Refused) and "carries its lease" in refused.reason
+    # Its worker's finish, with the lease, is taken; a damocles-worker's, when it holds the job.
+    assert apply(job, Finish(None, "", lease=job.lease), T0 + 18, LIMITS).job.State == FINISHED
+    assert apply(running(), Finish(None, "x"), T0 + 9, LIMITS).job.State == FINISHED
 
 
 def test_a_late_proof_is_taken_while_no_worker_holds_the_job_and_its_outcome_is_open():

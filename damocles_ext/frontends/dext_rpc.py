@@ -62,7 +62,7 @@ class DextMethods:
         allocation = rules.AllocationSpec(
             tuple(spec.AllowedMiners or ()), tuple(spec.AllowedProofTypes or ())
         )
-        jobs = await self.store.allocate(allocation, free_slots, worker)
+        jobs = await self.store.allocate(allocation, free_slots, worker, sent_back=True)
         self.observe(rules.allocated(jobs))
         self.learn(job.Input for job in jobs)
         return [rpc.leased_job(job) for job in jobs]

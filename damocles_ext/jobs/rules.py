@@ -122,10 +122,17 @@ class Create:
     not_after: float | None = None
 
 
+#: How the lease of a job given through `Dext.AllocateJobs` begins: its worker sends it with every
+#: heartbeat and finish, so a finish without a lease is not its (`_fence`). A lease given through
+#: damocles' `Venus.WdPoStAllocateJobs` (a damocles-worker never sees it) has no such beginning.
+SENT_LEASE = "dext-"
+
+
 @dataclass(frozen=True, slots=True)
 class Allocate:
     worker: str
     lease: str  # a fresh token, unique to this allocation (the store makes it)
+    sent_back: bool = False  # the worker carries the lease (Dext): it is marked SENT_LEASE
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,9 +402,11 @@ def _allocate(job: JobRecord, event: Allocate, now: float, limits: JobLimits) ->
         HeartbeatAt=t,
         UpdatedAt=t,
         WorkerName=event.worker,
-        lease=event.lease,
+        lease=SENT_LEASE + event.lease if event.sent_back else event.lease,
     )
-    return Step(allocated, (Allocated(job.Id, event.worker, event.lease, allocated.TryNum),))
+    return Step(
+        allocated, (Allocated(job.Id, event.worker, allocated.lease or "", allocated.TryNum),)
+    )
 
 
 def _fence(job: JobRecord, lease: str | None, worker: str | None) -> str | None:
@@ -412,6 +421,13 @@ def _fence(job: JobRecord, lease: str | None, worker: str | None) -> str | None:
             )
     elif worker is not None and worker != job.WorkerName:
         return f"the job runs on worker {job.WorkerName!r}, not {worker!r}"
+    elif worker is None and job.lease is not None and job.lease.startswith(SENT_LEASE):
+        # A finish that names nobody (damocles-worker's) for a job whose worker sends its lease
+        # with each call: a worker it was taken back from, late; not the worker running it.
+        return (
+            f"the job runs on worker {job.WorkerName!r} (try {job.TryNum}), which carries its"
+            " lease; a finish without one is from a worker the job was taken back from"
+        )
     return None
 
 

@@ -553,10 +553,12 @@ class JobStore:
 
     @database_errors
     def allocate(
-        self, spec: rules.AllocationSpec, n: int, worker: str, now: float
-    ) -> list[JobRecord]:
+        self, spec: rules.AllocationSpec, n: int, worker: str, now: float, *,
+        sent_back: bool = False,
+    ) -> list[JobRecord]:  # fmt: skip
         """damocles' AllocateJobs: up to `n` ready jobs this worker may take, earliest deadline
-        first, each now running on it under a new lease (the returned records carry it).
+        first, each now running on it under a new lease (the returned records carry it;
+        `sent_back`: the worker carries it with its calls, Dext's, see rules.SENT_LEASE).
 
         The worker and its spec are recorded as seen now, whether or not it got a job: that is
         what tells which ready jobs no live worker may take (`summary`)."""
@@ -577,7 +579,8 @@ class JobStore:
             worker_rows.record(conn, self._insert, worker, spec, now)
             rows = conn.execute(candidates, params).all()
             for job in rules.choose([job_of_row(r) for r in rows], spec, n, now):
-                step = rules.apply(job, rules.Allocate(worker, self._new_lease()), now, self.limits)
+                allocate = rules.Allocate(worker, self._new_lease(), sent_back)
+                step = rules.apply(job, allocate, now, self.limits)
                 self._write(conn, job, step.job)
                 assert step.job is not None and isinstance(step.effects[0], rules.Allocated)
                 allocated.append(step.job)

@@ -108,8 +108,10 @@ class TrioJobStore:
     async def list_jobs(self) -> list[JobRecord]:
         return await self._run(self.store.list_jobs, wrote=_read)
 
-    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str) -> list[JobRecord]:
-        return await self._run(self.store.allocate, spec, n, worker, self.clock(), wrote=bool)
+    async def allocate(self, spec: rules.AllocationSpec, n: int, worker: str, *,
+                       sent_back: bool = False) -> list[JobRecord]:  # fmt: skip
+        allocate = functools.partial(self.store.allocate, sent_back=sent_back)
+        return await self._run(allocate, spec, n, worker, self.clock(), wrote=bool)
 
     async def heartbeat(self, job_ids: Sequence[str], worker: str, **kwargs: Any) -> Outcome:
         return await self._run(
