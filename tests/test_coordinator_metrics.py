@@ -24,6 +24,7 @@ from damocles_ext.metrics import MetricsServer
 
 T0 = 1_700_000_000.0
 PROOF = "StackedDrgWindow2KiBV1_2"
+PROOF_OUT = {"proofs": ["AAEC"], "faults": []}  # a finish with a proof: a success
 P = "damocles_ext_"
 
 
@@ -60,7 +61,7 @@ async def test_the_coordinators_metrics_count_its_workers_and_sweeps_and_read_th
             spec = {"AllowedMiners": [1000], "AllowedProofTypes": [PROOF]}
             _, answer = await client.call("Venus.WdPoStAllocateJobs", spec, 3, "worker-a")
             assert {j["Id"] for j in answer["result"]} == {ok.Id, silent.Id, late.Id}
-            _, answer = await client.call("Venus.WdPoStFinishJob", ok.Id, None, "")
+            _, answer = await client.call("Venus.WdPoStFinishJob", ok.Id, PROOF_OUT, "")
             assert answer["result"] is None
             _, answer = await client.call("Venus.WdPoStFinishJob", "nope", None, "")
             assert answer["error"]["code"] == 1
@@ -262,7 +263,9 @@ async def test_the_dext_methods_are_counted_as_the_venus_ones_are(tmp_path):
                 "Dext.HeartbeatJobs", [{"Id": first["Id"], "Lease": "not-the-lease"}], "worker-b"
             )
             assert [stop["Id"] for stop in answer["result"]] == [first["Id"]]
-            _, answer = await client.call("Dext.FinishJob", second["Id"], second["Lease"], None, "")
+            _, answer = await client.call(
+                "Dext.FinishJob", second["Id"], second["Lease"], PROOF_OUT, ""
+            )
             assert answer["result"] is None
             _, answer = await client.call("Dext.FinishJob", first["Id"], "not-the-lease", None, "")
             assert answer["error"]["code"] == 2

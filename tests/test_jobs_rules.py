@@ -12,6 +12,7 @@ import xxhash
 from damocles_ext.jobs import model, rules
 from damocles_ext.jobs.model import FINISHED, READY, RUNNING
 from damocles_ext.jobs.rules import (
+    NO_RESULT,
     SENT_LEASE,
     Allocate,
     Allocated,
@@ -23,6 +24,7 @@ from damocles_ext.jobs.rules import (
     Created,
     Finish,
     Finished,
+    FinishRepeated,
     Heartbeat,
     HeartbeatAccepted,
     JobCancelled,
@@ -303,6 +305,17 @@ def test_a_tokenless_finish_without_a_name_is_accepted_only_while_running():
     assert isinstance(refused, Refused) and "the job is finished" in refused.reason
 
 
+def test_a_finish_with_neither_an_output_nor_an_error_is_a_failure_tried_again():
+    # damocles-worker sends (None, "") when its error's text is empty: no proof to submit.
+    for finish in (Finish(None, ""), Finish(None, "", lease="L1")):
+        step = apply(running(), finish, T0 + 9, LIMITS)
+        assert step.effects == (Finished(step.job.Id, NO_RESULT),)
+        assert not step.job.succeeded and step.job.ErrorReason == NO_RESULT
+        # The same finish sent again is a repeat; the next sweep tries the job again.
+        assert apply(step.job, finish, T0 + 10, LIMITS).effects == (FinishRepeated(step.job.Id),)
+        assert apply(step.job, Sweep(), T0 + 11, LIMITS).job.State == READY
+
+
 def test_a_late_finish_from_a_worker_that_lost_its_job_is_refused():
     # w1 goes silent, the job times out, is retried and given to w2; then w1 finishes.
     job = running(worker="w1", lease="L1")
@@ -518,7 +531,7 @@ def test_a_finish_after_the_deadline_is_refused():
 def test_a_success_or_a_final_failure_is_not_cancelled_by_a_passed_deadline():
     job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
     job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
-    done = apply(job, Finish(None, "", lease="L1"), T0 + 2, LIMITS).job
+    done = apply(job, Finish(model.JobOutput((b"\x01",), ()), "", lease="L1"), T0 + 2, LIMITS).job
     assert apply(done, Sweep(), T0 + 100, LIMITS).effects == ()
 
 

@@ -465,9 +465,17 @@ def _late_but_wanted(job: JobRecord, event: Finish, reason: str, limits: JobLimi
     return event.output is not None and reason == "" and (again or retryable(job, limits))
 
 
+#: The ErrorReason of a finish that brought neither an output nor an error (a damocles-worker
+#: sends that when its error's text is empty): a failure, tried again while tries are left, not a
+#: success with nothing to submit.
+NO_RESULT = "the worker finished it with neither an output nor an error"
+
+
 def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Step:
     # PostgreSQL's text takes no NUL: a prover's message keeps the rest, on either database.
     reason = event.error_reason.replace("\0", "\ufffd")
+    if event.output is None and reason == "":
+        reason = NO_RESULT
     if _repeated(job, event, reason):
         return Step(job, (FinishRepeated(job.Id),))
     why = _fence(job, event.lease, event.worker)
