@@ -493,6 +493,28 @@ async def test_crash_mid_request_is_retried_on_a_sibling():
         assert "exit code 7" in crashed.last_exit
 
 
+@pytest.mark.parametrize("written", ["half an answer line", "nothing"])
+async def test_a_json_lines_child_that_dies_mid_answer_has_its_request_retried(tmp_path, written):
+    # Killed (e.g. by the OOM killer) while writing its answer: the cut-off line is the crash's,
+    # not the prover's error answer; the request is retried on the child started again, as
+    # when it died before writing anything (a lone child: no sibling to retry it on).
+    mark = tmp_path / "crashed"
+    half = '{"id": %d, "err_msg": null, "output": {"proofs": ["AAAA' if written != "nothing" else ""
+    child = jsonl_child(f"""
+if not os.path.exists({str(mark)!r}):
+    open({str(mark)!r}, "w").close()
+    sys.stdout.write({half!r} % req["id"] if {half!r} else "")
+    sys.stdout.flush()
+    os._exit(137)
+answer(req)""")
+    async with open_supervisor([spec(child, max_attempts=2)], backoff=FAST) as sup:
+        await sup.wait_ready("window_post", 1)
+        first = child_stats(sup, "window_post#0").pid
+        out = await sup.submit(window_task(miner=5))
+        assert who(out)[0] == 5 and who(out)[1] != first
+        assert "exit code 137" in child_stats(sup, "window_post#0").last_exit
+
+
 async def test_last_attempt_fails_with_child_exit_status_and_attempts():
     async with open_supervisor(
         [spec(jsonl_child("os._exit(7)"), max_attempts=2)], backoff=FAST

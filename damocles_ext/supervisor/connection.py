@@ -215,6 +215,10 @@ class ChildConnection:
             try:
                 resp = jsonl.decode_response(line, self.stage)
             except jsonl.JsonLineError as exc:
+                if not data:  # cut off by the end of its output: it went down writing it
+                    what = f"a stdout line cut off by the child's end, not read as an answer: {exc}"
+                    events.append(Skipped(what, None, bytes(line)))
+                    continue
                 like = exc.id is None and jsonl.is_response_like(line)
                 events.append(
                     Skipped(f"skipped a bad stdout line: {exc}", exc.id, bytes(line), like)
