@@ -19,6 +19,7 @@ from damocles_ext.lifecycle import (
     SendCancel,
     UnknownChild,
 )
+from damocles_ext.lifecycle.rules import UNREAD_WAIT
 from damocles_ext.tasks import WindowPoStOutput, WinningPoStOutput
 
 OK = WindowPoStOutput(proofs=[b"p"], faults=[])
@@ -402,6 +403,39 @@ def test_a_child_that_answers_within_the_grace_is_not_killed():
     assert res.outcome == "timeout"
     assert book.answered("a", 1, 12.0, error="cancelled") == []  # dropped: answered already
     assert book.advance(15.0) == [] and book.next_wakeup() is None
+
+
+def test_a_timeout_or_grace_due_while_the_childs_answer_waits_unread_waits_for_it_once():
+    # The supervisor did not run for a while (SIGSTOP, a paused VM): the child answered in time
+    # but its answer waits unread in its pipe as the alarms come due. The driver tells the book
+    # so (`spoke`, via before_alarms, as supervisor/unheard.py does): the alarm waits for it.
+    limits = ChildLimits(max_attempts=1, request_timeout=10.0, cancel_grace=5.0)
+    book = book_with(("a", limits), capacity=2)
+    book.before_alarms = lambda now: book.spoke("a", now)
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert book.answered("a", 1, 11.5, output=OK) == [Resolve(req, OK, None, "ok")]
+    # A Cancel obeyed in time, its answer read after the grace: the child is not killed.
+    book.submit(2, window_task(), 12.0)
+    assert SendCancel("a", 2) in book.caller_gone(2, 13.0)
+    assert book.next_wakeup() == 18.0  # the grace: killed if it still runs then
+    assert book.answered("a", 2, 19.5, error="cancelled") == []
+    assert book.next_wakeup() is None
+    # Waited once only: a child whose output always waits (chatty, its answer not in it) is
+    # timed out UNREAD_WAIT later.
+    late, _ = book.submit(3, window_task(), 20.0)
+    assert book.advance(30.5) == []
+    (res,) = resolved(book.advance(30.5 + UNREAD_WAIT))
+    assert res.request is late and res.outcome == "timeout"
+
+
+def test_an_alarm_is_not_put_off_when_nothing_waits_unread():
+    book = book_with(("a", ChildLimits(request_timeout=10.0)))
+    book.before_alarms = lambda now: None
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    (res,) = resolved(book.advance(10.0))
+    assert res.outcome == "timeout"
 
 
 def test_a_deadline_cancels_the_running_request_and_a_late_answer_is_dropped():

@@ -408,6 +408,7 @@ class RequestBook(BookRules):
         process = self._child(child).process
         if process is not None:
             process.last_activity = max(process.last_activity, now)
+            process.unread_at = now
 
     def stdin_blocked(self, child: str, now: float) -> None:
         """Messages for `child` wait for room in its stdin pipe, from `now`."""

@@ -86,6 +86,7 @@ class Attempt(msgspec.Struct, eq=False):
     started: float
     process: ProcessRecord
     abandoned: bool = False  # its request was answered or moved on; the child still runs it
+    waited_unread: bool = False  # an alarm of it waited once for its child's unread output
     timeout: Alarm[Due] | None = None
     grace: Alarm[Due] | None = None
     deadline: Alarm[Due] | None = None  # only while its process is going down (see rules)
@@ -107,6 +108,7 @@ class ProcessRecord:
     stdin_waiting: bool = False  # messages for it wait for room in its stdin pipe
     stdin_progress_at: float = 0.0
     stdin_watch: Alarm[Due] | None = None
+    unread_at: float = -1.0  # when its output was last found waiting unread (book.spoke)
 
     @property
     def who(self) -> str:
