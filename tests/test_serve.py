@@ -75,6 +75,8 @@ class Harness:
             raise ProverError("prover failed: miner 13")
         if task.miner_id == 66:
             raise KeyError("a bug")
+        if task.miner_id == 67:
+            return "not an output"  # a bug of ours: an answer that cannot be encoded
         await release.wait()
         return echo_output(task)
 
@@ -131,6 +133,22 @@ async def test_prover_error_and_internal_error_become_err_msg(harness):
         got[8].err_msg
         == "request 8 (window_post): internal error in damocles-ext: KeyError: 'a bug'"
     )
+
+
+async def test_a_bug_of_ours_writing_an_answer_is_that_requests_answer_not_the_servers_end(
+    harness,
+):
+    # Through submit (a task per request: serve --connect, --jobs, split WindowPoSt): the
+    # answer that cannot be written is answered with the internal error; the rest go on.
+    await harness.read_lines(1)
+    release, _ = harness.gate(1)
+    release.set()
+    await harness.to_server.send_all(
+        jsonl.encode_request(9, make_task(67)) + jsonl.encode_request(10, make_task(1))
+    )
+    got = await harness.responses(2)
+    assert got[9].output is None and "internal error in damocles-ext" in got[9].err_msg
+    assert got[10].output == echo_output(make_task(1))
 
 
 async def test_bad_request_with_readable_id_is_answered_with_what_was_wrong(harness, caplog):

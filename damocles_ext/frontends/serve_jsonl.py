@@ -286,8 +286,9 @@ class JsonLineServer:
         nursery.start_soon(self._answer, request.id, request.task)
 
     def _finished(self, id: int, output: Output | None, error: DextError | None) -> None:
-        """`start`'s answer to request `id` (maybe before `start` returned). Called from within
-        the supervisor: a bug of ours here must still answer the request, and not reach it."""
+        """The answer to request `id`: `start`'s (maybe before `start` returned, from within the
+        supervisor) or `_answer`'s. A bug of ours here must still answer the request, and reach
+        neither the supervisor nor the server's nursery."""
         self._started.pop(id, None)
         if self._stopped:
             self._done(id)  # cancelled by run()'s end: nobody reads it
@@ -323,20 +324,19 @@ class JsonLineServer:
             self._idle.set()
 
     async def _answer(self, id: int, task: Task) -> None:
-        queued = False
+        output: Output | None = None
+        error: DextError | None = None
         try:
-            try:
-                output = await self._submit(task)
-            except DextError as exc:
-                self._reply(id, None, exc)
-            except Exception as exc:  # noqa: BLE001 - a bug of ours must still answer the request
-                self._reply(id, None, bug_answer(log, id, exc))
-            else:
-                self._reply(id, output, None)
-            queued = True
-        finally:
-            if not queued:  # cancelled from outside (or a bug of ours): never answered
-                self._done(id)
+            output = await self._submit(task)
+        except DextError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must still answer the request
+            error = bug_answer(log, id, exc)
+        except BaseException:  # cancelled from outside: never answered
+            self._done(id)
+            raise
+        # As `start`'s answers are: a bug of ours writing it is answered too, not the server's end.
+        self._finished(id, output, error)
 
     def _reply(self, id: int, output: Output | None, error: DextError | None) -> None:
         """Answer request `id` with `output`, or with `error`, which says why there is no proof
