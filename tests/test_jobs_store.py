@@ -75,6 +75,13 @@ def test_create_is_idempotent_and_a_record_reads_back_as_written(js):
     assert js.list_jobs() == [finished]
 
 
+def test_an_allocation_may_ask_for_as_many_jobs_as_damocles_allows_on_both_engines(js):
+    # damocles' num is a u32: 2**32 - 1 is valid (PostgreSQL's integer stops at 2**31 - 1).
+    job, _ = js.create(make_input(), T0)
+    [allocated] = js.allocate(ANY, 2**32 - 1, "w1", T0 + 1)
+    assert allocated.Id == job.Id
+
+
 def test_an_error_text_with_a_nul_is_kept_on_both_engines(js):
     # PostgreSQL's text takes no NUL: the finish failed as the store failing (code 1), and the
     # worker retried it for a day while the job stayed running.

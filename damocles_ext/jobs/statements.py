@@ -84,7 +84,7 @@ def allocation_candidates(by_miner: bool, by_proof_type: bool) -> Any:
     # The order follows rules.allocation_key; rules.choose re-checks what this returns.
     return (
         statement.order_by(_c.not_after.asc().nulls_last(), _c.created_at, _c.id)
-        .limit(sa.bindparam("n", type_=sa.Integer))
+        .limit(sa.bindparam("n", type_=sa.BigInteger))  # damocles asks up to 2**32 - 1
         .with_for_update(skip_locked=True)
     )
 
