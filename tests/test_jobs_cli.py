@@ -15,11 +15,12 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from test_jobs_rules import make_input
 
 from damocles_ext import cli
 from damocles_ext.jobs import listing, model, rules, summary
-from damocles_ext.jobs.database import StoreConfigError, sqlite_store_problem
+from damocles_ext.jobs.database import StoreConfigError, jobs, sqlite_store_problem
 from damocles_ext.jobs.model import READY
 from damocles_ext.jobs.store import JobStore
 
@@ -157,6 +158,22 @@ def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys)
     assert sorted(removed) == sorted(f"wdpost job {j.Id} removed" for j in jobs if j != jobs[1])
     with JobStore.open(store_url) as s:
         assert s.list_jobs() == []
+
+
+def test_a_damaged_job_is_listed_as_a_warning_and_removed_by_its_id(store_url, capsys, caplog):
+    now = time.time()
+    with JobStore.open(store_url) as s:
+        bad, _ = s.create(make_input(seed=1), now)
+        good, _ = s.create(make_input(seed=2), now)
+        with s.engine.begin() as conn:
+            conn.execute(sa.update(jobs).where(jobs.c.id == bad.Id).values(output="[1"))
+    assert cli.main(["wdpost", "list", "--jobs", store_url]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in shown[1:]] == [good.Id]
+    assert f"wdpost remove {bad.Id}" in caplog.text
+    assert cli.main(["wdpost", "remove", "--jobs", store_url, bad.Id]) == 0
+    with JobStore.open(store_url) as s:
+        assert [j.Id for j in s.list_jobs()] == [good.Id]
 
 
 def test_the_commands_never_create_a_store_at_a_mistyped_url(tmp_path, capsys):

@@ -16,6 +16,7 @@ from helpers.kept_out import a_closed_directory, said_when_kept_out
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs import model, rules, store
+from damocles_ext.jobs.database import jobs
 from damocles_ext.jobs.model import FINISHED, READY, RUNNING
 from damocles_ext.jobs.store import JobStore, StoreConfigError, StoreError, TrioJobStore
 
@@ -80,6 +81,33 @@ def test_an_allocation_may_ask_for_as_many_jobs_as_damocles_allows_on_both_engin
     job, _ = js.create(make_input(), T0)
     [allocated] = js.allocate(ANY, 2**32 - 1, "w1", T0 + 1)
     assert allocated.Id == job.Id
+
+
+def damage(store: JobStore, job_id: str) -> None:
+    """Make a job's row unreadable, as a hand edit or another program's write may."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(input="{bad"))
+
+
+def test_a_damaged_row_is_passed_over_by_allocation_the_sweep_and_the_list_and_removable(js):
+    bad_running, _ = js.create(make_input(seed=1), T0 - 20)
+    js.allocate(rules.AllocationSpec(), 1, "w1", T0)  # then silent: the sweep's to take back
+    bad_ready, _ = js.create(make_input(seed=2), T0 - 10)  # first in allocation order
+    good, _ = js.create(make_input(seed=3), T0 - 5)
+    for bad in (bad_running, bad_ready):
+        damage(js, bad.Id)
+    [given] = js.allocate(rules.AllocationSpec(), 1, "w2", T0 + 1)
+    assert given.Id == good.Id
+    assert [j.Id for j in js.list_jobs()] == [good.Id]
+    swept = js.sweep(T0 + 1000)  # both running jobs silent: the readable one is taken back
+    assert {e.job_id for e in swept.effects if isinstance(e, rules.TimedOut)} == {good.Id}
+    for call in (lambda: js.get(bad_ready.Id), lambda: js.reset(bad_ready.Id, T0)):
+        with pytest.raises(StoreError, match=f"job '{bad_ready.Id}' in the store is damaged .*:"
+                           f" remove it \\(damocles-ext wdpost remove {bad_ready.Id}\\)"):  # fmt: skip
+            call()
+    assert js.remove(bad_ready.Id, T0) is True
+    assert js.remove_all(T0) == sorted([bad_running.Id, good.Id])
+    assert js.list_jobs() == []
 
 
 def test_an_error_text_with_a_nul_is_kept_on_both_engines(js):

@@ -110,7 +110,7 @@ def test_a_store_whose_directory_was_moved_and_replaced_by_a_file_is_noticed(tmp
 
 def test_a_write_in_progress_when_the_file_is_replaced_does_not_overwrite_the_backup(tmp_path):
     from damocles_ext.jobs import statements
-    from damocles_ext.jobs.database import row_values
+    from damocles_ext.jobs.rows import row_values
 
     path = tmp_path / "jobs.db"
     with JobStore.open(url_of(tmp_path / "backup.db")) as backup:

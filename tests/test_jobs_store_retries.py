@@ -22,8 +22,9 @@ from test_jobs_rules import make_input
 
 from damocles_ext import cli
 from damocles_ext.jobs import pg_session, retry, rules
-from damocles_ext.jobs.database import jobs, row_values
+from damocles_ext.jobs.database import jobs
 from damocles_ext.jobs.model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
+from damocles_ext.jobs.rows import row_values
 from damocles_ext.jobs.store import JobStore, StoreConflict, StoreError, StoreUnavailable
 
 T0 = 1_700_000_000.0

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from test_jobs_rules import make_input
 
-from damocles_ext.jobs import database, model, rules, store, summary
+from damocles_ext.jobs import database, model, rows, rules, store, summary
 from damocles_ext.jobs.rules import AllocationSpec
 from damocles_ext.jobs.store import JobStore
 
@@ -231,7 +231,7 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
                 key = summary.spec_key(AllocationSpec((1234,)))  # as versions 2 and 3 kept it
                 conn.execute(OLD_WORKERS.insert().values(worker="old", spec=key, last_seen=T0))
             conn.execute(store.schema_version.insert().values(version=version))
-            conn.execute(store.jobs.insert().values(database.row_values(job)))
+            conn.execute(store.jobs.insert().values(rows.row_values(job)))
     finally:
         engine.dispose()
 

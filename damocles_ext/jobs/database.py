@@ -1,4 +1,5 @@
-"""The job store's database side: its errors, its tables, URLs and engines, rows <-> records.
+"""The job store's database side: its errors, its tables, URLs and engines (rows <-> records:
+rows.py).
 
 One code path for SQLite and PostgreSQL (SQLAlchemy Core); `store.JobStore` runs the operations
 on it. Every name here is importable from `damocles_ext.jobs.store` as well.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -25,7 +25,6 @@ from sqlalchemy.util import asbool
 
 from ..errors import DextError, UsageError, not_utf8
 from . import model, rules
-from .model import JobOutput, JobRecord, WdPoStInput
 from .mounts import FULL_FIX_READING, no_space_left, read_only_mount
 from .pg_hosts import several_servers_problem, split_userinfo
 from .pg_session import on_connect as _pg_session_setup
@@ -312,8 +311,6 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 
 # --- rows and records ---------------------------------------------------------------------------
 
-_encoder = msgspec.json.Encoder()
-
 
 def clock_skew(engine: Engine, clock: Any) -> float | None:
     """Seconds `clock()` (unix time) runs ahead of the PostgreSQL server's clock (negative:
@@ -325,55 +322,6 @@ def clock_skew(engine: Engine, clock: Any) -> float | None:
         server = conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one()
         after = clock()
     return (before + after) / 2 - float(server)
-
-
-def row_values(job: JobRecord) -> dict[str, Any]:
-    return {
-        "id": job.Id,
-        "state": job.State,
-        "deadline_idx": job.DeadlineIdx,
-        "partitions": _encoder.encode(job.Partitions).decode(),
-        "input": _encoder.encode(job.Input).decode(),
-        "miner_id": job.Input.MinerId,
-        "proof_type": job.Input.ProofType,
-        "output": None if job.Output is None else _encoder.encode(job.Output).decode(),
-        "try_num": job.TryNum,
-        "error_reason": job.ErrorReason,
-        "worker_name": job.WorkerName,
-        "started_at": job.StartedAt,
-        "heartbeat_at": job.HeartbeatAt,
-        "finished_at": job.FinishedAt,
-        "created_at": job.CreatedAt,
-        "updated_at": job.UpdatedAt,
-        "lease": job.lease,
-        "not_after": job.not_after,
-        "cancelled_at": job.cancelled_at,
-    }
-
-
-def job_of_row(row: Any) -> JobRecord:
-    try:
-        return JobRecord(
-            Id=row.id,
-            State=row.state,
-            DeadlineIdx=row.deadline_idx,
-            Partitions=msgspec.json.decode(row.partitions, type=tuple[int, ...] | None),
-            Input=msgspec.json.decode(row.input, type=WdPoStInput),
-            Output=None if row.output is None else msgspec.json.decode(row.output, type=JobOutput),
-            TryNum=row.try_num,
-            ErrorReason=row.error_reason,
-            WorkerName=row.worker_name,
-            StartedAt=row.started_at,
-            HeartbeatAt=row.heartbeat_at,
-            FinishedAt=row.finished_at,
-            CreatedAt=row.created_at,
-            UpdatedAt=row.updated_at,
-            lease=row.lease,
-            not_after=row.not_after,
-            cancelled_at=row.cancelled_at,
-        )
-    except msgspec.MsgspecError as e:
-        raise StoreError(f"job {row.id!r} in the store is damaged ({e}): remove it") from None
 
 
 def check_create(event: rules.Create) -> None:

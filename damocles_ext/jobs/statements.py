@@ -14,8 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .database import jobs, row_values
+from .database import jobs
 from .model import READY, JobRecord
+from .rows import row_values
 
 _c = jobs.c
 

@@ -59,17 +59,16 @@ from .database import (
     a_mistake_at_open,
     check_create,
     describe_url,
-    job_of_row,
     jobs,
     make_engine,
     parse_url,
-    row_values,
     schema_version,
     sqlite_file,
     sqlite_store_problem,
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .retry import database_errors
+from .rows import DamagedJob, job_of_row, readable_jobs, remove_damaged, row_values
 from .sqlite_file import FileWatch, StoreLost
 from .trio_store import TrioJobStore
 
@@ -121,6 +120,7 @@ class JobStore:
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._insert = pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
+        self._damaged: set[str] = set()  # ids of damaged rows warned of (rows.readable_jobs)
         #: The schema version the store is read at: SCHEMA_VERSION, unless opened read-only.
         self.version = SCHEMA_VERSION
         #: A SQLite store's file, which must stay the one at its path (sqlite_file.py).
@@ -313,7 +313,12 @@ class JobStore:
         """The rules' step for `event` on job `job_id`, stored; whether it wrote a row; whether
         the row was held. `skip_locked`: a row another session holds is not waited for: the
         step is the job as last committed, with no effect, and nothing is written."""
-        old = self._read(conn, job_id, skip_locked=skip_locked)
+        try:
+            old = self._read(conn, job_id, skip_locked=skip_locked)
+        except DamagedJob:  # unreadable: only removed (read, and so locked, all the same)
+            if not isinstance(event, rules.Remove):
+                raise
+            return remove_damaged(conn, job_id), True, False
         if old is None and skip_locked:
             held = self._read(conn, job_id, lock=False)  # there, but locked: or gone indeed
             if held is not None:
@@ -423,7 +428,7 @@ class JobStore:
         """Every job, newest CreatedAt first (damocles' order)."""
         with self._transaction() as conn:
             rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id)).all()
-        return [job_of_row(row) for row in rows]
+        return readable_jobs(rows, self._damaged)
 
     @database_errors(replayable=True)
     def heartbeat(self, job_ids: Sequence[str], worker: str, now: float, *,
@@ -578,7 +583,10 @@ class JobStore:
         with self._transaction() as conn:
             worker_rows.record(conn, self._insert, worker, spec, now)
             rows = conn.execute(candidates, params).all()
-            for job in rules.choose([job_of_row(r) for r in rows], spec, n, now):
+            while len(found := readable_jobs(rows, self._damaged)) < len(rows) == params["n"]:
+                params["n"] += len(rows) - len(found)  # damaged rows took places: look further
+                rows = conn.execute(candidates, params).all()
+            for job in rules.choose(found, spec, n, now):
                 allocate = rules.Allocate(worker, self._new_lease(), sent_back)
                 step = rules.apply(job, allocate, now, self.limits)
                 self._write(conn, job, step.job)
@@ -646,8 +654,9 @@ class JobStore:
                 flip = schema_version.update().values(version=-schema_version.c.version)
                 conn.execute(flip)
                 conn.execute(flip)
-            for row in conn.execute(self._locked(statement, skip_locked=True)).all():
-                old = job_of_row(row)
+            for old in readable_jobs(
+                conn.execute(self._locked(statement, skip_locked=True)), self._damaged
+            ):
                 step = rules.apply(old, event, now, self.limits)
                 wrote |= self._write(conn, old, step.job)
                 effects += step.effects
