@@ -83,6 +83,23 @@ def test_no_sector_located_is_every_sector_a_fault_and_no_prover_is_asked(store,
     ), proc.stderr
 
 
+def test_a_source_refusing_the_token_is_exit_2_not_every_sector_a_fault(store, tmp_path):
+    # Our configuration (the --header), not the sectors: said as `sectors find` says it.
+    for number in (1, 2):  # only the source could locate them
+        (store / "s" / "sealed" / f"s-t0{MINER}-{number}").unlink()
+    with DamoclesSource(headers={"Authorization": "Bearer right"}) as source:
+        source.put(MINER, 1, "store-s")
+        proc = dext(
+            "prove", "window_post", "--sectors", f"{MINER}:1,{MINER}:2", "--comm-r",
+            store / "comm_r.json", "--seed", SEED, "--proof-type", PROOF_TYPE, "--proxy",
+            source.url, "--attached", f"store-s={store / 's'}", "--header",
+            "Authorization: Bearer wrong", "--socket", tmp_path / "none", check=2,
+        )  # fmt: skip
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert "a sector provider refused us, so sectors went unlocated" in proc.stderr
+    assert "HTTP 401" in proc.stderr and "faulty" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

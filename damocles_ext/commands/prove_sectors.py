@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from damocles_ext.errors import UsageError
+from damocles_ext.logs import one_line
 
 from .common import check_proxy_headers, check_sector_sources, sector_stores
 
@@ -79,7 +80,11 @@ def task_from_sectors(
     check_proxy_headers(args.proxy, args.header, "--header")
     check_sector_sources(args.proxy, stores)
     time_left = None if deadline is None else max(0.0, deadline - time.time())
-    answers = locate(args, stores, sectors, time_left)
+    answers, refused = locate(args, stores, sectors, time_left)
+    if refused and not all(a.found for a in answers):
+        # Our access, not the sectors: said as `sectors find` says it, not proved as faults.
+        why = "; ".join(f"{name}: {one_line(text)}" for name, text in refused.items())
+        raise UsageError(f"a sector provider refused us, so sectors went unlocated: {why}")
     replicas = []
     skipped = []
     from damocles_ext.tasks import PoStReplicaInfo
@@ -118,8 +123,9 @@ def locate(
     stores: dict[str, str],
     sectors: list[SectorRef],
     time_left: float | None,
-) -> list[SectorAnswer]:
-    """The service's answers for `sectors`, within a share of `time_left`."""
+) -> tuple[list[SectorAnswer], dict[str, str]]:
+    """The service's answers for `sectors`, within a share of `time_left`, and the providers
+    that refused us (a token or header: our configuration), each with why."""
     import trio
 
     from damocles_ext.plugins import get_plugin_manager
@@ -129,10 +135,10 @@ def locate(
     settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
     bounds = Bounds(batch_timeout=LOCATE_TIMEOUT)
 
-    async def main() -> list[SectorAnswer]:
+    async def main() -> tuple[list[SectorAnswer], dict[str, str]]:
         locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
         async with locator:
-            return await locator.locate(sectors, time_left=time_left)
+            return await locator.locate(sectors, time_left=time_left), dict(locator.refused)
 
     return trio.run(main)
 

@@ -16,6 +16,8 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
+from damocles_ext.logs import one_line
+
 from .common import (
     add_sector_source_args,
     check_proxy_headers,
@@ -160,7 +162,7 @@ def run_find(args: argparse.Namespace) -> int:
     unanswered = not all(a.found for a in answers)
     for name, why in refused.items():  # the same for every sector it was asked: said once
         kind = "error" if unanswered else "warning"  # (another provider found them all)
-        print(f"damocles-ext sectors find: {kind}: {name}: {why}", file=sys.stderr)
+        print(f"damocles-ext sectors find: {kind}: {name}: {one_line(why)}", file=sys.stderr)
         details = [d.replace(why, f"{name} refused us (said above)") for d in details]
     if args.json:
         import json
@@ -170,8 +172,8 @@ def run_find(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(answers))
         for detail in details:
-            if detail:
-                print(detail, file=sys.stderr)
+            if detail:  # (a provider's own words: its control characters escaped)
+                print(one_line(detail), file=sys.stderr)
     if refused and unanswered:
         return 2  # our access, the operator's configuration, left sectors unanswered
     return 0 if all(a.found for a in answers) and not absent else 1
