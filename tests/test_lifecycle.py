@@ -429,6 +429,16 @@ def test_a_timeout_or_grace_due_while_the_childs_answer_waits_unread_waits_for_i
     assert res.request is late and res.outcome == "timeout"
 
 
+def test_a_timeout_due_as_its_answer_is_read_waits_for_it_whichever_task_ran_first():
+    # After a stall the reader may run before the driver: the answer is in its hand, not in the
+    # pipe, as the timeout that fell due meanwhile is acted on (answers() catches up first).
+    book = book_with(("a", ChildLimits(max_attempts=1, request_timeout=10.0)))
+    book.before_alarms = lambda now: None  # nothing left in the pipe
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert book.answered("a", 1, 11.5, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
 def test_an_alarm_is_not_put_off_when_nothing_waits_unread():
     book = book_with(("a", ChildLimits(request_timeout=10.0)))
     book.before_alarms = lambda now: None

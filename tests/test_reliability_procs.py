@@ -626,6 +626,56 @@ async def test_a_supervisor_that_did_not_run_for_a_while_hears_its_child_before_
         os.close(ack)
 
 
+# Answers its request when the test writes a byte to the FIFO $CTL, then writes a byte to $ACK
+# (the test then knows the answer is in the pipe).
+ANSWERS_WHEN_TOLD = """
+ctl, ack = os.open(os.environ["CTL"], os.O_RDWR), os.open(os.environ["ACK"], os.O_RDWR)
+os.read(ctl, 1)
+answer(msg)
+os.write(ack, b"!")
+os.close(ctl)
+os.close(ack)
+"""
+
+
+async def test_a_supervisor_that_did_not_run_for_a_while_takes_an_answer_written_in_time(
+    tmp_path, mock_clock
+):
+    # The child answers within its RequestTimeoutSecs while the supervisor does not run (here
+    # the test holds its loop); when it runs again the timeout is past and the answer waits in
+    # the pipe, or in its reader's hand: it is taken, not dropped as timed out.
+    ctl, ack, envs = _told_fifos(tmp_path)
+    child = spec(dext_child(ANSWERS_WHEN_TOLD), envs=envs, request_timeout=5.0, max_attempts=1)
+    try:
+        async with open_supervisor([child]) as sup:
+            await sup.wait_ready()
+            pid = child_stats(sup).pid
+            # The reader and the driver wake in one pass of trio's loop, in either order: ten
+            # stalls leave no order untried.
+            for miner in range(1000, 1010):
+                dispatched = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    outputs: list[object] = []
+
+                    async def call(
+                        miner: int = miner, done: trio.Event = dispatched, out: list = outputs
+                    ) -> None:
+                        task = window_task(miner=miner)
+                        out.append(await sup.submit(task, on_dispatch=lambda _c: done.set()))
+
+                    nursery.start_soon(call)
+                    await dispatched.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    os.write(ctl, b"a")
+                    assert os.read(ack, 1) == b"!"  # the loop stands still meanwhile
+                    mock_clock.jump(6.0)
+                assert who(outputs[0]) == (miner, pid)
+            assert child_stats(sup).restarts == 0
+    finally:
+        os.close(ctl)
+        os.close(ack)
+
+
 # Takes one read from its stdin, and reports a Progress, each time the test writes "r" to the
 # FIFO $CTL (then a byte to $ACK); on "a", reads the rest of its request and answers it.
 READS_WHEN_TOLD = """

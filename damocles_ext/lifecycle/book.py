@@ -311,6 +311,7 @@ class RequestBook(BookRules):
         if process is None:
             return self._catch_up(now, out)
         process.last_activity = now
+        process.unread_at = now  # in hand, not yet acted on: a due alarm waits (UNREAD_WAIT)
         out = self._catch_up(now, out)
         for child_rid, output, error in answers:
             attempt = process.attempts.pop(child_rid, None)

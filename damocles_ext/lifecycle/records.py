@@ -86,7 +86,8 @@ class Attempt(msgspec.Struct, eq=False):
     started: float
     process: ProcessRecord
     abandoned: bool = False  # its request was answered or moved on; the child still runs it
-    waited_unread: bool = False  # an alarm of it waited once for its child's unread output
+    timeout_waited: bool = False  # its timeout waited once for its child's unread output
+    grace_waited: bool = False  # and its Cancel's grace (rules.UNREAD_WAIT)
     timeout: Alarm[Due] | None = None
     grace: Alarm[Due] | None = None
     deadline: Alarm[Due] | None = None  # only while its process is going down (see rules)
@@ -108,7 +109,7 @@ class ProcessRecord:
     stdin_waiting: bool = False  # messages for it wait for room in its stdin pipe
     stdin_progress_at: float = 0.0
     stdin_watch: Alarm[Due] | None = None
-    unread_at: float = -1.0  # when its output was last found waiting unread (book.spoke)
+    unread_at: float = -1.0  # when its output was last found unread (book.spoke, book.answers)
 
     @property
     def who(self) -> str:

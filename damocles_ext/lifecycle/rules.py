@@ -45,9 +45,12 @@ _WITH_FAULTS = (WindowPoStOutput, WindowPoStVanillaOutput)  # outputs that repor
 #: request arrived (which is after the parent block) cannot make the block, even going well.
 WINNING_RETRY_WITHIN = 14.0
 
-#: How long a request's timeout or Cancel grace, due while its child's output waits unread (the
-#: supervisor did not run for a while), waits for that output to be read first: the reader runs
-#: in the same pass of trio's loop, so any short time will do.
+#: How long a request's timeout, or its Cancel's grace, due while its child's output waits unread
+#: (the supervisor did not run for a while: SIGSTOP, a paused VM), waits once for that output to
+#: be read: an answer written in time is taken, a child that obeyed its Cancel is not killed.
+#: Unread: the driver found it in the pipe as the alarms came due (`spoke`), or its reader has
+#: it in hand (`answers`, which acts on what fell due first). The reader runs in the same pass of
+#: trio's loop, so any short time will do.
 UNREAD_WAIT = 0.1
 
 
@@ -521,7 +524,8 @@ class BookRules:
         attempt.timeout = None
         if process.down:
             return  # its loss will retry it
-        if self._wait_for_unread(attempt, now):
+        if not attempt.timeout_waited and attempt.process.unread_at == now:
+            attempt.timeout_waited = True  # see UNREAD_WAIT
             attempt.timeout = self._alarms.add(now + UNREAD_WAIT, RequestTimeout(attempt))
             return
         attempt.abandoned = True
@@ -533,17 +537,6 @@ class BookRules:
         req.history.append(f"attempt {req.attempts} {what}")
         self._retry_or_fail(req, process, attempt.attempt_id, what, now, out, outcome="timeout")
         self._send_cancel(attempt, now, out, kill_after_grace=True)
-
-    @staticmethod
-    def _wait_for_unread(attempt: Attempt, now: float) -> bool:
-        """Whether `attempt`'s alarm, due now, waits UNREAD_WAIT first (once): its child's output
-        waits unread now (`spoke`, told just before the alarms), so its answer may be in it,
-        written in time while the supervisor did not run (a stall: SIGSTOP, a paused VM); the
-        reader reads it in this pass of the loop, and an answer ends the attempt and its alarm."""
-        if attempt.waited_unread or attempt.process.unread_at != now:
-            return False
-        attempt.waited_unread = True
-        return True
 
     def _send_cancel(
         self, attempt: Attempt, now: float, out: list[Effect], *, kill_after_grace: bool
@@ -563,7 +556,8 @@ class BookRules:
         process = attempt.process
         if process.down or process.attempts.get(attempt.child_rid) is not attempt:
             return
-        if self._wait_for_unread(attempt, now):
+        if not attempt.grace_waited and process.unread_at == now:
+            attempt.grace_waited = True  # see UNREAD_WAIT
             attempt.grace = self._alarms.add(now + UNREAD_WAIT, CancelGrace(attempt))
             return
         grace = process.child.limits.cancel_grace
