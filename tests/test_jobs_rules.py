@@ -329,7 +329,7 @@ def test_a_late_finish_from_a_worker_that_lost_its_job_is_refused():
     assert apply(job, Finish(None, "", lease="L2"), T0 + 18, LIMITS).job.State == FINISHED
 
 
-def test_a_finish_that_names_nobody_is_refused_for_a_job_whose_worker_carries_its_lease():
+def test_a_failure_that_names_nobody_is_refused_for_a_job_whose_worker_carries_its_lease():
     # A damocles-worker went silent, its job was retried and given through Dext.AllocateJobs
     # (the lease is sent back with each call); then the damocles-worker's finish arrives (no
     # token, no name): it is not the finish of the worker running the job.
@@ -339,11 +339,15 @@ def test_a_finish_that_names_nobody_is_refused_for_a_job_whose_worker_carries_it
     job = step.job
     assert job.lease == SENT_LEASE + "L2"
     assert step.effects == (Allocated(job.Id, "dext-w2", SENT_LEASE + "L2", 2),)
-    for late in (Finish(None, "stale failure"), Finish(model.JobOutput((b"\x01",), ()), "")):
+    for late in (Finish(None, "stale failure"), Finish(None, "")):
         step = apply(job, late, T0 + 18, LIMITS)
         assert step.job is job
         [refused] = step.effects
         assert isinstance(refused, Refused) and "carries its lease" in refused.reason
+    # A proof is a proof: taken (the Dext worker's own finish is then a repeat, acknowledged).
+    proof = model.JobOutput((b"\x01",), ())
+    proved = apply(job, Finish(proof, ""), T0 + 18, LIMITS).job
+    assert proved.succeeded and proved.Output == proof
     # Its worker's finish, with the lease, is taken; a damocles-worker's, when it holds the job.
     assert apply(job, Finish(None, "", lease=job.lease), T0 + 18, LIMITS).job.State == FINISHED
     assert apply(running(), Finish(None, "x"), T0 + 9, LIMITS).job.State == FINISHED

@@ -26,7 +26,8 @@ What we change and add (damocles' weaknesses):
 - Fencing. Each allocation gets a lease token (`Allocate.lease`, made by the caller). A Heartbeat
   or Finish that carries a token is accepted only from the current lease of a running job. One
   without a token (damocles-worker sends none) is accepted only for a running job, and only from
-  its WorkerName when the caller knows the worker's name. damocles accepts a finish from anyone
+  its WorkerName when the caller knows the worker's name; a failure without either is refused
+  for a job given out through Dext (its lease begins SENT_LEASE: its worker sends it). damocles accepts a finish from anyone
   in any state and lets a heartbeat revive a job that was already given to another worker; both
   are refused here, so a worker that lost its job cannot overwrite the result.
 - A repeated finish. A finished job keeps the lease that finished it, so the same Finish sent
@@ -421,13 +422,6 @@ def _fence(job: JobRecord, lease: str | None, worker: str | None) -> str | None:
             )
     elif worker is not None and worker != job.WorkerName:
         return f"the job runs on worker {job.WorkerName!r}, not {worker!r}"
-    elif worker is None and job.lease is not None and job.lease.startswith(SENT_LEASE):
-        # A finish that names nobody (damocles-worker's) for a job whose worker sends its lease
-        # with each call: a worker it was taken back from, late; not the worker running it.
-        return (
-            f"the job runs on worker {job.WorkerName!r} (try {job.TryNum}), which carries its"
-            " lease; a finish without one is from a worker the job was taken back from"
-        )
     return None
 
 
@@ -481,6 +475,14 @@ def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Ste
     why = _fence(job, event.lease, event.worker)
     if why is not None and _late_but_wanted(job, event, reason, limits):
         why = None
+    named = event.lease is not None or event.worker is not None
+    if why is None and not named and reason and (job.lease or "").startswith(SENT_LEASE):
+        # A failure that names nobody (damocles-worker's) for a job whose worker sends its lease
+        # with each call: from a worker the job was taken back from, late (its proof is taken).
+        why = (
+            f"the job runs on worker {job.WorkerName!r} (try {job.TryNum}), which carries its"
+            " lease; a failure without one is from a worker the job was taken back from"
+        )
     if why is None and deadline_passed(job, now):
         assert job.not_after is not None
         why = f"its deadline passed at {_when(job.not_after)}"
