@@ -444,6 +444,31 @@ async def test_a_result_finished_while_the_coordinator_is_down_is_delivered_afte
     assert rig.allocations_of(job.Id) == 1 and worker.counters.given_up == 0
 
 
+async def test_a_proof_done_while_its_lease_lapsed_is_delivered_as_a_late_proof(rig, tmp_path):
+    # The coordinator was away longer than HeartbeatTimeout: its sweep took the job back (a try
+    # left). When it is back, the next heartbeat (every 0.2 s here) comes before the finish's
+    # retry (2 s) and is answered timed_out: the proof, done, is delivered all the same (the
+    # coordinator takes a late proof), not thrown away and proved again.
+    now = [1_000_000.0]
+    rig.jobs.clock = lambda: now[0]
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=1.0, progress_interval=0.05))
+    worker = Worker(rig.settings(kids, retry_base=2.0, retry_cap=2.0))
+
+    async def lease_lapses() -> None:
+        now[0] += 60.0
+        await rig.jobs.sweep()
+        assert (await rig.jobs.get(job.Id)).State == "ready2run"
+
+    await coordinator_down_at_a_finish(
+        rig, worker, job, lease_lapses,
+        lambda: worker.counters.delivered == 1 or worker.counters.stopped == 1,
+    )  # fmt: skip
+    done = await rig.jobs.get(job.Id)
+    assert worker.counters.delivered == 1 and worker.counters.stopped == 0
+    assert done.succeeded and done.Output.proofs and rig.allocations_of(job.Id) == 1
+
+
 async def test_a_result_refused_after_the_coordinator_was_unreachable_is_not_said_maybe_delivered(
     rig, tmp_path, caplog
 ):

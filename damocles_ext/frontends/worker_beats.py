@@ -121,6 +121,8 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             continue  # given to us again meanwhile: the answer was for the old lease
         if current.state == "finishing" and signal.Reason == "finished":
             continue  # our own finish got there first
+        if current.state == "finishing" and signal.Reason == "timed_out" and not current.error:
+            continue  # a proof, done: taken late by the manager (or refused, and said so)
         worker.stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 
 
