@@ -809,6 +809,19 @@ async def test_a_worker_whose_proofs_all_fail_pauses_so_that_its_jobs_go_elsewhe
         assert f": no proof: request {doc['request_id']} (window_post)" in doc["message"], doc
 
 
+async def test_jobs_whose_own_input_is_refused_do_not_pause_the_worker(rig, tmp_path):
+    # A sector given twice: refused by the supervisor before any prover sees it, the job's own
+    # fault, not its prover's (WORKER.md): four in a row take no pause, and the jobs after
+    # them are proved.
+    for seed in range(4):
+        await rig.jobs.create(job_input(seed=seed, sector_ids=(1, 1)))
+    good, _ = await rig.jobs.create(job_input(seed=9))
+    worker = Worker(rig.settings(children(tmp_path, plugin_block("WdPost", "echo"))))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 5)
+    assert worker.counters.pauses == 0
+    assert (await rig.jobs.get(good.Id)).succeeded
+
+
 def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():
     from damocles_ext.jobs.worker_rules import Breaker
 

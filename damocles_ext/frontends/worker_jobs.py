@@ -118,8 +118,9 @@ async def proof_of(
         answer = await worker.supervisor.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
     except (ProverError, UsageError) as exc:
         log.warning("job %s: no proof: %s", job.Id, exc, extra=held.fields(exc))
-        # Cut by the job's deadline, or not started as too late: no failure of its prover's.
-        held.prover_failed = not isinstance(exc, DeadlineError)
+        # Cut by the job's deadline, or not started as too late, or its task refused before any
+        # prover saw it (its own input: a sector twice, none): no failure of its prover's.
+        held.prover_failed = not isinstance(exc, DeadlineError | UsageError)
         return None, str(exc)
     output = job_output(answer)  # type: ignore[arg-type]
     if output.faults:
