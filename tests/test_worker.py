@@ -579,6 +579,33 @@ async def test_a_plugin_whose_sector_paths_raise_a_base_exception_or_an_unprinta
     assert said in done.ErrorReason
 
 
+@pytest.mark.parametrize("returned", ["/one/path", ("/sealed", ""), ("/a", "/b", "/c")])
+async def test_a_plugin_whose_sector_paths_are_not_a_pair_of_paths_fails_the_job(
+    rig, tmp_path, returned
+):
+    """Its bug, not the sector's fault: before, a string's characters were taken for the two
+    paths, and the prover answered the sector faulty, which the manager declares on chain."""
+
+    class Garbled:
+        @hookimpl
+        def dext_sector_paths(self, job, sector, attached):
+            return returned
+
+    job, _ = await rig.jobs.create(job_input())
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Garbled(), name="garbled")
+    worker = Worker(
+        rig.settings(children(tmp_path, plugin_block("WdPost", "echo"))), plugin_manager=pm
+    )
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert worker.counters.failed == 1 and done.Output is None
+    assert (
+        "dext_sector_paths returned" in done.ErrorReason
+        and "not (sealed_file, cache_dir)" in done.ErrorReason
+    )
+
+
 async def test_a_plugin_gives_the_sector_paths_of_a_site_with_its_own_layout(rig, tmp_path):
     root = tmp_path / "elsewhere"
     manifest = sectors(root, PROOF_TYPE, 1, random_seed=5)

@@ -66,6 +66,11 @@ async def job_sector_paths(
                 raise RuntimeError(
                     f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths {what}"
                 ) from None
+            if found is not None and not _a_pair_of_paths(found):  # its bug: no fault of it
+                raise RuntimeError(
+                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths"
+                    f" returned {text_of(found, repr)[:200]}, not (sealed_file, cache_dir)"
+                )
         if found is None:
             try:
                 found = default_sector_paths(job, sector, attached)
@@ -147,3 +152,12 @@ _WHAT_NOW = (
     "Not proved here on the job's first try (every sector in it would be a fault); proved all"
     " the same on a later one"
 )
+
+
+def _a_pair_of_paths(found: object) -> bool:
+    """Whether a dext_sector_paths answer is (sealed_file, cache_dir): two non-empty paths."""
+    return (
+        isinstance(found, tuple | list)
+        and len(found) == 2
+        and all(isinstance(p, str | os.PathLike) and os.fspath(p) for p in found)
+    )
