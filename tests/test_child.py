@@ -660,6 +660,22 @@ def test_a_prover_whose_version_cannot_be_read_starts_with_its_plugins_version(
     assert f"its version cannot be read ({said})" in child.stderr
 
 
+def test_a_prover_whose_version_is_no_utf8_text_starts_with_it_mended(tmp_path):
+    # A version read from a file name that is not UTF-8 (os.fsdecode: lone surrogates): the
+    # Hello could not be encoded and the child died with a traceback before its ready line.
+    source = UNVERSIONED_PLUGIN.replace("raise {raised}", 'return "1.0-\\udc80"')
+    root = make_plugin_dist(
+        tmp_path, dist="unversioned", module="unversioned_plugin", source=source
+    )
+    with Child("window_post", "unversioned", pythonpath=[root]) as child:
+        hello = child.next()
+        assert isinstance(hello, dext.Hello), child.stderr
+        assert hello.version == "1.0-?"
+        child.close_stdin()
+        assert child.wait() == 0
+    assert "Traceback" not in child.stderr
+
+
 GARBLED_PLUGIN = textwrap.dedent(
     """
     import os
