@@ -98,6 +98,35 @@ async def test_a_restarted_locator_gives_the_last_known_locations_with_their_age
     }  # fmt: skip
 
 
+async def test_a_store_attached_elsewhere_since_the_save_gives_its_new_paths_or_none(
+    source, tmp_path
+):
+    # A worker learned locations under a wrong --attached path (the source gives store names;
+    # the paths are made here). Restarted with the store attached where it is, its fresh
+    # entries give the new paths, not the wrong ones for fresh_for; a store no longer attached
+    # leaves no entry to give (the source or the scan is asked anew).
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    for root in (wrong, right):
+        root.mkdir()
+    put_files({"a": str(right)}, 1)
+    source.put(MINER, 1, "a")
+    path = tmp_path / "sectors.snapshot"
+    await learn_then_stop(path, [SourceNode(source.url, {"a": str(wrong)})], refs(1))
+    fixed = {"a": str(right)}
+    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 60), stores=fixed)
+    async with SectorLocator([SourceNode(source.url, fixed)], snapshot=snapshot) as locator:
+        [answer] = await locator.locate(refs(1))
+    assert answer.found and answer.cached, answer.detail
+    assert answer.location.sealed_file == f"{right}/sealed/s-t0{MINER}-1"
+    assert answer.location.cache_dir == f"{right}/cache/s-t0{MINER}-1"
+    source.stop()
+    gone = CacheSnapshot(str(path), wall=wall_at(WALL + 60), stores={"b": str(right)})
+    async with SectorLocator([SourceNode(source.url, {"b": str(right)})], snapshot=gone) as third:
+        [answer] = await third.locate(refs(1))
+        assert third.status()["snapshot"]["restored"] == 0
+    assert not answer.found
+
+
 async def test_what_the_scan_found_is_remembered_across_a_restart_too(
     source,
     stores,  # noqa: F811 - the fixture

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from damocles_ext.stages import child_stages
@@ -631,7 +631,9 @@ def check_sector_cache(args: argparse.Namespace) -> None:
         )
 
 
-def sector_snapshot(args: argparse.Namespace, log: logging.Logger) -> CacheSnapshot | None:
+def sector_snapshot(
+    args: argparse.Namespace, log: logging.Logger, stores: Mapping[str, str] | None = None
+) -> CacheSnapshot | None:
     """The CacheSnapshot of --sector-cache FILE, else of the state directory systemd gives
     ($STATE_DIRECTORY), else None. UsageError for a FILE whose directory is missing, not
     writable here or open to other users, or that is there and not a snapshot (a device, a
@@ -670,7 +672,7 @@ def sector_snapshot(args: argparse.Namespace, log: logging.Logger) -> CacheSnaps
     except (OSError, UsageError) as exc:  # UntrustedPathError: which part, and why
         problem = str(exc) if isinstance(exc, UsageError) else f"{directory}: {exc.strerror}"
     if not problem:
-        return CacheSnapshot(path)
+        return CacheSnapshot(path, stores=stores)
     if given is not None:
         raise UsageError(f"{what}: {problem}; give another path, or --no-sector-cache")
     log.warning("%s is not used: %s; sector locations are kept in memory only", what, problem)

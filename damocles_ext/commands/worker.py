@@ -347,7 +347,7 @@ def _locator(
     )
     return SectorLocator(
         build_providers(sector_settings, options["plugin_manager"]),
-        snapshot=sector_snapshot(args, logging.getLogger("damocles_ext.worker")),
+        snapshot=sector_snapshot(args, logging.getLogger("damocles_ext.worker"), stores),
     )
 
 

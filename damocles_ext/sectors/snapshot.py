@@ -40,13 +40,15 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 import msgspec
 import trio
 
 from ..errors import describe, passes_through
+from ..jobs.paths import sector_path
 from ..regular_file import file_kind
 from .cache import CacheEntry, SectorCache, restorable
 from .model import SectorLocation, SectorRef
@@ -248,6 +250,31 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
     return snapshot.written_at, entries
 
 
+def rerooted(
+    entries: list[tuple[SectorRef, CacheEntry]], stores: Mapping[str, str]
+) -> list[tuple[SectorRef, CacheEntry]]:
+    """`entries` with each path in a named store, in damocles' layout, rebuilt under that
+    store's directory in `stores`, and those whose store is not there dropped: a location
+    saved before the operator changed where a store is attached is not given as fresh."""
+    out = []
+    for sector, entry in entries:
+        location, paths = entry.location, {}
+        for kind, saved, name in (
+            ("sealed", location.sealed_file, location.sealed_store),
+            ("cache", location.cache_dir, location.cache_store),
+        ):
+            tail = sector_path("/", kind, sector.miner, sector.number, sector.upgrade)
+            paths[kind] = saved
+            if name is not None and saved.endswith(tail):  # (a plugin's own layout: as saved)
+                if (root := stores.get(name)) is None:
+                    break  # its store is not attached here now: asked anew
+                paths[kind] = sector_path(root, kind, sector.miner, sector.number, sector.upgrade)
+        else:
+            moved = replace(location, sealed_file=paths["sealed"], cache_dir=paths["cache"])
+            out.append((sector, replace(entry, location=moved)))
+    return out
+
+
 def read_file(path: str, max_bytes: int) -> bytes | None:
     """The file's bytes (None: there is none); SnapshotUnusable when it is not ours to trust
     (another user's, a symlink, not a regular file) or too big; SnapshotUnreadable when it
@@ -352,8 +379,13 @@ class CacheSnapshot:
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
         wall: Callable[[], float] = time.time,
+        stores: Mapping[str, str] | None = None,
     ) -> None:
         self.path = path
+        #: The stores attached here now (name -> directory), when known: a restored location in
+        #: a store is rebuilt under its directory now, and dropped if the store is gone
+        #: (`rerooted`: the operator may have fixed an --attached path since the save).
+        self.stores = stores
         self._directory = os.path.dirname(os.path.abspath(path))
         self.every = every
         self.max_entries = max_entries
@@ -397,6 +429,8 @@ class CacheSnapshot:
             if data is None:
                 return None
             written_at, entries = decode(data, mono_now, wall_now)
+            if self.stores is not None:
+                entries = rerooted(entries, self.stores)
             not_fresh = wall_now < written_at
             return (
                 written_at,
