@@ -208,6 +208,35 @@ async def raw_connection(server: ControlServer) -> trio.socket.SocketType:
     return s
 
 
+async def test_a_connection_closed_to_make_room_as_its_request_arrives_acts_on_none_of_it(
+    sock_dir, nursery
+):
+    # The idlest connection is closed for a new one in the very pass of trio's loop in which its
+    # reader was woken for a request: its reader reads before it meets the cancel (a read that
+    # needs no wait is no checkpoint). The request must not be started (and then dropped with
+    # the connection, its client told nothing): the goodbye says nothing more was read, so the
+    # client sends it again (ReconnectingClient does).
+    from damocles_ext.frontends.control_connection import Connection
+
+    server, backend = await serve_control(nursery, sock_dir)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        theirs.sendall(dext.encode(dext.Request(1, make_task(1))))
+        conn = Connection(server, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        conn.evict("room for a new connection")  # before its reader ran: it finds the bytes
+        with trio.fail_after(10):
+            await conn.run()
+        theirs.setblocking(False)  # (what was written by now, or nothing)
+        try:
+            said = dext.FrameDecoder().receive_data(theirs.recv(65536))
+        except BlockingIOError:
+            said = []
+    assert 1 not in backend.started
+    [goodbye] = said
+    assert goodbye.id == 0 and "before reading more from it: room for a new" in goodbye.error
+    assert server.statistics().in_flight == 0
+
+
 async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hears_why_not(
     sock_dir, nursery
 ):

@@ -177,6 +177,11 @@ class Connection:
                 data = await self._inbox.receive()
             except trio.BrokenResourceError:
                 data = b""
+            if self._read_scope.cancel_called:
+                # Closed (evicted, idle) as these bytes came: a read that needs no wait is no
+                # checkpoint, so they would be acted on before the cancel. Not acted on, the
+                # goodbye's word that nothing more was read holds: the client sends them again.
+                return
             try:
                 messages = self._decoder.receive_data(data)
             except dext.ProtocolError as exc:
