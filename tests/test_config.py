@@ -462,7 +462,8 @@ def test_gpus_keep_envs_values_when_envs_sets_them() -> None:
         {**kept, "CUDA_VISIBLE_DEVICES": "1"},
     ]
     assert not any(c.private_tmpdir for c in cfg.children)  # shared on purpose: left as it is
-    assert cfg.warnings == []
+    [warning] = cfg.warnings  # and what it costs is said: the GPUs' WindowPoSts take turns
+    assert "run on different GPUs" in warning and "TMPDIR /scratch/shared/" in warning
 
 
 def test_gpus_number_the_gpus_as_nvidia_smi_does_unless_told_otherwise(
@@ -608,6 +609,29 @@ def test_a_winning_post_table_sharing_bellpersons_lock_dir_with_window_post_is_w
     assert [w for w in with_gpus.warnings if "bellperson" in w] == []
     native = 'Plugin = "native"\nPluginOptions = { gpu_lock = false }'
     assert parse(text.replace('Bin = "sh"', native)).warnings == []
+
+
+def test_window_post_children_on_different_gpus_sharing_bellpersons_lock_dir_are_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each WindowPoSt holds bellman.priority.lock for its whole proof: on GPUs 0 and 1 with one
+    # TMPDIR, they take turns, and the GPUs prove one at a time; nothing was said.
+    monkeypatch.delenv("TMPDIR", raising=False)
+    two_tables = (
+        '[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "0" }\n'
+        '[[WdPost]]\nBin = "sh"\nEnvs = { CUDA_VISIBLE_DEVICES = "1" }\n'
+    )
+    one_tmpdir = '[[WdPost]]\nBin = "sh"\nGpus = [0, 1, 2]\nEnvs = { TMPDIR = "/var/tmp/p/" }\n'
+    for text, where in (
+        (two_tables, "TMPDIR /tmp (not in its Envs"),
+        (one_tmpdir, "TMPDIR /var/tmp/p/"),
+    ):
+        [warning] = parse(text).warnings
+        assert warning.startswith("window_post#0 and window_post#1 run on different GPUs"), warning
+        assert f"lock files in the same {where}" in warning and "take turns" in warning
+    # A TMPDIR each (Gpus' own), or one GPU (they share it anyway): nothing said.
+    assert parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').warnings == []
+    assert parse(two_tables.replace('"1" }', '"0" }')).warnings == []
 
 
 def test_a_winning_post_sharing_the_lock_dir_and_a_gpu_is_not_told_a_tmpdir_of_its_own_suffices(

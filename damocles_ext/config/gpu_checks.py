@@ -144,3 +144,35 @@ def winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
             f" budget, even with one `serve` per stage and with GpuLock = false{cure}"
         )
     return out
+
+
+def window_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
+    """WindowPoSt children on different GPUs whose provers keep bellperson's lock files in one
+    directory take turns across those GPUs: a WindowPoSt is a priority proof, and holds
+    bellman.priority.lock for its whole proof (a file lock: across processes, whatever GpuLock
+    says). Said once per directory."""
+    by_dir: dict[str, list[ChildSpec]] = {}
+    for child in children:
+        found = _bellperson_lock_dir(child)
+        if child.stage in ("window_post", "window_post_snark") and found is not None:
+            by_dir.setdefault(found[0], []).append(child)
+    out = []
+    for group in by_dir.values():
+        devices = [(child, _devices(child)) for child in group]
+        apart = next(
+            ((a, b) for i, (a, da) in enumerate(devices) for b, db in devices[i + 1 :]
+             if da is not None and db is not None and not da & db),
+            None,
+        )  # fmt: skip
+        if apart is None:
+            continue
+        a, b = apart
+        found = _bellperson_lock_dir(a)
+        assert found is not None
+        out.append(
+            f"{a.name} and {b.name} run on different GPUs but keep bellperson's GPU lock files in"
+            f" the same {found[1]}, so their WindowPoSts take turns instead of running at once"
+            " (each holds bellman.priority.lock for its whole proof): give each GPU's children a"
+            " TMPDIR of their own in Envs (Gpus gives each child one when Envs has no TMPDIR)"
+        )
+    return out

@@ -20,6 +20,7 @@ from . import machine
 from .gpu_checks import (
     ORDER,
     gpu_numbered_two_ways,
+    window_shares_lock_dir,
     winning_shares_lock_dir,
     winning_waits_for_window,
 )
@@ -298,6 +299,7 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
     if errors:
         raise ConfigError(source, errors)
     warnings = builder.warnings + winning_shares_lock_dir(builder.children)
+    warnings += window_shares_lock_dir(builder.children)
     warnings += gpu_numbered_two_ways(builder.children)
     return Config(
         source=source,
