@@ -137,6 +137,22 @@ async def test_a_client_frame_of_a_message_clients_do_not_send_is_refused_naming
     assert f"({__version__})" in refusal.error
 
 
+@pytest.mark.parametrize("rid", [0, -1])
+async def test_a_request_id_below_one_is_refused_not_answered_as_the_connections_goodbye(
+    sock_dir, nursery, rid
+):
+    # Id 0 is the supervisor's, in a Response about the connection ("nothing more was read: send
+    # again"): a client counting from 0 had its first answer look like that goodbye.
+    server, backend = await serve(nursery, sock_dir)
+    s = await raw_connection(server)
+    await s.send(dext.encode(dext.Request(rid, make_task(1))))
+    [refusal] = control_protocol.frame_decoder().receive_data(await read_until_closed(s))
+    s.close()
+    assert isinstance(refusal, control_protocol.Refusal), refusal
+    assert f"a request with id {rid}: request ids are from 1" in refusal.error
+    assert 1 not in backend.started
+
+
 async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery):
     server, _ = await serve(nursery, sock_dir)
     s = await raw_connection(server)

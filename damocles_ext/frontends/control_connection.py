@@ -196,7 +196,7 @@ class Connection:
                 return
             requests: list[dext.Request] = []  # started together, before what follows them
             for msg in messages:
-                if isinstance(msg, dext.Request):
+                if isinstance(msg, dext.Request) and msg.id >= 1:
                     requests.append(msg)
                     continue
                 if requests:
@@ -220,6 +220,14 @@ class Connection:
                         self._wake.set()
                     else:
                         nursery.start_soon(self._answer_status, msg.id)
+                elif isinstance(msg, dext.Request):  # id 0 or below: 0 is the connection's own
+                    log.error("control client sent request id %d; closing its connection", msg.id)
+                    self._refusal = (
+                        f"the client sent a request with id {msg.id}: request ids are from 1 (a"
+                        " Response with id 0 is about the connection, not a request); number"
+                        " them from 1"
+                    )
+                    return
                 else:
                     log.error(
                         "control client sent a %s frame, which only a prover child may"
