@@ -1102,6 +1102,16 @@ def test_prove_output_into_a_missing_directory_is_refused_before_proving(tmp_pat
     assert r.returncode == 2 and b"does not exist" in r.stderr
 
 
+def test_prove_output_onto_its_own_request_file_is_refused_before_proving(tmp_path):
+    # The proof replaced the request it answers, which verify needs beside it.
+    task = _task_file(tmp_path, make_task())
+    before = task.read_bytes()
+    for same in (str(task), f"{tmp_path}/./{task.name}"):
+        r = _prove(tmp_path, "--request", str(task), "--output", same)
+        assert r.returncode == 2 and b"is the --request file" in r.stderr, r.stderr
+    assert task.read_bytes() == before
+
+
 def test_prove_output_under_a_directory_this_user_may_not_enter_is_refused_before_proving():
     from damocles_ext.commands.prove import _check_output_path
 

@@ -208,6 +208,14 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
+    if output_path is not None:
+        for flag in ("request", "save_request"):  # verify needs the request beside the output
+            other = getattr(args, flag, None)
+            if other not in (None, "-") and _same_file(output_path, Path(other)):
+                raise UsageError(
+                    f"--output {args.output} is the --{flag.replace('_', '-')} file: the proof"
+                    " would overwrite the request it answers; give another file"
+                )
 
     from damocles_ext.progress import ProgressRenderer
 
@@ -629,6 +637,14 @@ def _check_local_time(text: str, when: datetime.datetime) -> None:
         what = "comes twice in this machine's local time (its clocks go back then)"
     offsets = " or ".join(when.replace(tzinfo=at.tzinfo).isoformat() for at in (first, second))
     raise UsageError(f"--deadline {text} {what}: give it with its UTC offset, e.g. {offsets}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (one that is not there yet is no other's)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _check_output_path(text: str) -> Path:
