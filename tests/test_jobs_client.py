@@ -43,6 +43,7 @@ PROOF = "StackedDrgWindow2KiBV1_2"
         ("http://[::1]:1789/other/path", Endpoint("::1", 1789, "/other/path")),
         ("127.0.0.1:1789", Endpoint("127.0.0.1", 1789, "/rpc/v0")),
         ("[::1]:1789", Endpoint("::1", 1789, "/rpc/v0")),
+        ("b\u00fccher.example:1789", Endpoint("b\u00fccher.example", 1789, "/rpc/v0")),
     ],
 )
 def test_an_address_is_a_multiaddr_a_url_or_host_port(text, endpoint):
@@ -73,6 +74,8 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("http://a..b:1789", "not a host name"),
         ("/dns/a..b/tcp/1789", "not a host name"),
         ("a..b:1789", "not a host name"),
+        # IDNA 2008, as trio encodes a name to look it up (a traceback from the worker before).
+        ("a\u0660b.example:1789", "not a host name .*direction"),
         # Dropped silently before, and the calls were refused for want of the token.
         ("http://manager:1789/rpc/v0?token=SECRET", "query .*not sent.*Authorization: Bearer"),
         ("http://user:SECRET@manager:1789", "credentials .*not sent.*Authorization: Bearer"),

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
+import idna
+
 DEFAULT_PATH: Final = "/rpc/v0"
 DEFAULT_PORT: Final = 1789  # damocles-manager's
 
@@ -40,13 +42,15 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         # What the resolver would refuse later with a UnicodeError (an empty label, one over
-        # 63 characters), refused here as the bad address it is.
+        # 63 characters; a non-ASCII name IDNA 2008 refuses, as trio encodes it with the idna
+        # package), refused here as the bad address it is.
         try:
             self.host.encode("idna")
-        except UnicodeError:
-            raise ValueError(
-                f"{self.host!r} is not a host name (an empty label, or one over 63 characters)"
-            ) from None
+            if not self.host.isascii():
+                idna.encode(self.host, uts46=True)
+        except UnicodeError as exc:
+            why = "an empty label, or one over 63 characters" if self.host.isascii() else exc
+            raise ValueError(f"{self.host!r} is not a host name ({why})") from None
 
     @property
     def url(self) -> str:
