@@ -123,9 +123,8 @@ class Create:
     not_after: float | None = None
 
 
-#: How the lease of a job given through `Dext.AllocateJobs` begins: its worker sends it with every
-#: heartbeat and finish, so a finish without a lease is not its (`_fence`). A lease given through
-#: damocles' `Venus.WdPoStAllocateJobs` (a damocles-worker never sees it) has no such beginning.
+#: How a lease given through `Dext.AllocateJobs` begins: its worker sends it with every call, so
+#: a failure without one is not its (`_finish`); damocles-workers never see theirs (Venus').
 SENT_LEASE = "dext-"
 
 
@@ -459,9 +458,8 @@ def _late_but_wanted(job: JobRecord, event: Finish, reason: str, limits: JobLimi
     return event.output is not None and reason == "" and (again or retryable(job, limits))
 
 
-#: The ErrorReason of a finish that brought neither an output nor an error (a damocles-worker
-#: sends that when its error's text is empty): a failure, tried again while tries are left, not a
-#: success with nothing to submit.
+#: The ErrorReason of a finish with neither an output nor an error (a damocles-worker's when its
+#: error's text is empty): a failure, tried again while tries are left, not an empty success.
 NO_RESULT = "the worker finished it with neither an output nor an error"
 
 
@@ -477,8 +475,7 @@ def _finish(job: JobRecord, event: Finish, now: float, limits: JobLimits) -> Ste
         why = None
     named = event.lease is not None or event.worker is not None
     if why is None and not named and reason and (job.lease or "").startswith(SENT_LEASE):
-        # A failure that names nobody (damocles-worker's) for a job whose worker sends its lease
-        # with each call: from a worker the job was taken back from, late (its proof is taken).
+        # A damocles-worker's late failure, from a worker the job was taken back from.
         why = (
             f"the job runs on worker {job.WorkerName!r} (try {job.TryNum}), which carries its"
             " lease; a failure without one is from a worker the job was taken back from"
