@@ -102,6 +102,69 @@ async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_
         rig.close()
 
 
+class HeldAllocationAnswers(StalledHeartbeats):
+    """StalledHeartbeats whose Dext.AllocateJobs answers wait, once stored, while
+    `hold_answers` (the call's answer slow on its way back)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.hold_answers = False
+        self.holding = trio.Event()  # set once a job's allocation is stored, its answer held
+        self.answers_go = trio.Event()
+
+    async def handle(self, call):
+        result = await super().handle(call)
+        if call.method == "Dext.AllocateJobs" and self.hold_answers and result:
+            self.holding.set()
+            await self.answers_go.wait()
+        return result
+
+
+async def test_a_lease_lost_heard_before_the_answer_giving_the_job_back_stops_nothing(
+    tmp_path, recorder
+):
+    # The job is given back to this worker (a new lease, stored) while its heartbeat under the
+    # old lease is answered lease_lost before the allocation's answer arrives (two connections):
+    # the proof was cancelled, then proved again from scratch under the new lease.
+    rec, pm = recorder
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=HeldAllocationAnswers)
+    kids = children(
+        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
+    )
+    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    now = [1_000_000.0]
+    rig.jobs.clock = lambda: now[0]
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await rec.next("started")
+            rig.coordinator.held = True  # the heartbeats' connection stalls
+            await rig.coordinator.waiting.wait()
+            async with rig.coordinator.allocating:
+                now[0] += 60.0
+                await rig.jobs.sweep()
+                rig.coordinator.hold_answers = True
+            await rig.coordinator.holding.wait()  # (the worker, waiting, has nothing to say)
+            again = await rig.jobs.get(job.Id)
+            assert again.TryNum == 2 and again.WorkerName == "gpu-1"
+            answered = rig.coordinator.answered
+            beats = len(answered)
+            rig.coordinator.released.set()  # answered lease_lost, the allocation's answer held
+            # Two answered: the worker acted on the first before it sent the second.
+            await worker.wait_for(lambda: len(answered) >= beats + 2 or worker.counters.stopped)
+            assert worker.counters.stopped == 0
+            rig.coordinator.hold_answers = False
+            rig.coordinator.answers_go.set()
+            await worker.wait_for(lambda: worker.held[job.Id].job.Lease == again.lease)
+            beats = len(answered)
+            await worker.wait_for(lambda: len(answered) >= beats + 2 or worker.counters.stopped)
+            assert answered[-1] == {job.Id: again.lease} and worker.counters.stopped == 0
+            assert [e for e in rec.log if e[0] in ("finished", "started")] == [rec.log[0]]
+    finally:
+        rig.close()
+
+
 async def test_a_job_reset_and_given_back_to_the_worker_that_holds_it_is_proved_afresh(
     tmp_path, recorder
 ):

@@ -127,6 +127,7 @@ class Worker:
         self.address: str | None = None  # the local address that reaches the manager
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
         self.unheld_stops = UnheldStops()  # when to say stops for jobs not held here
+        self.allocating = False  # an allocation call's answer is awaited (worker_beats)
         self._over_allocated = False  # the last allocation gave more than was asked (said)
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -349,7 +350,11 @@ class Worker:
             try:
                 # Each entry read apart: one that is no job loses none of the others. `null` or
                 # no `result` is no list: a protocol error (no manager sends it for no job).
-                got = await self._calls.call(method, *params, result_type=list[Any])
+                self.allocating = True
+                try:
+                    got = await self._calls.call(method, *params, result_type=list[Any])
+                finally:
+                    self.allocating = False
             except RpcCallError as exc:
                 self.answered()
                 self.refused_token(exc)

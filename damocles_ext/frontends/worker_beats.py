@@ -38,6 +38,8 @@ class Beating(Protocol):
     def counters(self) -> WorkerCounters: ...  # (its on_heartbeat: each answered one's time)
     @property
     def unheld_stops(self) -> UnheldStops: ...  # when to say stops for jobs not held here
+    @property
+    def allocating(self) -> bool: ...  # an allocation's answer is awaited: it may give jobs back
 
     def now(self) -> float:
         """The wall clock (a job's last heartbeat)."""
@@ -123,6 +125,8 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             continue  # our own finish got there first
         if current.state == "finishing" and signal.Reason == "timed_out" and not current.error:
             continue  # a proof, done: taken late by the manager (or refused, and said so)
+        if worker.allocating and signal.Reason in ("lease_lost", "timed_out"):
+            continue  # the allocation under way may give it back to us: judged at the next beat
         worker.stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 
 
