@@ -5,6 +5,7 @@ goodbye nor send the refused request again."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
@@ -153,7 +154,8 @@ async def test_a_request_id_below_one_is_refused_not_answered_as_the_connections
     assert 1 not in backend.started
 
 
-async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery):
+async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery, caplog):
+    caplog.set_level(logging.INFO, "damocles_ext.control")
     server, _ = await serve(nursery, sock_dir)
     s = await raw_connection(server)
     frame = dext.encode(dext.Request(1, make_task(1)))
@@ -161,6 +163,9 @@ async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery
     s.shutdown(socket.SHUT_WR)
     assert await read_until_closed(s) == b""  # nothing to say to a client that is gone
     s.close()
+    # A hang-up (a client killed as it wrote), said as one, not as a protocol error.
+    [said] = [r for r in caplog.records if "inside a frame" in r.getMessage()]
+    assert said.levelname == "INFO" and "hung up" in said.getMessage()
 
 
 # 1000 replicas (50 KiB): the frame goes into the socket whole; 20000 (1 MiB): the supervisor closes

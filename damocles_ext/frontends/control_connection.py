@@ -185,9 +185,11 @@ class Connection:
             try:
                 messages = self._decoder.receive_data(data)
             except dext.ProtocolError as exc:
+                if not data:  # it hung up inside a frame (killed as it wrote): nobody to tell
+                    log.info("control client hung up inside a frame: %s", exc)
+                    return
                 log.error("control client broke the protocol, closing its connection: %s", exc)
-                if data:  # (else it hung up inside a frame: nobody to tell)
-                    self._refusal = control_protocol.refusal_reason(exc)
+                self._refusal = control_protocol.refusal_reason(exc)
                 return
             if not self._server.buffer_changed(self, self._decoder.pending):
                 # Closed for holding the most: the whole frames of this read go unread with
