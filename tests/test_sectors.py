@@ -309,6 +309,18 @@ async def test_an_unreachable_source_is_not_asked_again_for_down_for_seconds(
     assert found.found and source.finds() == 1 and node.down is None
 
 
+async def test_an_error_answer_names_the_providers_that_did_not_know_the_sector(source, stores):
+    # The source down and the scan of the attached stores finding nothing: the operator is told
+    # the scan was asked too (the next thing to look at), not the source's error alone.
+    node = SourceNode(source.url, stores)
+    source.stop()
+    async with SectorLocator([node, StoreScan(stores)]) as locator:
+        [answer] = await locator.locate(refs(9))
+    assert answer.status == "error" and "cannot connect" in answer.detail
+    assert f"(not known to {StoreScan(stores).name})" in answer.detail, answer.detail
+    assert "no location of it is known from before" in answer.detail
+
+
 class ErringSource(DamoclesSource):
     """A source node whose index answers sector 9 with the method's error (a coordinator whose
     own source is down, and which knows nothing of the sector)."""

@@ -267,6 +267,8 @@ class SectorLocator:
         groups: dict[tuple[str, str], list[tuple[SectorRef, str, CacheEntry]]] = {}
         for sector, outcome in fallback:
             why = "; ".join(outcome.errors)
+            if outcome.not_known:  # (the next thing to look at: the store scan found nothing)
+                why += f" (not known to {', '.join(outcome.not_known)})"
             entry = self.cache.last_known(sector, now)
             if entry is None:
                 answers[sector] = SectorAnswer(
