@@ -416,6 +416,31 @@ async def test_a_request_to_a_stopped_supervisor_fails_soon_after_its_deadline_s
     assert "nor 0.5 s after it" in message and "SIGSTOP" in message
 
 
+async def test_a_request_without_a_deadline_to_a_stopped_supervisor_is_given_up_saying_why(
+    tmp_path: Path, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # `prove --socket` with no --deadline waited for ever, saying nothing, on a `run` stopped
+    # with SIGSTOP: the supervisor's status is asked while it proves, and its silence ends it.
+    from damocles_ext.frontends import prove
+
+    monkeypatch.setattr(prove, "ALIVE_EVERY", 0.2)
+    monkeypatch.setattr(prove, "ALIVE_WITHIN", 0.5)
+    cfg = write_config(tmp_path, '[[WdPost]]\nPlugin = "sleep"\nPluginOptions = { seconds = 1 }\n')
+    async with trio.open_nursery() as nursery, running(nursery, cfg, sock_path) as (run, log):
+        # Alive and slow (1 s, several status requests meanwhile): answered.
+        assert await prove._prove_remote(str(sock_path), make_task(), None, 0, None) is not None
+        run.send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(30), pytest.raises(ProverError) as caught:
+                await prove._prove_remote(str(sock_path), make_task(), None, 0, None)
+        finally:
+            run.send_signal(signal.SIGCONT)
+        run.send_signal(signal.SIGTERM)
+        assert await run.wait() == 0, log.text()
+    message = str(caught.value)
+    assert "did not answer a status request within 0.5 s" in message and "SIGSTOP" in message
+
+
 # -- the document and the table, without processes ------------------------------------------------
 
 

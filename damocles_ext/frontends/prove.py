@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..api import open_supervisor
-from ..client import KindUnsaidError, connect
+from ..client import Client, KindUnsaidError, connect
 from ..errors import ProverError, UsageError
 from ..supervisor.restart import BackoffPolicy
 from ..tasks import stage_of
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from ..tasks import Output, Task
 
 log = logging.getLogger("damocles_ext.prove")
+
+#: A request sent to `run` without a deadline has none to give up at: every ALIVE_EVERY seconds
+#: the supervisor is asked its status, and one that does not answer within ALIVE_WITHIN (as
+#: `status --timeout`) is taken for stopped (SIGSTOP) or hung: the request is given up.
+ALIVE_EVERY = 60.0
+ALIVE_WITHIN = 10.0
 
 
 def prove_in_process(
@@ -92,9 +98,10 @@ async def _prove_remote(
             # A worker's socket, which refuses every proof, or a `run` with no child of the
             # stage: a wrong --socket or config, the operator's to fix (exit code 2, as serve
             # --connect says it), not a prover's failure. The answer says so (UsageError)...
-            return await client.submit(
+            submit = client.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress
             )
+            return await (submit if deadline is not None else _while_alive(client, submit))
         except KindUnsaidError as exc:
             error = exc
         # ... except a supervisor's older than that: its status tells.
@@ -122,3 +129,47 @@ def prove_through_jobs(
         poll_interval=poll_interval,
     )  # fmt: skip
     return trio.run(submit)
+
+
+async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
+    """`submit`'s answer, given up (ProverError) once the supervisor does not answer a status
+    request within ALIVE_WITHIN, asked every ALIVE_EVERY (a request with no deadline would
+    otherwise wait for ever on a `run` that is stopped or hung)."""
+    answer: list[Output] = []
+    failed: list[Exception] = []
+    silent = False
+
+    async def ask() -> None:
+        try:
+            answer.append(await submit)
+        except Exception as exc:  # noqa: BLE001 - raised below as it is, not in a group
+            failed.append(exc)
+        nursery.cancel_scope.cancel()
+
+    async def watch() -> None:
+        nonlocal silent
+        while True:
+            await trio.sleep(ALIVE_EVERY)
+            with trio.move_on_after(ALIVE_WITHIN) as waited:
+                try:
+                    await client.status()
+                except ProverError:  # a supervisor without status: nothing to watch with
+                    return
+            if waited.cancelled_caught:
+                silent = True
+                nursery.cancel_scope.cancel()  # the request is cancelled in the supervisor
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        nursery.start_soon(ask)
+    if failed:
+        raise failed[0]
+    if silent:
+        raise ProverError(
+            f"the supervisor at {client.path} did not answer a status request within"
+            f" {ALIVE_WITHIN:g} s while it proved this request, which has no deadline (stopped,"
+            " e.g. by SIGSTOP, or hung?); not proved, cancelled (give --deadline to bound the"
+            " wait)"
+        )
+    return answer[0]
