@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .jobs.worker_status import WorkerPart, render_worker
+from .logs import controls_escaped
 from .protocol.control import STATUS_SCHEMA
 
 if TYPE_CHECKING:
@@ -559,7 +560,7 @@ def _deadline(stage: StageStatus) -> str:
 
 
 def _table(headers: list[str], rows: Iterable[list[str]], right: set[int]) -> list[str]:
-    rows = list(rows)
+    rows = [[controls_escaped(cell) for cell in row] for row in rows]  # (a child's own words)
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -646,4 +647,6 @@ def render_table(doc: StatusDocument) -> str:
     )
     if doc.worker is not None:
         lines += render_worker(doc.worker, format_duration)
-    return "\n".join(lines) + "\n"
+    # What children and managers said (a last exit, a stop reason) goes to a terminal: its
+    # control characters escaped, none can move the cursor or forge a row.
+    return "\n".join(controls_escaped(line) for line in lines) + "\n"

@@ -441,6 +441,35 @@ async def test_a_request_without_a_deadline_to_a_stopped_supervisor_is_given_up_
     assert "did not answer a status request within 0.5 s" in message and "SIGSTOP" in message
 
 
+async def test_what_a_child_said_is_printed_in_the_table_with_its_control_characters_escaped():
+    # A child whose first frame has a message type holding ESC, CR and LF: the decoder's error
+    # quotes it, and it reached the table raw as the child's last exit (a forged row, the
+    # terminal's colours changed).
+    from helpers.supervisor import child_stats, python_child, spec, wait_until_real
+
+    from damocles_ext.status import StatusSource
+    from damocles_ext.supervisor import Supervisor
+
+    code = r"""
+import msgspec, struct, sys, time
+b = msgspec.msgpack.encode({"type": "\x1b[2K\rwindow_post#0  1234  0  ready FORGED\n\x1b[31m"})
+sys.stdout.buffer.write(struct.pack(">I", len(b)) + b)
+sys.stdout.flush()
+time.sleep(30)
+"""
+    sup = Supervisor([spec(python_child(code), ready_timeout=5.0, auto_restart=False)])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await wait_until_real(lambda: child_stats(sup).last_exit is not None, what="exit")
+            doc = parse_document(await StatusSource(sup, socket="t", cpu_interval=0).as_data())
+            sup.request_shutdown()
+    text = render_table(doc)
+    assert "\x1b" not in text and "\r" not in text
+    assert "\\x1b[2K\\rwindow_post#0" in text  # said, escaped
+    assert not any(line.startswith("window_post#0  1234") for line in text.splitlines())
+
+
 # -- the document and the table, without processes ------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from ..logs import controls_escaped
 from .listing import tabwrite
 
 
@@ -89,4 +90,5 @@ def render_worker(part: WorkerPart, fmt: Callable[[float | None], str]) -> list[
         ]
         for j in part.jobs
     ]
+    rows = [[controls_escaped(cell) for cell in row] for row in rows]  # (a manager's words)
     return [*lines, *(line.rstrip() for line in tabwrite([headers, *rows]).splitlines())]
