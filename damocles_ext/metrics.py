@@ -197,12 +197,26 @@ class SupervisorMetrics:
                 self.missed.labels(request.stage).inc()
 
 
+def never_back(seen: dict[str, tuple[int, float]], child: str, pid: int, seconds: float) -> float:
+    """A child tree's CPU seconds as a counter: never less than reported before for the same
+    process (a process of the tree that exits before its children leaves them out of the walk,
+    and their CPU time with them; Prometheus would read the drop as a reset); from the new
+    process's own when the child restarted."""
+    before = seen.get(child)
+    if before is not None and before[0] == pid:
+        seconds = max(seconds, before[1])
+    seen[child] = (pid, seconds)
+    return seconds
+
+
 class _LevelCollector:
     """Gauges read at scrape time from Supervisor.statistics() and the children's process trees."""
 
     def __init__(self) -> None:
         self._supervisor: Any = None
         self._token: Any = None
+        #: Each child's CPU seconds, the most reported, with its root pid (`never_back`).
+        self._cpu_seen: dict[str, tuple[int, float]] = {}
 
     def attach(self, supervisor: Any, trio_token: Any) -> None:
         self._supervisor = supervisor
@@ -298,7 +312,9 @@ class _LevelCollector:
             tree = trees.get(c.name)
             if tree is not None:
                 rss.add_metric([c.stage, c.name], tree.rss_bytes)
-                cpu.add_metric([c.stage, c.name], tree.cpu_seconds)
+                assert c.pid is not None  # (a tree is sampled from its root pid)
+                seconds = never_back(self._cpu_seen, c.name, c.pid, tree.cpu_seconds)
+                cpu.add_metric([c.stage, c.name], seconds)
         yield from (
             state,
             in_flight,

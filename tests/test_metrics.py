@@ -276,6 +276,18 @@ PluginOptions = { seconds = 0.2, fail = "crash" }
         await scrape(url)
 
 
+def test_a_childs_cpu_counter_never_goes_back_but_for_a_restart():
+    # A process in the child's tree that exits before its own children leaves them out of the
+    # walk: the sum drops (5 s to 1 s) while the child runs on. A restart starts from 0.
+    from damocles_ext.metrics import never_back
+
+    seen: dict[str, tuple[int, float]] = {}
+    said = [never_back(seen, "window_post#0", pid, s) for pid, s in
+            [(10, 2.0), (10, 5.0), (10, 1.0), (10, 6.0), (11, 0.5), (11, 0.7)]]  # fmt: skip
+    assert said == [2.0, 5.0, 5.0, 6.0, 0.5, 0.7]
+    assert never_back(seen, "window_post#1", 10, 0.1) == 0.1  # per child
+
+
 async def test_a_benched_child_shows_in_its_gauge_and_in_status(tmp_path: Path, sock_dir: Path):
     # window_post#0 fails every request at once (a GPU gone bad), window_post#1 proves.
     cfg = write_config(
