@@ -54,6 +54,11 @@ def test_an_endpoint_writes_its_url_and_host_header():
     assert Endpoint("::1", 1789).url == "http://[::1]:1789/rpc/v0"
     assert Endpoint("::1", 1789).host_header == "[::1]:1789"
     assert Endpoint("manager", 80).host_header == "manager"
+    # A non-ASCII name as it goes on the wire: its A-labels (h11 sends ASCII headers only).
+    assert Endpoint("b\u00fccher.example", 1789).host_header == "xn--bcher-kva.example:1789"
+    assert Endpoint("b\u00fccher.example", 1789).url == "http://xn--bcher-kva.example:1789/rpc/v0"
+    # IDNA 2008 alone (the older codec refused a right-to-left label ending in a digit).
+    assert parse_endpoint("\u05e9\u05dc\u05d5\u05dd1.example:1789").host_header.startswith("xn--")
 
 
 @pytest.mark.parametrize(

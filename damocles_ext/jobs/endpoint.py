@@ -45,21 +45,28 @@ class Endpoint:
         # 63 characters; a non-ASCII name IDNA 2008 refuses, as trio encodes it with the idna
         # package), refused here as the bad address it is.
         try:
-            self.host.encode("idna")
-            if not self.host.isascii():
-                idna.encode(self.host, uts46=True)
+            self.ascii_host  # noqa: B018 - checked as it will be sent
         except UnicodeError as exc:
             why = "an empty label, or one over 63 characters" if self.host.isascii() else exc
             raise ValueError(f"{self.host!r} is not a host name ({why})") from None
 
     @property
+    def ascii_host(self) -> str:
+        """The host as it goes on the wire (the URL, the Host header): a non-ASCII name's
+        A-labels (IDNA 2008, as trio looks it up); UnicodeError for a name that has none."""
+        if self.host.isascii():
+            self.host.encode("idna")  # (an empty label, one over 63 characters)
+            return self.host
+        return idna.encode(self.host, uts46=True).decode("ascii")
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.host}]" if ":" in self.host else self.ascii_host
         return f"http://{host}:{self.port}{self.path}"
 
     @property
     def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.host}]" if ":" in self.host else self.ascii_host
         return host if self.port == 80 else f"{host}:{self.port}"
 
 
