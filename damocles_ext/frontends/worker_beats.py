@@ -40,6 +40,8 @@ class Beating(Protocol):
     def unheld_stops(self) -> UnheldStops: ...  # when to say stops for jobs not held here
     @property
     def allocating(self) -> bool: ...  # an allocation's answer is awaited: it may give jobs back
+    @property
+    def deferred_stops(self) -> set[tuple[str, str | None]]: ...  # (job, lease) put off once
 
     def now(self) -> float:
         """The wall clock (a job's last heartbeat)."""
@@ -125,8 +127,10 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             continue  # our own finish got there first
         if current.state == "finishing" and signal.Reason == "timed_out" and not current.error:
             continue  # a proof, done: taken late by the manager (or refused, and said so)
-        if worker.allocating and signal.Reason in ("lease_lost", "timed_out"):
-            continue  # the allocation under way may give it back to us: judged at the next beat
+        deferred = (signal.Id, current.job.Lease)  # (put off once: a stop that stands comes again)
+        if signal.Reason in ("lease_lost", "timed_out") and worker.allocating and deferred not in worker.deferred_stops:  # fmt: skip
+            worker.deferred_stops.add(deferred)  # the allocation under way may give it back to us
+            continue
         worker.stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 
 
