@@ -632,6 +632,8 @@ def test_window_post_children_on_different_gpus_sharing_bellpersons_lock_dir_are
     # A TMPDIR each (Gpus' own), or one GPU (they share it anyway): nothing said.
     assert parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').warnings == []
     assert parse(two_tables.replace('"1" }', '"0" }')).warnings == []
+    # No GPU at all (CUDA_VISIBLE_DEVICES empty: proving on the CPU) is no "different GPUs".
+    assert parse(two_tables.replace('"0" }', '"" }').replace('"1" }', '"" }')).warnings == []
 
 
 def test_a_winning_post_sharing_the_lock_dir_and_a_gpu_is_not_told_a_tmpdir_of_its_own_suffices(

@@ -209,12 +209,12 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
         task = read_task(args.request, args.stage)
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
     if output_path is not None:
-        for flag in ("request", "save_request"):  # verify needs the request beside the output
+        for flag in ("request", "save_request", "manifest", "comm_r"):  # inputs, kept
             other = getattr(args, flag, None)
             if other not in (None, "-") and _same_file(output_path, Path(other)):
                 raise UsageError(
                     f"--output {args.output} is the --{flag.replace('_', '-')} file: the proof"
-                    " would overwrite the request it answers; give another file"
+                    " would overwrite what it is made from; give another file"
                 )
 
     from damocles_ext.progress import ProgressRenderer

@@ -161,7 +161,7 @@ def window_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
         devices = [(child, _devices(child)) for child in group]
         apart = next(
             ((a, b) for i, (a, da) in enumerate(devices) for b, db in devices[i + 1 :]
-             if da is not None and db is not None and not da & db),
+             if da and db and not da & db),  # (None: every GPU; empty: none, the CPU)
             None,
         )  # fmt: skip
         if apart is None:
