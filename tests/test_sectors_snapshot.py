@@ -127,6 +127,18 @@ async def test_a_store_attached_elsewhere_since_the_save_gives_its_new_paths_or_
     assert not answer.found
 
 
+def test_a_plugins_entry_keeps_its_paths_whatever_is_attached():
+    # A dext_sector_providers plugin may name a store it mounts itself, elsewhere: its entry
+    # is neither moved under an --attached directory nor dropped for a store not attached.
+    from damocles_ext.sectors.snapshot import rerooted
+
+    sector = SectorRef(MINER, 1, False)
+    where = SectorLocation(f"/own/a/sealed/s-t0{MINER}-1", f"/own/a/cache/s-t0{MINER}-1", "a", "a")
+    mine = (sector, CacheEntry(where, "site-plugin", 0.0))
+    assert rerooted([mine], {"a": "/attached/a"}) == [mine]
+    assert rerooted([mine], {}) == [mine]
+
+
 async def test_what_the_scan_found_is_remembered_across_a_restart_too(
     source,
     stores,  # noqa: F811 - the fixture

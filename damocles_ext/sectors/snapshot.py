@@ -250,6 +250,11 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
     return snapshot.written_at, entries
 
 
+#: How the names of the providers whose paths are made from --attached stores begin (a source
+#: node's, which names stores, and the scan's): only their entries are rerooted.
+BUILT_IN_PROVIDERS = ("source ", "scan of ")
+
+
 def rerooted(
     entries: list[tuple[SectorRef, CacheEntry]], stores: Mapping[str, str]
 ) -> list[tuple[SectorRef, CacheEntry]]:
@@ -258,6 +263,9 @@ def rerooted(
     saved before the operator changed where a store is attached is not given as fresh."""
     out = []
     for sector, entry in entries:
+        if not entry.provider.startswith(BUILT_IN_PROVIDERS):  # a plugin's: its own mounts
+            out.append((sector, entry))
+            continue
         location, paths = entry.location, {}
         for kind, saved, name in (
             ("sealed", location.sealed_file, location.sealed_store),
@@ -270,8 +278,11 @@ def rerooted(
                     break  # its store is not attached here now: asked anew
                 paths[kind] = sector_path(root, kind, sector.miner, sector.number, sector.upgrade)
         else:
-            moved = replace(location, sealed_file=paths["sealed"], cache_dir=paths["cache"])
-            out.append((sector, replace(entry, location=moved)))
+            kept = entry
+            if (paths["sealed"], paths["cache"]) != (location.sealed_file, location.cache_dir):
+                moved = replace(location, sealed_file=paths["sealed"], cache_dir=paths["cache"])
+                kept = replace(entry, location=moved)
+            out.append((sector, kept))
     return out
 
 
