@@ -281,6 +281,10 @@ def request_problem(task: object, deadline: object, priority: object) -> str | N
     return None
 
 
+#: How task_check says a task cannot be encoded at all (an id over 64 bits, a path that is no
+#: text): where a worker builds the task, its own paths' fault, not the job's (worker_jobs).
+UNSENDABLE = "cannot be sent"
+
 _task_encoder = msgspec.msgpack.Encoder()
 _task_decoders: dict[type, msgspec.msgpack.Decoder[Task]] = {}
 
@@ -310,7 +314,7 @@ def task_check(task: Task) -> str | bytes:
         # Said here, not where a child's frame is made: the supervisor made it only once a
         # child was free, and failed the request then as the prover's error.
         return (
-            f"cannot be sent: {exc}; ids go from 0 to 2**64 - 1 and paths must be text (no lone"
+            f"{UNSENDABLE}: {exc}; ids go from 0 to 2**64 - 1 and paths must be text (no lone"
             " surrogates): build the task with valid fields"
         )
     try:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -847,6 +848,21 @@ async def test_jobs_whose_own_input_is_refused_do_not_pause_the_worker(rig, tmp_
     await run_until(rig, worker, lambda: worker.counters.delivered == 5)
     assert worker.counters.pauses == 0
     assert (await rig.jobs.get(good.Id)).succeeded
+
+
+async def test_tasks_this_worker_cannot_send_pause_it_as_failures_do(rig, tmp_path):
+    # An --attached path that is no text (lone surrogates, from a non-UTF-8 name): every task
+    # built from it is refused before a prover sees it, the worker's fault, not the jobs' own:
+    # it pauses after three, and the jobs go elsewhere.
+    for seed in range(5):
+        await rig.jobs.create(job_input(seed=seed))
+    garbled = str(tmp_path / "store-\udcff")  # (its name's bytes: b"store-\xff")
+    for part in ("sealed", "cache"):
+        os.makedirs(os.path.join(garbled, part))
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, attached={"store-a": garbled}))
+    await run_until(rig, worker, lambda: worker.counters.pauses == 1)
+    assert worker.counters.pulled == 3
 
 
 def test_the_breaker_pauses_after_failures_in_a_row_doubling_and_a_proof_resets_it():

@@ -27,6 +27,7 @@ from ..jobs.worker_rules import (
     job_output,
     window_post_task,
 )
+from ..tasks import UNSENDABLE
 from .worker_sectors import job_sector_paths, store_problem
 
 if TYPE_CHECKING:
@@ -119,8 +120,11 @@ async def proof_of(
     except (ProverError, UsageError) as exc:
         log.warning("job %s: no proof: %s", job.Id, exc, extra=held.fields(exc))
         # Cut by the job's deadline, or not started as too late, or its task refused before any
-        # prover saw it (its own input: a sector twice, none): no failure of its prover's.
-        held.prover_failed = not isinstance(exc, DeadlineError | UsageError)
+        # prover saw it for its own input (a sector twice, none): no failure of its prover's.
+        # A task that cannot be sent at all is this worker's paths' (an --attached path that is
+        # no text): counted, so that the worker pauses and its jobs go elsewhere.
+        own = isinstance(exc, UsageError) and UNSENDABLE not in str(exc)
+        held.prover_failed = not (isinstance(exc, DeadlineError) or own)
         return None, str(exc)
     output = job_output(answer)  # type: ignore[arg-type]
     if output.faults:
@@ -133,6 +137,8 @@ async def deliver(
 ) -> None:
     """Send the result until the manager takes it, refuses it, or it is too late."""
     backoff = Backoff(worker.settings.retry_base, worker.settings.retry_cap)
+    # JSON carries text only: a path that is no text (lone surrogates) in the error escaped.
+    error = error.encode("utf-8", "backslashreplace").decode("utf-8")
     what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
     attempts, maybe_done = 0, False  # maybe_done: a call that may have been done, unanswered
     while True:
