@@ -152,6 +152,29 @@ async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
     assert tries == [1, 2, 1, 2]
 
 
+async def test_a_job_reset_gets_its_tries_again(tmp_path):
+    # As a job removed and made again: after an operator's reset (its tries from 0 again), its
+    # new first failure is retried too, where before serve, having retried a try 1 already,
+    # left it failed and the request waited for its deadline.
+    url, root = serves_conf(tmp_path)
+    task = window_task(root)
+    async with (
+        open_job_producer(url, conf_dir=str(tmp_path), poll_interval=0.05) as producer,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(producer.submit, task)
+        with JobStore.open(url) as store, trio.fail_after(10):
+            tries = []
+            for error in ("gpu fault 1", "reset", "gpu fault 1 again", ""):
+                job = await take(store)
+                tries.append(job.TryNum)
+                if error == "reset":
+                    store.reset(job.Id, time.time())
+                else:
+                    finish(store, job, error)
+    assert tries == [1, 2, 1, 2]
+
+
 def hold_the_row_at_the_first_sweep(producer, postgres_url: str, state: str) -> list:
     """Wrap `producer`'s sweep: at its first call, another session holds the job's row (FOR
     UPDATE, as a heartbeat or finish being stored does), which must be in `state`, and the sweep

@@ -266,7 +266,10 @@ class JobProducer:
         create = True
         backoff = FIRST_BACKOFF
         swept = False
-        retried: int | None = None  # the try after which this wait retried the job
+        # The failed try this wait retried: its number, with what tells it from the same number
+        # after an operator's reset (which counts tries from 0 again): the job's CreatedAt, which
+        # a reset stamps anew, and the try's lease, which each allocation makes anew.
+        retried: tuple[float, int, str | None] | None = None
         # Woken from its backoff since its looks began to fail: once only, so that a job whose
         # looks alone fail (a damaged row) is not looked at each time another's look works.
         cut_short = False
@@ -293,7 +296,7 @@ class JobProducer:
                 job, create = found, False
                 if rules.is_done(job, self.limits):
                     return self._answer(job)
-                if rules.retryable(job, self.limits) and retried != job.TryNum:
+                if rules.retryable(job, self.limits) and retried != _try_of(job):
                     # Its tries are counted by this process's JobMaxTry (damocles-manager's
                     # config), as damocles' manager retries the jobs it waits for: a
                     # coordinator with a lower one (another --conf-dir, or none) leaves the job
@@ -308,7 +311,7 @@ class JobProducer:
                     # while another session held it (SKIP LOCKED: a heartbeat or a finish of
                     # the job being stored).
                     if outcome.effects:
-                        retried = job.TryNum
+                        retried = _try_of(job)
                         if any(isinstance(e, rules.Retried) for e in outcome.effects):
                             log.info("job %s: try %d of JobMaxTry %d failed; given to the"
                                      " workers again", job_id, job.TryNum,
@@ -519,3 +522,8 @@ async def run_producer(
                 coordinator[1].close()
     log_stopped(server_done)
     return 0
+
+
+def _try_of(job: model.JobRecord) -> tuple[float, int, str | None]:
+    """What tells a failed try of `job` from another (see `_poll`'s `retried`)."""
+    return (job.CreatedAt, job.TryNum, job.lease)
