@@ -726,7 +726,42 @@ async def test_the_listener_outlives_an_idle_session_timeout_the_dba_set(postgre
             await heard.wait()
         nursery.cancel_scope.cancel()
     assert connects == [1]
-    assert not [r for r in caplog.records if "lost its connection" in r.getMessage()]
+    assert not [r for r in caplog.records if "cannot listen on" in r.getMessage()]
+
+
+async def test_a_listener_that_cannot_connect_says_so_once_not_at_each_try(monkeypatch, caplog):
+    # The store down for an hour was 120 warnings an hour ("lost its connection", though it
+    # never had one), while the store's own outage is one line.
+    from damocles_ext.jobs import notify
+
+    monkeypatch.setattr(notify, "FIRST_BACKOFF", 0.01)
+    monkeypatch.setattr(notify, "MAX_BACKOFF", 0.01)
+    caplog.set_level(logging.DEBUG, "damocles_ext")
+    tries = trio.Event()
+
+    class Counted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "connecting again" in record.getMessage() and not tries.is_set():
+                self.count = getattr(self, "count", 0) + 1
+                if self.count >= 5:
+                    trio.from_thread.run_sync(tries.set, trio_token=token)
+
+    token = trio.lowlevel.current_trio_token()
+    handler = Counted()
+    logging.getLogger("damocles_ext").addHandler(handler)
+    listener = notify.JobListener("host=127.0.0.1 port=1 dbname=jobs user=x", lambda _j: None,
+                                  connect_timeout=1, where="postgresql://x@127.0.0.1:1/jobs")  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener.run)
+            with trio.fail_after(30):
+                await tries.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("damocles_ext").removeHandler(handler)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert "cannot listen on postgresql://x@127.0.0.1:1/jobs" in warned[0].getMessage()
 
 
 async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_url, tmp_path):
@@ -748,8 +783,9 @@ async def test_a_lost_listener_connection_is_logged_and_opened_again(postgres_ur
             ).fetchall()
         assert killed == [(True,)]
         with trio.fail_after(30):
-            await m.wait_log("notification listener lost its connection")
+            await m.wait_log("notification listener cannot listen on")
             await m.wait_log_times("listening for job changes on", 2)
+            await m.wait_log("notification listener listens again")
         await finish_and_expect_proofs(m, postgres_url, job_id, request_id, (b"q",))
         await stop(m)
 

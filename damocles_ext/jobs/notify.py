@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -24,6 +25,7 @@ from psycopg.pq import Conninfo
 
 from ..threads import NoThreadError, run_in_thread
 from .database import describe_url, first_line, pg_tcp_settings
+from .outage import Outage
 from .pg_session import Refusals, session_settings
 from .pg_session import apply as apply_session_settings
 from .store import NOTIFY_CHANNEL as CHANNEL
@@ -123,6 +125,14 @@ class JobListener:
 
     def _listen(self, token: trio.lowlevel.TrioToken) -> None:
         backoff = FIRST_BACKOFF
+        # One warning when it cannot listen, one line when it does again: the store down for an
+        # hour is not a line per reconnection (the retries in between at debug).
+        outage = Outage(
+            begins=f"the job store's notification listener cannot listen on {self.where}"
+            " ({why}); polling goes on, and it connects again in the background",
+            ends="the job store's notification listener listens again (after {failures} failed"
+            " connections in {lasted:.0f} s)",
+        )
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
@@ -136,6 +146,8 @@ class JobListener:
                     apply_session_settings(conn, self.session, self.where, self.refusals)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     log.info("listening for job changes on %s", self.where)
+                    if (line := outage.answered(time.monotonic())) is not None:
+                        log.info("%s", line)
                     backoff = FIRST_BACKOFF
                     if not self._hand(token, self.on_connect):
                         return
@@ -152,11 +164,10 @@ class JobListener:
             except psycopg.Error as exc:
                 if self._stop.is_set():
                     return
-                log.warning(
-                    "the job store's notification listener lost its connection to %s (%s);"
-                    " polling goes on, reconnecting in %gs",
-                    self.where, first_line(exc), backoff,
-                )  # fmt: skip
+                why = first_line(exc)
+                if (line := outage.failed(time.monotonic(), why)) is not None:
+                    log.warning("%s", line)
+                log.debug("notification listener: %s; connecting again in %gs", why, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
