@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import trio
 
+from damocles_ext.errors import ProverError
 from damocles_ext.frontends import producer as producer_module
 from damocles_ext.jobs.model import JobOutput
 from damocles_ext.jobs.paths import StoreMap
@@ -123,3 +124,45 @@ async def test_a_job_whose_looks_fail_alone_wakes_nobody_and_is_not_woken_at_eve
     # Eight requests polling every 0.5 s for 2 s; the damaged one: its look, and one more.
     assert looks["others"] <= 8 * 5, looks
     assert 1 <= looks["damaged"] <= 3, looks
+
+
+async def test_a_request_stopped_before_its_job_could_be_made_does_not_say_it_stays(
+    postgres_server, postgres_url, monkeypatch, tmp_path
+):
+    # The store down from the moment the request came: no look found its job. Stopped (serve's
+    # grace over), its answer said the job "stays in the job store" all the same.
+    monkeypatch.setattr(producer_module, "FIRST_BACKOFF", 600.0)
+    with JobStore.open(postgres_url) as store:
+        jobs = TrioJobStore(store)
+        producer = producer_module.JobProducer(jobs, StoreMap({"a": str(tmp_path)}))
+        create, tried = jobs.create, trio.Event()
+
+        async def create_failing(*args, **kwargs):
+            try:
+                return await create(*args, **kwargs)
+            finally:
+                tried.set()
+
+        jobs.create = create_failing
+        caught: list[BaseException] = []
+
+        async def submit() -> None:
+            try:
+                await producer.submit(task(str(tmp_path), 1000))
+            except ProverError as exc:  # the answer under test
+                caught.append(exc)
+
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(postgres_server.pause)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(submit)
+                    await tried.wait()  # its creation failed: it waits in its backoff
+                    producer.in_flight.abandon("serve stopped before the job was done")
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(postgres_server.resume)
+    [answer] = caught
+    assert "serve stopped before the job was done" in str(answer)
+    assert "stays in the job store" not in str(answer)
+    assert "no job was made in the job store" in str(answer)

@@ -115,6 +115,7 @@ class JobProducer:
         # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
         self._wakers: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
+        self._found: set[str] = set()  # jobs waited for that a look found in the store
         # The jobs of requests in a backoff the end of an outage may cut short (by count).
         self._backing_off: dict[str, int] = {}
         # A store that is down is said once for all the requests waiting, not once per look of
@@ -187,11 +188,23 @@ class JobProducer:
         not_after = deadline
         if not_after is None and self.deadline_after is not None:
             not_after = self.clock() + self.deadline_after
-        detail = (
-            f"; job {job_id} stays in the job store {self.store.store.where}, and a restarted"
-            " serve given the same request re-attaches to it"
-        )
-        return await self.in_flight.run(lambda: self._wait(job_id, job_input, not_after), detail)
+        where = self.store.store.where
+
+        def detail() -> str:  # (said when the wait is abandoned: a stop)
+            if job_id in self._found:
+                return (
+                    f"; job {job_id} stays in the job store {where}, and a restarted serve given"
+                    " the same request re-attaches to it"
+                )
+            return f"; no job was made in the job store {where} (it did not answer)"
+
+        try:
+            return await self.in_flight.run(
+                lambda: self._wait(job_id, job_input, not_after), detail
+            )
+        finally:  # (after `detail`, which a stop's answer reads)
+            if job_id not in self._waiting:
+                self._found.discard(job_id)
 
     def wake(self, job_id: str) -> None:
         """The store says `job_id` changed: its waiters look at it now."""
@@ -294,6 +307,7 @@ class JobProducer:
                     create, retried = True, None
                     continue
                 job, create = found, False
+                self._found.add(job_id)
                 if rules.is_done(job, self.limits):
                     return self._answer(job)
                 if rules.retryable(job, self.limits) and retried != _try_of(job):

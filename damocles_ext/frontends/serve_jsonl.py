@@ -532,7 +532,9 @@ class InFlight:
         self.abandoned: str | None = None
         self.refusing: str | None = None
 
-    async def run(self, work: Callable[[], Awaitable[T]], detail: str = "") -> T:
+    async def run(
+        self, work: Callable[[], Awaitable[T]], detail: Callable[[], str] = lambda: ""
+    ) -> T:
         """`await work()`, or ProverError(reason + detail) once abandoned; a submit that comes
         once new ones are refused is answered ProverError(that reason) without running."""
         if self.refusing is not None:
@@ -545,7 +547,7 @@ class InFlight:
                 finally:
                     self._scopes.discard(scope)
         assert self.abandoned is not None  # only abandon() cancels the scope
-        raise ProverError(self.abandoned + detail)
+        raise ProverError(self.abandoned + detail())
 
     def refuse_new(self, reason: str) -> None:
         """Answer every later submit with `reason` at once; those in flight go on."""
