@@ -242,7 +242,7 @@ class Client:
             raise ProverError(str(exc)) from None
 
     @property
-    def _open(self) -> bool:
+    def open(self) -> bool:
         """Neither lost nor refused: a request sent on it may be read."""
         return self._lost is None and self._refusal is None
 
@@ -644,13 +644,13 @@ class ReconnectingClient:
                     " nursery.start_soon(remote.run)"
                 )
         client = self._client
-        if client is not None and client._open:
+        if client is not None and client.open:
             return client
         # One attempt per request; a request that waited here for another's attempt takes the
         # connection that one made, or tries again itself.
         async with self._lock:
             client = self._client
-            if client is not None and client._open:
+            if client is not None and client.open:
                 return client
             try:
                 await self.connect()

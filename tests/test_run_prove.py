@@ -1108,7 +1108,10 @@ def test_prove_output_onto_its_own_request_file_is_refused_before_proving(tmp_pa
     before = task.read_bytes()
     for same in (str(task), f"{tmp_path}/./{task.name}"):
         r = _prove(tmp_path, "--request", str(task), "--output", same)
-        assert r.returncode == 2 and b"is the --request file: the proof would overwrite" in r.stderr
+        assert (
+            r.returncode == 2
+            and b"is the --request file: the proof would overwrite that file" in r.stderr
+        )
     assert task.read_bytes() == before
 
 

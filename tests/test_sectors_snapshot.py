@@ -113,15 +113,21 @@ async def test_a_store_attached_elsewhere_since_the_save_gives_its_new_paths_or_
     path = tmp_path / "sectors.snapshot"
     await learn_then_stop(path, [SourceNode(source.url, {"a": str(wrong)})], refs(1))
     fixed = {"a": str(right)}
-    snapshot = CacheSnapshot(str(path), wall=wall_at(WALL + 60), stores=fixed)
-    async with SectorLocator([SourceNode(source.url, fixed)], snapshot=snapshot) as locator:
+    node = SourceNode(source.url, fixed)
+    snapshot = CacheSnapshot(
+        str(path), wall=wall_at(WALL + 60), reroot=(fixed, frozenset({node.name}))
+    )
+    async with SectorLocator([node], snapshot=snapshot) as locator:
         [answer] = await locator.locate(refs(1))
     assert answer.found and answer.cached, answer.detail
     assert answer.location.sealed_file == f"{right}/sealed/s-t0{MINER}-1"
     assert answer.location.cache_dir == f"{right}/cache/s-t0{MINER}-1"
     source.stop()
-    gone = CacheSnapshot(str(path), wall=wall_at(WALL + 60), stores={"b": str(right)})
-    async with SectorLocator([SourceNode(source.url, {"b": str(right)})], snapshot=gone) as third:
+    elsewhere = {"b": str(right)}
+    gone = CacheSnapshot(
+        str(path), wall=wall_at(WALL + 60), reroot=(elsewhere, frozenset({node.name}))
+    )
+    async with SectorLocator([SourceNode(source.url, elsewhere)], snapshot=gone) as third:
         [answer] = await third.locate(refs(1))
         assert third.status()["snapshot"]["restored"] == 0
     assert not answer.found
@@ -135,8 +141,9 @@ def test_a_plugins_entry_keeps_its_paths_whatever_is_attached():
     sector = SectorRef(MINER, 1, False)
     where = SectorLocation(f"/own/a/sealed/s-t0{MINER}-1", f"/own/a/cache/s-t0{MINER}-1", "a", "a")
     mine = (sector, CacheEntry(where, "site-plugin", 0.0))
-    assert rerooted([mine], {"a": "/attached/a"}) == [mine]
-    assert rerooted([mine], {}) == [mine]
+    built_in = frozenset({"source 127.0.0.1:1", "scan of 1 store"})
+    assert rerooted([mine], {"a": "/attached/a"}, built_in) == [mine]
+    assert rerooted([mine], {}, built_in) == [mine]
 
 
 async def test_what_the_scan_found_is_remembered_across_a_restart_too(

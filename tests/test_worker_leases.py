@@ -154,7 +154,9 @@ async def test_a_lease_lost_heard_before_the_answer_giving_the_job_back_stops_no
             rig.coordinator.released.set()  # answered lease_lost, the allocation's answer held
             # Put off (once: a stop that stands comes again at the next heartbeat).
             await worker.wait_for(
-                lambda: (job.Id, old_lease) in worker.deferred_stops or worker.counters.stopped
+                lambda: (
+                    worker.deferred_stops.get(job.Id, "") == old_lease or worker.counters.stopped
+                )
             )
             assert worker.counters.stopped == 0
             rig.coordinator.hold_answers = False
@@ -164,6 +166,7 @@ async def test_a_lease_lost_heard_before_the_answer_giving_the_job_back_stops_no
             await worker.wait_for(lambda: len(answered) >= beats + 2 or worker.counters.stopped)
             assert answered[-1] == {job.Id: again.lease} and worker.counters.stopped == 0
             assert [e for e in rec.log if e[0] in ("finished", "started")] == [rec.log[0]]
+        assert worker.held == {} and worker.deferred_stops == {}  # (the job, released, forgotten)
     finally:
         rig.close()
 

@@ -632,7 +632,9 @@ def check_sector_cache(args: argparse.Namespace) -> None:
 
 
 def sector_snapshot(
-    args: argparse.Namespace, log: logging.Logger, stores: Mapping[str, str] | None = None
+    args: argparse.Namespace,
+    log: logging.Logger,
+    reroot: tuple[Mapping[str, str], frozenset[str]] | None = None,
 ) -> CacheSnapshot | None:
     """The CacheSnapshot of --sector-cache FILE, else of the state directory systemd gives
     ($STATE_DIRECTORY), else None. UsageError for a FILE whose directory is missing, not
@@ -672,7 +674,7 @@ def sector_snapshot(
     except (OSError, UsageError) as exc:  # UntrustedPathError: which part, and why
         problem = str(exc) if isinstance(exc, UsageError) else f"{directory}: {exc.strerror}"
     if not problem:
-        return CacheSnapshot(path, stores=stores)
+        return CacheSnapshot(path, reroot=reroot)
     if given is not None:
         raise UsageError(f"{what}: {problem}; give another path, or --no-sector-cache")
     log.warning("%s is not used: %s; sector locations are kept in memory only", what, problem)

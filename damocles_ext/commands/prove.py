@@ -147,7 +147,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="give up after this many seconds from now, or at this time (ISO 8601; without a"
         " zone it is local time; one that daylight saving time skips or repeats is refused). The"
         " supervisor answers by then; through --socket, one that is"
-        " stopped or hung is given up on 15 s after it",
+        " stopped or hung is given up on 15 s after it (without --deadline: once it does not"
+        " answer a status request within 10 s, asked every 60 s)",
     )
     parser.add_argument(
         "--priority",
@@ -209,12 +210,12 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
         task = read_task(args.request, args.stage)
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
     if output_path is not None:
-        for flag in ("request", "save_request", "manifest", "comm_r"):  # inputs, kept
+        for flag in ("request", "save_request", "manifest", "comm_r"):  # files of the task
             other = getattr(args, flag, None)
             if other not in (None, "-") and _same_file(output_path, Path(other)):
                 raise UsageError(
                     f"--output {args.output} is the --{flag.replace('_', '-')} file: the proof"
-                    " would overwrite what it is made from; give another file"
+                    " would overwrite that file; give another one"
                 )
 
     from damocles_ext.progress import ProgressRenderer

@@ -337,6 +337,7 @@ def _locator(
         return None
     from damocles_ext.sectors import SectorSettings
     from damocles_ext.sectors.locator import SectorLocator, build_providers
+    from damocles_ext.sectors.providers import SourceNode, StoreScan
 
     from .common import check_sector_sources, sector_snapshot
 
@@ -345,10 +346,12 @@ def _locator(
     sector_settings = SectorSettings(
         proxy=args.proxy, stores=stores, headers=tuple(args.proxy_header)
     )
-    return SectorLocator(
-        build_providers(sector_settings, options["plugin_manager"]),
-        snapshot=sector_snapshot(args, logging.getLogger("damocles_ext.worker"), stores),
-    )
+    providers = build_providers(sector_settings, options["plugin_manager"])
+    # The providers whose paths are made from the stores attached here: their entries of the
+    # snapshot are rebuilt under where the stores are now (snapshot.rerooted).
+    built_in = frozenset(p.name for p in providers if isinstance(p, SourceNode | StoreScan))
+    log = logging.getLogger("damocles_ext.worker")
+    return SectorLocator(providers, snapshot=sector_snapshot(args, log, (stores, built_in)))
 
 
 def _settings(

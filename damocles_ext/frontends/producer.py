@@ -196,7 +196,10 @@ class JobProducer:
                     f"; job {job_id} stays in the job store {where}, and a restarted serve given"
                     " the same request re-attaches to it"
                 )
-            return f"; no job was made in the job store {where} (it did not answer)"
+            return (
+                f"; the job store {where} did not answer: job {job_id} may not have been made"
+                " (a restarted serve given the same request re-attaches to it if it was)"
+            )
 
         try:
             return await self.in_flight.run(

@@ -153,8 +153,10 @@ async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
             with trio.move_on_after(ALIVE_WITHIN) as waited:
                 try:
                     await client.status()
-                except ProverError:  # a supervisor without status: nothing to watch with
-                    return
+                except ProverError:  # an answer (busy, no status), or the connection gone,
+                    if not client.open:  # which the request's own wait says
+                        return
+                    continue
             if waited.cancelled_caught:
                 silent = True
                 nursery.cancel_scope.cancel()  # the request is cancelled in the supervisor

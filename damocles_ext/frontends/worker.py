@@ -128,7 +128,7 @@ class Worker:
         self._start_scope = trio.CancelScope()  # naming itself, asking about its stores
         self.unheld_stops = UnheldStops()  # when to say stops for jobs not held here
         self.allocating = False  # an allocation call's answer is awaited (worker_beats)
-        self.deferred_stops: set[tuple[str, str | None]] = set()  # put off once (worker_beats)
+        self.deferred_stops: dict[str, str | None] = {}  # job -> lease put off (worker_beats)
         self._over_allocated = False  # the last allocation gave more than was asked (said)
 
     # -- for callers and tests ----------------------------------------------------------------
@@ -484,7 +484,7 @@ class Worker:
     def _release(self, held: HeldJob) -> None:
         if self.held.get(held.job.Id) is held:
             del self.held[held.job.Id]
-        self.deferred_stops.discard((held.job.Id, held.job.Lease))
+        self.deferred_stops.pop(held.job.Id, None)
         # A slot is free: ask at once, no pause between jobs; unless the round that brought
         # the job ends with it, all its jobs failed before a prover ran, and the spell's burst
         # of such rounds is used up (worker_rules.UnprovedRounds: its own `until`, which a

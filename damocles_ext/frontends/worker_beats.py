@@ -41,7 +41,7 @@ class Beating(Protocol):
     @property
     def allocating(self) -> bool: ...  # an allocation's answer is awaited: it may give jobs back
     @property
-    def deferred_stops(self) -> set[tuple[str, str | None]]: ...  # (job, lease) put off once
+    def deferred_stops(self) -> dict[str, str | None]: ...  # job -> the lease a stop put off
 
     def now(self) -> float:
         """The wall clock (a job's last heartbeat)."""
@@ -127,9 +127,9 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             continue  # our own finish got there first
         if current.state == "finishing" and signal.Reason == "timed_out" and not current.error:
             continue  # a proof, done: taken late by the manager (or refused, and said so)
-        deferred = (signal.Id, current.job.Lease)  # (put off once: a stop that stands comes again)
-        if signal.Reason in ("lease_lost", "timed_out") and worker.allocating and deferred not in worker.deferred_stops:  # fmt: skip
-            worker.deferred_stops.add(deferred)  # the allocation under way may give it back to us
+        lease = current.job.Lease  # (put off once: a stop that stands comes again)
+        if signal.Reason in ("lease_lost", "timed_out") and worker.allocating and worker.deferred_stops.get(signal.Id, "") != lease:  # fmt: skip
+            worker.deferred_stops[signal.Id] = lease  # the allocation under way may give it back
             continue
         worker.stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
 

@@ -250,20 +250,19 @@ def decode(data: bytes, mono_now: float, wall_now: float) -> tuple[float, list[t
     return snapshot.written_at, entries
 
 
-#: How the names of the providers whose paths are made from --attached stores begin (a source
-#: node's, which names stores, and the scan's): only their entries are rerooted.
-BUILT_IN_PROVIDERS = ("source ", "scan of ")
-
-
 def rerooted(
-    entries: list[tuple[SectorRef, CacheEntry]], stores: Mapping[str, str]
+    entries: list[tuple[SectorRef, CacheEntry]],
+    stores: Mapping[str, str],
+    providers: frozenset[str],
 ) -> list[tuple[SectorRef, CacheEntry]]:
     """`entries` with each path in a named store, in damocles' layout, rebuilt under that
     store's directory in `stores`, and those whose store is not there dropped: a location
-    saved before the operator changed where a store is attached is not given as fresh."""
+    saved before the operator changed where a store is attached is not given as fresh. Only
+    the entries of `providers` (those whose paths are made from `stores`: a source node's, the
+    scan's); a plugin's, which may mount a store elsewhere, are kept as saved."""
     out = []
     for sector, entry in entries:
-        if not entry.provider.startswith(BUILT_IN_PROVIDERS):  # a plugin's: its own mounts
+        if entry.provider not in providers:  # a plugin's: its own mounts
             out.append((sector, entry))
             continue
         location, paths = entry.location, {}
@@ -390,13 +389,14 @@ class CacheSnapshot:
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
         wall: Callable[[], float] = time.time,
-        stores: Mapping[str, str] | None = None,
+        reroot: tuple[Mapping[str, str], frozenset[str]] | None = None,
     ) -> None:
         self.path = path
-        #: The stores attached here now (name -> directory), when known: a restored location in
-        #: a store is rebuilt under its directory now, and dropped if the store is gone
-        #: (`rerooted`: the operator may have fixed an --attached path since the save).
-        self.stores = stores
+        #: The stores attached here now (name -> directory) and the providers whose paths are
+        #: made from them, when known: a restored location of theirs in a store is rebuilt under
+        #: its directory now, and dropped if the store is gone (`rerooted`: the operator may
+        #: have fixed an --attached path since the save).
+        self.reroot = reroot
         self._directory = os.path.dirname(os.path.abspath(path))
         self.every = every
         self.max_entries = max_entries
@@ -440,8 +440,8 @@ class CacheSnapshot:
             if data is None:
                 return None
             written_at, entries = decode(data, mono_now, wall_now)
-            if self.stores is not None:
-                entries = rerooted(entries, self.stores)
+            if self.reroot is not None:
+                entries = rerooted(entries, *self.reroot)
             not_fresh = wall_now < written_at
             return (
                 written_at,
