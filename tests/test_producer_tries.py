@@ -130,9 +130,12 @@ async def test_a_retry_whose_sweep_failed_is_made_again_when_the_store_answers(t
     assert len(sweeps) == 2
 
 
-async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
+@pytest.mark.parametrize("how", ["removed", "reset"])
+async def test_a_job_removed_and_made_again_or_reset_gets_its_tries_again(tmp_path, how):
     # Its first try failed and serve retried it; then it was removed (wdpost remove) and serve
-    # made it again: its tries count from 0 again, and its new first failure is retried too.
+    # made it again, or an operator reset it (wdpost reset): its tries count from 0 again, and
+    # its new first failure is retried too (after a reset, serve, having retried a try 1
+    # already, left it failed before, and the request waited for its deadline).
     url, root = serves_conf(tmp_path)
     task = window_task(root)
     async with (
@@ -142,33 +145,12 @@ async def test_a_job_removed_and_made_again_gets_its_tries_again(tmp_path):
         nursery.start_soon(producer.submit, task)
         with JobStore.open(url) as store, trio.fail_after(10):
             tries = []
-            for error in ("gpu fault 1", "removed", "gpu fault 1 again", ""):
+            for error in ("gpu fault 1", how, "gpu fault 1 again", ""):
                 job = await take(store)
                 tries.append(job.TryNum)
                 if error == "removed":
                     store.remove(job.Id, 0)
-                else:
-                    finish(store, job, error)
-    assert tries == [1, 2, 1, 2]
-
-
-async def test_a_job_reset_gets_its_tries_again(tmp_path):
-    # As a job removed and made again: after an operator's reset (its tries from 0 again), its
-    # new first failure is retried too, where before serve, having retried a try 1 already,
-    # left it failed and the request waited for its deadline.
-    url, root = serves_conf(tmp_path)
-    task = window_task(root)
-    async with (
-        open_job_producer(url, conf_dir=str(tmp_path), poll_interval=0.05) as producer,
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(producer.submit, task)
-        with JobStore.open(url) as store, trio.fail_after(10):
-            tries = []
-            for error in ("gpu fault 1", "reset", "gpu fault 1 again", ""):
-                job = await take(store)
-                tries.append(job.TryNum)
-                if error == "reset":
+                elif error == "reset":
                     store.reset(job.Id, time.time())
                 else:
                     finish(store, job, error)

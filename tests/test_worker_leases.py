@@ -45,10 +45,12 @@ class StalledHeartbeats(Coordinator):
         return await super().handle(call)
 
 
-def stalling(tmp_path, pm) -> tuple[Rig, Worker]:
+def stalling(
+    tmp_path, pm, coordinator: type[Coordinator] = StalledHeartbeats
+) -> tuple[Rig, Worker]:
     """A coordinator whose heartbeats can be stalled, and a worker of two slow slots: one free,
     so the worker keeps asking (every 50 ms) while it proves a job."""
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=StalledHeartbeats)
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=coordinator)
     kids = children(
         tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
     )
@@ -127,11 +129,7 @@ async def test_a_lease_lost_heard_before_the_answer_giving_the_job_back_stops_no
     # old lease is answered lease_lost before the allocation's answer arrives (two connections):
     # the proof was cancelled, then proved again from scratch under the new lease.
     rec, pm = recorder
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=HeldAllocationAnswers)
-    kids = children(
-        tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05) * 2
-    )
-    worker = Worker(rig.settings(kids, idle_poll=0.05, shutdown_grace=0.2), plugin_manager=pm)
+    rig, worker = stalling(tmp_path, pm, HeldAllocationAnswers)
     now = [1_000_000.0]
     rig.jobs.clock = lambda: now[0]
     job, _ = await rig.jobs.create(job_input())
