@@ -166,8 +166,9 @@ def validate_options(options: Options, stage: str | None = None) -> list[str]:
         if not isinstance(library, str) or not library:
             problems.append(f"native: option 'library' must be a path, got {library!r}")
         elif not os.path.isfile(library):
+            what = "a directory, not a file" if os.path.isdir(library) else "no such file"
             problems.append(
-                f"native: option 'library' = {library!r}: no such file; give the path of a shared "
+                f"native: option 'library' = {library!r}: {what}; give the path of a shared "
                 "library implementing native/include/dext_prover.h"
             )
         elif (problem := _library_problem(library)) is not None:

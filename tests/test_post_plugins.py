@@ -73,6 +73,14 @@ def _elf_header_of_this_python() -> bytes:
         return f.read(64)
 
 
+def test_a_vendor_library_option_naming_a_directory_says_so(tmp_path):
+    # It said "no such file" of a directory that is there.
+    (message,) = native_problems({"library": str(tmp_path)})
+    assert message.startswith(f"native: option 'library' = {str(tmp_path)!r}: a directory, not")
+    (message,) = native_problems({"library": str(tmp_path / "none.so")})
+    assert ": no such file; give the path of a shared library" in message
+
+
 @pytest.mark.parametrize(
     ("make", "problem"),
     [
