@@ -614,10 +614,11 @@ class ReconnectingClient:
                 )
                 # A supervisor that says why it closed has read nothing more: safe to resend.
                 error = _Unread if client._refused is not None else ProverError
+                how = "closed the connection" if client._refused is not None else "went away"
+                guess = "" if client._refused is not None else ": stopped or restarted?"
                 raise error(
-                    f"the supervisor at {self.path} went away before it answered ({reason}:"
-                    " stopped or restarted?); this request was not proved, the next one will"
-                    " try to connect again"
+                    f"the supervisor at {self.path} {how} before it answered ({reason}{guess});"
+                    " this request was not proved, the next one will try to connect again"
                 ) from None
             raise
 

@@ -26,7 +26,7 @@ from helpers.frontend import (
     write_config,
 )
 
-from damocles_ext.client import connect
+from damocles_ext.client import ReconnectingClient, connect
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext
@@ -256,6 +256,16 @@ async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hear
             async with connect(server.path) as c:
                 await c.submit(make_task(3))
         assert server.statistics().refused == 1
+        # serve --connect's client, refused at both tries, says so (not "stopped or restarted?").
+        remote = ReconnectingClient(server.path)
+        async with trio.open_nursery() as reading:
+            reading.start_soon(remote.run)
+            with pytest.raises(ProverError) as refused:
+                await remote.submit(make_task(4))
+            reading.cancel_scope.cancel()
+        said = str(refused.value)
+        assert "closed the connection before it answered" in said and "too many" in said, said
+        assert "stopped or restarted" not in said
         # Once `a` is idle, a new connection closes it (the idlest) and is served.
         backend.events(1)[1].set()
         while 1 not in results:
@@ -273,7 +283,7 @@ async def test_over_the_connection_cap_the_idlest_makes_room_or_the_new_one_hear
         backend.events(2)[1].set()
     assert results == {1: echo_output(make_task(1)), 2: echo_output(make_task(2))}
     stats = server.statistics()
-    assert (stats.evicted, stats.refused) == (1, 1)
+    assert (stats.evicted, stats.refused) == (1, 3)  # (c once, serve --connect's client twice)
 
 
 async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_not(
