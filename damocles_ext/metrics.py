@@ -68,13 +68,13 @@ def parse_listen_address(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9100"
+            f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9110"
         )
     try:
         port = int(port_text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected HOST:PORT (e.g. 127.0.0.1:9100), the port is not a number"
+            f"{text!r}: expected HOST:PORT (e.g. 127.0.0.1:9110), the port is not a number"
         ) from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: port {port} is not in 0..65535")

@@ -733,3 +733,21 @@ async def test_example_alerts_plugin_says_a_webhook_that_is_no_http_server_in_on
         listener.close()
     [warning] = [r for r in caplog.records if r.name == "dext_alerts"]
     assert warning.getMessage().startswith(f"could not post alert ProofFailed to {url}: ")
+
+
+def test_an_address_not_up_yet_is_a_temporary_failure_a_port_taken_is_not():
+    # At boot the address may not be assigned yet: exit code 75, which the systemd units start
+    # again (they do not restart exit code 2); a port another program holds is the operator's
+    # to change: exit code 2, said so.
+    from damocles_ext.errors import EXIT_TEMPFAIL, EXIT_USAGE
+    from damocles_ext.frontends.listeners import bind_tcp
+
+    with pytest.raises(UsageError) as caught:  # 192.0.2.0/24: TEST-NET-1, never assigned
+        bind_tcp("192.0.2.1", 0, doing="serve metrics", option="--metrics")
+    assert caught.value.exit_code == EXIT_TEMPFAIL and "not up on this machine yet" in str(
+        caught.value
+    )
+    taken = bind_tcp("127.0.0.1", 0, doing="serve metrics", option="--metrics")
+    with taken, pytest.raises(UsageError) as caught:
+        bind_tcp("127.0.0.1", taken.getsockname()[1], doing="serve metrics", option="--metrics")
+    assert caught.value.exit_code == EXIT_USAGE and "choose another --metrics" in str(caught.value)

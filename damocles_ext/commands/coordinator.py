@@ -160,7 +160,7 @@ def _bind_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socket 
         # The port the system refused is --listen's own, bound just above.
         raise UsageError(
             f"{exc}: it is the port --listen serves the RPC on; give the metrics a"
-            " port of their own, e.g. --metrics 127.0.0.1:9101 (the unit's)"
+            " port of their own, e.g. --metrics 127.0.0.1:9111 (the unit's)"
         ) from None
 
 

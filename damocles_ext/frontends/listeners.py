@@ -25,7 +25,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import UsageError
+from ..errors import EXIT_TEMPFAIL, UsageError
 
 # accept(2) errors that say the system or the process is out of something, not that the
 # listener is broken (the list trio's serve_listeners uses).
@@ -208,11 +208,28 @@ def bind_tcp(host: str, port: int, *, doing: str, option: str) -> socket.socket:
     except OSError as exc:  # an unknown host, no such address here, the port taken
         if sock is not None:
             sock.close()
-        raise UsageError(
-            f"cannot {doing} on {join_host_port(host, port)}: {exc.strerror or exc}; choose"
-            f" another {option} HOST:PORT"
-        ) from None
+        said = f"cannot {doing} on {join_host_port(host, port)}: {exc.strerror or exc}"
+        if _not_yet(exc):  # (at boot: the address not assigned yet, the resolver not up yet)
+            raise AddressNotReady(
+                f"{said}; not up on this machine yet? (exit code 75: the systemd units start"
+                f" it again); else choose another {option} HOST:PORT"
+            ) from None
+        raise UsageError(f"{said}; choose another {option} HOST:PORT") from None
     return sock
+
+
+class AddressNotReady(UsageError):
+    """An address to listen on that this machine does not have yet, or a name its resolver
+    could not look up yet: exit code 75 (EX_TEMPFAIL), which a systemd unit restarts, where a
+    port taken or a name that is none is exit code 2, which it does not."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+def _not_yet(exc: OSError) -> bool:
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    return exc.errno == errno.EADDRNOTAVAIL
 
 
 def join_host_port(host: str, port: int) -> str:
