@@ -309,6 +309,26 @@ def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_
     assert "WdPost[1]" in errors[0] and "-c/--config does not apply to serve --jobs" in errors[0]
 
 
+@pytest.mark.parametrize(
+    ("jobs", "said"),
+    [
+        ("mysql://x/y", "'mysql' is not supported"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:////nonexistent/dir/jobs.db", "directory '/nonexistent/dir' does not exist"),
+        ("postgresql://u@h/db?sslmod=require", "sslmod"),
+    ],
+)
+def test_an_entry_whose_serve_jobs_url_serve_refuses_is_an_error(tmp_path, capsys, jobs, said):
+    # serve exits 2 before its ready line on these: check-config said nothing.
+    manager = tmp_path / "ext-prover.cfg"
+    manager.write_text(
+        f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs", "{jobs}"]\n'
+    )
+    _, errors = _refused(capsys, "-c", str(manager))
+    [error] = errors
+    assert "which will exit 2: serve --jobs: " in error and said in error, error
+
+
 def test_an_entry_that_runs_serve_jobs_is_an_error_when_serve_will_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -492,10 +492,33 @@ def _serve_jobs_problem(
         from damocles_ext.frontends.producer import WINNING_REFUSED
 
         return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", None
+    if (problem := _jobs_url_problem(parsed.jobs)) is not None:
+        return f"serve --jobs: {problem}", None
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
         return f"{exc}" + (_RELATIVE_CONF_DIR if relative else ""), exc.denied
+    return None
+
+
+def _jobs_url_problem(text: str) -> str | None:
+    """What serve says of a --jobs URL before it connects (a scheme it does not take, a
+    parameter PostgreSQL has not, no file named), or of a SQLite file whose directory is not
+    there (serve makes the store in it); None when neither."""
+    from damocles_ext.jobs.database import StoreConfigError, parse_url, sqlite_file
+
+    try:
+        url = parse_url(text)
+    except StoreConfigError as exc:
+        return str(exc)
+    if url.get_backend_name() == "sqlite":
+        parent = sqlite_file(url).parent
+        try:
+            there = parent.is_dir()
+        except OSError:  # (a directory on the way this user may not enter: serve's may)
+            return None
+        if not there:
+            return f"the job store's directory {str(parent)!r} does not exist: create it"
     return None
 
 
