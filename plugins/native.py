@@ -7,10 +7,13 @@ Without options it runs the reference prover in C compiled into damocles-ext at 
                      cffi ABI mode); its ABI version and symbols are checked when the child starts
     rows_to_discard  the reference prover's tree rows not stored on disk (0..20, default 2); it only
                      matters when the library builds trees: proving reads it from the tree file
-    gpu_lock         true (default) / false: hold bellperson's bellman.priority.lock and
-                     bellman.gpu.lock in TMPDIR around the proof, as a bellperson priority proof
-                     does, so this child and a bellperson prover sharing its TMPDIR never prove at
-                     the same time (in a split WindowPoSt: around the SNARK step only)
+    gpu_lock         true / false: hold bellperson's bellman.priority.lock and bellman.gpu.lock
+                     in TMPDIR around the proof, as a bellperson priority proof does, so this
+                     child and a bellperson prover sharing its TMPDIR never prove at the same time
+                     (in a split WindowPoSt: around the SNARK step only). Default: true for the
+                     built-in reference prover, false with `library`: a vendor library built on
+                     bellperson takes those locks itself, and one held around its call deadlocks
+                     it (a flock through a second descriptor waits even in one process)
     any other key    passed to a vendor library's dext_open as JSON (the reference refuses it)
 
 Each concurrent request gets its own library handle (the ABI lets a handle serve one call at a
@@ -209,7 +212,8 @@ class NativePoStProver:
         library = options.get("library")
         # validate_options above rejected anything but a path string.
         self._library = library if isinstance(library, str) else None
-        self._gpu_lock = options.get("gpu_lock", True)
+        # Held around the reference prover's calls; a vendor library takes its own (see above).
+        self._gpu_lock = options.get("gpu_lock", self._library is None)
         self._open_options: dict[str, object] = {
             k: v for k, v in options.items() if k not in ("library", "gpu_lock")
         }

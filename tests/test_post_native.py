@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -512,11 +513,16 @@ int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_
     case 3: r = one_proof(100); free(r->proofs[0].ptr); r->proofs[0].ptr = NULL; break;
     case 4: r = one_proof((size_t)-1); break;
     case 5: r = one_proof(8); r->proof_count = (size_t)-1; break;
-    default:  /* one fault of the task, one not, and a count as if uninitialised */
+    case 6:  /* one fault of the task, one not */
         r = calloc(1, sizeof *r);
         r->faults = calloc(2, sizeof *r->faults);
         r->faults[0] = t->replicas[0].sector_id;
         r->faults[1] = 999999;
+        r->fault_count = 2;
+        break;
+    default:  /* zeroes (sector 0 is in the task) and a count as if uninitialised */
+        r = calloc(1, sizeof *r);
+        r->faults = calloc(2, sizeof *r->faults);
         r->fault_count = (size_t)1 << 40;
     }
     *out = r;
@@ -529,6 +535,64 @@ void dext_result_free(dext_result *r) {
 """
     + NO_WINNING_POST
 )
+
+
+FAULTY_VENDOR = (
+    PLAIN_VENDOR
+    + r"""
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)p; (void)c; (void)x;
+    dext_result *r = calloc(1, sizeof *r);
+    r->faults = calloc(1, sizeof *r->faults);
+    r->faults[0] = t->replicas[0].sector_id;
+    r->fault_count = 1;
+    *out = r;
+    return DEXT_OK;
+}
+void dext_result_free(dext_result *r) { if (r) { free(r->faults); free(r); } }
+"""
+    + NO_WINNING_POST
+)
+
+
+def test_a_vendor_library_is_not_held_to_bellpersons_lock_files_unless_asked(tmp_path, monkeypatch):
+    # A library built on bellperson takes bellman.*.lock itself: held around its call by the
+    # plugin too (the default was gpu_lock = true), it waited on itself for ever. Here another
+    # process holds the GPU lock: the library, not held to it, answers at once.
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext import gpulock
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "faulty.c"
+    src.write_text(FAULTY_VENDOR)
+    lib = compile_library(tmp_path / "libfaulty.so", [src])
+    lockdir = tmp_path / "tmpdir"
+    lockdir.mkdir()
+    hold = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666);"
+        " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(lockdir / "bellman.gpu.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert gpulock.lock_state(lockdir)["gpu"] is True
+        monkeypatch.setenv("TMPDIR", str(lockdir))
+        with Child("window_post", "native", f"library={lib}") as child:
+            child.next_of(dext.Hello)
+            child.send_msg(dext.Request(1, bare_task()))
+            response, before = child.next_of(dext.Response)
+            assert response.output is not None and response.output.faults == [0], response
+            assert not [m for m in before if isinstance(m, dext.Progress) and m.phase == "gpu-lock"]
+            child.close_stdin()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_child(tmp_path):
@@ -547,6 +611,8 @@ def test_a_result_with_garbage_pointers_or_counts_fails_the_request_not_the_chil
         4: f"with proof 0 of {2**64 - 1} bytes",
         5: f"with proof_count {2**64 - 1} for a task of 2 sectors",
         6: "with faults for sectors not in the task: [999999]",
+        # Read up to its count, zeroes of the task's sector 0, the child died (SIGSEGV).
+        7: f"with fault_count {2**40} for a task of 2 sectors",
     }
     with Child("window_post", "native", f"library={lib}", "gpu_lock=false") as child:
         child.next_of(dext.Hello)

@@ -590,8 +590,10 @@ def _copy_result(ffi: Any, result: Any, task: Task) -> tuple[list[bytes], list[i
             return [], [], f"with proof {i} of {size} bytes at a NULL pointer"
         proofs.append(bytes(ffi.buffer(ptr, size)))
     known = {r.sector_id for r in task.replicas}
+    if fault_count > len(task.replicas):  # more faults than sectors: a count no array has
+        return [], [], f"with fault_count {fault_count} for a task of {len(task.replicas)} sectors"
     faults = []
-    for i in range(fault_count):  # repeats are allowed: the count alone bounds nothing
+    for i in range(fault_count):  # (a repeat is allowed, within the task's count)
         faults.append(int(result.faults[i]))
         if faults[-1] not in known:
             break  # reported as not in the task; a garbage count is not read any further
