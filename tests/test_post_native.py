@@ -556,6 +556,48 @@ void dext_result_free(dext_result *r) { if (r) { free(r->faults); free(r); } }
 )
 
 
+# A library that breaks "result is NULL on error" and clears its message at each call into it.
+FORGETFUL_VENDOR = (
+    r"""
+#include <stdlib.h>
+#include <string.h>
+#include "dext_prover.h"
+struct dext_handle { int unused; };
+static char said[64];
+uint32_t dext_abi_version(void) { return 1; }
+dext_handle *dext_open(const char *o) { (void)o; return calloc(1, sizeof(dext_handle)); }
+void dext_close(dext_handle *h) { free(h); }
+const char *dext_last_error(dext_handle *h) { (void)h; return said; }
+int32_t dext_window_post(dext_handle *h, const dext_post_task *t, dext_progress_fn p, void *c,
+                         const volatile int32_t *x, dext_result **out) {
+    (void)h; (void)t; (void)p; (void)c; (void)x;
+    strcpy(said, "sector 1: its sealed file is cut short");
+    *out = calloc(1, sizeof **out);
+    return DEXT_ERR_SECTOR;
+}
+void dext_result_free(dext_result *r) { said[0] = 0; free(r); }
+"""
+    + NO_WINNING_POST
+)
+
+
+def test_a_librarys_error_is_read_before_its_result_is_freed(tmp_path):
+    from helpers.child import Child
+    from helpers.child import window_task as bare_task
+
+    from damocles_ext.protocol import dext
+
+    src = tmp_path / "forgetful.c"
+    src.write_text(FORGETFUL_VENDOR)
+    lib = compile_library(tmp_path / "libforgetful.so", [src])
+    with Child("window_post", "native", f"library={lib}") as child:
+        child.next_of(dext.Hello)
+        child.send_msg(dext.Request(1, bare_task()))
+        response, _ = child.next_of(dext.Response)
+        assert "sector 1: its sealed file is cut short" in (response.error or ""), response
+        child.close_stdin()
+
+
 def test_a_vendor_library_is_not_held_to_bellpersons_lock_files_unless_asked(tmp_path, monkeypatch):
     # A library built on bellperson takes bellman.*.lock itself: held around its call by the
     # plugin too (the default was gpu_lock = true), it waited on itself for ever. Here another

@@ -300,12 +300,14 @@ class NativeProver:
         msg = self._lib.dext_last_error(handle if handle is not None else self._ffi.NULL)
         return _text(self._ffi, msg, MAX_MESSAGE_BYTES) if msg != self._ffi.NULL else ""
 
-    def _check(self, status: int, state: _CallState | None, what: str) -> None:
+    def _check(
+        self, status: int, state: _CallState | None, what: str, said: str | None = None
+    ) -> None:
         if state is not None and state.error is not None:
             raise state.error
         if status == 0:
             return
-        error = self._last_error(self._handle).strip() or (
+        error = (self._last_error(self._handle) if said is None else said).strip() or (
             f"{_status_name(self._consts, status)}, and the library gave no message"
         )
         message = f"{what}: {error}" if what else error
@@ -379,13 +381,16 @@ class NativeProver:
             )
             result = out[0]
             got_result = result != ffi.NULL
+            said = None  # an error's message, read before the result is freed (a call, for the
+            if got_result and status != 0:  # ABI, after which the message may be gone)
+                said = self._last_error(self._handle)
             if got_result:
                 try:
                     if status == 0:  # an error's result is only freed: nothing in it is used
                         proofs, faults, unreadable = _copy_result(ffi, result, task)
                 finally:
                     self._lib.dext_result_free(result)
-            self._check(status, state, fn_name.removeprefix("dext_"))
+            self._check(status, state, fn_name.removeprefix("dext_"), said)
         del keep
         broken = unreadable or _broken_result(fn_name, task, got_result, proofs, faults)
         if broken:
