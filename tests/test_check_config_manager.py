@@ -329,6 +329,24 @@ def test_an_entry_whose_serve_jobs_url_serve_refuses_is_an_error(tmp_path, capsy
     assert "which will exit 2: serve --jobs: " in error and said in error, error
 
 
+def test_a_serve_jobs_url_is_judged_where_serve_will_read_it(tmp_path, capsys, monkeypatch):
+    # A relative SQLite path is damocles-manager's directory's, not check-config's: not judged
+    # here; a URL serve refuses is an error even beside a relative --conf-dir (which makes the
+    # rest a warning: read from another directory than serve's).
+    monkeypatch.chdir(tmp_path)
+    manager = tmp_path / "ext-prover.cfg"
+    manager.write_text(
+        '[[WdPost]]\nBin = "damocles-ext"\n'
+        'Args = ["serve", "window_post", "--jobs", "sqlite:///state/jobs.db"]\n'
+        '[[WdPost]]\nBin = "damocles-ext"\n'
+        'Args = ["serve", "window_post", "--jobs", "mysql://x/y", "--conf-dir", "conf"]\n'
+    )
+    warnings, errors = _refused(capsys, "-c", str(manager))
+    assert not [m for m in warnings + errors if "WdPost[0]" in m], (warnings, errors)
+    [error] = [e for e in errors if "WdPost[1]" in e]
+    assert "'mysql' is not supported" in error
+
+
 def test_an_entry_that_runs_serve_jobs_is_an_error_when_serve_will_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -632,6 +632,10 @@ def test_window_post_children_on_different_gpus_sharing_bellpersons_lock_dir_are
     # A TMPDIR each (Gpus' own), or one GPU (they share it anyway): nothing said.
     assert parse('[[WdPost]]\nBin = "sh"\nGpus = [0, 1]\n').warnings == []
     assert parse(two_tables.replace('"1" }', '"0" }')).warnings == []
+    # A vendor library takes bellperson's locks itself, whatever gpu_lock says: still warned.
+    vendor = 'Plugin = "native"\nPluginOptions = { library = "/opt/v/libv.so", gpu_lock = false }'
+    with_vendor = parse(two_tables.replace('Bin = "sh"', vendor))
+    assert [w for w in with_vendor.warnings if "run on different GPUs" in w]
     # No GPU at all (CUDA_VISIBLE_DEVICES empty: proving on the CPU) is no "different GPUs".
     assert parse(two_tables.replace('"0" }', '"" }').replace('"1" }', '"" }')).warnings == []
 

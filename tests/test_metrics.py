@@ -751,3 +751,21 @@ def test_an_address_not_up_yet_is_a_temporary_failure_a_port_taken_is_not():
     with taken, pytest.raises(UsageError) as caught:
         bind_tcp("127.0.0.1", taken.getsockname()[1], doing="serve metrics", option="--metrics")
     assert caught.value.exit_code == EXIT_USAGE and "choose another --metrics" in str(caught.value)
+
+
+def test_a_coordinators_metrics_address_not_up_yet_on_its_listen_port_is_still_75():
+    # --listen 127.0.0.1:P and --metrics <an address not up yet>:P (two addresses may share a
+    # port): the metrics bind's "not up yet" became "it is --listen's port", exit 2.
+    import argparse
+
+    from damocles_ext.commands.coordinator import _bind_ports
+    from damocles_ext.errors import EXIT_TEMPFAIL
+    from damocles_ext.frontends.listeners import bind_tcp
+
+    probe = bind_tcp("127.0.0.1", 0, doing="listen", option="--listen")
+    port = probe.getsockname()[1]
+    probe.close()
+    args = argparse.Namespace(listen=("127.0.0.1", port), metrics=("192.0.2.1", port))
+    with pytest.raises(UsageError) as caught:
+        _bind_ports(args)
+    assert caught.value.exit_code == EXIT_TEMPFAIL, caught.value

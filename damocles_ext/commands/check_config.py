@@ -311,8 +311,9 @@ def manager_entry_findings(
                         f"{where} runs `{command}`: {closed}"
                         + (_RELATIVE_CONF_DIR if relative else "")
                     )
-                else:
-                    (warnings if relative else errors).append(
+                else:  # (a relative --conf-dir read from here may mislead; a URL does not)
+                    url_problem = text.startswith("serve --jobs: ")
+                    (warnings if relative and not url_problem else errors).append(
                         f"{where} runs `{command}`, which will exit 2: {text}"
                     )
             elif parsed.listen is not None:
@@ -493,7 +494,7 @@ def _serve_jobs_problem(
 
         return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", None
     if (problem := _jobs_url_problem(parsed.jobs)) is not None:
-        return f"serve --jobs: {problem}", None
+        return f"serve --jobs: {problem}", None  # (see its caller: never said as a warning)
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
@@ -505,14 +506,17 @@ def _jobs_url_problem(text: str) -> str | None:
     """What serve says of a --jobs URL before it connects (a scheme it does not take, a
     parameter PostgreSQL has not, no file named), or of a SQLite file whose directory is not
     there (serve makes the store in it); None when neither."""
-    from damocles_ext.jobs.database import StoreConfigError, parse_url, sqlite_file
+    from damocles_ext.jobs.database import StoreConfigError, parse_url, sqlite_file, sqlite_uri
 
     try:
         url = parse_url(text)
     except StoreConfigError as exc:
         return str(exc)
-    if url.get_backend_name() == "sqlite":
+    # A relative path is damocles-manager's directory's, not ours; a file: URI's, percent-coded.
+    if url.get_backend_name() == "sqlite" and not sqlite_uri(url):
         parent = sqlite_file(url).parent
+        if not parent.is_absolute():
+            return None
         try:
             there = parent.is_dir()
         except OSError:  # (a directory on the way this user may not enter: serve's may)

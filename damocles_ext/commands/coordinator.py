@@ -144,7 +144,7 @@ def _bind_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socket 
     """--listen's socket and --metrics' (None without it), bound before the store is opened: a
     port taken fails the start (exit 2) without leaving a new SQLite store behind."""
     from damocles_ext.errors import UsageError
-    from damocles_ext.frontends.listeners import bind_tcp
+    from damocles_ext.frontends.listeners import AddressNotReady, bind_tcp
     from damocles_ext.metrics import bind_metrics
 
     port = args.listen[1]
@@ -155,7 +155,7 @@ def _bind_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socket 
         return listening, bind_metrics(*args.metrics)
     except UsageError as exc:
         listening.close()
-        if args.metrics[1] != port:
+        if args.metrics[1] != port or isinstance(exc, AddressNotReady):  # (not up yet: 75)
             raise
         # The port the system refused is --listen's own, bound just above.
         raise UsageError(

@@ -39,7 +39,8 @@ def winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
     return out
 
 
-# Built-in provers that never take bellperson's lock files (and `native` with gpu_lock = false).
+# Built-in provers that never take bellperson's lock files (and `native`'s reference prover with
+# gpu_lock = false; a vendor `library` may take them itself, whatever gpu_lock says).
 _LOCKLESS_PLUGINS = frozenset({"echo", "sleep", "python-ref"})
 
 
@@ -52,7 +53,11 @@ def _bellperson_lock_dir(child: ChildSpec) -> tuple[str, str] | None:
         return None
     if child.kind == "plugin" and (
         child.plugin in _LOCKLESS_PLUGINS
-        or (child.plugin == "native" and child.plugin_options.get("gpu_lock") is False)
+        or (
+            child.plugin == "native"
+            and child.plugin_options.get("gpu_lock") is False
+            and "library" not in child.plugin_options
+        )
     ):
         return None
     tmpdir = env_value(child.inherit_envs, child.envs, "TMPDIR") or "/tmp"

@@ -77,7 +77,7 @@ typedef struct dext_result {
     dext_bytes *proofs;  /* window_post: one per partition; winning_post: exactly one */
     size_t proof_count;
     uint64_t *faults;    /* faulty sector ids, ascending; non-empty => proof_count == 0 */
-    size_t fault_count;
+    size_t fault_count;  /* at most the task's replica count */
 } dext_result;
 
 /* Called on the proving thread; phase is a short static string ("window_post", "build_tree"). */
