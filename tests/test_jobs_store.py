@@ -3,6 +3,7 @@ session starts itself (conftest.postgres_server). Time is passed in (`now`), nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -89,6 +90,25 @@ def damage(store: JobStore, job_id: str) -> None:
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(input="{bad"))
 
 
+@contextlib.contextmanager
+def listening(store: JobStore):
+    """The job ids the store NOTIFYs its producers of while the block runs (PostgreSQL), as
+    `heard()` after it; None on SQLite."""
+    import psycopg
+
+    from damocles_ext.jobs.store import NOTIFY_CHANNEL
+
+    if not store.is_postgresql:
+        yield lambda: None
+        return
+    url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        got: list[str] = []
+        yield lambda: got
+        got += [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
+
+
 def test_a_damaged_row_is_passed_over_by_allocation_the_sweep_and_the_list_and_removable(js):
     bad_running, _ = js.create(make_input(seed=1), T0 - 20)
     js.allocate(rules.AllocationSpec(), 1, "w1", T0)  # then silent: the sweep's to take back
@@ -105,7 +125,9 @@ def test_a_damaged_row_is_passed_over_by_allocation_the_sweep_and_the_list_and_r
         with pytest.raises(StoreError, match=f"job '{bad_ready.Id}' in the store is damaged .*:"
                            f" remove it \\(damocles-ext wdpost remove {bad_ready.Id}\\)"):  # fmt: skip
             call()
-    assert js.remove(bad_ready.Id, T0) is True
+    with listening(js) as heard:  # its waiting producers are told, as of any removal
+        assert js.remove(bad_ready.Id, T0) is True
+    assert heard() in ([bad_ready.Id], None)  # (None: SQLite, which has no LISTEN)
     assert js.remove_all(T0) == sorted([bad_running.Id, good.Id])
     assert js.list_jobs() == []
 

@@ -165,4 +165,4 @@ async def test_a_request_stopped_before_its_job_could_be_made_does_not_say_it_st
     [answer] = caught
     assert "serve stopped before the job was done" in str(answer)
     assert "stays in the job store" not in str(answer)
-    assert "did not answer: job" in str(answer) and "may not have been made" in str(answer)
+    assert "had answered yet: job" in str(answer) and "may not have been made" in str(answer)

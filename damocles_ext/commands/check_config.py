@@ -311,9 +311,8 @@ def manager_entry_findings(
                         f"{where} runs `{command}`: {closed}"
                         + (_RELATIVE_CONF_DIR if relative else "")
                     )
-                else:  # (a relative --conf-dir read from here may mislead; a URL does not)
-                    url_problem = text.startswith("serve --jobs: ")
-                    (warnings if relative and not url_problem else errors).append(
+                else:  # (only what a relative --conf-dir read from here says may mislead)
+                    (warnings if text.endswith(_RELATIVE_CONF_DIR) else errors).append(
                         f"{where} runs `{command}`, which will exit 2: {text}"
                     )
             elif parsed.listen is not None:
@@ -483,9 +482,9 @@ def _serve_jobs_problem(
     parsed: argparse.Namespace, relative: bool
 ) -> tuple[str, str | None] | None:
     """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
-    as this machine tells: a stage other than window_post, or its --conf-dir's sector-manager.cfg
-    (and --store) that it cannot use (`relative`: its --conf-dir is, said with it); None when
-    neither. With it, the file this user may not read when that alone is the reason
+    as this machine tells: a stage other than window_post, a --jobs URL it refuses
+    (_jobs_url_problem), or its --conf-dir's sector-manager.cfg (and --store) that it cannot use
+    (`relative`: its --conf-dir is, said with it); None when none. With it, the file this user may not read when that alone is the reason
     (damocles-manager's user may), else None."""
     from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
 
@@ -494,7 +493,7 @@ def _serve_jobs_problem(
 
         return f"serve {parsed.stage} --jobs: {WINNING_REFUSED}", None
     if (problem := _jobs_url_problem(parsed.jobs)) is not None:
-        return f"serve --jobs: {problem}", None  # (see its caller: never said as a warning)
+        return f"serve --jobs: {problem}", None
     try:
         read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
@@ -506,7 +505,13 @@ def _jobs_url_problem(text: str) -> str | None:
     """What serve says of a --jobs URL before it connects (a scheme it does not take, a
     parameter PostgreSQL has not, no file named), or of a SQLite file whose directory is not
     there (serve makes the store in it); None when neither."""
-    from damocles_ext.jobs.database import StoreConfigError, parse_url, sqlite_file, sqlite_uri
+    from damocles_ext.jobs.database import (
+        StoreConfigError,
+        is_dir,
+        parse_url,
+        sqlite_file,
+        sqlite_uri,
+    )
 
     try:
         url = parse_url(text)
@@ -515,13 +520,8 @@ def _jobs_url_problem(text: str) -> str | None:
     # A relative path is damocles-manager's directory's, not ours; a file: URI's, percent-coded.
     if url.get_backend_name() == "sqlite" and not sqlite_uri(url):
         parent = sqlite_file(url).parent
-        if not parent.is_absolute():
-            return None
-        try:
-            there = parent.is_dir()
-        except OSError:  # (a directory on the way this user may not enter: serve's may)
-            return None
-        if not there:
+        # (None: a directory on the way this user may not enter, which serve's may)
+        if parent.is_absolute() and is_dir(parent) is False:
             return f"the job store's directory {str(parent)!r} does not exist: create it"
     return None
 

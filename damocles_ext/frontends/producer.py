@@ -197,8 +197,8 @@ class JobProducer:
                     " the same request re-attaches to it"
                 )
             return (
-                f"; the job store {where} did not answer: job {job_id} may not have been made"
-                " (a restarted serve given the same request re-attaches to it if it was)"
+                f"; no look at the job store {where} had answered yet: job {job_id} may not have"
+                " been made (a restarted serve given the same request re-attaches to it if it was)"
             )
 
         try:

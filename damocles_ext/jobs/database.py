@@ -446,10 +446,10 @@ def a_mistake_at_open(error: BaseException | None, url: URL) -> bool:
         return False
     code = getattr(error.orig, "sqlite_errorname", "")
     path = sqlite_file(url)
-    return code == "SQLITE_NOTADB" or _is_dir(path) is not False or not _is_dir(path.parent)
+    return code == "SQLITE_NOTADB" or is_dir(path) is not False or not is_dir(path.parent)
 
 
-def _is_dir(path: Path) -> bool | None:
+def is_dir(path: Path) -> bool | None:
     """Whether `path` is a directory; None when this user may not look (a directory on the way
     it may not enter), where Path.is_dir() would raise."""
     try:
@@ -628,16 +628,16 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         return kind(f"the job store {where} met an I/O error ({what}, {code}): {IO_ERROR_FIX}")
     path = sqlite_file(url)
     parent = path.parent
-    if _is_dir(path):
+    if is_dir(path):
         hint = (
             f"{str(path)!r} is a directory: give the path of a file in it (e.g. {path / 'jobs.db'})"
         )
-    elif _is_dir(path.parent) is None or _is_dir(path) is None:
+    elif is_dir(path.parent) is None or is_dir(path) is None:
         hint = (
             f"this user may not enter its directory {str(parent)!r} (or one above it): check"
             " their mode and owner"
         )
-    elif not _is_dir(parent):
+    elif not is_dir(parent):
         hint = f"its directory {str(parent)!r} does not exist: create it"
     elif mount := read_only_mount(path):
         hint = mount

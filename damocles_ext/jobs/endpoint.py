@@ -61,13 +61,15 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.ascii_host
-        return f"http://{host}:{self.port}{self.path}"
+        return f"http://{self._wire_host}:{self.port}{self.path}"
 
     @property
     def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.ascii_host
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return self._wire_host if self.port == 80 else f"{self._wire_host}:{self.port}"
+
+    @property
+    def _wire_host(self) -> str:  # an IPv6 address in brackets
+        return f"[{self.host}]" if ":" in self.host else self.ascii_host
 
 
 def _port(text: str, where: str) -> int:

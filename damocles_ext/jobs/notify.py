@@ -145,9 +145,8 @@ class JobListener:
                     _keep_when_idle(conn)
                     apply_session_settings(conn, self.session, self.where, self.refusals)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-                    log.info("listening for job changes on %s", self.where)
-                    if (line := outage.answered(time.monotonic())) is not None:
-                        log.info("%s", line)
+                    back = outage.answered(time.monotonic())  # (one line either way)
+                    log.info("%s", back or f"listening for job changes on {self.where}")
                     backoff = FIRST_BACKOFF
                     if not self._hand(token, self.on_connect):
                         return

@@ -1,5 +1,6 @@
 """A job's row and its record, both ways; a row that cannot be read back (damaged: edited by
-hand, written by another program) named, passed over by what reads many jobs, and removable."""
+hand, written by another program) named, and passed over by what reads many jobs (the store
+removes it: JobStore._apply)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from . import rules
-from .database import StoreError, jobs
+from .database import StoreError
 from .model import JobOutput, JobRecord, WdPoStInput
 
 log = logging.getLogger("damocles_ext.jobs")
 
 _encoder = msgspec.json.Encoder()
-_DELETE_BY_ID = jobs.delete().where(jobs.c.id == sa.bindparam("job_id"))
 
 
 class DamagedJob(StoreError):
@@ -94,9 +91,3 @@ def readable_jobs(rows: Iterable[Any], reported: set[str]) -> list[JobRecord]:
                 reported.add(e.job_id)
                 log.warning("%s; passed over meanwhile", e)
     return out
-
-
-def remove_damaged(conn: Connection, job_id: str) -> rules.Step:
-    """Remove a damaged job's row (read, and locked, by the caller's transaction)."""
-    conn.execute(_DELETE_BY_ID, {"job_id": job_id})
-    return rules.Step(None, (rules.Removed(job_id),))

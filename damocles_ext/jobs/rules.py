@@ -27,9 +27,10 @@ What we change and add (damocles' weaknesses):
   or Finish that carries a token is accepted only from the current lease of a running job. One
   without a token (damocles-worker sends none) is accepted only for a running job, and only from
   its WorkerName when the caller knows the worker's name; a failure without either is refused
-  for a job given out through Dext (its lease begins SENT_LEASE: its worker sends it). damocles accepts a finish from anyone
-  in any state and lets a heartbeat revive a job that was already given to another worker; both
-  are refused here, so a worker that lost its job cannot overwrite the result.
+  for a job given out through Dext (its lease begins SENT_LEASE: its worker sends it). damocles
+  accepts a finish from anyone in any state and lets a heartbeat revive a job that was already
+  given to another worker; both are refused here, so a worker that lost its job cannot overwrite
+  the result.
 - A repeated finish. A finished job keeps the lease that finished it, so the same Finish sent
   again (a worker whose answer was lost when the coordinator died after storing it) is
   acknowledged without touching the record (`FinishRepeated`), instead of being refused as late:
@@ -402,11 +403,9 @@ def _allocate(job: JobRecord, event: Allocate, now: float, limits: JobLimits) ->
         HeartbeatAt=t,
         UpdatedAt=t,
         WorkerName=event.worker,
-        lease=SENT_LEASE + event.lease if event.sent_back else event.lease,
+        lease=(lease := (SENT_LEASE if event.sent_back else "") + event.lease),
     )
-    return Step(
-        allocated, (Allocated(job.Id, event.worker, allocated.lease or "", allocated.TryNum),)
-    )
+    return Step(allocated, (Allocated(job.Id, event.worker, lease, allocated.TryNum),))
 
 
 def _fence(job: JobRecord, lease: str | None, worker: str | None) -> str | None:

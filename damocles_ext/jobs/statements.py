@@ -41,6 +41,8 @@ UPDATE_JOB = (
     jobs.update().where(_GUARD).values({c.name: sa.bindparam(f"v_{c.name}") for c in jobs.c})
 )
 DELETE_JOB = jobs.delete().where(_GUARD)
+#: A row removed whatever it holds: a damaged one, which reads back as no job (rows.DamagedJob).
+DELETE_JOB_BY_ID = jobs.delete().where(_c.id == sa.bindparam("job_id"))
 
 
 def guard_params(old: JobRecord) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def allocation_candidates(by_miner: bool, by_proof_type: bool) -> Any:
 
 __all__ = [
     "DELETE_JOB",
+    "DELETE_JOB_BY_ID",
     "INSERT_JOB",
     "READ_JOB",
     "READ_JOB_LOCKED",

@@ -68,7 +68,7 @@ from .database import (
 )
 from .model import FINISHED, READY, RUNNING, JobOutput, JobRecord, WdPoStInput
 from .retry import database_errors
-from .rows import DamagedJob, job_of_row, readable_jobs, remove_damaged, row_values
+from .rows import DamagedJob, job_of_row, readable_jobs, row_values
 from .sqlite_file import FileWatch, StoreLost
 from .trio_store import TrioJobStore
 
@@ -318,7 +318,11 @@ class JobStore:
         except DamagedJob:  # unreadable: only removed (read, and so locked, all the same)
             if not isinstance(event, rules.Remove):
                 raise
-            return remove_damaged(conn, job_id), True, False
+            conn.execute(stmts.DELETE_JOB_BY_ID, {"job_id": job_id})
+            if self.is_postgresql:  # its waiting producers woken, as _write's removals do
+                conn.execute(_NOTIFY, {"job_id": job_id})
+            self._damaged.discard(job_id)  # (made again and damaged again: warned of again)
+            return rules.Step(None, (rules.Removed(job_id),)), True, False
         if old is None and skip_locked:
             held = self._read(conn, job_id, lock=False)  # there, but locked: or gone indeed
             if held is not None:
@@ -563,9 +567,8 @@ class JobStore:
     ) -> list[JobRecord]:  # fmt: skip
         """damocles' AllocateJobs: up to `n` ready jobs this worker may take, earliest deadline
         first, each now running on it under a new lease (the returned records carry it;
-        `sent_back`: the worker carries it with its calls, Dext's, see rules.SENT_LEASE).
-
-        The worker and its spec are recorded as seen now, whether or not it got a job: that is
+        `sent_back`: the worker carries it with its calls, Dext's, see rules.SENT_LEASE). The
+        worker and its spec are recorded as seen now, whether or not it got a job: that is
         what tells which ready jobs no live worker may take (`summary`)."""
         if n <= 0:
             with self._transaction() as conn:
