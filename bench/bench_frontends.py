@@ -56,7 +56,16 @@ import msgspec
 import trio
 from damocles_ext_plugins.testing import echo_output
 
-from bench.runner import bench_parser, finish, goal_runs, mmm, print_table, rotated, share
+from bench.runner import (
+    bench_parser,
+    finish,
+    goal_runs,
+    mmm,
+    print_table,
+    rotated,
+    share,
+    spread,
+)
 from bench.supervisor_runs import front_end_deadline
 from bench.supervisor_runs import small_task as trivial_task
 from damocles_ext.config import parse_config
@@ -419,14 +428,6 @@ def raw_jsonl_flood(lines: bytes, n: int, check: bool) -> tuple[float, float]:
 # -- main ----------------------------------------------------------------------------------------
 
 
-def spread(values: list[float], scale: float = 1.0) -> dict:
-    return {
-        "min": min(values) * scale,
-        "median": statistics.median(values) * scale,
-        "max": max(values) * scale,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__, "frontends")
     parser.add_argument(
@@ -468,12 +469,12 @@ def main(argv: list[str] | None = None) -> None:
 
     us = 1e6
     rt = {
-        k: spread(raw[f"{k}_round_trip_s"], us)
+        k: spread([v * us for v in raw[f"{k}_round_trip_s"]])
         for k in ("api", "api_no_deadline", "socket", "raw_msgpack")
     }
     rate = {k: spread(raw[f"{k}_per_s"]) for k in ("api", "socket", "raw_msgpack")}
     fl = {k: spread(raw[f"{k}_flood_s"]) for k in ("api", "serve", "raw_jsonl")}
-    per_req = {k: spread(raw[f"{k}_flood_s"], us / args.flood) for k in fl}
+    per_req = {k: spread([v * us / args.flood for v in raw[f"{k}_flood_s"]]) for k in fl}
 
     # The door's cost per request over the API's, within each repeat (the ways are interleaved
     # in a repeat, so a ratio compares figures of the same stretch of time).

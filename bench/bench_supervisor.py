@@ -322,8 +322,10 @@ async def throughput(task: Task, peers: list[Peer], repeat: int, m: int, in_flig
                 checked(await _flood(lambda: sup.submit(task), m, in_flight))
 
             async def api_deadline() -> None:
-                deadline = front_end_deadline
-                checked(await _flood(lambda: sup.submit(task, deadline=deadline()), m, in_flight))
+                def submit() -> Awaitable[object]:
+                    return sup.submit(task, deadline=front_end_deadline())
+
+                checked(await _flood(submit, m, in_flight))
 
             async def api_callbacks() -> None:
                 checked(await _flood_callbacks(sup, task, m, in_flight))

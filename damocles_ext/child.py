@@ -586,8 +586,8 @@ def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> s
     """The version a Hello reports: the prover's own, else its plugin distribution's, else ours."""
     try:  # a prover's attribute (a property may read a file): informative only, never fatal
         version = getattr(prover, "version", None)
-        if version:  # (a string from a file name may hold lone surrogates: no UTF-8 for them)
-            return str(version).encode(errors="replace").decode()
+        if version:  # (a string from a file name may hold lone surrogates: escaped)
+            return _utf8(str(version))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported; the plugin's version is told

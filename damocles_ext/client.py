@@ -613,9 +613,11 @@ class ReconnectingClient:
                     f"lost the connection to the supervisor at {self.path}: "
                 )
                 # A supervisor that says why it closed has read nothing more: safe to resend.
-                error = _Unread if client._refused is not None else ProverError
-                how = "closed the connection" if client._refused is not None else "went away"
-                guess = "" if client._refused is not None else ": stopped or restarted?"
+                error: type[ProverError]
+                if client._refused is not None:
+                    error, how, guess = _Unread, "closed the connection", ""
+                else:
+                    error, how, guess = ProverError, "went away", ": stopped or restarted?"
                 raise error(
                     f"the supervisor at {self.path} {how} before it answered ({reason}{guess});"
                     " this request was not proved, the next one will try to connect again"

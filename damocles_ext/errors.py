@@ -75,6 +75,11 @@ class UsageError(DextError):
     exit_code = EXIT_USAGE
 
 
+class UnsendableTask(UsageError):
+    """A task that cannot be encoded at all (tasks.UNSENDABLE: an id over 64 bits, a path that
+    is no text): where a worker builds it, its own paths' fault, not the job's."""
+
+
 class OutputError(DextError):
     """stdout took no more output (a full disk, a descriptor closed at start): exit code 1."""
 

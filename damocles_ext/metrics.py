@@ -284,8 +284,8 @@ class _LevelCollector:
         )
         cpu = CounterMetricFamily(
             f"{PREFIX}_child_cpu_seconds",
-            "User and system CPU time of each child's current process tree (resets when the"
-            " child restarts).",
+            "User and system CPU time of each child's current process tree, never less than"
+            " reported before for the same process (resets when the child restarts).",
             labels=["stage", "child"],
         )
         per_stage: dict[str, int] = {}
@@ -312,8 +312,7 @@ class _LevelCollector:
             tree = trees.get(c.name)
             if tree is not None:
                 rss.add_metric([c.stage, c.name], tree.rss_bytes)
-                assert c.pid is not None  # (a tree is sampled from its root pid)
-                seconds = never_back(self._cpu_seen, c.name, c.pid, tree.cpu_seconds)
+                seconds = never_back(self._cpu_seen, c.name, roots[c.name], tree.cpu_seconds)
                 cpu.add_metric([c.stage, c.name], seconds)
         yield from (
             state,

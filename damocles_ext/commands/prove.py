@@ -148,7 +148,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         " zone it is local time; one that daylight saving time skips or repeats is refused). The"
         " supervisor answers by then; through --socket, one that is"
         " stopped or hung is given up on 15 s after it (without --deadline: once it does not"
-        " answer a status request within 10 s, asked every 60 s)",
+        " answer a status request within 10 s, asked every 60 s: frontends/prove.py's ALIVE_*)",
     )
     parser.add_argument(
         "--priority",
@@ -197,6 +197,16 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
                             ("--attached", args.jobs is None and args.attached)):  # fmt: skip
             if value:
                 raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
+    # Before the task is built (a provider asked, --save-request written): paths only.
+    output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
+    if output_path is not None:
+        for flag in ("request", "save_request", "manifest", "comm_r"):  # files of the task
+            other = getattr(args, flag, None)
+            if other not in (None, "-") and _same_file(output_path, Path(other)):
+                raise UsageError(
+                    f"--output {args.output} is the --{flag.replace('_', '-')} file: the proof"
+                    " would overwrite that file; give another one"
+                )
     if args.manifest is not None:
         task = task_from_manifest(args)
     elif args.comm_r is not None:
@@ -208,15 +218,6 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
-    output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
-    if output_path is not None:
-        for flag in ("request", "save_request", "manifest", "comm_r"):  # files of the task
-            other = getattr(args, flag, None)
-            if other not in (None, "-") and _same_file(output_path, Path(other)):
-                raise UsageError(
-                    f"--output {args.output} is the --{flag.replace('_', '-')} file: the proof"
-                    " would overwrite that file; give another one"
-                )
 
     from damocles_ext.progress import ProgressRenderer
 

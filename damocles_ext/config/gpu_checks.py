@@ -109,17 +109,24 @@ def gpu_numbered_two_ways(children: list[ChildSpec]) -> list[str]:
     return out
 
 
+def _window_by_lock_dir(children: list[ChildSpec]) -> dict[str, list[ChildSpec]]:
+    """The WindowPoSt children (and SNARK steps) whose provers keep bellperson's lock files, by
+    the directory they keep them in."""
+    by_dir: dict[str, list[ChildSpec]] = {}
+    for child in children:
+        found = _bellperson_lock_dir(child)
+        if child.stage in ("window_post", "window_post_snark") and found is not None:
+            by_dir.setdefault(found[0], []).append(child)
+    return by_dir
+
+
 def winning_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
     """A WinningPoSt child whose prover keeps bellperson's lock files where a WindowPoSt child's
     does waits for each running WindowPoSt to end: both are priority proofs, and each holds
     bellman.priority.lock for its whole proof. That is a file lock: it acts across processes
     (one `serve` per stage) and whatever GpuLock says. Said once per table. A TMPDIR of its own
     is the cure only on a GPU of its own: on a GPU both see, it runs both proofs there at once."""
-    window: dict[str, list[ChildSpec]] = {}
-    for child in children:
-        found = _bellperson_lock_dir(child)
-        if child.stage in ("window_post", "window_post_snark") and found is not None:
-            window.setdefault(found[0], []).append(child)
+    window = _window_by_lock_dir(children)
     said: set[int] = set()
     out = []
     for child in children:
@@ -156,13 +163,8 @@ def window_shares_lock_dir(children: list[ChildSpec]) -> list[str]:
     directory take turns across those GPUs: a WindowPoSt is a priority proof, and holds
     bellman.priority.lock for its whole proof (a file lock: across processes, whatever GpuLock
     says). Said once per directory."""
-    by_dir: dict[str, list[ChildSpec]] = {}
-    for child in children:
-        found = _bellperson_lock_dir(child)
-        if child.stage in ("window_post", "window_post_snark") and found is not None:
-            by_dir.setdefault(found[0], []).append(child)
     out = []
-    for group in by_dir.values():
+    for group in _window_by_lock_dir(children).values():
         devices = [(child, _devices(child)) for child in group]
         apart = next(
             ((a, b) for i, (a, da) in enumerate(devices) for b, db in devices[i + 1 :]

@@ -135,7 +135,7 @@ class Connection:
                 goodbye = self._evicted
                 if self._refusal is not None:  # the one goodbye: not the id-0 "send again"
                     goodbye = None
-                elif goodbye is None and self._read_scope.cancelled_caught:
+                elif goodbye is None and self._read_scope.cancel_called:
                     self._server.count_idle_closed()
                     goodbye = f"idle for {self._server.idle_timeout:g} s (run's --idle-timeout)"
                     log.info("closing a control connection %s", goodbye)
@@ -198,7 +198,7 @@ class Connection:
                 return
             requests: list[dext.Request] = []  # started together, before what follows them
             for msg in messages:
-                if isinstance(msg, dext.Request) and msg.id >= 1:
+                if isinstance(msg, dext.Request) and msg.id > CONNECTION_ERROR_ID:
                     requests.append(msg)
                     continue
                 if requests:

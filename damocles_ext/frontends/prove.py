@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("damocles_ext.prove")
 
-#: A request sent to `run` without a deadline has none to give up at: every ALIVE_EVERY seconds
-#: the supervisor is asked its status, and one that does not answer within ALIVE_WITHIN (as
-#: `status --timeout`) is taken for stopped (SIGSTOP) or hung: the request is given up.
+#: A request `prove --socket` sends to `run` without a deadline has none to give up at: every
+#: ALIVE_EVERY seconds the supervisor is asked its status, and one that does not answer within
+#: ALIVE_WITHIN (as `status --timeout`) is taken for stopped (SIGSTOP) or hung: the request is
+#: given up. (`prove`'s own: a program of the Python client bounds its waits with deadlines.)
 ALIVE_EVERY = 60.0
 ALIVE_WITHIN = 10.0
 
@@ -137,7 +138,6 @@ async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
     otherwise wait for ever on a `run` that is stopped or hung)."""
     answer: list[Output] = []
     failed: list[Exception] = []
-    silent = False
 
     async def ask() -> None:
         try:
@@ -147,7 +147,6 @@ async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
         nursery.cancel_scope.cancel()
 
     async def watch() -> None:
-        nonlocal silent
         while True:
             await trio.sleep(ALIVE_EVERY)
             with trio.move_on_after(ALIVE_WITHIN) as waited:
@@ -158,7 +157,6 @@ async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
                         return
                     continue
             if waited.cancelled_caught:
-                silent = True
                 nursery.cancel_scope.cancel()  # the request is cancelled in the supervisor
                 return
 
@@ -167,11 +165,10 @@ async def _while_alive(client: Client, submit: Awaitable[Output]) -> Output:
         nursery.start_soon(ask)
     if failed:
         raise failed[0]
-    if silent:
-        raise ProverError(
-            f"the supervisor at {client.path} did not answer a status request within"
-            f" {ALIVE_WITHIN:g} s while it proved this request, which has no deadline (stopped,"
-            " e.g. by SIGSTOP, or hung?); not proved, cancelled (give --deadline to bound the"
-            " wait)"
-        )
-    return answer[0]
+    if answer:
+        return answer[0]
+    raise ProverError(  # (the watch ended it: nothing else does, but a cancel from outside)
+        f"the supervisor at {client.path} did not answer a status request within"
+        f" {ALIVE_WITHIN:g} s while it proved this request, which has no deadline (stopped,"
+        " e.g. by SIGSTOP, or hung?); not proved, cancelled (give --deadline to bound the wait)"
+    )

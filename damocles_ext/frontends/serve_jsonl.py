@@ -535,7 +535,7 @@ class InFlight:
     async def run(
         self, work: Callable[[], Awaitable[T]], detail: Callable[[], str] = lambda: ""
     ) -> T:
-        """`await work()`, or ProverError(reason + detail) once abandoned; a submit that comes
+        """`await work()`, or ProverError(reason + detail()) once abandoned; a submit that comes
         once new ones are refused is answered ProverError(that reason) without running."""
         if self.refusing is not None:
             raise ProverError(self.refusing)

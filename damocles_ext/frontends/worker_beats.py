@@ -127,11 +127,21 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             continue  # our own finish got there first
         if current.state == "finishing" and signal.Reason == "timed_out" and not current.error:
             continue  # a proof, done: taken late by the manager (or refused, and said so)
-        lease = current.job.Lease  # (put off once: a stop that stands comes again)
-        if signal.Reason in ("lease_lost", "timed_out") and worker.allocating and worker.deferred_stops.get(signal.Id, "") != lease:  # fmt: skip
-            worker.deferred_stops[signal.Id] = lease  # the allocation under way may give it back
-            continue
+        if signal.Reason in ("lease_lost", "timed_out") and _put_off(worker, signal.Id):
+            continue  # the allocation under way may give it back to us
         worker.stop_job(signal.Id, signal.Reason, f"{signal.Reason}: {signal.Message}")
+
+
+def _put_off(worker: Beating, job_id: str) -> bool:
+    """Whether a stop of `job_id` waits for the allocation whose answer is awaited: once per
+    lease (a stop that stands comes again at the next heartbeat, and is acted on then)."""
+    lease = worker.held[job_id].job.Lease
+    if not worker.allocating or (
+        job_id in worker.deferred_stops and worker.deferred_stops[job_id] == lease
+    ):
+        return False
+    worker.deferred_stops[job_id] = lease
+    return True
 
 
 def beaten(worker: Beating, held: list[HeldJob], started: float, refused: set[str]) -> None:

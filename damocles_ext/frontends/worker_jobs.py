@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..errors import DeadlineError, ProverError, UsageError
+from ..errors import DeadlineError, ProverError, UnsendableTask, UsageError
 from ..jobs.client import RpcCallError, RpcClientError, RpcConnectionError
 from ..jobs.model import JobOutput
 from ..jobs.worker_rules import (
@@ -27,7 +27,7 @@ from ..jobs.worker_rules import (
     job_output,
     window_post_task,
 )
-from ..tasks import UNSENDABLE
+from ..status import utf8_text
 from .worker_sectors import job_sector_paths, store_problem
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ async def proof_of(
         # prover saw it for its own input (a sector twice, none): no failure of its prover's.
         # A task that cannot be sent at all is this worker's paths' (an --attached path that is
         # no text): counted, so that the worker pauses and its jobs go elsewhere.
-        own = isinstance(exc, UsageError) and UNSENDABLE not in str(exc)
+        own = isinstance(exc, UsageError) and not isinstance(exc, UnsendableTask)
         held.prover_failed = not (isinstance(exc, DeadlineError) or own)
         return None, str(exc)
     output = job_output(answer)  # type: ignore[arg-type]
@@ -138,7 +138,7 @@ async def deliver(
     """Send the result until the manager takes it, refuses it, or it is too late."""
     backoff = Backoff(worker.settings.retry_base, worker.settings.retry_cap)
     # JSON carries text only: a path that is no text (lone surrogates) in the error escaped.
-    error = error.encode("utf-8", "backslashreplace").decode("utf-8")
+    error = utf8_text(error)
     what = "an error" if error else f"{len(output.proofs or ()) if output else 0} proofs"
     attempts, maybe_done = 0, False  # maybe_done: a call that may have been done, unanswered
     while True:

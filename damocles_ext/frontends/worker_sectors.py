@@ -80,7 +80,7 @@ async def job_sector_paths(
                 ref = SectorRef(job.Input.MinerId, sector.SectorId, sector.Upgrade)
                 unresolved.append((i, ref))
                 found = ("", "")
-        paths.append((str(found[0]), str(found[1])))
+        paths.append((os.fspath(found[0]), os.fspath(found[1])))
     faults: list[int] = []
     if unresolved:
         assert locator is not None
@@ -159,5 +159,8 @@ def _a_pair_of_paths(found: object) -> bool:
     return (
         isinstance(found, tuple | list)
         and len(found) == 2
-        and all(isinstance(p, str | os.PathLike) and os.fspath(p) for p in found)
+        and all(
+            isinstance(p, str | os.PathLike) and isinstance(os.fspath(p), str) and os.fspath(p)
+            for p in found
+        )
     )

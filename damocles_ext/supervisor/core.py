@@ -35,7 +35,14 @@ import trio
 
 from ..config import effective_timeouts
 from ..config.machine import per_run_tmp_root
-from ..errors import ProverError, UsageError, check_trio_run, numbered, prover_error
+from ..errors import (
+    ProverError,
+    UnsendableTask,
+    UsageError,
+    check_trio_run,
+    numbered,
+    prover_error,
+)
 from ..lifecycle import (
     ChildLimits,
     Effect,
@@ -52,6 +59,7 @@ from ..logs import report_bad_output
 from ..protocol import dext
 from ..stages import STAGES, WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
+    UNSENDABLE,
     Output,
     Task,
     WindowPoSt,
@@ -260,7 +268,8 @@ class Supervisor:
         encoded = task_check(task) if isinstance(task, Task) else None
         if isinstance(encoded, str):
             rid = next(self._rids)
-            raise numbered(UsageError(f"request {rid} {encoded}"), rid)
+            kind = UnsendableTask if encoded.startswith(UNSENDABLE) else UsageError
+            raise numbered(kind(f"request {rid} {encoded}"), rid)
         how = (deadline, priority, on_progress, on_dispatch)
         if not (self._split_window_post and isinstance(task, WindowPoSt)):
             return (await self._submit_waiter(task, *how, encoded=encoded)).result()
