@@ -293,6 +293,7 @@ def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_
 ):
     manager = tmp_path / "manager" / "ext-prover.cfg"
     manager.parent.mkdir()
+    (manager.parent / "sector-manager.cfg").write_text("[Common]\n")
     # Its --conf-dir is damocles-manager's own directory (sector-manager.cfg), not a config of
     # children: reading an ext-prover.cfg there would be a false warning.
     manager.write_text(
@@ -708,6 +709,34 @@ def test_a_serve_entry_that_serve_refuses_at_its_start_is_an_error_not_a_warning
     assert not [w for w in warnings if "WdPost[0]" in w], warnings
     [error] = errors
     assert error.startswith(f"{manager}: WdPost[0] runs `damocles-ext ") and said in error, error
+
+
+def test_what_serve_jobs_warns_of_as_it_reads_its_conf_dir_check_config_warns_of_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # A --conf-dir without sector-manager.cfg (damocles' defaults apply: a HeartbeatTimeout the
+    # manager may not have) and a key damocles does not know: serve says both as it starts, and
+    # check-config, which read the same file, said nothing.
+    bare, typo = tmp_path / "bare", tmp_path / "typo"
+    bare.mkdir()
+    typo.mkdir()
+    (typo / "sector-manager.cfg").write_text("[Common.Proving.WorkerProver]\nJobMaxTries = 3\n")
+    manager = tmp_path / "ext-prover.cfg"
+    jobs = f"sqlite:///{tmp_path}/j.db"
+    manager.write_text(
+        "".join(
+            f'[[WdPost]]\nBin = "damocles-ext"\nArgs = ["serve", "window_post", "--jobs",'
+            f' "{jobs}", "--conf-dir", "{conf}"]\n'
+            for conf in (bare, typo)
+        )
+    )
+    warnings = [w for w in _check(capsys, "-c", str(manager)) if "--jobs" in w]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{manager}: WdPost[0] runs `damocles-ext serve window_post")
+    said = f"which warns: --conf-dir {bare}: there is no sector-manager.cfg in it; damocles'"
+    assert said + " defaults apply" in warnings[0], warnings[0]
+    assert warnings[1].startswith(f"{manager}: WdPost[1] runs ")
+    assert "which warns: " in warnings[1] and "'JobMaxTries'" in warnings[1], warnings[1]
 
 
 def test_a_relative_conf_dir_that_serve_jobs_may_not_find_stays_a_warning(

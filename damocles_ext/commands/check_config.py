@@ -296,7 +296,10 @@ def manager_entry_findings(
                 _check_token_file(parsed.token_file, f"{where} runs `{command}`", findings)
             # A relative --conf-dir was read from check-config's directory: maybe not serve's.
             relative = parsed.conf_dir is not None and not os.path.isabs(parsed.conf_dir)
-            if (problem := _serve_jobs_problem(parsed, relative)) is not None:
+            told: list[str] = []
+            problem = _serve_jobs_problem(parsed, relative, told)
+            warnings.extend(f"{where} runs `{command}`, which warns: {w}" for w in told)
+            if problem is not None:
                 text, denied = problem
                 if denied:  # closed to this user; serve runs as damocles-manager's, who may read it
                     from damocles_ext.jobs.manager_config import MANAGER_CONF_FILE
@@ -479,13 +482,15 @@ def _hosts_collide(a: str, b: str) -> bool:
 
 
 def _serve_jobs_problem(
-    parsed: argparse.Namespace, relative: bool
+    parsed: argparse.Namespace, relative: bool, warned: list[str]
 ) -> tuple[str, str | None] | None:
     """Why `damocles-ext serve --jobs` with these arguments exits 2 before its ready line, as far
     as this machine tells: a stage other than window_post, a --jobs URL it refuses
     (_jobs_url_problem), or its --conf-dir's sector-manager.cfg (and --store) that it cannot use
-    (`relative`: its --conf-dir is, said with it); None when none. With it, the file this user may not read when that alone is the reason
-    (damocles-manager's user may), else None."""
+    (`relative`: its --conf-dir is, said with it); None when none. With it, the file this user
+    may not read when that alone is the reason (damocles-manager's user may), else None. What
+    serve warns of as it reads them (no sector-manager.cfg: damocles' defaults) goes to
+    `warned`."""
     from damocles_ext.jobs.manager_config import ManagerConfigError, read_settings
 
     if parsed.stage != "window_post":
@@ -495,9 +500,10 @@ def _serve_jobs_problem(
     if (problem := _jobs_url_problem(parsed.jobs)) is not None:
         return f"serve --jobs: {problem}", None
     try:
-        read_settings(parsed.conf_dir, parsed.store or ())
+        settings = read_settings(parsed.conf_dir, parsed.store or ())
     except ManagerConfigError as exc:
         return f"{exc}" + (_RELATIVE_CONF_DIR if relative else ""), exc.denied
+    warned.extend(w + (_RELATIVE_CONF_DIR if relative else "") for w in settings.warnings)
     return None
 
 
