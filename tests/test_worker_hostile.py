@@ -937,6 +937,63 @@ async def test_a_coordinator_down_while_the_only_slot_proves_is_shown_unreachabl
     assert not [line for line in worker_lines(caplog) if line.startswith("Venus.WorkerPing")]
 
 
+async def test_a_call_waiting_out_its_backoff_goes_as_soon_as_a_heartbeat_says_the_manager_is_back(
+    tmp_path, caplog, mock_clock
+):
+    # The coordinator went down (connections refused) and came back: its first answer, a
+    # heartbeat's, ends the outage, and the allocation that was waiting out its backoff is
+    # asked then; it waited the rest of its backoff (100 s here, 30 s by default) after the
+    # manager answered again. The time moves only in the test's jumps.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {"Dext.AllocateJobs": first(job("j1"))}
+    settings = {"heartbeat_interval": 1.0, "ping_interval": 1000.0, "idle_poll": 1.0,
+                "retry_base": 100.0, "retry_cap": 100.0}  # fmt: skip
+    async with trio.open_nursery() as clock:
+        async with against(tmp_path, script, LONG, **settings) as (coordinator, worker):
+            held = lambda: worker.held["j1"]  # noqa: E731
+            # One job of the two asked for: the free slot is asked for after the idle poll.
+            await until(worker, coordinator, lambda: "j1" in worker.held and held().child)
+            await coordinator.down()
+            await jump(mock_clock, 1.0)  # the idle poll's end: an allocation, refused
+            assert not worker.manager_reachable and allocations(coordinator) == 1
+            await coordinator.up()
+            await jump(mock_clock, 1.0)  # a heartbeat answered, and the allocation at once
+            assert worker.manager_reachable and allocations(coordinator) == 2
+            clock.start_soon(stepping, mock_clock)
+        clock.cancel_scope.cancel()
+    [down, again] = outage_lines(caplog)
+    assert down.startswith("the manager is unreachable (cannot connect to"), down
+    assert again.startswith("the manager answers again"), again
+
+
+async def test_a_result_waiting_out_its_backoff_goes_as_soon_as_a_heartbeat_says_the_manager_is_back(
+    tmp_path, caplog, mock_clock
+):
+    # The finish is cut (the manager went down under it) and its connection then refused: the
+    # result waits its backoff (100 s here, up to 30 s by default), and is sent again once a
+    # heartbeat of the job it holds is answered, not the rest of the backoff later.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    script = {
+        "Dext.AllocateJobs": first(job("j1")),
+        "Dext.FinishJob": lambda params, n: CUT if n == 1 else None,
+    }
+    settings = {"heartbeat_interval": 1.0, "ping_interval": 1000.0, "idle_poll": 1000.0,
+                "retry_base": 100.0, "retry_cap": 100.0}  # fmt: skip
+    async with trio.open_nursery() as clock:
+        async with against(tmp_path, script, **settings) as (coordinator, worker):
+            await until(worker, coordinator, lambda: worker.counters.finish_retries == 1)
+            await coordinator.down()
+            await jump(mock_clock, 1.0)  # a heartbeat refused: the manager is down
+            assert not worker.manager_reachable and worker.counters.delivered == 0
+            await coordinator.up()
+            await jump(mock_clock, 1.0)  # the next one answered, the result sent at once
+            assert worker.manager_reachable and worker.counters.delivered == 1
+            assert len(coordinator.finishes("j1")) == 2
+            clock.start_soon(stepping, mock_clock)
+        clock.cancel_scope.cancel()
+    assert "job j1: delivered 1 proofs (attempt 2)" in worker_lines(caplog)
+
+
 BAD_HEARTBEATS = {
     **BAD_ANSWERS,
     **NO_LIST,

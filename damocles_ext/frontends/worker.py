@@ -115,6 +115,7 @@ class Worker:
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
+        self._back = trio.Event()  # set (and made anew) when the manager comes back: _came_back
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
@@ -409,8 +410,15 @@ class Worker:
         self._idle_until = trio.current_time() + seconds
 
     async def _pause(self, seconds: float) -> None:
+        await self.retry_wait(seconds, until_stopped=True)
+
+    async def retry_wait(self, seconds: float, *, until_stopped: bool = False) -> None:
+        """Wait `seconds` before calling the manager again, less when it comes back meanwhile
+        from an outage in which a call could not connect (it was down, not slow): the call goes
+        at once, not up to the backoff's cap later. `until_stopped`: a stop ends the wait too."""
+        back = self._back
         with trio.move_on_after(seconds):
-            await self._stop.wait()
+            await self.wait_for(lambda: back.is_set() or (until_stopped and self.stopping))
 
     def _take(self, job: PulledJob, problem: str | None) -> HeldJob | None:
         """Hold `job` (failing it if `problem`: its input cannot be read) if it is a new one:
@@ -565,13 +573,24 @@ class Worker:
         it; Outage.heard)."""
         if (line := self._outage.heard(trio.current_time())) is not None:
             log.info("%s", line)
-            self.touch()
+            self._came_back()
 
     def answered(self, *outages: Outage) -> None:  # (a JSON-RPC error too; default: the manager's)
         for outage in outages or (self._outage,):
+            was_down = outage is self._outage and outage.unconnected
             if (line := outage.answered(trio.current_time())) is not None:
                 log.info("%s", line)
-                self.touch()
+                if was_down:
+                    self._came_back()
+                else:
+                    self.touch()
+
+    def _came_back(self) -> None:
+        """The manager answers again after an outage in which it could not be reached: the
+        calls waiting out their backoff (`retry_wait`) go now."""
+        self._back.set()
+        self._back = trio.Event()
+        self.touch()
 
     # -- shutdown -----------------------------------------------------------------------------
 

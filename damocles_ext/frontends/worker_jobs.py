@@ -81,6 +81,10 @@ class Proving(Protocol):
         """Whether the manager refuses this worker's token (said, and the worker stops)."""
         ...
 
+    async def retry_wait(self, seconds: float) -> None:
+        """Wait `seconds` before calling the manager again, less if it comes back meanwhile."""
+        ...
+
 
 async def proof_of(
     worker: Proving, held: HeldJob, look_limiters: dict[str, trio.CapacityLimiter]
@@ -195,4 +199,4 @@ async def deliver(
             held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
                              " trying again in %.1f s", job.Id, what, attempts, reason,
                              delay)  # fmt: skip
-        await trio.sleep(delay)
+        await worker.retry_wait(delay)
