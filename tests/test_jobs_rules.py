@@ -562,6 +562,16 @@ def test_the_limits_have_damocles_defaults_and_refuse_nonsense():
         JobLimits(heartbeat_timeout=float("nan"))
 
 
+def test_a_deadline_out_of_the_years_a_date_can_hold_is_said_in_seconds_not_a_crash():
+    # A row written so (before the store refused it, or by hand): the sweep cancels it, and the
+    # reason names the deadline as it is (formatting it raised OverflowError in every sweep).
+    created = apply(None, Create(make_input(), not_after=-1e20), T0, LIMITS).job
+    job = apply(created, Allocate("w1", "L1"), T0, LIMITS).job
+    step = rules.apply(job, rules.Sweep(), T0, LIMITS)
+    assert step.job is not None and step.job.cancelled
+    assert "its deadline passed at -100000000000000000000 (unix seconds)" in step.job.ErrorReason
+
+
 def test_the_sweep_runs_at_least_four_times_per_heartbeat_timeout():
     # damocles' 10 s, unless a quarter of HeartbeatTimeout is shorter (its 15 s: 3.75 s).
     assert rules.sweep_every(rules.JobLimits()) == 3.75

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import math
 import os
 import re
 import sqlite3
@@ -24,6 +23,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.util import asbool
 
 from ..errors import DextError, UsageError, not_utf8
+from ..tasks import deadline_problem
 from . import model, rules
 from .mounts import FULL_FIX_READING, no_space_left, read_only_mount
 from .pg_hosts import several_servers_problem, split_userinfo
@@ -333,8 +333,9 @@ def check_create(event: rules.Create) -> None:
         raise InvalidJob(f"bad job: DeadlineIdx {event.deadline_idx} is out of range")
     if event.partitions is not None and not all(0 <= p <= model.I64_MAX for p in event.partitions):
         raise InvalidJob(f"bad job: a partition index in {list(event.partitions)} is out of range")
-    if event.not_after is not None and not math.isfinite(event.not_after):
-        raise InvalidJob(f"bad job: not_after must be a time (unix seconds), not {event.not_after}")
+    if event.not_after is not None and (problem := deadline_problem(event.not_after)):
+        # (Out of the years 0001-9999 it broke every sweep, which formats the deadline.)
+        raise InvalidJob(f"bad job: not_after {event.not_after!r} {problem}; give a unix time")
 
 
 # --- the store ----------------------------------------------------------------------------------

@@ -98,11 +98,7 @@ class JobLimits:
     poll_interval: float = DEFAULT_POLL_INTERVAL  # a producer's look for results; damocles: 3 s
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_try, bool)
-            or not isinstance(self.max_try, int)
-            or not (1 <= self.max_try <= MAX_JOB_MAX_TRY)
-        ):
+        if type(self.max_try) is not int or not 1 <= self.max_try <= MAX_JOB_MAX_TRY:  # (no bool)
             raise ValueError(
                 f"JobMaxTry must be a whole number from 1 to {MAX_JOB_MAX_TRY}, not {self.max_try!r}"
             )
@@ -294,7 +290,10 @@ def _seconds(now: float) -> int:
 
 
 def _when(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # a row's deadline out of the years 1-9999
+        return f"{at:.0f} (unix seconds)"
 
 
 def _replace(job: JobRecord, **changes: object) -> JobRecord:
