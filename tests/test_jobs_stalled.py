@@ -12,6 +12,7 @@ import pytest
 import trio
 from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike, dext_with
 from helpers.stalling_proxy import StallingProxy
+from helpers.supervisor import wait_until
 from test_coordinator import heartbeat_body
 from test_jobs_rules import make_input
 from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
@@ -231,3 +232,48 @@ async def test_a_store_down_until_the_deadline_is_answered_at_it_not_a_backoff_l
         assert "the job store failed until the job's deadline passed" in response.err_msg
         proxy.resume()
         await stop(m)
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+async def test_a_coordinator_stops_when_told_while_its_start_waits_on_the_store(
+    postgres_url, signals
+):
+    # The jobs' table locked by another session (a migration, an operator's transaction): the
+    # coordinator's start waits on it (learning the sectors of the jobs in the store, the first
+    # sweep). Its signals were read only once the start was over, up to a minute a store call,
+    # and a second SIGTERM was lost (trio says a signal pending once): now the first stops it
+    # gracefully, a second at once, the lock still held.
+    import psycopg
+
+    from damocles_ext.jobs.database import jobs
+
+    with JobStore.open(postgres_url) as store:
+        store.create(make_input(), 1_700_000_000.0)
+    conn_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conn_url) as locker:
+        locker.execute(f"LOCK TABLE {jobs.name} IN ACCESS EXCLUSIVE MODE")
+        proc = await trio.lowlevel.open_process(
+            [*DEXT, "coordinator", "--jobs", postgres_url, "--listen", "127.0.0.1:0",
+             "--shutdown-grace", "30"],
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            with psycopg.connect(conn_url, autocommit=True) as watcher:
+                waiting = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                await wait_until(lambda: watcher.execute(waiting).fetchone() == (1,), timeout=30,
+                                 what="the coordinator's start waiting on the lock")  # fmt: skip
+            for _ in range(signals):
+                proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            assert proc.stderr is not None
+            said = (await proc.stderr.receive_some(1 << 20)).decode()
+    assert said.splitlines()[-1].endswith("damocles_ext.coordinator: stopped"), said
+    assert "Traceback" not in said, said

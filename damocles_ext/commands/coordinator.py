@@ -170,9 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from damocles_ext.errors import UsageError
+    from damocles_ext.errors import DextError, UsageError
     from damocles_ext.frontends.coordinator import STOP_GRACE, Coordinator, CoordinatorServer
-    from damocles_ext.frontends.signals import stop_signals, watch_signals
+    from damocles_ext.frontends.signals import stop_signals, until_stopped, watch_signals
     from damocles_ext.frontends.watchdog import start_watchdog
     from damocles_ext.jobs.manager_config import read_settings
     from damocles_ext.jobs.store import JobStore, StoreLost, TrioJobStore
@@ -228,28 +228,30 @@ def run(args: argparse.Namespace) -> int:
             sock=listening,
         )
         lost: list[StoreLost] = []
+        failed: list[DextError] = []  # the store failing already as the coordinator starts
         try:
             if metrics is not None:
                 metrics_server = MetricsServer(metrics, *args.metrics, sock=scraped)
 
             async def main() -> None:
                 start_watchdog()
+                # Signals are read from the start: a store that stalls while the coordinator
+                # starts (learning its sectors, the first sweep: each call up to a minute) held
+                # SIGTERM, and a second SIGTERM was lost (trio says a signal pending once).
                 with trio.open_signal_receiver(*stop_signals()) as signals:
-                    # Outside the nursery: a store that fails already (no thread for its calls,
-                    # at the limit of tasks) is the command's error, not a traceback.
-                    await coordinator.learn_sectors()
                     async with trio.open_nursery() as nursery:
-                        sweeping = trio.CancelScope()
-                        scraping = trio.CancelScope()
-                        refreshing = trio.CancelScope()
-
-                        async def sweep(task_status: trio.TaskStatus[None]) -> None:
-                            with sweeping:
-                                await coordinator.sweep_forever(task_status=task_status)
+                        learning, sweeping = trio.CancelScope(), trio.CancelScope()
+                        scraping, refreshing = trio.CancelScope(), trio.CancelScope()
+                        stopping = False
 
                         def shut_down() -> None:
                             # Requests being answered get their answer (within the grace);
                             # nothing new is taken. A second signal stops at once.
+                            nonlocal stopping
+                            if stopping:
+                                return
+                            stopping = True
+                            learning.cancel()
                             sweeping.cancel()
                             scraping.cancel()
                             refreshing.cancel()  # the --proxy locator's refresh of its sources
@@ -263,53 +265,48 @@ def run(args: argparse.Namespace) -> int:
                             if not lost:
                                 lost.append(exc)
                                 log.error("stopping: %s", exc)
-                                if not starting:
-                                    shut_down()
+                                shut_down()
 
-                        # While its tasks start, a loss (found by a worker's call during the
-                        # first sweep) stops it once they have: a task cancelled before it said
-                        # it started would end the start with trio's RuntimeError.
-                        starting = True
-
-                        coordinator.on_store_lost = store_lost
-                        locator = coordinator.sector_index.locator
-                        if locator is not None:
-
-                            async def refresh() -> None:
-                                assert locator is not None
-                                with refreshing:
-                                    await locator.refresh_forever()
-
-                            nursery.start_soon(refresh)
-                        await nursery.start(server.serve)
-                        await nursery.start(sweep)
-                        if metrics_server is not None:
-
-                            async def scrape(task_status: trio.TaskStatus[None]) -> None:
-                                assert metrics_server is not None
-                                with scraping:
-                                    await metrics_server.serve(task_status=task_status)
-
-                            await nursery.start(scrape)
-                            log.info("metrics on %s", metrics_server.url)
-                        log.info("serving the worker-prover RPC at %s", server.url)
                         watcher = trio.CancelScope()
 
-                        async def watch(task_status: trio.TaskStatus[None]) -> None:
+                        async def watch() -> None:
                             with watcher:
-                                task_status.started()
                                 await watch_signals(signals, nursery.cancel_scope, shut_down, log)
 
-                        await nursery.start(watch)
-                        starting = False
-                        if lost:
-                            shut_down()
-                        await server.stopped.wait()
+                        nursery.start_soon(watch)
+                        with learning:
+                            try:
+                                await coordinator.learn_sectors()
+                            except DextError as exc:  # the command's error, said as such
+                                failed.append(exc)
+                                nursery.cancel_scope.cancel()
+                        if not (failed or stopping):
+                            coordinator.on_store_lost = store_lost
+                            if locator is not None:
+
+                                async def refresh() -> None:
+                                    assert locator is not None
+                                    with refreshing:
+                                        await locator.refresh_forever()
+
+                                nursery.start_soon(refresh)
+                            await nursery.start(server.serve)
+                            # Started after its first pass, or at once if stopped during it.
+                            await nursery.start(until_stopped, sweeping, coordinator.sweep_forever)
+                            if metrics_server is not None:
+                                await nursery.start(until_stopped, scraping, metrics_server.serve)
+                                if not stopping:
+                                    log.info("metrics on %s", metrics_server.url)
+                            if not stopping:
+                                log.info("serving the worker-prover RPC at %s", server.url)
+                            await server.stopped.wait()
                         watcher.cancel()
                     if locator is not None:  # its snapshot saved, its connections closed
                         await locator.aclose()
 
             trio.run(main)
+            if failed:
+                raise failed[0]
             if lost:
                 raise lost[0]  # exit code 1, saying why
         finally:

@@ -505,7 +505,9 @@ async def run_producer(
                 if coordinator is not None:
                     rpc, server = coordinator
                     await nursery.start(server.serve)
-                    await nursery.start(rpc.sweep_forever)
+                    # Not waited for: a store stalled at its first pass held the requests and
+                    # the signals unread (the ready line is out), up to a minute a store call.
+                    nursery.start_soon(rpc.sweep_forever)
                     log.info("serving the worker-prover RPC at %s", server.url)
                 log.info("serving %s through the job store %s (pid %d)", stage, where, os.getpid())
                 # JobProducer.submit adds the job id, and that the job stays in the store.

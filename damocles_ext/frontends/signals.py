@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -57,3 +57,30 @@ async def watch_signals(
                 at_once()
             else:
                 cancel_scope.cancel()
+
+
+async def until_stopped(
+    scope: trio.CancelScope,
+    serve: Callable[..., Awaitable[object]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve(task_status=...)` inside `scope`, which a stop cancels: started when it says so,
+    or when it ends before (a stop that came while it started: `nursery.start` returns, where
+    trio would raise RuntimeError for a task that ended without starting)."""
+    once = _StartedOnce(task_status)
+    with scope:
+        await serve(task_status=once)
+    once.started()
+
+
+class _StartedOnce:
+    """A task status that passes on the first `started()` and ignores the rest."""
+
+    def __init__(self, status: trio.TaskStatus[None]) -> None:
+        self._status: trio.TaskStatus[None] | None = status
+
+    def started(self, value: None = None) -> None:
+        if self._status is not None:
+            status, self._status = self._status, None
+            status.started(value)
