@@ -234,6 +234,42 @@ async def test_a_store_down_until_the_deadline_is_answered_at_it_not_a_backoff_l
         await stop(m)
 
 
+def lock_waits(conn) -> bool:
+    """Whether a session of this database waits on a lock (a start held by the test's lock)."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return conn.execute(waiting).fetchone() == (1,)
+
+
+async def test_serve_listen_stops_at_stdin_eof_while_its_first_sweep_waits_on_the_store(
+    postgres_url, nursery
+):
+    # serve --jobs --listen, its ready line out: its coordinator's first sweep waits on the
+    # jobs' table, locked by another session. stdin (and its signals) were read only once that
+    # pass was over, up to a minute a store call: damocles-manager stopping it went unheard.
+    import psycopg
+
+    from damocles_ext.jobs.database import jobs
+
+    JobStore.open(postgres_url).close()
+    conn_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    argv = [*DEXT, "serve", "window_post", "--jobs", postgres_url, "--listen", "127.0.0.1:0"]
+    with psycopg.connect(conn_url) as locker:
+        locker.execute(f"LOCK TABLE {jobs.name} IN ACCESS EXCLUSIVE MODE")
+        m = await ManagerLike.start(nursery, argv, "window_post", stderr=subprocess.PIPE)
+        with psycopg.connect(conn_url, autocommit=True) as watcher:
+            await wait_until(lambda: lock_waits(watcher), timeout=30,
+                             what="the first sweep waiting on the lock")  # fmt: skip
+        await m.close_stdin()
+        with trio.fail_after(20):
+            assert await m.process.wait() == 0
+        await m.wait_log("stopped")
+    # Heard at once, not once the store gave up on the lock (its lock_timeout) and the pass failed.
+    assert not [line for line in m.log if "lock_timeout" in line], m.log
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 async def test_a_coordinator_stops_when_told_while_its_start_waits_on_the_store(
     postgres_url, signals
@@ -259,11 +295,7 @@ async def test_a_coordinator_stops_when_told_while_its_start_waits_on_the_store(
         )  # fmt: skip
         try:
             with psycopg.connect(conn_url, autocommit=True) as watcher:
-                waiting = (
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-                await wait_until(lambda: watcher.execute(waiting).fetchone() == (1,), timeout=30,
+                await wait_until(lambda: lock_waits(watcher), timeout=30,
                                  what="the coordinator's start waiting on the lock")  # fmt: skip
             for _ in range(signals):
                 proc.send_signal(signal.SIGTERM)
