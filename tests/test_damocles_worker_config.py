@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
 from helpers.races import deleted_as_it_is_opened
-from helpers.supervisor import jsonl_child, window_task
+from helpers.supervisor import jsonl_child, who, window_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -719,6 +720,33 @@ async def test_a_window_post_processor_of_the_file_proves_under_the_supervisor(t
         "affinity": [cpu],
     }
     assert sys.executable == program
+
+
+async def test_a_bin_without_args_is_run_with_processor_window_post_as_damocles_worker_runs_it(
+    tmp_path,
+):
+    # damocles-worker (processor/external/sub.rs) gives a processor without `args` the args
+    # `processor window_post`, whatever its `bin`; damocles' docs write a `bin` alone. Run with
+    # no arguments, such a prover never became ready and the child went FATAL.
+    prover = tmp_path / "damocles-worker-c2-optimized"
+    _, _, _, code = jsonl_child(
+        setup='if sys.argv[1:] != ["processor", STAGE]: sys.exit(f"usage: {sys.argv}")'
+    )
+    prover.write_text(f"#!{sys.executable} -u\n{code}")
+    prover.chmod(0o755)
+    text = base(tmp_path, f"[[processors.window_post]]\nbin = {json.dumps(str(prover))}\n")
+    [child] = parse(text, tmp_path).children
+    assert child.argv == (str(prover), "processor", "window_post")
+    assert child.kind == "bin"  # so a missing one is named by its `bin`
+    with trio.fail_after(60):
+        async with open_supervisor(parse(text, tmp_path).to_config()) as sup:
+            output = await sup.submit(window_task(miner=1234))
+    assert who(output)[0] == 1234
+    # An explicit `args = []` runs it with none, as in damocles-worker; no bin: its own binary.
+    [bare] = parse(text + "args = []\n", tmp_path).children
+    assert bare.argv == (str(prover),)
+    [own] = parse(base(tmp_path, "[[processors.window_post]]\nconcurrent = 1\n"), tmp_path).children
+    assert own.argv == ("damocles-worker", "processor", "window_post")
 
 
 # -- fuzzing: any document is a config or a clear ConfigError --------------------------------------

@@ -14,7 +14,8 @@ Read from it, with damocles-worker's own key names, defaults and merge rules (`s
 - `[[attached]] name, location` (name defaults to the location's absolute path) and the stores
   `[worker] scan_persist_stores` finds;
 - `[processors.limitation.concurrent] window_post` (or the older `[processors.limit]`);
-- `[[processors.window_post]]` as children: `bin`, `args`, `envs`, `cgroup.cpuset` (passed as
+- `[[processors.window_post]]` as children: `bin` (unset: damocles-worker), `args` (unset:
+  `processor window_post`, with a `bin` too), `envs`, `cgroup.cpuset` (passed as
   damocles-worker passes it, env VC_CG_NAME/VC_CG_CPUSET, and pinned by our supervisor too),
   `numa_preferred`, `concurrent`, `stable_wait`, `locks`, `auto_restart`, `inherit_envs`.
 
@@ -635,11 +636,10 @@ class _Reader:
         if numa is not None:
             envs[ENV_NUMA_PREFERRED] = str(numa)
         envs.update(user_envs)  # damocles-worker sets them last too
-        if bin_ is not None:
-            argv, kind = (bin_, *(args or ())), "bin"
-        else:  # damocles-worker runs its own binary, with `processor window_post` unless told
-            argv = (DAMOCLES_WORKER, *(args if args is not None else ("processor", STAGE)))
-            kind = "damocles-worker"
+        # As damocles-worker: `bin`, else its own binary, with `args`, else `processor
+        # window_post` (also for a `bin` without `args`; `args = []` runs it with none).
+        program, kind = (bin_, "bin") if bin_ is not None else (DAMOCLES_WORKER, "damocles-worker")
+        argv = (program, *(args if args is not None else ("processor", STAGE)))
         gpu = envs.get("CUDA_VISIBLE_DEVICES") or None
         # One lock per device, as a [[WdPost]] with Gpus gets: children on one GPU take turns.
         gpu_locks = device_locks(gpu)
