@@ -85,6 +85,7 @@ SANS_IO = [
     "jobs/held_rows.py",  # when a job whose row is held, its heartbeats passed over, is warned of
     "config/damocles_worker_keys.py",  # damocles-worker.toml's keys, durations, sector sizes
     "config/damocles_worker_values.py",  # typed reads of damocles-worker.toml's tables
+    "config/damocles_worker_locks.py",  # damocles-worker.toml's ext locks made ours
     "jobs/outage.py",  # one line when something starts failing, one when it works again
     "jobs/paths.py",  # a sector's paths <-> damocles store names
     "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths

@@ -30,7 +30,7 @@ import glob
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -46,6 +46,7 @@ from .damocles_worker_keys import (
     unread_key_warnings,
     unread_keys,
 )
+from .damocles_worker_locks import Processor, shared_locks
 from .damocles_worker_values import TypedTable
 from .keys import _parse_cpuset
 from .load import parse_toml, read_config_text
@@ -203,15 +204,6 @@ def _miscased(doc: Mapping[str, Any], name: str, form: str) -> str:
         f" (the file's {form.format(others[0])} is not read: key names are lower-case, and"
         f" damocles-worker ignores {form.format(others[0])} too; write {form.format(name)})"
     )
-
-
-class _Processor(NamedTuple):
-    """A [[processors.window_post]] read: its child, the file's ext locks it names, and whether
-    the file gives its concurrent (else one per wdpost thread)."""
-
-    spec: ChildSpec
-    named_locks: tuple[str, ...]
-    concurrent_given: bool
 
 
 class _Reader:
@@ -524,71 +516,13 @@ class _Reader:
             if read is not None:
                 processors_read.append(read)
         bound = threads if limit is None else min(limit, threads)  # the jobs run at once
-        return self._shared_locks(processors_read, ext_locks, bound)
-
-    def _shared_locks(
-        self, processors: list[_Processor], ext_locks: dict[str, int], bound: int
-    ) -> list[ChildSpec]:
-        """damocles-worker's ext locks made ours. Its lock of N holders lets N proofs at a time
-        hold it, whatever processors run them; ours has one holder, a child, which runs up to
-        its `concurrent` proofs under it. The same limits, where they can be: a lock named by
-        one processor caps its concurrent at N; a lock of 1 holds its processors to one proof
-        at a time (each child's concurrent 1: one child at a time under the lock, one proof in
-        it); a lock of at least as many holders as its processors run proofs at once (at most
-        `bound`, the worker's jobs at once) never makes one wait (dropped); one in between
-        needs a lock shared by counts, which ours is not (an error that says what to give).
-        The locks our children take per device (`gpu:<i>`) are not the file's and stay."""
-        children = [p.spec for p in processors]
-        by_lock: dict[str, list[int]] = {}
-        for k, processor in enumerate(processors):
-            for lock in processor.named_locks:
-                by_lock.setdefault(lock, []).append(k)
-        for lock, holders in by_lock.items():
-            count = ext_locks[lock]
-            if count >= 1 and (count == 1 or len(holders) == 1):
-                for k in holders:
-                    child, concurrent = children[k], min(children[k].concurrent, count)
-                    if concurrent < child.concurrent and processors[k].concurrent_given:
-                        self.warnings.append(
-                            f"{self.source}: {_processor(child)}: concurrent {child.concurrent}"
-                            f" runs as {concurrent}: [processors.ext_locks] {_show(lock)} ="
-                            f" {count} lets {count} proof(s) at a time run under it, as in"
-                            " damocles-worker"
-                        )
-                    children[k] = msgspec.structs.replace(child, concurrent=concurrent)
-        for lock, holders in by_lock.items():
-            count, runs = ext_locks[lock], [children[k] for k in holders]
-            at_once = min(sum(c.concurrent for c in runs), bound)
-            if count == 0:
-                self.errors.append(
-                    f"[processors.ext_locks] {_show(lock)} = 0: the processors that name it"
-                    f" ({', '.join(_processor(c) for c in runs)}) would never run a proof;"
-                    " give it 1 or more"
-                )
-            elif 1 < count < at_once and len(holders) > 1:
-                given = [processors[k].concurrent_given for k in holders]
-                each = ", ".join(
-                    f"{_processor(c)} {c.concurrent}{'' if g else ' (unset: one per thread)'}"
-                    for c, g in zip(runs, given, strict=True)
-                )
-                self.errors.append(
-                    f"[processors.ext_locks] {_show(lock)} = {count}, and the processors that"
-                    f" name it run up to {at_once} proofs at once ({each}): damocles-ext's"
-                    " locks have one holder, a child, so it cannot share this one by counts;"
-                    f" give it 1 (one proof at a time) or at least {at_once} (no wait), or"
-                    " lower their concurrent, or declare one lock per GPU (gpu0 = 1, gpu1 = 1)"
-                )
-            elif count > 1 and count >= at_once and len(holders) > 1:  # never makes one wait
-                for k in holders:
-                    child = children[k]
-                    if lock not in device_locks(child.gpu):  # (a device's own lock is kept)
-                        kept = tuple(x for x in child.locks if x != lock)
-                        children[k] = msgspec.structs.replace(child, locks=kept)
-        return children
+        return shared_locks(
+            self.source, processors_read, ext_locks, bound, self.warnings, self.errors
+        )
 
     def _child(
         self, index: int, t: TypedTable, ext_locks: dict[str, int], default_concurrent: int
-    ) -> _Processor | None:
+    ) -> Processor | None:
         errors_before = len(self.errors)
         bin_ = t.string("bin", nonempty=True)
         args = t.string_list("args")
@@ -668,8 +602,4 @@ class _Reader:
             gpu=gpu,
         )
         named = tuple(dict.fromkeys(x for x in locks if x in ext_locks))
-        return _Processor(spec, named, concurrent is not None)
-
-
-def _processor(child: ChildSpec) -> str:
-    return f"processors.window_post[{child.index}]"
+        return Processor(spec, named, concurrent is not None)
