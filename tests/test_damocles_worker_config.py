@@ -240,6 +240,46 @@ def test_a_threads_location_config_read_as_damocles_worker_reads_it(tmp_path, mo
     assert f"{hot}: is a directory" in str(refused.value)
 
 
+def test_a_thread_at_a_location_already_loaded_is_skipped_as_damocles_worker_skips_it(tmp_path):
+    # damocles-worker (sealing_thread/mod.rs) canonicalises each thread's location, creating a
+    # missing one first, and skips a thread whose store is already loaded, whatever its plan; we
+    # counted it as one more wdpost thread: one more job at once, one more proof per child.
+    (tmp_path / "thread0").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "thread0")
+    wdpost = '[[sealing_thread]]\nplan = "wdpost"\nlocation = "{}"\n'
+    text = base(
+        tmp_path,
+        wdpost.format(tmp_path / "link")  # the first thread's store, by a symlink
+        + wdpost.format(tmp_path / "new")  # not there yet: damocles-worker makes it
+        + wdpost.format(f"{tmp_path}/new/")
+        + '[[sealing_thread]]\nplan = "wdpost"\n',  # no location: no store to share
+        **{'plan = "wdpost"': f'plan = "wdpost"\nlocation = "{tmp_path}/thread0/"'},
+    )
+    cfg = parse(text, tmp_path)
+    assert [t.index for t in cfg.threads] == [0, 2, 4]
+    assert cfg.max_jobs == 3 and cfg.children[0].concurrent == 3
+    said = ' damocles-worker loads a location once and skips this thread ("store already loaded"),'
+    said += " so it is skipped here too; give each thread its own location"
+    source, real = tmp_path / "damocles-worker.toml", os.path.realpath(tmp_path)
+    first = f'{source}: sealing_thread[1].location: "{tmp_path}/link" is sealing_thread[0]\'s'
+    then = f'{source}: sealing_thread[3].location: "{tmp_path}/new/" is sealing_thread[2]\'s'
+    assert [w for w in cfg.warnings if "already loaded" in w] == [
+        f"{first} location too ({real}/thread0);{said}",
+        f"{then} location too ({real}/new);{said}",
+    ]
+    # Whatever its plan: the wdpost thread at a sealer's location never runs.
+    shared = base(
+        tmp_path,
+        '[[sealing_thread]]\nplan = "wdpost"\nlocation = "{}"\n'.format(tmp_path / "link"),
+        **{'plan = "wdpost"': f'plan = "sealer"\nlocation = "{tmp_path}/thread0"'},
+    )
+    with pytest.raises(ConfigError) as refused:
+        parse(shared, tmp_path)
+    [error] = refused.value.errors
+    assert error.startswith('no [[sealing_thread]] with plan = "wdpost"')
+    assert error.endswith(" (sealing_thread[1] is skipped: its location is sealing_thread[0]'s)")
+
+
 def test_scan_persist_stores_attaches_the_stores_it_finds(tmp_path):
     for d, meta in [("a", {"ID": "123", "Name": ""}), ("b", {"Name": "456"}), ("c", None)]:
         (tmp_path / "stores" / d).mkdir(parents=True)

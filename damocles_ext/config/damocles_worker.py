@@ -10,7 +10,8 @@ Read from it, with damocles-worker's own key names, defaults and merge rules (`s
 - every `[[sealing_thread]]` whose plan is "wdpost" (also when its `<location>/config.toml` says
   so, as damocles reads it at start): `sealing.allowed_miners`, `sealing.allowed_sizes`,
   `sealing.recover_interval`, each taken from the thread, else from `[sealing]`, else
-  damocles-worker's default; threads of other plans are counted, not read;
+  damocles-worker's default; threads of other plans are counted, not read; a thread whose
+  location (canonicalised) an earlier thread has is skipped, as damocles-worker skips it;
 - `[[attached]] name, location` (name defaults to the location's absolute path) and the stores
   `[worker] scan_persist_stores` finds;
 - `[processors.limitation.concurrent] window_post` (or the older `[processors.limit]`);
@@ -293,8 +294,13 @@ class _Reader:
         common = self.table(doc, "sealing", "sealing")
         threads: list[WdPostThread] = []
         others: dict[str, int] = {}
+        loaded: dict[str, str] = {}  # canonical location -> the thread that has it
+        skipped: list[str] = []
         for i, raw in top.tables("sealing_thread"):
             where = f"sealing_thread[{i}]"
+            if (again := self._location_loaded(raw, where, loaded)) is not None:
+                skipped.append(again)
+                continue
             layers = [common, TypedTable.of(raw, "sealing", f"{where}.sealing", self.errors)]
             plan = TypedTable(raw, where, self.errors).string("plan", nonempty=True)
             hot = self._hot_config(raw, where)
@@ -322,8 +328,29 @@ class _Reader:
                 'no [[sealing_thread]] with plan = "wdpost", so there is no WindowPoSt work to '
                 'pull; add one: [[sealing_thread]] with plan = "wdpost"'
                 + _miscased(doc, "sealing_thread", "[[{}]]")
+                + "".join(f" ({note})" for note in skipped)
             )
         return threads, others
+
+    def _location_loaded(self, raw: dict[str, Any], where: str, seen: dict[str, str]) -> str | None:
+        """A note on a thread whose location an earlier thread has, else None (`seen` maps the
+        canonical locations so far to their threads). damocles-worker canonicalises each
+        thread's location, creating a missing one first (so it gets the name realpath gives
+        it), and skips a thread whose store is already loaded, whatever its plan, without
+        reading its config.toml; so do we, rather than count one more thread towards the jobs
+        at once and the processors' default concurrent."""
+        location = raw.get("location")
+        if not isinstance(location, str) or not location:
+            return None  # a thread without a location has no store to share
+        real = os.path.realpath(location)
+        if (first := seen.setdefault(real, where)) == where:
+            return None
+        self.warnings.append(
+            f"{self.source}: {where}.location: {_show(location, 1000)} is {first}'s location too"
+            f' ({real}); damocles-worker loads a location once and skips this thread ("store'
+            f' already loaded"), so it is skipped here too; give each thread its own location'
+        )
+        return f"{where} is skipped: its location is {first}'s"
 
     def _hot_config(self, raw: dict[str, Any], where: str) -> TypedTable | None:
         location = raw.get("location")
