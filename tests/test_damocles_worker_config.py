@@ -491,6 +491,24 @@ BAD = [
         id="bad-size",
     ),
     pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nlocation = "/var/wd\\u0000post"'},
+        "",
+        "sealing_thread[0].location: contains a NUL character (\\u0000)",
+        id="thread-location-nul",
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nlocation = 7'},
+        "",
+        "sealing_thread[0].location: expected a string, found 7",
+        id="thread-location-number",
+    ),
+    pytest.param(
+        {'plan = "wdpost"': 'plan = "wdpost"\nlocation = ""'},
+        "",
+        "sealing_thread[0].location: empty: damocles-worker cannot make a store there",
+        id="thread-location-empty",
+    ),
+    pytest.param(
         {'plan = "wdpost"': 'plan = "wdpost"\nsealing.allowed_miners = ["t01000"]'},
         "",
         'sealing_thread[0].sealing.allowed_miners[0]: expected a miner actor id (a whole number, '

@@ -339,8 +339,16 @@ class _Reader:
         it), and skips a thread whose store is already loaded, whatever its plan, without
         reading its config.toml; so do we, rather than count one more thread towards the jobs
         at once and the processors' default concurrent."""
-        location = raw.get("location")
-        if not isinstance(location, str) or not location:
+        errors_before = len(self.errors)
+        location = TypedTable(raw, where, self.errors).string("location")
+        if location == "":
+            self.errors.append(
+                f"{where}.location: empty: damocles-worker cannot make a store there and does"
+                " not start; write the thread's directory, or leave location out"
+            )
+        if len(self.errors) > errors_before:  # damocles-worker refuses it too: not read on
+            return f"{where} is skipped: its location is wrong"
+        if location is None:
             return None  # a thread without a location has no store to share
         real = os.path.realpath(location)
         if (first := seen.setdefault(real, where)) == where:
