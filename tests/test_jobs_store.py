@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import threading
@@ -858,6 +859,39 @@ def test_a_postgresql_server_with_no_connection_left_is_said_so_with_what_to_rai
         failure = store_failure("postgresql://dext@db.example/jobs", url, "sweep", error)
         assert isinstance(failure, store.StoreUnavailable)
         assert "takes no more connections" in str(failure) and "max_connections" in str(failure)
+
+    class WithSqlstate(Exception):  # a driver that gives the SQLSTATE, whatever the words
+        sqlstate = "53300"
+
+    error = exc.OperationalError("connect", {}, WithSqlstate("connection failed: (translated)"))
+    failure = store_failure("postgresql://dext@db.example/jobs", url, "sweep", error)
+    assert isinstance(failure, store.StoreUnavailable) and "max_connections" in str(failure)
+
+
+def test_a_role_or_database_at_its_connection_limit_is_said_so_with_what_to_raise(postgres_url):
+    # SQLSTATE 53300 from a role's or a database's CONNECTION LIMIT, which the server words
+    # otherwise than its max_connections: before, "check that the PostgreSQL server is running
+    # and reachable from here, and the user, password and database in the URL".
+    import psycopg
+
+    JobStore.open(postgres_url).close()
+    role, database = f"lim{os.getpid()}", postgres_url.split("?")[0].rsplit("/", 1)[1]
+    url = postgres_url.replace("postgres@", f"{role}@", 1)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+        try:
+            with psycopg.connect(url), pytest.raises(store.StoreUnavailable) as raised:
+                JobStore(url).list_jobs()  # the role's one connection held above
+            assert f"the PostgreSQL role {role!r} of the job store " in str(raised.value)
+            assert "too many connections for role" in str(raised.value)
+            assert f"raise it (ALTER ROLE {role} CONNECTION LIMIT n)" in str(raised.value)
+            admin.execute(f"ALTER DATABASE {database} CONNECTION LIMIT 0")
+            with pytest.raises(store.StoreUnavailable) as raised:
+                JobStore(url).list_jobs()
+            assert f"the PostgreSQL database {database!r} of the job store " in str(raised.value)
+            assert f"(ALTER DATABASE {database} CONNECTION LIMIT n)" in str(raised.value)
+        finally:
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_a_late_proof_on_a_failed_job_wakes_the_listening_producers():

@@ -347,9 +347,10 @@ def is_unreachable(error: exc.DBAPIError) -> bool:
         return True
     # psycopg: class 08 is a connection exception, 57P0x the server shutting down; a deadlock
     # (40P01) or a lock timeout is an OperationalError too, but the server was reached.
+    # 53300 (too_many_connections) is a login refused for want of a free connection.
     sqlstate = getattr(error.orig, "sqlstate", None)
     if sqlstate is not None:
-        return bool(sqlstate.startswith(("08", "57P")))
+        return bool(sqlstate.startswith(("08", "57P", PG_TOO_MANY_CONNECTIONS)))
     # sqlite3: the file cannot be opened, read or locked; not an error of one statement.
     code = getattr(error.orig, "sqlite_errorname", None)
     if code is not None:
@@ -373,9 +374,25 @@ _LOGIN_REFUSED = re.compile(
 )
 
 
-#: PostgreSQL's words when its max_connections is reached (SQLSTATE 53300 comes without a
-#: connection, so only the text tells).
-_NO_SLOT_LEFT = re.compile(r"too many clients|remaining connection slots are reserved")
+#: PostgreSQL's SQLSTATE too_many_connections: its max_connections, or the CONNECTION LIMIT of
+#: the URL's role or database, reached.
+PG_TOO_MANY_CONNECTIONS: Final = "53300"
+#: PostgreSQL's words for it (libpq gives no SQLSTATE before a connection exists): the server's
+#: max_connections reached, or a role's or a database's CONNECTION LIMIT (its kind and name).
+_NO_SLOT_LEFT = re.compile(
+    r"too many clients|remaining connection slots are reserved"
+    r"|too many connections for (role|database) \"(.*)\""
+)
+
+
+def no_slot_left(error: exc.DBAPIError) -> tuple[str, str] | None:
+    """Whether PostgreSQL refused the login of `error` for want of a free connection: ('', '')
+    for its max_connections, (kind, name) for the CONNECTION LIMIT of a 'role' or a 'database';
+    None when it did not."""
+    found = _NO_SLOT_LEFT.search(str(error.orig))
+    if found is None and getattr(error.orig, "sqlstate", None) != PG_TOO_MANY_CONNECTIONS:
+        return None
+    return (found[1], found[2]) if found is not None and found[1] else ("", "")
 
 
 #: libpq refusing the value of one of the URL's parameters (sslmode=bogus, port=99999).
@@ -585,11 +602,21 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
             f"the job store URL {where} has a value libpq refuses ({what}): check its port and"
             " query parameters against libpq's connection options"
         )
-    if url.get_backend_name() == "postgresql" and _NO_SLOT_LEFT.search(what):
+    if url.get_backend_name() == "postgresql" and (full := no_slot_left(error)) is not None:
+        limited, name = full
+        if limited:  # ALTER names it as an SQL identifier: quoted unless lower case
+            ident = name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else f'"{name}"'
+            return StoreUnavailable(
+                f"the PostgreSQL {limited} {name!r} of the job store {where} has as many connections"
+                f" as its CONNECTION LIMIT allows ({what}): raise it (ALTER {limited.upper()}"
+                f" {ident} CONNECTION LIMIT n), or lower what holds connections"
+                f" {'as that role' if limited == 'role' else 'to that database'}"
+                " (a damocles-ext process keeps up to 16 in its pool)"
+            )
         return StoreUnavailable(
             f"the PostgreSQL server of the job store {where} takes no more connections ({what}):"
-            " raise its max_connections (a damocles-ext process keeps up to 16 in its pool), or stop what"
-            " holds them"
+            " raise its max_connections (a damocles-ext process keeps up to 16 in its pool), or"
+            " stop what holds them"
         )
     if url.get_backend_name() == "postgresql":
         return StoreUnavailable(
