@@ -126,6 +126,34 @@ def test_the_read_only_mount_judged_is_the_one_of_a_symlinks_target(tmp_path):
     assert f"the file system that holds '{tmp_path}/ro' is mounted read-only" in done.stdout
 
 
+def test_a_store_that_a_process_out_of_file_descriptors_cannot_open_says_so(tmp_path):
+    # SQLite says "unable to open database file" as for a permission: before, "check that the
+    # file and its directory are writable by this user", which they were. In a child of its own:
+    # it uses up every descriptor it may open, then reads the store.
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    JobStore.open(url).close()
+    code = (
+        "import os, resource, sys\n"
+        "from damocles_ext.jobs.store import JobStore, StoreError\n"
+        "store = JobStore(sys.argv[1])\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) + 16, hard))\n"
+        "hogs = []\n"
+        "while True:\n"
+        "    try: hogs.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "    except OSError: break\n"
+        "try: store.list_jobs()\n"
+        "except StoreError as error: print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot open the job store {url}: unable to open database file; " in done.stdout
+    assert "this process has as many files open as its limit allows (ulimit -n" in done.stdout
+    assert "writable by this user" not in done.stdout
+
+
 def mount_table(tmp_path: Path, kind: str) -> Path:
     """A mount table (as /proc/self/mountinfo) in which tmp_path's file system is of `kind`."""
     device = tmp_path.stat().st_dev

@@ -25,7 +25,7 @@ from sqlalchemy.util import asbool
 from ..errors import DextError, UsageError, not_utf8
 from ..tasks import deadline_problem
 from . import model, rules
-from .mounts import FULL_FIX_READING, no_space_left, read_only_mount
+from .mounts import FULL_FIX_READING, no_space_left, out_of_descriptors, read_only_mount
 from .pg_hosts import several_servers_problem, split_userinfo
 from .pg_session import on_connect as _pg_session_setup
 
@@ -656,7 +656,9 @@ def store_failure(where: str, url: URL, operation: str, error: exc.DBAPIError) -
         return kind(f"the job store {where} met an I/O error ({what}, {code}): {IO_ERROR_FIX}")
     path = sqlite_file(url)
     parent = path.parent
-    if is_dir(path):
+    if code.startswith("SQLITE_CANTOPEN") and (files := out_of_descriptors(path)):
+        hint = f"no file could be opened: {files}"
+    elif is_dir(path):
         hint = (
             f"{str(path)!r} is a directory: give the path of a file in it (e.g. {path / 'jobs.db'})"
         )

@@ -4,8 +4,11 @@ where SQLite's locks and write-ahead log do not hold)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+from ..errors import FILES_ADVICE
 
 #: What to do about a SQLite store on a full file system, when even reading it failed.
 FULL_FIX_READING = (
@@ -22,6 +25,25 @@ def _file_system(path: Path) -> tuple[Path, os.statvfs_result | None]:
         return directory, os.statvfs(directory)
     except OSError:
         return directory, None
+
+
+#: What to do when the system as a whole has no file left to open (ENFILE).
+SYSTEM_FILES_ADVICE = (
+    "the system has as many files open as its limit allows (sysctl fs.file-max): raise it, or"
+    " stop what holds them"
+)
+
+
+def out_of_descriptors(path: Path) -> str | None:
+    """What to do when this process (or the system) has no file descriptor left to open the
+    SQLite store at `path` with, which SQLite reports as a file it cannot open (SQLITE_CANTOPEN,
+    as for a permission): found by opening its directory; None when that takes a descriptor."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        os.close(os.open(Path(os.path.realpath(path)).parent, flags))
+    except OSError as error:
+        return {errno.EMFILE: FILES_ADVICE, errno.ENFILE: SYSTEM_FILES_ADVICE}.get(error.errno or 0)
+    return None
 
 
 def no_space_left(path: Path) -> bool:
