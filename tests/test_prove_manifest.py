@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.small_disk import mounted_tmpfs
 
 SEED = "ab" * 32
 
@@ -93,6 +94,29 @@ def test_only_the_chosen_sectors_are_proven(fixtures):
         check=0,
     )
     assert [r["sector_id"] for r in json.loads(task.read_text())["replicas"]] == [1, 3]
+
+
+def test_a_request_saved_on_a_full_disk_leaves_no_stub_and_keeps_the_one_saved_before(
+    fixtures, tmp_path
+):
+    # Before: written in place, a 0-byte file was left, or the earlier request emptied.
+    def save(task, *sectors):
+        return dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json",
+                    "--seed", SEED, *sectors, "--save-request", task, "-c", fixtures / "c.cfg",
+                    "-o", tmp_path / "out.json")  # fmt: skip
+
+    with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:
+        task = disk.path / "task.json"
+        assert save(task, "--sectors", "1,3").returncode == 0
+        before = task.read_bytes()
+        disk.fill()
+        refused = {path: save(path) for path in (disk.path / "new.json", task)}
+        assert sorted(p.name for p in disk.path.iterdir()) == ["filler", "task.json"]
+        assert task.read_bytes() == before
+    for path, proc in refused.items():
+        assert proc.returncode == 2, proc.stderr
+        said = f"--save-request {path}: cannot write the request there: No space left on device"
+        assert said in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -319,9 +319,6 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
 
 
 def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
-    import secrets
-    import stat
-
     from damocles_ext.protocol.jsonl import output_to_json
 
     data = output_to_json(output) + b"\n"
@@ -348,50 +345,59 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     # Checked again: the file may have been missing at the start, and a symlink planted since.
     _refuse_foreign_symlink(path, "; the proof was made but is lost")
     try:
-        open_file = _open_file_link(path)
-        if open_file is not None and open_file >= 0:
-            # /dev/stdout, /dev/fd/1: one of our open files, written where it stands (a file
-            # the shell opened, appended to or not, a pipe, a terminal). Renaming over the path
-            # replaced the link itself (as root, the system's /dev/stdout) and wrote nothing.
-            with open(os.dup(open_file), "wb") as out:
-                out.write(data)
-            return
-        try:
-            # Another process's open file (/proc/<pid>/fd/N): written through, never renamed
-            # over.
-            special = open_file is not None or not stat.S_ISREG(path.stat().st_mode)
-        except FileNotFoundError:
-            special = False
-        if special:
-            # A device or a FIFO (-o /dev/null, a pipe to a reader), another process's open file:
-            # renaming over it would replace it with a regular file, so write into it (a regular
-            # file emptied first, as a shell's > does).
-            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                os.ftruncate(fd, 0)
-            with open(fd, "wb") as out:
-                out.write(data)
-            return
-        # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
-        # The directory may be one others write to (/tmp): the temporary name is random and
-        # made afresh (O_EXCL, no symlink followed), so that nobody can plant a symlink or a
-        # file of theirs under it for the proof to be written through.
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
-        )
-        try:
-            with open(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file(path, data)
     except OSError as exc:
         raise UsageError(
             f"--output {path}: cannot write the output there: {exc.strerror or exc}; the proof"
             " was made but is lost: give a writable file and prove again"
         ) from None
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Writes `data` to the file `path` (--output, --save-request) whole or not at all: a new or
+    regular file by write-then-rename, so a failure (a full disk) leaves no stub and keeps the
+    file that was there; a device, a FIFO or an open file written where it stands. OSError when
+    it cannot."""
+    import secrets
+    import stat
+
+    open_file = _open_file_link(path)
+    if open_file is not None and open_file >= 0:
+        # /dev/stdout, /dev/fd/1: one of our open files, written where it stands (a file
+        # the shell opened, appended to or not, a pipe, a terminal). Renaming over the path
+        # replaced the link itself (as root, the system's /dev/stdout) and wrote nothing.
+        with open(os.dup(open_file), "wb") as out:
+            out.write(data)
+        return
+    try:
+        # Another process's open file (/proc/<pid>/fd/N): written through, never renamed
+        # over.
+        special = open_file is not None or not stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        # A device or a FIFO (-o /dev/null, a pipe to a reader), another process's open file:
+        # renaming over it would replace it with a regular file, so write into it (a regular
+        # file emptied first, as a shell's > does).
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+        with open(fd, "wb") as out:
+            out.write(data)
+        return
+    # Write-then-rename: a reader never sees half an output, and a failure leaves no stub.
+    # The directory may be one others write to (/tmp): the temporary name is random and
+    # made afresh (O_EXCL, no symlink followed), so that nobody can plant a symlink or a
+    # file of theirs under it for the data to be written through.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        with open(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _open_file_link(path: Path) -> int | None:
@@ -437,9 +443,12 @@ def task_from_manifest(args: argparse.Namespace) -> PoStTask:
         from damocles_ext.protocol.jsonl import task_to_json
 
         try:
-            Path(args.save_request).write_bytes(task_to_json(task) + b"\n")
+            write_file(Path(args.save_request), task_to_json(task) + b"\n")
         except OSError as exc:
-            raise UsageError(f"cannot write {args.save_request}: {exc.strerror}") from None
+            raise UsageError(
+                f"--save-request {args.save_request}: cannot write the request there:"
+                f" {exc.strerror or exc}; give a file you may write, on a file system with room"
+            ) from None
     return task
 
 
