@@ -168,6 +168,32 @@ def test_go_durations_read_as_go_reads_them(text, seconds):
 
 
 @pytest.mark.parametrize(
+    ("text", "nanos"),
+    [("2562047h47m16.854775807s", 2**63 - 1), ("9223372036854775807ns", 2**63 - 1),
+     ("9223372036s854ms775us807ns", 2**63 - 1), ("9223372036854775.807us", 2**63 - 1),
+     ("-2562047h47m16.854775808s", -(2**63)), ("-9223372036854775808ns", -(2**63)),
+     ("1.004s", 1_004_000_000), ("100.00100s", 100_001_000_000), ("0.1ns", 0),
+     ("9007199254.740993ms", 2**53 + 1),  # past a float64's exact integers: counted exactly
+     # 19 digits of fraction kept, the rest ignored, scaled through a float64, as Go does:
+     ("0.830103483285477580700h", (49 * 60 + 48) * 10**9 + 372_539_827)],
+)  # fmt: skip
+def test_go_durations_count_exact_nanoseconds_up_to_an_int64_as_go_does(text, nanos):
+    # Go's own test cases (time.ParseDuration): before, summed in float seconds, one nanosecond
+    # past an int64 rounded back under the limit and was taken.
+    assert parse_go_duration(text) == nanos / 10**9
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2562047h47m16.854775808s", "9223372036854775808ns", "9223372036s854ms775us808ns",
+     "9223372036854775.808us", "-2562047h47m16.854775809s", "2562047h47m17s", "1" + "0" * 5000 + "s"],
+)  # fmt: skip
+def test_a_go_duration_one_nanosecond_past_an_int64_is_refused(text):
+    with pytest.raises(ValueError, match="is longer than a Go duration can be"):
+        parse_go_duration(text)
+
+
+@pytest.mark.parametrize(
     ("value", "words"),
     [
         ('"15"', "each number needs a unit"),

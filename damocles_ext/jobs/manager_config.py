@@ -27,7 +27,6 @@ import datetime
 import errno
 import glob
 import json
-import math
 import os
 import re
 import stat
@@ -98,11 +97,11 @@ class ManagerConfig:
 
 # Go's time.ParseDuration units, in nanoseconds ("µs" and "μs" are the micro sign and mu).
 _GO_UNITS: Final = {
-    "ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
-    "m": 60.0, "h": 3600.0,
+    "ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6, "s": 10**9,
+    "m": 60 * 10**9, "h": 3600 * 10**9,
 }  # fmt: skip
-#: The longest Go duration (an int64 of nanoseconds), in seconds.
-_GO_MAX_SECONDS: Final = (2**63 - 1) / 1e9
+#: The longest Go duration: an int64 of nanoseconds (a negative one goes one further).
+_GO_MAX_NANOS: Final = 2**63 - 1
 # A number and what Go takes as its unit: everything up to the next digit or ".".
 _GO_UNIT_WRITTEN = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)([^0-9.]*)")
 
@@ -111,15 +110,15 @@ def parse_go_duration(text: str) -> float:
     """Seconds from a Go duration string ("15s", "25h0m0s", "1.5h", "300ms"), as Go's
     time.ParseDuration reads it; ValueError saying what is wrong."""
     body = text
-    sign = 1.0
+    sign = 1
     if body[:1] in ("+", "-"):
-        sign = -1.0 if body[0] == "-" else 1.0
+        sign = -1 if body[0] == "-" else 1
         body = body[1:]
     if body == "0":
         return 0.0
     if not body:
         raise ValueError(f'{text!r} is not a Go duration (e.g. "15s", "25h0m0s")')
-    seconds = 0.0
+    nanos = 0
     pos = 0
     while pos < len(body):
         # A number, then its unit: everything up to the next digit or ".", as Go reads it
@@ -137,15 +136,30 @@ def parse_go_duration(text: str) -> float:
                 f"{text!r} is not a Go duration: unknown unit {unit!r} (Go's units: ns, us, ms,"
                 f' s, m, h{day}), e.g. "15s" or "25h0m0s"'
             )
-        seconds += float(match.group(0)[: -len(unit)]) * _GO_UNITS[unit]
+        nanos += _go_nanos(match.group(0)[: -len(unit)], _GO_UNITS[unit])
         pos = match.end()
-    if not math.isfinite(seconds) or seconds > _GO_MAX_SECONDS:
+    if nanos > _GO_MAX_NANOS + (sign < 0):
         # Go's time.ParseDuration refuses what an int64 of nanoseconds cannot hold.
         raise ValueError(
             f"{text!r} is longer than a Go duration can be (at most 2562047h47m16s, about 292"
             " years), which damocles-manager refuses too"
         )
-    return sign * seconds
+    return sign * nanos / 10**9  # exact nanoseconds, rounded once
+
+
+def _go_nanos(number: str, unit: int) -> int:
+    """The nanoseconds of `number` (digits, with a "." or not) of `unit` nanoseconds, as Go's
+    time.ParseDuration counts them: the whole part exactly, the fraction's digits while they fit
+    in an int64 (the rest ignored), scaled through a float64 and truncated, as Go does."""
+    whole, _, fraction = number.partition(".")
+    if len(whole.lstrip("0")) > 19:  # past any int64 (and Python's limit of digits to read)
+        return 2**64
+    digits, scale = 0, 1.0
+    for digit in fraction:
+        if digits > _GO_MAX_NANOS // 10 or digits * 10 + int(digit) > 2**63:
+            break  # Go skips every later digit once one overflows
+        digits, scale = digits * 10 + int(digit), scale * 10
+    return int(whole or "0") * unit + (int(float(digits) * (unit / scale)) if digits else 0)
 
 
 # --- the file -----------------------------------------------------------------------------------
