@@ -305,6 +305,11 @@ class _LevelCollector:
         roots = {c.name: c.pid for c in stats.children if c.pid is not None}
         try:
             trees = sample_trees(roots)
+        except OSError as exc:  # /proc unread: at the limit of open files, say
+            from .supervisor.process import os_reason  # (loaded: a supervisor runs)
+
+            log.warning("cannot read the children's process trees: %s", os_reason(exc))
+            trees = {}
         except Exception:  # psutil trouble must not cost the other metrics
             log.exception("cannot read the children's process trees")
             trees = {}

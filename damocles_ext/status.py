@@ -24,9 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+# (Not imported when first asked: a status at the limit of open files could not read them.)
+from .errors import DextError
+from .gpulock import lock_dir, lock_state
 from .jobs.worker_status import WorkerPart, render_worker
 from .logs import controls_escaped
 from .protocol.control import STATUS_SCHEMA
+from .threads import NoThreadError, run_in_thread
 
 if TYPE_CHECKING:
     from .supervisor import ChildStats, Supervisor, SupervisorStats
@@ -272,7 +276,6 @@ def measure(
 
     With `own_pid`, that process alone (sample_process) is measured too, under the key "".
     """
-    from .gpulock import lock_state
 
     def sample() -> dict[str, TreeSample]:
         trees = sample_trees(roots)
@@ -305,8 +308,6 @@ def measure(
 def child_lock_dir(tmpdir: str | None) -> str:
     """Where a child's bellperson keeps its lock files: the TMPDIR it runs with (ChildStats'
     tmpdir: its Envs', else the supervisor's unless InheritEnvs = false), else /tmp."""
-    from .gpulock import lock_dir
-
     return str(lock_dir({"TMPDIR": tmpdir} if tmpdir else {}))
 
 
@@ -427,8 +428,6 @@ class StatusSource:
     async def document(self) -> StatusDocument:
         """A fresh document; takes about `cpu_interval` seconds (the CPU% window).
         NoThreadError when no thread can be started to measure the children."""
-        from .threads import NoThreadError, run_in_thread
-
         stats = self.supervisor.statistics()
         roots = {c.name: c.pid for c in stats.children if c.pid is not None}
         lock_dirs = {c.name: child_lock_dir(getattr(c, "tmpdir", None)) for c in stats.children}
@@ -440,6 +439,12 @@ class StatusSource:
             error = NoThreadError(f"cannot measure the children for the status: {exc}")
             logging.getLogger("damocles_ext.control").warning("%s", error)
             raise error from None
+        except OSError as exc:  # /proc unread: at the limit of open files, say
+            from .supervisor.process import os_reason  # (loaded: a supervisor runs)
+
+            failed = DextError(f"cannot measure the children for the status: {os_reason(exc)}")
+            logging.getLogger("damocles_ext.control").warning("%s", failed)
+            raise failed from None
         # Counters and states as they are at the end of the CPU window, not its start.
         stats = self.supervisor.statistics()
         return assemble(

@@ -4,8 +4,10 @@ locks they hold, a queued request's deadline, a killed child in backoff, and the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import time
@@ -468,6 +470,48 @@ time.sleep(30)
     assert "\x1b" not in text and "\r" not in text
     assert "\\x1b[2K\\rwindow_post#0" in text  # said, escaped
     assert not any(line.startswith("window_post#0  1234") for line in text.splitlines())
+
+
+async def test_a_status_out_of_file_descriptors_says_so_not_as_an_internal_error(caplog):
+    # The status reads /proc (and the first time, before they were imported with it, modules
+    # of its own: files too): at the limit of open files it raised OSError, answered as
+    # "internal error" with a traceback in `run`'s log. Now it says what failed and which limit
+    # to raise, as a DextError (the control socket's answer), and logs one warning.
+    import resource
+
+    from helpers.supervisor import python_child, spec, wait_until_real
+
+    from damocles_ext.errors import DextError
+    from damocles_ext.status import StatusSource
+    from damocles_ext.supervisor import Supervisor
+
+    sup = Supervisor([spec(python_child("import time; time.sleep(30)"), auto_restart=False)])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await wait_until_real(lambda: sup.statistics().children[0].pid is not None,
+                                  what="the child started")  # fmt: skip
+            source = StatusSource(sup, socket="t", cpu_interval=0)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            held: list[int] = []
+            try:
+                # Every descriptor this process may have, in use.
+                top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (top + 8, hard))
+                with contextlib.suppress(OSError):
+                    while True:
+                        held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                with pytest.raises(DextError) as caught:
+                    await source.document()
+            finally:
+                for fd in held:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            sup.request_shutdown()
+    said = str(caught.value)
+    assert said.startswith("cannot measure the children for the status: Too many open files")
+    assert "ulimit -n" in said, said
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [said]
 
 
 # -- the document and the table, without processes ------------------------------------------------
