@@ -16,7 +16,7 @@ from test_jobs_rules import make_input
 from damocles_ext.jobs.client import RpcClient, RpcConnectionError
 from damocles_ext.jobs.database import clock_skew
 from damocles_ext.jobs.model import FINISHED
-from damocles_ext.jobs.store import JobStore
+from damocles_ext.jobs.store import JobStore, TrioJobStore
 
 JOBS = 24
 WORKERS = 4  # the even ones speak our Dext.* methods, the odd ones damocles-worker's Venus.*
@@ -202,6 +202,30 @@ async def test_a_coordinator_whose_clock_is_off_the_servers_is_warned(postgres_u
         await coordinator._check_skew()
         assert coordinator.clock_skew is None
         assert "agrees with the job store's server again" in caplog.records[-1].getMessage()
+
+
+async def test_a_producer_whose_clock_is_off_the_servers_is_warned(postgres_url, caplog):
+    # `serve --jobs` without a coordinator of its own gives its jobs deadlines from its clock,
+    # which the coordinators and workers judge by theirs: 30 s behind, its jobs are cancelled
+    # 30 s early, and nothing said so (only coordinators compared their clocks).
+    from helpers.supervisor import wait_until
+
+    from damocles_ext.frontends.producer import JobProducer
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    with JobStore.open(postgres_url) as store:
+        late = JobProducer(TrioJobStore(store), {}, deadline_after=2400.0,
+                           clock=lambda: time.time() - 30)  # fmt: skip
+        unmade = JobProducer(TrioJobStore(store), {}, clock=lambda: time.time() - 30)
+        async with trio.open_nursery() as nursery:
+            await unmade.watch_clock()  # no deadline given: none to be wrong, nothing to check
+            nursery.start_soon(late.watch_clock)
+            await wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records),
+                             timeout=30, what="the warning")  # fmt: skip
+            nursery.cancel_scope.cancel()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "this machine's clock is 30.0 s behind the clock of the job store's" in warning
+    assert "its jobs are cancelled, and their proofs cut short, early" in warning, warning
 
 
 async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):

@@ -21,12 +21,13 @@ import msgspec
 import trio
 
 from ..jobs import rpc, rules
-from ..jobs.database import SQLITE_WAL_SIZE_LIMIT, clock_skew
+from ..jobs.database import SQLITE_WAL_SIZE_LIMIT
 from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
 from ..jobs.outage import Outage
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
+from ..jobs.trio_store import SKEW_CHECK_EVERY, check_clock
 from ..threads import NoThreadError, run_in_thread
 from .dext_rpc import DextMethods
 from .held_warnings import HeldWarnings
@@ -67,10 +68,6 @@ CLEANUP_PASSES = 10
 # Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
 # a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
 CLOCK_STEP = 5.0
-# Coordinators on one PostgreSQL stamp heartbeats with their own clocks: one whose clock is this
-# far from the server's is warned (checked at the first sweep, then every SKEW_CHECK_EVERY s).
-CLOCK_SKEW = 2.0
-SKEW_CHECK_EVERY = 600.0
 # A SQLite store's write-ahead log this large is warned (checked with the clock): it is cut back
 # to SQLITE_WAL_SIZE_LIMIT at each restart, so it grows past that only while a reader keeps an
 # old snapshot (or for one large transaction).
@@ -318,31 +315,12 @@ class Coordinator:
 
     async def _check_skew(self) -> None:
         """Warn when this machine's clock is CLOCK_SKEW or more away from the PostgreSQL
-        server's: a coordinator ahead of another takes that one's workers' jobs back early by
-        as much (a heartbeat is stamped with the clock of the coordinator that takes it)."""
-        store = self.store.store
-        try:
-            skew = await self.store.in_thread(clock_skew, store.engine, self.store.clock)
-        except Exception as exc:  # noqa: BLE001 (a check: never a reason for the sweep to stop)
-            log.debug("cannot read the clock of the store %s: %s", store.where, exc)
-            return
-        if skew is None:
-            return
-        if abs(skew) >= CLOCK_SKEW:
-            way = "ahead of" if skew > 0 else "behind"
-            log.warning(
-                "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL server"
-                " (%s): coordinators on one store stamp heartbeats with their own clocks, so one"
-                " ahead of another takes the other's workers' jobs back early by as much; keep"
-                " the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
-                abs(skew),
-                way,
-                store.where,
-            )
-            self.clock_skew = skew
-        elif self.clock_skew is not None:
-            log.info("this machine's clock agrees with the job store's server again")
-            self.clock_skew = None
+        server's (check_clock)."""
+        self.clock_skew = await check_clock(
+            self.store, self.store.clock, self.clock_skew, log,
+            "coordinators on one store stamp heartbeats with their own clocks, so one ahead of"
+            " another takes the other's workers' jobs back early by as much",
+        )  # fmt: skip
 
     async def _check_log(self) -> None:
         """Warn once when a SQLite store's write-ahead log is log_warn_size or more (info when

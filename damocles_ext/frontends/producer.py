@@ -34,6 +34,7 @@ from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.outage import Outage
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
+from ..jobs.trio_store import SKEW_CHECK_EVERY, check_clock
 from ..tasks import (
     Output,
     Task,
@@ -244,6 +245,22 @@ class JobProducer:
         if listener is not None:
             nursery.start_soon(listener.run)
         nursery.start_soon(self.watch_store_file)
+
+    async def watch_clock(self) -> None:
+        """Until cancelled: every SKEW_CHECK_EVERY s, whether this machine's clock, which the
+        deadlines of the jobs made here come from, is the PostgreSQL server's (check_clock).
+        Not with a coordinator in this process: its sweeps check the same clock."""
+        if self.deadline_after is None or not self.store.store.is_postgresql:
+            return
+        effect = (
+            "serve gives each job a deadline from this clock, which the coordinators and"
+            " workers judge by theirs: its jobs are cancelled, and their proofs cut short, early"
+            " (this clock behind) or late (ahead) by as much"
+        )
+        skew = None
+        while True:
+            skew = await check_clock(self.store, self.clock, skew, log, effect)
+            await trio.sleep(SKEW_CHECK_EVERY)
 
     async def watch_store_file(self) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the
@@ -502,7 +519,9 @@ async def run_producer(
         try:
             async with trio.open_nursery() as nursery:
                 producer.start_watches(nursery)
-                if coordinator is not None:
+                if coordinator is None:
+                    nursery.start_soon(producer.watch_clock)
+                else:
                     rpc, server = coordinator
                     await nursery.start(server.serve)
                     # Not waited for: a store stalled at its first pass held the requests and

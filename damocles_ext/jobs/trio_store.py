@@ -6,6 +6,7 @@ a worker thread under a small limiter, within a timeout, and tells a coordinator
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,7 +16,13 @@ import trio
 from ..threads import NoThreadError, run_in_thread
 from . import rules
 from . import summary as jobs_summary
-from .database import DEFAULT_PASS_LIMIT, StoreError, StoreTakesNoWrites, StoreUnavailable
+from .database import (
+    DEFAULT_PASS_LIMIT,
+    StoreError,
+    StoreTakesNoWrites,
+    StoreUnavailable,
+    clock_skew,
+)
 from .model import JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
 
@@ -167,3 +174,38 @@ def _stored(outcome: Outcome) -> bool:
     """Whether a write stored a row (a heartbeat, a finish, a sweep that changed a job): a
     refused or repeated one writes none, and a full disk answers it all the same."""
     return outcome.wrote
+
+
+# Coordinators on one PostgreSQL stamp heartbeats with their own clocks, and a producer gives its
+# jobs deadlines from its own: one whose clock is this far from the server's is warned (checked
+# at a coordinator's first sweep or a producer's start, then every SKEW_CHECK_EVERY s).
+CLOCK_SKEW = 2.0
+SKEW_CHECK_EVERY = 600.0
+
+
+async def check_clock(
+    store: TrioJobStore,
+    clock: Callable[[], float],
+    known: float | None,
+    logger: logging.Logger,
+    effect: str,
+) -> float | None:
+    """This machine's clock (`clock`) against the store's PostgreSQL server's: a warning saying
+    `effect` when they are CLOCK_SKEW or more apart, one line when they agree again after `known`
+    (the last skew warned of); the skew now warned of, or None (in step, SQLite, unread)."""
+    try:
+        skew = await store.in_thread(clock_skew, store.store.engine, clock)
+    except Exception as exc:  # noqa: BLE001 (a check: never a reason for its caller to stop)
+        logger.debug("cannot read the clock of the store %s: %s", store.store.where, exc)
+        return known
+    if skew is not None and abs(skew) >= CLOCK_SKEW:
+        way = "ahead of" if skew > 0 else "behind"
+        logger.warning(
+            "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL server"
+            " (%s): %s; keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
+            abs(skew), way, store.store.where, effect,
+        )  # fmt: skip
+        return skew
+    if known is not None and skew is not None:
+        logger.info("this machine's clock agrees with the job store's server again")
+    return None
