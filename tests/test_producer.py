@@ -849,6 +849,24 @@ def test_prove_jobs_of_a_task_whose_job_was_cancelled_says_how_to_prove_it_again
     assert f"job {job_id}: created".encode() in third.stderr, third.stderr
 
 
+def test_prove_jobs_without_deadline_gives_the_job_serves_default_and_ends_at_it(tmp_path):
+    # Without --deadline, the job had none: with no worker to take it, prove waited for ever.
+    # It now gets serve --jobs's default (shortened to 1 s here), and is cancelled at it.
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    url = sqlite_url(tmp_path)
+    root, task, job_id = task_in_store_a(tmp_path)
+    (tmp_path / "task.json").write_bytes(task_to_json(task))
+    short = {"window_post": 1.0, "winning_post": 1.0}
+    done = dext_run("prove", "window_post", "--request", str(tmp_path / "task.json"), "--jobs",
+                    url, "--store", f"a={root}", "--no-progress", "--poll-interval", "0.1",
+                    dext=dext_with({"damocles_ext.commands.serve.DEFAULT_DEADLINE_AFTER": short}),
+                    timeout=30)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"job {job_id} was cancelled" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [

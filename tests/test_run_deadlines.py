@@ -1,20 +1,29 @@
 """`run` gives a request that comes without a deadline one of its stage's (--deadline-after), as
-`serve` does: a prover stuck in a GPU call still sends Progress, and the deadline frees its
-child."""
+`serve` does, and `prove -c` its own: a prover stuck in a GPU call still sends Progress, and the
+deadline frees its child."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 import trio
-from helpers.frontend import make_task, plugin_block, running, write_config
+from helpers.frontend import (
+    dext_run,
+    dext_with,
+    make_task,
+    plugin_block,
+    running,
+    write_config,
+)
 
 from damocles_ext import cli
 from damocles_ext.client import connect
 from damocles_ext.commands.run import deadlines_after
 from damocles_ext.errors import ProverError
 from damocles_ext.frontends.serve_jsonl import with_default_deadline
+from damocles_ext.protocol import jsonl
 from damocles_ext.tasks import split_window_post
 
 
@@ -96,3 +105,32 @@ async def test_a_winning_post_stuck_in_its_prover_without_a_deadline_is_answered
                         await client.submit(make_task(1, stage="winning_post"))
                 await log.wait_for("0.2s after a Cancel")  # its child freed
         nursery.cancel_scope.cancel()
+
+
+def test_prove_in_process_without_deadline_gives_up_on_a_hung_prover_at_serves_default(tmp_path):
+    # `prove -c` sent its request with no deadline: a prover stuck in a GPU call (`fail =
+    # "hang"`: Progress goes on, Cancel is ignored) was waited for for ever, a progress line
+    # every 5 s. It now gets serve's default deadline (shortened to 3 s here), as `run` gives.
+    block = plugin_block("WdPost", "sleep", fail="hang")
+    cfg = write_config(tmp_path, block + "MaxAttempts = 1\nCancelGraceSecs = 0.2\n")
+    task = tmp_path / "task.json"
+    task.write_bytes(jsonl.task_to_json(make_task(1)))
+    short = {"window_post": 3.0, "winning_post": 3.0}
+    dext = dext_with({"damocles_ext.commands.serve.DEFAULT_DEADLINE_AFTER": short})
+    done = dext_run(
+        "prove",
+        "window_post",
+        "--request",
+        str(task),
+        "-c",
+        str(cfg),
+        "--no-progress",
+        dext=dext,
+        timeout=30,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    # (On a machine so loaded that the child has not started by then: before it could start.)
+    assert re.search(r"passed its deadline|deadline passed", err), err
+    assert "Traceback" not in err, err
+    assert done.stdout == b""

@@ -146,9 +146,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="SECONDS|ISO-TIME",
         help="give up after this many seconds from now, or at this time (ISO 8601; without a"
         " zone it is local time; one that daylight saving time skips or repeats is refused). The"
-        " supervisor answers by then; through --socket, one that is"
-        " stopped or hung is given up on 15 s after it (without --deadline: once it does not"
-        " answer a status request within 10 s, asked every 60 s: frontends/prove.py's ALIVE_*)",
+        " supervisor answers by then; through --socket, one that is stopped or hung is given up"
+        " on 15 s after it. Default: serve's, 40m for window_post, 5m for winning_post (through"
+        " --socket, run's --deadline-after, the same unless changed; a run that stops answering"
+        " is then given up once it does not answer a status request within 10 s, asked every"
+        " 60 s: frontends/prove.py's ALIVE_*)",
     )
     parser.add_argument(
         "--priority",
@@ -219,6 +221,12 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
                 raise UsageError(f"--{flag.replace('_', '-')} goes with --manifest, not --request")
         task = read_task(args.request, args.stage)
 
+    if deadline is None and (args.jobs, args.config, args.conf_dir) != (None, None, None):
+        # Serve's: else a hung prover, a job no worker takes, was waited for for ever. (Through
+        # --socket, run gives its own --deadline-after.)
+        from .serve import default_deadline
+
+        deadline = default_deadline(args.stage)
     from damocles_ext.progress import ProgressRenderer
 
     renderer = None if args.no_progress else ProgressRenderer(sys.stderr, label=args.stage)

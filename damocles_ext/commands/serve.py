@@ -187,6 +187,15 @@ def _socket_path(text: str) -> str:
 #: process, not here) must finish, or the child would stay cold for good.
 DEFAULT_DEADLINE_AFTER = {"window_post": 40 * 60.0, "winning_post": 5 * 60.0}
 
+
+def default_deadline(stage: str) -> float:
+    """The deadline (unix time) DEFAULT_DEADLINE_AFTER gives a request of `stage` made now: what
+    `prove` gives its own request (in-process, or a job) when --deadline is not given."""
+    import time
+
+    return time.time() + DEFAULT_DEADLINE_AFTER[stage]
+
+
 #: Options of a serve that supervises its own children, and their defaults.
 _SUPERVISING_OPTIONS = {**RESTART_DEFAULTS, "dump_dir": None}
 

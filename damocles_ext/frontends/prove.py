@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("damocles_ext.prove")
 
-#: A request `prove --socket` sends to `run` without a deadline has none to give up at: every
-#: ALIVE_EVERY seconds the supervisor is asked its status, and one that does not answer within
-#: ALIVE_WITHIN (as `status --timeout`) is taken for stopped (SIGSTOP) or hung: the request is
-#: given up. (`prove`'s own: a program of the Python client bounds its waits with deadlines.)
+#: A request `prove --socket` sends to `run` without --deadline carries none (`prove -c` and
+#: `--jobs` give serve's default; through the socket, `run` gives its own --deadline-after,
+#: which may be off): the client has none to give up at, and a `run` that is stopped (SIGSTOP)
+#: or hung enforces its own on nobody. So every ALIVE_EVERY seconds the supervisor is asked its
+#: status, and one that does not answer within ALIVE_WITHIN (as `status --timeout`) is taken for
+#: stopped or hung: the request is given up. (`prove`'s own: a program of the Python client
+#: bounds its waits with deadlines.)
 ALIVE_EVERY = 60.0
 ALIVE_WITHIN = 10.0
 
