@@ -18,6 +18,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import threading
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -525,6 +526,18 @@ _current_call: contextvars.ContextVar[ObserverCall | None] = contextvars.Context
 )
 
 
+def _ends_the_call(exc: BaseException) -> bool:
+    """passes_through, but for a KeyboardInterrupt raised off the main thread (a plain observer
+    runs in a worker thread): Python raises a SIGINT's in the main thread only, so that one is
+    the plugin's own, reported and survived as any other."""
+    if (
+        isinstance(exc, KeyboardInterrupt)
+        and threading.current_thread() is not threading.main_thread()
+    ):
+        return False
+    return passes_through(exc)
+
+
 def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
     def observer(*args: Any, **kwargs: Any) -> Any:
         call = _current_call.get()
@@ -533,7 +546,7 @@ def _guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
         try:
             result = function(*args, **kwargs)
         except BaseException as exc:
-            if passes_through(exc):
+            if _ends_the_call(exc):
                 raise
             log.exception("observer %s of plugin %r raised; ignored", hook_name, plugin_name)
             return None
@@ -599,7 +612,7 @@ def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: Observer
     try:
         caller(**kwargs)
     except BaseException as exc:
-        if passes_through(exc):
+        if _ends_the_call(exc):
             raise
         plugin = _raising_wrapper(caller, exc)
         log.exception(

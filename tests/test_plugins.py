@@ -849,6 +849,29 @@ async def test_observers_that_call_sys_exit_are_logged_and_the_supervisor_answer
     }
 
 
+class Interrupts:
+    """A plain observer raising a KeyboardInterrupt of its own (a vendor SDK passing on one it
+    caught): it runs in a worker thread, where no Ctrl-C is ever raised."""
+
+    @hookimpl
+    def dext_child_ready(self, child):
+        raise KeyboardInterrupt("the plugin's own")
+
+
+async def test_a_plain_observers_own_keyboard_interrupt_is_logged_and_the_supervisor_answers(
+    caplog,
+):
+    # Taken for Ctrl-C, it stopped the supervisor (serve exited 130, nothing said of the plugin).
+    pm = plugins.get_plugin_manager()
+    journal = Journal()
+    plugins.register_plugin(pm, journal, "journal")
+    plugins.register_plugin(pm, Interrupts(), "interrupts")
+    assert await prove_once(pm) == testing.echo_output(window_task())
+    assert ("request_finished", "window_post#0", "ok") in journal.calls
+    [logged] = [r for r in caplog.records if "plugin 'interrupts' raised" in r.getMessage()]
+    assert isinstance(logged.exc_info[1], KeyboardInterrupt), logged.exc_info
+
+
 class HaltsObserving:
     """Observers that raise BaseExceptions that are not Exceptions."""
 
